@@ -1,0 +1,118 @@
+"""The Backend contract every inference library is adapted to.
+
+A ``Backend`` turns a ``ModelSpec`` into a ``LoadedModel``. A ``LoadedModel`` is driven
+by exactly one engine thread: ``add``/``cancel``/``step`` are only ever called from
+that thread, so backends need no locking for them. Tokenizer methods
+(``tokenize``/``detokenize``/``render_chat``) may be called from other threads
+while the engine thread steps, so they must be thread-safe.
+
+Continuous batching happens here: jobs ``add``-ed between two ``step`` calls join the
+running batch at the next step (their prefill runs in that step).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ..core.types import ChatMessage, SequenceJob, TokenEvent
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a backend needs to load a model: where it is and how to run it.
+
+    ``path`` is a directory (HF safetensors / EXL2 / EXL3) or a single file (GGUF).
+    ``format`` is one of ``safetensors``, ``gguf``, ``exl3``, ``exl2``, ``gptq``.
+    ``backend`` forces a backend by name; ``None`` means choose automatically.
+    ``options`` carries backend settings from config (device, dtype, threads,
+    max_batch_size, context_length ...).
+    """
+
+    name: str
+    path: Path
+    format: str = "safetensors"
+    backend: str | None = None
+    context_length: int | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    digest: str | None = None
+
+
+class LoadedModel(ABC):
+    """A model in memory that decodes batches of ``SequenceJob``s step by step."""
+
+    #: the model's served name
+    name: str
+    #: the backend's registry name (e.g. "transformers")
+    backend_name: str
+    #: max prompt + completion tokens per sequence
+    context_length: int
+    #: token ids that end a sequence (EOS, end-of-turn)
+    eos_token_ids: frozenset[int]
+    #: how many jobs may decode in one step
+    max_batch_size: int
+
+    @abstractmethod
+    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids for ``text`` (thread-safe)."""
+
+    @abstractmethod
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Text for ``ids``, special tokens skipped (thread-safe)."""
+
+    @abstractmethod
+    def render_chat(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
+        """The prompt text the model's chat template makes of ``messages`` (thread-safe)."""
+
+    @abstractmethod
+    def add(self, job: SequenceJob) -> None:
+        """Queue a job; it joins the batch at the next ``step`` (engine thread only)."""
+
+    @abstractmethod
+    def cancel(self, job_id: int) -> None:
+        """Stop a job; the next ``step`` frees its cache and emits its final event (engine thread only)."""
+
+    @abstractmethod
+    def step(self) -> list[TokenEvent]:
+        """Run one step for every active job: prefill new ones, decode one token each.
+
+        Returns one event per job that produced a token or finished. A job's last event
+        has ``finish`` set (STOP for EOS/stop token, LENGTH at max_tokens or context
+        end, CANCELLED after ``cancel``) and the job's token counts.
+        """
+
+    @abstractmethod
+    def active_jobs(self) -> int:
+        """Jobs added and not yet finished."""
+
+    def memory_bytes(self) -> int:
+        """Bytes of weights plus cache this model holds (best effort)."""
+        return 0
+
+    def details(self) -> dict[str, Any]:
+        """Backend-specific facts for `/v1/models` details and `xllm ps` (mode, dtype, device)."""
+        return {}
+
+    def unload(self) -> None:
+        """Release weights and caches; the object is unusable afterwards."""
+
+
+class Backend(ABC):
+    """Adapts one inference library: says whether it can run a model and loads it."""
+
+    #: registry name used in config/manifests ("transformers", "exllamav3", ...)
+    name: str
+
+    @abstractmethod
+    def available(self) -> bool:
+        """True when the library imports on this machine (must not raise)."""
+
+    @abstractmethod
+    def supports(self, spec: ModelSpec) -> bool:
+        """True when this backend can load ``spec``'s format."""
+
+    @abstractmethod
+    def load(self, spec: ModelSpec) -> LoadedModel:
+        """Load the model (slow: called on a worker thread, never the IOLoop)."""

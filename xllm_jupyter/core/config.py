@@ -1,0 +1,185 @@
+"""Frozen configuration objects, resolved once from config.yaml and ``XLLM_*`` variables.
+
+Precedence (highest first): explicit overrides passed by an edge (CLI flags,
+traitlets), environment variables, config.yaml, the defaults below. Every key of
+every section can be set from the environment as ``XLLM_<SECTION>_<KEY>`` (e.g.
+``XLLM_SERVER_PORT=9000``); a few common ones have short aliases (``XLLM_HOME``,
+``XLLM_API_KEYS``, ``XLLM_MODEL``). Errors name the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+
+def default_home(env: Mapping[str, str] | None = None) -> Path:
+    """The store directory: ``XLLM_HOME``, else ``$XDG_DATA_HOME/xllm``, else ``~/.local/share/xllm``."""
+    env = os.environ if env is None else env
+    if env.get("XLLM_HOME"):
+        return Path(env["XLLM_HOME"]).expanduser()
+    base = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base).expanduser() / "xllm"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """HTTP edge settings shared by the Jupyter extension and `xllm serve`."""
+
+    host: str = "127.0.0.1"
+    port: int = 8900
+    api_keys: tuple[str, ...] = ()
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_tokens_limit: int = 8192
+    max_n: int = 16
+    keepalive_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How models are run: batch sizes, queue bound, device and threads."""
+
+    default_model: str = "smollm2"
+    preload: tuple[str, ...] = ()
+    max_batch_size: int = 16
+    max_queue: int = 256
+    device: str = "auto"
+    dtype: str = "auto"
+    torch_threads: int = 0
+    default_max_tokens: int = 512
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where models live on disk."""
+
+    home: Path = field(default_factory=default_home)
+
+
+@dataclass(frozen=True)
+class XllmConfig:
+    """The whole resolved configuration."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+
+
+_SECTIONS: dict[str, type] = {"server": ServerConfig, "engine": EngineConfig, "store": StoreConfig}
+_ALIASES = {
+    "XLLM_HOME": ("store", "home"),
+    "XLLM_API_KEYS": ("server", "api_keys"),
+    "XLLM_API_KEY": ("server", "api_keys"),
+    "XLLM_MODEL": ("engine", "default_model"),
+}
+
+
+def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
+    """Convert a YAML/env value to the field's type, naming the key on failure."""
+    name = f"{section}.{key}"
+    origin = typing.get_origin(hint)
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if hint is int:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            if not isinstance(value, (str, int, float)):
+                raise ValueError(value)
+            return str(value)
+        if hint is Path:
+            return Path(str(value)).expanduser()
+        if origin is tuple:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(value)
+            return tuple(str(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"Invalid value for config key '{name}': expected {getattr(hint, '__name__', hint)}") from None
+    raise ConfigError(f"Unsupported type for config key '{name}'")
+
+
+def _section_values(section: str, raw: Mapping[str, Any]) -> dict[str, Any]:
+    cls = _SECTIONS[section]
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"Unknown config key '{section}.{key}' (known: {', '.join(sorted(known))})")
+        out[key] = _coerce(section, key, value, hints[key])
+    return out
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read config.yaml; a missing file is an empty config, a malformed one an error."""
+    import yaml
+
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config.yaml is not valid YAML: {exc.__class__.__name__}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("config.yaml must be a mapping of sections (server, engine, store)")
+    return data
+
+
+def config_path(env: Mapping[str, str] | None = None) -> Path:
+    """Where config.yaml is read from: ``XLLM_CONFIG``, else ``<XLLM_HOME>/config.yaml``."""
+    env = os.environ if env is None else env
+    if env.get("XLLM_CONFIG"):
+        return Path(env["XLLM_CONFIG"]).expanduser()
+    return default_home(env) / "config.yaml"
+
+
+def load_config(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> XllmConfig:
+    """Resolve defaults < config.yaml < XLLM_* env < overrides into a frozen XllmConfig."""
+    env = os.environ if env is None else env
+    raw = read_yaml(path or config_path(env))
+    unknown = set(raw) - set(_SECTIONS)
+    if unknown:
+        raise ConfigError(f"Unknown config section '{sorted(unknown)[0]}' (known: {', '.join(_SECTIONS)})")
+    layered: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+    for section in _SECTIONS:
+        body = raw.get(section) or {}
+        if not isinstance(body, dict):
+            raise ConfigError(f"Config section '{section}' must be a mapping")
+        layered[section].update(_section_values(section, body))
+    for section, cls in _SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            var = f"XLLM_{section.upper()}_{f.name.upper()}"
+            if var in env:
+                layered[section].update(_section_values(section, {f.name: env[var]}))
+    for var, (section, key) in _ALIASES.items():
+        if env.get(var):
+            layered[section].update(_section_values(section, {key: env[var]}))
+    for section, values in (overrides or {}).items():
+        if section not in _SECTIONS:
+            raise ConfigError(f"Unknown config section '{section}'")
+        layered[section].update(_section_values(section, {k: v for k, v in values.items() if v is not None}))
+    if "home" not in layered["store"]:
+        layered["store"]["home"] = default_home(env)
+    return XllmConfig(**{s: _SECTIONS[s](**layered[s]) for s in _SECTIONS})

@@ -1,0 +1,149 @@
+"""One error hierarchy for xllm: raised anywhere, translated once at each edge.
+
+Every error knows its HTTP status and its OpenAI error ``type``/``code``/``param`` so
+the server, the CLI and the notebook front-ends render it without guessing.
+Messages must never contain stack traces, file system paths or secrets.
+"""
+
+from __future__ import annotations
+
+
+class XllmError(Exception):
+    """Base of every error xllm raises on purpose."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def to_openai(self) -> dict:
+        """The OpenAI-shaped error body for this error."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequest(XllmError):
+    """The request is malformed or a parameter is out of range (400)."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_value"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt (plus requested tokens) does not fit the model's context (400)."""
+
+    code = "context_length_exceeded"
+
+
+class Unsupported(InvalidRequest):
+    """A parameter this backend cannot honour; rejected rather than ignored (400)."""
+
+    code = "unsupported_parameter"
+
+
+class AuthenticationError(XllmError):
+    """Missing or wrong credentials (401)."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(XllmError):
+    """Authenticated, but not allowed to do this (403)."""
+
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
+class NotFound(XllmError):
+    """A resource (route, file, job) does not exist (404)."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    """No model of that name is loaded or in the store (404)."""
+
+    code = "model_not_found"
+
+    def __init__(self, name: str, *, param: str | None = "model"):
+        super().__init__(f"The model '{name}' does not exist", param=param)
+        self.name = name
+
+
+class PayloadTooLarge(XllmError):
+    """The request body is over the configured limit (413)."""
+
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimited(XllmError):
+    """Too many requests or tokens for this key (429)."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, **kw):
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
+
+
+class Overloaded(XllmError):
+    """The server cannot take this request now: queue full, model loading, no room (503)."""
+
+    status = 503
+    type = "server_error"
+    code = "overloaded"
+
+
+class EngineError(XllmError):
+    """The engine failed while generating (500); details go to the log, not the client."""
+
+    status = 500
+    type = "server_error"
+    code = "engine_error"
+
+
+class StoreError(XllmError):
+    """A model store operation failed (pull, verify, remove)."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "store_error"
+
+
+class InvalidModelName(StoreError):
+    """A model name that is not allowed (could escape the store or is malformed)."""
+
+    code = "invalid_model_name"
+
+    def __init__(self, name: str):
+        super().__init__(f"Invalid model name {name!r}: use letters, digits, '.', '_', '-', and one optional ':tag'", param="model")
+
+
+class ConfigError(XllmError):
+    """config.yaml or an XLLM_* variable is invalid; the message names the key."""
+
+    status = 500
+    type = "server_error"
+    code = "config_error"

@@ -1,0 +1,186 @@
+"""Typed values that cross layers: requests, sampling parameters and generation events."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class FinishReason(str, enum.Enum):
+    """Why a sequence stopped; values are the OpenAI wire strings."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"  # internal: client left or job was cancelled; never sent to clients
+    ERROR = "error"  # internal: engine failure
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One chat message after wire parsing (content already flattened to text)."""
+
+    role: str
+    content: str | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    def to_template_dict(self) -> dict[str, Any]:
+        """The dict form chat templates expect."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content if self.content is not None else ""}
+        if self.name:
+            out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = self.tool_calls
+        if self.tool_call_id:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token; defaults are greedy-free OpenAI defaults.
+
+    ``temperature == 0`` means greedy. ``top_k == 0`` and ``min_p == 0`` disable those
+    filters. ``repetition_penalty == 1`` disables it. ``seed`` makes sampling
+    reproducible: same seed and same request give the same tokens.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        """True when sampling reduces to argmax."""
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Everything about one generation besides the prompt."""
+
+    max_tokens: int = 256
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    n: int = 1
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A tokenized prompt for one model; ``n`` sequences are generated from it."""
+
+    model: str
+    prompt_ids: tuple[int, ...]
+    params: GenerationParams = field(default_factory=GenerationParams)
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class SequenceJob:
+    """One sequence the backend decodes: what the engine hands a LoadedModel.
+
+    ``job_id`` is unique per loaded model. Stop strings are applied by the engine, stop
+    tokens (EOS and ``stop_token_ids``) by the backend.
+    """
+
+    job_id: int
+    prompt_ids: tuple[int, ...]
+    max_tokens: int
+    sampling: SamplingParams
+    stop_token_ids: frozenset[int] = frozenset()
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """A backend's output for one job in one step: one new token, maybe finishing it.
+
+    ``text`` is the incremental detokenized text (may be "" while a multi-byte
+    character is incomplete). When ``finish`` is set this is the job's last event; a
+    finishing event may carry no token (``token_id is None``), e.g. on cancel.
+    """
+
+    job_id: int
+    token_id: int | None
+    text: str
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[str, float], ...] = ()
+    finish: FinishReason | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts for one request (all of its choices)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        """prompt + completion, as OpenAI reports it."""
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class ChoiceDelta:
+    """What the engine streams to serving: new text for one choice, maybe its finish.
+
+    Stop strings are already removed from ``text``. ``finish`` is ``stop`` or
+    ``length`` (or ``error``) on the choice's last delta.
+    """
+
+    index: int
+    text: str
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[tuple[str, float, tuple[tuple[str, float], ...]], ...] = ()
+    finish: FinishReason | None = None
+
+
+@dataclass(frozen=True)
+class GenerationDone:
+    """The final event of a request: usage across all choices."""
+
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model the engine can serve: loaded or in the store."""
+
+    name: str
+    created: int = 0
+    owned_by: str = "xllm"
+    loaded: bool = False
+    backend: str | None = None
+    context_length: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Counters the engine exposes for tests, `xllm ps` and metrics."""
+
+    running: int
+    queued: int
+    steps: int
+    max_batch: int
+    batched_steps: int
+    completed: int
+    cancelled: int

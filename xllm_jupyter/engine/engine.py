@@ -1,0 +1,250 @@
+"""The asyncio-facing engine: loads models, queues requests, streams choice deltas.
+
+Model steps run on one worker thread per loaded model (``ModelRunner``); the engine
+only hands requests to runners and awaits per-request queues, so it never blocks the
+event loop it lives on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import AsyncIterator, Protocol, Sequence
+
+from ..backends.base import Backend, LoadedModel, ModelSpec
+from ..backends.registry import get_backend, select_backend
+from ..core.config import EngineConfig
+from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest, ModelNotFound, XllmError
+from ..core.types import (
+    ChatMessage,
+    ChoiceDelta,
+    EngineStats,
+    GenerationDone,
+    GenerationRequest,
+    ModelInfo,
+)
+from .runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+
+class ModelCatalog(Protocol):
+    """Where model names resolve to loadable specs (the store implements this)."""
+
+    def resolve(self, name: str) -> ModelSpec:
+        """The spec for ``name``; raises ModelNotFound when there is none."""
+
+    def names(self) -> list[str]:
+        """Names of models that could be loaded."""
+
+
+class Engine:
+    """One shared engine: what is loaded, and the entry point for every generation."""
+
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        catalog: ModelCatalog | None = None,
+        backends: Sequence[Backend] | None = None,
+    ):
+        self.config = config or EngineConfig()
+        self.catalog = catalog
+        self._backends = {b.name: b for b in backends} if backends else None
+        self._runners: dict[str, ModelRunner] = {}
+        self._loading: dict[str, asyncio.Future] = {}
+        self._created = int(time.time())
+        self._started = False
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        """Start serving; preloads the models named in ``config.preload``."""
+        self._started = True
+        for name in self.config.preload:
+            await self.load(name)
+
+    async def stop(self) -> None:
+        """Cancel everything, stop every runner thread and release models."""
+        runners = list(self._runners.values())
+        self._runners.clear()
+        await asyncio.gather(*(asyncio.to_thread(r.shutdown) for r in runners))
+        self._started = False
+
+    @property
+    def healthy(self) -> bool:
+        """False when any runner thread has died."""
+        return all(r.alive for r in self._runners.values())
+
+    # ------------------------------------------------------------------- models
+    def _choose_backend(self, spec: ModelSpec) -> Backend:
+        if self._backends is None:
+            return select_backend(spec)
+        if spec.backend:
+            if spec.backend in self._backends:
+                return self._backends[spec.backend]
+            return get_backend(spec.backend)
+        for backend in self._backends.values():
+            if backend.available() and backend.supports(spec):
+                return backend
+        raise InvalidRequest(f"No configured backend can load {spec.format} models", param="model")
+
+    def _resolve(self, name: str) -> ModelSpec:
+        if self.catalog is None:
+            raise ModelNotFound(name)
+        return self.catalog.resolve(name)
+
+    async def load(self, name: str) -> LoadedModel:
+        """The loaded model ``name``, loading it on a worker thread if needed."""
+        runner = self._runners.get(name)
+        if runner is not None:
+            return runner.model
+        pending = self._loading.get(name)
+        if pending is None:
+            pending = asyncio.get_running_loop().create_future()
+            self._loading[name] = pending
+            try:
+                spec = await asyncio.to_thread(self._resolve, name)
+                backend = self._choose_backend(spec)
+                model = await asyncio.to_thread(backend.load, spec)
+                runner = ModelRunner(model, max_batch_size=min(self.config.max_batch_size, model.max_batch_size))
+                runner.start()
+                self._runners[name] = runner
+                pending.set_result(model)
+            except BaseException as exc:
+                pending.set_exception(exc)
+                pending.exception()  # mark retrieved: concurrent waiters re-raise it themselves
+                raise
+            finally:
+                self._loading.pop(name, None)
+            return model
+        return await asyncio.shield(pending)
+
+    async def unload(self, name: str) -> bool:
+        """Unload ``name``; False when it was not loaded."""
+        runner = self._runners.pop(name, None)
+        if runner is None:
+            return False
+        await asyncio.to_thread(runner.shutdown)
+        return True
+
+    def is_loaded(self, name: str) -> bool:
+        """True when ``name`` is loaded now."""
+        return name in self._runners
+
+    def _info(self, name: str) -> ModelInfo:
+        runner = self._runners.get(name)
+        if runner is None:
+            return ModelInfo(name=name, created=self._created, loaded=False)
+        m = runner.model
+        stats = runner.stats()
+        details = {
+            **m.details(),
+            "memory_bytes": m.memory_bytes(),
+            "running": stats.running,
+            "queued": stats.queued,
+            "max_batch_size": runner.max_batch_size,
+        }
+        return ModelInfo(
+            name=name,
+            created=runner.created,
+            loaded=True,
+            backend=m.backend_name,
+            context_length=m.context_length,
+            details=details,
+        )
+
+    def list_models(self) -> list[ModelInfo]:
+        """Loaded models first, then every other model the catalog can load."""
+        names = list(self._runners)
+        if self.catalog is not None:
+            names += [n for n in self.catalog.names() if n not in self._runners]
+        return [self._info(n) for n in names]
+
+    def loaded_models(self) -> list[ModelInfo]:
+        """Only the models in memory now."""
+        return [self._info(n) for n in list(self._runners)]
+
+    def model_info(self, name: str) -> ModelInfo:
+        """One model's info; raises ModelNotFound if it is neither loaded nor loadable."""
+        if name in self._runners:
+            return self._info(name)
+        if self.catalog is not None and name in self.catalog.names():
+            return self._info(name)
+        raise ModelNotFound(name)
+
+    # --------------------------------------------------------------- prompting
+    async def encode_chat(self, name: str, messages: Sequence[ChatMessage]) -> list[int]:
+        """Prompt token ids for a chat, through the model's chat template."""
+        model = await self.load(name)
+
+        def work() -> list[int]:
+            text = model.render_chat(messages, add_generation_prompt=True)
+            return model.tokenize(text, add_special_tokens=False)
+
+        return await asyncio.to_thread(work)
+
+    async def encode_text(self, name: str, text: str) -> list[int]:
+        """Prompt token ids for raw text (legacy completions)."""
+        model = await self.load(name)
+        return await asyncio.to_thread(model.tokenize, text, add_special_tokens=True)
+
+    def validate(self, request: GenerationRequest) -> None:
+        """Raise a 4xx error if ``request`` cannot run on its (loaded) model."""
+        runner = self._runners.get(request.model)
+        if runner is None:
+            raise ModelNotFound(request.model)
+        ctx = runner.model.context_length
+        prompt = len(request.prompt_ids)
+        if prompt == 0:
+            raise InvalidRequest("The prompt is empty", param="messages")
+        if prompt + request.params.max_tokens > ctx:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {ctx} tokens. However, you requested "
+                f"{prompt + request.params.max_tokens} tokens ({prompt} in the messages, "
+                f"{request.params.max_tokens} in the completion). Please reduce the length of the messages or completion.",
+                param="messages",
+            )
+        if request.params.n < 1:
+            raise InvalidRequest("n must be at least 1", param="n")
+        if len(runner) >= self.config.max_queue:
+            from ..core.errors import Overloaded
+
+            raise Overloaded("The server is busy: the request queue is full, retry later")
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[ChoiceDelta | GenerationDone]:
+        """Stream ``ChoiceDelta``s for every choice, then one ``GenerationDone``.
+
+        Closing the iterator early (client left, cell interrupted) cancels all of the
+        request's jobs; they leave the batch within one step.
+        """
+        await self.load(request.model)
+        self.validate(request)
+        runner = self._runners.get(request.model)
+        if runner is None:
+            raise ModelNotFound(request.model)
+        handle = runner.submit(request, asyncio.get_running_loop())
+        try:
+            async for event in handle:
+                yield event
+        finally:
+            handle.cancel()
+
+    # ------------------------------------------------------------------- stats
+    def stats(self, name: str | None = None) -> EngineStats:
+        """Counters for one model, or summed over all loaded models."""
+        runners = [self._runners[name]] if name and name in self._runners else list(self._runners.values())
+        parts = [r.stats() for r in runners]
+        return EngineStats(
+            running=sum(p.running for p in parts),
+            queued=sum(p.queued for p in parts),
+            steps=sum(p.steps for p in parts),
+            max_batch=max((p.max_batch for p in parts), default=0),
+            batched_steps=sum(p.batched_steps for p in parts),
+            completed=sum(p.completed for p in parts),
+            cancelled=sum(p.cancelled for p in parts),
+        )
+
+
+__all__ = ["Engine", "ModelCatalog", "XllmError", "EngineError"]
