@@ -1,0 +1,128 @@
+"""A deterministic fake backend for engine/scheduler unit tests (allowed by DESIGN.md)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from xllm_jupyter.backends.base import Backend, LoadedModel, ModelSpec
+from xllm_jupyter.core.errors import ModelNotFound
+from xllm_jupyter.core.types import FinishReason, SequenceJob, TokenEvent
+
+EOS = 0
+
+
+class FakeModel(LoadedModel):
+    """Emits token ``(prompt_sum + i) % 50 + 1`` as text ``"t<id> "``; EOS when the prompt asks."""
+
+    backend_name = "fake"
+
+    def __init__(self, name: str, *, step_delay: float = 0.0, context_length: int = 256, max_batch_size: int = 16):
+        self.name = name
+        self.context_length = context_length
+        self.eos_token_ids = frozenset({EOS})
+        self.max_batch_size = max_batch_size
+        self.step_delay = step_delay
+        self.jobs: dict[int, list] = {}
+        self.new: list[SequenceJob] = []
+        self.cancelled: set[int] = set()
+        self.batch_sizes: list[int] = []
+        self.explode = threading.Event()
+        self.unloaded = False
+
+    def tokenize(self, text, *, add_special_tokens=True):
+        return [ord(c) % 50 + 1 for c in text]
+
+    def detokenize(self, ids):
+        return "".join(f"t{i} " for i in ids)
+
+    def render_chat(self, messages, *, add_generation_prompt=True):
+        return "".join(f"{m.role}:{m.content}\n" for m in messages)
+
+    def add(self, job: SequenceJob) -> None:
+        self.new.append(job)
+
+    def cancel(self, job_id: int) -> None:
+        self.cancelled.add(job_id)
+
+    def active_jobs(self) -> int:
+        return len(self.jobs) + len(self.new)
+
+    def next_token(self, job: SequenceJob, i: int) -> int:
+        """The i-th token of ``job``: EOS at i == 3 when the prompt starts with 99."""
+        if job.prompt_ids[0] == 99 and i == 3:
+            return EOS
+        seed = job.sampling.seed or 0
+        return (sum(job.prompt_ids) + i + seed) % 50 + 1
+
+    def step(self):
+        if self.explode.is_set():
+            raise RuntimeError("boom")
+        if self.step_delay:
+            time.sleep(self.step_delay)
+        for job in self.new:
+            self.jobs[job.job_id] = [job, 0]
+        self.new = []
+        events = []
+        self.batch_sizes.append(len(self.jobs))
+        for job_id, slot in list(self.jobs.items()):
+            job, i = slot
+            if job_id in self.cancelled:
+                del self.jobs[job_id]
+                events.append(TokenEvent(job_id, None, "", finish=FinishReason.CANCELLED))
+                continue
+            tok = self.next_token(job, i)
+            slot[1] = i + 1
+            finish = None
+            text = f"t{tok} "
+            if tok in job.stop_token_ids:
+                finish, text = FinishReason.STOP, ""
+            elif slot[1] >= job.max_tokens:
+                finish = FinishReason.LENGTH
+            if finish:
+                del self.jobs[job_id]
+            events.append(
+                TokenEvent(job_id, tok, text, logprob=-0.5 if job.logprobs else None, finish=finish,
+                           prompt_tokens=len(job.prompt_ids), completion_tokens=slot[1])
+            )
+        return events
+
+    def unload(self):
+        self.unloaded = True
+
+
+class FakeBackend(Backend):
+    """Loads FakeModels by name; remembers them for assertions."""
+
+    name = "fake"
+
+    def __init__(self, **model_kwargs):
+        self.model_kwargs = model_kwargs
+        self.models: dict[str, FakeModel] = {}
+
+    def available(self):
+        return True
+
+    def supports(self, spec):
+        return spec.format == "fake"
+
+    def load(self, spec):
+        model = FakeModel(spec.name, **self.model_kwargs)
+        self.models[spec.name] = model
+        return model
+
+
+class FakeCatalog:
+    """A catalog of fake models with fixed names."""
+
+    def __init__(self, names=("fake",)):
+        self._names = list(names)
+
+    def resolve(self, name):
+        if name not in self._names:
+            raise ModelNotFound(name)
+        return ModelSpec(name=name, path=Path("/nonexistent"), format="fake", backend="fake")
+
+    def names(self):
+        return list(self._names)

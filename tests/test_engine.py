@@ -1,0 +1,258 @@
+"""Engine and ModelRunner: batching, cancellation, stop strings, n, errors (fake backend)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from xllm_jupyter.core.config import EngineConfig
+from xllm_jupyter.core.errors import ContextLengthExceeded, EngineError, InvalidRequest, ModelNotFound
+from xllm_jupyter.core.types import (
+    ChoiceDelta,
+    FinishReason,
+    GenerationDone,
+    GenerationParams,
+    GenerationRequest,
+    SamplingParams,
+)
+from xllm_jupyter.engine.engine import Engine
+from xllm_jupyter.engine.stops import StopMatcher
+
+from .fake_backend import FakeBackend, FakeCatalog
+
+
+def make_engine(step_delay=0.0, max_batch_size=16, **cfg):
+    backend = FakeBackend(step_delay=step_delay)
+    engine = Engine(EngineConfig(max_batch_size=max_batch_size, **cfg), FakeCatalog(["fake", "other"]), [backend])
+    return engine, backend
+
+
+def req(prompt=(1, 2, 3), **params):
+    return GenerationRequest(model="fake", prompt_ids=tuple(prompt), params=GenerationParams(**params))
+
+
+async def collect(engine, request):
+    texts: dict[int, str] = {}
+    finishes: dict[int, FinishReason] = {}
+    done = None
+    async for ev in engine.generate(request):
+        if isinstance(ev, ChoiceDelta):
+            texts[ev.index] = texts.get(ev.index, "") + ev.text
+            if ev.finish:
+                finishes[ev.index] = ev.finish
+        else:
+            assert isinstance(ev, GenerationDone)
+            done = ev
+    return texts, finishes, done
+
+
+async def wait_for(pred, timeout=5.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not pred():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+async def test_single_request_length_and_usage():
+    engine, _ = make_engine()
+    await engine.start()
+    texts, finishes, done = await collect(engine, req(max_tokens=5))
+    assert finishes == {0: FinishReason.LENGTH}
+    assert texts[0] == "t7 t8 t9 t10 t11 "
+    assert done.usage.prompt_tokens == 3 and done.usage.completion_tokens == 5
+    assert done.usage.total_tokens == 8
+    await engine.stop()
+
+
+async def test_eos_stops_and_ignore_eos_continues():
+    engine, _ = make_engine()
+    texts, finishes, done = await collect(engine, req(prompt=(99, 1), max_tokens=10))
+    assert finishes[0] is FinishReason.STOP
+    assert done.usage.completion_tokens == 4  # the EOS token counts, its text does not
+    assert texts[0].count("t") == 3
+    texts, finishes, done = await collect(engine, req(prompt=(99, 1), max_tokens=10, ignore_eos=True))
+    assert finishes[0] is FinishReason.LENGTH and done.usage.completion_tokens == 10
+    await engine.stop()
+
+
+async def test_stop_strings_cut_text_and_free_the_job():
+    engine, backend = make_engine()
+    texts, finishes, done = await collect(engine, req(max_tokens=20, stop=("t9",)))
+    assert texts[0] == "t7 t8 "
+    assert finishes[0] is FinishReason.STOP
+    assert done.usage.completion_tokens == 3
+    await wait_for(lambda: engine.stats().running == 0)
+    assert backend.models["fake"].jobs == {}
+    await engine.stop()
+
+
+async def test_continuous_batching_joins_running_batch():
+    engine, backend = make_engine(step_delay=0.002)
+    first_started = asyncio.Event()
+
+    async def long_one():
+        async for ev in engine.generate(req(max_tokens=200)):
+            first_started.set()
+        return True
+
+    long_task = asyncio.create_task(long_one())
+    await first_started.wait()
+    steps_before = engine.stats().steps
+    texts, finishes, _ = await collect(engine, req(prompt=(5,), max_tokens=3))
+    assert finishes[0] is FinishReason.LENGTH
+    # the short request finished while the long one was still decoding
+    assert not long_task.done()
+    assert engine.stats().max_batch >= 2 and engine.stats().batched_steps >= 3
+    assert engine.stats().steps - steps_before < 50
+    await long_task
+    await engine.stop()
+
+
+async def test_eight_concurrent_requests_are_batched():
+    engine, backend = make_engine(step_delay=0.001)
+    results = await asyncio.gather(*(collect(engine, req(prompt=(i + 1,), max_tokens=30)) for i in range(8)))
+    assert all(r[1][0] is FinishReason.LENGTH for r in results)
+    assert engine.stats().max_batch == 8
+    assert max(backend.models["fake"].batch_sizes) == 8
+    await engine.stop()
+
+
+async def test_max_batch_size_queues_the_rest():
+    engine, backend = make_engine(step_delay=0.001, max_batch_size=2)
+    results = await asyncio.gather(*(collect(engine, req(prompt=(i + 1,), max_tokens=10)) for i in range(5)))
+    assert len(results) == 5 and all(r[2].usage.completion_tokens == 10 for r in results)
+    assert max(backend.models["fake"].batch_sizes) == 2
+    await engine.stop()
+
+
+async def test_closing_the_stream_cancels_within_one_step():
+    engine, backend = make_engine(step_delay=0.002)
+    gen = engine.generate(req(max_tokens=250))
+    got = 0
+    async for ev in gen:
+        got += 1
+        if got == 3:
+            break
+    await gen.aclose()
+    await wait_for(lambda: engine.stats().running == 0)
+    assert engine.stats().cancelled == 1
+    assert backend.models["fake"].jobs == {}
+    await engine.stop()
+
+
+async def test_cancel_while_queued_never_runs():
+    engine, backend = make_engine(step_delay=0.002, max_batch_size=1)
+    blocker = asyncio.create_task(collect(engine, req(max_tokens=50)))
+    await wait_for(lambda: engine.stats().running == 1)
+    gen = engine.generate(req(prompt=(7,), max_tokens=50))
+    task = asyncio.create_task(gen.__anext__())
+    await wait_for(lambda: engine.stats().queued == 1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await gen.aclose()
+    await wait_for(lambda: engine.stats().queued == 0)
+    await blocker
+    assert max(backend.models["fake"].batch_sizes) == 1
+    await engine.stop()
+
+
+async def test_n_choices_and_seeds():
+    engine, _ = make_engine()
+    params = dict(max_tokens=4, n=3, sampling=SamplingParams(seed=10))
+    texts, finishes, done = await collect(engine, req(**params))
+    assert set(texts) == {0, 1, 2}
+    assert len(set(texts.values())) == 3  # each choice gets its own seed
+    assert done.usage.completion_tokens == 12 and done.usage.prompt_tokens == 3
+    again, _, _ = await collect(engine, req(**params))
+    assert again == texts
+    await engine.stop()
+
+
+async def test_errors_context_unknown_model_and_empty_prompt():
+    engine, _ = make_engine()
+    with pytest.raises(ContextLengthExceeded):
+        await collect(engine, req(prompt=tuple(range(1, 250)), max_tokens=10))
+    with pytest.raises(ModelNotFound):
+        await collect(engine, GenerationRequest(model="nope", prompt_ids=(1,)))
+    with pytest.raises(InvalidRequest):
+        await collect(engine, req(prompt=()))
+    # still serving afterwards
+    texts, _, _ = await collect(engine, req(max_tokens=2))
+    assert texts[0] == "t7 t8 "
+    await engine.stop()
+
+
+async def test_dead_engine_thread_fails_requests_and_reports_unhealthy():
+    engine, backend = make_engine(step_delay=0.001)
+    await engine.load("fake")
+    assert engine.healthy
+    backend.models["fake"].explode.set()
+    with pytest.raises(EngineError):
+        await collect(engine, req(max_tokens=5))
+    await wait_for(lambda: not engine.healthy)
+    await engine.stop()
+
+
+async def test_models_listing_load_and_unload():
+    engine, backend = make_engine()
+    names = [m.name for m in engine.list_models()]
+    assert names == ["fake", "other"]
+    assert not engine.model_info("fake").loaded
+    await engine.load("fake")
+    info = engine.model_info("fake")
+    assert info.loaded and info.backend == "fake" and info.context_length == 256
+    assert [m.name for m in engine.loaded_models()] == ["fake"]
+    assert await engine.unload("fake") is True
+    assert backend.models["fake"].unloaded
+    assert await engine.unload("fake") is False
+    with pytest.raises(ModelNotFound):
+        engine.model_info("missing")
+    await engine.stop()
+
+
+async def test_concurrent_loads_share_one_load():
+    engine, backend = make_engine()
+    a, b = await asyncio.gather(engine.load("other"), engine.load("other"))
+    assert a is b
+    await engine.stop()
+
+
+async def test_encode_chat_uses_template():
+    from xllm_jupyter.core.types import ChatMessage
+
+    engine, _ = make_engine()
+    ids = await engine.encode_chat("fake", [ChatMessage("user", "hi")])
+    assert len(ids) == len("user:hi\n")
+    await engine.stop()
+
+
+@pytest.mark.parametrize(
+    "stops,chunks,expected,matched",
+    [
+        (("END",), ["ab", "cE", "N", "Dxx"], "abc", True),
+        (("END",), ["ab", "cE", "N", "x"], "abcENx", False),
+        (("\n\n", "###"), ["a\n", "b#", "#c"], "a\nb##c", False),
+        (("\n\n", "###"), ["a\n", "\nb"], "a", True),
+        ((), ["x", "y"], "xy", False),
+    ],
+)
+def test_stop_matcher(stops, chunks, expected, matched):
+    m = StopMatcher(stops)
+    out, hit = "", False
+    for c in chunks:
+        text, hit = m.feed(c)
+        out += text
+        if hit:
+            break
+    if not hit:
+        out += m.flush()
+    assert out == expected and hit is matched
+
+
+def test_stop_matcher_releases_text_without_stop_prefixes_immediately():
+    m = StopMatcher(("STOP",))
+    assert m.feed("hello ") == ("hello ", False)
+    assert m.feed("wor S") == ("wor ", False)
+    assert m.feed("x") == ("Sx", False)

@@ -1,0 +1,327 @@
+"""One worker thread per loaded model: continuous batching and the bridge to asyncio.
+
+The thread owns the LoadedModel. Between two steps it admits waiting jobs (up to the
+batch limit) and applies cancellations, so new requests join the running batch
+instead of waiting for it to drain. Each step's events go to the asyncio side with a
+single ``call_soon_threadsafe`` per event loop, into per-request queues: a slow
+consumer only grows its own queue and never stalls the step loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from ..backends.base import LoadedModel
+from ..core.errors import EngineError, XllmError
+from ..core.types import (
+    ChoiceDelta,
+    EngineStats,
+    FinishReason,
+    GenerationDone,
+    GenerationRequest,
+    SequenceJob,
+    TokenEvent,
+    Usage,
+)
+from .stops import StopMatcher
+
+log = logging.getLogger(__name__)
+
+_END = object()  # queue sentinel: the request is over
+
+
+class RequestHandle:
+    """The asyncio side of one request: an async iterator over its deltas."""
+
+    def __init__(self, runner: "ModelRunner", loop: asyncio.AbstractEventLoop, request: GenerationRequest):
+        self.runner = runner
+        self.loop = loop
+        self.request = request
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.job_ids: list[int] = []
+        self.finished = False
+        # written by the engine thread only
+        self.open_choices = request.params.n
+        self.completion_tokens = 0
+        self.cached_tokens = 0
+
+    def _deliver(self, items: list) -> None:
+        """Runs on the event loop: enqueue what one step produced for this request."""
+        put = self.queue.put_nowait
+        for item in items:
+            put(item)
+
+    async def __aiter__(self) -> AsyncIterator[ChoiceDelta | GenerationDone]:
+        get = self.queue.get
+        while True:
+            item = await get()
+            if item is _END:
+                self.finished = True
+                return
+            if isinstance(item, BaseException):
+                self.finished = True
+                raise item
+            yield item
+
+    def cancel(self) -> None:
+        """Cancel all of this request's jobs (no-op once it has finished)."""
+        if not self.finished:
+            self.finished = True
+            self.runner.cancel(self.job_ids)
+
+
+@dataclass
+class _JobState:
+    """Engine-thread bookkeeping for one sequence (one choice of one request)."""
+
+    handle: RequestHandle
+    index: int
+    stops: StopMatcher
+    tokens: int = 0
+    done: bool = False  # no more deltas go out for this job
+    completed: bool = False  # it ended normally (stop, length, stop string)
+
+
+@dataclass
+class _Counters:
+    steps: int = 0
+    max_batch: int = 0
+    batched_steps: int = 0
+    completed: int = 0
+    cancelled: int = 0
+
+
+class ModelRunner:
+    """Owns a LoadedModel and runs its step loop on a dedicated thread."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, model: LoadedModel, *, max_batch_size: int = 16):
+        self.model = model
+        self.max_batch_size = max(1, max_batch_size)
+        self.created = int(time.time())
+        self._cond = threading.Condition()
+        self._waiting: deque[tuple[SequenceJob, _JobState]] = deque()
+        self._cancels: list[int] = []
+        self._jobs: dict[int, _JobState] = {}
+        self._stopping = False
+        self._counters = _Counters()
+        self._thread = threading.Thread(target=self._run, name=f"xllm-runner-{model.name}", daemon=True)
+        self.error: BaseException | None = None
+
+    # ------------------------------------------------------------ any thread
+    def start(self) -> None:
+        """Start the step thread."""
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """True while the step thread runs."""
+        return self._thread.is_alive()
+
+    def __len__(self) -> int:
+        """Sequences running or waiting."""
+        return len(self._jobs) + len(self._waiting)
+
+    def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> RequestHandle:
+        """Queue ``request``'s n sequences; returns the handle to iterate."""
+        if not self.alive:
+            raise EngineError("The model's engine thread is not running")
+        handle = RequestHandle(self, loop, request)
+        params = request.params
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= self.model.eos_token_ids
+        pending = []
+        for index in range(params.n):
+            sampling = params.sampling
+            if sampling.seed is not None and index:
+                # distinct but reproducible choices for n > 1
+                sampling = dataclasses.replace(sampling, seed=sampling.seed + index)
+            job = SequenceJob(
+                job_id=next(self._ids),
+                prompt_ids=request.prompt_ids,
+                max_tokens=params.max_tokens,
+                sampling=sampling,
+                stop_token_ids=frozenset(stop_ids),
+                logprobs=params.logprobs,
+                top_logprobs=params.top_logprobs,
+            )
+            handle.job_ids.append(job.job_id)
+            pending.append((job, _JobState(handle, index, StopMatcher(params.stop))))
+        with self._cond:
+            self._waiting.extend(pending)
+            self._cond.notify()
+        return handle
+
+    def cancel(self, job_ids: list[int]) -> None:
+        """Ask the step thread to drop these jobs before its next step."""
+        with self._cond:
+            self._cancels.extend(job_ids)
+            self._cond.notify()
+
+    def stats(self) -> EngineStats:
+        """A snapshot of this runner's counters."""
+        c = self._counters
+        return EngineStats(
+            running=len(self._jobs),
+            queued=len(self._waiting),
+            steps=c.steps,
+            max_batch=c.max_batch,
+            batched_steps=c.batched_steps,
+            completed=c.completed,
+            cancelled=c.cancelled,
+        )
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the thread, end every open request with an error, unload the model."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        gone = EngineError("The model was unloaded while the request ran")
+        for _, state in list(self._waiting):
+            self._fail(state.handle, gone)
+        for state in list(self._jobs.values()):
+            self._fail(state.handle, gone)
+        self._waiting.clear()
+        self._jobs.clear()
+        try:
+            self.model.unload()
+        except Exception:  # unloading is best effort; the runner is gone either way
+            log.exception("unloading %s failed", self.model.name)
+
+    # ------------------------------------------------------ engine thread only
+    def _run(self) -> None:
+        try:
+            while self._admit():
+                self._step()
+        except BaseException as exc:  # a dead runner must be visible: healthy turns False
+            self.error = exc
+            log.exception("engine thread for %s died", self.model.name)
+            err = EngineError("The engine failed while generating")
+            for state in list(self._jobs.values()):
+                self._fail(state.handle, err)
+            self._jobs.clear()
+
+    def _admit(self) -> bool:
+        """Apply cancellations and admit waiting jobs; block while idle. False = stop."""
+        with self._cond:
+            while not self._stopping and not self._cancels and not self._jobs and not self._waiting:
+                self._cond.wait()
+            if self._stopping:
+                return False
+            cancels, self._cancels = self._cancels, []
+            if cancels:
+                dropped = set(cancels)
+                kept = deque(item for item in self._waiting if item[0].job_id not in dropped)
+                self._counters.cancelled += len(self._waiting) - len(kept)
+                self._waiting = kept
+            admitted = []
+            while self._waiting and len(self._jobs) + len(admitted) < self.max_batch_size:
+                admitted.append(self._waiting.popleft())
+        for job_id in cancels:
+            state = self._jobs.get(job_id)
+            if state is not None:
+                state.done = True
+                self.model.cancel(job_id)
+        for job, state in admitted:
+            self._jobs[job.job_id] = state
+            self.model.add(job)
+        return True
+
+    def _step(self) -> None:
+        if not self._jobs:
+            return
+        batch = self.model.active_jobs()
+        events = self.model.step()
+        c = self._counters
+        c.steps += 1
+        if batch > c.max_batch:
+            c.max_batch = batch
+        if batch > 1:
+            c.batched_steps += 1
+        outbox: dict[RequestHandle, list] = {}
+        for event in events:
+            state = self._jobs.get(event.job_id)
+            if state is None:
+                continue
+            if event.finish is not None:
+                del self._jobs[event.job_id]
+            if state.done:
+                # finished early (stop string or cancel): the backend's last word is ignored
+                if event.finish is FinishReason.CANCELLED and not state.completed:
+                    c.cancelled += 1
+                continue
+            items = outbox.get(state.handle)
+            if items is None:
+                items = outbox[state.handle] = []
+            self._translate(state, event, items)
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for handle, items in outbox.items():
+            by_loop.setdefault(handle.loop, []).append((handle, items))
+        for loop, deliveries in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver_all, deliveries)
+            except RuntimeError:  # the loop closed: its requests are gone
+                for handle, _ in deliveries:
+                    self.cancel(handle.job_ids)
+
+    def _translate(self, state: _JobState, event: TokenEvent, items: list) -> None:
+        """Turn a backend event into a ChoiceDelta (and GenerationDone after the last choice)."""
+        handle = state.handle
+        if event.token_id is not None:
+            state.tokens += 1
+        text, matched = state.stops.feed(event.text) if event.text else ("", False)
+        finish = event.finish
+        if finish in (FinishReason.CANCELLED, FinishReason.ERROR):
+            # we did not ask for this: the backend dropped the job on its own
+            state.done = True
+            self._fail(handle, EngineError("The engine stopped this generation unexpectedly"))
+            self.cancel(handle.job_ids)
+            return
+        if matched:
+            if finish is None:
+                # free the job's cache now; the backend's CANCELLED event for it is ignored
+                self.model.cancel(event.job_id)
+                self._jobs[event.job_id] = state
+            finish = FinishReason.STOP
+        elif finish is not None:
+            text += state.stops.flush()
+        logprobs = ()
+        if event.logprob is not None:
+            logprobs = ((event.text, event.logprob, event.top_logprobs),)
+        ids = (event.token_id,) if event.token_id is not None else ()
+        if text or ids or finish is not None:
+            items.append(ChoiceDelta(state.index, text, ids, logprobs, finish))
+        if finish is None:
+            return
+        state.done = state.completed = True
+        self._counters.completed += 1
+        handle.completion_tokens += state.tokens
+        handle.cached_tokens = max(handle.cached_tokens, event.cached_tokens)
+        handle.open_choices -= 1
+        if handle.open_choices == 0:
+            usage = Usage(len(handle.request.prompt_ids), handle.completion_tokens, handle.cached_tokens)
+            items.append(GenerationDone(usage))
+            items.append(_END)
+
+    def _fail(self, handle: RequestHandle, exc: XllmError) -> None:
+        try:
+            handle.loop.call_soon_threadsafe(handle._deliver, [exc])
+        except RuntimeError:
+            pass
+
+
+def _deliver_all(deliveries: list) -> None:
+    for handle, items in deliveries:
+        handle._deliver(items)
