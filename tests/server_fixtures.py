@@ -1,0 +1,147 @@
+"""Session fixtures: one real standalone server (own thread, own IOLoop) serving the tiny Llama.
+
+The server runs the real Engine, the real transformers backend and the real Tornado
+stack on an ephemeral port; tests talk to it with the real ``openai`` SDK and httpx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable
+
+import pytest
+
+from xllm_jupyter.backends.base import ModelSpec
+from xllm_jupyter.core.config import EngineConfig, ServerConfig, StoreConfig, XllmConfig
+from xllm_jupyter.core.errors import ModelNotFound
+
+TINY = "tiny"
+API_KEY = "sk-xllm-test-key"
+
+
+class TinyCatalog:
+    """A one-model catalog, used only where the model store cannot be imported."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def resolve(self, name: str) -> ModelSpec:
+        """The tiny Llama under the name "tiny"."""
+        if name != TINY:
+            raise ModelNotFound(name)
+        return ModelSpec(name=TINY, path=self.path, format="safetensors")
+
+    def names(self) -> list[str]:
+        """Just "tiny"."""
+        return [TINY]
+
+
+@pytest.fixture(scope="session")
+def xllm_home(tmp_path_factory, tiny_llama_dir) -> Path:
+    """A temporary XLLM home whose store holds the tiny Llama as "tiny" (when the store exists)."""
+    home = tmp_path_factory.mktemp("xllm-home")
+    try:
+        from xllm_jupyter.store.store import ModelStore
+    except ImportError:
+        return home
+    ModelStore(home).pull(str(tiny_llama_dir), TINY)
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_catalog(xllm_home, tiny_llama_dir) -> Any:
+    """The catalog the test servers resolve "tiny" with."""
+    try:
+        from xllm_jupyter.store.store import ModelStore
+    except ImportError:
+        return TinyCatalog(tiny_llama_dir)
+    return ModelStore(xllm_home)
+
+
+def make_test_config(home: Path, **server: Any) -> XllmConfig:
+    """The config the test servers use: small limits so error paths are cheap to reach."""
+    values: dict[str, Any] = dict(
+        host="127.0.0.1",
+        port=0,
+        api_keys=(API_KEY,),
+        max_body_bytes=256 * 1024,
+        max_tokens_limit=4096,
+        max_n=4,
+        keepalive_seconds=0.5,
+    )
+    values.update(server)
+    return XllmConfig(
+        server=ServerConfig(**values),
+        engine=EngineConfig(default_model=TINY, max_batch_size=8, torch_threads=1),
+        store=StoreConfig(home=home),
+    )
+
+
+@dataclass
+class ServerInfo:
+    """A running standalone server: where it is, its key, and its engine."""
+
+    root: str  # http://127.0.0.1:PORT
+    base_url: str  # root + "/v1", what OpenAI clients take
+    api_key: str
+    engine: Any
+    config: XllmConfig
+    loop: asyncio.AbstractEventLoop
+
+    def call(self, coro: Awaitable[Any], timeout: float = 60) -> Any:
+        """Run ``coro`` on the server's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def xllm_server(tiny_catalog, xllm_home) -> Any:
+    """ONE standalone server for the session, with "tiny" loaded."""
+    from xllm_jupyter.engine.engine import Engine
+    from xllm_jupyter.server.standalone import start_server
+
+    config = make_test_config(xllm_home)
+    loop = asyncio.new_event_loop()
+    started: dict[str, Any] = {}
+    ready = threading.Event()
+
+    async def setup() -> None:
+        engine = Engine(config.engine, catalog=tiny_catalog)
+        await engine.start()
+        await engine.load(TINY)
+        started["engine"] = engine
+        started["server"] = await start_server(config, engine, port=0)
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(setup())
+        except BaseException as exc:  # reported to the fixture below
+            started["error"] = exc
+            ready.set()
+            return
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, name="xllm-test-server", daemon=True)
+    thread.start()
+    if not ready.wait(300):
+        pytest.fail("the test server did not start within 300 s")
+    if "error" in started:
+        raise started["error"]
+    server, engine = started["server"], started["engine"]
+    info = ServerInfo(server.url, server.url + "/v1", API_KEY, engine, config, loop)
+    yield info
+
+    async def teardown() -> None:
+        await server.stop()
+        await engine.stop()
+
+    try:
+        info.call(teardown(), timeout=60)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+        loop.close()

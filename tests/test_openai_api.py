@@ -1,0 +1,332 @@
+"""The OpenAI-compatible API end to end: real server, real tiny Llama, the real openai SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.server_fixtures import TINY
+
+MSG = [{"role": "user", "content": "Say something."}]
+
+
+@pytest.fixture
+def client(xllm_server):
+    """A sync OpenAI client for the session server."""
+    with openai.OpenAI(base_url=xllm_server.base_url, api_key=xllm_server.api_key, max_retries=0, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture
+def raw(xllm_server):
+    """An httpx client with the API key, for looking at bytes the SDK hides."""
+    headers = {"Authorization": f"Bearer {xllm_server.api_key}"}
+    with httpx.Client(base_url=xllm_server.root, headers=headers, timeout=60) as c:
+        yield c
+
+
+def sse_events(text: str) -> list:
+    """The ``data:`` payloads of an SSE body (JSON-decoded, ``[DONE]`` kept as a string)."""
+    out = []
+    for line in text.split("\n"):
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+# ------------------------------------------------------------------------- models
+def test_models_list_and_retrieve(client, raw):
+    ids = [m.id for m in client.models.list()]
+    assert TINY in ids
+    model = client.models.retrieve(TINY)
+    assert model.id == TINY and model.object == "model" and model.owned_by == "xllm"
+    body = raw.get("/v1/models").json()
+    assert body["object"] == "list"
+    entry = next(m for m in body["data"] if m["id"] == TINY)
+    assert isinstance(entry["created"], int)
+    assert entry["xllm"]["loaded"] is True
+    assert entry["xllm"]["backend"] == "transformers"
+    assert entry["xllm"]["context_length"] == 2048
+
+
+def test_health_needs_no_key(xllm_server):
+    r = httpx.get(xllm_server.root + "/health")
+    assert r.status_code == 200
+    assert r.json()["status"] == "ok" and TINY in r.json()["models"]
+
+
+# ------------------------------------------------------------- chat completions
+def test_chat_completion(client):
+    r = client.chat.completions.create(model=TINY, messages=MSG, max_tokens=8)
+    assert r.id.startswith("chatcmpl-")
+    assert r.object == "chat.completion"
+    assert r.model == TINY
+    assert isinstance(r.created, int) and abs(r.created - time.time()) < 60
+    assert r.system_fingerprint
+    (choice,) = r.choices
+    assert choice.index == 0
+    assert choice.message.role == "assistant"
+    assert isinstance(choice.message.content, str) and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert choice.logprobs is None
+    assert r.usage.prompt_tokens > 0
+    assert 0 < r.usage.completion_tokens <= 8
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_chat_content_parts_and_roles(client):
+    messages = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "system", "content": [{"type": "text", "text": "You are terse."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]},
+        {"role": "assistant", "content": "Hi."},
+        {"role": "user", "content": "Again?"},
+    ]
+    r = client.chat.completions.create(model=TINY, messages=messages, max_completion_tokens=4)
+    assert r.usage.completion_tokens <= 4
+
+
+def test_chat_stream(client, raw):
+    stream = client.chat.completions.create(model=TINY, messages=MSG, max_tokens=6, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[0].choices[0].delta.content == ""
+    assert all(c.id == chunks[0].id and c.id.startswith("chatcmpl-") for c in chunks)
+    assert all(c.object == "chat.completion.chunk" and c.created == chunks[0].created for c in chunks)
+    last = chunks[-1]
+    assert last.choices[0].finish_reason in ("stop", "length")
+    assert last.choices[0].delta.content is None and last.choices[0].delta.role is None
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text
+
+    # the wire format itself: no usage key without include_usage, [DONE] last
+    with raw.stream("POST", "/v1/chat/completions", json={"model": TINY, "messages": MSG, "max_tokens": 4, "stream": True}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["cache-control"] == "no-cache"
+        events = sse_events(r.read().decode())
+    assert events[-1] == "[DONE]"
+    assert all("usage" not in e for e in events[:-1])
+    assert events[-2]["choices"][0]["delta"] == {}
+
+
+def test_chat_stream_include_usage(client, raw):
+    body = {"model": TINY, "messages": MSG, "max_tokens": 5, "stream": True, "stream_options": {"include_usage": True}}
+    with raw.stream("POST", "/v1/chat/completions", json=body) as r:
+        events = sse_events(r.read().decode())
+    assert events[-1] == "[DONE]"
+    final = events[-2]
+    assert final["choices"] == []
+    usage = final["usage"]
+    assert usage["completion_tokens"] <= 5
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert all(e["usage"] is None for e in events[:-2])
+
+    chunks = list(client.chat.completions.create(**body))
+    assert chunks[-1].usage is not None and chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == usage["completion_tokens"]
+
+
+def test_chat_n2(client):
+    r = client.chat.completions.create(model=TINY, messages=MSG, max_tokens=5, n=2, seed=3)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.usage.completion_tokens <= 10
+    chunks = list(client.chat.completions.create(model=TINY, messages=MSG, max_tokens=5, n=2, seed=3, stream=True))
+    roles = [c.choices[0].index for c in chunks if c.choices and c.choices[0].delta.role == "assistant"]
+    assert sorted(roles) == [0, 1]
+    finishes = {c.choices[0].index: c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason}
+    assert set(finishes) == {0, 1}
+    texts = {0: "", 1: ""}
+    for c in chunks:
+        texts[c.choices[0].index] += c.choices[0].delta.content or ""
+    # the same seed gives the same choices streamed or not
+    assert texts == {c.index: c.message.content for c in r.choices}
+
+
+def test_seed_determinism(client):
+    kw = dict(model=TINY, messages=MSG, max_tokens=12, temperature=1.0, seed=1234)
+    a = client.chat.completions.create(**kw).choices[0].message.content
+    b = client.chat.completions.create(**kw).choices[0].message.content
+    assert a == b
+
+
+def test_stop_string(client):
+    kw = dict(model=TINY, messages=MSG, max_tokens=24, temperature=0)
+    full = client.chat.completions.create(**kw).choices[0].message.content
+    assert len(full) > 12
+    stop = full[8:12]
+    cut = full[: full.find(stop)]
+    r = client.chat.completions.create(**kw, stop=[stop, "\u2603never"])
+    assert r.choices[0].message.content == cut
+    assert r.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stop=stop, stream=True))
+    assert streamed == cut
+
+
+def test_logprobs_shape(client):
+    r = client.chat.completions.create(model=TINY, messages=MSG, max_tokens=4, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for entry in content:
+        assert isinstance(entry.token, str)
+        assert entry.logprob <= 0.0
+        assert entry.bytes == list(entry.token.encode("utf-8"))
+        assert len(entry.top_logprobs) == 3
+        assert all(t.logprob <= 0.0 for t in entry.top_logprobs)
+    chunks = list(client.chat.completions.create(model=TINY, messages=MSG, max_tokens=3, logprobs=True, top_logprobs=2, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert streamed and all(len(e.top_logprobs) == 2 for e in streamed)
+
+
+def test_sampling_parameters_accepted(client):
+    r = client.chat.completions.create(
+        model=TINY,
+        messages=MSG,
+        max_tokens=4,
+        temperature=0.7,
+        top_p=0.9,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        logit_bias={"42": 5},
+        user="tester",
+        extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1, "ignore_eos": True},
+    )
+    assert r.usage.completion_tokens == 4
+    assert r.choices[0].finish_reason == "length"
+
+
+def test_max_tokens_default_fills_context(client):
+    probe = client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "hi " * 2000}], max_tokens=1)
+    prompt = probe.usage.prompt_tokens
+    assert 2000 <= prompt < 2048
+    r = client.chat.completions.create(
+        model=TINY, messages=[{"role": "user", "content": "hi " * 2000}], extra_body={"ignore_eos": True}
+    )
+    assert r.usage.completion_tokens == 2048 - prompt
+    assert r.choices[0].finish_reason == "length"
+
+
+# ----------------------------------------------------------- legacy completions
+def test_completion(client, raw):
+    r = client.completions.create(model=TINY, prompt="Once upon a time", max_tokens=6)
+    assert r.id.startswith("cmpl-") and r.object == "text_completion"
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens <= 6
+    default = raw.post("/v1/completions", json={"model": TINY, "prompt": "Hi", "ignore_eos": True}).json()
+    assert default["usage"]["completion_tokens"] == 16  # OpenAI's legacy default
+
+    chunks = list(client.completions.create(model=TINY, prompt="Once upon a time", max_tokens=6, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens <= 6
+    assert any(c.choices and c.choices[0].finish_reason for c in chunks)
+
+
+def test_completion_n_prompts_and_logprobs(client):
+    r = client.completions.create(model=TINY, prompt=["a b c", "d e f"], max_tokens=3, n=2, logprobs=2, seed=5)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
+    assert all(len(t) <= 2 for t in lp.top_logprobs)
+    assert lp.text_offset[0] == len("a b c")
+    assert r.usage.completion_tokens <= 12
+
+    chunks = list(client.completions.create(model=TINY, prompt=["a b c", "d e f"], max_tokens=3, stream=True))
+    assert {c.choices[0].index for c in chunks if c.choices} == {0, 1}
+    token_prompt = client.completions.create(model=TINY, prompt=[1, 2, 3, 4], max_tokens=2)
+    assert token_prompt.usage.prompt_tokens == 4
+
+
+# ---------------------------------------------------------- batching, disconnect
+async def test_concurrent_streams_are_batched(xllm_server):
+    engine = xllm_server.engine
+    before = engine.stats()
+
+    async with openai.AsyncOpenAI(base_url=xllm_server.base_url, api_key=xllm_server.api_key, max_retries=0, timeout=120) as c:
+
+        async def one(i: int) -> str:
+            stream = await c.chat.completions.create(
+                model=TINY, messages=[{"role": "user", "content": f"Request {i}"}], max_tokens=24, stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            parts = []
+            async for chunk in stream:
+                if chunk.choices:
+                    parts.append(chunk.choices[0].delta.content or "")
+                    finish = chunk.choices[0].finish_reason
+            assert finish == "length"
+            return "".join(parts)
+
+        texts = await asyncio.gather(*(one(i) for i in range(8)))
+    assert len(texts) == 8 and all(texts)
+    after = engine.stats()
+    assert after.max_batch >= 2
+    assert after.batched_steps > before.batched_steps
+    assert after.completed >= before.completed + 8
+
+
+def _wait_idle(engine, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = engine.stats()
+        if s.running == 0 and s.queued == 0:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_disconnect_cancels_generation(xllm_server):
+    engine = xllm_server.engine
+    assert _wait_idle(engine)
+    cancelled = engine.stats().cancelled
+    body = {"model": TINY, "messages": MSG, "max_tokens": 1900, "stream": True, "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {xllm_server.api_key}"}
+    with httpx.Client(timeout=30) as c:
+        with c.stream("POST", xllm_server.base_url + "/chat/completions", json=body, headers=headers) as r:
+            lines = r.iter_lines()
+            got = 0
+            for line in lines:
+                if line.startswith("data: "):
+                    got += 1
+                if got == 3:  # the role chunk and two content chunks
+                    break
+            assert engine.stats().running == 1
+    # leaving the blocks closed the connection mid-stream
+    assert _wait_idle(engine, 3.0), engine.stats()
+    assert engine.stats().cancelled > cancelled
+
+
+def test_disconnect_cancels_non_streaming(xllm_server):
+    engine = xllm_server.engine
+    assert _wait_idle(engine)
+    body = {"model": TINY, "messages": MSG, "max_tokens": 1900, "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {xllm_server.api_key}"}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(xllm_server.base_url + "/chat/completions", json=body, headers=headers, timeout=0.5)
+    assert _wait_idle(engine, 3.0), engine.stats()
+
+
+# ------------------------------------------------------------------------- admin
+def test_admin_models_and_reload(client, raw):
+    body = raw.get("/admin/models").json()
+    entry = next(m for m in body["data"] if m["id"] == TINY)
+    assert entry["backend"] == "transformers"
+    assert entry["memory_bytes"] > 0
+    assert entry["running"] == 0 and entry["queued"] == 0
+    assert entry["batch_mode"] and entry["max_batch_size"] == 8
+
+    r = raw.post("/admin/models/unload", json={"model": TINY})
+    assert r.status_code == 200 and r.json()["unloaded"] is True
+    assert raw.post("/admin/models/unload", json={"model": TINY}).json()["unloaded"] is False
+    assert TINY not in [m["id"] for m in raw.get("/admin/models").json()["data"]]
+    assert raw.get("/v1/models/" + TINY).json()["xllm"]["loaded"] is False
+
+    r = raw.post("/admin/models/load", json={"model": TINY})
+    assert r.status_code == 200 and r.json()["xllm"]["loaded"] is True
+    assert client.chat.completions.create(model=TINY, messages=MSG, max_tokens=2).usage.completion_tokens <= 2

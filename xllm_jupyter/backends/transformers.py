@@ -1,0 +1,394 @@
+"""The HF transformers backend: safetensors or GGUF models on CPU or GPU, continuously batched.
+
+Each ``step`` prefills the jobs added since the last step (left-padded, batched), runs
+one batched decode forward for the jobs already running, then merges the new jobs'
+KV into the running batch (``kv_batch.BatchKV``). Rows leave the batch in the step
+they finish. torch and transformers are imported only when this module is (the
+registry imports it lazily), and ``available()`` still answers without them.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import threading
+from collections import deque
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest
+from ..core.types import ChatMessage, FinishReason, SequenceJob, TokenEvent
+from .base import Backend, LoadedModel, ModelSpec
+
+from .detokenize import IncrementalDetokenizer
+
+try:  # the backend must stay importable (and say "unavailable") without torch/transformers
+    import torch
+
+    from .kv_batch import BatchKV, new_cache, zero_padding
+    from .sampling import JobSampler, sample
+except ImportError:  # pragma: no cover - exercised only on machines without them
+    torch = None  # type: ignore[assignment]
+
+#: end-of-turn tokens that chat models emit instead of (or as well as) their EOS
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>", "<|end|>")
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def _importable(*names: str) -> bool:
+    try:
+        return all(importlib.util.find_spec(n) is not None for n in names)
+    except (ImportError, ValueError):
+        return False
+
+
+def gguf_location(path: Path) -> tuple[Path, str] | None:
+    """(directory, file name) of the GGUF at ``path`` (a .gguf file, or a dir holding exactly one)."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, path.name
+    if path.is_dir():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) == 1:
+            return path, found[0].name
+    return None
+
+
+class TransformersBackend(Backend):
+    """Loads HF safetensors directories and GGUF files with transformers."""
+
+    name = "transformers"
+
+    def available(self) -> bool:
+        """True when torch and transformers are installed."""
+        return torch is not None and _importable("transformers")
+
+    def supports(self, spec: ModelSpec) -> bool:
+        """safetensors: an HF directory with config.json; gguf: a .gguf file (needs gguf + accelerate)."""
+        path = Path(spec.path)
+        if spec.format == "safetensors":
+            return path.is_dir() and (path / "config.json").is_file()
+        if spec.format == "gguf":
+            return gguf_location(path) is not None and _importable("gguf", "accelerate")
+        return False
+
+    def load(self, spec: ModelSpec) -> "TransformersModel":
+        """Load weights and tokenizer; slow, so the engine calls it off the IOLoop."""
+        if not self.available():
+            raise EngineError("The transformers backend needs torch and transformers installed")
+        if not self.supports(spec):
+            raise InvalidRequest(f"The transformers backend cannot load '{spec.name}' ({spec.format})", param="model")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        opts = dict(spec.options)
+        device = _pick_device(str(opts.get("device", "auto")))
+        dtype = _pick_dtype(str(opts.get("dtype", "auto")), device)
+        threads = int(opts.get("torch_threads", 0) or 0)
+        if threads > 0:
+            torch.set_num_threads(threads)
+        kwargs: dict[str, Any] = {}
+        directory = Path(spec.path)
+        if spec.format == "gguf":
+            directory, kwargs["gguf_file"] = gguf_location(directory)  # type: ignore[misc]
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(directory), **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, **kwargs)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            # transformers' messages name local paths; keep them in the chained cause (logs) only
+            raise EngineError(f"Failed to load model '{spec.name}' with transformers ({type(exc).__name__})") from exc
+        model.to(device).eval()
+        return TransformersModel(spec, model, tokenizer, device=device,
+                                 max_batch_size=int(opts.get("max_batch_size", 16) or 16))
+
+
+def _pick_device(name: str) -> "torch.device":
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _pick_dtype(name: str, device: "torch.device") -> "torch.dtype":
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise InvalidRequest(f"Unknown dtype '{name}' (use auto, float32, float16 or bfloat16)", param="dtype")
+    return getattr(torch, DTYPES[name])
+
+
+def _eos_ids(model, tokenizer) -> frozenset[int]:
+    """EOS ids from generation config, model config and tokenizer, plus end-of-turn tokens."""
+    ids: set[int] = set()
+    sources = [getattr(model.generation_config, "eos_token_id", None),
+               getattr(model.config.get_text_config(), "eos_token_id", None), tokenizer.eos_token_id]
+    for src in sources:
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, (list, tuple)):
+            ids.update(int(i) for i in src)
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+    return frozenset(ids)
+
+
+class _Seq:
+    """A job's decoding state while it is queued or in the batch."""
+
+    __slots__ = ("job", "sampler", "detok", "completion", "last", "top_n")
+
+    def __init__(self, job: SequenceJob, sampler: "JobSampler", detok: IncrementalDetokenizer) -> None:
+        self.job = job
+        self.sampler = sampler
+        self.detok = detok
+        self.completion = 0
+        self.last = -1  # the sampled token not yet fed to the model
+        self.top_n = job.top_logprobs if job.logprobs else None
+
+
+class TransformersModel(LoadedModel):
+    """A transformers model decoding a continuous batch of jobs, one token per job per step."""
+
+    backend_name = "transformers"
+
+    def __init__(self, spec: ModelSpec, model, tokenizer, *, device, max_batch_size: int = 16) -> None:
+        self.name = spec.name
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.format = spec.format
+        self.max_batch_size = max(1, max_batch_size)
+        text_config = model.config.get_text_config()
+        self.context_length = int(spec.context_length or getattr(text_config, "max_position_embeddings", 0) or 2048)
+        self.eos_token_ids = _eos_ids(model, tokenizer)
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        pad = tokenizer.pad_token_id
+        self._pad_id = int(pad) if pad is not None else 0
+        self._tok_lock = threading.Lock()
+        self._pending: deque[_Seq] = deque()
+        self._running: list[_Seq] = []  # row i of the batch is _running[i]
+        self._cancelled: set[int] = set()
+        self._batch = BatchKV()
+        self._weight_bytes = sum(t.nbytes for t in model.parameters()) + sum(t.nbytes for t in model.buffers())
+        #: jobs in the most recent decode forward pass (tests and stats)
+        self.last_batch_size = 0
+        #: decode forward passes that carried more than one job
+        self.batched_steps = 0
+        #: model forward passes run (prefill and decode)
+        self.forward_passes = 0
+
+    # -- tokenizer (any thread) -------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids for ``text`` (thread-safe)."""
+        with self._tok_lock:
+            return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Text for ``ids`` with special tokens skipped (thread-safe)."""
+        with self._tok_lock:
+            return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def render_chat(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
+        """The prompt text of ``messages`` under the model's chat template (thread-safe)."""
+        from jinja2 import TemplateError
+
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequest(f"Model '{self.name}' has no chat template; send a plain prompt to the "
+                                 "completions endpoint instead", param="messages")
+        convo = [m.to_template_dict() for m in messages]
+        try:
+            with self._tok_lock:
+                return self.tokenizer.apply_chat_template(convo, tokenize=False,
+                                                          add_generation_prompt=add_generation_prompt)
+        except TemplateError as exc:
+            raise InvalidRequest(f"The chat template rejected these messages: {exc}", param="messages") from exc
+
+    def _decode_piece(self, ids: Sequence[int]) -> str:
+        with self._tok_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    # -- scheduling (engine thread) ---------------------------------------------------
+
+    def add(self, job: SequenceJob) -> None:
+        """Queue ``job``; its prefill runs in the next step that has room in the batch."""
+        if not job.prompt_ids:
+            raise InvalidRequest("The prompt is empty", param="prompt")
+        if len(job.prompt_ids) >= self.context_length:
+            raise ContextLengthExceeded(f"The prompt has {len(job.prompt_ids)} tokens; this model's context "
+                                        f"is {self.context_length} tokens", param="messages")
+        sampler = JobSampler(job.sampling, job.prompt_ids, self.vocab_size, self.device)
+        self._pending.append(_Seq(job, sampler, IncrementalDetokenizer(self._decode_piece, job.prompt_ids)))
+
+    def cancel(self, job_id: int) -> None:
+        """Mark ``job_id`` cancelled; the next step drops it (no-op when unknown or finished)."""
+        if any(s.job.job_id == job_id for s in self._running) or any(s.job.job_id == job_id for s in self._pending):
+            self._cancelled.add(job_id)
+
+    def active_jobs(self) -> int:
+        """Jobs queued or running."""
+        return len(self._pending) + len(self._running)
+
+    def step(self) -> list[TokenEvent]:
+        """Prefill new jobs (first token each), decode one token for every running job.
+
+        If a forward pass fails (e.g. out of memory) every queued and running job is
+        dropped and EngineError is raised: the engine fails them all.
+        """
+        try:
+            return self._step()
+        except Exception as exc:
+            self._pending.clear()
+            self._running.clear()
+            self._cancelled.clear()
+            self._batch.clear()
+            raise EngineError("The transformers backend failed during a generation step") from exc
+
+    def _step(self) -> list[TokenEvent]:
+        events: list[TokenEvent] = []
+        with torch.inference_mode():
+            if self._cancelled:
+                self._drop_cancelled(events)
+            new = self._admit()
+            joined = [self._prefill(group, events) for group in _prefill_groups(new)] if new else []
+            if self._running:
+                self._decode(events)
+            for cache, mask, seqs in joined:
+                if seqs:
+                    self._batch.join(cache, mask, [len(s.job.prompt_ids) for s in seqs])
+                    self._running.extend(seqs)
+        return events
+
+    def _admit(self) -> list[_Seq]:
+        room = self.max_batch_size - len(self._running)
+        new: list[_Seq] = []
+        while self._pending and len(new) < room:
+            new.append(self._pending.popleft())
+        return new
+
+    def _drop_cancelled(self, events: list[TokenEvent]) -> None:
+        gone = self._cancelled
+        self._cancelled = set()
+        for seq in [s for s in self._pending if s.job.job_id in gone]:
+            self._pending.remove(seq)
+            events.append(self._final(seq, None, "", FinishReason.CANCELLED))
+        keep = []
+        for i, seq in enumerate(self._running):
+            if seq.job.job_id in gone:
+                events.append(self._final(seq, None, "", FinishReason.CANCELLED))
+            else:
+                keep.append(i)
+        self._keep_rows(keep)
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        if len(keep) != len(self._running):
+            self._running = [self._running[i] for i in keep]
+            self._batch.keep(keep)
+
+    def _prefill(self, seqs: list[_Seq], events: list[TokenEvent]):
+        """One left-padded forward over new prompts; returns their cache for the unfinished ones."""
+        lengths = [len(s.job.prompt_ids) for s in seqs]
+        width = max(lengths)
+        ids = torch.full((len(seqs), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            ids[row, width - lengths[row]:] = torch.tensor(seq.job.prompt_ids, dtype=torch.long)
+            mask[row, width - lengths[row]:] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        padded = min(lengths) != width
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = new_cache()
+        out = self.model(input_ids=ids, attention_mask=mask if padded else None, position_ids=positions,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self.forward_passes += 1
+        if padded:
+            zero_padding(cache, mask)
+        keep = self._advance(seqs, out.logits[:, -1, :], events)
+        if len(keep) != len(seqs):
+            part = BatchKV()
+            part.join(cache, mask, lengths)
+            part.keep(keep)
+            return part.cache, part.mask, [seqs[i] for i in keep]
+        return cache, mask, seqs
+
+    def _decode(self, events: list[TokenEvent]) -> None:
+        """One batched forward feeding every running job its last token."""
+        attn, positions = self._batch.step_inputs()
+        ids = torch.tensor([[s.last] for s in self._running], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=positions,
+                         past_key_values=self._batch.cache, use_cache=True)
+        self.forward_passes += 1
+        self.last_batch_size = len(self._running)
+        if self.last_batch_size > 1:
+            self.batched_steps += 1
+        self._keep_rows(self._advance(self._running, out.logits[:, -1, :], events))
+
+    def _advance(self, seqs: list[_Seq], logits, events: list[TokenEvent]) -> list[int]:
+        """Sample one token per row, emit events; return the rows that keep going."""
+        result = sample(logits, [s.sampler for s in seqs], [s.top_n for s in seqs])
+        keep: list[int] = []
+        for row, (seq, token) in enumerate(zip(seqs, result.token_ids)):
+            seq.completion += 1
+            lp = result.logprobs.get(row)
+            job = seq.job
+            if token in job.stop_token_ids:
+                events.append(self._final(seq, token, "", FinishReason.STOP, lp))
+                continue
+            text = seq.detok.push(token)
+            if seq.completion >= job.max_tokens or len(job.prompt_ids) + seq.completion >= self.context_length:
+                events.append(self._final(seq, token, text + seq.detok.flush(), FinishReason.LENGTH, lp))
+                continue
+            seq.sampler.observe(token)
+            seq.last = token
+            events.append(self._event(seq, token, text, lp))
+            keep.append(row)
+        return keep
+
+    def _event(self, seq: _Seq, token: int | None, text: str, lp=None, finish: FinishReason | None = None,
+               ) -> TokenEvent:
+        logprob, top = (None, ()) if lp is None else (lp[0], tuple((self._decode_piece([i]), v) for i, v in lp[1]))
+        counts = {} if finish is None else {"prompt_tokens": len(seq.job.prompt_ids),
+                                            "completion_tokens": seq.completion}
+        return TokenEvent(job_id=seq.job.job_id, token_id=token, text=text, logprob=logprob,
+                          top_logprobs=top, finish=finish, **counts)
+
+    def _final(self, seq: _Seq, token: int | None, text: str, reason: FinishReason, lp=None) -> TokenEvent:
+        return self._event(seq, token, text, lp, reason)
+
+    # -- resources --------------------------------------------------------------------
+
+    def memory_bytes(self) -> int:
+        """Weights and buffers plus the batch's KV cache, in bytes."""
+        return self._weight_bytes + self._batch.nbytes()
+
+    def details(self) -> dict[str, Any]:
+        """Device, dtype, batching mode and source format."""
+        dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.") if self.model is not None else None
+        return {"device": str(self.device), "dtype": dtype, "mode": "continuous-batching", "format": self.format}
+
+    def unload(self) -> None:
+        """Drop weights, cache and queued jobs; the object is unusable afterwards."""
+        self._batch.clear()
+        self._pending.clear()
+        self._running.clear()
+        self.model = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _prefill_groups(seqs: list[_Seq]) -> list[list[_Seq]]:
+    """Split new jobs into prefill batches so padding stays under about a third of the work."""
+    ordered = sorted(seqs, key=lambda s: len(s.job.prompt_ids))
+    groups: list[list[_Seq]] = []
+    for seq in ordered:
+        if groups:
+            group = groups[-1]
+            n = len(seq.job.prompt_ids)  # the longest so far: the list is sorted
+            real = sum(len(s.job.prompt_ids) for s in group) + n
+            if (len(group) + 1) * n <= 1.5 * real + 32:
+                group.append(seq)
+                continue
+        groups.append([seq])
+    return groups

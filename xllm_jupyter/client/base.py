@@ -1,0 +1,193 @@
+"""What the sync and async clients share: URLs, headers, request bodies, errors, SSE parsing."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable, Mapping
+
+import httpx
+
+from ..core.errors import (
+    AuthenticationError,
+    ContextLengthExceeded,
+    EngineError,
+    InvalidModelName,
+    InvalidRequest,
+    ModelNotFound,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    PermissionDenied,
+    RateLimited,
+    StoreError,
+    Unsupported,
+    XllmError,
+)
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8900/v1"
+#: connect fast (a missing server should fail at once), but let generations take their time
+DEFAULT_TIMEOUT = httpx.Timeout(300.0, connect=5.0)
+
+
+class ServerUnavailable(XllmError):
+    """No xllm server answers at the client's URL (connection refused, DNS, timeout)."""
+
+    status = 503
+    type = "server_error"
+    code = "server_unavailable"
+
+
+# Most specific first: a server's `code` picks the class, else its HTTP status does.
+_BY_CODE: dict[str, type[XllmError]] = {
+    "model_not_found": ModelNotFound,
+    "context_length_exceeded": ContextLengthExceeded,
+    "unsupported_parameter": Unsupported,
+    "invalid_model_name": InvalidModelName,
+    "store_error": StoreError,
+    "invalid_api_key": AuthenticationError,
+    "rate_limit_exceeded": RateLimited,
+    "overloaded": Overloaded,
+}
+_BY_STATUS: dict[int, type[XllmError]] = {
+    400: InvalidRequest,
+    401: AuthenticationError,
+    403: PermissionDenied,
+    404: NotFound,
+    413: PayloadTooLarge,
+    422: InvalidRequest,
+    429: RateLimited,
+    500: EngineError,
+    503: Overloaded,
+}
+
+
+def resolve_base_url(base_url: str | None = None, env: Mapping[str, str] | None = None) -> str:
+    """The OpenAI-style base (ending in ``/v1``): argument, else ``XLLM_BASE_URL``, else the default."""
+    env = os.environ if env is None else env
+    url = (base_url or env.get("XLLM_BASE_URL") or DEFAULT_BASE_URL).strip().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        url = "http://" + url
+    # Accept a bare server root too ("http://host:8900", "…/xllm"): people paste those.
+    if not url.endswith("/v1"):
+        url += "/v1"
+    return url
+
+
+def root_url(base_url: str) -> str:
+    """The server root the admin routes and /health hang off (``base_url`` minus ``/v1``)."""
+    return base_url[: -len("/v1")] if base_url.endswith("/v1") else base_url
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """Bearer header for an API key (Jupyter's token auth accepts ``Bearer`` too)."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def _instantiate(cls: type[XllmError], message: str, param: str | None, code: str | None) -> XllmError:
+    # Some subclasses build their own message from a name; the server already sent the
+    # final wording, so bypass their constructors and keep it verbatim.
+    exc = cls.__new__(cls)
+    XllmError.__init__(exc, message, param=param, code=code)
+    if cls is RateLimited or issubclass(cls, RateLimited):
+        exc.retry_after = 1.0
+    return exc
+
+
+def error_from_body(status: int, body: Any, *, reason: str = "", headers: Mapping[str, str] | None = None) -> XllmError:
+    """The XllmError a server's error response stands for, carrying the server's message."""
+    message = param = code = None
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict):
+            message = err.get("message")
+            param = err.get("param")
+            code = err.get("code")
+        elif isinstance(err, str):
+            message = err
+        # jupyter_server's own errors (e.g. 403 before our handlers run) use {"message", "reason"}
+        message = message or body.get("message") or body.get("reason")
+    elif isinstance(body, str) and body.strip() and len(body) < 300 and "<" not in body:
+        message = body.strip()
+    if not message:
+        message = f"HTTP {status} {reason}".strip()
+    cls = _BY_CODE.get(code or "") or _BY_STATUS.get(status)
+    if cls is None:
+        cls = InvalidRequest if 400 <= status < 500 else XllmError
+    exc = _instantiate(cls, str(message), param, code)
+    exc.status = status
+    if isinstance(exc, RateLimited) and headers and headers.get("retry-after"):
+        try:
+            exc.retry_after = float(headers["retry-after"])
+        except ValueError:
+            pass
+    return exc
+
+
+def error_from_response(response: httpx.Response) -> XllmError:
+    """Translate a non-2xx (already read) response into an XllmError."""
+    try:
+        body: Any = response.json()
+    except (ValueError, UnicodeDecodeError):
+        body = response.text
+    return error_from_body(response.status_code, body, reason=response.reason_phrase, headers=response.headers)
+
+
+def unreachable(url: str, exc: Exception) -> ServerUnavailable:
+    """The error for a server that does not answer at all."""
+    if isinstance(exc, httpx.TimeoutException):
+        return ServerUnavailable(f"the xllm server at {url} did not answer in time")
+    return ServerUnavailable(f"no xllm server at {url} — start one with `xllm serve` or JupyterLab")
+
+
+def chat_body(messages: Iterable[Mapping[str, Any]] | str, model: str | None, stream: bool, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON body of a chat completion request; a bare string becomes one user message."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    body: dict[str, Any] = {"messages": [dict(m) for m in messages], "stream": stream}
+    if model:
+        body["model"] = model
+    body.update({k: v for k, v in params.items() if v is not None})
+    return body
+
+
+def parse_sse_line(line: str) -> dict[str, Any] | None:
+    """One SSE line to a chunk dict; None for comments/blank/other fields; raises on errors.
+
+    Returns the sentinel ``DONE`` for ``data: [DONE]``.
+    """
+    if not line.startswith("data:"):
+        return None  # blank separators, ": keepalive" comments, "event:" lines
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return DONE
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        raise EngineError("the server sent a malformed stream event") from None
+    if isinstance(chunk, dict) and "error" in chunk:
+        err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
+        status = {"invalid_request_error": 400, "rate_limit_error": 429}.get(err.get("type", ""), 500)
+        raise error_from_body(status, {"error": err})
+    return chunk
+
+
+#: returned by parse_sse_line for ``data: [DONE]``
+DONE: dict[str, Any] = {"__done__": True}
+
+
+def delta_text(chunk: Mapping[str, Any]) -> str:
+    """The content text a chat chunk adds (first choice; "" for role/finish/usage chunks)."""
+    choices = chunk.get("choices") or ()
+    if not choices:
+        return ""
+    delta = choices[0].get("delta") or {}
+    return delta.get("content") or ""
+
+
+def message_text(body: Mapping[str, Any]) -> str:
+    """The assistant text of a non-streamed chat completion."""
+    choices = body.get("choices") or ()
+    if not choices:
+        return ""
+    return (choices[0].get("message") or {}).get("content") or ""

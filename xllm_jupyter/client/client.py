@@ -1,0 +1,140 @@
+"""Synchronous httpx client for a running xllm server (standalone or inside Jupyter)."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator, Mapping
+
+import httpx
+
+from .base import (
+    DEFAULT_TIMEOUT,
+    DONE,
+    auth_headers,
+    chat_body,
+    delta_text,
+    error_from_response,
+    message_text,
+    parse_sse_line,
+    resolve_base_url,
+    root_url,
+    unreachable,
+)
+
+Messages = Iterable[Mapping[str, Any]] | str
+
+
+class XllmClient:
+    """Talks to an xllm server: OpenAI routes under ``base_url``, admin routes beside them.
+
+    ``base_url`` ends in ``/v1`` (``http://127.0.0.1:8900/v1`` or
+    ``http://host:8888/{base_url}xllm/v1``); it and ``api_key`` default to
+    ``XLLM_BASE_URL`` / ``XLLM_API_KEY``. Every failure is raised as an ``XllmError``.
+    """
+
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: httpx.Timeout | float = DEFAULT_TIMEOUT):
+        self.base_url = resolve_base_url(base_url)
+        self.root_url = root_url(self.base_url)
+        self.admin_url = self.root_url + "/admin"
+        self.api_key = api_key if api_key is not None else os.environ.get("XLLM_API_KEY") or None
+        self._http = httpx.Client(headers=auth_headers(self.api_key), timeout=timeout)
+
+    # ------------------------------------------------------------------ plumbing
+    def close(self) -> None:
+        """Close pooled connections."""
+        self._http.close()
+
+    def __enter__(self) -> "XllmClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, url: str, **kw: Any) -> Any:
+        try:
+            response = self._http.request(method, url, **kw)
+        except httpx.TransportError as exc:
+            raise unreachable(self.root_url, exc) from None
+        if response.status_code >= 400:
+            raise error_from_response(response)
+        return response.json() if response.content else None
+
+    @contextmanager
+    def _stream(self, url: str, body: dict[str, Any]) -> Iterator[httpx.Response]:
+        try:
+            with self._http.stream("POST", url, json=body) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise error_from_response(response)
+                yield response
+        except httpx.TransportError as exc:
+            raise unreachable(self.root_url, exc) from None
+
+    # -------------------------------------------------------------------- models
+    def health(self) -> dict[str, Any]:
+        """The server's ``/health`` body."""
+        return self._request("GET", self.root_url + "/health") or {}
+
+    def models(self) -> list[dict[str, Any]]:
+        """``GET /v1/models``: every model the server can serve."""
+        return (self._request("GET", self.base_url + "/models") or {}).get("data", [])
+
+    def loaded(self) -> list[dict[str, Any]]:
+        """``GET /admin/models``: the models in memory now (id, backend, details)."""
+        body = self._request("GET", self.admin_url + "/models")
+        return body.get("data", []) if isinstance(body, dict) else list(body or [])
+
+    def load(self, name: str) -> dict[str, Any]:
+        """Load ``name`` on the server (returns the server's reply)."""
+        return self._request("POST", self.admin_url + "/models/load", json={"model": name}) or {}
+
+    def unload(self, name: str) -> dict[str, Any]:
+        """Unload ``name`` on the server (returns the server's reply)."""
+        return self._request("POST", self.admin_url + "/models/unload", json={"model": name}) or {}
+
+    def default_model(self) -> str | None:
+        """``XLLM_MODEL``, else the first loaded model, else the first servable one."""
+        if os.environ.get("XLLM_MODEL"):
+            return os.environ["XLLM_MODEL"]
+        for source in (self.loaded, self.models):
+            items = source()
+            if items:
+                return items[0].get("id") or items[0].get("name")
+        return None
+
+    # ---------------------------------------------------------------------- chat
+    def chat_completion(self, messages: Messages, model: str | None = None, **params: Any) -> dict[str, Any]:
+        """``POST /v1/chat/completions`` (not streamed): the whole response body."""
+        return self._request("POST", self.base_url + "/chat/completions", json=chat_body(messages, model, False, params))
+
+    def chat(self, messages: Messages, model: str | None = None, **params: Any) -> str:
+        """The assistant's reply text for ``messages``."""
+        return message_text(self.chat_completion(messages, model, **params))
+
+    def stream_chunks(self, messages: Messages, model: str | None = None, **params: Any) -> Iterator[dict[str, Any]]:
+        """Every chunk of a streamed chat completion, until ``[DONE]``.
+
+        Closing the iterator early closes the HTTP response, so the server cancels the job.
+        """
+        with self._stream(self.base_url + "/chat/completions", chat_body(messages, model, True, params)) as response:
+            try:
+                for line in response.iter_lines():
+                    chunk = parse_sse_line(line)
+                    if chunk is DONE:
+                        return
+                    if chunk is not None:
+                        yield chunk
+            except httpx.TransportError as exc:
+                raise unreachable(self.root_url, exc) from None
+
+    def stream_chat(self, messages: Messages, model: str | None = None, **params: Any) -> Iterator[str]:
+        """The reply's text pieces as they are generated (close the iterator to cancel)."""
+        chunks = self.stream_chunks(messages, model, **params)
+        try:
+            for chunk in chunks:
+                text = delta_text(chunk)
+                if text:
+                    yield text
+        finally:
+            chunks.close()

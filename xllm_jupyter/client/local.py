@@ -1,0 +1,103 @@
+"""In-process shortcut: the engine and the store in this process, for when no server runs.
+
+Used by ``xllm run`` (and anything else) that wants an answer without starting a
+server. It drives ``Engine.generate`` on a private event loop so callers stay sync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Iterable, Iterator, Mapping
+
+from ..core.config import XllmConfig, load_config
+from ..core.errors import InvalidRequest
+from ..core.types import ChatMessage, GenerationParams, GenerationRequest, SamplingParams
+
+_SAMPLING_KEYS = {"temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "seed"}
+
+
+def to_chat_messages(messages: Iterable[Mapping[str, Any]] | str) -> list[ChatMessage]:
+    """OpenAI-style message dicts (or one user string) as ChatMessages."""
+    if isinstance(messages, str):
+        return [ChatMessage(role="user", content=messages)]
+    return [ChatMessage(role=m["role"], content=m.get("content")) for m in messages]
+
+
+def generation_params(default_max_tokens: int, **params: Any) -> GenerationParams:
+    """OpenAI-style keyword parameters (max_tokens, temperature, stop, ...) as GenerationParams."""
+    sampling = {k: v for k, v in params.items() if k in _SAMPLING_KEYS and v is not None}
+    stop = params.get("stop") or ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    unknown = set(params) - _SAMPLING_KEYS - {"max_tokens", "max_completion_tokens", "stop", "ignore_eos"}
+    if unknown:
+        raise InvalidRequest(f"Unsupported parameter for in-process chat: {sorted(unknown)[0]}", param=sorted(unknown)[0])
+    max_tokens = params.get("max_tokens") or params.get("max_completion_tokens") or default_max_tokens
+    return GenerationParams(
+        max_tokens=int(max_tokens),
+        sampling=SamplingParams(**sampling),
+        stop=tuple(stop),
+        ignore_eos=bool(params.get("ignore_eos", False)),
+    )
+
+
+class LocalChat:
+    """Chat with a model from the local store through an engine in this process."""
+
+    def __init__(self, config: XllmConfig | None = None):
+        # Imported here: the engine and store pull in heavier modules that a client
+        # talking to a server never needs.
+        from ..engine.engine import Engine
+        from ..store import ModelStore
+
+        self.config = config or load_config()
+        self.store = ModelStore(self.config.store.home)
+        self.engine = Engine(self.config.engine, catalog=self.store)
+        self._loop = asyncio.new_event_loop()
+        self._started = False
+
+    def _run(self, coro: Any) -> Any:
+        return self._loop.run_until_complete(coro)
+
+    def load(self, model: str) -> None:
+        """Load ``model`` now (otherwise the first chat loads it)."""
+        if not self._started:
+            self._run(self.engine.start())
+            self._started = True
+        self._run(self.engine.load(model))
+
+    def stream_chat(self, messages: Iterable[Mapping[str, Any]] | str, model: str, **params: Any) -> Iterator[str]:
+        """The reply's text pieces; closing the iterator cancels the generation."""
+        self.load(model)
+        gen_params = generation_params(self.config.engine.default_max_tokens, **params)
+        prompt_ids = self._run(self.engine.encode_chat(model, to_chat_messages(messages)))
+        request = GenerationRequest(model=model, prompt_ids=tuple(prompt_ids), params=gen_params)
+        events = self.engine.generate(request)
+        try:
+            while True:
+                try:
+                    event = self._run(events.__anext__())
+                except StopAsyncIteration:
+                    return
+                text = getattr(event, "text", "")
+                if text:
+                    yield text
+        finally:
+            # Runs on close() too (Ctrl-C, early exit): the engine cancels the jobs.
+            self._run(events.aclose())
+
+    def chat(self, messages: Iterable[Mapping[str, Any]] | str, model: str, **params: Any) -> str:
+        """The whole reply text."""
+        return "".join(self.stream_chat(messages, model, **params))
+
+    def close(self) -> None:
+        """Stop the engine's threads and the private loop."""
+        if not self._loop.is_closed():
+            self._run(self.engine.stop())
+            self._loop.close()
+
+    def __enter__(self) -> "LocalChat":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

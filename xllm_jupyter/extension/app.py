@@ -1,0 +1,121 @@
+"""The Jupyter server extension: one shared engine behind ``{base_url}xllm/v1``.
+
+Traits (``c.XllmApp.<name>``) are mapped onto the core config as overrides, so
+config.yaml and ``XLLM_*`` variables still apply underneath them. The engine is built
+in ``initialize_settings`` (no model work), started after the IOLoop runs, and the
+default model loads in the background: a request arriving meanwhile waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from jupyter_server.extension.application import ExtensionApp
+from jupyter_server.utils import url_path_join
+from traitlets import Bool, Integer, Unicode
+
+from ..core.config import XllmConfig, load_config
+from ..server.handlers import CONTEXT_KEY, XllmContext
+from ..server.jupyter import JupyterPublicHandler, JupyterXllmHandler
+from ..server.routes import build_routes
+
+#: the routes' prefix under the server's base_url
+PREFIX = "/xllm"
+
+
+class XllmApp(ExtensionApp):
+    """Serves the OpenAI-compatible API of one shared engine inside Jupyter Server."""
+
+    name = "xllm"
+    load_other_extensions = True
+
+    default_model = Unicode(None, allow_none=True, help="Model served when a client names none; default from config.").tag(config=True)
+    preload = Bool(True, help="Load the default model in the background right after the server starts.").tag(config=True)
+    home = Unicode(None, allow_none=True, help="Model store directory (default: XLLM_HOME or the XDG data dir).").tag(config=True)
+    max_batch_size = Integer(None, allow_none=True, help="Most sequences decoded together per model.").tag(config=True)
+    max_body_bytes = Integer(None, allow_none=True, help="Largest accepted request body, in bytes.").tag(config=True)
+
+    engine: Any = None
+    xllm_config: XllmConfig | None = None
+    _start_task: asyncio.Future | None = None
+    _exported: dict[str, str]
+
+    def build_config(self) -> XllmConfig:
+        """The core config with this app's traits applied on top."""
+        return load_config(
+            overrides={
+                "engine": {"default_model": self.default_model, "max_batch_size": self.max_batch_size},
+                "server": {"max_body_bytes": self.max_body_bytes},
+                "store": {"home": self.home},
+            }
+        )
+
+    def initialize_settings(self) -> None:
+        """Build (not start) the engine and hand the handlers their context."""
+        from ..engine.engine import Engine
+        from ..store.store import ModelStore
+
+        self.xllm_config = config = self.build_config()
+        self.engine = Engine(config.engine, catalog=ModelStore(config.store.home))
+        self.settings[CONTEXT_KEY] = XllmContext(self.engine, config)
+        self._exported = {}
+
+    def initialize_handlers(self) -> None:
+        """The shared route table under ``/xllm`` (ExtensionApp prepends base_url)."""
+        self.handlers.extend(build_routes(PREFIX, JupyterXllmHandler, JupyterPublicHandler))
+
+    # --------------------------------------------------------------- lifecycle
+    async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
+        """After the IOLoop starts: export the API location, start the engine in the background."""
+        self._export_env(serverapp)
+        if self._start_task is None:
+            self._start_task = asyncio.ensure_future(self._start_engine())
+
+    async def _start_engine(self) -> None:
+        await self.engine.start()
+        model = self.xllm_config.engine.default_model if self.xllm_config else None
+        if self.preload and model:
+            try:
+                await self.engine.load(model)
+                self.log.info("xllm: model %s loaded", model)
+            except Exception as exc:  # a missing default model must not take the server down
+                self.log.warning("xllm: default model %s was not loaded: %s", model, getattr(exc, "message", exc))
+
+    async def stop_extension(self) -> None:
+        """Cancel the background start, stop the engine, withdraw the exported variables."""
+        task = self._start_task
+        self._start_task = None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if self.engine is not None:
+            await self.engine.stop()
+        for key, value in getattr(self, "_exported", {}).items():
+            if os.environ.get(key) == value:
+                del os.environ[key]
+        self._exported = {}
+
+    def current_activity(self) -> bool:
+        """True while generating, so idle culling leaves a busy server alone."""
+        if self.engine is None:
+            return False
+        stats = self.engine.stats()
+        return bool(stats.running or stats.queued)
+
+    def _export_env(self, serverapp: Any) -> None:
+        """Kernels started after this inherit XLLM_BASE_URL and XLLM_API_KEY."""
+        if serverapp.sock:
+            self.log.info("xllm: server listens on a UNIX socket; XLLM_BASE_URL not exported")
+            return
+        host = "[::1]" if ":" in (serverapp.ip or "") else "127.0.0.1"
+        scheme = "https" if serverapp.certfile else "http"
+        url = f"{scheme}://{host}:{serverapp.port}" + url_path_join(serverapp.base_url, "xllm", "v1")
+        values = {"XLLM_BASE_URL": url}
+        token = getattr(serverapp.identity_provider, "token", "") or ""
+        if token:
+            values["XLLM_API_KEY"] = token
+        os.environ.update(values)
+        self._exported = values
+        self.log.info("xllm: OpenAI-compatible API at %s", url)

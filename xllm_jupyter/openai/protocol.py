@@ -1,0 +1,339 @@
+"""OpenAI wire format: pydantic request models with OpenAI-style validation, and response builders.
+
+Requests are parsed straight from the body bytes (``model_validate_json``) in strict
+mode, so ``"temperature": "0.5"`` is an error as it is on api.openai.com. Every failure
+becomes an ``InvalidRequest`` whose ``param`` names the offending field, which is what
+the SDK exposes as ``BadRequestError.param``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..core.errors import InvalidRequest, Unsupported
+from ..core.types import ChatMessage, SamplingParams, Usage
+
+#: returned as ``system_fingerprint``; clients only compare it for equality
+SYSTEM_FINGERPRINT = "fp_xllm"
+
+#: largest ``top_logprobs`` OpenAI accepts (chat) and largest legacy ``logprobs``
+MAX_TOP_LOGPROBS = 20
+MAX_LEGACY_LOGPROBS = 5
+MAX_STOP = 4
+
+
+class _Strict(BaseModel):
+    """Base for wire models: strict types, unknown fields tolerated (SDKs add new ones often)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class StreamOptions(_Strict):
+    """``stream_options``: only ``include_usage`` changes what we send."""
+
+    include_usage: bool | None = None
+
+
+class WireMessage(_Strict):
+    """One chat message as sent on the wire."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[dict[str, Any]], None] = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class _SamplingFields(_Strict):
+    """Parameters shared by chat completions and legacy completions."""
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
+    stop: Union[str, list[str], None] = None
+    n: int | None = Field(default=None, ge=1)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    ignore_eos: bool | None = None
+
+    def sampling_params(self) -> SamplingParams:
+        """The core sampling parameters (OpenAI defaults for what is unset)."""
+        return SamplingParams(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            min_p=self.min_p or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias=parse_logit_bias(self.logit_bias),
+            seed=self.seed,
+        )
+
+    def stop_strings(self) -> tuple[str, ...]:
+        """``stop`` as a tuple; empty strings dropped (they would stop immediately)."""
+        if self.stop is None:
+            return ()
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return tuple(s for s in stops if s)
+
+    @property
+    def include_usage(self) -> bool:
+        """True when a final usage chunk was asked for."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def _check_common(self) -> None:
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
+            raise InvalidRequest(f"'stop' accepts at most {MAX_STOP} sequences", param="stop")
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequest("The 'stream_options' parameter is only allowed when 'stream' is enabled.", param="stream_options")
+        parse_logit_bias(self.logit_bias)
+
+
+#: fields that would change the output if honoured; rejected rather than silently ignored
+_CHAT_UNSUPPORTED = ("tools", "functions", "function_call", "audio", "prediction", "web_search_options")
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """``POST /v1/chat/completions`` body."""
+
+    messages: list[WireMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: dict[str, Any] | None = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    modalities: list[str] | None = None
+
+    def check(self) -> None:
+        """Cross-field checks and explicit rejection of parameters we cannot honour yet."""
+        self._check_common()
+        extra = self.model_extra or {}
+        for name in _CHAT_UNSUPPORTED:
+            value = extra.get(name)
+            if value not in (None, [], {}):
+                raise Unsupported(f"'{name}' is not supported by this server yet", param=name)
+        if self.response_format is not None and self.response_format.get("type", "text") != "text":
+            raise Unsupported(
+                f"response_format type '{self.response_format.get('type')}' is not supported by this server yet",
+                param="response_format",
+            )
+        if self.tool_choice not in (None, "none", "auto"):
+            raise Unsupported("'tool_choice' is not supported by this server yet", param="tool_choice")
+        if self.modalities is not None and any(m != "text" for m in self.modalities):
+            raise Unsupported("Only the 'text' modality is supported", param="modalities")
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequest("'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        """``max_completion_tokens`` (the new name) or ``max_tokens``; None means fill the context."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def max_tokens_param(self) -> str:
+        """Which of the two names the client used, for error ``param``."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    def core_messages(self) -> list[ChatMessage]:
+        """Messages flattened to core ``ChatMessage`` (text parts joined; other parts rejected)."""
+        out = []
+        for i, m in enumerate(self.messages):
+            content = _flatten_content(m.content, f"messages[{i}].content")
+            if content is None and m.role != "assistant":
+                raise InvalidRequest(f"messages[{i}] with role '{m.role}' must have content", param=f"messages[{i}].content")
+            out.append(ChatMessage(role=m.role, content=content, name=m.name, tool_calls=m.tool_calls, tool_call_id=m.tool_call_id))
+        return out
+
+
+_COMPLETION_UNSUPPORTED = ("suffix",)
+
+
+class CompletionRequest(_SamplingFields):
+    """``POST /v1/completions`` body (legacy text completions)."""
+
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LEGACY_LOGPROBS)
+    echo: bool | None = None
+    best_of: int | None = Field(default=None, ge=1)
+
+    def check(self) -> None:
+        """Cross-field checks and rejection of parameters we cannot honour yet."""
+        self._check_common()
+        extra = self.model_extra or {}
+        for name in _COMPLETION_UNSUPPORTED:
+            if extra.get(name):
+                raise Unsupported(f"'{name}' is not supported by this server", param=name)
+        if self.echo:
+            raise Unsupported("'echo' is not supported by this server", param="echo")
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise Unsupported("'best_of' different from 'n' is not supported by this server", param="best_of")
+        if not self.prompts():
+            raise InvalidRequest("'prompt' must not be empty", param="prompt")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt(s) as a list of strings or token-id lists."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            return []
+        if isinstance(p[0], int):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+
+class ModelRequest(_Strict):
+    """Body of the admin load/unload endpoints."""
+
+    model: str = Field(min_length=1)
+
+
+# --------------------------------------------------------------------------- parsing
+def _flatten_content(content: Any, param: str) -> str | None:
+    """A message's content as one string; only text parts are accepted."""
+    if content is None or isinstance(content, str):
+        return content
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type")
+        if kind == "text":
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise InvalidRequest("A text content part needs a string 'text'", param=f"{param}[{j}].text")
+            texts.append(text)
+        elif kind in ("image_url", "input_image", "input_audio", "file", "audio"):
+            raise Unsupported(f"Content parts of type '{kind}' are not supported by this model", param=f"{param}[{j}].type")
+        else:
+            raise InvalidRequest(f"Unknown content part type {kind!r}", param=f"{param}[{j}].type")
+    return "\n".join(texts)
+
+
+def parse_logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    """``logit_bias`` with token-id keys as ints; values must lie in [-100, 100]."""
+    if not bias:
+        return {}
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise InvalidRequest(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
+        if token < 0:
+            raise InvalidRequest(f"logit_bias key {key!r} is not a valid token id", param="logit_bias")
+        if not -100.0 <= value <= 100.0:
+            raise InvalidRequest(f"logit_bias value for token {key} must be between -100 and 100", param="logit_bias")
+        out[token] = float(value)
+    return out
+
+
+#: names pydantic puts into an error location for union members; never field names here
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
+
+
+def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
+    """Pydantic's error location as OpenAI writes a param: ``messages[0].content``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and part.isidentifier() and part not in _TYPE_TAGS:
+            out += f".{part}" if out else part
+    return out or None
+
+
+def _validation_error(exc: ValidationError) -> InvalidRequest:
+    """Turn pydantic's first error into an OpenAI-style InvalidRequest."""
+    err = exc.errors(include_url=False)[0]
+    if err["type"] == "json_invalid":
+        return InvalidRequest("We could not parse the JSON body of your request. The body must be valid JSON.", code="invalid_json")
+    loc = tuple(err.get("loc", ()))
+    param = _loc_to_param(loc)
+    if err["type"] in ("model_type", "model_attributes_type") and not loc:
+        return InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    if err["type"] == "missing":
+        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    return InvalidRequest(f"Invalid value for '{param}': {err['msg']}.", param=param)
+
+
+def parse_request(cls: type[_Strict], body: bytes | str) -> Any:
+    """Validate ``body`` as ``cls``; every failure is an InvalidRequest naming its param."""
+    if not body or not body.strip():
+        raise InvalidRequest("The request body is empty; expected a JSON object.", code="invalid_json")
+    try:
+        req = cls.model_validate_json(body)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+    check = getattr(req, "check", None)
+    if check is not None:
+        check()
+    return req
+
+
+# ------------------------------------------------------------------------ responses
+def usage_dict(usage: Usage) -> dict[str, Any]:
+    """OpenAI ``usage`` object."""
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
+
+
+def _token_bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8", errors="replace"))
+
+
+def chat_logprob_entries(logprobs: tuple[tuple[str, float, tuple[tuple[str, float], ...]], ...]) -> list[dict[str, Any]]:
+    """Chat ``logprobs.content`` entries for the tokens of one delta."""
+    return [
+        {
+            "token": tok,
+            "logprob": lp,
+            "bytes": _token_bytes(tok),
+            "top_logprobs": [{"token": t, "logprob": p, "bytes": _token_bytes(t)} for t, p in top],
+        }
+        for tok, lp, top in logprobs
+    ]
+
+
+def legacy_logprobs(
+    logprobs: tuple[tuple[str, float, tuple[tuple[str, float], ...]], ...], text_offset: int
+) -> dict[str, Any]:
+    """Legacy completions ``logprobs`` object; offsets start at ``text_offset``."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for tok, lp, top in logprobs:
+        tokens.append(tok)
+        token_lps.append(lp)
+        tops.append(dict(top))
+        offsets.append(text_offset)
+        text_offset += len(tok)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def model_object(info: Any) -> dict[str, Any]:
+    """One ``/v1/models`` entry from a core ``ModelInfo`` (plus our ``xllm`` extras)."""
+    return {
+        "id": info.name,
+        "object": "model",
+        "created": info.created,
+        "owned_by": info.owned_by,
+        "xllm": {
+            "loaded": info.loaded,
+            "backend": info.backend,
+            "context_length": info.context_length,
+            "details": info.details,
+        },
+    }

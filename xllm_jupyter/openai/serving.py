@@ -1,0 +1,398 @@
+"""OpenAI request -> Engine -> response dict, or an async iterator of chunk dicts.
+
+No HTTP here: the server layer hands in body bytes and writes what comes back. Every
+check that can fail with a 4xx runs before a stream is returned, so a streaming
+request that cannot run still gets a real HTTP status instead of an SSE error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from contextlib import aclosing
+from typing import Any, AsyncIterator, Sequence
+
+from ..core.config import ServerConfig
+from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest
+from ..core.types import ChoiceDelta, FinishReason, GenerationDone, GenerationParams, GenerationRequest, Usage
+from .protocol import (
+    SYSTEM_FINGERPRINT,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelRequest,
+    chat_logprob_entries,
+    legacy_logprobs,
+    model_object,
+    parse_request,
+    usage_dict,
+)
+
+log = logging.getLogger(__name__)
+
+Chunk = dict[str, Any]
+
+
+def _engine_failure() -> EngineError:
+    return EngineError("The server had an error while generating. Retry the request.")
+
+
+class OpenAIServing:
+    """The OpenAI-compatible API over one Engine, independent of any web framework."""
+
+    def __init__(self, engine: Any, config: ServerConfig | None = None):
+        self.engine = engine
+        self.config = config or ServerConfig()
+
+    # ------------------------------------------------------------------ models
+    async def list_models(self) -> dict[str, Any]:
+        """``GET /v1/models``: loaded models first, then everything the store can load."""
+        infos = await asyncio.to_thread(self.engine.list_models)  # the catalog reads the disk
+        return {"object": "list", "data": [model_object(i) for i in infos]}
+
+    async def retrieve_model(self, model_id: str) -> dict[str, Any]:
+        """``GET /v1/models/{id}``; ModelNotFound (404) when unknown."""
+        return model_object(await asyncio.to_thread(self.engine.model_info, model_id))
+
+    # ------------------------------------------------------------------- admin
+    def admin_models(self) -> dict[str, Any]:
+        """Loaded models with backend, memory, load and batching facts."""
+        data = []
+        for info in self.engine.loaded_models():
+            d = info.details
+            data.append(
+                {
+                    "id": info.name,
+                    "object": "model",
+                    "backend": info.backend,
+                    "context_length": info.context_length,
+                    "memory_bytes": d.get("memory_bytes", 0),
+                    "running": d.get("running", 0),
+                    "queued": d.get("queued", 0),
+                    "max_batch_size": d.get("max_batch_size"),
+                    "batch_mode": d.get("batch_mode") or d.get("mode"),
+                    "details": d,
+                }
+            )
+        return {"object": "list", "data": data}
+
+    async def admin_load(self, body: bytes) -> dict[str, Any]:
+        """Load a model now (waits until it is in memory)."""
+        req: ModelRequest = parse_request(ModelRequest, body)
+        await self.engine.load(req.model)
+        return model_object(self.engine.model_info(req.model))
+
+    async def admin_unload(self, body: bytes) -> dict[str, Any]:
+        """Unload a model; 404 when the name is unknown, ``unloaded: false`` when it was not loaded."""
+        req: ModelRequest = parse_request(ModelRequest, body)
+        await asyncio.to_thread(self.engine.model_info, req.model)
+        unloaded = await self.engine.unload(req.model)
+        return {"id": req.model, "object": "model", "unloaded": unloaded}
+
+    # -------------------------------------------------------------- validation
+    def _check_n(self, n: int, prompts: int = 1) -> None:
+        if n * prompts > self.config.max_n:
+            raise InvalidRequest(f"n must be at most {self.config.max_n} (choices per request)", param="n")
+
+    def _max_tokens(self, requested: int | None, param: str, prompt_len: int, ctx: int, prompt_param: str, default: int | None) -> int:
+        """The completion budget: the request's, else ``default``, else what fits the context."""
+        limit = self.config.max_tokens_limit
+        if requested is not None and requested > limit:
+            raise InvalidRequest(f"{param} is too large: {requested}. This server allows at most {limit}.", param=param)
+        if requested is not None:
+            return requested
+        room = ctx - prompt_len
+        if room <= 0:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {ctx} tokens, but the prompt has {prompt_len} tokens. "
+                "Please reduce the length of the prompt.",
+                param=prompt_param,
+            )
+        return min(room, limit, default) if default else min(room, limit)
+
+    def _validate(self, request: GenerationRequest, prompt_param: str) -> None:
+        """The engine's own checks, with errors pointing at the right request field."""
+        try:
+            self.engine.validate(request)
+        except InvalidRequest as exc:
+            if exc.param == "messages":
+                exc.param = prompt_param
+            raise
+
+    # -------------------------------------------------------- chat completions
+    async def chat_completion(self, body: bytes) -> dict[str, Any] | AsyncIterator[Chunk]:
+        """``POST /v1/chat/completions``: a response dict, or chunks when ``stream`` is true."""
+        req: ChatCompletionRequest = parse_request(ChatCompletionRequest, body)
+        n = req.n or 1
+        self._check_n(n)
+        messages = req.core_messages()
+        model = await self.engine.load(req.model)
+        sampling = req.sampling_params()
+        _check_token_ids(sampling.logit_bias, model, "logit_bias")
+        prompt = await self.engine.encode_chat(req.model, messages)
+        max_tokens = self._max_tokens(
+            req.requested_max_tokens, req.max_tokens_param, len(prompt), model.context_length, "messages", None
+        )
+        rid = "chatcmpl-" + uuid.uuid4().hex
+        params = GenerationParams(
+            max_tokens=max_tokens,
+            sampling=sampling,
+            stop=req.stop_strings(),
+            ignore_eos=bool(req.ignore_eos),
+            n=n,
+            logprobs=bool(req.logprobs),
+            top_logprobs=req.top_logprobs or 0,
+        )
+        gen = GenerationRequest(model=req.model, prompt_ids=tuple(prompt), params=params, request_id=rid)
+        self._validate(gen, "messages")
+        created = int(time.time())
+        if req.stream:
+            return self._chat_stream(gen, req.model, rid, created, req.include_usage)
+        return await self._chat_full(gen, req.model, rid, created)
+
+    async def _chat_full(self, gen: GenerationRequest, model: str, rid: str, created: int) -> dict[str, Any]:
+        n = gen.params.n
+        want_lp = gen.params.logprobs
+        texts: list[list[str]] = [[] for _ in range(n)]
+        lps: list[list[dict]] = [[] for _ in range(n)]
+        finish: list[str | None] = [None] * n
+        usage = Usage()
+        async with aclosing(self.engine.generate(gen)) as events:
+            async for ev in events:
+                if type(ev) is ChoiceDelta:
+                    if ev.finish is FinishReason.ERROR:
+                        raise _engine_failure()
+                    texts[ev.index].append(ev.text)
+                    if want_lp and ev.logprobs:
+                        lps[ev.index].extend(chat_logprob_entries(ev.logprobs))
+                    if ev.finish is not None:
+                        finish[ev.index] = ev.finish.value
+                elif isinstance(ev, GenerationDone):
+                    usage = ev.usage
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": "".join(texts[i]), "refusal": None},
+                "logprobs": {"content": lps[i], "refusal": None} if want_lp else None,
+                "finish_reason": finish[i] or "stop",
+            }
+            for i in range(n)
+        ]
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+            "choices": choices,
+            "usage": usage_dict(usage),
+        }
+
+    async def _chat_stream(
+        self, gen: GenerationRequest, model: str, rid: str, created: int, include_usage: bool
+    ) -> AsyncIterator[Chunk]:
+        # The common fields are built once; each chunk is a shallow copy plus its choice.
+        head: Chunk = {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+        }
+        if include_usage:
+            head["usage"] = None
+        want_lp = gen.params.logprobs
+        for i in range(gen.params.n):
+            yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}
+        usage = Usage()
+        async with aclosing(self.engine.generate(gen)) as events:
+            async for ev in events:
+                if type(ev) is ChoiceDelta:
+                    if ev.finish is FinishReason.ERROR:
+                        raise _engine_failure()
+                    if ev.text or (want_lp and ev.logprobs):
+                        yield {
+                            **head,
+                            "choices": [
+                                {
+                                    "index": ev.index,
+                                    "delta": {"content": ev.text},
+                                    "logprobs": {"content": chat_logprob_entries(ev.logprobs), "refusal": None} if want_lp else None,
+                                    "finish_reason": None,
+                                }
+                            ],
+                        }
+                    if ev.finish is not None:
+                        yield {**head, "choices": [{"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": ev.finish.value}]}
+                elif isinstance(ev, GenerationDone):
+                    usage = ev.usage
+        if include_usage:
+            yield {**head, "choices": [], "usage": usage_dict(usage)}
+
+    # ------------------------------------------------------ legacy completions
+    async def completion(self, body: bytes) -> dict[str, Any] | AsyncIterator[Chunk]:
+        """``POST /v1/completions``: a response dict, or chunks when ``stream`` is true."""
+        req: CompletionRequest = parse_request(CompletionRequest, body)
+        n = req.n or 1
+        prompts = req.prompts()
+        self._check_n(n, len(prompts))
+        model = await self.engine.load(req.model)
+        rid = "cmpl-" + uuid.uuid4().hex
+        sampling = req.sampling_params()
+        _check_token_ids(sampling.logit_bias, model, "logit_bias")
+        gens: list[GenerationRequest] = []
+        offsets: list[int] = []
+        for p in prompts:
+            if isinstance(p, str):
+                ids = await self.engine.encode_text(req.model, p)
+                offsets.append(len(p))
+            else:
+                _check_token_ids(p, model, "prompt")
+                ids = p
+                offsets.append(0)
+            # OpenAI's legacy endpoint defaults to 16 tokens, unlike chat
+            max_tokens = self._max_tokens(req.max_tokens, "max_tokens", len(ids), model.context_length, "prompt", 16)
+            params = GenerationParams(
+                max_tokens=max_tokens,
+                sampling=sampling,
+                stop=req.stop_strings(),
+                ignore_eos=bool(req.ignore_eos),
+                n=n,
+                logprobs=req.logprobs is not None,
+                top_logprobs=req.logprobs or 0,
+            )
+            gen = GenerationRequest(model=req.model, prompt_ids=tuple(ids), params=params, request_id=rid)
+            self._validate(gen, "prompt")
+            gens.append(gen)
+        created = int(time.time())
+        if req.stream:
+            return self._completion_stream(gens, offsets, req.model, rid, created, req.include_usage)
+        return await self._completion_full(gens, offsets, req.model, rid, created)
+
+    async def _completion_full(
+        self, gens: Sequence[GenerationRequest], offsets: Sequence[int], model: str, rid: str, created: int
+    ) -> dict[str, Any]:
+        n = gens[0].params.n
+        total = n * len(gens)
+        texts: list[list[str]] = [[] for _ in range(total)]
+        lps: list[list] = [[] for _ in range(total)]
+        finish: list[str | None] = [None] * total
+        usages: list[Usage] = []
+        want_lp = gens[0].params.logprobs
+        async for p, ev in _merged(self.engine, gens):
+            if type(ev) is ChoiceDelta:
+                if ev.finish is FinishReason.ERROR:
+                    raise _engine_failure()
+                i = p * n + ev.index
+                texts[i].append(ev.text)
+                if want_lp:
+                    lps[i].extend(ev.logprobs)
+                if ev.finish is not None:
+                    finish[i] = ev.finish.value
+            elif isinstance(ev, GenerationDone):
+                usages.append(ev.usage)
+        choices = [
+            {
+                "index": i,
+                "text": "".join(texts[i]),
+                "logprobs": legacy_logprobs(tuple(lps[i]), offsets[i // n]) if want_lp else None,
+                "finish_reason": finish[i] or "stop",
+            }
+            for i in range(total)
+        ]
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+            "choices": choices,
+            "usage": usage_dict(_sum_usage(usages)),
+        }
+
+    async def _completion_stream(
+        self,
+        gens: Sequence[GenerationRequest],
+        offsets: Sequence[int],
+        model: str,
+        rid: str,
+        created: int,
+        include_usage: bool,
+    ) -> AsyncIterator[Chunk]:
+        head: Chunk = {"id": rid, "object": "text_completion", "created": created, "model": model, "system_fingerprint": SYSTEM_FINGERPRINT}
+        if include_usage:
+            head["usage"] = None
+        n = gens[0].params.n
+        want_lp = gens[0].params.logprobs
+        text_pos = [offsets[i // n] for i in range(n * len(gens))]  # running text_offset per choice
+        usages: list[Usage] = []
+        async for p, ev in _merged(self.engine, gens):
+            if type(ev) is ChoiceDelta:
+                if ev.finish is FinishReason.ERROR:
+                    raise _engine_failure()
+                i = p * n + ev.index
+                if ev.text or ev.finish is not None or (want_lp and ev.logprobs):
+                    lp = None
+                    if want_lp:
+                        lp = legacy_logprobs(ev.logprobs, text_pos[i])
+                        text_pos[i] += sum(len(t[0]) for t in ev.logprobs)
+                    finish = ev.finish.value if ev.finish is not None else None
+                    yield {**head, "choices": [{"index": i, "text": ev.text, "logprobs": lp, "finish_reason": finish}]}
+            elif isinstance(ev, GenerationDone):
+                usages.append(ev.usage)
+        if include_usage:
+            yield {**head, "choices": [], "usage": usage_dict(_sum_usage(usages))}
+
+
+def _check_token_ids(ids: Any, model: Any, param: str) -> None:
+    """Reject token ids outside the vocabulary before they reach (and break) a model step."""
+    vocab = getattr(model, "vocab_size", None)
+    for t in ids:
+        if t < 0 or (vocab is not None and t >= vocab):
+            raise InvalidRequest(f"Token id {t} in '{param}' is outside this model's vocabulary", param=param)
+
+
+def _sum_usage(usages: Sequence[Usage]) -> Usage:
+    return Usage(
+        prompt_tokens=sum(u.prompt_tokens for u in usages),
+        completion_tokens=sum(u.completion_tokens for u in usages),
+        cached_tokens=sum(u.cached_tokens for u in usages),
+    )
+
+
+async def _merged(engine: Any, gens: Sequence[GenerationRequest]) -> AsyncIterator[tuple[int, Any]]:
+    """Events of several requests as ``(request index, event)``; one request needs no tasks."""
+    if len(gens) == 1:
+        async with aclosing(engine.generate(gens[0])) as events:
+            async for ev in events:
+                yield 0, ev
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, gen: GenerationRequest) -> None:
+        try:
+            async with aclosing(engine.generate(gen)) as events:
+                async for ev in events:
+                    queue.put_nowait((i, ev))
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            queue.put_nowait((i, exc))
+        finally:
+            queue.put_nowait((i, done))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        open_ = len(tasks)
+        while open_:
+            i, ev = await queue.get()
+            if ev is done:
+                open_ -= 1
+            elif isinstance(ev, BaseException):
+                raise ev
+            else:
+                yield i, ev
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

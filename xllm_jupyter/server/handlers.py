@@ -1,0 +1,283 @@
+"""Request logic as mixins, shared by every auth base (Jupyter, API key, later the hub).
+
+A route's concrete handler class is ``type(name, (RouteMixin, AuthBase), {})`` (see
+``routes.py``). Mixins implement ``handle_get``/``handle_post``; the auth base defines
+``get``/``post`` with its own decorators and calls them, so the request logic never
+knows how the caller was authenticated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator, Awaitable
+
+from ..core.config import XllmConfig
+from ..core.errors import InvalidRequest, NotFound, PayloadTooLarge, XllmError
+from ..openai.serving import OpenAIServing
+from .errors import error_response, log_error
+from .sse import SSE_HEADERS, EventStreamWriter, dumps
+
+#: key of the XllmContext in the Tornado application settings
+CONTEXT_KEY = "xllm_context"
+
+
+class XllmContext:
+    """What every handler needs: the engine, its OpenAI serving layer and the config."""
+
+    def __init__(self, engine: Any, config: XllmConfig):
+        self.engine = engine
+        self.config = config
+        self.serving = OpenAIServing(engine, config.server)
+
+
+class RequestMixin:
+    """Shared plumbing: JSON replies, OpenAI-shaped errors, cancel-on-disconnect, SSE."""
+
+    SUPPORTED_METHODS: tuple[str, ...] = ("GET",)
+    # Every route streams its body (routes.py applies @stream_request_body) so Tornado
+    # never buffers a body on its own: GET routes drop it, BodyMixin caps it.
+    streams_body = True
+    _work_task: asyncio.Task | None = None
+    _client_gone = False
+
+    def data_received(self, chunk: bytes) -> None:
+        """Bodies on body-less routes are read and dropped."""
+
+    @property
+    def xllm(self) -> XllmContext:
+        """The context the app was built with."""
+        return self.settings[CONTEXT_KEY]  # type: ignore[attr-defined]
+
+    # --------------------------------------------------------------- replies
+    def write_json(self, obj: Any, status: int = 200) -> None:
+        """Finish with a JSON body."""
+        self.set_status(status)  # type: ignore[attr-defined]
+        self.set_header("Content-Type", "application/json")  # type: ignore[attr-defined]
+        self.finish(dumps(obj))  # type: ignore[attr-defined]
+
+    def finish_event_stream(self) -> Any:
+        """Finish an SSE response (the Jupyter base passes the content type through)."""
+        return self.finish()  # type: ignore[attr-defined]
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Every error, ours or Tornado's/Jupyter's, leaves as an OpenAI error body."""
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        status, body, headers = error_response(exc, status_code)
+        self.set_status(status)  # type: ignore[attr-defined]
+        for name, value in headers.items():
+            self.set_header(name, value)  # type: ignore[attr-defined]
+        self.set_header("Content-Type", "application/json")  # type: ignore[attr-defined]
+        self.finish(dumps(body))  # type: ignore[attr-defined]
+
+    def log_exception(self, typ: Any, value: BaseException | None, tb: Any) -> None:
+        """Client mistakes are one log line; only server failures get a traceback."""
+        req = self.request  # type: ignore[attr-defined]
+        log_error(value, f"{req.method} {req.path}")
+
+    # ----------------------------------------------------- disconnect handling
+    def on_connection_close(self) -> None:
+        """The client left: cancel whatever generation this request is running."""
+        super().on_connection_close()  # type: ignore[misc]
+        self._client_left()
+
+    def _client_left(self) -> None:
+        if self._client_gone:
+            return
+        self._client_gone = True
+        task = self._work_task
+        if task is not None and not task.done():
+            task.cancel()  # unwinds through the engine iterator, which cancels the jobs
+
+    async def _cancellable(self, work: Awaitable[Any]) -> tuple[bool, Any]:
+        """Await ``work``, cancelled if the client disconnects; (False, None) when it did."""
+        self._work_task = asyncio.current_task()
+        try:
+            return True, await work
+        except asyncio.CancelledError:
+            if not self._client_gone:
+                raise
+            self._work_task.uncancel()  # type: ignore[union-attr]
+            return False, None
+        finally:
+            self._work_task = None
+
+    async def respond(self, work: Awaitable[dict[str, Any] | AsyncIterator[dict[str, Any]]]) -> None:
+        """Run a serving call; write its dict as JSON or stream its chunks as SSE."""
+        ok, result = await self._cancellable(work)
+        if not ok:
+            return
+        if isinstance(result, dict):
+            self.write_json(result)
+        else:
+            await self.stream_events(result)
+
+    async def stream_events(self, stream: AsyncIterator[dict[str, Any]]) -> None:
+        """Write chunks as server-sent events; errors after the start become an error event."""
+        for name, value in SSE_HEADERS.items():
+            self.set_header(name, value)  # type: ignore[attr-defined]
+        writer = EventStreamWriter(self, self.xllm.config.server.keepalive_seconds, self._client_left)
+        try:
+            ok, _ = await self._cancellable(writer.write_all(stream))
+        except Exception as exc:
+            req = self.request  # type: ignore[attr-defined]
+            log_error(exc, f"{req.method} {req.path} (stream)")
+            _, body, _ = error_response(exc)
+            await writer.write_error(body)
+        finally:
+            writer.close()
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()  # idempotent; cancels the engine jobs if we stopped early
+        try:
+            self.finish_event_stream()
+        except Exception:  # the client is gone; there is nobody to finish for
+            pass
+
+
+class BodyMixin(RequestMixin):
+    """Reads a capped request body: 413 from Content-Length before reading, and while reading."""
+
+    SUPPORTED_METHODS: tuple[str, ...] = ("POST",)
+    _body_parts: list[bytes]
+    _body_size = 0
+    _body_overflow = False
+
+    async def prepare(self) -> None:
+        """Auth (the base's prepare) first, then the Content-Length check."""
+        self._body_parts = []
+        result = super().prepare()  # type: ignore[misc]
+        if result is not None:
+            await result
+        if self._finished:  # type: ignore[attr-defined]
+            return
+        length = self.request.headers.get("Content-Length")  # type: ignore[attr-defined]
+        if length is not None:
+            try:
+                size = int(length)
+            except ValueError:
+                raise InvalidRequest("Invalid Content-Length header") from None
+            if size > self._body_limit:
+                raise self._too_large()
+
+    @property
+    def _body_limit(self) -> int:
+        return self.xllm.config.server.max_body_bytes
+
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"The request body is larger than the server's limit of {self._body_limit} bytes.")
+
+    def data_received(self, chunk: bytes) -> None:
+        """Collect body bytes; past the limit answer 413 at once (chunked bodies included)."""
+        if self._body_overflow or self._finished:  # type: ignore[attr-defined]
+            return
+        self._body_size += len(chunk)
+        if self._body_size > self._body_limit:
+            self._body_overflow = True
+            self._body_parts = []
+            exc = self._too_large()
+            self.send_error(exc.status, exc_info=(type(exc), exc, None))  # type: ignore[attr-defined]
+            return
+        self._body_parts.append(chunk)
+
+    @property
+    def body(self) -> bytes:
+        """The whole request body."""
+        return b"".join(self._body_parts)
+
+
+# ------------------------------------------------------------------ route mixins
+class ModelsMixin(RequestMixin):
+    """``GET /v1/models``."""
+
+    async def handle_get(self) -> None:
+        """List models."""
+        self.write_json(await self.xllm.serving.list_models())
+
+
+class ModelMixin(RequestMixin):
+    """``GET /v1/models/{id}``."""
+
+    async def handle_get(self, model_id: str) -> None:
+        """One model, 404 if unknown."""
+        self.write_json(await self.xllm.serving.retrieve_model(model_id))
+
+
+class ChatCompletionsMixin(BodyMixin):
+    """``POST /v1/chat/completions``."""
+
+    async def handle_post(self) -> None:
+        """Chat completion, streamed or not."""
+        await self.respond(self.xllm.serving.chat_completion(self.body))
+
+
+class CompletionsMixin(BodyMixin):
+    """``POST /v1/completions``."""
+
+    async def handle_post(self) -> None:
+        """Legacy text completion, streamed or not."""
+        await self.respond(self.xllm.serving.completion(self.body))
+
+
+class AdminModelsMixin(RequestMixin):
+    """``GET /admin/models``: what is loaded, with memory, load and batching facts."""
+
+    async def handle_get(self) -> None:
+        """Loaded models."""
+        self.write_json(self.xllm.serving.admin_models())
+
+
+class AdminLoadMixin(BodyMixin):
+    """``POST /admin/models/load`` with ``{"model": name}``."""
+
+    async def handle_post(self) -> None:
+        """Load a model and return its info."""
+        self.write_json(await self.xllm.serving.admin_load(self.body))
+
+
+class AdminUnloadMixin(BodyMixin):
+    """``POST /admin/models/unload`` with ``{"model": name}``."""
+
+    async def handle_post(self) -> None:
+        """Unload a model."""
+        self.write_json(await self.xllm.serving.admin_unload(self.body))
+
+
+class HealthMixin(RequestMixin):
+    """``GET /health``: unauthenticated liveness for load balancers and the CLI."""
+
+    async def handle_get(self) -> None:
+        """200 while every runner thread is alive, else 503."""
+        engine = self.xllm.engine
+        healthy = engine.healthy
+        loaded = [m.name for m in engine.loaded_models()]
+        self.write_json({"status": "ok" if healthy else "unhealthy", "models": loaded}, 200 if healthy else 503)
+
+
+class NotFoundMixin(RequestMixin):
+    """Anything else under the prefix: an OpenAI-shaped 404."""
+
+    SUPPORTED_METHODS: tuple[str, ...] = ("GET", "POST")
+
+    async def handle_get(self, *args: Any) -> None:
+        """404."""
+        raise NotFound(f"Unknown endpoint: {self.request.method} {self.request.path}")  # type: ignore[attr-defined]
+
+    handle_post = handle_get
+
+
+__all__ = [
+    "CONTEXT_KEY",
+    "XllmContext",
+    "RequestMixin",
+    "BodyMixin",
+    "XllmError",
+    "ModelsMixin",
+    "ModelMixin",
+    "ChatCompletionsMixin",
+    "CompletionsMixin",
+    "AdminModelsMixin",
+    "AdminLoadMixin",
+    "AdminUnloadMixin",
+    "HealthMixin",
+    "NotFoundMixin",
+]

@@ -1,0 +1,56 @@
+"""The route table, built once for any URL prefix and any auth base.
+
+Standalone serves it under ``""`` (so ``/v1/...``), the Jupyter extension under
+``"/xllm"`` (ExtensionApp prepends ``base_url`` itself).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from tornado.web import RequestHandler, stream_request_body
+
+from .handlers import (
+    AdminLoadMixin,
+    AdminModelsMixin,
+    AdminUnloadMixin,
+    ChatCompletionsMixin,
+    CompletionsMixin,
+    HealthMixin,
+    ModelMixin,
+    ModelsMixin,
+    NotFoundMixin,
+)
+
+#: (path under the prefix, request-logic mixin, public?) — only /health is public
+ROUTES: tuple[tuple[str, type, bool], ...] = (
+    (r"/v1/models", ModelsMixin, False),
+    # model ids may contain ':', '.', '-' and even '/' (HF-style names)
+    (r"/v1/models/(?P<model_id>.+)", ModelMixin, False),
+    (r"/v1/chat/completions", ChatCompletionsMixin, False),
+    (r"/v1/completions", CompletionsMixin, False),
+    (r"/admin/models", AdminModelsMixin, False),
+    (r"/admin/models/load", AdminLoadMixin, False),
+    (r"/admin/models/unload", AdminUnloadMixin, False),
+    (r"/health", HealthMixin, True),
+)
+
+
+def handler_class(mixin: type, base: type[RequestHandler]) -> type[RequestHandler]:
+    """The concrete handler for ``mixin`` on ``base`` (body-streaming where the mixin says so)."""
+    name = mixin.__name__.replace("Mixin", "") + "Handler"
+    cls = type(name, (mixin, base), {"__module__": base.__module__})
+    if getattr(mixin, "streams_body", False):
+        cls = stream_request_body(cls)
+    return cls
+
+
+def build_routes(prefix: str, base: type[RequestHandler], public_base: type[RequestHandler]) -> list[tuple[str, type, dict[str, Any]]]:
+    """``[(pattern, handler, kwargs)]`` for every route under ``prefix``, ending in a 404 catch-all."""
+    p = re.escape(prefix.rstrip("/"))
+    routes: list[tuple[str, type, dict[str, Any]]] = []
+    for path, mixin, public in ROUTES:
+        routes.append((p + path, handler_class(mixin, public_base if public else base), {}))
+    routes.append((p + r"/(.*)", handler_class(NotFoundMixin, base), {}))
+    return routes

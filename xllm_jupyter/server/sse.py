@@ -1,0 +1,174 @@
+"""Server-sent events for Tornado handlers: cheap encoding, coalesced flushes, keepalives.
+
+Per-token overhead is what limits small-model throughput, so the writer avoids work
+per chunk: one prebuilt JSON encoder, no flush while the next chunk is already
+waiting (several ready deltas leave in one write), at most one flush in flight, and a
+keepalive timer that only looks at a timestamp instead of wrapping every wait in a
+timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import types
+from typing import Any, AsyncIterator, Callable
+
+from tornado.iostream import StreamClosedError
+
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
+
+DONE = b"data: [DONE]\n\n"
+KEEPALIVE = b": keepalive\n\n"
+SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse_event(obj: Any) -> bytes:
+    """One ``data:`` event holding ``obj`` as compact JSON."""
+    return b"data: " + _encode(obj).encode("utf-8") + b"\n\n"
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON (the same encoder the events use)."""
+    return _encode(obj)
+
+
+@types.coroutine
+def _resume(step: Any, yielded: Any) -> Any:
+    """Finish awaiting ``step`` whose first ``send(None)`` already yielded ``yielded``.
+
+    This is ``yield from`` picking up half-way: futures go to the running task, results
+    and exceptions (cancellation included) go back into ``step``.
+    """
+    while True:
+        try:
+            value = yield yielded
+        except BaseException as exc:  # thrown in by the task, e.g. CancelledError
+            try:
+                yielded = step.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+            continue
+        try:
+            yielded = step.send(value)
+        except StopIteration as stop:
+            return stop.value
+
+
+class EventStreamWriter:
+    """Writes an async iterator of chunk dicts to a Tornado handler as SSE.
+
+    ``handler`` needs ``write(bytes)`` and ``flush() -> Future``. ``on_closed`` runs once
+    when a flush finds the client gone, so the caller can cancel the generation.
+    """
+
+    def __init__(self, handler: Any, keepalive_seconds: float, on_closed: Callable[[], None]):
+        self.handler = handler
+        self.keepalive = keepalive_seconds
+        self.on_closed = on_closed
+        self.closed = False
+        self._inflight: asyncio.Future | None = None
+        self._dirty = False
+        self._last = time.monotonic()
+        self._timer: asyncio.TimerHandle | None = None
+        if keepalive_seconds > 0:
+            self._timer = asyncio.get_running_loop().call_later(keepalive_seconds, self._tick)
+
+    # ------------------------------------------------------------------ flushing
+    def push(self) -> None:
+        """Send what is buffered: start a flush now, or right after the one in flight."""
+        if self.closed:
+            return
+        inflight = self._inflight
+        if inflight is not None and not inflight.done():
+            self._dirty = True  # _flushed starts the next flush when this one lands
+            return
+        self._dirty = False
+        self._last = time.monotonic()
+        fut = self.handler.flush()
+        self._inflight = fut
+        fut.add_done_callback(self._flushed)
+
+    def _flushed(self, fut: asyncio.Future) -> None:
+        exc = None if fut.cancelled() else fut.exception()
+        if exc is not None:
+            self._mark_closed()
+        elif self._dirty:
+            self.push()
+
+    def _mark_closed(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.on_closed()
+
+    async def drain(self) -> None:
+        """Wait until everything written so far has reached the socket."""
+        while not self.closed:
+            fut = self._inflight
+            if fut is not None and not fut.done():
+                try:
+                    await fut
+                except StreamClosedError:
+                    self._mark_closed()
+                    return
+                continue
+            if not self._dirty:
+                return
+            self.push()
+
+    def _tick(self) -> None:
+        # Runs on the loop; while the writer waits for tokens nothing else writes, so a
+        # comment line cannot land inside an event.
+        if self.closed:
+            return
+        idle = time.monotonic() - self._last
+        if idle >= self.keepalive and (self._inflight is None or self._inflight.done()):
+            self.handler.write(KEEPALIVE)
+            self.push()
+            idle = 0.0
+        self._timer = asyncio.get_running_loop().call_later(max(self.keepalive - idle, 0.05), self._tick)
+
+    def close(self) -> None:
+        """Stop the keepalive timer."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # ------------------------------------------------------------------- writing
+    async def write_all(self, stream: AsyncIterator[Any]) -> bool:
+        """Write every chunk then ``[DONE]``; False when the client left first.
+
+        Each next chunk is polled without suspending: when it is already there it is
+        buffered with the previous ones, and only when we would have to wait does the
+        buffer go out. Exceptions from ``stream`` propagate to the caller.
+        """
+        write = self.handler.write
+        it = stream.__aiter__()
+        while not self.closed:
+            step = it.__anext__()
+            try:
+                yielded = step.send(None)
+            except StopIteration as ready:
+                write(sse_event(ready.value))
+                continue
+            except StopAsyncIteration:
+                break
+            self.push()  # the next chunk is not ready: send what we have while we wait
+            try:
+                chunk = await _resume(step, yielded)
+            except StopAsyncIteration:
+                break
+            write(sse_event(chunk))
+        if self.closed:
+            return False
+        write(DONE)
+        await self.drain()
+        return not self.closed
+
+    async def write_error(self, body: dict[str, Any]) -> None:
+        """An error after the stream started: one ``data: {"error": ...}`` event."""
+        if self.closed:
+            return
+        self.handler.write(sse_event(body))
+        await self.drain()

@@ -1,0 +1,127 @@
+"""`xllm serve`: the OpenAI-compatible API on a plain Tornado server, outside Jupyter."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+
+from ..core.config import XllmConfig
+from .app import make_app
+from .auth import is_loopback
+
+log = logging.getLogger("xllm_jupyter.server")
+
+_WILDCARDS = ("", "0.0.0.0", "::")
+#: Tornado's own body cap; ours (server.max_body_bytes) is enforced by the handlers,
+#: which stream bodies, so this only has to stay above it
+_TORNADO_MAX_BODY = 1 << 30
+
+
+@dataclass
+class RunningServer:
+    """A listening standalone server."""
+
+    host: str
+    port: int
+    url: str
+    http_server: HTTPServer
+    auth_enabled: bool
+
+    async def stop(self) -> None:
+        """Stop listening and close open connections (streams in flight are cut)."""
+        self.http_server.stop()
+        try:
+            await asyncio.wait_for(self.http_server.close_all_connections(), timeout=5)
+        except asyncio.TimeoutError:
+            log.warning("some connections did not close within 5 s")
+
+
+def listen_host(config: XllmConfig, host: str | None = None) -> str:
+    """The address to bind: without API keys only loopback is allowed."""
+    host = config.server.host if host is None else host
+    if not config.server.api_keys and not is_loopback(host):
+        log.warning(
+            "No API key is configured, so xllm will not listen on %r: listening on 127.0.0.1 only. "
+            "Set XLLM_API_KEYS (or server.api_keys in config.yaml) to serve other hosts.",
+            host,
+        )
+        return "127.0.0.1"
+    return host
+
+
+def _url_host(host: str) -> str:
+    if host in _WILDCARDS:
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+async def start_server(config: XllmConfig, engine: Any, *, host: str | None = None, port: int | None = None) -> RunningServer:
+    """Listen on ``host:port`` (port 0: an ephemeral port) and serve ``engine``."""
+    host = listen_host(config, host)
+    port = config.server.port if port is None else port
+    app = make_app(config, engine)
+    sockets = bind_sockets(port, address=host or None)
+    server = HTTPServer(app, max_body_size=max(_TORNADO_MAX_BODY, config.server.max_body_bytes * 2))
+    server.add_sockets(sockets)
+    bound = sockets[0].getsockname()[1]
+    url = f"http://{_url_host(host)}:{bound}"
+    return RunningServer(host=host, port=bound, url=url, http_server=server, auth_enabled=bool(config.server.api_keys))
+
+
+async def _preload(engine: Any, names: Sequence[str], required: bool) -> None:
+    await engine.start()
+    for name in names:
+        try:
+            await engine.load(name)
+            log.info("model %s loaded", name)
+        except Exception as exc:
+            if required:
+                raise
+            # the default model is a convenience: a fresh machine without it still serves
+            log.warning("default model %s was not loaded: %s", name, getattr(exc, "message", exc))
+
+
+async def run_server(config: XllmConfig, models: Sequence[str] = ()) -> None:
+    """Build store and engine, serve until SIGINT/SIGTERM, then stop cleanly."""
+    from ..engine.engine import Engine
+    from ..store.store import ModelStore
+
+    engine = Engine(config.engine, catalog=ModelStore(config.store.home))
+    server = await start_server(config, engine)
+    log.info("xllm is listening on %s (OpenAI API: %s/v1)", server.url, server.url)
+    log.info("authentication: %s", "API key required" if server.auth_enabled else "off (no API key set; loopback only)")
+    names = list(models) or ([config.engine.default_model] if config.engine.default_model else [])
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    preload = asyncio.ensure_future(_preload(engine, names, required=bool(models)))
+    waiter = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({preload, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if preload.done() and preload.exception() is not None:
+            raise preload.exception()  # type: ignore[misc]
+        await waiter
+        log.info("shutting down")
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        for task in (preload, waiter):
+            task.cancel()
+        await asyncio.gather(preload, waiter, return_exceptions=True)
+        await server.stop()
+        await engine.stop()
+
+
+def serve(config: XllmConfig, models: list[str]) -> None:
+    """Serve until interrupted (the CLI's `xllm serve`); ``models`` are loaded at start."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(run_server(config, models))

@@ -1,0 +1,167 @@
+"""Crash-safe file system primitives: fsync, atomic writes, directory swaps, advisory locks."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+try:  # POSIX advisory locks; Windows falls back to age-based staleness (see FileLock.try_acquire)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file's data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (new names, renames) to disk; a no-op where unsupported."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # pragma: no cover - Windows cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every regular file and directory under ``root`` (bottom-up), then ``root`` itself."""
+    for dirpath, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            p = Path(dirpath) / name
+            if not p.is_symlink():
+                fsync_file(p)
+        fsync_dir(Path(dirpath))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so readers see the old file or the whole new one, never a part."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def _renameat2_exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux renameat2(RENAME_EXCHANGE); False where unsupported."""
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return False
+    try:
+        libc = ctypes.CDLL(libc_name, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # old kernel or file system without exchange
+        return False
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def replace_dir(new: Path, target: Path, aside: Path) -> Path:
+    """Put directory ``new`` at ``target`` (which exists); returns where the old one now is.
+
+    Uses an atomic exchange where the kernel has one, so ``target`` is never missing (the
+    old directory ends up at ``new``); elsewhere it renames the old one to ``aside``, then
+    the new one in, leaving a brief gap.
+    """
+    if _renameat2_exchange(new, target):
+        old = new
+    else:
+        os.rename(target, aside)
+        try:
+            os.rename(new, target)
+        except BaseException:
+            os.rename(aside, target)
+            raise
+        old = aside
+    fsync_dir(target.parent)
+    return old
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a directory tree (or file), ignoring what is already gone."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class FileLock:
+    """An exclusive advisory lock on a lock file (flock): across processes and threads alike."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self, blocking: bool = True) -> bool:
+        """Take the lock; with ``blocking=False`` return False instead of waiting."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is None:  # pragma: no cover - Windows: no advisory locks, best effort
+            self._fd = fd
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                return False
+            raise
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        """Drop the lock (the lock file stays, so waiters keep locking the same inode)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "FileLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def try_lock(lock_path: Path, entry: Path, max_age_without_locks: float = 86400.0) -> FileLock | None:
+    """The held lock when nobody else holds ``lock_path`` (``entry`` was left by a crash), else None."""
+    lock = FileLock(lock_path)
+    if fcntl is None:  # pragma: no cover - Windows: no advisory locks, judge by age
+        try:
+            if time.time() - entry.stat().st_mtime < max_age_without_locks:
+                return None
+        except OSError:
+            pass
+    return lock if lock.acquire(blocking=False) else None

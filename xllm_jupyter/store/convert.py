@@ -1,0 +1,110 @@
+"""GGUF helpers: read a GGUF's metadata, and convert a GGUF model to HF safetensors once.
+
+transformers loads a GGUF by dequantizing it (tens of seconds); the converted directory
+loads in about a second. torch and transformers are imported only when converting.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import StoreError
+from .manifest import ProgressFn, PullProgress
+
+log = logging.getLogger(__name__)
+
+# general.file_type -> the dtype the dense weights are saved in (quantized types -> bfloat16)
+_FILE_TYPE_DTYPE = {0: "float32", 1: "float16", 32: "bfloat16"}
+
+
+def gguf_metadata(path: Path, keys: tuple[str, ...] = ("general.architecture", "general.file_type", "tokenizer.chat_template")) -> dict[str, Any]:
+    """Selected scalar/string metadata of a GGUF file (missing keys left out); StoreError if unreadable."""
+    try:
+        from gguf import GGUFReader, GGUFValueType
+
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # gguf raises ValueError/struct.error/... on a damaged file
+        raise StoreError(f"Not a readable GGUF file ({exc.__class__.__name__})") from None
+    out: dict[str, Any] = {}
+    for key in keys:
+        field = reader.fields.get(key)
+        if field is None or not field.data or not field.types:
+            continue
+        value = field.parts[field.data[0]]
+        if field.types[0] == GGUFValueType.STRING:
+            out[key] = bytes(value).decode("utf-8", errors="replace")
+        elif len(field.types) == 1:
+            out[key] = value.tolist()[0] if hasattr(value, "tolist") else value
+    return out
+
+
+def gguf_chat_template(path: Path) -> str | None:
+    """The chat template stored in a GGUF (``tokenizer.chat_template``), if any."""
+    return gguf_metadata(path, ("tokenizer.chat_template",)).get("tokenizer.chat_template")
+
+
+def gguf_to_safetensors(gguf_path: Path, out_dir: Path, *, progress: ProgressFn | None = None) -> str | None:
+    """Write an HF model directory (config, safetensors, tokenizer, chat template) from a GGUF.
+
+    Returns the chat template. The weights are dequantized once here; quantized GGUFs are
+    saved in bfloat16, float GGUFs keep their float type.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def report(done: int) -> None:
+        if progress is not None:
+            progress(PullProgress("convert", gguf_path.name, done, 3))
+
+    meta = gguf_metadata(gguf_path)
+    dtype = getattr(torch, _FILE_TYPE_DTYPE.get(int(meta.get("general.file_type", -1)), "bfloat16"))
+    src, name = str(gguf_path.parent), gguf_path.name
+    report(0)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
+        report(1)
+        kwargs: dict[str, Any] = {}
+        try:  # transformers >= 5 can keep GGUF blocks packed; we want plain dense weights to save
+            from transformers import GgufConfig
+
+            kwargs["quantization_config"] = GgufConfig(gguf_file=name, dequantize=True)
+        except ImportError:  # older transformers always dequantizes
+            pass
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=dtype, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        log.warning("GGUF conversion of %s failed: %s", name, exc)
+        raise StoreError(f"Could not convert the GGUF model ({exc.__class__.__name__}: {str(exc)[:200]})") from None
+    report(2)
+    # save_pretrained refuses models that carry a non-serializable (GGUF) quantizer; the weights
+    # are dense now, so the quantizer and its config entry are stale and can be dropped.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for obj in (model.config, getattr(model, "generation_config", None)):
+        if obj is not None and hasattr(obj, "quantization_config"):
+            delattr(obj, "quantization_config")
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:  # a read-only property derived from hf_quantizer
+            pass
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    template = getattr(tokenizer, "chat_template", None) or meta.get("tokenizer.chat_template")
+    if template and not (out_dir / "chat_template.jinja").exists() and "chat_template" not in _tokenizer_config(out_dir):
+        (out_dir / "chat_template.jinja").write_text(template, encoding="utf-8")
+    del model
+    report(3)
+    return template if isinstance(template, str) else None
+
+
+def _tokenizer_config(out_dir: Path) -> dict:
+    import json
+
+    path = out_dir / "tokenizer_config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}

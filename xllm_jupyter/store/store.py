@@ -1,0 +1,394 @@
+"""The model store on disk: pull, list, show, rm, verify, and name resolution for the engine.
+
+Layout under ``home``::
+
+    models/<name>/          one directory per complete model: its files + xllm-manifest.json
+    tmp/pull-<random>/      a pull being built (or left by a crash; the next pull deletes it)
+    tmp/hub-<key>/          a Hub download in progress, kept after a failure so a retry resumes
+    locks/<name>.lock       serialises pulls and removals of one name across processes
+
+A pull builds the model in ``tmp/``, writes the manifest last, fsyncs, then renames the
+directory into ``models/`` (replacing an old model with an atomic exchange), so a model
+directory is either complete or absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from ..backends.base import ModelSpec
+from ..core.errors import InvalidModelName, ModelNotFound, StoreError
+from .atomic import FileLock, fsync_dir, fsync_tree, remove_tree, replace_dir, try_lock
+from .hub import PROGRESS_MARK, HubClient, verify_files
+from .local import copy_dir, copy_file, list_dir_files
+from .manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    ManifestFile,
+    ProgressFn,
+    PullProgress,
+    compute_digest,
+    detect_format,
+    hash_file,
+    read_manifest,
+    read_template,
+    write_manifest,
+)
+from .names import child_dir, contained, dirname_to_name, name_to_dirname, safe_relpath, validate_name
+from .packaged import PACKAGED, installable
+from .sources import Source, parse_source, select_files
+
+log = logging.getLogger(__name__)
+
+HUB_RESUME_SECONDS = 7 * 86400  # how long an unfinished Hub download is kept for a retry to resume
+
+
+class ModelStore:
+    """The models on this machine; also the engine's ModelCatalog."""
+
+    def __init__(self, home: Path, *, endpoint: str | None = None, token: str | bool | None = None):
+        self.home = Path(home).expanduser()
+        self.models = self.home / "models"
+        self.tmp = self.home / "tmp"
+        self.locks = self.home / "locks"
+        self.endpoint = endpoint  # Hub endpoint; None reads HF_ENDPOINT at pull time
+        self.token = token  # Hub token; None lets huggingface_hub find HF_TOKEN / the saved login
+
+    # ------------------------------------------------------------------ reading
+    def _dir(self, name: str) -> Path:
+        return child_dir(self.models, name_to_dirname(name))
+
+    def list(self) -> list[Manifest]:
+        """Complete models only, sorted by name (half-pulled, damaged or foreign entries skipped)."""
+        if not self.models.is_dir():
+            return []
+        out = []
+        for entry in self.models.iterdir():
+            name = dirname_to_name(entry.name)
+            if name is None or entry.is_symlink() or not entry.is_dir():
+                continue
+            try:
+                manifest = read_manifest(entry)
+            except StoreError as exc:
+                log.debug("skipping store entry %s: %s", entry.name, exc.message)
+                continue
+            if manifest.name == name:
+                out.append(manifest)
+        return sorted(out, key=lambda m: m.name)
+
+    def show(self, name: str) -> Manifest:
+        """The manifest of model ``name``; ModelNotFound if it is not in the store."""
+        n = validate_name(name)
+        path = self._dir(n)
+        if not path.is_dir() or not (path / MANIFEST_NAME).is_file():
+            raise ModelNotFound(n)
+        manifest = read_manifest(path)
+        if manifest.name != n:
+            raise StoreError(f"The manifest in '{n}' names another model; pull it again with force")
+        return manifest
+
+    def names(self) -> list[str]:
+        """Names that can be loaded: pulled models plus installable packaged defaults."""
+        return sorted({m.name for m in self.list()} | set(installable()))
+
+    def resolve(self, name: str) -> ModelSpec:
+        """The spec to load ``name``; pulls a packaged default on first use; else ModelNotFound."""
+        try:
+            n = validate_name(name)
+        except InvalidModelName:
+            raise ModelNotFound(str(name)[:100]) from None
+        try:
+            manifest = self.show(n)
+        except ModelNotFound:
+            if n not in PACKAGED or PACKAGED[n].locate() is None:
+                raise
+            log.info("pulling packaged model %s on first use", n)
+            manifest = self.pull(n, n, progress=_LogProgress(n))
+        self._check_files(manifest)
+        ctx = manifest.parameters.get("context_length")
+        return ModelSpec(
+            name=manifest.name,
+            path=manifest.weights_path,
+            format=manifest.format,
+            backend=manifest.backend,
+            context_length=ctx if isinstance(ctx, int) and ctx > 0 else None,
+            digest=manifest.digest,
+        )
+
+    def _file_path(self, manifest: Manifest, f: ManifestFile) -> Path:
+        assert manifest.path is not None
+        path = manifest.path / safe_relpath(f.path)
+        contained(manifest.path, path)
+        if path.is_symlink() or not path.is_file():
+            raise StoreError(f"Model '{manifest.name}' is damaged: '{f.path}' is missing; pull it again with force")
+        return path
+
+    def _check_files(self, manifest: Manifest) -> None:
+        """Cheap integrity check (presence, no links, sizes); ``verify`` re-hashes."""
+        for f in manifest.files:
+            if self._file_path(manifest, f).stat().st_size != f.size:
+                raise StoreError(f"Model '{manifest.name}' is damaged: '{f.path}' has the wrong size")
+
+    def verify(self, name: str) -> bool:
+        """Re-hash every file against the manifest; False on any mismatch, missing file or link."""
+        n = validate_name(name)
+        path = self._dir(n)
+        if not (path / MANIFEST_NAME).is_file():
+            raise ModelNotFound(n)
+        try:
+            manifest = read_manifest(path)
+            if manifest.name != n:
+                return False
+            for f in manifest.files:
+                sha256, _git, size = hash_file(self._file_path(manifest, f))
+                if sha256 != f.sha256 or size != f.size:
+                    return False
+        except StoreError:
+            return False
+        return compute_digest(manifest.files) == manifest.digest
+
+    # ------------------------------------------------------------------ writing
+    def pull(
+        self,
+        source: str,
+        name: str | None = None,
+        *,
+        revision: str | None = None,
+        progress: Callable[[PullProgress], None] | None = None,
+        force: bool = False,
+        convert: bool = False,
+    ) -> Manifest:
+        """Add a model from ``source`` (packaged name, ``hf:ORG/REPO``, ``ORG/REPO``, local dir or .gguf).
+
+        Pulling a name that exists from the same source returns it (a Hub source whose
+        commit moved is updated); another source needs ``force``. ``convert`` turns a GGUF
+        into safetensors (packaged defaults always are).
+        """
+        src = parse_source(source, revision)
+        n = validate_name(name) if name is not None else src.default_name
+        report = _guard(progress)
+        for d in (self.models, self.tmp, self.locks):
+            d.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.locks / f"{name_to_dirname(n)}.lock"):
+            self._clean_tmp()
+            existing = self._existing(n)
+            if existing is not None and not force and existing.source != src.canonical:
+                raise StoreError(
+                    f"A model named '{n}' already exists from another source; pass force=True to replace it",
+                    param="name",
+                )
+            if src.kind == "hub":
+                return self._pull_hub(src, n, existing, report, force, convert)
+            if existing is not None and not force:
+                return existing
+            with self._workdir("pull") as build:
+                fmt, files, template = self._build_local(src, build, report, convert)
+                return self._finish(build, n, src, fmt, files, template, None, report)
+
+    def rm(self, name: str) -> None:
+        """Delete model ``name``; ModelNotFound if absent. The directory leaves ``models/`` in one rename."""
+        n = validate_name(name)
+        self.locks.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.locks / f"{name_to_dirname(n)}.lock"):
+            path = self._dir(n)
+            if not path.is_dir():
+                raise ModelNotFound(n)
+            self.tmp.mkdir(parents=True, exist_ok=True)
+            aside = self.tmp / f"rm-{secrets.token_hex(8)}"
+            os.rename(path, aside)
+            fsync_dir(self.models)
+            remove_tree(aside)
+
+    # ------------------------------------------------------------------ pulling
+    def _existing(self, n: str) -> Manifest | None:
+        """The intact model ``n`` (None if absent or damaged: a pull then replaces it)."""
+        path = self._dir(n)
+        if not (path / MANIFEST_NAME).is_file():
+            return None
+        try:
+            manifest = read_manifest(path)
+            if manifest.name != n:
+                return None
+            self._check_files(manifest)
+        except StoreError:
+            return None
+        return manifest
+
+    def _build_local(self, src: Source, build: Path, report: ProgressFn | None, convert: bool) -> tuple[str, list[ManifestFile], str | None]:
+        """Fill ``build`` from a packaged, directory or GGUF source: (format, files, template)."""
+        from .convert import gguf_chat_template, gguf_to_safetensors
+
+        if src.kind == "packaged" or (src.kind == "gguf" and convert):
+            gguf = PACKAGED[src.ref].require() if src.kind == "packaged" else Path(src.ref)
+            template = gguf_to_safetensors(gguf, build, progress=report)
+            return detect_format(build), self._hash_tree(build, report), template
+        if src.kind == "gguf":
+            rel = Path(src.ref).name
+            files = [copy_file(Path(src.ref), build / rel, rel, report)]
+            return "gguf", files, gguf_chat_template(build / rel)
+        files = copy_dir(Path(src.ref), build, report)
+        return detect_format(build), files, read_template(build)
+
+    def _pull_hub(self, src: Source, n: str, existing: Manifest | None, report: ProgressFn | None, force: bool, convert: bool) -> Manifest:
+        client = HubClient(self.endpoint, self.token)
+        commit = client.resolve(src.ref, src.revision)
+        if existing is not None and not force and existing.revision == commit:
+            return existing
+        listing = {f.path: f for f in client.list_files(src.ref, commit)}
+        chosen = [listing[p] for p in select_files(listing, only=src.file)]
+        key = hashlib.sha256("\n".join([client.endpoint, src.ref, commit, *(f.path for f in chosen)]).encode()).hexdigest()
+        with self._workdir(f"hub-{key[:24]}", keep_on_error=True) as staging:
+            client.download(src.ref, commit, chosen, staging, report)
+            files = verify_files(staging, chosen, report)
+            remove_tree(staging / ".cache")
+            fmt = detect_format(staging)
+            if fmt != "gguf":
+                return self._finish(staging, n, src, fmt, files, read_template(staging), commit, report)
+            from .convert import gguf_chat_template, gguf_to_safetensors
+
+            gguf = staging / files[0].path
+            if not convert:
+                return self._finish(staging, n, src, fmt, files, gguf_chat_template(gguf), commit, report)
+            with self._workdir("pull") as build:
+                template = gguf_to_safetensors(gguf, build, progress=report)
+                manifest = self._finish(build, n, src, detect_format(build), self._hash_tree(build, report), template, commit, report)
+            remove_tree(staging)
+            return manifest
+
+    def _hash_tree(self, root: Path, report: ProgressFn | None) -> list[ManifestFile]:
+        """Manifest entries for every file under ``root`` (files we wrote ourselves)."""
+        out = []
+        for rel in list_dir_files(root):
+            sha256, _git, size = hash_file(root / rel, progress=report, label=rel)
+            out.append(ManifestFile(safe_relpath(rel), sha256, size))
+        return out
+
+    def _finish(self, build: Path, n: str, src: Source, fmt: str, files: list[ManifestFile], template: str | None, revision: str | None, report: ProgressFn | None) -> Manifest:
+        """Write the manifest into ``build``, flush it all to disk and move it into ``models/``."""
+        present = set(list_dir_files(build))
+        missing = [f.path for f in files if f.path not in present]
+        if missing or any(f.path == MANIFEST_NAME for f in files):
+            raise StoreError("The pulled model is incomplete")
+        size = sum(f.size for f in files)
+        manifest = Manifest(
+            name=n,
+            source=src.canonical,
+            format=fmt,
+            files=tuple(sorted(files, key=lambda f: f.path)),
+            size=size,
+            created=int(time.time()),
+            template=template,
+            parameters={},
+            backend=None,
+            digest=compute_digest(files),
+            revision=revision,
+        )
+        fsync_tree(build)
+        write_manifest(build, manifest)
+        target = self._install(build, name_to_dirname(n))
+        if report is not None:
+            report(PullProgress("done", None, size, size))
+        log.info("pulled %s (%s, %d bytes)", n, fmt, size)
+        return manifest.with_path(target)
+
+    def _install(self, build: Path, dirname: str) -> Path:
+        """Rename the finished ``build`` to ``models/<dirname>``, atomically replacing an old one."""
+        target = child_dir(self.models, dirname)
+        if target.exists():
+            old = replace_dir(build, target, self.tmp / f"old-{secrets.token_hex(8)}")
+            remove_tree(old)
+        else:
+            os.rename(build, target)
+            fsync_dir(self.models)
+        return target
+
+    @contextmanager
+    def _workdir(self, prefix: str, keep_on_error: bool = False) -> Iterator[Path]:
+        """A locked directory in ``tmp/``; deleted on error unless ``keep_on_error`` (resumable)."""
+        name = prefix if keep_on_error else f"{prefix}-{secrets.token_hex(8)}"
+        lock = FileLock(self.tmp / f"{name}.lock")
+        if not lock.acquire(blocking=False):  # someone else is downloading the same thing: start afresh
+            name, keep_on_error = f"pull-{secrets.token_hex(8)}", False
+            lock = FileLock(self.tmp / f"{name}.lock")
+            lock.acquire()
+        path = self.tmp / name
+        try:
+            path.mkdir(exist_ok=keep_on_error)
+            os.utime(path)  # a resumed download is fresh again for the clean-up clock
+            yield path
+        except BaseException:
+            if not keep_on_error:
+                remove_tree(path)
+            raise
+        finally:
+            if not path.exists():
+                lock.path.unlink(missing_ok=True)
+            lock.release()
+
+    def _clean_tmp(self) -> None:
+        """Delete what crashed pulls and removals left in ``tmp/`` (unless still in use)."""
+        if not self.tmp.is_dir():
+            return
+        now = time.time()
+        for entry in self.tmp.iterdir():
+            if entry.name.endswith(".lock"):
+                if not (self.tmp / entry.name[: -len(".lock")]).exists():
+                    held = try_lock(entry, entry)
+                    if held is not None:
+                        entry.unlink(missing_ok=True)
+                        held.release()
+                continue
+            if not entry.name.startswith(("pull-", "old-", "rm-", "hub-")):
+                continue
+            lock_path = self.tmp / f"{entry.name}.lock"
+            held = try_lock(lock_path, entry)
+            if held is None:
+                continue
+            try:
+                if entry.name.startswith("hub-") and now - entry.stat().st_mtime < HUB_RESUME_SECONDS:
+                    continue
+                log.info("removing leftover %s from an interrupted store operation", entry.name)
+                remove_tree(entry)
+                lock_path.unlink(missing_ok=True)
+            finally:
+                held.release()
+
+
+def _guard(progress: ProgressFn | None) -> ProgressFn | None:
+    """Wrap the caller's callback so its exceptions pass through untranslated."""
+    if progress is None:
+        return None
+
+    def report(event: PullProgress) -> None:
+        try:
+            progress(event)
+        except BaseException as exc:
+            try:
+                setattr(exc, PROGRESS_MARK, True)
+            except Exception:  # pragma: no cover - exceptions with __slots__
+                pass
+            raise
+
+    return report
+
+
+class _LogProgress:
+    """Progress for pulls nobody watches (first-use pulls in resolve): log each stage and quarter."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.last: tuple | None = None
+
+    def __call__(self, event: PullProgress) -> None:
+        quarter = (4 * event.done // event.total) if event.total else 0
+        key = (event.stage, event.file, quarter)
+        if key != self.last:
+            self.last = key
+            log.info("pull %s: %s %s %d%%", self.name, event.stage, event.file or "", 25 * quarter)
