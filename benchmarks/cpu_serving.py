@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--levels", default="1,4,8", help="concurrency levels, comma-separated")
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=1, help="runs per level and mode; the best aggregate is reported")
+    p.add_argument("--repeats", type=int, default=3, help="runs per level and mode (order alternates); the best aggregate is reported")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu_serving"), help="output path without extension")
     p.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)
     p.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
@@ -240,13 +240,18 @@ async def bench(args: argparse.Namespace) -> dict:
         server = await start_server(config, engine, host="127.0.0.1", port=0)
         try:
             messages, prompt_tokens = await build_messages(engine, model, args.prompt_tokens)
-            await inprocess_level(engine, model, messages, 1, 8)  # warm-up
+            await inprocess_level(engine, model, messages, 2, 32)  # warm-up: first calls allocate and compile kernels
             rows = []
             for c in levels:
                 runs_a, runs_b = [], []
-                for _ in range(args.repeats):
-                    runs_a.append(await inprocess_level(engine, model, messages, c, args.max_tokens))
-                    runs_b.append(await server_level(server.url, model, messages, c, args.max_tokens))
+                for i in range(args.repeats):
+                    # alternate which path goes first, so a load spike or warm-up favours neither
+                    order = ("a", "b") if i % 2 == 0 else ("b", "a")
+                    for which in order:
+                        if which == "a":
+                            runs_a.append(await inprocess_level(engine, model, messages, c, args.max_tokens))
+                        else:
+                            runs_b.append(await server_level(server.url, model, messages, c, args.max_tokens))
                 a, b = best(runs_a), best(runs_b)
                 ratio = b["aggregate_tok_s"] / a["aggregate_tok_s"] if a["aggregate_tok_s"] else 0.0
                 rows.append({"streams": c, "inprocess": a, "server": b, "ratio": round(ratio, 3), "runs": {"inprocess": runs_a, "server": runs_b}})

@@ -221,7 +221,7 @@ def assert_join_leave_equivalent(m, prompt, sampling, steps=24):
 
 @pytest.mark.parametrize("sampling", [GREEDY, SamplingParams(temperature=1.0, seed=11)], ids=["greedy", "seeded"])
 def test_batch_join_leave_matches_decoding_alone(model, sampling):
-    toks = assert_join_leave_equivalent(model, PROMPT, sampling)
+    toks = assert_join_leave_equivalent(model, PROMPT, sampling, steps=90)  # past HEADROOM: buffers grow
     if not sampling.greedy:
         assert len(set(toks)) > 5  # varied tokens: every step's logits had to match
 

@@ -8,13 +8,14 @@ import hashlib
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from xllm_jupyter.core.errors import InvalidModelName, ModelNotFound, StoreError
 from xllm_jupyter.store import PACKAGED, Manifest, ModelStore, PullProgress, validate_name
-from xllm_jupyter.store.atomic import FileLock
+from xllm_jupyter.store.atomic import FileLock, file_mode, replace_dir
 from xllm_jupyter.store.manifest import MANIFEST_NAME, compute_digest
 from xllm_jupyter.store.names import dirname_to_name, name_to_dirname
 from xllm_jupyter.store.sources import parse_source
@@ -173,6 +174,7 @@ def test_manifest_records_true_hashes(store, tiny_llama_dir):
     on_disk = json.loads((m.path / MANIFEST_NAME).read_text())
     assert on_disk["name"] == "tiny" and len(on_disk["files"]) == len(m.files) and "path" not in on_disk
     assert Manifest.from_json((m.path / MANIFEST_NAME).read_text(), m.path) == m
+    assert {p.stat().st_mode & 0o777 for p in m.path.iterdir()} == {file_mode()}  # no 0600 temp-file modes
 
 
 def test_default_name_and_symlinked_source(store, tiny_llama_dir, tmp_path):
@@ -181,6 +183,8 @@ def test_default_name_and_symlinked_source(store, tiny_llama_dir, tmp_path):
     assert m.name == "my-model.v2"
     assert not any(p.is_symlink() for p in m.path.iterdir())  # content copied, links not
     assert store.verify("my-model.v2")
+    snapshot = link_farm(tiny_llama_dir, tmp_path / "hub" / "models--Org--Tiny-Chat" / "snapshots" / ("ab" * 20))
+    assert store.pull(str(snapshot)).name == "tiny-chat"  # an HF cache snapshot is named after its repo
 
 
 def test_local_gguf_pull(store, tiny_gguf):
@@ -298,6 +302,30 @@ def test_crash_leftovers_are_ignored_then_cleaned(store, tiny_llama_dir):
     assert [m.name for m in store.list()] == ["good", "other"]
 
 
+def test_concurrent_pulls_of_one_name_make_one_model(store, tiny_llama_dir):
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: store.pull(str(tiny_llama_dir), name="tiny"), range(2)))
+    assert results[0] == results[1] and [m.name for m in store.list()] == ["tiny"]
+    assert store.verify("tiny") and dirs_in(store.tmp) == []
+
+
+def test_replace_dir_swaps_whole_directories(tmp_path):
+    new, target = tmp_path / "new", tmp_path / "target"
+    for d, text in ((new, "new"), (target, "old")):
+        d.mkdir()
+        (d / "f").write_text(text)
+    old = replace_dir(new, target, tmp_path / "aside")
+    assert (target / "f").read_text() == "new" and (old / "f").read_text() == "old"
+
+
+def test_file_system_errors_become_store_errors(tmp_path, tiny_llama_dir):
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "models").write_text("not a directory")
+    with pytest.raises(StoreError, match="File system error") as info:
+        ModelStore(tmp_path / "home").pull(str(tiny_llama_dir), name="tiny")
+    assert str(tmp_path) not in info.value.message
+
+
 # ---------------------------------------------------------------- containment
 def test_planted_symlinked_model_dir_is_never_followed(store, tiny_llama_dir, tmp_path):
     outside = tmp_path / "outside"
@@ -366,6 +394,7 @@ def test_packaged_smollm2_converts_loads_and_answers(store, smollm2_dir):
     assert spec.format == m.format == "safetensors" and spec.path == m.path and m.source == "packaged:smollm2"
     assert m.template and "<|im_start|>" in m.template
     assert any(f.path.endswith(".safetensors") for f in m.files) and store.verify("smollm2")
+    assert {(m.path / f.path).stat().st_mode & 0o777 for f in m.files} == {file_mode()}
     assert store.resolve("smollm2") == spec  # second time: no pull
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(spec.path))

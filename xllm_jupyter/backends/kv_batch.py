@@ -18,8 +18,12 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 
+#: spare columns a batch layer allocates beyond what it holds (at least; grows with length)
+HEADROOM = 64
+
+
 def new_cache() -> DynamicCache:
-    """An empty cache whose layers are all plain (full-length) ``DynamicLayer``s."""
+    """An empty cache for a prefill: all layers plain (full-length) ``DynamicLayer``s."""
     # no config: a config would give sliding-window models DynamicSlidingWindowLayers,
     # which drop old columns and so cannot be padded, merged or sliced per row
     return DynamicCache()
@@ -28,14 +32,9 @@ def new_cache() -> DynamicCache:
 def _layers(cache: DynamicCache) -> list[DynamicLayer]:
     layers = list(cache.layers)
     for layer in layers:
-        if type(layer) is not DynamicLayer:
-            raise TypeError(f"unsupported cache layer {type(layer).__name__}: need plain DynamicLayer")
+        if not isinstance(layer, DynamicLayer) or layer.is_sliding or layer.keys is None:
+            raise TypeError(f"unsupported cache layer {type(layer).__name__}: need full DynamicLayers")
     return layers
-
-
-def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
-    """``t`` (B, H, S, D) with ``n`` zero columns prepended along S."""
-    return F.pad(t, (0, 0, n, 0)) if n else t
 
 
 def zero_padding(cache: DynamicCache, mask: torch.Tensor) -> None:
@@ -46,9 +45,69 @@ def zero_padding(cache: DynamicCache, mask: torch.Tensor) -> None:
     """
     keep = mask.bool()[:, None, :, None]
     for layer in _layers(cache):
-        if layer.keys is not None and layer.keys.numel():
-            layer.keys = torch.where(keep, layer.keys, 0)
-            layer.values = torch.where(keep, layer.values, 0)
+        layer.keys = torch.where(keep, layer.keys, 0)
+        layer.values = torch.where(keep, layer.values, 0)
+
+
+class GrowLayer(DynamicLayer):
+    """A ``DynamicLayer`` that appends into spare capacity instead of reallocating each step.
+
+    ``DynamicLayer.update`` concatenates, allocating and copying the whole cache on every
+    decode step; here ``keys``/``values`` are views of larger buffers and a step writes
+    one column in place. Buffers are reallocated only on growth, join and leave.
+    """
+
+    def __init__(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor]], width: int, spare: int = 0) -> None:
+        """Stack ``parts`` (keys, values of some rows each) right-aligned into ``width`` columns."""
+        super().__init__()
+        k0, v0 = parts[0]
+        self.dtype, self.device, self.is_initialized = k0.dtype, k0.device, True
+        rows = sum(k.shape[0] for k, _ in parts)
+        cap = width + spare + max(HEADROOM, width // 2)
+        # zeros, not empty: left padding columns are read (masked) and must not hold NaN
+        self._k = k0.new_zeros((rows, k0.shape[1], cap, k0.shape[3]))
+        self._v = v0.new_zeros((rows, v0.shape[1], cap, v0.shape[3]))
+        row = 0
+        for k, v in parts:
+            n, w = k.shape[0], k.shape[2]
+            self._k[row : row + n, :, width - w : width].copy_(k)
+            self._v[row : row + n, :, width - w : width].copy_(v)
+            row += n
+        self._start, self._end = 0, width
+        self._view()
+
+    def _view(self) -> None:
+        self.keys = self._k[:, :, self._start : self._end]
+        self.values = self._v[:, :, self._start : self._end]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write the new columns in place (growing the buffers if full) and return the views."""
+        n = key_states.shape[-2]
+        if self._end + n > self._k.shape[2]:
+            width = self._end - self._start
+            grown = GrowLayer([(self.keys, self.values)], width, spare=n)
+            self._k, self._v, self._start, self._end = grown._k, grown._v, 0, width
+        self._k[:, :, self._end : self._end + n].copy_(key_states)
+        self._v[:, :, self._end : self._end + n].copy_(value_states)
+        self._end += n
+        self._view()
+        return self.keys, self.values
+
+    def trim_left(self, cut: int) -> None:
+        """Forget the first ``cut`` columns (padding in every row); no copy."""
+        self._start += cut
+        self._view()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of both buffers, spare capacity included."""
+        return self._k.nbytes + self._v.nbytes
+
+
+def _batch_cache(layers: list[GrowLayer]) -> DynamicCache:
+    cache = DynamicCache()
+    cache.layers = layers
+    return cache
 
 
 class BatchKV:
@@ -68,7 +127,7 @@ class BatchKV:
 
     @property
     def width(self) -> int:
-        """Cache columns (longest row plus nothing: padding is trimmed eagerly)."""
+        """Cache columns: the longest row (shared padding is trimmed eagerly)."""
         return 0 if self.mask is None else self.mask.shape[1]
 
     @property
@@ -81,25 +140,24 @@ class BatchKV:
         padded = self.padded
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.rows, 1)], dim=1)
         positions = torch.tensor(self.lengths, dtype=torch.long, device=self.mask.device).unsqueeze(1)
-        attn = self.mask if padded else None
         self.lengths = [n + 1 for n in self.lengths]
-        return attn, positions
+        return (self.mask if padded else None), positions
 
     def join(self, cache: DynamicCache, mask: torch.Tensor, lengths: Sequence[int]) -> None:
-        """Append rows from a prefill cache (same left-padded layout) to the batch."""
+        """Append the rows of a prefill cache (same left-padded layout) to the batch."""
+        new = _layers(cache)
+        width = max(self.width, max(lengths))
         if self.cache is None:
-            self.cache, self.mask, self.lengths = cache, mask, list(lengths)
-            self.trim()
-            return
-        width = max(self.width, mask.shape[1])
-        pad_a, pad_b = width - self.width, width - mask.shape[1]
-        for a, b in zip(_layers(self.cache), _layers(cache)):
-            if a.keys is None or b.keys is None:
-                continue  # layers without their own KV (shared-KV models) stay empty
-            a.keys = torch.cat([_pad_left(a.keys, pad_a), _pad_left(b.keys, pad_b)], dim=0)
-            a.values = torch.cat([_pad_left(a.values, pad_a), _pad_left(b.values, pad_b)], dim=0)
-        self.mask = torch.cat([F.pad(self.mask, (pad_a, 0)), F.pad(mask, (pad_b, 0))], dim=0)
+            parts = [[(layer.keys, layer.values)] for layer in new]
+            old_mask = mask.new_zeros((0, 0))
+        else:
+            parts = [[(a.keys, a.values), (b.keys, b.values)] for a, b in zip(_layers(self.cache), new)]
+            old_mask = self.mask
+        self.cache = _batch_cache([GrowLayer(p, width) for p in parts])
+        self.mask = torch.cat([F.pad(old_mask, (width - old_mask.shape[1], 0)),
+                               F.pad(mask, (width - mask.shape[1], 0))], dim=0)
         self.lengths = self.lengths + list(lengths)
+        self.trim()  # a prefill may carry columns that are padding in all of its rows
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only ``rows`` (in that order); drop the rest and trim shared padding."""
@@ -108,24 +166,23 @@ class BatchKV:
         if not rows:
             self.clear()
             return
+        lengths = [self.lengths[i] for i in rows]
+        width = max(lengths)
         index = torch.tensor(list(rows), dtype=torch.long, device=self.mask.device)
-        for layer in _layers(self.cache):
-            if layer.keys is not None:
-                layer.keys = layer.keys.index_select(0, index)
-                layer.values = layer.values.index_select(0, index)
-        self.mask = self.mask.index_select(0, index)
-        self.lengths = [self.lengths[i] for i in rows]
-        self.trim()
+        self.cache = _batch_cache([
+            GrowLayer([(layer.keys.index_select(0, index)[:, :, -width:],
+                        layer.values.index_select(0, index)[:, :, -width:])], width)
+            for layer in _layers(self.cache)])
+        self.mask = self.mask.index_select(0, index)[:, -width:]
+        self.lengths = lengths
 
     def trim(self) -> None:
-        """Drop left columns that are padding in every row."""
+        """Drop left columns that are padding in every row (no copy)."""
         cut = self.width - max(self.lengths)
         if cut <= 0:
             return
         for layer in _layers(self.cache):
-            if layer.keys is not None:
-                layer.keys = layer.keys[:, :, cut:, :]
-                layer.values = layer.values[:, :, cut:, :]
+            layer.trim_left(cut)
         self.mask = self.mask[:, cut:]
 
     def clear(self) -> None:
@@ -133,14 +190,8 @@ class BatchKV:
         self.cache, self.mask, self.lengths = None, None, []
 
     def nbytes(self) -> int:
-        """Bytes held by the cached keys and values."""
-        if self.cache is None:
-            return 0
-        total = 0
-        for layer in _layers(self.cache):
-            if layer.keys is not None:
-                total += layer.keys.nbytes + layer.values.nbytes
-        return total
+        """Bytes held by the cached keys and values, spare capacity included."""
+        return sum(layer.nbytes for layer in _layers(self.cache)) if self.cache is not None else 0
 
     def layer_shapes(self) -> list[tuple[int, ...]]:
         """Key tensor shape of every layer (for tests and debugging)."""

@@ -136,9 +136,11 @@ def show_command(name: str) -> None:
     params = getattr(m, "parameters", None)
     if params:
         click.echo("parameters " + ", ".join(f"{k}={v}" for k, v in dict(params).items()))
-    click.echo("files")
-    for path, size, sha in _file_rows(m.files):
-        click.echo(f"  {path}  {human_size(size)}  {short_digest(sha)}")
+    rows = list(_file_rows(m.files))
+    width = max((len(path) for path, _, _ in rows), default=0)
+    click.echo(f"files     {len(rows)}")
+    for path, size, sha in rows:
+        click.echo(f"  {path:<{width}}  {human_size(size):>9}  {short_digest(sha)}")
     template = _template(m)
     if template:
         excerpt = template if len(template) <= TEMPLATE_EXCERPT else template[:TEMPLATE_EXCERPT] + " …"

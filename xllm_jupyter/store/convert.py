@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import StoreError
-from .manifest import ProgressFn, PullProgress
+from .progress import ProgressFn, PullProgress
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..core.errors import StoreError
-from .manifest import ManifestFile, ProgressFn, PullProgress, hash_file
+from .manifest import ManifestFile, hash_file
 from .names import safe_relpath
+from .progress import ProgressFn, PullProgress, from_callback
 
 LIBRARY = "xllm-jupyter"
 
@@ -36,8 +37,9 @@ class HubFile:
 class _Bar:
     """A tqdm stand-in that turns huggingface_hub's byte counts into PullProgress events."""
 
-    def __init__(self, progress: ProgressFn | None, file: str, total: int | None, **kwargs: Any):
-        self.progress, self.file, self.total = progress, file, total
+    def __init__(self, progress: ProgressFn | None, file: str, size: int | None, **kwargs: Any):
+        # huggingface_hub passes tqdm's keyword arguments (total, initial, desc, ...); the listing's size wins
+        self.progress, self.file, self.total = progress, file, size if size is not None else kwargs.get("total")
         self.n = int(kwargs.get("initial") or 0)
 
     def update(self, n: float | None = 1) -> None:
@@ -55,11 +57,34 @@ class _Bar:
     def close(self) -> None:
         """Nothing to close."""
 
+    def update_transfer(self, n: float | None = 1) -> None:
+        """Network bytes (Xet may fetch fewer than it writes); progress counts bytes written."""
+
     def set_postfix_str(self, *args: Any, **kwargs: Any) -> None:
         """Ignored (tqdm API)."""
 
+    def set_transfer_postfix_str(self, *args: Any, **kwargs: Any) -> None:
+        """Ignored (huggingface_hub's aggregated-bar API)."""
+
     def refresh(self) -> None:
         """Ignored (tqdm API)."""
+
+
+class _BarFactory:
+    """Passed as ``tqdm_class``: makes one ``_Bar`` per file.
+
+    Having ``update_transfer`` makes huggingface_hub's Xet path feed network and disk
+    progress into a single bar instead of creating two.
+    """
+
+    def __init__(self, progress: ProgressFn | None, file: str, size: int | None):
+        self.progress, self.file, self.size = progress, file, size
+
+    def __call__(self, **kwargs: Any) -> _Bar:
+        return _Bar(self.progress, self.file, self.size, **kwargs)
+
+    def update_transfer(self, n: float | None = 1) -> None:
+        """Never called on the factory; its presence is what huggingface_hub checks."""
 
 
 def default_endpoint() -> str:
@@ -69,16 +94,13 @@ def default_endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
 
 
-PROGRESS_MARK = "_xllm_progress_error"  # set on exceptions raised by a caller's progress callback
-
-
 @contextmanager
 def hub_errors(repo: str, endpoint: str) -> Iterator[None]:
     """Translate huggingface_hub/httpx failures into StoreErrors that say what to do."""
     try:
         yield
     except Exception as exc:
-        if getattr(exc, PROGRESS_MARK, False) or isinstance(exc, StoreError):
+        if from_callback(exc) or isinstance(exc, StoreError):
             raise
         error = _translate(exc, repo, endpoint)
         if error is None:
@@ -167,10 +189,7 @@ class HubClient:
         from huggingface_hub import hf_hub_download
 
         for f in files:
-            def bar(**kwargs: Any) -> _Bar:
-                kwargs.pop("total", None)
-                return _Bar(progress, f.path, f.size, **kwargs)
-
+            bar = _BarFactory(progress, f.path, f.size)
             with hub_errors(repo, self.endpoint):
                 hf_hub_download(
                     repo,

@@ -7,8 +7,9 @@ import os
 from pathlib import Path
 
 from ..core.errors import StoreError
-from .manifest import CHUNK, ManifestFile, ProgressFn, PullProgress
+from .manifest import CHUNK, ManifestFile
 from .names import safe_relpath
+from .progress import ProgressFn, PullProgress
 from .sources import select_files
 
 MAX_DEPTH = 4

@@ -10,29 +10,17 @@ import hashlib
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from ..core.errors import StoreError
 from .atomic import atomic_write_text
 from .names import safe_relpath, validate_name
+from .progress import ProgressFn, PullProgress
 
 MANIFEST_NAME = "xllm-manifest.json"
 SCHEMA_VERSION = 1
 FORMATS = ("safetensors", "gguf", "exl3", "exl2", "gptq")
 CHUNK = 1 << 20
-
-
-@dataclass(frozen=True)
-class PullProgress:
-    """One progress report of a pull: ``stage`` is download, convert, verify or done; bytes in done/total."""
-
-    stage: str
-    file: str | None
-    done: int
-    total: int | None
-
-
-ProgressFn = Callable[[PullProgress], None]
 
 
 @dataclass(frozen=True)

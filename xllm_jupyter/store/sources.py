@@ -48,6 +48,8 @@ class Source:
         if self.kind == "hub":
             return default_name(self.ref.split("/", 1)[1])
         path = Path(self.ref)
+        if self.kind == "dir" and path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+            return default_name(path.parent.parent.name.rsplit("--", 1)[-1])  # an HF cache snapshot
         return default_name(path.stem if self.kind == "gguf" else path.name)
 
 

@@ -14,6 +14,7 @@ directory is either complete or absent.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -25,15 +26,13 @@ from typing import Callable, Iterator
 
 from ..backends.base import ModelSpec
 from ..core.errors import InvalidModelName, ModelNotFound, StoreError
-from .atomic import FileLock, fsync_dir, fsync_tree, remove_tree, replace_dir, try_lock
-from .hub import PROGRESS_MARK, HubClient, verify_files
+from .atomic import FileLock, fix_modes, fsync_dir, fsync_tree, remove_tree, replace_dir, try_lock
+from .hub import HubClient, verify_files
 from .local import copy_dir, copy_file, list_dir_files
 from .manifest import (
     MANIFEST_NAME,
     Manifest,
     ManifestFile,
-    ProgressFn,
-    PullProgress,
     compute_digest,
     detect_format,
     hash_file,
@@ -43,6 +42,7 @@ from .manifest import (
 )
 from .names import child_dir, contained, dirname_to_name, name_to_dirname, safe_relpath, validate_name
 from .packaged import PACKAGED, installable
+from .progress import LogProgress, ProgressFn, PullProgress, from_callback, guard_progress
 from .sources import Source, parse_source, select_files
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ class ModelStore:
             if n not in PACKAGED or PACKAGED[n].locate() is None:
                 raise
             log.info("pulling packaged model %s on first use", n)
-            manifest = self.pull(n, n, progress=_LogProgress(n))
+            manifest = self.pull(n, n, progress=LogProgress(n))
         self._check_files(manifest)
         ctx = manifest.parameters.get("context_length")
         return ModelSpec(
@@ -173,24 +173,34 @@ class ModelStore:
         """
         src = parse_source(source, revision)
         n = validate_name(name) if name is not None else src.default_name
-        report = _guard(progress)
-        for d in (self.models, self.tmp, self.locks):
-            d.mkdir(parents=True, exist_ok=True)
-        with FileLock(self.locks / f"{name_to_dirname(n)}.lock"):
-            self._clean_tmp()
-            existing = self._existing(n)
-            if existing is not None and not force and existing.source != src.canonical:
-                raise StoreError(
-                    f"A model named '{n}' already exists from another source; pass force=True to replace it",
-                    param="name",
-                )
-            if src.kind == "hub":
-                return self._pull_hub(src, n, existing, report, force, convert)
-            if existing is not None and not force:
-                return existing
-            with self._workdir("pull") as build:
-                fmt, files, template = self._build_local(src, build, report, convert)
-                return self._finish(build, n, src, fmt, files, template, None, report)
+        report = guard_progress(progress)
+        try:
+            for d in (self.models, self.tmp, self.locks):
+                d.mkdir(parents=True, exist_ok=True)
+            with FileLock(self.locks / f"{name_to_dirname(n)}.lock"):
+                return self._pull_locked(src, n, report, force, convert)
+        except OSError as exc:
+            if from_callback(exc):
+                raise
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreError("Not enough disk space in the model store") from None
+            raise StoreError(f"File system error in the model store: {exc.strerror or exc.__class__.__name__}") from None
+
+    def _pull_locked(self, src: Source, n: str, report: ProgressFn | None, force: bool, convert: bool) -> Manifest:
+        self._clean_tmp()
+        existing = self._existing(n)
+        if existing is not None and not force and existing.source != src.canonical:
+            raise StoreError(
+                f"A model named '{n}' already exists from another source; pass force=True to replace it",
+                param="name",
+            )
+        if src.kind == "hub":
+            return self._pull_hub(src, n, existing, report, force, convert)
+        if existing is not None and not force:
+            return existing
+        with self._workdir("pull") as build:
+            fmt, files, template = self._build_local(src, build, report, convert)
+            return self._finish(build, n, src, fmt, files, template, None, report)
 
     def rm(self, name: str) -> None:
         """Delete model ``name``; ModelNotFound if absent. The directory leaves ``models/`` in one rename."""
@@ -290,11 +300,12 @@ class ModelStore:
             digest=compute_digest(files),
             revision=revision,
         )
+        fix_modes(build)
         fsync_tree(build)
         write_manifest(build, manifest)
-        target = self._install(build, name_to_dirname(n))
-        if report is not None:
+        if report is not None:  # before the rename: a callback that raises here still leaves nothing
             report(PullProgress("done", None, size, size))
+        target = self._install(build, name_to_dirname(n))
         log.info("pulled %s (%s, %d bytes)", n, fmt, size)
         return manifest.with_path(target)
 
@@ -360,35 +371,3 @@ class ModelStore:
             finally:
                 held.release()
 
-
-def _guard(progress: ProgressFn | None) -> ProgressFn | None:
-    """Wrap the caller's callback so its exceptions pass through untranslated."""
-    if progress is None:
-        return None
-
-    def report(event: PullProgress) -> None:
-        try:
-            progress(event)
-        except BaseException as exc:
-            try:
-                setattr(exc, PROGRESS_MARK, True)
-            except Exception:  # pragma: no cover - exceptions with __slots__
-                pass
-            raise
-
-    return report
-
-
-class _LogProgress:
-    """Progress for pulls nobody watches (first-use pulls in resolve): log each stage and quarter."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self.last: tuple | None = None
-
-    def __call__(self, event: PullProgress) -> None:
-        quarter = (4 * event.done // event.total) if event.total else 0
-        key = (event.stage, event.file, quarter)
-        if key != self.last:
-            self.last = key
-            log.info("pull %s: %s %s %d%%", self.name, event.stage, event.file or "", 25 * quarter)

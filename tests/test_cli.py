@@ -1,0 +1,245 @@
+"""The `xllm` CLI through its entry point: store commands, run/ps/stop on the live server, errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from tests.server_fixtures import TINY
+from xllm_jupyter.cli.main import main
+from xllm_jupyter.client import XllmClient
+
+XLLM = Path(sys.executable).parent / "xllm"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """An empty store for this test only."""
+    path = tmp_path / "home"
+    monkeypatch.setenv("XLLM_HOME", str(path))
+    monkeypatch.delenv("XLLM_CONFIG", raising=False)
+    return path
+
+
+@pytest.fixture
+def live(xllm_server, monkeypatch):
+    """Point the CLI at the session's live server."""
+    monkeypatch.setenv("XLLM_BASE_URL", xllm_server.base_url)
+    monkeypatch.setenv("XLLM_API_KEY", xllm_server.api_key)
+    return xllm_server
+
+
+def invoke(*args: str, input: str | None = None):
+    return CliRunner().invoke(main, list(args), input=input, catch_exceptions=False)
+
+
+def assert_clean_error(result, *needles: str) -> None:
+    """Exit 1 with one readable line, no traceback."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    err = result.stderr.strip()
+    assert err.startswith("Error: ") and len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err
+
+
+# ------------------------------------------------------------------ entry point
+def test_help_lists_every_command():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for cmd in ("serve", "pull", "list", "show", "rm", "run", "ps", "stop"):
+        assert f"  {cmd} " in result.output
+
+
+def test_real_entry_point_subprocess(tmp_path):
+    assert XLLM.exists(), "the package is not installed (pip install -e .): no xllm script"
+    env = {**os.environ, "XLLM_HOME": str(tmp_path / "empty")}
+    env.pop("XLLM_CONFIG", None)
+    out = subprocess.run([str(XLLM), "--help"], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0 and "Usage: xllm" in out.stdout
+    out = subprocess.run([str(XLLM), "list"], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "No models yet" in out.stdout
+    out = subprocess.run([str(XLLM), "show", "ghost"], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 1
+    assert out.stderr.strip() == "Error: The model 'ghost' does not exist"
+
+
+def test_usage_errors_exit_2():
+    assert invoke("run").exit_code == 2
+    assert invoke("no-such-command").exit_code == 2
+    assert invoke("run", "m", "--temperature", "hot").exit_code == 2
+
+
+# ------------------------------------------------------------------------ store
+def test_pull_list_show_rm(home, tiny_llama_dir):
+    result = invoke("pull", str(tiny_llama_dir), "--name", "mini")
+    assert result.exit_code == 0, result.output
+    assert "Pulled mini (safetensors" in result.stdout
+
+    result = invoke("list")
+    assert result.exit_code == 0
+    assert "mini" in result.stdout and "safetensors" in result.stdout
+
+    result = invoke("show", "mini")
+    assert result.exit_code == 0
+    out = result.stdout
+    assert "name      mini" in out
+    assert "format    safetensors" in out
+    assert str(tiny_llama_dir) in out or "source" in out
+    assert "model.safetensors" in out and "tokenizer.json" in out
+    assert "template" in out and "im_start" in out  # SmolLM2's chat template excerpt
+
+    # pulling again from the same source is a no-op, not an error
+    assert invoke("pull", str(tiny_llama_dir), "--name", "mini").exit_code == 0
+
+    result = invoke("rm", "mini", input="n\n")
+    assert result.exit_code == 1  # declined: nothing removed
+    assert "mini" in invoke("list").stdout
+
+    result = invoke("rm", "mini", "-y")
+    assert result.exit_code == 0 and "Removed mini" in result.stdout
+    assert "No models yet" in invoke("list").stdout
+    assert_clean_error(invoke("show", "mini"), "mini", "does not exist")
+    assert_clean_error(invoke("rm", "mini", "-y"), "does not exist")
+
+
+def test_pull_errors_are_one_line(home, tmp_path):
+    assert_clean_error(invoke("pull", str(tmp_path / "nowhere")))
+    assert_clean_error(invoke("show", "../etc"), "Invalid model name")
+
+
+# --------------------------------------------------------------------- server
+def test_run_one_shot_streams_the_answer(live):
+    result = invoke("run", TINY, "Say", "hi", "-t", "0", "--max-tokens", "8")
+    assert result.exit_code == 0, result.output
+    assert "No xllm server" not in result.stderr
+    with XllmClient(live.base_url, live.api_key) as c:
+        expected = c.chat([{"role": "user", "content": "Say hi"}], TINY, temperature=0, max_tokens=8)
+    assert result.stdout == expected + "\n"
+
+
+def test_run_interactive_keeps_history(live):
+    result = invoke("run", TINY, "-t", "0", "--max-tokens", "4", input="hello\n\nagain\n/bye\nnot sent\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count(">>> ") == 4  # hello, the blank line, again, /bye; "not sent" is never read
+    assert "/bye" in result.stderr  # the help line
+
+
+def test_interactive_sends_the_whole_conversation(live, monkeypatch):
+    """Each turn carries the earlier turns (recorded around the real client)."""
+    from xllm_jupyter.cli import chat
+
+    sent = []
+
+    class Recording(XllmClient):
+        def stream_chat(self, messages, model=None, **params):
+            sent.append([dict(m) for m in messages])
+            return super().stream_chat(messages, model, **params)
+
+    lines = iter(["first", "/clear", "second", "third", "/bye"])
+    monkeypatch.setattr(chat, "_read_line", lambda: next(lines))
+    history = [{"role": "system", "content": "be brief"}]
+    with Recording(live.base_url, live.api_key) as backend:
+        chat.interactive(backend, TINY, history, {"max_tokens": 3, "temperature": 0})
+    assert [m["content"] for m in sent[0]] == ["be brief", "first"]
+    assert [m["content"] for m in sent[1]] == ["be brief", "second"]  # /clear kept only the system prompt
+    roles = [m["role"] for m in sent[2]]
+    assert roles == ["system", "user", "assistant", "user"] and sent[2][-1]["content"] == "third"
+
+
+def test_run_interactive_eof_exits(live):
+    result = invoke("run", TINY, "--max-tokens", "2", input="")
+    assert result.exit_code == 0
+
+
+def test_run_unknown_model_is_a_clean_error(live):
+    assert_clean_error(invoke("run", "nope", "hi"), "The model 'nope' does not exist")
+    assert_clean_error(invoke("run", "nope"), "The model 'nope' does not exist")  # interactive: fails before the prompt
+
+
+def test_wrong_api_key_is_a_clean_error(live):
+    assert_clean_error(invoke("--api-key", "wrong", "ps"))
+
+
+def test_run_without_server_runs_in_process(xllm_home, xllm_server, monkeypatch):
+    monkeypatch.setenv("XLLM_HOME", str(xllm_home))
+    monkeypatch.delenv("XLLM_CONFIG", raising=False)
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    result = invoke("--url", url, "run", TINY, "hi", "-t", "0", "--max-tokens", "6")
+    assert result.exit_code == 0, result.output
+    assert "No xllm server at" in result.stderr and "in this process" in result.stderr
+    # the same weights, greedy: the in-process engine answers exactly what the server does
+    with XllmClient(xllm_server.base_url, xllm_server.api_key) as c:
+        expected = c.chat("hi", TINY, temperature=0, max_tokens=6)
+    assert result.stdout == expected + "\n"
+
+
+def test_ps_and_stop(live):
+    result = invoke("ps")
+    assert result.exit_code == 0, result.output
+    assert "NAME" in result.stdout and TINY in result.stdout and "transformers" in result.stdout
+    try:
+        result = invoke("stop", TINY)
+        assert result.exit_code == 0 and f"Stopped {TINY}" in result.stdout
+        assert TINY not in invoke("ps").stdout.replace("NAME", "")
+        assert_clean_error(invoke("stop", TINY), "not loaded")
+        assert_clean_error(invoke("stop", "ghost"), "ghost")
+    finally:
+        with XllmClient(live.base_url, live.api_key) as c:
+            c.load(TINY)
+
+
+def test_no_server_for_ps_is_a_clean_error():
+    result = invoke("--url", f"http://127.0.0.1:{free_port()}/v1", "ps")
+    assert_clean_error(result, "no xllm server at", "xllm serve")
+
+
+def test_serve_subprocess(xllm_home):
+    """`xllm serve` for real: listens, loads the model, answers, stops on SIGINT."""
+    port = free_port()
+    env = {**os.environ, "XLLM_HOME": str(xllm_home), "OMP_NUM_THREADS": "1"}
+    for var in ("XLLM_CONFIG", "XLLM_API_KEY", "XLLM_API_KEYS", "XLLM_BASE_URL"):
+        env.pop(var, None)
+    proc = subprocess.Popen([str(XLLM), "serve", "--port", str(port), "-m", TINY, "--api-key", "k1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if TINY in httpx.get(base + "/health", timeout=2).json().get("models", []):
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.3)
+        else:
+            pytest.fail("xllm serve did not come up")
+        with XllmClient(base + "/v1", "k1") as c:
+            assert c.chat("hi", TINY, max_tokens=3) is not None
+        env_cli = {"XLLM_BASE_URL": base + "/v1", "XLLM_API_KEY": "k1"}
+        result = CliRunner().invoke(main, ["ps"], env=env_cli)
+        assert result.exit_code == 0 and TINY in result.stdout
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, proc.stdout.read()[-2000:]

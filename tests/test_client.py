@@ -1,0 +1,183 @@
+"""XllmClient / AsyncXllmClient against the real standalone server serving the tiny Llama."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import pytest
+
+from tests.server_fixtures import TINY
+from xllm_jupyter.client import AsyncXllmClient, ServerUnavailable, XllmClient, resolve_base_url
+from xllm_jupyter.client.base import root_url
+from xllm_jupyter.core.errors import AuthenticationError, InvalidRequest, ModelNotFound, XllmError
+
+GREEDY = {"temperature": 0, "max_tokens": 12}
+
+
+@pytest.fixture
+def client(xllm_server):
+    with XllmClient(xllm_server.base_url, xllm_server.api_key) as c:
+        yield c
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+# ------------------------------------------------------------------------ URLs
+def test_base_url_defaults_and_env(monkeypatch):
+    monkeypatch.delenv("XLLM_BASE_URL", raising=False)
+    assert resolve_base_url() == "http://127.0.0.1:8900/v1"
+    monkeypatch.setenv("XLLM_BASE_URL", "http://example.test:8888/lab-base/xllm/v1/")
+    c = XllmClient()
+    try:
+        assert c.base_url == "http://example.test:8888/lab-base/xllm/v1"
+        assert c.admin_url == "http://example.test:8888/lab-base/xllm/admin"
+        assert c.root_url == "http://example.test:8888/lab-base/xllm"
+    finally:
+        c.close()
+    # a pasted server root gets /v1, an explicit argument beats the environment
+    assert resolve_base_url("127.0.0.1:9000") == "http://127.0.0.1:9000/v1"
+    assert root_url("http://h:1/v1") == "http://h:1"
+
+
+def test_api_key_from_env(monkeypatch, xllm_server):
+    monkeypatch.setenv("XLLM_API_KEY", xllm_server.api_key)
+    monkeypatch.setenv("XLLM_BASE_URL", xllm_server.base_url)
+    with XllmClient() as c:
+        assert any(m["id"] == TINY for m in c.models())
+
+
+# ---------------------------------------------------------------- admin routes
+def test_health_models_and_loaded(client):
+    assert client.health()["status"] == "ok"
+    assert TINY in [m["id"] for m in client.models()]
+    loaded = {m["id"]: m for m in client.loaded()}
+    assert loaded[TINY]["backend"] == "transformers"
+    assert "details" in loaded[TINY]
+
+
+def test_unload_and_load(client):
+    try:
+        assert client.unload(TINY)["unloaded"] is True
+        assert TINY not in [m["id"] for m in client.loaded()]
+        assert client.unload(TINY)["unloaded"] is False
+    finally:
+        client.load(TINY)
+    assert TINY in [m["id"] for m in client.loaded()]
+
+
+def test_default_model_is_first_loaded(client, monkeypatch):
+    monkeypatch.delenv("XLLM_MODEL", raising=False)
+    assert client.default_model() == TINY
+    monkeypatch.setenv("XLLM_MODEL", "other")
+    assert client.default_model() == "other"
+
+
+# ------------------------------------------------------------------------ chat
+def test_chat_and_stream_agree(client):
+    messages = [{"role": "user", "content": "Say hello"}]
+    text = client.chat(messages, TINY, **GREEDY, ignore_eos=True)
+    assert isinstance(text, str) and text
+    pieces = list(client.stream_chat(messages, TINY, **GREEDY, ignore_eos=True))
+    assert len(pieces) > 1  # really streamed, not one blob
+    assert "".join(pieces) == text
+
+
+def test_stream_chunks_with_usage(client):
+    chunks = list(client.stream_chunks("hi", TINY, max_tokens=5, temperature=0, ignore_eos=True, stream_options={"include_usage": True}))
+    assert chunks[0]["object"] == "chat.completion.chunk"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert finishes[-1] == "length"
+
+
+def test_closing_a_stream_cancels_on_the_server(client, xllm_server):
+    engine = xllm_server.engine
+    before = engine.stats(TINY).cancelled
+    stream = client.stream_chat("Tell me a long story", TINY, max_tokens=1500, temperature=0, ignore_eos=True)
+    for i, _ in enumerate(stream):
+        if i == 2:
+            break
+    stream.close()
+    assert wait_for(lambda: engine.stats(TINY).cancelled > before), "the server did not cancel the job"
+    assert wait_for(lambda: engine.stats(TINY).running == 0)
+
+
+# ---------------------------------------------------------------------- errors
+def test_unknown_model_is_model_not_found(client):
+    with pytest.raises(ModelNotFound) as info:
+        client.chat("hi", "no-such-model")
+    assert "no-such-model" in info.value.message
+    assert info.value.status == 404
+    with pytest.raises(ModelNotFound):
+        list(client.stream_chat("hi", "no-such-model"))
+    with pytest.raises(ModelNotFound):
+        client.load("no-such-model")
+
+
+def test_bad_parameter_is_invalid_request(client):
+    with pytest.raises(InvalidRequest) as info:
+        client.chat("hi", TINY, temperature=7)
+    assert info.value.status == 400
+    assert info.value.param == "temperature"
+
+
+def test_wrong_key_is_authentication_error(xllm_server):
+    with XllmClient(xllm_server.base_url, "wrong-key") as c:
+        with pytest.raises(AuthenticationError) as info:
+            c.models()
+    assert info.value.status == 401 and info.value.message
+
+
+def test_no_server_is_a_clear_error():
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    with XllmClient(url) as c:
+        with pytest.raises(ServerUnavailable) as info:
+            c.models()
+        assert "no xllm server at http://127.0.0.1:" in info.value.message
+        assert "xllm serve" in info.value.message
+        with pytest.raises(XllmError):
+            list(c.stream_chat("hi", "m"))
+
+
+# ----------------------------------------------------------------------- async
+def test_async_client(xllm_server):
+    async def main():
+        async with AsyncXllmClient(xllm_server.base_url, xllm_server.api_key) as c:
+            assert (await c.health())["status"] == "ok"
+            assert TINY in [m["id"] for m in await c.models()]
+            assert TINY in [m["id"] for m in await c.loaded()]
+            text = await c.chat("Say hello", TINY, **GREEDY, ignore_eos=True)
+            pieces = [p async for p in c.stream_chat("Say hello", TINY, **GREEDY, ignore_eos=True)]
+            assert "".join(pieces) == text
+            # two streams at once: both finish
+            results = await asyncio.gather(*(c.chat(f"n{i}", TINY, max_tokens=4, temperature=0) for i in range(2)))
+            assert all(isinstance(r, str) for r in results)
+            with pytest.raises(ModelNotFound):
+                async for _ in c.stream_chat("hi", "no-such-model"):
+                    pass
+
+    asyncio.run(main())
+
+
+def test_async_no_server():
+    async def main():
+        async with AsyncXllmClient(f"http://127.0.0.1:{free_port()}/v1") as c:
+            with pytest.raises(ServerUnavailable):
+                await c.health()
+
+    asyncio.run(main())

@@ -1,0 +1,133 @@
+"""The Jupyter server extension: real ServerApp (pytest-jupyter), real engine, the openai SDK.
+
+``jp_base_url`` is ``/a%40b/``, so any place that forgets base_url (or re-quotes it)
+shows up as a 404 here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+import openai
+import pytest
+
+from tests.server_fixtures import TINY
+
+pytest_plugins = ("pytest_jupyter.jupyter_server",)
+
+MSG = [{"role": "user", "content": "Say something."}]
+
+
+@pytest.fixture
+def jp_server_config(xllm_home):
+    """Extension on, unauthenticated access off (unauthenticated routes must be marked)."""
+    return {
+        "ServerApp": {"jpserver_extensions": {"xllm_jupyter": True}, "allow_unauthenticated_access": False},
+        "XllmApp": {"default_model": TINY, "home": str(xllm_home), "max_batch_size": 4, "max_body_bytes": 65536},
+    }
+
+
+@pytest.fixture
+def xllm(jp_serverapp, http_server_client, jp_http_port, jp_base_url):
+    """URL, token and extension app of a started server (the fixture does not run the start hooks)."""
+    token = jp_serverapp.identity_provider.token
+    app = jp_serverapp.extension_manager.extension_apps["xllm_jupyter"]
+    (ext,) = app
+    return {
+        "url": f"http://127.0.0.1:{jp_http_port}{jp_base_url}xllm/v1",
+        "root": f"http://127.0.0.1:{jp_http_port}{jp_base_url}xllm",
+        "token": token,
+        "app": ext,
+        "serverapp": jp_serverapp,
+    }
+
+
+async def start(xllm) -> None:
+    """What ServerApp.start_ioloop schedules once the loop runs: the extensions' start hooks."""
+    await xllm["serverapp"]._post_start()
+
+
+async def test_openai_sdk_with_jupyter_token(xllm):
+    await start(xllm)
+    async with openai.AsyncOpenAI(base_url=xllm["url"], api_key=xllm["token"], max_retries=0, timeout=60) as c:
+        ids = [m.id async for m in c.models.list()]
+        assert TINY in ids
+        r = await c.chat.completions.create(model=TINY, messages=MSG, max_tokens=5)
+        assert r.id.startswith("chatcmpl-") and r.usage.completion_tokens <= 5
+        stream = await c.chat.completions.create(
+            model=TINY, messages=MSG, max_tokens=5, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = [chunk async for chunk in stream]
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens <= 5
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert text
+        with pytest.raises(openai.NotFoundError) as info:
+            await c.chat.completions.create(model="missing", messages=MSG)
+        assert info.value.code == "model_not_found"
+        with pytest.raises(openai.BadRequestError) as info:
+            await c.chat.completions.create(model=TINY, messages=MSG, temperature=9)
+        assert info.value.param == "temperature"
+
+
+async def test_stream_content_type_and_token_header(xllm):
+    await start(xllm)
+    body = {"model": TINY, "messages": MSG, "max_tokens": 3, "stream": True}
+    async with httpx.AsyncClient(timeout=60) as c:
+        r = await c.post(xllm["url"] + "/chat/completions", json=body, headers={"Authorization": f"token {xllm['token']}"})
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert r.text.endswith("data: [DONE]\n\n")
+
+
+async def test_no_token_is_refused(xllm):
+    await start(xllm)
+    async with httpx.AsyncClient(timeout=30) as c:
+        r = await c.post(xllm["url"] + "/chat/completions", json={"model": TINY, "messages": MSG})
+        assert r.status_code in (401, 403)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"}
+        r = await c.get(xllm["url"] + "/models", headers={"Authorization": "Bearer wrong"})
+        assert r.status_code in (401, 403)
+        r = await c.get(xllm["root"] + "/health")  # the one public route
+        assert r.status_code == 200
+    async with openai.AsyncOpenAI(base_url=xllm["url"], api_key="not-the-token", max_retries=0) as bad:
+        with pytest.raises((openai.PermissionDeniedError, openai.AuthenticationError)):
+            await bad.models.list()
+
+
+async def test_environment_exported(xllm):
+    await start(xllm)
+    assert os.environ["XLLM_BASE_URL"] == xllm["url"]
+    assert os.environ["XLLM_API_KEY"] == xllm["token"]
+    async with openai.AsyncOpenAI(base_url=os.environ["XLLM_BASE_URL"], api_key=os.environ["XLLM_API_KEY"], max_retries=0) as c:
+        assert (await c.models.retrieve(TINY)).id == TINY
+
+
+async def test_preload_and_admin(xllm):
+    ext = xllm["app"]
+    assert ext.xllm_config.engine.max_batch_size == 4
+    await start(xllm)
+    await ext._start_task  # the background preload of the default model
+    assert ext.engine.is_loaded(TINY)
+    headers = {"Authorization": f"Bearer {xllm['token']}"}
+    async with httpx.AsyncClient(timeout=60, headers=headers) as c:
+        data = (await c.get(xllm["root"] + "/admin/models")).json()["data"]
+        assert [m["id"] for m in data] == [TINY]
+        assert data[0]["max_batch_size"] == 4
+        r = await c.post(xllm["url"] + "/chat/completions", content=b"{" + b" " * 70000 + b"}")
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        r = await c.get(xllm["root"] + "/no/such/route")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    assert ext.current_activity() is False
+
+
+async def test_stop_extension_stops_engine(xllm):
+    ext = xllm["app"]
+    await start(xllm)
+    await ext._start_task
+    assert ext.engine.is_loaded(TINY)
+    await ext.stop_extension()
+    assert not ext.engine.is_loaded(TINY)
+    assert "XLLM_BASE_URL" not in os.environ

@@ -1,0 +1,63 @@
+"""Pull progress events, and the wrappers the store puts around a caller's progress callback."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+log = logging.getLogger("xllm_jupyter.store")
+
+PROGRESS_MARK = "_xllm_progress_error"  # set on exceptions raised by a caller's progress callback
+
+
+@dataclass(frozen=True)
+class PullProgress:
+    """One progress report of a pull: ``stage`` is download, convert, verify or done; bytes in done/total."""
+
+    stage: str
+    file: str | None
+    done: int
+    total: int | None
+
+
+ProgressFn = Callable[[PullProgress], None]
+
+
+def guard_progress(progress: ProgressFn | None) -> ProgressFn | None:
+    """Wrap the caller's callback so its exceptions are marked and pass through untranslated."""
+    if progress is None:
+        return None
+
+    def report(event: PullProgress) -> None:
+        try:
+            progress(event)
+        except BaseException as exc:
+            try:
+                setattr(exc, PROGRESS_MARK, True)
+            except Exception:  # pragma: no cover - exceptions with __slots__
+                pass
+            raise
+
+    return report
+
+
+def from_callback(exc: BaseException) -> bool:
+    """True when ``exc`` was raised by the caller's progress callback."""
+    return bool(getattr(exc, PROGRESS_MARK, False))
+
+
+class LogProgress:
+    """Progress for pulls nobody watches (first-use pulls in resolve): log each stage and quarter."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.last: tuple | None = None
+
+    def __call__(self, event: PullProgress) -> None:
+        """Log ``event`` when its stage, file or quarter changed."""
+        quarter = (4 * event.done // event.total) if event.total else 0
+        key = (event.stage, event.file, quarter)
+        if key != self.last:
+            self.last = key
+            log.info("pull %s: %s %s %d%%", self.name, event.stage, event.file or "", 25 * quarter)
