@@ -49,8 +49,9 @@ def test_unknown_model_is_404(client):
     assert info.value.status_code == 404
     assert info.value.code == "model_not_found"
     assert info.value.param == "model"
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError) as info:
         client.models.retrieve("no-such-model:v1.5-q4")
+    assert info.value.code == "model_not_found"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="x")
 
@@ -248,7 +249,7 @@ def test_error_translation_hides_internals():
     status, body, headers = error_response(RateLimited("slow down", retry_after=2.4))
     assert status == 429 and headers["Retry-After"] == "2" and body["error"]["code"] == "rate_limit_exceeded"
     status, body, _ = error_response(Overloaded("queue full"))
-    assert status == 503
+    assert status == 503 and body["error"]["message"] == "queue full" and body["error"]["code"] == "overloaded"
 
 
 def test_engine_failure_mid_stream_and_non_streaming(client, raw, xllm_server):

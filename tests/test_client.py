@@ -181,3 +181,47 @@ def test_async_no_server():
                 await c.health()
 
     asyncio.run(main())
+
+
+@pytest.fixture
+def not_xllm():
+    """A real HTTP server that is not xllm: an HTML page at /page, a redirect at /moved."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            if self.path.startswith("/moved"):
+                self.send_response(302)
+                self.send_header("Location", "/login")
+                self.end_headers()
+                return
+            body = b"<html><body>Jupyter login</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_url_that_is_not_xllm_is_a_clear_error(not_xllm):
+    with XllmClient(not_xllm + "/page/v1") as c:
+        with pytest.raises(XllmError, match="did not answer like an xllm server"):
+            c.models()
+        with pytest.raises(XllmError, match="did not answer like an xllm server"):
+            list(c.stream_chat("hi", "m"))
+    with XllmClient(not_xllm + "/moved/v1") as c:
+        with pytest.raises(XllmError, match="redirected to /login"):
+            c.health()

@@ -1,7 +1,9 @@
 """The Jupyter server extension: real ServerApp (pytest-jupyter), real engine, the openai SDK.
 
 ``jp_base_url`` is ``/a%40b/``, so any place that forgets base_url (or re-quotes it)
-shows up as a 404 here.
+shows up as a 404 here. The test bodies are coroutines run on ``jp_asyncio_loop``
+explicitly: the server lives on that loop, and pytest-asyncio's auto mode would
+otherwise run them on a loop of its own, where the server never answers.
 """
 
 from __future__ import annotations
@@ -23,13 +25,17 @@ MSG = [{"role": "user", "content": "Say something."}]
 def jp_server_config(xllm_home):
     """Extension on, unauthenticated access off (unauthenticated routes must be marked)."""
     return {
-        "ServerApp": {"jpserver_extensions": {"xllm_jupyter": True}, "allow_unauthenticated_access": False},
+        "ServerApp": {
+            # terminals is off: its websocket route trips the JupyterServerAuthWarning-as-error filter
+            "jpserver_extensions": {"xllm_jupyter": True, "jupyter_server_terminals": False},
+            "allow_unauthenticated_access": False,
+        },
         "XllmApp": {"default_model": TINY, "home": str(xllm_home), "max_batch_size": 4, "max_body_bytes": 65536},
     }
 
 
 @pytest.fixture
-def xllm(jp_serverapp, http_server_client, jp_http_port, jp_base_url):
+def xllm(jp_serverapp, http_server_client, jp_http_port, jp_base_url, jp_asyncio_loop):
     """URL, token and extension app of a started server (the fixture does not run the start hooks)."""
     token = jp_serverapp.identity_provider.token
     app = jp_serverapp.extension_manager.extension_apps["xllm_jupyter"]
@@ -40,7 +46,18 @@ def xllm(jp_serverapp, http_server_client, jp_http_port, jp_base_url):
         "token": token,
         "app": ext,
         "serverapp": jp_serverapp,
+        "run": jp_asyncio_loop.run_until_complete,
     }
+
+
+def on_server_loop(body):
+    """Turn ``async def test(xllm)`` into a sync test that runs it on the server's loop."""
+
+    def test(xllm):
+        xllm["run"](body(xllm))
+
+    test.__name__, test.__qualname__, test.__doc__ = body.__name__, body.__qualname__, body.__doc__
+    return test
 
 
 async def start(xllm) -> None:
@@ -48,6 +65,7 @@ async def start(xllm) -> None:
     await xllm["serverapp"]._post_start()
 
 
+@on_server_loop
 async def test_openai_sdk_with_jupyter_token(xllm):
     await start(xllm)
     async with openai.AsyncOpenAI(base_url=xllm["url"], api_key=xllm["token"], max_retries=0, timeout=60) as c:
@@ -71,6 +89,7 @@ async def test_openai_sdk_with_jupyter_token(xllm):
         assert info.value.param == "temperature"
 
 
+@on_server_loop
 async def test_stream_content_type_and_token_header(xllm):
     await start(xllm)
     body = {"model": TINY, "messages": MSG, "max_tokens": 3, "stream": True}
@@ -81,6 +100,7 @@ async def test_stream_content_type_and_token_header(xllm):
     assert r.text.endswith("data: [DONE]\n\n")
 
 
+@on_server_loop
 async def test_no_token_is_refused(xllm):
     await start(xllm)
     async with httpx.AsyncClient(timeout=30) as c:
@@ -97,6 +117,7 @@ async def test_no_token_is_refused(xllm):
             await bad.models.list()
 
 
+@on_server_loop
 async def test_environment_exported(xllm):
     await start(xllm)
     assert os.environ["XLLM_BASE_URL"] == xllm["url"]
@@ -105,6 +126,7 @@ async def test_environment_exported(xllm):
         assert (await c.models.retrieve(TINY)).id == TINY
 
 
+@on_server_loop
 async def test_preload_and_admin(xllm):
     ext = xllm["app"]
     assert ext.xllm_config.engine.max_batch_size == 4
@@ -123,6 +145,7 @@ async def test_preload_and_admin(xllm):
     assert ext.current_activity() is False
 
 
+@on_server_loop
 async def test_stop_extension_stops_engine(xllm):
     ext = xllm["app"]
     await start(xllm)

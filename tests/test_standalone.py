@@ -14,13 +14,11 @@ from pathlib import Path
 
 import httpx
 import openai
-import pytest
 import tornado.web
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from tests.server_fixtures import TINY, make_test_config
-from xllm_jupyter.core.config import ServerConfig, XllmConfig
 from xllm_jupyter.engine.engine import Engine
 from xllm_jupyter.server.auth import ApiKeyAuth, is_loopback
 from xllm_jupyter.server.sse import EventStreamWriter

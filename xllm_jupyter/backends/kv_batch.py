@@ -5,8 +5,10 @@ each holding ``keys``/``values`` tensors of shape (batch, kv_heads, seq, head_di
 ``update`` grows by concatenation along ``seq``. Every row is right-aligned: its real
 tokens are the last ``lengths[row]`` columns, padding sits on the left and is masked
 out. Right alignment keeps relative distances exact, so causal and sliding-window masks
-computed in cache coordinates stay right for every row. This module is the only place
-that touches the cache's internals.
+computed in cache coordinates stay right for every row. A prefill runs on a plain
+``DynamicCache``; the running batch's layers are ``GrowLayer``s (a ``DynamicLayer``
+subclass writing into spare capacity). This module is the only place that touches the
+cache's internals.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
-
 
 #: spare columns a batch layer allocates beyond what it holds (at least; grows with length)
 HEADROOM = 64
@@ -160,7 +161,7 @@ class BatchKV:
         self.trim()  # a prefill may carry columns that are padding in all of its rows
 
     def keep(self, rows: Sequence[int]) -> None:
-        """Keep only ``rows`` (in that order); drop the rest and trim shared padding."""
+        """Keep only ``rows`` (an ascending subset of row indices); drop the rest, trim shared padding."""
         if len(rows) == self.rows:
             return
         if not rows:

@@ -177,10 +177,13 @@ def _draw(samplers: Sequence[JobSampler], logits: torch.Tensor) -> torch.Tensor:
             apply_top_k(logits, torch.tensor([x.top_k for x in p], device=device))
         if any(x.top_p < 1.0 for x in p):
             # 2.0 for rows with top_p off: rounding in the cumulative sum can never reach it
-            top_p = [x.top_p if x.top_p < 1.0 else 2.0 for x in p]
+            # (and at least 1e-6, so top_p <= 0 still keeps the top token instead of none)
+            top_p = [max(x.top_p, 1e-6) if x.top_p < 1.0 else 2.0 for x in p]
             apply_top_p(logits, torch.tensor(top_p, device=device, dtype=logits.dtype))
         if any(x.min_p > 0.0 for x in p):
-            apply_min_p(logits, torch.tensor([x.min_p for x in p], device=device, dtype=logits.dtype))
+            # min_p above 1 would drop even the top token
+            min_p = [min(max(x.min_p, 0.0), 1.0) for x in p]
+            apply_min_p(logits, torch.tensor(min_p, device=device, dtype=logits.dtype))
     probs = logits.softmax(dim=-1)
     # Gumbel-style race (argmax of p / Exp(1)) samples exactly from probs; each row's
     # noise comes from its own generator, so other rows never shift its random stream.

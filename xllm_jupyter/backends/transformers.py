@@ -19,7 +19,6 @@ from typing import Any, Sequence
 from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest
 from ..core.types import ChatMessage, FinishReason, SequenceJob, TokenEvent
 from .base import Backend, LoadedModel, ModelSpec
-
 from .detokenize import IncrementalDetokenizer
 
 try:  # the backend must stay importable (and say "unavailable") without torch/transformers
@@ -215,6 +214,8 @@ class TransformersModel(LoadedModel):
         """Queue ``job``; its prefill runs in the next step that has room in the batch."""
         if not job.prompt_ids:
             raise InvalidRequest("The prompt is empty", param="prompt")
+        if job.max_tokens < 1:
+            raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")
         if len(job.prompt_ids) >= self.context_length:
             raise ContextLengthExceeded(f"The prompt has {len(job.prompt_ids)} tokens; this model's context "
                                         f"is {self.context_length} tokens", param="messages")
@@ -272,11 +273,11 @@ class TransformersModel(LoadedModel):
         self._cancelled = set()
         for seq in [s for s in self._pending if s.job.job_id in gone]:
             self._pending.remove(seq)
-            events.append(self._final(seq, None, "", FinishReason.CANCELLED))
+            events.append(self._event(seq, None, "", finish=FinishReason.CANCELLED))
         keep = []
         for i, seq in enumerate(self._running):
             if seq.job.job_id in gone:
-                events.append(self._final(seq, None, "", FinishReason.CANCELLED))
+                events.append(self._event(seq, None, "", finish=FinishReason.CANCELLED))
             else:
                 keep.append(i)
         self._keep_rows(keep)
@@ -333,11 +334,11 @@ class TransformersModel(LoadedModel):
             lp = result.logprobs.get(row)
             job = seq.job
             if token in job.stop_token_ids:
-                events.append(self._final(seq, token, "", FinishReason.STOP, lp))
+                events.append(self._event(seq, token, "", lp, FinishReason.STOP))
                 continue
             text = seq.detok.push(token)
             if seq.completion >= job.max_tokens or len(job.prompt_ids) + seq.completion >= self.context_length:
-                events.append(self._final(seq, token, text + seq.detok.flush(), FinishReason.LENGTH, lp))
+                events.append(self._event(seq, token, text + seq.detok.flush(), lp, FinishReason.LENGTH))
                 continue
             seq.sampler.observe(token)
             seq.last = token
@@ -345,16 +346,13 @@ class TransformersModel(LoadedModel):
             keep.append(row)
         return keep
 
-    def _event(self, seq: _Seq, token: int | None, text: str, lp=None, finish: FinishReason | None = None,
+    def _event(self, seq: _Seq, token: int | None, text: str, lp=None, finish: FinishReason | None = None
                ) -> TokenEvent:
         logprob, top = (None, ()) if lp is None else (lp[0], tuple((self._decode_piece([i]), v) for i, v in lp[1]))
         counts = {} if finish is None else {"prompt_tokens": len(seq.job.prompt_ids),
                                             "completion_tokens": seq.completion}
         return TokenEvent(job_id=seq.job.job_id, token_id=token, text=text, logprob=logprob,
                           top_logprobs=top, finish=finish, **counts)
-
-    def _final(self, seq: _Seq, token: int | None, text: str, reason: FinishReason, lp=None) -> TokenEvent:
-        return self._event(seq, token, text, lp, reason)
 
     # -- resources --------------------------------------------------------------------
 

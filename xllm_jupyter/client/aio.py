@@ -13,8 +13,10 @@ from .base import (
     auth_headers,
     chat_body,
     delta_text,
-    error_from_response,
+    is_event_stream,
+    json_body,
     message_text,
+    not_a_stream,
     parse_sse_line,
     resolve_base_url,
     root_url,
@@ -49,9 +51,7 @@ class AsyncXllmClient:
             response = await self._http.request(method, url, **kw)
         except httpx.TransportError as exc:
             raise unreachable(self.root_url, exc) from None
-        if response.status_code >= 400:
-            raise error_from_response(response)
-        return response.json() if response.content else None
+        return json_body(response, self.root_url)
 
     async def health(self) -> dict[str, Any]:
         """The server's ``/health`` body."""
@@ -84,9 +84,9 @@ class AsyncXllmClient:
         url = self.base_url + "/chat/completions"
         try:
             async with self._http.stream("POST", url, json=chat_body(messages, model, True, params)) as response:
-                if response.status_code >= 400:
+                if not is_event_stream(response):
                     await response.aread()
-                    raise error_from_response(response)
+                    raise not_a_stream(response, self.root_url)
                 async for line in response.aiter_lines():
                     chunk = parse_sse_line(line)
                     if chunk is DONE:

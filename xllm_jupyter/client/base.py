@@ -133,6 +133,39 @@ def error_from_response(response: httpx.Response) -> XllmError:
     return error_from_body(response.status_code, body, reason=response.reason_phrase, headers=response.headers)
 
 
+def json_body(response: httpx.Response, root: str) -> Any:
+    """The JSON of a (read) response, or the XllmError it stands for.
+
+    Redirects and non-JSON pages mean the URL is not an xllm API (e.g. a Jupyter login
+    page), which deserves a message rather than a decoding traceback.
+    """
+    if response.status_code >= 400:
+        raise error_from_response(response)
+    if 300 <= response.status_code < 400:
+        where = response.headers.get("location", "elsewhere")
+        raise XllmError(f"the server at {root} redirected to {where}: check the URL and the API key")
+    if not response.content:
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        raise XllmError(f"the server at {root} did not answer like an xllm server (not JSON): check the URL") from None
+
+
+def is_event_stream(response: httpx.Response) -> bool:
+    """True for a successful SSE response; anything else must be read and turned into an error."""
+    return response.status_code < 300 and response.headers.get("content-type", "").startswith("text/event-stream")
+
+
+def not_a_stream(response: httpx.Response, root: str) -> XllmError:
+    """The error for a (read) response that should have been an SSE stream."""
+    try:
+        json_body(response, root)
+    except XllmError as exc:
+        return exc
+    return XllmError(f"the server at {root} did not stream its answer: check the URL")
+
+
 def unreachable(url: str, exc: Exception) -> ServerUnavailable:
     """The error for a server that does not answer at all."""
     if isinstance(exc, httpx.TimeoutException):

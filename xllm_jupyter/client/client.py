@@ -14,8 +14,10 @@ from .base import (
     auth_headers,
     chat_body,
     delta_text,
-    error_from_response,
+    is_event_stream,
+    json_body,
     message_text,
+    not_a_stream,
     parse_sse_line,
     resolve_base_url,
     root_url,
@@ -56,17 +58,15 @@ class XllmClient:
             response = self._http.request(method, url, **kw)
         except httpx.TransportError as exc:
             raise unreachable(self.root_url, exc) from None
-        if response.status_code >= 400:
-            raise error_from_response(response)
-        return response.json() if response.content else None
+        return json_body(response, self.root_url)
 
     @contextmanager
     def _stream(self, url: str, body: dict[str, Any]) -> Iterator[httpx.Response]:
         try:
             with self._http.stream("POST", url, json=body) as response:
-                if response.status_code >= 400:
+                if not is_event_stream(response):
                     response.read()
-                    raise error_from_response(response)
+                    raise not_a_stream(response, self.root_url)
                 yield response
         except httpx.TransportError as exc:
             raise unreachable(self.root_url, exc) from None

@@ -23,6 +23,7 @@ from ..core.errors import XllmError
 
 UPDATE_INTERVAL = 0.05  # seconds between display updates: smooth, without flooding the front-end
 INTERRUPTED = "\n\n*(interrupted)*"
+EMPTY = "*(the model returned no text)*"
 
 
 class _Missing:
@@ -151,24 +152,34 @@ class XllmMagics(Magics):
     def _stream_display(stream: Any) -> str:
         """Markdown that grows in place, updated at most every UPDATE_INTERVAL."""
         reply = Reply()
-        handle = display(reply, display_id=True)
+        handle = None  # displayed with the first text, so a request that fails leaves no empty output
         pieces: list[str] = []
-        last = time.monotonic()
+        last = 0.0
         try:
             for piece in stream:
                 pieces.append(piece)
                 now = time.monotonic()
-                if now - last >= UPDATE_INTERVAL:
+                if handle is None:
+                    reply.text = piece
+                    handle = display(reply, display_id=True)
+                    last = now
+                elif now - last >= UPDATE_INTERVAL:
                     reply.text = "".join(pieces)
                     handle.update(reply)
                     last = now
         except KeyboardInterrupt:
             pieces.append(INTERRUPTED)
+        else:
+            if not pieces:
+                pieces.append(EMPTY)
         finally:
             stream.close()  # closes the HTTP response, so the server cancels the job
             reply.text = "".join(pieces)
-            handle.update(reply)
-        return reply.text.removesuffix(INTERRUPTED)
+            if handle is not None:
+                handle.update(reply)
+            elif pieces:
+                display(reply)
+        return "" if reply.text == EMPTY else reply.text.removesuffix(INTERRUPTED)
 
     @staticmethod
     def _stream_print(stream: Any) -> str:

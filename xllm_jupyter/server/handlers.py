@@ -12,7 +12,7 @@ import asyncio
 from typing import Any, AsyncIterator, Awaitable
 
 from ..core.config import XllmConfig
-from ..core.errors import InvalidRequest, NotFound, PayloadTooLarge, XllmError
+from ..core.errors import InvalidRequest, NotFound, PayloadTooLarge
 from ..openai.serving import OpenAIServing
 from .errors import error_response, log_error
 from .sse import SSE_HEADERS, EventStreamWriter, dumps
@@ -270,7 +270,6 @@ __all__ = [
     "XllmContext",
     "RequestMixin",
     "BodyMixin",
-    "XllmError",
     "ModelsMixin",
     "ModelMixin",
     "ChatCompletionsMixin",
