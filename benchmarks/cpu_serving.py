@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3, help="runs per level and mode (order alternates); the best aggregate is reported")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice, one per core)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu_serving"), help="output path without extension")
     p.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)
     p.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
@@ -231,6 +232,10 @@ async def bench(args: argparse.Namespace) -> dict:
     from xllm_jupyter.server.standalone import start_server
 
     levels = [int(x) for x in args.levels.split(",") if x.strip()]
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="xllm-bench-") as tmp:
         store, model = open_store(args, Path(tmp))
         engine = Engine(EngineConfig(max_batch_size=max(16, max(levels))), catalog=store)

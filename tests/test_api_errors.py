@@ -283,3 +283,15 @@ def test_engine_failure_mid_stream_and_non_streaming(client, raw, xllm_server):
     r = client.chat.completions.create(model=TINY, messages=MSG, max_tokens=2)
     assert r.choices[0].message.content is not None
     assert raw.get("/health").json()["status"] == "ok"
+
+
+def test_refusals_before_the_body_close_the_connection_cleanly(xllm_server):
+    """A request refused before its body is read gets ``Connection: close`` (the server hangs up)."""
+    with httpx.Client(base_url=xllm_server.root, timeout=30) as c:
+        for _ in range(5):
+            r = c.get("/v1/models")  # 401, refused in prepare
+            assert r.status_code == 401 and r.headers["connection"] == "close"
+            r = c.get("/v1/chat/completions", headers={"Authorization": f"Bearer {xllm_server.api_key}"})
+            assert r.status_code == 405 and r.headers["connection"] == "close"
+            r = c.get("/v1/models", headers={"Authorization": f"Bearer {xllm_server.api_key}"})
+            assert r.status_code == 200 and r.headers.get("connection") != "close"

@@ -30,7 +30,7 @@ def expected(server, prompt: str, max_tokens: int, system: str | None = None) ->
     """What the server answers for ``prompt`` (greedy, so the magic must show exactly this)."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     with XllmClient(server.base_url, server.api_key) as c:
-        return c.chat(messages, TINY, temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        return c.chat(messages, TINY, temperature=0, max_tokens=max_tokens)
 
 
 def final_markdown(cap) -> str:
@@ -135,3 +135,24 @@ def test_magics_class_registers(shell):
     assert "xllm" in shell.magics_manager.magics["cell"]
     assert "xllm" in shell.magics_manager.magics["line"]
     assert any(isinstance(m, XllmMagics) for m in shell.magics_manager.registry.values())
+
+
+def test_in_a_real_kernel(xllm_server, monkeypatch):
+    """A real ipykernel (via nbclient): the answer arrives as Markdown display data, updated in place."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("XLLM_BASE_URL", xllm_server.base_url)  # what the extension exports
+    monkeypatch.setenv("XLLM_API_KEY", xllm_server.api_key)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("%load_ext xllm_jupyter\ntopic = 'owls'"),
+        nbformat.v4.new_code_cell(f"%%xllm -m {TINY} -t 0 --max-tokens 16\nA poem about {{topic}}"),
+    ]
+    NotebookClient(nb, timeout=120, kernel_name="python3").execute()
+    outputs = nb.cells[1].outputs
+    assert [o.output_type for o in outputs] == ["display_data"], outputs
+    # nbclient applies update_display_data to the original output, so it holds the final text
+    assert outputs[0].data["text/markdown"] == expected(xllm_server, "A poem about owls", 16)
+    assert nb.cells[1].execution_count is not None

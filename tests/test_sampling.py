@@ -9,12 +9,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from xllm_jupyter.backends.sampling import (  # noqa: E402
+    Filters,
     JobSampler,
-    apply_min_p,
     apply_presence_frequency,
     apply_repetition_penalty,
-    apply_top_k,
-    apply_top_p,
+    filter_logits,
     new_generator,
     sample,
 )
@@ -32,15 +31,13 @@ def sampler(prompt=(), **kw) -> JobSampler:
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative():
     logits = torch.tensor([2.0, -2.0, 2.0, -2.0])
-    seen = torch.tensor([True, True, False, False])
-    apply_repetition_penalty(logits, seen, 2.0)
+    apply_repetition_penalty(logits, torch.tensor([0, 1]), 2.0)
     assert logits.tolist() == [1.0, -4.0, 2.0, -2.0]
 
 
 def test_presence_and_frequency_penalties_follow_openai():
     logits = torch.zeros(4)
-    counts = torch.tensor([0.0, 1.0, 3.0, 0.0])
-    apply_presence_frequency(logits, counts, presence=0.5, frequency=0.25)
+    apply_presence_frequency(logits, torch.tensor([1, 2]), torch.tensor([1.0, 3.0]), presence=0.5, frequency=0.25)
     assert logits.tolist() == [0.0, -0.75, -1.25, 0.0]
 
 
@@ -66,28 +63,47 @@ def test_logit_bias_out_of_range_is_rejected():
         sampler(logit_bias={V: 1.0})
 
 
+def kept(logits, top_k=0, top_p=1.0, min_p=0.0):
+    """Which tokens of each row survive the filters (one setting for every row)."""
+    n = logits.shape[0]
+    return torch.isfinite(filter_logits(logits, Filters([top_k] * n, [top_p] * n, [min_p] * n))).tolist()
+
+
 def test_top_k_keeps_k_largest_and_zero_is_off():
-    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0], [1.0, 5.0, 3.0, 4.0]])
-    apply_top_k(logits, torch.tensor([2, 0]))
-    assert logits[0].tolist() == [NEG, 5.0, NEG, 4.0]
-    assert logits[1].tolist() == [1.0, 5.0, 3.0, 4.0]
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0]])
+    assert kept(logits, top_k=2) == [[False, True, False, True]]
+    assert kept(logits, top_k=0) == [[True] * 4]
+    mixed = filter_logits(logits.repeat(2, 1), Filters([2, 0], [1.0, 1.0], [0.0, 0.0]))
+    assert mixed[0].tolist() == [NEG, 5.0, NEG, 4.0] and mixed[1].tolist() == [1.0, 5.0, 3.0, 4.0]
 
 
-def test_top_p_keeps_smallest_nucleus():
-    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05], [0.9, 0.05, 0.03, 0.02]])
-    logits = probs.log()
-    apply_top_p(logits, torch.tensor([0.8, 0.81, 0.5]))
-    assert torch.isfinite(logits).tolist() == [
+@pytest.mark.parametrize("first_k", [1, 2, 64])
+def test_top_p_keeps_smallest_nucleus(first_k):
+    from xllm_jupyter.backends.sampling import candidates
+
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.3, 0.15, 0.5], [0.9, 0.05, 0.03, 0.02]])
+    values, ids = candidates(probs.log(), Filters([0] * 3, [0.8, 0.81, 0.5], [0.0] * 3), first_k=first_k)
+    out = torch.full((3, 4), NEG).scatter_(-1, ids, values)
+    assert torch.isfinite(out).tolist() == [
         [True, True, False, False],  # 0.5 + 0.3 reaches 0.8
-        [True, True, True, False],  # needs the third token to pass 0.81
+        [False, True, True, True],  # needs the third most likely token to pass 0.81
         [True, False, False, False],  # the top token always survives
     ]
 
 
+def test_top_p_applies_after_top_k():
+    logits = torch.tensor([[0.4, 0.3, 0.2, 0.1]]).log()
+    # after top-2 the distribution is (4/7, 3/7): top_p 0.5 keeps only the first
+    assert kept(logits, top_k=2, top_p=0.5) == [[True, False, False, False]]
+    assert kept(logits, top_p=0.5) == [[True, True, False, False]]
+    assert kept(logits, top_p=1.0) == [[True] * 4]
+
+
 def test_min_p_drops_tokens_below_fraction_of_top():
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
-    apply_min_p(logits, torch.tensor([0.5]))
-    assert torch.isfinite(logits).tolist() == [[True, True, False, False]]
+    assert kept(logits, min_p=0.5) == [[True, True, False, False]]
+    assert kept(logits, top_k=3, min_p=0.5) == [[True, True, False, False]]
+    assert kept(logits, min_p=0.0) == [[True] * 4]
 
 
 def test_greedy_rows_take_argmax_after_bias():
@@ -145,6 +161,12 @@ def test_temperature_sharpens_and_filters_restrict_choices():
     assert {sample(logits.clone(), [top1], [None]).token_ids[0] for _ in range(20)} == {0}
     top2 = sampler(temperature=1.0, top_k=2, seed=3)
     assert {sample(logits.clone(), [top2], [None]).token_ids[0] for _ in range(60)} == {0, 1}
+    nucleus = sampler(temperature=1.0, top_p=0.8, seed=3)  # probabilities ~.64 .24 .09 .03 ...
+    assert {sample(logits.clone(), [nucleus], [None]).token_ids[0] for _ in range(60)} == {0, 1}
+    # mixed rows in one call: each keeps its own filter
+    rows, floor = logits.repeat(3, 1), sampler(temperature=1.0, min_p=0.3, seed=4)
+    picks = [sample(rows.clone(), [top1, nucleus, floor], [None] * 3).token_ids for _ in range(60)]
+    assert {p[0] for p in picks} == {0} and {p[1] for p in picks} == {0, 1} and {p[2] for p in picks} == {0, 1}
     cold = sampler(temperature=0.05, seed=3)
     assert {sample(logits.clone(), [cold], [None]).token_ids[0] for _ in range(20)} == {0}
 

@@ -11,6 +11,7 @@ penalties next to HF's repetition penalty):
 
 Each job owns a ``torch.Generator`` seeded once, and its random draw uses only that
 generator, so a seeded job samples the same tokens whatever else shares the batch.
+Only rows that need it get the per-row work; the rest is batched over rows.
 """
 
 from __future__ import annotations
@@ -27,51 +28,101 @@ from ..core.types import SamplingParams
 NEG_INF = float("-inf")
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """HF repetition penalty in place on a (V,) row: seen logits > 0 are divided, others multiplied."""
-    picked = logits[seen]
-    logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return logits
+def apply_repetition_penalty(logits: torch.Tensor, ids: torch.Tensor, penalty: float) -> torch.Tensor:
+    """HF repetition penalty in place on a (V,) row: logits of ``ids`` > 0 divided, others multiplied."""
+    picked = logits.gather(0, ids)
+    return logits.scatter_(0, ids, torch.where(picked > 0, picked / penalty, picked * penalty))
 
 
 def apply_presence_frequency(
-    logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float
+    logits: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float
 ) -> torch.Tensor:
-    """OpenAI penalties in place on a (V,) row: ``-= frequency * count + presence * (count > 0)``."""
-    if frequency:
-        logits.sub_(counts * frequency)
-    if presence:
-        logits.sub_((counts > 0).to(logits.dtype) * presence)
-    return logits
+    """OpenAI penalties in place on a (V,) row: ``-= frequency * count + presence`` for generated ``ids``."""
+    return logits.index_add_(0, ids, -(counts.to(logits.dtype) * frequency + presence))
 
 
-def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
-    """Keep each row's ``top_k`` largest logits (0 = off); rows of (N, V), ``top_k`` of (N,)."""
-    off = top_k <= 0
-    # rows with top_k off use k=1 here so one large k never forces a full sort
-    k = torch.where(off, 1, top_k.clamp(max=logits.shape[-1]))
-    kth = logits.topk(int(k.max()), dim=-1).values.gather(-1, (k - 1).unsqueeze(-1))
-    kth.masked_fill_(off.unsqueeze(-1), NEG_INF)
-    return logits.masked_fill_(logits < kth, NEG_INF)
+@dataclass(frozen=True)
+class Filters:
+    """Per-row truncation settings for one group of rows (0 / 1.0 / 0.0 = off)."""
+
+    top_k: list[int]
+    top_p: list[float]
+    min_p: list[float]
+
+    @classmethod
+    def of(cls, params: Sequence[SamplingParams], vocab: int) -> "Filters":
+        """Normalized settings: top_k >= vocab is off, top_p > 0, min_p <= 1."""
+        return cls(
+            [x.top_k if 0 < x.top_k < vocab else 0 for x in params],
+            # at least 1e-6, so top_p <= 0 keeps the top token instead of none
+            [min(max(x.top_p, 1e-6), 1.0) for x in params],
+            # min_p above 1 would drop even the top token
+            [min(max(x.min_p, 0.0), 1.0) for x in params],
+        )
 
 
-def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Nucleus filter (1 = off): keep the smallest set of tokens whose probability reaches ``top_p``."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    # mass strictly before each token; a token is kept while that mass is below top_p,
-    # so the top token always survives
-    before = probs.cumsum(dim=-1) - probs
-    drop_sorted = before >= top_p.unsqueeze(-1)
-    drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
-    return logits.masked_fill_(drop, NEG_INF)
+def candidates(logits: torch.Tensor, f: Filters, *, first_k: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k, then top-p, then min-p on rows that each have top_k or top_p set.
+
+    Returns ``(values, ids)`` of shape (N, K), best first: every row's surviving
+    tokens lie in its top K, dropped ones have value -inf. Working on K columns
+    instead of sorting the whole vocabulary is what makes this cheap.
+    """
+    n, vocab = logits.shape
+    device = logits.device
+    no_k = [i for i in range(n) if f.top_k[i] == 0]  # these rows rely on top_p alone
+    k = max(f.top_k)
+    lse_no_k = None
+    if no_k:
+        full = logits[no_k]
+        lse_no_k = full.logsumexp(dim=-1, keepdim=True)
+        probs = (full - lse_no_k).exp()
+        want = torch.tensor([f.top_p[i] for i in no_k], device=device)
+        # the nucleus is nearly always within the first few dozen tokens; widen until
+        # every row's top-k mass reaches its top_p, which makes the cut exact
+        k_p = min(first_k, vocab)
+        while k_p < vocab and not bool((probs.topk(k_p, dim=-1).values.sum(dim=-1) >= want).all()):
+            k_p = min(k_p * 16, vocab)
+        k = max(k, k_p)
+    values, ids = logits.topk(k, dim=-1)
+    position = torch.arange(k, device=device)
+    top_k = torch.tensor([t or k for t in f.top_k], device=device)
+    values = values.masked_fill(position >= top_k.unsqueeze(-1), NEG_INF)
+    if any(p < 1.0 for p in f.top_p):
+        # HF order: top-p sees the distribution after top-k; rows without top_k need the
+        # full vocabulary's normalizer, not the truncated one
+        lse = values.logsumexp(dim=-1, keepdim=True)
+        if no_k:
+            lse[no_k] = lse_no_k
+        probs = (values - lse).exp()
+        top_p = torch.tensor([p if p < 1.0 else float("inf") for p in f.top_p], device=device)
+        # mass strictly before each token; kept while below top_p, so the top token survives
+        values = values.masked_fill(probs.cumsum(dim=-1) - probs >= top_p.unsqueeze(-1), NEG_INF)
+    return apply_min_p(values, f.min_p), ids
 
 
-def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Drop tokens whose probability is below ``min_p`` times the top token's (0 = off)."""
-    probs = logits.softmax(dim=-1)
-    threshold = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(-1)
-    return logits.masked_fill_(probs < threshold, NEG_INF)
+def apply_min_p(logits: torch.Tensor, min_p: Sequence[float]) -> torch.Tensor:
+    """Drop tokens whose probability is below ``min_p`` times the row's top token's (0 = off).
+
+    Done on logits: p_i < m * p_max  <=>  logit_i < logit_max + log(m).
+    """
+    if not any(min_p):
+        return logits
+    # log(0) = -inf: rows with min_p off get a threshold nothing falls below
+    floor = torch.tensor(list(min_p), device=logits.device, dtype=logits.dtype).log()
+    threshold = logits.max(dim=-1, keepdim=True).values + floor.unsqueeze(-1)
+    return logits.masked_fill(logits < threshold, NEG_INF)
+
+
+def filter_logits(logits: torch.Tensor, f: Filters) -> torch.Tensor:
+    """Full-vocabulary view of the filters: a copy of ``logits`` with dropped tokens at -inf."""
+    rows = [i for i in range(logits.shape[0]) if f.top_k[i] or f.top_p[i] < 1.0]
+    out = apply_min_p(logits.clone(), f.min_p)
+    if rows:
+        sub = Filters(*([getattr(f, name)[i] for i in rows] for name in ("top_k", "top_p", "min_p")))
+        values, ids = candidates(logits[rows], sub)
+        out[rows] = torch.full_like(logits[rows], NEG_INF).scatter_(-1, ids, values)
+    return out
 
 
 def new_generator(seed: int | None, device: torch.device | str) -> torch.Generator:
@@ -87,17 +138,18 @@ class JobSampler:
     def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], vocab_size: int, device) -> None:
         self.params = params
         self.greedy = params.greedy
+        self.device = device
         self.generator = None if self.greedy else new_generator(params.seed, device)
-        self.seen: torch.Tensor | None = None
-        self.counts: torch.Tensor | None = None
-        self.bias: tuple[torch.Tensor, torch.Tensor] | None = None
         if params.repetition_penalty <= 0:
             raise InvalidRequest("repetition_penalty must be > 0", param="repetition_penalty")
-        if params.repetition_penalty != 1.0:
-            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-            self.seen[torch.tensor(list(prompt_ids), dtype=torch.long, device=device)] = True
-        if params.presence_penalty or params.frequency_penalty:
-            self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+        # penalties work on the few distinct ids seen so far (gather/scatter), never on
+        # whole-vocabulary masks; the id tensors are rebuilt only when a new id appears
+        self._repeat: set[int] | None = set(prompt_ids) if params.repetition_penalty != 1.0 else None
+        self._repeat_ids: torch.Tensor | None = None
+        self._generated: set[int] | None = set() if (params.presence_penalty or params.frequency_penalty) else None
+        self._generated_ids: torch.Tensor | None = None
+        self.counts = torch.zeros(vocab_size, device=device) if self._generated is not None else None
+        self.bias: tuple[torch.Tensor, torch.Tensor] | None = None
         if params.logit_bias:
             ids = [int(i) for i in params.logit_bias]
             if any(i < 0 or i >= vocab_size for i in ids):
@@ -106,24 +158,32 @@ class JobSampler:
                 torch.tensor(ids, dtype=torch.long, device=device),
                 torch.tensor([float(params.logit_bias[i]) for i in params.logit_bias], device=device),
             )
-        # the per-row loop below only visits rows that have something to do
-        self.adjusts = self.seen is not None or self.counts is not None or self.bias is not None
-        self.filters = not self.greedy and (params.top_k > 0 or params.top_p < 1.0 or params.min_p > 0.0)
+        # the per-row loop in sample() only visits rows that have something to do
+        self.adjusts = self._repeat is not None or self._generated is not None or self.bias is not None
 
     def observe(self, token_id: int) -> None:
         """Record a generated token for the penalties."""
-        if self.seen is not None:
-            self.seen[token_id] = True
-        if self.counts is not None:
+        if self._repeat is not None and token_id not in self._repeat:
+            self._repeat.add(token_id)
+            self._repeat_ids = None
+        if self._generated is not None:
             self.counts[token_id] += 1
+            if token_id not in self._generated:
+                self._generated.add(token_id)
+                self._generated_ids = None
 
     def adjust(self, row: torch.Tensor) -> None:
         """Penalties and logit bias, in place on this job's (V,) logits row."""
         p = self.params
-        if self.seen is not None:
-            apply_repetition_penalty(row, self.seen, p.repetition_penalty)
-        if self.counts is not None:
-            apply_presence_frequency(row, self.counts, p.presence_penalty, p.frequency_penalty)
+        if self._repeat:
+            if self._repeat_ids is None:
+                self._repeat_ids = torch.tensor(sorted(self._repeat), dtype=torch.long, device=self.device)
+            apply_repetition_penalty(row, self._repeat_ids, p.repetition_penalty)
+        if self._generated:
+            if self._generated_ids is None:
+                self._generated_ids = torch.tensor(sorted(self._generated), dtype=torch.long, device=self.device)
+            ids = self._generated_ids
+            apply_presence_frequency(row, ids, self.counts.gather(0, ids), p.presence_penalty, p.frequency_penalty)
         if self.bias is not None:
             row.index_add_(0, self.bias[0], self.bias[1].to(row.dtype))
 
@@ -171,25 +231,27 @@ def _draw(samplers: Sequence[JobSampler], logits: torch.Tensor) -> torch.Tensor:
     device = logits.device
     temps = torch.tensor([s.params.temperature for s in samplers], device=device, dtype=logits.dtype)
     logits = logits / temps.unsqueeze(-1)
-    if any(s.filters for s in samplers):
-        p = [s.params for s in samplers]
-        if any(x.top_k > 0 for x in p):
-            apply_top_k(logits, torch.tensor([x.top_k for x in p], device=device))
-        if any(x.top_p < 1.0 for x in p):
-            # 2.0 for rows with top_p off: rounding in the cumulative sum can never reach it
-            # (and at least 1e-6, so top_p <= 0 still keeps the top token instead of none)
-            top_p = [max(x.top_p, 1e-6) if x.top_p < 1.0 else 2.0 for x in p]
-            apply_top_p(logits, torch.tensor(top_p, device=device, dtype=logits.dtype))
-        if any(x.min_p > 0.0 for x in p):
-            # min_p above 1 would drop even the top token
-            min_p = [min(max(x.min_p, 0.0), 1.0) for x in p]
-            apply_min_p(logits, torch.tensor(min_p, device=device, dtype=logits.dtype))
-    probs = logits.softmax(dim=-1)
-    # Gumbel-style race (argmax of p / Exp(1)) samples exactly from probs; each row's
-    # noise comes from its own generator, so other rows never shift its random stream.
-    noise = torch.empty_like(probs)
-    for i, s in enumerate(samplers):
-        noise[i].exponential_(generator=s.generator)
-    # exponential_ can return exactly 0; 0/0 would be NaN, which argmax would pick
-    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
-    return (probs / noise).argmax(dim=-1)
+    f = Filters.of([s.params for s in samplers], logits.shape[-1])
+    # Inverse-CDF draw: one uniform per row from that row's own generator, so other rows
+    # never shift its random stream (an exponential race would need V draws per row)
+    u = torch.cat([torch.rand(1, generator=s.generator, device=device) for s in samplers])
+    out = torch.empty(len(samplers), dtype=torch.long, device=device)
+    cut = [i for i in range(len(samplers)) if f.top_k[i] or f.top_p[i] < 1.0]
+    full = [i for i in range(len(samplers)) if not (f.top_k[i] or f.top_p[i] < 1.0)]
+    if cut:
+        sub = Filters(*([getattr(f, name)[i] for i in cut] for name in ("top_k", "top_p", "min_p")))
+        values, ids = candidates(logits[cut] if full else logits, sub)
+        out[cut] = ids.gather(-1, _inverse_cdf(values, u[cut]).unsqueeze(-1)).squeeze(-1)
+    if full:
+        rows = logits[full] if cut else logits
+        out[full] = _inverse_cdf(apply_min_p(rows, [f.min_p[i] for i in full]), u[full])
+    return out
+
+
+def _inverse_cdf(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Column index drawn from each row's softmax, given one uniform number per row."""
+    cdf = logits.softmax(dim=-1).cumsum(dim=-1)
+    # scaled by the row's own total, so float rounding in the sum never points past the end;
+    # right=True never lands on a zero-probability (flat) step
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    return picked.clamp_(max=logits.shape[-1] - 1)

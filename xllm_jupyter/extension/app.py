@@ -29,7 +29,6 @@ class XllmApp(ExtensionApp):
     """Serves the OpenAI-compatible API of one shared engine inside Jupyter Server."""
 
     name = "xllm"
-    load_other_extensions = True
 
     default_model = Unicode(None, allow_none=True, help="Model served when a client names none; default from config.").tag(config=True)
     preload = Bool(True, help="Load the default model in the background right after the server starts.").tag(config=True)

@@ -86,11 +86,11 @@ class ApiKeyHandler(RequestHandler):
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
         """Dispatch to the route mixin."""
-        await self.handle_get(*args, **kwargs)  # type: ignore[attr-defined]
+        await self.dispatch("get", *args, **kwargs)  # type: ignore[attr-defined]
 
     async def post(self, *args: Any, **kwargs: Any) -> None:
         """Dispatch to the route mixin."""
-        await self.handle_post(*args, **kwargs)  # type: ignore[attr-defined]
+        await self.dispatch("post", *args, **kwargs)  # type: ignore[attr-defined]
 
 
 class PublicApiKeyHandler(ApiKeyHandler):

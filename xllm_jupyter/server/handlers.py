@@ -36,9 +36,14 @@ class RequestMixin:
     SUPPORTED_METHODS: tuple[str, ...] = ("GET",)
     # Every route streams its body (routes.py applies @stream_request_body) so Tornado
     # never buffers a body on its own: GET routes drop it, BodyMixin caps it.
-    streams_body = True
     _work_task: asyncio.Task | None = None
     _client_gone = False
+    _dispatched = False
+
+    async def dispatch(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """Run the route's ``handle_<method>``; auth bases call this from get/post."""
+        self._dispatched = True  # Tornado has read the whole body by now
+        await getattr(self, "handle_" + method)(*args, **kwargs)
 
     def data_received(self, chunk: bytes) -> None:
         """Bodies on body-less routes are read and dropped."""
@@ -63,6 +68,10 @@ class RequestMixin:
         """Every error, ours or Tornado's/Jupyter's, leaves as an OpenAI error body."""
         exc = kwargs.get("exc_info", (None, None, None))[1]
         status, body, headers = error_response(exc, status_code)
+        if not self._dispatched:
+            # Refused before the body was read (auth, 405, 413): Tornado closes the
+            # connection after this response, so tell the client not to reuse it.
+            headers["Connection"] = "close"
         self.set_status(status)  # type: ignore[attr-defined]
         for name, value in headers.items():
             self.set_header(name, value)  # type: ignore[attr-defined]

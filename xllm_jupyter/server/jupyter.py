@@ -24,13 +24,13 @@ class JupyterXllmHandler(ExtensionHandlerMixin, APIHandler):
     @authorized
     async def get(self, *args: Any, **kwargs: Any) -> None:
         """Dispatch to the route mixin."""
-        await self.handle_get(*args, **kwargs)  # type: ignore[attr-defined]
+        await self.dispatch("get", *args, **kwargs)  # type: ignore[attr-defined]
 
     @web.authenticated
     @authorized
     async def post(self, *args: Any, **kwargs: Any) -> None:
         """Dispatch to the route mixin."""
-        await self.handle_post(*args, **kwargs)  # type: ignore[attr-defined]
+        await self.dispatch("post", *args, **kwargs)  # type: ignore[attr-defined]
 
     def finish_event_stream(self) -> Any:
         """APIHandler.finish forces JSON unless told otherwise."""
@@ -45,4 +45,4 @@ class JupyterPublicHandler(ExtensionHandlerMixin, APIHandler):
     @allow_unauthenticated
     async def get(self, *args: Any, **kwargs: Any) -> None:
         """Dispatch to the route mixin."""
-        await self.handle_get(*args, **kwargs)  # type: ignore[attr-defined]
+        await self.dispatch("get", *args, **kwargs)  # type: ignore[attr-defined]

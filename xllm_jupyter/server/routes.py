@@ -38,12 +38,13 @@ ROUTES: tuple[tuple[str, type, bool], ...] = (
 
 
 def handler_class(mixin: type, base: type[RequestHandler]) -> type[RequestHandler]:
-    """The concrete handler for ``mixin`` on ``base`` (body-streaming where the mixin says so)."""
+    """The concrete handler for ``mixin`` on ``base``.
+
+    Every handler streams its request body, so Tornado never buffers one itself: the
+    mixins drop bodies they do not need and cap the ones they read (413).
+    """
     name = mixin.__name__.replace("Mixin", "") + "Handler"
-    cls = type(name, (mixin, base), {"__module__": base.__module__})
-    if getattr(mixin, "streams_body", False):
-        cls = stream_request_body(cls)
-    return cls
+    return stream_request_body(type(name, (mixin, base), {"__module__": base.__module__}))
 
 
 def build_routes(prefix: str, base: type[RequestHandler], public_base: type[RequestHandler]) -> list[tuple[str, type, dict[str, Any]]]:
