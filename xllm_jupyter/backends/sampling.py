@@ -60,6 +60,14 @@ class Filters:
             [min(max(x.min_p, 0.0), 1.0) for x in params],
         )
 
+    def truncates(self, row: int) -> bool:
+        """True when ``row`` keeps only a top slice of the vocabulary (top-k or top-p)."""
+        return bool(self.top_k[row]) or self.top_p[row] < 1.0
+
+    def select(self, rows: Sequence[int]) -> "Filters":
+        """The settings of ``rows`` only."""
+        return Filters([self.top_k[i] for i in rows], [self.top_p[i] for i in rows], [self.min_p[i] for i in rows])
+
 
 def candidates(logits: torch.Tensor, f: Filters, *, first_k: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k, then top-p, then min-p on rows that each have top_k or top_p set.
@@ -116,11 +124,10 @@ def apply_min_p(logits: torch.Tensor, min_p: Sequence[float]) -> torch.Tensor:
 
 def filter_logits(logits: torch.Tensor, f: Filters) -> torch.Tensor:
     """Full-vocabulary view of the filters: a copy of ``logits`` with dropped tokens at -inf."""
-    rows = [i for i in range(logits.shape[0]) if f.top_k[i] or f.top_p[i] < 1.0]
+    rows = [i for i in range(logits.shape[0]) if f.truncates(i)]
     out = apply_min_p(logits.clone(), f.min_p)
     if rows:
-        sub = Filters(*([getattr(f, name)[i] for i in rows] for name in ("top_k", "top_p", "min_p")))
-        values, ids = candidates(logits[rows], sub)
+        values, ids = candidates(logits[rows], f.select(rows))
         out[rows] = torch.full_like(logits[rows], NEG_INF).scatter_(-1, ids, values)
     return out
 
@@ -236,11 +243,10 @@ def _draw(samplers: Sequence[JobSampler], logits: torch.Tensor) -> torch.Tensor:
     # never shift its random stream (an exponential race would need V draws per row)
     u = torch.cat([torch.rand(1, generator=s.generator, device=device) for s in samplers])
     out = torch.empty(len(samplers), dtype=torch.long, device=device)
-    cut = [i for i in range(len(samplers)) if f.top_k[i] or f.top_p[i] < 1.0]
-    full = [i for i in range(len(samplers)) if not (f.top_k[i] or f.top_p[i] < 1.0)]
+    cut = [i for i in range(len(samplers)) if f.truncates(i)]
+    full = [i for i in range(len(samplers)) if not f.truncates(i)]
     if cut:
-        sub = Filters(*([getattr(f, name)[i] for i in cut] for name in ("top_k", "top_p", "min_p")))
-        values, ids = candidates(logits[cut] if full else logits, sub)
+        values, ids = candidates(logits[cut] if full else logits, f.select(cut))
         out[cut] = ids.gather(-1, _inverse_cdf(values, u[cut]).unsqueeze(-1)).squeeze(-1)
     if full:
         rows = logits[full] if cut else logits

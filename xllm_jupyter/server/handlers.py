@@ -126,7 +126,7 @@ class RequestMixin:
             self.set_header(name, value)  # type: ignore[attr-defined]
         writer = EventStreamWriter(self, self.xllm.config.server.keepalive_seconds, self._client_left)
         try:
-            ok, _ = await self._cancellable(writer.write_all(stream))
+            await self._cancellable(writer.write_all(stream))
         except Exception as exc:
             req = self.request  # type: ignore[attr-defined]
             log_error(exc, f"{req.method} {req.path} (stream)")
