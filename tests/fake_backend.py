@@ -28,7 +28,9 @@ class FakeModel(LoadedModel):
         self.new: list[SequenceJob] = []
         self.cancelled: set[int] = set()
         self.batch_sizes: list[int] = []
+        self.vocab_size = 51
         self.explode = threading.Event()
+        self.fail_next = threading.Event()
         self.unloaded = False
 
     def tokenize(self, text, *, add_special_tokens=True):
@@ -59,6 +61,9 @@ class FakeModel(LoadedModel):
     def step(self):
         if self.explode.is_set():
             raise RuntimeError("boom")
+        if self.fail_next.is_set() and self.jobs:
+            self.fail_next.clear()
+            raise RuntimeError("one bad step")
         if self.step_delay:
             time.sleep(self.step_delay)
         for job in self.new:

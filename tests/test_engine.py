@@ -195,6 +195,18 @@ async def test_dead_engine_thread_fails_requests_and_reports_unhealthy():
     await engine.stop()
 
 
+async def test_a_failed_step_fails_its_batch_and_the_engine_recovers():
+    engine, backend = make_engine(step_delay=0.001)
+    await engine.load("fake")
+    backend.models["fake"].fail_next.set()
+    with pytest.raises(EngineError):
+        await collect(engine, req(max_tokens=50))
+    assert engine.healthy
+    texts, finishes, _ = await collect(engine, req(max_tokens=2))
+    assert texts[0] == "t7 t8 " and finishes[0] is FinishReason.LENGTH
+    await engine.stop()
+
+
 async def test_models_listing_load_and_unload():
     engine, backend = make_engine()
     names = [m.name for m in engine.list_models()]

@@ -53,6 +53,8 @@ class LoadedModel(ABC):
     eos_token_ids: frozenset[int]
     #: how many jobs may decode in one step
     max_batch_size: int
+    #: size of the output vocabulary (valid token ids are 0..vocab_size-1)
+    vocab_size: int
 
     @abstractmethod
     def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:

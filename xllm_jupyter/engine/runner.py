@@ -204,7 +204,11 @@ class ModelRunner:
     def _run(self) -> None:
         try:
             while self._admit():
-                self._step()
+                try:
+                    self._step()
+                except Exception:
+                    log.exception("a step of %s failed; failing its batch", self.model.name)
+                    self._recover()
         except BaseException as exc:  # a dead runner must be visible: healthy turns False
             self.error = exc
             log.exception("engine thread for %s died", self.model.name)
@@ -212,6 +216,21 @@ class ModelRunner:
             for state in list(self._jobs.values()):
                 self._fail(state.handle, err)
             self._jobs.clear()
+
+    def _recover(self) -> None:
+        """Fail every running job and drop it from the backend; raises if the backend is broken."""
+        err = EngineError("The engine failed while generating")
+        for job_id, state in list(self._jobs.items()):
+            if not state.done:
+                self._fail(state.handle, err)
+                state.done = True
+            self.model.cancel(job_id)
+        self._jobs.clear()
+        # one step lets the backend free the cancelled jobs; if this fails too the thread dies
+        if self.model.active_jobs():
+            self.model.step()
+        if self.model.active_jobs():
+            raise EngineError("the backend kept jobs after they were cancelled")
 
     def _admit(self) -> bool:
         """Apply cancellations and admit waiting jobs; block while idle. False = stop."""
