@@ -290,3 +290,11 @@ def test_smollm2_gguf_knows_paris(smollm2):
 def test_smollm2_greedy_is_the_same_in_a_changing_batch(smollm2):
     toks = assert_join_leave_equivalent(smollm2, chat_prompt(smollm2, "Name three colors."), GREEDY, steps=16)
     assert len(set(toks)) > 5
+
+
+def test_bad_load_options_are_clear_errors(tiny_llama_dir):
+    backend = TransformersBackend()
+    with pytest.raises(InvalidRequest, match="dtype"):
+        backend.load(ModelSpec(name="t", path=Path(tiny_llama_dir), options={"dtype": "float8"}))
+    with pytest.raises(InvalidRequest, match="device"):
+        backend.load(ModelSpec(name="t", path=Path(tiny_llama_dir), options={"device": "tpu"}))

@@ -104,7 +104,13 @@ class TransformersBackend(Backend):
 def _pick_device(name: str) -> "torch.device":
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise InvalidRequest(f"Unknown device '{name}' (use auto, cpu, cuda or cuda:N)", param="device") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequest("Device 'cuda' was requested but CUDA is not available here", param="device")
+    return device
 
 
 def _pick_dtype(name: str, device: "torch.device") -> "torch.dtype":
