@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from xllm_jupyter.backends.base import Backend, LoadedModel, ModelSpec
-from xllm_jupyter.core.errors import ModelNotFound
+from xllm_jupyter.core.errors import InvalidRequest, ModelNotFound
 from xllm_jupyter.core.types import FinishReason, SequenceJob, TokenEvent
 
 EOS = 0
@@ -43,6 +43,8 @@ class FakeModel(LoadedModel):
         return "".join(f"{m.role}:{m.content}\n" for m in messages)
 
     def add(self, job: SequenceJob) -> None:
+        if job.max_tokens == 13:
+            raise InvalidRequest("13 tokens is unlucky", param="max_tokens")
         self.new.append(job)
 
     def cancel(self, job_id: int) -> None:

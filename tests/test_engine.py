@@ -207,6 +207,17 @@ async def test_a_failed_step_fails_its_batch_and_the_engine_recovers():
     await engine.stop()
 
 
+async def test_a_job_the_backend_refuses_fails_alone():
+    engine, _ = make_engine()
+    with pytest.raises(InvalidRequest, match="unlucky"):
+        await collect(engine, req(max_tokens=13, n=2))
+    assert engine.healthy
+    await wait_for(lambda: engine.stats().running == 0)
+    texts, _, _ = await collect(engine, req(max_tokens=2))
+    assert texts[0] == "t7 t8 "
+    await engine.stop()
+
+
 async def test_models_listing_load_and_unload():
     engine, backend = make_engine()
     names = [m.name for m in engine.list_models()]

@@ -254,8 +254,17 @@ class ModelRunner:
                 state.done = True
                 self.model.cancel(job_id)
         for job, state in admitted:
+            try:
+                self.model.add(job)
+            except Exception as exc:  # a job the backend refuses fails alone, not the thread
+                if not isinstance(exc, XllmError):
+                    log.exception("adding a job to %s failed", self.model.name)
+                    exc = EngineError("The engine could not start this generation")
+                state.done = True
+                self._fail(state.handle, exc)
+                self.cancel(state.handle.job_ids)
+                continue
             self._jobs[job.job_id] = state
-            self.model.add(job)
         return True
 
     def _step(self) -> None:
