@@ -7,10 +7,11 @@ stack on an ephemeral port; tests talk to it with the real ``openai`` SDK and ht
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable
+from typing import Any, Awaitable, Iterator
 
 import pytest
 
@@ -96,21 +97,20 @@ class ServerInfo:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
 
 
-@pytest.fixture(scope="session")
-def xllm_server(tiny_catalog, xllm_home) -> Any:
-    """ONE standalone server for the session, with "tiny" loaded."""
+@contextlib.contextmanager
+def running_server(config: XllmConfig, catalog: Any, model: str) -> Iterator[ServerInfo]:
+    """A real standalone server on its own thread and IOLoop, with ``model`` loaded."""
     from xllm_jupyter.engine.engine import Engine
     from xllm_jupyter.server.standalone import start_server
 
-    config = make_test_config(xllm_home)
     loop = asyncio.new_event_loop()
     started: dict[str, Any] = {}
     ready = threading.Event()
 
     async def setup() -> None:
-        engine = Engine(config.engine, catalog=tiny_catalog)
+        engine = Engine(config.engine, catalog=catalog)
         await engine.start()
-        await engine.load(TINY)
+        await engine.load(model)
         started["engine"] = engine
         started["server"] = await start_server(config, engine, port=0)
 
@@ -118,7 +118,7 @@ def xllm_server(tiny_catalog, xllm_home) -> Any:
         asyncio.set_event_loop(loop)
         try:
             loop.run_until_complete(setup())
-        except BaseException as exc:  # reported to the fixture below
+        except BaseException as exc:  # reported to the caller below
             started["error"] = exc
             ready.set()
             return
@@ -133,15 +133,24 @@ def xllm_server(tiny_catalog, xllm_home) -> Any:
         raise started["error"]
     server, engine = started["server"], started["engine"]
     info = ServerInfo(server.url, server.url + "/v1", API_KEY, engine, config, loop)
-    yield info
-
-    async def teardown() -> None:
-        await server.stop()
-        await engine.stop()
-
     try:
-        info.call(teardown(), timeout=60)
+        yield info
     finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(30)
-        loop.close()
+
+        async def teardown() -> None:
+            await server.stop()
+            await engine.stop()
+
+        try:
+            info.call(teardown(), timeout=60)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(30)
+            loop.close()
+
+
+@pytest.fixture(scope="session")
+def xllm_server(tiny_catalog, xllm_home) -> Any:
+    """ONE standalone server for the session, with "tiny" loaded."""
+    with running_server(make_test_config(xllm_home), tiny_catalog, TINY) as info:
+        yield info

@@ -174,7 +174,7 @@ def test_run_unknown_model_is_a_clean_error(live):
 
 
 def test_wrong_api_key_is_a_clean_error(live):
-    assert_clean_error(invoke("--api-key", "wrong", "ps"))
+    assert_clean_error(invoke("--api-key", "wrong", "ps"), "XLLM_API_KEY")
 
 
 def test_run_without_server_runs_in_process(xllm_home, xllm_server, monkeypatch):

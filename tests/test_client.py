@@ -185,7 +185,7 @@ def test_async_no_server():
 
 @pytest.fixture
 def not_xllm():
-    """A real HTTP server that is not xllm: an HTML page at /page, a redirect at /moved."""
+    """A real HTTP server that is not xllm: HTML at /page, a redirect at /moved, an HTML 404 at /missing."""
     import http.server
     import threading
 
@@ -197,7 +197,7 @@ def not_xllm():
                 self.end_headers()
                 return
             body = b"<html><body>Jupyter login</body></html>"
-            self.send_response(200)
+            self.send_response(404 if self.path.startswith("/missing") else 200)
             self.send_header("Content-Type", "text/html")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -225,3 +225,8 @@ def test_a_url_that_is_not_xllm_is_a_clear_error(not_xllm):
     with XllmClient(not_xllm + "/moved/v1") as c:
         with pytest.raises(XllmError, match="redirected to /login"):
             c.health()
+    with XllmClient(not_xllm + "/missing/v1") as c:
+        with pytest.raises(XllmError) as info:
+            c.models()
+        assert info.value.status == 404
+        assert info.value.message == f"HTTP 404 Not Found from {not_xllm}/missing/v1/models (is this the xllm API URL?)"

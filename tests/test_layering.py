@@ -13,7 +13,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "xllm_jupyter"
 LOWER_LAYERS = ("core", "backends", "engine", "store", "openai")
-FRONT_ENDS = ("cli", "magics", "widgets", "playground")
+FRONT_ENDS = ("cli", "magics", "widgets", "playground", "client")  # client/ is how they reach servers
 FORBIDDEN_LIBS = {"tornado", "jupyter_server", "traitlets", "IPython", "ipykernel", "click", "typer", "gradio"}
 # Our own packages that sit above the lower layers.
 UPPER_PACKAGES = {"server", "extension", "hub", "cli", "magics", "widgets", "playground", "client"}

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from .. import __version__
-from ..core.errors import XllmError
+from ..core.errors import AuthenticationError, PermissionDenied, XllmError
 from .chat import run_command
 from .render import human_size, stdout_console
 from .store_cmds import list_command, pull_command, rm_command, show_command
@@ -24,6 +24,8 @@ class XllmGroup(click.Group):
         """Run the subcommand; an XllmError becomes ``Error: <message>`` (no traceback)."""
         try:
             return super().invoke(ctx)
+        except (AuthenticationError, PermissionDenied) as exc:
+            raise click.ClickException(f"{exc.message} (check --api-key / XLLM_API_KEY)") from None
         except XllmError as exc:
             raise click.ClickException(exc.message) from None
 

@@ -129,8 +129,13 @@ def error_from_response(response: httpx.Response) -> XllmError:
     try:
         body: Any = response.json()
     except (ValueError, UnicodeDecodeError):
-        body = response.text
-    return error_from_body(response.status_code, body, reason=response.reason_phrase, headers=response.headers)
+        body = None
+    if isinstance(body, dict):
+        return error_from_body(response.status_code, body, reason=response.reason_phrase, headers=response.headers)
+    # An HTML error page or plain text: probably not our API at all (wrong URL or
+    # prefix), so say where we asked.
+    reason = f"{response.reason_phrase} from {response.request.url} (is this the xllm API URL?)"
+    return error_from_body(response.status_code, None, reason=reason, headers=response.headers)
 
 
 def json_body(response: httpx.Response, root: str) -> Any:

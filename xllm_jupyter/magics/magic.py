@@ -112,7 +112,7 @@ class XllmMagics(Magics):
     @argument("-t", "--temperature", type=float, help="Sampling temperature (0 = greedy).")
     @argument("--max-tokens", type=int, help="Most tokens to generate.")
     @argument("-o", "--out", help="Also store the reply text in this variable.")
-    @argument("prompt", nargs="*", help="Prompt (line magic); the cell body in %%xllm.")
+    @argument("prompt", nargs="*", help="Prompt (line magic); in %%xllm it leads the cell body.")
     @line_cell_magic
     def xllm(self, line: str, cell: str | None = None) -> None:
         """Ask the model; ``{var}`` in the prompt is filled from the notebook's variables."""
@@ -121,7 +121,8 @@ class XllmMagics(Magics):
         except Exception as exc:  # argparse reports usage problems by raising; keep it short
             print(f"xllm: {exc}", file=sys.stderr)
             return None
-        prompt = cell if cell is not None else " ".join(args.prompt)
+        # words after %%xllm on the first line lead the cell body rather than being dropped
+        prompt = "\n".join(part for part in (" ".join(args.prompt), cell or "") if part.strip())
         prompt = interpolate(prompt.strip(), self.shell.user_ns if self.shell else {})
         if not prompt:
             print("xllm: nothing to ask — write the prompt in the cell body", file=sys.stderr)
