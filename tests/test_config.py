@@ -92,8 +92,28 @@ def test_short_aliases(tmp_path):
     assert cfg.store.home == tmp_path / "home"
     assert cfg.server.api_keys == ("x", "y")
     assert cfg.engine.default_model == "tiny"
+    # XLLM_API_KEY is the clients' key (exported to kernels), never the server's key list
     cfg = load_config(path=tmp_path / "none.yaml", env={"XLLM_API_KEY": "solo"})
-    assert cfg.server.api_keys == ("solo",)
+    assert cfg.server.api_keys == ()
+    # the full name beats the alias
+    env = {"XLLM_HOME": str(tmp_path / "a"), "XLLM_STORE_HOME": str(tmp_path / "b")}
+    assert load_config(path=tmp_path / "none.yaml", env=env).store.home == tmp_path / "b"
+
+
+@pytest.mark.parametrize(
+    "yaml_text,key",
+    [
+        ("server:\n  port: 70000\n", "server.port"),
+        ("server:\n  port: 8900.7\n", "server.port"),
+        ("server:\n  max_n: -3\n", "server.max_n"),
+        ("engine:\n  max_batch_size: 0\n", "engine.max_batch_size"),
+        ("server:\n  keepalive_seconds: 0\n", "server.keepalive_seconds"),
+    ],
+)
+def test_out_of_range_values_name_the_key(tmp_path, yaml_text, key):
+    path = write(tmp_path / "c.yaml", yaml_text)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(path=path, env={})
 
 
 def test_config_path_from_xllm_config_and_home(tmp_path):

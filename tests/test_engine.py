@@ -235,6 +235,17 @@ async def test_models_listing_load_and_unload():
     await engine.stop()
 
 
+async def test_engine_settings_reach_the_backend_as_options():
+    backend = FakeBackend()
+    seen = []
+    load = backend.load
+    backend.load = lambda spec: seen.append(spec.options) or load(spec)
+    engine = Engine(EngineConfig(device="cpu", dtype="float32", torch_threads=1, max_batch_size=3), FakeCatalog(), [backend])
+    await engine.load("fake")
+    assert seen == [{"device": "cpu", "dtype": "float32", "torch_threads": 1, "max_batch_size": 3}]
+    await engine.stop()
+
+
 async def test_concurrent_loads_share_one_load():
     engine, backend = make_engine()
     a, b = await asyncio.gather(engine.load("other"), engine.load("other"))

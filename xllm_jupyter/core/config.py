@@ -4,7 +4,8 @@ Precedence (highest first): explicit overrides passed by an edge (CLI flags,
 traitlets), environment variables, config.yaml, the defaults below. Every key of
 every section can be set from the environment as ``XLLM_<SECTION>_<KEY>`` (e.g.
 ``XLLM_SERVER_PORT=9000``); a few common ones have short aliases (``XLLM_HOME``,
-``XLLM_API_KEYS``, ``XLLM_MODEL``). Errors name the offending key.
+``XLLM_API_KEYS``, ``XLLM_MODEL``) that the full names override. Values are
+type- and range-checked; errors name the offending key.
 """
 
 from __future__ import annotations
@@ -72,11 +73,26 @@ class XllmConfig:
 
 
 _SECTIONS: dict[str, type] = {"server": ServerConfig, "engine": EngineConfig, "store": StoreConfig}
+# Short aliases; the full XLLM_<SECTION>_<KEY> name wins when both are set.
+# XLLM_API_KEY is deliberately not an alias: it is the key *clients* send (the Jupyter
+# extension exports it to kernels), so it must never turn on auth for `xllm serve`.
 _ALIASES = {
     "XLLM_HOME": ("store", "home"),
     "XLLM_API_KEYS": ("server", "api_keys"),
-    "XLLM_API_KEY": ("server", "api_keys"),
     "XLLM_MODEL": ("engine", "default_model"),
+}
+
+# Inclusive (low, high) bounds; None = unbounded on that side.
+_RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
+    ("server", "port"): (0, 65535),
+    ("server", "max_body_bytes"): (1, None),
+    ("server", "max_tokens_limit"): (1, None),
+    ("server", "max_n"): (1, 128),
+    ("server", "keepalive_seconds"): (0.1, None),
+    ("engine", "max_batch_size"): (1, 1024),
+    ("engine", "max_queue"): (1, None),
+    ("engine", "torch_threads"): (0, 1024),
+    ("engine", "default_max_tokens"): (1, None),
 }
 
 
@@ -94,11 +110,13 @@ def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
                 raise ValueError(value)
             return bool(value)
         if hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return _in_range(section, key, int(value))
+        if hint is float:
             if isinstance(value, bool):
                 raise ValueError(value)
-            return int(value)
-        if hint is float:
-            return float(value)
+            return _in_range(section, key, float(value))
         if hint is str:
             if not isinstance(value, (str, int, float)):
                 raise ValueError(value)
@@ -114,6 +132,15 @@ def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
     except (TypeError, ValueError):
         raise ConfigError(f"Invalid value for config key '{name}': expected {getattr(hint, '__name__', hint)}") from None
     raise ConfigError(f"Unsupported type for config key '{name}'")
+
+
+def _in_range(section: str, key: str, value: float) -> float:
+    """``value`` if it is inside the key's bounds, else a ConfigError naming the key."""
+    low, high = _RANGES.get((section, key), (None, None))
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ConfigError(f"Invalid value for config key '{section}.{key}': must be {bounds}")
+    return value
 
 
 def _section_values(section: str, raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -168,14 +195,14 @@ def load_config(
         if not isinstance(body, dict):
             raise ConfigError(f"Config section '{section}' must be a mapping")
         layered[section].update(_section_values(section, body))
+    for var, (section, key) in _ALIASES.items():
+        if env.get(var):
+            layered[section].update(_section_values(section, {key: env[var]}))
     for section, cls in _SECTIONS.items():
         for f in dataclasses.fields(cls):
             var = f"XLLM_{section.upper()}_{f.name.upper()}"
             if var in env:
                 layered[section].update(_section_values(section, {f.name: env[var]}))
-    for var, (section, key) in _ALIASES.items():
-        if env.get(var):
-            layered[section].update(_section_values(section, {key: env[var]}))
     for section, values in (overrides or {}).items():
         if section not in _SECTIONS:
             raise ConfigError(f"Unknown config section '{section}'")

@@ -8,6 +8,7 @@ event loop it lives on.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -91,9 +92,18 @@ class Engine:
         raise InvalidRequest(f"No configured backend can load {spec.format} models", param="model")
 
     def _resolve(self, name: str) -> ModelSpec:
+        """The catalog's spec with the engine's settings as defaults for the backend options."""
         if self.catalog is None:
             raise ModelNotFound(name)
-        return self.catalog.resolve(name)
+        spec = self.catalog.resolve(name)
+        c = self.config
+        defaults = {
+            "device": c.device,
+            "dtype": c.dtype,
+            "torch_threads": c.torch_threads,
+            "max_batch_size": c.max_batch_size,
+        }
+        return dataclasses.replace(spec, options={**defaults, **spec.options})
 
     async def load(self, name: str) -> LoadedModel:
         """The loaded model ``name``, loading it on a worker thread if needed."""
