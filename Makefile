@@ -34,8 +34,11 @@ $(STAMP): pyproject.toml
 model: setup
 	@$(XLLM) show smollm2 >/dev/null 2>&1 || $(XLLM) pull smollm2
 
+# Jupyter refuses to run as root unless told; containers and CI machines often are root.
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
+
 lab: setup model
-	$(VENV)/bin/jupyter lab --ServerApp.jpserver_extensions="{'xllm_jupyter': True}"
+	$(VENV)/bin/jupyter lab $(ROOT_FLAG) $(LAB_ARGS) --ServerApp.jpserver_extensions="{'xllm_jupyter': True}"
 
 # pytest exit 5 means "no tests collected": say so, and fail like any other non-zero exit.
 test: setup
