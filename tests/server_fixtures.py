@@ -15,50 +15,24 @@ from typing import Any, Awaitable, Iterator
 
 import pytest
 
-from xllm_jupyter.backends.base import ModelSpec
 from xllm_jupyter.core.config import EngineConfig, ServerConfig, StoreConfig, XllmConfig
-from xllm_jupyter.core.errors import ModelNotFound
+from xllm_jupyter.store.store import ModelStore
 
 TINY = "tiny"
 API_KEY = "sk-xllm-test-key"
 
 
-class TinyCatalog:
-    """A one-model catalog, used only where the model store cannot be imported."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def resolve(self, name: str) -> ModelSpec:
-        """The tiny Llama under the name "tiny"."""
-        if name != TINY:
-            raise ModelNotFound(name)
-        return ModelSpec(name=TINY, path=self.path, format="safetensors")
-
-    def names(self) -> list[str]:
-        """Just "tiny"."""
-        return [TINY]
-
-
 @pytest.fixture(scope="session")
 def xllm_home(tmp_path_factory, tiny_llama_dir) -> Path:
-    """A temporary XLLM home whose store holds the tiny Llama as "tiny" (when the store exists)."""
+    """A temporary XLLM home whose store holds the tiny Llama as "tiny"."""
     home = tmp_path_factory.mktemp("xllm-home")
-    try:
-        from xllm_jupyter.store.store import ModelStore
-    except ImportError:
-        return home
     ModelStore(home).pull(str(tiny_llama_dir), TINY)
     return home
 
 
 @pytest.fixture(scope="session")
 def tiny_catalog(xllm_home, tiny_llama_dir) -> Any:
-    """The catalog the test servers resolve "tiny" with."""
-    try:
-        from xllm_jupyter.store.store import ModelStore
-    except ImportError:
-        return TinyCatalog(tiny_llama_dir)
+    """The catalog the test servers resolve "tiny" with: the real store."""
     return ModelStore(xllm_home)
 
 
