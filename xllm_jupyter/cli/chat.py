@@ -49,6 +49,18 @@ def connect(settings: Any, local: bool) -> ChatBackend:
     return LocalChat()
 
 
+def load_with_status(backend: ChatBackend, model: str) -> None:
+    """Load ``model`` behind a rich spinner on stderr (loads can take many seconds)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        backend.load(model)
+        return
+    with console.status(f"Loading {model}…", spinner="dots"):
+        backend.load(model)
+
+
 def stream_reply(backend: ChatBackend, messages: list[dict[str, str]], model: str, params: dict[str, Any]) -> tuple[str, bool]:
     """Print the reply as it streams; returns (text, interrupted)."""
     pieces: list[str] = []
@@ -126,13 +138,13 @@ def run_command(settings: Any, model: str, prompt: tuple[str, ...], system: str 
     params = {"temperature": temperature, "max_tokens": max_tokens}
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     try:
+        load_with_status(backend, model)  # fail early if the model does not exist
         if prompt:
             history.append({"role": "user", "content": " ".join(prompt)})
             _, interrupted = stream_reply(backend, history, model, params)
             if interrupted:
                 sys.exit(130)
             return
-        backend.load(model)  # fail before the prompt if the model does not exist
         interactive(backend, model, history, params)
     finally:
         backend.close()
