@@ -64,6 +64,19 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """A grammar the generated text must match, enforced token by token by the backend.
+
+    ``kind`` is ``json_schema`` (``spec`` = the schema as JSON text), ``json_object``
+    (any JSON object; ``spec`` unused), ``lark`` (``spec`` = an llguidance Lark grammar,
+    which may embed ``%json{...}`` schemas) or ``regex`` (``spec`` = the pattern).
+    """
+
+    kind: str
+    spec: str = ""
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     """Everything about one generation besides the prompt."""
 
@@ -75,6 +88,7 @@ class GenerationParams:
     n: int = 1
     logprobs: bool = False
     top_logprobs: int = 0
+    constraint: Constraint | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,7 @@ class SequenceJob:
     stop_token_ids: frozenset[int] = frozenset()
     logprobs: bool = False
     top_logprobs: int = 0
+    constraint: Constraint | None = None
 
 
 @dataclass(frozen=True)

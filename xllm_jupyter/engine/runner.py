@@ -154,6 +154,7 @@ class ModelRunner:
                 stop_token_ids=frozenset(stop_ids),
                 logprobs=params.logprobs,
                 top_logprobs=params.top_logprobs,
+                constraint=params.constraint,
             )
             handle.job_ids.append(job.job_id)
             pending.append((job, _JobState(handle, index, StopMatcher(params.stop))))
