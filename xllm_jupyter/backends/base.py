@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..core.types import ChatMessage, SequenceJob, TokenEvent
+from ..core.errors import Unsupported
+from ..core.types import ChatMessage, Constraint, SequenceJob, TokenEvent
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,10 @@ class ModelSpec:
     context_length: int | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     digest: str | None = None
+    #: "chat" (text generation) or "embedding"; decides which engine path loads it
+    task: str = "chat"
+    #: a created model's Modelfile defaults for serving: ``parameters`` (Ollama names), ``system``, ``messages``
+    defaults: Mapping[str, Any] = field(default_factory=dict)
 
 
 class LoadedModel(ABC):
@@ -65,8 +70,14 @@ class LoadedModel(ABC):
         """Text for ``ids``, special tokens skipped (thread-safe)."""
 
     @abstractmethod
-    def render_chat(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
-        """The prompt text the model's chat template makes of ``messages`` (thread-safe)."""
+    def render_chat(
+        self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True, tools: Sequence[dict[str, Any]] | None = None
+    ) -> str:
+        """The prompt text the model's chat template makes of ``messages`` (and ``tools``, if any) (thread-safe)."""
+
+    def chat_template(self) -> str | None:
+        """The chat template's source, for feature detection (tool support, call format); None if unknown."""
+        return None
 
     @abstractmethod
     def add(self, job: SequenceJob) -> None:
@@ -88,6 +99,10 @@ class LoadedModel(ABC):
     @abstractmethod
     def active_jobs(self) -> int:
         """Jobs added and not yet finished."""
+
+    def check_constraint(self, constraint: Constraint, *, param: str = "response_format") -> None:
+        """Compile ``constraint`` now (any thread); InvalidRequest (400) if it is invalid or unsupported."""
+        raise Unsupported(f"The {self.backend_name} backend does not support constrained decoding", param=param)
 
     def memory_bytes(self) -> int:
         """Bytes of weights plus cache this model holds (best effort)."""

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import logging
 import threading
 from collections import deque
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest
-from ..core.types import ChatMessage, FinishReason, SequenceJob, TokenEvent
+from ..core.types import ChatMessage, Constraint, FinishReason, SequenceJob, TokenEvent
 from .base import Backend, LoadedModel, ModelSpec
+from .constraints import BatchMasker, GrammarCompiler
 from .detokenize import IncrementalDetokenizer
 
 try:  # the backend must stay importable (and say "unavailable") without torch/transformers
@@ -28,6 +30,8 @@ try:  # the backend must stay importable (and say "unavailable") without torch/t
     from .sampling import JobSampler, sample
 except ImportError:  # pragma: no cover - exercised only on machines without them
     torch = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
 
 #: end-of-turn tokens that chat models emit instead of (or as well as) their EOS
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>", "<|end|>")
@@ -141,10 +145,12 @@ def _eos_ids(model, tokenizer) -> frozenset[int]:
 class _Seq:
     """A job's decoding state while it is queued or in the batch."""
 
-    __slots__ = ("job", "sampler", "detok", "completion", "last", "top_n")
+    __slots__ = ("job", "sampler", "detok", "completion", "last", "top_n", "matcher")
 
-    def __init__(self, job: SequenceJob, sampler: "JobSampler", detok: IncrementalDetokenizer) -> None:
+    def __init__(self, job: SequenceJob, sampler: "JobSampler", detok: IncrementalDetokenizer,
+                 matcher: Any = None) -> None:
         self.job = job
+        self.matcher = matcher  # llguidance LLMatcher when the job has a constraint
         self.sampler = sampler
         self.detok = detok
         self.completion = 0
@@ -175,6 +181,8 @@ class TransformersModel(LoadedModel):
         self._running: list[_Seq] = []  # row i of the batch is _running[i]
         self._cancelled: set[int] = set()
         self._batch = BatchKV()
+        self._grammars = GrammarCompiler(tokenizer, self.vocab_size, self.eos_token_ids)
+        self._masker: BatchMasker | None = None  # created with the first constrained job
         self._weight_bytes = sum(t.nbytes for t in model.parameters()) + sum(t.nbytes for t in model.buffers())
         #: jobs in the most recent decode forward pass (tests and stats)
         self.last_batch_size = 0
@@ -195,8 +203,14 @@ class TransformersModel(LoadedModel):
         with self._tok_lock:
             return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def render_chat(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
-        """The prompt text of ``messages`` under the model's chat template (thread-safe)."""
+    def chat_template(self) -> str | None:
+        """The chat template source (all named templates joined when there are several)."""
+        t = getattr(self.tokenizer, "chat_template", None)
+        return "\n".join(t.values()) if isinstance(t, dict) else t
+
+    def render_chat(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True,
+                    tools: Sequence[dict[str, Any]] | None = None) -> str:
+        """The prompt text of ``messages`` (and ``tools``) under the model's chat template (thread-safe)."""
         from jinja2 import TemplateError
 
         if not getattr(self.tokenizer, "chat_template", None):
@@ -205,10 +219,14 @@ class TransformersModel(LoadedModel):
         convo = [m.to_template_dict() for m in messages]
         try:
             with self._tok_lock:
-                return self.tokenizer.apply_chat_template(convo, tokenize=False,
+                return self.tokenizer.apply_chat_template(convo, tokenize=False, tools=list(tools) if tools else None,
                                                           add_generation_prompt=add_generation_prompt)
         except TemplateError as exc:
             raise InvalidRequest(f"The chat template rejected these messages: {exc}", param="messages") from exc
+
+    def check_constraint(self, constraint: Constraint, *, param: str = "response_format") -> None:
+        """Compile ``constraint`` into the grammar cache (any thread); InvalidRequest (400) if invalid."""
+        self._grammars.compile(constraint, param=param)
 
     def _decode_piece(self, ids: Sequence[int]) -> str:
         with self._tok_lock:
@@ -226,7 +244,12 @@ class TransformersModel(LoadedModel):
             raise ContextLengthExceeded(f"The prompt has {len(job.prompt_ids)} tokens; this model's context "
                                         f"is {self.context_length} tokens", param="messages")
         sampler = JobSampler(job.sampling, job.prompt_ids, self.vocab_size, self.device)
-        self._pending.append(_Seq(job, sampler, IncrementalDetokenizer(self._decode_piece, job.prompt_ids)))
+        matcher = None
+        if job.constraint is not None:
+            matcher = self._grammars.new_matcher(job.constraint)
+            if self._masker is None:
+                self._masker = BatchMasker(self.vocab_size)
+        self._pending.append(_Seq(job, sampler, IncrementalDetokenizer(self._decode_piece, job.prompt_ids), matcher))
 
     def cancel(self, job_id: int) -> None:
         """Mark ``job_id`` cancelled; the next step drops it (no-op when unknown or finished)."""
@@ -333,16 +356,33 @@ class TransformersModel(LoadedModel):
 
     def _advance(self, seqs: list[_Seq], logits, events: list[TokenEvent]) -> list[int]:
         """Sample one token per row, emit events; return the rows that keep going."""
+        constrained = [row for row, s in enumerate(seqs) if s.matcher is not None] if self._masker else ()
+        if constrained:
+            # disallowed tokens go to -inf before any sampling step, so greedy and sampled
+            # rows alike can only pick what the grammar allows
+            self._masker.apply(logits, constrained, [seqs[row].matcher for row in constrained])
         result = sample(logits, [s.sampler for s in seqs], [s.top_n for s in seqs])
         keep: list[int] = []
         for row, (seq, token) in enumerate(zip(seqs, result.token_ids)):
             seq.completion += 1
             lp = result.logprobs.get(row)
             job = seq.job
+            grammar_done = False
+            if seq.matcher is not None:
+                if not seq.matcher.consume_token(token):
+                    # only reachable when the matcher itself failed (e.g. a parser limit):
+                    # this job fails alone, the batch goes on
+                    log.warning("constraint failed for job %s: %s", job.job_id, seq.matcher.get_error())
+                    events.append(self._event(seq, token, "", lp, FinishReason.ERROR))
+                    continue
+                grammar_done = seq.matcher.is_stopped()
             if token in job.stop_token_ids:
                 events.append(self._event(seq, token, "", lp, FinishReason.STOP))
                 continue
             text = seq.detok.push(token)
+            if grammar_done:  # the grammar allows nothing more: a normal stop, like EOS
+                events.append(self._event(seq, token, text + seq.detok.flush(), lp, FinishReason.STOP))
+                continue
             if seq.completion >= job.max_tokens or len(job.prompt_ids) + seq.completion >= self.context_length:
                 events.append(self._event(seq, token, text + seq.detok.flush(), lp, FinishReason.LENGTH))
                 continue

@@ -13,6 +13,7 @@ import click
 from .. import __version__
 from ..core.errors import AuthenticationError, PermissionDenied, XllmError
 from .chat import run_command
+from .create_cmd import create_command
 from .render import human_size, stdout_console
 from .store_cmds import list_command, pull_command, rm_command, show_command
 
@@ -130,6 +131,7 @@ main.add_command(pull_command)
 main.add_command(list_command)
 main.add_command(show_command)
 main.add_command(rm_command)
+main.add_command(create_command)
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m xllm_jupyter.cli.main`

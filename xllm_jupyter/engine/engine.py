@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import AsyncIterator, Protocol, Sequence
+from typing import Any, AsyncIterator, Mapping, Protocol, Sequence
 
 from ..backends.base import Backend, LoadedModel, ModelSpec
 from ..backends.registry import get_backend, select_backend
@@ -21,11 +21,14 @@ from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest, Mo
 from ..core.types import (
     ChatMessage,
     ChoiceDelta,
+    Constraint,
+    EmbeddingResult,
     EngineStats,
     GenerationDone,
     GenerationRequest,
     ModelInfo,
 )
+from .embeddings import EmbeddingHost
 from .runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -58,19 +61,22 @@ class Engine:
         self._created = int(time.time())
         self._started = False
         self._lock = threading.Lock()
+        self._defaults: dict[str, Mapping[str, Any]] = {}  # a created model's Modelfile defaults, by name
+        self._embeddings = EmbeddingHost()  # embedding models: own threads, never in a runner
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
         """Start serving; preloads the models named in ``config.preload``."""
         self._started = True
         for name in self.config.preload:
-            await self.load(name)
+            await self.load_any(name)
 
     async def stop(self) -> None:
         """Cancel everything, stop every runner thread and release models."""
         runners = list(self._runners.values())
         self._runners.clear()
         await asyncio.gather(*(asyncio.to_thread(r.shutdown) for r in runners))
+        await self._embeddings.stop()
         self._started = False
 
     @property
@@ -110,16 +116,21 @@ class Engine:
         runner = self._runners.get(name)
         if runner is not None:
             return runner.model
+        if name in self._embeddings.slots:
+            raise _not_supported(name, "an embedding model: use /v1/embeddings")
         pending = self._loading.get(name)
         if pending is None:
             pending = asyncio.get_running_loop().create_future()
             self._loading[name] = pending
             try:
                 spec = await asyncio.to_thread(self._resolve, name)
+                if spec.task == "embedding":
+                    raise _not_supported(name, "an embedding model: use /v1/embeddings")
                 backend = self._choose_backend(spec)
                 model = await asyncio.to_thread(backend.load, spec)
                 runner = ModelRunner(model, max_batch_size=min(self.config.max_batch_size, model.max_batch_size))
                 runner.start()
+                self._defaults[name] = spec.defaults
                 self._runners[name] = runner
                 pending.set_result(model)
             except BaseException as exc:
@@ -131,19 +142,54 @@ class Engine:
             return model
         return await asyncio.shield(pending)
 
+    async def load_any(self, name: str) -> None:
+        """Load ``name`` whatever its task (chat or embedding): preload and ``/admin/models/load``."""
+        if name in self._runners or name in self._embeddings.slots:
+            return
+        spec = await asyncio.to_thread(self._resolve, name)
+        if spec.task == "embedding":
+            await self._embeddings.load(spec)
+        else:
+            await self.load(name)
+
+    async def embed(self, model: str, inputs: Sequence[str] | Sequence[Sequence[int]]) -> EmbeddingResult:
+        """Unit-length embeddings of ``inputs`` (texts or token-id lists) with embedding model ``model``."""
+        slot = self._embeddings.slots.get(model)
+        if slot is None:
+            if model in self._runners:
+                raise _not_supported(model, "a chat model and cannot create embeddings")
+            spec = await asyncio.to_thread(self._resolve, model)
+            if spec.task != "embedding":
+                raise _not_supported(model, "a chat model and cannot create embeddings")
+            slot = await self._embeddings.load(spec)
+        return await self._embeddings.embed(slot, inputs)
+
+    def embedding_dimension(self, model: str) -> int | None:
+        """The vector size of loaded embedding model ``model`` (None when it is not loaded)."""
+        slot = self._embeddings.slots.get(model)
+        return slot.model.dimension if slot is not None else None
+
     async def unload(self, name: str) -> bool:
         """Unload ``name``; False when it was not loaded."""
+        if await self._embeddings.unload(name):
+            return True
         runner = self._runners.pop(name, None)
         if runner is None:
             return False
         await asyncio.to_thread(runner.shutdown)
         return True
 
+    def model_defaults(self, name: str) -> Mapping[str, Any]:
+        """The Modelfile defaults (``parameters``/``system``/``messages``) of loaded model ``name``; {} if none."""
+        return self._defaults.get(name, {}) if name in self._runners else {}
+
     def is_loaded(self, name: str) -> bool:
         """True when ``name`` is loaded now."""
-        return name in self._runners
+        return name in self._runners or name in self._embeddings.slots
 
     def _info(self, name: str) -> ModelInfo:
+        if name in self._embeddings.slots:
+            return self._embeddings.slots[name].info()
         runner = self._runners.get(name)
         if runner is None:
             return ModelInfo(name=name, created=self._created, loaded=False)
@@ -167,30 +213,31 @@ class Engine:
 
     def list_models(self) -> list[ModelInfo]:
         """Loaded models first, then every other model the catalog can load."""
-        names = list(self._runners)
+        names = list(self._runners) + list(self._embeddings.slots)
         if self.catalog is not None:
-            names += [n for n in self.catalog.names() if n not in self._runners]
+            names += [n for n in self.catalog.names() if n not in names]
         return [self._info(n) for n in names]
 
     def loaded_models(self) -> list[ModelInfo]:
         """Only the models in memory now."""
-        return [self._info(n) for n in list(self._runners)]
+        return [self._info(n) for n in list(self._runners) + list(self._embeddings.slots)]
 
     def model_info(self, name: str) -> ModelInfo:
         """One model's info; raises ModelNotFound if it is neither loaded nor loadable."""
-        if name in self._runners:
+        if name in self._runners or name in self._embeddings.slots:
             return self._info(name)
         if self.catalog is not None and name in self.catalog.names():
             return self._info(name)
         raise ModelNotFound(name)
 
     # --------------------------------------------------------------- prompting
-    async def encode_chat(self, name: str, messages: Sequence[ChatMessage]) -> list[int]:
-        """Prompt token ids for a chat, through the model's chat template."""
+    async def encode_chat(self, name: str, messages: Sequence[ChatMessage], tools: Sequence[dict] | None = None) -> list[int]:
+        """Prompt token ids for a chat (and its ``tools``), through the model's chat template."""
         model = await self.load(name)
+        extra = {"tools": tools} if tools else {}
 
         def work() -> list[int]:
-            text = model.render_chat(messages, add_generation_prompt=True)
+            text = model.render_chat(messages, add_generation_prompt=True, **extra)
             return model.tokenize(text, add_special_tokens=False)
 
         return await asyncio.to_thread(work)
@@ -199,6 +246,15 @@ class Engine:
         """Prompt token ids for raw text (legacy completions)."""
         model = await self.load(name)
         return await asyncio.to_thread(model.tokenize, text, add_special_tokens=True)
+
+    async def check_constraint(self, name: str, constraint: Constraint, *, param: str = "response_format") -> None:
+        """Compile ``constraint`` for model ``name`` on a worker thread; InvalidRequest (400) if it is invalid.
+
+        Serving calls this before a request is queued (and before a stream starts), so a
+        bad grammar is a plain 400; the compiled grammar is cached for the job itself.
+        """
+        model = await self.load(name)
+        await asyncio.to_thread(model.check_constraint, constraint, param=param)
 
     def validate(self, request: GenerationRequest) -> None:
         """Raise a 4xx error if ``request`` cannot run on its (loaded) model."""
@@ -255,6 +311,10 @@ class Engine:
             completed=sum(p.completed for p in parts),
             cancelled=sum(p.cancelled for p in parts),
         )
+
+
+def _not_supported(name: str, what: str) -> InvalidRequest:
+    return InvalidRequest(f"The model '{name}' is {what}", param="model", code="model_not_supported")
 
 
 __all__ = ["Engine", "ModelCatalog", "XllmError", "EngineError"]

@@ -13,7 +13,9 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..core.errors import InvalidRequest, Unsupported
-from ..core.types import ChatMessage, SamplingParams, Usage
+from ..core.types import ChatMessage, Constraint, SamplingParams, Usage
+from .structured import constraint_from_response_format
+from .tools import parse_tool_config
 
 #: returned as ``system_fingerprint``; clients only compare it for equality
 SYSTEM_FINGERPRINT = "fp_xllm"
@@ -102,7 +104,7 @@ class _SamplingFields(_Strict):
 
 
 #: fields that would change the output if honoured; rejected rather than silently ignored
-_CHAT_UNSUPPORTED = ("tools", "functions", "function_call", "audio", "prediction", "web_search_options")
+_CHAT_UNSUPPORTED = ("functions", "function_call", "audio", "prediction", "web_search_options")
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -114,6 +116,8 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: dict[str, Any] | None = None
     tool_choice: Union[str, dict[str, Any], None] = None
+    tools: list[Any] | None = None
+    parallel_tool_calls: bool | None = None
     modalities: list[str] | None = None
 
     def check(self) -> None:
@@ -124,17 +128,16 @@ class ChatCompletionRequest(_SamplingFields):
             value = extra.get(name)
             if value not in (None, [], {}):
                 raise Unsupported(f"'{name}' is not supported by this server yet", param=name)
-        if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            raise Unsupported(
-                f"response_format type '{self.response_format.get('type')}' is not supported by this server yet",
-                param="response_format",
-            )
-        if self.tool_choice not in (None, "none", "auto"):
-            raise Unsupported("'tool_choice' is not supported by this server yet", param="tool_choice")
+        self.constraint()  # a malformed response_format is a 400 at parse time
+        parse_tool_config(self.tools, self.tool_choice, self.parallel_tool_calls)  # 400 on malformed tools
         if self.modalities is not None and any(m != "text" for m in self.modalities):
             raise Unsupported("Only the 'text' modality is supported", param="modalities")
         if self.top_logprobs and not self.logprobs:
             raise InvalidRequest("'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
+
+    def constraint(self) -> Constraint | None:
+        """The decoding constraint ``response_format`` asks for (None for plain text)."""
+        return constraint_from_response_format(self.response_format)
 
     @property
     def requested_max_tokens(self) -> int | None:

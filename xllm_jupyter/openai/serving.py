@@ -17,6 +17,8 @@ from typing import Any, AsyncIterator, Sequence
 from ..core.config import ServerConfig
 from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest
 from ..core.types import ChoiceDelta, FinishReason, GenerationDone, GenerationParams, GenerationRequest, Usage
+from .model_defaults import ModelDefaults
+from .tool_calling import ToolCalling
 from .protocol import (
     SYSTEM_FINGERPRINT,
     ChatCompletionRequest,
@@ -80,7 +82,7 @@ class OpenAIServing:
     async def admin_load(self, body: bytes) -> dict[str, Any]:
         """Load a model now (waits until it is in memory)."""
         req: ModelRequest = parse_request(ModelRequest, body)
-        await self.engine.load(req.model)
+        await self.engine.load_any(req.model)  # chat or embedding model
         return model_object(self.engine.model_info(req.model))
 
     async def admin_unload(self, body: bytes) -> dict[str, Any]:
@@ -128,11 +130,19 @@ class OpenAIServing:
         self._check_n(n)
         messages = req.core_messages()
         model = await self.engine.load(req.model)
+        defaults = ModelDefaults.of(self.engine, req.model)  # a created model's Modelfile settings
+        req = defaults.apply(req)
+        messages = defaults.chat_messages(messages)
         sampling = req.sampling_params()
         _check_token_ids(sampling.logit_bias, model, "logit_bias")
-        prompt = await self.engine.encode_chat(req.model, messages)
+        tools = ToolCalling.from_request(req, model)
+        constraint = tools.constraint() or req.constraint()  # forced tool calls win over response_format
+        if constraint is not None:
+            # compiled before anything is queued or streamed: a bad schema is a plain 400
+            await self.engine.check_constraint(req.model, constraint, param="tools" if tools.cfg.constrained else "response_format")
+        prompt = await self.engine.encode_chat(req.model, *tools.prompt(messages))
         max_tokens = self._max_tokens(
-            req.requested_max_tokens, req.max_tokens_param, len(prompt), model.context_length, "messages", None
+            req.requested_max_tokens, req.max_tokens_param, len(prompt), model.context_length, "messages", defaults.max_tokens(None)
         )
         rid = "chatcmpl-" + uuid.uuid4().hex
         params = GenerationParams(
@@ -143,15 +153,16 @@ class OpenAIServing:
             n=n,
             logprobs=bool(req.logprobs),
             top_logprobs=req.top_logprobs or 0,
+            constraint=constraint,
         )
         gen = GenerationRequest(model=req.model, prompt_ids=tuple(prompt), params=params, request_id=rid)
         self._validate(gen, "messages")
         created = int(time.time())
         if req.stream:
-            return self._chat_stream(gen, req.model, rid, created, req.include_usage)
-        return await self._chat_full(gen, req.model, rid, created)
+            return self._chat_stream(gen, req.model, rid, created, req.include_usage, tools)
+        return await self._chat_full(gen, req.model, rid, created, tools)
 
-    async def _chat_full(self, gen: GenerationRequest, model: str, rid: str, created: int) -> dict[str, Any]:
+    async def _chat_full(self, gen: GenerationRequest, model: str, rid: str, created: int, tools: ToolCalling) -> dict[str, Any]:
         n = gen.params.n
         want_lp = gen.params.logprobs
         texts: list[list[str]] = [[] for _ in range(n)]
@@ -170,12 +181,13 @@ class OpenAIServing:
                         finish[ev.index] = ev.finish.value
                 elif isinstance(ev, GenerationDone):
                     usage = ev.usage
+        messages = [tools.message("".join(texts[i]), finish[i] or "stop") for i in range(n)]
         choices = [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": "".join(texts[i]), "refusal": None},
+                "message": messages[i][0],
                 "logprobs": {"content": lps[i], "refusal": None} if want_lp else None,
-                "finish_reason": finish[i] or "stop",
+                "finish_reason": messages[i][1],
             }
             for i in range(n)
         ]
@@ -190,7 +202,7 @@ class OpenAIServing:
         }
 
     async def _chat_stream(
-        self, gen: GenerationRequest, model: str, rid: str, created: int, include_usage: bool
+        self, gen: GenerationRequest, model: str, rid: str, created: int, include_usage: bool, tools: ToolCalling
     ) -> AsyncIterator[Chunk]:
         # The common fields are built once; each chunk is a shallow copy plus its choice.
         head: Chunk = {
@@ -206,12 +218,18 @@ class OpenAIServing:
         for i in range(gen.params.n):
             yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}
         usage = Usage()
+        # with tools, text goes through a parser that holds back what may become a call
+        calls = [tools.streamer() for _ in range(gen.params.n)] if tools.active else None
         async with aclosing(self.engine.generate(gen)) as events:
             async for ev in events:
                 if type(ev) is ChoiceDelta:
                     if ev.finish is FinishReason.ERROR:
                         raise _engine_failure()
-                    if ev.text or (want_lp and ev.logprobs):
+                    if calls is not None:
+                        reason = None if ev.finish is None else ev.finish.value
+                        for delta, reason in calls[ev.index].deltas(ev.text, reason):
+                            yield {**head, "choices": [{"index": ev.index, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+                    elif ev.text or (want_lp and ev.logprobs):
                         yield {
                             **head,
                             "choices": [
@@ -223,7 +241,7 @@ class OpenAIServing:
                                 }
                             ],
                         }
-                    if ev.finish is not None:
+                    if ev.finish is not None and calls is None:
                         yield {**head, "choices": [{"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": ev.finish.value}]}
                 elif isinstance(ev, GenerationDone):
                     usage = ev.usage
@@ -238,6 +256,8 @@ class OpenAIServing:
         prompts = req.prompts()
         self._check_n(n, len(prompts))
         model = await self.engine.load(req.model)
+        defaults = ModelDefaults.of(self.engine, req.model)
+        req = defaults.apply(req)
         rid = "cmpl-" + uuid.uuid4().hex
         sampling = req.sampling_params()
         _check_token_ids(sampling.logit_bias, model, "logit_bias")
@@ -252,7 +272,7 @@ class OpenAIServing:
                 ids = p
                 offsets.append(0)
             # OpenAI's legacy endpoint defaults to 16 tokens, unlike chat
-            max_tokens = self._max_tokens(req.max_tokens, "max_tokens", len(ids), model.context_length, "prompt", 16)
+            max_tokens = self._max_tokens(req.max_tokens, "max_tokens", len(ids), model.context_length, "prompt", defaults.max_tokens(16))
             params = GenerationParams(
                 max_tokens=max_tokens,
                 sampling=sampling,

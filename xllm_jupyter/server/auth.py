@@ -92,6 +92,10 @@ class ApiKeyHandler(RequestHandler):
         """Dispatch to the route mixin."""
         await self.dispatch("post", *args, **kwargs)  # type: ignore[attr-defined]
 
+    async def delete(self, *args: Any, **kwargs: Any) -> None:
+        """Dispatch to the route mixin."""
+        await self.dispatch("delete", *args, **kwargs)  # type: ignore[attr-defined]
+
 
 class PublicApiKeyHandler(ApiKeyHandler):
     """The same base without the key check (only ``/health`` uses it)."""

@@ -13,6 +13,7 @@ from typing import Any, AsyncIterator, Awaitable
 
 from ..core.config import XllmConfig
 from ..core.errors import InvalidRequest, NotFound, PayloadTooLarge
+from ..openai.responses import ResponsesServing
 from ..openai.serving import OpenAIServing
 from .errors import error_response, log_error
 from .sse import SSE_HEADERS, EventStreamWriter, dumps
@@ -28,6 +29,7 @@ class XllmContext:
         self.engine = engine
         self.config = config
         self.serving = OpenAIServing(engine, config.server)
+        self.responses = ResponsesServing(self.serving)
 
 
 class RequestMixin:
@@ -110,7 +112,7 @@ class RequestMixin:
         finally:
             self._work_task = None
 
-    async def respond(self, work: Awaitable[dict[str, Any] | AsyncIterator[dict[str, Any]]]) -> None:
+    async def respond(self, work: Awaitable[dict[str, Any] | AsyncIterator[dict[str, Any]]], **writer_options: Any) -> None:
         """Run a serving call; write its dict as JSON or stream its chunks as SSE."""
         ok, result = await self._cancellable(work)
         if not ok:
@@ -118,13 +120,16 @@ class RequestMixin:
         if isinstance(result, dict):
             self.write_json(result)
         else:
-            await self.stream_events(result)
+            await self.stream_events(result, **writer_options)
 
-    async def stream_events(self, stream: AsyncIterator[dict[str, Any]]) -> None:
-        """Write chunks as server-sent events; errors after the start become an error event."""
+    async def stream_events(self, stream: AsyncIterator[dict[str, Any]], **writer_options: Any) -> None:
+        """Write chunks as server-sent events; errors after the start become an error event.
+
+        ``writer_options`` (``encode``, ``done``) pick another event framing, e.g. typed events.
+        """
         for name, value in SSE_HEADERS.items():
             self.set_header(name, value)  # type: ignore[attr-defined]
-        writer = EventStreamWriter(self, self.xllm.config.server.keepalive_seconds, self._client_left)
+        writer = EventStreamWriter(self, self.xllm.config.server.keepalive_seconds, self._client_left, **writer_options)
         try:
             await self._cancellable(writer.write_all(stream))
         except Exception as exc:

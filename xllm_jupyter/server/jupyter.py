@@ -16,7 +16,7 @@ from tornado import web
 
 
 class JupyterXllmHandler(ExtensionHandlerMixin, APIHandler):
-    """Authenticated and authorized on the ``xllm`` resource (GET = read, POST = write)."""
+    """Authenticated and authorized on the ``xllm`` resource (GET = read, POST and DELETE = write)."""
 
     auth_resource = "xllm"
 
@@ -31,6 +31,12 @@ class JupyterXllmHandler(ExtensionHandlerMixin, APIHandler):
     async def post(self, *args: Any, **kwargs: Any) -> None:
         """Dispatch to the route mixin."""
         await self.dispatch("post", *args, **kwargs)  # type: ignore[attr-defined]
+
+    @web.authenticated
+    @authorized
+    async def delete(self, *args: Any, **kwargs: Any) -> None:
+        """Dispatch to the route mixin."""
+        await self.dispatch("delete", *args, **kwargs)  # type: ignore[attr-defined]
 
     def finish_event_stream(self) -> Any:
         """APIHandler.finish forces JSON unless told otherwise."""

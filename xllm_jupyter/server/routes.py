@@ -11,6 +11,7 @@ from typing import Any
 
 from tornado.web import RequestHandler, stream_request_body
 
+from .embeddings import EmbeddingsMixin
 from .handlers import (
     AdminLoadMixin,
     AdminModelsMixin,
@@ -22,6 +23,7 @@ from .handlers import (
     ModelsMixin,
     NotFoundMixin,
 )
+from .responses import ResponseInputItemsMixin, ResponseMixin, ResponsesMixin
 
 #: (path under the prefix, request-logic mixin, public?) — only /health is public
 ROUTES: tuple[tuple[str, type, bool], ...] = (
@@ -30,6 +32,10 @@ ROUTES: tuple[tuple[str, type, bool], ...] = (
     (r"/v1/models/(?P<model_id>.+)", ModelMixin, False),
     (r"/v1/chat/completions", ChatCompletionsMixin, False),
     (r"/v1/completions", CompletionsMixin, False),
+    (r"/v1/responses", ResponsesMixin, False),
+    (r"/v1/responses/(?P<response_id>[^/]+)/input_items", ResponseInputItemsMixin, False),
+    (r"/v1/responses/(?P<response_id>[^/]+)", ResponseMixin, False),
+    (r"/v1/embeddings", EmbeddingsMixin, False),
     (r"/admin/models", AdminModelsMixin, False),
     (r"/admin/models/load", AdminLoadMixin, False),
     (r"/admin/models/unload", AdminUnloadMixin, False),

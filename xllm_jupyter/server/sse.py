@@ -29,6 +29,11 @@ def sse_event(obj: Any) -> bytes:
     return b"data: " + _encode(obj).encode("utf-8") + b"\n\n"
 
 
+def typed_sse_event(obj: Any) -> bytes:
+    """One ``event: <type>`` + ``data:`` event, as the Responses API streams them."""
+    return b"event: " + obj["type"].encode("utf-8") + b"\ndata: " + _encode(obj).encode("utf-8") + b"\n\n"
+
+
 def dumps(obj: Any) -> str:
     """Compact JSON (the same encoder the events use)."""
     return _encode(obj)
@@ -61,10 +66,20 @@ class EventStreamWriter:
 
     ``handler`` needs ``write(bytes)`` and ``flush() -> Future``. ``on_closed`` runs once
     when a flush finds the client gone, so the caller can cancel the generation.
+    ``encode`` turns a chunk into event bytes; ``done`` ends the stream (b"" for none).
     """
 
-    def __init__(self, handler: Any, keepalive_seconds: float, on_closed: Callable[[], None]):
+    def __init__(
+        self,
+        handler: Any,
+        keepalive_seconds: float,
+        on_closed: Callable[[], None],
+        encode: Callable[[Any], bytes] = sse_event,
+        done: bytes = DONE,
+    ):
         self.handler = handler
+        self.encode = encode
+        self.done = done
         self.keepalive = keepalive_seconds
         self.on_closed = on_closed
         self.closed = False
@@ -137,20 +152,21 @@ class EventStreamWriter:
 
     # ------------------------------------------------------------------- writing
     async def write_all(self, stream: AsyncIterator[Any]) -> bool:
-        """Write every chunk then ``[DONE]``; False when the client left first.
+        """Write every chunk then the end marker (``[DONE]`` for chat); False when the client left first.
 
         Each next chunk is polled without suspending: when it is already there it is
         buffered with the previous ones, and only when we would have to wait does the
         buffer go out. Exceptions from ``stream`` propagate to the caller.
         """
         write = self.handler.write
+        encode = self.encode
         it = stream.__aiter__()
         while not self.closed:
             step = it.__anext__()
             try:
                 yielded = step.send(None)
             except StopIteration as ready:
-                write(sse_event(ready.value))
+                write(encode(ready.value))
                 continue
             except StopAsyncIteration:
                 break
@@ -159,10 +175,11 @@ class EventStreamWriter:
                 chunk = await _resume(step, yielded)
             except StopAsyncIteration:
                 break
-            write(sse_event(chunk))
+            write(encode(chunk))
         if self.closed:
             return False
-        write(DONE)
+        if self.done:
+            write(self.done)
         await self.drain()
         return not self.closed
 

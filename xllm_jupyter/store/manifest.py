@@ -20,6 +20,7 @@ from .progress import ProgressFn, PullProgress
 MANIFEST_NAME = "xllm-manifest.json"
 SCHEMA_VERSION = 1
 FORMATS = ("safetensors", "gguf", "exl3", "exl2", "gptq")
+TASKS = ("chat", "embedding")
 CHUNK = 1 << 20
 
 
@@ -48,6 +49,9 @@ class Manifest:
     digest: str = ""
     revision: str | None = None
     path: Path | None = field(default=None, compare=False)
+    task: str = "chat"  # "chat" or "embedding"; absent in older manifests, which are chat
+    #: the settings of a model made by ``create`` from a Modelfile (``Modelfile.to_dict``)
+    modelfile: dict[str, Any] | None = None
 
     @property
     def weights_path(self) -> Path:
@@ -76,7 +80,10 @@ class Manifest:
             "parameters": self.parameters,
             "backend": self.backend,
             "digest": self.digest,
+            "task": self.task,
         }
+        if self.modelfile is not None:  # only then: manifests of pulled models stay as before
+            data["modelfile"] = self.modelfile
         return json.dumps(data, indent=2, sort_keys=False) + "\n"
 
     @classmethod
@@ -107,6 +114,8 @@ class Manifest:
                 digest=str(data["digest"]),
                 revision=data.get("revision") if isinstance(data.get("revision"), str) else None,
                 path=path,
+                task=data.get("task") if data.get("task") in TASKS else "chat",
+                modelfile=data["modelfile"] if isinstance(data.get("modelfile"), dict) else None,
             )
         except StoreError:
             raise
@@ -218,3 +227,10 @@ def read_template(model_dir: Path) -> str | None:
             if isinstance(chosen, str):
                 return chosen
     return None
+
+
+def detect_task(model_dir: Path) -> str:
+    """``embedding`` for a sentence-transformers layout (modules.json or 1_Pooling/), else ``chat``."""
+    if (model_dir / "modules.json").is_file() or (model_dir / "1_Pooling" / "config.json").is_file():
+        return "embedding"
+    return "chat"

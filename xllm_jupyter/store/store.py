@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 from ..backends.base import ModelSpec
 from ..core.errors import InvalidModelName, ModelNotFound, StoreError
 from .atomic import FileLock, fix_modes, fsync_dir, fsync_tree, remove_tree, replace_dir, try_lock
+from .create import create_model, model_defaults
 from .hub import HubClient, verify_files
 from .local import copy_dir, copy_file, list_dir_files
 from .manifest import (
@@ -35,6 +36,7 @@ from .manifest import (
     ManifestFile,
     compute_digest,
     detect_format,
+    detect_task,
     hash_file,
     read_manifest,
     read_template,
@@ -113,6 +115,10 @@ class ModelStore:
             manifest = self.pull(n, n, progress=LogProgress(n))
         self._check_files(manifest)
         ctx = manifest.parameters.get("context_length")
+        defaults = model_defaults(manifest)
+        num_ctx = defaults.get("parameters", {}).get("num_ctx")
+        if num_ctx:  # a Modelfile's num_ctx sets the context, as in Ollama
+            ctx = min(ctx, num_ctx) if isinstance(ctx, int) and ctx > 0 else num_ctx
         return ModelSpec(
             name=manifest.name,
             path=manifest.weights_path,
@@ -120,6 +126,8 @@ class ModelStore:
             backend=manifest.backend,
             context_length=ctx if isinstance(ctx, int) and ctx > 0 else None,
             digest=manifest.digest,
+            task=manifest.task,
+            defaults=defaults,
         )
 
     def _file_path(self, manifest: Manifest, f: ManifestFile) -> Path:
@@ -202,6 +210,10 @@ class ModelStore:
             fmt, files, template = self._build_local(src, build, report, convert)
             return self._finish(build, n, src, fmt, files, template, None, report)
 
+    def create(self, name: str, modelfile_text: str, progress: Callable[[PullProgress], None] | None = None) -> Manifest:
+        """Make model ``name`` from Modelfile text: FROM's files (linked) plus its settings (see store/create.py)."""
+        return create_model(self, name, modelfile_text, progress)
+
     def rm(self, name: str) -> None:
         """Delete model ``name``; ModelNotFound if absent. The directory leaves ``models/`` in one rename."""
         n = validate_name(name)
@@ -235,6 +247,9 @@ class ModelStore:
         """Fill ``build`` from a packaged, directory or GGUF source: (format, files, template)."""
         from .convert import gguf_chat_template, gguf_to_safetensors
 
+        if src.kind == "packaged" and not PACKAGED[src.ref].convert:  # a wheel holding an HF directory
+            files = copy_dir(PACKAGED[src.ref].require(), build, report)
+            return detect_format(build), files, read_template(build)
         if src.kind == "packaged" or (src.kind == "gguf" and convert):
             gguf = PACKAGED[src.ref].require() if src.kind == "packaged" else Path(src.ref)
             template = gguf_to_safetensors(gguf, build, progress=report)
@@ -299,6 +314,7 @@ class ModelStore:
             backend=None,
             digest=compute_digest(files),
             revision=revision,
+            task=detect_task(build),
         )
         fix_modes(build)
         fsync_tree(build)

@@ -1,0 +1,272 @@
+"""Function calling: request validation, prompts, grammars, parsers, and the real server with the openai SDK."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import jsonschema
+import llguidance
+import openai
+import pytest
+
+from tests.server_fixtures import TINY
+from xllm_jupyter.core.errors import InvalidRequest
+from xllm_jupyter.core.types import ChatMessage
+from xllm_jupyter.openai.tool_parser import HERMES, LLAMA3, MISTRAL, StreamingToolParser, detect_family, parse_tool_calls
+from xllm_jupyter.openai.tools import parse_tool_config, prepare_messages, tool_constraint, tool_grammar
+
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "unit": {"enum": ["c", "f"]},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+ADD = {
+    "type": "object",
+    "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}, "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "required": ["a", "b"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "add", "description": "Add two numbers", "parameters": ADD}},
+]
+SCHEMAS = {"get_weather": WEATHER, "add": ADD}
+MSG = [{"role": "user", "content": "What is the weather in Paris?"}]
+NAMES = ("get_weather", "add")
+
+
+# ----------------------------------------------------------------- request side
+def test_tool_config_validation():
+    cfg = parse_tool_config(TOOLS, None, None)
+    assert cfg.choice == "auto" and cfg.parallel and cfg.active and not cfg.constrained
+    named = parse_tool_config(TOOLS, {"type": "function", "function": {"name": "add"}}, False)
+    assert named.constrained and [t.name for t in named.callable_tools()] == ["add"] and not named.parallel
+    assert not parse_tool_config(TOOLS, "none", None).active
+    cases = [
+        (([{"type": "function", "function": {"name": "bad name"}}], None), "tools[0].function.name"),
+        (([{"type": "retrieval"}], None), "tools[0].type"),
+        (([{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}], None), "tools[0].function.parameters"),
+        ((TOOLS, {"type": "function", "function": {"name": "nope"}}), "tool_choice"),
+        ((TOOLS, "sometimes"), "tool_choice"),
+        ((None, "required"), "tool_choice"),
+    ]
+    for (tools, choice), param in cases:
+        with pytest.raises(InvalidRequest) as info:
+            parse_tool_config(tools, choice, None)
+        assert info.value.param == param
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_grammar_compiles_with_llguidance(parallel):
+    cfg = parse_tool_config(TOOLS, "required", parallel)
+    grammar = tool_grammar(cfg)
+    assert llguidance.LLMatcher.validate_grammar(llguidance.grammar_from("lark", grammar)) == ""
+    assert tool_constraint(cfg).kind == "lark"
+    named = tool_grammar(parse_tool_config(TOOLS, {"type": "function", "function": {"name": "add"}}, parallel))
+    assert '\\"add\\"' in named and "get_weather" not in named
+    assert tool_constraint(parse_tool_config(TOOLS, "auto", parallel)) is None
+
+
+def test_grammar_admits_calls_and_rejects_others():
+    """The grammar, run through llguidance's own matcher on bytes, accepts valid calls only."""
+    from transformers import AutoTokenizer
+    import llguidance.hf
+
+    from tests.models import SMOLLM2_GGUF, smollm2_package_dir
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_package_dir()), gguf_file=SMOLLM2_GGUF)
+    lt = llguidance.hf.from_tokenizer(tok)
+    grammar = llguidance.grammar_from("lark", tool_grammar(parse_tool_config(TOOLS, "required", True)))
+
+    def accepts(text: str) -> bool:
+        m = llguidance.LLMatcher(lt, grammar)
+        return m.consume_tokens(tok.encode(text, add_special_tokens=False)) and not m.is_error() and m.is_accepting()
+
+    one = '<tool_call>\n{"name": "add", "arguments": {"a":1,"b":2}}\n</tool_call>'
+    assert accepts(one)
+    assert accepts(one + "\n" + one.replace('"a":1', '"a":7'))
+    assert not accepts(one.replace('"add"', '"sub"'))
+    assert not accepts(one.replace('"b":2', '"c":2'))
+    assert not accepts("Sure! " + one)
+
+
+def test_fallback_prompt_and_history_for_templates_without_tools():
+    cfg = parse_tool_config(TOOLS, "auto", None)
+    history = [
+        ChatMessage("user", "Weather?"),
+        ChatMessage("assistant", None, tool_calls=[{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}}]),
+        ChatMessage("tool", "21 C", tool_call_id="call_1"),
+    ]
+    msgs, tools = prepare_messages(history, cfg, native=False)
+    assert tools is None
+    assert msgs[0].role == "system" and "<tools>" in msgs[0].content and '"get_weather"' in msgs[0].content
+    assert msgs[2].role == "assistant" and '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"' in msgs[2].content
+    assert msgs[3].role == "user" and "<tool_response>\n21 C\n</tool_response>" == msgs[3].content
+    native, native_tools = prepare_messages(history, cfg, native=True)
+    assert native_tools[0]["function"]["name"] == "get_weather"
+    assert native[1].tool_calls[0]["function"]["arguments"] == {"city": "Paris", "unit": "c"}  # templates want objects
+    none_msgs, none_tools = prepare_messages(history[:1], parse_tool_config(TOOLS, "none", None), native=False)
+    assert none_tools is None and none_msgs == history[:1]
+
+
+# ---------------------------------------------------------------- response side
+def test_family_detection():
+    assert detect_family("{% if tools %}<tool_call>{% endif %}") == HERMES
+    assert detect_family("<|python_tag|>{{ tools }}") == LLAMA3
+    assert detect_family("[AVAILABLE_TOOLS]{{ tools }}[TOOL_CALLS]") == MISTRAL
+    assert detect_family(None) == HERMES
+
+
+@pytest.mark.parametrize(
+    ("family", "text", "content", "calls"),
+    [
+        (HERMES, 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+         "Let me check.", [("get_weather", {"city": "Paris"})]),
+        (HERMES, '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>\n<tool_call>{"name": "add", "arguments": "{\\"a\\": 3, \\"b\\": 4}"}</tool_call> ',
+         None, [("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})]),
+        (HERMES, '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}', None, [("add", {"a": 1, "b": 2})]),  # no closing tag
+        (HERMES, '<tool_call>{"name": "unknown", "arguments": {}}</tool_call>', '<tool_call>{"name": "unknown", "arguments": {}}</tool_call>', []),
+        (LLAMA3, '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Rome"}}', None, [("get_weather", {"city": "Rome"})]),
+        (LLAMA3, 'Sure: {"name": "add", "parameters": {"a": 1, "b": 2}}; {"name": "add", "parameters": {"a": 5, "b": 6}} done',
+         "Sure: done", [("add", {"a": 1, "b": 2}), ("add", {"a": 5, "b": 6})]),
+        (MISTRAL, '[TOOL_CALLS][{"name": "add", "arguments": {"a": 1, "b": 2}}, {"name": "get_weather", "arguments": {"city": "Oslo"}}]',
+         None, [("add", {"a": 1, "b": 2}), ("get_weather", {"city": "Oslo"})]),
+        (MISTRAL, '[{"name": "add", "arguments": {"a": 1, "b": 2}}]', None, [("add", {"a": 1, "b": 2})]),  # marker stripped
+        (LLAMA3, 'The set {"name": "x"} is fine [1, 2].', 'The set {"name": "x"} is fine [1, 2].', []),
+    ],
+)
+def test_parsers(family, text, content, calls):
+    out = parse_tool_calls(text, NAMES, family)
+    assert out.content == content
+    assert [(c.name, json.loads(c.arguments)) for c in out.calls] == calls
+    assert len({c.id for c in out.calls}) == len(calls) and all(c.id.startswith("call_") for c in out.calls)
+
+
+def _stream(parser: StreamingToolParser, text: str, step: int) -> tuple[str, list]:
+    events = []
+    for i in range(0, len(text), step):
+        events += parser.feed(text[i:i + step])
+    events += parser.finish()
+    content = "".join(e.content for e in events if e.call is None)
+    return content, [(e.index, e.call.name, json.loads(e.call.arguments)) for e in events if e.call is not None]
+
+
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_streaming_parser_holds_back_markup(step):
+    text = 'Checking <tool_c> now.\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    content, calls = _stream(StreamingToolParser(NAMES, HERMES), text, step)
+    assert content == "Checking <tool_c> now.\n"
+    assert calls == [(0, "add", {"a": 1, "b": 2}), (1, "get_weather", {"city": "Oslo"})]
+    plain = "No tools needed <tool here."
+    assert _stream(StreamingToolParser(NAMES, HERMES), plain, step) == (plain, [])
+    llama = ' {"name": "add", "parameters": {"a": 4, "b": 2}}'
+    assert _stream(StreamingToolParser(NAMES, LLAMA3), llama, step) == ("", [(0, "add", {"a": 4, "b": 2})])
+    assert _stream(StreamingToolParser(NAMES, LLAMA3), plain, step) == (plain, [])
+
+
+# ------------------------------------------------------------ the real server
+@pytest.fixture
+def client(xllm_server):
+    """A sync OpenAI client for the session server."""
+    with openai.OpenAI(base_url=xllm_server.base_url, api_key=xllm_server.api_key, max_retries=0, timeout=120) as c:
+        yield c
+
+
+def _check_calls(calls, only: str | None = None) -> None:
+    assert calls
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("call_")
+        assert only is None or call.function.name == only
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+@pytest.mark.parametrize(
+    ("choice", "only"),
+    [("required", None), ({"type": "function", "function": {"name": "add"}}, "add")],
+)
+def test_forced_tool_calls(client, choice, only):
+    """Even the random-weight model must produce valid calls when the grammar forces them."""
+    r = client.chat.completions.create(model=TINY, messages=MSG, tools=TOOLS, tool_choice=choice, max_tokens=200, seed=1)
+    choice0 = r.choices[0]
+    assert choice0.finish_reason == "tool_calls"
+    assert choice0.message.content is None
+    _check_calls(choice0.message.tool_calls, only)
+
+
+def test_forced_tool_calls_streaming(client):
+    chunks = list(client.chat.completions.create(
+        model=TINY, messages=MSG, tools=TOOLS, tool_choice="required", max_tokens=200, seed=2, stream=True))
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in chunks:
+        if not chunk.choices:
+            continue
+        c = chunk.choices[0]
+        assert not c.delta.content  # no raw markup leaks as text
+        for frag in c.delta.tool_calls or []:
+            assert frag.index is not None
+            if frag.index not in calls:
+                assert frag.id and frag.type == "function" and frag.function.name
+                calls[frag.index] = {"id": frag.id, "name": frag.function.name, "arguments": frag.function.arguments or ""}
+            else:
+                assert frag.id is None and frag.type is None and frag.function.name is None
+                calls[frag.index]["arguments"] += frag.function.arguments
+        finish = c.finish_reason or finish
+    assert finish == "tool_calls"
+    assert sorted(calls) == list(range(len(calls))) and calls
+    for call in calls.values():
+        jsonschema.validate(json.loads(call["arguments"]), SCHEMAS[call["name"]])
+    # the same request without streaming gives the same calls
+    full = client.chat.completions.create(model=TINY, messages=MSG, tools=TOOLS, tool_choice="required", max_tokens=200, seed=2)
+    assert [(t.function.name, t.function.arguments) for t in full.choices[0].message.tool_calls] == [
+        (c["name"], c["arguments"]) for c in calls.values()
+    ]
+
+
+def test_parallel_tool_calls_false_gives_one_call(client):
+    for seed in range(3):
+        r = client.chat.completions.create(
+            model=TINY, messages=MSG, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, max_tokens=200, seed=seed)
+        assert r.choices[0].finish_reason == "tool_calls"
+        assert len(r.choices[0].message.tool_calls) == 1
+        _check_calls(r.choices[0].message.tool_calls)
+
+
+def test_tool_result_conversation_and_none(client):
+    history = MSG + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_abc", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}}]},
+        {"role": "tool", "tool_call_id": "call_abc", "content": "21 degrees and sunny"},
+    ]
+    r = client.chat.completions.create(model=TINY, messages=history, tools=TOOLS, max_tokens=8, seed=0)
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert r.usage.completion_tokens >= 1
+    r = client.chat.completions.create(model=TINY, messages=history, tools=TOOLS, tool_choice="none", max_tokens=8, seed=0)
+    assert r.choices[0].message.tool_calls is None and isinstance(r.choices[0].message.content, str)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_tool_errors(client, xllm_server):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=TINY, messages=MSG, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert info.value.status_code == 400 and info.value.param == "tool_choice"
+    bad_tools = [
+        [{"type": "function", "function": {"name": "has space", "parameters": {"type": "object"}}}],
+        [{"type": "function"}],
+        {"type": "function", "function": {"name": "f"}},
+    ]
+    for tools in bad_tools:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=TINY, messages=MSG, tools=tools)
+        assert info.value.status_code == 400 and info.value.param.startswith("tools")
+    # a schema llguidance cannot compile is a 400 when it must be enforced
+    broken = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": 7}}}}}]
+    r = httpx.post(xllm_server.base_url + "/chat/completions", headers={"Authorization": f"Bearer {xllm_server.api_key}"},
+                   json={"model": TINY, "messages": MSG, "tools": broken, "tool_choice": "required", "stream": True}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+    assert client.chat.completions.create(model=TINY, messages=MSG, max_tokens=2).choices  # still serving

@@ -1,0 +1,180 @@
+"""Embedding models: a transformers encoder + sentence-transformers pooling + L2 normalisation.
+
+Reads the sentence-transformers layout (``1_Pooling/config.json``,
+``sentence_bert_config.json``) without needing the sentence-transformers package.
+torch and transformers are imported inside ``load`` so importing this module is cheap.
+An ``EmbeddingModel`` is called from one worker thread at a time (the engine's
+per-model executor), but its tokenizer is also guarded by a lock so it stays safe if
+called from elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest
+from .base import ModelSpec
+
+#: inputs per forward pass: bounds activation memory for big requests
+CHUNK = 64
+POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len")
+
+
+def read_pooling(directory: Path) -> str:
+    """The pooling mode from ``1_Pooling/config.json`` (``mean`` when there is none)."""
+    try:
+        data = json.loads((directory / "1_Pooling" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "mean"
+    if isinstance(data.get("pooling_mode"), str) and data["pooling_mode"] in POOLING_MODES:
+        return data["pooling_mode"]
+    for mode in ("cls", "max", "mean_sqrt_len", "mean"):
+        if data.get(f"pooling_mode_{mode}_token") or data.get(f"pooling_mode_{mode}_tokens"):
+            return mode
+    return "mean"
+
+
+def read_max_length(directory: Path, fallback: int) -> int:
+    """Tokens per input the model was trained for: ``sentence_bert_config.json``'s max_seq_length."""
+    try:
+        value = json.loads((directory / "sentence_bert_config.json").read_text(encoding="utf-8")).get("max_seq_length")
+    except (OSError, ValueError, AttributeError):
+        value = None
+    return min(value, fallback) if isinstance(value, int) and value > 0 else fallback
+
+
+class EmbeddingModel:
+    """A loaded encoder that turns texts or token ids into unit-length float32 vectors."""
+
+    backend_name = "transformers"
+
+    def __init__(self, spec: ModelSpec, model: Any, tokenizer: Any, device: Any, pooling: str, max_length: int):
+        self.name = spec.name
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.pooling = pooling
+        #: tokens per input, special tokens included
+        self.context_length = max_length
+        self.dimension = int(model.config.hidden_size)
+        self.vocab_size = len(tokenizer)
+        self._prefix, self._suffix = special_wrapping(tokenizer)
+        self._specials = len(self._prefix) + len(self._suffix)
+        self._tok_lock = threading.Lock()
+
+    @property
+    def max_input_tokens(self) -> int:
+        """Tokens one input may have, special tokens excluded."""
+        return self.context_length - self._specials
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens (thread-safe)."""
+        with self._tok_lock:
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def check_ids(self, index: int, ids: Sequence[int]) -> None:
+        """400 when input ``index`` is empty, too long or holds ids outside the vocabulary."""
+        if not ids:
+            raise InvalidRequest(f"Input {index} is empty; every input must have at least one token.", param="input")
+        if len(ids) > self.max_input_tokens:
+            raise ContextLengthExceeded(
+                f"This model's maximum input length is {self.max_input_tokens} tokens, but input {index} has "
+                f"{len(ids)} tokens. Please reduce the length of the input.",
+                param="input",
+            )
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"Input {index} holds token id {bad}, outside the vocabulary (0..{self.vocab_size - 1})", param="input")
+
+    def embed_ids(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
+        """Unit-length embeddings (float32, one row per input) of already-checked token ids."""
+        import torch
+
+        out = np.empty((len(batch), self.dimension), dtype=np.float32)
+        # sort by length so each chunk pads little; rows go back to input order via ``order``
+        order = sorted(range(len(batch)), key=lambda i: len(batch[i]))
+        for start in range(0, len(order), CHUNK):
+            rows = order[start : start + CHUNK]
+            wrapped = [self._prefix + list(batch[i]) + self._suffix for i in rows]
+            width = max(len(w) for w in wrapped)
+            pad = self.tokenizer.pad_token_id or 0
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, w in enumerate(wrapped):
+                ids[r, : len(w)] = torch.tensor(w, dtype=torch.long)
+                mask[r, : len(w)] = 1
+            with torch.inference_mode():
+                hidden = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+                vectors = pool(hidden.float(), mask.to(self.device), self.pooling)
+                vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
+            out[rows] = vectors.cpu().numpy()
+        return out
+
+    def memory_bytes(self) -> int:
+        """Bytes of weights."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def details(self) -> dict[str, Any]:
+        """Facts for ``/v1/models`` and ``xllm ps``."""
+        return {"task": "embedding", "dimension": self.dimension, "pooling": self.pooling, "device": str(self.device)}
+
+    def unload(self) -> None:
+        """Drop the weights."""
+        self.model = None
+
+
+def special_wrapping(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special ids the tokenizer puts before and after a text's tokens ([CLS] ... [SEP] for BERT)."""
+    probe = "hello world"
+    raw = list(tokenizer.encode(probe, add_special_tokens=False))
+    full = list(tokenizer.encode(probe, add_special_tokens=True))
+    for start in range(len(full) - len(raw) + 1):
+        if full[start : start + len(raw)] == raw:
+            return full[:start], full[start + len(raw) :]
+    return [], []  # a post-processor that rewrites tokens: feed ids as given
+
+
+def pool(hidden: Any, mask: Any, mode: str) -> Any:
+    """One vector per row of ``hidden`` (batch, tokens, dim), ignoring padded positions."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "max":
+        return hidden.masked_fill(m == 0, float("-inf")).max(dim=1).values
+    summed = (hidden * m).sum(dim=1)
+    counts = m.sum(dim=1).clamp(min=1e-9)
+    return summed / (counts.sqrt() if mode == "mean_sqrt_len" else counts)
+
+
+def load_embedding_model(spec: ModelSpec) -> EmbeddingModel:
+    """Load an HF encoder directory as an embedding model (slow: call it off the event loop)."""
+    try:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+    except ImportError:
+        raise EngineError("Embedding models need torch and transformers installed") from None
+    directory = Path(spec.path)
+    if spec.format != "safetensors" or not (directory / "config.json").is_file():
+        raise InvalidRequest(f"The embedding model '{spec.name}' must be an HF safetensors directory", param="model")
+    opts = dict(spec.options)
+    name = str(opts.get("device", "auto"))
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InvalidRequest(f"Unknown device '{name}' (use auto, cpu, cuda or cuda:N)", param="device") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        # float32 everywhere: these encoders are small and half precision costs accuracy
+        model = AutoModel.from_pretrained(str(directory), dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise EngineError(f"Failed to load embedding model '{spec.name}' ({type(exc).__name__})") from exc
+    model.to(device).eval()
+    positions = int(getattr(model.config, "max_position_embeddings", 512) or 512)
+    return EmbeddingModel(spec, model, tokenizer, device, read_pooling(directory), read_max_length(directory, positions))

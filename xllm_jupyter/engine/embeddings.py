@@ -1,0 +1,110 @@
+"""The engine's embedding models: loaded on demand, each with its own one-thread executor.
+
+Embedding forwards never enter a chat runner's step loop: each embedding model has a
+single worker thread of its own, so requests for it run one after another there (torch
+already spreads one forward over the cores) and the event loop only awaits futures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence
+
+from ..backends.base import ModelSpec
+from ..core.types import EmbeddingResult, ModelInfo
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddingSlot:
+    """One loaded embedding model and the thread its forwards run on."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.created = int(time.time())
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"xllm-embed-{model.name}")
+
+    def info(self) -> ModelInfo:
+        """The loaded model's ``ModelInfo``."""
+        m = self.model
+        return ModelInfo(
+            name=m.name,
+            created=self.created,
+            loaded=True,
+            backend=m.backend_name,
+            context_length=m.context_length,
+            details={**m.details(), "memory_bytes": m.memory_bytes(), "running": 0, "queued": 0},
+        )
+
+    def shutdown(self) -> None:
+        """Finish queued work, stop the thread and drop the weights."""
+        self.executor.shutdown(wait=True)
+        self.model.unload()
+
+
+class EmbeddingHost:
+    """Loads embedding models once (concurrent first requests share one load) and runs them."""
+
+    def __init__(self, loader: Callable[[ModelSpec], Any] | None = None):
+        self._loader = loader
+        self.slots: dict[str, EmbeddingSlot] = {}
+        self._loading: dict[str, asyncio.Future] = {}
+
+    def _load_sync(self, spec: ModelSpec) -> Any:
+        if self._loader is not None:
+            return self._loader(spec)
+        from ..backends.embeddings import load_embedding_model  # imports torch: only when needed
+
+        return load_embedding_model(spec)
+
+    async def load(self, spec: ModelSpec) -> EmbeddingSlot:
+        """The slot for ``spec``, loading the model on a worker thread if needed."""
+        slot = self.slots.get(spec.name)
+        if slot is not None:
+            return slot
+        pending = self._loading.get(spec.name)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        pending = asyncio.get_running_loop().create_future()
+        self._loading[spec.name] = pending
+        try:
+            model = await asyncio.to_thread(self._load_sync, spec)
+            slot = EmbeddingSlot(model)
+            self.slots[spec.name] = slot
+            pending.set_result(slot)
+            log.info("loaded embedding model %s (%d dimensions)", spec.name, model.dimension)
+            return slot
+        except BaseException as exc:
+            pending.set_exception(exc)
+            pending.exception()  # concurrent waiters re-raise it themselves
+            raise
+        finally:
+            self._loading.pop(spec.name, None)
+
+    async def embed(self, slot: EmbeddingSlot, inputs: Sequence[str] | Sequence[Sequence[int]]) -> EmbeddingResult:
+        """Tokenize, check and embed ``inputs`` on the model's own thread."""
+        model = slot.model
+
+        def work() -> EmbeddingResult:
+            ids = [model.tokenize(x) if isinstance(x, str) else list(x) for x in inputs]
+            for i, row in enumerate(ids):
+                model.check_ids(i, row)
+            return EmbeddingResult(model=model.name, vectors=model.embed_ids(ids), token_counts=tuple(len(r) for r in ids))
+
+        return await asyncio.get_running_loop().run_in_executor(slot.executor, work)
+
+    async def unload(self, name: str) -> bool:
+        """Unload ``name``; False when it was not loaded."""
+        slot = self.slots.pop(name, None)
+        if slot is None:
+            return False
+        await asyncio.to_thread(slot.shutdown)
+        return True
+
+    async def stop(self) -> None:
+        """Unload every embedding model."""
+        for name in list(self.slots):
+            await self.unload(name)

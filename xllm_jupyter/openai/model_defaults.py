@@ -1,0 +1,67 @@
+"""A created model's Modelfile defaults, applied to OpenAI requests that leave them unset.
+
+The engine hands these over as a plain mapping (``engine.model_defaults(name)``:
+``parameters`` under Ollama's names, ``system``, ``messages``), so this layer never
+imports the store. A value the request sets always wins.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from ..core.types import ChatMessage
+
+#: Ollama parameter name -> request field it defaults
+_FIELDS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "seed": "seed",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "repeat_penalty": "repetition_penalty",
+    "stop": "stop",
+}
+
+
+class ModelDefaults:
+    """Modelfile defaults for one model (empty for models made by ``pull``)."""
+
+    def __init__(self, data: Mapping[str, Any] | None):
+        data = data or {}
+        self.parameters: Mapping[str, Any] = data.get("parameters") or {}
+        self.system: str | None = data.get("system")
+        self.messages: Sequence[Mapping[str, str]] = data.get("messages") or ()
+
+    @classmethod
+    def of(cls, engine: Any, model: str) -> "ModelDefaults":
+        """The defaults of loaded model ``model`` (engines without defaults give none)."""
+        getter = getattr(engine, "model_defaults", None)
+        return cls(getter(model) if getter is not None else None)
+
+    def apply(self, req: Any) -> Any:
+        """A copy of pydantic request ``req`` with unset sampling fields filled from the Modelfile."""
+        update = {}
+        for key, attr in _FIELDS.items():
+            value = self.parameters.get(key)
+            if value is None or not hasattr(req, attr) or getattr(req, attr) is not None:
+                continue
+            update[attr] = list(value) if key == "stop" else value
+        return req.model_copy(update=update) if update else req
+
+    def max_tokens(self, fallback: int | None) -> int | None:
+        """The completion budget when the request sets none: ``num_predict`` (> 0), else ``fallback``."""
+        n = self.parameters.get("num_predict")
+        return n if isinstance(n, int) and n > 0 else fallback
+
+    def chat_messages(self, messages: list[ChatMessage]) -> list[ChatMessage]:
+        """SYSTEM first unless the request has its own system message, then MESSAGE few-shot turns."""
+        if self.system is None and not self.messages:
+            return messages
+        lead = 0
+        while lead < len(messages) and messages[lead].role in ("system", "developer"):
+            lead += 1
+        system = messages[:lead] or ([ChatMessage(role="system", content=self.system)] if self.system else [])
+        shots = [ChatMessage(role=m["role"], content=m["content"]) for m in self.messages]
+        return [*system, *shots, *messages[lead:]]

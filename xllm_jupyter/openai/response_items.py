@@ -1,0 +1,140 @@
+"""Responses API items: input normalization, and items <-> chat wire messages.
+
+Items are kept in their Responses shape (with ids) for ``input_items`` and the
+response ``output``; the chat path sees them as messages: text messages as they are,
+``function_call`` items as an assistant message with ``tool_calls``, and
+``function_call_output`` items as ``tool`` messages.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from ..core.errors import InvalidRequest, Unsupported
+
+ROLES = ("user", "system", "developer", "assistant")
+_TEXT_PARTS = ("input_text", "output_text", "text")
+_MEDIA_PARTS = ("input_image", "input_file", "input_audio")
+
+
+def new_id(prefix: str) -> str:
+    """A fresh OpenAI-style id such as ``msg_<hex>``."""
+    return prefix + uuid.uuid4().hex
+
+
+def _text(content: Any, param: str) -> str:
+    """A string, or text parts joined; media parts are refused."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidRequest("'content' must be a string or a list of content parts", param=param)
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in _TEXT_PARTS:
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise InvalidRequest("A text content part needs a string 'text'", param=f"{param}[{j}].text")
+            texts.append(text)
+        elif kind == "refusal" and isinstance(part.get("refusal"), str):
+            texts.append(part["refusal"])
+        elif kind in _MEDIA_PARTS:
+            raise Unsupported(f"Content parts of type '{kind}' are not supported by this model", param=f"{param}[{j}].type")
+        else:
+            raise InvalidRequest(f"Unknown content part type {kind!r}", param=f"{param}[{j}].type")
+    return "\n".join(texts)
+
+
+def _str_field(item: dict[str, Any], name: str, param: str) -> str:
+    value = item.get(name)
+    if not isinstance(value, str):
+        raise InvalidRequest(f"'{name}' must be a string", param=f"{param}.{name}")
+    return value
+
+
+def message_item(role: str, text: str, mid: str | None = None, status: str = "completed") -> dict[str, Any]:
+    """A message item; assistant text is ``output_text``, everything else ``input_text``."""
+    part = {"type": "output_text", "text": text, "annotations": []} if role == "assistant" else {"type": "input_text", "text": text}
+    return {"id": mid or new_id("msg_"), "type": "message", "role": role, "status": status, "content": [part]}
+
+
+def function_call_item(call_id: str, name: str, arguments: str, fid: str | None = None, status: str = "completed") -> dict[str, Any]:
+    """A ``function_call`` item."""
+    return {"id": fid or new_id("fc_"), "type": "function_call", "call_id": call_id, "name": name, "arguments": arguments, "status": status}
+
+
+def normalize_input(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Input items as stored and listed by ``input_items``: every item with an id."""
+    if isinstance(value, str):
+        return [message_item("user", value)]
+    items = []
+    for i, item in enumerate(value):
+        param = f"input[{i}]"
+        kind = item.get("type", "message")
+        iid = item.get("id") if isinstance(item.get("id"), str) else None
+        if kind == "message":
+            role = item.get("role")
+            if role not in ROLES:
+                raise InvalidRequest(f"Invalid role {role!r}; expected one of {', '.join(ROLES)}", param=f"{param}.role")
+            items.append(message_item(role, _text(item.get("content"), f"{param}.content"), iid))
+        elif kind == "function_call":
+            args = (_str_field(item, k, param) for k in ("call_id", "name", "arguments"))
+            items.append(function_call_item(*args, fid=iid))
+        elif kind == "function_call_output":
+            call_id = _str_field(item, "call_id", param)
+            output = _text(item.get("output"), f"{param}.output")
+            items.append({"id": iid or new_id("fco_"), "type": "function_call_output", "call_id": call_id, "output": output, "status": "completed"})
+        else:
+            raise Unsupported(f"Input items of type {kind!r} are not supported by this server yet", param=f"{param}.type")
+    return items
+
+
+def items_to_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat wire messages for normalized items; consecutive function calls share one assistant turn."""
+    out: list[dict[str, Any]] = []
+    for item in items:
+        kind = item["type"]
+        if kind == "message":
+            out.append({"role": item["role"], "content": "".join(p.get("text", "") for p in item["content"])})
+        elif kind == "function_call":
+            call = {"id": item["call_id"], "type": "function", "function": {"name": item["name"], "arguments": item["arguments"]}}
+            last = out[-1] if out else None
+            if last is not None and last["role"] == "assistant" and last.get("tool_calls"):
+                last["tool_calls"].append(call)
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            out.append({"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]})
+    return out
+
+
+def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Responses function tools (flat) as chat tools (nested under ``function``)."""
+    out = []
+    for i, tool in enumerate(tools):
+        if tool.get("type") != "function":
+            raise Unsupported(f"Tools of type {tool.get('type')!r} are not supported by this server", param=f"tools[{i}].type")
+        fn = {k: tool[k] for k in ("name", "description", "parameters", "strict") if k in tool}
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
+    """Responses ``tool_choice`` in chat's shape."""
+    if isinstance(choice, str):
+        return choice
+    if choice.get("type") == "function" and "name" in choice:
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise Unsupported(f"tool_choice of type {choice.get('type')!r} is not supported by this server", param="tool_choice")
+
+
+def output_items(message: dict[str, Any], mid: str, status: str) -> list[dict[str, Any]]:
+    """A chat response ``message`` as Responses output items (text first, then calls)."""
+    calls = message.get("tool_calls") or []
+    text = message.get("content") or ""
+    out = [message_item("assistant", text, mid, status)] if text or not calls else []
+    for tc in calls:
+        fn = tc["function"]
+        out.append(function_call_item(tc["id"], fn["name"], fn["arguments"]))
+    return out

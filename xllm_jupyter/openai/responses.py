@@ -1,0 +1,311 @@
+"""The Responses API (``/v1/responses``) as a translation onto chat completions.
+
+A Responses request becomes a chat request (``instructions`` -> a system message, input
+items -> messages, ``previous_response_id`` -> the stored conversation in front) and
+runs through ``OpenAIServing.chat_completion``, so validation, sampling, constraints
+and engine handling are the chat path's; only the wire shapes differ. Chat errors are
+re-labelled with the Responses parameter names before they leave.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import aclosing
+from typing import Any, AsyncIterator, Literal, Union
+
+from pydantic import Field
+
+from ..core.errors import InvalidRequest, Unsupported, XllmError
+from .protocol import _Strict, parse_request
+from .response_items import chat_tool_choice, chat_tools, function_call_item, items_to_messages, message_item, new_id, normalize_input, output_items
+from .response_store import ResponseStore, StoredResponse
+
+Event = dict[str, Any]
+
+#: chat fields a Responses body may carry as xllm extensions (e.g. ``extra_body``); same names and checks as chat
+_CHAT_EXTENSIONS = ("stop", "seed", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "ignore_eos")
+#: Responses features that would change the result if honoured; rejected rather than ignored
+_UNSUPPORTED = ("conversation", "prompt", "include", "background", "reasoning", "max_tool_calls")
+
+
+class ResponsesRequest(_Strict):
+    """``POST /v1/responses`` body."""
+
+    model: str = Field(min_length=1)
+    input: Union[str, list[dict[str, Any]], None] = None
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stream: bool | None = None
+    store: bool | None = None
+    previous_response_id: str | None = None
+    metadata: dict[str, str] | None = None
+    text: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: bool | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    user: str | None = None
+
+    def check(self) -> None:
+        """Reject what this server cannot honour, naming the parameter."""
+        extra = self.model_extra or {}
+        for name in _UNSUPPORTED:
+            if extra.get(name) not in (None, False, [], {}):
+                raise Unsupported(f"'{name}' is not supported by this server yet", param=name)
+        if self.metadata is not None and len(self.metadata) > 16:
+            raise InvalidRequest("'metadata' may have at most 16 keys", param="metadata")
+        if self.input is None or self.input == "" or self.input == []:
+            raise InvalidRequest("Missing required parameter: 'input'.", param="input", code="missing_required_parameter")
+
+    def response_format(self) -> dict[str, Any] | None:
+        """``text.format`` as chat's ``response_format`` (None for plain text)."""
+        fmt = (self.text or {}).get("format")
+        if fmt is None:
+            return None
+        if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
+            raise InvalidRequest("'text.format' must be an object with a 'type'", param="text.format")
+        kind = fmt["type"]
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return {"type": "json_object"}
+        if kind == "json_schema":
+            if not isinstance(fmt.get("schema"), dict):
+                raise InvalidRequest("'text.format.schema' must be a JSON schema object", param="text.format.schema")
+            inner = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
+            inner.setdefault("name", "response")
+            return {"type": "json_schema", "json_schema": inner}
+        raise InvalidRequest(f"Unknown text.format type {kind!r}", param="text.format.type")
+
+
+# ---------------------------------------------------------------------- objects
+def usage_object(chat_usage: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Chat ``usage`` in Responses shape."""
+    if chat_usage is None:
+        return None
+    return {
+        "input_tokens": chat_usage["prompt_tokens"],
+        "input_tokens_details": {"cached_tokens": chat_usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)},
+        "output_tokens": chat_usage["completion_tokens"],
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": chat_usage["total_tokens"],
+    }
+
+
+def _status(finish: str | None) -> tuple[str, dict[str, Any] | None]:
+    if finish == "length":
+        return "incomplete", {"reason": "max_output_tokens"}
+    return "completed", None
+
+
+class _Turn:
+    """One request in flight: its ids, parsed request and the conversation it extends."""
+
+    def __init__(self, req: ResponsesRequest, items: list[dict[str, Any]], history: list[dict[str, Any]]):
+        self.req = req
+        self.items = items
+        self.history = history
+        self.rid = new_id("resp_")
+        self.mid = new_id("msg_")
+        self.created = int(time.time())
+
+    def response(self, status: str, output: list[dict[str, Any]], usage: dict[str, Any] | None, incomplete: dict[str, Any] | None) -> dict[str, Any]:
+        """The Response object in the given state."""
+        req = self.req
+        return {
+            "id": self.rid,
+            "object": "response",
+            "created_at": self.created,
+            "status": status,
+            "error": None,
+            "incomplete_details": incomplete,
+            "instructions": req.instructions,
+            "max_output_tokens": req.max_output_tokens,
+            "model": req.model,
+            "output": output,
+            "parallel_tool_calls": True if req.parallel_tool_calls is None else req.parallel_tool_calls,
+            "previous_response_id": req.previous_response_id,
+            "store": req.store is not False,
+            "temperature": 1.0 if req.temperature is None else req.temperature,
+            "text": req.text if req.text and req.text.get("format") else {"format": {"type": "text"}},
+            "tool_choice": req.tool_choice or "auto",
+            "tools": req.tools or [],
+            "top_p": 1.0 if req.top_p is None else req.top_p,
+            "truncation": req.truncation or "disabled",
+            "usage": usage,
+            "user": req.user,
+            "metadata": req.metadata or {},
+        }
+
+    def finish(self, store: ResponseStore, output: list[dict[str, Any]], status: str, incomplete: Any, chat_usage: dict[str, Any] | None) -> dict[str, Any]:
+        """The final Response; stored (with the conversation so far) unless ``store`` is false."""
+        resp = self.response(status, output, usage_object(chat_usage), incomplete)
+        if self.req.store is not False:
+            conversation = self.history + items_to_messages(self.items) + items_to_messages(output)
+            store.put(self.rid, StoredResponse(resp, self.items, conversation))
+        return resp
+
+
+# ---------------------------------------------------------------------- serving
+_PARAM_NAMES = {"max_completion_tokens": "max_output_tokens", "response_format": "text.format"}
+
+
+def _relabel(exc: XllmError) -> XllmError:
+    """A chat error's ``param`` in Responses terms."""
+    p = exc.param
+    if p is not None:
+        if p == "messages" or p.startswith("messages["):
+            exc.param = "input"
+        elif p.split(".")[0] in _PARAM_NAMES:
+            exc.param = _PARAM_NAMES[p.split(".")[0]]
+        elif p.startswith(("tools", "tool_choice")):
+            exc.param = p.replace(".function", "")  # Responses tools are flat
+    return exc
+
+
+class ResponsesServing:
+    """``/v1/responses`` over an ``OpenAIServing`` and a ResponseStore."""
+
+    def __init__(self, chat: Any, store: ResponseStore | None = None):
+        self.chat = chat
+        self.store = store or ResponseStore()
+
+    async def create(self, body: bytes) -> dict[str, Any] | AsyncIterator[Event]:
+        """``POST /v1/responses``: a Response, or typed events when ``stream`` is true."""
+        req: ResponsesRequest = parse_request(ResponsesRequest, body)
+        chat: dict[str, Any] = {"model": req.model}
+        fmt = req.response_format()
+        if fmt is not None:
+            chat["response_format"] = fmt
+        if req.tools:
+            chat["tools"] = chat_tools(req.tools)
+        if req.tool_choice is not None:
+            chat["tool_choice"] = chat_tool_choice(req.tool_choice)
+        items = normalize_input(req.input)  # type: ignore[arg-type]
+        history: list[dict[str, Any]] = []
+        if req.previous_response_id is not None:
+            history = self.store.get(req.previous_response_id, param="previous_response_id").conversation
+        system = [{"role": "system", "content": req.instructions}] if req.instructions else []
+        chat["messages"] = system + history + items_to_messages(items)
+        for src, dst in (("max_output_tokens", "max_completion_tokens"), ("temperature", "temperature"), ("top_p", "top_p"), ("user", "user"), ("parallel_tool_calls", "parallel_tool_calls")):
+            if getattr(req, src) is not None:
+                chat[dst] = getattr(req, src)
+        extra = req.model_extra or {}
+        chat.update({k: extra[k] for k in _CHAT_EXTENSIONS if k in extra})
+        if req.stream:
+            chat["stream"] = True
+            chat["stream_options"] = {"include_usage": True}
+        turn = _Turn(req, items, history)
+        try:
+            result = await self.chat.chat_completion(json.dumps(chat).encode("utf-8"))
+        except XllmError as exc:
+            raise _relabel(exc) from None
+        if req.stream:
+            return self._stream(turn, result)
+        choice = result["choices"][0]
+        status, incomplete = _status(choice["finish_reason"])
+        output = output_items(choice["message"], turn.mid, status)
+        return turn.finish(self.store, output, status, incomplete, result.get("usage"))
+
+    async def _stream(self, turn: _Turn, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[Event]:
+        seq = 0
+
+        def event(kind: str, **fields: Any) -> Event:
+            nonlocal seq
+            seq += 1
+            return {"type": kind, **fields, "sequence_number": seq - 1}
+
+        yield event("response.created", response=turn.response("in_progress", [], None, None))
+        yield event("response.in_progress", response=turn.response("in_progress", [], None, None))
+        output: list[dict[str, Any]] = []  # items in output order, completed at the end
+        texts: list[str] = []
+        text_at: int | None = None  # output index of the message item, once text arrived
+        calls: dict[int, int] = {}  # chat tool-call index -> output index
+        finish = None
+        usage = None
+
+        def open_message() -> list[Event]:
+            nonlocal text_at
+            text_at = len(output)
+            output.append(message_item("assistant", "", turn.mid, "in_progress"))
+            return [
+                event("response.output_item.added", output_index=text_at, item={**output[-1], "content": []}),
+                event("response.content_part.added", item_id=turn.mid, output_index=text_at, content_index=0, part={"type": "output_text", "text": "", "annotations": []}),
+            ]
+
+        async with aclosing(chunks):  # type: ignore[type-var]
+            async for chunk in chunks:
+                choices = chunk["choices"]
+                if not choices:
+                    usage = chunk.get("usage") or usage
+                    continue
+                delta = choices[0]["delta"]
+                finish = choices[0]["finish_reason"] or finish
+                if delta.get("content"):
+                    if text_at is None:
+                        for ev in open_message():
+                            yield ev
+                    texts.append(delta["content"])
+                    yield event("response.output_text.delta", item_id=turn.mid, output_index=text_at, content_index=0, delta=delta["content"], logprobs=[])
+                for tc in delta.get("tool_calls") or ():
+                    fn = tc.get("function") or {}
+                    if tc["index"] not in calls:
+                        calls[tc["index"]] = len(output)
+                        output.append(function_call_item(tc["id"], fn.get("name", ""), "", status="in_progress"))
+                        yield event("response.output_item.added", output_index=len(output) - 1, item=dict(output[-1]))
+                    at = calls[tc["index"]]
+                    if fn.get("arguments"):
+                        output[at]["arguments"] += fn["arguments"]
+                        yield event("response.function_call_arguments.delta", item_id=output[at]["id"], output_index=at, delta=fn["arguments"])
+        if not output:
+            for ev in open_message():
+                yield ev
+        status, incomplete = _status(finish)
+        for at, item in enumerate(output):
+            if item["type"] == "message":
+                text = "".join(texts)
+                output[at] = done = message_item("assistant", text, turn.mid, status)
+                yield event("response.output_text.done", item_id=turn.mid, output_index=at, content_index=0, text=text, logprobs=[])
+                yield event("response.content_part.done", item_id=turn.mid, output_index=at, content_index=0, part=done["content"][0])
+            else:
+                output[at] = done = {**item, "status": "completed"}
+                yield event("response.function_call_arguments.done", item_id=done["id"], output_index=at, name=done["name"], arguments=done["arguments"])
+            yield event("response.output_item.done", output_index=at, item=done)
+        final = turn.finish(self.store, output, status, incomplete, usage)
+        yield event("response.completed" if status == "completed" else "response.incomplete", response=final)
+
+    # ----------------------------------------------------------- stored objects
+    def retrieve(self, rid: str) -> dict[str, Any]:
+        """``GET /v1/responses/{id}``; 404 when unknown, deleted or created with ``store: false``."""
+        return self.store.get(rid).response
+
+    def delete(self, rid: str) -> dict[str, Any]:
+        """``DELETE /v1/responses/{id}``."""
+        self.store.delete(rid)
+        return {"id": rid, "object": "response.deleted", "deleted": True}
+
+    def input_items(self, rid: str, limit: int = 20, order: str = "desc", after: str | None = None) -> dict[str, Any]:
+        """``GET /v1/responses/{id}/input_items``: this request's input items, one page."""
+        if not 1 <= limit <= 100:
+            raise InvalidRequest("'limit' must be between 1 and 100", param="limit")
+        if order not in ("asc", "desc"):
+            raise InvalidRequest("'order' must be 'asc' or 'desc'", param="order")
+        items = list(self.store.get(rid).input_items)
+        if order == "desc":
+            items.reverse()
+        if after is not None:
+            ids = [i["id"] for i in items]
+            if after not in ids:
+                raise InvalidRequest(f"No input item with id '{after}' in this response", param="after")
+            items = items[ids.index(after) + 1 :]
+        page = items[:limit]
+        return {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(items) > limit,
+        }

@@ -1,0 +1,52 @@
+"""OpenAI ``response_format`` -> a core ``Constraint`` the backend enforces while decoding.
+
+Shapes accepted (the Chat Completions wire format, and the flat one the Responses API
+uses under ``text.format``):
+
+- ``{"type": "text"}`` or absent: no constraint;
+- ``{"type": "json_object"}``: any JSON object;
+- ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": bool}}``
+  (or ``{"type": "json_schema", "name": ..., "schema": {...}}``): output matches the schema.
+  The schema is enforced token by token whether ``strict`` is true or false.
+
+Anything else is a 400 naming ``param``. Whether the schema itself compiles is checked
+separately, by the model's grammar compiler (``Engine.check_constraint``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..core.errors import InvalidRequest
+from ..core.types import Constraint
+
+
+def constraint_from_response_format(value: Any, *, param: str = "response_format") -> Constraint | None:
+    """The constraint ``value`` asks for, or None for plain text; InvalidRequest on a bad shape."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"'{param}' must be an object", param=param)
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Constraint("json_object")
+    if kind != "json_schema":
+        raise InvalidRequest(f"'{param}.type' must be one of 'text', 'json_object' or 'json_schema', got {kind!r}",
+                             param=param)
+    body = value.get("json_schema", value if "schema" in value else None)
+    if not isinstance(body, dict):
+        raise InvalidRequest(f"'{param}.json_schema' must be an object with a 'schema'", param=param)
+    name = body.get("name")
+    if name is not None and not isinstance(name, str):
+        raise InvalidRequest(f"'{param}.json_schema.name' must be a string", param=param)
+    strict = body.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise InvalidRequest(f"'{param}.json_schema.strict' must be a boolean", param=param)
+    schema = body.get("schema")
+    if not isinstance(schema, dict):
+        raise InvalidRequest(f"'{param}.json_schema.schema' must be a JSON schema object", param=param)
+    # sorted keys: equal schemas share one compiled grammar in the backend's cache
+    return Constraint("json_schema", json.dumps(schema, sort_keys=True, separators=(",", ":")))

@@ -1,0 +1,82 @@
+"""Function calling for one chat request: the small interface serving.py delegates to."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from ..core.types import ChatMessage, Constraint
+from .tool_parser import HERMES, StreamingToolParser, detect_family, parse_tool_calls
+from .tools import ToolConfig, parse_tool_config, prepare_messages, template_supports_tools, tool_constraint
+
+
+class ToolCalling:
+    """What tools change in one chat completion: prompt, decoding constraint and response shape."""
+
+    def __init__(self, cfg: ToolConfig, template: str | None):
+        self.cfg = cfg
+        self.native = template_supports_tools(template)
+        # Our fallback prompt and our grammar both use the Hermes format.
+        self.family = detect_family(template) if self.native and not cfg.constrained else HERMES
+
+    @classmethod
+    def from_request(cls, req: Any, model: Any) -> "ToolCalling":
+        """Validate the request's tool fields (400 on mistakes) against ``model``'s template."""
+        cfg = parse_tool_config(req.tools, req.tool_choice, req.parallel_tool_calls)
+        template = getattr(model, "chat_template", lambda: None)()
+        return cls(cfg, template)
+
+    @property
+    def active(self) -> bool:
+        """True when the output is parsed for tool calls."""
+        return self.cfg.active
+
+    def prompt(self, messages: Sequence[ChatMessage]) -> tuple[list[ChatMessage], list[dict[str, Any]] | None]:
+        """Messages and ``tools`` for the chat template."""
+        return prepare_messages(messages, self.cfg, self.native)
+
+    def constraint(self) -> Constraint | None:
+        """The grammar that forces tool calls (``required`` or a named function), else None."""
+        return tool_constraint(self.cfg)
+
+    def message(self, text: str, finish: str) -> tuple[dict[str, Any], str]:
+        """The response ``message`` and ``finish_reason`` for one choice's full text."""
+        if not self.active:
+            return {"role": "assistant", "content": text, "refusal": None}, finish
+        parsed = parse_tool_calls(text, self.cfg.names, self.family)
+        calls = list(parsed.calls if self.cfg.parallel else parsed.calls[:1])
+        if not calls:
+            return {"role": "assistant", "content": text, "refusal": None}, finish
+        message = {"role": "assistant", "content": parsed.content, "refusal": None, "tool_calls": [c.wire() for c in calls]}
+        return message, "tool_calls" if finish == "stop" else finish
+
+    def streamer(self) -> "ToolDeltas":
+        """A per-choice converter of text pieces into chat ``delta`` objects."""
+        return ToolDeltas(StreamingToolParser(self.cfg.names, self.family, held=self.cfg.constrained), self.cfg.parallel)
+
+
+class ToolDeltas:
+    """Streams one choice: content deltas, and tool-call fragments shaped as OpenAI sends them."""
+
+    def __init__(self, parser: StreamingToolParser, parallel: bool):
+        self.parser = parser
+        self.parallel = parallel
+
+    def deltas(self, text: str, finish: str | None) -> list[tuple[dict[str, Any], str | None]]:
+        """``(delta, finish_reason)`` pairs for a new piece of text; the last pair finishes when ``finish`` is set."""
+        out = [(d, None) for d in self._deltas(self.parser.feed(text))] if text else []
+        if finish is not None:
+            out.extend((d, None) for d in self._deltas(self.parser.finish()))
+            out.append(({}, "tool_calls" if self.parser.calls and finish == "stop" else finish))
+        return out
+
+    def _deltas(self, events: list[Any]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for ev in events:
+            if ev.call is None:
+                out.append({"content": ev.content})
+            elif self.parallel or ev.index == 0:
+                call = ev.call
+                head = {"index": ev.index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+                out.append({"tool_calls": [head]})
+                out.append({"tool_calls": [{"index": ev.index, "function": {"arguments": call.arguments}}]})
+        return out

@@ -1,0 +1,249 @@
+"""Function calling, request side: validate ``tools``/``tool_choice``, shape the prompt, build grammars.
+
+Models whose chat template knows about tools get them through the template; for the
+rest (SmolLM2's template ignores them) a Hermes-style system prompt describes the
+tools and asks for ``<tool_call>{...}</tool_call>`` blocks, the same format the
+grammar for ``tool_choice: "required"`` or a named function forces.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
+
+from ..core.errors import InvalidRequest
+from ..core.types import ChatMessage, Constraint
+
+_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
+#: what the fallback prompt and the grammar make the model write around each call
+CALL_OPEN = "<tool_call>\n"
+CALL_CLOSE = "\n</tool_call>"
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """One function the model may call."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+    def wire(self) -> dict[str, Any]:
+        """The OpenAI tool object (what chat templates and the fallback prompt show)."""
+        fn: dict[str, Any] = {"name": self.name, "parameters": self.parameters}
+        if self.description:
+            fn["description"] = self.description
+        return {"type": "function", "function": fn}
+
+
+@dataclass(frozen=True)
+class ToolConfig:
+    """The tools of one request and how the model must use them."""
+
+    tools: tuple[ToolSpec, ...]
+    choice: str  # "none" | "auto" | "required" | "function"
+    forced: str | None = None  # the function named by tool_choice
+    parallel: bool = True
+
+    @property
+    def active(self) -> bool:
+        """True when tools are shown to the model and its output is parsed for calls."""
+        return bool(self.tools) and self.choice != "none"
+
+    @property
+    def constrained(self) -> bool:
+        """True when the output is forced by grammar to be tool calls."""
+        return self.active and self.choice in ("required", "function")
+
+    @property
+    def names(self) -> frozenset[str]:
+        """Names of the callable functions."""
+        return frozenset(t.name for t in self.tools)
+
+    def callable_tools(self) -> tuple[ToolSpec, ...]:
+        """The tools the grammar may call: only the forced one when a function is named."""
+        return tuple(t for t in self.tools if self.forced is None or t.name == self.forced)
+
+
+def parse_tool_config(tools: Any, tool_choice: Any, parallel: Any) -> ToolConfig:
+    """Validate the request's ``tools``, ``tool_choice`` and ``parallel_tool_calls``."""
+    specs = _parse_tools(tools)
+    if parallel is not None and not isinstance(parallel, bool):
+        raise InvalidRequest("'parallel_tool_calls' must be a boolean", param="parallel_tool_calls")
+    par = True if parallel is None else parallel
+    if tool_choice is None:
+        return ToolConfig(specs, "auto" if specs else "none", None, par)
+    if isinstance(tool_choice, str):
+        if tool_choice not in ("none", "auto", "required"):
+            raise InvalidRequest(
+                f"Invalid value for 'tool_choice': {tool_choice!r}; expected 'none', 'auto', 'required' or a function",
+                param="tool_choice",
+            )
+        if tool_choice == "required" and not specs:
+            raise InvalidRequest("'tool_choice' is 'required' but no 'tools' were given", param="tool_choice")
+        return ToolConfig(specs, tool_choice, None, par)
+    if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
+        fn = tool_choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str):
+            raise InvalidRequest("'tool_choice.function.name' must be a string", param="tool_choice")
+        if name not in {t.name for t in specs}:
+            raise InvalidRequest(f"'tool_choice' names function {name!r}, which is not in 'tools'", param="tool_choice")
+        return ToolConfig(specs, "function", name, par)
+    raise InvalidRequest("'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', ...}", param="tool_choice")
+
+
+def _parse_tools(tools: Any) -> tuple[ToolSpec, ...]:
+    if tools is None:
+        return ()
+    if not isinstance(tools, list):
+        raise InvalidRequest("'tools' must be an array of tool objects", param="tools")
+    specs: list[ToolSpec] = []
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            raise InvalidRequest(f"{where}.type must be 'function'", param=f"{where}.type")
+        fn = tool.get("function")
+        if not isinstance(fn, dict):
+            raise InvalidRequest(f"{where}.function must be an object", param=f"{where}.function")
+        name = fn.get("name")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise InvalidRequest(
+                f"Invalid '{where}.function.name': {name!r}. It must match ^[a-zA-Z0-9_-]{{1,64}}$",
+                param=f"{where}.function.name",
+            )
+        if name in {s.name for s in specs}:
+            raise InvalidRequest(f"Duplicate function name {name!r} in 'tools'", param=f"{where}.function.name")
+        desc = fn.get("description") or ""
+        if not isinstance(desc, str):
+            raise InvalidRequest(f"{where}.function.description must be a string", param=f"{where}.function.description")
+        params = fn.get("parameters")
+        if params is None:
+            params = {"type": "object", "properties": {}}
+        if not isinstance(params, dict) or params.get("type", "object") != "object":
+            raise InvalidRequest(
+                f"{where}.function.parameters must be a JSON schema object with type 'object'",
+                param=f"{where}.function.parameters",
+            )
+        specs.append(ToolSpec(name, desc, params))
+    return tuple(specs)
+
+
+# ------------------------------------------------------------------------ prompt
+def template_supports_tools(template: str | None) -> bool:
+    """True when the chat template renders ``tools`` itself (Qwen, Llama 3.1, Mistral, Hermes)."""
+    return bool(template) and "tools" in template  # type: ignore[operator]
+
+
+def prepare_messages(
+    messages: Sequence[ChatMessage], cfg: ToolConfig, native: bool
+) -> tuple[list[ChatMessage], list[dict[str, Any]] | None]:
+    """Messages and the ``tools`` argument for the chat template.
+
+    A native template gets the tools and the history as-is (arguments as objects, as
+    templates expect); otherwise tool calls and results become plain text in the
+    Hermes format and a system prompt describes the tools.
+    """
+    if native:
+        tools = [t.wire() for t in cfg.tools] if cfg.active else None
+        return [_with_object_arguments(m) for m in messages], tools
+    out = [_as_text(m) for m in messages]
+    if cfg.active:
+        prompt = fallback_system_prompt(cfg)
+        if out and out[0].role in ("system", "developer"):
+            out[0] = ChatMessage(role=out[0].role, content=(out[0].content or "") + "\n\n" + prompt)
+        else:
+            out.insert(0, ChatMessage(role="system", content=prompt))
+    return out, None
+
+
+def fallback_system_prompt(cfg: ToolConfig) -> str:
+    """A Hermes-style description of the tools for templates that ignore ``tools``."""
+    lines = "\n".join(json.dumps(t.wire(), ensure_ascii=False) for t in cfg.tools)
+    text = (
+        "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+        "You are provided with function signatures within <tools></tools> XML tags:\n"
+        f"<tools>\n{lines}\n</tools>\n\n"
+        "For each function call, return a json object with function name and arguments within "
+        "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+        '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+    )
+    if cfg.forced:
+        text += f"\n\nYou must call the function {cfg.forced!r}."
+    elif cfg.choice == "required":
+        text += "\n\nYou must call at least one function."
+    if not cfg.parallel:
+        text += " Call at most one function."
+    return text
+
+
+def _arguments_object(arguments: Any) -> Any:
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except ValueError:
+            return arguments
+    return arguments
+
+
+def _with_object_arguments(m: ChatMessage) -> ChatMessage:
+    if not m.tool_calls:
+        return m
+    calls = []
+    for c in m.tool_calls:
+        fn = dict(c.get("function") or {})
+        fn["arguments"] = _arguments_object(fn.get("arguments", {}))
+        calls.append({**c, "function": fn})
+    return replace(m, tool_calls=calls)
+
+
+def format_call(name: str, arguments: Any) -> str:
+    """One call in the Hermes text format (what the grammar forces and history shows)."""
+    body = json.dumps({"name": name, "arguments": _arguments_object(arguments)}, ensure_ascii=False)
+    return CALL_OPEN + body + CALL_CLOSE
+
+
+def _as_text(m: ChatMessage) -> ChatMessage:
+    if m.role == "tool":
+        return ChatMessage(role="user", content=f"<tool_response>\n{m.content or ''}\n</tool_response>")
+    if m.role == "assistant" and m.tool_calls:
+        calls = [format_call((c.get("function") or {}).get("name", ""), (c.get("function") or {}).get("arguments", {}))
+                 for c in m.tool_calls]
+        text = "\n".join(([m.content] if m.content else []) + calls)
+        return ChatMessage(role="assistant", content=text, name=m.name)
+    return m
+
+
+# ----------------------------------------------------------------------- grammar
+def _lark_str(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _args_schema(params: dict[str, Any]) -> dict[str, Any]:
+    schema = dict(params)
+    # Compact, fixed whitespace: a free choice lets a weak model emit blanks forever.
+    guidance = dict(schema.get("x-guidance") or {})
+    guidance.setdefault("whitespace_flexible", False)
+    schema["x-guidance"] = guidance
+    return schema
+
+
+def tool_grammar(cfg: ToolConfig) -> str:
+    """A Lark grammar (llguidance dialect) that admits only valid Hermes tool-call blocks."""
+    tools = cfg.callable_tools()
+    rules = []
+    for i, t in enumerate(tools):
+        head = _lark_str('{"name": ' + json.dumps(t.name) + ', "arguments": ')
+        rules.append(f"fn_{i}: {head} %json{json.dumps(_args_schema(t.parameters))} \"}}\"")
+    alts = " | ".join(f"fn_{i}" for i in range(len(tools)))
+    start = 'start: call ("\\n" call)*' if cfg.parallel else "start: call"
+    call = f"call: {_lark_str(CALL_OPEN)} ({alts}) {_lark_str(CALL_CLOSE)}"
+    return "\n".join([start, call, *rules]) + "\n"
+
+
+def tool_constraint(cfg: ToolConfig) -> Constraint | None:
+    """The decoding constraint for ``required``/named tool choice; None when the model chooses freely."""
+    return Constraint(kind="lark", spec=tool_grammar(cfg)) if cfg.constrained else None

@@ -1,0 +1,42 @@
+"""Route mixins for the Responses API: create, retrieve, delete, list input items."""
+
+from __future__ import annotations
+
+from ..core.errors import InvalidRequest
+from .handlers import BodyMixin, RequestMixin
+from .sse import typed_sse_event
+
+
+class ResponsesMixin(BodyMixin):
+    """``POST /v1/responses``."""
+
+    async def handle_post(self) -> None:
+        """Create a response, streamed as typed events (``event:`` lines, no ``[DONE]``) or not."""
+        await self.respond(self.xllm.responses.create(self.body), encode=typed_sse_event, done=b"")
+
+
+class ResponseMixin(RequestMixin):
+    """``GET`` and ``DELETE /v1/responses/{id}``."""
+
+    SUPPORTED_METHODS: tuple[str, ...] = ("GET", "DELETE")
+
+    async def handle_get(self, response_id: str) -> None:
+        """A stored response; 404 when unknown."""
+        self.write_json(self.xllm.responses.retrieve(response_id))
+
+    async def handle_delete(self, response_id: str) -> None:
+        """Forget a stored response; 404 when unknown."""
+        self.write_json(self.xllm.responses.delete(response_id))
+
+
+class ResponseInputItemsMixin(RequestMixin):
+    """``GET /v1/responses/{id}/input_items``."""
+
+    async def handle_get(self, response_id: str) -> None:
+        """One page of the response's input items (``limit``, ``order``, ``after``)."""
+        arg = self.get_query_argument  # type: ignore[attr-defined]
+        try:
+            limit = int(arg("limit", "20"))
+        except ValueError:
+            raise InvalidRequest("'limit' must be an integer", param="limit") from None
+        self.write_json(self.xllm.responses.input_items(response_id, limit, arg("order", "desc"), arg("after", None)))

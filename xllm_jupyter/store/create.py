@@ -1,0 +1,149 @@
+"""``ModelStore.create``: a new model from a Modelfile, sharing its base model's files.
+
+The base (FROM) is a model in the store, else a source to pull first (a packaged name,
+a local directory or .gguf, a Hub repo). Its files are hard-linked into a build
+directory (copied where links are impossible) while the base's lock is held, then the
+build gets a manifest carrying the Modelfile settings and is renamed into ``models/``
+under the new name's lock: the same all-or-nothing install as a pull. Store files are
+never modified in place, so sharing inodes between models is safe.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..core.errors import StoreError
+from .atomic import FileLock, fix_modes, fsync_tree
+from .local import copy_file
+from .manifest import Manifest, write_manifest
+from .modelfile import Modelfile, parse_modelfile
+from .names import is_valid_name, name_to_dirname, safe_relpath, validate_name
+from .packaged import PACKAGED
+from .progress import PullProgress, from_callback, guard_progress
+
+if TYPE_CHECKING:
+    from .store import ModelStore
+
+log = logging.getLogger(__name__)
+
+#: how a created model's ``source`` reads: it is made, not pulled
+SOURCE_PREFIX = "modelfile:"
+
+
+def _settings(manifest: Manifest) -> Modelfile:
+    """The recorded settings; StoreError when a hand-edited manifest holds bad ones."""
+    try:
+        return Modelfile.from_dict(manifest.modelfile or {})
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise StoreError(f"Model '{manifest.name}' has damaged Modelfile settings; create it again") from None
+
+
+def modelfile_of(manifest: Manifest) -> Modelfile:
+    """The Modelfile settings of a stored model (a pulled model has none: just its FROM)."""
+    if manifest.modelfile:
+        m = _settings(manifest)
+    else:
+        m = Modelfile(from_=manifest.name)
+    return replace(m, from_=m.from_ or manifest.name)
+
+
+def merge(base: Modelfile, new: Modelfile) -> Modelfile:
+    """The new model's settings: the base's, overridden by what the new Modelfile sets (as Ollama does)."""
+    return Modelfile(
+        from_=new.from_,
+        parameters={**base.parameters, **new.parameters},
+        template=new.template if new.template is not None else base.template,
+        system=new.system if new.system is not None else base.system,
+        adapters=list(new.adapters or base.adapters),
+        license=list(new.license or base.license),
+        messages=list(new.messages or base.messages),
+    )
+
+
+def model_defaults(manifest: Manifest) -> dict[str, Any]:
+    """What serving applies to requests for this model (``ModelSpec.defaults``)."""
+    if not manifest.modelfile:
+        return {}
+    m = _settings(manifest)
+    return {
+        "parameters": dict(m.parameters),
+        "system": m.system,
+        "messages": [{"role": x.role, "content": x.content} for x in m.messages],
+    }
+
+
+def create_model(store: "ModelStore", name: str, text: str, progress: Callable[[PullProgress], None] | None = None) -> Manifest:
+    """Parse ``text`` and make model ``name`` from it (replacing an older ``name``)."""
+    mf = parse_modelfile(text)
+    n = validate_name(name)
+    report = guard_progress(progress)
+    try:
+        for d in (store.models, store.tmp, store.locks):
+            d.mkdir(parents=True, exist_ok=True)
+        base = _base(store, mf.from_, report)
+        settings = merge(modelfile_of(base), mf)
+        if settings.adapters:
+            log.warning("model %s: ADAPTER is recorded but not applied by xllm", n)
+        with store._workdir("pull") as build:
+            with FileLock(store.locks / f"{name_to_dirname(base.name)}.lock"):
+                base = store.show(base.name)  # re-read under the lock: it may have been replaced
+                store._check_files(base)
+                for f in base.files:
+                    _link(base.path / safe_relpath(f.path), build / safe_relpath(f.path), f.path, report)
+            manifest = replace(
+                base,
+                name=n,
+                source=SOURCE_PREFIX + base.name,
+                created=int(time.time()),
+                modelfile=settings.to_dict(),
+                path=None,
+            )
+            fix_modes(build)
+            fsync_tree(build)
+            write_manifest(build, manifest)
+            if report is not None:
+                report(PullProgress("done", None, manifest.size, manifest.size))
+            with FileLock(store.locks / f"{name_to_dirname(n)}.lock"):
+                target = store._install(build, name_to_dirname(n))
+        log.info("created %s from %s", n, base.name)
+        return manifest.with_path(target)
+    except OSError as exc:
+        if from_callback(exc):
+            raise
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StoreError("Not enough disk space in the model store") from None
+        raise StoreError(f"File system error in the model store: {exc.strerror or exc.__class__.__name__}") from None
+
+
+def _base(store: "ModelStore", source: str, report: Any) -> Manifest:
+    """The FROM model: a stored name, else pulled (a packaged default under its own name)."""
+    if is_valid_name(source):
+        n = validate_name(source)
+        existing = store._existing(n)
+        if existing is not None:
+            return existing
+        if n in PACKAGED:
+            return store.pull(n, n, progress=report)
+        if not Path(source).expanduser().exists():
+            raise StoreError(
+                f"FROM {source!r}: no such model in the store (pull it first, or name a local path or hf:ORG/REPO)",
+                param="modelfile",
+            )
+    return store.pull(source, progress=report)
+
+
+def _link(src: Path, dst: Path, rel: str, report: Any) -> None:
+    """Hard-link ``src`` to ``dst``; copy when the file system cannot link (another device, no support)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        copy_file(src, dst, rel, report)
