@@ -90,6 +90,19 @@ async def test_openai_sdk_with_jupyter_token(xllm):
 
 
 @on_server_loop
+async def test_responses_api_under_jupyter(xllm):
+    await start(xllm)
+    async with openai.AsyncOpenAI(base_url=xllm["url"], api_key=xllm["token"], max_retries=0, timeout=60) as c:
+        async with c.responses.stream(model=TINY, input="Hi", max_output_tokens=3) as stream:
+            deltas = "".join([e.delta async for e in stream if e.type == "response.output_text.delta"])
+        r = await c.responses.create(model=TINY, input="Hi", max_output_tokens=3)
+        assert deltas and (await c.responses.retrieve(r.id)).output_text == r.output_text
+        await c.responses.delete(r.id)  # DELETE passes Jupyter's auth and authorizer
+        with pytest.raises(openai.NotFoundError):
+            await c.responses.retrieve(r.id)
+
+
+@on_server_loop
 async def test_stream_content_type_and_token_header(xllm):
     await start(xllm)
     body = {"model": TINY, "messages": MSG, "max_tokens": 3, "stream": True}

@@ -152,8 +152,15 @@ def _stream(parser: StreamingToolParser, text: str, step: int) -> tuple[str, lis
     for i in range(0, len(text), step):
         events += parser.feed(text[i:i + step])
     events += parser.finish()
-    content = "".join(e.content for e in events if e.call is None)
-    return content, [(e.index, e.call.name, json.loads(e.call.arguments)) for e in events if e.call is not None]
+    content = "".join(e.content for e in events if e.content is not None)
+    calls: dict[int, list] = {}
+    for e in events:
+        if e.id is not None:
+            assert e.index not in calls and e.name and e.arguments == ""
+            calls[e.index] = [e.name, ""]
+        elif e.arguments is not None:
+            calls[e.index][1] += e.arguments
+    return content, [(i, name, json.loads(args)) for i, (name, args) in sorted(calls.items())]
 
 
 @pytest.mark.parametrize("step", [1, 3, 1000])

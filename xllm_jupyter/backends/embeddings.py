@@ -169,6 +169,9 @@ def load_embedding_model(spec: ModelSpec) -> EmbeddingModel:
         device = torch.device(name)
     except RuntimeError:
         raise InvalidRequest(f"Unknown device '{name}' (use auto, cpu, cuda or cuda:N)", param="device") from None
+    threads = int(opts.get("torch_threads", 0) or 0)
+    if threads > 0:  # the same process-wide setting the chat backend applies
+        torch.set_num_threads(threads)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
         # float32 everywhere: these encoders are small and half precision costs accuracy

@@ -72,11 +72,13 @@ class ToolDeltas:
     def _deltas(self, events: list[Any]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for ev in events:
-            if ev.call is None:
+            if ev.content is not None:
                 out.append({"content": ev.content})
-            elif self.parallel or ev.index == 0:
-                call = ev.call
-                head = {"index": ev.index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
-                out.append({"tool_calls": [head]})
-                out.append({"tool_calls": [{"index": ev.index, "function": {"arguments": call.arguments}}]})
+            elif not self.parallel and ev.index > 0:
+                continue  # one call asked for: later ones are dropped, as in the full response
+            elif ev.id is not None:
+                fn = {"name": ev.name, "arguments": ""}
+                out.append({"tool_calls": [{"index": ev.index, "id": ev.id, "type": "function", "function": fn}]})
+            elif ev.arguments:
+                out.append({"tool_calls": [{"index": ev.index, "function": {"arguments": ev.arguments}}]})
         return out

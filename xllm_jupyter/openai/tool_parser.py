@@ -21,6 +21,10 @@ HERMES, LLAMA3, MISTRAL = "hermes", "llama3", "mistral"
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
 _HERMES_BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
 _DECODER = json.JSONDecoder()
+# The shape our prompt and grammar produce; its arguments are kept as written, so a
+# streamed call (sent piece by piece) and the same call unstreamed carry the same text.
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([a-zA-Z0-9_-]{1,64})"\s*,\s*"arguments"\s*:\s*(?=\S)')
+_TAIL = re.compile(r"\s*\}\s*$")
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,7 @@ class ToolCall:
 
     name: str
     arguments: str
-    id: str = field(default_factory=lambda: "call_" + uuid.uuid4().hex[:24])
+    id: str = field(default_factory=lambda: _new_id())
 
     def wire(self) -> dict[str, Any]:
         """The OpenAI ``tool_calls`` entry."""
@@ -90,12 +94,27 @@ def _json_values(text: str) -> Iterable[tuple[int, int, Any]]:
             i += 1
 
 
+def _exact_call(body: str, names: frozenset[str]) -> ToolCall | None:
+    """A ``{"name": ..., "arguments": {...}}`` body with the arguments text kept verbatim."""
+    head = _HEAD.match(body)
+    tail = _TAIL.search(body)
+    if not head or not tail or tail.start() < head.end() or (names and head.group(1) not in names):
+        return None
+    raw = body[head.end():tail.start()]
+    try:
+        ok = isinstance(json.loads(raw), dict)
+    except ValueError:
+        return None
+    return ToolCall(head.group(1), raw) if ok else None
+
+
 def _parse_hermes(text: str, names: frozenset[str]) -> ParsedOutput | None:
     if _OPEN not in text:
         return None
     calls, rest, pos = [], [], 0
     for m in _HERMES_BLOCK.finditer(text):
-        found = [c for _, _, v in _json_values(m.group(1)) for c in [_call_from(v, names)] if c]
+        exact = _exact_call(m.group(1), names)
+        found = [exact] if exact else [c for _, _, v in _json_values(m.group(1)) for c in [_call_from(v, names)] if c]
         if not found:
             continue
         rest.append(text[pos:m.start()])
@@ -145,11 +164,13 @@ def parse_tool_calls(text: str, names: Iterable[str] = (), family: str = HERMES)
 # -------------------------------------------------------------------- streaming
 @dataclass
 class StreamEvent:
-    """What a stream chunk carries: content text, or a fragment of call ``index``."""
+    """One streamed piece: content text, or for call ``index`` its head (``id``, ``name``) or an ``arguments`` piece."""
 
     content: str | None = None
     index: int = 0
-    call: ToolCall | None = None
+    id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
 
 
 class StreamingToolParser:
@@ -157,8 +178,9 @@ class StreamingToolParser:
 
     Text that may still become a tool call is held back, never streamed as content:
     in Hermes mode a suffix that could start ``<tool_call>``; in the JSON families
-    everything once the output starts with ``{``, ``[`` or a call marker. Each call is
-    emitted once it is complete.
+    everything once the output starts with ``{``, ``[`` or a call marker. A Hermes call
+    is announced as soon as its name is known and its arguments follow as they are
+    generated (all but a possible closing brace); other calls are sent when complete.
     """
 
     def __init__(self, names: Iterable[str], family: str = HERMES, held: bool = False):
@@ -168,10 +190,12 @@ class StreamingToolParser:
         self._calls = 0
         self._json_mode: bool | None = None
         self._in_call = held  # a grammar-forced output is all calls: never stream it as text
+        self._head_end = 0  # where the open call's arguments start in the buffer (0: no call open)
+        self._sent = ""  # arguments text of the open call already sent
 
     @property
     def calls(self) -> int:
-        """How many calls were emitted so far."""
+        """How many calls were started so far."""
         return self._calls
 
     def feed(self, text: str) -> list[StreamEvent]:
@@ -184,6 +208,7 @@ class StreamingToolParser:
             if self._in_call:
                 end = self._buf.find(_CLOSE)
                 if end < 0:
+                    out.extend(self._partial_call())
                     break
                 block, self._buf = self._buf[: end + len(_CLOSE)], self._buf[end + len(_CLOSE):]
                 self._in_call = False
@@ -225,15 +250,52 @@ class StreamingToolParser:
             return []
         return [StreamEvent(content=text)]
 
+    def _partial_call(self) -> list[StreamEvent]:
+        """Head and argument pieces of the call being generated (buffer starts with ``<tool_call>``)."""
+        out: list[StreamEvent] = []
+        if not self._head_end:
+            head = _HEAD.match(self._buf, len(_OPEN)) if self._buf.startswith(_OPEN) else None
+            if not head or (self.names and head.group(1) not in self.names):
+                return out
+            self._head_end = head.end()
+            out.append(StreamEvent(index=self._calls, id=_new_id(), name=head.group(1), arguments=""))
+            self._calls += 1
+        args = self._buf[self._head_end:]
+        cut = args.rfind("}")  # the last brace may close the call object rather than the arguments
+        safe = (args[:cut] if cut >= 0 else args).rstrip()
+        if len(safe) > len(self._sent) and safe.startswith(self._sent):
+            out.append(StreamEvent(index=self._calls - 1, arguments=safe[len(self._sent):]))
+            self._sent = safe
+        return out
+
     def _emit(self, text: str, final: bool) -> list[StreamEvent]:
         parsed = parse_tool_calls(text, self.names, self.family)
-        if not parsed.calls:
+        calls = list(parsed.calls)
+        out: list[StreamEvent] = []
+        if self._head_end:
+            # finish the call already announced: send the rest of its arguments
+            open_index, sent = self._calls - 1, self._sent
+            self._head_end, self._sent = 0, ""
+            if calls:
+                rest = calls.pop(0).arguments
+                if rest.startswith(sent) and len(rest) > len(sent):
+                    out.append(StreamEvent(index=open_index, arguments=rest[len(sent):]))
+            return out + self._complete(calls)
+        if not calls:
             return self._text(text) if final or text.strip() else []
-        out = self._text(parsed.content or "")
-        for call in parsed.calls:
-            out.append(StreamEvent(index=self._calls, call=call))
+        return self._text(parsed.content or "") + self._complete(calls)
+
+    def _complete(self, calls: list[ToolCall]) -> list[StreamEvent]:
+        out = []
+        for call in calls:
+            out.append(StreamEvent(index=self._calls, id=call.id, name=call.name, arguments=""))
+            out.append(StreamEvent(index=self._calls, arguments=call.arguments))
             self._calls += 1
         return out
+
+
+def _new_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
 
 
 def _partial_suffix(text: str, marker: str) -> int:
