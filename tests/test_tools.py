@@ -114,6 +114,48 @@ def test_fallback_prompt_and_history_for_templates_without_tools():
     assert none_tools is None and none_msgs == history[:1]
 
 
+# A minimal Qwen-style template that renders tools and tool-call history itself.
+NATIVE_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t.function.name }};{% endfor %}</tools><|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function.name }}:{{ c.function.arguments.city }}</tool_call>{% endfor %}"
+    "<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+)
+
+
+def test_tools_reach_a_native_chat_template(tiny_llama_dir):
+    """A template that knows tools gets them (and objects for arguments); SmolLM2's gets the fallback."""
+    from pathlib import Path
+
+    from xllm_jupyter.backends.base import ModelSpec
+    from xllm_jupyter.backends.transformers import TransformersBackend
+    from xllm_jupyter.openai.tool_calling import ToolCalling
+
+    class Req:
+        tools, tool_choice, parallel_tool_calls = TOOLS, None, None
+
+    history = [
+        ChatMessage("user", "Weather?"),
+        ChatMessage("assistant", None, tool_calls=[{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "c"}'}}]),
+        ChatMessage("tool", "3 C", tool_call_id="c1"),
+    ]
+    model = TransformersBackend().load(ModelSpec(name="t", path=Path(tiny_llama_dir), options={"device": "cpu"}))
+    try:
+        fallback = ToolCalling.from_request(Req, model)
+        assert not fallback.native
+        prompt = model.render_chat(*fallback.prompt(history)[:1])
+        assert "<tools>" in prompt and "<tool_response>\n3 C\n</tool_response>" in prompt and '"city": "Oslo"' in prompt
+        model.tokenizer.chat_template = NATIVE_TEMPLATE
+        native = ToolCalling.from_request(Req, model)
+        assert native.native and native.family == HERMES
+        messages, tools = native.prompt(history)
+        prompt = model.render_chat(messages, tools=tools)
+        assert "<tools>get_weather;add;</tools>" in prompt and "<tool_call>get_weather:Oslo</tool_call>" in prompt
+        assert "<|im_start|>tool\n3 C" in prompt
+    finally:
+        model.unload()
+
+
 # ---------------------------------------------------------------- response side
 def test_family_detection():
     assert detect_family("{% if tools %}<tool_call>{% endif %}") == HERMES
@@ -169,6 +211,13 @@ def test_streaming_parser_holds_back_markup(step):
     content, calls = _stream(StreamingToolParser(NAMES, HERMES), text, step)
     assert content == "Checking <tool_c> now.\n"
     assert calls == [(0, "add", {"a": 1, "b": 2}), (1, "get_weather", {"city": "Oslo"})]
+    if step == 1:
+        events = []
+        parser = StreamingToolParser(NAMES, HERMES, held=True)
+        for ch in text[text.index("<tool_call>"):]:
+            events += parser.feed(ch)
+        args = [e for e in events if e.index == 0 and e.arguments]
+        assert len(args) > 5 and "".join(e.arguments for e in args) == '{"a": 1, "b": 2}'
     plain = "No tools needed <tool here."
     assert _stream(StreamingToolParser(NAMES, HERMES), plain, step) == (plain, [])
     llama = ' {"name": "add", "parameters": {"a": 4, "b": 2}}'
@@ -209,7 +258,7 @@ def test_forced_tool_calls_streaming(client):
     chunks = list(client.chat.completions.create(
         model=TINY, messages=MSG, tools=TOOLS, tool_choice="required", max_tokens=200, seed=2, stream=True))
     calls: dict[int, dict] = {}
-    finish = None
+    finish, pieces = None, 0
     for chunk in chunks:
         if not chunk.choices:
             continue
@@ -223,9 +272,11 @@ def test_forced_tool_calls_streaming(client):
             else:
                 assert frag.id is None and frag.type is None and frag.function.name is None
                 calls[frag.index]["arguments"] += frag.function.arguments
+                pieces += 1
         finish = c.finish_reason or finish
     assert finish == "tool_calls"
     assert sorted(calls) == list(range(len(calls))) and calls
+    assert pieces > len(calls)  # arguments arrive as they are generated, not in one piece
     for call in calls.values():
         jsonschema.validate(json.loads(call["arguments"]), SCHEMAS[call["name"]])
     # the same request without streaming gives the same calls
