@@ -128,3 +128,22 @@ def xllm_server(tiny_catalog, xllm_home) -> Any:
     """ONE standalone server for the session, with "tiny" loaded."""
     with running_server(make_test_config(xllm_home), tiny_catalog, TINY) as info:
         yield info
+
+
+@pytest.fixture
+def client(xllm_server) -> Iterator[Any]:
+    """A sync openai SDK client for the session server, retries off so each error is seen once."""
+    import openai
+
+    with openai.OpenAI(base_url=xllm_server.base_url, api_key=xllm_server.api_key, max_retries=0, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture
+def raw(xllm_server) -> Iterator[Any]:
+    """An httpx client with the API key, for the wire bytes the SDK hides."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {xllm_server.api_key}"}
+    with httpx.Client(base_url=xllm_server.root, headers=headers, timeout=120) as c:
+        yield c

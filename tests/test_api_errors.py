@@ -18,19 +18,6 @@ from xllm_jupyter.server.errors import GENERIC_500, error_response
 MSG = [{"role": "user", "content": "Say something."}]
 
 
-@pytest.fixture
-def client(xllm_server):
-    """A sync OpenAI client with retries off, so each error is seen once."""
-    with openai.OpenAI(base_url=xllm_server.base_url, api_key=xllm_server.api_key, max_retries=0, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture
-def raw(xllm_server):
-    """httpx with the API key."""
-    headers = {"Authorization": f"Bearer {xllm_server.api_key}"}
-    with httpx.Client(base_url=xllm_server.root, headers=headers, timeout=60) as c:
-        yield c
 
 
 def error_of(r: httpx.Response) -> dict:

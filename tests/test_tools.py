@@ -226,12 +226,6 @@ def test_streaming_parser_holds_back_markup(step):
 
 
 # ------------------------------------------------------------ the real server
-@pytest.fixture
-def client(xllm_server):
-    """A sync OpenAI client for the session server."""
-    with openai.OpenAI(base_url=xllm_server.base_url, api_key=xllm_server.api_key, max_retries=0, timeout=120) as c:
-        yield c
-
 
 def _check_calls(calls, only: str | None = None) -> None:
     assert calls

@@ -12,7 +12,6 @@ import sys
 import time
 from typing import Any, Mapping
 
-from IPython.core.display import Markdown
 from IPython.core.displaypub import DisplayPublisher
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
