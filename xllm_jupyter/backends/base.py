@@ -43,6 +43,8 @@ class ModelSpec:
     task: str = "chat"
     #: a created model's Modelfile defaults for serving: ``parameters`` (Ollama names), ``system``, ``messages``
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    #: for a LoRA adapter (``task == "adapter"``): the store name of the model it applies to
+    base_model: str | None = None
 
 
 class LoadedModel(ABC):
@@ -103,6 +105,14 @@ class LoadedModel(ABC):
     def check_constraint(self, constraint: Constraint, *, param: str = "response_format") -> None:
         """Compile ``constraint`` now (any thread); InvalidRequest (400) if it is invalid or unsupported."""
         raise Unsupported(f"The {self.backend_name} backend does not support constrained decoding", param=param)
+
+    def load_adapter(self, name: str, path: Path) -> None:
+        """Attach the LoRA adapter at ``path`` as ``name`` (any thread; waits for the current step)."""
+        raise Unsupported(f"The {self.backend_name} backend does not support LoRA adapters", param="model")
+
+    def unload_adapter(self, name: str) -> bool:
+        """Detach adapter ``name`` (its running jobs end with an error); False when it is not attached."""
+        return False
 
     def memory_bytes(self) -> int:
         """Bytes of weights plus cache this model holds (best effort)."""

@@ -17,11 +17,12 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest
+from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest, ModelNotFound
 from ..core.types import ChatMessage, Constraint, FinishReason, SequenceJob, TokenEvent
 from .base import Backend, LoadedModel, ModelSpec
 from .constraints import BatchMasker, GrammarCompiler
 from .detokenize import IncrementalDetokenizer
+from .lora import LoraAdapters, merge_lora
 
 try:  # the backend must stay importable (and say "unavailable") without torch/transformers
     import torch
@@ -100,6 +101,8 @@ class TransformersBackend(Backend):
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             # transformers' messages name local paths; keep them in the chained cause (logs) only
             raise EngineError(f"Failed to load model '{spec.name}' with transformers ({type(exc).__name__})") from exc
+        if opts.get("merge_adapter"):  # a created model's Modelfile ADAPTER: baked into its own weights
+            model = merge_lora(model, Path(str(opts["merge_adapter"])))
         model.to(device).eval()
         return TransformersModel(spec, model, tokenizer, device=device,
                                  max_batch_size=int(opts.get("max_batch_size", 16) or 16))
@@ -183,6 +186,7 @@ class TransformersModel(LoadedModel):
         self._batch = BatchKV()
         self._grammars = GrammarCompiler(tokenizer, self.vocab_size, self.eos_token_ids)
         self._masker: BatchMasker | None = None  # created with the first constrained job
+        self._lora = LoraAdapters(model, device)
         self._weight_bytes = sum(t.nbytes for t in model.parameters()) + sum(t.nbytes for t in model.buffers())
         #: jobs in the most recent decode forward pass (tests and stats)
         self.last_batch_size = 0
@@ -240,6 +244,8 @@ class TransformersModel(LoadedModel):
             raise InvalidRequest("The prompt is empty", param="prompt")
         if job.max_tokens < 1:
             raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")
+        if job.adapter is not None and job.adapter not in self._lora:
+            raise ModelNotFound(job.adapter)
         if len(job.prompt_ids) >= self.context_length:
             raise ContextLengthExceeded(f"The prompt has {len(job.prompt_ids)} tokens; this model's context "
                                         f"is {self.context_length} tokens", param="messages")
@@ -267,7 +273,8 @@ class TransformersModel(LoadedModel):
         dropped and EngineError is raised: the engine fails them all.
         """
         try:
-            return self._step()
+            with self._lora.lock:  # adapters attach and detach only between steps
+                return self._step()
         except Exception as exc:
             self._pending.clear()
             self._running.clear()
@@ -329,8 +336,9 @@ class TransformersModel(LoadedModel):
         padded = min(lengths) != width
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = new_cache()
-        out = self.model(input_ids=ids, attention_mask=mask if padded else None, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        with self._lora.forward([s.job.adapter for s in seqs]):
+            out = self.model(input_ids=ids, attention_mask=mask if padded else None, position_ids=positions,
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
         self.forward_passes += 1
         if padded:
             zero_padding(cache, mask)
@@ -346,8 +354,9 @@ class TransformersModel(LoadedModel):
         """One batched forward feeding every running job its last token."""
         attn, positions = self._batch.step_inputs()
         ids = torch.tensor([[s.last] for s in self._running], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids, attention_mask=attn, position_ids=positions,
-                         past_key_values=self._batch.cache, use_cache=True)
+        with self._lora.forward([s.job.adapter for s in self._running]):
+            out = self.model(input_ids=ids, attention_mask=attn, position_ids=positions,
+                             past_key_values=self._batch.cache, use_cache=True)
         self.forward_passes += 1
         self.last_batch_size = len(self._running)
         if self.last_batch_size > 1:
@@ -402,14 +411,29 @@ class TransformersModel(LoadedModel):
 
     # -- resources --------------------------------------------------------------------
 
+    def load_adapter(self, name: str, path: Path) -> None:
+        """Attach the peft LoRA at ``path`` as ``name``; rows naming it decode with it (waits for the step)."""
+        with self._lora.lock:
+            self._lora.attach(name, Path(path))
+
+    def unload_adapter(self, name: str) -> bool:
+        """Detach adapter ``name``; its queued and running jobs end (cancelled) in the next step."""
+        with self._lora.lock:
+            users = [s.job.job_id for s in (*self._pending, *self._running) if s.job.adapter == name]
+            if not self._lora.detach(name):
+                return False
+            self._cancelled.update(users)  # their rows must never reach a forward pass without it
+            return True
+
     def memory_bytes(self) -> int:
-        """Weights and buffers plus the batch's KV cache, in bytes."""
-        return self._weight_bytes + self._batch.nbytes()
+        """Weights and buffers plus LoRA adapters and the batch's KV cache, in bytes."""
+        return self._weight_bytes + self._lora.nbytes() + self._batch.nbytes()
 
     def details(self) -> dict[str, Any]:
         """Device, dtype, batching mode and source format."""
         dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.") if self.model is not None else None
-        return {"device": str(self.device), "dtype": dtype, "mode": "continuous-batching", "format": self.format}
+        return {"device": str(self.device), "dtype": dtype, "mode": "continuous-batching", "format": self.format,
+                **({"adapters": self._lora.names()} if self._lora.names() else {})}
 
     def unload(self) -> None:
         """Drop weights, cache and queued jobs; the object is unusable afterwards."""

@@ -24,7 +24,9 @@ def create_command(name: str, modelfile) -> None:
 
     FROM names a model in the store (or a source to pull first); PARAMETER, SYSTEM,
     MESSAGE, TEMPLATE, ADAPTER and LICENSE are recorded with the new model, and the
-    server applies PARAMETER/SYSTEM/MESSAGE to requests that leave them unset.
+    server applies PARAMETER/SYSTEM/MESSAGE to requests that leave them unset. ADAPTER
+    (a stored LoRA adapter's name or a peft LoRA directory) is copied in and merged into
+    the weights when the model loads.
     """
     text = modelfile.read()
     store = open_store()

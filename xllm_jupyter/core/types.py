@@ -99,6 +99,8 @@ class GenerationRequest:
     prompt_ids: tuple[int, ...]
     params: GenerationParams = field(default_factory=GenerationParams)
     request_id: str = ""
+    #: the LoRA adapter (its served name) attached to ``model`` that this request runs with; None = base
+    adapter: str | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,8 @@ class SequenceJob:
     logprobs: bool = False
     top_logprobs: int = 0
     constraint: Constraint | None = None
+    #: the LoRA adapter this row decodes with (its served name); None = the base model
+    adapter: str | None = None
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from ..core.types import (
     ModelInfo,
 )
 from .embeddings import EmbeddingHost
+from .lora import AdapterMixin
 from .runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class ModelCatalog(Protocol):
         """Names of models that could be loaded."""
 
 
-class Engine:
+class Engine(AdapterMixin):
     """One shared engine: what is loaded, and the entry point for every generation."""
 
     def __init__(
@@ -63,6 +64,7 @@ class Engine:
         self._lock = threading.Lock()
         self._defaults: dict[str, Mapping[str, Any]] = {}  # a created model's Modelfile defaults, by name
         self._embeddings = EmbeddingHost()  # embedding models: own threads, never in a runner
+        self._adapters: dict[str, str] = {}  # LoRA adapter name -> the loaded base model it is attached to
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -113,7 +115,7 @@ class Engine:
 
     async def load(self, name: str) -> LoadedModel:
         """The loaded model ``name``, loading it on a worker thread if needed."""
-        runner = self._runners.get(name)
+        runner = self._runners.get(self._adapters.get(name, name))  # an adapter's model is its base's
         if runner is not None:
             return runner.model
         if name in self._embeddings.slots:
@@ -126,6 +128,10 @@ class Engine:
                 spec = await asyncio.to_thread(self._resolve, name)
                 if spec.task == "embedding":
                     raise _not_supported(name, "an embedding model: use /v1/embeddings")
+                if spec.task == "adapter":  # a LoRA: attached to its (loaded once) base model
+                    model = await self._attach_spec(spec)
+                    pending.set_result(model)
+                    return model
                 backend = self._choose_backend(spec)
                 model = await asyncio.to_thread(backend.load, spec)
                 runner = ModelRunner(model, max_batch_size=min(self.config.max_batch_size, model.max_batch_size))
@@ -144,7 +150,7 @@ class Engine:
 
     async def load_any(self, name: str) -> None:
         """Load ``name`` whatever its task (chat or embedding): preload and ``/admin/models/load``."""
-        if name in self._runners or name in self._embeddings.slots:
+        if name in self._runners or name in self._embeddings.slots or name in self._adapters:
             return
         spec = await asyncio.to_thread(self._resolve, name)
         if spec.task == "embedding":
@@ -173,9 +179,13 @@ class Engine:
         """Unload ``name``; False when it was not loaded."""
         if await self._embeddings.unload(name):
             return True
+        if name in self._adapters:
+            return await self.unload_adapter(name)
         runner = self._runners.pop(name, None)
         if runner is None:
             return False
+        for adapter in self.adapters_of(name):  # they go with their base
+            del self._adapters[adapter]
         await asyncio.to_thread(runner.shutdown)
         return True
 
@@ -185,11 +195,13 @@ class Engine:
 
     def is_loaded(self, name: str) -> bool:
         """True when ``name`` is loaded now."""
-        return name in self._runners or name in self._embeddings.slots
+        return name in self._runners or name in self._embeddings.slots or name in self._adapters
 
     def _info(self, name: str) -> ModelInfo:
         if name in self._embeddings.slots:
             return self._embeddings.slots[name].info()
+        if name in self._adapters:
+            return self._adapter_info(name)
         runner = self._runners.get(name)
         if runner is None:
             return ModelInfo(name=name, created=self._created, loaded=False)
@@ -213,18 +225,18 @@ class Engine:
 
     def list_models(self) -> list[ModelInfo]:
         """Loaded models first, then every other model the catalog can load."""
-        names = list(self._runners) + list(self._embeddings.slots)
+        names = list(self._runners) + list(self._adapters) + list(self._embeddings.slots)
         if self.catalog is not None:
             names += [n for n in self.catalog.names() if n not in names]
         return [self._info(n) for n in names]
 
     def loaded_models(self) -> list[ModelInfo]:
         """Only the models in memory now."""
-        return [self._info(n) for n in list(self._runners) + list(self._embeddings.slots)]
+        return [self._info(n) for n in list(self._runners) + list(self._adapters) + list(self._embeddings.slots)]
 
     def model_info(self, name: str) -> ModelInfo:
         """One model's info; raises ModelNotFound if it is neither loaded nor loadable."""
-        if name in self._runners or name in self._embeddings.slots:
+        if name in self._runners or name in self._embeddings.slots or name in self._adapters:
             return self._info(name)
         if self.catalog is not None and name in self.catalog.names():
             return self._info(name)
@@ -258,6 +270,7 @@ class Engine:
 
     def validate(self, request: GenerationRequest) -> None:
         """Raise a 4xx error if ``request`` cannot run on its (loaded) model."""
+        request = self._route(request)
         runner = self._runners.get(request.model)
         if runner is None:
             raise ModelNotFound(request.model)
@@ -287,6 +300,7 @@ class Engine:
         """
         await self.load(request.model)
         self.validate(request)
+        request = self._route(request)  # an adapter's request runs in its base model's batch
         runner = self._runners.get(request.model)
         if runner is None:
             raise ModelNotFound(request.model)
@@ -300,6 +314,7 @@ class Engine:
     # ------------------------------------------------------------------- stats
     def stats(self, name: str | None = None) -> EngineStats:
         """Counters for one model, or summed over all loaded models."""
+        name = self._adapters.get(name or "", name)
         runners = [self._runners[name]] if name and name in self._runners else list(self._runners.values())
         parts = [r.stats() for r in runners]
         return EngineStats(

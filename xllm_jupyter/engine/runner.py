@@ -155,6 +155,7 @@ class ModelRunner:
                 logprobs=params.logprobs,
                 top_logprobs=params.top_logprobs,
                 constraint=params.constraint,
+                adapter=request.adapter,
             )
             handle.job_ids.append(job.job_id)
             pending.append((job, _JobState(handle, index, StopMatcher(params.stop))))

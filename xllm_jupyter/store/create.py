@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -88,14 +89,15 @@ def create_model(store: "ModelStore", name: str, text: str, progress: Callable[[
             d.mkdir(parents=True, exist_ok=True)
         base = _base(store, mf.from_, report)
         settings = merge(modelfile_of(base), mf)
-        if settings.adapters:
-            log.warning("model %s: ADAPTER is recorded but not applied by xllm", n)
+        adapter_src = _adapter_source(store, mf.adapters, base)  # only the new Modelfile's ADAPTER is copied
         with store._workdir("pull") as build:
             with FileLock(store.locks / f"{name_to_dirname(base.name)}.lock"):
                 base = store.show(base.name)  # re-read under the lock: it may have been replaced
                 store._check_files(base)
                 for f in base.files:
                     _link(base.path / safe_relpath(f.path), build / safe_relpath(f.path), f.path, report)
+            if adapter_src is not None:
+                base = _with_adapter(base, build, adapter_src, report)
             manifest = replace(
                 base,
                 name=n,
@@ -147,3 +149,43 @@ def _link(src: Path, dst: Path, rel: str, report: Any) -> None:
         if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
             raise
         copy_file(src, dst, rel, report)
+
+
+#: where a created model keeps the LoRA its Modelfile's ADAPTER names (merged into the weights at load)
+ADAPTER_DIR = "adapter"
+
+
+def _adapter_source(store: "ModelStore", adapters: list[str], base: Manifest) -> Path | None:
+    """The peft LoRA directory of the Modelfile's ADAPTER (a stored adapter's name or a local path).
+
+    Anything else (several ADAPTERs, an Ollama GGUF LoRA, a base the transformers backend
+    cannot merge into) stays recorded only, as before, with a warning.
+    """
+    if not adapters:
+        return None
+    ref = adapters[0]
+    stored = store._existing(validate_name(ref)) if is_valid_name(ref) else None
+    path = stored.path if stored is not None and stored.task == "adapter" else Path(ref).expanduser()
+    if len(adapters) == 1 and base.format in ("safetensors", "gguf") and path is not None \
+            and (path / "adapter_config.json").is_file():
+        return path
+    log.warning("ADAPTER %s is recorded but not applied: xllm applies one peft LoRA (a stored adapter or a "
+                "directory) to a safetensors or GGUF base", ", ".join(map(repr, adapters)))
+    return None
+
+
+def _with_adapter(base: Manifest, build: Path, src: Path, report: Any) -> Manifest:
+    """``base`` plus the LoRA at ``src`` copied into ``build/adapter`` (replacing an inherited one)."""
+    from .local import copy_dir
+    from .manifest import MANIFEST_NAME, compute_digest
+
+    shutil.rmtree(build / ADAPTER_DIR, ignore_errors=True)  # links to an inherited adapter, not its files
+    copied = []
+    for f in copy_dir(src, build / ADAPTER_DIR, report):
+        if f.path == MANIFEST_NAME:  # a stored adapter's own manifest is not part of this model
+            (build / ADAPTER_DIR / MANIFEST_NAME).unlink()
+        else:
+            copied.append(replace(f, path=f"{ADAPTER_DIR}/{f.path}"))
+    files = [f for f in base.files if not f.path.startswith(ADAPTER_DIR + "/")] + copied
+    return replace(base, files=tuple(sorted(files, key=lambda f: f.path)), size=sum(f.size for f in files),
+                   digest=compute_digest(files), parameters={**base.parameters, "adapter": ADAPTER_DIR})

@@ -19,8 +19,8 @@ from .progress import ProgressFn, PullProgress
 
 MANIFEST_NAME = "xllm-manifest.json"
 SCHEMA_VERSION = 1
-FORMATS = ("safetensors", "gguf", "exl3", "exl2", "gptq")
-TASKS = ("chat", "embedding")
+FORMATS = ("safetensors", "gguf", "exl3", "exl2", "gptq", "lora")
+TASKS = ("chat", "embedding", "adapter")
 CHUNK = 1 << 20
 
 
@@ -190,6 +190,8 @@ def detect_format(model_dir: Path) -> str:
     """safetensors, gguf, exl3, exl2 or gptq, judged from the files and ``config.json``."""
     names = [p.name for p in model_dir.rglob("*") if p.is_file()]
     has_st = any(n.endswith(".safetensors") for n in names)
+    if has_st and is_adapter_dir(model_dir):
+        return "lora"
     if not has_st:
         if sum(n.endswith(".gguf") for n in names) == 1:
             return "gguf"
@@ -230,7 +232,47 @@ def read_template(model_dir: Path) -> str | None:
 
 
 def detect_task(model_dir: Path) -> str:
-    """``embedding`` for a sentence-transformers layout (modules.json or 1_Pooling/), else ``chat``."""
+    """``embedding`` for a sentence-transformers layout (modules.json or 1_Pooling/), ``adapter`` for a peft LoRA, else ``chat``."""
+    if is_adapter_dir(model_dir):
+        return "adapter"
     if (model_dir / "modules.json").is_file() or (model_dir / "1_Pooling" / "config.json").is_file():
         return "embedding"
     return "chat"
+
+
+def is_adapter_dir(model_dir: Path) -> bool:
+    """True for a peft adapter directory: adapter_config.json and no model config.json."""
+    return (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file()
+
+
+def adapter_parameters(model_dir: Path) -> dict[str, Any]:
+    """A pulled model's manifest ``parameters``: for a peft adapter, the ``base_model`` its config names."""
+    if not is_adapter_dir(model_dir):
+        return {}
+    try:
+        value = json.loads((model_dir / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        value = None
+    return {"base_model": value if isinstance(value, str) and value else None}
+
+
+def set_adapter_base(manifest: Manifest, base: str) -> Manifest:
+    """Adapter ``manifest`` recording stored model ``base`` as its base (rewritten in its directory)."""
+    base = validate_name(base)
+    if manifest.parameters.get("base_model") == base:
+        return manifest
+    if manifest.task != "adapter" or manifest.path is None:
+        raise StoreError(f"'{manifest.name}' is not a LoRA adapter, so it takes no base model", param="base")
+    manifest = replace(manifest, parameters={**manifest.parameters, "base_model": base})
+    write_manifest(manifest.path, manifest)
+    return manifest
+
+
+def lora_fields(manifest: Manifest) -> dict[str, Any]:
+    """``ModelSpec`` fields for LoRA: an adapter's ``base_model``; a created model's ADAPTER to merge at load."""
+    if manifest.task == "adapter":
+        return {"base_model": manifest.parameters.get("base_model")}
+    merged = manifest.parameters.get("adapter")  # set by ``create`` for a Modelfile ADAPTER
+    if isinstance(merged, str) and manifest.path is not None:
+        return {"options": {"merge_adapter": str(manifest.path / safe_relpath(merged))}}
+    return {}

@@ -35,8 +35,11 @@ from .manifest import (
     Manifest,
     ManifestFile,
     compute_digest,
+    adapter_parameters,
     detect_format,
     detect_task,
+    lora_fields,
+    set_adapter_base,
     hash_file,
     read_manifest,
     read_template,
@@ -128,6 +131,7 @@ class ModelStore:
             digest=manifest.digest,
             task=manifest.task,
             defaults=defaults,
+            **lora_fields(manifest),
         )
 
     def _file_path(self, manifest: Manifest, f: ManifestFile) -> Path:
@@ -172,12 +176,14 @@ class ModelStore:
         progress: Callable[[PullProgress], None] | None = None,
         force: bool = False,
         convert: bool = False,
+        base: str | None = None,
     ) -> Manifest:
         """Add a model from ``source`` (packaged name, ``hf:ORG/REPO``, ``ORG/REPO``, local dir or .gguf).
 
         Pulling a name that exists from the same source returns it (a Hub source whose
         commit moved is updated); another source needs ``force``. ``convert`` turns a GGUF
-        into safetensors (packaged defaults always are).
+        into safetensors (packaged defaults always are). ``base`` names the stored model a
+        LoRA adapter applies to (default: its adapter_config.json's base_model_name_or_path).
         """
         src = parse_source(source, revision)
         n = validate_name(name) if name is not None else src.default_name
@@ -186,7 +192,8 @@ class ModelStore:
             for d in (self.models, self.tmp, self.locks):
                 d.mkdir(parents=True, exist_ok=True)
             with FileLock(self.locks / f"{name_to_dirname(n)}.lock"):
-                return self._pull_locked(src, n, report, force, convert)
+                manifest = self._pull_locked(src, n, report, force, convert)
+                return set_adapter_base(manifest, base) if base is not None else manifest
         except OSError as exc:
             if from_callback(exc):
                 raise
@@ -310,7 +317,7 @@ class ModelStore:
             size=size,
             created=int(time.time()),
             template=template,
-            parameters={},
+            parameters=adapter_parameters(build),  # a LoRA records its base model
             backend=None,
             digest=compute_digest(files),
             revision=revision,

@@ -1,0 +1,195 @@
+"""LoRA adapters: stored like models, attached to one loaded base, mixed per row in one batch.
+
+Real parts only: adapters built with peft for the tiny random Llama, a real store, a
+real standalone server and the openai SDK.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.server_fixtures import TINY, make_test_config, running_server
+from xllm_jupyter.store.manifest import Manifest, read_manifest
+from xllm_jupyter.store.store import ModelStore
+
+PROMPT = "The quick brown fox"
+
+
+def _make_adapter(base_dir: Path, out: Path, seed: int) -> Path:
+    """A random (non-zero) LoRA for the tiny Llama: it changes the model's outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"],
+                        init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def lora_dirs(tiny_llama_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """Two different LoRA adapter directories for the tiny Llama."""
+    root = tmp_path_factory.mktemp("loras")
+    one = _make_adapter(tiny_llama_dir, root / "one", seed=1)
+    two = _make_adapter(tiny_llama_dir, root / "two", seed=2)
+    # the second names its base by store name, so its pull needs no explicit base
+    cfg_path = two / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = TINY
+    cfg_path.write_text(json.dumps(cfg))
+    return one, two
+
+
+@pytest.fixture(scope="module")
+def lora_home(tmp_path_factory, tiny_llama_dir, lora_dirs) -> Path:
+    """A store with "tiny" and two adapters on it: "ad-one" (base given) and "ad-two" (base from its config)."""
+    home = tmp_path_factory.mktemp("lora-home")
+    store = ModelStore(home)
+    store.pull(str(tiny_llama_dir), TINY)
+    store.pull(str(lora_dirs[0]), "ad-one", base=TINY)
+    store.pull(str(lora_dirs[1]), "ad-two")
+    return home
+
+
+@pytest.fixture(scope="module")
+def lora_server(lora_home):
+    """A real server over the adapter store, with "tiny" loaded."""
+    with running_server(make_test_config(lora_home), ModelStore(lora_home), TINY) as info:
+        yield info
+
+
+@pytest.fixture
+def sdk(lora_server):
+    """The openai SDK pointed at the adapter server."""
+    with openai.OpenAI(base_url=lora_server.base_url, api_key=lora_server.api_key, max_retries=0, timeout=120) as c:
+        yield c
+
+
+def _complete(sdk, model: str, tokens: int = 12) -> str:
+    out = sdk.completions.create(model=model, prompt=PROMPT, max_tokens=tokens, temperature=0)
+    assert out.model == model
+    return out.choices[0].text
+
+
+def _admin(server, path: str, body: dict) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {server.api_key}"}
+    return httpx.post(server.root + path, json=body, headers=headers, timeout=120)
+
+
+def test_adapter_is_stored_as_lora(lora_home):
+    """Pulled adapters are format lora / task adapter and record their base; the manifest round-trips."""
+    store = ModelStore(lora_home)
+    for name in ("ad-one", "ad-two"):
+        m = store.show(name)
+        assert (m.format, m.task, m.parameters["base_model"]) == ("lora", "adapter", TINY)
+        assert Manifest.from_json(m.to_json()).task == "adapter"
+    spec = store.resolve("ad-two")
+    assert spec.base_model == TINY and spec.task == "adapter"
+    assert read_manifest(store.show(TINY).path).task == "chat"
+
+
+def test_adapter_changes_greedy_output(sdk):
+    """The same greedy request gives different text through an adapter than through the base."""
+    base = _complete(sdk, TINY)
+    one = _complete(sdk, "ad-one")
+    two = _complete(sdk, "ad-two")
+    assert len({base, one, two}) == 3
+    assert _complete(sdk, "ad-one") == one  # deterministic
+
+
+def test_base_and_adapters_share_one_batch(sdk, lora_server):
+    """Base and two adapters' requests run concurrently in one batch, each equal to its solo output."""
+    models = [TINY, "ad-one", "ad-two"]
+    solo = {m: _complete(sdk, m, 16) for m in models}
+    engine = lora_server.engine
+    before = engine.stats(TINY)
+    results: dict[int, str] = {}
+    barrier = threading.Barrier(6)
+
+    def go(i: int) -> None:
+        barrier.wait()
+        results[i] = _complete(sdk, models[i % 3], 16)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(results[i] == solo[models[i % 3]] for i in range(6)), (results, solo)
+    after = engine.stats(TINY)
+    assert after.batched_steps > before.batched_steps
+    assert after.max_batch >= 3
+
+
+def test_adapters_listed_with_their_base(sdk, lora_server):
+    """Loaded adapters appear in /v1/models and /admin/models with their base model."""
+    _complete(sdk, "ad-one", 2)
+    _complete(sdk, "ad-two", 2)
+    models = {m.id: m for m in sdk.models.list().data}
+    for name in ("ad-one", "ad-two"):
+        x = models[name].model_extra["xllm"]
+        assert x["loaded"] and x["details"]["base_model"] == TINY
+    headers = {"Authorization": f"Bearer {lora_server.api_key}"}
+    admin = httpx.get(lora_server.root + "/admin/models", headers=headers, timeout=30).json()["data"]
+    by_id = {m["id"]: m for m in admin}
+    assert by_id["ad-one"]["details"]["base_model"] == TINY
+    assert set(by_id[TINY]["details"]["adapters"]) >= {"ad-one", "ad-two"}
+
+
+def test_unload_adapter_keeps_base(sdk, lora_server, lora_dirs):
+    """Unloading an adapter leaves the base serving unchanged; a path-loaded adapter is then 404."""
+    base = _complete(sdk, TINY)
+    one = _complete(sdk, "ad-one")
+    lora_server.call(lora_server.engine.load_adapter(TINY, "ad-path", lora_dirs[0]))
+    assert _complete(sdk, "ad-path") == one  # the same weights, loaded from their directory
+    r = _admin(lora_server, "/admin/models/unload", {"model": "ad-path"})
+    assert r.status_code == 200 and r.json()["unloaded"] is True
+    with pytest.raises(openai.NotFoundError):
+        _complete(sdk, "ad-path")
+    assert lora_server.engine.is_loaded(TINY)
+    assert _complete(sdk, TINY) == base
+    # a stored adapter unloads the same way and loads again through the admin API
+    assert _admin(lora_server, "/admin/models/unload", {"model": "ad-one"}).json()["unloaded"] is True
+    assert not lora_server.engine.is_loaded("ad-one") and lora_server.engine.is_loaded(TINY)
+    assert _complete(sdk, TINY) == base
+    loaded = _admin(lora_server, "/admin/models/load", {"model": "ad-one"}).json()
+    assert loaded["xllm"]["loaded"] and loaded["xllm"]["details"]["base_model"] == TINY
+    assert _complete(sdk, "ad-one") == one
+
+
+def test_adapter_errors_are_client_errors(sdk, lora_server, lora_dirs, tmp_path):
+    """An adapter on a missing base or a non-adapter directory is a 4xx, and the server keeps serving."""
+    store = ModelStore(lora_server.config.store.home)
+    orphan = tmp_path / "orphan"
+    orphan.mkdir()
+    for f in lora_dirs[0].iterdir():
+        (orphan / f.name).write_bytes(f.read_bytes())
+    store.pull(str(orphan), "ad-orphan", base="no-such-base")
+    with pytest.raises(openai.BadRequestError) as err:
+        _complete(sdk, "ad-orphan")
+    assert "no-such-base" in str(err.value)
+    with pytest.raises(Exception):
+        lora_server.call(lora_server.engine.load_adapter(TINY, "ad-bad", tmp_path))
+    assert _complete(sdk, TINY)
+
+
+def test_modelfile_adapter_is_merged(sdk, lora_server, lora_dirs):
+    """`create` with FROM base + ADAPTER (a stored adapter or a path) serves base+adapter under the new name."""
+    store = ModelStore(lora_server.config.store.home)
+    one = _complete(sdk, "ad-one")
+    made = store.create("tiny-one", f"FROM {TINY}\nADAPTER ad-one\n")
+    assert made.parameters["adapter"] == "adapter" and any(f.path.startswith("adapter/") for f in made.files)
+    assert store.verify("tiny-one")
+    store.create("tiny-two", f"FROM {TINY}\nADAPTER {lora_dirs[1]}\n")
+    assert _complete(sdk, "tiny-one") == one
+    assert _complete(sdk, "tiny-two") == _complete(sdk, "ad-two")
+    assert lora_server.call(lora_server.engine.unload("tiny-one")) and lora_server.call(lora_server.engine.unload("tiny-two"))

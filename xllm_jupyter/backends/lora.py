@@ -1,0 +1,141 @@
+"""LoRA adapters on a loaded transformers model, mixed per row in one continuous batch.
+
+peft injects every adapter's A/B matrices next to the base weights once; a forward
+pass then takes ``adapter_names`` (one per batch row, ``"__base__"`` for rows without
+an adapter) and each LoRA layer adds only the matching adapter's delta to each row
+(peft's mixed-batch inference). So requests for several adapters and for the plain
+base model share one batch and one KV cache. peft is imported only when the first
+adapter is attached.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, ContextManager, Iterator, Sequence
+
+from ..core.errors import InvalidRequest
+
+#: peft's name for "no adapter on this row" in mixed-batch inference
+BASE_ROW = "__base__"
+
+
+def read_adapter_config(path: Path) -> dict[str, Any]:
+    """The adapter_config.json of a peft LoRA directory; InvalidRequest when it is not one."""
+    try:
+        data = json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise InvalidRequest("The adapter is not a peft LoRA directory (no readable adapter_config.json)",
+                             param="model") from None
+    if not isinstance(data, dict) or str(data.get("peft_type", "")).upper() != "LORA":
+        raise InvalidRequest("Only peft LoRA adapters are supported (peft_type LORA)", param="model")
+    return data
+
+
+def merge_lora(model: Any, path: Path) -> Any:
+    """``model`` with the LoRA at ``path`` merged into its weights (no per-step adapter cost)."""
+    read_adapter_config(path)
+    from peft import PeftModel
+
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=False, torch_device=str(model.device))
+        return peft_model.merge_and_unload()
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise InvalidRequest(f"The model's ADAPTER does not fit its base model ({type(exc).__name__})",
+                             param="model") from exc
+
+
+class LoraAdapters:
+    """The adapters attached to one model; ``lock`` keeps attach/detach out of a running step."""
+
+    def __init__(self, model: Any, device: Any) -> None:
+        self.model = model
+        self.device = device
+        self.lock = threading.Lock()
+        self._peft: Any = None  # the PeftModel wrapping ``model`` once an adapter was attached
+        self._keys: dict[str, str] = {}  # served name -> peft adapter name (module keys allow no dots)
+        self._seq = itertools.count(1)
+        self._rows: list[str] | None = None  # peft adapter names of the forward pass running now
+        self._hooked: set[int] = set()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._keys
+
+    def names(self) -> list[str]:
+        """Served names of the attached adapters."""
+        return list(self._keys)
+
+    def attach(self, name: str, path: Path) -> None:
+        """Load the LoRA at ``path`` as adapter ``name`` (replacing one of that name); caller holds ``lock``."""
+        read_adapter_config(path)
+        from peft import PeftModel
+
+        if name in self._keys:
+            self.detach(name)
+        key = f"xllm_lora_{next(self._seq)}"
+        try:
+            if self._peft is None:
+                self._peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=key, is_trainable=False,
+                                                       torch_device=str(self.device))
+            else:
+                self._peft.load_adapter(str(path), adapter_name=key, is_trainable=False,
+                                        torch_device=str(self.device))
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            # e.g. target modules or shapes that do not match this base model
+            raise InvalidRequest(f"The adapter '{name}' does not fit this base model ({type(exc).__name__})",
+                                 param="model") from exc
+        self.model.eval()
+        self._keys[name] = key
+        self._hook_layers()
+
+    def _hook_layers(self) -> None:
+        """Give every LoRA layer a persistent pre-forward hook that passes this pass's ``adapter_names``.
+
+        peft's own ``_enable_peft_forward_hooks`` walks every module and registers and
+        removes hooks on each forward; setting ``_rows`` once per pass costs nothing.
+        """
+        from peft.tuners.lora import LoraLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        for module in self.model.modules():
+            if isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper)) and id(module) not in self._hooked:
+                module.register_forward_pre_hook(self._inject, with_kwargs=True)
+                self._hooked.add(id(module))
+
+    def _inject(self, module: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        if self._rows is not None:
+            kwargs["adapter_names"] = self._rows
+        return args, kwargs
+
+    def detach(self, name: str) -> bool:
+        """Remove adapter ``name``; False when it is not attached. Caller holds ``lock``."""
+        key = self._keys.pop(name, None)
+        if key is None:
+            return False
+        self._peft.delete_adapter(key)
+        return True
+
+    def forward(self, rows: Sequence[str | None]) -> ContextManager:
+        """Context for one forward pass whose batch rows use adapters ``rows`` (None = base)."""
+        if not self._keys:
+            return nullcontext()
+        return self._pass([self._keys[r] if r is not None else BASE_ROW for r in rows])
+
+    @contextmanager
+    def _pass(self, names: list[str]) -> Iterator[None]:
+        self._rows = names
+        try:
+            yield
+        finally:
+            self._rows = None
+
+    def nbytes(self) -> int:
+        """Bytes of the attached adapters' LoRA weights."""
+        if self._peft is None:
+            return 0
+        keys = set(self._keys.values())
+        return sum(p.nbytes for n, p in self.model.named_parameters()
+                   if "lora_" in n and any(f".{k}." in n or n.endswith(f".{k}") for k in keys))

@@ -1,0 +1,85 @@
+"""LoRA adapters served next to their base model: naming, attach/detach and routing.
+
+An adapter is served under its own name (its store name, or the name given to
+``load_adapter``); it names the base model it applies to. The base is loaded once and
+every adapter attaches to that one loaded model, so requests for the base and for any
+of its adapters share the base's runner and continuous batch: a request for an adapter
+is routed to the base's runner with ``GenerationRequest.adapter`` set, and the backend
+applies the adapter to that request's rows only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..core.errors import InvalidRequest, ModelNotFound
+from ..core.types import GenerationRequest, ModelInfo
+
+if TYPE_CHECKING:
+    from ..backends.base import LoadedModel, ModelSpec
+    from .runner import ModelRunner
+
+
+class AdapterMixin:
+    """Engine methods for LoRA adapters; the Engine owns ``_adapters`` (adapter name -> base name)."""
+
+    _adapters: dict[str, str]
+    _runners: dict[str, "ModelRunner"]
+
+    async def load_adapter(self, base: str, name: str, path: str | Path) -> "LoadedModel":
+        """Load ``base`` if needed and attach the peft LoRA directory ``path`` to it as adapter ``name``."""
+        if name == base or name in self._runners:
+            raise InvalidRequest(f"'{name}' is already the name of a loaded model", param="model")
+        if base in self._adapters:
+            raise InvalidRequest(f"'{base}' is an adapter; an adapter applies to a base model", param="model")
+        if self._adapters.get(name, base) != base:
+            await self.unload_adapter(name)  # the same name on another base: move it
+        model = await self.load(base)  # type: ignore[attr-defined]
+        await asyncio.to_thread(model.load_adapter, name, Path(path))
+        self._adapters[name] = base
+        return model
+
+    async def _attach_spec(self, spec: "ModelSpec") -> "LoadedModel":
+        """Attach the stored adapter ``spec`` (``task == "adapter"``) to its recorded base model."""
+        if not spec.base_model:
+            raise InvalidRequest(f"The adapter '{spec.name}' does not name its base model; pull it again "
+                                 "with a base model given", param="model")
+        try:
+            return await self.load_adapter(spec.base_model, spec.name, spec.path)
+        except ModelNotFound:  # only the base can be missing here: the adapter itself resolved
+            raise InvalidRequest(f"The base model '{spec.base_model}' of adapter '{spec.name}' is not in the "
+                                 "store; pull it under that name first", param="model") from None
+
+    async def unload_adapter(self, name: str) -> bool:
+        """Detach adapter ``name`` from its base (the base stays loaded); False when it was not attached."""
+        base = self._adapters.pop(name, None)
+        runner = self._runners.get(base) if base is not None else None
+        if runner is None:
+            return False
+        return await asyncio.to_thread(runner.model.unload_adapter, name)
+
+    def adapter_base(self, name: str) -> str | None:
+        """The base model's name when ``name`` is an attached adapter, else None."""
+        return self._adapters.get(name)
+
+    def adapters_of(self, base: str) -> list[str]:
+        """Names of the adapters attached to loaded model ``base``."""
+        return [a for a, b in self._adapters.items() if b == base]
+
+    def _route(self, request: GenerationRequest) -> GenerationRequest:
+        """``request`` aimed at the base's runner when its model is an attached adapter."""
+        base = self._adapters.get(request.model)
+        if base is None:
+            return request
+        return dataclasses.replace(request, model=base, adapter=request.model)
+
+    def _adapter_info(self, name: str) -> ModelInfo:
+        base = self._adapters[name]
+        info = self._info(base)  # type: ignore[attr-defined]
+        details = {"base_model": base, "format": "lora", "task": "adapter",
+                   "running": info.details.get("running", 0), "queued": info.details.get("queued", 0),
+                   "max_batch_size": info.details.get("max_batch_size"), "mode": info.details.get("mode")}
+        return dataclasses.replace(info, name=name, details=details)
