@@ -64,15 +64,40 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    """Admin keys, per-key rate limits and fairness."""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The exact-request response cache."""
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """CORS, compression, request ids and logging at the HTTP edge."""
+
+
+@dataclass(frozen=True)
 class XllmConfig:
     """The whole resolved configuration."""
 
     server: ServerConfig = field(default_factory=ServerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
 
 
-_SECTIONS: dict[str, type] = {"server": ServerConfig, "engine": EngineConfig, "store": StoreConfig}
+_SECTIONS: dict[str, type] = {
+    "server": ServerConfig,
+    "engine": EngineConfig,
+    "store": StoreConfig,
+    "auth": AuthConfig,
+    "cache": CacheConfig,
+    "http": HttpConfig,
+}
 # Short aliases; the full XLLM_<SECTION>_<KEY> name wins when both are set.
 # XLLM_API_KEY is deliberately not an alias: it is the key *clients* send (the Jupyter
 # extension exports it to kernels), so it must never turn on auth for `xllm serve`.
