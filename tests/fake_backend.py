@@ -18,8 +18,10 @@ class FakeModel(LoadedModel):
 
     backend_name = "fake"
 
-    def __init__(self, name: str, *, step_delay: float = 0.0, context_length: int = 256, max_batch_size: int = 16):
+    def __init__(self, name: str, *, step_delay: float = 0.0, context_length: int = 256, max_batch_size: int = 16,
+                 memory_bytes: int = 0):
         self.name = name
+        self._memory_bytes = memory_bytes
         self.context_length = context_length
         self.eos_token_ids = frozenset({EOS})
         self.max_batch_size = max_batch_size
@@ -98,15 +100,20 @@ class FakeModel(LoadedModel):
     def unload(self):
         self.unloaded = True
 
+    def memory_bytes(self):
+        return self._memory_bytes
+
 
 class FakeBackend(Backend):
     """Loads FakeModels by name; remembers them for assertions."""
 
     name = "fake"
 
-    def __init__(self, **model_kwargs):
+    def __init__(self, *, load_delay: float = 0.0, **model_kwargs):
         self.model_kwargs = model_kwargs
         self.models: dict[str, FakeModel] = {}
+        self.load_delay = load_delay
+        self.loads = 0  # how many times load() ran
 
     def available(self):
         return True
@@ -115,6 +122,8 @@ class FakeBackend(Backend):
         return spec.format == "fake"
 
     def load(self, spec):
+        self.loads += 1
+        time.sleep(self.load_delay)
         model = FakeModel(spec.name, **self.model_kwargs)
         self.models[spec.name] = model
         return model
@@ -123,13 +132,14 @@ class FakeBackend(Backend):
 class FakeCatalog:
     """A catalog of fake models with fixed names."""
 
-    def __init__(self, names=("fake",)):
+    def __init__(self, names=("fake",), path: Path = Path("/nonexistent")):
         self._names = list(names)
+        self.path = path  # its files' size is the engine's pre-load memory estimate
 
     def resolve(self, name):
         if name not in self._names:
             raise ModelNotFound(name)
-        return ModelSpec(name=name, path=Path("/nonexistent"), format="fake", backend="fake")
+        return ModelSpec(name=name, path=self.path, format="fake", backend="fake")
 
     def names(self):
         return list(self._names)

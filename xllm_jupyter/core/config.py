@@ -54,6 +54,11 @@ class EngineConfig:
     dtype: str = "auto"
     torch_threads: int = 0
     default_max_tokens: int = 512
+    memory_budget_bytes: int = 0  # CPU RAM for loaded models; 0 = unlimited
+    gpu_memory_budget_bytes: int = 0  # CUDA memory for loaded models; 0 = unlimited
+    keep_alive: str = "5m"  # how long an idle model stays loaded: seconds or "5m"/"1h"; negative = forever
+    replicas: tuple[str, ...] = ()  # "name=count" entries (YAML may give a mapping)
+    idle_grace_seconds: float = 1.0  # a model used this recently is never evicted (covers tokenize -> submit)
 
 
 @dataclass(frozen=True)
@@ -67,15 +72,39 @@ class StoreConfig:
 class AuthConfig:
     """Admin keys, per-key rate limits and fairness."""
 
+    #: keys that may also call ``/admin/*`` (user keys stay in ``server.api_keys``)
+    admin_keys: tuple[str, ...] = ()
+    #: per-key request budget per minute (0 = unlimited)
+    requests_per_minute: int = 0
+    #: per-key token budget per minute, charged with actual usage (0 = unlimited)
+    tokens_per_minute: int = 0
+    #: per-key cap on requests in flight, so one key cannot fill the queue (0 = unlimited)
+    max_concurrent_per_key: int = 0
+
 
 @dataclass(frozen=True)
 class CacheConfig:
     """The exact-request response cache."""
 
+    #: off by default: a repeated deterministic request is then always generated afresh
+    enabled: bool = False
+    max_entries: int = 256
+    ttl_seconds: float = 600.0
+
 
 @dataclass(frozen=True)
 class HttpConfig:
     """CORS, compression, request ids and logging at the HTTP edge."""
+
+    cors_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    compress: bool = True
+    log_format: str = "text"
+    log_level: str = "INFO"
+    log_file: str = ""
+    log_rotate: str = "size"
+    log_max_bytes: int = 10 * 1024 * 1024
+    log_backups: int = 5
 
 
 @dataclass(frozen=True)
@@ -107,6 +136,13 @@ _ALIASES = {
     "XLLM_MODEL": ("engine", "default_model"),
 }
 
+# Keys whose string value must be one of a few words.
+_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("http", "log_format"): ("text", "json"),
+    ("http", "log_level"): ("DEBUG", "INFO", "WARNING", "ERROR"),
+    ("http", "log_rotate"): ("size", "daily"),
+}
+
 # Inclusive (low, high) bounds; None = unbounded on that side.
 _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("server", "port"): (0, 65535),
@@ -118,6 +154,16 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("engine", "max_queue"): (1, None),
     ("engine", "torch_threads"): (0, 1024),
     ("engine", "default_max_tokens"): (1, None),
+    ("engine", "memory_budget_bytes"): (0, None),
+    ("engine", "gpu_memory_budget_bytes"): (0, None),
+    ("engine", "idle_grace_seconds"): (0, None),
+    ("http", "log_max_bytes"): (1, None),
+    ("http", "log_backups"): (0, 1000),
+    ("cache", "max_entries"): (1, None),
+    ("cache", "ttl_seconds"): (0.001, None),
+    ("auth", "requests_per_minute"): (0, None),
+    ("auth", "tokens_per_minute"): (0, None),
+    ("auth", "max_concurrent_per_key"): (0, None),
 }
 
 
@@ -151,6 +197,8 @@ def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
         if origin is tuple:
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
+            if isinstance(value, dict):  # a mapping (engine.replicas) is kept as "key=value" entries
+                value = [f"{k}={v}" for k, v in value.items()]
             if not isinstance(value, (list, tuple)):
                 raise ValueError(value)
             return tuple(str(v) for v in value)
@@ -177,6 +225,9 @@ def _section_values(section: str, raw: Mapping[str, Any]) -> dict[str, Any]:
         if key not in known:
             raise ConfigError(f"Unknown config key '{section}.{key}' (known: {', '.join(sorted(known))})")
         out[key] = _coerce(section, key, value, hints[key])
+        choices = _CHOICES.get((section, key))
+        if choices and out[key] not in choices:
+            raise ConfigError(f"Invalid value for config key '{section}.{key}': must be one of {', '.join(choices)}")
     return out
 
 

@@ -101,6 +101,8 @@ class GenerationRequest:
     request_id: str = ""
     #: the LoRA adapter (its served name) attached to ``model`` that this request runs with; None = base
     adapter: str | None = None
+    #: seconds to keep the model loaded after this request; None = the model's default, negative = forever
+    keep_alive: float | None = None
 
 
 @dataclass(frozen=True)

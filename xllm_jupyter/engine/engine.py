@@ -30,6 +30,18 @@ from ..core.types import (
 )
 from .embeddings import EmbeddingHost
 from .lora import AdapterMixin
+from .manager import (
+    MemoryBudget,
+    ReplicaSet,
+    Residency,
+    ResidencyMixin,
+    device_kind,
+    disk_bytes,
+    parse_keep_alive,
+    parse_replicas,
+    reap_forever,
+    replica_stats,
+)
 from .runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -45,7 +57,7 @@ class ModelCatalog(Protocol):
         """Names of models that could be loaded."""
 
 
-class Engine(AdapterMixin):
+class Engine(AdapterMixin, ResidencyMixin):
     """One shared engine: what is loaded, and the entry point for every generation."""
 
     def __init__(
@@ -65,18 +77,35 @@ class Engine(AdapterMixin):
         self._defaults: dict[str, Mapping[str, Any]] = {}  # a created model's Modelfile defaults, by name
         self._embeddings = EmbeddingHost()  # embedding models: own threads, never in a runner
         self._adapters: dict[str, str] = {}  # LoRA adapter name -> the loaded base model it is attached to
+        c = self.config
+        self._res: dict[str, Residency] = {}  # residency facts of loaded and loading models
+        self._budget = MemoryBudget({"cpu": c.memory_budget_bytes, "cuda": c.gpu_memory_budget_bytes})
+        self._grace = c.idle_grace_seconds
+        self._default_keep_alive = parse_keep_alive(c.keep_alive, param="engine.keep_alive")
+        self._replicas = parse_replicas(c.replicas)
+        self._embed_expiry: dict[str, float | None] = {}
+        self._reaper: asyncio.Task | None = None
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
         """Start serving; preloads the models named in ``config.preload``."""
         self._started = True
+        self._start_reaper()
         for name in self.config.preload:
             await self.load_any(name)
+            self._touch(name, None)  # preloaded models stay until unloaded or evicted
+
+    def _start_reaper(self) -> None:
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(reap_forever(self))
 
     async def stop(self) -> None:
         """Cancel everything, stop every runner thread and release models."""
+        if self._reaper is not None:
+            self._reaper.cancel()
         runners = list(self._runners.values())
         self._runners.clear()
+        self._res.clear()
         await asyncio.gather(*(asyncio.to_thread(r.shutdown) for r in runners))
         await self._embeddings.stop()
         self._started = False
@@ -117,6 +146,9 @@ class Engine(AdapterMixin):
         """The loaded model ``name``, loading it on a worker thread if needed."""
         runner = self._runners.get(self._adapters.get(name, name))  # an adapter's model is its base's
         if runner is not None:
+            rec = self._res.get(self._adapters.get(name, name))
+            if rec is not None:
+                rec.last_used = time.time()
             return runner.model
         if name in self._embeddings.slots:
             raise _not_supported(name, "an embedding model: use /v1/embeddings")
@@ -133,9 +165,8 @@ class Engine(AdapterMixin):
                     pending.set_result(model)
                     return model
                 backend = self._choose_backend(spec)
-                model = await asyncio.to_thread(backend.load, spec)
-                runner = ModelRunner(model, max_batch_size=min(self.config.max_batch_size, model.max_batch_size))
-                runner.start()
+                runner = await self._load_runner(name, spec, backend)
+                model = runner.model
                 self._defaults[name] = spec.defaults
                 self._runners[name] = runner
                 pending.set_result(model)
@@ -148,17 +179,47 @@ class Engine(AdapterMixin):
             return model
         return await asyncio.shield(pending)
 
-    async def load_any(self, name: str) -> None:
-        """Load ``name`` whatever its task (chat or embedding): preload and ``/admin/models/load``."""
-        if name in self._runners or name in self._embeddings.slots or name in self._adapters:
-            return
-        spec = await asyncio.to_thread(self._resolve, name)
-        if spec.task == "embedding":
-            await self._embeddings.load(spec)
-        else:
-            await self.load(name)
+    async def _load_runner(self, name: str, spec: ModelSpec, backend: Backend) -> Any:
+        """Make room within the budget, then load ``name``'s replicas and start their threads."""
+        count = self._replicas.get(name, 1)
+        # which budget it draws on; without budgets there is nothing to decide (and no torch import)
+        device = device_kind(str(spec.options.get("device", "auto"))) if any(self._budget.budgets.values()) else "cpu"
+        needed = disk_bytes(spec.path) * count
+        await self._make_room(name, needed, device)
+        self._budget.reserved[device] = self._budget.reserved.get(device, 0) + needed
+        models: list[LoadedModel] = []
+        try:
+            for _ in range(count):
+                models.append(await asyncio.to_thread(backend.load, spec))
+        except BaseException:
+            for m in models:
+                m.unload()
+            raise
+        finally:
+            self._budget.reserved[device] -= needed
+        runners = [ModelRunner(m, max_batch_size=min(self.config.max_batch_size, m.max_batch_size)) for m in models]
+        runner = runners[0] if count == 1 else ReplicaSet(runners)
+        runner.start()
+        self._res[name] = Residency(device=device, memory_bytes=sum(m.memory_bytes() for m in models))
+        self._touch(name)
+        self._start_reaper()
+        return runner
 
-    async def embed(self, model: str, inputs: Sequence[str] | Sequence[Sequence[int]]) -> EmbeddingResult:
+    async def load_any(self, name: str, keep_alive: float | None = None) -> None:
+        """Load ``name`` whatever its task (chat or embedding): preload and ``/admin/models/load``."""
+        if name in self._embeddings.slots or name in self._adapters:
+            return
+        if name not in self._runners:
+            spec = await asyncio.to_thread(self._resolve, name)
+            if spec.task == "embedding":
+                await self._embeddings.load(spec)
+                self._expire_embedding(name, keep_alive)
+                return
+            await self.load(name)
+        self._touch(name, "default" if keep_alive is None else (None if keep_alive < 0 else keep_alive))
+
+    async def embed(self, model: str, inputs: Sequence[str] | Sequence[Sequence[int]],
+                    keep_alive: float | None = None) -> EmbeddingResult:
         """Unit-length embeddings of ``inputs`` (texts or token-id lists) with embedding model ``model``."""
         slot = self._embeddings.slots.get(model)
         if slot is None:
@@ -168,7 +229,16 @@ class Engine(AdapterMixin):
             if spec.task != "embedding":
                 raise _not_supported(model, "a chat model and cannot create embeddings")
             slot = await self._embeddings.load(spec)
-        return await self._embeddings.embed(slot, inputs)
+        result = await self._embeddings.embed(slot, inputs)
+        self._expire_embedding(model, keep_alive)
+        return result
+
+    def _expire_embedding(self, name: str, keep_alive: float | None) -> None:
+        """Embedding models stay loaded unless a request's keep_alive (>= 0) says otherwise."""
+        if keep_alive is None:
+            return
+        self._embed_expiry[name] = None if keep_alive < 0 else time.time() + keep_alive
+        self._start_reaper()
 
     def embedding_dimension(self, model: str) -> int | None:
         """The vector size of loaded embedding model ``model`` (None when it is not loaded)."""
@@ -182,6 +252,7 @@ class Engine(AdapterMixin):
         if name in self._adapters:
             return await self.unload_adapter(name)
         runner = self._runners.pop(name, None)
+        self._res.pop(name, None)
         if runner is None:
             return False
         for adapter in self.adapters_of(name):  # they go with their base
@@ -204,15 +275,20 @@ class Engine(AdapterMixin):
             return self._adapter_info(name)
         runner = self._runners.get(name)
         if runner is None:
-            return ModelInfo(name=name, created=self._created, loaded=False)
+            state = {"state": "loading"} if name in self._loading else {}
+            return ModelInfo(name=name, created=self._created, loaded=False, details=state)
         m = runner.model
         stats = runner.stats()
+        rec = self._res.get(name) or Residency()
         details = {
             **m.details(),
-            "memory_bytes": m.memory_bytes(),
+            "memory_bytes": rec.memory_bytes or m.memory_bytes(),
             "running": stats.running,
             "queued": stats.queued,
             "max_batch_size": runner.max_batch_size,
+            "state": "loaded",
+            "replicas": [dataclasses.asdict(r) for r in replica_stats(runner)],
+            **rec.public(),
         }
         return ModelInfo(
             name=name,
@@ -230,9 +306,10 @@ class Engine(AdapterMixin):
             names += [n for n in self.catalog.names() if n not in names]
         return [self._info(n) for n in names]
 
-    def loaded_models(self) -> list[ModelInfo]:
-        """Only the models in memory now."""
-        return [self._info(n) for n in list(self._runners) + list(self._adapters) + list(self._embeddings.slots)]
+    def loaded_models(self, *, include_loading: bool = False) -> list[ModelInfo]:
+        """Only the models in memory now (and, if asked, those being loaded: ``details["state"] == "loading"``)."""
+        loading = [n for n in self._loading if n not in self._runners] if include_loading else []
+        return [self._info(n) for n in list(self._runners) + list(self._adapters) + list(self._embeddings.slots) + loading]
 
     def model_info(self, name: str) -> ModelInfo:
         """One model's info; raises ModelNotFound if it is neither loaded nor loadable."""
@@ -304,12 +381,16 @@ class Engine(AdapterMixin):
         runner = self._runners.get(request.model)
         if runner is None:
             raise ModelNotFound(request.model)
+        rec = self._res[request.model]
+        rec.in_use += 1  # never evicted while this request runs
         handle = runner.submit(request, asyncio.get_running_loop())
         try:
             async for event in handle:
                 yield event
         finally:
             handle.cancel()
+            rec.in_use -= 1
+            self._finished(request.model, request.keep_alive)
 
     # ------------------------------------------------------------------- stats
     def stats(self, name: str | None = None) -> EngineStats:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 from typing import Any
 
 from jupyter_server.extension.application import ExtensionApp
@@ -35,6 +36,7 @@ class XllmApp(ExtensionApp):
     home = Unicode(None, allow_none=True, help="Model store directory (default: XLLM_HOME or the XDG data dir).").tag(config=True)
     max_batch_size = Integer(None, allow_none=True, help="Most sequences decoded together per model.").tag(config=True)
     max_body_bytes = Integer(None, allow_none=True, help="Largest accepted request body, in bytes.").tag(config=True)
+    config_file = Unicode(None, allow_none=True, help="config.yaml to read (default: XLLM_CONFIG, else <XLLM_HOME>/config.yaml).").tag(config=True)
 
     engine: Any = None
     xllm_config: XllmConfig | None = None
@@ -44,6 +46,7 @@ class XllmApp(ExtensionApp):
     def build_config(self) -> XllmConfig:
         """The core config with this app's traits applied on top."""
         return load_config(
+            Path(self.config_file).expanduser() if self.config_file else None,
             overrides={
                 "engine": {"default_model": self.default_model, "max_batch_size": self.max_batch_size},
                 "server": {"max_body_bytes": self.max_body_bytes},

@@ -14,6 +14,7 @@ import numpy as np
 from pydantic import Field
 
 from ..core.errors import InvalidRequest
+from ..engine.manager import request_keep_alive
 from .protocol import _Strict, parse_request
 
 #: most inputs one request may carry (OpenAI's limit)
@@ -28,6 +29,7 @@ class EmbeddingRequest(_Strict):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
+    keep_alive: float | str | None = None  # Ollama's: seconds or "5m"; 0 = unload after, negative = forever
 
     def check(self) -> None:
         """Shape checks the JSON types cannot express; ``inputs()`` does the rest."""
@@ -89,7 +91,7 @@ async def create_embeddings(engine: Any, body: bytes) -> dict[str, Any]:
     """``POST /v1/embeddings``: the OpenAI response dict."""
     req: EmbeddingRequest = parse_request(EmbeddingRequest, body)
     _check_dimensions(req, engine.embedding_dimension(req.model))  # before the forward when loaded
-    result = await engine.embed(req.model, req.inputs())
+    result = await engine.embed(req.model, req.inputs(), keep_alive=request_keep_alive(req.keep_alive))
     _check_dimensions(req, result.vectors.shape[1])
     vectors = shorten(result.vectors, req.dimensions)
     return {

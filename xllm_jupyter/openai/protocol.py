@@ -52,6 +52,7 @@ class _SamplingFields(_Strict):
     """Parameters shared by chat completions and legacy completions."""
 
     model: str = Field(min_length=1)
+    keep_alive: float | str | None = None  # Ollama's: seconds or "5m"; 0 = unload after, negative = forever
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
@@ -201,6 +202,7 @@ class ModelRequest(_Strict):
     """Body of the admin load/unload endpoints."""
 
     model: str = Field(min_length=1)
+    keep_alive: float | str | None = None  # load only: how long it stays loaded once idle
 
 
 # --------------------------------------------------------------------------- parsing

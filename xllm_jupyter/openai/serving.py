@@ -14,9 +14,11 @@ import uuid
 from contextlib import aclosing
 from typing import Any, AsyncIterator, Sequence
 
-from ..core.config import ServerConfig
+from ..core.config import CacheConfig, ServerConfig
 from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest
 from ..core.types import ChoiceDelta, FinishReason, GenerationDone, GenerationParams, GenerationRequest, Usage
+from ..engine.manager import request_keep_alive
+from .cache import ResponseCache
 from .model_defaults import ModelDefaults
 from .tool_calling import ToolCalling
 from .protocol import (
@@ -43,9 +45,18 @@ def _engine_failure() -> EngineError:
 class OpenAIServing:
     """The OpenAI-compatible API over one Engine, independent of any web framework."""
 
-    def __init__(self, engine: Any, config: ServerConfig | None = None):
+    def __init__(self, engine: Any, config: ServerConfig | None = None, cache: CacheConfig | None = None):
         self.engine = engine
         self.config = config or ServerConfig()
+        self.cache = ResponseCache(cache)
+
+    async def _model_identity(self, name: str) -> str:
+        """What names the weights behind ``name`` for the response cache (loads it if needed)."""
+        model = await self.engine.load(name)
+        spec = getattr(model, "spec", None)
+        digest = getattr(spec, "digest", None) or getattr(model, "digest", None)
+        # without a digest the loaded object itself stands in: a reload gets a new key
+        return f"{digest or id(model)}:{name}"
 
     # ------------------------------------------------------------------ models
     async def list_models(self) -> dict[str, Any]:
@@ -61,7 +72,7 @@ class OpenAIServing:
     def admin_models(self) -> dict[str, Any]:
         """Loaded models with backend, memory, load and batching facts."""
         data = []
-        for info in self.engine.loaded_models():
+        for info in self.engine.loaded_models(include_loading=True):
             d = info.details
             data.append(
                 {
@@ -74,6 +85,10 @@ class OpenAIServing:
                     "queued": d.get("queued", 0),
                     "max_batch_size": d.get("max_batch_size"),
                     "batch_mode": d.get("batch_mode") or d.get("mode"),
+                    "state": d.get("state", "loaded"),
+                    "replicas": len(d.get("replicas") or [None]),
+                    "last_used": d.get("last_used"),
+                    "expires_at": d.get("expires_at"),
                     "details": d,
                 }
             )
@@ -82,7 +97,7 @@ class OpenAIServing:
     async def admin_load(self, body: bytes) -> dict[str, Any]:
         """Load a model now (waits until it is in memory)."""
         req: ModelRequest = parse_request(ModelRequest, body)
-        await self.engine.load_any(req.model)  # chat or embedding model
+        await self.engine.load_any(req.model, request_keep_alive(req.keep_alive))  # chat or embedding model
         return model_object(self.engine.model_info(req.model))
 
     async def admin_unload(self, body: bytes) -> dict[str, Any]:
@@ -125,6 +140,9 @@ class OpenAIServing:
     # -------------------------------------------------------- chat completions
     async def chat_completion(self, body: bytes) -> dict[str, Any] | AsyncIterator[Chunk]:
         """``POST /v1/chat/completions``: a response dict, or chunks when ``stream`` is true."""
+        return await self.cache.serve("chat", body, self._chat_completion, self._model_identity)
+
+    async def _chat_completion(self, body: bytes) -> dict[str, Any] | AsyncIterator[Chunk]:
         req: ChatCompletionRequest = parse_request(ChatCompletionRequest, body)
         n = req.n or 1
         self._check_n(n)
@@ -155,7 +173,8 @@ class OpenAIServing:
             top_logprobs=req.top_logprobs or 0,
             constraint=constraint,
         )
-        gen = GenerationRequest(model=req.model, prompt_ids=tuple(prompt), params=params, request_id=rid)
+        gen = GenerationRequest(model=req.model, prompt_ids=tuple(prompt), params=params, request_id=rid,
+                                keep_alive=request_keep_alive(req.keep_alive))
         self._validate(gen, "messages")
         created = int(time.time())
         if req.stream:
@@ -251,6 +270,9 @@ class OpenAIServing:
     # ------------------------------------------------------ legacy completions
     async def completion(self, body: bytes) -> dict[str, Any] | AsyncIterator[Chunk]:
         """``POST /v1/completions``: a response dict, or chunks when ``stream`` is true."""
+        return await self.cache.serve("completions", body, self._completion, self._model_identity)
+
+    async def _completion(self, body: bytes) -> dict[str, Any] | AsyncIterator[Chunk]:
         req: CompletionRequest = parse_request(CompletionRequest, body)
         n = req.n or 1
         prompts = req.prompts()
@@ -282,7 +304,8 @@ class OpenAIServing:
                 logprobs=req.logprobs is not None,
                 top_logprobs=req.logprobs or 0,
             )
-            gen = GenerationRequest(model=req.model, prompt_ids=tuple(ids), params=params, request_id=rid)
+            gen = GenerationRequest(model=req.model, prompt_ids=tuple(ids), params=params, request_id=rid,
+                                    keep_alive=request_keep_alive(req.keep_alive))
             self._validate(gen, "prompt")
             gens.append(gen)
         created = int(time.time())

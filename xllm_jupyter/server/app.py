@@ -8,19 +8,28 @@ import tornado.web
 
 from ..core.config import XllmConfig
 from .auth import AUTH_KEY, ApiKeyAuth, ApiKeyHandler, PublicApiKeyHandler
+from .edge import XllmApplication, edge_settings, edge_transforms
 from .handlers import CONTEXT_KEY, NotFoundMixin, XllmContext
+from .limits import LIMITS_KEY, Limiter
 from .routes import build_routes, handler_class
 
 
 def make_app(config: XllmConfig, engine: Any, *, prefix: str = "") -> tornado.web.Application:
-    """A Tornado app serving ``engine`` under ``prefix`` with ``config.server.api_keys``."""
-    auth = ApiKeyAuth(config.server.api_keys)
+    """A Tornado app serving ``engine`` under ``prefix`` with user and admin keys and per-key limits."""
+    auth = ApiKeyAuth(config.server.api_keys, config.auth.admin_keys)
+    context = XllmContext(engine, config)
+    context.limiter = Limiter(config.auth)  # per-key limits; metrics read context.limiter.rejections
+    context.limiter.listeners.append(context.metrics.record_rate_limited)
     settings: dict[str, Any] = {
-        CONTEXT_KEY: XllmContext(engine, config),
+        CONTEXT_KEY: context,
         AUTH_KEY: auth,
+        LIMITS_KEY: context.limiter,
         "default_handler_class": handler_class(NotFoundMixin, ApiKeyHandler),
         # Keyless mode trusts anything on loopback, so a web page in the user's browser
         # must not be able to POST to it: refuse cross-origin browser requests.
         "cross_origin_protection": not auth.enabled,
     }
-    return tornado.web.Application(build_routes(prefix, ApiKeyHandler, PublicApiKeyHandler), **settings)
+    settings.update(edge_settings(config, any_host_ok=auth.enabled))  # Host/CORS policy, access log
+    app = XllmApplication(build_routes(prefix, ApiKeyHandler, PublicApiKeyHandler), **settings)
+    app.transforms.extend(edge_transforms(config))  # gzip for JSON (never SSE), request-id/CORS headers
+    return app

@@ -5,6 +5,11 @@ against every configured digest, so neither the key nor its position leaks throu
 timing. With no key configured the server is loopback-only (see ``standalone.py``),
 and requests must carry a loopback ``Host`` so a web page cannot reach it through DNS
 rebinding.
+
+Keys have roles: ``server.api_keys`` are user keys, ``auth.admin_keys`` admin keys;
+once admin keys exist only they may call ``/admin/*`` (403 ``permission_error``
+otherwise); with no admin key configured user keys keep admin rights. In keyless
+loopback mode the local caller may do everything.
 """
 
 from __future__ import annotations
@@ -12,11 +17,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 from tornado.web import RequestHandler
 
 from ..core.errors import AuthenticationError, PermissionDenied
+from .limits import LIMITS_KEY, Limiter
 
 #: the settings key holding the ApiKeyAuth
 AUTH_KEY = "xllm_auth"
@@ -42,47 +49,111 @@ def _host_name(host_header: str) -> str:
     return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
 
 
-class ApiKeyAuth:
-    """Checks ``Authorization: Bearer <key>`` against hashed keys."""
+#: roles a key can have; "admin" can call every route, "user" everything but ``/admin/*``
+USER, ADMIN = "user", "admin"
 
-    def __init__(self, keys: Iterable[str] = ()):
-        self._digests = tuple(hashlib.sha256(k.encode("utf-8")).digest() for k in keys if k)
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a role and a key id safe to log (a digest prefix, never the key)."""
+
+    role: str
+    key_id: str
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+def key_id(key: str) -> str:
+    """A stable, non-secret label for a key (for limits, logs and metrics)."""
+    return "key-" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:12]
+
+
+class ApiKeyAuth:
+    """Checks ``Authorization: Bearer <key>`` against hashed user and admin keys."""
+
+    def __init__(self, keys: Iterable[str] = (), admin_keys: Iterable[str] = ()):
+        admin = tuple(_digest(k) for k in admin_keys if k)
+        # Until admin keys are configured, user keys keep admin rights (as before roles
+        # existed), else nobody could reach /admin/*. A key listed in both is an admin key.
+        user_role = USER if admin else ADMIN
+        self._entries = tuple((d, ADMIN) for d in admin) + tuple((_digest(k), user_role) for k in keys if k and _digest(k) not in admin)
 
     @property
     def enabled(self) -> bool:
-        """True when at least one key is configured."""
-        return bool(self._digests)
+        """True when at least one key (user or admin) is configured."""
+        return bool(self._entries)
+
+    def identify(self, authorization: str | None) -> Principal | None:
+        """The caller the header names, or None when it carries no configured key."""
+        if not authorization:
+            return None
+        scheme, _, key = authorization.strip().partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:
+            return None
+        digest = _digest(key)
+        role = None
+        for ref, ref_role in self._entries:  # no early exit: the time taken does not depend on which key matched
+            if hmac.compare_digest(digest, ref):
+                role = role or ref_role
+        return Principal(role, key_id(key)) if role else None
 
     def check(self, authorization: str | None) -> bool:
         """True when the header carries a configured key (always True when auth is off)."""
-        if not self._digests:
-            return True
-        if not authorization:
-            return False
-        scheme, _, key = authorization.strip().partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            return False
-        digest = hashlib.sha256(key.strip().encode("utf-8")).digest()
-        ok = False
-        for ref in self._digests:  # no early exit: the time taken does not depend on which key matched
-            ok |= hmac.compare_digest(digest, ref)
-        return ok
+        return not self._entries or self.identify(authorization) is not None
 
 
 class ApiKeyHandler(RequestHandler):
     """Auth base for the standalone server: API key, or loopback-only when none is set."""
 
     auth_required = True
+    #: set on the handlers of ``/admin/*`` routes by ``routes.build_routes``
+    admin_only = False
+    #: the admitted caller's key id while its request holds a concurrency slot
+    xllm_key_id: str | None = None
+    _limited = False
 
     async def prepare(self) -> None:
-        """Authenticate before the body is read."""
+        """Authenticate, authorize and admit (rate limits) before the body is read."""
         auth: ApiKeyAuth = self.settings[AUTH_KEY]
         if not auth.enabled:
             if not is_loopback(_host_name(self.request.host or "")):
                 raise PermissionDenied("Without an API key this server only answers requests addressed to localhost.")
+            # keyless loopback mode: the local user may do everything, as one anonymous caller
+            principal = Principal(ADMIN, "anonymous")
+        elif not self.auth_required:
             return
-        if self.auth_required and not auth.check(self.request.headers.get("Authorization")):
-            raise AuthenticationError("Incorrect or missing API key. Pass it as 'Authorization: Bearer <key>'.")
+        else:
+            found = auth.identify(self.request.headers.get("Authorization"))
+            if found is None:
+                raise AuthenticationError("Incorrect or missing API key. Pass it as 'Authorization: Bearer <key>'.")
+            principal = found
+        if self.admin_only and principal.role != ADMIN:
+            raise PermissionDenied("This API key may not call admin endpoints; use an admin key (auth.admin_keys).")
+        if not self.auth_required:
+            return
+        self.xllm_key_id = principal.key_id
+        limiter: Limiter | None = self.settings.get(LIMITS_KEY)
+        if limiter is not None and limiter.enabled:
+            limiter.admit(principal.key_id)
+            self._limited = True
+
+    def _release(self) -> None:
+        if self._limited:
+            self._limited = False
+            self.settings[LIMITS_KEY].release(self.xllm_key_id)
+
+    def on_finish(self) -> None:
+        """Give the key's concurrency slot back."""
+        self._release()
+        super().on_finish()
+
+    def on_connection_close(self) -> None:
+        """The client left: its slot is free even if the generation takes a step to unwind."""
+        self._release()
+        super().on_connection_close()
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
         """Dispatch to the route mixin."""

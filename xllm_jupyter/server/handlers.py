@@ -9,6 +9,7 @@ knows how the caller was authenticated.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, AsyncIterator, Awaitable
 
 from ..core.config import XllmConfig
@@ -16,6 +17,8 @@ from ..core.errors import InvalidRequest, NotFound, PayloadTooLarge
 from ..openai.responses import ResponsesServing
 from ..openai.serving import OpenAIServing
 from .errors import error_response, log_error
+from .limits import charge_response, metered
+from .metrics import ServerMetrics
 from .sse import SSE_HEADERS, EventStreamWriter, dumps
 
 #: key of the XllmContext in the Tornado application settings
@@ -28,8 +31,12 @@ class XllmContext:
     def __init__(self, engine: Any, config: XllmConfig):
         self.engine = engine
         self.config = config
-        self.serving = OpenAIServing(engine, config.server)
+        self.serving = OpenAIServing(engine, config.server, config.cache)
+        self.metrics = ServerMetrics(engine, self.serving.cache)
+        self.serving.engine = self.metrics.observed(engine)  # counts tokens and loads
         self.responses = ResponsesServing(self.serving)
+        #: the standalone server's per-key Limiter (server/limits.py); None in Jupyter
+        self.limiter: Any = None
 
 
 class RequestMixin:
@@ -41,11 +48,25 @@ class RequestMixin:
     _work_task: asyncio.Task | None = None
     _client_gone = False
     _dispatched = False
+    #: the metrics label for this route (routes.py sets it to the route's path)
+    route = "other"
 
     async def dispatch(self, method: str, *args: Any, **kwargs: Any) -> None:
         """Run the route's ``handle_<method>``; auth bases call this from get/post."""
         self._dispatched = True  # Tornado has read the whole body by now
-        await getattr(self, "handle_" + method)(*args, **kwargs)
+        gauge = self.xllm.metrics.in_flight
+        gauge.inc()
+        try:
+            await getattr(self, "handle_" + method)(*args, **kwargs)
+        finally:
+            gauge.dec()
+
+    def on_finish(self) -> None:
+        """Count every finished request, refused ones included, by route and status."""
+        super().on_finish()  # type: ignore[misc]
+        context = self.settings.get(CONTEXT_KEY)  # type: ignore[attr-defined]
+        if context is not None:
+            context.metrics.record_request(self.route, self.get_status())  # type: ignore[attr-defined]
 
     def data_received(self, chunk: bytes) -> None:
         """Bodies on body-less routes are read and dropped."""
@@ -114,13 +135,17 @@ class RequestMixin:
 
     async def respond(self, work: Awaitable[dict[str, Any] | AsyncIterator[dict[str, Any]]], **writer_options: Any) -> None:
         """Run a serving call; write its dict as JSON or stream its chunks as SSE."""
+        start = time.perf_counter()
         ok, result = await self._cancellable(work)
         if not ok:
             return
+        metrics = self.xllm.metrics
         if isinstance(result, dict):
+            charge_response(self, result)
             self.write_json(result)
         else:
-            await self.stream_events(result, **writer_options)
+            await self.stream_events(metrics.timed_stream(self.route, metered(self, result), start), **writer_options)
+        metrics.observe_duration(self.route, time.perf_counter() - start)
 
     async def stream_events(self, stream: AsyncIterator[dict[str, Any]], **writer_options: Any) -> None:
         """Write chunks as server-sent events; errors after the start become an error event.

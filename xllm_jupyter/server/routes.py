@@ -23,9 +23,17 @@ from .handlers import (
     ModelsMixin,
     NotFoundMixin,
 )
+from .ops import MetricsMixin, ReadyMixin
 from .responses import ResponseInputItemsMixin, ResponseMixin, ResponsesMixin
 
-#: (path under the prefix, request-logic mixin, public?) — only /health is public
+#: the only paths served without credentials; every other route authenticates (and
+#: tests/test_auth_limits.py walks ROUTES to prove it). The public? column of ROUTES
+#: must agree with this set.
+PUBLIC_PATHS: frozenset[str] = frozenset({r"/health", r"/health/ready"})
+#: routes under this path need an admin key (auth.admin_keys) on the standalone server
+ADMIN_PREFIX = "/admin/"
+
+#: (path under the prefix, request-logic mixin, public?) — only PUBLIC_PATHS are public
 ROUTES: tuple[tuple[str, type, bool], ...] = (
     (r"/v1/models", ModelsMixin, False),
     # model ids may contain ':', '.', '-' and even '/' (HF-style names)
@@ -40,6 +48,8 @@ ROUTES: tuple[tuple[str, type, bool], ...] = (
     (r"/admin/models/load", AdminLoadMixin, False),
     (r"/admin/models/unload", AdminUnloadMixin, False),
     (r"/health", HealthMixin, True),
+    (r"/health/ready", ReadyMixin, True),
+    (r"/metrics", MetricsMixin, False),
 )
 
 
@@ -57,7 +67,10 @@ def build_routes(prefix: str, base: type[RequestHandler], public_base: type[Requ
     """``[(pattern, handler, kwargs)]`` for every route under ``prefix``, ending in a 404 catch-all."""
     p = re.escape(prefix.rstrip("/"))
     routes: list[tuple[str, type, dict[str, Any]]] = []
-    for path, mixin, public in ROUTES:
-        routes.append((p + path, handler_class(mixin, public_base if public else base), {}))
+    for path, mixin, _ in ROUTES:
+        handler = handler_class(mixin, public_base if path in PUBLIC_PATHS else base)
+        handler.admin_only = path.startswith(ADMIN_PREFIX)  # type: ignore[attr-defined]
+        handler.route = path  # type: ignore[attr-defined]  # the metrics label
+        routes.append((p + path, handler, {}))
     routes.append((p + r"/(.*)", handler_class(NotFoundMixin, base), {}))
     return routes

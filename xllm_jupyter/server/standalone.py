@@ -45,7 +45,7 @@ class RunningServer:
 def listen_host(config: XllmConfig, host: str | None = None) -> str:
     """The address to bind: without API keys only loopback is allowed."""
     host = config.server.host if host is None else host
-    if not config.server.api_keys and not is_loopback(host):
+    if not (config.server.api_keys or config.auth.admin_keys) and not is_loopback(host):
         log.warning(
             "No API key is configured, so xllm will not listen on %r: listening on 127.0.0.1 only. "
             "Set XLLM_API_KEYS (or server.api_keys in config.yaml) to serve other hosts.",
@@ -71,7 +71,7 @@ async def start_server(config: XllmConfig, engine: Any, *, host: str | None = No
     server.add_sockets(sockets)
     bound = sockets[0].getsockname()[1]
     url = f"http://{_url_host(host)}:{bound}"
-    return RunningServer(host=host, port=bound, url=url, http_server=server, auth_enabled=bool(config.server.api_keys))
+    return RunningServer(host=host, port=bound, url=url, http_server=server, auth_enabled=bool(config.server.api_keys or config.auth.admin_keys))
 
 
 async def _preload(engine: Any, names: Sequence[str], required: bool) -> None:
@@ -122,6 +122,7 @@ async def run_server(config: XllmConfig, models: Sequence[str] = ()) -> None:
 
 def serve(config: XllmConfig, models: list[str]) -> None:
     """Serve until interrupted (the CLI's `xllm serve`); ``models`` are loaded at start."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .logging_setup import setup_logging
+
+    setup_logging(config.http)  # http.log_format/log_file/rotation; request ids on every line
     asyncio.run(run_server(config, models))

@@ -1,0 +1,257 @@
+"""Key roles, the public allowlist and per-key limits, through real standalone servers."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from typing import Any, Iterator
+
+import httpx
+import openai
+import pytest
+
+from tests.server_fixtures import TINY, make_test_config, running_server
+from xllm_jupyter.core.config import AuthConfig, load_config
+from xllm_jupyter.core.errors import RateLimited
+from xllm_jupyter.server.auth import ApiKeyAuth
+from xllm_jupyter.server.limits import Limiter, TokenBucket
+from xllm_jupyter.server.routes import PUBLIC_PATHS, ROUTES
+
+USER = "sk-user-one"
+OTHER = "sk-user-two"
+ADMIN = "sk-admin-key"
+MSG = [{"role": "user", "content": "Hi"}]
+RPM = 4
+
+
+def _config(home: Any, auth: AuthConfig, users: tuple[str, ...], **engine: Any) -> Any:
+    cfg = make_test_config(home, api_keys=users)
+    return dataclasses.replace(cfg, auth=auth, engine=dataclasses.replace(cfg.engine, **engine))
+
+
+@pytest.fixture(scope="module")
+def roles_server(xllm_home, tiny_catalog) -> Iterator[Any]:
+    """User keys, an admin key, and a small requests-per-minute budget."""
+    auth = AuthConfig(admin_keys=(ADMIN,), requests_per_minute=RPM)
+    with running_server(_config(xllm_home, auth, (USER, OTHER, "sk-flood", "sk-sdk")), tiny_catalog, TINY) as info:
+        yield info
+
+
+@pytest.fixture(scope="module")
+def fair_server(xllm_home, tiny_catalog) -> Iterator[Any]:
+    """One request in flight per key, a queue of two, and a token budget."""
+    auth = AuthConfig(max_concurrent_per_key=1, tokens_per_minute=200)
+    keys = ("sk-x", "sk-y", "sk-z", "sk-tok", "sk-tok-stream")
+    with running_server(_config(xllm_home, auth, keys, max_queue=2), tiny_catalog, TINY) as info:
+        yield info
+
+
+def _concrete(path: str) -> str:
+    """A URL matching a route pattern: every named group becomes ``x``."""
+    return re.sub(r"\(\?P<\w+>[^)]*\)", "x", path)
+
+
+def _calls() -> list[tuple[str, str]]:
+    """(method, path) for every method of every route in the table."""
+    out = []
+    for path, mixin, _ in ROUTES:
+        for method in mixin.SUPPORTED_METHODS:
+            out.append((method, path))
+    return out
+
+
+def _send(root: str, method: str, path: str, key: str | None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    body = {"json": {}} if method == "POST" else {}
+    return httpx.request(method, root + _concrete(path), headers=headers, timeout=30, **body)
+
+
+# ----------------------------------------------------------------- roles and the allowlist
+def test_every_route_outside_the_allowlist_refuses_a_request_without_credentials(roles_server):
+    assert {p for p, _, public in ROUTES if public} <= PUBLIC_PATHS  # the column agrees with the allowlist
+    checked = 0
+    for method, path in _calls() + [("GET", "/no/such/route"), ("POST", "/v1/no-such")]:
+        r = _send(roles_server.root, method, path, None)
+        if path in PUBLIC_PATHS:
+            assert r.status_code == 200, (method, path)
+            continue
+        assert r.status_code == 401, (method, path, r.status_code)
+        assert r.json()["error"]["code"] == "invalid_api_key"
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+        checked += 1
+    assert checked >= 10
+
+
+def test_user_key_gets_403_on_every_admin_route_and_admin_key_is_served(roles_server):
+    admin_calls = [(m, p) for m, p in _calls() if p.startswith("/admin/")]
+    assert len(admin_calls) >= 3
+    for method, path in admin_calls:
+        r = _send(roles_server.root, method, path, OTHER)
+        assert r.status_code == 403, (method, path)
+        err = r.json()["error"]
+        assert err["type"] == "permission_error" and "admin" in err["message"]
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    with httpx.Client(base_url=roles_server.root, headers=headers, timeout=60) as c:
+        assert c.get("/admin/models").status_code == 200
+        assert c.post("/admin/models/unload", json={"model": "no-such-model"}).status_code == 404  # past auth
+        assert c.post("/admin/models/load", json={}).status_code == 400  # past auth, to body validation
+        assert c.get("/v1/models").status_code == 200  # admin keys may call user routes too
+
+
+def test_only_admin_keys_still_need_a_key_and_keys_live_as_digests():
+    auth = ApiKeyAuth((), (ADMIN,))
+    assert auth.enabled and not auth.check(None) and not auth.check("Bearer wrong")
+    assert auth.identify(f"Bearer {ADMIN}").role == "admin"
+    assert ADMIN not in repr(vars(auth)) and ADMIN not in auth.identify(f"Bearer {ADMIN}").key_id
+    assert ApiKeyAuth((USER,)).identify(f"Bearer {USER}").role == "admin"  # no admin keys: user keys keep admin rights
+    both = ApiKeyAuth((USER, ADMIN), (ADMIN,))
+    assert both.identify(f"Bearer {USER}").role == "user" and both.identify(f"Bearer {ADMIN}").role == "admin"
+
+
+def test_auth_config_from_the_environment(tmp_path):
+    env = {"XLLM_HOME": str(tmp_path), "XLLM_AUTH_ADMIN_KEYS": "a1, a2", "XLLM_AUTH_REQUESTS_PER_MINUTE": "30"}
+    cfg = load_config(env=env)
+    assert cfg.auth.admin_keys == ("a1", "a2") and cfg.auth.requests_per_minute == 30
+    assert cfg.auth.tokens_per_minute == 0 and cfg.auth.max_concurrent_per_key == 0
+
+
+# ----------------------------------------------------------------------- rate limits
+def test_requests_per_minute_gives_429_with_retry_after_while_another_key_is_served(roles_server):
+    flood = {"Authorization": "Bearer sk-flood"}
+    with httpx.Client(base_url=roles_server.base_url, timeout=30) as c:
+        codes = [c.get("/models", headers=flood).status_code for _ in range(RPM)]
+        assert codes == [200] * RPM
+        r = c.get("/models", headers=flood)
+        assert r.status_code == 429
+        assert int(r.headers["Retry-After"]) >= 1
+        err = r.json()["error"]
+        assert err["type"] == "rate_limit_error" and err["code"] == "rate_limit_exceeded"
+        assert c.get("/models", headers={"Authorization": f"Bearer {USER}"}).status_code == 200
+
+
+def test_rejections_are_counted_and_reported_to_listeners():
+    seen: list[tuple[str, str]] = []
+    limiter = Limiter(AuthConfig(requests_per_minute=1, max_concurrent_per_key=1))
+    limiter.listeners.append(lambda key, reason: seen.append((key, reason)))
+    limiter.listeners.append(lambda key, reason: 1 / 0)  # a broken hook does not break limiting
+    limiter.admit("k1")
+    with pytest.raises(RateLimited):
+        limiter.admit("k1")  # one in flight already
+    limiter.release("k1")
+    with pytest.raises(RateLimited) as info:
+        limiter.admit("k1")  # the minute's single request is spent
+    assert info.value.retry_after >= 1
+    limiter.admit("k2")
+    assert limiter.rejections == {("k1", "concurrency"): 1, ("k1", "requests"): 1}
+    assert seen == [("k1", "concurrency"), ("k1", "requests")]
+    assert limiter.in_flight("k2") == 1 and limiter.in_flight("k1") == 0
+
+
+def test_openai_sdk_sees_rate_limit_error(roles_server):
+    with openai.OpenAI(base_url=roles_server.base_url, api_key="sk-sdk", max_retries=0, timeout=30) as c:
+        for _ in range(RPM):
+            c.models.list()
+        with pytest.raises(openai.RateLimitError) as info:
+            c.models.list()
+    assert info.value.status_code == 429 and int(info.value.response.headers["Retry-After"]) >= 1
+
+
+def test_token_bucket_refills_and_may_go_into_debt():
+    now = [0.0]
+    bucket = TokenBucket(60, clock=lambda: now[0])
+    bucket.take(90)
+    assert bucket.wait_for(1) == pytest.approx(31.0)
+    now[0] = 31.0
+    assert bucket.wait_for(1) == 0.0
+    now[0] = 1000.0
+    assert bucket.level <= 60 and bucket.wait_for(60) == 0.0
+
+
+# ------------------------------------------------------------------ fairness and queue
+def _stream_open(c: httpx.Client, root: str, key: str) -> Any:
+    """Start a long streamed completion for ``key`` and return once it is generating."""
+    body = {"model": TINY, "messages": MSG, "max_tokens": 1900, "stream": True, "ignore_eos": True}
+    cm = c.stream("POST", root + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+    r = cm.__enter__()
+    assert r.status_code == 200
+    lines = r.iter_lines()
+    while not next(lines).startswith("data: "):
+        pass
+    cm.lines = lines  # dropping the line iterator would close the stream
+    return cm
+
+
+def _chat(root: str, key: str, max_tokens: int = 2, **extra: Any) -> httpx.Response:
+    body = {"model": TINY, "messages": MSG, "max_tokens": max_tokens, **extra}
+    return httpx.post(root + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+
+def _wait_idle(engine: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = engine.stats()
+        if s.running == 0 and s.queued == 0:
+            return
+        time.sleep(0.02)
+    raise AssertionError(engine.stats())
+
+
+def test_concurrency_cap_refuses_the_flooding_key_while_another_key_succeeds(fair_server):
+    _wait_idle(fair_server.engine)
+    with httpx.Client(timeout=60) as c:
+        held = _stream_open(c, fair_server.root, "sk-x")
+        try:
+            r = _chat(fair_server.root, "sk-x")
+            assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+            assert "concurrent" in r.json()["error"]["message"]
+            ok = _chat(fair_server.root, "sk-y")
+            assert ok.status_code == 200, ok.text
+        finally:
+            held.__exit__(None, None, None)
+    _wait_idle(fair_server.engine)
+    deadline = time.monotonic() + 5
+    while _chat(fair_server.root, "sk-x").status_code != 200:  # the slot came back when the stream closed
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_full_queue_is_503_through_http(fair_server):
+    _wait_idle(fair_server.engine)
+    with httpx.Client(timeout=60) as c:
+        first = _stream_open(c, fair_server.root, "sk-x")
+        try:
+            with httpx.Client(timeout=60) as c2:
+                second = _stream_open(c2, fair_server.root, "sk-y")
+                try:
+                    r = _chat(fair_server.root, "sk-z")
+                    assert r.status_code == 503, r.text
+                    assert r.json()["error"]["code"] == "overloaded"
+                finally:
+                    second.__exit__(None, None, None)
+        finally:
+            first.__exit__(None, None, None)
+    _wait_idle(fair_server.engine)
+    assert _chat(fair_server.root, "sk-z").status_code == 200
+
+
+def test_tokens_per_minute_charges_actual_usage(fair_server):
+    _wait_idle(fair_server.engine)
+    r = _chat(fair_server.root, "sk-tok", max_tokens=250, ignore_eos=True)
+    assert r.status_code == 200 and r.json()["usage"]["total_tokens"] > 200
+    refused = _chat(fair_server.root, "sk-tok")
+    assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+    assert "Token rate limit" in refused.json()["error"]["message"]
+    assert _chat(fair_server.root, "sk-y").status_code == 200  # another key's budget is untouched
+
+
+def test_tokens_per_minute_charges_streams_too(fair_server):
+    _wait_idle(fair_server.engine)
+    body = {"model": TINY, "messages": MSG, "max_tokens": 250, "ignore_eos": True, "stream": True}
+    headers = {"Authorization": "Bearer sk-tok-stream"}
+    with httpx.stream("POST", fair_server.base_url + "/chat/completions", json=body, headers=headers, timeout=60) as r:
+        assert r.status_code == 200
+        assert sum(1 for line in r.iter_lines() if line.startswith("data: ")) > 200
+    # no usage chunk was asked for, so the stream was charged one token per chunk
+    refused = _chat(fair_server.root, "sk-tok-stream")
+    assert refused.status_code == 429 and "Token rate limit" in refused.json()["error"]["message"]

@@ -1,0 +1,196 @@
+"""/metrics, /health/ready and the response cache, through real servers and real tiny models."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.server_fixtures import TINY, make_test_config, running_server
+from xllm_jupyter.core.config import CacheConfig
+
+CHAT = {"model": TINY, "messages": [{"role": "user", "content": "Say something."}], "max_tokens": 6}
+
+
+def _http(server: Any) -> httpx.Client:
+    return httpx.Client(base_url=server.root, headers={"Authorization": f"Bearer {server.api_key}"}, timeout=120)
+
+
+def scrape(http: httpx.Client) -> dict[tuple[str, tuple], float]:
+    """Every sample of ``/metrics`` as ``{(name, sorted labels): value}``."""
+    r = http.get("/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    out: dict[tuple[str, tuple], float] = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    """One sample's value, 0 when absent (a labelled counter appears on first use)."""
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.fixture(scope="module")
+def cached_server(xllm_home, tiny_catalog) -> Iterator[Any]:
+    """A server of its own with the response cache on (long keepalive: no comments in streams)."""
+    config = dataclasses.replace(make_test_config(xllm_home, keepalive_seconds=60), cache=CacheConfig(enabled=True, max_entries=8))
+    with running_server(config, tiny_catalog, TINY) as info:
+        yield info
+
+
+# -------------------------------------------------------------------- metrics
+def test_metrics_move_as_requests_run(xllm_server):
+    with _http(xllm_server) as http:
+        before = scrape(http)
+        r = http.post("/v1/chat/completions", json={**CHAT, "temperature": 0})
+        assert r.status_code == 200
+        usage = r.json()["usage"]
+        with http.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True, "max_tokens": 4, "ignore_eos": True}) as s:
+            assert s.status_code == 200
+            s.read()
+        assert http.post("/v1/chat/completions", json={"model": TINY}).status_code == 400
+        after = scrape(http)
+    route = "/v1/chat/completions"
+    assert value(after, "xllm_requests_total", endpoint=route, status="200") - value(before, "xllm_requests_total", endpoint=route, status="200") == 2
+    assert value(after, "xllm_requests_total", endpoint=route, status="400") - value(before, "xllm_requests_total", endpoint=route, status="400") == 1
+    # the first scrape itself was counted once it finished
+    assert value(after, "xllm_requests_total", endpoint="/metrics", status="200") >= 1
+    prompt = value(after, "xllm_prompt_tokens_total", model=TINY) - value(before, "xllm_prompt_tokens_total", model=TINY)
+    generated = value(after, "xllm_generation_tokens_total", model=TINY) - value(before, "xllm_generation_tokens_total", model=TINY)
+    assert prompt >= 2 * usage["prompt_tokens"]
+    assert generated == usage["completion_tokens"] + 4
+    ttft = "xllm_time_to_first_token_seconds_count"
+    assert value(after, ttft, endpoint=route) - value(before, ttft, endpoint=route) == 1
+    itl = "xllm_inter_token_latency_seconds_count"
+    assert value(after, itl, endpoint=route) - value(before, itl, endpoint=route) >= 1
+    e2e = "xllm_request_duration_seconds_count"
+    assert value(after, e2e, endpoint=route) - value(before, e2e, endpoint=route) == 2
+    # no backend reports cached prompt tokens yet: every generation is a prefix-cache miss
+    misses = value(after, "xllm_prefix_cache_misses_total", model=TINY) - value(before, "xllm_prefix_cache_misses_total", model=TINY)
+    assert misses == 2
+    assert value(after, "xllm_requests_in_flight") == 1  # the scrape itself
+    assert value(after, "xllm_requests_queued") == 0
+    assert value(after, "xllm_model_memory_bytes", model=TINY) > 0
+    assert value(after, "xllm_model_loads_total", model=TINY) == 1
+
+
+def test_metrics_need_the_key(xllm_server):
+    r = httpx.get(xllm_server.root + "/metrics", timeout=30)
+    assert r.status_code == 401
+    assert r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_servers_do_not_share_metrics(xllm_server, cached_server):
+    with _http(cached_server) as http:
+        before = scrape(http)
+    with _http(xllm_server) as http:
+        assert http.post("/v1/completions", json={"model": TINY, "prompt": "Hi", "max_tokens": 2}).status_code == 200
+    with _http(cached_server) as http:
+        after = scrape(http)
+    key = ("xllm_requests_total", (("endpoint", "/v1/completions"), ("status", "200")))
+    assert after.get(key) == before.get(key)
+
+
+# --------------------------------------------------------------------- health
+def test_ready_and_live_without_a_key(xllm_server):
+    ready = httpx.get(xllm_server.root + "/health/ready", timeout=30)
+    assert ready.status_code == 200
+    assert ready.json()["status"] == "ready"
+    assert TINY in ready.json()["models"]
+    assert httpx.get(xllm_server.root + "/health", timeout=30).status_code == 200
+
+
+def test_ready_turns_503_when_an_engine_thread_dies(xllm_home, tiny_catalog):
+    with running_server(make_test_config(xllm_home), tiny_catalog, TINY) as server:
+        url = server.root + "/health/ready"
+        assert httpx.get(url, timeout=30).status_code == 200
+        server.engine._runners[TINY].shutdown()  # the step thread ends, the runner stays registered
+        r = httpx.get(url, timeout=30)
+        assert r.status_code == 503
+        err = r.json()["error"]
+        assert err["code"] == "not_ready" and "died" in err["message"]
+        assert httpx.get(server.root + "/health", timeout=30).status_code == 503
+        # the server still answers everything else
+        with _http(server) as http:
+            assert http.get("/v1/models").status_code == 200
+
+
+# ------------------------------------------------------------- response cache
+def _cache_counts(http: httpx.Client) -> tuple[float, float]:
+    s = scrape(http)
+    return value(s, "xllm_response_cache_hits_total"), value(s, "xllm_response_cache_misses_total")
+
+
+def test_cache_hit_returns_the_identical_body(cached_server):
+    body = {**CHAT, "temperature": 0, "messages": [{"role": "user", "content": "cache me (full)"}]}
+    with _http(cached_server) as http:
+        hits, misses = _cache_counts(http)
+        first = http.post("/v1/chat/completions", json=body)
+        second = http.post("/v1/chat/completions", json={**body, "user": "someone-else"})
+        assert first.status_code == second.status_code == 200
+        assert second.content == first.content  # id and created included
+        assert _cache_counts(http) == (hits + 1, misses + 1)
+        # another request (different max_tokens) is a miss of its own
+        third = http.post("/v1/chat/completions", json={**body, "max_tokens": 3})
+        assert third.json()["id"] != first.json()["id"]
+        assert _cache_counts(http) == (hits + 1, misses + 2)
+
+
+def test_cache_hit_replays_the_identical_sse_stream(cached_server):
+    body = {**CHAT, "seed": 7, "temperature": 0.9, "stream": True, "stream_options": {"include_usage": True}}
+    body["messages"] = [{"role": "user", "content": "cache me (stream)"}]
+
+    def stream_bytes(http: httpx.Client) -> bytes:
+        with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/event-stream")
+            return r.read()
+
+    with _http(cached_server) as http:
+        hits, _ = _cache_counts(http)
+        first = stream_bytes(http)
+        second = stream_bytes(http)
+        assert _cache_counts(http)[0] == hits + 1
+    assert second == first
+    assert first.endswith(b"data: [DONE]\n\n") and b'"usage":{"prompt_tokens"' in first
+    # the same request without usage is another form: generated, not cut from the cached one
+    with _http(cached_server) as http:
+        hits, _ = _cache_counts(http)
+        with http.stream("POST", "/v1/chat/completions", json={**body, "stream_options": None}) as r:
+            plain = r.read()
+        assert _cache_counts(http)[0] == hits
+    assert b'"usage"' not in plain
+
+
+def test_completions_are_cached_too(cached_server):
+    body = {"model": TINY, "prompt": "Once upon", "max_tokens": 4, "temperature": 0}
+    with _http(cached_server) as http:
+        hits, _ = _cache_counts(http)
+        first = http.post("/v1/completions", json=body)
+        second = http.post("/v1/completions", json=body)
+        assert second.content == first.content
+        assert _cache_counts(http)[0] == hits + 1
+
+
+def test_sampled_requests_are_never_cached(cached_server):
+    body = {**CHAT, "temperature": 0.8, "messages": [{"role": "user", "content": "do not cache me"}]}
+    with _http(cached_server) as http:
+        hits, misses = _cache_counts(http)
+        a = http.post("/v1/chat/completions", json=body).json()
+        b = http.post("/v1/chat/completions", json=body).json()
+        assert a["id"] != b["id"]
+        assert _cache_counts(http) == (hits, misses)
+
+
+def test_not_ready_before_the_engine_starts(xllm_home, tiny_catalog):
+    from xllm_jupyter.engine.engine import Engine
+    from xllm_jupyter.server.ops import readiness
+
+    engine = Engine(make_test_config(xllm_home).engine, catalog=tiny_catalog)  # built, never started
+    assert readiness(engine, (TINY,)) == "The engine is starting."

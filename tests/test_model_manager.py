@@ -1,0 +1,232 @@
+"""Model manager: memory budgets, LRU eviction, keep_alive, replicas and loading state.
+
+Engine-level tests use the fake backend (its catalog points at a file whose size is
+the pre-load estimate); server tests use real tiny models pulled under three names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import time
+
+import httpx
+import openai
+import pytest
+
+from xllm_jupyter.core.config import AuthConfig, EngineConfig, load_config
+from xllm_jupyter.core.errors import InvalidRequest, ModelNotFound, Overloaded
+from xllm_jupyter.core.types import GenerationParams, GenerationRequest
+from xllm_jupyter.engine.engine import Engine
+from xllm_jupyter.engine.manager import disk_bytes, parse_keep_alive
+from xllm_jupyter.store.store import ModelStore
+
+from .fake_backend import FakeBackend, FakeCatalog
+from .server_fixtures import API_KEY, make_test_config, running_server
+
+ADMIN_KEY = "sk-manager-admin"
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_KEY}"}
+SIZE = 1000  # bytes of each fake model's "files" and its memory once loaded
+
+
+def make_engine(tmp_path, *, budget=0, load_delay=0.0, step_delay=0.0, **cfg):
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"\0" * SIZE)
+    backend = FakeBackend(load_delay=load_delay, step_delay=step_delay, memory_bytes=SIZE)
+    config = EngineConfig(memory_budget_bytes=budget, device="cpu", idle_grace_seconds=0, **cfg)
+    return Engine(config, FakeCatalog(["a", "b", "c"], path=weights), [backend]), backend
+
+
+def req(model, keep_alive=None, max_tokens=3):
+    return GenerationRequest(model=model, prompt_ids=(1, 2), params=GenerationParams(max_tokens=max_tokens),
+                             keep_alive=keep_alive)
+
+
+async def run(engine, request):
+    async for _ in engine.generate(request):
+        pass
+
+
+async def wait_for(pred, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+def test_parse_keep_alive():
+    assert parse_keep_alive("5m") == 300
+    assert parse_keep_alive("1h30m") == 5400
+    assert parse_keep_alive(0) == 0
+    assert parse_keep_alive("2.5") == 2.5
+    assert parse_keep_alive(-1) is None and parse_keep_alive("-1m") is None
+    with pytest.raises(InvalidRequest) as exc:
+        parse_keep_alive("soon")
+    assert exc.value.param == "keep_alive"
+
+
+def test_replicas_config_accepts_a_mapping_and_env(tmp_path):
+    (tmp_path / "config.yaml").write_text("engine:\n  replicas: {tiny: 2}\n  memory_budget_bytes: 1000\n")
+    assert load_config(tmp_path / "config.yaml", env={}).engine.replicas == ("tiny=2",)
+    env = {"XLLM_ENGINE_REPLICAS": "tiny=2,other=3"}
+    assert load_config(tmp_path / "none.yaml", env=env).engine.replicas == ("tiny=2", "other=3")
+
+
+async def test_lru_idle_model_is_evicted_never_one_in_use(tmp_path):
+    engine, backend = make_engine(tmp_path, budget=2 * SIZE + 10, step_delay=0.01)
+    await engine.start()
+    await run(engine, req("a"))
+    await run(engine, req("b"))
+    await run(engine, req("a"))  # b is now the least recently used
+    await run(engine, req("c"))
+    assert engine.is_loaded("a") and engine.is_loaded("c") and not engine.is_loaded("b")
+    assert backend.models["b"].unloaded
+    # c is held by a long request; a is idle and goes, though c is older
+    long = asyncio.create_task(run(engine, req("c", max_tokens=200)))
+    await wait_for(lambda: engine.stats("c").running == 1)
+    await asyncio.sleep(0.02)
+    await run(engine, req("a"))  # a becomes the most recent
+    await run(engine, req("b"))
+    assert engine.is_loaded("c") and engine.is_loaded("b") and not engine.is_loaded("a")
+    # both loaded models are busy: nothing can be freed for a third
+    long_b = asyncio.create_task(run(engine, req("b", max_tokens=200)))
+    await wait_for(lambda: engine.stats("b").running == 1)
+    with pytest.raises(Overloaded) as exc:
+        await engine.load("a")
+    assert exc.value.code == "insufficient_memory" and str(SIZE) in exc.value.message
+    await long
+    await long_b
+    await engine.stop()
+
+
+async def test_a_model_that_never_fits_is_503(tmp_path):
+    engine, backend = make_engine(tmp_path, budget=SIZE // 2)
+    await engine.start()
+    with pytest.raises(Overloaded) as exc:
+        await engine.load("a")
+    assert exc.value.status == 503 and exc.value.code == "model_does_not_fit"
+    assert backend.loads == 0  # decided before loading
+    await engine.stop()
+
+
+async def test_concurrent_loads_share_one_and_show_loading(tmp_path):
+    engine, backend = make_engine(tmp_path, load_delay=0.3)
+    await engine.start()
+    tasks = [asyncio.create_task(engine.load("a")) for _ in range(3)]
+    await wait_for(lambda: any(m.details.get("state") == "loading" for m in engine.loaded_models(include_loading=True)))
+    models = await asyncio.gather(*tasks)
+    assert backend.loads == 1 and models[0] is models[1] is models[2]
+    assert engine.model_info("a").details["state"] == "loaded"
+    failed = await asyncio.gather(*(engine.load("missing") for _ in range(2)), return_exceptions=True)
+    assert all(isinstance(f, ModelNotFound) for f in failed)  # every waiter hears of the failure
+    await engine.stop()
+
+
+async def test_keep_alive_zero_duration_and_forever(tmp_path):
+    engine, _ = make_engine(tmp_path, keep_alive="1s")
+    await engine.start()
+    await run(engine, req("a", keep_alive=0))
+    await wait_for(lambda: not engine.is_loaded("a"), timeout=2)
+    await run(engine, req("b"))  # the default: 1s
+    await run(engine, req("c", keep_alive=-1.0))
+    assert engine.model_info("b").details["expires_at"] is not None
+    assert engine.model_info("c").details["expires_at"] is None
+    await wait_for(lambda: not engine.is_loaded("b"), timeout=4)
+    assert engine.is_loaded("c")
+    await engine.stop()
+
+
+async def test_replicas_share_the_load(tmp_path):
+    engine, backend = make_engine(tmp_path, step_delay=0.01, replicas=("a=2",))
+    await engine.start()
+    await asyncio.gather(*(run(engine, req("a", max_tokens=20)) for _ in range(4)))
+    replicas = engine.model_info("a").details["replicas"]
+    assert len(replicas) == 2 and all(r["steps"] > 0 for r in replicas)
+    assert backend.loads == 2 and engine.model_info("a").details["memory_bytes"] == 2 * SIZE
+    await engine.stop()
+
+
+# --------------------------------------------------------------------- real server
+@pytest.fixture(scope="module")
+def three_model_home(tmp_path_factory, tiny_llama_dir):
+    """A store with the tiny Llama as "tiny1", "tiny2" and "tiny3"."""
+    home = tmp_path_factory.mktemp("xllm-manager")
+    store = ModelStore(home)
+    for name in ("tiny1", "tiny2", "tiny3"):
+        store.pull(str(tiny_llama_dir), name)
+    return home
+
+
+def server_config(home, **engine):
+    config = make_test_config(home)
+    return dataclasses.replace(config, auth=AuthConfig(admin_keys=(ADMIN_KEY,)),
+                               engine=dataclasses.replace(config.engine, idle_grace_seconds=0.1, **engine))
+
+
+def chat(base_url, model, **extra):
+    with openai.OpenAI(base_url=base_url, api_key=API_KEY, max_retries=0, timeout=120) as c:
+        return c.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
+                                         max_tokens=4, extra_body=extra or None)
+
+
+def admin(info):
+    r = httpx.get(info.root + "/admin/models", headers=ADMIN_HEADERS)
+    assert r.status_code == 200
+    return {m["id"]: m for m in r.json()["data"]}
+
+
+def test_server_lru_eviction_spares_a_streaming_model(three_model_home, tiny_llama_dir):
+    estimate = disk_bytes(tiny_llama_dir)
+    config = server_config(three_model_home, memory_budget_bytes=int(estimate * 2.5), keep_alive="-1")
+    store = ModelStore(three_model_home)
+    with running_server(config, store, "tiny1") as info:
+        with openai.OpenAI(base_url=info.base_url, api_key=API_KEY, max_retries=0, timeout=120) as c:
+            stream = c.chat.completions.create(model="tiny1", messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=200, extra_body={"ignore_eos": True}, stream=True)
+            first = next(iter(stream))  # tiny1 is now the oldest and in use
+            assert first.choices
+            chat(info.base_url, "tiny2")
+            models = admin(info)
+            assert models["tiny2"]["state"] == "loaded" and models["tiny1"]["running"] == 1
+            assert models["tiny1"]["memory_bytes"] > 0 and models["tiny1"]["last_used"] > 0
+            chat(info.base_url, "tiny3")  # needs room: idle tiny2 goes, busy tiny1 stays
+            assert set(admin(info)) == {"tiny1", "tiny3"}
+            text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+            assert text  # the stream survived the eviction
+
+
+def test_server_model_that_never_fits_is_openai_shaped_503(three_model_home, tiny_llama_dir):
+    budget = int(disk_bytes(tiny_llama_dir) * 1.5)  # room for one tiny model; tiny2 wants two replicas
+    config = server_config(three_model_home, memory_budget_bytes=budget, replicas=("tiny2=2",))
+    with running_server(config, ModelStore(three_model_home), "tiny1") as info:
+        r = httpx.post(info.base_url + "/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                       json={"model": "tiny2", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503
+        err = r.json()["error"]
+        assert err["code"] == "model_does_not_fit" and str(budget) in err["message"] and err["type"]
+        r = httpx.get(info.base_url + "/models", headers={"Authorization": f"Bearer {API_KEY}"})
+        assert r.status_code == 200  # still serving
+
+
+def test_server_keep_alive_and_replicas(three_model_home):
+    config = server_config(three_model_home, keep_alive="1s", replicas=("tiny3=2",))
+    with running_server(config, ModelStore(three_model_home), "tiny1") as info:
+        chat(info.base_url, "tiny1", keep_alive=0)
+        chat(info.base_url, "tiny2", keep_alive="1s")
+        chat(info.base_url, "tiny3", keep_alive=-1)
+        deadline = time.monotonic() + 5
+        while set(admin(info)) != {"tiny3"}:
+            assert time.monotonic() < deadline, admin(info)
+            time.sleep(0.1)
+        r = httpx.post(info.base_url + "/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                       json={"model": "tiny1", "messages": [{"role": "user", "content": "hi"}], "keep_alive": "soon"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "keep_alive"
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda _: chat(info.base_url, "tiny3", keep_alive="-1"), range(6)))
+        tiny3 = admin(info)["tiny3"]
+        assert tiny3["replicas"] == 2 and tiny3["expires_at"] is None
+        assert all(r["steps"] > 0 for r in tiny3["details"]["replicas"])
+        r = httpx.post(info.root + "/admin/models/load", headers=ADMIN_HEADERS,
+                       json={"model": "tiny2", "keep_alive": "1h"})
+        assert r.status_code == 200 and admin(info)["tiny2"]["expires_at"] > time.time() + 3000

@@ -1,0 +1,282 @@
+"""Model residency: memory budgets, LRU eviction, keep_alive expiry and replicas.
+
+The engine keeps several models loaded at once. Before a load it estimates the
+model's footprint from its files on disk and makes room inside the device's budget
+by unloading idle models least-recently-used first; a model with running, queued or
+in-flight requests is never a victim. Each model carries a keep_alive expiry (Ollama
+semantics) that an asyncio reaper task on the engine's loop enforces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..backends.base import LoadedModel
+from ..core.errors import InvalidRequest, Overloaded
+from ..core.types import EngineStats
+from .runner import ModelRunner, RequestHandle
+
+log = logging.getLogger(__name__)
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+
+
+def parse_keep_alive(value: Any, *, param: str = "keep_alive") -> float | None:
+    """Seconds to keep a model loaded after use; None = forever (a negative value).
+
+    Accepts a number of seconds or a Go-style duration ("30s", "5m", "1h30m"), as Ollama does.
+    """
+    if isinstance(value, bool) or value is None:
+        raise InvalidRequest(f"{param} must be a number of seconds or a duration like '5m'", param=param)
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower()
+        try:
+            seconds = float(text)
+        except ValueError:
+            sign = -1.0 if text.startswith("-") else 1.0
+            body = text.lstrip("+-")
+            if not body or _PART.sub("", body):
+                raise InvalidRequest(f"Invalid {param} '{value}': use seconds or a duration like '30s', '5m', '1h'",
+                                     param=param) from None
+            seconds = sign * sum(float(n) * _UNITS[u] for n, u in _PART.findall(body))
+    return None if seconds < 0 else seconds
+
+
+def request_keep_alive(value: Any) -> float | None:
+    """A request's ``keep_alive`` for ``GenerationRequest.keep_alive``: None = default, -1.0 = forever."""
+    if value is None:
+        return None
+    seconds = parse_keep_alive(value)
+    return -1.0 if seconds is None else seconds
+
+
+def parse_replicas(items: tuple[str, ...]) -> dict[str, int]:
+    """``("tiny=2", ...)`` (config ``engine.replicas``) as a name -> count mapping."""
+    out: dict[str, int] = {}
+    for item in items:
+        name, _, count = item.partition("=")
+        try:
+            out[name.strip()] = max(1, int(count))
+        except ValueError:
+            raise InvalidRequest(f"Invalid engine.replicas entry '{item}': use name=count", param="replicas") from None
+    return out
+
+
+def disk_bytes(path: Path) -> int:
+    """The size of a model's files: the pre-load estimate of its memory footprint."""
+    try:
+        if path.is_file():
+            return path.stat().st_size
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    except OSError:
+        return 0
+
+
+def device_kind(device: str) -> str:
+    """``"cuda"`` or ``"cpu"``: which memory budget a model's device draws on."""
+    device = device.lower()
+    if device == "auto":
+        try:
+            import torch  # lazily: only deciding where an auto model will live needs it
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        except ImportError:
+            return "cpu"
+    return "cuda" if device.startswith("cuda") else "cpu"
+
+
+class ReplicaSet:
+    """N runners of one model behaving like one ModelRunner; requests go to the least-loaded."""
+
+    def __init__(self, runners: list[ModelRunner]):
+        self.runners = runners
+        self.model: LoadedModel = runners[0].model  # tokenizer and facts: every replica is the same model
+        self.max_batch_size = runners[0].max_batch_size
+        self.created = runners[0].created
+
+    def start(self) -> None:
+        """Start every replica's thread."""
+        for r in self.runners:
+            r.start()
+
+    @property
+    def alive(self) -> bool:
+        """True while every replica's thread runs."""
+        return all(r.alive for r in self.runners)
+
+    def __len__(self) -> int:
+        """Sequences running or waiting over all replicas."""
+        return sum(len(r) for r in self.runners)
+
+    def submit(self, request: Any, loop: asyncio.AbstractEventLoop) -> RequestHandle:
+        """Queue ``request`` on the replica with the fewest sequences."""
+        if request.adapter:  # LoRA adapters are attached to the first replica's model only
+            return self.runners[0].submit(request, loop)
+        return min(self.runners, key=len).submit(request, loop)
+
+    def stats(self) -> EngineStats:
+        """Counters summed over the replicas."""
+        parts = [r.stats() for r in self.runners]
+        return EngineStats(
+            running=sum(p.running for p in parts),
+            queued=sum(p.queued for p in parts),
+            steps=sum(p.steps for p in parts),
+            max_batch=max(p.max_batch for p in parts),
+            batched_steps=sum(p.batched_steps for p in parts),
+            completed=sum(p.completed for p in parts),
+            cancelled=sum(p.cancelled for p in parts),
+        )
+
+    def replica_stats(self) -> list[EngineStats]:
+        """Each replica's own counters."""
+        return [r.stats() for r in self.runners]
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop every replica and unload its model."""
+        for r in self.runners:
+            r.shutdown(timeout)
+
+
+def replica_stats(runner: Any) -> list[EngineStats]:
+    """Per-replica counters of a ModelRunner or ReplicaSet."""
+    return runner.replica_stats() if isinstance(runner, ReplicaSet) else [runner.stats()]
+
+
+@dataclass
+class Residency:
+    """What the manager knows about one loaded (or loading) model."""
+
+    device: str = "cpu"
+    memory_bytes: int = 0
+    last_used: float = field(default_factory=time.time)
+    in_use: int = 0  # requests between their first engine call and the end of their generation
+    expires_at: float | None = None  # None = kept until unloaded or evicted
+
+    def public(self) -> dict[str, Any]:
+        """The admin-facing facts."""
+        return {"last_used": int(self.last_used), "in_use": self.in_use,
+                "expires_at": None if self.expires_at is None else int(self.expires_at)}
+
+
+class MemoryBudget:
+    """Per-device budgets and the accounting of what is loaded and loading."""
+
+    def __init__(self, budgets: Mapping[str, int]):
+        self.budgets = dict(budgets)  # device kind -> bytes; 0 = unlimited
+        self.reserved: dict[str, int] = {}  # loading models' estimates, by device
+
+    def used(self, device: str, records: Mapping[str, Residency]) -> int:
+        """Bytes held on ``device`` by loaded models plus loads in progress."""
+        return sum(r.memory_bytes for r in records.values() if r.device == device) + self.reserved.get(device, 0)
+
+    def plan(self, name: str, needed: int, device: str, records: Mapping[str, Residency],
+             idle: list[str]) -> list[str]:
+        """Victims (from ``idle``, LRU first) to unload so ``needed`` fits; Overloaded (503) if it cannot."""
+        budget = self.budgets.get(device, 0)
+        if not budget:
+            return []
+        if needed > budget:
+            raise Overloaded(f"The model '{name}' needs about {needed} bytes but the {device} memory budget is "
+                             f"{budget} bytes: it can never be loaded here", code="model_does_not_fit")
+        used = self.used(device, records)
+        victims: list[str] = []
+        for victim in sorted(idle, key=lambda n: records[n].last_used):
+            if used + needed <= budget:
+                break
+            if records[victim].device == device:
+                victims.append(victim)
+                used -= records[victim].memory_bytes
+        if used + needed > budget:
+            busy = sum(r.memory_bytes for n, r in records.items() if r.device == device and n not in victims)
+            raise Overloaded(f"Not enough memory to load '{name}': it needs about {needed} bytes, the {device} budget "
+                             f"is {budget} bytes and {busy + self.reserved.get(device, 0)} bytes are held by models "
+                             "in use or loading; retry later", code="insufficient_memory")
+        return victims
+
+
+async def reap_forever(engine: Any, interval: float = 0.25) -> None:
+    """The idle timer: unload models whose keep_alive expired (runs on the engine's loop)."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await engine._reap_expired()
+        except Exception:  # the timer must outlive one bad unload
+            log.exception("unloading expired models failed")
+
+
+class ResidencyMixin:
+    """Engine methods that decide which models stay loaded; the Engine owns the state they use."""
+
+    _runners: dict[str, Any]
+    _res: dict[str, Residency]
+    _budget: MemoryBudget
+    _grace: float
+    _adapters: dict[str, str]
+    _embeddings: Any
+    _embed_expiry: dict[str, float | None]
+    _default_keep_alive: float | None
+
+    def _idle(self, name: str, now: float) -> bool:
+        """True when nothing uses ``name``: no jobs, no request in flight, not touched within the grace."""
+        runner, rec = self._runners.get(name), self._res.get(name)
+        if runner is None or rec is None:
+            return False
+        # the grace covers a request between its tokenization and its submit
+        return rec.in_use == 0 and len(runner) == 0 and now - rec.last_used >= self._grace
+
+    async def _make_room(self, name: str, needed: int, device: str) -> None:
+        """Unload idle models LRU-first until ``needed`` bytes fit on ``device``; Overloaded if impossible."""
+        now = time.time()
+        idle = [n for n in self._runners if self._idle(n, now)]
+        for victim in self._budget.plan(name, needed, device, self._res, idle):
+            log.info("unloading idle model %s to make room for %s", victim, name)
+            await self._evict(victim)
+
+    async def _evict(self, name: str) -> None:
+        """Unload ``name`` (already checked idle); the runner leaves the table before any await."""
+        runner = self._runners.pop(name, None)
+        self._res.pop(name, None)
+        for adapter in [a for a, b in self._adapters.items() if b == name]:
+            del self._adapters[adapter]  # they go with their base
+        if runner is not None:
+            await asyncio.to_thread(runner.shutdown)
+
+    def _touch(self, name: str, keep_alive: float | None | str = "default") -> None:
+        """Mark ``name`` used now and restart its keep_alive (``"default"`` = the config's)."""
+        rec = self._res.get(name)
+        if rec is None:
+            return
+        rec.last_used = time.time()
+        if keep_alive == "default":
+            keep_alive = self._default_keep_alive
+        rec.expires_at = None if keep_alive is None else rec.last_used + float(keep_alive)
+
+    async def _reap_expired(self) -> None:
+        """Unload every model whose keep_alive has passed and that nothing uses."""
+        now = time.time()
+        for name, rec in list(self._res.items()):
+            if rec.expires_at is not None and rec.expires_at <= now:
+                if self._idle(name, now):
+                    log.info("keep_alive of %s expired; unloading it", name)
+                    await self._evict(name)
+        for name, expiry in list(self._embed_expiry.items()):
+            if expiry is not None and expiry <= now:
+                self._embed_expiry.pop(name, None)
+                await self._embeddings.unload(name)
+
+    def _finished(self, name: str, keep_alive: float | None) -> None:
+        """Restart ``name``'s keep_alive after a request; keep_alive 0 unloads it now if nothing else uses it."""
+        if self._res.get(name) is None:
+            return
+        self._touch(name, "default" if keep_alive is None else (None if keep_alive < 0 else keep_alive))
+        if keep_alive == 0:
+            asyncio.get_running_loop().create_task(self._reap_expired())

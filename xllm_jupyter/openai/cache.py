@@ -1,0 +1,140 @@
+"""Exact-request response cache for deterministic generations (temperature 0 or a fixed seed).
+
+No HTTP here. A cache entry is keyed by endpoint, model, the loaded model's identity
+(its store digest, else the object itself, so a reload never serves stale text) and the
+canonical JSON of the request body minus the fields that cannot change the output
+(``user``, ``stream``, ``stream_options``). One entry holds each response form seen for
+that key — the JSON body, the stream, the stream with a usage chunk — and a hit returns
+exactly what the first request got, ``id`` and ``created`` included, so a cached body
+and a replayed SSE stream are byte-identical to the originals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from cachetools import TTLCache
+
+from ..core.config import CacheConfig
+
+Chunk = dict[str, Any]
+Result = dict[str, Any] | AsyncIterator[Chunk]
+
+#: request fields that change how a response is delivered, not what it says
+_DELIVERY_FIELDS = ("user", "stream", "stream_options")
+
+
+def is_deterministic(body: dict[str, Any]) -> bool:
+    """True when the request asks for greedy decoding or pins the sampler's seed."""
+    temperature = body.get("temperature")
+    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature == 0:
+        return True
+    seed = body.get("seed")
+    return isinstance(seed, int) and not isinstance(seed, bool)
+
+
+def _form(body: dict[str, Any]) -> str:
+    """Which response shape the request wants: ``full``, ``stream`` or ``stream+usage``."""
+    if not body.get("stream"):
+        return "full"
+    opts = body.get("stream_options")
+    return "stream+usage" if isinstance(opts, dict) and opts.get("include_usage") else "stream"
+
+
+class ResponseCache:
+    """LRU + TTL cache of complete, successful responses (cachetools ``TTLCache``)."""
+
+    def __init__(self, config: CacheConfig | None = None):
+        self.config = config or CacheConfig()
+        self._entries: TTLCache = TTLCache(maxsize=self.config.max_entries, ttl=self.config.ttl_seconds)
+        self._lock = threading.Lock()  # TTLCache is not thread-safe; Jupyter may run several loops
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def enabled(self) -> bool:
+        """True when the config turns the cache on."""
+        return self.config.enabled
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def key(self, endpoint: str, body: dict[str, Any], model_identity: str) -> str:
+        """The cache key: endpoint, model identity and the canonical request JSON, hashed."""
+        kept = {k: v for k, v in body.items() if k not in _DELIVERY_FIELDS}
+        canonical = json.dumps(kept, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        raw = "\0".join((endpoint, str(body.get("model")), model_identity, canonical))
+        return hashlib.sha256(raw.encode("utf-8")).hexdigest()
+
+    def _get(self, key: str, form: str) -> Any:
+        with self._lock:
+            entry = self._entries.get(key)
+            return None if entry is None else entry.get(form)
+
+    def _put(self, key: str, form: str, value: Any) -> None:
+        with self._lock:
+            entry = dict(self._entries.get(key) or {})
+            entry[form] = value
+            self._entries[key] = entry  # re-setting also refreshes the LRU position and TTL
+
+    async def serve(
+        self,
+        endpoint: str,
+        body: bytes,
+        produce: Callable[[bytes], Awaitable[Result]],
+        model_identity: Callable[[str], Awaitable[str]],
+    ) -> Result:
+        """``produce(body)``, answered from the cache when the request is deterministic.
+
+        ``model_identity(model)`` names the loaded model's weights; it may load the model.
+        Anything unusual (not JSON, no model name, not deterministic) goes straight to
+        ``produce``, which owns validation and its 4xx errors.
+        """
+        if not self.enabled:
+            return await produce(body)
+        try:
+            parsed = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return await produce(body)
+        if not isinstance(parsed, dict) or not isinstance(parsed.get("model"), str) or not is_deterministic(parsed):
+            return await produce(body)
+        key = self.key(endpoint, parsed, await model_identity(parsed["model"]))
+        form = _form(parsed)
+        cached = self._get(key, form)
+        if cached is not None:
+            self.hits += 1
+            return json.loads(cached) if form == "full" else _replay(cached)
+        self.misses += 1
+        result = await produce(body)
+        if isinstance(result, dict):
+            # stored serialized: nobody can mutate a cached body through a reply
+            self._put(key, form, json.dumps(result))
+            return result
+        return self._recording(result, key, form)
+
+    async def _recording(self, stream: AsyncIterator[Chunk], key: str, form: str) -> AsyncIterator[Chunk]:
+        """Pass chunks through; store them only when the stream ends normally."""
+        chunks: list[str] = []
+        aclose = getattr(stream, "aclose", None)
+        try:
+            async for chunk in stream:
+                chunks.append(json.dumps(chunk))
+                yield chunk
+        finally:
+            if aclose is not None:
+                await aclose()
+        # reached only when the producer finished: errors and early closes skip this
+        self._put(key, form, tuple(chunks))
+
+
+async def _replay(chunks: tuple[str, ...]) -> AsyncIterator[Chunk]:
+    """The cached chunks, as fresh dicts, in their original order."""
+    for chunk in chunks:
+        yield json.loads(chunk)
+
+
+__all__ = ["ResponseCache", "is_deterministic"]

@@ -1,0 +1,224 @@
+"""HTTP hardening for the standalone server: Host check, CORS, gzip, request ids, access log.
+
+Everything here runs before a route handler exists (``XllmApplication.find_handler``)
+or after it wrote its headers (output transforms), so the route mixins and auth bases
+stay unaware of it. In Jupyter, Jupyter's own ``allow_origin`` settings apply instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from typing import Any, Iterable
+
+import tornado.web
+from tornado.httputil import HTTPHeaders, HTTPServerRequest
+from tornado.web import GZipContentEncoding, OutputTransform, RequestHandler
+
+from ..core.config import XllmConfig
+from ..core.errors import PermissionDenied
+from .auth import _LOOPBACK_NAMES, _host_name
+from .errors import error_response
+from .logging_setup import request_id_var
+from .sse import dumps
+
+access_log = logging.getLogger("xllm_jupyter.access")
+
+#: header carrying the request id both ways
+REQUEST_ID_HEADER = "X-Request-ID"
+_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
+_ALLOW_HEADERS = "Authorization, Content-Type, X-Request-ID"
+_WILDCARD_BINDS = ("", "0.0.0.0", "::")
+
+
+def request_id_for(header: str | None) -> str:
+    """The client's id when it is a safe token (<= 128 of ``[A-Za-z0-9._-]``), else a fresh uuid4 hex."""
+    if header and _VALID_REQUEST_ID.fullmatch(header):
+        return header
+    return uuid.uuid4().hex
+
+
+class EdgePolicy:
+    """Which origins may call from a browser and which ``Host`` names are served."""
+
+    def __init__(self, cors_origins: Iterable[str], allowed_hosts: Iterable[str], bound_host: str, any_host_ok: bool):
+        origins = tuple(o.rstrip("/") for o in cors_origins if o)
+        self.cors_any = origins == ("*",)
+        # exact string matches only: "https://a.example" never admits "https://a.example.evil"
+        self.cors_origins = frozenset() if self.cors_any else frozenset(origins)
+        hosts = {h.strip().lower() for h in allowed_hosts if h.strip()}
+        if not hosts:
+            hosts = set(_LOOPBACK_NAMES) | {"127.0.0.1", "::1"}
+            if bound_host in _WILDCARD_BINDS:
+                if any_host_ok:
+                    # bound to every interface with API keys on: the key, not the name, is the guard
+                    hosts.add("*")
+            else:
+                hosts.add(bound_host.strip("[]").lower())
+        self.any_host = "*" in hosts
+        self.hosts = frozenset(hosts)
+
+    @property
+    def cors_enabled(self) -> bool:
+        """True when any browser origin is configured."""
+        return self.cors_any or bool(self.cors_origins)
+
+    def origin_allowed(self, origin: str | None) -> bool:
+        """True when ``origin`` may read responses (exact match, or the list is ``["*"]``)."""
+        if not origin:
+            return False
+        return self.cors_any or origin in self.cors_origins
+
+    def host_allowed(self, host_header: str | None) -> bool:
+        """True when the request's ``Host`` names this server (guards against DNS rebinding)."""
+        if self.any_host:
+            return True
+        return _host_name((host_header or "").strip()).strip("[]").lower() in self.hosts
+
+
+class _EdgeHandler(RequestHandler):
+    """Answers that are decided before routing; errors leave OpenAI-shaped."""
+
+    SUPPORTED_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """OpenAI error body; the connection is not reused since the body was never read."""
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        status, body, headers = error_response(exc, status_code)
+        self.set_status(status)
+        for name, value in headers.items():
+            self.set_header(name, value)
+        self.set_header("Connection", "close")
+        self.set_header("Content-Type", "application/json")
+        self.finish(dumps(body))
+
+    def log_exception(self, typ: Any, value: BaseException | None, tb: Any) -> None:
+        """The access log line says enough for a refused request."""
+
+
+@tornado.web.stream_request_body
+class ForbiddenHostHandler(_EdgeHandler):
+    """A request whose ``Host`` this server does not answer to: 403."""
+
+    def prepare(self) -> None:
+        """Refuse before reading any body."""
+        raise PermissionDenied("This server does not answer to the requested Host name.")
+
+    def data_received(self, chunk: bytes) -> None:
+        """Never reached: prepare refuses first."""
+
+
+@tornado.web.stream_request_body
+class PreflightHandler(_EdgeHandler):
+    """CORS preflight (``OPTIONS``): 204 with the allowed methods/headers, 403 for other origins."""
+
+    def prepare(self) -> None:
+        """Answer at once; a preflight never needs the API key."""
+        policy: EdgePolicy = self.settings[POLICY_KEY]
+        if self.request.method != "OPTIONS" or not policy.origin_allowed(self.request.headers.get("Origin")):
+            raise PermissionDenied("This origin is not allowed to call this server (CORS).")
+        self.set_status(204)
+        self.set_header("Access-Control-Allow-Methods", _ALLOW_METHODS)
+        self.set_header("Access-Control-Allow-Headers", _ALLOW_HEADERS)
+        self.set_header("Access-Control-Max-Age", "600")
+        self.finish()
+
+    def data_received(self, chunk: bytes) -> None:
+        """Preflights have no body worth reading."""
+
+
+class EdgeHeaders(OutputTransform):
+    """Adds ``X-Request-ID`` and the CORS response headers to every response, errors included."""
+
+    def __init__(self, request: HTTPServerRequest):
+        self.request = request
+
+    def transform_first_chunk(self, status_code: int, headers: HTTPHeaders, chunk: bytes, finishing: bool) -> tuple[int, HTTPHeaders, bytes]:
+        """Set the headers once, on the first flush."""
+        rid = getattr(self.request, "xllm_request_id", None)
+        if rid:
+            headers[REQUEST_ID_HEADER] = rid
+        policy: EdgePolicy | None = getattr(self.request, "xllm_policy", None)
+        if policy is not None and policy.cors_enabled:
+            origin = self.request.headers.get("Origin")
+            if not policy.cors_any:
+                # the answer depends on Origin: shared caches must not mix origins
+                headers.add("Vary", "Origin")
+            if policy.origin_allowed(origin):
+                headers["Access-Control-Allow-Origin"] = "*" if policy.cors_any else origin  # type: ignore[assignment]
+                headers["Access-Control-Expose-Headers"] = REQUEST_ID_HEADER
+        return status_code, headers, chunk
+
+
+class JsonGzip(GZipContentEncoding):
+    """Tornado's gzip, but never for server-sent events (they would be buffered and compressed)."""
+
+    MIN_LENGTH = 512
+
+    def _compressible_type(self, ctype: str) -> bool:
+        if ctype.startswith("text/event-stream"):
+            return False
+        return super()._compressible_type(ctype)
+
+
+#: settings key of the EdgePolicy
+POLICY_KEY = "xllm_edge_policy"
+
+
+class XllmApplication(tornado.web.Application):
+    """The standalone app: assigns request ids and applies the Host and CORS policy before routing."""
+
+    def find_handler(self, request: HTTPServerRequest, **kwargs: Any) -> Any:
+        """Tag the request, then route refused hosts and preflights to their own handlers."""
+        rid = request_id_for(request.headers.get(REQUEST_ID_HEADER))
+        request.xllm_request_id = rid  # type: ignore[attr-defined]
+        policy: EdgePolicy = self.settings[POLICY_KEY]
+        request.xllm_policy = policy  # type: ignore[attr-defined]
+        # set in the connection's context: the handler's task copies it, so every log
+        # record the handler and the serving code emit for this request carries the id
+        request_id_var.set(rid)
+        if not policy.host_allowed(request.host):
+            return self.get_handler_delegate(request, ForbiddenHostHandler)
+        if request.method == "OPTIONS":
+            return self.get_handler_delegate(request, PreflightHandler)
+        return super().find_handler(request, **kwargs)
+
+
+def log_access(handler: RequestHandler) -> None:
+    """One access-log line per request, with its id, method, path, status and duration."""
+    status = handler.get_status()
+    req = handler.request
+    duration_ms = round(1000.0 * req.request_time(), 2)
+    level = logging.INFO if status < 500 else logging.ERROR
+    extra = {
+        "request_id": getattr(req, "xllm_request_id", None),
+        "method": req.method,
+        "path": req.path,
+        "status": status,
+        "duration_ms": duration_ms,
+    }
+    access_log.log(level, "%s %s %d %.2fms", req.method, req.path, status, duration_ms, extra=extra)
+
+
+def edge_settings(config: XllmConfig, any_host_ok: bool) -> dict[str, Any]:
+    """The Tornado settings that turn the edge policy on for ``config``."""
+    policy = EdgePolicy(config.http.cors_origins, config.http.allowed_hosts, config.server.host, any_host_ok)
+    return {POLICY_KEY: policy, "log_function": log_access}
+
+
+def edge_transforms(config: XllmConfig) -> list[type[OutputTransform]]:
+    """Output transforms: gzip (JSON only) when ``http.compress``, then the edge headers."""
+    return ([JsonGzip] if config.http.compress else []) + [EdgeHeaders]
+
+
+__all__ = [
+    "REQUEST_ID_HEADER",
+    "EdgePolicy",
+    "XllmApplication",
+    "request_id_for",
+    "log_access",
+    "edge_settings",
+    "edge_transforms",
+]

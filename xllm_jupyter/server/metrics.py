@@ -1,0 +1,211 @@
+"""Prometheus metrics for one server: its own registry, so servers in one process never collide.
+
+Request, latency and token metrics are recorded as requests run; engine-derived figures
+(queue depth, per-model memory, response-cache counts, loads/unloads) are read when
+``/metrics`` is scraped. Names and labels are documented in ``docs/metrics.md``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import aclosing
+from typing import Any, AsyncIterator, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from ..core.types import GenerationDone
+
+#: the ``Content-Type`` of the text exposition format
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Latency buckets in seconds: CPU tiny models answer in ms, big GPU models in seconds.
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_E2E_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+def _has_content(chunk: dict[str, Any]) -> bool:
+    """True for a chunk that carries generated text or a tool call (not role/finish/usage)."""
+    choices = chunk.get("choices")
+    if choices:
+        c = choices[0]
+        delta = c.get("delta")
+        if delta is not None:
+            return bool(delta.get("content") or delta.get("tool_calls") or delta.get("refusal"))
+        return bool(c.get("text"))
+    kind = chunk.get("type")  # Responses API typed events
+    return isinstance(kind, str) and kind.endswith(".delta") and bool(chunk.get("delta"))
+
+
+class ServerMetrics:
+    """Every metric of one server, in one ``CollectorRegistry``."""
+
+    def __init__(self, engine: Any, response_cache: Any = None):
+        self.engine = engine
+        self.response_cache = response_cache
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("xllm_requests", "HTTP requests finished, by route and status.", ("endpoint", "status"), registry=r)
+        self.in_flight = Gauge("xllm_requests_in_flight", "HTTP requests being handled now.", registry=r)
+        self.ttft = Histogram(
+            "xllm_time_to_first_token_seconds", "Streamed requests: time to the first content chunk.", ("endpoint",), buckets=_TTFT_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "xllm_inter_token_latency_seconds", "Streamed requests: gap between content chunks.", ("endpoint",), buckets=_ITL_BUCKETS, registry=r
+        )
+        self.e2e = Histogram(
+            "xllm_request_duration_seconds", "Generation requests: end-to-end time.", ("endpoint",), buckets=_E2E_BUCKETS, registry=r
+        )
+        self.prompt_tokens = Counter("xllm_prompt_tokens", "Prompt tokens processed.", ("model",), registry=r)
+        self.generation_tokens = Counter("xllm_generation_tokens", "Tokens generated.", ("model",), registry=r)
+        self.prefix_hits = Counter("xllm_prefix_cache_hits", "Generations that reused cached prompt tokens.", ("model",), registry=r)
+        self.prefix_misses = Counter("xllm_prefix_cache_misses", "Generations that reused no cached prompt tokens.", ("model",), registry=r)
+        self.loads = Counter("xllm_model_loads", "Models that came into memory.", ("model",), registry=r)
+        self.unloads = Counter("xllm_model_unloads", "Models that left memory.", ("model",), registry=r)
+        self.rate_limited = Counter("xllm_rate_limited", "Requests refused with 429, by API key id and limit.", ("key", "reason"), registry=r)
+        self._known: set[str] = set()
+        self._sync_lock = threading.Lock()
+        self._children: dict[str, tuple[Any, Any, Any]] = {}
+        r.register(_EngineCollector(self))
+
+    # ---------------------------------------------------------------- recording
+    def record_request(self, endpoint: str, status: int) -> None:
+        """One finished HTTP request."""
+        self.requests.labels(endpoint, str(status)).inc()
+
+    def record_rate_limited(self, key_id: str, reason: str = "requests") -> None:
+        """One request refused over ``key_id``'s limit (a ``Limiter`` listener)."""
+        self.rate_limited.labels(key_id, reason).inc()
+
+    def record_usage(self, model: str, usage: Any) -> None:
+        """Token counts of one finished generation; cached prompt tokens count as a prefix hit."""
+        self.prompt_tokens.labels(model).inc(usage.prompt_tokens)
+        self.generation_tokens.labels(model).inc(usage.completion_tokens)
+        (self.prefix_hits if usage.cached_tokens > 0 else self.prefix_misses).labels(model).inc()
+
+    def _timers(self, endpoint: str) -> tuple[Any, Any, Any]:
+        """Prebound histogram children: no label lookup per chunk."""
+        t = self._children.get(endpoint)
+        if t is None:
+            t = self._children[endpoint] = (self.ttft.labels(endpoint), self.itl.labels(endpoint), self.e2e.labels(endpoint))
+        return t
+
+    def observe_duration(self, endpoint: str, seconds: float) -> None:
+        """End-to-end time of one generation request."""
+        self._timers(endpoint)[2].observe(seconds)
+
+    async def timed_stream(self, endpoint: str, stream: AsyncIterator[dict[str, Any]], start: float) -> AsyncIterator[dict[str, Any]]:
+        """``stream`` unchanged, observing time to first content chunk and the gaps after it."""
+        ttft, itl, _ = self._timers(endpoint)
+        last = 0.0
+        async with aclosing(stream):  # type: ignore[type-var]
+            async for chunk in stream:
+                if _has_content(chunk):
+                    now = time.perf_counter()
+                    if last:
+                        itl.observe(now - last)
+                    else:
+                        ttft.observe(now - start)
+                    last = now
+                yield chunk
+
+    # ----------------------------------------------------------- engine facts
+    def sync_loaded(self) -> list[Any]:
+        """Count loads/unloads by comparing what is loaded now with the last look."""
+        infos = self.engine.loaded_models()
+        with self._sync_lock:
+            now = {i.name for i in infos}
+            for name in now - self._known:
+                self.loads.labels(name).inc()
+            for name in self._known - now:
+                self.unloads.labels(name).inc()
+            self._known = now
+        return infos
+
+    def observed(self, engine: Any) -> "ObservedEngine":
+        """``engine`` with token counts and load/unload tracking added (for the serving layer)."""
+        return ObservedEngine(engine, self)
+
+    def exposition(self) -> bytes:
+        """The text exposition of every metric."""
+        return generate_latest(self.registry)
+
+
+class _EngineCollector(Collector):
+    """Figures read from the engine and the response cache at scrape time."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
+
+    def describe(self) -> Iterable[Any]:
+        """Nothing up front: the families depend on what is loaded."""
+        return []
+
+    def collect(self) -> Iterable[Any]:
+        """Queue depth, per-model memory and response-cache counts."""
+        m = self.metrics
+        infos = m.sync_loaded()
+        queued = GaugeMetricFamily("xllm_requests_queued", "Sequences waiting for a batch slot.")
+        try:
+            queued.add_metric([], float(getattr(m.engine.stats(), "queued", 0)))
+        except Exception:  # an engine mid-shutdown has no stats; report nothing rather than fail the scrape
+            queued.add_metric([], 0.0)
+        yield queued
+        memory = GaugeMetricFamily("xllm_model_memory_bytes", "Memory held by each loaded model.", labels=("model",))
+        for info in infos:
+            memory.add_metric([info.name], float(info.details.get("memory_bytes", 0) or 0))
+        yield memory
+        cache = m.response_cache
+        hits = CounterMetricFamily("xllm_response_cache_hits", "Requests answered from the response cache.")
+        misses = CounterMetricFamily("xllm_response_cache_misses", "Cacheable requests that had to be generated.")
+        hits.add_metric([], float(getattr(cache, "hits", 0)))
+        misses.add_metric([], float(getattr(cache, "misses", 0)))
+        yield hits
+        yield misses
+        entries = GaugeMetricFamily("xllm_response_cache_entries", "Responses held in the response cache.")
+        entries.add_metric([], float(len(cache) if cache is not None else 0))
+        yield entries
+
+
+class ObservedEngine:
+    """The engine as the serving layer sees it: generations and loads are also counted."""
+
+    def __init__(self, engine: Any, metrics: ServerMetrics):
+        self._engine = engine
+        self._metrics = metrics
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    async def generate(self, request: Any) -> AsyncIterator[Any]:
+        """The engine's events, passed through; the final usage is counted."""
+        async with aclosing(self._engine.generate(request)) as events:
+            async for ev in events:
+                if isinstance(ev, GenerationDone):
+                    self._metrics.record_usage(request.model, ev.usage)
+                yield ev
+
+    async def load(self, name: str) -> Any:
+        """Load (or find) ``name``; a new load is counted."""
+        loaded = self._engine.is_loaded(name)
+        model = await self._engine.load(name)
+        if not loaded:
+            self._metrics.sync_loaded()
+        return model
+
+    async def load_any(self, name: str, keep_alive: float | None = None) -> None:
+        """Load any kind of model; counted."""
+        await self._engine.load_any(name, keep_alive)
+        self._metrics.sync_loaded()
+
+    async def unload(self, name: str) -> bool:
+        """Unload ``name``; counted."""
+        done = await self._engine.unload(name)
+        self._metrics.sync_loaded()
+        return done
+
+
+__all__ = ["CONTENT_TYPE", "ServerMetrics", "ObservedEngine"]

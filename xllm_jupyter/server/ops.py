@@ -1,0 +1,50 @@
+"""Operations routes: ``/health/ready`` (readiness) and ``/metrics`` (Prometheus)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..core.errors import Overloaded
+from .handlers import RequestMixin
+from .metrics import CONTENT_TYPE
+
+
+def readiness(engine: Any, startup_models: tuple[str, ...]) -> str | None:
+    """None when the engine can serve, else why not (shown to the caller)."""
+    if not engine.healthy:
+        return "An engine thread has died; this server cannot generate until it is restarted."
+    # private reads: the engine has no public "started"/"loading" view yet
+    if not getattr(engine, "_started", True):
+        return "The engine is starting."
+    loading = sorted(set(getattr(engine, "_loading", ())) & set(startup_models))
+    if loading:
+        return f"Still loading {', '.join(loading)}."
+    return None
+
+
+class ReadyMixin(RequestMixin):
+    """``GET /health/ready``: 200 when requests can be served now, else 503 saying why."""
+
+    async def handle_get(self) -> None:
+        """Readiness for load balancers and orchestrators."""
+        c = self.xllm.config.engine
+        startup = tuple(n for n in (c.default_model, *c.preload) if n)
+        why = readiness(self.xllm.engine, startup)
+        if why is None:
+            loaded = [m.name for m in self.xllm.engine.loaded_models()]
+            self.write_json({"status": "ready", "models": loaded})
+        else:
+            self.write_json(Overloaded(why, code="not_ready").to_openai(), 503)
+
+
+class MetricsMixin(RequestMixin):
+    """``GET /metrics``: the Prometheus text exposition of this server's metrics."""
+
+    async def handle_get(self) -> None:
+        """Every metric, scraped now."""
+        self.set_status(200)  # type: ignore[attr-defined]
+        self.set_header("Content-Type", CONTENT_TYPE)  # type: ignore[attr-defined]
+        self.finish(self.xllm.metrics.exposition())  # type: ignore[attr-defined]
+
+
+__all__ = ["ReadyMixin", "MetricsMixin", "readiness"]
