@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import logging
 import socket
@@ -16,7 +15,11 @@ import pytest
 from tests.server_fixtures import TINY, make_test_config, running_server
 from xllm_jupyter.core.config import HttpConfig, load_config
 from xllm_jupyter.core.errors import ConfigError
-from xllm_jupyter.server.logging_setup import RequestIdFilter, make_file_handler, make_formatter
+from xllm_jupyter.server.logging_setup import (
+    RequestIdFilter,
+    make_file_handler,
+    make_formatter,
+)
 
 ORIGIN = "https://app.example.com"
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -233,11 +236,10 @@ def test_forged_host_is_refused(http, edge_server):
 
 def test_allowed_hosts_config(tiny_catalog, xllm_home):
     config = dataclasses.replace(make_test_config(xllm_home), http=HttpConfig(allowed_hosts=("api.internal",)))
-    with running_server(config, tiny_catalog, TINY) as info:
-        with httpx.Client(base_url=info.root, headers={"Authorization": f"Bearer {info.api_key}"}, timeout=60) as c:
-            assert c.get("/v1/models", headers={"Host": "api.internal:8900"}).status_code == 200
-            assert c.get("/v1/models", headers={"Host": "other.internal"}).status_code == 403
-            assert c.get("/v1/models").status_code == 403  # 127.0.0.1 is not in the explicit list
+    with running_server(config, tiny_catalog, TINY) as info, httpx.Client(base_url=info.root, headers={"Authorization": f"Bearer {info.api_key}"}, timeout=60) as c:
+        assert c.get("/v1/models", headers={"Host": "api.internal:8900"}).status_code == 200
+        assert c.get("/v1/models", headers={"Host": "other.internal"}).status_code == 403
+        assert c.get("/v1/models").status_code == 403  # 127.0.0.1 is not in the explicit list
 
 
 def test_413_without_reading_the_body(edge_server):

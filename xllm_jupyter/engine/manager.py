@@ -235,11 +235,15 @@ class ResidencyMixin:
 
     async def _make_room(self, name: str, needed: int, device: str) -> None:
         """Unload idle models LRU-first until ``needed`` bytes fit on ``device``; Overloaded if impossible."""
-        now = time.time()
-        idle = [n for n in self._runners if self._idle(n, now)]
-        for victim in self._budget.plan(name, needed, device, self._res, idle):
-            log.info("unloading idle model %s to make room for %s", victim, name)
-            await self._evict(victim)
+        while True:  # re-planned after every await: another load may have taken room meanwhile
+            now = time.time()
+            idle = [n for n in self._runners if self._idle(n, now)]
+            victims = self._budget.plan(name, needed, device, self._res, idle)
+            if not victims:
+                return  # fits now; the caller reserves the room before its next await
+            for victim in victims:
+                log.info("unloading idle model %s to make room for %s", victim, name)
+                await self._evict(victim)
 
     async def _evict(self, name: str) -> None:
         """Unload ``name`` (already checked idle); the runner leaves the table before any await."""

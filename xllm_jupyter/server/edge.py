@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import tornado.web
 from tornado.httputil import HTTPHeaders, HTTPServerRequest
@@ -217,8 +218,8 @@ __all__ = [
     "REQUEST_ID_HEADER",
     "EdgePolicy",
     "XllmApplication",
-    "request_id_for",
-    "log_access",
     "edge_settings",
     "edge_transforms",
+    "log_access",
+    "request_id_for",
 ]

@@ -89,4 +89,4 @@ def setup_logging(http: HttpConfig, *, stream: Any = None) -> list[logging.Handl
     return handlers
 
 
-__all__ = ["request_id_var", "RequestIdFilter", "JsonFormatter", "make_formatter", "make_file_handler", "setup_logging"]
+__all__ = ["JsonFormatter", "RequestIdFilter", "make_file_handler", "make_formatter", "request_id_var", "setup_logging"]
