@@ -10,6 +10,7 @@ semantics) that an asyncio reaper task on the engine's loop enforces.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
 import time
@@ -95,13 +96,14 @@ def device_kind(device: str) -> str:
 
 
 class ReplicaSet:
-    """N runners of one model behaving like one ModelRunner; requests go to the least-loaded."""
+    """N runners of one model behaving like one ModelRunner; requests go to the least-loaded (ties rotate)."""
 
     def __init__(self, runners: list[ModelRunner]):
         self.runners = runners
         self.model: LoadedModel = runners[0].model  # tokenizer and facts: every replica is the same model
         self.max_batch_size = runners[0].max_batch_size
         self.created = runners[0].created
+        self._turn = itertools.count()
 
     def start(self) -> None:
         """Start every replica's thread."""
@@ -121,7 +123,9 @@ class ReplicaSet:
         """Queue ``request`` on the replica with the fewest sequences."""
         if request.adapter:  # LoRA adapters are attached to the first replica's model only
             return self.runners[0].submit(request, loop)
-        return min(self.runners, key=len).submit(request, loop)
+        start = next(self._turn) % len(self.runners)  # ties rotate, so idle replicas take turns
+        order = self.runners[start:] + self.runners[:start]
+        return min(order, key=len).submit(request, loop)
 
     def stats(self) -> EngineStats:
         """Counters summed over the replicas."""
