@@ -190,7 +190,13 @@ def test_server_lru_eviction_spares_a_streaming_model(three_model_home, tiny_lla
             models = admin(info)
             assert models["tiny2"]["state"] == "loaded" and models["tiny1"]["running"] == 1
             assert models["tiny1"]["memory_bytes"] > 0 and models["tiny1"]["last_used"] > 0
-            time.sleep(0.3)  # past idle_grace_seconds: tiny2 is idle, not just between tokenize and submit
+            # wait until the server has finished with tiny2 (its generation ends after the
+            # client has the reply), then past idle_grace_seconds so it counts as idle
+            deadline = time.monotonic() + 10
+            while admin(info)["tiny2"].get("in_use", 0) or admin(info)["tiny2"].get("running", 0):
+                assert time.monotonic() < deadline, admin(info)["tiny2"]
+                time.sleep(0.05)
+            time.sleep(0.3)
             chat(info.base_url, "tiny3")  # needs room: idle tiny2 goes, busy tiny1 stays
             assert set(admin(info)) == {"tiny1", "tiny3"}
             text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
