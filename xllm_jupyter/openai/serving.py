@@ -210,15 +210,7 @@ class OpenAIServing:
             }
             for i in range(n)
         ]
-        return {
-            "id": rid,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "system_fingerprint": SYSTEM_FINGERPRINT,
-            "choices": choices,
-            "usage": usage_dict(usage),
-        }
+        return _envelope(rid, "chat.completion", created, model, choices, usage)
 
     async def _chat_stream(
         self, gen: GenerationRequest, model: str, rid: str, created: int, include_usage: bool, tools: ToolCalling
@@ -344,15 +336,7 @@ class OpenAIServing:
             }
             for i in range(total)
         ]
-        return {
-            "id": rid,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "system_fingerprint": SYSTEM_FINGERPRINT,
-            "choices": choices,
-            "usage": usage_dict(_sum_usage(usages)),
-        }
+        return _envelope(rid, "text_completion", created, model, choices, _sum_usage(usages))
 
     async def _completion_stream(
         self,
@@ -439,3 +423,16 @@ async def _merged(engine: Any, gens: Sequence[GenerationRequest]) -> AsyncIterat
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _envelope(rid: str, obj: str, created: int, model: str, choices: list, usage: Usage) -> dict[str, Any]:
+    """The fields every non-streamed completion response shares."""
+    return {
+        "id": rid,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+        "choices": choices,
+        "usage": usage_dict(usage),
+    }

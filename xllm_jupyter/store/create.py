@@ -26,7 +26,7 @@ from .manifest import Manifest, write_manifest
 from .modelfile import Modelfile, parse_modelfile
 from .names import is_valid_name, name_to_dirname, safe_relpath, validate_name
 from .packaged import PACKAGED
-from .progress import PullProgress, from_callback, guard_progress
+from .progress import PullProgress, guard_progress, translate_os_error
 
 if TYPE_CHECKING:
     from .store import ModelStore
@@ -116,11 +116,7 @@ def create_model(store: "ModelStore", name: str, text: str, progress: Callable[[
         log.info("created %s from %s", n, base.name)
         return manifest.with_path(target)
     except OSError as exc:
-        if from_callback(exc):
-            raise
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StoreError("Not enough disk space in the model store") from None
-        raise StoreError(f"File system error in the model store: {exc.strerror or exc.__class__.__name__}") from None
+        translate_os_error(exc)
 
 
 def _base(store: "ModelStore", source: str, report: Any) -> Manifest:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass
 from typing import Callable
+
+from ..core.errors import StoreError
 
 log = logging.getLogger("xllm_jupyter.store")
 
@@ -45,6 +48,15 @@ def guard_progress(progress: ProgressFn | None) -> ProgressFn | None:
 def from_callback(exc: BaseException) -> bool:
     """True when ``exc`` was raised by the caller's progress callback."""
     return bool(getattr(exc, PROGRESS_MARK, False))
+
+
+def translate_os_error(exc: OSError) -> None:
+    """Re-raise a file-system error as a StoreError with no paths in it (a callback's own error passes through)."""
+    if from_callback(exc):
+        raise exc
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise StoreError("Not enough disk space in the model store") from None
+    raise StoreError(f"File system error in the model store: {exc.strerror or exc.__class__.__name__}") from None
 
 
 class LogProgress:

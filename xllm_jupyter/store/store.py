@@ -14,7 +14,6 @@ directory is either complete or absent.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import os
@@ -47,7 +46,7 @@ from .manifest import (
 )
 from .names import child_dir, contained, dirname_to_name, name_to_dirname, safe_relpath, validate_name
 from .packaged import PACKAGED, installable
-from .progress import LogProgress, ProgressFn, PullProgress, from_callback, guard_progress
+from .progress import LogProgress, ProgressFn, PullProgress, guard_progress, translate_os_error
 from .sources import Source, parse_source, select_files
 
 log = logging.getLogger(__name__)
@@ -195,11 +194,7 @@ class ModelStore:
                 manifest = self._pull_locked(src, n, report, force, convert)
                 return set_adapter_base(manifest, base) if base is not None else manifest
         except OSError as exc:
-            if from_callback(exc):
-                raise
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StoreError("Not enough disk space in the model store") from None
-            raise StoreError(f"File system error in the model store: {exc.strerror or exc.__class__.__name__}") from None
+            translate_os_error(exc)
 
     def _pull_locked(self, src: Source, n: str, report: ProgressFn | None, force: bool, convert: bool) -> Manifest:
         self._clean_tmp()
