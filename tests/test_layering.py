@@ -13,10 +13,10 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "xllm_jupyter"
 LOWER_LAYERS = ("core", "backends", "engine", "store", "openai")
-FRONT_ENDS = ("cli", "magics", "widgets", "playground", "client")  # client/ is how they reach servers
+FRONT_ENDS = ("cli", "magics", "widgets", "playground", "notebook", "client")  # client/ is how they reach servers
 FORBIDDEN_LIBS = {"tornado", "jupyter_server", "traitlets", "IPython", "ipykernel", "click", "typer", "gradio"}
 # Our own packages that sit above the lower layers.
-UPPER_PACKAGES = {"server", "extension", "hub", "cli", "magics", "widgets", "playground", "client"}
+UPPER_PACKAGES = {"server", "extension", "hub", "cli", "magics", "widgets", "playground", "notebook", "client"}
 # (file relative to the package, enclosing function) allowed to import the server layer lazily
 LAZY_SERVER_IMPORTS = {("cli/main.py", "serve_command")}
 
