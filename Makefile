@@ -11,13 +11,15 @@ STAMP  := $(VENV)/.xllm-setup-stamp
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup model lab test bench clean help
+.PHONY: setup model lab test bench clean help labext-test labext-build
 
 help:
 	@echo "make lab    set up .venv, pull the default model, start JupyterLab with xllm"
 	@echo "make test   set up .venv and run the whole test suite"
 	@echo "make bench  CPU serving benchmark (writes benchmarks/results/)"
 	@echo "make clean  remove the venv and build leftovers"
+	@echo "make labext-test   jest unit tests of the JupyterLab panel (needs node/npm)"
+	@echo "make labext-build  rebuild xllm_jupyter/labextension from labextension/ (needs node/npm)"
 
 setup: $(STAMP)
 
@@ -45,6 +47,14 @@ lab: setup model
 test: setup
 	@$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; exit $$rc
+
+# The JupyterLab panel (labextension/, TypeScript). Its build output in
+# xllm_jupyter/labextension/ is checked in, so only these targets need node.
+labext-test:
+	cd labextension && npm ci --no-audit --no-fund --loglevel=error && npm test
+
+labext-build: setup
+	cd labextension && npm ci --no-audit --no-fund --loglevel=error && PATH="$(abspath $(VENV))/bin:$$PATH" npm run build:prod
 
 bench: setup model
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) benchmarks/cpu_serving.py

@@ -1,7 +1,10 @@
-"""%%xllm through a real IPython InteractiveShell against the live server."""
+"""%%xllm through a real IPython InteractiveShell (and a real kernel) against the live server."""
 
 from __future__ import annotations
 
+import json
+import os
+import queue
 import time
 
 import pytest
@@ -11,6 +14,7 @@ from IPython.utils.capture import capture_output
 from tests.server_fixtures import TINY
 from xllm_jupyter.client import XllmClient
 from xllm_jupyter.magics import XllmMagics, interpolate
+from xllm_jupyter.magics.render import Reply, extract_code, parse_json
 
 
 @pytest.fixture
@@ -21,23 +25,34 @@ def shell(xllm_server, monkeypatch):
     monkeypatch.delenv("XLLM_MODEL", raising=False)
     ip = InteractiveShell.instance()
     ip.run_line_magic("load_ext", "xllm_jupyter")
+    magics = XllmMagics(ip)
+    ip.register_magics(magics)  # a fresh instance per test: no conversation or defaults carried over
+    ip.xllm_magics = magics
     yield ip
-    for name in ("topic", "answer"):
+    magics.state.close()
+    for name in ("topic", "answer", "code", "obj"):
         ip.user_ns.pop(name, None)
 
 
-def expected(server, prompt: str, max_tokens: int, system: str | None = None) -> str:
-    """What the server answers for ``prompt`` (greedy, so the magic must show exactly this)."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+def expected(server, prompt: str | list, max_tokens: int, system: str | None = None, **params) -> str:
+    """What the server answers (greedy unless told, so the magic must show exactly this)."""
+    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    messages = ([{"role": "system", "content": system}] if system else []) + messages
+    params.setdefault("temperature", 0)
     with XllmClient(server.base_url, server.api_key) as c:
-        return c.chat(messages, TINY, temperature=0, max_tokens=max_tokens)
+        return c.chat(messages, TINY, max_tokens=max_tokens, **params)
+
+
+def final(cap, mime: str = "text/markdown"):
+    """The last display (or update) carrying ``mime``."""
+    rich = [o for o in cap.outputs if mime in o.data]
+    assert rich, f"the magic displayed no {mime}"
+    return rich[-1]
 
 
 def final_markdown(cap) -> str:
     """The text/markdown of the last display update."""
-    rich = [o for o in cap.outputs if "text/markdown" in o.data]
-    assert rich, "the magic displayed nothing"
-    return rich[-1].data["text/markdown"]
+    return final(cap).data["text/markdown"]
 
 
 def test_interpolate_keeps_unknown_names():
@@ -50,7 +65,18 @@ def test_interpolate_keeps_unknown_names():
     assert interpolate("{{literal}} {topic}", ns) == "{literal} cats"
 
 
-def test_cell_streams_markdown_with_interpolation(shell, xllm_server):
+def test_code_and_json_helpers():
+    assert extract_code("Here:\n```py\nx = 1\n```\nDone") == ("py", "x = 1")
+    assert extract_code("```\nprint(2)\n") == ("python", "print(2)")  # unclosed while streaming
+    assert extract_code("plain = 3") == ("python", "plain = 3")
+    assert parse_json('```json\n{"a": 1}\n```') == {"a": 1}
+    with pytest.raises(ValueError):
+        parse_json('{"a": ')
+    r = Reply("code", "```python\nx = '```'\n```")
+    assert r._repr_mimebundle_()["text/markdown"].startswith("````python\n")  # fence longer than the body's
+
+
+def test_cell_streams_markdown_with_interpolation_and_provenance(shell, xllm_server):
     shell.user_ns["topic"] = "dogs"
     with capture_output() as cap:
         result = shell.run_cell_magic("xllm", f"-m {TINY} -t 0 --max-tokens 24", "Write about {topic} and {nobody}\n")
@@ -60,6 +86,15 @@ def test_cell_streams_markdown_with_interpolation(shell, xllm_server):
     updates = [o for o in cap.outputs if o.update]
     assert cap.outputs[0].update is False and updates, "expected one display, then in-place updates"
     assert cap.stderr == ""
+    meta = final(cap).metadata["xllm"]
+    digest = xllm_server.engine.catalog.show(TINY).digest
+    assert meta["model"] == TINY and meta["digest"] == digest and digest
+    assert meta["parameters"] == {"temperature": 0.0, "max_tokens": 24}
+    assert isinstance(meta["seed"], int) and meta["finish_reason"] in ("stop", "length")
+    assert meta["usage"]["completion_tokens"] > 0
+    import xllm_jupyter
+
+    assert meta["server_version"] == xllm_jupyter.__version__ and meta["server"]["source"] == "extension"
 
 
 def test_default_model_system_prompt_and_out_variable(shell, xllm_server):
@@ -70,10 +105,90 @@ def test_default_model_system_prompt_and_out_variable(shell, xllm_server):
     assert shell.user_ns["answer"] == want
 
 
+def test_seed_reproduces_a_sampled_answer(shell, xllm_server):
+    with capture_output() as cap:
+        shell.run_cell_magic("xllm", f"-m {TINY} -t 1.0 --seed 7 --max-tokens 12 --out answer", "Once upon a time")
+    assert final(cap).metadata["xllm"]["seed"] == 7
+    assert shell.user_ns["answer"] == expected(xllm_server, "Once upon a time", 12, temperature=1.0, seed=7)
+
+
 def test_line_magic(shell, xllm_server):
     with capture_output() as cap:
         shell.run_line_magic("xllm", f"-m {TINY} -t 0 --max-tokens 5 Say hi")
     assert final_markdown(cap) == expected(xllm_server, "Say hi", 5)
+
+
+def test_no_stream_and_text_format(shell, xllm_server):
+    with capture_output() as cap:
+        shell.run_cell_magic("xllm", f"-m {TINY} -t 0 --max-tokens 8 --no-stream -f text", "Say hi")
+    assert len(cap.outputs) == 1 and not cap.outputs[0].update  # one display, no streaming updates
+    out = cap.outputs[0]
+    assert out.data["text/plain"] == expected(xllm_server, "Say hi", 8) and "text/markdown" not in out.data
+    assert out.metadata["xllm"]["finish_reason"] in ("stop", "length")
+
+
+def test_code_format_renders_a_code_block_and_out_holds_the_code(shell, xllm_server):
+    with capture_output() as cap:
+        shell.run_cell_magic("xllm", f"-m {TINY} -t 0 --max-tokens 10 -f code --out code", "Write a loop")
+    text = expected(xllm_server, "Write a loop", 10)
+    lang, code = extract_code(text)
+    assert final_markdown(cap).startswith("```") and code in final_markdown(cap)
+    assert final(cap).data["text/plain"] == code
+    assert shell.user_ns["code"] == code and lang == "python"
+
+
+def _seeds(server, want_stop: bool, max_tokens: int) -> int:
+    """A seed whose json_object answer finishes (or is cut off) within ``max_tokens``."""
+    with XllmClient(server.base_url, server.api_key) as c:
+        for seed in range(40):
+            body = c.chat_completion("Give me a JSON object", TINY, max_tokens=max_tokens, temperature=1.0, seed=seed,
+                                     response_format={"type": "json_object"})
+            if (body["choices"][0]["finish_reason"] == "stop") == want_stop:
+                return seed
+    pytest.fail("no seed gives the wanted finish")
+
+
+def test_json_format_is_constrained_parsed_and_stored(shell, xllm_server):
+    seed = _seeds(xllm_server, True, 60)
+    with capture_output() as cap:
+        shell.run_cell_magic("xllm", f"-m {TINY} -t 1.0 --seed {seed} --max-tokens 60 -f json --out obj", "Give me a JSON object")
+    assert cap.stderr == ""
+    out = final(cap, "application/json")
+    obj = shell.user_ns["obj"]
+    assert isinstance(obj, dict) and out.data["application/json"] == obj
+    assert json.loads(out.data["text/plain"]) == obj and out.data["text/markdown"].startswith("```json")
+
+
+def test_json_format_reports_a_cut_off_answer(shell, xllm_server):
+    seed = _seeds(xllm_server, False, 6)
+    with capture_output() as cap:
+        shell.run_cell_magic("xllm", f"-m {TINY} -t 1.0 --seed {seed} --max-tokens 6 -f json --out obj", "Give me a JSON object")
+    assert cap.stderr.startswith("xllm: the model's answer is not valid JSON") and "--max-tokens" in cap.stderr
+    assert "obj" not in shell.user_ns
+    assert final_markdown(cap).startswith("```json\n{")  # the raw answer stays visible
+
+
+def test_chat_keeps_the_conversation_and_new_starts_over(shell, xllm_server):
+    with capture_output():
+        shell.run_cell_magic("xllm", f"--new -m {TINY} -t 0 --max-tokens 6 -s 'Be brief.' --out answer", "My name is Ada.")
+    first = shell.user_ns["answer"]
+    with capture_output() as cap:
+        shell.run_cell_magic("xllm", "--chat -t 0 --max-tokens 6 --out answer", "What is my name?")
+    history = [{"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": first},
+               {"role": "user", "content": "What is my name?"}]
+    # the second cell sent the whole conversation (same model, same system prompt)
+    assert shell.user_ns["answer"] == expected(xllm_server, history, 6, system="Be brief.")
+    assert final(cap).metadata["xllm"]["chat_turn"] == 2
+    state = shell.xllm_magics.state
+    assert state.chat.turns == 2 and state.chat.messages[-1]["content"] == shell.user_ns["answer"]
+    # a one-off question in between leaves the conversation alone
+    with capture_output():
+        shell.run_cell_magic("xllm", f"-m {TINY} -t 0 --max-tokens 3", "Unrelated")
+    assert state.chat.turns == 2
+    with capture_output():
+        shell.run_cell_magic("xllm", f"--new -m {TINY} -t 0 --max-tokens 4 --out answer", "Hi again")
+    assert state.chat.turns == 1 and state.chat.system is None
+    assert shell.user_ns["answer"] == expected(xllm_server, "Hi again", 4)
 
 
 def test_terminal_ipython_prints_text(shell, xllm_server, capsys):
@@ -94,6 +209,10 @@ def test_errors_are_short_messages(shell):
     with capture_output() as cap:
         shell.run_cell_magic("xllm", f"-m {TINY}", "   \n")
     assert "nothing to ask" in cap.stderr
+    for line, words in ((f"-m {TINY} --chat --new", "not both"), ("-f yaml", "invalid choice"), ("--max-tokens lots", "invalid int")):
+        with capture_output() as cap:
+            shell.run_cell_magic("xllm", line, "hi")
+        assert cap.stderr.startswith("xllm: ") and words in cap.stderr and "Traceback" not in cap.stderr, cap.stderr
 
 
 def test_no_server_is_a_short_message(shell, monkeypatch):
@@ -108,27 +227,38 @@ def test_no_server_is_a_short_message(shell, monkeypatch):
     assert cap.stderr.startswith("xllm: no xllm server at")
 
 
-def test_interrupt_closes_the_stream_and_the_server_cancels(shell, xllm_server, monkeypatch):
-    """Ctrl-C in the middle of a stream: "(interrupted)" shows and the server cancels the job."""
-    real = XllmClient.stream_chat
-
-    def interrupted_after_three(self, *args, **kw):
-        stream = real(self, *args, **kw)
-        for i, piece in enumerate(stream):
-            if i == 3:
-                raise KeyboardInterrupt  # what SIGINT does inside a blocking read
-            yield piece
-
-    monkeypatch.setattr(XllmClient, "stream_chat", interrupted_after_three)
-    engine = xllm_server.engine
-    before = engine.stats(TINY).cancelled
-    with capture_output() as cap:
-        shell.run_cell_magic("xllm", f"-m {TINY} --max-tokens 1500", "Tell me a long story")
-    assert final_markdown(cap).endswith("*(interrupted)*")
+def _wait_cancelled(engine, before: int) -> None:
     deadline = time.monotonic() + 10
     while engine.stats(TINY).cancelled <= before and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert engine.stats(TINY).cancelled > before
+    assert engine.stats(TINY).cancelled > before, "the server did not cancel the generation"
+
+
+def test_interrupt_closes_the_stream_and_the_server_cancels(shell, xllm_server, monkeypatch):
+    """Ctrl-C in the middle of a stream: "(interrupted)" shows and the server cancels the job."""
+    import signal
+
+    real = XllmClient.stream_chunks
+
+    def interrupted_after_three(self, *args, **kw):
+        stream = real(self, *args, **kw)
+        try:
+            for i, chunk in enumerate(stream):
+                if i == 4:
+                    signal.raise_signal(signal.SIGINT)  # a real SIGINT, as a kernel interrupt sends
+                yield chunk
+        finally:
+            stream.close()
+
+    monkeypatch.setattr(XllmClient, "stream_chunks", interrupted_after_three)
+    engine = xllm_server.engine
+    before = engine.stats(TINY).cancelled
+    with capture_output() as cap:
+        shell.run_cell_magic("xllm", f"-m {TINY} --max-tokens 1500 --out answer", "Tell me a long story")
+    assert final_markdown(cap).endswith("*(interrupted)*")
+    assert final(cap).metadata["xllm"]["finish_reason"] == "interrupted"
+    assert 0 < len(shell.user_ns["answer"]) < 200
+    _wait_cancelled(engine, before)
 
 
 def test_magics_class_registers(shell):
@@ -137,22 +267,93 @@ def test_magics_class_registers(shell):
     assert any(isinstance(m, XllmMagics) for m in shell.magics_manager.registry.values())
 
 
-def test_in_a_real_kernel(xllm_server, monkeypatch):
-    """A real ipykernel (via nbclient): the answer arrives as Markdown display data, updated in place."""
-    import nbformat
-    from nbclient import NotebookClient
+# ------------------------------------------------------------------ a real kernel
+@pytest.fixture(scope="module")
+def kernel(xllm_server):
+    """A real ipykernel with the extension's variables in its environment, `%load_ext` done."""
+    from jupyter_client.manager import KernelManager
 
-    monkeypatch.setenv("XLLM_BASE_URL", xllm_server.base_url)  # what the extension exports
-    monkeypatch.setenv("XLLM_API_KEY", xllm_server.api_key)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [
-        nbformat.v4.new_code_cell("%load_ext xllm_jupyter\ntopic = 'owls'"),
-        nbformat.v4.new_code_cell(f"%%xllm -m {TINY} -t 0 --max-tokens 16\nA poem about {{topic}}"),
-    ]
-    NotebookClient(nb, timeout=120, kernel_name="python3").execute()
-    outputs = nb.cells[1].outputs
-    assert [o.output_type for o in outputs] == ["display_data"], outputs
-    # nbclient applies update_display_data to the original output, so it holds the final text
-    assert outputs[0].data["text/markdown"] == expected(xllm_server, "A poem about owls", 16)
-    assert nb.cells[1].execution_count is not None
+    env = {**os.environ, "XLLM_BASE_URL": xllm_server.base_url, "XLLM_API_KEY": xllm_server.api_key, "OMP_NUM_THREADS": "1"}
+    env.pop("XLLM_MODEL", None)
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel(env=env)
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=120)
+        assert run_in(kc, "%load_ext xllm_jupyter")[1]["status"] == "ok"
+        yield km, kc
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def run_in(kc, code: str, on_output=None, timeout: float = 120) -> tuple[list[dict], dict]:
+    """Execute ``code``; (iopub messages of that cell, execute_reply content)."""
+    msg_id = kc.execute(code)
+    msgs: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            msg = kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            pytest.fail(f"no idle from the kernel within {timeout} s")
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        msgs.append(msg)
+        if on_output is not None:
+            on_output(msg)
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            break
+    return msgs, kc.get_shell_msg(timeout=30)["content"]
+
+
+def test_in_a_real_kernel(kernel, xllm_server):
+    """A real ipykernel: the answer arrives as Markdown display data, updated in place, with provenance."""
+    _, kc = kernel
+    msgs, reply = run_in(kc, f"topic = 'owls'\n%xllm -m {TINY} -t 0 --max-tokens 16 A poem about {{topic}}")
+    assert reply["status"] == "ok"
+    outputs = [m for m in msgs if m["msg_type"] in ("display_data", "update_display_data", "stream", "error")]
+    assert outputs and outputs[0]["msg_type"] == "display_data", outputs
+    assert all(m["msg_type"] in ("display_data", "update_display_data") for m in outputs), outputs
+    last = outputs[-1]["content"]
+    assert last["data"]["text/markdown"] == expected(xllm_server, "A poem about owls", 16)
+    assert last["metadata"]["xllm"]["model"] == TINY
+
+
+def test_interrupting_the_kernel_cancels_on_the_server(kernel, xllm_server):
+    """Interrupt the kernel mid-stream (SIGINT): the cell ends with "(interrupted)", the server cancels."""
+    km, kc = kernel
+    engine = xllm_server.engine
+    before = engine.stats(TINY).cancelled
+    sent = []
+
+    def interrupt_once_streaming(msg):
+        if msg["msg_type"] in ("display_data", "update_display_data") and not sent:
+            sent.append(True)
+            km.interrupt_kernel()
+
+    msgs, reply = run_in(kc, f"%%xllm -m {TINY} --max-tokens 2000 --out answer\nTell me a very long story", interrupt_once_streaming)
+    assert sent, "the cell displayed nothing before it ended"
+    assert reply["status"] == "ok"  # the magic handled the interrupt: no KeyboardInterrupt traceback
+    last = [m for m in msgs if m["msg_type"] in ("display_data", "update_display_data")][-1]["content"]
+    assert last["data"]["text/markdown"].endswith("*(interrupted)*")
+    assert not [m for m in msgs if m["msg_type"] == "error"]
+    _wait_cancelled(engine, before)
+    # the kernel still works afterwards, and --out kept the partial answer
+    _, reply = run_in(kc, "assert isinstance(answer, str) and answer")
+    assert reply["status"] == "ok"
+
+
+def test_pull_in_a_real_kernel_shows_a_widget_bar(kernel, tiny_llama_dir):
+    """In a kernel with ipywidgets the pull's progress is a widget (pulling what the store has: no change)."""
+    _, kc = kernel
+    msgs, reply = run_in(kc, f"%xllm pull {tiny_llama_dir} --name {TINY}\nimport sys; print(sys.modules['ipywidgets'].__name__)")
+    assert reply["status"] == "ok"
+    shown = [m["content"]["data"] for m in msgs if m["msg_type"] == "display_data"]
+    assert any("application/vnd.jupyter.widget-view+json" in d for d in shown), shown
+    streams = "".join(m["content"]["text"] for m in msgs if m["msg_type"] == "stream")
+    assert "ipywidgets" in streams and "xllm:" not in streams
+    # the label's last state (sent over the widget comm) is the summary line
+    states = [json.dumps(m["content"]) for m in msgs if m["msg_type"] in ("comm_msg", "comm_open")]
+    assert any(f"Pulled {TINY} (safetensors" in s for s in states), states[-3:]

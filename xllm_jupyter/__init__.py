@@ -37,6 +37,11 @@ def _jupyter_server_extension_points() -> list[dict]:
     return [{"module": "xllm_jupyter", "app": XllmApp}]
 
 
+def _jupyter_labextension_paths() -> list[dict]:
+    """Where JupyterLab finds the prebuilt side panel (also installed to share/jupyter/labextensions)."""
+    return [{"src": "labextension", "dest": "@xllm/jupyterlab"}]
+
+
 def load_ipython_extension(ipython) -> None:
     """`%load_ext xllm_jupyter`: register the %%xllm magics."""
     from .magics import load_ipython_extension as _load

@@ -14,6 +14,8 @@ from .base import Backend, ModelSpec
 
 #: registry name -> "module:Class", in automatic-selection order
 BACKENDS: dict[str, str] = {
+    "exllamav3": "xllm_jupyter.backends.exllamav3:ExllamaV3Backend",
+    "exllamav2": "xllm_jupyter.backends.exllamav2:ExllamaV2Backend",
     "transformers": "xllm_jupyter.backends.transformers:TransformersBackend",
 }
 AUTO_ORDER: tuple[str, ...] = ("exllamav3", "exllamav2", "transformers")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import importlib.util
 import logging
-import threading
 from collections import deque
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,6 +21,7 @@ from ..core.types import ChatMessage, Constraint, FinishReason, SequenceJob, Tok
 from .base import Backend, LoadedModel, ModelSpec
 from .constraints import BatchMasker, GrammarCompiler
 from .detokenize import IncrementalDetokenizer
+from .hf_tokenizer import ChatTokenizer
 from .lora import LoraAdapters, merge_lora
 
 try:  # the backend must stay importable (and say "unavailable") without torch/transformers
@@ -35,7 +35,6 @@ except ImportError:  # pragma: no cover - exercised only on machines without the
 log = logging.getLogger(__name__)
 
 #: end-of-turn tokens that chat models emit instead of (or as well as) their EOS
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>", "<|end|>")
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
@@ -130,19 +129,10 @@ def _pick_dtype(name: str, device: "torch.device") -> "torch.dtype":
     return getattr(torch, DTYPES[name])
 
 
-def _eos_ids(model, tokenizer) -> frozenset[int]:
+def _eos_ids(model, chat: ChatTokenizer) -> frozenset[int]:
     """EOS ids from generation config, model config and tokenizer, plus end-of-turn tokens."""
-    ids: set[int] = set()
-    sources = [getattr(model.generation_config, "eos_token_id", None),
-               getattr(model.config.get_text_config(), "eos_token_id", None), tokenizer.eos_token_id]
-    for src in sources:
-        if isinstance(src, int):
-            ids.add(src)
-        elif isinstance(src, (list, tuple)):
-            ids.update(int(i) for i in src)
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
-    return frozenset(ids)
+    return chat.eos_ids(getattr(model.generation_config, "eos_token_id", None),
+                        getattr(model.config.get_text_config(), "eos_token_id", None))
 
 
 class _Seq:
@@ -175,11 +165,11 @@ class TransformersModel(LoadedModel):
         self.max_batch_size = max(1, max_batch_size)
         text_config = model.config.get_text_config()
         self.context_length = int(spec.context_length or getattr(text_config, "max_position_embeddings", 0) or 2048)
-        self.eos_token_ids = _eos_ids(model, tokenizer)
+        self.chat = ChatTokenizer(tokenizer, spec.name)
+        self.eos_token_ids = _eos_ids(model, self.chat)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         pad = tokenizer.pad_token_id
         self._pad_id = int(pad) if pad is not None else 0
-        self._tok_lock = threading.Lock()
         self._pending: deque[_Seq] = deque()
         self._running: list[_Seq] = []  # row i of the batch is _running[i]
         self._cancelled: set[int] = set()
@@ -199,42 +189,27 @@ class TransformersModel(LoadedModel):
 
     def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids for ``text`` (thread-safe)."""
-        with self._tok_lock:
-            return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        return self.chat.tokenize(text, add_special_tokens=add_special_tokens)
 
     def detokenize(self, ids: Sequence[int]) -> str:
         """Text for ``ids`` with special tokens skipped (thread-safe)."""
-        with self._tok_lock:
-            return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        return self.chat.detokenize(ids)
 
     def chat_template(self) -> str | None:
         """The chat template source (all named templates joined when there are several)."""
-        t = getattr(self.tokenizer, "chat_template", None)
-        return "\n".join(t.values()) if isinstance(t, dict) else t
+        return self.chat.chat_template()
 
     def render_chat(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True,
                     tools: Sequence[dict[str, Any]] | None = None) -> str:
         """The prompt text of ``messages`` (and ``tools``) under the model's chat template (thread-safe)."""
-        from jinja2 import TemplateError
-
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise InvalidRequest(f"Model '{self.name}' has no chat template; send a plain prompt to the "
-                                 "completions endpoint instead", param="messages")
-        convo = [m.to_template_dict() for m in messages]
-        try:
-            with self._tok_lock:
-                return self.tokenizer.apply_chat_template(convo, tokenize=False, tools=list(tools) if tools else None,
-                                                          add_generation_prompt=add_generation_prompt)
-        except TemplateError as exc:
-            raise InvalidRequest(f"The chat template rejected these messages: {exc}", param="messages") from exc
+        return self.chat.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools)
 
     def check_constraint(self, constraint: Constraint, *, param: str = "response_format") -> None:
         """Compile ``constraint`` into the grammar cache (any thread); InvalidRequest (400) if invalid."""
         self._grammars.compile(constraint, param=param)
 
     def _decode_piece(self, ids: Sequence[int]) -> str:
-        with self._tok_lock:
-            return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return self.chat.decode_piece(ids)
 
     # -- scheduling (engine thread) ---------------------------------------------------
 

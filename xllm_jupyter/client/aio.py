@@ -74,6 +74,16 @@ class AsyncXllmClient:
         """Unload ``name`` on the server."""
         return await self._request("POST", self.admin_url + "/models/unload", json={"model": name}) or {}
 
+    async def metrics_text(self) -> str:
+        """``GET /metrics``: the server's Prometheus text exposition."""
+        try:
+            response = await self._http.get(self.root_url + "/metrics")
+        except httpx.TransportError as exc:
+            raise unreachable(self.root_url, exc) from None
+        if response.status_code >= 300:
+            json_body(response, self.root_url)  # raises the error the response stands for
+        return response.text
+
     async def chat(self, messages: Messages, model: str | None = None, **params: Any) -> str:
         """The assistant's reply text for ``messages``."""
         body = await self._request("POST", self.base_url + "/chat/completions", json=chat_body(messages, model, False, params))

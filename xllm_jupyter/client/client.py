@@ -93,6 +93,16 @@ class XllmClient:
         """Unload ``name`` on the server (returns the server's reply)."""
         return self._request("POST", self.admin_url + "/models/unload", json={"model": name}) or {}
 
+    def metrics_text(self) -> str:
+        """``GET /metrics``: the server's Prometheus text exposition."""
+        try:
+            response = self._http.get(self.root_url + "/metrics")
+        except httpx.TransportError as exc:
+            raise unreachable(self.root_url, exc) from None
+        if response.status_code >= 300:
+            json_body(response, self.root_url)  # raises the error the response stands for
+        return response.text
+
     def default_model(self) -> str | None:
         """``XLLM_MODEL``, else the first loaded model, else the first servable one."""
         if os.environ.get("XLLM_MODEL"):

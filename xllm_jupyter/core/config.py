@@ -59,6 +59,14 @@ class EngineConfig:
     keep_alive: str = "5m"  # how long an idle model stays loaded: seconds or "5m"/"1h"; negative = forever
     replicas: tuple[str, ...] = ()  # "name=count" entries (YAML may give a mapping)
     idle_grace_seconds: float = 1.0  # a model used this recently is never evicted (covers tokenize -> submit)
+    # --- GPU (exllamav3 / exllamav2) settings; the transformers backend ignores them ---
+    cache_tokens: int = 0  # paged KV cache size in tokens shared by all sequences (0 = auto)
+    kv_cache_bits: str = "fp16"  # KV cache storage: fp16, q8, q6, q4, or "K,V" bits for exllamav3 (e.g. "4,6")
+    tensor_parallel: bool = False  # exllamav3: split every layer across the visible GPUs
+    gpu_split: tuple[str, ...] = ()  # GB to use per GPU when auto-splitting layers, e.g. ["20", "24"]
+    draft_model: str = ""  # speculative decoding: a small model from the store that drafts tokens
+    num_draft_tokens: int = 4  # tokens drafted per step (draft model or n-gram)
+    ngram_draft: int = 0  # n-gram drafting from the context: minimum match length (0 = off)
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,36 @@ class AuthConfig:
     tokens_per_minute: int = 0
     #: per-key cap on requests in flight, so one key cannot fill the queue (0 = unlimited)
     max_concurrent_per_key: int = 0
+
+
+@dataclass(frozen=True)
+class QuotaConfig:
+    """Per-user quotas, usage accounting and isolation (the user: hub user, Jupyter user or API key id)."""
+
+    #: requests one user may have in flight (queued or running); 0 = unlimited
+    max_concurrent: int = 0
+    #: tokens (prompt + completion) one user may use per UTC day; 0 = unlimited
+    tokens_per_day: int = 0
+    #: per-user overrides, "name=N" entries (YAML may give a mapping); 0 = unlimited
+    user_max_concurrent: tuple[str, ...] = ()
+    user_tokens_per_day: tuple[str, ...] = ()
+    #: per-group limits for each member, "group=N"; a user in several groups gets the largest
+    group_max_concurrent: tuple[str, ...] = ()
+    group_tokens_per_day: tuple[str, ...] = ()
+    #: let users reuse each other's cached prompt prefixes (faster, but timing can reveal prompts)
+    share_prefix_cache: bool = False
+    #: distinct user label values in Prometheus metrics; later users are counted as "other"
+    metrics_max_users: int = 100
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    """The JupyterHub service (``python -m xllm_jupyter.hub``)."""
+
+    #: hub users who may call ``/admin/*`` (usage, load/unload); hub admin rights are not needed
+    admin_users: tuple[str, ...] = ()
+    #: hub groups whose members may call ``/admin/*``
+    admin_groups: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -117,6 +155,8 @@ class XllmConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    quotas: QuotaConfig = field(default_factory=QuotaConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
 
 _SECTIONS: dict[str, type] = {
@@ -126,6 +166,8 @@ _SECTIONS: dict[str, type] = {
     "auth": AuthConfig,
     "cache": CacheConfig,
     "http": HttpConfig,
+    "quotas": QuotaConfig,
+    "hub": HubConfig,
 }
 # Short aliases; the full XLLM_<SECTION>_<KEY> name wins when both are set.
 # XLLM_API_KEY is deliberately not an alias: it is the key *clients* send (the Jupyter
@@ -164,6 +206,9 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("auth", "requests_per_minute"): (0, None),
     ("auth", "tokens_per_minute"): (0, None),
     ("auth", "max_concurrent_per_key"): (0, None),
+    ("quotas", "max_concurrent"): (0, None),
+    ("quotas", "tokens_per_day"): (0, None),
+    ("quotas", "metrics_max_users"): (1, 100000),
 }
 
 

@@ -103,6 +103,10 @@ class GenerationRequest:
     adapter: str | None = None
     #: seconds to keep the model loaded after this request; None = the model's default, negative = forever
     keep_alive: float | None = None
+    #: who asked (hub user, Jupyter user or API key id); keys per-user fair admission; None = anonymous
+    user: str | None = None
+    #: prefix-cache namespace: prompts are reused only within one namespace ("" = shared by everyone)
+    cache_namespace: str = ""
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,10 @@ class SequenceJob:
     constraint: Constraint | None = None
     #: the LoRA adapter this row decodes with (its served name); None = the base model
     adapter: str | None = None
+    #: the requesting user (fair admission across users); None = anonymous
+    user: str | None = None
+    #: backends salt prefix-cache reuse with this, so cached prompts never cross namespaces
+    cache_namespace: str = ""
 
 
 @dataclass(frozen=True)

@@ -139,7 +139,15 @@ class Engine(AdapterMixin, ResidencyMixin):
             "dtype": c.dtype,
             "torch_threads": c.torch_threads,
             "max_batch_size": c.max_batch_size,
+            "cache_tokens": c.cache_tokens,
+            "kv_cache_bits": c.kv_cache_bits,
+            "tensor_parallel": c.tensor_parallel,
+            "gpu_split": c.gpu_split,
+            "num_draft_tokens": c.num_draft_tokens,
+            "ngram_draft": c.ngram_draft,
         }
+        if c.draft_model and c.draft_model != name:
+            defaults["draft_model_path"] = str(self.catalog.resolve(c.draft_model).path)
         return dataclasses.replace(spec, options={**defaults, **spec.options})
 
     async def load(self, name: str) -> LoadedModel:

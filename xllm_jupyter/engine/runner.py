@@ -15,7 +15,6 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -31,6 +30,7 @@ from ..core.types import (
     TokenEvent,
     Usage,
 )
+from .fairness import FairQueue
 from .stops import StopMatcher
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class ModelRunner:
         self.max_batch_size = max(1, max_batch_size)
         self.created = int(time.time())
         self._cond = threading.Condition()
-        self._waiting: deque[tuple[SequenceJob, _JobState]] = deque()
+        self._waiting: FairQueue[tuple[SequenceJob, _JobState]] = FairQueue()  # per-user round-robin (fairness.py)
         self._cancels: list[int] = []
         self._jobs: dict[int, _JobState] = {}
         self._stopping = False
@@ -156,6 +156,8 @@ class ModelRunner:
                 top_logprobs=params.top_logprobs,
                 constraint=params.constraint,
                 adapter=request.adapter,
+                user=request.user,
+                cache_namespace=request.cache_namespace,
             )
             handle.job_ids.append(job.job_id)
             pending.append((job, _JobState(handle, index, StopMatcher(params.stop))))
@@ -244,12 +246,12 @@ class ModelRunner:
             cancels, self._cancels = self._cancels, []
             if cancels:
                 dropped = set(cancels)
-                kept = deque(item for item in self._waiting if item[0].job_id not in dropped)
-                self._counters.cancelled += len(self._waiting) - len(kept)
-                self._waiting = kept
+                self._counters.cancelled += self._waiting.remove_if(lambda item: item[0].job_id in dropped)
             admitted = []
-            while self._waiting and len(self._jobs) + len(admitted) < self.max_batch_size:
-                admitted.append(self._waiting.popleft())
+            free = self.max_batch_size - len(self._jobs)
+            if self._waiting and free > 0:
+                running = (s.handle.request.user or "" for s in self._jobs.values())
+                admitted = self._waiting.take(free, running, self.max_batch_size)
         for job_id in cancels:
             state = self._jobs.get(job_id)
             if state is not None:

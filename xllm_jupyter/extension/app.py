@@ -21,6 +21,7 @@ from ..core.config import XllmConfig, load_config
 from ..server.handlers import CONTEXT_KEY, XllmContext
 from ..server.jupyter import JupyterPublicHandler, JupyterXllmHandler
 from ..server.routes import build_routes
+from .playground import close_playground, playground_routes
 
 #: the routes' prefix under the server's base_url
 PREFIX = "/xllm"
@@ -66,6 +67,8 @@ class XllmApp(ExtensionApp):
 
     def initialize_handlers(self) -> None:
         """The shared route table under ``/xllm`` (ExtensionApp prepends base_url)."""
+        # Jupyter-only route (gradio is imported on its first request); before the catch-all 404
+        self.handlers.extend(playground_routes(PREFIX, JupyterXllmHandler))
         self.handlers.extend(build_routes(PREFIX, JupyterXllmHandler, JupyterPublicHandler))
 
     # --------------------------------------------------------------- lifecycle
@@ -92,6 +95,7 @@ class XllmApp(ExtensionApp):
         if task is not None and not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        close_playground(self.settings.get(CONTEXT_KEY))
         if self.engine is not None:
             await self.engine.stop()
         for key, value in getattr(self, "_exported", {}).items():

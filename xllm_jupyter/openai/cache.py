@@ -63,11 +63,11 @@ class ResponseCache:
         with self._lock:
             return len(self._entries)
 
-    def key(self, endpoint: str, body: dict[str, Any], model_identity: str) -> str:
-        """The cache key: endpoint, model identity and the canonical request JSON, hashed."""
+    def key(self, endpoint: str, body: dict[str, Any], model_identity: str, namespace: str = "") -> str:
+        """The cache key: user namespace, endpoint, model identity and the canonical request JSON, hashed."""
         kept = {k: v for k, v in body.items() if k not in _DELIVERY_FIELDS}
         canonical = json.dumps(kept, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        raw = "\0".join((endpoint, str(body.get("model")), model_identity, canonical))
+        raw = "\0".join((namespace, endpoint, str(body.get("model")), model_identity, canonical))
         return hashlib.sha256(raw.encode("utf-8")).hexdigest()
 
     def _get(self, key: str, form: str) -> Any:
@@ -87,8 +87,12 @@ class ResponseCache:
         body: bytes,
         produce: Callable[[bytes], Awaitable[Result]],
         model_identity: Callable[[str], Awaitable[str]],
+        namespace: str = "",
     ) -> Result:
         """``produce(body)``, answered from the cache when the request is deterministic.
+
+        ``namespace`` (the caller's user) partitions the cache: a user is never served
+        another user's cached response, which would reveal what they asked.
 
         ``model_identity(model)`` names the loaded model's weights; it may load the model.
         Anything unusual (not JSON, no model name, not deterministic) goes straight to
@@ -102,7 +106,7 @@ class ResponseCache:
             return await produce(body)
         if not isinstance(parsed, dict) or not isinstance(parsed.get("model"), str) or not is_deterministic(parsed):
             return await produce(body)
-        key = self.key(endpoint, parsed, await model_identity(parsed["model"]))
+        key = self.key(endpoint, parsed, await model_identity(parsed["model"]), namespace)
         form = _form(parsed)
         cached = self._get(key, form)
         if cached is not None:

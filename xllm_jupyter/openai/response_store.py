@@ -3,6 +3,9 @@
 One store per server process; bounded so a long-running server cannot grow without
 limit: past ``capacity`` the least recently used response is forgotten, after which
 it reads as unknown (404), exactly like one that was never stored.
+
+Each response belongs to the user who created it: for anyone else it reads as
+unknown too (404, not 403, so ids of other users' responses reveal nothing).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ class StoredResponse:
     response: dict[str, Any]
     input_items: list[dict[str, Any]] = field(default_factory=list)
     conversation: list[dict[str, Any]] = field(default_factory=list)
+    #: the user who created it (None = anonymous); only they can read, continue or delete it
+    owner: str | None = None
 
 
 class ResponseStore:
@@ -47,15 +52,15 @@ class ResponseStore:
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
 
-    def get(self, rid: str, param: str | None = None) -> StoredResponse:
-        """The stored response, or NotFound (404) naming ``param``."""
+    def get(self, rid: str, param: str | None = None, owner: str | None = None) -> StoredResponse:
+        """``owner``'s stored response, or NotFound (404) naming ``param``."""
         stored = self._items.get(rid)
-        if stored is None:
+        if stored is None or stored.owner != owner:
             raise NotFound(f"Response with id '{rid}' not found.", param=param)
         self._items.move_to_end(rid)
         return stored
 
-    def delete(self, rid: str) -> None:
-        """Forget ``rid``; NotFound when it is not stored."""
-        if self._items.pop(rid, None) is None:
-            raise NotFound(f"Response with id '{rid}' not found.")
+    def delete(self, rid: str, owner: str | None = None) -> None:
+        """Forget ``owner``'s ``rid``; NotFound when they have no such response."""
+        self.get(rid, owner=owner)
+        del self._items[rid]

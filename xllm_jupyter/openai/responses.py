@@ -104,7 +104,8 @@ def _status(finish: str | None) -> tuple[str, dict[str, Any] | None]:
 class _Turn:
     """One request in flight: its ids, parsed request and the conversation it extends."""
 
-    def __init__(self, req: ResponsesRequest, items: list[dict[str, Any]], history: list[dict[str, Any]]):
+    def __init__(self, req: ResponsesRequest, items: list[dict[str, Any]], history: list[dict[str, Any]], user: str | None = None):
+        self.user = user  # the owner of the stored response
         self.req = req
         self.items = items
         self.history = history
@@ -145,7 +146,7 @@ class _Turn:
         resp = self.response(status, output, usage_object(chat_usage), incomplete)
         if self.req.store is not False:
             conversation = self.history + items_to_messages(self.items) + items_to_messages(output)
-            store.put(self.rid, StoredResponse(resp, self.items, conversation))
+            store.put(self.rid, StoredResponse(resp, self.items, conversation, owner=self.user))
         return resp
 
 
@@ -173,8 +174,11 @@ class ResponsesServing:
         self.chat = chat
         self.store = store or ResponseStore()
 
-    async def create(self, body: bytes) -> dict[str, Any] | AsyncIterator[Event]:
-        """``POST /v1/responses``: a Response, or typed events when ``stream`` is true."""
+    async def create(self, body: bytes, user: str | None = None) -> dict[str, Any] | AsyncIterator[Event]:
+        """``POST /v1/responses``: a Response, or typed events when ``stream`` is true.
+
+        ``user`` owns the stored response; only they can retrieve, continue or delete it.
+        """
         req: ResponsesRequest = parse_request(ResponsesRequest, body)
         chat: dict[str, Any] = {"model": req.model}
         fmt = req.response_format()
@@ -187,7 +191,7 @@ class ResponsesServing:
         items = normalize_input(req.input)  # type: ignore[arg-type]
         history: list[dict[str, Any]] = []
         if req.previous_response_id is not None:
-            history = self.store.get(req.previous_response_id, param="previous_response_id").conversation
+            history = self.store.get(req.previous_response_id, param="previous_response_id", owner=user).conversation
         system = [{"role": "system", "content": req.instructions}] if req.instructions else []
         chat["messages"] = system + history + items_to_messages(items)
         for src, dst in (("max_output_tokens", "max_completion_tokens"), ("temperature", "temperature"), ("top_p", "top_p"), ("user", "user"), ("parallel_tool_calls", "parallel_tool_calls")):
@@ -198,9 +202,9 @@ class ResponsesServing:
         if req.stream:
             chat["stream"] = True
             chat["stream_options"] = {"include_usage": True}
-        turn = _Turn(req, items, history)
+        turn = _Turn(req, items, history, user)
         try:
-            result = await self.chat.chat_completion(json.dumps(chat).encode("utf-8"))
+            result = await self.chat.chat_completion(json.dumps(chat).encode("utf-8"), user=user)
         except XllmError as exc:
             raise _relabel(exc) from None
         if req.stream:
@@ -278,22 +282,22 @@ class ResponsesServing:
         yield event("response.completed" if status == "completed" else "response.incomplete", response=final)
 
     # ----------------------------------------------------------- stored objects
-    def retrieve(self, rid: str) -> dict[str, Any]:
-        """``GET /v1/responses/{id}``; 404 when unknown, deleted or created with ``store: false``."""
-        return self.store.get(rid).response
+    def retrieve(self, rid: str, user: str | None = None) -> dict[str, Any]:
+        """``GET /v1/responses/{id}``; 404 when unknown, deleted, created with ``store: false`` or another user's."""
+        return self.store.get(rid, owner=user).response
 
-    def delete(self, rid: str) -> dict[str, Any]:
-        """``DELETE /v1/responses/{id}``."""
-        self.store.delete(rid)
+    def delete(self, rid: str, user: str | None = None) -> dict[str, Any]:
+        """``DELETE /v1/responses/{id}`` (``user``'s own responses only)."""
+        self.store.delete(rid, owner=user)
         return {"id": rid, "object": "response.deleted", "deleted": True}
 
-    def input_items(self, rid: str, limit: int = 20, order: str = "desc", after: str | None = None) -> dict[str, Any]:
+    def input_items(self, rid: str, limit: int = 20, order: str = "desc", after: str | None = None, user: str | None = None) -> dict[str, Any]:
         """``GET /v1/responses/{id}/input_items``: this request's input items, one page."""
         if not 1 <= limit <= 100:
             raise InvalidRequest("'limit' must be between 1 and 100", param="limit")
         if order not in ("asc", "desc"):
             raise InvalidRequest("'order' must be 'asc' or 'desc'", param="order")
-        items = list(self.store.get(rid).input_items)
+        items = list(self.store.get(rid, owner=user).input_items)
         if order == "desc":
             items.reverse()
         if after is not None:

@@ -49,6 +49,12 @@ class OpenAIServing:
         self.engine = engine
         self.config = config or ServerConfig()
         self.cache = ResponseCache(cache)
+        #: let users reuse each other's cached prompt prefixes (quotas.share_prefix_cache); off = per-user namespaces
+        self.share_prefix_cache = False
+
+    def _namespace(self, user: str | None) -> str:
+        """The prefix-cache namespace of ``user``'s jobs ("" = shared by everyone)."""
+        return "" if self.share_prefix_cache else (user or "")
 
     async def _model_identity(self, name: str) -> str:
         """What names the weights behind ``name`` for the response cache (loads it if needed)."""
@@ -138,11 +144,15 @@ class OpenAIServing:
             raise
 
     # -------------------------------------------------------- chat completions
-    async def chat_completion(self, body: bytes) -> dict[str, Any] | AsyncIterator[Chunk]:
-        """``POST /v1/chat/completions``: a response dict, or chunks when ``stream`` is true."""
-        return await self.cache.serve("chat", body, self._chat_completion, self._model_identity)
+    async def chat_completion(self, body: bytes, user: str | None = None) -> dict[str, Any] | AsyncIterator[Chunk]:
+        """``POST /v1/chat/completions``: a response dict, or chunks when ``stream`` is true.
 
-    async def _chat_completion(self, body: bytes) -> dict[str, Any] | AsyncIterator[Chunk]:
+        ``user`` is the authenticated caller: it keys fair scheduling, usage and the
+        response cache (never shared across users).
+        """
+        return await self.cache.serve("chat", body, lambda b: self._chat_completion(b, user), self._model_identity, namespace=user or "")
+
+    async def _chat_completion(self, body: bytes, user: str | None = None) -> dict[str, Any] | AsyncIterator[Chunk]:
         req: ChatCompletionRequest = parse_request(ChatCompletionRequest, body)
         n = req.n or 1
         self._check_n(n)
@@ -174,7 +184,7 @@ class OpenAIServing:
             constraint=constraint,
         )
         gen = GenerationRequest(model=req.model, prompt_ids=tuple(prompt), params=params, request_id=rid,
-                                keep_alive=request_keep_alive(req.keep_alive))
+                                keep_alive=request_keep_alive(req.keep_alive), user=user, cache_namespace=self._namespace(user))
         self._validate(gen, "messages")
         created = int(time.time())
         if req.stream:
@@ -260,11 +270,11 @@ class OpenAIServing:
             yield {**head, "choices": [], "usage": usage_dict(usage)}
 
     # ------------------------------------------------------ legacy completions
-    async def completion(self, body: bytes) -> dict[str, Any] | AsyncIterator[Chunk]:
-        """``POST /v1/completions``: a response dict, or chunks when ``stream`` is true."""
-        return await self.cache.serve("completions", body, self._completion, self._model_identity)
+    async def completion(self, body: bytes, user: str | None = None) -> dict[str, Any] | AsyncIterator[Chunk]:
+        """``POST /v1/completions``: a response dict, or chunks when ``stream`` is true (``user``: as for chat)."""
+        return await self.cache.serve("completions", body, lambda b: self._completion(b, user), self._model_identity, namespace=user or "")
 
-    async def _completion(self, body: bytes) -> dict[str, Any] | AsyncIterator[Chunk]:
+    async def _completion(self, body: bytes, user: str | None = None) -> dict[str, Any] | AsyncIterator[Chunk]:
         req: CompletionRequest = parse_request(CompletionRequest, body)
         n = req.n or 1
         prompts = req.prompts()
@@ -297,7 +307,7 @@ class OpenAIServing:
                 top_logprobs=req.logprobs or 0,
             )
             gen = GenerationRequest(model=req.model, prompt_ids=tuple(ids), params=params, request_id=rid,
-                                    keep_alive=request_keep_alive(req.keep_alive))
+                                    keep_alive=request_keep_alive(req.keep_alive), user=user, cache_namespace=self._namespace(user))
             self._validate(gen, "prompt")
             gens.append(gen)
         created = int(time.time())

@@ -23,6 +23,8 @@ from .sse import SSE_HEADERS, EventStreamWriter, dumps
 
 #: key of the XllmContext in the Tornado application settings
 CONTEXT_KEY = "xllm_context"
+#: routes admitted against the caller's per-user quotas (server/usage.py): they queue engine work
+METERED_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings"})
 
 
 class XllmContext:
@@ -34,6 +36,12 @@ class XllmContext:
         self.serving = OpenAIServing(engine, config.server, config.cache)
         self.metrics = ServerMetrics(engine, self.serving.cache)
         self.serving.engine = self.metrics.observed(engine)  # counts tokens and loads
+        from .usage import UsageEngine, UsageTracker  # usage.py builds on this module
+
+        #: per-user quotas and usage (server/usage.py); generations are charged to their user
+        self.usage = UsageTracker(config.quotas, self.metrics.registry)
+        self.serving.engine = UsageEngine(self.serving.engine, self.usage)
+        self.serving.share_prefix_cache = config.quotas.share_prefix_cache
         self.responses = ResponsesServing(self.serving)
         #: the standalone server's per-key Limiter (server/limits.py); None in Jupyter
         self.limiter: Any = None
@@ -56,10 +64,25 @@ class RequestMixin:
         self._dispatched = True  # Tornado has read the whole body by now
         gauge = self.xllm.metrics.in_flight
         gauge.inc()
+        ticket = None
         try:
+            if self.route in METERED_ROUTES:
+                ticket = self.xllm.usage.admit(self.caller)  # per-user quotas (429)
             await getattr(self, "handle_" + method)(*args, **kwargs)
         finally:
             gauge.dec()
+            if ticket is not None:
+                self.xllm.usage.release(ticket)
+
+    @property
+    def caller(self) -> Any:
+        """Who is calling (``usage.Caller``): set by the hub base, else the API key id or Jupyter user."""
+        found = getattr(self, "xllm_caller", None)
+        if found is None:
+            from .usage import caller_of
+
+            found = self.xllm_caller = caller_of(self)
+        return found
 
     def on_finish(self) -> None:
         """Count every finished request, refused ones included, by route and status."""
@@ -246,7 +269,7 @@ class ChatCompletionsMixin(BodyMixin):
 
     async def handle_post(self) -> None:
         """Chat completion, streamed or not."""
-        await self.respond(self.xllm.serving.chat_completion(self.body))
+        await self.respond(self.xllm.serving.chat_completion(self.body, user=self.caller.user))
 
 
 class CompletionsMixin(BodyMixin):
@@ -254,7 +277,7 @@ class CompletionsMixin(BodyMixin):
 
     async def handle_post(self) -> None:
         """Legacy text completion, streamed or not."""
-        await self.respond(self.xllm.serving.completion(self.body))
+        await self.respond(self.xllm.serving.completion(self.body, user=self.caller.user))
 
 
 class AdminModelsMixin(RequestMixin):

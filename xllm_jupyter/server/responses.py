@@ -12,7 +12,7 @@ class ResponsesMixin(BodyMixin):
 
     async def handle_post(self) -> None:
         """Create a response, streamed as typed events (``event:`` lines, no ``[DONE]``) or not."""
-        await self.respond(self.xllm.responses.create(self.body), encode=typed_sse_event, done=b"")
+        await self.respond(self.xllm.responses.create(self.body, user=self.caller.user), encode=typed_sse_event, done=b"")
 
 
 class ResponseMixin(RequestMixin):
@@ -22,11 +22,11 @@ class ResponseMixin(RequestMixin):
 
     async def handle_get(self, response_id: str) -> None:
         """A stored response; 404 when unknown."""
-        self.write_json(self.xllm.responses.retrieve(response_id))
+        self.write_json(self.xllm.responses.retrieve(response_id, user=self.caller.user))
 
     async def handle_delete(self, response_id: str) -> None:
         """Forget a stored response; 404 when unknown."""
-        self.write_json(self.xllm.responses.delete(response_id))
+        self.write_json(self.xllm.responses.delete(response_id, user=self.caller.user))
 
 
 class ResponseInputItemsMixin(RequestMixin):
@@ -39,4 +39,4 @@ class ResponseInputItemsMixin(RequestMixin):
             limit = int(arg("limit", "20"))
         except ValueError:
             raise InvalidRequest("'limit' must be an integer", param="limit") from None
-        self.write_json(self.xllm.responses.input_items(response_id, limit, arg("order", "desc"), arg("after", None)))
+        self.write_json(self.xllm.responses.input_items(response_id, limit, arg("order", "desc"), arg("after", None), user=self.caller.user))

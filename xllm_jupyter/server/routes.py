@@ -24,7 +24,10 @@ from .handlers import (
     NotFoundMixin,
 )
 from .ops import MetricsMixin, ReadyMixin
+from .pull import AdminManifestMixin, AdminPullMixin
 from .responses import ResponseInputItemsMixin, ResponseMixin, ResponsesMixin
+from .stats import AdminStatsMixin
+from .usage import AdminUsageMixin
 
 #: the only paths served without credentials; every other route authenticates (and
 #: tests/test_auth_limits.py walks ROUTES to prove it). The public? column of ROUTES
@@ -47,6 +50,10 @@ ROUTES: tuple[tuple[str, type, bool], ...] = (
     (r"/admin/models", AdminModelsMixin, False),
     (r"/admin/models/load", AdminLoadMixin, False),
     (r"/admin/models/unload", AdminUnloadMixin, False),
+    (r"/admin/usage", AdminUsageMixin, False),
+    (r"/admin/models/pull", AdminPullMixin, False),
+    (r"/admin/models/manifest", AdminManifestMixin, False),
+    (r"/admin/stats", AdminStatsMixin, False),
     (r"/health", HealthMixin, True),
     (r"/health/ready", ReadyMixin, True),
     (r"/metrics", MetricsMixin, False),

@@ -1,0 +1,365 @@
+#!/usr/bin/env python
+"""GPU serving benchmark: the raw exllama generator in-process vs our HTTP server, in one run.
+
+For each model and backend, at 1, 16 and 64 concurrent streams (128-token prompts, 256 new
+tokens, greedy, every stream runs to its length):
+
+(raw)    the library's own dynamic generator driven in this process (exllamav3 ``Generator``
+         / exllamav2 ``ExLlamaV2DynamicGenerator``): the ceiling;
+(server) our standalone HTTP server (``start_server`` over the real Engine, in a child
+         process) with the same model and settings, streamed over SSE by an httpx client
+         in this process, as a real client would be.
+
+Reports aggregate tok/s, TTFT p50/p99, inter-token latency p50/p99 and the server/raw
+ratio; writes ``--out`` (JSON) and a Markdown table next to it. Needs a CUDA GPU and the
+exllama libraries (see benchmarks/README.md for running it on a bare GPU machine).
+
+    python benchmarks/gpu_serving.py --make 1b --tokenizer TOKDIR --make-out /tmp/llama1b
+    python benchmarks/gpu_serving.py --model fp16-1.2b=/tmp/llama1b --backends exllamav3,exllamav2
+    python benchmarks/gpu_serving.py --serve DIR --backend exllamav3   # (child mode)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+SHAPES = {
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", action="append", default=[], help="NAME=DIR (repeatable)")
+    p.add_argument("--backends", default="exllamav3,exllamav2")
+    p.add_argument("--streams", default="1,16,64")
+    p.add_argument("--v2-streams", default="1", help="exllamav2 levels (unpaged without flash-attn: batch 1)")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_serving.json"))
+    p.add_argument("--make", choices=sorted(SHAPES), help="create a random-weight Llama of this shape")
+    p.add_argument("--make-out", help="where --make writes the model")
+    p.add_argument("--tokenizer", help="directory with tokenizer files copied next to a made model")
+    p.add_argument("--serve", help="child mode: serve this model directory over HTTP")
+    p.add_argument("--backend", default="exllamav3")
+    p.add_argument("--max-batch", type=int, default=128)
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------ models
+def make_model(shape: str, out: str, tokenizer_dir: str) -> None:
+    """A random-weight fp16 Llama of a real shape (throughput does not depend on weight values)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if Path(out, "config.json").exists():
+        return
+    cfg = LlamaConfig(vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0, bos_token_id=1,
+                      eos_token_id=2, tie_word_embeddings=False, **SHAPES[shape])
+    t = time.time()
+    with torch.device("cuda"):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg).half()
+        # zero logits for the tokenizer's special tokens (ids 0-16 in SmolLM2's vocabulary): random
+        # weights would otherwise often pick one, which decodes to no text, and the server sends no
+        # chunk for an empty delta, so streamed timings would be skewed
+        model.lm_head.weight.data[:17] = 0
+    model.save_pretrained(out)
+    for f in os.listdir(tokenizer_dir):
+        shutil.copy(os.path.join(tokenizer_dir, f), out)
+    print(f"made {shape}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params in {time.time() - t:.0f}s", flush=True)
+
+
+def prompts(n: int, length: int) -> list[list[int]]:
+    """``n`` distinct prompts (different first token, so no prefix is shared between streams)."""
+    import random
+
+    rng = random.Random(1)
+    base = [rng.randrange(100, 40000) for _ in range(length)]
+    return [[100 + i] + base[1:] for i in range(n)]
+
+
+# ----------------------------------------------------------------- statistics
+def pct(values: list[float], q: float) -> float | None:
+    """The q-quantile (0..1) of ``values``, nearest rank."""
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def summarize(streams: list[dict], wall: float) -> dict:
+    """Aggregate tok/s, TTFT and inter-token latency from per-stream arrival times (seconds)."""
+    tokens = sum(s["tokens"] for s in streams)
+    ttft = [s["first"] - s["start"] for s in streams if s["first"] is not None]
+    itl: list[float] = []
+    for s in streams:
+        times = s["times"]
+        itl += [(b - a) / max(1, n) for (a, _), (b, n) in zip(times, times[1:])]
+    ms = lambda v: round(v * 1000, 2) if v is not None else None  # noqa: E731
+    return {
+        "streams": len(streams), "tokens": tokens, "wall_s": round(wall, 3),
+        "tok_s": round(tokens / wall, 1) if wall > 0 else 0.0,
+        "ttft_p50_ms": ms(pct(ttft, 0.5)), "ttft_p99_ms": ms(pct(ttft, 0.99)),
+        "itl_p50_ms": ms(pct(itl, 0.5)), "itl_p99_ms": ms(pct(itl, 0.99)),
+    }
+
+
+# ------------------------------------------------------------------- raw engines
+class RawExllamaV3:
+    """exllamav3's own Generator, driven directly."""
+
+    def __init__(self, path: str, max_batch: int):
+        from exllamav3 import Cache, Config, Generator, Model, Tokenizer
+
+        cfg = Config.from_directory(path)
+        self.model = Model.from_config(cfg)
+        self.cache = Cache(self.model, max_num_tokens=65536)
+        self.model.load(progressbar=False)
+        from xllm_jupyter.backends.exllamav3 import PREFILL_SETTINGS  # the same generator settings as the server
+
+        self.gen = Generator(model=self.model, cache=self.cache, tokenizer=Tokenizer.from_config(cfg),
+                             max_batch_size=max_batch, **PREFILL_SETTINGS)
+
+    def job(self, ids: list[int], n: int, ident: int):
+        import torch
+        from exllamav3 import Job
+        from exllamav3.generator.sampler import ArgmaxSampler
+
+        return Job(input_ids=torch.tensor([ids]), max_new_tokens=n, sampler=ArgmaxSampler(),
+                   stop_conditions=[], identifier=ident)
+
+    def close(self) -> None:
+        self.model.unload()
+
+
+class RawExllamaV2:
+    """exllamav2's own dynamic generator, driven directly (unpaged without flash-attn)."""
+
+    def __init__(self, path: str, max_batch: int):
+        from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2Tokenizer, attn
+        from exllamav2.generator import ExLlamaV2DynamicGenerator
+
+        paged = bool(attn.has_flash_attn)
+        cfg = ExLlamaV2Config(path)
+        cfg.arch_compat_overrides()
+        cfg.max_seq_len = 4096
+        if not paged:
+            cfg.no_flash_attn = True
+        self.model = ExLlamaV2(cfg)
+        cache = ExLlamaV2Cache(self.model, max_seq_len=65536 if paged else 4096, lazy=True)
+        self.model.load_autosplit(cache)
+        self.gen = ExLlamaV2DynamicGenerator(model=self.model, cache=cache, tokenizer=ExLlamaV2Tokenizer(cfg),
+                                             max_batch_size=max_batch if paged else 1, max_seq_len=4096, paged=paged)
+
+    def job(self, ids: list[int], n: int, ident: int):
+        import torch
+        from exllamav2.generator import ExLlamaV2DynamicJob, ExLlamaV2Sampler
+
+        return ExLlamaV2DynamicJob(input_ids=torch.tensor([ids]), max_new_tokens=n,
+                                   gen_settings=ExLlamaV2Sampler.Settings.greedy(), stop_conditions=[], identifier=ident)
+
+    def close(self) -> None:
+        self.model.unload()
+
+
+def raw_level(engine, ids_list: list[list[int]], new_tokens: int) -> dict:
+    """All streams enqueued at once; iterate until every one has its tokens."""
+    import torch
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    recs = {}
+    for i, ids in enumerate(ids_list):
+        recs[i] = {"start": t0, "first": None, "tokens": 0, "times": []}
+        engine.gen.enqueue(engine.job(ids, new_tokens, i))
+    while engine.gen.num_remaining_jobs():
+        for r in engine.gen.iterate():
+            if r.get("stage") != "streaming":
+                continue
+            toks = r.get("token_ids")
+            n = int(toks.shape[-1]) if toks is not None else 0
+            if not n:
+                continue
+            now = time.perf_counter()
+            rec = recs[r["identifier"]]
+            rec["tokens"] += n
+            rec["times"].append((now, n))
+            if rec["first"] is None:
+                rec["first"] = now
+    torch.cuda.synchronize()
+    return summarize(list(recs.values()), time.perf_counter() - t0)
+
+
+def run_raw(backend: str, path: str, levels: list[int], args) -> dict:
+    import gc
+
+    import torch
+
+    engine = (RawExllamaV3 if backend == "exllamav3" else RawExllamaV2)(path, args.max_batch)
+    raw_level(engine, prompts(1, args.prompt_tokens), 8)  # warm-up (kernels, graphs)
+    raw_level(engine, prompts(max(levels), args.prompt_tokens), 8)
+    out = {c: raw_level(engine, prompts(c, args.prompt_tokens), args.new_tokens) for c in levels}
+    engine.close()
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+# ----------------------------------------------------------------------- server
+def serve_main(args) -> None:
+    """Child mode: our real HTTP server over one model directory; prints its URL."""
+    from xllm_jupyter.backends.base import ModelSpec
+    from xllm_jupyter.core.config import EngineConfig, ServerConfig, XllmConfig
+    from xllm_jupyter.core.errors import ModelNotFound
+    from xllm_jupyter.engine.engine import Engine
+    from xllm_jupyter.server.standalone import start_server
+    from xllm_jupyter.store.manifest import detect_format
+
+    path = Path(args.serve)
+    spec = ModelSpec(name="bench", path=path, format=detect_format(path), backend=args.backend, context_length=4096)
+
+    class OneModel:
+        def resolve(self, name: str) -> ModelSpec:
+            if name != "bench":
+                raise ModelNotFound(name)
+            return spec
+
+        def names(self) -> list[str]:
+            return ["bench"]
+
+    config = XllmConfig(server=ServerConfig(host="127.0.0.1", port=0, max_tokens_limit=8192),
+                        engine=EngineConfig(default_model="bench", max_batch_size=args.max_batch, max_queue=4096,
+                                            keep_alive="-1"))
+
+    async def main() -> None:
+        engine = Engine(config.engine, catalog=OneModel())
+        await engine.start()
+        await engine.load("bench")
+        server = await start_server(config, engine, port=0)
+        print(json.dumps({"url": server.url}), flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+async def http_level(url: str, ids_list: list[list[int]], new_tokens: int) -> dict:
+    """Concurrent SSE completions (prompt as token ids, greedy, ignore_eos) against the server."""
+    import httpx
+
+    body = {"model": "bench", "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    limits = httpx.Limits(max_connections=len(ids_list) + 4, max_keepalive_connections=len(ids_list) + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        async def one(ids: list[int]) -> dict:
+            rec = {"start": time.perf_counter(), "first": None, "tokens": 0, "times": []}
+            async with client.stream("POST", "/v1/completions", json={**body, "prompt": ids}) as resp:
+                resp.raise_for_status()
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        rec["tokens"] = chunk["usage"]["completion_tokens"]
+                    if chunk.get("choices") and chunk["choices"][0].get("text"):
+                        now = time.perf_counter()
+                        rec["times"].append((now, 1))
+                        if rec["first"] is None:
+                            rec["first"] = now
+            return rec
+
+        await asyncio.gather(*(one(ids) for ids in prompts(len(ids_list), 16)))  # warm the pool
+        t0 = time.perf_counter()
+        streams = await asyncio.gather(*(one(ids) for ids in ids_list))
+        return summarize(list(streams), time.perf_counter() - t0)
+
+
+def run_server(backend: str, path: str, levels: list[int], args) -> dict:
+    cmd = [sys.executable, __file__, "--serve", path, "--backend", backend, "--max-batch", str(args.max_batch)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the benchmark server did not start")
+        url = json.loads(line)["url"]
+        asyncio.run(http_level(url, prompts(1, args.prompt_tokens), 8))
+        return {c: asyncio.run(http_level(url, prompts(c, args.prompt_tokens), args.new_tokens)) for c in levels}
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+# ----------------------------------------------------------------------- report
+def markdown(report: dict) -> str:
+    p = report["params"]
+    lines = [
+        f"# GPU serving benchmark ({report['device']})", "",
+        f"{p['prompt_tokens']}-token prompts, {p['new_tokens']} new tokens, greedy, every stream to its length; "
+        f"raw = the library's generator in-process, server = our HTTP server (SSE), one run, {report['date']}.", "",
+        "| model | backend | streams | raw tok/s | server tok/s | server/raw | TTFT p50 raw / server (ms) | TTFT p99 raw / server (ms) | ITL p50 raw / server (ms) | ITL p99 raw / server (ms) |",
+        "|---|---|---:|---:|---:|---:|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        r, s = row["raw"], row["server"]
+        lines.append(f"| {row['model']} | {row['backend']} | {row['streams']} | {r['tok_s']} | {s['tok_s']} | "
+                     f"{row['ratio']} | {r['ttft_p50_ms']} / {s['ttft_p50_ms']} | {r['ttft_p99_ms']} / {s['ttft_p99_ms']} | "
+                     f"{r['itl_p50_ms']} / {s['itl_p50_ms']} | {r['itl_p99_ms']} / {s['itl_p99_ms']} |")
+    return "\n".join(lines) + "\n"
+
+
+def save(report: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    out.with_suffix(".md").write_text(markdown(report))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.serve:
+        serve_main(args)
+        return 0
+    if args.make:
+        make_model(args.make, args.make_out, args.tokenizer)
+        return 0
+    import torch
+
+    out = Path(args.out)
+    report = json.loads(out.read_text()) if out.exists() else {"rows": []}
+    report.update(device=torch.cuda.get_device_name(0), date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  params={"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "greedy": True})
+    for item in args.model:
+        name, path = item.split("=", 1)
+        for backend in args.backends.split(","):
+            spec = args.streams if backend == "exllamav3" else args.v2_streams
+            levels = [int(x) for x in spec.split(",")]
+            t = time.time()
+            raw = run_raw(backend, path, levels, args)
+            server = run_server(backend, path, levels, args)
+            report["rows"] = [r for r in report["rows"] if (r["model"], r["backend"]) != (name, backend)]
+            for c in levels:
+                ratio = round(server[c]["tok_s"] / raw[c]["tok_s"], 3) if raw[c]["tok_s"] else None
+                report["rows"].append({"model": name, "backend": backend, "streams": c, "raw": raw[c],
+                                       "server": server[c], "ratio": ratio})
+                print(f"{name} {backend} x{c}: raw {raw[c]['tok_s']} tok/s, server {server[c]['tok_s']} tok/s, "
+                      f"ratio {ratio}, TTFT p50 {raw[c]['ttft_p50_ms']} / {server[c]['ttft_p50_ms']} ms", flush=True)
+            print(f"{name} {backend}: {time.time() - t:.0f}s", flush=True)
+            save(report, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+import { errorFrom, parseChatChunk, RequestFn, SseParser, XllmApi, XllmApiError } from '../api';
+
+interface Call {
+  path: string;
+  init?: RequestInit;
+}
+
+/** A RequestFn that records calls and answers with `reply(path)`. */
+function fake(reply: (path: string, init?: RequestInit) => Response): { request: RequestFn; calls: Call[] } {
+  const calls: Call[] = [];
+  return {
+    calls,
+    request: async (path, init) => {
+      calls.push({ path, init });
+      return reply(path, init);
+    }
+  };
+}
+
+function json(body: unknown, status = 200): Response {
+  return new Response(JSON.stringify(body), { status, headers: { 'Content-Type': 'application/json' } });
+}
+
+/** A streamed response whose body arrives in exactly these byte pieces. */
+function streamed(pieces: Uint8Array[], status = 200): Response {
+  const body = new ReadableStream<Uint8Array>({
+    start(controller) {
+      for (const p of pieces) {
+        controller.enqueue(p);
+      }
+      controller.close();
+    }
+  });
+  return new Response(body, { status, headers: { 'Content-Type': 'text/event-stream' } });
+}
+
+function sse(...events: unknown[]): string {
+  return events.map(e => `data: ${typeof e === 'string' ? e : JSON.stringify(e)}\n\n`).join('');
+}
+
+function delta(content: string, finish: string | null = null): unknown {
+  return { choices: [{ index: 0, delta: { content }, finish_reason: finish }] };
+}
+
+describe('SseParser', () => {
+  it('joins events split across chunks and ignores comments', () => {
+    const p = new SseParser();
+    expect(p.feed(': keep-alive\n\nda')).toEqual([]);
+    expect(p.feed('ta: {"a":1}\r\n\r\ndata: x\ndata: y\n')).toEqual(['{"a":1}']);
+    expect(p.feed('\n')).toEqual(['x\ny']);
+  });
+});
+
+describe('parseChatChunk', () => {
+  it('reads content, finish reason, usage, errors and the end marker', () => {
+    expect(parseChatChunk('[DONE]')).toBeNull();
+    expect(parseChatChunk(JSON.stringify(delta('Hi')))).toMatchObject({ content: 'Hi', finishReason: null, error: null });
+    expect(parseChatChunk(JSON.stringify({ choices: [], usage: { prompt_tokens: 3, completion_tokens: 2 } }))?.usage).toEqual({
+      prompt_tokens: 3,
+      completion_tokens: 2
+    });
+    expect(parseChatChunk(JSON.stringify({ error: { message: 'boom' } }))?.error).toBe('boom');
+  });
+});
+
+describe('errorFrom', () => {
+  it('keeps the server message of an OpenAI error body', async () => {
+    const err = await errorFrom(json({ error: { message: "The model 'x' does not exist", type: 'invalid_request_error', param: 'model', code: 'model_not_found' } }, 404));
+    expect(err).toBeInstanceOf(XllmApiError);
+    expect(err.message).toBe("The model 'x' does not exist");
+    expect(err.status).toBe(404);
+    expect(err.code).toBe('model_not_found');
+  });
+
+  it('explains a bare 404 (extension not enabled)', async () => {
+    const err = await errorFrom(new Response('<html>Not Found</html>', { status: 404 }));
+    expect(err.message).toMatch(/extension is not enabled/);
+  });
+});
+
+describe('XllmApi', () => {
+  it('reads stats and model ids from the right paths', async () => {
+    const { request, calls } = fake(path =>
+      path === 'v1/models' ? json({ object: 'list', data: [{ id: 'tiny' }, { id: 'smollm2' }] }) : json({ object: 'xllm.stats', status: 'ready' })
+    );
+    const api = new XllmApi(request);
+    expect((await api.stats()).status).toBe('ready');
+    expect(await api.modelIds()).toEqual(['tiny', 'smollm2']);
+    expect(calls.map(c => c.path)).toEqual(['admin/stats', 'v1/models']);
+  });
+
+  it('posts load, unload and playground with JSON bodies', async () => {
+    const { request, calls } = fake(path =>
+      path.endsWith('unload') ? json({ id: 'tiny', unloaded: true }) : path === 'playground' ? json({ url: '/proxy/7860/' }) : json({ id: 'tiny' })
+    );
+    const api = new XllmApi(request);
+    await api.load('tiny');
+    expect(await api.unload('tiny')).toBe(true);
+    expect(await api.playground()).toBe('/proxy/7860/');
+    expect(calls.map(c => [c.path, c.init?.method, c.init?.body])).toEqual([
+      ['admin/models/load', 'POST', '{"model":"tiny"}'],
+      ['admin/models/unload', 'POST', '{"model":"tiny"}'],
+      ['playground', 'POST', '{}']
+    ]);
+  });
+
+  it('turns error answers into XllmApiError', async () => {
+    const api = new XllmApi(fake(() => json({ error: { message: 'Not enough memory', code: 'insufficient_memory' } }, 503)).request);
+    await expect(api.load('big')).rejects.toMatchObject({ message: 'Not enough memory', status: 503, code: 'insufficient_memory' });
+  });
+
+  it('streams a chat, even with multi-byte characters split between chunks', async () => {
+    const bytes = new TextEncoder().encode(sse(delta('Hé'), delta('llo ✓', 'stop'), { choices: [], usage: { prompt_tokens: 4, completion_tokens: 2 } }, '[DONE]'));
+    // cut inside the 'é' and inside the '✓' so the decoder must carry partial characters
+    const e = bytes.indexOf(0xc3); // first byte of 'é'
+    const check = bytes.indexOf(0xe2); // first byte of '✓'
+    expect(e > 0 && check > e).toBe(true);
+    const cuts = [0, e + 1, check + 1, check + 2, bytes.length];
+    const pieces = cuts.slice(1).map((end, i) => bytes.slice(cuts[i], end));
+    const { request, calls } = fake(() => streamed(pieces));
+    const seen: string[] = [];
+    const result = await new XllmApi(request).chat({ model: 'tiny', messages: [{ role: 'user', content: 'Hi' }], maxTokens: 8, onDelta: d => seen.push(d) });
+    expect(seen.join('')).toBe('Héllo ✓');
+    expect(result).toEqual({ text: 'Héllo ✓', finishReason: 'stop', usage: { prompt_tokens: 4, completion_tokens: 2 } });
+    const body = JSON.parse(String(calls[0].init?.body));
+    expect(calls[0].path).toBe('v1/chat/completions');
+    expect(body).toMatchObject({ model: 'tiny', stream: true, max_tokens: 8, messages: [{ role: 'user', content: 'Hi' }] });
+  });
+
+  it('raises the error event of a stream that fails after it started', async () => {
+    const { request } = fake(() => streamed([new TextEncoder().encode(sse(delta('a'), { error: { message: 'engine stopped' } }))]));
+    const got: string[] = [];
+    await expect(new XllmApi(request).chat({ model: 'tiny', messages: [], onDelta: d => got.push(d) })).rejects.toThrow('engine stopped');
+    expect(got).toEqual(['a']);
+  });
+
+  it('refuses a chat the server rejects before streaming', async () => {
+    const { request } = fake(() => json({ error: { message: "The model 'nope' does not exist", code: 'model_not_found' } }, 404));
+    await expect(new XllmApi(request).chat({ model: 'nope', messages: [], onDelta: () => undefined })).rejects.toMatchObject({ code: 'model_not_found' });
+  });
+});

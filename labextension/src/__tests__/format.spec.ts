@@ -1,0 +1,65 @@
+import { formatBytes, formatQueue, formatRate, memoryGauge, statusLabel } from '../format';
+
+describe('formatBytes', () => {
+  it('scales by 1024 with sensible precision', () => {
+    expect(formatBytes(0)).toBe('0 B');
+    expect(formatBytes(1023)).toBe('1023 B');
+    expect(formatBytes(1536)).toBe('1.50 KB');
+    expect(formatBytes(15 * 1024 * 1024)).toBe('15.0 MB');
+    expect(formatBytes(270 * 1024 ** 3)).toBe('270 GB');
+  });
+
+  it('shows a dash for unknown values', () => {
+    expect(formatBytes(null)).toBe('–');
+    expect(formatBytes(undefined)).toBe('–');
+    expect(formatBytes(-1)).toBe('–');
+    expect(formatBytes(NaN)).toBe('–');
+  });
+});
+
+describe('formatRate', () => {
+  it('is zero when idle and rounds large rates', () => {
+    expect(formatRate(0)).toBe('0 tok/s');
+    expect(formatRate(null)).toBe('0 tok/s');
+    expect(formatRate(12.345)).toBe('12.3 tok/s');
+    expect(formatRate(1938.4)).toBe('1938 tok/s');
+  });
+});
+
+describe('memoryGauge', () => {
+  it('measures against the budget when one is set', () => {
+    const g = memoryGauge('cpu', { used_bytes: 512 * 1024 ** 2, budget_bytes: 1024 ** 3, total_bytes: 16 * 1024 ** 3 });
+    expect(g.limit).toBe('budget');
+    expect(g.fraction).toBeCloseTo(0.5);
+    expect(g.label).toBe('512 MB of 1.00 GB RAM budget');
+    expect(g.warn).toBe(false);
+  });
+
+  it('falls back to the device total, and warns when nearly full', () => {
+    const g = memoryGauge('cuda', { used_bytes: 95, budget_bytes: 0, total_bytes: 100 });
+    expect(g.limit).toBe('device');
+    expect(g.fraction).toBeCloseTo(0.95);
+    expect(g.warn).toBe(true);
+    expect(g.label).toContain('GPU');
+  });
+
+  it('has no fraction without any known limit and clamps overflow', () => {
+    expect(memoryGauge('cpu', { used_bytes: 10, budget_bytes: 0, total_bytes: null }).fraction).toBeNull();
+    expect(memoryGauge('cpu', { used_bytes: 300, budget_bytes: 100, total_bytes: null }).fraction).toBe(1);
+  });
+});
+
+describe('statusLabel and formatQueue', () => {
+  it('words every status', () => {
+    expect(statusLabel('ready')).toBe('Ready');
+    expect(statusLabel('loading', 'Still loading tiny.')).toBe('Still loading tiny.');
+    expect(statusLabel('unhealthy')).toMatch(/restart/);
+    expect(statusLabel('offline', 'HTTP 404')).toBe('HTTP 404');
+  });
+
+  it('summarises the queue', () => {
+    expect(formatQueue(0, 0)).toBe('idle');
+    expect(formatQueue(2, 0)).toBe('2 running');
+    expect(formatQueue(2, 3)).toBe('2 running · 3 waiting');
+  });
+});

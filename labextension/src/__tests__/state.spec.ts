@@ -1,0 +1,73 @@
+import type { Stats, StatsModel } from '../api';
+import { chooseChatModel, modelRows, Transcript } from '../state';
+
+function model(id: string, extra: Partial<StatsModel> = {}): StatsModel {
+  return { id, state: 'loaded', backend: 'transformers', device: 'cpu', memory_bytes: 100, running: 0, queued: 0, max_batch_size: 8, context_length: 2048, ...extra };
+}
+
+function stats(models: StatsModel[], defaultModel: string | null = null): Stats {
+  return {
+    object: 'xllm.stats', status: 'ready', message: null, time: 0, default_model: defaultModel, models,
+    memory: {}, running: 0, queued: 0, completed: 0, generated_tokens: 0, tokens_per_second: 0, rate_window_seconds: 0
+  };
+}
+
+describe('modelRows', () => {
+  it('lists loaded models first, then the store by name, without duplicates', () => {
+    const rows = modelRows(stats([model('b', { running: 1, queued: 2 }), model('z', { state: 'loading' })]), ['c', 'b', 'a']);
+    expect(rows.map(r => [r.id, r.state])).toEqual([['b', 'loaded'], ['z', 'loading'], ['a', 'available'], ['c', 'available']]);
+    expect(rows[0].busy).toBe(3);
+  });
+
+  it('works before the first stats arrive', () => {
+    expect(modelRows(null, ['x']).map(r => r.state)).toEqual(['available']);
+  });
+});
+
+describe('chooseChatModel', () => {
+  const s = stats([model('tiny'), model('loading', { state: 'loading' })], 'smollm2');
+
+  it('keeps the user pick while it is known', () => {
+    expect(chooseChatModel('other', s, ['tiny', 'other'])).toBe('other');
+  });
+
+  it('falls back to the default model, then the first loaded one, then anything', () => {
+    expect(chooseChatModel('gone', s, ['tiny', 'smollm2'])).toBe('smollm2');
+    expect(chooseChatModel(null, s, ['tiny'])).toBe('tiny');
+    expect(chooseChatModel(null, stats([]), ['zeta'])).toBe('zeta');
+    expect(chooseChatModel(null, null, [])).toBeNull();
+  });
+});
+
+describe('Transcript', () => {
+  it('sends earlier good turns as history, not the pending reply', () => {
+    const t = new Transcript();
+    const first = t.ask('Hi');
+    expect(t.messages()).toEqual([{ role: 'user', content: 'Hi' }]);
+    first.content = 'Hello!';
+    first.pending = false;
+    t.ask('Again');
+    expect(t.messages()).toEqual([
+      { role: 'user', content: 'Hi' },
+      { role: 'assistant', content: 'Hello!' },
+      { role: 'user', content: 'Again' }
+    ]);
+  });
+
+  it('drops failed exchanges so roles keep alternating, and caps the history', () => {
+    const t = new Transcript(2);
+    const bad = t.ask('Q1');
+    bad.pending = false;
+    bad.error = 'model not found';
+    const ok = t.ask('Q2');
+    ok.pending = false;
+    ok.content = 'A2';
+    t.ask('Q3');
+    expect(t.messages()).toEqual([
+      { role: 'assistant', content: 'A2' },
+      { role: 'user', content: 'Q3' }
+    ]);
+    t.clear();
+    expect(t.turns).toHaveLength(0);
+  });
+});

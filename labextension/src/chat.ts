@@ -1,0 +1,191 @@
+/**
+ * The quick chat: a model picker, a transcript and a prompt box. Replies stream from
+ * `{base}xllm/v1/chat/completions`; Stop aborts the request, which cancels the
+ * generation on the server. Used in the side panel and as a main-area widget.
+ */
+
+import { Widget } from '@lumino/widgets';
+
+import { XllmApi, XllmApiError } from './api';
+import { Transcript, Turn } from './state';
+
+/** Chat box options. */
+export interface ChatViewOptions {
+  api: XllmApi;
+  /** most tokens per reply (keeps the quick chat quick) */
+  maxTokens?: number;
+  /** extra CSS class, e.g. for the main-area variant */
+  className?: string;
+  /** called after each reply ends (the panel re-reads its stats) */
+  onReplyEnd?: () => void;
+}
+
+/** A streaming chat box bound to one xllm server. */
+export class ChatView extends Widget {
+  readonly transcript = new Transcript();
+  private readonly api: XllmApi;
+  private readonly maxTokens: number;
+  private readonly select: HTMLSelectElement;
+  private readonly log: HTMLDivElement;
+  private readonly input: HTMLTextAreaElement;
+  private readonly send: HTMLButtonElement;
+  private readonly clearButton: HTMLButtonElement;
+  private abort: AbortController | null = null;
+  private models: string[] = [];
+  private readonly onReplyEnd: () => void;
+
+  constructor(options: ChatViewOptions) {
+    super();
+    this.api = options.api;
+    this.maxTokens = options.maxTokens ?? 512;
+    this.onReplyEnd = options.onReplyEnd ?? (() => undefined);
+    this.addClass('xllm-Chat');
+    if (options.className) {
+      this.addClass(options.className);
+    }
+    const bar = el('div', 'xllm-Chat-bar');
+    this.select = el('select', 'xllm-Chat-model');
+    this.select.title = 'Model for this chat';
+    this.select.setAttribute('aria-label', 'Chat model');
+    this.clearButton = button('Clear', 'xllm-Chat-clear', () => this.clear());
+    bar.append(this.select, this.clearButton);
+    this.log = el('div', 'xllm-Chat-log');
+    this.log.setAttribute('aria-live', 'polite');
+    const form = el('div', 'xllm-Chat-form');
+    this.input = el('textarea', 'xllm-Chat-input');
+    this.input.rows = 2;
+    this.input.placeholder = 'Ask the shared model… (Enter sends, Shift+Enter for a new line)';
+    this.input.addEventListener('keydown', event => {
+      if (event.key === 'Enter' && !event.shiftKey) {
+        event.preventDefault();
+        void this.submit();
+      }
+    });
+    this.send = button('Send', 'xllm-Chat-send', () => (this.abort ? this.stop() : void this.submit()), true);
+    form.append(this.input, this.send);
+    this.node.append(bar, this.log, form);
+  }
+
+  /** The model chats go to (null when the server has none). */
+  get model(): string | null {
+    return this.select.value || null;
+  }
+
+  /** Offer these models, selecting `chosen`. */
+  setModels(models: string[], chosen: string | null): void {
+    const same = models.length === this.models.length && models.every((m, i) => m === this.models[i]);
+    if (!same) {
+      this.models = [...models];
+      this.select.replaceChildren(...models.map(id => new Option(id, id)));
+    }
+    if (chosen !== null && this.select.value !== chosen && models.includes(chosen)) {
+      this.select.value = chosen;
+    }
+    this.select.disabled = models.length === 0;
+  }
+
+  /** Send the prompt box's text (no-op while a reply streams or when empty). */
+  async submit(): Promise<void> {
+    const text = this.input.value.trim();
+    const model = this.model;
+    if (!text || this.abort) {
+      return;
+    }
+    const reply = this.transcript.ask(text);
+    const messages = this.transcript.messages();
+    this.input.value = '';
+    if (!model) {
+      reply.pending = false;
+      reply.error = 'No model is available: load one above.';
+      this.render();
+      return;
+    }
+    this.abort = new AbortController();
+    this.setBusy(true);
+    this.render();
+    const node = this.log.lastElementChild?.querySelector('.xllm-Chat-text') as HTMLElement | null;
+    try {
+      await this.api.chat({
+        model,
+        messages,
+        maxTokens: this.maxTokens,
+        signal: this.abort.signal,
+        onDelta: delta => {
+          reply.content += delta;
+          if (node) {
+            node.textContent = reply.content;
+            this.log.scrollTop = this.log.scrollHeight;
+          }
+        }
+      });
+    } catch (error) {
+      if (!this.abort.signal.aborted) {
+        reply.error = error instanceof XllmApiError ? error.message : `The request failed: ${String(error)}`;
+      }
+    } finally {
+      reply.pending = false;
+      this.abort = null;
+      this.setBusy(false);
+      this.render();
+      this.onReplyEnd();
+    }
+  }
+
+  /** Stop the streaming reply (the server cancels the generation when the stream closes). */
+  stop(): void {
+    this.abort?.abort();
+  }
+
+  /** Empty the transcript (stops a reply in progress). */
+  clear(): void {
+    this.stop();
+    this.transcript.clear();
+    this.render();
+  }
+
+  protected onAfterAttach(): void {
+    this.input.focus();
+  }
+
+  private setBusy(busy: boolean): void {
+    this.send.textContent = busy ? 'Stop' : 'Send';
+    this.send.classList.toggle('xllm-mod-stop', busy);
+  }
+
+  private render(): void {
+    this.log.replaceChildren(...this.transcript.turns.map(turnNode));
+    this.log.scrollTop = this.log.scrollHeight;
+  }
+}
+
+function turnNode(turn: Turn): HTMLElement {
+  const node = el('div', `xllm-Chat-turn xllm-mod-${turn.role}`);
+  const text = el('div', 'xllm-Chat-text');
+  text.textContent = turn.content;
+  node.append(text);
+  if (turn.pending) {
+    node.classList.add('xllm-mod-pending');
+  }
+  if (turn.error) {
+    const err = el('div', 'xllm-Chat-error');
+    err.textContent = turn.error;
+    node.append(err);
+  }
+  return node;
+}
+
+/** A new element with a class. */
+export function el<K extends keyof HTMLElementTagNameMap>(tag: K, className: string): HTMLElementTagNameMap[K] {
+  const node = document.createElement(tag);
+  node.className = className;
+  return node;
+}
+
+/** A jp-styled button; `primary` ones are drawn in the accent colour. */
+export function button(label: string, className: string, onClick: () => void, primary = false): HTMLButtonElement {
+  const node = el('button', `jp-Button jp-mod-styled ${primary ? 'jp-mod-accept' : 'jp-mod-reject'} ${className}`);
+  node.type = 'button';
+  node.textContent = label;
+  node.addEventListener('click', onClick);
+  return node;
+}

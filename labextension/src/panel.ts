@@ -1,0 +1,233 @@
+/**
+ * The left side panel: engine status, tok/s and queue depth, a memory gauge per device,
+ * the models (load / unload) and the quick chat. It polls `{base}xllm/admin/stats`
+ * while visible; the rate itself is computed on the server from sampled counters.
+ */
+
+import { Panel, Widget } from '@lumino/widgets';
+
+import { Stats, XllmApi, XllmApiError } from './api';
+import { button, ChatView, el } from './chat';
+import { formatBytes, formatQueue, formatRate, memoryGauge, statusLabel } from './format';
+import { chooseChatModel, modelRows } from './state';
+
+/** Side panel options. */
+export interface XllmPanelOptions {
+  api: XllmApi;
+  /** milliseconds between stats reads while the panel is visible */
+  pollInterval?: number;
+  /** runs the "open playground" command */
+  openPlayground?: () => void;
+}
+
+/** The xllm side panel. */
+export class XllmPanel extends Panel {
+  readonly chat: ChatView;
+  private readonly api: XllmApi;
+  private readonly interval: number;
+  private readonly summary: Widget;
+  private readonly statusNode: HTMLElement;
+  private readonly rateNode: HTMLElement;
+  private readonly queueNode: HTMLElement;
+  private readonly memoryNode: HTMLElement;
+  private readonly modelsNode: HTMLElement;
+  private readonly noticeNode: HTMLElement;
+  private timer: number | null = null;
+  private stats: Stats | null = null;
+  private available: string[] = [];
+  private busyModels = new Set<string>();
+  private refreshing: Promise<void> | null = null;
+  private lastModelFetch = 0;
+
+  constructor(options: XllmPanelOptions) {
+    super();
+    this.api = options.api;
+    this.interval = options.pollInterval ?? 2000;
+    this.id = 'xllm-panel';
+    this.addClass('xllm-Panel');
+
+    this.summary = new Widget();
+    this.summary.addClass('xllm-Panel-summary');
+    const node = this.summary.node;
+    const header = el('div', 'xllm-Panel-header');
+    const title = el('h2', 'xllm-Panel-title');
+    title.textContent = 'xllm';
+    const actions = el('div', 'xllm-Panel-actions');
+    actions.append(button('Refresh', 'xllm-Panel-refresh', () => void this.refresh(true)));
+    if (options.openPlayground) {
+      actions.append(button('Playground', 'xllm-Panel-playground', options.openPlayground));
+    }
+    header.append(title, actions);
+
+    this.statusNode = el('div', 'xllm-Panel-status');
+    const figures = el('div', 'xllm-Panel-figures');
+    this.rateNode = el('span', 'xllm-Panel-rate');
+    this.queueNode = el('span', 'xllm-Panel-queue');
+    figures.append(labelled('Throughput', this.rateNode), labelled('Queue', this.queueNode));
+    this.memoryNode = el('div', 'xllm-Panel-memory');
+    const modelsTitle = el('h3', 'xllm-Panel-section');
+    modelsTitle.textContent = 'Models';
+    this.modelsNode = el('ul', 'xllm-Panel-models');
+    this.noticeNode = el('div', 'xllm-Panel-notice');
+    const chatTitle = el('h3', 'xllm-Panel-section');
+    chatTitle.textContent = 'Quick chat';
+    node.append(header, this.statusNode, figures, this.memoryNode, modelsTitle, this.modelsNode, this.noticeNode, chatTitle);
+
+    this.chat = new ChatView({ api: this.api, maxTokens: 256, onReplyEnd: () => void this.refresh() });
+    this.addWidget(this.summary);
+    this.addWidget(this.chat);
+    this.renderStatus('offline', 'Connecting…');
+  }
+
+  /** Read stats (and, now and then, the list of loadable models) and redraw. */
+  refresh(includeModels = false): Promise<void> {
+    if (this.refreshing && includeModels) {
+      // a read already under way may predate a load/unload: read again after it
+      return this.refreshing.then(() => this.refresh(true));
+    }
+    if (!this.refreshing) {
+      this.refreshing = this.doRefresh(includeModels).finally(() => (this.refreshing = null));
+    }
+    return this.refreshing;
+  }
+
+  private async doRefresh(includeModels: boolean): Promise<void> {
+    try {
+      const now = Date.now();
+      // the store's model list changes rarely: re-read it every 30 s or when asked
+      if (includeModels || now - this.lastModelFetch > 30000) {
+        this.available = await this.api.modelIds();
+        this.lastModelFetch = now;
+      }
+      this.stats = await this.api.stats();
+      this.render();
+    } catch (error) {
+      this.stats = null;
+      this.renderStatus('offline', error instanceof XllmApiError ? error.message : 'The Jupyter server is not reachable');
+    }
+  }
+
+  protected onAfterShow(): void {
+    void this.refresh(true);
+    this.startPolling();
+  }
+
+  protected onAfterHide(): void {
+    this.stopPolling();
+  }
+
+  protected onBeforeDetach(): void {
+    this.stopPolling();
+  }
+
+  dispose(): void {
+    this.stopPolling();
+    super.dispose();
+  }
+
+  private startPolling(): void {
+    if (this.timer === null) {
+      this.timer = window.setInterval(() => void this.refresh(), this.interval);
+    }
+  }
+
+  private stopPolling(): void {
+    if (this.timer !== null) {
+      window.clearInterval(this.timer);
+      this.timer = null;
+    }
+  }
+
+  private renderStatus(status: Stats['status'] | 'offline', message: string | null): void {
+    this.statusNode.className = `xllm-Panel-status xllm-mod-${status}`;
+    this.statusNode.textContent = statusLabel(status, message);
+    this.statusNode.title = message ?? '';
+    if (status === 'offline') {
+      this.rateNode.textContent = '–';
+      this.queueNode.textContent = '–';
+    }
+  }
+
+  private render(): void {
+    const stats = this.stats;
+    if (!stats) {
+      return;
+    }
+    this.renderStatus(stats.status, stats.message);
+    this.rateNode.textContent = formatRate(stats.tokens_per_second);
+    this.rateNode.title = `${stats.generated_tokens} tokens generated since the server started`;
+    this.queueNode.textContent = formatQueue(stats.running, stats.queued);
+
+    this.memoryNode.replaceChildren(
+      ...Object.entries(stats.memory).map(([device, mem]) => {
+        const gauge = memoryGauge(device, mem);
+        const row = el('div', 'xllm-Gauge');
+        row.dataset.device = device;
+        const bar = el('div', 'xllm-Gauge-bar');
+        const fill = el('div', 'xllm-Gauge-fill');
+        fill.style.width = `${Math.round((gauge.fraction ?? 0) * 100)}%`;
+        fill.classList.toggle('xllm-mod-warn', gauge.warn);
+        bar.append(fill);
+        bar.setAttribute('role', 'meter');
+        bar.setAttribute('aria-valuenow', String(Math.round((gauge.fraction ?? 0) * 100)));
+        const text = el('div', 'xllm-Gauge-label');
+        text.textContent = gauge.label;
+        row.append(bar, text);
+        return row;
+      })
+    );
+
+    const rows = modelRows(stats, this.available);
+    if (rows.length === 0) {
+      const empty = el('li', 'xllm-Panel-empty');
+      empty.textContent = 'No models. Pull one with `xllm pull smollm2`.';
+      this.modelsNode.replaceChildren(empty);
+    } else {
+      this.modelsNode.replaceChildren(
+        ...rows.map(row => {
+          const item = el('li', `xllm-Model xllm-mod-${row.state}`);
+          item.dataset.model = row.id;
+          const name = el('span', 'xllm-Model-name');
+          name.textContent = row.id;
+          const facts = el('span', 'xllm-Model-facts');
+          facts.textContent =
+            row.state === 'available' ? 'not loaded' : row.state === 'loading' ? 'loading…' : `${row.device ?? ''} · ${formatBytes(row.memoryBytes)}${row.busy ? ` · ${row.busy} busy` : ''}`;
+          const loaded = row.state === 'loaded';
+          const action = button(loaded ? 'Unload' : 'Load', 'xllm-Model-action', () => void this.toggle(row.id, loaded), !loaded);
+          action.disabled = row.state === 'loading' || this.busyModels.has(row.id);
+          item.append(name, facts, action);
+          return item;
+        })
+      );
+    }
+    const ids = rows.map(r => r.id);
+    this.chat.setModels(ids, chooseChatModel(this.chat.model, stats, ids));
+  }
+
+  private async toggle(model: string, loaded: boolean): Promise<void> {
+    this.busyModels.add(model);
+    this.noticeNode.textContent = loaded ? `Unloading ${model}…` : `Loading ${model}…`;
+    this.render();
+    try {
+      if (loaded) {
+        await this.api.unload(model);
+      } else {
+        await this.api.load(model);
+      }
+      this.noticeNode.textContent = '';
+    } catch (error) {
+      this.noticeNode.textContent = error instanceof XllmApiError ? error.message : String(error);
+    } finally {
+      this.busyModels.delete(model);
+      await this.refresh(true);
+    }
+  }
+}
+
+function labelled(label: string, value: HTMLElement): HTMLElement {
+  const node = el('div', 'xllm-Figure');
+  const name = el('span', 'xllm-Figure-name');
+  name.textContent = label;
+  node.append(name, value);
+  return node;
+}

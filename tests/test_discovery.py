@@ -1,0 +1,188 @@
+"""How a kernel finds the engine: connect() > XLLM_BASE_URL > the JupyterHub service > a private server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from tests.server_fixtures import TINY
+from xllm_jupyter.client import (
+    ServerLocation,
+    discovery,
+    find_server,
+    get_async_client,
+    get_client,
+    locate,
+)
+from xllm_jupyter.core.errors import AuthenticationError, XllmError
+
+HUB_TOKEN = "hub-user-token"
+
+
+@pytest.fixture(autouse=True)
+def clean_discovery(monkeypatch) -> Iterator[None]:
+    """No connect() choice and no discovery variables leak into or out of a test."""
+    for key in ("XLLM_BASE_URL", "XLLM_API_KEY", "JUPYTERHUB_API_URL", "JUPYTERHUB_API_TOKEN", "XLLM_HUB_SERVICE", "XLLM_MODEL"):
+        monkeypatch.delenv(key, raising=False)
+    discovery.disconnect()
+    yield
+    discovery.disconnect()
+
+
+class FakeHub:
+    """A real HTTP server answering the hub's ``GET /hub/api/services/<name>`` for one token."""
+
+    def __init__(self, services: dict[str, Any]):
+        self.services = services
+        self.seen: list[tuple[str, str | None]] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                hub.seen.append((self.path, self.headers.get("Authorization")))
+                name = self.path.removeprefix("/hub/api/services/")
+                if self.headers.get("Authorization") != f"token {HUB_TOKEN}":
+                    status, body = 403, {"status": 403, "message": "Forbidden"}
+                elif name in hub.services:
+                    status, body = 200, hub.services[name]
+                else:
+                    status, body = 404, {"status": 404, "message": "Not Found"}
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.api_url = f"http://127.0.0.1:{self.server.server_address[1]}/hub/api"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def hub() -> Iterator[FakeHub]:
+    h = FakeHub({
+        "xllm": {"kind": "service", "name": "xllm", "url": "http://gpu-node:8900", "prefix": "/hub-base/services/xllm/"},
+        "named-only": {"kind": "service", "name": "named-only", "admin": False},  # a token without read:services
+    })
+    yield h
+    h.close()
+
+
+def test_nothing_configured_finds_nothing():
+    assert find_server({}) is None
+    with pytest.raises(XllmError, match="no xllm server found"):
+        locate(start_local=False)
+
+
+def test_the_extension_variables():
+    loc = find_server({"XLLM_BASE_URL": "http://127.0.0.1:8888/base/xllm/v1/", "XLLM_API_KEY": "jupyter-token"})
+    assert loc == ServerLocation("http://127.0.0.1:8888/base/xllm/v1", "jupyter-token", "extension")
+    assert "jupyter-token" not in repr(loc)  # never printed in an output or a log
+    assert find_server({"XLLM_BASE_URL": "127.0.0.1:8900"}) == ServerLocation("http://127.0.0.1:8900/v1", None, "extension")
+
+
+def test_the_hub_service(hub):
+    env = {"JUPYTERHUB_API_URL": hub.api_url, "JUPYTERHUB_API_TOKEN": HUB_TOKEN, "JUPYTERHUB_BASE_URL": "/hub-base/"}
+    loc = find_server(env)
+    assert loc == ServerLocation("http://gpu-node:8900/hub-base/services/xllm/v1", HUB_TOKEN, "hub")
+    assert hub.seen == [("/hub/api/services/xllm", f"token {HUB_TOKEN}")]
+    assert find_server(env) == loc and len(hub.seen) == 1  # cached: cells do not each ask the hub
+    # XLLM_BASE_URL (the extension in this very server) wins over the hub
+    assert find_server({**env, "XLLM_BASE_URL": "http://127.0.0.1:1/v1"}).source == "extension"
+    # a service model without url/prefix (token lacks read:services): the public hub URL and the usual prefix
+    named = {**env, "XLLM_HUB_SERVICE": "named-only", "JUPYTERHUB_PUBLIC_HUB_URL": "https://hub.example.org/hub-base/hub/"}
+    assert find_server(named) == ServerLocation("https://hub.example.org/hub-base/services/named-only/v1", HUB_TOKEN, "hub")
+
+
+def test_hub_failures_are_skipped_quietly(hub, caplog):
+    caplog.set_level(logging.DEBUG, logger="xllm_jupyter.client")
+    base = {"JUPYTERHUB_API_URL": hub.api_url, "JUPYTERHUB_API_TOKEN": HUB_TOKEN}
+    assert find_server({**base, "JUPYTERHUB_API_TOKEN": "wrong"}) is None  # 403
+    assert find_server({**base, "XLLM_HUB_SERVICE": "absent"}) is None  # 404
+    assert find_server({**base, "XLLM_HUB_SERVICE": "named-only"}) is None  # no URL and no public hub URL known
+    assert find_server({**base, "JUPYTERHUB_API_URL": "http://127.0.0.1:9/hub/api"}) is None  # no hub there
+    assert find_server({"JUPYTERHUB_API_URL": hub.api_url}) is None  # no token: not even asked
+    assert len(hub.seen) == 3
+    assert any("no hub service" in r.message for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_connect_wins_and_is_verified(xllm_server):
+    loc = discovery.connect(xllm_server.base_url, xllm_server.api_key)
+    assert loc == ServerLocation(xllm_server.base_url, xllm_server.api_key, "connect")
+    assert find_server({"XLLM_BASE_URL": "http://127.0.0.1:1/v1"}) == loc  # over the extension's variables
+    import xllm_jupyter
+
+    assert xllm_jupyter.connect is discovery.connect  # the notebook-facing name
+    with get_client() as c:
+        assert c.chat("Hi", TINY, max_tokens=3, temperature=0)
+    with pytest.raises(AuthenticationError, match="refused the token"):
+        discovery.connect(xllm_server.base_url, "wrong-token")
+    with pytest.raises(XllmError, match="no xllm server at http://127.0.0.1:9"):
+        discovery.connect("http://127.0.0.1:9/v1")
+    assert find_server({}) == loc  # failed attempts keep the working choice
+    discovery.disconnect()
+    assert find_server({}) is None
+
+
+def test_connect_without_url_uses_what_discovery_finds(xllm_server, monkeypatch):
+    monkeypatch.setenv("XLLM_BASE_URL", xllm_server.base_url)
+    monkeypatch.setenv("XLLM_API_KEY", xllm_server.api_key)
+    assert discovery.connect() == ServerLocation(xllm_server.base_url, xllm_server.api_key, "connect")
+
+
+def test_the_key_is_never_sent_to_another_server(xllm_server, monkeypatch):
+    # XLLM_API_KEY belongs to XLLM_BASE_URL: a client for a connect()ed server must not fall back to it
+    monkeypatch.setenv("XLLM_API_KEY", "the-jupyter-token")
+    client = discovery.client_for(ServerLocation(xllm_server.base_url, None, "connect"))
+    assert "authorization" not in {k.lower() for k in client._http.headers}
+    client.close()
+
+
+def test_private_server_when_nothing_is_found(xllm_home, monkeypatch, caplog):
+    """No connect, no variables, no hub: a private `xllm serve` child for this process, stopped on request."""
+    monkeypatch.setenv("XLLM_HOME", str(xllm_home))
+    monkeypatch.setenv("XLLM_MODEL", TINY)
+    monkeypatch.setenv("XLLM_ENGINE_TORCH_THREADS", "1")
+    caplog.set_level(logging.WARNING, logger="xllm_jupyter.client")
+    try:
+        loc = locate()
+        assert loc.source == "in-process" and loc.private and loc.base_url.startswith("http://127.0.0.1:")
+        assert loc.api_key and loc.api_key.startswith("sk-xllm-private-")
+        assert locate() == loc and find_server() == loc  # started once
+        notes = [r.message for r in caplog.records if "private" in r.message]
+        assert len(notes) == 1 and "this kernel only" in notes[0]
+        with get_client() as c:
+            assert TINY in [m["id"] for m in c.loaded()]  # XLLM_MODEL was loaded at start
+            assert c.chat("Hi", TINY, max_tokens=3, temperature=0)
+
+        async def ask() -> str:
+            async with get_async_client() as ac:
+                return await ac.chat("Hi", TINY, max_tokens=3, temperature=0)
+
+        assert asyncio.run(ask())
+        # loopback only, and the random key is required
+        import httpx
+
+        assert httpx.get(loc.base_url + "/models").status_code == 401
+        process = discovery._local.process
+    finally:
+        discovery.stop_local()
+    assert process.poll() is not None
+    assert find_server({}) is None

@@ -1,0 +1,256 @@
+"""The exllama adapters' CPU-side logic: option parsing, sampler mapping, result translation,
+backend selection and the job bookkeeping around a generator. No CUDA here; the library's
+generator is replaced by a scripted stand-in only to check our side of the contract."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from xllm_jupyter.backends.base import ModelSpec
+from xllm_jupyter.backends.exllama_common import (
+    ExllamaOptions,
+    JobInfo,
+    SpeculativeStats,
+    combo_sampler_kwargs,
+    translate_results,
+    v2_sampler_fields,
+)
+from xllm_jupyter.backends.exllama_model import DynamicGeneratorModel
+from xllm_jupyter.backends.hf_tokenizer import ChatTokenizer
+from xllm_jupyter.backends.registry import get_backend, select_backend
+from xllm_jupyter.core.errors import EngineError, InvalidRequest
+from xllm_jupyter.core.types import FinishReason, SamplingParams, SequenceJob
+
+
+# ------------------------------------------------------------------ options
+def test_options_defaults_and_cache_rounding():
+    opts = ExllamaOptions.from_options({})
+    assert opts.kv_bits() is None and opts.max_batch_size == 16
+    assert opts.cache_size(4096) == 65536  # default cache
+    small = ExllamaOptions.from_options({"cache_tokens": 1000})
+    assert small.cache_size(512) == 1024  # whole 256-token pages
+    assert small.cache_size(3000) == 3072  # never smaller than one full context
+
+
+@pytest.mark.parametrize("name,bits", [("q8", (8, 8)), ("Q4", (4, 4)), ("q6", (6, 6)), ("4,6", (4, 6)), ("fp16", None)])
+def test_kv_cache_bits(name, bits):
+    assert ExllamaOptions.from_options({"kv_cache_bits": name}).kv_bits() == bits
+
+
+@pytest.mark.parametrize("bad,needle", [({"kv_cache_bits": "q5x"}, "kv_cache_bits"), ({"kv_cache_bits": "1,9"}, "between 2 and 8"),
+                                        ({"gpu_split": ["a"]}, "gpu_split"), ({"cache_tokens": -1}, "cache_tokens")])
+def test_bad_options_name_the_setting(bad, needle):
+    with pytest.raises(EngineError, match=needle):
+        ExllamaOptions.from_options(bad)
+
+
+def test_options_carry_speculative_and_split_settings():
+    opts = ExllamaOptions.from_options({"gpu_split": ["20", 24], "tensor_parallel": True, "ngram_draft": 3,
+                                        "num_draft_tokens": 5, "draft_model_path": "/m/draft", "max_batch_size": 64})
+    assert opts.gpu_split == (20.0, 24.0) and opts.tensor_parallel and opts.ngram_draft == 3
+    assert opts.num_draft_tokens == 5 and opts.draft_model_path == "/m/draft" and opts.max_batch_size == 64
+
+
+# ------------------------------------------------------------------ samplers
+def test_combo_sampler_maps_every_openai_parameter():
+    s = SamplingParams(temperature=0.7, top_p=0.9, top_k=40, min_p=0.05, presence_penalty=0.5, frequency_penalty=0.25,
+                       repetition_penalty=1.1, logit_bias={5: -100.0, 9: 2.0}, seed=3)
+    kw = combo_sampler_kwargs(s)
+    assert kw == {"rep_p": 1.1, "freq_p": 0.25, "pres_p": 0.5, "temperature": 0.7, "min_p": 0.05, "top_k": 40,
+                  "top_p": 0.9, "logit_bias": {5: -100.0, 9: 2.0}}
+
+
+def test_greedy_maps_to_argmax_in_both_libraries():
+    s = SamplingParams(temperature=0.0)
+    assert combo_sampler_kwargs(s)["temperature"] == 0.0 and combo_sampler_kwargs(s)["logit_bias"] is None
+    v2 = v2_sampler_fields(s)
+    assert v2["top_k"] == 1 and v2["top_p"] == 0.0 and v2["temperature"] == 1.0
+    hot = v2_sampler_fields(SamplingParams(temperature=1.3, top_p=0.8, top_k=0, min_p=0.1, presence_penalty=0.2))
+    assert hot == {"temperature": 1.3, "top_k": 0, "top_p": 0.8, "min_p": 0.1, "token_repetition_penalty": 1.0,
+                   "token_frequency_penalty": 0.0, "token_presence_penalty": 0.2}
+
+
+# --------------------------------------------------------- result translation
+def streaming(ident, ids, text, **extra):
+    """A result dict shaped like the generators' (token tensors of shape (1, n))."""
+    r = {"job": object(), "stage": "streaming", "identifier": ident, "serial": 0, "eos": False, "text": text,
+         "token_ids": torch.tensor([ids], dtype=torch.long)}
+    r.update(extra)
+    return r
+
+
+def test_tokens_become_events_and_eos_finishes_with_usage():
+    jobs = {7: JobInfo(7)}
+    results = [
+        {"stage": "started", "identifier": 7, "eos": False},
+        {"stage": "prefill", "identifier": 7, "eos": False, "curr_progress": 6, "max_progress": 6},
+        streaming(7, [11], " hi"),
+        streaming(7, [12], "!", eos=True, eos_reason="max_new_tokens", new_tokens=2, prompt_tokens=6, cached_tokens=256),
+    ]
+    events = translate_results(results, jobs, str)
+    assert [(e.token_id, e.text, e.finish) for e in events] == [(11, " hi", None), (12, "!", FinishReason.LENGTH)]
+    last = events[-1]
+    assert (last.prompt_tokens, last.cached_tokens, last.completion_tokens) == (6, 256, 2)
+
+
+@pytest.mark.parametrize("reason,finish", [("stop_token", FinishReason.STOP), ("stop_string", FinishReason.STOP),
+                                           ("end_filter", FinishReason.STOP), ("max_new_tokens", FinishReason.LENGTH)])
+def test_eos_reasons(reason, finish):
+    r = {"stage": "streaming", "identifier": 1, "eos": True, "eos_reason": reason, "text": "", "new_tokens": 3}
+    (event,) = translate_results([r], {1: JobInfo(1)}, str)
+    assert event.token_id is None and event.finish is finish and event.completion_tokens == 3
+
+
+def test_speculative_results_give_one_event_per_token_and_count_acceptance():
+    stats = SpeculativeStats()
+    r = streaming(2, [5, 6, 7], "abc", eos=True, eos_reason="stop_token", new_tokens=3,
+                  accepted_draft_tokens=6, rejected_draft_tokens=2)
+    events = translate_results([r], {2: JobInfo(2)}, str, stats)
+    assert [e.token_id for e in events] == [5, 6, 7]
+    assert [e.text for e in events] == ["", "", "abc"] and events[-1].finish is FinishReason.STOP
+    assert events[0].finish is None and stats.acceptance_rate == pytest.approx(0.75)
+    assert SpeculativeStats().acceptance_rate is None
+
+
+def test_logprobs_and_top_logprobs_from_probabilities():
+    r = streaming(3, [4], "x", token_probs=torch.tensor([[0.5]]), top_k_tokens=torch.tensor([[[4, 8, 9]]]),
+                  top_k_probs=torch.tensor([[[0.5, 0.25, 0.0]]]))
+    (event,) = translate_results([r], {3: JobInfo(3, logprobs=True, top_logprobs=2)}, lambda t: f"<{t}>")
+    assert event.logprob == pytest.approx(math.log(0.5))
+    assert [name for name, _ in event.top_logprobs] == ["<4>", "<8>"]
+    assert event.top_logprobs[1][1] == pytest.approx(math.log(0.25))
+    # a zero probability stays a finite number
+    (plain,) = translate_results([streaming(3, [4], "x", token_probs=torch.tensor([[0.0]]))], {3: JobInfo(3, True)}, str)
+    assert plain.logprob == -9999.0
+
+
+def test_results_of_unknown_jobs_are_ignored():
+    assert translate_results([streaming(99, [1], "a")], {1: JobInfo(1)}, str) == []
+
+
+# ----------------------------------------------------------- backend selection
+def test_exllama_backends_are_registered_and_unavailable_without_cuda(tmp_path):
+    for name in ("exllamav3", "exllamav2"):
+        backend = get_backend(name)
+        assert backend.name == name
+        assert backend.available() is (torch.cuda.is_available() and __import__("importlib").util.find_spec(name) is not None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
+def test_selection_falls_back_to_transformers_and_refuses_gpu_only_formats(tiny_llama_dir):
+    spec = ModelSpec(name="t", path=Path(tiny_llama_dir), format="safetensors")
+    assert select_backend(spec).name == "transformers"
+    with pytest.raises(InvalidRequest, match="No installed backend can load exl3"):
+        select_backend(ModelSpec(name="q", path=Path(tiny_llama_dir), format="exl3"))
+    with pytest.raises(InvalidRequest, match="not installed on this machine"):
+        select_backend(ModelSpec(name="t", path=Path(tiny_llama_dir), format="safetensors", backend="exllamav3"))
+
+
+def test_supports_checks_format_task_and_directory(tiny_llama_dir, tmp_path):
+    v3, v2 = get_backend("exllamav3"), get_backend("exllamav2")
+    d = Path(tiny_llama_dir)
+    assert v3.supports(ModelSpec(name="a", path=d, format="exl3")) and v3.supports(ModelSpec(name="a", path=d))
+    assert not v3.supports(ModelSpec(name="a", path=d, format="exl2"))
+    assert v2.supports(ModelSpec(name="a", path=d, format="exl2")) and v2.supports(ModelSpec(name="a", path=d, format="gptq"))
+    assert not v2.supports(ModelSpec(name="a", path=d, format="exl3"))
+    assert not v3.supports(ModelSpec(name="a", path=d, task="embedding"))
+    assert not v3.supports(ModelSpec(name="a", path=tmp_path / "missing", format="exl3"))
+
+
+# ------------------------------------------------- job bookkeeping (scripted)
+class ScriptedGenerator:
+    """Stands in for the library generator: records enqueue/cancel, returns scripted results."""
+
+    def __init__(self):
+        self.enqueued, self.cancelled, self.script = [], [], []
+
+    def enqueue(self, job):
+        self.enqueued.append(job)
+
+    def cancel(self, job):
+        self.cancelled.append(job)
+
+    def iterate(self):
+        return self.script.pop(0) if self.script else []
+
+
+class ScriptedModel(DynamicGeneratorModel):
+    backend_name = "scripted"
+
+    def make_job(self, job):
+        return {"identifier": job.job_id, "max": job.max_tokens}
+
+
+@pytest.fixture()
+def scripted(tiny_llama_dir):
+    chat = ChatTokenizer.from_directory(str(tiny_llama_dir), "s")
+    gen = ScriptedGenerator()
+    model = ScriptedModel(ModelSpec(name="s", path=Path(tiny_llama_dir)), generator=gen, chat=chat, context_length=2048,
+                          vocab_size=len(chat.tokenizer), eos_token_ids=chat.eos_ids(), max_batch_size=8,
+                          memory_bytes=123, details={"backend": "scripted", "mode": "paged"})
+    return model, gen
+
+
+def job(i, **kw):
+    return SequenceJob(job_id=i, prompt_ids=(1, 2, 3), max_tokens=4, sampling=SamplingParams(temperature=0), **kw)
+
+
+def test_cancel_frees_the_job_at_once_and_reports_it_next_step(scripted):
+    model, gen = scripted
+    model.add(job(1))
+    model.add(job(2))
+    assert model.active_jobs() == 2 and len(gen.enqueued) == 2
+    model.cancel(1)
+    assert gen.cancelled == [gen.enqueued[0]]  # pages freed now, not at the next step
+    gen.script.append([streaming(2, [9], "z", eos=True, eos_reason="max_new_tokens", new_tokens=1, prompt_tokens=3,
+                                 cached_tokens=0)])
+    events = model.step()
+    assert (events[0].job_id, events[0].finish) == (1, FinishReason.CANCELLED)
+    assert (events[1].job_id, events[1].finish) == (2, FinishReason.LENGTH)
+    assert model.active_jobs() == 0
+    model.cancel(2)  # already finished: nothing to cancel
+    assert model.step() == [] and len(gen.cancelled) == 1
+
+
+def test_details_report_prefix_cache_and_speculation(scripted):
+    model, gen = scripted
+    model._details["speculative"] = {"method": "ngram"}
+    model.add(job(1))
+    gen.script.append([streaming(1, [4, 5], "ab", eos=True, eos_reason="stop_token", new_tokens=2, prompt_tokens=512,
+                                 cached_tokens=256, accepted_draft_tokens=1, rejected_draft_tokens=3)])
+    model.step()
+    d = model.details()
+    assert d["prefix_cache"] == {"prompt_tokens": 512, "cached_tokens": 256, "hit_rate": 0.5}
+    assert d["speculative"]["acceptance_rate"] == 0.25 and d["mode"] == "paged"
+    assert model.memory_bytes() == 123
+
+
+def test_chat_tokenizer_renders_the_template_and_finds_end_of_turn(tiny_llama_dir):
+    chat = ChatTokenizer.from_directory(str(tiny_llama_dir), "t")
+    from xllm_jupyter.core.types import ChatMessage
+
+    text = chat.render_chat([ChatMessage(role="user", content="hello")])
+    assert "hello" in text and text.rstrip().endswith("assistant")
+    vocab = chat.tokenizer.get_vocab()
+    assert vocab["<|im_end|>"] in chat.eos_ids()
+    assert chat.detokenize(chat.tokenize("a small test", add_special_tokens=False)) == "a small test"
+
+
+def test_jit_progress_counts_object_files(tmp_path, caplog, monkeypatch):
+    from xllm_jupyter.backends import jit
+
+    monkeypatch.setattr(jit, "PROGRESS_INTERVAL", 0.05)
+    (tmp_path / "a.o").write_bytes(b"")
+    progress = jit.BuildProgress("exllamav3", tmp_path, 10)
+    with caplog.at_level(logging.WARNING, logger="xllm_jupyter.backends.jit"):
+        progress.start()
+        import time
+
+        time.sleep(0.3)
+        progress.stop()
+    assert any("compiled 1 of 10" in r.getMessage() for r in caplog.records)

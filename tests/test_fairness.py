@@ -1,0 +1,255 @@
+"""Per-user fairness in the engine (FairQueue + runner), quotas and isolation helpers (no hub needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from xllm_jupyter.core.config import EngineConfig, QuotaConfig, load_config
+from xllm_jupyter.core.errors import ConfigError, NotFound, RateLimited
+from xllm_jupyter.core.types import ChoiceDelta, GenerationParams, GenerationRequest
+from xllm_jupyter.engine.engine import Engine
+from xllm_jupyter.engine.fairness import FairQueue
+from xllm_jupyter.openai.cache import ResponseCache
+from xllm_jupyter.openai.response_store import ResponseStore, StoredResponse
+from xllm_jupyter.server.usage import Caller, UsageTracker
+
+from .fake_backend import FakeBackend, FakeCatalog
+
+
+def _q(**kw) -> FairQueue:
+    return FairQueue(key=lambda item: item[0], **kw)
+
+
+# ------------------------------------------------------------------ FairQueue
+def test_one_user_is_plain_fifo_and_gets_the_whole_batch():
+    q = _q()
+    q.extend([("a", i) for i in range(10)])
+    assert [i for _, i in q.take(8, max_batch=8)] == list(range(8))  # alone: no slot held back
+    assert len(q) == 2 and [i for _, i in q] == [8, 9]
+
+
+def test_round_robin_across_users_least_running_first():
+    q = _q()
+    q.extend([("a", i) for i in range(6)])
+    q.extend([("b", 0), ("b", 1)])
+    q.append(("c", 0))
+    # a already runs 3 jobs: b and c go first, then the rotation continues fairly
+    got = q.take(5, running=["a", "a", "a"])
+    assert [u for u, _ in got] == ["b", "c", "b", "a", "a"]
+    assert [i for u, i in got if u == "a"] == [0, 1]  # each user's own order is kept
+
+
+def test_reserve_keeps_a_slot_for_others_once_several_users_are_active():
+    clock = [0.0]
+    q = _q(reserved=1, window=60, clock=lambda: clock[0])
+    q.append(("b", 0))
+    assert [u for u, _ in q.take(1)] == ["b"]  # b was active a moment ago
+    q.extend([("a", i) for i in range(10)])
+    assert len(q.take(8, running=[], max_batch=4)) == 3  # a holds at most 4 - 1 while b is recent
+    assert q.take(1, running=["a"] * 3, max_batch=4) == []  # the reserve stays free...
+    q.append(("b", 1))
+    assert q.take(1, running=["a"] * 3, max_batch=4) == [("b", 1)]  # ...for b, at once
+    clock[0] = 120.0  # b went quiet: a alone may use every slot again
+    assert len(q.take(1, running=["a"] * 3, max_batch=4)) == 1
+
+
+def test_remove_if_drops_cancelled_items_and_counts_them():
+    q = _q()
+    q.extend([("a", 1), ("b", 2), ("a", 3)])
+    assert q.remove_if(lambda item: item[1] in (1, 2)) == 2
+    assert list(q) == [("a", 3)] and q.waiting_users() == ["a"]
+    q.clear()
+    assert not q and len(q) == 0
+
+
+# ------------------------------------------------------ the runner, end to end
+def _engine(max_batch_size: int = 4, step_delay: float = 0.002):
+    backend = FakeBackend(step_delay=step_delay)
+    return Engine(EngineConfig(max_batch_size=max_batch_size), FakeCatalog(["fake"]), [backend]), backend
+
+
+def _req(user: str | None, max_tokens: int, namespace: str = "") -> GenerationRequest:
+    params = GenerationParams(max_tokens=max_tokens, ignore_eos=True)
+    return GenerationRequest(model="fake", prompt_ids=(1, 2, 3), params=params, user=user, cache_namespace=namespace)
+
+
+async def _run(engine: Engine, request: GenerationRequest, done: list, tag: str) -> None:
+    async for ev in engine.generate(request):
+        if isinstance(ev, ChoiceDelta) and ev.finish is not None:
+            done.append(tag)
+
+
+async def test_a_flooding_user_cannot_starve_another():
+    engine, backend = _engine(max_batch_size=4)
+    await engine.start()
+    try:
+        await engine.load("fake")
+        finished: list[str] = []
+        await _run(engine, _req("bob", 2), finished, "bob-warm")  # bob is a recent user
+        flood = [asyncio.ensure_future(_run(engine, _req("alice", 200), finished, f"alice{i}")) for i in range(8)]
+        model = backend.models["fake"]
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(model.jobs) < 3:  # alice's first jobs are decoding
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.002)
+        assert len(model.jobs) == 3  # the 4th slot is held for someone else
+        await _run(engine, _req("bob", 5), finished, "bob")
+        assert finished[:2] == ["bob-warm", "bob"]  # bob finished before any of alice's 8 jobs
+        await asyncio.gather(*flood)
+        assert sorted(finished[2:]) == sorted(f"alice{i}" for i in range(8))
+    finally:
+        await engine.stop()
+
+
+async def test_user_and_cache_namespace_reach_the_backend_job():
+    engine, backend = _engine()
+    await engine.start()
+    try:
+        await engine.load("fake")
+        await _run(engine, _req("alice", 2, namespace="alice"), [], "x")
+        await _run(engine, _req(None, 2), [], "y")
+        jobs = list(_seen_jobs(backend))
+        assert [(j.user, j.cache_namespace) for j in jobs] == [("alice", "alice"), (None, "")]
+    finally:
+        await engine.stop()
+
+
+def _seen_jobs(backend: FakeBackend):
+    """Every job the fake model was given, in order (FakeModel.add records them)."""
+    model = backend.models["fake"]
+    return getattr(model, "seen", [])
+
+
+@pytest.fixture(autouse=True)
+def _record_jobs(monkeypatch):
+    """Make FakeModel remember every job it was handed (the fake itself forgets them)."""
+    from . import fake_backend
+
+    original = fake_backend.FakeModel.add
+
+    def add(self, job):
+        self.__dict__.setdefault("seen", []).append(job)
+        return original(self, job)
+
+    monkeypatch.setattr(fake_backend.FakeModel, "add", add)
+
+
+# ------------------------------------------------------------ quotas & usage
+def test_quota_limits_resolve_user_over_group_over_default():
+    cfg = QuotaConfig(max_concurrent=2, tokens_per_day=100, user_max_concurrent=("alice=5",),
+                      group_tokens_per_day=("staff=1000", "big=0", "small=10"))
+    t = UsageTracker(cfg)
+    assert t.limits(Caller("alice")) == (5, 100)
+    assert t.limits(Caller("bob", ("small",))) == (2, 10)
+    assert t.limits(Caller("bob", ("small", "staff"))) == (2, 1000)  # the most generous group
+    assert t.limits(Caller("bob", ("big", "staff"))) == (2, 0)  # 0 = unlimited wins
+    with pytest.raises(ConfigError, match="quotas.user_max_concurrent"):
+        UsageTracker(QuotaConfig(user_max_concurrent=("alice",)))
+
+
+def test_concurrency_and_daily_token_quotas_refuse_with_429():
+    now = [1_000_000.0]
+    t = UsageTracker(QuotaConfig(max_concurrent=1, tokens_per_day=10), clock=lambda: now[0])
+    ticket = t.admit(Caller("alice"))
+    with pytest.raises(RateLimited, match="concurrent"):
+        t.admit(Caller("alice"))
+    t.admit(Caller("bob"))  # another user's slot is their own
+    t.release(ticket)
+    t.charge("alice", 6, 3)
+    t.release(t.admit(Caller("alice")))  # 9 of 10 used: still admitted (usage is known only afterwards)
+    t.charge("alice", 1, 2)
+    with pytest.raises(RateLimited, match="Daily token quota") as err:
+        t.admit(Caller("alice"))
+    assert 0 < err.value.retry_after <= 86400
+    now[0] += 86400  # ...until the next UTC day
+    t.release(t.admit(Caller("alice")))
+    row = t.snapshot("alice")[0]
+    assert row["total_tokens"] == 12 and row["tokens_today"] == 0 and row["rejected"] == {"concurrency": 1, "tokens_per_day": 1}
+
+
+def test_metrics_user_labels_are_bounded():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    reg = CollectorRegistry()
+    t = UsageTracker(QuotaConfig(metrics_max_users=2), reg)
+    for user in ("u1", "u2", "u3", "u4"):
+        t.release(t.admit(Caller(user)))
+    text = generate_latest(reg).decode()
+    labels = {line.split('user="')[1].split('"')[0] for line in text.splitlines() if line.startswith("xllm_user_requests_total")}
+    assert labels == {"u1", "u2", "other"}
+
+
+def test_quotas_section_loads_from_yaml_mappings(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("quotas:\n  user_tokens_per_day: {alice: 50}\n  share_prefix_cache: true\nhub:\n  admin_groups: [ops]\n")
+    cfg = load_config(path, env={})
+    assert cfg.quotas.user_tokens_per_day == ("alice=50",) and cfg.quotas.share_prefix_cache
+    assert cfg.hub.admin_groups == ("ops",)
+    assert dataclasses.replace(cfg.quotas, share_prefix_cache=False).metrics_max_users == 100
+
+
+# ----------------------------------------------------------------- isolation
+def test_stored_responses_are_owned_per_user():
+    store = ResponseStore()
+    store.put("resp_1", StoredResponse({"id": "resp_1"}, owner="alice"))
+    assert store.get("resp_1", owner="alice").response["id"] == "resp_1"
+    for call in (lambda: store.get("resp_1", owner="bob"), lambda: store.delete("resp_1", owner="bob"), lambda: store.get("resp_1")):
+        with pytest.raises(NotFound):
+            call()
+    store.delete("resp_1", owner="alice")
+    with pytest.raises(NotFound):
+        store.get("resp_1", owner="alice")
+
+
+def test_response_cache_keys_are_per_user():
+    cache = ResponseCache()
+    body = {"model": "m", "messages": [], "temperature": 0}
+    assert cache.key("chat", body, "id", "alice") != cache.key("chat", body, "id", "bob")
+    assert cache.key("chat", body, "id", "alice") == cache.key("chat", {**body, "user": "x"}, "id", "alice")
+
+
+# ------------------------------------------------ standalone: API keys are users
+def test_standalone_api_keys_are_users_for_isolation_quotas_and_usage(xllm_home, tiny_catalog):
+    import httpx
+
+    from tests.server_fixtures import TINY, make_test_config, running_server
+    from xllm_jupyter.server.auth import key_id
+
+    k1, k2 = "sk-user-a", "sk-user-b"
+    cfg = make_test_config(xllm_home, api_keys=(k1, k2))
+    cfg = dataclasses.replace(cfg, quotas=QuotaConfig(tokens_per_day=10**6))
+    with running_server(cfg, tiny_catalog, TINY) as srv:
+        a = httpx.Client(base_url=srv.root, headers={"Authorization": f"Bearer {k1}"}, timeout=60)
+        b = httpx.Client(base_url=srv.root, headers={"Authorization": f"Bearer {k2}"}, timeout=60)
+        with a, b:
+            r = a.post("/v1/responses", json={"model": TINY, "input": "hi", "max_output_tokens": 2})
+            rid = r.json()["id"]
+            assert b.get(f"/v1/responses/{rid}").status_code == 404
+            assert b.delete(f"/v1/responses/{rid}").status_code == 404
+            assert a.get(f"/v1/responses/{rid}").status_code == 200
+            usage = {row["user"]: row for row in a.get("/admin/usage").json()["data"]}
+    assert usage[key_id(k1)]["total_tokens"] > 0 and key_id(k2) not in usage
+    assert usage[key_id(k1)]["limits"] == {"max_concurrent": 0, "tokens_per_day": 10**6}
+
+
+def test_jupyter_callers_are_the_servers_owner_not_a_random_anonymous_user(monkeypatch):
+    from types import SimpleNamespace
+
+    from jupyter_server.auth.identity import IdentityProvider, User
+
+    from xllm_jupyter.server.usage import caller_of
+
+    monkeypatch.setenv("JUPYTERHUB_USER", "alice")
+    anonymous = User("3f2a" * 8, "Anonymous Io")  # what Jupyter makes up per token request
+    handler = SimpleNamespace(identity_provider=IdentityProvider(), current_user=anonymous)
+    assert caller_of(handler).user == "alice"
+
+    class HubProvider:  # a provider with real users (JupyterHub's single-user one) is trusted
+        pass
+
+    handler = SimpleNamespace(identity_provider=HubProvider(), current_user=User("bob"))
+    assert caller_of(handler).user == "bob"
+    assert caller_of(SimpleNamespace(xllm_key_id="key-abc")).user == "key-abc"

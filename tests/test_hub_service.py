@@ -1,0 +1,434 @@
+"""xllm as a JupyterHub service, against a real JupyterHub on loopback.
+
+The hub runs as a subprocess (sqlite in tmp_path, DummyAuthenticator, an in-memory
+proxy class so no configurable-http-proxy is needed); xllm is registered as an external
+service and runs in this process, serving the tiny Llama. Tests talk to the service
+port directly with hub tokens created through the hub's REST API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.server_fixtures import TINY, make_test_config
+from xllm_jupyter.core.config import CacheConfig, HubConfig, QuotaConfig
+
+pytest.importorskip("jupyterhub")
+
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
+SERVICE_TOKEN = "xllm-service-token-0123456789abcdef"
+USERS = ("alice", "bob", "carol", "dave")
+ACCESS = ["access:services!service=xllm", "read:services!service=xllm"]
+MANAGED_ACCESS = "access:services!service=xllm-managed"
+MSG = [{"role": "user", "content": "Hi"}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+HUB_CONFIG = '''
+from jupyterhub.proxy import Proxy
+
+
+class MemoryProxy(Proxy):
+    """Routes kept in memory: the tests call the hub API and the service ports directly."""
+
+    should_start = False
+    _routes = {{}}
+
+    async def add_route(self, routespec, target, data):
+        self._routes[routespec] = {{"routespec": routespec, "target": target, "data": data}}
+
+    async def delete_route(self, routespec):
+        self._routes.pop(routespec, None)
+
+    async def get_all_routes(self):
+        return dict(self._routes)
+
+
+c = get_config()  # noqa
+c.JupyterHub.proxy_class = MemoryProxy
+c.JupyterHub.authenticator_class = "dummy"
+c.Authenticator.allow_all = True
+c.JupyterHub.db_url = "sqlite:///{tmp}/hub.sqlite"
+c.JupyterHub.cookie_secret_file = "{tmp}/cookie_secret"
+c.JupyterHub.pid_file = "{tmp}/hub.pid"
+c.JupyterHub.hub_ip = "127.0.0.1"
+c.JupyterHub.hub_port = {hub_port}
+c.JupyterHub.bind_url = "http://127.0.0.1:{proxy_port}/"
+c.JupyterHub.cleanup_servers = False
+c.JupyterHub.services = [
+    {{"name": "xllm", "url": "http://127.0.0.1:{service_port}", "api_token": "{service_token}", "oauth_no_confirm": True}},
+    {{"name": "test-admin", "api_token": "{admin_token}"}},
+    # managed: the hub runs `python -m xllm_jupyter.hub` itself and passes the JUPYTERHUB_* variables
+    {{"name": "xllm-managed", "url": "http://127.0.0.1:{managed_port}", "command": {command!r},
+      "environment": {managed_env!r}}},
+]
+c.JupyterHub.load_roles = [
+    # every user may use the xllm service and look it up (what kernels need for discovery)
+    {{"name": "user", "scopes": ["self", "access:services!service=xllm", "read:services!service=xllm",
+                                "access:services!service=xllm-managed"]}},
+    {{"name": "test-admin", "services": ["test-admin"],
+      "scopes": ["admin:users", "admin:groups", "tokens", "access:services", "read:services"]}},
+]
+'''
+
+
+@dataclasses.dataclass
+class Hub:
+    """The running hub and the xllm service registered with it."""
+
+    api: str  # http://127.0.0.1:HUB/hub/api
+    service_root: str  # http://127.0.0.1:SVC/services/xllm
+    tokens: dict[str, str]
+    context: Any  # the service's XllmContext
+    loop: asyncio.AbstractEventLoop
+    managed_root: str  # the hub-managed service (python -m xllm_jupyter.hub)
+
+    def openai(self, user: str) -> openai.OpenAI:
+        """An OpenAI SDK client with ``user``'s hub token."""
+        return openai.OpenAI(base_url=self.service_root + "/v1", api_key=self.tokens[user], max_retries=0, timeout=120)
+
+    def http(self, token: str | None) -> httpx.Client:
+        """An httpx client for the service, with ``Authorization: token <token>`` when given."""
+        headers = {"Authorization": f"token {token}"} if token else {}
+        return httpx.Client(base_url=self.service_root, headers=headers, timeout=120)
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Any) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log.seek(0)
+            pytest.fail("jupyterhub exited early:\n" + log.read()[-3000:])
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"jupyterhub did not answer {url} within {timeout} s")
+
+
+def _start_service(config: Any, catalog: Any, env: dict[str, str], port: int) -> tuple[Any, ...]:
+    """The xllm hub service on its own thread and IOLoop, with the tiny model loaded."""
+    from xllm_jupyter.engine.engine import Engine
+    from xllm_jupyter.hub.service import start_hub_service
+
+    loop = asyncio.new_event_loop()
+    started: dict[str, Any] = {}
+    ready = threading.Event()
+
+    async def setup() -> None:
+        engine = Engine(config.engine, catalog=catalog)
+        await engine.start()
+        await engine.load(TINY)
+        started["engine"] = engine
+        started["service"] = await start_hub_service(config, engine, env, port=port)
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(setup())
+        except BaseException as exc:  # noqa: BLE001 - reported to the fixture
+            started["error"] = exc
+            ready.set()
+            return
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, name="xllm-hub-service", daemon=True)
+    thread.start()
+    return loop, thread, started, ready
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory, xllm_home, tiny_catalog) -> Iterator[Hub]:
+    """A real JupyterHub with xllm as an external service, four users and their tokens."""
+    tmp = tmp_path_factory.mktemp("hub")
+    hub_port, svc_port, managed_port = _free_port(), _free_port(), _free_port()
+    managed_env = {"XLLM_HOME": str(xllm_home), "XLLM_MODEL": TINY, "XLLM_ENGINE_TORCH_THREADS": "1",
+                   "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                   "XLLM_CONFIG": str(tmp / "no-config.yaml")}
+    (tmp / "jupyterhub_config.py").write_text(textwrap.dedent(HUB_CONFIG.format(
+        tmp=tmp, hub_port=hub_port, proxy_port=_free_port(), service_port=svc_port, managed_port=managed_port,
+        service_token=SERVICE_TOKEN, admin_token=ADMIN_TOKEN, command=[sys.executable, "-m", "xllm_jupyter.hub"],
+        managed_env=managed_env,
+    )))
+    log = open(tmp / "hub.log", "w+")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen([sys.executable, "-m", "jupyterhub", "-f", str(tmp / "jupyterhub_config.py")],
+                            cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
+    api = f"http://127.0.0.1:{hub_port}/hub/api"
+    cfg = make_test_config(xllm_home)
+    config = dataclasses.replace(
+        cfg,
+        engine=dataclasses.replace(cfg.engine, max_batch_size=4),
+        cache=CacheConfig(enabled=True),
+        quotas=QuotaConfig(group_tokens_per_day=("limited=1",), metrics_max_users=10),
+        hub=HubConfig(admin_groups=("xllm-admins",)),
+    )
+    env = {
+        "JUPYTERHUB_API_URL": api,
+        "JUPYTERHUB_API_TOKEN": SERVICE_TOKEN,
+        "JUPYTERHUB_SERVICE_NAME": "xllm",
+        "JUPYTERHUB_SERVICE_PREFIX": "/services/xllm/",
+        "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{svc_port}",
+    }
+    loop, thread, started, ready = _start_service(config, tiny_catalog, env, svc_port)
+    try:
+        _wait_http(api + "/", proc, 90, log)
+        if not ready.wait(120):
+            pytest.fail("the xllm hub service did not start")
+        if "error" in started:
+            raise started["error"]
+        admin = httpx.Client(base_url=api, headers={"Authorization": f"token {ADMIN_TOKEN}"}, timeout=30)
+        with admin:
+            assert admin.post("/users", json={"usernames": list(USERS)}).status_code == 201
+            assert admin.post("/groups/xllm-admins", json={"users": ["carol"]}).status_code == 201
+            assert admin.post("/groups/limited", json={"users": ["dave"]}).status_code == 201
+            tokens = {}
+            for user in USERS:
+                r = admin.post(f"/users/{user}/tokens", json={"scopes": [*ACCESS, MANAGED_ACCESS], "note": "xllm test"})
+                assert r.status_code == 201, r.text
+                tokens[user] = r.json()["token"]
+            r = admin.post("/users/alice/tokens", json={"scopes": ["read:users:activity!user"], "note": "no access"})
+            assert r.status_code == 201, r.text
+            tokens["alice-no-access"] = r.json()["token"]
+        service = started["service"]
+        context = service.http_server.request_callback.settings["xllm_context"]
+        yield Hub(api, f"http://127.0.0.1:{svc_port}/services/xllm", tokens, context, loop,
+                  f"http://127.0.0.1:{managed_port}/services/xllm-managed")
+    finally:
+        managed_pid = _managed_pid(api)
+        if "service" in started:
+            async def teardown() -> None:
+                await started["service"].stop()
+                await started["engine"].stop()
+
+            asyncio.run_coroutine_threadsafe(teardown(), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        _stop_pid(managed_pid)  # the hub stops its managed services on exit; this only covers a crash
+        log.close()
+
+
+def _managed_pid(api: str) -> int | None:
+    """The pid of the managed service, as the hub reports it."""
+    try:
+        r = httpx.get(api + "/services/xllm-managed", headers={"Authorization": f"token {ADMIN_TOKEN}"}, timeout=10)
+        return r.json().get("pid") or None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def _stop_pid(pid: int | None) -> None:
+    """SIGTERM ``pid`` (our hub's child) if it is still running, and give it a moment."""
+    import os
+    import signal
+
+    if not pid:
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    for _ in range(100):
+        time.sleep(0.1)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+
+
+# ---------------------------------------------------------------- auth
+def test_two_users_are_served_with_their_hub_tokens(hub):
+    for user in ("alice", "bob"):
+        with hub.openai(user) as c:
+            r = c.chat.completions.create(model=TINY, messages=MSG, max_tokens=3, temperature=1.0)
+            assert r.choices[0].message.content is not None and r.usage.completion_tokens > 0
+            assert c.models.list().data[0].id == TINY
+
+
+def test_a_token_without_the_access_scope_gets_403_and_no_token_401(hub):
+    with hub.http(hub.tokens["alice-no-access"]) as c:
+        r = c.post("/v1/chat/completions", json={"model": TINY, "messages": MSG, "max_tokens": 2})
+        assert r.status_code == 403
+        assert r.json()["error"]["type"] == "permission_error" and "access:services!service=xllm" in r.json()["error"]["message"]
+    with hub.http(None) as c:
+        assert c.get("/v1/models").status_code == 401
+        assert c.get("/health").status_code == 200  # the public route stays public
+    with hub.http("not-a-real-token") as c:
+        assert c.get("/v1/models").status_code == 401
+
+
+def test_the_browser_page_redirects_into_hub_oauth_and_greets_token_users(hub):
+    with hub.http(None) as c:
+        r = c.get("/", follow_redirects=False)
+        assert r.status_code == 302
+        assert "/hub/api/oauth2/authorize" in r.headers["Location"] and "client_id=service-xllm" in r.headers["Location"]
+    with hub.http(hub.tokens["alice"]) as c:
+        r = c.get("/")
+        assert r.status_code == 200 and "alice" in r.text and "/services/xllm/v1" in r.text
+    with hub.http(hub.tokens["alice-no-access"]) as c:
+        assert c.get("/").status_code == 403
+
+
+def test_kernels_find_the_service_through_the_hub_api(hub):
+    discovery = pytest.importorskip("xllm_jupyter.client.discovery")
+    found = discovery.find_server({"JUPYTERHUB_API_URL": hub.api, "JUPYTERHUB_API_TOKEN": hub.tokens["bob"]})
+    assert found is not None and found.source == "hub"
+    assert found.base_url == hub.service_root + "/v1"
+    with openai.OpenAI(base_url=found.base_url, api_key=found.api_key, max_retries=0) as c:
+        assert c.chat.completions.create(model=TINY, messages=MSG, max_tokens=2).usage.completion_tokens > 0
+
+
+# ----------------------------------------------------------- isolation
+def test_a_user_cannot_read_continue_or_delete_another_users_response(hub):
+    with hub.openai("alice") as alice, hub.openai("bob") as bob:
+        r = alice.responses.create(model=TINY, input="secret plans", max_output_tokens=2)
+        for call in (
+            lambda: bob.responses.retrieve(r.id),
+            lambda: bob.responses.input_items.list(r.id),
+            lambda: bob.responses.delete(r.id),
+            lambda: bob.responses.create(model=TINY, input="and?", previous_response_id=r.id, max_output_tokens=2),
+        ):
+            with pytest.raises(openai.NotFoundError):
+                call()
+        assert alice.responses.retrieve(r.id).id == r.id  # still there, still alice's
+        alice.responses.delete(r.id)
+
+
+def test_the_response_cache_never_serves_one_user_anothers_answer(hub):
+    cache = hub.context.serving.cache
+    body = {"model": TINY, "messages": [{"role": "user", "content": "cache me"}], "max_tokens": 3, "temperature": 0}
+    with hub.http(hub.tokens["alice"]) as a, hub.http(hub.tokens["bob"]) as b:
+        first = a.post("/v1/chat/completions", json=body).json()
+        hits = cache.hits
+        assert a.post("/v1/chat/completions", json=body).json()["id"] == first["id"]  # alice: a hit
+        assert cache.hits == hits + 1
+        other = b.post("/v1/chat/completions", json=body).json()
+        assert other["id"] != first["id"] and cache.hits == hits + 1  # bob: generated afresh
+
+
+# ------------------------------------------------------------ fairness
+def _stream(hub: Hub, user: str, max_tokens: int, events: list, tag: str) -> None:
+    with hub.openai(user) as c:
+        stream = c.chat.completions.create(model=TINY, messages=MSG, max_tokens=max_tokens, temperature=1.0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                events.append(("first", tag))
+        events.append(("done", tag))
+
+
+def _timed(hub: Hub, user: str, max_tokens: int) -> float:
+    start = time.perf_counter()
+    with hub.openai(user) as c:
+        c.chat.completions.create(model=TINY, messages=MSG, max_tokens=max_tokens, temperature=1.0, extra_body={"ignore_eos": True})
+    return time.perf_counter() - start
+
+
+def test_one_users_flood_leaves_another_users_latency_bounded(hub):
+    flood, b_tokens, a_tokens = 6, 4, 128
+    unloaded = min(_timed(hub, "bob", b_tokens) for _ in range(2))
+    events: list = []
+    threads = [threading.Thread(target=_stream, args=(hub, "alice", a_tokens, events, f"a{i}")) for i in range(flood)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while len({tag for kind, tag in list(events) if kind == "first"}) < 3:  # batch 4: alice holds 3 slots
+        assert time.monotonic() < deadline, "alice's streams did not start"
+        time.sleep(0.005)
+    loaded = _timed(hub, "bob", b_tokens)
+    events.append(("done", "bob"))
+    for t in threads:
+        t.join(120)
+    done = [tag for kind, tag in events if kind == "done"]
+    assert done[0] == "bob", f"bob waited behind alice's flood: {done}"
+    print(f"\nbob's latency: unloaded {unloaded * 1000:.0f} ms, with alice flooding {flood} streams {loaded * 1000:.0f} ms")
+    assert loaded < 10 * unloaded + 2.0  # generous: without fairness bob waits for a whole 128-token stream
+
+
+# ------------------------------------------------- quotas, usage, metrics
+def test_group_quota_admin_usage_and_per_user_metrics(hub):
+    with hub.openai("dave") as dave:  # group "limited": 1 token per day
+        dave.chat.completions.create(model=TINY, messages=MSG, max_tokens=2)
+        with pytest.raises(openai.RateLimitError, match="Daily token quota"):
+            dave.chat.completions.create(model=TINY, messages=MSG, max_tokens=2)
+    with hub.http(hub.tokens["alice"]) as c:
+        assert c.get("/admin/usage").status_code == 403  # not an xllm admin
+        metrics = c.get("/metrics").text
+    assert 'xllm_user_tokens_total{kind="completion",user="alice"}' in metrics
+    with hub.http(hub.tokens["carol"]) as c:  # in group xllm-admins
+        r = c.get("/admin/usage")
+        assert r.status_code == 200
+        rows = {row["user"]: row for row in r.json()["data"]}
+    assert rows["alice"]["completion_tokens"] > 0 and rows["bob"]["requests"] > 0
+    assert rows["dave"]["groups"] == ["limited"] and rows["dave"]["rejected"] == {"tokens_per_day": 1}
+    assert rows["dave"]["limits"] == {"max_concurrent": 0, "tokens_per_day": 1}
+
+
+# ------------------------------------------------------ managed by the hub
+def test_the_hub_runs_the_service_itself_as_a_managed_service(hub):
+    deadline = time.monotonic() + 120
+    while True:  # the hub started it at its own start; it loads the model in the background
+        try:
+            if httpx.get(hub.managed_root + "/health/ready", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the managed xllm service did not become ready"
+        time.sleep(0.5)
+    with openai.OpenAI(base_url=hub.managed_root + "/v1", api_key=hub.tokens["alice"], max_retries=0, timeout=120) as c:
+        assert c.chat.completions.create(model=TINY, messages=MSG, max_tokens=2).usage.completion_tokens > 0
+    with hub.http(hub.tokens["alice-no-access"]) as c:
+        assert c.get(hub.managed_root + "/v1/models").status_code == 403
+
+
+def test_a_browser_logs_in_through_hub_oauth_and_sees_its_page(hub):
+    """The whole OAuth dance: service -> hub authorize -> hub login -> callback -> page (cookies, no token)."""
+    hub_origin = hub.api.split("/hub/api")[0]
+    svc_origin = hub.service_root.split("/services/")[0]
+
+    def absolute(location: str) -> str:
+        if location.startswith("http"):
+            return location
+        return (hub_origin if location.startswith("/hub/") else svc_origin) + location
+
+    with httpx.Client(timeout=60) as browser:  # one cookie jar, like a browser (cookies ignore ports)
+        r = browser.get(hub.service_root + "/")
+        for _ in range(12):
+            if r.status_code not in (301, 302, 303):
+                break
+            url = absolute(r.headers["Location"])
+            if "/hub/login" in url:
+                form = browser.get(url)
+                xsrf = browser.cookies.get("_xsrf") or ""
+                assert form.status_code == 200
+                r = browser.post(url, data={"username": "bob", "password": "pw", "_xsrf": xsrf})
+            else:
+                r = browser.get(url)
+        assert r.status_code == 200, (r.status_code, r.text[:300])
+        assert "Signed in as <b>bob</b>" in r.text

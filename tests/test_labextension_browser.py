@@ -1,0 +1,117 @@
+"""The JupyterLab panel in a real browser: JupyterLab in a subprocess serving the tiny
+Llama through the xllm extension, the prebuilt labextension, headless system chromium.
+
+One JupyterLab for the module (startup is the slow part); the test opens the panel,
+sees the model loaded, unloads and reloads it with the panel's buttons (cookie auth +
+XSRF through ServerConnection), sends a chat and reads the streamed reply, and opens
+the playground. A screenshot lands in tests/artifacts/.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.browser import ARTIFACTS, chromium, jupyter_lab, require_browser
+from tests.server_fixtures import TINY
+
+LABEXTENSION = Path(__file__).resolve().parents[1] / "xllm_jupyter" / "labextension"
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory, xllm_home):
+    """JupyterLab with the xllm extension serving "tiny" from the test store, under base_url /jl/."""
+    require_browser()
+    if not (LABEXTENSION / "package.json").is_file():
+        pytest.fail("the prebuilt labextension is missing: run `make labext-build`")
+    config = {"XllmApp": {"default_model": TINY, "home": str(xllm_home), "max_batch_size": 4}}
+    with jupyter_lab(tmp_path_factory.mktemp("lab"), config=config, base_url="/jl/", name="labextension-browser") as server:
+        yield server
+
+
+def test_labextension_is_installed(lab):
+    """JupyterLab lists the prebuilt extension (the page config the browser gets)."""
+    import urllib.request
+
+    with urllib.request.urlopen(lab.lab_url(), timeout=60) as r:
+        page = r.read().decode()
+    assert "@xllm/jupyterlab" in page
+
+
+def test_panel_models_chat_and_playground(lab):
+    with chromium() as context:
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(lab.lab_url(), wait_until="domcontentloaded", timeout=120_000)
+
+        # the panel's tab in the left sidebar
+        tab = page.locator('.lm-TabBar-tab[data-id="xllm-panel"]')
+        tab.wait_for(timeout=120_000)
+        tab.click()
+        panel = page.locator("#xllm-panel")
+        panel.wait_for(state="visible", timeout=30_000)
+
+        # the default model is preloaded by the extension and shows as loaded
+        row = panel.locator(f'.xllm-Model[data-model="{TINY}"]')
+        page.wait_for_selector(f'#xllm-panel .xllm-Model.xllm-mod-loaded[data-model="{TINY}"]', timeout=120_000)
+        assert panel.locator(".xllm-Panel-status").inner_text() == "Ready"
+        assert re.search(r"\b(KB|MB|GB)\b", row.locator(".xllm-Model-facts").inner_text())
+        assert panel.locator(".xllm-Gauge").count() >= 1
+
+        # unload and load again through the panel's buttons (POSTs with Jupyter's auth + XSRF)
+        row.locator(".xllm-Model-action").click()
+        page.wait_for_selector(f'#xllm-panel .xllm-Model.xllm-mod-available[data-model="{TINY}"]', timeout=60_000)
+        assert TINY not in [m["id"] for m in lab.api("xllm/admin/stats")["models"]]
+        row.locator(".xllm-Model-action").click()
+        page.wait_for_selector(f'#xllm-panel .xllm-Model.xllm-mod-loaded[data-model="{TINY}"]', timeout=120_000)
+
+        # a quick chat: the reply streams into the log
+        assert panel.locator(".xllm-Chat-model").input_value() == TINY
+        box = panel.locator(".xllm-Chat-input")
+        box.fill("Say hello.")
+        box.press("Enter")
+        reply = panel.locator(".xllm-Chat-turn.xllm-mod-assistant").last
+        page.wait_for_selector("#xllm-panel .xllm-Chat-turn.xllm-mod-assistant:not(.xllm-mod-pending)", timeout=120_000)
+        assert panel.locator(".xllm-Chat-error").count() == 0
+        text = reply.locator(".xllm-Chat-text").inner_text()
+        assert text.strip(), "the reply is empty"
+        assert panel.locator(".xllm-Chat-turn.xllm-mod-user").inner_text().strip() == "Say hello."
+
+        # the server counted the tokens; the panel shows the counters it polls
+        stats = lab.api("xllm/admin/stats")
+        assert stats["generated_tokens"] > 0 and stats["completed"] >= 1
+        page.wait_for_function(
+            "() => /[1-9]\\d* tokens generated/.test(document.querySelector('#xllm-panel .xllm-Panel-rate').title)",
+            timeout=30_000,
+        )
+        assert panel.locator(".xllm-Panel-queue").inner_text() in ("idle", "1 running")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "labextension-panel.png"))
+
+        # the palette command opens the same chat in the main area
+        page.keyboard.press("Control+Shift+C")
+        palette = page.locator(".lm-CommandPalette-input")
+        palette.wait_for(state="visible", timeout=30_000)
+        palette.fill("xllm: Open Chat")
+        page.locator('.lm-CommandPalette-item[data-command="xllm:open-chat"]').first.click()
+        main_chat = page.locator(".jp-MainAreaWidget .xllm-Chat.xllm-mod-main")
+        main_chat.wait_for(state="visible", timeout=30_000)
+        page.wait_for_function(
+            "() => document.querySelector('.xllm-Chat.xllm-mod-main .xllm-Chat-model').options.length > 0", timeout=30_000)
+
+        # the playground command: the server starts Gradio and the new tab opens it
+        if importlib.util.find_spec("gradio") is not None:
+            with context.expect_page(timeout=120_000) as popup_info:
+                panel.locator(".xllm-Panel-playground").click()
+            popup = popup_info.value
+            popup.wait_for_url(re.compile(r"^http://127\.0\.0\.1:\d+/"), timeout=180_000)
+            popup.wait_for_selector("gradio-app, .gradio-container", timeout=120_000)
+            info = lab.api("xllm/playground", method="POST", body={})  # started once: the same URL again
+            assert popup.url.startswith(info["url"].rstrip("/"))
+            popup.close()
+        assert not errors, errors

@@ -1,0 +1,196 @@
+"""``%xllm`` line commands (list, ps, load, unload, pull, use, status, connect, config, help)
+through a real IPython shell against a real server with its own store."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+
+from tests.server_fixtures import TINY, make_test_config, running_server
+from xllm_jupyter.client import discovery
+from xllm_jupyter.magics import XllmMagics
+from xllm_jupyter.server.pull import PullCancelled, pull_events
+from xllm_jupyter.store.progress import PullProgress
+from xllm_jupyter.store.store import ModelStore
+
+COPY = "tiny-copy"
+
+
+@pytest.fixture(scope="module")
+def own_server(tmp_path_factory, tiny_llama_dir) -> Iterator[Any]:
+    """A server with a store of its own, so pulls and loads here leave the session server alone."""
+    home = tmp_path_factory.mktemp("xllm-cmds-home")
+    store = ModelStore(home)
+    store.pull(str(tiny_llama_dir), TINY)
+    with running_server(make_test_config(home), store, TINY) as info:
+        yield info
+
+
+@pytest.fixture
+def shell(own_server, monkeypatch):
+    """IPython with a fresh %xllm pointed at ``own_server`` (as the extension's variables would)."""
+    monkeypatch.setenv("XLLM_BASE_URL", own_server.base_url)
+    monkeypatch.setenv("XLLM_API_KEY", own_server.api_key)
+    monkeypatch.delenv("XLLM_MODEL", raising=False)
+    ip = InteractiveShell.instance()
+    magics = XllmMagics(ip)
+    ip.register_magics(magics)
+    ip.xllm_magics = magics
+    yield ip
+    discovery.disconnect()
+    magics.state.close()
+
+
+def run(shell, line: str) -> Any:
+    """``%xllm <line>`` with its output captured."""
+    with capture_output() as cap:
+        shell.run_line_magic("xllm", line)
+    return cap
+
+
+def shown(cap, mime: str = "text/plain") -> str:
+    """Every displayed ``mime`` of a captured run, joined."""
+    return "\n".join(o.data[mime] for o in cap.outputs if mime in o.data)
+
+
+def test_list_and_ps_render_tables(shell):
+    cap = run(shell, "list")
+    assert cap.stderr == ""
+    html = shown(cap, "text/html")
+    assert "<table>" in html and f"<td style='text-align:left'>{TINY}</td>" in html
+    assert f"| {TINY} | yes | transformers |" in shown(cap, "text/markdown")
+    assert shown(cap).splitlines()[0].split() == ["MODEL", "LOADED", "BACKEND", "CONTEXT"]
+    cap = run(shell, "ps")
+    text = shown(cap)
+    assert text.splitlines()[0].split()[:3] == ["MODEL", "BACKEND", "MEMORY"]
+    assert text.splitlines()[1].startswith(TINY) and "loaded" in text
+
+
+def test_pull_load_use_unload(shell, own_server, tiny_llama_dir):
+    cap = run(shell, f"pull {tiny_llama_dir} --name {COPY}")
+    assert cap.stderr == ""
+    lines = [o.data["text/plain"] for o in cap.outputs]
+    assert lines[-1].startswith(f"Pulled {COPY} (safetensors, ")  # the progress line ends as the summary
+    assert any(line.startswith(f"pull {tiny_llama_dir}: ") for line in lines), lines  # progress was shown
+    assert cap.outputs[-1].update  # updated in place, not a wall of lines
+    assert own_server.engine.catalog.show(COPY).digest  # in the server's store now
+    assert COPY in shown(run(shell, "list"))
+
+    assert shown(run(shell, f"load {COPY}")).startswith(f"Loaded {COPY} (transformers")
+    assert COPY in shown(run(shell, "ps"))
+    assert shown(run(shell, f"use {COPY}")) == f"Using {COPY} for %%xllm in this notebook"
+    with capture_output() as cap:
+        shell.run_cell_magic("xllm", "-t 0 --max-tokens 3", "Hi")
+    assert cap.outputs[-1].metadata["xllm"]["model"] == COPY  # no -m: the `use` choice
+    assert shown(run(shell, "use")) == f"Default model: {COPY}"
+
+    assert shown(run(shell, f"unload {COPY}")) == f"Unloaded {COPY}"
+    assert shown(run(shell, f"unload {COPY}")) == f"{COPY} was not loaded"
+    assert COPY not in shown(run(shell, "ps"))
+
+
+def test_command_errors_are_one_line(shell, tmp_path):
+    cases = {
+        "use no-such-model": "xllm: the server has no model 'no-such-model'",
+        "load no-such-model": "xllm: The model 'no-such-model' does not exist",
+        "load": "xllm: %xllm load: the following arguments are required: model",
+        "ps --bogus": "xllm: %xllm ps: unrecognized arguments: --bogus",
+        "config colour=red": "xllm: unknown setting 'colour'",
+        "config temperature=hot": "xllm: bad value for temperature: 'hot'",
+        "config format=yaml": "xllm: bad value for format: 'yaml'",
+        f"pull {tmp_path / 'nothing-here'}": "xllm: ",
+        "pull 'unclosed": "xllm: cannot parse the command",
+    }
+    for line, start in cases.items():
+        cap = run(shell, line)
+        assert cap.stderr.startswith(start), (line, cap.stderr)
+        assert cap.stderr.count("\n") == 1 and "Traceback" not in cap.stderr, (line, cap.stderr)
+
+
+def test_config_sets_defaults_for_cells(shell, own_server):
+    text = shown(run(shell, "config temperature=0 max_tokens=4 format=text"))
+    assert "temperature  0.0" in text and "max_tokens   4" in text and "format       text" in text
+    with capture_output() as cap:
+        shell.run_cell_magic("xllm", f"-m {TINY}", "Say hi")
+    out = cap.outputs[-1]
+    assert "text/markdown" not in out.data  # format=text
+    assert out.metadata["xllm"]["parameters"] == {"temperature": 0.0, "max_tokens": 4}
+    assert out.metadata["xllm"]["usage"]["completion_tokens"] <= 4
+    assert "format       markdown" in shown(run(shell, "config format=default"))
+
+
+def test_status_connect_and_help(shell, own_server, xllm_server, monkeypatch):
+    text = shown(run(shell, "status"))
+    assert own_server.base_url in text and "Jupyter extension" in text and TINY in text
+    # connect to another server: it wins over the extension's variables from now on
+    cap = run(shell, f"connect {xllm_server.base_url} --token {xllm_server.api_key}")
+    assert shown(cap) == f"Connected to {xllm_server.base_url} (connect)"
+    assert discovery.find_server().base_url == xllm_server.base_url
+    assert "%xllm connect" in shown(run(shell, "status"))
+    # a wrong token or a dead URL fails at connect, and the previous choice stays
+    cap = run(shell, f"connect {own_server.base_url} --token wrong")
+    assert cap.stderr.startswith("xllm: the xllm server at") and "refused the token" in cap.stderr
+    cap = run(shell, "connect http://127.0.0.1:9/v1")
+    assert cap.stderr.startswith("xllm: no xllm server at http://127.0.0.1:9")
+    assert discovery.find_server().base_url == xllm_server.base_url
+    # bare `connect`: discover again (the extension's variables)
+    assert shown(run(shell, "connect")) == f"Connected to {own_server.base_url} (extension)"
+    usage = shown(run(shell, "help"))
+    assert "%xllm pull SOURCE" in usage and "--chat | --new" in usage
+    assert shown(run(shell, "")) == usage
+
+
+def test_pull_route_validates_and_needs_credentials(own_server):
+    root = own_server.root
+    headers = {"Authorization": f"Bearer {own_server.api_key}"}
+    assert httpx.post(root + "/admin/models/pull", json={"model": "x"}).status_code == 401
+    r = httpx.post(root + "/admin/models/pull", json={"force": True}, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    r = httpx.post(root + "/admin/models/pull", json={"model": "x", "force": "yes"}, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "force"
+    r = httpx.get(root + "/admin/models/manifest", params={"model": "no-such"}, headers=headers)
+    assert r.status_code == 404
+    body = httpx.get(root + "/admin/models/manifest", params={"model": TINY}, headers=headers).json()
+    assert body["id"] == TINY and body["digest"].startswith("sha256:") and body["server_version"]
+    assert "path" not in body and str(own_server.config.store.home) not in r.text + str(body)
+
+
+class _SlowStore:
+    """A store whose pull reports progress until told to stop (what a long download does)."""
+
+    def __init__(self) -> None:
+        self.stopped = threading.Event()
+        self.reports = 0
+
+    def pull(self, source: str, name: str | None, *, progress: Any, **kw: Any) -> Any:
+        try:
+            for i in range(10_000):
+                self.reports += 1
+                progress(PullProgress("download", "model.safetensors", i, 10_000))
+                self.stopped.wait(0.01)
+            raise AssertionError("the pull was not stopped")
+        except PullCancelled:
+            self.stopped.set()
+            raise
+
+
+def test_a_client_leaving_stops_the_pull():
+    store = _SlowStore()
+    args = {"source": "x", "name": None, "revision": None, "force": False, "convert": False}
+
+    async def main() -> dict:
+        events = pull_events(store, args)
+        first = await events.__anext__()
+        await events.aclose()  # what the SSE writer does when the client disconnects
+        return first
+
+    first = asyncio.run(main())
+    assert first == {"status": "download", "file": "model.safetensors", "completed": 0, "total": 10_000}
+    assert store.stopped.is_set() and store.reports < 10_000

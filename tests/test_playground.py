@@ -1,0 +1,199 @@
+"""The Gradio playground, driven for real: the session's tiny server, a launched app, gradio_client."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+pytest.importorskip("gradio")
+gradio_client = pytest.importorskip("gradio_client")
+
+import xllm_jupyter
+from xllm_jupyter.client import XllmClient
+from xllm_jupyter.core.errors import XllmError
+from xllm_jupyter.playground import Playground, detect_root_path
+from xllm_jupyter.playground.app import (
+    ERROR_PREFIX,
+    part_text,
+    sampling,
+    to_openai_messages,
+)
+from xllm_jupyter.playground.launcher import port_is_free
+
+
+@pytest.fixture(scope="module")
+def tiny_client(xllm_server):
+    """A sync xllm client for the session's tiny server."""
+    with XllmClient(xllm_server.base_url, xllm_server.api_key) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def pg(tiny_client):
+    """One playground for the module, closed (and its port checked) at the end."""
+    app = xllm_jupyter.playground(client=tiny_client)
+    try:
+        yield app
+    finally:
+        app.close()
+
+
+def final_text(job) -> str:
+    """The assistant text in the last streamed output of a gradio_client job."""
+    outputs = job.outputs()
+    assert outputs, "the chat endpoint streamed nothing"
+    history = outputs[-1][0]
+    assert history[-1]["role"] == "assistant"
+    return part_text(history[-1]["content"])
+
+
+def test_a_streamed_chat_through_gradio_client_returns_text(pg, xllm_server):
+    assert pg.model == "tiny"
+    client = gradio_client.Client(pg.local_url, verbose=False)
+    # Sampled with a seed: the random-weight model's greedy answer is only newlines.
+    job = client.submit(
+        "Say hello", [], "tiny", "", 1.0, 1.0, 12, 7, api_name=pg.api_name
+    )
+    job.result(timeout=120)
+    outputs = job.outputs()
+    # Streaming: the transcript arrives in several updates, each one extending the last.
+    assert len(outputs) >= 3, outputs
+    texts = [part_text(o[0][-1]["content"]) for o in outputs]
+    assert texts[-1].strip(), "no answer text"
+    assert len(set(texts)) >= 3
+    assert all(texts[i + 1].startswith(texts[i]) for i in range(len(texts) - 1))
+    history = outputs[-1][0]
+    assert part_text(history[-2]["content"]) == "Say hello"
+    # The model, sampling parameters and seed reached the server: a direct request agrees.
+    with XllmClient(xllm_server.base_url, xllm_server.api_key) as direct:
+        expected = direct.chat(
+            "Say hello", "tiny", temperature=1.0, top_p=1.0, max_tokens=12, seed=7
+        )
+    assert texts[-1].strip() == expected.strip()
+
+
+def test_stop_cancels_the_generation_on_the_server(pg, xllm_server):
+    client = gradio_client.Client(pg.local_url, verbose=False)
+    before = xllm_server.engine.stats()
+    # 2000 sampled tokens take the tiny model several seconds; stop once the stream is flowing.
+    job = client.submit(
+        "Tell me a long story", [], "tiny", "", 1.0, 1.0, 2000, 1, api_name=pg.api_name
+    )
+    deadline = time.monotonic() + 120
+    while len(job.outputs()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert job.cancel()
+    deadline = time.monotonic() + 60
+    while (
+        xllm_server.engine.stats().cancelled == before.cancelled
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    after = xllm_server.engine.stats()
+    assert after.cancelled == before.cancelled + 1, (
+        "the server did not cancel the stopped generation"
+    )
+    assert after.completed == before.completed
+    assert after.steps - before.steps < 2000
+
+
+def test_server_errors_show_as_one_line_in_the_transcript(pg):
+    client = gradio_client.Client(pg.local_url, verbose=False)
+    job = client.submit(
+        "hi", [], "no-such-model", "", 0.0, 1.0, 8, None, api_name=pg.api_name
+    )
+    job.result(timeout=60)
+    text = final_text(job)
+    assert text.startswith(ERROR_PREFIX) and "no-such-model" in text
+    assert "Traceback" not in text
+
+
+def test_inline_display_is_an_iframe_on_the_app(pg):
+    page = pg._repr_html_()
+    assert "<iframe" in page and f'src="{pg.url}"' in page
+    assert pg.url == f"http://127.0.0.1:{pg.port}/"
+    assert httpx.get(pg.local_url, timeout=30).status_code == 200
+
+
+def test_close_frees_the_port_and_root_path_reaches_gradio(tiny_client):
+    app = xllm_jupyter.playground(
+        client=tiny_client, root_path="/user/alice/proxy/{port}/", inline=False
+    )
+    # "{port}" in root_path stands for the port the playground picked.
+    assert app.root_path == f"/user/alice/proxy/{app.port}"
+    app.close()
+    assert port_is_free(app.port)
+
+    port = app.port
+    env_root = detect_root_path(port, {"JUPYTERHUB_SERVICE_PREFIX": "/user/alice/"})
+    app = xllm_jupyter.playground(
+        client=tiny_client, port=port, root_path=env_root, inline=False
+    )
+    try:
+        assert app.url == f"/user/alice/proxy/{port}/"
+        assert "<iframe" not in app._repr_html_() and app.url in app._repr_html_()
+        # Gradio builds its browser URLs from the proxy prefix it was given.
+        config = httpx.get(app.local_url + "config", timeout=30).json()
+        assert config["root"].endswith(f"/user/alice/proxy/{port}")
+        assert not port_is_free(port)
+        with pytest.raises(XllmError, match="already in use"):
+            xllm_jupyter.playground(client=tiny_client, port=port)
+    finally:
+        app.close()
+    assert port_is_free(port)
+    assert "closed" in app._repr_html_()
+    app.close()  # idempotent
+
+
+def test_root_path_detection():
+    assert detect_root_path(7860, {}) is None
+    assert (
+        detect_root_path(7861, {"JUPYTERHUB_SERVICE_PREFIX": "/user/bob/"})
+        == "/user/bob/proxy/7861"
+    )
+    env = {
+        "XLLM_PLAYGROUND_ROOT_PATH": "/lab/proxy/{port}/",
+        "JUPYTERHUB_SERVICE_PREFIX": "/user/bob/",
+    }
+    assert detect_root_path(7862, env) == "/lab/proxy/7862"
+
+
+def test_history_becomes_openai_messages():
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+        {"role": "assistant", "content": "Hello!"},
+        {
+            "role": "assistant",
+            "content": f"partial\n\n{ERROR_PREFIX}the server went away",
+        },
+    ]
+    messages = to_openai_messages(history, "Next?", "Be brief.")
+    assert messages == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "assistant", "content": "partial"},
+        {"role": "user", "content": "Next?"},
+    ]
+
+
+def test_bad_input_is_a_clear_error(tiny_client):
+    with pytest.raises(XllmError, match="port"):
+        xllm_jupyter.playground(client=tiny_client, port=-1)
+    with pytest.raises(XllmError, match="whole number"):
+        sampling(1.0, 1.0, 8, "abc")
+    assert sampling(None, None, None, " 42 ") == {"seed": 42}
+    assert sampling(0.5, None, 16, "") == {"temperature": 0.5, "max_tokens": 16}
+    with pytest.raises(XllmError, match="client="):
+        xllm_jupyter.playground(client=42)
+    with pytest.raises(XllmError, match="no xllm server"):
+        xllm_jupyter.playground(client=XllmClient("http://127.0.0.1:9/v1", "k"))
+
+
+def test_the_package_is_callable_and_exports_the_class():
+    import xllm_jupyter.playground as package
+
+    assert isinstance(package.Playground, type) and package.Playground is Playground
+    assert callable(xllm_jupyter.playground)

@@ -1,0 +1,216 @@
+"""ChatWidget, ProfileWidget and CompareWidget driven through their Python state against the real server."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import ipywidgets as W
+import pytest
+
+import xllm_jupyter
+from tests.server_fixtures import TINY
+from xllm_jupyter.widgets import ChatWidget, CompareWidget, ProfileWidget
+
+PNG = b"\x89PNG\r\n\x1a\n"
+DEAD = ("http://127.0.0.1:9/v1", None)  # nothing listens on the discard port
+
+
+@pytest.fixture
+def endpoint(xllm_server):
+    return (xllm_server.base_url, xllm_server.api_key)
+
+
+@pytest.fixture
+def make(request):
+    """Build a widget and close it (ending its background thread) after the test."""
+    made = []
+
+    def build(cls, *args, **kwargs):
+        w = cls(*args, **kwargs)
+        made.append(w)
+        return w
+
+    yield build
+    for w in made:
+        w.close()
+
+
+def wait_for(predicate, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+# ----------------------------------------------------------------------- chat
+def test_chat_widget_streams_a_conversation(make, endpoint):
+    w = make(ChatWidget, client=endpoint, params={"ignore_eos": True})
+    assert isinstance(w, W.VBox) and w.model_picker.value == TINY and TINY in w.model_picker.options
+    w.temperature.value, w.max_tokens.value = 0.0, 6
+    w.system_prompt.value = "You are terse."
+    w.input.value = "Hello <there>"
+    w.send_button.click()
+    assert w.wait(60)
+    assert w.input.value == "" and not w.busy
+    assert [m["role"] for m in w.messages] == ["user", "assistant"]
+    assert w.messages[0]["content"] == "Hello <there>" and w.messages[1]["content"]
+    assert w.last.completion_tokens == 6 and w.last.ttft_s > 0
+    assert "6 tokens in" in w.status.value
+    assert "Hello &lt;there&gt;" in w.transcript.value  # user text is escaped, not rendered
+    assert not w.send_button.disabled and w.stop_button.disabled
+    # the widget sent what chat() sends: same greedy reply
+    expected = xllm_jupyter.chat("Hello <there>", TINY, system="You are terse.", client=endpoint, temperature=0.0, top_p=1.0, max_tokens=6, ignore_eos=True)
+    assert w.messages[1]["content"] == expected
+    # a second turn carries the history
+    assert w.ask("And then?")
+    assert w.wait(60)
+    assert [m["role"] for m in w.messages] == ["user", "assistant", "user", "assistant"]
+    assert [m["role"] for m in w.request_messages()] == ["system", "user", "assistant", "user", "assistant"]
+
+
+def test_chat_widget_stop_cancels_on_the_server(make, endpoint, xllm_server):
+    engine = xllm_server.engine
+    before = engine.stats(TINY).cancelled
+    w = make(ChatWidget, TINY, client=endpoint, max_tokens=1500, params={"ignore_eos": True})
+    w.input.value = "Go on forever"
+    w.send_button.click()
+    assert wait_for(lambda: len(w.messages) == 2 and w.messages[1]["content"]), w.status.value
+    assert w.busy and w.send_button.disabled and not w.stop_button.disabled
+    w.stop_button.click()
+    assert w.wait(30)
+    assert "Stopped" in w.status.value and w.last.cancelled
+    assert 0 < w.last.completion_tokens < 1500 and w.messages[1]["content"]
+    assert wait_for(lambda: engine.stats(TINY).cancelled > before), "the server kept generating"
+    assert not w.send_button.disabled
+
+
+def test_chat_widget_exports_clears_and_reports_errors(make, endpoint, tmp_path):
+    w = make(ChatWidget, TINY, client=endpoint, max_tokens=3, system="Sys")
+    assert w.ask("One") and w.wait(60)
+    md = w.export(tmp_path / "t.md").read_text()
+    assert md.startswith(f"# Chat with {TINY}") and "**System:**" in md and "**You:**\n\nOne" in md
+    w.export_format.value = "json"
+    assert w.export_path.value == "transcript.json"
+    w.export_path.value = str(tmp_path / "t.json")
+    w.export_button.click()
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["model"] == TINY and data["params"]["max_tokens"] == 3
+    assert [m["role"] for m in data["messages"]] == ["system", "user", "assistant"]
+    assert "Wrote" in w.status.value
+    w.export_path.value = str(tmp_path / "missing-dir" / "t.json")
+    w.export_button.click()
+    assert "Export failed" in w.status.value and "Traceback" not in w.status.value
+
+    w.clear_button.click()
+    assert w.messages == [] and "No messages" in w.transcript.value
+    assert not w.ask("   ") and "Type a message" in w.status.value
+
+    w.params = {"n": 3}
+    assert not w.ask("hi") and "cannot be set" in w.status.value and w.messages == []
+
+    bad = make(ChatWidget, "no-such-model", client=endpoint)
+    assert bad.ask("hi") and bad.wait(30)
+    assert "Error:" in bad.status.value and "no-such-model" in bad.status.value
+    assert [m["role"] for m in bad.messages] == ["user"]  # the empty reply is not kept
+
+    dead = make(ChatWidget, client=DEAD)
+    assert dead.model_picker.options == () and "no xllm server" in dead.status.value
+    dead.input.value = "hi"
+    dead.send_button.click()
+    assert not dead.busy and "No model" in dead.status.value
+
+
+# -------------------------------------------------------------------- profile
+def test_profile_widget_runs_and_exports(make, endpoint, tmp_path):
+    w = make(ProfileWidget, client=endpoint, max_tokens=3)
+    assert isinstance(w, W.VBox) and w.model_picker.value == TINY
+    w.concurrency.value, w.prompt_tokens.value = "1, 2", "8"
+    w.run_button.click()
+    assert w.wait(120), w.status.value
+    assert w.result is not None, w.status.value
+    assert len(w.result.frame) == 3 and (w.result.frame["completion_tokens"] == 3).all()
+    assert w.progress.value == w.progress.max == 2
+    assert "Done: 3 requests" in w.status.value and "<table" in w.table.value
+    for name in ("throughput", "ttft", "tok_per_s", "itl", "memory"):
+        assert bytes(w.images[name].value).startswith(PNG), name
+    pngs = w.export_png(tmp_path / "png")
+    assert sorted(p.name for p in pngs) == ["itl.png", "memory.png", "throughput.png", "tok_per_s.png", "ttft.png"]
+    w.export_dir.value = str(tmp_path / "csv")
+    w.export_csv_button.click()
+    assert sorted(p.name for p in (tmp_path / "csv").iterdir()) == ["itl.csv", "memory.csv", "requests.csv", "summary.csv"]
+
+    w.concurrency.value = "one, two"
+    w.run_button.click()
+    assert not w.busy and "whole numbers" in w.status.value
+
+
+def test_profile_widget_watches_the_server_live(make, endpoint, tmp_path):
+    w = make(ProfileWidget, TINY, client=endpoint, interval=0.1)
+    w.watch_button.click()
+    assert w.busy and w.run_button.disabled
+    assert wait_for(lambda: len(w.samples) >= 2), w.status.value
+    xllm_jupyter.chat("count", TINY, client=endpoint, max_tokens=20, ignore_eos=True)
+    assert wait_for(lambda: len(w.samples) and (w.samples["gen_tok_per_s"] > 0).any()), w.samples
+    w.stop_button.click()
+    assert w.wait(10)
+    assert "Live view stopped" in w.status.value and not w.run_button.disabled
+    assert bytes(w.images["live"].value).startswith(PNG)
+    assert (w.samples["memory_bytes"] > 0).all()
+    assert [p.name for p in w.export_csv(tmp_path)] == ["live.csv"]
+    assert [p.name for p in w.export_png(tmp_path)] == ["live.png"]
+
+
+def test_profile_widget_without_a_server_says_so(make):
+    w = make(ProfileWidget, client=DEAD, interval=0.1)
+    assert "no xllm server" in w.status.value
+    w.run_button.click()
+    assert "No model" in w.status.value
+    w.watch_button.click()
+    assert w.wait(20)
+    assert "Live view ended" in w.status.value and "no xllm server" in w.status.value
+
+
+# -------------------------------------------------------------------- compare
+def test_compare_widget_side_by_side_with_diff(make, endpoint):
+    settings = [{"temperature": 0, "ignore_eos": True}, {"temperature": 1.5, "seed": 3, "ignore_eos": True}]
+    w = make(CompareWidget, TINY, settings=settings, prompt="Write", max_tokens=6, client=endpoint)
+    assert isinstance(w, W.VBox) and w.models.value == (TINY,)
+    w.run_button.click()
+    assert w.wait(60), w.status.value
+    assert "Done" in w.status.value
+    frame = w.result.frame
+    assert len(frame) == 2 and (frame["completion_tokens"] == 6).all()
+    assert len(w.columns.children) == 2
+    assert all("6 tokens" in f.value and "tok/s" in f.value for f in w._footers)
+    assert list(w.diff_a.options) == w.result.labels and w.diff_b.value == w.result.labels[1]
+    assert "<del" in w.diff_view.value or "<ins" in w.diff_view.value
+    w.diff_mode.value = "unified"
+    assert w.diff_view.value.startswith("<pre>")
+    # models mode: one column per selected model
+    w.settings.value = ""
+    w.run_button.click()
+    assert w.wait(60) and len(w.result.frame) == 1 and w.result.labels == [TINY]
+
+
+def test_compare_widget_stop_and_bad_input(make, endpoint, xllm_server):
+    engine = xllm_server.engine
+    before = engine.stats(TINY).cancelled
+    settings = [{"ignore_eos": True, "seed": 1}, {"ignore_eos": True, "seed": 2}]
+    w = make(CompareWidget, TINY, settings=settings, prompt="Go", max_tokens=1500, client=endpoint)
+    w.run_button.click()
+    assert wait_for(lambda: all(r.pieces for r in w._records)), w.status.value
+    w.stop_button.click()
+    assert w.wait(30)
+    assert "Stopped" in w.status.value and all(r.cancelled for r in w.result.records)
+    assert all(0 < r.completion_tokens < 1500 for r in w.result.records)
+    assert wait_for(lambda: engine.stats(TINY).cancelled >= before + 2), "the server kept generating"
+
+    w.settings.value = "{not json"
+    w.run_button.click()
+    assert not w.busy and "settings" in w.status.value
+    w.settings.value, w.prompt.value = "", " "
+    w.run_button.click()
+    assert not w.busy and "prompt is empty" in w.status.value

@@ -1,0 +1,206 @@
+"""What the exllamav3 and exllamav2 adapters share, free of CUDA so it is unit-tested on CPU.
+
+Both libraries' dynamic generators take jobs with a sampler, stop conditions and an
+identifier, and return per-step result dicts (``stage: streaming``, ``token_ids``,
+``text``, ``eos``/``eos_reason``, timing and cache counters). This module maps our
+``SamplingParams`` and options onto their settings and their results onto ``TokenEvent``s.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+from ..core.errors import EngineError
+from ..core.types import FinishReason, SamplingParams, TokenEvent
+
+#: both libraries allocate the KV cache in pages of this many tokens
+PAGE_SIZE = 256
+#: cache size when none is configured: room for 64 sequences of 1k tokens
+DEFAULT_CACHE_TOKENS = 65536
+
+#: the generators' ``eos_reason`` values and what OpenAI calls them
+EOS_REASONS: dict[str, FinishReason] = {
+    "stop_token": FinishReason.STOP,
+    "stop_string": FinishReason.STOP,
+    "end_filter": FinishReason.STOP,
+    "loop_detected": FinishReason.STOP,
+    "max_new_tokens": FinishReason.LENGTH,
+}
+
+#: quantized KV cache names -> (key bits, value bits)
+KV_CACHE_BITS: dict[str, tuple[int, int]] = {"q8": (8, 8), "q6": (6, 6), "q4": (4, 4)}
+
+
+@dataclass(frozen=True)
+class ExllamaOptions:
+    """The engine settings an exllama backend reads, validated (see docs/configuration.md)."""
+
+    max_batch_size: int = 16
+    cache_tokens: int = 0
+    kv_cache_bits: str = "fp16"
+    tensor_parallel: bool = False
+    gpu_split: tuple[float, ...] = ()
+    draft_model_path: str | None = None
+    num_draft_tokens: int = 4
+    ngram_draft: int = 0
+    context_length: int | None = None
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], context_length: int | None = None) -> ExllamaOptions:
+        """Parse a ModelSpec's options; EngineError names the setting that is wrong."""
+        try:
+            split = tuple(float(x) for x in (options.get("gpu_split") or ()))
+        except (TypeError, ValueError) as exc:
+            raise EngineError("engine.gpu_split must list GB per GPU as numbers, e.g. [20, 24]") from exc
+        opts = cls(
+            max_batch_size=max(1, int(options.get("max_batch_size") or 16)),
+            cache_tokens=int(options.get("cache_tokens") or 0),
+            kv_cache_bits=str(options.get("kv_cache_bits") or "fp16").strip().lower(),
+            tensor_parallel=bool(options.get("tensor_parallel", False)),
+            gpu_split=split,
+            draft_model_path=str(options["draft_model_path"]) if options.get("draft_model_path") else None,
+            num_draft_tokens=max(1, int(options.get("num_draft_tokens") or 4)),
+            ngram_draft=max(0, int(options.get("ngram_draft") or 0)),
+            context_length=int(context_length) if context_length else None,
+        )
+        opts.kv_bits()  # validate now, before minutes of loading
+        if opts.cache_tokens < 0:
+            raise EngineError("engine.cache_tokens must be >= 0")
+        return opts
+
+    def kv_bits(self) -> tuple[int, int] | None:
+        """(key bits, value bits) of a quantized cache, or None for fp16."""
+        name = self.kv_cache_bits
+        if name in ("fp16", "16", ""):
+            return None
+        if name in KV_CACHE_BITS:
+            return KV_CACHE_BITS[name]
+        try:
+            k, v = (int(x) for x in name.split(","))
+        except ValueError:
+            raise EngineError(f"engine.kv_cache_bits '{name}' is not one of fp16, q8, q6, q4 or 'K,V' bits") from None
+        if not (2 <= k <= 8 and 2 <= v <= 8):
+            raise EngineError("engine.kv_cache_bits: key and value bits must be between 2 and 8")
+        return k, v
+
+    def cache_size(self, context_length: int) -> int:
+        """KV cache tokens: the configured size (or the default), at least one full context, whole pages."""
+        tokens = max(self.cache_tokens or DEFAULT_CACHE_TOKENS, context_length)
+        return -(-tokens // PAGE_SIZE) * PAGE_SIZE
+
+
+def combo_sampler_kwargs(s: SamplingParams) -> dict[str, Any]:
+    """exllamav3 ``ComboSampler`` arguments that reproduce ``s`` (OpenAI semantics)."""
+    return {
+        "rep_p": float(s.repetition_penalty),
+        "freq_p": float(s.frequency_penalty),
+        "pres_p": float(s.presence_penalty),
+        "temperature": 0.0 if s.greedy else float(s.temperature),
+        "min_p": float(s.min_p),
+        "top_k": int(s.top_k),
+        "top_p": float(s.top_p),
+        "logit_bias": {int(k): float(v) for k, v in s.logit_bias.items()} or None,
+    }
+
+
+def v2_sampler_fields(s: SamplingParams) -> dict[str, Any]:
+    """exllamav2 ``ExLlamaV2Sampler.Settings`` attributes that reproduce ``s``."""
+    greedy = s.greedy
+    return {
+        "temperature": 1.0 if greedy else float(s.temperature),
+        "top_k": 1 if greedy else int(s.top_k),
+        "top_p": 0.0 if greedy else float(s.top_p),
+        "min_p": 0.0 if greedy else float(s.min_p),
+        "token_repetition_penalty": float(s.repetition_penalty),
+        "token_frequency_penalty": float(s.frequency_penalty),
+        "token_presence_penalty": float(s.presence_penalty),
+    }
+
+
+@dataclass
+class JobInfo:
+    """What translation needs to know about one running job."""
+
+    job_id: int
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass
+class SpeculativeStats:
+    """Draft tokens accepted and rejected so far (speculative decoding)."""
+
+    accepted: int = 0
+    rejected: int = 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """accepted / drafted, or None before anything was drafted."""
+        total = self.accepted + self.rejected
+        return self.accepted / total if total else None
+
+
+def _row(value: Any) -> list:
+    """The first row of a (1, n[, k]) tensor or nested list as Python lists."""
+    if value is None:
+        return []
+    row = value[0]
+    return row.tolist() if hasattr(row, "tolist") else list(row)
+
+
+def translate_results(results: Iterable[Mapping[str, Any]], jobs: Mapping[int, JobInfo],
+                      piece: Callable[[int], str], spec_stats: SpeculativeStats | None = None) -> list[TokenEvent]:
+    """TokenEvents for the ``streaming`` results of one ``iterate()`` call (one per sampled token).
+
+    A result may carry several tokens (speculative decoding accepted a draft); each gets an
+    event and the step's text rides on the last one. The ``eos`` result becomes the finishing
+    event, with the usage counters the generator reports.
+    """
+    events: list[TokenEvent] = []
+    for r in results:
+        if r.get("stage") != "streaming":
+            continue
+        info = jobs.get(r.get("identifier"))  # type: ignore[arg-type]
+        if info is None:
+            continue
+        ids = [int(t) for t in _row(r.get("token_ids"))]
+        text = r.get("text") or ""
+        finish = None
+        prompt_tokens = cached = completion = 0
+        if r.get("eos"):
+            finish = EOS_REASONS.get(str(r.get("eos_reason")), FinishReason.STOP)
+            prompt_tokens = int(r.get("prompt_tokens") or 0)
+            cached = int(r.get("cached_tokens") or 0)
+            completion = int(r.get("new_tokens") or 0)
+            if spec_stats is not None:
+                spec_stats.accepted += int(r.get("accepted_draft_tokens") or 0)
+                spec_stats.rejected += int(r.get("rejected_draft_tokens") or 0)
+        probs = _row(r.get("token_probs")) if info.logprobs else []
+        top_ids = _row(r.get("top_k_tokens")) if info.top_logprobs else []
+        top_probs = _row(r.get("top_k_probs")) if info.top_logprobs else []
+        if not ids:
+            events.append(TokenEvent(info.job_id, None, text, finish=finish, prompt_tokens=prompt_tokens,
+                                     cached_tokens=cached, completion_tokens=completion))
+            continue
+        last = len(ids) - 1
+        for i, token in enumerate(ids):
+            logprob = _log(probs[i]) if i < len(probs) else None
+            top: tuple[tuple[str, float], ...] = ()
+            if i < len(top_ids):
+                top = tuple((piece(int(t)), _log(p)) for t, p in zip(top_ids[i], top_probs[i]))[: info.top_logprobs]
+            end = i == last
+            events.append(TokenEvent(
+                info.job_id, token, text if end else "", logprob, top,
+                finish=finish if end else None,
+                prompt_tokens=prompt_tokens if end else 0,
+                cached_tokens=cached if end else 0,
+                completion_tokens=completion if end else 0,
+            ))
+    return events
+
+
+def _log(p: float) -> float:
+    """log(p), finite for p == 0 (OpenAI clients expect numbers, not -inf)."""
+    return math.log(p) if p > 0 else -9999.0

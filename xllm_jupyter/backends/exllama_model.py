@@ -1,0 +1,159 @@
+"""A LoadedModel over an exllama dynamic generator (exllamav3 ``Generator``, exllamav2 ``DynamicGenerator``).
+
+Both generators batch continuously on their own: jobs enqueued between two ``iterate()``
+calls join the running batch, prompts are deduplicated page by page (prefix caching), and
+cancelling a job frees its pages at once. This class only maps our jobs onto theirs and
+their results onto ``TokenEvent``s; the subclasses build the library's job objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from abc import abstractmethod
+from typing import Any, Sequence
+
+from ..core.types import ChatMessage, Constraint, FinishReason, SequenceJob, TokenEvent
+from .base import LoadedModel, ModelSpec
+from .constraints import GrammarCompiler
+from .exllama_common import JobInfo, SpeculativeStats, translate_results
+from .hf_tokenizer import ChatTokenizer
+
+log = logging.getLogger(__name__)
+
+
+class DynamicGeneratorModel(LoadedModel):
+    """Drives one exllama dynamic generator from the engine thread."""
+
+    def __init__(self, spec: ModelSpec, *, generator: Any, chat: ChatTokenizer, context_length: int,
+                 vocab_size: int, eos_token_ids: frozenset[int], max_batch_size: int, memory_bytes: int,
+                 details: dict[str, Any]):
+        self.name = spec.name
+        self.format = spec.format
+        self.generator = generator
+        self.chat = chat
+        self.context_length = int(context_length)
+        self.vocab_size = int(vocab_size)
+        self.eos_token_ids = eos_token_ids
+        self.max_batch_size = max(1, int(max_batch_size))
+        self._memory = int(memory_bytes)
+        self._details = dict(details)
+        self._jobs: dict[int, Any] = {}  # our job id -> the library's job
+        self._info: dict[int, JobInfo] = {}
+        self._cancelled: list[int] = []
+        self._grammars = GrammarCompiler(chat.tokenizer, self.vocab_size, self.eos_token_ids)
+        self.speculative = SpeculativeStats()
+        self._counts_lock = threading.Lock()
+        self._prompt_tokens = 0
+        self._cached_tokens = 0
+
+    # -- tokenizer (any thread) -------------------------------------------------------
+    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids for ``text`` (thread-safe)."""
+        return self.chat.tokenize(text, add_special_tokens=add_special_tokens)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Text for ``ids`` with special tokens skipped (thread-safe)."""
+        return self.chat.detokenize(ids)
+
+    def chat_template(self) -> str | None:
+        """The chat template source."""
+        return self.chat.chat_template()
+
+    def render_chat(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True,
+                    tools: Sequence[dict[str, Any]] | None = None) -> str:
+        """The prompt text of ``messages`` under the model's chat template (thread-safe)."""
+        return self.chat.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+
+    def grammar(self, constraint: Constraint) -> str:
+        """The llguidance grammar text for ``constraint`` (validated and cached on first use)."""
+        from .constraints import grammar_text
+
+        self._grammars.compile(constraint)
+        return grammar_text(constraint)
+
+    # -- engine thread ----------------------------------------------------------------
+    @abstractmethod
+    def make_job(self, job: SequenceJob) -> Any:
+        """The library's job object for ``job`` (identifier = our job id)."""
+
+    def add(self, job: SequenceJob) -> None:
+        """Enqueue ``job``; the generator starts it at its next iteration."""
+        native = self.make_job(job)
+        self.generator.enqueue(native)
+        self._jobs[job.job_id] = native
+        self._info[job.job_id] = JobInfo(job.job_id, job.logprobs, job.top_logprobs)
+
+    def cancel(self, job_id: int) -> None:
+        """Drop the job from the generator (its pages are freed now); its final event comes next step."""
+        native = self._jobs.pop(job_id, None)
+        self._info.pop(job_id, None)
+        if native is not None:
+            self.generator.cancel(native)
+            self._cancelled.append(job_id)
+
+    def active_jobs(self) -> int:
+        """Jobs added and not yet finished (cancelled ones until their final event)."""
+        return len(self._jobs) + len(self._cancelled)
+
+    def step(self) -> list[TokenEvent]:
+        """One generator iteration: prefill chunks of new jobs and one decode step for the rest."""
+        events = [TokenEvent(job_id, None, "", finish=FinishReason.CANCELLED) for job_id in self._cancelled]
+        self._cancelled.clear()
+        if not self._jobs:
+            return events
+        results = self.generator.iterate()
+        produced = translate_results(results, self._info, self._piece, self.speculative)
+        for event in produced:
+            if event.finish is not None:
+                self._jobs.pop(event.job_id, None)
+                self._info.pop(event.job_id, None)
+                with self._counts_lock:
+                    self._prompt_tokens += event.prompt_tokens
+                    self._cached_tokens += event.cached_tokens
+        events.extend(produced)
+        return events
+
+    def _piece(self, token_id: int) -> str:
+        return self.chat.decode_piece([token_id])
+
+    # -- any thread ---------------------------------------------------------------------
+    def check_constraint(self, constraint: Constraint, *, param: str = "response_format") -> None:
+        """Compile ``constraint`` now; InvalidRequest (400) if it is invalid."""
+        self._grammars.compile(constraint, param=param)
+
+    def memory_bytes(self) -> int:
+        """GPU bytes the weights and the KV cache took when loaded."""
+        return self._memory
+
+    def details(self) -> dict[str, Any]:
+        """Backend, batching mode, cache and speculative-decoding facts for /v1/models and `xllm ps`."""
+        with self._counts_lock:
+            prompt, cached = self._prompt_tokens, self._cached_tokens
+        out = dict(self._details)
+        out["prefix_cache"] = {"prompt_tokens": prompt, "cached_tokens": cached,
+                               "hit_rate": round(cached / prompt, 4) if prompt else None}
+        if out.get("speculative"):
+            spec = dict(out["speculative"])
+            spec.update(accepted=self.speculative.accepted, rejected=self.speculative.rejected,
+                        acceptance_rate=self.speculative.acceptance_rate)
+            out["speculative"] = spec
+        return out
+
+    def unload(self) -> None:
+        """Free the generator, cache and weights."""
+        self._release()
+        self._jobs.clear()
+        self._info.clear()
+        try:
+            import gc
+
+            import torch
+
+            gc.collect()
+            torch.cuda.empty_cache()
+        except Exception:  # freeing is best effort
+            log.debug("emptying the CUDA cache failed", exc_info=True)
+
+    def _release(self) -> None:
+        """Library-specific teardown (subclasses)."""

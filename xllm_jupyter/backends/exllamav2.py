@@ -1,0 +1,190 @@
+"""The exllamav2 backend: EXL2, GPTQ and FP16 safetensors models on CUDA GPUs.
+
+exllamav2's dynamic generator batches continuously only in paged mode, which needs
+flash-attn. Without it the generator runs unpaged: one sequence at a time. We detect
+that, say so once in the log, expose the mode in ``/v1/models`` and ``xllm ps``, and
+let the engine queue the other requests (max batch size 1), so none fail.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import EngineError
+from ..core.types import SequenceJob
+from .base import Backend, ModelSpec
+from .exllama_common import ExllamaOptions, v2_sampler_fields
+from .exllama_model import DynamicGeneratorModel
+from .exllamav3 import config_eos, cuda_available, cuda_memory_in_use, is_model_directory
+from .hf_tokenizer import ChatTokenizer
+
+log = logging.getLogger(__name__)
+
+#: store formats this backend loads
+FORMATS = ("exl2", "gptq", "safetensors")
+#: exllamav2 quantizes its cache only symmetrically
+_CACHE_CLASSES = {None: "ExLlamaV2Cache", (8, 8): "ExLlamaV2Cache_Q8", (6, 6): "ExLlamaV2Cache_Q6",
+                  (4, 4): "ExLlamaV2Cache_Q4"}
+_warned_unpaged = False
+
+
+def paged_attention_available() -> bool:
+    """True when flash-attn with paged attention is importable (exllamav2's batching needs it)."""
+    try:
+        from exllamav2 import attn
+
+        return bool(getattr(attn, "has_flash_attn_with_paged", False) or getattr(attn, "has_flash_attn", False))
+    except Exception:
+        return False
+
+
+def warn_unpaged_once() -> None:
+    """Log (once per process) that exllamav2 runs one sequence at a time here."""
+    global _warned_unpaged
+    if not _warned_unpaged:
+        _warned_unpaged = True
+        log.warning("exllamav2: flash-attn is not installed, so its generator runs unpaged (one sequence at a "
+                    "time); other requests wait in the queue. Install flash-attn for continuous batching.")
+
+
+class ExllamaV2Backend(Backend):
+    """Loads models with exllamav2."""
+
+    name = "exllamav2"
+
+    def available(self) -> bool:
+        """exllamav2 is installed and a CUDA GPU is visible."""
+        return importlib.util.find_spec("exllamav2") is not None and cuda_available()
+
+    def supports(self, spec: ModelSpec) -> bool:
+        """EXL2, GPTQ or FP16 safetensors chat models in a directory."""
+        return spec.task == "chat" and spec.format in FORMATS and is_model_directory(Path(spec.path))
+
+    def load(self, spec: ModelSpec) -> ExllamaV2Model:
+        """Load weights, cache and generator (slow; called on a worker thread)."""
+        from .jit import import_with_kernels
+
+        exllamav2 = import_with_kernels("exllamav2")
+        from exllamav2.generator import ExLlamaV2DynamicGenerator
+
+        opts = ExllamaOptions.from_options(spec.options, spec.context_length)
+        if opts.tensor_parallel:
+            raise EngineError("engine.tensor_parallel is supported by the exllamav3 backend only")
+        bits = opts.kv_bits()
+        if bits not in _CACHE_CLASSES:
+            raise EngineError("exllamav2 quantizes its KV cache symmetrically only: use fp16, q8, q6 or q4")
+        paged = paged_attention_available()
+        if not paged:
+            warn_unpaged_once()
+        path = Path(spec.path)
+        before = cuda_memory_in_use()
+        try:
+            config = exllamav2.ExLlamaV2Config(str(path))
+            config.arch_compat_overrides()
+            ctx = opts.context_length or int(config.max_seq_len or 4096)
+            config.max_seq_len = ctx
+            if not paged:
+                config.no_flash_attn = True
+            cache_tokens = opts.cache_size(ctx) if paged else ctx
+            model = exllamav2.ExLlamaV2(config)
+            cache_cls = getattr(exllamav2, _CACHE_CLASSES[bits])
+            cache = cache_cls(model, max_seq_len=cache_tokens, lazy=True)
+            if opts.gpu_split:
+                model.load(gpu_split=list(opts.gpu_split))
+                cache = cache_cls(model, max_seq_len=cache_tokens)
+            else:
+                model.load_autosplit(cache)
+            tokenizer = exllamav2.ExLlamaV2Tokenizer(config)
+            draft = _load_draft(exllamav2, opts, cache_tokens, paged)
+            batch = opts.max_batch_size if paged else 1
+            generator = ExLlamaV2DynamicGenerator(
+                model=model, cache=cache, tokenizer=tokenizer, max_batch_size=batch, max_seq_len=ctx, paged=paged,
+                draft_model=draft[0] if draft else None, draft_cache=draft[1] if draft else None,
+                num_draft_tokens=opts.num_draft_tokens, use_ngram_draft=bool(opts.ngram_draft) and not draft,
+            )
+        except (OSError, ValueError, KeyError, RuntimeError, AssertionError) as exc:
+            raise EngineError(f"Failed to load model '{spec.name}' with exllamav2 ({type(exc).__name__})") from exc
+        chat = ChatTokenizer.from_directory(str(path), spec.name)
+        eos = chat.eos_ids(getattr(config, "eos_token_id", None), *config_eos(path))
+        speculative = None
+        if draft or opts.ngram_draft:
+            speculative = {"method": "draft_model" if draft else "ngram", "num_draft_tokens": opts.num_draft_tokens}
+        details = {
+            "backend": "exllamav2", "format": spec.format, "device": "cuda",
+            "mode": "paged" if paged else "unpaged", "batching": "continuous" if paged else "one sequence at a time",
+            "max_batch_size": batch, "cache_tokens": cache_tokens, "kv_cache": opts.kv_cache_bits,
+            "tensor_parallel": False, "speculative": speculative,
+        }
+        return ExllamaV2Model(
+            spec, generator=generator, chat=chat, context_length=ctx, vocab_size=int(config.vocab_size),
+            eos_token_ids=eos, max_batch_size=batch, memory_bytes=cuda_memory_in_use() - before, details=details,
+            model=model, draft=draft, sampler_vocab=int(config.vocab_size),
+        )
+
+
+def _load_draft(exllamav2: Any, opts: ExllamaOptions, cache_tokens: int, paged: bool) -> tuple[Any, Any] | None:
+    """A draft model with a cache as long as the main one."""
+    if not opts.draft_model_path:
+        return None
+    config = exllamav2.ExLlamaV2Config(opts.draft_model_path)
+    config.arch_compat_overrides()
+    if not paged:
+        config.no_flash_attn = True
+    model = exllamav2.ExLlamaV2(config)
+    cache = exllamav2.ExLlamaV2Cache(model, max_seq_len=cache_tokens, lazy=True)
+    model.load_autosplit(cache)
+    return model, cache
+
+
+class ExllamaV2Model(DynamicGeneratorModel):
+    """A model decoding through exllamav2's dynamic generator."""
+
+    backend_name = "exllamav2"
+
+    def __init__(self, spec: ModelSpec, *, model: Any, draft: tuple[Any, Any] | None, sampler_vocab: int, **kw: Any):
+        super().__init__(spec, **kw)
+        self._model = model
+        self._draft = draft
+        self._sampler_vocab = sampler_vocab
+
+    def make_job(self, job: SequenceJob) -> Any:
+        """An ``ExLlamaV2DynamicJob`` with our sampling settings, stop tokens and logprobs."""
+        import torch
+        from exllamav2.generator import ExLlamaV2DynamicJob, ExLlamaV2Sampler
+
+        settings = ExLlamaV2Sampler.Settings(**v2_sampler_fields(job.sampling))
+        if job.sampling.logit_bias:
+            bias = torch.zeros((self._sampler_vocab,), dtype=torch.float)
+            for token, value in job.sampling.logit_bias.items():
+                bias[int(token)] = float(value)
+            settings.token_bias = bias
+        return ExLlamaV2DynamicJob(
+            input_ids=torch.tensor([job.prompt_ids], dtype=torch.long),
+            max_new_tokens=job.max_tokens,
+            gen_settings=settings,
+            seed=job.sampling.seed,
+            stop_conditions=sorted(job.stop_token_ids),
+            return_probs=job.logprobs,
+            return_top_tokens=job.top_logprobs,
+            identifier=job.job_id,
+        )
+
+    def check_constraint(self, constraint, *, param: str = "response_format") -> None:
+        """exllamav2 has no grammar engine we can drive: constrained decoding is a 400 here."""
+        from ..core.errors import Unsupported
+
+        raise Unsupported("Constrained decoding (response_format / forced tool calls) is not available on the "
+                          "exllamav2 backend; use an exllamav3 or transformers model", param=param)
+
+    def _release(self) -> None:
+        for model in (self._model, self._draft[0] if self._draft else None):
+            if model is not None:
+                try:
+                    model.unload()
+                except Exception:
+                    log.debug("unloading exllamav2 weights failed", exc_info=True)
+        self.generator = None
+        self._model = self._draft = None

@@ -1,0 +1,81 @@
+"""A Hugging Face tokenizer behind a lock: tokenize, detokenize and chat templates for any backend.
+
+The exllama backends decode text themselves but use the model directory's HF tokenizer
+for prompts and chat templates, so every backend renders the same prompt for the same
+messages. Calls may come from any thread (serving tokenizes while the engine steps).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Sequence
+
+from ..core.errors import InvalidRequest
+from ..core.types import ChatMessage
+
+#: end-of-turn tokens of common chat templates that must also stop a generation
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>", "<|end|>")
+
+
+class ChatTokenizer:
+    """Thread-safe wrapper over a ``transformers`` tokenizer with chat-template rendering."""
+
+    def __init__(self, tokenizer: Any, model_name: str):
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_directory(cls, path: str, model_name: str, **kwargs: Any) -> "ChatTokenizer":
+        """Load the tokenizer stored next to a model's weights."""
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(path, **kwargs), model_name)
+
+    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids for ``text``."""
+        with self._lock:
+            return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Text for ``ids`` with special tokens skipped."""
+        with self._lock:
+            return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def decode_piece(self, ids: Sequence[int]) -> str:
+        """Text for ``ids`` exactly as streamed (no clean-up of spaces)."""
+        with self._lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def chat_template(self) -> str | None:
+        """The chat template source (all named templates joined when there are several)."""
+        t = getattr(self.tokenizer, "chat_template", None)
+        return "\n".join(t.values()) if isinstance(t, dict) else t
+
+    def render_chat(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True,
+                    tools: Sequence[dict[str, Any]] | None = None) -> str:
+        """The prompt text of ``messages`` (and ``tools``) under the model's chat template."""
+        from jinja2 import TemplateError
+
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequest(f"Model '{self.model_name}' has no chat template; send a plain prompt to the "
+                                 "completions endpoint instead", param="messages")
+        convo = [m.to_template_dict() for m in messages]
+        try:
+            with self._lock:
+                return self.tokenizer.apply_chat_template(convo, tokenize=False, tools=list(tools) if tools else None,
+                                                          add_generation_prompt=add_generation_prompt)
+        except TemplateError as exc:
+            raise InvalidRequest(f"The chat template rejected these messages: {exc}", param="messages") from exc
+
+    def eos_ids(self, *extra: Any) -> frozenset[int]:
+        """EOS ids from the tokenizer and ``extra`` sources (ints or lists), plus end-of-turn tokens."""
+        ids: set[int] = set()
+        for src in (*extra, self.tokenizer.eos_token_id):
+            if isinstance(src, int):
+                ids.add(src)
+            elif isinstance(src, (list, tuple)):
+                ids.update(int(i) for i in src)
+        vocab = self.tokenizer.get_vocab()
+        ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+        return frozenset(ids)

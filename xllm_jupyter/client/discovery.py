@@ -1,0 +1,334 @@
+"""Where is the engine? How a kernel (or any client) finds the xllm server to talk to.
+
+Order, first match wins:
+
+1. an explicit ``connect(url, token)`` in this process;
+2. ``XLLM_BASE_URL`` (+ ``XLLM_API_KEY``), which the Jupyter extension exports to the
+   kernels it starts;
+3. on JupyterHub, the ``xllm`` hub service, looked up through the hub's REST API with the
+   kernel's ``JUPYTERHUB_API_TOKEN``;
+4. (``locate()`` only) a private server started for this process: ``xllm serve`` as a child
+   process on a free loopback port with a random key, stopped at interpreter exit.
+
+Front-ends never import the server layer, so the private server is a subprocess, not an
+engine in this interpreter.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httpx
+
+from ..core.errors import AuthenticationError, PermissionDenied, XllmError
+from .aio import AsyncXllmClient
+from .base import auth_headers, resolve_base_url, root_url
+from .client import XllmClient
+
+log = logging.getLogger("xllm_jupyter.client")
+
+#: the hub service name looked up when XLLM_HUB_SERVICE is not set
+DEFAULT_HUB_SERVICE = "xllm"
+#: how long a private server may take to answer /health/ready (it loads the default model)
+LOCAL_START_TIMEOUT = 300.0
+HUB_TIMEOUT = 5.0
+HUB_CACHE_SECONDS = 60.0
+#: where the spawner tells a kernel the hub's public address, best first
+_PUBLIC_KEYS = ("JUPYTERHUB_PUBLIC_HUB_URL", "JUPYTERHUB_PUBLIC_URL", "JUPYTERHUB_HOST")
+
+SOURCES = ("connect", "extension", "hub", "in-process")
+
+
+@dataclass(frozen=True)
+class ServerLocation:
+    """An xllm server to talk to: its OpenAI base URL (ending in ``/v1``), key, and how it was found."""
+
+    base_url: str
+    api_key: str | None
+    source: str  # one of SOURCES
+
+    def __repr__(self) -> str:  # never show the key in a notebook output or a log line
+        key = "set" if self.api_key else None
+        return f"ServerLocation(base_url={self.base_url!r}, api_key={key!r}, source={self.source!r})"
+
+    @property
+    def private(self) -> bool:
+        """True for a server only this process uses (started by ``locate``)."""
+        return self.source == "in-process"
+
+
+_lock = threading.RLock()
+_connected: ServerLocation | None = None
+_hub_cache: dict[tuple, tuple[float, ServerLocation | None]] = {}
+
+
+# ---------------------------------------------------------------- discovery
+def find_server(env: Mapping[str, str] | None = None) -> ServerLocation | None:
+    """The server this process should use, or None when nothing points at one (no network unless on a hub)."""
+    if _connected is not None:
+        return _connected
+    env = os.environ if env is None else env
+    if env.get("XLLM_BASE_URL", "").strip():
+        return ServerLocation(resolve_base_url(env["XLLM_BASE_URL"]), env.get("XLLM_API_KEY") or None, "extension")
+    hub = _from_hub(env)
+    if hub is not None:
+        return hub
+    with _lock:
+        return _local.location if _local is not None and _local.alive() else None
+
+
+def _from_hub(env: Mapping[str, str]) -> ServerLocation | None:
+    """The hub service's location, cached for HUB_CACHE_SECONDS (every cell asks; the hub should not pay)."""
+    api_url = env.get("JUPYTERHUB_API_URL", "").strip().rstrip("/")
+    token = env.get("JUPYTERHUB_API_TOKEN", "").strip()
+    if not api_url or not token:
+        return None
+    name = env.get("XLLM_HUB_SERVICE", "").strip() or DEFAULT_HUB_SERVICE
+    public = tuple(env.get(k, "") for k in ("JUPYTERHUB_BASE_URL", *_PUBLIC_KEYS))
+    key = (api_url, token, name, public)
+    now = time.monotonic()
+    with _lock:
+        hit = _hub_cache.get(key)
+        if hit is not None and now - hit[0] < HUB_CACHE_SECONDS:
+            return hit[1]
+    found = _ask_hub(env, api_url, token, name)
+    with _lock:
+        _hub_cache[key] = (now, found)
+    return found
+
+
+def _ask_hub(env: Mapping[str, str], api_url: str, token: str, name: str) -> ServerLocation | None:
+    """The hub service's URL, asked of the hub API; None (and a debug line) on any failure."""
+    try:
+        response = httpx.get(f"{api_url}/services/{name}", headers={"Authorization": f"token {token}"}, timeout=HUB_TIMEOUT)
+        response.raise_for_status()
+        model = response.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        log.debug("xllm: no hub service %r found through %s: %s", name, api_url, exc)
+        return None
+    if not isinstance(model, dict):
+        log.debug("xllm: the hub answered %r for service %r; ignored", type(model).__name__, name)
+        return None
+    # The service is routed at {hub base_url}services/<name>/; the model gives the exact prefix
+    # only to tokens with read:services, so fall back to the conventional one.
+    base = env.get("JUPYTERHUB_BASE_URL", "/") or "/"
+    prefix = model.get("prefix") or f"{base.rstrip('/')}/services/{name}/"
+    origin = (model.get("url") or "").strip().rstrip("/") or _hub_public_origin(env)
+    if not origin:
+        log.debug("xllm: hub service %r has no URL this kernel can use", name)
+        return None
+    return ServerLocation(resolve_base_url(origin + "/" + prefix.strip("/") + "/v1"), token, "hub")
+
+
+def _hub_public_origin(env: Mapping[str, str]) -> str:
+    """``scheme://host[:port]`` of the hub's public URL, when the spawner told us."""
+    for key in _PUBLIC_KEYS:
+        parts = urlsplit(env.get(key, "").strip())
+        if parts.scheme and parts.netloc:
+            return f"{parts.scheme}://{parts.netloc}"
+    return ""
+
+
+# ------------------------------------------------------------------ connect
+def connect(url: str | None = None, token: str | None = None) -> ServerLocation:
+    """Use the server at ``url`` (default: the one found as usual) from now on in this process.
+
+    The server is asked for its models first, so a wrong URL or token fails here with a
+    clear ``XllmError`` rather than at the first prompt.
+    """
+    global _connected
+    if url is None:
+        found = _find_without_connect()
+        url = found.base_url if found else None
+        if token is None and found is not None:
+            token = found.api_key
+    location = ServerLocation(resolve_base_url(url), token or None, "connect")
+    verify(location)
+    with _lock:
+        _connected = location
+    log.info("xllm: connected to %s", location.base_url)
+    return location
+
+
+def _find_without_connect() -> ServerLocation | None:
+    global _connected
+    with _lock:
+        saved, _connected = _connected, None
+        try:
+            return find_server()
+        finally:
+            _connected = saved
+
+
+def disconnect() -> None:
+    """Forget an explicit ``connect()`` (and cached hub answers): discovery goes back to the environment."""
+    global _connected
+    with _lock:
+        _connected = None
+        _hub_cache.clear()
+
+
+def verify(location: ServerLocation) -> None:
+    """Raise a clear XllmError unless the server answers ``/v1/models`` with this key."""
+    with client_for(location) as client:
+        try:
+            client.models()
+        except (AuthenticationError, PermissionDenied) as exc:
+            raise type(exc)(f"the xllm server at {client.root_url} refused the token: {exc.message}") from None
+
+
+# ---------------------------------------------------------------- clients
+def client_for(location: ServerLocation) -> XllmClient:
+    """A sync client for ``location`` (never falls back to XLLM_API_KEY for another server)."""
+    return XllmClient(location.base_url, location.api_key or "")
+
+
+def locate(start_local: bool = True) -> ServerLocation:
+    """The server to use; with none found, start a private one for this process (and say so once)."""
+    found = find_server()
+    if found is not None:
+        return found
+    if not start_local:
+        raise XllmError("no xllm server found: start JupyterLab with xllm-jupyter, run `xllm serve`, or call xllm_jupyter.connect(URL)")
+    return _start_local().location
+
+
+def get_client() -> XllmClient:
+    """A sync client for the server ``locate()`` picks."""
+    return client_for(locate())
+
+
+def get_async_client() -> AsyncXllmClient:
+    """An async client for the server ``locate()`` picks."""
+    loc = locate()
+    return AsyncXllmClient(loc.base_url, loc.api_key or "")
+
+
+# ------------------------------------------------- the private fallback server
+class LocalServer:
+    """``xllm serve`` as a child process: loopback only, a random key, stopped at exit."""
+
+    def __init__(self, process: subprocess.Popen, location: ServerLocation, log_path: str):
+        self.process = process
+        self.location = location
+        self.log_path = log_path
+
+    def alive(self) -> bool:
+        """True while the child runs."""
+        return self.process.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the child to stop (SIGTERM, then SIGKILL after ``timeout``)."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        try:
+            os.unlink(self.log_path)
+        except OSError:
+            pass
+
+    def log_tail(self, lines: int = 5) -> str:
+        """The last lines the child logged (why it failed to start)."""
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return "".join(f.readlines()[-lines:]).strip()
+        except OSError:
+            return ""
+
+
+_local: LocalServer | None = None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the child gets SIGTERM when the kernel dies without running atexit."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):  # no glibc or no prctl: atexit still stops it
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _start_local(timeout: float = LOCAL_START_TIMEOUT) -> LocalServer:
+    """Start (once) and wait for the private server; XllmError with its last log lines if it fails."""
+    global _local
+    with _lock:
+        if _local is not None and _local.alive():
+            return _local
+        key = "sk-xllm-private-" + secrets.token_urlsafe(24)
+        port = _free_port()
+        fd, log_path = tempfile.mkstemp(prefix="xllm-private-", suffix=".log")
+        cmd = [sys.executable, "-m", "xllm_jupyter.cli.main", "serve", "--host", "127.0.0.1", "--port", str(port), "--api-key", key]
+        env = {k: v for k, v in os.environ.items() if k not in ("XLLM_BASE_URL", "XLLM_API_KEY")}
+        with os.fdopen(fd, "wb") as out:
+            process = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                # its own session: interrupting the kernel (SIGINT to its process group) must not stop it
+                start_new_session=True,
+                # prctl only; it runs no Python that could deadlock on a lock held by another thread
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread() else None,  # noqa: PLW1509
+            )
+        server = LocalServer(process, ServerLocation(f"http://127.0.0.1:{port}/v1", key, "in-process"), log_path)
+        atexit.register(server.stop)
+        try:
+            _wait_ready(server, timeout)
+        except BaseException:
+            server.stop()
+            raise
+        _local = server
+        log.warning("xllm: no shared xllm server found, so a private one was started for this kernel only "
+                    "(other notebooks cannot use it; models load into this kernel's memory)")
+        return server
+
+
+def _wait_ready(server: LocalServer, timeout: float) -> None:
+    """Poll ``/health/ready`` until 200; fail fast when the child exits."""
+    url = root_url(server.location.base_url) + "/health/ready"
+    deadline = time.monotonic() + timeout
+    with httpx.Client(headers=auth_headers(server.location.api_key), timeout=5.0) as http:
+        while time.monotonic() < deadline:
+            if server.process.poll() is not None:
+                tail = server.log_tail()
+                raise XllmError("the private xllm server did not start" + (f": {tail.splitlines()[-1]}" if tail else ""))
+            try:
+                if http.get(url).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+    raise XllmError(f"the private xllm server did not become ready within {timeout:.0f} s")
+
+
+def stop_local() -> None:
+    """Stop the private server, if this process started one."""
+    global _local
+    with _lock:
+        server, _local = _local, None
+    if server is not None:
+        server.stop()

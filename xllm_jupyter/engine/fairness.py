@@ -1,0 +1,143 @@
+"""Fair admission of waiting jobs into a model's running batch, across users.
+
+A plain FIFO lets one user who submits many requests at once fill every batch slot,
+so everyone else waits for that user's generations to end. ``FairQueue`` keeps one
+FIFO per user instead and hands free slots out user by user:
+
+* the waiting user holding the fewest running slots goes first (ties: round-robin,
+  the user served longest ago first), so a newcomer gets the next free slot;
+* once more than one user has been active recently (``window`` seconds), one user
+  may hold at most ``max_batch - reserved`` slots, keeping ``reserved`` slots free for
+  whoever arrives next. There is no preemption, so this reserve is what bounds a
+  newcomer's wait to one step instead of the length of someone else's generation.
+  A user alone on the server (a single-user Jupyter server) still gets every slot.
+
+With one user this is a FIFO. Jobs carry their user in ``SequenceJob.user``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Generic, TypeVar
+
+Item = TypeVar("Item")
+
+#: slots kept free for other users while several are active (0 turns the reserve off)
+DEFAULT_RESERVED_SLOTS = 1
+#: how long a user counts as active after queueing work, for the reserve
+DEFAULT_WINDOW_SECONDS = 60.0
+
+
+def job_user(item: Any) -> str:
+    """The fairness key of a runner queue entry ``(SequenceJob, state)``: its user, "" if anonymous."""
+    return item[0].user or ""
+
+
+class FairQueue(Generic[Item]):
+    """Per-user FIFOs with round-robin, least-running-first admission (engine thread only)."""
+
+    def __init__(
+        self,
+        key: Callable[[Item], str] = job_user,
+        *,
+        reserved: int = DEFAULT_RESERVED_SLOTS,
+        window: float = DEFAULT_WINDOW_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self._key = key
+        self.reserved = max(0, reserved)
+        self.window = window
+        self._clock = clock
+        # user -> that user's waiting items; order = round-robin order (served last = at the end)
+        self._queues: OrderedDict[str, deque[Item]] = OrderedDict()
+        self._size = 0
+        self._seen: dict[str, float] = {}  # user -> when they last queued work
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __bool__(self) -> bool:
+        return self._size > 0
+
+    def __iter__(self) -> Iterator[Item]:
+        for queue in list(self._queues.values()):
+            yield from list(queue)
+
+    def extend(self, items: Iterable[Item]) -> None:
+        """Queue ``items`` at the end of their users' FIFOs."""
+        now = self._clock()
+        for item in items:
+            user = self._key(item)
+            queue = self._queues.get(user)
+            if queue is None:
+                queue = self._queues[user] = deque()
+            queue.append(item)
+            self._seen[user] = now
+            self._size += 1
+
+    def append(self, item: Item) -> None:
+        """Queue one item."""
+        self.extend((item,))
+
+    def remove_if(self, drop: Callable[[Item], bool]) -> int:
+        """Remove every waiting item for which ``drop`` is true; returns how many went."""
+        removed = 0
+        for user in list(self._queues):
+            queue = self._queues[user]
+            kept = deque(item for item in queue if not drop(item))
+            removed += len(queue) - len(kept)
+            if kept:
+                self._queues[user] = kept
+            else:
+                del self._queues[user]
+        self._size -= removed
+        return removed
+
+    def clear(self) -> None:
+        """Forget every waiting item."""
+        self._queues.clear()
+        self._size = 0
+
+    def waiting_users(self) -> list[str]:
+        """Users with queued work, in round-robin order."""
+        return list(self._queues)
+
+    def shared(self) -> bool:
+        """True when more than one user queued work within the last ``window`` seconds."""
+        if len(self._seen) < 2:
+            return False
+        horizon = self._clock() - self.window
+        for user in [u for u, t in self._seen.items() if t < horizon]:
+            del self._seen[user]  # also keeps this map bounded by the recently active users
+        return len(self._seen) > 1
+
+    def take(self, free: int, running: Iterable[str] = (), max_batch: int | None = None) -> list[Item]:
+        """Up to ``free`` items to admit now, chosen fairly.
+
+        ``running`` lists the user of every job in the batch (one entry per job);
+        ``max_batch`` is the batch limit the per-user cap is computed from (None: no cap).
+        """
+        out: list[Item] = []
+        if free <= 0 or not self._size:
+            return out
+        held = Counter(running)
+        cap = None
+        if max_batch is not None and self.reserved and max_batch > self.reserved and self.shared():
+            cap = max_batch - self.reserved
+        while len(out) < free and self._queues:
+            # least-running first; the dict is in round-robin order, so min() breaks ties fairly
+            user = min(self._queues, key=lambda u: held[u])
+            if cap is not None and held[user] >= cap:
+                break  # everyone waiting already holds a full share: keep the reserve free
+            queue = self._queues.pop(user)
+            out.append(queue.popleft())
+            self._size -= 1
+            held[user] += 1
+            if queue:
+                self._queues[user] = queue  # to the back of the round-robin order
+        return out
+
+
+__all__ = ["DEFAULT_RESERVED_SLOTS", "DEFAULT_WINDOW_SECONDS", "FairQueue", "job_user"]

@@ -1,0 +1,78 @@
+"""``POST {base_url}xllm/playground``: start (once) the Gradio playground inside the Jupyter
+server process and return its URL, for the JupyterLab panel's "Open playground" command.
+
+Jupyter-only: the standalone server has no notebook UI to open it from. Gradio is
+imported on the first request, never when the extension loads. The playground talks to
+this server's own API with the address and token the extension exported at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from ..core.errors import EngineError, Overloaded, XllmError
+from ..server.handlers import BodyMixin
+from ..server.routes import handler_class
+
+#: attribute of the server's XllmContext that holds the running Playground (one per server)
+PLAYGROUND_ATTR = "playground"
+
+
+class PlaygroundMixin(BodyMixin):
+    """``POST /playground``: ``{"url", "local_url", "model"}`` of the running playground."""
+
+    async def handle_post(self) -> None:
+        """Start the playground unless it runs already; answer with where it is."""
+        # kept on the context, which the extension app shares with the handlers' settings
+        context = self.xllm
+        lock = context.__dict__.setdefault("_playground_lock", asyncio.Lock())
+        async with lock:
+            running = getattr(context, PLAYGROUND_ATTR, None)
+            if running is None or running.closed:
+                running = await asyncio.to_thread(_launch)
+                setattr(context, PLAYGROUND_ATTR, running)
+        self.write_json({"url": running.url, "local_url": running.local_url, "model": running.model})
+
+
+def _launch() -> Any:
+    """Start the playground against this server's API (runs on a worker thread)."""
+    base_url = os.environ.get("XLLM_BASE_URL")
+    if not base_url:
+        raise Overloaded("The playground needs this server's API address, which is not exported when Jupyter "
+                         "listens on a UNIX socket; run xllm_jupyter.playground() in a notebook instead.",
+                         code="playground_unavailable")
+    try:
+        from ..client import XllmClient
+        from ..playground import launch
+    except ImportError as exc:  # gradio is an optional dependency
+        raise Overloaded(f"The playground is not available: {exc.name or exc} is not installed (pip install gradio).",
+                         code="playground_unavailable") from None
+    client = XllmClient(base_url, os.environ.get("XLLM_API_KEY") or None)
+    try:
+        return launch(client=client, inline=False)
+    except XllmError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a Gradio failure becomes one clear error, not a traceback
+        raise EngineError(f"The playground could not start: {exc}") from None
+    finally:
+        client.close()
+
+
+def playground_routes(prefix: str, base: type) -> list[tuple[str, type, dict[str, Any]]]:
+    """The route, to be placed before the prefix's catch-all 404."""
+    handler = handler_class(PlaygroundMixin, base)
+    handler.route = "/playground"  # type: ignore[attr-defined]  # the metrics label
+    return [(prefix.rstrip("/") + "/playground", handler, {})]
+
+
+def close_playground(context: Any) -> None:
+    """Stop the playground of ``context`` (an XllmContext) if one was started (the extension's shutdown)."""
+    running = getattr(context, PLAYGROUND_ATTR, None)
+    if running is not None:
+        setattr(context, PLAYGROUND_ATTR, None)
+        running.close()
+
+
+__all__ = ["PLAYGROUND_ATTR", "PlaygroundMixin", "close_playground", "playground_routes"]

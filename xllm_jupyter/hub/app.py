@@ -1,0 +1,208 @@
+"""xllm as a JupyterHub service: the shared routes under the service prefix, hub auth on top.
+
+API calls carry a hub token (``Authorization: token <t>`` or ``Bearer <t>``, so the
+OpenAI SDK works with ``api_key=<token>``); ``HubAuth`` asks the hub who owns it and
+which scopes it has, and the token must hold ``access:services!service=<name>``.
+Browsers get a page at the prefix through hub OAuth (``HubOAuth``, callback at
+``{prefix}oauth_callback``). The caller is the hub user and their groups; quotas,
+fair scheduling and the ownership of stored responses all key on it. The service's
+own token needs no scopes at all: identifying a token uses that token itself.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+import tornado.web
+from jupyterhub.services.auth import (
+    HubOAuth,
+    HubOAuthCallbackHandler,
+    HubOAuthenticated,
+    UserNotAllowed,
+)
+from tornado.web import HTTPError, RequestHandler
+
+from ..core.config import XllmConfig
+from ..core.errors import AuthenticationError, Overloaded, PermissionDenied
+from ..server.handlers import CONTEXT_KEY, NotFoundMixin, XllmContext
+from ..server.routes import build_routes, handler_class
+from ..server.usage import Caller
+
+#: settings key of the HubOAuth instance
+HUB_AUTH_KEY = "xllm_hub_auth"
+#: the service name when JUPYTERHUB_SERVICE_NAME is not set
+DEFAULT_SERVICE_NAME = "xllm"
+
+
+def service_prefix(env: Mapping[str, str]) -> str:
+    """The service's URL prefix, ``/services/<name>/`` unless the hub says otherwise."""
+    name = env.get("JUPYTERHUB_SERVICE_NAME") or DEFAULT_SERVICE_NAME
+    prefix = env.get("JUPYTERHUB_SERVICE_PREFIX") or f"/services/{name}/"
+    return "/" + prefix.strip("/") + "/"
+
+
+def make_hub_auth(env: Mapping[str, str] | None = None) -> HubOAuth:
+    """A ``HubOAuth`` for this service from the hub's environment variables (``env``: os.environ)."""
+    env = os.environ if env is None else env
+    name = env.get("JUPYTERHUB_SERVICE_NAME") or DEFAULT_SERVICE_NAME
+    token = env.get("JUPYTERHUB_API_TOKEN", "")
+    if not token:
+        raise AuthenticationError("JUPYTERHUB_API_TOKEN is not set: run xllm as a JupyterHub service (see docs/jupyterhub.md).")
+    prefix = service_prefix(env)
+    api_url = (env.get("JUPYTERHUB_API_URL") or "http://127.0.0.1:8081/hub/api").rstrip("/")
+    scopes = env.get("JUPYTERHUB_OAUTH_ACCESS_SCOPES")
+    return HubOAuth(
+        api_token=token,
+        api_url=api_url,
+        base_url=prefix,
+        hub_prefix=((env.get("JUPYTERHUB_BASE_URL") or "/").rstrip("/") + "/hub/"),
+        hub_host=env.get("JUPYTERHUB_HOST", ""),
+        oauth_client_id=env.get("JUPYTERHUB_CLIENT_ID") or f"service-{name}",
+        oauth_redirect_uri=env.get("JUPYTERHUB_OAUTH_CALLBACK_URL") or prefix + "oauth_callback",
+        access_scopes=set(json.loads(scopes)) if scopes else {f"access:services!service={name}"},
+        cache_max_age=60,  # a revoked token keeps working for at most a minute
+    )
+
+
+def caller_from_model(model: Mapping[str, Any], config: XllmConfig) -> Caller:
+    """The Caller a hub user (or service) model describes; admins per ``hub.admin_users/admin_groups``."""
+    name = str(model.get("name") or "")
+    if model.get("kind") == "service":
+        name = "service:" + name  # never the same key as a user of that name
+    groups = tuple(str(g) for g in model.get("groups") or ())
+    hub = config.hub
+    admin = name in hub.admin_users or bool(set(groups) & set(hub.admin_groups))
+    return Caller(name, groups, admin)
+
+
+class HubXllmHandler(RequestHandler):
+    """Auth base for API routes: a hub token with the service's access scope."""
+
+    auth_required = True
+    #: set on ``/admin/*`` handlers by ``routes.build_routes``
+    admin_only = False
+
+    @property
+    def hub_auth(self) -> HubOAuth:
+        """The service's HubOAuth."""
+        return self.settings[HUB_AUTH_KEY]
+
+    async def prepare(self) -> None:
+        """Identify the token's owner with the hub, check the access scope, then admin rights."""
+        if not self.auth_required:
+            return
+        auth = self.hub_auth
+        # header (or ?token=) only, never the OAuth cookie: API calls then need no XSRF guard
+        token = auth.get_token(self, in_cookie=False)
+        if not token:
+            raise AuthenticationError("Missing JupyterHub token. Pass it as 'Authorization: token <JUPYTERHUB_API_TOKEN>'.")
+        try:
+            model = await auth.user_for_token(token, sync=False)
+        except HTTPError:
+            raise Overloaded("JupyterHub could not be asked who owns this token; retry later.", code="hub_unavailable") from None
+        if not model:
+            raise AuthenticationError("Invalid or expired JupyterHub token.")
+        if not auth.check_scopes(auth.access_scopes, model):
+            need = ", ".join(sorted(auth.access_scopes))
+            raise PermissionDenied(f"This token may not use the xllm service: it needs the scope {need}.")
+        caller = caller_from_model(model, self.settings[CONTEXT_KEY].config)
+        if self.admin_only and not caller.admin:
+            raise PermissionDenied("Only the service's admins (hub.admin_users, hub.admin_groups) may call admin endpoints.")
+        self.xllm_caller = caller
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        """Dispatch to the route mixin."""
+        await self.dispatch("get", *args, **kwargs)  # type: ignore[attr-defined]
+
+    async def post(self, *args: Any, **kwargs: Any) -> None:
+        """Dispatch to the route mixin."""
+        await self.dispatch("post", *args, **kwargs)  # type: ignore[attr-defined]
+
+    async def delete(self, *args: Any, **kwargs: Any) -> None:
+        """Dispatch to the route mixin."""
+        await self.dispatch("delete", *args, **kwargs)  # type: ignore[attr-defined]
+
+
+class HubPublicHandler(HubXllmHandler):
+    """The same base without authentication (``/health``)."""
+
+    auth_required = False
+
+
+class _HubAuthFromSettings:
+    """``hub_auth`` is the app's HubOAuth, not HubOAuth's process-wide singleton."""
+
+    @property
+    def hub_auth(self) -> HubOAuth:
+        """The service's HubOAuth."""
+        return self.settings[HUB_AUTH_KEY]  # type: ignore[attr-defined]
+
+    @hub_auth.setter
+    def hub_auth(self, auth: HubOAuth) -> None:
+        pass  # always the app's
+
+
+class OAuthCallbackHandler(_HubAuthFromSettings, HubOAuthCallbackHandler):
+    """``{prefix}oauth_callback``: finishes the hub OAuth login and sets the service cookie."""
+
+
+class HubPageHandler(_HubAuthFromSettings, HubOAuthenticated, RequestHandler):
+    """``{prefix}``: who you are, where the API is, and your usage (browser, via hub OAuth)."""
+
+    async def prepare(self) -> None:
+        """Resolve the hub user (token or OAuth cookie) without blocking the IOLoop."""
+        model = await self.hub_auth.get_user(self, sync=False)
+        self._hub_auth_user_cache = None
+        if model:
+            try:
+                self._hub_auth_user_cache = self.check_hub_user(model)
+            except UserNotAllowed:  # logged in, but without the access scope
+                raise HTTPError(403) from None
+
+    @tornado.web.authenticated  # not logged in: redirect into the hub's OAuth flow
+    async def get(self) -> None:
+        """A small HTML page."""
+        context: XllmContext = self.settings[CONTEXT_KEY]
+        caller = caller_from_model(self.current_user, context.config)
+        rows = context.usage.snapshot(caller.user)
+        used = rows[0] if rows else {"requests": 0, "total_tokens": 0, "tokens_today": 0}
+        conc, per_day = context.usage.limits(caller)
+        base = self.request.protocol + "://" + self.request.host + self.hub_auth.base_url + "v1"
+        e = html.escape
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.finish(
+            "<!doctype html><html><head><meta charset='utf-8'><title>xllm</title></head><body>"
+            f"<h1>xllm</h1><p>Signed in as <b>{e(caller.user or '')}</b>.</p>"
+            f"<p>OpenAI-compatible API: <code>{e(base)}</code>; use your JupyterHub token as the API key "
+            "(in a notebook: <code>JUPYTERHUB_API_TOKEN</code>).</p>"
+            f"<p>Your usage: {used['requests']} requests, {used['total_tokens']} tokens "
+            f"({used['tokens_today']} today). Limits: "
+            f"{conc or 'no limit on'} concurrent requests, {per_day or 'no limit on'} tokens per day.</p>"
+            "</body></html>"
+        )
+
+
+def make_hub_app(config: XllmConfig, engine: Any, hub_auth: HubOAuth, *, cookie_secret: bytes | None = None) -> tornado.web.Application:
+    """A Tornado app serving ``engine`` under the hub service prefix with hub token/OAuth auth."""
+    prefix = hub_auth.base_url.rstrip("/")
+    context = XllmContext(engine, config)
+    settings: dict[str, Any] = {
+        CONTEXT_KEY: context,
+        HUB_AUTH_KEY: hub_auth,
+        "cookie_secret": cookie_secret or secrets.token_bytes(32),  # signs the OAuth state cookie
+        "default_handler_class": handler_class(NotFoundMixin, HubXllmHandler),
+    }
+    routes: list[Any] = [
+        (prefix + "/oauth_callback", OAuthCallbackHandler),
+        (prefix + "/?", HubPageHandler),
+    ]
+    routes += build_routes(prefix, HubXllmHandler, HubPublicHandler)
+    return tornado.web.Application(routes, **settings)
+
+
+__all__ = ["HUB_AUTH_KEY", "HubPageHandler", "HubXllmHandler", "caller_from_model", "make_hub_app", "make_hub_auth", "service_prefix"]

@@ -1,0 +1,96 @@
+"""Run the hub service: listen where the hub says (``JUPYTERHUB_SERVICE_URL``), serve until stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+
+from ..core.config import XllmConfig
+from .app import make_hub_app, make_hub_auth, service_prefix
+
+log = logging.getLogger("xllm_jupyter.hub")
+
+#: where a service listens when the hub gives no URL (an external service sets its own)
+DEFAULT_URL = "http://127.0.0.1:8910"
+
+
+@dataclass
+class RunningService:
+    """A listening hub service."""
+
+    url: str  # http://host:port (the prefix comes on top)
+    prefix: str
+    http_server: HTTPServer
+
+    async def stop(self) -> None:
+        """Stop listening and close open connections."""
+        self.http_server.stop()
+        try:
+            await asyncio.wait_for(self.http_server.close_all_connections(), timeout=5)
+        except asyncio.TimeoutError:
+            log.warning("some connections did not close within 5 s")
+
+
+def bind_address(env: Mapping[str, str]) -> tuple[str, int]:
+    """``(host, port)`` from ``JUPYTERHUB_SERVICE_URL`` (managed services get it from the hub)."""
+    parts = urlsplit(env.get("JUPYTERHUB_SERVICE_URL") or DEFAULT_URL)
+    if parts.scheme not in ("http", ""):
+        raise ValueError("JUPYTERHUB_SERVICE_URL must be an http:// URL (TLS is the proxy's job)")
+    return parts.hostname or "127.0.0.1", parts.port or 80
+
+
+async def start_hub_service(config: XllmConfig, engine: Any, env: Mapping[str, str] | None = None, *, port: int | None = None) -> RunningService:
+    """Listen and serve ``engine`` as the hub service described by ``env`` (default: os.environ)."""
+    env = os.environ if env is None else env
+    host, bound = bind_address(env)
+    app = make_hub_app(config, engine, make_hub_auth(env))
+    sockets = bind_sockets(bound if port is None else port, address=host)
+    server = HTTPServer(app, max_body_size=max(1 << 30, config.server.max_body_bytes * 2))
+    server.add_sockets(sockets)
+    actual = sockets[0].getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    return RunningService(f"http://{shown}:{actual}", service_prefix(env), server)
+
+
+async def run_hub_service(config: XllmConfig, env: Mapping[str, str] | None = None) -> None:
+    """Build store and engine, serve as a hub service until SIGINT/SIGTERM, then stop cleanly."""
+    from ..engine.engine import Engine
+    from ..store.store import ModelStore
+
+    engine = Engine(config.engine, catalog=ModelStore(config.store.home))
+    await engine.start()
+    service = await start_hub_service(config, engine, env)
+    log.info("xllm hub service listening on %s%s (OpenAI API: %sv1)", service.url, service.prefix, service.prefix)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    model = config.engine.default_model
+
+    async def preload() -> None:
+        if not model:
+            return
+        try:
+            await engine.load(model)
+            log.info("model %s loaded", model)
+        except Exception as exc:  # noqa: BLE001 - a missing default model must not take the service down
+            log.warning("default model %s was not loaded: %s", model, getattr(exc, "message", exc))
+
+    task = asyncio.ensure_future(preload())
+    try:
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await service.stop()
+        await engine.stop()

@@ -1,0 +1,222 @@
+"""One ``%%xllm`` question: build the messages, stream (or not) into the cell, finish with provenance."""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from IPython.display import display
+
+from ..core.errors import XllmError
+from .render import (
+    EMPTY,
+    INTERRUPTED,
+    Reply,
+    error,
+    extract_code,
+    parse_json,
+    rich_frontend,
+)
+from .session import MagicState, provenance
+
+UPDATE_INTERVAL = 0.05  # seconds between display updates: smooth, without flooding the front-end
+
+
+@dataclass
+class Question:
+    """A cell's request, options already merged with the kernel's defaults."""
+
+    prompt: str
+    model: str | None = None
+    system: str | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+    fmt: str = "markdown"
+    stream: bool = True
+    chat: bool = False
+    new: bool = False
+
+
+@dataclass
+class Answer:
+    """What came back, and how it ended."""
+
+    text: str = ""
+    model: str | None = None
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    fingerprint: str | None = None
+    interrupted: bool = False
+
+
+class Output:
+    """The cell's answer display: shown with the first text, updated in place at most every UPDATE_INTERVAL."""
+
+    def __init__(self, shell: Any, reply: Reply):
+        self.reply = reply
+        self.rich = rich_frontend(shell)
+        self.handle: Any = None
+        self._last = 0.0
+
+    def grow(self, text: str) -> None:
+        """The answer so far is ``text``."""
+        self.reply.text = text
+        now = time.monotonic()
+        if self.handle is None:
+            self.handle = display(self.reply, display_id=True)
+            self._last = now
+        elif now - self._last >= UPDATE_INTERVAL:
+            self.handle.update(self.reply)
+            self._last = now
+
+    def final(self, metadata: dict[str, Any]) -> None:
+        """The finished answer with its provenance."""
+        md = {"xllm": metadata}
+        if self.handle is None:
+            display(self.reply, metadata=md)
+        else:
+            self.handle.update(self.reply, metadata=md)
+
+
+def ask(shell: Any, state: MagicState, q: Question) -> tuple[Answer, Any]:
+    """Ask, show the answer in the cell, and return it with the value ``--out`` stores."""
+    client = state.client()
+    conversation = state.chat
+    if q.new:
+        conversation.clear()
+    in_chat = q.chat or q.new
+    model = q.model or (conversation.model if in_chat else None) or state.default_model()
+    if not model:
+        raise XllmError("the server has no model loaded — pass -m MODEL (see `%xllm list`)")
+    system = q.system if q.system is not None else (conversation.system if in_chat and conversation.system else state.defaults.system)
+    history = list(conversation.messages) if in_chat else []
+    messages = ([{"role": "system", "content": system}] if system else []) + history + [{"role": "user", "content": q.prompt}]
+    params: dict[str, Any] = {
+        "temperature": q.temperature,
+        "max_tokens": q.max_tokens,
+        # a seed is always sent (and recorded), so a sampled answer can be reproduced from its metadata
+        "seed": q.seed if q.seed is not None else random.randrange(2**31),
+    }
+    if q.fmt == "json":
+        params["response_format"] = {"type": "json_object"}
+    reply = Reply(q.fmt)
+    out = Output(shell, reply)
+    if q.stream and out.rich:
+        answer = _stream(client, messages, model, params, out)
+    elif q.stream:
+        answer = _print_stream(client, messages, model, params)
+    else:
+        answer = _whole(state, messages, model, params)
+    reply.text = answer.text
+    value: Any = answer.text
+    if answer.interrupted:
+        reply.note = INTERRUPTED
+    elif not answer.text:
+        reply.note = EMPTY
+    elif q.fmt == "json":
+        try:
+            value = parse_json(answer.text)
+            reply.value, reply.parsed = value, True
+        except ValueError as exc:
+            hint = " (it was cut off at max_tokens: raise --max-tokens)" if answer.finish_reason == "length" else ""
+            value = None
+            error(f"the model's answer is not valid JSON: {exc}{hint}")
+    elif q.fmt == "code":
+        value = extract_code(answer.text)[1]
+    if in_chat and (answer.text or answer.interrupted):
+        if q.system is not None:
+            conversation.system = q.system
+        conversation.model = model
+        conversation.messages += [{"role": "user", "content": q.prompt}, {"role": "assistant", "content": answer.text}]
+    meta = provenance(state, model=answer.model or model, params=params, finish_reason=answer.finish_reason,
+                      usage=answer.usage, fingerprint=answer.fingerprint, fmt=q.fmt,
+                      chat_turn=conversation.turns if in_chat else None, interrupted=answer.interrupted)
+    if out.rich:
+        out.final(meta)
+    elif not q.stream:
+        print(repr(reply))
+    return answer, value
+
+
+def _chunks(client: Any, messages: list[dict[str, str]], model: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    return client.stream_chunks(messages, model, stream_options={"include_usage": True}, **params)
+
+
+def _take(answer: Answer, chunk: dict[str, Any]) -> str:
+    """Record a chunk's facts on ``answer``; return the text it adds."""
+    answer.model = chunk.get("model") or answer.model
+    answer.fingerprint = chunk.get("system_fingerprint") or answer.fingerprint
+    if chunk.get("usage"):
+        answer.usage = chunk["usage"]
+    choices = chunk.get("choices") or ()
+    if not choices:
+        return ""
+    choice = choices[0]
+    if choice.get("finish_reason"):
+        answer.finish_reason = choice["finish_reason"]
+    return (choice.get("delta") or {}).get("content") or ""
+
+
+def _stream(client: Any, messages: list[dict[str, str]], model: str, params: dict[str, Any], out: Output) -> Answer:
+    """Stream into the cell's display; Ctrl-C (kernel interrupt) closes the stream, so the server cancels."""
+    answer = Answer()
+    pieces: list[str] = []
+    stream = _chunks(client, messages, model, params)
+    try:
+        for chunk in stream:
+            text = _take(answer, chunk)
+            if text:
+                pieces.append(text)
+                out.grow("".join(pieces))
+    except KeyboardInterrupt:
+        answer.interrupted = True
+    finally:
+        stream.close()  # closes the HTTP response: the server sees the disconnect and cancels the job
+    answer.text = "".join(pieces)
+    return answer
+
+
+def _print_stream(client: Any, messages: list[dict[str, str]], model: str, params: dict[str, Any]) -> Answer:
+    """Terminal IPython: print tokens as they come."""
+    answer = Answer()
+    pieces: list[str] = []
+    stream = _chunks(client, messages, model, params)
+    try:
+        for chunk in stream:
+            text = _take(answer, chunk)
+            if text:
+                pieces.append(text)
+                sys.stdout.write(text)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        answer.interrupted = True
+        sys.stdout.write("\n" + INTERRUPTED.strip("*"))
+    finally:
+        stream.close()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    answer.text = "".join(pieces)
+    return answer
+
+
+def _whole(state: MagicState, messages: list[dict[str, str]], model: str, params: dict[str, Any]) -> Answer:
+    """``--no-stream``: one request; an interrupt drops the connection, which cancels it on the server."""
+    answer = Answer()
+    try:
+        body = state.client().chat_completion(messages, model, **params)
+    except KeyboardInterrupt:
+        state.drop_client()
+        answer.interrupted = True
+        return answer
+    choice = (body.get("choices") or [{}])[0]
+    answer.text = (choice.get("message") or {}).get("content") or ""
+    answer.finish_reason = choice.get("finish_reason")
+    answer.model = body.get("model")
+    answer.usage = body.get("usage")
+    answer.fingerprint = body.get("system_fingerprint")
+    return answer

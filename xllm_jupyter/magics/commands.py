@@ -1,0 +1,230 @@
+"""``%xllm <command>``: list, ps, load, unload, pull, use, status, connect, config, help."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+from IPython.display import display
+
+from ..client import discovery
+from ..client.base import (
+    DONE,
+    auth_headers,
+    is_event_stream,
+    not_a_stream,
+    parse_sse_line,
+    root_url,
+    unreachable,
+)
+from ..core.errors import NotFound, XllmError
+from .render import Progress, Table, Text, human_size
+from .session import CONFIG_KEYS, MagicState
+
+#: long enough for a big Hugging Face download between two progress events
+PULL_TIMEOUT = httpx.Timeout(3600.0, connect=5.0)
+
+HELP = """\
+%%xllm [-m MODEL] [-s SYSTEM] [-t TEMPERATURE] [--max-tokens N] [-f markdown|code|json|text]
+       [--out VAR] [--no-stream] [--seed N] [--chat | --new]      ask; {var} is filled from the notebook
+%xllm [options] PROMPT                  the same on one line
+%xllm list                              models the server can serve
+%xllm ps                                models in memory now
+%xllm load MODEL / unload MODEL         load or unload on the server
+%xllm pull SOURCE [--name N] [--force] [--revision R] [--convert]
+                                        add a model to the server's store (progress bar)
+%xllm use [MODEL]                       default model for this notebook (no MODEL: show it)
+%xllm status                            which server, how it was found, what is loaded
+%xllm connect [URL] [--token [TOKEN]]   use another server (no TOKEN after --token: asked for)
+%xllm config [key=value ...]            show or set defaults: """ + ", ".join(CONFIG_KEYS)
+
+COMMANDS = ("list", "ps", "load", "unload", "pull", "use", "status", "connect", "config", "help")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises a short XllmError instead of exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise XllmError(f"{self.prog}: {message}")
+
+    def exit(self, status: int = 0, message: str | None = None) -> None:  # type: ignore[override]
+        raise XllmError(message.strip() if message else f"{self.prog}: stopped")
+
+
+def _parser(name: str, *args: tuple[tuple[str, ...], dict[str, Any]]) -> _Parser:
+    p = _Parser(prog=f"%xllm {name}", add_help=False)
+    for flags, kw in args:
+        p.add_argument(*flags, **kw)
+    return p
+
+
+class Commands:
+    """The line commands, sharing the magics' state."""
+
+    def __init__(self, shell: Any, state: MagicState):
+        self.shell = shell
+        self.state = state
+        self.table: dict[str, Callable[[list[str]], Any]] = {name: getattr(self, "do_" + name) for name in COMMANDS}
+
+    def run(self, line: str) -> Any:
+        """Run one command line (its first word names the command)."""
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:
+            raise XllmError(f"cannot parse the command: {exc}") from None
+        return self.table[words[0]](words[1:])
+
+    # ---------------------------------------------------------------- models
+    def do_list(self, argv: list[str]) -> None:
+        """Models the server can serve (loaded or in its store)."""
+        _parser("list").parse_args(argv)
+        rows = []
+        for m in self.state.client().models():
+            x = m.get("xllm") or {}
+            rows.append((m.get("id"), "yes" if x.get("loaded") else "", x.get("backend") or "", x.get("context_length") or ""))
+        display(Table(("MODEL", "LOADED", "BACKEND", "CONTEXT"), rows, empty="No models: try `%xllm pull smollm2`."))
+
+    def do_ps(self, argv: list[str]) -> None:
+        """Models in memory now, with their load."""
+        _parser("ps").parse_args(argv)
+        rows = []
+        for m in self.state.client().loaded():
+            info = {**(m.get("details") or {}), **{k: v for k, v in m.items() if v is not None}}
+            mode = " ".join(str(info[k]) for k in ("batch_mode", "device", "dtype") if info.get(k))
+            rows.append((info.get("id") or info.get("name"), info.get("backend") or "-", human_size(info.get("memory_bytes")),
+                         info.get("running", 0), info.get("queued", 0), info.get("state", "loaded"), mode or "-"))
+        display(Table(("MODEL", "BACKEND", "MEMORY", "RUNNING", "QUEUED", "STATE", "MODE"), rows, empty="No models loaded."))
+
+    def do_load(self, argv: list[str]) -> None:
+        """Load a model on the server (waits until it is in memory)."""
+        args = _parser("load", (("model",), {})).parse_args(argv)
+        info = self.state.client().load(args.model)
+        x = info.get("xllm") or {}
+        extra = ", ".join(str(v) for v in (x.get("backend"), f"context {x['context_length']}" if x.get("context_length") else None) if v)
+        display(Text(f"Loaded {args.model}" + (f" ({extra})" if extra else "")))
+
+    def do_unload(self, argv: list[str]) -> None:
+        """Unload a model on the server."""
+        args = _parser("unload", (("model",), {})).parse_args(argv)
+        reply = self.state.client().unload(args.model)
+        if isinstance(reply, dict) and reply.get("unloaded") is False:
+            display(Text(f"{args.model} was not loaded"))
+        else:
+            display(Text(f"Unloaded {args.model}"))
+
+    def do_pull(self, argv: list[str]) -> None:
+        """Pull a model into the server's store, with a progress bar."""
+        args = _parser(
+            "pull",
+            (("source",), {}),
+            (("--name",), {}),
+            (("--revision",), {}),
+            (("--force",), {"action": "store_true"}),
+            (("--convert",), {"action": "store_true"}),
+        ).parse_args(argv)
+        self.state.client()  # locate the server
+        body = {"model": args.source, "name": args.name, "revision": args.revision, "force": args.force, "convert": args.convert}
+        progress = Progress(self.shell, f"pull {args.source}")
+        result: dict[str, Any] = {}
+        for event in pull_events(self.state.location, {k: v for k, v in body.items() if v not in (None, False)}):
+            if event.get("status") == "success":
+                result = event
+            else:
+                progress.update(event)
+        if not result:
+            raise XllmError("the server ended the pull without saying it succeeded")
+        digest = str(result.get("digest") or "")
+        progress.finish(f"Pulled {result.get('id')} ({result.get('format')}, {human_size(result.get('size'))}"
+                        + (f", {digest.removeprefix('sha256:')[:12]}" if digest else "") + ")")
+
+    # --------------------------------------------------------------- session
+    def do_use(self, argv: list[str]) -> None:
+        """Set (or show) this notebook's default model."""
+        args = _parser("use", (("model",), {"nargs": "?"})).parse_args(argv)
+        if args.model is None:
+            current = self.state.defaults.model
+            display(Text(f"Default model: {current}" if current else "No default model set: the server's default is used."))
+            return
+        names = [m.get("id") for m in self.state.client().models()]
+        if args.model not in names:
+            raise XllmError(f"the server has no model {args.model!r} (see `%xllm list`, or `%xllm pull`)")
+        self.state.defaults.model = args.model
+        display(Text(f"Using {args.model} for %%xllm in this notebook"))
+
+    def do_status(self, argv: list[str]) -> None:
+        """Which server, how it was found, and what it has loaded."""
+        _parser("status").parse_args(argv)
+        client = self.state.client()
+        loc = self.state.location
+        assert loc is not None
+        health = client.health()
+        how = {"connect": "chosen with %xllm connect / xllm_jupyter.connect()",
+               "extension": "exported by the Jupyter extension (XLLM_BASE_URL)",
+               "hub": "the JupyterHub service",
+               "in-process": "a private server started for this kernel only (other notebooks cannot use it)"}
+        version = self.state.about(None).get("server_version")
+        rows = [
+            ("server", loc.base_url),
+            ("found", how.get(loc.source, loc.source)),
+            ("health", health.get("status", "?")),
+            ("loaded", ", ".join(health.get("models") or []) or "(none)"),
+            ("default model", self.state.defaults.model or "(server default)"),
+            ("chat turns", str(self.state.chat.turns)),
+        ] + ([("server version", version)] if version else [])
+        display(Table(("", ""), rows))
+
+    def do_connect(self, argv: list[str]) -> None:
+        """Use the server at URL from now on (no URL: discover again)."""
+        args = _parser("connect", (("url",), {"nargs": "?"}), (("--token",), {"nargs": "?", "const": ""})).parse_args(argv)
+        token = args.token
+        if token == "":
+            import getpass
+
+            token = getpass.getpass("xllm token: ") or None
+        if args.url is None and args.token is None:
+            discovery.disconnect()
+            loc = self.state.locate()
+            discovery.verify(loc)
+        else:
+            loc = discovery.connect(args.url, token)
+        self.state.client()
+        display(Text(f"Connected to {loc.base_url} ({loc.source})"))
+
+    def do_config(self, argv: list[str]) -> None:
+        """Show the defaults, or set them: ``%xllm config temperature=0.2 format=code``."""
+        for item in argv:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise XllmError(f"expected key=value, got {item!r}; settings are: {', '.join(CONFIG_KEYS)}")
+            self.state.defaults.set(key, value)
+        d = self.state.defaults
+        rows = [(k, "" if getattr(d, k) is None else str(getattr(d, k))) for k in CONFIG_KEYS]
+        display(Table(("SETTING", "VALUE"), rows))
+
+    def do_help(self, argv: list[str]) -> None:
+        """The magics' usage."""
+        display(Text(HELP))
+
+
+def pull_events(location: Any, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The server's pull progress events (``POST /admin/models/pull``); raises the XllmError it reports."""
+    root = root_url(location.base_url)
+    try:
+        with (httpx.Client(headers=auth_headers(location.api_key), timeout=PULL_TIMEOUT) as http,
+              http.stream("POST", root + "/admin/models/pull", json=body) as response):
+            if not is_event_stream(response):
+                response.read()
+                if response.status_code == 404:
+                    raise NotFound("this xllm server cannot pull models (it is older than this client)")
+                raise not_a_stream(response, root)
+            for line in response.iter_lines():
+                event = parse_sse_line(line)
+                if event is DONE:
+                    return
+                if event is not None:
+                    yield event
+    except httpx.TransportError as exc:
+        raise unreachable(root, exc) from None

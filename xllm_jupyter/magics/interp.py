@@ -1,0 +1,48 @@
+"""``{var}`` interpolation of a cell body from the notebook's variables; unknown names stay as written."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+class _Missing:
+    """Stands in for an unknown ``{name}`` and formats back to the original text."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def __format__(self, spec: str) -> str:
+        return "{" + self.key + (":" + spec if spec else "") + "}"
+
+    def __str__(self) -> str:
+        return "{" + self.key + "}"
+
+    __repr__ = __str__
+
+    def __getattr__(self, attr: str) -> _Missing:
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _Missing(f"{self.key}.{attr}")
+
+    def __getitem__(self, item: Any) -> _Missing:
+        return _Missing(f"{self.key}[{item}]")
+
+
+class _KeepUnknown(dict):
+    """A namespace view whose missing keys format back to ``{key}``."""
+
+    def __missing__(self, key: str) -> _Missing:
+        return _Missing(key)
+
+
+def interpolate(text: str, namespace: Mapping[str, Any]) -> str:
+    """Fill ``{var}`` from ``namespace``; unknown names and text that is not a template stay as-is."""
+    if "{" not in text:
+        return text
+    try:
+        return text.format_map(_KeepUnknown(namespace))
+    except (ValueError, IndexError, KeyError, AttributeError, TypeError):
+        # Unbalanced braces, "{}" or "{0}", a bad attribute: the body is not meant as a
+        # template (e.g. code), so send it untouched rather than fail the cell.
+        return text

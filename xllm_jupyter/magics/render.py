@@ -1,0 +1,208 @@
+"""What the magics put in a cell's output: answers in four formats, tables, progress, short errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from IPython.core.displaypub import DisplayPublisher
+from IPython.display import display
+
+FORMATS = ("markdown", "code", "json", "text")
+INTERRUPTED = "*(interrupted)*"
+EMPTY = "*(the model returned no text)*"
+
+_FENCE = re.compile(r"^[ \t]*(```+|~~~+)[ \t]*([\w+#.-]*)[^\n]*\n", re.MULTILINE)
+
+
+def error(message: str) -> None:
+    """A one-line ``xllm: ...`` on stderr: never a traceback."""
+    print(f"xllm: {message}", file=sys.stderr)
+
+
+def rich_frontend(shell: Any) -> bool:
+    """True when displays can update in place (a kernel, or captured output), False in terminal IPython."""
+    pub = getattr(shell, "display_pub", None)
+    return pub is not None and type(pub) is not DisplayPublisher
+
+
+def extract_code(text: str, default_lang: str = "python") -> tuple[str, str]:
+    """(language, code) of the first fenced block in ``text`` (an unclosed fence runs to the end), else all of it."""
+    match = _FENCE.search(text)
+    if match is None:
+        return default_lang, text.strip("\n")
+    fence, lang = match.group(1), match.group(2) or default_lang
+    rest = text[match.end():]
+    close = re.search(r"^[ \t]*" + re.escape(fence[0]) + "{" + str(len(fence)) + r",}[ \t]*$", rest, re.MULTILINE)
+    return lang, (rest[: close.start()] if close else rest).rstrip("\n")
+
+
+def parse_json(text: str) -> Any:
+    """The JSON value in ``text`` (a fenced ```json block is unwrapped); ValueError when it is not JSON."""
+    body = text.strip()
+    if body.startswith(("```", "~~~")):
+        body = extract_code(body, "json")[1]
+    return json.loads(body)
+
+
+def _fenced(body: str, lang: str) -> str:
+    fence = "```"
+    while fence in body:  # a fence longer than any run of backticks inside
+        fence += "`"
+    return f"{fence}{lang}\n{body}\n{fence}"
+
+
+class Reply:
+    """One answer in a cell: Markdown, a code block, JSON or plain text; text in a terminal."""
+
+    def __init__(self, fmt: str = "markdown", text: str = ""):
+        self.fmt = fmt
+        self.text = text
+        self.note = ""  # "*(interrupted)*" and the like, shown after the answer
+        self.value: Any = None  # the parsed JSON once the answer is complete and valid
+        self.parsed = False
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        note = f"\n\n{self.note}" if self.note else ""
+        plain_note = f"\n{self.note.strip('*')}" if self.note else ""
+        if self.fmt == "text":
+            return {"text/plain": self.text + plain_note}
+        if self.fmt == "code":
+            lang, code = extract_code(self.text)
+            return {"text/plain": code + plain_note, "text/markdown": _fenced(code, lang) + note}
+        if self.fmt == "json":
+            if self.parsed:
+                pretty = json.dumps(self.value, indent=2, ensure_ascii=False)
+                return {"application/json": self.value if isinstance(self.value, (dict, list)) else {"value": self.value},
+                        "text/plain": pretty, "text/markdown": _fenced(pretty, "json")}
+            return {"text/plain": self.text + plain_note, "text/markdown": _fenced(self.text, "json") + note}
+        return {"text/plain": self.text + plain_note, "text/markdown": self.text + note}
+
+    def __repr__(self) -> str:
+        return self._repr_mimebundle_()["text/plain"]
+
+
+class Table:
+    """A small table shown as HTML in a notebook, Markdown where HTML is not rendered, text in a terminal."""
+
+    def __init__(self, headers: Sequence[str], rows: Iterable[Sequence[Any]], empty: str = "(none)"):
+        self.headers = list(headers)
+        self.rows = [["" if v is None else str(v) for v in row] for row in rows]
+        self.empty = empty
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        if not self.rows:
+            return f"<p>{escape(self.empty)}</p>"
+        head = "".join(f"<th style='text-align:left'>{escape(h)}</th>" for h in self.headers)
+        body = "".join("<tr>" + "".join(f"<td style='text-align:left'>{escape(v)}</td>" for v in row) + "</tr>" for row in self.rows)
+        thead = f"<thead><tr>{head}</tr></thead>" if any(self.headers) else ""
+        return f"<table>{thead}<tbody>{body}</tbody></table>"
+
+    def _repr_markdown_(self) -> str:
+        if not self.rows:
+            return self.empty
+
+        def cell(v: str) -> str:
+            return v.replace("|", "\\|").replace("\n", " ")
+
+        lines = ["| " + " | ".join(self.headers) + " |", "|" + "---|" * len(self.headers)]
+        lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in self.rows]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        if not self.rows:
+            return self.empty
+        widths = [max(len(h), *(len(r[i]) for r in self.rows)) for i, h in enumerate(self.headers)]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(self.headers, widths)).rstrip()] if any(self.headers) else []
+        lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in self.rows]
+        return "\n".join(lines)
+
+
+def human_size(n: Any) -> str:
+    """Bytes as ``1.5 GB`` ("-" when unknown)."""
+    if not isinstance(n, (int, float)) or n < 0:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return "-"  # pragma: no cover
+
+
+class Text:
+    """Plain text output (also a Markdown-free display in notebooks)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+class Progress:
+    """A pull's progress: an ipywidgets bar in a kernel, else one text line updated in place (throttled)."""
+
+    INTERVAL = 0.2
+
+    def __init__(self, shell: Any, title: str):
+        self.title = title
+        self._last = 0.0
+        self._handle: Any = None
+        self._bar: Any = None
+        self._label: Any = None
+        self._rich = rich_frontend(shell)
+        if self._rich and getattr(shell, "kernel", None) is not None:
+            try:
+                import ipywidgets as w
+            except ImportError:
+                w = None
+            if w is not None:
+                self._bar = w.IntProgress(min=0, max=100, value=0, description=title[:20])
+                self._label = w.Label("starting…")
+                display(w.HBox([self._bar, self._label]))
+
+    def line(self, event: dict[str, Any]) -> str:
+        """``download model.gguf  45%  12.3 MB / 27.0 MB`` for one progress event."""
+        stage = str(event.get("status") or "")
+        file = str(event.get("file") or "").rsplit("/", 1)[-1]
+        done, total = event.get("completed") or 0, event.get("total")
+        pct = f"{100 * done // total:3d}%" if total else ""
+        sizes = f"{human_size(done)} / {human_size(total)}" if total else (human_size(done) if done else "")
+        return "  ".join(p for p in (stage, file, pct, sizes) if p)
+
+    def update(self, event: dict[str, Any], force: bool = False) -> None:
+        """Show ``event`` (at most every INTERVAL unless ``force``)."""
+        now = time.monotonic()
+        if not force and now - self._last < self.INTERVAL:
+            return
+        self._last = now
+        text = self.line(event)
+        if self._bar is not None:
+            total = event.get("total")
+            self._bar.value = int(100 * (event.get("completed") or 0) / total) if total else self._bar.value
+            self._label.value = text
+        elif self._rich:
+            out = Text(f"{self.title}: {text}")
+            if self._handle is None:
+                self._handle = display(out, display_id=True)
+            else:
+                self._handle.update(out)
+        else:
+            print(f"{self.title}: {text}", flush=True)
+
+    def finish(self, message: str) -> None:
+        """The final line (the bar fills up)."""
+        if self._bar is not None:
+            self._bar.value = self._bar.max
+            self._label.value = message
+        elif self._rich and self._handle is not None:
+            self._handle.update(Text(message))
+        else:
+            print(message, flush=True)

@@ -1,0 +1,167 @@
+"""What the magics remember in one kernel: the server, the chosen model, defaults, the conversation."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from .. import __version__
+from ..client import XllmClient, discovery
+from ..client.base import auth_headers, json_body, root_url, unreachable
+from ..core.errors import XllmError
+from .render import FORMATS, error
+
+log = logging.getLogger("xllm_jupyter.magics")
+
+#: settings `%xllm config key=value` may change, with their parsers
+CONFIG_KEYS = ("model", "system", "temperature", "max_tokens", "format", "stream")
+
+
+@dataclass
+class Defaults:
+    """Per-kernel defaults for ``%%xllm`` options (``%xllm config``, ``%xllm use``)."""
+
+    model: str | None = None
+    system: str | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    format: str = "markdown"
+    stream: bool = True
+
+    def set(self, key: str, raw: str) -> None:
+        """Set ``key`` from its text form; XllmError naming the key on a bad value."""
+        key = key.replace("-", "_")
+        if key not in CONFIG_KEYS:
+            raise XllmError(f"unknown setting {key!r}; settings are: {', '.join(CONFIG_KEYS)}")
+        value: Any = raw.strip()
+        if value.lower() in ("", "none", "default"):
+            setattr(self, key, Defaults.__dataclass_fields__[key].default)
+            return
+        try:
+            if key == "temperature":
+                value = float(value)
+            elif key == "max_tokens":
+                value = int(value)
+                if value < 1:
+                    raise ValueError
+            elif key == "stream":
+                if value.lower() not in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+                    raise ValueError
+                value = value.lower() in ("true", "yes", "on", "1")
+            elif key == "format" and value not in FORMATS:
+                raise ValueError
+        except ValueError:
+            raise XllmError(f"bad value for {key}: {raw!r}") from None
+        setattr(self, key, value)
+
+
+@dataclass
+class Conversation:
+    """The notebook's ``--chat`` conversation: user/assistant turns, their system prompt and model."""
+
+    messages: list[dict[str, str]] = field(default_factory=list)
+    system: str | None = None
+    model: str | None = None
+
+    def clear(self) -> None:
+        """Forget every turn."""
+        self.messages.clear()
+        self.system = None
+        self.model = None
+
+    @property
+    def turns(self) -> int:
+        """Completed user/assistant exchanges."""
+        return sum(1 for m in self.messages if m["role"] == "assistant")
+
+
+class MagicState:
+    """One per magics instance (so per kernel, so per notebook)."""
+
+    def __init__(self) -> None:
+        self.defaults = Defaults()
+        self.chat = Conversation()
+        self.location: discovery.ServerLocation | None = None
+        self._client: XllmClient | None = None
+        self._about: dict[tuple[str, str | None], dict[str, Any]] = {}
+
+    # ------------------------------------------------------------- the server
+    def locate(self) -> discovery.ServerLocation:
+        """Where to send requests now (discovery runs every time: env and connect() may change)."""
+        found = discovery.find_server()
+        if found is None:
+            error("no shared xllm server found; starting a private one for this kernel only (this can take a minute)…")
+            found = discovery.locate(start_local=True)
+        return found
+
+    def client(self) -> XllmClient:
+        """The client for the current location (rebuilt when it changes)."""
+        location = self.locate()
+        if self._client is None or location != self.location:
+            self.drop_client()
+            self._client = discovery.client_for(location)
+            self.location = location
+        return self._client
+
+    def drop_client(self) -> None:
+        """Close the pooled connections (an interrupted request's connection among them)."""
+        if self._client is not None:
+            self._client.close()
+        self._client = None
+
+    def get_json(self, path: str, **params: Any) -> Any:
+        """GET a route beside ``/v1`` (``/admin/...``) on the current server."""
+        location = self.location or self.locate()
+        root = root_url(location.base_url)
+        try:
+            with httpx.Client(headers=auth_headers(location.api_key), timeout=30.0) as http:
+                response = http.get(root + path, params=params)
+        except httpx.TransportError as exc:
+            raise unreachable(root, exc) from None
+        return json_body(response, root)
+
+    def about(self, model: str | None) -> dict[str, Any]:
+        """The model's digest and the server version (cached; ``{}`` where the server does not say)."""
+        assert self.location is not None
+        key = (self.location.base_url, model)
+        if key not in self._about:
+            try:
+                body = self.get_json("/admin/models/manifest", **({"model": model} if model else {}))
+            except XllmError as exc:  # an older server, a user key without admin rights, a model outside the store
+                log.debug("no manifest for %s: %s", model, exc.message)
+                body = {}
+            self._about[key] = body if isinstance(body, dict) else {}
+        return self._about[key]
+
+    def default_model(self) -> str | None:
+        """``%xllm use`` / config model, else XLLM_MODEL, else the server's first loaded model."""
+        return self.defaults.model or self.client().default_model()
+
+    def close(self) -> None:
+        """Release connections."""
+        self.drop_client()
+
+
+def provenance(state: MagicState, *, model: str | None, params: dict[str, Any], finish_reason: str | None,
+               usage: dict[str, Any] | None, fingerprint: str | None, fmt: str, chat_turn: int | None,
+               interrupted: bool) -> dict[str, Any]:
+    """What produced an answer, kept in the output's metadata so a notebook records it."""
+    about = state.about(model)
+    location = state.location
+    return {
+        "model": model,
+        "digest": about.get("digest"),
+        "parameters": {k: v for k, v in params.items() if v is not None and k not in ("seed", "stream_options")},
+        "seed": params.get("seed"),
+        "format": fmt,
+        "finish_reason": "interrupted" if interrupted else finish_reason,
+        "usage": usage,
+        "system_fingerprint": fingerprint,
+        "server_version": about.get("server_version") or state.about(None).get("server_version"),
+        "server": {"url": location.base_url, "source": location.source} if location else None,
+        "client_version": __version__,
+        "chat_turn": chat_turn,
+    }

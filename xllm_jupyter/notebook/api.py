@@ -1,0 +1,50 @@
+"""``xllm_jupyter.chat``: one call from a script or notebook cell to the shared engine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from ..client import XllmClient
+from .clients import ClientLike, pick_model, sync_client
+from .streams import build_messages
+
+
+def chat(
+    prompt: str | Sequence[Mapping[str, Any]],
+    model: str | None = None,
+    *,
+    system: str | None = None,
+    stream: bool = False,
+    client: ClientLike = None,
+    **params: Any,
+) -> str | Iterator[str]:
+    """Ask ``model`` (default: the server's) and return the reply text.
+
+    ``prompt`` is a string or OpenAI-style messages; ``system`` is put first.
+    ``params`` are OpenAI chat parameters (``max_tokens``, ``temperature``, ``stop``...).
+    With ``stream=True`` the text comes back piece by piece as an iterator; closing it
+    early (or breaking out of the loop) cancels the generation on the server.
+    Errors are raised as ``XllmError`` with the server's message.
+    """
+    messages = build_messages(prompt, system)
+    c, owned = sync_client(client)
+    try:
+        name = pick_model(model, c)
+        if stream:
+            pieces = _stream(c, owned, messages, name, params)
+            owned = False  # the iterator closes it now
+            return pieces
+        return c.chat(messages, name, **params)
+    finally:
+        if owned:
+            c.close()
+
+
+def _stream(c: XllmClient, owned: bool, messages: list[dict[str, Any]], model: str, params: dict[str, Any]) -> Iterator[str]:
+    """The reply's pieces; the connection of a client made for this call closes with it."""
+    try:
+        yield from c.stream_chat(messages, model, **params)
+    finally:
+        if owned:
+            c.close()

@@ -1,0 +1,85 @@
+"""Turn the ``client=`` argument of the notebook API into a client (or an endpoint).
+
+Accepted: an ``XllmClient`` or ``AsyncXllmClient``, a ``(base_url, api_key)`` pair, a
+base URL string, or anything with ``base_url`` and ``api_key`` attributes (an openai SDK
+client, say). ``None`` asks ``xllm_jupyter.client.discovery`` for the server this
+kernel should use, falling back to ``XLLM_BASE_URL`` / ``XLLM_API_KEY``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..client import AsyncXllmClient, XllmClient
+from ..core.errors import InvalidRequest, XllmError
+
+ClientLike = Any  # XllmClient | AsyncXllmClient | tuple[str, str | None] | str | None
+
+
+def discovered_client() -> XllmClient:
+    """A new client for the server discovery picks for this kernel (env/default settings without it).
+
+    Discovery may start a private server when none is found (``locate``), so this is
+    only called when the caller passed no ``client=``.
+    """
+    try:
+        from ..client import discovery  # written separately; optional until it lands
+    except ImportError:
+        return XllmClient()
+    return discovery.get_client()
+
+
+def endpoint_of(client: ClientLike) -> tuple[str, str | None]:
+    """``(base_url, api_key)`` of whatever ``client`` names."""
+    if client is None:
+        found = discovered_client()
+        try:
+            return found.base_url, found.api_key
+        finally:
+            found.close()
+    if isinstance(client, (XllmClient, AsyncXllmClient)):
+        return client.base_url, client.api_key
+    if isinstance(client, str):
+        return client, None
+    if isinstance(client, (tuple, list)) and len(client) in (1, 2) and isinstance(client[0], str):
+        key = client[1] if len(client) == 2 else None
+        return client[0], (str(key) if key else None)
+    base = getattr(client, "base_url", None)
+    if base is not None:
+        return str(base), (getattr(client, "api_key", None) or None)
+    raise InvalidRequest(
+        f"client= takes an XllmClient, an AsyncXllmClient or a (base_url, api_key) pair, not {type(client).__name__}",
+        param="client",
+    )
+
+
+def sync_client(client: ClientLike) -> tuple[XllmClient, bool]:
+    """An ``XllmClient`` for ``client`` and whether the caller owns (and must close) it."""
+    if isinstance(client, XllmClient):
+        return client, False
+    if client is None:
+        return discovered_client(), True  # discovery hands out a new client each time
+    base, key = endpoint_of(client)
+    return XllmClient(base, key), True
+
+
+def async_client(client: ClientLike, max_connections: int = 100) -> AsyncXllmClient:
+    """A fresh ``AsyncXllmClient`` for the same server, owned by the caller.
+
+    Always fresh: an httpx async client belongs to the loop that first used it, and the
+    notebook API runs its streams on a loop of its own.
+    """
+    base, key = endpoint_of(client)
+    return AsyncXllmClient(base, key, max_connections=max_connections)
+
+
+def pick_model(model: str | None, client: XllmClient) -> str:
+    """``model``, else the server's default (``XLLM_MODEL``, a loaded model, a servable one)."""
+    if model is not None:
+        if not isinstance(model, str) or not model.strip():
+            raise InvalidRequest("model must be a non-empty model name", param="model")
+        return model
+    found = client.default_model()
+    if not found:
+        raise XllmError("the server has no model to use: pass model=... (see `xllm list`)")
+    return found

@@ -1,0 +1,150 @@
+"""One streamed chat completion, timed client-side: arrival time of every text piece.
+
+``profile``, ``compare`` and the widgets all measure the same way, so their numbers agree:
+time to first token from sending the request to the first content chunk, inter-token
+latency as the gaps between content chunks (a chunk is one decoded piece, usually one
+token), and decode speed as the tokens after the first over the time from the first to
+the end of the stream.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..client import AsyncXllmClient
+from ..client.base import delta_text
+from ..core.errors import InvalidRequest, XllmError
+
+Messages = list[dict[str, Any]]
+
+
+def build_messages(prompt: str | Sequence[Mapping[str, Any]], system: str | None = None) -> Messages:
+    """The message list for ``prompt`` (a string or OpenAI-style messages), ``system`` first."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        messages: Messages = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, Mapping) and "role" in m for m in prompt):
+        messages = [dict(m) for m in prompt]
+    else:
+        raise InvalidRequest("prompt must be a string or a non-empty list of {'role': ..., 'content': ...} messages", param="prompt")
+    if system is not None:
+        if not isinstance(system, str):
+            raise InvalidRequest("system must be a string", param="system")
+        if system.strip():
+            messages = [{"role": "system", "content": system}] + [m for m in messages if m.get("role") != "system"]
+    return messages
+
+
+#: request fields the measured stream sets itself (``n`` > 1 would interleave choices)
+RESERVED_PARAMS = frozenset({"messages", "model", "stream", "stream_options", "n"})
+
+
+def check_params(params: Mapping[str, Any]) -> None:
+    """Reject parameters a measured stream cannot carry, naming the first one."""
+    bad = sorted(k for k in params if k in RESERVED_PARAMS and not (k == "n" and params[k] in (None, 1)))
+    if bad:
+        raise InvalidRequest(f"the parameter {bad[0]!r} cannot be set here", param=bad[0])
+
+
+@dataclass
+class StreamRecord:
+    """What one streamed request produced and when (times in seconds from sending it)."""
+
+    model: str
+    params: dict[str, Any] = field(default_factory=dict)
+    started: float = 0.0  # time.perf_counter() when the request was sent
+    pieces: list[str] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # arrival of each piece
+    latency_s: float = math.nan
+    prompt_tokens: int | None = None
+    usage_tokens: int | None = None  # completion tokens as the server counted them
+    finish_reason: str | None = None
+    error: XllmError | None = None
+    cancelled: bool = False
+
+    @property
+    def text(self) -> str:
+        """The whole reply so far."""
+        return "".join(self.pieces)
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated: the server's count, else the number of pieces."""
+        return self.usage_tokens if self.usage_tokens is not None else len(self.pieces)
+
+    @property
+    def ttft_s(self) -> float:
+        """Time to the first text piece (NaN when none came)."""
+        return self.times[0] if self.times else math.nan
+
+    @property
+    def itl_s(self) -> list[float]:
+        """Gaps between consecutive text pieces."""
+        return [b - a for a, b in zip(self.times, self.times[1:])]
+
+    @property
+    def tok_per_s(self) -> float:
+        """Decode speed: tokens after the first over the time from the first to the stream's end.
+
+        The end of the stream rather than the last piece: pieces can arrive in bursts
+        (several per network read), which would make a last-piece span look too short.
+        """
+        if not self.times or self.completion_tokens < 2 or math.isnan(self.latency_s):
+            return math.nan
+        span = self.latency_s - self.times[0]
+        return (self.completion_tokens - 1) / span if span > 0 else math.nan
+
+    @property
+    def ended(self) -> float:
+        """``perf_counter()`` time the stream finished."""
+        return self.started + (self.latency_s if not math.isnan(self.latency_s) else 0.0)
+
+
+async def measure_stream(
+    client: AsyncXllmClient,
+    messages: Messages,
+    model: str,
+    params: Mapping[str, Any] | None = None,
+    on_piece: Callable[[str], None] | None = None,
+    record: StreamRecord | None = None,
+) -> StreamRecord:
+    """Stream one chat completion, timing each piece; server errors land in ``.error``.
+
+    Cancelling the calling task closes the HTTP stream (the server then cancels the
+    generation); pass ``record`` to keep what arrived (it is marked ``cancelled``).
+    """
+    params = dict(params or {})
+    if record is None:
+        record = StreamRecord(model=model, params=params)
+    body = {**params, "stream_options": {"include_usage": True}}
+    record.started = t0 = time.perf_counter()
+    try:
+        async for chunk in client.stream_chunks(messages, model, **body):
+            now = time.perf_counter() - t0
+            text = delta_text(chunk)
+            if text:
+                record.pieces.append(text)
+                record.times.append(now)
+                if on_piece is not None:
+                    on_piece(text)
+            for choice in chunk.get("choices") or ():
+                if choice.get("finish_reason"):
+                    record.finish_reason = choice["finish_reason"]
+            usage = chunk.get("usage")
+            if usage:
+                record.prompt_tokens = usage.get("prompt_tokens")
+                record.usage_tokens = usage.get("completion_tokens")
+    except XllmError as exc:
+        record.error = exc
+    except BaseException:
+        # CancelledError (a stop button, Ctrl-C) or worse: keep what arrived, then re-raise
+        record.cancelled = True
+        record.latency_s = time.perf_counter() - t0
+        raise
+    record.latency_s = time.perf_counter() - t0
+    return record

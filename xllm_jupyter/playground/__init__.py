@@ -1,0 +1,55 @@
+"""Gradio chat playground for the shared engine: ``xllm_jupyter.playground()``."""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any
+
+from .launcher import Playground, detect_root_path, launch
+
+__all__ = ["Playground", "detect_root_path", "playground"]
+
+
+def playground(
+    model: str | None = None,
+    *,
+    client: Any | None = None,
+    port: int | None = None,
+    root_path: str | None = None,
+    inline: bool = True,
+    share: bool = False,
+    **options: Any,
+) -> Playground:
+    """Start a Gradio chat app (model picker, parameters, streaming) against the shared engine.
+
+    ``client`` is an ``XllmClient``/``AsyncXllmClient`` (default: the engine discovery
+    finds, i.e. ``XLLM_BASE_URL``/``XLLM_API_KEY`` in a Jupyter kernel). ``port`` defaults
+    to the first free one from 7860. ``root_path`` is the public prefix when served behind
+    a proxy; by default it is detected for jupyter-server-proxy inside JupyterHub. The
+    returned ``Playground`` shows itself inline (an iframe) as a cell's result; ``close()``
+    stops it and frees the port. Extra ``options``: ``host``, ``height``.
+    """
+    return launch(
+        model,
+        client=client,
+        port=port,
+        root_path=root_path,
+        inline=inline,
+        share=share,
+        **options,
+    )
+
+
+class _CallablePackage(types.ModuleType):
+    """Lets ``xllm_jupyter.playground(...)`` work even after the package itself was imported.
+
+    Importing ``xllm_jupyter.playground`` binds the package (not the function) to that
+    attribute of ``xllm_jupyter``; making the package callable keeps both spellings working.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Playground:
+        return playground(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

@@ -1,0 +1,222 @@
+"""The Gradio Blocks chat app: model picker, sampling parameters, streamed answers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..client import AsyncXllmClient
+from ..core.errors import InvalidRequest, XllmError
+
+# Set before gradio is imported anywhere in this process: no usage reporting from a
+# notebook (and no outbound calls that would stall on machines without a network).
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+#: the name the streamed chat endpoint has in Gradio's API (``gradio_client`` uses it)
+CHAT_API_NAME = "chat"
+#: marks the app's own error notes in the transcript (never sent back to the model)
+ERROR_PREFIX = "⚠️ "
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the playground sends requests: the server's OpenAI base URL and its key."""
+
+    base_url: str
+    api_key: str | None
+
+
+def part_text(content: Any) -> str:
+    """The text of a Gradio message's content: a string, a text part, or a list of parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        # Gradio 5/6 normalise text to {"type": "text", "text": ...}; files have no text.
+        value = content.get("text", content.get("content", ""))
+        return value if isinstance(value, str) else ""
+    if isinstance(content, (list, tuple)):
+        return "".join(part_text(part) for part in content)
+    return str(content)
+
+
+def to_openai_messages(
+    history: Sequence[Any], message: str, system: str | None
+) -> list[dict[str, str]]:
+    """The OpenAI ``messages`` for a chat turn: the system prompt, earlier turns, the new message."""
+    messages: list[dict[str, str]] = []
+    if system and system.strip():
+        messages.append({"role": "system", "content": system.strip()})
+    for turn in history or ():
+        role = (
+            turn.get("role") if isinstance(turn, dict) else getattr(turn, "role", None)
+        )
+        content = (
+            turn.get("content")
+            if isinstance(turn, dict)
+            else getattr(turn, "content", None)
+        )
+        text = part_text(content)
+        if role == "assistant":
+            # The app writes error notes into the transcript; they are not the model's words.
+            text = text.split(ERROR_PREFIX, 1)[0].strip()
+        if role in ("user", "assistant") and text:
+            messages.append({"role": role, "content": text})
+    messages.append({"role": "user", "content": message})
+    return messages
+
+
+def parse_seed(seed: Any) -> int | None:
+    """The seed box's value as an int; empty means a random seed. Raises InvalidRequest otherwise."""
+    if seed is None or isinstance(seed, bool):
+        return None
+    if isinstance(seed, (int, float)):
+        return int(seed)
+    text = str(seed).strip()
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise InvalidRequest(
+            f"the seed must be a whole number, not {text!r}", param="seed"
+        ) from None
+
+
+def sampling(
+    temperature: float | None,
+    top_p: float | None,
+    max_tokens: float | None,
+    seed: Any = None,
+) -> dict[str, Any]:
+    """Keyword parameters for the chat request from the controls (None leaves a server default)."""
+    params: dict[str, Any] = {}
+    seed = parse_seed(seed)
+    if seed is not None:
+        params["seed"] = seed
+    if temperature is not None:
+        params["temperature"] = float(temperature)
+    if top_p is not None:
+        params["top_p"] = float(top_p)
+    if max_tokens:
+        params["max_tokens"] = int(max_tokens)
+    return params
+
+
+async def stream_reply(
+    endpoint: Endpoint,
+    messages: list[dict[str, str]],
+    model: str | None,
+    params: dict[str, Any],
+) -> AsyncIterator[str]:
+    """The reply's text pieces from the shared engine; closing the iterator cancels it there."""
+    # One client per turn: Gradio may run turns on different event loops/threads, and an
+    # httpx.AsyncClient must stay on the loop that created it.
+    async with AsyncXllmClient(endpoint.base_url, endpoint.api_key) as client:
+        pieces = client.stream_chat(messages, model or None, **params)
+        try:
+            async for piece in pieces:
+                yield piece
+        finally:
+            await pieces.aclose()
+
+
+def build_app(
+    endpoint: Endpoint,
+    models: Sequence[str],
+    model: str | None,
+    *,
+    title: str = "xllm playground",
+) -> Any:
+    """The Gradio Blocks app (not launched) that chats with ``endpoint``."""
+    import gradio as gr
+
+    async def respond(
+        message: str,
+        history: list[Any],
+        model: str,
+        system: str,
+        temperature: float,
+        top_p: float,
+        max_tokens: float,
+        seed: str | None = None,
+    ):
+        """Append the user's message and stream the assistant's answer into the transcript."""
+        history = list(history or [])
+        message = (message or "").strip()
+        if not message:
+            yield history, ""
+            return
+        messages = to_openai_messages(history, message, system)
+        history.append({"role": "user", "content": message})
+        history.append({"role": "assistant", "content": ""})
+        text = ""
+        try:
+            params = sampling(temperature, top_p, max_tokens, seed)
+            async for piece in stream_reply(endpoint, messages, model, params):
+                text += piece
+                history[-1] = {"role": "assistant", "content": text}
+                yield history, ""
+        except XllmError as exc:
+            # Shown in the transcript as one line: no traceback in the UI.
+            history[-1] = {
+                "role": "assistant",
+                "content": f"{text}\n\n{ERROR_PREFIX}{exc}".strip(),
+            }
+        yield history, ""
+
+    choices = list(dict.fromkeys([*(models or ()), *([model] if model else [])]))
+    with gr.Blocks(title=title, analytics_enabled=False) as app:
+        gr.Markdown(
+            f"### {title}\nStreaming chat with the shared xllm engine at `{endpoint.base_url}`."
+        )
+        with gr.Row():
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(
+                    label="Conversation", height=420, elem_id="xllm-chatbot"
+                )
+                # lines=1: Enter sends (a taller box would take Enter as a new line)
+                box = gr.Textbox(
+                    placeholder="Ask something and press Enter",
+                    show_label=False,
+                    lines=1,
+                    max_lines=8,
+                    elem_id="xllm-input",
+                )
+                with gr.Row():
+                    send = gr.Button("Send", variant="primary")
+                    stop = gr.Button("Stop")
+                    clear = gr.Button("Clear")
+            with gr.Column(scale=1):
+                picker = gr.Dropdown(
+                    choices=choices,
+                    value=model or (choices[0] if choices else None),
+                    label="Model",
+                    allow_custom_value=True,
+                )
+                system = gr.Textbox(label="System prompt", lines=3)
+                temperature = gr.Slider(
+                    0.0, 2.0, value=0.7, step=0.05, label="Temperature"
+                )
+                top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top p")
+                max_tokens = gr.Slider(1, 2048, value=256, step=1, label="Max tokens")
+                seed = gr.Textbox(label="Seed", placeholder="random", max_lines=1)
+        inputs = [box, chatbot, picker, system, temperature, top_p, max_tokens, seed]
+        # The engine batches concurrent users; don't let Gradio serialise them (its default is 1).
+        submitted = box.submit(
+            respond,
+            inputs,
+            [chatbot, box],
+            api_name=CHAT_API_NAME,
+            concurrency_limit=32,
+        )
+        clicked = send.click(
+            respond, inputs, [chatbot, box], api_name=False, concurrency_limit=32
+        )
+        # Cancelling the task closes the stream, and the server cancels the generation.
+        stop.click(None, None, None, cancels=[submitted, clicked], api_name=False)
+        clear.click(lambda: ([], ""), None, [chatbot, box], api_name=False)
+    return app

@@ -1,0 +1,236 @@
+"""Start, show and stop the playground: ports, proxy root paths, inline display."""
+
+from __future__ import annotations
+
+import html
+import os
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+from ..client import XllmClient, resolve_base_url
+from ..core.errors import InvalidRequest, XllmError
+from ..notebook.clients import endpoint_of
+from .app import CHAT_API_NAME, Endpoint, build_app
+
+#: Gradio's customary port range; a fixed range keeps proxy URLs predictable
+PORT_RANGE = range(7860, 7960)
+DEFAULT_HOST = "127.0.0.1"
+
+
+def port_is_free(port: int, host: str = DEFAULT_HOST) -> bool:
+    """True when nothing listens on ``host:port`` (a server could bind it now)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As a web server binds: connections of a closed app lingering in TIME_WAIT don't count.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_port(host: str = DEFAULT_HOST, candidates: range = PORT_RANGE) -> int:
+    """The first free port in ``candidates`` (chosen before launch so the proxy path is known)."""
+    for port in candidates:
+        if port_is_free(port, host):
+            return port
+    raise XllmError(
+        f"no free port in {candidates.start}-{candidates.stop - 1} for the playground: pass port="
+    )
+
+
+def detect_root_path(port: int, env: Mapping[str, str] | None = None) -> str | None:
+    """The public path prefix the playground is served under, or None when served directly.
+
+    ``XLLM_PLAYGROUND_ROOT_PATH`` wins (``{port}`` is replaced); else inside JupyterHub
+    (``JUPYTERHUB_SERVICE_PREFIX`` set, e.g. ``/user/alice/``) the app is reached through
+    jupyter-server-proxy at ``{prefix}proxy/{port}``, which strips that prefix before
+    forwarding, so Gradio must be told it to build its own URLs.
+    """
+    env = os.environ if env is None else env
+    template = env.get("XLLM_PLAYGROUND_ROOT_PATH", "").strip()
+    if template:
+        return normalize_root_path(template.replace("{port}", str(port)))
+    prefix = env.get("JUPYTERHUB_SERVICE_PREFIX", "").strip()
+    if prefix:
+        return normalize_root_path(f"{prefix.rstrip('/')}/proxy/{port}")
+    return None
+
+
+def normalize_root_path(root_path: str) -> str | None:
+    """``root_path`` with one leading and no trailing slash (a full URL is kept as given)."""
+    root_path = root_path.strip().rstrip("/")
+    if not root_path:
+        return None
+    if root_path.startswith(("http://", "https://")):
+        return root_path
+    return "/" + root_path.lstrip("/")
+
+
+def resolve_endpoint(client: Any | None) -> Endpoint:
+    """Where the app sends requests: ``client``'s server, else the one discovery finds.
+
+    ``client`` is anything the notebook API takes: an ``XllmClient``/``AsyncXllmClient``,
+    a ``(base_url, api_key)`` pair, a base URL, or an object with ``base_url``/``api_key``.
+    """
+    if client is None:
+        # Imported here: discovery may look up a hub service or start a private server.
+        from ..client.discovery import get_client
+
+        found = get_client()
+        try:
+            return Endpoint(found.base_url, found.api_key)
+        finally:
+            found.close()
+    base, key = endpoint_of(client)
+    return Endpoint(resolve_base_url(base), key)
+
+
+def list_models(endpoint: Endpoint) -> tuple[list[str], str | None]:
+    """(every servable model id, the default model) from the server at ``endpoint``."""
+    with XllmClient(endpoint.base_url, endpoint.api_key) as client:
+        models = [m.get("id") or m.get("name") for m in client.models()]
+        default = client.default_model()
+    return [m for m in models if m], default
+
+
+class Playground:
+    """A running Gradio chat app for the shared engine; shows itself inline, ``close()`` frees the port."""
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        host: str,
+        port: int,
+        root_path: str | None,
+        model: str | None,
+        inline: bool,
+        share_url: str | None = None,
+        height: int = 640,
+    ):
+        self.app = app
+        self.host = host
+        self.port = port
+        self.root_path = root_path
+        self.model = model
+        self.inline = inline
+        self.share_url = share_url
+        self.height = height
+        self.closed = False
+
+    @property
+    def local_url(self) -> str:
+        """The URL on this machine (what code in the kernel, e.g. gradio_client, connects to)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}/"
+
+    @property
+    def url(self) -> str:
+        """The URL a browser opens: the share link, the proxied path, or the local URL."""
+        if self.share_url:
+            return self.share_url
+        if self.root_path:
+            return self.root_path + "/"
+        return self.local_url
+
+    @property
+    def api_name(self) -> str:
+        """The Gradio API endpoint of the streamed chat (for ``gradio_client``)."""
+        return "/" + CHAT_API_NAME
+
+    def close(self) -> None:
+        """Stop the web server and free its port (idempotent)."""
+        if not self.closed:
+            self.closed = True
+            self.app.close(verbose=False)
+
+    def __enter__(self) -> Playground:  # noqa: PYI034 (py3.10 has no typing.Self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else self.url
+        return f"<xllm playground {state} model={self.model!r}>"
+
+    def _repr_html_(self) -> str:
+        """An iframe with the app (or a link when ``inline=False``); a note once closed."""
+        if self.closed:
+            return "<p><em>xllm playground closed.</em></p>"
+        url = html.escape(self.url, quote=True)
+        link = f'<p>xllm playground: <a href="{url}" target="_blank" rel="noopener">{url}</a></p>'
+        if not self.inline:
+            return link
+        frame = f'<iframe src="{url}" width="100%" height="{int(self.height)}" style="border:0" allow="clipboard-write"></iframe>'
+        return frame + link
+
+
+def launch(
+    model: str | None = None,
+    *,
+    client: Any | None = None,
+    port: int | None = None,
+    root_path: str | None = None,
+    inline: bool = True,
+    share: bool = False,
+    host: str = DEFAULT_HOST,
+    height: int = 640,
+) -> Playground:
+    """Start the playground against the shared engine and return it (see ``playground``)."""
+    try:
+        import gradio  # noqa: F401  (an optional dependency: say how to get it)
+    except ImportError:
+        raise XllmError(
+            'the playground needs gradio: pip install "xllm-jupyter[lab]" (or pip install gradio)'
+        ) from None
+    if port is not None:
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise InvalidRequest(
+                f"port must be an integer in 1-65535, not {port!r}", param="port"
+            )
+        if not port_is_free(port, host):
+            raise XllmError(
+                f"port {port} is already in use: pass another port= or close the other app"
+            )
+    chosen = port if port is not None else pick_port(host)
+    root = (
+        normalize_root_path(root_path.replace("{port}", str(chosen)))
+        if root_path is not None
+        else detect_root_path(chosen)
+    )
+    endpoint = resolve_endpoint(client)
+    models, default = list_models(endpoint)
+    model = model or default
+    app = build_app(endpoint, models, model)
+    app.queue(default_concurrency_limit=32)
+    try:
+        _, _, share_url = app.launch(
+            server_name=host,
+            server_port=chosen,
+            root_path=root,
+            share=share,
+            inline=False,
+            prevent_thread_lock=True,
+            quiet=True,
+            show_error=False,
+            ssr_mode=False,
+            mcp_server=False,
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        app.close(verbose=False)
+        raise XllmError(
+            f"the playground could not start on {host}:{chosen}: {exc}"
+        ) from None
+    return Playground(
+        app,
+        host=host,
+        port=chosen,
+        root_path=root,
+        model=model,
+        inline=inline,
+        share_url=share_url if share else None,
+        height=height,
+    )

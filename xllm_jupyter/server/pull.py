@@ -1,0 +1,145 @@
+"""Admin routes for the model store from a notebook: pull with streamed progress, and a model's manifest.
+
+``POST /admin/models/pull`` with ``{"model": SOURCE, "name"?, "revision"?, "force"?, "convert"?}``
+answers with server-sent events: ``{"status": stage, "file", "completed", "total"}`` while the
+store pulls (stages as in ``store.progress.PullProgress``), then ``{"status": "success", "model",
+"digest", ...}`` and ``[DONE]``. A client that disconnects stops the pull at its next progress
+report. ``GET /admin/models/manifest?model=NAME`` gives a stored model's digest and source plus
+the server version, for the provenance a notebook records with each answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from .. import __version__
+from ..core.errors import InvalidRequest, Unsupported
+from .handlers import BodyMixin, RequestMixin
+
+#: at most this many progress events a second per file (the store reports every chunk)
+PROGRESS_INTERVAL = 0.1
+
+
+class PullCancelled(Exception):
+    """Raised from the progress callback when the client has gone: unwinds the store's pull."""
+
+
+def _store(context: Any) -> Any:
+    store = getattr(context.engine, "catalog", None)
+    if store is None or not hasattr(store, "pull"):
+        raise Unsupported("This server has no model store to pull into.")
+    return store
+
+
+def manifest_summary(manifest: Any) -> dict[str, Any]:
+    """The public facts of a stored model (no paths)."""
+    return {
+        "id": manifest.name,
+        "object": "model",
+        "digest": manifest.digest,
+        "format": manifest.format,
+        "size": manifest.size,
+        "source": str(manifest.source),
+        "created": getattr(manifest, "created", None),
+        "server_version": __version__,
+    }
+
+
+def _pull_args(body: bytes) -> dict[str, Any]:
+    """Validated pull arguments from the JSON body (``source`` is accepted as an alias of ``model``)."""
+    try:
+        data = json.loads(body or b"{}")
+    except ValueError:
+        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    source = data.get("model", data.get("source"))
+    if not isinstance(source, str) or not source.strip():
+        raise InvalidRequest("'model' (what to pull: a packaged name, a Hugging Face repo or a local path) is required", param="model")
+    args: dict[str, Any] = {"source": source.strip()}
+    for key in ("name", "revision"):
+        value = data.get(key)
+        if value is not None and not isinstance(value, str):
+            raise InvalidRequest(f"'{key}' must be a string", param=key)
+        args[key] = value or None
+    for key in ("force", "convert"):
+        value = data.get(key, False)
+        if not isinstance(value, bool):
+            raise InvalidRequest(f"'{key}' must be a boolean", param=key)
+        args[key] = value
+    return args
+
+
+async def pull_events(store: Any, args: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """Run ``store.pull`` on a thread and yield its (coalesced) progress, then the result."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    gone = threading.Event()
+    last: dict[str, Any] = {"key": None, "at": 0.0}
+
+    def report(event: Any) -> None:
+        if gone.is_set():
+            raise PullCancelled()
+        key = (event.stage, event.file)
+        now = time.monotonic()
+        finished = bool(event.total) and event.done >= event.total
+        if key == last["key"] and not finished and now - last["at"] < PROGRESS_INTERVAL:
+            return
+        last.update(key=key, at=now)
+        item = {"status": event.stage, "file": event.file, "completed": event.done, "total": event.total}
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def work() -> Any:
+        return store.pull(args["source"], args["name"], revision=args["revision"], progress=report,
+                          force=args["force"], convert=args["convert"])
+
+    job = asyncio.ensure_future(asyncio.to_thread(work))
+    try:
+        while True:
+            getter = asyncio.ensure_future(queue.get())
+            await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                yield getter.result()
+                continue
+            getter.cancel()
+            while not queue.empty():
+                yield queue.get_nowait()
+            manifest = job.result()  # raises the store's error, sent as an error event
+            yield {"status": "success", **manifest_summary(manifest)}
+            return
+    finally:
+        # the client left (or the stream failed): the next progress report raises PullCancelled
+        gone.set()
+        if not job.done():
+            await asyncio.gather(job, return_exceptions=True)
+
+
+class AdminPullMixin(BodyMixin):
+    """``POST /admin/models/pull``: pull into the server's store, progress as SSE."""
+
+    async def handle_post(self) -> None:
+        """Validate, then stream the pull's progress."""
+        args = _pull_args(self.body)
+        store = _store(self.xllm)
+        await self.stream_events(pull_events(store, args))
+
+
+class AdminManifestMixin(RequestMixin):
+    """``GET /admin/models/manifest?model=NAME``: a stored model's digest and source, and the server version."""
+
+    async def handle_get(self) -> None:
+        """The manifest summary; 404 for a model not in the store; only the version without ``model``."""
+        name = self.get_argument("model", "")  # type: ignore[attr-defined]
+        if not name:
+            self.write_json({"object": "server", "server_version": __version__})
+            return
+        manifest = await asyncio.to_thread(_store(self.xllm).show, name)
+        self.write_json(manifest_summary(manifest))
+
+
+__all__ = ["AdminManifestMixin", "AdminPullMixin", "manifest_summary", "pull_events"]

@@ -1,0 +1,195 @@
+"""``GET /admin/stats``: one JSON snapshot for dashboards such as the JupyterLab panel.
+
+Engine status, per-model memory against the memory budgets, queue depth and a live
+generation rate. The rate comes from counters sampled here, on the server, each time
+the route is read: the tokens of finished generations (the ``xllm_generation_tokens``
+counter) plus the tokens that running sequences have produced so far, so a long
+generation shows up while it runs, not only when it ends. Nothing is added to the
+per-token path.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from .handlers import RequestMixin
+from .ops import readiness
+
+#: the span the rate is averaged over (longer when the route is read less often)
+RATE_WINDOW_SECONDS = 5.0
+
+
+class TokenRate:
+    """Tokens per second over the last few seconds, from samples of a growing counter."""
+
+    def __init__(self, window: float = RATE_WINDOW_SECONDS, clock: Callable[[], float] = time.monotonic):
+        self.window = window
+        self.clock = clock
+        self._samples: deque[tuple[float, int]] = deque()
+        self._last = 0
+
+    def sample(self, total: int) -> tuple[float, float]:
+        """Record ``total`` now; (tokens per second, seconds the rate spans). (0.0, 0.0) on the first sample."""
+        # The counter can dip for a moment while a finished sequence moves from "running"
+        # to "finished"; holding the highest value seen keeps the rate from going negative.
+        total = max(total, self._last)
+        self._last = total
+        now = self.clock()
+        samples = self._samples
+        samples.append((now, total))
+        # the baseline is the oldest sample inside the window, else the one before now
+        while len(samples) > 2 and samples[0][0] < now - self.window:
+            samples.popleft()
+        start, base = samples[0]
+        span = now - start
+        if span <= 0:
+            return 0.0, 0.0
+        return (total - base) / span, span
+
+
+def live_tokens(engine: Any) -> int:
+    """Tokens generated so far by sequences that are still running.
+
+    A private read (like ``ops.readiness``): the engine counts tokens per running job
+    only, and exposes no total yet. Anything unexpected counts as 0.
+    """
+    total = 0
+    try:
+        for runner in list(getattr(engine, "_runners", {}).values()):
+            for r in getattr(runner, "runners", None) or [runner]:  # a ReplicaSet holds several
+                for state in list(getattr(r, "_jobs", {}).values()):
+                    total += int(getattr(state, "tokens", 0))
+    except (RuntimeError, TypeError, ValueError):  # a dict resized by the engine thread mid-read
+        return 0
+    return total
+
+
+def finished_tokens(metrics: Any) -> int:
+    """Tokens of every finished generation, summed over models (the Prometheus counter)."""
+    total = 0.0
+    for family in metrics.generation_tokens.collect():
+        for s in family.samples:
+            if s.name.endswith("_total"):
+                total += s.value
+    return int(total)
+
+
+def _device(details: dict[str, Any]) -> str:
+    return "cuda" if str(details.get("device", "cpu")).lower().startswith("cuda") else "cpu"
+
+
+def _device_total(device: str) -> int | None:
+    """Physical memory of the device kind, when it can be known without importing torch."""
+    if device == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (AttributeError, OSError, ValueError):  # not on this platform
+            return None
+    torch = sys.modules.get("torch")  # a CUDA model is loaded only if torch already is
+    try:
+        if torch is not None and torch.cuda.is_available():
+            return int(torch.cuda.mem_get_info()[1])
+    except Exception:  # noqa: BLE001 - a driver error must not fail a dashboard read
+        return None
+    return None
+
+
+def memory_view(models: list[dict[str, Any]], budgets: dict[str, int]) -> dict[str, dict[str, Any]]:
+    """Per device kind: bytes held by loaded models, the budget (0 = none) and the device's total."""
+    view: dict[str, dict[str, Any]] = {}
+    kinds = {"cpu"} | {m["device"] for m in models} | {k for k, v in budgets.items() if v}
+    for kind in sorted(kinds):
+        used = sum(m["memory_bytes"] for m in models if m["device"] == kind)
+        view[kind] = {"used_bytes": used, "budget_bytes": int(budgets.get(kind, 0) or 0), "total_bytes": _device_total(kind)}
+    return view
+
+
+class StatsSampler:
+    """Builds the snapshots of one server; holds the rate's samples between reads."""
+
+    def __init__(self, context: Any, window: float = RATE_WINDOW_SECONDS):
+        self.context = context
+        self.rate = TokenRate(window)
+
+    def status(self) -> tuple[str, str | None]:
+        """``ready``/``starting``/``loading``/``unhealthy`` and, unless ready, why."""
+        engine, c = self.context.engine, self.context.config.engine
+        startup = tuple(n for n in (c.default_model, *c.preload) if n)
+        why = readiness(engine, startup)
+        if why is None:
+            return "ready", None
+        if not engine.healthy:
+            return "unhealthy", why
+        return ("starting" if not getattr(engine, "_started", True) else "loading"), why
+
+    def snapshot(self) -> dict[str, Any]:
+        """The whole stats document."""
+        engine, metrics = self.context.engine, self.context.metrics
+        status, message = self.status()
+        models = []
+        for info in engine.loaded_models(include_loading=True):
+            d = info.details
+            models.append({
+                "id": info.name,
+                "state": d.get("state", "loaded"),
+                "backend": info.backend,
+                "device": _device(d),
+                "memory_bytes": int(d.get("memory_bytes", 0) or 0),
+                "running": int(d.get("running", 0) or 0),
+                "queued": int(d.get("queued", 0) or 0),
+                "max_batch_size": d.get("max_batch_size"),
+                "context_length": info.context_length,
+            })
+        try:
+            stats = engine.stats()
+            running, queued, completed = stats.running, stats.queued, stats.completed
+        except Exception:  # noqa: BLE001 - an engine mid-shutdown has no stats; the rest is still worth showing
+            running = queued = completed = 0
+        generated = finished_tokens(metrics) + live_tokens(engine)
+        tps, span = self.rate.sample(generated)
+        cfg = self.context.config.engine
+        budgets = {"cpu": cfg.memory_budget_bytes, "cuda": cfg.gpu_memory_budget_bytes}
+        return {
+            "object": "xllm.stats",
+            "status": status,
+            "message": message,
+            "time": time.time(),
+            "default_model": cfg.default_model,
+            "models": models,
+            "memory": memory_view(models, budgets),
+            "running": running,
+            "queued": queued,
+            "completed": completed,
+            "generated_tokens": generated,
+            "tokens_per_second": round(tps, 2),
+            "rate_window_seconds": round(span, 2),
+        }
+
+
+# one sampler per server context: the rate's samples outlive a single request
+_samplers: weakref.WeakKeyDictionary[Any, StatsSampler] = weakref.WeakKeyDictionary()
+
+
+def sampler_for(context: Any) -> StatsSampler:
+    """The sampler of ``context``, made on first use."""
+    sampler = _samplers.get(context)
+    if sampler is None:
+        sampler = _samplers[context] = StatsSampler(context)
+    return sampler
+
+
+class AdminStatsMixin(RequestMixin):
+    """``GET /admin/stats``: status, models, memory, queue and tok/s in one document."""
+
+    async def handle_get(self) -> None:
+        """The current snapshot."""
+        self.write_json(sampler_for(self.xllm).snapshot())
+
+
+__all__ = ["AdminStatsMixin", "StatsSampler", "TokenRate", "finished_tokens", "live_tokens", "memory_view", "sampler_for"]

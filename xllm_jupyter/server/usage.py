@@ -1,0 +1,280 @@
+"""Per-user usage: identity of the caller, quotas, accounting, metrics and ``GET /admin/usage``.
+
+The user is whoever the auth base says is calling: the hub user behind a JupyterHub
+token, the Jupyter user, or the API key id on ``xllm serve``. Every generation route
+is admitted here (``quotas.max_concurrent`` in flight, ``quotas.tokens_per_day``
+per UTC day; per-user and per-group overrides), and every finished generation is
+charged to its user through ``UsageEngine``, which sees the engine's final usage.
+
+Prometheus labels carry user names, so their number is capped
+(``quotas.metrics_max_users``): users past the cap share the label ``other``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import Counter as PromCounter
+
+from ..core.config import QuotaConfig
+from ..core.errors import ConfigError, RateLimited
+from ..core.types import GenerationDone
+from .handlers import METERED_ROUTES, RequestMixin
+
+#: the metrics label of users past ``quotas.metrics_max_users``
+OTHER = "other"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: a user name (None = anonymous), their groups, and admin rights."""
+
+    user: str | None
+    groups: tuple[str, ...] = ()
+    admin: bool = False
+
+
+def caller_of(handler: Any) -> Caller:
+    """The caller of a standalone (API key id) or Jupyter (Jupyter user) request."""
+    key_id = getattr(handler, "xllm_key_id", None)
+    if key_id:
+        return Caller(key_id)
+    provider = getattr(handler, "identity_provider", None)
+    if provider is not None and type(provider).__module__.startswith("jupyter_server."):
+        # Jupyter's own providers make up a random "Anonymous" user per token-authenticated
+        # request: everyone holding the server's token is its one owner
+        return Caller(jupyter_owner())
+    user = getattr(handler, "current_user", None)  # e.g. JupyterHub's provider: the real hub user
+    name = getattr(user, "username", None) or getattr(user, "name", None)
+    return Caller(name if isinstance(name, str) and name else None)
+
+
+def jupyter_owner() -> str:
+    """Who owns this Jupyter server: the hub user when spawned by a hub, else the OS user."""
+    name = os.environ.get("JUPYTERHUB_USER")
+    if name:
+        return name
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        return "jupyter"
+
+
+def _overrides(entries: Iterable[str], key: str) -> dict[str, int]:
+    """``("alice=8", ...)`` as ``{"alice": 8}``; a malformed entry names its config key."""
+    out: dict[str, int] = {}
+    for entry in entries:
+        name, sep, value = entry.rpartition("=")
+        try:
+            if not sep or not name.strip() or int(value) < 0:
+                raise ValueError(entry)
+            out[name.strip()] = int(value)
+        except ValueError:
+            raise ConfigError(f"Invalid entry {entry!r} in config key 'quotas.{key}': expected name=N (N >= 0)") from None
+    return out
+
+
+@dataclass
+class _UserUsage:
+    """One user's running totals."""
+
+    requests: int = 0
+    in_flight: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    day: str = ""
+    tokens_today: int = 0
+    groups: tuple[str, ...] = ()  # as of the last request (group quotas apply through them)
+    rejected: Counter[str] = field(default_factory=Counter)
+
+
+def _utc_day(now: float) -> str:
+    return dt.datetime.fromtimestamp(now, dt.timezone.utc).date().isoformat()
+
+
+def _seconds_to_midnight(now: float) -> int:
+    day = dt.datetime.fromtimestamp(now, dt.timezone.utc).date() + dt.timedelta(days=1)
+    midnight = dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc).timestamp()
+    return max(1, int(midnight - now) + 1)
+
+
+class UsageTracker:
+    """Quotas and usage per user for one server; thread-safe (metrics scrapes read it too)."""
+
+    def __init__(self, config: QuotaConfig | None = None, registry: CollectorRegistry | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.config = c = config or QuotaConfig()
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._users: dict[str, _UserUsage] = {}
+        self._labels: set[str] = set()
+        self._user_conc = _overrides(c.user_max_concurrent, "user_max_concurrent")
+        self._user_tokens = _overrides(c.user_tokens_per_day, "user_tokens_per_day")
+        self._group_conc = _overrides(c.group_max_concurrent, "group_max_concurrent")
+        self._group_tokens = _overrides(c.group_tokens_per_day, "group_tokens_per_day")
+        r = registry if registry is not None else CollectorRegistry()
+        self.m_requests = PromCounter("xllm_user_requests", "Generation requests admitted, by user.", ("user",), registry=r)
+        self.m_tokens = PromCounter("xllm_user_tokens", "Tokens used, by user and kind (prompt, completion).", ("user", "kind"), registry=r)
+        self.m_rejected = PromCounter("xllm_user_rejected", "Requests refused over a user quota, by user and reason.", ("user", "reason"), registry=r)
+        self.m_in_flight = Gauge("xllm_user_requests_in_flight", "Generation requests in flight, by user.", ("user",), registry=r)
+
+    # ----------------------------------------------------------------- limits
+    def limits(self, caller: Caller) -> tuple[int, int]:
+        """``(max_concurrent, tokens_per_day)`` for ``caller``; 0 = unlimited."""
+        return (
+            self._limit(caller, self._user_conc, self._group_conc, self.config.max_concurrent),
+            self._limit(caller, self._user_tokens, self._group_tokens, self.config.tokens_per_day),
+        )
+
+    @staticmethod
+    def _limit(caller: Caller, users: dict[str, int], groups: dict[str, int], default: int) -> int:
+        if caller.user is not None and caller.user in users:
+            return users[caller.user]
+        found = [groups[g] for g in caller.groups if g in groups]
+        if not found:
+            return default
+        return 0 if 0 in found else max(found)  # the most generous group wins; 0 = unlimited
+
+    def _label(self, user: str) -> str:
+        """``user`` as a metrics label, or ``other`` once the label budget is spent (lock held)."""
+        if user in self._labels:
+            return user
+        if len(self._labels) < self.config.metrics_max_users:
+            self._labels.add(user)
+            return user
+        return OTHER
+
+    def _entry(self, user: str) -> _UserUsage:
+        entry = self._users.get(user)
+        if entry is None:
+            entry = self._users[user] = _UserUsage()
+        day = _utc_day(self._clock())
+        if entry.day != day:
+            entry.day, entry.tokens_today = day, 0
+        return entry
+
+    # --------------------------------------------------------------- admission
+    def admit(self, caller: Caller) -> str:
+        """Count one request of ``caller`` in, or raise RateLimited (429); pair with ``release``."""
+        user = caller.user or ""
+        max_conc, per_day = self.limits(caller)
+        with self._lock:
+            entry = self._entry(user)
+            entry.groups = caller.groups
+            label = self._label(user or "anonymous")
+            if max_conc and entry.in_flight >= max_conc:
+                self._reject(entry, label, "concurrency")
+                raise RateLimited(
+                    f"Too many concurrent requests for this user (limit {max_conc}); retry when one finishes.",
+                    retry_after=1,
+                )
+            if per_day and entry.tokens_today >= per_day:
+                self._reject(entry, label, "tokens_per_day")
+                raise RateLimited(
+                    f"Daily token quota reached for this user ({per_day} tokens per day, reset at 00:00 UTC).",
+                    retry_after=_seconds_to_midnight(self._clock()),
+                )
+            entry.requests += 1
+            entry.in_flight += 1
+        self.m_requests.labels(label).inc()
+        self.m_in_flight.labels(label).inc()
+        return user
+
+    def release(self, user: str) -> None:
+        """The request counted in by ``admit`` has finished."""
+        with self._lock:
+            entry = self._entry(user)
+            entry.in_flight = max(0, entry.in_flight - 1)
+            label = self._label(user or "anonymous")
+        self.m_in_flight.labels(label).dec()
+
+    def _reject(self, entry: _UserUsage, label: str, reason: str) -> None:
+        entry.rejected[reason] += 1
+        self.m_rejected.labels(label, reason).inc()
+
+    # ---------------------------------------------------------------- charging
+    def charge(self, user: str | None, prompt_tokens: int, completion_tokens: int) -> None:
+        """Charge one finished generation's tokens to ``user``."""
+        user = user or ""
+        with self._lock:
+            entry = self._entry(user)
+            entry.prompt_tokens += prompt_tokens
+            entry.completion_tokens += completion_tokens
+            entry.tokens_today += prompt_tokens + completion_tokens
+            label = self._label(user or "anonymous")
+        self.m_tokens.labels(label, "prompt").inc(prompt_tokens)
+        self.m_tokens.labels(label, "completion").inc(completion_tokens)
+
+    def in_flight(self, user: str | None) -> int:
+        """Requests of ``user`` admitted and not yet finished."""
+        with self._lock:
+            entry = self._users.get(user or "")
+            return entry.in_flight if entry else 0
+
+    def snapshot(self, user: str | None = None) -> list[dict[str, Any]]:
+        """Per-user totals (one user's, if named), for ``/admin/usage`` and the hub page."""
+        with self._lock:
+            today = _utc_day(self._clock())
+            rows = []
+            for name, e in sorted(self._users.items()):
+                if user is not None and name != user:
+                    continue
+                rows.append({
+                    "user": name or None,
+                    "groups": list(e.groups),
+                    "requests": e.requests,
+                    "in_flight": e.in_flight,
+                    "prompt_tokens": e.prompt_tokens,
+                    "completion_tokens": e.completion_tokens,
+                    "total_tokens": e.prompt_tokens + e.completion_tokens,
+                    "tokens_today": e.tokens_today if e.day == today else 0,
+                    "rejected": dict(e.rejected),
+                })
+            return rows
+
+
+class UsageEngine:
+    """The engine as serving sees it, with each generation's final usage charged to its user."""
+
+    def __init__(self, engine: Any, tracker: UsageTracker):
+        self._engine = engine
+        self._tracker = tracker
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    async def generate(self, request: Any) -> AsyncIterator[Any]:
+        """The engine's events, passed through; usage is charged when the final one arrives."""
+        async with aclosing(self._engine.generate(request)) as events:
+            async for ev in events:
+                if isinstance(ev, GenerationDone):
+                    self._tracker.charge(request.user, ev.usage.prompt_tokens, ev.usage.completion_tokens)
+                yield ev
+
+
+class AdminUsageMixin(RequestMixin):
+    """``GET /admin/usage[?user=NAME]``: requests, tokens and quota refusals per user."""
+
+    async def handle_get(self) -> None:
+        """Usage of every user seen since the server started (or of one)."""
+        tracker: UsageTracker = self.xllm.usage
+        user = self.get_query_argument("user", None)  # type: ignore[attr-defined]
+        rows = tracker.snapshot(user)
+        for row in rows:
+            conc, per_day = tracker.limits(Caller(row["user"], tuple(row["groups"])))
+            row["limits"] = {"max_concurrent": conc, "tokens_per_day": per_day}
+        day = _utc_day(time.time())
+        self.write_json({"object": "list", "day": day, "data": rows})
+
+
+__all__ = ["METERED_ROUTES", "AdminUsageMixin", "Caller", "UsageEngine", "UsageTracker", "caller_of"]

@@ -1,0 +1,120 @@
+"""What the widgets share: one background job at a time, cancellable; small rendering helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from ..core.errors import InvalidRequest, XllmError
+from ..notebook.loop import BackgroundLoop
+
+#: seconds between streamed re-renders: smooth to watch, without flooding the comm channel
+RENDER_INTERVAL = 0.05
+
+
+class Runner:
+    """Runs one coroutine at a time on a private loop thread; ``stop()`` cancels it."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._bg: BackgroundLoop | None = None
+        self._task: asyncio.Task | None = None
+        self._cancel = False
+        self._idle = threading.Event()
+        self._idle.set()
+
+    @property
+    def busy(self) -> bool:
+        """True while a job runs (or is about to)."""
+        return not self._idle.is_set()
+
+    def start(self, coro: Coroutine[Any, Any, Any], on_done: Callable[[asyncio.Task], None] | None = None) -> bool:
+        """Start ``coro``; ``on_done(task)`` runs when it ends however it ends. False if busy."""
+        if self.busy:
+            coro.close()
+            return False
+        if self._bg is None or self._bg.closed:
+            self._bg = BackgroundLoop(self.name)
+        self._idle.clear()
+        self._cancel = False
+        loop = self._bg.loop
+
+        def done(task: asyncio.Task) -> None:
+            self._task = None
+            if not task.cancelled():
+                task.exception()  # retrieved here so asyncio never logs it as unhandled
+            try:
+                if on_done is not None:
+                    on_done(task)
+            finally:
+                self._idle.set()
+
+        def spawn() -> None:
+            # A done callback runs even when the task is cancelled before its first step,
+            # which a try/finally inside the coroutine would not.
+            self._task = loop.create_task(coro)
+            self._task.add_done_callback(done)
+            if self._cancel:
+                self._task.cancel()
+
+        loop.call_soon_threadsafe(spawn)
+        return True
+
+    def stop(self) -> None:
+        """Cancel the running job (its HTTP streams close, so the server stops generating)."""
+        self._cancel = True
+        if self._bg is None or self._bg.closed:
+            return
+
+        def cancel() -> None:
+            if self._task is not None and not self._task.done():
+                self._task.cancel()
+
+        self._bg.loop.call_soon_threadsafe(cancel)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until no job runs; False if ``timeout`` passed first."""
+        return self._idle.wait(timeout)
+
+    def close(self) -> None:
+        """Cancel the job and stop the loop thread."""
+        self.stop()
+        self.wait(10)
+        if self._bg is not None:
+            self._bg.close()
+
+
+def error_text(exc: BaseException) -> str:
+    """A one-line message for a failure, never a traceback."""
+    if isinstance(exc, XllmError):
+        return exc.message
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def status_html(text: str, kind: str = "info") -> str:
+    """A status line: ``info``, ``busy``, ``ok`` or ``error``."""
+    color = {"info": "var(--jp-ui-font-color2, #666)", "busy": "#1565c0", "ok": "#2e7d32", "error": "#c62828"}.get(kind, "inherit")
+    return f'<span style="color:{color}">{html.escape(text)}</span>'
+
+
+def parse_ints(text: str, name: str) -> tuple[int, ...]:
+    """``"1, 2, 4"`` as ``(1, 2, 4)``; a clear error for anything else."""
+    parts = [p for p in text.replace(";", ",").replace(" ", ",").split(",") if p]
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise InvalidRequest(f"{name}: write whole numbers separated by commas, e.g. 1, 2, 4", param=name) from None
+    if not values or min(values) < 1:
+        raise InvalidRequest(f"{name}: give at least one positive whole number", param=name)
+    return values
+
+
+def model_options(client: Any) -> tuple[list[str], str | None]:
+    """(model ids the server offers, an error message if it could not be asked)."""
+    try:
+        return [m.get("id") for m in client.models() if m.get("id")], None
+    except XllmError as exc:
+        return [], exc.message

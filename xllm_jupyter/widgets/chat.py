@@ -1,0 +1,244 @@
+"""``ChatWidget``: streaming chat with a model on the shared engine, inside a notebook."""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as W
+
+from ..core.errors import InvalidRequest, XllmError
+from ..notebook.clients import ClientLike, async_client, endpoint_of
+from ..notebook.streams import StreamRecord, check_params, measure_stream
+from .base import RENDER_INTERVAL, Runner, error_text, model_options, status_html
+
+_ROLE_STYLE = {
+    "user": ("You", "var(--jp-layout-color2, #f3f3f3)"),
+    "assistant": ("Assistant", "transparent"),
+    "system": ("System", "var(--jp-layout-color3, #e8e8e8)"),
+}
+
+
+class ChatWidget(W.VBox):
+    """Chat with a model: pick it, set a system prompt and parameters, stream, stop, clear, export.
+
+    Everything is reachable from Python too: set ``input.value`` and call ``ask()`` (or
+    ``send_button.click()``), ``stop()``, ``clear()``, ``export(path)``; ``messages``
+    holds the conversation and ``wait()`` blocks until a reply is done. (``ask``, not
+    ``send``: ``Widget.send`` is ipywidgets' own custom-message method.)
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        client: ClientLike = None,
+        system: str = "",
+        temperature: float = 0.7,
+        top_p: float = 1.0,
+        max_tokens: int = 512,
+        params: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ):
+        from ..client import XllmClient
+
+        base, key = endpoint_of(client)
+        self._endpoint = (base, key)
+        self._runner = Runner("xllm-chat-widget")
+        #: extra chat parameters sent with every request (``seed``, ``stop``, ...)
+        self.params: dict[str, Any] = dict(params or {})
+        #: the conversation so far (user and assistant turns; the system prompt is separate)
+        self.messages: list[dict[str, str]] = []
+        #: timings of the last reply (a ``StreamRecord``), None before the first
+        self.last: StreamRecord | None = None
+        self._last_render = 0.0
+
+        with XllmClient(base, key) as c:
+            options, problem = model_options(c)
+        if model and model not in options:
+            options = [model, *options]
+        self.model_picker = W.Dropdown(options=options, value=model or (options[0] if options else None), description="Model")
+        self.system_prompt = W.Textarea(value=system, placeholder="System prompt (optional)", description="System", layout=W.Layout(width="100%"))
+        self.temperature = W.FloatSlider(value=temperature, min=0.0, max=2.0, step=0.05, description="Temperature")
+        self.top_p = W.FloatSlider(value=top_p, min=0.05, max=1.0, step=0.05, description="Top p")
+        self.max_tokens = W.BoundedIntText(value=max_tokens, min=1, max=1_000_000, description="Max tokens")
+        self.transcript = W.HTML(layout=W.Layout(width="100%", max_height="28em", overflow="auto", border="1px solid var(--jp-border-color2, #ddd)", padding="4px"))
+        self.input = W.Textarea(placeholder="Type a message and press Send", layout=W.Layout(width="100%", height="5em"))
+        self.send_button = W.Button(description="Send", button_style="primary", icon="paper-plane")
+        self.stop_button = W.Button(description="Stop", button_style="warning", icon="stop", disabled=True)
+        self.clear_button = W.Button(description="Clear", icon="trash")
+        self.export_format = W.Dropdown(options=[("Markdown", "markdown"), ("JSON", "json")], value="markdown", layout=W.Layout(width="9em"))
+        self.export_path = W.Text(value="transcript.md", placeholder="file to write", layout=W.Layout(width="16em"))
+        self.export_button = W.Button(description="Export", icon="download")
+        self.status = W.HTML(status_html(problem or "Ready.", "error" if problem else "info"))
+
+        self.send_button.on_click(lambda _: self.ask())
+        self.stop_button.on_click(lambda _: self.stop())
+        self.clear_button.on_click(lambda _: self.clear())
+        self.export_button.on_click(lambda _: self._export_clicked())
+        self.export_format.observe(self._format_changed, names="value")
+
+        settings = W.HBox([self.temperature, self.top_p, self.max_tokens], layout=W.Layout(flex_flow="row wrap"))
+        buttons = W.HBox([self.send_button, self.stop_button, self.clear_button])
+        export = W.HBox([self.export_format, self.export_path, self.export_button])
+        super().__init__([self.model_picker, self.system_prompt, settings, self.transcript, self.input, buttons, export, self.status], **kwargs)
+        self._render()
+
+    # ----------------------------------------------------------------- state
+    @property
+    def busy(self) -> bool:
+        """True while a reply streams."""
+        return self._runner.busy
+
+    def request_params(self) -> dict[str, Any]:
+        """The chat parameters the next request carries."""
+        return {"temperature": self.temperature.value, "top_p": self.top_p.value, "max_tokens": self.max_tokens.value, **self.params}
+
+    def request_messages(self) -> list[dict[str, str]]:
+        """What the next request sends: the system prompt (if any) and the conversation."""
+        system = self.system_prompt.value.strip()
+        head = [{"role": "system", "content": system}] if system else []
+        return head + [m for m in self.messages if m["content"] or m["role"] != "assistant"]
+
+    # --------------------------------------------------------------- actions
+    def ask(self, text: str | None = None) -> bool:
+        """Send ``text`` (default: the input box) and stream the reply; False if nothing was sent."""
+        text = self.input.value if text is None else text
+        if self.busy:
+            self._status("Still answering: stop it first.", "error")
+            return False
+        if not text.strip():
+            self._status("Type a message first.", "error")
+            return False
+        model = self.model_picker.value
+        if not model:
+            self._status("No model to chat with: pick one (is the server running?).", "error")
+            return False
+        params = self.request_params()
+        try:
+            check_params(params)
+        except XllmError as exc:
+            self._status(exc.message, "error")
+            return False
+        self.input.value = ""
+        self.messages.append({"role": "user", "content": text})
+        payload = self.request_messages()
+        reply = {"role": "assistant", "content": ""}
+        self.messages.append(reply)
+        self.last = StreamRecord(model=model, params=params)
+        self._set_busy(True)
+        self._status(f"{model} is answering…", "busy")
+        self._render()
+        return self._runner.start(self._stream(payload, model, params, reply, self.last), lambda task: self._finished(task, reply))
+
+    def stop(self) -> None:
+        """Stop the reply being streamed (the server cancels the generation)."""
+        self._runner.stop()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the current reply is done; False on timeout."""
+        return self._runner.wait(timeout)
+
+    def clear(self) -> None:
+        """Stop any reply and forget the conversation."""
+        if self.busy:
+            self.stop()
+            self.wait(10)
+        self.messages = []
+        self.last = None
+        self._render()
+        self._status("Cleared.", "info")
+
+    # ---------------------------------------------------------------- export
+    def transcript_markdown(self) -> str:
+        """The conversation as Markdown."""
+        lines = [f"# Chat with {self.model_picker.value or 'a model'}", ""]
+        system = self.system_prompt.value.strip()
+        if system:
+            lines += ["**System:**", "", system, ""]
+        for m in self.messages:
+            lines += [f"**{_ROLE_STYLE.get(m['role'], (m['role'].title(), ''))[0]}:**", "", m["content"], ""]
+        return "\n".join(lines)
+
+    def transcript_json(self) -> str:
+        """The conversation as JSON: model, parameters and OpenAI-style messages."""
+        return json.dumps({"model": self.model_picker.value, "params": self.request_params(), "messages": self.request_messages()}, indent=2, ensure_ascii=False)
+
+    def export(self, path: str | Path, format: str | None = None) -> Path:
+        """Write the transcript to ``path`` as ``markdown`` or ``json`` (default: from the suffix)."""
+        path = Path(path).expanduser()
+        fmt = format or ("json" if path.suffix.lower() == ".json" else "markdown")
+        if fmt not in ("markdown", "json"):
+            raise InvalidRequest("format must be 'markdown' or 'json'", param="format")
+        path.write_text(self.transcript_json() if fmt == "json" else self.transcript_markdown(), encoding="utf-8")
+        return path
+
+    def _export_clicked(self) -> None:
+        try:
+            written = self.export(self.export_path.value, self.export_format.value)
+        except (OSError, XllmError) as exc:
+            self._status(f"Export failed: {error_text(exc)}", "error")
+            return
+        self._status(f"Wrote {written}", "ok")
+
+    def _format_changed(self, change: dict[str, Any]) -> None:
+        stem = Path(self.export_path.value or "transcript").with_suffix("")
+        self.export_path.value = str(stem.with_suffix(".json" if change["new"] == "json" else ".md"))
+
+    # ------------------------------------------------------------- streaming
+    async def _stream(self, messages: list[dict[str, str]], model: str, params: dict[str, Any], reply: dict[str, str], record: StreamRecord) -> None:
+        client = async_client(self._endpoint, max_connections=2)
+
+        def on_piece(text: str) -> None:
+            reply["content"] += text
+            now = time.monotonic()
+            if now - self._last_render >= RENDER_INTERVAL:
+                self._last_render = now
+                self._render()
+
+        try:
+            await measure_stream(client, messages, model, params, on_piece, record)
+        finally:
+            await asyncio.shield(client.aclose())
+
+    def _finished(self, task: asyncio.Task, reply: dict[str, str]) -> None:
+        record = self.last
+        if task.cancelled():
+            self._status("Stopped.", "info")
+        elif task.exception() is not None:
+            self._status(f"Error: {error_text(task.exception())}", "error")
+        elif record is not None and record.error is not None:
+            self._status(f"Error: {error_text(record.error)}", "error")
+        elif record is not None:
+            speed = "" if math.isnan(record.tok_per_s) else f", {record.tok_per_s:.1f} tok/s"
+            self._status(f"{record.completion_tokens} tokens in {record.latency_s:.2f} s (first after {record.ttft_s:.2f} s{speed}).", "ok")
+        if not reply["content"] and reply in self.messages:
+            self.messages.remove(reply)  # an empty reply would be sent back as a turn
+        self._set_busy(False)
+        self._render()
+
+    # --------------------------------------------------------------- display
+    def _set_busy(self, busy: bool) -> None:
+        self.send_button.disabled = busy
+        self.stop_button.disabled = not busy
+
+    def _status(self, text: str, kind: str) -> None:
+        self.status.value = status_html(text, kind)
+
+    def _render(self) -> None:
+        parts = []
+        for m in list(self.messages):
+            name, background = _ROLE_STYLE.get(m["role"], (m["role"].title(), "transparent"))
+            body = html.escape(m["content"]) or "<em>…</em>"
+            parts.append(f'<div style="background:{background};padding:4px 8px;margin:2px 0;border-radius:4px"><b>{name}</b><div style="white-space:pre-wrap">{body}</div></div>')
+        self.transcript.value = "".join(parts) or status_html("No messages yet.", "info")
+
+    def close(self) -> None:
+        """Stop streaming, end the background thread and close the widget."""
+        self._runner.close()
+        super().close()
