@@ -11,18 +11,18 @@ from __future__ import annotations
 import logging
 import threading
 from abc import abstractmethod
-from typing import Any, Sequence
+from typing import Any
 
-from ..core.types import ChatMessage, Constraint, FinishReason, SequenceJob, TokenEvent
+from ..core.types import Constraint, FinishReason, SequenceJob, TokenEvent
 from .base import LoadedModel, ModelSpec
 from .constraints import GrammarCompiler
 from .exllama_common import JobInfo, SpeculativeStats, translate_results
-from .hf_tokenizer import ChatTokenizer
+from .hf_tokenizer import ChatTokenizer, ChatTokenizerMethods
 
 log = logging.getLogger(__name__)
 
 
-class DynamicGeneratorModel(LoadedModel):
+class DynamicGeneratorModel(ChatTokenizerMethods, LoadedModel):
     """Drives one exllama dynamic generator from the engine thread."""
 
     def __init__(self, spec: ModelSpec, *, generator: Any, chat: ChatTokenizer, context_length: int,
@@ -46,24 +46,6 @@ class DynamicGeneratorModel(LoadedModel):
         self._counts_lock = threading.Lock()
         self._prompt_tokens = 0
         self._cached_tokens = 0
-
-    # -- tokenizer (any thread) -------------------------------------------------------
-    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        """Token ids for ``text`` (thread-safe)."""
-        return self.chat.tokenize(text, add_special_tokens=add_special_tokens)
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        """Text for ``ids`` with special tokens skipped (thread-safe)."""
-        return self.chat.detokenize(ids)
-
-    def chat_template(self) -> str | None:
-        """The chat template source."""
-        return self.chat.chat_template()
-
-    def render_chat(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True,
-                    tools: Sequence[dict[str, Any]] | None = None) -> str:
-        """The prompt text of ``messages`` under the model's chat template (thread-safe)."""
-        return self.chat.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools)
 
     def grammar(self, constraint: Constraint) -> str:
         """The llguidance grammar text for ``constraint`` (validated and cached on first use)."""

@@ -79,3 +79,26 @@ class ChatTokenizer:
         vocab = self.tokenizer.get_vocab()
         ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
         return frozenset(ids)
+
+
+class ChatTokenizerMethods:
+    """LoadedModel tokenizer methods delegated to ``self.chat`` (a ChatTokenizer); mixed into backends."""
+
+    chat: ChatTokenizer
+
+    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids for ``text`` (thread-safe)."""
+        return self.chat.tokenize(text, add_special_tokens=add_special_tokens)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Text for ``ids`` with special tokens skipped (thread-safe)."""
+        return self.chat.detokenize(ids)
+
+    def chat_template(self) -> str | None:
+        """The chat template source."""
+        return self.chat.chat_template()
+
+    def render_chat(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True,
+                    tools: Sequence[dict[str, Any]] | None = None) -> str:
+        """The prompt text of ``messages`` (and ``tools``) under the model's chat template (thread-safe)."""
+        return self.chat.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools)

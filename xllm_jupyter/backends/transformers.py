@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest, ModelNotFound
-from ..core.types import ChatMessage, Constraint, FinishReason, SequenceJob, TokenEvent
+from ..core.types import Constraint, FinishReason, SequenceJob, TokenEvent
 from .base import Backend, LoadedModel, ModelSpec
 from .constraints import BatchMasker, GrammarCompiler
 from .detokenize import IncrementalDetokenizer
-from .hf_tokenizer import ChatTokenizer
+from .hf_tokenizer import ChatTokenizer, ChatTokenizerMethods
 from .lora import LoraAdapters, merge_lora
 
 try:  # the backend must stay importable (and say "unavailable") without torch/transformers
@@ -151,7 +151,7 @@ class _Seq:
         self.top_n = job.top_logprobs if job.logprobs else None
 
 
-class TransformersModel(LoadedModel):
+class TransformersModel(ChatTokenizerMethods, LoadedModel):
     """A transformers model decoding a continuous batch of jobs, one token per job per step."""
 
     backend_name = "transformers"
@@ -184,25 +184,6 @@ class TransformersModel(LoadedModel):
         self.batched_steps = 0
         #: model forward passes run (prefill and decode)
         self.forward_passes = 0
-
-    # -- tokenizer (any thread) -------------------------------------------------------
-
-    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        """Token ids for ``text`` (thread-safe)."""
-        return self.chat.tokenize(text, add_special_tokens=add_special_tokens)
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        """Text for ``ids`` with special tokens skipped (thread-safe)."""
-        return self.chat.detokenize(ids)
-
-    def chat_template(self) -> str | None:
-        """The chat template source (all named templates joined when there are several)."""
-        return self.chat.chat_template()
-
-    def render_chat(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True,
-                    tools: Sequence[dict[str, Any]] | None = None) -> str:
-        """The prompt text of ``messages`` (and ``tools``) under the model's chat template (thread-safe)."""
-        return self.chat.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools)
 
     def check_constraint(self, constraint: Constraint, *, param: str = "response_format") -> None:
         """Compile ``constraint`` into the grammar cache (any thread); InvalidRequest (400) if invalid."""
