@@ -29,7 +29,7 @@ from tornado.web import HTTPError, RequestHandler
 
 from ..core.config import XllmConfig
 from ..core.errors import AuthenticationError, Overloaded, PermissionDenied
-from ..server.handlers import CONTEXT_KEY, NotFoundMixin, XllmContext
+from ..server.handlers import CONTEXT_KEY, NotFoundMixin, VerbDispatchMixin, XllmContext
 from ..server.routes import build_routes, handler_class
 from ..server.usage import Caller
 
@@ -80,7 +80,7 @@ def caller_from_model(model: Mapping[str, Any], config: XllmConfig) -> Caller:
     return Caller(name, groups, admin)
 
 
-class HubXllmHandler(RequestHandler):
+class HubXllmHandler(VerbDispatchMixin, RequestHandler):
     """Auth base for API routes: a hub token with the service's access scope."""
 
     auth_required = True
@@ -114,18 +114,6 @@ class HubXllmHandler(RequestHandler):
         if self.admin_only and not caller.admin:
             raise PermissionDenied("Only the service's admins (hub.admin_users, hub.admin_groups) may call admin endpoints.")
         self.xllm_caller = caller
-
-    async def get(self, *args: Any, **kwargs: Any) -> None:
-        """Dispatch to the route mixin."""
-        await self.dispatch("get", *args, **kwargs)  # type: ignore[attr-defined]
-
-    async def post(self, *args: Any, **kwargs: Any) -> None:
-        """Dispatch to the route mixin."""
-        await self.dispatch("post", *args, **kwargs)  # type: ignore[attr-defined]
-
-    async def delete(self, *args: Any, **kwargs: Any) -> None:
-        """Dispatch to the route mixin."""
-        await self.dispatch("delete", *args, **kwargs)  # type: ignore[attr-defined]
 
 
 class HubPublicHandler(HubXllmHandler):

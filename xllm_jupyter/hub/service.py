@@ -15,6 +15,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from ..core.config import XllmConfig
+from ..server.standalone import stop_http_server
 from .app import make_hub_app, make_hub_auth, service_prefix
 
 log = logging.getLogger("xllm_jupyter.hub")
@@ -33,11 +34,7 @@ class RunningService:
 
     async def stop(self) -> None:
         """Stop listening and close open connections."""
-        self.http_server.stop()
-        try:
-            await asyncio.wait_for(self.http_server.close_all_connections(), timeout=5)
-        except asyncio.TimeoutError:
-            log.warning("some connections did not close within 5 s")
+        await stop_http_server(self.http_server)
 
 
 def bind_address(env: Mapping[str, str]) -> tuple[str, int]:

@@ -18,11 +18,12 @@ import hashlib
 import hmac
 import ipaddress
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Iterable
 
 from tornado.web import RequestHandler
 
 from ..core.errors import AuthenticationError, PermissionDenied
+from .handlers import VerbDispatchMixin
 from .limits import LIMITS_KEY, Limiter
 
 #: the settings key holding the ApiKeyAuth
@@ -105,7 +106,7 @@ class ApiKeyAuth:
         return not self._entries or self.identify(authorization) is not None
 
 
-class ApiKeyHandler(RequestHandler):
+class ApiKeyHandler(VerbDispatchMixin, RequestHandler):
     """Auth base for the standalone server: API key, or loopback-only when none is set."""
 
     auth_required = True
@@ -154,18 +155,6 @@ class ApiKeyHandler(RequestHandler):
         """The client left: its slot is free even if the generation takes a step to unwind."""
         self._release()
         super().on_connection_close()
-
-    async def get(self, *args: Any, **kwargs: Any) -> None:
-        """Dispatch to the route mixin."""
-        await self.dispatch("get", *args, **kwargs)  # type: ignore[attr-defined]
-
-    async def post(self, *args: Any, **kwargs: Any) -> None:
-        """Dispatch to the route mixin."""
-        await self.dispatch("post", *args, **kwargs)  # type: ignore[attr-defined]
-
-    async def delete(self, *args: Any, **kwargs: Any) -> None:
-        """Dispatch to the route mixin."""
-        await self.dispatch("delete", *args, **kwargs)  # type: ignore[attr-defined]
 
 
 class PublicApiKeyHandler(ApiKeyHandler):

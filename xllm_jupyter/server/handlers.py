@@ -35,16 +35,32 @@ class XllmContext:
         self.config = config
         self.serving = OpenAIServing(engine, config.server, config.cache)
         self.metrics = ServerMetrics(engine, self.serving.cache)
-        self.serving.engine = self.metrics.observed(engine)  # counts tokens and loads
-        from .usage import UsageEngine, UsageTracker  # usage.py builds on this module
+        from .usage import UsageTracker  # usage.py builds on this module
 
         #: per-user quotas and usage (server/usage.py); generations are charged to their user
         self.usage = UsageTracker(config.quotas, self.metrics.registry)
-        self.serving.engine = UsageEngine(self.serving.engine, self.usage)
+        # counts tokens and loads, and charges each finished generation to its user
+        self.serving.engine = self.metrics.observed(engine, self.usage.charge_generation)
         self.serving.share_prefix_cache = config.quotas.share_prefix_cache
         self.responses = ResponsesServing(self.serving)
         #: the standalone server's per-key Limiter (server/limits.py); None in Jupyter
         self.limiter: Any = None
+
+
+class VerbDispatchMixin:
+    """GET/POST/DELETE handed to the route mixin's ``dispatch``, for plain Tornado handler bases."""
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        """Dispatch to the route mixin."""
+        await self.dispatch("get", *args, **kwargs)  # type: ignore[attr-defined]
+
+    async def post(self, *args: Any, **kwargs: Any) -> None:
+        """Dispatch to the route mixin."""
+        await self.dispatch("post", *args, **kwargs)  # type: ignore[attr-defined]
+
+    async def delete(self, *args: Any, **kwargs: Any) -> None:
+        """Dispatch to the route mixin."""
+        await self.dispatch("delete", *args, **kwargs)  # type: ignore[attr-defined]
 
 
 class RequestMixin:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import aclosing
-from typing import Any, AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ..core.types import GenerationDone
+from ..core.types import GenerationDone, Usage
 
 #: the ``Content-Type`` of the text exposition format
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -125,9 +125,13 @@ class ServerMetrics:
             self._known = now
         return infos
 
-    def observed(self, engine: Any) -> "ObservedEngine":
-        """``engine`` with token counts and load/unload tracking added (for the serving layer)."""
-        return ObservedEngine(engine, self)
+    def observed(self, engine: Any, *on_done: Callable[[Any, Usage], None]) -> "ObservedEngine":
+        """``engine`` with token counts and load/unload tracking added (for the serving layer).
+
+        ``on_done(request, usage)`` callbacks also see each generation's final usage (per-user
+        accounting), so the token stream passes through one wrapper, not one per observer.
+        """
+        return ObservedEngine(engine, self, on_done)
 
     def exposition(self) -> bytes:
         """The text exposition of every metric."""
@@ -173,19 +177,22 @@ class _EngineCollector(Collector):
 class ObservedEngine:
     """The engine as the serving layer sees it: generations and loads are also counted."""
 
-    def __init__(self, engine: Any, metrics: ServerMetrics):
+    def __init__(self, engine: Any, metrics: ServerMetrics, on_done: tuple[Callable[[Any, Usage], None], ...] = ()):
         self._engine = engine
         self._metrics = metrics
+        self._on_done = on_done
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
     async def generate(self, request: Any) -> AsyncIterator[Any]:
-        """The engine's events, passed through; the final usage is counted."""
+        """The engine's events, passed through; the final usage is counted and handed to ``on_done``."""
         async with aclosing(self._engine.generate(request)) as events:
             async for ev in events:
                 if isinstance(ev, GenerationDone):
                     self._metrics.record_usage(request.model, ev.usage)
+                    for callback in self._on_done:
+                        callback(request, ev.usage)
                 yield ev
 
     async def load(self, name: str) -> Any:

@@ -35,11 +35,7 @@ class RunningServer:
 
     async def stop(self) -> None:
         """Stop listening and close open connections (streams in flight are cut)."""
-        self.http_server.stop()
-        try:
-            await asyncio.wait_for(self.http_server.close_all_connections(), timeout=5)
-        except asyncio.TimeoutError:
-            log.warning("some connections did not close within 5 s")
+        await stop_http_server(self.http_server)
 
 
 def listen_host(config: XllmConfig, host: str | None = None) -> str:
@@ -59,6 +55,15 @@ def _url_host(host: str) -> str:
     if host in _WILDCARDS:
         return "127.0.0.1"
     return f"[{host}]" if ":" in host else host
+
+
+async def stop_http_server(http_server: HTTPServer) -> None:
+    """Stop listening and close open connections, waiting at most 5 s for them."""
+    http_server.stop()
+    try:
+        await asyncio.wait_for(http_server.close_all_connections(), timeout=5)
+    except asyncio.TimeoutError:
+        log.warning("some connections did not close within 5 s")
 
 
 async def start_server(config: XllmConfig, engine: Any, *, host: str | None = None, port: int | None = None) -> RunningServer:

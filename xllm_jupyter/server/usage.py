@@ -4,7 +4,8 @@ The user is whoever the auth base says is calling: the hub user behind a Jupyter
 token, the Jupyter user, or the API key id on ``xllm serve``. Every generation route
 is admitted here (``quotas.max_concurrent`` in flight, ``quotas.tokens_per_day``
 per UTC day; per-user and per-group overrides), and every finished generation is
-charged to its user through ``UsageEngine``, which sees the engine's final usage.
+charged to its user by ``UsageTracker.charge_generation``, which the metrics wrapper of the
+engine (``ServerMetrics.observed``) calls with each generation's final usage.
 
 Prometheus labels carry user names, so their number is capped
 (``quotas.metrics_max_users``): users past the cap share the label ``other``.
@@ -18,8 +19,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import aclosing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,6 @@ from prometheus_client import Counter as PromCounter
 
 from ..core.config import QuotaConfig
 from ..core.errors import ConfigError, RateLimited
-from ..core.types import GenerationDone
 from .handlers import METERED_ROUTES, RequestMixin
 
 #: the metrics label of users past ``quotas.metrics_max_users``
@@ -203,6 +202,10 @@ class UsageTracker:
         self.m_rejected.labels(label, reason).inc()
 
     # ---------------------------------------------------------------- charging
+    def charge_generation(self, request: Any, usage: Any) -> None:
+        """Charge a finished generation (its request and final Usage) to the request's user."""
+        self.charge(request.user, usage.prompt_tokens, usage.completion_tokens)
+
     def charge(self, user: str | None, prompt_tokens: int, completion_tokens: int) -> None:
         """Charge one finished generation's tokens to ``user``."""
         user = user or ""
@@ -243,25 +246,6 @@ class UsageTracker:
             return rows
 
 
-class UsageEngine:
-    """The engine as serving sees it, with each generation's final usage charged to its user."""
-
-    def __init__(self, engine: Any, tracker: UsageTracker):
-        self._engine = engine
-        self._tracker = tracker
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
-
-    async def generate(self, request: Any) -> AsyncIterator[Any]:
-        """The engine's events, passed through; usage is charged when the final one arrives."""
-        async with aclosing(self._engine.generate(request)) as events:
-            async for ev in events:
-                if isinstance(ev, GenerationDone):
-                    self._tracker.charge(request.user, ev.usage.prompt_tokens, ev.usage.completion_tokens)
-                yield ev
-
-
 class AdminUsageMixin(RequestMixin):
     """``GET /admin/usage[?user=NAME]``: requests, tokens and quota refusals per user."""
 
@@ -277,4 +261,4 @@ class AdminUsageMixin(RequestMixin):
         self.write_json({"object": "list", "day": day, "data": rows})
 
 
-__all__ = ["METERED_ROUTES", "AdminUsageMixin", "Caller", "UsageEngine", "UsageTracker", "caller_of"]
+__all__ = ["METERED_ROUTES", "AdminUsageMixin", "Caller", "UsageTracker", "caller_of"]
