@@ -8,8 +8,11 @@ identifier, and return per-step result dicts (``stage: streaming``, ``token_ids`
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from ..core.errors import EngineError
@@ -204,3 +207,35 @@ def translate_results(results: Iterable[Mapping[str, Any]], jobs: Mapping[int, J
 def _log(p: float) -> float:
     """log(p), finite for p == 0 (OpenAI clients expect numbers, not -inf)."""
     return math.log(p) if p > 0 else -9999.0
+
+
+def cuda_available() -> bool:
+    """True when torch is installed with a usable CUDA device (never raises)."""
+    if importlib.util.find_spec("torch") is None:
+        return False
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def is_model_directory(path: Path) -> bool:
+    """A directory with a ``config.json`` (what both exllama loaders read)."""
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def cuda_memory_in_use() -> int:
+    """Bytes allocated by torch on every visible CUDA device."""
+    import torch
+
+    return sum(torch.cuda.memory_allocated(d) for d in range(torch.cuda.device_count()))
+
+
+def config_eos(path: Path) -> list[Any]:
+    """EOS ids named by ``generation_config.json`` (end-of-turn ids live there for many chat models)."""
+    try:
+        return [json.loads((path / "generation_config.json").read_text()).get("eos_token_id")]
+    except (OSError, ValueError):
+        return []

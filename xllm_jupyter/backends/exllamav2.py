@@ -16,9 +16,15 @@ from typing import Any
 from ..core.errors import EngineError
 from ..core.types import SequenceJob
 from .base import Backend, ModelSpec
-from .exllama_common import ExllamaOptions, v2_sampler_fields
+from .exllama_common import (
+    ExllamaOptions,
+    config_eos,
+    cuda_available,
+    cuda_memory_in_use,
+    is_model_directory,
+    v2_sampler_fields,
+)
 from .exllama_model import DynamicGeneratorModel
-from .exllamav3 import config_eos, cuda_available, cuda_memory_in_use, is_model_directory
 from .hf_tokenizer import ChatTokenizer
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,6 @@ kernels compile on first use (see ``jit.py``).
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,14 @@ from typing import Any
 from ..core.errors import EngineError
 from ..core.types import SequenceJob
 from .base import Backend, ModelSpec
-from .exllama_common import ExllamaOptions, combo_sampler_kwargs
+from .exllama_common import (
+    ExllamaOptions,
+    combo_sampler_kwargs,
+    config_eos,
+    cuda_available,
+    cuda_memory_in_use,
+    is_model_directory,
+)
 from .exllama_model import DynamicGeneratorModel
 from .hf_tokenizer import ChatTokenizer
 
@@ -30,38 +36,6 @@ FORMATS = ("exl3", "safetensors")
 #: user but, measured with 16-64 concurrent requests arriving over HTTP, delayed the first
 #: token by 2-3 s and halved throughput. A shared server serves many users: TTFT wins.
 PREFILL_SETTINGS = {"prefill_cooldown": 0, "max_chunk_size": 2048, "shared_chunk_size": 2048}
-
-
-def cuda_available() -> bool:
-    """True when torch is installed with a usable CUDA device (never raises)."""
-    if importlib.util.find_spec("torch") is None:
-        return False
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except Exception:
-        return False
-
-
-def is_model_directory(path: Path) -> bool:
-    """A directory with a ``config.json`` (what both exllama loaders read)."""
-    return path.is_dir() and (path / "config.json").is_file()
-
-
-def cuda_memory_in_use() -> int:
-    """Bytes allocated by torch on every visible CUDA device."""
-    import torch
-
-    return sum(torch.cuda.memory_allocated(d) for d in range(torch.cuda.device_count()))
-
-
-def config_eos(path: Path) -> list[Any]:
-    """EOS ids named by ``generation_config.json`` (end-of-turn ids live there for many chat models)."""
-    try:
-        return [json.loads((path / "generation_config.json").read_text()).get("eos_token_id")]
-    except (OSError, ValueError):
-        return []
 
 
 class ExllamaV3Backend(Backend):
