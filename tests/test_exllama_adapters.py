@@ -179,11 +179,21 @@ class ScriptedGenerator:
         return self.script.pop(0) if self.script else []
 
 
+class ScriptedJob(dict):
+    """A job record with the namespace hook the real job classes get from prefix_isolation."""
+
+    def xllm_bind(self, isolation, namespace, page_size):
+        self.update(namespace=namespace, page_size=page_size)
+
+
 class ScriptedModel(DynamicGeneratorModel):
     backend_name = "scripted"
 
     def make_job(self, job):
-        return {"identifier": job.job_id, "max": job.max_tokens}
+        return ScriptedJob(identifier=job.job_id, max=job.max_tokens)
+
+    def page_size(self):
+        return 256
 
 
 @pytest.fixture()
@@ -202,9 +212,10 @@ def job(i, **kw):
 
 def test_cancel_frees_the_job_at_once_and_reports_it_next_step(scripted):
     model, gen = scripted
-    model.add(job(1))
+    model.add(job(1, cache_namespace="alice"))
     model.add(job(2))
     assert model.active_jobs() == 2 and len(gen.enqueued) == 2
+    assert [j["namespace"] for j in gen.enqueued] == ["alice", ""]  # every job carries its cache namespace
     model.cancel(1)
     assert gen.cancelled == [gen.enqueued[0]]  # pages freed now, not at the next step
     gen.script.append([streaming(2, [9], "z", eos=True, eos_reason="max_new_tokens", new_tokens=1, prompt_tokens=3,
@@ -225,7 +236,8 @@ def test_details_report_prefix_cache_and_speculation(scripted):
                                  cached_tokens=256, accepted_draft_tokens=1, rejected_draft_tokens=3)])
     model.step()
     d = model.details()
-    assert d["prefix_cache"] == {"prompt_tokens": 512, "cached_tokens": 256, "hit_rate": 0.5}
+    assert d["prefix_cache"] == {"prompt_tokens": 512, "cached_tokens": 256, "hit_rate": 0.5,
+                                 "scope": "per cache namespace"}
     assert d["speculative"]["acceptance_rate"] == 0.25 and d["mode"] == "paged"
     assert model.memory_bytes() == 123
 

@@ -26,6 +26,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 BACKENDS = ["exllamav3", "exllamav2"]
 MODEL = "g"
+BOB_KEY = "sk-bob-gpu-test"  # a second API key: a second user with its own prefix-cache namespace
 
 
 def _tokenizer_dir(tmp: Path) -> Path:
@@ -89,7 +90,7 @@ def gpu_server(request, gpu_llama_dir, tmp_path_factory):
     home = tmp_path_factory.mktemp(f"home-{backend}")
     store = ModelStore(home)
     store.pull(str(gpu_llama_dir), MODEL)
-    config = make_test_config(home)
+    config = make_test_config(home, api_keys=(API_KEY, BOB_KEY))
     config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, default_model=MODEL, max_batch_size=16,
                                                                     cache_tokens=16384))
     with running_server(config, ForcedBackend(store, backend), MODEL) as info:
@@ -178,6 +179,23 @@ def test_prefix_cache_reuse_shows_in_usage(gpu_server, sdk):
     ask(sdk, prompt, max_tokens=2)
     second = ask(sdk, prompt, max_tokens=2)
     assert second.usage.prompt_tokens_details.cached_tokens >= 256
+
+
+def test_prefix_reuse_never_crosses_users(gpu_server, sdk):
+    from openai import OpenAI
+
+    if gpu_server.backend != "exllamav3":
+        pytest.skip("exllamav2 reuses prefixes in paged mode only")
+    secret = "Alice's private notes: the vault code is 4711 and the spare key is under the mat. " * 30
+    ask(sdk, secret, max_tokens=2)
+    assert ask(sdk, secret, max_tokens=2).usage.prompt_tokens_details.cached_tokens >= 256  # alice reuses her own
+    with OpenAI(base_url=gpu_server.base_url, api_key=BOB_KEY, max_retries=0, timeout=120) as bob:
+        # the same text, and a probe shorter than one page (partial-page matching): nothing of alice's is reused
+        assert ask(bob, secret[:200], max_tokens=2).usage.prompt_tokens_details.cached_tokens == 0
+        # (at most the tokens of bob's own probe, all within the first page, are reused)
+        assert ask(bob, secret, max_tokens=2).usage.prompt_tokens_details.cached_tokens < 256
+        # once bob has sent it himself, his own repeat is served from the cache
+        assert ask(bob, secret, max_tokens=2).usage.prompt_tokens_details.cached_tokens >= 256
 
 
 def test_cancelled_stream_frees_the_job(gpu_server, sdk):

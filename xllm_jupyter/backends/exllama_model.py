@@ -18,6 +18,7 @@ from .base import LoadedModel, ModelSpec
 from .constraints import GrammarCompiler
 from .exllama_common import JobInfo, SpeculativeStats, translate_results
 from .hf_tokenizer import ChatTokenizer, ChatTokenizerMethods
+from .prefix_isolation import PrefixIsolation, isolated_job_class
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class DynamicGeneratorModel(ChatTokenizerMethods, LoadedModel):
         self._counts_lock = threading.Lock()
         self._prompt_tokens = 0
         self._cached_tokens = 0
+        # prompt pages are reused only within a job's cache namespace (prefix_isolation.py)
+        self.isolation = PrefixIsolation()
 
     def grammar(self, constraint: Constraint) -> str:
         """The llguidance grammar text for ``constraint`` (validated and cached on first use)."""
@@ -55,13 +58,25 @@ class DynamicGeneratorModel(ChatTokenizerMethods, LoadedModel):
         return grammar_text(constraint)
 
     # -- engine thread ----------------------------------------------------------------
+    #: the prefix_isolation mixin matching this library's job class
+    isolation_mixin: type
+
     @abstractmethod
     def make_job(self, job: SequenceJob) -> Any:
-        """The library's job object for ``job`` (identifier = our job id)."""
+        """The library's job object for ``job`` (identifier = our job id), of ``self.job_class(...)``."""
+
+    @abstractmethod
+    def page_size(self) -> int:
+        """Tokens per cache page of the generator."""
+
+    def job_class(self, library_job: type) -> type:
+        """``library_job`` with the cache-namespace hooks of ``isolation_mixin``."""
+        return isolated_job_class(self.isolation_mixin, library_job)
 
     def add(self, job: SequenceJob) -> None:
         """Enqueue ``job``; the generator starts it at its next iteration."""
         native = self.make_job(job)
+        native.xllm_bind(self.isolation, job.cache_namespace, self.page_size())
         self.generator.enqueue(native)
         self._jobs[job.job_id] = native
         self._info[job.job_id] = JobInfo(job.job_id, job.logprobs, job.top_logprobs)
@@ -114,7 +129,7 @@ class DynamicGeneratorModel(ChatTokenizerMethods, LoadedModel):
             prompt, cached = self._prompt_tokens, self._cached_tokens
         out = dict(self._details)
         out["prefix_cache"] = {"prompt_tokens": prompt, "cached_tokens": cached,
-                               "hit_rate": round(cached / prompt, 4) if prompt else None}
+                               "hit_rate": round(cached / prompt, 4) if prompt else None, "scope": "per cache namespace"}
         if out.get("speculative"):
             spec = dict(out["speculative"])
             spec.update(accepted=self.speculative.accepted, rejected=self.speculative.rejected,

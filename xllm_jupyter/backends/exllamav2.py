@@ -26,6 +26,7 @@ from .exllama_common import (
 )
 from .exllama_model import DynamicGeneratorModel
 from .hf_tokenizer import ChatTokenizer
+from .prefix_isolation import IsolatedJobV2
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ class ExllamaV2Model(DynamicGeneratorModel):
     """A model decoding through exllamav2's dynamic generator."""
 
     backend_name = "exllamav2"
+    isolation_mixin = IsolatedJobV2
 
     def __init__(self, spec: ModelSpec, *, model: Any, draft: tuple[Any, Any] | None, sampler_vocab: int, **kw: Any):
         super().__init__(spec, **kw)
@@ -167,7 +169,7 @@ class ExllamaV2Model(DynamicGeneratorModel):
             for token, value in job.sampling.logit_bias.items():
                 bias[int(token)] = float(value)
             settings.token_bias = bias
-        return ExLlamaV2DynamicJob(
+        return self.job_class(ExLlamaV2DynamicJob)(
             input_ids=torch.tensor([job.prompt_ids], dtype=torch.long),
             max_new_tokens=job.max_tokens,
             gen_settings=settings,
@@ -177,6 +179,10 @@ class ExllamaV2Model(DynamicGeneratorModel):
             return_top_tokens=job.top_logprobs,
             identifier=job.job_id,
         )
+
+    def page_size(self) -> int:
+        """The generator's page size (the whole context when unpaged)."""
+        return int(self.generator.page_size)
 
     def check_constraint(self, constraint, *, param: str = "response_format") -> None:
         """exllamav2 has no grammar engine we can drive: constrained decoding is a 400 here."""

@@ -26,6 +26,7 @@ from .exllama_common import (
 )
 from .exllama_model import DynamicGeneratorModel
 from .hf_tokenizer import ChatTokenizer
+from .prefix_isolation import IsolatedJobV3
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ class ExllamaV3Model(DynamicGeneratorModel):
     """A model decoding through exllamav3's ``Generator``."""
 
     backend_name = "exllamav3"
+    isolation_mixin = IsolatedJobV3
 
     def __init__(self, spec: ModelSpec, *, model: Any, tokenizer: Any, draft: tuple[Any, Any] | None, **kw: Any):
         super().__init__(spec, **kw)
@@ -153,7 +155,7 @@ class ExllamaV3Model(DynamicGeneratorModel):
 
             filters = [LLGuidanceFilter(self._tokenizer, llg_grammar=self.grammar(job.constraint),
                                         eos_after_completed=True)]
-        return Job(
+        return self.job_class(Job)(
             input_ids=torch.tensor([job.prompt_ids], dtype=torch.long),
             max_new_tokens=job.max_tokens,
             sampler=ComboSampler(**combo_sampler_kwargs(job.sampling)),
@@ -164,6 +166,12 @@ class ExllamaV3Model(DynamicGeneratorModel):
             filters=filters,
             identifier=job.job_id,
         )
+
+    def page_size(self) -> int:
+        """exllamav3's fixed page size."""
+        from exllamav3.constants import PAGE_SIZE
+
+        return int(PAGE_SIZE)
 
     def _release(self) -> None:
         try:
