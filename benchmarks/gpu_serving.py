@@ -5,7 +5,9 @@ For each model and backend, at 1, 16 and 64 concurrent streams (128-token prompt
 tokens, greedy, every stream runs to its length):
 
 (raw)    the library's own dynamic generator driven in this process (exllamav3 ``Generator``
-         / exllamav2 ``ExLlamaV2DynamicGenerator``): the ceiling;
+         / exllamav2 ``ExLlamaV2DynamicGenerator``): the ceiling; for ``transformers-compiled``
+         (static cache + torch.compile CUDA graphs, backends/hf_compiled.py) and ``transformers``
+         (eager) it is our transformers backend's model stepped directly, no engine or HTTP;
 (server) our standalone HTTP server (``start_server`` over the real Engine, in a child
          process) with the same model and settings, streamed over SSE by an httpx client
          in this process, as a real client would be.
@@ -16,6 +18,7 @@ exllama libraries (see benchmarks/README.md for running it on a bare GPU machine
 
     python benchmarks/gpu_serving.py --make 1b --tokenizer TOKDIR --make-out /tmp/llama1b
     python benchmarks/gpu_serving.py --model fp16-1.2b=/tmp/llama1b --backends exllamav3,exllamav2
+    python benchmarks/gpu_serving.py --model fp16-1.2b=/tmp/llama1b --backends transformers-compiled,exllamav3
     python benchmarks/gpu_serving.py --serve DIR --backend exllamav3   # (child mode)
 """
 
@@ -44,7 +47,8 @@ SHAPES = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", action="append", default=[], help="NAME=DIR (repeatable)")
-    p.add_argument("--backends", default="exllamav3,exllamav2")
+    p.add_argument("--backends", default="exllamav3,exllamav2",
+                   help="comma-separated: exllamav3, exllamav2, transformers-compiled, transformers")
     p.add_argument("--streams", default="1,16,64")
     p.add_argument("--v2-streams", default="1", help="exllamav2 levels (unpaged without flash-attn: batch 1)")
     p.add_argument("--prompt-tokens", type=int, default=128)
@@ -56,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--serve", help="child mode: serve this model directory over HTTP")
     p.add_argument("--backend", default="exllamav3")
     p.add_argument("--max-batch", type=int, default=128)
+    p.add_argument("--cache-tokens", type=int, default=65536,
+                   help="transformers backends: static KV cache tokens for all slots (exllamav3 raw uses 65536)")
+    p.add_argument("--device", default="cuda", help="transformers backends: torch device (cpu for a smoke run)")
     return p.parse_args(argv)
 
 
@@ -176,6 +183,51 @@ class RawExllamaV2:
         self.model.unload()
 
 
+#: benchmark backend name -> (registry backend, engine.compile)
+TRANSFORMERS = {"transformers-compiled": ("transformers", "on"), "transformers": ("transformers", "off")}
+
+
+def transformers_options(backend: str, args) -> dict:
+    """ModelSpec options for a transformers benchmark backend (the same in raw and server mode)."""
+    return {"device": args.device, "compile": TRANSFORMERS[backend][1], "max_batch_size": args.max_batch,
+            "cache_tokens": args.cache_tokens}
+
+
+class RawTransformers:
+    """Our transformers backend's model stepped directly (add/step), shaped like the exllama generators."""
+
+    def __init__(self, path: str, backend: str, args):
+        from xllm_jupyter.backends.base import ModelSpec
+        from xllm_jupyter.backends.transformers import TransformersBackend
+
+        spec = ModelSpec(name="bench", path=Path(path), format="safetensors", context_length=4096,
+                         options=transformers_options(backend, args))
+        self.model = TransformersBackend().load(spec)  # compiles every batch width here (compile: on)
+        print(f"{backend}: decode {self.model.details()['decode']}", flush=True)
+        self.gen = self
+
+    def job(self, ids: list[int], n: int, ident: int):
+        from xllm_jupyter.core.types import SamplingParams, SequenceJob
+
+        # no stop ids: every stream runs to its length, like ignore_eos over HTTP
+        return SequenceJob(ident, tuple(ids), n, SamplingParams(temperature=0.0), frozenset())
+
+    def enqueue(self, job) -> None:
+        self.model.add(job)
+
+    def num_remaining_jobs(self) -> int:
+        return self.model.active_jobs()
+
+    def iterate(self) -> list[dict]:
+        import torch
+
+        return [{"stage": "streaming", "identifier": e.job_id, "token_ids": torch.tensor([[e.token_id]])}
+                for e in self.model.step() if e.token_id is not None]
+
+    def close(self) -> None:
+        self.model.unload()
+
+
 def raw_level(engine, ids_list: list[list[int]], new_tokens: int) -> dict:
     """All streams enqueued at once; iterate until every one has its tokens."""
     import torch
@@ -209,7 +261,10 @@ def run_raw(backend: str, path: str, levels: list[int], args) -> dict:
 
     import torch
 
-    engine = (RawExllamaV3 if backend == "exllamav3" else RawExllamaV2)(path, args.max_batch)
+    if backend in TRANSFORMERS:
+        engine = RawTransformers(path, backend, args)
+    else:
+        engine = (RawExllamaV3 if backend == "exllamav3" else RawExllamaV2)(path, args.max_batch)
     raw_level(engine, prompts(1, args.prompt_tokens), 8)  # warm-up (kernels, graphs)
     raw_level(engine, prompts(max(levels), args.prompt_tokens), 8)
     out = {c: raw_level(engine, prompts(c, args.prompt_tokens), args.new_tokens) for c in levels}
@@ -231,7 +286,11 @@ def serve_main(args) -> None:
     from xllm_jupyter.store.manifest import detect_format
 
     path = Path(args.serve)
-    spec = ModelSpec(name="bench", path=path, format=detect_format(path), backend=args.backend, context_length=4096)
+    backend, options = args.backend, {}
+    if backend in TRANSFORMERS:
+        backend, options = TRANSFORMERS[backend][0], transformers_options(backend, args)
+    spec = ModelSpec(name="bench", path=path, format=detect_format(path), backend=backend, context_length=4096,
+                     options=options)
 
     class OneModel:
         def resolve(self, name: str) -> ModelSpec:
@@ -289,7 +348,8 @@ async def http_level(url: str, ids_list: list[list[int]], new_tokens: int) -> di
 
 
 def run_server(backend: str, path: str, levels: list[int], args) -> dict:
-    cmd = [sys.executable, __file__, "--serve", path, "--backend", backend, "--max-batch", str(args.max_batch)]
+    cmd = [sys.executable, __file__, "--serve", path, "--backend", backend, "--max-batch", str(args.max_batch),
+           "--cache-tokens", str(args.cache_tokens), "--device", args.device]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
@@ -344,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.model:
         name, path = item.split("=", 1)
         for backend in args.backends.split(","):
-            spec = args.streams if backend == "exllamav3" else args.v2_streams
+            spec = args.v2_streams if backend == "exllamav2" else args.streams
             levels = [int(x) for x in spec.split(",")]
             t = time.time()
             raw = run_raw(backend, path, levels, args)

@@ -80,7 +80,7 @@ def test_load_facts(model):
     vocab = model.tokenizer.get_vocab()
     assert vocab["<|im_end|>"] in model.eos_token_ids
     assert model.details() == {"device": "cpu", "dtype": "float32", "mode": "continuous-batching",
-                               "format": "safetensors"}
+                               "format": "safetensors", "decode": "eager"}
     weights = model.memory_bytes()
     assert weights > 0
     model.add(job(PROMPT, max_tokens=3))

@@ -241,11 +241,12 @@ async def test_engine_settings_reach_the_backend_as_options():
     load = backend.load
     backend.load = lambda spec: seen.append(spec.options) or load(spec)
     engine = Engine(EngineConfig(device="cpu", dtype="float32", torch_threads=1, max_batch_size=3, cache_tokens=4096,
-                                 kv_cache_bits="q8", gpu_split=("20",), ngram_draft=3), FakeCatalog(), [backend])
+                                 kv_cache_bits="q8", gpu_split=("20",), ngram_draft=3, compile="on"), FakeCatalog(),
+                    [backend])
     await engine.load("fake")
     assert seen == [{"device": "cpu", "dtype": "float32", "torch_threads": 1, "max_batch_size": 3, "cache_tokens": 4096,
                      "kv_cache_bits": "q8", "tensor_parallel": False, "gpu_split": ("20",), "num_draft_tokens": 4,
-                     "ngram_draft": 3}]
+                     "ngram_draft": 3, "compile": "on"}]
     await engine.stop()
 
 

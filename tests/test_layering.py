@@ -18,7 +18,7 @@ FORBIDDEN_LIBS = {"tornado", "jupyter_server", "traitlets", "IPython", "ipykerne
 # Our own packages that sit above the lower layers.
 UPPER_PACKAGES = {"server", "extension", "hub", "cli", "magics", "widgets", "playground", "notebook", "client"}
 # (file relative to the package, enclosing function) allowed to import the server layer lazily
-LAZY_SERVER_IMPORTS = {("cli/main.py", "serve_command")}
+LAZY_SERVER_IMPORTS = {("cli/main.py", "serve_command"), ("cli/main.py", "hub_service_command")}
 
 
 def py_files(*subpackages: str) -> list[Path]:

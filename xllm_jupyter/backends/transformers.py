@@ -3,8 +3,11 @@
 Each ``step`` prefills the jobs added since the last step (left-padded, batched), runs
 one batched decode forward for the jobs already running, then merges the new jobs'
 KV into the running batch (``kv_batch.BatchKV``). Rows leave the batch in the step
-they finish. torch and transformers are imported only when this module is (the
-registry imports it lazily), and ``available()`` still answers without them.
+they finish. With compiled decoding (``hf_compiled.py``; engine.compile, on by default for
+fp16/bf16 safetensors on CUDA) the running batch is instead a preallocated slot cache and
+the decode step a compiled (CUDA graph) forward; prefill and sampling are the same.
+torch and transformers are imported only when this module is (the registry imports it
+lazily), and ``available()`` still answers without them.
 """
 
 from __future__ import annotations
@@ -27,6 +30,14 @@ from .lora import LoraAdapters, merge_lora
 try:  # the backend must stay importable (and say "unavailable") without torch/transformers
     import torch
 
+    from .hf_compiled import (
+        DECODE_EAGER,
+        DECODE_STATIC,
+        StaticBatch,
+        StaticPlan,
+        compile_wanted,
+        static_layout_problem,
+    )
     from .kv_batch import BatchKV, new_cache, zero_padding
     from .sampling import JobSampler, sample
 except ImportError:  # pragma: no cover - exercised only on machines without them
@@ -103,8 +114,21 @@ class TransformersBackend(Backend):
         if opts.get("merge_adapter"):  # a created model's Modelfile ADAPTER: baked into its own weights
             model = merge_lora(model, Path(str(opts["merge_adapter"])))
         model.to(device).eval()
-        return TransformersModel(spec, model, tokenizer, device=device,
-                                 max_batch_size=int(opts.get("max_batch_size", 16) or 16))
+        static = None
+        if compile_wanted(opts, spec.format, device, dtype):
+            problem = static_layout_problem(model)
+            if problem is None:
+                static = StaticPlan.from_options(opts)
+            else:
+                log.warning("%s: compiled decoding does not support %s; decoding eagerly", spec.name, problem)
+        try:
+            loaded = TransformersModel(spec, model, tokenizer, device=device,
+                                       max_batch_size=int(opts.get("max_batch_size", 16) or 16), static=static)
+        except torch.OutOfMemoryError as exc:  # the slot cache is allocated whole, here
+            raise EngineError(f"Not enough memory for the static KV cache of '{spec.name}': lower "
+                              "engine.cache_tokens or engine.max_batch_size, or set engine.compile: off") from exc
+        loaded.warm_up()  # compiles now, on the loading thread, not in the first requests
+        return loaded
 
 
 def _pick_device(name: str) -> "torch.device":
@@ -156,7 +180,8 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
 
     backend_name = "transformers"
 
-    def __init__(self, spec: ModelSpec, model, tokenizer, *, device, max_batch_size: int = 16) -> None:
+    def __init__(self, spec: ModelSpec, model, tokenizer, *, device, max_batch_size: int = 16,
+                 static: "StaticPlan | None" = None) -> None:
         self.name = spec.name
         self.model = model
         self.tokenizer = tokenizer
@@ -173,7 +198,13 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
         self._pending: deque[_Seq] = deque()
         self._running: list[_Seq] = []  # row i of the batch is _running[i]
         self._cancelled: set[int] = set()
-        self._batch = BatchKV()
+        self._batch: BatchKV | StaticBatch = BatchKV()
+        if static is not None:
+            # the slot cache is allocated whole: its length bounds every sequence
+            self.context_length = static.slot_tokens(self.context_length, self.max_batch_size)
+            self._batch = StaticBatch(model, device, slots=self.max_batch_size, tokens=self.context_length,
+                                      compile_backend=static.compile_backend)
+        self._adapters_seen = False  # LoRA hooks stay on the model once attached: no compiled graph then
         self._grammars = GrammarCompiler(tokenizer, self.vocab_size, self.eos_token_ids)
         self._masker: BatchMasker | None = None  # created with the first constrained job
         self._lora = LoraAdapters(model, device)
@@ -184,6 +215,19 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
         self.batched_steps = 0
         #: model forward passes run (prefill and decode)
         self.forward_passes = 0
+
+    @property
+    def decode_mode(self) -> str:
+        """How decode steps run: ``compiled-static``, ``static`` (slot cache, eager) or ``eager``."""
+        if not isinstance(self._batch, StaticBatch):
+            return DECODE_EAGER
+        return DECODE_STATIC if self._adapters_seen else self._batch.mode
+
+    def warm_up(self) -> None:
+        """Compile the decode step for every batch width now (no-op unless compiled)."""
+        if isinstance(self._batch, StaticBatch):
+            with torch.inference_mode():
+                self._batch.warm_up(self._pad_id, self.name)
 
     def check_constraint(self, constraint: Constraint, *, param: str = "response_format") -> None:
         """Compile ``constraint`` into the grammar cache (any thread); InvalidRequest (400) if invalid."""
@@ -250,7 +294,7 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
             for cache, mask, seqs in joined:
                 if seqs:
                     self._batch.join(cache, mask, [len(s.job.prompt_ids) for s in seqs])
-                    self._running.extend(seqs)
+                    self._running.extend(seqs)  # rows are appended in the same order as the batch's
         return events
 
     def _admit(self) -> list[_Seq]:
@@ -308,16 +352,24 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
 
     def _decode(self, events: list[TokenEvent]) -> None:
         """One batched forward feeding every running job its last token."""
-        attn, positions = self._batch.step_inputs()
-        ids = torch.tensor([[s.last] for s in self._running], dtype=torch.long, device=self.device)
-        with self._lora.forward([s.job.adapter for s in self._running]):
-            out = self.model(input_ids=ids, attention_mask=attn, position_ids=positions,
-                             past_key_values=self._batch.cache, use_cache=True)
+        last = [s.last for s in self._running]
+        adapters = [s.job.adapter for s in self._running]
+        if isinstance(self._batch, StaticBatch):
+            adapters = self._batch.by_slot(adapters, None)  # the forward's rows are slots
+        with self._lora.forward(adapters):
+            if isinstance(self._batch, StaticBatch):
+                logits = self._batch.forward(last, self._pad_id, eager=self._adapters_seen)
+            else:
+                attn, positions = self._batch.step_inputs()
+                ids = torch.tensor(last, dtype=torch.long, device=self.device).unsqueeze(1)
+                out = self.model(input_ids=ids, attention_mask=attn, position_ids=positions,
+                                 past_key_values=self._batch.cache, use_cache=True)
+                logits = out.logits[:, -1, :]
         self.forward_passes += 1
         self.last_batch_size = len(self._running)
         if self.last_batch_size > 1:
             self.batched_steps += 1
-        self._keep_rows(self._advance(self._running, out.logits[:, -1, :], events))
+        self._keep_rows(self._advance(self._running, logits, events))
 
     def _advance(self, seqs: list[_Seq], logits, events: list[TokenEvent]) -> list[int]:
         """Sample one token per row, emit events; return the rows that keep going."""
@@ -371,6 +423,7 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
         """Attach the peft LoRA at ``path`` as ``name``; rows naming it decode with it (waits for the step)."""
         with self._lora.lock:
             self._lora.attach(name, Path(path))
+            self._adapters_seen = True
 
     def unload_adapter(self, name: str) -> bool:
         """Detach adapter ``name``; its queued and running jobs end (cancelled) in the next step."""
@@ -389,11 +442,12 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
         """Device, dtype, batching mode and source format."""
         dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.") if self.model is not None else None
         return {"device": str(self.device), "dtype": dtype, "mode": "continuous-batching", "format": self.format,
+                "decode": self.decode_mode,
                 **({"adapters": self._lora.names()} if self._lora.names() else {})}
 
     def unload(self) -> None:
         """Drop weights, cache and queued jobs; the object is unusable afterwards."""
-        self._batch.clear()
+        self._batch = BatchKV()  # also drops a slot cache and its compiled step
         self._pending.clear()
         self._running.clear()
         self.model = None

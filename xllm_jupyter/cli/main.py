@@ -79,6 +79,20 @@ def serve_command(host: str | None, port: int | None, models: tuple[str, ...], a
         pass
 
 
+@main.command(
+    "hub-service",
+    add_help_option=False,  # --help goes to the service's own parser, so both spellings print the same
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def hub_service_command(args: tuple[str, ...]) -> None:
+    """Run the JupyterHub service (same as `python -m xllm_jupyter.hub`)."""
+    # Imported lazily, like `serve`: the hub service is a server edge, not a client
+    from ..hub.__main__ import main as hub_main
+
+    raise SystemExit(hub_main(list(args), prog="xllm hub-service"))
+
+
 @main.command("ps")
 @click.pass_obj
 def ps_command(settings: Settings) -> None:

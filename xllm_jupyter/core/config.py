@@ -67,6 +67,9 @@ class EngineConfig:
     draft_model: str = ""  # speculative decoding: a small model from the store that drafts tokens
     num_draft_tokens: int = 4  # tokens drafted per step (draft model or n-gram)
     ngram_draft: int = 0  # n-gram drafting from the context: minimum match length (0 = off)
+    # transformers backend: static-cache decode compiled with torch.compile (CUDA graphs): auto (CUDA +
+    # fp16/bf16 safetensors; such models then prefer transformers over exllamav3), on, off (docs/gpu.md)
+    compile: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,13 @@ class QuotaConfig:
     share_prefix_cache: bool = False
     #: distinct user label values in Prometheus metrics; later users are counted as "other"
     metrics_max_users: int = 100
+    #: batch slots kept free for other users while several are active (0 = no reserve)
+    reserved_slots: int = 1
+    #: seconds a user counts as active after queueing work (for the reserve)
+    active_window_seconds: float = 60.0
+    #: usage kept across restarts: "auto" (<store.home>/usage.json with a daily token quota
+    #: or on the hub service), "off" (or ""), or a JSON file path
+    usage_file: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -209,6 +219,8 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("quotas", "max_concurrent"): (0, None),
     ("quotas", "tokens_per_day"): (0, None),
     ("quotas", "metrics_max_users"): (1, 100000),
+    ("quotas", "reserved_slots"): (0, 1024),
+    ("quotas", "active_window_seconds"): (0.001, None),
 }
 
 

@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator, Mapping, Protocol, Sequence
 
 from ..backends.base import Backend, LoadedModel, ModelSpec
 from ..backends.registry import get_backend, select_backend
-from ..core.config import EngineConfig
+from ..core.config import EngineConfig, QuotaConfig
 from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest, ModelNotFound, XllmError
 from ..core.types import (
     ChatMessage,
@@ -29,6 +29,7 @@ from ..core.types import (
     ModelInfo,
 )
 from .embeddings import EmbeddingHost
+from .fairness import FairnessPolicy
 from .lora import AdapterMixin
 from .manager import (
     MemoryBudget,
@@ -65,8 +66,10 @@ class Engine(AdapterMixin, ResidencyMixin):
         config: EngineConfig | None = None,
         catalog: ModelCatalog | None = None,
         backends: Sequence[Backend] | None = None,
+        quotas: QuotaConfig | None = None,
     ):
         self.config = config or EngineConfig()
+        self.fairness = FairnessPolicy.from_quotas(quotas)  # each runner's FairQueue reserve and window
         self.catalog = catalog
         self._backends = {b.name: b for b in backends} if backends else None
         self._runners: dict[str, ModelRunner] = {}
@@ -145,6 +148,7 @@ class Engine(AdapterMixin, ResidencyMixin):
             "gpu_split": c.gpu_split,
             "num_draft_tokens": c.num_draft_tokens,
             "ngram_draft": c.ngram_draft,
+            "compile": c.compile,
         }
         if c.draft_model and c.draft_model != name:
             defaults["draft_model_path"] = str(self.catalog.resolve(c.draft_model).path)
@@ -205,7 +209,7 @@ class Engine(AdapterMixin, ResidencyMixin):
             raise
         finally:
             self._budget.reserved[device] -= needed
-        runners = [ModelRunner(m, max_batch_size=min(self.config.max_batch_size, m.max_batch_size)) for m in models]
+        runners = [ModelRunner(m, max_batch_size=min(self.config.max_batch_size, m.max_batch_size), fairness=self.fairness) for m in models]
         runner = runners[0] if count == 1 else ReplicaSet(runners)
         runner.start()
         self._res[name] = Residency(device=device, memory_bytes=sum(m.memory_bytes() for m in models))

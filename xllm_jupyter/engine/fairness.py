@@ -13,6 +13,8 @@ FIFO per user instead and hands free slots out user by user:
   A user alone on the server (a single-user Jupyter server) still gets every slot.
 
 With one user this is a FIFO. Jobs carry their user in ``SequenceJob.user``.
+``reserved`` and ``window`` come from config ``quotas.reserved_slots`` and
+``quotas.active_window_seconds`` through ``FairnessPolicy`` (Engine -> ModelRunner).
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from __future__ import annotations
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
+
+from ..core.config import QuotaConfig
 
 Item = TypeVar("Item")
 
@@ -35,6 +40,25 @@ def job_user(item: Any) -> str:
     return item[0].user or ""
 
 
+@dataclass(frozen=True)
+class FairnessPolicy:
+    """A runner's fairness settings: slots ``reserved`` for others, the activity ``window`` (s)."""
+
+    reserved: int = DEFAULT_RESERVED_SLOTS
+    window: float = DEFAULT_WINDOW_SECONDS
+
+    @classmethod
+    def from_quotas(cls, quotas: QuotaConfig | None = None) -> FairnessPolicy:
+        """From ``quotas.reserved_slots`` and ``quotas.active_window_seconds`` (None: the defaults)."""
+        if quotas is None:
+            return cls()
+        return cls(quotas.reserved_slots, quotas.active_window_seconds)
+
+    def queue(self) -> FairQueue[Any]:
+        """A runner's waiting queue with these settings."""
+        return FairQueue(reserved=self.reserved, window=self.window)
+
+
 class FairQueue(Generic[Item]):
     """Per-user FIFOs with round-robin, least-running-first admission (engine thread only)."""
 
@@ -46,6 +70,8 @@ class FairQueue(Generic[Item]):
         window: float = DEFAULT_WINDOW_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ):
+        if window <= 0:
+            raise ValueError(f"the fairness window must be positive, not {window!r}")
         self._key = key
         self.reserved = max(0, reserved)
         self.window = window
@@ -140,4 +166,4 @@ class FairQueue(Generic[Item]):
         return out
 
 
-__all__ = ["DEFAULT_RESERVED_SLOTS", "DEFAULT_WINDOW_SECONDS", "FairQueue", "job_user"]
+__all__ = ["DEFAULT_RESERVED_SLOTS", "DEFAULT_WINDOW_SECONDS", "FairQueue", "FairnessPolicy", "job_user"]

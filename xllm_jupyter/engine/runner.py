@@ -10,6 +10,7 @@ consumer only grows its own queue and never stalls the step loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import itertools
 import logging
@@ -30,7 +31,7 @@ from ..core.types import (
     TokenEvent,
     Usage,
 )
-from .fairness import FairQueue
+from .fairness import FairnessPolicy, FairQueue
 from .stops import StopMatcher
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,10 @@ class RequestHandle:
         self.runner = runner
         self.loop = loop
         self.request = request
-        self.queue: asyncio.Queue = asyncio.Queue()
+        # a deque and one waiter instead of an asyncio.Queue: a step's items arrive together
+        # and are read without a future (or Queue bookkeeping) per token
+        self._ready: collections.deque = collections.deque()
+        self._waiter: asyncio.Future | None = None
         self.job_ids: list[int] = []
         self.finished = False
         # written by the engine thread only
@@ -54,15 +58,23 @@ class RequestHandle:
         self.cached_tokens = 0
 
     def _deliver(self, items: list) -> None:
-        """Runs on the event loop: enqueue what one step produced for this request."""
-        put = self.queue.put_nowait
-        for item in items:
-            put(item)
+        """Runs on the event loop: queue what one step produced for this request, wake its reader."""
+        self._ready.extend(items)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def __aiter__(self) -> AsyncIterator[ChoiceDelta | GenerationDone]:
-        get = self.queue.get
+        ready = self._ready
         while True:
-            item = await get()
+            if not ready:
+                self._waiter = self.loop.create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+                continue
+            item = ready.popleft()
             if item is _END:
                 self.finished = True
                 return
@@ -104,12 +116,12 @@ class ModelRunner:
 
     _ids = itertools.count(1)
 
-    def __init__(self, model: LoadedModel, *, max_batch_size: int = 16):
+    def __init__(self, model: LoadedModel, *, max_batch_size: int = 16, fairness: FairnessPolicy = FairnessPolicy()):
         self.model = model
         self.max_batch_size = max(1, max_batch_size)
         self.created = int(time.time())
         self._cond = threading.Condition()
-        self._waiting: FairQueue[tuple[SequenceJob, _JobState]] = FairQueue()  # per-user round-robin (fairness.py)
+        self._waiting: FairQueue[tuple[SequenceJob, _JobState]] = fairness.queue()  # per-user round-robin (fairness.py)
         self._cancels: list[int] = []
         self._jobs: dict[int, _JobState] = {}
         self._stopping = False

@@ -61,7 +61,7 @@ class XllmApp(ExtensionApp):
         from ..store.store import ModelStore
 
         self.xllm_config = config = self.build_config()
-        self.engine = Engine(config.engine, catalog=ModelStore(config.store.home))
+        self.engine = Engine(config.engine, catalog=ModelStore(config.store.home), quotas=config.quotas)
         self.settings[CONTEXT_KEY] = XllmContext(self.engine, config)
         self._exported = {}
 
@@ -96,6 +96,8 @@ class XllmApp(ExtensionApp):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         close_playground(self.settings.get(CONTEXT_KEY))
+        if self.settings.get(CONTEXT_KEY) is not None:
+            await asyncio.to_thread(self.settings[CONTEXT_KEY].close)  # last usage save (quotas.usage_file)
         if self.engine is not None:
             await self.engine.stop()
         for key, value in getattr(self, "_exported", {}).items():

@@ -178,7 +178,7 @@ class HubPageHandler(_HubAuthFromSettings, HubOAuthenticated, RequestHandler):
 def make_hub_app(config: XllmConfig, engine: Any, hub_auth: HubOAuth, *, cookie_secret: bytes | None = None) -> tornado.web.Application:
     """A Tornado app serving ``engine`` under the hub service prefix with hub token/OAuth auth."""
     prefix = hub_auth.base_url.rstrip("/")
-    context = XllmContext(engine, config)
+    context = XllmContext(engine, config, shared_usage=True)  # a shared endpoint: usage outlives restarts
     settings: dict[str, Any] = {
         CONTEXT_KEY: context,
         HUB_AUTH_KEY: hub_auth,

@@ -63,7 +63,7 @@ async def run_hub_service(config: XllmConfig, env: Mapping[str, str] | None = No
     from ..engine.engine import Engine
     from ..store.store import ModelStore
 
-    engine = Engine(config.engine, catalog=ModelStore(config.store.home))
+    engine = Engine(config.engine, catalog=ModelStore(config.store.home), quotas=config.quotas)
     await engine.start()
     service = await start_hub_service(config, engine, env)
     log.info("xllm hub service listening on %s%s (OpenAI API: %sv1)", service.url, service.prefix, service.prefix)

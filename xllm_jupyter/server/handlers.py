@@ -30,21 +30,27 @@ METERED_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/resp
 class XllmContext:
     """What every handler needs: the engine, its OpenAI serving layer and the config."""
 
-    def __init__(self, engine: Any, config: XllmConfig):
+    def __init__(self, engine: Any, config: XllmConfig, *, shared_usage: bool = False):
         self.engine = engine
         self.config = config
         self.serving = OpenAIServing(engine, config.server, config.cache)
         self.metrics = ServerMetrics(engine, self.serving.cache)
         from .usage import UsageTracker  # usage.py builds on this module
+        from .usage_file import usage_path
 
-        #: per-user quotas and usage (server/usage.py); generations are charged to their user
-        self.usage = UsageTracker(config.quotas, self.metrics.registry)
+        #: per-user quotas and usage (server/usage.py); generations are charged to their user.
+        #: ``shared_usage`` (the hub service) keeps usage across restarts with ``usage_file: auto``
+        self.usage = UsageTracker(config.quotas, self.metrics.registry, path=usage_path(config, shared=shared_usage))
         # counts tokens and loads, and charges each finished generation to its user
         self.serving.engine = self.metrics.observed(engine, self.usage.charge_generation)
         self.serving.share_prefix_cache = config.quotas.share_prefix_cache
         self.responses = ResponsesServing(self.serving)
         #: the standalone server's per-key Limiter (server/limits.py); None in Jupyter
         self.limiter: Any = None
+
+    def close(self) -> None:
+        """The server stops: save usage one last time (blocking file I/O: call it off the IOLoop)."""
+        self.usage.close()
 
 
 class VerbDispatchMixin:
@@ -193,6 +199,11 @@ class RequestMixin:
         """
         for name, value in SSE_HEADERS.items():
             self.set_header(name, value)  # type: ignore[attr-defined]
+        stream_socket = getattr(self.request.connection, "stream", None)  # type: ignore[attr-defined]
+        if stream_socket is not None and hasattr(stream_socket, "set_nodelay"):
+            # each event is a small write: without this, Nagle holds an event back until the
+            # client ACKs the previous one (up to its 40 ms delayed-ACK timer)
+            stream_socket.set_nodelay(True)
         writer = EventStreamWriter(self, self.xllm.config.server.keepalive_seconds, self._client_left, **writer_options)
         try:
             await self._cancellable(writer.write_all(stream))

@@ -2,9 +2,10 @@
 
 Per-token overhead is what limits small-model throughput, so the writer avoids work
 per chunk: one prebuilt JSON encoder, no flush while the next chunk is already
-waiting (several ready deltas leave in one write), at most one flush in flight, and a
-keepalive timer that only looks at a timestamp instead of wrapping every wait in a
-timeout.
+waiting (several ready deltas leave in one write), at most one flush in flight, after
+the headers plain HTTP/1.1 chunks written straight to the IOStream (``direct_stream``)
+instead of ``RequestHandler.flush``'s futures, and a keepalive timer that only looks
+at a timestamp instead of wrapping every wait in a timeout.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import time
 import types
 from typing import Any, AsyncIterator, Callable
 
+from tornado.http1connection import HTTP1Connection
 from tornado.iostream import StreamClosedError
+from tornado.web import GZipContentEncoding, OutputTransform
 
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
 
@@ -37,6 +40,29 @@ def typed_sse_event(obj: Any) -> bytes:
 def dumps(obj: Any) -> str:
     """Compact JSON (the same encoder the events use)."""
     return _encode(obj)
+
+
+def direct_stream(handler: Any) -> Any:
+    """The IOStream that events can be written to as HTTP chunks directly, or None.
+
+    ``RequestHandler.flush`` costs three futures and their callbacks per write, paid per
+    token per stream. Once the headers are out, a chunked HTTP/1.1 response whose output
+    transforms leave body chunks alone (no gzip) can skip it: the bytes on the wire are
+    the same. Anything else (another connection type, HTTP/1.0, compression) returns None
+    and keeps the ordinary ``flush``.
+    """
+    conn = getattr(getattr(handler, "request", None), "connection", None)
+    if not isinstance(conn, HTTP1Connection) or not getattr(conn, "_chunking_output", False):
+        return None
+    if not getattr(handler, "_headers_written", False) or not isinstance(getattr(handler, "_write_buffer", None), list):
+        return None
+    for transform in getattr(handler, "_transforms", None) or ():
+        if isinstance(transform, GZipContentEncoding):
+            if getattr(transform, "_gzipping", True):
+                return None
+        elif type(transform).transform_chunk is not OutputTransform.transform_chunk:
+            return None
+    return conn.stream
 
 
 @types.coroutine
@@ -86,6 +112,8 @@ class EventStreamWriter:
         self._inflight: asyncio.Future | None = None
         self._dirty = False
         self._last = time.monotonic()
+        self._direct: Any = None  # the IOStream once direct_stream() allows it (after the headers)
+        self._direct_checked = False
         self._timer: asyncio.TimerHandle | None = None
         if keepalive_seconds > 0:
             self._timer = asyncio.get_running_loop().call_later(keepalive_seconds, self._tick)
@@ -101,9 +129,31 @@ class EventStreamWriter:
             return
         self._dirty = False
         self._last = time.monotonic()
+        if self._direct is not None:
+            self._write_direct()
+            return
         fut = self.handler.flush()
         self._inflight = fut
         fut.add_done_callback(self._flushed)
+        if not self._direct_checked:  # the first flush sent the headers: decided once
+            self._direct_checked = True
+            self._direct = direct_stream(self.handler)
+
+    def _write_direct(self) -> None:
+        """What ``flush`` would send, as one HTTP chunk straight to the stream."""
+        buf = self.handler._write_buffer
+        if not buf:
+            return
+        data = b"".join(buf)
+        buf.clear()
+        stream = self._direct
+        if stream.closed():
+            self._mark_closed()
+            return
+        fut = stream.write(b"%x\r\n%s\r\n" % (len(data), data))
+        if stream.writing():  # the socket took only part: wait for the rest before the next write
+            self._inflight = fut
+            fut.add_done_callback(self._flushed)
 
     def _flushed(self, fut: asyncio.Future) -> None:
         exc = None if fut.cancelled() else fut.exception()

@@ -14,6 +14,7 @@ from tornado.netutil import bind_sockets
 from ..core.config import XllmConfig
 from .app import make_app
 from .auth import is_loopback
+from .handlers import CONTEXT_KEY
 
 log = logging.getLogger("xllm_jupyter.server")
 
@@ -58,12 +59,15 @@ def _url_host(host: str) -> str:
 
 
 async def stop_http_server(http_server: HTTPServer) -> None:
-    """Stop listening and close open connections, waiting at most 5 s for them."""
+    """Stop listening and close open connections, waiting at most 5 s for them; then save usage."""
     http_server.stop()
     try:
         await asyncio.wait_for(http_server.close_all_connections(), timeout=5)
     except asyncio.TimeoutError:
         log.warning("some connections did not close within 5 s")
+    context = getattr(http_server.request_callback, "settings", {}).get(CONTEXT_KEY)
+    if context is not None:
+        await asyncio.to_thread(context.close)  # the last usage save writes a file: off the loop
 
 
 async def start_server(config: XllmConfig, engine: Any, *, host: str | None = None, port: int | None = None) -> RunningServer:
@@ -97,7 +101,7 @@ async def run_server(config: XllmConfig, models: Sequence[str] = ()) -> None:
     from ..engine.engine import Engine
     from ..store.store import ModelStore
 
-    engine = Engine(config.engine, catalog=ModelStore(config.store.home))
+    engine = Engine(config.engine, catalog=ModelStore(config.store.home), quotas=config.quotas)
     server = await start_server(config, engine)
     log.info("xllm is listening on %s (OpenAI API: %s/v1)", server.url, server.url)
     log.info("authentication: %s", "API key required" if server.auth_enabled else "off (no API key set; loopback only)")

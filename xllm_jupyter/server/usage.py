@@ -9,6 +9,8 @@ engine (``ServerMetrics.observed``) calls with each generation's final usage.
 
 Prometheus labels carry user names, so their number is capped
 (``quotas.metrics_max_users``): users past the cap share the label ``other``.
+Given a ``path`` (config ``quotas.usage_file``, see ``usage_file.py``), the counts
+survive restarts, so a restart does not reset a daily quota.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
@@ -29,6 +32,7 @@ from prometheus_client import Counter as PromCounter
 from ..core.config import QuotaConfig
 from ..core.errors import ConfigError, RateLimited
 from .handlers import METERED_ROUTES, RequestMixin
+from .usage_file import UsageSaver, read_usage
 
 #: the metrics label of users past ``quotas.metrics_max_users``
 OTHER = "other"
@@ -97,6 +101,29 @@ class _UserUsage:
     rejected: Counter[str] = field(default_factory=Counter)
 
 
+def _load_records(saved: dict[str, dict[str, Any]], today: str) -> dict[str, _UserUsage]:
+    """``UsageTracker.records`` read back; fields that do not fit are dropped, old days pruned."""
+    users: dict[str, _UserUsage] = {}
+    for name, rec in saved.items():
+        entry = _UserUsage()
+        for key in ("requests", "prompt_tokens", "completion_tokens", "tokens_today"):
+            value = rec.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                setattr(entry, key, value)
+        day = rec.get("day")
+        entry.day = day if isinstance(day, str) else ""
+        if entry.day != today:
+            entry.day, entry.tokens_today = "", 0
+        groups = rec.get("groups")
+        if isinstance(groups, list):
+            entry.groups = tuple(g for g in groups if isinstance(g, str))
+        rejected = rec.get("rejected")
+        if isinstance(rejected, dict):
+            entry.rejected = Counter({k: v for k, v in rejected.items() if isinstance(k, str) and isinstance(v, int)})
+        users[name] = entry
+    return users
+
+
 def _utc_day(now: float) -> str:
     return dt.datetime.fromtimestamp(now, dt.timezone.utc).date().isoformat()
 
@@ -111,11 +138,16 @@ class UsageTracker:
     """Quotas and usage per user for one server; thread-safe (metrics scrapes read it too)."""
 
     def __init__(self, config: QuotaConfig | None = None, registry: CollectorRegistry | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, path: Path | None = None):
         self.config = c = config or QuotaConfig()
         self._clock = clock
         self._lock = threading.Lock()
         self._users: dict[str, _UserUsage] = {}
+        #: saves the counts to ``path`` off the IOLoop (None: they last as long as the process)
+        self._saver: UsageSaver | None = None
+        if path is not None:
+            self._users = _load_records(read_usage(path), _utc_day(clock()))
+            self._saver = UsageSaver(path, self.records)
         self._labels: set[str] = set()
         self._user_conc = _overrides(c.user_max_concurrent, "user_max_concurrent")
         self._user_tokens = _overrides(c.user_tokens_per_day, "user_tokens_per_day")
@@ -185,6 +217,7 @@ class UsageTracker:
                 )
             entry.requests += 1
             entry.in_flight += 1
+        self._changed()
         self.m_requests.labels(label).inc()
         self.m_in_flight.labels(label).inc()
         return user
@@ -199,7 +232,12 @@ class UsageTracker:
 
     def _reject(self, entry: _UserUsage, label: str, reason: str) -> None:
         entry.rejected[reason] += 1
+        self._changed()
         self.m_rejected.labels(label, reason).inc()
+
+    def _changed(self) -> None:
+        if self._saver is not None:
+            self._saver.mark()  # only a flag: the saver thread writes the file
 
     # ---------------------------------------------------------------- charging
     def charge_generation(self, request: Any, usage: Any) -> None:
@@ -215,8 +253,28 @@ class UsageTracker:
             entry.completion_tokens += completion_tokens
             entry.tokens_today += prompt_tokens + completion_tokens
             label = self._label(user or "anonymous")
+        self._changed()
         self.m_tokens.labels(label, "prompt").inc(prompt_tokens)
         self.m_tokens.labels(label, "completion").inc(completion_tokens)
+
+    def records(self) -> dict[str, dict[str, Any]]:
+        """Every user's saved counts (not in-flight requests), as ``usage_file.py`` stores them."""
+        with self._lock:
+            today = _utc_day(self._clock())
+            out = {}
+            for name, e in self._users.items():
+                rec = asdict(e)
+                del rec["in_flight"]
+                if e.day != today:  # an old day's count is of no use after midnight: prune it
+                    rec["day"], rec["tokens_today"] = "", 0
+                rec["groups"], rec["rejected"] = list(e.groups), dict(e.rejected)
+                out[name] = rec
+            return out
+
+    def close(self) -> None:
+        """Save the counts one last time and stop saving (blocking: call it off the IOLoop)."""
+        if self._saver is not None:
+            self._saver.close()
 
     def in_flight(self, user: str | None) -> int:
         """Requests of ``user`` admitted and not yet finished."""

@@ -1,0 +1,338 @@
+#!/usr/bin/env python
+"""Per-token server overhead on CPU: a tiny random-weight Llama, raw vs engine vs HTTP server.
+
+The tiny model (2 layers, 64 wide, SmolLM2's real tokenizer; ``tests/models.py``) with one
+torch thread runs a step in well under a millisecond, so at 64 streams it makes thousands
+of tokens per second, like a big model on a GPU, and what the server spends per token
+decides the throughput. One run measures, at 1, 16 and 64 concurrent streams (chat,
+~64-token prompt, ``--max-tokens`` new tokens, greedy, ignore_eos so every stream is the
+same length):
+
+(raw)       the backend's LoadedModel driven directly: add every job, step until done;
+(engine)    ``Engine.generate`` in this process (engine thread + asyncio, no HTTP);
+(server)    the standalone server in a child process, streamed over SSE by concurrent
+            httpx clients in another child process.
+
+Reports aggregate tok/s, TTFT p50, the server/raw ratio and the server's overhead per
+token, ``1/server_rate - 1/raw_rate`` (µs). Writes ``benchmarks/results/stream_overhead.{json,md}``;
+``--label`` names the run, and earlier runs under other labels are kept in the files
+(e.g. ``--label before`` on the old code, then ``--label after``).
+
+    python benchmarks/stream_overhead.py --label after
+    python benchmarks/stream_overhead.py --levels 64 --server-only   # load for a profiler (prints the pid)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from argparse import Namespace
+from pathlib import Path
+
+# one thread each: the model stays cheap and the server's own cost shows (set before torch loads)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import cpu_serving  # noqa: E402  (raw/in-process/client code shared with the SmolLM2 benchmark)
+
+MODEL = "bench"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options (``--serve`` is the internal server-process mode)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model-dir", default=str(Path(tempfile.gettempdir()) / "xllm-tiny-llama-bench"),
+                   help="where the tiny model is built (reused when present)")
+    p.add_argument("--levels", default="1,16,64")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3, help="runs per level and mode; the best is reported")
+    p.add_argument("--label", default="current", help="name of this run in the results (other labels are kept)")
+    p.add_argument("--server-only", action="store_true", help="only the server mode, results not written (for profiling)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "stream_overhead"))
+    p.add_argument("--server-root", default=str(ROOT), help="checkout whose code the server process runs (e.g. a copy of the old code)")
+    p.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)
+    p.add_argument("--serve", metavar="DIR", help=argparse.SUPPRESS)
+    p.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def tiny_model(directory: Path) -> Path:
+    """The tests' tiny Llama, built once into ``directory``."""
+    if not (directory / "config.json").is_file():
+        from tests.models import build_tiny_llama
+
+        build_tiny_llama(directory)
+    return directory
+
+
+def spec_of(path: Path, max_batch: int):
+    """A ModelSpec for the transformers backend, one torch thread, batch up to ``max_batch``."""
+    from xllm_jupyter.backends.base import ModelSpec
+    from xllm_jupyter.store.manifest import detect_format
+
+    return ModelSpec(name=MODEL, path=path, format=detect_format(path), backend="transformers", context_length=4096,
+                     options={"torch_threads": 1, "max_batch_size": max_batch, "device": "cpu"})
+
+
+class OneModel:
+    """A catalog holding only the benchmark model."""
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def resolve(self, name: str):
+        """The spec (any other name is unknown)."""
+        from xllm_jupyter.core.errors import ModelNotFound
+
+        if name != MODEL:
+            raise ModelNotFound(name)
+        return self.spec
+
+    def names(self) -> list[str]:
+        """The one name."""
+        return [MODEL]
+
+
+def serve_main(args: Namespace) -> None:
+    """Child mode: the standalone server (real Engine, ``start_server``) over the tiny model; prints its URL."""
+    from xllm_jupyter.core.config import EngineConfig, ServerConfig, XllmConfig
+    from xllm_jupyter.engine.engine import Engine
+    from xllm_jupyter.server.standalone import start_server
+
+    config = XllmConfig(server=ServerConfig(host="127.0.0.1", port=0, max_tokens_limit=8192),
+                        engine=EngineConfig(default_model=MODEL, max_batch_size=args.concurrency, max_queue=4096,
+                                            keep_alive="-1", torch_threads=1))
+
+    async def main() -> None:
+        engine = Engine(config.engine, catalog=OneModel(spec_of(Path(args.serve), args.concurrency)))
+        await engine.start()
+        await engine.load(MODEL)
+        server = await start_server(config, engine, port=0)
+        print(json.dumps({"url": server.url}), flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+class ServerProcess:
+    """The server child (``--serve``), running the code of checkout ``root``."""
+
+    def __init__(self, path: Path, max_batch: int, root: Path = ROOT):
+        cmd = [sys.executable, str(root / "benchmarks" / "stream_overhead.py"), "--serve", str(path),
+               "--concurrency", str(max_batch)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)  # inherits OMP_NUM_THREADS=1
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the benchmark server did not start")
+        self.url = json.loads(line)["url"]
+
+    def stop(self) -> None:
+        """Terminate the child."""
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread of process ``pid`` ("main" = the IOLoop thread, "other" = the rest); {} off Linux.
+
+    Read from ``schedstat`` (nanoseconds on a CPU), fine enough for a 1-stream run.
+    """
+    out = {"main": 0.0, "other": 0.0}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return {}
+    for tid in tids:
+        try:
+            ns = int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):  # the thread ended meanwhile
+            continue
+        out["main" if tid == str(pid) else "other"] += ns / 1e9
+    return out
+
+
+async def lean_level(url: str, messages: list[dict], c: int, n: int) -> dict:
+    """``c`` concurrent SSE chat streams read as bytes (runs in the client process).
+
+    Events are not parsed one by one: the first content delta is spotted by its bytes and
+    the token count comes from the final usage chunk, so on a small machine the load
+    generator takes as little CPU from the server as it can.
+    """
+    import httpx
+
+    body = {"model": MODEL, "messages": messages, "max_tokens": n, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    usage = re.compile(rb'"completion_tokens":(\d+)')
+
+    async def one(client: httpx.AsyncClient, payload: dict) -> dict:
+        rec = {"start": time.perf_counter(), "first": None, "end": 0.0, "tokens": 0}
+        tail = b""
+        async with client.stream("POST", "/v1/chat/completions", json=payload) as resp:
+            resp.raise_for_status()
+            async for data in resp.aiter_raw():
+                tail = tail[-64:] + data  # a marker split across reads is still found
+                if rec["first"] is None and b'"delta":{"content":' in tail:
+                    rec["first"] = time.perf_counter()
+        rec["end"] = time.perf_counter()
+        found = usage.findall(tail[-1024:])
+        rec["tokens"] = int(found[-1]) if found else 0
+        return rec
+
+    limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        await asyncio.gather(*(one(client, {**body, "max_tokens": 2}) for _ in range(c)))  # warm the pool
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        streams = await asyncio.gather(*(one(client, body) for _ in range(c)))
+        result = cpu_serving.summarize(list(streams), time.perf_counter() - t0)
+        if result["tokens"]:
+            result["client_cpu_us_per_token"] = round((time.process_time() - cpu0) / result["tokens"] * 1e6, 1)
+        return result
+
+
+async def server_level(server: ServerProcess, messages: list[dict], c: int, n: int) -> dict:
+    """One HTTP level from a client child process, plus the server's CPU µs per token by thread."""
+    cmd = [sys.executable, __file__, "--client", server.url, "--concurrency", str(c), "--max-tokens", str(n)]
+    before = thread_cpu(server.proc.pid)
+    proc = await asyncio.create_subprocess_exec(*cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = await proc.communicate(json.dumps(messages).encode())
+    after = thread_cpu(server.proc.pid)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark client failed: {err.decode()[-2000:]}")
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    if before and after and result["tokens"]:
+        for k in ("main", "other"):
+            result[f"cpu_us_per_token_{k}"] = round((after[k] - before[k]) / result["tokens"] * 1e6, 1)
+    return result
+
+
+def overhead_us(rate: float, ceiling: float) -> float | None:
+    """µs added per token by going from ``ceiling`` tok/s to ``rate`` tok/s."""
+    return round((1 / rate - 1 / ceiling) * 1e6, 1) if rate and ceiling else None
+
+
+async def measure(args: Namespace, path: Path, levels: list[int]) -> dict:
+    """Every mode at every level; the server runs in a child process throughout."""
+    import torch
+
+    from xllm_jupyter.backends.registry import select_backend
+    from xllm_jupyter.core.config import EngineConfig
+    from xllm_jupyter.core.types import ChatMessage
+    from xllm_jupyter.engine.engine import Engine
+
+    torch.set_num_threads(1)
+    top = max(levels)
+    spec = spec_of(path, top)
+    server = ServerProcess(path, top, Path(args.server_root))
+    print(f"server pid {server.proc.pid} at {server.url}", file=sys.stderr, flush=True)
+    engine = raw = None
+    try:
+        if not args.server_only:
+            engine = Engine(EngineConfig(max_batch_size=top, torch_threads=1, max_queue=4096), catalog=OneModel(spec))
+            await engine.start()
+            await engine.load(MODEL)
+            raw = await asyncio.to_thread(select_backend(spec).load, spec)
+        else:
+            engine = Engine(EngineConfig(max_batch_size=1), catalog=OneModel(spec))  # only to tokenize the prompt
+            await engine.start()
+        messages, prompt_tokens = await cpu_serving.build_messages(engine, MODEL, args.prompt_tokens)
+        prompt_ids = await engine.encode_chat(MODEL, [ChatMessage(**m) for m in messages])
+        n = args.max_tokens
+        modes = {
+            "server": lambda c: server_level(server, messages, c, n),
+        }
+        if not args.server_only:
+            modes["raw"] = lambda c: asyncio.to_thread(cpu_serving.raw_level, raw, prompt_ids, c, n)
+            modes["engine"] = lambda c: cpu_serving.inprocess_level(engine, MODEL, messages, c, n)
+        for run in modes.values():  # warm-up: first calls allocate and compile
+            await run(2)
+        rows = []
+        names = list(modes)
+        for c in levels:
+            runs: dict[str, list[dict]] = {m: [] for m in names}
+            for i in range(args.repeats):
+                for m in names[i % len(names):] + names[: i % len(names)]:  # rotate which goes first
+                    runs[m].append(await modes[m](c))
+            row = {"streams": c, **{m: cpu_serving.best(r) for m, r in runs.items()}, "runs": runs}
+            if "raw" in row:
+                raw_rate = row["raw"]["aggregate_tok_s"]
+                for m in ("engine", "server"):
+                    row[f"{m}_ratio"] = round(row[m]["aggregate_tok_s"] / raw_rate, 3)
+                    row[f"{m}_overhead_us_per_token"] = overhead_us(row[m]["aggregate_tok_s"], raw_rate)
+            print(json.dumps({**{k: v for k, v in row.items() if k != "runs"}, "all": {m: [x["aggregate_tok_s"] for x in r] for m, r in runs.items()}}), file=sys.stderr, flush=True)
+            rows.append(row)
+        env = cpu_serving.environment(engine, MODEL) if not args.server_only else {}
+    finally:
+        server.stop()
+        if raw is not None:
+            raw.unload()
+        if engine is not None:
+            await engine.stop()
+    return {"params": {"prompt_tokens": prompt_tokens, "max_tokens": n, "temperature": 0, "ignore_eos": True,
+                       "levels": levels, "repeats": args.repeats, "endpoint": "/v1/chat/completions"},
+            "env": env, "levels": rows}
+
+
+def markdown(results: dict) -> str:
+    """Every labelled run as a Markdown table."""
+    lines = ["# Per-token stream overhead (tiny random-weight Llama, transformers, CPU)", "",
+             "raw = LoadedModel add/step loop, engine = `Engine.generate` in-process, server = standalone "
+             "server in a child process streamed over SSE (chat, httpx clients in another process). "
+             "Overhead = 1/server_rate - 1/raw_rate per token. CPU µs/token: per thread of the server process "
+             "and of the client process, from /proc. raw and engine always run the current code in the benchmark "
+             "process; `--server-root` only changes the server process. Targets: server/raw >= 0.95 at 1 stream, "
+             ">= 0.90 at 64. See docs/performance.md for what the figures mean on a 2-core machine.", ""]
+    for label, report in results.items():
+        p, e = report["params"], report["env"]
+        lines += [f"## {label}", "",
+                  f"{p['prompt_tokens']}-token prompt, {p['max_tokens']} new tokens, greedy, ignore_eos, best of {p['repeats']}; "
+                  f"{e.get('cpus')} CPUs, torch {e.get('torch')} ({e.get('torch_threads')} thread); {e.get('date')}, commit {e.get('commit')}.", "",
+                  "| streams | raw tok/s | engine tok/s | server tok/s | engine/raw | server/raw | server overhead µs/token "
+                  "| server CPU µs/token IOLoop / engine thread | client CPU µs/token | TTFT p50 raw / engine / server (ms) |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in report["levels"]:
+            lines.append(f"| {r['streams']} | {r['raw']['aggregate_tok_s']:.0f} | {r['engine']['aggregate_tok_s']:.0f} | "
+                         f"{r['server']['aggregate_tok_s']:.0f} | {r['engine_ratio']:.3f} | {r['server_ratio']:.3f} | "
+                         f"{r['server_overhead_us_per_token']} | {r['server'].get('cpu_us_per_token_main')} / {r['server'].get('cpu_us_per_token_other')} | {r['server'].get('client_cpu_us_per_token')} | {r['raw']['ttft_p50_ms']} / {r['engine']['ttft_p50_ms']} / {r['server']['ttft_p50_ms']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and write the results."""
+    args = parse_args(argv)
+    if args.serve:  # child mode: the server
+        serve_main(args)
+        return 0
+    if args.client:  # child mode: one level of HTTP clients, messages on stdin, JSON on stdout
+        messages = json.loads(sys.stdin.read())
+        print(json.dumps(asyncio.run(lean_level(args.client, messages, args.concurrency, args.max_tokens))))
+        return 0
+    levels = [int(x) for x in args.levels.split(",") if x.strip()]
+    path = tiny_model(Path(args.model_dir))
+    report = asyncio.run(measure(args, path, levels))
+    if args.server_only:
+        return 0
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
+    results[args.label] = report
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(results))
+    print(markdown({args.label: report}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""Static-cache (slot) decoding of the transformers backend, compiled or not, against the eager path.
+
+On CPU the slot cache runs eagerly and under ``torch.compile(backend="eager", fullgraph=True)``,
+which traces the whole decode step as CUDA graphs need it (any graph break fails) without
+generating code. The GPU test at the end compiles with inductor and CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tests.server_fixtures import TINY, make_test_config, running_server  # noqa: E402
+from xllm_jupyter.backends.base import ModelSpec  # noqa: E402
+from xllm_jupyter.backends.hf_compiled import StaticBatch, StaticPlan, buckets  # noqa: E402
+from xllm_jupyter.backends.registry import (  # noqa: E402
+    AUTO_ORDER,
+    COMPILED_FIRST,
+    auto_order,
+    compile_setting,
+    select_backend,
+)
+from xllm_jupyter.backends.transformers import TransformersBackend, TransformersModel  # noqa: E402
+from xllm_jupyter.core.config import EngineConfig  # noqa: E402
+from xllm_jupyter.core.errors import ContextLengthExceeded, EngineError  # noqa: E402
+from xllm_jupyter.core.types import FinishReason, SamplingParams, SequenceJob  # noqa: E402
+from xllm_jupyter.engine.engine import Engine  # noqa: E402
+
+GREEDY = SamplingParams(temperature=0.0)
+#: top_k keeps the sampled CDF short: over the random model's near-uniform 49k-token softmax,
+#: float rounding (~1e-7) between two correct implementations can move a draw to the next id
+SEEDED = SamplingParams(temperature=0.8, top_k=20, seed=7)
+SLOTS = 3
+#: 512 columns per slot: windows of 256 and 512 columns, so long jobs cross a window boundary
+CACHE_TOKENS = SLOTS * 512
+_ids = iter(range(1, 1_000_000))
+
+
+def cpu_spec(path: Path, **options) -> ModelSpec:
+    """The tiny Llama on CPU with ``options``."""
+    return ModelSpec(name="tiny", path=Path(path), options={"device": "cpu", "torch_threads": 1, **options})
+
+
+@pytest.fixture(scope="module")
+def eager(tiny_llama_dir) -> TransformersModel:
+    """The reference: the dynamic-batch eager path."""
+    m = TransformersBackend().load(cpu_spec(tiny_llama_dir, compile="off", max_batch_size=SLOTS))
+    yield m
+    m.unload()
+
+
+def slot_model(eager: TransformersModel, compile_backend: str | None) -> TransformersModel:
+    """The same weights decoding through a slot cache (``compile_backend`` None: not compiled)."""
+    m = TransformersModel(cpu_spec(eager.model.name_or_path), eager.model, eager.tokenizer, device=torch.device("cpu"),
+                          max_batch_size=SLOTS, static=StaticPlan(CACHE_TOKENS, compile_backend))
+    m.warm_up()
+    return m
+
+
+@pytest.fixture(scope="module", params=[None, "eager"], ids=["slots-uncompiled", "slots-compiled"])
+def static(request, eager) -> TransformersModel:
+    """Slot decoding, uncompiled and traced whole by torch.compile (backend "eager", fullgraph)."""
+    m = slot_model(eager, request.param)
+    yield m
+    m.unload()
+
+
+def job(prompt, max_tokens, sampling=GREEDY, **kw) -> SequenceJob:
+    """A job with a fresh id."""
+    return SequenceJob(next(_ids), tuple(prompt), max_tokens, sampling, frozenset(), **kw)
+
+
+def schedule(sampling=GREEDY):
+    """Jobs of different prompt lengths joining at different steps; more jobs than slots."""
+    return {0: [job(range(200, 230), 40, sampling)],
+            2: [job(range(50, 55), 6, sampling, logprobs=True, top_logprobs=2), job(range(60, 77), 30, sampling)],
+            5: [job(range(70, 72), 25, sampling)],  # queued: every slot is taken
+            9: [job(range(300, 540), 30, sampling)],  # 240 + 30 tokens: crosses the 256-column window
+            14: [job(range(80, 99), 20, sampling)]}
+
+
+def run(m: TransformersModel, joins, *, cancels=None, max_steps=300):
+    """Step until idle; returns events per join order (index in ``joins``) and the slot sets seen."""
+    order = {j.job_id: i for i, j in enumerate(j for step in sorted(joins) for j in joins[step])}
+    events: dict[int, list] = defaultdict(list)
+    slots_seen: list[tuple[int, ...]] = []
+    for step in range(max_steps):
+        for j in joins.get(step, []):
+            m.add(j)
+        for jid in (cancels or {}).get(step, []):
+            m.cancel(jid)
+        if not m.active_jobs() and step > max(joins):
+            break
+        for e in m.step():
+            events[order[e.job_id]].append(e)
+        if isinstance(m._batch, StaticBatch):
+            slots_seen.append(tuple(m._batch.table.rows))
+    assert not m.active_jobs()
+    return events, slots_seen
+
+
+def tokens(evs) -> list[int]:
+    """Token ids of one job's events."""
+    return [e.token_id for e in evs if e.token_id is not None]
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_slot_decoding_matches_eager_under_continuous_batching(eager, static, sampling):
+    want, _ = run(eager, schedule(sampling))
+    got, slots_seen = run(static, schedule(sampling))
+    assert len(got) == len(want) == 6
+    for i in want:
+        assert tokens(got[i]) == tokens(want[i]), f"job {i}"
+        assert got[i][-1].finish is want[i][-1].finish is FinishReason.LENGTH
+        for a, b in zip(want[i], got[i]):
+            assert (a.logprob is None) == (b.logprob is None)
+            if a.logprob is not None:
+                assert b.logprob == pytest.approx(a.logprob, abs=1e-4)
+                assert [t for t, _ in a.top_logprobs] == [t for t, _ in b.top_logprobs]
+    assert len(tokens(got[4])) == 30  # the long job really decoded past column 256
+    # every slot was used, never more than SLOTS, and slots were handed on to later jobs
+    assert set().union(*slots_seen) == set(range(SLOTS)) and max(len(s) for s in slots_seen) == SLOTS
+    assert sum(1 for a, b in zip(slots_seen, slots_seen[1:]) if set(b) - set(a)) >= 3
+    assert static._batch.table.rows == [] and sorted(static._batch.table.free) == list(range(SLOTS))
+
+
+def test_details_memory_and_context(eager, static):
+    details = static.details()
+    assert details["decode"] == ("compiled-static" if static._batch.decoder.compiled else "static")
+    assert eager.details()["decode"] == "eager"
+    cache = static._batch.cache
+    # 2 layers x (keys + values) x 3 slots x 2 kv heads x 512 columns x 16 dims x 4 bytes
+    assert cache.nbytes == 2 * 2 * SLOTS * 2 * 512 * 16 * 4
+    assert static.memory_bytes() == static._weight_bytes + cache.nbytes
+    assert static.context_length == 512  # the slot length bounds every sequence
+    with pytest.raises(ContextLengthExceeded):
+        static.add(job(range(100, 612), 4))
+    long, _ = run(static, {0: [job(range(100, 500), 500)]})
+    assert long[0][-1].finish is FinishReason.LENGTH and long[0][-1].completion_tokens == 112
+
+
+def test_cancel_frees_the_slot_for_the_next_job(eager, static):
+    a, b = job(range(200, 230), 100), job(range(40, 51), 100)
+    static.add(a)
+    static.add(b)
+    static.step()
+    static.step()
+    table = static._batch.table
+    assert sorted(table.rows) == [0, 1]
+    slot_a = table.rows[[s.job.job_id for s in static._running].index(a.job_id)]
+    static.cancel(a.job_id)
+    out = static.step()
+    assert [(e.job_id, e.finish) for e in out if e.finish] == [(a.job_id, FinishReason.CANCELLED)]
+    assert table.rows == [1 - slot_a] and slot_a in table.free and static.last_batch_size == 1
+    # the next job takes a's slot (over a's stale keys) and decodes as it does alone
+    c = job(range(60, 75), 12)
+    static.add(c)
+    static.step()
+    assert table.rows == [1 - slot_a, slot_a]
+    static.cancel(b.job_id)
+    events = defaultdict(list)
+    while static.active_jobs():
+        for e in static.step():
+            events[e.job_id].append(e)
+    alone, _ = run(eager, {0: [job(range(60, 75), 12)]})
+    assert [e.finish for e in events[b.job_id]] == [FinishReason.CANCELLED]
+    assert tokens(events[c.job_id])[-11:] == tokens(alone[0])[-11:] and len(tokens(alone[0])) == 12
+    assert table.rows == [] and sorted(table.free) == [0, 1, 2]
+
+
+def test_lora_rows_follow_their_slots(tiny_llama_dir, tmp_path):
+    from tests.test_lora import _make_adapter
+
+    adapter = _make_adapter(Path(tiny_llama_dir), tmp_path / "ad", seed=3)
+    spec = cpu_spec(tiny_llama_dir, compile="off", max_batch_size=SLOTS)
+    models = [TransformersBackend().load(spec), TransformersBackend().load(spec)]
+    models[1] = TransformersModel(spec, models[1].model, models[1].tokenizer, device=torch.device("cpu"),
+                                  max_batch_size=SLOTS, static=StaticPlan(CACHE_TOKENS, "eager"))
+    outs = []
+    for m in models:
+        m.load_adapter("ad", adapter)
+        # the adapter row sits in slot 1 while slot 0 is empty, so slot order != row order
+        joins = {0: [job(range(30, 40), 3), job(range(200, 220), 16, adapter="ad")], 1: [job(range(90, 99), 12)]}
+        outs.append(run(m, joins)[0])
+    assert models[1].details()["decode"] == "static"  # LoRA hooks: the slot cache runs uncompiled
+    assert {i: tokens(e) for i, e in outs[1].items()} == {i: tokens(e) for i, e in outs[0].items()}
+    plain, _ = run(models[0], {0: [job(range(200, 220), 16)]})
+    assert tokens(plain[0]) != tokens(outs[0][1])  # the adapter really changed that row
+
+
+def test_compile_option_chooses_the_path_at_load(tiny_llama_dir):
+    backend = TransformersBackend()
+    on = backend.load(cpu_spec(tiny_llama_dir, compile="on", compile_backend="eager", max_batch_size=2))
+    auto = backend.load(cpu_spec(tiny_llama_dir))  # auto: off on CPU
+    try:
+        assert on.details()["decode"] == "compiled-static" and isinstance(on._batch, StaticBatch)
+        assert auto.details()["decode"] == "eager"
+    finally:
+        on.unload()
+        auto.unload()
+    with pytest.raises(EngineError, match="engine.compile"):
+        backend.load(cpu_spec(tiny_llama_dir, compile="sometimes"))
+
+
+def test_buckets():
+    assert buckets(1) == (1,) and buckets(16) == (1, 2, 4, 8, 16) and buckets(12) == (1, 2, 4, 8, 12)
+    assert buckets(4096, 256) == (256, 512, 1024, 2048, 4096) and buckets(100, 256) == (100,)
+
+
+# ------------------------------------------------------------------- selection rule
+@pytest.mark.parametrize("value,want", [("auto", "auto"), ("on", "on"), ("OFF", "off"), (True, "on"),
+                                        (False, "off"), ("True", "on"), ("false", "off"), (None, "auto")])
+def test_compile_setting_reads_yaml_spellings(value, want):
+    assert compile_setting({"compile": value}) == want
+
+
+def test_registry_prefers_compiled_transformers_for_fp16_safetensors_only(tiny_llama_dir):
+    def spec(fmt="safetensors", **options):
+        return ModelSpec(name="m", path=Path(tiny_llama_dir), format=fmt, options=options)
+
+    assert auto_order(spec(compile="on")) == COMPILED_FIRST == ("transformers", "exllamav3", "exllamav2")
+    assert auto_order(spec(compile="off")) == AUTO_ORDER == ("exllamav3", "exllamav2", "transformers")
+    for fmt in ("exl3", "exl2", "gptq", "gguf"):  # quantized models stay on exllama
+        assert auto_order(spec(fmt, compile="on")) == AUTO_ORDER
+    assert auto_order(dataclasses.replace(spec(compile="on"), task="embedding")) == AUTO_ORDER
+    assert auto_order(spec(compile="auto", device="cpu")) == AUTO_ORDER
+    assert auto_order(spec(compile="auto", device="cuda", dtype="float32")) == AUTO_ORDER
+    assert auto_order(spec(compile="auto")) == AUTO_ORDER  # unmeasured on a GPU: only "on" reorders
+    assert select_backend(spec(compile="on")).name == "transformers"
+    # a manifest's backend still wins
+    with pytest.raises(Exception, match="exllamav3"):
+        select_backend(dataclasses.replace(spec(compile="on"), backend="exllamav3"))
+
+
+def test_engine_passes_compile_to_the_backend(tiny_catalog):
+    engine = Engine(EngineConfig(compile="on"), catalog=tiny_catalog)
+    assert engine._resolve(TINY).options["compile"] == "on"
+    assert Engine(EngineConfig(), catalog=tiny_catalog)._resolve(TINY).options["compile"] == "auto"
+
+
+# ------------------------------------------------------------------------- server
+class TraceOnly:
+    """The real store, with torch.compile's "eager" backend (full tracing, no C++ build on CPU)."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def resolve(self, name):
+        spec = self.store.resolve(name)
+        return dataclasses.replace(spec, options={**spec.options, "compile_backend": "eager"})
+
+    def names(self):
+        return self.store.names()
+
+
+def test_server_with_compile_on_serves_and_reports_decode_mode(xllm_home, tiny_catalog, client):
+    import httpx
+    import openai
+
+    base = make_test_config(xllm_home)
+    config = dataclasses.replace(base, engine=dataclasses.replace(base.engine, compile="on"))
+    messages = [{"role": "user", "content": "Count: one two three"}]
+    want = client.chat.completions.create(model=TINY, messages=messages, max_tokens=16, temperature=0)
+    with running_server(config, TraceOnly(tiny_catalog), TINY) as srv:
+        headers = {"Authorization": f"Bearer {srv.api_key}"}
+        body = httpx.get(srv.base_url + "/models", headers=headers).json()
+        entry = next(m for m in body["data"] if m["id"] == TINY)
+        assert '"decode": "compiled-static"' in json.dumps(entry)
+        with openai.OpenAI(base_url=srv.base_url, api_key=srv.api_key, max_retries=0, timeout=120) as sdk:
+            got = sdk.chat.completions.create(model=TINY, messages=messages, max_tokens=16, temperature=0)
+            streamed = "".join(c.choices[0].delta.content or "" for c in sdk.chat.completions.create(
+                model=TINY, messages=messages, max_tokens=16, temperature=0, stream=True) if c.choices)
+    assert got.choices[0].message.content == want.choices[0].message.content == streamed
+    assert got.usage.completion_tokens == want.usage.completion_tokens
+
+
+# ---------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_cuda_graph_decode_matches_eager(tiny_llama_dir, dtype):
+    from torch._dynamo.utils import counters
+
+    backend = TransformersBackend()
+    opts = {"device": "cuda", "dtype": dtype, "max_batch_size": SLOTS, "cache_tokens": CACHE_TOKENS}
+    eager_gpu = backend.load(ModelSpec(name="tiny", path=Path(tiny_llama_dir), options={**opts, "compile": "off"}))
+    skips = counters["inductor"]["cudagraph_skips"]
+    graphs = backend.load(ModelSpec(name="tiny", path=Path(tiny_llama_dir), options={**opts, "compile": "on"}))
+    try:
+        assert graphs.details()["decode"] == "compiled-static" and graphs._batch.decoder.compiled
+        want, _ = run(eager_gpu, schedule())
+        got, _ = run(graphs, schedule())
+        # inductor silently falls back to no CUDA graphs (e.g. on a mutated non-static input)
+        assert counters["inductor"]["cudagraph_skips"] == skips
+        for i in want:
+            a, b = tokens(want[i]), tokens(got[i])
+            if dtype == "float32":
+                assert a == b, f"job {i}"
+            else:  # half precision: different kernels may flip a near-tie late in a random model
+                assert a[:8] == b[:8], f"job {i}"
+        text = [graphs.detokenize(tokens(got[i])) for i in got]
+        assert all(text)
+    finally:
+        eager_gpu.unload()
+        graphs.unload()

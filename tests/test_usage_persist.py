@@ -1,0 +1,103 @@
+"""Usage survives a restart (quotas.usage_file): a daily quota cannot be reset by restarting."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+
+import httpx
+import openai
+import pytest
+
+from tests.server_fixtures import API_KEY, TINY, make_test_config, running_server
+from xllm_jupyter.core.config import QuotaConfig, load_config
+from xllm_jupyter.server.auth import key_id
+from xllm_jupyter.server.usage import Caller, UsageTracker
+from xllm_jupyter.server.usage_file import read_usage, usage_path
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def _config(home, **quotas):
+    cfg = make_test_config(home)
+    return dataclasses.replace(cfg, store=dataclasses.replace(cfg.store, home=home), quotas=QuotaConfig(**quotas))
+
+
+def _usage(srv) -> dict:
+    with httpx.Client(base_url=srv.root, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as c:
+        r = c.get("/admin/usage")
+    assert r.status_code == 200, r.text
+    return {row["user"]: row for row in r.json()["data"]}
+
+
+def _sdk(srv) -> openai.OpenAI:
+    return openai.OpenAI(base_url=srv.base_url, api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def test_daily_quota_and_totals_survive_a_restart(tmp_path, tiny_catalog):
+    cfg = _config(tmp_path, tokens_per_day=5)  # usage_file: auto -> <home>/usage.json
+    user = key_id(API_KEY)
+    with running_server(cfg, tiny_catalog, TINY) as srv:
+        reply = _sdk(srv).chat.completions.create(model=TINY, messages=MSG, max_tokens=4)
+        spent = reply.usage.total_tokens
+        assert spent > 5  # the prompt alone is over the quota: the next request is refused
+        with pytest.raises(openai.RateLimitError, match="Daily token quota"):
+            _sdk(srv).chat.completions.create(model=TINY, messages=MSG, max_tokens=2)
+    saved = read_usage(tmp_path / "usage.json")  # written when the server stopped
+    assert saved[user]["tokens_today"] == spent and "in_flight" not in saved[user]
+
+    with running_server(cfg, tiny_catalog, TINY) as srv:
+        row = _usage(srv)[user]
+        assert (row["total_tokens"], row["tokens_today"], row["requests"]) == (spent, spent, 1)
+        assert row["rejected"] == {"tokens_per_day": 1} and row["limits"]["tokens_per_day"] == 5
+        with httpx.Client(base_url=srv.base_url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as c:
+            r = c.post("/chat/completions", json={"model": TINY, "messages": MSG, "max_tokens": 2})
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+        err = r.json()["error"]
+        assert err["type"] == "rate_limit_error" and "Daily token quota" in err["message"]
+
+
+def test_a_corrupt_usage_file_is_survived(tmp_path, tiny_catalog, caplog):
+    (tmp_path / "usage.json").write_text('{"version": 1, "users": {"x": ')  # cut short mid-write by hand
+    cfg = _config(tmp_path, tokens_per_day=1000)
+    with caplog.at_level(logging.WARNING, logger="xllm_jupyter.server"):
+        with running_server(cfg, tiny_catalog, TINY) as srv:
+            assert _usage(srv) == {}
+            reply = _sdk(srv).chat.completions.create(model=TINY, messages=MSG, max_tokens=2)
+    assert "usage file" in caplog.text and "unreadable" in caplog.text
+    saved = json.loads((tmp_path / "usage.json").read_text())  # replaced by a good file
+    assert saved["users"][key_id(API_KEY)]["prompt_tokens"] == reply.usage.prompt_tokens
+
+
+def test_usage_file_setting_auto_off_and_path(tmp_path):
+    def path(shared=False, **quotas):
+        cfg = load_config(tmp_path / "none.yaml", env={"XLLM_HOME": str(tmp_path)}, overrides={"quotas": quotas})
+        return usage_path(cfg, shared=shared)
+
+    assert path() is None  # no daily quota, not the hub: nothing to protect
+    assert path(shared=True) == tmp_path / "usage.json"  # the hub service keeps usage by default
+    assert path(user_tokens_per_day=["alice=10"]) == tmp_path / "usage.json"
+    assert path(tokens_per_day=10, usage_file="off") is None
+    assert path(shared=True, usage_file="") is None
+    assert path(usage_file=str(tmp_path / "elsewhere.json")) == tmp_path / "elsewhere.json"
+
+
+def test_old_days_are_pruned_and_saves_are_throttled_off_the_caller(tmp_path):
+    now = [1_000_000.0]
+    file = tmp_path / "usage.json"
+    t = UsageTracker(QuotaConfig(tokens_per_day=100), clock=lambda: now[0], path=file)
+    t.release(t.admit(Caller("alice", ("staff",))))
+    t.charge("alice", 30, 10)
+    assert not file.exists()  # charging never writes: the saver thread does, every few seconds
+    t.close()
+    assert read_usage(file)["alice"]["tokens_today"] == 40
+
+    now[0] += 86400  # the next UTC day: yesterday's count is pruned, totals are kept
+    t2 = UsageTracker(QuotaConfig(tokens_per_day=100), clock=lambda: now[0], path=file)
+    row = t2.snapshot("alice")[0]
+    assert (row["tokens_today"], row["total_tokens"], row["groups"]) == (0, 40, ["staff"])
+    t2.charge("bob", 1, 1)
+    t2.close()
+    saved = read_usage(file)
+    assert saved["alice"]["tokens_today"] == 0 and saved["alice"]["day"] == "" and saved["bob"]["tokens_today"] == 2

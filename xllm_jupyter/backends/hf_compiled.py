@@ -1,0 +1,369 @@
+"""Static-cache decoding for the transformers backend, compiled with CUDA graphs on a GPU.
+
+The eager path (``transformers.py`` + ``kv_batch.py``) re-lays out a dynamic cache as rows
+join and leave, so every decode step has new shapes and runs op by op from Python: about
+4x slower per token than a compiled graph on an H100 at one stream. Here every sequence
+owns a fixed *slot* (one row) of a preallocated cache of shape (slots, kv_heads, slot
+tokens, head_dim): prefill runs eagerly, as before, and its keys/values are copied into
+the slot. The single-token decode step runs over the first ``n`` slots and reads the first
+``w`` columns (both rounded up to buckets: 1, 2, 4 ... ``max_batch_size`` rows; 256, 512
+... slot-length columns), so it takes a handful of shapes over fixed tensor addresses and
+``torch.compile(mode="reduce-overhead", fullgraph=True)`` replays it as CUDA graphs.
+
+transformers 5.x models take no ``cache_position``: they derive the mask's sizes and the
+query's offset from the cache (``get_mask_sizes``, ``get_query_offset``), which is where
+this cache says what a step reads.
+
+Per-row lengths. transformers' own ``StaticLayer.update`` writes every row at one shared
+column (``cumulative_length``): that is how ``generate(cache_implementation="static")``
+runs a left-padded batch that starts together, with per-row ``position_ids`` from the
+padding and a 2D ``attention_mask`` over the static length. Continuous batching starts
+rows at different times, so a shared column would force re-aligning the whole cache
+whenever a longer prompt joins or the column reaches the end. Instead ``SlotLayer``
+writes each row at its own position (a scatter at ``positions[row]``), column = position,
+and ``SlotCache.get_query_offset`` says the query sits at the window's last column, which makes the
+causal term allow every column: which columns a row really sees is carried entirely by
+the 2D padding mask ``column <= positions[row]``, turned into the 4D mask of the model's
+attention implementation (sdpa, eager) by transformers' own mask builders. Columns past a
+row's position hold a previous occupant's keys and are masked out, so freeing a slot
+costs nothing. Sliding-window and non-attention (linear/recurrent) layers are not
+supported: such models stay on the eager path.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from transformers.cache_utils import Cache, StaticLayer
+
+from .kv_batch import _layers, new_cache
+from .registry import compile_auto, compile_setting
+
+log = logging.getLogger(__name__)
+
+#: tokens per slot when neither the manifest's context nor engine.cache_tokens bounds it lower
+DEFAULT_SLOT_TOKENS = 4096
+#: the narrowest attention window (columns) a decode step reads
+WINDOW_MIN = 256
+#: details()["decode"] values: compiled graph, the slot cache run eagerly, the dynamic batch (transformers.py)
+DECODE_COMPILED, DECODE_STATIC, DECODE_EAGER = "compiled-static", "static", "eager"
+
+
+def compile_wanted(options: Mapping[str, Any], fmt: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a model loaded with these settings decodes through the slot cache, compiled.
+
+    auto: CUDA with fp16/bf16 safetensors weights and Triton (``registry.compile_auto``);
+    on: everywhere (on CPU inductor emits C++); off: never.
+    """
+    setting = compile_setting(options)
+    if setting != "auto":
+        return setting == "on"
+    return compile_auto(device.type, str(dtype).removeprefix("torch."), fmt)
+
+
+@dataclass(frozen=True)
+class StaticPlan:
+    """How a TransformersModel sets up slot decoding: the cache budget and the compiler backend."""
+
+    #: engine.cache_tokens: KV tokens for all slots together (0 = DEFAULT_SLOT_TOKENS per slot)
+    cache_tokens: int = 0
+    #: torch.compile backend ("inductor"; "eager" traces without code generation); None = no compile
+    compile_backend: str | None = "inductor"
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> "StaticPlan":
+        """From a ModelSpec's options (``cache_tokens``, ``compile_backend``)."""
+        return cls(int(options.get("cache_tokens") or 0), str(options.get("compile_backend") or "inductor"))
+
+    def slot_tokens(self, context_length: int, slots: int) -> int:
+        """Tokens per slot: the model's context, capped by cache_tokens / slots or DEFAULT_SLOT_TOKENS.
+
+        The cache is allocated whole at load (slots x slot tokens), so a 128k-context model
+        must not get 128k columns per slot by default.
+        """
+        cap = self.cache_tokens // slots if self.cache_tokens else DEFAULT_SLOT_TOKENS
+        return max(16, min(context_length, cap))
+
+
+def buckets(limit: int, first: int = 1) -> tuple[int, ...]:
+    """``first`` and its doublings below ``limit``, then ``limit``: the shapes decode steps take.
+
+    Rows (slots 0..n-1) and columns (the attention window) are rounded up to these, so a few
+    graphs serve every batch, and a step reads the keys of live slots and columns only.
+    """
+    sizes, n = [], first
+    while n < limit:
+        sizes.append(n)
+        n *= 2
+    return (*sizes, limit)
+
+
+def static_layout_problem(model) -> str | None:
+    """Why this model cannot use slot decoding (None when it can)."""
+    cfg = model.config.get_text_config()
+    kinds = set(getattr(cfg, "layer_types", None) or ())
+    if kinds - {"full_attention"}:
+        return f"layer types {sorted(kinds)}"
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        return "sliding-window attention"
+    if getattr(cfg, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return f"attention implementation '{cfg._attn_implementation}'"
+    return None
+
+
+class SlotView:
+    """What every layer of a slot cache shares for one step: write positions and the column window."""
+
+    def __init__(self, positions: torch.Tensor, window: int) -> None:
+        """``positions``: (slots,) column each row writes at; ``window``: columns attention reads."""
+        self.positions, self.window = positions, window
+
+
+class SlotLayer(StaticLayer):
+    """One layer's static keys/values; a decode step writes row ``r`` at column ``positions[r]``."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, view: SlotView) -> None:
+        """Adopt preallocated (slots, heads, tokens, dim) buffers and the shared per-step view."""
+        super().__init__(max_cache_len=keys.shape[2])
+        self.keys, self.values, self.view = keys, values, view
+        self.dtype, self.device = keys.dtype, keys.device
+        self.batch_size, self.num_heads = keys.shape[:2]
+        self.k_head_dim, self.v_head_dim = keys.shape[-1], values.shape[-1]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Scatter one new column per row (rows 0..n-1); return those rows' first ``window`` columns."""
+        n, heads, q, dim = key_states.shape
+        if q != 1:  # prefill runs on a DynamicCache and is copied in (``SlotCache.write``)
+            raise ValueError("SlotLayer takes one token per row")
+        at = self.view.positions[:n].view(n, 1, 1, 1)
+        self.keys[:n].scatter_(2, at.expand(n, heads, 1, dim), key_states)
+        self.values[:n].scatter_(2, at.expand(n, heads, 1, value_states.shape[-1]), value_states)
+        w = self.view.window
+        return self.keys[:n, :, :w], self.values[:n, :, :w]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """The mask spans the window's columns from column 0."""
+        return self.view.window, 0
+
+
+class SlotCache(Cache):
+    """A cache of fixed slots; each holds one sequence, left-aligned (column = position)."""
+
+    def __init__(self, shapes: Sequence[tuple[tuple[int, int, int], torch.dtype]], slots: int, tokens: int,
+                 device: torch.device) -> None:
+        """``shapes``: per layer ((kv heads, key dim, value dim), dtype), as a prefill produced them."""
+        self.slots, self.tokens = slots, tokens
+        #: positions: the column each slot's next token is written at (filled before every step);
+        #: window: how many leading columns this step's attention reads (set inside the step)
+        self.view = SlotView(torch.zeros(slots, dtype=torch.long, device=device), tokens)
+        #: column indices, for the per-row visibility mask
+        self.columns = torch.arange(tokens, device=device)
+        layers = []
+        for (heads, kdim, vdim), dtype in shapes:
+            keys = torch.zeros((slots, heads, tokens, kdim), dtype=dtype, device=device)
+            values = torch.zeros((slots, heads, tokens, vdim), dtype=dtype, device=device)
+            layers.append(SlotLayer(keys, values, self.view))
+        super().__init__(layers=layers)
+        # fixed addresses: CUDA graphs read and write these buffers in place
+        for t in (self.view.positions, *(x for layer in layers for x in (layer.keys, layer.values))):
+            torch._dynamo.mark_static_address(t)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """(slots,) the column each slot's next token is written at."""
+        return self.view.positions
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        """The query sits at the window's last column, so causality allows all; the padding mask decides."""
+        return self.view.window - 1
+
+    def write(self, slot: int, layer_kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy a prefilled sequence's per-layer (heads, length, dim) keys/values into ``slot``."""
+        for layer, (k, v) in zip(self.layers, layer_kv):
+            layer.keys[slot, :, : k.shape[1]].copy_(k)
+            layer.values[slot, :, : v.shape[1]].copy_(v)
+
+    def visible(self, n: int, window: int) -> torch.Tensor:
+        """(n, window) bool: the columns rows 0..n-1 attend to in this step (their past and their new token)."""
+        return self.columns[:window].unsqueeze(0) <= self.positions[:n].unsqueeze(1)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all keys and values."""
+        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers)
+
+
+def probe_shapes(model, device: torch.device) -> list[tuple[tuple[int, int, int], torch.dtype]]:
+    """Per-layer cache shapes and dtypes, from a one-token forward (works for any full-attention model)."""
+    cache = new_cache()
+    with torch.inference_mode():
+        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), past_key_values=cache, use_cache=True)
+    return [((layer.keys.shape[1], layer.keys.shape[3], layer.values.shape[3]), layer.keys.dtype)
+            for layer in _layers(cache)]
+
+
+class SlotDecoder:
+    """The decode step over slots 0..n-1: one forward, eager or compiled, returning last-token logits."""
+
+    def __init__(self, model, cache: SlotCache, *, compile_backend: str | None, cuda: bool) -> None:
+        """``compile_backend`` None runs eagerly; "inductor" on CUDA captures CUDA graphs."""
+        self.model, self.cache = model, cache
+        self.compiled = compile_backend is not None
+        self.widths = buckets(cache.slots)
+        self.windows = buckets(cache.tokens, min(WINDOW_MIN, cache.tokens))
+        self._eager = self._forward
+        if compile_backend is None:
+            self._fn = self._forward
+        else:
+            mode = "reduce-overhead" if cuda and compile_backend == "inductor" else None
+            self._fn = torch.compile(self._forward, backend=compile_backend, mode=mode, fullgraph=True)
+
+    def _forward(self, ids: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        # the window travels as the mask's shape (a graph input, so a new window is a new
+        # shape, not a new constant) and reaches the layers through the shared view
+        self.cache.view.window = visible.shape[1]
+        out = self.model(input_ids=ids, position_ids=self.cache.positions[: ids.shape[0]].unsqueeze(1),
+                         attention_mask=visible, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :]
+
+    def width(self, highest_slot: int) -> int:
+        """The row bucket that covers slots 0..highest_slot."""
+        return next(b for b in self.widths if b > highest_slot)
+
+    def window(self, highest_position: int) -> int:
+        """The column bucket that covers columns 0..highest_position."""
+        return next(b for b in self.windows if b > highest_position)
+
+    def step(self, ids: torch.Tensor, positions: torch.Tensor, *, eager: bool = False) -> torch.Tensor:
+        """Logits (n, vocab) for ``ids`` (n, 1) at ``positions`` (n,).
+
+        Compiled on CUDA, the result lives in the graph's memory pool and the next replay
+        overwrites it: callers copy what they keep before the next step.
+        """
+        n = ids.shape[0]
+        self.cache.positions[:n].copy_(positions)
+        visible = self.cache.visible(n, self.window(int(positions.max())))
+        if self.compiled and not eager and ids.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the previous outputs are done with
+        return (self._eager if eager else self._fn)(ids, visible)
+
+    def warm_up(self, pad_id: int) -> None:
+        """Compile (and record) every bucket now, at load, instead of stalling the first requests."""
+        if not self.compiled:
+            return
+        # every row count at the narrowest window, then every window at the widest: after a
+        # shape changes once, dynamo recompiles that dimension as dynamic, so this is a few
+        # compiles, not one per combination. CUDA graphs are recorded per thread, so the engine
+        # thread still records each shape on its first use (milliseconds, no compiling).
+        shapes = [(n, self.windows[0]) for n in self.widths] + [(self.widths[-1], w) for w in self.windows[1:]]
+        for n, window in shapes:
+            self.step(torch.full((n, 1), pad_id, dtype=torch.long, device=self.cache.positions.device),
+                      torch.full((n,), window - 1, dtype=torch.long))  # free slots: the writes are never read
+
+
+class SlotTable:
+    """Which slot each running sequence holds; hands out the lowest free slot (keeps buckets small)."""
+
+    def __init__(self, slots: int) -> None:
+        """All ``slots`` free."""
+        self.free = list(range(slots))
+        #: slot of running row i (parallel to the model's running list)
+        self.rows: list[int] = []
+        #: next position (= tokens in the slot) per slot
+        self.lengths = [0] * slots
+
+    def take(self, length: int) -> int:
+        """Claim the lowest free slot for a sequence of ``length`` tokens; append it as a row."""
+        self.free.sort()
+        slot = self.free.pop(0)
+        self.rows.append(slot)
+        self.lengths[slot] = length
+        return slot
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows`` (ascending indices); their slots stay, the others are freed."""
+        kept = set(rows)
+        self.free.extend(s for i, s in enumerate(self.rows) if i not in kept)
+        self.rows = [self.rows[i] for i in rows]
+
+    def clear(self) -> None:
+        """Free every slot."""
+        self.keep([])
+
+
+class StaticBatch:
+    """The running batch in a slot cache: the static counterpart of ``kv_batch.BatchKV``.
+
+    Row i of the batch (the model's running list) lives in slot ``table.rows[i]``.
+    """
+
+    def __init__(self, model, device: torch.device, *, slots: int, tokens: int, compile_backend: str | None) -> None:
+        """Allocate the whole cache now (slots x tokens) and set up the decode step."""
+        self.cache = SlotCache(probe_shapes(model, device), slots, tokens, device)
+        self.table = SlotTable(slots)
+        self.decoder = SlotDecoder(model, self.cache, compile_backend=compile_backend, cuda=device.type == "cuda")
+        self.device = device
+
+    @property
+    def mode(self) -> str:
+        """``compiled-static`` or ``static`` (the slot cache run eagerly)."""
+        return DECODE_COMPILED if self.decoder.compiled else DECODE_STATIC
+
+    @property
+    def rows(self) -> int:
+        """Sequences in the batch."""
+        return len(self.table.rows)
+
+    def join(self, cache, mask: torch.Tensor, lengths: Sequence[int]) -> None:
+        """Give each row of a right-aligned prefill cache a slot and copy its keys/values there."""
+        del mask  # rows are right-aligned: the real tokens are the last ``lengths[row]`` columns
+        layers = _layers(cache)
+        for row, n in enumerate(lengths):
+            self.cache.write(self.table.take(n), [(layer.keys[row, :, -n:], layer.values[row, :, -n:])
+                                                  for layer in layers])
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows`` (ascending); the others' slots are free at once."""
+        self.table.keep(rows)
+
+    def clear(self) -> None:
+        """Free every slot (the buffers stay allocated)."""
+        self.table.clear()
+
+    def nbytes(self) -> int:
+        """Bytes of the slot cache (allocated whole at load)."""
+        return self.cache.nbytes
+
+    def by_slot(self, values: Sequence[Any], fill: Any) -> list[Any]:
+        """Per-row ``values`` laid out in decode order: index = slot, ``fill`` for free slots below the width."""
+        out = [fill] * self.decoder.width(max(self.table.rows))
+        for slot, value in zip(self.table.rows, values):
+            out[slot] = value
+        return out
+
+    def forward(self, last: Sequence[int], pad_id: int, *, eager: bool = False) -> torch.Tensor:
+        """Feed every row its last token in one step; logits (rows, vocab) in row order.
+
+        The forward runs over slots 0..n-1 (``by_slot`` order; LoRA row names must use it too);
+        free slots below n decode a pad at column 0, which nothing reads.
+        """
+        slots, lengths = self.table.rows, self.table.lengths
+        ids, positions = self.by_slot(last, pad_id), self.by_slot([lengths[s] for s in slots], 0)
+        for slot in slots:
+            lengths[slot] += 1
+        logits = self.decoder.step(torch.tensor(ids, device=self.device).unsqueeze(1), torch.tensor(positions),
+                                   eager=eager)
+        # a copy either way: the compiled step's output is overwritten by its next replay
+        return logits.clone() if slots == list(range(len(ids))) else logits[torch.tensor(slots, device=self.device)]
+
+    def warm_up(self, pad_id: int, name: str) -> None:
+        """Compile every batch bucket now; if compiling fails, decode the slot cache eagerly instead."""
+        try:
+            self.decoder.warm_up(pad_id)
+        except Exception:  # a compiler failure must cost speed, not the model
+            log.warning("%s: torch.compile failed; decoding the static cache eagerly", name, exc_info=True)
+            self.decoder = SlotDecoder(self.decoder.model, self.cache, compile_backend=None, cuda=False)
