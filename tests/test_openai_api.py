@@ -105,7 +105,9 @@ def test_chat_stream(client, raw):
 
 
 def test_chat_stream_include_usage(client, raw):
-    body = {"model": TINY, "messages": MSG, "max_tokens": 5, "stream": True, "stream_options": {"include_usage": True}}
+    # greedy: both calls below must generate the same number of tokens to compare their usage
+    body = {"model": TINY, "messages": MSG, "max_tokens": 5, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
     with raw.stream("POST", "/v1/chat/completions", json=body) as r:
         events = sse_events(r.read().decode())
     assert events[-1] == "[DONE]"
