@@ -68,7 +68,7 @@ class EngineConfig:
     num_draft_tokens: int = 4  # tokens drafted per step (draft model or n-gram)
     ngram_draft: int = 0  # n-gram drafting from the context: minimum match length (0 = off)
     # transformers backend: static-cache decode compiled with torch.compile (CUDA graphs): auto (CUDA +
-    # fp16/bf16 safetensors; such models then prefer transformers over exllamav3), on, off (docs/gpu.md)
+    # fp16/bf16 safetensors), on (FP16 models then also prefer transformers over exllamav3), off (docs/gpu.md)
     compile: str = "auto"
 
 

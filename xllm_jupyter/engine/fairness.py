@@ -30,9 +30,9 @@ from ..core.config import QuotaConfig
 Item = TypeVar("Item")
 
 #: slots kept free for other users while several are active (0 turns the reserve off)
-DEFAULT_RESERVED_SLOTS = 1
+DEFAULT_RESERVED_SLOTS = QuotaConfig.reserved_slots  # the config's default is the one source
 #: how long a user counts as active after queueing work, for the reserve
-DEFAULT_WINDOW_SECONDS = 60.0
+DEFAULT_WINDOW_SECONDS = QuotaConfig.active_window_seconds
 
 
 def job_user(item: Any) -> str:
