@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label", default="current", help="name of this run in the results (other labels are kept)")
     p.add_argument("--server-only", action="store_true", help="only the server mode, results not written (for profiling)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "stream_overhead"))
+    p.add_argument("--stream-interval-ms", type=float, default=None,
+                   help="engine.stream_interval_ms for the engine and server modes (default: the config default)")
     p.add_argument("--server-root", default=str(ROOT), help="checkout whose code the server process runs (e.g. a copy of the old code)")
     p.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)
     p.add_argument("--serve", metavar="DIR", help=argparse.SUPPRESS)
@@ -113,7 +115,7 @@ def serve_main(args: Namespace) -> None:
 
     config = XllmConfig(server=ServerConfig(host="127.0.0.1", port=0, max_tokens_limit=8192),
                         engine=EngineConfig(default_model=MODEL, max_batch_size=args.concurrency, max_queue=4096,
-                                            keep_alive="-1", torch_threads=1))
+                                            keep_alive="-1", torch_threads=1, **interval_option(args)))
 
     async def main() -> None:
         engine = Engine(config.engine, catalog=OneModel(spec_of(Path(args.serve), args.concurrency)))
@@ -126,12 +128,19 @@ def serve_main(args: Namespace) -> None:
     asyncio.run(main())
 
 
+def interval_option(args: Namespace) -> dict:
+    """``stream_interval_ms`` for EngineConfig when ``--stream-interval-ms`` was given."""
+    return {} if args.stream_interval_ms is None else {"stream_interval_ms": args.stream_interval_ms}
+
+
 class ServerProcess:
     """The server child (``--serve``), running the code of checkout ``root``."""
 
-    def __init__(self, path: Path, max_batch: int, root: Path = ROOT):
+    def __init__(self, path: Path, max_batch: int, root: Path = ROOT, interval_ms: float | None = None):
         cmd = [sys.executable, str(root / "benchmarks" / "stream_overhead.py"), "--serve", str(path),
                "--concurrency", str(max_batch)]
+        if interval_ms is not None:  # only then: an older checkout's server may not know the flag
+            cmd += ["--stream-interval-ms", str(interval_ms)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)  # inherits OMP_NUM_THREADS=1
         line = self.proc.stdout.readline()
         if not line:
@@ -234,12 +243,13 @@ async def measure(args: Namespace, path: Path, levels: list[int]) -> dict:
     torch.set_num_threads(1)
     top = max(levels)
     spec = spec_of(path, top)
-    server = ServerProcess(path, top, Path(args.server_root))
+    server = ServerProcess(path, top, Path(args.server_root), args.stream_interval_ms)
     print(f"server pid {server.proc.pid} at {server.url}", file=sys.stderr, flush=True)
     engine = raw = None
     try:
         if not args.server_only:
-            engine = Engine(EngineConfig(max_batch_size=top, torch_threads=1, max_queue=4096), catalog=OneModel(spec))
+            engine = Engine(EngineConfig(max_batch_size=top, torch_threads=1, max_queue=4096, **interval_option(args)),
+                            catalog=OneModel(spec))
             await engine.start()
             await engine.load(MODEL)
             raw = await asyncio.to_thread(select_backend(spec).load, spec)

@@ -54,11 +54,12 @@ def test_a_streamed_chat_through_gradio_client_returns_text(pg, xllm_server):
     client = gradio_client.Client(pg.local_url, verbose=False)
     # Sampled with a seed: the random-weight model's greedy answer is only newlines.
     job = client.submit(
-        "Say hello", [], "tiny", "", 1.0, 1.0, 12, 7, api_name=pg.api_name
+        "Say hello", [], "tiny", "", 1.0, 1.0, 200, 7, api_name=pg.api_name
     )
     job.result(timeout=120)
     outputs = job.outputs()
-    # Streaming: the transcript arrives in several updates, each one extending the last.
+    # Streaming: the transcript arrives in several updates, each one extending the last
+    # (200 tokens: the engine merges the tokens of each 16 ms into one delta).
     assert len(outputs) >= 3, outputs
     texts = [part_text(o[0][-1]["content"]) for o in outputs]
     assert texts[-1].strip(), "no answer text"
@@ -69,7 +70,7 @@ def test_a_streamed_chat_through_gradio_client_returns_text(pg, xllm_server):
     # The model, sampling parameters and seed reached the server: a direct request agrees.
     with XllmClient(xllm_server.base_url, xllm_server.api_key) as direct:
         expected = direct.chat(
-            "Say hello", "tiny", temperature=1.0, top_p=1.0, max_tokens=12, seed=7
+            "Say hello", "tiny", temperature=1.0, top_p=1.0, max_tokens=200, seed=7
         )
     assert texts[-1].strip() == expected.strip()
 

@@ -15,7 +15,9 @@ time-to-first-token rise when a guess is right). The libraries have no namespace
   release them (pages a job never wrote revert to their earlier owners).
 
 ``PrefixIsolation`` is the policy (pure Python); the two mixins below are combined with
-the library's job class at ``make_job`` time and only read or set attributes of it.
+the library's job class at ``make_job`` time and only read or set attributes of it, except
+that exllamav2 needs the prompt pages it prefilled instead of looking up re-hashed through
+its page methods (``IsolatedJobV2.xllm_publish``; exllamav3's prefill does that itself).
 Jobs of one namespace ("" when ``quotas.share_prefix_cache`` is on) share freely.
 """
 
@@ -212,6 +214,8 @@ class IsolatedJobV2(_IsolatedJobBase):
             hashes = list(seq.page_hashes or ())
             allowed = self.xllm_allowed(hashes)
             # exllamav2 has no max_cached_pages: pages not looked up are allocated as new ones
+            # (under random hashes; xllm_publish gives them their content hash once prefilled)
+            seq.xllm_prompt_hashes = hashes
             seq.page_hashes = hashes[:allowed]
             seq.new_unique_pages += len(hashes) - allowed
             lookups.update(seq.page_hashes)
@@ -239,9 +243,46 @@ class IsolatedJobV2(_IsolatedJobBase):
         pages = generator.all_pages
         generator.all_pages = [page for page in pages if self.xllm_isolation.visible(self.xllm_namespace, page)]
         try:
-            return super().prefill(*args, **kwargs)  # type: ignore[misc]
+            out = super().prefill(*args, **kwargs)  # type: ignore[misc]
         finally:
             generator.all_pages = pages
+        self.xllm_publish()
+        return out
+
+    def xllm_publish(self) -> None:
+        """Give prompt pages we prefilled instead of looking up their content hash.
+
+        exllamav2 hashes prompt pages only when it looks them up (``page_hashes``) and pages
+        completed while decoding; a prompt page it allocated as a new page keeps a random hash
+        for good, so neither we nor anyone could ever reuse it (nor the pages chained after it).
+        Done in page order, as the library does for a page completed in decoding: an identical
+        page held by a running job is shared, an identical unreferenced one gives up the hash.
+        """
+        generator = self.generator  # type: ignore[attr-defined]
+        size = self.xllm_page_size
+        for seq in self.sequences:  # type: ignore[attr-defined]
+            hashes = getattr(seq, "xllm_prompt_hashes", ())
+            allocated = seq.allocated_pages or ()
+            for index in range(len(seq.page_hashes), min(len(hashes), len(allocated))):
+                page = allocated[index]
+                content = hashes[index]
+                if page.kv_position != size:
+                    break  # not prefilled yet: a later chunk publishes it
+                if page.phash == content:
+                    continue
+                if content in generator.referenced_pages:
+                    serial = page.access_serial
+                    page.sub_ref()
+                    page = generator.referenced_pages[content]
+                    seq.allocated_pages[index] = page
+                    seq.block_index_tensor = None
+                    page.add_ref(serial)
+                else:
+                    if content in generator.unreferenced_pages:
+                        generator.unreferenced_pages[content].clear()
+                    page.update_hash(content)
+                if index + 1 < len(seq.allocated_pages):
+                    seq.allocated_pages[index + 1].prev_hash = content
 
     def deallocate_pages(self, *args: Any, **kwargs: Any) -> Any:
         """Record what we produced, then free (library); unpaged, the page is now ours."""

@@ -59,6 +59,9 @@ class EngineConfig:
     keep_alive: str = "5m"  # how long an idle model stays loaded: seconds or "5m"/"1h"; negative = forever
     replicas: tuple[str, ...] = ()  # "name=count" entries (YAML may give a mapping)
     idle_grace_seconds: float = 1.0  # a model used this recently is never evicted (covers tokenize -> submit)
+    # tokens made within this many ms stream out together, one merged delta per choice; first
+    # tokens and finishes are never held (0 = one delta per step; docs/performance.md)
+    stream_interval_ms: float = 16.0
     # --- GPU (exllamav3 / exllamav2) settings; the transformers backend ignores them ---
     cache_tokens: int = 0  # paged KV cache size in tokens shared by all sequences (0 = auto)
     kv_cache_bits: str = "fp16"  # KV cache storage: fp16, q8, q6, q4, or "K,V" bits for exllamav3 (e.g. "4,6")
@@ -209,6 +212,7 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("engine", "memory_budget_bytes"): (0, None),
     ("engine", "gpu_memory_budget_bytes"): (0, None),
     ("engine", "idle_grace_seconds"): (0, None),
+    ("engine", "stream_interval_ms"): (0, 1000),
     ("http", "log_max_bytes"): (1, None),
     ("http", "log_backups"): (0, 1000),
     ("cache", "max_entries"): (1, None),

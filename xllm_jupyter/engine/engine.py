@@ -209,7 +209,15 @@ class Engine(AdapterMixin, ResidencyMixin):
             raise
         finally:
             self._budget.reserved[device] -= needed
-        runners = [ModelRunner(m, max_batch_size=min(self.config.max_batch_size, m.max_batch_size), fairness=self.fairness) for m in models]
+        runners = [
+            ModelRunner(
+                m,
+                max_batch_size=min(self.config.max_batch_size, m.max_batch_size),
+                fairness=self.fairness,
+                stream_interval=self.config.stream_interval_ms / 1000,
+            )
+            for m in models
+        ]
         runner = runners[0] if count == 1 else ReplicaSet(runners)
         runner.start()
         self._res[name] = Residency(device=device, memory_bytes=sum(m.memory_bytes() for m in models))

@@ -2,9 +2,15 @@
 
 The thread owns the LoadedModel. Between two steps it admits waiting jobs (up to the
 batch limit) and applies cancellations, so new requests join the running batch
-instead of waiting for it to drain. Each step's events go to the asyncio side with a
-single ``call_soon_threadsafe`` per event loop, into per-request queues: a slow
-consumer only grows its own queue and never stalls the step loop.
+instead of waiting for it to drain. Events go to the asyncio side with a single
+``call_soon_threadsafe`` per event loop, into per-request queues: a slow consumer only
+grows its own queue and never stalls the step loop.
+
+Deliveries are paced by ``stream_interval``: tokens made within one interval leave
+together, merged into one delta per choice, so the event loop (which shares the GIL
+with the step loop) wakes, encodes and writes once per interval instead of once per
+token. A request's first delta, its end and errors are never held back, so time to
+first token is unchanged.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ class RequestHandle:
         self._waiter: asyncio.Future | None = None
         self.job_ids: list[int] = []
         self.finished = False
+        self.started = False  # engine thread: a delta of this request has been handed out
         # written by the engine thread only
         self.open_choices = request.params.n
         self.completion_tokens = 0
@@ -116,9 +123,19 @@ class ModelRunner:
 
     _ids = itertools.count(1)
 
-    def __init__(self, model: LoadedModel, *, max_batch_size: int = 16, fairness: FairnessPolicy = FairnessPolicy()):
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        max_batch_size: int = 16,
+        fairness: FairnessPolicy = FairnessPolicy(),
+        stream_interval: float = 0.0,
+    ):
         self.model = model
         self.max_batch_size = max(1, max_batch_size)
+        self.stream_interval = max(0.0, stream_interval)  # seconds between deliveries (0 = every step)
+        self._outbox: dict[RequestHandle, list] = {}  # engine thread: items not yet handed to the loops
+        self._delivered_at = 0.0
         self.created = int(time.time())
         self._cond = threading.Condition()
         self._waiting: FairQueue[tuple[SequenceJob, _JobState]] = fairness.queue()  # per-user round-robin (fairness.py)
@@ -250,6 +267,8 @@ class ModelRunner:
 
     def _admit(self) -> bool:
         """Apply cancellations and admit waiting jobs; block while idle. False = stop."""
+        if self._outbox and not self._jobs:
+            self._deliver()  # nothing runs that would trigger it later
         with self._cond:
             while not self._stopping and not self._cancels and not self._jobs and not self._waiting:
                 self._cond.wait()
@@ -269,6 +288,8 @@ class ModelRunner:
             if state is not None:
                 state.done = True
                 self.model.cancel(job_id)
+        if admitted and self._outbox:
+            self._deliver()  # the next step prefills and may take long: do not hold tokens over it
         for job, state in admitted:
             try:
                 self.model.add(job)
@@ -294,7 +315,8 @@ class ModelRunner:
             c.max_batch = batch
         if batch > 1:
             c.batched_steps += 1
-        outbox: dict[RequestHandle, list] = {}
+        outbox = self._outbox
+        urgent = False
         for event in events:
             state = self._jobs.get(event.job_id)
             if state is None:
@@ -306,13 +328,25 @@ class ModelRunner:
                 if event.finish is FinishReason.CANCELLED and not state.completed:
                     c.cancelled += 1
                 continue
-            items = outbox.get(state.handle)
+            handle = state.handle
+            items = outbox.get(handle)
             if items is None:
-                items = outbox[state.handle] = []
-            self._translate(state, event, items)
+                items = outbox[handle] = []
+            if self._translate(state, event, items) or not handle.started:
+                urgent = True
+        if outbox and (urgent or time.monotonic() - self._delivered_at >= self.stream_interval):
+            self._deliver()
+
+    def _deliver(self) -> None:
+        """Hand every held item to its event loop: one ``call_soon_threadsafe`` per loop."""
+        outbox, self._outbox = self._outbox, {}
+        self._delivered_at = time.monotonic()
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for handle, items in outbox.items():
-            by_loop.setdefault(handle.loop, []).append((handle, items))
+            if not items:
+                continue
+            handle.started = True
+            by_loop.setdefault(handle.loop, []).append((handle, coalesce(items) if len(items) > 1 else items))
         for loop, deliveries in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_deliver_all, deliveries)
@@ -320,8 +354,11 @@ class ModelRunner:
                 for handle, _ in deliveries:
                     self.cancel(handle.job_ids)
 
-    def _translate(self, state: _JobState, event: TokenEvent, items: list) -> None:
-        """Turn a backend event into a ChoiceDelta (and GenerationDone after the last choice)."""
+    def _translate(self, state: _JobState, event: TokenEvent, items: list) -> bool:
+        """Turn a backend event into a ChoiceDelta (and GenerationDone after the last choice).
+
+        True when the choice ended (or failed): then nothing may be held back.
+        """
         handle = state.handle
         if event.token_id is not None:
             state.tokens += 1
@@ -332,7 +369,7 @@ class ModelRunner:
             state.done = True
             self._fail(handle, EngineError("The engine stopped this generation unexpectedly"))
             self.cancel(handle.job_ids)
-            return
+            return True
         if matched:
             if finish is None:
                 # free the job's cache now; the backend's CANCELLED event for it is ignored
@@ -348,7 +385,7 @@ class ModelRunner:
         if text or ids or finish is not None:
             items.append(ChoiceDelta(state.index, text, ids, logprobs, finish))
         if finish is None:
-            return
+            return False
         state.done = state.completed = True
         self._counters.completed += 1
         handle.completion_tokens += state.tokens
@@ -358,10 +395,14 @@ class ModelRunner:
             usage = Usage(len(handle.request.prompt_ids), handle.completion_tokens, handle.cached_tokens)
             items.append(GenerationDone(usage))
             items.append(_END)
+        return True
 
     def _fail(self, handle: RequestHandle, exc: XllmError) -> None:
+        # what the request already made goes first, so nothing is lost before the error
+        items = self._outbox.pop(handle, None) or []
+        items.append(exc)
         try:
-            handle.loop.call_soon_threadsafe(handle._deliver, [exc])
+            handle.loop.call_soon_threadsafe(handle._deliver, items)
         except RuntimeError:
             pass
 
@@ -369,3 +410,35 @@ class ModelRunner:
 def _deliver_all(deliveries: list) -> None:
     for handle, items in deliveries:
         handle._deliver(items)
+
+
+def coalesce(items: list) -> list:
+    """Merge the held deltas of each choice into one (text, token ids and logprobs joined).
+
+    Other items (the usage, the end marker, an error) keep their place after them; a
+    choice's ``finish`` is only ever on its last delta, so the merged one carries it.
+    """
+    out: list = []
+    groups: dict[int, list[ChoiceDelta]] = {}
+    for item in items:
+        if type(item) is ChoiceDelta:
+            group = groups.get(item.index)
+            if group is None:
+                group = groups[item.index] = []
+                out.append(group)
+            group.append(item)
+        else:
+            out.append(item)
+    return [_merged(entry) if type(entry) is list else entry for entry in out]
+
+
+def _merged(deltas: list[ChoiceDelta]) -> ChoiceDelta:
+    if len(deltas) == 1:
+        return deltas[0]
+    return ChoiceDelta(
+        deltas[0].index,
+        "".join(d.text for d in deltas),
+        tuple(i for d in deltas for i in d.token_ids),
+        tuple(lp for d in deltas for lp in d.logprobs),
+        deltas[-1].finish,
+    )

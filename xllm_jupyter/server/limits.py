@@ -5,8 +5,8 @@ three independent budgets (each off when its setting is 0):
 
 * ``auth.requests_per_minute``: a token bucket of that capacity, refilled evenly.
 * ``auth.tokens_per_minute``: charged with the *actual* usage after each response
-  (``usage.total_tokens``; a stream without a usage chunk is charged one token per
-  content chunk). The bucket may go into debt; a key in debt is refused until it
+  (``usage.total_tokens``; a stream without a usage chunk is charged the usage the
+  engine reported for it, see ``note_stream_tokens``). The bucket may go into debt; a key in debt is refused until it
   has refilled, so one big request cannot be refused up front by a guess.
 * ``auth.max_concurrent_per_key``: requests in flight (queued or running); this is
   what keeps one key's flood from filling the shared engine queue.
@@ -22,6 +22,7 @@ import math
 import threading
 import time
 from collections import Counter
+from contextvars import ContextVar
 from typing import Any, AsyncIterator, Callable
 
 from ..core.config import AuthConfig
@@ -143,6 +144,19 @@ class Limiter:
 
 
 # ------------------------------------------------------------ usage charging
+#: tokens the engine reported for the stream being metered in this task. A chunk is not
+#: a token (the engine merges tokens made close together), so a stream whose client did
+#: not ask for a usage chunk is charged what ``ObservedEngine`` saw instead.
+_stream_tokens: ContextVar[list[int] | None] = ContextVar("xllm_stream_tokens", default=None)
+
+
+def note_stream_tokens(tokens: int) -> None:
+    """Add a finished generation's tokens to the stream metered in this task (if any)."""
+    tally = _stream_tokens.get()
+    if tally is not None:
+        tally[0] += tokens
+
+
 def _usage_tokens(obj: dict[str, Any]) -> int | None:
     """``total_tokens`` of a response, a usage chunk, or a Responses ``response.completed`` event."""
     usage = obj.get("usage")
@@ -171,20 +185,25 @@ def charge_response(handler: Any, result: dict[str, Any]) -> None:
 
 
 def metered(handler: Any, stream: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
-    """``stream``, charging its usage (or its chunk count) to the handler's key when it ends."""
+    """``stream``, charging its usage to the handler's key when it ends."""
     target = _target(handler)
     return stream if target is None else _metered(stream, *target)
 
 
 async def _metered(stream: AsyncIterator[dict[str, Any]], limiter: Limiter, key_id: str) -> AsyncIterator[dict[str, Any]]:
-    chunks, usage = 0, None
+    chunks, usage, tally = 0, None, [0]
+    # the body of an async generator runs in its caller's context: the engine wrapper
+    # iterated below (same task) sees this tally
+    _stream_tokens.set(tally)
     try:
         async for chunk in stream:
             chunks += 1
             usage = _usage_tokens(chunk) or usage
             yield chunk
     finally:
-        limiter.charge(key_id, usage if usage is not None else chunks)
+        _stream_tokens.set(None)
+        # a usage chunk, else the engine's count, else (a replay from the response cache) the chunks
+        limiter.charge(key_id, usage if usage is not None else tally[0] or chunks)
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
             await aclose()  # close the engine stream now, so an early stop cancels its jobs

@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ..core.types import GenerationDone, Usage
+from .limits import note_stream_tokens
 
 #: the ``Content-Type`` of the text exposition format
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -191,6 +192,7 @@ class ObservedEngine:
             async for ev in events:
                 if isinstance(ev, GenerationDone):
                     self._metrics.record_usage(request.model, ev.usage)
+                    note_stream_tokens(ev.usage.prompt_tokens + ev.usage.completion_tokens)
                     for callback in self._on_done:
                         callback(request, ev.usage)
                 yield ev
