@@ -29,6 +29,7 @@ import asyncio
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -60,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--serve", help="child mode: serve this model directory over HTTP")
     p.add_argument("--backend", default="exllamav3")
     p.add_argument("--max-batch", type=int, default=128)
+    p.add_argument("--stream-interval-ms", type=float, default=None,
+                   help="engine.stream_interval_ms for the server (default: the config default)")
     p.add_argument("--cache-tokens", type=int, default=65536,
                    help="transformers backends: static KV cache tokens for all slots (exllamav3 raw uses 65536)")
     p.add_argument("--device", default="cuda", help="transformers backends: torch device (cpu for a smoke run)")
@@ -109,19 +112,29 @@ def pct(values: list[float], q: float) -> float | None:
 
 
 def summarize(streams: list[dict], wall: float) -> dict:
-    """Aggregate tok/s, TTFT and inter-token latency from per-stream arrival times (seconds)."""
+    """Aggregate tok/s, TTFT and inter-token latency from per-stream arrival times (seconds).
+
+    ``times`` holds ``(arrival, tokens)``; tokens 0 = unknown (an SSE chunk, which may carry
+    several tokens under ``engine.stream_interval_ms``): those gaps are reported as chunk
+    gaps, and ``tpot`` (time per output token after the first, per stream) compares both.
+    """
     tokens = sum(s["tokens"] for s in streams)
     ttft = [s["first"] - s["start"] for s in streams if s["first"] is not None]
     itl: list[float] = []
+    tpot: list[float] = []
     for s in streams:
         times = s["times"]
-        itl += [(b - a) / max(1, n) for (a, _), (b, n) in zip(times, times[1:])]
+        itl += [(b - a) / (n or 1) for (a, _), (b, n) in zip(times, times[1:])]
+        if s["first"] is not None and s["tokens"] > 1 and times:
+            tpot.append((times[-1][0] - s["first"]) / (s["tokens"] - 1))
     ms = lambda v: round(v * 1000, 2) if v is not None else None  # noqa: E731
+    chunked = any(n == 0 for s in streams for _, n in s["times"])
     return {
         "streams": len(streams), "tokens": tokens, "wall_s": round(wall, 3),
         "tok_s": round(tokens / wall, 1) if wall > 0 else 0.0,
         "ttft_p50_ms": ms(pct(ttft, 0.5)), "ttft_p99_ms": ms(pct(ttft, 0.99)),
-        "itl_p50_ms": ms(pct(itl, 0.5)), "itl_p99_ms": ms(pct(itl, 0.99)),
+        "itl_p50_ms": ms(pct(itl, 0.5)), "itl_p99_ms": ms(pct(itl, 0.99)), "itl_is_chunk_gap": chunked,
+        "tpot_ms": ms(statistics.mean(tpot)) if tpot else None,
     }
 
 
@@ -301,9 +314,10 @@ def serve_main(args) -> None:
         def names(self) -> list[str]:
             return ["bench"]
 
+    interval = {} if args.stream_interval_ms is None else {"stream_interval_ms": args.stream_interval_ms}
     config = XllmConfig(server=ServerConfig(host="127.0.0.1", port=0, max_tokens_limit=8192),
                         engine=EngineConfig(default_model="bench", max_batch_size=args.max_batch, max_queue=4096,
-                                            keep_alive="-1"))
+                                            keep_alive="-1", **interval))
 
     async def main() -> None:
         engine = Engine(config.engine, catalog=OneModel())
@@ -336,7 +350,7 @@ async def http_level(url: str, ids_list: list[list[int]], new_tokens: int) -> di
                         rec["tokens"] = chunk["usage"]["completion_tokens"]
                     if chunk.get("choices") and chunk["choices"][0].get("text"):
                         now = time.perf_counter()
-                        rec["times"].append((now, 1))
+                        rec["times"].append((now, 0))  # a chunk: one token or several merged
                         if rec["first"] is None:
                             rec["first"] = now
             return rec
@@ -350,6 +364,8 @@ async def http_level(url: str, ids_list: list[list[int]], new_tokens: int) -> di
 def run_server(backend: str, path: str, levels: list[int], args) -> dict:
     cmd = [sys.executable, __file__, "--serve", path, "--backend", backend, "--max-batch", str(args.max_batch),
            "--cache-tokens", str(args.cache_tokens), "--device", args.device]
+    if args.stream_interval_ms is not None:
+        cmd += ["--stream-interval-ms", str(args.stream_interval_ms)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
@@ -370,14 +386,17 @@ def markdown(report: dict) -> str:
         f"# GPU serving benchmark ({report['device']})", "",
         f"{p['prompt_tokens']}-token prompts, {p['new_tokens']} new tokens, greedy, every stream to its length; "
         f"raw = the library's generator in-process, server = our HTTP server (SSE), one run, {report['date']}.", "",
-        "| model | backend | streams | raw tok/s | server tok/s | server/raw | TTFT p50 raw / server (ms) | TTFT p99 raw / server (ms) | ITL p50 raw / server (ms) | ITL p99 raw / server (ms) |",
-        "|---|---|---:|---:|---:|---:|---|---|---|---|",
+        f"Server ITL is the gap between SSE chunks (engine.stream_interval_ms = {p.get('stream_interval_ms')} merges "
+        "tokens made within that window); TPOT = time per output token after the first, both sides.", "",
+        "| model | backend | streams | raw tok/s | server tok/s | server/raw | TTFT p50 raw / server (ms) | TTFT p99 raw / server (ms) | ITL p50 raw / server chunk gap (ms) | ITL p99 raw / server chunk gap (ms) | TPOT raw / server (ms) |",
+        "|---|---|---:|---:|---:|---:|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         r, s = row["raw"], row["server"]
         lines.append(f"| {row['model']} | {row['backend']} | {row['streams']} | {r['tok_s']} | {s['tok_s']} | "
                      f"{row['ratio']} | {r['ttft_p50_ms']} / {s['ttft_p50_ms']} | {r['ttft_p99_ms']} / {s['ttft_p99_ms']} | "
-                     f"{r['itl_p50_ms']} / {s['itl_p50_ms']} | {r['itl_p99_ms']} / {s['itl_p99_ms']} |")
+                     f"{r['itl_p50_ms']} / {s['itl_p50_ms']} | {r['itl_p99_ms']} / {s['itl_p99_ms']} | "
+                     f"{r.get('tpot_ms')} / {s.get('tpot_ms')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -397,10 +416,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
+    from xllm_jupyter.core.config import EngineConfig
+
     out = Path(args.out)
     report = json.loads(out.read_text()) if out.exists() else {"rows": []}
     report.update(device=torch.cuda.get_device_name(0), date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  params={"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "greedy": True})
+                  params={"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "greedy": True,
+                          "stream_interval_ms": args.stream_interval_ms if args.stream_interval_ms is not None
+                          else EngineConfig().stream_interval_ms})
     for item in args.model:
         name, path = item.split("=", 1)
         for backend in args.backends.split(","):

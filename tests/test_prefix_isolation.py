@@ -195,3 +195,159 @@ def test_v2_mixin_unpaged_forgets_another_namespaces_tokens():
     bob.xllm_bind(iso, "bob", 4096)
     bob.prefill([])
     assert bob.matched_against == (1, 0)  # bob may not
+
+
+# ------------------------------------------- exllamav2: publishing prefilled prompt pages
+class V2Page:
+    """exllamav2 0.3.2 ``CachePage``: the fields and page-table methods ``xllm_publish`` relies on."""
+
+    def __init__(self, generator, phash, kv_position=0, ref_count=1, access_serial=0):
+        self.generator, self.phash, self.prev_hash = generator, phash, None
+        self.kv_position, self.ref_count, self.access_serial, self.can_revert = kv_position, ref_count, access_serial, False
+        (generator.referenced_pages if ref_count else generator.unreferenced_pages)[phash] = self
+
+    def add_ref(self, serial):
+        if self.ref_count == 0:
+            del self.generator.unreferenced_pages[self.phash]
+            self.generator.referenced_pages[self.phash] = self
+        self.ref_count += 1
+        self.access_serial = max(serial, self.access_serial)
+        self.can_revert = False
+
+    def sub_ref(self):
+        self.ref_count -= 1
+        if self.ref_count == 0:
+            del self.generator.referenced_pages[self.phash]
+            self.generator.unreferenced_pages[self.phash] = self
+
+    def clear(self):
+        assert self.ref_count == 0
+        del self.generator.unreferenced_pages[self.phash]
+        self.phash, self.prev_hash, self.kv_position = b"c" * 16, None, 0
+        self.generator.unreferenced_pages[self.phash] = self
+
+    def update_hash(self, newhash):
+        assert self.ref_count > 0 and self.kv_position == self.generator.page_size
+        del self.generator.referenced_pages[self.phash]
+        self.phash, self.can_revert = newhash, False
+        assert newhash not in self.generator.referenced_pages
+        self.generator.referenced_pages[newhash] = self
+
+
+def v2_rig(namespace, produced, fill):
+    """A paged generator and one prepared job whose 3-page prompt hashes are ``H[:3]``; pages are filled to ``fill``."""
+    gen = SimpleNamespace(paged=True, page_size=PAGE, referenced_pages={}, unreferenced_pages={}, all_pages=[])
+    iso = PrefixIsolation()
+    iso.record(namespace, produced)
+    job = isolated_job_class(IsolatedJobV2, V2Job)(H[:3], gen)
+    job.xllm_bind(iso, namespace, PAGE)
+    job.prepare_for_queue(gen, 1)
+    seq = job.sequences[0]
+    # like the library's allocate_pages: looked-up pages under their hash, the rest under random ones
+    seq.allocated_pages = [V2Page(gen, h, kv_position=PAGE) for h in seq.page_hashes]
+    seq.allocated_pages += [V2Page(gen, bytes([0x80 + i]) * 16, kv_position=kv)
+                            for i, kv in enumerate(fill[len(seq.page_hashes):])]
+    seq.block_index_tensor = "built"
+    gen.all_pages = list(seq.allocated_pages)
+    return gen, iso, job, seq
+
+
+def test_v2_publish_gives_prefilled_prompt_pages_their_content_hash():
+    gen, _, job, seq = v2_rig("alice", H[:1], fill=[PAGE, PAGE, 17])
+    first, second, third = seq.allocated_pages
+    job.xllm_publish()
+    assert second.phash == H[1] and gen.referenced_pages[H[1]] is second  # found by hash from now on
+    assert third.prev_hash == H[1]  # the page after it chains on the content hash
+    assert first.phash == H[0] and seq.allocated_pages == [first, second, third]
+    job.xllm_publish()  # a later prefill chunk: already published pages stay as they are
+    assert gen.referenced_pages[H[1]] is second and second.ref_count == 1
+
+
+def test_v2_publish_leaves_pages_that_are_not_fully_prefilled():
+    gen, _, job, seq = v2_rig("bob", [], fill=[PAGE, 100, 0])
+    first, second, third = seq.allocated_pages
+    job.xllm_publish()
+    assert first.phash == H[0] and second.prev_hash == H[0]
+    assert second.phash == bytes([0x81]) * 16 and third.prev_hash is None  # a later chunk publishes page 2
+    assert H[1] not in gen.referenced_pages and H[2] not in gen.referenced_pages
+
+
+def test_v2_publish_shares_an_identical_page_a_running_job_holds():
+    gen, _, job, seq = v2_rig("bob", [], fill=[PAGE, PAGE, 0])
+    held = V2Page(gen, H[0], kv_position=PAGE, access_serial=3)  # another job's identical first page
+    mine = seq.allocated_pages[0]
+    mine.access_serial = 9
+    job.xllm_publish()
+    assert seq.allocated_pages[0] is held and held.ref_count == 2 and held.access_serial == 9
+    assert mine.ref_count == 0 and gen.unreferenced_pages[mine.phash] is mine  # our copy is given back
+    assert seq.block_index_tensor is None  # the library rebuilds the block index
+    second = seq.allocated_pages[1]
+    assert second.phash == H[1] and second.prev_hash == H[0]
+
+
+def test_v2_publish_takes_the_hash_from_an_identical_unreferenced_page():
+    gen, _, job, seq = v2_rig("bob", [], fill=[PAGE, 0, 0])
+    stale = V2Page(gen, H[0], kv_position=PAGE, ref_count=0)  # an earlier job's page, no longer in use
+    mine = seq.allocated_pages[0]
+    job.xllm_publish()
+    assert seq.allocated_pages[0] is mine and mine.phash == H[0] and gen.referenced_pages[H[0]] is mine
+    assert stale.phash != H[0] and stale.kv_position == 0 and H[0] not in gen.unreferenced_pages
+
+
+# ------------------------- page hashes are recorded as soon as they exist (a second job may reuse them)
+def test_v2_publish_records_the_published_pages_for_our_namespace_only():
+    gen, iso, job, seq = v2_rig("alice", H[:1], fill=[PAGE, PAGE, 17])
+    assert iso.reusable_pages("alice", H[:3]) == 1
+    job.xllm_publish()
+    assert iso.reusable_pages("alice", H[:3]) == 2  # page 3 is not full yet: not recorded
+    assert iso.reusable_pages("bob", H[:3]) == 0
+
+
+class V2DecodeJob(V2Job):
+    """``receive_sample`` as exllamav2 does it for paging: one token, and a page it completes gets its hash."""
+
+    def receive_sample(self, logits, next_token, next_k_tokens, next_k_probs, next_prob, filter_eos, results):
+        seq = self.sequences[0]
+        index = seq.kv_position // PAGE
+        seq.kv_position += 1
+        seq.allocated_pages[index].kv_position += 1
+        if seq.kv_position // PAGE > index:
+            seq.allocated_pages[index].phash = next_token  # the stand-in's "content hash"
+        return False, False
+
+
+def test_v2_decode_records_a_page_the_moment_it_completes():
+    iso = PrefixIsolation()
+    gen = SimpleNamespace(paged=True, all_pages=[])
+    job = isolated_job_class(IsolatedJobV2, V2DecodeJob)([], gen)
+    job.xllm_bind(iso, "alice", PAGE)
+    seq = job.sequences[0]
+    seq.kv_position, seq.allocated_pages = PAGE - 2, [page(kv=PAGE - 2), page()]
+    job.receive_sample(None, H[5], None, None, None, None, [])
+    assert iso.reusable_pages("alice", [H[5]]) == 0  # one token short of a page
+    job.receive_sample(None, H[5], None, None, None, None, [])
+    assert iso.reusable_pages("alice", [H[5]]) == 1 and iso.reusable_pages("bob", [H[5]]) == 0
+    unpaged = isolated_job_class(IsolatedJobV2, V2DecodeJob)([], SimpleNamespace(paged=False, all_pages=[]))
+    unpaged.xllm_bind(iso, "carol", PAGE)
+    unpaged.sequences[0].kv_position, unpaged.sequences[0].allocated_pages = PAGE - 1, [page(kv=PAGE - 1), page()]
+    unpaged.receive_sample(None, H[6], None, None, None, None, [])
+    assert iso.reusable_pages("carol", [H[6]]) == 0  # unpaged: the one page is never reused by hash
+
+
+class V3HashingJob(V3Job):
+    """exllamav3's ``Job.hash_completed_page``: the page (maybe swapped for an identical one) gets its hash."""
+
+    def hash_completed_page(self, seq, page_idx):
+        seq.allocated_pages[page_idx] = page(kv=PAGE, phash=H[page_idx])
+
+
+def test_v3_records_each_page_the_library_hashes():
+    iso = PrefixIsolation()
+    job = isolated_job_class(IsolatedJobV3, V3HashingJob)(H[:2], [page(), page()], SimpleNamespace(all_pages=[]))
+    job.xllm_bind(iso, "alice", PAGE)
+    job.allocate_pages()
+    seq = job.sequences[0]
+    job.hash_completed_page(seq, 0)
+    assert iso.reusable_pages("alice", H[:2]) == 1 and iso.reusable_pages("bob", H[:2]) == 0
+    job.hash_completed_page(seq, 1)
+    assert iso.reusable_pages("alice", H[:2]) == 2

@@ -191,6 +191,7 @@ class Rig:
         self.page_size = PAGE
         self.writers: dict[int, frozenset[str]] = {}
         self.reads: dict[int, list[frozenset[str]]] = {}
+        self.hash_pages: dict[int, int] = {}  # job id -> prompt pages it got by hash (full when it started)
         self.scripts: dict[int, list[int]] = {}
         self.next_id = 0
         self.model = self._build(num_pages)
@@ -213,6 +214,7 @@ class Rig:
             if r.get("stage") == "started":
                 job = r["job"]
                 full = [p for seq in job.sequences for p in seq.allocated_pages if p.kv_position == self.page_size]
+                self.hash_pages[job.identifier] = len(full)
                 self.reads.setdefault(job.identifier, []).extend(self.writers.get(id(p), frozenset()) for p in full)
 
     def _tracked(self, job: Any, call: Any) -> None:
@@ -493,16 +495,23 @@ def run_scenario(rig: Rig, seed: int = 0) -> list[Check]:
 
 
 def run_concurrent(rig: Rig, seed: int = 1) -> list[Check]:
-    """bob sends alice's prompt while alice's job is still decoding (her pages are referenced)."""
+    """bob sends alice's prompt while alice's job is still decoding (her pages are referenced), then alice does.
+
+    alice's first job made her prompt pages moments ago (they are still in use), so her second job
+    may take them by hash; bob's may take nothing, by hash or by partial-page copy. Later, with the
+    first job's output past a page boundary, alice sends the prompt plus that output and may also
+    take the page her job completed while decoding; carol (who never sent the prompt) sends the same
+    and gets nothing (not bob: he has sent the prompt himself by then).
+    """
     from xllm_jupyter.core.types import SamplingParams, SequenceJob
 
     rng = random.Random(seed)
     prompt = [rng.randrange(100, VOCAB) for _ in range(600)]
     finished: dict[int, int] = {}
 
-    def add(job_id: int, ns: str, out_len: int) -> None:
+    def add(job_id: int, ns: str, out_len: int, ids: list[int] = prompt) -> None:
         rig.scripts[job_id] = [rng.randrange(100, VOCAB) for _ in range(out_len)] + [EOS]
-        rig.model.add(SequenceJob(job_id=job_id, prompt_ids=tuple(prompt), max_tokens=out_len + 8,
+        rig.model.add(SequenceJob(job_id=job_id, prompt_ids=tuple(ids), max_tokens=out_len + 8,
                                   sampling=SamplingParams(), stop_token_ids=frozenset({EOS}), cache_namespace=ns))
 
     def step() -> None:
@@ -512,20 +521,41 @@ def run_concurrent(rig: Rig, seed: int = 1) -> list[Check]:
 
     base = 1000
     add(base, "alice", 300)  # long decode: alice's prompt pages stay referenced
+    output = list(rig.scripts[base][:200])  # what alice's first job will send her
     for _ in range(20):
         step()
     add(base + 1, "bob", 4)
     add(base + 2, "alice", 4)
+    # once the first job has sent 200 tokens (its third page, 600 + 168 tokens, is complete) ...
     for _ in range(2000):
         step()
-        if len(finished) == 3:
+        if len(rig.scripts[base]) <= 301 - len(output):
+            break
+    assert base not in finished, "alice's first job ended too soon for the decode-page check"
+    # ... alice continues the conversation (prompt + the output so far) while the first job still runs
+    add(base + 3, "carol", 4, prompt + output)
+    add(base + 4, "alice", 4, prompt + output)
+    for _ in range(2000):
+        step()
+        if len(finished) == 5:
             break
     label = rig.library
+
+    def check(job_id: int, ns: str, what: str, expect: str, min_pages: int) -> Check:
+        """``min_pages`` > 0: at least that many pages by hash; 0: nothing reused at all."""
+        cached, pages, sources = finished.get(job_id, -1), rig.hash_pages.get(job_id, -1), rig.reads.get(job_id, [])
+        note = f"{pages} page(s) by hash"
+        if sources:
+            note += "; read pages written by " + ", ".join(sorted({"+".join(sorted(w)) or "?" for w in sources}))
+        own = all(ns in w for w in sources)  # every page read holds tokens this namespace's jobs wrote
+        ok = own and (pages >= min_pages and cached >= min_pages * PAGE if min_pages else cached == 0 and pages == 0)
+        return Check(label, f"concurrent: {what}", expect, cached, ok, note)
+
     return [
-        Check(label, "concurrent: bob sends alice's prompt while her job runs", "== 0",
-              finished.get(base + 1, -1), finished.get(base + 1, -1) == 0),
-        Check(label, "concurrent: alice's second job meanwhile", ">= 256",
-              finished.get(base + 2, -1), finished.get(base + 2, -1) >= PAGE),
+        check(base + 1, "bob", "bob sends alice's prompt while her job runs", "== 0, own pages only", 0),
+        check(base + 2, "alice", "alice's second job meanwhile", ">= 2 pages by hash", 2),
+        check(base + 3, "carol", "carol sends alice's prompt + output so far", "== 0, own pages only", 0),
+        check(base + 4, "alice", "alice sends prompt + output so far", ">= 3 pages by hash", 3),
     ]
 
 

@@ -14,6 +14,11 @@ time-to-first-token rise when a guess is right). The libraries have no namespace
   reused (``PrefixIsolation.visible``), tracked per physical page as jobs claim and
   release them (pages a job never wrote revert to their earlier owners).
 
+A page's content hash is recorded for the namespace as soon as the library gives it one
+(prompt pages after prefill, others when decoding fills them), so a user's second job that
+starts while her first still runs reuses the pages the first has made; a job's hashes are
+its own tokens, so recording them early lets no other namespace reuse anything.
+
 ``PrefixIsolation`` is the policy (pure Python); the two mixins below are combined with
 the library's job class at ``make_job`` time and only read or set attributes of it, except
 that exllamav2 needs the prompt pages it prefilled instead of looking up re-hashed through
@@ -150,6 +155,12 @@ class _IsolatedJobBase:
         self.xllm_reused = {id(page) for page in pages if page.kv_position == size}
         self.xllm_before.update(self.xllm_isolation.claim(self.xllm_namespace, pages, lambda p: id(p) in self.xllm_reused))
 
+    def xllm_record(self, pages: Iterable[Any]) -> None:
+        """Remember the content hashes of full pages this job just finished (reusable by our namespace now)."""
+        assert self.xllm_isolation is not None
+        size = self.xllm_page_size
+        self.xllm_isolation.record(self.xllm_namespace, [p.phash for p in pages if p.kv_position == size])
+
     def xllm_release(self) -> None:
         """Before the library frees our pages: record what we produced, restore reverted owners."""
         assert self.xllm_isolation is not None
@@ -196,6 +207,13 @@ class IsolatedJobV3(_IsolatedJobBase):
             return super().prefill(*args, **kwargs)  # type: ignore[misc]
         finally:
             self.pagetable = table
+
+    def hash_completed_page(self, seq: Any, page_idx: int) -> Any:
+        """Hash a full page (library: prefill's uncached prompt pages, decoding, released holds); record it."""
+        out = super().hash_completed_page(seq, page_idx)  # type: ignore[misc]
+        # the library may have switched the sequence to an identical page: read the hash from there
+        self.xllm_record([seq.allocated_pages[page_idx]])
+        return out
 
     def deallocate_pages(self, *args: Any, **kwargs: Any) -> Any:
         """Record what we produced, then free (library)."""
@@ -260,6 +278,7 @@ class IsolatedJobV2(_IsolatedJobBase):
         """
         generator = self.generator  # type: ignore[attr-defined]
         size = self.xllm_page_size
+        published: list[bytes] = []
         for seq in self.sequences:  # type: ignore[attr-defined]
             hashes = getattr(seq, "xllm_prompt_hashes", ())
             allocated = seq.allocated_pages or ()
@@ -281,8 +300,23 @@ class IsolatedJobV2(_IsolatedJobBase):
                     if content in generator.unreferenced_pages:
                         generator.unreferenced_pages[content].clear()
                     page.update_hash(content)
+                published.append(content)
                 if index + 1 < len(seq.allocated_pages):
                     seq.allocated_pages[index + 1].prev_hash = content
+        assert self.xllm_isolation is not None
+        self.xllm_isolation.record(self.xllm_namespace, published)
+
+    def receive_sample(self, *args: Any, **kwargs: Any) -> Any:
+        """Take a sampled token (library, which hashes a page the token completes); record that page."""
+        size = self.xllm_page_size
+        before = [seq.kv_position // size for seq in self.sequences]  # type: ignore[attr-defined]
+        out = super().receive_sample(*args, **kwargs)  # type: ignore[misc]
+        if self.generator.paged:  # type: ignore[attr-defined]  (unpaged: one page, never hashed)
+            # a page completed under a banned-string hold keeps a random hash, which no prompt can match
+            sequences = self.sequences  # type: ignore[attr-defined]
+            self.xllm_record(seq.allocated_pages[index] for seq, index in zip(sequences, before)
+                             if seq.kv_position // size > index and index < len(seq.allocated_pages or ()))
+        return out
 
     def deallocate_pages(self, *args: Any, **kwargs: Any) -> Any:
         """Record what we produced, then free (library); unpaged, the page is now ours."""
