@@ -257,7 +257,8 @@ def test_interrupt_closes_the_stream_and_the_server_cancels(shell, xllm_server, 
         shell.run_cell_magic("xllm", f"-m {TINY} --max-tokens 1500 --out answer", "Tell me a long story")
     assert final_markdown(cap).endswith("*(interrupted)*")
     assert final(cap).metadata["xllm"]["finish_reason"] == "interrupted"
-    assert 0 < len(shell.user_ns["answer"]) < 200
+    # a few chunks, each up to a stream interval of tokens: far from the 1,500 tokens asked for
+    assert 0 < len(shell.user_ns["answer"]) < 1000
     _wait_cancelled(engine, before)
 
 

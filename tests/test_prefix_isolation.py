@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
+from xllm_jupyter.backends import prefix_isolation
 from xllm_jupyter.backends.prefix_isolation import (
     IsolatedJobV2,
     IsolatedJobV3,
@@ -25,6 +28,27 @@ PAGE = 256
 
 def page(kv=0, can_revert=False, phash=b"r" * 16):
     return SimpleNamespace(kv_position=kv, can_revert=can_revert, phash=phash)
+
+
+class Tokens:
+    """``sequence_ids`` stand-in: a slice is its bounds, which ``content_hash`` below turns into ``H[page]``."""
+
+    def torch_slice(self, a, b):
+        return a, b
+
+
+def content_hash(page_ids, prev_hash):
+    """The libraries' chained page hash, as the stand-ins see it: page ``i`` has content hash ``H[i]``."""
+    return H[page_ids[0] // PAGE]
+
+
+@pytest.fixture(autouse=True)
+def _library_hashes(monkeypatch):
+    """The mixins call the libraries' hash functions, which are not installed here."""
+    monkeypatch.setattr(prefix_isolation, "_v3_content_hash", content_hash)
+    monkeypatch.setattr(prefix_isolation, "_v2_content_hash", content_hash)
+    counter = iter(range(1, 1 << 30))
+    monkeypatch.setattr(prefix_isolation, "_v2_unique_hash", lambda: next(counter).to_bytes(16, "big"))
 
 
 def test_a_namespace_reuses_only_prefixes_it_produced():
@@ -86,7 +110,8 @@ class V3Job:
     """The exllamav3 Job/Sequence attributes our mixin touches, with the library's page accounting."""
 
     def __init__(self, hashes, pages, table):
-        self.sequences = [SimpleNamespace(page_hashes=None, max_cached_pages=None, allocated_pages=None)]
+        self.sequences = [SimpleNamespace(page_hashes=None, max_cached_pages=None, allocated_pages=None,
+                                          sequence_ids=Tokens())]
         self._hashes, self._pages = hashes, pages
         self.pagetable = table  # one page table, shared by every job of the generator
         self.seen = None
@@ -136,7 +161,8 @@ class V2Job:
     """The exllamav2 job attributes our mixin touches (paged or unpaged generator)."""
 
     def __init__(self, hashes, generator):
-        self.sequences = [SimpleNamespace(page_hashes=None, new_unique_pages=1, allocated_pages=None)]
+        self.sequences = [SimpleNamespace(page_hashes=None, new_unique_pages=1, allocated_pages=None,
+                                          sequence_ids=Tokens())]
         self._hashes, self.generator = hashes, generator
         self.matched_against = None
 
@@ -318,7 +344,7 @@ class V2DecodeJob(V2Job):
 
 def test_v2_decode_records_a_page_the_moment_it_completes():
     iso = PrefixIsolation()
-    gen = SimpleNamespace(paged=True, all_pages=[])
+    gen = SimpleNamespace(paged=True, all_pages=[], referenced_pages={})
     job = isolated_job_class(IsolatedJobV2, V2DecodeJob)([], gen)
     job.xllm_bind(iso, "alice", PAGE)
     seq = job.sequences[0]
@@ -343,7 +369,8 @@ class V3HashingJob(V3Job):
 
 def test_v3_records_each_page_the_library_hashes():
     iso = PrefixIsolation()
-    job = isolated_job_class(IsolatedJobV3, V3HashingJob)(H[:2], [page(), page()], SimpleNamespace(all_pages=[]))
+    table = SimpleNamespace(all_pages=[], referenced_pages={})
+    job = isolated_job_class(IsolatedJobV3, V3HashingJob)(H[:2], [page(), page()], table)
     job.xllm_bind(iso, "alice", PAGE)
     job.allocate_pages()
     seq = job.sequences[0]
@@ -351,3 +378,81 @@ def test_v3_records_each_page_the_library_hashes():
     assert iso.reusable_pages("alice", H[:2]) == 1 and iso.reusable_pages("bob", H[:2]) == 0
     job.hash_completed_page(seq, 1)
     assert iso.reusable_pages("alice", H[:2]) == 2
+
+
+# ------ another namespace's fresh page under a hash we are making ourselves: never switch onto it
+class V3SwitchingJob(V3Job):
+    """exllamav3's ``Job.hash_completed_page``: switch to a referenced page with the same hash (asserting it is full)."""
+
+    def hash_completed_page(self, seq, page_idx):
+        held = self.pagetable.referenced_pages.get(H[page_idx])
+        assert held is None or held.kv_position == PAGE  # the library's assertion
+        seq.allocated_pages[page_idx] = held or page(kv=PAGE, phash=H[page_idx])
+
+
+def test_v3_keeps_its_page_when_the_hash_is_held_by_an_unwritten_page():
+    # alice made this content before; its page was evicted and she was handed a fresh one under
+    # the hash, not written yet; bob (not allowed to look it up) just finished the same content
+    alices = page(kv=0, phash=H[0])
+    table = SimpleNamespace(all_pages=[], referenced_pages={H[0]: alices})
+    mine, following = page(kv=PAGE, phash=b"u" * 16), page()
+    job = isolated_job_class(IsolatedJobV3, V3SwitchingJob)(H[:2], [mine, following], table)
+    job.xllm_bind(PrefixIsolation(), "bob", PAGE)
+    job.allocate_pages()
+    seq = job.sequences[0]
+    job.hash_completed_page(seq, 0)
+    assert seq.allocated_pages[0] is mine and mine.phash == b"u" * 16  # ours, under its unique hash
+    assert following.prev_hash == b"u" * 16 and table.referenced_pages[H[0]] is alices
+    assert job.xllm_isolation.reusable_pages("bob", H[:1]) == 0
+    alices.kv_position = PAGE  # once written, an identical page is shared as the library does
+    job.hash_completed_page(seq, 0)
+    assert seq.allocated_pages[0] is alices and job.xllm_isolation.reusable_pages("bob", H[:1]) == 1
+
+
+def test_v2_publish_never_shares_an_unwritten_page():
+    gen, iso, job, seq = v2_rig("bob", [], fill=[PAGE, PAGE, 0])
+    alices = V2Page(gen, H[0], kv_position=0)  # handed to alice under the hash, not written yet
+    mine = seq.allocated_pages[0]
+    job.xllm_publish()
+    assert seq.allocated_pages[0] is mine and mine.ref_count == 1 and gen.referenced_pages[H[0]] is alices
+    assert seq.allocated_pages[1].phash != H[1]  # chained after it: not published either, for now
+    assert iso.reusable_pages("bob", H[:1]) == 0
+    alices.kv_position = PAGE  # a later chunk: now written, shared
+    job.xllm_publish()
+    assert seq.allocated_pages[0] is alices and seq.allocated_pages[1].phash == H[1]
+
+
+class V2HashingDecodeJob(V2Job):
+    """exllamav2's decode hashing: a completed page switches to a referenced page with its hash (asserting it is full)."""
+
+    def receive_sample(self, logits, next_token, next_k_tokens, next_k_probs, next_prob, filter_eos, results):
+        seq = self.sequences[0]
+        index = seq.kv_position // PAGE
+        seq.kv_position += 1
+        seq.allocated_pages[index].kv_position += 1
+        if seq.kv_position // PAGE > index:
+            held = self.generator.referenced_pages.get(H[index])
+            if held is not None:
+                assert held.kv_position == PAGE  # the library's assertion
+                seq.allocated_pages[index].sub_ref()
+                seq.allocated_pages[index] = held
+                held.add_ref(0)
+            else:
+                seq.allocated_pages[index].update_hash(H[index])
+            seq.allocated_pages[index + 1].prev_hash = H[index]
+        return False, False
+
+
+def test_v2_decode_keeps_its_page_when_the_hash_is_held_by_an_unwritten_page():
+    gen = SimpleNamespace(paged=True, page_size=PAGE, referenced_pages={}, unreferenced_pages={}, all_pages=[])
+    alices = V2Page(gen, H[0], kv_position=0)
+    job = isolated_job_class(IsolatedJobV2, V2HashingDecodeJob)([], gen)
+    iso = PrefixIsolation()
+    job.xllm_bind(iso, "bob", PAGE)
+    seq = job.sequences[0]
+    mine, following = V2Page(gen, b"u" * 16, kv_position=PAGE - 1), V2Page(gen, b"v" * 16)
+    seq.kv_position, seq.allocated_pages = PAGE - 1, [mine, following]
+    job.receive_sample(None, None, None, None, None, None, [])
+    assert seq.allocated_pages[0] is mine and mine.phash not in (H[0], b"u" * 16)  # a fresh unique hash
+    assert gen.referenced_pages[H[0]] is alices and gen.referenced_pages[mine.phash] is mine
+    assert following.prev_hash == mine.phash and iso.reusable_pages("bob", H[:1]) == 0

@@ -5,8 +5,12 @@ from __future__ import annotations
 import pytest
 
 from xllm_jupyter.core.types import ChoiceDelta, FinishReason, GenerationDone, Usage
-from xllm_jupyter.engine.runner import coalesce
+from xllm_jupyter.engine.runner import MAX_SCALED_INTERVAL, SCALE_STREAMS, coalesce, paced_interval
 
+from xllm_jupyter.core.config import EngineConfig
+from xllm_jupyter.engine.engine import Engine
+
+from .fake_backend import FakeBackend, FakeCatalog
 from .test_engine import make_engine, req
 
 
@@ -27,6 +31,26 @@ def test_coalesce_merges_each_choice_and_keeps_the_rest_in_order():
     assert out[2:] == items[5:]
     single = [ChoiceDelta(0, "a", (1,))]
     assert coalesce(single) == single
+
+
+def test_the_interval_grows_with_the_streams_past_the_scale_but_stays_bounded():
+    assert paced_interval(0.016, 1) == paced_interval(0.016, SCALE_STREAMS) == 0.016
+    assert paced_interval(0.016, 4 * SCALE_STREAMS) == pytest.approx(0.064)
+    assert paced_interval(0.016, 1000) == MAX_SCALED_INTERVAL
+    assert paced_interval(0.0, 1000) == 0.0  # 0 = per-step deltas, at any load
+    assert paced_interval(0.5, 1000) == 0.5  # a configured interval above the bound is kept
+
+
+async def test_many_streams_get_fewer_larger_deltas_than_one():
+    # 48 sequences (3x the scale): the 30 ms interval becomes 90 ms; a lone stream keeps 30 ms
+    engine = Engine(EngineConfig(max_batch_size=64, stream_interval_ms=30), FakeCatalog(["fake"]),
+                    [FakeBackend(step_delay=0.005, max_batch_size=64)])
+    alone = await deltas(engine, req(max_tokens=60, ignore_eos=True))
+    crowd = await deltas(engine, req(max_tokens=60, ignore_eos=True, n=48))
+    per_delta_alone = 60 / len(alone)
+    per_delta_crowd = 60 * 48 / len(crowd)
+    assert per_delta_crowd > 1.5 * per_delta_alone, (per_delta_alone, per_delta_crowd)
+    await engine.stop()
 
 
 async def deltas(engine, request) -> list[ChoiceDelta]:

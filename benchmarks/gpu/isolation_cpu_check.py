@@ -50,6 +50,7 @@ import importlib.machinery
 import random
 import sys
 import time
+import traceback
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,6 +195,7 @@ class Rig:
         self.hash_pages: dict[int, int] = {}  # job id -> prompt pages it got by hash (full when it started)
         self.scripts: dict[int, list[int]] = {}
         self.next_id = 0
+        self.unwritten: list[str] = []  # a job's sequence passed a page that nobody has written (see _passed_unwritten)
         self.model = self._build(num_pages)
         self.generator = self.model.generator
         self.generator.iterate = self._iterate  # model.step() calls this
@@ -217,12 +219,21 @@ class Rig:
                 self.hash_pages[job.identifier] = len(full)
                 self.reads.setdefault(job.identifier, []).extend(self.writers.get(id(p), frozenset()) for p in full)
 
+    def _passed_unwritten(self, job: Any) -> None:
+        """Every page before a sequence's position must be full: the job attends to it from now on."""
+        for seq in job.sequences:
+            for index, page in enumerate(seq.allocated_pages[: seq.kv_position // self.page_size]):
+                if page.kv_position != self.page_size:
+                    self.unwritten.append(f"job {job.identifier} ({job.xllm_namespace}) at {seq.kv_position} "
+                                          f"holds page {index} with {page.kv_position} tokens written")
+
     def _tracked(self, job: Any, call: Any) -> None:
         """Run one library call that may write tokens into the job's pages; update provenance."""
         ns = job.xllm_namespace
         before = {id(p): p.kv_position for seq in job.sequences for p in seq.allocated_pages}
         copies_before = len(self.log.copies)
         call()
+        self._passed_unwritten(job)
         by_index = {p.page_index: p for p in self.pages()}
         copied: dict[int, tuple[frozenset, int]] = {}
         for src, dst, n in self.log.copies[copies_before:]:
@@ -258,6 +269,7 @@ class Rig:
             self._tracked(job, lambda: job.get_input_ids_list(None, 0, add_to_cache=True))
             token = torch.tensor([[self.scripts[job.identifier].pop(0)]], dtype=torch.long)
             eos = self._receive(job, token, results)
+            self._passed_unwritten(job)
             if eos:
                 job.deallocate_pages()
                 gen.active_jobs.remove(job)
@@ -559,6 +571,70 @@ def run_concurrent(rig: Rig, seed: int = 1) -> list[Check]:
     ]
 
 
+def run_hazard(build: Any, seed: int = 5) -> list[Check]:
+    """Another namespace's fresh page under a content hash we are making ourselves: never switch onto it.
+
+    alice sent prompt P (and got output O) earlier, then its pages were evicted. bob, who never
+    sent P, makes P's pages on unique pages; alice sends P (or P + part of O) while he does, so
+    her lookups miss and she is handed fresh, still unwritten pages under P's hashes. When bob
+    completes the same content (a prefill chunk, or a page his decoding fills) the library would
+    switch him onto her unwritten page: exllamav3 fails an assertion, exllamav2 shares it
+    silently. Checked: no library assertion, no job ever passes a page nobody wrote, bob reuses
+    nothing and reads only pages his own jobs wrote.
+    """
+    from xllm_jupyter.core.types import SamplingParams, SequenceJob
+
+    checks: list[Check] = []
+    for phase in ("prefill", "decode"):
+        rig = build()
+        rig.generator.max_chunk_size = 2 * PAGE  # bob's prompt is prefilled over several steps
+        rng = random.Random(seed)
+        prompt = [rng.randrange(100, VOCAB) for _ in range(1200)]
+        output = [rng.randrange(100, VOCAB) for _ in range(200)]  # page 4 (1024..1279) completes in decoding
+        finished: dict[int, int] = {}
+        note = ""
+        try:
+            rig.run("alice: P (cold)", "alice", prompt, output)
+            rig.run("dave: filler (evicts P)", "dave", [rng.randrange(100, VOCAB) for _ in range(3500)], [5] * 4)
+
+            def add(job_id: int, ns: str, ids: list[int], out: list[int]) -> None:
+                rig.scripts[job_id] = list(out) + [EOS]
+                rig.model.add(SequenceJob(job_id=job_id, prompt_ids=tuple(ids), max_tokens=len(out) + 8,
+                                          sampling=SamplingParams(), stop_token_ids=frozenset({EOS}),
+                                          cache_namespace=ns))
+
+            def step() -> None:
+                for event in rig.model.step():
+                    if event.finish is not None:
+                        finished[event.job_id] = event.cached_tokens
+
+            add(100, "bob", prompt, output if phase == "decode" else [7] * 4)
+            step()
+            if phase == "decode":  # until bob's next token completes page 4
+                while not any(j.identifier == 100 and j.sequences[0].kv_position == 5 * PAGE - 1
+                              for j in rig.generator.active_jobs):
+                    step()
+                add(101, "alice", prompt + output[:100], [7] * 4)
+            else:
+                add(101, "alice", prompt, [7] * 4)
+            for _ in range(1000):
+                step()
+                if len(finished) == 2:
+                    break
+        except AssertionError as exc:
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            note = f"library assertion in {frame.name}: {frame.line}"
+        sources = rig.reads.get(100, [])
+        foreign = [sorted(w) for w in sources if "bob" not in w]
+        notes = [n for n in (note, "; ".join(rig.unwritten[:2]), f"bob read pages written only by {foreign}" if foreign else "")
+                 if n]
+        ok = not notes and len(finished) == 2 and finished[100] == 0
+        notes.append(f"alice reused {finished.get(101, -1)} tokens")
+        checks.append(Check(rig.library, f"hazard ({phase}): bob makes P while alice is handed fresh P pages",
+                            "no assert; no unwritten page", finished.get(100, -1), ok, "; ".join(notes)))
+    return checks
+
+
 def run_unpaged(rig: RigV2, seed: int = 2) -> list[Check]:
     """exllamav2 unpaged (one page = the whole cache): the previous job's tokens are matched against the next prompt."""
     rng = random.Random(seed)
@@ -603,6 +679,7 @@ def main() -> int:
             continue
         checks += run_scenario(build())
         checks += run_concurrent(build())
+        checks += run_hazard(lambda: RigV3(16) if name == "exllamav3" else RigV2(16))
         if name == "exllamav2":
             checks += run_unpaged(RigV2(args.pages, paged=False))
 

@@ -17,7 +17,9 @@ time-to-first-token rise when a guess is right). The libraries have no namespace
 A page's content hash is recorded for the namespace as soon as the library gives it one
 (prompt pages after prefill, others when decoding fills them), so a user's second job that
 starts while her first still runs reuses the pages the first has made; a job's hashes are
-its own tokens, so recording them early lets no other namespace reuse anything.
+its own tokens, so recording them early lets no other namespace reuse anything. A page we
+complete is never switched onto an identical page another job holds but has not written yet
+(that job's namespace was handed it fresh under the hash): ours keeps a unique hash instead.
 
 ``PrefixIsolation`` is the policy (pure Python); the two mixins below are combined with
 the library's job class at ``make_job`` time and only read or set attributes of it, except
@@ -209,7 +211,26 @@ class IsolatedJobV3(_IsolatedJobBase):
             self.pagetable = table
 
     def hash_completed_page(self, seq: Any, page_idx: int) -> Any:
-        """Hash a full page (library: prefill's uncached prompt pages, decoding, released holds); record it."""
+        """Hash a full page (library: prefill's uncached prompt pages, decoding, released holds); record it.
+
+        Not when another job holds a page under the same content hash that it has not written yet:
+        the library would switch us onto that page (and fails its ``kv_position`` assertion).
+        That happens when a namespace that made this content before was handed a fresh page
+        under its hash (the old one was evicted) while we, not allowed to look the hash up, were
+        making the same content on a unique page. We keep our page under its unique hash
+        (nobody finds it by hash; the other job's page gets the content) and link the next one.
+        """
+        size = self.xllm_page_size
+        page = seq.allocated_pages[page_idx]
+        prev_hash = seq.allocated_pages[page_idx - 1].phash if page_idx > 0 else None
+        content = _v3_content_hash(seq.sequence_ids.torch_slice(page_idx * size, (page_idx + 1) * size), prev_hash)
+        holder = self.pagetable.referenced_pages.get(content)  # type: ignore[has-type]
+        if holder is not None and holder is not page and holder.kv_position != size:
+            if page_idx + 1 < len(seq.allocated_pages):
+                following = seq.allocated_pages[page_idx + 1]
+                following.prev_hash = page.phash
+                following.can_revert = False
+            return None
         out = super().hash_completed_page(seq, page_idx)  # type: ignore[misc]
         # the library may have switched the sequence to an identical page: read the hash from there
         self.xllm_record([seq.allocated_pages[page_idx]])
@@ -289,10 +310,15 @@ class IsolatedJobV2(_IsolatedJobBase):
                     break  # not prefilled yet: a later chunk publishes it
                 if page.phash == content:
                     continue
-                if content in generator.referenced_pages:
+                held = generator.referenced_pages.get(content)
+                if held is not None and held.kv_position != size:
+                    # another job's fresh page under this hash, not written yet (see IsolatedJobV3.
+                    # hash_completed_page): never share it; keep ours unpublished, a later chunk retries
+                    break
+                if held is not None:
                     serial = page.access_serial
                     page.sub_ref()
-                    page = generator.referenced_pages[content]
+                    page = held
                     seq.allocated_pages[index] = page
                     seq.block_index_tensor = None
                     page.add_ref(serial)
@@ -309,14 +335,57 @@ class IsolatedJobV2(_IsolatedJobBase):
     def receive_sample(self, *args: Any, **kwargs: Any) -> Any:
         """Take a sampled token (library, which hashes a page the token completes); record that page."""
         size = self.xllm_page_size
-        before = [seq.kv_position // size for seq in self.sequences]  # type: ignore[attr-defined]
-        out = super().receive_sample(*args, **kwargs)  # type: ignore[misc]
-        if self.generator.paged:  # type: ignore[attr-defined]  (unpaged: one page, never hashed)
+        sequences = self.sequences  # type: ignore[attr-defined]
+        before = [seq.kv_position // size for seq in sequences]
+        paged = self.generator.paged  # type: ignore[attr-defined]  (unpaged: one page, never hashed)
+        hidden = self.xllm_hide_unwritten() if paged else {}
+        try:
+            out = super().receive_sample(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            kept = self.xllm_unhide(hidden)
+        if paged:
             # a page completed under a banned-string hold keeps a random hash, which no prompt can match
-            sequences = self.sequences  # type: ignore[attr-defined]
             self.xllm_record(seq.allocated_pages[index] for seq, index in zip(sequences, before)
-                             if seq.kv_position // size > index and index < len(seq.allocated_pages or ()))
+                             if seq.kv_position // size > index and index < len(seq.allocated_pages or ())
+                             and id(seq.allocated_pages[index]) not in kept)
         return out
+
+    def xllm_hide_unwritten(self) -> dict[bytes, tuple[Any, Any, int]]:
+        """Before a token that completes a page: take an unwritten page holding its hash out of the table.
+
+        The library would switch us onto it (and fails its ``kv_position`` assertion), as in
+        ``IsolatedJobV3.hash_completed_page``; hidden, it gives our page the hash instead, which
+        ``xllm_unhide`` undoes. The page's tokens are all in ``sequence_ids`` before the new one.
+        """
+        generator = self.generator  # type: ignore[attr-defined]
+        size = self.xllm_page_size
+        hidden: dict[bytes, tuple[Any, Any, int]] = {}
+        for seq in self.sequences:  # type: ignore[attr-defined]
+            index = seq.kv_position // size
+            allocated = seq.allocated_pages or ()
+            if (seq.kv_position + 1) // size == index or index >= len(allocated):
+                continue
+            prev_hash = allocated[index - 1].phash if index > 0 else None
+            content = _v2_content_hash(seq.sequence_ids.torch_slice(index * size, (index + 1) * size), prev_hash)
+            holder = generator.referenced_pages.get(content)
+            if holder is not None and holder is not allocated[index] and holder.kv_position != size:
+                del generator.referenced_pages[content]
+                hidden[content] = (holder, seq, index)
+        return hidden
+
+    def xllm_unhide(self, hidden: dict[bytes, tuple[Any, Any, int]]) -> set[int]:
+        """Put hidden pages back; our page keeps a unique hash instead. Returns ids of the pages kept so."""
+        generator = self.generator  # type: ignore[attr-defined]
+        kept: set[int] = set()
+        for content, (holder, seq, index) in hidden.items():
+            page = seq.allocated_pages[index]
+            if page.phash == content:
+                page.update_hash(_v2_unique_hash())
+                kept.add(id(page))
+                if index + 1 < len(seq.allocated_pages):
+                    seq.allocated_pages[index + 1].prev_hash = page.phash
+            generator.referenced_pages[content] = holder
+        return kept
 
     def deallocate_pages(self, *args: Any, **kwargs: Any) -> Any:
         """Record what we produced, then free (library); unpaged, the page is now ours."""
@@ -327,6 +396,27 @@ class IsolatedJobV2(_IsolatedJobBase):
             assert self.xllm_isolation is not None
             self.xllm_isolation.set_owners(generator.all_pages[0], frozenset({self.xllm_namespace}))
         return super().deallocate_pages(*args, **kwargs)  # type: ignore[misc]
+
+
+def _v3_content_hash(page_ids: Any, prev_hash: bytes | None) -> bytes:
+    """exllamav3's content hash of one page of tokens chained on the previous page's hash."""
+    from exllamav3.generator.pagetable import tensor_hash_checksum  # loaded with the generator by now
+
+    return tensor_hash_checksum(page_ids, prev_hash)
+
+
+def _v2_content_hash(page_ids: Any, prev_hash: bytes | None) -> bytes:
+    """exllamav2's content hash of one page of tokens chained on the previous page's hash."""
+    from exllamav2.generator.dynamic import _tensor_hash_checksum  # loaded with the generator by now
+
+    return _tensor_hash_checksum(page_ids, prev_hash)
+
+
+def _v2_unique_hash() -> bytes:
+    """A fresh exllamav2 placeholder hash (what it gives pages that hold no findable content)."""
+    from exllamav2.generator.dynamic import _randomhash
+
+    return _randomhash()
 
 
 _job_classes: dict[tuple[type, type], type] = {}

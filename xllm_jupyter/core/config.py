@@ -60,7 +60,8 @@ class EngineConfig:
     replicas: tuple[str, ...] = ()  # "name=count" entries (YAML may give a mapping)
     idle_grace_seconds: float = 1.0  # a model used this recently is never evicted (covers tokenize -> submit)
     # tokens made within this many ms stream out together, one merged delta per choice; first
-    # tokens and finishes are never held (0 = one delta per step; docs/performance.md)
+    # tokens and finishes are never held; past 16 running sequences the interval grows in
+    # proportion, up to 250 ms (0 = one delta per step; docs/performance.md)
     stream_interval_ms: float = 16.0
     # --- GPU (exllamav3 / exllamav2) settings; the transformers backend ignores them ---
     cache_tokens: int = 0  # paged KV cache size in tokens shared by all sequences (0 = auto)

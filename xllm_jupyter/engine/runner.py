@@ -9,8 +9,10 @@ grows its own queue and never stalls the step loop.
 Deliveries are paced by ``stream_interval``: tokens made within one interval leave
 together, merged into one delta per choice, so the event loop (which shares the GIL
 with the step loop) wakes, encodes and writes once per interval instead of once per
-token. A request's first delta, its end and errors are never held back, so time to
-first token is unchanged.
+token. Past ``SCALE_STREAMS`` running sequences the interval grows in proportion
+(``paced_interval``), which caps the chunks per second the loop must write however many
+streams run. A request's first delta, its end and errors are never held back, so time
+to first token is unchanged.
 """
 
 from __future__ import annotations
@@ -43,6 +45,18 @@ from .stops import StopMatcher
 log = logging.getLogger(__name__)
 
 _END = object()  # queue sentinel: the request is over
+
+#: sequences one stream interval serves; with more running, the interval grows in proportion
+SCALE_STREAMS = 16
+#: the scaled interval never passes this (a base interval above it is kept as configured)
+MAX_SCALED_INTERVAL = 0.25
+
+
+def paced_interval(base: float, running: int) -> float:
+    """Seconds between deliveries with ``running`` sequences: ``base``, scaled up past SCALE_STREAMS."""
+    if base <= 0 or running <= SCALE_STREAMS:
+        return base
+    return max(base, min(MAX_SCALED_INTERVAL, base * running / SCALE_STREAMS))
 
 
 class RequestHandle:
@@ -334,7 +348,7 @@ class ModelRunner:
                 items = outbox[handle] = []
             if self._translate(state, event, items) or not handle.started:
                 urgent = True
-        if outbox and (urgent or time.monotonic() - self._delivered_at >= self.stream_interval):
+        if outbox and (urgent or time.monotonic() - self._delivered_at >= paced_interval(self.stream_interval, batch)):
             self._deliver()
 
     def _deliver(self) -> None:
