@@ -338,8 +338,12 @@ class V2DecodeJob(V2Job):
         seq.kv_position += 1
         seq.allocated_pages[index].kv_position += 1
         if seq.kv_position // PAGE > index:
-            seq.allocated_pages[index].phash = next_token  # the stand-in's "content hash"
+            self.complete_page(seq, index, next_token)
         return False, False
+
+    def complete_page(self, seq, index, next_token):
+        """Give a page the new token completed its hash."""
+        seq.allocated_pages[index].phash = next_token  # the stand-in's "content hash"
 
 
 def test_v2_decode_records_a_page_the_moment_it_completes():
@@ -422,25 +426,20 @@ def test_v2_publish_never_shares_an_unwritten_page():
     assert seq.allocated_pages[0] is alices and seq.allocated_pages[1].phash == H[1]
 
 
-class V2HashingDecodeJob(V2Job):
+class V2HashingDecodeJob(V2DecodeJob):
     """exllamav2's decode hashing: a completed page switches to a referenced page with its hash (asserting it is full)."""
 
-    def receive_sample(self, logits, next_token, next_k_tokens, next_k_probs, next_prob, filter_eos, results):
-        seq = self.sequences[0]
-        index = seq.kv_position // PAGE
-        seq.kv_position += 1
-        seq.allocated_pages[index].kv_position += 1
-        if seq.kv_position // PAGE > index:
-            held = self.generator.referenced_pages.get(H[index])
-            if held is not None:
-                assert held.kv_position == PAGE  # the library's assertion
-                seq.allocated_pages[index].sub_ref()
-                seq.allocated_pages[index] = held
-                held.add_ref(0)
-            else:
-                seq.allocated_pages[index].update_hash(H[index])
-            seq.allocated_pages[index + 1].prev_hash = H[index]
-        return False, False
+    def complete_page(self, seq, index, next_token):
+        """Switch to a referenced page with the content hash, else take the hash."""
+        held = self.generator.referenced_pages.get(H[index])
+        if held is not None:
+            assert held.kv_position == PAGE  # the library's assertion
+            seq.allocated_pages[index].sub_ref()
+            seq.allocated_pages[index] = held
+            held.add_ref(0)
+        else:
+            seq.allocated_pages[index].update_hash(H[index])
+        seq.allocated_pages[index + 1].prev_hash = H[index]
 
 
 def test_v2_decode_keeps_its_page_when_the_hash_is_held_by_an_unwritten_page():

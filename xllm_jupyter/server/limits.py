@@ -6,8 +6,9 @@ three independent budgets (each off when its setting is 0):
 * ``auth.requests_per_minute``: a token bucket of that capacity, refilled evenly.
 * ``auth.tokens_per_minute``: charged with the *actual* usage after each response
   (``usage.total_tokens``; a stream without a usage chunk is charged the usage the
-  engine reported for it, see ``note_stream_tokens``). The bucket may go into debt; a key in debt is refused until it
-  has refilled, so one big request cannot be refused up front by a guess.
+  engine reported for it, see ``note_stream_tokens``). The bucket may go into debt; a
+  key in debt is refused until it has refilled, so one big request cannot be refused up
+  front by a guess.
 * ``auth.max_concurrent_per_key``: requests in flight (queued or running); this is
   what keeps one key's flood from filling the shared engine queue.
 

@@ -192,7 +192,7 @@ class ObservedEngine:
             async for ev in events:
                 if isinstance(ev, GenerationDone):
                     self._metrics.record_usage(request.model, ev.usage)
-                    note_stream_tokens(ev.usage.prompt_tokens + ev.usage.completion_tokens)
+                    note_stream_tokens(ev.usage.total_tokens)
                     for callback in self._on_done:
                         callback(request, ev.usage)
                 yield ev
