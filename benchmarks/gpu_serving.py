@@ -9,8 +9,10 @@ tokens, greedy, every stream runs to its length):
          (static cache + torch.compile CUDA graphs, backends/hf_compiled.py) and ``transformers``
          (eager) it is our transformers backend's model stepped directly, no engine or HTTP;
 (server) our standalone HTTP server (``start_server`` over the real Engine, in a child
-         process) with the same model and settings, streamed over SSE by an httpx client
-         in this process, as a real client would be.
+         process) with the same model and settings, streamed over SSE by the lean load
+         generator (``sse_load.py``: raw sockets in ``--client-procs`` processes, every
+         request written at one moment, like the raw side's enqueue-all), so a busy
+         client's delays are not charged to the server.
 
 Reports aggregate tok/s, TTFT p50/p99, inter-token latency p50/p99 and the server/raw
 ratio; writes ``--out`` (JSON) and a Markdown table next to it. Needs a CUDA GPU and the
@@ -38,6 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 SHAPES = {
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8),
@@ -63,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=128)
     p.add_argument("--stream-interval-ms", type=float, default=None,
                    help="engine.stream_interval_ms for the server (default: the config default)")
+    p.add_argument("--client-procs", type=int, default=4,
+                   help="load-generator processes sharing the streams (sse_load.py)")
     p.add_argument("--cache-tokens", type=int, default=65536,
                    help="transformers backends: static KV cache tokens for all slots (exllamav3 raw uses 65536)")
     p.add_argument("--device", default="cuda", help="transformers backends: torch device (cpu for a smoke run)")
@@ -241,11 +246,17 @@ class RawTransformers:
         self.model.unload()
 
 
-def raw_level(engine, ids_list: list[list[int]], new_tokens: int) -> dict:
-    """All streams enqueued at once; iterate until every one has its tokens."""
+def sync() -> None:
+    """Wait for the GPU's queued work (nothing to wait for in a CPU smoke run)."""
     import torch
 
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def raw_level(engine, ids_list: list[list[int]], new_tokens: int) -> dict:
+    """All streams enqueued at once; iterate until every one has its tokens."""
+    sync()
     t0 = time.perf_counter()
     recs = {}
     for i, ids in enumerate(ids_list):
@@ -265,7 +276,7 @@ def raw_level(engine, ids_list: list[list[int]], new_tokens: int) -> dict:
             rec["times"].append((now, n))
             if rec["first"] is None:
                 rec["first"] = now
-    torch.cuda.synchronize()
+    sync()
     return summarize(list(recs.values()), time.perf_counter() - t0)
 
 
@@ -284,7 +295,8 @@ def run_raw(backend: str, path: str, levels: list[int], args) -> dict:
     engine.close()
     del engine
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return out
 
 
@@ -330,35 +342,20 @@ def serve_main(args) -> None:
     asyncio.run(main())
 
 
-async def http_level(url: str, ids_list: list[list[int]], new_tokens: int) -> dict:
-    """Concurrent SSE completions (prompt as token ids, greedy, ignore_eos) against the server."""
-    import httpx
+def http_level(url: str, ids_list: list[list[int]], new_tokens: int, procs: int) -> dict:
+    """Concurrent SSE completions (prompt as token ids, greedy, ignore_eos) against the server.
+
+    Sent by the lean load generator (``sse_load.py``: raw sockets, every request written at
+    one moment, ``procs`` processes) so the client never holds the server back.
+    """
+    import sse_load
 
     body = {"model": "bench", "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
-    limits = httpx.Limits(max_connections=len(ids_list) + 4, max_keepalive_connections=len(ids_list) + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        async def one(ids: list[int]) -> dict:
-            rec = {"start": time.perf_counter(), "first": None, "tokens": 0, "times": []}
-            async with client.stream("POST", "/v1/completions", json={**body, "prompt": ids}) as resp:
-                resp.raise_for_status()
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
-                    if chunk.get("usage"):
-                        rec["tokens"] = chunk["usage"]["completion_tokens"]
-                    if chunk.get("choices") and chunk["choices"][0].get("text"):
-                        now = time.perf_counter()
-                        rec["times"].append((now, 0))  # a chunk: one token or several merged
-                        if rec["first"] is None:
-                            rec["first"] = now
-            return rec
-
-        await asyncio.gather(*(one(ids) for ids in prompts(len(ids_list), 16)))  # warm the pool
-        t0 = time.perf_counter()
-        streams = await asyncio.gather(*(one(ids) for ids in ids_list))
-        return summarize(list(streams), time.perf_counter() - t0)
+    recs, _ = sse_load.run_level(url, "/v1/completions", [{**body, "prompt": ids} for ids in ids_list], procs)
+    for rec in recs:  # a read's content events arrived together: chunk gaps, tokens unknown per chunk
+        rec["times"] = [(t, 0) for t, count in rec["times"] for _ in range(count)]
+    return summarize(recs, max(r["end"] for r in recs) - min(r["start"] for r in recs))
 
 
 def run_server(backend: str, path: str, levels: list[int], args) -> dict:
@@ -372,8 +369,10 @@ def run_server(backend: str, path: str, levels: list[int], args) -> dict:
         if not line:
             raise RuntimeError("the benchmark server did not start")
         url = json.loads(line)["url"]
-        asyncio.run(http_level(url, prompts(1, args.prompt_tokens), 8))
-        return {c: asyncio.run(http_level(url, prompts(c, args.prompt_tokens), args.new_tokens)) for c in levels}
+        procs = args.client_procs
+        http_level(url, prompts(1, args.prompt_tokens), 8, 1)  # warm-up
+        http_level(url, prompts(max(levels), args.prompt_tokens), 8, procs)
+        return {c: http_level(url, prompts(c, args.prompt_tokens), args.new_tokens, procs) for c in levels}
     finally:
         proc.terminate()
         proc.wait(60)
@@ -420,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     report = json.loads(out.read_text()) if out.exists() else {"rows": []}
-    report.update(device=torch.cuda.get_device_name(0), date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    report.update(device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (smoke run)", date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   params={"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "greedy": True,
                           "stream_interval_ms": args.stream_interval_ms if args.stream_interval_ms is not None
                           else EngineConfig().stream_interval_ms})

@@ -10,8 +10,9 @@ same length):
 
 (raw)       the backend's LoadedModel driven directly: add every job, step until done;
 (engine)    ``Engine.generate`` in this process (engine thread + asyncio, no HTTP);
-(server)    the standalone server in a child process, streamed over SSE by concurrent
-            httpx clients in another child process.
+(server)    the standalone server in a child process, streamed over SSE by
+            the lean load generator (``sse_load.py``: raw sockets, requests written at
+            one moment) in another child process.
 
 Reports aggregate tok/s, TTFT p50, the server/raw ratio and the server's overhead per
 token, ``1/server_rate - 1/raw_rate`` (µs). Writes ``benchmarks/results/stream_overhead.{json,md}``;
@@ -28,7 +29,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import cpu_serving  # noqa: E402  (raw/in-process/client code shared with the SmolLM2 benchmark)
 
 MODEL = "bench"
+GPU_LIKE_ENV = "XLLM_BENCH_GPU_LIKE"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,8 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "stream_overhead"))
     p.add_argument("--stream-interval-ms", type=float, default=None,
                    help="engine.stream_interval_ms for the engine and server modes (default: the config default)")
+    p.add_argument("--gpu-like", metavar="PROFILE", nargs="?", const="default",
+                   help="replace the model's steps with a GPU engine's CPU profile (benchmarks/gpu_like.py; "
+                        "'default' or overrides such as 'launches=60,per_seq_us=210')")
     p.add_argument("--server-root", default=str(ROOT), help="checkout whose code the server process runs (e.g. a copy of the old code)")
-    p.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)
     p.add_argument("--serve", metavar="DIR", help=argparse.SUPPRESS)
     p.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -84,8 +87,16 @@ def spec_of(path: Path, max_batch: int):
     from xllm_jupyter.backends.base import ModelSpec
     from xllm_jupyter.store.manifest import detect_format
 
-    return ModelSpec(name=MODEL, path=path, format=detect_format(path), backend="transformers", context_length=4096,
-                     options={"torch_threads": 1, "max_batch_size": max_batch, "device": "cpu"})
+    options = {"torch_threads": 1, "max_batch_size": max_batch, "device": "cpu"}
+    backend = "transformers"
+    profile = os.environ.get(GPU_LIKE_ENV)  # set by --gpu-like; the server child inherits it
+    if profile is not None:
+        import gpu_like
+
+        gpu_like.register()
+        backend, options["gpu_like"] = "gpu-like", "" if profile == "default" else profile
+    return ModelSpec(name=MODEL, path=path, format=detect_format(path), backend=backend, context_length=4096,
+                     options=options)
 
 
 class OneModel:
@@ -172,54 +183,18 @@ def thread_cpu(pid: int) -> dict[str, float]:
     return out
 
 
-async def lean_level(url: str, messages: list[dict], c: int, n: int) -> dict:
-    """``c`` concurrent SSE chat streams read as bytes (runs in the client process).
-
-    Events are not parsed one by one: the first content delta is spotted by its bytes and
-    the token count comes from the final usage chunk, so on a small machine the load
-    generator takes as little CPU from the server as it can.
-    """
-    import httpx
+async def server_level(server: ServerProcess, messages: list[dict], c: int, n: int) -> dict:
+    """One HTTP level from the lean load generator (``sse_load.py``), plus the server's CPU µs per token by thread."""
+    import sse_load
 
     body = {"model": MODEL, "messages": messages, "max_tokens": n, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
-    usage = re.compile(rb'"completion_tokens":(\d+)')
-
-    async def one(client: httpx.AsyncClient, payload: dict) -> dict:
-        rec = {"start": time.perf_counter(), "first": None, "end": 0.0, "tokens": 0}
-        tail = b""
-        async with client.stream("POST", "/v1/chat/completions", json=payload) as resp:
-            resp.raise_for_status()
-            async for data in resp.aiter_raw():
-                tail = tail[-64:] + data  # a marker split across reads is still found
-                if rec["first"] is None and b'"delta":{"content":' in tail:
-                    rec["first"] = time.perf_counter()
-        rec["end"] = time.perf_counter()
-        found = usage.findall(tail[-1024:])
-        rec["tokens"] = int(found[-1]) if found else 0
-        return rec
-
-    limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        await asyncio.gather(*(one(client, {**body, "max_tokens": 2}) for _ in range(c)))  # warm the pool
-        cpu0, t0 = time.process_time(), time.perf_counter()
-        streams = await asyncio.gather(*(one(client, body) for _ in range(c)))
-        result = cpu_serving.summarize(list(streams), time.perf_counter() - t0)
-        if result["tokens"]:
-            result["client_cpu_us_per_token"] = round((time.process_time() - cpu0) / result["tokens"] * 1e6, 1)
-        return result
-
-
-async def server_level(server: ServerProcess, messages: list[dict], c: int, n: int) -> dict:
-    """One HTTP level from a client child process, plus the server's CPU µs per token by thread."""
-    cmd = [sys.executable, __file__, "--client", server.url, "--concurrency", str(c), "--max-tokens", str(n)]
     before = thread_cpu(server.proc.pid)
-    proc = await asyncio.create_subprocess_exec(*cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = await proc.communicate(json.dumps(messages).encode())
+    recs, client_cpu = await asyncio.to_thread(sse_load.run_level, server.url, "/v1/chat/completions", [body] * c)
     after = thread_cpu(server.proc.pid)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark client failed: {err.decode()[-2000:]}")
-    result = json.loads(out.decode().strip().splitlines()[-1])
+    result = cpu_serving.summarize(recs, max(r["end"] for r in recs) - min(r["start"] for r in recs))
+    if result["tokens"]:
+        result["client_cpu_us_per_token"] = round(client_cpu / result["tokens"] * 1e6, 1)
     if before and after and result["tokens"]:
         for k in ("main", "other"):
             result[f"cpu_us_per_token_{k}"] = round((after[k] - before[k]) / result["tokens"] * 1e6, 1)
@@ -298,7 +273,7 @@ def markdown(results: dict) -> str:
     """Every labelled run as a Markdown table."""
     lines = ["# Per-token stream overhead (tiny random-weight Llama, transformers, CPU)", "",
              "raw = LoadedModel add/step loop, engine = `Engine.generate` in-process, server = standalone "
-             "server in a child process streamed over SSE (chat, httpx clients in another process). "
+             "server in a child process streamed over SSE (chat, lean raw-socket clients in another process, `sse_load.py`). "
              "Overhead = 1/server_rate - 1/raw_rate per token. CPU µs/token: per thread of the server process "
              "and of the client process, from /proc. raw and engine always run the current code in the benchmark "
              "process; `--server-root` only changes the server process. Targets: server/raw >= 0.95 at 1 stream, "
@@ -325,11 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve:  # child mode: the server
         serve_main(args)
         return 0
-    if args.client:  # child mode: one level of HTTP clients, messages on stdin, JSON on stdout
-        messages = json.loads(sys.stdin.read())
-        print(json.dumps(asyncio.run(lean_level(args.client, messages, args.concurrency, args.max_tokens))))
-        return 0
     levels = [int(x) for x in args.levels.split(",") if x.strip()]
+    if args.gpu_like:
+        os.environ[GPU_LIKE_ENV] = args.gpu_like
     path = tiny_model(Path(args.model_dir))
     report = asyncio.run(measure(args, path, levels))
     if args.server_only:

@@ -1,0 +1,64 @@
+"""The benchmarks' own tools: the lean SSE load generator and the GPU-profile stand-in model."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from xllm_jupyter.core.types import FinishReason, SamplingParams, SequenceJob
+
+from .fake_backend import FakeModel
+from .server_fixtures import TINY
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import gpu_like  # noqa: E402
+import sse_load  # noqa: E402
+
+
+def stream_body(max_tokens: int, **extra) -> dict:
+    return {"model": TINY, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}, **extra}
+
+
+def test_load_generator_counts_every_token_of_concurrent_streams(xllm_server):
+    bodies = [stream_body(12, prompt=f"Stream {i} says") for i in range(3)]
+    bodies.append(stream_body(9, messages=[{"role": "user", "content": "hi"}]))
+    recs, client_cpu = sse_load.run_level(xllm_server.root, "/v1/completions", bodies[:3], procs=2,
+                                          api_key=xllm_server.api_key)
+    chat, _ = sse_load.run_level(xllm_server.root, "/v1/chat/completions", bodies[3:], api_key=xllm_server.api_key)
+    assert [r["tokens"] for r in recs] == [12, 12, 12] and chat[0]["tokens"] == 9
+    for rec in recs + chat:
+        assert rec["status"] == 200
+        assert rec["start"] < rec["first"] <= rec["end"]
+        assert rec["times"][0][0] == rec["first"]
+        # every content event is counted once, and a chunk holds at least one token
+        assert 1 <= sum(n for _, n in rec["times"]) <= rec["tokens"]
+    assert client_cpu >= 0
+
+
+def test_load_generator_fails_loudly_on_an_error_status(xllm_server):
+    with pytest.raises(RuntimeError, match="status 401"):
+        sse_load.run_level(xllm_server.root, "/v1/completions", [stream_body(4, prompt="x")])  # no key
+
+
+def test_gpu_like_model_makes_every_token_and_honours_cancel():
+    profile = gpu_like.GpuProfile.parse("launches=3,launch_us=5,base_us=2000,per_seq_us=0,prefill_us=0")
+    assert profile.launches == 3 and profile.base_us == 2000 and profile.per_seq_us == 0
+    model = gpu_like.GpuLikeModel(FakeModel("fake"), profile)
+    model.add(SequenceJob(1, (5, 6), 4, SamplingParams(temperature=0.0), frozenset()))
+    model.add(SequenceJob(2, (5, 6), 10, SamplingParams(temperature=0.0), frozenset()))
+    t0 = time.perf_counter()
+    first = model.step()
+    assert time.perf_counter() - t0 >= 0.002  # the "GPU" wait
+    assert [e.job_id for e in first] == [1, 2] and all(e.text == model._text for e in first)
+    model.cancel(2)
+    events = first + [e for _ in range(3) for e in model.step()]
+    by_job = {1: [e for e in events if e.job_id == 1], 2: [e for e in events if e.job_id == 2]}
+    assert len(by_job[1]) == 4 and by_job[1][-1].finish is FinishReason.LENGTH
+    assert by_job[1][-1].completion_tokens == 4
+    assert by_job[2][-1].finish is FinishReason.CANCELLED and by_job[2][-1].token_id is None
+    assert model.active_jobs() == 0
