@@ -265,7 +265,8 @@ async def measure(args: Namespace, path: Path, levels: list[int]) -> dict:
         if engine is not None:
             await engine.stop()
     return {"params": {"prompt_tokens": prompt_tokens, "max_tokens": n, "temperature": 0, "ignore_eos": True,
-                       "levels": levels, "repeats": args.repeats, "endpoint": "/v1/chat/completions"},
+                       "levels": levels, "repeats": args.repeats, "endpoint": "/v1/chat/completions",
+                       "client": "sse_load (raw sockets)", "model": "gpu-like stand-in" if args.gpu_like else "tiny Llama"},
             "env": env, "levels": rows}
 
 
@@ -281,6 +282,7 @@ def markdown(results: dict) -> str:
     for label, report in results.items():
         p, e = report["params"], report["env"]
         lines += [f"## {label}", "",
+                  f"{p.get('model', 'tiny Llama')}, client {p.get('client', 'httpx (one process)')}; "
                   f"{p['prompt_tokens']}-token prompt, {p['max_tokens']} new tokens, greedy, ignore_eos, best of {p['repeats']}; "
                   f"{e.get('cpus')} CPUs, torch {e.get('torch')} ({e.get('torch_threads')} thread); {e.get('date')}, commit {e.get('commit')}.", "",
                   "| streams | raw tok/s | engine tok/s | server tok/s | engine/raw | server/raw | server overhead µs/token "
