@@ -272,9 +272,9 @@ async def measure(args: Namespace, path: Path, levels: list[int]) -> dict:
 
 def markdown(results: dict) -> str:
     """Every labelled run as a Markdown table."""
-    lines = ["# Per-token stream overhead (tiny random-weight Llama, transformers, CPU)", "",
+    lines = ["# Per-token stream overhead on CPU (tiny random-weight Llama, or the GPU-profile stand-in)", "",
              "raw = LoadedModel add/step loop, engine = `Engine.generate` in-process, server = standalone "
-             "server in a child process streamed over SSE (chat, lean raw-socket clients in another process, `sse_load.py`). "
+             "server in a child process streamed over SSE (chat) by a client in another process, named under each run (`sse_load.py` raw sockets now; older runs used httpx). "
              "Overhead = 1/server_rate - 1/raw_rate per token. CPU µs/token: per thread of the server process "
              "and of the client process, from /proc. raw and engine always run the current code in the benchmark "
              "process; `--server-root` only changes the server process. Targets: server/raw >= 0.95 at 1 stream, "
