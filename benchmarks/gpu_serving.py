@@ -355,7 +355,7 @@ def http_level(url: str, ids_list: list[list[int]], new_tokens: int, procs: int)
     recs, _ = sse_load.run_level(url, "/v1/completions", [{**body, "prompt": ids} for ids in ids_list], procs)
     for rec in recs:  # a read's content events arrived together: chunk gaps, tokens unknown per chunk
         rec["times"] = [(t, 0) for t, count in rec["times"] for _ in range(count)]
-    return summarize(recs, max(r["end"] for r in recs) - min(r["start"] for r in recs))
+    return summarize(recs, sse_load.span(recs))
 
 
 def run_server(backend: str, path: str, levels: list[int], args) -> dict:
@@ -419,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     report = json.loads(out.read_text()) if out.exists() else {"rows": []}
-    report.update(device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (smoke run)", date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (smoke run)"
+    report.update(device=device, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   params={"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "greedy": True,
                           "stream_interval_ms": args.stream_interval_ms if args.stream_interval_ms is not None
                           else EngineConfig().stream_interval_ms})

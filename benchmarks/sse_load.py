@@ -119,6 +119,11 @@ def run_level(url: str, path: str, bodies: list[dict], procs: int = 1,
     return recs, cpu
 
 
+def span(recs: list[dict]) -> float:
+    """Seconds from the first request written to the last response ended (the level's wall time)."""
+    return max(r["end"] for r in recs) - min(r["start"] for r in recs)
+
+
 def main() -> None:
     """Worker mode: ``URL PATH START_AT``; bodies and key as JSON on stdin, records and CPU seconds as JSON on stdout."""
     url, path, start_at = sys.argv[1], sys.argv[2], float(sys.argv[3])

@@ -32,7 +32,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -192,7 +191,7 @@ async def server_level(server: ServerProcess, messages: list[dict], c: int, n: i
     before = thread_cpu(server.proc.pid)
     recs, client_cpu = await asyncio.to_thread(sse_load.run_level, server.url, "/v1/chat/completions", [body] * c)
     after = thread_cpu(server.proc.pid)
-    result = cpu_serving.summarize(recs, max(r["end"] for r in recs) - min(r["start"] for r in recs))
+    result = cpu_serving.summarize(recs, sse_load.span(recs))
     if result["tokens"]:
         result["client_cpu_us_per_token"] = round(client_cpu / result["tokens"] * 1e6, 1)
     if before and after and result["tokens"]:
