@@ -8,7 +8,7 @@ import pytest
 
 from .models import build_tiny_llama, smollm2_package_dir
 
-pytest_plugins = ["tests.server_fixtures"]
+pytest_plugins = ["tests.server_fixtures", "tests.gpu_fixtures"]
 
 # Tests must never reach a hub; the models they use are built or packaged locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

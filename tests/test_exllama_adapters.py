@@ -56,6 +56,18 @@ def test_options_carry_speculative_and_split_settings():
     assert opts.num_draft_tokens == 5 and opts.draft_model_path == "/m/draft" and opts.max_batch_size == 64
 
 
+
+def test_exllamav3_load_and_cache_arguments_follow_the_options():
+    from xllm_jupyter.backends.exllamav3 import _cache_kwargs, _load_kwargs
+
+    opts = ExllamaOptions.from_options({"gpu_split": [20, 24], "max_batch_size": 64})
+    # the auto-split reserves room for a whole batch; a split is per-device GB
+    assert _load_kwargs(opts) == {"progressbar": False, "max_batch_size": 64, "use_per_device": [20.0, 24.0]}
+    assert _load_kwargs(ExllamaOptions.from_options({"tensor_parallel": True}))["tensor_p"] is True
+    # recurrent-state slots follow the engine's batch size (fp16 cache: no quantized layer type)
+    assert _cache_kwargs(opts) == {"max_batch_size": 64}
+
+
 # ------------------------------------------------------------------ samplers
 def test_combo_sampler_maps_every_openai_parameter():
     s = SamplingParams(temperature=0.7, top_p=0.9, top_k=40, min_p=0.05, presence_penalty=0.5, frequency_penalty=0.25,

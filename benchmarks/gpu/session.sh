@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# The GPU checks of issues 3 and 7 as one prepared command on the device machine, in phases
+# run in the order given, each under a time cap, all under one deadline (a lease is 15 minutes
+# of device time, machine start included; one command may run 10). A phase that would not
+# fit in what is left is skipped and says so; results and logs are copied into $OUT after
+# every phase, so a call cut short still brings back what finished.
+#
+# Here first (no device time): benchmarks/gpu/stage.sh (wheels, tokenizer, prebuilt
+# extensions). Then, on the device, carrying .whl and .gpucache:
+#   bash benchmarks/gpu/session.sh --deadline 520 setup tests make1b convert1b bench1b v2
+#   bash benchmarks/gpu/session.sh --deadline 330 setup compiled1b make8b bench8b  # next call, while warm
+#
+# Phases (estimated seconds on an H100/H200 with prebuilt extensions):
+#   setup       install carried wheels and extensions; JIT-build what is not prebuilt   (20; 330 without)
+#   tests       pytest -m gpu: tests/test_gpu_backends.py, tests/test_hf_compiled.py   (150)
+#   make1b      random-weight Llama 1.17B fp16 with SmolLM2's tokenizer                 (30)
+#   convert1b   EXL3 4.0 bpw with exllamav3's converter                                (150)
+#   bench1b     gpu_serving.py: EXL3 and FP16 on exllamav3, 1/16/64 streams              (150)
+#   v2          gpu_serving.py: FP16 on exllamav2 (unpaged without flash-attn), 1 stream  (60)
+#   compiled1b  gpu_serving.py: FP16 on transformers-compiled (CUDA graphs), 1/16/64     (240)
+#   make8b      random-weight 8B shape fp16                                             (90)
+#   bench8b     gpu_serving.py: 8B FP16 on exllamav3, 1/16/64                            (180)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/gpu-session-out}
+WORK=${GPU_SESSION_WORK:-/tmp/gpu-session}
+DEADLINE=540
+START=$(date +%s)
+if [ "${1:-}" = "--deadline" ]; then DEADLINE=$2; shift 2; fi
+PHASES=("$@")
+mkdir -p "$OUT" "$WORK/logs"
+RESULTS=$WORK/gpu_serving.json
+TOK=$PWD/.gpucache/tok
+export XLLM_TEST_TOKENIZER_DIR=$TOK PYTHONUNBUFFERED=1 RESULTS WORK TOK
+
+declare -A COST=([setup]=20 [tests]=150 [make1b]=30 [convert1b]=150 [bench1b]=150 [v2]=60
+                 [compiled1b]=240 [make8b]=90 [bench8b]=180)
+
+left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
+note() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.txt"; }
+collect() {
+  [ -f "$RESULTS" ] && cp "$RESULTS" "${RESULTS%.json}.md" "$OUT/" 2>/dev/null
+  tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs 2>/dev/null
+}
+bench() {  # gpu_serving.py into this session's results file
+  python3 benchmarks/gpu_serving.py --out "$RESULTS" "$@"
+}
+
+phase_setup() {
+  # shellcheck source=prepare.sh
+  source benchmarks/gpu/prepare.sh || return 1
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name(0))'
+  for lib in exllamav3 exllamav2; do
+    # a prebuilt module that does not load here is removed, so the library JIT-builds instead
+    if [ -f "/tmp/site/${lib}_ext.so" ] && ! python3 -c "import torch, ${lib}_ext" 2>"$WORK/logs/${lib}_ext_load.txt"; then
+      echo "prebuilt ${lib}_ext does not load: $(tail -1 "$WORK/logs/${lib}_ext_load.txt"); JIT build instead"
+      rm -f "/tmp/site/${lib}_ext.so"
+    fi
+    if [ -f "/tmp/site/${lib}_ext.so" ]; then echo "${lib}_ext: prebuilt"; else
+      echo "${lib}_ext: JIT build (minutes)"
+      python3 -c "import ${lib}.ext" > "$WORK/logs/jit_${lib}.log" 2>&1 &
+    fi
+  done
+  wait
+}
+phase_tests() {
+  python3 -m pytest -q -rs -p no:cacheprovider -o filterwarnings=ignore::DeprecationWarning -m gpu \
+    --junitxml="$OUT/gpu_tests.xml" tests/test_gpu_backends.py tests/test_hf_compiled.py
+}
+phase_make1b() { bench --make 1b --make-out "$WORK/llama1b" --tokenizer "$TOK"; }
+phase_convert1b() {
+  [ -f "$WORK/llama1b-exl3/config.json" ] && return 0
+  python3 -m exllamav3.conversion.convert_model -i "$WORK/llama1b" -o "$WORK/llama1b-exl3" -w "$WORK/convwork" \
+    -b 4.0 -cr 16 -cc 512
+}
+phase_bench1b() { bench --model "exl3-1.2b=$WORK/llama1b-exl3" --model "fp16-1.2b=$WORK/llama1b" --backends exllamav3; }
+phase_v2() { bench --model "fp16-1.2b=$WORK/llama1b" --backends exllamav2 --v2-streams 1; }
+phase_compiled1b() { bench --model "fp16-1.2b=$WORK/llama1b" --backends transformers-compiled; }
+phase_make8b() { bench --make 8b --make-out "$WORK/llama8b" --tokenizer "$TOK"; }
+phase_bench8b() { bench --model "fp16-8b=$WORK/llama8b" --backends exllamav3; }
+
+note "session: phases ${PHASES[*]}, deadline ${DEADLINE}s"
+for p in "${PHASES[@]}"; do
+  if ! declare -F "phase_$p" >/dev/null; then note "$p: unknown phase"; continue; fi
+  cost=${COST[$p]:-60}
+  if [ "$(left)" -lt "$cost" ]; then note "$p: SKIPPED (needs ~${cost}s, $(left)s left)"; continue; fi
+  t0=$(date +%s)
+  if [ "$p" = setup ]; then  # sourced: its exports must reach the later phases
+    phase_setup > "$WORK/logs/$p.log" 2>&1; rc=$?
+  else
+    # the phase runs in a child shell so a time cap can stop it with everything it started
+    timeout --kill-after=10 "$(left)" bash -c "$(declare -f bench phase_$p); phase_$p" > "$WORK/logs/$p.log" 2>&1
+    rc=$?
+  fi
+  note "$p: rc=$rc in $(( $(date +%s) - t0 ))s; $(tail -1 "$WORK/logs/$p.log" | cut -c1-200)"
+  collect
+done
+note "session: done"
+collect

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Here, before any device call (no device time): everything a GPU session carries.
+#   .whl/       wheels the GPU machine lacks (fetch_wheels.py)
+#   .gpucache/  SmolLM2's tokenizer (tok/) and the prebuilt exllama extensions (cross_build.sh,
+#               40-60 min on 2 cores: start it early, in the background)
+# Then: run(command="bash benchmarks/gpu/session.sh ...", carry=[".whl", ".gpucache"]).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+.venv/bin/python benchmarks/gpu/fetch_wheels.py
+.venv/bin/python - <<'PY'
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from tests.models import SMOLLM2_GGUF, smollm2_package_dir
+
+out = Path(".gpucache/tok")
+if not (out / "tokenizer.json").exists():
+    AutoTokenizer.from_pretrained(str(smollm2_package_dir()), gguf_file=SMOLLM2_GGUF).save_pretrained(str(out))
+print("tokenizer:", sorted(p.name for p in out.iterdir()))
+PY
+[ "${SKIP_CROSS_BUILD:-0}" = 1 ] || bash benchmarks/gpu/cross_build.sh
+du -ch .whl .gpucache | tail -1
