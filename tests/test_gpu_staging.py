@@ -61,8 +61,8 @@ def test_session_skips_what_does_not_fit_and_names_unknown_phases(tmp_path):
     done, summary = run_session(tmp_path, "--deadline", "100", "no-such-phase", "tests", "bench8b")
     assert done.returncode == 0, done.stderr
     assert "no-such-phase: unknown phase" in summary
-    # tests (~150 s) and bench8b (~180 s) cannot fit in a 100 s deadline: skipped, not started
-    assert "tests: SKIPPED (needs ~150s" in summary and "bench8b: SKIPPED (needs ~180s" in summary
+    # tests (~240 s) and bench8b (~180 s) cannot fit in a 100 s deadline: skipped, not started
+    assert "tests: SKIPPED (needs ~240s" in summary and "bench8b: SKIPPED (needs ~180s" in summary
     assert "session: done" in summary
     assert not (tmp_path / "work" / "logs" / "tests.log").exists()
 
@@ -75,3 +75,13 @@ def test_session_caps_a_phase_at_the_deadline_and_still_collects_its_log(tmp_pat
     assert "rc=0" not in line
     with tarfile.open(tmp_path / "out" / "logs.tar.gz") as tar:
         assert "logs/make1b.log" in tar.getnames()
+
+
+def test_session_runs_a_background_phase_and_waits_for_it(tmp_path):
+    done, summary = run_session(tmp_path, "--deadline", "100", "make1b&", "wait", "no-such-phase")
+    assert done.returncode == 0, done.stderr
+    lines = [s.split("] ", 1)[-1] for s in summary.splitlines()]
+    started = lines.index("make1b: started in the background")
+    finished = next(i for i, s in enumerate(lines) if s.startswith("make1b: rc="))
+    # the phase after "wait" comes only once the background phase has finished
+    assert started < finished < lines.index("no-such-phase: unknown phase")

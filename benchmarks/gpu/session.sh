@@ -5,14 +5,18 @@
 # fit in what is left is skipped and says so; results and logs are copied into $OUT after
 # every phase, so a call cut short still brings back what finished.
 #
+# A phase written NAME& runs in the background (the GPU tests beside the EXL3 conversion, say:
+# neither is timed); the phase "wait" waits for those, and the session waits for them before it
+# ends. Benchmarks must run alone: put them after a "wait".
+#
 # Here first (no device time): benchmarks/gpu/stage.sh (wheels, tokenizer, prebuilt
 # extensions). Then, on the device, carrying .whl and .gpucache:
-#   bash benchmarks/gpu/session.sh --deadline 520 setup tests make1b convert1b bench1b v2
+#   bash benchmarks/gpu/session.sh --deadline 540 setup make1b 'convert1b&' tests wait bench1b v2
 #   bash benchmarks/gpu/session.sh --deadline 330 setup compiled1b make8b bench8b  # next call, while warm
 #
 # Phases (estimated seconds on an H100/H200 with prebuilt extensions):
 #   setup       install carried wheels and extensions; JIT-build what is not prebuilt   (20; 330 without)
-#   tests       pytest -m gpu: tests/test_gpu_backends.py, tests/test_hf_compiled.py   (150)
+#   tests       pytest -m gpu: test_gpu_backends, test_gpu_engine_options, test_hf_compiled (240)
 #   make1b      random-weight Llama 1.17B fp16 with SmolLM2's tokenizer                 (30)
 #   convert1b   EXL3 4.0 bpw with exllamav3's converter                                (150)
 #   bench1b     gpu_serving.py: EXL3 and FP16 on exllamav3, 1/16/64 streams              (150)
@@ -33,7 +37,7 @@ RESULTS=$WORK/gpu_serving.json
 TOK=$PWD/.gpucache/tok
 export XLLM_TEST_TOKENIZER_DIR=$TOK PYTHONUNBUFFERED=1 RESULTS WORK TOK
 
-declare -A COST=([setup]=20 [tests]=150 [make1b]=30 [convert1b]=150 [bench1b]=150 [v2]=60
+declare -A COST=([setup]=20 [tests]=240 [make1b]=30 [convert1b]=150 [bench1b]=150 [v2]=60
                  [compiled1b]=240 [make8b]=90 [bench8b]=180)
 
 left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
@@ -66,7 +70,7 @@ phase_setup() {
 }
 phase_tests() {
   python3 -m pytest -q -rs -p no:cacheprovider -o filterwarnings=ignore::DeprecationWarning -m gpu \
-    --junitxml="$OUT/gpu_tests.xml" tests/test_gpu_backends.py tests/test_hf_compiled.py
+    --junitxml="$OUT/gpu_tests.xml" tests/test_gpu_backends.py tests/test_gpu_engine_options.py tests/test_hf_compiled.py
 }
 phase_make1b() { bench --make 1b --make-out "$WORK/llama1b" --tokenizer "$TOK"; }
 phase_convert1b() {
@@ -80,21 +84,43 @@ phase_compiled1b() { bench --model "fp16-1.2b=$WORK/llama1b" --backends transfor
 phase_make8b() { bench --make 8b --make-out "$WORK/llama8b" --tokenizer "$TOK"; }
 phase_bench8b() { bench --model "fp16-8b=$WORK/llama8b" --backends exllamav3; }
 
+run_phase() {  # NAME: run it under the time left, its output in logs/NAME.log; returns its exit code
+  local p=$1
+  if [ "$p" = setup ]; then  # in this shell: its exports must reach the later phases
+    phase_setup > "$WORK/logs/$p.log" 2>&1
+  else
+    # in a child shell, so the time cap stops it with everything it started
+    timeout --kill-after=10 "$(left)" bash -c "$(declare -f bench "phase_$p"); phase_$p" > "$WORK/logs/$p.log" 2>&1
+  fi
+}
+finish_phase() {  # NAME RC START: one summary line, results and logs into $OUT
+  note "$1: rc=$2 in $(( $(date +%s) - $3 ))s; $(tail -1 "$WORK/logs/$1.log" | cut -c1-200)"
+  collect
+}
+wait_background() {
+  local name
+  for name in "${!BG[@]}"; do
+    wait "${BG[$name]}"; finish_phase "$name" $? "${BG_START[$name]}"
+  done
+  BG=(); BG_START=()
+}
+
+declare -A BG=() BG_START=()
 note "session: phases ${PHASES[*]}, deadline ${DEADLINE}s"
 for p in "${PHASES[@]}"; do
-  if ! declare -F "phase_$p" >/dev/null; then note "$p: unknown phase"; continue; fi
-  cost=${COST[$p]:-60}
-  if [ "$(left)" -lt "$cost" ]; then note "$p: SKIPPED (needs ~${cost}s, $(left)s left)"; continue; fi
+  if [ "$p" = wait ]; then wait_background; continue; fi
+  name=${p%&}
+  if ! declare -F "phase_$name" >/dev/null; then note "$name: unknown phase"; continue; fi
+  cost=${COST[$name]:-60}
+  if [ "$(left)" -lt "$cost" ]; then note "$name: SKIPPED (needs ~${cost}s, $(left)s left)"; continue; fi
   t0=$(date +%s)
-  if [ "$p" = setup ]; then  # sourced: its exports must reach the later phases
-    phase_setup > "$WORK/logs/$p.log" 2>&1; rc=$?
+  if [ "$p" != "$name" ] && [ "$name" != setup ]; then
+    note "$name: started in the background"
+    run_phase "$name" & BG[$name]=$!; BG_START[$name]=$t0
   else
-    # the phase runs in a child shell so a time cap can stop it with everything it started
-    timeout --kill-after=10 "$(left)" bash -c "$(declare -f bench phase_$p); phase_$p" > "$WORK/logs/$p.log" 2>&1
-    rc=$?
+    run_phase "$name"; finish_phase "$name" $? "$t0"
   fi
-  note "$p: rc=$rc in $(( $(date +%s) - t0 ))s; $(tail -1 "$WORK/logs/$p.log" | cut -c1-200)"
-  collect
 done
+wait_background
 note "session: done"
 collect
