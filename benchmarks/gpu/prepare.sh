@@ -1,11 +1,13 @@
 # Source this at the start of every command on a bare GPU machine (see benchmarks/README.md):
 # installs the carried wheels (.whl/) into /tmp/site and unpacks prebuilt exllama extensions
-# (.gpucache/*.so.gz, made by build_ext.sh) so the minutes-long JIT build runs only once.
+# (.gpucache/*.so.gz, made here by cross_build.sh or there by build_ext.sh) so the minutes-long
+# JIT build never runs, or runs only once.
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || return 1
-for part in .gpucache/*.so.gz.00; do
-  [ -e "$part" ] || continue
-  name=$(basename "$part" .gz.00)
-  cat "${part%.00}".* | gunzip -c > "/tmp/site/$name"
+# (sourced: its loop variables are prefixed and unset so they never clobber the caller's)
+for _xllm_part in .gpucache/*.so.gz.00; do
+  [ -e "$_xllm_part" ] || continue
+  cat "${_xllm_part%.00}".* | gunzip -c > "/tmp/site/$(basename "$_xllm_part" .gz.00)"
 done
+unset _xllm_part
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"

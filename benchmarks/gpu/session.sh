@@ -35,7 +35,7 @@ PHASES=("$@")
 mkdir -p "$OUT" "$WORK/logs"
 RESULTS=$WORK/gpu_serving.json
 TOK=$PWD/.gpucache/tok
-export XLLM_TEST_TOKENIZER_DIR=$TOK PYTHONUNBUFFERED=1 RESULTS WORK TOK
+export XLLM_TEST_TOKENIZER_DIR=$TOK PYTHONUNBUFFERED=1 OUT RESULTS WORK TOK
 
 declare -A COST=([setup]=20 [tests]=240 [make1b]=30 [convert1b]=150 [bench1b]=150 [v2]=60
                  [compiled1b]=240 [make8b]=90 [bench8b]=180)
@@ -109,7 +109,7 @@ declare -A BG=() BG_START=()
 note "session: phases ${PHASES[*]}, deadline ${DEADLINE}s"
 for p in "${PHASES[@]}"; do
   if [ "$p" = wait ]; then wait_background; continue; fi
-  name=${p%&}
+  name=${p%&}  # (phase_setup sources prepare.sh, which leaves no variables behind to clobber these)
   if ! declare -F "phase_$name" >/dev/null; then note "$name: unknown phase"; continue; fi
   cost=${COST[$name]:-60}
   if [ "$(left)" -lt "$cost" ]; then note "$name: SKIPPED (needs ~${cost}s, $(left)s left)"; continue; fi

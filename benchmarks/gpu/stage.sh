@@ -2,7 +2,7 @@
 # Here, before any device call (no device time): everything a GPU session carries.
 #   .whl/       wheels the GPU machine lacks (fetch_wheels.py)
 #   .gpucache/  SmolLM2's tokenizer (tok/) and the prebuilt exllama extensions (cross_build.sh,
-#               40-60 min on 2 cores: start it early, in the background)
+#               ~25 min on 2 cores: start it early, in the background)
 # Then: run(command="bash benchmarks/gpu/session.sh ...", carry=[".whl", ".gpucache"]).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
