@@ -7,7 +7,7 @@ This resolves what the checks import (the package's runtime dependencies minus t
 front-end, which the standalone server never imports, plus the exllama extras and the test
 clients) with pip's resolver for that target, drops what the machine's image already holds
 (``box_packages.txt``) and downloads the rest without dependencies, so one version of each
-lands in ``.whl/`` (about 20 MiB; the device tool carries 64 MiB per call in all). Run it
+lands in ``.whl/`` (about 16 MiB; the device tool carries 64 MiB per call in all). Run it
 here (CPU, registry access) before a device call::
 
     .venv/bin/python benchmarks/gpu/fetch_wheels.py            # writes .whl/, prints the total
@@ -32,6 +32,10 @@ EXTRA_REQUIREMENTS = ("openai>=1.50", "pytest-asyncio>=0.23", "jsonschema>=4")
 # the Jupyter front-end (extension, magics): the standalone server and the tests there never
 # import it, and its closure (nbconvert, IPython, jedi, ...) would double the carried size
 FRONT_END = {"jupyter-server", "ipython", "traitlets"}
+# resolved but never imported there: exllamav2's dataset reader for its converter (fastparquet,
+# cramjam), and the needs of newer huggingface_hub / pandas releases than the image's own copies
+# (kernels, tomlkit, tzdata). Left out, they keep the carried tree well under its 64 MiB
+NOT_IMPORTED_THERE = {"fastparquet", "cramjam", "kernels", "tomlkit", "tzdata"}
 # pip matches manylinux tags exactly: offer every glibc level the machine can run
 TARGET = ["--python-version", "3.12", "--implementation", "cp", "--only-binary=:all:",
           *[arg for n in range(17, 40) for arg in ("--platform", f"manylinux_2_{n}_x86_64")],
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dest", default=str(ROOT / ".whl"))
     p.add_argument("--keep", action="store_true", help="keep wheels already in --dest")
     args = p.parse_args(argv)
-    pins = missing_on_box(resolve(gpu_requirements()), box_packages())
+    pins = missing_on_box(resolve(gpu_requirements()), box_packages() | NOT_IMPORTED_THERE)
     dest = Path(args.dest)
     if dest.exists() and not args.keep:
         shutil.rmtree(dest)  # two versions of one package would stop the install there
