@@ -23,6 +23,7 @@ import fetch_wheels  # noqa: E402
 
 
 def test_requirements_keep_the_engines_and_clients_but_not_the_jupyter_front_end():
+    pytest.importorskip("tomllib")
     reqs = fetch_wheels.gpu_requirements()
     names = {fetch_wheels.normalise(r.split(">")[0].split("=")[0].split("[")[0]) for r in reqs}
     assert {"exllamav3", "exllamav2", "tornado", "pydantic", "llguidance", "openai", "pytest-asyncio"} <= names

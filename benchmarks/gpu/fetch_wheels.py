@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,6 +62,8 @@ def missing_on_box(resolved: dict[str, str], present: set[str], own: str = "xllm
 
 def gpu_requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
     """The requirement strings the GPU checks need: runtime deps minus FRONT_END, exllama extras, clients."""
+    import tomllib  # Python 3.11+, like the rest of the GPU tooling
+
     project = tomllib.loads(pyproject.read_text())["project"]
     runtime = [r for r in project["dependencies"] if normalise(re.split(r"[<>=!~\[; ]", r, 1)[0]) not in FRONT_END]
     extras = project["optional-dependencies"]
