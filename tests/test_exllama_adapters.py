@@ -61,8 +61,8 @@ def test_exllamav3_load_and_cache_arguments_follow_the_options():
     from xllm_jupyter.backends.exllamav3 import _cache_kwargs, _load_kwargs
 
     opts = ExllamaOptions.from_options({"gpu_split": [20, 24], "max_batch_size": 64})
-    # the auto-split reserves room for a whole batch; a split is per-device GB
-    assert _load_kwargs(opts) == {"progressbar": False, "max_batch_size": 64, "use_per_device": [20.0, 24.0]}
+    # a split is GB per device
+    assert _load_kwargs(opts) == {"progressbar": False, "use_per_device": [20.0, 24.0]}
     assert _load_kwargs(ExllamaOptions.from_options({"tensor_parallel": True}))["tensor_p"] is True
     # recurrent-state slots follow the engine's batch size (fp16 cache: no quantized layer type)
     assert _cache_kwargs(opts) == {"max_batch_size": 64}

@@ -113,8 +113,7 @@ def _cache_kwargs(opts: ExllamaOptions) -> dict[str, Any]:
 
 def _load_kwargs(opts: ExllamaOptions) -> dict[str, Any]:
     """Auto-split (default), an explicit per-GPU split, or tensor parallelism."""
-    # the auto-split reserves room for the logits of a whole decode batch
-    kwargs: dict[str, Any] = {"progressbar": False, "max_batch_size": opts.max_batch_size}
+    kwargs: dict[str, Any] = {"progressbar": False}
     if opts.tensor_parallel:
         kwargs["tensor_p"] = True
     if opts.gpu_split:
