@@ -72,11 +72,21 @@ def ask(sdk, content="Tell me a story", **kw):
     return sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], **kw)
 
 
-def test_models_report_backend_and_mode(gpu_server):
+def model_entry(gpu_server) -> str:
+    """The served model's /v1/models entry, as JSON text."""
     import httpx
 
     body = httpx.get(gpu_server.base_url + "/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
-    text = json.dumps(next(m for m in body["data"] if m["id"] == MODEL))
+    return json.dumps(next(m for m in body["data"] if m["id"] == MODEL))
+
+
+def paged(gpu_server) -> bool:
+    """exllamav3 always; exllamav2 only with flash-attn (else it decodes one sequence at a time)."""
+    return '"mode": "paged"' in model_entry(gpu_server)
+
+
+def test_models_report_backend_and_mode(gpu_server):
+    text = model_entry(gpu_server)
     assert gpu_server.backend in text
     assert '"mode": "paged"' in text if gpu_server.backend == "exllamav3" else '"mode": "' in text
 
@@ -126,15 +136,15 @@ def test_concurrent_requests_all_complete_and_batch_when_paged(gpu_server, sdk):
     results = asyncio.run(run())
     assert all(r.usage.completion_tokens == 24 for r in results)
     stats = gpu_server.engine.stats(MODEL)
-    if gpu_server.backend == "exllamav3":
+    if paged(gpu_server):
         assert stats.max_batch > 1 and stats.batched_steps > 0
     else:
         assert stats.max_batch >= 1
 
 
 def test_prefix_cache_reuse_shows_in_usage(gpu_server, sdk):
-    if gpu_server.backend != "exllamav3":
-        pytest.skip("exllamav2 reuses prefixes in paged mode only")
+    if not paged(gpu_server):
+        pytest.skip("exllamav2 reuses prefixes in paged mode only (flash-attn)")
     prompt = "The library of Babel contains every book. " * 60  # > 2 cache pages
     ask(sdk, prompt, max_tokens=2)
     second = ask(sdk, prompt, max_tokens=2)
@@ -144,8 +154,8 @@ def test_prefix_cache_reuse_shows_in_usage(gpu_server, sdk):
 def test_prefix_reuse_never_crosses_users(gpu_server, sdk):
     from openai import OpenAI
 
-    if gpu_server.backend != "exllamav3":
-        pytest.skip("exllamav2 reuses prefixes in paged mode only")
+    if not paged(gpu_server):
+        pytest.skip("exllamav2 reuses prefixes in paged mode only (flash-attn)")
     secret = "Alice's private notes: the vault code is 4711 and the spare key is under the mat. " * 30
     ask(sdk, secret, max_tokens=2)
     assert ask(sdk, secret, max_tokens=2).usage.prompt_tokens_details.cached_tokens >= 256  # alice reuses her own

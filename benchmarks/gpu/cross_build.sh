@@ -11,12 +11,20 @@
 # in a scratch venv holding the same torch build as the GPU machine. Headers that a minimal
 # CUDA install lacks (cuSPARSE, cuBLAS, ...) come from that torch's nvidia wheels.
 #
-#   bash benchmarks/gpu/cross_build.sh [exllamav3] [exllamav2]     # both by default
+# `flash_attn` (not built by default) builds flash-attn 2's forward kernels the same way, for
+# exllamav2's paged mode (its continuous batching), which cannot be built within a lease: the
+# library's own sources and build macros, backward pass, dropout, ALiBi, softcap, local windows
+# and head dims not a multiple of 32 compiled out (the flags its setup.py lists). That serves
+# exllamav2 on Llama-shaped models, enough for the benchmark, not a general flash-attn.
+# 48 kernel files, ~56 s each here: ~25 min on 2 cores; ~7 MB packed.
+#
+#   bash benchmarks/gpu/cross_build.sh [exllamav3] [exllamav2] [flash_attn]   # the exllamas by default
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 XB=${XB:-/tmp/xllm-xbuild}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.11.0}   # must match the GPU machine's torch (2.11.0+cu130)
+FLASH_ATTN_SPEC=${FLASH_ATTN_SPEC:-flash-attn==2.8.3.post2}
 CUDA_HOME_IN=${CUDA_HOME:-/usr/local/cuda}
 LIBS=("$@"); [ ${#LIBS[@]} -gt 0 ] || LIBS=(exllamav3 exllamav2)
 
@@ -58,10 +66,47 @@ for f in "$CUDA_HOME_IN"/lib64/* "$NV"/lib/*; do
 done
 
 # 3. build each with the library's own JIT path, then check the module loads against torch
+build_flash_attn() (  # a subshell, so errexit holds inside it even when called with ||
+  set -euo pipefail
+  rm -rf "$XB/fa" && mkdir -p "$XB/fa/pkg"
+  # the sdist only (its setup.py needs torch to report metadata: no isolation, no CUDA build)
+  FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE "$XB/venv/bin/python" -m pip download -q --no-deps --no-binary :all: \
+    --no-build-isolation "$FLASH_ATTN_SPEC" -d "$XB/fa"
+  tar -xzf "$XB"/fa/flash_attn-*.tar.gz -C "$XB/fa"
+  src=$(ls -d "$XB"/fa/flash_attn-*/ | head -1)
+  CUDA_HOME=$XB/cuda TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-$(nproc)} FA_SRC=$src FA_BUILD=$XB/ext/flash_attn_2_cuda \
+    "$XB/venv/bin/python" - <<'PY'
+import glob, os
+from torch.utils.cpp_extension import load
+
+src, build = os.environ["FA_SRC"], os.environ["FA_BUILD"]
+os.makedirs(build, exist_ok=True)
+off = [f"-DFLASHATTENTION_DISABLE_{x}" for x in ("BACKWARD", "DROPOUT", "ALIBI", "SOFTCAP", "UNEVEN_K", "LOCAL")]
+nvcc = ["-O3", "-std=c++17", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+        "-U__CUDA_NO_HALF2_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "--expt-relaxed-constexpr",
+        "--expt-extended-lambda", "--use_fast_math", *off]
+kernels = sorted(glob.glob(f"{src}/csrc/flash_attn/src/flash_fwd_*_sm80.cu"))
+load(name="flash_attn_2_cuda", sources=[f"{src}/csrc/flash_attn/flash_api.cpp", *kernels], build_directory=build,
+     extra_cflags=["-O3", "-std=c++17", *off], extra_cuda_cflags=nvcc,
+     extra_include_paths=[f"{src}/csrc/flash_attn", f"{src}/csrc/flash_attn/src", f"{src}/csrc/cutlass/include"])
+print(f"flash_attn_2_cuda: {len(kernels)} forward kernel files")
+PY
+  pkg=$XB/fa/pkg
+  cp -r "$src/flash_attn" "$pkg/" && cp "$XB/ext/flash_attn_2_cuda/flash_attn_2_cuda.so" "$pkg/"
+  tar -czf .gpucache/flash_attn.tgz -C "$pkg" flash_attn flash_attn_2_cuda.so
+  (cd "$pkg" && "$XB/venv/bin/python" -c "import torch, flash_attn, flash_attn_2_cuda; print('cross_build: flash_attn', flash_attn.__version__, 'loads')")
+)
+
 mkdir -p .gpucache
 for lib in "${LIBS[@]}"; do
   t0=$(date +%s)
   echo "cross_build: building $lib (log: $XB/build_$lib.log)"
+  if [ "$lib" = flash_attn ]; then
+    build_flash_attn > "$XB/build_$lib.log" 2>&1 || { tail -20 "$XB/build_$lib.log"; exit 1; }
+    echo "cross_build: flash_attn built in $(( $(date +%s) - t0 ))s, $(du -h .gpucache/flash_attn.tgz | cut -f1) packed"
+    tail -1 "$XB/build_$lib.log"
+    continue
+  fi
   # the import JIT-builds, then loads the module; loading may fail here (no GPU driver), the .so stays
   CUDA_HOME=$XB/cuda TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_EXTENSIONS_DIR=$XB/ext \
     "$XB/venv/bin/python" -c "import $lib.ext" > "$XB/build_$lib.log" 2>&1 || true

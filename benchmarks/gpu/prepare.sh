@@ -9,5 +9,9 @@ for _xllm_part in .gpucache/*.so.gz.00; do
   [ -e "$_xllm_part" ] || continue
   cat "${_xllm_part%.00}".* | gunzip -c > "/tmp/site/$(basename "$_xllm_part" .gz.00)"
 done
+# packages built here whole (cross_build.sh flash_attn: the Python package and its module)
+for _xllm_part in .gpucache/*.tgz; do
+  [ -e "$_xllm_part" ] && tar -xzf "$_xllm_part" -C /tmp/site
+done
 unset _xllm_part
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
