@@ -11,8 +11,8 @@
 #
 # Here first (no device time): benchmarks/gpu/stage.sh (wheels, tokenizer, prebuilt
 # extensions). Then, on the device, carrying .whl and .gpucache:
-#   bash benchmarks/gpu/session.sh --deadline 540 setup make1b 'convert1b&' tests wait bench1b v2
-#   bash benchmarks/gpu/session.sh --deadline 330 setup compiled1b make8b bench8b  # next call, while warm
+#   bash benchmarks/gpu/session.sh --deadline 560 setup make1b 'convert1b&' tests wait bench1b v2paged
+#   bash benchmarks/gpu/session.sh --deadline 270 setup compiled1b   # next call, at once (warm)
 #
 # Phases (estimated seconds on an H100/H200 with prebuilt extensions):
 #   setup       install carried wheels and extensions; JIT-build what is not prebuilt   (20; 330 without)

@@ -3,7 +3,7 @@
 #   .whl/       wheels the GPU machine lacks (fetch_wheels.py)
 #   .gpucache/  SmolLM2's tokenizer (tok/) and the prebuilt exllama extensions (cross_build.sh,
 #               ~25 min on 2 cores: start it early, in the background); WITH_FLASH_ATTN=1 adds
-#               flash-attn's forward kernels for exllamav2's paged mode (~25 min more)
+#               flash-attn's forward kernels for exllamav2's paged mode (~20 min more)
 # Then: run(command="bash benchmarks/gpu/session.sh ...", carry=[".whl", ".gpucache"]).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
