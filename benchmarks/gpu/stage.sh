@@ -11,13 +11,11 @@ cd "$(dirname "$0")/../.."
 .venv/bin/python - <<'PY'
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
-from tests.models import SMOLLM2_GGUF, smollm2_package_dir
+from tests.models import smollm2_tokenizer
 
 out = Path(".gpucache/tok")
 if not (out / "tokenizer.json").exists():
-    AutoTokenizer.from_pretrained(str(smollm2_package_dir()), gguf_file=SMOLLM2_GGUF).save_pretrained(str(out))
+    smollm2_tokenizer().save_pretrained(str(out))
 print("tokenizer:", sorted(p.name for p in out.iterdir()))
 PY
 [ "${SKIP_CROSS_BUILD:-0}" = 1 ] || bash benchmarks/gpu/cross_build.sh exllamav3 exllamav2 ${WITH_FLASH_ATTN:+flash_attn}
