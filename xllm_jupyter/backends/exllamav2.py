@@ -89,47 +89,66 @@ class ExllamaV2Backend(Backend):
         path = Path(spec.path)
         before = cuda_memory_in_use()
         try:
-            config = exllamav2.ExLlamaV2Config(str(path))
-            config.arch_compat_overrides()
-            ctx = opts.context_length or int(config.max_seq_len or 4096)
-            config.max_seq_len = ctx
-            if not paged:
-                config.no_flash_attn = True
-            cache_tokens = opts.cache_size(ctx) if paged else ctx
-            model = exllamav2.ExLlamaV2(config)
-            cache_cls = getattr(exllamav2, _CACHE_CLASSES[bits])
-            cache = cache_cls(model, max_seq_len=cache_tokens, lazy=True)
+            config, ctx, model, cache, cache_tokens = open_model(exllamav2, path, opts, paged)
             if opts.gpu_split:
                 model.load(gpu_split=list(opts.gpu_split))
-                cache = cache_cls(model, max_seq_len=cache_tokens)
+                cache = type(cache)(model, max_seq_len=cache_tokens)
             else:
                 model.load_autosplit(cache)
             tokenizer = exllamav2.ExLlamaV2Tokenizer(config)
             draft = _load_draft(exllamav2, opts, cache_tokens, paged)
-            batch = opts.max_batch_size if paged else 1
-            generator = ExLlamaV2DynamicGenerator(
-                model=model, cache=cache, tokenizer=tokenizer, max_batch_size=batch, max_seq_len=ctx, paged=paged,
-                draft_model=draft[0] if draft else None, draft_cache=draft[1] if draft else None,
-                num_draft_tokens=opts.num_draft_tokens, use_ngram_draft=bool(opts.ngram_draft) and not draft,
-            )
+            generator = ExLlamaV2DynamicGenerator(model=model, cache=cache, tokenizer=tokenizer,
+                                                  **generator_kwargs(opts, ctx, paged, draft))
         except (OSError, ValueError, KeyError, RuntimeError, AssertionError) as exc:
             raise EngineError(f"Failed to load model '{spec.name}' with exllamav2 ({type(exc).__name__})") from exc
-        chat = ChatTokenizer.from_directory(str(path), spec.name)
-        eos = chat.eos_ids(getattr(config, "eos_token_id", None), *config_eos(path))
-        speculative = None
-        if draft or opts.ngram_draft:
-            speculative = {"method": "draft_model" if draft else "ngram", "num_draft_tokens": opts.num_draft_tokens}
-        details = {
-            "backend": "exllamav2", "format": spec.format, "device": "cuda",
-            "mode": "paged" if paged else "unpaged", "batching": "continuous" if paged else "one sequence at a time",
-            "max_batch_size": batch, "cache_tokens": cache_tokens, "kv_cache": opts.kv_cache_bits,
-            "tensor_parallel": False, "speculative": speculative,
-        }
-        return ExllamaV2Model(
-            spec, generator=generator, chat=chat, context_length=ctx, vocab_size=int(config.vocab_size),
-            eos_token_ids=eos, max_batch_size=batch, memory_bytes=cuda_memory_in_use() - before, details=details,
-            model=model, draft=draft, sampler_vocab=int(config.vocab_size),
-        )
+        return build_model(spec, path, config=config, opts=opts, ctx=ctx, paged=paged, cache_tokens=cache_tokens,
+                           model=model, draft=draft, generator=generator, memory_bytes=cuda_memory_in_use() - before)
+
+
+def open_model(exllamav2: Any, path: Path, opts: ExllamaOptions, paged: bool) -> tuple[Any, int, Any, Any, int]:
+    """Config, context length, unloaded model and its lazy cache of the configured storage, cache tokens."""
+    config = exllamav2.ExLlamaV2Config(str(path))
+    config.arch_compat_overrides()
+    ctx = opts.context_length or int(config.max_seq_len or 4096)
+    config.max_seq_len = ctx
+    if not paged:
+        config.no_flash_attn = True
+    cache_tokens = opts.cache_size(ctx) if paged else ctx
+    model = exllamav2.ExLlamaV2(config)
+    cache = getattr(exllamav2, _CACHE_CLASSES[opts.kv_bits()])(model, max_seq_len=cache_tokens, lazy=True)
+    return config, ctx, model, cache, cache_tokens
+
+
+def generator_kwargs(opts: ExllamaOptions, ctx: int, paged: bool, draft: tuple[Any, Any] | None) -> dict[str, Any]:
+    """``ExLlamaV2DynamicGenerator`` arguments besides model, cache and tokenizer."""
+    return dict(
+        max_batch_size=opts.max_batch_size if paged else 1, max_seq_len=ctx, paged=paged,
+        draft_model=draft[0] if draft else None, draft_cache=draft[1] if draft else None,
+        num_draft_tokens=opts.num_draft_tokens, use_ngram_draft=bool(opts.ngram_draft) and not draft,
+    )
+
+
+def build_model(spec: ModelSpec, path: Path, *, config: Any, opts: ExllamaOptions, ctx: int, paged: bool,
+                cache_tokens: int, model: Any, draft: tuple[Any, Any] | None, generator: Any,
+                memory_bytes: int) -> ExllamaV2Model:
+    """Our LoadedModel over a loaded exllamav2 model and its generator (chat template, EOS ids, details)."""
+    chat = ChatTokenizer.from_directory(str(path), spec.name)
+    eos = chat.eos_ids(getattr(config, "eos_token_id", None), *config_eos(path))
+    speculative = None
+    if draft or opts.ngram_draft:
+        speculative = {"method": "draft_model" if draft else "ngram", "num_draft_tokens": opts.num_draft_tokens}
+    batch = generator.max_batch_size
+    details = {
+        "backend": "exllamav2", "format": spec.format, "device": "cuda",
+        "mode": "paged" if paged else "unpaged", "batching": "continuous" if paged else "one sequence at a time",
+        "max_batch_size": batch, "cache_tokens": cache_tokens, "kv_cache": opts.kv_cache_bits,
+        "tensor_parallel": False, "speculative": speculative,
+    }
+    return ExllamaV2Model(
+        spec, generator=generator, chat=chat, context_length=ctx, vocab_size=int(config.vocab_size),
+        eos_token_ids=eos, max_batch_size=batch, memory_bytes=memory_bytes, details=details,
+        model=model, draft=draft, sampler_vocab=int(config.vocab_size),
+    )
 
 
 def _load_draft(exllamav2: Any, opts: ExllamaOptions, cache_tokens: int, paged: bool) -> tuple[Any, Any] | None:

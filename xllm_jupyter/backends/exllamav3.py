@@ -57,45 +57,69 @@ class ExllamaV3Backend(Backend):
         from .jit import import_with_kernels
 
         import_with_kernels("exllamav3")
-        from exllamav3 import Cache, Config, Generator, Model, Tokenizer
+        from exllamav3 import Generator, Tokenizer
 
         opts = ExllamaOptions.from_options(spec.options, spec.context_length)
         path = Path(spec.path)
         before = cuda_memory_in_use()
         try:
-            config = Config.from_directory(str(path))
-            ctx = opts.context_length or int(getattr(config, "max_position_embeddings", 0) or 4096)
-            cache_tokens = opts.cache_size(ctx)
-            model = Model.from_config(config)
-            cache = Cache(model, max_num_tokens=cache_tokens, **_cache_kwargs(opts))
+            config, model, cache, cache_tokens = open_model(path, opts)
             draft = _load_draft(opts, cache_tokens, _load_kwargs(opts))
             model.load(**_load_kwargs(opts))
             tokenizer = Tokenizer.from_config(config)
-            generator = Generator(
-                model=model, cache=cache, tokenizer=tokenizer, max_batch_size=opts.max_batch_size,
-                draft_model=draft[0] if draft else None, draft_cache=draft[1] if draft else None,
-                num_draft_tokens=opts.num_draft_tokens if (draft or opts.ngram_draft) else None,
-                ngram_match_min=opts.ngram_draft, **PREFILL_SETTINGS,
-            )
+            generator = Generator(model=model, cache=cache, tokenizer=tokenizer, **generator_kwargs(opts, draft))
         except (OSError, ValueError, KeyError, RuntimeError, AssertionError) as exc:
             raise EngineError(f"Failed to load model '{spec.name}' with exllamav3 ({type(exc).__name__})") from exc
-        chat = ChatTokenizer.from_directory(str(path), spec.name)
-        eos = chat.eos_ids(getattr(config, "eos_token_id_list", None), getattr(config, "eos_token_id", None),
-                           *config_eos(path))
-        speculative = None
-        if draft or opts.ngram_draft:
-            speculative = {"method": "draft_model" if draft else "ngram", "num_draft_tokens": opts.num_draft_tokens,
-                           "ngram_min_match": opts.ngram_draft or None}
-        details = {
-            "backend": "exllamav3", "format": spec.format, "device": "cuda", "mode": "paged",
-            "batching": "continuous", "max_batch_size": opts.max_batch_size, "cache_tokens": cache_tokens,
-            "kv_cache": opts.kv_cache_bits, "tensor_parallel": opts.tensor_parallel, "speculative": speculative,
-        }
-        return ExllamaV3Model(
-            spec, generator=generator, chat=chat, context_length=ctx, vocab_size=int(config.vocab_size),
-            eos_token_ids=eos, max_batch_size=opts.max_batch_size, memory_bytes=cuda_memory_in_use() - before,
-            details=details, model=model, tokenizer=tokenizer, draft=draft,
-        )
+        return build_model(spec, path, config=config, opts=opts, cache_tokens=cache_tokens, model=model,
+                           tokenizer=tokenizer, draft=draft, generator=generator,
+                           memory_bytes=cuda_memory_in_use() - before)
+
+
+def open_model(path: Path, opts: ExllamaOptions, cache_tokens: int = 0) -> tuple[Any, Any, Any, int]:
+    """Config, unloaded model and the cache to create before loading (sized from config unless given)."""
+    from exllamav3 import Cache, Config, Model
+
+    config = Config.from_directory(str(path))
+    cache_tokens = cache_tokens or opts.cache_size(_context_length(opts, config))
+    model = Model.from_config(config)
+    return config, model, Cache(model, max_num_tokens=cache_tokens, **_cache_kwargs(opts)), cache_tokens
+
+
+def _context_length(opts: ExllamaOptions, config: Any) -> int:
+    """The configured context length, else the model's."""
+    return opts.context_length or int(getattr(config, "max_position_embeddings", 0) or 4096)
+
+
+def generator_kwargs(opts: ExllamaOptions, draft: tuple[Any, Any] | None) -> dict[str, Any]:
+    """``Generator`` arguments besides model, cache and tokenizer: batch, drafting, prefill schedule."""
+    return dict(
+        max_batch_size=opts.max_batch_size,
+        draft_model=draft[0] if draft else None, draft_cache=draft[1] if draft else None,
+        num_draft_tokens=opts.num_draft_tokens if (draft or opts.ngram_draft) else None,
+        ngram_match_min=opts.ngram_draft, **PREFILL_SETTINGS,
+    )
+
+
+def build_model(spec: ModelSpec, path: Path, *, config: Any, opts: ExllamaOptions, cache_tokens: int, model: Any,
+                tokenizer: Any, draft: tuple[Any, Any] | None, generator: Any, memory_bytes: int) -> ExllamaV3Model:
+    """Our LoadedModel over a loaded exllamav3 model and its generator (chat template, EOS ids, details)."""
+    chat = ChatTokenizer.from_directory(str(path), spec.name)
+    eos = chat.eos_ids(getattr(config, "eos_token_id_list", None), getattr(config, "eos_token_id", None),
+                       *config_eos(path))
+    speculative = None
+    if draft or opts.ngram_draft:
+        speculative = {"method": "draft_model" if draft else "ngram", "num_draft_tokens": opts.num_draft_tokens,
+                       "ngram_min_match": opts.ngram_draft or None}
+    details = {
+        "backend": "exllamav3", "format": spec.format, "device": "cuda", "mode": "paged",
+        "batching": "continuous", "max_batch_size": opts.max_batch_size, "cache_tokens": cache_tokens,
+        "kv_cache": opts.kv_cache_bits, "tensor_parallel": opts.tensor_parallel, "speculative": speculative,
+    }
+    return ExllamaV3Model(
+        spec, generator=generator, chat=chat, context_length=_context_length(opts, config),
+        vocab_size=int(config.vocab_size), eos_token_ids=eos, max_batch_size=opts.max_batch_size,
+        memory_bytes=memory_bytes, details=details, model=model, tokenizer=tokenizer, draft=draft,
+    )
 
 
 def _cache_kwargs(opts: ExllamaOptions) -> dict[str, Any]:
@@ -125,11 +149,7 @@ def _load_draft(opts: ExllamaOptions, cache_tokens: int, load_kwargs: dict[str, 
     """The draft model and its cache (same size as the main cache, as exllamav3 requires)."""
     if not opts.draft_model_path:
         return None
-    from exllamav3 import Cache, Config, Model
-
-    config = Config.from_directory(opts.draft_model_path)
-    model = Model.from_config(config)
-    cache = Cache(model, max_num_tokens=cache_tokens, **_cache_kwargs(opts))
+    _, model, cache, _ = open_model(Path(opts.draft_model_path), opts, cache_tokens)
     model.load(**load_kwargs)
     return model, cache
 

@@ -1,0 +1,178 @@
+"""The exllama libraries' own generators, jobs and page tables on CPU, with only the forward taken out.
+
+exllamav3: ``Generator.__init__``, ``enqueue``, ``iterate`` (job start, page allocation,
+prefill scheduling, prompt-page hashing and partial-page matching, page release,
+defragmentation of the page table), ``cancel`` and ``Job.receive_sample`` run as the library
+wrote them. Its decode step (``iterate_gen``, the one method replaced, since it stages
+everything for CUDA) records each running job's input token in its page with the library's
+``get_input_ids_list`` and feeds it one fixed token.
+
+exllamav2: the whole ``ExLlamaV2DynamicGenerator`` runs, paged or unpaged, its sampler
+included; only ``model.forward_chunk`` is replaced, by logits that pick one fixed token.
+
+Either way prefill writes no K/V and the text is meaningless, but which cache pages a job
+reuses, and so ``cached_tokens`` in the results, is the libraries' own arithmetic over our
+isolation hooks (``backends/prefix_isolation.py``). Needs each library's extension module to
+import without a GPU (prebuilt by ``benchmarks/gpu/cross_build.sh``; CI has neither, so the
+tests that use this skip there).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from xllm_jupyter.backends.base import ModelSpec
+from xllm_jupyter.backends.exllamav2 import ExllamaV2Backend
+from xllm_jupyter.backends.exllamav3 import ExllamaV3Backend, ExllamaV3Model, build_model
+
+#: the token every running job "samples" (any id that is not a stop token)
+FILLER_TOKEN = 1000
+
+
+def importable(library: str) -> bool:
+    """``library`` and its prebuilt extension module (``<library>_ext``) import here, GPU or not."""
+    if importlib.util.find_spec(library) is None or importlib.util.find_spec(f"{library}_ext") is None:
+        return False
+    try:
+        importlib.import_module(library)
+    except Exception:  # noqa: BLE001 - a missing symbol or driver library: not usable here
+        return False
+    return True
+
+
+def require(library: str) -> None:
+    """Skip the calling test unless ``library`` imports here."""
+    if not importable(library):
+        pytest.skip(f"{library} with a prebuilt extension module is not importable here")
+
+
+def cpu_step_generator_class() -> type:
+    """``exllamav3.Generator`` with its decode step replaced by one that appends FILLER_TOKEN."""
+    import torch
+    from exllamav3 import Generator
+
+    class CpuStepGenerator(Generator):
+        """The library's generator; ``iterate_gen`` feeds each prefilled job one fixed token."""
+
+        def iterate_gen(self, results: list, draft_tokens: Any = None) -> None:
+            finished = []
+            for job in list(self.active_jobs):
+                if not job.is_prefill_done():
+                    continue
+                if job.time_first_token is None:
+                    job.time_first_token = time.time()
+                # the library's own record of the step's input token in its cache page (what the
+                # forward's staging does for decode rows)
+                job.get_input_ids_list(add_to_cache=True)
+                token = torch.tensor([[FILLER_TOKEN]], dtype=torch.long)
+                eos, _, requeue = job.receive_sample(None, token, None, None, None, results)
+                assert not requeue, "requeueing is outside what this stand-in step covers"
+                if eos:
+                    finished.append(job)
+            # as the library releases finished jobs at the end of its step
+            remaining = self.num_remaining_jobs()
+            for job in finished:
+                job.deallocate_pages()
+                self.active_jobs.remove(job)
+            if remaining and not self.num_remaining_jobs():
+                self.on_queue_drained()
+
+    return CpuStepGenerator
+
+
+def load_cpu_pages_model(spec: ModelSpec) -> ExllamaV3Model:
+    """Our ExllamaV3Model over the library's real config, tokenizer, cache object and generator, no weights."""
+    from exllamav3 import Tokenizer
+
+    from xllm_jupyter.backends.exllama_common import ExllamaOptions
+    from xllm_jupyter.backends.exllamav3 import generator_kwargs, open_model
+
+    opts = ExllamaOptions.from_options(spec.options, spec.context_length)
+    config, model, cache, cache_tokens = open_model(Path(spec.path), opts)
+    # the forward is what is taken out: prefill writes nothing, and there are no K/V tensors to
+    # copy a partial page between or to rotate when the page table is defragmented
+    model.prefill = lambda *args, **kwargs: None
+    model.output_device = "cpu"
+    cache.initialized = True
+    cache.copy_page = lambda *args, **kwargs: None
+    cache.get_all_tensors = lambda: []
+    tokenizer = Tokenizer.from_config(config)
+    generator = cpu_step_generator_class()(model=model, cache=cache, tokenizer=tokenizer,
+                                           **generator_kwargs(opts, None))
+    return build_model(spec, Path(spec.path), config=config, opts=opts, cache_tokens=cache_tokens, model=model,
+                       tokenizer=tokenizer, draft=None, generator=generator, memory_bytes=0)
+
+
+class CpuPagesV3Backend(ExllamaV3Backend):
+    """The exllamav3 backend loading ``load_cpu_pages_model`` (registered by the tests that use it)."""
+
+    name = "exllamav3-cpu-pages"
+
+    def available(self) -> bool:
+        """Where exllamav3 imports, GPU or not."""
+        return importable("exllamav3")
+
+    def load(self, spec: ModelSpec) -> ExllamaV3Model:
+        """No weights: see the module docstring."""
+        return load_cpu_pages_model(spec)
+
+
+def load_cpu_pages_v2_model(spec: ModelSpec, *, paged: bool) -> Any:
+    """Our ExllamaV2Model over exllamav2's real config, tokenizer, lazy cache and generator, no weights."""
+    import exllamav2
+    import torch
+    from exllamav2.generator import ExLlamaV2DynamicGenerator
+
+    from xllm_jupyter.backends.exllama_common import ExllamaOptions
+    from xllm_jupyter.backends.exllamav2 import build_model as build_v2_model
+    from xllm_jupyter.backends.exllamav2 import generator_kwargs as v2_generator_kwargs
+    from xllm_jupyter.backends.exllamav2 import open_model as open_v2_model
+
+    opts = ExllamaOptions.from_options(spec.options, spec.context_length)
+    config, ctx, model, cache, cache_tokens = open_v2_model(exllamav2, Path(spec.path), opts, paged)
+    generator = None
+
+    def forward_chunk(input_ids: Any, preprocess_only: bool = False, **kwargs: Any) -> Any:
+        # the forward taken out: prefill writes nothing; decoding yields logits that pick FILLER_TOKEN
+        if preprocess_only:
+            return None
+        logits = torch.full((input_ids.shape[0], input_ids.shape[1], generator.padded_vocab_size), -30.0)
+        logits[:, :, FILLER_TOKEN] = 30.0
+        return {"logits": logits}
+
+    model.forward_chunk = forward_chunk
+    # no K/V tensors to copy a partial page between, or to rotate when the page table is defragmented
+    cache.copy_states = lambda *args, **kwargs: None
+    cache.all_tensors = lambda: []
+    tokenizer = exllamav2.ExLlamaV2Tokenizer(config)
+    generator = ExLlamaV2DynamicGenerator(model=model, cache=cache, tokenizer=tokenizer,
+                                          **v2_generator_kwargs(opts, ctx, paged, None))
+    return build_v2_model(spec, Path(spec.path), config=config, opts=opts, ctx=ctx, paged=paged,
+                          cache_tokens=cache_tokens, model=model, draft=None, generator=generator, memory_bytes=0)
+
+
+class CpuPagesV2Backend(ExllamaV2Backend):
+    """The exllamav2 counterpart, paged (needs flash-attn, as the real backend)."""
+
+    name = "exllamav2-cpu-pages"
+    paged = True
+
+    def available(self) -> bool:
+        """Where exllamav2 imports, GPU or not."""
+        return importable("exllamav2")
+
+    def load(self, spec: ModelSpec) -> Any:
+        """No weights: see the module docstring."""
+        return load_cpu_pages_v2_model(spec, paged=self.paged)
+
+
+class CpuPagesV2UnpagedBackend(CpuPagesV2Backend):
+    """exllamav2 unpaged: what the real backend runs without flash-attn (one sequence at a time)."""
+
+    name = "exllamav2-unpaged-cpu-pages"
+    paged = False

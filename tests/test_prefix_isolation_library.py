@@ -1,0 +1,249 @@
+"""Per-user prefix reuse against the exllama libraries' own generators and page tables, without a GPU.
+
+tests/page_generator.py runs exllamav3's Generator and exllamav2's dynamic generator (paged
+and unpaged) as they are except for the model's forward, so the pages a job reuses, and
+``cached_tokens``, come from the libraries' arithmetic over our isolation hooks
+(backends/prefix_isolation.py), not from stand-ins. Skipped where a library does not import
+without a GPU (CI): that needs its extension module prebuilt by
+``benchmarks/gpu/cross_build.sh`` (and flash-attn for exllamav2's paged mode).
+tests/test_gpu_backends.py checks the same on a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+from pathlib import Path
+
+import pytest
+
+from tests.page_generator import (
+    CpuPagesV2Backend,
+    CpuPagesV2UnpagedBackend,
+    CpuPagesV3Backend,
+    load_cpu_pages_model,
+    load_cpu_pages_v2_model,
+    require,
+)
+from xllm_jupyter.backends.base import ModelSpec
+from xllm_jupyter.core.types import FinishReason, SamplingParams, SequenceJob
+
+pytestmark = pytest.mark.exllama
+
+PAGE = 256
+GREEDY = SamplingParams(temperature=0.0)
+_ids = itertools.count(1)
+
+
+#: the generators under test: exllamav3, exllamav2 paged (needs flash-attn), exllamav2 unpaged
+KINDS = ("exllamav3", "exllamav2-paged", "exllamav2-unpaged")
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def kind(request) -> str:
+    require("exllamav3" if request.param == "exllamav3" else "exllamav2")
+    if request.param == "exllamav2-paged":
+        from xllm_jupyter.backends.exllamav2 import paged_attention_available
+
+        if not paged_attention_available():
+            pytest.skip("exllamav2's paged mode needs flash-attn")
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_llama_dir) -> Path:
+    return Path(tiny_llama_dir)
+
+
+def load(kind: str, model_dir: Path, **options):
+    """A fresh model (empty page table) of ``kind`` over the tiny Llama's config and tokenizer."""
+    spec = ModelSpec(name="t", path=str(model_dir), format="safetensors", backend=kind,
+                     options={"max_batch_size": 8, "cache_tokens": 8 * PAGE, **options})
+    if kind == "exllamav3":
+        return load_cpu_pages_model(spec)
+    return load_cpu_pages_v2_model(spec, paged=kind == "exllamav2-paged")
+
+
+def prompt(seed: int, length: int) -> tuple[int, ...]:
+    """``length`` token ids, the same for the same seed (ids below the vocabulary, no specials)."""
+    return tuple(100 + (seed * 7919 + i * 31) % 3000 for i in range(length))
+
+
+def job(tokens: tuple[int, ...], namespace: str, max_tokens: int = 2) -> SequenceJob:
+    return SequenceJob(next(_ids), tokens, max_tokens, GREEDY, frozenset(), cache_namespace=namespace)
+
+
+def run(model, *jobs: SequenceJob, cancel_after: dict[int, int] | None = None, max_steps: int = 200) -> dict[int, int]:
+    """Add ``jobs`` together and step to the end; each job's ``cached_tokens`` (-1 when cancelled).
+
+    ``cancel_after`` maps a job id to the events it gets before it is cancelled (0: at once).
+    After every step the library checks its own page table (references, hashes, contents).
+    """
+    cancel_after = dict(cancel_after or {})
+    for j in jobs:
+        model.add(j)
+        if cancel_after.get(j.job_id) == 0:
+            model.cancel(j.job_id)
+    seen: dict[int, int] = {}
+    cached: dict[int, int] = {}
+    generator = model.generator
+    for _ in range(max_steps):
+        events = model.step()
+        if hasattr(generator, "pagetable"):  # exllamav3 checks its page table (exllamav2 has no such check)
+            generator.pagetable.validate_pagetable(generator.active_jobs)
+        for event in events:
+            seen[event.job_id] = seen.get(event.job_id, 0) + 1
+            if event.finish is not None:
+                cached[event.job_id] = -1 if event.finish == FinishReason.CANCELLED else event.cached_tokens
+            elif seen[event.job_id] == cancel_after.get(event.job_id):
+                model.cancel(event.job_id)
+        if len(cached) == len(jobs):
+            return cached
+    raise AssertionError(f"jobs did not finish: {cached}")
+
+
+def pages_held(model) -> int:
+    """Cache pages some job still references (0 once every job ended)."""
+    generator = model.generator
+    return len(getattr(generator, "pagetable", generator).referenced_pages)
+
+
+def test_a_user_reuses_own_prompt_pages_and_no_one_elses(kind, model_dir):
+    model = load(kind, model_dir)
+    secret = prompt(1, 3 * PAGE + 40)
+    first = job(secret, "alice")
+    assert run(model, first)[first.job_id] == 0
+    again = job(secret, "alice")
+    assert run(model, again)[again.job_id] >= 3 * PAGE  # her three full pages, by the library's lookup
+    probe = job(secret[:200], "bob")  # shorter than a page: the library's partial-page matching
+    assert run(model, probe)[probe.job_id] == 0
+    bob = job(secret, "bob")
+    assert run(model, bob)[bob.job_id] < PAGE  # at most his own probe's tokens
+    bob_again = job(secret, "bob")
+    assert run(model, bob_again)[bob_again.job_id] >= 3 * PAGE  # his own copy now
+    assert pages_held(model) == 0
+
+
+def test_a_shared_namespace_reuses_across_users(kind, model_dir):
+    """The control: with quotas.share_prefix_cache every job is in namespace "" and the library shares."""
+    model = load(kind, model_dir)
+    text = prompt(2, 2 * PAGE + 10)
+    first, full, probe = job(text, ""), job(text, ""), job(text[:200], "")
+    run(model, first)
+    assert run(model, full)[full.job_id] >= 2 * PAGE
+    assert run(model, probe)[probe.job_id] == 199  # a partial page: all but the last prompt token
+
+
+def test_same_prompt_from_two_users_in_one_batch(kind, model_dir):
+    """Both prefill the same pages in the same step; neither takes the other's, both can repeat their own."""
+    if kind == "exllamav2-unpaged":
+        pytest.skip("unpaged runs one sequence at a time: no two jobs share a step")
+    model = load(kind, model_dir)
+    text = prompt(3, 2 * PAGE + 100)
+    a, b = job(text, "alice"), job(text, "bob")
+    assert run(model, a, b) == {a.job_id: 0, b.job_id: 0}
+    a2, b2, c = job(text, "alice"), job(text, "bob"), job(text, "carol")
+    cached = run(model, a2, b2, c)
+    assert cached[a2.job_id] >= 2 * PAGE and cached[b2.job_id] >= 2 * PAGE and cached[c.job_id] == 0
+    assert pages_held(model) == 0
+
+
+def lcp(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """Length of the common prefix of two token sequences."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def test_random_traffic_never_reuses_another_users_tokens(kind, model_dir):
+    """Three users, shared documents with private tails, a small cache (eviction, defrag), cancellations.
+
+    A job may only be served cached tokens that its own user sent (or generated) before or
+    beside it: ``cached_tokens`` never exceeds the longest common prefix with that user's
+    sequences, though other users' sequences often share a longer one.
+    """
+    model = load(kind, model_dir, cache_tokens=12 * PAGE)
+    reused, leak_chances = random_traffic(model, seed=7, rounds=60)
+    # the traffic did reuse (unpaged: only the previous job's tokens can be), and did tempt a leak
+    assert reused > (0 if kind == "exllamav2-unpaged" else 4 * PAGE) and leak_chances >= 5
+
+
+def random_traffic(model, *, seed: int, rounds: int) -> tuple[int, int]:
+    """Run the traffic above, checking every job; (cached tokens served, jobs that could have leaked)."""
+    from tests.page_generator import FILLER_TOKEN
+
+    rng = random.Random(seed)
+    docs = [prompt(seed, rng.randint(PAGE + 50, 3 * PAGE + 50)) for seed in range(10, 22)]
+    users = ("alice", "bob", "carol")
+    sent: dict[str, list[tuple[int, tuple[int, ...]]]] = {u: [] for u in users}
+    reused = leak_chances = 0
+    for _ in range(rounds):
+        batch = []
+        for _ in range(rng.randint(1, 3)):
+            doc = rng.choice(docs)
+            tokens = doc[: rng.randint(100, len(doc))] + prompt(rng.randrange(10_000), rng.randint(0, 30))
+            batch.append(job(tokens, rng.choice(users), max_tokens=rng.randint(1, 6)))
+        for j in batch:
+            sent[j.cache_namespace].append((j.job_id, j.prompt_ids + (FILLER_TOKEN,) * j.max_tokens))
+        cancel = {j.job_id: rng.choice((0, 1, 2)) for j in batch if rng.random() < 0.2}
+        cached = run(model, *batch, cancel_after=cancel)
+        for j in batch:
+            if cached[j.job_id] < 0:
+                continue
+            own = max((lcp(j.prompt_ids, s) for i, s in sent[j.cache_namespace] if i != j.job_id), default=0)
+            others = max((lcp(j.prompt_ids, s) for u in users if u != j.cache_namespace for _, s in sent[u]), default=0)
+            assert cached[j.job_id] <= min(own, len(j.prompt_ids) - 1), (j.cache_namespace, cached[j.job_id], own)
+            reused += cached[j.job_id]
+            leak_chances += others > own + PAGE
+        assert pages_held(model) == 0
+    return reused, leak_chances
+
+
+@pytest.fixture(scope="module")
+def cpu_pages_server(kind, model_dir, tmp_path_factory):
+    """The real server and engine serving the tiny Llama through a CPU-pages backend of ``kind``, two API keys."""
+    from tests.server_fixtures import API_KEY, make_test_config, running_server
+    from tests.test_gpu_backends import BOB_KEY, ForcedBackend
+    from xllm_jupyter.backends import registry
+    from xllm_jupyter.store.store import ModelStore
+
+    home = tmp_path_factory.mktemp("home-cpu-pages")
+    store = ModelStore(home)
+    store.pull(str(model_dir), "t")
+    config = make_test_config(home, api_keys=(API_KEY, BOB_KEY))
+    config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, default_model="t",
+                                                                    cache_tokens=16 * PAGE))
+    backend = {"exllamav3": CpuPagesV3Backend, "exllamav2-paged": CpuPagesV2Backend,
+               "exllamav2-unpaged": CpuPagesV2UnpagedBackend}[kind]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(registry.BACKENDS, backend.name, f"tests.page_generator:{backend.__name__}")
+        with running_server(config, ForcedBackend(store, backend.name), "t") as info:
+            yield info
+
+
+def test_over_http_each_api_key_reuses_only_its_own_prompts(cpu_pages_server):
+    """tests/test_gpu_backends.py's isolation check, same steps, through the server and the openai SDK."""
+    from openai import OpenAI
+
+    from tests.server_fixtures import API_KEY
+    from tests.test_gpu_backends import BOB_KEY
+
+    def ask(client, content):
+        r = client.chat.completions.create(model="t", messages=[{"role": "user", "content": content}],
+                                           max_tokens=2, temperature=0)
+        return r.usage.prompt_tokens_details.cached_tokens
+
+    secret = "Alice's private notes: the vault code is 4711 and the spare key is under the mat. " * 30
+    base = cpu_pages_server.base_url
+    with OpenAI(base_url=base, api_key=API_KEY, max_retries=0) as alice, \
+            OpenAI(base_url=base, api_key=BOB_KEY, max_retries=0) as bob:
+        assert ask(alice, secret) == 0
+        assert ask(alice, secret) >= PAGE
+        assert ask(bob, secret[:200]) == 0
+        assert ask(bob, secret) < PAGE
+        assert ask(bob, secret) >= PAGE
+    assert cpu_pages_server.engine.stats("t").running == 0
