@@ -19,8 +19,11 @@ tests that use this skip there).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib.util
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -176,3 +179,49 @@ class CpuPagesV2UnpagedBackend(CpuPagesV2Backend):
 
     name = "exllamav2-unpaged-cpu-pages"
     paged = False
+
+
+#: the generators the CPU checks run: exllamav3, exllamav2 paged (needs flash-attn), exllamav2 unpaged
+KINDS = ("exllamav3", "exllamav2-paged", "exllamav2-unpaged")
+BACKEND_OF_KIND = {"exllamav3": CpuPagesV3Backend, "exllamav2-paged": CpuPagesV2Backend,
+                   "exllamav2-unpaged": CpuPagesV2UnpagedBackend}
+
+
+def require_kind(kind: str) -> None:
+    """Skip unless the library of ``kind`` imports here (and flash-attn does, for exllamav2 paged)."""
+    require("exllamav3" if kind == "exllamav3" else "exllamav2")
+    if kind == "exllamav2-paged":
+        from xllm_jupyter.backends.exllamav2 import paged_attention_available
+
+        if not paged_attention_available():
+            pytest.skip("exllamav2's paged mode needs flash-attn")
+
+
+@contextlib.contextmanager
+def cpu_pages_server(kind: str, model_dir: Path, home: Path, model: str, api_keys: tuple[str, ...]) -> Iterator[Any]:
+    """The real server and engine serving ``model_dir`` as ``model`` through the CPU-pages backend of ``kind``."""
+    from tests.server_fixtures import make_test_config, running_server
+    from xllm_jupyter.backends import registry
+    from xllm_jupyter.store.store import ModelStore
+
+    backend = BACKEND_OF_KIND[kind]
+    store = ModelStore(home)
+    store.pull(str(model_dir), model)
+    config = make_test_config(home, api_keys=api_keys)
+    config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, default_model=model,
+                                                                    cache_tokens=16 * 256))
+
+    class Pinned:
+        """The real store, with every model pinned to ``backend``."""
+
+        def resolve(self, name: str) -> ModelSpec:
+            return dataclasses.replace(store.resolve(name), backend=backend.name)
+
+        def names(self) -> list[str]:
+            return store.names()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(registry.BACKENDS, backend.name, f"tests.page_generator:{backend.__name__}")
+        with running_server(config, Pinned(), model) as info:
+            info.kind = kind
+            yield info

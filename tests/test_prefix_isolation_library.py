@@ -11,21 +11,13 @@ tests/test_gpu_backends.py checks the same on a GPU.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import random
 from pathlib import Path
 
 import pytest
 
-from tests.page_generator import (
-    CpuPagesV2Backend,
-    CpuPagesV2UnpagedBackend,
-    CpuPagesV3Backend,
-    load_cpu_pages_model,
-    load_cpu_pages_v2_model,
-    require,
-)
+from tests.page_generator import KINDS, cpu_pages_server, load_cpu_pages_model, load_cpu_pages_v2_model, require_kind
 from xllm_jupyter.backends.base import ModelSpec
 from xllm_jupyter.core.types import FinishReason, SamplingParams, SequenceJob
 
@@ -36,18 +28,9 @@ GREEDY = SamplingParams(temperature=0.0)
 _ids = itertools.count(1)
 
 
-#: the generators under test: exllamav3, exllamav2 paged (needs flash-attn), exllamav2 unpaged
-KINDS = ("exllamav3", "exllamav2-paged", "exllamav2-unpaged")
-
-
 @pytest.fixture(scope="module", params=KINDS)
 def kind(request) -> str:
-    require("exllamav3" if request.param == "exllamav3" else "exllamav2")
-    if request.param == "exllamav2-paged":
-        from xllm_jupyter.backends.exllamav2 import paged_attention_available
-
-        if not paged_attention_available():
-            pytest.skip("exllamav2's paged mode needs flash-attn")
+    require_kind(request.param)
     return request.param
 
 
@@ -204,28 +187,16 @@ def random_traffic(model, *, seed: int, rounds: int) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def cpu_pages_server(kind, model_dir, tmp_path_factory):
-    """The real server and engine serving the tiny Llama through a CPU-pages backend of ``kind``, two API keys."""
-    from tests.server_fixtures import API_KEY, make_test_config, running_server
-    from tests.test_gpu_backends import BOB_KEY, ForcedBackend
-    from xllm_jupyter.backends import registry
-    from xllm_jupyter.store.store import ModelStore
+def http_server(kind, model_dir, tmp_path_factory):
+    """The real server and engine over the CPU-pages backend of ``kind``, two API keys (two users)."""
+    from tests.server_fixtures import API_KEY
+    from tests.test_gpu_backends import BOB_KEY
 
-    home = tmp_path_factory.mktemp("home-cpu-pages")
-    store = ModelStore(home)
-    store.pull(str(model_dir), "t")
-    config = make_test_config(home, api_keys=(API_KEY, BOB_KEY))
-    config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, default_model="t",
-                                                                    cache_tokens=16 * PAGE))
-    backend = {"exllamav3": CpuPagesV3Backend, "exllamav2-paged": CpuPagesV2Backend,
-               "exllamav2-unpaged": CpuPagesV2UnpagedBackend}[kind]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(registry.BACKENDS, backend.name, f"tests.page_generator:{backend.__name__}")
-        with running_server(config, ForcedBackend(store, backend.name), "t") as info:
-            yield info
+    with cpu_pages_server(kind, model_dir, tmp_path_factory.mktemp(f"home-{kind}"), "t", (API_KEY, BOB_KEY)) as info:
+        yield info
 
 
-def test_over_http_each_api_key_reuses_only_its_own_prompts(cpu_pages_server):
+def test_over_http_each_api_key_reuses_only_its_own_prompts(http_server):
     """tests/test_gpu_backends.py's isolation check, same steps, through the server and the openai SDK."""
     from openai import OpenAI
 
@@ -238,7 +209,7 @@ def test_over_http_each_api_key_reuses_only_its_own_prompts(cpu_pages_server):
         return r.usage.prompt_tokens_details.cached_tokens
 
     secret = "Alice's private notes: the vault code is 4711 and the spare key is under the mat. " * 30
-    base = cpu_pages_server.base_url
+    base = http_server.base_url
     with OpenAI(base_url=base, api_key=API_KEY, max_retries=0) as alice, \
             OpenAI(base_url=base, api_key=BOB_KEY, max_retries=0) as bob:
         assert ask(alice, secret) == 0
@@ -246,4 +217,4 @@ def test_over_http_each_api_key_reuses_only_its_own_prompts(cpu_pages_server):
         assert ask(bob, secret[:200]) == 0
         assert ask(bob, secret) < PAGE
         assert ask(bob, secret) >= PAGE
-    assert cpu_pages_server.engine.stats("t").running == 0
+    assert http_server.engine.stats("t").running == 0

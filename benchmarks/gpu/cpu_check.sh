@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The exllama checks that need the libraries but no GPU (`pytest -m exllama`), run HERE with the
 # modules cross_build.sh made for the GPU machine: the libraries' own generators, jobs and page
-# tables with only the model's forward taken out (tests/page_generator.py), under our per-user
-# prefix isolation, from the model up to the real server and the openai SDK. A bug there would
-# otherwise cost a GPU lease to find. session.sh runs the same tests on the GPU machine.
+# tables with only the model's forward taken out (tests/page_generator.py): our per-user prefix
+# isolation and the serving behaviour that does not depend on the forward, from the model up to
+# the real server and the openai SDK. A bug there would otherwise cost a GPU lease to find.
+# session.sh runs the same tests on the GPU machine.
 #
 # Needs what stage.sh makes (.whl/, .gpucache/, WITH_FLASH_ATTN=1 for exllamav2's paged mode)
 # and cross_build.sh's scratch venv ($XB/venv: Python 3.12 and the machine's torch build), into
@@ -28,4 +29,4 @@ export PATH="$XB/bin:$PATH" XLLM_TEST_TOKENIZER_DIR="$PWD/.gpucache/tok"
 # shellcheck source=benchmarks/gpu/prepare.sh
 source benchmarks/gpu/prepare.sh
 python3 -m pytest -q -rs -p no:cacheprovider -o filterwarnings=ignore::DeprecationWarning -m exllama \
-  tests/test_prefix_isolation_library.py "$@"
+  tests/test_prefix_isolation_library.py tests/test_exllama_library_serving.py "$@"
