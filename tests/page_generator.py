@@ -7,8 +7,9 @@ wrote them. Its decode step (``iterate_gen``, the one method replaced, since it 
 everything for CUDA) records each running job's input token in its page with the library's
 ``get_input_ids_list`` and feeds it one fixed token.
 
-exllamav2: the whole ``ExLlamaV2DynamicGenerator`` runs, paged or unpaged, its sampler
-included; only ``model.forward_chunk`` is replaced, by logits that pick one fixed token.
+exllamav2: the whole ``ExLlamaV2DynamicGenerator`` runs, paged or unpaged, its sampler and
+n-gram drafting included; only ``model.forward_chunk`` is replaced, by logits that depend on
+the input ids alone and that greedy decoding always resolves to one fixed token.
 
 Either way prefill writes no K/V and the text is meaningless, but which cache pages a job
 reuses, and so ``cached_tokens`` in the results, is the libraries' own arithmetic over our
@@ -35,6 +36,9 @@ from xllm_jupyter.backends.exllamav3 import ExllamaV3Backend, ExllamaV3Model, bu
 
 #: the token every running job "samples" (any id that is not a stop token)
 FILLER_TOKEN = 1000
+#: exllamav2's stand-in logits: FILLER_TOKEN's lead over unit noise (greedy always picks it;
+#: at temperature 1 it is sampled about two times in three, so seeds change the text)
+FILLER_BOOST = 12.0
 
 
 def importable(library: str) -> bool:
@@ -141,11 +145,14 @@ def load_cpu_pages_v2_model(spec: ModelSpec, *, paged: bool) -> Any:
     generator = None
 
     def forward_chunk(input_ids: Any, preprocess_only: bool = False, **kwargs: Any) -> Any:
-        # the forward taken out: prefill writes nothing; decoding yields logits that pick FILLER_TOKEN
+        # the forward taken out: prefill writes nothing; decoding yields logits that depend only on
+        # the input ids: unit noise (so seeds matter when sampling) plus FILLER_BOOST for
+        # FILLER_TOKEN (so greedy decoding always picks it)
         if preprocess_only:
             return None
-        logits = torch.full((input_ids.shape[0], input_ids.shape[1], generator.padded_vocab_size), -30.0)
-        logits[:, :, FILLER_TOKEN] = 30.0
+        noise = torch.Generator().manual_seed(int(input_ids.sum()) * 1_000_003 + input_ids.numel())
+        logits = torch.randn((*input_ids.shape, generator.padded_vocab_size), generator=noise)
+        logits[:, :, FILLER_TOKEN] += FILLER_BOOST
         return {"logits": logits}
 
     model.forward_chunk = forward_chunk

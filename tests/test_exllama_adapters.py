@@ -57,6 +57,24 @@ def test_options_carry_speculative_and_split_settings():
 
 
 
+def test_exllamav2_drafting_jobs_ask_for_the_window_exllamav2_holds_back():
+    """exllamav2 ends a drafting job num_draft_tokens early (tests/test_exllama_library_serving.py
+    shows it on the library); the job asks for that many more, within the cache."""
+    from types import SimpleNamespace
+
+    from xllm_jupyter.backends.exllamav2 import ExllamaV2Model
+
+    def asked(draft, prompt_len, max_tokens, cache=2048):
+        model = SimpleNamespace(generator=SimpleNamespace(num_draft_tokens=draft, max_total_tokens=cache))
+        job = SequenceJob(1, (5,) * prompt_len, max_tokens, SamplingParams())
+        return ExllamaV2Model._library_max_new_tokens(model, job)
+
+    assert asked(0, 40, 24) == 24  # no drafting: as asked
+    assert asked(4, 40, 24) == 28
+    assert asked(4, 2000, 46) == 48  # the cache holds only 48 more tokens
+    assert asked(4, 2000, 48) == 48  # never less than asked
+
+
 def test_exllamav3_load_and_cache_arguments_follow_the_options():
     from xllm_jupyter.backends.exllamav3 import _cache_kwargs, _load_kwargs
 

@@ -126,9 +126,17 @@ def test_logprobs_come_from_the_samplers_probabilities(server, sdk):
     r = ask(sdk, max_tokens=4, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
     content = r.choices[0].logprobs.content
     assert len(content) == 4
-    # the stand-in logits put all the probability on one token
-    assert all(c.logprob > -1e-3 and len(c.top_logprobs) == 2 for c in content)
+    assert all(c.logprob <= 0 and len(c.top_logprobs) == 2 for c in content)
+    # greedy: the chosen token is the most probable one, which the stand-in logits make likely
+    assert all(c.top_logprobs[0].logprob == pytest.approx(c.logprob) and c.logprob > -1.0 for c in content)
     assert all(c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob for c in content)
+
+
+def test_seeded_sampling_repeats_and_seeds_differ(server, sdk):
+    v2_only(server)
+    runs = [ask(sdk, temperature=1.0, seed=seed, extra_body={"ignore_eos": True}).choices[0].message.content
+            for seed in (5, 5, 6)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
 def test_constrained_output_is_a_clear_400_on_exllamav2(server, sdk):
@@ -139,3 +147,62 @@ def test_constrained_output_is_a_clear_400_on_exllamav2(server, sdk):
     with pytest.raises(openai.BadRequestError) as err:
         ask(sdk, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
     assert err.value.body["code"] == "unsupported_parameter"
+
+
+# -- engine options on the libraries' own generators (no server) ---------------------------------
+
+def load(kind: str, model_dir, **options):
+    """A fresh model of ``kind`` over the tiny Llama with ``options`` (as engine config gives them)."""
+    from tests.page_generator import load_cpu_pages_model, load_cpu_pages_v2_model
+    from xllm_jupyter.backends.base import ModelSpec
+
+    spec = ModelSpec(name="t", path=str(model_dir), format="safetensors", backend=kind,
+                     options={"max_batch_size": 4, "cache_tokens": 4096, **options})
+    if kind == "exllamav3":
+        return load_cpu_pages_model(spec)
+    return load_cpu_pages_v2_model(spec, paged=kind == "exllamav2-paged")
+
+
+def generate(model, prompt_ids, max_tokens: int) -> list:
+    """Run one greedy job to the end; its events."""
+    from xllm_jupyter.core.types import SamplingParams, SequenceJob
+
+    model.add(SequenceJob(1, tuple(prompt_ids), max_tokens, SamplingParams(temperature=0.0), frozenset()))
+    events = []
+    for _ in range(4 * max_tokens + 20):
+        events += model.step()
+        if events and events[-1].finish is not None:
+            return events
+    raise AssertionError("the job did not finish")
+
+
+@pytest.mark.parametrize(("kind", "bits", "k_v"), [
+    ("exllamav3", "q4", (4, 4)), ("exllamav3", "q8", (8, 8)), ("exllamav3", "4,6", (4, 6)),
+    ("exllamav2-unpaged", "q4", None), ("exllamav2-unpaged", "q6", None), ("exllamav2-unpaged", "q8", None),
+])
+def test_quantized_kv_caches_are_built_by_the_library(tiny_llama_dir, kind, bits, k_v):
+    require_kind(kind)
+    model = load(kind, tiny_llama_dir, kv_cache_bits=bits)
+    events = generate(model, range(100, 140), 3)
+    assert len([e for e in events if e.token_id is not None]) == 3 and events[-1].finish is not None
+    assert model.details()["kv_cache"] == bits
+    cache = model.generator.cache
+    if kind == "exllamav3":
+        layers = list(cache.layers.values())
+        assert layers and all(type(layer).__name__ == "CacheLayer_quant" for layer in layers)
+        assert {(layer.k_bits, layer.v_bits) for layer in layers} == {k_v}
+    else:
+        assert type(cache).__name__ == f"ExLlamaV2Cache_{bits.upper()}"
+
+
+def test_ngram_drafting_keeps_greedy_output_and_reports_acceptance(tiny_llama_dir):
+    """exllamav2's own n-gram drafting; the stand-in forward verifies drafts like a model would."""
+    require_kind("exllamav2-unpaged")
+    plain = generate(load("exllamav2-unpaged", tiny_llama_dir), range(100, 140), 24)
+    model = load("exllamav2-unpaged", tiny_llama_dir, ngram_draft=2, num_draft_tokens=4)
+    drafted = generate(model, range(100, 140), 24)
+    # all 24 tokens: exllamav2 alone stops a drafting job num_draft_tokens early
+    assert [e.token_id for e in drafted] == [e.token_id for e in plain] and len(plain) == 24
+    assert drafted[-1].completion_tokens == 24
+    spec = model.details()["speculative"]
+    assert spec["method"] == "ngram" and spec["accepted"] > 0 and spec["acceptance_rate"] > 0.5

@@ -190,7 +190,7 @@ class ExllamaV2Model(DynamicGeneratorModel):
             settings.token_bias = bias
         return self.job_class(ExLlamaV2DynamicJob)(
             input_ids=torch.tensor([job.prompt_ids], dtype=torch.long),
-            max_new_tokens=job.max_tokens,
+            max_new_tokens=self._library_max_new_tokens(job),
             gen_settings=settings,
             seed=job.sampling.seed,
             stop_conditions=sorted(job.stop_token_ids),
@@ -198,6 +198,19 @@ class ExllamaV2Model(DynamicGeneratorModel):
             return_top_tokens=job.top_logprobs,
             identifier=job.job_id,
         )
+
+    def _library_max_new_tokens(self, job: SequenceJob) -> int:
+        """The ``max_new_tokens`` that makes exllamav2 generate ``job.max_tokens`` tokens.
+
+        While drafting (n-gram or draft model) exllamav2 ends a job ``num_draft_tokens`` short
+        of its ``max_new_tokens``, keeping cache room for the last draft window: ask for that
+        much more, as far as the cache holds it (a prompt that fills the cache ends early).
+        """
+        draft = int(getattr(self.generator, "num_draft_tokens", 0) or 0)
+        if not draft:
+            return job.max_tokens
+        room = int(self.generator.max_total_tokens) - len(job.prompt_ids)
+        return max(job.max_tokens, min(job.max_tokens + draft, room))
 
     def page_size(self) -> int:
         """The generator's page size (the whole context when unpaged)."""
