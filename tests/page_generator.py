@@ -130,40 +130,50 @@ class CpuPagesV3Backend(ExllamaV3Backend):
 
 
 def load_cpu_pages_v2_model(spec: ModelSpec, *, paged: bool) -> Any:
-    """Our ExllamaV2Model over exllamav2's real config, tokenizer, lazy cache and generator, no weights."""
+    """Our ExllamaV2Model over exllamav2's real config, tokenizer, lazy cache and generator, no weights.
+
+    A configured draft model gets the same stand-in forward, so it drafts what the model picks.
+    """
     import exllamav2
-    import torch
     from exllamav2.generator import ExLlamaV2DynamicGenerator
 
     from xllm_jupyter.backends.exllama_common import ExllamaOptions
     from xllm_jupyter.backends.exllamav2 import build_model as build_v2_model
     from xllm_jupyter.backends.exllamav2 import generator_kwargs as v2_generator_kwargs
+    from xllm_jupyter.backends.exllamav2 import open_draft
     from xllm_jupyter.backends.exllamav2 import open_model as open_v2_model
 
     opts = ExllamaOptions.from_options(spec.options, spec.context_length)
     config, ctx, model, cache, cache_tokens = open_v2_model(exllamav2, Path(spec.path), opts, paged)
-    generator = None
+    draft = open_draft(exllamav2, opts, cache_tokens, paged)
+    vocab = (int(config.vocab_size) + 31) // 32 * 32  # the generator's padded vocabulary
+    for m, c in [(model, cache)] + ([draft] if draft else []):
+        m.forward_chunk = _v2_forward_stand_in(vocab)
+        # no K/V tensors to copy a partial page between, or to rotate when the page table is defragmented
+        c.copy_states = lambda *args, **kwargs: None
+        c.all_tensors = lambda: []
+    tokenizer = exllamav2.ExLlamaV2Tokenizer(config)
+    generator = ExLlamaV2DynamicGenerator(model=model, cache=cache, tokenizer=tokenizer,
+                                          **v2_generator_kwargs(opts, ctx, paged, draft))
+    return build_v2_model(spec, Path(spec.path), config=config, opts=opts, ctx=ctx, paged=paged,
+                          cache_tokens=cache_tokens, model=model, draft=draft, generator=generator, memory_bytes=0)
+
+
+def _v2_forward_stand_in(vocab: int) -> Any:
+    """``forward_chunk`` without a model: prefill writes nothing; decoding yields logits that depend
+    only on the input ids: unit noise (so seeds matter when sampling) plus FILLER_BOOST for
+    FILLER_TOKEN (so greedy decoding always picks it)."""
+    import torch
 
     def forward_chunk(input_ids: Any, preprocess_only: bool = False, **kwargs: Any) -> Any:
-        # the forward taken out: prefill writes nothing; decoding yields logits that depend only on
-        # the input ids: unit noise (so seeds matter when sampling) plus FILLER_BOOST for
-        # FILLER_TOKEN (so greedy decoding always picks it)
         if preprocess_only:
             return None
         noise = torch.Generator().manual_seed(int(input_ids.sum()) * 1_000_003 + input_ids.numel())
-        logits = torch.randn((*input_ids.shape, generator.padded_vocab_size), generator=noise)
+        logits = torch.randn((*input_ids.shape, vocab), generator=noise)
         logits[:, :, FILLER_TOKEN] += FILLER_BOOST
         return {"logits": logits}
 
-    model.forward_chunk = forward_chunk
-    # no K/V tensors to copy a partial page between, or to rotate when the page table is defragmented
-    cache.copy_states = lambda *args, **kwargs: None
-    cache.all_tensors = lambda: []
-    tokenizer = exllamav2.ExLlamaV2Tokenizer(config)
-    generator = ExLlamaV2DynamicGenerator(model=model, cache=cache, tokenizer=tokenizer,
-                                          **v2_generator_kwargs(opts, ctx, paged, None))
-    return build_v2_model(spec, Path(spec.path), config=config, opts=opts, ctx=ctx, paged=paged,
-                          cache_tokens=cache_tokens, model=model, draft=None, generator=generator, memory_bytes=0)
+    return forward_chunk
 
 
 class CpuPagesV2Backend(ExllamaV2Backend):

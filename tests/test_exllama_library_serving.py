@@ -206,3 +206,14 @@ def test_ngram_drafting_keeps_greedy_output_and_reports_acceptance(tiny_llama_di
     assert drafted[-1].completion_tokens == 24
     spec = model.details()["speculative"]
     assert spec["method"] == "ngram" and spec["accepted"] > 0 and spec["acceptance_rate"] > 0.5
+
+
+def test_a_draft_model_is_wired_in_and_its_drafts_accepted(tiny_llama_dir):
+    """exllamav2's draft-model decoding with our generator arguments (the draft drafts what the model picks)."""
+    require_kind("exllamav2-unpaged")
+    plain = generate(load("exllamav2-unpaged", tiny_llama_dir), range(100, 140), 24)
+    model = load("exllamav2-unpaged", tiny_llama_dir, draft_model_path=str(tiny_llama_dir), num_draft_tokens=3)
+    drafted = generate(model, range(100, 140), 24)
+    assert [e.token_id for e in drafted] == [e.token_id for e in plain] and drafted[-1].completion_tokens == 24
+    spec = model.details()["speculative"]
+    assert spec["method"] == "draft_model" and spec["acceptance_rate"] > 0.8

@@ -152,7 +152,15 @@ def build_model(spec: ModelSpec, path: Path, *, config: Any, opts: ExllamaOption
 
 
 def _load_draft(exllamav2: Any, opts: ExllamaOptions, cache_tokens: int, paged: bool) -> tuple[Any, Any] | None:
-    """A draft model with a cache as long as the main one."""
+    """The configured draft model, loaded, with its cache."""
+    draft = open_draft(exllamav2, opts, cache_tokens, paged)
+    if draft is not None:
+        draft[0].load_autosplit(draft[1])
+    return draft
+
+
+def open_draft(exllamav2: Any, opts: ExllamaOptions, cache_tokens: int, paged: bool) -> tuple[Any, Any] | None:
+    """The configured draft model (unloaded) and its lazy cache, as long as the main one; None without one."""
     if not opts.draft_model_path:
         return None
     config = exllamav2.ExLlamaV2Config(opts.draft_model_path)
@@ -160,9 +168,7 @@ def _load_draft(exllamav2: Any, opts: ExllamaOptions, cache_tokens: int, paged: 
     if not paged:
         config.no_flash_attn = True
     model = exllamav2.ExLlamaV2(config)
-    cache = exllamav2.ExLlamaV2Cache(model, max_seq_len=cache_tokens, lazy=True)
-    model.load_autosplit(cache)
-    return model, cache
+    return model, exllamav2.ExLlamaV2Cache(model, max_seq_len=cache_tokens, lazy=True)
 
 
 class ExllamaV2Model(DynamicGeneratorModel):
