@@ -57,7 +57,7 @@ def job(tokens: tuple[int, ...], namespace: str, max_tokens: int = 2) -> Sequenc
     return SequenceJob(next(_ids), tokens, max_tokens, GREEDY, frozenset(), cache_namespace=namespace)
 
 
-def run(model, *jobs: SequenceJob, cancel_after: dict[int, int] | None = None, max_steps: int = 200) -> dict[int, int]:
+def run(model, *jobs: SequenceJob, cancel_after: dict[int, int] | None = None) -> dict[int, int]:
     """Add ``jobs`` together and step to the end; each job's ``cached_tokens`` (-1 when cancelled).
 
     ``cancel_after`` maps a job id to the events it gets before it is cancelled (0: at once).
@@ -71,7 +71,7 @@ def run(model, *jobs: SequenceJob, cancel_after: dict[int, int] | None = None, m
     seen: dict[int, int] = {}
     cached: dict[int, int] = {}
     generator = model.generator
-    for _ in range(max_steps):
+    for _ in range(sum(j.max_tokens for j in jobs) + 50):  # enough even one job at a time
         events = model.step()
         if hasattr(generator, "pagetable"):  # exllamav3 checks its page table (exllamav2 has no such check)
             generator.pagetable.validate_pagetable(generator.active_jobs)
@@ -153,9 +153,11 @@ def test_random_traffic_never_reuses_another_users_tokens(kind, model_dir):
     reused, leak_chances = random_traffic(model, seed=7, rounds=60)
     # the traffic did reuse (unpaged: only the previous job's tokens can be), and did tempt a leak
     assert reused > (0 if kind == "exllamav2-unpaged" else 4 * PAGE) and leak_chances >= 5
+    # long answers: pages completed while decoding are hashed and reusable too, by their user only
+    random_traffic(load(kind, model_dir, cache_tokens=12 * PAGE), seed=8, rounds=10, longest=300)
 
 
-def random_traffic(model, *, seed: int, rounds: int) -> tuple[int, int]:
+def random_traffic(model, *, seed: int, rounds: int, longest: int = 6) -> tuple[int, int]:
     """Run the traffic above, checking every job; (cached tokens served, jobs that could have leaked)."""
     from tests.page_generator import FILLER_TOKEN
 
@@ -169,7 +171,7 @@ def random_traffic(model, *, seed: int, rounds: int) -> tuple[int, int]:
         for _ in range(rng.randint(1, 3)):
             doc = rng.choice(docs)
             tokens = doc[: rng.randint(100, len(doc))] + prompt(rng.randrange(10_000), rng.randint(0, 30))
-            batch.append(job(tokens, rng.choice(users), max_tokens=rng.randint(1, 6)))
+            batch.append(job(tokens, rng.choice(users), max_tokens=rng.randint(1, longest)))
         for j in batch:
             sent[j.cache_namespace].append((j.job_id, j.prompt_ids + (FILLER_TOKEN,) * j.max_tokens))
         cancel = {j.job_id: rng.choice((0, 1, 2)) for j in batch if rng.random() < 0.2}
