@@ -5,7 +5,8 @@ prefill scheduling, prompt-page hashing and partial-page matching, page release,
 defragmentation of the page table), ``cancel`` and ``Job.receive_sample`` run as the library
 wrote them. Its decode step (``iterate_gen``, the one method replaced, since it stages
 everything for CUDA) records each running job's input token in its page with the library's
-``get_input_ids_list`` and feeds it one fixed token.
+``get_input_ids_list`` and feeds it one fixed token, or, under a grammar, the best token the
+job's own filters allow (their masks combined by the job, as the library does).
 
 exllamav2: the whole ``ExLlamaV2DynamicGenerator`` runs, paged or unpaged, its sampler and
 n-gram drafting included; only ``model.forward_chunk`` is replaced, by logits that depend on
@@ -64,7 +65,7 @@ def cpu_step_generator_class() -> type:
     from exllamav3 import Generator
 
     class CpuStepGenerator(Generator):
-        """The library's generator; ``iterate_gen`` feeds each prefilled job one fixed token."""
+        """The library's generator; ``iterate_gen`` feeds each prefilled job a token of its choosing."""
 
         def iterate_gen(self, results: list, draft_tokens: Any = None) -> None:
             finished = []
@@ -76,7 +77,7 @@ def cpu_step_generator_class() -> type:
                 # the library's own record of the step's input token in its cache page (what the
                 # forward's staging does for decode rows)
                 job.get_input_ids_list(add_to_cache=True)
-                token = torch.tensor([[FILLER_TOKEN]], dtype=torch.long)
+                token = torch.tensor([[self.xllm_choose(job)]], dtype=torch.long)
                 eos, _, requeue = job.receive_sample(None, token, None, None, None, results)
                 assert not requeue, "requeueing is outside what this stand-in step covers"
                 if eos:
@@ -88,6 +89,36 @@ def cpu_step_generator_class() -> type:
                 self.active_jobs.remove(job)
             if remaining and not self.num_remaining_jobs():
                 self.on_queue_drained()
+
+        def xllm_choose(self, job: Any) -> int:
+            """FILLER_TOKEN, or under a grammar the best allowed token by the stand-in logits.
+
+            The masks come from the job's filters and the job's own combination of them
+            (``prepare_logit_mask``), as in the library's decode step; the CUDA sampler that
+            would apply them is what is replaced.
+            """
+            active = [f for f in job.filters if f.is_active] if job.new_tokens >= 0 else []
+            if not active:
+                return FILLER_TOKEN
+            for f in active:
+                background = f.use_background_worker()
+                job.filter_futures.append(self.filter_pool.submit(f.get_next_logit_mask) if background else None)
+                job.logit_masks.append(None if background else f.get_next_logit_mask())
+            # host buffers the library would pin (pinning needs a CUDA driver)
+            width = self.padded_vocab_size
+            if job.pinned_logit_bitmask is None:
+                job.pinned_logit_bitmask = torch.empty((1, width // 32), dtype=torch.int32)
+            if job.pinned_logit_mask is None:
+                job.pinned_logit_mask = torch.empty((1, width), dtype=torch.half)
+            job.prepare_logit_mask()
+            mask = job.device_logit_mask
+            if mask.dtype == torch.int32:
+                mask = job._expand_bitmask(mask)
+            ids = job.sequences[0].sequence_ids.torch()
+            noise = torch.Generator().manual_seed(int(ids.sum()) * 1_000_003 + ids.numel())
+            scores = torch.randn((1, width), generator=noise)
+            scores[0, FILLER_TOKEN] += FILLER_BOOST
+            return int((scores + mask.float()).argmax())
 
     return CpuStepGenerator
 

@@ -4,9 +4,10 @@ tests/page_generator.py takes only the model's forward out of exllamav3's and ex
 generators; every running job "samples" one fixed token (exllamav2: from logits that favour
 it, through the library's own sampler). So this checks what tests/test_gpu_backends.py checks
 that does not depend on the forward: /v1/models details, lengths and finish reasons,
-streaming = non-streaming, batching, cancellation freeing the library's pages, and (exllamav2,
-whose sampler runs on CPU) logit_bias, stop strings and logprobs through the real sampler.
-exllamav3's sampler is CUDA-only: those checks are the GPU test's. Skipped where a library
+streaming = non-streaming, batching, cancellation, exllamav3's grammar filter (JSON schema,
+forced tool calls), and (exllamav2, whose sampler runs on CPU) logit_bias, stop strings,
+logprobs and seeds through the real sampler. exllamav3's sampler is CUDA-only: those checks are
+the GPU test's. Then engine options on the models: quantized caches, n-gram and draft models. Skipped where a library
 does not import without a GPU (CI); ``benchmarks/gpu/cpu_check.sh`` runs it here.
 """
 
@@ -139,14 +140,22 @@ def test_seeded_sampling_repeats_and_seeds_differ(server, sdk):
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
-def test_constrained_output_is_a_clear_400_on_exllamav2(server, sdk):
+def test_json_schema_through_llguidance_on_exllamav3_and_a_clear_400_on_exllamav2(server, sdk):
+    """exllamav3: our grammar in the library's LLGuidanceFilter masks every step and ends the job."""
     import openai
 
-    v2_only(server)
-    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
-    with pytest.raises(openai.BadRequestError) as err:
-        ask(sdk, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
-    assert err.value.body["code"] == "unsupported_parameter"
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "n": {"type": "integer"}},
+              "required": ["name", "n"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": schema, "strict": True}}
+    if server.kind != "exllamav3":
+        with pytest.raises(openai.BadRequestError) as err:
+            ask(sdk, response_format=fmt)
+        assert err.value.body["code"] == "unsupported_parameter"
+        return
+    r = ask(sdk, response_format=fmt, max_tokens=200)
+    assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+    data = json.loads(r.choices[0].message.content)
+    assert set(data) == {"name", "n"} and isinstance(data["n"], int) and len(data["name"]) <= 8
 
 
 # -- engine options on the libraries' own generators (no server) ---------------------------------
@@ -217,3 +226,20 @@ def test_a_draft_model_is_wired_in_and_its_drafts_accepted(tiny_llama_dir):
     assert [e.token_id for e in drafted] == [e.token_id for e in plain] and drafted[-1].completion_tokens == 24
     spec = model.details()["speculative"]
     assert spec["method"] == "draft_model" and spec["acceptance_rate"] > 0.8
+
+
+def test_forced_tool_call_through_llguidance_on_exllamav3(server, sdk):
+    if server.kind != "exllamav3":
+        pytest.skip("exllamav2 has no grammar engine (constrained output is a 400 there)")
+    tool = {"type": "function", "function": {
+        "name": "get_weather", "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+                       "required": ["city"], "additionalProperties": False}}}
+    for parallel in (None, False):
+        r = ask(sdk, "Weather in Oslo?", tools=[tool], max_tokens=200, parallel_tool_calls=parallel,
+                tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        choice = r.choices[0]
+        calls = choice.message.tool_calls
+        assert choice.finish_reason == "tool_calls" and calls and (parallel is None or len(calls) == 1)
+        assert all(c.function.name == "get_weather" and set(json.loads(c.function.arguments)) == {"city"}
+                   for c in calls)
