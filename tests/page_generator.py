@@ -5,8 +5,9 @@ prefill scheduling, prompt-page hashing and partial-page matching, page release,
 defragmentation of the page table), ``cancel`` and ``Job.receive_sample`` run as the library
 wrote them. Its decode step (``iterate_gen``, the one method replaced, since it stages
 everything for CUDA) records each running job's input token in its page with the library's
-``get_input_ids_list`` and feeds it one fixed token, or, under a grammar, the best token the
-job's own filters allow (their masks combined by the job, as the library does).
+``get_input_ids_list`` and feeds it the best token by stand-in logits: always FILLER_TOKEN
+unless the job's grammar forbids it (its filters' masks combined by the job, as the library
+does), with probabilities for logprobs in the shapes the library's ``receive_logits`` gives.
 
 exllamav2: the whole ``ExLlamaV2DynamicGenerator`` runs, paged or unpaged, its sampler and
 n-gram drafting included; only ``model.forward_chunk`` is replaced, by logits that depend on
@@ -37,8 +38,8 @@ from xllm_jupyter.backends.exllamav3 import ExllamaV3Backend, ExllamaV3Model, bu
 
 #: the token every running job "samples" (any id that is not a stop token)
 FILLER_TOKEN = 1000
-#: exllamav2's stand-in logits: FILLER_TOKEN's lead over unit noise (greedy always picks it;
-#: at temperature 1 it is sampled about two times in three, so seeds change the text)
+#: the stand-in logits: FILLER_TOKEN's lead over unit noise (greedy always picks it; at
+#: temperature 1 exllamav2's sampler picks it about two times in three, so seeds change the text)
 FILLER_BOOST = 12.0
 
 
@@ -65,7 +66,7 @@ def cpu_step_generator_class() -> type:
     from exllamav3 import Generator
 
     class CpuStepGenerator(Generator):
-        """The library's generator; ``iterate_gen`` feeds each prefilled job a token of its choosing."""
+        """The library's generator; ``iterate_gen`` feeds each prefilled job its best stand-in token."""
 
         def iterate_gen(self, results: list, draft_tokens: Any = None) -> None:
             finished = []
@@ -77,8 +78,9 @@ def cpu_step_generator_class() -> type:
                 # the library's own record of the step's input token in its cache page (what the
                 # forward's staging does for decode rows)
                 job.get_input_ids_list(add_to_cache=True)
-                token = torch.tensor([[self.xllm_choose(job)]], dtype=torch.long)
-                eos, _, requeue = job.receive_sample(None, token, None, None, None, results)
+                scores = self.xllm_scores(job)
+                token = scores.argmax(dim=-1, keepdim=True)
+                eos, _, requeue = job.receive_sample(None, token, *self.xllm_probabilities(job, scores, token), results)
                 assert not requeue, "requeueing is outside what this stand-in step covers"
                 if eos:
                     finished.append(job)
@@ -90,22 +92,27 @@ def cpu_step_generator_class() -> type:
             if remaining and not self.num_remaining_jobs():
                 self.on_queue_drained()
 
-        def xllm_choose(self, job: Any) -> int:
-            """FILLER_TOKEN, or under a grammar the best allowed token by the stand-in logits.
+        def xllm_scores(self, job: Any) -> Any:
+            """The stand-in logits of the job's next token, under the mask of its grammar if it has one.
 
-            The masks come from the job's filters and the job's own combination of them
-            (``prepare_logit_mask``), as in the library's decode step; the CUDA sampler that
-            would apply them is what is replaced.
+            Unit noise fixed by the sequence so far, plus FILLER_BOOST for FILLER_TOKEN, so that
+            the best token is FILLER_TOKEN unless a grammar forbids it. The masks come from the
+            job's filters and the job's own combination of them (``prepare_logit_mask``), as in
+            the library's decode step; the CUDA sampler that would apply them is what is replaced.
             """
+            width = self.padded_vocab_size
+            ids = job.sequences[0].sequence_ids.torch()
+            noise = torch.Generator().manual_seed(int(ids.sum()) * 1_000_003 + ids.numel())
+            scores = torch.randn((1, width), generator=noise)
+            scores[0, FILLER_TOKEN] += FILLER_BOOST
             active = [f for f in job.filters if f.is_active] if job.new_tokens >= 0 else []
             if not active:
-                return FILLER_TOKEN
+                return scores
             for f in active:
                 background = f.use_background_worker()
                 job.filter_futures.append(self.filter_pool.submit(f.get_next_logit_mask) if background else None)
                 job.logit_masks.append(None if background else f.get_next_logit_mask())
             # host buffers the library would pin (pinning needs a CUDA driver)
-            width = self.padded_vocab_size
             if job.pinned_logit_bitmask is None:
                 job.pinned_logit_bitmask = torch.empty((1, width // 32), dtype=torch.int32)
             if job.pinned_logit_mask is None:
@@ -114,11 +121,21 @@ def cpu_step_generator_class() -> type:
             mask = job.device_logit_mask
             if mask.dtype == torch.int32:
                 mask = job._expand_bitmask(mask)
-            ids = job.sequences[0].sequence_ids.torch()
-            noise = torch.Generator().manual_seed(int(ids.sum()) * 1_000_003 + ids.numel())
-            scores = torch.randn((1, width), generator=noise)
-            scores[0, FILLER_TOKEN] += FILLER_BOOST
-            return int((scores + mask.float()).argmax())
+            return scores + mask.float()
+
+        @staticmethod
+        def xllm_probabilities(job: Any, scores: Any, token: Any) -> tuple[Any, Any, Any]:
+            """(top-k tokens, top-k probabilities, the token's probability) as ``receive_logits`` makes them."""
+            if not (job.return_probs or job.return_top_tokens > 0):
+                return None, None, None
+            probs = torch.softmax(scores.float(), dim=-1).unsqueeze(0)  # (1, 1, vocab) like a job's logits
+            prob = torch.gather(probs.squeeze(0), dim=1, index=token) if job.return_probs else None
+            top_tokens = top_probs = None
+            if job.return_top_tokens > 0:
+                sorted_probs, sorted_ids = torch.sort(probs, dim=-1, descending=True)
+                top_tokens = sorted_ids[:, :, :job.return_top_tokens]
+                top_probs = sorted_probs[:, :, :job.return_top_tokens]
+            return top_tokens, top_probs, prob
 
     return CpuStepGenerator
 

@@ -5,8 +5,8 @@ generators; every running job "samples" one fixed token (exllamav2: from logits 
 it, through the library's own sampler). So this checks what tests/test_gpu_backends.py checks
 that does not depend on the forward: /v1/models details, lengths and finish reasons,
 streaming = non-streaming, batching, cancellation, exllamav3's grammar filter (JSON schema,
-forced tool calls), and (exllamav2, whose sampler runs on CPU) logit_bias, stop strings,
-logprobs and seeds through the real sampler. exllamav3's sampler is CUDA-only: those checks are
+forced tool calls), logprobs, and (exllamav2, whose sampler runs on CPU) logit_bias, stop
+strings and seeds through the real sampler. exllamav3's sampler is CUDA-only: those checks are
 the GPU test's. Then engine options on the models: quantized caches, n-gram and draft models. Skipped where a library
 does not import without a GPU (CI); ``benchmarks/gpu/cpu_check.sh`` runs it here.
 """
@@ -123,7 +123,7 @@ def test_logit_bias_and_stop_strings_go_through_the_real_sampler(server, sdk):
 
 
 def test_logprobs_come_from_the_samplers_probabilities(server, sdk):
-    v2_only(server)
+    """exllamav2: its sampler's; exllamav3: the stand-in's, in the shapes its ``receive_logits`` gives."""
     r = ask(sdk, max_tokens=4, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
     content = r.choices[0].logprobs.content
     assert len(content) == 4
