@@ -13,19 +13,16 @@ does not import without a GPU (CI); ``benchmarks/gpu/cpu_check.sh`` runs it here
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 
 import pytest
 
+from tests import exllama_checks as checks
+from tests.exllama_checks import MODEL, ask, model_entry
 from tests.page_generator import KINDS, cpu_pages_server, require_kind
 from tests.server_fixtures import API_KEY
 
 pytestmark = pytest.mark.exllama
-
-MODEL = "m"
-APPLE = 11977  # " apple" in SmolLM2's vocabulary (the tiny Llama's tokenizer)
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -44,17 +41,13 @@ def sdk(server):
         yield client
 
 
-def ask(sdk, content="Tell me a story", **kw):
-    kw.setdefault("max_tokens", 12)
-    kw.setdefault("temperature", 0)
-    return sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], **kw)
+def v2_only(server):
+    if server.kind == "exllamav3":
+        pytest.skip("exllamav3's sampler is CUDA-only (tests/test_gpu_backends.py checks it on a GPU)")
 
 
 def test_models_report_backend_mode_and_prefix_cache(server):
-    import httpx
-
-    body = httpx.get(server.base_url + "/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
-    entry = json.dumps(next(m for m in body["data"] if m["id"] == MODEL))
+    entry = model_entry(server)
     backend, _, mode = server.kind.partition("-")
     assert f'"backend": "{backend}"' in entry
     assert f'"mode": "{mode or "paged"}"' in entry
@@ -62,75 +55,25 @@ def test_models_report_backend_mode_and_prefix_cache(server):
 
 
 def test_lengths_finish_reasons_and_streaming_match(sdk):
-    a = ask(sdk, extra_body={"ignore_eos": True})
-    assert a.choices[0].finish_reason == "length" and a.usage.completion_tokens == 12
-    assert a.usage.prompt_tokens > 0 and a.choices[0].message.content
-    stream = ask(sdk, stream=True, extra_body={"ignore_eos": True}, stream_options={"include_usage": True})
-    pieces, usage = [], None
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            pieces.append(chunk.choices[0].delta.content)
-        if chunk.usage:
-            usage = chunk.usage
-    assert "".join(pieces) == a.choices[0].message.content and usage.completion_tokens == 12
+    checks.check_greedy_is_deterministic_and_streaming_matches(sdk)
 
 
 def test_concurrent_requests_all_complete_and_batch_when_paged(server):
-    from openai import AsyncOpenAI
-
-    async def run():
-        async with AsyncOpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0, timeout=60) as c:
-            calls = [c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"story {i}"}],
-                                               max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
-                     for i in range(6)]
-            return await asyncio.gather(*calls)
-
-    results = asyncio.run(run())
-    assert [r.usage.completion_tokens for r in results] == [24] * 6
-    stats = server.engine.stats(MODEL)
-    if server.kind == "exllamav2-unpaged":
-        assert stats.max_batch == 1  # one sequence at a time; the rest waited in the queue
-    else:
-        assert stats.max_batch > 1 and stats.batched_steps > 0
+    checks.check_concurrent_requests(server, batched=server.kind != "exllamav2-unpaged")
 
 
 def test_cancelled_stream_frees_the_job(server, sdk):
-    stream = ask(sdk, max_tokens=1500, stream=True, extra_body={"ignore_eos": True})
-    seen = 0
-    for _ in stream:
-        seen += 1
-        if seen >= 3:
-            break
-    stream.close()
-    deadline = time.time() + 15
-    while time.time() < deadline and server.engine.stats(MODEL).running:
-        time.sleep(0.05)
-    assert server.engine.stats(MODEL).running == 0
-    assert ask(sdk, max_tokens=2).usage.completion_tokens == 2  # still serving
+    checks.check_cancelled_stream_frees_the_job(server, sdk, max_tokens=1500)  # the tiny Llama's context: 2048
 
 
-def v2_only(server):
-    if server.kind == "exllamav3":
-        pytest.skip("exllamav3's sampler is CUDA-only (tests/test_gpu_backends.py checks it on a GPU)")
+def test_logprobs_come_from_the_samplers_probabilities(sdk):
+    """exllamav2: its sampler's; exllamav3: the stand-in's, in the shapes its ``receive_logits`` gives."""
+    checks.check_logprobs(sdk)
 
 
 def test_logit_bias_and_stop_strings_go_through_the_real_sampler(server, sdk):
     v2_only(server)
-    r = ask(sdk, max_tokens=5, logit_bias={str(APPLE): 100}, extra_body={"ignore_eos": True})
-    assert r.choices[0].message.content == " apple" * 5
-    stopped = ask(sdk, max_tokens=5, logit_bias={str(APPLE): 100}, stop=["pp"], extra_body={"ignore_eos": True})
-    assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].message.content == " a"
-
-
-def test_logprobs_come_from_the_samplers_probabilities(server, sdk):
-    """exllamav2: its sampler's; exllamav3: the stand-in's, in the shapes its ``receive_logits`` gives."""
-    r = ask(sdk, max_tokens=4, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
-    content = r.choices[0].logprobs.content
-    assert len(content) == 4
-    assert all(c.logprob <= 0 and len(c.top_logprobs) == 2 for c in content)
-    # greedy: the chosen token is the most probable one, which the stand-in logits make likely
-    assert all(c.top_logprobs[0].logprob == pytest.approx(c.logprob) and c.logprob > -1.0 for c in content)
-    assert all(c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob for c in content)
+    checks.check_logit_bias_and_stop_strings(sdk)
 
 
 def test_seeded_sampling_repeats_and_seeds_differ(server, sdk):
@@ -142,20 +85,24 @@ def test_seeded_sampling_repeats_and_seeds_differ(server, sdk):
 
 def test_json_schema_through_llguidance_on_exllamav3_and_a_clear_400_on_exllamav2(server, sdk):
     """exllamav3: our grammar in the library's LLGuidanceFilter masks every step and ends the job."""
-    import openai
+    checks.check_json_schema(sdk, supported=server.kind == "exllamav3", max_tokens=200)
 
-    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "n": {"type": "integer"}},
-              "required": ["name", "n"], "additionalProperties": False}
-    fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": schema, "strict": True}}
+
+def test_forced_tool_call_through_llguidance_on_exllamav3(server, sdk):
     if server.kind != "exllamav3":
-        with pytest.raises(openai.BadRequestError) as err:
-            ask(sdk, response_format=fmt)
-        assert err.value.body["code"] == "unsupported_parameter"
-        return
-    r = ask(sdk, response_format=fmt, max_tokens=200)
-    assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
-    data = json.loads(r.choices[0].message.content)
-    assert set(data) == {"name", "n"} and isinstance(data["n"], int) and len(data["name"]) <= 8
+        pytest.skip("exllamav2 has no grammar engine (constrained output is a 400 there)")
+    tool = {"type": "function", "function": {
+        "name": "get_weather", "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+                       "required": ["city"], "additionalProperties": False}}}
+    for parallel in (None, False):
+        r = ask(sdk, "Weather in Oslo?", tools=[tool], max_tokens=200, parallel_tool_calls=parallel,
+                tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        choice = r.choices[0]
+        calls = choice.message.tool_calls
+        assert choice.finish_reason == "tool_calls" and calls and (parallel is None or len(calls) == 1)
+        assert all(c.function.name == "get_weather" and set(json.loads(c.function.arguments)) == {"city"}
+                   for c in calls)
 
 
 # -- engine options on the libraries' own generators (no server) ---------------------------------
@@ -226,20 +173,3 @@ def test_a_draft_model_is_wired_in_and_its_drafts_accepted(tiny_llama_dir):
     assert [e.token_id for e in drafted] == [e.token_id for e in plain] and drafted[-1].completion_tokens == 24
     spec = model.details()["speculative"]
     assert spec["method"] == "draft_model" and spec["acceptance_rate"] > 0.8
-
-
-def test_forced_tool_call_through_llguidance_on_exllamav3(server, sdk):
-    if server.kind != "exllamav3":
-        pytest.skip("exllamav2 has no grammar engine (constrained output is a 400 there)")
-    tool = {"type": "function", "function": {
-        "name": "get_weather", "description": "Weather for a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
-                       "required": ["city"], "additionalProperties": False}}}
-    for parallel in (None, False):
-        r = ask(sdk, "Weather in Oslo?", tools=[tool], max_tokens=200, parallel_tool_calls=parallel,
-                tool_choice={"type": "function", "function": {"name": "get_weather"}})
-        choice = r.choices[0]
-        calls = choice.message.tool_calls
-        assert choice.finish_reason == "tool_calls" and calls and (parallel is None or len(calls) == 1)
-        assert all(c.function.name == "get_weather" and set(json.loads(c.function.arguments)) == {"city"}
-                   for c in calls)

@@ -9,22 +9,19 @@ prefix-cache reuse, cancellation, constraints and error shapes.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import importlib.util
-import json
-import time
 
 import pytest
 
+from tests import exllama_checks as checks
+from tests.exllama_checks import BOB_KEY, MODEL, ask, model_entry
 from tests.server_fixtures import API_KEY, make_test_config, running_server
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 BACKENDS = ["exllamav3", "exllamav2"]
-MODEL = "g"
-BOB_KEY = "sk-bob-gpu-test"  # a second API key: a second user with its own prefix-cache namespace
 
 
 class ForcedBackend:
@@ -66,20 +63,6 @@ def sdk(gpu_server):
         yield c
 
 
-def ask(sdk, content="Tell me a story", **kw):
-    kw.setdefault("max_tokens", 12)
-    kw.setdefault("temperature", 0)
-    return sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], **kw)
-
-
-def model_entry(gpu_server) -> str:
-    """The served model's /v1/models entry, as JSON text."""
-    import httpx
-
-    body = httpx.get(gpu_server.base_url + "/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
-    return json.dumps(next(m for m in body["data"] if m["id"] == MODEL))
-
-
 def paged(gpu_server) -> bool:
     """exllamav3 always; exllamav2 only with flash-attn (else it decodes one sequence at a time)."""
     return '"mode": "paged"' in model_entry(gpu_server)
@@ -92,54 +75,19 @@ def test_models_report_backend_and_mode(gpu_server):
 
 
 def test_greedy_is_deterministic_and_streaming_matches(sdk):
-    a = ask(sdk, extra_body={"ignore_eos": True})
-    b = ask(sdk, extra_body={"ignore_eos": True})
-    assert a.choices[0].finish_reason == "length" and a.usage.completion_tokens == 12
-    assert a.choices[0].message.content == b.choices[0].message.content
-    stream = ask(sdk, stream=True, extra_body={"ignore_eos": True}, stream_options={"include_usage": True})
-    pieces, usage = [], None
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            pieces.append(chunk.choices[0].delta.content)
-        if chunk.usage:
-            usage = chunk.usage
-    assert "".join(pieces) == a.choices[0].message.content and usage.completion_tokens == 12
-
-
-APPLE = 11977  # " apple" in SmolLM2's vocabulary
+    checks.check_greedy_is_deterministic_and_streaming_matches(sdk)
 
 
 def test_logit_bias_and_stop_strings_are_honoured(sdk):
-    r = ask(sdk, max_tokens=5, logit_bias={str(APPLE): 100}, extra_body={"ignore_eos": True})
-    assert r.choices[0].message.content == " apple" * 5
-    stopped = ask(sdk, max_tokens=5, logit_bias={str(APPLE): 100}, stop=["pp"], extra_body={"ignore_eos": True})
-    assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].message.content == " a"
+    checks.check_logit_bias_and_stop_strings(sdk)
 
 
 def test_logprobs(sdk):
-    r = ask(sdk, max_tokens=4, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
-    content = r.choices[0].logprobs.content
-    assert len(content) == 4
-    assert all(c.logprob <= 0 and len(c.top_logprobs) == 2 for c in content)
+    checks.check_logprobs(sdk)
 
 
 def test_concurrent_requests_all_complete_and_batch_when_paged(gpu_server, sdk):
-    from openai import AsyncOpenAI
-
-    async def run():
-        async with AsyncOpenAI(base_url=gpu_server.base_url, api_key=API_KEY, max_retries=0, timeout=120) as c:
-            calls = [c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"story {i}"}],
-                                               max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
-                     for i in range(6)]
-            return await asyncio.gather(*calls)
-
-    results = asyncio.run(run())
-    assert all(r.usage.completion_tokens == 24 for r in results)
-    stats = gpu_server.engine.stats(MODEL)
-    if paged(gpu_server):
-        assert stats.max_batch > 1 and stats.batched_steps > 0
-    else:
-        assert stats.max_batch >= 1
+    checks.check_concurrent_requests(gpu_server, batched=paged(gpu_server))
 
 
 def test_prefix_cache_reuse_shows_in_usage(gpu_server, sdk):
@@ -151,49 +99,15 @@ def test_prefix_cache_reuse_shows_in_usage(gpu_server, sdk):
     assert second.usage.prompt_tokens_details.cached_tokens >= 256
 
 
-def test_prefix_reuse_never_crosses_users(gpu_server, sdk):
-    from openai import OpenAI
-
+def test_prefix_reuse_never_crosses_users(gpu_server):
     if not paged(gpu_server):
         pytest.skip("exllamav2 reuses prefixes in paged mode only (flash-attn)")
-    secret = "Alice's private notes: the vault code is 4711 and the spare key is under the mat. " * 30
-    ask(sdk, secret, max_tokens=2)
-    assert ask(sdk, secret, max_tokens=2).usage.prompt_tokens_details.cached_tokens >= 256  # alice reuses her own
-    with OpenAI(base_url=gpu_server.base_url, api_key=BOB_KEY, max_retries=0, timeout=120) as bob:
-        # the same text, and a probe shorter than one page (partial-page matching): nothing of alice's is reused
-        assert ask(bob, secret[:200], max_tokens=2).usage.prompt_tokens_details.cached_tokens == 0
-        # (at most the tokens of bob's own probe, all within the first page, are reused)
-        assert ask(bob, secret, max_tokens=2).usage.prompt_tokens_details.cached_tokens < 256
-        # once bob has sent it himself, his own repeat is served from the cache
-        assert ask(bob, secret, max_tokens=2).usage.prompt_tokens_details.cached_tokens >= 256
+    checks.check_prefix_reuse_never_crosses_users(gpu_server)
 
 
 def test_cancelled_stream_frees_the_job(gpu_server, sdk):
-    stream = ask(sdk, max_tokens=3000, stream=True, extra_body={"ignore_eos": True})
-    seen = 0
-    for chunk in stream:
-        seen += 1
-        if seen >= 3:
-            break
-    stream.close()
-    deadline = time.time() + 15
-    while time.time() < deadline and gpu_server.engine.stats(MODEL).running:
-        time.sleep(0.05)
-    assert gpu_server.engine.stats(MODEL).running == 0
-    assert ask(sdk, max_tokens=2).usage.completion_tokens >= 1  # still serving
+    checks.check_cancelled_stream_frees_the_job(gpu_server, sdk)
 
 
 def test_json_schema_on_exllamav3_and_a_clear_400_on_exllamav2(gpu_server, sdk):
-    import openai
-
-    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "n": {"type": "integer"}},
-              "required": ["name", "n"], "additionalProperties": False}
-    fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": schema, "strict": True}}
-    if gpu_server.backend == "exllamav2":
-        with pytest.raises(openai.BadRequestError) as err:
-            ask(sdk, response_format=fmt, max_tokens=40)
-        assert err.value.body["code"] == "unsupported_parameter"
-        return
-    r = ask(sdk, response_format=fmt, max_tokens=60, temperature=1, seed=3)
-    data = json.loads(r.choices[0].message.content)
-    assert set(data) == {"name", "n"} and isinstance(data["n"], int)
+    checks.check_json_schema(sdk, supported=gpu_server.backend == "exllamav3", max_tokens=60, temperature=1, seed=3)

@@ -191,32 +191,15 @@ def random_traffic(model, *, seed: int, rounds: int, longest: int = 6) -> tuple[
 @pytest.fixture(scope="module")
 def http_server(kind, model_dir, tmp_path_factory):
     """The real server and engine over the CPU-pages backend of ``kind``, two API keys (two users)."""
+    from tests.exllama_checks import BOB_KEY, MODEL
     from tests.server_fixtures import API_KEY
-    from tests.test_gpu_backends import BOB_KEY
 
-    with cpu_pages_server(kind, model_dir, tmp_path_factory.mktemp(f"home-{kind}"), "t", (API_KEY, BOB_KEY)) as info:
+    with cpu_pages_server(kind, model_dir, tmp_path_factory.mktemp(f"home-{kind}"), MODEL, (API_KEY, BOB_KEY)) as info:
         yield info
 
 
 def test_over_http_each_api_key_reuses_only_its_own_prompts(http_server):
-    """tests/test_gpu_backends.py's isolation check, same steps, through the server and the openai SDK."""
-    from openai import OpenAI
+    """tests/test_gpu_backends.py's isolation check, the same steps, through the server and the openai SDK."""
+    from tests.exllama_checks import check_prefix_reuse_never_crosses_users
 
-    from tests.server_fixtures import API_KEY
-    from tests.test_gpu_backends import BOB_KEY
-
-    def ask(client, content):
-        r = client.chat.completions.create(model="t", messages=[{"role": "user", "content": content}],
-                                           max_tokens=2, temperature=0)
-        return r.usage.prompt_tokens_details.cached_tokens
-
-    secret = "Alice's private notes: the vault code is 4711 and the spare key is under the mat. " * 30
-    base = http_server.base_url
-    with OpenAI(base_url=base, api_key=API_KEY, max_retries=0) as alice, \
-            OpenAI(base_url=base, api_key=BOB_KEY, max_retries=0) as bob:
-        assert ask(alice, secret) == 0
-        assert ask(alice, secret) >= PAGE
-        assert ask(bob, secret[:200]) == 0
-        assert ask(bob, secret) < PAGE
-        assert ask(bob, secret) >= PAGE
-    assert http_server.engine.stats("t").running == 0
+    check_prefix_reuse_never_crosses_users(http_server)
