@@ -54,6 +54,18 @@ def test_models_report_backend_mode_and_prefix_cache(server):
     assert '"scope": "per cache namespace"' in entry
 
 
+def test_xllm_ps_shows_the_backend_and_its_mode(server):
+    from click.testing import CliRunner
+
+    from xllm_jupyter.cli.main import main
+
+    out = CliRunner().invoke(main, ["--url", server.base_url, "--api-key", API_KEY, "ps"], catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    row = next(line for line in out.stdout.splitlines() if line.startswith(MODEL))
+    backend, _, mode = server.kind.partition("-")
+    assert backend in row and (mode or "paged") in row and ("batch≤1" in row) == (mode == "unpaged")
+
+
 def test_lengths_finish_reasons_and_streaming_match(sdk):
     checks.check_greedy_is_deterministic_and_streaming_matches(sdk)
 
