@@ -61,7 +61,7 @@ def require(library: str) -> None:
 
 
 def cpu_step_generator_class() -> type:
-    """``exllamav3.Generator`` with its decode step replaced by one that appends FILLER_TOKEN."""
+    """``exllamav3.Generator`` with its decode step replaced (see the module docstring)."""
     import torch
     from exllamav3 import Generator
 
@@ -80,7 +80,8 @@ def cpu_step_generator_class() -> type:
                 job.get_input_ids_list(add_to_cache=True)
                 scores = self.xllm_scores(job)
                 token = scores.argmax(dim=-1, keepdim=True)
-                eos, _, requeue = job.receive_sample(None, token, *self.xllm_probabilities(job, scores, token), results)
+                probabilities = self.xllm_probabilities(job, scores, token)
+                eos, _, requeue = job.receive_sample(None, token, *probabilities, results)
                 assert not requeue, "requeueing is outside what this stand-in step covers"
                 if eos:
                     finished.append(job)
@@ -95,16 +96,13 @@ def cpu_step_generator_class() -> type:
         def xllm_scores(self, job: Any) -> Any:
             """The stand-in logits of the job's next token, under the mask of its grammar if it has one.
 
-            Unit noise fixed by the sequence so far, plus FILLER_BOOST for FILLER_TOKEN, so that
-            the best token is FILLER_TOKEN unless a grammar forbids it. The masks come from the
-            job's filters and the job's own combination of them (``prepare_logit_mask``), as in
-            the library's decode step; the CUDA sampler that would apply them is what is replaced.
+            ``stand_in_logits`` of the sequence so far: the best token is FILLER_TOKEN unless a
+            grammar forbids it. The masks come from the job's filters and the job's own
+            combination of them (``prepare_logit_mask``), as in the library's decode step; the
+            CUDA sampler that would apply them is what is replaced.
             """
             width = self.padded_vocab_size
-            ids = job.sequences[0].sequence_ids.torch()
-            noise = torch.Generator().manual_seed(int(ids.sum()) * 1_000_003 + ids.numel())
-            scores = torch.randn((1, width), generator=noise)
-            scores[0, FILLER_TOKEN] += FILLER_BOOST
+            scores = stand_in_logits(job.sequences[0].sequence_ids.torch(), (1, width))
             active = [f for f in job.filters if f.is_active] if job.new_tokens >= 0 else []
             if not active:
                 return scores
@@ -208,20 +206,23 @@ def load_cpu_pages_v2_model(spec: ModelSpec, *, paged: bool) -> Any:
 
 
 def _v2_forward_stand_in(vocab: int) -> Any:
-    """``forward_chunk`` without a model: prefill writes nothing; decoding yields logits that depend
-    only on the input ids: unit noise (so seeds matter when sampling) plus FILLER_BOOST for
-    FILLER_TOKEN (so greedy decoding always picks it)."""
-    import torch
+    """``forward_chunk`` without a model: prefill writes nothing, decoding gives ``stand_in_logits``."""
 
     def forward_chunk(input_ids: Any, preprocess_only: bool = False, **kwargs: Any) -> Any:
-        if preprocess_only:
-            return None
-        noise = torch.Generator().manual_seed(int(input_ids.sum()) * 1_000_003 + input_ids.numel())
-        logits = torch.randn((*input_ids.shape, vocab), generator=noise)
-        logits[:, :, FILLER_TOKEN] += FILLER_BOOST
-        return {"logits": logits}
+        return None if preprocess_only else {"logits": stand_in_logits(input_ids, (*input_ids.shape, vocab))}
 
     return forward_chunk
+
+
+def stand_in_logits(ids: Any, shape: tuple[int, ...]) -> Any:
+    """Logits fixed by ``ids`` alone: unit noise (so seeds matter when sampling) plus FILLER_BOOST for
+    FILLER_TOKEN (so greedy decoding always picks it), FILLER_TOKEN indexing the last dimension."""
+    import torch
+
+    noise = torch.Generator().manual_seed(int(ids.sum()) * 1_000_003 + ids.numel())
+    logits = torch.randn(shape, generator=noise)
+    logits[..., FILLER_TOKEN] += FILLER_BOOST
+    return logits
 
 
 class CpuPagesV2Backend(ExllamaV2Backend):
