@@ -130,6 +130,7 @@ def check_prefix_reuse_never_crosses_users(server: Any) -> None:
     from openai import OpenAI
 
     def cached(client: Any, content: str) -> int:
+        """Cached prompt tokens of one short request."""
         return ask(client, content, max_tokens=2).usage.prompt_tokens_details.cached_tokens
 
     secret = "Alice's private notes: the vault code is 4711 and the spare key is under the mat. " * 30

@@ -69,6 +69,7 @@ def cpu_step_generator_class() -> type:
         """The library's generator; ``iterate_gen`` feeds each prefilled job its best stand-in token."""
 
         def iterate_gen(self, results: list, draft_tokens: Any = None) -> None:
+            """One decode step for every prefilled job, then release finished jobs as the library does."""
             finished = []
             for job in list(self.active_jobs):
                 if not job.is_prefill_done():
@@ -209,6 +210,7 @@ def _v2_forward_stand_in(vocab: int) -> Any:
     """``forward_chunk`` without a model: prefill writes nothing, decoding gives ``stand_in_logits``."""
 
     def forward_chunk(input_ids: Any, preprocess_only: bool = False, **kwargs: Any) -> Any:
+        """exllamav2's forward signature; ``preprocess_only`` is prefill."""
         return None if preprocess_only else {"logits": stand_in_logits(input_ids, (*input_ids.shape, vocab))}
 
     return forward_chunk
@@ -281,9 +283,11 @@ def cpu_pages_server(kind: str, model_dir: Path, home: Path, model: str, api_key
         """The real store, with every model pinned to ``backend``."""
 
         def resolve(self, name: str) -> ModelSpec:
+            """The stored model, pinned to the backend."""
             return dataclasses.replace(store.resolve(name), backend=backend.name)
 
         def names(self) -> list[str]:
+            """The stored models."""
             return store.names()
 
     with pytest.MonkeyPatch.context() as patch:

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.exllama
 
 @pytest.fixture(scope="module", params=KINDS)
 def server(request, tiny_llama_dir, tmp_path_factory):
+    """The real server over the CPU-pages backend of each kind (one per module and kind)."""
     require_kind(request.param)
     home = tmp_path_factory.mktemp(f"serve-{request.param}")
     with cpu_pages_server(request.param, tiny_llama_dir, home, MODEL, (API_KEY,)) as info:
@@ -35,6 +36,7 @@ def server(request, tiny_llama_dir, tmp_path_factory):
 
 @pytest.fixture()
 def sdk(server):
+    """An openai SDK client of ``server``."""
     from openai import OpenAI
 
     with OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0, timeout=60) as client:
@@ -42,6 +44,7 @@ def sdk(server):
 
 
 def v2_only(server):
+    """Skip on exllamav3, whose sampler needs CUDA."""
     if server.kind == "exllamav3":
         pytest.skip("exllamav3's sampler is CUDA-only (tests/test_gpu_backends.py checks it on a GPU)")
 

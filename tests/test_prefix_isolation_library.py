@@ -30,12 +30,14 @@ _ids = itertools.count(1)
 
 @pytest.fixture(scope="module", params=KINDS)
 def kind(request) -> str:
+    """Each generator the harness runs, where its library imports."""
     require_kind(request.param)
     return request.param
 
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_llama_dir) -> Path:
+    """The tiny Llama: its config and SmolLM2's tokenizer are all the harness reads."""
     return Path(tiny_llama_dir)
 
 
@@ -54,6 +56,7 @@ def prompt(seed: int, length: int) -> tuple[int, ...]:
 
 
 def job(tokens: tuple[int, ...], namespace: str, max_tokens: int = 2) -> SequenceJob:
+    """A greedy job of ``namespace`` (a user's prefix-cache namespace)."""
     return SequenceJob(next(_ids), tokens, max_tokens, GREEDY, frozenset(), cache_namespace=namespace)
 
 
