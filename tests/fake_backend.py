@@ -19,8 +19,12 @@ class FakeModel(LoadedModel):
     backend_name = "fake"
 
     def __init__(self, name: str, *, step_delay: float = 0.0, context_length: int = 256, max_batch_size: int = 16,
-                 memory_bytes: int = 0):
+                 memory_bytes: int = 0, capacity: int | None = None):
         self.name = name
+        #: room for jobs in tokens (prompt + max_tokens each), like an exllama cache; None = unlimited
+        self.capacity = capacity
+        self.started: list[str | None] = []  # the user of every job added, in order
+        self.overcommitted = False
         self._memory_bytes = memory_bytes
         self.context_length = context_length
         self.eos_token_ids = frozenset({EOS})
@@ -47,7 +51,20 @@ class FakeModel(LoadedModel):
     def add(self, job: SequenceJob) -> None:
         if job.max_tokens == 13:
             raise InvalidRequest("13 tokens is unlucky", param="max_tokens")
+        budget = self.admission_budget()
+        self.overcommitted |= budget is not None and self.admission_cost(job) > budget
+        self.started.append(job.user)
         self.new.append(job)
+
+    def admission_budget(self) -> int | None:
+        """Tokens of ``capacity`` not taken by jobs added and not yet finished."""
+        if self.capacity is None:
+            return None
+        return self.capacity - sum(self.admission_cost(j) for j in [*self.new, *(slot[0] for slot in self.jobs.values())])
+
+    def admission_cost(self, job: SequenceJob) -> int:
+        """Prompt and answer tokens."""
+        return len(job.prompt_ids) + job.max_tokens
 
     def cancel(self, job_id: int) -> None:
         self.cancelled.add(job_id)

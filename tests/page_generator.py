@@ -266,8 +266,12 @@ def require_kind(kind: str) -> None:
 
 
 @contextlib.contextmanager
-def cpu_pages_server(kind: str, model_dir: Path, home: Path, model: str, api_keys: tuple[str, ...]) -> Iterator[Any]:
-    """The real server and engine serving ``model_dir`` as ``model`` through the CPU-pages backend of ``kind``."""
+def cpu_pages_server(kind: str, model_dir: Path, home: Path, model: str, api_keys: tuple[str, ...],
+                     **engine: Any) -> Iterator[Any]:
+    """The real server and engine serving ``model_dir`` as ``model`` through the CPU-pages backend of ``kind``.
+
+    ``engine`` overrides engine settings (default: a 16-page cache).
+    """
     from tests.server_fixtures import make_test_config, running_server
     from xllm_jupyter.backends import registry
     from xllm_jupyter.store.store import ModelStore
@@ -276,8 +280,8 @@ def cpu_pages_server(kind: str, model_dir: Path, home: Path, model: str, api_key
     store = ModelStore(home)
     store.pull(str(model_dir), model)
     config = make_test_config(home, api_keys=api_keys)
-    config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, default_model=model,
-                                                                    cache_tokens=16 * 256))
+    engine = {"default_model": model, "cache_tokens": 16 * 256, **engine}
+    config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, **engine))
 
     class Pinned:
         """The real store, with every model pinned to ``backend``."""

@@ -198,6 +198,7 @@ class ScriptedGenerator:
 
     def __init__(self):
         self.enqueued, self.cancelled, self.script = [], [], []
+        self.free, self.pending_jobs = 16, []
 
     def enqueue(self, job):
         self.enqueued.append(job)
@@ -224,6 +225,15 @@ class ScriptedModel(DynamicGeneratorModel):
 
     def page_size(self):
         return 256
+
+    def free_pages(self):
+        return self.generator.free
+
+    def total_pages(self):
+        return 16
+
+    def pages_needed(self, job):
+        return -(-(len(job.prompt_ids) + job.max_tokens) // 256)
 
 
 @pytest.fixture()
@@ -256,6 +266,17 @@ def test_cancel_frees_the_job_at_once_and_reports_it_next_step(scripted):
     assert model.active_jobs() == 0
     model.cancel(2)  # already finished: nothing to cancel
     assert model.step() == [] and len(gen.cancelled) == 1
+
+
+def test_admission_counts_free_pages_less_what_jobs_not_started_still_need(scripted):
+    from types import SimpleNamespace
+
+    model, gen = scripted
+    gen.free, gen.pending_jobs = 10, [SimpleNamespace(current_new_pages_required=lambda: 3)]
+    assert model.admission_budget() == 7
+    assert model.admission_cost(job(1)) == 1  # 3 prompt + 4 answer tokens: one page
+    big = SequenceJob(job_id=2, prompt_ids=(1,) * 10_000, max_tokens=4, sampling=SamplingParams())
+    assert model.admission_cost(big) == 16  # never more than the cache: the library refuses it, it never waits
 
 
 def test_details_report_prefix_cache_and_speculation(scripted):

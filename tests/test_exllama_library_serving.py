@@ -120,6 +120,45 @@ def test_forced_tool_call_through_llguidance_on_exllamav3(server, sdk):
                    for c in calls)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_flood_cannot_hold_a_newcomer_behind_it_in_the_librarys_queue(kind, tiny_llama_dir, tmp_path_factory):
+    """A 16-page cache holds two of these 7-page jobs. Alice sends eight; Bob, as big, arrives while her
+    first two run and gets the next room, though the library starts queued jobs first come, first served."""
+    import asyncio
+
+    from openai import AsyncOpenAI
+
+    from tests.exllama_checks import BOB_KEY
+
+    require_kind(kind)
+    home = tmp_path_factory.mktemp(f"flood-{kind}")
+    order: list[str] = []
+
+    async def flood(url: str, engine) -> None:
+        async with AsyncOpenAI(base_url=url, api_key=API_KEY, max_retries=0, timeout=300) as alice, \
+                AsyncOpenAI(base_url=url, api_key=BOB_KEY, max_retries=0, timeout=300) as bob:
+            async def send(client, name: str) -> None:
+                stream = await client.chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "word " * 650 + name}], max_tokens=1000,
+                    temperature=0, stream=True, extra_body={"ignore_eos": True})
+                async for chunk in stream:
+                    if name == "bob" and chunk.choices and chunk.choices[0].delta.content:
+                        order.append("bob starts")
+                        await stream.close()
+                        return
+                order.append(f"{name} ends")
+
+            alices = [asyncio.ensure_future(send(alice, f"alice{i}")) for i in range(8)]
+            while engine.stats(MODEL).running + engine.stats(MODEL).queued < 8:
+                await asyncio.sleep(0.002)
+            await asyncio.gather(send(bob, "bob"), *alices)
+
+    with cpu_pages_server(kind, tiny_llama_dir, home, MODEL, (API_KEY, BOB_KEY), cache_tokens=16 * 256,
+                          max_batch_size=8) as info:
+        asyncio.run(flood(info.base_url, info.engine))
+    assert order.index("bob starts") <= 2, order  # after the (at most two) jobs running when he came
+
+
 # -- engine options on the libraries' own generators (no server) ---------------------------------
 
 def load(kind: str, model_dir, **options):

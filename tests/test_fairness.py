@@ -56,6 +56,33 @@ def test_reserve_keeps_a_slot_for_others_once_several_users_are_active():
     assert len(q.take(1, running=["a"] * 3, max_batch=4)) == 1
 
 
+def test_a_returning_user_served_longest_ago_wins_a_tie():
+    q = _q()
+    q.append(("b", 0))
+    q.take(1)  # b was served first...
+    q.extend([("a", i) for i in range(4)])
+    q.take(2)  # ...then a, twice
+    q.append(("b", 1))  # b comes back: no one runs anything, so the tie goes to b
+    assert [u for u, _ in q.take(2)] == ["b", "a"]
+
+
+def test_a_job_that_does_not_fit_waits_first_in_line():
+    q = _q()
+    q.extend([("a", 5), ("a", 1), ("b", 9), ("b", 1)])
+    room = [10]
+
+    def fits(item):
+        if item[1] > room[0]:
+            return False
+        room[0] -= item[1]
+        return True
+
+    # a (first in line) takes 5; b's 9 does not fit the 5 left, and nobody overtakes it
+    assert q.take(4, fits=fits) == [("a", 5)]
+    room[0] = 9
+    assert q.take(4, fits=fits) == [("b", 9)]  # room frees: b's job goes first
+
+
 def test_remove_if_drops_cancelled_items_and_counts_them():
     q = _q()
     q.extend([("a", 1), ("b", 2), ("a", 3)])
@@ -66,8 +93,8 @@ def test_remove_if_drops_cancelled_items_and_counts_them():
 
 
 # ------------------------------------------------------ the runner, end to end
-def _engine(max_batch_size: int = 4, step_delay: float = 0.002):
-    backend = FakeBackend(step_delay=step_delay)
+def _engine(max_batch_size: int = 4, step_delay: float = 0.002, **model_kwargs):
+    backend = FakeBackend(step_delay=step_delay, **model_kwargs)
     return Engine(EngineConfig(max_batch_size=max_batch_size), FakeCatalog(["fake"]), [backend]), backend
 
 
@@ -100,6 +127,30 @@ async def test_a_flooding_user_cannot_starve_another():
         assert finished[:2] == ["bob-warm", "bob"]  # bob finished before any of alice's 8 jobs
         await asyncio.gather(*flood)
         assert sorted(finished[2:]) == sorted(f"alice{i}" for i in range(8))
+    finally:
+        await engine.stop()
+
+
+async def test_room_in_the_model_goes_to_the_next_user_in_line():
+    """A model with room for two of these jobs (an exllama KV cache): the engine adds no job that does
+    not fit, so none waits in the backend's own first-come queue, and the newcomer gets the next room."""
+    engine, backend = _engine(max_batch_size=8, capacity=2 * 203)
+    await engine.start()
+    try:
+        await engine.load("fake")
+        finished: list[str] = []
+        await _run(engine, _req("bob", 2), finished, "bob-warm")
+        flood = [asyncio.ensure_future(_run(engine, _req("alice", 200), finished, f"alice{i}")) for i in range(6)]
+        model = backend.models["fake"]
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(model.jobs) < 2:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.002)
+        assert model.active_jobs() == 2 and engine.stats("fake").queued == 4  # the rest wait in the engine
+        await _run(engine, _req("bob", 200), finished, "bob")  # as big as alice's: no room until one ends
+        await asyncio.gather(*flood)
+        assert model.started == ["bob", "alice", "alice", "bob", "alice", "alice", "alice", "alice"]
+        assert finished.index("bob") <= 3 and not model.overcommitted  # after alice's first two at most
     finally:
         await engine.stop()
 

@@ -102,6 +102,19 @@ class LoadedModel(ABC):
     def active_jobs(self) -> int:
         """Jobs added and not yet finished."""
 
+    def admission_budget(self) -> int | None:
+        """Room for new jobs now, in ``admission_cost`` units; None when only the batch limit counts.
+
+        The engine adds a job only while its cost fits, so jobs never wait inside a backend's
+        own (first-come) queue, where the engine's per-user fairness could not reach them
+        (engine thread only).
+        """
+        return None
+
+    def admission_cost(self, job: SequenceJob) -> int:
+        """The room ``job`` takes until it ends, in the units of ``admission_budget``."""
+        return 0
+
     def check_constraint(self, constraint: Constraint, *, param: str = "response_format") -> None:
         """Compile ``constraint`` now (any thread); InvalidRequest (400) if it is invalid or unsupported."""
         raise Unsupported(f"The {self.backend_name} backend does not support constrained decoding", param=param)

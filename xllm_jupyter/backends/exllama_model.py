@@ -93,6 +93,30 @@ class DynamicGeneratorModel(ChatTokenizerMethods, LoadedModel):
         """Jobs added and not yet finished (cancelled ones until their final event)."""
         return len(self._jobs) + len(self._cancelled)
 
+    def admission_budget(self) -> int:
+        """Cache pages free for new jobs: unreferenced pages not yet promised to jobs the generator
+        has still to start. Admitting by pages keeps the generator's own queue (first come,
+        first served) empty, so a user flooding the server cannot put jobs ahead of others there."""
+        pending = sum(job.current_new_pages_required() for job in self.generator.pending_jobs)
+        return self.free_pages() - pending
+
+    def admission_cost(self, job: SequenceJob) -> int:
+        """Cache pages ``job`` holds at most (prompt and answer; cached prompt pages count too), never
+        more than the whole cache, so a job that is too big is refused by the library, not kept waiting."""
+        return min(self.pages_needed(job), self.total_pages())
+
+    @abstractmethod
+    def free_pages(self) -> int:
+        """The generator's unreferenced cache pages."""
+
+    @abstractmethod
+    def total_pages(self) -> int:
+        """The generator's cache pages."""
+
+    @abstractmethod
+    def pages_needed(self, job: SequenceJob) -> int:
+        """Pages the library allocates for ``job`` (its own formula)."""
+
     def step(self) -> list[TokenEvent]:
         """One generator iteration: prefill chunks of new jobs and one decode step for the rest."""
         events = [TokenEvent(job_id, None, "", finish=FinishReason.CANCELLED) for job_id in self._cancelled]

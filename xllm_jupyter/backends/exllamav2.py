@@ -218,6 +218,18 @@ class ExllamaV2Model(DynamicGeneratorModel):
         room = int(self.generator.max_total_tokens) - len(job.prompt_ids)
         return max(job.max_tokens, min(job.max_tokens + draft, room))
 
+    def free_pages(self) -> int:
+        """Unreferenced pages (unpaged: the one page, when no job holds it)."""
+        return len(self.generator.unreferenced_pages)
+
+    def total_pages(self) -> int:
+        """The generator's pages."""
+        return int(self.generator.max_pages)
+
+    def pages_needed(self, job: SequenceJob) -> int:
+        """Prompt and answer in whole pages (as ``ExLlamaV2DynamicJob.prepare_for_queue``)."""
+        return -(-(len(job.prompt_ids) + self._library_max_new_tokens(job)) // self.page_size())
+
     def page_size(self) -> int:
         """The generator's page size (the whole context when unpaged)."""
         return int(self.generator.page_size)

@@ -4,8 +4,8 @@ A plain FIFO lets one user who submits many requests at once fill every batch sl
 so everyone else waits for that user's generations to end. ``FairQueue`` keeps one
 FIFO per user instead and hands free slots out user by user:
 
-* the waiting user holding the fewest running slots goes first (ties: round-robin,
-  the user served longest ago first), so a newcomer gets the next free slot;
+* the waiting user holding the fewest running slots goes first (ties: the user served
+  longest ago first, round-robin), so a newcomer gets the next free slot;
 * once more than one user has been active recently (``window`` seconds), one user
   may hold at most ``max_batch - reserved`` slots, keeping ``reserved`` slots free for
   whoever arrives next. There is no preemption, so this reserve is what bounds a
@@ -80,6 +80,10 @@ class FairQueue(Generic[Item]):
         self._queues: OrderedDict[str, deque[Item]] = OrderedDict()
         self._size = 0
         self._seen: dict[str, float] = {}  # user -> when they last queued work
+        # user -> when a job of theirs was last admitted (a counter): ties go to the user served
+        # longest ago, also when that user has just come back with a new request
+        self._served: dict[str, int] = {}
+        self._serial = 0
 
     def __len__(self) -> int:
         return self._size
@@ -134,33 +138,48 @@ class FairQueue(Generic[Item]):
         """True when more than one user queued work within the last ``window`` seconds."""
         if len(self._seen) < 2:
             return False
-        horizon = self._clock() - self.window
-        for user in [u for u, t in self._seen.items() if t < horizon]:
-            del self._seen[user]  # also keeps this map bounded by the recently active users
+        self._forget_idle()
         return len(self._seen) > 1
 
-    def take(self, free: int, running: Iterable[str] = (), max_batch: int | None = None) -> list[Item]:
+    def _forget_idle(self) -> None:
+        """Drop users idle for longer than ``window``: keeps the per-user maps bounded by active users."""
+        horizon = self._clock() - self.window
+        for user in [u for u, t in self._seen.items() if t < horizon]:
+            del self._seen[user]
+            if user not in self._queues:
+                self._served.pop(user, None)
+
+    def take(self, free: int, running: Iterable[str] = (), max_batch: int | None = None,
+             fits: Callable[[Item], bool] | None = None) -> list[Item]:
         """Up to ``free`` items to admit now, chosen fairly.
 
         ``running`` lists the user of every job in the batch (one entry per job);
         ``max_batch`` is the batch limit the per-user cap is computed from (None: no cap).
+        ``fits`` says whether the model has room for an item now (and claims it if so). The
+        item whose turn it is and does not fit stops admission: it stays first in line, and
+        nobody else's smaller job overtakes it, so it starts as soon as room frees.
         """
         out: list[Item] = []
         if free <= 0 or not self._size:
             return out
+        self._forget_idle()
         held = Counter(running)
         cap = None
         if max_batch is not None and self.reserved and max_batch > self.reserved and self.shared():
             cap = max_batch - self.reserved
         while len(out) < free and self._queues:
-            # least-running first; the dict is in round-robin order, so min() breaks ties fairly
-            user = min(self._queues, key=lambda u: held[u])
+            # least-running first; ties: served longest ago (never served: first), then queue order
+            user = min(self._queues, key=lambda u: (held[u], self._served.get(u, 0)))
             if cap is not None and held[user] >= cap:
                 break  # everyone waiting already holds a full share: keep the reserve free
+            if fits is not None and not fits(self._queues[user][0]):
+                break  # its turn; it waits for room rather than being overtaken
             queue = self._queues.pop(user)
             out.append(queue.popleft())
             self._size -= 1
             held[user] += 1
+            self._serial += 1
+            self._served[user] = self._serial
             if queue:
                 self._queues[user] = queue  # to the back of the round-robin order
         return out

@@ -25,6 +25,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import AsyncIterator
 
 from ..backends.base import LoadedModel
@@ -279,6 +280,22 @@ class ModelRunner:
         if self.model.active_jobs():
             raise EngineError("the backend kept jobs after they were cancelled")
 
+    def _room(self) -> Callable[[tuple[SequenceJob, _JobState]], bool] | None:
+        """The model's room for new jobs as a claim-as-you-go predicate (None: the batch limit only)."""
+        budget = self.model.admission_budget()
+        if budget is None:
+            return None
+
+        def fits(item: tuple[SequenceJob, _JobState]) -> bool:
+            nonlocal budget
+            cost = self.model.admission_cost(item[0])
+            if cost > budget:
+                return False
+            budget -= cost
+            return True
+
+        return fits
+
     def _admit(self) -> bool:
         """Apply cancellations and admit waiting jobs; block while idle. False = stop."""
         if self._outbox and not self._jobs:
@@ -296,7 +313,7 @@ class ModelRunner:
             free = self.max_batch_size - len(self._jobs)
             if self._waiting and free > 0:
                 running = (s.handle.request.user or "" for s in self._jobs.values())
-                admitted = self._waiting.take(free, running, self.max_batch_size)
+                admitted = self._waiting.take(free, running, self.max_batch_size, self._room())
         for job_id in cancels:
             state = self._jobs.get(job_id)
             if state is not None:
