@@ -155,6 +155,20 @@ async def test_room_in_the_model_goes_to_the_next_user_in_line():
         await engine.stop()
 
 
+async def test_a_job_bigger_than_the_counted_room_still_runs_on_an_idle_model():
+    """The room count may misjudge; an idle model takes the next job anyway, so nothing stalls."""
+    engine, backend = _engine(max_batch_size=4, capacity=50)
+    await engine.start()
+    try:
+        await engine.load("fake")
+        finished: list[str] = []
+        await asyncio.wait_for(asyncio.gather(*(_run(engine, _req(u, 100), finished, u) for u in ("a", "b"))), 10)
+        assert sorted(finished) == ["a", "b"]
+        assert backend.models["fake"].batch_sizes and max(backend.models["fake"].batch_sizes) == 1  # one at a time
+    finally:
+        await engine.stop()
+
+
 async def test_user_and_cache_namespace_reach_the_backend_job():
     engine, backend = _engine()
     await engine.start()

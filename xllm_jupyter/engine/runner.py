@@ -24,8 +24,8 @@ import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 from ..backends.base import LoadedModel
@@ -281,17 +281,23 @@ class ModelRunner:
             raise EngineError("the backend kept jobs after they were cancelled")
 
     def _room(self) -> Callable[[tuple[SequenceJob, _JobState]], bool] | None:
-        """The model's room for new jobs as a claim-as-you-go predicate (None: the batch limit only)."""
+        """The model's room for new jobs as a claim-as-you-go predicate (None: the batch limit only).
+
+        An idle model takes the next job whatever the count says (the backend starts or refuses
+        it), so a misjudged count can delay jobs but never stall the queue.
+        """
         budget = self.model.admission_budget()
         if budget is None:
             return None
+        idle = not self.model.active_jobs()
 
         def fits(item: tuple[SequenceJob, _JobState]) -> bool:
-            nonlocal budget
+            nonlocal budget, idle
             cost = self.model.admission_cost(item[0])
-            if cost > budget:
+            if cost > budget and not idle:
                 return False
             budget -= cost
+            idle = False
             return True
 
         return fits
