@@ -9,6 +9,7 @@ does not depend on the weights.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from typing import Any
@@ -23,6 +24,21 @@ BOB_KEY = "sk-bob-exllama-test"  # a second API key: a second user with its own 
 APPLE = 11977  # " apple" in SmolLM2's vocabulary (the tokenizer of both suites' models)
 JSON_SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "n": {"type": "integer"}},
                "required": ["name", "n"], "additionalProperties": False}
+
+
+class ForcedBackend:
+    """The real store, with every model pinned to one backend (a test server's catalog)."""
+
+    def __init__(self, store: Any, backend: str):
+        self.store, self.backend = store, backend
+
+    def resolve(self, name: str) -> Any:
+        """The stored model, pinned to the backend."""
+        return dataclasses.replace(self.store.resolve(name), backend=self.backend)
+
+    def names(self) -> list[str]:
+        """The stored models."""
+        return self.store.names()
 
 
 def ask(sdk: Any, content: str = "Tell me a story", **kw: Any) -> Any:

@@ -272,6 +272,7 @@ def cpu_pages_server(kind: str, model_dir: Path, home: Path, model: str, api_key
 
     ``engine`` overrides engine settings (default: a 16-page cache).
     """
+    from tests.exllama_checks import ForcedBackend
     from tests.server_fixtures import make_test_config, running_server
     from xllm_jupyter.backends import registry
     from xllm_jupyter.store.store import ModelStore
@@ -283,19 +284,8 @@ def cpu_pages_server(kind: str, model_dir: Path, home: Path, model: str, api_key
     engine = {"default_model": model, "cache_tokens": 16 * 256, **engine}
     config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, **engine))
 
-    class Pinned:
-        """The real store, with every model pinned to ``backend``."""
-
-        def resolve(self, name: str) -> ModelSpec:
-            """The stored model, pinned to the backend."""
-            return dataclasses.replace(store.resolve(name), backend=backend.name)
-
-        def names(self) -> list[str]:
-            """The stored models."""
-            return store.names()
-
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(registry.BACKENDS, backend.name, f"tests.page_generator:{backend.__name__}")
-        with running_server(config, Pinned(), model) as info:
+        with running_server(config, ForcedBackend(store, backend.name), model) as info:
             info.kind = kind
             yield info

@@ -232,8 +232,8 @@ class ScriptedModel(DynamicGeneratorModel):
     def total_pages(self):
         return 16
 
-    def pages_needed(self, job):
-        return -(-(len(job.prompt_ids) + job.max_tokens) // 256)
+    def tokens_held(self, job):
+        return len(job.prompt_ids) + job.max_tokens
 
 
 @pytest.fixture()

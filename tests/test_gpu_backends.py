@@ -15,26 +15,13 @@ import importlib.util
 import pytest
 
 from tests import exllama_checks as checks
-from tests.exllama_checks import BOB_KEY, MODEL, ask, model_entry
+from tests.exllama_checks import BOB_KEY, MODEL, ForcedBackend, ask, model_entry
 from tests.server_fixtures import API_KEY, make_test_config, running_server
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 BACKENDS = ["exllamav3", "exllamav2"]
-
-
-class ForcedBackend:
-    """The real store, with every model pinned to one backend."""
-
-    def __init__(self, store, backend: str):
-        self.store, self.backend = store, backend
-
-    def resolve(self, name):
-        return dataclasses.replace(self.store.resolve(name), backend=self.backend)
-
-    def names(self):
-        return self.store.names()
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

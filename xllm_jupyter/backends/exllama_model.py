@@ -103,7 +103,7 @@ class DynamicGeneratorModel(ChatTokenizerMethods, LoadedModel):
     def admission_cost(self, job: SequenceJob) -> int:
         """Cache pages ``job`` holds at most (prompt and answer; cached prompt pages count too), never
         more than the whole cache, so a job that is too big is refused by the library, not kept waiting."""
-        return min(self.pages_needed(job), self.total_pages())
+        return min(-(-self.tokens_held(job) // self.page_size()), self.total_pages())
 
     @abstractmethod
     def free_pages(self) -> int:
@@ -114,8 +114,8 @@ class DynamicGeneratorModel(ChatTokenizerMethods, LoadedModel):
         """The generator's cache pages."""
 
     @abstractmethod
-    def pages_needed(self, job: SequenceJob) -> int:
-        """Pages the library allocates for ``job`` (its own formula)."""
+    def tokens_held(self, job: SequenceJob) -> int:
+        """Cache tokens the library allocates pages for when it starts ``job`` (its own formula)."""
 
     def step(self) -> list[TokenEvent]:
         """One generator iteration: prefill chunks of new jobs and one decode step for the rest."""

@@ -226,9 +226,9 @@ class ExllamaV2Model(DynamicGeneratorModel):
         """The generator's pages."""
         return int(self.generator.max_pages)
 
-    def pages_needed(self, job: SequenceJob) -> int:
-        """Prompt and answer in whole pages (as ``ExLlamaV2DynamicJob.prepare_for_queue``)."""
-        return -(-(len(job.prompt_ids) + self._library_max_new_tokens(job)) // self.page_size())
+    def tokens_held(self, job: SequenceJob) -> int:
+        """Prompt and answer (as ``ExLlamaV2DynamicJob.prepare_for_queue``)."""
+        return len(job.prompt_ids) + self._library_max_new_tokens(job)
 
     def page_size(self) -> int:
         """The generator's page size (the whole context when unpaged)."""

@@ -198,11 +198,9 @@ class ExllamaV3Model(DynamicGeneratorModel):
         """Pages of the page table."""
         return int(self.generator.pagetable.max_pages)
 
-    def pages_needed(self, job: SequenceJob) -> int:
-        """Prompt, answer, the end token and a draft window past it, in whole pages (as ``Job.prepare_for_queue``)."""
-        size = self.page_size()
-        tokens = len(job.prompt_ids) + job.max_tokens + 1 + int(getattr(self.generator, "max_draft_tokens", 0) or 0)
-        return -(-tokens // size)
+    def tokens_held(self, job: SequenceJob) -> int:
+        """Prompt, answer, the end token and a draft window past it (as ``Job.prepare_for_queue``)."""
+        return len(job.prompt_ids) + job.max_tokens + 1 + int(getattr(self.generator, "max_draft_tokens", 0) or 0)
 
     def page_size(self) -> int:
         """exllamav3's fixed page size."""

@@ -136,8 +136,6 @@ class FairQueue(Generic[Item]):
 
     def shared(self) -> bool:
         """True when more than one user queued work within the last ``window`` seconds."""
-        if len(self._seen) < 2:
-            return False
         self._forget_idle()
         return len(self._seen) > 1
 
@@ -162,10 +160,10 @@ class FairQueue(Generic[Item]):
         out: list[Item] = []
         if free <= 0 or not self._size:
             return out
-        self._forget_idle()
         held = Counter(running)
         cap = None
-        if max_batch is not None and self.reserved and max_batch > self.reserved and self.shared():
+        shared = self.shared()  # also forgets idle users, once per call
+        if max_batch is not None and self.reserved and max_batch > self.reserved and shared:
             cap = max_batch - self.reserved
         while len(out) < free and self._queues:
             # least-running first; ties: served longest ago (never served: first), then queue order
