@@ -22,6 +22,8 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
+import torch
+
 from xllm_jupyter.backends.base import Backend, LoadedModel, ModelSpec
 from xllm_jupyter.backends.registry import BACKENDS
 from xllm_jupyter.core.types import FinishReason, SequenceJob, TokenEvent
@@ -37,6 +39,13 @@ class GpuProfile:
     per_seq_us: float = 210.0
     prefill_us: float = 1.5
 
+    def spend(self, rows: int, prefill_tokens: int = 0) -> None:
+        """One step's cost: the launches (GIL held between tiny torch ops), then the GIL-free "GPU" wait."""
+        for _ in range(self.launches):
+            _busy(self.launch_us)
+            _SCRATCH.add_(1)  # a real (tiny) torch op: torch drops the GIL inside each one
+        time.sleep((self.base_us + self.per_seq_us * rows + self.prefill_us * prefill_tokens) / 1e6)
+
     @classmethod
     def parse(cls, text: str) -> "GpuProfile":
         """``"launches=60,launch_us=8"`` style overrides of the defaults ("" = defaults)."""
@@ -45,6 +54,9 @@ class GpuProfile:
             key, _, value = part.partition("=")
             fields[key] = int(value) if key == "launches" else float(value)
         return cls(**fields)
+
+
+_SCRATCH = torch.zeros(1)
 
 
 def _busy(us: float) -> None:
@@ -70,9 +82,6 @@ class GpuLikeModel(LoadedModel):
         self._text = inner.detokenize([self._token])
         self._jobs: dict[int, list] = {}  # job id -> [job, tokens made, cancelled]
         self._new: list[SequenceJob] = []
-        import torch
-
-        self._scratch = torch.zeros(1)
 
     def tokenize(self, text, *, add_special_tokens=True):
         """The wrapped model's tokens."""
@@ -102,14 +111,9 @@ class GpuLikeModel(LoadedModel):
 
     def step(self) -> list[TokenEvent]:
         """Launch, wait for the "GPU", then one token per job."""
-        p = self.profile
-        scratch = self._scratch
-        for _ in range(p.launches):
-            _busy(p.launch_us)
-            scratch.add_(1)  # a real (tiny) torch op: torch drops the GIL inside each one
         prefill = sum(len(j.prompt_ids) for j in self._new)
         self._new.clear()
-        time.sleep((p.base_us + p.per_seq_us * len(self._jobs) + p.prefill_us * prefill) / 1e6)
+        self.profile.spend(len(self._jobs), prefill)
         events = []
         for job_id, entry in list(self._jobs.items()):
             job, made, cancelled = entry

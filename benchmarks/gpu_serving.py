@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -39,6 +40,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -57,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--v2-streams", default="1", help="exllamav2 levels (unpaged without flash-attn: batch 1)")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_serving.json"))
+    p.add_argument("--out", default=None,
+                   help="results JSON (default: results/gpu_serving.json, --stand-in: results/gpu_serving_stand_in.json)")
     p.add_argument("--make", choices=sorted(SHAPES), help="create a random-weight Llama of this shape")
     p.add_argument("--make-out", help="where --make writes the model")
     p.add_argument("--tokenizer", help="directory with tokenizer files copied next to a made model")
@@ -71,6 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-tokens", type=int, default=65536,
                    help="transformers backends: static KV cache tokens for all slots (exllamav3 raw uses 65536)")
     p.add_argument("--device", default="cuda", help="transformers backends: torch device (cpu for a smoke run)")
+    p.add_argument("--stand-in", nargs="?", const="", default=None, metavar="PROFILE",
+                   help="no GPU: the exllama libraries' own generators with the forward replaced by a GPU "
+                        "engine's step costs (library_stand_in.py; PROFILE as gpu_like.GpuProfile.parse, "
+                        "empty = exllamav3 EXL3 1.2B on an H100); without --model, the tests' tiny Llama")
     return p.parse_args(argv)
 
 
@@ -96,6 +103,18 @@ def make_model(shape: str, out: str, tokenizer_dir: str) -> None:
     for f in os.listdir(tokenizer_dir):
         shutil.copy(os.path.join(tokenizer_dir, f), out)
     print(f"made {shape}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params in {time.time() - t:.0f}s", flush=True)
+
+
+def stand_in_model() -> Path:
+    """The tests' tiny Llama (``--stand-in`` reads only its config and tokenizer), built once in /tmp."""
+    import tempfile
+
+    from tests.models import build_tiny_llama
+
+    path = Path(tempfile.gettempdir()) / "xllm-tiny-llama-stand-in"
+    if not (path / "config.json").exists():
+        build_tiny_llama(path)
+    return path
 
 
 def prompts(n: int, length: int) -> list[list[int]]:
@@ -201,6 +220,26 @@ class RawExllamaV2:
         self.model.unload()
 
 
+class RawStandIn(RawExllamaV3):
+    """The library's own generator with the forward replaced by a GPU profile's costs (``--stand-in``)."""
+
+    def __init__(self, path: str, backend: str, args):
+        import library_stand_in
+
+        from xllm_jupyter.backends.base import ModelSpec
+
+        # the options the server's engine gives the same model (engine settings as defaults)
+        spec = ModelSpec(name="bench", path=Path(path), format="safetensors", context_length=4096,
+                         options={"max_batch_size": args.max_batch, "gpu_like": args.stand_in})
+        self.model = library_stand_in.load(backend, spec)
+        self.gen = self.model.generator
+        if backend == "exllamav2":
+            self.job = RawExllamaV2.job.__get__(self)
+
+    def close(self) -> None:
+        self.model.unload()
+
+
 #: benchmark backend name -> (registry backend, engine.compile)
 TRANSFORMERS = {"transformers-compiled": ("transformers", "on"), "transformers": ("transformers", "off")}
 
@@ -287,6 +326,8 @@ def run_raw(backend: str, path: str, levels: list[int], args) -> dict:
 
     if backend in TRANSFORMERS:
         engine = RawTransformers(path, backend, args)
+    elif args.stand_in is not None:
+        engine = RawStandIn(path, backend, args)
     else:
         engine = (RawExllamaV3 if backend == "exllamav3" else RawExllamaV2)(path, args.max_batch)
     raw_level(engine, prompts(1, args.prompt_tokens), 8)  # warm-up (kernels, graphs)
@@ -314,6 +355,11 @@ def serve_main(args) -> None:
     backend, options = args.backend, {}
     if backend in TRANSFORMERS:
         backend, options = TRANSFORMERS[backend][0], transformers_options(backend, args)
+    elif args.stand_in is not None:
+        import library_stand_in
+
+        library_stand_in.register()
+        backend, options = library_stand_in.STAND_IN_OF[backend], {"gpu_like": args.stand_in}
     spec = ModelSpec(name="bench", path=path, format=detect_format(path), backend=backend, context_length=4096,
                      options=options)
 
@@ -358,17 +404,25 @@ def http_level(url: str, ids_list: list[list[int]], new_tokens: int, procs: int)
     return summarize(recs, sse_load.span(recs))
 
 
+def server_url(stdout) -> str:
+    """The URL the child prints, skipping what the libraries print to stdout first (exllamav2's warnings)."""
+    for line in stdout:
+        if line.startswith('{"url"'):
+            return json.loads(line)["url"]
+        print(f"server: {line.rstrip()}", flush=True)
+    raise RuntimeError("the benchmark server did not start")
+
+
 def run_server(backend: str, path: str, levels: list[int], args) -> dict:
     cmd = [sys.executable, __file__, "--serve", path, "--backend", backend, "--max-batch", str(args.max_batch),
            "--cache-tokens", str(args.cache_tokens), "--device", args.device]
     if args.stream_interval_ms is not None:
         cmd += ["--stream-interval-ms", str(args.stream_interval_ms)]
+    if args.stand_in is not None:
+        cmd += [f"--stand-in={args.stand_in}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError("the benchmark server did not start")
-        url = json.loads(line)["url"]
+        url = server_url(proc.stdout)
         procs = args.client_procs
         http_level(url, prompts(1, args.prompt_tokens), 8, 1)  # warm-up
         http_level(url, prompts(max(levels), args.prompt_tokens), 8, procs)
@@ -385,6 +439,16 @@ def markdown(report: dict) -> str:
         f"# GPU serving benchmark ({report['device']})", "",
         f"{p['prompt_tokens']}-token prompts, {p['new_tokens']} new tokens, greedy, every stream to its length; "
         f"raw = the library's generator in-process, server = our HTTP server (SSE), one run, {report['date']}.", "",
+    ]
+    if p.get("stand_in"):
+        lines += [
+            "No GPU: exllamav3's / exllamav2's own generators and our backends ran as shipped, the model's forward "
+            "replaced by a GPU engine's step costs (benchmarks/library_stand_in.py): per step "
+            f"{p['stand_in']['launches']} launches of {p['stand_in']['launch_us']} µs of Python (the GIL held), then a "
+            f"GIL-free wait of {p['stand_in']['base_us']} µs + {p['stand_in']['per_seq_us']} µs per sequence "
+            f"(+{p['stand_in']['prefill_us']} µs per prompt token).", "",
+        ]
+    lines += [
         f"Server ITL is the gap between SSE chunks (engine.stream_interval_ms = {p.get('stream_interval_ms')} merges "
         "tokens made within that window); TPOT = time per output token after the first, both sides.", "",
         "| model | backend | streams | raw tok/s | server tok/s | server/raw | TTFT p50 raw / server (ms) | TTFT p99 raw / server (ms) | ITL p50 raw / server chunk gap (ms) | ITL p99 raw / server chunk gap (ms) | TPOT raw / server (ms) |",
@@ -417,13 +481,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from xllm_jupyter.core.config import EngineConfig
 
-    out = Path(args.out)
+    out = Path(args.out or RESULTS / ("gpu_serving_stand_in.json" if args.stand_in is not None else "gpu_serving.json"))
     report = json.loads(out.read_text()) if out.exists() else {"rows": []}
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (smoke run)"
-    report.update(device=device, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  params={"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "greedy": True,
-                          "stream_interval_ms": args.stream_interval_ms if args.stream_interval_ms is not None
-                          else EngineConfig().stream_interval_ms})
+    params = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "greedy": True,
+              "stream_interval_ms": args.stream_interval_ms if args.stream_interval_ms is not None
+              else EngineConfig().stream_interval_ms}
+    if args.stand_in is not None:
+        import gpu_like
+
+        profile = gpu_like.GpuProfile.parse(args.stand_in)
+        device = f"{os.cpu_count()} CPUs, no GPU: the libraries' generators with a stand-in forward"
+        params["stand_in"] = dataclasses.asdict(profile)
+        if not args.model:
+            args.model = [f"tiny-llama={stand_in_model()}"]
+    report.update(device=device, date=datetime.now(timezone.utc).isoformat(timespec="seconds"), params=params)
     for item in args.model:
         name, path = item.split("=", 1)
         for backend in args.backends.split(","):

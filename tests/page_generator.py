@@ -26,7 +26,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,10 @@ FILLER_TOKEN = 1000
 #: the stand-in logits: FILLER_TOKEN's lead over unit noise (greedy always picks it; at
 #: temperature 1 exllamav2's sampler picks it about two times in three, so seeds change the text)
 FILLER_BOOST = 12.0
+
+
+#: a benchmark's stand-in for what the GPU spends on a step: ``(decode rows, prefill tokens) -> None``
+StepCost = Callable[[int, int], None]
 
 
 def importable(library: str) -> bool:
@@ -68,20 +72,28 @@ def cpu_step_generator_class() -> type:
     class CpuStepGenerator(Generator):
         """The library's generator; ``iterate_gen`` feeds each prefilled job its best stand-in token."""
 
+        #: what a step costs besides this Python (``StepCost``; None: nothing), set by benchmarks
+        xllm_step_cost: StepCost | None = None
+
         def iterate_gen(self, results: list, draft_tokens: Any = None) -> None:
             """One decode step for every prefilled job, then release finished jobs as the library does."""
             finished = []
-            for job in list(self.active_jobs):
-                if not job.is_prefill_done():
-                    continue
+            decoding = [job for job in self.active_jobs if job.is_prefill_done()]
+            if decoding and self.xllm_step_cost is not None:
+                self.xllm_step_cost(len(decoding), 0)
+            for job in decoding:
                 if job.time_first_token is None:
                     job.time_first_token = time.time()
                 # the library's own record of the step's input token in its cache page (what the
                 # forward's staging does for decode rows)
                 job.get_input_ids_list(add_to_cache=True)
-                scores = self.xllm_scores(job)
-                token = scores.argmax(dim=-1, keepdim=True)
-                probabilities = self.xllm_probabilities(job, scores, token)
+                if not job.filters and not (job.return_probs or job.return_top_tokens > 0):
+                    # no grammar, no probabilities: the stand-in logits' best token, without building them
+                    token, probabilities = torch.tensor([[FILLER_TOKEN]]), (None, None, None)
+                else:
+                    scores = self.xllm_scores(job)
+                    token = scores.argmax(dim=-1, keepdim=True)
+                    probabilities = self.xllm_probabilities(job, scores, token)
                 eos, _, requeue = job.receive_sample(None, token, *probabilities, results)
                 assert not requeue, "requeueing is outside what this stand-in step covers"
                 if eos:
@@ -139,8 +151,11 @@ def cpu_step_generator_class() -> type:
     return CpuStepGenerator
 
 
-def load_cpu_pages_model(spec: ModelSpec) -> ExllamaV3Model:
-    """Our ExllamaV3Model over the library's real config, tokenizer, cache object and generator, no weights."""
+def load_cpu_pages_model(spec: ModelSpec, step_cost: StepCost | None = None) -> ExllamaV3Model:
+    """Our ExllamaV3Model over the library's real config, tokenizer, cache object and generator, no weights.
+
+    ``step_cost`` is spent by every prefill and decode step (a benchmark's stand-in for the GPU).
+    """
     from exllamav3 import Tokenizer
 
     from xllm_jupyter.backends.exllama_common import ExllamaOptions
@@ -150,7 +165,7 @@ def load_cpu_pages_model(spec: ModelSpec) -> ExllamaV3Model:
     config, model, cache, cache_tokens = open_model(Path(spec.path), opts)
     # the forward is what is taken out: prefill writes nothing, and there are no K/V tensors to
     # copy a partial page between or to rotate when the page table is defragmented
-    model.prefill = lambda *args, **kwargs: None
+    model.prefill = _v3_prefill_stand_in(step_cost)
     model.output_device = "cpu"
     cache.initialized = True
     cache.copy_page = lambda *args, **kwargs: None
@@ -158,8 +173,20 @@ def load_cpu_pages_model(spec: ModelSpec) -> ExllamaV3Model:
     tokenizer = Tokenizer.from_config(config)
     generator = cpu_step_generator_class()(model=model, cache=cache, tokenizer=tokenizer,
                                            **generator_kwargs(opts, None))
+    generator.xllm_step_cost = step_cost
     return build_model(spec, Path(spec.path), config=config, opts=opts, cache_tokens=cache_tokens, model=model,
                        tokenizer=tokenizer, draft=None, generator=generator, memory_bytes=0)
+
+
+def _v3_prefill_stand_in(step_cost: StepCost | None) -> Any:
+    """exllamav3's ``Model.prefill`` without a model: writes nothing, costs ``step_cost`` for its tokens."""
+
+    def prefill(input_ids: Any = None, params: Any = None, **kwargs: Any) -> None:
+        """The library's call signature (keywords ``input_ids``, ``params``)."""
+        if step_cost is not None:
+            step_cost(0, int(input_ids.shape[-1]))
+
+    return prefill
 
 
 class CpuPagesV3Backend(ExllamaV3Backend):
@@ -176,10 +203,11 @@ class CpuPagesV3Backend(ExllamaV3Backend):
         return load_cpu_pages_model(spec)
 
 
-def load_cpu_pages_v2_model(spec: ModelSpec, *, paged: bool) -> Any:
+def load_cpu_pages_v2_model(spec: ModelSpec, *, paged: bool, step_cost: StepCost | None = None) -> Any:
     """Our ExllamaV2Model over exllamav2's real config, tokenizer, lazy cache and generator, no weights.
 
     A configured draft model gets the same stand-in forward, so it drafts what the model picks.
+    ``step_cost`` is spent by every forward of the model (a benchmark's stand-in for the GPU).
     """
     import exllamav2
     from exllamav2.generator import ExLlamaV2DynamicGenerator
@@ -195,7 +223,7 @@ def load_cpu_pages_v2_model(spec: ModelSpec, *, paged: bool) -> Any:
     draft = open_draft(exllamav2, opts, cache_tokens, paged)
     vocab = (int(config.vocab_size) + 31) // 32 * 32  # the generator's padded vocabulary
     for m, c in [(model, cache)] + ([draft] if draft else []):
-        m.forward_chunk = _v2_forward_stand_in(vocab)
+        m.forward_chunk = _v2_forward_stand_in(vocab, step_cost if m is model else None)
         # no K/V tensors to copy a partial page between, or to rotate when the page table is defragmented
         c.copy_states = lambda *args, **kwargs: None
         c.all_tensors = lambda: []
@@ -206,12 +234,23 @@ def load_cpu_pages_v2_model(spec: ModelSpec, *, paged: bool) -> Any:
                           cache_tokens=cache_tokens, model=model, draft=draft, generator=generator, memory_bytes=0)
 
 
-def _v2_forward_stand_in(vocab: int) -> Any:
+def _v2_forward_stand_in(vocab: int, step_cost: StepCost | None = None) -> Any:
     """``forward_chunk`` without a model: prefill writes nothing, decoding gives ``stand_in_logits``."""
+    import torch
 
     def forward_chunk(input_ids: Any, preprocess_only: bool = False, **kwargs: Any) -> Any:
         """exllamav2's forward signature; ``preprocess_only`` is prefill."""
-        return None if preprocess_only else {"logits": stand_in_logits(input_ids, (*input_ids.shape, vocab))}
+        if step_cost is None:
+            return None if preprocess_only else {"logits": stand_in_logits(input_ids, (*input_ids.shape, vocab))}
+        rows, width = input_ids.shape
+        if preprocess_only:
+            step_cost(0, rows * width)
+            return None
+        step_cost(rows, 0)
+        # a benchmark's logits: FILLER_TOKEN's lead without the noise, which costs more than a GPU's logits
+        logits = torch.zeros((rows, width, vocab))
+        logits[..., FILLER_TOKEN] = FILLER_BOOST
+        return {"logits": logits}
 
     return forward_chunk
 

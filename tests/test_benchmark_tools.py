@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -62,3 +63,28 @@ def test_gpu_like_model_makes_every_token_and_honours_cancel():
     assert by_job[1][-1].completion_tokens == 4
     assert by_job[2][-1].finish is FinishReason.CANCELLED and by_job[2][-1].token_id is None
     assert model.active_jobs() == 0
+
+
+@pytest.mark.exllama
+@pytest.mark.parametrize("backend", ["exllamav3", "exllamav2"])
+def test_gpu_serving_stand_in_measures_raw_and_server_over_the_librarys_generator(backend, tiny_llama_dir, tmp_path):
+    # benchmarks/gpu/cpu_check.sh runs this: gpu_serving.py's raw and server paths over the library's own
+    # generator (forward stood in), which otherwise first meet the library on a GPU lease
+    from tests.page_generator import require
+
+    require(backend)
+    import gpu_serving
+
+    out = tmp_path / "stand_in.json"
+    assert gpu_serving.main(["--stand-in=base_us=200,per_seq_us=20", "--model", f"tiny={tiny_llama_dir}",
+                             "--backends", backend, "--streams", "1,3", "--v2-streams", "1,3", "--new-tokens", "12",
+                             "--prompt-tokens", "40", "--client-procs", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["params"]["stand_in"]["per_seq_us"] == 20.0 and "no GPU" in report["device"]
+    rows = {row["streams"]: row for row in report["rows"]}
+    assert sorted(rows) == [1, 3]
+    for streams, row in rows.items():
+        assert row["backend"] == backend
+        assert row["raw"]["tokens"] == row["server"]["tokens"] == 12 * streams
+        assert row["ratio"] > 0 and row["server"]["ttft_p50_ms"] > 0
+    assert "the model's forward replaced by a GPU engine's step costs" in out.with_suffix(".md").read_text()

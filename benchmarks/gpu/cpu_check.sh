@@ -11,6 +11,7 @@
 # which the project and its test tools are installed on first use (~2 min).
 #
 #   bash benchmarks/gpu/cpu_check.sh [pytest args]
+#   bash benchmarks/gpu/cpu_check.sh --bench [gpu_serving.py args]   # the benchmark, GPU costs stood in
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 XB=${XB:-/tmp/xllm-xbuild}
@@ -28,5 +29,9 @@ chmod +x "$XB/bin/python3"
 export PATH="$XB/bin:$PATH" XLLM_TEST_TOKENIZER_DIR="$PWD/.gpucache/tok"
 # shellcheck source=benchmarks/gpu/prepare.sh
 source benchmarks/gpu/prepare.sh
+if [ "${1:-}" = --bench ]; then  # gpu_serving.py's raw-vs-server rows over the same generators, GPU costs stood in
+  shift
+  exec python3 benchmarks/gpu_serving.py --stand-in "$@"
+fi
 python3 -m pytest -q -rs -p no:cacheprovider -o filterwarnings=ignore::DeprecationWarning -m exllama \
-  tests/test_prefix_isolation_library.py tests/test_exllama_library_serving.py "$@"
+  tests/test_prefix_isolation_library.py tests/test_exllama_library_serving.py tests/test_benchmark_tools.py "$@"
