@@ -220,7 +220,7 @@ class RawExllamaV2:
         self.model.unload()
 
 
-class RawStandIn(RawExllamaV3):
+class RawStandIn:
     """The library's own generator with the forward replaced by a GPU profile's costs (``--stand-in``)."""
 
     def __init__(self, path: str, backend: str, args):
@@ -233,8 +233,11 @@ class RawStandIn(RawExllamaV3):
                          options={"max_batch_size": args.max_batch, "gpu_like": args.stand_in})
         self.model = library_stand_in.load(backend, spec)
         self.gen = self.model.generator
-        if backend == "exllamav2":
-            self.job = RawExllamaV2.job.__get__(self)
+        self.raw = RawExllamaV3 if backend == "exllamav3" else RawExllamaV2
+
+    def job(self, ids: list[int], n: int, ident: int):
+        """The library's own job, as the GPU run makes it."""
+        return self.raw.job(self, ids, n, ident)
 
     def close(self) -> None:
         self.model.unload()
