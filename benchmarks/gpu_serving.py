@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-tokens", type=int, default=65536,
                    help="transformers backends: static KV cache tokens for all slots (exllamav3 raw uses 65536)")
     p.add_argument("--device", default="cuda", help="transformers backends: torch device (cpu for a smoke run)")
+    p.add_argument("--users", type=int, default=0,
+                   help="the server's streams come from this many API keys, round robin (each a user with "
+                        "its own prefix-cache namespace and fair-queue turn); 0 = no authentication")
     p.add_argument("--stand-in", nargs="?", const="", default=None, metavar="PROFILE",
                    help="no GPU: the exllama libraries' own generators with the forward replaced by a GPU "
                         "engine's step costs (library_stand_in.py; PROFILE as gpu_like.GpuProfile.parse, "
@@ -376,7 +379,8 @@ def serve_main(args) -> None:
             return ["bench"]
 
     interval = {} if args.stream_interval_ms is None else {"stream_interval_ms": args.stream_interval_ms}
-    config = XllmConfig(server=ServerConfig(host="127.0.0.1", port=0, max_tokens_limit=8192),
+    config = XllmConfig(server=ServerConfig(host="127.0.0.1", port=0, max_tokens_limit=8192,
+                                            api_keys=user_keys(args.users)),
                         engine=EngineConfig(default_model="bench", max_batch_size=args.max_batch, max_queue=4096,
                                             keep_alive="-1", **interval))
 
@@ -391,17 +395,25 @@ def serve_main(args) -> None:
     asyncio.run(main())
 
 
-def http_level(url: str, ids_list: list[list[int]], new_tokens: int, procs: int) -> dict:
+def user_keys(users: int) -> tuple[str, ...]:
+    """The API keys of ``--users`` benchmark users (the server and the client make the same ones)."""
+    return tuple(f"xllm-bench-user-{i:03d}" for i in range(users))
+
+
+def http_level(url: str, ids_list: list[list[int]], new_tokens: int, procs: int, users: int = 0) -> dict:
     """Concurrent SSE completions (prompt as token ids, greedy, ignore_eos) against the server.
 
     Sent by the lean load generator (``sse_load.py``: raw sockets, every request written at
-    one moment, ``procs`` processes) so the client never holds the server back.
+    one moment, ``procs`` processes) so the client never holds the server back; stream i as
+    user i mod ``users`` when there are users.
     """
     import sse_load
 
     body = {"model": "bench", "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
-    recs, _ = sse_load.run_level(url, "/v1/completions", [{**body, "prompt": ids} for ids in ids_list], procs)
+    keys = user_keys(users)
+    recs, _ = sse_load.run_level(url, "/v1/completions", [{**body, "prompt": ids} for ids in ids_list], procs,
+                                 api_key=[keys[i % users] for i in range(len(ids_list))] if users else None)
     for rec in recs:  # a read's content events arrived together: chunk gaps, tokens unknown per chunk
         rec["times"] = [(t, 0) for t, count in rec["times"] for _ in range(count)]
     return summarize(recs, sse_load.span(recs))
@@ -423,13 +435,16 @@ def run_server(backend: str, path: str, levels: list[int], args) -> dict:
         cmd += ["--stream-interval-ms", str(args.stream_interval_ms)]
     if args.stand_in is not None:
         cmd += [f"--stand-in={args.stand_in}"]
+    if args.users:
+        cmd += ["--users", str(args.users)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         url = server_url(proc.stdout)
         procs = args.client_procs
-        http_level(url, prompts(1, args.prompt_tokens), 8, 1)  # warm-up
-        http_level(url, prompts(max(levels), args.prompt_tokens), 8, procs)
-        return {c: http_level(url, prompts(c, args.prompt_tokens), args.new_tokens, procs) for c in levels}
+        users = args.users
+        http_level(url, prompts(1, args.prompt_tokens), 8, 1, users)  # warm-up
+        http_level(url, prompts(max(levels), args.prompt_tokens), 8, procs, users)
+        return {c: http_level(url, prompts(c, args.prompt_tokens), args.new_tokens, procs, users) for c in levels}
     finally:
         proc.terminate()
         proc.wait(60)
@@ -454,12 +469,12 @@ def markdown(report: dict) -> str:
     lines += [
         f"Server ITL is the gap between SSE chunks (engine.stream_interval_ms = {p.get('stream_interval_ms')} merges "
         "tokens made within that window); TPOT = time per output token after the first, both sides.", "",
-        "| model | backend | streams | raw tok/s | server tok/s | server/raw | TTFT p50 raw / server (ms) | TTFT p99 raw / server (ms) | ITL p50 raw / server chunk gap (ms) | ITL p99 raw / server chunk gap (ms) | TPOT raw / server (ms) |",
-        "|---|---|---:|---:|---:|---:|---|---|---|---|---|",
+        "| model | backend | users | streams | raw tok/s | server tok/s | server/raw | TTFT p50 raw / server (ms) | TTFT p99 raw / server (ms) | ITL p50 raw / server chunk gap (ms) | ITL p99 raw / server chunk gap (ms) | TPOT raw / server (ms) |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         r, s = row["raw"], row["server"]
-        lines.append(f"| {row['model']} | {row['backend']} | {row['streams']} | {r['tok_s']} | {s['tok_s']} | "
+        lines.append(f"| {row['model']} | {row['backend']} | {row.get('users', 0) or '-'} | {row['streams']} | {r['tok_s']} | {s['tok_s']} | "
                      f"{row['ratio']} | {r['ttft_p50_ms']} / {s['ttft_p50_ms']} | {r['ttft_p99_ms']} / {s['ttft_p99_ms']} | "
                      f"{r['itl_p50_ms']} / {s['itl_p50_ms']} | {r['itl_p99_ms']} / {s['itl_p99_ms']} | "
                      f"{r.get('tpot_ms')} / {s.get('tpot_ms')} |")
@@ -507,12 +522,13 @@ def main(argv: list[str] | None = None) -> int:
             t = time.time()
             raw = run_raw(backend, path, levels, args)
             server = run_server(backend, path, levels, args)
-            report["rows"] = [r for r in report["rows"] if (r["model"], r["backend"]) != (name, backend)]
+            report["rows"] = [r for r in report["rows"]
+                              if (r["model"], r["backend"], r.get("users", 0)) != (name, backend, args.users)]
             for c in levels:
                 ratio = round(server[c]["tok_s"] / raw[c]["tok_s"], 3) if raw[c]["tok_s"] else None
-                report["rows"].append({"model": name, "backend": backend, "streams": c, "raw": raw[c],
+                report["rows"].append({"model": name, "backend": backend, "users": args.users, "streams": c, "raw": raw[c],
                                        "server": server[c], "ratio": ratio})
-                print(f"{name} {backend} x{c}: raw {raw[c]['tok_s']} tok/s, server {server[c]['tok_s']} tok/s, "
+                print(f"{name} {backend} x{c}{f' ({args.users} users)' if args.users else ''}: raw {raw[c]['tok_s']} tok/s, server {server[c]['tok_s']} tok/s, "
                       f"ratio {ratio}, TTFT p50 {raw[c]['ttft_p50_ms']} / {server[c]['ttft_p50_ms']} ms", flush=True)
             print(f"{name} {backend}: {time.time() - t:.0f}s", flush=True)
             save(report, out)

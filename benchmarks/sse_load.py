@@ -27,6 +27,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from urllib.parse import urlparse
 
 #: an SSE event carrying generated text (completion "text" or chat "content"), not an empty one
@@ -72,10 +73,10 @@ async def _read(reader: asyncio.StreamReader, rec: dict) -> None:
     rec["status"] = status
 
 
-async def _streams(url: str, path: str, bodies: list[dict], start_at: float, api_key: str | None) -> dict:
+async def _streams(url: str, path: str, bodies: list[dict], start_at: float, keys: list[str | None]) -> dict:
     u = urlparse(url)
     conns = [await asyncio.open_connection(u.hostname, u.port) for _ in bodies]
-    payloads = [request_bytes(u.hostname, u.port, path, body, api_key) for body in bodies]
+    payloads = [request_bytes(u.hostname, u.port, path, body, key) for body, key in zip(bodies, keys)]
     recs = [{"start": 0.0, "first": None, "end": 0.0, "tokens": 0, "times": [], "status": None} for _ in bodies]
     await asyncio.sleep(max(0.0, start_at - time.monotonic()))
     cpu0 = time.process_time()
@@ -90,20 +91,24 @@ async def _streams(url: str, path: str, bodies: list[dict], start_at: float, api
 
 
 def run_level(url: str, path: str, bodies: list[dict], procs: int = 1,
-              api_key: str | None = None) -> tuple[list[dict], float]:
+              api_key: str | Sequence[str] | None = None) -> tuple[list[dict], float]:
     """Send ``bodies`` (each a streamed request with usage) at once from ``procs`` processes.
 
-    Returns one record per stream (start, first content, end, tokens, status, and
-    ``times``: (monotonic time, content events in that read), ...) and the CPU seconds
-    the workers spent from the agreed moment on.
+    ``api_key`` is one key for every request, or a sequence of one key per body (many users).
+    Returns one record per stream (start, first content, end, tokens, status, and ``times``:
+    (monotonic time, content events in that read), ...) and the CPU seconds the workers
+    spent from the agreed moment on.
     """
+    keys = [api_key] * len(bodies) if api_key is None or isinstance(api_key, str) else list(api_key)
+    if len(keys) != len(bodies):
+        raise ValueError("api_key: give one key, or one per body")
     procs = max(1, min(procs, len(bodies)))
     start_at = time.monotonic() + SETUP_SECONDS + 0.01 * len(bodies)
-    shares = [bodies[i::procs] for i in range(procs)]
+    shares = [(bodies[i::procs], keys[i::procs]) for i in range(procs)]
     workers = [subprocess.Popen([sys.executable, __file__, url, path, repr(start_at)], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, text=True) for _ in shares]
-    for worker, share in zip(workers, shares):
-        worker.stdin.write(json.dumps({"bodies": share, "api_key": api_key}))  # the key never goes on a command line
+    for worker, (share, share_keys) in zip(workers, shares):
+        worker.stdin.write(json.dumps({"bodies": share, "keys": share_keys}))  # keys never go on a command line
         worker.stdin.close()
     recs, cpu = [], 0.0
     for worker in workers:
@@ -128,7 +133,7 @@ def main() -> None:
     """Worker mode: ``URL PATH START_AT``; bodies and key as JSON on stdin, records and CPU seconds as JSON on stdout."""
     url, path, start_at = sys.argv[1], sys.argv[2], float(sys.argv[3])
     job = json.loads(sys.stdin.read())
-    print(json.dumps(asyncio.run(_streams(url, path, job["bodies"], start_at, job["api_key"]))))
+    print(json.dumps(asyncio.run(_streams(url, path, job["bodies"], start_at, job["keys"]))))
 
 
 if __name__ == "__main__":

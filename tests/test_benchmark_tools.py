@@ -46,6 +46,17 @@ def test_load_generator_fails_loudly_on_an_error_status(xllm_server):
         sse_load.run_level(xllm_server.root, "/v1/completions", [stream_body(4, prompt="x")])  # no key
 
 
+def test_load_generator_sends_each_body_with_its_own_key(xllm_server):
+    bodies = [stream_body(4, prompt=f"user {i}") for i in range(3)]
+    keys = [xllm_server.api_key, "not-a-key", xllm_server.api_key]
+    with pytest.raises(RuntimeError, match=r"^1 streams failed \(HTTP status 401\)"):
+        sse_load.run_level(xllm_server.root, "/v1/completions", bodies, procs=2, api_key=keys)
+    recs, _ = sse_load.run_level(xllm_server.root, "/v1/completions", bodies, procs=2, api_key=[xllm_server.api_key] * 3)
+    assert [r["tokens"] for r in recs] == [4, 4, 4]
+    with pytest.raises(ValueError, match="one per body"):
+        sse_load.run_level(xllm_server.root, "/v1/completions", bodies, api_key=keys[:2])
+
+
 def test_gpu_like_model_makes_every_token_and_honours_cancel():
     profile = gpu_like.GpuProfile.parse("launches=3,launch_us=5,base_us=2000,per_seq_us=0,prefill_us=0")
     assert profile.launches == 3 and profile.base_us == 2000 and profile.per_seq_us == 0
@@ -66,8 +77,9 @@ def test_gpu_like_model_makes_every_token_and_honours_cancel():
 
 
 @pytest.mark.exllama
-@pytest.mark.parametrize("backend", ["exllamav3", "exllamav2"])
-def test_gpu_serving_stand_in_measures_raw_and_server_over_the_librarys_generator(backend, tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize(("backend", "users"), [("exllamav3", 2), ("exllamav2", 0)])
+def test_gpu_serving_stand_in_measures_raw_and_server_over_the_librarys_generator(backend, users, tiny_llama_dir,
+                                                                                  tmp_path):
     # benchmarks/gpu/cpu_check.sh runs this: gpu_serving.py's raw and server paths over the library's own
     # generator (forward stood in), which otherwise first meet the library on a GPU lease
     from tests.page_generator import require
@@ -78,13 +90,14 @@ def test_gpu_serving_stand_in_measures_raw_and_server_over_the_librarys_generato
     out = tmp_path / "stand_in.json"
     assert gpu_serving.main(["--stand-in=base_us=200,per_seq_us=20", "--model", f"tiny={tiny_llama_dir}",
                              "--backends", backend, "--streams", "1,3", "--v2-streams", "1,3", "--new-tokens", "12",
-                             "--prompt-tokens", "40", "--client-procs", "2", "--out", str(out)]) == 0
+                             "--prompt-tokens", "40", "--client-procs", "2", "--users", str(users),
+                             "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["params"]["stand_in"]["per_seq_us"] == 20.0 and "no GPU" in report["device"]
     rows = {row["streams"]: row for row in report["rows"]}
     assert sorted(rows) == [1, 3]
     for streams, row in rows.items():
-        assert row["backend"] == backend
+        assert (row["backend"], row["users"]) == (backend, users)
         assert row["raw"]["tokens"] == row["server"]["tokens"] == 12 * streams
         assert row["ratio"] > 0 and row["server"]["ttft_p50_ms"] > 0
     assert "the model's forward replaced by a GPU engine's step costs" in out.with_suffix(".md").read_text()
