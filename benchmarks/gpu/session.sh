@@ -22,6 +22,7 @@
 #   make1b      random-weight Llama 1.17B fp16 with SmolLM2's tokenizer                 (30)
 #   convert1b   EXL3 4.0 bpw with exllamav3's converter                                (150)
 #   bench1b     gpu_serving.py: EXL3 and FP16 on exllamav3, 1/16/64 streams              (150)
+#   users1b     gpu_serving.py: EXL3 on exllamav3, 64 streams from 64 users' keys         (60)
 #   v2          gpu_serving.py: FP16 on exllamav2 unpaged (EXLLAMA_NO_FLASH_ATTN), 1 stream (60)
 #   v2paged     gpu_serving.py: FP16 on exllamav2 paged (carried flash-attn), 1/16/64 (120)
 #   compiled1b  gpu_serving.py: FP16 on transformers-compiled (CUDA graphs), 1/16/64     (240)
@@ -40,7 +41,7 @@ RESULTS=$WORK/gpu_serving.json
 TOK=$PWD/.gpucache/tok
 export XLLM_TEST_TOKENIZER_DIR=$TOK PYTHONUNBUFFERED=1 OUT RESULTS WORK TOK
 
-declare -A COST=([setup]=20 [tests]=240 [make1b]=30 [convert1b]=150 [bench1b]=150 [v2]=60 [v2paged]=120
+declare -A COST=([setup]=20 [tests]=240 [make1b]=30 [convert1b]=150 [bench1b]=150 [users1b]=60 [v2]=60 [v2paged]=120
                  [compiled1b]=240 [make8b]=90 [bench8b]=180)
 
 left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
@@ -83,6 +84,7 @@ phase_convert1b() {
     -b 4.0 -cr 16 -cc 512
 }
 phase_bench1b() { bench --model "exl3-1.2b=$WORK/llama1b-exl3" --model "fp16-1.2b=$WORK/llama1b" --backends exllamav3; }
+phase_users1b() { bench --model "exl3-1.2b=$WORK/llama1b-exl3" --backends exllamav3 --streams 64 --users 64; }
 phase_v2() { export EXLLAMA_NO_FLASH_ATTN=1; bench --model "fp16-1.2b=$WORK/llama1b" --backends exllamav2 --v2-streams 1; }
 phase_v2paged() {
   python3 -c "import flash_attn" || { echo "no flash-attn carried (cross_build.sh flash_attn)"; return 1; }
