@@ -95,14 +95,28 @@ def test_page_owners_follow_claims_writes_and_reverts():
     assert iso.owners(q) == {"alice"}
 
 
+class WalkCountingPages(list):
+    """A page table's page list that counts how often it is walked."""
+
+    walks = 0
+
+    def __iter__(self):
+        self.walks += 1
+        return super().__iter__()
+
+
 def test_visible_pages_hides_other_namespaces_and_delegates_the_rest():
     iso = PrefixIsolation()
     mine, theirs, nobodys = page(), page(), page()
     iso.claim("alice", [mine], reused=lambda pg: False)
     iso.claim("bob", [theirs], reused=lambda pg: False)
-    table = SimpleNamespace(all_pages=[mine, theirs, nobodys], referenced_pages={"x": 1})
+    pages = WalkCountingPages([mine, theirs, nobodys])
+    table = SimpleNamespace(all_pages=pages, referenced_pages={"x": 1})
     view = VisiblePages(table, iso, "alice")
-    assert view.all_pages == [mine] and view.referenced_pages is table.referenced_pages
+    assert pages.walks == 0  # filtered when the library first reads it, if ever
+    assert list(view.all_pages) == [mine] and view.all_pages[0] is mine and len(view.all_pages) == 1
+    assert view.referenced_pages is table.referenced_pages
+    assert pages.walks == 1
 
 
 # ------------------------------------------------- the mixins over stand-in jobs
@@ -210,16 +224,6 @@ def test_v2_mixin_turns_unowned_lookups_into_new_pages_when_paged():
     assert alice.matched_against[0] == 1 and len(gen.all_pages) == 1
     bob.prefill([])
     assert bob.matched_against[0] == 0  # alice's page is not offered to bob
-
-
-class WalkCountingPages(list):
-    """A page table's page list that counts how often it is walked."""
-
-    walks = 0
-
-    def __iter__(self):
-        self.walks += 1
-        return super().__iter__()
 
 
 def test_jobs_past_their_prefill_leave_the_page_table_alone():

@@ -118,12 +118,40 @@ class PrefixIsolation:
         self.record(namespace, produced)
 
 
+class VisiblePagesList(Sequence):
+    """The pages of ``pages`` that ``namespace`` may match, filtered when first read.
+
+    A prefill call that does no partial-page matching (its chunk budget spent, or no page
+    boundary) never reads the list, so it never pays the O(pages) filter.
+    """
+
+    def __init__(self, pages: Sequence[Any], isolation: PrefixIsolation, namespace: str):
+        self._source: tuple[Sequence[Any], PrefixIsolation, str] | None = (pages, isolation, namespace)
+        self._pages: list[Any] = []
+
+    def _filtered(self) -> list[Any]:
+        if self._source is not None:
+            pages, isolation, namespace = self._source
+            self._pages = [page for page in pages if isolation.visible(namespace, page)]
+            self._source = None
+        return self._pages
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._filtered()[index]
+
+    def __len__(self) -> int:
+        return len(self._filtered())
+
+    def __iter__(self) -> Any:
+        return iter(self._filtered())
+
+
 class VisiblePages:
     """A page table seen by one namespace: ``all_pages`` holds only the pages it may match."""
 
     def __init__(self, table: Any, isolation: PrefixIsolation, namespace: str):
         self._table = table
-        self.all_pages = [page for page in table.all_pages if isolation.visible(namespace, page)]
+        self.all_pages = VisiblePagesList(table.all_pages, isolation, namespace)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._table, name)
@@ -290,7 +318,7 @@ class IsolatedJobV2(_IsolatedJobBase):
             self.xllm_publish()
             return out
         pages = generator.all_pages
-        generator.all_pages = [page for page in pages if self.xllm_isolation.visible(self.xllm_namespace, page)]
+        generator.all_pages = VisiblePagesList(pages, self.xllm_isolation, self.xllm_namespace)
         try:
             out = super().prefill(*args, **kwargs)  # type: ignore[misc]
         finally:
