@@ -294,6 +294,12 @@ BACKEND_OF_KIND = {"exllamav3": CpuPagesV3Backend, "exllamav2-paged": CpuPagesV2
                    "exllamav2-unpaged": CpuPagesV2UnpagedBackend}
 
 
+def pages_held(model: Any) -> int:
+    """Cache pages some job still references in ``model``'s generator (0 once every job ended)."""
+    generator = model.generator
+    return len(getattr(generator, "pagetable", generator).referenced_pages)
+
+
 def require_kind(kind: str) -> None:
     """Skip unless the library of ``kind`` imports here (and flash-attn does, for exllamav2 paged)."""
     require("exllamav3" if kind == "exllamav3" else "exllamav2")

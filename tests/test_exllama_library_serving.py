@@ -14,12 +14,14 @@ does not import without a GPU (CI); ``benchmarks/gpu/cpu_check.sh`` runs it here
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
+from openai import OpenAI
 
 from tests import exllama_checks as checks
 from tests.exllama_checks import MODEL, ask, model_entry
-from tests.page_generator import KINDS, cpu_pages_server, require_kind
+from tests.page_generator import KINDS, cpu_pages_server, pages_held, require_kind
 from tests.server_fixtures import API_KEY
 
 pytestmark = pytest.mark.exllama
@@ -157,6 +159,57 @@ def test_a_flood_cannot_hold_a_newcomer_behind_it_in_the_librarys_queue(kind, ti
                           max_batch_size=8) as info:
         asyncio.run(flood(info.base_url, info.engine))
     assert order.index("bob starts") <= 2, order  # after the (at most two) jobs running when he came
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_cancellation_storm_leaves_no_job_or_page_behind(kind, tiny_llama_dir, tmp_path_factory):
+    """Sixteen streams of two users over a cache that holds five at once: a quarter closed before the
+    first chunk, a quarter after one, a quarter after five, the rest read to the end. The finished
+    ones are whole, and afterwards no job is running or queued and no cache page is referenced."""
+    import asyncio
+
+    from openai import AsyncOpenAI
+
+    from tests.exllama_checks import BOB_KEY
+
+    require_kind(kind)
+    home = tmp_path_factory.mktemp(f"storm-{kind}")
+    finished: list[int] = []
+
+    async def storm(url: str) -> None:
+        async with AsyncOpenAI(base_url=url, api_key=API_KEY, max_retries=0, timeout=300) as alice, \
+                AsyncOpenAI(base_url=url, api_key=BOB_KEY, max_retries=0, timeout=300) as bob:
+            async def send(i: int) -> None:
+                stream = await (alice, bob)[i % 2].chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "word " * 300 + str(i)}], max_tokens=400,
+                    temperature=0, stream=True, stream_options={"include_usage": True},
+                    extra_body={"ignore_eos": True})
+                keep = (0, 1, 5, None)[i % 4]  # content chunks to read before closing (None: all)
+                seen = 0
+                async for chunk in stream:
+                    if keep is not None and seen >= keep:
+                        break
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        seen += 1
+                    if chunk.usage is not None:
+                        finished.append(chunk.usage.completion_tokens)
+                await stream.close()
+
+            await asyncio.gather(*(send(i) for i in range(16)))
+
+    with cpu_pages_server(kind, tiny_llama_dir, home, MODEL, (API_KEY, BOB_KEY), cache_tokens=16 * 256,
+                          max_batch_size=8) as info:
+        asyncio.run(storm(info.base_url))
+        engine = info.engine
+        deadline = time.time() + 30
+        while time.time() < deadline and (engine.stats(MODEL).running or engine.stats(MODEL).queued):
+            time.sleep(0.05)
+        assert (engine.stats(MODEL).running, engine.stats(MODEL).queued) == (0, 0)
+        assert finished == [400] * 4
+        model = info.call(engine.load(MODEL))
+        assert pages_held(model) == 0
+        with OpenAI(base_url=info.base_url, api_key=BOB_KEY, max_retries=0, timeout=60) as sdk:
+            assert ask(sdk, max_tokens=3, extra_body={"ignore_eos": True}).usage.completion_tokens == 3
 
 
 # -- engine options on the libraries' own generators (no server) ---------------------------------

@@ -17,7 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.page_generator import KINDS, cpu_pages_server, load_cpu_pages_model, load_cpu_pages_v2_model, require_kind
+from tests.page_generator import (
+    KINDS,
+    cpu_pages_server,
+    load_cpu_pages_model,
+    load_cpu_pages_v2_model,
+    pages_held,
+    require_kind,
+)
 from xllm_jupyter.backends.base import ModelSpec
 from xllm_jupyter.core.types import FinishReason, SamplingParams, SequenceJob
 
@@ -87,12 +94,6 @@ def run(model, *jobs: SequenceJob, cancel_after: dict[int, int] | None = None) -
         if len(cached) == len(jobs):
             return cached
     raise AssertionError(f"jobs did not finish: {cached}")
-
-
-def pages_held(model) -> int:
-    """Cache pages some job still references (0 once every job ended)."""
-    generator = model.generator
-    return len(getattr(generator, "pagetable", generator).referenced_pages)
 
 
 def test_a_user_reuses_own_prompt_pages_and_no_one_elses(kind, model_dir):
