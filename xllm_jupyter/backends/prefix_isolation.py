@@ -231,8 +231,8 @@ class IsolatedJobV3(_IsolatedJobBase):
     def prefill(self, *args: Any, **kwargs: Any) -> Any:
         """Prefill with partial-page matching restricted to our namespace's pages."""
         if self.is_prefill_done():  # type: ignore[attr-defined]
-            # the library calls this for every job at every step: a done job matches nothing, and
-            # filtering the page table for it cost O(jobs x pages) per step
+            # the library calls this for every job at every step: a done job matches nothing (filtering
+            # the page table for it was O(jobs x pages) per step before the filter became lazy)
             return super().prefill(*args, **kwargs)  # type: ignore[misc]
         table = self.pagetable  # type: ignore[has-type]
         assert self.xllm_isolation is not None
@@ -311,12 +311,8 @@ class IsolatedJobV2(_IsolatedJobBase):
             if not self.xllm_isolation.visible(self.xllm_namespace, page):
                 page.kv_position_revert = 0
             return super().prefill(*args, **kwargs)  # type: ignore[misc]
-        if self.is_prefill_done():  # type: ignore[attr-defined]
-            # called for every job at every step: nothing to match (see IsolatedJobV3.prefill), but a
-            # prompt page left unpublished behind another job's unwritten page is retried here
-            out = super().prefill(*args, **kwargs)  # type: ignore[misc]
-            self.xllm_publish()
-            return out
+        # called for every job at every step; a job past its prefill never reads the (lazy) list, and a
+        # prompt page it left unpublished behind another job's unwritten page is retried below
         pages = generator.all_pages
         generator.all_pages = VisiblePagesList(pages, self.xllm_isolation, self.xllm_namespace)
         try:
