@@ -265,7 +265,8 @@ class RawTransformers:
 
         spec = ModelSpec(name="bench", path=Path(path), format="safetensors", context_length=4096,
                          options=transformers_options(backend, args))
-        self.model = TransformersBackend().load(spec)  # compiles every batch width here (compile: on)
+        self.model = TransformersBackend().load(spec)
+        self.model.warm_up()  # compiles every batch width (compile: on) on this thread, which steps it
         print(f"{backend}: decode {self.model.details()['decode']}", flush=True)
         self.gen = self
 

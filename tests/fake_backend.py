@@ -38,6 +38,9 @@ class FakeModel(LoadedModel):
         self.explode = threading.Event()
         self.fail_next = threading.Event()
         self.unloaded = False
+        #: set before loading to make warm_up raise it; warmed_on: the thread warm_up ran on
+        self.warm_up_error: BaseException | None = None
+        self.warmed_on: int | None = None
 
     def tokenize(self, text, *, add_special_tokens=True):
         return [ord(c) % 50 + 1 for c in text]
@@ -114,6 +117,11 @@ class FakeModel(LoadedModel):
             )
         return events
 
+    def warm_up(self):
+        self.warmed_on = threading.get_ident()
+        if self.warm_up_error is not None:
+            raise self.warm_up_error
+
     def unload(self):
         self.unloaded = True
 
@@ -126,8 +134,10 @@ class FakeBackend(Backend):
 
     name = "fake"
 
-    def __init__(self, *, load_delay: float = 0.0, **model_kwargs):
+    def __init__(self, *, load_delay: float = 0.0, warm_up_errors: dict[str, BaseException] | None = None,
+                 **model_kwargs):
         self.model_kwargs = model_kwargs
+        self.warm_up_errors = warm_up_errors or {}  # model name -> what its warm_up raises
         self.models: dict[str, FakeModel] = {}
         self.load_delay = load_delay
         self.loads = 0  # how many times load() ran
@@ -142,6 +152,7 @@ class FakeBackend(Backend):
         self.loads += 1
         time.sleep(self.load_delay)
         model = FakeModel(spec.name, **self.model_kwargs)
+        model.warm_up_error = self.warm_up_errors.get(spec.name)
         self.models[spec.name] = model
         return model
 

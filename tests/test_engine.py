@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -232,6 +233,33 @@ async def test_models_listing_load_and_unload():
     assert await engine.unload("fake") is False
     with pytest.raises(ModelNotFound):
         engine.model_info("missing")
+    await engine.stop()
+
+
+async def test_the_models_own_thread_warms_it_up_before_its_first_step():
+    engine, backend = make_engine()
+    texts, _, _ = await collect(engine, req(max_tokens=2))
+    runner = engine._runners["fake"]
+    # compiled CUDA graphs belong to the thread that records them: the one that steps the model
+    assert backend.models["fake"].warmed_on == runner._thread.ident != threading.get_ident()
+    assert texts[0] == "t7 t8 "
+    await engine.stop()
+
+
+async def test_a_failed_warm_up_fails_the_load_cleanly_and_the_engine_goes_on():
+    backend = FakeBackend(warm_up_errors={"fake": RuntimeError("/secret/path exploded")})
+    engine = Engine(EngineConfig(), FakeCatalog(["fake", "other"]), [backend])
+    with pytest.raises(EngineError) as caught:
+        await engine.load("fake")
+    assert str(caught.value) == "Preparing model 'fake' failed (RuntimeError)"  # no path, no message
+    assert "fake" not in [m.name for m in engine.loaded_models()]
+    await wait_for(lambda: backend.models["fake"].unloaded)
+    texts, _, _ = await collect(engine, GenerationRequest(model="other", prompt_ids=(1, 2, 3),
+                                                           params=GenerationParams(max_tokens=2)))
+    assert texts[0] == "t7 t8 "
+    with pytest.raises(EngineError):  # not cached as loaded: the next request tries again
+        await engine.load("fake")
+    assert backend.loads == 3
     await engine.stop()
 
 

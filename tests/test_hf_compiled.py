@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from collections import defaultdict
 from pathlib import Path
 
@@ -18,7 +19,12 @@ torch = pytest.importorskip("torch")
 
 from tests.server_fixtures import TINY, make_test_config, running_server  # noqa: E402
 from xllm_jupyter.backends.base import ModelSpec  # noqa: E402
-from xllm_jupyter.backends.hf_compiled import StaticBatch, StaticPlan, buckets  # noqa: E402
+from xllm_jupyter.backends.hf_compiled import (  # noqa: E402
+    StaticBatch,
+    StaticPlan,
+    buckets,
+    give_this_thread_cudagraph_state,
+)
 from xllm_jupyter.backends.registry import (  # noqa: E402
     AUTO_ORDER,
     COMPILED_FIRST,
@@ -29,7 +35,13 @@ from xllm_jupyter.backends.registry import (  # noqa: E402
 from xllm_jupyter.backends.transformers import TransformersBackend, TransformersModel  # noqa: E402
 from xllm_jupyter.core.config import EngineConfig  # noqa: E402
 from xllm_jupyter.core.errors import ContextLengthExceeded, EngineError  # noqa: E402
-from xllm_jupyter.core.types import FinishReason, SamplingParams, SequenceJob  # noqa: E402
+from xllm_jupyter.core.types import (  # noqa: E402
+    FinishReason,
+    GenerationParams,
+    GenerationRequest,
+    SamplingParams,
+    SequenceJob,
+)
 from xllm_jupyter.engine.engine import Engine  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -194,6 +206,60 @@ def test_lora_rows_follow_their_slots(tiny_llama_dir, tmp_path):
     assert tokens(plain[0]) != tokens(outs[0][1])  # the adapter really changed that row
 
 
+def test_compiled_steps_refuse_a_thread_other_than_the_one_that_warmed_them_up(eager):
+    # torch's CUDA graph trees keep graphs per thread (a second thread's first new shape fails
+    # inside torch): the decoder enforces one thread on every device, so CPU runs catch it
+    m = TransformersModel(cpu_spec(eager.model.name_or_path), eager.model, eager.tokenizer, device=torch.device("cpu"),
+                          max_batch_size=SLOTS, static=StaticPlan(CACHE_TOKENS, "eager"))
+    helper = threading.Thread(target=m.warm_up)
+    helper.start()
+    helper.join()
+    assert m._batch.decoder.thread == helper.ident
+    with pytest.raises(EngineError, match="generation step") as caught:
+        run(m, {0: [job(range(10, 20), 3)]})
+    assert "second thread" in str(caught.value.__cause__)
+    m.unload()
+
+
+def test_each_model_compiles_its_own_graphs(eager):
+    # shared graphs would make two models re-record each other's CUDA graphs at every switch
+    from torch._dynamo.utils import counters
+
+    first = slot_model(eager, "eager")
+    graphs = counters["stats"]["unique_graphs"]
+    second = slot_model(eager, "eager")
+    assert counters["stats"]["unique_graphs"] > graphs
+    first.unload()
+    second.unload()
+
+
+def test_a_new_thread_can_record_cuda_graphs_after_the_setup():
+    # torch 2.11 asserts in get_container on any thread but the one that imported the module
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torch._inductor import cudagraph_trees as trees
+
+    def on_a_new_thread():
+        give_this_thread_cudagraph_state()
+        return trees.get_container(0)  # what recording a graph calls first (no CUDA needed)
+
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(on_a_new_thread).result().device_index == 0
+
+
+async def test_the_engine_thread_compiles_and_steps_the_model(tiny_catalog):
+    engine = Engine(EngineConfig(compile="on", max_batch_size=2), catalog=TraceOnly(tiny_catalog))
+    try:
+        model = await engine.load(TINY)
+        request = GenerationRequest(model=TINY, prompt_ids=tuple(range(10, 20)), params=GenerationParams(max_tokens=4))
+        done = [ev async for ev in engine.generate(request)][-1]
+        assert done.usage.completion_tokens == 4
+        assert model.details()["decode"] == "compiled-static"
+        assert model._batch.decoder.thread == engine._runners[TINY]._thread.ident != threading.get_ident()
+    finally:
+        await engine.stop()
+
+
 def test_compile_option_chooses_the_path_at_load(tiny_llama_dir):
     backend = TransformersBackend()
     on = backend.load(cpu_spec(tiny_llama_dir, compile="on", compile_backend="eager", max_batch_size=2))
@@ -292,6 +358,7 @@ def test_cuda_graph_decode_matches_eager(tiny_llama_dir, dtype):
     eager_gpu = backend.load(ModelSpec(name="tiny", path=Path(tiny_llama_dir), options={**opts, "compile": "off"}))
     skips = counters["inductor"]["cudagraph_skips"]
     graphs = backend.load(ModelSpec(name="tiny", path=Path(tiny_llama_dir), options={**opts, "compile": "on"}))
+    graphs.warm_up()
     try:
         assert graphs.details()["decode"] == "compiled-static" and graphs._batch.decoder.compiled
         want, _ = run(eager_gpu, schedule())
@@ -309,3 +376,39 @@ def test_cuda_graph_decode_matches_eager(tiny_llama_dir, dtype):
     finally:
         eager_gpu.unload()
         graphs.unload()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+async def test_cuda_graphs_on_engine_threads_across_a_reload(tiny_catalog):
+    """The server's path: compiled and stepped on the engine thread, then again on a new one.
+
+    The reload's engine thread is not the one that imported torch's CUDA graph module (torch
+    2.11 asserts there without ``give_this_thread_cudagraph_state``); jobs of different
+    lengths record (rows, window) pairs the warm-up did not.
+    """
+    import asyncio
+
+    from torch._dynamo.utils import counters
+
+    config = EngineConfig(device="cuda", compile="on", max_batch_size=SLOTS, cache_tokens=CACHE_TOKENS)
+    engine = Engine(config, catalog=tiny_catalog)
+
+    async def completion_tokens(request):
+        return [ev async for ev in engine.generate(request)][-1].usage.completion_tokens
+
+    skips = counters["inductor"]["cudagraph_skips"]
+    try:
+        for _ in range(2):
+            model = await engine.load(TINY)
+            lengths = [300, 260, 200]  # past the first 256-column window, ending at different steps
+            requests = [GenerationRequest(model=TINY, prompt_ids=tuple(range(10 + i, 40 + i)),
+                                          params=GenerationParams(max_tokens=n, ignore_eos=True))
+                        for i, n in enumerate(lengths)]
+            assert await asyncio.gather(*map(completion_tokens, requests)) == lengths
+            assert model.details()["decode"] == "compiled-static"
+            assert model._batch.decoder.thread == engine._runners[TINY]._thread.ident
+            assert await engine.unload(TINY)
+        assert counters["inductor"]["cudagraph_skips"] == skips
+    finally:
+        await engine.stop()

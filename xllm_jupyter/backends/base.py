@@ -81,6 +81,13 @@ class LoadedModel(ABC):
         """The chat template's source, for feature detection (tool support, call format); None if unknown."""
         return None
 
+    def warm_up(self) -> None:
+        """Compile or record what the first steps would otherwise wait for (engine thread, before any step).
+
+        It runs on the thread that will step the model because some of that work belongs to
+        its thread: torch's CUDA graph trees, for one, keep their graphs per thread.
+        """
+
     @abstractmethod
     def add(self, job: SequenceJob) -> None:
         """Queue a job; it joins the batch at the next ``step`` (engine thread only)."""

@@ -33,12 +33,16 @@ supported: such models stay on the eager path.
 from __future__ import annotations
 
 import logging
+import threading
+import types
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
 from transformers.cache_utils import Cache, StaticLayer
 
+from ..core.errors import EngineError
 from .kv_batch import _layers, new_cache
 from .registry import compile_auto, compile_setting
 
@@ -197,6 +201,27 @@ class SlotCache(Cache):
         return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers)
 
 
+def give_this_thread_cudagraph_state() -> None:
+    """Set up torch's per-thread CUDA graph tree state on this thread if torch left it unset.
+
+    Older torch (2.11, the GPU machine's) creates that state only on the thread that imports
+    ``torch._inductor.cudagraph_trees``; on any other thread the first graph it records fails
+    an ``assert`` inside torch (pytorch#123177). Newer torch (2.13) sets it up lazily on each
+    thread (``_initialize_tls``), as this does, so there this is a no-op. The engine steps a
+    model on its own thread, which is rarely the importing one.
+    """
+    try:
+        from torch._inductor import cudagraph_trees as trees
+
+        if hasattr(trees, "_initialize_tls") or hasattr(trees.local, "tree_manager_containers") \
+                or torch._C._is_key_in_tls("tree_manager_containers"):
+            return
+        trees.local.tree_manager_containers = {}
+        trees.local.tree_manager_locks = defaultdict(threading.Lock)
+    except (ImportError, AttributeError):  # a torch laid out otherwise: leave it to torch
+        log.debug("CUDA graph trees: no per-thread state to set up", exc_info=True)
+
+
 def probe_shapes(model, device: torch.device) -> list[tuple[tuple[int, int, int], torch.dtype]]:
     """Per-layer cache shapes and dtypes, from a one-token forward (works for any full-attention model)."""
     cache = new_cache()
@@ -206,6 +231,21 @@ def probe_shapes(model, device: torch.device) -> list[tuple[tuple[int, int, int]
             for layer in _layers(cache)]
 
 
+def own_code(method: types.MethodType) -> types.MethodType:
+    """``method`` rebuilt over a copy of its code object, bound to the same instance.
+
+    dynamo keeps compiled graphs, and with them the CUDA graphs and their memory pools, per
+    code object. Over one shared ``_forward`` a second model of the same shapes would run the
+    first's graphs (re-recording them at every switch, as its buffers have other addresses)
+    and an unloaded model's graphs would stay alive. A code object of its own per decoder
+    keeps each model's graphs its own and frees them with it.
+    """
+    func = method.__func__
+    copy = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__,
+                              func.__closure__)
+    return types.MethodType(copy, method.__self__)
+
+
 class SlotDecoder:
     """The decode step over slots 0..n-1: one forward, eager or compiled, returning last-token logits."""
 
@@ -213,14 +253,17 @@ class SlotDecoder:
         """``compile_backend`` None runs eagerly; "inductor" on CUDA captures CUDA graphs."""
         self.model, self.cache = model, cache
         self.compiled = compile_backend is not None
+        self.cuda = cuda
         self.widths = buckets(cache.slots)
         self.windows = buckets(cache.tokens, min(WINDOW_MIN, cache.tokens))
         self._eager = self._forward
+        #: the thread that ran the compiled step first; every later compiled step must run there
+        self.thread: int | None = None
         if compile_backend is None:
             self._fn = self._forward
         else:
             mode = "reduce-overhead" if cuda and compile_backend == "inductor" else None
-            self._fn = torch.compile(self._forward, backend=compile_backend, mode=mode, fullgraph=True)
+            self._fn = torch.compile(own_code(self._forward), backend=compile_backend, mode=mode, fullgraph=True)
 
     def _forward(self, ids: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         # the window travels as the mask's shape (a graph input, so a new window is a new
@@ -247,9 +290,24 @@ class SlotDecoder:
         n = ids.shape[0]
         self.cache.positions[:n].copy_(positions)
         visible = self.cache.visible(n, self.window(int(positions.max())))
-        if self.compiled and not eager and ids.device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the previous outputs are done with
+        if self.compiled and not eager:
+            self._check_thread()
+            if ids.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the previous outputs are done with
         return (self._eager if eager else self._fn)(ids, visible)
+
+    def _check_thread(self) -> None:
+        # torch's CUDA graph trees keep their graphs in thread-local state: on a second thread
+        # the first new shape fails inside torch (an assert). Checked on every device, so CPU
+        # runs catch a caller that breaks the rule.
+        me = threading.get_ident()
+        if self.thread is None:
+            self.thread = me
+            if self.cuda:
+                give_this_thread_cudagraph_state()
+        elif self.thread != me:
+            raise EngineError("The compiled decode step ran on a second thread: it must run on the "
+                              "thread that warmed it up (the model's engine thread)")
 
     def warm_up(self, pad_id: int) -> None:
         """Compile (and record) every bucket now, at load, instead of stalling the first requests."""
@@ -257,8 +315,9 @@ class SlotDecoder:
             return
         # every row count at the narrowest window, then every window at the widest: after a
         # shape changes once, dynamo recompiles that dimension as dynamic, so this is a few
-        # compiles, not one per combination. CUDA graphs are recorded per thread, so the engine
-        # thread still records each shape on its first use (milliseconds, no compiling).
+        # compiles, not one per combination. Other (rows, window) pairs reuse those compiles; on
+        # CUDA each pair's graph is recorded on its first use (milliseconds). This runs on the
+        # engine thread (``LoadedModel.warm_up``), the only thread that may step it afterwards.
         shapes = [(n, self.windows[0]) for n in self.widths] + [(self.widths[-1], w) for w in self.windows[1:]]
         for n, window in shapes:
             self.step(torch.full((n, 1), pad_id, dtype=torch.long, device=self.cache.positions.device),

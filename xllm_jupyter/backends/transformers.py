@@ -127,8 +127,7 @@ class TransformersBackend(Backend):
         except torch.OutOfMemoryError as exc:  # the slot cache is allocated whole, here
             raise EngineError(f"Not enough memory for the static KV cache of '{spec.name}': lower "
                               "engine.cache_tokens or engine.max_batch_size, or set engine.compile: off") from exc
-        loaded.warm_up()  # compiles now, on the loading thread, not in the first requests
-        return loaded
+        return loaded  # the engine's step thread compiles it (``warm_up``) before its first request
 
 
 def _pick_device(name: str) -> "torch.device":

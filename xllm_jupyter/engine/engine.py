@@ -220,6 +220,12 @@ class Engine(AdapterMixin, ResidencyMixin):
         ]
         runner = runners[0] if count == 1 else ReplicaSet(runners)
         runner.start()
+        try:
+            await asyncio.to_thread(runner.wait_ready)  # compiling can take minutes: off the IOLoop
+        except BaseException:
+            # failed, or this load was cancelled mid warm-up: stop the thread once it is done, unload
+            threading.Thread(target=runner.shutdown, kwargs={"timeout": None}, daemon=True).start()
+            raise
         self._res[name] = Residency(device=device, memory_bytes=sum(m.memory_bytes() for m in models))
         self._touch(name)
         self._start_reaper()

@@ -110,6 +110,11 @@ class ReplicaSet:
         for r in self.runners:
             r.start()
 
+    def wait_ready(self) -> None:
+        """Block until every replica has warmed up; EngineError if one failed."""
+        for r in self.runners:
+            r.wait_ready()
+
     @property
     def alive(self) -> bool:
         """True while every replica's thread runs."""
@@ -144,7 +149,7 @@ class ReplicaSet:
         """Each replica's own counters."""
         return [r.stats() for r in self.runners]
 
-    def shutdown(self, timeout: float = 30.0) -> None:
+    def shutdown(self, timeout: float | None = 30.0) -> None:
         """Stop every replica and unload its model."""
         for r in self.runners:
             r.shutdown(timeout)

@@ -159,12 +159,20 @@ class ModelRunner:
         self._stopping = False
         self._counters = _Counters()
         self._thread = threading.Thread(target=self._run, name=f"xllm-runner-{model.name}", daemon=True)
+        self._warmed = threading.Event()  # set once the model's warm-up has ended, well or not
         self.error: BaseException | None = None
 
     # ------------------------------------------------------------ any thread
     def start(self) -> None:
-        """Start the step thread."""
+        """Start the step thread; it warms the model up before taking jobs (see ``wait_ready``)."""
         self._thread.start()
+
+    def wait_ready(self) -> None:
+        """Block until the step thread has warmed the model up; EngineError if that failed."""
+        self._warmed.wait()
+        if self.error is not None:
+            raise EngineError(f"Preparing model '{self.model.name}' failed ({type(self.error).__name__})") \
+                from self.error
 
     @property
     def alive(self) -> bool:
@@ -229,8 +237,8 @@ class ModelRunner:
             cancelled=c.cancelled,
         )
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the thread, end every open request with an error, unload the model."""
+    def shutdown(self, timeout: float | None = 30.0) -> None:
+        """Stop the thread (waiting up to ``timeout`` s; None: until it ends), fail open requests, unload."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
@@ -250,6 +258,14 @@ class ModelRunner:
 
     # ------------------------------------------------------ engine thread only
     def _run(self) -> None:
+        try:
+            self.model.warm_up()  # here, not on the loading thread: compiled graphs belong to this thread
+        except BaseException as exc:
+            self.error = exc
+            log.exception("warming up %s failed", self.model.name)
+            return
+        finally:
+            self._warmed.set()
         try:
             while self._admit():
                 try:
