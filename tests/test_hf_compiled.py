@@ -233,6 +233,18 @@ def test_each_model_compiles_its_own_graphs(eager):
     second.unload()
 
 
+def test_after_the_warm_up_serving_compiles_nothing(eager):
+    # a compile while serving stalls every running stream (seconds on CPU, up to minutes on a GPU)
+    from torch._dynamo.utils import counters
+
+    m = slot_model(eager, "eager")
+    graphs = counters["stats"]["unique_graphs"]
+    run(m, {0: [job(range(10, 40), 300)]})  # one row past the first window
+    run(m, {0: [job(range(10, 40), 300), job(range(50, 60), 200)], 5: [job(range(70, 90), 100)]})
+    assert counters["stats"]["unique_graphs"] == graphs
+    m.unload()
+
+
 def test_a_new_thread_can_record_cuda_graphs_after_the_setup():
     # torch 2.11 asserts in get_container on any thread but the one that imported the module
     from concurrent.futures import ThreadPoolExecutor

@@ -315,10 +315,14 @@ class SlotDecoder:
             return
         # every row count at the narrowest window, then every window at the widest: after a
         # shape changes once, dynamo recompiles that dimension as dynamic, so this is a few
-        # compiles, not one per combination. Other (rows, window) pairs reuse those compiles; on
-        # CUDA each pair's graph is recorded on its first use (milliseconds). This runs on the
-        # engine thread (``LoadedModel.warm_up``), the only thread that may step it afterwards.
-        shapes = [(n, self.windows[0]) for n in self.widths] + [(self.widths[-1], w) for w in self.windows[1:]]
+        # compiles, not one per combination. One row stays a graph of its own (dynamo
+        # specializes sizes of 1), so it gets the wider windows too. Other (rows, window) pairs
+        # reuse those compiles; on CUDA each pair's graph is recorded on its first use
+        # (milliseconds). This runs on the engine thread (``LoadedModel.warm_up``), the only
+        # thread that may step it afterwards.
+        wider = self.windows[1:]
+        shapes = ([(n, self.windows[0]) for n in self.widths] + [(self.widths[-1], w) for w in wider]
+                  + [(1, w) for w in wider if self.widths[-1] > 1])
         for n, window in shapes:
             self.step(torch.full((n, 1), pad_id, dtype=torch.long, device=self.cache.positions.device),
                       torch.full((n,), window - 1, dtype=torch.long))  # free slots: the writes are never read
