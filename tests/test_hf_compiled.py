@@ -67,11 +67,12 @@ def eager(tiny_llama_dir) -> TransformersModel:
     m.unload()
 
 
-def slot_model(eager: TransformersModel, compile_backend: str | None) -> TransformersModel:
-    """The same weights decoding through a slot cache (``compile_backend`` None: not compiled)."""
+def slot_model(eager: TransformersModel, compile_backend: str | None, *, warm: bool = True) -> TransformersModel:
+    """The same weights decoding through a slot cache (``compile_backend`` None: not compiled), warmed up here."""
     m = TransformersModel(cpu_spec(eager.model.name_or_path), eager.model, eager.tokenizer, device=torch.device("cpu"),
                           max_batch_size=SLOTS, static=StaticPlan(CACHE_TOKENS, compile_backend))
-    m.warm_up()
+    if warm:
+        m.warm_up()
     return m
 
 
@@ -209,8 +210,7 @@ def test_lora_rows_follow_their_slots(tiny_llama_dir, tmp_path):
 def test_compiled_steps_refuse_a_thread_other_than_the_one_that_warmed_them_up(eager):
     # torch's CUDA graph trees keep graphs per thread (a second thread's first new shape fails
     # inside torch): the decoder enforces one thread on every device, so CPU runs catch it
-    m = TransformersModel(cpu_spec(eager.model.name_or_path), eager.model, eager.tokenizer, device=torch.device("cpu"),
-                          max_batch_size=SLOTS, static=StaticPlan(CACHE_TOKENS, "eager"))
+    m = slot_model(eager, "eager", warm=False)
     helper = threading.Thread(target=m.warm_up)
     helper.start()
     helper.join()

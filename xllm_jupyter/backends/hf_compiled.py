@@ -292,7 +292,7 @@ class SlotDecoder:
         visible = self.cache.visible(n, self.window(int(positions.max())))
         if self.compiled and not eager:
             self._check_thread()
-            if ids.device.type == "cuda":
+            if self.cuda:
                 torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the previous outputs are done with
         return (self._eager if eager else self._fn)(ids, visible)
 
