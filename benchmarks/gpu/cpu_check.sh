@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The exllama checks that need the libraries but no GPU (`pytest -m exllama`), run HERE with the
-# modules cross_build.sh made for the GPU machine: the libraries' own generators, jobs and page
+# The checks that need the GPU machine's builds but no GPU (`pytest -m "exllama or cuda_build"`),
+# run HERE with the torch and the modules cross_build.sh made for the GPU machine: the compiled
+# decode step's graphs against inductor's CUDA-graph conditions on fake CUDA tensors
+# (tests/test_cuda_graph_readiness.py), and the libraries' own generators, jobs and page
 # tables with only the model's forward taken out (tests/page_generator.py): our per-user prefix
 # isolation and the serving behaviour that does not depend on the forward, from the model up to
 # the real server and the openai SDK. A bug there would otherwise cost a GPU lease to find.
@@ -33,5 +35,6 @@ if [ "${1:-}" = --bench ]; then  # gpu_serving.py's raw-vs-server rows over the 
   shift
   exec python3 benchmarks/gpu_serving.py --stand-in "$@"
 fi
-python3 -m pytest -q -rs -p no:cacheprovider -o filterwarnings=ignore::DeprecationWarning -m exllama \
-  tests/test_prefix_isolation_library.py tests/test_exllama_library_serving.py tests/test_benchmark_tools.py "$@"
+python3 -m pytest -q -rs -p no:cacheprovider -o filterwarnings=ignore::DeprecationWarning -m "exllama or cuda_build" \
+  tests/test_prefix_isolation_library.py tests/test_exllama_library_serving.py tests/test_benchmark_tools.py \
+  tests/test_cuda_graph_readiness.py "$@"

@@ -16,8 +16,8 @@
 #
 # Phases (estimated seconds on an H100/H200 with prebuilt extensions):
 #   setup       install carried wheels and extensions; JIT-build what is not prebuilt   (20; 330 without)
-#   tests       pytest -m "gpu or exllama": test_gpu_backends, test_gpu_engine_options,
-#               test_hf_compiled, test_prefix_isolation_library,
+#   tests       pytest -m "gpu or exllama or cuda_build": test_gpu_backends, test_gpu_engine_options,
+#               test_hf_compiled, test_cuda_graph_readiness, test_prefix_isolation_library,
 #               test_exllama_library_serving                                            (240)
 #   make1b      random-weight Llama 1.17B fp16 with SmolLM2's tokenizer                 (30)
 #   convert1b   EXL3 4.0 bpw with exllamav3's converter                                (150)
@@ -73,9 +73,9 @@ phase_setup() {
   wait
 }
 phase_tests() {
-  python3 -m pytest -q -rs -p no:cacheprovider -o filterwarnings=ignore::DeprecationWarning -m "gpu or exllama" \
+  python3 -m pytest -q -rs -p no:cacheprovider -o filterwarnings=ignore::DeprecationWarning -m "gpu or exllama or cuda_build" \
     --junitxml="$OUT/gpu_tests.xml" tests/test_gpu_backends.py tests/test_gpu_engine_options.py tests/test_hf_compiled.py \
-    tests/test_prefix_isolation_library.py tests/test_exllama_library_serving.py
+    tests/test_cuda_graph_readiness.py tests/test_prefix_isolation_library.py tests/test_exllama_library_serving.py
 }
 phase_make1b() { bench --make 1b --make-out "$WORK/llama1b" --tokenizer "$TOK"; }
 phase_convert1b() {

@@ -309,21 +309,29 @@ class SlotDecoder:
             raise EngineError("The compiled decode step ran on a second thread: it must run on the "
                               "thread that warmed it up (the model's engine thread)")
 
+    def warm_up_shapes(self) -> list[tuple[int, int]]:
+        """The (rows, window) pairs the warm-up steps through, in order.
+
+        Every row count at the narrowest window, then every window at the widest: after a
+        shape changes once, dynamo recompiles that dimension as dynamic, so this is a few
+        compiles, not one per combination. One row stays a graph of its own (dynamo
+        specializes sizes of 1), so it gets the wider windows too. Other (rows, window) pairs
+        reuse those compiles; on CUDA each pair's graph is recorded on its first use
+        (milliseconds).
+        """
+        wider = self.windows[1:]
+        return ([(n, self.windows[0]) for n in self.widths] + [(self.widths[-1], w) for w in wider]
+                + [(1, w) for w in wider if self.widths[-1] > 1])
+
     def warm_up(self, pad_id: int) -> None:
-        """Compile (and record) every bucket now, at load, instead of stalling the first requests."""
+        """Compile (and record) every bucket now, at load, instead of stalling the first requests.
+
+        This runs on the engine thread (``LoadedModel.warm_up``), the only thread that may
+        step the model afterwards.
+        """
         if not self.compiled:
             return
-        # every row count at the narrowest window, then every window at the widest: after a
-        # shape changes once, dynamo recompiles that dimension as dynamic, so this is a few
-        # compiles, not one per combination. One row stays a graph of its own (dynamo
-        # specializes sizes of 1), so it gets the wider windows too. Other (rows, window) pairs
-        # reuse those compiles; on CUDA each pair's graph is recorded on its first use
-        # (milliseconds). This runs on the engine thread (``LoadedModel.warm_up``), the only
-        # thread that may step it afterwards.
-        wider = self.windows[1:]
-        shapes = ([(n, self.windows[0]) for n in self.widths] + [(self.widths[-1], w) for w in wider]
-                  + [(1, w) for w in wider if self.widths[-1] > 1])
-        for n, window in shapes:
+        for n, window in self.warm_up_shapes():
             self.step(torch.full((n, 1), pad_id, dtype=torch.long, device=self.cache.positions.device),
                       torch.full((n,), window - 1, dtype=torch.long))  # free slots: the writes are never read
 
