@@ -24,6 +24,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from xllm_jupyter.backends.hf_compiled import SlotCache, SlotDecoder
+from xllm_jupyter.backends.slot_attention import use_slot_sdpa
 
 pytestmark = [
     pytest.mark.cuda_build,
@@ -51,6 +52,8 @@ class CudaGraphAudit:
         self.problems: list[str] = []
         #: graphs compiled (each a recompile dynamo asked for)
         self.graphs = 0
+        #: the shape of every tensor the graphs compute (symbolic sizes as strings)
+        self.shapes: set[tuple[str, ...]] = set()
         self.backend = aot_autograd(fw_compiler=self._inspect, decompositions=select_decomp_table(),
                                     keep_inference_input_mutations=True)
 
@@ -66,6 +69,8 @@ class CudaGraphAudit:
         mutated: set[int] = set()
         for node in gm.graph.nodes:
             val = node.meta.get("val")
+            if isinstance(val, torch.Tensor) and node.op == "call_function":
+                self.shapes.add(tuple(str(size) for size in val.shape))
             if isinstance(val, torch.Tensor) and val.device.type != "cuda":
                 self.problems.append(f"{node.name} ({node.target}) is on {val.device}")
             if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
@@ -119,6 +124,7 @@ def audited_decoder(mode, *, slots: int, tokens: int) -> tuple[SlotDecoder, Cuda
     # transformers versions, 5.17 for one, its mask makes a one-element constant on the device,
     # which tracing computes for real, and that needs a driver.)
     model = fake_cuda_llama(mode, **LLAMA, attn_implementation="sdpa")
+    assert use_slot_sdpa(model)  # as StaticBatch does: grouped-query decode without repeated keys
     heads, dim = LLAMA["num_key_value_heads"], LLAMA["hidden_size"] // LLAMA["num_attention_heads"]
     audit = CudaGraphAudit(mode)
     with mode:
@@ -130,14 +136,17 @@ def test_every_decode_shape_compiles_to_a_graph_inductor_can_capture(fake_mode):
     decoder, audit = audited_decoder(fake_mode, slots=4, tokens=1024)
     with fake_mode:
         ids = {n: torch.zeros((n, 1), dtype=torch.long, device=CUDA) for n in decoder.widths}
-    serving = [(n, w) for n in decoder.widths for w in decoder.windows]
     with torch.inference_mode():
-        for n, window in decoder.warm_up_shapes() + serving:
+        for n, window in decoder.warm_up_shapes():  # every (rows, window) pair a step can take
             logits = decoder.step(ids[n], torch.full((n,), window - 1, dtype=torch.long))
             assert tuple(logits.shape) == (n, VOCAB) and logits.device == CUDA
-    assert decoder.widths == (1, 2, 4) and decoder.windows == (256, 512, 1024)
-    assert audit.graphs >= 3  # one row, more rows, wider windows: dynamo compiled each
+    assert decoder.widths == (2, 4) and decoder.windows == (256, 512, 1024)
+    assert audit.graphs == 1  # rows and window traced as sizes that vary: one graph for all
     assert audit.problems == []
+    # keys and values stay per key/value head: no (rows, query heads, window, dim) copy of them
+    heads, dim = str(LLAMA["num_attention_heads"]), str(LLAMA["hidden_size"] // LLAMA["num_attention_heads"])
+    four_d = [shape for shape in audit.shapes if len(shape) == 4]
+    assert four_d and not [s for s in four_d if s[1] == heads and s[3] == dim and s[2] != "1"], four_d
 
 
 def test_the_audit_finds_what_would_make_inductor_skip_cuda_graphs(fake_mode):

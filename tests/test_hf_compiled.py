@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -20,9 +21,11 @@ torch = pytest.importorskip("torch")
 from tests.server_fixtures import TINY, make_test_config, running_server  # noqa: E402
 from xllm_jupyter.backends.base import ModelSpec  # noqa: E402
 from xllm_jupyter.backends.hf_compiled import (  # noqa: E402
+    SPARE_COLUMNS,
     StaticBatch,
     StaticPlan,
     buckets,
+    compiled_graphs,
     give_this_thread_cudagraph_state,
 )
 from xllm_jupyter.backends.registry import (  # noqa: E402
@@ -148,8 +151,8 @@ def test_details_memory_and_context(eager, static):
     assert details["decode"] == ("compiled-static" if static._batch.decoder.compiled else "static")
     assert eager.details()["decode"] == "eager"
     cache = static._batch.cache
-    # 2 layers x (keys + values) x 3 slots x 2 kv heads x 512 columns x 16 dims x 4 bytes
-    assert cache.nbytes == 2 * 2 * SLOTS * 2 * 512 * 16 * 4
+    # 2 layers x (keys + values) x 3 slots x 2 kv heads x (512 + 16 spare) columns x 16 dims x 4 bytes
+    assert cache.nbytes == 2 * 2 * SLOTS * 2 * (512 + SPARE_COLUMNS) * 16 * 4
     assert static.memory_bytes() == static._weight_bytes + cache.nbytes
     assert static.context_length == 512  # the slot length bounds every sequence
     with pytest.raises(ContextLengthExceeded):
@@ -245,6 +248,23 @@ def test_after_the_warm_up_serving_compiles_nothing(eager):
     m.unload()
 
 
+def test_one_graph_serves_every_shape_so_steps_skip_their_guard_checks(eager):
+    # ~1,000 guards cost 0.3-0.9 ms a step here; with one graph there is nothing for them to choose
+    m = slot_model(eager, "eager")
+    decoder = m._batch.decoder
+    assert decoder.widths == (2, 3) and decoder.windows == (256, 512)  # one row runs as two
+    assert compiled_graphs(decoder._fn) == 1 and decoder.skips_guards
+    joins = {0: [job(range(10, 40), 300)], 3: [job(range(50, 60), 20)]}  # past the first window; 1-3 rows
+    before = decoder.steps_without_guard_checks
+    got, slots_seen = run(m, joins)
+    want, _ = run(eager, {0: [job(range(10, 40), 300)], 3: [job(range(50, 60), 20)]})
+    assert [tokens(got[i]) for i in (0, 1)] == [tokens(want[i]) for i in (0, 1)]
+    assert {len(s) for s in slots_seen} == {0, 1, 2}  # one row ran alone, then two
+    assert decoder.steps_without_guard_checks - before == 299  # every decode step: the first token is the prefill's
+    assert compiled_graphs(decoder._fn) == 1
+    m.unload()
+
+
 def test_a_new_thread_can_record_cuda_graphs_after_the_setup():
     # torch 2.11 asserts in get_container on any thread but the one that imported the module
     from concurrent.futures import ThreadPoolExecutor
@@ -335,6 +355,88 @@ class TraceOnly:
 
     def names(self):
         return self.store.names()
+
+
+class Renamed(TraceOnly):
+    """TraceOnly, with more names for the same model (two compiled models from one checkpoint)."""
+
+    def __init__(self, store, aliases: dict[str, str]):
+        super().__init__(store)
+        self.aliases = aliases
+
+    def resolve(self, name):
+        """The aliased model's spec under ``name``."""
+        return dataclasses.replace(super().resolve(self.aliases.get(name, name)), name=name)
+
+
+async def test_a_model_compiles_while_another_serves(tiny_catalog, eager):
+    # a torch.compile trace beside another transformers forward fails (the trace state is
+    # process-wide) and the skip stance is process-wide: the compile gate keeps them apart
+    import asyncio
+
+    from xllm_jupyter.backends.compile_gate import COMPILE_GATE
+    from xllm_jupyter.core.types import ChoiceDelta
+
+    second = "tiny-second"
+    engine = Engine(EngineConfig(compile="on", max_batch_size=2), catalog=Renamed(tiny_catalog, {second: TINY}))
+    prompt = tuple(range(10, 40))
+    want, _ = run(eager, {0: [job(prompt, 60)]})
+
+    async def generated(name):
+        params = GenerationParams(max_tokens=60, sampling=GREEDY, ignore_eos=True)
+        events = [ev async for ev in engine.generate(GenerationRequest(model=name, prompt_ids=prompt, params=params))]
+        return [t for ev in events if isinstance(ev, ChoiceDelta) for t in ev.token_ids]
+
+    def compiling() -> bool:
+        deadline = time.monotonic() + 60
+        while COMPILE_GATE.in_flight[2] == 0:  # the second model's first compile is under way
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.002)
+        return True
+
+    try:
+        first = (await engine.load(TINY))._batch.decoder
+        assert first.skips_guards
+        loading = asyncio.create_task(engine.load(second))
+        assert await asyncio.to_thread(compiling)
+        during = await generated(TINY)
+        other = (await loading)._batch.decoder
+        before = first.steps_without_guard_checks
+        assert during == await generated(TINY) == await generated(second) == tokens(want[0])
+        assert first.steps_without_guard_checks - before == 59  # every decode step skipped its guard checks
+        assert other.compiled and other.skips_guards and other.steps_without_guard_checks == 59
+        assert COMPILE_GATE.in_flight == (0, 0, 0)
+    finally:
+        await engine.stop()
+
+
+def test_compiles_beside_another_models_forwards_do_not_fail(tiny_llama_dir):
+    # without the gate, 4-6 of 8 such compiles failed with transformers 5.25 (each model then
+    # decoded eagerly): dynamo read trace state that the other thread's forwards switched
+    backend = TransformersBackend()
+    serving = backend.load(cpu_spec(tiny_llama_dir, compile="off", max_batch_size=2))
+    stop = threading.Event()
+
+    def serve():
+        with torch.inference_mode():
+            while not stop.is_set():
+                serving.add(job(range(10, 30), 2))
+                while serving.active_jobs():
+                    serving.step()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        for _ in range(4):
+            m = backend.load(cpu_spec(tiny_llama_dir, compile="on", compile_backend="eager", max_batch_size=2))
+            m.warm_up()
+            assert m.decode_mode == "compiled-static" and m._batch.decoder.skips_guards
+            m.unload()
+    finally:
+        stop.set()
+        thread.join()
+        serving.unload()
 
 
 def test_server_with_compile_on_serves_and_reports_decode_mode(xllm_home, tiny_catalog, client):

@@ -26,6 +26,7 @@
 #   v2          gpu_serving.py: FP16 on exllamav2 unpaged (EXLLAMA_NO_FLASH_ATTN), 1 stream (60)
 #   v2paged     gpu_serving.py: FP16 on exllamav2 paged (carried flash-attn), 1/16/64 (120)
 #   compiled1b  gpu_serving.py: FP16 on transformers-compiled (CUDA graphs), 1/16/64     (240)
+#   steps1b     compiled_step.py: one compiled decode step, guards checked vs skipped     (180)
 #   make8b      random-weight 8B shape fp16                                             (90)
 #   bench8b     gpu_serving.py: 8B FP16 on exllamav3, 1/16/64                            (180)
 set -uo pipefail
@@ -42,12 +43,13 @@ TOK=$PWD/.gpucache/tok
 export XLLM_TEST_TOKENIZER_DIR=$TOK PYTHONUNBUFFERED=1 OUT RESULTS WORK TOK
 
 declare -A COST=([setup]=20 [tests]=240 [make1b]=30 [convert1b]=150 [bench1b]=150 [users1b]=60 [v2]=60 [v2paged]=120
-                 [compiled1b]=240 [make8b]=90 [bench8b]=180)
+                 [compiled1b]=240 [steps1b]=180 [make8b]=90 [bench8b]=180)
 
 left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
 note() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.txt"; }
 collect() {
   [ -f "$RESULTS" ] && cp "$RESULTS" "${RESULTS%.json}.md" "$OUT/" 2>/dev/null
+  [ -f "$WORK/compiled_step.json" ] && cp "$WORK"/compiled_step.{json,md} "$OUT/" 2>/dev/null
   tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs 2>/dev/null
 }
 bench() {  # gpu_serving.py into this session's results file
@@ -91,6 +93,10 @@ phase_v2paged() {
   bench --model "fp16-1.2b-paged=$WORK/llama1b" --backends exllamav2 --v2-streams 1,16,64
 }
 phase_compiled1b() { bench --model "fp16-1.2b=$WORK/llama1b" --backends transformers-compiled; }
+phase_steps1b() {  # one compiled decode step of the 1.2B FP16 model: eager / guards checked / skipped
+  python3 benchmarks/compiled_step.py --device cuda --model "$WORK/llama1b" --slots 64 --slot-tokens 1024 \
+    --shapes 2x256,2x512,16x512,64x512 --rounds 5 --calls 20 --label gpu-1b --out "$WORK/compiled_step"
+}
 phase_make8b() { bench --make 8b --make-out "$WORK/llama8b" --tokenizer "$TOK"; }
 phase_bench8b() { bench --model "fp16-8b=$WORK/llama8b" --backends exllamav3; }
 

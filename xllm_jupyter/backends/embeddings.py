@@ -19,6 +19,7 @@ import numpy as np
 
 from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest
 from .base import ModelSpec
+from .compile_gate import COMPILE_GATE
 
 #: inputs per forward pass: bounds activation memory for big requests
 CHUNK = 64
@@ -108,7 +109,7 @@ class EmbeddingModel:
             for r, w in enumerate(wrapped):
                 ids[r, : len(w)] = torch.tensor(w, dtype=torch.long)
                 mask[r, : len(w)] = 1
-            with torch.inference_mode():
+            with torch.inference_mode(), COMPILE_GATE.forward():  # never beside a chat model's torch.compile trace
                 hidden = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
                 vectors = pool(hidden.float(), mask.to(self.device), self.pooling)
                 vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)

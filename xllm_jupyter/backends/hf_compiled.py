@@ -43,8 +43,10 @@ import torch
 from transformers.cache_utils import Cache, StaticLayer
 
 from ..core.errors import EngineError
+from .compile_gate import COMPILE_GATE
 from .kv_batch import _layers, new_cache
 from .registry import compile_auto, compile_setting
+from .slot_attention import use_slot_sdpa
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,8 @@ log = logging.getLogger(__name__)
 DEFAULT_SLOT_TOKENS = 4096
 #: the narrowest attention window (columns) a decode step reads
 WINDOW_MIN = 256
+#: columns allocated past a slot's last (never read; see SlotCache)
+SPARE_COLUMNS = 16
 #: details()["decode"] values: compiled graph, the slot cache run eagerly, the dynamic batch (transformers.py)
 DECODE_COMPILED, DECODE_STATIC, DECODE_EAGER = "compiled-static", "static", "eager"
 
@@ -167,9 +171,13 @@ class SlotCache(Cache):
         #: column indices, for the per-row visibility mask
         self.columns = torch.arange(tokens, device=device)
         layers = []
+        # SPARE_COLUMNS past the last: a window then never spans a whole row, so its slice of
+        # the buffer is laid out alike at every width (on CUDA, attention's stride check would
+        # otherwise make the full width a graph of its own)
+        width = tokens + SPARE_COLUMNS
         for (heads, kdim, vdim), dtype in shapes:
-            keys = torch.zeros((slots, heads, tokens, kdim), dtype=dtype, device=device)
-            values = torch.zeros((slots, heads, tokens, vdim), dtype=dtype, device=device)
+            keys = torch.zeros((slots, heads, width, kdim), dtype=dtype, device=device)
+            values = torch.zeros((slots, heads, width, vdim), dtype=dtype, device=device)
             layers.append(SlotLayer(keys, values, self.view))
         super().__init__(layers=layers)
         # fixed addresses: CUDA graphs read and write these buffers in place
@@ -225,7 +233,7 @@ def give_this_thread_cudagraph_state() -> None:
 def probe_shapes(model, device: torch.device) -> list[tuple[tuple[int, int, int], torch.dtype]]:
     """Per-layer cache shapes and dtypes, from a one-token forward (works for any full-attention model)."""
     cache = new_cache()
-    with torch.inference_mode():
+    with torch.inference_mode(), COMPILE_GATE.forward():
         model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), past_key_values=cache, use_cache=True)
     return [((layer.keys.shape[1], layer.keys.shape[3], layer.values.shape[3]), layer.keys.dtype)
             for layer in _layers(cache)]
@@ -254,11 +262,19 @@ class SlotDecoder:
         self.model, self.cache = model, cache
         self.compiled = compile_backend is not None
         self.cuda = cuda
-        self.widths = buckets(cache.slots)
+        # compiled, one row runs as two (a free slot rides along): dynamo specializes sizes of
+        # 1, so a 1-row bucket would be a second graph and only a single graph may skip its
+        # guard checks (compile_gate.py); at one stream the extra row costs little, as a
+        # decode step's time goes to reading the weights
+        self.widths = buckets(cache.slots, min(2, cache.slots) if self.compiled else 1)
         self.windows = buckets(cache.tokens, min(WINDOW_MIN, cache.tokens))
         self._eager = self._forward
         #: the thread that ran the compiled step first; every later compiled step must run there
         self.thread: int | None = None
+        #: set by the warm-up: one graph serves every shape, so steps skip dynamo's guard checks
+        self.skips_guards = False
+        #: compiled steps that ran with guard checks skipped (the others checked them)
+        self.steps_without_guard_checks = 0
         if compile_backend is None:
             self._fn = self._forward
         else:
@@ -290,11 +306,24 @@ class SlotDecoder:
         n = ids.shape[0]
         self.cache.positions[:n].copy_(positions)
         visible = self.cache.visible(n, self.window(int(positions.max())))
-        if self.compiled and not eager:
-            self._check_thread()
-            if self.cuda:
-                torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the previous outputs are done with
-        return (self._eager if eager else self._fn)(ids, visible)
+        if not self.compiled or eager:
+            with COMPILE_GATE.forward():
+                return self._eager(ids, visible)
+        if self.thread is None:  # the first compiled step: its rows and window compile as sizes that vary
+            if len(self.widths) > 1:
+                torch._dynamo.maybe_mark_dynamic(ids, 0)
+                torch._dynamo.maybe_mark_dynamic(visible, 0)
+            if len(self.windows) > 1:
+                torch._dynamo.maybe_mark_dynamic(visible, 1)
+        self._check_thread()
+        if self.cuda:
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the previous outputs are done with
+        if self.skips_guards:  # one graph serves every shape: nothing left to compile or choose
+            with COMPILE_GATE.forward(skip_guards=True):
+                self.steps_without_guard_checks += 1
+                return self._fn(ids, visible)
+        with COMPILE_GATE.compiling():  # may trace: no other transformers forward beside it
+            return self._fn(ids, visible)
 
     def _check_thread(self) -> None:
         # torch's CUDA graph trees keep their graphs in thread-local state: on a second thread
@@ -310,30 +339,43 @@ class SlotDecoder:
                               "thread that warmed it up (the model's engine thread)")
 
     def warm_up_shapes(self) -> list[tuple[int, int]]:
-        """The (rows, window) pairs the warm-up steps through, in order.
+        """The (rows, window) pairs the warm-up steps through: every pair a step can take.
 
-        Every row count at the narrowest window, then every window at the widest: after a
-        shape changes once, dynamo recompiles that dimension as dynamic, so this is a few
-        compiles, not one per combination. One row stays a graph of its own (dynamo
-        specializes sizes of 1), so it gets the wider windows too. Other (rows, window) pairs
-        reuse those compiles; on CUDA each pair's graph is recorded on its first use
-        (milliseconds).
+        The first compiles the one graph (rows and window as sizes that vary); the others
+        check that it serves them, and on CUDA record each pair's CUDA graph.
         """
-        wider = self.windows[1:]
-        return ([(n, self.windows[0]) for n in self.widths] + [(self.widths[-1], w) for w in wider]
-                + [(1, w) for w in wider if self.widths[-1] > 1])
+        return [(n, w) for w in self.windows for n in self.widths]
 
     def warm_up(self, pad_id: int) -> None:
-        """Compile (and record) every bucket now, at load, instead of stalling the first requests.
+        """Compile and record every bucket now, at load, instead of stalling the first requests.
 
         This runs on the engine thread (``LoadedModel.warm_up``), the only thread that may
-        step the model afterwards.
+        step the model afterwards. If it leaves exactly one graph, later steps skip the
+        guard checks that only choose among graphs (``compile_gate.py``).
         """
         if not self.compiled:
             return
+        # CUDA graph trees run a new shape once before they record it on its next run
+        runs = 2 if self.cuda else 1
         for n, window in self.warm_up_shapes():
-            self.step(torch.full((n, 1), pad_id, dtype=torch.long, device=self.cache.positions.device),
-                      torch.full((n,), window - 1, dtype=torch.long))  # free slots: the writes are never read
+            ids = torch.full((n, 1), pad_id, dtype=torch.long, device=self.cache.positions.device)
+            positions = torch.full((n,), window - 1, dtype=torch.long)  # free slots: the writes are never read
+            for _ in range(runs):
+                self.step(ids, positions)
+        graphs = compiled_graphs(self._fn)
+        self.skips_guards = graphs == 1
+        log.info("compiled decode: %s graph(s) for %d row and %d window buckets; guard checks %s",
+                 graphs, len(self.widths), len(self.windows), "skipped" if self.skips_guards else "kept")
+
+
+def compiled_graphs(fn) -> int | None:
+    """How many graphs dynamo holds for the function ``torch.compile`` wrapped as ``fn`` (None: unknown)."""
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        return len(_debug_get_cache_entry_list(fn._torchdynamo_orig_callable.__code__))
+    except (ImportError, AttributeError):  # a torch laid out otherwise: keep the guards
+        return None
 
 
 class SlotTable:
@@ -374,6 +416,7 @@ class StaticBatch:
 
     def __init__(self, model, device: torch.device, *, slots: int, tokens: int, compile_backend: str | None) -> None:
         """Allocate the whole cache now (slots x tokens) and set up the decode step."""
+        use_slot_sdpa(model)  # grouped-query decode without a copy of the keys per query head
         self.cache = SlotCache(probe_shapes(model, device), slots, tokens, device)
         self.table = SlotTable(slots)
         self.decoder = SlotDecoder(model, self.cache, compile_backend=compile_backend, cuda=device.type == "cuda")

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest, ModelNotFound
 from ..core.types import Constraint, FinishReason, SequenceJob, TokenEvent
 from .base import Backend, LoadedModel, ModelSpec
+from .compile_gate import COMPILE_GATE
 from .constraints import BatchMasker, GrammarCompiler
 from .detokenize import IncrementalDetokenizer
 from .hf_tokenizer import ChatTokenizer, ChatTokenizerMethods
@@ -335,7 +336,7 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
         padded = min(lengths) != width
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = new_cache()
-        with self._lora.forward([s.job.adapter for s in seqs]):
+        with self._lora.forward([s.job.adapter for s in seqs]), COMPILE_GATE.forward():
             out = self.model(input_ids=ids, attention_mask=mask if padded else None, position_ids=positions,
                              past_key_values=cache, use_cache=True, logits_to_keep=1)
         self.forward_passes += 1
@@ -361,8 +362,9 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
             else:
                 attn, positions = self._batch.step_inputs()
                 ids = torch.tensor(last, dtype=torch.long, device=self.device).unsqueeze(1)
-                out = self.model(input_ids=ids, attention_mask=attn, position_ids=positions,
-                                 past_key_values=self._batch.cache, use_cache=True)
+                with COMPILE_GATE.forward():
+                    out = self.model(input_ids=ids, attention_mask=attn, position_ids=positions,
+                                     past_key_values=self._batch.cache, use_cache=True)
                 logits = out.logits[:, -1, :]
         self.forward_passes += 1
         self.last_batch_size = len(self._running)
