@@ -249,7 +249,7 @@ def test_after_the_warm_up_serving_compiles_nothing(eager):
 
 
 def test_one_graph_serves_every_shape_so_steps_skip_their_guard_checks(eager):
-    # ~1,000 guards cost 0.3-0.9 ms a step here; with one graph there is nothing for them to choose
+    # ~1,000 guards cost 0.2-0.6 ms a step here; with one graph there is nothing for them to choose
     m = slot_model(eager, "eager")
     decoder = m._batch.decoder
     assert decoder.widths == (2, 3) and decoder.windows == (256, 512)  # one row runs as two
@@ -474,9 +474,12 @@ def test_cuda_graph_decode_matches_eager(tiny_llama_dir, dtype):
     graphs = backend.load(ModelSpec(name="tiny", path=Path(tiny_llama_dir), options={**opts, "compile": "on"}))
     graphs.warm_up()
     try:
-        assert graphs.details()["decode"] == "compiled-static" and graphs._batch.decoder.compiled
+        decoder = graphs._batch.decoder
+        assert graphs.details()["decode"] == "compiled-static" and decoder.compiled
+        assert compiled_graphs(decoder._fn) == 1 and decoder.skips_guards  # one graph: no guard checks
         want, _ = run(eager_gpu, schedule())
         got, _ = run(graphs, schedule())
+        assert decoder.steps_without_guard_checks > 0 and compiled_graphs(decoder._fn) == 1
         # inductor silently falls back to no CUDA graphs (e.g. on a mutated non-static input)
         assert counters["inductor"]["cudagraph_skips"] == skips
         for i in want:
@@ -499,7 +502,8 @@ async def test_cuda_graphs_on_engine_threads_across_a_reload(tiny_catalog):
 
     The reload's engine thread is not the one that imported torch's CUDA graph module (torch
     2.11 asserts there without ``give_this_thread_cudagraph_state``); jobs of different
-    lengths record (rows, window) pairs the warm-up did not.
+    lengths step through several (rows, window) pairs, all recorded by the warm-up, with the
+    guard checks skipped.
     """
     import asyncio
 
@@ -520,8 +524,11 @@ async def test_cuda_graphs_on_engine_threads_across_a_reload(tiny_catalog):
                                           params=GenerationParams(max_tokens=n, ignore_eos=True))
                         for i, n in enumerate(lengths)]
             assert await asyncio.gather(*map(completion_tokens, requests)) == lengths
+            decoder = model._batch.decoder
             assert model.details()["decode"] == "compiled-static"
-            assert model._batch.decoder.thread == engine._runners[TINY]._thread.ident
+            assert decoder.thread == engine._runners[TINY]._thread.ident
+            assert decoder.skips_guards and decoder.steps_without_guard_checks >= max(lengths) - 1
+            assert compiled_graphs(decoder._fn) == 1
             assert await engine.unload(TINY)
         assert counters["inductor"]["cudagraph_skips"] == skips
     finally:

@@ -12,8 +12,9 @@ Two process-wide hazards, one gate:
   waits for the forwards in flight, and new forwards wait for it.
 - **Skipping guard checks is process-wide.** Before it runs a compiled graph, dynamo checks
   the graph's guards: for a transformers model about 1,000 of them (every parameter, module,
-  config attribute and cache tensor the trace touched), 0.3-0.9 ms per call on this project's
-  machines, a large share of a CUDA-graph decode step. ``torch.compiler.set_stance(
+  config attribute and cache tensor the trace touched): skipping them saved 0.2-0.6 ms per
+  decode step on this project's 2-core machine (``benchmarks/compiled_step.py``), a large share
+  of a CUDA-graph decode step. ``torch.compiler.set_stance(
   skip_guard_eval_unsafe=True)`` checks only the guards that tell a function's graphs apart:
   safe for a decoder whose warm-up left exactly one graph for every shape it will see, unsafe
   for a call that may still compile (it could run an existing graph where a new one is
