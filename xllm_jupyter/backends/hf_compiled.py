@@ -6,9 +6,11 @@ join and leave, so every decode step has new shapes and runs op by op from Pytho
 owns a fixed *slot* (one row) of a preallocated cache of shape (slots, kv_heads, slot
 tokens, head_dim): prefill runs eagerly, as before, and its keys/values are copied into
 the slot. The single-token decode step runs over the first ``n`` slots and reads the first
-``w`` columns (both rounded up to buckets: 1, 2, 4 ... ``max_batch_size`` rows; 256, 512
-... slot-length columns), so it takes a handful of shapes over fixed tensor addresses and
-``torch.compile(mode="reduce-overhead", fullgraph=True)`` replays it as CUDA graphs.
+``w`` columns (both rounded up to buckets: 2, 4 ... ``max_batch_size`` rows when compiled;
+256, 512 ... slot-length columns), so it takes a handful of shapes over fixed tensor
+addresses, and ``torch.compile(mode="reduce-overhead", fullgraph=True)`` traces it once, with
+rows and window as sizes that vary, and replays it as CUDA graphs, one per shape, without
+dynamo's per-call guard checks (``compile_gate.py``).
 
 transformers 5.x models take no ``cache_position``: they derive the mask's sizes and the
 query's offset from the cache (``get_mask_sizes``, ``get_query_offset``), which is where
