@@ -264,11 +264,16 @@ class SlotDecoder:
         self.model, self.cache = model, cache
         self.compiled = compile_backend is not None
         self.cuda = cuda
-        # compiled, one row runs as two (a free slot rides along): dynamo specializes sizes of
-        # 1, so a 1-row bucket would be a second graph and only a single graph may skip its
-        # guard checks (compile_gate.py); at one stream the extra row costs little, as a
-        # decode step's time goes to reading the weights
-        self.widths = buckets(cache.slots, min(2, cache.slots) if self.compiled else 1)
+        #: trace rows and window once as sizes that vary, so that one graph serves every shape
+        #: and steps can skip dynamo's guard checks (compile_gate.py). Not with inductor on a
+        #: CPU: its C++ kernels then split every loop over those sizes across OpenMP threads,
+        #: which made a tiny model's step 2.4x slower on an engine thread (2 cores); there
+        #: shapes stay specialized, a few graphs with their guards checked.
+        self.one_graph = self.compiled and (cuda or compile_backend != "inductor")
+        # one row runs as two (a free slot rides along): dynamo specializes sizes of 1, so a
+        # 1-row bucket would be a second graph; at one stream the extra row costs little on a
+        # GPU, as a decode step's time goes to reading the weights
+        self.widths = buckets(cache.slots, min(2, cache.slots) if self.one_graph else 1)
         self.windows = buckets(cache.tokens, min(WINDOW_MIN, cache.tokens))
         self._eager = self._forward
         #: the thread that ran the compiled step first; every later compiled step must run there
@@ -311,7 +316,7 @@ class SlotDecoder:
         if not self.compiled or eager:
             with COMPILE_GATE.forward():
                 return self._eager(ids, visible)
-        if self.thread is None:  # the first compiled step: its rows and window compile as sizes that vary
+        if self.thread is None and self.one_graph:  # the first compiled step: rows and window as sizes that vary
             if len(self.widths) > 1:
                 torch._dynamo.maybe_mark_dynamic(ids, 0)
                 torch._dynamo.maybe_mark_dynamic(visible, 0)
@@ -343,8 +348,9 @@ class SlotDecoder:
     def warm_up_shapes(self) -> list[tuple[int, int]]:
         """The (rows, window) pairs the warm-up steps through: every pair a step can take.
 
-        The first compiles the one graph (rows and window as sizes that vary); the others
-        check that it serves them, and on CUDA record each pair's CUDA graph.
+        The first compiles the graph (with ``one_graph``, rows and window as sizes that vary;
+        otherwise dynamo recompiles a dimension as varying once it changes, a few graphs); the
+        others check that it serves them, and on CUDA record each pair's CUDA graph.
         """
         return [(n, w) for w in self.windows for n in self.widths]
 
@@ -365,7 +371,7 @@ class SlotDecoder:
             for _ in range(runs):
                 self.step(ids, positions)
         graphs = compiled_graphs(self._fn)
-        self.skips_guards = graphs == 1
+        self.skips_guards = self.one_graph and graphs == 1
         log.info("compiled decode: %s graph(s) for %d row and %d window buckets; guard checks %s",
                  graphs, len(self.widths), len(self.windows), "skipped" if self.skips_guards else "kept")
 
