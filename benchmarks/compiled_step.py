@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """What one compiled decode step costs with dynamo's guard checks and without them.
 
 The transformers backend's compiled decode step (``backends/hf_compiled.py``) runs one graph
@@ -129,11 +128,11 @@ def write(out: Path, label: str, run: dict) -> None:
     runs[label] = run
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(runs, indent=2) + "\n")
-    lines = ["# Compiled decode step: dynamo's guard checks vs skipping them", "",
-             "One process per run; modes interleaved round by round; median ms per step. "
-             "`python benchmarks/compiled_step.py` (see its docstring).", "",
-             "| run | device | backend | model | rows x window | eager ms | guarded ms | skipping ms | "
-             "saved per step (ms) | skipping / guarded |",
+    intro = ("One process per run; modes interleaved round by round; median ms per step. "
+             "`python benchmarks/compiled_step.py` (see its docstring).")
+    header = ("| run | device | backend | model | rows x window | eager ms | guarded ms | skipping ms | "
+              "saved per step (ms) | skipping / guarded |")
+    lines = ["# Compiled decode step: dynamo's guard checks vs skipping them", "", intro, "", header,
              "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
     for name, r in runs.items():
         for row in r["rows"]:

@@ -265,6 +265,39 @@ def test_one_graph_serves_every_shape_so_steps_skip_their_guard_checks(eager):
     m.unload()
 
 
+def takes_fixed_sizes_only(gm, example_inputs):
+    """A torch.compile backend that refuses graphs with sizes that vary (as a compiler might)."""
+    if any(isinstance(x, torch.SymInt) or (isinstance(x, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in x.shape))
+           for x in example_inputs):
+        raise RuntimeError("this compiler takes fixed sizes only")
+    return gm.forward
+
+
+def refuses_everything(gm, example_inputs):
+    """A torch.compile backend that always fails."""
+    raise RuntimeError("the compiler failed")
+
+
+def test_a_failed_compile_retries_with_fixed_shapes_then_decodes_eagerly(eager):
+    # a compiler failure must cost speed, not the model: one graph, else specialized shapes, else eager
+    want, _ = run(eager, {0: [job(range(10, 40), 280)], 2: [job(range(50, 60), 20)]})
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):  # fixed sizes stay fixed
+        fixed = slot_model(eager, takes_fixed_sizes_only)
+    decoder = fixed._batch.decoder
+    assert decoder.compiled and not decoder.one_graph and not decoder.skips_guards and decoder.widths == (1, 2, 3)
+    assert compiled_graphs(decoder._fn) == len(decoder.widths) * len(decoder.windows)  # one per shape
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        got, _ = run(fixed, {0: [job(range(10, 40), 280)], 2: [job(range(50, 60), 20)]})
+    assert [tokens(got[i]) for i in (0, 1)] == [tokens(want[i]) for i in (0, 1)]
+    assert fixed.details()["decode"] == "compiled-static"
+    broken = slot_model(eager, refuses_everything)
+    assert not broken._batch.decoder.compiled and broken.details()["decode"] == "static"
+    got, _ = run(broken, {0: [job(range(10, 40), 280)], 2: [job(range(50, 60), 20)]})
+    assert [tokens(got[i]) for i in (0, 1)] == [tokens(want[i]) for i in (0, 1)]
+    fixed.unload()
+    broken.unload()
+
+
 def test_a_new_thread_can_record_cuda_graphs_after_the_setup():
     # torch 2.11 asserts in get_container on any thread but the one that imported the module
     from concurrent.futures import ThreadPoolExecutor

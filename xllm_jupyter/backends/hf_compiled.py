@@ -259,17 +259,24 @@ def own_code(method: types.MethodType) -> types.MethodType:
 class SlotDecoder:
     """The decode step over slots 0..n-1: one forward, eager or compiled, returning last-token logits."""
 
-    def __init__(self, model, cache: SlotCache, *, compile_backend: str | None, cuda: bool) -> None:
-        """``compile_backend`` None runs eagerly; "inductor" on CUDA captures CUDA graphs."""
+    def __init__(self, model, cache: SlotCache, *, compile_backend: str | None, cuda: bool,
+                 one_graph: bool | None = None) -> None:
+        """``compile_backend`` None runs eagerly; "inductor" on CUDA captures CUDA graphs.
+
+        ``one_graph``: trace every shape as one graph (None: where that pays, see below).
+        """
         self.model, self.cache = model, cache
         self.compiled = compile_backend is not None
         self.cuda = cuda
+        self.compile_backend = compile_backend
         #: trace rows and window once as sizes that vary, so that one graph serves every shape
         #: and steps can skip dynamo's guard checks (compile_gate.py). Not with inductor on a
         #: CPU: its C++ kernels then split every loop over those sizes across OpenMP threads,
         #: which made a tiny model's step 2.4x slower on an engine thread (2 cores); there
         #: shapes stay specialized, a few graphs with their guards checked.
-        self.one_graph = self.compiled and (cuda or compile_backend != "inductor")
+        if one_graph is None:
+            one_graph = cuda or compile_backend != "inductor"
+        self.one_graph = self.compiled and one_graph
         # one row runs as two (a free slot rides along): dynamo specializes sizes of 1, so a
         # 1-row bucket would be a second graph; at one stream the extra row costs little on a
         # GPU, as a decode step's time goes to reading the weights
@@ -483,9 +490,23 @@ class StaticBatch:
         return logits.clone() if slots == list(range(len(ids))) else logits[torch.tensor(slots, device=self.device)]
 
     def warm_up(self, pad_id: int, name: str) -> None:
-        """Compile every batch bucket now; if compiling fails, decode the slot cache eagerly instead."""
+        """Compile every batch bucket now; if that fails, with shapes specialized, and then decode eagerly.
+
+        A compiler failure must cost speed, not the model.
+        """
+        decoder = self.decoder
         try:
-            self.decoder.warm_up(pad_id)
-        except Exception:  # a compiler failure must cost speed, not the model
-            log.warning("%s: torch.compile failed; decoding the static cache eagerly", name, exc_info=True)
-            self.decoder = SlotDecoder(self.decoder.model, self.cache, compile_backend=None, cuda=False)
+            decoder.warm_up(pad_id)
+            return
+        except Exception:
+            log.warning("%s: torch.compile failed%s", name, "; trying specialized shapes" if decoder.one_graph
+                        else "; decoding the static cache eagerly", exc_info=True)
+        if decoder.one_graph:
+            self.decoder = SlotDecoder(decoder.model, self.cache, compile_backend=decoder.compile_backend,
+                                       cuda=decoder.cuda, one_graph=False)
+            try:
+                self.decoder.warm_up(pad_id)
+                return
+            except Exception:
+                log.warning("%s: torch.compile failed again; decoding the static cache eagerly", name, exc_info=True)
+        self.decoder = SlotDecoder(decoder.model, self.cache, compile_backend=None, cuda=False)
