@@ -267,7 +267,9 @@ class RawTransformers:
                          options=transformers_options(backend, args))
         self.model = TransformersBackend().load(spec)
         self.model.warm_up()  # compiles every batch width (compile: on) on this thread, which steps it
-        print(f"{backend}: decode {self.model.details()['decode']}", flush=True)
+        details = self.model.details()
+        print(f"{backend}: decode {details['decode']}, attention {details.get('attention')}, "
+              f"guard checks {details.get('guard_checks')}", flush=True)
         self.gen = self
 
     def job(self, ids: list[int], n: int, ident: int):

@@ -254,6 +254,8 @@ def test_one_graph_serves_every_shape_so_steps_skip_their_guard_checks(eager):
     decoder = m._batch.decoder
     assert decoder.widths == (2, 3) and decoder.windows == (256, 512)  # one row runs as two
     assert compiled_graphs(decoder._fn) == 1 and decoder.skips_guards
+    assert {k: m.details()[k] for k in ("decode", "attention", "guard_checks")} == {
+        "decode": "compiled-static", "attention": "xllm_slot_sdpa", "guard_checks": "skipped"}
     joins = {0: [job(range(10, 40), 300)], 3: [job(range(50, 60), 20)]}  # past the first window; 1-3 rows
     before = decoder.steps_without_guard_checks
     got, slots_seen = run(m, joins)
@@ -285,6 +287,7 @@ def test_a_failed_compile_retries_with_fixed_shapes_then_decodes_eagerly(eager):
         fixed = slot_model(eager, takes_fixed_sizes_only)
     decoder = fixed._batch.decoder
     assert decoder.compiled and not decoder.one_graph and not decoder.skips_guards and decoder.widths == (1, 2, 3)
+    assert fixed.details()["guard_checks"] == "checked"
     assert compiled_graphs(decoder._fn) == len(decoder.widths) * len(decoder.windows)  # one per shape
     with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
         got, _ = run(fixed, {0: [job(range(10, 40), 280)], 2: [job(range(50, 60), 20)]})
@@ -292,6 +295,7 @@ def test_a_failed_compile_retries_with_fixed_shapes_then_decodes_eagerly(eager):
     assert fixed.details()["decode"] == "compiled-static"
     broken = slot_model(eager, refuses_everything)
     assert not broken._batch.decoder.compiled and broken.details()["decode"] == "static"
+    assert "guard_checks" not in broken.details()
     got, _ = run(broken, {0: [job(range(10, 40), 280)], 2: [job(range(50, 60), 20)]})
     assert [tokens(got[i]) for i in (0, 1)] == [tokens(want[i]) for i in (0, 1)]
     fixed.unload()
@@ -484,7 +488,7 @@ def test_server_with_compile_on_serves_and_reports_decode_mode(xllm_home, tiny_c
         headers = {"Authorization": f"Bearer {srv.api_key}"}
         body = httpx.get(srv.base_url + "/models", headers=headers).json()
         entry = next(m for m in body["data"] if m["id"] == TINY)
-        assert '"decode": "compiled-static"' in json.dumps(entry)
+        assert '"decode": "compiled-static"' in json.dumps(entry) and '"guard_checks": "skipped"' in json.dumps(entry)
         with openai.OpenAI(base_url=srv.base_url, api_key=srv.api_key, max_retries=0, timeout=120) as sdk:
             got = sdk.chat.completions.create(model=TINY, messages=messages, max_tokens=16, temperature=0)
             streamed = "".join(c.choices[0].delta.content or "" for c in sdk.chat.completions.create(

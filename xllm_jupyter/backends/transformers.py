@@ -443,8 +443,16 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
         """Device, dtype, batching mode and source format."""
         dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.") if self.model is not None else None
         return {"device": str(self.device), "dtype": dtype, "mode": "continuous-batching", "format": self.format,
-                "decode": self.decode_mode,
+                "decode": self.decode_mode, **self._static_details(),
                 **({"adapters": self._lora.names()} if self._lora.names() else {})}
+
+    def _static_details(self) -> dict[str, Any]:
+        # how the slot cache decodes: attention function, and whether compiled steps skip their guard checks
+        if not isinstance(self._batch, StaticBatch) or self.model is None:
+            return {}
+        decoder = self._batch.decoder
+        return {"attention": self.model.config.get_text_config()._attn_implementation,
+                **({"guard_checks": "skipped" if decoder.skips_guards else "checked"} if decoder.compiled else {})}
 
     def unload(self) -> None:
         """Drop weights, cache and queued jobs; the object is unusable afterwards."""
