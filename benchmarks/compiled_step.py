@@ -64,18 +64,10 @@ def build_narrow_llama(out: Path) -> Path:
     """The 1.2B shape's depth and heads at width 64 (random weights, SmolLM2's tokenizer)."""
     if (out / "config.json").exists():
         return out
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.models import build_tiny_llama
 
-    from tests.models import smollm2_tokenizer
-
-    tokenizer = smollm2_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=16,
-                      num_attention_heads=32, num_key_value_heads=8, head_dim=16, max_position_embeddings=8192)
-    LlamaForCausalLM(cfg).eval().save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
-    return out
+    return build_tiny_llama(out, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=16,
+                            max_position_embeddings=8192, tie_word_embeddings=False)
 
 
 def load(args: argparse.Namespace):

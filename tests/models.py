@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -34,25 +35,26 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(str(pkg), gguf_file=SMOLLM2_GGUF)
 
 
-def build_tiny_llama(out: Path, *, seed: int = 0) -> Path:
-    """A random-weight 2-layer Llama with SmolLM2's real tokenizer and chat template."""
+def build_tiny_llama(out: Path, *, seed: int = 0, **shape: Any) -> Path:
+    """A random-weight 2-layer Llama with SmolLM2's real tokenizer and chat template (``shape``: config overrides)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = smollm2_tokenizer()
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
-    )
+    config = LlamaConfig(**{
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "tie_word_embeddings": True,
+        **shape,
+    })
     model = LlamaForCausalLM(config).eval()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))

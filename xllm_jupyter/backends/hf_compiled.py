@@ -494,19 +494,19 @@ class StaticBatch:
 
         A compiler failure must cost speed, not the model.
         """
-        decoder = self.decoder
-        try:
-            decoder.warm_up(pad_id)
-            return
-        except Exception:
-            log.warning("%s: torch.compile failed%s", name, "; trying specialized shapes" if decoder.one_graph
-                        else "; decoding the static cache eagerly", exc_info=True)
-        if decoder.one_graph:
-            self.decoder = SlotDecoder(decoder.model, self.cache, compile_backend=decoder.compile_backend,
-                                       cuda=decoder.cuda, one_graph=False)
+        first = self.decoder
+
+        def specialized() -> SlotDecoder:  # several graphs, their guards checked
+            return SlotDecoder(first.model, self.cache, compile_backend=first.compile_backend, cuda=first.cuda,
+                               one_graph=False)
+
+        for make in [lambda: first, *([specialized] if first.one_graph else [])]:
+            self.decoder = make()
             try:
                 self.decoder.warm_up(pad_id)
                 return
             except Exception:
-                log.warning("%s: torch.compile failed again; decoding the static cache eagerly", name, exc_info=True)
-        self.decoder = SlotDecoder(decoder.model, self.cache, compile_backend=None, cuda=False)
+                log.warning("%s: torch.compile failed (%s)", name,
+                            "one graph" if self.decoder.one_graph else "specialized shapes", exc_info=True)
+        log.warning("%s: decoding the static cache eagerly", name)
+        self.decoder = SlotDecoder(first.model, self.cache, compile_backend=None, cuda=False)
