@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import json
 import os
 import shutil
@@ -36,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -329,8 +331,6 @@ def raw_level(engine, ids_list: list[list[int]], new_tokens: int) -> dict:
 
 
 def run_raw(backend: str, path: str, levels: list[int], args) -> dict:
-    import gc
-
     import torch
 
     if backend in TRANSFORMERS:
@@ -486,8 +486,11 @@ def markdown(report: dict) -> str:
 
 def save(report: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    out.with_suffix(".md").write_text(markdown(report))
+    # written aside and renamed: a session copies these files while a benchmark may be saving
+    for path, text in ((out, json.dumps(report, indent=2)), (out.with_suffix(".md"), markdown(report))):
+        part = path.with_name(path.name + ".part")
+        part.write_text(text)
+        part.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -517,14 +520,27 @@ def main(argv: list[str] | None = None) -> int:
         if not args.model:
             args.model = [f"tiny-llama={stand_in_model()}"]
     report.update(device=device, date=datetime.now(timezone.utc).isoformat(timespec="seconds"), params=params)
+    failed = []
     for item in args.model:
         name, path = item.split("=", 1)
         for backend in args.backends.split(","):
             spec = args.v2_streams if backend == "exllamav2" else args.streams
             levels = [int(x) for x in spec.split(",")]
             t = time.time()
-            raw = run_raw(backend, path, levels, args)
-            server = run_server(backend, path, levels, args)
+            try:  # one model or backend failing (a lease's missing EXL3 conversion, say) must not cost the others
+                raw = run_raw(backend, path, levels, args)
+                for c in levels:  # in the log now: a call cut short during the server half keeps the raw figures
+                    print(f"{name} {backend} x{c} raw: {raw[c]['tok_s']} tok/s, TTFT p50 {raw[c]['ttft_p50_ms']} ms", flush=True)
+                server = run_server(backend, path, levels, args)
+            except Exception:  # noqa: BLE001 - reported, then the next model/backend runs
+                traceback.print_exc()
+                print(f"{name} {backend}: FAILED after {time.time() - t:.0f}s", flush=True)
+                failed.append(f"{name}/{backend}")
+            if name + "/" + backend in failed:  # (outside the except: its traceback no longer holds the engine)
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
             report["rows"] = [r for r in report["rows"]
                               if (r["model"], r["backend"], r.get("users", 0)) != (name, backend, args.users)]
             for c in levels:
@@ -535,6 +551,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"ratio {ratio}, TTFT p50 {raw[c]['ttft_p50_ms']} / {server[c]['ttft_p50_ms']} ms", flush=True)
             print(f"{name} {backend}: {time.time() - t:.0f}s", flush=True)
             save(report, out)
+    if failed:
+        print(f"FAILED: {', '.join(failed)}", flush=True)
+        return 1
     return 0
 
 

@@ -219,8 +219,8 @@ def load_cpu_pages_v2_model(spec: ModelSpec, *, paged: bool, step_cost: StepCost
     from xllm_jupyter.backends.exllamav2 import open_model as open_v2_model
 
     opts = ExllamaOptions.from_options(spec.options, spec.context_length)
-    config, ctx, model, cache, cache_tokens = open_v2_model(exllamav2, Path(spec.path), opts, paged)
-    draft = open_draft(exllamav2, opts, cache_tokens, paged)
+    config, ctx, model, cache, cache_tokens, paged = open_v2_model(exllamav2, Path(spec.path), opts, paged)
+    draft = open_draft(exllamav2, opts, cache_tokens, paged, config.max_seq_len, int(config.vocab_size))
     vocab = (int(config.vocab_size) + 31) // 32 * 32  # the generator's padded vocabulary
     for m, c in [(model, cache)] + ([draft] if draft else []):
         m.forward_chunk = _v2_forward_stand_in(vocab, step_cost if m is model else None)

@@ -4,6 +4,7 @@ generator is replaced by a scripted stand-in only to check our side of the contr
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -64,8 +65,9 @@ def test_exllamav2_drafting_jobs_ask_for_the_window_exllamav2_holds_back():
 
     from xllm_jupyter.backends.exllamav2 import ExllamaV2Model
 
-    def asked(draft, prompt_len, max_tokens, cache=2048):
-        model = SimpleNamespace(generator=SimpleNamespace(num_draft_tokens=draft, max_total_tokens=cache))
+    def asked(draft, prompt_len, max_tokens, cache=2048, context=2048):
+        model = SimpleNamespace(generator=SimpleNamespace(num_draft_tokens=draft, max_total_tokens=cache),
+                                context_length=context)
         job = SequenceJob(1, (5,) * prompt_len, max_tokens, SamplingParams())
         return ExllamaV2Model._library_max_new_tokens(model, job)
 
@@ -73,6 +75,38 @@ def test_exllamav2_drafting_jobs_ask_for_the_window_exllamav2_holds_back():
     assert asked(4, 40, 24) == 28
     assert asked(4, 2000, 46) == 48  # the cache holds only 48 more tokens
     assert asked(4, 2000, 48) == 48  # never less than asked
+    # a paged cache holds more than the context: the window still stops at the context's end
+    assert asked(4, 2000, 46, cache=65536) == 48
+
+
+def test_a_configured_cache_bounds_the_context_and_drafting_gets_cache_history():
+    from xllm_jupyter.backends.exllamav3 import _cache_kwargs, generator_kwargs
+
+    small = ExllamaOptions.from_options({"cache_tokens": 16384})
+    assert small.serving_context(131072) == 16384 and small.cache_size(small.serving_context(131072)) == 16384
+    assert ExllamaOptions.from_options({}).serving_context(131072) == 131072  # no cache set: the model's context
+    assert ExllamaOptions.from_options({"cache_tokens": 16384}, 4096).serving_context(131072) == 4096
+    drafting = ExllamaOptions.from_options({"ngram_draft": 3, "num_draft_tokens": 5, "draft_model_path": "/d"})
+    # recurrent models roll a speculative pass back through this history (exllamav3 refuses drafting without it)
+    assert _cache_kwargs(drafting)["max_history"] == 5
+    # a draft model wins over n-gram drafting (exllamav3 refuses both at once)
+    assert generator_kwargs(drafting, (object(), object()))["ngram_match_min"] == 0
+    assert generator_kwargs(drafting, None)["ngram_match_min"] == 3
+
+
+@pytest.mark.exllama
+def test_exllamav3_takes_only_architectures_it_implements(tmp_path):
+    from xllm_jupyter.backends.exllamav3 import ExllamaV3Backend, known_architectures
+
+    if not known_architectures():
+        pytest.skip("exllamav3 is not installed here (its sources list its architectures)")
+    backend = ExllamaV3Backend()
+    for arch, fmt, expected in (("LlamaForCausalLM", "safetensors", True), ("GPT2LMHeadModel", "safetensors", False),
+                                ("GPT2LMHeadModel", "exl3", True)):
+        model = tmp_path / f"{arch}-{fmt}"
+        model.mkdir()
+        (model / "config.json").write_text(json.dumps({"architectures": [arch]}))
+        assert backend.supports(ModelSpec(name="m", path=model, format=fmt)) is expected
 
 
 def test_exllamav3_load_and_cache_arguments_follow_the_options():
@@ -101,8 +135,9 @@ def test_greedy_maps_to_argmax_in_both_libraries():
     v2 = v2_sampler_fields(s)
     assert v2["top_k"] == 1 and v2["top_p"] == 0.0 and v2["temperature"] == 1.0
     hot = v2_sampler_fields(SamplingParams(temperature=1.3, top_p=0.8, top_k=0, min_p=0.1, presence_penalty=0.2))
+    # penalties stay off in the library's settings: the job applies them (test_exllama_penalties.py)
     assert hot == {"temperature": 1.3, "top_k": 0, "top_p": 0.8, "min_p": 0.1, "token_repetition_penalty": 1.0,
-                   "token_frequency_penalty": 0.0, "token_presence_penalty": 0.2}
+                   "token_frequency_penalty": 0.0, "token_presence_penalty": 0.0}
 
 
 # --------------------------------------------------------- result translation
@@ -157,6 +192,38 @@ def test_logprobs_and_top_logprobs_from_probabilities():
     # a zero probability stays a finite number
     (plain,) = translate_results([streaming(3, [4], "x", token_probs=torch.tensor([[0.0]]))], {3: JobInfo(3, True)}, str)
     assert plain.logprob == -9999.0
+
+
+def test_the_first_token_carries_the_prompt_tokens_taken_from_the_prefix_cache():
+    class LibraryJob:  # the two counters both libraries' jobs keep
+        cached_pages, cached_tokens = 2, 37
+
+    info = JobInfo(4, prompt_tokens=600)
+    first, second = (translate_results([streaming(4, [t], "a", job=LibraryJob())], {4: info}, str, page_size=256)
+                     for t in (1, 2))
+    # known from the first token on, so a job the engine ends itself (a stop string) still reports it
+    assert first[0].cached_tokens == 2 * 256 + 37 and info.cached == 549
+    assert second[0].cached_tokens == 0
+
+
+def test_a_job_the_library_failed_finishes_with_an_error():
+    class LibraryJob:
+        identifier = 5
+
+    # exllamav3's reap_failed_job: no identifier key, the job object and the exception
+    failed = {"job": LibraryJob(), "serial": 0, "stage": "error", "eos": True, "error": RuntimeError("CUDA out of memory")}
+    (event,) = translate_results([failed, streaming(6, [3], "b")], {5: JobInfo(5)}, str)
+    assert (event.job_id, event.token_id, event.finish) == (5, None, FinishReason.ERROR)
+
+
+def test_special_tokens_the_library_streams_as_text_are_taken_out():
+    special = {2: "<|im_end|>"}
+    # exllamav3 streams a special token's literal text (here under ignore_eos, with a drafted token after it)
+    (end, after) = translate_results([streaming(8, [2, 40], "<|im_end|> ok")], {8: JobInfo(8)}, str, special=special)
+    assert (end.token_id, end.text, after.token_id, after.text) == (2, "", 40, " ok")
+    # the same text from ordinary tokens stays
+    (plain,) = translate_results([streaming(8, [41], "<|im_end|>")], {8: JobInfo(8)}, str, special=special)
+    assert plain.text == "<|im_end|>"
 
 
 def test_results_of_unknown_jobs_are_ignored():
@@ -215,6 +282,12 @@ class ScriptedJob(dict):
 
     def xllm_bind(self, isolation, namespace, page_size):
         self.update(namespace=namespace, page_size=page_size)
+
+    def __getattr__(self, name):  # the counters the library's jobs keep as attributes
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 class ScriptedModel(DynamicGeneratorModel):
@@ -280,17 +353,38 @@ def test_admission_counts_free_pages_less_what_jobs_not_started_still_need(scrip
 
 
 def test_details_report_prefix_cache_and_speculation(scripted):
+    from types import SimpleNamespace
+
     model, gen = scripted
     model._details["speculative"] = {"method": "ngram"}
-    model.add(job(1))
+    model.add(SequenceJob(job_id=1, prompt_ids=(1,) * 512, max_tokens=4, sampling=SamplingParams(temperature=0)))
+    native = SimpleNamespace(cached_pages=1, cached_tokens=0)  # the library job's counters
     gen.script.append([streaming(1, [4, 5], "ab", eos=True, eos_reason="stop_token", new_tokens=2, prompt_tokens=512,
-                                 cached_tokens=256, accepted_draft_tokens=1, rejected_draft_tokens=3)])
+                                 cached_tokens=256, accepted_draft_tokens=1, rejected_draft_tokens=3, job=native)])
     model.step()
     d = model.details()
     assert d["prefix_cache"] == {"prompt_tokens": 512, "cached_tokens": 256, "hit_rate": 0.5,
                                  "scope": "per cache namespace"}
     assert d["speculative"]["acceptance_rate"] == 0.25 and d["mode"] == "paged"
     assert model.memory_bytes() == 123
+
+
+def test_a_job_the_engine_cancels_mid_answer_still_counts_its_cache_hits_and_drafts(scripted):
+    from types import SimpleNamespace
+
+    model, gen = scripted
+    model._details["speculative"] = {"method": "ngram"}
+    model.add(SequenceJob(job_id=1, prompt_ids=(1,) * 300, max_tokens=40, sampling=SamplingParams(temperature=0)))
+    native = SimpleNamespace(cached_pages=1, cached_tokens=10)
+    gen.script.append([streaming(1, [4], "a", job=native)])
+    (event,) = model.step()
+    assert event.cached_tokens == 266  # on the first token: the runner keeps it for usage
+    # a stop string matched: the engine cancels the job, which never sends its end-of-sequence result
+    gen.enqueued[0].update(accepted_draft_tokens=3, rejected_draft_tokens=1)
+    model.cancel(1)
+    d = model.details()
+    assert d["prefix_cache"]["prompt_tokens"] == 300 and d["prefix_cache"]["cached_tokens"] == 266
+    assert d["speculative"]["acceptance_rate"] == 0.75
 
 
 def test_chat_tokenizer_renders_the_template_and_finds_end_of_turn(tiny_llama_dir):

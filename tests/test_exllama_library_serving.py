@@ -226,11 +226,11 @@ def load(kind: str, model_dir, **options):
     return load_cpu_pages_v2_model(spec, paged=kind == "exllamav2-paged")
 
 
-def generate(model, prompt_ids, max_tokens: int) -> list:
-    """Run one greedy job to the end; its events."""
+def generate(model, prompt_ids, max_tokens: int, sampling=None, job_id: int = 1) -> list:
+    """Run one job (greedy unless ``sampling`` says otherwise) to the end; its events."""
     from xllm_jupyter.core.types import SamplingParams, SequenceJob
 
-    model.add(SequenceJob(1, tuple(prompt_ids), max_tokens, SamplingParams(temperature=0.0), frozenset()))
+    model.add(SequenceJob(job_id, tuple(prompt_ids), max_tokens, sampling or SamplingParams(temperature=0.0), frozenset()))
     events = []
     for _ in range(4 * max_tokens + 20):
         events += model.step()
@@ -280,3 +280,78 @@ def test_a_draft_model_is_wired_in_and_its_drafts_accepted(tiny_llama_dir):
     assert [e.token_id for e in drafted] == [e.token_id for e in plain] and drafted[-1].completion_tokens == 24
     spec = model.details()["speculative"]
     assert spec["method"] == "draft_model" and spec["acceptance_rate"] > 0.8
+
+
+def test_presence_and_frequency_penalties_count_the_answer_not_the_prompt(tiny_llama_dir):
+    """exllamav2's sampler would count the prompt's 200 FILLER_TOKENs (20 off its lead of ~12); OpenAI counts the answer."""
+    from tests.page_generator import FILLER_TOKEN
+    from xllm_jupyter.core.types import SamplingParams
+
+    require_kind("exllamav2-unpaged")
+    model = load("exllamav2-unpaged", tiny_llama_dir)
+    prompt = [FILLER_TOKEN] * 200 + list(range(100, 110))
+    light = generate(model, prompt, 4, SamplingParams(temperature=0.0, frequency_penalty=0.1, presence_penalty=0.5))
+    assert [e.token_id for e in light] == [FILLER_TOKEN] * 4
+    # the answer does count: 2 per repeat (and 2 once) soon outweighs the lead
+    heavy = generate(model, prompt, 12, SamplingParams(temperature=0.0, frequency_penalty=2.0, presence_penalty=2.0),
+                     job_id=2)
+    ids = [e.token_id for e in heavy if e.token_id is not None]
+    assert ids[0] == FILLER_TOKEN and set(ids[1:]) - {FILLER_TOKEN}
+
+
+def test_exllamav3_narrows_its_penalty_window_to_the_answer(tiny_llama_dir):
+    """exllamav3's sampler is CUDA-only here: check the window our job sets on the library's own step."""
+    from exllamav3.generator.sampler.custom import SS_PresFreqP, SS_RepP
+
+    from xllm_jupyter.core.types import SamplingParams, SequenceJob
+
+    require_kind("exllamav3")
+    model = load("exllamav3", tiny_llama_dir)
+    job = SequenceJob(1, tuple(range(100, 140)), 8, SamplingParams(presence_penalty=0.5, repetition_penalty=1.2),
+                      frozenset())
+    native = model.make_job(job)
+    (step,) = native.xllm_answer_steps
+    assert type(step) is SS_PresFreqP
+    for answer in (0, 3):
+        if answer:
+            native.sequences[0].sequence_ids.append(torch_ids([7] * answer))
+        try:
+            native.prepare_sampling_past_ids()
+        except (RuntimeError, AssertionError):  # staging the ids on the device needs CUDA; the window is set first
+            pass
+        assert step.sustain_range == answer and step.decay_range == 0
+    # repetition keeps the whole sequence (HF semantics)
+    assert all(s.sustain_range > 10**6 for s in native.sampler.steps if type(s) is SS_RepP)
+    assert model.make_job(SequenceJob(2, (1, 2), 4, SamplingParams(), frozenset())).xllm_answer_steps == ()
+
+
+def torch_ids(ids):
+    import torch
+
+    return torch.tensor([ids], dtype=torch.long)
+
+
+def test_a_job_the_library_fails_ends_its_request_instead_of_hanging(tiny_llama_dir):
+    """exllamav3 drops a job whose prefill raises (CUDA out of memory, say) and reports an ``error`` result."""
+    from xllm_jupyter.core.types import FinishReason, SamplingParams, SequenceJob
+
+    require_kind("exllamav3")
+    model = load("exllamav3", tiny_llama_dir)
+    real_prefill, calls = model.generator.model.prefill, []
+
+    def prefill(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory (stand-in)")
+        return real_prefill(*args, **kwargs)
+
+    model.generator.model.prefill = prefill
+    for job_id, start in ((1, 100), (2, 500)):
+        model.add(SequenceJob(job_id, tuple(range(start, start + 300)), 3, SamplingParams(temperature=0.0), frozenset()))
+    finished = {}
+    for _ in range(40):
+        finished.update({e.job_id: e.finish for e in model.step() if e.finish is not None})
+        if len(finished) == 2:
+            break
+    assert sorted(finished.values()) == sorted([FinishReason.ERROR, FinishReason.LENGTH])
+    assert model.active_jobs() == 0 and pages_held(model) == 0

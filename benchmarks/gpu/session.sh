@@ -7,12 +7,18 @@
 #
 # A phase written NAME& runs in the background (the GPU tests beside the EXL3 conversion, say:
 # neither is timed); the phase "wait" waits for those, and the session waits for them before it
-# ends. Benchmarks must run alone: put them after a "wait".
+# ends. Benchmarks must run alone: put them after a "wait". NAME:SECONDS caps a phase below the
+# time left (wait:SECONDS stops the background phases still running after that long), so a slow
+# phase cannot eat the time of the benchmark after it. A copy into $OUT also runs every 15 s,
+# so a call stopped from outside (the lease running out) still brings back the logs so far.
 #
 # Here first (no device time): benchmarks/gpu/stage.sh (wheels, tokenizer, prebuilt
 # extensions). Then, on the device, carrying .whl and .gpucache:
-#   bash benchmarks/gpu/session.sh --deadline 560 setup make1b 'convert1b&' tests wait bench1b v2paged
-#   bash benchmarks/gpu/session.sh --deadline 270 setup compiled1b   # next call, at once (warm)
+#   bash benchmarks/gpu/session.sh --deadline 560 setup make1b 'convert1b&' tests:250 wait:100 bench1b v2paged
+#   bash benchmarks/gpu/session.sh --deadline $((BUDGET_LEFT - 40)) setup make1b users1b v2 compiled1b
+# the second at once (the machine goes back after 30 s idle), its deadline from the lease's
+# budget_left_s in the first call's reply (the device tool stops a call at the lease's end, before
+# this script's deadline would). Details: benchmarks/README.md.
 #
 # Phases (estimated seconds on an H100/H200 with prebuilt extensions):
 #   setup       install carried wheels and extensions; JIT-build what is not prebuilt   (20; 330 without)
@@ -21,7 +27,7 @@
 #               test_exllama_library_serving                                            (240)
 #   make1b      random-weight Llama 1.17B fp16 with SmolLM2's tokenizer                 (30)
 #   convert1b   EXL3 4.0 bpw with exllamav3's converter                                (150)
-#   bench1b     gpu_serving.py: EXL3 and FP16 on exllamav3, 1/16/64 streams              (150)
+#   bench1b     gpu_serving.py: EXL3 (if converted) and FP16 on exllamav3, 1/16/64       (150)
 #   users1b     gpu_serving.py: EXL3 on exllamav3, 64 streams from 64 users' keys         (60)
 #   v2          gpu_serving.py: FP16 on exllamav2 unpaged (EXLLAMA_NO_FLASH_ATTN), 1 stream (60)
 #   v2paged     gpu_serving.py: FP16 on exllamav2 paged (carried flash-attn), 1/16/64 (120)
@@ -61,6 +67,7 @@ phase_setup() {
   source benchmarks/gpu/prepare.sh || return 1
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name(0))'
+  local builds=()
   for lib in exllamav3 exllamav2; do
     # a prebuilt module that does not load here is removed, so the library JIT-builds instead
     if [ -f "/tmp/site/${lib}_ext.so" ] && ! python3 -c "import torch, ${lib}_ext" 2>"$WORK/logs/${lib}_ext_load.txt"; then
@@ -70,9 +77,16 @@ phase_setup() {
     if [ -f "/tmp/site/${lib}_ext.so" ]; then echo "${lib}_ext: prebuilt"; else
       echo "${lib}_ext: JIT build (minutes)"
       python3 -c "import ${lib}.ext" > "$WORK/logs/jit_${lib}.log" 2>&1 &
+      builds+=($!)
     fi
   done
-  wait
+  # flash-attn's module (cross_build.sh) is checked the same way: one that does not load is removed, so
+  # exllamav2 runs unpaged instead of failing on import
+  if [ -d /tmp/site/flash_attn ] && ! python3 -c "import torch, flash_attn_2_cuda" 2>"$WORK/logs/flash_attn_load.txt"; then
+    echo "carried flash-attn does not load: $(tail -1 "$WORK/logs/flash_attn_load.txt"); exllamav2 runs unpaged"
+    rm -rf /tmp/site/flash_attn /tmp/site/flash_attn_2_cuda.so
+  fi
+  [ ${#builds[@]} -eq 0 ] || wait "${builds[@]}"  # (not a bare wait: the periodic copy is a child too)
 }
 phase_tests() {
   python3 -m pytest -q -rs -p no:cacheprovider -o filterwarnings=ignore::DeprecationWarning -m "gpu or exllama or cuda_build" \
@@ -85,7 +99,11 @@ phase_convert1b() {
   python3 -m exllamav3.conversion.convert_model -i "$WORK/llama1b" -o "$WORK/llama1b-exl3" -w "$WORK/convwork" \
     -b 4.0 -cr 16 -cc 512
 }
-phase_bench1b() { bench --model "exl3-1.2b=$WORK/llama1b-exl3" --model "fp16-1.2b=$WORK/llama1b" --backends exllamav3; }
+phase_bench1b() {  # the EXL3 rows first (the figure to keep); FP16 alone if the conversion did not finish
+  local models=()
+  [ -f "$WORK/llama1b-exl3/config.json" ] && models+=(--model "exl3-1.2b=$WORK/llama1b-exl3")
+  bench "${models[@]}" --model "fp16-1.2b=$WORK/llama1b" --backends exllamav3
+}
 phase_users1b() { bench --model "exl3-1.2b=$WORK/llama1b-exl3" --backends exllamav3 --streams 64 --users 64; }
 phase_v2() { export EXLLAMA_NO_FLASH_ATTN=1; bench --model "fp16-1.2b=$WORK/llama1b" --backends exllamav2 --v2-streams 1; }
 phase_v2paged() {
@@ -100,22 +118,33 @@ phase_steps1b() {  # one compiled decode step of the 1.2B FP16 model: eager / gu
 phase_make8b() { bench --make 8b --make-out "$WORK/llama8b" --tokenizer "$TOK"; }
 phase_bench8b() { bench --model "fp16-8b=$WORK/llama8b" --backends exllamav3; }
 
-run_phase() {  # NAME: run it under the time left, its output in logs/NAME.log; returns its exit code
+capped() {  # CAP: the time left, or CAP seconds if that is less (CAP empty: the time left)
+  local l; l=$(left)
+  if [ -n "$1" ] && [ "$1" -lt "$l" ]; then echo "$1"; else echo "$l"; fi
+}
+run_phase() {  # NAME [CAP]: run it under the time left (or its cap), its output in logs/NAME.log; returns its exit code
   local p=$1
   if [ "$p" = setup ]; then  # in this shell: its exports must reach the later phases
     phase_setup > "$WORK/logs/$p.log" 2>&1
   else
-    # in a child shell, so the time cap stops it with everything it started
-    timeout --kill-after=10 "$(left)" bash -c "$(declare -f bench "phase_$p"); phase_$p" > "$WORK/logs/$p.log" 2>&1
+    # in a child shell, so the time cap stops it with everything it started (timeout signals its process group)
+    timeout --kill-after=10 "$(capped "${2:-}")" bash -c "$(declare -f bench "phase_$p"); phase_$p" > "$WORK/logs/$p.log" 2>&1
   fi
 }
 finish_phase() {  # NAME RC START: one summary line, results and logs into $OUT
   note "$1: rc=$2 in $(( $(date +%s) - $3 ))s; $(tail -1 "$WORK/logs/$1.log" | cut -c1-200)"
   collect
 }
-wait_background() {
-  local name
+wait_background() {  # [CAP]: wait for the background phases; after CAP seconds (or at the deadline) stop them
+  local name limit; limit=$(capped "${1:-}")
+  local until=$(( $(date +%s) + limit ))
   for name in "${!BG[@]}"; do
+    while kill -0 "${BG[$name]}" 2>/dev/null && [ "$(date +%s)" -lt "$until" ]; do sleep 1; done
+    if kill -0 "${BG[$name]}" 2>/dev/null; then
+      note "$name: stopped (still running after the wait's ${limit}s)"
+      # its timeout process (the subshell's child, or the subshell itself), which signals its process group
+      pkill -TERM -P "${BG[$name]}"; kill -TERM "${BG[$name]}" 2>/dev/null
+    fi
     wait "${BG[$name]}"; finish_phase "$name" $? "${BG_START[$name]}"
   done
   BG=(); BG_START=()
@@ -123,20 +152,26 @@ wait_background() {
 
 declare -A BG=() BG_START=()
 note "session: phases ${PHASES[*]}, deadline ${DEADLINE}s"
+( while sleep 15; do collect; done ) >/dev/null 2>&1 &
+COPIER=$!
 for p in "${PHASES[@]}"; do
-  if [ "$p" = wait ]; then wait_background; continue; fi
-  name=${p%&}  # (phase_setup sources prepare.sh, which leaves no variables behind to clobber these)
+  # (phase_setup sources prepare.sh, which leaves no variables behind to clobber these)
+  spec=${p%&}; name=${spec%%:*}; cap=""
+  [ "$spec" != "$name" ] && cap=${spec#*:}
+  if [ "$name" = wait ]; then wait_background "$cap"; continue; fi
   if ! declare -F "phase_$name" >/dev/null; then note "$name: unknown phase"; continue; fi
   cost=${COST[$name]:-60}
+  [ -n "$cap" ] && [ "$cap" -lt "$cost" ] && cost=$cap  # a capped phase needs only its cap
   if [ "$(left)" -lt "$cost" ]; then note "$name: SKIPPED (needs ~${cost}s, $(left)s left)"; continue; fi
   t0=$(date +%s)
-  if [ "$p" != "$name" ] && [ "$name" != setup ]; then
+  if [ "$p" != "$spec" ] && [ "$name" != setup ]; then
     note "$name: started in the background"
-    run_phase "$name" & BG[$name]=$!; BG_START[$name]=$t0
+    run_phase "$name" "$cap" & BG[$name]=$!; BG_START[$name]=$t0
   else
-    run_phase "$name"; finish_phase "$name" $? "$t0"
+    run_phase "$name" "$cap"; finish_phase "$name" $? "$t0"
   fi
 done
 wait_background
+kill "$COPIER" 2>/dev/null
 note "session: done"
 collect

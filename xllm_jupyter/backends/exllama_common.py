@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 from ..core.errors import EngineError
 from ..core.types import FinishReason, SamplingParams, TokenEvent
+
+log = logging.getLogger(__name__)
 
 #: both libraries allocate the KV cache in pages of this many tokens
 PAGE_SIZE = 256
@@ -88,10 +91,30 @@ class ExllamaOptions:
             raise EngineError("engine.kv_cache_bits: key and value bits must be between 2 and 8")
         return k, v
 
+    def serving_context(self, model_context: int) -> int:
+        """The context to serve: the configured one, else the model's, never more than a configured cache
+        holds (so ``cache_tokens`` bounds the memory a long-context model takes)."""
+        context = self.context_length or int(model_context)
+        if self.cache_tokens and self.cache_tokens < context:
+            log.warning("engine.cache_tokens (%d) holds less than the context length (%d): serving %d tokens of "
+                        "context", self.cache_tokens, context, self.cache_tokens)
+            context = self.cache_tokens
+        return context
+
     def cache_size(self, context_length: int) -> int:
         """KV cache tokens: the configured size (or the default), at least one full context, whole pages."""
         tokens = max(self.cache_tokens or DEFAULT_CACHE_TOKENS, context_length)
         return -(-tokens // PAGE_SIZE) * PAGE_SIZE
+
+
+def same_vocabulary(draft_vocab: int, vocab: int) -> bool:
+    """Whether a draft model's vocabulary fits the model's; logs why drafting is off when not (a draft's
+    token ids past the model's embedding would fault the GPU)."""
+    if draft_vocab == vocab:
+        return True
+    log.warning("engine.draft_model has a vocabulary of %d tokens, this model %d: speculative decoding is off "
+                "for it", draft_vocab, vocab)
+    return False
 
 
 def combo_sampler_kwargs(s: SamplingParams) -> dict[str, Any]:
@@ -109,16 +132,20 @@ def combo_sampler_kwargs(s: SamplingParams) -> dict[str, Any]:
 
 
 def v2_sampler_fields(s: SamplingParams) -> dict[str, Any]:
-    """exllamav2 ``ExLlamaV2Sampler.Settings`` attributes that reproduce ``s``."""
+    """exllamav2 ``ExLlamaV2Sampler.Settings`` attributes that reproduce ``s``.
+
+    The penalties stay off here: the job applies them itself (``exllama_penalties.py``), since
+    the library's one penalty window would count the prompt for presence/frequency too.
+    """
     greedy = s.greedy
     return {
         "temperature": 1.0 if greedy else float(s.temperature),
         "top_k": 1 if greedy else int(s.top_k),
         "top_p": 0.0 if greedy else float(s.top_p),
         "min_p": 0.0 if greedy else float(s.min_p),
-        "token_repetition_penalty": float(s.repetition_penalty),
-        "token_frequency_penalty": float(s.frequency_penalty),
-        "token_presence_penalty": float(s.presence_penalty),
+        "token_repetition_penalty": 1.0,
+        "token_frequency_penalty": 0.0,
+        "token_presence_penalty": 0.0,
     }
 
 
@@ -129,6 +156,11 @@ class JobInfo:
     job_id: int
     logprobs: bool = False
     top_logprobs: int = 0
+    prompt_tokens: int = 0
+    #: prompt tokens served from the prefix cache, known once the job's prefill is done (its first token)
+    cached: int | None = None
+    #: whether the model's prefix-cache counters have this job yet
+    counted: bool = False
 
 
 @dataclass
@@ -153,25 +185,57 @@ def _row(value: Any) -> list:
     return row.tolist() if hasattr(row, "tolist") else list(row)
 
 
+def job_cached_tokens(job: Any, page_size: int) -> int:
+    """Prompt tokens a library job took from the prefix cache (whole pages and a partial match), as its
+    end-of-sequence result reports them; known from its first token on, so a job the engine ends
+    itself (a stop string) reports them too."""
+    try:
+        return int(job.cached_pages) * page_size + int(job.cached_tokens)
+    except (AttributeError, TypeError, ValueError):
+        return 0
+
+
 def translate_results(results: Iterable[Mapping[str, Any]], jobs: Mapping[int, JobInfo],
-                      piece: Callable[[int], str], spec_stats: SpeculativeStats | None = None) -> list[TokenEvent]:
-    """TokenEvents for the ``streaming`` results of one ``iterate()`` call (one per sampled token).
+                      piece: Callable[[int], str], spec_stats: SpeculativeStats | None = None,
+                      page_size: int = PAGE_SIZE, special: Mapping[int, str] | None = None) -> list[TokenEvent]:
+    """TokenEvents for the ``streaming`` and ``error`` results of one ``iterate()`` call (one per sampled token).
 
     A result may carry several tokens (speculative decoding accepted a draft); each gets an
-    event and the step's text rides on the last one. The ``eos`` result becomes the finishing
-    event, with the usage counters the generator reports.
+    event and the step's text rides on the last one. The job's first event carries its cached
+    prompt tokens; the ``eos`` result becomes the finishing event, with the usage counters the
+    generator reports. An ``error`` result (exllamav3 dropped a job whose prefill or page
+    allocation raised) finishes the job with ERROR, so its request fails instead of hanging.
+    ``special`` maps special token ids to their literal text, which exllamav3 streams
+    (``<|im_end|>`` under ``ignore_eos``, say) and is taken out, as the transformers backend skips it.
     """
     events: list[TokenEvent] = []
     for r in results:
-        if r.get("stage") != "streaming":
+        stage = r.get("stage")
+        if stage == "error":
+            job_id = r.get("identifier", getattr(r.get("job"), "identifier", None))
+            info = jobs.get(job_id)  # type: ignore[arg-type]
+            if info is not None:
+                error = r.get("error")
+                log.error("the generator dropped job %s: %s", job_id, type(error).__name__,
+                          exc_info=error if isinstance(error, BaseException) else None)
+                events.append(TokenEvent(info.job_id, None, "", finish=FinishReason.ERROR))
+            continue
+        if stage != "streaming":
             continue
         info = jobs.get(r.get("identifier"))  # type: ignore[arg-type]
         if info is None:
             continue
         ids = [int(t) for t in _row(r.get("token_ids"))]
         text = r.get("text") or ""
+        if special and text:
+            for token in ids:
+                if token in special:
+                    text = text.replace(special[token], "", 1)
         finish = None
-        prompt_tokens = cached = completion = 0
+        prompt_tokens = completion = 0
+        cached = 0
+        if info.cached is None:
+            cached = info.cached = job_cached_tokens(r.get("job"), page_size)
         if r.get("eos"):
             finish = EOS_REASONS.get(str(r.get("eos_reason")), FinishReason.STOP)
             prompt_tokens = int(r.get("prompt_tokens") or 0)

@@ -23,6 +23,15 @@ from .prefix_isolation import PrefixIsolation, isolated_job_class
 log = logging.getLogger(__name__)
 
 
+def special_token_text(tokenizer: Any) -> dict[int, str]:
+    """Special token ids and their literal text (what ``skip_special_tokens`` leaves out of decoded text)."""
+    try:
+        decoder = tokenizer.added_tokens_decoder
+    except AttributeError:
+        return {}
+    return {int(i): str(t.content) for i, t in decoder.items() if getattr(t, "special", False) and t.content}
+
+
 class DynamicGeneratorModel(ChatTokenizerMethods, LoadedModel):
     """Drives one exllama dynamic generator from the engine thread."""
 
@@ -43,6 +52,7 @@ class DynamicGeneratorModel(ChatTokenizerMethods, LoadedModel):
         self._info: dict[int, JobInfo] = {}
         self._cancelled: list[int] = []
         self._grammars = GrammarCompiler(chat.tokenizer, self.vocab_size, self.eos_token_ids)
+        self._special = special_token_text(chat.tokenizer)
         self.speculative = SpeculativeStats()
         self._counts_lock = threading.Lock()
         self._prompt_tokens = 0
@@ -60,6 +70,8 @@ class DynamicGeneratorModel(ChatTokenizerMethods, LoadedModel):
     # -- engine thread ----------------------------------------------------------------
     #: the prefix_isolation mixin matching this library's job class
     isolation_mixin: type
+    #: the exllama_penalties mixin matching it
+    penalty_mixin: type
 
     @abstractmethod
     def make_job(self, job: SequenceJob) -> Any:
@@ -70,8 +82,8 @@ class DynamicGeneratorModel(ChatTokenizerMethods, LoadedModel):
         """Tokens per cache page of the generator."""
 
     def job_class(self, library_job: type) -> type:
-        """``library_job`` with the cache-namespace hooks of ``isolation_mixin``."""
-        return isolated_job_class(self.isolation_mixin, library_job)
+        """``library_job`` with the cache-namespace hooks of ``isolation_mixin`` and the answer-only penalties."""
+        return isolated_job_class(self.isolation_mixin, library_job, self.penalty_mixin)
 
     def add(self, job: SequenceJob) -> None:
         """Enqueue ``job``; the generator starts it at its next iteration."""
@@ -79,7 +91,7 @@ class DynamicGeneratorModel(ChatTokenizerMethods, LoadedModel):
         native.xllm_bind(self.isolation, job.cache_namespace, self.page_size())
         self.generator.enqueue(native)
         self._jobs[job.job_id] = native
-        self._info[job.job_id] = JobInfo(job.job_id, job.logprobs, job.top_logprobs)
+        self._info[job.job_id] = JobInfo(job.job_id, job.logprobs, job.top_logprobs, len(job.prompt_ids))
 
     def cancel(self, job_id: int) -> None:
         """Drop the job from the generator (its pages are freed now); its final event comes next step."""
@@ -88,6 +100,10 @@ class DynamicGeneratorModel(ChatTokenizerMethods, LoadedModel):
         if native is not None:
             self.generator.cancel(native)
             self._cancelled.append(job_id)
+            # the library reports draft counts only in a job's end-of-sequence result, which a job
+            # cancelled (a stop string matched, the client left) never gets
+            self.speculative.accepted += int(getattr(native, "accepted_draft_tokens", 0) or 0)
+            self.speculative.rejected += int(getattr(native, "rejected_draft_tokens", 0) or 0)
 
     def active_jobs(self) -> int:
         """Jobs added and not yet finished (cancelled ones until their final event)."""
@@ -124,14 +140,20 @@ class DynamicGeneratorModel(ChatTokenizerMethods, LoadedModel):
         if not self._jobs:
             return events
         results = self.generator.iterate()
-        produced = translate_results(results, self._info, self._piece, self.speculative)
+        produced = translate_results(results, self._info, self._piece, self.speculative, self.page_size(),
+                                     self._special)
         for event in produced:
+            info = self._info.get(event.job_id)
+            if info is not None and info.cached is not None and not info.counted:
+                # counted at the first token, when the prefix cache's share is known: a job the
+                # engine cancels later (a stop string) still counts
+                info.counted = True
+                with self._counts_lock:
+                    self._prompt_tokens += info.prompt_tokens
+                    self._cached_tokens += info.cached
             if event.finish is not None:
                 self._jobs.pop(event.job_id, None)
                 self._info.pop(event.job_id, None)
-                with self._counts_lock:
-                    self._prompt_tokens += event.prompt_tokens
-                    self._cached_tokens += event.cached_tokens
         events.extend(produced)
         return events
 

@@ -17,7 +17,9 @@ from ..core.errors import EngineError
 from ..core.types import SequenceJob
 from .base import Backend, ModelSpec
 from .exllama_common import (
+    PAGE_SIZE,
     ExllamaOptions,
+    same_vocabulary,
     config_eos,
     cuda_available,
     cuda_memory_in_use,
@@ -25,6 +27,7 @@ from .exllama_common import (
     v2_sampler_fields,
 )
 from .exllama_model import DynamicGeneratorModel
+from .exllama_penalties import AnswerPenaltiesV2
 from .hf_tokenizer import ChatTokenizer
 from .prefix_isolation import IsolatedJobV2
 
@@ -35,17 +38,26 @@ FORMATS = ("exl2", "gptq", "safetensors")
 #: exllamav2 quantizes its cache only symmetrically
 _CACHE_CLASSES = {None: "ExLlamaV2Cache", (8, 8): "ExLlamaV2Cache_Q8", (6, 6): "ExLlamaV2Cache_Q6",
                   (4, 4): "ExLlamaV2Cache_Q4"}
+#: tokens the generator may take per job and step (its ``max_q_size`` default: one sampled token and up
+#: to seven drafts); it caps ``num_draft_tokens``, and the batch through the model's input size
+MAX_Q_SIZE = 8
 _warned_unpaged = False
 
 
 def paged_attention_available() -> bool:
-    """True when flash-attn with paged attention is importable (exllamav2's batching needs it)."""
+    """True when flash-attn with paged attention (2.5.7 or later) is importable (exllamav2's batching needs it)."""
     try:
         from exllamav2 import attn
 
-        return bool(getattr(attn, "has_flash_attn_with_paged", False) or getattr(attn, "has_flash_attn", False))
+        # (has_flash_attn alone, flash-attn 2.2.1-2.5.6, is refused by the generator's paged mode)
+        return bool(getattr(attn, "has_flash_attn_with_paged", False))
     except Exception:
         return False
+
+
+def round_to_pages(tokens: int) -> int:
+    """``tokens`` rounded up to whole pages: exllamav2's cache and prefill chunks come in pages."""
+    return -(-int(tokens) // PAGE_SIZE) * PAGE_SIZE
 
 
 def warn_unpaged_once() -> None:
@@ -83,20 +95,21 @@ class ExllamaV2Backend(Backend):
         bits = opts.kv_bits()
         if bits not in _CACHE_CLASSES:
             raise EngineError("exllamav2 quantizes its KV cache symmetrically only: use fp16, q8, q6 or q4")
-        paged = paged_attention_available()
-        if not paged:
-            warn_unpaged_once()
         path = Path(spec.path)
         before = cuda_memory_in_use()
         try:
-            config, ctx, model, cache, cache_tokens = open_model(exllamav2, path, opts, paged)
+            config, ctx, model, cache, cache_tokens, paged = open_model(exllamav2, path, opts,
+                                                                        paged_attention_available())
+            check_limits(opts, config, paged)
+            if not paged:
+                warn_unpaged_once()
             if opts.gpu_split:
                 model.load(gpu_split=list(opts.gpu_split))
                 cache = type(cache)(model, max_seq_len=cache_tokens)
             else:
                 model.load_autosplit(cache)
             tokenizer = exllamav2.ExLlamaV2Tokenizer(config)
-            draft = _load_draft(exllamav2, opts, cache_tokens, paged)
+            draft = _load_draft(exllamav2, opts, cache_tokens, paged, config.max_seq_len, int(config.vocab_size))
             generator = ExLlamaV2DynamicGenerator(model=model, cache=cache, tokenizer=tokenizer,
                                                   **generator_kwargs(opts, ctx, paged, draft))
         except (OSError, ValueError, KeyError, RuntimeError, AssertionError) as exc:
@@ -105,18 +118,34 @@ class ExllamaV2Backend(Backend):
                            model=model, draft=draft, generator=generator, memory_bytes=cuda_memory_in_use() - before)
 
 
-def open_model(exllamav2: Any, path: Path, opts: ExllamaOptions, paged: bool) -> tuple[Any, int, Any, Any, int]:
-    """Config, context length, unloaded model and its lazy cache of the configured storage, cache tokens."""
+def open_model(exllamav2: Any, path: Path, opts: ExllamaOptions,
+               paged: bool) -> tuple[Any, int, Any, Any, int, bool]:
+    """Config, context length, unloaded model, its lazy cache of the configured storage, cache tokens, and
+    whether the generator runs paged (``paged`` unless the architecture's overrides turned flash-attn off)."""
     config = exllamav2.ExLlamaV2Config(str(path))
     config.arch_compat_overrides()
-    ctx = opts.context_length or int(config.max_seq_len or 4096)
-    config.max_seq_len = ctx
+    paged = paged and not config.no_flash_attn
+    ctx = opts.serving_context(int(config.max_seq_len or 4096))
+    # the cache, and prefill chunks below 2,048 tokens (the model's input size follows the context),
+    # must be whole pages; we serve ``ctx`` tokens of it
+    config.max_seq_len = round_to_pages(ctx)
     if not paged:
         config.no_flash_attn = True
-    cache_tokens = opts.cache_size(ctx) if paged else ctx
+    cache_tokens = opts.cache_size(ctx) if paged else config.max_seq_len
     model = exllamav2.ExLlamaV2(config)
     cache = getattr(exllamav2, _CACHE_CLASSES[opts.kv_bits()])(model, max_seq_len=cache_tokens, lazy=True)
-    return config, ctx, model, cache, cache_tokens
+    return config, ctx, model, cache, cache_tokens, paged
+
+
+def check_limits(opts: ExllamaOptions, config: Any, paged: bool) -> None:
+    """The generator's limits on drafting and batch, as EngineErrors that name the setting (before the weights load)."""
+    if (opts.draft_model_path or opts.ngram_draft) and opts.num_draft_tokens > MAX_Q_SIZE:
+        raise EngineError(f"engine.num_draft_tokens must be at most {MAX_Q_SIZE} on the exllamav2 backend")
+    # the model's input size, which loading clamps to the context; unpaged, the batch is one job
+    max_input = min(int(config.max_input_len), int(config.max_seq_len)) * int(config.max_batch_size)
+    if paged and opts.max_batch_size * MAX_Q_SIZE > max_input:
+        raise EngineError(f"engine.max_batch_size must be at most {max_input // MAX_Q_SIZE} on the exllamav2 backend "
+                          f"with this model and context length")
 
 
 def generator_kwargs(opts: ExllamaOptions, ctx: int, paged: bool, draft: tuple[Any, Any] | None) -> dict[str, Any]:
@@ -147,24 +176,32 @@ def build_model(spec: ModelSpec, path: Path, *, config: Any, opts: ExllamaOption
     return ExllamaV2Model(
         spec, generator=generator, chat=chat, context_length=ctx, vocab_size=int(config.vocab_size),
         eos_token_ids=eos, max_batch_size=batch, memory_bytes=memory_bytes, details=details,
-        model=model, draft=draft, sampler_vocab=int(config.vocab_size),
+        # the sampler adds the bias to logits padded to a multiple of 32 and refuses other sizes
+        model=model, draft=draft, sampler_vocab=int(getattr(generator, "padded_vocab_size", 0) or config.vocab_size),
     )
 
 
-def _load_draft(exllamav2: Any, opts: ExllamaOptions, cache_tokens: int, paged: bool) -> tuple[Any, Any] | None:
+def _load_draft(exllamav2: Any, opts: ExllamaOptions, cache_tokens: int, paged: bool, seq_len: int,
+                vocab_size: int) -> tuple[Any, Any] | None:
     """The configured draft model, loaded, with its cache."""
-    draft = open_draft(exllamav2, opts, cache_tokens, paged)
+    draft = open_draft(exllamav2, opts, cache_tokens, paged, seq_len, vocab_size)
     if draft is not None:
         draft[0].load_autosplit(draft[1])
     return draft
 
 
-def open_draft(exllamav2: Any, opts: ExllamaOptions, cache_tokens: int, paged: bool) -> tuple[Any, Any] | None:
-    """The configured draft model (unloaded) and its lazy cache, as long as the main one; None without one."""
+def open_draft(exllamav2: Any, opts: ExllamaOptions, cache_tokens: int, paged: bool, seq_len: int,
+               vocab_size: int) -> tuple[Any, Any] | None:
+    """The configured draft model (unloaded) and its lazy cache, as long as the main one; None without one,
+    or when its vocabulary is not the model's (``engine.draft_model`` serves every model)."""
     if not opts.draft_model_path:
         return None
     config = exllamav2.ExLlamaV2Config(opts.draft_model_path)
+    if not same_vocabulary(int(config.vocab_size), vocab_size):
+        return None
     config.arch_compat_overrides()
+    # the generator wants the draft's context at least the model's, whatever the draft's own config says
+    config.max_seq_len = seq_len
     if not paged:
         config.no_flash_attn = True
     model = exllamav2.ExLlamaV2(config)
@@ -176,6 +213,7 @@ class ExllamaV2Model(DynamicGeneratorModel):
 
     backend_name = "exllamav2"
     isolation_mixin = IsolatedJobV2
+    penalty_mixin = AnswerPenaltiesV2
 
     def __init__(self, spec: ModelSpec, *, model: Any, draft: tuple[Any, Any] | None, sampler_vocab: int, **kw: Any):
         super().__init__(spec, **kw)
@@ -194,7 +232,7 @@ class ExllamaV2Model(DynamicGeneratorModel):
             for token, value in job.sampling.logit_bias.items():
                 bias[int(token)] = float(value)
             settings.token_bias = bias
-        return self.job_class(ExLlamaV2DynamicJob)(
+        native = self.job_class(ExLlamaV2DynamicJob)(
             input_ids=torch.tensor([job.prompt_ids], dtype=torch.long),
             max_new_tokens=self._library_max_new_tokens(job),
             gen_settings=settings,
@@ -204,6 +242,8 @@ class ExllamaV2Model(DynamicGeneratorModel):
             return_top_tokens=job.top_logprobs,
             identifier=job.job_id,
         )
+        native.xllm_bind_penalties(len(job.prompt_ids), job.sampling)
+        return native
 
     def _library_max_new_tokens(self, job: SequenceJob) -> int:
         """The ``max_new_tokens`` that makes exllamav2 generate ``job.max_tokens`` tokens.
@@ -215,7 +255,8 @@ class ExllamaV2Model(DynamicGeneratorModel):
         draft = int(getattr(self.generator, "num_draft_tokens", 0) or 0)
         if not draft:
             return job.max_tokens
-        room = int(self.generator.max_total_tokens) - len(job.prompt_ids)
+        # never past the context: draft positions there would read past the model's RoPE tables
+        room = min(int(self.generator.max_total_tokens), self.context_length) - len(job.prompt_ids)
         return max(job.max_tokens, min(job.max_tokens + draft, room))
 
     def free_pages(self) -> int:

@@ -8,8 +8,11 @@ kernels compile on first use (see ``jit.py``).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ from ..core.types import SequenceJob
 from .base import Backend, ModelSpec
 from .exllama_common import (
     ExllamaOptions,
+    same_vocabulary,
     combo_sampler_kwargs,
     config_eos,
     cuda_available,
@@ -25,6 +29,7 @@ from .exllama_common import (
     is_model_directory,
 )
 from .exllama_model import DynamicGeneratorModel
+from .exllama_penalties import AnswerPenaltiesV3
 from .hf_tokenizer import ChatTokenizer
 from .prefix_isolation import IsolatedJobV3
 
@@ -49,8 +54,15 @@ class ExllamaV3Backend(Backend):
         return importlib.util.find_spec("exllamav3") is not None and cuda_available()
 
     def supports(self, spec: ModelSpec) -> bool:
-        """EXL3 or FP16/BF16 safetensors chat models in a directory."""
-        return spec.task == "chat" and spec.format in FORMATS and is_model_directory(Path(spec.path))
+        """EXL3 models, and FP16/BF16 safetensors chat models of an architecture exllamav3 implements.
+
+        Another architecture goes to the next backend (transformers) instead of failing to load.
+        """
+        path = Path(spec.path)
+        if not (spec.task == "chat" and spec.format in FORMATS and is_model_directory(path)):
+            return False
+        known = known_architectures()
+        return spec.format == "exl3" or not known or model_architecture(path) in known
 
     def load(self, spec: ModelSpec) -> ExllamaV3Model:
         """Load weights, cache and generator (slow; called on a worker thread)."""
@@ -64,7 +76,7 @@ class ExllamaV3Backend(Backend):
         before = cuda_memory_in_use()
         try:
             config, model, cache, cache_tokens = open_model(path, opts)
-            draft = _load_draft(opts, cache_tokens, _load_kwargs(opts))
+            draft = _load_draft(opts, cache_tokens, _load_kwargs(opts), int(config.vocab_size))
             model.load(**_load_kwargs(opts))
             tokenizer = Tokenizer.from_config(config)
             generator = Generator(model=model, cache=cache, tokenizer=tokenizer, **generator_kwargs(opts, draft))
@@ -73,6 +85,31 @@ class ExllamaV3Backend(Backend):
         return build_model(spec, path, config=config, opts=opts, cache_tokens=cache_tokens, model=model,
                            tokenizer=tokenizer, draft=draft, generator=generator,
                            memory_bytes=cuda_memory_in_use() - before)
+
+
+@functools.lru_cache(maxsize=1)
+def known_architectures() -> frozenset[str]:
+    """The ``architectures`` names exllamav3 implements, read from its sources: importing it may compile
+    its CUDA kernels for minutes, and backend selection runs on the event loop. Empty if not found."""
+    spec = importlib.util.find_spec("exllamav3")
+    if spec is None or not spec.submodule_search_locations:
+        return frozenset()
+    names: set[str] = set()
+    for source in (Path(list(spec.submodule_search_locations)[0]) / "architecture").glob("*.py"):
+        try:
+            names.update(re.findall(r'arch_string\s*=\s*"([^"]+)"', source.read_text(encoding="utf-8")))
+        except OSError:
+            continue
+    return frozenset(names)
+
+
+def model_architecture(path: Path) -> str | None:
+    """The model's architecture as its ``config.json`` names it (exllamav3 reads the first of one)."""
+    try:
+        names = json.loads((path / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(names[0]) if len(names) == 1 else None
 
 
 def open_model(path: Path, opts: ExllamaOptions, cache_tokens: int = 0) -> tuple[Any, Any, Any, int]:
@@ -86,8 +123,8 @@ def open_model(path: Path, opts: ExllamaOptions, cache_tokens: int = 0) -> tuple
 
 
 def _context_length(opts: ExllamaOptions, config: Any) -> int:
-    """The configured context length, else the model's."""
-    return opts.context_length or int(getattr(config, "max_position_embeddings", 0) or 4096)
+    """The configured context length, else the model's, within a configured cache size."""
+    return opts.serving_context(int(getattr(config, "max_position_embeddings", 0) or 4096))
 
 
 def generator_kwargs(opts: ExllamaOptions, draft: tuple[Any, Any] | None) -> dict[str, Any]:
@@ -96,7 +133,8 @@ def generator_kwargs(opts: ExllamaOptions, draft: tuple[Any, Any] | None) -> dic
         max_batch_size=opts.max_batch_size,
         draft_model=draft[0] if draft else None, draft_cache=draft[1] if draft else None,
         num_draft_tokens=opts.num_draft_tokens if (draft or opts.ngram_draft) else None,
-        ngram_match_min=opts.ngram_draft, **PREFILL_SETTINGS,
+        # a draft model wins over n-gram drafting (the library takes one of them), as on exllamav2
+        ngram_match_min=0 if draft else opts.ngram_draft, **PREFILL_SETTINGS,
     )
 
 
@@ -109,7 +147,7 @@ def build_model(spec: ModelSpec, path: Path, *, config: Any, opts: ExllamaOption
     speculative = None
     if draft or opts.ngram_draft:
         speculative = {"method": "draft_model" if draft else "ngram", "num_draft_tokens": opts.num_draft_tokens,
-                       "ngram_min_match": opts.ngram_draft or None}
+                       "ngram_min_match": None if draft else opts.ngram_draft}
     details = {
         "backend": "exllamav3", "format": spec.format, "device": "cuda", "mode": "paged",
         "batching": "continuous", "max_batch_size": opts.max_batch_size, "cache_tokens": cache_tokens,
@@ -127,6 +165,10 @@ def _cache_kwargs(opts: ExllamaOptions) -> dict[str, Any]:
     # the cache's recurrent-state slots cap the generator's batch for recurrent models (the
     # library's default is 16, whatever engine.max_batch_size says)
     kwargs: dict[str, Any] = {"max_batch_size": opts.max_batch_size}
+    if opts.draft_model_path or opts.ngram_draft:
+        # recurrent (and sliding-window) models roll back a speculative pass through this history;
+        # the library refuses drafting without it (other models ignore it)
+        kwargs["max_history"] = opts.num_draft_tokens
     bits = opts.kv_bits()
     if bits is None:
         return kwargs
@@ -145,11 +187,15 @@ def _load_kwargs(opts: ExllamaOptions) -> dict[str, Any]:
     return kwargs
 
 
-def _load_draft(opts: ExllamaOptions, cache_tokens: int, load_kwargs: dict[str, Any]) -> tuple[Any, Any] | None:
-    """The draft model and its cache (same size as the main cache, as exllamav3 requires)."""
+def _load_draft(opts: ExllamaOptions, cache_tokens: int, load_kwargs: dict[str, Any],
+                vocab_size: int) -> tuple[Any, Any] | None:
+    """The draft model and its cache (same size as the main cache, as exllamav3 requires); None without one,
+    or when its vocabulary is not the model's (``engine.draft_model`` serves every model)."""
     if not opts.draft_model_path:
         return None
-    _, model, cache, _ = open_model(Path(opts.draft_model_path), opts, cache_tokens)
+    config, model, cache, _ = open_model(Path(opts.draft_model_path), opts, cache_tokens)
+    if not same_vocabulary(int(config.vocab_size), vocab_size):
+        return None
     model.load(**load_kwargs)
     return model, cache
 
@@ -159,6 +205,7 @@ class ExllamaV3Model(DynamicGeneratorModel):
 
     backend_name = "exllamav3"
     isolation_mixin = IsolatedJobV3
+    penalty_mixin = AnswerPenaltiesV3
 
     def __init__(self, spec: ModelSpec, *, model: Any, tokenizer: Any, draft: tuple[Any, Any] | None, **kw: Any):
         super().__init__(spec, **kw)
@@ -178,7 +225,7 @@ class ExllamaV3Model(DynamicGeneratorModel):
 
             filters = [LLGuidanceFilter(self._tokenizer, llg_grammar=self.grammar(job.constraint),
                                         eos_after_completed=True)]
-        return self.job_class(Job)(
+        native = self.job_class(Job)(
             input_ids=torch.tensor([job.prompt_ids], dtype=torch.long),
             max_new_tokens=job.max_tokens,
             sampler=ComboSampler(**combo_sampler_kwargs(job.sampling)),
@@ -189,6 +236,8 @@ class ExllamaV3Model(DynamicGeneratorModel):
             filters=filters,
             identifier=job.job_id,
         )
+        native.xllm_bind_penalties(len(job.prompt_ids))
+        return native
 
     def free_pages(self) -> int:
         """Unreferenced pages of the page table."""

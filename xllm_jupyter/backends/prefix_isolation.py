@@ -456,10 +456,10 @@ def _v2_unique_hash() -> bytes:
 _job_classes: dict[tuple[type, type], type] = {}
 
 
-def isolated_job_class(mixin: type, library_job: type) -> type:
-    """The library's job class with ``mixin``'s namespace hooks (made once per pair)."""
-    key = (mixin, library_job)
+def isolated_job_class(mixin: type, library_job: type, *more: type) -> type:
+    """The library's job class with ``mixin``'s namespace hooks and any ``more`` mixins (made once per set)."""
+    key = (mixin, library_job, *more)
     cls = _job_classes.get(key)
     if cls is None:
-        cls = _job_classes[key] = type(f"Isolated{library_job.__name__}", (mixin, library_job), {})
+        cls = _job_classes[key] = type(f"Isolated{library_job.__name__}", (mixin, *more, library_job), {})
     return cls

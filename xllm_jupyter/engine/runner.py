@@ -415,6 +415,8 @@ class ModelRunner:
         handle = state.handle
         if event.token_id is not None:
             state.tokens += 1
+        # any event may carry it (exllama: the first token), so a choice ended by a stop string keeps it
+        handle.cached_tokens = max(handle.cached_tokens, event.cached_tokens)
         text, matched = state.stops.feed(event.text) if event.text else ("", False)
         finish = event.finish
         if finish in (FinishReason.CANCELLED, FinishReason.ERROR):
@@ -442,7 +444,6 @@ class ModelRunner:
         state.done = state.completed = True
         self._counters.completed += 1
         handle.completion_tokens += state.tokens
-        handle.cached_tokens = max(handle.cached_tokens, event.cached_tokens)
         handle.open_choices -= 1
         if handle.open_choices == 0:
             usage = Usage(len(handle.request.prompt_ids), handle.completion_tokens, handle.cached_tokens)

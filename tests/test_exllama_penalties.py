@@ -1,0 +1,80 @@
+"""Presence/frequency penalties over the answer only on the exllama backends (exllama_penalties.py).
+
+exllamav2's job hands its logits, a strided view of the generator's buffer, to ``receive_logits``;
+here a minimal job with the same two attributes stands in for the library's class (the library
+itself runs this path in tests/test_exllama_library_serving.py), and the result must equal what
+the transformers backend's sampler does to the same logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from xllm_jupyter.backends.exllama_penalties import AnswerPenaltiesV2  # noqa: E402
+from xllm_jupyter.backends.sampling import apply_presence_frequency, apply_repetition_penalty  # noqa: E402
+from xllm_jupyter.core.types import SamplingParams  # noqa: E402
+
+VOCAB = 64
+
+
+class _Ids:
+    def __init__(self, ids):
+        self.ids = torch.tensor([ids], dtype=torch.long)
+
+    def torch(self):
+        return self.ids
+
+
+class _Sequence:
+    def __init__(self, ids):
+        self.sequence_ids = _Ids(ids)
+
+
+class LibraryJob:
+    """What AnswerPenaltiesV2 reads of exllamav2's job: the sequence so far; sampling returns the logits."""
+
+    def __init__(self, ids):
+        self.sequences = [_Sequence(ids)]
+
+    def receive_logits(self, logits):
+        return logits
+
+
+class Job(AnswerPenaltiesV2, LibraryJob):
+    pass
+
+
+def penalized(prompt, answer, sampling):
+    """One row of logits as the job leaves it, from a strided (1, 1, V) view of a (1, 2, V) buffer."""
+    buffer = torch.linspace(-3.0, 3.0, 2 * VOCAB).reshape(1, 2, VOCAB).contiguous()
+    job = Job(list(prompt) + list(answer))
+    job.xllm_bind_penalties(len(prompt), sampling)
+    view = buffer[0:1, 1:2, :]
+    assert job.receive_logits(view) is view
+    return buffer[0, 1].clone(), torch.linspace(-3.0, 3.0, 2 * VOCAB).reshape(2, VOCAB)[1].clone()
+
+
+def test_presence_and_frequency_count_the_answer_not_the_prompt():
+    prompt, answer = [7] * 50 + [8], [9, 9, 10]
+    out, raw = penalized(prompt, answer, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25))
+    assert out[7] == raw[7] and out[8] == raw[8]  # prompt only: untouched
+    assert out[9] == pytest.approx(raw[9] - 0.5 - 2 * 0.25) and out[10] == pytest.approx(raw[10] - 0.5 - 0.25)
+    untouched = [i for i in range(VOCAB) if i not in (9, 10)]
+    assert torch.equal(out[untouched], raw[untouched])
+
+
+def test_the_order_and_values_match_the_transformers_backend():
+    prompt, answer = [3, 4, 4, 60], [4, 5, 5, 5]
+    sampling = SamplingParams(repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.2)
+    out, raw = penalized(prompt, answer, sampling)
+    # sampling.py: repetition over prompt and answer, then presence/frequency over the answer
+    expected = apply_repetition_penalty(raw.clone(), torch.tensor([3, 4, 5, 60]), 1.3)
+    expected = apply_presence_frequency(expected, torch.tensor([4, 5]), torch.tensor([1, 3]), 0.4, 0.2)
+    assert torch.allclose(out, expected)
+
+
+def test_no_penalties_leave_the_logits_alone():
+    out, raw = penalized([1, 2, 3], [4, 4], SamplingParams(temperature=0.7))
+    assert torch.equal(out, raw)
