@@ -83,9 +83,20 @@ def test_cancelled_stream_frees_the_job(server, sdk):
     checks.check_cancelled_stream_frees_the_job(server, sdk, max_tokens=1500)  # the tiny Llama's context: 2048
 
 
-def test_logprobs_come_from_the_samplers_probabilities(sdk):
-    """exllamav2: its sampler's; exllamav3: the stand-in's, in the shapes its ``receive_logits`` gives."""
+def test_logprobs_come_from_the_models_distribution(sdk):
+    """exllamav2: the softmax of the logits (RawLogprobsV2); exllamav3: the stand-in's, in the shapes its
+    ``receive_logits`` gives."""
     checks.check_logprobs(sdk)
+
+
+def test_greedy_logprobs_on_exllamav2_are_the_models_not_the_samplers(server, sdk):
+    """exllamav2's sampler keeps one token under greedy decoding (logprob 0, alternatives -inf); the model's
+    distribution gives FILLER_TOKEN about two chances in three over unit noise, and finite alternatives."""
+    v2_only(server)
+    r = ask(sdk, max_tokens=3, logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    for c in r.choices[0].logprobs.content:
+        assert -3.0 < c.logprob < -0.01
+        assert all(-30.0 < alt.logprob < 0 for alt in c.top_logprobs) and len(c.top_logprobs) == 3
 
 
 def test_logit_bias_and_stop_strings_go_through_the_real_sampler(server, sdk):

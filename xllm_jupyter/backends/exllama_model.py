@@ -70,8 +70,8 @@ class DynamicGeneratorModel(ChatTokenizerMethods, LoadedModel):
     # -- engine thread ----------------------------------------------------------------
     #: the prefix_isolation mixin matching this library's job class
     isolation_mixin: type
-    #: the exllama_penalties mixin matching it
-    penalty_mixin: type
+    #: the exllama_penalties mixins for it, outermost first
+    job_mixins: tuple[type, ...] = ()
 
     @abstractmethod
     def make_job(self, job: SequenceJob) -> Any:
@@ -82,8 +82,8 @@ class DynamicGeneratorModel(ChatTokenizerMethods, LoadedModel):
         """Tokens per cache page of the generator."""
 
     def job_class(self, library_job: type) -> type:
-        """``library_job`` with the cache-namespace hooks of ``isolation_mixin`` and the answer-only penalties."""
-        return isolated_job_class(self.isolation_mixin, library_job, self.penalty_mixin)
+        """``library_job`` with the cache-namespace hooks of ``isolation_mixin`` and the ``job_mixins``."""
+        return isolated_job_class(self.isolation_mixin, library_job, *self.job_mixins)
 
     def add(self, job: SequenceJob) -> None:
         """Enqueue ``job``; the generator starts it at its next iteration."""

@@ -1,4 +1,5 @@
-"""OpenAI presence/frequency penalties over the answer only, inside the exllama libraries' jobs.
+"""OpenAI presence/frequency penalties over the answer only, and logprobs of the model's own
+distribution, inside the exllama libraries' jobs.
 
 Both libraries' samplers count the prompt as well as the answer for presence and frequency
 penalties (one window of recent tokens that starts in the prompt). OpenAI, and our
@@ -13,6 +14,12 @@ mixins are combined with the library's job class at ``make_job`` time (``exllama
 * exllamav2: one window serves all three penalties there, so the job applies them to the
   logits itself (repetition over prompt and answer, then presence/frequency over the answer,
   the transformers backend's order) and the library's sampler adds ``logit_bias`` after.
+
+Logprobs: exllamav3 reports probabilities from the model's logits (a softmax before any
+sampling step), as our transformers backend does. exllamav2 reports its sampler's *final*
+probabilities, after temperature and truncation: under greedy decoding (top-k 1) every token
+has logprob 0 and no alternatives. ``RawLogprobsV2`` replaces them with the softmax of the
+logits as the model gave them.
 """
 
 from __future__ import annotations
@@ -85,6 +92,38 @@ class AnswerPenaltiesV2:
                 apply_repetition_penalty(row, seen.to(row.device), rep)
             if counted is not None:
                 apply_presence_frequency(row, counted[0].to(row.device), counted[1].to(row.device), pres, freq)
+
+
+class RawLogprobsV2:
+    """Mixed into exllamav2's job (before ``AnswerPenaltiesV2``): logprobs from the model's logits."""
+
+    xllm_vocab_size = 0
+
+    def xllm_bind_logprobs(self, vocab_size: int) -> None:
+        """The real vocabulary (the logits are padded to a multiple of 32 past it)."""
+        self.xllm_vocab_size = int(vocab_size)
+
+    def receive_logits(self, logits: Any, *args: Any, **kwargs: Any) -> Any:
+        """Softmax of the logits before penalties and sampling touch them; the library's sample, with the token's
+        probability and the top alternatives taken from that softmax."""
+        if not (self.return_probs or self.return_top_tokens > 0):  # type: ignore[attr-defined]
+            return super().receive_logits(logits, *args, **kwargs)  # type: ignore[misc]
+        import torch
+
+        raw = logits.float().clone()  # (1, 1, padded vocab); the sampler works on ``logits`` in place
+        if 0 < self.xllm_vocab_size < raw.shape[-1]:
+            raw[..., self.xllm_vocab_size:] = float("-inf")
+        probs = torch.softmax(raw, dim=-1)
+        token, top_tokens, top_probs, prob, end_filter = super().receive_logits(logits, *args, **kwargs)  # type: ignore[misc]
+        # (a filter that leaves one token makes the library skip its distribution: shapes tell)
+        if self.return_probs and prob is not None and prob.numel() == token.numel():  # type: ignore[attr-defined]
+            prob = torch.gather(probs.reshape(token.shape[0], -1), 1, token).reshape(prob.shape).to(prob.dtype)
+        k = int(self.return_top_tokens)  # type: ignore[attr-defined]
+        if k > 0 and top_tokens is not None and top_tokens.numel() == k * token.numel():
+            best = torch.topk(probs, k, dim=-1)
+            top_tokens = best.indices.reshape(top_tokens.shape).to(top_tokens.dtype)
+            top_probs = best.values.reshape(top_probs.shape).to(top_probs.dtype)
+        return token, top_tokens, top_probs, prob, end_filter
 
 
 def _rows(logits: Any) -> list[Any]:

@@ -27,7 +27,7 @@ from .exllama_common import (
     v2_sampler_fields,
 )
 from .exllama_model import DynamicGeneratorModel
-from .exllama_penalties import AnswerPenaltiesV2
+from .exllama_penalties import AnswerPenaltiesV2, RawLogprobsV2
 from .hf_tokenizer import ChatTokenizer
 from .prefix_isolation import IsolatedJobV2
 
@@ -213,7 +213,8 @@ class ExllamaV2Model(DynamicGeneratorModel):
 
     backend_name = "exllamav2"
     isolation_mixin = IsolatedJobV2
-    penalty_mixin = AnswerPenaltiesV2
+    # logprobs first: they take the logits before the penalties change them
+    job_mixins = (RawLogprobsV2, AnswerPenaltiesV2)
 
     def __init__(self, spec: ModelSpec, *, model: Any, draft: tuple[Any, Any] | None, sampler_vocab: int, **kw: Any):
         super().__init__(spec, **kw)
@@ -243,6 +244,7 @@ class ExllamaV2Model(DynamicGeneratorModel):
             identifier=job.job_id,
         )
         native.xllm_bind_penalties(len(job.prompt_ids), job.sampling)
+        native.xllm_bind_logprobs(self.vocab_size)
         return native
 
     def _library_max_new_tokens(self, job: SequenceJob) -> int:

@@ -205,7 +205,7 @@ class ExllamaV3Model(DynamicGeneratorModel):
 
     backend_name = "exllamav3"
     isolation_mixin = IsolatedJobV3
-    penalty_mixin = AnswerPenaltiesV3
+    job_mixins = (AnswerPenaltiesV3,)
 
     def __init__(self, spec: ModelSpec, *, model: Any, tokenizer: Any, draft: tuple[Any, Any] | None, **kw: Any):
         super().__init__(spec, **kw)
