@@ -216,6 +216,23 @@ def test_a_job_the_library_failed_finishes_with_an_error():
     assert (event.job_id, event.token_id, event.finish) == (5, None, FinishReason.ERROR)
 
 
+def test_a_failed_load_unloads_every_model_it_started_and_keeps_going_past_errors():
+    from xllm_jupyter.backends.exllama_common import unload_quietly
+
+    class Weights:
+        def __init__(self, fails=False):
+            self.fails, self.unloaded = fails, False
+
+        def unload(self):
+            self.unloaded = True
+            if self.fails:
+                raise RuntimeError("half-loaded")
+
+    models = [Weights(fails=True), Weights()]
+    unload_quietly(models)
+    assert all(m.unloaded for m in models)
+
+
 def test_special_tokens_the_library_streams_as_text_are_taken_out():
     special = {2: "<|im_end|>"}
     # exllamav3 streams a special token's literal text (here under ignore_eos, with a drafted token after it)

@@ -290,6 +290,24 @@ def is_model_directory(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
+def unload_quietly(models: Iterable[Any]) -> None:
+    """Unload what a failed load put on the GPU (the error's traceback would keep it there until collected)."""
+    for model in models:
+        try:
+            model.unload()
+        except Exception:  # freeing after a failure is best effort
+            log.debug("unloading after a failed load failed", exc_info=True)
+    try:
+        import gc
+
+        import torch
+
+        gc.collect()
+        torch.cuda.empty_cache()
+    except Exception:
+        log.debug("emptying the CUDA cache failed", exc_info=True)
+
+
 def cuda_memory_in_use() -> int:
     """Bytes allocated by torch on every visible CUDA device."""
     import torch

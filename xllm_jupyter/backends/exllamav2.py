@@ -20,6 +20,7 @@ from .exllama_common import (
     PAGE_SIZE,
     ExllamaOptions,
     same_vocabulary,
+    unload_quietly,
     config_eos,
     cuda_available,
     cuda_memory_in_use,
@@ -97,22 +98,26 @@ class ExllamaV2Backend(Backend):
             raise EngineError("exllamav2 quantizes its KV cache symmetrically only: use fp16, q8, q6 or q4")
         path = Path(spec.path)
         before = cuda_memory_in_use()
+        on_gpu: list[Any] = []  # models that may hold GPU memory, freed again if loading fails
         try:
             config, ctx, model, cache, cache_tokens, paged = open_model(exllamav2, path, opts,
                                                                         paged_attention_available())
             check_limits(opts, config, paged)
             if not paged:
                 warn_unpaged_once()
+            on_gpu.append(model)
             if opts.gpu_split:
                 model.load(gpu_split=list(opts.gpu_split))
                 cache = type(cache)(model, max_seq_len=cache_tokens)
             else:
                 model.load_autosplit(cache)
             tokenizer = exllamav2.ExLlamaV2Tokenizer(config)
-            draft = _load_draft(exllamav2, opts, cache_tokens, paged, config.max_seq_len, int(config.vocab_size))
+            draft = _load_draft(exllamav2, opts, cache_tokens, paged, config.max_seq_len, int(config.vocab_size),
+                                on_gpu)
             generator = ExLlamaV2DynamicGenerator(model=model, cache=cache, tokenizer=tokenizer,
                                                   **generator_kwargs(opts, ctx, paged, draft))
         except (OSError, ValueError, KeyError, RuntimeError, AssertionError) as exc:
+            unload_quietly(on_gpu)
             raise EngineError(f"Failed to load model '{spec.name}' with exllamav2 ({type(exc).__name__})") from exc
         return build_model(spec, path, config=config, opts=opts, ctx=ctx, paged=paged, cache_tokens=cache_tokens,
                            model=model, draft=draft, generator=generator, memory_bytes=cuda_memory_in_use() - before)
@@ -182,10 +187,12 @@ def build_model(spec: ModelSpec, path: Path, *, config: Any, opts: ExllamaOption
 
 
 def _load_draft(exllamav2: Any, opts: ExllamaOptions, cache_tokens: int, paged: bool, seq_len: int,
-                vocab_size: int) -> tuple[Any, Any] | None:
+                vocab_size: int, on_gpu: list[Any] | None = None) -> tuple[Any, Any] | None:
     """The configured draft model, loaded, with its cache."""
     draft = open_draft(exllamav2, opts, cache_tokens, paged, seq_len, vocab_size)
     if draft is not None:
+        if on_gpu is not None:
+            on_gpu.append(draft[0])
         draft[0].load_autosplit(draft[1])
     return draft
 

@@ -22,6 +22,7 @@ from .base import Backend, ModelSpec
 from .exllama_common import (
     ExllamaOptions,
     same_vocabulary,
+    unload_quietly,
     combo_sampler_kwargs,
     config_eos,
     cuda_available,
@@ -74,14 +75,18 @@ class ExllamaV3Backend(Backend):
         opts = ExllamaOptions.from_options(spec.options, spec.context_length)
         path = Path(spec.path)
         before = cuda_memory_in_use()
+        on_gpu: list[Any] = []  # models that may hold GPU memory, freed again if loading fails
         try:
             config, model, cache, cache_tokens = open_model(path, opts)
-            draft = _load_draft(opts, cache_tokens, _load_kwargs(opts), int(config.vocab_size))
+            draft = _load_draft(opts, cache_tokens, _load_kwargs(opts), int(config.vocab_size), on_gpu)
+            on_gpu.append(model)
             model.load(**_load_kwargs(opts))
             tokenizer = Tokenizer.from_config(config)
             generator = Generator(model=model, cache=cache, tokenizer=tokenizer, **generator_kwargs(opts, draft))
         except (OSError, ValueError, KeyError, RuntimeError, AssertionError) as exc:
+            unload_quietly(on_gpu)
             raise EngineError(f"Failed to load model '{spec.name}' with exllamav3 ({type(exc).__name__})") from exc
+        prepare_grammar_tokenizer(tokenizer)
         return build_model(spec, path, config=config, opts=opts, cache_tokens=cache_tokens, model=model,
                            tokenizer=tokenizer, draft=draft, generator=generator,
                            memory_bytes=cuda_memory_in_use() - before)
@@ -187,8 +192,8 @@ def _load_kwargs(opts: ExllamaOptions) -> dict[str, Any]:
     return kwargs
 
 
-def _load_draft(opts: ExllamaOptions, cache_tokens: int, load_kwargs: dict[str, Any],
-                vocab_size: int) -> tuple[Any, Any] | None:
+def _load_draft(opts: ExllamaOptions, cache_tokens: int, load_kwargs: dict[str, Any], vocab_size: int,
+                on_gpu: list[Any] | None = None) -> tuple[Any, Any] | None:
     """The draft model and its cache (same size as the main cache, as exllamav3 requires); None without one,
     or when its vocabulary is not the model's (``engine.draft_model`` serves every model)."""
     if not opts.draft_model_path:
@@ -196,8 +201,23 @@ def _load_draft(opts: ExllamaOptions, cache_tokens: int, load_kwargs: dict[str, 
     config, model, cache, _ = open_model(Path(opts.draft_model_path), opts, cache_tokens)
     if not same_vocabulary(int(config.vocab_size), vocab_size):
         return None
+    if on_gpu is not None:
+        on_gpu.append(model)
     model.load(**load_kwargs)
     return model, cache
+
+
+def prepare_grammar_tokenizer(tokenizer: Any) -> None:
+    """Build llguidance's view of the tokenizer now, on the loading thread: the first constrained request
+    would otherwise build it on the engine thread (about a second for a 150k vocabulary, every stream
+    waiting)."""
+    try:
+        from exllamav3.generator.filter.llguidance import create_ll_tokenizer, llguidance_available
+
+        if llguidance_available:
+            create_ll_tokenizer(tokenizer)  # cached by the library for its filters
+    except Exception:  # constrained decoding then builds it on first use, as before
+        log.debug("building llguidance's tokenizer at load failed", exc_info=True)
 
 
 class ExllamaV3Model(DynamicGeneratorModel):
