@@ -135,7 +135,7 @@ def test_greedy_maps_to_argmax_in_both_libraries():
     v2 = v2_sampler_fields(s)
     assert v2["top_k"] == 1 and v2["top_p"] == 0.0 and v2["temperature"] == 1.0
     hot = v2_sampler_fields(SamplingParams(temperature=1.3, top_p=0.8, top_k=0, min_p=0.1, presence_penalty=0.2))
-    # penalties stay off in the library's settings: the job applies them (test_exllama_penalties.py)
+    # penalties stay off in the library's settings: the job applies them (test_exllama_sampling.py)
     assert hot == {"temperature": 1.3, "top_k": 0, "top_p": 0.8, "min_p": 0.1, "token_repetition_penalty": 1.0,
                    "token_frequency_penalty": 0.0, "token_presence_penalty": 0.0}
 

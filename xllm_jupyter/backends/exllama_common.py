@@ -134,7 +134,7 @@ def combo_sampler_kwargs(s: SamplingParams) -> dict[str, Any]:
 def v2_sampler_fields(s: SamplingParams) -> dict[str, Any]:
     """exllamav2 ``ExLlamaV2Sampler.Settings`` attributes that reproduce ``s``.
 
-    The penalties stay off here: the job applies them itself (``exllama_penalties.py``), since
+    The penalties stay off here: the job applies them itself (``exllama_sampling.py``), since
     the library's one penalty window would count the prompt for presence/frequency too.
     """
     greedy = s.greedy

@@ -70,7 +70,7 @@ class DynamicGeneratorModel(ChatTokenizerMethods, LoadedModel):
     # -- engine thread ----------------------------------------------------------------
     #: the prefix_isolation mixin matching this library's job class
     isolation_mixin: type
-    #: the exllama_penalties mixins for it, outermost first
+    #: the exllama_sampling mixins for it, outermost first
     job_mixins: tuple[type, ...] = ()
 
     @abstractmethod

@@ -28,7 +28,7 @@ from .exllama_common import (
     v2_sampler_fields,
 )
 from .exllama_model import DynamicGeneratorModel
-from .exllama_penalties import AnswerPenaltiesV2, RawLogprobsV2
+from .exllama_sampling import AnswerPenaltiesV2, RawLogprobsV2
 from .hf_tokenizer import ChatTokenizer
 from .prefix_isolation import IsolatedJobV2
 

@@ -30,7 +30,7 @@ from .exllama_common import (
     is_model_directory,
 )
 from .exllama_model import DynamicGeneratorModel
-from .exllama_penalties import AnswerPenaltiesV3
+from .exllama_sampling import AnswerPenaltiesV3
 from .hf_tokenizer import ChatTokenizer
 from .prefix_isolation import IsolatedJobV3
 

@@ -1,4 +1,4 @@
-"""Presence/frequency penalties over the answer only on the exllama backends (exllama_penalties.py).
+"""Presence/frequency penalties over the answer only, and exllamav2 logprobs from the model's logits (exllama_sampling.py).
 
 exllamav2's job hands its logits, a strided view of the generator's buffer, to ``receive_logits``;
 here a minimal job with the same two attributes stands in for the library's class (the library
@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from xllm_jupyter.backends.exllama_penalties import AnswerPenaltiesV2  # noqa: E402
+from xllm_jupyter.backends.exllama_sampling import AnswerPenaltiesV2, RawLogprobsV2  # noqa: E402
 from xllm_jupyter.backends.sampling import apply_presence_frequency, apply_repetition_penalty  # noqa: E402
 from xllm_jupyter.core.types import SamplingParams  # noqa: E402
 
@@ -78,3 +78,31 @@ def test_the_order_and_values_match_the_transformers_backend():
 def test_no_penalties_leave_the_logits_alone():
     out, raw = penalized([1, 2, 3], [4, 4], SamplingParams(temperature=0.7))
     assert torch.equal(out, raw)
+
+
+class SamplingLibraryJob:
+    """What RawLogprobsV2 wraps: exllamav2's ``receive_logits`` giving its sampler's final probabilities
+    (greedy: the chosen token at 1.0, no alternatives) in the shapes the library uses."""
+
+    return_probs = True
+    return_top_tokens = 2
+
+    def receive_logits(self, logits):
+        token = logits[:, 0, :4].argmax(dim=-1, keepdim=True)  # (1, 1), within the vocabulary
+        return token, torch.zeros((1, 1, 2), dtype=torch.long), torch.tensor([[[1.0, 0.0]]]), torch.ones((1, 1)), False
+
+
+class LogprobsJob(RawLogprobsV2, SamplingLibraryJob):
+    pass
+
+
+def test_exllamav2_logprobs_are_the_softmax_of_the_models_logits():
+    logits = torch.tensor([[[2.0, 1.0, 0.0, 0.5, 9.0]]])  # the last column is padding past a vocabulary of 4
+    job = LogprobsJob()
+    job.xllm_bind_logprobs(4)
+    token, top_tokens, top_probs, prob, _ = job.receive_logits(logits)
+    expected = torch.softmax(torch.tensor([2.0, 1.0, 0.0, 0.5]), dim=0)
+    assert token.tolist() == [[0]]  # the library's choice stands
+    # its probability and the alternatives come from the logits, the padding left out
+    assert prob.shape == (1, 1) and prob.item() == pytest.approx(expected[0].item())
+    assert top_tokens.tolist() == [[[0, 1]]] and torch.allclose(top_probs[0, 0], expected[:2])
