@@ -30,14 +30,17 @@ import argparse
 import asyncio
 import dataclasses
 import gc
+import itertools
 import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import traceback
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -60,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--streams", default="1,16,64")
     p.add_argument("--v2-streams", default="1", help="exllamav2 levels (unpaged without flash-attn: batch 1)")
     p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--single-repeats", type=int, default=3,
+                   help="runs of the 1-stream level, pooled (its TTFT and ratio rest on one request otherwise)")
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--out", default=None,
                    help="results JSON (default: results/gpu_serving.json, --stand-in: results/gpu_serving_stand_in.json)")
@@ -122,13 +127,42 @@ def stand_in_model() -> Path:
     return path
 
 
-def prompts(n: int, length: int) -> list[list[int]]:
-    """``n`` distinct prompts (different first token, so no prefix is shared between streams)."""
+def prompts(n: int, length: int, salt: int = 0) -> list[list[int]]:
+    """``n`` distinct prompts; a different ``salt`` gives prompts that differ from these in their first token.
+
+    Every stream and every pass (warm-ups, levels, repeats: one salt each) starts with its own
+    token, so no prompt is served from the prefix cache: the exllama generators also reuse a
+    partly matching first page, which made every stream of a repeated prompt prefill 1 of its
+    128 tokens.
+    """
     import random
 
-    rng = random.Random(1)
+    if not 0 < n <= 1000:
+        raise ValueError("1 to 1000 streams")
+    rng = random.Random(1 + salt)
     base = [rng.randrange(100, 40000) for _ in range(length)]
-    return [[100 + i] + base[1:] for i in range(n)]
+    return [[100 + salt * 1000 + i] + base[1:] for i in range(n)]
+
+
+def measure_levels(level: Callable[[list[list[int]], int], tuple[list[dict], float]], levels: list[int],
+                   args: argparse.Namespace) -> dict[int, dict]:
+    """Warm-ups, then each level through ``level(prompts, new_tokens) -> (streams, wall)``, summarized.
+
+    The 1-stream level runs ``--single-repeats`` times, pooled (its TTFT and ratio rest on more
+    than one request); every pass gets prompts no earlier pass used (``prompts``'s salt). Raw and
+    server make the same passes in the same order.
+    """
+    salts = itertools.count()
+    level(prompts(1, args.prompt_tokens, next(salts)), 8)  # warm-up (kernels, graphs)
+    level(prompts(max(levels), args.prompt_tokens, next(salts)), 8)
+    out = {}
+    for c in levels:
+        runs = [level(prompts(c, args.prompt_tokens, next(salts)), args.new_tokens)
+                for _ in range(max(1, args.single_repeats) if c == 1 else 1)]
+        out[c] = summarize([s for streams, _ in runs for s in streams], sum(wall for _, wall in runs),
+                           expected_tokens=args.new_tokens)
+        out[c]["runs"] = len(runs)
+    return out
 
 
 # ----------------------------------------------------------------- statistics
@@ -140,7 +174,7 @@ def pct(values: list[float], q: float) -> float | None:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
-def summarize(streams: list[dict], wall: float) -> dict:
+def summarize(streams: list[dict], wall: float, expected_tokens: int | None = None) -> dict:
     """Aggregate tok/s, TTFT and inter-token latency from per-stream arrival times (seconds).
 
     ``times`` holds ``(arrival, tokens)``; tokens 0 = unknown (an SSE chunk, which may carry
@@ -158,7 +192,11 @@ def summarize(streams: list[dict], wall: float) -> dict:
             tpot.append((times[-1][0] - s["first"]) / (s["tokens"] - 1))
     ms = lambda v: round(v * 1000, 2) if v is not None else None  # noqa: E731
     chunked = any(n == 0 for s in streams for _, n in s["times"])
+    short = sum(1 for s in streams if expected_tokens is not None and s["tokens"] < expected_tokens)
+    if short:  # the figures then compare unlike work: say so where the run's output is read
+        print(f"WARNING: {short} of {len(streams)} streams made fewer than {expected_tokens} tokens", flush=True)
     return {
+        "short_streams": short, "cached_prompt_tokens": sum(s.get("cached", 0) for s in streams),
         "streams": len(streams), "tokens": tokens, "wall_s": round(wall, 3),
         "tok_s": round(tokens / wall, 1) if wall > 0 else 0.0,
         "ttft_p50_ms": ms(pct(ttft, 0.5)), "ttft_p99_ms": ms(pct(ttft, 0.99)),
@@ -199,12 +237,14 @@ class RawExllamaV2:
     """exllamav2's own dynamic generator, driven directly (unpaged without flash-attn)."""
 
     def __init__(self, path: str, max_batch: int):
-        from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2Tokenizer, attn
+        from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2Tokenizer
         from exllamav2.generator import ExLlamaV2DynamicGenerator
 
-        paged = bool(attn.has_flash_attn)
+        from xllm_jupyter.backends.exllamav2 import paged_attention_available
+
         cfg = ExLlamaV2Config(path)
         cfg.arch_compat_overrides()
+        paged = paged_attention_available() and not cfg.no_flash_attn  # the server's backend decides the same way
         cfg.max_seq_len = 4096
         if not paged:
             cfg.no_flash_attn = True
@@ -304,18 +344,20 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def raw_level(engine, ids_list: list[list[int]], new_tokens: int) -> dict:
-    """All streams enqueued at once; iterate until every one has its tokens."""
+def raw_level(engine, ids_list: list[list[int]], new_tokens: int) -> tuple[list[dict], float]:
+    """All streams enqueued at once; iterate until every one has its tokens: (streams, wall seconds)."""
     sync()
     t0 = time.perf_counter()
     recs = {}
     for i, ids in enumerate(ids_list):
-        recs[i] = {"start": t0, "first": None, "tokens": 0, "times": []}
+        recs[i] = {"start": t0, "first": None, "tokens": 0, "cached": 0, "times": []}
         engine.gen.enqueue(engine.job(ids, new_tokens, i))
     while engine.gen.num_remaining_jobs():
         for r in engine.gen.iterate():
             if r.get("stage") != "streaming":
                 continue
+            if r.get("eos"):
+                recs[r["identifier"]]["cached"] = int(r.get("cached_tokens") or 0)
             toks = r.get("token_ids")
             n = int(toks.shape[-1]) if toks is not None else 0
             if not n:
@@ -327,7 +369,7 @@ def raw_level(engine, ids_list: list[list[int]], new_tokens: int) -> dict:
             if rec["first"] is None:
                 rec["first"] = now
     sync()
-    return summarize(list(recs.values()), time.perf_counter() - t0)
+    return list(recs.values()), time.perf_counter() - t0
 
 
 def run_raw(backend: str, path: str, levels: list[int], args) -> dict:
@@ -339,9 +381,7 @@ def run_raw(backend: str, path: str, levels: list[int], args) -> dict:
         engine = RawStandIn(path, backend, args)
     else:
         engine = (RawExllamaV3 if backend == "exllamav3" else RawExllamaV2)(path, args.max_batch)
-    raw_level(engine, prompts(1, args.prompt_tokens), 8)  # warm-up (kernels, graphs)
-    raw_level(engine, prompts(max(levels), args.prompt_tokens), 8)
-    out = {c: raw_level(engine, prompts(c, args.prompt_tokens), args.new_tokens) for c in levels}
+    out = measure_levels(lambda ids, n: raw_level(engine, ids, n), levels, args)
     engine.close()
     del engine
     gc.collect()
@@ -403,7 +443,8 @@ def user_keys(users: int) -> tuple[str, ...]:
     return tuple(f"xllm-bench-user-{i:03d}" for i in range(users))
 
 
-def http_level(url: str, ids_list: list[list[int]], new_tokens: int, procs: int, users: int = 0) -> dict:
+def http_level(url: str, ids_list: list[list[int]], new_tokens: int, procs: int,
+               users: int = 0) -> tuple[list[dict], float]:
     """Concurrent SSE completions (prompt as token ids, greedy, ignore_eos) against the server.
 
     Sent by the lean load generator (``sse_load.py``: raw sockets, every request written at
@@ -417,9 +458,9 @@ def http_level(url: str, ids_list: list[list[int]], new_tokens: int, procs: int,
     keys = user_keys(users)
     recs, _ = sse_load.run_level(url, "/v1/completions", [{**body, "prompt": ids} for ids in ids_list], procs,
                                  api_key=[keys[i % users] for i in range(len(ids_list))] if users else None)
-    for rec in recs:  # a read's content events arrived together: chunk gaps, tokens unknown per chunk
-        rec["times"] = [(t, 0) for t, count in rec["times"] for _ in range(count)]
-    return summarize(recs, sse_load.span(recs))
+    for rec in recs:  # one arrival per read (its events came together): chunk gaps, tokens unknown per chunk
+        rec["times"] = [(t, 0) for t, _ in rec["times"]]
+    return recs, sse_load.span(recs)
 
 
 def server_url(stdout) -> str:
@@ -443,11 +484,11 @@ def run_server(backend: str, path: str, levels: list[int], args) -> dict:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         url = server_url(proc.stdout)
-        procs = args.client_procs
-        users = args.users
-        http_level(url, prompts(1, args.prompt_tokens), 8, 1, users)  # warm-up
-        http_level(url, prompts(max(levels), args.prompt_tokens), 8, procs, users)
-        return {c: http_level(url, prompts(c, args.prompt_tokens), args.new_tokens, procs, users) for c in levels}
+        # what the libraries print later is passed on, so a full pipe never blocks the server
+        threading.Thread(target=lambda: [print(f"server: {line.rstrip()}", flush=True) for line in proc.stdout],
+                         daemon=True).start()
+        return measure_levels(lambda ids, n: http_level(url, ids, n, args.client_procs if len(ids) > 1 else 1,
+                                                        args.users), levels, args)
     finally:
         proc.terminate()
         proc.wait(60)
@@ -481,6 +522,16 @@ def markdown(report: dict) -> str:
                      f"{row['ratio']} | {r['ttft_p50_ms']} / {s['ttft_p50_ms']} | {r['ttft_p99_ms']} / {s['ttft_p99_ms']} | "
                      f"{r['itl_p50_ms']} / {s['itl_p50_ms']} | {r['itl_p99_ms']} / {s['itl_p99_ms']} | "
                      f"{r.get('tpot_ms')} / {s.get('tpot_ms')} |")
+    # an --out that held earlier results keeps their rows: say where they come from
+    earlier = sorted({(row["model"], row["backend"], row.get("device") or "device not recorded", row.get("date") or "?")
+                      for row in report["rows"] if row.get("device") != report["device"]})
+    if earlier:
+        lines += ["", "Rows from earlier runs elsewhere: " + "; ".join(f"{m} / {b} ({d}, {t})" for m, b, d, t in earlier)
+                  + "."]
+    singles = {row["raw"].get("runs") for row in report["rows"] if row["streams"] == 1} - {None}
+    if singles:
+        lines += ["", f"1-stream rows: {', '.join(map(str, sorted(singles)))} runs each side, pooled; every pass "
+                      "with prompts no earlier pass used (no prefix-cache hits)."]
     return "\n".join(lines) + "\n"
 
 
@@ -546,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
             for c in levels:
                 ratio = round(server[c]["tok_s"] / raw[c]["tok_s"], 3) if raw[c]["tok_s"] else None
                 report["rows"].append({"model": name, "backend": backend, "users": args.users, "streams": c, "raw": raw[c],
-                                       "server": server[c], "ratio": ratio})
+                                       "server": server[c], "ratio": ratio, "device": device, "date": report["date"]})
                 print(f"{name} {backend} x{c}{f' ({args.users} users)' if args.users else ''}: raw {raw[c]['tok_s']} tok/s, server {server[c]['tok_s']} tok/s, "
                       f"ratio {ratio}, TTFT p50 {raw[c]['ttft_p50_ms']} / {server[c]['ttft_p50_ms']} ms", flush=True)
             print(f"{name} {backend}: {time.time() - t:.0f}s", flush=True)

@@ -33,8 +33,11 @@ from urllib.parse import urlparse
 #: an SSE event carrying generated text (completion "text" or chat "content"), not an empty one
 CONTENT = re.compile(rb'"(?:text|content)":"(?!")')
 USAGE = re.compile(rb'"completion_tokens":(\d+)')
+CACHED = re.compile(rb'"cached_tokens":(\d+)')
 #: seconds the workers get to start and open their connections before the agreed moment
 SETUP_SECONDS = 1.5
+#: seconds a response may go without a byte before the level fails (a hung server must not hang the run)
+READ_TIMEOUT = 180.0
 
 
 def request_bytes(host: str, port: int, path: str, body: dict, api_key: str | None = None) -> bytes:
@@ -51,7 +54,7 @@ async def _read(reader: asyncio.StreamReader, rec: dict) -> None:
     pending = b""
     status = None
     while True:
-        data = await reader.read(65536)
+        data = await asyncio.wait_for(reader.read(65536), READ_TIMEOUT)
         if not data:
             break
         now = time.monotonic()
@@ -69,6 +72,8 @@ async def _read(reader: asyncio.StreamReader, rec: dict) -> None:
             found = USAGE.search(event)
             if found:
                 rec["tokens"] = int(found.group(1))
+                cached = CACHED.search(event)
+                rec["cached"] = int(cached.group(1)) if cached else 0
     rec["end"] = time.monotonic()
     rec["status"] = status
 
@@ -77,7 +82,8 @@ async def _streams(url: str, path: str, bodies: list[dict], start_at: float, key
     u = urlparse(url)
     conns = [await asyncio.open_connection(u.hostname, u.port) for _ in bodies]
     payloads = [request_bytes(u.hostname, u.port, path, body, key) for body, key in zip(bodies, keys)]
-    recs = [{"start": 0.0, "first": None, "end": 0.0, "tokens": 0, "times": [], "status": None} for _ in bodies]
+    recs = [{"start": 0.0, "first": None, "end": 0.0, "tokens": 0, "cached": 0, "times": [], "status": None}
+            for _ in bodies]
     await asyncio.sleep(max(0.0, start_at - time.monotonic()))
     cpu0 = time.process_time()
     for (_, writer), payload, rec in zip(conns, payloads, recs):
@@ -95,7 +101,7 @@ def run_level(url: str, path: str, bodies: list[dict], procs: int = 1,
     """Send ``bodies`` (each a streamed request with usage) at once from ``procs`` processes.
 
     ``api_key`` is one key for every request, or a sequence of one key per body (many users).
-    Returns one record per stream (start, first content, end, tokens, status, and ``times``:
+    Returns one record per stream (start, first content, end, tokens, cached prompt tokens, status, and ``times``:
     (monotonic time, content events in that read), ...) and the CPU seconds the workers
     spent from the agreed moment on.
     """

@@ -98,6 +98,11 @@ def test_gpu_serving_stand_in_measures_raw_and_server_over_the_librarys_generato
     assert sorted(rows) == [1, 3]
     for streams, row in rows.items():
         assert (row["backend"], row["users"]) == (backend, users)
-        assert row["raw"]["tokens"] == row["server"]["tokens"] == 12 * streams
+        runs = 3 if streams == 1 else 1  # the 1-stream level runs --single-repeats times, pooled
+        assert row["raw"]["runs"] == row["server"]["runs"] == runs
+        assert row["raw"]["tokens"] == row["server"]["tokens"] == 12 * streams * runs
+        assert row["raw"]["short_streams"] == row["server"]["short_streams"] == 0
+        # every pass has its own prompts: nothing comes from the prefix cache on either side
+        assert row["raw"]["cached_prompt_tokens"] == row["server"]["cached_prompt_tokens"] == 0
         assert row["ratio"] > 0 and row["server"]["ttft_p50_ms"] > 0
     assert "the model's forward replaced by a GPU engine's step costs" in out.with_suffix(".md").read_text()
