@@ -236,6 +236,23 @@ def test_each_model_compiles_its_own_graphs(eager):
     second.unload()
 
 
+def test_unloading_drops_the_compiled_graphs(eager):
+    # dynamo keeps a compiled code object alive from its own tables (and a module global per graph):
+    # on CUDA every unload or reload would keep its CUDA graphs and their memory pool
+    import xllm_jupyter.backends.hf_compiled as hc
+    from xllm_jupyter.backends.hf_compiled import compiled_graphs
+
+    def compiled_globals():
+        return {name for name in vars(hc) if name.startswith("__compiled_fn")}
+
+    before = compiled_globals()
+    m = slot_model(eager, "eager")
+    fn = m._batch.decoder._fn
+    assert compiled_graphs(fn) >= 1 and compiled_globals() - before
+    m.unload()
+    assert compiled_graphs(fn) == 0 and compiled_globals() <= before
+
+
 def test_after_the_warm_up_serving_compiles_nothing(eager):
     # a compile while serving stalls every running stream (seconds on CPU, up to minutes on a GPU)
     from torch._dynamo.utils import counters

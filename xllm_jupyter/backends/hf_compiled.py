@@ -339,6 +339,25 @@ class SlotDecoder:
         with COMPILE_GATE.compiling():  # may trace: no other transformers forward beside it
             return self._fn(ids, visible)
 
+    def release(self) -> None:
+        """Drop dynamo's compiled graphs of this decoder's code (and with them its CUDA graphs and their pool).
+
+        ``own_code`` gives each decoder a code object of its own, but dynamo keeps that code
+        alive from its own tables (and a ``__compiled_fn`` global per graph in this module),
+        so without this every unload or reload leaked the old graphs.
+        """
+        if not self.compiled:
+            return
+        try:
+            from torch._dynamo.eval_frame import remove_from_cache
+
+            code = self._fn._torchdynamo_orig_callable.__func__.__code__
+        except (ImportError, AttributeError):  # a torch laid out otherwise: nothing we can drop
+            log.debug("compiled decode: no dynamo cache to drop", exc_info=True)
+            return
+        with COMPILE_GATE.compiling():  # dynamo's tables are shared with any compile in flight
+            remove_from_cache(code)
+
     def _check_thread(self) -> None:
         # torch's CUDA graph trees keep their graphs in thread-local state: on a second thread
         # the first new shape fails inside torch (an assert). Checked on every device, so CPU
@@ -372,15 +391,32 @@ class SlotDecoder:
             return
         # CUDA graph trees run a new shape once before they record it on its next run
         runs = 2 if self.cuda else 1
-        for n, window in self.warm_up_shapes():
-            ids = torch.full((n, 1), pad_id, dtype=torch.long, device=self.cache.positions.device)
-            positions = torch.full((n,), window - 1, dtype=torch.long)  # free slots: the writes are never read
-            for _ in range(runs):
-                self.step(ids, positions)
+        # recording a CUDA graph per (rows, window) pair is the point here: torch's warning past
+        # 8 of them (which suggests turning CUDA graphs off for such shapes) does not apply
+        with _no_dynamic_shape_warning():
+            for n, window in self.warm_up_shapes():
+                ids = torch.full((n, 1), pad_id, dtype=torch.long, device=self.cache.positions.device)
+                positions = torch.full((n,), window - 1, dtype=torch.long)  # free slots: the writes are never read
+                for _ in range(runs):
+                    self.step(ids, positions)
         graphs = compiled_graphs(self._fn)
         self.skips_guards = self.one_graph and graphs == 1
         log.info("compiled decode: %s graph(s) for %d row and %d window buckets; guard checks %s",
                  graphs, len(self.widths), len(self.windows), "skipped" if self.skips_guards else "kept")
+
+
+def _no_dynamic_shape_warning() -> Any:
+    """inductor's config patched so recording many CUDA graphs of one function does not warn (if it has that limit)."""
+    import contextlib
+
+    try:
+        from torch._inductor import config
+
+        if hasattr(config.triton, "cudagraph_dynamic_shape_warn_limit"):
+            return config.patch({"triton.cudagraph_dynamic_shape_warn_limit": None})
+    except ImportError:
+        pass
+    return contextlib.nullcontext()
 
 
 def compiled_graphs(fn) -> int | None:
@@ -463,6 +499,10 @@ class StaticBatch:
         """Free every slot (the buffers stay allocated)."""
         self.table.clear()
 
+    def release(self) -> None:
+        """Drop the compiled decode step's graphs (before the batch is dropped: unload, reload)."""
+        self.decoder.release()
+
     def nbytes(self) -> int:
         """Bytes of the slot cache (allocated whole at load)."""
         return self.cache.nbytes
@@ -486,8 +526,12 @@ class StaticBatch:
             lengths[slot] += 1
         logits = self.decoder.step(torch.tensor(ids, device=self.device).unsqueeze(1), torch.tensor(positions),
                                    eager=eager)
-        # a copy either way: the compiled step's output is overwritten by its next replay
-        return logits.clone() if slots == list(range(len(ids))) else logits[torch.tensor(slots, device=self.device)]
+        # a copy either way: the compiled step's output is overwritten by its next replay. Rows in slots
+        # 0..k-1 (one stream runs in a 2-row bucket, say) are a slice; others need an index tensor,
+        # whose copy to the GPU waits for the step
+        if slots == list(range(len(slots))):
+            return logits[: len(slots)].clone()
+        return logits[torch.tensor(slots, device=self.device)]
 
     def warm_up(self, pad_id: int, name: str) -> None:
         """Compile every batch bucket now; if that fails, with shapes specialized, and then decode eagerly.
@@ -508,5 +552,6 @@ class StaticBatch:
             except Exception:
                 log.warning("%s: torch.compile failed (%s)", name,
                             "one graph" if self.decoder.one_graph else "specialized shapes", exc_info=True)
+                self.decoder.release()
         log.warning("%s: decoding the static cache eagerly", name)
         self.decoder = SlotDecoder(first.model, self.cache, compile_backend=None, cuda=False)

@@ -456,13 +456,17 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
 
     def unload(self) -> None:
         """Drop weights, cache and queued jobs; the object is unusable afterwards."""
+        if isinstance(self._batch, StaticBatch):
+            self._batch.release()  # dynamo would keep its compiled graphs (CUDA graphs, memory pool) alive
         self._batch = BatchKV()  # also drops a slot cache and its compiled step
         self._pending.clear()
         self._running.clear()
         self.model = None
         gc.collect()
         if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+            # not while another model records a CUDA graph: the allocator's pools are shared
+            with COMPILE_GATE.compiling():
+                torch.cuda.empty_cache()
 
 
 def _prefill_groups(seqs: list[_Seq]) -> list[list[_Seq]]:
