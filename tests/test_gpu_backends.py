@@ -97,4 +97,6 @@ def test_cancelled_stream_frees_the_job(gpu_server, sdk):
 
 
 def test_json_schema_on_exllamav3_and_a_clear_400_on_exllamav2(gpu_server, sdk):
-    checks.check_json_schema(sdk, supported=gpu_server.backend == "exllamav3", max_tokens=60, temperature=1, seed=3)
+    # (room to finish: at temperature 1 over a random model's flat logits the integer keeps drawing digits,
+    # and 60 tokens cut about 8% of seeds off mid-number)
+    checks.check_json_schema(sdk, supported=gpu_server.backend == "exllamav3", max_tokens=200, temperature=1, seed=3)

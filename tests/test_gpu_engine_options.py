@@ -79,8 +79,12 @@ def test_quantized_kv_cache_decodes_and_takes_less_memory(plain, gpu_llama_dir, 
     try:
         assert m.details()["kv_cache"] == bits
         assert len(generate(m)) == 32
-        # 8,192 cached tokens x 4 layers x 2 x 256 values: 16 MiB in fp16, about a quarter at q4
-        assert m.memory_bytes() < plain.memory_bytes()
+        # 8,192 cached tokens x 4 layers x (256 key + 256 value) values: 32 MiB in fp16. A bare "less"
+        # would pass a setting ignored but for noise: at least 30% of the saving the bits promise (exllamav2
+        # keeps fp16 scratch beside a quantized cache, so it saves about half of that at q8)
+        k, v = (8, 8) if bits == "q8" else (4, 4) if bits == "q4" else (4, 6)
+        promised = 32 * 2**20 * (1 - (k + v) / 32)
+        assert plain.memory_bytes() - m.memory_bytes() >= 0.3 * promised
     finally:
         m.unload()
 

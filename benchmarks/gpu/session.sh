@@ -88,8 +88,9 @@ phase_setup() {
   fi
   [ ${#builds[@]} -eq 0 ] || wait "${builds[@]}"  # (not a bare wait: the periodic copy is a child too)
 }
-phase_tests() {
-  python3 -m pytest -q -rs -p no:cacheprovider -o filterwarnings=ignore::DeprecationWarning -m "gpu or exllama or cuda_build" \
+phase_tests() {  # (recompiles and skipped CUDA graphs named in the log; the slowest tests listed)
+  TORCH_LOGS=recompiles,cudagraphs python3 -m pytest -q -rs --durations=15 -p no:cacheprovider \
+    -o filterwarnings=ignore::DeprecationWarning -m "gpu or exllama or cuda_build" \
     --junitxml="$OUT/gpu_tests.xml" tests/test_gpu_backends.py tests/test_gpu_engine_options.py tests/test_hf_compiled.py \
     tests/test_cuda_graph_readiness.py tests/test_prefix_isolation_library.py tests/test_exllama_library_serving.py
 }
@@ -128,7 +129,9 @@ run_phase() {  # NAME [CAP]: run it under the time left (or its cap), its output
     phase_setup > "$WORK/logs/$p.log" 2>&1
   else
     # in a child shell, so the time cap stops it with everything it started (timeout signals its process group)
-    timeout --kill-after=10 "$(capped "${2:-}")" bash -c "$(declare -f bench "phase_$p"); phase_$p" > "$WORK/logs/$p.log" 2>&1
+    # SIGINT first: pytest then still prints its summary and writes its junitxml, gpu_serving.py stops its server
+    timeout -s INT --kill-after=10 "$(capped "${2:-}")" bash -c "$(declare -f bench "phase_$p"); phase_$p" \
+      > "$WORK/logs/$p.log" 2>&1
   fi
 }
 finish_phase() {  # NAME RC START: one summary line, results and logs into $OUT
