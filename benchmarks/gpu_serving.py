@@ -240,9 +240,10 @@ class RawExllamaV2:
         from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2Tokenizer
         from exllamav2.generator import ExLlamaV2DynamicGenerator
 
-        from xllm_jupyter.backends.exllamav2 import paged_attention_available
+        from xllm_jupyter.backends.exllamav2 import apply_rope_parameters, paged_attention_available
 
         cfg = ExLlamaV2Config(path)
+        apply_rope_parameters(cfg, Path(path))  # as the backend: the made models are saved by transformers 5
         cfg.arch_compat_overrides()
         paged = paged_attention_available() and not cfg.no_flash_attn  # the server's backend decides the same way
         cfg.max_seq_len = 4096

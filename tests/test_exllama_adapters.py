@@ -428,3 +428,23 @@ def test_jit_progress_counts_object_files(tmp_path, caplog, monkeypatch):
         time.sleep(0.3)
         progress.stop()
     assert any("compiled 1 of 10" in r.getMessage() for r in caplog.records)
+
+
+def test_exllamav2_rope_parameters_it_cannot_map_are_an_error_not_a_wrong_model(tmp_path):
+    from types import SimpleNamespace
+
+    from xllm_jupyter.backends.exllamav2 import apply_rope_parameters
+
+    config = SimpleNamespace(rotary_embedding_base=10000.0, alt_rope_method=None)
+    (tmp_path / "config.json").write_text(json.dumps({"rope_parameters": {"rope_theta": 1e6, "rope_type": "longrope"}}))
+    with pytest.raises(EngineError, match="longrope"):
+        apply_rope_parameters(config, tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"rope_parameters": {"rope_theta": 1e6, "rope_type": "llama3"}}))
+    with pytest.raises(EngineError, match="lack 'factor'"):
+        apply_rope_parameters(config, tmp_path)
+    # transformers 4's keys: exllamav2 reads them itself
+    (tmp_path / "config.json").write_text(json.dumps({"rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3"},
+                                                      "rope_parameters": {"rope_theta": 1.0}}))
+    fresh = SimpleNamespace(rotary_embedding_base=5e5)
+    apply_rope_parameters(fresh, tmp_path)
+    assert fresh.rotary_embedding_base == 5e5

@@ -366,3 +366,40 @@ def test_a_job_the_library_fails_ends_its_request_instead_of_hanging(tiny_llama_
             break
     assert sorted(finished.values()) == sorted([FinishReason.ERROR, FinishReason.LENGTH])
     assert model.active_jobs() == 0 and pages_held(model) == 0
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_theta": 500000.0, "rope_type": "default"},
+    {"rope_theta": 100000.0, "rope_type": "linear", "factor": 4.0},
+    {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192},
+    {"rope_theta": 10000.0, "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096},
+], ids=["default", "linear", "llama3", "yarn"])
+def test_exllamav2_reads_rope_settings_as_transformers_5_saves_them(tiny_llama_dir, tmp_path, rope):
+    """The same RoPE settings as transformers 4 wrote them (which exllamav2 reads) and as 5 writes them."""
+    import exllamav2
+
+    from xllm_jupyter.backends.exllamav2 import apply_rope_parameters
+
+    require_kind("exllamav2-unpaged")
+    base = {k: v for k, v in json.loads((tiny_llama_dir / "config.json").read_text()).items()
+            if not k.startswith("rope")}
+    legacy = {**base, "rope_theta": rope["rope_theta"]}
+    if rope["rope_type"] != "default":
+        legacy["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    configs = {}
+    for name, content in (("legacy", legacy), ("v5", {**base, "rope_parameters": rope})):
+        model = tmp_path / name
+        model.mkdir()
+        for f in tiny_llama_dir.iterdir():
+            if f.name != "config.json":
+                (model / f.name).symlink_to(f)
+        (model / "config.json").write_text(json.dumps(content))
+        configs[name] = exllamav2.ExLlamaV2Config(str(model))
+    apply_rope_parameters(configs["v5"], tmp_path / "v5")
+    attributes = ["rotary_embedding_base", "scale_pos_emb", "alt_rope_method", "l3_rope_factor", "l3_rope_low_freq_factor",
+                  "l3_rope_high_freq_factor", "l3_rope_original_max_position_embeddings", "yarn_rope_factor",
+                  "yarn_rope_original_max_position_embeddings"]
+    assert {a: getattr(configs["v5"], a, None) for a in attributes} == \
+        {a: getattr(configs["legacy"], a, None) for a in attributes}
+    assert configs["v5"].rotary_embedding_base == rope["rope_theta"]

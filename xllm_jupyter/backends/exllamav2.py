@@ -9,6 +9,7 @@ let the engine queue the other requests (max batch size 1), so none fail.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,54 @@ def paged_attention_available() -> bool:
         return bool(getattr(attn, "has_flash_attn_with_paged", False))
     except Exception:
         return False
+
+
+#: transformers 5's ``rope_parameters`` -> the ExLlamaV2Config attributes exllamav2 sets from the same keys of
+#: transformers 4's ``rope_scaling``, per rope type: (``alt_rope_method``, {key: attribute})
+ROPE_ATTRIBUTES: dict[str, tuple[str | None, dict[str, str]]] = {
+    "linear": (None, {"factor": "scale_pos_emb"}),
+    "llama3": ("llama3", {"factor": "l3_rope_factor", "low_freq_factor": "l3_rope_low_freq_factor",
+                          "high_freq_factor": "l3_rope_high_freq_factor",
+                          "original_max_position_embeddings": "l3_rope_original_max_position_embeddings"}),
+    "yarn": ("yarn", {"factor": "yarn_rope_factor",
+                      "original_max_position_embeddings": "yarn_rope_original_max_position_embeddings"}),
+}
+
+
+def apply_rope_parameters(config: Any, path: Path) -> None:
+    """RoPE settings of a ``config.json`` saved by transformers 5, onto exllamav2's config.
+
+    exllamav2 0.3.2 reads ``rope_theta`` and ``rope_scaling`` only; transformers 5 writes both
+    as ``rope_parameters``, so such a model (a Llama 3.1 saved today, say) would silently run
+    with the architecture's default base and no scaling: wrong text past the first tokens.
+    A rope type we cannot map is an EngineError, not a wrong model.
+    """
+    try:
+        raw = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    for scope in (raw, raw.get("text_config") or {}):
+        params = scope.get("rope_parameters")
+        if isinstance(params, dict) and not scope.get("rope_scaling"):  # (with rope_scaling the library has it all)
+            break
+    else:
+        return
+    if "rope_theta" in params and "rope_theta" not in scope:
+        config.rotary_embedding_base = float(params["rope_theta"])
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind == "default":
+        return
+    if kind not in ROPE_ATTRIBUTES:
+        raise EngineError(f"exllamav2 cannot apply rope_type '{kind}' as transformers 5 saves it (rope_parameters); "
+                          "use the exllamav3 or transformers backend for this model")
+    method, attributes = ROPE_ATTRIBUTES[kind]
+    try:
+        for key, attribute in attributes.items():
+            setattr(config, attribute, params[key])
+    except KeyError as exc:
+        raise EngineError(f"config.json: rope_parameters of type '{kind}' lack '{exc.args[0]}'") from None
+    if method:
+        config.alt_rope_method = method
 
 
 def round_to_pages(tokens: int) -> int:
@@ -128,6 +177,7 @@ def open_model(exllamav2: Any, path: Path, opts: ExllamaOptions,
     """Config, context length, unloaded model, its lazy cache of the configured storage, cache tokens, and
     whether the generator runs paged (``paged`` unless the architecture's overrides turned flash-attn off)."""
     config = exllamav2.ExLlamaV2Config(str(path))
+    apply_rope_parameters(config, path)
     config.arch_compat_overrides()
     paged = paged and not config.no_flash_attn
     ctx = opts.serving_context(int(config.max_seq_len or 4096))
@@ -206,6 +256,7 @@ def open_draft(exllamav2: Any, opts: ExllamaOptions, cache_tokens: int, paged: b
     config = exllamav2.ExLlamaV2Config(opts.draft_model_path)
     if not same_vocabulary(int(config.vocab_size), vocab_size):
         return None
+    apply_rope_parameters(config, Path(opts.draft_model_path))
     config.arch_compat_overrides()
     # the generator wants the draft's context at least the model's, whatever the draft's own config says
     config.max_seq_len = seq_len
