@@ -13,7 +13,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from xllm_jupyter.backends.exllama_sampling import AnswerPenaltiesV2, RawLogprobsV2  # noqa: E402
-from xllm_jupyter.backends.sampling import apply_presence_frequency, apply_repetition_penalty  # noqa: E402
+from xllm_jupyter.backends.sampling import (  # noqa: E402
+    apply_presence_frequency,
+    apply_repetition_penalty,
+)
 from xllm_jupyter.core.types import SamplingParams  # noqa: E402
 
 VOCAB = 64

@@ -20,12 +20,12 @@ from .base import Backend, ModelSpec
 from .exllama_common import (
     PAGE_SIZE,
     ExllamaOptions,
-    same_vocabulary,
-    unload_quietly,
     config_eos,
     cuda_available,
     cuda_memory_in_use,
     is_model_directory,
+    same_vocabulary,
+    unload_quietly,
     v2_sampler_fields,
 )
 from .exllama_model import DynamicGeneratorModel

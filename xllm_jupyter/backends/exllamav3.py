@@ -21,13 +21,13 @@ from ..core.types import SequenceJob
 from .base import Backend, ModelSpec
 from .exllama_common import (
     ExllamaOptions,
-    same_vocabulary,
-    unload_quietly,
     combo_sampler_kwargs,
     config_eos,
     cuda_available,
     cuda_memory_in_use,
     is_model_directory,
+    same_vocabulary,
+    unload_quietly,
 )
 from .exllama_model import DynamicGeneratorModel
 from .exllama_sampling import AnswerPenaltiesV3
@@ -212,7 +212,10 @@ def prepare_grammar_tokenizer(tokenizer: Any) -> None:
     would otherwise build it on the engine thread (about a second for a 150k vocabulary, every stream
     waiting)."""
     try:
-        from exllamav3.generator.filter.llguidance import create_ll_tokenizer, llguidance_available
+        from exllamav3.generator.filter.llguidance import (
+            create_ll_tokenizer,
+            llguidance_available,
+        )
 
         if llguidance_available:
             create_ll_tokenizer(tokenizer)  # cached by the library for its filters
