@@ -312,11 +312,11 @@ def test_presence_and_frequency_penalties_count_the_answer_not_the_prompt(tiny_l
 
 def test_exllamav3_narrows_its_penalty_window_to_the_answer(tiny_llama_dir):
     """exllamav3's sampler is CUDA-only here: check the window our job sets on the library's own step."""
+    require_kind("exllamav3")  # (before importing it: CI has no exllamav3)
     from exllamav3.generator.sampler.custom import SS_PresFreqP, SS_RepP
 
     from xllm_jupyter.core.types import SamplingParams, SequenceJob
 
-    require_kind("exllamav3")
     model = load("exllamav3", tiny_llama_dir)
     job = SequenceJob(1, tuple(range(100, 140)), 8, SamplingParams(presence_penalty=0.5, repetition_penalty=1.2),
                       frozenset())
@@ -368,27 +368,36 @@ def test_a_job_the_library_fails_ends_its_request_instead_of_hanging(tiny_llama_
     assert model.active_jobs() == 0 and pages_held(model) == 0
 
 
-@pytest.mark.parametrize("rope", [
-    {"rope_theta": 500000.0, "rope_type": "default"},
-    {"rope_theta": 100000.0, "rope_type": "linear", "factor": 4.0},
-    {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-     "original_max_position_embeddings": 8192},
-    {"rope_theta": 10000.0, "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096},
-], ids=["default", "linear", "llama3", "yarn"])
-def test_exllamav2_reads_rope_settings_as_transformers_5_saves_them(tiny_llama_dir, tmp_path, rope):
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize(("legacy", "v5"), [
+    ({"rope_theta": 500000.0}, {"rope_theta": 500000.0, "rope_type": "default"}),
+    ({"rope_theta": 1e5, "rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+     {"rope_theta": 1e5, "rope_type": "linear", "factor": 4.0}),
+    ({"rope_theta": 5e5, "rope_scaling": LLAMA3}, {"rope_theta": 5e5, **LLAMA3}),
+    ({"rope_theta": 1e4, "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}},
+     {"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}),
+    # per layer type, as Gemma 3 is saved: the global layers' settings
+    ({"rope_theta": 1e6, "rope_scaling": {"rope_type": "linear", "factor": 8.0}},
+     {"full_attention": {"rope_theta": 1e6, "rope_type": "linear", "factor": 8.0},
+      "sliding_attention": {"rope_theta": 1e4, "rope_type": "default"}}),
+    # moved in beside the rope type (GLM 4)
+    ({"rope_theta": 1e4, "partial_rotary_factor": 0.5}, {"rope_theta": 1e4, "rope_type": "default",
+                                                          "partial_rotary_factor": 0.5}),
+], ids=["default", "linear", "llama3", "yarn", "per-layer-type", "partial-rotary"])
+def test_exllamav2_reads_rope_settings_as_transformers_5_saves_them(tiny_llama_dir, tmp_path, legacy, v5):
     """The same RoPE settings as transformers 4 wrote them (which exllamav2 reads) and as 5 writes them."""
+    require_kind("exllamav2-unpaged")  # (before importing it: CI has no exllamav2)
     import exllamav2
 
     from xllm_jupyter.backends.exllamav2 import apply_rope_parameters
 
-    require_kind("exllamav2-unpaged")
     base = {k: v for k, v in json.loads((tiny_llama_dir / "config.json").read_text()).items()
             if not k.startswith("rope")}
-    legacy = {**base, "rope_theta": rope["rope_theta"]}
-    if rope["rope_type"] != "default":
-        legacy["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
     configs = {}
-    for name, content in (("legacy", legacy), ("v5", {**base, "rope_parameters": rope})):
+    for name, content in (("legacy", {**base, **legacy}), ("v5", {**base, "rope_parameters": v5})):
         model = tmp_path / name
         model.mkdir()
         for f in tiny_llama_dir.iterdir():
@@ -399,7 +408,7 @@ def test_exllamav2_reads_rope_settings_as_transformers_5_saves_them(tiny_llama_d
     apply_rope_parameters(configs["v5"], tmp_path / "v5")
     attributes = ["rotary_embedding_base", "scale_pos_emb", "alt_rope_method", "l3_rope_factor", "l3_rope_low_freq_factor",
                   "l3_rope_high_freq_factor", "l3_rope_original_max_position_embeddings", "yarn_rope_factor",
-                  "yarn_rope_original_max_position_embeddings"]
+                  "yarn_rope_original_max_position_embeddings", "partial_rotary_factor", "mrope_section"]
     assert {a: getattr(configs["v5"], a, None) for a in attributes} == \
         {a: getattr(configs["legacy"], a, None) for a in attributes}
-    assert configs["v5"].rotary_embedding_base == rope["rope_theta"]
+    assert configs["v5"].rotary_embedding_base == legacy["rope_theta"]

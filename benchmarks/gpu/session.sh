@@ -56,7 +56,10 @@ note() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.txt"; }
 collect() {
   [ -f "$RESULTS" ] && cp "$RESULTS" "${RESULTS%.json}.md" "$OUT/" 2>/dev/null
   [ -f "$WORK/compiled_step.json" ] && cp "$WORK"/compiled_step.{json,md} "$OUT/" 2>/dev/null
-  tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs 2>/dev/null
+  # written aside (a name per process: the periodic copy and a phase's may overlap) and renamed, so a call
+  # stopped mid-copy keeps the last whole archive
+  local part="$OUT/.logs.$BASHPID.part"
+  tar -czf "$part" -C "$WORK" logs 2>/dev/null && mv -f "$part" "$OUT/logs.tar.gz" || rm -f "$part"
 }
 bench() {  # gpu_serving.py into this session's results file
   python3 benchmarks/gpu_serving.py --out "$RESULTS" "$@"
@@ -138,6 +141,13 @@ finish_phase() {  # NAME RC START: one summary line, results and logs into $OUT
   note "$1: rc=$2 in $(( $(date +%s) - $3 ))s; $(tail -1 "$WORK/logs/$1.log" | cut -c1-200)"
   collect
 }
+stop_group() {  # PID of a background phase: TERM the process group its timeout leads (the phase and all it started)
+  local p
+  for p in "$1" $(pgrep -P "$1"); do
+    if [ "$(ps -o pgid= -p "$p" | tr -d ' ')" = "$p" ]; then kill -TERM -- "-$p" 2>/dev/null; return; fi
+  done
+  pkill -TERM -P "$1"
+}
 wait_background() {  # [CAP]: wait for the background phases; after CAP seconds (or at the deadline) stop them
   local name limit; limit=$(capped "${1:-}")
   local until=$(( $(date +%s) + limit ))
@@ -145,8 +155,7 @@ wait_background() {  # [CAP]: wait for the background phases; after CAP seconds 
     while kill -0 "${BG[$name]}" 2>/dev/null && [ "$(date +%s)" -lt "$until" ]; do sleep 1; done
     if kill -0 "${BG[$name]}" 2>/dev/null; then
       note "$name: stopped (still running after the wait's ${limit}s)"
-      # its timeout process (the subshell's child, or the subshell itself), which signals its process group
-      pkill -TERM -P "${BG[$name]}"; kill -TERM "${BG[$name]}" 2>/dev/null
+      stop_group "${BG[$name]}"
     fi
     wait "${BG[$name]}"; finish_phase "$name" $? "${BG_START[$name]}"
   done
@@ -175,6 +184,7 @@ for p in "${PHASES[@]}"; do
   fi
 done
 wait_background
-kill "$COPIER" 2>/dev/null
+# the periodic copy stops first (a tar of its own killed mid-way never replaces the archive)
+pkill -P "$COPIER" 2>/dev/null; kill "$COPIER" 2>/dev/null; wait "$COPIER" 2>/dev/null
 note "session: done"
 collect

@@ -107,13 +107,16 @@ class ExllamaOptions:
         return -(-tokens // PAGE_SIZE) * PAGE_SIZE
 
 
-def same_vocabulary(draft_vocab: int, vocab: int) -> bool:
-    """Whether a draft model's vocabulary fits the model's; logs why drafting is off when not (a draft's
-    token ids past the model's embedding would fault the GPU)."""
-    if draft_vocab == vocab:
+def draft_vocabulary_fits(draft_vocab: int, vocab: int) -> bool:
+    """Whether a draft model's token ids all exist in the model; logs why drafting is off when not.
+
+    A draft's ids past the model's embedding would fault the GPU. A smaller draft vocabulary is
+    fine (Qwen's small models pad theirs to 151,936 ids, the large ones to 152,064: same tokenizer).
+    """
+    if draft_vocab <= vocab:
         return True
-    log.warning("engine.draft_model has a vocabulary of %d tokens, this model %d: speculative decoding is off "
-                "for it", draft_vocab, vocab)
+    log.warning("engine.draft_model has a vocabulary of %d tokens, more than this model's %d: speculative "
+                "decoding is off for it", draft_vocab, vocab)
     return False
 
 
@@ -297,14 +300,23 @@ def unload_quietly(models: Iterable[Any]) -> None:
             model.unload()
         except Exception:  # freeing after a failure is best effort
             log.debug("unloading after a failed load failed", exc_info=True)
+    empty_cuda_cache()
+
+
+def empty_cuda_cache() -> None:
+    """Collect garbage and return torch's cached CUDA memory, not while another model records a CUDA graph
+    (the allocator's pools are shared: ``compile_gate.py``)."""
     try:
         import gc
 
         import torch
 
+        from .compile_gate import COMPILE_GATE
+
         gc.collect()
-        torch.cuda.empty_cache()
-    except Exception:
+        with COMPILE_GATE.compiling():
+            torch.cuda.empty_cache()
+    except Exception:  # freeing is best effort
         log.debug("emptying the CUDA cache failed", exc_info=True)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from ..core.types import Constraint, FinishReason, SequenceJob, TokenEvent
 from .base import LoadedModel, ModelSpec
 from .constraints import GrammarCompiler
-from .exllama_common import JobInfo, SpeculativeStats, translate_results
+from .exllama_common import JobInfo, SpeculativeStats, empty_cuda_cache, translate_results
 from .hf_tokenizer import ChatTokenizer, ChatTokenizerMethods
 from .prefix_isolation import PrefixIsolation, isolated_job_class
 
@@ -188,15 +188,7 @@ class DynamicGeneratorModel(ChatTokenizerMethods, LoadedModel):
         self._release()
         self._jobs.clear()
         self._info.clear()
-        try:
-            import gc
-
-            import torch
-
-            gc.collect()
-            torch.cuda.empty_cache()
-        except Exception:  # freeing is best effort
-            log.debug("emptying the CUDA cache failed", exc_info=True)
+        empty_cuda_cache()
 
     def _release(self) -> None:
         """Library-specific teardown (subclasses)."""

@@ -24,7 +24,7 @@ from .exllama_common import (
     cuda_available,
     cuda_memory_in_use,
     is_model_directory,
-    same_vocabulary,
+    draft_vocabulary_fits,
     unload_quietly,
     v2_sampler_fields,
 )
@@ -66,6 +66,7 @@ ROPE_ATTRIBUTES: dict[str, tuple[str | None, dict[str, str]]] = {
                           "original_max_position_embeddings": "l3_rope_original_max_position_embeddings"}),
     "yarn": ("yarn", {"factor": "yarn_rope_factor",
                       "original_max_position_embeddings": "yarn_rope_original_max_position_embeddings"}),
+    "mrope": (None, {"mrope_section": "mrope_section"}),
 }
 
 
@@ -87,8 +88,17 @@ def apply_rope_parameters(config: Any, path: Path) -> None:
             break
     else:
         return
+    if "rope_type" not in params and isinstance(params.get("full_attention"), dict):
+        # per layer type (Gemma 3): the global layers' settings are the ones rope_scaling held; sliding
+        # layers keep the architecture's own base, as exllamav2 sets them
+        params = params["full_attention"]
     if "rope_theta" in params and "rope_theta" not in scope:
         config.rotary_embedding_base = float(params["rope_theta"])
+    # two settings transformers 5 moved in beside the rope type
+    if "partial_rotary_factor" in params and "partial_rotary_factor" not in scope:
+        config.partial_rotary_factor = float(params["partial_rotary_factor"])
+    if "mrope_section" in params:
+        config.mrope_section = params["mrope_section"]
     kind = params.get("rope_type") or params.get("type") or "default"
     if kind == "default":
         return
@@ -165,9 +175,11 @@ class ExllamaV2Backend(Backend):
                                 on_gpu)
             generator = ExLlamaV2DynamicGenerator(model=model, cache=cache, tokenizer=tokenizer,
                                                   **generator_kwargs(opts, ctx, paged, draft))
-        except (OSError, ValueError, KeyError, RuntimeError, AssertionError) as exc:
-            unload_quietly(on_gpu)
-            raise EngineError(f"Failed to load model '{spec.name}' with exllamav2 ({type(exc).__name__})") from exc
+        except Exception as exc:
+            unload_quietly(on_gpu)  # whatever failed (a draft's settings, say): nothing may stay on the GPU
+            if isinstance(exc, (OSError, ValueError, KeyError, RuntimeError, AssertionError)):
+                raise EngineError(f"Failed to load model '{spec.name}' with exllamav2 ({type(exc).__name__})") from exc
+            raise
         return build_model(spec, path, config=config, opts=opts, ctx=ctx, paged=paged, cache_tokens=cache_tokens,
                            model=model, draft=draft, generator=generator, memory_bytes=cuda_memory_in_use() - before)
 
@@ -254,7 +266,7 @@ def open_draft(exllamav2: Any, opts: ExllamaOptions, cache_tokens: int, paged: b
     if not opts.draft_model_path:
         return None
     config = exllamav2.ExLlamaV2Config(opts.draft_model_path)
-    if not same_vocabulary(int(config.vocab_size), vocab_size):
+    if not draft_vocabulary_fits(int(config.vocab_size), vocab_size):
         return None
     apply_rope_parameters(config, Path(opts.draft_model_path))
     config.arch_compat_overrides()

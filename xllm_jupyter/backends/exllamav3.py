@@ -26,7 +26,7 @@ from .exllama_common import (
     cuda_available,
     cuda_memory_in_use,
     is_model_directory,
-    same_vocabulary,
+    draft_vocabulary_fits,
     unload_quietly,
 )
 from .exllama_model import DynamicGeneratorModel
@@ -83,9 +83,11 @@ class ExllamaV3Backend(Backend):
             model.load(**_load_kwargs(opts))
             tokenizer = Tokenizer.from_config(config)
             generator = Generator(model=model, cache=cache, tokenizer=tokenizer, **generator_kwargs(opts, draft))
-        except (OSError, ValueError, KeyError, RuntimeError, AssertionError) as exc:
-            unload_quietly(on_gpu)
-            raise EngineError(f"Failed to load model '{spec.name}' with exllamav3 ({type(exc).__name__})") from exc
+        except Exception as exc:
+            unload_quietly(on_gpu)  # whatever failed: nothing may stay on the GPU
+            if isinstance(exc, (OSError, ValueError, KeyError, RuntimeError, AssertionError)):
+                raise EngineError(f"Failed to load model '{spec.name}' with exllamav3 ({type(exc).__name__})") from exc
+            raise
         prepare_grammar_tokenizer(tokenizer)
         return build_model(spec, path, config=config, opts=opts, cache_tokens=cache_tokens, model=model,
                            tokenizer=tokenizer, draft=draft, generator=generator,
@@ -199,7 +201,7 @@ def _load_draft(opts: ExllamaOptions, cache_tokens: int, load_kwargs: dict[str, 
     if not opts.draft_model_path:
         return None
     config, model, cache, _ = open_model(Path(opts.draft_model_path), opts, cache_tokens)
-    if not same_vocabulary(int(config.vocab_size), vocab_size):
+    if not draft_vocabulary_fits(int(config.vocab_size), vocab_size):
         return None
     if on_gpu is not None:
         on_gpu.append(model)
