@@ -216,7 +216,11 @@ class RawExllamaV3:
         self.model = Model.from_config(cfg)
         self.cache = Cache(self.model, max_num_tokens=65536)
         self.model.load(progressbar=False)
-        from xllm_jupyter.backends.exllamav3 import PREFILL_SETTINGS  # the same generator settings as the server
+        # the same generator settings and load-time warm-up as the server's backend
+        from xllm_jupyter.backends.exllama_common import ExllamaOptions
+        from xllm_jupyter.backends.exllamav3 import PREFILL_SETTINGS, warm_up_kernels
+
+        warm_up_kernels(self.model, self.cache, ExllamaOptions(max_batch_size=max_batch))
 
         self.gen = Generator(model=self.model, cache=self.cache, tokenizer=Tokenizer.from_config(cfg),
                              max_batch_size=max_batch, **PREFILL_SETTINGS)

@@ -448,3 +448,25 @@ def test_exllamav2_rope_parameters_it_cannot_map_are_an_error_not_a_wrong_model(
     fresh = SimpleNamespace(rotary_embedding_base=5e5)
     apply_rope_parameters(fresh, tmp_path)
     assert fresh.rotary_embedding_base == 5e5
+
+
+@pytest.mark.exllama
+def test_the_kernel_warm_up_calls_exllamav3_as_its_signature_takes_it():
+    """``warm_up_kernels`` runs only on a GPU: its call must at least fit the library's method."""
+    import inspect
+
+    from xllm_jupyter.backends.exllamav3 import warm_up_kernels
+
+    pytest.importorskip("exllamav3")
+    from exllamav3 import Model
+
+    calls = []
+
+    class Loaded:
+        def warmup(self, *args, **kwargs):
+            inspect.signature(Model.warmup).bind(self, *args, **kwargs)  # TypeError if the library takes other names
+            calls.append(kwargs)
+            return ["a pass"]
+
+    warm_up_kernels(Loaded(), object(), ExllamaOptions.from_options({"max_batch_size": 64}))
+    assert calls == [{"cache": calls[0]["cache"], "max_chunk_size": 2048, "max_batch_size": 8}]

@@ -81,6 +81,7 @@ class ExllamaV3Backend(Backend):
             draft = _load_draft(opts, cache_tokens, _load_kwargs(opts), int(config.vocab_size), on_gpu)
             on_gpu.append(model)
             model.load(**_load_kwargs(opts))
+            warm_up_kernels(model, cache, opts)
             tokenizer = Tokenizer.from_config(config)
             generator = Generator(model=model, cache=cache, tokenizer=tokenizer, **generator_kwargs(opts, draft))
         except Exception as exc:
@@ -207,6 +208,21 @@ def _load_draft(opts: ExllamaOptions, cache_tokens: int, load_kwargs: dict[str, 
         on_gpu.append(model)
     model.load(**load_kwargs)
     return model, cache
+
+
+def warm_up_kernels(model: Any, cache: Any, opts: ExllamaOptions) -> None:
+    """exllamav3's own warm-up, as its loader runs it: Triton compiles and GEMM autotuning at load, not in the
+    first users' requests. Before the generator exists (the passes write into the cache's first pages);
+    a pass that fails is the library's to report, and a warm-up that fails costs only speed."""
+    try:
+        failed = model.warmup(cache=cache, max_chunk_size=PREFILL_SETTINGS["max_chunk_size"],
+                              max_batch_size=min(8, opts.max_batch_size))
+    except Exception:
+        log.warning("exllamav3: the kernel warm-up failed; the first requests compile what it would have",
+                    exc_info=True)
+        return
+    if failed:
+        log.warning("exllamav3: warm-up passes that failed: %s", ", ".join(map(str, failed)))
 
 
 def prepare_grammar_tokenizer(tokenizer: Any) -> None:
