@@ -320,11 +320,15 @@ def empty_cuda_cache() -> None:
         log.debug("emptying the CUDA cache failed", exc_info=True)
 
 
-def cuda_memory_in_use() -> int:
-    """Bytes allocated by torch on every visible CUDA device."""
+def cuda_memory_in_use(all_processes: bool = False) -> int:
+    """Bytes allocated by torch on every visible CUDA device; with ``all_processes``, what the devices have
+    in use by anyone (exllamav3's tensor parallelism loads every device but one in worker processes)."""
     import torch
 
-    return sum(torch.cuda.memory_allocated(d) for d in range(torch.cuda.device_count()))
+    devices = range(torch.cuda.device_count())
+    if all_processes:
+        return sum(total - free for free, total in (torch.cuda.mem_get_info(d) for d in devices))
+    return sum(torch.cuda.memory_allocated(d) for d in devices)
 
 
 def config_eos(path: Path) -> list[Any]:

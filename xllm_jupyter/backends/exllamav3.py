@@ -74,7 +74,7 @@ class ExllamaV3Backend(Backend):
 
         opts = ExllamaOptions.from_options(spec.options, spec.context_length)
         path = Path(spec.path)
-        before = cuda_memory_in_use()
+        before = cuda_memory_in_use(opts.tensor_parallel)
         on_gpu: list[Any] = []  # models that may hold GPU memory, freed again if loading fails
         try:
             config, model, cache, cache_tokens = open_model(path, opts)
@@ -92,7 +92,7 @@ class ExllamaV3Backend(Backend):
         prepare_grammar_tokenizer(tokenizer)
         return build_model(spec, path, config=config, opts=opts, cache_tokens=cache_tokens, model=model,
                            tokenizer=tokenizer, draft=draft, generator=generator,
-                           memory_bytes=cuda_memory_in_use() - before)
+                           memory_bytes=cuda_memory_in_use(opts.tensor_parallel) - before)
 
 
 @functools.lru_cache(maxsize=1)
