@@ -278,6 +278,47 @@ async def test_engine_settings_reach_the_backend_as_options():
     await engine.stop()
 
 
+async def test_a_dead_engine_thread_fails_its_queued_requests_too_and_the_model_reloads():
+    engine, backend = make_engine(step_delay=0.005, max_batch_size=1)
+    await engine.load("fake")
+    running = asyncio.ensure_future(collect(engine, req(max_tokens=200)))
+    queued = asyncio.ensure_future(collect(engine, req(max_tokens=5)))  # waits: the batch holds one
+    await wait_for(lambda: engine.stats("fake").queued == 1)
+    first = backend.models["fake"]
+    first.explode.set()
+    for request in (running, queued):  # neither may hang
+        with pytest.raises(EngineError):
+            await asyncio.wait_for(request, 5)
+    await wait_for(lambda: not engine.healthy)
+    # the next request reloads the model on a new thread (the dead one is unloaded)
+    texts, _, done = await collect(engine, req(max_tokens=3))
+    assert done.usage.completion_tokens == 3 and backend.loads == 2 and first.unloaded and engine.healthy
+    await engine.stop()
+
+
+async def test_a_client_leaving_mid_load_leaves_the_load_running_not_an_orphan_model():
+    # the load's thread cannot be stopped: its model must end up registered (or unloaded), never lost
+    backend = FakeBackend(load_delay=0.3)
+    engine = Engine(EngineConfig(), FakeCatalog(["fake"]), [backend])
+    leaving = asyncio.ensure_future(engine.load("fake"))
+    await asyncio.sleep(0.05)
+    leaving.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    model = await engine.load("fake")  # joins the load in flight
+    assert backend.loads == 1 and engine.is_loaded("fake") and not model.unloaded
+    await engine.stop()
+    assert model.unloaded
+    # stopped mid-load: what the load's thread makes is unloaded when it is done
+    engine = Engine(EngineConfig(), FakeCatalog(["fake"]), [backend])
+    loading = asyncio.ensure_future(engine.load("fake"))
+    await asyncio.sleep(0.05)
+    await engine.stop()
+    with pytest.raises(asyncio.CancelledError):
+        await loading
+    await wait_for(lambda: backend.loads == 2 and backend.models["fake"].unloaded)
+
+
 async def test_concurrent_loads_share_one_load():
     engine, backend = make_engine()
     a, b = await asyncio.gather(engine.load("other"), engine.load("other"))

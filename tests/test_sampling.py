@@ -185,3 +185,13 @@ def test_logprobs_come_from_raw_logits():
 def test_invalid_repetition_penalty_is_rejected():
     with pytest.raises(InvalidRequest):
         sampler(repetition_penalty=0.0)
+
+
+def test_seeds_outside_torchs_range_still_seed_reproducibly():
+    # OpenAI's seed is any integer; torch takes [-2**63, 2**64): a larger one was a 500, not a seed
+    from xllm_jupyter.backends.sampling import new_generator
+
+    big = new_generator(2**64 + 5, "cpu")
+    assert torch.equal(torch.rand(4, generator=big), torch.rand(4, generator=new_generator(5, "cpu")))
+    assert torch.equal(torch.rand(4, generator=new_generator(-1, "cpu")),
+                       torch.rand(4, generator=new_generator(-1, "cpu")))

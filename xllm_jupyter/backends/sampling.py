@@ -135,7 +135,11 @@ def filter_logits(logits: torch.Tensor, f: Filters) -> torch.Tensor:
 def new_generator(seed: int | None, device: torch.device | str) -> torch.Generator:
     """A generator seeded with ``seed``, or from OS randomness when ``seed`` is None."""
     gen = torch.Generator(device=device)
-    gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+    if seed is None:
+        seed = int.from_bytes(os.urandom(8), "little") >> 1
+    elif not -(2**63) <= seed < 2**64:  # what torch takes; any other int still seeds reproducibly
+        seed %= 2**64
+    gen.manual_seed(seed)
     return gen
 
 

@@ -146,7 +146,11 @@ def _pick_device(name: str) -> "torch.device":
 def _pick_dtype(name: str, device: "torch.device") -> "torch.dtype":
     if name == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # native bf16 only (compute capability 8+): torch's check counts emulation by default, which
+            # would pick a slow emulated bf16 on a T4 or V100
+            with torch.cuda.device(device):
+                native = torch.cuda.is_bf16_supported(including_emulation=False)
+            return torch.bfloat16 if native else torch.float16
         return torch.float32
     if name not in DTYPES:
         raise InvalidRequest(f"Unknown dtype '{name}' (use auto, float32, float16 or bfloat16)", param="dtype")
@@ -437,7 +441,7 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
 
     def memory_bytes(self) -> int:
         """Weights and buffers plus LoRA adapters and the batch's KV cache, in bytes."""
-        return self._weight_bytes + self._lora.nbytes() + self._batch.nbytes()
+        return self._weight_bytes + (self._lora.nbytes() if self._lora is not None else 0) + self._batch.nbytes()
 
     def details(self) -> dict[str, Any]:
         """Device, dtype, batching mode and source format."""
@@ -462,6 +466,9 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
         self._pending.clear()
         self._running.clear()
         self.model = None
+        # these hold the model too: the weights must be unreferenced before the collect below frees them
+        self._lora = None  # type: ignore[assignment]
+        self._masker = None
         gc.collect()
         if self.device.type == "cuda":
             # not while another model records a CUDA graph: the allocator's pools are shared

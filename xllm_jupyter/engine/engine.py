@@ -106,6 +106,10 @@ class Engine(AdapterMixin, ResidencyMixin):
         """Cancel everything, stop every runner thread and release models."""
         if self._reaper is not None:
             self._reaper.cancel()
+        loading = list(self._loading.values())
+        for task in loading:  # loads in flight end here (what their threads load is unloaded when done)
+            task.cancel()
+        await asyncio.gather(*loading, return_exceptions=True)
         runners = list(self._runners.values())
         self._runners.clear()
         self._res.clear()
@@ -156,9 +160,15 @@ class Engine(AdapterMixin, ResidencyMixin):
 
     async def load(self, name: str) -> LoadedModel:
         """The loaded model ``name``, loading it on a worker thread if needed."""
-        runner = self._runners.get(self._adapters.get(name, name))  # an adapter's model is its base's
+        base = self._adapters.get(name, name)  # an adapter's model is its base's
+        runner = self._runners.get(base)
+        if runner is not None and not runner.alive:
+            # its engine thread died (its requests were failed): free it and load the model afresh
+            log.warning("the engine thread of %s is gone; reloading the model", base)
+            await self.unload(base)
+            runner = None
         if runner is not None:
-            rec = self._res.get(self._adapters.get(name, name))
+            rec = self._res.get(base)
             if rec is not None:
                 rec.last_used = time.time()
             return runner.model
@@ -166,30 +176,31 @@ class Engine(AdapterMixin, ResidencyMixin):
             raise _not_supported(name, "an embedding model: use /v1/embeddings")
         pending = self._loading.get(name)
         if pending is None:
-            pending = asyncio.get_running_loop().create_future()
+            # a task no request owns: a client that leaves mid-load cancels its wait, not the load,
+            # whose weights would otherwise be loaded by its thread and never unloaded
+            pending = asyncio.ensure_future(self._load_new(name))
             self._loading[name] = pending
-            try:
-                spec = await asyncio.to_thread(self._resolve, name)
-                if spec.task == "embedding":
-                    raise _not_supported(name, "an embedding model: use /v1/embeddings")
-                if spec.task == "adapter":  # a LoRA: attached to its (loaded once) base model
-                    model = await self._attach_spec(spec)
-                    pending.set_result(model)
-                    return model
-                backend = self._choose_backend(spec)
-                runner = await self._load_runner(name, spec, backend)
-                model = runner.model
-                self._defaults[name] = spec.defaults
-                self._runners[name] = runner
-                pending.set_result(model)
-            except BaseException as exc:
-                pending.set_exception(exc)
-                pending.exception()  # mark retrieved: concurrent waiters re-raise it themselves
-                raise
-            finally:
-                self._loading.pop(name, None)
-            return model
+            pending.add_done_callback(lambda task: self._load_done(name, task))
         return await asyncio.shield(pending)
+
+    def _load_done(self, name: str, task: asyncio.Future) -> None:
+        if self._loading.get(name) is task:
+            self._loading.pop(name, None)
+        if not task.cancelled():
+            task.exception()  # mark retrieved: every waiter re-raises it itself
+
+    async def _load_new(self, name: str) -> LoadedModel:
+        """Resolve, choose a backend and load ``name`` (or attach it, for an adapter); register its runner."""
+        spec = await asyncio.to_thread(self._resolve, name)
+        if spec.task == "embedding":
+            raise _not_supported(name, "an embedding model: use /v1/embeddings")
+        if spec.task == "adapter":  # a LoRA: attached to its (loaded once) base model
+            return await self._attach_spec(spec)
+        backend = self._choose_backend(spec)
+        runner = await self._load_runner(name, spec, backend)
+        self._defaults[name] = spec.defaults
+        self._runners[name] = runner
+        return runner.model
 
     async def _load_runner(self, name: str, spec: ModelSpec, backend: Backend) -> Any:
         """Make room within the budget, then load ``name``'s replicas and start their threads."""
@@ -198,17 +209,23 @@ class Engine(AdapterMixin, ResidencyMixin):
         device = device_kind(str(spec.options.get("device", "auto"))) if any(self._budget.budgets.values()) else "cpu"
         needed = disk_bytes(spec.path) * count
         await self._make_room(name, needed, device)
+        # reserved until the model is recorded with its measured size (after the warm-up, which may
+        # take minutes): a load meanwhile must not count this memory as free
         self._budget.reserved[device] = self._budget.reserved.get(device, 0) + needed
+        try:
+            return await self._start_replicas(name, spec, backend, count, device)
+        finally:
+            self._budget.reserved[device] -= needed
+
+    async def _start_replicas(self, name: str, spec: ModelSpec, backend: Backend, count: int, device: str) -> Any:
+        """Load ``count`` replicas, start their threads, wait for their warm-up; record the model."""
         models: list[LoadedModel] = []
         try:
             for _ in range(count):
-                models.append(await asyncio.to_thread(backend.load, spec))
+                models.append(await _load_on_a_thread(backend, spec))
         except BaseException:
-            for m in models:
-                m.unload()
+            await asyncio.to_thread(_unload_all, models)  # (freeing memory takes a while: off the IOLoop)
             raise
-        finally:
-            self._budget.reserved[device] -= needed
         runners = [
             ModelRunner(
                 m,
@@ -277,13 +294,9 @@ class Engine(AdapterMixin, ResidencyMixin):
             return True
         if name in self._adapters:
             return await self.unload_adapter(name)
-        runner = self._runners.pop(name, None)
-        self._res.pop(name, None)
-        if runner is None:
+        if name not in self._runners:
             return False
-        for adapter in self.adapters_of(name):  # they go with their base
-            del self._adapters[adapter]
-        await asyncio.to_thread(runner.shutdown)
+        await self._evict(name)
         return True
 
     def model_defaults(self, name: str) -> Mapping[str, Any]:
@@ -408,8 +421,8 @@ class Engine(AdapterMixin, ResidencyMixin):
         if runner is None:
             raise ModelNotFound(request.model)
         rec = self._res[request.model]
+        handle = runner.submit(request, asyncio.get_running_loop())  # (raises if its thread died)
         rec.in_use += 1  # never evicted while this request runs
-        handle = runner.submit(request, asyncio.get_running_loop())
         try:
             async for event in handle:
                 yield event
@@ -433,6 +446,30 @@ class Engine(AdapterMixin, ResidencyMixin):
             completed=sum(p.completed for p in parts),
             cancelled=sum(p.cancelled for p in parts),
         )
+
+
+async def _load_on_a_thread(backend: Backend, spec: ModelSpec) -> LoadedModel:
+    """``backend.load(spec)`` on a worker thread; if the wait is cancelled, the thread's model is unloaded
+    once it is done (a thread cannot be stopped, and its weights would stay in memory for good)."""
+    loading = asyncio.ensure_future(asyncio.to_thread(backend.load, spec))
+    try:
+        return await asyncio.shield(loading)
+    except asyncio.CancelledError:
+        loading.add_done_callback(_unload_when_loaded)
+        raise
+
+
+def _unload_when_loaded(loading: asyncio.Future) -> None:
+    if not loading.cancelled() and loading.exception() is None:
+        threading.Thread(target=_unload_all, args=([loading.result()],), name="xllm-unload", daemon=True).start()
+
+
+def _unload_all(models: Sequence[LoadedModel]) -> None:
+    for model in models:
+        try:
+            model.unload()
+        except Exception:  # freeing is best effort
+            log.exception("unloading %s failed", getattr(model, "name", "a model"))
 
 
 def _not_supported(name: str, what: str) -> InvalidRequest:

@@ -255,13 +255,21 @@ class ResidencyMixin:
                 await self._evict(victim)
 
     async def _evict(self, name: str) -> None:
-        """Unload ``name`` (already checked idle); the runner leaves the table before any await."""
+        """Unload ``name``; the runner leaves the table before any await, its memory counts until it is freed."""
         runner = self._runners.pop(name, None)
-        self._res.pop(name, None)
+        rec = self._res.pop(name, None)
         for adapter in [a for a, b in self._adapters.items() if b == name]:
             del self._adapters[adapter]  # they go with their base
-        if runner is not None:
+        if runner is None:
+            return
+        # held as reserved while the weights are being freed: a load meanwhile must not count them free
+        held = rec.memory_bytes if rec is not None else 0
+        device = rec.device if rec is not None else "cpu"
+        self._budget.reserved[device] = self._budget.reserved.get(device, 0) + held
+        try:
             await asyncio.to_thread(runner.shutdown)
+        finally:
+            self._budget.reserved[device] -= held
 
     def _touch(self, name: str, keep_alive: float | None | str = "default") -> None:
         """Mark ``name`` used now and restart its keep_alive (``"default"`` = the config's)."""

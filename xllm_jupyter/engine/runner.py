@@ -277,7 +277,10 @@ class ModelRunner:
             self.error = exc
             log.exception("engine thread for %s died", self.model.name)
             err = EngineError("The engine failed while generating")
-            for state in list(self._jobs.values()):
+            with self._cond:  # queued requests too: nothing will ever admit them
+                waiting = list(self._waiting)
+                self._waiting.clear()
+            for state in [s for _, s in waiting] + list(self._jobs.values()):
                 self._fail(state.handle, err)
             self._jobs.clear()
 
