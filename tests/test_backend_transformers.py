@@ -298,3 +298,20 @@ def test_bad_load_options_are_clear_errors(tiny_llama_dir):
         backend.load(ModelSpec(name="t", path=Path(tiny_llama_dir), options={"dtype": "float8"}))
     with pytest.raises(InvalidRequest, match="device"):
         backend.load(ModelSpec(name="t", path=Path(tiny_llama_dir), options={"device": "tpu"}))
+
+
+def test_running_out_of_memory_in_a_prefill_fails_only_that_prompt(model, monkeypatch):
+    # a GPU running out of memory on one long prompt must not end every other stream (no GPU here: the
+    # forward raises torch's own OutOfMemoryError for prompts over 100 tokens)
+    forward = model.model.forward
+
+    def short_prompts_only(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] > 100:
+            raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.model, "forward", short_prompts_only)
+    running, long = job(PROMPT, max_tokens=12), job(range(100, 400), max_tokens=4)
+    events = run(model, [running], joins={3: [long]})
+    assert [e.finish for _, e in events[long.job_id]] == [FinishReason.ERROR]
+    assert len(tokens(events[running.job_id])) == 12 and events[running.job_id][-1][1].finish is FinishReason.LENGTH

@@ -292,7 +292,7 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
             if self._cancelled:
                 self._drop_cancelled(events)
             new = self._admit()
-            joined = [self._prefill(group, events) for group in _prefill_groups(new)] if new else []
+            joined = [self._prefill_or_fail(group, events) for group in _prefill_groups(new)] if new else []
             if self._running:
                 self._decode(events)
             for cache, mask, seqs in joined:
@@ -326,6 +326,19 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
         if len(keep) != len(self._running):
             self._running = [self._running[i] for i in keep]
             self._batch.keep(keep)
+
+    def _prefill_or_fail(self, seqs: list[_Seq], events: list[TokenEvent]):
+        """``_prefill``; out of memory fails this group's jobs only (a long prompt must not end every stream)."""
+        try:
+            return self._prefill(seqs, events)
+        except torch.OutOfMemoryError:
+            log.warning("%s: out of memory prefilling %d prompt(s) of up to %d tokens; failing them", self.name,
+                        len(seqs), max(len(s.job.prompt_ids) for s in seqs))
+            events.extend(self._event(seq, None, "", finish=FinishReason.ERROR) for seq in seqs)
+            if self.device.type == "cuda":  # what the failed forward had allocated goes back before the decode
+                with COMPILE_GATE.compiling():  # (not while another model records a CUDA graph)
+                    torch.cuda.empty_cache()
+            return None, None, []
 
     def _prefill(self, seqs: list[_Seq], events: list[TokenEvent]):
         """One left-padded forward over new prompts; returns their cache for the unfinished ones."""
