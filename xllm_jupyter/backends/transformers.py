@@ -454,7 +454,7 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
 
     def memory_bytes(self) -> int:
         """Weights and buffers plus LoRA adapters and the batch's KV cache, in bytes."""
-        return self._weight_bytes + (self._lora.nbytes() if self._lora is not None else 0) + self._batch.nbytes()
+        return self._weight_bytes + self._lora.nbytes() + self._batch.nbytes()
 
     def details(self) -> dict[str, Any]:
         """Device, dtype, batching mode and source format."""
@@ -480,7 +480,7 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
         self._running.clear()
         self.model = None
         # these hold the model too: the weights must be unreferenced before the collect below frees them
-        self._lora = None  # type: ignore[assignment]
+        self._lora = LoraAdapters(None, self.device)  # (empty: details and memory still answer)
         self._masker = None
         gc.collect()
         if self.device.type == "cuda":
