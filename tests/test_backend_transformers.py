@@ -313,5 +313,5 @@ def test_running_out_of_memory_in_a_prefill_fails_only_that_prompt(model, monkey
     monkeypatch.setattr(model.model, "forward", short_prompts_only)
     running, long = job(PROMPT, max_tokens=12), job(range(100, 400), max_tokens=4)
     events = run(model, [running], joins={3: [long]})
-    assert [e.finish for _, e in events[long.job_id]] == [FinishReason.ERROR]
+    assert [(e.finish, e.out_of_memory) for _, e in events[long.job_id]] == [(FinishReason.ERROR, True)]
     assert len(tokens(events[running.job_id])) == 12 and events[running.job_id][-1][1].finish is FinishReason.LENGTH

@@ -208,6 +208,18 @@ async def test_a_failed_step_fails_its_batch_and_the_engine_recovers():
     await engine.stop()
 
 
+async def test_a_job_the_device_has_no_memory_for_is_a_503_and_the_others_go_on():
+    from xllm_jupyter.core.errors import Overloaded
+
+    engine, _ = make_engine(step_delay=0.001)
+    other = asyncio.ensure_future(collect(engine, req(max_tokens=20)))
+    with pytest.raises(Overloaded, match="ran out of memory"):
+        await collect(engine, req(max_tokens=66))  # the fake backend's out-of-memory job
+    texts, _, done = await other
+    assert done.usage.completion_tokens == 20 and engine.healthy
+    await engine.stop()
+
+
 async def test_a_job_the_backend_refuses_fails_alone():
     engine, _ = make_engine()
     with pytest.raises(InvalidRequest, match="unlucky"):

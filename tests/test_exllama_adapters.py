@@ -213,7 +213,13 @@ def test_a_job_the_library_failed_finishes_with_an_error():
     # exllamav3's reap_failed_job: no identifier key, the job object and the exception
     failed = {"job": LibraryJob(), "serial": 0, "stage": "error", "eos": True, "error": RuntimeError("CUDA out of memory")}
     (event,) = translate_results([failed, streaming(6, [3], "b")], {5: JobInfo(5)}, str)
-    assert (event.job_id, event.token_id, event.finish) == (5, None, FinishReason.ERROR)
+    assert (event.job_id, event.token_id, event.finish, event.out_of_memory) == (5, None, FinishReason.ERROR, False)
+
+    class OutOfMemoryError(RuntimeError):  # torch's, by name
+        pass
+
+    (oom,) = translate_results([{**failed, "error": OutOfMemoryError("CUDA out of memory")}], {5: JobInfo(5)}, str)
+    assert oom.finish is FinishReason.ERROR and oom.out_of_memory
 
 
 def test_a_failed_load_unloads_every_model_it_started_and_keeps_going_past_errors():

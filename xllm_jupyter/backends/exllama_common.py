@@ -221,7 +221,9 @@ def translate_results(results: Iterable[Mapping[str, Any]], jobs: Mapping[int, J
                 error = r.get("error")
                 log.error("the generator dropped job %s: %s", job_id, type(error).__name__,
                           exc_info=error if isinstance(error, BaseException) else None)
-                events.append(TokenEvent(info.job_id, None, "", finish=FinishReason.ERROR))
+                # (torch.OutOfMemoryError by name: this module imports no torch)
+                events.append(TokenEvent(info.job_id, None, "", finish=FinishReason.ERROR,
+                                         out_of_memory=type(error).__name__ == "OutOfMemoryError"))
             continue
         if stage != "streaming":
             continue

@@ -12,6 +12,7 @@ lazily), and ``available()`` still answers without them.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib.util
 import logging
@@ -334,7 +335,8 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
         except torch.OutOfMemoryError:
             log.warning("%s: out of memory prefilling %d prompt(s) of up to %d tokens; failing them", self.name,
                         len(seqs), max(len(s.job.prompt_ids) for s in seqs))
-            events.extend(self._event(seq, None, "", finish=FinishReason.ERROR) for seq in seqs)
+            events.extend(dataclasses.replace(self._event(seq, None, "", finish=FinishReason.ERROR), out_of_memory=True)
+                          for seq in seqs)
             if self.device.type == "cuda":  # what the failed forward had allocated goes back before the decode
                 with COMPILE_GATE.compiling():  # (not while another model records a CUDA graph)
                     torch.cuda.empty_cache()

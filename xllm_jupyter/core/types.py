@@ -151,6 +151,8 @@ class TokenEvent:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
+    #: with ``finish`` ERROR: the device ran out of memory for this job (its request gets a 503 to retry)
+    out_of_memory: bool = False
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from ..backends.base import LoadedModel
-from ..core.errors import EngineError, XllmError
+from ..core.errors import EngineError, Overloaded, XllmError
 from ..core.types import (
     ChoiceDelta,
     EngineStats,
@@ -425,7 +425,9 @@ class ModelRunner:
         if finish in (FinishReason.CANCELLED, FinishReason.ERROR):
             # we did not ask for this: the backend dropped the job on its own
             state.done = True
-            self._fail(handle, EngineError("The engine stopped this generation unexpectedly"))
+            self._fail(handle, Overloaded("The GPU ran out of memory for this request; retry it, or shorten its "
+                                          "prompt") if event.out_of_memory
+                       else EngineError("The engine stopped this generation unexpectedly"))
             self.cancel(handle.job_ids)
             return True
         if matched:
