@@ -476,3 +476,21 @@ def test_the_kernel_warm_up_calls_exllamav3_as_its_signature_takes_it():
 
     warm_up_kernels(Loaded(), object(), ExllamaOptions.from_options({"max_batch_size": 64}))
     assert calls == [{"cache": calls[0]["cache"], "max_chunk_size": 2048, "max_batch_size": 8}]
+
+
+def test_the_memory_budget_sees_the_kv_cache_an_exllama_load_allocates(tmp_path):
+    from xllm_jupyter.backends.exllama_common import kv_cache_bytes
+    from xllm_jupyter.backends.exllamav2 import ExllamaV2Backend
+    from xllm_jupyter.backends.exllamav3 import ExllamaV3Backend
+
+    llama3_8b = {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_size": 4096,
+                 "max_position_embeddings": 8192}
+    # 32 layers x 8 heads x 128 x (16 + 16) bits per token: 8 GiB at the default 65,536 tokens
+    assert kv_cache_bytes(llama3_8b, 65536, None) == 8 * 2**30
+    assert kv_cache_bytes(llama3_8b, 65536, (4, 4)) == 2 * 2**30
+    assert kv_cache_bytes({"num_hidden_layers": 2}, 1000, None) == 0  # a shape it cannot read: no guess
+    (tmp_path / "config.json").write_text(json.dumps(llama3_8b))
+    for backend in (ExllamaV3Backend(), ExllamaV2Backend()):
+        spec = ModelSpec(name="m", path=tmp_path, format="exl3", options={"cache_tokens": 16384, "kv_cache_bits": "q8"})
+        assert backend.cache_bytes_estimate(spec) == 16384 * 32 * 8 * 128 * 2
+    assert ExllamaV3Backend().cache_bytes_estimate(ModelSpec(name="m", path=tmp_path / "gone")) == 0

@@ -110,6 +110,17 @@ async def test_a_model_that_never_fits_is_503(tmp_path):
     await engine.stop()
 
 
+async def test_the_budget_counts_the_cache_a_backend_allocates_at_load(tmp_path):
+    # the files fit; with the KV cache an exllama backend allocates at load, the model does not
+    engine, backend = make_engine(tmp_path, budget=int(SIZE * 1.5))
+    backend.cache_bytes_estimate = lambda spec: SIZE
+    await engine.start()
+    with pytest.raises(Overloaded) as exc:
+        await engine.load("a")
+    assert exc.value.code == "model_does_not_fit" and backend.loads == 0
+    await engine.stop()
+
+
 async def test_concurrent_loads_share_one_and_show_loading(tmp_path):
     engine, backend = make_engine(tmp_path, load_delay=0.3)
     await engine.start()

@@ -163,3 +163,8 @@ class Backend(ABC):
     @abstractmethod
     def load(self, spec: ModelSpec) -> LoadedModel:
         """Load the model (slow: called on a worker thread, never the IOLoop)."""
+
+    def cache_bytes_estimate(self, spec: ModelSpec) -> int:
+        """Bytes a load of ``spec`` allocates besides its weight files (a KV cache sized at load), estimated
+        before loading for the memory budget; 0 when the cache grows with use instead (must not raise)."""
+        return 0

@@ -107,6 +107,35 @@ class ExllamaOptions:
         return -(-tokens // PAGE_SIZE) * PAGE_SIZE
 
 
+def kv_cache_bytes(config: Mapping[str, Any], tokens: int, bits: tuple[int, int] | None) -> int:
+    """Bytes of a K/V cache of ``tokens`` for a model with this ``config.json`` (0 if its shape is not there).
+
+    Per token and layer: key and value heads x head size x (key bits + value bits) / 8.
+    """
+    text = config.get("text_config") or config
+    try:
+        layers = int(text["num_hidden_layers"])
+        heads = int(text["num_attention_heads"])
+        kv_heads = int(text.get("num_key_value_heads") or heads)
+        head_dim = int(text.get("head_dim") or int(text["hidden_size"]) // heads)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return 0
+    k, v = bits or (16, 16)
+    return tokens * layers * kv_heads * head_dim * (k + v) // 8
+
+
+def exllama_cache_estimate(spec: Any) -> int:
+    """The KV cache an exllama backend allocates at load for ``spec`` (its options, its ``config.json``)."""
+    try:
+        config = json.loads((Path(spec.path) / "config.json").read_text(encoding="utf-8"))
+        opts = ExllamaOptions.from_options(spec.options, spec.context_length)
+        text = config.get("text_config") or config
+        context = opts.serving_context(int(text.get("max_position_embeddings") or 4096))
+        return kv_cache_bytes(config, opts.cache_size(context), opts.kv_bits())
+    except (OSError, ValueError, EngineError):  # an estimate: the load itself reports what is wrong
+        return 0
+
+
 def draft_vocabulary_fits(draft_vocab: int, vocab: int) -> bool:
     """Whether a draft model's token ids all exist in the model; logs why drafting is off when not.
 

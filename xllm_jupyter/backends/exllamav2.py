@@ -25,6 +25,7 @@ from .exllama_common import (
     cuda_memory_in_use,
     is_model_directory,
     draft_vocabulary_fits,
+    exllama_cache_estimate,
     unload_quietly,
     v2_sampler_fields,
 )
@@ -141,6 +142,10 @@ class ExllamaV2Backend(Backend):
     def supports(self, spec: ModelSpec) -> bool:
         """EXL2, GPTQ or FP16 safetensors chat models in a directory."""
         return spec.task == "chat" and spec.format in FORMATS and is_model_directory(Path(spec.path))
+
+    def cache_bytes_estimate(self, spec: ModelSpec) -> int:
+        """The paged KV cache it allocates at load (``cache_tokens`` at the configured K/V bits)."""
+        return exllama_cache_estimate(spec)
 
     def load(self, spec: ModelSpec) -> ExllamaV2Model:
         """Load weights, cache and generator (slow; called on a worker thread)."""

@@ -27,6 +27,7 @@ from .exllama_common import (
     cuda_memory_in_use,
     is_model_directory,
     draft_vocabulary_fits,
+    exllama_cache_estimate,
     unload_quietly,
 )
 from .exllama_model import DynamicGeneratorModel
@@ -64,6 +65,10 @@ class ExllamaV3Backend(Backend):
             return False
         known = known_architectures()
         return spec.format == "exl3" or not known or model_architecture(path) in known
+
+    def cache_bytes_estimate(self, spec: ModelSpec) -> int:
+        """The paged KV cache it allocates at load (``cache_tokens`` at the configured K/V bits)."""
+        return exllama_cache_estimate(spec)
 
     def load(self, spec: ModelSpec) -> ExllamaV3Model:
         """Load weights, cache and generator (slow; called on a worker thread)."""

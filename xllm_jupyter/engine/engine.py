@@ -207,7 +207,9 @@ class Engine(AdapterMixin, ResidencyMixin):
         count = self._replicas.get(name, 1)
         # which budget it draws on; without budgets there is nothing to decide (and no torch import)
         device = device_kind(str(spec.options.get("device", "auto"))) if any(self._budget.budgets.values()) else "cpu"
-        needed = disk_bytes(spec.path) * count
+        # weights (their files) and a cache the backend allocates at load (exllama's paged KV cache: 8 GiB
+        # for an 8B Llama at the default 65,536 tokens, more than its 4-bit weights)
+        needed = (disk_bytes(spec.path) + backend.cache_bytes_estimate(spec)) * count
         await self._make_room(name, needed, device)
         # reserved until the model is recorded with its measured size (after the warm-up, which may
         # take minutes): a load meanwhile must not count this memory as free
