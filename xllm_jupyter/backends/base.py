@@ -12,13 +12,16 @@ running batch at the next step (their prefill runs in that step).
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from ..core.errors import Unsupported
 from ..core.types import ChatMessage, Constraint, SequenceJob, TokenEvent
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -168,3 +171,13 @@ class Backend(ABC):
         """Bytes a load of ``spec`` allocates besides its weight files (a KV cache sized at load), estimated
         before loading for the memory budget; 0 when the cache grows with use instead (must not raise)."""
         return 0
+
+
+def unload_each(models: Iterable[Any]) -> None:
+    """Call ``unload()`` on each of ``models``, logging what fails: freeing is best effort, and one model's
+    failure must not keep the others loaded."""
+    for model in models:
+        try:
+            model.unload()
+        except Exception:
+            log.exception("unloading %s failed", getattr(model, "name", type(model).__name__))

@@ -96,3 +96,13 @@ def _set_skip_stance(skip: bool) -> None:
 
 #: the one gate of this process (the trace state and the stance it guards are process-wide)
 COMPILE_GATE = CompileGate()
+
+
+def empty_cuda_cache() -> None:
+    """Return torch's cached CUDA memory to the device, not while another model records a CUDA graph (the
+    graph's memory pool is the allocator's; nothing without CUDA)."""
+    import torch
+
+    if torch.cuda.is_available():
+        with COMPILE_GATE.compiling():
+            torch.cuda.empty_cache()

@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 from ..core.errors import EngineError
 from ..core.types import FinishReason, SamplingParams, TokenEvent
+from .base import unload_each
+from .compile_gate import empty_cuda_cache
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,9 @@ EOS_REASONS: dict[str, FinishReason] = {
     "loop_detected": FinishReason.STOP,
     "max_new_tokens": FinishReason.LENGTH,
 }
+
+#: (cache_tokens, context) pairs whose capped context was logged already
+_CAPPED_CONTEXTS: set[tuple[int, int]] = set()
 
 #: quantized KV cache names -> (key bits, value bits)
 KV_CACHE_BITS: dict[str, tuple[int, int]] = {"q8": (8, 8), "q6": (6, 6), "q4": (4, 4)}
@@ -96,8 +101,10 @@ class ExllamaOptions:
         holds (so ``cache_tokens`` bounds the memory a long-context model takes)."""
         context = self.context_length or int(model_context)
         if self.cache_tokens and self.cache_tokens < context:
-            log.warning("engine.cache_tokens (%d) holds less than the context length (%d): serving %d tokens of "
-                        "context", self.cache_tokens, context, self.cache_tokens)
+            if (self.cache_tokens, context) not in _CAPPED_CONTEXTS:  # (asked several times per load: say it once)
+                _CAPPED_CONTEXTS.add((self.cache_tokens, context))
+                log.warning("engine.cache_tokens (%d) holds less than the context length (%d): serving %d tokens "
+                            "of context", self.cache_tokens, context, self.cache_tokens)
             context = self.cache_tokens
         return context
 
@@ -326,28 +333,18 @@ def is_model_directory(path: Path) -> bool:
 
 def unload_quietly(models: Iterable[Any]) -> None:
     """Unload what a failed load put on the GPU (the error's traceback would keep it there until collected)."""
-    for model in models:
-        try:
-            model.unload()
-        except Exception:  # freeing after a failure is best effort
-            log.debug("unloading after a failed load failed", exc_info=True)
-    empty_cuda_cache()
+    unload_each(models)
+    free_cuda_memory()
 
 
-def empty_cuda_cache() -> None:
-    """Collect garbage and return torch's cached CUDA memory, not while another model records a CUDA graph
-    (the allocator's pools are shared: ``compile_gate.py``)."""
+def free_cuda_memory() -> None:
+    """Collect garbage, then return torch's cached CUDA memory (best effort: never raises)."""
     try:
         import gc
 
-        import torch
-
-        from .compile_gate import COMPILE_GATE
-
         gc.collect()
-        with COMPILE_GATE.compiling():
-            torch.cuda.empty_cache()
-    except Exception:  # freeing is best effort
+        empty_cuda_cache()
+    except Exception:
         log.debug("emptying the CUDA cache failed", exc_info=True)
 
 

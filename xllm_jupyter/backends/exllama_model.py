@@ -16,7 +16,7 @@ from typing import Any
 from ..core.types import Constraint, FinishReason, SequenceJob, TokenEvent
 from .base import LoadedModel, ModelSpec
 from .constraints import GrammarCompiler
-from .exllama_common import JobInfo, SpeculativeStats, empty_cuda_cache, translate_results
+from .exllama_common import JobInfo, SpeculativeStats, free_cuda_memory, translate_results
 from .hf_tokenizer import ChatTokenizer, ChatTokenizerMethods
 from .prefix_isolation import PrefixIsolation, isolated_job_class
 
@@ -188,7 +188,7 @@ class DynamicGeneratorModel(ChatTokenizerMethods, LoadedModel):
         self._release()
         self._jobs.clear()
         self._info.clear()
-        empty_cuda_cache()
+        free_cuda_memory()
 
     def _release(self) -> None:
         """Library-specific teardown (subclasses)."""

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest, ModelNotFound
 from ..core.types import Constraint, FinishReason, SequenceJob, TokenEvent
 from .base import Backend, LoadedModel, ModelSpec
-from .compile_gate import COMPILE_GATE
+from .compile_gate import COMPILE_GATE, empty_cuda_cache
 from .constraints import BatchMasker, GrammarCompiler
 from .detokenize import IncrementalDetokenizer
 from .hf_tokenizer import ChatTokenizer, ChatTokenizerMethods
@@ -338,8 +338,7 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
             events.extend(dataclasses.replace(self._event(seq, None, "", finish=FinishReason.ERROR), out_of_memory=True)
                           for seq in seqs)
             if self.device.type == "cuda":  # what the failed forward had allocated goes back before the decode
-                with COMPILE_GATE.compiling():  # (not while another model records a CUDA graph)
-                    torch.cuda.empty_cache()
+                empty_cuda_cache()
             return None, None, []
 
     def _prefill(self, seqs: list[_Seq], events: list[TokenEvent]):
@@ -486,9 +485,7 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
         self._masker = None
         gc.collect()
         if self.device.type == "cuda":
-            # not while another model records a CUDA graph: the allocator's pools are shared
-            with COMPILE_GATE.compiling():
-                torch.cuda.empty_cache()
+            empty_cuda_cache()
 
 
 def _prefill_groups(seqs: list[_Seq]) -> list[list[_Seq]]:

@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any, AsyncIterator, Mapping, Protocol, Sequence
 
-from ..backends.base import Backend, LoadedModel, ModelSpec
+from ..backends.base import Backend, LoadedModel, ModelSpec, unload_each
 from ..backends.registry import get_backend, select_backend
 from ..core.config import EngineConfig, QuotaConfig
 from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest, ModelNotFound, XllmError
@@ -226,7 +226,7 @@ class Engine(AdapterMixin, ResidencyMixin):
             for _ in range(count):
                 models.append(await _load_on_a_thread(backend, spec))
         except BaseException:
-            await asyncio.to_thread(_unload_all, models)  # (freeing memory takes a while: off the IOLoop)
+            await asyncio.to_thread(unload_each, models)  # (freeing memory takes a while: off the IOLoop)
             raise
         runners = [
             ModelRunner(
@@ -463,15 +463,7 @@ async def _load_on_a_thread(backend: Backend, spec: ModelSpec) -> LoadedModel:
 
 def _unload_when_loaded(loading: asyncio.Future) -> None:
     if not loading.cancelled() and loading.exception() is None:
-        threading.Thread(target=_unload_all, args=([loading.result()],), name="xllm-unload", daemon=True).start()
-
-
-def _unload_all(models: Sequence[LoadedModel]) -> None:
-    for model in models:
-        try:
-            model.unload()
-        except Exception:  # freeing is best effort
-            log.exception("unloading %s failed", getattr(model, "name", "a model"))
+        threading.Thread(target=unload_each, args=([loading.result()],), name="xllm-unload", daemon=True).start()
 
 
 def _not_supported(name: str, what: str) -> InvalidRequest:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from ..backends.base import LoadedModel
+from ..backends.base import LoadedModel, unload_each
 from ..core.errors import EngineError, Overloaded, XllmError
 from ..core.types import (
     ChoiceDelta,
@@ -251,10 +251,7 @@ class ModelRunner:
             self._fail(state.handle, gone)
         self._waiting.clear()
         self._jobs.clear()
-        try:
-            self.model.unload()
-        except Exception:  # unloading is best effort; the runner is gone either way
-            log.exception("unloading %s failed", self.model.name)
+        unload_each([self.model])  # (best effort: the runner is gone either way)
 
     # ------------------------------------------------------ engine thread only
     def _run(self) -> None:
