@@ -38,6 +38,11 @@ class FakeModel(LoadedModel):
         self.explode = threading.Event()
         self.fail_next = threading.Event()
         self.unloaded = False
+        #: when set, every step waits until the event is set (a step held at the compile gate, say)
+        self.gate: threading.Event | None = None
+        self.in_step = False
+        self.unloaded_mid_step = False
+        self.unloaded_on: int | None = None  # the thread unload ran on
         #: set before loading to make warm_up raise it; warmed_on: the thread warm_up ran on
         self.warm_up_error: BaseException | None = None
         self.warmed_on: int | None = None
@@ -83,6 +88,15 @@ class FakeModel(LoadedModel):
         return (sum(job.prompt_ids) + i + seed) % 50 + 1
 
     def step(self):
+        self.in_step = True
+        try:
+            return self._step()
+        finally:
+            self.in_step = False
+
+    def _step(self):
+        if self.gate is not None:
+            self.gate.wait()
         if self.explode.is_set():
             raise RuntimeError("boom")
         if self.fail_next.is_set() and self.jobs:
@@ -127,6 +141,8 @@ class FakeModel(LoadedModel):
 
     def unload(self):
         self.unloaded = True
+        self.unloaded_mid_step = self.in_step
+        self.unloaded_on = threading.get_ident()
 
     def memory_bytes(self):
         return self._memory_bytes

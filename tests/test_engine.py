@@ -18,9 +18,10 @@ from xllm_jupyter.core.types import (
     SamplingParams,
 )
 from xllm_jupyter.engine.engine import Engine
+from xllm_jupyter.engine.runner import ModelRunner
 from xllm_jupyter.engine.stops import StopMatcher
 
-from .fake_backend import FakeBackend, FakeCatalog
+from .fake_backend import FakeBackend, FakeCatalog, FakeModel
 
 
 def make_engine(step_delay=0.0, max_batch_size=16, **cfg):
@@ -329,6 +330,34 @@ async def test_a_client_leaving_mid_load_leaves_the_load_running_not_an_orphan_m
     with pytest.raises(asyncio.CancelledError):
         await loading
     await wait_for(lambda: backend.loads == 2 and backend.models["fake"].unloaded)
+
+
+async def test_a_shutdown_that_times_out_mid_step_leaves_the_unload_to_the_step_thread():
+    # freeing weights under a running step would pull them from under it (exllamav2: freed C handles)
+    model = FakeModel("fake")
+    runner = ModelRunner(model)
+    runner.start()
+    runner.wait_ready()
+    model.gate = threading.Event()  # the step waits, as at the compile gate while another model compiles
+    running = asyncio.ensure_future(collect_handle(runner.submit(req(max_tokens=50), asyncio.get_running_loop())))
+    await wait_for(lambda: model.in_step)
+    assert await asyncio.to_thread(runner.shutdown, 0.05) is False
+    assert not model.unloaded and not runner.wait_closed(0.05)
+    model.gate.set()
+    with pytest.raises(EngineError, match="unloaded"):
+        await asyncio.wait_for(running, 5)
+    assert await asyncio.to_thread(runner.wait_closed, 5)
+    assert model.unloaded and not model.unloaded_mid_step and model.unloaded_on == runner._thread.ident
+    # an idle runner closes at once, on the caller's thread
+    idle = ModelRunner(FakeModel("idle"))
+    idle.start()
+    idle.wait_ready()
+    assert idle.shutdown(5) is True and idle.wait_closed(0) and idle.model.unloaded_on == threading.get_ident()
+
+
+async def collect_handle(handle):
+    """Drain a RequestHandle; returns its text."""
+    return "".join([ev.text async for ev in handle if isinstance(ev, ChoiceDelta)])
 
 
 async def test_concurrent_loads_share_one_load():

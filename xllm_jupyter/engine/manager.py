@@ -149,10 +149,13 @@ class ReplicaSet:
         """Each replica's own counters."""
         return [r.stats() for r in self.runners]
 
-    def shutdown(self, timeout: float | None = 30.0) -> None:
-        """Stop every replica and unload its model."""
-        for r in self.runners:
-            r.shutdown(timeout)
+    def shutdown(self, timeout: float | None = 30.0) -> bool:
+        """Stop every replica and unload its model (False: some unload waits for a step to end)."""
+        return all([r.shutdown(timeout) for r in self.runners])
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Block until every replica's model is unloaded."""
+        return all(r.wait_closed(timeout) for r in self.runners)
 
 
 def replica_stats(runner: Any) -> list[EngineStats]:
@@ -268,6 +271,8 @@ class ResidencyMixin:
         self._budget.reserved[device] = self._budget.reserved.get(device, 0) + held
         try:
             await asyncio.to_thread(runner.shutdown)
+            # a runner still in a step unloads when the step ends; its memory is not free before
+            await asyncio.to_thread(runner.wait_closed)
         finally:
             self._budget.reserved[device] -= held
 

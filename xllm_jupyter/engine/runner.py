@@ -160,6 +160,9 @@ class ModelRunner:
         self._counters = _Counters()
         self._thread = threading.Thread(target=self._run, name=f"xllm-runner-{model.name}", daemon=True)
         self._warmed = threading.Event()  # set once the model's warm-up has ended, well or not
+        self._exited = False  # under _cond: the step thread has left its loop
+        self._close_at_exit = False  # under _cond: shutdown timed out, the thread closes itself
+        self._closed = threading.Event()  # set once the model is unloaded
         self.error: BaseException | None = None
 
     # ------------------------------------------------------------ any thread
@@ -237,13 +240,30 @@ class ModelRunner:
             cancelled=c.cancelled,
         )
 
-    def shutdown(self, timeout: float | None = 30.0) -> None:
-        """Stop the thread (waiting up to ``timeout`` s; None: until it ends), fail open requests, unload."""
+    def shutdown(self, timeout: float | None = 30.0) -> bool:
+        """Stop the thread (waiting up to ``timeout`` s; None: until it ends), fail open requests, unload.
+
+        False when the thread was still in a step at the timeout: the model is then unloaded
+        by that thread once its step returns, never under a running step.
+        """
         with self._cond:
             self._stopping = True
             self._cond.notify()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        with self._cond:
+            # a step can sit for minutes (another model compiling holds the compile gate);
+            # freeing its weights now would pull them from under it (exllamav2: freed C handles)
+            deferred = self._close_at_exit = not self._exited and self._thread.is_alive()
+        if deferred:
+            log.warning("the engine thread of %s is still in a step after %ss; it unloads the model when the "
+                        "step ends", self.model.name, timeout)
+            return False
+        self._close()
+        return True
+
+    def _close(self) -> None:
+        """Fail what is still open and unload the model (no step may be running)."""
         gone = EngineError("The model was unloaded while the request ran")
         for _, state in list(self._waiting):
             self._fail(state.handle, gone)
@@ -252,9 +272,24 @@ class ModelRunner:
         self._waiting.clear()
         self._jobs.clear()
         unload_each([self.model])  # (best effort: the runner is gone either way)
+        self._closed.set()
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Block until a shutdown has unloaded the model (False: ``timeout`` s passed first)."""
+        return self._closed.wait(timeout)
 
     # ------------------------------------------------------ engine thread only
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            with self._cond:
+                self._exited = True
+                close = self._close_at_exit
+            if close:
+                self._close()
+
+    def _serve(self) -> None:
         try:
             self.model.warm_up()  # here, not on the loading thread: compiled graphs belong to this thread
         except BaseException as exc:
