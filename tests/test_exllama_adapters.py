@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from xllm_jupyter.backends.base import ModelSpec
+from xllm_jupyter.backends.base import ModelSpec, disk_bytes
 from xllm_jupyter.backends.exllama_common import (
     ExllamaOptions,
     JobInfo,
@@ -494,3 +494,27 @@ def test_the_memory_budget_sees_the_kv_cache_an_exllama_load_allocates(tmp_path)
         spec = ModelSpec(name="m", path=tmp_path, format="exl3", options={"cache_tokens": 16384, "kv_cache_bits": "q8"})
         assert backend.cache_bytes_estimate(spec) == 16384 * 32 * 8 * 128 * 2
     assert ExllamaV3Backend().cache_bytes_estimate(ModelSpec(name="m", path=tmp_path / "gone")) == 0
+
+
+def test_the_estimate_counts_a_draft_models_weights_and_cache_and_exllama_never_takes_cpu(tmp_path):
+    from xllm_jupyter.backends.exllamav2 import ExllamaV2Backend
+    from xllm_jupyter.backends.exllamav3 import ExllamaV3Backend
+
+    shape = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 4, "num_attention_heads": 8,
+             "num_key_value_heads": 2, "hidden_size": 512}
+    model, draft = tmp_path / "model", tmp_path / "draft"
+    for path, layers in ((model, 4), (draft, 2)):
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps({**shape, "num_hidden_layers": layers}))
+    (draft / "model.safetensors").write_bytes(b"\0" * 5000)
+    per_layer = 4096 * 2 * 64 * 4  # tokens x kv heads x head size x (2 + 2 bytes)
+    options = {"cache_tokens": 4096, "context_length": 2048}
+    for backend in (ExllamaV3Backend(), ExllamaV2Backend()):
+        alone = backend.cache_bytes_estimate(ModelSpec(name="m", path=model, options=options))
+        assert alone == 4 * per_layer
+        drafted = ModelSpec(name="m", path=model, options={**options, "draft_model_path": str(draft)})
+        assert backend.cache_bytes_estimate(drafted) == alone + 2 * per_layer + disk_bytes(draft)
+        assert backend.memory_device(drafted) == "cuda"  # auto-split over the GPUs, whatever engine.device says
+        # engine.device: cpu leaves FP16 models to transformers instead of loading them on the GPU
+        assert backend.supports(ModelSpec(name="m", path=model, format="safetensors"))
+        assert not backend.supports(ModelSpec(name="m", path=model, format="safetensors", options={"device": "cpu"}))

@@ -19,7 +19,8 @@ from xllm_jupyter.core.config import AuthConfig, EngineConfig, load_config
 from xllm_jupyter.core.errors import InvalidRequest, ModelNotFound, Overloaded
 from xllm_jupyter.core.types import GenerationParams, GenerationRequest
 from xllm_jupyter.engine.engine import Engine
-from xllm_jupyter.engine.manager import disk_bytes, parse_keep_alive
+from xllm_jupyter.backends.base import disk_bytes
+from xllm_jupyter.engine.manager import parse_keep_alive
 from xllm_jupyter.store.store import ModelStore
 
 from .fake_backend import FakeBackend, FakeCatalog
@@ -118,6 +119,46 @@ async def test_the_budget_counts_the_cache_a_backend_allocates_at_load(tmp_path)
     with pytest.raises(Overloaded) as exc:
         await engine.load("a")
     assert exc.value.code == "model_does_not_fit" and backend.loads == 0
+    await engine.stop()
+
+
+async def test_without_a_gpu_budget_a_cuda_load_is_checked_against_the_memory_the_device_has(tmp_path, monkeypatch):
+    # no GPU here: the device's free memory is simulated as what the fake models on it leave of 2.5 models'
+    engine, backend = make_engine(tmp_path, step_delay=0.01)
+    backend.memory_device = lambda spec: "cuda"
+
+    def room():
+        return int(SIZE * 2.5) - sum(SIZE for m in backend.models.values() if not m.unloaded)
+
+    monkeypatch.setattr("xllm_jupyter.engine.manager.cuda_room_bytes", room)
+    await engine.start()
+    await run(engine, req("a"))
+    await run(engine, req("b"))
+    await run(engine, req("c"))  # does not fit beside a and b: idle a (least recently used) makes room
+    assert not engine.is_loaded("a") and backend.models["a"].unloaded and engine.is_loaded("c")
+    busy = [asyncio.create_task(run(engine, req(m, max_tokens=200))) for m in ("b", "c")]
+    await wait_for(lambda: engine.stats("b").running == 1 and engine.stats("c").running == 1)
+    with pytest.raises(Overloaded) as exc:  # both busy: nothing to evict, and no load that would run out
+        await engine.load("a")
+    assert exc.value.code == "insufficient_memory" and backend.loads == 3
+    await asyncio.gather(*busy)
+    backend.cache_bytes_estimate = lambda spec: 2 * SIZE  # 3 models' worth: more than the device has
+    with pytest.raises(Overloaded) as exc:
+        await engine.load("a")
+    assert exc.value.code == "model_does_not_fit" and "GPU memory" in exc.value.message and backend.loads == 3
+    await engine.stop()
+
+
+async def test_the_budget_sees_what_a_model_holds_now_not_only_at_load(tmp_path):
+    # an eager transformers model's KV cache grows after load: the budget must count it
+    engine, backend = make_engine(tmp_path, budget=3 * SIZE + 10)
+    await engine.start()
+    await run(engine, req("a"))
+    await run(engine, req("b"))
+    backend.models["b"]._memory_bytes = 2 * SIZE  # b's cache grew while serving
+    assert engine.model_info("b").details["memory_bytes"] == 2 * SIZE
+    await run(engine, req("c"))  # a + 2 b + c > budget: a (LRU) goes
+    assert not engine.is_loaded("a") and engine.is_loaded("b") and engine.is_loaded("c")
     await engine.stop()
 
 

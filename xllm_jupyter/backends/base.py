@@ -168,8 +168,24 @@ class Backend(ABC):
         """Load the model (slow: called on a worker thread, never the IOLoop)."""
 
     def cache_bytes_estimate(self, spec: ModelSpec) -> int:
-        """Bytes a load of ``spec`` allocates besides its weight files (a KV cache sized at load), estimated
-        before loading for the memory budget; 0 when the cache grows with use instead (must not raise)."""
+        """Bytes a load of ``spec`` allocates besides its weight files (a KV cache sized at load, a draft
+        model), estimated before loading for the memory budget; 0 when the cache grows with use instead
+        (must not raise)."""
+        return 0
+
+    def memory_device(self, spec: ModelSpec) -> str | None:
+        """Which memory a load of ``spec`` draws on (``"cuda"`` or ``"cpu"``); None: where its ``device``
+        option says."""
+        return None
+
+
+def disk_bytes(path: Path) -> int:
+    """The size of a model's files: the pre-load estimate of its memory footprint."""
+    try:
+        if path.is_file():
+            return path.stat().st_size
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    except OSError:
         return 0
 
 

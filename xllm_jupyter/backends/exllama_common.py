@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from ..core.errors import EngineError
 from ..core.types import FinishReason, SamplingParams, TokenEvent
-from .base import unload_each
+from .base import disk_bytes, unload_each
 from .compile_gate import empty_cuda_cache
 
 log = logging.getLogger(__name__)
@@ -132,15 +132,31 @@ def kv_cache_bytes(config: Mapping[str, Any], tokens: int, bits: tuple[int, int]
 
 
 def exllama_cache_estimate(spec: Any) -> int:
-    """The KV cache an exllama backend allocates at load for ``spec`` (its options, its ``config.json``)."""
+    """What an exllama backend allocates at load for ``spec`` besides its weights: the KV cache (from its
+    options and ``config.json``) and, with ``engine.draft_model``, the draft's weights and its cache of the
+    same size."""
     try:
-        config = json.loads((Path(spec.path) / "config.json").read_text(encoding="utf-8"))
+        config = _read_config(Path(spec.path))
         opts = ExllamaOptions.from_options(spec.options, spec.context_length)
         text = config.get("text_config") or config
         context = opts.serving_context(int(text.get("max_position_embeddings") or 4096))
-        return kv_cache_bytes(config, opts.cache_size(context), opts.kv_bits())
+        tokens, bits = opts.cache_size(context), opts.kv_bits()
+        total = kv_cache_bytes(config, tokens, bits)
+        if opts.draft_model_path:  # both loaders give the draft a cache as large as the model's
+            draft = Path(opts.draft_model_path)
+            total += disk_bytes(draft) + kv_cache_bytes(_read_config(draft), tokens, bits)
+        return total
     except (OSError, ValueError, EngineError):  # an estimate: the load itself reports what is wrong
         return 0
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    return json.loads((path / "config.json").read_text(encoding="utf-8"))
+
+
+def wants_cpu(spec: Any) -> bool:
+    """True when ``engine.device`` (or the model's own) is the CPU, where exllama cannot run."""
+    return str(spec.options.get("device", "auto")).strip().lower() == "cpu"
 
 
 def draft_vocabulary_fits(draft_vocab: int, vocab: int) -> bool:

@@ -27,6 +27,7 @@ from .exllama_common import (
     draft_vocabulary_fits,
     exllama_cache_estimate,
     unload_quietly,
+    wants_cpu,
     v2_sampler_fields,
 )
 from .exllama_model import DynamicGeneratorModel
@@ -140,12 +141,17 @@ class ExllamaV2Backend(Backend):
         return importlib.util.find_spec("exllamav2") is not None and cuda_available()
 
     def supports(self, spec: ModelSpec) -> bool:
-        """EXL2, GPTQ or FP16 safetensors chat models in a directory."""
-        return spec.task == "chat" and spec.format in FORMATS and is_model_directory(Path(spec.path))
+        """EXL2, GPTQ or FP16 safetensors chat models in a directory (not on ``engine.device: cpu``)."""
+        return (not wants_cpu(spec) and spec.task == "chat" and spec.format in FORMATS
+                and is_model_directory(Path(spec.path)))
 
     def cache_bytes_estimate(self, spec: ModelSpec) -> int:
-        """The paged KV cache it allocates at load (``cache_tokens`` at the configured K/V bits)."""
+        """The paged KV cache it allocates at load (``cache_tokens`` at the configured K/V bits), a draft model."""
         return exllama_cache_estimate(spec)
+
+    def memory_device(self, spec: ModelSpec) -> str:
+        """GPU memory, whatever ``engine.device`` says (auto-split over the visible GPUs)."""
+        return "cuda"
 
     def load(self, spec: ModelSpec) -> ExllamaV2Model:
         """Load weights, cache and generator (slow; called on a worker thread)."""

@@ -29,6 +29,7 @@ from .exllama_common import (
     draft_vocabulary_fits,
     exllama_cache_estimate,
     unload_quietly,
+    wants_cpu,
 )
 from .exllama_model import DynamicGeneratorModel
 from .exllama_sampling import AnswerPenaltiesV3
@@ -56,19 +57,24 @@ class ExllamaV3Backend(Backend):
         return importlib.util.find_spec("exllamav3") is not None and cuda_available()
 
     def supports(self, spec: ModelSpec) -> bool:
-        """EXL3 models, and FP16/BF16 safetensors chat models of an architecture exllamav3 implements.
+        """EXL3 models, and FP16/BF16 safetensors chat models of an architecture exllamav3 implements (not on
+        ``engine.device: cpu``).
 
         Another architecture goes to the next backend (transformers) instead of failing to load.
         """
         path = Path(spec.path)
-        if not (spec.task == "chat" and spec.format in FORMATS and is_model_directory(path)):
+        if wants_cpu(spec) or not (spec.task == "chat" and spec.format in FORMATS and is_model_directory(path)):
             return False
         known = known_architectures()
         return spec.format == "exl3" or not known or model_architecture(path) in known
 
     def cache_bytes_estimate(self, spec: ModelSpec) -> int:
-        """The paged KV cache it allocates at load (``cache_tokens`` at the configured K/V bits)."""
+        """The paged KV cache it allocates at load (``cache_tokens`` at the configured K/V bits), a draft model."""
         return exllama_cache_estimate(spec)
+
+    def memory_device(self, spec: ModelSpec) -> str:
+        """GPU memory, whatever ``engine.device`` says (auto-split over the visible GPUs)."""
+        return "cuda"
 
     def load(self, spec: ModelSpec) -> ExllamaV3Model:
         """Load weights, cache and generator (slow; called on a worker thread)."""

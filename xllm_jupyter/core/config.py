@@ -55,7 +55,7 @@ class EngineConfig:
     torch_threads: int = 0
     default_max_tokens: int = 512
     memory_budget_bytes: int = 0  # CPU RAM for loaded models; 0 = unlimited
-    gpu_memory_budget_bytes: int = 0  # CUDA memory for loaded models; 0 = unlimited
+    gpu_memory_budget_bytes: int = 0  # CUDA memory for loaded models; 0 = what the GPUs have free at each load
     keep_alive: str = "5m"  # how long an idle model stays loaded: seconds or "5m"/"1h"; negative = forever
     replicas: tuple[str, ...] = ()  # "name=count" entries (YAML may give a mapping)
     idle_grace_seconds: float = 1.0  # a model used this recently is never evicted (covers tokenize -> submit)

@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any, AsyncIterator, Mapping, Protocol, Sequence
 
-from ..backends.base import Backend, LoadedModel, ModelSpec, unload_each
+from ..backends.base import Backend, LoadedModel, ModelSpec, disk_bytes, unload_each
 from ..backends.registry import get_backend, select_backend
 from ..core.config import EngineConfig, QuotaConfig
 from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest, ModelNotFound, XllmError
@@ -37,11 +37,11 @@ from .manager import (
     Residency,
     ResidencyMixin,
     device_kind,
-    disk_bytes,
     parse_keep_alive,
     parse_replicas,
     reap_forever,
     replica_stats,
+    runner_memory_bytes,
 )
 from .runner import ModelRunner
 
@@ -205,8 +205,9 @@ class Engine(AdapterMixin, ResidencyMixin):
     async def _load_runner(self, name: str, spec: ModelSpec, backend: Backend) -> Any:
         """Make room within the budget, then load ``name``'s replicas and start their threads."""
         count = self._replicas.get(name, 1)
-        # which budget it draws on; without budgets there is nothing to decide (and no torch import)
-        device = device_kind(str(spec.options.get("device", "auto"))) if any(self._budget.budgets.values()) else "cpu"
+        # which memory it draws on (deciding "auto" imports torch: off the IOLoop)
+        device = backend.memory_device(spec) or await asyncio.to_thread(
+            device_kind, str(spec.options.get("device", "auto")))
         # weights (their files) and a cache the backend allocates at load (exllama's paged KV cache: 8 GiB
         # for an 8B Llama at the default 65,536 tokens, more than its 4-bit weights)
         needed = (disk_bytes(spec.path) + backend.cache_bytes_estimate(spec)) * count
@@ -257,7 +258,7 @@ class Engine(AdapterMixin, ResidencyMixin):
         if name not in self._runners:
             spec = await asyncio.to_thread(self._resolve, name)
             if spec.task == "embedding":
-                await self._embeddings.load(spec)
+                await self._load_embedding(spec)
                 self._expire_embedding(name, keep_alive)
                 return
             await self.load(name)
@@ -273,10 +274,17 @@ class Engine(AdapterMixin, ResidencyMixin):
             spec = await asyncio.to_thread(self._resolve, model)
             if spec.task != "embedding":
                 raise _not_supported(model, "a chat model and cannot create embeddings")
-            slot = await self._embeddings.load(spec)
+            slot = await self._load_embedding(spec)
         result = await self._embeddings.embed(slot, inputs)
         self._expire_embedding(model, keep_alive)
         return result
+
+    async def _load_embedding(self, spec: ModelSpec) -> Any:
+        """Load embedding model ``spec`` after making room for its weights (it is charged to the budget too)."""
+        if spec.name not in self._embeddings.slots:
+            device = await asyncio.to_thread(device_kind, str(spec.options.get("device", "auto")))
+            await self._make_room(spec.name, disk_bytes(spec.path), device)
+        return await self._embeddings.load(spec)
 
     def _expire_embedding(self, name: str, keep_alive: float | None) -> None:
         """Embedding models stay loaded unless a request's keep_alive (>= 0) says otherwise."""
@@ -323,7 +331,7 @@ class Engine(AdapterMixin, ResidencyMixin):
         rec = self._res.get(name) or Residency()
         details = {
             **m.details(),
-            "memory_bytes": rec.memory_bytes or m.memory_bytes(),
+            "memory_bytes": runner_memory_bytes(runner) or rec.memory_bytes,  # live: an eager KV cache grows
             "running": stats.running,
             "queued": stats.queued,
             "max_batch_size": runner.max_batch_size,

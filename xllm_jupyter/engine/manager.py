@@ -15,7 +15,6 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
 from ..backends.base import LoadedModel
@@ -72,16 +71,6 @@ def parse_replicas(items: tuple[str, ...]) -> dict[str, int]:
     return out
 
 
-def disk_bytes(path: Path) -> int:
-    """The size of a model's files: the pre-load estimate of its memory footprint."""
-    try:
-        if path.is_file():
-            return path.stat().st_size
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    except OSError:
-        return 0
-
-
 def device_kind(device: str) -> str:
     """``"cuda"`` or ``"cpu"``: which memory budget a model's device draws on."""
     device = device.lower()
@@ -93,6 +82,31 @@ def device_kind(device: str) -> str:
         except ImportError:
             return "cpu"
     return "cuda" if device.startswith("cuda") else "cpu"
+
+
+def cuda_room_bytes() -> int | None:
+    """Bytes this process could still allocate on the visible CUDA devices; None without CUDA.
+
+    The driver's free memory plus what torch's caching allocator holds unused (ours to reuse),
+    summed over devices: exllama splits a model over every visible GPU.
+    """
+    try:
+        import torch  # lazily: only a CUDA load without a configured budget asks
+
+        if not torch.cuda.is_available():
+            return None
+        room = 0
+        for index in range(torch.cuda.device_count()):
+            free, _ = torch.cuda.mem_get_info(index)
+            room += free + torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
+        return room
+    except Exception:  # a probe: no answer means no check, never a failed load
+        return None
+
+
+def gib(n: int) -> str:
+    """``n`` bytes as GiB for messages."""
+    return f"{n / 2**30:.1f} GiB"
 
 
 class ReplicaSet:
@@ -158,6 +172,17 @@ class ReplicaSet:
         return all(r.wait_closed(timeout) for r in self.runners)
 
 
+def runner_memory_bytes(runner: Any) -> int:
+    """Bytes a ModelRunner's or ReplicaSet's models hold now (0 if a model cannot say)."""
+    total = 0
+    for r in runner.runners if isinstance(runner, ReplicaSet) else [runner]:
+        try:
+            total += max(0, int(r.model.memory_bytes()))
+        except Exception:  # e.g. unloading on its thread right now
+            pass
+    return total
+
+
 def replica_stats(runner: Any) -> list[EngineStats]:
     """Per-replica counters of a ModelRunner or ReplicaSet."""
     return runner.replica_stats() if isinstance(runner, ReplicaSet) else [runner.stats()]
@@ -191,9 +216,22 @@ class MemoryBudget:
         return sum(r.memory_bytes for r in records.values() if r.device == device) + self.reserved.get(device, 0)
 
     def plan(self, name: str, needed: int, device: str, records: Mapping[str, Residency],
-             idle: list[str]) -> list[str]:
-        """Victims (from ``idle``, LRU first) to unload so ``needed`` fits; Overloaded (503) if it cannot."""
+             idle: list[str], *, device_room: int | None = None) -> list[str]:
+        """Victims (from ``idle``, LRU first) to unload so ``needed`` fits; Overloaded (503) if it cannot.
+
+        Without a configured budget, ``device_room`` (what the device could still take, measured
+        now) plus what the models here hold stands in for one, so a load that cannot fit evicts
+        idle models or fails before it runs the GPU out of memory under the models serving.
+        """
         budget = self.budgets.get(device, 0)
+        if not budget and device_room is not None:
+            held = sum(r.memory_bytes for r in records.values() if r.device == device)
+            budget = device_room + held
+            if needed > budget:
+                raise Overloaded(f"The model '{name}' needs about {gib(needed)} of GPU memory but only {gib(budget)} "
+                                 "are free, counting every model loaded here: it cannot be loaded on this GPU (a "
+                                 "smaller engine.cache_tokens or context_length lowers its cache)",
+                                 code="model_does_not_fit")
         if not budget:
             return []
         if needed > budget:
@@ -245,12 +283,29 @@ class ResidencyMixin:
         # the grace covers a request between its tokenization and its submit
         return rec.in_use == 0 and len(runner) == 0 and now - rec.last_used >= self._grace
 
+    def _memory_records(self) -> dict[str, Residency]:
+        """What every loaded model holds now, by name: chat models as measured now (an eager KV cache
+        grows after load), embedding models too (never evicted for room, but they take it)."""
+        for name, rec in self._res.items():
+            runner = self._runners.get(name)
+            if runner is not None:
+                rec.memory_bytes = runner_memory_bytes(runner) or rec.memory_bytes
+        records = dict(self._res)
+        for name, slot in self._embeddings.slots.items():
+            details = slot.model.details()
+            records[name] = Residency(device=device_kind(str(details.get("device", "cpu"))),
+                                      memory_bytes=slot.model.memory_bytes())
+        return records
+
     async def _make_room(self, name: str, needed: int, device: str) -> None:
         """Unload idle models LRU-first until ``needed`` bytes fit on ``device``; Overloaded if impossible."""
         while True:  # re-planned after every await: another load may have taken room meanwhile
             now = time.time()
             idle = [n for n in self._runners if self._idle(n, now)]
-            victims = self._budget.plan(name, needed, device, self._res, idle)
+            room = None
+            if device == "cuda" and not self._budget.budgets.get(device):
+                room = await asyncio.to_thread(cuda_room_bytes)
+            victims = self._budget.plan(name, needed, device, self._memory_records(), idle, device_room=room)
             if not victims:
                 return  # fits now; the caller reserves the room before its next await
             for victim in victims:
