@@ -300,6 +300,57 @@ def test_bad_load_options_are_clear_errors(tiny_llama_dir):
         backend.load(ModelSpec(name="t", path=Path(tiny_llama_dir), options={"device": "tpu"}))
 
 
+def test_devices_are_checked_before_loading_and_gpu_weights_load_in_place():
+    from xllm_jupyter.backends.torch_device import pick_device, placement
+
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(InvalidRequest, match="Unknown device") as exc:
+        pick_device("gpu0")
+    assert exc.value.param == "device"
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidRequest, match="CUDA is not available"):
+            pick_device("cuda:1")
+    else:  # an index past the visible GPUs is a 400 that names them, not a failure deep in the load
+        with pytest.raises(InvalidRequest, match="does not exist"):
+            pick_device(f"cuda:{torch.cuda.device_count()}")
+    # on a GPU the weights load straight there (no full copy in host RAM first); a LoRA merge runs before
+    gpu = torch.device("cuda:0")
+    assert placement(gpu) == {"device_map": {"": gpu}}
+    assert placement(gpu, moved_later=True) == {} and placement(torch.device("cpu")) == {}
+
+
+def test_a_load_that_runs_out_of_memory_is_a_503_and_frees_what_it_loaded(tiny_llama_dir, monkeypatch):
+    # no GPU here: torch's own OutOfMemoryError, raised where a GPU load raises it
+    import weakref
+
+    from xllm_jupyter.core.errors import Overloaded
+
+    loaded = []
+
+    def cache_does_not_fit(spec, opts, model, *args):
+        loaded.append(weakref.ref(model))
+        raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+
+    monkeypatch.setattr(TransformersBackend, "_serving", staticmethod(cache_does_not_fit))
+    spec = ModelSpec(name="t", path=Path(tiny_llama_dir), options={"device": "cpu"})
+    with pytest.raises(Overloaded) as exc:
+        TransformersBackend().load(spec)
+    assert exc.value.status == 503 and exc.value.code == "insufficient_memory"
+    assert "static KV cache" in exc.value.message and "engine.cache_tokens" in exc.value.message
+    assert loaded and loaded[0]() is None  # the weights are gone once the error is raised, not when it is dropped
+    monkeypatch.undo()
+
+    import transformers
+
+    def weights_do_not_fit(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", weights_do_not_fit)
+    with pytest.raises(Overloaded, match="its weights") as exc:
+        TransformersBackend().load(spec)
+    assert exc.value.code == "insufficient_memory" and str(tiny_llama_dir) not in exc.value.message
+
+
 def test_running_out_of_memory_in_a_prefill_fails_only_that_prompt(model, monkeypatch):
     # a GPU running out of memory on one long prompt must not end every other stream (no GPU here: the
     # forward raises torch's own OutOfMemoryError for prompts over 100 tokens)

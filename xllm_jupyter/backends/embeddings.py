@@ -20,6 +20,7 @@ import numpy as np
 from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest
 from .base import ModelSpec
 from .compile_gate import COMPILE_GATE
+from .torch_device import out_of_memory, pick_device, placement, release_memory
 
 #: inputs per forward pass: bounds activation memory for big requests
 CHUNK = 64
@@ -125,8 +126,9 @@ class EmbeddingModel:
         return {"task": "embedding", "dimension": self.dimension, "pooling": self.pooling, "device": str(self.device)}
 
     def unload(self) -> None:
-        """Drop the weights."""
+        """Drop the weights and give their memory back to the device."""
         self.model = None
+        release_memory()
 
 
 def special_wrapping(tokenizer: Any) -> tuple[list[int], list[int]]:
@@ -163,22 +165,21 @@ def load_embedding_model(spec: ModelSpec) -> EmbeddingModel:
     if spec.format != "safetensors" or not (directory / "config.json").is_file():
         raise InvalidRequest(f"The embedding model '{spec.name}' must be an HF safetensors directory", param="model")
     opts = dict(spec.options)
-    name = str(opts.get("device", "auto"))
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InvalidRequest(f"Unknown device '{name}' (use auto, cpu, cuda or cuda:N)", param="device") from None
+    device = pick_device(str(opts.get("device", "auto")))
     threads = int(opts.get("torch_threads", 0) or 0)
     if threads > 0:  # the same process-wide setting the chat backend applies
         torch.set_num_threads(threads)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
         # float32 everywhere: these encoders are small and half precision costs accuracy
-        model = AutoModel.from_pretrained(str(directory), dtype=torch.float32)
+        model = AutoModel.from_pretrained(str(directory), dtype=torch.float32, **placement(device))
+        model.to(device).eval()
+    except torch.OutOfMemoryError:
+        model = None
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise EngineError(f"Failed to load embedding model '{spec.name}' ({type(exc).__name__})") from exc
-    model.to(device).eval()
+    if model is None:  # out of memory; freed here, once the error's frames are gone
+        release_memory()
+        raise out_of_memory(spec.name, device)
     positions = int(getattr(model.config, "max_position_embeddings", 512) or 512)
     return EmbeddingModel(spec, model, tokenizer, device, read_pooling(directory), read_max_length(directory, positions))

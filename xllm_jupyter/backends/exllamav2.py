@@ -17,6 +17,7 @@ from typing import Any
 from ..core.errors import EngineError
 from ..core.types import SequenceJob
 from .base import Backend, ModelSpec
+from .torch_device import release_memory, is_out_of_memory, out_of_memory
 from .exllama_common import (
     PAGE_SIZE,
     ExllamaOptions,
@@ -169,6 +170,7 @@ class ExllamaV2Backend(Backend):
         path = Path(spec.path)
         before = cuda_memory_in_use()
         on_gpu: list[Any] = []  # models that may hold GPU memory, freed again if loading fails
+        out_of_room = False
         try:
             config, ctx, model, cache, cache_tokens, paged = open_model(exllamav2, path, opts,
                                                                         paged_attention_available())
@@ -188,9 +190,17 @@ class ExllamaV2Backend(Backend):
                                                   **generator_kwargs(opts, ctx, paged, draft))
         except Exception as exc:
             unload_quietly(on_gpu)  # whatever failed (a draft's settings, say): nothing may stay on the GPU
-            if isinstance(exc, (OSError, ValueError, KeyError, RuntimeError, AssertionError)):
-                raise EngineError(f"Failed to load model '{spec.name}' with exllamav2 ({type(exc).__name__})") from exc
-            raise
+            if not is_out_of_memory(exc):
+                if isinstance(exc, (OSError, ValueError, KeyError, RuntimeError, AssertionError)):
+                    raise EngineError(f"Failed to load model '{spec.name}' with exllamav2 ({type(exc).__name__})") from exc
+                raise
+            out_of_room = True
+        if out_of_room:
+            # after the except clause, whose frames held the cache: now it can be freed
+            model = cache = draft = generator = None
+            on_gpu.clear()
+            release_memory()
+            raise out_of_memory(spec.name, "cuda", "its weights and KV cache")
         return build_model(spec, path, config=config, opts=opts, ctx=ctx, paged=paged, cache_tokens=cache_tokens,
                            model=model, draft=draft, generator=generator, memory_bytes=cuda_memory_in_use() - before)
 

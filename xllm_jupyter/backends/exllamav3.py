@@ -19,6 +19,7 @@ from typing import Any
 from ..core.errors import EngineError
 from ..core.types import SequenceJob
 from .base import Backend, ModelSpec
+from .torch_device import release_memory, is_out_of_memory, out_of_memory
 from .exllama_common import (
     ExllamaOptions,
     combo_sampler_kwargs,
@@ -87,6 +88,7 @@ class ExllamaV3Backend(Backend):
         path = Path(spec.path)
         before = cuda_memory_in_use(opts.tensor_parallel)
         on_gpu: list[Any] = []  # models that may hold GPU memory, freed again if loading fails
+        out_of_room = False
         try:
             config, model, cache, cache_tokens = open_model(path, opts)
             draft = _load_draft(opts, cache_tokens, _load_kwargs(opts), int(config.vocab_size), on_gpu)
@@ -97,9 +99,17 @@ class ExllamaV3Backend(Backend):
             generator = Generator(model=model, cache=cache, tokenizer=tokenizer, **generator_kwargs(opts, draft))
         except Exception as exc:
             unload_quietly(on_gpu)  # whatever failed: nothing may stay on the GPU
-            if isinstance(exc, (OSError, ValueError, KeyError, RuntimeError, AssertionError)):
-                raise EngineError(f"Failed to load model '{spec.name}' with exllamav3 ({type(exc).__name__})") from exc
-            raise
+            if not is_out_of_memory(exc):
+                if isinstance(exc, (OSError, ValueError, KeyError, RuntimeError, AssertionError)):
+                    raise EngineError(f"Failed to load model '{spec.name}' with exllamav3 ({type(exc).__name__})") from exc
+                raise
+            out_of_room = True
+        if out_of_room:
+            # after the except clause, whose frames held the cache: now it can be freed
+            model = cache = draft = generator = None
+            on_gpu.clear()
+            release_memory()
+            raise out_of_memory(spec.name, "cuda", "its weights and KV cache")
         prepare_grammar_tokenizer(tokenizer)
         return build_model(spec, path, config=config, opts=opts, cache_tokens=cache_tokens, model=model,
                            tokenizer=tokenizer, draft=draft, generator=generator,

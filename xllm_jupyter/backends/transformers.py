@@ -28,6 +28,7 @@ from .constraints import BatchMasker, GrammarCompiler
 from .detokenize import IncrementalDetokenizer
 from .hf_tokenizer import ChatTokenizer, ChatTokenizerMethods
 from .lora import LoraAdapters, merge_lora
+from .torch_device import release_memory, out_of_memory, pick_device, placement
 
 try:  # the backend must stay importable (and say "unavailable") without torch/transformers
     import torch
@@ -98,7 +99,7 @@ class TransformersBackend(Backend):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         opts = dict(spec.options)
-        device = _pick_device(str(opts.get("device", "auto")))
+        device = pick_device(str(opts.get("device", "auto")))
         dtype = _pick_dtype(str(opts.get("dtype", "auto")), device)
         threads = int(opts.get("torch_threads", 0) or 0)
         if threads > 0:
@@ -107,15 +108,34 @@ class TransformersBackend(Backend):
         directory = Path(spec.path)
         if spec.format == "gguf":
             directory, kwargs["gguf_file"] = gguf_location(directory)  # type: ignore[misc]
+        merge = opts.get("merge_adapter")  # a created model's Modelfile ADAPTER: baked into its own weights
+        failed = None
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(directory), **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype,
+                                                         **placement(device, moved_later=bool(merge)), **kwargs)
+            if merge:
+                model = merge_lora(model, Path(str(merge)))
+            model.to(device).eval()
+        except torch.OutOfMemoryError:
+            failed = "its weights"
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             # transformers' messages name local paths; keep them in the chained cause (logs) only
             raise EngineError(f"Failed to load model '{spec.name}' with transformers ({type(exc).__name__})") from exc
-        if opts.get("merge_adapter"):  # a created model's Modelfile ADAPTER: baked into its own weights
-            model = merge_lora(model, Path(str(opts["merge_adapter"])))
-        model.to(device).eval()
+        if failed is None:
+            try:
+                return self._serving(spec, opts, model, tokenizer, device, dtype)
+            except torch.OutOfMemoryError:  # the slot cache is allocated whole, at load
+                failed = "the static KV cache"
+        # here, not in the except clauses: the error's frames hold the partial model until they are gone
+        model = None
+        release_memory()
+        raise out_of_memory(spec.name, device, failed)
+
+    @staticmethod
+    def _serving(spec: ModelSpec, opts: dict[str, Any], model: Any, tokenizer: Any, device: Any,
+                 dtype: Any) -> "TransformersModel":
+        """The loaded weights as a servable model: compiled (static slot cache) where wanted, else eager."""
         static = None
         if compile_wanted(opts, spec.format, device, dtype):
             problem = static_layout_problem(model)
@@ -123,25 +143,9 @@ class TransformersBackend(Backend):
                 static = StaticPlan.from_options(opts)
             else:
                 log.warning("%s: compiled decoding does not support %s; decoding eagerly", spec.name, problem)
-        try:
-            loaded = TransformersModel(spec, model, tokenizer, device=device,
-                                       max_batch_size=int(opts.get("max_batch_size", 16) or 16), static=static)
-        except torch.OutOfMemoryError as exc:  # the slot cache is allocated whole, here
-            raise EngineError(f"Not enough memory for the static KV cache of '{spec.name}': lower "
-                              "engine.cache_tokens or engine.max_batch_size, or set engine.compile: off") from exc
-        return loaded  # the engine's step thread compiles it (``warm_up``) before its first request
-
-
-def _pick_device(name: str) -> "torch.device":
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise InvalidRequest(f"Unknown device '{name}' (use auto, cpu, cuda or cuda:N)", param="device") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidRequest("Device 'cuda' was requested but CUDA is not available here", param="device")
-    return device
+        # the engine's step thread compiles it (``warm_up``) before its first request
+        return TransformersModel(spec, model, tokenizer, device=device,
+                                 max_batch_size=int(opts.get("max_batch_size", 16) or 16), static=static)
 
 
 def _pick_dtype(name: str, device: "torch.device") -> "torch.dtype":

@@ -1,0 +1,82 @@
+"""Where a torch model goes: the device a setting names, how weights get there, a failed load's memory.
+
+Shared by the chat (transformers) and embedding backends; torch is imported when called.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from typing import Any
+
+from ..core.errors import InvalidRequest, Overloaded
+from .compile_gate import empty_cuda_cache
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(name: str) -> Any:
+    """The ``torch.device`` an ``engine.device`` setting names (auto: CUDA when there is one).
+
+    InvalidRequest (400) for a name torch does not know, CUDA on a machine without it, or a
+    GPU index past the ones visible (``cuda:7`` on a one-GPU machine would fail deep in the load).
+    """
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise InvalidRequest(f"Unknown device '{name}' (use auto, cpu, cuda or cuda:N)", param="device") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidRequest("Device 'cuda' was requested but CUDA is not available here", param="device")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise InvalidRequest(f"Device '{name}' does not exist: this machine has {count} CUDA device(s), "
+                                 f"cuda:0 to cuda:{count - 1}", param="device")
+    return device
+
+
+def placement(device: Any, *, moved_later: bool = False) -> dict[str, Any]:
+    """``from_pretrained`` arguments that load the weights straight onto ``device``.
+
+    On a GPU this skips a full copy in host RAM (a 16 GB model would need 16 GB of RAM first);
+    on the CPU, or when the weights are changed on the CPU before moving (``moved_later``: a
+    merged LoRA), nothing is asked, and the caller moves the model itself.
+    """
+    if device.type != "cuda" or moved_later:
+        return {}
+    return {"device_map": {"": device}}
+
+
+def release_memory() -> None:
+    """Collect what is unreferenced and give torch's cached CUDA memory back to the device (after a failed
+    load: only once its exception, and the frames that hold the partial model, are gone)."""
+    gc.collect()
+    empty_cuda_cache()
+
+
+#: what the user can do when a load runs out of memory, by what took it
+ADVICE = {
+    "its weights": "unload another model, or use a smaller or more quantized one",
+    "the static KV cache": "lower engine.cache_tokens or engine.max_batch_size, or set engine.compile: off",
+    "its weights and KV cache": "lower engine.cache_tokens (or use engine.kv_cache_bits: q4), unload another "
+                                "model, or use a smaller or more quantized one",
+}
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for torch's out-of-memory error (never imports torch: no torch, no such error)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(exc, torch.OutOfMemoryError)
+
+
+def out_of_memory(name: str, device: Any, what: str = "its weights") -> Overloaded:
+    """The 503 for a load that ran out of device memory, with what the user can do about it."""
+    where = "GPU memory" if getattr(device, "type", device) == "cuda" else "memory"
+    log.warning("loading %s ran out of %s (%s)", name, where, what)
+    return Overloaded(f"Not enough {where} to load '{name}' ({what}): {ADVICE[what]}", code="insufficient_memory")
