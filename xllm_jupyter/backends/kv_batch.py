@@ -54,8 +54,9 @@ class GrowLayer(DynamicLayer):
     """A ``DynamicLayer`` that appends into spare capacity instead of reallocating each step.
 
     ``DynamicLayer.update`` concatenates, allocating and copying the whole cache on every
-    decode step; here ``keys``/``values`` are views of larger buffers and a step writes
-    one column in place. Buffers are reallocated only on growth, join and leave.
+    decode step; here ``keys``/``values`` are views of larger buffers (the first ``_rows``
+    rows, columns ``_start:_end``) and a step writes one column in place. Buffers are
+    reallocated on growth and join; rows leaving are compacted in place (see ``keep``).
     """
 
     def __init__(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor]], width: int, spare: int = 0) -> None:
@@ -74,22 +75,27 @@ class GrowLayer(DynamicLayer):
             self._k[row : row + n, :, width - w : width].copy_(k)
             self._v[row : row + n, :, width - w : width].copy_(v)
             row += n
-        self._start, self._end = 0, width
+        self._rows, self._start, self._end = rows, 0, width
         self._view()
 
     def _view(self) -> None:
-        self.keys = self._k[:, :, self._start : self._end]
-        self.values = self._v[:, :, self._start : self._end]
+        self.keys = self._k[: self._rows, :, self._start : self._end]
+        self.values = self._v[: self._rows, :, self._start : self._end]
+
+    def _rebuild(self, spare: int = 0) -> None:
+        """Reallocate the buffers to fit the current view (plus headroom and ``spare``)."""
+        width = self._end - self._start
+        fresh = GrowLayer([(self.keys, self.values)], width, spare)
+        self._k, self._v, self._rows, self._start, self._end = fresh._k, fresh._v, fresh._rows, 0, width
+        self._view()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Write the new columns in place (growing the buffers if full) and return the views."""
         n = key_states.shape[-2]
         if self._end + n > self._k.shape[2]:
-            width = self._end - self._start
-            grown = GrowLayer([(self.keys, self.values)], width, spare=n)
-            self._k, self._v, self._start, self._end = grown._k, grown._v, 0, width
-        self._k[:, :, self._end : self._end + n].copy_(key_states)
-        self._v[:, :, self._end : self._end + n].copy_(value_states)
+            self._rebuild(spare=n)
+        self._k[: self._rows, :, self._end : self._end + n].copy_(key_states)
+        self._v[: self._rows, :, self._end : self._end + n].copy_(value_states)
         self._end += n
         self._view()
         return self.keys, self.values
@@ -99,10 +105,36 @@ class GrowLayer(DynamicLayer):
         self._start += cut
         self._view()
 
+    def keep(self, rows: Sequence[int], width: int) -> None:
+        """Keep only ``rows`` (ascending) and the last ``width`` columns, compacting in place."""
+        # Kept row j moves down to row j from rows[j] >= j, so rows with rows[j] == j form
+        # a prefix that stays put. The rest go through one gather: source and destination
+        # rows overlap, and the temporary is at most the kept rows of one tensor of one layer.
+        moved = next((j for j, row in enumerate(rows) if row != j), len(rows))
+        if moved < len(rows):
+            index = torch.tensor(rows[moved:], dtype=torch.long, device=self._k.device)
+            cols = slice(self._end - width, self._end)
+            for buf in (self._k, self._v):
+                buf[moved : len(rows), :, cols].copy_(buf[:, :, cols].index_select(0, index))
+        # columns left of _start are never exposed again, so the new left edge needs no zeroing
+        self._rows, self._start = len(rows), self._end - width
+        self._view()
+        # Shrink policy: compacting in place reuses the same blocks (no allocator churn), but
+        # buffers holding more than twice the cells a fresh layer would allocate (rows left
+        # below half, or a long row left) are rebuilt to give the memory back.
+        fresh_cap = width + max(HEADROOM, width // 2)
+        if self._k.shape[0] * self._k.shape[2] > 2 * len(rows) * fresh_cap:
+            self._rebuild()
+
     @property
     def nbytes(self) -> int:
-        """Bytes of both buffers, spare capacity included."""
+        """Bytes of both buffers, spare rows and columns included."""
         return self._k.nbytes + self._v.nbytes
+
+
+def _last(layer: DynamicLayer, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of a layer's keys and values cut to their last ``width`` columns."""
+    return layer.keys[:, :, -width:], layer.values[:, :, -width:]
 
 
 def _batch_cache(layers: list[GrowLayer]) -> DynamicCache:
@@ -112,7 +144,13 @@ def _batch_cache(layers: list[GrowLayer]) -> DynamicCache:
 
 
 class BatchKV:
-    """The running batch's KV cache, attention mask and per-row lengths."""
+    """The running batch's KV cache, attention mask and per-row lengths.
+
+    Relayouts (``join``, ``keep``) work one layer at a time and drop that layer's old
+    buffers before the next, so at most one layer is ever held twice: at peak the cache
+    needs about one layer more than it holds, not a second copy of every layer. If one
+    fails (e.g. out of memory) the batch is left half rebuilt and must be ``clear``ed.
+    """
 
     def __init__(self) -> None:
         self.cache: DynamicCache | None = None
@@ -148,17 +186,23 @@ class BatchKV:
         """Append the rows of a prefill cache (same left-padded layout) to the batch."""
         new = _layers(cache)
         width = max(self.width, max(lengths))
+        # a prefill may carry columns that are padding in all of its rows: they are left out
+        mask = mask[:, -width:]
         if self.cache is None:
-            parts = [[(layer.keys, layer.values)] for layer in new]
+            self.cache = _batch_cache([GrowLayer([_last(layer, width)], width) for layer in new])
             old_mask = mask.new_zeros((0, 0))
         else:
-            parts = [[(a.keys, a.values), (b.keys, b.values)] for a, b in zip(_layers(self.cache), new)]
+            _layers(self.cache)  # only checks: a list of the old layers would keep all of them alive
+            layers = self.cache.layers
+            if len(layers) != len(new):
+                raise ValueError(f"cannot join a cache of {len(new)} layers to a batch of {len(layers)}")
+            for i, layer in enumerate(new):
+                # replacing layer i frees its old buffers before layer i + 1 is built
+                layers[i] = GrowLayer([(layers[i].keys, layers[i].values), _last(layer, width)], width)
             old_mask = self.mask
-        self.cache = _batch_cache([GrowLayer(p, width) for p in parts])
         self.mask = torch.cat([F.pad(old_mask, (width - old_mask.shape[1], 0)),
                                F.pad(mask, (width - mask.shape[1], 0))], dim=0)
         self.lengths = self.lengths + list(lengths)
-        self.trim()  # a prefill may carry columns that are padding in all of its rows
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only ``rows`` (an ascending subset of row indices); drop the rest, trim shared padding."""
@@ -167,13 +211,12 @@ class BatchKV:
         if not rows:
             self.clear()
             return
+        rows = list(rows)
         lengths = [self.lengths[i] for i in rows]
         width = max(lengths)
-        index = torch.tensor(list(rows), dtype=torch.long, device=self.mask.device)
-        self.cache = _batch_cache([
-            GrowLayer([(layer.keys.index_select(0, index)[:, :, -width:],
-                        layer.values.index_select(0, index)[:, :, -width:])], width)
-            for layer in _layers(self.cache)])
+        for layer in _layers(self.cache):
+            layer.keep(rows, width)
+        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
         self.mask = self.mask.index_select(0, index)[:, -width:]
         self.lengths = lengths
 
