@@ -109,6 +109,9 @@ class FakeModel(LoadedModel):
             if job.max_tokens == 66:  # a job the device has no memory for (exllamav3 drops it, say)
                 events.append(TokenEvent(job.job_id, None, "", finish=FinishReason.ERROR, out_of_memory=True))
                 continue
+            if job.max_tokens == 67:  # a job whose logits overflowed (the backend says why)
+                events.append(TokenEvent(job.job_id, None, "", finish=FinishReason.ERROR, error="non-finite logits"))
+                continue
             self.jobs[job.job_id] = [job, 0]
         self.new = []
         self.batch_sizes.append(len(self.jobs))

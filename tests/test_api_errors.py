@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from tests.server_fixtures import TINY
-from xllm_jupyter.core.errors import EngineError, Overloaded, RateLimited
+from xllm_jupyter.core.errors import BadModelOutput, EngineError, Overloaded, RateLimited
 from xllm_jupyter.server.errors import GENERIC_500, error_response
 
 MSG = [{"role": "user", "content": "Say something."}]
@@ -234,6 +234,9 @@ def test_error_translation_hides_internals():
     assert status == 429 and headers["Retry-After"] == "2" and body["error"]["code"] == "rate_limit_exceeded"
     status, body, _ = error_response(Overloaded("queue full"))
     assert status == 503 and body["error"]["message"] == "queue full" and body["error"]["code"] == "overloaded"
+    # a 500 written for the client (what to change), as for a job whose logits overflowed, keeps its message
+    status, body, _ = error_response(BadModelOutput("The model produced non-finite logits (try float32)"))
+    assert status == 500 and "non-finite" in body["error"]["message"] and body["error"]["code"] == "bad_model_output"
 
 
 def test_engine_failure_mid_stream_and_non_streaming(client, raw, xllm_server):

@@ -351,6 +351,24 @@ def test_a_load_that_runs_out_of_memory_is_a_503_and_frees_what_it_loaded(tiny_l
     assert exc.value.code == "insufficient_memory" and str(tiny_llama_dir) not in exc.value.message
 
 
+def test_non_finite_logits_fail_only_their_job_with_a_clear_error(model, monkeypatch):
+    # fp16 overflow stand-in: the forward's logits are NaN for prompts over 100 tokens
+    forward = model.model.forward
+
+    def overflowing(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if kwargs["input_ids"].shape[1] > 100:
+            out.logits[:] = float("nan")
+        return out
+
+    monkeypatch.setattr(model.model, "forward", overflowing)
+    running, broken = job(PROMPT, max_tokens=12), job(range(100, 400), max_tokens=4)
+    events = run(model, [running], joins={3: [broken]})
+    (failed,) = [e for _, e in events[broken.job_id]]
+    assert failed.finish is FinishReason.ERROR and failed.token_id is None and "non-finite" in failed.error
+    assert len(tokens(events[running.job_id])) == 12 and events[running.job_id][-1][1].finish is FinishReason.LENGTH
+
+
 def test_running_out_of_memory_in_a_prefill_fails_only_that_prompt(model, monkeypatch):
     # a GPU running out of memory on one long prompt must not end every other stream (no GPU here: the
     # forward raises torch's own OutOfMemoryError for prompts over 100 tokens)

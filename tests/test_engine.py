@@ -8,7 +8,13 @@ import threading
 import pytest
 
 from xllm_jupyter.core.config import EngineConfig
-from xllm_jupyter.core.errors import ContextLengthExceeded, EngineError, InvalidRequest, ModelNotFound
+from xllm_jupyter.core.errors import (
+    BadModelOutput,
+    ContextLengthExceeded,
+    EngineError,
+    InvalidRequest,
+    ModelNotFound,
+)
 from xllm_jupyter.core.types import (
     ChoiceDelta,
     FinishReason,
@@ -216,6 +222,8 @@ async def test_a_job_the_device_has_no_memory_for_is_a_503_and_the_others_go_on(
     other = asyncio.ensure_future(collect(engine, req(max_tokens=20)))
     with pytest.raises(Overloaded, match="ran out of memory"):
         await collect(engine, req(max_tokens=66))  # the fake backend's out-of-memory job
+    with pytest.raises(BadModelOutput, match="non-finite logits"):  # a job's own failure says what it was
+        await collect(engine, req(max_tokens=67))
     texts, _, done = await other
     assert done.usage.completion_tokens == 20 and engine.healthy
     await engine.stop()

@@ -195,3 +195,211 @@ def test_seeds_outside_torchs_range_still_seed_reproducibly():
     assert torch.equal(torch.rand(4, generator=big), torch.rand(4, generator=new_generator(5, "cpu")))
     assert torch.equal(torch.rand(4, generator=new_generator(-1, "cpu")),
                        torch.rand(4, generator=new_generator(-1, "cpu")))
+
+
+# -- batched sampling against a plain per-row reference; device reads; non-finite rows --------
+
+W = 300  # wide enough that a top-p search can need more than its first 64 columns
+
+#: one row of each kind the sampler handles differently
+MIXED = [
+    SamplingParams(temperature=0),
+    SamplingParams(temperature=0, logit_bias={3: 4.0}, repetition_penalty=1.3),
+    SamplingParams(temperature=0.7, seed=1),
+    SamplingParams(temperature=1.0, top_k=20, seed=2),
+    SamplingParams(temperature=1.2, top_p=0.9, seed=3),
+    SamplingParams(temperature=1.0, top_k=50, top_p=0.5, seed=4),
+    SamplingParams(temperature=1.0, min_p=0.1, seed=5),
+    SamplingParams(temperature=0.9, top_k=10, min_p=0.05, seed=6),
+    SamplingParams(temperature=1.0, presence_penalty=0.5, frequency_penalty=0.3, seed=7),
+    SamplingParams(temperature=1.0, repetition_penalty=1.2, top_p=0.95, seed=8),
+    SamplingParams(temperature=1.0, logit_bias={7: 3.0, 9: -100.0}, seed=9),
+    SamplingParams(temperature=1.0, top_p=0.0, seed=10),
+    SamplingParams(temperature=1.5, top_p=0.999, seed=11),
+    SamplingParams(temperature=0.8, top_k=W, seed=12),
+]
+MIXED_LP = [None, 2, 0, 5, None, 3, 1, None, 4, 2, None, 0, 3, 5]
+PROMPT_IDS = (1, 2, 3, 4)
+
+
+def reference_step(row, p, generated, gen, top_n):
+    """One job's token and logprobs the plain way: one row, whole vocabulary, sorting."""
+    vocab = row.shape[0]
+    raw = torch.log_softmax(row, -1)
+    x = row.clone()
+    if p.repetition_penalty != 1.0:
+        for t in set(PROMPT_IDS) | set(generated):
+            x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
+    for t in set(generated):
+        x[t] -= generated.count(t) * p.frequency_penalty + p.presence_penalty
+    for t, b in p.logit_bias.items():
+        x[t] += b
+    if p.greedy:
+        token = int(x.argmax())
+    else:
+        u = torch.rand(1, generator=gen)
+        x = x / p.temperature
+        top_k = p.top_k if 0 < p.top_k < vocab else 0
+        top_p = min(max(p.top_p, 1e-6), 1.0)
+        # truncated rows draw over their tokens best first, the others in vocabulary order
+        order = x.argsort(descending=True) if top_k or top_p < 1.0 else torch.arange(vocab)
+        y = x[order]
+        if top_k:
+            y[top_k:] = NEG
+        if top_p < 1.0:
+            probs = y.softmax(-1)
+            y[probs.cumsum(-1) - probs >= top_p] = NEG
+        if p.min_p:
+            y[y < y.max() + torch.tensor(p.min_p).log()] = NEG
+        cdf = y.softmax(-1).cumsum(-1)
+        token = int(order[min(int(torch.searchsorted(cdf, u * cdf[-1], right=True)), vocab - 1)])
+    lp = None if top_n is None else (float(raw[token]), raw.topk(top_n) if top_n else None)
+    return token, lp
+
+
+def test_batched_sampling_matches_a_per_row_reference():
+    gen = torch.Generator().manual_seed(0)
+    samplers = [JobSampler(p, PROMPT_IDS, W, "cpu") for p in MIXED]
+    ref_gens = [torch.Generator().manual_seed(p.seed) if p.seed is not None else None for p in MIXED]
+    history: list[list[int]] = [[] for _ in MIXED]
+    for _ in range(6):
+        logits = torch.randn(len(MIXED), W, generator=gen) * 2
+        res = sample(logits.clone(), samplers, MIXED_LP)
+        assert res.bad_rows == [] and sorted(res.logprobs) == [i for i, n in enumerate(MIXED_LP) if n is not None]
+        for i, p in enumerate(MIXED):
+            token, lp = reference_step(logits[i], p, history[i], ref_gens[i], MIXED_LP[i])
+            assert res.token_ids[i] == token, (i, p)
+            if lp is not None:
+                chosen, top = res.logprobs[i]
+                assert abs(chosen - lp[0]) < 1e-6
+                assert [t for t, _ in top] == ([] if lp[1] is None else lp[1].indices.tolist())
+                assert all(abs(v - w) < 1e-6 for (_, v), w in zip(top, [] if lp[1] is None else lp[1].values.tolist()))
+            history[i].append(token)
+            samplers[i].observe(token)
+
+
+def test_each_row_samples_as_if_alone():
+    # the batched paths (index tensors, one packed transfer) must keep every row's result its own
+    logits = torch.randn(len(MIXED), W, generator=torch.Generator().manual_seed(1)) * 2
+    batch = sample(logits.clone(), [JobSampler(p, PROMPT_IDS, W, "cpu") for p in MIXED], MIXED_LP)
+    for i, p in enumerate(MIXED):
+        alone = sample(logits[i:i + 1].clone(), [JobSampler(p, PROMPT_IDS, W, "cpu")], [MIXED_LP[i]])
+        assert alone.token_ids == [batch.token_ids[i]]
+        assert alone.logprobs.get(0) == batch.logprobs.get(i)
+
+
+class HostReads:
+    """Counts what would wait for a GPU in a block: device-to-host reads and indexing with host data.
+
+    On the CPU nothing waits, so this counts the calls that would: scalar reads (``item``,
+    ``float``, ``bool``), ``nonzero`` (boolean-mask indexing), ``tolist``/``numpy``/``cpu``,
+    and ``[]`` with a Python list (a blocking host-to-device copy of the index on CUDA).
+    """
+
+    def __init__(self, monkeypatch):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.reads = 0
+        self.list_indexing = 0
+        aten = torch.ops.aten
+        blocking = {aten._local_scalar_dense.default, aten.nonzero.default, aten.equal.default}
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                outer.reads += func in blocking
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        for name in ("tolist", "numpy", "cpu"):
+            monkeypatch.setattr(torch.Tensor, name, self._counted(getattr(torch.Tensor, name), "reads"))
+        for name in ("__getitem__", "__setitem__"):
+            monkeypatch.setattr(torch.Tensor, name, self._indexing(getattr(torch.Tensor, name)))
+
+    def _counted(self, method, counter):
+        def wrapper(tensor, *args, **kwargs):
+            setattr(self, counter, getattr(self, counter) + 1)
+            return method(tensor, *args, **kwargs)
+        return wrapper
+
+    def _indexing(self, method):
+        def wrapper(tensor, key, *args):
+            keys = key if isinstance(key, tuple) else (key,)
+            self.list_indexing += any(isinstance(k, list) for k in keys)
+            return method(tensor, key, *args)
+        return wrapper
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+def test_one_device_read_per_sample_call(monkeypatch):
+    # 16 rows all asking for logprobs: once 49 reads (ids, then three per logprob row)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.8, seed=1),
+              SamplingParams(top_k=5, seed=2), SamplingParams(min_p=0.2, seed=3),
+              SamplingParams(frequency_penalty=0.5, logit_bias={4: 2.0}, seed=4)]
+    samplers = [JobSampler(params[i % len(params)], PROMPT_IDS, W, "cpu") for i in range(16)]
+    logits = torch.randn(16, W, generator=torch.Generator().manual_seed(2)) * 4
+    sample(logits.clone(), samplers, [3] * 16)  # penalties build their id tensors on the first call
+    with HostReads(monkeypatch) as count:
+        res = sample(logits.clone(), samplers, [3] * 16)
+    assert len(res.logprobs) == 16
+    assert (count.reads, count.list_indexing) == (1, 0)
+    # without logprobs, and with rows that search for their top-p nucleus (one read per try)
+    samplers += [JobSampler(SamplingParams(top_p=0.9, seed=5), (), W, "cpu")] * 2
+    logits = torch.randn(18, W, generator=torch.Generator().manual_seed(3)) * 4
+    with HostReads(monkeypatch) as count:
+        sample(logits.clone(), samplers, [None] * 18)
+    assert (count.reads, count.list_indexing) == (2, 0)
+
+
+def test_non_finite_rows_are_reported_and_the_rest_sample_normally(monkeypatch):
+    logits = torch.randn(6, W, generator=torch.Generator().manual_seed(4)) * 4
+    logits[1, 5] = float("nan")  # e.g. fp16 overflow inside the model
+    logits[2, 7] = float("inf")
+    logits[3] = NEG  # nothing left to draw from
+    logits[4, :100] = NEG  # a grammar mask: fine
+    params = [SamplingParams(temperature=0), SamplingParams(top_p=0.9, seed=1), SamplingParams(temperature=0),
+              SamplingParams(top_k=4, seed=2), SamplingParams(top_p=0.9, seed=3), SamplingParams(seed=4)]
+
+    def run(rows):
+        samplers = [JobSampler(params[i], (), W, "cpu") for i in rows]
+        with HostReads(monkeypatch) as count:
+            res = sample(logits[rows].clone(), samplers, [2] * len(rows))
+        return res, count.reads
+
+    res, reads = run(range(6))
+    assert res.bad_rows == [1, 2, 3]
+    assert sorted(res.logprobs) == [0, 4, 5]
+    healthy, _ = run([0, 4, 5])
+    assert [res.token_ids[i] for i in (0, 4, 5)] == healthy.token_ids
+    assert [res.logprobs[i] for i in (0, 4, 5)] == [healthy.logprobs[j] for j in range(3)]
+    assert res.token_ids[4] >= 100 and math.isfinite(res.logprobs[4][0])
+    # the NaN row searching for a top-p nucleus must not widen the search past its first try
+    assert reads == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_one_synchronization_per_sample_call_on_cuda():
+    import warnings
+
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.8, seed=1),
+              SamplingParams(top_k=5, seed=2), SamplingParams(min_p=0.2, seed=3),
+              SamplingParams(frequency_penalty=0.5, logit_bias={4: 2.0}, seed=4)]
+    samplers = [JobSampler(params[i % len(params)], PROMPT_IDS, W, "cuda") for i in range(16)]
+    logits = torch.randn(16, W, device="cuda") * 4
+    sample(logits.clone(), samplers, [3] * 16)  # warm-up: pinned buffers, penalty id tensors
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sample(logits.clone(), samplers, [3] * 16)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]

@@ -47,6 +47,7 @@ from transformers.cache_utils import Cache, StaticLayer
 from ..core.errors import EngineError
 from .compile_gate import COMPILE_GATE
 from .kv_batch import _layers, new_cache
+from .sampling import row_index
 from .registry import compile_auto, compile_setting
 from .slot_attention import use_slot_sdpa
 
@@ -527,11 +528,11 @@ class StaticBatch:
         logits = self.decoder.step(torch.tensor(ids, device=self.device).unsqueeze(1), torch.tensor(positions),
                                    eager=eager)
         # a copy either way: the compiled step's output is overwritten by its next replay. Rows in slots
-        # 0..k-1 (one stream runs in a 2-row bucket, say) are a slice; others need an index tensor,
-        # whose copy to the GPU waits for the step
+        # 0..k-1 (one stream runs in a 2-row bucket, say) are a slice; others an index_select, whose
+        # index goes to the GPU from pinned memory, queued behind the step instead of waiting for it
         if slots == list(range(len(slots))):
             return logits[: len(slots)].clone()
-        return logits[torch.tensor(slots, device=self.device)]
+        return logits.index_select(0, row_index(slots, self.device))
 
     def warm_up(self, pad_id: int, name: str) -> None:
         """Compile every batch bucket now; if that fails, with shapes specialized, and then decode eagerly.

@@ -12,12 +12,18 @@ penalties next to HF's repetition penalty):
 Each job owns a ``torch.Generator`` seeded once, and its random draw uses only that
 generator, so a seeded job samples the same tokens whatever else shares the batch.
 Only rows that need it get the per-row work; the rest is batched over rows.
+
+On CUDA, ``sample`` reads the device once per call (one ``.tolist()`` of the chosen ids,
+their logprobs and the non-finite row flags), plus once per widening step of a top-p
+search: host lists become device tensors through pinned, non-blocking copies, and row
+subsets are taken with index tensors, never with Python lists or boolean masks, which
+would each wait for the GPU.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -26,6 +32,22 @@ from ..core.errors import InvalidRequest
 from ..core.types import SamplingParams
 
 NEG_INF = float("-inf")
+
+
+def to_device(values: Sequence, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A tensor of the host list ``values`` on ``device``, copied without waiting for the GPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    # a copy from pageable memory synchronizes the stream (it waits for the queued forward
+    # pass); one from pinned memory is queued like a kernel, and the caching host allocator
+    # keeps the buffer until the copy has run
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def row_index(rows: Sequence[int], device: torch.device | str) -> torch.Tensor:
+    """``rows`` as a long index tensor on ``device``, for index_select / index_copy_."""
+    return to_device(rows, device, torch.long)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, ids: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -79,31 +101,39 @@ def candidates(logits: torch.Tensor, f: Filters, *, first_k: int = 64) -> tuple[
     n, vocab = logits.shape
     device = logits.device
     no_k = [i for i in range(n) if f.top_k[i] == 0]  # these rows rely on top_p alone
+    no_k_index = row_index(no_k, device) if no_k and len(no_k) < n else None
     k = max(f.top_k)
     lse_no_k = None
     if no_k:
-        full = logits[no_k]
+        full = logits if no_k_index is None else logits.index_select(0, no_k_index)
         lse_no_k = full.logsumexp(dim=-1, keepdim=True)
         probs = (full - lse_no_k).exp()
-        want = torch.tensor([f.top_p[i] for i in no_k], device=device)
+        want = to_device([f.top_p[i] for i in no_k], device)
+        # a row with non-finite logits (sample() flags it) reaches no top_p: it must not
+        # widen the search to the whole vocabulary for every row
+        broken = ~torch.isfinite(lse_no_k.squeeze(-1))
         # the nucleus is nearly always within the first few dozen tokens; widen until
-        # every row's top-k mass reaches its top_p, which makes the cut exact
+        # every row's top-k mass reaches its top_p, which makes the cut exact (one host
+        # read per try: topk needs its k on the host)
         k_p = min(first_k, vocab)
-        while k_p < vocab and not bool((probs.topk(k_p, dim=-1).values.sum(dim=-1) >= want).all()):
+        while k_p < vocab and not bool(((probs.topk(k_p, dim=-1).values.sum(dim=-1) >= want) | broken).all()):
             k_p = min(k_p * 16, vocab)
         k = max(k, k_p)
     values, ids = logits.topk(k, dim=-1)
     position = torch.arange(k, device=device)
-    top_k = torch.tensor([t or k for t in f.top_k], device=device)
+    top_k = to_device([t or k for t in f.top_k], device)
     values = values.masked_fill(position >= top_k.unsqueeze(-1), NEG_INF)
     if any(p < 1.0 for p in f.top_p):
         # HF order: top-p sees the distribution after top-k; rows without top_k need the
         # full vocabulary's normalizer, not the truncated one
-        lse = values.logsumexp(dim=-1, keepdim=True)
-        if no_k:
-            lse[no_k] = lse_no_k
+        if no_k_index is None and no_k:
+            lse = lse_no_k
+        else:
+            lse = values.logsumexp(dim=-1, keepdim=True)
+            if no_k:
+                lse.index_copy_(0, no_k_index, lse_no_k)
         probs = (values - lse).exp()
-        top_p = torch.tensor([p if p < 1.0 else float("inf") for p in f.top_p], device=device)
+        top_p = to_device([p if p < 1.0 else float("inf") for p in f.top_p], device)
         # mass strictly before each token; kept while below top_p, so the top token survives
         values = values.masked_fill(probs.cumsum(dim=-1) - probs >= top_p.unsqueeze(-1), NEG_INF)
     return apply_min_p(values, f.min_p), ids
@@ -117,7 +147,7 @@ def apply_min_p(logits: torch.Tensor, min_p: Sequence[float]) -> torch.Tensor:
     if not any(min_p):
         return logits
     # log(0) = -inf: rows with min_p off get a threshold nothing falls below
-    floor = torch.tensor(list(min_p), device=logits.device, dtype=logits.dtype).log()
+    floor = to_device(list(min_p), logits.device, logits.dtype).log()
     threshold = logits.max(dim=-1, keepdim=True).values + floor.unsqueeze(-1)
     return logits.masked_fill(logits < threshold, NEG_INF)
 
@@ -127,8 +157,10 @@ def filter_logits(logits: torch.Tensor, f: Filters) -> torch.Tensor:
     rows = [i for i in range(logits.shape[0]) if f.truncates(i)]
     out = apply_min_p(logits.clone(), f.min_p)
     if rows:
-        values, ids = candidates(logits[rows], f.select(rows))
-        out[rows] = torch.full_like(logits[rows], NEG_INF).scatter_(-1, ids, values)
+        index = row_index(rows, logits.device)
+        picked = logits.index_select(0, index)
+        values, ids = candidates(picked, f.select(rows))
+        out.index_copy_(0, index, torch.full_like(picked, NEG_INF).scatter_(-1, ids, values))
     return out
 
 
@@ -188,11 +220,11 @@ class JobSampler:
         p = self.params
         if self._repeat:
             if self._repeat_ids is None:
-                self._repeat_ids = torch.tensor(sorted(self._repeat), dtype=torch.long, device=self.device)
+                self._repeat_ids = row_index(sorted(self._repeat), self.device)
             apply_repetition_penalty(row, self._repeat_ids, p.repetition_penalty)
         if self._generated:
             if self._generated_ids is None:
-                self._generated_ids = torch.tensor(sorted(self._generated), dtype=torch.long, device=self.device)
+                self._generated_ids = row_index(sorted(self._generated), self.device)
             ids = self._generated_ids
             apply_presence_frequency(row, ids, self.counts.gather(0, ids), p.presence_penalty, p.frequency_penalty)
         if self.bias is not None:
@@ -206,6 +238,9 @@ class SampleResult:
     token_ids: list[int]
     #: row -> (chosen token logprob, [(token id, logprob), ...] top alternatives)
     logprobs: dict[int, tuple[float, list[tuple[int, float]]]]
+    #: rows whose logits could not be sampled (NaN, +inf, or -inf everywhere; e.g. fp16
+    #: overflow): their token id is meaningless, they have no logprobs, the caller fails them
+    bad_rows: list[int] = field(default_factory=list)
 
 
 def sample(logits: torch.Tensor, samplers: Sequence[JobSampler], top_logprobs: Sequence[int | None]) -> SampleResult:
@@ -213,49 +248,84 @@ def sample(logits: torch.Tensor, samplers: Sequence[JobSampler], top_logprobs: S
 
     ``top_logprobs[i]`` is None when row i wants no logprobs, else how many
     alternatives to report; logprobs come from the raw (unprocessed) logits.
+    What the host needs comes back in one device-to-host copy (see the module docstring).
     """
     logits = logits.float()
-    want_lp = [i for i, n in enumerate(top_logprobs) if n is not None]
-    raw_lp = torch.log_softmax(logits[want_lp], dim=-1) if want_lp else None
+    n, vocab = logits.shape
+    device = logits.device
+    # A row can be sampled only when its maximum is finite: NaN and +inf propagate into the
+    # max (softmax and argmax then return garbage), and a row that is -inf everywhere has
+    # nothing to draw. A single -inf is legitimate (grammar masks write them before this
+    # call) and stays: the check is on the logits as given, before penalties and bias.
+    finite = torch.isfinite(logits.amax(dim=-1))
+    want_lp = [i for i, k in enumerate(top_logprobs) if k is not None]
+    lp_index = row_index(want_lp, device) if want_lp and len(want_lp) < n else None
+    raw_lp = None
+    if want_lp:  # before the in-place penalties below
+        raw_lp = torch.log_softmax(logits if lp_index is None else logits.index_select(0, lp_index), dim=-1)
     for i, s in enumerate(samplers):
         if s.adjusts:
             s.adjust(logits[i])
-    chosen = logits.argmax(dim=-1)
     rows = [i for i, s in enumerate(samplers) if not s.greedy]
-    if rows:
-        chosen[rows] = _draw([samplers[i] for i in rows], logits[rows])
-    token_ids = chosen.tolist()
+    if rows and len(rows) == n:
+        chosen = _draw(samplers, logits)
+    else:
+        chosen = logits.argmax(dim=-1)
+        if rows:
+            index = row_index(rows, device)
+            chosen.index_copy_(0, index, _draw([samplers[i] for i in rows], logits.index_select(0, index)))
+    if not want_lp:
+        host = torch.stack([chosen, finite.long()]).tolist()
+        return SampleResult(host[0], {}, [i for i, ok in enumerate(host[1]) if not ok])
+    # logprobs of all wanting rows at once: the chosen ids' and the top max-n alternatives
+    picked = raw_lp.gather(-1, (chosen if lp_index is None else chosen.index_select(0, lp_index)).unsqueeze(-1))
+    k = min(max(0, *(top_logprobs[i] for i in want_lp)), vocab)
+    top_vals, top_ids = raw_lp.topk(k, dim=-1)
+    # float64 holds the ids (< 2**53) and the float32 logprobs exactly: one copy for all
+    host = torch.cat([chosen.double(), finite.double(), picked.double().flatten(), top_vals.double().flatten(),
+                      top_ids.double().flatten()]).tolist()
+    token_ids = [int(t) for t in host[:n]]
+    bad_rows = [i for i in range(n) if not host[n + i]]
+    m = len(want_lp)
+    lp_at, vals_at, ids_at = 2 * n, 2 * n + m, 2 * n + m + m * k  # where each part starts
     out: dict[int, tuple[float, list[tuple[int, float]]]] = {}
     for j, i in enumerate(want_lp):
-        row = raw_lp[j]
-        n = top_logprobs[i] or 0
-        alts: list[tuple[int, float]] = []
-        if n > 0:
-            vals, idx = row.topk(min(n, row.shape[-1]))
-            alts = list(zip(idx.tolist(), vals.tolist()))
-        out[i] = (float(row[token_ids[i]]), alts)
-    return SampleResult(token_ids, out)
+        if not host[n + i]:
+            continue
+        first, last = j * k, j * k + max(top_logprobs[i], 0)
+        alts = zip(host[ids_at + first: ids_at + last], host[vals_at + first: vals_at + last])
+        out[i] = (host[lp_at + j], [(int(t), v) for t, v in alts])
+    return SampleResult(token_ids, out, bad_rows)
 
 
 def _draw(samplers: Sequence[JobSampler], logits: torch.Tensor) -> torch.Tensor:
     """Temperature, filters, then one draw per row from its own generator."""
     device = logits.device
-    temps = torch.tensor([s.params.temperature for s in samplers], device=device, dtype=logits.dtype)
+    temps = to_device([s.params.temperature for s in samplers], device, logits.dtype)
     logits = logits / temps.unsqueeze(-1)
     f = Filters.of([s.params for s in samplers], logits.shape[-1])
     # Inverse-CDF draw: one uniform per row from that row's own generator, so other rows
     # never shift its random stream (an exponential race would need V draws per row)
     u = torch.cat([torch.rand(1, generator=s.generator, device=device) for s in samplers])
-    out = torch.empty(len(samplers), dtype=torch.long, device=device)
     cut = [i for i in range(len(samplers)) if f.truncates(i)]
     full = [i for i in range(len(samplers)) if not f.truncates(i)]
-    if cut:
-        values, ids = candidates(logits[cut] if full else logits, f.select(cut))
-        out[cut] = ids.gather(-1, _inverse_cdf(values, u[cut]).unsqueeze(-1)).squeeze(-1)
-    if full:
-        rows = logits[full] if cut else logits
-        out[full] = _inverse_cdf(apply_min_p(rows, [f.min_p[i] for i in full]), u[full])
-    return out
+    if not full:
+        return _draw_cut(logits, f, u)
+    if not cut:
+        return _inverse_cdf(apply_min_p(logits, f.min_p), u)
+    # both kinds: one index tensor puts the truncated rows first, the rest after
+    order = row_index(cut + full, device)
+    logits, u = logits.index_select(0, order), u.index_select(0, order)
+    c = len(cut)
+    drawn = torch.cat([_draw_cut(logits[:c], f.select(cut), u[:c]),
+                       _inverse_cdf(apply_min_p(logits[c:], [f.min_p[i] for i in full]), u[c:])])
+    return torch.empty_like(drawn).index_copy_(0, order, drawn)
+
+
+def _draw_cut(logits: torch.Tensor, f: Filters, u: torch.Tensor) -> torch.Tensor:
+    """Token ids drawn from rows that all have top-k or top-p set."""
+    values, ids = candidates(logits, f)
+    return ids.gather(-1, _inverse_cdf(values, u).unsqueeze(-1)).squeeze(-1)
 
 
 def _inverse_cdf(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -402,8 +402,12 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
             # rows alike can only pick what the grammar allows
             self._masker.apply(logits, constrained, [seqs[row].matcher for row in constrained])
         result = sample(logits, [s.sampler for s in seqs], [s.top_n for s in seqs])
+        bad = set(result.bad_rows)
         keep: list[int] = []
         for row, (seq, token) in enumerate(zip(seqs, result.token_ids)):
+            if row in bad:  # this job fails alone; the rest of the batch goes on
+                events.append(self._unsampleable(seq))
+                continue
             seq.completion += 1
             lp = result.logprobs.get(row)
             job = seq.job
@@ -431,6 +435,17 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
             events.append(self._event(seq, token, text, lp))
             keep.append(row)
         return keep
+
+    def _unsampleable(self, seq: _Seq) -> TokenEvent:
+        """The ERROR event of a job whose logits had nothing to sample (NaN or inf, or all masked)."""
+        if seq.matcher is not None and seq.matcher.is_error():  # the grammar allowed nothing: its own failure
+            log.warning("constraint failed for job %s: %s", seq.job.job_id, seq.matcher.get_error())
+            return self._event(seq, None, "", finish=FinishReason.ERROR)
+        # fp16 overflow, typically (a bf16-trained model run in float16): argmax would pick garbage
+        log.warning("%s: non-finite logits for job %s; failing it", self.name, seq.job.job_id)
+        return dataclasses.replace(
+            self._event(seq, None, "", finish=FinishReason.ERROR),
+            error="The model produced non-finite logits (a numeric overflow: try engine.dtype bfloat16 or float32)")
 
     def _event(self, seq: _Seq, token: int | None, text: str, lp=None, finish: FinishReason | None = None
                ) -> TokenEvent:

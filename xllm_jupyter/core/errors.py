@@ -14,6 +14,8 @@ class XllmError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str | None = None
+    #: a 500 whose message is written for the client; other 500s reach it as a generic message
+    client_safe: bool = False
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -122,6 +124,14 @@ class EngineError(XllmError):
     status = 500
     type = "server_error"
     code = "engine_error"
+
+
+class BadModelOutput(EngineError):
+    """The model's output for one job could not be used (e.g. non-finite logits); the message says what to
+    change (500)."""
+
+    code = "bad_model_output"
+    client_safe = True
 
 
 class StoreError(XllmError):

@@ -153,6 +153,8 @@ class TokenEvent:
     completion_tokens: int = 0
     #: with ``finish`` ERROR: the device ran out of memory for this job (its request gets a 503 to retry)
     out_of_memory: bool = False
+    #: with ``finish`` ERROR: what the client is told went wrong (None: a generic engine error)
+    error: str | None = None
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from ..backends.base import LoadedModel, unload_each
-from ..core.errors import EngineError, Overloaded, XllmError
+from ..core.errors import BadModelOutput, EngineError, Overloaded, XllmError
 from ..core.types import (
     ChoiceDelta,
     EngineStats,
@@ -459,6 +459,7 @@ class ModelRunner:
             state.done = True
             self._fail(handle, Overloaded("The GPU ran out of memory for this request; retry it, or shorten its "
                                           "prompt") if event.out_of_memory
+                       else BadModelOutput(event.error) if event.error
                        else EngineError("The engine stopped this generation unexpectedly"))
             self.cancel(handle.job_ids)
             return True

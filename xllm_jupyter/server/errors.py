@@ -39,7 +39,7 @@ def error_response(exc: BaseException | None, status: int = 500) -> tuple[int, d
             headers["WWW-Authenticate"] = 'Bearer realm="xllm"'
         if isinstance(exc, RateLimited):
             headers["Retry-After"] = str(max(1, int(round(exc.retry_after))))
-        if exc.status == 500:
+        if exc.status == 500 and not exc.client_safe:
             # a server-side failure: never leak its message, which may name paths or internals
             # (503 "busy/not ready" messages are written for clients and stay)
             return exc.status, _body(GENERIC_500, "server_error", None, exc.code), headers
