@@ -163,6 +163,8 @@ class FakeBackend(Backend):
         self.models: dict[str, FakeModel] = {}
         self.load_delay = load_delay
         self.loads = 0  # how many times load() ran
+        self.in_flight = self.max_in_flight = 0  # loads running at once now / at most
+        self._count = threading.Lock()
 
     def available(self):
         return True
@@ -172,7 +174,12 @@ class FakeBackend(Backend):
 
     def load(self, spec):
         self.loads += 1
+        with self._count:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
         time.sleep(self.load_delay)
+        with self._count:
+            self.in_flight -= 1
         model = FakeModel(spec.name, **self.model_kwargs)
         model.warm_up_error = self.warm_up_errors.get(spec.name)
         self.models[spec.name] = model

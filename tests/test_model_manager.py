@@ -149,6 +149,22 @@ async def test_without_a_gpu_budget_a_cuda_load_is_checked_against_the_memory_th
     await engine.stop()
 
 
+async def test_gpu_loads_run_one_at_a_time_cpu_loads_in_parallel(tmp_path):
+    # a backend measures a GPU model as the change in the process's GPU memory: loads must not overlap
+    engine, backend = make_engine(tmp_path, load_delay=0.2)
+    await engine.start()
+    await asyncio.gather(engine.load("a"), engine.load("b"))
+    assert backend.max_in_flight == 2  # CPU models: nothing to blur
+    backend.memory_device = lambda spec: "cuda"
+    await engine.load("c")
+    await engine.unload("a")
+    await engine.unload("b")
+    backend.max_in_flight = 0
+    await asyncio.gather(engine.load("a"), engine.load("b"))
+    assert backend.max_in_flight == 1 and engine.is_loaded("a") and engine.is_loaded("b")
+    await engine.stop()
+
+
 async def test_the_budget_sees_what_a_model_holds_now_not_only_at_load(tmp_path):
     # an eager transformers model's KV cache grows after load: the budget must count it
     engine, backend = make_engine(tmp_path, budget=3 * SIZE + 10)

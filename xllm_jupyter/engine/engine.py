@@ -8,6 +8,7 @@ event loop it lives on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -74,6 +75,7 @@ class Engine(AdapterMixin, ResidencyMixin):
         self._backends = {b.name: b for b in backends} if backends else None
         self._runners: dict[str, ModelRunner] = {}
         self._loading: dict[str, asyncio.Future] = {}
+        self._gpu_loads = asyncio.Lock()  # GPU loads run one at a time (see _start_replicas)
         self._created = int(time.time())
         self._started = False
         self._lock = threading.Lock()
@@ -196,7 +198,8 @@ class Engine(AdapterMixin, ResidencyMixin):
             raise _not_supported(name, "an embedding model: use /v1/embeddings")
         if spec.task == "adapter":  # a LoRA: attached to its (loaded once) base model
             return await self._attach_spec(spec)
-        backend = self._choose_backend(spec)
+        # off the IOLoop: choosing imports a backend and asks torch whether CUDA is there (seconds, once)
+        backend = await asyncio.to_thread(self._choose_backend, spec)
         runner = await self._load_runner(name, spec, backend)
         self._defaults[name] = spec.defaults
         self._runners[name] = runner
@@ -224,8 +227,11 @@ class Engine(AdapterMixin, ResidencyMixin):
         """Load ``count`` replicas, start their threads, wait for their warm-up; record the model."""
         models: list[LoadedModel] = []
         try:
-            for _ in range(count):
-                models.append(await _load_on_a_thread(backend, spec))
+            # one GPU load at a time: they share the PCIe link and the disk anyway, and a backend measures its
+            # model as the change in the process's GPU memory, which another load would blur
+            async with self._gpu_loads if device == "cuda" else contextlib.nullcontext():
+                for _ in range(count):
+                    models.append(await _load_on_a_thread(backend, spec))
         except BaseException:
             await asyncio.to_thread(unload_each, models)  # (freeing memory takes a while: off the IOLoop)
             raise
