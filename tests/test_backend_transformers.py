@@ -351,6 +351,37 @@ def test_a_load_that_runs_out_of_memory_is_a_503_and_frees_what_it_loaded(tiny_l
     assert exc.value.code == "insufficient_memory" and str(tiny_llama_dir) not in exc.value.message
 
 
+async def test_eager_decoding_admits_jobs_within_its_kv_token_budget(tiny_llama_dir):
+    # engine.cache_tokens bounds what an eager batch's jobs may claim (on a GPU 65,536 by default): a
+    # third job of 60 tokens waits for room in 130, and none fails
+    import asyncio
+
+    from xllm_jupyter.core.types import GenerationParams, GenerationRequest
+    from xllm_jupyter.engine.runner import ModelRunner
+
+    spec = ModelSpec(name="tiny", path=Path(tiny_llama_dir), options={"device": "cpu", "cache_tokens": 130})
+    m = TransformersBackend().load(spec)
+    assert m.kv_tokens == 130 and m.admission_cost(job(range(30), max_tokens=30)) == 60
+    assert m.admission_cost(job(range(30), max_tokens=10**6)) == m.context_length
+    runner = ModelRunner(m)
+    runner.start()
+    runner.wait_ready()
+    loop = asyncio.get_running_loop()
+
+    async def generate(first):
+        request = GenerationRequest(model="tiny", prompt_ids=tuple(range(first, first + 30)),
+                                    params=GenerationParams(max_tokens=30, ignore_eos=True))
+        return sum(len(ev.token_ids) for ev in [e async for e in runner.submit(request, loop)]
+                   if hasattr(ev, "token_ids"))
+
+    assert await asyncio.gather(*(generate(100 * i) for i in range(1, 4))) == [30, 30, 30]
+    assert runner.stats().max_batch == 2
+    runner.shutdown()
+    # without the setting on a CPU, only the batch size bounds it
+    assert TransformersBackend().load(ModelSpec(name="t", path=Path(tiny_llama_dir), options={"device": "cpu"})
+                                      ).admission_budget() is None
+
+
 def test_non_finite_logits_fail_only_their_job_with_a_clear_error(model, monkeypatch):
     # fp16 overflow stand-in: the forward's logits are NaN for prompts over 100 tokens
     forward = model.model.forward

@@ -48,7 +48,8 @@ except ImportError:  # pragma: no cover - exercised only on machines without the
 
 log = logging.getLogger(__name__)
 
-#: end-of-turn tokens that chat models emit instead of (or as well as) their EOS
+#: KV tokens an eager batch on a GPU may claim when engine.cache_tokens is 0 (exllama's default cache size)
+EAGER_GPU_KV_TOKENS = 65536
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
@@ -143,9 +144,12 @@ class TransformersBackend(Backend):
                 static = StaticPlan.from_options(opts)
             else:
                 log.warning("%s: compiled decoding does not support %s; decoding eagerly", spec.name, problem)
+        # eager decoding grows its KV cache with the batch: engine.cache_tokens bounds what its jobs may claim
+        kv_tokens = int(opts.get("cache_tokens") or 0) or (EAGER_GPU_KV_TOKENS if device.type == "cuda" else 0)
         # the engine's step thread compiles it (``warm_up``) before its first request
         return TransformersModel(spec, model, tokenizer, device=device,
-                                 max_batch_size=int(opts.get("max_batch_size", 16) or 16), static=static)
+                                 max_batch_size=int(opts.get("max_batch_size", 16) or 16), static=static,
+                                 kv_tokens=None if static is not None else kv_tokens or None)
 
 
 def _pick_dtype(name: str, device: "torch.device") -> "torch.dtype":
@@ -190,7 +194,7 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
     backend_name = "transformers"
 
     def __init__(self, spec: ModelSpec, model, tokenizer, *, device, max_batch_size: int = 16,
-                 static: "StaticPlan | None" = None) -> None:
+                 static: "StaticPlan | None" = None, kv_tokens: int | None = None) -> None:
         self.name = spec.name
         self.model = model
         self.tokenizer = tokenizer
@@ -208,6 +212,8 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
         self._running: list[_Seq] = []  # row i of the batch is _running[i]
         self._cancelled: set[int] = set()
         self._batch: BatchKV | StaticBatch = BatchKV()
+        #: prompt + answer tokens the eager batch's jobs may claim together (None: the batch size only)
+        self.kv_tokens = kv_tokens
         if static is not None:
             # the slot cache is allocated whole: its length bounds every sequence
             self.context_length = static.slot_tokens(self.context_length, self.max_batch_size)
@@ -305,6 +311,22 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
                     self._batch.join(cache, mask, [len(s.job.prompt_ids) for s in seqs])
                     self._running.extend(seqs)  # rows are appended in the same order as the batch's
         return events
+
+    def admission_budget(self) -> int | None:
+        """KV tokens not claimed by queued and running jobs (eager decoding with a KV budget only).
+
+        Without it the eager cache grows with every job the batch size lets in: 16 rows of a
+        128k-context model would claim far more GPU memory than a card has. The left padding of
+        the batched layout is not counted: the budget bounds the jobs' own tokens.
+        """
+        if self.kv_tokens is None:
+            return None
+        claimed = sum(self.admission_cost(s.job) for s in (*self._pending, *self._running))
+        return self.kv_tokens - claimed
+
+    def admission_cost(self, job: SequenceJob) -> int:
+        """The prompt and the most the answer may add, within the context."""
+        return min(len(job.prompt_ids) + job.max_tokens, self.context_length)
 
     def _admit(self) -> list[_Seq]:
         room = self.max_batch_size - len(self._running)
