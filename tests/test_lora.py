@@ -106,6 +106,26 @@ def test_adapter_changes_greedy_output(sdk):
     assert _complete(sdk, "ad-one") == one  # deterministic
 
 
+def test_a_batch_of_one_adapter_skips_peft_per_row_gathers(sdk, monkeypatch):
+    """A pass whose rows all use one adapter runs the layers' whole-batch path, not peft's mixed path.
+
+    The mixed path gathers rows with Python lists: two blocking host-to-device copies per LoRA
+    module per forward on a GPU. Solo outputs equal batched ones (the test below) and the merged model's.
+    """
+    from peft.tuners.lora import layer
+
+    calls = []
+    mixed = layer.Linear._mixed_batch_forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(kwargs["adapter_names"])
+        return mixed(self, *args, **kwargs)
+
+    monkeypatch.setattr(layer.Linear, "_mixed_batch_forward", counted)
+    assert _complete(sdk, "ad-one", 4) and _complete(sdk, TINY, 4)
+    assert calls == []
+
+
 def test_base_and_adapters_share_one_batch(sdk, lora_server):
     """Base and two adapters' requests run concurrently in one batch, each equal to its solo output."""
     models = [TINY, "ad-one", "ad-two"]
