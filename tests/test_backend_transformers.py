@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import defaultdict
 from pathlib import Path
@@ -284,6 +285,26 @@ def test_smollm2_gguf_knows_paris(smollm2):
     evs = run(smollm2, [j])[j.job_id]
     assert "Paris" in "".join(e.text for _, e in evs) and evs[-1][1].finish is FinishReason.STOP
     assert smollm2.details()["format"] == "gguf"
+
+
+def test_the_pre_load_estimate_counts_a_gguf_dequantized_and_a_slot_cache(smollm2, smollm2_dir, tiny_llama_dir):
+    # a 4-bit GGUF is loaded as float32 on CPU: ~5x its file; the budget must expect that before loading
+    from xllm_jupyter.backends.memory_estimate import disk_bytes
+
+    backend = TransformersBackend()
+    spec = ModelSpec(name="smollm2", path=smollm2_dir, format="gguf", options={"device": "cpu"})
+    expected = disk_bytes(next(smollm2_dir.glob("*.gguf"))) + backend.cache_bytes_estimate(spec)
+    loaded = smollm2.memory_bytes()
+    assert loaded > 4 * disk_bytes(next(smollm2_dir.glob("*.gguf")))  # what the files alone would have said
+    assert 0.9 * loaded <= expected <= 1.1 * loaded, (expected, loaded)
+    # the compiled path allocates its slot cache whole at load: slots x tokens x layers x K/V, in float32 here
+    config = json.loads((Path(tiny_llama_dir) / "config.json").read_text())
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    per_token = config["num_hidden_layers"] * kv_heads * (config["hidden_size"] // heads) * 2 * 4
+    static = ModelSpec(name="t", path=Path(tiny_llama_dir),
+                       options={"device": "cpu", "compile": "on", "max_batch_size": 4, "cache_tokens": 1024})
+    assert backend.cache_bytes_estimate(static) == 1024 * per_token
+    assert backend.cache_bytes_estimate(ModelSpec(name="t", path=Path(tiny_llama_dir), options={"device": "cpu"})) == 0
 
 
 @pytest.mark.slow

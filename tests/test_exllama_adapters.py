@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from xllm_jupyter.backends.base import ModelSpec, disk_bytes
+from xllm_jupyter.backends.base import ModelSpec
+from xllm_jupyter.backends.memory_estimate import disk_bytes
 from xllm_jupyter.backends.exllama_common import (
     ExllamaOptions,
     JobInfo,
@@ -479,7 +480,7 @@ def test_the_kernel_warm_up_calls_exllamav3_as_its_signature_takes_it():
 
 
 def test_the_memory_budget_sees_the_kv_cache_an_exllama_load_allocates(tmp_path):
-    from xllm_jupyter.backends.exllama_common import kv_cache_bytes
+    from xllm_jupyter.backends.memory_estimate import kv_cache_bytes
     from xllm_jupyter.backends.exllamav2 import ExllamaV2Backend
     from xllm_jupyter.backends.exllamav3 import ExllamaV3Backend
 

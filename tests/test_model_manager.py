@@ -19,7 +19,7 @@ from xllm_jupyter.core.config import AuthConfig, EngineConfig, load_config
 from xllm_jupyter.core.errors import InvalidRequest, ModelNotFound, Overloaded
 from xllm_jupyter.core.types import GenerationParams, GenerationRequest
 from xllm_jupyter.engine.engine import Engine
-from xllm_jupyter.backends.base import disk_bytes
+from xllm_jupyter.backends.memory_estimate import disk_bytes
 from xllm_jupyter.engine.manager import parse_keep_alive
 from xllm_jupyter.store.store import ModelStore
 

@@ -179,16 +179,6 @@ class Backend(ABC):
         return None
 
 
-def disk_bytes(path: Path) -> int:
-    """The size of a model's files: the pre-load estimate of its memory footprint."""
-    try:
-        if path.is_file():
-            return path.stat().st_size
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    except OSError:
-        return 0
-
-
 def unload_each(models: Iterable[Any]) -> None:
     """Call ``unload()`` on each of ``models``, logging what fails: freeing is best effort, and one model's
     failure must not keep the others loaded."""

@@ -18,8 +18,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 from ..core.errors import EngineError
 from ..core.types import FinishReason, SamplingParams, TokenEvent
-from .base import disk_bytes, unload_each
+from .base import unload_each
 from .compile_gate import empty_cuda_cache
+from .memory_estimate import disk_bytes, kv_cache_bytes
 
 log = logging.getLogger(__name__)
 
@@ -112,23 +113,6 @@ class ExllamaOptions:
         """KV cache tokens: the configured size (or the default), at least one full context, whole pages."""
         tokens = max(self.cache_tokens or DEFAULT_CACHE_TOKENS, context_length)
         return -(-tokens // PAGE_SIZE) * PAGE_SIZE
-
-
-def kv_cache_bytes(config: Mapping[str, Any], tokens: int, bits: tuple[int, int] | None) -> int:
-    """Bytes of a K/V cache of ``tokens`` for a model with this ``config.json`` (0 if its shape is not there).
-
-    Per token and layer: key and value heads x head size x (key bits + value bits) / 8.
-    """
-    text = config.get("text_config") or config
-    try:
-        layers = int(text["num_hidden_layers"])
-        heads = int(text["num_attention_heads"])
-        kv_heads = int(text.get("num_key_value_heads") or heads)
-        head_dim = int(text.get("head_dim") or int(text["hidden_size"]) // heads)
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):
-        return 0
-    k, v = bits or (16, 16)
-    return tokens * layers * kv_heads * head_dim * (k + v) // 8
 
 
 def exllama_cache_estimate(spec: Any) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import importlib.util
+import json
 import logging
 from collections import deque
 from pathlib import Path
@@ -28,6 +29,7 @@ from .constraints import BatchMasker, GrammarCompiler
 from .detokenize import IncrementalDetokenizer
 from .hf_tokenizer import ChatTokenizer, ChatTokenizerMethods
 from .lora import LoraAdapters, merge_lora
+from .memory_estimate import disk_bytes, gguf_expanded_bytes, kv_cache_bytes
 from .torch_device import release_memory, out_of_memory, pick_device, placement
 
 try:  # the backend must stay importable (and say "unavailable") without torch/transformers
@@ -90,6 +92,34 @@ class TransformersBackend(Backend):
         if spec.format == "gguf":
             return gguf_location(path) is not None and _importable("gguf", "accelerate")
         return False
+
+    def cache_bytes_estimate(self, spec: ModelSpec) -> int:
+        """What a load allocates beyond its files: a GGUF's weights dequantized (files hold 4-8 bit values),
+        and the compiled path's slot cache, allocated whole at load. An eager KV cache grows with use instead
+        (the budget sees it once loaded)."""
+        if not self.available():
+            return 0
+        try:
+            opts = spec.options
+            device = pick_device(str(opts.get("device", "auto")))
+            dtype = _pick_dtype(str(opts.get("dtype", "auto")), device)
+            element = torch.empty((), dtype=dtype).element_size()
+            extra = 0
+            located = gguf_location(Path(spec.path)) if spec.format == "gguf" else None
+            if located is not None:
+                path = located[0] / located[1]
+                extra += max(0, gguf_expanded_bytes(path, element) - disk_bytes(path))
+            if spec.format == "safetensors" and compile_wanted(opts, spec.format, device, dtype):
+                config = json.loads((Path(spec.path) / "config.json").read_text(encoding="utf-8"))
+                text = config.get("text_config") or config
+                slots = max(1, int(opts.get("max_batch_size", 16) or 16))
+                context = int(spec.context_length or text.get("max_position_embeddings") or 2048)
+                tokens = slots * StaticPlan.from_options(opts).slot_tokens(context, slots)
+                extra += kv_cache_bytes(config, tokens, (element * 8, element * 8))
+            return extra
+        except Exception:  # an estimate: the load itself reports what is wrong
+            log.debug("no memory estimate for %s", spec.name, exc_info=True)
+            return 0
 
     def load(self, spec: ModelSpec) -> "TransformersModel":
         """Load weights and tokenizer; slow, so the engine calls it off the IOLoop."""

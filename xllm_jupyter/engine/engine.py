@@ -15,7 +15,8 @@ import threading
 import time
 from typing import Any, AsyncIterator, Mapping, Protocol, Sequence
 
-from ..backends.base import Backend, LoadedModel, ModelSpec, disk_bytes, unload_each
+from ..backends.base import Backend, LoadedModel, ModelSpec, unload_each
+from ..backends.memory_estimate import disk_bytes
 from ..backends.registry import get_backend, select_backend
 from ..core.config import EngineConfig, QuotaConfig
 from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest, ModelNotFound, XllmError
@@ -213,7 +214,8 @@ class Engine(AdapterMixin, ResidencyMixin):
             device_kind, str(spec.options.get("device", "auto")))
         # weights (their files) and a cache the backend allocates at load (exllama's paged KV cache: 8 GiB
         # for an 8B Llama at the default 65,536 tokens, more than its 4-bit weights)
-        needed = (disk_bytes(spec.path) + backend.cache_bytes_estimate(spec)) * count
+        extra = await asyncio.to_thread(backend.cache_bytes_estimate, spec)  # reads files, may ask torch
+        needed = (disk_bytes(spec.path) + extra) * count
         await self._make_room(name, needed, device)
         # reserved until the model is recorded with its measured size (after the warm-up, which may
         # take minutes): a load meanwhile must not count this memory as free
