@@ -45,6 +45,7 @@ class FakeModel(LoadedModel):
         self.unloaded_on: int | None = None  # the thread unload ran on
         #: set before loading to make warm_up raise it; warmed_on: the thread warm_up ran on
         self.warm_up_error: BaseException | None = None
+        self.warm_up_gate: threading.Event | None = None
         self.warmed_on: int | None = None
 
     def tokenize(self, text, *, add_special_tokens=True):
@@ -139,6 +140,8 @@ class FakeModel(LoadedModel):
 
     def warm_up(self):
         self.warmed_on = threading.get_ident()
+        if self.warm_up_gate is not None:
+            self.warm_up_gate.wait()
         if self.warm_up_error is not None:
             raise self.warm_up_error
 
@@ -163,6 +166,7 @@ class FakeBackend(Backend):
         self.models: dict[str, FakeModel] = {}
         self.load_delay = load_delay
         self.loads = 0  # how many times load() ran
+        self.warm_up_gate: threading.Event | None = None  # models loaded now warm up once it is set
         self.in_flight = self.max_in_flight = 0  # loads running at once now / at most
         self._count = threading.Lock()
 
@@ -182,6 +186,7 @@ class FakeBackend(Backend):
             self.in_flight -= 1
         model = FakeModel(spec.name, **self.model_kwargs)
         model.warm_up_error = self.warm_up_errors.get(spec.name)
+        model.warm_up_gate = self.warm_up_gate
         self.models[spec.name] = model
         return model
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from collections import defaultdict
@@ -398,6 +399,15 @@ async def test_eager_decoding_admits_jobs_within_its_kv_token_budget(tiny_llama_
     assert await asyncio.gather(*(generate(100 * i) for i in range(1, 4))) == [30, 30, 30]
     assert runner.stats().max_batch == 2
     runner.shutdown()
+    # the batch is left-padded to its longest row: a long job takes as many columns in every short row
+    m = TransformersBackend().load(dataclasses.replace(spec, options={**spec.options, "cache_tokens": 400}))
+    long, short = job(range(30), max_tokens=270), job(range(30), max_tokens=30)
+    fits = m.admission_check()
+    assert fits(short) and fits(short) and not fits(long)  # 3 x 300 > 400; 2 x 60 is fine
+    m.add(long)
+    fits = m.admission_check()
+    assert not fits(short)  # 2 x 300 > 400, though 300 + 60 fits
+    m.unload()
     # without the setting on a CPU, only the batch size bounds it
     assert TransformersBackend().load(ModelSpec(name="t", path=Path(tiny_llama_dir), options={"device": "cpu"})
                                       ).admission_budget() is None

@@ -363,6 +363,26 @@ async def test_a_shutdown_that_times_out_mid_step_leaves_the_unload_to_the_step_
     assert idle.shutdown(5) is True and idle.wait_closed(0) and idle.model.unloaded_on == threading.get_ident()
 
 
+async def test_an_unload_waits_for_a_stuck_step_only_so_long(monkeypatch):
+    # a step that never returns must not hang the unload (nor every load that would evict the model)
+    monkeypatch.setattr("xllm_jupyter.engine.manager.EVICT_WAIT_SECONDS", 0.2)
+    engine, backend = make_engine()
+    await engine.load("fake")
+    model = backend.models["fake"]
+    model.gate = threading.Event()
+    running = asyncio.ensure_future(collect(engine, req(max_tokens=50)))
+    await wait_for(lambda: model.in_step)
+    runner = engine._runners["fake"]
+    monkeypatch.setattr(runner, "shutdown", lambda timeout=30.0: runner.__class__.shutdown(runner, 0.05))
+    assert await asyncio.wait_for(engine.unload("fake"), 5) and not engine.is_loaded("fake")
+    assert not model.unloaded  # still in its step: its own thread unloads it when the step ends
+    model.gate.set()
+    with pytest.raises(EngineError, match="unloaded"):
+        await asyncio.wait_for(running, 5)
+    await wait_for(lambda: model.unloaded)
+    await engine.stop()
+
+
 async def collect_handle(handle):
     """Drain a RequestHandle; returns its text."""
     return "".join([ev.text async for ev in handle if isinstance(ev, ChoiceDelta)])

@@ -1,5 +1,6 @@
 """The exllama backends' engine options on a real GPU (``@pytest.mark.gpu``): quantized K/V
-caches, n-gram and draft-model speculative decoding, seeds, tensor parallelism.
+caches, n-gram and draft-model speculative decoding, seeds, tensor parallelism; and the device
+checks the engine makes before a GPU load.
 
 Each loads the random-weight Llama (tests/gpu_fixtures.py) straight through the backend and
 steps it like the engine thread does, so a test costs one load of a 4-layer model. Random
@@ -134,3 +135,23 @@ def test_tensor_parallel_matches_one_gpu(gpu_llama_dir):
         assert generate(tp)[:8] == want[:8]
     finally:
         tp.unload()
+
+
+def test_the_engine_device_probes_on_a_real_gpu():
+    """cuda:N past the visible GPUs is a 400; the free-memory probe counts torch's unused cache as room."""
+    from xllm_jupyter.backends.torch_device import cuda_room_bytes, pick_device
+    from xllm_jupyter.core.errors import InvalidRequest
+
+    devices = torch.cuda.device_count()
+    assert pick_device("cuda:0").index == 0
+    with pytest.raises(InvalidRequest, match="does not exist"):
+        pick_device(f"cuda:{devices}")
+    total = sum(torch.cuda.get_device_properties(i).total_memory for i in range(devices))
+    cuda_room_bytes()  # the first probe creates each device's context, which takes memory itself
+    room = cuda_room_bytes()
+    assert 0 < room <= total
+    block = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda:0")
+    taken = cuda_room_bytes()
+    del block  # back in torch's cache, not the driver's: still room for our next load
+    freed = cuda_room_bytes()
+    assert room - taken >= 500 * 2**20 and abs(freed - room) < 64 * 2**20, (room, taken, freed)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -127,10 +129,11 @@ async def test_without_a_gpu_budget_a_cuda_load_is_checked_against_the_memory_th
     engine, backend = make_engine(tmp_path, step_delay=0.01)
     backend.memory_device = lambda spec: "cuda"
 
-    def room():
+    def room(gpus):
+        assert gpus is None  # a backend that splits over every GPU: all of them are asked
         return int(SIZE * 2.5) - sum(SIZE for m in backend.models.values() if not m.unloaded)
 
-    monkeypatch.setattr("xllm_jupyter.engine.manager.cuda_room_bytes", room)
+    monkeypatch.setattr("xllm_jupyter.backends.torch_device.cuda_room_bytes", room)
     await engine.start()
     await run(engine, req("a"))
     await run(engine, req("b"))
@@ -147,6 +150,40 @@ async def test_without_a_gpu_budget_a_cuda_load_is_checked_against_the_memory_th
         await engine.load("a")
     assert exc.value.code == "model_does_not_fit" and "GPU memory" in exc.value.message and backend.loads == 3
     await engine.stop()
+
+
+async def test_measured_gpu_room_does_not_count_a_warming_model_twice(tmp_path, monkeypatch):
+    # a warming model's memory is already gone from the device's free memory: reserving it too would
+    # refuse a second model that fits (1.5 models' room left, one needed)
+    engine, backend = make_engine(tmp_path)
+    backend.memory_device = lambda spec: "cuda"
+    monkeypatch.setattr("xllm_jupyter.backends.torch_device.cuda_room_bytes",
+                        lambda gpus: int(SIZE * 2.5) - sum(SIZE for m in backend.models.values() if not m.unloaded))
+    warming = threading.Event()
+    backend.warm_up_gate = warming  # a's warm-up (a compile) lasts until set
+    await engine.start()
+    a = asyncio.ensure_future(engine.load("a"))
+    await wait_for(lambda: "a" in backend.models)
+    backend.warm_up_gate = None
+    await engine.load("b")
+    assert engine.is_loaded("b") and not engine.is_loaded("a")  # a is still warming up
+    warming.set()
+    await a
+    assert engine.is_loaded("a") and engine.is_loaded("b")
+    await engine.stop()
+
+
+def test_a_transformers_load_measures_the_gpu_it_names():
+    from xllm_jupyter.backends.base import ModelSpec
+    from xllm_jupyter.engine.manager import gpu_indices
+
+    def spec(device):
+        return ModelSpec(name="m", path=Path("/nonexistent"), options={"device": device})
+
+    assert gpu_indices(spec("cuda:1"), FakeBackend()) == (1,) and gpu_indices(spec("auto"), None) == (0,)
+    splitting = FakeBackend()
+    splitting.memory_device = lambda s: "cuda"  # exllama: every visible GPU
+    assert gpu_indices(spec("cuda:1"), splitting) is None
 
 
 async def test_gpu_loads_run_one_at_a_time_cpu_loads_in_parallel(tmp_path):

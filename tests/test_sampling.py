@@ -182,6 +182,14 @@ def test_logprobs_come_from_raw_logits():
     assert math.isclose(top[0][1], float(raw[1]), rel_tol=1e-6)
 
 
+def test_more_alternatives_than_the_vocabulary_stay_in_their_row():
+    logits = torch.tensor([[0.0, 2.0, 1.0, 0, 0, 0, 0, 0], [5.0, 0, 0, 0, 0, 0, 0, 1.0]])
+    res = sample(logits.clone(), [sampler(temperature=0), sampler(temperature=0)], [10, 3])
+    first, second = res.logprobs[0][1], res.logprobs[1][1]
+    assert len(first) == 8 and sorted(t for t, _ in first) == list(range(8)) and first[0][0] == 1
+    assert len(second) == 3 and [t for t, _ in second][:2] == [0, 7]  # (the rest tie)
+
+
 def test_invalid_repetition_penalty_is_rejected():
     with pytest.raises(InvalidRequest):
         sampler(repetition_penalty=0.0)

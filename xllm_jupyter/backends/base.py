@@ -16,7 +16,7 @@ import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..core.errors import Unsupported
 from ..core.types import ChatMessage, Constraint, SequenceJob, TokenEvent
@@ -124,6 +124,30 @@ class LoadedModel(ABC):
     def admission_cost(self, job: SequenceJob) -> int:
         """The room ``job`` takes until it ends, in the units of ``admission_budget``."""
         return 0
+
+    def admission_check(self) -> Callable[[SequenceJob], bool] | None:
+        """A claim-as-you-go test for the jobs the engine wants to add now, in order (None: the batch limit
+        only): True claims room for the job, False leaves it waiting (engine thread only).
+
+        This default spends ``admission_budget`` by ``admission_cost``. An idle model takes the next
+        job whatever the count says (the backend starts or refuses it), so a misjudged count can delay
+        jobs but never stall the queue.
+        """
+        budget = self.admission_budget()
+        if budget is None:
+            return None
+        idle = not self.active_jobs()
+
+        def fits(job: SequenceJob) -> bool:
+            nonlocal budget, idle
+            cost = self.admission_cost(job)
+            if cost > budget and not idle:
+                return False
+            budget -= cost
+            idle = False
+            return True
+
+        return fits
 
     def check_constraint(self, constraint: Constraint, *, param: str = "response_format") -> None:
         """Compile ``constraint`` now (any thread); InvalidRequest (400) if it is invalid or unsupported."""

@@ -166,8 +166,9 @@ class DynamicGeneratorModel(ChatTokenizerMethods, LoadedModel):
         self._grammars.compile(constraint, param=param)
 
     def memory_bytes(self) -> int:
-        """GPU bytes the weights and the KV cache took when loaded."""
-        return self._memory
+        """GPU bytes the weights and the KV cache took when loaded (never negative: the measurement is a change
+        in the process's GPU memory, which an unload during the load can blur)."""
+        return max(0, self._memory)
 
     def details(self) -> dict[str, Any]:
         """Backend, batching mode, cache and speculative-decoding facts for /v1/models and `xllm ps`."""

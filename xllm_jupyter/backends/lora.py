@@ -127,6 +127,9 @@ class LoraAdapters:
         key = self._keys.pop(name, None)
         if key is None:
             return False
+        for module in self.model.modules():  # a one-adapter pass left it active there (see _inject)
+            if module.__class__ in self._lora_layers and key in module.active_adapters:
+                module._active_adapter = []
         self._peft.delete_adapter(key)
         return True
 

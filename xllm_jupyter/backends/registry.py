@@ -79,6 +79,9 @@ def select_backend(spec: ModelSpec) -> Backend:
         if not backend.available():
             raise InvalidRequest(f"Backend '{spec.backend}' is not installed on this machine", param="backend")
         if not backend.supports(spec):
+            if backend.memory_device(spec) == "cuda" and str(spec.options.get("device", "")).lower() == "cpu":
+                raise InvalidRequest(f"Backend '{spec.backend}' needs a CUDA GPU, but engine.device is cpu",
+                                     param="backend")
             raise InvalidRequest(f"Backend '{spec.backend}' cannot load {spec.format} models", param="backend")
         return backend
     for name in auto_order(spec):

@@ -292,7 +292,7 @@ def sample(logits: torch.Tensor, samplers: Sequence[JobSampler], top_logprobs: S
     for j, i in enumerate(want_lp):
         if not host[n + i]:
             continue
-        first, last = j * k, j * k + max(top_logprobs[i], 0)
+        first, last = j * k, j * k + min(max(top_logprobs[i], 0), k)  # (k: at most the vocabulary)
         alts = zip(host[ids_at + first: ids_at + last], host[vals_at + first: vals_at + last])
         out[i] = (host[lp_at + j], [(int(t), v) for t, v in alts])
     return SampleResult(token_ids, out, bad_rows)

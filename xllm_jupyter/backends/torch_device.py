@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 from ..core.errors import InvalidRequest, Overloaded
 from .compile_gate import empty_cuda_cache
@@ -37,6 +37,29 @@ def pick_device(name: str) -> Any:
             raise InvalidRequest(f"Device '{name}' does not exist: this machine has {count} CUDA device(s), "
                                  f"cuda:0 to cuda:{count - 1}", param="device")
     return device
+
+
+def cuda_room_bytes(indices: Sequence[int] | None = None) -> int | None:
+    """Bytes this process could still allocate on CUDA devices ``indices`` (None: all visible); None without
+    CUDA.
+
+    The driver's free memory plus what torch's caching allocator holds unused (ours to reuse),
+    summed over the devices. Asking creates the device's CUDA context, so only the devices a load
+    will use are asked.
+    """
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        room = 0
+        for index in range(torch.cuda.device_count()) if indices is None else indices:
+            free, _ = torch.cuda.mem_get_info(index)
+            room += free + torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
+        return room
+    except Exception:  # a probe: no answer means no check, never a failed load
+        log.debug("no CUDA memory figures", exc_info=True)
+        return None
 
 
 def placement(device: Any, *, moved_later: bool = False) -> dict[str, Any]:

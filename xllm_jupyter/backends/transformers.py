@@ -19,7 +19,7 @@ import json
 import logging
 from collections import deque
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest, ModelNotFound
 from ..core.types import Constraint, FinishReason, SequenceJob, TokenEvent
@@ -342,20 +342,32 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
                     self._running.extend(seqs)  # rows are appended in the same order as the batch's
         return events
 
-    def admission_budget(self) -> int | None:
-        """KV tokens not claimed by queued and running jobs (eager decoding with a KV budget only).
+    def admission_check(self) -> Callable[[SequenceJob], bool] | None:
+        """Admit jobs while the batch's KV cache stays within ``kv_tokens`` (eager decoding with a budget).
 
-        Without it the eager cache grows with every job the batch size lets in: 16 rows of a
-        128k-context model would claim far more GPU memory than a card has. The left padding of
-        the batched layout is not counted: the budget bounds the jobs' own tokens.
+        The batch is left-padded to its longest row, so its cache is rows x the longest claim
+        (prompt + the most the answer may add), not the sum of the claims: one long job beside
+        fifteen short ones takes sixteen long rows. Without a budget the eager cache grows with
+        every job the batch size lets in (16 rows of a 128k-context model would claim far more GPU
+        memory than a card has). An idle model takes the next job whatever it claims.
         """
         if self.kv_tokens is None:
             return None
-        claimed = sum(self.admission_cost(s.job) for s in (*self._pending, *self._running))
-        return self.kv_tokens - claimed
+        claims = [self.admission_cost(s.job) for s in (*self._pending, *self._running)]
+        rows, longest, budget = len(claims), max(claims, default=0), self.kv_tokens
+
+        def fits(job: SequenceJob) -> bool:
+            nonlocal rows, longest
+            widest = max(longest, self.admission_cost(job))
+            if rows and (rows + 1) * widest > budget:
+                return False
+            rows, longest = rows + 1, widest
+            return True
+
+        return fits
 
     def admission_cost(self, job: SequenceJob) -> int:
-        """The prompt and the most the answer may add, within the context."""
+        """The prompt and the most the answer may add, within the context: the row's widest claim."""
         return min(len(job.prompt_ids) + job.max_tokens, self.context_length)
 
     def _admit(self) -> list[_Seq]:

@@ -39,6 +39,7 @@ from .manager import (
     Residency,
     ResidencyMixin,
     device_kind,
+    gpu_indices,
     parse_keep_alive,
     parse_replicas,
     reap_forever,
@@ -213,30 +214,41 @@ class Engine(AdapterMixin, ResidencyMixin):
         device = backend.memory_device(spec) or await asyncio.to_thread(
             device_kind, str(spec.options.get("device", "auto")))
         # weights (their files) and a cache the backend allocates at load (exllama's paged KV cache: 8 GiB
-        # for an 8B Llama at the default 65,536 tokens, more than its 4-bit weights)
-        extra = await asyncio.to_thread(backend.cache_bytes_estimate, spec)  # reads files, may ask torch
-        needed = (disk_bytes(spec.path) + extra) * count
-        await self._make_room(name, needed, device)
+        # for an 8B Llama at the default 65,536 tokens, more than its 4-bit weights); reads files, may ask torch
+        needed = count * await asyncio.to_thread(lambda: disk_bytes(spec.path) + backend.cache_bytes_estimate(spec))
+        models: list[LoadedModel] = []
         # reserved until the model is recorded with its measured size (after the warm-up, which may
         # take minutes): a load meanwhile must not count this memory as free
-        self._budget.reserved[device] = self._budget.reserved.get(device, 0) + needed
-        try:
-            return await self._start_replicas(name, spec, backend, count, device)
-        finally:
-            self._budget.reserved[device] -= needed
+        async with self._gpu_turn(device):
+            await self._make_room(name, needed, device, gpu_indices(spec, backend))
+            async with self._reserved(device, needed):
+                try:
+                    for _ in range(count):
+                        models.append(await _load_on_a_thread(backend, spec))
+                except BaseException:
+                    await asyncio.to_thread(unload_each, models)  # (freeing memory takes a while: off the IOLoop)
+                    raise
+        async with self._reserved(device, needed):  # (no await between the two: never counted free)
+            return await self._start_replicas(name, models, device)
 
-    async def _start_replicas(self, name: str, spec: ModelSpec, backend: Backend, count: int, device: str) -> Any:
-        """Load ``count`` replicas, start their threads, wait for their warm-up; record the model."""
-        models: list[LoadedModel] = []
+    def _gpu_turn(self, device: str) -> contextlib.AbstractAsyncContextManager:
+        """One GPU load at a time, from its room check to its last weight: loads share the PCIe link and the
+        disk anyway, a backend measures its model as the change in the process's GPU memory (another load
+        would blur it), and a room check measured on the device must not count what another load is about
+        to take as free."""
+        return self._gpu_loads if device == "cuda" else contextlib.nullcontext()
+
+    @contextlib.asynccontextmanager
+    async def _reserved(self, device: str, size: int):
+        """Count ``size`` bytes as taken on ``device`` while the block runs."""
+        self._budget.reserved[device] = self._budget.reserved.get(device, 0) + size
         try:
-            # one GPU load at a time: they share the PCIe link and the disk anyway, and a backend measures its
-            # model as the change in the process's GPU memory, which another load would blur
-            async with self._gpu_loads if device == "cuda" else contextlib.nullcontext():
-                for _ in range(count):
-                    models.append(await _load_on_a_thread(backend, spec))
-        except BaseException:
-            await asyncio.to_thread(unload_each, models)  # (freeing memory takes a while: off the IOLoop)
-            raise
+            yield
+        finally:
+            self._budget.reserved[device] -= size
+
+    async def _start_replicas(self, name: str, models: list[LoadedModel], device: str) -> Any:
+        """Start the loaded replicas' threads, wait for their warm-up; record the model."""
         runners = [
             ModelRunner(
                 m,
@@ -246,7 +258,7 @@ class Engine(AdapterMixin, ResidencyMixin):
             )
             for m in models
         ]
-        runner = runners[0] if count == 1 else ReplicaSet(runners)
+        runner = runners[0] if len(runners) == 1 else ReplicaSet(runners)
         runner.start()
         try:
             await asyncio.to_thread(runner.wait_ready)  # compiling can take minutes: off the IOLoop
@@ -254,7 +266,8 @@ class Engine(AdapterMixin, ResidencyMixin):
             # failed, or this load was cancelled mid warm-up: stop the thread once it is done, unload
             threading.Thread(target=runner.shutdown, kwargs={"timeout": None}, daemon=True).start()
             raise
-        self._res[name] = Residency(device=device, memory_bytes=sum(m.memory_bytes() for m in models))
+        # (a backend that measures a load as a change in device memory can be blurred by an unload meanwhile)
+        self._res[name] = Residency(device=device, memory_bytes=sum(max(0, m.memory_bytes()) for m in models))
         self._touch(name)
         self._start_reaper()
         return runner
@@ -289,10 +302,14 @@ class Engine(AdapterMixin, ResidencyMixin):
 
     async def _load_embedding(self, spec: ModelSpec) -> Any:
         """Load embedding model ``spec`` after making room for its weights (it is charged to the budget too)."""
-        if spec.name not in self._embeddings.slots:
-            device = await asyncio.to_thread(device_kind, str(spec.options.get("device", "auto")))
-            await self._make_room(spec.name, disk_bytes(spec.path), device)
-        return await self._embeddings.load(spec)
+        if spec.name in self._embeddings.slots:
+            return self._embeddings.slots[spec.name]
+        device = await asyncio.to_thread(device_kind, str(spec.options.get("device", "auto")))
+        needed = await asyncio.to_thread(disk_bytes, spec.path)
+        async with self._gpu_turn(device):
+            await self._make_room(spec.name, needed, device, gpu_indices(spec, None))
+            async with self._reserved(device, needed):
+                return await self._embeddings.load(spec)
 
     def _expire_embedding(self, name: str, keep_alive: float | None) -> None:
         """Embedding models stay loaded unless a request's keep_alive (>= 0) says otherwise."""

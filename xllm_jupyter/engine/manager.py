@@ -17,12 +17,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ..backends import torch_device
 from ..backends.base import LoadedModel
 from ..core.errors import InvalidRequest, Overloaded
 from ..core.types import EngineStats
 from .runner import ModelRunner, RequestHandle
 
 log = logging.getLogger(__name__)
+
+#: how long an eviction waits for a runner still in a step to unload its model before counting it free
+EVICT_WAIT_SECONDS = 600.0
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
@@ -84,24 +88,14 @@ def device_kind(device: str) -> str:
     return "cuda" if device.startswith("cuda") else "cpu"
 
 
-def cuda_room_bytes() -> int | None:
-    """Bytes this process could still allocate on the visible CUDA devices; None without CUDA.
-
-    The driver's free memory plus what torch's caching allocator holds unused (ours to reuse),
-    summed over devices: exllama splits a model over every visible GPU.
-    """
-    try:
-        import torch  # lazily: only a CUDA load without a configured budget asks
-
-        if not torch.cuda.is_available():
-            return None
-        room = 0
-        for index in range(torch.cuda.device_count()):
-            free, _ = torch.cuda.mem_get_info(index)
-            room += free + torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
-        return room
-    except Exception:  # a probe: no answer means no check, never a failed load
+def gpu_indices(spec: Any, backend: Any) -> tuple[int, ...] | None:
+    """The GPUs a load of ``spec`` takes memory on: None for all visible ones (exllama splits a model
+    over every GPU), else the one its ``device`` option names (``cuda``/``auto``: the first)."""
+    if backend is not None and backend.memory_device(spec) == "cuda":
         return None
+    device = str(spec.options.get("device", "auto")).strip().lower()
+    _, _, index = device.partition(":")
+    return (int(index),) if index.isdigit() else (0,)
 
 
 def gib(n: int) -> str:
@@ -173,14 +167,12 @@ class ReplicaSet:
 
 
 def runner_memory_bytes(runner: Any) -> int:
-    """Bytes a ModelRunner's or ReplicaSet's models hold now (0 if a model cannot say)."""
-    total = 0
-    for r in runner.runners if isinstance(runner, ReplicaSet) else [runner]:
-        try:
-            total += max(0, int(r.model.memory_bytes()))
-        except Exception:  # e.g. unloading on its thread right now
-            pass
-    return total
+    """Bytes a ModelRunner's or ReplicaSet's models hold now (0 if one cannot say: keep the last figure)."""
+    try:
+        return sum(max(0, int(r.model.memory_bytes()))
+                   for r in (runner.runners if isinstance(runner, ReplicaSet) else [runner]))
+    except Exception:  # e.g. a model unloading on its thread right now
+        return 0
 
 
 def replica_stats(runner: Any) -> list[EngineStats]:
@@ -225,13 +217,7 @@ class MemoryBudget:
         """
         budget = self.budgets.get(device, 0)
         if not budget and device_room is not None:
-            held = sum(r.memory_bytes for r in records.values() if r.device == device)
-            budget = device_room + held
-            if needed > budget:
-                raise Overloaded(f"The model '{name}' needs about {gib(needed)} of GPU memory but only {gib(budget)} "
-                                 "are free, counting every model loaded here: it cannot be loaded on this GPU (a "
-                                 "smaller engine.cache_tokens or context_length lowers its cache)",
-                                 code="model_does_not_fit")
+            return self._plan_measured(name, needed, device, records, idle, device_room)
         if not budget:
             return []
         if needed > budget:
@@ -250,6 +236,31 @@ class MemoryBudget:
             raise Overloaded(f"Not enough memory to load '{name}': it needs about {needed} bytes, the {device} budget "
                              f"is {budget} bytes and {busy + self.reserved.get(device, 0)} bytes are held by models "
                              "in use or loading; retry later", code="insufficient_memory")
+        return victims
+
+
+    @staticmethod
+    def _plan_measured(name: str, needed: int, device: str, records: Mapping[str, Residency], idle: list[str],
+                       device_room: int) -> list[str]:
+        """``plan`` against memory measured on the device: what is free now, plus what evicting idle models
+        frees. Reservations do not count here: a model warming up or being unloaded holds its memory, so the
+        measurement has already left it out (and the caller holds the GPU turn, so no load is under way)."""
+        held = sum(r.memory_bytes for r in records.values() if r.device == device)
+        if needed > device_room + held:
+            raise Overloaded(f"The model '{name}' needs about {gib(needed)} of GPU memory but only "
+                             f"{gib(device_room + held)} are free, counting every model loaded here: it cannot be "
+                             "loaded on this GPU (a smaller engine.cache_tokens or context_length lowers its cache)",
+                             code="model_does_not_fit")
+        room, victims = device_room, []
+        for victim in sorted(idle, key=lambda n: records[n].last_used):
+            if needed <= room:
+                break
+            if records[victim].device == device:
+                victims.append(victim)
+                room += records[victim].memory_bytes
+        if needed > room:
+            raise Overloaded(f"Not enough GPU memory to load '{name}': it needs about {gib(needed)}, {gib(device_room)} "
+                             "are free and the models loaded here are in use; retry later", code="insufficient_memory")
         return victims
 
 
@@ -297,14 +308,15 @@ class ResidencyMixin:
                                       memory_bytes=slot.model.memory_bytes())
         return records
 
-    async def _make_room(self, name: str, needed: int, device: str) -> None:
-        """Unload idle models LRU-first until ``needed`` bytes fit on ``device``; Overloaded if impossible."""
+    async def _make_room(self, name: str, needed: int, device: str, gpus: tuple[int, ...] | None = None) -> None:
+        """Unload idle models LRU-first until ``needed`` bytes fit on ``device`` (on ``gpus``, None: all, when
+        there is no GPU budget and the room is measured); Overloaded if impossible."""
         while True:  # re-planned after every await: another load may have taken room meanwhile
             now = time.time()
             idle = [n for n in self._runners if self._idle(n, now)]
             room = None
             if device == "cuda" and not self._budget.budgets.get(device):
-                room = await asyncio.to_thread(cuda_room_bytes)
+                room = await asyncio.to_thread(torch_device.cuda_room_bytes, gpus)
             victims = self._budget.plan(name, needed, device, self._memory_records(), idle, device_room=room)
             if not victims:
                 return  # fits now; the caller reserves the room before its next await
@@ -326,8 +338,11 @@ class ResidencyMixin:
         self._budget.reserved[device] = self._budget.reserved.get(device, 0) + held
         try:
             await asyncio.to_thread(runner.shutdown)
-            # a runner still in a step unloads when the step ends; its memory is not free before
-            await asyncio.to_thread(runner.wait_closed)
+            # a runner still in a step unloads when the step ends; its memory is not free before. Bounded:
+            # a step that never returns must not hang every later load (nor the process's exit)
+            if not await asyncio.to_thread(runner.wait_closed, EVICT_WAIT_SECONDS):
+                log.error("%s is still in a step %ss after its unload; counting its memory as free", name,
+                          EVICT_WAIT_SECONDS)
         finally:
             self._budget.reserved[device] -= held
 

@@ -264,15 +264,17 @@ class ModelRunner:
 
     def _close(self) -> None:
         """Fail what is still open and unload the model (no step may be running)."""
-        gone = EngineError("The model was unloaded while the request ran")
-        for _, state in list(self._waiting):
-            self._fail(state.handle, gone)
-        for state in list(self._jobs.values()):
-            self._fail(state.handle, gone)
-        self._waiting.clear()
-        self._jobs.clear()
-        unload_each([self.model])  # (best effort: the runner is gone either way)
-        self._closed.set()
+        try:
+            gone = EngineError("The model was unloaded while the request ran")
+            for _, state in list(self._waiting):
+                self._fail(state.handle, gone)
+            for state in list(self._jobs.values()):
+                self._fail(state.handle, gone)
+            self._waiting.clear()
+            self._jobs.clear()
+            unload_each([self.model])  # (best effort: the runner is gone either way)
+        finally:
+            self._closed.set()  # whatever happened: an eviction waiting on it must go on
 
     def wait_closed(self, timeout: float | None = None) -> bool:
         """Block until a shutdown has unloaded the model (False: ``timeout`` s passed first)."""
@@ -332,26 +334,9 @@ class ModelRunner:
             raise EngineError("the backend kept jobs after they were cancelled")
 
     def _room(self) -> Callable[[tuple[SequenceJob, _JobState]], bool] | None:
-        """The model's room for new jobs as a claim-as-you-go predicate (None: the batch limit only).
-
-        An idle model takes the next job whatever the count says (the backend starts or refuses
-        it), so a misjudged count can delay jobs but never stall the queue.
-        """
-        budget = self.model.admission_budget()
-        if budget is None:
-            return None
-        idle = not self.model.active_jobs()
-
-        def fits(item: tuple[SequenceJob, _JobState]) -> bool:
-            nonlocal budget, idle
-            cost = self.model.admission_cost(item[0])
-            if cost > budget and not idle:
-                return False
-            budget -= cost
-            idle = False
-            return True
-
-        return fits
+        """The model's room for new jobs as a claim-as-you-go predicate (None: the batch limit only)."""
+        check = self.model.admission_check()
+        return None if check is None else (lambda item: check(item[0]))
 
     def _admit(self) -> bool:
         """Apply cancellations and admit waiting jobs; block while idle. False = stop."""
