@@ -319,7 +319,8 @@ class SlotDecoder:
         overwrites it: callers copy what they keep before the next step.
         """
         n = ids.shape[0]
-        self.cache.positions[:n].copy_(positions)
+        # (queued behind the last step when ``positions`` is pinned; a pageable source is staged first, also safe)
+        self.cache.positions[:n].copy_(positions, non_blocking=True)
         visible = self.cache.visible(n, self.window(int(positions.max())))
         if not self.compiled or eager:
             with COMPILE_GATE.forward():
@@ -525,8 +526,10 @@ class StaticBatch:
         ids, positions = self.by_slot(last, pad_id), self.by_slot([lengths[s] for s in slots], 0)
         for slot in slots:
             lengths[slot] += 1
-        logits = self.decoder.step(torch.tensor(ids, device=self.device).unsqueeze(1), torch.tensor(positions),
-                                   eager=eager)
+        # ids and positions go to the GPU from pinned memory, queued: the CPU runs ahead to the replay
+        pinned = self.device.type == "cuda"
+        logits = self.decoder.step(row_index(ids, self.device).unsqueeze(1),
+                                   torch.tensor(positions, dtype=torch.long, pin_memory=pinned), eager=eager)
         # a copy either way: the compiled step's output is overwritten by its next replay. Rows in slots
         # 0..k-1 (one stream runs in a 2-row bucket, say) are a slice; others an index_select, whose
         # index goes to the GPU from pinned memory, queued behind the step instead of waiting for it
