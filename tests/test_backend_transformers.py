@@ -341,6 +341,17 @@ def test_devices_are_checked_before_loading_and_gpu_weights_load_in_place():
     assert placement(gpu, moved_later=True) == {} and placement(torch.device("cpu")) == {}
 
 
+def test_what_counts_as_out_of_memory_at_load():
+    from xllm_jupyter.backends.torch_device import is_out_of_memory
+
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    # exllamav2's and exllamav3's auto-split, once every GPU is full; a kernel's failed allocation
+    assert is_out_of_memory(RuntimeError("Insufficient VRAM for model and cache"))
+    assert is_out_of_memory(RuntimeError("Insufficient VRAM in split for model and cache"))
+    assert is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    assert not is_out_of_memory(RuntimeError("Unknown architecture")) and not is_out_of_memory(ValueError("x"))
+
+
 def test_a_load_that_runs_out_of_memory_is_a_503_and_frees_what_it_loaded(tiny_llama_dir, monkeypatch):
     # no GPU here: torch's own OutOfMemoryError, raised where a GPU load raises it
     import weakref

@@ -17,24 +17,24 @@ from typing import Any
 from ..core.errors import EngineError
 from ..core.types import SequenceJob
 from .base import Backend, ModelSpec
-from .torch_device import release_memory, is_out_of_memory, out_of_memory
 from .exllama_common import (
     PAGE_SIZE,
     ExllamaOptions,
     config_eos,
     cuda_available,
     cuda_memory_in_use,
-    is_model_directory,
     draft_vocabulary_fits,
     exllama_cache_estimate,
+    is_model_directory,
     unload_quietly,
-    wants_cpu,
     v2_sampler_fields,
+    wants_cpu,
 )
 from .exllama_model import DynamicGeneratorModel
 from .exllama_sampling import AnswerPenaltiesV2, RawLogprobsV2
 from .hf_tokenizer import ChatTokenizer
 from .prefix_isolation import IsolatedJobV2
+from .torch_device import is_out_of_memory, out_of_memory, release_memory
 
 log = logging.getLogger(__name__)
 

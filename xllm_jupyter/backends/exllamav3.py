@@ -19,16 +19,15 @@ from typing import Any
 from ..core.errors import EngineError
 from ..core.types import SequenceJob
 from .base import Backend, ModelSpec
-from .torch_device import release_memory, is_out_of_memory, out_of_memory
 from .exllama_common import (
     ExllamaOptions,
     combo_sampler_kwargs,
     config_eos,
     cuda_available,
     cuda_memory_in_use,
-    is_model_directory,
     draft_vocabulary_fits,
     exllama_cache_estimate,
+    is_model_directory,
     unload_quietly,
     wants_cpu,
 )
@@ -36,6 +35,7 @@ from .exllama_model import DynamicGeneratorModel
 from .exllama_sampling import AnswerPenaltiesV3
 from .hf_tokenizer import ChatTokenizer
 from .prefix_isolation import IsolatedJobV3
+from .torch_device import is_out_of_memory, out_of_memory, release_memory
 
 log = logging.getLogger(__name__)
 

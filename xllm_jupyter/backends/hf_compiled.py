@@ -47,8 +47,8 @@ from transformers.cache_utils import Cache, StaticLayer
 from ..core.errors import EngineError
 from .compile_gate import COMPILE_GATE
 from .kv_batch import _layers, new_cache
-from .sampling import row_index
 from .registry import compile_auto, compile_setting
+from .sampling import row_index
 from .slot_attention import use_slot_sdpa
 
 log = logging.getLogger(__name__)

@@ -90,12 +90,20 @@ ADVICE = {
 }
 
 
+#: how the exllama loaders and CUDA say a load did not fit, besides torch's own OutOfMemoryError (both
+#: libraries' auto-split raises "Insufficient VRAM ... for model and cache" once every GPU is full)
+OUT_OF_MEMORY_MESSAGES = ("insufficient vram", "out of memory")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
-    """True for torch's out-of-memory error (never imports torch: no torch, no such error)."""
+    """True for torch's out-of-memory error, and for a library's or CUDA's own words for it (never imports
+    torch: no torch, no such error)."""
     import sys
 
     torch = sys.modules.get("torch")
-    return torch is not None and isinstance(exc, torch.OutOfMemoryError)
+    if torch is not None and isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(words in str(exc).lower() for words in OUT_OF_MEMORY_MESSAGES)
 
 
 def out_of_memory(name: str, device: Any, what: str = "its weights") -> Overloaded:

@@ -21,7 +21,12 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest, ModelNotFound
+from ..core.errors import (
+    ContextLengthExceeded,
+    EngineError,
+    InvalidRequest,
+    ModelNotFound,
+)
 from ..core.types import Constraint, FinishReason, SequenceJob, TokenEvent
 from .base import Backend, LoadedModel, ModelSpec
 from .compile_gate import COMPILE_GATE, empty_cuda_cache
@@ -30,7 +35,13 @@ from .detokenize import IncrementalDetokenizer
 from .hf_tokenizer import ChatTokenizer, ChatTokenizerMethods
 from .lora import LoraAdapters, merge_lora
 from .memory_estimate import disk_bytes, gguf_expanded_bytes, kv_cache_bytes
-from .torch_device import release_memory, out_of_memory, pick_device, placement
+from .torch_device import (
+    is_out_of_memory,
+    out_of_memory,
+    pick_device,
+    placement,
+    release_memory,
+)
 
 try:  # the backend must stay importable (and say "unavailable") without torch/transformers
     import torch
@@ -148,15 +159,18 @@ class TransformersBackend(Backend):
             if merge:
                 model = merge_lora(model, Path(str(merge)))
             model.to(device).eval()
-        except torch.OutOfMemoryError:
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:  # (torch's OutOfMemoryError is a RuntimeError)
+            if not is_out_of_memory(exc):
+                # transformers' messages name local paths; keep them in the chained cause (logs) only
+                raise EngineError(f"Failed to load model '{spec.name}' with transformers ({type(exc).__name__})") \
+                    from exc
             failed = "its weights"
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            # transformers' messages name local paths; keep them in the chained cause (logs) only
-            raise EngineError(f"Failed to load model '{spec.name}' with transformers ({type(exc).__name__})") from exc
         if failed is None:
             try:
                 return self._serving(spec, opts, model, tokenizer, device, dtype)
-            except torch.OutOfMemoryError:  # the slot cache is allocated whole, at load
+            except RuntimeError as exc:  # the slot cache is allocated whole, at load
+                if not is_out_of_memory(exc):
+                    raise
                 failed = "the static KV cache"
         # here, not in the except clauses: the error's frames hold the partial model until they are gone
         model = None
