@@ -128,6 +128,7 @@ async def test_without_a_gpu_budget_a_cuda_load_is_checked_against_the_memory_th
     # no GPU here: the device's free memory is simulated as what the fake models on it leave of 2.5 models'
     engine, backend = make_engine(tmp_path, step_delay=0.01)
     backend.memory_device = lambda spec: "cuda"
+    backend.splits_over_gpus = True
 
     def room(gpus):
         assert gpus is None  # a backend that splits over every GPU: all of them are asked
@@ -182,8 +183,62 @@ def test_a_transformers_load_measures_the_gpu_it_names():
 
     assert gpu_indices(spec("cuda:1"), FakeBackend()) == (1,) and gpu_indices(spec("auto"), None) == (0,)
     splitting = FakeBackend()
-    splitting.memory_device = lambda s: "cuda"  # exllama: every visible GPU
+    splitting.splits_over_gpus = True  # exllama: every visible GPU
     assert gpu_indices(spec("cuda:1"), splitting) is None
+
+
+def test_measured_room_on_one_gpu_never_evicts_a_model_on_another():
+    from xllm_jupyter.engine.manager import MemoryBudget, Residency
+
+    budget = MemoryBudget({})
+    records = {"on0": Residency(device="cuda", memory_bytes=SIZE, gpus=(0,), last_used=1.0),
+               "on1": Residency(device="cuda", memory_bytes=SIZE, gpus=(1,), last_used=2.0),
+               "split": Residency(device="cuda", memory_bytes=SIZE, gpus=None, last_used=3.0)}
+    idle = list(records)
+    # room on cuda:1 for 1.5 models after evicting what shares it: on1, then the split model (LRU order)
+    assert budget.plan("new", 2 * SIZE, "cuda", records, idle, device_room=SIZE // 2, gpus=(1,)) == ["on1", "split"]
+    with pytest.raises(Overloaded) as exc:  # on0 frees nothing on cuda:1
+        budget.plan("new", 3 * SIZE, "cuda", records, idle, device_room=SIZE // 2, gpus=(1,))
+    assert exc.value.code == "model_does_not_fit"
+
+
+async def test_concurrent_first_requests_for_an_embedding_model_make_room_once(tmp_path, monkeypatch):
+    # the second request joins the load under way: it must not make room (evict, or fail) a second time
+    from xllm_jupyter.backends.base import ModelSpec
+
+    engine, backend = make_engine(tmp_path, budget=int(2.5 * SIZE))
+    catalog = engine.catalog
+    resolve = catalog.resolve
+
+    def with_embedder(name):
+        if name == "embed":
+            return ModelSpec(name="embed", path=catalog.path, format="safetensors", task="embedding")
+        return resolve(name)
+
+    monkeypatch.setattr(catalog, "resolve", with_embedder)
+
+    class Embedder:
+        name, dimension, backend_name, context_length = "embed", 4, "fake", 16
+
+        def details(self):
+            return {"device": "cpu"}
+
+        def memory_bytes(self):
+            return SIZE
+
+        def unload(self):
+            pass
+
+    def slow_load(spec):
+        time.sleep(0.3)
+        return Embedder()
+
+    engine._embeddings._loader = slow_load
+    await engine.start()
+    await run(engine, req("a"))  # idle, 1 of 2.5 models' budget
+    await asyncio.gather(engine.load_any("embed"), engine.load_any("embed"))
+    assert engine.is_loaded("a") and engine.is_loaded("embed")
+    await engine.stop()
 
 
 async def test_gpu_loads_run_one_at_a_time_cpu_loads_in_parallel(tmp_path):

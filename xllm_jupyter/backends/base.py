@@ -178,6 +178,8 @@ class Backend(ABC):
 
     #: registry name used in config/manifests ("transformers", "exllamav3", ...)
     name: str
+    #: True when a model's memory is spread over every visible GPU (exllama's auto-split), not one device
+    splits_over_gpus: bool = False
 
     @abstractmethod
     def available(self) -> bool:

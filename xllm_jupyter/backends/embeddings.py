@@ -20,7 +20,7 @@ import numpy as np
 from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest
 from .base import ModelSpec
 from .compile_gate import COMPILE_GATE
-from .torch_device import out_of_memory, pick_device, placement, release_memory
+from .torch_device import is_out_of_memory, out_of_memory, pick_device, placement, release_memory
 
 #: inputs per forward pass: bounds activation memory for big requests
 CHUNK = 64
@@ -174,10 +174,10 @@ def load_embedding_model(spec: ModelSpec) -> EmbeddingModel:
         # float32 everywhere: these encoders are small and half precision costs accuracy
         model = AutoModel.from_pretrained(str(directory), dtype=torch.float32, **placement(device))
         model.to(device).eval()
-    except torch.OutOfMemoryError:
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:  # (torch's OutOfMemoryError is a RuntimeError)
+        if not is_out_of_memory(exc):
+            raise EngineError(f"Failed to load embedding model '{spec.name}' ({type(exc).__name__})") from exc
         model = None
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise EngineError(f"Failed to load embedding model '{spec.name}' ({type(exc).__name__})") from exc
     if model is None:  # out of memory; freed here, once the error's frames are gone
         release_memory()
         raise out_of_memory(spec.name, device)

@@ -136,6 +136,7 @@ class ExllamaV2Backend(Backend):
     """Loads models with exllamav2."""
 
     name = "exllamav2"
+    splits_over_gpus = True  # auto-split over the visible GPUs
 
     def available(self) -> bool:
         """exllamav2 is installed and a CUDA GPU is visible."""

@@ -52,6 +52,7 @@ class ExllamaV3Backend(Backend):
     """Loads models with exllamav3."""
 
     name = "exllamav3"
+    splits_over_gpus = True  # auto-split over the visible GPUs
 
     def available(self) -> bool:
         """exllamav3 is installed and a CUDA GPU is visible."""

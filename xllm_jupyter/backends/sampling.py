@@ -311,6 +311,8 @@ def _draw(samplers: Sequence[JobSampler], logits: torch.Tensor) -> torch.Tensor:
     u = torch.cat([torch.rand(1, generator=s.generator) for s in samplers])
     if device.type == "cuda":  # one queued copy for all rows
         u = u.pin_memory().to(device, non_blocking=True)
+    elif device.type != "cpu":
+        u = u.to(device)
     cut = [i for i in range(len(samplers)) if f.truncates(i)]
     full = [i for i in range(len(samplers)) if not f.truncates(i)]
     if not full:

@@ -92,7 +92,7 @@ ADVICE = {
 
 #: how the exllama loaders and CUDA say a load did not fit, besides torch's own OutOfMemoryError (both
 #: libraries' auto-split raises "Insufficient VRAM ... for model and cache" once every GPU is full)
-OUT_OF_MEMORY_MESSAGES = ("insufficient vram", "out of memory")
+OUT_OF_MEMORY_MESSAGES = ("insufficient vram", "out of memory", "can't allocate memory")  # (the last: CPU RAM)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

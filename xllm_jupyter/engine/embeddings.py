@@ -60,6 +60,10 @@ class EmbeddingHost:
 
         return load_embedding_model(spec)
 
+    def is_loading(self, name: str) -> bool:
+        """True while a load of ``name`` is under way."""
+        return name in self._loading
+
     async def load(self, spec: ModelSpec) -> EmbeddingSlot:
         """The slot for ``spec``, loading the model on a worker thread if needed."""
         slot = self.slots.get(spec.name)

@@ -77,7 +77,7 @@ class Engine(AdapterMixin, ResidencyMixin):
         self._backends = {b.name: b for b in backends} if backends else None
         self._runners: dict[str, ModelRunner] = {}
         self._loading: dict[str, asyncio.Future] = {}
-        self._gpu_loads = asyncio.Lock()  # GPU loads run one at a time (see _start_replicas)
+        self._gpu_loads = asyncio.Lock()  # GPU loads run one at a time (see _gpu_turn)
         self._created = int(time.time())
         self._started = False
         self._lock = threading.Lock()
@@ -219,8 +219,9 @@ class Engine(AdapterMixin, ResidencyMixin):
         models: list[LoadedModel] = []
         # reserved until the model is recorded with its measured size (after the warm-up, which may
         # take minutes): a load meanwhile must not count this memory as free
+        gpus = gpu_indices(spec, backend) if device == "cuda" else None
         async with self._gpu_turn(device):
-            await self._make_room(name, needed, device, gpu_indices(spec, backend))
+            await self._make_room(name, needed, device, gpus)
             async with self._reserved(device, needed):
                 try:
                     for _ in range(count):
@@ -229,7 +230,7 @@ class Engine(AdapterMixin, ResidencyMixin):
                     await asyncio.to_thread(unload_each, models)  # (freeing memory takes a while: off the IOLoop)
                     raise
         async with self._reserved(device, needed):  # (no await between the two: never counted free)
-            return await self._start_replicas(name, models, device)
+            return await self._start_replicas(name, models, device, gpus)
 
     def _gpu_turn(self, device: str) -> contextlib.AbstractAsyncContextManager:
         """One GPU load at a time, from its room check to its last weight: loads share the PCIe link and the
@@ -247,7 +248,8 @@ class Engine(AdapterMixin, ResidencyMixin):
         finally:
             self._budget.reserved[device] -= size
 
-    async def _start_replicas(self, name: str, models: list[LoadedModel], device: str) -> Any:
+    async def _start_replicas(self, name: str, models: list[LoadedModel], device: str,
+                              gpus: tuple[int, ...] | None) -> Any:
         """Start the loaded replicas' threads, wait for their warm-up; record the model."""
         runners = [
             ModelRunner(
@@ -267,7 +269,8 @@ class Engine(AdapterMixin, ResidencyMixin):
             threading.Thread(target=runner.shutdown, kwargs={"timeout": None}, daemon=True).start()
             raise
         # (a backend that measures a load as a change in device memory can be blurred by an unload meanwhile)
-        self._res[name] = Residency(device=device, memory_bytes=sum(max(0, m.memory_bytes()) for m in models))
+        self._res[name] = Residency(device=device, memory_bytes=sum(max(0, m.memory_bytes()) for m in models),
+                                    gpus=gpus)
         self._touch(name)
         self._start_reaper()
         return runner
@@ -302,11 +305,13 @@ class Engine(AdapterMixin, ResidencyMixin):
 
     async def _load_embedding(self, spec: ModelSpec) -> Any:
         """Load embedding model ``spec`` after making room for its weights (it is charged to the budget too)."""
-        if spec.name in self._embeddings.slots:
-            return self._embeddings.slots[spec.name]
+        if spec.name in self._embeddings.slots or self._embeddings.is_loading(spec.name):
+            return await self._embeddings.load(spec)  # loaded, or joins the load under way: no room to make
         device = await asyncio.to_thread(device_kind, str(spec.options.get("device", "auto")))
         needed = await asyncio.to_thread(disk_bytes, spec.path)
         async with self._gpu_turn(device):
+            if spec.name in self._embeddings.slots or self._embeddings.is_loading(spec.name):
+                return await self._embeddings.load(spec)  # (loaded while this one waited for its turn)
             await self._make_room(spec.name, needed, device, gpu_indices(spec, None))
             async with self._reserved(device, needed):
                 return await self._embeddings.load(spec)

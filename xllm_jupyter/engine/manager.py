@@ -89,9 +89,9 @@ def device_kind(device: str) -> str:
 
 
 def gpu_indices(spec: Any, backend: Any) -> tuple[int, ...] | None:
-    """The GPUs a load of ``spec`` takes memory on: None for all visible ones (exllama splits a model
-    over every GPU), else the one its ``device`` option names (``cuda``/``auto``: the first)."""
-    if backend is not None and backend.memory_device(spec) == "cuda":
+    """The GPUs a load of ``spec`` takes memory on: None for all visible ones (a backend that splits a model
+    over every GPU, like exllama), else the one its ``device`` option names (``cuda``/``auto``: the first)."""
+    if backend is not None and backend.splits_over_gpus:
         return None
     device = str(spec.options.get("device", "auto")).strip().lower()
     _, _, index = device.partition(":")
@@ -189,6 +189,7 @@ class Residency:
     last_used: float = field(default_factory=time.time)
     in_use: int = 0  # requests between their first engine call and the end of their generation
     expires_at: float | None = None  # None = kept until unloaded or evicted
+    gpus: tuple[int, ...] | None = None  # the GPUs it holds memory on (None: every visible one, or not a GPU)
 
     def public(self) -> dict[str, Any]:
         """The admin-facing facts."""
@@ -208,7 +209,7 @@ class MemoryBudget:
         return sum(r.memory_bytes for r in records.values() if r.device == device) + self.reserved.get(device, 0)
 
     def plan(self, name: str, needed: int, device: str, records: Mapping[str, Residency],
-             idle: list[str], *, device_room: int | None = None) -> list[str]:
+             idle: list[str], *, device_room: int | None = None, gpus: tuple[int, ...] | None = None) -> list[str]:
         """Victims (from ``idle``, LRU first) to unload so ``needed`` fits; Overloaded (503) if it cannot.
 
         Without a configured budget, ``device_room`` (what the device could still take, measured
@@ -217,7 +218,7 @@ class MemoryBudget:
         """
         budget = self.budgets.get(device, 0)
         if not budget and device_room is not None:
-            return self._plan_measured(name, needed, device, records, idle, device_room)
+            return self._plan_measured(name, needed, device, records, idle, device_room, gpus)
         if not budget:
             return []
         if needed > budget:
@@ -238,14 +239,19 @@ class MemoryBudget:
                              "in use or loading; retry later", code="insufficient_memory")
         return victims
 
-
     @staticmethod
     def _plan_measured(name: str, needed: int, device: str, records: Mapping[str, Residency], idle: list[str],
-                       device_room: int) -> list[str]:
-        """``plan`` against memory measured on the device: what is free now, plus what evicting idle models
+                       device_room: int, gpus: tuple[int, ...] | None = None) -> list[str]:
+        """``plan`` against memory measured on ``gpus``: what is free now, plus what evicting idle models there
         frees. Reservations do not count here: a model warming up or being unloaded holds its memory, so the
         measurement has already left it out (and the caller holds the GPU turn, so no load is under way)."""
-        held = sum(r.memory_bytes for r in records.values() if r.device == device)
+
+        def shares(r: Residency) -> bool:  # a model on other GPUs frees nothing here
+            return r.device == device and (gpus is None or r.gpus is None or bool(set(gpus) & set(r.gpus)))
+
+        records = {n: r for n, r in records.items() if shares(r)}
+        idle = [n for n in idle if n in records]
+        held = sum(r.memory_bytes for r in records.values())
         if needed > device_room + held:
             raise Overloaded(f"The model '{name}' needs about {gib(needed)} of GPU memory but only "
                              f"{gib(device_room + held)} are free, counting every model loaded here: it cannot be "
@@ -255,12 +261,12 @@ class MemoryBudget:
         for victim in sorted(idle, key=lambda n: records[n].last_used):
             if needed <= room:
                 break
-            if records[victim].device == device:
-                victims.append(victim)
-                room += records[victim].memory_bytes
+            victims.append(victim)
+            room += records[victim].memory_bytes
         if needed > room:
-            raise Overloaded(f"Not enough GPU memory to load '{name}': it needs about {gib(needed)}, {gib(device_room)} "
-                             "are free and the models loaded here are in use; retry later", code="insufficient_memory")
+            raise Overloaded(f"Not enough GPU memory to load '{name}': it needs about {gib(needed)}, "
+                             f"{gib(device_room)} are free and the models loaded here are in use; retry later",
+                             code="insufficient_memory")
         return victims
 
 
@@ -304,8 +310,10 @@ class ResidencyMixin:
         records = dict(self._res)
         for name, slot in self._embeddings.slots.items():
             details = slot.model.details()
-            records[name] = Residency(device=device_kind(str(details.get("device", "cpu"))),
-                                      memory_bytes=slot.model.memory_bytes())
+            where = str(details.get("device", "cpu"))
+            _, _, index = where.partition(":")
+            records[name] = Residency(device=device_kind(where), memory_bytes=slot.model.memory_bytes(),
+                                      gpus=(int(index),) if index.isdigit() else (0,))
         return records
 
     async def _make_room(self, name: str, needed: int, device: str, gpus: tuple[int, ...] | None = None) -> None:
@@ -317,7 +325,7 @@ class ResidencyMixin:
             room = None
             if device == "cuda" and not self._budget.budgets.get(device):
                 room = await asyncio.to_thread(torch_device.cuda_room_bytes, gpus)
-            victims = self._budget.plan(name, needed, device, self._memory_records(), idle, device_room=room)
+            victims = self._budget.plan(name, needed, device, self._memory_records(), idle, device_room=room, gpus=gpus)
             if not victims:
                 return  # fits now; the caller reserves the room before its next await
             for victim in victims:
