@@ -240,6 +240,30 @@ def test_a_failed_load_unloads_every_model_it_started_and_keeps_going_past_error
     assert all(m.unloaded for m in models)
 
 
+def test_a_failed_load_is_an_engine_error_naming_the_library_or_a_503_when_the_gpus_are_full():
+    from xllm_jupyter.backends.exllama_common import load_failed, out_of_room
+    from xllm_jupyter.core.errors import Overloaded
+
+    class Weights:
+        unloaded = False
+
+        def unload(self):
+            self.unloaded = True
+
+    on_gpu = [Weights()]
+    with pytest.raises(EngineError, match="with exllamav3 .ValueError."):
+        load_failed(ValueError("bad config at /home/me/model"), "m", "exllamav3", on_gpu)
+    assert on_gpu[0].unloaded
+    with pytest.raises(TypeError):  # not a load error: a bug, raised as it is
+        load_failed(TypeError("oops"), "m", "exllamav2", [])
+    # both libraries' auto-split, once every GPU is full: the caller raises the 503 after its except clause
+    on_gpu = [Weights()]
+    assert load_failed(RuntimeError("Insufficient VRAM for model and cache"), "m", "exllamav2", on_gpu) is None
+    error = out_of_room("m", on_gpu)
+    assert isinstance(error, Overloaded) and error.code == "insufficient_memory" and "cache_tokens" in error.message
+    assert on_gpu == []
+
+
 def test_special_tokens_the_library_streams_as_text_are_taken_out():
     special = {2: "<|im_end|>"}
     # exllamav3 streams a special token's literal text (here under ignore_eos, with a drafted token after it)

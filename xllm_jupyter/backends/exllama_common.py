@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from ..core.errors import EngineError
+from ..core.errors import EngineError, Overloaded
 from ..core.types import FinishReason, SamplingParams, TokenEvent
 from .base import unload_each
 from .compile_gate import empty_cuda_cache
 from .memory_estimate import disk_bytes, kv_cache_bytes
+from .torch_device import is_out_of_memory, out_of_memory, release_memory
 
 log = logging.getLogger(__name__)
 
@@ -329,6 +330,25 @@ def cuda_available() -> bool:
 def is_model_directory(path: Path) -> bool:
     """A directory with a ``config.json`` (what both exllama loaders read)."""
     return path.is_dir() and (path / "config.json").is_file()
+
+
+def load_failed(exc: Exception, name: str, library: str, on_gpu: list[Any]) -> None:
+    """Handle a load that raised ``exc`` (call in the except clause): unload what it put on the GPU, then raise
+    an EngineError that names the library, or ``exc`` itself; return only when it ran out of memory (then the
+    caller drops its references and calls ``out_of_room`` after the clause, whose frames hold the cache)."""
+    unload_quietly(on_gpu)  # whatever failed (a draft's settings, say): nothing may stay on the GPU
+    if is_out_of_memory(exc):
+        return
+    if isinstance(exc, (OSError, ValueError, KeyError, RuntimeError, AssertionError)):
+        raise EngineError(f"Failed to load model '{name}' with {library} ({type(exc).__name__})") from exc
+    raise exc
+
+
+def out_of_room(name: str, on_gpu: list[Any]) -> Overloaded:
+    """The 503 for a load that ran out of GPU memory, once its memory is given back (see ``load_failed``)."""
+    on_gpu.clear()
+    release_memory()
+    return out_of_memory(name, "cuda", "its weights and KV cache")
 
 
 def unload_quietly(models: Iterable[Any]) -> None:

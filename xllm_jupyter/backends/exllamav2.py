@@ -26,7 +26,8 @@ from .exllama_common import (
     draft_vocabulary_fits,
     exllama_cache_estimate,
     is_model_directory,
-    unload_quietly,
+    load_failed,
+    out_of_room,
     v2_sampler_fields,
     wants_cpu,
 )
@@ -34,7 +35,6 @@ from .exllama_model import DynamicGeneratorModel
 from .exllama_sampling import AnswerPenaltiesV2, RawLogprobsV2
 from .hf_tokenizer import ChatTokenizer
 from .prefix_isolation import IsolatedJobV2
-from .torch_device import is_out_of_memory, out_of_memory, release_memory
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class ExllamaV2Backend(Backend):
         path = Path(spec.path)
         before = cuda_memory_in_use()
         on_gpu: list[Any] = []  # models that may hold GPU memory, freed again if loading fails
-        out_of_room = False
+        ran_out = False
         try:
             config, ctx, model, cache, cache_tokens, paged = open_model(exllamav2, path, opts,
                                                                         paged_attention_available())
@@ -190,18 +190,11 @@ class ExllamaV2Backend(Backend):
             generator = ExLlamaV2DynamicGenerator(model=model, cache=cache, tokenizer=tokenizer,
                                                   **generator_kwargs(opts, ctx, paged, draft))
         except Exception as exc:
-            unload_quietly(on_gpu)  # whatever failed (a draft's settings, say): nothing may stay on the GPU
-            if not is_out_of_memory(exc):
-                if isinstance(exc, (OSError, ValueError, KeyError, RuntimeError, AssertionError)):
-                    raise EngineError(f"Failed to load model '{spec.name}' with exllamav2 ({type(exc).__name__})") from exc
-                raise
-            out_of_room = True
-        if out_of_room:
-            # after the except clause, whose frames held the cache: now it can be freed
+            load_failed(exc, spec.name, "exllamav2", on_gpu)
+            ran_out = True
+        if ran_out:  # after the except clause, whose frames held the cache: now it can be freed
             model = cache = draft = generator = None
-            on_gpu.clear()
-            release_memory()
-            raise out_of_memory(spec.name, "cuda", "its weights and KV cache")
+            raise out_of_room(spec.name, on_gpu)
         return build_model(spec, path, config=config, opts=opts, ctx=ctx, paged=paged, cache_tokens=cache_tokens,
                            model=model, draft=draft, generator=generator, memory_bytes=cuda_memory_in_use() - before)
 

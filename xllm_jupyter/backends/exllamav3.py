@@ -16,7 +16,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import EngineError
 from ..core.types import SequenceJob
 from .base import Backend, ModelSpec
 from .exllama_common import (
@@ -28,14 +27,14 @@ from .exllama_common import (
     draft_vocabulary_fits,
     exllama_cache_estimate,
     is_model_directory,
-    unload_quietly,
+    load_failed,
+    out_of_room,
     wants_cpu,
 )
 from .exllama_model import DynamicGeneratorModel
 from .exllama_sampling import AnswerPenaltiesV3
 from .hf_tokenizer import ChatTokenizer
 from .prefix_isolation import IsolatedJobV3
-from .torch_device import is_out_of_memory, out_of_memory, release_memory
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +88,7 @@ class ExllamaV3Backend(Backend):
         path = Path(spec.path)
         before = cuda_memory_in_use(opts.tensor_parallel)
         on_gpu: list[Any] = []  # models that may hold GPU memory, freed again if loading fails
-        out_of_room = False
+        ran_out = False
         try:
             config, model, cache, cache_tokens = open_model(path, opts)
             draft = _load_draft(opts, cache_tokens, _load_kwargs(opts), int(config.vocab_size), on_gpu)
@@ -99,18 +98,11 @@ class ExllamaV3Backend(Backend):
             tokenizer = Tokenizer.from_config(config)
             generator = Generator(model=model, cache=cache, tokenizer=tokenizer, **generator_kwargs(opts, draft))
         except Exception as exc:
-            unload_quietly(on_gpu)  # whatever failed: nothing may stay on the GPU
-            if not is_out_of_memory(exc):
-                if isinstance(exc, (OSError, ValueError, KeyError, RuntimeError, AssertionError)):
-                    raise EngineError(f"Failed to load model '{spec.name}' with exllamav3 ({type(exc).__name__})") from exc
-                raise
-            out_of_room = True
-        if out_of_room:
-            # after the except clause, whose frames held the cache: now it can be freed
+            load_failed(exc, spec.name, "exllamav3", on_gpu)
+            ran_out = True
+        if ran_out:  # after the except clause, whose frames held the cache: now it can be freed
             model = cache = draft = generator = None
-            on_gpu.clear()
-            release_memory()
-            raise out_of_memory(spec.name, "cuda", "its weights and KV cache")
+            raise out_of_room(spec.name, on_gpu)
         prepare_grammar_tokenizer(tokenizer)
         return build_model(spec, path, config=config, opts=opts, cache_tokens=cache_tokens, model=model,
                            tokenizer=tokenizer, draft=draft, generator=generator,
