@@ -217,11 +217,11 @@ class Engine(AdapterMixin, ResidencyMixin):
         # for an 8B Llama at the default 65,536 tokens, more than its 4-bit weights); reads files, may ask torch
         needed = count * await asyncio.to_thread(lambda: disk_bytes(spec.path) + backend.cache_bytes_estimate(spec))
         models: list[LoadedModel] = []
-        # reserved until the model is recorded with its measured size (after the warm-up, which may
-        # take minutes): a load meanwhile must not count this memory as free
         gpus = gpu_indices(spec, backend) if device == "cuda" else None
         async with self._gpu_turn(device):
             await self._make_room(name, needed, device, gpus)
+            # reserved until the model is recorded with its measured size (after the warm-up, which may
+            # take minutes): a load meanwhile must not count this memory as free
             async with self._reserved(device, needed):
                 try:
                     for _ in range(count):
