@@ -341,6 +341,21 @@ def test_devices_are_checked_before_loading_and_gpu_weights_load_in_place():
     assert placement(gpu, moved_later=True) == {} and placement(torch.device("cpu")) == {}
 
 
+def test_unused_cuda_graph_pool_blocks_are_not_room(monkeypatch):
+    # no GPU here: the allocator's snapshot is given, in the shape torch.cuda.memory_snapshot returns
+    from xllm_jupyter.backends.torch_device import graph_pool_unused_bytes
+
+    segments = [
+        {"device": 0, "total_size": 100, "allocated_size": 40, "segment_pool_id": (0, 0)},  # torch's own cache
+        {"device": 0, "total_size": 300, "allocated_size": 100, "segment_pool_id": (1, 7)},  # a graph's pool
+        {"device": 1, "total_size": 50, "allocated_size": 0, "segment_pool_id": (2, 1)},
+    ]
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda: segments)
+    assert graph_pool_unused_bytes() == {0: 200, 1: 50}
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda: 1 / 0)  # no snapshot: no refinement, no error
+    assert graph_pool_unused_bytes() == {}
+
+
 def test_what_counts_as_out_of_memory_at_load():
     from xllm_jupyter.backends.torch_device import is_out_of_memory
 

@@ -155,3 +155,11 @@ def test_the_engine_device_probes_on_a_real_gpu():
     del block  # back in torch's cache, not the driver's: still room for our next load
     freed = cuda_room_bytes()
     assert room - taken >= 500 * 2**20 and abs(freed - room) < 64 * 2**20, (room, taken, freed)
+    # a CUDA graph's private pool keeps what its capture allocated: reserved, yet no new model can use it
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        scratch = torch.ones(512 * 2**20 // 4, device="cuda:0")
+        total = scratch.sum()
+    del scratch
+    pooled = cuda_room_bytes()
+    assert freed - pooled >= 500 * 2**20 and total.device.type == "cuda", (freed, pooled)

@@ -44,22 +44,46 @@ def cuda_room_bytes(indices: Sequence[int] | None = None) -> int | None:
     CUDA.
 
     The driver's free memory plus what torch's caching allocator holds unused (ours to reuse),
-    summed over the devices. Asking creates the device's CUDA context, so only the devices a load
-    will use are asked.
+    summed over the devices, less the unused blocks of CUDA-graph memory pools (reserved for their
+    graphs: a new model cannot use them). Asking creates the device's CUDA context, so only the
+    devices a load will use are asked.
     """
     try:
         import torch
 
         if not torch.cuda.is_available():
             return None
+        pooled = graph_pool_unused_bytes()
         room = 0
         for index in range(torch.cuda.device_count()) if indices is None else indices:
             free, _ = torch.cuda.mem_get_info(index)
-            room += free + torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
+            unused = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
+            room += free + max(0, unused - pooled.get(index, 0))
         return room
     except Exception:  # a probe: no answer means no check, never a failed load
         log.debug("no CUDA memory figures", exc_info=True)
         return None
+
+
+def graph_pool_unused_bytes() -> dict[int, int]:
+    """Per device, bytes in CUDA-graph private memory pools that no tensor uses now ({} if unknown).
+
+    torch counts them as reserved and not allocated, like its ordinary cache, but only their
+    graphs' replays may use them. Read from the allocator's snapshot (its segments name their pool;
+    (0, 0) is the ordinary one).
+    """
+    try:
+        import torch
+
+        unused: dict[int, int] = {}
+        for segment in torch.cuda.memory_snapshot():
+            if tuple(segment.get("segment_pool_id") or (0, 0)) != (0, 0):
+                device = int(segment.get("device", 0))
+                unused[device] = unused.get(device, 0) + int(segment["total_size"]) - int(segment["allocated_size"])
+        return unused
+    except Exception:  # a refinement of an estimate: without it, the graphs' spare blocks count as room
+        log.debug("no CUDA allocator snapshot", exc_info=True)
+        return {}
 
 
 def placement(device: Any, *, moved_later: bool = False) -> dict[str, Any]:
