@@ -117,7 +117,7 @@ def test_gzip_for_json(http):
 
 
 def test_sse_is_not_gzipped_and_arrives_incrementally(http):
-    body = {"model": TINY, "prompt": "hello", "max_tokens": 40, "stream": True, "temperature": 1.0, "seed": 2}
+    body = {"model": TINY, "prompt": "hello", "max_tokens": 100, "stream": True, "temperature": 1.0, "seed": 2}
     with http.stream("POST", "/v1/completions", json=body, headers={"Accept-Encoding": "gzip"}) as r:
         assert r.status_code == 200
         assert r.headers["Content-Type"].startswith("text/event-stream")
@@ -128,7 +128,9 @@ def test_sse_is_not_gzipped_and_arrives_incrementally(http):
                 arrivals.append(chunk)
     text = b"".join(arrivals).decode()
     assert text.rstrip().endswith("data: [DONE]")
-    assert len(arrivals) > 3  # several network reads: not one buffered blob
+    # several network reads, the first long before the end: not one buffered (gzipped) blob. (How many
+    # reads depends on the machine's speed: the engine paces deliveries, engine.stream_interval_ms.)
+    assert len(arrivals) >= 2 and b"[DONE]" not in arrivals[0], [len(a) for a in arrivals]
 
 
 # ------------------------------------------------------------------ request ids
