@@ -241,7 +241,9 @@ def test_a_failed_load_unloads_every_model_it_started_and_keeps_going_past_error
 
 
 def test_a_failed_load_is_an_engine_error_naming_the_library_or_a_503_when_the_gpus_are_full():
-    from xllm_jupyter.backends.exllama_common import load_failed, out_of_room
+    import weakref
+
+    from xllm_jupyter.backends.exllama_common import guarded_load
     from xllm_jupyter.core.errors import Overloaded
 
     class Weights:
@@ -250,18 +252,28 @@ def test_a_failed_load_is_an_engine_error_naming_the_library_or_a_503_when_the_g
         def unload(self):
             self.unloaded = True
 
-    on_gpu = [Weights()]
+    def failing(error, message, started):
+        def build(on_gpu):
+            cache = Weights()  # held by this frame only, as a library's cache is
+            caches.append(weakref.ref(cache))
+            on_gpu.append(started)
+            raise error(message)  # made here, as a library's error is: nothing else holds it
+        return build
+
+    started, caches = Weights(), []
     with pytest.raises(EngineError, match="with exllamav3 .ValueError."):
-        load_failed(ValueError("bad config at /home/me/model"), "m", "exllamav3", on_gpu)
-    assert on_gpu[0].unloaded
+        guarded_load(failing(ValueError, "bad config at /home/me/model", started), "m", "exllamav3")
+    assert started.unloaded
     with pytest.raises(TypeError):  # not a load error: a bug, raised as it is
-        load_failed(TypeError("oops"), "m", "exllamav2", [])
-    # both libraries' auto-split, once every GPU is full: the caller raises the 503 after its except clause
-    on_gpu = [Weights()]
-    assert load_failed(RuntimeError("Insufficient VRAM for model and cache"), "m", "exllamav2", on_gpu) is None
-    error = out_of_room("m", on_gpu)
+        guarded_load(failing(TypeError, "oops", Weights()), "m", "exllamav2")
+    # both libraries' auto-split, once every GPU is full: a 503, raised after the cache is gone
+    started = Weights()
+    with pytest.raises(Overloaded) as exc:
+        guarded_load(failing(RuntimeError, "Insufficient VRAM for model and cache", started), "m", "exllamav2")
+    error = exc.value
     assert isinstance(error, Overloaded) and error.code == "insufficient_memory" and "cache_tokens" in error.message
-    assert on_gpu == []
+    assert started.unloaded and caches[-1]() is None and error.__context__ is None
+    assert guarded_load(lambda on_gpu: "loaded", "m", "exllamav3") == "loaded"
 
 
 def test_special_tokens_the_library_streams_as_text_are_taken_out():

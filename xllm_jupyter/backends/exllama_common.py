@@ -14,9 +14,9 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
-from ..core.errors import EngineError, Overloaded
+from ..core.errors import EngineError
 from ..core.types import FinishReason, SamplingParams, TokenEvent
 from .base import unload_each
 from .compile_gate import empty_cuda_cache
@@ -24,6 +24,7 @@ from .memory_estimate import disk_bytes, kv_cache_bytes
 from .torch_device import is_out_of_memory, out_of_memory, release_memory
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: both libraries allocate the KV cache in pages of this many tokens
 PAGE_SIZE = 256
@@ -332,23 +333,23 @@ def is_model_directory(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
-def load_failed(exc: Exception, name: str, library: str, on_gpu: list[Any]) -> None:
-    """Handle a load that raised ``exc`` (call in the except clause): unload what it put on the GPU, then raise
-    an EngineError that names the library, or ``exc`` itself; return only when it ran out of memory (then the
-    caller drops its references and calls ``out_of_room`` after the clause, whose frames hold the cache)."""
-    unload_quietly(on_gpu)  # whatever failed (a draft's settings, say): nothing may stay on the GPU
-    if is_out_of_memory(exc):
-        return
-    if isinstance(exc, (OSError, ValueError, KeyError, RuntimeError, AssertionError)):
-        raise EngineError(f"Failed to load model '{name}' with {library} ({type(exc).__name__})") from exc
-    raise exc
-
-
-def out_of_room(name: str, on_gpu: list[Any]) -> Overloaded:
-    """The 503 for a load that ran out of GPU memory, once its memory is given back (see ``load_failed``)."""
+def guarded_load(build: Callable[[list[Any]], T], name: str, library: str) -> T:
+    """``build(on_gpu)``: a load that appends each model it puts on the GPU to ``on_gpu``. If it raises, those
+    models are unloaded and the error becomes an EngineError naming the library (a bug's own error is raised
+    as it is), or a 503 when the GPUs ran out of memory, raised only once the error, whose frames hold the
+    cache, is gone, so that its memory can be given back first."""
+    on_gpu: list[Any] = []
+    try:
+        return build(on_gpu)
+    except Exception as exc:
+        unload_quietly(on_gpu)  # whatever failed (a draft's settings, say): nothing may stay on the GPU
+        if not is_out_of_memory(exc):
+            if isinstance(exc, (OSError, ValueError, KeyError, RuntimeError, AssertionError)):
+                raise EngineError(f"Failed to load model '{name}' with {library} ({type(exc).__name__})") from exc
+            raise
     on_gpu.clear()
     release_memory()
-    return out_of_memory(name, "cuda", "its weights and KV cache")
+    raise out_of_memory(name, "cuda", "its weights and KV cache")
 
 
 def unload_quietly(models: Iterable[Any]) -> None:

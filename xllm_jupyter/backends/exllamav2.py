@@ -25,9 +25,8 @@ from .exllama_common import (
     cuda_memory_in_use,
     draft_vocabulary_fits,
     exllama_cache_estimate,
+    guarded_load,
     is_model_directory,
-    load_failed,
-    out_of_room,
     v2_sampler_fields,
     wants_cpu,
 )
@@ -170,9 +169,8 @@ class ExllamaV2Backend(Backend):
             raise EngineError("exllamav2 quantizes its KV cache symmetrically only: use fp16, q8, q6 or q4")
         path = Path(spec.path)
         before = cuda_memory_in_use()
-        on_gpu: list[Any] = []  # models that may hold GPU memory, freed again if loading fails
-        ran_out = False
-        try:
+
+        def loaded(on_gpu: list[Any]) -> tuple[Any, int, Any, int, bool, Any, Any]:
             config, ctx, model, cache, cache_tokens, paged = open_model(exllamav2, path, opts,
                                                                         paged_attention_available())
             check_limits(opts, config, paged)
@@ -189,12 +187,9 @@ class ExllamaV2Backend(Backend):
                                 on_gpu)
             generator = ExLlamaV2DynamicGenerator(model=model, cache=cache, tokenizer=tokenizer,
                                                   **generator_kwargs(opts, ctx, paged, draft))
-        except Exception as exc:
-            load_failed(exc, spec.name, "exllamav2", on_gpu)
-            ran_out = True
-        if ran_out:  # after the except clause, whose frames held the cache: now it can be freed
-            model = cache = draft = generator = None
-            raise out_of_room(spec.name, on_gpu)
+            return config, ctx, model, cache_tokens, paged, draft, generator
+
+        config, ctx, model, cache_tokens, paged, draft, generator = guarded_load(loaded, spec.name, "exllamav2")
         return build_model(spec, path, config=config, opts=opts, ctx=ctx, paged=paged, cache_tokens=cache_tokens,
                            model=model, draft=draft, generator=generator, memory_bytes=cuda_memory_in_use() - before)
 

@@ -26,9 +26,8 @@ from .exllama_common import (
     cuda_memory_in_use,
     draft_vocabulary_fits,
     exllama_cache_estimate,
+    guarded_load,
     is_model_directory,
-    load_failed,
-    out_of_room,
     wants_cpu,
 )
 from .exllama_model import DynamicGeneratorModel
@@ -87,9 +86,8 @@ class ExllamaV3Backend(Backend):
         opts = ExllamaOptions.from_options(spec.options, spec.context_length)
         path = Path(spec.path)
         before = cuda_memory_in_use(opts.tensor_parallel)
-        on_gpu: list[Any] = []  # models that may hold GPU memory, freed again if loading fails
-        ran_out = False
-        try:
+
+        def loaded(on_gpu: list[Any]) -> tuple[Any, Any, int, Any, Any, Any]:
             config, model, cache, cache_tokens = open_model(path, opts)
             draft = _load_draft(opts, cache_tokens, _load_kwargs(opts), int(config.vocab_size), on_gpu)
             on_gpu.append(model)
@@ -97,12 +95,9 @@ class ExllamaV3Backend(Backend):
             warm_up_kernels(model, cache, opts)
             tokenizer = Tokenizer.from_config(config)
             generator = Generator(model=model, cache=cache, tokenizer=tokenizer, **generator_kwargs(opts, draft))
-        except Exception as exc:
-            load_failed(exc, spec.name, "exllamav3", on_gpu)
-            ran_out = True
-        if ran_out:  # after the except clause, whose frames held the cache: now it can be freed
-            model = cache = draft = generator = None
-            raise out_of_room(spec.name, on_gpu)
+            return config, model, cache_tokens, draft, tokenizer, generator
+
+        config, model, cache_tokens, draft, tokenizer, generator = guarded_load(loaded, spec.name, "exllamav3")
         prepare_grammar_tokenizer(tokenizer)
         return build_model(spec, path, config=config, opts=opts, cache_tokens=cache_tokens, model=model,
                            tokenizer=tokenizer, draft=draft, generator=generator,

@@ -93,8 +93,12 @@ def gpu_indices(spec: Any, backend: Any) -> tuple[int, ...] | None:
     over every GPU, like exllama), else the one its ``device`` option names (``cuda``/``auto``: the first)."""
     if backend is not None and backend.splits_over_gpus:
         return None
-    device = str(spec.options.get("device", "auto")).strip().lower()
-    _, _, index = device.partition(":")
+    return named_gpu(str(spec.options.get("device", "auto")))
+
+
+def named_gpu(device: str) -> tuple[int]:
+    """The GPU a device name means: ``cuda:N`` is N; ``cuda``, ``auto`` (and anything else) the first."""
+    _, _, index = device.strip().lower().partition(":")
     return (int(index),) if index.isdigit() else (0,)
 
 
@@ -311,9 +315,8 @@ class ResidencyMixin:
         for name, slot in self._embeddings.slots.items():
             details = slot.model.details()
             where = str(details.get("device", "cpu"))
-            _, _, index = where.partition(":")
             records[name] = Residency(device=device_kind(where), memory_bytes=slot.model.memory_bytes(),
-                                      gpus=(int(index),) if index.isdigit() else (0,))
+                                      gpus=named_gpu(where))
         return records
 
     async def _make_room(self, name: str, needed: int, device: str, gpus: tuple[int, ...] | None = None) -> None:
