@@ -433,6 +433,10 @@ async def test_eager_decoding_admits_jobs_within_its_kv_token_budget(tiny_llama_
     m.add(long)
     fits = m.admission_check()
     assert not fits(short)  # 2 x 300 > 400, though 300 + 60 fits
+    m.step()
+    m.step()
+    # the batch knows the running row's claim, which caps its buffers (tests/test_kv_batch.py)
+    assert m._batch.claims == [300] and m._batch.limit == 300
     m.unload()
     # without the setting on a CPU, only the batch size bounds it
     assert TransformersBackend().load(ModelSpec(name="t", path=Path(tiny_llama_dir), options={"device": "cpu"})

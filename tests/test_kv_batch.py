@@ -247,3 +247,58 @@ def test_join_rebuilds_one_layer_at_a_time():
     # the old batch and the prefill, or the new batch and the prefill, plus one layer being rebuilt
     bound = max(live.start, end) + layer_bytes(batch)
     assert live.peak <= bound, (live.peak, live.start, end, layer_bytes(batch))
+
+
+def column_bytes(batch: BatchKV) -> int:
+    """Bytes one row's keys and values take per column, over all layers."""
+    return sum(2 * HEADS * DIM * layer.keys.element_size() for layer in batch.cache.layers)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_buffers_never_hold_more_than_rows_times_the_longest_claim(seed):
+    # the eager KV budget admits rows x the longest claim: the buffers (headroom included) must fit in that
+    rnd, gen, layers = random.Random(seed), torch.Generator().manual_seed(seed), 3
+    batch, ref, claims, admitted = BatchKV(), Reference(), [], 0
+    with torch.inference_mode():
+        for _ in range(60):
+            op = rnd.choice(["join", "step", "step", "step", "keep"])
+            if not ref.real:
+                op = "join"
+            if op == "join":
+                lengths = [rnd.randint(1, 40) for _ in range(rnd.randint(1, 3))]
+                new_claims = [n + rnd.randint(1, 30) for n in lengths]
+                cache, mask, real = prefill(gen, lengths, layers)
+                batch.join(cache, mask, lengths, new_claims)
+                ref.real, claims = ref.real + real, claims + new_claims
+            elif op == "step":
+                # rows that reached their claim end first, as jobs do at max_tokens
+                keep = [i for i, n in enumerate(ref.lengths) if n < claims[i]]
+                batch.keep(keep)
+                ref.real, claims = [ref.real[i] for i in keep], [claims[i] for i in keep]
+                if ref.real:
+                    step(gen, batch, ref, layers)
+            else:
+                rows = sorted(rnd.sample(range(batch.rows), rnd.randint(0, batch.rows)))
+                batch.keep(rows)
+                ref.real, claims = [ref.real[i] for i in rows], [claims[i] for i in rows]
+            check(batch, ref, layers)
+            if ref.real:
+                assert batch.claims == claims and batch.limit == max(claims)
+                if op == "join":  # exactly what the budget admitted
+                    admitted = len(claims) * max(claims) * column_bytes(batch)
+                    assert batch.nbytes() <= admitted
+                # steps and leaving rows never allocate past it (compacted buffers stay until a join or the
+                # shrink rule gives them back)
+                assert batch.nbytes() <= admitted
+
+
+def test_a_batch_without_claims_keeps_its_headroom():
+    gen = torch.Generator().manual_seed(3)
+    batch = BatchKV()
+    cache, mask, _ = prefill(gen, [10, 20], 2)
+    batch.join(cache, mask, [10, 20])
+    assert batch.limit is None and batch.cache.layers[0]._k.shape[2] == 20 + kv_batch.HEADROOM
+    capped = BatchKV()
+    cache, mask, _ = prefill(gen, [10, 20], 2)
+    capped.join(cache, mask, [10, 20], [15, 24])
+    assert capped.limit == 24 and capped.cache.layers[0]._k.shape[2] == 24

@@ -485,9 +485,11 @@ class StaticBatch:
         """Sequences in the batch."""
         return len(self.table.rows)
 
-    def join(self, cache, mask: torch.Tensor, lengths: Sequence[int]) -> None:
+    def join(self, cache, mask: torch.Tensor, lengths: Sequence[int], claims: Sequence[int] | None = None) -> None:
         """Give each row of a right-aligned prefill cache a slot and copy its keys/values there."""
-        del mask  # rows are right-aligned: the real tokens are the last ``lengths[row]`` columns
+        # rows are right-aligned: the real tokens are the last ``lengths[row]`` columns; slots are
+        # sized at load, so the rows' claims change nothing
+        del mask, claims
         layers = _layers(cache)
         for row, n in enumerate(lengths):
             self.cache.write(self.table.take(n), [(layer.keys[row, :, -n:], layer.values[row, :, -n:])

@@ -57,15 +57,19 @@ class GrowLayer(DynamicLayer):
     decode step; here ``keys``/``values`` are views of larger buffers (the first ``_rows``
     rows, columns ``_start:_end``) and a step writes one column in place. Buffers are
     reallocated on growth and join; rows leaving are compacted in place (see ``keep``).
+    ``limit``, when known, is the most columns any row can reach: spare capacity stops
+    there, so the buffers never hold more than rows x ``limit`` columns.
     """
 
-    def __init__(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor]], width: int, spare: int = 0) -> None:
+    def __init__(self, parts: Sequence[tuple[torch.Tensor, torch.Tensor]], width: int, spare: int = 0,
+                 limit: int | None = None) -> None:
         """Stack ``parts`` (keys, values of some rows each) right-aligned into ``width`` columns."""
         super().__init__()
         k0, v0 = parts[0]
         self.dtype, self.device, self.is_initialized = k0.dtype, k0.device, True
         rows = sum(k.shape[0] for k, _ in parts)
-        cap = width + spare + max(HEADROOM, width // 2)
+        self.limit = limit
+        cap = _capacity(width + spare, limit)
         # zeros, not empty: left padding columns are read (masked) and must not hold NaN
         self._k = k0.new_zeros((rows, k0.shape[1], cap, k0.shape[3]))
         self._v = v0.new_zeros((rows, v0.shape[1], cap, v0.shape[3]))
@@ -85,7 +89,7 @@ class GrowLayer(DynamicLayer):
     def _rebuild(self, spare: int = 0) -> None:
         """Reallocate the buffers to fit the current view (plus headroom and ``spare``)."""
         width = self._end - self._start
-        fresh = GrowLayer([(self.keys, self.values)], width, spare)
+        fresh = GrowLayer([(self.keys, self.values)], width, spare, self.limit)
         self._k, self._v, self._rows, self._start, self._end = fresh._k, fresh._v, fresh._rows, 0, width
         self._view()
 
@@ -105,8 +109,9 @@ class GrowLayer(DynamicLayer):
         self._start += cut
         self._view()
 
-    def keep(self, rows: Sequence[int], width: int) -> None:
-        """Keep only ``rows`` (ascending) and the last ``width`` columns, compacting in place."""
+    def keep(self, rows: Sequence[int], width: int, limit: int | None = None) -> None:
+        """Keep only ``rows`` (ascending) and the last ``width`` columns, compacting in place; ``limit``:
+        the kept rows' column limit."""
         # Kept row j moves down to row j from rows[j] >= j, so rows with rows[j] == j form
         # a prefix that stays put. The rest go through one gather: source and destination
         # rows overlap, and the temporary is at most the kept rows of one tensor of one layer.
@@ -117,12 +122,12 @@ class GrowLayer(DynamicLayer):
             for buf in (self._k, self._v):
                 buf[moved : len(rows), :, cols].copy_(buf[:, :, cols].index_select(0, index))
         # columns left of _start are never exposed again, so the new left edge needs no zeroing
-        self._rows, self._start = len(rows), self._end - width
+        self._rows, self._start, self.limit = len(rows), self._end - width, limit
         self._view()
         # Shrink policy: compacting in place reuses the same blocks (no allocator churn), but
         # buffers holding more than twice the cells a fresh layer would allocate (rows left
         # below half, or a long row left) are rebuilt to give the memory back.
-        fresh_cap = width + max(HEADROOM, width // 2)
+        fresh_cap = _capacity(width, limit)
         if self._k.shape[0] * self._k.shape[2] > 2 * len(rows) * fresh_cap:
             self._rebuild()
 
@@ -130,6 +135,12 @@ class GrowLayer(DynamicLayer):
     def nbytes(self) -> int:
         """Bytes of both buffers, spare rows and columns included."""
         return self._k.nbytes + self._v.nbytes
+
+
+def _capacity(width: int, limit: int | None) -> int:
+    """Columns to allocate for ``width``: headroom to grow into, up to ``limit`` (never below ``width``)."""
+    cap = width + max(HEADROOM, width // 2)
+    return cap if limit is None else max(width, min(cap, limit))
 
 
 def _last(layer: DynamicLayer, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,6 +169,15 @@ class BatchKV:
         self.mask: torch.Tensor | None = None
         #: real tokens per row, which is also the next position id of the row
         self.lengths: list[int] = []
+        #: the most tokens each row may reach (None: unknown), which caps the buffers' spare columns
+        self.claims: list[int | None] = []
+
+    @property
+    def limit(self) -> int | None:
+        """The most columns any row may reach; None when some row's claim is unknown."""
+        if not self.claims or None in self.claims:
+            return None
+        return max(self.claims)
 
     @property
     def rows(self) -> int:
@@ -182,14 +202,21 @@ class BatchKV:
         self.lengths = [n + 1 for n in self.lengths]
         return (self.mask if padded else None), positions
 
-    def join(self, cache: DynamicCache, mask: torch.Tensor, lengths: Sequence[int]) -> None:
-        """Append the rows of a prefill cache (same left-padded layout) to the batch."""
+    def join(self, cache: DynamicCache, mask: torch.Tensor, lengths: Sequence[int],
+             claims: Sequence[int] | None = None) -> None:
+        """Append the rows of a prefill cache (same left-padded layout) to the batch; ``claims``: the most
+        tokens each new row may reach (prompt + the most it may generate), which bounds the buffers."""
         new = _layers(cache)
         width = max(self.width, max(lengths))
+        claims = list(claims) if claims is not None else [None] * len(lengths)
+        if len(claims) != len(lengths):
+            raise ValueError(f"{len(claims)} claims for {len(lengths)} rows")
+        self.claims = self.claims + claims
+        limit = self.limit
         # a prefill may carry columns that are padding in all of its rows: they are left out
         mask = mask[:, -width:]
         if self.cache is None:
-            self.cache = _batch_cache([GrowLayer([_last(layer, width)], width) for layer in new])
+            self.cache = _batch_cache([GrowLayer([_last(layer, width)], width, limit=limit) for layer in new])
             old_mask = mask.new_zeros((0, 0))
         else:
             _layers(self.cache)  # only checks: a list of the old layers would keep all of them alive
@@ -198,7 +225,7 @@ class BatchKV:
                 raise ValueError(f"cannot join a cache of {len(new)} layers to a batch of {len(layers)}")
             for i, layer in enumerate(new):
                 # replacing layer i frees its old buffers before layer i + 1 is built
-                layers[i] = GrowLayer([(layers[i].keys, layers[i].values), _last(layer, width)], width)
+                layers[i] = GrowLayer([(layers[i].keys, layers[i].values), _last(layer, width)], width, limit=limit)
             old_mask = self.mask
         self.mask = torch.cat([F.pad(old_mask, (width - old_mask.shape[1], 0)),
                                F.pad(mask, (width - mask.shape[1], 0))], dim=0)
@@ -213,9 +240,10 @@ class BatchKV:
             return
         rows = list(rows)
         lengths = [self.lengths[i] for i in rows]
-        width = max(lengths)
+        self.claims = [self.claims[i] for i in rows]
+        width, limit = max(lengths), self.limit
         for layer in _layers(self.cache):
-            layer.keep(rows, width)
+            layer.keep(rows, width, limit)
         index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
         self.mask = self.mask.index_select(0, index)[:, -width:]
         self.lengths = lengths
@@ -231,7 +259,7 @@ class BatchKV:
 
     def clear(self) -> None:
         """Forget every row and free the cache."""
-        self.cache, self.mask, self.lengths = None, None, []
+        self.cache, self.mask, self.lengths, self.claims = None, None, [], []
 
     def nbytes(self) -> int:
         """Bytes held by the cached keys and values, spare capacity included."""

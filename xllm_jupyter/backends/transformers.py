@@ -352,7 +352,8 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
                 self._decode(events)
             for cache, mask, seqs in joined:
                 if seqs:
-                    self._batch.join(cache, mask, [len(s.job.prompt_ids) for s in seqs])
+                    self._batch.join(cache, mask, [len(s.job.prompt_ids) for s in seqs],
+                                     [self.admission_cost(s.job) for s in seqs])
                     self._running.extend(seqs)  # rows are appended in the same order as the batch's
         return events
 
