@@ -213,3 +213,51 @@ def test_modelfile_adapter_is_merged(sdk, lora_server, lora_dirs):
     assert _complete(sdk, "tiny-one") == one
     assert _complete(sdk, "tiny-two") == _complete(sdk, "ad-two")
     assert lora_server.call(lora_server.engine.unload("tiny-one")) and lora_server.call(lora_server.engine.unload("tiny-two"))
+
+
+def test_detaching_an_adapter_after_a_one_adapter_pass_leaves_a_consistent_model(tiny_llama_dir, lora_dirs):
+    """After a uniform pass activates an adapter on the layers, detaching it keeps mixed, base and uniform
+    passes equal to a freshly built model's, peft's own record names no deleted adapter, and detaching
+    all gives the base model back."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from xllm_jupyter.backends.lora import LoraAdapters
+
+    ids = torch.tensor([[1, 5, 9, 12], [3, 4, 5, 6]])
+
+    def fresh() -> LoraAdapters:
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
+        return LoraAdapters(model, torch.device("cpu"))
+
+    def logits(adapters: LoraAdapters, rows) -> torch.Tensor:
+        with torch.no_grad(), adapters.lock, adapters.forward(rows):
+            return adapters.model(input_ids=ids[: len(rows)]).logits[:, -1]
+
+    one, two = lora_dirs
+    reference = fresh()
+    with reference.lock:
+        reference.attach("two", two)
+        reference.attach("three", one)
+    want = [logits(reference, rows) for rows in (["two", "three"], [None, None], ["two", "two"])]
+
+    adapters = fresh()
+    with adapters.lock:
+        adapters.attach("one", one)
+        adapters.attach("two", two)
+    logits(adapters, ["one", "one"])  # every layer now has "one" active
+    with adapters.lock:
+        assert adapters.detach("one") and not adapters.detach("one")
+        assert adapters._peft.active_adapter in adapters._peft.peft_config
+        adapters.attach("three", one)
+    got = [logits(adapters, rows) for rows in (["two", "three"], [None, None], ["two", "two"])]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, want))
+    assert not torch.allclose(got[0][0], got[1][0], atol=1e-3)  # the adapters do change the output
+    with adapters.lock:
+        adapters.detach("two")
+        adapters.detach("three")
+    assert adapters.names() == [] and adapters._peft.active_adapter == []
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.allclose(adapters.model(input_ids=ids).logits[:, -1], plain(input_ids=ids).logits[:, -1],
+                              atol=1e-5)

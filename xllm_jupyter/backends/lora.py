@@ -131,6 +131,12 @@ class LoraAdapters:
             if module.__class__ in self._lora_layers and key in module.active_adapters:
                 module._active_adapter = []
         self._peft.delete_adapter(key)
+        if self._peft.active_adapter == key:
+            # peft moves its own record only when exactly one adapter stays active on the layers, which
+            # the clearing above prevents; leave it naming an adapter that exists (anything reading
+            # ``active_peft_config`` would raise KeyError on the deleted one)
+            remaining = list(self._keys.values())
+            self._peft.active_adapter = remaining[0] if remaining else []
         return True
 
     def forward(self, rows: Sequence[str | None]) -> ContextManager:
