@@ -15,7 +15,8 @@ torch = pytest.importorskip("torch")
 from xllm_jupyter.backends.base import ModelSpec  # noqa: E402
 from xllm_jupyter.backends.detokenize import IncrementalDetokenizer  # noqa: E402
 from xllm_jupyter.backends.registry import get_backend  # noqa: E402
-from xllm_jupyter.backends.transformers import TransformersBackend, TransformersModel  # noqa: E402
+from xllm_jupyter.backends.hf_model import TransformersModel  # noqa: E402
+from xllm_jupyter.backends.transformers import TransformersBackend  # noqa: E402
 from xllm_jupyter.core.errors import ContextLengthExceeded, InvalidRequest  # noqa: E402
 from xllm_jupyter.core.types import ChatMessage, FinishReason, SamplingParams, SequenceJob  # noqa: E402
 

@@ -18,7 +18,8 @@ pytest.importorskip("llguidance")
 from tests.server_fixtures import TINY  # noqa: E402
 from xllm_jupyter.backends.base import ModelSpec  # noqa: E402
 from xllm_jupyter.backends.constraints import GrammarCompiler  # noqa: E402
-from xllm_jupyter.backends.transformers import TransformersBackend, TransformersModel  # noqa: E402
+from xllm_jupyter.backends.hf_model import TransformersModel  # noqa: E402
+from xllm_jupyter.backends.transformers import TransformersBackend  # noqa: E402
 from xllm_jupyter.core.errors import InvalidRequest  # noqa: E402
 from xllm_jupyter.core.types import Constraint, FinishReason, SamplingParams, SequenceJob  # noqa: E402
 from xllm_jupyter.openai.structured import constraint_from_response_format  # noqa: E402

@@ -35,7 +35,8 @@ from xllm_jupyter.backends.registry import (  # noqa: E402
     compile_setting,
     select_backend,
 )
-from xllm_jupyter.backends.transformers import TransformersBackend, TransformersModel  # noqa: E402
+from xllm_jupyter.backends.hf_model import TransformersModel  # noqa: E402
+from xllm_jupyter.backends.transformers import TransformersBackend  # noqa: E402
 from xllm_jupyter.core.config import EngineConfig  # noqa: E402
 from xllm_jupyter.core.errors import ContextLengthExceeded, EngineError  # noqa: E402
 from xllm_jupyter.core.types import (  # noqa: E402

@@ -1,6 +1,6 @@
 """Static-cache decoding for the transformers backend, compiled with CUDA graphs on a GPU.
 
-The eager path (``transformers.py`` + ``kv_batch.py``) re-lays out a dynamic cache as rows
+The eager path (``hf_model.py`` + ``kv_batch.py``) re-lays out a dynamic cache as rows
 join and leave, so every decode step has new shapes and runs op by op from Python: about
 4x slower per token than a compiled graph on an H100 at one stream. Here every sequence
 owns a fixed *slot* (one row) of a preallocated cache of shape (slots, kv_heads, slot
@@ -59,7 +59,7 @@ DEFAULT_SLOT_TOKENS = 4096
 WINDOW_MIN = 256
 #: columns allocated past a slot's last (never read; see SlotCache)
 SPARE_COLUMNS = 16
-#: details()["decode"] values: compiled graph, the slot cache run eagerly, the dynamic batch (transformers.py)
+#: details()["decode"] values: compiled graph, the slot cache run eagerly, the dynamic batch (hf_model.py)
 DECODE_COMPILED, DECODE_STATIC, DECODE_EAGER = "compiled-static", "static", "eager"
 
 
