@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 from ..core.errors import EngineError
 from ..core.types import FinishReason, SamplingParams, TokenEvent
-from .base import unload_each
+from .base import Backend, ModelSpec, unload_each
 from .compile_gate import empty_cuda_cache
 from .memory_estimate import disk_bytes, kv_cache_bytes
 from .torch_device import is_out_of_memory, out_of_memory, release_memory
@@ -134,6 +134,25 @@ def exllama_cache_estimate(spec: Any) -> int:
         return total
     except (OSError, ValueError, EngineError):  # an estimate: the load itself reports what is wrong
         return 0
+
+
+class ExllamaBackend(Backend):
+    """What both exllama backends share: CUDA only, a model auto-split over the visible GPUs, a KV cache
+    allocated whole at load. ``name`` is also the library's import name."""
+
+    splits_over_gpus = True
+
+    def available(self) -> bool:
+        """The library is installed and a CUDA GPU is visible."""
+        return importlib.util.find_spec(self.name) is not None and cuda_available()
+
+    def cache_bytes_estimate(self, spec: ModelSpec) -> int:
+        """The paged KV cache it allocates at load (``cache_tokens`` at the configured K/V bits), a draft model."""
+        return exllama_cache_estimate(spec)
+
+    def memory_device(self, spec: ModelSpec) -> str:
+        """GPU memory, whatever ``engine.device`` says (auto-split over the visible GPUs)."""
+        return "cuda"
 
 
 def _read_config(path: Path) -> dict[str, Any]:

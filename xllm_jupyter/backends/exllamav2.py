@@ -8,7 +8,6 @@ let the engine queue the other requests (max batch size 1), so none fail.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -16,15 +15,14 @@ from typing import Any
 
 from ..core.errors import EngineError
 from ..core.types import SequenceJob
-from .base import Backend, ModelSpec
+from .base import ModelSpec
 from .exllama_common import (
     PAGE_SIZE,
+    ExllamaBackend,
     ExllamaOptions,
     config_eos,
-    cuda_available,
     cuda_memory_in_use,
     draft_vocabulary_fits,
-    exllama_cache_estimate,
     guarded_load,
     is_model_directory,
     v2_sampler_fields,
@@ -131,28 +129,14 @@ def warn_unpaged_once() -> None:
                     "time); other requests wait in the queue. Install flash-attn for continuous batching.")
 
 
-class ExllamaV2Backend(Backend):
+class ExllamaV2Backend(ExllamaBackend):
     """Loads models with exllamav2."""
 
     name = "exllamav2"
-    splits_over_gpus = True  # auto-split over the visible GPUs
-
-    def available(self) -> bool:
-        """exllamav2 is installed and a CUDA GPU is visible."""
-        return importlib.util.find_spec("exllamav2") is not None and cuda_available()
-
     def supports(self, spec: ModelSpec) -> bool:
         """EXL2, GPTQ or FP16 safetensors chat models in a directory (not on ``engine.device: cpu``)."""
         return (not wants_cpu(spec) and spec.task == "chat" and spec.format in FORMATS
                 and is_model_directory(Path(spec.path)))
-
-    def cache_bytes_estimate(self, spec: ModelSpec) -> int:
-        """The paged KV cache it allocates at load (``cache_tokens`` at the configured K/V bits), a draft model."""
-        return exllama_cache_estimate(spec)
-
-    def memory_device(self, spec: ModelSpec) -> str:
-        """GPU memory, whatever ``engine.device`` says (auto-split over the visible GPUs)."""
-        return "cuda"
 
     def load(self, spec: ModelSpec) -> ExllamaV2Model:
         """Load weights, cache and generator (slow; called on a worker thread)."""

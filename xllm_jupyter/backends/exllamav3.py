@@ -17,15 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from ..core.types import SequenceJob
-from .base import Backend, ModelSpec
+from .base import ModelSpec
 from .exllama_common import (
+    ExllamaBackend,
     ExllamaOptions,
     combo_sampler_kwargs,
     config_eos,
-    cuda_available,
     cuda_memory_in_use,
     draft_vocabulary_fits,
-    exllama_cache_estimate,
     guarded_load,
     is_model_directory,
     wants_cpu,
@@ -46,16 +45,10 @@ FORMATS = ("exl3", "safetensors")
 PREFILL_SETTINGS = {"prefill_cooldown": 0, "max_chunk_size": 2048, "shared_chunk_size": 2048}
 
 
-class ExllamaV3Backend(Backend):
+class ExllamaV3Backend(ExllamaBackend):
     """Loads models with exllamav3."""
 
     name = "exllamav3"
-    splits_over_gpus = True  # auto-split over the visible GPUs
-
-    def available(self) -> bool:
-        """exllamav3 is installed and a CUDA GPU is visible."""
-        return importlib.util.find_spec("exllamav3") is not None and cuda_available()
-
     def supports(self, spec: ModelSpec) -> bool:
         """EXL3 models, and FP16/BF16 safetensors chat models of an architecture exllamav3 implements (not on
         ``engine.device: cpu``).
@@ -67,14 +60,6 @@ class ExllamaV3Backend(Backend):
             return False
         known = known_architectures()
         return spec.format == "exl3" or not known or model_architecture(path) in known
-
-    def cache_bytes_estimate(self, spec: ModelSpec) -> int:
-        """The paged KV cache it allocates at load (``cache_tokens`` at the configured K/V bits), a draft model."""
-        return exllama_cache_estimate(spec)
-
-    def memory_device(self, spec: ModelSpec) -> str:
-        """GPU memory, whatever ``engine.device`` says (auto-split over the visible GPUs)."""
-        return "cuda"
 
     def load(self, spec: ModelSpec) -> ExllamaV3Model:
         """Load weights, cache and generator (slow; called on a worker thread)."""
