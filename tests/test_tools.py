@@ -14,7 +14,13 @@ from tests.server_fixtures import TINY
 from xllm_jupyter.core.errors import InvalidRequest
 from xllm_jupyter.core.types import ChatMessage
 from xllm_jupyter.openai.tool_parser import HERMES, LLAMA3, MISTRAL, StreamingToolParser, detect_family, parse_tool_calls
-from xllm_jupyter.openai.tools import parse_tool_config, prepare_messages, tool_constraint, tool_grammar
+from xllm_jupyter.openai.tools import (
+    MAX_PARALLEL_CALLS,
+    parse_tool_config,
+    prepare_messages,
+    tool_constraint,
+    tool_grammar,
+)
 
 WEATHER = {
     "type": "object",
@@ -90,6 +96,13 @@ def test_grammar_admits_calls_and_rejects_others():
     one = '<tool_call>\n{"name": "add", "arguments": {"a":1,"b":2}}\n</tool_call>'
     assert accepts(one)
     assert accepts(one + "\n" + one.replace('"a":1', '"a":7'))
+    # bounded: a small model that repeats its call cannot run to max_tokens
+    assert accepts("\n".join([one] * MAX_PARALLEL_CALLS)) and not accepts("\n".join([one] * (MAX_PARALLEL_CALLS + 1)))
+    named = llguidance.grammar_from("lark", tool_grammar(parse_tool_config(TOOLS, {"type": "function",
+                                                                                  "function": {"name": "add"}}, True)))
+    m = llguidance.LLMatcher(lt, named)
+    assert m.consume_tokens(tok.encode(one, add_special_tokens=False)) and m.is_accepting()
+    assert not m.consume_tokens(tok.encode("\n" + one, add_special_tokens=False))  # a named function: one call
     assert not accepts(one.replace('"add"', '"sub"'))
     assert not accepts(one.replace('"b":2', '"c":2'))
     assert not accepts("Sure! " + one)

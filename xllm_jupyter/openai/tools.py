@@ -231,6 +231,15 @@ def _args_schema(params: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+#: the most calls one forced (``required``) reply may hold with parallel_tool_calls
+MAX_PARALLEL_CALLS = 8
+
+
+def max_forced_calls(cfg: ToolConfig) -> int:
+    """How many calls a grammar-forced reply may hold: one for a named function or without parallel calls."""
+    return MAX_PARALLEL_CALLS if cfg.parallel and cfg.forced is None else 1
+
+
 def tool_grammar(cfg: ToolConfig) -> str:
     """A Lark grammar (llguidance dialect) that admits only valid Hermes tool-call blocks."""
     tools = cfg.callable_tools()
@@ -239,7 +248,11 @@ def tool_grammar(cfg: ToolConfig) -> str:
         head = _lark_str('{"name": ' + json.dumps(t.name) + ', "arguments": ')
         rules.append(f"fn_{i}: {head} %json{json.dumps(_args_schema(t.parameters))} \"}}\"")
     alts = " | ".join(f"fn_{i}" for i in range(len(tools)))
-    start = 'start: call ("\\n" call)*' if cfg.parallel else "start: call"
+    # Bounded: after a call the grammar allows either the end or another call, and small models
+    # tend to repeat the same call until max_tokens (finish "length", which the SDK's parse()
+    # rejects). A named function is one call, as OpenAI makes it.
+    calls = max_forced_calls(cfg)
+    start = f'start: call ("\\n" call){{0,{calls - 1}}}' if calls > 1 else "start: call"
     call = f"call: {_lark_str(CALL_OPEN)} ({alts}) {_lark_str(CALL_CLOSE)}"
     return "\n".join([start, call, *rules]) + "\n"
 
