@@ -2,7 +2,9 @@
 
 ``Authorization: token <t>`` and ``Authorization: Bearer <t>`` both work, so the OpenAI
 SDK with ``api_key=<jupyter token>`` needs nothing else. Token-authenticated requests
-skip XSRF; cookie-authenticated browser POSTs still need ``X-XSRFToken``.
+skip XSRF; cookie-authenticated browser POSTs still need ``X-XSRFToken``. A request
+without valid credentials is a 401 ``invalid_api_key`` (Jupyter's own API answers 403),
+so OpenAI clients raise ``AuthenticationError``; 403 stays for users who may not do it.
 """
 
 from __future__ import annotations
@@ -14,11 +16,23 @@ from jupyter_server.base.handlers import APIHandler
 from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import web
 
+from ..core.errors import AuthenticationError
+
 
 class JupyterXllmHandler(ExtensionHandlerMixin, APIHandler):
     """Authenticated and authorized on the ``xllm`` resource (GET = read, POST and DELETE = write)."""
 
     auth_resource = "xllm"
+
+    async def prepare(self, *args: Any, **kwargs: Any) -> None:
+        """Jupyter's checks, with "no credentials" as a 401 (Jupyter raises 403 for every refusal)."""
+        try:
+            await super().prepare(*args, **kwargs)
+        except web.HTTPError as exc:
+            if exc.status_code == 403 and self.current_user is None:
+                raise AuthenticationError("Missing or invalid Jupyter token. Pass it as 'Authorization: Bearer "
+                                          "<token>' (the OpenAI SDK's api_key).") from None
+            raise
 
     @web.authenticated
     @authorized
