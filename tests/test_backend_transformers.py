@@ -101,6 +101,8 @@ def test_tokenizer_roundtrip_and_chat(model):
     assert "<|im_start|>user\nHi<|im_end|>" in prompt
     assert prompt.endswith("<|im_start|>assistant\n")
     assert not model.render_chat([ChatMessage("user", "Hi")], add_generation_prompt=False).endswith("assistant\n")
+    # OpenAI's "developer" role is "system" to a template that does not name it (no default system prompt added)
+    assert model.render_chat([ChatMessage("developer", "Be brief."), ChatMessage("user", "Hi")]) == prompt
     assert model.detokenize(model.tokenize("<|im_start|>hi", add_special_tokens=False)) == "hi"
 
 

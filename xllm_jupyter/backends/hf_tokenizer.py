@@ -61,6 +61,12 @@ class ChatTokenizer:
             raise InvalidRequest(f"Model '{self.model_name}' has no chat template; send a plain prompt to the "
                                  "completions endpoint instead", param="messages")
         convo = [m.to_template_dict() for m in messages]
+        if "developer" not in (self.chat_template() or ""):
+            # OpenAI's "developer" role is the new name for "system". A template that does not know it
+            # renders an unknown turn (or rejects it) and adds its own default system prompt.
+            for turn in convo:
+                if turn["role"] == "developer":
+                    turn["role"] = "system"
         try:
             with self._lock:
                 return self.tokenizer.apply_chat_template(convo, tokenize=False, tools=list(tools) if tools else None,
