@@ -266,6 +266,8 @@ def test_forced_tool_calls_streaming(client):
         model=TINY, messages=MSG, tools=TOOLS, tool_choice="required", max_tokens=200, seed=2, stream=True))
     calls: dict[int, dict] = {}
     finish, pieces = None, 0
+    opening = chunks[0].choices[0].delta
+    assert opening.role == "assistant" and opening.content is None  # as the full response's content: null
     for chunk in chunks:
         if not chunk.choices:
             continue

@@ -236,8 +236,10 @@ class OpenAIServing:
         if include_usage:
             head["usage"] = None
         want_lp = gen.params.logprobs
+        # a reply forced to be tool calls has no content: null, as in the full response
+        opening = {"role": "assistant", "content": None if tools.cfg.constrained else ""}
         for i in range(gen.params.n):
-            yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}
+            yield {**head, "choices": [{"index": i, "delta": dict(opening), "logprobs": None, "finish_reason": None}]}
         usage = Usage()
         # with tools, text goes through a parser that holds back what may become a call
         calls = [tools.streamer() for _ in range(gen.params.n)] if tools.active else None
