@@ -395,6 +395,20 @@ async def test_concurrent_loads_share_one_load():
     await engine.stop()
 
 
+async def test_names_that_differ_only_in_case_are_one_model():
+    # store names are case-insensitive: "FAKE" and "Fake" must not each load a copy of the weights
+    engine, backend = make_engine()
+    a = await engine.load("FAKE")
+    assert await engine.load("fake") is a and await engine.load("Fake") is a
+    assert [m.name for m in engine.loaded_models()] == ["fake"] and len(backend.models) == 1
+    texts, finishes, _ = await collect(engine, GenerationRequest(model="fAKE", prompt_ids=(1, 2, 3),
+                                                                 params=GenerationParams(max_tokens=3)))
+    assert finishes == {0: FinishReason.LENGTH} and texts[0]
+    assert engine.is_loaded("FaKe") and engine.model_info("FAKE").loaded and engine.stats("FAKE").completed == 1
+    assert await engine.unload("FAKE") is True and not engine.is_loaded("fake")
+    await engine.stop()
+
+
 async def test_encode_chat_uses_template():
     from xllm_jupyter.core.types import ChatMessage
 

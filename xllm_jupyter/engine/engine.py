@@ -30,6 +30,7 @@ from ..core.types import (
     GenerationRequest,
     ModelInfo,
 )
+from ..store.names import canonical_name
 from .embeddings import EmbeddingHost
 from .fairness import FairnessPolicy
 from .lora import AdapterMixin
@@ -164,6 +165,7 @@ class Engine(AdapterMixin, ResidencyMixin):
 
     async def load(self, name: str) -> LoadedModel:
         """The loaded model ``name``, loading it on a worker thread if needed."""
+        name = canonical_name(name)
         base = self._adapters.get(name, name)  # an adapter's model is its base's
         runner = self._runners.get(base)
         if runner is not None and not runner.alive:
@@ -277,6 +279,7 @@ class Engine(AdapterMixin, ResidencyMixin):
 
     async def load_any(self, name: str, keep_alive: float | None = None) -> None:
         """Load ``name`` whatever its task (chat or embedding): preload and ``/admin/models/load``."""
+        name = canonical_name(name)
         if name in self._embeddings.slots or name in self._adapters:
             return
         if name not in self._runners:
@@ -291,6 +294,7 @@ class Engine(AdapterMixin, ResidencyMixin):
     async def embed(self, model: str, inputs: Sequence[str] | Sequence[Sequence[int]],
                     keep_alive: float | None = None) -> EmbeddingResult:
         """Unit-length embeddings of ``inputs`` (texts or token-id lists) with embedding model ``model``."""
+        model = canonical_name(model)
         slot = self._embeddings.slots.get(model)
         if slot is None:
             if model in self._runners:
@@ -325,11 +329,13 @@ class Engine(AdapterMixin, ResidencyMixin):
 
     def embedding_dimension(self, model: str) -> int | None:
         """The vector size of loaded embedding model ``model`` (None when it is not loaded)."""
+        model = canonical_name(model)
         slot = self._embeddings.slots.get(model)
         return slot.model.dimension if slot is not None else None
 
     async def unload(self, name: str) -> bool:
         """Unload ``name``; False when it was not loaded."""
+        name = canonical_name(name)
         if await self._embeddings.unload(name):
             return True
         if name in self._adapters:
@@ -341,10 +347,12 @@ class Engine(AdapterMixin, ResidencyMixin):
 
     def model_defaults(self, name: str) -> Mapping[str, Any]:
         """The Modelfile defaults (``parameters``/``system``/``messages``) of loaded model ``name``; {} if none."""
+        name = canonical_name(name)
         return self._defaults.get(name, {}) if name in self._runners else {}
 
     def is_loaded(self, name: str) -> bool:
         """True when ``name`` is loaded now."""
+        name = canonical_name(name)
         return name in self._runners or name in self._embeddings.slots or name in self._adapters
 
     def _info(self, name: str) -> ModelInfo:
@@ -392,11 +400,18 @@ class Engine(AdapterMixin, ResidencyMixin):
 
     def model_info(self, name: str) -> ModelInfo:
         """One model's info; raises ModelNotFound if it is neither loaded nor loadable."""
+        name = canonical_name(name)
         if name in self._runners or name in self._embeddings.slots or name in self._adapters:
             return self._info(name)
         if self.catalog is not None and name in self.catalog.names():
             return self._info(name)
         raise ModelNotFound(name)
+
+    @staticmethod
+    def _canonical(request: GenerationRequest) -> GenerationRequest:
+        """``request`` naming its model as runners are kept (``TINY`` and ``tiny`` are one model)."""
+        name = canonical_name(request.model)
+        return request if name == request.model else dataclasses.replace(request, model=name)
 
     # --------------------------------------------------------------- prompting
     async def encode_chat(self, name: str, messages: Sequence[ChatMessage], tools: Sequence[dict] | None = None) -> list[int]:
@@ -426,7 +441,7 @@ class Engine(AdapterMixin, ResidencyMixin):
 
     def validate(self, request: GenerationRequest) -> None:
         """Raise a 4xx error if ``request`` cannot run on its (loaded) model."""
-        request = self._route(request)
+        request = self._route(self._canonical(request))
         runner = self._runners.get(request.model)
         if runner is None:
             raise ModelNotFound(request.model)
@@ -454,6 +469,7 @@ class Engine(AdapterMixin, ResidencyMixin):
         Closing the iterator early (client left, cell interrupted) cancels all of the
         request's jobs; they leave the batch within one step.
         """
+        request = self._canonical(request)
         await self.load(request.model)
         self.validate(request)
         request = self._route(request)  # an adapter's request runs in its base model's batch
@@ -474,6 +490,7 @@ class Engine(AdapterMixin, ResidencyMixin):
     # ------------------------------------------------------------------- stats
     def stats(self, name: str | None = None) -> EngineStats:
         """Counters for one model, or summed over all loaded models."""
+        name = canonical_name(name) if name else name
         name = self._adapters.get(name or "", name)
         runners = [self._runners[name]] if name and name in self._runners else list(self._runners.values())
         parts = [r.stats() for r in runners]

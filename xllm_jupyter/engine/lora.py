@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from ..core.errors import InvalidRequest, ModelNotFound
 from ..core.types import GenerationRequest, ModelInfo
+from ..store.names import canonical_name
 
 if TYPE_CHECKING:
     from ..backends.base import LoadedModel, ModelSpec
@@ -31,6 +32,7 @@ class AdapterMixin:
 
     async def load_adapter(self, base: str, name: str, path: str | Path) -> "LoadedModel":
         """Load ``base`` if needed and attach the peft LoRA directory ``path`` to it as adapter ``name``."""
+        base, name = canonical_name(base), canonical_name(name)
         if name == base or name in self._runners:
             raise InvalidRequest(f"'{name}' is already the name of a loaded model", param="model")
         if base in self._adapters:
@@ -55,6 +57,7 @@ class AdapterMixin:
 
     async def unload_adapter(self, name: str) -> bool:
         """Detach adapter ``name`` from its base (the base stays loaded); False when it was not attached."""
+        name = canonical_name(name)
         base = self._adapters.pop(name, None)
         runner = self._runners.get(base) if base is not None else None
         if runner is None:
@@ -63,7 +66,7 @@ class AdapterMixin:
 
     def adapter_base(self, name: str) -> str | None:
         """The base model's name when ``name`` is an attached adapter, else None."""
-        return self._adapters.get(name)
+        return self._adapters.get(canonical_name(name))
 
     def adapters_of(self, base: str) -> list[str]:
         """Names of the adapters attached to loaded model ``base``."""

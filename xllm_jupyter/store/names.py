@@ -34,6 +34,15 @@ def validate_name(name: object) -> str:
     return name.lower()
 
 
+def canonical_name(name: str) -> str:
+    """The one spelling of ``name`` (names are case-insensitive); a name that is not valid comes back as is,
+    for the lookup to fail with "not found"."""
+    try:
+        return validate_name(name)
+    except InvalidModelName:
+        return name
+
+
 def is_valid_name(name: object) -> bool:
     """True when ``validate_name`` accepts ``name``."""
     try:
