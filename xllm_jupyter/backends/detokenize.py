@@ -5,14 +5,69 @@ only after other text) and ByteLevel BPE (one character can span tokens). So, li
 TGI and vLLM, we decode a short window of previous tokens with and without the new
 ones and emit the difference, holding text back while it ends in an incomplete UTF-8
 character (decoded as U+FFFD).
+
+Logprobs describe tokens, not released text: each token's own bytes come from its
+vocabulary string (``piece_bytes``), so the entries of a character split over tokens
+carry a part of it each, and join up to the text byte for byte.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import re
+from typing import Any, Callable, Sequence
 
 #: how many prompt tokens seed the window, so the first generated token decodes in context
 PROMPT_CONTEXT = 5
+
+#: how a vocabulary's token strings spell bytes (``piece_scheme``)
+BYTE_LEVEL, SENTENCEPIECE, TEXT = "byte-level", "sentencepiece", "text"
+#: a SentencePiece byte-fallback token: one byte of a character the vocabulary has no piece for
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2 byte-level BPE's alphabet: printable latin-1 bytes stand for themselves, the others for U+0100 on."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    table = {chr(b): b for b in printable}
+    table.update((chr(0x100 + n), b) for n, b in enumerate(b for b in range(256) if b not in printable))
+    return table
+
+
+_BYTE_LEVEL_CHARS = _byte_level_alphabet()
+
+
+def piece_scheme(tokenizer: Any) -> str:
+    """How ``tokenizer``'s token strings spell bytes: BYTE_LEVEL, SENTENCEPIECE ("▁" space, "<0xE3>" bytes) or TEXT."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    state = decoder.__getstate__() if decoder is not None else None  # the decoder's JSON
+    if isinstance(state, bytes):
+        state = state.decode("utf-8", errors="replace")
+    if isinstance(state, str):
+        if '"ByteLevel"' in state:
+            return BYTE_LEVEL
+        if '"ByteFallback"' in state or '"Metaspace"' in state:
+            return SENTENCEPIECE
+    elif hasattr(tokenizer, "sp_model"):  # a slow SentencePiece tokenizer
+        return SENTENCEPIECE
+    return TEXT
+
+
+def piece_bytes(piece: str, scheme: str) -> bytes | None:
+    """The bytes a vocabulary token string stands for under ``scheme`` (None: it spells none; decode it instead)."""
+    if scheme == BYTE_LEVEL:
+        try:
+            return bytes(_BYTE_LEVEL_CHARS[c] for c in piece)
+        except KeyError:
+            return None
+    if scheme == SENTENCEPIECE:
+        byte = _BYTE_PIECE.fullmatch(piece)
+        return bytes((int(byte[1], 16),)) if byte else piece.replace("\u2581", " ").encode("utf-8")
+    return None
+
+
+def token_text(raw: bytes) -> str:
+    """One token's bytes as a string; bytes that are no whole UTF-8 character alone are written ``\\xe3`` (as OpenAI)."""
+    return raw.decode("utf-8", errors="backslashreplace")
 
 
 class IncrementalDetokenizer:

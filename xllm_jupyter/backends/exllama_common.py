@@ -257,7 +257,8 @@ def job_cached_tokens(job: Any, page_size: int) -> int:
 
 def translate_results(results: Iterable[Mapping[str, Any]], jobs: Mapping[int, JobInfo],
                       piece: Callable[[int], str], spec_stats: SpeculativeStats | None = None,
-                      page_size: int = PAGE_SIZE, special: Mapping[int, str] | None = None) -> list[TokenEvent]:
+                      page_size: int = PAGE_SIZE, special: Mapping[int, str] | None = None,
+                      raw: Callable[[int], bytes] | None = None) -> list[TokenEvent]:
     """TokenEvents for the ``streaming`` and ``error`` results of one ``iterate()`` call (one per sampled token).
 
     A result may carry several tokens (speculative decoding accepted a draft); each gets an
@@ -267,6 +268,8 @@ def translate_results(results: Iterable[Mapping[str, Any]], jobs: Mapping[int, J
     allocation raised) finishes the job with ERROR, so its request fails instead of hanging.
     ``special`` maps special token ids to their literal text, which exllamav3 streams
     (``<|im_end|>`` under ``ignore_eos``, say) and is taken out, as the transformers backend skips it.
+    ``piece`` names a token for ``top_logprobs``; ``raw`` gives a token's own bytes for logprobs (the
+    step's text rides on its last token, and a character split over tokens is in none of them alone).
     """
     events: list[TokenEvent] = []
     for r in results:
@@ -316,9 +319,8 @@ def translate_results(results: Iterable[Mapping[str, Any]], jobs: Mapping[int, J
         last = len(ids) - 1
         for i, token in enumerate(ids):
             logprob = _log(probs[i]) if i < len(probs) else None
-            top: tuple[tuple[str, float], ...] = ()
-            if i < len(top_ids):
-                top = tuple((piece(int(t)), _log(p)) for t, p in zip(top_ids[i], top_probs[i]))[: info.top_logprobs]
+            alternatives = [int(t) for t in top_ids[i]][: info.top_logprobs] if i < len(top_ids) else []
+            top = tuple((piece(t), _log(p)) for t, p in zip(alternatives, top_probs[i])) if alternatives else ()
             end = i == last
             events.append(TokenEvent(
                 info.job_id, token, text if end else "", logprob, top,
@@ -326,6 +328,8 @@ def translate_results(results: Iterable[Mapping[str, Any]], jobs: Mapping[int, J
                 prompt_tokens=prompt_tokens if end else 0,
                 cached_tokens=cached if end else 0,
                 completion_tokens=completion if end else 0,
+                token_bytes=raw(token) if raw is not None and logprob is not None else None,
+                top_bytes=tuple(raw(t) for t in alternatives) if raw is not None else (),
             ))
     return events
 

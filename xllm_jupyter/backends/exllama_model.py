@@ -16,6 +16,7 @@ from typing import Any
 from ..core.types import Constraint, FinishReason, SequenceJob, TokenEvent
 from .base import LoadedModel, ModelSpec
 from .constraints import GrammarCompiler
+from .detokenize import token_text
 from .exllama_common import JobInfo, SpeculativeStats, free_cuda_memory, translate_results
 from .hf_tokenizer import ChatTokenizer, ChatTokenizerMethods
 from .prefix_isolation import PrefixIsolation, isolated_job_class
@@ -141,7 +142,7 @@ class DynamicGeneratorModel(ChatTokenizerMethods, LoadedModel):
             return events
         results = self.generator.iterate()
         produced = translate_results(results, self._info, self._piece, self.speculative, self.page_size(),
-                                     self._special)
+                                     self._special, self.chat.token_bytes)
         for event in produced:
             info = self._info.get(event.job_id)
             if info is not None and info.cached is not None and not info.counted:
@@ -158,7 +159,8 @@ class DynamicGeneratorModel(ChatTokenizerMethods, LoadedModel):
         return events
 
     def _piece(self, token_id: int) -> str:
-        return self.chat.decode_piece([token_id])
+        # the token alone, by its bytes: decoded alone, a part of a character would be U+FFFD
+        return token_text(self.chat.token_bytes(token_id))
 
     # -- any thread ---------------------------------------------------------------------
     def check_constraint(self, constraint: Constraint, *, param: str = "response_format") -> None:

@@ -25,7 +25,7 @@ from ..core.types import Constraint, FinishReason, SequenceJob, TokenEvent
 from .base import LoadedModel, ModelSpec
 from .compile_gate import COMPILE_GATE, empty_cuda_cache
 from .constraints import BatchMasker, GrammarCompiler
-from .detokenize import IncrementalDetokenizer
+from .detokenize import IncrementalDetokenizer, token_text
 from .hf_compiled import DECODE_EAGER, DECODE_STATIC, StaticBatch, StaticPlan
 from .hf_tokenizer import ChatTokenizer, ChatTokenizerMethods
 from .kv_batch import BatchKV, new_cache, zero_padding
@@ -356,11 +356,17 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
 
     def _event(self, seq: _Seq, token: int | None, text: str, lp=None, finish: FinishReason | None = None
                ) -> TokenEvent:
-        logprob, top = (None, ()) if lp is None else (lp[0], tuple((self._decode_piece([i]), v) for i, v in lp[1]))
         counts = {} if finish is None else {"prompt_tokens": len(seq.job.prompt_ids),
                                             "completion_tokens": seq.completion}
-        return TokenEvent(job_id=seq.job.job_id, token_id=token, text=text, logprob=logprob,
-                          top_logprobs=top, finish=finish, **counts)
+        if lp is None:
+            return TokenEvent(job_id=seq.job.job_id, token_id=token, text=text, finish=finish, **counts)
+        # logprobs describe each token by its own bytes: decoded alone, a part of a character is U+FFFD
+        spell = self.chat.token_bytes
+        top_bytes = tuple(spell(i) for i, _ in lp[1])
+        top = tuple((token_text(raw), v) for raw, (_, v) in zip(top_bytes, lp[1]))
+        return TokenEvent(job_id=seq.job.job_id, token_id=token, text=text, logprob=lp[0], top_logprobs=top,
+                          finish=finish, token_bytes=None if token is None else spell(token), top_bytes=top_bytes,
+                          **counts)
 
     # -- resources --------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 from ..core.errors import InvalidRequest
 from ..core.types import ChatMessage
+from .detokenize import piece_bytes, piece_scheme
 
 #: end-of-turn tokens of common chat templates that must also stop a generation
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>", "<|end|>")
@@ -24,6 +25,8 @@ class ChatTokenizer:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self._lock = threading.Lock()
+        self._token_bytes: dict[int, bytes] = {}  # token_bytes' answers: logprobs ask for ~20 tokens a step
+        self._spelling: tuple[str, frozenset[int]] | None = None  # (piece scheme, added token ids), found once
 
     @classmethod
     def from_directory(cls, path: str, model_name: str, **kwargs: Any) -> "ChatTokenizer":
@@ -46,6 +49,25 @@ class ChatTokenizer:
         """Text for ``ids`` exactly as streamed (no clean-up of spaces)."""
         with self._lock:
             return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes ``token_id`` stands for alone: part of a character split over tokens, b"" for a skipped special."""
+        raw = self._token_bytes.get(token_id)
+        if raw is None:
+            raw = self._token_bytes[token_id] = self._spell(token_id)
+        return raw
+
+    def _spell(self, token_id: int) -> bytes:
+        with self._lock:
+            if self._spelling is None:
+                self._spelling = piece_scheme(self.tokenizer), frozenset(self.tokenizer.added_tokens_decoder)
+            scheme, added = self._spelling
+            try:  # added tokens are stored as text, not in the vocabulary's byte spelling
+                piece = None if token_id in added else self.tokenizer.convert_ids_to_tokens(token_id)
+            except (IndexError, KeyError, OverflowError):
+                return b""  # a padding row of the embedding past the tokenizer's vocabulary
+        raw = piece_bytes(piece, scheme) if piece is not None else None
+        return raw if raw is not None else self.decode_piece([token_id]).encode("utf-8")
 
     def chat_template(self) -> str | None:
         """The chat template source (all named templates joined when there are several)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class FinishReason(str, enum.Enum):
@@ -155,6 +155,11 @@ class TokenEvent:
     out_of_memory: bool = False
     #: with ``finish`` ERROR: what the client is told went wrong (None: a generic engine error)
     error: str | None = None
+    #: with ``logprob``: the sampled token's own bytes, which for a character split over tokens are part
+    #: of it (``text`` holds whole characters only); None: the backend has none, ``text``'s UTF-8 stands in
+    token_bytes: bytes | None = None
+    #: each ``top_logprobs`` alternative's own bytes, in order (empty: each one's string's UTF-8 stands in)
+    top_bytes: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -171,6 +176,21 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
+class TokenLogprob(NamedTuple):
+    """One generated token's logprob entry: its own string and bytes, and its top alternatives'.
+
+    ``token`` is the token alone (bytes that are no whole character written ``\\xe3``), not the text
+    it released, so entries of a character split over tokens join up byte for byte.
+    """
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+    raw: bytes = b""
+    #: the raw bytes of each ``top`` alternative, in the same order
+    top_raw: tuple[bytes, ...] = ()
+
+
 @dataclass(frozen=True)
 class ChoiceDelta:
     """What the engine streams to serving: new text for one choice, maybe its finish.
@@ -182,7 +202,7 @@ class ChoiceDelta:
     index: int
     text: str
     token_ids: tuple[int, ...] = ()
-    logprobs: tuple[tuple[str, float, tuple[tuple[str, float], ...]], ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
     finish: FinishReason | None = None
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from ..backends.base import LoadedModel, unload_each
+from ..backends.detokenize import token_text
 from ..core.errors import BadModelOutput, EngineError, Overloaded, XllmError
 from ..core.types import (
     ChoiceDelta,
@@ -38,6 +39,7 @@ from ..core.types import (
     GenerationRequest,
     SequenceJob,
     TokenEvent,
+    TokenLogprob,
     Usage,
 )
 from .fairness import FairnessPolicy, FairQueue
@@ -456,9 +458,7 @@ class ModelRunner:
             finish = FinishReason.STOP
         elif finish is not None:
             text += state.stops.flush()
-        logprobs = ()
-        if event.logprob is not None:
-            logprobs = ((event.text, event.logprob, event.top_logprobs),)
+        logprobs = (_token_logprob(event, event.logprob),) if event.logprob is not None else ()
         ids = (event.token_id,) if event.token_id is not None else ()
         if text or ids or finish is not None:
             items.append(ChoiceDelta(state.index, text, ids, logprobs, finish))
@@ -482,6 +482,14 @@ class ModelRunner:
             handle.loop.call_soon_threadsafe(handle._deliver, items)
         except RuntimeError:
             pass
+
+
+def _token_logprob(event: TokenEvent, logprob: float) -> TokenLogprob:
+    """The logprob entry of ``event``'s token, from its own bytes (a backend without them: its released text)."""
+    raw = event.token_bytes if event.token_bytes is not None else event.text.encode("utf-8")
+    top = event.top_logprobs
+    top_raw = event.top_bytes if len(event.top_bytes) == len(top) else tuple(t.encode("utf-8") for t, _ in top)
+    return TokenLogprob(token_text(raw), logprob, top, raw, top_raw)
 
 
 def _deliver_all(deliveries: list) -> None:

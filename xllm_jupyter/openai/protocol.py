@@ -8,12 +8,12 @@ the SDK exposes as ``BadRequestError.param``.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Literal, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..core.errors import InvalidRequest, Unsupported
-from ..core.types import ChatMessage, Constraint, SamplingParams, Usage
+from ..core.types import ChatMessage, Constraint, SamplingParams, TokenLogprob, Usage
 from .structured import constraint_from_response_format
 from .tools import parse_tool_config
 
@@ -288,43 +288,58 @@ def parse_request(cls: type[_Strict], body: bytes | str) -> Any:
 
 # ------------------------------------------------------------------------ responses
 def usage_dict(usage: Usage) -> dict[str, Any]:
-    """OpenAI ``usage`` object."""
+    """OpenAI ``usage`` object (the completion details api.openai.com always sends are all 0 here)."""
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0, "accepted_prediction_tokens": 0,
+                                      "rejected_prediction_tokens": 0},
     }
 
 
-def _token_bytes(token: str) -> list[int]:
-    return list(token.encode("utf-8", errors="replace"))
-
-
-def chat_logprob_entries(logprobs: tuple[tuple[str, float, tuple[tuple[str, float], ...]], ...]) -> list[dict[str, Any]]:
-    """Chat ``logprobs.content`` entries for the tokens of one delta."""
+def chat_logprob_entries(logprobs: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
+    """Chat ``logprobs.content`` entries for the tokens of one delta: each token's own string and bytes."""
     return [
         {
-            "token": tok,
-            "logprob": lp,
-            "bytes": _token_bytes(tok),
-            "top_logprobs": [{"token": t, "logprob": p, "bytes": _token_bytes(t)} for t, p in top],
+            "token": e.token,
+            "logprob": e.logprob,
+            "bytes": list(e.raw),
+            "top_logprobs": [{"token": t, "logprob": p, "bytes": list(raw)} for (t, p), raw in zip(e.top, e.top_raw)],
         }
-        for tok, lp, top in logprobs
+        for e in logprobs
     ]
 
 
-def legacy_logprobs(
-    logprobs: tuple[tuple[str, float, tuple[tuple[str, float], ...]], ...], text_offset: int
-) -> dict[str, Any]:
-    """Legacy completions ``logprobs`` object; offsets start at ``text_offset``."""
+def _continues(raw: bytes) -> bool:
+    """True when ``raw`` starts inside a character: a UTF-8 continuation byte (0b10xxxxxx)."""
+    return bool(raw) and raw[0] & 0xC0 == 0x80
+
+
+def legacy_text_advance(logprobs: Sequence[TokenLogprob]) -> int:
+    """Characters of the text that begin in these tokens: how far they move ``text_offset``."""
+    return sum(1 for e in logprobs for b in e.raw if b & 0xC0 != 0x80)
+
+
+def legacy_logprobs(logprobs: Sequence[TokenLogprob], text_offset: int) -> dict[str, Any]:
+    """Legacy completions ``logprobs`` object; offsets count characters of the text from ``text_offset`` on.
+
+    A token that starts inside a character (the rest of one split over tokens) is placed at that
+    character, so offsets never pass the text they point into; each token's offset depends only on
+    the tokens before it, so a stream's chunks (each from ``legacy_text_advance`` on) give the same
+    offsets. Every ``top_logprobs`` dict holds the sampled token, as OpenAI's does (up to
+    ``logprobs + 1`` entries).
+    """
     tokens, token_lps, tops, offsets = [], [], [], []
-    for tok, lp, top in logprobs:
-        tokens.append(tok)
-        token_lps.append(lp)
-        tops.append(dict(top))
-        offsets.append(text_offset)
-        text_offset += len(tok)
+    for e in logprobs:
+        tokens.append(e.token)
+        token_lps.append(e.logprob)
+        top = dict(e.top)
+        top.setdefault(e.token, e.logprob)
+        tops.append(top)
+        offsets.append(max(0, text_offset - 1) if _continues(e.raw) else text_offset)
+        text_offset += legacy_text_advance((e,))
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
