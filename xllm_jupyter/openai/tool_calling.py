@@ -66,6 +66,7 @@ class ToolDeltas:
         out = [(d, None) for d in self._deltas(self.parser.feed(text))] if text else []
         if finish is not None:
             out.extend((d, None) for d in self._deltas(self.parser.finish()))
+            # Unforced calls are announced only once complete and valid, so the full response has them too.
             out.append(({}, "tool_calls" if self.parser.calls and finish == "stop" else finish))
         return out
 

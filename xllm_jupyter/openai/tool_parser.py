@@ -4,8 +4,9 @@ Three output families are understood: Hermes/Qwen ``<tool_call>{"name", "argumen
 (also what our fallback prompt and grammar produce), Llama 3.x bare JSON
 ``{"name", "parameters"}`` (optionally after ``<|python_tag|>``, several joined by ``;``)
 and Mistral ``[TOOL_CALLS][{"name", "arguments"}, ...]`` (the marker is a special token
-and is often already stripped, leaving the bare array). Only calls to known functions
-count; anything else stays text.
+and is often already stripped, leaving the bare array). Every family is recognized in
+any output, since models drift between them. Only calls to known functions with object
+arguments count; anything else stays text.
 """
 
 from __future__ import annotations
@@ -108,41 +109,119 @@ def _exact_call(body: str, names: frozenset[str]) -> ToolCall | None:
     return ToolCall(head.group(1), raw) if ok else None
 
 
-def _parse_hermes(text: str, names: frozenset[str]) -> ParsedOutput | None:
-    if _OPEN not in text:
-        return None
-    calls, rest, pos = [], [], 0
-    for m in _HERMES_BLOCK.finditer(text):
-        exact = _exact_call(m.group(1), names)
-        found = [exact] if exact else [c for _, _, v in _json_values(m.group(1)) for c in [_call_from(v, names)] if c]
-        if not found:
-            continue
-        rest.append(text[pos:m.start()])
-        pos = m.end()
-        calls.extend(found)
-    if not calls:
-        return None
-    rest.append(text[pos:])
-    return ParsedOutput(_content("".join(rest)), tuple(calls))
+def _json_calls(value: Any, names: frozenset[str]) -> tuple[ToolCall, ...]:
+    """The calls a bare JSON value holds: one call object, or a list made only of calls."""
+    items = value if isinstance(value, list) else [value]
+    calls = tuple(c for c in (_call_from(v, names) for v in items) if c)
+    return calls if calls and len(calls) == len(items) else ()
 
 
-def _parse_json_calls(text: str, names: frozenset[str]) -> ParsedOutput | None:
-    """Bare JSON calls (Llama 3.x objects, Mistral arrays) anywhere in ``text``."""
-    cleaned = text.replace("<|python_tag|>", "").replace("[TOOL_CALLS]", "")
-    calls, rest, pos = [], [], 0
-    for start, end, value in _json_values(cleaned):
-        items = value if isinstance(value, list) else [value]
-        found = [c for c in (_call_from(v, names) for v in items) if c]
-        if not found or len(found) != len(items):
-            continue
-        rest.append(cleaned[pos:start])
-        pos = end
-        calls.extend(found)
-    if not calls:
+def _block_calls(body: str, names: frozenset[str]) -> tuple[ToolCall, ...]:
+    """The calls inside one ``<tool_call>`` block (none: the block is plain text)."""
+    exact = _exact_call(body, names)
+    if exact:
+        return (exact,)
+    return tuple(c for _, _, v in _json_values(body) for c in _json_calls(v, names))
+
+
+# ---------------------------------------------------------------------- scanner
+# One scanner serves the full response and the stream, so both split any text the same
+# way; the stream only waits until the text so far decides each piece.
+_MARKERS = ("<|python_tag|>", "[TOOL_CALLS]")
+_START = re.compile(r"[<{\[]")  # where a call may start: a tag, a marker, a JSON object or array
+_SPACE = re.compile(r"\s*")
+_AFTER_CALL = re.compile(r"[\s;,]*")  # what joins calls (Llama's ";", blank lines) is not content
+# What a JSON value cut short by the end of the text leaves past the decoder's error position:
+# part of a literal, a number's sign, fraction or exponent, or a \uXXXX escape (or a surrogate pair).
+_CUT_TOKEN = re.compile(r"(?:t(?:ru?)?|f(?:a(?:ls?)?)?|n(?:ul?)?|-|[.eE][-+]?|u[0-9a-fA-F]{0,4}(?:\\(?:u[0-9a-fA-F]{0,4})?)?)\Z")
+_Span = tuple[int, tuple[ToolCall, ...]]  # where a construct ends, and its calls (none: plain text)
+_HOLD: _Span = (-1, ())  # a construct the text so far cannot decide
+
+
+def _may_grow(text: str, err: json.JSONDecodeError) -> bool:
+    """True when the JSON value that failed with ``err`` is only cut short, so more text may complete it."""
+    if err.pos >= len(text) or err.msg.startswith("Unterminated string"):
+        return True
+    return _CUT_TOKEN.match(text, err.pos) is not None
+
+
+def _cut_short(text: str, i: int, marker: str, final: bool) -> bool:
+    """True when the text ends inside what may still become ``marker``."""
+    return not final and len(text) - i < len(marker) and marker.startswith(text[i:])
+
+
+def _json_at(text: str, i: int, names: frozenset[str], final: bool) -> _Span | None:
+    if text[i] not in "{[":
         return None
-    rest.append(cleaned[pos:])
-    leftover = re.sub(r"[\s;,]+", " ", "".join(rest))
-    return ParsedOutput(_content(leftover), tuple(calls))
+    try:
+        value, end = _DECODER.raw_decode(text, i)
+    except json.JSONDecodeError as err:
+        return _HOLD if not final and _may_grow(text, err) else None
+    return end, _json_calls(value, names)
+
+
+def _marker_at(text: str, i: int, names: frozenset[str], final: bool) -> _Span | None:
+    """A call marker with the JSON calls after it (a marker followed by anything else is plain text)."""
+    for marker in _MARKERS:
+        if text.startswith(marker, i):
+            j = _SPACE.match(text, i + len(marker)).end()
+            if j == len(text):
+                return None if final else _HOLD
+            span = _json_at(text, j, names, final)
+            return span if span is _HOLD or (span and span[1]) else None
+        if _cut_short(text, i, marker, final):
+            return _HOLD
+    return None
+
+
+def _block_at(text: str, i: int, names: frozenset[str], final: bool) -> _Span | None:
+    """A ``<tool_call>`` block; one left open counts only when the text ends inside it."""
+    if not text.startswith(_OPEN, i):
+        return _HOLD if _cut_short(text, i, _OPEN, final) else None
+    close = text.find(_CLOSE, i + len(_OPEN))
+    if close >= 0:
+        return close + len(_CLOSE), _block_calls(text[i + len(_OPEN):close], names)
+    return (len(text), _block_calls(text[i + len(_OPEN):], names)) if final else _HOLD
+
+
+def _construct(text: str, i: int, names: frozenset[str], final: bool) -> _Span | None:
+    for at in (_marker_at, _block_at, _json_at):
+        span = at(text, i, names, final)
+        if span is not None:
+            return span
+    return None
+
+
+def _scan(text: str, names: frozenset[str], final: bool, skip: bool = False) -> tuple[list[str | ToolCall], int, bool]:
+    """Split ``text`` into plain pieces and calls as far as it is decided: (pieces, decided length, skip).
+
+    ``skip`` is True right after a call, whose separators are not content. Unless ``final``
+    the text may still grow, and a call construct it cuts short stays undecided.
+    """
+    out: list[str | ToolCall] = []
+    i = plain = 0
+    while i < len(text):
+        if skip:
+            i = plain = _AFTER_CALL.match(text, i).end()
+            skip = i == len(text)
+            continue
+        m = _START.search(text, i)
+        if not m:
+            break
+        i = m.start()
+        span = _construct(text, i, names, final)
+        if span is None or (span is not _HOLD and not span[1]):
+            i = i + 1 if span is None else span[0]  # plain text, even where it looked like a call
+            continue
+        if plain < i:
+            out.append(text[plain:i])
+        if span is _HOLD:
+            return out, i, False
+        out.extend(span[1])
+        i, plain, skip = span[0], span[0], True
+    if plain < len(text):
+        out.append(text[plain:])
+    return out, len(text), skip
 
 
 def _content(text: str) -> str | None:
@@ -151,14 +230,16 @@ def _content(text: str) -> str | None:
 
 
 def parse_tool_calls(text: str, names: Iterable[str] = (), family: str = HERMES) -> ParsedOutput:
-    """Split ``text`` into content and calls to the functions in ``names`` (any name when empty)."""
-    known = frozenset(names)
-    order = (_parse_hermes, _parse_json_calls) if family == HERMES else (_parse_json_calls, _parse_hermes)
-    for parse in order:
-        out = parse(text, known)
-        if out is not None:
-            return out
-    return ParsedOutput(text, ())
+    """Split ``text`` into content and calls to the functions in ``names`` (any name when empty).
+
+    Every family's syntax is understood whatever ``family`` the model was asked for:
+    models drift between them.
+    """
+    pieces, _, _ = _scan(text, frozenset(names), final=True)
+    calls = tuple(p for p in pieces if isinstance(p, ToolCall))
+    if not calls:
+        return ParsedOutput(text, ())
+    return ParsedOutput(_content("".join(p for p in pieces if isinstance(p, str))), calls)
 
 
 # -------------------------------------------------------------------- streaming
@@ -176,20 +257,23 @@ class StreamEvent:
 class StreamingToolParser:
     """Turns generated text pieces into content and tool-call events as OpenAI streams them.
 
-    Text that may still become a tool call is held back, never streamed as content:
-    in Hermes mode a suffix that could start ``<tool_call>``; in the JSON families
-    everything once the output starts with ``{``, ``[`` or a call marker. A Hermes call
-    is announced as soon as its name is known and its arguments follow as they are
-    generated (all but a possible closing brace); other calls are sent when complete.
+    It splits text exactly as :func:`parse_tool_calls` does on the whole output (they share
+    one scanner) and sends each piece once the text so far decides it: what may still become
+    a call is held back, and a call goes out whole, once it is complete and valid, so a call
+    that turns out malformed is streamed as the same content the full response shows.
+    Grammar-forced output (``held``) is valid as generated: there a Hermes call is announced
+    as soon as its name is known and its arguments follow as they are generated.
     """
 
     def __init__(self, names: Iterable[str], family: str = HERMES, held: bool = False):
         self.names = frozenset(names)
         self.family = family
-        self._buf = ""
+        self._incremental = held
+        self._buf = ""  # text not decided yet
+        self._skip = False  # right after a call: its separators are dropped
+        self._lead = ""  # leading blanks: content if text follows, formatting if a call does
+        self._started = False  # content or a call was sent
         self._calls = 0
-        self._json_mode: bool | None = None
-        self._in_call = held  # a grammar-forced output is all calls: never stream it as text
         self._head_end = 0  # where the open call's arguments start in the buffer (0: no call open)
         self._sent = ""  # arguments text of the open call already sent
 
@@ -201,65 +285,56 @@ class StreamingToolParser:
     def feed(self, text: str) -> list[StreamEvent]:
         """Events for a new piece of generated text."""
         self._buf += text
-        if self.family != HERMES:
-            return self._feed_json()
-        out: list[StreamEvent] = []
-        while self._buf:
-            if self._in_call:
-                end = self._buf.find(_CLOSE)
-                if end < 0:
-                    out.extend(self._partial_call())
-                    break
-                block, self._buf = self._buf[: end + len(_CLOSE)], self._buf[end + len(_CLOSE):]
-                self._in_call = False
-                out.extend(self._emit(block, final=False))
-                continue
-            start = self._buf.find(_OPEN)
-            if start >= 0:
-                out.extend(self._text(self._buf[:start]))
-                self._buf = self._buf[start:]
-                self._in_call = True
-                continue
-            keep = _partial_suffix(self._buf, _OPEN)
-            out.extend(self._text(self._buf[: len(self._buf) - keep]))
-            self._buf = self._buf[len(self._buf) - keep:]
-            break
-        return out
+        return self._drain(final=False)
 
     def finish(self) -> list[StreamEvent]:
         """Events for whatever is still held when generation ends."""
-        buf, self._buf = self._buf, ""
-        if not buf:
-            return []
-        return self._emit(buf, final=True)
+        out = self._drain(final=True)
+        if self._lead:  # nothing but blanks came: they are the whole answer
+            out.append(StreamEvent(content=self._lead))
+            self._lead = ""
+        return out
 
-    def _feed_json(self) -> list[StreamEvent]:
-        if self._json_mode is None:
-            head = self._buf.lstrip()
-            if not head:
-                return []
-            self._json_mode = head[0] in "{[" or head.startswith(("<|python_tag|>", "[TOOL_CALLS]")) or self._in_call
-        if self._json_mode:
-            return []
-        buf, self._buf = self._buf, ""
-        return [StreamEvent(content=buf)]
+    def _drain(self, final: bool) -> list[StreamEvent]:
+        out: list[StreamEvent] = []
+        if self._head_end:
+            out += self._close_open(final)
+            if self._head_end:
+                return out + self._partial_call()
+        pieces, end, self._skip = _scan(self._buf, self.names, final, self._skip)
+        self._buf = self._buf[end:]
+        out += self._events(pieces)
+        if self._incremental and not final and self._buf.startswith(_OPEN):
+            out += self._partial_call()
+        return out
 
-    def _text(self, text: str) -> list[StreamEvent]:
-        # Blank lines between calls are formatting, not an answer.
-        if not text or (self._calls and not text.strip()):
-            return []
-        return [StreamEvent(content=text)]
+    def _events(self, pieces: list[str | ToolCall]) -> list[StreamEvent]:
+        out: list[StreamEvent] = []
+        for piece in pieces:
+            if isinstance(piece, ToolCall):
+                out += self._announce(piece.id, piece.name)
+                out.append(StreamEvent(index=self._calls - 1, arguments=piece.arguments))
+            elif not self._started and not piece.strip():
+                self._lead += piece
+            else:
+                out.append(StreamEvent(content=self._lead + piece))
+                self._lead, self._started = "", True
+        return out
+
+    def _announce(self, call_id: str, name: str) -> list[StreamEvent]:
+        self._lead, self._started = "", True  # blanks before a call are formatting
+        self._calls += 1
+        return [StreamEvent(index=self._calls - 1, id=call_id, name=name, arguments="")]
 
     def _partial_call(self) -> list[StreamEvent]:
-        """Head and argument pieces of the call being generated (buffer starts with ``<tool_call>``)."""
+        """Head and argument pieces of a forced call being generated (buffer starts with ``<tool_call>``)."""
         out: list[StreamEvent] = []
         if not self._head_end:
-            head = _HEAD.match(self._buf, len(_OPEN)) if self._buf.startswith(_OPEN) else None
+            head = _HEAD.match(self._buf, len(_OPEN))
             if not head or (self.names and head.group(1) not in self.names):
                 return out
             self._head_end = head.end()
-            out.append(StreamEvent(index=self._calls, id=_new_id(), name=head.group(1), arguments=""))
-            self._calls += 1
+            out += self._announce(_new_id(), head.group(1))
         args = self._buf[self._head_end:]
         cut = args.rfind("}")  # the last brace may close the call object rather than the arguments
         safe = (args[:cut] if cut >= 0 else args).rstrip()
@@ -268,30 +343,23 @@ class StreamingToolParser:
             self._sent = safe
         return out
 
-    def _emit(self, text: str, final: bool) -> list[StreamEvent]:
-        parsed = parse_tool_calls(text, self.names, self.family)
-        calls = list(parsed.calls)
+    def _close_open(self, final: bool) -> list[StreamEvent]:
+        """Once the announced call's block closes (or the output ends), send the rest of its arguments."""
+        close = self._buf.find(_CLOSE)
+        if close < 0 and not final:
+            return []
+        body = self._buf[len(_OPEN):close if close >= 0 else len(self._buf)]
+        self._buf = self._buf[close + len(_CLOSE):] if close >= 0 else ""
+        index, sent = self._calls - 1, self._sent
+        self._head_end, self._sent, self._skip = 0, "", True
+        calls = list(_block_calls(body, self.names))
         out: list[StreamEvent] = []
-        if self._head_end:
-            # finish the call already announced: send the rest of its arguments
-            open_index, sent = self._calls - 1, self._sent
-            self._head_end, self._sent = 0, ""
-            if calls:
-                rest = calls.pop(0).arguments
-                if rest.startswith(sent) and len(rest) > len(sent):
-                    out.append(StreamEvent(index=open_index, arguments=rest[len(sent):]))
-            return out + self._complete(calls)
-        if not calls:
-            return self._text(text) if final or text.strip() else []
-        return self._text(parsed.content or "") + self._complete(calls)
-
-    def _complete(self, calls: list[ToolCall]) -> list[StreamEvent]:
-        out = []
-        for call in calls:
-            out.append(StreamEvent(index=self._calls, id=call.id, name=call.name, arguments=""))
-            out.append(StreamEvent(index=self._calls, arguments=call.arguments))
-            self._calls += 1
-        return out
+        # Cut short, the block does not parse: the call keeps the arguments already sent.
+        if calls:
+            rest = calls.pop(0).arguments
+            if rest.startswith(sent) and len(rest) > len(sent):
+                out.append(StreamEvent(index=index, arguments=rest[len(sent):]))
+        return out + self._events(calls)
 
 
 def _new_id() -> str:
