@@ -42,6 +42,9 @@ def _check_entries(entries, content: str) -> None:
         assert any(bytes(a.bytes) == raw and a.token == e.token and a.logprob == pytest.approx(e.logprob, abs=1e-4)
                    for a in e.top_logprobs)
         assert all(a.token == bytes(a.bytes).decode("utf-8", errors="backslashreplace") for a in e.top_logprobs)
+    # tokens the grammar rules out have -inf, which JSON cannot carry: OpenAI's -9999.0 instead
+    alternatives = [a.logprob for e in entries for a in e.top_logprobs]
+    assert all(math.isfinite(p) and p >= -9999.0 for p in alternatives) and -9999.0 in alternatives
 
 
 def test_chat_logprobs_give_each_token_of_a_split_character_its_own_bytes(client):
@@ -76,6 +79,11 @@ def test_legacy_logprobs_name_each_token_and_always_hold_the_sampled_one(client)
     starts = [t == EMOJI_TOKENS[10813] for t in lp.tokens]
     assert lp.text_offset == [len(prompt) + sum(starts[:i]) - (0 if starts[i] else 1) for i in range(len(starts))]
     assert r.usage.completion_tokens_details.reasoning_tokens == 0
+    # streamed, the offsets are the same (each chunk continues from the characters before it)
+    chunks = list(client.completions.create(model=TINY, prompt=prompt, max_tokens=6, temperature=0, logit_bias=bias,
+                                            logprobs=1, stream=True))
+    assert [o for c in chunks if c.choices and c.choices[0].logprobs
+            for o in c.choices[0].logprobs.text_offset] == lp.text_offset
 
     r = client.completions.create(model=TINY, prompt=prompt, max_tokens=4, temperature=1, seed=3, logprobs=0)
     lp = r.choices[0].logprobs

@@ -299,14 +299,24 @@ def usage_dict(usage: Usage) -> dict[str, Any]:
     }
 
 
+#: OpenAI's logprob for "very unlikely": a token a grammar rules out has -inf, which JSON cannot carry
+UNLIKELY_LOGPROB = -9999.0
+
+
+def wire_logprob(value: float) -> float:
+    """``value`` as it can go on the wire: -inf (and NaN) become ``UNLIKELY_LOGPROB``."""
+    return value if value >= UNLIKELY_LOGPROB else UNLIKELY_LOGPROB
+
+
 def chat_logprob_entries(logprobs: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
     """Chat ``logprobs.content`` entries for the tokens of one delta: each token's own string and bytes."""
     return [
         {
             "token": e.token,
-            "logprob": e.logprob,
+            "logprob": wire_logprob(e.logprob),
             "bytes": list(e.raw),
-            "top_logprobs": [{"token": t, "logprob": p, "bytes": list(raw)} for (t, p), raw in zip(e.top, e.top_raw)],
+            "top_logprobs": [{"token": t, "logprob": wire_logprob(p), "bytes": list(raw)}
+                             for (t, p), raw in zip(e.top, e.top_raw)],
         }
         for e in logprobs
     ]
@@ -334,9 +344,9 @@ def legacy_logprobs(logprobs: Sequence[TokenLogprob], text_offset: int) -> dict[
     tokens, token_lps, tops, offsets = [], [], [], []
     for e in logprobs:
         tokens.append(e.token)
-        token_lps.append(e.logprob)
-        top = dict(e.top)
-        top.setdefault(e.token, e.logprob)
+        token_lps.append(wire_logprob(e.logprob))
+        top = {t: wire_logprob(p) for t, p in e.top}
+        top.setdefault(e.token, wire_logprob(e.logprob))
         tops.append(top)
         offsets.append(max(0, text_offset - 1) if _continues(e.raw) else text_offset)
         text_offset += legacy_text_advance((e,))

@@ -28,6 +28,7 @@ from .protocol import (
     ModelRequest,
     chat_logprob_entries,
     legacy_logprobs,
+    legacy_text_advance,
     model_object,
     parse_request,
     usage_dict,
@@ -375,7 +376,7 @@ class OpenAIServing:
                     lp = None
                     if want_lp:
                         lp = legacy_logprobs(ev.logprobs, text_pos[i])
-                        text_pos[i] += sum(len(t[0]) for t in ev.logprobs)
+                        text_pos[i] += legacy_text_advance(ev.logprobs)  # characters, as the full reply counts
                     finish = ev.finish.value if ev.finish is not None else None
                     yield {**head, "choices": [{"index": i, "text": ev.text, "logprobs": lp, "finish_reason": finish}]}
             elif isinstance(ev, GenerationDone):
