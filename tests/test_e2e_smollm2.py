@@ -65,3 +65,29 @@ def test_concurrent_streams_on_real_text_are_batched_and_agree(smollm2_server):
     assert all("Paris" in a for a in answers)
     assert len(set(answers)) == 1  # greedy decoding gives the same text alone or batched
     assert smollm2_server.engine.stats().batched_steps > before
+
+
+def test_a_forced_tool_call_ends_when_the_model_repeats_it(smollm2_server):
+    """SmolLM2, forced to call a tool with parallel calls allowed, writes the same call again and again: the
+    reply ends at the first repeat with one call and finish tool_calls (it ran to max_tokens, finish length,
+    which the SDK's parse() rejects), streamed or not."""
+    import openai
+
+    client = openai.OpenAI(base_url=smollm2_server.base_url, api_key=smollm2_server.api_key, max_retries=0)
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                       "required": ["city"], "additionalProperties": False}}}]
+    kwargs = dict(model="smollm2", messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+                  tools=tools, tool_choice="required", max_tokens=150, temperature=0)
+    reply = client.chat.completions.create(**kwargs)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls] == [
+        ("get_weather", '{"city":"Paris"}')]
+    assert reply.usage.completion_tokens < 150  # stopped at the repeat, not at max_tokens
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    calls = [f for c in chunks if c.choices for f in c.choices[0].delta.tool_calls or []]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    assert {f.index for f in calls} == {0} and "".join(f.function.arguments or "" for f in calls) == '{"city":"Paris"}'
+    assert 0 < chunks[-1].usage.completion_tokens < 150

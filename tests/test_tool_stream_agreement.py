@@ -185,3 +185,19 @@ def test_forced_calls_still_stream_arguments_as_generated(choice):
     assert content is None and reason == "tool_calls" and [n for n, _ in calls] == ["get_weather", "add"][:len(calls)]
     _, s_calls, _, fragments = streamed(tc, text, "stop", 1)
     assert fragments > 10 and json.loads(s_calls[0][1]) == args
+
+
+@pytest.mark.parametrize("choice", ["auto", "required"])
+def test_a_repeated_call_is_sent_once(choice):
+    """Small models forced to call a tool write the same call again and again (the grammar allows up to 8):
+    a client would run it each time, so a call equal to an earlier one (whatever its spacing and key order)
+    is dropped from the stream and the full response alike; a call with other arguments stays."""
+    tc = calling(None, choice)
+    again = hermes("add", '{"b":2,  "a":1}')
+    other = hermes("add", '{"a": 5}')
+    text = "\n".join([hermes("add", ADD), again, other, hermes("add", ADD), again]) + "\n"
+    content, calls, reason = assert_agree(tc, text)
+    assert content is None and reason == "tool_calls"
+    # forced output that repeats a call is looping: it ends there (serving stops generating at that point)
+    expected = [("add", {"a": 1, "b": 2})] + ([("add", {"a": 5})] if choice == "auto" else [])
+    assert [(n, json.loads(a)) for n, a in calls] == expected

@@ -285,7 +285,9 @@ def test_forced_tool_calls_streaming(client):
         finish = c.finish_reason or finish
     assert finish == "tool_calls"
     assert sorted(calls) == list(range(len(calls))) and calls
-    assert pieces > len(calls)  # arguments arrive as they are generated, not in one piece
+    # arguments follow each header (how many pieces the first call's come in depends on the engine's
+    # pacing; tests/test_tool_stream_agreement.py checks they stream as generated)
+    assert pieces >= len(calls)
     for call in calls.values():
         jsonschema.validate(json.loads(call["arguments"]), SCHEMAS[call["name"]])
     # the same request without streaming gives the same calls

@@ -198,17 +198,25 @@ class OpenAIServing:
         texts: list[list[str]] = [[] for _ in range(n)]
         lps: list[list[dict]] = [[] for _ in range(n)]
         finish: list[str | None] = [None] * n
+        loops = _ForcedLoops(gen, tools)
         usage = Usage()
         async with aclosing(self.engine.generate(gen)) as events:
             async for ev in events:
                 if type(ev) is ChoiceDelta:
                     if ev.finish is FinishReason.ERROR:
                         raise _engine_failure()
+                    if finish[ev.index] is not None:
+                        continue  # ended early (a forced reply repeating its calls) while others go on
                     texts[ev.index].append(ev.text)
                     if want_lp and ev.logprobs:
                         lps[ev.index].extend(chat_logprob_entries(ev.logprobs))
                     if ev.finish is not None:
                         finish[ev.index] = ev.finish.value
+                    if loops.repeats(ev):  # its calls are complete: it finishes now (message() says tool_calls)
+                        finish[ev.index] = "stop"
+                    if loops.all_ended(finish):
+                        usage = loops.usage()  # the rest is cancelled as the stream closes
+                        break
                 elif isinstance(ev, GenerationDone):
                     usage = ev.usage
         messages = [tools.message("".join(texts[i]), finish[i] or "stop") for i in range(n)]
@@ -244,15 +252,28 @@ class OpenAIServing:
         usage = Usage()
         # with tools, text goes through a parser that holds back what may become a call
         calls = [tools.streamer() for _ in range(gen.params.n)] if tools.active else None
+        loops = _ForcedLoops(gen, tools, calls)
+        finished: list[str | None] = [None] * gen.params.n
         async with aclosing(self.engine.generate(gen)) as events:
             async for ev in events:
                 if type(ev) is ChoiceDelta:
                     if ev.finish is FinishReason.ERROR:
                         raise _engine_failure()
+                    if finished[ev.index] is not None:
+                        continue  # ended early (a forced reply repeating its calls) while others go on
+                    if ev.finish is not None:
+                        finished[ev.index] = ev.finish.value
                     if calls is not None:
                         reason = None if ev.finish is None else ev.finish.value
-                        for delta, reason in calls[ev.index].deltas(ev.text, reason):
+                        out = calls[ev.index].deltas(ev.text, reason)
+                        if loops.repeats(ev):  # its calls are complete: it finishes now, with tool_calls
+                            finished[ev.index] = "stop"
+                            out += calls[ev.index].deltas("", "stop")
+                        for delta, reason in out:
                             yield {**head, "choices": [{"index": ev.index, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+                        if loops.all_ended(finished):
+                            usage = loops.usage()  # the rest is cancelled as the stream closes
+                            break
                     elif ev.text or (want_lp and ev.logprobs):
                         yield {
                             **head,
@@ -383,6 +404,46 @@ class OpenAIServing:
                 usages.append(ev.usage)
         if include_usage:
             yield {**head, "choices": [], "usage": usage_dict(_sum_usage(usages))}
+
+
+class _ForcedLoops:
+    """Ends the choices of a grammar-forced tool reply that start repeating their own calls.
+
+    A small model forced to call tools tends to write the same call until its budget runs out
+    (finish ``length``, which the SDK's ``parse()`` rejects). The tool parser drops the repeat;
+    here its choice ends at it, and once every choice has ended the request stops (closing the
+    engine's stream cancels what is left). Usage then counts the tokens received so far.
+    """
+
+    def __init__(self, gen: GenerationRequest, tools: ToolCalling, streamers: Sequence[Any] | None = None):
+        self.active = tools.active and tools.cfg.constrained
+        self.stopped = False
+        self._prompt = len(gen.prompt_ids)
+        self._tokens = 0
+        self._own = streamers is None  # a full reply streams nothing: its watchers are fed here
+        if not self.active:
+            self._streamers: list[Any] = []
+        else:
+            self._streamers = [tools.streamer() for _ in range(gen.params.n)] if self._own else list(streamers)
+
+    def repeats(self, ev: ChoiceDelta) -> bool:
+        """Count ``ev``'s tokens; True when its choice (text fed up to ``ev``) has begun repeating a call."""
+        self._tokens += len(ev.token_ids)
+        if not self.active or ev.finish is not None:
+            return False
+        streamer = self._streamers[ev.index]
+        if self._own:
+            streamer.deltas(ev.text, None)
+        self.stopped = self.stopped or streamer.looping
+        return streamer.looping
+
+    def all_ended(self, finish: Sequence[str | None]) -> bool:
+        """True when a choice was ended early and every choice has its finish: nothing left to wait for."""
+        return self.stopped and all(f is not None for f in finish)
+
+    def usage(self) -> Usage:
+        """Usage of a request stopped early: its prompt and the tokens received (no cache counts)."""
+        return Usage(self._prompt, self._tokens)
 
 
 def _check_token_ids(ids: Any, model: Any, param: str) -> None:

@@ -42,7 +42,7 @@ class ToolCalling:
         """The response ``message`` and ``finish_reason`` for one choice's full text."""
         if not self.active:
             return {"role": "assistant", "content": text, "refusal": None}, finish
-        parsed = parse_tool_calls(text, self.cfg.names, self.family)
+        parsed = parse_tool_calls(text, self.cfg.names, self.family, forced=self.cfg.constrained)
         calls = list(parsed.calls if self.cfg.parallel else parsed.calls[:1])
         if not calls:
             return {"role": "assistant", "content": text, "refusal": None}, finish
@@ -60,6 +60,12 @@ class ToolDeltas:
     def __init__(self, parser: StreamingToolParser, parallel: bool):
         self.parser = parser
         self.parallel = parallel
+
+    @property
+    def looping(self) -> bool:
+        """True once a forced reply repeats a call it already made: the rest would be more of the same
+        (serving ends the choice there, with finish_reason ``tool_calls``)."""
+        return self.parser.forced and self.parser.repeats > 0
 
     def deltas(self, text: str, finish: str | None) -> list[tuple[dict[str, Any], str | None]]:
         """``(delta, finish_reason)`` pairs for a new piece of text; the last pair finishes when ``finish`` is set."""

@@ -40,6 +40,15 @@ class ToolCall:
         """The OpenAI ``tool_calls`` entry."""
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
+    @property
+    def key(self) -> tuple[str, str]:
+        """Name and arguments in one spelling (key order, spacing): equal for the same call written twice."""
+        try:
+            args = json.dumps(json.loads(self.arguments), sort_keys=True, separators=(",", ":"))
+        except ValueError:
+            args = self.arguments
+        return self.name, args
+
 
 @dataclass(frozen=True)
 class ParsedOutput:
@@ -229,17 +238,47 @@ def _content(text: str) -> str | None:
     return text or None
 
 
-def parse_tool_calls(text: str, names: Iterable[str] = (), family: str = HERMES) -> ParsedOutput:
+def parse_tool_calls(text: str, names: Iterable[str] = (), family: str = HERMES,
+                     forced: bool = False) -> ParsedOutput:
     """Split ``text`` into content and calls to the functions in ``names`` (any name when empty).
 
     Every family's syntax is understood whatever ``family`` the model was asked for:
-    models drift between them.
+    models drift between them. A call that repeats an earlier one is dropped; in ``forced``
+    (grammar-forced) output it ends the reply, as :class:`StreamingToolParser` ends it.
     """
     pieces, _, _ = _scan(text, frozenset(names), final=True)
-    calls = tuple(p for p in pieces if isinstance(p, ToolCall))
+    if forced:
+        pieces = _until_repeat(pieces)
+    calls = tuple(_first_of_each(p for p in pieces if isinstance(p, ToolCall)))
     if not calls:
         return ParsedOutput(text, ())
     return ParsedOutput(_content("".join(p for p in pieces if isinstance(p, str))), calls)
+
+
+def _until_repeat(pieces: list[str | ToolCall]) -> list[str | ToolCall]:
+    """``pieces`` up to the first call that repeats an earlier one."""
+    seen: set[tuple[str, str]] = set()
+    for i, piece in enumerate(pieces):
+        if isinstance(piece, ToolCall):
+            if piece.key in seen:
+                return pieces[:i]
+            seen.add(piece.key)
+    return pieces
+
+
+def _first_of_each(calls: Iterable[ToolCall]) -> list[ToolCall]:
+    """``calls`` without repeats of an earlier call (same name and arguments).
+
+    Small models, forced to call a tool, tend to write the same call again and again; a
+    client would run it each time (a side effect, twice).
+    """
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for call in calls:
+        if call.key not in seen:
+            seen.add(call.key)
+            out.append(call)
+    return out
 
 
 # -------------------------------------------------------------------- streaming
@@ -276,19 +315,32 @@ class StreamingToolParser:
         self._calls = 0
         self._head_end = 0  # where the open call's arguments start in the buffer (0: no call open)
         self._sent = ""  # arguments text of the open call already sent
+        self._seen: set[tuple[str, str]] = set()  # calls sent: a repeat is dropped, as parse_tool_calls drops it
+        #: calls dropped as repeats of earlier ones (in forced output, the sign of a model looping)
+        self.repeats = 0
+        self._ended = False  # forced output repeated a call: the rest of it is ignored
 
     @property
     def calls(self) -> int:
         """How many calls were started so far."""
         return self._calls
 
+    @property
+    def forced(self) -> bool:
+        """True for grammar-forced output (nothing but calls)."""
+        return self._incremental
+
     def feed(self, text: str) -> list[StreamEvent]:
         """Events for a new piece of generated text."""
+        if self._ended:
+            return []
         self._buf += text
         return self._drain(final=False)
 
     def finish(self) -> list[StreamEvent]:
         """Events for whatever is still held when generation ends."""
+        if self._ended:
+            return []
         out = self._drain(final=True)
         if self._lead:  # nothing but blanks came: they are the whole answer
             out.append(StreamEvent(content=self._lead))
@@ -304,7 +356,9 @@ class StreamingToolParser:
         pieces, end, self._skip = _scan(self._buf, self.names, final, self._skip)
         self._buf = self._buf[end:]
         out += self._events(pieces)
-        if self._incremental and not final and self._buf.startswith(_OPEN):
+        # only the first forced call streams as generated: a later one may repeat an earlier one, and
+        # is sent whole (or dropped) once complete
+        if self._incremental and not final and self._calls == 0 and self._buf.startswith(_OPEN):
             out += self._partial_call()
         return out
 
@@ -312,6 +366,13 @@ class StreamingToolParser:
         out: list[StreamEvent] = []
         for piece in pieces:
             if isinstance(piece, ToolCall):
+                if piece.key in self._seen:
+                    self.repeats += 1
+                    if self._incremental:  # forced output repeating itself: what follows is more of it
+                        self._buf, self._lead, self._ended = "", "", True
+                        break
+                    continue
+                self._seen.add(piece.key)
                 out += self._announce(piece.id, piece.name)
                 out.append(StreamEvent(index=self._calls - 1, arguments=piece.arguments))
             elif not self._started and not piece.strip():
@@ -356,7 +417,9 @@ class StreamingToolParser:
         out: list[StreamEvent] = []
         # Cut short, the block does not parse: the call keeps the arguments already sent.
         if calls:
-            rest = calls.pop(0).arguments
+            first = calls.pop(0)
+            self._seen.add(first.key)
+            rest = first.arguments
             if rest.startswith(sent) and len(rest) > len(sent):
                 out.append(StreamEvent(index=index, arguments=rest[len(sent):]))
         return out + self._events(calls)
