@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 from typing import Any, AsyncIterator
+from urllib.parse import quote
 
 import httpx
 
+from ..core.errors import PermissionDenied
 from .base import (
     DEFAULT_TIMEOUT,
     DONE,
@@ -61,14 +63,21 @@ class AsyncXllmClient:
         """``GET /v1/models``: every model the server can serve."""
         return (await self._request("GET", self.base_url + "/models") or {}).get("data", [])
 
+    async def model(self, name: str) -> dict[str, Any]:
+        """``GET /v1/models/{name}``: one model's entry; ``ModelNotFound`` when unknown."""
+        return await self._request("GET", self.base_url + "/models/" + quote(name, safe="")) or {}
+
     async def loaded(self) -> list[dict[str, Any]]:
         """``GET /admin/models``: the models in memory now."""
         body = await self._request("GET", self.admin_url + "/models")
         return body.get("data", []) if isinstance(body, dict) else list(body or [])
 
     async def load(self, name: str) -> dict[str, Any]:
-        """Load ``name`` on the server."""
-        return await self._request("POST", self.admin_url + "/models/load", json={"model": name}) or {}
+        """Load ``name`` on the server; a key that may not (403) only checks that it exists."""
+        try:
+            return await self._request("POST", self.admin_url + "/models/load", json={"model": name}) or {}
+        except PermissionDenied:  # a user key: the first request loads the model
+            return await self.model(name)
 
     async def unload(self, name: str) -> dict[str, Any]:
         """Unload ``name`` on the server."""

@@ -210,6 +210,29 @@ def parse_sse_line(line: str) -> dict[str, Any] | None:
     return chunk
 
 
+#: model tasks a chat request can use (an adapter is a LoRA served on its chat model)
+CHAT_TASKS = frozenset({"chat", "adapter"})
+
+
+def model_task(entry: Mapping[str, Any]) -> str | None:
+    """The task (``chat``, ``embedding``, ``adapter``) a model entry states; None when it says none.
+
+    Reads both shapes: ``/v1/models`` (``xllm.details.task``) and ``/admin/models`` (``details.task``).
+    """
+    extras = entry.get("xllm")
+    extras = extras if isinstance(extras, Mapping) else {}
+    for holder in (extras, extras.get("details"), entry.get("details"), entry):
+        if isinstance(holder, Mapping) and isinstance(holder.get("task"), str):
+            return holder["task"]
+    return None
+
+
+def can_chat(entry: Mapping[str, Any]) -> bool:
+    """False only for a model its entry says is for something else (an embedding model)."""
+    task = model_task(entry)
+    return task is None or task in CHAT_TASKS
+
+
 #: returned by parse_sse_line for ``data: [DONE]``
 DONE: dict[str, Any] = {"__done__": True}
 

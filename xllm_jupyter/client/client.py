@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Mapping
+from urllib.parse import quote
 
 import httpx
 
+from ..core.errors import PermissionDenied, XllmError
 from .base import (
     DEFAULT_TIMEOUT,
     DONE,
     auth_headers,
+    can_chat,
     chat_body,
     delta_text,
     is_event_stream,
@@ -80,14 +83,26 @@ class XllmClient:
         """``GET /v1/models``: every model the server can serve."""
         return (self._request("GET", self.base_url + "/models") or {}).get("data", [])
 
+    def model(self, name: str) -> dict[str, Any]:
+        """``GET /v1/models/{name}``: one model's entry; ``ModelNotFound`` when the server has none by that name."""
+        return self._request("GET", self.base_url + "/models/" + quote(name, safe="")) or {}
+
     def loaded(self) -> list[dict[str, Any]]:
         """``GET /admin/models``: the models in memory now (id, backend, details)."""
         body = self._request("GET", self.admin_url + "/models")
         return body.get("data", []) if isinstance(body, dict) else list(body or [])
 
     def load(self, name: str) -> dict[str, Any]:
-        """Load ``name`` on the server (returns the server's reply)."""
-        return self._request("POST", self.admin_url + "/models/load", json={"model": name}) or {}
+        """Load ``name`` on the server; returns its ``/v1/models`` entry.
+
+        A key that may not load models (a user key where admin keys exist: 403) only
+        checks that ``name`` exists; its first request loads it (``xllm.loaded`` says so).
+        """
+        try:
+            return self._request("POST", self.admin_url + "/models/load", json={"model": name}) or {}
+        except PermissionDenied:
+            # user keys may chat but not manage models: failing here would block `xllm run`
+            return self.model(name)
 
     def unload(self, name: str) -> dict[str, Any]:
         """Unload ``name`` on the server (returns the server's reply)."""
@@ -104,14 +119,36 @@ class XllmClient:
         return response.text
 
     def default_model(self) -> str | None:
-        """``XLLM_MODEL``, else the first loaded model, else the first servable one."""
+        """``XLLM_MODEL``, else a loaded chat model, else the server's default, else the first servable chat model.
+
+        Models an entry marks as not for chat (embedding models) are skipped. A user key
+        that may not read ``/admin`` (403) learns what is loaded from ``/v1/models``.
+        """
         if os.environ.get("XLLM_MODEL"):
             return os.environ["XLLM_MODEL"]
-        for source in (self.loaded, self.models):
-            items = source()
-            if items:
-                return items[0].get("id") or items[0].get("name")
-        return None
+        servable: list[dict[str, Any]] | None = None
+        try:
+            loaded = self.loaded()
+        except PermissionDenied:
+            servable = self.models()
+            loaded = [m for m in servable if (m.get("xllm") or {}).get("loaded")]
+        found = _first_chat(loaded)
+        if found:
+            return found
+        servable = self.models() if servable is None else servable
+        configured = self._configured_default()
+        if configured and any(_name(m) == configured and can_chat(m) for m in servable):
+            return configured
+        return _first_chat(servable)
+
+    def _configured_default(self) -> str | None:
+        """The server's ``engine.default_model``, where this key may read ``/admin/stats``."""
+        try:
+            body = self._request("GET", self.admin_url + "/stats")
+        except XllmError:  # a user key (403), an older server without the route: no preference then
+            return None
+        value = body.get("default_model") if isinstance(body, dict) else None
+        return value if isinstance(value, str) and value else None
 
     # ---------------------------------------------------------------------- chat
     def chat_completion(self, messages: Messages, model: str | None = None, **params: Any) -> dict[str, Any]:
@@ -148,3 +185,12 @@ class XllmClient:
                     yield text
         finally:
             chunks.close()
+
+
+def _name(entry: Mapping[str, Any]) -> str | None:
+    return entry.get("id") or entry.get("name")
+
+
+def _first_chat(entries: Iterable[Mapping[str, Any]]) -> str | None:
+    """The first entry's name that may serve a chat (embedding models left out)."""
+    return next((_name(m) for m in entries if _name(m) and can_chat(m)), None)

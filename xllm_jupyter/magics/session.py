@@ -137,7 +137,7 @@ class MagicState:
         return self._about[key]
 
     def default_model(self) -> str | None:
-        """``%xllm use`` / config model, else XLLM_MODEL, else the server's first loaded model."""
+        """``%xllm use`` / config model, else the client's default (XLLM_MODEL, a loaded chat model, the server's default...)."""
         return self.defaults.model or self.client().default_model()
 
     def close(self) -> None:

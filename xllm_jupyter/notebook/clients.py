@@ -74,7 +74,7 @@ def async_client(client: ClientLike, max_connections: int = 100) -> AsyncXllmCli
 
 
 def pick_model(model: str | None, client: XllmClient) -> str:
-    """``model``, else the server's default (``XLLM_MODEL``, a loaded model, a servable one)."""
+    """``model``, else ``XllmClient.default_model`` (``XLLM_MODEL``, a loaded chat model, the server's default, a servable chat model)."""
     if model is not None:
         if not isinstance(model, str) or not model.strip():
             raise InvalidRequest("model must be a non-empty model name", param="model")
