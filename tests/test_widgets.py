@@ -114,13 +114,37 @@ def test_chat_widget_exports_clears_and_reports_errors(make, endpoint, tmp_path)
     bad = make(ChatWidget, "no-such-model", client=endpoint)
     assert bad.ask("hi") and bad.wait(30)
     assert "Error:" in bad.status.value and "no-such-model" in bad.status.value
-    assert [m["role"] for m in bad.messages] == ["user"]  # the empty reply is not kept
+    assert bad.messages == []  # neither the empty reply nor the failed question is kept
 
     dead = make(ChatWidget, client=DEAD)
     assert dead.model_picker.options == () and "no xllm server" in dead.status.value
     dead.input.value = "hi"
     dead.send_button.click()
     assert not dead.busy and "No model" in dead.status.value
+
+
+def test_chat_widget_drops_a_failed_turn(make, endpoint):
+    w = make(ChatWidget, TINY, client=endpoint, temperature=0.0, max_tokens=3)
+    assert w.ask("One") and w.wait(60)
+    w.params = {"temperature": 9}  # the server refuses it (400)
+    assert w.ask("Two") and w.wait(60)
+    assert "Error:" in w.status.value and "temperature" in w.status.value
+    assert [m["content"] for m in w.messages if m["role"] == "user"] == ["One"]  # "Two" is not sent again
+    w.params = {}
+    assert w.ask("Three") and w.wait(60)
+    assert "tokens in" in w.status.value, w.status.value
+    assert [m["role"] for m in w.messages] == ["user", "assistant", "user", "assistant"]
+    assert [m["content"] for m in w.messages if m["role"] == "user"] == ["One", "Three"]
+
+
+def test_widgets_default_to_xllm_model(make, endpoint, monkeypatch):
+    monkeypatch.setenv("XLLM_MODEL", "env-model")
+    for cls in (ChatWidget, ProfileWidget):
+        w = make(cls, client=endpoint)
+        assert w.model_picker.value == "env-model" and TINY in w.model_picker.options, cls.__name__
+    assert make(ChatWidget, TINY, client=endpoint).model_picker.value == TINY  # model= still wins
+    monkeypatch.delenv("XLLM_MODEL")
+    assert make(ProfileWidget, client=endpoint).model_picker.value == TINY
 
 
 # -------------------------------------------------------------------- profile
@@ -145,6 +169,20 @@ def test_profile_widget_runs_and_exports(make, endpoint, tmp_path):
     w.concurrency.value = "one, two"
     w.run_button.click()
     assert not w.busy and "whole numbers" in w.status.value
+
+
+def test_profile_widget_is_never_left_busy(make, endpoint, monkeypatch):
+    import xllm_jupyter.widgets.profile as profile_widget
+
+    def broken(fig):
+        raise RuntimeError("no PNG today")
+
+    monkeypatch.setattr(profile_widget, "figure_png", broken)  # drawing the result fails
+    w = make(ProfileWidget, TINY, client=endpoint, concurrency=(1,), prompt_tokens=(8,), max_tokens=2)
+    w.run_button.click()
+    assert w.wait(60)
+    assert "Profile failed: RuntimeError: no PNG today" in w.status.value, w.status.value
+    assert not w.run_button.disabled and w.stop_button.disabled
 
 
 def test_profile_widget_watches_the_server_live(make, endpoint, tmp_path):
@@ -193,6 +231,23 @@ def test_compare_widget_side_by_side_with_diff(make, endpoint):
     w.settings.value = ""
     w.run_button.click()
     assert w.wait(60) and len(w.result.frame) == 1 and w.result.labels == [TINY]
+
+
+def test_compare_widget_runs_again_with_new_labels(make, endpoint):
+    w = make(CompareWidget, TINY, settings=[{"temperature": 0}, {"temperature": 1.2, "seed": 1}], prompt="Say hi", max_tokens=3, client=endpoint)
+    w.run_button.click()
+    assert w.wait(60) and "Done" in w.status.value, w.status.value
+    first = w.result.labels
+    w.settings.value = '{"temperature": 0, "seed": 5}\n{"top_p": 0.5, "seed": 6}'
+    w.run_button.click()
+    assert w.wait(60)
+    assert set(w.result.labels).isdisjoint(first)
+    assert "Done" in w.status.value, w.status.value  # not stuck "Streaming…"
+    assert not w.run_button.disabled and w.stop_button.disabled
+    assert (w.diff_a.value, w.diff_b.value) == tuple(w.result.labels) and list(w.diff_b.options) == w.result.labels
+    assert w.diff_view.value  # the new pair's diff is drawn
+    w.diff_mode.value = "unified"
+    assert w.diff_view.value.startswith("<pre>")
 
 
 def test_compare_widget_stop_and_bad_input(make, endpoint, xllm_server):

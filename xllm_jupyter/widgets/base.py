@@ -8,7 +8,9 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from ..client.base import can_chat
 from ..core.errors import InvalidRequest, XllmError
+from ..notebook.clients import pick_model
 from ..notebook.loop import BackgroundLoop
 
 #: seconds between streamed re-renders: smooth to watch, without flooding the comm channel
@@ -113,8 +115,29 @@ def parse_ints(text: str, name: str) -> tuple[int, ...]:
 
 
 def model_options(client: Any) -> tuple[list[str], str | None]:
-    """(model ids the server offers, an error message if it could not be asked)."""
+    """(chat model ids the server offers, an error message if it could not be asked).
+
+    Models the server marks as not for chat (embedding models) are left out.
+    """
     try:
-        return [m.get("id") for m in client.models() if m.get("id")], None
+        return [m.get("id") for m in client.models() if m.get("id") and can_chat(m)], None
     except XllmError as exc:
         return [], exc.message
+
+
+def model_choices(client: Any, model: str | None) -> tuple[list[str], str | None, str | None]:
+    """(a model picker's options, its first value, an error message if the server could not be asked).
+
+    The first value is ``model``, else the notebook API's default (``XLLM_MODEL``, a loaded
+    chat model, the server's default...), so widgets and ``xj.chat()`` agree.
+    """
+    options, problem = model_options(client)
+    chosen = model
+    if chosen is None and problem is None:
+        try:
+            chosen = pick_model(None, client)
+        except XllmError:  # no model anywhere: the picker stays empty and Send says so
+            chosen = None
+    if chosen and chosen not in options:
+        options = [chosen, *options]
+    return options, chosen, problem

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import html
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -15,7 +16,9 @@ import ipywidgets as W
 from ..core.errors import InvalidRequest, XllmError
 from ..notebook.clients import ClientLike, async_client, endpoint_of
 from ..notebook.streams import StreamRecord, check_params, measure_stream
-from .base import RENDER_INTERVAL, Runner, error_text, model_options, status_html
+from .base import RENDER_INTERVAL, Runner, error_text, model_choices, status_html
+
+log = logging.getLogger(__name__)
 
 _ROLE_STYLE = {
     "user": ("You", "var(--jp-layout-color2, #f3f3f3)"),
@@ -59,10 +62,8 @@ class ChatWidget(W.VBox):
         self._last_render = 0.0
 
         with XllmClient(base, key) as c:
-            options, problem = model_options(c)
-        if model and model not in options:
-            options = [model, *options]
-        self.model_picker = W.Dropdown(options=options, value=model or (options[0] if options else None), description="Model")
+            options, chosen, problem = model_choices(c, model)
+        self.model_picker = W.Dropdown(options=options, value=chosen, description="Model")
         self.system_prompt = W.Textarea(value=system, placeholder="System prompt (optional)", description="System", layout=W.Layout(width="100%"))
         self.temperature = W.FloatSlider(value=temperature, min=0.0, max=2.0, step=0.05, description="Temperature")
         self.top_p = W.FloatSlider(value=top_p, min=0.05, max=1.0, step=0.05, description="Top p")
@@ -208,19 +209,32 @@ class ChatWidget(W.VBox):
 
     def _finished(self, task: asyncio.Task, reply: dict[str, str]) -> None:
         record = self.last
-        if task.cancelled():
-            self._status("Stopped.", "info")
-        elif task.exception() is not None:
-            self._status(f"Error: {error_text(task.exception())}", "error")
-        elif record is not None and record.error is not None:
-            self._status(f"Error: {error_text(record.error)}", "error")
-        elif record is not None:
-            speed = "" if math.isnan(record.tok_per_s) else f", {record.tok_per_s:.1f} tok/s"
-            self._status(f"{record.completion_tokens} tokens in {record.latency_s:.2f} s (first after {record.ttft_s:.2f} s{speed}).", "ok")
-        if not reply["content"] and reply in self.messages:
-            self.messages.remove(reply)  # an empty reply would be sent back as a turn
-        self._set_busy(False)
-        self._render()
+        error = None if task.cancelled() else task.exception() or (record.error if record is not None else None)
+        try:
+            if task.cancelled():
+                self._status("Stopped.", "info")
+            elif error is not None:
+                self._status(f"Error: {error_text(error)}", "error")
+            elif record is not None:
+                speed = "" if math.isnan(record.tok_per_s) else f", {record.tok_per_s:.1f} tok/s"
+                self._status(f"{record.completion_tokens} tokens in {record.latency_s:.2f} s (first after {record.ttft_s:.2f} s{speed}).", "ok")
+        except Exception as exc:  # the traceback goes to the log; the widget must not stay busy
+            log.exception("ChatWidget could not show the reply's status")
+            self._status(f"Error: {error_text(exc)}", "error")
+        finally:
+            if error is not None or not reply["content"]:
+                self._drop_turn(reply)
+            self._set_busy(False)
+            self._render()
+
+    def _drop_turn(self, reply: dict[str, str]) -> None:
+        """Forget an unanswered or failed turn, as the CLI does: resent, it would make two user turns in a row."""
+        i = next((k for k, m in enumerate(self.messages) if m is reply), None)
+        if i is None:
+            return  # cleared meanwhile
+        del self.messages[i]
+        if i > 0 and self.messages[i - 1]["role"] == "user":
+            del self.messages[i - 1]
 
     # --------------------------------------------------------------- display
     def _set_busy(self, busy: bool) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import html
 import json
+import logging
 import math
 import time
 from typing import Any
@@ -19,6 +20,8 @@ from ..notebook.streams import StreamRecord, build_messages
 from .base import RENDER_INTERVAL, Runner, error_text, model_options, status_html
 
 _CELL = "white-space:pre-wrap;font-size:0.95em;min-height:4em"
+
+log = logging.getLogger(__name__)
 
 
 def parse_settings(text: str) -> list[dict[str, Any]] | None:
@@ -72,6 +75,7 @@ class CompareWidget(W.VBox):
         self._bodies: list[W.HTML] = []
         self._footers: list[W.HTML] = []
         self._last_render: list[float] = []
+        self._setting_diff = False  # True while both diff pickers change: no diff of a half-updated pair
 
         with XllmClient(base, key) as c:
             options, problem = model_options(c)
@@ -180,27 +184,45 @@ class CompareWidget(W.VBox):
         self._bodies[i].value = f'<div style="{_CELL}">{body}</div>'
 
     def _finished(self, task: asyncio.Task, messages: list[dict[str, Any]]) -> None:
-        for i, rec in enumerate(self._records):
-            self._render_column(i)
-            self._footers[i].value = _timings(rec)
-        self.result = CompareResult(messages, self._columns, self._records)
-        labels = self.result.labels
-        self.diff_a.options, self.diff_b.options = labels, labels
-        if len(labels) >= 2:
-            self.diff_a.value, self.diff_b.value = labels[0], labels[1]
+        status = ("Stopped.", "info")
+        try:
+            for i, rec in enumerate(self._records):
+                self._render_column(i)
+                self._footers[i].value = _timings(rec)
+            self.result = CompareResult(messages, self._columns, self._records)
+            self._set_diff_labels(self.result.labels)
+            if task.cancelled():
+                pass
+            elif task.exception() is not None:
+                status = (f"Error: {error_text(task.exception())}", "error")
+            else:
+                failed = sum(r.error is not None for r in self._records)
+                status = (f"Done{f' ({failed} failed)' if failed else ''}.", "error" if failed else "ok")
+        except Exception as exc:  # the traceback goes to the log; the widget must not stay "Streaming…"
+            log.exception("CompareWidget could not show the result")
+            status = (f"Error: {error_text(exc)}", "error")
+        finally:
+            self._busy(False, *status)
+
+    def _set_diff_labels(self, labels: list[str]) -> None:
+        """Offer this run's column labels in both diff pickers (first two picked), then draw the diff."""
+        # hold_trait_notifications() cannot do this: a Dropdown validates the held value
+        # against its old options and raises, so the observer is muted with a flag instead
+        self._setting_diff = True
+        try:
+            self.diff_a.options, self.diff_b.options = labels, labels
+            if len(labels) >= 2:
+                self.diff_a.value, self.diff_b.value = labels[0], labels[1]
+        finally:
+            self._setting_diff = False
         self._render_diff()
-        if task.cancelled():
-            self._busy(False, "Stopped.", "info")
-        elif task.exception() is not None:
-            self._busy(False, f"Error: {error_text(task.exception())}", "error")
-        else:
-            failed = sum(r.error is not None for r in self._records)
-            self._busy(False, f"Done{f' ({failed} failed)' if failed else ''}.", "error" if failed else "ok")
 
     def _render_diff(self) -> None:
-        if self.result is None or self.diff_a.value is None or self.diff_b.value is None:
+        if self._setting_diff or self.result is None:
             return
         texts = dict(zip(self.result.labels, self.result.texts))
+        if self.diff_a.value not in texts or self.diff_b.value not in texts:
+            return  # a picker still holds a label of an earlier run
         a, b = texts[self.diff_a.value], texts[self.diff_b.value]
         if self.diff_mode.value == "word":
             self.diff_view.value = diff_html(a, b)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from pathlib import Path
@@ -17,7 +18,9 @@ from ..notebook.clients import ClientLike, async_client, endpoint_of
 from ..notebook.metrics import MetricsRecorder
 from ..notebook.plots import figure_png, live_figure
 from ..notebook.profile import MAX_CONCURRENCY, ProfileResult, profile_async
-from .base import Runner, error_text, model_options, parse_ints, status_html
+from .base import Runner, error_text, model_choices, parse_ints, status_html
+
+log = logging.getLogger(__name__)
 
 FIGURES = ("throughput", "ttft", "tok_per_s", "itl", "memory")
 
@@ -57,10 +60,8 @@ class ProfileWidget(W.VBox):
         self._live: Figure | None = None
 
         with XllmClient(base, key) as c:
-            options, problem = model_options(c)
-        if model and model not in options:
-            options = [model, *options]
-        self.model_picker = W.Dropdown(options=options, value=model or (options[0] if options else None), description="Model")
+            options, chosen, problem = model_choices(c, model)
+        self.model_picker = W.Dropdown(options=options, value=chosen, description="Model")
         self.concurrency = W.Text(value=", ".join(map(str, concurrency)), description="Concurrency")
         self.prompt_tokens = W.Text(value=", ".join(map(str, prompt_tokens)), description="Prompt tokens")
         self.max_tokens = W.BoundedIntText(value=max_tokens, min=1, max=1_000_000, description="Max tokens")
@@ -207,23 +208,28 @@ class ProfileWidget(W.VBox):
 
     # ------------------------------------------------------------ background
     def _profiled(self, task: asyncio.Task) -> None:
-        self.progress.layout.visibility = "hidden"
-        if task.cancelled():
-            self._busy(False, "Profile stopped.", "info")
-            return
-        exc = task.exception()
-        if exc is not None:
-            self._busy(False, f"Profile failed: {error_text(exc)}", "error")
-            return
-        result: ProfileResult = task.result()
+        status = ("Profile stopped.", "info")
+        try:
+            self.progress.layout.visibility = "hidden"
+            if not task.cancelled():
+                exc = task.exception()
+                status = (f"Profile failed: {error_text(exc)}", "error") if exc is not None else self._show(task.result())
+        except Exception as exc:  # the traceback goes to the log; the widget must not stay busy
+            log.exception("ProfileWidget could not show the result")
+            status = (f"Profile failed: {error_text(exc)}", "error")
+        finally:
+            self._busy(False, *status)
+
+    def _show(self, result: ProfileResult) -> tuple[str, str]:
+        """Draw a finished profile's figures and table; returns the status line."""
         self.result = result
         for name in FIGURES:
             self.images[name].value = figure_png(result.figures[name])
         cols = ["concurrency", "prompt_tokens", "requests", "errors", "agg_tok_per_s", "tok_per_s_mean", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s"]
         self.table.value = result.summary[cols].to_html(index=False, float_format=lambda v: f"{v:.4g}")
         best = result.summary["agg_tok_per_s"].max()
-        self._busy(False, f"Done: {len(result.frame)} requests, best aggregate {best:.1f} tok/s.", "ok")
         self.plots.selected_index = 0
+        return f"Done: {len(result.frame)} requests, best aggregate {best:.1f} tok/s.", "ok"
 
     async def _watch(self) -> None:
         client = async_client(self._endpoint, max_connections=2)
