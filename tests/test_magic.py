@@ -195,6 +195,36 @@ def test_terminal_ipython_prints_text(shell, xllm_server, capsys):
     # a plain InteractiveShell has no updatable displays: the answer is printed as it streams
     shell.run_cell_magic("xllm", f"-m {TINY} -t 0 --max-tokens 5", "Say hi")
     assert capsys.readouterr().out == expected(xllm_server, "Say hi", 5) + "\n"
+    # an error before any text: only the error, no blank line on stdout above it
+    shell.run_cell_magic("xllm", "-m no-such-model", "hi")
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == "xllm: The model 'no-such-model' does not exist\n"
+
+
+def test_a_line_question_may_end_in_a_question_mark(shell, xllm_server, capsys):
+    shell.run_cell(f"%xllm -m {TINY} -t 0 --max-tokens 2 What's the capital of France?")
+    out = capsys.readouterr()
+    assert out.out == expected(xllm_server, "What's the capital of France?", 2) + "\n", out
+    shell.run_cell(f"%xllm -m {TINY} --max-tokens 2 What's the capital of France?")  # sampled: only that it was asked
+    out = capsys.readouterr()
+    assert out.out.strip() and "not found" not in out.out and out.err == ""
+    # inside a block, with {var} filled as for any line magic
+    shell.user_ns["topic"] = "owls"
+    shell.run_cell(f"if True:\n    %xllm -m {TINY} -t 0 --max-tokens 2 Do you like {{topic}}?\n")
+    assert capsys.readouterr().out == expected(xllm_server, "Do you like owls?", 2) + "\n"
+    # `%xllm?` alone is still IPython's help, and a %%xllm body is never rewritten
+    shell.run_cell("%xllm?")
+    assert "Ask the model" in capsys.readouterr().out
+    body = "%xllm is this a prompt?\n"
+    assert shell.transform_cell("%%xllm -m x\n" + body) == f"get_ipython().run_cell_magic('xllm', '-m x', {body!r})\n"
+
+
+def test_out_needs_a_variable_name(shell):
+    for name in ("a.b", "class", "2x"):
+        with capture_output() as cap:
+            shell.run_cell_magic("xllm", f"-m {TINY} --max-tokens 2 -o {name}", "hi")
+        assert cap.stderr == f"xllm: --out needs a variable name, not {name!r}\n" and not cap.outputs
+        assert name not in shell.user_ns
 
 
 def test_errors_are_short_messages(shell):
@@ -344,6 +374,16 @@ def test_interrupting_the_kernel_cancels_on_the_server(kernel, xllm_server):
     # the kernel still works afterwards, and --out kept the partial answer
     _, reply = run_in(kc, "assert isinstance(answer, str) and answer")
     assert reply["status"] == "ok"
+
+
+def test_a_failed_pull_in_a_real_kernel_takes_its_bar_away(kernel, tmp_path):
+    _, kc = kernel
+    msgs, reply = run_in(kc, f"%xllm pull {tmp_path / 'nothing-here'}")
+    assert reply["status"] == "ok"
+    assert "xllm: " in "".join(m["content"]["text"] for m in msgs if m["msg_type"] == "stream")
+    boxes = [m["content"]["comm_id"] for m in msgs if m["msg_type"] == "comm_open" and m["content"]["data"]["state"].get("_model_name") == "HBoxModel"]
+    closed = {m["content"]["comm_id"] for m in msgs if m["msg_type"] == "comm_close"}
+    assert len(boxes) == 1 and boxes[0] in closed  # the bar's view is gone, not left at "starting…"
 
 
 def test_pull_in_a_real_kernel_shows_a_widget_bar(kernel, tiny_llama_dir):

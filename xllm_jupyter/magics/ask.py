@@ -186,6 +186,7 @@ def _print_stream(client: Any, messages: list[dict[str, str]], model: str, param
     answer = Answer()
     pieces: list[str] = []
     stream = _chunks(client, messages, model, params)
+    ended = False
     try:
         for chunk in stream:
             text = _take(answer, chunk)
@@ -193,12 +194,14 @@ def _print_stream(client: Any, messages: list[dict[str, str]], model: str, param
                 pieces.append(text)
                 sys.stdout.write(text)
                 sys.stdout.flush()
+        ended = True
     except KeyboardInterrupt:
-        answer.interrupted = True
+        answer.interrupted = ended = True
         sys.stdout.write("\n" + INTERRUPTED.strip("*"))
     finally:
         stream.close()
-        sys.stdout.write("\n")
+        if ended or pieces:  # an error before any text: no blank line above its message
+            sys.stdout.write("\n")
         sys.stdout.flush()
     answer.text = "".join(pieces)
     return answer

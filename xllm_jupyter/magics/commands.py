@@ -14,7 +14,9 @@ from ..client import discovery
 from ..client.base import (
     DONE,
     auth_headers,
+    can_chat,
     is_event_stream,
+    model_task,
     not_a_stream,
     parse_sse_line,
     root_url,
@@ -103,6 +105,9 @@ class Commands:
         args = _parser("load", (("model",), {})).parse_args(argv)
         info = self.state.client().load(args.model)
         x = info.get("xllm") or {}
+        if not x.get("loaded", True):  # this key may not load models (403): the client only checked the name
+            display(Text(f"{args.model} exists but is not loaded: this API key may not load models (its first request loads it)"))
+            return
         extra = ", ".join(str(v) for v in (x.get("backend"), f"context {x['context_length']}" if x.get("context_length") else None) if v)
         display(Text(f"Loaded {args.model}" + (f" ({extra})" if extra else "")))
 
@@ -129,13 +134,17 @@ class Commands:
         body = {"model": args.source, "name": args.name, "revision": args.revision, "force": args.force, "convert": args.convert}
         progress = Progress(self.shell, f"pull {args.source}")
         result: dict[str, Any] = {}
-        for event in pull_events(self.state.location, {k: v for k, v in body.items() if v not in (None, False)}):
-            if event.get("status") == "success":
-                result = event
-            else:
-                progress.update(event)
-        if not result:
-            raise XllmError("the server ended the pull without saying it succeeded")
+        try:
+            for event in pull_events(self.state.location, {k: v for k, v in body.items() if v not in (None, False)}):
+                if event.get("status") == "success":
+                    result = event
+                else:
+                    progress.update(event)
+            if not result:
+                raise XllmError("the server ended the pull without saying it succeeded")
+        except BaseException:
+            progress.fail()  # no bar left "starting…" above the error line
+            raise
         digest = str(result.get("digest") or "")
         progress.finish(f"Pulled {result.get('id')} ({result.get('format')}, {human_size(result.get('size'))}"
                         + (f", {digest.removeprefix('sha256:')[:12]}" if digest else "") + ")")
@@ -148,9 +157,11 @@ class Commands:
             current = self.state.defaults.model
             display(Text(f"Default model: {current}" if current else "No default model set: the server's default is used."))
             return
-        names = [m.get("id") for m in self.state.client().models()]
-        if args.model not in names:
+        entry = next((m for m in self.state.client().models() if m.get("id") == args.model), None)
+        if entry is None:
             raise XllmError(f"the server has no model {args.model!r} (see `%xllm list`, or `%xllm pull`)")
+        if not can_chat(entry):
+            raise XllmError(f"{args.model!r} is an {model_task(entry)} model, not a chat model: %%xllm needs a chat model (see `%xllm list`)")
         self.state.defaults.model = args.model
         display(Text(f"Using {args.model} for %%xllm in this notebook"))
 

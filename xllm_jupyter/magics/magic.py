@@ -8,7 +8,9 @@ or the engine. Every failure is one short ``xllm: ...`` line on stderr.
 
 from __future__ import annotations
 
+import keyword
 import logging
+import re
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -35,7 +37,7 @@ class XllmMagics(Magics):
         self.commands = Commands(shell, self.state)
 
     @magic_arguments()
-    @argument("-m", "--model", help="Model name (default: %%xllm use / XLLM_MODEL, else the server's first loaded model).")
+    @argument("-m", "--model", help="Model name (default: %%xllm use / XLLM_MODEL, else a loaded chat model, else the server's default).")
     @argument("-s", "--system", help="System prompt.")
     @argument("-t", "--temperature", type=float, help="Sampling temperature (0 = greedy).")
     @argument("--max-tokens", type=int, help="Most tokens to generate.")
@@ -72,6 +74,8 @@ class XllmMagics(Magics):
             raise XllmError(str(exc).strip() or "bad options (see %xllm help)") from None
         if args.chat and args.new:
             raise XllmError("use --chat (continue) or --new (start over), not both")
+        if args.out is not None and not (args.out.isidentifier() and not keyword.iskeyword(args.out)):
+            raise XllmError(f"--out needs a variable name, not {args.out!r}")  # checked before asking: no wasted answer
         # words after %%xllm on the first line lead the cell body rather than being dropped
         prompt = "\n".join(part for part in (" ".join(args.prompt), cell or "") if part.strip())
         prompt = interpolate(prompt.strip(), self.shell.user_ns if self.shell else {})
@@ -95,9 +99,35 @@ class XllmMagics(Magics):
             self.shell.user_ns[args.out] = value
 
 
+#: ``%xllm <words>?`` on a line of its own; ``%xllm?`` alone (help) does not match
+_QUESTION = re.compile(r"^(?P<indent>[ \t]*)%xllm(?P<args>[ \t]+\S.*\?)[ \t]*(?P<eol>\r?\n?)$")
+
+
+def ask_questions(lines: list[str]) -> list[str]:
+    """Input transformer: ``%xllm ... question?`` runs the magic rather than IPython's ``obj?`` help.
+
+    It runs among the cleanup transforms, before IPython's help transform would turn the
+    line into ``pinfo`` of its last word. A ``%%`` cell is left alone: its body is a prompt.
+    """
+    if not lines or lines[0].lstrip().startswith("%%"):
+        return lines
+    out: list[str] = []
+    for line in lines:
+        m = _QUESTION.match(line)
+        continued = bool(out) and out[-1].rstrip("\r\n").endswith("\\")
+        if m and not continued:
+            # what IPython itself makes of `%xllm args` (run_line_magic expands $x/{x} the same way)
+            line = f"{m['indent']}get_ipython().run_line_magic('xllm', {m['args'].strip()!r}){m['eol']}"
+        out.append(line)
+    return out
+
+
 def load_ipython_extension(ipython: Any) -> None:
-    """``%load_ext xllm_jupyter``: register ``%%xllm`` and ``%xllm``."""
+    """``%load_ext xllm_jupyter``: register ``%%xllm`` and ``%xllm`` (and let ``%xllm`` questions end in ``?``)."""
     ipython.register_magics(XllmMagics)
+    cleanup = getattr(ipython, "input_transformers_cleanup", None)
+    if cleanup is not None and ask_questions not in cleanup:
+        cleanup.append(ask_questions)
 
 
 __all__ = ["Reply", "XllmMagics", "interpolate", "load_ipython_extension"]

@@ -157,6 +157,7 @@ class Progress:
         self._handle: Any = None
         self._bar: Any = None
         self._label: Any = None
+        self._box: Any = None
         self._rich = rich_frontend(shell)
         if self._rich and getattr(shell, "kernel", None) is not None:
             try:
@@ -166,7 +167,8 @@ class Progress:
             if w is not None:
                 self._bar = w.IntProgress(min=0, max=100, value=0, description=title[:20])
                 self._label = w.Label("starting…")
-                display(w.HBox([self._bar, self._label]))
+                self._box = w.HBox([self._bar, self._label])
+                display(self._box)
 
     def line(self, event: dict[str, Any]) -> str:
         """``download model.gguf  45%  12.3 MB / 27.0 MB`` for one progress event."""
@@ -196,6 +198,13 @@ class Progress:
                 self._handle.update(out)
         else:
             print(f"{self.title}: {text}", flush=True)
+
+    def fail(self) -> None:
+        """The pull failed (its error is printed apart): take the bar or line away."""
+        if self._box is not None:
+            self._box.close()  # the front-end removes a closed widget's view
+        elif self._handle is not None:
+            self._handle.update(Text(f"{self.title}: failed"))
 
     def finish(self, message: str) -> None:
         """The final line (the bar fills up)."""
