@@ -84,8 +84,9 @@ def test_every_route_outside_the_allowlist_refuses_a_request_without_credentials
 
 
 def test_user_key_gets_403_on_every_admin_route_and_admin_key_is_served(roles_server):
-    admin_calls = [(m, p) for m, p in _calls() if p.startswith("/admin/")]
-    assert len(admin_calls) >= 3
+    # /metrics too: it has every user's request and token counts
+    admin_calls = [(m, p) for m, p in _calls() if p.startswith("/admin/") or p == "/metrics"]
+    assert len(admin_calls) >= 4 and ("GET", "/metrics") in admin_calls
     for method, path in admin_calls:
         r = _send(roles_server.root, method, path, OTHER)
         assert r.status_code == 403, (method, path)

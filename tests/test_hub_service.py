@@ -379,12 +379,13 @@ def test_group_quota_admin_usage_and_per_user_metrics(hub):
             dave.chat.completions.create(model=TINY, messages=MSG, max_tokens=2)
     with hub.http(hub.tokens["alice"]) as c:
         assert c.get("/admin/usage").status_code == 403  # not an xllm admin
-        metrics = c.get("/metrics").text
-    assert 'xllm_user_tokens_total{kind="completion",user="alice"}' in metrics
+        assert c.get("/metrics").status_code == 403  # nor may she read the other users' counts there
     with hub.http(hub.tokens["carol"]) as c:  # in group xllm-admins
+        metrics = c.get("/metrics").text
         r = c.get("/admin/usage")
         assert r.status_code == 200
         rows = {row["user"]: row for row in r.json()["data"]}
+    assert 'xllm_user_tokens_total{kind="completion",user="alice"}' in metrics
     assert rows["alice"]["completion_tokens"] > 0 and rows["bob"]["requests"] > 0
     assert rows["dave"]["groups"] == ["limited"] and rows["dave"]["rejected"] == {"tokens_per_day": 1}
     assert rows["dave"]["limits"] == {"max_concurrent": 0, "tokens_per_day": 1}

@@ -35,6 +35,8 @@ from .usage import AdminUsageMixin
 PUBLIC_PATHS: frozenset[str] = frozenset({r"/health", r"/health/ready"})
 #: routes under this path need an admin key (auth.admin_keys) on the standalone server
 ADMIN_PREFIX = "/admin/"
+#: other admin-only routes: ``/metrics`` has every user's request and token counts (as ``/admin/usage`` has)
+ADMIN_PATHS: frozenset[str] = frozenset({r"/metrics"})
 
 #: (path under the prefix, request-logic mixin, public?) — only PUBLIC_PATHS are public
 ROUTES: tuple[tuple[str, type, bool], ...] = (
@@ -76,7 +78,7 @@ def build_routes(prefix: str, base: type[RequestHandler], public_base: type[Requ
     routes: list[tuple[str, type, dict[str, Any]]] = []
     for path, mixin, _ in ROUTES:
         handler = handler_class(mixin, public_base if path in PUBLIC_PATHS else base)
-        handler.admin_only = path.startswith(ADMIN_PREFIX)  # type: ignore[attr-defined]
+        handler.admin_only = path.startswith(ADMIN_PREFIX) or path in ADMIN_PATHS  # type: ignore[attr-defined]
         handler.route = path  # type: ignore[attr-defined]  # the metrics label
         routes.append((p + path, handler, {}))
     routes.append((p + r"/(.*)", handler_class(NotFoundMixin, base), {}))
