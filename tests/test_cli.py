@@ -134,10 +134,19 @@ def test_run_one_shot_streams_the_answer(live):
     assert result.stdout == expected + "\n"
 
 
-def test_run_interactive_keeps_history(live):
+@pytest.fixture
+def tty(monkeypatch):
+    """stdin is a terminal (CliRunner's is not): `run` without a prompt chats interactively."""
+    from xllm_jupyter.cli import chat
+
+    monkeypatch.setattr(chat, "stdin_is_tty", lambda: True, raising=False)
+
+
+def test_run_interactive_keeps_history(live, tty):
     result = invoke("run", TINY, "-t", "0", "--max-tokens", "4", input="hello\n\nagain\n/bye\nnot sent\n")
     assert result.exit_code == 0, result.output
-    assert result.stdout.count(">>> ") == 4  # hello, the blank line, again, /bye; "not sent" is never read
+    # hello, the blank line, again, /bye; "not sent" is never read. stdout is not a terminal: prompts go to stderr
+    assert result.stderr.count(">>> ") == 4 and ">>>" not in result.stdout
     assert "/bye" in result.stderr  # the help line
 
 
@@ -163,9 +172,9 @@ def test_interactive_sends_the_whole_conversation(live, monkeypatch):
     assert roles == ["system", "user", "assistant", "user"] and sent[2][-1]["content"] == "third"
 
 
-def test_run_interactive_eof_exits(live):
+def test_run_interactive_eof_exits(live, tty):
     result = invoke("run", TINY, "--max-tokens", "2", input="")
-    assert result.exit_code == 0
+    assert result.exit_code == 0 and ">>> " in result.stderr
 
 
 def test_run_unknown_model_is_a_clean_error(live):

@@ -13,9 +13,12 @@ import click
 
 from ..client.base import ServerUnavailable
 from ..core.errors import XllmError
+from .settings import server_options
 
 EXIT_WORDS = {"/bye", "/exit", "/quit"}
-HELP = "Type a message. /clear forgets the conversation, /bye or Ctrl-D exits."
+HELP_WORDS = {"/?", "/help"}
+HELP = "Type a message. /clear forgets the conversation, /bye or Ctrl-D exits, /? shows this help."
+COMMANDS = "/clear, /bye (or /exit, /quit), /? (or /help)"
 
 
 class ChatBackend(Protocol):
@@ -80,12 +83,24 @@ def stream_reply(backend: ChatBackend, messages: list[dict[str, str]], model: st
     return "".join(pieces), interrupted
 
 
+def _is_tty(stream: Any) -> bool:
+    return stream is not None and stream.isatty()
+
+
+def stdin_is_tty() -> bool:
+    """True when a person types at stdin (interactive chat); piped input is read in one go."""
+    return _is_tty(sys.stdin)
+
+
 def _read_line() -> str | None:
     """One line from the user, or None on EOF / Ctrl-C at the prompt."""
     try:
-        return input(">>> ")
+        if _is_tty(sys.stdout):
+            return input(">>> ")  # readline draws the prompt, so line editing keeps it
+        click.echo(">>> ", nl=False, err=True)  # stdout is a file or pipe: keep the prompt out of it
+        return input()
     except (EOFError, KeyboardInterrupt):
-        click.echo()
+        click.echo(err=True)
         return None
 
 
@@ -105,6 +120,12 @@ def interactive(backend: ChatBackend, model: str, history: list[dict[str, str]],
         if text == "/clear":
             history[:] = system
             _note("(conversation cleared)")
+            continue
+        if text in HELP_WORDS:
+            _note(HELP)
+            continue
+        if text.startswith("/"):
+            _note(f"Unknown command '{text.split()[0]}'; commands: {COMMANDS}")  # never sent to the model
             continue
         history.append({"role": "user", "content": text})
         try:
@@ -126,25 +147,39 @@ def interactive(backend: ChatBackend, model: str, history: list[dict[str, str]],
 @click.option("-t", "--temperature", type=click.FloatRange(0, 2), help="Sampling temperature (0 = greedy).")
 @click.option("--max-tokens", type=click.IntRange(1), help="Most tokens to generate per reply.")
 @click.option("--local", is_flag=True, help="Do not look for a server; run the model in this process.")
+@server_options
 @click.pass_obj
 def run_command(settings: Any, model: str, prompt: tuple[str, ...], system: str | None, temperature: float | None, max_tokens: int | None, local: bool) -> None:
     """Chat with MODEL, one-shot or interactively.
 
     With PROMPT, stream one answer and exit; without it, chat in the terminal
-    (/clear forgets the conversation, /bye or Ctrl-D exits). Uses a running server
-    when one answers, else runs the model in this process.
+    (/clear forgets the conversation, /bye or Ctrl-D exits, /? lists the commands).
+    Piped stdin is read whole and put before PROMPT, for one answer. Uses a running
+    server when one answers, else runs the model in this process.
     """
+    text = " ".join(prompt)
+    one_shot = bool(prompt) or not stdin_is_tty()
+    if not stdin_is_tty():
+        text = one_shot_prompt(sys.stdin.read() if sys.stdin is not None else "", text)
     backend = connect(settings, local)
     params = {"temperature": temperature, "max_tokens": max_tokens}
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     try:
         load_with_status(backend, model)  # fail early if the model does not exist
-        if prompt:
-            history.append({"role": "user", "content": " ".join(prompt)})
-            _, interrupted = stream_reply(backend, history, model, params)
-            if interrupted:
-                sys.exit(130)
+        if not one_shot:
+            interactive(backend, model, history, params)
             return
-        interactive(backend, model, history, params)
+        if not text:
+            return  # nothing piped and no prompt: the model is loaded, as `ollama run M < /dev/null` does
+        history.append({"role": "user", "content": text})
+        _, interrupted = stream_reply(backend, history, model, params)
+        if interrupted:
+            sys.exit(130)
     finally:
         backend.close()
+
+
+def one_shot_prompt(piped: str, prompt: str) -> str:
+    """Piped text in front of the prompt, a blank line between them (Ollama prepends stdin too)."""
+    piped = piped.rstrip()  # the trailing newline; leading indentation may matter (code)
+    return f"{piped}\n\n{prompt}" if piped and prompt else piped or prompt

@@ -15,7 +15,11 @@ from ..core.errors import AuthenticationError, PermissionDenied, XllmError
 from .chat import run_command
 from .create_cmd import create_command
 from .render import human_size, stdout_console
+from .settings import KEY_HELP, URL_HELP, Settings, server_options
 from .store_cmds import list_command, pull_command, rm_command, show_command
+
+#: the exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells report it
+EXIT_INTERRUPTED = 130
 
 
 class XllmGroup(click.Group):
@@ -29,29 +33,16 @@ class XllmGroup(click.Group):
             raise click.ClickException(f"{exc.message} (check --api-key / XLLM_API_KEY)") from None
         except XllmError as exc:
             raise click.ClickException(exc.message) from None
-
-
-class Settings:
-    """Global options, and the client built from them on first use."""
-
-    def __init__(self, url: str | None, api_key: str | None):
-        self.url = url
-        self.api_key = api_key
-        self._client = None
-
-    def client(self):
-        """The XllmClient for ``--url``/``--api-key`` (env XLLM_BASE_URL/XLLM_API_KEY)."""
-        if self._client is None:
-            from ..client import XllmClient
-
-            self._client = XllmClient(self.url, self.api_key)
-            click.get_current_context().call_on_close(self._client.close)
-        return self._client
+        except KeyboardInterrupt:
+            # Ctrl-C while loading, pulling or creating: a short note and the shell's usual 130,
+            # not click's "Aborted!" and exit 1
+            click.echo("(interrupted)", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
 
 
 @click.group(cls=XllmGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--url", envvar="XLLM_BASE_URL", metavar="URL", help="Server base URL ending in /v1 [env XLLM_BASE_URL; default http://127.0.0.1:8900/v1].")
-@click.option("--api-key", envvar="XLLM_API_KEY", metavar="KEY", help="API key (or Jupyter token) for the server [env XLLM_API_KEY].")
+@click.option("--url", envvar="XLLM_BASE_URL", metavar="URL", help=URL_HELP)
+@click.option("--api-key", envvar="XLLM_API_KEY", metavar="KEY", help=KEY_HELP)
 @click.version_option(__version__, prog_name="xllm")
 @click.pass_context
 def main(ctx: click.Context, url: str | None, api_key: str | None) -> None:
@@ -64,9 +55,16 @@ def main(ctx: click.Context, url: str | None, api_key: str | None) -> None:
 @click.option("--port", type=click.IntRange(0, 65535), help="Port to listen on [config server.port; default 8900].")
 @click.option("-m", "--model", "models", multiple=True, metavar="NAME", help="Model to load at start (repeatable).")
 @click.option("--api-key", "api_keys", multiple=True, metavar="KEY", help="Require this API key from clients (repeatable) [config server.api_keys].")
-def serve_command(host: str | None, port: int | None, models: tuple[str, ...], api_keys: tuple[str, ...]) -> None:
+@click.pass_context
+def serve_command(ctx: click.Context, host: str | None, port: int | None, models: tuple[str, ...], api_keys: tuple[str, ...]) -> None:
     """Run the OpenAI-compatible server until Ctrl-C."""
     from ..core.config import load_config
+
+    if not api_keys and ctx.parent is not None and ctx.parent.get_parameter_source("api_key") == click.ParameterSource.COMMANDLINE:
+        # the group's --api-key is the key a client sends; serving with it silently ignored would
+        # leave a server the user meant to protect open
+        raise click.UsageError("--api-key before `serve` is the client's key and does not protect the server: "
+                               "write `xllm serve --api-key KEY`", ctx=ctx)
 
     overrides = {"server": {"host": host, "port": port, "api_keys": list(api_keys) or None}}
     config = load_config(overrides=overrides)
@@ -94,6 +92,7 @@ def hub_service_command(args: tuple[str, ...]) -> None:
 
 
 @main.command("ps")
+@server_options
 @click.pass_obj
 def ps_command(settings: Settings) -> None:
     """Show the models a running server has loaded."""
@@ -131,6 +130,7 @@ def _mode(info: dict[str, Any]) -> str:
 
 @main.command("stop")
 @click.argument("model")
+@server_options
 @click.pass_obj
 def stop_command(settings: Settings, model: str) -> None:
     """Unload MODEL on a running server."""

@@ -12,6 +12,7 @@ from typing import Any, Iterable, Iterator, Mapping
 from ..core.config import XllmConfig, load_config
 from ..core.errors import InvalidRequest
 from ..core.types import ChatMessage, GenerationParams, GenerationRequest, SamplingParams
+from ..openai.model_defaults import ModelDefaults
 
 _SAMPLING_KEYS = {"temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "seed"}
 
@@ -39,6 +40,27 @@ def generation_params(default_max_tokens: int, **params: Any) -> GenerationParam
         stop=tuple(stop),
         ignore_eos=bool(params.get("ignore_eos", False)),
     )
+
+
+class _Params(dict):
+    """Keyword parameters read like a request, so ``ModelDefaults.apply`` fills the unset ones."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # copy/pickle probes must not read as unset parameters
+            raise AttributeError(name)
+        return self.get(name)
+
+    def model_copy(self, update: Mapping[str, Any]) -> "_Params":
+        """A copy with ``update`` applied (the pydantic method ``apply`` calls)."""
+        return _Params({**self, **update})
+
+
+def with_model_defaults(defaults: ModelDefaults, params: Mapping[str, Any], default_max_tokens: int) -> dict[str, Any]:
+    """``params`` with a created model's Modelfile settings filled in, as the server does: the caller's values win."""
+    filled = dict(defaults.apply(_Params(params)))
+    if not (filled.get("max_tokens") or filled.get("max_completion_tokens")):
+        filled["max_tokens"] = defaults.max_tokens(default_max_tokens)  # num_predict, else the engine's default
+    return filled
 
 
 class LocalChat:
@@ -69,8 +91,12 @@ class LocalChat:
     def stream_chat(self, messages: Iterable[Mapping[str, Any]] | str, model: str, **params: Any) -> Iterator[str]:
         """The reply's text pieces; closing the iterator cancels the generation."""
         self.load(model)
+        # a created model's PARAMETER/SYSTEM/MESSAGE apply here just as the server applies them
+        defaults = ModelDefaults.of(self.engine, model)
+        params = with_model_defaults(defaults, params, self.config.engine.default_max_tokens)
         gen_params = generation_params(self.config.engine.default_max_tokens, **params)
-        prompt_ids = self._run(self.engine.encode_chat(model, to_chat_messages(messages)))
+        chat = defaults.chat_messages(to_chat_messages(messages))
+        prompt_ids = self._run(self.engine.encode_chat(model, chat))
         request = GenerationRequest(model=model, prompt_ids=tuple(prompt_ids), params=gen_params)
         events = self.engine.generate(request)
         try:
@@ -92,9 +118,17 @@ class LocalChat:
 
     def close(self) -> None:
         """Stop the engine's threads and the private loop."""
-        if not self._loop.is_closed():
-            self._run(self.engine.stop())
-            self._loop.close()
+        if self._loop.is_closed():
+            return
+        self._run(self.engine.stop())
+        # Ctrl-C mid-load leaves the load's thread wait pending: cancel it, or closing the
+        # loop destroys a pending task ("Task was destroyed but it is pending!")
+        pending = asyncio.all_tasks(self._loop)
+        for task in pending:
+            task.cancel()
+        if pending:
+            self._run(asyncio.wait(pending))
+        self._loop.close()
 
     def __enter__(self) -> "LocalChat":
         return self
