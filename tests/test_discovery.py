@@ -160,6 +160,7 @@ def test_private_server_when_nothing_is_found(xllm_home, monkeypatch, caplog):
     monkeypatch.setenv("XLLM_HOME", str(xllm_home))
     monkeypatch.setenv("XLLM_MODEL", TINY)
     monkeypatch.setenv("XLLM_ENGINE_TORCH_THREADS", "1")
+    monkeypatch.setenv("XLLM_SERVER_API_KEYS", "inherited-key")  # the private server must not take it
     caplog.set_level(logging.WARNING, logger="xllm_jupyter.client")
     try:
         loc = locate()
@@ -181,7 +182,12 @@ def test_private_server_when_nothing_is_found(xllm_home, monkeypatch, caplog):
         import httpx
 
         assert httpx.get(loc.base_url + "/models").status_code == 401
+        assert httpx.get(loc.base_url + "/models", headers={"Authorization": "Bearer inherited-key"}).status_code == 401
         process = discovery._local.process
+        # the key is not on the command line, where any local user reads it (ps, /proc)
+        assert loc.api_key not in " ".join(process.args)
+        with open(f"/proc/{process.pid}/cmdline", "rb") as f:
+            assert loc.api_key.encode() not in f.read()
     finally:
         discovery.stop_local()
     assert process.poll() is not None

@@ -9,6 +9,7 @@ from typing import Any, Iterable
 import click
 
 from .render import human_size, human_time, short_digest, stderr_console, stdout_console
+from .settings import server_options
 
 TEMPLATE_EXCERPT = 400  # characters of a chat template `show` prints
 
@@ -161,11 +162,31 @@ def show_command(name: str, modelfile: bool) -> None:
 @click.command("rm")
 @click.argument("name")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
-def rm_command(name: str, yes: bool) -> None:
-    """Remove a model from the store."""
+@server_options
+@click.pass_obj
+def rm_command(settings: Any, name: str, yes: bool) -> None:
+    """Remove a model from the store (a running server unloads it first)."""
     store = open_store()
     store.show(name)  # an unknown name fails here, before asking
     if not yes:
         click.confirm(f"Remove {name}?", abort=True)
+    unload_from_server(settings, name)
     store.rm(name)
     click.echo(f"Removed {name}")
+
+
+def unload_from_server(settings: Any, name: str) -> None:
+    """Ask the server `xllm ps` would ask to unload ``name``, so it stops serving a removed model.
+
+    No server, or the model not loaded there, is the usual case and says nothing; any other
+    failure is a note on stderr and the removal goes on (as ``ollama rm`` does).
+    """
+    from ..client.base import ServerUnavailable
+    from ..core.errors import NotFound, XllmError
+
+    try:
+        settings.client().unload(name)
+    except (ServerUnavailable, NotFound):
+        pass
+    except XllmError as exc:
+        click.echo(f"Note: the server did not unload {name}: {exc.message}", err=True)

@@ -280,8 +280,11 @@ def _start_local(timeout: float = LOCAL_START_TIMEOUT) -> LocalServer:
         key = "sk-xllm-private-" + secrets.token_urlsafe(24)
         port = _free_port()
         fd, log_path = tempfile.mkstemp(prefix="xllm-private-", suffix=".log")
-        cmd = [sys.executable, "-m", "xllm_jupyter.cli.main", "serve", "--host", "127.0.0.1", "--port", str(port), "--api-key", key]
-        env = {k: v for k, v in os.environ.items() if k not in ("XLLM_BASE_URL", "XLLM_API_KEY")}
+        cmd = [sys.executable, "-m", "xllm_jupyter.cli.main", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        # the key travels in the environment, not argv: any local user can read a command line (ps)
+        drop = ("XLLM_BASE_URL", "XLLM_API_KEY", "XLLM_SERVER_API_KEYS")  # the long name would win over ours
+        env = {k: v for k, v in os.environ.items() if k not in drop}
+        env["XLLM_API_KEYS"] = key
         with os.fdopen(fd, "wb") as out:
             process = subprocess.Popen(
                 cmd,

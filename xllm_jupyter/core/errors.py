@@ -157,3 +157,11 @@ class ConfigError(XllmError):
     status = 500
     type = "server_error"
     code = "config_error"
+
+
+class ListenError(XllmError):
+    """The server cannot listen on its host and port (in use, not allowed, no such address)."""
+
+    status = 500
+    type = "server_error"
+    code = "listen_error"

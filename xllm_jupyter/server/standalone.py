@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from ..core.config import XllmConfig
+from ..core.errors import ListenError
 from .app import make_app
 from .auth import is_loopback
 from .handlers import CONTEXT_KEY
@@ -75,12 +77,24 @@ async def start_server(config: XllmConfig, engine: Any, *, host: str | None = No
     host = listen_host(config, host)
     port = config.server.port if port is None else port
     app = make_app(config, engine)
-    sockets = bind_sockets(port, address=host or None)
+    try:
+        sockets = bind_sockets(port, address=host or None)
+    except OSError as exc:
+        raise listen_error(host, port, exc) from None
     server = HTTPServer(app, max_body_size=max(_TORNADO_MAX_BODY, config.server.max_body_bytes * 2))
     server.add_sockets(sockets)
     bound = sockets[0].getsockname()[1]
     url = f"http://{_url_host(host)}:{bound}"
     return RunningServer(host=host, port=bound, url=url, http_server=server, auth_enabled=bool(config.server.api_keys or config.auth.admin_keys))
+
+
+def listen_error(host: str, port: int, exc: OSError) -> ListenError:
+    """A one-line ListenError for a failed bind (the CLI prints it, no traceback)."""
+    where = (f"[{host}]" if ":" in host else host or "*") + f":{port}"
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.EADDRINUSE:
+        return ListenError(f"cannot listen on {where}: {reason} (is another xllm serve running? use --port)")
+    return ListenError(f"cannot listen on {where}: {reason}")
 
 
 async def _preload(engine: Any, names: Sequence[str], required: bool) -> None:
