@@ -159,3 +159,21 @@ def test_an_embedding_model_is_never_the_default(roles, shell, monkeypatch):
         admin.load(TINY)
         admin.close()
         user.close()
+
+
+@needs_embedder
+def test_models_say_their_task_and_the_default_before_they_load(roles):
+    """Nothing loaded: /v1/models still says what each model serves and which one the server defaults to,
+    so a user key (no /admin) picks the configured chat model, not the embedding model listed first."""
+    with XllmClient(roles.base_url, ADMIN) as admin:
+        admin.unload(TINY)
+    try:
+        with XllmClient(roles.base_url, USER) as user:
+            entries = {m["id"]: m["xllm"] for m in user.models()}
+            assert not entries[TINY]["loaded"] and entries[TINY]["details"] == {"task": "chat", "default": True}
+            assert not entries[EMBED]["loaded"] and entries[EMBED]["details"] == {"task": "embedding"}
+            assert sorted(entries)[0] == EMBED  # listed first, yet never the default
+            assert user.default_model() == TINY
+    finally:
+        with XllmClient(roles.base_url, ADMIN) as admin:
+            admin.load(TINY)

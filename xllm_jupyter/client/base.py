@@ -227,6 +227,13 @@ def model_task(entry: Mapping[str, Any]) -> str | None:
     return None
 
 
+def is_default(entry: Mapping[str, Any]) -> bool:
+    """True for the model the server is configured to default to (``xllm.details.default`` in ``/v1/models``)."""
+    extras = entry.get("xllm")
+    details = extras.get("details") if isinstance(extras, Mapping) else None
+    return isinstance(details, Mapping) and details.get("default") is True
+
+
 def can_chat(entry: Mapping[str, Any]) -> bool:
     """False only for a model its entry says is for something else (an embedding model)."""
     task = model_task(entry)

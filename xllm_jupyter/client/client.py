@@ -17,6 +17,7 @@ from .base import (
     can_chat,
     chat_body,
     delta_text,
+    is_default,
     is_event_stream,
     json_body,
     message_text,
@@ -136,6 +137,10 @@ class XllmClient:
         if found:
             return found
         servable = self.models() if servable is None else servable
+        # the server marks its engine.default_model in /v1/models; older servers only say it in /admin/stats
+        marked = [m for m in servable if is_default(m) and can_chat(m)]
+        if marked:
+            return _name(marked[0])
         configured = self._configured_default()
         if configured and any(_name(m) == configured and can_chat(m) for m in servable):
             return configured

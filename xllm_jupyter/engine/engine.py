@@ -61,6 +61,8 @@ class ModelCatalog(Protocol):
     def names(self) -> list[str]:
         """Names of models that could be loaded."""
 
+    # optional: ``task(name) -> str | None``, what a model serves without loading it (``Engine._info``)
+
 
 class Engine(AdapterMixin, ResidencyMixin):
     """One shared engine: what is loaded, and the entry point for every generation."""
@@ -356,6 +358,21 @@ class Engine(AdapterMixin, ResidencyMixin):
         return name in self._runners or name in self._embeddings.slots or name in self._adapters
 
     def _info(self, name: str) -> ModelInfo:
+        info = self._plain_info(name)
+        # clients pick a default (a chat model, the configured one first) from these two
+        marks = {"task": info.details.get("task") or self._task(name)}
+        if self.config.default_model and name == canonical_name(self.config.default_model):
+            marks["default"] = True
+        return dataclasses.replace(info, details={**info.details, **{k: v for k, v in marks.items() if v}})
+
+    def _task(self, name: str) -> str | None:
+        """What ``name`` serves: ``chat`` when it runs here, else what the catalog says (None: unknown)."""
+        if name in self._runners:
+            return "chat"
+        lookup = getattr(self.catalog, "task", None)
+        return lookup(name) if lookup is not None else None
+
+    def _plain_info(self, name: str) -> ModelInfo:
         if name in self._embeddings.slots:
             return self._embeddings.slots[name].info()
         if name in self._adapters:

@@ -23,6 +23,7 @@ class PackagedModel:
     file: str
     description: str
     convert: bool = True
+    task: str = "chat"  # what it serves before it is pulled (a pulled model's manifest says it)
 
     def locate(self) -> Path | None:
         """The model file inside the installed wheel, or None when the wheel is missing."""
@@ -64,6 +65,7 @@ PACKAGED: dict[str, PackagedModel] = {
         file="model",  # a sentence-transformers directory, copied as it is
         description="all-MiniLM-L6-v2 (embeddings, 384 dimensions)",
         convert=False,
+        task="embedding",
     ),
 }
 

@@ -102,6 +102,15 @@ class ModelStore:
         """Names that can be loaded: pulled models plus installable packaged defaults."""
         return sorted({m.name for m in self.list()} | set(installable()))
 
+    def task(self, name: str) -> str | None:
+        """What model ``name`` serves (``chat``, ``embedding``, ``adapter``) without loading or pulling it;
+        None when it is unknown."""
+        try:
+            return self.show(name).task
+        except (InvalidModelName, ModelNotFound, StoreError, OSError):
+            packaged = PACKAGED.get(name)
+            return packaged.task if packaged is not None else None
+
     def resolve(self, name: str) -> ModelSpec:
         """The spec to load ``name``; pulls a packaged default on first use; else ModelNotFound."""
         try:
