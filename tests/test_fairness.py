@@ -318,3 +318,23 @@ def test_jupyter_callers_are_the_servers_owner_not_a_random_anonymous_user(monke
     handler = SimpleNamespace(identity_provider=HubProvider(), current_user=User("bob"))
     assert caller_of(handler).user == "bob"
     assert caller_of(SimpleNamespace(xllm_key_id="key-abc")).user == "key-abc"
+
+
+def test_the_response_store_evicts_from_whoever_holds_the_most():
+    # one user storing many (or large) responses pushes out their own, not everyone else's
+    store = ResponseStore(capacity=6, max_bytes=10_000)
+    store.put("resp_a", StoredResponse({"id": "resp_a"}, owner="alice"))
+    for i in range(10):
+        store.put(f"resp_m{i}", StoredResponse({"id": f"resp_m{i}"}, owner="mallory"))
+    assert store.get("resp_a", owner="alice").response["id"] == "resp_a" and len(store) == 6
+    assert [store.get(f"resp_m{i}", owner="mallory").response["id"] for i in range(5, 10)] == [
+        f"resp_m{i}" for i in range(5, 10)]
+    store.put("resp_big", StoredResponse({"id": "resp_big", "blob": "x" * 9_000}, owner="mallory"))
+    assert store.nbytes <= 10_000 and store.get("resp_a", owner="alice")  # bytes are bounded the same way
+    with pytest.raises(NotFound):
+        store.get("resp_m5", owner="mallory")  # her least recently used went
+    store.delete("resp_big", owner="mallory")
+    for rid in [r for r in list(store._items) if r.startswith("resp_m")]:
+        store.delete(rid, owner="mallory")
+    store.delete("resp_a", owner="alice")
+    assert len(store) == 0 and store.nbytes == 0

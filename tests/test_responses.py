@@ -68,6 +68,14 @@ def test_create_message_list_and_instructions(client):
     r = client.responses.create(model=TINY, input=items, instructions="You are a test.", max_output_tokens=2, metadata={"k": "v"})
     assert r.output_text and r.instructions == "You are a test." and r.metadata == {"k": "v"}
     assert r.usage.input_tokens > base.usage.input_tokens + 10  # every item reached the prompt
+    # metadata is stored with the response: OpenAI's bounds (64-character keys, 512-character values) hold
+    for bad in ({"k": "v" * 513}, {"k" * 65: "v"}):
+        with pytest.raises(openai.BadRequestError, match="metadata"):
+            client.responses.create(model=TINY, input="Hello", max_output_tokens=2, metadata=bad)
+    # only the text settings the server honours are echoed and stored
+    r = client.responses.create(model=TINY, input="Hello", max_output_tokens=2,
+                                text={"format": {"type": "text"}, "junk": "x" * 1000})
+    assert r.text.format.type == "text" and "junk" not in r.text.model_dump()
 
 
 def test_completed_status_with_stop(client):

@@ -55,8 +55,14 @@ class ResponsesRequest(_Strict):
         for name in _UNSUPPORTED:
             if extra.get(name) not in (None, False, [], {}):
                 raise Unsupported(f"'{name}' is not supported by this server yet", param=name)
-        if self.metadata is not None and len(self.metadata) > 16:
-            raise InvalidRequest("'metadata' may have at most 16 keys", param="metadata")
+        if self.metadata is not None:
+            # OpenAI's limits: stored with the response, so they also bound what a request can make us keep
+            if len(self.metadata) > 16:
+                raise InvalidRequest("'metadata' may have at most 16 keys", param="metadata")
+            for key, value in self.metadata.items():
+                if len(key) > 64 or len(value) > 512:
+                    raise InvalidRequest("'metadata' keys may have at most 64 characters and values 512",
+                                         param=f"metadata.{key[:64]}")
         if self.input is None or self.input == "" or self.input == []:
             raise InvalidRequest("Missing required parameter: 'input'.", param="input", code="missing_required_parameter")
 
@@ -131,7 +137,8 @@ class _Turn:
             "previous_response_id": req.previous_response_id,
             "store": req.store is not False,
             "temperature": 1.0 if req.temperature is None else req.temperature,
-            "text": req.text if req.text and req.text.get("format") else {"format": {"type": "text"}},
+            # only what the server honours is echoed (and stored)
+            "text": {"format": req.text["format"]} if req.text and req.text.get("format") else {"format": {"type": "text"}},
             "tool_choice": req.tool_choice or "auto",
             "tools": req.tools or [],
             "top_p": 1.0 if req.top_p is None else req.top_p,
