@@ -194,3 +194,24 @@ def test_not_ready_before_the_engine_starts(xllm_home, tiny_catalog):
 
     engine = Engine(make_test_config(xllm_home).engine, catalog=tiny_catalog)  # built, never started
     assert readiness(engine, (TINY,)) == "The engine is starting."
+
+
+def test_json_nested_past_the_parsers_depth_is_a_400_not_a_500(cached_server):
+    """Bodies the response cache or the pull route parse with ``json`` (and tool-call arguments in the history)
+    may nest deeper than the parser recurses: a client error, never a 500 with a traceback in the log."""
+    deep = "[" * 50_000 + "]" * 50_000
+    with _http(cached_server) as http:
+        for path in ("/v1/chat/completions", "/v1/completions", "/admin/models/pull"):
+            r = http.post(path, content=deep.encode())
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", (path, r.text[:200])
+        history = [{"role": "user", "content": "hi"},
+                   {"role": "assistant", "content": None, "tool_calls": [
+                       {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": deep}}]},
+                   {"role": "tool", "tool_call_id": "call_1", "content": "ok"}]
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+        r = http.post("/v1/chat/completions", json={"model": TINY, "messages": history, "tools": tools,
+                                                     "max_tokens": 2, "temperature": 0})
+        assert r.status_code in (200, 400), r.text[:200]
+    from xllm_jupyter.openai.tool_parser import parse_tool_calls
+
+    assert parse_tool_calls(deep, {"f"}).calls == ()  # model output nested as deep is text, not a crash

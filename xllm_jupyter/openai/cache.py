@@ -102,7 +102,7 @@ class ResponseCache:
             return await produce(body)
         try:
             parsed = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
             return await produce(body)
         if not isinstance(parsed, dict) or not isinstance(parsed.get("model"), str) or not is_deterministic(parsed):
             return await produce(body)

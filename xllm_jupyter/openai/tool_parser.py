@@ -45,7 +45,7 @@ class ToolCall:
         """Name and arguments in one spelling (key order, spacing): equal for the same call written twice."""
         try:
             args = json.dumps(json.loads(self.arguments), sort_keys=True, separators=(",", ":"))
-        except ValueError:
+        except (ValueError, RecursionError):
             args = self.arguments
         return self.name, args
 
@@ -81,7 +81,7 @@ def _call_from(obj: Any, names: frozenset[str]) -> ToolCall | None:
     if isinstance(args, str):
         try:
             args = json.loads(args)
-        except ValueError:
+        except (ValueError, RecursionError):  # (nesting past the parser's depth is not a call either)
             return None
     if not isinstance(args, dict):
         return None
@@ -95,7 +95,7 @@ def _json_values(text: str) -> Iterable[tuple[int, int, Any]]:
         if text[i] in "{[":
             try:
                 value, end = _DECODER.raw_decode(text, i)
-            except ValueError:
+            except (ValueError, RecursionError):
                 i += 1
                 continue
             yield i, end, value
@@ -113,7 +113,7 @@ def _exact_call(body: str, names: frozenset[str]) -> ToolCall | None:
     raw = body[head.end():tail.start()]
     try:
         ok = isinstance(json.loads(raw), dict)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return ToolCall(head.group(1), raw) if ok else None
 
@@ -166,6 +166,8 @@ def _json_at(text: str, i: int, names: frozenset[str], final: bool) -> _Span | N
         value, end = _DECODER.raw_decode(text, i)
     except json.JSONDecodeError as err:
         return _HOLD if not final and _may_grow(text, err) else None
+    except RecursionError:  # nested past the parser's depth: text, not a call
+        return None
     return end, _json_calls(value, names)
 
 

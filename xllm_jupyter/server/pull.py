@@ -54,7 +54,7 @@ def _pull_args(body: bytes) -> dict[str, Any]:
     """Validated pull arguments from the JSON body (``source`` is accepted as an alias of ``model``)."""
     try:
         data = json.loads(body or b"{}")
-    except ValueError:
+    except (ValueError, RecursionError):  # (nesting past the parser's depth)
         raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.")
