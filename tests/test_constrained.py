@@ -339,3 +339,15 @@ def test_server_text_format_is_unconstrained(xllm_server):
         a = raw.post("/v1/chat/completions", json=body).json()
         b = raw.post("/v1/chat/completions", json={k: v for k, v in body.items() if k != "response_format"}).json()
     assert a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"]
+
+
+def test_a_schema_past_the_grammar_engines_limits_is_a_400_not_a_500(client):
+    """It compiles (lazily) but the lexer gives up on the first steps: the request's fault, so a 400 the SDK
+    does not retry, and the batch goes on."""
+    bomb = json_schema_format({"type": "string", "pattern": "^(a{1000}){1000}$"})
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=TINY, messages=MSG, max_tokens=8, response_format=bomb)
+    assert info.value.code == "constraint_failed" and info.value.param == "response_format"
+    assert "simplify" in info.value.message
+    r = client.chat.completions.create(model=TINY, messages=MSG, max_tokens=4)
+    assert r.choices[0].finish_reason in ("stop", "length")

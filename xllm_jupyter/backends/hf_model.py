@@ -323,8 +323,7 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
                 if not seq.matcher.consume_token(token):
                     # only reachable when the matcher itself failed (e.g. a parser limit):
                     # this job fails alone, the batch goes on
-                    log.warning("constraint failed for job %s: %s", job.job_id, seq.matcher.get_error())
-                    events.append(self._event(seq, token, "", lp, FinishReason.ERROR))
+                    events.append(self._constraint_failed(seq))
                     continue
                 grammar_done = seq.matcher.is_stopped()
             if token in job.stop_token_ids:
@@ -346,13 +345,18 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
     def _unsampleable(self, seq: _Seq) -> TokenEvent:
         """The ERROR event of a job whose logits had nothing to sample (NaN or inf, or all masked)."""
         if seq.matcher is not None and seq.matcher.is_error():  # the grammar allowed nothing: its own failure
-            log.warning("constraint failed for job %s: %s", seq.job.job_id, seq.matcher.get_error())
-            return self._event(seq, None, "", finish=FinishReason.ERROR)
+            return self._constraint_failed(seq)
         # fp16 overflow, typically (a bf16-trained model run in float16): argmax would pick garbage
         log.warning("%s: non-finite logits for job %s; failing it", self.name, seq.job.job_id)
         return dataclasses.replace(
             self._event(seq, None, "", finish=FinishReason.ERROR),
             error="The model produced non-finite logits (a numeric overflow: try engine.dtype bfloat16 or float32)")
+
+    def _constraint_failed(self, seq: _Seq) -> TokenEvent:
+        """The ERROR event of a job whose grammar failed (e.g. a limit of the grammar engine): its request's fault."""
+        reason = " ".join(str(seq.matcher.get_error()).split())[:300]
+        log.info("%s: constraint failed for job %s: %s", self.name, seq.job.job_id, reason)
+        return dataclasses.replace(self._event(seq, None, "", finish=FinishReason.ERROR), constraint_error=reason)
 
     def _event(self, seq: _Seq, token: int | None, text: str, lp=None, finish: FinishReason | None = None
                ) -> TokenEvent:

@@ -155,6 +155,9 @@ class TokenEvent:
     out_of_memory: bool = False
     #: with ``finish`` ERROR: what the client is told went wrong (None: a generic engine error)
     error: str | None = None
+    #: with ``finish`` ERROR: the job's output constraint (its grammar) could not be followed, e.g. a
+    #: schema past the grammar engine's limits; the request is at fault (400), and this says why
+    constraint_error: str | None = None
     #: with ``logprob``: the sampled token's own bytes, which for a character split over tokens are part
     #: of it (``text`` holds whole characters only); None: the backend has none, ``text``'s UTF-8 stands in
     token_bytes: bytes | None = None

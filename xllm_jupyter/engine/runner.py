@@ -30,7 +30,7 @@ from typing import AsyncIterator
 
 from ..backends.base import LoadedModel, unload_each
 from ..backends.detokenize import token_text
-from ..core.errors import BadModelOutput, EngineError, Overloaded, XllmError
+from ..core.errors import BadModelOutput, EngineError, InvalidRequest, Overloaded, XllmError
 from ..core.types import (
     ChoiceDelta,
     EngineStats,
@@ -446,6 +446,7 @@ class ModelRunner:
             state.done = True
             self._fail(handle, Overloaded("The GPU ran out of memory for this request; retry it, or shorten its "
                                           "prompt") if event.out_of_memory
+                       else _constraint_failure(event.constraint_error) if event.constraint_error
                        else BadModelOutput(event.error) if event.error
                        else EngineError("The engine stopped this generation unexpectedly"))
             self.cancel(handle.job_ids)
@@ -482,6 +483,13 @@ class ModelRunner:
             handle.loop.call_soon_threadsafe(handle._deliver, items)
         except RuntimeError:
             pass
+
+
+def _constraint_failure(reason: str) -> InvalidRequest:
+    """The 400 of a request whose output constraint could not be followed while generating."""
+    return InvalidRequest(f"The output could not follow the request's schema or grammar ({reason}); simplify it "
+                          "(response_format, or the tools of a forced tool call)", param="response_format",
+                          code="constraint_failed")
 
 
 def _token_logprob(event: TokenEvent, logprob: float) -> TokenLogprob:
