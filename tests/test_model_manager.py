@@ -325,7 +325,9 @@ def server_config(home, **engine):
 
 
 def chat(base_url, model, **extra):
-    with openai.OpenAI(base_url=base_url, api_key=API_KEY, max_retries=0, timeout=120) as c:
+    # keep_alive is for admins where keys have roles (tests/test_auth_limits.py)
+    key = ADMIN_KEY if "keep_alive" in extra else API_KEY
+    with openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=120) as c:
         return c.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
                                          max_tokens=4, extra_body=extra or None)
 
@@ -386,7 +388,7 @@ def test_server_keep_alive_and_replicas(three_model_home):
         while set(admin(info)) != {"tiny3"}:
             assert time.monotonic() < deadline, admin(info)
             time.sleep(0.1)
-        r = httpx.post(info.base_url + "/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+        r = httpx.post(info.base_url + "/chat/completions", headers=ADMIN_HEADERS,
                        json={"model": "tiny1", "messages": [{"role": "user", "content": "hi"}], "keep_alive": "soon"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "keep_alive"
         with concurrent.futures.ThreadPoolExecutor(4) as pool:

@@ -114,6 +114,8 @@ class ApiKeyHandler(VerbDispatchMixin, RequestHandler):
     admin_only = False
     #: the admitted caller's key id while its request holds a concurrency slot
     xllm_key_id: str | None = None
+    #: whether that key has the admin role
+    xllm_admin = False
     _limited = False
 
     async def prepare(self) -> None:
@@ -135,7 +137,7 @@ class ApiKeyHandler(VerbDispatchMixin, RequestHandler):
             raise PermissionDenied("This API key may not call admin endpoints; use an admin key (auth.admin_keys).")
         if not self.auth_required:
             return
-        self.xllm_key_id = principal.key_id
+        self.xllm_key_id, self.xllm_admin = principal.key_id, principal.role == ADMIN
         limiter: Limiter | None = self.settings.get(LIMITS_KEY)
         if limiter is not None and limiter.enabled:
             limiter.admit(principal.key_id)

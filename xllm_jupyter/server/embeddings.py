@@ -11,4 +11,5 @@ class EmbeddingsMixin(BodyMixin):
 
     async def handle_post(self) -> None:
         """Embed the inputs and reply with the OpenAI list object."""
+        self.check_keep_alive()
         await self.respond(create_embeddings(self.xllm.engine, self.body))

@@ -51,15 +51,16 @@ def caller_of(handler: Any) -> Caller:
     """The caller of a standalone (API key id) or Jupyter (Jupyter user) request."""
     key_id = getattr(handler, "xllm_key_id", None)
     if key_id:
-        return Caller(key_id)
+        return Caller(key_id, admin=bool(getattr(handler, "xllm_admin", False)))
     provider = getattr(handler, "identity_provider", None)
     if provider is not None and type(provider).__module__.startswith("jupyter_server."):
         # Jupyter's own providers make up a random "Anonymous" user per token-authenticated
         # request: everyone holding the server's token is its one owner
-        return Caller(jupyter_owner())
+        return Caller(jupyter_owner(), admin=True)  # the server's owner
     user = getattr(handler, "current_user", None)  # e.g. JupyterHub's provider: the real hub user
     name = getattr(user, "username", None) or getattr(user, "name", None)
-    return Caller(name if isinstance(name, str) and name else None)
+    name = name if isinstance(name, str) and name else None
+    return Caller(name, admin=name is not None and name == jupyter_owner())
 
 
 def jupyter_owner() -> str:
