@@ -272,3 +272,27 @@ def test_keep_alive_needs_an_admin_where_keys_have_roles(roles_server):
     r = httpx.post(roles_server.root + "/v1/completions", json={"model": TINY, "prompt": '"keep_alive"', "max_tokens": 1},
                    headers={"Authorization": f"Bearer {USER}"}, timeout=60)
     assert r.status_code == 200, r.text  # the words in a prompt are no setting
+
+
+def test_a_stalled_request_is_dropped_after_the_connection_timeout(xllm_home, tiny_catalog):
+    """Unfinished headers (or a body that stops coming) must not hold a connection for good: a client that
+    opens many and sends nothing would otherwise exhaust the server, unauthenticated."""
+    import socket
+
+    config = dataclasses.replace(make_test_config(xllm_home), server=dataclasses.replace(
+        make_test_config(xllm_home).server, connection_timeout_seconds=1.0))
+    with running_server(config, tiny_catalog, TINY) as info:
+        port = int(info.root.rsplit(":", 1)[1])
+        stalled = []
+        for partial in (b"GET /health HTTP/1.1\r\nHost: x\r\n",
+                        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+                        + info.api_key.encode() + b"\r\nContent-Length: 100\r\n\r\n{"):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(partial)
+            stalled.append(s)
+        started = time.monotonic()
+        for s in stalled:
+            assert s.recv(1024) == b""  # closed by the server, nothing answered
+            s.close()
+        assert time.monotonic() - started < 8
+        assert httpx.get(info.root + "/health", timeout=10).status_code == 200  # and it goes on serving

@@ -40,6 +40,9 @@ class ServerConfig:
     max_tokens_limit: int = 8192
     max_n: int = 16
     keepalive_seconds: float = 10.0
+    # a connection whose request headers or body do not arrive within this, or that idles this long
+    # between requests, is closed (xllm serve and the hub service; Jupyter has its own)
+    connection_timeout_seconds: float = 60.0
 
 
 @dataclass(frozen=True)

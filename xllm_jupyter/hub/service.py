@@ -51,7 +51,9 @@ async def start_hub_service(config: XllmConfig, engine: Any, env: Mapping[str, s
     host, bound = bind_address(env)
     app = make_hub_app(config, engine, make_hub_auth(env))
     sockets = bind_sockets(bound if port is None else port, address=host)
-    server = HTTPServer(app, max_body_size=max(1 << 30, config.server.max_body_bytes * 2))
+    timeout = config.server.connection_timeout_seconds  # slow or stalled clients must not hold connections
+    server = HTTPServer(app, max_body_size=max(1 << 30, config.server.max_body_bytes * 2),
+                        idle_connection_timeout=timeout, body_timeout=timeout)
     server.add_sockets(sockets)
     actual = sockets[0].getsockname()[1]
     shown = f"[{host}]" if ":" in host else host

@@ -81,7 +81,9 @@ async def start_server(config: XllmConfig, engine: Any, *, host: str | None = No
         sockets = bind_sockets(port, address=host or None)
     except OSError as exc:
         raise listen_error(host, port, exc) from None
-    server = HTTPServer(app, max_body_size=max(_TORNADO_MAX_BODY, config.server.max_body_bytes * 2))
+    timeout = config.server.connection_timeout_seconds  # slow or stalled clients must not hold connections
+    server = HTTPServer(app, max_body_size=max(_TORNADO_MAX_BODY, config.server.max_body_bytes * 2),
+                        idle_connection_timeout=timeout, body_timeout=timeout)
     server.add_sockets(sockets)
     bound = sockets[0].getsockname()[1]
     url = f"http://{_url_host(host)}:{bound}"
