@@ -231,7 +231,7 @@ def test_serve_subprocess(xllm_home):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
-                if TINY in httpx.get(base + "/health", timeout=2).json().get("models", []):
+                if httpx.get(base + "/health/ready", timeout=2).status_code == 200:  # -m TINY is loaded
                     break
             except httpx.HTTPError:
                 pass

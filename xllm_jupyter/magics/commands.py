@@ -181,7 +181,7 @@ class Commands:
             ("server", loc.base_url),
             ("found", how.get(loc.source, loc.source)),
             ("health", health.get("status", "?")),
-            ("loaded", ", ".join(health.get("models") or []) or "(none)"),
+            ("loaded", ", ".join(m["id"] for m in client.models() if (m.get("xllm") or {}).get("loaded")) or "(none)"),
             ("default model", self.state.defaults.model or "(server default)"),
             ("chat turns", str(self.state.chat.turns)),
         ] + ([("server version", version)] if version else [])

@@ -352,11 +352,9 @@ class HealthMixin(RequestMixin):
     """``GET /health``: unauthenticated liveness for load balancers and the CLI."""
 
     async def handle_get(self) -> None:
-        """200 while every runner thread is alive, else 503."""
-        engine = self.xllm.engine
-        healthy = engine.healthy
-        loaded = [m.name for m in engine.loaded_models()]
-        self.write_json({"status": "ok" if healthy else "unhealthy", "models": loaded}, 200 if healthy else 503)
+        """200 while every runner thread is alive, else 503 (no model names: this route needs no key)."""
+        healthy = self.xllm.engine.healthy
+        self.write_json({"status": "ok" if healthy else "unhealthy"}, 200 if healthy else 503)
 
 
 class NotFoundMixin(RequestMixin):

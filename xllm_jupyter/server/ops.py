@@ -30,9 +30,8 @@ class ReadyMixin(RequestMixin):
         c = self.xllm.config.engine
         startup = tuple(n for n in (c.default_model, *c.preload) if n)
         why = readiness(self.xllm.engine, startup)
-        if why is None:
-            loaded = [m.name for m in self.xllm.engine.loaded_models()]
-            self.write_json({"status": "ready", "models": loaded})
+        if why is None:  # (no model names: this route needs no key; /v1/models says what is loaded)
+            self.write_json({"status": "ready"})
         else:
             self.write_json(Overloaded(why, code="not_ready").to_openai(), 503)
 
