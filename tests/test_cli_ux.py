@@ -292,6 +292,27 @@ def test_rm_unloads_the_model_from_a_running_server(xllm_server, xllm_home, tiny
             c.load(TINY)
 
 
+def test_re_creating_a_loaded_model_serves_its_new_settings(xllm_server, xllm_home, tmp_path, monkeypatch):
+    """The server reads a model's Modelfile settings when it loads it: re-created, it is unloaded, so the next
+    request loads the new version (num_predict 2, then 5)."""
+    monkeypatch.setenv("XLLM_HOME", str(xllm_home))
+    monkeypatch.delenv("XLLM_CONFIG", raising=False)
+    where = ["--url", xllm_server.base_url, "--api-key", xllm_server.api_key]
+    modelfile = tmp_path / "Modelfile"
+    messages = [{"role": "user", "content": "hi"}]
+    with XllmClient(xllm_server.base_url, xllm_server.api_key) as c:
+        try:
+            for num_predict in (2, 5):
+                modelfile.write_text(f"FROM {TINY}\nPARAMETER num_predict {num_predict}\n")
+                result = invoke("create", "brief", "-f", str(modelfile), *where)
+                assert result.exit_code == 0 and "Note:" not in result.stderr, result.output  # (progress on stderr)
+                body = c.chat_completion(messages, "brief", temperature=0, ignore_eos=True)
+                assert body["usage"]["completion_tokens"] == num_predict
+        finally:
+            c.unload("brief")
+            ModelStore(xllm_home).rm("brief")
+
+
 # -------------------------------------- #11 relative paths in a Modelfile
 def test_relative_from_resolves_against_the_modelfile(home, tiny_llama_dir, tmp_path, monkeypatch):
     project = tmp_path / "project"

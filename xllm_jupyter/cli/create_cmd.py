@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
 from .render import human_size, short_digest
-from .store_cmds import PullBar, _progress, open_store
+from .settings import server_options
+from .store_cmds import PullBar, _progress, open_store, unload_from_server
 
 
 @click.command("create")
@@ -21,7 +23,9 @@ from .store_cmds import PullBar, _progress, open_store
     show_default=True,
     help="The Modelfile to read ('-' for stdin).",
 )
-def create_command(name: str, modelfile) -> None:
+@server_options
+@click.pass_obj
+def create_command(settings: Any, name: str, modelfile) -> None:
     """Create model NAME from a Modelfile.
 
     FROM names a model in the store (or a source to pull first); PARAMETER, SYSTEM,
@@ -29,7 +33,8 @@ def create_command(name: str, modelfile) -> None:
     server applies PARAMETER/SYSTEM/MESSAGE to requests that leave them unset. ADAPTER
     (a stored LoRA adapter's name or a peft LoRA directory) is copied in and merged into
     the weights when the model loads. Relative paths in FROM and ADAPTER are read
-    from the Modelfile's directory.
+    from the Modelfile's directory. A running server that has NAME loaded unloads it, so its
+    next request gets the new version.
     """
     from ..store.create import create_model
 
@@ -37,6 +42,7 @@ def create_command(name: str, modelfile) -> None:
     store = open_store()
     with _progress() as progress:
         manifest = create_model(store, name, text, progress=PullBar(progress), base_dir=_modelfile_dir(modelfile))
+    unload_from_server(settings, manifest.name)  # it would go on serving the old settings (read at load)
     click.echo(f"Created {manifest.name} ({manifest.format}, {human_size(manifest.size)}, {short_digest(manifest.digest)})")
 
 
