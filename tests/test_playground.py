@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import httpx
@@ -114,7 +115,9 @@ def test_server_errors_show_as_one_line_in_the_transcript(pg):
 def test_inline_display_is_an_iframe_on_the_app(pg):
     page = pg._repr_html_()
     assert "<iframe" in page and f'src="{pg.url}"' in page
-    assert pg.url == f"http://127.0.0.1:{pg.port}/"
+    # The URL carries the playground's secret path (see tests/test_playground_guard.py).
+    assert re.fullmatch(rf"http://127\.0\.0\.1:{pg.port}/[\w-]{{43}}/", pg.url), pg.url
+    assert pg.url == pg.local_url
     assert httpx.get(pg.local_url, timeout=30).status_code == 200
 
 
@@ -133,11 +136,13 @@ def test_close_frees_the_port_and_root_path_reaches_gradio(tiny_client):
         client=tiny_client, port=port, root_path=env_root, inline=False
     )
     try:
-        assert app.url == f"/user/alice/proxy/{port}/"
+        # the proxied path, then the secret path the app is mounted under
+        secret_path = app.local_url.split(str(port), 1)[1]
+        assert app.url == f"/user/alice/proxy/{port}" + secret_path
         assert "<iframe" not in app._repr_html_() and app.url in app._repr_html_()
         # Gradio builds its browser URLs from the proxy prefix it was given.
         config = httpx.get(app.local_url + "config", timeout=30).json()
-        assert config["root"].endswith(f"/user/alice/proxy/{port}")
+        assert config["root"].endswith(app.url.rstrip("/"))
         assert not port_is_free(port)
         with pytest.raises(XllmError, match="already in use"):
             xllm_jupyter.playground(client=tiny_client, port=port)

@@ -8,6 +8,7 @@ gradio_client and a real browser use it only through the proxied URL, with Jupyt
 from __future__ import annotations
 
 import re
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -29,7 +30,9 @@ def hub_like_server(tmp_path_factory):
     """Jupyter (no xllm extension) with jupyter-server-proxy, under a hub-style base URL."""
     config = {
         "ServerApp": {
-            "jpserver_extensions": {"xllm_jupyter": False, "jupyter_server_proxy": True}
+            "jpserver_extensions": {"xllm_jupyter": False, "jupyter_server_proxy": True},
+            # as on a hub: the browser's Host is the hub's public name, not a loopback one
+            "allow_remote_access": True,
         }
     }
     with jupyter_lab(
@@ -59,10 +62,40 @@ def proxied(hub_like_server, xllm_server):
         assert port_is_free(pg.port)
 
 
+def secret_of(pg) -> str:
+    """The secret path segment of a playground's URL."""
+    return pg.local_url.rstrip("/").rsplit("/", 1)[1]
+
+
 def test_root_path_comes_from_the_hub_prefix(proxied):
     assert proxied.root_path == f"/user/alice/proxy/{proxied.port}"
-    assert proxied.url == proxied.root_path + "/"
+    # the proxied path, then the playground's secret path
+    assert proxied.url == f"{proxied.root_path}/{secret_of(proxied)}/"
+    assert re.fullmatch(r"[\w-]{43}", secret_of(proxied))
     assert f'src="{proxied.url}"' in proxied._repr_html_()
+
+
+def test_through_the_proxy_the_app_needs_its_secret_and_keeps_the_public_host(proxied, hub_like_server):
+    import httpx
+
+    headers = {"Authorization": f"token {hub_like_server.token}"}
+    public = hub_like_server.root + proxied.url
+    without = hub_like_server.root + proxied.root_path + "/"
+    with httpx.Client(headers=headers, timeout=30) as c:
+        # Jupyter's token opens the proxy, not the app: without the secret path it is not there.
+        for path in ("", "config", "gradio_api/info"):
+            assert c.get(without + path).status_code == 404, path
+        # jupyter-server-proxy forwards the browser's Host (a hub's public name); the app
+        # accepts it for requests that come through the proxy to its own prefix.
+        host = f"hub.example.org:{urlsplit(hub_like_server.root).port}"
+        r = c.get(public + "config", headers={"Host": host, "Origin": "https://evil.example"})
+        assert r.status_code == 200, r.text
+        assert r.json()["root"] == f"http://{host}{proxied.url.rstrip('/')}"
+        # and does not hand an evil page's Origin the right to read it (Gradio echoed it)
+        assert "access-control-allow-origin" not in r.headers
+    # The same foreign Host straight at the app's port (a DNS-rebinding page) is refused.
+    r = httpx.get(proxied.local_url + "config", headers={"Host": "hub.example.org"}, timeout=30)
+    assert r.status_code == 403
 
 
 def test_gradio_client_streams_a_chat_through_the_proxy(proxied, hub_like_server):

@@ -3,7 +3,9 @@ server process and return its URL, for the JupyterLab panel's "Open playground" 
 
 Jupyter-only: the standalone server has no notebook UI to open it from. Gradio is
 imported on the first request, never when the extension loads. The playground talks to
-this server's own API with the address and token the extension exported at start.
+this server's own API with the address and token the extension exported at start, so its
+URLs carry its secret path (the only way in): this Jupyter-authenticated answer is what
+hands them out.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ PLAYGROUND_ATTR = "playground"
 
 
 class PlaygroundMixin(BodyMixin):
-    """``POST /playground``: ``{"url", "local_url", "model"}`` of the running playground."""
+    """``POST /playground``: ``{"url", "local_url", "model"}`` of the running playground (URLs with its secret)."""
 
     async def handle_post(self) -> None:
         """Start the playground unless it runs already; answer with where it is."""
@@ -33,6 +35,8 @@ class PlaygroundMixin(BodyMixin):
             if running is None or running.closed:
                 running = await asyncio.to_thread(_launch)
                 setattr(context, PLAYGROUND_ATTR, running)
+        # The URLs are credentials: no cache may keep them.
+        self.set_header("Cache-Control", "no-store")
         self.write_json({"url": running.url, "local_url": running.local_url, "model": running.model})
 
 

@@ -27,8 +27,11 @@ def playground(
     finds, i.e. ``XLLM_BASE_URL``/``XLLM_API_KEY`` in a Jupyter kernel). ``port`` defaults
     to the first free one from 7860. ``root_path`` is the public prefix when served behind
     a proxy; by default it is detected for jupyter-server-proxy inside JupyterHub. The
-    returned ``Playground`` shows itself inline (an iframe) as a cell's result; ``close()``
-    stops it and frees the port. Extra ``options``: ``host``, ``height``.
+    app answers only under a random secret path, which ``url``/``local_url`` carry: whoever
+    has them can chat as you. The returned ``Playground`` shows itself inline (an iframe)
+    as a cell's result; ``close()`` stops it and frees the port. Extra ``options``:
+    ``host``, ``height``, ``allowed_hosts`` (more Host names to accept, e.g. a port
+    forwarder's).
     """
     return launch(
         model,

@@ -1,17 +1,20 @@
-"""Start, show and stop the playground: ports, proxy root paths, inline display."""
+"""Start, show and stop the playground: ports, proxy root paths, secret URLs, inline display."""
 
 from __future__ import annotations
 
 import html
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..client import XllmClient, resolve_base_url
 from ..core.errors import InvalidRequest, XllmError
 from ..notebook.clients import endpoint_of
 from .app import CHAT_API_NAME, Endpoint, build_app
+from .guard import WILDCARD_HOSTS, Guard, new_secret
+from .webserver import WebServer, bind, close_tunnel, guarded_app, open_share_tunnel
 
 #: Gradio's customary port range; a fixed range keeps proxy URLs predictable
 PORT_RANGE = range(7860, 7960)
@@ -96,43 +99,58 @@ def list_models(endpoint: Endpoint) -> tuple[list[str], str | None]:
 
 
 class Playground:
-    """A running Gradio chat app for the shared engine; shows itself inline, ``close()`` frees the port."""
+    """A running Gradio chat app for the shared engine; shows itself inline, ``close()`` frees the port.
+
+    Its URLs carry a per-playground secret path: only whoever was handed one can use the app.
+    """
 
     def __init__(
         self,
         app: Any,
         *,
+        server: WebServer,
+        guard: Guard,
+        secret: str,
         host: str,
         port: int,
         root_path: str | None,
         model: str | None,
         inline: bool,
         share_url: str | None = None,
+        tunnel: Any = None,
         height: int = 640,
     ):
         self.app = app
+        self.server = server
+        self.guard = guard
+        self._secret = secret
         self.host = host
         self.port = port
         self.root_path = root_path
         self.model = model
         self.inline = inline
         self.share_url = share_url
+        self.tunnel = tunnel
         self.height = height
         self.closed = False
 
     @property
     def local_url(self) -> str:
         """The URL on this machine (what code in the kernel, e.g. gradio_client, connects to)."""
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        return f"http://{host}:{self.port}/"
+        host = self.host
+        if host in WILDCARD_HOSTS:
+            host = "::1" if host == "::" else "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}/{self._secret}/"
 
     @property
     def url(self) -> str:
         """The URL a browser opens: the share link, the proxied path, or the local URL."""
         if self.share_url:
-            return self.share_url
+            return f"{self.share_url}/{self._secret}/"
         if self.root_path:
-            return self.root_path + "/"
+            return f"{self.root_path}/{self._secret}/"
         return self.local_url
 
     @property
@@ -141,10 +159,13 @@ class Playground:
         return "/" + CHAT_API_NAME
 
     def close(self) -> None:
-        """Stop the web server and free its port (idempotent)."""
+        """Stop the web server (and share tunnel) and free the port (idempotent)."""
         if not self.closed:
             self.closed = True
+            close_tunnel(self.tunnel)
+            # Gradio first: its queue stops and open event streams end, so uvicorn exits promptly.
             self.app.close(verbose=False)
+            self.server.close()
 
     def __enter__(self) -> Playground:  # noqa: PYI034 (py3.10 has no typing.Self)
         return self
@@ -153,7 +174,8 @@ class Playground:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else self.url
+        # Without the URL: a repr ends up in logs and tracebacks, the secret must not.
+        state = "closed" if self.closed else f"on port {self.port} (open .url)"
         return f"<xllm playground {state} model={self.model!r}>"
 
     def _repr_html_(self) -> str:
@@ -178,6 +200,7 @@ def launch(
     share: bool = False,
     host: str = DEFAULT_HOST,
     height: int = 640,
+    allowed_hosts: Sequence[str] = (),
 ) -> Playground:
     """Start the playground against the shared engine and return it (see ``playground``)."""
     try:
@@ -195,6 +218,8 @@ def launch(
             raise XllmError(
                 f"port {port} is already in use: pass another port= or close the other app"
             )
+    if isinstance(allowed_hosts, str):
+        allowed_hosts = (allowed_hosts,)
     chosen = port if port is not None else pick_port(host)
     root = (
         normalize_root_path(root_path.replace("{port}", str(chosen)))
@@ -206,31 +231,34 @@ def launch(
     model = model or default
     app = build_app(endpoint, models, model)
     app.queue(default_concurrency_limit=32)
+    secret = new_secret()
     try:
-        _, _, share_url = app.launch(
-            server_name=host,
-            server_port=chosen,
-            root_path=root,
-            share=share,
-            inline=False,
-            prevent_thread_lock=True,
-            quiet=True,
-            show_error=False,
-            ssr_mode=False,
-            mcp_server=False,
+        guard = guarded_app(
+            app, secret=secret, host=host, root=root, allowed_hosts=tuple(allowed_hosts)
         )
+        server = WebServer(guard, bind(host, chosen))
     except (OSError, ValueError, RuntimeError) as exc:
-        app.close(verbose=False)
         raise XllmError(
             f"the playground could not start on {host}:{chosen}: {exc}"
         ) from None
-    return Playground(
+    server.start()
+    playground = Playground(
         app,
+        server=server,
+        guard=guard,
+        secret=secret,
         host=host,
         port=chosen,
         root_path=root,
         model=model,
         inline=inline,
-        share_url=share_url if share else None,
         height=height,
     )
+    if share:
+        try:
+            playground.share_url, playground.tunnel = open_share_tunnel(app, host, chosen)
+        except XllmError:
+            playground.close()
+            raise
+        guard.allow_host(urlsplit(playground.share_url).hostname or "")
+    return playground

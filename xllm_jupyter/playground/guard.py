@@ -1,0 +1,176 @@
+"""Who may use a running playground: the holder of its secret path, on an expected Host.
+
+The app relays chats with the notebook owner's token, so every HTTP request must prove it
+came from someone who was handed the playground's URL. The URL carries a random secret as
+its first path segment; anything else is a 404, as if nothing listened there.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import secrets
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+#: addresses that bind every interface: the app is meant to be reached by the machine's names
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
+
+
+def new_secret() -> str:
+    """A fresh, unguessable path segment for one playground (256 random bits)."""
+    return secrets.token_urlsafe(32)
+
+
+def host_name(host_header: str) -> str:
+    """The name in a ``Host`` header, lower-case, without port, brackets or trailing dot."""
+    host = host_header.strip().lower()
+    if host.startswith("["):  # [::1]:7860
+        host = host[1 : host.find("]")] if "]" in host else host[1:]
+    elif host.count(":") == 1:  # name:port (a bare IPv6 address has several colons)
+        host = host.split(":", 1)[0]
+    return host.rstrip(".")
+
+
+def is_ip_literal(name: str) -> bool:
+    """True for an IPv4/IPv6 address (which DNS rebinding cannot spoof: it needs a domain name)."""
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def is_loopback(name: str) -> bool:
+    """True for ``localhost``, ``*.localhost`` (RFC 6761: browsers resolve it locally) and loopback IPs."""
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    return is_ip_literal(name) and ipaddress.ip_address(name).is_loopback
+
+
+def machine_names() -> set[str]:
+    """This machine's host name and FQDN: what people type to reach an app bound to 0.0.0.0."""
+    names = {socket.gethostname()}
+    try:
+        names.add(socket.getfqdn())
+    except OSError:  # a resolver without this host: the plain name still counts
+        pass
+    return {host_name(n) for n in names if n}
+
+
+class Guard:
+    """ASGI middleware: 404 unless the path starts with the secret, 403 unless the Host is expected.
+
+    Hosts accepted: loopback names and addresses, the bound ``host``, ``allowed_hosts`` (added
+    to later for a share link), and, when bound to every interface, any IP address and this
+    machine's names. A request through jupyter-server-proxy keeps the browser's Host (the
+    hub's name), so one carrying the proxy's ``X-Forwarded-Context`` for our ``root_path`` is
+    accepted too: that header alone proves nothing, but such a request still needs the secret.
+
+    ``root_path`` is also the prefix such a proxy strips: it is put back in front of the path
+    passed on (as ASGI expects of a server behind one), so Gradio builds its links with it.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        secret: str,
+        host: str,
+        allowed_hosts: Iterable[str] = (),
+        root_path: str = "",
+    ):
+        self.app = app
+        self.prefix = "/" + secret
+        self.allowed_hosts = {host_name(h) for h in allowed_hosts}
+        self.any_ip = host in WILDCARD_HOSTS
+        if self.any_ip:
+            self.allowed_hosts |= machine_names()
+        elif host:
+            self.allowed_hosts.add(host_name(host))
+        self.root_path = root_path.rstrip("/")
+
+    def allow_host(self, name: str) -> None:
+        """Accept requests for ``name`` too (the share link's host once the tunnel is up)."""
+        self.allowed_hosts.add(host_name(name))
+
+    def has_secret(self, path: str) -> bool:
+        """True when ``path`` is ``/{secret}`` or below it (compared in constant time)."""
+        head = path[: len(self.prefix)]
+        rest = path[len(self.prefix) :]
+        return hmac.compare_digest(head.encode(), self.prefix.encode()) and rest[:1] in ("", "/")
+
+    def host_ok(self, headers: dict[bytes, bytes]) -> bool:
+        """True when the request's Host (or the proxy's context header) is one we expect."""
+        raw = headers.get(b"host")
+        if raw is None:
+            return False
+        name = host_name(raw.decode("latin-1"))
+        if is_loopback(name) or name in self.allowed_hosts:
+            return True
+        if self.any_ip and is_ip_literal(name):
+            return True
+        context = headers.get(b"x-forwarded-context")
+        return bool(
+            self.root_path
+            and context is not None
+            and context.decode("latin-1").rstrip("/") == self.root_path
+        )
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        """Refuse the request unless it carries the secret and an expected Host; else pass it on."""
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        # Host first: a rebinding page learns nothing, not even whether the path exists.
+        if not self.host_ok(dict(scope.get("headers") or ())):
+            await refuse(scope, receive, send, 403, b"Forbidden: unexpected Host header\n")
+        elif not self.has_secret(scope.get("path", "")):
+            await refuse(scope, receive, send, 404, b"Not Found\n")
+        else:
+            await self.app(self.behind_proxy(scope), receive, no_referrer(send))
+
+    def behind_proxy(self, scope: dict) -> dict:
+        """``scope`` with the proxy's prefix as its ``root_path`` and in front of its path."""
+        if not self.root_path:
+            return scope
+        root = scope.get("root_path", "") + self.root_path
+        return {
+            **scope,
+            "root_path": root,
+            "path": root + scope["path"],
+            "raw_path": root.encode() + scope.get("raw_path", scope["path"].encode()),
+        }
+
+
+def no_referrer(send: Any) -> Any:
+    """``send`` that adds ``Referrer-Policy: same-origin``: the secret URL never leaves as a Referer."""
+
+    async def wrapped(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), (b"referrer-policy", b"same-origin")]}
+        await send(message)
+
+    return wrapped
+
+
+async def refuse(scope: dict, receive: Any, send: Any, status: int, body: bytes) -> None:
+    """Answer ``status`` with a short text body (a websocket is closed instead)."""
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+__all__ = ["Guard", "host_name", "is_loopback", "new_secret"]
