@@ -140,6 +140,23 @@ def client(xllm_server) -> Iterator[Any]:
 
 
 @pytest.fixture
+def live(xllm_server, monkeypatch) -> Any:
+    """The session server, as the environment names it to clients (``XLLM_BASE_URL``/``XLLM_API_KEY``)."""
+    monkeypatch.setenv("XLLM_BASE_URL", xllm_server.base_url)
+    monkeypatch.setenv("XLLM_API_KEY", xllm_server.api_key)
+    return xllm_server
+
+
+@pytest.fixture(scope="session")
+def tiny_client(xllm_server) -> Iterator[Any]:
+    """A sync xllm client for the session server."""
+    from xllm_jupyter.client import XllmClient
+
+    with XllmClient(xllm_server.base_url, xllm_server.api_key) as c:
+        yield c
+
+
+@pytest.fixture
 def raw(xllm_server) -> Iterator[Any]:
     """An httpx client with the API key, for the wire bytes the SDK hides."""
     import httpx

@@ -36,14 +36,6 @@ def home(tmp_path, monkeypatch):
     return path
 
 
-@pytest.fixture
-def live(xllm_server, monkeypatch):
-    """Point the CLI at the session's live server."""
-    monkeypatch.setenv("XLLM_BASE_URL", xllm_server.base_url)
-    monkeypatch.setenv("XLLM_API_KEY", xllm_server.api_key)
-    return xllm_server
-
-
 def invoke(*args: str, input: str | None = None):
     return CliRunner().invoke(main, list(args), input=input, catch_exceptions=False)
 

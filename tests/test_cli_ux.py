@@ -72,14 +72,6 @@ def home(tmp_path, monkeypatch, tiny_llama_dir):
     return path
 
 
-@pytest.fixture
-def live(xllm_server, monkeypatch):
-    """The CLI pointed at the session's live server."""
-    monkeypatch.setenv("XLLM_BASE_URL", xllm_server.base_url)
-    monkeypatch.setenv("XLLM_API_KEY", xllm_server.api_key)
-    return xllm_server
-
-
 # ------------------------------------------------ #1 the Modelfile without a server
 def test_run_local_applies_the_modelfile(home, monkeypatch):
     from xllm_jupyter.client.local import LocalChat

@@ -45,7 +45,7 @@ def test_models_list_and_retrieve(client, raw):
 def test_health_needs_no_key(xllm_server):
     r = httpx.get(xllm_server.root + "/health")
     assert r.status_code == 200
-    assert r.json()["status"] == "ok" and TINY in r.json()["models"]
+    assert r.json() == {"status": "ok"}  # no model names without a key
 
 
 # ------------------------------------------------------------- chat completions

@@ -25,13 +25,6 @@ from xllm_jupyter.playground.launcher import port_is_free
 
 
 @pytest.fixture(scope="module")
-def tiny_client(xllm_server):
-    """A sync xllm client for the session's tiny server."""
-    with XllmClient(xllm_server.base_url, xllm_server.api_key) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def pg(tiny_client):
     """One playground for the module, closed (and its port checked) at the end."""
     app = xllm_jupyter.playground(client=tiny_client)

@@ -19,18 +19,10 @@ pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
 import xllm_jupyter
-from xllm_jupyter.client import XllmClient
 from xllm_jupyter.playground.app import part_text
 from xllm_jupyter.playground.launcher import port_is_free
 
 EVIL = "rebind.evil.example"
-
-
-@pytest.fixture(scope="module")
-def tiny_client(xllm_server):
-    """A sync xllm client for the session's tiny server."""
-    with XllmClient(xllm_server.base_url, xllm_server.api_key) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
