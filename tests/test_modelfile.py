@@ -220,6 +220,9 @@ def test_cli_create_and_show_modelfile_round_trip(tmp_path, monkeypatch, tiny_ll
     result = runner.invoke(main, ["create", "mario", "-f", str(tmp_path / "Modelfile")], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "Created mario" in result.output
+    summary = runner.invoke(main, ["show", "mario"], catch_exceptions=False).output
+    # the settings a server applies are listed without --modelfile too, as `ollama show` lists them
+    assert "defaults  stop=" in summary and "messages  6" in summary, summary
     shown = runner.invoke(main, ["show", "mario", "--modelfile"], catch_exceptions=False)
     assert shown.exit_code == 0 and "FROM mario" in shown.output
     (tmp_path / "copy.Modelfile").write_text(shown.output)

@@ -146,6 +146,7 @@ def show_command(name: str, modelfile: bool) -> None:
     params = getattr(m, "parameters", None)
     if params:
         click.echo("parameters " + ", ".join(f"{k}={v}" for k, v in dict(params).items()))
+    _echo_modelfile_settings(m)
     rows = list(_file_rows(m.files))
     width = max((len(path) for path, _, _ in rows), default=0)
     click.echo(f"files     {len(rows)}")
@@ -173,6 +174,20 @@ def rm_command(settings: Any, name: str, yes: bool) -> None:
     unload_from_server(settings, name)
     store.rm(name)
     click.echo(f"Removed {name}")
+
+
+def _echo_modelfile_settings(manifest: Any) -> None:
+    """The Modelfile settings a server applies to requests (PARAMETER, SYSTEM, MESSAGE), as ``ollama show`` lists them."""
+    from ..store.create import model_defaults
+
+    defaults = model_defaults(manifest)
+    if defaults.get("parameters"):
+        click.echo("defaults  " + ", ".join(f"{k}={v}" for k, v in defaults["parameters"].items()))
+    if defaults.get("system"):
+        first, *rest = defaults["system"].splitlines() or [""]
+        click.echo(f"system    {first}{' …' if rest else ''}")
+    if defaults.get("messages"):
+        click.echo(f"messages  {len(defaults['messages'])}")
 
 
 def unload_from_server(settings: Any, name: str) -> None:
