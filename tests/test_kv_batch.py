@@ -302,3 +302,13 @@ def test_a_batch_without_claims_keeps_its_headroom():
     cache, mask, _ = prefill(gen, [10, 20], 2)
     capped.join(cache, mask, [10, 20], [15, 24])
     assert capped.limit == 24 and capped.cache.layers[0]._k.shape[2] == 24
+
+
+def test_the_cache_goes_by_the_name_the_forward_takes():
+    class New:
+        def forward(self, input_ids, cache=None, **kwargs): ...
+
+    class Old:
+        def forward(self, input_ids, past_key_values=None, **kwargs): ...
+
+    assert kv_batch.cache_argument(New()) == "cache" and kv_batch.cache_argument(Old()) == "past_key_values"

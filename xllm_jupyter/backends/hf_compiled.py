@@ -46,7 +46,7 @@ from transformers.cache_utils import Cache, StaticLayer
 
 from ..core.errors import EngineError
 from .compile_gate import COMPILE_GATE
-from .kv_batch import _layers, new_cache
+from .kv_batch import _layers, cache_argument, new_cache
 from .registry import compile_auto, compile_setting
 from .sampling import row_index
 from .slot_attention import use_slot_sdpa
@@ -237,7 +237,8 @@ def probe_shapes(model, device: torch.device) -> list[tuple[tuple[int, int, int]
     """Per-layer cache shapes and dtypes, from a one-token forward (works for any full-attention model)."""
     cache = new_cache()
     with torch.inference_mode(), COMPILE_GATE.forward():
-        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=True,
+              **{cache_argument(model): cache})
     return [((layer.keys.shape[1], layer.keys.shape[3], layer.values.shape[3]), layer.keys.dtype)
             for layer in _layers(cache)]
 
@@ -267,6 +268,7 @@ class SlotDecoder:
         ``one_graph``: trace every shape as one graph (None: where that pays, see below).
         """
         self.model, self.cache = model, cache
+        self._cache_arg = cache_argument(model)
         self.compiled = compile_backend is not None
         self.cuda = cuda
         self.compile_backend = compile_backend
@@ -301,7 +303,7 @@ class SlotDecoder:
         # shape, not a new constant) and reaches the layers through the shared view
         self.cache.view.window = visible.shape[1]
         out = self.model(input_ids=ids, position_ids=self.cache.positions[: ids.shape[0]].unsqueeze(1),
-                         attention_mask=visible, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                         attention_mask=visible, use_cache=True, logits_to_keep=1, **{self._cache_arg: self.cache})
         return out.logits[:, -1, :]
 
     def width(self, highest_slot: int) -> int:

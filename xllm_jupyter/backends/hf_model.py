@@ -28,7 +28,7 @@ from .constraints import BatchMasker, GrammarCompiler
 from .detokenize import IncrementalDetokenizer, token_text
 from .hf_compiled import DECODE_EAGER, DECODE_STATIC, StaticBatch, StaticPlan
 from .hf_tokenizer import ChatTokenizer, ChatTokenizerMethods
-from .kv_batch import BatchKV, new_cache, zero_padding
+from .kv_batch import BatchKV, cache_argument, new_cache, zero_padding
 from .lora import LoraAdapters
 from .sampling import JobSampler, sample
 
@@ -80,6 +80,7 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         pad = tokenizer.pad_token_id
         self._pad_id = int(pad) if pad is not None else 0
+        self._cache_arg = cache_argument(model)
         self._pending: deque[_Seq] = deque()
         self._running: list[_Seq] = []  # row i of the batch is _running[i]
         self._cancelled: set[int] = set()
@@ -267,7 +268,7 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
         cache = new_cache()
         with self._lora.forward([s.job.adapter for s in seqs]), COMPILE_GATE.forward():
             out = self.model(input_ids=ids, attention_mask=mask if padded else None, position_ids=positions,
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+                             use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
         self.forward_passes += 1
         if padded:
             zero_padding(cache, mask)
@@ -292,8 +293,8 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
                 attn, positions = self._batch.step_inputs()
                 ids = torch.tensor(last, dtype=torch.long, device=self.device).unsqueeze(1)
                 with COMPILE_GATE.forward():
-                    out = self.model(input_ids=ids, attention_mask=attn, position_ids=positions,
-                                     past_key_values=self._batch.cache, use_cache=True)
+                    out = self.model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True,
+                                     **{self._cache_arg: self._batch.cache})
                 logits = out.logits[:, -1, :]
         self.forward_passes += 1
         self.last_batch_size = len(self._running)

@@ -13,7 +13,8 @@ cache's internals.
 
 from __future__ import annotations
 
-from typing import Sequence
+import inspect
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,16 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 #: spare columns a batch layer allocates beyond what it holds (at least; grows with length)
 HEADROOM = 64
+
+
+def cache_argument(model: Any) -> str:
+    """The name ``model``'s forward takes its KV cache by: ``cache`` from transformers 5.x on, where the
+    older ``past_key_values`` still works but warns on every load; ``past_key_values`` before."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # a forward without a readable signature: the name every version takes
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def new_cache() -> DynamicCache:
