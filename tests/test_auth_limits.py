@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import time
 from typing import Any, Iterator
@@ -264,10 +265,15 @@ def test_keep_alive_needs_an_admin_where_keys_have_roles(roles_server):
     """keep_alive decides for every user how long a model stays loaded (0 unloads it, -1 pins it): a user key
     may not send it (an admin key may: tests/test_model_manager.py)."""
     body = {"model": TINY, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
-    for value in (0, -1):  # (a small per-minute budget per key: two requests)
+    for value in (0, -1):  # (a small per-minute budget per key: three requests)
         r = httpx.post(roles_server.root + "/v1/chat/completions", json={**body, "keep_alive": value},
                        headers={"Authorization": f"Bearer {OTHER}"}, timeout=60)
         assert r.status_code == 403 and r.json()["error"]["param"] == "keep_alive", r.text
+    # nor written with an escape, which JSON decodes to the same key
+    r = httpx.post(roles_server.root + "/v1/chat/completions", headers={"Authorization": f"Bearer {OTHER}",
+                   "Content-Type": "application/json"},
+                   content=json.dumps(body)[:-1].encode() + b', "keep\\u005falive": 0}', timeout=60)
+    assert r.status_code == 403 and r.json()["error"]["param"] == "keep_alive", r.text
     assert roles_server.engine.is_loaded(TINY)  # the user's keep_alive 0 did not unload it
     r = httpx.post(roles_server.root + "/v1/completions", json={"model": TINY, "prompt": '"keep_alive"', "max_tokens": 1},
                    headers={"Authorization": f"Bearer {USER}"}, timeout=60)
