@@ -22,7 +22,7 @@ from xllm_jupyter.core.errors import InvalidRequest, ModelNotFound, Overloaded
 from xllm_jupyter.core.types import GenerationParams, GenerationRequest
 from xllm_jupyter.engine.engine import Engine
 from xllm_jupyter.backends.memory_estimate import disk_bytes
-from xllm_jupyter.engine.manager import parse_keep_alive
+from xllm_jupyter.engine.manager import parse_keep_alive, parse_replicas
 from xllm_jupyter.store.store import ModelStore
 
 from .fake_backend import FakeBackend, FakeCatalog
@@ -74,6 +74,8 @@ def test_replicas_config_accepts_a_mapping_and_env(tmp_path):
     assert load_config(tmp_path / "config.yaml", env={}).engine.replicas == ("tiny=2",)
     env = {"XLLM_ENGINE_REPLICAS": "tiny=2,other=3"}
     assert load_config(tmp_path / "none.yaml", env=env).engine.replicas == ("tiny=2", "other=3")
+    # keyed by the spelling the engine keeps (names are case-insensitive)
+    assert parse_replicas(("Tiny=2", " OTHER = 3")) == {"tiny": 2, "other": 3}
 
 
 async def test_lru_idle_model_is_evicted_never_one_in_use(tmp_path):

@@ -201,3 +201,18 @@ def test_a_repeated_call_is_sent_once(choice):
     # forced output that repeats a call is looping: it ends there (serving stops generating at that point)
     expected = [("add", {"a": 1, "b": 2})] + ([("add", {"a": 5})] if choice == "auto" else [])
     assert [(n, json.loads(a)) for n, a in calls] == expected
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_forced_call_cut_by_max_tokens_reads_the_same_in_both(choice):
+    """The stream sends a forced call's arguments as generated, so where max_tokens cuts it the full reply
+    keeps the same partial call (finish length), as OpenAI's does, instead of showing the raw markup."""
+    tc = calling(None, choice)
+    text = format_call("get_weather", json.loads(WEATHER))
+    for end in range(len(text) + 1):
+        content, calls, reason = full(tc, text[:end], "length")
+        for step in (1, 7, 10_000):
+            s_content, s_calls, s_reason, _ = streamed(tc, text[:end], "length", step)
+            assert (s_calls, s_reason) == (calls, reason) and s_content.strip() == (content or "").strip(), end
+    cut = full(tc, text[:60], "length")
+    assert cut[1] and cut[1][0][0] == "get_weather" and cut[2] == "length" and cut[0] is None

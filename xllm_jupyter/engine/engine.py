@@ -161,7 +161,7 @@ class Engine(AdapterMixin, ResidencyMixin):
             "ngram_draft": c.ngram_draft,
             "compile": c.compile,
         }
-        if c.draft_model and c.draft_model != name:
+        if c.draft_model and canonical_name(c.draft_model) != name:
             defaults["draft_model_path"] = str(self.catalog.resolve(c.draft_model).path)
         return dataclasses.replace(spec, options={**defaults, **spec.options})
 

@@ -21,6 +21,7 @@ from ..backends import torch_device
 from ..backends.base import LoadedModel
 from ..core.errors import InvalidRequest, Overloaded
 from ..core.types import EngineStats
+from ..store.names import canonical_name
 from .runner import ModelRunner, RequestHandle
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def parse_replicas(items: tuple[str, ...]) -> dict[str, int]:
     for item in items:
         name, _, count = item.partition("=")
         try:
-            out[name.strip()] = max(1, int(count))
+            out[canonical_name(name.strip())] = max(1, int(count))  # the spelling the engine keeps
         except ValueError:
             raise InvalidRequest(f"Invalid engine.replicas entry '{item}': use name=count", param="replicas") from None
     return out

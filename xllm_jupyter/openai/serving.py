@@ -205,6 +205,7 @@ class OpenAIServing:
                 if type(ev) is ChoiceDelta:
                     if ev.finish is FinishReason.ERROR:
                         raise _engine_failure()
+                    loops.count(ev)
                     if finish[ev.index] is not None:
                         continue  # ended early (a forced reply repeating its calls) while others go on
                     texts[ev.index].append(ev.text)
@@ -259,6 +260,7 @@ class OpenAIServing:
                 if type(ev) is ChoiceDelta:
                     if ev.finish is FinishReason.ERROR:
                         raise _engine_failure()
+                    loops.count(ev)
                     if finished[ev.index] is not None:
                         continue  # ended early (a forced reply repeating its calls) while others go on
                     if ev.finish is not None:
@@ -426,9 +428,12 @@ class _ForcedLoops:
         else:
             self._streamers = [tools.streamer() for _ in range(gen.params.n)] if self._own else list(streamers)
 
-    def repeats(self, ev: ChoiceDelta) -> bool:
-        """Count ``ev``'s tokens; True when its choice (text fed up to ``ev``) has begun repeating a call."""
+    def count(self, ev: ChoiceDelta) -> None:
+        """Count ``ev``'s tokens (every choice's, those of a choice already ended too: they were generated)."""
         self._tokens += len(ev.token_ids)
+
+    def repeats(self, ev: ChoiceDelta) -> bool:
+        """True when ``ev``'s choice (its text fed up to ``ev``) has begun repeating a call."""
         if not self.active or ev.finish is not None:
             return False
         streamer = self._streamers[ev.index]
@@ -442,7 +447,8 @@ class _ForcedLoops:
         return self.stopped and all(f is not None for f in finish)
 
     def usage(self) -> Usage:
-        """Usage of a request stopped early: its prompt and the tokens received (no cache counts)."""
+        """Usage of a request stopped early: its prompt and the tokens generated so far (the engine's cache count
+        comes with its final event, which a stopped request does not wait for)."""
         return Usage(self._prompt, self._tokens)
 
 

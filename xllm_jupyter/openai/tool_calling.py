@@ -42,12 +42,33 @@ class ToolCalling:
         """The response ``message`` and ``finish_reason`` for one choice's full text."""
         if not self.active:
             return {"role": "assistant", "content": text, "refusal": None}, finish
+        if self.cfg.constrained:
+            # what the stream says, by construction: a forced call cut by max_tokens keeps its partial
+            # arguments (finish length), as the stream already sent them
+            return self._as_streamed(text, finish)
         parsed = parse_tool_calls(text, self.cfg.names, self.family, forced=self.cfg.constrained)
         calls = list(parsed.calls if self.cfg.parallel else parsed.calls[:1])
         if not calls:
             return {"role": "assistant", "content": text, "refusal": None}, finish
         message = {"role": "assistant", "content": parsed.content, "refusal": None, "tool_calls": [c.wire() for c in calls]}
         return message, "tool_calls" if finish == "stop" else finish
+
+    def _as_streamed(self, text: str, finish: str) -> tuple[dict[str, Any], str]:
+        """The ``message`` a client assembles from this text's stream, and its finish_reason."""
+        content, calls, reason = "", {}, finish
+        for delta, end in self.streamer().deltas(text, finish):
+            content += delta.get("content") or ""
+            for frag in delta.get("tool_calls", []):
+                call = calls.setdefault(frag["index"], {"id": frag.get("id"), "type": "function",
+                                                        "function": {"name": frag["function"].get("name"), "arguments": ""}})
+                call["function"]["arguments"] += frag["function"].get("arguments") or ""
+            reason = end or reason
+        message: dict[str, Any] = {"role": "assistant", "content": content.strip() or None, "refusal": None}
+        if calls:
+            message["tool_calls"] = [calls[i] for i in sorted(calls)]
+        elif not content.strip():
+            message["content"] = text or None
+        return message, reason
 
     def streamer(self) -> "ToolDeltas":
         """A per-choice converter of text pieces into chat ``delta`` objects."""
