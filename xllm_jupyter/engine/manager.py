@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 from ..backends import torch_device
 from ..backends.base import LoadedModel
-from ..core.errors import InvalidRequest, Overloaded
+from ..core.errors import InvalidRequest, Overloaded, PermissionDenied
 from ..core.types import EngineStats
 from ..store.names import canonical_name
 from .runner import ModelRunner, RequestHandle
@@ -56,10 +56,17 @@ def parse_keep_alive(value: Any, *, param: str = "keep_alive") -> float | None:
     return None if seconds < 0 else seconds
 
 
-def request_keep_alive(value: Any) -> float | None:
-    """A request's ``keep_alive`` for ``GenerationRequest.keep_alive``: None = default, -1.0 = forever."""
+def request_keep_alive(value: Any, allowed: bool = True) -> float | None:
+    """A request's ``keep_alive`` for ``GenerationRequest.keep_alive``: None = default, -1.0 = forever.
+
+    It decides for every user how long a model stays loaded (0 unloads it, negative pins it), so a
+    caller who may not manage models (a user key where keys have roles) gets a 403 for sending one.
+    """
     if value is None:
         return None
+    if not allowed:
+        raise PermissionDenied("keep_alive sets how long a model stays loaded for every user: it needs an admin "
+                               "key (auth.admin_keys) or a service admin", param="keep_alive")
     seconds = parse_keep_alive(value)
     return -1.0 if seconds is None else seconds
 

@@ -87,11 +87,12 @@ def encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str
     return [float(x) for x in vector]
 
 
-async def create_embeddings(engine: Any, body: bytes) -> dict[str, Any]:
-    """``POST /v1/embeddings``: the OpenAI response dict."""
+async def create_embeddings(engine: Any, body: bytes, manages: bool = True) -> dict[str, Any]:
+    """``POST /v1/embeddings``: the OpenAI response dict (``manages``: the caller may send ``keep_alive``)."""
     req: EmbeddingRequest = parse_request(EmbeddingRequest, body)
+    keep_alive = request_keep_alive(req.keep_alive, manages)
     _check_dimensions(req, engine.embedding_dimension(req.model))  # before the forward when loaded
-    result = await engine.embed(req.model, req.inputs(), keep_alive=request_keep_alive(req.keep_alive))
+    result = await engine.embed(req.model, req.inputs(), keep_alive=keep_alive)
     _check_dimensions(req, result.vectors.shape[1])
     vectors = shorten(result.vectors, req.dimensions)
     return {

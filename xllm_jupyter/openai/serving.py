@@ -145,16 +145,21 @@ class OpenAIServing:
             raise
 
     # -------------------------------------------------------- chat completions
-    async def chat_completion(self, body: bytes, user: str | None = None) -> dict[str, Any] | AsyncIterator[Chunk]:
+    async def chat_completion(self, body: bytes, user: str | None = None,
+                              manages: bool = True) -> dict[str, Any] | AsyncIterator[Chunk]:
         """``POST /v1/chat/completions``: a response dict, or chunks when ``stream`` is true.
 
         ``user`` is the authenticated caller: it keys fair scheduling, usage and the
-        response cache (never shared across users).
+        response cache (never shared across users). ``manages``: the caller may send
+        ``keep_alive`` (see ``request_keep_alive``).
         """
-        return await self.cache.serve("chat", body, lambda b: self._chat_completion(b, user), self._model_identity, namespace=user or "")
+        return await self.cache.serve("chat", body, lambda b: self._chat_completion(b, user, manages),
+                                      self._model_identity, namespace=user or "")
 
-    async def _chat_completion(self, body: bytes, user: str | None = None) -> dict[str, Any] | AsyncIterator[Chunk]:
+    async def _chat_completion(self, body: bytes, user: str | None = None,
+                               manages: bool = True) -> dict[str, Any] | AsyncIterator[Chunk]:
         req: ChatCompletionRequest = parse_request(ChatCompletionRequest, body)
+        keep_alive = request_keep_alive(req.keep_alive, manages)
         n = req.n or 1
         self._check_n(n)
         messages = req.core_messages()
@@ -185,7 +190,7 @@ class OpenAIServing:
             constraint=constraint,
         )
         gen = GenerationRequest(model=req.model, prompt_ids=tuple(prompt), params=params, request_id=rid,
-                                keep_alive=request_keep_alive(req.keep_alive), user=user, cache_namespace=self._namespace(user))
+                                keep_alive=keep_alive, user=user, cache_namespace=self._namespace(user))
         self._validate(gen, "messages")
         created = int(time.time())
         if req.stream:
@@ -296,12 +301,17 @@ class OpenAIServing:
             yield {**head, "choices": [], "usage": usage_dict(usage)}
 
     # ------------------------------------------------------ legacy completions
-    async def completion(self, body: bytes, user: str | None = None) -> dict[str, Any] | AsyncIterator[Chunk]:
-        """``POST /v1/completions``: a response dict, or chunks when ``stream`` is true (``user``: as for chat)."""
-        return await self.cache.serve("completions", body, lambda b: self._completion(b, user), self._model_identity, namespace=user or "")
+    async def completion(self, body: bytes, user: str | None = None,
+                         manages: bool = True) -> dict[str, Any] | AsyncIterator[Chunk]:
+        """``POST /v1/completions``: a response dict, or chunks when ``stream`` is true (``user``, ``manages``: as
+        for chat)."""
+        return await self.cache.serve("completions", body, lambda b: self._completion(b, user, manages),
+                                      self._model_identity, namespace=user or "")
 
-    async def _completion(self, body: bytes, user: str | None = None) -> dict[str, Any] | AsyncIterator[Chunk]:
+    async def _completion(self, body: bytes, user: str | None = None,
+                          manages: bool = True) -> dict[str, Any] | AsyncIterator[Chunk]:
         req: CompletionRequest = parse_request(CompletionRequest, body)
+        keep_alive = request_keep_alive(req.keep_alive, manages)
         n = req.n or 1
         prompts = req.prompts()
         self._check_n(n, len(prompts))
@@ -333,7 +343,7 @@ class OpenAIServing:
                 top_logprobs=req.logprobs or 0,
             )
             gen = GenerationRequest(model=req.model, prompt_ids=tuple(ids), params=params, request_id=rid,
-                                    keep_alive=request_keep_alive(req.keep_alive), user=user, cache_namespace=self._namespace(user))
+                                    keep_alive=keep_alive, user=user, cache_namespace=self._namespace(user))
             self._validate(gen, "prompt")
             gens.append(gen)
         created = int(time.time())

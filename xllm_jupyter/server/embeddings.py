@@ -11,5 +11,4 @@ class EmbeddingsMixin(BodyMixin):
 
     async def handle_post(self) -> None:
         """Embed the inputs and reply with the OpenAI list object."""
-        self.check_keep_alive()
-        await self.respond(create_embeddings(self.xllm.engine, self.body))
+        await self.respond(create_embeddings(self.xllm.engine, self.body, manages=self.caller.admin))

@@ -9,12 +9,11 @@ knows how the caller was authenticated.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any, AsyncIterator, Awaitable
 
 from ..core.config import XllmConfig
-from ..core.errors import InvalidRequest, NotFound, PayloadTooLarge, PermissionDenied
+from ..core.errors import InvalidRequest, NotFound, PayloadTooLarge
 from ..openai.responses import ResponsesServing
 from ..openai.serving import OpenAIServing
 from .errors import error_response, log_error
@@ -274,21 +273,6 @@ class BodyMixin(RequestMixin):
         """The whole request body."""
         return b"".join(self._body_parts)
 
-    def check_keep_alive(self) -> None:
-        """``keep_alive`` in a request decides how long a model stays loaded for everyone (0 unloads it, a
-        negative value pins it): where callers have roles, only an admin may send it (403 otherwise)."""
-        body = self.body
-        # fast path: without the name, and without escapes (a key may spell it "keep\u005falive"), it is not there
-        if self.caller.admin or (b"keep_alive" not in body and b"\\u" not in body):
-            return
-        try:
-            value = json.loads(body).get("keep_alive")
-        except (ValueError, RecursionError, AttributeError):  # not a JSON object: serving says so
-            return
-        if value is not None:
-            raise PermissionDenied("keep_alive sets how long a model stays loaded for every user: it needs an admin "
-                                   "key (auth.admin_keys) or a service admin", param="keep_alive")
-
 
 # ------------------------------------------------------------------ route mixins
 class ModelsMixin(RequestMixin):
@@ -312,8 +296,8 @@ class ChatCompletionsMixin(BodyMixin):
 
     async def handle_post(self) -> None:
         """Chat completion, streamed or not."""
-        self.check_keep_alive()
-        await self.respond(self.xllm.serving.chat_completion(self.body, user=self.caller.user))
+        await self.respond(self.xllm.serving.chat_completion(self.body, user=self.caller.user,
+                                                             manages=self.caller.admin))
 
 
 class CompletionsMixin(BodyMixin):
@@ -321,8 +305,7 @@ class CompletionsMixin(BodyMixin):
 
     async def handle_post(self) -> None:
         """Legacy text completion, streamed or not."""
-        self.check_keep_alive()
-        await self.respond(self.xllm.serving.completion(self.body, user=self.caller.user))
+        await self.respond(self.xllm.serving.completion(self.body, user=self.caller.user, manages=self.caller.admin))
 
 
 class AdminModelsMixin(RequestMixin):
