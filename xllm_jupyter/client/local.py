@@ -42,22 +42,9 @@ def generation_params(default_max_tokens: int, **params: Any) -> GenerationParam
     )
 
 
-class _Params(dict):
-    """Keyword parameters read like a request, so ``ModelDefaults.apply`` fills the unset ones."""
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):  # copy/pickle probes must not read as unset parameters
-            raise AttributeError(name)
-        return self.get(name)
-
-    def model_copy(self, update: Mapping[str, Any]) -> "_Params":
-        """A copy with ``update`` applied (the pydantic method ``apply`` calls)."""
-        return _Params({**self, **update})
-
-
 def with_model_defaults(defaults: ModelDefaults, params: Mapping[str, Any], default_max_tokens: int) -> dict[str, Any]:
     """``params`` with a created model's Modelfile settings filled in, as the server does: the caller's values win."""
-    filled = dict(defaults.apply(_Params(params)))
+    filled = defaults.fill(params)
     if not (filled.get("max_tokens") or filled.get("max_completion_tokens")):
         filled["max_tokens"] = defaults.max_tokens(default_max_tokens)  # num_predict, else the engine's default
     return filled

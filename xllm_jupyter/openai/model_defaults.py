@@ -7,7 +7,7 @@ imports the store. A value the request sets always wins.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ..core.types import ChatMessage
 
@@ -42,13 +42,21 @@ class ModelDefaults:
 
     def apply(self, req: Any) -> Any:
         """A copy of pydantic request ``req`` with unset sampling fields filled from the Modelfile."""
+        update = self._updates(lambda attr: hasattr(req, attr) and getattr(req, attr) is None)
+        return req.model_copy(update=update) if update else req
+
+    def fill(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Keyword parameters (as the in-process client takes them) with unset sampling fields filled the same way."""
+        return {**params, **self._updates(lambda attr: params.get(attr) is None)}
+
+    def _updates(self, unset: Callable[[str], bool]) -> dict[str, Any]:
+        """The Modelfile's value for every sampling field ``unset`` says the request leaves open."""
         update = {}
         for key, attr in _FIELDS.items():
             value = self.parameters.get(key)
-            if value is None or not hasattr(req, attr) or getattr(req, attr) is not None:
-                continue
-            update[attr] = list(value) if key == "stop" else value
-        return req.model_copy(update=update) if update else req
+            if value is not None and unset(attr):
+                update[attr] = list(value) if key == "stop" else value
+        return update
 
     def max_tokens(self, fallback: int | None) -> int | None:
         """The completion budget when the request sets none: ``num_predict`` (> 0), else ``fallback``."""
