@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 import httpx
 
-from ..core.errors import PermissionDenied, XllmError
+from ..core.errors import PermissionDenied
 from .base import (
     DEFAULT_TIMEOUT,
     DONE,
@@ -122,38 +122,15 @@ class XllmClient:
     def default_model(self) -> str | None:
         """``XLLM_MODEL``, else a loaded chat model, else the server's default, else the first servable chat model.
 
-        Models an entry marks as not for chat (embedding models) are skipped. A user key
-        that may not read ``/admin`` (403) learns what is loaded from ``/v1/models``.
+        One ``/v1/models`` call, which any key may make: its entries say which models are
+        loaded, what each serves (embedding models are skipped) and which is the server's
+        ``engine.default_model`` (``xllm.details.default``).
         """
         if os.environ.get("XLLM_MODEL"):
             return os.environ["XLLM_MODEL"]
-        servable: list[dict[str, Any]] | None = None
-        try:
-            loaded = self.loaded()
-        except PermissionDenied:
-            servable = self.models()
-            loaded = [m for m in servable if (m.get("xllm") or {}).get("loaded")]
-        found = _first_chat(loaded)
-        if found:
-            return found
-        servable = self.models() if servable is None else servable
-        # the server marks its engine.default_model in /v1/models; older servers only say it in /admin/stats
-        marked = [m for m in servable if is_default(m) and can_chat(m)]
-        if marked:
-            return _name(marked[0])
-        configured = self._configured_default()
-        if configured and any(_name(m) == configured and can_chat(m) for m in servable):
-            return configured
-        return _first_chat(servable)
-
-    def _configured_default(self) -> str | None:
-        """The server's ``engine.default_model``, where this key may read ``/admin/stats``."""
-        try:
-            body = self._request("GET", self.admin_url + "/stats")
-        except XllmError:  # a user key (403), an older server without the route: no preference then
-            return None
-        value = body.get("default_model") if isinstance(body, dict) else None
-        return value if isinstance(value, str) and value else None
+        servable = self.models()
+        loaded = [m for m in servable if (m.get("xllm") or {}).get("loaded")]
+        return _first_chat(loaded) or _first_chat([m for m in servable if is_default(m)]) or _first_chat(servable)
 
     # ---------------------------------------------------------------------- chat
     def chat_completion(self, messages: Messages, model: str | None = None, **params: Any) -> dict[str, Any]:
