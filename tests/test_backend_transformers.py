@@ -479,3 +479,29 @@ def test_running_out_of_memory_in_a_prefill_fails_only_that_prompt(model, monkey
     events = run(model, [running], joins={3: [long]})
     assert [(e.finish, e.out_of_memory) for _, e in events[long.job_id]] == [(FinishReason.ERROR, True)]
     assert len(tokens(events[running.job_id])) == 12 and events[running.job_id][-1][1].finish is FinishReason.LENGTH
+
+
+def test_a_load_draws_no_library_progress_bars(tiny_llama_dir, capfd):
+    """transformers' "Loading weights" bar stays off: the CLI's spinner and server logs are ours."""
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()
+    m = TransformersBackend().load(ModelSpec(name="tiny", path=Path(tiny_llama_dir), options={"device": "cpu"}))
+    m.unload()
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "%|" not in err
+    assert hf_logging.is_progress_bar_enabled()  # switched back on for the process's other users
+
+
+def test_library_bars_off_covers_the_gguf_reader_and_nests():
+    """The GGUF reader binds tqdm itself; nested or concurrent blocks restore it only at the outermost exit."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from xllm_jupyter.backends.quiet_loading import library_bars_off
+
+    original = gguf_utils.tqdm
+    with library_bars_off():
+        with library_bars_off():
+            assert list(gguf_utils.tqdm([1, 2], desc="x")) == [1, 2] and gguf_utils.tqdm is not original
+        assert gguf_utils.tqdm is not original
+    assert gguf_utils.tqdm is original

@@ -336,3 +336,20 @@ def test_name_taken_by_another_source_names_the_flag(home, tiny_llama_dir, tmp_p
     err = one_error_line(invoke("pull", str(other), "--name", TINY))
     assert "--force" in err
     assert invoke("pull", str(other), "--name", TINY, "--force").exit_code == 0
+
+
+def test_pull_bars_show_a_conversion_in_steps_not_bytes(capsys):
+    """A GGUF conversion reports 3 steps: the bar says 2/3 steps, never '3 bytes' and a speed."""
+    from xllm_jupyter.cli.store_cmds import PullBar, _progress
+    from xllm_jupyter.store.progress import PullProgress
+
+    with _progress() as progress:
+        bar = PullBar(progress)
+        bar(PullProgress("download", "tokenizer.json", 2_000_000, 2_000_000))
+        bar(PullProgress("download", "model.gguf", 2_000_000, 2_000_000))
+        bar(PullProgress("convert", "model.gguf", 2, 3, unit="steps"))  # the same file's line, now in steps
+    err = capsys.readouterr().err
+    download, convert = (line for line in err.splitlines() if ".gguf" in line or ".json" in line)
+    assert "download tokenizer.json" in download and "2.0/2.0 MB" in download
+    assert "convert model.gguf" in convert and "2/3 steps" in convert
+    assert "bytes" not in convert and "/s" not in convert

@@ -155,20 +155,23 @@ def test_the_key_is_never_sent_to_another_server(xllm_server, monkeypatch):
     client.close()
 
 
-def test_private_server_when_nothing_is_found(xllm_home, monkeypatch, caplog):
+def test_private_server_when_nothing_is_found(xllm_home, monkeypatch, caplog, capsys):
     """No connect, no variables, no hub: a private `xllm serve` child for this process, stopped on request."""
+    from xllm_jupyter.magics.session import MagicState
+
     monkeypatch.setenv("XLLM_HOME", str(xllm_home))
     monkeypatch.setenv("XLLM_MODEL", TINY)
     monkeypatch.setenv("XLLM_ENGINE_TORCH_THREADS", "1")
     monkeypatch.setenv("XLLM_SERVER_API_KEYS", "inherited-key")  # the private server must not take it
     caplog.set_level(logging.WARNING, logger="xllm_jupyter.client")
     try:
-        loc = locate()
+        loc = MagicState().locate()  # as %%xllm finds it: the notice is the magic's own stderr line
         assert loc.source == "in-process" and loc.private and loc.base_url.startswith("http://127.0.0.1:")
         assert loc.api_key and loc.api_key.startswith("sk-xllm-private-")
         assert locate() == loc and find_server() == loc  # started once
-        notes = [r.message for r in caplog.records if "private" in r.message]
-        assert len(notes) == 1 and "this kernel only" in notes[0]
+        said = capsys.readouterr().err.splitlines()
+        assert said == [f"xllm: {discovery.PRIVATE_START_NOTICE}"] and "kernel (process) only" in said[0]
+        assert not [r for r in caplog.records if "private" in r.message]  # said once, not again in the log
         with get_client() as c:
             assert TINY in [m["id"] for m in c.loaded()]  # XLLM_MODEL was loaded at start
             assert c.chat("Hi", TINY, max_tokens=3, temperature=0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -194,3 +195,27 @@ def test_a_client_leaving_stops_the_pull():
     first = asyncio.run(main())
     assert first == {"status": "download", "file": "model.safetensors", "completed": 0, "total": 10_000}
     assert store.stopped.is_set() and store.reports < 10_000
+
+
+class _ConvertingStore:
+    """A store whose pull converts a GGUF: progress counted in steps, then a manifest."""
+
+    def pull(self, source: str, name: str | None, *, progress: Any, **kw: Any) -> Any:
+        for step in range(4):
+            progress(PullProgress("convert", "model.gguf", step, 3, unit="steps"))
+        return SimpleNamespace(name="x", digest="sha256:0", format="safetensors", size=1, source="gguf")
+
+
+def test_a_conversion_is_reported_in_steps_end_to_end():
+    """The server's pull events say their unit when it is not bytes, and %xllm pull's line uses it."""
+    from xllm_jupyter.magics.render import Progress
+
+    args = {"source": "x", "name": None, "revision": None, "force": False, "convert": False}
+
+    async def main() -> list[dict]:
+        return [event async for event in pull_events(_ConvertingStore(), args) if event.get("status") == "convert"]
+
+    events = asyncio.run(main())
+    assert events and all(e["unit"] == "steps" for e in events) and events[-1]["completed"] == 3
+    line = Progress(None, "pull x").line({**events[-1], "completed": 2})
+    assert line == "convert  model.gguf   66%  2/3 steps"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import openai
 import pytest
@@ -196,6 +197,10 @@ def test_create_from_a_local_path(store, tiny_llama_dir):
     base = [x.name for x in store.list() if x.name not in ("tiny", "mario", "from-path")]
     assert len(base) == 1  # the path was pulled under its default name first, as `xllm pull` would
     store.rm("from-path")
+    # the store API takes the Modelfile's directory too: a relative FROM resolves against it
+    m = store.create("from-relative", f"FROM ./{Path(tiny_llama_dir).name}\n", base_dir=Path(tiny_llama_dir).parent)
+    assert modelfile_of(m).from_ == str(tiny_llama_dir)
+    store.rm("from-relative")
     store.rm(base[0])
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest
 from .base import ModelSpec
 from .compile_gate import COMPILE_GATE
+from .quiet_loading import library_bars_off
 from .torch_device import is_out_of_memory, out_of_memory, pick_device, placement, release_memory
 
 #: inputs per forward pass: bounds activation memory for big requests
@@ -170,9 +171,10 @@ def load_embedding_model(spec: ModelSpec) -> EmbeddingModel:
     if threads > 0:  # the same process-wide setting the chat backend applies
         torch.set_num_threads(threads)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        # float32 everywhere: these encoders are small and half precision costs accuracy
-        model = AutoModel.from_pretrained(str(directory), dtype=torch.float32, **placement(device))
+        with library_bars_off():
+            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+            # float32 everywhere: these encoders are small and half precision costs accuracy
+            model = AutoModel.from_pretrained(str(directory), dtype=torch.float32, **placement(device))
         model.to(device).eval()
     except (OSError, ValueError, KeyError, RuntimeError) as exc:  # (torch's OutOfMemoryError is a RuntimeError)
         if not is_out_of_memory(exc):

@@ -18,6 +18,7 @@ from typing import Any
 from ..core.errors import EngineError, InvalidRequest
 from .base import Backend, ModelSpec
 from .lora import merge_lora
+from .quiet_loading import library_bars_off
 from .memory_estimate import disk_bytes, gguf_expanded_bytes, kv_cache_bytes
 from .torch_device import (
     is_out_of_memory,
@@ -127,9 +128,10 @@ class TransformersBackend(Backend):
         merge = opts.get("merge_adapter")  # a created model's Modelfile ADAPTER: baked into its own weights
         failed = None
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(directory), **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype,
-                                                         **placement(device, moved_later=bool(merge)), **kwargs)
+            with library_bars_off():
+                tokenizer = AutoTokenizer.from_pretrained(str(directory), **kwargs)
+                model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype,
+                                                             **placement(device, moved_later=bool(merge)), **kwargs)
             if merge:
                 model = merge_lora(model, Path(str(merge)))
             model.to(device).eval()

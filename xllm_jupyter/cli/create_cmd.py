@@ -36,12 +36,10 @@ def create_command(settings: Any, name: str, modelfile) -> None:
     from the Modelfile's directory. A running server that has NAME loaded unloads it, so its
     next request gets the new version.
     """
-    from ..store.create import create_model
-
     text = modelfile.read()
     store = open_store()
     with _progress() as progress:
-        manifest = create_model(store, name, text, progress=PullBar(progress), base_dir=_modelfile_dir(modelfile))
+        manifest = store.create(name, text, progress=PullBar(progress), base_dir=_modelfile_dir(modelfile))
     unload_from_server(settings, manifest.name)  # it would go on serving the old settings (read at load)
     click.echo(f"Created {manifest.name} ({manifest.format}, {human_size(manifest.size)}, {short_digest(manifest.digest)})")
 

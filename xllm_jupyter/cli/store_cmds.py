@@ -34,21 +34,39 @@ class PullBar:
         key = str(event.file or event.stage)
         label = f"{event.stage} {Path(str(event.file)).name}" if event.file else str(event.stage)
         total = event.total if event.total else None
+        unit = getattr(event, "unit", "bytes")
         task = self.tasks.get(key)
         if task is None:
-            task = self.progress.add_task(label, total=total)
+            task = self.progress.add_task(label, total=total, unit=unit)
             self.tasks[key] = task
-        self.progress.update(task, description=label, completed=event.done or 0, total=total)
+        # one line per file: its download, conversion and check take turns on it, each in its own unit
+        self.progress.update(task, description=label, completed=event.done or 0, total=total, unit=unit)
 
 
 def _progress():
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+    from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+    from rich.text import Text
+
+    class ByUnit(ProgressColumn):
+        """Bytes columns for a download; ``2/3 steps`` (no speed) for a task counted in steps."""
+
+        def __init__(self, for_bytes: ProgressColumn, for_steps: bool):
+            super().__init__()
+            self.for_bytes, self.for_steps = for_bytes, for_steps
+
+        def render(self, task: Any) -> Any:
+            """Render ``task`` by the unit it was added with."""
+            if task.fields.get("unit", "bytes") == "bytes":
+                return self.for_bytes.render(task)
+            if not self.for_steps:
+                return Text("")
+            return Text(f"{task.completed:.0f}/{task.total:.0f} {task.fields['unit']}" if task.total else "")
 
     return Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
+        ByUnit(DownloadColumn(), for_steps=True),
+        ByUnit(TransferSpeedColumn(), for_steps=False),
         TimeRemainingColumn(),
         console=stderr_console(),
         transient=False,

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -196,14 +196,22 @@ def client_for(location: ServerLocation) -> XllmClient:
     return XllmClient(location.base_url, location.api_key or "")
 
 
-def locate(start_local: bool = True) -> ServerLocation:
-    """The server to use; with none found, start a private one for this process (and say so once)."""
+#: said once, before a private server starts (the wait can be a minute: the default model loads)
+PRIVATE_START_NOTICE = ("no shared xllm server found; starting a private one for this kernel (process) only "
+                        "(other notebooks cannot use it; this can take a minute)…")
+
+
+def locate(start_local: bool = True, announce: Callable[[str], None] | None = None) -> ServerLocation:
+    """The server to use; with none found, start a private one for this process (and say so once).
+
+    ``announce`` receives the notice instead of the log (the magics print it as their own line).
+    """
     found = find_server()
     if found is not None:
         return found
     if not start_local:
         raise XllmError("no xllm server found: start JupyterLab with xllm-jupyter, run `xllm serve`, or call xllm_jupyter.connect(URL)")
-    return _start_local().location
+    return _start_local(announce=announce).location
 
 
 def get_client() -> XllmClient:
@@ -271,12 +279,17 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _start_local(timeout: float = LOCAL_START_TIMEOUT) -> LocalServer:
+def _announce_in_log(message: str) -> None:
+    log.warning("xllm: %s", message)
+
+
+def _start_local(timeout: float = LOCAL_START_TIMEOUT, announce: Callable[[str], None] | None = None) -> LocalServer:
     """Start (once) and wait for the private server; XllmError with its last log lines if it fails."""
     global _local
     with _lock:
         if _local is not None and _local.alive():
             return _local
+        (announce or _announce_in_log)(PRIVATE_START_NOTICE)
         key = "sk-xllm-private-" + secrets.token_urlsafe(24)
         port = _free_port()
         fd, log_path = tempfile.mkstemp(prefix="xllm-private-", suffix=".log")
@@ -305,8 +318,6 @@ def _start_local(timeout: float = LOCAL_START_TIMEOUT) -> LocalServer:
             server.stop()
             raise
         _local = server
-        log.warning("xllm: no shared xllm server found, so a private one was started for this kernel only "
-                    "(other notebooks cannot use it; models load into this kernel's memory)")
         return server
 
 

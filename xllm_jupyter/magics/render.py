@@ -176,7 +176,10 @@ class Progress:
         file = str(event.get("file") or "").rsplit("/", 1)[-1]
         done, total = event.get("completed") or 0, event.get("total")
         pct = f"{100 * done // total:3d}%" if total else ""
-        sizes = f"{human_size(done)} / {human_size(total)}" if total else (human_size(done) if done else "")
+        if event.get("unit", "bytes") != "bytes":  # e.g. a conversion's steps
+            sizes = f"{done}/{total} {event['unit']}" if total else ""
+        else:
+            sizes = f"{human_size(done)} / {human_size(total)}" if total else (human_size(done) if done else "")
         return "  ".join(p for p in (stage, file, pct, sizes) if p)
 
     def update(self, event: dict[str, Any], force: bool = False) -> None:

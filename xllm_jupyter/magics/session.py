@@ -91,11 +91,7 @@ class MagicState:
     # ------------------------------------------------------------- the server
     def locate(self) -> discovery.ServerLocation:
         """Where to send requests now (discovery runs every time: env and connect() may change)."""
-        found = discovery.find_server()
-        if found is None:
-            error("no shared xllm server found; starting a private one for this kernel only (this can take a minute)…")
-            found = discovery.locate(start_local=True)
-        return found
+        return discovery.locate(start_local=True, announce=error)
 
     def client(self) -> XllmClient:
         """The client for the current location (rebuilt when it changes)."""

@@ -92,6 +92,8 @@ async def pull_events(store: Any, args: dict[str, Any]) -> AsyncIterator[dict[st
             return
         last.update(key=key, at=now)
         item = {"status": event.stage, "file": event.file, "completed": event.done, "total": event.total}
+        if event.unit != "bytes":  # Ollama's events count bytes; say when these count something else
+            item["unit"] = event.unit
         loop.call_soon_threadsafe(queue.put_nowait, item)
 
     def work() -> Any:

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from ..backends.quiet_loading import library_bars_off
 from ..core.errors import StoreError
 from .progress import ProgressFn, PullProgress
 
 log = logging.getLogger(__name__)
+
+#: a conversion reports these steps: tokenizer read, weights read, model saved
+CONVERT_STEPS = 3
 
 # general.file_type -> the dtype the dense weights are saved in (quantized types -> bfloat16)
 _FILE_TYPE_DTYPE = {0: "float32", 1: "float16", 32: "bfloat16"}
@@ -51,12 +55,17 @@ def gguf_to_safetensors(gguf_path: Path, out_dir: Path, *, progress: ProgressFn 
     Returns the chat template. The weights are dequantized once here; quantized GGUFs are
     saved in bfloat16, float GGUFs keep their float type.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     def report(done: int) -> None:
         if progress is not None:
-            progress(PullProgress("convert", gguf_path.name, done, 3))
+            progress(PullProgress("convert", gguf_path.name, done, CONVERT_STEPS, unit="steps"))
+
+    with library_bars_off():  # the caller's own progress (PullProgress) says how far it got
+        return _convert(gguf_path, out_dir, report)
+
+
+def _convert(gguf_path: Path, out_dir: Path, report: Callable[[int], None]) -> str | None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     meta = gguf_metadata(gguf_path)
     dtype = getattr(torch, _FILE_TYPE_DTYPE.get(int(meta.get("general.file_type", -1)), "bfloat16"))
@@ -96,7 +105,7 @@ def gguf_to_safetensors(gguf_path: Path, out_dir: Path, *, progress: ProgressFn 
     if template and not (out_dir / "chat_template.jinja").exists() and "chat_template" not in _tokenizer_config(out_dir):
         (out_dir / "chat_template.jinja").write_text(template, encoding="utf-8")
     del model
-    report(3)
+    report(CONVERT_STEPS)
     return template if isinstance(template, str) else None
 
 

@@ -16,12 +16,13 @@ PROGRESS_MARK = "_xllm_progress_error"  # set on exceptions raised by a caller's
 
 @dataclass(frozen=True)
 class PullProgress:
-    """One progress report of a pull: ``stage`` is download, convert, verify or done; bytes in done/total."""
+    """One progress report of a pull: ``stage`` is download, convert, verify or done; done/total in ``unit``."""
 
     stage: str
     file: str | None
     done: int
     total: int | None
+    unit: str = "bytes"  # or "steps" (a conversion: its stages, not bytes)
 
 
 ProgressFn = Callable[[PullProgress], None]

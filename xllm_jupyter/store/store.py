@@ -221,9 +221,13 @@ class ModelStore:
             fmt, files, template = self._build_local(src, build, report, convert)
             return self._finish(build, n, src, fmt, files, template, None, report)
 
-    def create(self, name: str, modelfile_text: str, progress: Callable[[PullProgress], None] | None = None) -> Manifest:
-        """Make model ``name`` from Modelfile text: FROM's files (linked) plus its settings (see store/create.py)."""
-        return create_model(self, name, modelfile_text, progress)
+    def create(self, name: str, modelfile_text: str, progress: Callable[[PullProgress], None] | None = None,
+               base_dir: Path | None = None) -> Manifest:
+        """Make model ``name`` from Modelfile text: FROM's files (linked) plus its settings (see store/create.py).
+
+        ``base_dir``: the Modelfile's directory, which relative FROM/ADAPTER paths resolve against.
+        """
+        return create_model(self, name, modelfile_text, progress, base_dir)
 
     def rm(self, name: str) -> None:
         """Delete model ``name``; ModelNotFound if absent. The directory leaves ``models/`` in one rename."""
