@@ -234,6 +234,10 @@ def test_forged_host_is_refused(http, edge_server):
     assert r.status_code == 403
     assert r.json()["error"]["type"] == "permission_error"
     assert http.get("/v1/models", headers={"Host": "localhost"}).status_code == 200
+    # read as the playground's guard reads a Host (core/hosts.py): case, trailing dot, *.localhost, brackets
+    for host in ("LOCALHOST.:8900", "app.localhost", "[::1]:8900", "127.0.0.2"):
+        assert http.get("/v1/models", headers={"Host": host}).status_code == 200, host
+    assert http.get("/v1/models", headers={"Host": "localhost.evil.example"}).status_code == 403
 
 
 def test_allowed_hosts_config(tiny_catalog, xllm_home):

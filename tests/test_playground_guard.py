@@ -180,7 +180,8 @@ def test_a_share_link_carries_the_secret_and_its_host_is_accepted(tiny_client, m
 
 
 def test_host_names_and_the_secret_prefix():
-    from xllm_jupyter.playground.guard import Guard, host_name, is_loopback
+    from xllm_jupyter.core.hosts import host_name, is_loopback
+    from xllm_jupyter.playground.guard import Guard
 
     assert host_name("LocalHost.:7860") == "localhost"
     assert host_name("[::1]:7860") == "::1" and host_name("::1") == "::1"

@@ -20,7 +20,8 @@ from tornado.netutil import bind_sockets
 
 from tests.server_fixtures import TINY, make_test_config
 from xllm_jupyter.engine.engine import Engine
-from xllm_jupyter.server.auth import ApiKeyAuth, is_loopback
+from xllm_jupyter.core.hosts import is_loopback
+from xllm_jupyter.server.auth import ApiKeyAuth
 from xllm_jupyter.server.sse import EventStreamWriter
 from xllm_jupyter.server.standalone import listen_host, start_server
 

@@ -8,11 +8,12 @@ its first path segment; anything else is a 404, as if nothing listened there.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import secrets
 import socket
 from collections.abc import Iterable
 from typing import Any
+
+from ..core.hosts import host_name, is_ip_literal, is_loopback
 
 #: addresses that bind every interface: the app is meant to be reached by the machine's names
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
@@ -21,32 +22,6 @@ WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
 def new_secret() -> str:
     """A fresh, unguessable path segment for one playground (256 random bits)."""
     return secrets.token_urlsafe(32)
-
-
-def host_name(host_header: str) -> str:
-    """The name in a ``Host`` header, lower-case, without port, brackets or trailing dot."""
-    host = host_header.strip().lower()
-    if host.startswith("["):  # [::1]:7860
-        host = host[1 : host.find("]")] if "]" in host else host[1:]
-    elif host.count(":") == 1:  # name:port (a bare IPv6 address has several colons)
-        host = host.split(":", 1)[0]
-    return host.rstrip(".")
-
-
-def is_ip_literal(name: str) -> bool:
-    """True for an IPv4/IPv6 address (which DNS rebinding cannot spoof: it needs a domain name)."""
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
-
-
-def is_loopback(name: str) -> bool:
-    """True for ``localhost``, ``*.localhost`` (RFC 6761: browsers resolve it locally) and loopback IPs."""
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    return is_ip_literal(name) and ipaddress.ip_address(name).is_loopback
 
 
 def machine_names() -> set[str]:

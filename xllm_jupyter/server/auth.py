@@ -16,39 +16,18 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 from dataclasses import dataclass
 from typing import Iterable
 
 from tornado.web import RequestHandler
 
 from ..core.errors import AuthenticationError, PermissionDenied
+from ..core.hosts import host_name, is_loopback
 from .handlers import VerbDispatchMixin
 from .limits import LIMITS_KEY, Limiter
 
 #: the settings key holding the ApiKeyAuth
 AUTH_KEY = "xllm_auth"
-
-_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback IPs (``127.0.0.0/8``, ``::1``)."""
-    host = host.strip().strip("[]").lower()
-    if host in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _host_name(host_header: str) -> str:
-    """The host part of a ``Host`` header (``[::1]:8900`` -> ``::1``)."""
-    if host_header.startswith("["):
-        return host_header[1 : host_header.find("]")] if "]" in host_header else host_header
-    return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
-
 
 #: roles a key can have; "admin" can call every route, "user" everything but ``/admin/*``
 USER, ADMIN = "user", "admin"
@@ -122,7 +101,7 @@ class ApiKeyHandler(VerbDispatchMixin, RequestHandler):
         """Authenticate, authorize and admit (rate limits) before the body is read."""
         auth: ApiKeyAuth = self.settings[AUTH_KEY]
         if not auth.enabled:
-            if not is_loopback(_host_name(self.request.host or "")):
+            if not is_loopback(host_name(self.request.host or "")):
                 raise PermissionDenied("Without an API key this server only answers requests addressed to localhost.")
             # keyless loopback mode: the local user may do everything, as one anonymous caller
             principal = Principal(ADMIN, "anonymous")

@@ -19,7 +19,7 @@ from tornado.web import GZipContentEncoding, OutputTransform, RequestHandler
 
 from ..core.config import XllmConfig
 from ..core.errors import PermissionDenied
-from .auth import _LOOPBACK_NAMES, _host_name
+from ..core.hosts import host_name, is_loopback
 from .errors import error_response
 from .logging_setup import request_id_var
 from .sse import dumps
@@ -49,15 +49,16 @@ class EdgePolicy:
         self.cors_any = origins == ("*",)
         # exact string matches only: "https://a.example" never admits "https://a.example.evil"
         self.cors_origins = frozenset() if self.cors_any else frozenset(origins)
-        hosts = {h.strip().lower() for h in allowed_hosts if h.strip()}
+        hosts = {host_name(h) for h in allowed_hosts if h.strip()}
+        # unless the admin lists the names, loopback names and addresses are served
+        self.loopback = not hosts
         if not hosts:
-            hosts = set(_LOOPBACK_NAMES) | {"127.0.0.1", "::1"}
             if bound_host in _WILDCARD_BINDS:
                 if any_host_ok:
                     # bound to every interface with API keys on: the key, not the name, is the guard
                     hosts.add("*")
             else:
-                hosts.add(bound_host.strip("[]").lower())
+                hosts.add(host_name(bound_host))
         self.any_host = "*" in hosts
         self.hosts = frozenset(hosts)
 
@@ -76,7 +77,8 @@ class EdgePolicy:
         """True when the request's ``Host`` names this server (guards against DNS rebinding)."""
         if self.any_host:
             return True
-        return _host_name((host_header or "").strip()).strip("[]").lower() in self.hosts
+        name = host_name(host_header or "")
+        return name in self.hosts or (self.loopback and is_loopback(name))
 
 
 class _EdgeHandler(RequestHandler):
