@@ -433,3 +433,24 @@ def test_a_browser_logs_in_through_hub_oauth_and_sees_its_page(hub):
                 r = browser.get(url)
         assert r.status_code == 200, (r.status_code, r.text[:300])
         assert "Signed in as <b>bob</b>" in r.text
+
+
+@pytest.mark.parametrize("problem", ["busy port", "not http", "bad port"])
+def test_a_setup_mistake_is_one_line_and_exit_1(problem, xllm_home, monkeypatch, capsys):
+    """A busy port or a malformed JUPYTERHUB_SERVICE_URL: one `xllm hub service:` line, no traceback."""
+    from xllm_jupyter.hub.__main__ import main as hub_main
+
+    monkeypatch.setenv("XLLM_HOME", str(xllm_home))
+    monkeypatch.delenv("XLLM_MODEL", raising=False)
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", SERVICE_TOKEN)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        url = {"busy port": f"http://127.0.0.1:{busy.getsockname()[1]}", "not http": "https://127.0.0.1:8910",
+               "bad port": "http://127.0.0.1:99999"}[problem]
+        monkeypatch.setenv("JUPYTERHUB_SERVICE_URL", url)
+        assert hub_main([]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("xllm hub service: ") and {
+        "busy port": "cannot listen on 127.0.0.1:", "not http": "must be an http:// URL", "bad port": "no valid port"}[problem] in err

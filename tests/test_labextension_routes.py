@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import httpx
 import pytest
@@ -82,5 +83,14 @@ async def test_playground_route_starts_one_playground(xllm):
         page = await c.get(first["local_url"])
         assert page.status_code == 200 and "gradio" in page.text.lower()
     running = xllm["serverapp"].web_app.settings["xllm_context"].playground
+    close, closed_on = running.close, []
+
+    def recording_close() -> None:
+        closed_on.append(threading.current_thread())
+        close()
+
+    running.close = recording_close
     await xllm["app"].stop_extension()  # the extension's shutdown closes it
     assert running.closed
+    # Gradio's close joins its server thread (seconds): off the IOLoop, which other extensions still use
+    assert closed_on and closed_on[0] is not threading.current_thread()

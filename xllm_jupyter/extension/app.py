@@ -95,7 +95,8 @@ class XllmApp(ExtensionApp):
         if task is not None and not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        close_playground(self.settings.get(CONTEXT_KEY))
+        # Gradio's server thread is joined (up to 15 s): never on the IOLoop, which other extensions still use
+        await asyncio.to_thread(close_playground, self.settings.get(CONTEXT_KEY))
         if self.settings.get(CONTEXT_KEY) is not None:
             await asyncio.to_thread(self.settings[CONTEXT_KEY].close)  # last usage save (quotas.usage_file)
         if self.engine is not None:

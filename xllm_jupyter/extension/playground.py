@@ -11,12 +11,15 @@ hands them out.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from typing import Any
 
 from ..core.errors import EngineError, Overloaded, XllmError
 from ..server.handlers import BodyMixin
 from ..server.routes import handler_class
+
+log = logging.getLogger("xllm_jupyter.extension")
 
 #: attribute of the server's XllmContext that holds the running Playground (one per server)
 PLAYGROUND_ATTR = "playground"
@@ -59,7 +62,9 @@ def _launch() -> Any:
     except XllmError:
         raise
     except Exception as exc:  # noqa: BLE001 - a Gradio failure becomes one clear error, not a traceback
-        raise EngineError(f"The playground could not start: {exc}") from None
+        # its text may name files: the log keeps it, the answer only says what kind of failure
+        log.warning("the playground could not start: %s", exc)
+        raise EngineError(f"The playground could not start ({type(exc).__name__}); the server log says why") from None
     finally:
         client.close()
 

@@ -12,10 +12,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tornado.httpserver import HTTPServer
-from tornado.netutil import bind_sockets
 
 from ..core.config import XllmConfig
-from ..server.standalone import stop_http_server
+from ..core.errors import ConfigError
+from ..server.standalone import listen, stop_http_server
 from .app import make_hub_app, make_hub_auth, service_prefix
 
 log = logging.getLogger("xllm_jupyter.hub")
@@ -39,10 +39,15 @@ class RunningService:
 
 def bind_address(env: Mapping[str, str]) -> tuple[str, int]:
     """``(host, port)`` from ``JUPYTERHUB_SERVICE_URL`` (managed services get it from the hub)."""
-    parts = urlsplit(env.get("JUPYTERHUB_SERVICE_URL") or DEFAULT_URL)
+    url = env.get("JUPYTERHUB_SERVICE_URL") or DEFAULT_URL
+    parts = urlsplit(url)
     if parts.scheme not in ("http", ""):
-        raise ValueError("JUPYTERHUB_SERVICE_URL must be an http:// URL (TLS is the proxy's job)")
-    return parts.hostname or "127.0.0.1", parts.port or 80
+        raise ConfigError("JUPYTERHUB_SERVICE_URL must be an http:// URL (TLS is the proxy's job)")
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or past 65535
+        raise ConfigError(f"JUPYTERHUB_SERVICE_URL has no valid port: {url!r}") from None
+    return parts.hostname or "127.0.0.1", port or 80
 
 
 async def start_hub_service(config: XllmConfig, engine: Any, env: Mapping[str, str] | None = None, *, port: int | None = None) -> RunningService:
@@ -50,12 +55,7 @@ async def start_hub_service(config: XllmConfig, engine: Any, env: Mapping[str, s
     env = os.environ if env is None else env
     host, bound = bind_address(env)
     app = make_hub_app(config, engine, make_hub_auth(env))
-    sockets = bind_sockets(bound if port is None else port, address=host)
-    timeout = config.server.connection_timeout_seconds  # slow or stalled clients must not hold connections
-    server = HTTPServer(app, max_body_size=max(1 << 30, config.server.max_body_bytes * 2),
-                        idle_connection_timeout=timeout, body_timeout=timeout)
-    server.add_sockets(sockets)
-    actual = sockets[0].getsockname()[1]
+    server, actual = listen(app, config, host, bound if port is None else port)
     shown = f"[{host}]" if ":" in host else host
     return RunningService(f"http://{shown}:{actual}", service_prefix(env), server)
 
@@ -67,7 +67,11 @@ async def run_hub_service(config: XllmConfig, env: Mapping[str, str] | None = No
 
     engine = Engine(config.engine, catalog=ModelStore(config.store.home), quotas=config.quotas)
     await engine.start()
-    service = await start_hub_service(config, engine, env)
+    try:
+        service = await start_hub_service(config, engine, env)
+    except BaseException:  # a bad URL or a busy port: the engine's threads must not keep the process up
+        await engine.stop()
+        raise
     log.info("xllm hub service listening on %s%s (OpenAI API: %sv1)", service.url, service.prefix, service.prefix)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

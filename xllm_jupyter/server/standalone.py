@@ -14,8 +14,8 @@ from tornado.netutil import bind_sockets
 
 from ..core.config import XllmConfig
 from ..core.errors import ListenError
+from ..core.hosts import is_loopback
 from .app import make_app
-from .auth import is_loopback
 from .handlers import CONTEXT_KEY
 
 log = logging.getLogger("xllm_jupyter.server")
@@ -77,6 +77,13 @@ async def start_server(config: XllmConfig, engine: Any, *, host: str | None = No
     host = listen_host(config, host)
     port = config.server.port if port is None else port
     app = make_app(config, engine)
+    server, bound = listen(app, config, host, port)
+    url = f"http://{_url_host(host)}:{bound}"
+    return RunningServer(host=host, port=bound, url=url, http_server=server, auth_enabled=bool(config.server.api_keys or config.auth.admin_keys))
+
+
+def listen(app: Any, config: XllmConfig, host: str, port: int) -> tuple[HTTPServer, int]:
+    """Serve ``app`` on ``host:port`` (0: ephemeral); returns the server and its port. ListenError if the bind fails."""
     try:
         sockets = bind_sockets(port, address=host or None)
     except OSError as exc:
@@ -85,9 +92,7 @@ async def start_server(config: XllmConfig, engine: Any, *, host: str | None = No
     server = HTTPServer(app, max_body_size=max(_TORNADO_MAX_BODY, config.server.max_body_bytes * 2),
                         idle_connection_timeout=timeout, body_timeout=timeout)
     server.add_sockets(sockets)
-    bound = sockets[0].getsockname()[1]
-    url = f"http://{_url_host(host)}:{bound}"
-    return RunningServer(host=host, port=bound, url=url, http_server=server, auth_enabled=bool(config.server.api_keys or config.auth.admin_keys))
+    return server, sockets[0].getsockname()[1]
 
 
 def listen_error(host: str, port: int, exc: OSError) -> ListenError:
