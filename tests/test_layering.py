@@ -1,10 +1,12 @@
-"""The layering in DESIGN.md, enforced: lower layers import no web/notebook/CLI libraries,
-torch stays out of light imports, and front-ends reach servers only through client/."""
+"""The layering in DESIGN.md, enforced: each layer imports only layers below it, lower layers
+import no web/notebook/CLI libraries, torch stays out of light imports, and front-ends reach
+servers only through client/."""
 
 from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,25 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "xllm_jupyter"
 LOWER_LAYERS = ("core", "backends", "engine", "store", "openai")
 FRONT_ENDS = ("cli", "magics", "widgets", "playground", "notebook", "client")  # client/ is how they reach servers
-FORBIDDEN_LIBS = {"tornado", "jupyter_server", "traitlets", "IPython", "ipykernel", "click", "typer", "gradio"}
+FORBIDDEN_LIBS = {"tornado", "jupyter_server", "traitlets", "IPython", "ipykernel", "click", "typer", "gradio",
+                  "ipywidgets", "jupyterhub", "fastapi", "starlette", "uvicorn", "rich"}
+# DESIGN.md's diagram, bottom up: a package may import its own rank and those below it.
+RANKS = {
+    "core": 0, "backends": 1, "store": 2, "engine": 3, "openai": 4, "server": 5, "extension": 6, "hub": 6,
+    "client": 7, "cli": 8, "magics": 8, "widgets": 8, "playground": 8, "notebook": 8,
+}
+# (file, enclosing function) -> the higher-ranked packages it may import there, lazily, and why
+ALLOWED_UPWARD = {
+    # `xllm serve` / `xllm hub-service` start a server: the CLI is also that server's launcher
+    ("cli/main.py", "serve_command"): {"server"},
+    ("cli/main.py", "hub_service_command"): {"hub"},
+    # the lab panel's "Open playground": Jupyter's server process hosts the Gradio front-end
+    ("extension/playground.py", "_launch"): {"client", "playground"},
+    # not an import: the private kernel server runs `python -m xllm_jupyter.cli.main serve` as a child
+    ("client/discovery.py", "_start_local"): {"cli"},
+}
+# a module named in a string ("pkg.mod", or "pkg.mod:Class" as the backend registry writes it)
+_MODULE_PATH = re.compile(r"xllm_jupyter(\.[A-Za-z_]\w*)+(:\w+)?")
 # Our own packages that sit above the lower layers.
 UPPER_PACKAGES = {"server", "extension", "hub", "cli", "magics", "widgets", "playground", "notebook", "client"}
 # (file relative to the package, enclosing function) allowed to import the server layer lazily
@@ -61,10 +81,50 @@ def imports(path: Path) -> list[tuple[str, str | None, int]]:
                 found.append((target, func, child.lineno))
                 # `from .. import server` names the subpackage in the alias
                 found.extend((f"{target}.{alias.name}", func, child.lineno) for alias in child.names)
+            elif isinstance(child, ast.Constant) and isinstance(child.value, str) and _MODULE_PATH.fullmatch(child.value):
+                found.append((child.value.split(":")[0], func, child.lineno))  # importlib.import_module("...")
             visit(child, func)
 
     visit(tree, None)
     return found
+
+
+def upward_imports(path: Path) -> list[str]:
+    """Imports in ``path`` of a package ranked above its own, less those ALLOWED_UPWARD."""
+    rel = path.relative_to(PKG).as_posix()
+    own = RANKS[rel.split("/", 1)[0]]
+    bad = []
+    for name, func, line in imports(path):
+        parts = name.split(".")
+        if parts[0] != "xllm_jupyter" or len(parts) < 2 or parts[1] not in RANKS:
+            continue
+        if RANKS[parts[1]] > own and parts[1] not in ALLOWED_UPWARD.get((rel, func), ()):
+            bad.append(f"line {line}: {name} (in {func or 'module scope'})")
+    return bad
+
+
+@pytest.mark.parametrize("path", py_files(*RANKS), ids=lambda p: str(p.relative_to(PKG)))
+def test_each_layer_imports_only_its_own_rank_and_below(path):
+    bad = upward_imports(path)
+    assert not bad, f"{path.relative_to(PKG)} imports a higher layer: {bad}"
+
+
+def test_the_rank_check_catches_a_lazy_and_a_string_import(tmp_path, monkeypatch):
+    """A checker that finds nothing passes everything: feed it a core -> engine and a server -> widgets file."""
+    fake = tmp_path / "xllm_jupyter"
+    (fake / "core").mkdir(parents=True)
+    (fake / "server").mkdir()
+    (fake / "core" / "bad.py").write_text("def f():\n    from ..engine import engine\n")
+    (fake / "server" / "bad.py").write_text("import importlib\nimportlib.import_module('xllm_jupyter.widgets.chat')\n")
+    monkeypatch.setattr(sys.modules[__name__], "PKG", fake)
+    assert upward_imports(fake / "core" / "bad.py") == ["line 2: xllm_jupyter.engine (in f)",
+                                                        "line 2: xllm_jupyter.engine.engine (in f)"]
+    assert upward_imports(fake / "server" / "bad.py") == ["line 2: xllm_jupyter.widgets.chat (in module scope)"]
+
+
+def test_every_subpackage_has_a_rank():
+    packages = {p.parent.name for p in PKG.glob("*/__init__.py")}
+    assert packages == set(RANKS), f"give {packages - set(RANKS)} a rank in RANKS (DESIGN.md's diagram)"
 
 
 def test_the_checker_sees_real_imports():
@@ -101,9 +161,9 @@ def test_front_ends_reach_servers_only_through_the_client(path):
 
 
 def light_modules() -> list[str]:
-    """Modules that must import without torch: the package, core, engine, openai and the front-ends."""
+    """Modules that must import without torch: the package, core, engine, openai, store, server and the front-ends."""
     names = ["xllm_jupyter", "xllm_jupyter.engine.engine", "xllm_jupyter.client", "xllm_jupyter.cli.main", "xllm_jupyter.magics"]
-    for path in py_files("core", "engine", "openai"):
+    for path in py_files("core", "engine", "openai", "store", "server"):
         names.append(module_name(path))
     return sorted(set(names))
 
