@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import threading
 import time
 from typing import Any, Iterator
 
@@ -148,6 +149,26 @@ def test_rejections_are_counted_and_reported_to_listeners():
     assert limiter.rejections == {("k1", "concurrency"): 1, ("k1", "requests"): 1}
     assert seen == [("k1", "concurrency"), ("k1", "requests")]
     assert limiter.in_flight("k2") == 1 and limiter.in_flight("k1") == 0
+
+
+def test_a_listener_may_use_the_limiter():
+    """Listeners run after the lock is released: one that charges or releases does not deadlock the server."""
+    limiter = Limiter(AuthConfig(max_concurrent_per_key=1, tokens_per_minute=1000))
+    limiter.listeners.append(lambda key, reason: limiter.charge(key, 10))
+    limiter.admit("k")
+    result: list[BaseException] = []
+
+    def refused() -> None:
+        try:
+            limiter.admit("k")
+        except RateLimited as exc:
+            result.append(exc)
+
+    worker = threading.Thread(target=refused, daemon=True)  # on the old code it would block forever
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive() and len(result) == 1
+    assert limiter.rejections == {("k", "concurrency"): 1}
 
 
 def test_openai_sdk_sees_rate_limit_error(roles_server):

@@ -347,7 +347,8 @@ def cuda_available() -> bool:
         import torch
 
         return bool(torch.cuda.is_available())
-    except Exception:
+    except Exception:  # a broken driver or torch build counts as no CUDA
+        log.debug("torch.cuda.is_available() failed", exc_info=True)
         return False
 
 

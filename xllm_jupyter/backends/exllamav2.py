@@ -53,7 +53,8 @@ def paged_attention_available() -> bool:
 
         # (has_flash_attn alone, flash-attn 2.2.1-2.5.6, is refused by the generator's paged mode)
         return bool(getattr(attn, "has_flash_attn_with_paged", False))
-    except Exception:
+    except Exception:  # a broken flash-attn build: unpaged mode, and the log says why
+        log.debug("exllamav2's flash-attn probe failed", exc_info=True)
         return False
 
 

@@ -19,7 +19,7 @@ from ..backends.base import Backend, LoadedModel, ModelSpec, unload_each
 from ..backends.memory_estimate import disk_bytes
 from ..backends.registry import get_backend, select_backend
 from ..core.config import EngineConfig, QuotaConfig
-from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest, ModelNotFound, XllmError
+from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest, ModelNotFound, Overloaded, XllmError
 from ..core.types import (
     ChatMessage,
     ChoiceDelta,
@@ -83,7 +83,6 @@ class Engine(AdapterMixin, ResidencyMixin):
         self._gpu_loads = asyncio.Lock()  # GPU loads run one at a time (see _gpu_turn)
         self._created = int(time.time())
         self._started = False
-        self._lock = threading.Lock()
         self._defaults: dict[str, Mapping[str, Any]] = {}  # a created model's Modelfile defaults, by name
         self._embeddings = EmbeddingHost()  # embedding models: own threads, never in a runner
         self._adapters: dict[str, str] = {}  # LoRA adapter name -> the loaded base model it is attached to
@@ -476,8 +475,6 @@ class Engine(AdapterMixin, ResidencyMixin):
         if request.params.n < 1:
             raise InvalidRequest("n must be at least 1", param="n")
         if len(runner) >= self.config.max_queue:
-            from ..core.errors import Overloaded
-
             raise Overloaded("The server is busy: the request queue is full, retry later")
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[ChoiceDelta | GenerationDone]:

@@ -64,14 +64,6 @@ class AdapterMixin:
             return False
         return await asyncio.to_thread(runner.model.unload_adapter, name)
 
-    def adapter_base(self, name: str) -> str | None:
-        """The base model's name when ``name`` is an attached adapter, else None."""
-        return self._adapters.get(canonical_name(name))
-
-    def adapters_of(self, base: str) -> list[str]:
-        """Names of the adapters attached to loaded model ``base``."""
-        return [a for a, b in self._adapters.items() if b == base]
-
     def _route(self, request: GenerationRequest) -> GenerationRequest:
         """``request`` aimed at the base's runner when its model is an attached adapter."""
         base = self._adapters.get(request.model)

@@ -184,6 +184,7 @@ def runner_memory_bytes(runner: Any) -> int:
         return sum(max(0, int(r.model.memory_bytes()))
                    for r in (runner.runners if isinstance(runner, ReplicaSet) else [runner]))
     except Exception:  # e.g. a model unloading on its thread right now
+        log.debug("memory_bytes() failed", exc_info=True)
         return 0
 
 

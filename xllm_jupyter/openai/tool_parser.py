@@ -429,11 +429,3 @@ class StreamingToolParser:
 
 def _new_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of ``marker``."""
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-n:]):
-            return n
-    return 0

@@ -8,6 +8,7 @@ knows how the caller was authenticated.
 
 from __future__ import annotations
 
+import logging
 import asyncio
 import time
 from typing import Any, AsyncIterator, Awaitable
@@ -20,6 +21,8 @@ from .errors import error_response, log_error
 from .limits import charge_response, metered
 from .metrics import ServerMetrics
 from .sse import SSE_HEADERS, EventStreamWriter, dumps
+
+log = logging.getLogger("xllm_jupyter.server")
 
 #: key of the XllmContext in the Tornado application settings
 CONTEXT_KEY = "xllm_context"
@@ -220,7 +223,7 @@ class RequestMixin:
         try:
             self.finish_event_stream()
         except Exception:  # the client is gone; there is nobody to finish for
-            pass
+            log.debug("could not finish an event stream", exc_info=True)
 
 
 class BodyMixin(RequestMixin):

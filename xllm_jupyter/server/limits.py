@@ -19,6 +19,7 @@ in ``Limiter.listeners`` — the hook for metrics.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -28,6 +29,8 @@ from typing import Any, AsyncIterator, Callable
 
 from ..core.config import AuthConfig
 from ..core.errors import RateLimited
+
+log = logging.getLogger("xllm_jupyter.server")
 
 #: the settings key holding the Limiter (absent in the Jupyter extension: no limits there)
 LIMITS_KEY = "xllm_limits"
@@ -88,33 +91,42 @@ class Limiter:
 
     def admit(self, key_id: str) -> None:
         """Count one request of ``key_id`` in, or raise RateLimited; pair with ``release``."""
-        c = self.config
         with self._lock:
-            if c.max_concurrent_per_key and self._in_flight[key_id] >= c.max_concurrent_per_key:
-                self._reject(key_id, "concurrency")
-                raise RateLimited(
-                    f"Too many concurrent requests for this API key (limit {c.max_concurrent_per_key}); retry when one finishes.",
-                    retry_after=1,
+            refusal = self._refusal(key_id)
+            if refusal is None:
+                self._in_flight[key_id] += 1
+                return
+            reason, error = refusal
+            self.rejections[(key_id, reason)] += 1
+        # listeners run outside the lock: one that reads this Limiter must not deadlock
+        self._notify(key_id, reason)
+        raise error
+
+    def _refusal(self, key_id: str) -> tuple[str, RateLimited] | None:
+        """Why ``key_id`` may not start a request now (reason, error), or None; takes a request token if allowed."""
+        c = self.config
+        if c.max_concurrent_per_key and self._in_flight[key_id] >= c.max_concurrent_per_key:
+            return "concurrency", RateLimited(
+                f"Too many concurrent requests for this API key (limit {c.max_concurrent_per_key}); retry when one finishes.",
+                retry_after=1,
+            )
+        if c.tokens_per_minute:
+            wait = self._bucket(self._tokens, key_id, c.tokens_per_minute).wait_for(1)
+            if wait > 0:
+                return "tokens", RateLimited(
+                    f"Token rate limit reached for this API key ({c.tokens_per_minute} tokens per minute).",
+                    retry_after=math.ceil(wait),
                 )
-            if c.tokens_per_minute:
-                wait = self._bucket(self._tokens, key_id, c.tokens_per_minute).wait_for(1)
-                if wait > 0:
-                    self._reject(key_id, "tokens")
-                    raise RateLimited(
-                        f"Token rate limit reached for this API key ({c.tokens_per_minute} tokens per minute).",
-                        retry_after=math.ceil(wait),
-                    )
-            if c.requests_per_minute:
-                bucket = self._bucket(self._requests, key_id, c.requests_per_minute)
-                wait = bucket.wait_for(1)
-                if wait > 0:
-                    self._reject(key_id, "requests")
-                    raise RateLimited(
-                        f"Request rate limit reached for this API key ({c.requests_per_minute} requests per minute).",
-                        retry_after=math.ceil(wait),
-                    )
-                bucket.take(1)
-            self._in_flight[key_id] += 1
+        if c.requests_per_minute:
+            bucket = self._bucket(self._requests, key_id, c.requests_per_minute)
+            wait = bucket.wait_for(1)
+            if wait > 0:
+                return "requests", RateLimited(
+                    f"Request rate limit reached for this API key ({c.requests_per_minute} requests per minute).",
+                    retry_after=math.ceil(wait),
+                )
+            bucket.take(1)
+        return None
 
     def release(self, key_id: str) -> None:
         """The request counted in by ``admit`` has finished."""
@@ -135,13 +147,12 @@ class Limiter:
             bucket = table[key_id] = TokenBucket(capacity, self._clock)
         return bucket
 
-    def _reject(self, key_id: str, reason: str) -> None:
-        self.rejections[(key_id, reason)] += 1
+    def _notify(self, key_id: str, reason: str) -> None:
         for listener in list(self.listeners):
             try:
                 listener(key_id, reason)
             except Exception:  # a broken metrics hook must never turn a 429 into a 500
-                pass
+                log.debug("a rate-limit listener failed", exc_info=True)
 
 
 # ------------------------------------------------------------ usage charging

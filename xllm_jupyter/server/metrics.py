@@ -7,6 +7,7 @@ Request, latency and token metrics are recorded as requests run; engine-derived 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from contextlib import aclosing
@@ -18,6 +19,8 @@ from prometheus_client.registry import Collector
 
 from ..core.types import GenerationDone, Usage
 from .limits import note_stream_tokens
+
+log = logging.getLogger("xllm_jupyter.server")
 
 #: the ``Content-Type`` of the text exposition format
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -157,6 +160,7 @@ class _EngineCollector(Collector):
         try:
             queued.add_metric([], float(getattr(m.engine.stats(), "queued", 0)))
         except Exception:  # an engine mid-shutdown has no stats; report nothing rather than fail the scrape
+            log.debug("engine.stats() failed", exc_info=True)
             queued.add_metric([], 0.0)
         yield queued
         memory = GaugeMetricFamily("xllm_model_memory_bytes", "Memory held by each loaded model.", labels=("model",))

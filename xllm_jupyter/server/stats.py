@@ -10,6 +10,7 @@ per-token path.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -20,6 +21,8 @@ from typing import Any
 
 from .handlers import RequestMixin
 from .ops import readiness
+
+log = logging.getLogger("xllm_jupyter.server")
 
 #: the span the rate is averaged over (longer when the route is read less often)
 RATE_WINDOW_SECONDS = 5.0
@@ -96,6 +99,7 @@ def _device_total(device: str) -> int | None:
         if torch is not None and torch.cuda.is_available():
             return int(torch.cuda.mem_get_info()[1])
     except Exception:  # noqa: BLE001 - a driver error must not fail a dashboard read
+        log.debug("torch.cuda.mem_get_info() failed", exc_info=True)
         return None
     return None
 
@@ -150,6 +154,7 @@ class StatsSampler:
             stats = engine.stats()
             running, queued, completed = stats.running, stats.queued, stats.completed
         except Exception:  # noqa: BLE001 - an engine mid-shutdown has no stats; the rest is still worth showing
+            log.debug("engine.stats() failed", exc_info=True)
             running = queued = completed = 0
         generated = finished_tokens(metrics) + live_tokens(engine)
         tps, span = self.rate.sample(generated)
