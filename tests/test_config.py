@@ -108,6 +108,10 @@ def test_short_aliases(tmp_path):
         ("server:\n  max_n: -3\n", "server.max_n"),
         ("engine:\n  max_batch_size: 0\n", "engine.max_batch_size"),
         ("server:\n  keepalive_seconds: 0\n", "server.keepalive_seconds"),
+        ("server:\n  connection_timeout_seconds: 0\n", "server.connection_timeout_seconds"),
+        ("engine:\n  cache_tokens: -1\n", "engine.cache_tokens"),
+        ("engine:\n  num_draft_tokens: 0\n", "engine.num_draft_tokens"),
+        ("engine:\n  ngram_draft: -2\n", "engine.ngram_draft"),
     ],
 )
 def test_out_of_range_values_name_the_key(tmp_path, yaml_text, key):

@@ -209,6 +209,7 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("server", "max_tokens_limit"): (1, None),
     ("server", "max_n"): (1, 128),
     ("server", "keepalive_seconds"): (0.1, None),
+    ("server", "connection_timeout_seconds"): (0.1, None),  # 0 would close every connection at once
     ("engine", "max_batch_size"): (1, 1024),
     ("engine", "max_queue"): (1, None),
     ("engine", "torch_threads"): (0, 1024),
@@ -217,6 +218,9 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("engine", "gpu_memory_budget_bytes"): (0, None),
     ("engine", "idle_grace_seconds"): (0, None),
     ("engine", "stream_interval_ms"): (0, 1000),
+    ("engine", "cache_tokens"): (0, None),
+    ("engine", "num_draft_tokens"): (1, 64),
+    ("engine", "ngram_draft"): (0, None),
     ("http", "log_max_bytes"): (1, None),
     ("http", "log_backups"): (0, 1000),
     ("cache", "max_entries"): (1, None),

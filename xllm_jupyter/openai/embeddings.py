@@ -7,6 +7,7 @@ base64 of little-endian float32 bytes (what the openai SDK asks for by default).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from typing import Any, Literal
 
@@ -84,7 +85,7 @@ def encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str
     """One embedding as floats, or as base64 of its little-endian float32 bytes."""
     if encoding_format == "base64":
         return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
-    return [float(x) for x in vector]
+    return np.asarray(vector, dtype=np.float32).tolist()  # one C call: 2,048 x 1,024 floats in ms, not seconds
 
 
 async def create_embeddings(engine: Any, body: bytes, manages: bool = True) -> dict[str, Any]:
@@ -95,15 +96,26 @@ async def create_embeddings(engine: Any, body: bytes, manages: bool = True) -> d
     result = await engine.embed(req.model, req.inputs(), keep_alive=keep_alive)
     _check_dimensions(req, result.vectors.shape[1])
     vectors = shorten(result.vectors, req.dimensions)
+    if len(vectors) <= _INLINE_VECTORS:
+        data = _data(vectors, req.encoding_format)
+    else:  # a big batch: off the IOLoop, which every stream shares
+        data = await asyncio.to_thread(_data, vectors, req.encoding_format)
     return {
         "object": "list",
-        "data": [
-            {"object": "embedding", "index": i, "embedding": encode_vector(v, req.encoding_format)}
-            for i, v in enumerate(vectors)
-        ],
+        "data": data,
         "model": req.model,
         "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
     }
+
+
+#: batches up to this many vectors are encoded on the IOLoop (a thread hop costs more than they do)
+_INLINE_VECTORS = 64
+
+
+def _data(vectors: np.ndarray, encoding_format: str) -> list[dict[str, Any]]:
+    """The response's ``data`` items for ``vectors``."""
+    return [{"object": "embedding", "index": i, "embedding": encode_vector(v, encoding_format)}
+            for i, v in enumerate(vectors)]
 
 
 def _check_dimensions(req: EmbeddingRequest, size: int | None) -> None:
