@@ -240,6 +240,21 @@ async def test_a_job_the_backend_refuses_fails_alone():
     await engine.stop()
 
 
+async def test_the_engine_counts_tokens_across_models_and_unloads():
+    """stats().tokens: every generated token (n choices each), and the count survives an unload."""
+    engine, _ = make_engine()
+    await engine.start()
+    assert engine.stats().tokens == 0
+    *_, done = await collect(engine, req(max_tokens=5, n=2))
+    assert done.usage.completion_tokens == 10 and engine.stats().tokens == engine.stats("fake").tokens == 10
+    other = GenerationRequest(model="other", prompt_ids=(1, 2), params=GenerationParams(max_tokens=3))
+    await collect(engine, other)
+    assert engine.stats().tokens == 13 and engine.stats("other").tokens == 3
+    assert await engine.unload("fake") is True
+    assert engine.stats().tokens == 13  # a rate read from it does not drop when a model leaves
+    await engine.stop()
+
+
 async def test_models_listing_load_and_unload():
     engine, backend = make_engine()
     names = [m.name for m in engine.list_models()]

@@ -196,3 +196,33 @@ def test_openai_serving_imports_without_torch_when_present():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=PKG.parent)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "False"
+
+
+def private_engine_reads(path: Path) -> list[str]:
+    """``engine._x`` or ``getattr(engine, "_x")`` in ``path``: state the engine's thread may be changing."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            owner = ast.unparse(node.value)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
+              and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)
+              and str(node.args[1].value).startswith("_")):
+            owner = ast.unparse(node.args[0])
+        else:
+            continue
+        if owner.split(".")[-1] in ("engine", "_engine"):
+            bad.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return bad
+
+
+@pytest.mark.parametrize("path", py_files("server", "openai", "extension", "hub"), ids=lambda p: str(p.relative_to(PKG)))
+def test_the_layers_above_use_only_the_engines_public_api(path):
+    bad = private_engine_reads(path)
+    assert not bad, f"{path.relative_to(PKG)} reads the engine's private state: {bad}"
+
+
+def test_the_private_read_check_sees_both_spellings(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("def f(self, engine):\n    a = self.xllm.engine._runners\n    return getattr(engine, '_started', True)\n")
+    assert private_engine_reads(sample) == ["line 2: self.xllm.engine._runners", "line 3: getattr(engine, '_started', True)"]

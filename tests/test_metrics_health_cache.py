@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import Any, Iterator
 
@@ -216,3 +217,24 @@ def test_json_nested_past_the_parsers_depth_is_a_400_not_a_500(cached_server):
     from xllm_jupyter.openai.tool_parser import parse_tool_calls
 
     assert parse_tool_calls(deep, {"f"}).calls == ()  # model output nested as deep is text, not a crash
+
+
+def test_not_ready_while_a_startup_model_named_in_capitals_loads(xllm_home, tiny_catalog):
+    """The config may spell the default model as it likes; the engine keeps one canonical spelling."""
+    from xllm_jupyter.engine.engine import Engine
+    from xllm_jupyter.server.ops import readiness
+
+    async def main() -> tuple[str | None, str | None]:
+        engine = Engine(make_test_config(xllm_home).engine, catalog=tiny_catalog)
+        await engine.start()
+        try:
+            load = asyncio.ensure_future(engine.load(TINY.upper()))
+            await asyncio.sleep(0)  # the load has registered itself and gone to its thread
+            during = readiness(engine, (TINY.upper(),))
+            await load
+            return during, readiness(engine, (TINY.upper(),))
+        finally:
+            await engine.stop()
+
+    during, after = asyncio.run(main())
+    assert during == f"Still loading {TINY.upper()}." and after is None

@@ -240,6 +240,8 @@ class EngineStats:
     batched_steps: int
     completed: int
     cancelled: int
+    #: tokens generated, every choice's, cancelled ones' included (the all-models view counts since start)
+    tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,7 @@ class Engine(AdapterMixin, ResidencyMixin):
         self._gpu_loads = asyncio.Lock()  # GPU loads run one at a time (see _gpu_turn)
         self._created = int(time.time())
         self._started = False
+        self._retired_tokens = 0  # tokens of runners unloaded since start (stats() counts them on)
         self._defaults: dict[str, Mapping[str, Any]] = {}  # a created model's Modelfile defaults, by name
         self._embeddings = EmbeddingHost()  # embedding models: own threads, never in a runner
         self._adapters: dict[str, str] = {}  # LoRA adapter name -> the loaded base model it is attached to
@@ -122,6 +123,15 @@ class Engine(AdapterMixin, ResidencyMixin):
         await asyncio.gather(*(asyncio.to_thread(r.shutdown) for r in runners))
         await self._embeddings.stop()
         self._started = False
+
+    @property
+    def started(self) -> bool:
+        """True between ``start()`` and ``stop()``."""
+        return self._started
+
+    def is_loading(self, name: str) -> bool:
+        """True while model ``name`` (any spelling) is being loaded."""
+        return canonical_name(name) in self._loading
 
     @property
     def healthy(self) -> bool:
@@ -506,7 +516,8 @@ class Engine(AdapterMixin, ResidencyMixin):
         """Counters for one model, or summed over all loaded models."""
         name = canonical_name(name) if name else name
         name = self._adapters.get(name or "", name)
-        runners = [self._runners[name]] if name and name in self._runners else list(self._runners.values())
+        runner = self._runners.get(name) if name else None
+        runners = [runner] if runner is not None else list(self._runners.values())
         parts = [r.stats() for r in runners]
         return EngineStats(
             running=sum(p.running for p in parts),
@@ -516,6 +527,7 @@ class Engine(AdapterMixin, ResidencyMixin):
             batched_steps=sum(p.batched_steps for p in parts),
             completed=sum(p.completed for p in parts),
             cancelled=sum(p.cancelled for p in parts),
+            tokens=sum(p.tokens for p in parts) + (self._retired_tokens if runner is None else 0),
         )
 
 

@@ -163,6 +163,7 @@ class ReplicaSet:
             batched_steps=sum(p.batched_steps for p in parts),
             completed=sum(p.completed for p in parts),
             cancelled=sum(p.cancelled for p in parts),
+            tokens=sum(p.tokens for p in parts),
         )
 
     def replica_stats(self) -> list[EngineStats]:
@@ -365,6 +366,7 @@ class ResidencyMixin:
                           EVICT_WAIT_SECONDS)
         finally:
             self._budget.reserved[device] -= held
+            self._retired_tokens += runner.stats().tokens  # the engine-wide count goes on without it
 
     def _touch(self, name: str, keep_alive: float | None | str = "default") -> None:
         """Mark ``name`` used now and restart its keep_alive (``"default"`` = the config's)."""

@@ -133,6 +133,7 @@ class _Counters:
     batched_steps: int = 0
     completed: int = 0
     cancelled: int = 0
+    tokens: int = 0
 
 
 class ModelRunner:
@@ -240,6 +241,7 @@ class ModelRunner:
             batched_steps=c.batched_steps,
             completed=c.completed,
             cancelled=c.cancelled,
+            tokens=c.tokens,
         )
 
     def shutdown(self, timeout: float | None = 30.0) -> bool:
@@ -437,6 +439,7 @@ class ModelRunner:
         handle = state.handle
         if event.token_id is not None:
             state.tokens += 1
+            self._counters.tokens += 1  # (only this thread writes it; readers take a snapshot)
         # any event may carry it (exllama: the first token), so a choice ended by a stop string keeps it
         handle.cached_tokens = max(handle.cached_tokens, event.cached_tokens)
         text, matched = state.stops.feed(event.text) if event.text else ("", False)

@@ -13,10 +13,9 @@ def readiness(engine: Any, startup_models: tuple[str, ...]) -> str | None:
     """None when the engine can serve, else why not (shown to the caller)."""
     if not engine.healthy:
         return "An engine thread has died; this server cannot generate until it is restarted."
-    # private reads: the engine has no public "started"/"loading" view yet
-    if not getattr(engine, "_started", True):
+    if not engine.started:
         return "The engine is starting."
-    loading = sorted(set(getattr(engine, "_loading", ())) & set(startup_models))
+    loading = sorted(name for name in set(startup_models) if engine.is_loading(name))
     if loading:
         return f"Still loading {', '.join(loading)}."
     return None

@@ -56,33 +56,6 @@ class TokenRate:
         return (total - base) / span, span
 
 
-def live_tokens(engine: Any) -> int:
-    """Tokens generated so far by sequences that are still running.
-
-    A private read (like ``ops.readiness``): the engine counts tokens per running job
-    only, and exposes no total yet. Anything unexpected counts as 0.
-    """
-    total = 0
-    try:
-        for runner in list(getattr(engine, "_runners", {}).values()):
-            for r in getattr(runner, "runners", None) or [runner]:  # a ReplicaSet holds several
-                for state in list(getattr(r, "_jobs", {}).values()):
-                    total += int(getattr(state, "tokens", 0))
-    except (RuntimeError, TypeError, ValueError):  # a dict resized by the engine thread mid-read
-        return 0
-    return total
-
-
-def finished_tokens(metrics: Any) -> int:
-    """Tokens of every finished generation, summed over models (the Prometheus counter)."""
-    total = 0.0
-    for family in metrics.generation_tokens.collect():
-        for s in family.samples:
-            if s.name.endswith("_total"):
-                total += s.value
-    return int(total)
-
-
 def _device(details: dict[str, Any]) -> str:
     return "cuda" if str(details.get("device", "cpu")).lower().startswith("cuda") else "cpu"
 
@@ -130,11 +103,11 @@ class StatsSampler:
             return "ready", None
         if not engine.healthy:
             return "unhealthy", why
-        return ("starting" if not getattr(engine, "_started", True) else "loading"), why
+        return ("starting" if not engine.started else "loading"), why
 
     def snapshot(self) -> dict[str, Any]:
         """The whole stats document."""
-        engine, metrics = self.context.engine, self.context.metrics
+        engine = self.context.engine
         status, message = self.status()
         models = []
         for info in engine.loaded_models(include_loading=True):
@@ -152,11 +125,10 @@ class StatsSampler:
             })
         try:
             stats = engine.stats()
-            running, queued, completed = stats.running, stats.queued, stats.completed
+            running, queued, completed, generated = stats.running, stats.queued, stats.completed, stats.tokens
         except Exception:  # noqa: BLE001 - an engine mid-shutdown has no stats; the rest is still worth showing
             log.debug("engine.stats() failed", exc_info=True)
-            running = queued = completed = 0
-        generated = finished_tokens(metrics) + live_tokens(engine)
+            running = queued = completed = generated = 0
         tps, span = self.rate.sample(generated)
         cfg = self.context.config.engine
         budgets = {"cpu": cfg.memory_budget_bytes, "cuda": cfg.gpu_memory_budget_bytes}
@@ -197,4 +169,4 @@ class AdminStatsMixin(RequestMixin):
         self.write_json(sampler_for(self.xllm).snapshot())
 
 
-__all__ = ["AdminStatsMixin", "StatsSampler", "TokenRate", "finished_tokens", "live_tokens", "memory_view", "sampler_for"]
+__all__ = ["AdminStatsMixin", "StatsSampler", "TokenRate", "memory_view", "sampler_for"]
