@@ -69,6 +69,8 @@ class EmbeddingModel:
         self._prefix, self._suffix = special_wrapping(tokenizer)
         self._specials = len(self._prefix) + len(self._suffix)
         self._tok_lock = threading.Lock()
+        # counted once: the weights never change, and a listing may ask while unload() drops them
+        self._bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
     @property
     def max_input_tokens(self) -> int:
@@ -119,8 +121,8 @@ class EmbeddingModel:
         return out
 
     def memory_bytes(self) -> int:
-        """Bytes of weights."""
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        """Bytes of weights (0 once unloaded)."""
+        return self._bytes if self.model is not None else 0
 
     def details(self) -> dict[str, Any]:
         """Facts for ``/v1/models`` and ``xllm ps``."""

@@ -382,10 +382,13 @@ class Engine(AdapterMixin, ResidencyMixin):
         return lookup(name) if lookup is not None else None
 
     def _plain_info(self, name: str) -> ModelInfo:
-        if name in self._embeddings.slots:
-            return self._embeddings.slots[name].info()
-        if name in self._adapters:
-            return self._adapter_info(name)
+        # .get(), never `in` then [name]: listings run on a worker thread while the IOLoop unloads
+        slot = self._embeddings.slots.get(name)
+        if slot is not None:
+            return slot.info()
+        base = self._adapters.get(name)
+        if base is not None:
+            return self._adapter_info(name, base)
         runner = self._runners.get(name)
         if runner is None:
             state = {"state": "loading"} if name in self._loading else {}

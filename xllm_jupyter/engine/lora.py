@@ -71,8 +71,7 @@ class AdapterMixin:
             return request
         return dataclasses.replace(request, model=base, adapter=request.model)
 
-    def _adapter_info(self, name: str) -> ModelInfo:
-        base = self._adapters[name]
+    def _adapter_info(self, name: str, base: str) -> ModelInfo:
         info = self._info(base)  # type: ignore[attr-defined]
         details = {"base_model": base, "format": "lora", "task": "adapter",
                    "running": info.details.get("running", 0), "queued": info.details.get("queued", 0),
