@@ -289,7 +289,7 @@ async def test_keep_alive_zero_duration_and_forever(tmp_path):
     engine, _ = make_engine(tmp_path, keep_alive="1s")
     await engine.start()
     await run(engine, req("a", keep_alive=0))
-    await wait_for(lambda: not engine.is_loaded("a"), timeout=2)
+    await wait_for(lambda: not engine.is_loaded("a"), timeout=5)  # after the idle grace (1 s), at a reaper tick
     await run(engine, req("b"))  # the default: 1s
     await run(engine, req("c", keep_alive=-1.0))
     assert engine.model_info("b").details["expires_at"] is not None
