@@ -7,7 +7,8 @@ from typing import Any
 
 import click
 
-from .render import human_size, short_digest
+from ..client.units import human_size
+from .render import short_digest
 from .settings import server_options
 from .store_cmds import PullBar, _progress, open_store, unload_from_server
 

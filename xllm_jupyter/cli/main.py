@@ -11,10 +11,11 @@ from typing import Any
 import click
 
 from .. import __version__
+from ..client.units import human_size
 from ..core.errors import AuthenticationError, PermissionDenied, XllmError
 from .chat import run_command
 from .create_cmd import create_command
-from .render import human_size, stdout_console
+from .render import stdout_console
 from .settings import KEY_HELP, URL_HELP, Settings, server_options
 from .store_cmds import list_command, pull_command, rm_command, show_command
 

@@ -1,4 +1,4 @@
-"""Small formatting helpers the CLI commands share (sizes, times, rich consoles)."""
+"""Small formatting helpers the CLI commands share (times, digests, rich consoles; sizes are in client/units.py)."""
 
 from __future__ import annotations
 
@@ -16,18 +16,6 @@ def stdout_console() -> Console:
 def stderr_console() -> Console:
     """A console on stderr, for progress bars and notes that must not mix into piped output."""
     return Console(stderr=True, highlight=False)
-
-
-def human_size(n: int | float | None) -> str:
-    """Bytes as a short human string ("135.2 MB"); "-" when unknown."""
-    if n is None or n < 0:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} TB"  # pragma: no cover - loop always returns
 
 
 def human_time(value: object) -> str:

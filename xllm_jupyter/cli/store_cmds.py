@@ -8,7 +8,8 @@ from typing import Any, Iterable
 
 import click
 
-from .render import human_size, human_time, short_digest, stderr_console, stdout_console
+from ..client.units import human_size
+from .render import human_time, short_digest, stderr_console, stdout_console
 from .settings import server_options
 
 TEMPLATE_EXCERPT = 400  # characters of a chat template `show` prints

@@ -22,8 +22,9 @@ from ..client.base import (
     root_url,
     unreachable,
 )
+from ..client.units import human_size
 from ..core.errors import NotFound, XllmError
-from .render import Progress, Table, Text, human_size
+from .render import Progress, Table, Text
 from .session import CONFIG_KEYS, MagicState
 
 #: long enough for a big Hugging Face download between two progress events

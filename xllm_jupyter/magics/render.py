@@ -12,6 +12,8 @@ from typing import Any
 from IPython.core.displaypub import DisplayPublisher
 from IPython.display import display
 
+from ..client.units import human_size
+
 FORMATS = ("markdown", "code", "json", "text")
 INTERRUPTED = "*(interrupted)*"
 EMPTY = "*(the model returned no text)*"
@@ -122,18 +124,6 @@ class Table:
         lines = ["  ".join(h.ljust(w) for h, w in zip(self.headers, widths)).rstrip()] if any(self.headers) else []
         lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in self.rows]
         return "\n".join(lines)
-
-
-def human_size(n: Any) -> str:
-    """Bytes as ``1.5 GB`` ("-" when unknown)."""
-    if not isinstance(n, (int, float)) or n < 0:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return "-"  # pragma: no cover
 
 
 class Text:
