@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 
 import pytest
 
+import xllm_jupyter
 from tests.server_fixtures import TINY
 from xllm_jupyter.client import AsyncXllmClient, ServerUnavailable, XllmClient, resolve_base_url
 from xllm_jupyter.client.base import root_url
-from xllm_jupyter.core.errors import AuthenticationError, InvalidRequest, ModelNotFound, XllmError
+from xllm_jupyter.core.errors import AuthenticationError, InvalidRequest, ModelNotFound, NotFound, XllmError
+from xllm_jupyter.store.store import ModelStore
 
 GREEDY = {"temperature": 0, "max_tokens": 12}
 
@@ -87,6 +90,35 @@ def test_default_model_is_first_loaded(client, monkeypatch):
     assert client.default_model() == "other"
 
 
+# ------------------------------------------------------------------- the store
+def test_pull_streams_progress_then_the_manifest(client, tiny_llama_dir, xllm_home):
+    """A pull into the session server's store (removed again): progress events, then success with the manifest."""
+    try:
+        *progress, result = client.pull(str(tiny_llama_dir), name="tiny-pulled")
+        assert result["status"] == "success" and result["id"] == "tiny-pulled" and result["size"] > 0
+        assert progress and all(e["status"] != "success" and "completed" in e for e in progress), progress
+        assert result["digest"] and client.manifest("tiny-pulled")["digest"] == result["digest"]
+        assert "tiny-pulled" in [m["id"] for m in client.models()]
+    finally:
+        with contextlib.suppress(ModelNotFound):
+            ModelStore(xllm_home).rm("tiny-pulled")
+    assert client.manifest()["server_version"] == xllm_jupyter.__version__
+    # pulling what the store already holds (same files, same name) changes nothing and says so at once
+    assert [e["status"] for e in client.pull(str(tiny_llama_dir), name=TINY)] == ["success"]
+
+
+def test_pull_and_manifest_errors(client, xllm_server, tmp_path):
+    with pytest.raises(XllmError, match="nothing-here") as info:
+        list(client.pull(str(tmp_path / "nothing-here")))
+    assert 400 <= info.value.status < 500
+    with pytest.raises(NotFound):
+        client.manifest("no-such-model")
+    # a server without the pull route (here: a prefix no route has) says so rather than "404"
+    with XllmClient(xllm_server.root + "/older/v1", xllm_server.api_key) as older:
+        with pytest.raises(NotFound, match="cannot pull models"):
+            list(older.pull("smollm2"))
+
+
 # ------------------------------------------------------------------------ chat
 def test_chat_and_stream_agree(client):
     messages = [{"role": "user", "content": "Say hello"}]
@@ -155,7 +187,7 @@ def test_no_server_is_a_clear_error():
 
 
 # ----------------------------------------------------------------------- async
-def test_async_client(xllm_server):
+def test_async_client(xllm_server, tiny_llama_dir):
     async def main():
         async with AsyncXllmClient(xllm_server.base_url, xllm_server.api_key) as c:
             assert (await c.health())["status"] == "ok"
@@ -170,6 +202,9 @@ def test_async_client(xllm_server):
             with pytest.raises(ModelNotFound):
                 async for _ in c.stream_chat("hi", "no-such-model"):
                     pass
+            events = [e async for e in c.pull(str(tiny_llama_dir), name=TINY)]
+            assert events[-1]["status"] == "success" and events[-1]["id"] == TINY
+            assert (await c.manifest(TINY))["digest"] == events[-1]["digest"]
 
     asyncio.run(main())
 

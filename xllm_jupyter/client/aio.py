@@ -8,11 +8,13 @@ from urllib.parse import quote
 
 import httpx
 
-from ..core.errors import PermissionDenied
+from ..core.errors import PermissionDenied, XllmError
 from .base import (
     DEFAULT_TIMEOUT,
     DONE,
+    PULL_TIMEOUT,
     auth_headers,
+    cannot_pull,
     chat_body,
     delta_text,
     is_event_stream,
@@ -20,6 +22,7 @@ from .base import (
     message_text,
     not_a_stream,
     parse_sse_line,
+    pull_body,
     resolve_base_url,
     root_url,
     unreachable,
@@ -55,6 +58,25 @@ class AsyncXllmClient:
             raise unreachable(self.root_url, exc) from None
         return json_body(response, self.root_url)
 
+    async def _events(self, url: str, body: dict[str, Any], timeout: httpx.Timeout | None = None,
+                      missing: XllmError | None = None) -> AsyncIterator[dict[str, Any]]:
+        """The JSON events of a streamed POST, until ``[DONE]``; ``missing`` is raised for a 404 instead of the server's error."""
+        try:
+            async with self._http.stream("POST", url, json=body, timeout=timeout or httpx.USE_CLIENT_DEFAULT) as response:
+                if not is_event_stream(response):
+                    await response.aread()
+                    if missing is not None and response.status_code == 404:
+                        raise missing
+                    raise not_a_stream(response, self.root_url)
+                async for line in response.aiter_lines():
+                    event = parse_sse_line(line)
+                    if event is DONE:
+                        return
+                    if event is not None:
+                        yield event
+        except httpx.TransportError as exc:
+            raise unreachable(self.root_url, exc) from None
+
     async def health(self) -> dict[str, Any]:
         """The server's ``/health`` body."""
         return await self._request("GET", self.root_url + "/health") or {}
@@ -83,6 +105,22 @@ class AsyncXllmClient:
         """Unload ``name`` on the server."""
         return await self._request("POST", self.admin_url + "/models/unload", json={"model": name}) or {}
 
+    async def pull(self, source: str, name: str | None = None, revision: str | None = None, force: bool = False,
+                   convert: bool = False) -> AsyncIterator[dict[str, Any]]:
+        """``POST /admin/models/pull``: the pull's progress events, then ``{"status": "success", ...}`` (as ``XllmClient.pull``)."""
+        body = pull_body(source, name, revision, force, convert)
+        events = self._events(self.admin_url + "/models/pull", body, timeout=PULL_TIMEOUT, missing=cannot_pull())
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()  # leaving early stops the pull on the server
+
+    async def manifest(self, name: str | None = None) -> dict[str, Any]:
+        """``GET /admin/models/manifest``: a stored model's digest and source, and the server version."""
+        body = await self._request("GET", self.admin_url + "/models/manifest", params={"model": name} if name else None)
+        return body if isinstance(body, dict) else {}
+
     async def metrics_text(self) -> str:
         """``GET /metrics``: the server's Prometheus text exposition."""
         try:
@@ -100,20 +138,12 @@ class AsyncXllmClient:
 
     async def stream_chunks(self, messages: Messages, model: str | None = None, **params: Any) -> AsyncIterator[dict[str, Any]]:
         """Every chunk of a streamed chat completion; ``aclose()`` it to cancel on the server."""
-        url = self.base_url + "/chat/completions"
+        events = self._events(self.base_url + "/chat/completions", chat_body(messages, model, True, params))
         try:
-            async with self._http.stream("POST", url, json=chat_body(messages, model, True, params)) as response:
-                if not is_event_stream(response):
-                    await response.aread()
-                    raise not_a_stream(response, self.root_url)
-                async for line in response.aiter_lines():
-                    chunk = parse_sse_line(line)
-                    if chunk is DONE:
-                        return
-                    if chunk is not None:
-                        yield chunk
-        except httpx.TransportError as exc:
-            raise unreachable(self.root_url, exc) from None
+            async for chunk in events:
+                yield chunk
+        finally:
+            await events.aclose()  # closes the HTTP response at once, so the server cancels the job
 
     async def stream_chat(self, messages: Messages, model: str | None = None, **params: Any) -> AsyncIterator[str]:
         """The reply's text pieces as they are generated."""

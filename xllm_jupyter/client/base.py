@@ -28,6 +28,8 @@ from ..core.errors import (
 DEFAULT_BASE_URL = "http://127.0.0.1:8900/v1"
 #: connect fast (a missing server should fail at once), but let generations take their time
 DEFAULT_TIMEOUT = httpx.Timeout(300.0, connect=5.0)
+#: long enough for a big Hugging Face download between two pull progress events
+PULL_TIMEOUT = httpx.Timeout(3600.0, connect=5.0)
 
 
 class ServerUnavailable(XllmError):
@@ -169,6 +171,17 @@ def not_a_stream(response: httpx.Response, root: str) -> XllmError:
     except XllmError as exc:
         return exc
     return XllmError(f"the server at {root} did not stream its answer: check the URL")
+
+
+def pull_body(source: str, name: str | None, revision: str | None, force: bool, convert: bool) -> dict[str, Any]:
+    """The JSON body of ``POST /admin/models/pull``; options left at their defaults are left out."""
+    body = {"model": source, "name": name, "revision": revision, "force": force, "convert": convert}
+    return {k: v for k, v in body.items() if v not in (None, False)}
+
+
+def cannot_pull() -> NotFound:
+    """The error for a server without the pull route (a 404 where its progress stream should be)."""
+    return NotFound("this xllm server cannot pull models (it is older than this client)")
 
 
 def unreachable(url: str, exc: Exception) -> ServerUnavailable:

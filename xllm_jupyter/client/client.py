@@ -9,12 +9,14 @@ from urllib.parse import quote
 
 import httpx
 
-from ..core.errors import PermissionDenied
+from ..core.errors import PermissionDenied, XllmError
 from .base import (
     DEFAULT_TIMEOUT,
     DONE,
+    PULL_TIMEOUT,
     auth_headers,
     can_chat,
+    cannot_pull,
     chat_body,
     delta_text,
     is_default,
@@ -23,6 +25,7 @@ from .base import (
     message_text,
     not_a_stream,
     parse_sse_line,
+    pull_body,
     resolve_base_url,
     root_url,
     unreachable,
@@ -65,15 +68,30 @@ class XllmClient:
         return json_body(response, self.root_url)
 
     @contextmanager
-    def _stream(self, url: str, body: dict[str, Any]) -> Iterator[httpx.Response]:
+    def _stream(self, url: str, body: dict[str, Any], timeout: httpx.Timeout | None = None,
+                missing: XllmError | None = None) -> Iterator[httpx.Response]:
+        """POST ``body`` and hold the SSE response open; ``missing`` is raised for a 404 instead of the server's error."""
         try:
-            with self._http.stream("POST", url, json=body) as response:
+            with self._http.stream("POST", url, json=body, timeout=timeout or httpx.USE_CLIENT_DEFAULT) as response:
                 if not is_event_stream(response):
                     response.read()
+                    if missing is not None and response.status_code == 404:
+                        raise missing
                     raise not_a_stream(response, self.root_url)
-                yield response
+                yield response  # a transport error while it is read lands in the except below
         except httpx.TransportError as exc:
             raise unreachable(self.root_url, exc) from None
+
+    def _events(self, url: str, body: dict[str, Any], timeout: httpx.Timeout | None = None,
+                missing: XllmError | None = None) -> Iterator[dict[str, Any]]:
+        """The JSON events of a streamed POST, until ``[DONE]``; closing the iterator closes the response."""
+        with self._stream(url, body, timeout, missing) as response:
+            for line in response.iter_lines():
+                event = parse_sse_line(line)
+                if event is DONE:
+                    return
+                if event is not None:
+                    yield event
 
     # -------------------------------------------------------------------- models
     def health(self) -> dict[str, Any]:
@@ -108,6 +126,22 @@ class XllmClient:
     def unload(self, name: str) -> dict[str, Any]:
         """Unload ``name`` on the server (returns the server's reply)."""
         return self._request("POST", self.admin_url + "/models/unload", json={"model": name}) or {}
+
+    def pull(self, source: str, name: str | None = None, revision: str | None = None, force: bool = False,
+             convert: bool = False) -> Iterator[dict[str, Any]]:
+        """``POST /admin/models/pull``: pull ``source`` into the server's store, yielding its events.
+
+        Progress events (``status``, ``file``, ``completed``, ``total``, ``unit`` when not bytes)
+        come first, then ``{"status": "success", "id", "digest", "format", "size", ...}``. A failed
+        pull raises the XllmError the server reports; closing the iterator early stops the pull.
+        """
+        body = pull_body(source, name, revision, force, convert)
+        yield from self._events(self.admin_url + "/models/pull", body, timeout=PULL_TIMEOUT, missing=cannot_pull())
+
+    def manifest(self, name: str | None = None) -> dict[str, Any]:
+        """``GET /admin/models/manifest``: a stored model's digest and source, and the server version (only that without ``name``)."""
+        body = self._request("GET", self.admin_url + "/models/manifest", params={"model": name} if name else None)
+        return body if isinstance(body, dict) else {}
 
     def metrics_text(self) -> str:
         """``GET /metrics``: the server's Prometheus text exposition."""
@@ -146,16 +180,7 @@ class XllmClient:
 
         Closing the iterator early closes the HTTP response, so the server cancels the job.
         """
-        with self._stream(self.base_url + "/chat/completions", chat_body(messages, model, True, params)) as response:
-            try:
-                for line in response.iter_lines():
-                    chunk = parse_sse_line(line)
-                    if chunk is DONE:
-                        return
-                    if chunk is not None:
-                        yield chunk
-            except httpx.TransportError as exc:
-                raise unreachable(self.root_url, exc) from None
+        yield from self._events(self.base_url + "/chat/completions", chat_body(messages, model, True, params))
 
     def stream_chat(self, messages: Messages, model: str | None = None, **params: Any) -> Iterator[str]:
         """The reply's text pieces as they are generated (close the iterator to cancel)."""

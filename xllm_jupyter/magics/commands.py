@@ -4,31 +4,17 @@ from __future__ import annotations
 
 import argparse
 import shlex
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import httpx
 from IPython.display import display
 
 from ..client import discovery
-from ..client.base import (
-    DONE,
-    auth_headers,
-    can_chat,
-    is_event_stream,
-    model_task,
-    not_a_stream,
-    parse_sse_line,
-    root_url,
-    unreachable,
-)
+from ..client.base import can_chat, model_task
 from ..client.units import human_size
-from ..core.errors import NotFound, XllmError
+from ..core.errors import XllmError
 from .render import Progress, Table, Text
 from .session import CONFIG_KEYS, MagicState
-
-#: long enough for a big Hugging Face download between two progress events
-PULL_TIMEOUT = httpx.Timeout(3600.0, connect=5.0)
 
 HELP = """\
 %%xllm [-m MODEL] [-s SYSTEM] [-t TEMPERATURE] [--max-tokens N] [-f markdown|code|json|text]
@@ -131,12 +117,11 @@ class Commands:
             (("--force",), {"action": "store_true"}),
             (("--convert",), {"action": "store_true"}),
         ).parse_args(argv)
-        self.state.client()  # locate the server
-        body = {"model": args.source, "name": args.name, "revision": args.revision, "force": args.force, "convert": args.convert}
+        events = self.state.client().pull(args.source, name=args.name, revision=args.revision, force=args.force, convert=args.convert)
         progress = Progress(self.shell, f"pull {args.source}")
         result: dict[str, Any] = {}
         try:
-            for event in pull_events(self.state.location, {k: v for k, v in body.items() if v not in (None, False)}):
+            for event in events:
                 if event.get("status") == "success":
                     result = event
                 else:
@@ -146,6 +131,8 @@ class Commands:
         except BaseException:
             progress.fail()  # no bar left "starting…" above the error line
             raise
+        finally:
+            events.close()  # an interrupt closes the response now, so the server stops the pull
         digest = str(result.get("digest") or "")
         progress.finish(f"Pulled {result.get('id')} ({result.get('format')}, {human_size(result.get('size'))}"
                         + (f", {digest.removeprefix('sha256:')[:12]}" if digest else "") + ")")
@@ -219,24 +206,3 @@ class Commands:
     def do_help(self, argv: list[str]) -> None:
         """The magics' usage."""
         display(Text(HELP))
-
-
-def pull_events(location: Any, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """The server's pull progress events (``POST /admin/models/pull``); raises the XllmError it reports."""
-    root = root_url(location.base_url)
-    try:
-        with (httpx.Client(headers=auth_headers(location.api_key), timeout=PULL_TIMEOUT) as http,
-              http.stream("POST", root + "/admin/models/pull", json=body) as response):
-            if not is_event_stream(response):
-                response.read()
-                if response.status_code == 404:
-                    raise NotFound("this xllm server cannot pull models (it is older than this client)")
-                raise not_a_stream(response, root)
-            for line in response.iter_lines():
-                event = parse_sse_line(line)
-                if event is DONE:
-                    return
-                if event is not None:
-                    yield event
-    except httpx.TransportError as exc:
-        raise unreachable(root, exc) from None

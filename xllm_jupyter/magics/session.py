@@ -6,11 +6,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-
 from .. import __version__
 from ..client import XllmClient, discovery
-from ..client.base import auth_headers, json_body, root_url, unreachable
 from ..core.errors import XllmError
 from .render import FORMATS, error
 
@@ -108,28 +105,16 @@ class MagicState:
             self._client.close()
         self._client = None
 
-    def get_json(self, path: str, **params: Any) -> Any:
-        """GET a route beside ``/v1`` (``/admin/...``) on the current server."""
-        location = self.location or self.locate()
-        root = root_url(location.base_url)
-        try:
-            with httpx.Client(headers=auth_headers(location.api_key), timeout=30.0) as http:
-                response = http.get(root + path, params=params)
-        except httpx.TransportError as exc:
-            raise unreachable(root, exc) from None
-        return json_body(response, root)
-
     def about(self, model: str | None) -> dict[str, Any]:
         """The model's digest and the server version (cached; ``{}`` where the server does not say)."""
-        assert self.location is not None
-        key = (self.location.base_url, model)
+        client = self.client()
+        key = (client.base_url, model)
         if key not in self._about:
             try:
-                body = self.get_json("/admin/models/manifest", **({"model": model} if model else {}))
+                self._about[key] = client.manifest(model)
             except XllmError as exc:  # an older server, a user key without admin rights, a model outside the store
                 log.debug("no manifest for %s: %s", model, exc.message)
-                body = {}
-            self._about[key] = body if isinstance(body, dict) else {}
+                self._about[key] = {}
         return self._about[key]
 
     def default_model(self) -> str | None:
