@@ -13,7 +13,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.helpers import free_port
 
 #: chromium flags for a quiet, sandbox-free headless run in containers and CI
 CHROMIUM_ARGS = (
@@ -75,13 +76,6 @@ def chromium(viewport: tuple[int, int] = (1400, 900)) -> Iterator[Any]:
                 context.close()
         finally:
             browser.close()
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_url(url: str, timeout: float = 120, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
@@ -214,5 +208,5 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
             proc.wait(10)
 
 
-__all__ = ["ARTIFACTS", "CHROMIUM_ARGS", "LabServer", "chromium", "chromium_path", "free_port",
+__all__ = ["ARTIFACTS", "CHROMIUM_ARGS", "LabServer", "chromium", "chromium_path",
            "jupyter_lab", "require_browser", "stop_process", "wait_for_url"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,17 +13,12 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
+from tests.helpers import free_port
 from tests.server_fixtures import TINY
 from xllm_jupyter.cli.main import main
 from xllm_jupyter.client import XllmClient
 
 XLLM = Path(sys.executable).parent / "xllm"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

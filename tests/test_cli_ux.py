@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from tests.helpers import free_port
 from tests.server_fixtures import TINY
 from xllm_jupyter.cli import chat
 from xllm_jupyter.cli.main import main
@@ -31,12 +32,6 @@ SYSTEM You answer in one word.
 MESSAGE user Is Toronto in Canada?
 MESSAGE assistant yes
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def invoke(*args: str, input: str | None = None, env: dict[str, str] | None = None):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 
 import pytest
 
 import xllm_jupyter
+from tests.helpers import free_port
 from tests.server_fixtures import TINY
 from xllm_jupyter.client import AsyncXllmClient, ServerUnavailable, XllmClient, resolve_base_url
 from xllm_jupyter.client.base import root_url
@@ -23,12 +23,6 @@ GREEDY = {"temperature": 0, "max_tokens": 12}
 def client(xllm_server):
     with XllmClient(xllm_server.base_url, xllm_server.api_key) as c:
         yield c
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout: float = 10.0) -> bool:

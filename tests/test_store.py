@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import dirs_in
 from xllm_jupyter.core.errors import InvalidModelName, ModelNotFound, StoreError
 from xllm_jupyter.store import PACKAGED, Manifest, ModelStore, PullProgress, validate_name
 from xllm_jupyter.store.atomic import FileLock, file_mode, replace_dir
@@ -57,8 +58,6 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def dirs_in(path: Path) -> list[str]:
-    return sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
 
 
 # ---------------------------------------------------------------- names

@@ -11,6 +11,7 @@ from xllm_jupyter.core.errors import ModelNotFound, StoreError
 from xllm_jupyter.store import ModelStore, PullProgress
 
 from .fake_hub import FakeHub
+from .helpers import dirs_in
 
 REPO = "tiny-org/Tiny-Llama"
 
@@ -210,5 +211,3 @@ def make_gguf_bytes(tmp_path: Path) -> bytes:
     return path.read_bytes()
 
 
-def dirs_in(path: Path) -> list[str]:
-    return sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
