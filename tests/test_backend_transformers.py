@@ -19,6 +19,7 @@ from xllm_jupyter.backends.hf_model import TransformersModel  # noqa: E402
 from xllm_jupyter.backends.transformers import TransformersBackend  # noqa: E402
 from xllm_jupyter.core.errors import ContextLengthExceeded, InvalidRequest  # noqa: E402
 from xllm_jupyter.core.types import ChatMessage, FinishReason, SamplingParams, SequenceJob  # noqa: E402
+from xllm_jupyter.store.store import ModelStore  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -271,9 +272,13 @@ def test_incremental_detokenizer_matches_full_decode(model, text):
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_dir) -> TransformersModel:
-    """The packaged SmolLM2-135M-Instruct GGUF, loaded once (about 20 s)."""
-    m = TransformersBackend().load(ModelSpec(name="smollm2", path=smollm2_dir, format="gguf"))
+def smollm2(smollm2_home) -> TransformersModel:
+    """The packaged SmolLM2-135M-Instruct as the store converted it from its GGUF (once per run, see conftest).
+
+    Loading the GGUF itself would dequantize it again (about 20 s); the conversion already read it with the
+    same transformers GGUF loader, and the converted weights load in about a second.
+    """
+    m = TransformersBackend().load(ModelStore(smollm2_home).resolve("smollm2"))
     yield m
     m.unload()
 
@@ -284,15 +289,16 @@ def chat_prompt(m, question):
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_knows_paris(smollm2):
+def test_smollm2_converted_from_its_gguf_knows_paris(smollm2):
     j = job(chat_prompt(smollm2, "What is the capital of France?"), max_tokens=40, stop=smollm2.eos_token_ids)
     evs = run(smollm2, [j])[j.job_id]
     assert "Paris" in "".join(e.text for _, e in evs) and evs[-1][1].finish is FinishReason.STOP
-    assert smollm2.details()["format"] == "gguf"
+    assert smollm2.details()["format"] == "safetensors"
 
 
 def test_the_pre_load_estimate_counts_a_gguf_dequantized_and_a_slot_cache(smollm2, smollm2_dir, tiny_llama_dir):
-    # a 4-bit GGUF is loaded as float32 on CPU: ~5x its file; the budget must expect that before loading
+    # a 4-bit GGUF is loaded as float32 on CPU: ~5x its file; the budget must expect that before loading.
+    # `smollm2` holds the same weights, converted from that GGUF, and loads them as float32 too.
     from xllm_jupyter.backends.memory_estimate import disk_bytes
 
     backend = TransformersBackend()

