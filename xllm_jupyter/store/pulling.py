@@ -1,0 +1,262 @@
+"""Pulling into the store: build a model in ``tmp/``, write its manifest last, rename it into ``models/``.
+
+``ModelStore`` (store.py) reads and removes; this mixin adds and replaces, under the
+name's file lock, so a model directory is either complete or absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from ..core.errors import StoreError
+from .atomic import FileLock, fix_modes, fsync_dir, fsync_tree, remove_tree, replace_dir, try_lock
+from .hub import HubClient, verify_files
+from .local import copy_dir, copy_file, list_dir_files
+from .manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    ManifestFile,
+    compute_digest,
+    adapter_parameters,
+    detect_format,
+    detect_task,
+    set_adapter_base,
+    hash_file,
+    read_manifest,
+    read_template,
+    write_manifest,
+)
+from .names import child_dir, name_to_dirname, safe_relpath, validate_name
+from .packaged import PACKAGED
+from .progress import ProgressFn, PullProgress, guard_progress, translate_os_error
+from .sources import Source, parse_source, select_files
+
+log = logging.getLogger("xllm_jupyter.store.store")  # the store's one logger, as before the split
+
+HUB_RESUME_SECONDS = 7 * 86400  # how long an unfinished Hub download is kept for a retry to resume
+
+
+class PullMixin:
+    """ModelStore's pull pipeline; the store owns the directories and the reads it uses."""
+
+    home: Path
+    models: Path
+    tmp: Path
+    locks: Path
+    endpoint: str | None
+    token: str | bool | None
+    _dir: Callable[[str], Path]
+    _check_files: Callable[[Manifest], None]
+
+    def pull(
+        self,
+        source: str,
+        name: str | None = None,
+        *,
+        revision: str | None = None,
+        progress: Callable[[PullProgress], None] | None = None,
+        force: bool = False,
+        convert: bool = False,
+        base: str | None = None,
+    ) -> Manifest:
+        """Add a model from ``source`` (packaged name, ``hf:ORG/REPO``, ``ORG/REPO``, local dir or .gguf).
+
+        Pulling a name that exists from the same source returns it (a Hub source whose
+        commit moved is updated); another source needs ``force``. ``convert`` turns a GGUF
+        into safetensors (packaged defaults always are). ``base`` names the stored model a
+        LoRA adapter applies to (default: its adapter_config.json's base_model_name_or_path).
+        """
+        src = parse_source(source, revision)
+        n = validate_name(name) if name is not None else src.default_name
+        report = guard_progress(progress)
+        try:
+            for d in (self.models, self.tmp, self.locks):
+                d.mkdir(parents=True, exist_ok=True)
+            with FileLock(self.locks / f"{name_to_dirname(n)}.lock"):
+                manifest = self._pull_locked(src, n, report, force, convert)
+                return set_adapter_base(manifest, base) if base is not None else manifest
+        except OSError as exc:
+            translate_os_error(exc)
+
+    def _pull_locked(self, src: Source, n: str, report: ProgressFn | None, force: bool, convert: bool) -> Manifest:
+        self._clean_tmp()
+        existing = self._existing(n)
+        if existing is not None and not force and existing.source != src.canonical:
+            raise StoreError(
+                f"A model named '{n}' already exists from another source; pull with --force (force=True) to replace it",
+                param="name",
+            )
+        if src.kind == "hub":
+            return self._pull_hub(src, n, existing, report, force, convert)
+        if existing is not None and not force:
+            return existing
+        with self._workdir("pull") as build:
+            fmt, files, template = self._build_local(src, build, report, convert)
+            return self._finish(build, n, src, fmt, files, template, None, report)
+
+    # ------------------------------------------------------------------ pulling
+    def _existing(self, n: str) -> Manifest | None:
+        """The intact model ``n`` (None if absent or damaged: a pull then replaces it)."""
+        path = self._dir(n)
+        if not (path / MANIFEST_NAME).is_file():
+            return None
+        try:
+            manifest = read_manifest(path)
+            if manifest.name != n:
+                return None
+            self._check_files(manifest)
+        except StoreError:
+            return None
+        return manifest
+
+    def _build_local(self, src: Source, build: Path, report: ProgressFn | None, convert: bool) -> tuple[str, list[ManifestFile], str | None]:
+        """Fill ``build`` from a packaged, directory or GGUF source: (format, files, template)."""
+        from .convert import gguf_chat_template, gguf_to_safetensors
+
+        if src.kind == "packaged" and not PACKAGED[src.ref].convert:  # a wheel holding an HF directory
+            files = copy_dir(PACKAGED[src.ref].require(), build, report)
+            return detect_format(build), files, read_template(build)
+        if src.kind == "packaged" or (src.kind == "gguf" and convert):
+            gguf = PACKAGED[src.ref].require() if src.kind == "packaged" else Path(src.ref)
+            template = gguf_to_safetensors(gguf, build, progress=report)
+            return detect_format(build), self._hash_tree(build, report), template
+        if src.kind == "gguf":
+            rel = Path(src.ref).name
+            files = [copy_file(Path(src.ref), build / rel, rel, report)]
+            return "gguf", files, gguf_chat_template(build / rel)
+        files = copy_dir(Path(src.ref), build, report)
+        return detect_format(build), files, read_template(build)
+
+    def _pull_hub(self, src: Source, n: str, existing: Manifest | None, report: ProgressFn | None, force: bool, convert: bool) -> Manifest:
+        client = HubClient(self.endpoint, self.token)
+        commit = client.resolve(src.ref, src.revision)
+        if existing is not None and not force and existing.revision == commit:
+            return existing
+        listing = {f.path: f for f in client.list_files(src.ref, commit)}
+        chosen = [listing[p] for p in select_files(listing, only=src.file)]
+        key = hashlib.sha256("\n".join([client.endpoint, src.ref, commit, *(f.path for f in chosen)]).encode()).hexdigest()
+        with self._workdir(f"hub-{key[:24]}", keep_on_error=True) as staging:
+            client.download(src.ref, commit, chosen, staging, report)
+            files = verify_files(staging, chosen, report)
+            remove_tree(staging / ".cache")
+            fmt = detect_format(staging)
+            if fmt != "gguf":
+                return self._finish(staging, n, src, fmt, files, read_template(staging), commit, report)
+            from .convert import gguf_chat_template, gguf_to_safetensors
+
+            gguf = staging / files[0].path
+            if not convert:
+                return self._finish(staging, n, src, fmt, files, gguf_chat_template(gguf), commit, report)
+            with self._workdir("pull") as build:
+                template = gguf_to_safetensors(gguf, build, progress=report)
+                manifest = self._finish(build, n, src, detect_format(build), self._hash_tree(build, report), template, commit, report)
+            remove_tree(staging)
+            return manifest
+
+    def _hash_tree(self, root: Path, report: ProgressFn | None) -> list[ManifestFile]:
+        """Manifest entries for every file under ``root`` (files we wrote ourselves)."""
+        out = []
+        for rel in list_dir_files(root):
+            sha256, _git, size = hash_file(root / rel, progress=report, label=rel)
+            out.append(ManifestFile(safe_relpath(rel), sha256, size))
+        return out
+
+    def _finish(self, build: Path, n: str, src: Source, fmt: str, files: list[ManifestFile], template: str | None, revision: str | None, report: ProgressFn | None) -> Manifest:
+        """Write the manifest into ``build``, flush it all to disk and move it into ``models/``."""
+        present = set(list_dir_files(build))
+        missing = [f.path for f in files if f.path not in present]
+        if missing or any(f.path == MANIFEST_NAME for f in files):
+            raise StoreError("The pulled model is incomplete")
+        size = sum(f.size for f in files)
+        manifest = Manifest(
+            name=n,
+            source=src.canonical,
+            format=fmt,
+            files=tuple(sorted(files, key=lambda f: f.path)),
+            size=size,
+            created=int(time.time()),
+            template=template,
+            parameters=adapter_parameters(build),  # a LoRA records its base model
+            backend=None,
+            digest=compute_digest(files),
+            revision=revision,
+            task=detect_task(build),
+        )
+        fix_modes(build)
+        fsync_tree(build)
+        write_manifest(build, manifest)
+        if report is not None:  # before the rename: a callback that raises here still leaves nothing
+            report(PullProgress("done", None, size, size))
+        target = self._install(build, name_to_dirname(n))
+        log.info("pulled %s (%s, %d bytes)", n, fmt, size)
+        return manifest.with_path(target)
+
+    def _install(self, build: Path, dirname: str) -> Path:
+        """Rename the finished ``build`` to ``models/<dirname>``, atomically replacing an old one."""
+        target = child_dir(self.models, dirname)
+        if target.exists():
+            old = replace_dir(build, target, self.tmp / f"old-{secrets.token_hex(8)}")
+            remove_tree(old)
+        else:
+            os.rename(build, target)
+            fsync_dir(self.models)
+        return target
+
+    @contextmanager
+    def _workdir(self, prefix: str, keep_on_error: bool = False) -> Iterator[Path]:
+        """A locked directory in ``tmp/``; deleted on error unless ``keep_on_error`` (resumable)."""
+        name = prefix if keep_on_error else f"{prefix}-{secrets.token_hex(8)}"
+        lock = FileLock(self.tmp / f"{name}.lock")
+        if not lock.acquire(blocking=False):  # someone else is downloading the same thing: start afresh
+            name, keep_on_error = f"pull-{secrets.token_hex(8)}", False
+            lock = FileLock(self.tmp / f"{name}.lock")
+            lock.acquire()
+        path = self.tmp / name
+        try:
+            path.mkdir(exist_ok=keep_on_error)
+            os.utime(path)  # a resumed download is fresh again for the clean-up clock
+            yield path
+        except BaseException:
+            if not keep_on_error:
+                remove_tree(path)
+            raise
+        finally:
+            if not path.exists():
+                lock.path.unlink(missing_ok=True)
+            lock.release()
+
+    def _clean_tmp(self) -> None:
+        """Delete what crashed pulls and removals left in ``tmp/`` (unless still in use)."""
+        if not self.tmp.is_dir():
+            return
+        now = time.time()
+        for entry in self.tmp.iterdir():
+            if entry.name.endswith(".lock"):
+                if not (self.tmp / entry.name[: -len(".lock")]).exists():
+                    held = try_lock(entry, entry)
+                    if held is not None:
+                        entry.unlink(missing_ok=True)
+                        held.release()
+                continue
+            if not entry.name.startswith(("pull-", "old-", "rm-", "hub-")):
+                continue
+            lock_path = self.tmp / f"{entry.name}.lock"
+            held = try_lock(lock_path, entry)
+            if held is None:
+                continue
+            try:
+                if entry.name.startswith("hub-") and now - entry.stat().st_mtime < HUB_RESUME_SECONDS:
+                    continue
+                log.info("removing leftover %s from an interrupted store operation", entry.name)
+                remove_tree(entry)
+                lock_path.unlink(missing_ok=True)
+            finally:
+                held.release()
+
