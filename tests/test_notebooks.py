@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from xllm_jupyter.client import XllmClient
 from xllm_jupyter.core.config import EngineConfig
 from xllm_jupyter.store.store import ModelStore
 
@@ -103,6 +104,17 @@ def kernel_env(smollm2_server, tmp_path_factory) -> dict[str, str]:
     return env
 
 
+def unload_all(server) -> None:
+    """Unload every model, as ``engine.keep_alive`` does after five idle minutes in JupyterLab.
+
+    ``/v1/models`` then lists the store by name, so the embedding model ``all-minilm`` comes
+    before ``smollm2``: a notebook that takes the first listed model for chat fails there.
+    """
+    with XllmClient(server.base_url, server.api_key) as client:
+        for model in client.loaded():
+            client.unload(model["id"])
+
+
 def output_text(nb) -> str:
     """Everything the executed notebook showed: streams, plain text, Markdown, HTML."""
     parts: list[str] = []
@@ -123,8 +135,9 @@ def output_text(nb) -> str:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name", EXPECTED_NOTEBOOKS)
-def test_notebook_runs_against_a_real_server(name, kernel_env, tmp_path):
+def test_notebook_runs_against_a_real_server(name, smollm2_server, kernel_env, tmp_path):
     nbclient = pytest.importorskip("nbclient")
+    unload_all(smollm2_server)  # each notebook starts from an idle server, not a warm smollm2
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     # The kernel runs in a scratch directory so files a notebook writes stay out of the repo.
     client = nbclient.NotebookClient(
