@@ -56,6 +56,7 @@ SHAPES = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's command line (models, backends, stream levels, the server child's --serve mode)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", action="append", default=[], help="NAME=DIR (repeatable)")
     p.add_argument("--backends", default="exllamav3,exllamav2",
@@ -226,6 +227,7 @@ class RawExllamaV3:
                              max_batch_size=max_batch, **PREFILL_SETTINGS)
 
     def job(self, ids: list[int], n: int, ident: int):
+        """One exllamav3 Job for prompt ``ids``: ``n`` greedy tokens, no stop, tagged ``ident``."""
         import torch
         from exllamav3 import Job
         from exllamav3.generator.sampler import ArgmaxSampler
@@ -234,6 +236,7 @@ class RawExllamaV3:
                    stop_conditions=[], identifier=ident)
 
     def close(self) -> None:
+        """Unload the model."""
         self.model.unload()
 
 
@@ -260,6 +263,7 @@ class RawExllamaV2:
                                              max_batch_size=max_batch if paged else 1, max_seq_len=4096, paged=paged)
 
     def job(self, ids: list[int], n: int, ident: int):
+        """One exllamav2 dynamic job for prompt ``ids``: ``n`` greedy tokens, no stop, tagged ``ident``."""
         import torch
         from exllamav2.generator import ExLlamaV2DynamicJob, ExLlamaV2Sampler
 
@@ -267,6 +271,7 @@ class RawExllamaV2:
                                    gen_settings=ExLlamaV2Sampler.Settings.greedy(), stop_conditions=[], identifier=ident)
 
     def close(self) -> None:
+        """Unload the model."""
         self.model.unload()
 
 
@@ -290,6 +295,7 @@ class RawStandIn:
         return self.raw.job(self, ids, n, ident)
 
     def close(self) -> None:
+        """Unload the stand-in model."""
         self.model.unload()
 
 
@@ -320,24 +326,29 @@ class RawTransformers:
         self.gen = self
 
     def job(self, ids: list[int], n: int, ident: int):
+        """One SequenceJob for prompt ``ids``: ``n`` greedy tokens, EOS ignored, tagged ``ident``."""
         from xllm_jupyter.core.types import SamplingParams, SequenceJob
 
         # no stop ids: every stream runs to its length, like ignore_eos over HTTP
         return SequenceJob(ident, tuple(ids), n, SamplingParams(temperature=0.0), frozenset())
 
     def enqueue(self, job) -> None:
+        """Queue ``job`` in the model's batch."""
         self.model.add(job)
 
     def num_remaining_jobs(self) -> int:
+        """Jobs not yet finished (the generators' name for it)."""
         return self.model.active_jobs()
 
     def iterate(self) -> list[dict]:
+        """One step, as the libraries' generators report it: a list of result dicts."""
         import torch
 
         return [{"stage": "streaming", "identifier": e.job_id, "token_ids": torch.tensor([[e.token_id]])}
                 for e in self.model.step() if e.token_id is not None]
 
     def close(self) -> None:
+        """Unload the model."""
         self.model.unload()
 
 
@@ -378,6 +389,7 @@ def raw_level(engine, ids_list: list[list[int]], new_tokens: int) -> tuple[list[
 
 
 def run_raw(backend: str, path: str, levels: list[int], args) -> dict:
+    """Drive the library's generator in-process at every level; the ceiling the server is measured against."""
     import torch
 
     if backend in TRANSFORMERS:
@@ -478,6 +490,7 @@ def server_url(stdout) -> str:
 
 
 def run_server(backend: str, path: str, levels: list[int], args) -> dict:
+    """Start our server on the same model in a child process and load it with sse_load at every level."""
     cmd = [sys.executable, __file__, "--serve", path, "--backend", backend, "--max-batch", str(args.max_batch),
            "--cache-tokens", str(args.cache_tokens), "--device", args.device]
     if args.stream_interval_ms is not None:
@@ -501,6 +514,7 @@ def run_server(backend: str, path: str, levels: list[int], args) -> dict:
 
 # ----------------------------------------------------------------------- report
 def markdown(report: dict) -> str:
+    """The results table of ``report`` as Markdown."""
     p = report["params"]
     lines = [
         f"# GPU serving benchmark ({report['device']})", "",
@@ -541,6 +555,7 @@ def markdown(report: dict) -> str:
 
 
 def save(report: dict, out: Path) -> None:
+    """Write ``report`` to ``out`` (json) and its table beside it (md), each written aside and renamed."""
     out.parent.mkdir(parents=True, exist_ok=True)
     # written aside and renamed: a session copies these files while a benchmark may be saving
     for path, text in ((out, json.dumps(report, indent=2)), (out.with_suffix(".md"), markdown(report))):
@@ -550,6 +565,7 @@ def save(report: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark (or, with --serve, be its server child; with --make, write a random-weight model)."""
     args = parse_args(argv)
     if args.serve:
         serve_main(args)
