@@ -66,7 +66,7 @@ class EngineConfig:
     # tokens and finishes are never held; past 16 running sequences the interval grows in
     # proportion, up to 250 ms (0 = one delta per step; docs/performance.md)
     stream_interval_ms: float = 16.0
-    # --- GPU (exllamav3 / exllamav2) settings; the transformers backend ignores them ---
+    # --- KV cache and decoding: exllamav3 / exllamav2 (cache_tokens and compile apply to transformers too) ---
     cache_tokens: int = 0  # KV cache tokens shared by all sequences, per backend (0 = auto; docs/configuration.md)
     kv_cache_bits: str = "fp16"  # KV cache storage: fp16, q8, q6, q4, or "K,V" bits for exllamav3 (e.g. "4,6")
     tensor_parallel: bool = False  # exllamav3: split every layer across the visible GPUs
