@@ -197,8 +197,8 @@ def test_an_unloaded_encoder_still_describes_itself():
 
     model = load_embedding_model(ModelSpec(name=MODEL, path=_wheel_dir(), options={"device": "cpu"}))
     slot = EmbeddingSlot(model)
-    held = slot.info().details["memory_bytes"]
+    held = slot.info().runtime.memory_bytes
     assert held > 20_000_000  # MiniLM-L6's 22.7 M float32 parameters
     slot.shutdown()
     info = slot.info()
-    assert info.name == MODEL and info.details["memory_bytes"] == 0 and info.details["dimension"] == 384
+    assert info.name == MODEL and info.runtime.memory_bytes == 0 and info.details["dimension"] == 384

@@ -266,7 +266,7 @@ async def test_the_budget_sees_what_a_model_holds_now_not_only_at_load(tmp_path)
     await run(engine, req("a"))
     await run(engine, req("b"))
     backend.models["b"]._memory_bytes = 2 * SIZE  # b's cache grew while serving
-    assert engine.model_info("b").details["memory_bytes"] == 2 * SIZE
+    assert engine.model_info("b").runtime.memory_bytes == 2 * SIZE
     await run(engine, req("c"))  # a + 2 b + c > budget: a (LRU) goes
     assert not engine.is_loaded("a") and engine.is_loaded("b") and engine.is_loaded("c")
     await engine.stop()
@@ -276,10 +276,10 @@ async def test_concurrent_loads_share_one_and_show_loading(tmp_path):
     engine, backend = make_engine(tmp_path, load_delay=0.3)
     await engine.start()
     tasks = [asyncio.create_task(engine.load("a")) for _ in range(3)]
-    await wait_for(lambda: any(m.details.get("state") == "loading" for m in engine.loaded_models(include_loading=True)))
+    await wait_for(lambda: any(m.runtime and m.runtime.state == "loading" for m in engine.loaded_models(include_loading=True)))
     models = await asyncio.gather(*tasks)
     assert backend.loads == 1 and models[0] is models[1] is models[2]
-    assert engine.model_info("a").details["state"] == "loaded"
+    assert engine.model_info("a").runtime.state == "loaded"
     failed = await asyncio.gather(*(engine.load("missing") for _ in range(2)), return_exceptions=True)
     assert all(isinstance(f, ModelNotFound) for f in failed)  # every waiter hears of the failure
     await engine.stop()
@@ -292,8 +292,8 @@ async def test_keep_alive_zero_duration_and_forever(tmp_path):
     await wait_for(lambda: not engine.is_loaded("a"), timeout=5)  # after the idle grace (1 s), at a reaper tick
     await run(engine, req("b"))  # the default: 1s
     await run(engine, req("c", keep_alive=-1.0))
-    assert engine.model_info("b").details["expires_at"] is not None
-    assert engine.model_info("c").details["expires_at"] is None
+    assert engine.model_info("b").runtime.expires_at is not None
+    assert engine.model_info("c").runtime.expires_at is None
     await wait_for(lambda: not engine.is_loaded("b"), timeout=4)
     assert engine.is_loaded("c")
     await engine.stop()
@@ -303,9 +303,9 @@ async def test_replicas_share_the_load(tmp_path):
     engine, backend = make_engine(tmp_path, step_delay=0.01, replicas=("a=2",))
     await engine.start()
     await asyncio.gather(*(run(engine, req("a", max_tokens=20)) for _ in range(4)))
-    replicas = engine.model_info("a").details["replicas"]
-    assert len(replicas) == 2 and all(r["steps"] > 0 for r in replicas)
-    assert backend.loads == 2 and engine.model_info("a").details["memory_bytes"] == 2 * SIZE
+    replicas = engine.model_info("a").runtime.replicas
+    assert len(replicas) == 2 and all(r.steps > 0 for r in replicas)
+    assert backend.loads == 2 and engine.model_info("a").runtime.memory_bytes == 2 * SIZE
     await engine.stop()
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
 
@@ -217,19 +217,6 @@ class GenerationDone:
 
 
 @dataclass(frozen=True)
-class ModelInfo:
-    """A model the engine can serve: loaded or in the store."""
-
-    name: str
-    created: int = 0
-    owned_by: str = "xllm"
-    loaded: bool = False
-    backend: str | None = None
-    context_length: int | None = None
-    details: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class EngineStats:
     """Counters the engine exposes for tests, `xllm ps` and metrics."""
 
@@ -242,6 +229,58 @@ class EngineStats:
     cancelled: int
     #: tokens generated, every choice's, cancelled ones' included (the all-models view counts since start)
     tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ModelRuntime:
+    """What the engine knows of a model in memory, or on its way there (``ModelInfo.runtime``)."""
+
+    state: str = "loaded"  # or "loading" (then nothing else is known yet)
+    memory_bytes: int = 0  # measured now: an eager KV cache grows after the load
+    running: int = 0
+    queued: int = 0
+    max_batch_size: int | None = None
+    replicas: tuple[EngineStats, ...] = ()
+    last_used: int | None = None  # unix seconds
+    in_use: int = 0  # requests holding the model now
+    expires_at: int | None = None  # when keep_alive unloads it (None: never)
+
+    def wire(self) -> dict[str, Any]:
+        """The JSON facts (``/v1/models`` and ``/admin/models`` details)."""
+        if self.state == "loading":
+            return {"state": "loading"}
+        facts = asdict(self)
+        facts["replicas"] = [asdict(r) for r in self.replicas]
+        return facts
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model the engine can serve: loaded or in the store.
+
+    ``details`` are the backend's own facts (device, dtype, batching mode, ...), passed on as
+    they are; ``runtime`` is the engine's, typed, for loaded and loading models.
+    """
+
+    name: str
+    created: int = 0
+    owned_by: str = "xllm"
+    loaded: bool = False
+    backend: str | None = None
+    context_length: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    runtime: ModelRuntime | None = None
+    task: str | None = None  # chat, embedding, adapter (None: unknown)
+    default: bool = False  # the model the server is configured to default to
+
+    def wire_details(self) -> dict[str, Any]:
+        """``details`` with the engine's facts merged in, as clients read them."""
+        out = {**self.details, **(self.runtime.wire() if self.runtime is not None else {})}
+        if self.task:
+            out["task"] = self.task
+        if self.default:
+            out["default"] = True
+        return out
 
 
 @dataclass(frozen=True)

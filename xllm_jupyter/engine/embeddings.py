@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 from ..backends.base import ModelSpec
-from ..core.types import EmbeddingResult, ModelInfo
+from ..core.types import EmbeddingResult, ModelInfo, ModelRuntime
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,8 @@ class EmbeddingSlot:
             loaded=True,
             backend=m.backend_name,
             context_length=m.context_length,
-            details={**m.details(), "memory_bytes": m.memory_bytes(), "running": 0, "queued": 0},
+            details=m.details(),
+            runtime=ModelRuntime(memory_bytes=m.memory_bytes()),
         )
 
     def shutdown(self) -> None:

@@ -29,6 +29,7 @@ from ..core.types import (
     GenerationDone,
     GenerationRequest,
     ModelInfo,
+    ModelRuntime,
 )
 from ..store.names import canonical_name
 from .embeddings import EmbeddingHost
@@ -369,10 +370,9 @@ class Engine(AdapterMixin, ResidencyMixin):
     def _info(self, name: str) -> ModelInfo:
         info = self._plain_info(name)
         # clients pick a default (a chat model, the configured one first) from these two
-        marks = {"task": info.details.get("task") or self._task(name)}
-        if self.config.default_model and name == canonical_name(self.config.default_model):
-            marks["default"] = True
-        return dataclasses.replace(info, details={**info.details, **{k: v for k, v in marks.items() if v}})
+        task = info.task or info.details.get("task") or self._task(name)
+        default = bool(self.config.default_model) and name == canonical_name(self.config.default_model)
+        return dataclasses.replace(info, task=task, default=default)
 
     def _task(self, name: str) -> str | None:
         """What ``name`` serves: ``chat`` when it runs here, else what the catalog says (None: unknown)."""
@@ -391,28 +391,29 @@ class Engine(AdapterMixin, ResidencyMixin):
             return self._adapter_info(name, base)
         runner = self._runners.get(name)
         if runner is None:
-            state = {"state": "loading"} if name in self._loading else {}
-            return ModelInfo(name=name, created=self._created, loaded=False, details=state)
+            loading = ModelRuntime(state="loading") if name in self._loading else None
+            return ModelInfo(name=name, created=self._created, loaded=False, runtime=loading)
         m = runner.model
         stats = runner.stats()
         rec = self._res.get(name) or Residency()
-        details = {
-            **m.details(),
-            "memory_bytes": runner_memory_bytes(runner) or rec.memory_bytes,  # live: an eager KV cache grows
-            "running": stats.running,
-            "queued": stats.queued,
-            "max_batch_size": runner.max_batch_size,
-            "state": "loaded",
-            "replicas": [dataclasses.asdict(r) for r in replica_stats(runner)],
-            **rec.public(),
-        }
+        runtime = ModelRuntime(
+            memory_bytes=runner_memory_bytes(runner) or rec.memory_bytes,  # live: an eager KV cache grows
+            running=stats.running,
+            queued=stats.queued,
+            max_batch_size=runner.max_batch_size,
+            replicas=tuple(replica_stats(runner)),
+            last_used=int(rec.last_used),
+            in_use=rec.in_use,
+            expires_at=None if rec.expires_at is None else int(rec.expires_at),
+        )
         return ModelInfo(
             name=name,
             created=runner.created,
             loaded=True,
             backend=m.backend_name,
             context_length=m.context_length,
-            details=details,
+            details=m.details(),
+            runtime=runtime,
         )
 
     def list_models(self) -> list[ModelInfo]:
@@ -423,7 +424,7 @@ class Engine(AdapterMixin, ResidencyMixin):
         return [self._info(n) for n in names]
 
     def loaded_models(self, *, include_loading: bool = False) -> list[ModelInfo]:
-        """Only the models in memory now (and, if asked, those being loaded: ``details["state"] == "loading"``)."""
+        """Only the models in memory now (and, if asked, those being loaded: ``runtime.state == "loading"``)."""
         loading = [n for n in self._loading if n not in self._runners] if include_loading else []
         return [self._info(n) for n in list(self._runners) + list(self._adapters) + list(self._embeddings.slots) + loading]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..core.errors import InvalidRequest, ModelNotFound
-from ..core.types import GenerationRequest, ModelInfo
+from ..core.types import GenerationRequest, ModelInfo, ModelRuntime
 from ..store.names import canonical_name
 
 if TYPE_CHECKING:
@@ -73,7 +73,8 @@ class AdapterMixin:
 
     def _adapter_info(self, name: str, base: str) -> ModelInfo:
         info = self._info(base)  # type: ignore[attr-defined]
-        details = {"base_model": base, "format": "lora", "task": "adapter",
-                   "running": info.details.get("running", 0), "queued": info.details.get("queued", 0),
-                   "max_batch_size": info.details.get("max_batch_size"), "mode": info.details.get("mode")}
-        return dataclasses.replace(info, name=name, details=details)
+        details = {"base_model": base, "format": "lora", "mode": info.details.get("mode")}
+        # the base's load and batching: an adapter's requests run in its batch
+        shared = info.runtime or ModelRuntime()
+        runtime = ModelRuntime(running=shared.running, queued=shared.queued, max_batch_size=shared.max_batch_size)
+        return dataclasses.replace(info, name=name, details=details, runtime=runtime, task="adapter", default=False)

@@ -205,11 +205,6 @@ class Residency:
     expires_at: float | None = None  # None = kept until unloaded or evicted
     gpus: tuple[int, ...] | None = None  # the GPUs it holds memory on (None: every visible one, or not a GPU)
 
-    def public(self) -> dict[str, Any]:
-        """The admin-facing facts."""
-        return {"last_used": int(self.last_used), "in_use": self.in_use,
-                "expires_at": None if self.expires_at is None else int(self.expires_at)}
-
 
 class MemoryBudget:
     """Per-device budgets and the accounting of what is loaded and loading."""

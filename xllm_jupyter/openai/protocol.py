@@ -364,6 +364,6 @@ def model_object(info: Any) -> dict[str, Any]:
             "loaded": info.loaded,
             "backend": info.backend,
             "context_length": info.context_length,
-            "details": info.details,
+            "details": info.wire_details(),
         },
     }

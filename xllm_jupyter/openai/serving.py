@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator, Sequence
 
 from ..core.config import CacheConfig, ServerConfig
 from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest
-from ..core.types import ChoiceDelta, FinishReason, GenerationDone, GenerationParams, GenerationRequest, Usage
+from ..core.types import ChoiceDelta, FinishReason, GenerationDone, GenerationParams, GenerationRequest, ModelRuntime, Usage
 from ..engine.manager import request_keep_alive
 from .cache import ResponseCache
 from .model_defaults import ModelDefaults
@@ -80,23 +80,23 @@ class OpenAIServing:
         """Loaded models with backend, memory, load and batching facts."""
         data = []
         for info in self.engine.loaded_models(include_loading=True):
-            d = info.details
+            r = info.runtime or ModelRuntime()
             data.append(
                 {
                     "id": info.name,
                     "object": "model",
                     "backend": info.backend,
                     "context_length": info.context_length,
-                    "memory_bytes": d.get("memory_bytes", 0),
-                    "running": d.get("running", 0),
-                    "queued": d.get("queued", 0),
-                    "max_batch_size": d.get("max_batch_size"),
-                    "batch_mode": d.get("batch_mode") or d.get("mode"),
-                    "state": d.get("state", "loaded"),
-                    "replicas": len(d.get("replicas") or [None]),
-                    "last_used": d.get("last_used"),
-                    "expires_at": d.get("expires_at"),
-                    "details": d,
+                    "memory_bytes": r.memory_bytes,
+                    "running": r.running,
+                    "queued": r.queued,
+                    "max_batch_size": r.max_batch_size,
+                    "batch_mode": info.details.get("mode"),  # the backend's word for how it batches
+                    "state": r.state,
+                    "replicas": max(1, len(r.replicas)),
+                    "last_used": r.last_used,
+                    "expires_at": r.expires_at,
+                    "details": info.wire_details(),
                 }
             )
         return {"object": "list", "data": data}

@@ -165,7 +165,7 @@ class _EngineCollector(Collector):
         yield queued
         memory = GaugeMetricFamily("xllm_model_memory_bytes", "Memory held by each loaded model.", labels=("model",))
         for info in infos:
-            memory.add_metric([info.name], float(info.details.get("memory_bytes", 0) or 0))
+            memory.add_metric([info.name], float(info.runtime.memory_bytes if info.runtime is not None else 0))
         yield memory
         cache = m.response_cache
         hits = CounterMetricFamily("xllm_response_cache_hits", "Requests answered from the response cache.")

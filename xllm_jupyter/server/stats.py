@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from ..core.types import ModelRuntime
 from .handlers import RequestMixin
 from .ops import readiness
 
@@ -111,16 +112,16 @@ class StatsSampler:
         status, message = self.status()
         models = []
         for info in engine.loaded_models(include_loading=True):
-            d = info.details
+            r = info.runtime or ModelRuntime()
             models.append({
                 "id": info.name,
-                "state": d.get("state", "loaded"),
+                "state": r.state,
                 "backend": info.backend,
-                "device": _device(d),
-                "memory_bytes": int(d.get("memory_bytes", 0) or 0),
-                "running": int(d.get("running", 0) or 0),
-                "queued": int(d.get("queued", 0) or 0),
-                "max_batch_size": d.get("max_batch_size"),
+                "device": _device(info.details),
+                "memory_bytes": r.memory_bytes,
+                "running": r.running,
+                "queued": r.queued,
+                "max_batch_size": r.max_batch_size,
                 "context_length": info.context_length,
             })
         try:
