@@ -32,7 +32,7 @@ class XllmApp(ExtensionApp):
 
     name = "xllm"
 
-    default_model = Unicode(None, allow_none=True, help="Model served when a client names none; default from config.").tag(config=True)
+    default_model = Unicode(None, allow_none=True, help="Default model (engine.default_model): loaded at start, used by the notebook front-ends when no model is named.").tag(config=True)
     preload = Bool(True, help="Load the default model in the background right after the server starts.").tag(config=True)
     home = Unicode(None, allow_none=True, help="Model store directory (default: XLLM_HOME or the XDG data dir).").tag(config=True)
     max_batch_size = Integer(None, allow_none=True, help="Most sequences decoded together per model.").tag(config=True)
