@@ -25,11 +25,8 @@ from ..core.types import (
     ChoiceDelta,
     Constraint,
     EmbeddingResult,
-    EngineStats,
     GenerationDone,
     GenerationRequest,
-    ModelInfo,
-    ModelRuntime,
 )
 from ..store.names import canonical_name
 from .embeddings import EmbeddingHost
@@ -45,10 +42,9 @@ from .manager import (
     parse_keep_alive,
     parse_replicas,
     reap_forever,
-    replica_stats,
-    runner_memory_bytes,
 )
 from .runner import ModelRunner
+from .views import ViewsMixin
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +61,7 @@ class ModelCatalog(Protocol):
     # optional: ``task(name) -> str | None``, what a model serves without loading it (``Engine._info``)
 
 
-class Engine(AdapterMixin, ResidencyMixin):
+class Engine(AdapterMixin, ResidencyMixin, ViewsMixin):
     """One shared engine: what is loaded, and the entry point for every generation."""
 
     def __init__(
@@ -362,81 +358,6 @@ class Engine(AdapterMixin, ResidencyMixin):
         name = canonical_name(name)
         return self._defaults.get(name, {}) if name in self._runners else {}
 
-    def is_loaded(self, name: str) -> bool:
-        """True when ``name`` is loaded now."""
-        name = canonical_name(name)
-        return name in self._runners or name in self._embeddings.slots or name in self._adapters
-
-    def _info(self, name: str) -> ModelInfo:
-        info = self._plain_info(name)
-        # clients pick a default (a chat model, the configured one first) from these two
-        task = info.task or info.details.get("task") or self._task(name)
-        default = bool(self.config.default_model) and name == canonical_name(self.config.default_model)
-        return dataclasses.replace(info, task=task, default=default)
-
-    def _task(self, name: str) -> str | None:
-        """What ``name`` serves: ``chat`` when it runs here, else what the catalog says (None: unknown)."""
-        if name in self._runners:
-            return "chat"
-        lookup = getattr(self.catalog, "task", None)
-        return lookup(name) if lookup is not None else None
-
-    def _plain_info(self, name: str) -> ModelInfo:
-        # .get(), never `in` then [name]: listings run on a worker thread while the IOLoop unloads
-        slot = self._embeddings.slots.get(name)
-        if slot is not None:
-            return slot.info()
-        base = self._adapters.get(name)
-        if base is not None:
-            return self._adapter_info(name, base)
-        runner = self._runners.get(name)
-        if runner is None:
-            loading = ModelRuntime(state="loading") if name in self._loading else None
-            return ModelInfo(name=name, created=self._created, loaded=False, runtime=loading)
-        m = runner.model
-        stats = runner.stats()
-        rec = self._res.get(name) or Residency()
-        runtime = ModelRuntime(
-            memory_bytes=runner_memory_bytes(runner) or rec.memory_bytes,  # live: an eager KV cache grows
-            running=stats.running,
-            queued=stats.queued,
-            max_batch_size=runner.max_batch_size,
-            replicas=tuple(replica_stats(runner)),
-            last_used=int(rec.last_used),
-            in_use=rec.in_use,
-            expires_at=None if rec.expires_at is None else int(rec.expires_at),
-        )
-        return ModelInfo(
-            name=name,
-            created=runner.created,
-            loaded=True,
-            backend=m.backend_name,
-            context_length=m.context_length,
-            details=m.details(),
-            runtime=runtime,
-        )
-
-    def list_models(self) -> list[ModelInfo]:
-        """Loaded models first, then every other model the catalog can load."""
-        names = list(self._runners) + list(self._adapters) + list(self._embeddings.slots)
-        if self.catalog is not None:
-            names += [n for n in self.catalog.names() if n not in names]
-        return [self._info(n) for n in names]
-
-    def loaded_models(self, *, include_loading: bool = False) -> list[ModelInfo]:
-        """Only the models in memory now (and, if asked, those being loaded: ``runtime.state == "loading"``)."""
-        loading = [n for n in self._loading if n not in self._runners] if include_loading else []
-        return [self._info(n) for n in list(self._runners) + list(self._adapters) + list(self._embeddings.slots) + loading]
-
-    def model_info(self, name: str) -> ModelInfo:
-        """One model's info; raises ModelNotFound if it is neither loaded nor loadable."""
-        name = canonical_name(name)
-        if name in self._runners or name in self._embeddings.slots or name in self._adapters:
-            return self._info(name)
-        if self.catalog is not None and name in self.catalog.names():
-            return self._info(name)
-        raise ModelNotFound(name)
-
     @staticmethod
     def _canonical(request: GenerationRequest) -> GenerationRequest:
         """``request`` naming its model as runners are kept (``TINY`` and ``tiny`` are one model)."""
@@ -514,25 +435,6 @@ class Engine(AdapterMixin, ResidencyMixin):
             handle.cancel()
             rec.in_use -= 1
             self._finished(request.model, request.keep_alive)
-
-    # ------------------------------------------------------------------- stats
-    def stats(self, name: str | None = None) -> EngineStats:
-        """Counters for one model, or summed over all loaded models."""
-        name = canonical_name(name) if name else name
-        name = self._adapters.get(name or "", name)
-        runner = self._runners.get(name) if name else None
-        runners = [runner] if runner is not None else list(self._runners.values())
-        parts = [r.stats() for r in runners]
-        return EngineStats(
-            running=sum(p.running for p in parts),
-            queued=sum(p.queued for p in parts),
-            steps=sum(p.steps for p in parts),
-            max_batch=max((p.max_batch for p in parts), default=0),
-            batched_steps=sum(p.batched_steps for p in parts),
-            completed=sum(p.completed for p in parts),
-            cancelled=sum(p.cancelled for p in parts),
-            tokens=sum(p.tokens for p in parts) + (self._retired_tokens if runner is None else 0),
-        )
 
 
 async def _load_on_a_thread(backend: Backend, spec: ModelSpec) -> LoadedModel:

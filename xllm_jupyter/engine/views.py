@@ -1,0 +1,126 @@
+"""What the engine can tell about its models: listings, one model's info, counters.
+
+Read-only views over the Engine's tables. ``/v1/models`` runs them on a worker thread
+(the catalog reads the disk) while the IOLoop loads and unloads, so each table is read
+with ``.get()`` or copied first, never checked and then indexed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from ..core.errors import ModelNotFound
+from ..core.types import EngineStats, ModelInfo, ModelRuntime
+from ..store.names import canonical_name
+from .manager import Residency, replica_stats, runner_memory_bytes
+
+
+class ViewsMixin:
+    """Engine methods that describe models and count their work; the Engine owns the tables they read."""
+
+    _runners: dict[str, Any]
+    _res: dict[str, Residency]
+    _adapters: dict[str, str]
+    _embeddings: Any
+    _loading: dict[str, Any]
+    _created: int
+    _retired_tokens: int
+    catalog: Any
+    config: Any
+    _adapter_info: Callable[[str, str], ModelInfo]  # AdapterMixin's
+
+    def is_loaded(self, name: str) -> bool:
+        """True when ``name`` is loaded now."""
+        name = canonical_name(name)
+        return name in self._runners or name in self._embeddings.slots or name in self._adapters
+
+    def _info(self, name: str) -> ModelInfo:
+        info = self._plain_info(name)
+        # clients pick a default (a chat model, the configured one first) from these two
+        task = info.task or info.details.get("task") or self._task(name)
+        default = bool(self.config.default_model) and name == canonical_name(self.config.default_model)
+        return dataclasses.replace(info, task=task, default=default)
+
+    def _task(self, name: str) -> str | None:
+        """What ``name`` serves: ``chat`` when it runs here, else what the catalog says (None: unknown)."""
+        if name in self._runners:
+            return "chat"
+        lookup = getattr(self.catalog, "task", None)
+        return lookup(name) if lookup is not None else None
+
+    def _plain_info(self, name: str) -> ModelInfo:
+        # .get(), never `in` then [name]: listings run on a worker thread while the IOLoop unloads
+        slot = self._embeddings.slots.get(name)
+        if slot is not None:
+            return slot.info()
+        base = self._adapters.get(name)
+        if base is not None:
+            return self._adapter_info(name, base)
+        runner = self._runners.get(name)
+        if runner is None:
+            loading = ModelRuntime(state="loading") if name in self._loading else None
+            return ModelInfo(name=name, created=self._created, loaded=False, runtime=loading)
+        m = runner.model
+        stats = runner.stats()
+        rec = self._res.get(name) or Residency()
+        runtime = ModelRuntime(
+            memory_bytes=runner_memory_bytes(runner) or rec.memory_bytes,  # live: an eager KV cache grows
+            running=stats.running,
+            queued=stats.queued,
+            max_batch_size=runner.max_batch_size,
+            replicas=tuple(replica_stats(runner)),
+            last_used=int(rec.last_used),
+            in_use=rec.in_use,
+            expires_at=None if rec.expires_at is None else int(rec.expires_at),
+        )
+        return ModelInfo(
+            name=name,
+            created=runner.created,
+            loaded=True,
+            backend=m.backend_name,
+            context_length=m.context_length,
+            details=m.details(),
+            runtime=runtime,
+        )
+
+    def list_models(self) -> list[ModelInfo]:
+        """Loaded models first, then every other model the catalog can load."""
+        names = list(self._runners) + list(self._adapters) + list(self._embeddings.slots)
+        if self.catalog is not None:
+            names += [n for n in self.catalog.names() if n not in names]
+        return [self._info(n) for n in names]
+
+    def loaded_models(self, *, include_loading: bool = False) -> list[ModelInfo]:
+        """Only the models in memory now (and, if asked, those being loaded: ``runtime.state == "loading"``)."""
+        loading = [n for n in self._loading if n not in self._runners] if include_loading else []
+        return [self._info(n) for n in list(self._runners) + list(self._adapters) + list(self._embeddings.slots) + loading]
+
+    def model_info(self, name: str) -> ModelInfo:
+        """One model's info; raises ModelNotFound if it is neither loaded nor loadable."""
+        name = canonical_name(name)
+        if name in self._runners or name in self._embeddings.slots or name in self._adapters:
+            return self._info(name)
+        if self.catalog is not None and name in self.catalog.names():
+            return self._info(name)
+        raise ModelNotFound(name)
+
+    # ------------------------------------------------------------------- stats
+    def stats(self, name: str | None = None) -> EngineStats:
+        """Counters for one model, or summed over all loaded models."""
+        name = canonical_name(name) if name else name
+        name = self._adapters.get(name or "", name)
+        runner = self._runners.get(name) if name else None
+        runners = [runner] if runner is not None else list(self._runners.values())
+        parts = [r.stats() for r in runners]
+        return EngineStats(
+            running=sum(p.running for p in parts),
+            queued=sum(p.queued for p in parts),
+            steps=sum(p.steps for p in parts),
+            max_batch=max((p.max_batch for p in parts), default=0),
+            batched_steps=sum(p.batched_steps for p in parts),
+            completed=sum(p.completed for p in parts),
+            cancelled=sum(p.cancelled for p in parts),
+            tokens=sum(p.tokens for p in parts) + (self._retired_tokens if runner is None else 0),
+        )
