@@ -401,3 +401,16 @@ def test_server_keep_alive_and_replicas(three_model_home):
         r = httpx.post(info.root + "/admin/models/load", headers=ADMIN_HEADERS,
                        json={"model": "tiny2", "keep_alive": "1h"})
         assert r.status_code == 200 and admin(info)["tiny2"]["expires_at"] > time.time() + 3000
+
+
+async def test_a_preloaded_model_stays_after_its_requests(tmp_path):
+    """Preloaded models have no keep_alive expiry, before and after requests that send none."""
+    engine, _ = make_engine(tmp_path, keep_alive="1s", preload=("a",))
+    await engine.start()
+    await run(engine, req("a"))
+    assert engine.model_info("a").runtime.expires_at is None  # it was 1 s from the request before
+    await run(engine, req("a", keep_alive=-1.0))
+    await run(engine, req("b"))
+    await wait_for(lambda: not engine.is_loaded("b"), timeout=5)  # b's keep_alive (1 s) ran out; a's did not
+    assert engine.is_loaded("a")
+    await engine.stop()

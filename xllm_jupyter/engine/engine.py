@@ -98,9 +98,12 @@ class Engine(AdapterMixin, ResidencyMixin, ViewsMixin):
         """Start serving; preloads the models named in ``config.preload``."""
         self._started = True
         self._start_reaper()
-        for name in self.config.preload:
+        for name in map(canonical_name, self.config.preload):
             await self.load_any(name)
-            self._touch(name, None)  # preloaded models stay until unloaded or evicted
+            rec = self._res.get(name)
+            if rec is not None:  # (an embedding model has none: it never expires unless a request says so)
+                rec.pinned = True  # preloaded models stay until unloaded or evicted, however often used
+                self._touch(name)
 
     def _start_reaper(self) -> None:
         if self._reaper is None or self._reaper.done():

@@ -204,6 +204,7 @@ class Residency:
     in_use: int = 0  # requests between their first engine call and the end of their generation
     expires_at: float | None = None  # None = kept until unloaded or evicted
     gpus: tuple[int, ...] | None = None  # the GPUs it holds memory on (None: every visible one, or not a GPU)
+    pinned: bool = False  # preloaded: a request without its own keep_alive leaves it without expiry
 
 
 class MemoryBudget:
@@ -370,7 +371,7 @@ class ResidencyMixin:
             return
         rec.last_used = time.time()
         if keep_alive == "default":
-            keep_alive = self._default_keep_alive
+            keep_alive = None if rec.pinned else self._default_keep_alive
         rec.expires_at = None if keep_alive is None else rec.last_used + float(keep_alive)
 
     async def _reap_expired(self) -> None:
