@@ -84,6 +84,19 @@ def test_default_model_is_first_loaded(client, monkeypatch):
     assert client.default_model() == "other"
 
 
+def test_a_chat_without_a_model_uses_the_default(client, xllm_server, monkeypatch):
+    """As xllm_jupyter.chat does: no model given is default_model(), sync and async, streamed or not (it was a 400)."""
+    monkeypatch.delenv("XLLM_MODEL", raising=False)
+    assert client.chat_completion("Hi", max_tokens=2, temperature=0)["model"] == TINY
+    assert "".join(client.stream_chat("Hi", max_tokens=2, temperature=0))
+
+    async def ask() -> str:
+        async with AsyncXllmClient(xllm_server.base_url, xllm_server.api_key) as ac:
+            return await ac.chat("Hi", max_tokens=2, temperature=0)
+
+    assert asyncio.run(ask())
+
+
 # ------------------------------------------------------------------- the store
 def test_pull_streams_progress_then_the_manifest(client, tiny_llama_dir, xllm_home):
     """A pull into the session server's store (removed again): progress events, then success with the manifest."""

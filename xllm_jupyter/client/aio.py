@@ -20,8 +20,10 @@ from .base import (
     is_event_stream,
     json_body,
     message_text,
+    no_chat_model,
     not_a_stream,
     parse_sse_line,
+    pick_default_model,
     pull_body,
     resolve_base_url,
     root_url,
@@ -85,6 +87,16 @@ class AsyncXllmClient:
         """``GET /v1/models``: every model the server can serve."""
         return (await self._request("GET", self.base_url + "/models") or {}).get("data", [])
 
+    async def default_model(self) -> str | None:
+        """The model a chat without one uses (as ``XllmClient.default_model``)."""
+        return os.environ.get("XLLM_MODEL") or pick_default_model(await self.models())
+
+    async def _model(self, model: str | None) -> str:
+        picked = model or await self.default_model()
+        if not picked:
+            raise no_chat_model()
+        return picked
+
     async def model(self, name: str) -> dict[str, Any]:
         """``GET /v1/models/{name}``: one model's entry; ``ModelNotFound`` when unknown."""
         return await self._request("GET", self.base_url + "/models/" + quote(name, safe="")) or {}
@@ -133,12 +145,12 @@ class AsyncXllmClient:
 
     async def chat(self, messages: Messages, model: str | None = None, **params: Any) -> str:
         """The assistant's reply text for ``messages``."""
-        body = await self._request("POST", self.base_url + "/chat/completions", json=chat_body(messages, model, False, params))
-        return message_text(body)
+        body = chat_body(messages, await self._model(model), False, params)
+        return message_text(await self._request("POST", self.base_url + "/chat/completions", json=body))
 
     async def stream_chunks(self, messages: Messages, model: str | None = None, **params: Any) -> AsyncIterator[dict[str, Any]]:
         """Every chunk of a streamed chat completion; ``aclose()`` it to cancel on the server."""
-        events = self._events(self.base_url + "/chat/completions", chat_body(messages, model, True, params))
+        events = self._events(self.base_url + "/chat/completions", chat_body(messages, await self._model(model), True, params))
         try:
             async for chunk in events:
                 yield chunk

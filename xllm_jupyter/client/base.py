@@ -253,6 +253,29 @@ def can_chat(entry: Mapping[str, Any]) -> bool:
     return task is None or task in CHAT_TASKS
 
 
+def _first_chat(entries: Iterable[Mapping[str, Any]]) -> str | None:
+    """The first entry's name that may serve a chat (embedding models left out)."""
+    names = ((entry.get("id") or entry.get("name"), entry) for entry in entries)
+    return next((name for name, entry in names if name and can_chat(entry)), None)
+
+
+def pick_default_model(servable: list[Mapping[str, Any]]) -> str | None:
+    """A loaded chat model, else the server's default, else the first servable chat model.
+
+    ``servable`` is ``/v1/models``' data: its entries say which models are loaded, what each
+    serves and which is the server's ``engine.default_model`` (``xllm.details.default``).
+    (Callers check ``XLLM_MODEL`` first, which spares them the listing.)
+    """
+    loaded = [m for m in servable if (m.get("xllm") or {}).get("loaded")]
+    return _first_chat(loaded) or _first_chat([m for m in servable if is_default(m)]) or _first_chat(servable)
+
+
+def no_chat_model() -> InvalidRequest:
+    """The error for a chat without a model when the server has no chat model to default to."""
+    return InvalidRequest("no model given and this server has no chat model to default to: pass model=..., "
+                          "or pull one (xllm pull smollm2)", param="model")
+
+
 #: returned by parse_sse_line for ``data: [DONE]``
 DONE: dict[str, Any] = {"__done__": True}
 

@@ -15,16 +15,16 @@ from .base import (
     DONE,
     PULL_TIMEOUT,
     auth_headers,
-    can_chat,
     cannot_pull,
     chat_body,
     delta_text,
-    is_default,
     is_event_stream,
     json_body,
     message_text,
+    no_chat_model,
     not_a_stream,
     parse_sse_line,
+    pick_default_model,
     pull_body,
     resolve_base_url,
     root_url,
@@ -160,16 +160,20 @@ class XllmClient:
         loaded, what each serves (embedding models are skipped) and which is the server's
         ``engine.default_model`` (``xllm.details.default``).
         """
-        if os.environ.get("XLLM_MODEL"):
-            return os.environ["XLLM_MODEL"]
-        servable = self.models()
-        loaded = [m for m in servable if (m.get("xllm") or {}).get("loaded")]
-        return _first_chat(loaded) or _first_chat([m for m in servable if is_default(m)]) or _first_chat(servable)
+        return os.environ.get("XLLM_MODEL") or pick_default_model(self.models())
+
+    def _model(self, model: str | None) -> str:
+        """``model``, else the one ``default_model()`` picks (a request must name one)."""
+        picked = model or self.default_model()
+        if not picked:
+            raise no_chat_model()
+        return picked
 
     # ---------------------------------------------------------------------- chat
     def chat_completion(self, messages: Messages, model: str | None = None, **params: Any) -> dict[str, Any]:
-        """``POST /v1/chat/completions`` (not streamed): the whole response body."""
-        return self._request("POST", self.base_url + "/chat/completions", json=chat_body(messages, model, False, params))
+        """``POST /v1/chat/completions`` (not streamed): the whole response body (no ``model``: ``default_model()``)."""
+        body = chat_body(messages, self._model(model), False, params)
+        return self._request("POST", self.base_url + "/chat/completions", json=body)
 
     def chat(self, messages: Messages, model: str | None = None, **params: Any) -> str:
         """The assistant's reply text for ``messages``."""
@@ -180,7 +184,7 @@ class XllmClient:
 
         Closing the iterator early closes the HTTP response, so the server cancels the job.
         """
-        yield from self._events(self.base_url + "/chat/completions", chat_body(messages, model, True, params))
+        yield from self._events(self.base_url + "/chat/completions", chat_body(messages, self._model(model), True, params))
 
     def stream_chat(self, messages: Messages, model: str | None = None, **params: Any) -> Iterator[str]:
         """The reply's text pieces as they are generated (close the iterator to cancel)."""
@@ -193,11 +197,3 @@ class XllmClient:
         finally:
             chunks.close()
 
-
-def _name(entry: Mapping[str, Any]) -> str | None:
-    return entry.get("id") or entry.get("name")
-
-
-def _first_chat(entries: Iterable[Mapping[str, Any]]) -> str | None:
-    """The first entry's name that may serve a chat (embedding models left out)."""
-    return next((_name(m) for m in entries if _name(m) and can_chat(m)), None)
