@@ -292,6 +292,30 @@ def test_disconnect_cancels_generation(xllm_server):
     assert engine.stats().cancelled > cancelled
 
 
+def test_a_stream_the_client_leaves_is_charged_what_it_generated(xllm_server, raw):
+    """Leaving a stream before its final usage must not make its tokens free (daily token quotas)."""
+
+    def charged() -> tuple[int, int]:
+        rows = raw.get("/admin/usage").json()["data"]
+        return sum(r["prompt_tokens"] for r in rows), sum(r["completion_tokens"] for r in rows)
+
+    engine = xllm_server.engine
+    assert _wait_idle(engine)
+    prompt0, completion0 = charged()
+    body = {"model": TINY, "messages": MSG, "max_tokens": 1900, "stream": True, "ignore_eos": True}
+    received = 0
+    with raw.stream("POST", "/v1/chat/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line:
+                received += 1  # a content chunk carries at least one token
+            if received == 5:
+                break
+    assert _wait_idle(engine, 3.0), engine.stats()
+    prompt1, completion1 = charged()
+    assert prompt1 > prompt0
+    assert 5 <= completion1 - completion0 < 1900
+
+
 def test_disconnect_cancels_non_streaming(xllm_server):
     engine = xllm_server.engine
     assert _wait_idle(engine)

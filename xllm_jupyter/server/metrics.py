@@ -7,6 +7,7 @@ Request, latency and token metrics are recorded as requests run; engine-derived 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -17,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ..core.types import GenerationDone, Usage
+from ..core.types import ChoiceDelta, GenerationDone, Usage
 from .limits import note_stream_tokens
 
 log = logging.getLogger("xllm_jupyter.server")
@@ -84,11 +85,13 @@ class ServerMetrics:
         """One request refused over ``key_id``'s limit (a ``Limiter`` listener)."""
         self.rate_limited.labels(key_id, reason).inc()
 
-    def record_usage(self, model: str, usage: Any) -> None:
-        """Token counts of one finished generation; cached prompt tokens count as a prefix hit."""
+    def record_usage(self, model: str, usage: Any, prefix: bool = True) -> None:
+        """Token counts of one generation; with ``prefix`` (it finished, so its cache count is known), cached
+        prompt tokens count as a prefix hit and none as a miss."""
         self.prompt_tokens.labels(model).inc(usage.prompt_tokens)
         self.generation_tokens.labels(model).inc(usage.completion_tokens)
-        (self.prefix_hits if usage.cached_tokens > 0 else self.prefix_misses).labels(model).inc()
+        if prefix:
+            (self.prefix_hits if usage.cached_tokens > 0 else self.prefix_misses).labels(model).inc()
 
     def _timers(self, endpoint: str) -> tuple[Any, Any, Any]:
         """Prebound histogram children: no label lookup per chunk."""
@@ -191,15 +194,33 @@ class ObservedEngine:
         return getattr(self._engine, name)
 
     async def generate(self, request: Any) -> AsyncIterator[Any]:
-        """The engine's events, passed through; the final usage is counted and handed to ``on_done``."""
-        async with aclosing(self._engine.generate(request)) as events:
-            async for ev in events:
-                if isinstance(ev, GenerationDone):
-                    self._metrics.record_usage(request.model, ev.usage)
-                    note_stream_tokens(ev.usage.total_tokens)
-                    for callback in self._on_done:
-                        callback(request, ev.usage)
-                yield ev
+        """The engine's events, passed through; the final usage is counted and handed to ``on_done``.
+
+        A generation its consumer closes early (the client left, a forced tool reply stopped
+        repeating itself) never sends its final usage: it is charged the prompt and the tokens
+        it delivered, so leaving a stream just before its end does not make it free.
+        """
+        delivered = 0
+        try:
+            async with aclosing(self._engine.generate(request)) as events:
+                async for ev in events:
+                    if type(ev) is ChoiceDelta:
+                        delivered += len(ev.token_ids)
+                    elif isinstance(ev, GenerationDone):
+                        delivered = -1  # charged in full below; nothing left to charge on close
+                        self._charge(request, ev.usage)
+                    yield ev
+        except (GeneratorExit, asyncio.CancelledError):
+            if delivered > 0:
+                self._charge(request, Usage(len(request.prompt_ids), delivered), finished=False)
+            raise
+
+    def _charge(self, request: Any, usage: Usage, finished: bool = True) -> None:
+        """Count ``usage`` in the metrics and hand it to every ``on_done`` callback."""
+        self._metrics.record_usage(request.model, usage, prefix=finished)
+        note_stream_tokens(usage.total_tokens)
+        for callback in self._on_done:
+            callback(request, usage)
 
     async def load(self, name: str) -> Any:
         """Load (or find) ``name``; a new load is counted."""
