@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import socket
 import subprocess
 import sys
@@ -449,7 +450,15 @@ def test_a_setup_mistake_is_one_line_and_exit_1(problem, xllm_home, monkeypatch,
         url = {"busy port": f"http://127.0.0.1:{busy.getsockname()[1]}", "not http": "https://127.0.0.1:8910",
                "bad port": "http://127.0.0.1:99999"}[problem]
         monkeypatch.setenv("JUPYTERHUB_SERVICE_URL", url)
-        assert hub_main([]) == 1
+        root = logging.getLogger()
+        handlers, level = root.handlers[:], root.level
+        try:
+            assert hub_main([]) == 1
+        finally:  # main() logs to this test's captured stderr, which closes with the test
+            for handler in root.handlers[:]:
+                if handler not in handlers:
+                    root.removeHandler(handler)
+            root.setLevel(level)
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     assert err.startswith("xllm hub service: ") and {
