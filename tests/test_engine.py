@@ -14,6 +14,7 @@ from xllm_jupyter.core.errors import (
     EngineError,
     InvalidRequest,
     ModelNotFound,
+    Overloaded,
 )
 from xllm_jupyter.core.types import (
     ChoiceDelta,
@@ -367,7 +368,7 @@ async def test_a_shutdown_that_times_out_mid_step_leaves_the_unload_to_the_step_
     assert await asyncio.to_thread(runner.shutdown, 0.05) is False
     assert not model.unloaded and not runner.wait_closed(0.05)
     model.gate.set()
-    with pytest.raises(EngineError, match="unloaded"):
+    with pytest.raises(Overloaded, match="unloaded"):
         await asyncio.wait_for(running, 5)
     assert await asyncio.to_thread(runner.wait_closed, 5)
     assert model.unloaded and not model.unloaded_mid_step and model.unloaded_on == runner._thread.ident
@@ -392,7 +393,7 @@ async def test_an_unload_waits_for_a_stuck_step_only_so_long(monkeypatch):
     assert await asyncio.wait_for(engine.unload("fake"), 5) and not engine.is_loaded("fake")
     assert not model.unloaded  # still in its step: its own thread unloads it when the step ends
     model.gate.set()
-    with pytest.raises(EngineError, match="unloaded"):
+    with pytest.raises(Overloaded, match="unloaded"):
         await asyncio.wait_for(running, 5)
     await wait_for(lambda: model.unloaded)
     await engine.stop()

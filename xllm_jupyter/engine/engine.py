@@ -109,8 +109,12 @@ class Engine(AdapterMixin, ResidencyMixin, ViewsMixin):
         if self._reaper is None or self._reaper.done():
             self._reaper = asyncio.get_running_loop().create_task(reap_forever(self))
 
-    async def stop(self) -> None:
-        """Cancel everything, stop every runner thread and release models."""
+    async def stop(self, reason: XllmError | None = None) -> None:
+        """Cancel everything, stop every runner thread and release models.
+
+        Requests still generating fail with ``reason`` (e.g. the server shutting down; default: the model was
+        unloaded), so their clients get an error they can act on rather than a cut connection.
+        """
         if self._reaper is not None:
             self._reaper.cancel()
         loading = list(self._loading.values())
@@ -120,7 +124,7 @@ class Engine(AdapterMixin, ResidencyMixin, ViewsMixin):
         runners = list(self._runners.values())
         self._runners.clear()
         self._res.clear()
-        await asyncio.gather(*(asyncio.to_thread(r.shutdown) for r in runners))
+        await asyncio.gather(*(asyncio.to_thread(r.shutdown, reason=reason) for r in runners))
         await self._embeddings.stop()
         self._started = False
 

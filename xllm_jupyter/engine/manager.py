@@ -170,9 +170,10 @@ class ReplicaSet:
         """Each replica's own counters."""
         return [r.stats() for r in self.runners]
 
-    def shutdown(self, timeout: float | None = 30.0) -> bool:
-        """Stop every replica and unload its model (False: some unload waits for a step to end)."""
-        return all([r.shutdown(timeout) for r in self.runners])
+    def shutdown(self, timeout: float | None = 30.0, reason: Any = None) -> bool:
+        """Stop every replica and unload its model, failing open requests with ``reason`` (False: some unload
+        waits for a step to end)."""
+        return all([r.shutdown(timeout, reason) for r in self.runners])
 
     def wait_closed(self, timeout: float | None = None) -> bool:
         """Block until every replica's model is unloaded."""

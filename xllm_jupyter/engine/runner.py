@@ -165,6 +165,7 @@ class ModelRunner:
         self._warmed = threading.Event()  # set once the model's warm-up has ended, well or not
         self._exited = False  # under _cond: the step thread has left its loop
         self._close_at_exit = False  # under _cond: shutdown timed out, the thread closes itself
+        self._close_reason: XllmError | None = None  # under _cond: what open requests fail with at shutdown
         self._closed = threading.Event()  # set once the model is unloaded
         self.error: BaseException | None = None
 
@@ -244,14 +245,17 @@ class ModelRunner:
             tokens=c.tokens,
         )
 
-    def shutdown(self, timeout: float | None = 30.0) -> bool:
+    def shutdown(self, timeout: float | None = 30.0, reason: XllmError | None = None) -> bool:
         """Stop the thread (waiting up to ``timeout`` s; None: until it ends), fail open requests, unload.
 
-        False when the thread was still in a step at the timeout: the model is then unloaded
-        by that thread once its step returns, never under a running step.
+        Open requests fail with ``reason`` (default: a 503 saying the model was unloaded, which
+        clients retry). False when the thread was still in a step at the timeout: the model is
+        then unloaded by that thread once its step returns, never under a running step.
         """
         with self._cond:
             self._stopping = True
+            if reason is not None:
+                self._close_reason = reason
             self._cond.notify()
         if self._thread.is_alive():
             self._thread.join(timeout)
@@ -269,7 +273,8 @@ class ModelRunner:
     def _close(self) -> None:
         """Fail what is still open and unload the model (no step may be running)."""
         try:
-            gone = EngineError("The model was unloaded while the request ran")
+            gone = self._close_reason or Overloaded(f"The model '{self.model.name}' was unloaded while this request "
+                                                    "ran; retry the request")
             for _, state in list(self._waiting):
                 self._fail(state.handle, gone)
             for state in list(self._jobs.values()):
