@@ -108,11 +108,24 @@ def test_serve_runs_until_sigterm(xllm_home):
         with openai.OpenAI(base_url=base + "/v1", api_key="sk-serve-test", max_retries=0) as c:
             r = c.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
             assert r.usage.completion_tokens <= 3
-        proc.send_signal(signal.SIGTERM)
+        # a stream in flight at SIGTERM ends with an error event and a clean end, not a cut connection
+        body = {"model": TINY, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1900,
+                "ignore_eos": True, "stream": True}
+        events = []
+        with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=30,
+                          headers={"Authorization": "Bearer sk-serve-test"}) as stream:
+            for line in stream.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                events.append(line)
+                if len(events) == 3:
+                    proc.send_signal(signal.SIGTERM)
+        assert '"code":"overloaded"' in events[-1] and "shutting down" in events[-1], events[-3:]
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, out
         assert f"listening on http://127.0.0.1:{port}" in out
         assert "API key required" in out
+        assert "Traceback" not in out
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -15,7 +15,7 @@ from tornado.httpserver import HTTPServer
 
 from ..core.config import XllmConfig
 from ..core.errors import ConfigError
-from ..server.standalone import listen, stop_http_server
+from ..server.standalone import listen, shutdown_engine, stop_http_server
 from .app import make_hub_app, make_hub_auth, service_prefix
 
 log = logging.getLogger("xllm_jupyter.hub")
@@ -32,8 +32,12 @@ class RunningService:
     prefix: str
     http_server: HTTPServer
 
+    def stop_listening(self) -> None:
+        """Take no new connections; requests already in are served on (``stop`` ends them)."""
+        self.http_server.stop()
+
     async def stop(self) -> None:
-        """Stop listening and close open connections."""
+        """Stop listening, give requests in flight a moment to end, close open connections."""
         await stop_http_server(self.http_server)
 
 
@@ -95,5 +99,6 @@ async def run_hub_service(config: XllmConfig, env: Mapping[str, str] | None = No
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        service.stop_listening()  # first: a request arriving now would load a model into a stopping engine
+        await shutdown_engine(engine)
         await service.stop()
-        await engine.stop()

@@ -50,6 +50,17 @@ class XllmContext:
         self.responses = ResponsesServing(self.serving)
         #: the standalone server's per-key Limiter (server/limits.py); None in Jupyter
         self.limiter: Any = None
+        #: requests being handled now (a shutdown lets them write their last words before closing connections)
+        self.active = 0
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is being handled (False: ``timeout`` s passed first)."""
+        deadline = time.monotonic() + timeout
+        while self.active:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
 
     def close(self) -> None:
         """The server stops: save usage one last time (blocking file I/O: call it off the IOLoop)."""
@@ -87,17 +98,19 @@ class RequestMixin:
     async def dispatch(self, method: str, *args: Any, **kwargs: Any) -> None:
         """Run the route's ``handle_<method>``; auth bases call this from get/post."""
         self._dispatched = True  # Tornado has read the whole body by now
-        gauge = self.xllm.metrics.in_flight
-        gauge.inc()
+        context = self.xllm
+        context.metrics.in_flight.inc()
+        context.active += 1
         ticket = None
         try:
             if self.route in METERED_ROUTES:
-                ticket = self.xllm.usage.admit(self.caller)  # per-user quotas (429)
+                ticket = context.usage.admit(self.caller)  # per-user quotas (429)
             await getattr(self, "handle_" + method)(*args, **kwargs)
         finally:
-            gauge.dec()
+            context.metrics.in_flight.dec()
+            context.active -= 1
             if ticket is not None:
-                self.xllm.usage.release(ticket)
+                context.usage.release(ticket)
 
     @property
     def caller(self) -> Any:

@@ -13,7 +13,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from ..core.config import XllmConfig
-from ..core.errors import ListenError
+from ..core.errors import ListenError, Overloaded
 from ..core.hosts import is_loopback
 from .app import make_app
 from .handlers import CONTEXT_KEY
@@ -24,6 +24,8 @@ _WILDCARDS = ("", "0.0.0.0", "::")
 #: Tornado's own body cap; ours (server.max_body_bytes) is enforced by the handlers,
 #: which stream bodies, so this only has to stay above it
 _TORNADO_MAX_BODY = 1 << 30
+#: how long a shutdown waits for requests in flight to end before it closes their connections
+DRAIN_SECONDS = 3.0
 
 
 @dataclass
@@ -36,8 +38,12 @@ class RunningServer:
     http_server: HTTPServer
     auth_enabled: bool
 
+    def stop_listening(self) -> None:
+        """Take no new connections; requests already in are served on (``stop`` ends them)."""
+        self.http_server.stop()
+
     async def stop(self) -> None:
-        """Stop listening and close open connections (streams in flight are cut)."""
+        """Stop listening, give requests in flight a moment to end, close open connections."""
         await stop_http_server(self.http_server)
 
 
@@ -60,16 +66,29 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-async def stop_http_server(http_server: HTTPServer) -> None:
-    """Stop listening and close open connections, waiting at most 5 s for them; then save usage."""
+async def stop_http_server(http_server: HTTPServer, drain_seconds: float = DRAIN_SECONDS) -> None:
+    """Stop listening; let requests in flight end (up to ``drain_seconds``), then close open connections,
+    waiting at most 5 s for them; then save usage.
+
+    With the engine stopped first (``shutdown_engine``), a generation in flight has just failed with a
+    503: the drain lets its handler write that (a stream's error event and its end) instead of the
+    client seeing a cut connection.
+    """
     http_server.stop()
+    context = getattr(http_server.request_callback, "settings", {}).get(CONTEXT_KEY)
+    if context is not None and not await context.wait_idle(drain_seconds):
+        log.warning("closing %d request(s) still in flight", context.active)
     try:
         await asyncio.wait_for(http_server.close_all_connections(), timeout=5)
     except asyncio.TimeoutError:
         log.warning("some connections did not close within 5 s")
-    context = getattr(http_server.request_callback, "settings", {}).get(CONTEXT_KEY)
     if context is not None:
         await asyncio.to_thread(context.close)  # the last usage save writes a file: off the loop
+
+
+async def shutdown_engine(engine: Any) -> None:
+    """Stop ``engine``, failing what it still generates with a 503 saying the server is shutting down."""
+    await engine.stop(Overloaded("The server is shutting down; retry the request later"))
 
 
 async def start_server(config: XllmConfig, engine: Any, *, host: str | None = None, port: int | None = None) -> RunningServer:
@@ -146,8 +165,9 @@ async def run_server(config: XllmConfig, models: Sequence[str] = ()) -> None:
         for task in (preload, waiter):
             task.cancel()
         await asyncio.gather(preload, waiter, return_exceptions=True)
+        server.stop_listening()  # first: a request arriving now would load a model into a stopping engine
+        await shutdown_engine(engine)
         await server.stop()
-        await engine.stop()
 
 
 def serve(config: XllmConfig, models: list[str]) -> None:
