@@ -44,7 +44,7 @@ def roles_server(xllm_home, tiny_catalog) -> Iterator[Any]:
 def fair_server(xllm_home, tiny_catalog) -> Iterator[Any]:
     """One request in flight per key, a queue of two, and a token budget."""
     auth = AuthConfig(max_concurrent_per_key=1, tokens_per_minute=200)
-    keys = ("sk-x", "sk-y", "sk-z", "sk-tok", "sk-tok-stream")
+    keys = ("sk-x", "sk-y", "sk-z", "sk-tok", "sk-tok-stream", "sk-tok-left")
     with running_server(_config(xllm_home, auth, keys, max_queue=2), tiny_catalog, TINY) as info:
         yield info
 
@@ -279,6 +279,22 @@ def test_tokens_per_minute_charges_streams_too(fair_server):
     # no usage chunk was asked for (and chunks are not tokens: the engine merges them), yet
     # the stream was charged its real usage, which empties the 200-token bucket
     refused = _chat(fair_server.root, "sk-tok-stream")
+    assert refused.status_code == 429 and "Token rate limit" in refused.json()["error"]["message"]
+
+
+def test_tokens_per_minute_charges_a_stream_left_early(fair_server):
+    """A stream the client leaves is charged its prompt and what it received, not its chunk count."""
+    _wait_idle(fair_server.engine)
+    long_prompt = [{"role": "user", "content": "Count the words in this. " * 40}]  # ~250 tokens: past the budget
+    body = {"model": TINY, "messages": long_prompt, "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    headers = {"Authorization": "Bearer sk-tok-left"}
+    with httpx.stream("POST", fair_server.base_url + "/chat/completions", json=body, headers=headers, timeout=60) as r:
+        assert r.status_code == 200
+        for n, _ in enumerate(line for line in r.iter_lines() if line.startswith("data: ")):
+            if n == 3:
+                break
+    _wait_idle(fair_server.engine)
+    refused = _chat(fair_server.root, "sk-tok-left")
     assert refused.status_code == 429 and "Token rate limit" in refused.json()["error"]["message"]
 
 
