@@ -191,6 +191,29 @@ def test_cancel_within_one_step_and_rows_leave_the_cache(model):
     assert model.active_jobs() == 0 and model._batch.rows == 0 and model.memory_bytes() == model._weight_bytes
 
 
+def test_a_job_that_fails_after_the_forward_pass_fails_alone(model, caplog):
+    """An exception in one row's own work (detokenizing, its grammar, its sampler) ends that job with an
+    ERROR event; the batch it shared a step with goes on."""
+    a, b = job(PROMPT, max_tokens=6), job(PROMPT[:11], max_tokens=6)
+    model.add(a)
+    model.add(b)
+    model.step()  # both prefilled and running
+    broken = next(s for s in model._running if s.job.job_id == a.job_id)
+
+    class FaultyDetokenizer:  # fault injection: no real input is known to reach this
+        def push(self, token):
+            raise RuntimeError("a fault in this job's detokenizer")
+
+    broken.detok = FaultyDetokenizer()
+    out = model.step()
+    failed = [e for e in out if e.job_id == a.job_id]
+    assert [e.finish for e in failed] == [FinishReason.ERROR] and failed[0].token_id is None
+    assert "failing it alone" in caplog.text
+    evs = run(model, [])
+    assert evs[b.job_id][-1][1].finish is FinishReason.LENGTH and a.job_id not in evs
+    assert model.active_jobs() == 0 and model._batch.rows == 0
+
+
 def test_cancel_before_prefill_runs_no_forward(model):
     j = job(PROMPT, max_tokens=10)
     model.add(j)

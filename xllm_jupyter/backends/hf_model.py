@@ -313,34 +313,38 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
         bad = set(result.bad_rows)
         keep: list[int] = []
         for row, (seq, token) in enumerate(zip(seqs, result.token_ids)):
-            if row in bad:  # this job fails alone; the rest of the batch goes on
-                events.append(self._unsampleable(seq))
-                continue
-            seq.completion += 1
-            lp = result.logprobs.get(row)
-            job = seq.job
-            grammar_done = False
-            if seq.matcher is not None:
-                if not seq.matcher.consume_token(token):
-                    # only reachable when the matcher itself failed (e.g. a parser limit):
-                    # this job fails alone, the batch goes on
-                    events.append(self._constraint_failed(seq))
+            try:  # what one job's row does must not fail the others (the forward pass is done)
+                if row in bad:  # this job fails alone; the rest of the batch goes on
+                    events.append(self._unsampleable(seq))
                     continue
-                grammar_done = seq.matcher.is_stopped()
-            if token in job.stop_token_ids:
-                events.append(self._event(seq, token, "", lp, FinishReason.STOP))
-                continue
-            text = seq.detok.push(token)
-            if grammar_done:  # the grammar allows nothing more: a normal stop, like EOS
-                events.append(self._event(seq, token, text + seq.detok.flush(), lp, FinishReason.STOP))
-                continue
-            if seq.completion >= job.max_tokens or len(job.prompt_ids) + seq.completion >= self.context_length:
-                events.append(self._event(seq, token, text + seq.detok.flush(), lp, FinishReason.LENGTH))
-                continue
-            seq.sampler.observe(token)
-            seq.last = token
-            events.append(self._event(seq, token, text, lp))
-            keep.append(row)
+                seq.completion += 1
+                lp = result.logprobs.get(row)
+                job = seq.job
+                grammar_done = False
+                if seq.matcher is not None:
+                    if not seq.matcher.consume_token(token):
+                        # only reachable when the matcher itself failed (e.g. a parser limit):
+                        # this job fails alone, the batch goes on
+                        events.append(self._constraint_failed(seq))
+                        continue
+                    grammar_done = seq.matcher.is_stopped()
+                if token in job.stop_token_ids:
+                    events.append(self._event(seq, token, "", lp, FinishReason.STOP))
+                    continue
+                text = seq.detok.push(token)
+                if grammar_done:  # the grammar allows nothing more: a normal stop, like EOS
+                    events.append(self._event(seq, token, text + seq.detok.flush(), lp, FinishReason.STOP))
+                    continue
+                if seq.completion >= job.max_tokens or len(job.prompt_ids) + seq.completion >= self.context_length:
+                    events.append(self._event(seq, token, text + seq.detok.flush(), lp, FinishReason.LENGTH))
+                    continue
+                seq.sampler.observe(token)
+                seq.last = token
+                events.append(self._event(seq, token, text, lp))
+                keep.append(row)
+            except Exception:
+                log.exception("%s: job %s failed after its forward pass; failing it alone", self.name, seq.job.job_id)
+                events.append(self._event(seq, None, "", finish=FinishReason.ERROR))
         return keep
 
     def _unsampleable(self, seq: _Seq) -> TokenEvent:
