@@ -21,6 +21,7 @@ from ..core.config import XllmConfig, load_config
 from ..server.handlers import CONTEXT_KEY, XllmContext
 from ..server.jupyter import JupyterPublicHandler, JupyterXllmHandler
 from ..server.routes import build_routes
+from ..server.standalone import shutdown_engine
 from .playground import close_playground, playground_routes
 
 #: the routes' prefix under the server's base_url
@@ -100,7 +101,7 @@ class XllmApp(ExtensionApp):
         if self.settings.get(CONTEXT_KEY) is not None:
             await asyncio.to_thread(self.settings[CONTEXT_KEY].close)  # last usage save (quotas.usage_file)
         if self.engine is not None:
-            await self.engine.stop()
+            await shutdown_engine(self.engine)  # open generations end with a 503 'shutting down', not 'unloaded'
         for key, value in getattr(self, "_exported", {}).items():
             if os.environ.get(key) == value:
                 del os.environ[key]
