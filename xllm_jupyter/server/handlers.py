@@ -8,8 +8,8 @@ knows how the caller was authenticated.
 
 from __future__ import annotations
 
-import logging
 import asyncio
+import logging
 import time
 from typing import Any, AsyncIterator, Awaitable
 
