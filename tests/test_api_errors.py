@@ -92,6 +92,16 @@ def test_bad_parameter(raw, extra, param):
     assert err["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize(("param", "value"), [("temperature", "NaN"), ("repetition_penalty", "Infinity"), ("top_p", "-Infinity")])
+def test_non_finite_numbers_are_400_saying_so(raw, param, value):
+    """Python's JSON reads NaN and Infinity; a number parameter must be finite, and the message says that."""
+    body = f'{{"model": "{TINY}", "messages": [{{"role": "user", "content": "hi"}}], "{param}": {value}}}'
+    r = raw.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = error_of(r)
+    assert err["param"] == param and "finite" in err["message"], err
+
+
 def test_bad_parameter_through_sdk(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=TINY, messages=MSG, temperature=3)

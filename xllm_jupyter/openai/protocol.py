@@ -27,9 +27,10 @@ MAX_STOP = 4
 
 
 class _Strict(BaseModel):
-    """Base for wire models: strict types, unknown fields tolerated (SDKs add new ones often)."""
+    """Base for wire models: strict types, finite numbers, unknown fields tolerated (SDKs add new ones often)."""
 
-    model_config = ConfigDict(strict=True, extra="allow")
+    # NaN passed every bound check but the upper one, whose message then misled; Infinity passed open bounds
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
