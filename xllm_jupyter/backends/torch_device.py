@@ -135,3 +135,16 @@ def out_of_memory(name: str, device: Any, what: str = "its weights") -> Overload
     where = "GPU memory" if getattr(device, "type", device) == "cuda" else "memory"
     log.warning("loading %s ran out of %s (%s)", name, where, what)
     return Overloaded(f"Not enough {where} to load '{name}' ({what}): {ADVICE[what]}", code="insufficient_memory")
+
+
+def device_kind(device: str) -> str:
+    """``"cuda"`` or ``"cpu"``: which memory budget a model's device draws on."""
+    device = device.lower()
+    if device == "auto":
+        try:
+            import torch  # lazily: only deciding where an auto model will live needs it
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        except ImportError:
+            return "cpu"
+    return "cuda" if device.startswith("cuda") else "cpu"

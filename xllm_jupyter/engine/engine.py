@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator, Mapping, Protocol, Sequence
 from ..backends.base import Backend, LoadedModel, ModelSpec, unload_each
 from ..backends.memory_estimate import disk_bytes
 from ..backends.registry import get_backend, select_backend
+from ..backends.torch_device import device_kind
 from ..core.config import EngineConfig, QuotaConfig
 from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest, ModelNotFound, Overloaded, XllmError
 from ..core.types import (
@@ -37,7 +38,6 @@ from .manager import (
     ReplicaSet,
     Residency,
     ResidencyMixin,
-    device_kind,
     gpu_indices,
     parse_keep_alive,
     parse_replicas,

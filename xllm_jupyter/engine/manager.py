@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 from ..backends import torch_device
 from ..backends.base import LoadedModel
+from ..backends.torch_device import device_kind
 from ..core.errors import InvalidRequest, Overloaded, PermissionDenied
 from ..core.types import EngineStats
 from ..store.names import canonical_name
@@ -81,19 +82,6 @@ def parse_replicas(items: tuple[str, ...]) -> dict[str, int]:
         except ValueError:
             raise InvalidRequest(f"Invalid engine.replicas entry '{item}': use name=count", param="replicas") from None
     return out
-
-
-def device_kind(device: str) -> str:
-    """``"cuda"`` or ``"cpu"``: which memory budget a model's device draws on."""
-    device = device.lower()
-    if device == "auto":
-        try:
-            import torch  # lazily: only deciding where an auto model will live needs it
-
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        except ImportError:
-            return "cpu"
-    return "cuda" if device.startswith("cuda") else "cpu"
 
 
 def gpu_indices(spec: Any, backend: Any) -> tuple[int, ...] | None:

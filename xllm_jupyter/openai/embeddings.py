@@ -16,13 +16,13 @@ from pydantic import Field
 
 from ..core.errors import InvalidRequest
 from ..engine.manager import request_keep_alive
-from .protocol import _Strict, parse_request
+from .protocol import StrictModel, parse_request
 
 #: most inputs one request may carry (OpenAI's limit)
 MAX_INPUTS = 2048
 
 
-class EmbeddingRequest(_Strict):
+class EmbeddingRequest(StrictModel):
     """The ``/v1/embeddings`` request body."""
 
     model: str = Field(min_length=1)

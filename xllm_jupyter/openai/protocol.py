@@ -26,20 +26,20 @@ MAX_LEGACY_LOGPROBS = 5
 MAX_STOP = 4
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     """Base for wire models: strict types, finite numbers, unknown fields tolerated (SDKs add new ones often)."""
 
     # NaN passed every bound check but the upper one, whose message then misled; Infinity passed open bounds
     model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
 
 
-class StreamOptions(_Strict):
+class StreamOptions(StrictModel):
     """``stream_options``: only ``include_usage`` changes what we send."""
 
     include_usage: bool | None = None
 
 
-class WireMessage(_Strict):
+class WireMessage(StrictModel):
     """One chat message as sent on the wire."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
@@ -49,7 +49,7 @@ class WireMessage(_Strict):
     tool_call_id: str | None = None
 
 
-class _SamplingFields(_Strict):
+class _SamplingFields(StrictModel):
     """Parameters shared by chat completions and legacy completions."""
 
     model: str = Field(min_length=1)
@@ -199,7 +199,7 @@ class CompletionRequest(_SamplingFields):
         return list(p)  # type: ignore[arg-type]
 
 
-class ModelRequest(_Strict):
+class ModelRequest(StrictModel):
     """Body of the admin load/unload endpoints."""
 
     model: str = Field(min_length=1)
@@ -273,7 +273,7 @@ def _validation_error(exc: ValidationError) -> InvalidRequest:
     return InvalidRequest(f"Invalid value for '{param}': {err['msg']}.", param=param)
 
 
-def parse_request(cls: type[_Strict], body: bytes | str) -> Any:
+def parse_request(cls: type[StrictModel], body: bytes | str) -> Any:
     """Validate ``body`` as ``cls``; every failure is an InvalidRequest naming its param."""
     if not body or not body.strip():
         raise InvalidRequest("The request body is empty; expected a JSON object.", code="invalid_json")

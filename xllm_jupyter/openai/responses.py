@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Literal, Union
 from pydantic import Field
 
 from ..core.errors import InvalidRequest, Unsupported, XllmError
-from .protocol import _Strict, parse_request
+from .protocol import StrictModel, parse_request
 from .response_items import chat_tool_choice, chat_tools, function_call_item, items_to_messages, message_item, new_id, normalize_input, output_items
 from .response_store import ResponseStore, StoredResponse
 
@@ -29,7 +29,7 @@ _CHAT_EXTENSIONS = ("stop", "seed", "top_k", "min_p", "presence_penalty", "frequ
 _UNSUPPORTED = ("conversation", "prompt", "include", "background", "reasoning", "max_tool_calls")
 
 
-class ResponsesRequest(_Strict):
+class ResponsesRequest(StrictModel):
     """``POST /v1/responses`` body."""
 
     model: str = Field(min_length=1)
