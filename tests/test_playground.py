@@ -196,3 +196,37 @@ def test_the_package_is_callable_and_exports_the_class():
 
     assert isinstance(package.Playground, type) and package.Playground is Playground
     assert callable(xllm_jupyter.playground)
+
+
+def test_the_model_picker_offers_only_chat_models(pg, xllm_server):
+    """An embedding model (the packaged all-minilm) is listed by the server but not offered for chat."""
+    from xllm_jupyter.client.base import can_chat
+    from xllm_jupyter.playground.app import Endpoint
+    from xllm_jupyter.playground.launcher import list_models
+
+    with XllmClient(xllm_server.base_url, xllm_server.api_key) as direct:
+        embedding = [m["id"] for m in direct.models() if not can_chat(m)]
+    assert embedding, "the server lists no embedding model to leave out"
+    models, _ = list_models(Endpoint(xllm_server.base_url, xllm_server.api_key))
+    assert "tiny" in models
+    assert not set(embedding) & set(models)
+
+
+def test_clear_also_stops_the_reply_in_progress():
+    """Clear (and the transcript's trash icon) cancel the chat events, as Stop does: a reply
+    left running would refill the emptied transcript and keep the server generating."""
+    from xllm_jupyter.playground.app import Endpoint, build_app
+
+    config = build_app(Endpoint("http://127.0.0.1:9/v1", None), ["tiny"], "tiny").get_config_file()
+    by_label = {c["props"].get("value"): c["id"] for c in config["components"] if c.get("type") == "button"}
+    chatbot = next(c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == "xllm-chatbot")
+
+    def cancels(target: tuple[int, str]) -> set[int]:
+        found = [set(d.get("cancels") or ()) for d in config["dependencies"] if [target[0], target[1]] in [list(t) for t in d["targets"]]]
+        assert found, f"nothing listens to {target}"
+        return set().union(*found)
+
+    stop = cancels((by_label["Stop"], "click"))
+    assert len(stop) == 2  # the Enter and the Send events
+    assert cancels((by_label["Clear"], "click")) == stop
+    assert cancels((chatbot, "clear")) == stop

@@ -179,8 +179,10 @@ def build_app(
                     label="Conversation", height=420, elem_id="xllm-chatbot"
                 )
                 # lines=1: Enter sends (a taller box would take Enter as a new line)
+                # the label stays hidden but names the box for screen readers
                 box = gr.Textbox(
                     placeholder="Ask something and press Enter",
+                    label="Message",
                     show_label=False,
                     lines=1,
                     max_lines=8,
@@ -218,5 +220,14 @@ def build_app(
         )
         # Cancelling the task closes the stream, and the server cancels the generation.
         stop.click(None, None, None, cancels=[submitted, clicked], api_name=False)
-        clear.click(lambda: ([], ""), None, [chatbot, box], api_name=False)
+        # Clear stops a reply in progress too: else it keeps streaming into the emptied transcript.
+        clear.click(
+            lambda: ([], ""),
+            None,
+            [chatbot, box],
+            cancels=[submitted, clicked],
+            api_name=False,
+        )
+        # the transcript's own trash icon empties it the same way
+        chatbot.clear(None, None, None, cancels=[submitted, clicked], api_name=False)
     return app

@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..client import XllmClient, resolve_base_url
+from ..client.base import can_chat
 from ..core.errors import InvalidRequest, XllmError
 from ..notebook.clients import endpoint_of
 from .app import CHAT_API_NAME, Endpoint, build_app
@@ -91,9 +92,12 @@ def resolve_endpoint(client: Any | None) -> Endpoint:
 
 
 def list_models(endpoint: Endpoint) -> tuple[list[str], str | None]:
-    """(every servable model id, the default model) from the server at ``endpoint``."""
+    """(every model id the server can chat with, the default model) from the server at ``endpoint``.
+
+    Embedding models are left out: picked in a chat app they could only answer with an error.
+    """
     with XllmClient(endpoint.base_url, endpoint.api_key) as client:
-        models = [m.get("id") or m.get("name") for m in client.models()]
+        models = [m.get("id") or m.get("name") for m in client.models() if can_chat(m)]
         default = client.default_model()
     return [m for m in models if m], default
 
