@@ -38,6 +38,8 @@ CHROMIUM_ARGS = (
 )
 #: screenshots and server logs of browser tests (gitignored)
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+#: the checked-in build of the JupyterLab panel (what the tests must exercise)
+LABEXTENSION_BUILD = Path(__file__).resolve().parents[1] / "xllm_jupyter" / "labextension"
 
 
 def chromium_path() -> str | None:
@@ -161,6 +163,13 @@ def jupyter_lab(
     (config_dir / "labconfig").mkdir(exist_ok=True)
     (config_dir / "labconfig" / "page_config.json").write_text(
         json.dumps({"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}))
+    # JUPYTER_PATH comes first in JupyterLab's search for prebuilt extensions, so the lab
+    # serves the repository's build, not an older copy an install left in the venv
+    data_dir = workdir / "jupyter-data"
+    (data_dir / "labextensions" / "@xllm").mkdir(parents=True, exist_ok=True)
+    link = data_dir / "labextensions" / "@xllm" / "jupyterlab"
+    if not link.exists():
+        link.symlink_to(LABEXTENSION_BUILD, target_is_directory=True)
     port, token = free_port(), secrets.token_hex(16)
     base_url = "/" + base_url.strip("/") + "/" if base_url.strip("/") else "/"
     run_env = {
@@ -169,6 +178,7 @@ def jupyter_lab(
         "JUPYTER_RUNTIME_DIR": str(workdir / "runtime"),
         "IPYTHONDIR": str(workdir / "ipython"),
         "JUPYTER_PLATFORM_DIRS": "1",
+        "JUPYTER_PATH": os.pathsep.join(p for p in (str(data_dir), os.environ.get("JUPYTER_PATH", "")) if p),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
         **(env or {}),
     }

@@ -63,6 +63,23 @@ def test_panel_models_chat_and_playground(lab):
         assert re.search(r"\b(KB|MB|GB)\b", row.locator(".xllm-Model-facts").inner_text())
         assert panel.locator(".xllm-Gauge").count() >= 1
 
+        # the chat offers chat models only: an embedding model the server lists is not among them
+        listed = lab.api("xllm/v1/models")["data"]
+        embedding = [m["id"] for m in listed if m["xllm"]["details"].get("task") == "embedding"]
+        assert embedding, "the server lists no embedding model (the packaged all-minilm)"
+        options = panel.locator(".xllm-Chat-model option").all_inner_texts()
+        assert TINY in options and not set(embedding) & set(options), options
+
+        # a model button outlives the panel's polls (rows are updated in place): a rebuilt
+        # button lost the keyboard focus and swallowed a click that spanned a redraw
+        action = row.locator(".xllm-Model-action")
+        action.evaluate("node => { node.xllmProbe = true; }")
+        assert action.get_attribute("aria-label") == f"Unload {TINY}"
+        for _ in range(2):  # the first read's redraw is done before the next read is sent
+            with page.expect_response(lambda r: "admin/stats" in r.url, timeout=30_000):
+                pass
+        assert action.evaluate("node => node.xllmProbe === true"), "the poll rebuilt the model's button"
+
         # unload and load again through the panel's buttons (POSTs with Jupyter's auth + XSRF)
         row.locator(".xllm-Model-action").click()
         page.wait_for_selector(f'#xllm-panel .xllm-Model.xllm-mod-available[data-model="{TINY}"]', timeout=60_000)

@@ -55,6 +55,13 @@ export interface ChatMessage {
   content: string;
 }
 
+/** A model `GET v1/models` lists, with the task it says it serves (null: not stated). */
+export interface ModelInfo {
+  id: string;
+  /** 'chat', 'embedding', 'adapter', ... (`xllm.details.task`) */
+  task: string | null;
+}
+
 /** Token usage reported at the end of a streamed chat. */
 export interface Usage {
   prompt_tokens: number;
@@ -186,10 +193,18 @@ export class XllmApi {
     return this.json<Stats>('admin/stats');
   }
 
+  /** `GET v1/models`: every model the server can serve (loaded or in the store) and its task. */
+  async models(): Promise<ModelInfo[]> {
+    const body = await this.json<{ data: { id: string; xllm?: { details?: { task?: unknown } } }[] }>('v1/models');
+    return body.data.map(m => {
+      const task = m.xllm?.details?.task;
+      return { id: m.id, task: typeof task === 'string' ? task : null };
+    });
+  }
+
   /** `GET v1/models`: ids of every model the server can serve (loaded or in the store). */
   async modelIds(): Promise<string[]> {
-    const body = await this.json<{ data: { id: string }[] }>('v1/models');
-    return body.data.map(m => m.id);
+    return (await this.models()).map(m => m.id);
   }
 
   /** `POST admin/models/load`: returns once the model is in memory. */

@@ -54,7 +54,10 @@ export class ChatView extends Widget {
     const form = el('div', 'xllm-Chat-form');
     this.input = el('textarea', 'xllm-Chat-input');
     this.input.rows = 2;
-    this.input.placeholder = 'Ask the shared model… (Enter sends, Shift+Enter for a new line)';
+    // short enough for a narrow panel; the tooltip has the Shift+Enter hint
+    this.input.placeholder = 'Ask the shared model (Enter sends)';
+    this.input.title = 'Enter sends, Shift+Enter starts a new line';
+    this.input.setAttribute('aria-label', 'Message');
     this.input.addEventListener('keydown', event => {
       if (event.key === 'Enter' && !event.shiftKey) {
         event.preventDefault();
@@ -105,7 +108,7 @@ export class ChatView extends Widget {
     this.render();
     const node = this.log.lastElementChild?.querySelector('.xllm-Chat-text') as HTMLElement | null;
     try {
-      await this.api.chat({
+      const result = await this.api.chat({
         model,
         messages,
         maxTokens: this.maxTokens,
@@ -118,8 +121,13 @@ export class ChatView extends Widget {
           }
         }
       });
+      if (result.finishReason === 'length') {
+        reply.note = `Cut off at the ${this.maxTokens}-token limit.`;
+      }
     } catch (error) {
-      if (!this.abort.signal.aborted) {
+      if (this.abort.signal.aborted) {
+        reply.note = 'Stopped.';
+      } else {
         reply.error = error instanceof XllmApiError ? error.message : `The request failed: ${String(error)}`;
       }
     } finally {
@@ -165,6 +173,11 @@ function turnNode(turn: Turn): HTMLElement {
   node.append(text);
   if (turn.pending) {
     node.classList.add('xllm-mod-pending');
+  }
+  if (turn.note) {
+    const note = el('div', 'xllm-Chat-note');
+    note.textContent = turn.note;
+    node.append(note);
   }
   if (turn.error) {
     const err = el('div', 'xllm-Chat-error');

@@ -11,6 +11,7 @@ import { XllmApi, XllmApiError } from './api';
 import { ChatView } from './chat';
 import { jupyterRequest } from './connection';
 import { XllmPanel } from './panel';
+import { canChat } from './state';
 
 /** Command ids. */
 export namespace CommandIDs {
@@ -29,10 +30,13 @@ let chatCount = 0;
 /** A chat in the main area: the fallback when the playground cannot be opened. */
 function openChat(app: JupyterFrontEnd, api: XllmApi, model: string | null): void {
   const chat = new ChatView({ api, className: 'xllm-mod-main' });
-  // the main-area chat offers the models the panel knows; fetch them if it has none yet
+  // the main-area chat offers the chat models the server lists (no embedding models)
   void api
-    .modelIds()
-    .then(ids => chat.setModels(ids, model && ids.includes(model) ? model : ids[0] ?? null))
+    .models()
+    .then(models => {
+      const ids = models.filter(m => canChat(m.task)).map(m => m.id);
+      chat.setModels(ids, model && ids.includes(model) ? model : ids[0] ?? null);
+    })
     .catch(() => undefined);
   const widget = new MainAreaWidget({ content: chat });
   widget.id = `xllm-chat-${++chatCount}`;

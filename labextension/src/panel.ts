@@ -9,7 +9,14 @@ import { Panel, Widget } from '@lumino/widgets';
 import { Stats, XllmApi, XllmApiError } from './api';
 import { button, ChatView, el } from './chat';
 import { formatBytes, formatQueue, formatRate, memoryGauge, statusLabel } from './format';
-import { chooseChatModel, modelRows } from './state';
+import { chooseChatModel, ModelRow, modelRows, notForChat } from './state';
+
+/** The DOM of one model row, kept across redraws so focus and clicks survive a poll. */
+interface RowNodes {
+  item: HTMLLIElement;
+  facts: HTMLElement;
+  action: HTMLButtonElement;
+}
 
 /** Side panel options. */
 export interface XllmPanelOptions {
@@ -35,7 +42,10 @@ export class XllmPanel extends Panel {
   private timer: number | null = null;
   private stats: Stats | null = null;
   private available: string[] = [];
-  private busyModels = new Set<string>();
+  private noChat = new Set<string>();
+  private rowNodes = new Map<string, RowNodes>();
+  /** models with a load/unload under way, and what their row says meanwhile */
+  private busyModels = new Map<string, string>();
   private refreshing: Promise<void> | null = null;
   private lastModelFetch = 0;
 
@@ -96,7 +106,9 @@ export class XllmPanel extends Panel {
       const now = Date.now();
       // the store's model list changes rarely: re-read it every 30 s or when asked
       if (includeModels || now - this.lastModelFetch > 30000) {
-        this.available = await this.api.modelIds();
+        const models = await this.api.models();
+        this.available = models.map(m => m.id);
+        this.noChat = notForChat(models);
         this.lastModelFetch = now;
       }
       this.stats = await this.api.stats();
@@ -169,7 +181,11 @@ export class XllmPanel extends Panel {
         fill.classList.toggle('xllm-mod-warn', gauge.warn);
         bar.append(fill);
         bar.setAttribute('role', 'meter');
+        bar.setAttribute('aria-label', `${device} memory`);
+        bar.setAttribute('aria-valuemin', '0');
+        bar.setAttribute('aria-valuemax', '100');
         bar.setAttribute('aria-valuenow', String(Math.round((gauge.fraction ?? 0) * 100)));
+        bar.setAttribute('aria-valuetext', gauge.label);
         const text = el('div', 'xllm-Gauge-label');
         text.textContent = gauge.label;
         row.append(bar, text);
@@ -177,35 +193,79 @@ export class XllmPanel extends Panel {
       })
     );
 
-    const rows = modelRows(stats, this.available);
+    const rows = modelRows(stats, this.available, this.noChat);
     if (rows.length === 0) {
       const empty = el('li', 'xllm-Panel-empty');
       empty.textContent = 'No models. Pull one with `xllm pull smollm2`.';
+      this.rowNodes.clear();
       this.modelsNode.replaceChildren(empty);
     } else {
-      this.modelsNode.replaceChildren(
-        ...rows.map(row => {
-          const item = el('li', `xllm-Model xllm-mod-${row.state}`);
-          item.dataset.model = row.id;
-          const name = el('span', 'xllm-Model-name');
-          name.textContent = row.id;
-          const facts = el('span', 'xllm-Model-facts');
-          facts.textContent =
-            row.state === 'available' ? 'not loaded' : row.state === 'loading' ? 'loading…' : `${row.device ?? ''} · ${formatBytes(row.memoryBytes)}${row.busy ? ` · ${row.busy} busy` : ''}`;
-          const loaded = row.state === 'loaded';
-          const action = button(loaded ? 'Unload' : 'Load', 'xllm-Model-action', () => void this.toggle(row.id, loaded), !loaded);
-          action.disabled = row.state === 'loading' || this.busyModels.has(row.id);
-          item.append(name, facts, action);
-          return item;
-        })
-      );
+      this.renderRows(rows);
     }
-    const ids = rows.map(r => r.id);
+    const ids = rows.filter(r => r.chat).map(r => r.id);
     this.chat.setModels(ids, chooseChatModel(this.chat.model, stats, ids));
   }
 
+  /**
+   * Update the model rows in place: a row's nodes are reused while its model is listed, so
+   * a poll's redraw neither takes the keyboard focus off a button nor swallows a click.
+   */
+  private renderRows(rows: ModelRow[]): void {
+    const wanted = new Set(rows.map(r => r.id));
+    for (const id of [...this.rowNodes.keys()]) {
+      if (!wanted.has(id)) {
+        this.rowNodes.get(id)!.item.remove();
+        this.rowNodes.delete(id);
+      }
+    }
+    const items = rows.map(row => this.updateRow(row));
+    const inOrder = items.length === this.modelsNode.children.length && items.every((item, i) => this.modelsNode.children[i] === item);
+    if (!inOrder) {
+      // only when the order changed (a load or unload): moving nodes drops their focus
+      this.modelsNode.replaceChildren(...items);
+    }
+  }
+
+  private updateRow(row: ModelRow): HTMLLIElement {
+    let nodes = this.rowNodes.get(row.id);
+    if (!nodes) {
+      const item = el('li', 'xllm-Model');
+      item.dataset.model = row.id;
+      const name = el('span', 'xllm-Model-name');
+      name.textContent = row.id;
+      name.title = row.id;
+      const facts = el('span', 'xllm-Model-facts');
+      // the handler reads the row's state at click time: the row outlives many polls
+      const action = button('Load', 'xllm-Model-action', () => void this.toggle(row.id, item.dataset.state === 'loaded'));
+      item.append(name, facts, action);
+      nodes = { item, facts, action };
+      this.rowNodes.set(row.id, nodes);
+    }
+    const { item, facts, action } = nodes;
+    const loaded = row.state === 'loaded';
+    const pending = this.busyModels.get(row.id);
+    item.className = `xllm-Model xllm-mod-${row.state}`;
+    item.dataset.state = row.state;
+    facts.textContent =
+      pending !== undefined
+        ? pending
+        : row.state === 'available'
+          ? 'not loaded'
+          : row.state === 'loading'
+            ? 'loading…'
+            : `${row.device ?? ''} · ${formatBytes(row.memoryBytes)}${row.busy ? ` · ${row.busy} busy` : ''}`;
+    facts.title = facts.textContent + (row.chat ? '' : ' (not a chat model)');
+    const label = loaded ? 'Unload' : 'Load';
+    action.textContent = label;
+    action.setAttribute('aria-label', `${label} ${row.id}`);
+    action.classList.toggle('jp-mod-accept', !loaded);
+    action.classList.toggle('jp-mod-reject', loaded);
+    action.disabled = row.state === 'loading' || pending !== undefined;
+    return item;
+  }
+
   private async toggle(model: string, loaded: boolean): Promise<void> {
-    this.busyModels.add(model);
+    this.busyModels.set(model, loaded ? 'unloading…' : 'loading…');
     this.noticeNode.textContent = loaded ? `Unloading ${model}…` : `Loading ${model}…`;
     this.render();
     try {

@@ -3,7 +3,20 @@
  * the ones that could be loaded), which model the chat uses, and the chat transcript.
  */
 
-import type { ChatMessage, Stats } from './api';
+import type { ChatMessage, ModelInfo, Stats } from './api';
+
+/** Model tasks a chat can use (as the Python client's `can_chat`). */
+const CHAT_TASKS = new Set(['chat', 'adapter']);
+
+/** False only for a model that says it serves something else (an embedding model). */
+export function canChat(task: string | null): boolean {
+  return task === null || CHAT_TASKS.has(task);
+}
+
+/** Ids of the models that cannot chat (the chat picker leaves them out). */
+export function notForChat(models: ModelInfo[]): Set<string> {
+  return new Set(models.filter(m => !canChat(m.task)).map(m => m.id));
+}
 
 /** One row of the model list. */
 export interface ModelRow {
@@ -13,32 +26,37 @@ export interface ModelRow {
   memoryBytes: number;
   device: string | null;
   busy: number;
+  /** false for a model the chat cannot use (an embedding model) */
+  chat: boolean;
 }
 
 /** Loaded and loading models first (as the server lists them), then the rest by name. */
-export function modelRows(stats: Stats | null, available: string[]): ModelRow[] {
+export function modelRows(stats: Stats | null, available: string[], noChat: ReadonlySet<string> = new Set()): ModelRow[] {
   const rows: ModelRow[] = (stats?.models ?? []).map(m => ({
     id: m.id,
     state: m.state,
     memoryBytes: m.memory_bytes,
     device: m.device,
-    busy: m.running + m.queued
+    busy: m.running + m.queued,
+    chat: !noChat.has(m.id)
   }));
   const seen = new Set(rows.map(r => r.id));
   const rest = available.filter(id => !seen.has(id)).sort();
   for (const id of rest) {
-    rows.push({ id, state: 'available', memoryBytes: 0, device: null, busy: 0 });
+    rows.push({ id, state: 'available', memoryBytes: 0, device: null, busy: 0, chat: !noChat.has(id) });
   }
   return rows;
 }
 
 /**
- * The model the chat should use: the user's pick while it is still known, else the
- * server's default model, else the first loaded one, else any model at all.
+ * The model the chat should use, among `available` (the models it may offer): the user's
+ * pick while it is still offered, else the server's default model, else the first loaded
+ * one, else any of them.
  */
 export function chooseChatModel(current: string | null, stats: Stats | null, available: string[]): string | null {
-  const loaded = (stats?.models ?? []).filter(m => m.state === 'loaded').map(m => m.id);
-  const known = new Set([...loaded, ...available]);
+  const known = new Set(available);
+  // a loaded model not offered (an embedding model) is no fallback
+  const loaded = (stats?.models ?? []).filter(m => m.state === 'loaded' && known.has(m.id)).map(m => m.id);
   if (current && known.has(current)) {
     return current;
   }
@@ -57,6 +75,8 @@ export interface Turn {
   error?: string;
   /** true while the reply is still streaming */
   pending?: boolean;
+  /** a remark under a reply that ended early, e.g. "Stopped." (the reply still counts) */
+  note?: string;
 }
 
 /** The chat transcript: what is shown, and what is sent as history. */
@@ -75,10 +95,12 @@ export class Transcript {
 
   /** The messages to send for the pending reply: earlier good turns, newest last, capped. */
   messages(): ChatMessage[] {
-    // a question whose answer failed is left out too, so roles keep alternating
+    // a question whose answer failed (or was stopped before any text) is left out too, so
+    // roles keep alternating
     const done = this.turns.filter((t, i) => {
       const next = this.turns[i + 1];
-      const failed = t.role === 'user' && next?.role === 'assistant' && !!next.error;
+      const unanswered = !!next && next.role === 'assistant' && (!!next.error || (!next.pending && !next.content));
+      const failed = t.role === 'user' && unanswered;
       return !failed && !t.pending && !t.error && t.content;
     });
     return done.slice(-this.maxTurns).map(t => ({ role: t.role, content: t.content }));

@@ -89,6 +89,24 @@ describe('XllmApi', () => {
     expect(calls.map(c => c.path)).toEqual(['admin/stats', 'v1/models']);
   });
 
+  it('reads the task each model says it serves', async () => {
+    const { request } = fake(() =>
+      json({
+        object: 'list',
+        data: [
+          { id: 'tiny', xllm: { details: { task: 'chat' } } },
+          { id: 'all-minilm', xllm: { details: { task: 'embedding' } } },
+          { id: 'other' }
+        ]
+      })
+    );
+    expect(await new XllmApi(request).models()).toEqual([
+      { id: 'tiny', task: 'chat' },
+      { id: 'all-minilm', task: 'embedding' },
+      { id: 'other', task: null }
+    ]);
+  });
+
   it('posts load, unload and playground with JSON bodies', async () => {
     const { request, calls } = fake(path =>
       path.endsWith('unload') ? json({ id: 'tiny', unloaded: true }) : path === 'playground' ? json({ url: '/proxy/7860/' }) : json({ id: 'tiny' })

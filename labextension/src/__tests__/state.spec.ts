@@ -1,5 +1,5 @@
 import type { Stats, StatsModel } from '../api';
-import { chooseChatModel, modelRows, Transcript } from '../state';
+import { canChat, chooseChatModel, modelRows, notForChat, Transcript } from '../state';
 
 function model(id: string, extra: Partial<StatsModel> = {}): StatsModel {
   return { id, state: 'loaded', backend: 'transformers', device: 'cpu', memory_bytes: 100, running: 0, queued: 0, max_batch_size: 8, context_length: 2048, ...extra };
@@ -19,6 +19,11 @@ describe('modelRows', () => {
     expect(rows[0].busy).toBe(3);
   });
 
+  it('marks the models the chat cannot use', () => {
+    const rows = modelRows(stats([model('emb')]), ['tiny', 'emb'], new Set(['emb']));
+    expect(rows.map(r => [r.id, r.chat])).toEqual([['emb', false], ['tiny', true]]);
+  });
+
   it('works before the first stats arrive', () => {
     expect(modelRows(null, ['x']).map(r => r.state)).toEqual(['available']);
   });
@@ -36,6 +41,21 @@ describe('chooseChatModel', () => {
     expect(chooseChatModel(null, s, ['tiny'])).toBe('tiny');
     expect(chooseChatModel(null, stats([]), ['zeta'])).toBe('zeta');
     expect(chooseChatModel(null, null, [])).toBeNull();
+  });
+});
+
+describe('chat models', () => {
+  it('leaves out models that serve another task', () => {
+    expect([canChat('chat'), canChat('adapter'), canChat(null), canChat('embedding')]).toEqual([true, true, true, false]);
+    const models = [{ id: 'tiny', task: 'chat' }, { id: 'all-minilm', task: 'embedding' }, { id: 'old', task: null }];
+    expect([...notForChat(models)]).toEqual(['all-minilm']);
+  });
+
+  it('never falls back to a loaded model the chat does not offer', () => {
+    // an embedding model loaded first, no default: the chat takes the chat model
+    const s = stats([model('all-minilm'), model('tiny')]);
+    expect(chooseChatModel(null, s, ['tiny', 'smollm2'])).toBe('tiny');
+    expect(chooseChatModel('all-minilm', s, ['tiny'])).toBe('tiny');
   });
 });
 
@@ -69,5 +89,22 @@ describe('Transcript', () => {
     ]);
     t.clear();
     expect(t.turns).toHaveLength(0);
+  });
+
+  it('drops a question stopped before any answer, keeps a partly answered one', () => {
+    const t = new Transcript();
+    const stopped = t.ask('Q1');
+    stopped.pending = false;
+    stopped.note = 'Stopped.';
+    const partial = t.ask('Q2');
+    partial.pending = false;
+    partial.content = 'A2 (half)';
+    partial.note = 'Stopped.';
+    t.ask('Q3');
+    expect(t.messages()).toEqual([
+      { role: 'user', content: 'Q2' },
+      { role: 'assistant', content: 'A2 (half)' },
+      { role: 'user', content: 'Q3' }
+    ]);
   });
 });
