@@ -230,3 +230,32 @@ def test_clear_also_stops_the_reply_in_progress():
     assert len(stop) == 2  # the Enter and the Send events
     assert cancels((by_label["Clear"], "click")) == stop
     assert cancels((chatbot, "clear")) == stop
+
+
+def test_typing_the_next_question_while_a_reply_streams_is_kept(pg, xllm_server):
+    """In a browser: the box empties when a question is sent, then is left alone, so the next
+    question typed during a long reply survives it (every streamed update used to wipe it)."""
+    from tests.browser import chromium, require_browser
+
+    require_browser()
+    before = xllm_server.engine.stats().completed
+    with chromium() as context:
+        page = context.new_page()
+        page.goto(pg.local_url, timeout=60_000)
+        box = page.locator("#xllm-input textarea")
+        box.wait_for(timeout=60_000)
+        page.get_by_label("number input for Max tokens").fill("2000")
+        page.get_by_label("number input for Max tokens").press("Enter")
+        page.get_by_role("textbox", name="Seed").fill("1")  # sampled: thousands of tokens, no early end
+        box.fill("Tell me a long story")
+        box.press("Enter")
+        page.wait_for_selector("#xllm-chatbot [data-testid=bot]", timeout=60_000)  # the reply streams
+        assert box.input_value() == ""
+        box.fill("next question")
+        deadline = time.monotonic() + 120
+        while xllm_server.engine.stats().completed == before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert xllm_server.engine.stats().completed > before, "the reply did not finish"
+        page.wait_for_function("() => document.querySelectorAll('.generating').length === 0", timeout=60_000)
+        assert box.input_value() == "next question"
+        assert "Tell me a long story" in page.locator("#xllm-chatbot").inner_text()

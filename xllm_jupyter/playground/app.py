@@ -153,20 +153,24 @@ def build_app(
         messages = to_openai_messages(history, message, system)
         history.append({"role": "user", "content": message})
         history.append({"role": "assistant", "content": ""})
+        # Show the question and empty the box at once (a model that loads on first use can take
+        # a while to answer); later updates leave the box alone, so what the user types next
+        # while the reply streams is kept.
+        yield history, ""
         text = ""
         try:
             params = sampling(temperature, top_p, max_tokens, seed)
             async for piece in stream_reply(endpoint, messages, model, params):
                 text += piece
                 history[-1] = {"role": "assistant", "content": text}
-                yield history, ""
+                yield history, gr.skip()
         except XllmError as exc:
             # Shown in the transcript as one line: no traceback in the UI.
             history[-1] = {
                 "role": "assistant",
                 "content": f"{text}\n\n{ERROR_PREFIX}{exc}".strip(),
             }
-        yield history, ""
+        yield history, gr.skip()
 
     choices = list(dict.fromkeys([*(models or ()), *([model] if model else [])]))
     with gr.Blocks(title=title, analytics_enabled=False) as app:
