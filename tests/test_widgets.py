@@ -269,3 +269,16 @@ def test_compare_widget_stop_and_bad_input(make, endpoint, xllm_server):
     w.settings.value, w.prompt.value = "", " "
     w.run_button.click()
     assert not w.busy and "prompt is empty" in w.status.value
+
+
+def test_controls_are_labelled_and_status_follows_the_theme(make, endpoint):
+    """Every text control has a visible label (its accessible name), long labels are not cut,
+    and status colours come from JupyterLab's theme so they stay readable in a dark theme."""
+    chat = make(ChatWidget, client=endpoint)
+    profile = make(ProfileWidget, client=endpoint)
+    assert chat.input.description == "Message"
+    assert chat.export_format.description and chat.export_path.description
+    for control in (chat.temperature, profile.concurrency, profile.prompt_tokens):
+        assert control.style.description_width == "initial", control.description
+    chat.ask("")  # nothing typed: an error status
+    assert "var(--jp-error-color1" in chat.status.value and "Type a message first." in chat.status.value

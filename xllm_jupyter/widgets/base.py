@@ -13,6 +13,9 @@ from ..core.errors import InvalidRequest, XllmError
 from ..notebook.clients import pick_model
 from ..notebook.loop import BackgroundLoop
 
+#: a control's style whose label takes the width it needs (the default width cuts "Temperature")
+WIDE_LABEL = {"description_width": "initial"}
+
 #: seconds between streamed re-renders: smooth to watch, without flooding the comm channel
 RENDER_INTERVAL = 0.05
 
@@ -98,7 +101,13 @@ def error_text(exc: BaseException) -> str:
 
 def status_html(text: str, kind: str = "info") -> str:
     """A status line: ``info``, ``busy``, ``ok`` or ``error``."""
-    color = {"info": "var(--jp-ui-font-color2, #666)", "busy": "#1565c0", "ok": "#2e7d32", "error": "#c62828"}.get(kind, "inherit")
+    # JupyterLab's theme colours (readable in dark themes too), fixed ones outside JupyterLab
+    color = {
+        "info": "var(--jp-ui-font-color2, #666)",
+        "busy": "var(--jp-brand-color1, #1565c0)",
+        "ok": "var(--jp-success-color1, #2e7d32)",
+        "error": "var(--jp-error-color1, #c62828)",
+    }.get(kind, "inherit")
     return f'<span style="color:{color}">{html.escape(text)}</span>'
 
 

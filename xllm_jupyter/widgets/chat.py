@@ -16,7 +16,7 @@ import ipywidgets as W
 from ..core.errors import InvalidRequest, XllmError
 from ..notebook.clients import ClientLike, async_client, endpoint_of
 from ..notebook.streams import StreamRecord, check_params, measure_stream
-from .base import RENDER_INTERVAL, Runner, error_text, model_choices, status_html
+from .base import RENDER_INTERVAL, WIDE_LABEL, Runner, error_text, model_choices, status_html
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +65,16 @@ class ChatWidget(W.VBox):
             options, chosen, problem = model_choices(c, model)
         self.model_picker = W.Dropdown(options=options, value=chosen, description="Model")
         self.system_prompt = W.Textarea(value=system, placeholder="System prompt (optional)", description="System", layout=W.Layout(width="100%"))
-        self.temperature = W.FloatSlider(value=temperature, min=0.0, max=2.0, step=0.05, description="Temperature")
+        self.temperature = W.FloatSlider(value=temperature, min=0.0, max=2.0, step=0.05, description="Temperature", style=WIDE_LABEL)
         self.top_p = W.FloatSlider(value=top_p, min=0.05, max=1.0, step=0.05, description="Top p")
         self.max_tokens = W.BoundedIntText(value=max_tokens, min=1, max=1_000_000, description="Max tokens")
         self.transcript = W.HTML(layout=W.Layout(width="100%", max_height="28em", overflow="auto", border="1px solid var(--jp-border-color2, #ddd)", padding="4px"))
-        self.input = W.Textarea(placeholder="Type a message and press Send", layout=W.Layout(width="100%", height="5em"))
+        self.input = W.Textarea(placeholder="Type a message and press Send", description="Message", layout=W.Layout(width="100%", height="5em"))
         self.send_button = W.Button(description="Send", button_style="primary", icon="paper-plane")
         self.stop_button = W.Button(description="Stop", button_style="warning", icon="stop", disabled=True)
         self.clear_button = W.Button(description="Clear", icon="trash")
-        self.export_format = W.Dropdown(options=[("Markdown", "markdown"), ("JSON", "json")], value="markdown", layout=W.Layout(width="9em"))
-        self.export_path = W.Text(value="transcript.md", placeholder="file to write", layout=W.Layout(width="16em"))
+        self.export_format = W.Dropdown(options=[("Markdown", "markdown"), ("JSON", "json")], value="markdown", description="Export", style=WIDE_LABEL, layout=W.Layout(width="14em"))
+        self.export_path = W.Text(value="transcript.md", placeholder="file to write", description="to", style=WIDE_LABEL, layout=W.Layout(width="18em"))
         self.export_button = W.Button(description="Export", icon="download")
         self.status = W.HTML(status_html(problem or "Ready.", "error" if problem else "info"))
 

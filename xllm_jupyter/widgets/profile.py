@@ -18,7 +18,7 @@ from ..notebook.clients import ClientLike, async_client, endpoint_of
 from ..notebook.metrics import MetricsRecorder
 from ..notebook.plots import figure_png, live_figure
 from ..notebook.profile import MAX_CONCURRENCY, ProfileResult, profile_async
-from .base import Runner, error_text, model_choices, parse_ints, status_html
+from .base import WIDE_LABEL, Runner, error_text, model_choices, parse_ints, status_html
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,8 @@ class ProfileWidget(W.VBox):
         with XllmClient(base, key) as c:
             options, chosen, problem = model_choices(c, model)
         self.model_picker = W.Dropdown(options=options, value=chosen, description="Model")
-        self.concurrency = W.Text(value=", ".join(map(str, concurrency)), description="Concurrency")
-        self.prompt_tokens = W.Text(value=", ".join(map(str, prompt_tokens)), description="Prompt tokens")
+        self.concurrency = W.Text(value=", ".join(map(str, concurrency)), description="Concurrency", style=WIDE_LABEL)
+        self.prompt_tokens = W.Text(value=", ".join(map(str, prompt_tokens)), description="Prompt tokens", style=WIDE_LABEL)
         self.max_tokens = W.BoundedIntText(value=max_tokens, min=1, max=1_000_000, description="Max tokens")
         self.repeats = W.BoundedIntText(value=repeats, min=1, max=1000, description="Repeats")
         self.run_button = W.Button(description="Run profile", button_style="primary", icon="play")
