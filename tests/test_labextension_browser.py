@@ -110,6 +110,17 @@ def test_panel_models_chat_and_playground(lab):
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "labextension-panel.png"))
 
+        # the server unreachable (the stats read fails): said so, the last rows dimmed, no Load/Unload
+        page.route("**/xllm/admin/stats*", lambda route: route.abort())
+        page.wait_for_selector("#xllm-panel .xllm-Panel-status.xllm-mod-offline", timeout=30_000)
+        assert panel.locator(".xllm-Panel-status").inner_text() == "The Jupyter server is not reachable"
+        assert panel.locator(".xllm-Panel-models.xllm-mod-stale").count() == 1
+        assert panel.locator(".xllm-Model-action:enabled").count() == 0
+        page.unroute("**/xllm/admin/stats*")
+        page.wait_for_selector("#xllm-panel .xllm-Panel-status.xllm-mod-ready", timeout=30_000)
+        assert panel.locator(".xllm-Panel-models.xllm-mod-stale").count() == 0
+        assert row.locator(".xllm-Model-action").is_enabled()
+
         # the palette command opens the same chat in the main area
         page.keyboard.press("Control+Shift+C")
         palette = page.locator(".lm-CommandPalette-input")

@@ -99,7 +99,7 @@ export class ChatView extends Widget {
     this.input.value = '';
     if (!model) {
       reply.pending = false;
-      reply.error = 'No model is available: load one above.';
+      reply.error = 'No chat model is available: load one in the xllm panel.';
       this.render();
       return;
     }

@@ -154,9 +154,17 @@ export class XllmPanel extends Panel {
     this.statusNode.className = `xllm-Panel-status xllm-mod-${status}`;
     this.statusNode.textContent = statusLabel(status, message);
     this.statusNode.title = message ?? '';
-    if (status === 'offline') {
+    const offline = status === 'offline';
+    // the last rows and gauge are stale while the server cannot be read: dim them, and no
+    // Load/Unload that could only fail
+    this.modelsNode.classList.toggle('xllm-mod-stale', offline);
+    this.memoryNode.classList.toggle('xllm-mod-stale', offline);
+    if (offline) {
       this.rateNode.textContent = '–';
       this.queueNode.textContent = '–';
+      for (const nodes of this.rowNodes.values()) {
+        nodes.action.disabled = true;
+      }
     }
   }
 
