@@ -1,5 +1,10 @@
 import type { Stats, StatsModel } from '../api';
-import { canChat, chooseChatModel, modelRows, notForChat, Transcript } from '../state';
+import { canChat, chooseChatModel, modelRows, notForChat, Transcript, Turn } from '../state';
+
+/** A reply that has ended with `fields` (content, error or note). */
+function ended(turn: Turn, fields: Partial<Turn>): void {
+  Object.assign(turn, { pending: false, ...fields });
+}
 
 function model(id: string, extra: Partial<StatsModel> = {}): StatsModel {
   return { id, state: 'loaded', backend: 'transformers', device: 'cpu', memory_bytes: 100, running: 0, queued: 0, max_batch_size: 8, context_length: 2048, ...extra };
@@ -76,12 +81,8 @@ describe('Transcript', () => {
 
   it('drops failed exchanges so roles keep alternating, and caps the history', () => {
     const t = new Transcript(2);
-    const bad = t.ask('Q1');
-    bad.pending = false;
-    bad.error = 'model not found';
-    const ok = t.ask('Q2');
-    ok.pending = false;
-    ok.content = 'A2';
+    ended(t.ask('Q1'), { error: 'model not found' });
+    ended(t.ask('Q2'), { content: 'A2' });
     t.ask('Q3');
     expect(t.messages()).toEqual([
       { role: 'assistant', content: 'A2' },
@@ -93,13 +94,8 @@ describe('Transcript', () => {
 
   it('drops a question stopped before any answer, keeps a partly answered one', () => {
     const t = new Transcript();
-    const stopped = t.ask('Q1');
-    stopped.pending = false;
-    stopped.note = 'Stopped.';
-    const partial = t.ask('Q2');
-    partial.pending = false;
-    partial.content = 'A2 (half)';
-    partial.note = 'Stopped.';
+    ended(t.ask('Q1'), { note: 'Stopped.' });
+    ended(t.ask('Q2'), { content: 'A2 (half)', note: 'Stopped.' });
     t.ask('Q3');
     expect(t.messages()).toEqual([
       { role: 'user', content: 'Q2' },
