@@ -15,20 +15,19 @@ from contextlib import aclosing
 from typing import Any, AsyncIterator, Sequence
 
 from ..core.config import CacheConfig, ServerConfig
-from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest
+from ..core.errors import ContextLengthExceeded, InvalidRequest
 from ..core.types import ChoiceDelta, FinishReason, GenerationDone, GenerationParams, GenerationRequest, ModelRuntime, Usage
 from ..engine.manager import request_keep_alive
 from .cache import ResponseCache
+from .completions import CompletionsMixin
+from .generation import Chunk, check_token_ids, engine_failure, envelope
 from .model_defaults import ModelDefaults
 from .tool_calling import ToolCalling
 from .protocol import (
     SYSTEM_FINGERPRINT,
     ChatCompletionRequest,
-    CompletionRequest,
     ModelRequest,
     chat_logprob_entries,
-    legacy_logprobs,
-    legacy_text_advance,
     model_object,
     parse_request,
     usage_dict,
@@ -36,14 +35,8 @@ from .protocol import (
 
 log = logging.getLogger(__name__)
 
-Chunk = dict[str, Any]
 
-
-def _engine_failure() -> EngineError:
-    return EngineError("The server had an error while generating. Retry the request.")
-
-
-class OpenAIServing:
+class OpenAIServing(CompletionsMixin):
     """The OpenAI-compatible API over one Engine, independent of any web framework."""
 
     def __init__(self, engine: Any, config: ServerConfig | None = None, cache: CacheConfig | None = None):
@@ -168,7 +161,7 @@ class OpenAIServing:
         req = defaults.apply(req)
         messages = defaults.chat_messages(messages)
         sampling = req.sampling_params()
-        _check_token_ids(sampling.logit_bias, model, "logit_bias")
+        check_token_ids(sampling.logit_bias, model, "logit_bias")
         tools = ToolCalling.from_request(req, model)
         constraint = tools.constraint() or req.constraint()  # forced tool calls win over response_format
         if constraint is not None:
@@ -209,7 +202,7 @@ class OpenAIServing:
             async for ev in events:
                 if type(ev) is ChoiceDelta:
                     if ev.finish is FinishReason.ERROR:
-                        raise _engine_failure()
+                        raise engine_failure()
                     loops.count(ev)
                     if finish[ev.index] is not None:
                         continue  # ended early (a forced reply repeating its calls) while others go on
@@ -235,7 +228,7 @@ class OpenAIServing:
             }
             for i in range(n)
         ]
-        return _envelope(rid, "chat.completion", created, model, choices, usage)
+        return envelope(rid, "chat.completion", created, model, choices, usage)
 
     async def _chat_stream(
         self, gen: GenerationRequest, model: str, rid: str, created: int, include_usage: bool, tools: ToolCalling
@@ -264,7 +257,7 @@ class OpenAIServing:
             async for ev in events:
                 if type(ev) is ChoiceDelta:
                     if ev.finish is FinishReason.ERROR:
-                        raise _engine_failure()
+                        raise engine_failure()
                     loops.count(ev)
                     if finished[ev.index] is not None:
                         continue  # ended early (a forced reply repeating its calls) while others go on
@@ -299,123 +292,6 @@ class OpenAIServing:
                     usage = ev.usage
         if include_usage:
             yield {**head, "choices": [], "usage": usage_dict(usage)}
-
-    # ------------------------------------------------------ legacy completions
-    async def completion(self, body: bytes, user: str | None = None,
-                         manages: bool = True) -> dict[str, Any] | AsyncIterator[Chunk]:
-        """``POST /v1/completions``: a response dict, or chunks when ``stream`` is true (``user``, ``manages``: as
-        for chat)."""
-        return await self.cache.serve("completions", body, lambda b: self._completion(b, user, manages),
-                                      self._model_identity, namespace=user or "")
-
-    async def _completion(self, body: bytes, user: str | None = None,
-                          manages: bool = True) -> dict[str, Any] | AsyncIterator[Chunk]:
-        req: CompletionRequest = parse_request(CompletionRequest, body)
-        keep_alive = request_keep_alive(req.keep_alive, manages)
-        n = req.n or 1
-        prompts = req.prompts()
-        self._check_n(n, len(prompts))
-        model = await self.engine.load(req.model)
-        defaults = ModelDefaults.of(self.engine, req.model)
-        req = defaults.apply(req)
-        rid = "cmpl-" + uuid.uuid4().hex
-        sampling = req.sampling_params()
-        _check_token_ids(sampling.logit_bias, model, "logit_bias")
-        gens: list[GenerationRequest] = []
-        offsets: list[int] = []
-        for p in prompts:
-            if isinstance(p, str):
-                ids = await self.engine.encode_text(req.model, p)
-                offsets.append(len(p))
-            else:
-                _check_token_ids(p, model, "prompt")
-                ids = p
-                offsets.append(0)
-            # OpenAI's legacy endpoint defaults to 16 tokens, unlike chat
-            max_tokens = self._max_tokens(req.max_tokens, "max_tokens", len(ids), model.context_length, "prompt", defaults.max_tokens(16))
-            params = GenerationParams(
-                max_tokens=max_tokens,
-                sampling=sampling,
-                stop=req.stop_strings(),
-                ignore_eos=bool(req.ignore_eos),
-                n=n,
-                logprobs=req.logprobs is not None,
-                top_logprobs=req.logprobs or 0,
-            )
-            gen = GenerationRequest(model=req.model, prompt_ids=tuple(ids), params=params, request_id=rid,
-                                    keep_alive=keep_alive, user=user, cache_namespace=self._namespace(user))
-            self._validate(gen, "prompt")
-            gens.append(gen)
-        created = int(time.time())
-        if req.stream:
-            return self._completion_stream(gens, offsets, req.model, rid, created, req.include_usage)
-        return await self._completion_full(gens, offsets, req.model, rid, created)
-
-    async def _completion_full(
-        self, gens: Sequence[GenerationRequest], offsets: Sequence[int], model: str, rid: str, created: int
-    ) -> dict[str, Any]:
-        n = gens[0].params.n
-        total = n * len(gens)
-        texts: list[list[str]] = [[] for _ in range(total)]
-        lps: list[list] = [[] for _ in range(total)]
-        finish: list[str | None] = [None] * total
-        usages: list[Usage] = []
-        want_lp = gens[0].params.logprobs
-        async for p, ev in _merged(self.engine, gens):
-            if type(ev) is ChoiceDelta:
-                if ev.finish is FinishReason.ERROR:
-                    raise _engine_failure()
-                i = p * n + ev.index
-                texts[i].append(ev.text)
-                if want_lp:
-                    lps[i].extend(ev.logprobs)
-                if ev.finish is not None:
-                    finish[i] = ev.finish.value
-            elif isinstance(ev, GenerationDone):
-                usages.append(ev.usage)
-        choices = [
-            {
-                "index": i,
-                "text": "".join(texts[i]),
-                "logprobs": legacy_logprobs(tuple(lps[i]), offsets[i // n]) if want_lp else None,
-                "finish_reason": finish[i] or "stop",
-            }
-            for i in range(total)
-        ]
-        return _envelope(rid, "text_completion", created, model, choices, _sum_usage(usages))
-
-    async def _completion_stream(
-        self,
-        gens: Sequence[GenerationRequest],
-        offsets: Sequence[int],
-        model: str,
-        rid: str,
-        created: int,
-        include_usage: bool,
-    ) -> AsyncIterator[Chunk]:
-        head: Chunk = {"id": rid, "object": "text_completion", "created": created, "model": model, "system_fingerprint": SYSTEM_FINGERPRINT}
-        if include_usage:
-            head["usage"] = None
-        n = gens[0].params.n
-        want_lp = gens[0].params.logprobs
-        text_pos = [offsets[i // n] for i in range(n * len(gens))]  # running text_offset per choice
-        usages: list[Usage] = []
-        async for p, ev in _merged(self.engine, gens):
-            if type(ev) is ChoiceDelta:
-                if ev.finish is FinishReason.ERROR:
-                    raise _engine_failure()
-                i = p * n + ev.index
-                if ev.text or ev.finish is not None or (want_lp and ev.logprobs):
-                    lp = None
-                    if want_lp:
-                        lp = legacy_logprobs(ev.logprobs, text_pos[i])
-                        text_pos[i] += legacy_text_advance(ev.logprobs)  # characters, as the full reply counts
-                    finish = ev.finish.value if ev.finish is not None else None
-                    yield {**head, "choices": [{"index": i, "text": ev.text, "logprobs": lp, "finish_reason": finish}]}
-            elif isinstance(ev, GenerationDone):
-                usages.append(ev.usage)
-        if include_usage:
-            yield {**head, "choices": [], "usage": usage_dict(_sum_usage(usages))}
 
 
 class _ForcedLoops:
@@ -460,69 +336,3 @@ class _ForcedLoops:
         """Usage of a request stopped early: its prompt and the tokens generated so far (the engine's cache count
         comes with its final event, which a stopped request does not wait for)."""
         return Usage(self._prompt, self._tokens)
-
-
-def _check_token_ids(ids: Any, model: Any, param: str) -> None:
-    """Reject token ids outside the vocabulary before they reach (and break) a model step."""
-    vocab = getattr(model, "vocab_size", None)
-    for t in ids:
-        if t < 0 or (vocab is not None and t >= vocab):
-            raise InvalidRequest(f"Token id {t} in '{param}' is outside this model's vocabulary", param=param)
-
-
-def _sum_usage(usages: Sequence[Usage]) -> Usage:
-    return Usage(
-        prompt_tokens=sum(u.prompt_tokens for u in usages),
-        completion_tokens=sum(u.completion_tokens for u in usages),
-        cached_tokens=sum(u.cached_tokens for u in usages),
-    )
-
-
-async def _merged(engine: Any, gens: Sequence[GenerationRequest]) -> AsyncIterator[tuple[int, Any]]:
-    """Events of several requests as ``(request index, event)``; one request needs no tasks."""
-    if len(gens) == 1:
-        async with aclosing(engine.generate(gens[0])) as events:
-            async for ev in events:
-                yield 0, ev
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def pump(i: int, gen: GenerationRequest) -> None:
-        try:
-            async with aclosing(engine.generate(gen)) as events:
-                async for ev in events:
-                    queue.put_nowait((i, ev))
-        except BaseException as exc:  # handed to the consumer, which re-raises it
-            queue.put_nowait((i, exc))
-        finally:
-            queue.put_nowait((i, done))
-
-    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
-    try:
-        open_ = len(tasks)
-        while open_:
-            i, ev = await queue.get()
-            if ev is done:
-                open_ -= 1
-            elif isinstance(ev, BaseException):
-                raise ev
-            else:
-                yield i, ev
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _envelope(rid: str, obj: str, created: int, model: str, choices: list, usage: Usage) -> dict[str, Any]:
-    """The fields every non-streamed completion response shares."""
-    return {
-        "id": rid,
-        "object": obj,
-        "created": created,
-        "model": model,
-        "system_fingerprint": SYSTEM_FINGERPRINT,
-        "choices": choices,
-        "usage": usage_dict(usage),
-    }

@@ -1,0 +1,146 @@
+"""``POST /v1/completions``: the legacy completions API (prompts in, text out), over the engine.
+
+A mixin of ``OpenAIServing``, which owns the engine, the response cache and the checks used here.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, AsyncIterator, Sequence
+
+from ..core.types import ChoiceDelta, FinishReason, GenerationDone, GenerationParams, GenerationRequest, Usage
+from ..engine.manager import request_keep_alive
+from .cache import ResponseCache
+from .generation import Chunk, check_token_ids, engine_failure, envelope, interleaved, sum_usage
+from .model_defaults import ModelDefaults
+from .protocol import SYSTEM_FINGERPRINT, CompletionRequest, legacy_logprobs, legacy_text_advance, parse_request, usage_dict
+
+
+class CompletionsMixin:
+    """``OpenAIServing``'s legacy completions; it provides what is declared here."""
+
+    engine: Any
+    cache: ResponseCache
+    _check_n: Callable[[int, int], None]
+    _max_tokens: Callable[..., int]
+    _validate: Callable[[GenerationRequest, str], None]
+    _model_identity: Callable[[str], Awaitable[str]]
+    _namespace: Callable[[str | None], str]
+
+    async def completion(self, body: bytes, user: str | None = None,
+                         manages: bool = True) -> dict[str, Any] | AsyncIterator[Chunk]:
+        """``POST /v1/completions``: a response dict, or chunks when ``stream`` is true (``user``, ``manages``: as
+        for chat)."""
+        return await self.cache.serve("completions", body, lambda b: self._completion(b, user, manages),
+                                      self._model_identity, namespace=user or "")
+
+    async def _completion(self, body: bytes, user: str | None = None,
+                          manages: bool = True) -> dict[str, Any] | AsyncIterator[Chunk]:
+        req: CompletionRequest = parse_request(CompletionRequest, body)
+        keep_alive = request_keep_alive(req.keep_alive, manages)
+        n = req.n or 1
+        prompts = req.prompts()
+        self._check_n(n, len(prompts))
+        model = await self.engine.load(req.model)
+        defaults = ModelDefaults.of(self.engine, req.model)
+        req = defaults.apply(req)
+        rid = "cmpl-" + uuid.uuid4().hex
+        sampling = req.sampling_params()
+        check_token_ids(sampling.logit_bias, model, "logit_bias")
+        gens: list[GenerationRequest] = []
+        offsets: list[int] = []
+        for p in prompts:
+            if isinstance(p, str):
+                ids = await self.engine.encode_text(req.model, p)
+                offsets.append(len(p))
+            else:
+                check_token_ids(p, model, "prompt")
+                ids = p
+                offsets.append(0)
+            # OpenAI's legacy endpoint defaults to 16 tokens, unlike chat
+            max_tokens = self._max_tokens(req.max_tokens, "max_tokens", len(ids), model.context_length, "prompt", defaults.max_tokens(16))
+            params = GenerationParams(
+                max_tokens=max_tokens,
+                sampling=sampling,
+                stop=req.stop_strings(),
+                ignore_eos=bool(req.ignore_eos),
+                n=n,
+                logprobs=req.logprobs is not None,
+                top_logprobs=req.logprobs or 0,
+            )
+            gen = GenerationRequest(model=req.model, prompt_ids=tuple(ids), params=params, request_id=rid,
+                                    keep_alive=keep_alive, user=user, cache_namespace=self._namespace(user))
+            self._validate(gen, "prompt")
+            gens.append(gen)
+        created = int(time.time())
+        if req.stream:
+            return self._completion_stream(gens, offsets, req.model, rid, created, req.include_usage)
+        return await self._completion_full(gens, offsets, req.model, rid, created)
+
+    async def _completion_full(
+        self, gens: Sequence[GenerationRequest], offsets: Sequence[int], model: str, rid: str, created: int
+    ) -> dict[str, Any]:
+        n = gens[0].params.n
+        total = n * len(gens)
+        texts: list[list[str]] = [[] for _ in range(total)]
+        lps: list[list] = [[] for _ in range(total)]
+        finish: list[str | None] = [None] * total
+        usages: list[Usage] = []
+        want_lp = gens[0].params.logprobs
+        async for p, ev in interleaved(self.engine, gens):
+            if type(ev) is ChoiceDelta:
+                if ev.finish is FinishReason.ERROR:
+                    raise engine_failure()
+                i = p * n + ev.index
+                texts[i].append(ev.text)
+                if want_lp:
+                    lps[i].extend(ev.logprobs)
+                if ev.finish is not None:
+                    finish[i] = ev.finish.value
+            elif isinstance(ev, GenerationDone):
+                usages.append(ev.usage)
+        choices = [
+            {
+                "index": i,
+                "text": "".join(texts[i]),
+                "logprobs": legacy_logprobs(tuple(lps[i]), offsets[i // n]) if want_lp else None,
+                "finish_reason": finish[i] or "stop",
+            }
+            for i in range(total)
+        ]
+        return envelope(rid, "text_completion", created, model, choices, sum_usage(usages))
+
+    async def _completion_stream(
+        self,
+        gens: Sequence[GenerationRequest],
+        offsets: Sequence[int],
+        model: str,
+        rid: str,
+        created: int,
+        include_usage: bool,
+    ) -> AsyncIterator[Chunk]:
+        head: Chunk = {"id": rid, "object": "text_completion", "created": created, "model": model, "system_fingerprint": SYSTEM_FINGERPRINT}
+        if include_usage:
+            head["usage"] = None
+        n = gens[0].params.n
+        want_lp = gens[0].params.logprobs
+        text_pos = [offsets[i // n] for i in range(n * len(gens))]  # running text_offset per choice
+        usages: list[Usage] = []
+        async for p, ev in interleaved(self.engine, gens):
+            if type(ev) is ChoiceDelta:
+                if ev.finish is FinishReason.ERROR:
+                    raise engine_failure()
+                i = p * n + ev.index
+                if ev.text or ev.finish is not None or (want_lp and ev.logprobs):
+                    lp = None
+                    if want_lp:
+                        lp = legacy_logprobs(ev.logprobs, text_pos[i])
+                        text_pos[i] += legacy_text_advance(ev.logprobs)  # characters, as the full reply counts
+                    finish = ev.finish.value if ev.finish is not None else None
+                    yield {**head, "choices": [{"index": i, "text": ev.text, "logprobs": lp, "finish_reason": finish}]}
+            elif isinstance(ev, GenerationDone):
+                usages.append(ev.usage)
+        if include_usage:
+            yield {**head, "choices": [], "usage": usage_dict(sum_usage(usages))}

@@ -1,0 +1,88 @@
+"""Pieces the chat and legacy completion paths share: several generations as one event
+stream, their usage added up, the response envelope, and the checks and errors both make.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import aclosing
+from typing import Any, AsyncIterator, Sequence
+
+from ..core.errors import EngineError, InvalidRequest
+from ..core.types import GenerationRequest, Usage
+from .protocol import SYSTEM_FINGERPRINT, usage_dict
+
+#: one streamed chunk, as a JSON-ready dict
+Chunk = dict[str, Any]
+
+
+def engine_failure() -> EngineError:
+    """What a client is told when generation failed on our side (the log has the cause)."""
+    return EngineError("The server had an error while generating. Retry the request.")
+
+
+def check_token_ids(ids: Any, model: Any, param: str) -> None:
+    """Reject token ids outside the vocabulary before they reach (and break) a model step."""
+    vocab = getattr(model, "vocab_size", None)
+    for t in ids:
+        if t < 0 or (vocab is not None and t >= vocab):
+            raise InvalidRequest(f"Token id {t} in '{param}' is outside this model's vocabulary", param=param)
+
+
+def sum_usage(usages: Sequence[Usage]) -> Usage:
+    """The usages of several generations (one request's prompts) added up."""
+    return Usage(
+        prompt_tokens=sum(u.prompt_tokens for u in usages),
+        completion_tokens=sum(u.completion_tokens for u in usages),
+        cached_tokens=sum(u.cached_tokens for u in usages),
+    )
+
+
+async def interleaved(engine: Any, gens: Sequence[GenerationRequest]) -> AsyncIterator[tuple[int, Any]]:
+    """Events of several requests as ``(request index, event)``; one request needs no tasks."""
+    if len(gens) == 1:
+        async with aclosing(engine.generate(gens[0])) as events:
+            async for ev in events:
+                yield 0, ev
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, gen: GenerationRequest) -> None:
+        try:
+            async with aclosing(engine.generate(gen)) as events:
+                async for ev in events:
+                    queue.put_nowait((i, ev))
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            queue.put_nowait((i, exc))
+        finally:
+            queue.put_nowait((i, done))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        open_ = len(tasks)
+        while open_:
+            i, ev = await queue.get()
+            if ev is done:
+                open_ -= 1
+            elif isinstance(ev, BaseException):
+                raise ev
+            else:
+                yield i, ev
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def envelope(rid: str, obj: str, created: int, model: str, choices: list, usage: Usage) -> dict[str, Any]:
+    """The fields every non-streamed completion response shares."""
+    return {
+        "id": rid,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+        "choices": choices,
+        "usage": usage_dict(usage),
+    }
