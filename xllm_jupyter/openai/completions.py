@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, AsyncIterator, Sequence
 
-from ..core.types import ChoiceDelta, FinishReason, GenerationDone, GenerationParams, GenerationRequest, Usage
+from ..core.types import ChoiceDelta, FinishReason, GenerationDone, GenerationRequest, Usage
 from ..engine.manager import request_keep_alive
 from .cache import ResponseCache
 from .generation import Chunk, check_token_ids, engine_failure, envelope, interleaved, sum_usage
@@ -25,16 +25,16 @@ class CompletionsMixin:
     cache: ResponseCache
     _check_n: Callable[[int, int], None]
     _max_tokens: Callable[..., int]
-    _validate: Callable[[GenerationRequest, str], None]
+    _generation: Callable[..., GenerationRequest]
     _model_identity: Callable[[str], Awaitable[str]]
     _namespace: Callable[[str | None], str]
+    _cached: Callable[..., Awaitable[Any]]
 
     async def completion(self, body: bytes, user: str | None = None,
                          manages: bool = True) -> dict[str, Any] | AsyncIterator[Chunk]:
         """``POST /v1/completions``: a response dict, or chunks when ``stream`` is true (``user``, ``manages``: as
         for chat)."""
-        return await self.cache.serve("completions", body, lambda b: self._completion(b, user, manages),
-                                      self._model_identity, namespace=user or "")
+        return await self._cached("completions", body, user, lambda b: self._completion(b, user, manages))
 
     async def _completion(self, body: bytes, user: str | None = None,
                           manages: bool = True) -> dict[str, Any] | AsyncIterator[Chunk]:
@@ -61,18 +61,9 @@ class CompletionsMixin:
                 offsets.append(0)
             # OpenAI's legacy endpoint defaults to 16 tokens, unlike chat
             max_tokens = self._max_tokens(req.max_tokens, "max_tokens", len(ids), model.context_length, "prompt", defaults.max_tokens(16))
-            params = GenerationParams(
-                max_tokens=max_tokens,
-                sampling=sampling,
-                stop=req.stop_strings(),
-                ignore_eos=bool(req.ignore_eos),
-                n=n,
-                logprobs=req.logprobs is not None,
-                top_logprobs=req.logprobs or 0,
-            )
-            gen = GenerationRequest(model=req.model, prompt_ids=tuple(ids), params=params, request_id=rid,
-                                    keep_alive=keep_alive, user=user, cache_namespace=self._namespace(user))
-            self._validate(gen, "prompt")
+            gen = self._generation(req, ids, rid, max_tokens=max_tokens, sampling=sampling,
+                                   logprobs=req.logprobs is not None, top_logprobs=req.logprobs or 0,
+                                   keep_alive=keep_alive, user=user, prompt_param="prompt")
             gens.append(gen)
         created = int(time.time())
         if req.stream:

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 from typing import Any, AsyncIterator, Sequence
 
@@ -128,6 +129,18 @@ class OpenAIServing(CompletionsMixin):
             )
         return min(room, limit, default) if default else min(room, limit)
 
+    def _generation(self, req: Any, prompt_ids: Sequence[int], rid: str, *, max_tokens: int, sampling: Any,
+                    logprobs: bool, top_logprobs: int, keep_alive: Any, user: str | None, prompt_param: str,
+                    constraint: Any = None) -> GenerationRequest:
+        """The engine request for ``req``'s prompt ``prompt_ids``, checked (``prompt_param`` names it in errors)."""
+        params = GenerationParams(max_tokens=max_tokens, sampling=sampling, stop=req.stop_strings(),
+                                  ignore_eos=bool(req.ignore_eos), n=req.n or 1, logprobs=logprobs,
+                                  top_logprobs=top_logprobs, constraint=constraint)
+        gen = GenerationRequest(model=req.model, prompt_ids=tuple(prompt_ids), params=params, request_id=rid,
+                                keep_alive=keep_alive, user=user, cache_namespace=self._namespace(user))
+        self._validate(gen, prompt_param)
+        return gen
+
     def _validate(self, request: GenerationRequest, prompt_param: str) -> None:
         """The engine's own checks, with errors pointing at the right request field."""
         try:
@@ -146,8 +159,12 @@ class OpenAIServing(CompletionsMixin):
         response cache (never shared across users). ``manages``: the caller may send
         ``keep_alive`` (see ``request_keep_alive``).
         """
-        return await self.cache.serve("chat", body, lambda b: self._chat_completion(b, user, manages),
-                                      self._model_identity, namespace=user or "")
+        return await self._cached("chat", body, user, lambda b: self._chat_completion(b, user, manages))
+
+    async def _cached(self, kind: str, body: bytes, user: str | None,
+                      make: Callable[[bytes], Awaitable[Any]]) -> dict[str, Any] | AsyncIterator[Chunk]:
+        """``make(body)``, or what the response cache holds for it (never shared across users)."""
+        return await self.cache.serve(kind, body, make, self._model_identity, namespace=user or "")
 
     async def _chat_completion(self, body: bytes, user: str | None = None,
                                manages: bool = True) -> dict[str, Any] | AsyncIterator[Chunk]:
@@ -172,19 +189,9 @@ class OpenAIServing(CompletionsMixin):
             req.requested_max_tokens, req.max_tokens_param, len(prompt), model.context_length, "messages", defaults.max_tokens(None)
         )
         rid = "chatcmpl-" + uuid.uuid4().hex
-        params = GenerationParams(
-            max_tokens=max_tokens,
-            sampling=sampling,
-            stop=req.stop_strings(),
-            ignore_eos=bool(req.ignore_eos),
-            n=n,
-            logprobs=bool(req.logprobs),
-            top_logprobs=req.top_logprobs or 0,
-            constraint=constraint,
-        )
-        gen = GenerationRequest(model=req.model, prompt_ids=tuple(prompt), params=params, request_id=rid,
-                                keep_alive=keep_alive, user=user, cache_namespace=self._namespace(user))
-        self._validate(gen, "messages")
+        gen = self._generation(req, prompt, rid, max_tokens=max_tokens, sampling=sampling, logprobs=bool(req.logprobs),
+                               top_logprobs=req.top_logprobs or 0, keep_alive=keep_alive, user=user,
+                               prompt_param="messages", constraint=constraint)
         created = int(time.time())
         if req.stream:
             return self._chat_stream(gen, req.model, rid, created, req.include_usage, tools)
