@@ -35,7 +35,7 @@ class PullBar:
         key = str(event.file or event.stage)
         label = f"{event.stage} {Path(str(event.file)).name}" if event.file else str(event.stage)
         total = event.total if event.total else None
-        unit = getattr(event, "unit", "bytes")
+        unit = event.unit
         task = self.tasks.get(key)
         if task is None:
             task = self.progress.add_task(label, total=total, unit=unit)

@@ -153,14 +153,14 @@ class XllmClient:
             json_body(response, self.root_url)  # raises the error the response stands for
         return response.text
 
-    def default_model(self) -> str | None:
+    def default_model(self, listing: list[dict[str, Any]] | None = None) -> str | None:
         """``XLLM_MODEL``, else a loaded chat model, else the server's default, else the first servable chat model.
 
-        One ``/v1/models`` call, which any key may make: its entries say which models are
-        loaded, what each serves (embedding models are skipped) and which is the server's
-        ``engine.default_model`` (``xllm.details.default``).
+        One ``/v1/models`` call, which any key may make (``listing``: its data, when the caller
+        has it already): its entries say which models are loaded, what each serves (embedding
+        models are skipped) and which is the server's ``engine.default_model`` (``xllm.details.default``).
         """
-        return os.environ.get("XLLM_MODEL") or pick_default_model(self.models())
+        return os.environ.get("XLLM_MODEL") or pick_default_model(self.models() if listing is None else listing)
 
     def _model(self, model: str | None) -> str:
         """``model``, else the one ``default_model()`` picks (a request must name one)."""

@@ -249,8 +249,8 @@ class ModelRuntime:
         """The JSON facts (``/v1/models`` and ``/admin/models`` details)."""
         if self.state == "loading":
             return {"state": "loading"}
-        facts = asdict(self)
-        facts["replicas"] = [asdict(r) for r in self.replicas]
+        facts = asdict(self)  # (the replicas' counters become dicts too)
+        facts["replicas"] = list(facts["replicas"])  # a JSON array, as before
         return facts
 
 

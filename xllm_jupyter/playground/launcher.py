@@ -97,8 +97,9 @@ def list_models(endpoint: Endpoint) -> tuple[list[str], str | None]:
     Embedding models are left out: picked in a chat app they could only answer with an error.
     """
     with XllmClient(endpoint.base_url, endpoint.api_key) as client:
-        models = [m.get("id") or m.get("name") for m in client.models() if can_chat(m)]
-        default = client.default_model()
+        listing = client.models()
+        models = [m.get("id") or m.get("name") for m in listing if can_chat(m)]
+        default = client.default_model(listing)  # the same listing: one /v1/models call
     return [m for m in models if m], default
 
 
