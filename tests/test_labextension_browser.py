@@ -10,6 +10,7 @@ the playground. A screenshot lands in tests/artifacts/.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -79,6 +80,13 @@ def test_panel_models_chat_and_playground(lab):
             with page.expect_response(lambda r: "admin/stats" in r.url, timeout=30_000):
                 pass
         assert action.evaluate("node => node.xllmProbe === true"), "the poll rebuilt the model's button"
+        # so does the memory gauge (its width animates instead of jumping)
+        fill = panel.locator(".xllm-Gauge-fill").first
+        fill.evaluate("node => { node.xllmProbe = true; }")
+        with page.expect_response(lambda r: "admin/stats" in r.url, timeout=30_000):
+            pass
+        page.wait_for_timeout(100)  # the redraw follows the response
+        assert fill.evaluate("node => node.xllmProbe === true"), "the poll rebuilt the memory gauge"
 
         # unload and load again through the panel's buttons (POSTs with Jupyter's auth + XSRF)
         row.locator(".xllm-Model-action").click()
@@ -131,6 +139,18 @@ def test_panel_models_chat_and_playground(lab):
         main_chat.wait_for(state="visible", timeout=30_000)
         page.wait_for_function(
             "() => document.querySelector('.xllm-Chat.xllm-mod-main .xllm-Chat-model').options.length > 0", timeout=30_000)
+        assert main_chat.locator(".xllm-Chat-notice").is_hidden()
+
+        # when the model list cannot be read, the main-area chat says why instead of an empty picker
+        refused = json.dumps({"error": {"message": "Invalid API key", "type": "authentication_error", "param": None, "code": "invalid_api_key"}})
+        page.route("**/xllm/v1/models*", lambda route: route.fulfill(status=401, body=refused, content_type="application/json"))
+        page.keyboard.press("Control+Shift+C")
+        palette.fill("xllm: Open Chat")
+        page.locator('.lm-CommandPalette-item[data-command="xllm:open-chat"]').first.click()
+        notice = page.locator(".jp-MainAreaWidget:visible .xllm-Chat.xllm-mod-main .xllm-Chat-notice")
+        notice.wait_for(state="visible", timeout=30_000)
+        assert "Invalid API key" in notice.inner_text() and "could not be read" in notice.inner_text()
+        page.unroute("**/xllm/v1/models*")
 
         # the playground command: the server starts Gradio and the new tab opens it
         if importlib.util.find_spec("gradio") is not None:

@@ -51,7 +51,7 @@ def test_chat_widget_streams_a_conversation(make, endpoint):
     assert isinstance(w, W.VBox) and w.model_picker.value == TINY and TINY in w.model_picker.options
     w.temperature.value, w.max_tokens.value = 0.0, 6
     w.system_prompt.value = "You are terse."
-    w.input.value = "Hello <there>"
+    w.input.value = "Hello <there>\n"  # Enter in the box adds a newline: not sent
     w.send_button.click()
     assert w.wait(60)
     assert w.input.value == "" and not w.busy
@@ -60,7 +60,7 @@ def test_chat_widget_streams_a_conversation(make, endpoint):
     assert w.last.completion_tokens == 6 and w.last.ttft_s > 0
     assert "6 tokens in" in w.status.value
     assert "Hello &lt;there&gt;" in w.transcript.value  # user text is escaped, not rendered
-    assert not w.send_button.disabled and w.stop_button.disabled
+    assert not w.send_button.disabled and w.stop_button.disabled and w.stop_button.button_style == ""
     # the widget sent what chat() sends: same greedy reply
     expected = xllm_jupyter.chat("Hello <there>", TINY, system="You are terse.", client=endpoint, temperature=0.0, top_p=1.0, max_tokens=6, ignore_eos=True)
     assert w.messages[1]["content"] == expected
@@ -79,12 +79,14 @@ def test_chat_widget_stop_cancels_on_the_server(make, endpoint, xllm_server):
     w.send_button.click()
     assert wait_for(lambda: len(w.messages) == 2 and w.messages[1]["content"]), w.status.value
     assert w.busy and w.send_button.disabled and not w.stop_button.disabled
+    # only a Stop that can act is drawn in the warning colour (a disabled one looked enabled)
+    assert w.stop_button.button_style == "warning"
     w.stop_button.click()
     assert w.wait(30)
     assert "Stopped" in w.status.value and w.last.cancelled
     assert 0 < w.last.completion_tokens < 1500 and w.messages[1]["content"]
     assert wait_for(lambda: engine.stats(TINY).cancelled > before), "the server kept generating"
-    assert not w.send_button.disabled
+    assert not w.send_button.disabled and w.stop_button.button_style == ""
 
 
 def test_chat_widget_exports_clears_and_reports_errors(make, endpoint, tmp_path):

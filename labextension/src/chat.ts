@@ -27,6 +27,7 @@ export class ChatView extends Widget {
   private readonly maxTokens: number;
   private readonly select: HTMLSelectElement;
   private readonly log: HTMLDivElement;
+  private readonly notice: HTMLDivElement;
   private readonly input: HTMLTextAreaElement;
   private readonly send: HTMLButtonElement;
   private readonly clearButton: HTMLButtonElement;
@@ -49,6 +50,9 @@ export class ChatView extends Widget {
     this.select.setAttribute('aria-label', 'Chat model');
     this.clearButton = button('Clear', 'xllm-Chat-clear', () => this.clear());
     bar.append(this.select, this.clearButton);
+    this.notice = el('div', 'xllm-Chat-notice');
+    this.notice.setAttribute('role', 'status');
+    this.notice.hidden = true;
     this.log = el('div', 'xllm-Chat-log');
     this.log.setAttribute('aria-live', 'polite');
     const form = el('div', 'xllm-Chat-form');
@@ -66,7 +70,7 @@ export class ChatView extends Widget {
     });
     this.send = button('Send', 'xllm-Chat-send', () => (this.abort ? this.stop() : void this.submit()), true);
     form.append(this.input, this.send);
-    this.node.append(bar, this.log, form);
+    this.node.append(bar, this.notice, this.log, form);
   }
 
   /** The model chats go to (null when the server has none). */
@@ -85,6 +89,12 @@ export class ChatView extends Widget {
       this.select.value = chosen;
     }
     this.select.disabled = models.length === 0;
+  }
+
+  /** Show (or, with null, hide) a line under the picker, e.g. why it offers no model. */
+  setNotice(text: string | null): void {
+    this.notice.textContent = text ?? '';
+    this.notice.hidden = !text;
   }
 
   /** Send the prompt box's text (no-op while a reply streams or when empty). */

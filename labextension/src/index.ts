@@ -11,7 +11,7 @@ import { XllmApi, XllmApiError } from './api';
 import { ChatView } from './chat';
 import { jupyterRequest } from './connection';
 import { XllmPanel } from './panel';
-import { canChat } from './state';
+import { canChat, noChatModelsReason } from './state';
 
 /** Command ids. */
 export namespace CommandIDs {
@@ -36,8 +36,10 @@ function openChat(app: JupyterFrontEnd, api: XllmApi, model: string | null): voi
     .then(models => {
       const ids = models.filter(m => canChat(m.task)).map(m => m.id);
       chat.setModels(ids, model && ids.includes(model) ? model : ids[0] ?? null);
+      chat.setNotice(ids.length ? null : noChatModelsReason(null));
     })
-    .catch(() => undefined);
+    // an empty picker must say why, not just stay empty
+    .catch(error => chat.setNotice(noChatModelsReason(error)));
   const widget = new MainAreaWidget({ content: chat });
   widget.id = `xllm-chat-${++chatCount}`;
   widget.title.label = 'xllm chat';

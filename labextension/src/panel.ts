@@ -18,6 +18,17 @@ interface RowNodes {
   action: HTMLButtonElement;
 }
 
+/** The DOM of one device's memory gauge, kept across redraws. */
+interface GaugeNodes {
+  row: HTMLElement;
+  bar: HTMLElement;
+  fill: HTMLElement;
+  text: HTMLElement;
+}
+
+/** How long after a reply ends the panel reads the stats again (the server notices a Stop within ~0.25 s). */
+const REFRESH_AFTER_REPLY_MS = 750;
+
 /** Side panel options. */
 export interface XllmPanelOptions {
   api: XllmApi;
@@ -44,6 +55,7 @@ export class XllmPanel extends Panel {
   private available: string[] = [];
   private noChat = new Set<string>();
   private rowNodes = new Map<string, RowNodes>();
+  private readonly gaugeNodes = new Map<string, GaugeNodes>();
   /** models with a load/unload under way, and what their row says meanwhile */
   private busyModels = new Map<string, string>();
   private refreshing: Promise<void> | null = null;
@@ -83,7 +95,9 @@ export class XllmPanel extends Panel {
     chatTitle.textContent = 'Quick chat';
     node.append(header, this.statusNode, figures, this.memoryNode, modelsTitle, this.modelsNode, this.noticeNode, chatTitle);
 
-    this.chat = new ChatView({ api: this.api, maxTokens: 256, onReplyEnd: () => void this.refresh() });
+    // read again a little later too: right after a Stop the server has not yet noticed the
+    // closed stream, and the queue would say "1 running" until the next poll
+    this.chat = new ChatView({ api: this.api, maxTokens: 256, onReplyEnd: () => this.refreshSoon() });
     this.addWidget(this.summary);
     this.addWidget(this.chat);
     this.renderStatus('offline', 'Connecting…');
@@ -99,6 +113,12 @@ export class XllmPanel extends Panel {
       this.refreshing = this.doRefresh(includeModels).finally(() => (this.refreshing = null));
     }
     return this.refreshing;
+  }
+
+  /** Refresh now and once more shortly after (a reply just ended). */
+  private refreshSoon(): void {
+    void this.refresh();
+    window.setTimeout(() => void this.refresh(), REFRESH_AFTER_REPLY_MS);
   }
 
   private async doRefresh(includeModels: boolean): Promise<void> {
@@ -178,28 +198,17 @@ export class XllmPanel extends Panel {
     this.rateNode.title = `${stats.generated_tokens} tokens generated since the server started`;
     this.queueNode.textContent = formatQueue(stats.running, stats.queued);
 
-    this.memoryNode.replaceChildren(
-      ...Object.entries(stats.memory).map(([device, mem]) => {
-        const gauge = memoryGauge(device, mem);
-        const row = el('div', 'xllm-Gauge');
-        row.dataset.device = device;
-        const bar = el('div', 'xllm-Gauge-bar');
-        const fill = el('div', 'xllm-Gauge-fill');
-        fill.style.width = `${Math.round((gauge.fraction ?? 0) * 100)}%`;
-        fill.classList.toggle('xllm-mod-warn', gauge.warn);
-        bar.append(fill);
-        bar.setAttribute('role', 'meter');
-        bar.setAttribute('aria-label', `${device} memory`);
-        bar.setAttribute('aria-valuemin', '0');
-        bar.setAttribute('aria-valuemax', '100');
-        bar.setAttribute('aria-valuenow', String(Math.round((gauge.fraction ?? 0) * 100)));
-        bar.setAttribute('aria-valuetext', gauge.label);
-        const text = el('div', 'xllm-Gauge-label');
-        text.textContent = gauge.label;
-        row.append(bar, text);
-        return row;
-      })
-    );
+    const devices = Object.entries(stats.memory);
+    const gauges = devices.map(([device, mem]) => this.renderGauge(device, memoryGauge(device, mem)));
+    const sameGauges = gauges.length === this.memoryNode.children.length && gauges.every((g, i) => this.memoryNode.children[i] === g);
+    if (!sameGauges) {
+      this.memoryNode.replaceChildren(...gauges);
+    }
+    for (const device of [...this.gaugeNodes.keys()]) {
+      if (!(device in stats.memory)) {
+        this.gaugeNodes.delete(device);
+      }
+    }
 
     const rows = modelRows(stats, this.available, this.noChat);
     if (rows.length === 0) {
@@ -212,6 +221,33 @@ export class XllmPanel extends Panel {
     }
     const ids = rows.filter(r => r.chat).map(r => r.id);
     this.chat.setModels(ids, chooseChatModel(this.chat.model, stats, ids));
+  }
+
+  /** Update (or first build) one device's memory gauge; kept across polls so its width animates. */
+  private renderGauge(device: string, gauge: ReturnType<typeof memoryGauge>): HTMLElement {
+    let nodes = this.gaugeNodes.get(device);
+    if (!nodes) {
+      const row = el('div', 'xllm-Gauge');
+      row.dataset.device = device;
+      const bar = el('div', 'xllm-Gauge-bar');
+      const fill = el('div', 'xllm-Gauge-fill');
+      bar.append(fill);
+      bar.setAttribute('role', 'meter');
+      bar.setAttribute('aria-label', `${device} memory`);
+      bar.setAttribute('aria-valuemin', '0');
+      bar.setAttribute('aria-valuemax', '100');
+      const text = el('div', 'xllm-Gauge-label');
+      row.append(bar, text);
+      nodes = { row, bar, fill, text };
+      this.gaugeNodes.set(device, nodes);
+    }
+    const percent = Math.round((gauge.fraction ?? 0) * 100);
+    nodes.fill.style.width = `${percent}%`;
+    nodes.fill.classList.toggle('xllm-mod-warn', gauge.warn);
+    nodes.bar.setAttribute('aria-valuenow', String(percent));
+    nodes.bar.setAttribute('aria-valuetext', gauge.label);
+    nodes.text.textContent = gauge.label;
+    return nodes.row;
   }
 
   /**

@@ -18,6 +18,18 @@ export function notForChat(models: ModelInfo[]): Set<string> {
   return new Set(models.filter(m => !canChat(m.task)).map(m => m.id));
 }
 
+/**
+ * What a chat with no model to offer says, and why: the server's error when the list could
+ * not be read, else that no chat model is in the store.
+ */
+export function noChatModelsReason(error: unknown): string {
+  if (error === null || error === undefined) {
+    return 'No chat model on this server: pull one (`xllm pull smollm2`) and reopen the chat.';
+  }
+  const why = error instanceof Error ? error.message : String(error);
+  return `The model list could not be read (${why}). Reopen the chat to try again.`;
+}
+
 /** One row of the model list. */
 export interface ModelRow {
   id: string;

@@ -8,6 +8,8 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import ipywidgets as W
+
 from ..client.base import can_chat
 from ..core.errors import InvalidRequest, XllmError
 from ..notebook.clients import pick_model
@@ -18,6 +20,21 @@ WIDE_LABEL = {"description_width": "initial"}
 
 #: seconds between streamed re-renders: smooth to watch, without flooding the comm channel
 RENDER_INTERVAL = 0.05
+
+
+def stop_button() -> Any:
+    """A Stop button, disabled (and drawn plain) until something runs."""
+    return W.Button(description="Stop", icon="stop", disabled=True)
+
+
+def show_busy(busy: bool, start: list[Any], stop: Any) -> None:
+    """Disable the ``start`` buttons while busy and enable ``stop``, coloured only when it can act."""
+    for button in start:
+        button.disabled = busy
+    stop.disabled = not busy
+    # a disabled button keeps its style colour, nearly as bright as an enabled one in dark
+    # themes: only a Stop that can act is drawn in the warning colour
+    stop.button_style = "warning" if busy else ""
 
 
 class Runner:

@@ -16,7 +16,7 @@ import ipywidgets as W
 from ..core.errors import InvalidRequest, XllmError
 from ..notebook.clients import ClientLike, async_client, endpoint_of
 from ..notebook.streams import StreamRecord, check_params, measure_stream
-from .base import RENDER_INTERVAL, WIDE_LABEL, Runner, error_text, model_choices, status_html
+from .base import RENDER_INTERVAL, WIDE_LABEL, Runner, error_text, model_choices, show_busy, status_html, stop_button
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class ChatWidget(W.VBox):
         self.transcript = W.HTML(layout=W.Layout(width="100%", max_height="28em", overflow="auto", border="1px solid var(--jp-border-color2, #ddd)", padding="4px"))
         self.input = W.Textarea(placeholder="Type a message and press Send", description="Message", layout=W.Layout(width="100%", height="5em"))
         self.send_button = W.Button(description="Send", button_style="primary", icon="paper-plane")
-        self.stop_button = W.Button(description="Stop", button_style="warning", icon="stop", disabled=True)
+        self.stop_button = stop_button()
         self.clear_button = W.Button(description="Clear", icon="trash")
         self.export_format = W.Dropdown(options=[("Markdown", "markdown"), ("JSON", "json")], value="markdown", description="Export", style=WIDE_LABEL, layout=W.Layout(width="14em"))
         self.export_path = W.Text(value="transcript.md", placeholder="file to write", description="to", style=WIDE_LABEL, layout=W.Layout(width="18em"))
@@ -109,7 +109,9 @@ class ChatWidget(W.VBox):
     # --------------------------------------------------------------- actions
     def ask(self, text: str | None = None) -> bool:
         """Send ``text`` (default: the input box) and stream the reply; False if nothing was sent."""
-        text = self.input.value if text is None else text
+        # Enter in the box adds a newline (ipywidgets' Textarea has no submit): trailing
+        # whitespace is never part of the message
+        text = (self.input.value if text is None else text).rstrip()
         if self.busy:
             self._status("Still answering: stop it first.", "error")
             return False
@@ -238,8 +240,7 @@ class ChatWidget(W.VBox):
 
     # --------------------------------------------------------------- display
     def _set_busy(self, busy: bool) -> None:
-        self.send_button.disabled = busy
-        self.stop_button.disabled = not busy
+        show_busy(busy, [self.send_button], self.stop_button)
 
     def _status(self, text: str, kind: str) -> None:
         self.status.value = status_html(text, kind)

@@ -17,7 +17,7 @@ from ..notebook.clients import ClientLike, endpoint_of, pick_model
 from ..notebook.compare import Column, CompareResult, compare_async, plan_columns
 from ..notebook.diffing import diff_html, diff_text
 from ..notebook.streams import StreamRecord, build_messages
-from .base import RENDER_INTERVAL, Runner, error_text, model_options, status_html
+from .base import RENDER_INTERVAL, Runner, error_text, model_options, show_busy, status_html, stop_button
 
 _CELL = "white-space:pre-wrap;font-size:0.95em;min-height:4em"
 
@@ -92,7 +92,7 @@ class CompareWidget(W.VBox):
         )
         self.max_tokens = W.BoundedIntText(value=max_tokens, min=1, max=1_000_000, description="Max tokens")
         self.run_button = W.Button(description="Compare", button_style="primary", icon="columns")
-        self.stop_button = W.Button(description="Stop", button_style="warning", icon="stop", disabled=True)
+        self.stop_button = stop_button()
         self.columns = W.HBox(layout=W.Layout(width="100%", align_items="stretch"))
         self.diff_a = W.Dropdown(description="Diff", layout=W.Layout(width="16em"))
         self.diff_b = W.Dropdown(description="→", layout=W.Layout(width="16em"))
@@ -231,8 +231,7 @@ class CompareWidget(W.VBox):
             self.diff_view.value = f"<pre>{html.escape(text)}</pre>"
 
     def _busy(self, busy: bool, text: str, kind: str = "busy") -> None:
-        self.run_button.disabled = busy
-        self.stop_button.disabled = not busy
+        show_busy(busy, [self.run_button], self.stop_button)
         self._status(text, kind)
 
     def _status(self, text: str, kind: str) -> None:

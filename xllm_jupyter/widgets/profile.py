@@ -18,7 +18,7 @@ from ..notebook.clients import ClientLike, async_client, endpoint_of
 from ..notebook.metrics import MetricsRecorder
 from ..notebook.plots import figure_png, live_figure
 from ..notebook.profile import MAX_CONCURRENCY, ProfileResult, profile_async
-from .base import WIDE_LABEL, Runner, error_text, model_choices, parse_ints, status_html
+from .base import WIDE_LABEL, Runner, error_text, model_choices, parse_ints, show_busy, status_html, stop_button
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class ProfileWidget(W.VBox):
         self.repeats = W.BoundedIntText(value=repeats, min=1, max=1000, description="Repeats")
         self.run_button = W.Button(description="Run profile", button_style="primary", icon="play")
         self.watch_button = W.Button(description="Watch server", icon="eye")
-        self.stop_button = W.Button(description="Stop", button_style="warning", icon="stop", disabled=True)
+        self.stop_button = stop_button()
         self.progress = W.IntProgress(value=0, min=0, max=1, description="Progress", layout=W.Layout(visibility="hidden"))
         self.table = W.HTML()
         self.images = {name: W.Image(format="png", layout=W.Layout(max_width="100%")) for name in (*FIGURES, "live")}
@@ -259,8 +259,7 @@ class ProfileWidget(W.VBox):
             self._busy(False, f"Live view stopped after {n} sample{'' if n == 1 else 's'}.", "info")
 
     def _busy(self, busy: bool, text: str, kind: str = "busy") -> None:
-        self.run_button.disabled = self.watch_button.disabled = busy
-        self.stop_button.disabled = not busy
+        show_busy(busy, [self.run_button, self.watch_button], self.stop_button)
         self._status(text, kind)
 
     def _status(self, text: str, kind: str) -> None:

@@ -1,5 +1,6 @@
 import type { Stats, StatsModel } from '../api';
-import { canChat, chooseChatModel, modelRows, notForChat, Transcript, Turn } from '../state';
+import { XllmApiError } from '../api';
+import { canChat, chooseChatModel, modelRows, noChatModelsReason, notForChat, Transcript, Turn } from '../state';
 
 /** A reply that has ended with `fields` (content, error or note). */
 function ended(turn: Turn, fields: Partial<Turn>): void {
@@ -50,6 +51,15 @@ describe('chooseChatModel', () => {
 });
 
 describe('chat models', () => {
+  it('says why the picker is empty: the server error, or no chat model in the store', () => {
+    const failed = noChatModelsReason(new XllmApiError('Invalid API key', 401));
+    expect(failed).toContain('Invalid API key');
+    expect(failed).toContain('could not be read');
+    expect(noChatModelsReason(null)).toContain('xllm pull');
+    expect(noChatModelsReason(new TypeError('Failed to fetch'))).toContain('Failed to fetch');
+  });
+
+
   it('leaves out models that serve another task', () => {
     expect([canChat('chat'), canChat('adapter'), canChat(null), canChat('embedding')]).toEqual([true, true, true, false]);
     const models = [{ id: 'tiny', task: 'chat' }, { id: 'all-minilm', task: 'embedding' }, { id: 'old', task: null }];
