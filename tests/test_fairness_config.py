@@ -113,3 +113,36 @@ async def test_configured_numbers_reach_the_runner_of_a_real_model(tiny_catalog)
         assert (queue.reserved, queue.window) == (2, 7.5)
     finally:
         await engine.stop()
+
+
+# ------------------------------------------------------- the reserve while one user is alone
+def test_reserve_when_alone_is_read_from_yaml_and_env(tmp_path):
+    assert load_config(tmp_path / "none.yaml", env={}).quotas.reserve_when_alone is False
+    q = load_config(tmp_path / "none.yaml", env={"XLLM_QUOTAS_RESERVE_WHEN_ALONE": "true"}).quotas
+    assert q.reserve_when_alone is True
+    assert FairnessPolicy.from_quotas(q) == FairnessPolicy(always=True)
+
+
+async def _newcomer_first(quotas: QuotaConfig) -> bool:
+    """Alice alone floods 8 long jobs; bob, never seen before, sends one short job: does he finish first?"""
+    backend = FakeBackend(step_delay=0.002)
+    engine = Engine(EngineConfig(max_batch_size=4), FakeCatalog(["fake"]), [backend], quotas=quotas)
+    await engine.start()
+    try:
+        await engine.load("fake")
+        done: list[str] = []
+        flood = asyncio.gather(*(_run(engine, _req("alice", 150), done, "alice") for _ in range(8)))
+        model = backend.models["fake"]
+        while len(model.jobs) < (3 if quotas.reserve_when_alone else 4):  # alice's first jobs decode
+            await asyncio.sleep(0.002)
+        await _run(engine, _req("bob", 3), done, "bob")
+        await flood
+        return done[0] == "bob"
+    finally:
+        await engine.stop()
+
+
+async def test_reserve_when_alone_lets_a_newcomer_start_before_a_lone_users_generations_end():
+    # by default a lone user fills the batch, so a newcomer waits for one of her generations to end
+    assert await _newcomer_first(QuotaConfig()) is False
+    assert await _newcomer_first(QuotaConfig(reserve_when_alone=True)) is True

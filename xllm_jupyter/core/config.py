@@ -122,6 +122,9 @@ class QuotaConfig:
     reserved_slots: int = 1
     #: seconds a user counts as active after queueing work (for the reserve)
     active_window_seconds: float = 60.0
+    #: keep the reserve while one user is alone too, so a user who arrives later never waits for a
+    #: generation of someone else's to end (costs a lone user ``reserved_slots`` of the batch)
+    reserve_when_alone: bool = False
     #: usage kept across restarts: "auto" (<store.home>/usage.json with a daily token quota
     #: or on the hub service), "off" (or ""), or a JSON file path
     usage_file: str = "auto"

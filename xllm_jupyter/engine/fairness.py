@@ -10,11 +10,14 @@ FIFO per user instead and hands free slots out user by user:
   may hold at most ``max_batch - reserved`` slots, keeping ``reserved`` slots free for
   whoever arrives next. There is no preemption, so this reserve is what bounds a
   newcomer's wait to one step instead of the length of someone else's generation.
-  A user alone on the server (a single-user Jupyter server) still gets every slot.
+  A user alone on the server (a single-user Jupyter server) still gets every slot, so
+  someone arriving after the window has passed waits for the first of that user's
+  generations to end; ``always`` keeps the reserve even then (a shared hub's choice).
 
 With one user this is a FIFO. Jobs carry their user in ``SequenceJob.user``.
-``reserved`` and ``window`` come from config ``quotas.reserved_slots`` and
-``quotas.active_window_seconds`` through ``FairnessPolicy`` (Engine -> ModelRunner).
+``reserved``, ``window`` and ``always`` come from config ``quotas.reserved_slots``,
+``quotas.active_window_seconds`` and ``quotas.reserve_when_alone`` through ``FairnessPolicy``
+(Engine -> ModelRunner).
 """
 
 from __future__ import annotations
@@ -42,21 +45,23 @@ def job_user(item: Any) -> str:
 
 @dataclass(frozen=True)
 class FairnessPolicy:
-    """A runner's fairness settings: slots ``reserved`` for others, the activity ``window`` (s)."""
+    """A runner's fairness settings: slots ``reserved`` for others, the activity ``window`` (s), and
+    whether the reserve holds ``always`` (also while one user is alone)."""
 
     reserved: int = DEFAULT_RESERVED_SLOTS
     window: float = DEFAULT_WINDOW_SECONDS
+    always: bool = False
 
     @classmethod
     def from_quotas(cls, quotas: QuotaConfig | None = None) -> FairnessPolicy:
-        """From ``quotas.reserved_slots`` and ``quotas.active_window_seconds`` (None: the defaults)."""
+        """From ``quotas.reserved_slots``, ``active_window_seconds`` and ``reserve_when_alone`` (None: defaults)."""
         if quotas is None:
             return cls()
-        return cls(quotas.reserved_slots, quotas.active_window_seconds)
+        return cls(quotas.reserved_slots, quotas.active_window_seconds, quotas.reserve_when_alone)
 
     def queue(self) -> FairQueue[Any]:
         """A runner's waiting queue with these settings."""
-        return FairQueue(reserved=self.reserved, window=self.window)
+        return FairQueue(reserved=self.reserved, window=self.window, always=self.always)
 
 
 class FairQueue(Generic[Item]):
@@ -68,6 +73,7 @@ class FairQueue(Generic[Item]):
         *,
         reserved: int = DEFAULT_RESERVED_SLOTS,
         window: float = DEFAULT_WINDOW_SECONDS,
+        always: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ):
         if window <= 0:
@@ -75,6 +81,7 @@ class FairQueue(Generic[Item]):
         self._key = key
         self.reserved = max(0, reserved)
         self.window = window
+        self.always = always  # the reserve holds while one user is alone too
         self._clock = clock
         # user -> that user's waiting items; order = round-robin order (served last = at the end)
         self._queues: OrderedDict[str, deque[Item]] = OrderedDict()
@@ -163,7 +170,7 @@ class FairQueue(Generic[Item]):
         held = Counter(running)
         cap = None
         shared = self.shared()  # also forgets idle users, once per call
-        if max_batch is not None and self.reserved and max_batch > self.reserved and shared:
+        if max_batch is not None and self.reserved and max_batch > self.reserved and (shared or self.always):
             cap = max_batch - self.reserved
         while len(out) < free and self._queues:
             # least-running first; ties: served longest ago (never served: first), then queue order
