@@ -242,8 +242,11 @@ def test_error_translation_hides_internals():
     assert status == 500 and "/opt" not in body["error"]["message"] and body["error"]["code"] == "engine_error"
     status, body, headers = error_response(RateLimited("slow down", retry_after=2.4))
     assert status == 429 and headers["Retry-After"] == "2" and body["error"]["code"] == "rate_limit_exceeded"
-    status, body, _ = error_response(Overloaded("queue full"))
+    status, body, headers = error_response(Overloaded("queue full"))
     assert status == 503 and body["error"]["message"] == "queue full" and body["error"]["code"] == "overloaded"
+    assert headers["Retry-After"] == "1"  # busy now: the client's retry waits a second
+    _, _, headers = error_response(Overloaded("too big for this GPU", code="model_does_not_fit"))
+    assert "Retry-After" not in headers  # no retry fixes that
     # a 500 written for the client (what to change), as for a job whose logits overflowed, keeps its message
     status, body, _ = error_response(BadModelOutput("The model produced non-finite logits (try float32)"))
     assert status == 500 and "non-finite" in body["error"]["message"] and body["error"]["code"] == "bad_model_output"

@@ -28,6 +28,11 @@ _HTTP_ERRORS: dict[int, tuple[str, str, str]] = {
     503: ("server_error", "overloaded", "The server is not ready; retry later."),
 }
 
+#: seconds a client should wait before retrying a 503 ``overloaded`` (sent as ``Retry-After``)
+OVERLOADED_RETRY_AFTER = 1
+#: 503 codes that a retry cannot fix (the model is too big for this server): no ``Retry-After``
+PERMANENT_503 = frozenset({"model_does_not_fit"})
+
 GENERIC_500 = "The server had an error while processing your request. Retry the request."
 
 
@@ -39,6 +44,10 @@ def error_response(exc: BaseException | None, status: int = 500) -> tuple[int, d
             headers["WWW-Authenticate"] = 'Bearer realm="xllm"'
         if isinstance(exc, RateLimited):
             headers["Retry-After"] = str(max(1, int(round(exc.retry_after))))
+        elif isinstance(exc, Overloaded) and exc.code not in PERMANENT_503:
+            # busy now, fine soon (queue full, no room while others' models are in use, loading): clients
+            # (the openai SDK included) wait this long before their retry instead of their own guess
+            headers["Retry-After"] = str(OVERLOADED_RETRY_AFTER)
         if exc.status == 500 and not exc.client_safe:
             # a server-side failure: never leak its message, which may name paths or internals
             # (503 "busy/not ready" messages are written for clients and stay)
