@@ -216,3 +216,20 @@ def test_a_forced_call_cut_by_max_tokens_reads_the_same_in_both(choice):
             assert (s_calls, s_reason) == (calls, reason) and s_content.strip() == (content or "").strip(), end
     cut = full(tc, text[:60], "length")
     assert cut[1] and cut[1][0][0] == "get_weather" and cut[2] == "length" and cut[0] is None
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "add"}}])
+def test_a_later_forced_call_cut_by_max_tokens_is_never_content(choice):
+    """max_tokens cutting the second of two forced calls: the reply is still calls only (the cut one as far as it
+    got once its name is known), never its raw ``<tool_call>`` markup as ``content``, streamed or not."""
+    tc = calling(None, choice, parallel=True)
+    first = format_call("add", {"a": 1})
+    text = first + "\n" + format_call("add", {"a": 2})
+    for end in range(len(first) + 1, len(text) + 1):
+        content, calls, reason = full(tc, text[:end], "length")
+        assert content is None and reason == "length" and json.loads(calls[0][1]) == {"a": 1}, (end, content)
+        assert len(calls) in (1, 2) and all(name == "add" for name, _ in calls)
+        for step in (1, 7, 10_000):
+            s_content, s_calls, s_reason, _ = streamed(tc, text[:end], "length", step)
+            assert "<tool_call>" not in s_content and not s_content.strip(), (end, step, s_content)
+            assert (s_calls, s_reason) == (calls, reason), (end, step)

@@ -63,11 +63,10 @@ class ToolCalling:
                                                         "function": {"name": frag["function"].get("name"), "arguments": ""}})
                 call["function"]["arguments"] += frag["function"].get("arguments") or ""
             reason = end or reason
+        # forced output has no content: cut before a call's name is known, the reply is empty (finish length)
         message: dict[str, Any] = {"role": "assistant", "content": content.strip() or None, "refusal": None}
         if calls:
             message["tool_calls"] = [calls[i] for i in sorted(calls)]
-        elif not content.strip():
-            message["content"] = text or None
         return message, reason
 
     def streamer(self) -> "ToolDeltas":

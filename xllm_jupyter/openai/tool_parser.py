@@ -355,13 +355,16 @@ class StreamingToolParser:
             out += self._close_open(final)
             if self._head_end:
                 return out + self._partial_call()
-        pieces, end, self._skip = _scan(self._buf, self.names, final, self._skip)
+        # forced output is nothing but calls: text left at the end is a call cut short, never content
+        pieces, end, self._skip = _scan(self._buf, self.names, final and not self._incremental, self._skip)
         self._buf = self._buf[end:]
         out += self._events(pieces)
         # only the first forced call streams as generated: a later one may repeat an earlier one, and
-        # is sent whole (or dropped) once complete
-        if self._incremental and not final and self._calls == 0 and self._buf.startswith(_OPEN):
+        # is sent whole (or dropped) once complete, or, cut short by max_tokens, as far as it got
+        if self._incremental and (final or self._calls == 0) and self._buf.startswith(_OPEN):
             out += self._partial_call()
+        if self._incremental and final:
+            self._buf = ""  # a call cut before its name is known: nothing to show
         return out
 
     def _events(self, pieces: list[str | ToolCall]) -> list[StreamEvent]:
