@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from xllm_jupyter.core.types import ChoiceDelta, FinishReason, GenerationDone, Usage
-from xllm_jupyter.engine.runner import MAX_SCALED_INTERVAL, SCALE_STREAMS, coalesce, paced_interval
+from xllm_jupyter.engine.delivery import MAX_SCALED_INTERVAL, SCALE_STREAMS, coalesce, paced_interval
 
 from xllm_jupyter.core.config import EngineConfig
 from xllm_jupyter.engine.engine import Engine

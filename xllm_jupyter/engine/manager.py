@@ -23,7 +23,8 @@ from ..backends.torch_device import device_kind
 from ..core.errors import InvalidRequest, Overloaded, PermissionDenied
 from ..core.types import EngineStats
 from ..store.names import canonical_name
-from .runner import ModelRunner, RequestHandle
+from .delivery import RequestHandle
+from .runner import ModelRunner
 
 log = logging.getLogger(__name__)
 

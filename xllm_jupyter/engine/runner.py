@@ -2,23 +2,15 @@
 
 The thread owns the LoadedModel. Between two steps it admits waiting jobs (up to the
 batch limit) and applies cancellations, so new requests join the running batch
-instead of waiting for it to drain. Events go to the asyncio side with a single
-``call_soon_threadsafe`` per event loop, into per-request queues: a slow consumer only
-grows its own queue and never stalls the step loop.
-
-Deliveries are paced by ``stream_interval``: tokens made within one interval leave
-together, merged into one delta per choice, so the event loop (which shares the GIL
-with the step loop) wakes, encodes and writes once per interval instead of once per
-token. Past ``SCALE_STREAMS`` running sequences the interval grows in proportion
-(``paced_interval``), which caps the chunks per second the loop must write however many
-streams run. A request's first delta, its end and errors are never held back, so time
+instead of waiting for it to drain. What the steps make is held in an outbox and handed
+to the asyncio side paced by ``stream_interval`` (delivery.py: request handles, pacing
+and merging). A request's first delta, its end and errors are never held back, so time
 to first token is unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import itertools
 import logging
@@ -26,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 from ..backends.base import LoadedModel, unload_each
 from ..backends.detokenize import token_text
@@ -42,77 +33,11 @@ from ..core.types import (
     TokenLogprob,
     Usage,
 )
+from .delivery import END, RequestHandle, coalesce, deliver_all, paced_interval
 from .fairness import FairnessPolicy, FairQueue
 from .stops import StopMatcher
 
 log = logging.getLogger(__name__)
-
-_END = object()  # queue sentinel: the request is over
-
-#: sequences one stream interval serves; with more running, the interval grows in proportion
-SCALE_STREAMS = 16
-#: the scaled interval never passes this (a base interval above it is kept as configured)
-MAX_SCALED_INTERVAL = 0.25
-
-
-def paced_interval(base: float, running: int) -> float:
-    """Seconds between deliveries with ``running`` sequences: ``base``, scaled up past SCALE_STREAMS."""
-    if base <= 0 or running <= SCALE_STREAMS:
-        return base
-    return max(base, min(MAX_SCALED_INTERVAL, base * running / SCALE_STREAMS))
-
-
-class RequestHandle:
-    """The asyncio side of one request: an async iterator over its deltas."""
-
-    def __init__(self, runner: "ModelRunner", loop: asyncio.AbstractEventLoop, request: GenerationRequest):
-        self.runner = runner
-        self.loop = loop
-        self.request = request
-        # a deque and one waiter instead of an asyncio.Queue: a step's items arrive together
-        # and are read without a future (or Queue bookkeeping) per token
-        self._ready: collections.deque = collections.deque()
-        self._waiter: asyncio.Future | None = None
-        self.job_ids: list[int] = []
-        self.finished = False
-        self.started = False  # engine thread: a delta of this request has been handed out
-        # written by the engine thread only
-        self.open_choices = request.params.n
-        self.completion_tokens = 0
-        self.cached_tokens = 0
-
-    def _deliver(self, items: list) -> None:
-        """Runs on the event loop: queue what one step produced for this request, wake its reader."""
-        self._ready.extend(items)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def __aiter__(self) -> AsyncIterator[ChoiceDelta | GenerationDone]:
-        ready = self._ready
-        while True:
-            if not ready:
-                self._waiter = self.loop.create_future()
-                try:
-                    await self._waiter
-                finally:
-                    self._waiter = None
-                continue
-            item = ready.popleft()
-            if item is _END:
-                self.finished = True
-                return
-            if isinstance(item, BaseException):
-                self.finished = True
-                raise item
-            yield item
-
-    def cancel(self) -> None:
-        """Cancel all of this request's jobs (no-op once it has finished)."""
-        if not self.finished:
-            self.finished = True
-            self.runner.cancel(self.job_ids)
-
 
 @dataclass
 class _JobState:
@@ -431,7 +356,7 @@ class ModelRunner:
             by_loop.setdefault(handle.loop, []).append((handle, coalesce(items) if len(items) > 1 else items))
         for loop, deliveries in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_deliver_all, deliveries)
+                loop.call_soon_threadsafe(deliver_all, deliveries)
             except RuntimeError:  # the loop closed: its requests are gone
                 for handle, _ in deliveries:
                     self.cancel(handle.job_ids)
@@ -480,7 +405,7 @@ class ModelRunner:
         if handle.open_choices == 0:
             usage = Usage(len(handle.request.prompt_ids), handle.completion_tokens, handle.cached_tokens)
             items.append(GenerationDone(usage))
-            items.append(_END)
+            items.append(END)
         return True
 
     def _fail(self, handle: RequestHandle, exc: XllmError) -> None:
@@ -488,7 +413,7 @@ class ModelRunner:
         items = self._outbox.pop(handle, None) or []
         items.append(exc)
         try:
-            handle.loop.call_soon_threadsafe(handle._deliver, items)
+            handle.loop.call_soon_threadsafe(handle.deliver, items)
         except RuntimeError:
             pass
 
@@ -506,40 +431,3 @@ def _token_logprob(event: TokenEvent, logprob: float) -> TokenLogprob:
     top = event.top_logprobs
     top_raw = event.top_bytes if len(event.top_bytes) == len(top) else tuple(t.encode("utf-8") for t, _ in top)
     return TokenLogprob(token_text(raw), logprob, top, raw, top_raw)
-
-
-def _deliver_all(deliveries: list) -> None:
-    for handle, items in deliveries:
-        handle._deliver(items)
-
-
-def coalesce(items: list) -> list:
-    """Merge the held deltas of each choice into one (text, token ids and logprobs joined).
-
-    Other items (the usage, the end marker, an error) keep their place after them; a
-    choice's ``finish`` is only ever on its last delta, so the merged one carries it.
-    """
-    out: list = []
-    groups: dict[int, list[ChoiceDelta]] = {}
-    for item in items:
-        if type(item) is ChoiceDelta:
-            group = groups.get(item.index)
-            if group is None:
-                group = groups[item.index] = []
-                out.append(group)
-            group.append(item)
-        else:
-            out.append(item)
-    return [_merged(entry) if type(entry) is list else entry for entry in out]
-
-
-def _merged(deltas: list[ChoiceDelta]) -> ChoiceDelta:
-    if len(deltas) == 1:
-        return deltas[0]
-    return ChoiceDelta(
-        deltas[0].index,
-        "".join(d.text for d in deltas),
-        tuple(i for d in deltas for i in d.token_ids),
-        tuple(lp for d in deltas for lp in d.logprobs),
-        deltas[-1].finish,
-    )
