@@ -23,8 +23,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from xllm_jupyter.backends.hf_compiled import SlotCache, SlotDecoder
+from xllm_jupyter.backends.hf_compiled import SlotDecoder
 from xllm_jupyter.backends.slot_attention import use_slot_sdpa
+from xllm_jupyter.backends.slot_cache import SlotCache
 
 pytestmark = [
     pytest.mark.cuda_build,

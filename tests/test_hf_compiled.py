@@ -21,10 +21,8 @@ torch = pytest.importorskip("torch")
 from tests.server_fixtures import TINY, make_test_config, running_server  # noqa: E402
 from xllm_jupyter.backends.base import ModelSpec  # noqa: E402
 from xllm_jupyter.backends.hf_compiled import (  # noqa: E402
-    SPARE_COLUMNS,
     StaticBatch,
     StaticPlan,
-    buckets,
     compiled_graphs,
     give_this_thread_cudagraph_state,
 )
@@ -35,6 +33,7 @@ from xllm_jupyter.backends.registry import (  # noqa: E402
     compile_setting,
     select_backend,
 )
+from xllm_jupyter.backends.slot_cache import SPARE_COLUMNS, buckets  # noqa: E402
 from xllm_jupyter.backends.hf_model import TransformersModel  # noqa: E402
 from xllm_jupyter.backends.transformers import TransformersBackend  # noqa: E402
 from xllm_jupyter.core.config import EngineConfig  # noqa: E402
