@@ -266,3 +266,71 @@ def test_function_call_streams(client):
     call = next(o for o in final.output if o.type == "function_call")
     assert deltas == done.arguments == call.arguments and json.loads(call.arguments)["unit"] in ("c", "f")
     assert final.status == "completed" and types[-1] == "response.completed"
+
+
+def _items_in_order(events) -> list:
+    """Each output item's events, checked to come one item at a time (added, deltas, done, then the next)."""
+    current, items = None, []
+    for e in events:
+        index = getattr(e, "output_index", None)
+        if e.type == "response.output_item.added":
+            assert current is None and index == len(items), [x.type for x in events]  # the previous item is done
+            current = index
+        elif e.type == "response.output_item.done":
+            assert index == current
+            items.append(e.item)
+            current = None
+        elif index is not None:
+            assert index == current, e.type  # deltas only for the open item
+    assert current is None
+    return items
+
+
+def test_output_items_stream_one_at_a_time(client):
+    """Several function calls stream as OpenAI streams items: each is done before the next is added, and
+    the item a max_output_tokens cut falls in is the only incomplete one, streamed or not."""
+    time_tool = {**WEATHER, "name": "get_time"}
+    several = 0
+    for seed in range(6):
+        kw = dict(model=TINY, input="Weather?", tools=[WEATHER, time_tool], tool_choice="required", max_output_tokens=80,
+                  temperature=1.0, extra_body={"seed": seed})
+        events = list(client.responses.create(stream=True, **kw))
+        items = _items_in_order(events)
+        final = events[-1].response
+        assert [i.id for i in items] == [o.id for o in final.output]
+        last = "completed" if final.status == "completed" else "incomplete"
+        assert [o.status for o in final.output] == ["completed"] * (len(items) - 1) + [last]
+        assert [o.status for o in client.responses.create(**kw).output] == [o.status for o in final.output]
+        several += len(items) > 1
+    assert several, "no seed gave more than one call: pick other seeds"
+
+
+def test_a_stream_that_fails_midway_ends_with_typed_events(client, raw, xllm_server):
+    """Unloading the model under a streamed response: the stream ends with an ``error`` event and
+    ``response.failed`` (typed, numbered on), which the SDK raises as APIError; nothing is stored."""
+    body = {"model": TINY, "input": "Go on.", "max_output_tokens": 1900, "stream": True, "ignore_eos": True}
+    with raw.stream("POST", "/v1/responses", json=body) as resp:
+        lines = resp.iter_lines()
+        for line in lines:
+            if line == "event: response.output_text.delta":
+                break
+        assert raw.post("/admin/models/unload", json={"model": TINY}).json()["unloaded"] is True
+        rest = "\n".join(lines)
+    blocks = [b for b in rest.split("\n\n") if b.strip() and not b.startswith(":")]
+    error, failed = (json.loads(b.split("\ndata: ", 1)[1]) for b in blocks[-2:])
+    assert blocks[-2].startswith("event: error\n") and blocks[-1].startswith("event: response.failed\n")
+    assert error["type"] == "error" and error["code"] == "overloaded" and "was unloaded" in error["message"]
+    assert failed["sequence_number"] == error["sequence_number"] + 1
+    assert failed["response"]["status"] == "failed" and failed["response"]["error"]["code"] == "overloaded"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(failed["response"]["id"])
+    # the SDK raises it, as it does for chat
+    stream = client.responses.create(model=TINY, input="Go on.", max_output_tokens=1900, stream=True, extra_body={"ignore_eos": True})
+    it = iter(stream)
+    next(it), next(it), next(it)
+    assert raw.post("/admin/models/unload", json={"model": TINY}).json()["unloaded"] is True
+    with pytest.raises(openai.APIError) as info:
+        for _ in it:
+            pass
+    assert info.value.code == "overloaded"
+    assert client.responses.create(model=TINY, input="still there?", max_output_tokens=1).output_text is not None

@@ -130,11 +130,16 @@ def chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
 
 
 def output_items(message: dict[str, Any], mid: str, status: str) -> list[dict[str, Any]]:
-    """A chat response ``message`` as Responses output items (text first, then calls)."""
+    """A chat response ``message`` as Responses output items (text first, then calls).
+
+    The last item gets ``status``: a reply cut short (``incomplete``) was cut inside it, and
+    the items before it are complete.
+    """
     calls = message.get("tool_calls") or []
     text = message.get("content") or ""
-    out = [message_item("assistant", text, mid, status)] if text or not calls else []
+    out = [message_item("assistant", text, mid)] if text or not calls else []
     for tc in calls:
         fn = tc["function"]
         out.append(function_call_item(tc["id"], fn["name"], fn["arguments"]))
+    out[-1]["status"] = status
     return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, AsyncIterator, Awaitable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from ..core.config import XllmConfig
 from ..core.errors import InvalidRequest, NotFound, PayloadTooLarge
@@ -205,13 +205,18 @@ class RequestMixin:
             charge_response(self, result)
             self.write_json(result)
         else:
-            await self.stream_events(metrics.timed_stream(self.route, metered(self, result), start), **writer_options)
+            # a stream with its own way of failing (the Responses API's typed events) says how
+            failure = getattr(result, "failure_events", None)
+            await self.stream_events(metrics.timed_stream(self.route, metered(self, result), start), failure, **writer_options)
         metrics.observe_duration(self.route, time.perf_counter() - start)
 
-    async def stream_events(self, stream: AsyncIterator[dict[str, Any]], **writer_options: Any) -> None:
+    async def stream_events(self, stream: AsyncIterator[dict[str, Any]], failure: Callable[[dict[str, Any]], list[Any]] | None = None,
+                            **writer_options: Any) -> None:
         """Write chunks as server-sent events; errors after the start become an error event.
 
-        ``writer_options`` (``encode``, ``done``) pick another event framing, e.g. typed events.
+        ``writer_options`` (``encode``, ``done``) pick another event framing, e.g. typed events;
+        ``failure(body)``, when given, turns the OpenAI error body into the events that end the
+        stream (else one ``data: {"error": ...}`` event, as chat and completions send).
         """
         for name, value in SSE_HEADERS.items():
             self.set_header(name, value)  # type: ignore[attr-defined]
@@ -227,7 +232,12 @@ class RequestMixin:
             req = self.request  # type: ignore[attr-defined]
             log_error(exc, f"{req.method} {req.path} (stream)")
             _, body, _ = error_response(exc)
-            await writer.write_error(body)
+            if failure is None:
+                await writer.write_error(body)
+            elif not writer.closed:
+                for event in failure(body):
+                    self.write(writer.encode(event))  # type: ignore[attr-defined]
+                await writer.drain()
         finally:
             writer.close()
             aclose = getattr(stream, "aclose", None)
