@@ -72,13 +72,13 @@ def build_narrow_llama(out: Path) -> Path:
 
 def load(args: argparse.Namespace):
     """The model through the transformers backend, compiled and warmed up as the engine does."""
-    from xllm_jupyter.backends.base import ModelSpec
+    from xllm_jupyter.backends.base import BackendOptions, ModelSpec
     from xllm_jupyter.backends.transformers import TransformersBackend
 
     path = Path(args.model) if args.model else build_narrow_llama(Path(args.model_dir))
     backend = args.backend or ("inductor" if args.device == "cuda" else "eager")
-    options = {"device": args.device, "torch_threads": 1, "compile": "on", "compile_backend": backend,
-               "max_batch_size": args.slots, "cache_tokens": args.slots * args.slot_tokens}
+    options = BackendOptions(device=args.device, torch_threads=1, compile="on", compile_backend=backend,
+                             max_batch_size=args.slots, cache_tokens=args.slots * args.slot_tokens)
     model = TransformersBackend().load(ModelSpec(name="bench", path=path, options=options))
     started = time.perf_counter()
     model.warm_up()

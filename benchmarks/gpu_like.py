@@ -141,7 +141,7 @@ class GpuLikeModel(LoadedModel):
 class GpuLikeBackend(Backend):
     """Loads the model with the transformers backend and wraps it in ``GpuLikeModel``.
 
-    The spec's ``gpu_like`` option holds the profile (``GpuProfile.parse``).
+    Its step costs are the profile ``register`` was given (``GpuProfile.parse``).
     """
 
     name = "gpu-like"
@@ -159,9 +159,15 @@ class GpuLikeBackend(Backend):
         from xllm_jupyter.backends.transformers import TransformersBackend
 
         inner = TransformersBackend().load(dataclasses.replace(spec, backend="transformers"))
-        return GpuLikeModel(inner, GpuProfile.parse(spec.options.get("gpu_like", "")))
+        return GpuLikeModel(inner, _profile)
 
 
-def register() -> None:
-    """Make ``backend: gpu-like`` loadable in this process."""
+#: the step costs gpu-like models spend in this process (``register`` sets them)
+_profile = GpuProfile()
+
+
+def register(profile: str = "") -> None:
+    """Make ``backend: gpu-like`` loadable in this process, its models spending ``profile`` ("" = defaults)."""
+    global _profile
+    _profile = GpuProfile.parse(profile)
     BACKENDS.setdefault(GpuLikeBackend.name, f"{__name__}:GpuLikeBackend")

@@ -281,12 +281,12 @@ class RawStandIn:
     def __init__(self, path: str, backend: str, args):
         import library_stand_in
 
-        from xllm_jupyter.backends.base import ModelSpec
+        from xllm_jupyter.backends.base import BackendOptions, ModelSpec
 
         # the options the server's engine gives the same model (engine settings as defaults)
         spec = ModelSpec(name="bench", path=Path(path), format="safetensors", context_length=4096,
-                         options={"max_batch_size": args.max_batch, "gpu_like": args.stand_in})
-        self.model = library_stand_in.load(backend, spec)
+                         options=BackendOptions(max_batch_size=args.max_batch))
+        self.model = library_stand_in.load(backend, spec, args.stand_in)
         self.gen = self.model.generator
         self.raw = RawExllamaV3 if backend == "exllamav3" else RawExllamaV2
 
@@ -304,7 +304,7 @@ TRANSFORMERS = {"transformers-compiled": ("transformers", "on"), "transformers":
 
 
 def transformers_options(backend: str, args) -> dict:
-    """ModelSpec options for a transformers benchmark backend (the same in raw and server mode)."""
+    """BackendOptions settings for a transformers benchmark backend (the same in raw and server mode)."""
     return {"device": args.device, "compile": TRANSFORMERS[backend][1], "max_batch_size": args.max_batch,
             "cache_tokens": args.cache_tokens}
 
@@ -313,11 +313,11 @@ class RawTransformers:
     """Our transformers backend's model stepped directly (add/step), shaped like the exllama generators."""
 
     def __init__(self, path: str, backend: str, args):
-        from xllm_jupyter.backends.base import ModelSpec
+        from xllm_jupyter.backends.base import BackendOptions, ModelSpec
         from xllm_jupyter.backends.transformers import TransformersBackend
 
         spec = ModelSpec(name="bench", path=Path(path), format="safetensors", context_length=4096,
-                         options=transformers_options(backend, args))
+                         options=BackendOptions(**transformers_options(backend, args)))
         self.model = TransformersBackend().load(spec)
         self.model.warm_up()  # compiles every batch width (compile: on) on this thread, which steps it
         details = self.model.details()
@@ -424,10 +424,10 @@ def serve_main(args) -> None:
     elif args.stand_in is not None:
         import library_stand_in
 
-        library_stand_in.register()
-        backend, options = library_stand_in.STAND_IN_OF[backend], {"gpu_like": args.stand_in}
+        library_stand_in.register(args.stand_in)
+        backend = library_stand_in.STAND_IN_OF[backend]
     spec = ModelSpec(name="bench", path=path, format=detect_format(path), backend=backend, context_length=4096,
-                     options=options)
+                     overrides=options)  # over the engine's settings, as a model's own would be
 
     class OneModel:
         def resolve(self, name: str) -> ModelSpec:

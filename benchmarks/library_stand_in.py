@@ -29,13 +29,12 @@ from xllm_jupyter.backends.registry import BACKENDS
 STAND_IN_OF = {"exllamav3": "exllamav3-stand-in", "exllamav2": "exllamav2-stand-in"}
 
 
-def profile_of(spec: ModelSpec) -> GpuProfile:
-    """The step costs named by the spec's ``gpu_like`` option (``GpuProfile.parse``; "" = defaults)."""
-    return GpuProfile.parse(str(spec.options.get("gpu_like", "")))
+#: the step costs the stand-in backends spend in this process (``register`` sets them)
+_profile = GpuProfile()
 
 
 class StandInV3Backend(CpuPagesV3Backend):
-    """exllamav3's generator without weights, every forward spending the spec's GPU profile."""
+    """exllamav3's generator without weights, every forward spending the registered GPU profile."""
 
     name = STAND_IN_OF["exllamav3"]
 
@@ -45,7 +44,7 @@ class StandInV3Backend(CpuPagesV3Backend):
 
     def load(self, spec: ModelSpec) -> Any:
         """The CPU-pages model with the profile's costs."""
-        return load_cpu_pages_model(spec, profile_of(spec).spend)
+        return load_cpu_pages_model(spec, _profile.spend)
 
 
 class StandInV2Backend(CpuPagesV2Backend):
@@ -59,16 +58,19 @@ class StandInV2Backend(CpuPagesV2Backend):
 
     def load(self, spec: ModelSpec) -> Any:
         """The CPU-pages model with the profile's costs."""
-        return load_cpu_pages_v2_model(spec, paged=paged_attention_available(), step_cost=profile_of(spec).spend)
+        return load_cpu_pages_v2_model(spec, paged=paged_attention_available(), step_cost=_profile.spend)
 
 
-def register() -> None:
-    """Make the stand-in backends loadable in this process."""
+def register(profile: str = "") -> None:
+    """Make the stand-in backends loadable in this process, spending ``profile`` (``GpuProfile.parse``)."""
+    global _profile
+    _profile = GpuProfile.parse(profile)
     for backend in (StandInV3Backend, StandInV2Backend):
         BACKENDS.setdefault(backend.name, f"{__name__}:{backend.__name__}")
 
 
-def load(backend: str, spec: ModelSpec) -> Any:
+def load(backend: str, spec: ModelSpec, profile: str = "") -> Any:
     """Our model over the stand-in generator of benchmark backend ``backend`` (exllamav3 / exllamav2)."""
+    register(profile)
     cls = StandInV3Backend if backend == "exllamav3" else StandInV2Backend
     return cls().load(spec)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import subprocess
@@ -92,10 +93,10 @@ def spec_of(path: Path, max_batch: int):
     if profile is not None:
         import gpu_like
 
-        gpu_like.register()
-        backend, options["gpu_like"] = "gpu-like", "" if profile == "default" else profile
+        gpu_like.register("" if profile == "default" else profile)
+        backend = "gpu-like"
     return ModelSpec(name=MODEL, path=path, format=detect_format(path), backend=backend, context_length=4096,
-                     options=options)
+                     overrides=options)  # over the engine's settings, as a model's own would be
 
 
 class OneModel:
@@ -209,6 +210,7 @@ async def measure(args: Namespace, path: Path, levels: list[int]) -> dict:
     """Every mode at every level; the server runs in a child process throughout."""
     import torch
 
+    from xllm_jupyter.backends.base import BackendOptions
     from xllm_jupyter.backends.registry import select_backend
     from xllm_jupyter.core.config import EngineConfig
     from xllm_jupyter.core.types import ChatMessage
@@ -226,7 +228,8 @@ async def measure(args: Namespace, path: Path, levels: list[int]) -> dict:
                             catalog=OneModel(spec))
             await engine.start()
             await engine.load(MODEL)
-            raw = await asyncio.to_thread(select_backend(spec).load, spec)
+            raw_spec = dataclasses.replace(spec, options=BackendOptions().with_overrides(spec.overrides))
+            raw = await asyncio.to_thread(select_backend(raw_spec).load, raw_spec)
         else:
             engine = Engine(EngineConfig(max_batch_size=1), catalog=OneModel(spec))  # only to tokenize the prompt
             await engine.start()

@@ -12,7 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from xllm_jupyter.backends.base import ModelSpec  # noqa: E402
+from xllm_jupyter.backends.base import BackendOptions, ModelSpec  # noqa: E402
 from xllm_jupyter.backends.detokenize import IncrementalDetokenizer  # noqa: E402
 from xllm_jupyter.backends.registry import get_backend  # noqa: E402
 from xllm_jupyter.backends.hf_model import TransformersModel  # noqa: E402
@@ -27,7 +27,7 @@ GREEDY = SamplingParams(temperature=0.0)
 @pytest.fixture(scope="module")
 def model(tiny_llama_dir) -> TransformersModel:
     """The tiny Llama loaded once for this module."""
-    m = TransformersBackend().load(ModelSpec(name="tiny", path=Path(tiny_llama_dir), options={"device": "cpu"}))
+    m = TransformersBackend().load(ModelSpec(name="tiny", path=Path(tiny_llama_dir), options=BackendOptions(device="cpu")))
     yield m
     m.unload()
 
@@ -325,7 +325,7 @@ def test_the_pre_load_estimate_counts_a_gguf_dequantized_and_a_slot_cache(smollm
     from xllm_jupyter.backends.memory_estimate import disk_bytes
 
     backend = TransformersBackend()
-    spec = ModelSpec(name="smollm2", path=smollm2_dir, format="gguf", options={"device": "cpu"})
+    spec = ModelSpec(name="smollm2", path=smollm2_dir, format="gguf", options=BackendOptions(device="cpu"))
     expected = disk_bytes(next(smollm2_dir.glob("*.gguf"))) + backend.cache_bytes_estimate(spec)
     loaded = smollm2.memory_bytes()
     assert loaded > 4 * disk_bytes(next(smollm2_dir.glob("*.gguf")))  # what the files alone would have said
@@ -335,9 +335,9 @@ def test_the_pre_load_estimate_counts_a_gguf_dequantized_and_a_slot_cache(smollm
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     per_token = config["num_hidden_layers"] * kv_heads * (config["hidden_size"] // heads) * 2 * 4
     static = ModelSpec(name="t", path=Path(tiny_llama_dir),
-                       options={"device": "cpu", "compile": "on", "max_batch_size": 4, "cache_tokens": 1024})
+                       options=BackendOptions(device="cpu", compile="on", max_batch_size=4, cache_tokens=1024))
     assert backend.cache_bytes_estimate(static) == 1024 * per_token
-    assert backend.cache_bytes_estimate(ModelSpec(name="t", path=Path(tiny_llama_dir), options={"device": "cpu"})) == 0
+    assert backend.cache_bytes_estimate(ModelSpec(name="t", path=Path(tiny_llama_dir), options=BackendOptions(device="cpu"))) == 0
 
 
 @pytest.mark.slow
@@ -349,9 +349,9 @@ def test_smollm2_greedy_is_the_same_in_a_changing_batch(smollm2):
 def test_bad_load_options_are_clear_errors(tiny_llama_dir):
     backend = TransformersBackend()
     with pytest.raises(InvalidRequest, match="dtype"):
-        backend.load(ModelSpec(name="t", path=Path(tiny_llama_dir), options={"dtype": "float8"}))
+        backend.load(ModelSpec(name="t", path=Path(tiny_llama_dir), options=BackendOptions(dtype="float8")))
     with pytest.raises(InvalidRequest, match="device"):
-        backend.load(ModelSpec(name="t", path=Path(tiny_llama_dir), options={"device": "tpu"}))
+        backend.load(ModelSpec(name="t", path=Path(tiny_llama_dir), options=BackendOptions(device="tpu")))
 
 
 def test_devices_are_checked_before_loading_and_gpu_weights_load_in_place():
@@ -412,7 +412,7 @@ def test_a_load_that_runs_out_of_memory_is_a_503_and_frees_what_it_loaded(tiny_l
         raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
 
     monkeypatch.setattr(TransformersBackend, "_serving", staticmethod(cache_does_not_fit))
-    spec = ModelSpec(name="t", path=Path(tiny_llama_dir), options={"device": "cpu"})
+    spec = ModelSpec(name="t", path=Path(tiny_llama_dir), options=BackendOptions(device="cpu"))
     with pytest.raises(Overloaded) as exc:
         TransformersBackend().load(spec)
     assert exc.value.status == 503 and exc.value.code == "insufficient_memory"
@@ -439,7 +439,7 @@ async def test_eager_decoding_admits_jobs_within_its_kv_token_budget(tiny_llama_
     from xllm_jupyter.core.types import GenerationParams, GenerationRequest
     from xllm_jupyter.engine.runner import ModelRunner
 
-    spec = ModelSpec(name="tiny", path=Path(tiny_llama_dir), options={"device": "cpu", "cache_tokens": 130})
+    spec = ModelSpec(name="tiny", path=Path(tiny_llama_dir), options=BackendOptions(device="cpu", cache_tokens=130))
     m = TransformersBackend().load(spec)
     assert m.kv_tokens == 130 and m.admission_cost(job(range(30), max_tokens=30)) == 60
     assert m.admission_cost(job(range(30), max_tokens=10**6)) == m.context_length
@@ -458,7 +458,7 @@ async def test_eager_decoding_admits_jobs_within_its_kv_token_budget(tiny_llama_
     assert runner.stats().max_batch == 2
     runner.shutdown()
     # the batch is left-padded to its longest row: a long job takes as many columns in every short row
-    m = TransformersBackend().load(dataclasses.replace(spec, options={**spec.options, "cache_tokens": 400}))
+    m = TransformersBackend().load(dataclasses.replace(spec, options=dataclasses.replace(spec.options, cache_tokens=400)))
     long, short = job(range(30), max_tokens=270), job(range(30), max_tokens=30)
     fits = m.admission_check()
     assert fits(short) and fits(short) and not fits(long)  # 3 x 300 > 400; 2 x 60 is fine
@@ -471,7 +471,7 @@ async def test_eager_decoding_admits_jobs_within_its_kv_token_budget(tiny_llama_
     assert m._batch.claims == [300] and m._batch.limit == 300
     m.unload()
     # without the setting on a CPU, only the batch size bounds it
-    assert TransformersBackend().load(ModelSpec(name="t", path=Path(tiny_llama_dir), options={"device": "cpu"})
+    assert TransformersBackend().load(ModelSpec(name="t", path=Path(tiny_llama_dir), options=BackendOptions(device="cpu"))
                                       ).admission_budget() is None
 
 
@@ -515,7 +515,7 @@ def test_a_load_draws_no_library_progress_bars(tiny_llama_dir, capfd):
     from transformers.utils import logging as hf_logging
 
     assert hf_logging.is_progress_bar_enabled()
-    m = TransformersBackend().load(ModelSpec(name="tiny", path=Path(tiny_llama_dir), options={"device": "cpu"}))
+    m = TransformersBackend().load(ModelSpec(name="tiny", path=Path(tiny_llama_dir), options=BackendOptions(device="cpu")))
     m.unload()
     err = capfd.readouterr().err
     assert "Loading weights" not in err and "%|" not in err

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("llguidance")
 
 from tests.server_fixtures import TINY  # noqa: E402
-from xllm_jupyter.backends.base import ModelSpec  # noqa: E402
+from xllm_jupyter.backends.base import BackendOptions, ModelSpec  # noqa: E402
 from xllm_jupyter.backends.constraints import GrammarCompiler  # noqa: E402
 from xllm_jupyter.backends.hf_model import TransformersModel  # noqa: E402
 from xllm_jupyter.backends.transformers import TransformersBackend  # noqa: E402
@@ -87,7 +87,7 @@ SCHEMAS = [
 @pytest.fixture(scope="module")
 def model(tiny_llama_dir) -> TransformersModel:
     """The tiny Llama loaded once for this module (no server: fast, direct stepping)."""
-    m = TransformersBackend().load(ModelSpec(name="tiny", path=Path(tiny_llama_dir), options={"device": "cpu"}))
+    m = TransformersBackend().load(ModelSpec(name="tiny", path=Path(tiny_llama_dir), options=BackendOptions(device="cpu")))
     yield m
     m.unload()
 

@@ -191,11 +191,11 @@ def test_cli_pull_records_the_embedding_task(tmp_path, monkeypatch):
 
 def test_an_unloaded_encoder_still_describes_itself():
     """A /v1/models listing (a worker thread) may read a slot the IOLoop is unloading: no AttributeError, 0 bytes."""
-    from xllm_jupyter.backends.base import ModelSpec
+    from xllm_jupyter.backends.base import BackendOptions, ModelSpec
     from xllm_jupyter.backends.embeddings import load_embedding_model
     from xllm_jupyter.engine.embeddings import EmbeddingSlot
 
-    model = load_embedding_model(ModelSpec(name=MODEL, path=_wheel_dir(), options={"device": "cpu"}))
+    model = load_embedding_model(ModelSpec(name=MODEL, path=_wheel_dir(), options=BackendOptions(device="cpu")))
     slot = EmbeddingSlot(model)
     held = slot.info().runtime.memory_bytes
     assert held > 20_000_000  # MiniLM-L6's 22.7 M float32 parameters

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 
 import pytest
 
+from xllm_jupyter.backends.base import BackendOptions
 from xllm_jupyter.core.config import EngineConfig
 from xllm_jupyter.core.errors import (
     BadModelOutput,
@@ -309,9 +311,30 @@ async def test_engine_settings_reach_the_backend_as_options():
                                  kv_cache_bits="q8", gpu_split=("20",), ngram_draft=3, compile="on"), FakeCatalog(),
                     [backend])
     await engine.load("fake")
-    assert seen == [{"device": "cpu", "dtype": "float32", "torch_threads": 1, "max_batch_size": 3, "cache_tokens": 4096,
-                     "kv_cache_bits": "q8", "tensor_parallel": False, "gpu_split": ("20",), "num_draft_tokens": 4,
-                     "ngram_draft": 3, "compile": "on"}]
+    assert seen == [BackendOptions(device="cpu", dtype="float32", torch_threads=1, max_batch_size=3, cache_tokens=4096,
+                                   kv_cache_bits="q8", tensor_parallel=False, gpu_split=("20",), num_draft_tokens=4,
+                                   ngram_draft=3, compile="on")]
+    await engine.stop()
+
+
+async def test_a_models_own_options_override_the_engines_and_bad_ones_are_clear_errors():
+    backend = FakeBackend()
+    seen = []
+    load = backend.load
+    backend.load = lambda spec: seen.append(spec.options) or load(spec)
+    catalog = FakeCatalog(["fake", "typo", "wrong-type"])
+    resolve = catalog.resolve
+    overrides = {"fake": {"max_batch_size": 2, "gpu_split": [20, 24]}, "typo": {"max_batch_sise": 2},
+                 "wrong-type": {"max_batch_size": "2"}}
+    catalog.resolve = lambda name: dataclasses.replace(resolve(name), overrides=overrides[name])
+    engine = Engine(EngineConfig(device="cpu", cache_tokens=4096), catalog, [backend])
+    await engine.load("fake")
+    assert seen == [BackendOptions(device="cpu", cache_tokens=4096, max_batch_size=2, gpu_split=(20, 24))]
+    with pytest.raises(EngineError, match="Unknown backend option 'max_batch_sise'"):
+        await engine.load("typo")
+    with pytest.raises(EngineError, match="'max_batch_size' must be int, not str"):
+        await engine.load("wrong-type")
+    assert len(seen) == 1  # refused before loading
     await engine.stop()
 
 

@@ -4,6 +4,7 @@ generator is replaced by a scripted stand-in only to check our side of the contr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from xllm_jupyter.backends.base import ModelSpec
+from xllm_jupyter.backends.base import BackendOptions, ModelSpec
 from xllm_jupyter.backends.memory_estimate import disk_bytes
 from xllm_jupyter.backends.exllama_common import (
     ExllamaOptions,
@@ -30,29 +31,34 @@ from xllm_jupyter.core.types import FinishReason, SamplingParams, SequenceJob
 
 
 # ------------------------------------------------------------------ options
+def exllama_options(overrides: dict, context_length: int | None = None) -> ExllamaOptions:
+    """ExllamaOptions from the default engine settings with ``overrides`` (as a model's would apply)."""
+    return ExllamaOptions.from_options(BackendOptions().with_overrides(overrides), context_length)
+
+
 def test_options_defaults_and_cache_rounding():
-    opts = ExllamaOptions.from_options({})
+    opts = exllama_options({})
     assert opts.kv_bits() is None and opts.max_batch_size == 16
     assert opts.cache_size(4096) == 65536  # default cache
-    small = ExllamaOptions.from_options({"cache_tokens": 1000})
+    small = exllama_options({"cache_tokens": 1000})
     assert small.cache_size(512) == 1024  # whole 256-token pages
     assert small.cache_size(3000) == 3072  # never smaller than one full context
 
 
 @pytest.mark.parametrize("name,bits", [("q8", (8, 8)), ("Q4", (4, 4)), ("q6", (6, 6)), ("4,6", (4, 6)), ("fp16", None)])
 def test_kv_cache_bits(name, bits):
-    assert ExllamaOptions.from_options({"kv_cache_bits": name}).kv_bits() == bits
+    assert exllama_options({"kv_cache_bits": name}).kv_bits() == bits
 
 
 @pytest.mark.parametrize("bad,needle", [({"kv_cache_bits": "q5x"}, "kv_cache_bits"), ({"kv_cache_bits": "1,9"}, "between 2 and 8"),
                                         ({"gpu_split": ["a"]}, "gpu_split"), ({"cache_tokens": -1}, "cache_tokens")])
 def test_bad_options_name_the_setting(bad, needle):
     with pytest.raises(EngineError, match=needle):
-        ExllamaOptions.from_options(bad)
+        exllama_options(bad)
 
 
 def test_options_carry_speculative_and_split_settings():
-    opts = ExllamaOptions.from_options({"gpu_split": ["20", 24], "tensor_parallel": True, "ngram_draft": 3,
+    opts = exllama_options({"gpu_split": ["20", 24], "tensor_parallel": True, "ngram_draft": 3,
                                         "num_draft_tokens": 5, "draft_model_path": "/m/draft", "max_batch_size": 64})
     assert opts.gpu_split == (20.0, 24.0) and opts.tensor_parallel and opts.ngram_draft == 3
     assert opts.num_draft_tokens == 5 and opts.draft_model_path == "/m/draft" and opts.max_batch_size == 64
@@ -83,11 +89,11 @@ def test_exllamav2_drafting_jobs_ask_for_the_window_exllamav2_holds_back():
 def test_a_configured_cache_bounds_the_context_and_drafting_gets_cache_history():
     from xllm_jupyter.backends.exllamav3 import _cache_kwargs, generator_kwargs
 
-    small = ExllamaOptions.from_options({"cache_tokens": 16384})
+    small = exllama_options({"cache_tokens": 16384})
     assert small.serving_context(131072) == 16384 and small.cache_size(small.serving_context(131072)) == 16384
-    assert ExllamaOptions.from_options({}).serving_context(131072) == 131072  # no cache set: the model's context
-    assert ExllamaOptions.from_options({"cache_tokens": 16384}, 4096).serving_context(131072) == 4096
-    drafting = ExllamaOptions.from_options({"ngram_draft": 3, "num_draft_tokens": 5, "draft_model_path": "/d"})
+    assert exllama_options({}).serving_context(131072) == 131072  # no cache set: the model's context
+    assert exllama_options({"cache_tokens": 16384}, 4096).serving_context(131072) == 4096
+    drafting = exllama_options({"ngram_draft": 3, "num_draft_tokens": 5, "draft_model_path": "/d"})
     # recurrent models roll a speculative pass back through this history (exllamav3 refuses drafting without it)
     assert _cache_kwargs(drafting)["max_history"] == 5
     # a draft model wins over n-gram drafting (exllamav3 refuses both at once)
@@ -113,10 +119,10 @@ def test_exllamav3_takes_only_architectures_it_implements(tmp_path):
 def test_exllamav3_load_and_cache_arguments_follow_the_options():
     from xllm_jupyter.backends.exllamav3 import _cache_kwargs, _load_kwargs
 
-    opts = ExllamaOptions.from_options({"gpu_split": [20, 24], "max_batch_size": 64})
+    opts = exllama_options({"gpu_split": [20, 24], "max_batch_size": 64})
     # a split is GB per device
     assert _load_kwargs(opts) == {"progressbar": False, "use_per_device": [20.0, 24.0]}
-    assert _load_kwargs(ExllamaOptions.from_options({"tensor_parallel": True}))["tensor_p"] is True
+    assert _load_kwargs(exllama_options({"tensor_parallel": True}))["tensor_p"] is True
     # recurrent-state slots follow the engine's batch size (fp16 cache: no quantized layer type)
     assert _cache_kwargs(opts) == {"max_batch_size": 64}
 
@@ -511,7 +517,7 @@ def test_the_kernel_warm_up_calls_exllamav3_as_its_signature_takes_it():
             calls.append(kwargs)
             return ["a pass"]
 
-    warm_up_kernels(Loaded(), object(), ExllamaOptions.from_options({"max_batch_size": 64}))
+    warm_up_kernels(Loaded(), object(), exllama_options({"max_batch_size": 64}))
     assert calls == [{"cache": calls[0]["cache"], "max_chunk_size": 2048, "max_batch_size": 8}]
 
 
@@ -528,7 +534,7 @@ def test_the_memory_budget_sees_the_kv_cache_an_exllama_load_allocates(tmp_path)
     assert kv_cache_bytes({"num_hidden_layers": 2}, 1000, None) == 0  # a shape it cannot read: no guess
     (tmp_path / "config.json").write_text(json.dumps(llama3_8b))
     for backend in (ExllamaV3Backend(), ExllamaV2Backend()):
-        spec = ModelSpec(name="m", path=tmp_path, format="exl3", options={"cache_tokens": 16384, "kv_cache_bits": "q8"})
+        spec = ModelSpec(name="m", path=tmp_path, format="exl3", options=BackendOptions(cache_tokens=16384, kv_cache_bits="q8"))
         assert backend.cache_bytes_estimate(spec) == 16384 * 32 * 8 * 128 * 2
     assert ExllamaV3Backend().cache_bytes_estimate(ModelSpec(name="m", path=tmp_path / "gone")) == 0
 
@@ -545,13 +551,14 @@ def test_the_estimate_counts_a_draft_models_weights_and_cache_and_exllama_never_
         (path / "config.json").write_text(json.dumps({**shape, "num_hidden_layers": layers}))
     (draft / "model.safetensors").write_bytes(b"\0" * 5000)
     per_layer = 4096 * 2 * 64 * 4  # tokens x kv heads x head size x (2 + 2 bytes)
-    options = {"cache_tokens": 4096, "context_length": 2048}
+    options = BackendOptions(cache_tokens=4096)
     for backend in (ExllamaV3Backend(), ExllamaV2Backend()):
-        alone = backend.cache_bytes_estimate(ModelSpec(name="m", path=model, options=options))
+        alone = backend.cache_bytes_estimate(ModelSpec(name="m", path=model, context_length=2048, options=options))
         assert alone == 4 * per_layer
-        drafted = ModelSpec(name="m", path=model, options={**options, "draft_model_path": str(draft)})
+        drafted = ModelSpec(name="m", path=model, context_length=2048,
+                            options=dataclasses.replace(options, draft_model_path=str(draft)))
         assert backend.cache_bytes_estimate(drafted) == alone + 2 * per_layer + disk_bytes(draft)
         assert backend.memory_device(drafted) == "cuda"  # auto-split over the GPUs, whatever engine.device says
         # engine.device: cpu leaves FP16 models to transformers instead of loading them on the GPU
         assert backend.supports(ModelSpec(name="m", path=model, format="safetensors"))
-        assert not backend.supports(ModelSpec(name="m", path=model, format="safetensors", options={"device": "cpu"}))
+        assert not backend.supports(ModelSpec(name="m", path=model, format="safetensors", options=BackendOptions(device="cpu")))

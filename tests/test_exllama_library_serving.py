@@ -228,10 +228,10 @@ def test_a_cancellation_storm_leaves_no_job_or_page_behind(kind, tiny_llama_dir,
 def load(kind: str, model_dir, **options):
     """A fresh model of ``kind`` over the tiny Llama with ``options`` (as engine config gives them)."""
     from tests.page_generator import load_cpu_pages_model, load_cpu_pages_v2_model
-    from xllm_jupyter.backends.base import ModelSpec
+    from xllm_jupyter.backends.base import BackendOptions, ModelSpec
 
     spec = ModelSpec(name="t", path=str(model_dir), format="safetensors", backend=kind,
-                     options={"max_batch_size": 4, "cache_tokens": 4096, **options})
+                     options=BackendOptions(**{"max_batch_size": 4, "cache_tokens": 4096, **options}))
     if kind == "exllamav3":
         return load_cpu_pages_model(spec)
     return load_cpu_pages_v2_model(spec, paged=kind == "exllamav2-paged")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from xllm_jupyter.backends.base import ModelSpec
+from xllm_jupyter.backends.base import BackendOptions, ModelSpec
 from xllm_jupyter.core.types import SamplingParams, SequenceJob
 
 torch = pytest.importorskip("torch")
@@ -44,7 +44,7 @@ def backend(name: str):
 
 def load(name: str, path: Path, **options):
     """Load the test model with ``options`` (engine settings as the engine passes them)."""
-    opts = {"max_batch_size": 4, "cache_tokens": 8192, **options}
+    opts = BackendOptions(**{"max_batch_size": 4, "cache_tokens": 8192, **options})
     return backend(name).load(ModelSpec(name="g", path=Path(path), context_length=2048, options=opts))
 
 

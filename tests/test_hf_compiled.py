@@ -19,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from tests.server_fixtures import TINY, make_test_config, running_server  # noqa: E402
-from xllm_jupyter.backends.base import ModelSpec  # noqa: E402
+from xllm_jupyter.backends.base import BackendOptions, ModelSpec  # noqa: E402
 from xllm_jupyter.backends.hf_compiled import (  # noqa: E402
     StaticBatch,
     StaticPlan,
@@ -59,7 +59,7 @@ _ids = iter(range(1, 1_000_000))
 
 def cpu_spec(path: Path, **options) -> ModelSpec:
     """The tiny Llama on CPU with ``options``."""
-    return ModelSpec(name="tiny", path=Path(path), options={"device": "cpu", "torch_threads": 1, **options})
+    return ModelSpec(name="tiny", path=Path(path), options=BackendOptions(**{"device": "cpu", "torch_threads": 1, **options}))
 
 
 @pytest.fixture(scope="module")
@@ -369,12 +369,12 @@ def test_buckets():
 @pytest.mark.parametrize("value,want", [("auto", "auto"), ("on", "on"), ("OFF", "off"), (True, "on"),
                                         (False, "off"), ("True", "on"), ("false", "off"), (None, "auto")])
 def test_compile_setting_reads_yaml_spellings(value, want):
-    assert compile_setting({"compile": value}) == want
+    assert compile_setting(BackendOptions(compile=value)) == want
 
 
 def test_registry_prefers_compiled_transformers_for_fp16_safetensors_only(tiny_llama_dir):
     def spec(fmt="safetensors", **options):
-        return ModelSpec(name="m", path=Path(tiny_llama_dir), format=fmt, options=options)
+        return ModelSpec(name="m", path=Path(tiny_llama_dir), format=fmt, options=BackendOptions(**options))
 
     assert auto_order(spec(compile="on")) == COMPILED_FIRST == ("transformers", "exllamav3", "exllamav2")
     assert auto_order(spec(compile="off")) == AUTO_ORDER == ("exllamav3", "exllamav2", "transformers")
@@ -392,8 +392,8 @@ def test_registry_prefers_compiled_transformers_for_fp16_safetensors_only(tiny_l
 
 def test_engine_passes_compile_to_the_backend(tiny_catalog):
     engine = Engine(EngineConfig(compile="on"), catalog=tiny_catalog)
-    assert engine._resolve(TINY).options["compile"] == "on"
-    assert Engine(EngineConfig(), catalog=tiny_catalog)._resolve(TINY).options["compile"] == "auto"
+    assert engine._resolve(TINY).options.compile == "on"
+    assert Engine(EngineConfig(), catalog=tiny_catalog)._resolve(TINY).options.compile == "auto"
 
 
 # ------------------------------------------------------------------------- server
@@ -405,7 +405,7 @@ class TraceOnly:
 
     def resolve(self, name):
         spec = self.store.resolve(name)
-        return dataclasses.replace(spec, options={**spec.options, "compile_backend": "eager"})
+        return dataclasses.replace(spec, overrides={**spec.overrides, "compile_backend": "eager"})
 
     def names(self):
         return self.store.names()
@@ -522,10 +522,12 @@ def test_cuda_graph_decode_matches_eager(tiny_llama_dir, dtype):
     from torch._dynamo.utils import counters
 
     backend = TransformersBackend()
-    opts = {"device": "cuda", "dtype": dtype, "max_batch_size": SLOTS, "cache_tokens": CACHE_TOKENS}
-    eager_gpu = backend.load(ModelSpec(name="tiny", path=Path(tiny_llama_dir), options={**opts, "compile": "off"}))
+    opts = BackendOptions(device="cuda", dtype=dtype, max_batch_size=SLOTS, cache_tokens=CACHE_TOKENS)
+    eager_gpu = backend.load(ModelSpec(name="tiny", path=Path(tiny_llama_dir),
+                                       options=dataclasses.replace(opts, compile="off")))
     skips = counters["inductor"]["cudagraph_skips"]
-    graphs = backend.load(ModelSpec(name="tiny", path=Path(tiny_llama_dir), options={**opts, "compile": "on"}))
+    graphs = backend.load(ModelSpec(name="tiny", path=Path(tiny_llama_dir),
+                                    options=dataclasses.replace(opts, compile="on")))
     graphs.warm_up()
     try:
         decoder = graphs._batch.decoder

@@ -177,11 +177,11 @@ async def test_measured_gpu_room_does_not_count_a_warming_model_twice(tmp_path, 
 
 
 def test_a_transformers_load_measures_the_gpu_it_names():
-    from xllm_jupyter.backends.base import ModelSpec
+    from xllm_jupyter.backends.base import BackendOptions, ModelSpec
     from xllm_jupyter.engine.manager import gpu_indices
 
     def spec(device):
-        return ModelSpec(name="m", path=Path("/nonexistent"), options={"device": device})
+        return ModelSpec(name="m", path=Path("/nonexistent"), options=BackendOptions(device=device))
 
     assert gpu_indices(spec("cuda:1"), FakeBackend()) == (1,) and gpu_indices(spec("auto"), None) == (0,)
     splitting = FakeBackend()

@@ -25,7 +25,7 @@ from tests.page_generator import (
     pages_held,
     require_kind,
 )
-from xllm_jupyter.backends.base import ModelSpec
+from xllm_jupyter.backends.base import BackendOptions, ModelSpec
 from xllm_jupyter.core.types import FinishReason, SamplingParams, SequenceJob
 
 pytestmark = pytest.mark.exllama
@@ -51,7 +51,7 @@ def model_dir(tiny_llama_dir) -> Path:
 def load(kind: str, model_dir: Path, **options):
     """A fresh model (empty page table) of ``kind`` over the tiny Llama's config and tokenizer."""
     spec = ModelSpec(name="t", path=str(model_dir), format="safetensors", backend=kind,
-                     options={"max_batch_size": 8, "cache_tokens": 8 * PAGE, **options})
+                     options=BackendOptions(**{"max_batch_size": 8, "cache_tokens": 8 * PAGE, **options}))
     if kind == "exllamav3":
         return load_cpu_pages_model(spec)
     return load_cpu_pages_v2_model(spec, paged=kind == "exllamav2-paged")

@@ -140,7 +140,7 @@ def test_tools_reach_a_native_chat_template(tiny_llama_dir):
     """A template that knows tools gets them (and objects for arguments); SmolLM2's gets the fallback."""
     from pathlib import Path
 
-    from xllm_jupyter.backends.base import ModelSpec
+    from xllm_jupyter.backends.base import BackendOptions, ModelSpec
     from xllm_jupyter.backends.transformers import TransformersBackend
     from xllm_jupyter.openai.tool_calling import ToolCalling
 
@@ -152,7 +152,7 @@ def test_tools_reach_a_native_chat_template(tiny_llama_dir):
         ChatMessage("assistant", None, tool_calls=[{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "c"}'}}]),
         ChatMessage("tool", "3 C", tool_call_id="c1"),
     ]
-    model = TransformersBackend().load(ModelSpec(name="t", path=Path(tiny_llama_dir), options={"device": "cpu"}))
+    model = TransformersBackend().load(ModelSpec(name="t", path=Path(tiny_llama_dir), options=BackendOptions(device="cpu")))
     try:
         fallback = ToolCalling.from_request(Req, model)
         assert not fallback.native

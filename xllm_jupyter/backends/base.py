@@ -12,16 +12,96 @@ running batch at the next step (their prefill runs in that step).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import types
+import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from ..core.errors import Unsupported
+from ..core.config import EngineConfig
+from ..core.errors import EngineError, Unsupported
 from ..core.types import ChatMessage, Constraint, SequenceJob, TokenEvent
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """The settings a backend loads a model with: the engine's (docs/configuration.md), built once by the
+    engine, with a model's own overrides applied by ``with_overrides``."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    torch_threads: int = 0
+    max_batch_size: int = 16
+    cache_tokens: int = 0
+    kv_cache_bits: str = "fp16"
+    tensor_parallel: bool = False
+    #: GB per GPU, as config gives them (strings) or as numbers; exllama's options check them
+    gpu_split: tuple[str | float, ...] = ()
+    num_draft_tokens: int = 4
+    ngram_draft: int = 0
+    compile: str = "auto"
+    #: the weights of ``engine.draft_model`` (resolved in the store); None: no draft model
+    draft_model_path: str | None = None
+    #: a created model's Modelfile ADAPTER, merged into its weights at load
+    merge_adapter: str | None = None
+    #: the compiled path's torch.compile backend ("eager" traces without code generation: tests, benchmarks)
+    compile_backend: str = "inductor"
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> BackendOptions:
+        """The engine settings a backend reads (``draft_model_path`` is per model: the engine sets it)."""
+        c = config
+        return cls(device=c.device, dtype=c.dtype, torch_threads=c.torch_threads, max_batch_size=c.max_batch_size,
+                   cache_tokens=c.cache_tokens, kv_cache_bits=c.kv_cache_bits, tensor_parallel=c.tensor_parallel,
+                   gpu_split=c.gpu_split, num_draft_tokens=c.num_draft_tokens, ngram_draft=c.ngram_draft,
+                   compile=c.compile)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> BackendOptions:
+        """These options with ``overrides`` applied; EngineError names an unknown option or a value of the
+        wrong type (before minutes of loading, not in the middle of them)."""
+        if not overrides:
+            return self
+        hints = typing.get_type_hints(type(self))
+        changes: dict[str, Any] = {}
+        for key, value in overrides.items():
+            if key not in hints:
+                raise EngineError(f"Unknown backend option '{key}' (known: {', '.join(hints)})")
+            hint = hints[key]
+            if isinstance(value, list) and typing.get_origin(hint) is tuple:
+                value = tuple(value)
+            if not _is_a(value, hint):
+                raise EngineError(f"Backend option '{key}' must be {_type_name(hint)}, not {type(value).__name__}")
+            changes[key] = value
+        return dataclasses.replace(self, **changes)
+
+
+def _is_a(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits the type ``hint`` (a bool is not an int here; tuple items are the reader's to check)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_a(value, arg) for arg in typing.get_args(hint))
+    if origin is not None:
+        return isinstance(value, origin)
+    if hint is type(None):
+        return value is None
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    """``hint`` in an error message: "int", "str or None", "a list"."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(hint))
+    if origin is tuple:
+        return "a list"
+    return "None" if hint is type(None) else hint.__name__
 
 
 @dataclass(frozen=True)
@@ -31,8 +111,8 @@ class ModelSpec:
     ``path`` is a directory (HF safetensors / EXL2 / EXL3) or a single file (GGUF).
     ``format`` is one of ``safetensors``, ``gguf``, ``exl3``, ``exl2``, ``gptq``.
     ``backend`` forces a backend by name; ``None`` means choose automatically.
-    ``options`` carries backend settings from config (device, dtype, threads,
-    max_batch_size, context_length ...).
+    ``options`` are the settings the backend loads it with: the engine's, with this model's
+    ``overrides`` applied (``Engine._resolve``).
     """
 
     name: str
@@ -40,7 +120,9 @@ class ModelSpec:
     format: str = "safetensors"
     backend: str | None = None
     context_length: int | None = None
-    options: Mapping[str, Any] = field(default_factory=dict)
+    options: BackendOptions = field(default_factory=BackendOptions)
+    #: this model's own settings (``BackendOptions`` names) over the engine's: a created model's ADAPTER
+    overrides: Mapping[str, Any] = field(default_factory=dict)
     digest: str | None = None
     #: "chat" (text generation) or "embedding"; decides which engine path loads it
     task: str = "chat"

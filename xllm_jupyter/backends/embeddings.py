@@ -167,9 +167,8 @@ def load_embedding_model(spec: ModelSpec) -> EmbeddingModel:
     directory = Path(spec.path)
     if spec.format != "safetensors" or not (directory / "config.json").is_file():
         raise InvalidRequest(f"The embedding model '{spec.name}' must be an HF safetensors directory", param="model")
-    opts = dict(spec.options)
-    device = pick_device(str(opts.get("device", "auto")))
-    threads = int(opts.get("torch_threads", 0) or 0)
+    device = pick_device(spec.options.device)
+    threads = spec.options.torch_threads
     if threads > 0:  # the same process-wide setting the chat backend applies
         torch.set_num_threads(threads)
     try:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 from ..core.errors import EngineError
 from ..core.types import FinishReason, SamplingParams, TokenEvent
-from .base import Backend, ModelSpec, unload_each
+from .base import Backend, BackendOptions, ModelSpec, unload_each
 from .compile_gate import empty_cuda_cache
 from .memory_estimate import disk_bytes, kv_cache_bytes
 from .torch_device import is_out_of_memory, out_of_memory, release_memory
@@ -62,21 +62,21 @@ class ExllamaOptions:
     context_length: int | None = None
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any], context_length: int | None = None) -> ExllamaOptions:
-        """Parse a ModelSpec's options; EngineError names the setting that is wrong."""
+    def from_options(cls, options: BackendOptions, context_length: int | None = None) -> ExllamaOptions:
+        """Check a ModelSpec's options for exllama; EngineError names the setting that is wrong."""
         try:
-            split = tuple(float(x) for x in (options.get("gpu_split") or ()))
+            split = tuple(float(x) for x in options.gpu_split)
         except (TypeError, ValueError) as exc:
             raise EngineError("engine.gpu_split must list GB per GPU as numbers, e.g. [20, 24]") from exc
         opts = cls(
-            max_batch_size=max(1, int(options.get("max_batch_size") or 16)),
-            cache_tokens=int(options.get("cache_tokens") or 0),
-            kv_cache_bits=str(options.get("kv_cache_bits") or "fp16").strip().lower(),
-            tensor_parallel=bool(options.get("tensor_parallel", False)),
+            max_batch_size=max(1, options.max_batch_size or 16),
+            cache_tokens=options.cache_tokens,
+            kv_cache_bits=(options.kv_cache_bits or "fp16").strip().lower(),
+            tensor_parallel=options.tensor_parallel,
             gpu_split=split,
-            draft_model_path=str(options["draft_model_path"]) if options.get("draft_model_path") else None,
-            num_draft_tokens=max(1, int(options.get("num_draft_tokens") or 4)),
-            ngram_draft=max(0, int(options.get("ngram_draft") or 0)),
+            draft_model_path=options.draft_model_path or None,
+            num_draft_tokens=max(1, options.num_draft_tokens or 4),
+            ngram_draft=max(0, options.ngram_draft),
             context_length=int(context_length) if context_length else None,
         )
         opts.kv_bits()  # validate now, before minutes of loading
@@ -161,7 +161,7 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 def wants_cpu(spec: Any) -> bool:
     """True when ``engine.device`` (or the model's own) is the CPU, where exllama cannot run."""
-    return str(spec.options.get("device", "auto")).strip().lower() == "cpu"
+    return spec.options.device.strip().lower() == "cpu"
 
 
 def draft_vocabulary_fits(draft_vocab: int, vocab: int) -> bool:

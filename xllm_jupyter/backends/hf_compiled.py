@@ -23,11 +23,12 @@ import threading
 import types
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from ..core.errors import EngineError
+from .base import BackendOptions
 from .compile_gate import COMPILE_GATE
 from .kv_batch import _layers, cache_argument
 from .registry import compile_auto, compile_setting
@@ -45,7 +46,7 @@ WINDOW_MIN = 256
 DECODE_COMPILED, DECODE_STATIC, DECODE_EAGER = "compiled-static", "static", "eager"
 
 
-def compile_wanted(options: Mapping[str, Any], fmt: str, device: torch.device, dtype: torch.dtype) -> bool:
+def compile_wanted(options: BackendOptions, fmt: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether a model loaded with these settings decodes through the slot cache, compiled.
 
     auto: CUDA with fp16/bf16 safetensors weights and Triton (``registry.compile_auto``);
@@ -67,9 +68,9 @@ class StaticPlan:
     compile_backend: str | None = "inductor"
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> "StaticPlan":
+    def from_options(cls, options: BackendOptions) -> "StaticPlan":
         """From a ModelSpec's options (``cache_tokens``, ``compile_backend``)."""
-        return cls(int(options.get("cache_tokens") or 0), str(options.get("compile_backend") or "inductor"))
+        return cls(options.cache_tokens, options.compile_backend or "inductor")
 
     def slot_tokens(self, context_length: int, slots: int) -> int:
         """Tokens per slot: the model's context, capped by cache_tokens / slots or DEFAULT_SLOT_TOKENS.

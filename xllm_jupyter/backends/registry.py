@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import Any, Mapping
 
 from ..core.errors import EngineError, InvalidRequest
-from .base import Backend, ModelSpec
+from .base import Backend, BackendOptions, ModelSpec
 
 #: registry name -> "module:Class", in automatic-selection order
 BACKENDS: dict[str, str] = {
@@ -35,9 +34,9 @@ COMPILED_FIRST: tuple[str, ...] = ("transformers", "exllamav3", "exllamav2")
 COMPILE_SETTINGS = {"auto": "auto", "on": "on", "off": "off", "true": "on", "false": "off"}
 
 
-def compile_setting(options: Mapping[str, Any]) -> str:
+def compile_setting(options: BackendOptions) -> str:
     """The ``compile`` option as auto, on or off (EngineError names a bad value)."""
-    value = options.get("compile", "auto")
+    value = options.compile
     if isinstance(value, bool):
         return "on" if value else "off"
     setting = COMPILE_SETTINGS.get(str(value or "auto").strip().lower())
@@ -79,7 +78,7 @@ def select_backend(spec: ModelSpec) -> Backend:
         if not backend.available():
             raise InvalidRequest(f"Backend '{spec.backend}' is not installed on this machine", param="backend")
         if not backend.supports(spec):
-            if backend.memory_device(spec) == "cuda" and str(spec.options.get("device", "")).lower() == "cpu":
+            if backend.memory_device(spec) == "cuda" and spec.options.device.lower() == "cpu":
                 raise InvalidRequest(f"Backend '{spec.backend}' needs a CUDA GPU, but engine.device is cpu",
                                      param="backend")
             raise InvalidRequest(f"Backend '{spec.backend}' cannot load {spec.format} models", param="backend")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import EngineError, InvalidRequest
-from .base import Backend, ModelSpec
+from .base import Backend, BackendOptions, ModelSpec
 from .lora import merge_lora
 from .quiet_loading import library_bars_off
 from .memory_estimate import disk_bytes, gguf_expanded_bytes, kv_cache_bytes
@@ -87,8 +87,8 @@ class TransformersBackend(Backend):
             return 0
         try:
             opts = spec.options
-            device = pick_device(str(opts.get("device", "auto")))
-            dtype = _pick_dtype(str(opts.get("dtype", "auto")), device)
+            device = pick_device(opts.device)
+            dtype = _pick_dtype(opts.dtype, device)
             element = torch.empty((), dtype=dtype).element_size()
             extra = 0
             located = gguf_location(Path(spec.path)) if spec.format == "gguf" else None
@@ -98,7 +98,7 @@ class TransformersBackend(Backend):
             if spec.format == "safetensors" and compile_wanted(opts, spec.format, device, dtype):
                 config = json.loads((Path(spec.path) / "config.json").read_text(encoding="utf-8"))
                 text = config.get("text_config") or config
-                slots = max(1, int(opts.get("max_batch_size", 16) or 16))
+                slots = max(1, opts.max_batch_size or 16)
                 context = int(spec.context_length or text.get("max_position_embeddings") or 2048)
                 tokens = slots * StaticPlan.from_options(opts).slot_tokens(context, slots)
                 extra += kv_cache_bytes(config, tokens, (element * 8, element * 8))
@@ -115,17 +115,17 @@ class TransformersBackend(Backend):
             raise InvalidRequest(f"The transformers backend cannot load '{spec.name}' ({spec.format})", param="model")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        opts = dict(spec.options)
-        device = pick_device(str(opts.get("device", "auto")))
-        dtype = _pick_dtype(str(opts.get("dtype", "auto")), device)
-        threads = int(opts.get("torch_threads", 0) or 0)
+        opts = spec.options
+        device = pick_device(opts.device)
+        dtype = _pick_dtype(opts.dtype, device)
+        threads = opts.torch_threads
         if threads > 0:
             torch.set_num_threads(threads)
         kwargs: dict[str, Any] = {}
         directory = Path(spec.path)
         if spec.format == "gguf":
             directory, kwargs["gguf_file"] = gguf_location(directory)  # type: ignore[misc]
-        merge = opts.get("merge_adapter")  # a created model's Modelfile ADAPTER: baked into its own weights
+        merge = opts.merge_adapter  # a created model's Modelfile ADAPTER: baked into its own weights
         failed = None
         try:
             with library_bars_off():
@@ -133,7 +133,7 @@ class TransformersBackend(Backend):
                 model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype,
                                                              **placement(device, moved_later=bool(merge)), **kwargs)
             if merge:
-                model = merge_lora(model, Path(str(merge)))
+                model = merge_lora(model, Path(merge))
             model.to(device).eval()
         except (OSError, ValueError, KeyError, RuntimeError) as exc:  # (torch's OutOfMemoryError is a RuntimeError)
             if not is_out_of_memory(exc):
@@ -154,7 +154,7 @@ class TransformersBackend(Backend):
         raise out_of_memory(spec.name, device, failed)
 
     @staticmethod
-    def _serving(spec: ModelSpec, opts: dict[str, Any], model: Any, tokenizer: Any, device: Any,
+    def _serving(spec: ModelSpec, opts: BackendOptions, model: Any, tokenizer: Any, device: Any,
                  dtype: Any) -> "TransformersModel":
         """The loaded weights as a servable model: compiled (static slot cache) where wanted, else eager."""
         static = None
@@ -165,10 +165,10 @@ class TransformersBackend(Backend):
             else:
                 log.warning("%s: compiled decoding does not support %s; decoding eagerly", spec.name, problem)
         # eager decoding grows its KV cache with the batch: engine.cache_tokens bounds what its jobs may claim
-        kv_tokens = int(opts.get("cache_tokens") or 0) or (EAGER_GPU_KV_TOKENS if device.type == "cuda" else 0)
+        kv_tokens = opts.cache_tokens or (EAGER_GPU_KV_TOKENS if device.type == "cuda" else 0)
         # the engine's step thread compiles it (``warm_up``) before its first request
         return TransformersModel(spec, model, tokenizer, device=device,
-                                 max_batch_size=int(opts.get("max_batch_size", 16) or 16), static=static,
+                                 max_batch_size=opts.max_batch_size or 16, static=static,
                                  kv_tokens=None if static is not None else kv_tokens or None)
 
 

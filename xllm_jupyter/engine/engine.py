@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any, AsyncIterator, Mapping, Protocol, Sequence
 
-from ..backends.base import Backend, LoadedModel, ModelSpec, unload_each
+from ..backends.base import Backend, BackendOptions, LoadedModel, ModelSpec, unload_each
 from ..backends.memory_estimate import disk_bytes
 from ..backends.registry import get_backend, select_backend
 from ..backends.torch_device import device_kind
@@ -72,6 +72,7 @@ class Engine(AdapterMixin, ResidencyMixin, ViewsMixin):
         quotas: QuotaConfig | None = None,
     ):
         self.config = config or EngineConfig()
+        self._backend_options = BackendOptions.from_config(self.config)  # each model's, less its overrides
         self.fairness = FairnessPolicy.from_quotas(quotas)  # each runner's FairQueue reserve and window
         self.catalog = catalog
         self._backends = {b.name: b for b in backends} if backends else None
@@ -156,27 +157,15 @@ class Engine(AdapterMixin, ResidencyMixin, ViewsMixin):
         raise InvalidRequest(f"No configured backend can load {spec.format} models", param="model")
 
     def _resolve(self, name: str) -> ModelSpec:
-        """The catalog's spec with the engine's settings as defaults for the backend options."""
+        """The catalog's spec with the engine's settings as the backend options, the spec's overrides applied."""
         if self.catalog is None:
             raise ModelNotFound(name)
         spec = self.catalog.resolve(name)
-        c = self.config
-        defaults = {
-            "device": c.device,
-            "dtype": c.dtype,
-            "torch_threads": c.torch_threads,
-            "max_batch_size": c.max_batch_size,
-            "cache_tokens": c.cache_tokens,
-            "kv_cache_bits": c.kv_cache_bits,
-            "tensor_parallel": c.tensor_parallel,
-            "gpu_split": c.gpu_split,
-            "num_draft_tokens": c.num_draft_tokens,
-            "ngram_draft": c.ngram_draft,
-            "compile": c.compile,
-        }
-        if c.draft_model and canonical_name(c.draft_model) != name:
-            defaults["draft_model_path"] = str(self.catalog.resolve(c.draft_model).path)
-        return dataclasses.replace(spec, options={**defaults, **spec.options})
+        options = self._backend_options
+        draft = self.config.draft_model
+        if draft and canonical_name(draft) != name:
+            options = dataclasses.replace(options, draft_model_path=str(self.catalog.resolve(draft).path))
+        return dataclasses.replace(spec, options=options.with_overrides(spec.overrides))
 
     async def load(self, name: str) -> LoadedModel:
         """The loaded model ``name``, loading it on a worker thread if needed."""
@@ -229,7 +218,7 @@ class Engine(AdapterMixin, ResidencyMixin, ViewsMixin):
         count = self._replicas.get(name, 1)
         # which memory it draws on (deciding "auto" imports torch: off the IOLoop)
         device = backend.memory_device(spec) or await asyncio.to_thread(
-            device_kind, str(spec.options.get("device", "auto")))
+            device_kind, spec.options.device)
         # weights (their files) and a cache the backend allocates at load (exllama's paged KV cache: 8 GiB
         # for an 8B Llama at the default 65,536 tokens, more than its 4-bit weights); reads files, may ask torch
         needed = count * await asyncio.to_thread(lambda: disk_bytes(spec.path) + backend.cache_bytes_estimate(spec))
@@ -326,7 +315,7 @@ class Engine(AdapterMixin, ResidencyMixin, ViewsMixin):
         """Load embedding model ``spec`` after making room for its weights (it is charged to the budget too)."""
         if spec.name in self._embeddings.slots or self._embeddings.is_loading(spec.name):
             return await self._embeddings.load(spec)  # loaded, or joins the load under way: no room to make
-        device = await asyncio.to_thread(device_kind, str(spec.options.get("device", "auto")))
+        device = await asyncio.to_thread(device_kind, spec.options.device)
         needed = await asyncio.to_thread(disk_bytes, spec.path)
         async with self._gpu_turn(device):
             if spec.name in self._embeddings.slots or self._embeddings.is_loading(spec.name):

@@ -90,7 +90,7 @@ def gpu_indices(spec: Any, backend: Any) -> tuple[int, ...] | None:
     over every GPU, like exllama), else the one its ``device`` option names (``cuda``/``auto``: the first)."""
     if backend is not None and backend.splits_over_gpus:
         return None
-    return named_gpu(str(spec.options.get("device", "auto")))
+    return named_gpu(spec.options.device)
 
 
 def named_gpu(device: str) -> tuple[int]:

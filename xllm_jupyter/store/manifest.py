@@ -274,5 +274,5 @@ def lora_fields(manifest: Manifest) -> dict[str, Any]:
         return {"base_model": manifest.parameters.get("base_model")}
     merged = manifest.parameters.get("adapter")  # set by ``create`` for a Modelfile ADAPTER
     if isinstance(merged, str) and manifest.path is not None:
-        return {"options": {"merge_adapter": str(manifest.path / safe_relpath(merged))}}
+        return {"overrides": {"merge_adapter": str(manifest.path / safe_relpath(merged))}}
     return {}
