@@ -78,6 +78,14 @@ def test_chat_content_parts_and_roles(client):
     ]
     r = client.chat.completions.create(model=TINY, messages=messages, max_completion_tokens=4)
     assert r.usage.completion_tokens <= 4
+    # an assistant message's content may hold refusal parts (ChatCompletionContentPartRefusalParam): what it said
+    said = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "I can't help with that."}, {"role": "user", "content": "Ok"}]
+    as_parts = [said[0], {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't help with that."}]}, said[2]]
+    same = [client.chat.completions.create(model=TINY, messages=m, max_tokens=1).usage.prompt_tokens for m in (said, as_parts)]
+    assert same[0] == same[1]
+    with pytest.raises(openai.BadRequestError) as exc:  # only the assistant refuses
+        client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": [{"type": "refusal", "refusal": "x"}]}])
+    assert exc.value.body["param"] == "messages[0].content[0].type"
 
 
 def test_chat_stream(client, raw):

@@ -155,7 +155,7 @@ class ChatCompletionRequest(_SamplingFields):
         """Messages flattened to core ``ChatMessage`` (text parts joined; other parts rejected)."""
         out = []
         for i, m in enumerate(self.messages):
-            content = _flatten_content(m.content, f"messages[{i}].content")
+            content = _flatten_content(m.content, f"messages[{i}].content", m.role)
             if content is None and m.role != "assistant":
                 raise InvalidRequest(f"messages[{i}] with role '{m.role}' must have content", param=f"messages[{i}].content")
             out.append(ChatMessage(role=m.role, content=content, name=m.name, tool_calls=m.tool_calls, tool_call_id=m.tool_call_id))
@@ -207,17 +207,18 @@ class ModelRequest(StrictModel):
 
 
 # --------------------------------------------------------------------------- parsing
-def _flatten_content(content: Any, param: str) -> str | None:
-    """A message's content as one string; only text parts are accepted."""
+def _flatten_content(content: Any, param: str, role: str = "user") -> str | None:
+    """A message's content as one string; only text parts (and an assistant's refusal parts) are accepted."""
     if content is None or isinstance(content, str):
         return content
     texts = []
     for j, part in enumerate(content):
         kind = part.get("type")
-        if kind == "text":
-            text = part.get("text")
+        if kind == "text" or (kind == "refusal" and role == "assistant"):
+            # a refusal part is what the assistant said (an SDK sends back the message it was given)
+            text = part.get(kind)
             if not isinstance(text, str):
-                raise InvalidRequest("A text content part needs a string 'text'", param=f"{param}[{j}].text")
+                raise InvalidRequest(f"A {kind} content part needs a string '{kind}'", param=f"{param}[{j}].{kind}")
             texts.append(text)
         elif kind in ("image_url", "input_image", "input_audio", "file", "audio"):
             raise Unsupported(f"Content parts of type '{kind}' are not supported by this model", param=f"{param}[{j}].type")
