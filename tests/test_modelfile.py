@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from tests.server_fixtures import make_test_config, running_server
 from xllm_jupyter.cli.main import main
 from xllm_jupyter.core.errors import InvalidRequest, StoreError
+from xllm_jupyter.core.types import ModelfileDefaults
 from xllm_jupyter.store.create import modelfile_of
 from xllm_jupyter.store.modelfile import Message, Modelfile, ModelfileError, parse_modelfile, render_modelfile
 from xllm_jupyter.store.store import ModelStore
@@ -173,8 +174,8 @@ def test_create_shares_files_and_records_settings(store):
     assert "modelfile" not in json.loads((tiny.path / "xllm-manifest.json").read_text())  # pulled manifests unchanged
     spec = store.resolve("mario")
     assert spec.context_length == 512
-    assert spec.defaults["system"] == "You are Mario from Super Mario Bros."
-    assert store.resolve("tiny").defaults == {}
+    assert spec.defaults.system == "You are Mario from Super Mario Bros."
+    assert store.resolve("tiny").defaults == ModelfileDefaults()
 
 
 def test_create_inherits_and_overrides(store):

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..core.config import EngineConfig
 from ..core.errors import EngineError, Unsupported
-from ..core.types import ChatMessage, Constraint, SequenceJob, TokenEvent
+from ..core.types import ChatMessage, Constraint, ModelfileDefaults, SequenceJob, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,8 @@ class ModelSpec:
     digest: str | None = None
     #: "chat" (text generation) or "embedding"; decides which engine path loads it
     task: str = "chat"
-    #: a created model's Modelfile defaults for serving: ``parameters`` (Ollama names), ``system``, ``messages``
-    defaults: Mapping[str, Any] = field(default_factory=dict)
+    #: a created model's Modelfile defaults for serving (PARAMETER, SYSTEM, MESSAGE)
+    defaults: ModelfileDefaults = field(default_factory=ModelfileDefaults)
     #: for a LoRA adapter (``task == "adapter"``): the store name of the model it applies to
     base_model: str | None = None
 

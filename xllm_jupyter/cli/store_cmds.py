@@ -200,13 +200,13 @@ def _echo_modelfile_settings(manifest: Any) -> None:
     from ..store.create import model_defaults
 
     defaults = model_defaults(manifest)
-    if defaults.get("parameters"):
-        click.echo("defaults  " + ", ".join(f"{k}={v}" for k, v in defaults["parameters"].items()))
-    if defaults.get("system"):
-        first, *rest = defaults["system"].splitlines() or [""]
+    if defaults.parameters:
+        click.echo("defaults  " + ", ".join(f"{k}={v}" for k, v in defaults.parameters.items()))
+    if defaults.system:
+        first, *rest = defaults.system.splitlines() or [""]
         click.echo(f"system    {first}{' …' if rest else ''}")
-    if defaults.get("messages"):
-        click.echo(f"messages  {len(defaults['messages'])}")
+    if defaults.messages:
+        click.echo(f"messages  {len(defaults.messages)}")
 
 
 def unload_from_server(settings: Any, name: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import asdict, dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 
 class FinishReason(str, enum.Enum):
@@ -36,6 +36,19 @@ class ChatMessage:
         if self.tool_call_id:
             out["tool_call_id"] = self.tool_call_id
         return out
+
+
+@dataclass(frozen=True)
+class ModelfileDefaults:
+    """A created model's Modelfile settings that serving applies to requests which leave them unset
+    (none for a model made by ``pull``)."""
+
+    #: PARAMETER values under Ollama's names (``temperature``, ``num_predict``, ``stop`` ...)
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    #: SYSTEM: the system message a request without its own gets
+    system: str | None = None
+    #: MESSAGE: few-shot turns put before the request's own
+    messages: tuple[ChatMessage, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Any, AsyncIterator, Mapping, Protocol, Sequence
+from typing import Any, AsyncIterator, Protocol, Sequence
 
 from ..backends.base import Backend, BackendOptions, LoadedModel, ModelSpec, unload_each
 from ..backends.memory_estimate import disk_bytes
@@ -28,6 +28,7 @@ from ..core.types import (
     EmbeddingResult,
     GenerationDone,
     GenerationRequest,
+    ModelfileDefaults,
 )
 from ..store.names import canonical_name
 from .embeddings import EmbeddingHost
@@ -47,6 +48,9 @@ from .runner import ModelRunner
 from .views import ViewsMixin
 
 log = logging.getLogger(__name__)
+
+#: what a model made by ``pull`` (no Modelfile) applies to requests: nothing
+NO_DEFAULTS = ModelfileDefaults()
 
 
 class ModelCatalog(Protocol):
@@ -82,7 +86,7 @@ class Engine(AdapterMixin, ResidencyMixin, ViewsMixin):
         self._created = int(time.time())
         self._started = False
         self._retired_tokens = 0  # tokens of runners unloaded since start (stats() counts them on)
-        self._defaults: dict[str, Mapping[str, Any]] = {}  # a created model's Modelfile defaults, by name
+        self._defaults: dict[str, ModelfileDefaults] = {}  # a created model's Modelfile defaults, by name
         self._embeddings = EmbeddingHost()  # embedding models: own threads, never in a runner
         self._adapters: dict[str, str] = {}  # LoRA adapter name -> the loaded base model it is attached to
         c = self.config
@@ -349,10 +353,10 @@ class Engine(AdapterMixin, ResidencyMixin, ViewsMixin):
         await self._evict(name)
         return True
 
-    def model_defaults(self, name: str) -> Mapping[str, Any]:
-        """The Modelfile defaults (``parameters``/``system``/``messages``) of loaded model ``name``; {} if none."""
+    def model_defaults(self, name: str) -> ModelfileDefaults:
+        """The Modelfile defaults of loaded model ``name`` (empty if none)."""
         name = canonical_name(name)
-        return self._defaults.get(name, {}) if name in self._runners else {}
+        return self._defaults.get(name, NO_DEFAULTS) if name in self._runners else NO_DEFAULTS
 
     @staticmethod
     def _canonical(request: GenerationRequest) -> GenerationRequest:

@@ -1,15 +1,15 @@
 """A created model's Modelfile defaults, applied to OpenAI requests that leave them unset.
 
-The engine hands these over as a plain mapping (``engine.model_defaults(name)``:
+The engine hands these over as a ``ModelfileDefaults`` (``engine.model_defaults(name)``:
 ``parameters`` under Ollama's names, ``system``, ``messages``), so this layer never
 imports the store. A value the request sets always wins.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
-from ..core.types import ChatMessage
+from ..core.types import ChatMessage, ModelfileDefaults
 
 #: Ollama parameter name -> request field it defaults
 _FIELDS = {
@@ -28,11 +28,11 @@ _FIELDS = {
 class ModelDefaults:
     """Modelfile defaults for one model (empty for models made by ``pull``)."""
 
-    def __init__(self, data: Mapping[str, Any] | None):
-        data = data or {}
-        self.parameters: Mapping[str, Any] = data.get("parameters") or {}
-        self.system: str | None = data.get("system")
-        self.messages: Sequence[Mapping[str, str]] = data.get("messages") or ()
+    def __init__(self, data: ModelfileDefaults | None):
+        data = data or ModelfileDefaults()
+        self.parameters = data.parameters
+        self.system = data.system
+        self.messages = data.messages
 
     @classmethod
     def of(cls, engine: Any, model: str) -> "ModelDefaults":
@@ -71,5 +71,4 @@ class ModelDefaults:
         while lead < len(messages) and messages[lead].role in ("system", "developer"):
             lead += 1
         system = messages[:lead] or ([ChatMessage(role="system", content=self.system)] if self.system else [])
-        shots = [ChatMessage(role=m["role"], content=m["content"]) for m in self.messages]
-        return [*system, *shots, *messages[lead:]]
+        return [*system, *self.messages, *messages[lead:]]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..core.errors import StoreError
+from ..core.types import ChatMessage, ModelfileDefaults
 from .atomic import FileLock, fix_modes, fsync_tree
 from .local import copy_file
 from .manifest import Manifest, write_manifest
@@ -67,16 +68,13 @@ def merge(base: Modelfile, new: Modelfile) -> Modelfile:
     )
 
 
-def model_defaults(manifest: Manifest) -> dict[str, Any]:
+def model_defaults(manifest: Manifest) -> ModelfileDefaults:
     """What serving applies to requests for this model (``ModelSpec.defaults``)."""
     if not manifest.modelfile:
-        return {}
+        return ModelfileDefaults()
     m = _settings(manifest)
-    return {
-        "parameters": dict(m.parameters),
-        "system": m.system,
-        "messages": [{"role": x.role, "content": x.content} for x in m.messages],
-    }
+    return ModelfileDefaults(dict(m.parameters), m.system,
+                             tuple(ChatMessage(role=x.role, content=x.content) for x in m.messages))
 
 
 def create_model(store: "ModelStore", name: str, text: str, progress: Callable[[PullProgress], None] | None = None,

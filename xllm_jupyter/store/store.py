@@ -113,7 +113,7 @@ class ModelStore(PullMixin):
         self._check_files(manifest)
         ctx = manifest.parameters.get("context_length")
         defaults = model_defaults(manifest)
-        num_ctx = defaults.get("parameters", {}).get("num_ctx")
+        num_ctx = defaults.parameters.get("num_ctx")
         if num_ctx:  # a Modelfile's num_ctx sets the context, as in Ollama
             ctx = min(ctx, num_ctx) if isinstance(ctx, int) and ctx > 0 else num_ctx
         return ModelSpec(
