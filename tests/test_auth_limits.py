@@ -239,7 +239,7 @@ def test_concurrency_cap_refuses_the_flooding_key_while_another_key_succeeds(fai
         time.sleep(0.05)
 
 
-def test_full_queue_is_503_through_http(fair_server):
+def test_full_queue_is_503_through_http_for_a_user_past_an_equal_share(fair_server):
     _wait_idle(fair_server.engine)
     with httpx.Client(timeout=60) as c:
         first = _stream_open(c, fair_server.root, "sk-x")
@@ -247,9 +247,12 @@ def test_full_queue_is_503_through_http(fair_server):
             with httpx.Client(timeout=60) as c2:
                 second = _stream_open(c2, fair_server.root, "sk-y")
                 try:
-                    r = _chat(fair_server.root, "sk-z")
+                    # x and y fill the queue of 2; z holds none of it and is served, not refused
+                    assert _chat(fair_server.root, "sk-z").status_code == 200
+                    r = _chat(fair_server.root, "sk-z", n=2)  # 2 sequences: more than a third of the queue
                     assert r.status_code == 503, r.text
-                    assert r.json()["error"]["code"] == "overloaded"
+                    assert r.json()["error"]["code"] == "overloaded" and r.headers["Retry-After"] == "1"
+                    assert "queue of model" in r.json()["error"]["message"]
                 finally:
                     second.__exit__(None, None, None)
         finally:

@@ -79,7 +79,7 @@ def test_replicas_config_accepts_a_mapping_and_env(tmp_path):
 
 
 async def test_lru_idle_model_is_evicted_never_one_in_use(tmp_path):
-    engine, backend = make_engine(tmp_path, budget=2 * SIZE + 10, step_delay=0.01)
+    engine, backend = make_engine(tmp_path, budget=2 * SIZE + 10, step_delay=0.01, load_wait_seconds=0)  # 503 at once
     await engine.start()
     await run(engine, req("a"))
     await run(engine, req("b"))
@@ -128,7 +128,7 @@ async def test_the_budget_counts_the_cache_a_backend_allocates_at_load(tmp_path)
 
 async def test_without_a_gpu_budget_a_cuda_load_is_checked_against_the_memory_the_device_has(tmp_path, monkeypatch):
     # no GPU here: the device's free memory is simulated as what the fake models on it leave of 2.5 models'
-    engine, backend = make_engine(tmp_path, step_delay=0.01)
+    engine, backend = make_engine(tmp_path, step_delay=0.01, load_wait_seconds=0)  # 503 at once
     backend.memory_device = lambda spec: "cuda"
     backend.splits_over_gpus = True
 

@@ -187,11 +187,16 @@ def test_errors(client, raw):
         ({"model": TINY, "input": [{"type": "function_call", "call_id": "c", "name": "f"}]}, "input[0].arguments"),
         ({"model": TINY, "input": [{"type": "reasoning", "summary": []}]}, "input[0].type"),
         ({"model": TINY, "input": "x", "text": {"format": {"type": "xml"}}}, "text.format.type"),
+        ({"model": TINY, "input": "x", "include": ["file_search_call.results"]}, "include[0]"),
+        ({"model": TINY, "input": "x", "reasoning": {"effort": "high"}}, "reasoning"),
     ]
     for body, param in cases:
         resp = raw.post("/v1/responses", json=body)
         assert resp.status_code == 400, (body, resp.text)
         assert resp.json()["error"]["param"] == param, (body, resp.json())
+    # a chat limit's message names the Responses parameter, as its param does
+    resp = raw.post("/v1/responses", json={"model": TINY, "input": "x", "max_output_tokens": 10**7})
+    assert "max_output_tokens" in resp.json()["error"]["message"] and "max_completion" not in resp.json()["error"]["message"]
     for path in ("/v1/responses/resp_nope", "/v1/responses/resp_nope/input_items"):
         resp = raw.get(path)
         assert resp.status_code == 404 and resp.json()["error"]["type"] == "invalid_request_error"
@@ -334,3 +339,24 @@ def test_a_stream_that_fails_midway_ends_with_typed_events(client, raw, xllm_ser
             pass
     assert info.value.code == "overloaded"
     assert client.responses.create(model=TINY, input="still there?", max_output_tokens=1).output_text is not None
+
+
+def test_output_text_logprobs(client):
+    """``include: ["message.output_text.logprobs"]`` with ``top_logprobs``: each output token's logprob, on the
+    output_text part and on the stream's deltas (joining to the text); nothing without it."""
+    kw = dict(model=TINY, input="Say something.", max_output_tokens=6, temperature=0, top_logprobs=2)
+    r = client.responses.create(include=["message.output_text.logprobs"], **kw)
+    part = r.output[0].content[0]
+    assert len(part.logprobs) == r.usage.output_tokens and "".join(lp.token for lp in part.logprobs) == part.text
+    assert all(len(lp.top_logprobs) == 2 and lp.logprob <= 0 for lp in part.logprobs) and r.top_logprobs == 2
+    events = list(client.responses.create(include=["message.output_text.logprobs"], stream=True, **kw))
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    done = next(e for e in events if e.type == "response.output_text.done")
+    streamed = [lp for d in deltas for lp in d.logprobs]
+    assert [lp.token for lp in streamed] == [lp.token for lp in done.logprobs] == [lp.token for lp in part.logprobs]
+    assert [lp.model_dump() for lp in events[-1].response.output[0].content[0].logprobs] == [lp.model_dump() for lp in done.logprobs]
+    assert client.responses.create(**kw).output[0].content[0].logprobs is None
+    # what a client asks for with every store=false request (reasoning items' encrypted content) is none here
+    r = client.responses.create(model=TINY, input="x", max_output_tokens=1, store=False, include=["reasoning.encrypted_content"],
+                                reasoning={"effort": None})
+    assert r.output_text is not None

@@ -62,6 +62,9 @@ class EngineConfig:
     keep_alive: str = "5m"  # how long an idle model stays loaded: seconds or "5m"/"1h"; negative = forever
     replicas: tuple[str, ...] = ()  # "name=count" entries (YAML may give a mapping)
     idle_grace_seconds: float = 1.0  # a model used this recently is never evicted (covers tokenize -> submit)
+    # a load with no room while other models are in use waits this long for their requests to end
+    # (they free the room) before its 503; 0 = refuse at once
+    load_wait_seconds: float = 60.0
     # tokens made within this many ms stream out together, one merged delta per choice; first
     # tokens and finishes are never held; past 16 running sequences the interval grows in
     # proportion, up to 250 ms (0 = one delta per step; docs/performance.md)
@@ -220,6 +223,7 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("engine", "memory_budget_bytes"): (0, None),
     ("engine", "gpu_memory_budget_bytes"): (0, None),
     ("engine", "idle_grace_seconds"): (0, None),
+    ("engine", "load_wait_seconds"): (0, None),
     ("engine", "stream_interval_ms"): (0, 1000),
     ("engine", "cache_tokens"): (0, None),
     ("engine", "num_draft_tokens"): (1, 64),

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections import Counter
 from typing import Any, AsyncIterator, Protocol, Sequence
 
 from ..backends.base import Backend, BackendOptions, LoadedModel, ModelSpec, unload_each
@@ -93,6 +94,7 @@ class Engine(AdapterMixin, ResidencyMixin, ViewsMixin):
         self._res: dict[str, Residency] = {}  # residency facts of loaded and loading models
         self._budget = MemoryBudget({"cpu": c.memory_budget_bytes, "cuda": c.gpu_memory_budget_bytes})
         self._grace = c.idle_grace_seconds
+        self._load_wait = c.load_wait_seconds  # how long a load waits for models in use to free room
         self._default_keep_alive = parse_keep_alive(c.keep_alive, param="engine.keep_alive")
         self._replicas = parse_replicas(c.replicas)
         self._embed_expiry: dict[str, float | None] = {}
@@ -228,6 +230,7 @@ class Engine(AdapterMixin, ResidencyMixin, ViewsMixin):
         needed = count * await asyncio.to_thread(lambda: disk_bytes(spec.path) + backend.cache_bytes_estimate(spec))
         models: list[LoadedModel] = []
         gpus = gpu_indices(spec, backend) if device == "cuda" else None
+        await self._await_room(name, needed, device, gpus)  # models in use free room when their requests end
         async with self._gpu_turn(device):
             await self._make_room(name, needed, device, gpus)
             # reserved until the model is recorded with its measured size (after the warm-up, which may
@@ -321,6 +324,7 @@ class Engine(AdapterMixin, ResidencyMixin, ViewsMixin):
             return await self._embeddings.load(spec)  # loaded, or joins the load under way: no room to make
         device = await asyncio.to_thread(device_kind, spec.options.device)
         needed = await asyncio.to_thread(disk_bytes, spec.path)
+        await self._await_room(spec.name, needed, device, gpu_indices(spec, None))
         async with self._gpu_turn(device):
             if spec.name in self._embeddings.slots or self._embeddings.is_loading(spec.name):
                 return await self._embeddings.load(spec)  # (loaded while this one waited for its turn)
@@ -409,8 +413,26 @@ class Engine(AdapterMixin, ResidencyMixin, ViewsMixin):
             )
         if request.params.n < 1:
             raise InvalidRequest("n must be at least 1", param="n")
-        if len(runner) >= self.config.max_queue:
-            raise Overloaded("The server is busy: the request queue is full, retry later")
+        self._check_queue(request, runner)
+
+    def _check_queue(self, request: GenerationRequest, runner: Any) -> None:
+        """Overloaded (503) when ``request`` would pass ``engine.max_queue`` sequences, unless its user holds
+        less than an equal share of the queue among the users with work on the model.
+
+        One user's flood must not refuse everyone else: while the queue is full, a user holding fewer than
+        ``max_queue / users`` sequences still gets in, so the queue holds at most about twice ``max_queue``.
+        """
+        limit, n, total = self.config.max_queue, request.params.n, len(runner)
+        if total + n <= limit:
+            return
+        rec = self._res.get(request.model)
+        held = rec.sequences if rec is not None else Counter()
+        user = request.user or ""
+        mine = held.get(user, 0)
+        if mine + n <= max(1, limit // len(held.keys() | {user})):
+            return
+        raise Overloaded(f"The server is busy: the queue of model '{request.model}' is full ({total} sequences "
+                         f"running or waiting, {mine} of them yours; the limit is {limit}); retry later")
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[ChoiceDelta | GenerationDone]:
         """Stream ``ChoiceDelta``s for every choice, then one ``GenerationDone``.
@@ -428,12 +450,17 @@ class Engine(AdapterMixin, ResidencyMixin, ViewsMixin):
         rec = self._res[request.model]
         handle = runner.submit(request, asyncio.get_running_loop())  # (raises if its thread died)
         rec.in_use += 1  # never evicted while this request runs
+        user, n = request.user or "", request.params.n
+        rec.sequences[user] += n  # the user's share of the queue (_check_queue)
         try:
             async for event in handle:
                 yield event
         finally:
             handle.cancel()
             rec.in_use -= 1
+            rec.sequences[user] -= n
+            if rec.sequences[user] <= 0:
+                del rec.sequences[user]
             self._finished(request.model, request.keep_alive)
 
 

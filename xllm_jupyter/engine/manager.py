@@ -3,7 +3,9 @@
 The engine keeps several models loaded at once. Before a load it estimates the
 model's footprint from its files on disk and makes room inside the device's budget
 by unloading idle models least-recently-used first; a model with running, queued or
-in-flight requests is never a victim. Each model carries a keep_alive expiry (Ollama
+in-flight requests is never a victim. When only such models stand in the way, the load
+waits for them to go idle (``engine.load_wait_seconds``) rather than being refused while
+another user's model is busy. Each model carries a keep_alive expiry (Ollama
 semantics) that an asyncio reaper task on the engine's loop enforces.
 """
 
@@ -14,6 +16,7 @@ import itertools
 import logging
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -30,6 +33,8 @@ log = logging.getLogger(__name__)
 
 #: how long an eviction waits for a runner still in a step to unload its model before counting it free
 EVICT_WAIT_SECONDS = 600.0
+#: how often a load waiting for models in use to go idle looks again
+ROOM_POLL_SECONDS = 0.1
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
@@ -195,6 +200,7 @@ class Residency:
     expires_at: float | None = None  # None = kept until unloaded or evicted
     gpus: tuple[int, ...] | None = None  # the GPUs it holds memory on (None: every visible one, or not a GPU)
     pinned: bool = False  # preloaded: a request without its own keep_alive leaves it without expiry
+    sequences: Counter[str] = field(default_factory=Counter)  # user -> sequences of their requests in flight
 
 
 class MemoryBudget:
@@ -291,6 +297,7 @@ class ResidencyMixin:
     _embeddings: Any
     _embed_expiry: dict[str, float | None]
     _default_keep_alive: float | None
+    _load_wait: float
 
     def _idle(self, name: str, now: float) -> bool:
         """True when nothing uses ``name``: no jobs, no request in flight, not touched within the grace."""
@@ -315,16 +322,40 @@ class ResidencyMixin:
                                       gpus=named_gpu(where))
         return records
 
+    async def _plan_room(self, name: str, needed: int, device: str, gpus: tuple[int, ...] | None) -> list[str]:
+        """The idle models to unload so ``needed`` bytes fit now (``MemoryBudget.plan``); Overloaded if none do."""
+        now = time.time()
+        idle = [n for n in self._runners if self._idle(n, now)]
+        room = None
+        if device == "cuda" and not self._budget.budgets.get(device):
+            room = await asyncio.to_thread(torch_device.cuda_room_bytes, gpus)
+        return self._budget.plan(name, needed, device, self._memory_records(), idle, device_room=room, gpus=gpus)
+
+    async def _await_room(self, name: str, needed: int, device: str, gpus: tuple[int, ...] | None = None) -> None:
+        """Wait up to ``engine.load_wait_seconds`` while models in use hold the room ``name`` needs.
+
+        Their requests end and free it; refusing at once would leave a user who wants another model
+        nothing but 503s for as long as someone keeps the loaded one busy, even with pauses of a
+        second between requests. Runs before the GPU turn, so other loads are not held up meanwhile.
+        """
+        deadline = time.monotonic() + self._load_wait
+        while True:
+            try:
+                await self._plan_room(name, needed, device, gpus)
+                return
+            except Overloaded as exc:
+                if exc.code != "insufficient_memory" or time.monotonic() >= deadline:
+                    if exc.code == "insufficient_memory" and self._load_wait > 0:
+                        raise Overloaded(f"{exc.message} (waited {self._load_wait:g} s for them to finish)",
+                                         code=exc.code) from None
+                    raise
+            await asyncio.sleep(ROOM_POLL_SECONDS)
+
     async def _make_room(self, name: str, needed: int, device: str, gpus: tuple[int, ...] | None = None) -> None:
         """Unload idle models LRU-first until ``needed`` bytes fit on ``device`` (on ``gpus``, None: all, when
         there is no GPU budget and the room is measured); Overloaded if impossible."""
         while True:  # re-planned after every await: another load may have taken room meanwhile
-            now = time.time()
-            idle = [n for n in self._runners if self._idle(n, now)]
-            room = None
-            if device == "cuda" and not self._budget.budgets.get(device):
-                room = await asyncio.to_thread(torch_device.cuda_room_bytes, gpus)
-            victims = self._budget.plan(name, needed, device, self._memory_records(), idle, device_room=room, gpus=gpus)
+            victims = await self._plan_room(name, needed, device, gpus)
             if not victims:
                 return  # fits now; the caller reserves the room before its next await
             for victim in victims:

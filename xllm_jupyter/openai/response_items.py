@@ -53,9 +53,13 @@ def _str_field(item: dict[str, Any], name: str, param: str) -> str:
     return value
 
 
-def message_item(role: str, text: str, mid: str | None = None, status: str = "completed") -> dict[str, Any]:
-    """A message item; assistant text is ``output_text``, everything else ``input_text``."""
-    part = {"type": "output_text", "text": text, "annotations": []} if role == "assistant" else {"type": "input_text", "text": text}
+def message_item(role: str, text: str, mid: str | None = None, status: str = "completed",
+                 logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A message item; assistant text is ``output_text`` (with its tokens' ``logprobs`` when asked for), everything
+    else ``input_text``."""
+    part: dict[str, Any] = {"type": "output_text", "text": text, "annotations": []} if role == "assistant" else {"type": "input_text", "text": text}
+    if logprobs is not None and role == "assistant":
+        part["logprobs"] = logprobs
     return {"id": mid or new_id("msg_"), "type": "message", "role": role, "status": status, "content": [part]}
 
 
@@ -129,15 +133,15 @@ def chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
     raise Unsupported(f"tool_choice of type {choice.get('type')!r} is not supported by this server", param="tool_choice")
 
 
-def output_items(message: dict[str, Any], mid: str, status: str) -> list[dict[str, Any]]:
-    """A chat response ``message`` as Responses output items (text first, then calls).
+def output_items(message: dict[str, Any], mid: str, status: str, logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """A chat response ``message`` as Responses output items (text first, then calls; ``logprobs``: the text's).
 
     The last item gets ``status``: a reply cut short (``incomplete``) was cut inside it, and
     the items before it are complete.
     """
     calls = message.get("tool_calls") or []
     text = message.get("content") or ""
-    out = [message_item("assistant", text, mid)] if text or not calls else []
+    out = [message_item("assistant", text, mid, logprobs=logprobs)] if text or not calls else []
     for tc in calls:
         fn = tc["function"]
         out.append(function_call_item(tc["id"], fn["name"], fn["arguments"]))

@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Literal, Union
 from pydantic import Field
 
 from ..core.errors import InvalidRequest, Unsupported, XllmError
-from .protocol import StrictModel, parse_request
+from .protocol import MAX_TOP_LOGPROBS, StrictModel, parse_request
 from .response_items import chat_tool_choice, chat_tools, function_call_item, items_to_messages, message_item, new_id, normalize_input, output_items
 from .response_store import ResponseStore, StoredResponse
 
@@ -26,7 +26,18 @@ Event = dict[str, Any]
 #: chat fields a Responses body may carry as xllm extensions (e.g. ``extra_body``); same names and checks as chat
 _CHAT_EXTENSIONS = ("stop", "seed", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "ignore_eos")
 #: Responses features that would change the result if honoured; rejected rather than ignored
-_UNSUPPORTED = ("conversation", "prompt", "include", "background", "reasoning", "max_tool_calls")
+_UNSUPPORTED = ("conversation", "prompt", "background", "reasoning", "max_tool_calls")
+#: ``include`` values honoured: output text logprobs, and reasoning items' encrypted content (this server makes
+#: no reasoning items, so there is never any: clients such as Codex ask for it with every ``store: false`` request)
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+_INCLUDABLE = (LOGPROBS_INCLUDE, "reasoning.encrypted_content")
+
+
+def _is_set(value: Any) -> bool:
+    """True when ``value`` asks for something: not null, false, empty, or an object of nothing but those."""
+    if isinstance(value, dict):
+        return any(_is_set(v) for v in value.values())
+    return value not in (None, False, [], "")
 
 
 class ResponsesRequest(StrictModel):
@@ -48,13 +59,19 @@ class ResponsesRequest(StrictModel):
     parallel_tool_calls: bool | None = None
     truncation: Literal["auto", "disabled"] | None = None
     user: str | None = None
+    include: list[str] | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
     def check(self) -> None:
         """Reject what this server cannot honour, naming the parameter."""
         extra = self.model_extra or {}
         for name in _UNSUPPORTED:
-            if extra.get(name) not in (None, False, [], {}):
+            if _is_set(extra.get(name)):
                 raise Unsupported(f"'{name}' is not supported by this server yet", param=name)
+        for i, value in enumerate(self.include or ()):
+            if value not in _INCLUDABLE:
+                raise Unsupported(f"include value {value!r} is not supported by this server; it supports "
+                                  + " and ".join(repr(v) for v in _INCLUDABLE), param=f"include[{i}]")
         if self.metadata is not None:
             # OpenAI's limits: stored with the response, so they also bound what a request can make us keep
             if len(self.metadata) > 16:
@@ -65,6 +82,11 @@ class ResponsesRequest(StrictModel):
                                          param=f"metadata.{key[:64]}")
         if self.input is None or self.input == "" or self.input == []:
             raise InvalidRequest("Missing required parameter: 'input'.", param="input", code="missing_required_parameter")
+
+    @property
+    def logprobs(self) -> bool:
+        """True when the output text's token logprobs were asked for (``include``)."""
+        return LOGPROBS_INCLUDE in (self.include or ())
 
     def response_format(self) -> dict[str, Any] | None:
         """``text.format`` as chat's ``response_format`` (None for plain text)."""
@@ -143,6 +165,7 @@ class _Turn:
             "tool_choice": req.tool_choice or "auto",
             "tools": req.tools or [],
             "top_p": 1.0 if req.top_p is None else req.top_p,
+            "top_logprobs": req.top_logprobs,
             "truncation": req.truncation or "disabled",
             "usage": usage,
             "user": req.user,
@@ -163,13 +186,15 @@ _PARAM_NAMES = {"max_completion_tokens": "max_output_tokens", "response_format":
 
 
 def _relabel(exc: XllmError) -> XllmError:
-    """A chat error's ``param`` in Responses terms."""
+    """A chat error's ``param`` (and a chat parameter its message names) in Responses terms."""
     p = exc.param
     if p is not None:
         if p == "messages" or p.startswith("messages["):
             exc.param = "input"
         elif p.split(".")[0] in _PARAM_NAMES:
-            exc.param = _PARAM_NAMES[p.split(".")[0]]
+            chat_name = p.split(".")[0]
+            exc.param = _PARAM_NAMES[chat_name]
+            exc.message = exc.message.replace(chat_name, exc.param)
         elif p.startswith(("tools", "tool_choice")):
             exc.param = p.replace(".function", "")  # Responses tools are flat
     return exc
@@ -205,6 +230,9 @@ class ResponsesServing:
         for src, dst in (("max_output_tokens", "max_completion_tokens"), ("temperature", "temperature"), ("top_p", "top_p"), ("user", "user"), ("parallel_tool_calls", "parallel_tool_calls")):
             if getattr(req, src) is not None:
                 chat[dst] = getattr(req, src)
+        if req.logprobs:
+            chat["logprobs"] = True
+            chat["top_logprobs"] = req.top_logprobs or 0
         extra = req.model_extra or {}
         chat.update({k: extra[k] for k in _CHAT_EXTENSIONS if k in extra})
         if req.stream:
@@ -219,7 +247,8 @@ class ResponsesServing:
             return ResponseEventStream(turn, self.store, result)
         choice = result["choices"][0]
         status, incomplete = _status(choice["finish_reason"])
-        output = output_items(choice["message"], turn.mid, status)
+        logprobs = (choice.get("logprobs") or {}).get("content") or [] if req.logprobs else None
+        output = output_items(choice["message"], turn.mid, status, logprobs)
         return turn.finish(self.store, output, status, incomplete, result.get("usage"))
 
     # ----------------------------------------------------------- stored objects
@@ -273,6 +302,9 @@ class ResponseEventStream:
         self._output: list[dict[str, Any]] = []  # items in output order; the last may still be open
         self._open = False  # whether the last item in _output is still being streamed
         self._texts: list[str] = []  # the open message's text so far
+        self._want_lp = turn.req.logprobs
+        self._logprobs: list[dict[str, Any]] = []  # the open message's token logprobs so far (when asked for)
+        self._unsent: list[dict[str, Any]] = []  # those of tokens with no text yet (part of a character): the next delta's
         self._events = self._run()
 
     def __aiter__(self) -> AsyncIterator[Event]:
@@ -307,7 +339,7 @@ class ResponseEventStream:
         # the first message has the id a non-streamed reply would give it; a later one (text after a call) a new one
         mid = self._turn.mid if not any(i["type"] == "message" for i in self._output) else new_id("msg_")
         self._output.append(message_item("assistant", "", mid, "in_progress"))
-        self._open, self._texts = True, []
+        self._open, self._texts, self._logprobs, self._unsent = True, [], [], []
         at = len(self._output) - 1
         return [
             self._event("response.output_item.added", output_index=at, item={**self._output[-1], "content": []}),
@@ -329,9 +361,10 @@ class ResponseEventStream:
         item = self._output[at]
         if item["type"] == "message":
             text = "".join(self._texts)
-            self._output[at] = done = message_item("assistant", text, item["id"], status)
+            self._output[at] = done = message_item("assistant", text, item["id"], status, self._logprobs if self._want_lp else None)
             events = [
-                self._event("response.output_text.done", item_id=item["id"], output_index=at, content_index=0, text=text, logprobs=[]),
+                self._event("response.output_text.done", item_id=item["id"], output_index=at, content_index=0, text=text,
+                            logprobs=self._logprobs),
                 self._event("response.content_part.done", item_id=item["id"], output_index=at, content_index=0, part=done["content"][0]),
             ]
         else:
@@ -358,14 +391,19 @@ class ResponseEventStream:
                     continue
                 delta = choices[0]["delta"]
                 finish = choices[0]["finish_reason"] or finish
-                if delta.get("content"):
+                logprobs = (choices[0].get("logprobs") or {}).get("content") or []
+                if delta.get("content") or logprobs:
                     if not self._open_is("message"):
                         for ev in self._close() + self._open_message():
                             yield ev
+                    self._logprobs += logprobs
+                    self._unsent += logprobs
+                if delta.get("content"):
                     self._texts.append(delta["content"])
                     at = len(self._output) - 1
                     yield self._event("response.output_text.delta", item_id=self._output[at]["id"], output_index=at,
-                                      content_index=0, delta=delta["content"], logprobs=[])
+                                      content_index=0, delta=delta["content"], logprobs=self._unsent)
+                    self._unsent = []
                 for tc in delta.get("tool_calls") or ():
                     fn = tc.get("function") or {}
                     if tc["index"] not in calls:

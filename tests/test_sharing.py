@@ -1,0 +1,117 @@
+"""One engine shared by several users: the queue bound and model swaps must not let one user lock others out."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from xllm_jupyter.core.config import EngineConfig, QuotaConfig, load_config
+from xllm_jupyter.core.errors import Overloaded
+from xllm_jupyter.core.types import GenerationParams, GenerationRequest
+from xllm_jupyter.engine.engine import Engine
+
+from .fake_backend import FakeBackend, FakeCatalog
+
+SIZE = 1000  # bytes of each fake model's files, and its memory once loaded
+
+
+def _engine(tmp_path, quotas: QuotaConfig | None = None, **config) -> tuple[Engine, FakeBackend]:
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"\0" * SIZE)
+    backend = FakeBackend(step_delay=0.002, memory_bytes=SIZE)
+    cfg = EngineConfig(device="cpu", idle_grace_seconds=0, **config)
+    return Engine(cfg, FakeCatalog(["a", "b"], path=weights), [backend], quotas=quotas), backend
+
+
+def _req(model: str, user: str, max_tokens: int = 3, n: int = 1) -> GenerationRequest:
+    params = GenerationParams(max_tokens=max_tokens, ignore_eos=True, n=n)
+    return GenerationRequest(model=model, prompt_ids=(1, 2), params=params, user=user)
+
+
+async def _run(engine: Engine, request: GenerationRequest) -> None:
+    async for _ in engine.generate(request):
+        pass
+
+
+async def _until(pred, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+# ------------------------------------------------------------------ the queue bound
+async def test_a_full_queue_refuses_the_user_who_filled_it_not_the_others(tmp_path):
+    # the reserve keeps a batch slot free, so bob's job starts while alice's 4 are all still there
+    engine, _ = _engine(tmp_path, QuotaConfig(reserve_when_alone=True), max_batch_size=4, max_queue=4)
+    await engine.start()
+    try:
+        await engine.load("a")
+        flood = [asyncio.create_task(_run(engine, _req("a", "alice", 250))) for _ in range(4)]
+        await _until(lambda: len(engine._runners["a"]) == 4)  # noqa: SLF001 - alice's 4 fill the queue
+        await _run(engine, _req("a", "bob"))  # bob holds none of it: he is served, not refused
+        with pytest.raises(Overloaded) as refused:
+            await _run(engine, _req("a", "alice"))  # her fifth: past the queue, and she holds all of it
+        assert "4 of them yours" in refused.value.message and "limit is 4" in refused.value.message
+        with pytest.raises(Overloaded):
+            await _run(engine, _req("a", "carol", n=3))  # more than an equal share (4 / 3 users) in one go
+        for task in flood:
+            task.cancel()
+        await asyncio.gather(*flood, return_exceptions=True)
+        await _until(lambda: len(engine._runners["a"]) == 0)  # noqa: SLF001
+        assert engine._res["a"].sequences == {}  # noqa: SLF001 - nothing counted after the cancels
+    finally:
+        await engine.stop()
+
+
+async def test_n_counts_against_the_queue_bound(tmp_path):
+    engine, _ = _engine(tmp_path, max_batch_size=2, max_queue=4)
+    await engine.start()
+    try:
+        await engine.load("a")
+        with pytest.raises(Overloaded):
+            await _run(engine, _req("a", "alice", n=5))  # one request of 5 sequences passes a queue of 4
+        await _run(engine, _req("a", "alice", n=4))
+    finally:
+        await engine.stop()
+
+
+# ------------------------------------------------------------------ model swaps
+async def test_a_load_waits_for_the_model_in_use_instead_of_503(tmp_path):
+    # room for one model: bob's model b needs a's room while alice generates with a
+    engine, backend = _engine(tmp_path, memory_budget_bytes=int(SIZE * 1.5), keep_alive="-1")
+    await engine.start()
+    try:
+        await engine.load("a")
+        alice = asyncio.create_task(_run(engine, _req("a", "alice", max_tokens=100)))
+        await _until(lambda: engine.stats("a").running == 1)
+        await _run(engine, _req("b", "bob"))  # waits for alice's request to end, then a makes room for b
+        assert alice.done() and not alice.exception()
+        assert engine.is_loaded("b") and not engine.is_loaded("a") and backend.models["a"].unloaded
+    finally:
+        await engine.stop()
+
+
+async def test_a_load_past_the_wait_is_503_saying_how_long_it_waited(tmp_path):
+    engine, backend = _engine(tmp_path, memory_budget_bytes=int(SIZE * 1.5), keep_alive="-1", load_wait_seconds=0.2)
+    await engine.start()
+    try:
+        await engine.load("a")
+        alice = asyncio.create_task(_run(engine, _req("a", "alice", max_tokens=250)))
+        await _until(lambda: engine.stats("a").running == 1)
+        with pytest.raises(Overloaded) as refused:
+            await _run(engine, _req("b", "bob"))
+        assert refused.value.code == "insufficient_memory" and "waited 0.2 s" in refused.value.message
+        assert engine.is_loaded("a") and not alice.done()  # alice's generation was never disturbed
+        alice.cancel()
+        await asyncio.gather(alice, return_exceptions=True)
+    finally:
+        await engine.stop()
+
+
+def test_load_wait_seconds_is_configurable(tmp_path):
+    assert load_config(tmp_path / "none.yaml", env={}).engine.load_wait_seconds == 60.0
+    env = {"XLLM_ENGINE_LOAD_WAIT_SECONDS": "0"}
+    assert load_config(tmp_path / "none.yaml", env=env).engine.load_wait_seconds == 0.0
