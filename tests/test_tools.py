@@ -297,6 +297,19 @@ def test_forced_tool_calls_streaming(client):
     ]
 
 
+@pytest.mark.parametrize("choice", ["auto", "required"])
+def test_streamed_logprobs_with_tools_match_the_full_response(client, choice):
+    """With tools, the stream carries every token's logprobs (those of held-back text on the next chunk), as the
+    full response does; they were missing from the stream."""
+    kw = dict(model=TINY, messages=MSG, tools=TOOLS, tool_choice=choice, max_tokens=12, seed=3, logprobs=True, top_logprobs=1)
+    full = client.chat.completions.create(**kw)
+    streamed = [e for chunk in client.chat.completions.create(stream=True, **kw)
+                for c in chunk.choices if c.logprobs for e in c.logprobs.content]
+    assert len(full.choices[0].logprobs.content) == full.usage.completion_tokens
+    assert [e.token for e in streamed] == [e.token for e in full.choices[0].logprobs.content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in full.choices[0].logprobs.content], abs=1e-3)
+
+
 def test_parallel_tool_calls_false_gives_one_call(client):
     for seed in range(3):
         r = client.chat.completions.create(

@@ -258,6 +258,9 @@ class OpenAIServing(CompletionsMixin):
         usage = Usage()
         # with tools, text goes through a parser that holds back what may become a call
         calls = [tools.streamer() for _ in range(gen.params.n)] if tools.active else None
+        # logprobs of tokens the parser has not released yet ride on the choice's next chunk, so the stream
+        # carries every token's, as the full response does
+        held_lp: list[list[dict]] = [[] for _ in range(gen.params.n)]
         loops = _ForcedLoops(gen, tools, calls)
         finished: list[str | None] = [None] * gen.params.n
         async with aclosing(self.engine.generate(gen)) as events:
@@ -276,8 +279,13 @@ class OpenAIServing(CompletionsMixin):
                         if loops.repeats(ev):  # its calls are complete: it finishes now, with tool_calls
                             finished[ev.index] = "stop"
                             out += calls[ev.index].deltas("", "stop")
+                        if want_lp and ev.logprobs:
+                            held_lp[ev.index].extend(chat_logprob_entries(ev.logprobs))
                         for delta, reason in out:
-                            yield {**head, "choices": [{"index": ev.index, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+                            lp = None
+                            if held_lp[ev.index]:
+                                lp, held_lp[ev.index] = {"content": held_lp[ev.index], "refusal": None}, []
+                            yield {**head, "choices": [{"index": ev.index, "delta": delta, "logprobs": lp, "finish_reason": reason}]}
                         if loops.all_ended(finished):
                             usage = loops.usage()  # the rest is cancelled as the stream closes
                             break
