@@ -248,8 +248,16 @@ def test_error_translation_hides_internals():
     _, _, headers = error_response(Overloaded("too big for this GPU", code="model_does_not_fit"))
     assert "Retry-After" not in headers  # no retry fixes that
     # a 500 written for the client (what to change), as for a job whose logits overflowed, keeps its message
-    status, body, _ = error_response(BadModelOutput("The model produced non-finite logits (try float32)"))
+    status, body, headers = error_response(BadModelOutput("The model produced non-finite logits (try float32)"))
     assert status == 500 and "non-finite" in body["error"]["message"] and body["error"]["code"] == "bad_model_output"
+    # failures a retry repeats say so in the header the openai SDKs obey (they retry every 5xx otherwise)
+    assert headers["x-should-retry"] == "false"
+    _, _, headers = error_response(Overloaded("never fits", code="model_does_not_fit"))
+    assert headers["x-should-retry"] == "false" and "Retry-After" not in headers
+    _, _, headers = error_response(Overloaded("queue full"))
+    assert "x-should-retry" not in headers
+    _, _, headers = error_response(EngineError("CUDA failed"))
+    assert "x-should-retry" not in headers
 
 
 def test_unloading_the_model_mid_stream_and_non_streaming(client, raw, xllm_server, caplog):

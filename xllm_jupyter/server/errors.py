@@ -33,6 +33,9 @@ OVERLOADED_RETRY_AFTER = 1
 #: 503 codes that a retry cannot fix (the model is too big for this server): no ``Retry-After``
 PERMANENT_503 = frozenset({"model_does_not_fit"})
 
+#: the openai SDKs' own header: "false" stops their automatic retry of a 5xx
+NO_RETRY_HEADER = "x-should-retry"
+
 GENERIC_500 = "The server had an error while processing your request. Retry the request."
 
 
@@ -48,6 +51,10 @@ def error_response(exc: BaseException | None, status: int = 500) -> tuple[int, d
             # busy now, fine soon (queue full, no room while others' models are in use, loading): clients
             # (the openai SDK included) wait this long before their retry instead of their own guess
             headers["Retry-After"] = str(OVERLOADED_RETRY_AFTER)
+        if (isinstance(exc, Overloaded) and exc.code in PERMANENT_503) or (exc.status >= 500 and exc.client_safe):
+            # the same request fails the same way again: the openai SDKs retry every 5xx (twice by
+            # default) unless this header says not to
+            headers[NO_RETRY_HEADER] = "false"
         if exc.status == 500 and not exc.client_safe:
             # a server-side failure: never leak its message, which may name paths or internals
             # (503 "busy/not ready" messages are written for clients and stay)
