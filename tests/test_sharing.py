@@ -21,7 +21,7 @@ def _engine(tmp_path, quotas: QuotaConfig | None = None, **config) -> tuple[Engi
     weights = tmp_path / "weights.bin"
     weights.write_bytes(b"\0" * SIZE)
     backend = FakeBackend(step_delay=0.002, memory_bytes=SIZE)
-    cfg = EngineConfig(device="cpu", idle_grace_seconds=0, **config)
+    cfg = EngineConfig(**{"device": "cpu", "idle_grace_seconds": 0, **config})
     return Engine(cfg, FakeCatalog(["a", "b"], path=weights), [backend], quotas=quotas), backend
 
 
@@ -115,3 +115,35 @@ def test_load_wait_seconds_is_configurable(tmp_path):
     assert load_config(tmp_path / "none.yaml", env={}).engine.load_wait_seconds == 60.0
     env = {"XLLM_ENGINE_LOAD_WAIT_SECONDS": "0"}
     assert load_config(tmp_path / "none.yaml", env=env).engine.load_wait_seconds == 0.0
+
+
+async def test_a_model_kept_busy_back_to_back_cannot_keep_another_users_model_out(tmp_path):
+    # alice sends request after request to a, never leaving it idle for the grace; bob wants b, which
+    # only fits once a is gone. Requests arriving while bob's load waits queue behind it: the two take turns
+    engine, backend = _engine(tmp_path, memory_budget_bytes=int(SIZE * 1.5), keep_alive="-1",
+                              idle_grace_seconds=0.3, load_wait_seconds=20)
+    await engine.start()
+    stop = asyncio.Event()
+    served: list[str] = []
+
+    async def alice() -> None:
+        while not stop.is_set():
+            await engine.load("a")  # a request's entry, as serving makes it
+            await _run(engine, _req("a", "alice", max_tokens=20))
+            served.append("alice")
+
+    try:
+        await engine.load("a")
+        loop = asyncio.create_task(alice())
+        await _until(lambda: len(served) >= 2)
+        await engine.load("b")  # without the turn, this waits 20 s and is a 503
+        await _run(engine, _req("b", "bob"))
+        assert engine.is_loaded("b") and backend.models["a"].unloaded
+        count = len(served)
+        await _until(lambda: len(served) > count)  # then alice's turn comes back: a is loaded again
+        assert engine.is_loaded("a") and not engine.is_loaded("b")
+        stop.set()
+        await loop
+    finally:
+        stop.set()
+        await engine.stop()

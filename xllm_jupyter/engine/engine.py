@@ -95,6 +95,7 @@ class Engine(AdapterMixin, ResidencyMixin, ViewsMixin):
         self._budget = MemoryBudget({"cpu": c.memory_budget_bytes, "cuda": c.gpu_memory_budget_bytes})
         self._grace = c.idle_grace_seconds
         self._load_wait = c.load_wait_seconds  # how long a load waits for models in use to free room
+        self._held: Counter[str] = Counter()  # models whose new requests wait behind a load needing their room
         self._default_keep_alive = parse_keep_alive(c.keep_alive, param="engine.keep_alive")
         self._replicas = parse_replicas(c.replicas)
         self._embed_expiry: dict[str, float | None] = {}
@@ -174,7 +175,19 @@ class Engine(AdapterMixin, ResidencyMixin, ViewsMixin):
         return dataclasses.replace(spec, options=options.with_overrides(spec.overrides))
 
     async def load(self, name: str) -> LoadedModel:
-        """The loaded model ``name``, loading it on a worker thread if needed."""
+        """The loaded model ``name``, loading it on a worker thread if needed.
+
+        The entry point of a request: while a load for another model waits for this one's room, a
+        request arriving now waits behind it (``_behind_swaps``), so a model kept busy by a steady
+        stream of requests cannot keep the other model out. The request's later calls (encode,
+        generate) use ``_load`` and never wait there, so a request already under way is not held.
+        """
+        name = canonical_name(name)
+        await self._behind_swaps(self._adapters.get(name, name))
+        return await self._load(name)
+
+    async def _load(self, name: str) -> LoadedModel:
+        """``load`` without waiting behind a swap: for a request already past its entry."""
         name = canonical_name(name)
         base = self._adapters.get(name, name)  # an adapter's model is its base's
         runner = self._runners.get(base)
@@ -371,7 +384,7 @@ class Engine(AdapterMixin, ResidencyMixin, ViewsMixin):
     # --------------------------------------------------------------- prompting
     async def encode_chat(self, name: str, messages: Sequence[ChatMessage], tools: Sequence[dict] | None = None) -> list[int]:
         """Prompt token ids for a chat (and its ``tools``), through the model's chat template."""
-        model = await self.load(name)
+        model = await self._load(name)
         extra = {"tools": tools} if tools else {}
 
         def work() -> list[int]:
@@ -382,7 +395,7 @@ class Engine(AdapterMixin, ResidencyMixin, ViewsMixin):
 
     async def encode_text(self, name: str, text: str) -> list[int]:
         """Prompt token ids for raw text (legacy completions)."""
-        model = await self.load(name)
+        model = await self._load(name)
         return await asyncio.to_thread(model.tokenize, text, add_special_tokens=True)
 
     async def check_constraint(self, name: str, constraint: Constraint, *, param: str = "response_format") -> None:
@@ -391,7 +404,7 @@ class Engine(AdapterMixin, ResidencyMixin, ViewsMixin):
         Serving calls this before a request is queued (and before a stream starts), so a
         bad grammar is a plain 400; the compiled grammar is cached for the job itself.
         """
-        model = await self.load(name)
+        model = await self._load(name)
         await asyncio.to_thread(model.check_constraint, constraint, param=param)
 
     def validate(self, request: GenerationRequest) -> None:
@@ -441,7 +454,7 @@ class Engine(AdapterMixin, ResidencyMixin, ViewsMixin):
         request's jobs; they leave the batch within one step.
         """
         request = self._canonical(request)
-        await self.load(request.model)
+        await self._load(request.model)
         self.validate(request)
         request = self._route(request)  # an adapter's request runs in its base model's batch
         runner = self._runners.get(request.model)

@@ -5,7 +5,8 @@ model's footprint from its files on disk and makes room inside the device's budg
 by unloading idle models least-recently-used first; a model with running, queued or
 in-flight requests is never a victim. When only such models stand in the way, the load
 waits for them to go idle (``engine.load_wait_seconds``) rather than being refused while
-another user's model is busy. Each model carries a keep_alive expiry (Ollama
+another user's model is busy, and requests for them that arrive meanwhile wait behind it:
+users who want different models take turns instead of the busier one locking the other out. Each model carries a keep_alive expiry (Ollama
 semantics) that an asyncio reaper task on the engine's loop enforces.
 """
 
@@ -298,6 +299,7 @@ class ResidencyMixin:
     _embed_expiry: dict[str, float | None]
     _default_keep_alive: float | None
     _load_wait: float
+    _held: Counter[str]
 
     def _idle(self, name: str, now: float) -> bool:
         """True when nothing uses ``name``: no jobs, no request in flight, not touched within the grace."""
@@ -339,16 +341,34 @@ class ResidencyMixin:
         second between requests. Runs before the GPU turn, so other loads are not held up meanwhile.
         """
         deadline = time.monotonic() + self._load_wait
-        while True:
-            try:
-                await self._plan_room(name, needed, device, gpus)
-                return
-            except Overloaded as exc:
-                if exc.code != "insufficient_memory" or time.monotonic() >= deadline:
-                    if exc.code == "insufficient_memory" and self._load_wait > 0:
-                        raise Overloaded(f"{exc.message} (waited {self._load_wait:g} s for them to finish)",
-                                         code=exc.code) from None
-                    raise
+        held: set[str] = set()
+        try:
+            while True:
+                try:
+                    await self._plan_room(name, needed, device, gpus)
+                    return
+                except Overloaded as exc:
+                    if exc.code != "insufficient_memory" or time.monotonic() >= deadline:
+                        if exc.code == "insufficient_memory" and self._load_wait > 0:
+                            raise Overloaded(f"{exc.message} (waited {self._load_wait:g} s for them to finish)",
+                                             code=exc.code) from None
+                        raise
+                # new requests for the busy models wait behind this load (see _behind_swaps)
+                now = time.time()
+                for busy in [n for n, r in self._res.items() if r.device == device and n in self._runners
+                             and n not in held and not self._idle(n, now)]:
+                    held.add(busy)
+                    self._held[busy] += 1
+                await asyncio.sleep(ROOM_POLL_SECONDS)
+        finally:
+            for model in held:
+                self._held[model] -= 1
+                if self._held[model] <= 0:
+                    del self._held[model]
+
+    async def _behind_swaps(self, name: str) -> None:
+        """Wait while a load for another model waits for ``name``'s room (at most its ``load_wait_seconds``)."""
+        while name in self._held:
             await asyncio.sleep(ROOM_POLL_SECONDS)
 
     async def _make_room(self, name: str, needed: int, device: str, gpus: tuple[int, ...] | None = None) -> None:
