@@ -58,7 +58,8 @@ def test_malformed_json(raw):
     [
         ({"temperature": 2.5}, "temperature"),
         ({"temperature": "hot"}, "temperature"),
-        ({"top_p": 0}, "top_p"),
+        ({"top_p": -0.1}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
         ({"presence_penalty": -3}, "presence_penalty"),
         ({"frequency_penalty": 2.1}, "frequency_penalty"),
         ({"n": 0}, "n"),

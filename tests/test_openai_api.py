@@ -201,6 +201,18 @@ def test_sampling_parameters_accepted(client):
     assert r.choices[0].finish_reason == "length"
 
 
+def test_top_p_zero_is_greedy(client):
+    """OpenAI takes top_p 0 (clients such as TaskWeaver default to it): only the most likely token, whatever the
+    temperature and seed; it was a 400 here. The Responses API and legacy completions take it too."""
+    kw = dict(model=TINY, messages=MSG, max_tokens=6, extra_body={"ignore_eos": True})
+    greedy = client.chat.completions.create(temperature=0, **kw).choices[0].message.content
+    for seed in (1, 2):
+        r = client.chat.completions.create(top_p=0, temperature=1.5, seed=seed, **kw)
+        assert r.choices[0].message.content == greedy
+    assert client.responses.create(model=TINY, input="x", top_p=0, max_output_tokens=1).top_p == 0
+    assert client.completions.create(model=TINY, prompt="x", top_p=0, max_tokens=1).choices[0].text is not None
+
+
 def test_max_tokens_default_fills_context(client):
     probe = client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "hi " * 2000}], max_tokens=1)
     prompt = probe.usage.prompt_tokens

@@ -56,7 +56,7 @@ class _SamplingFields(StrictModel):
     keep_alive: float | str | None = None  # Ollama's: seconds or "5m"; 0 = unload after, negative = forever
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)  # 0: the most likely token only (greedy), as OpenAI takes it
     top_k: int | None = Field(default=None, ge=0)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
@@ -73,9 +73,11 @@ class _SamplingFields(StrictModel):
 
     def sampling_params(self) -> SamplingParams:
         """The core sampling parameters (OpenAI defaults for what is unset)."""
+        # top_p 0 keeps only the most likely token: greedy decoding, which every backend does exactly
+        greedy = self.top_p == 0
         return SamplingParams(
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
+            temperature=0.0 if greedy else 1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None or greedy else self.top_p,
             top_k=self.top_k or 0,
             min_p=self.min_p or 0.0,
             presence_penalty=self.presence_penalty or 0.0,

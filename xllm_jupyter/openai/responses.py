@@ -48,7 +48,7 @@ class ResponsesRequest(StrictModel):
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     stream: bool | None = None
     store: bool | None = None
     previous_response_id: str | None = None
