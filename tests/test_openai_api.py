@@ -253,6 +253,26 @@ def test_completion_n_prompts_and_logprobs(client):
     assert token_prompt.usage.prompt_tokens == 4
 
 
+def test_completion_best_of_returns_the_best_per_token(client, raw):
+    """best_of generates that many completions per prompt and returns the n with the highest log probability per
+    token (OpenAI's rule), best first; usage counts every candidate. It was a 400 unless equal to n."""
+    kw = dict(model=TINY, prompt="a b c", max_tokens=5, temperature=1.0, seed=11, extra_body={"ignore_eos": True})
+    every = client.completions.create(n=3, logprobs=0, **kw)
+
+    def per_token(c) -> float:
+        return sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs)
+
+    ranked = sorted(every.choices, key=per_token, reverse=True)
+    assert per_token(ranked[0]) > per_token(ranked[-1])  # the seed gives candidates that differ
+    best = client.completions.create(n=2, best_of=3, **kw)
+    assert [c.index for c in best.choices] == [0, 1] and [c.text for c in best.choices] == [c.text for c in ranked[:2]]
+    assert best.choices[0].logprobs is None and best.usage.completion_tokens == every.usage.completion_tokens == 15
+    # the request's own rules: n <= best_of, and not streamed when it picks
+    for extra in ({"n": 3, "best_of": 2}, {"best_of": 2, "stream": True}):
+        r = raw.post("/v1/completions", json={"model": TINY, "prompt": "x", "max_tokens": 1, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
+
+
 # ---------------------------------------------------------- batching, disconnect
 async def test_concurrent_streams_are_batched(xllm_server):
     engine = xllm_server.engine

@@ -42,13 +42,17 @@ class CompletionsMixin:
         keep_alive = request_keep_alive(req.keep_alive, manages)
         n = req.n or 1
         prompts = req.prompts()
-        self._check_n(n, len(prompts))
+        self._check_n(req.candidates, len(prompts))
         model = await self.engine.load(req.model)
         defaults = ModelDefaults.of(self.engine, req.model)
         req = defaults.apply(req)
         rid = "cmpl-" + uuid.uuid4().hex
         sampling = req.sampling_params()
         check_token_ids(sampling.logit_bias, model, "logit_bias")
+        # best_of: generate that many per prompt, with logprobs to rank them by, and return the n best
+        candidates = req.candidates
+        ranked = candidates > n
+        gen_req = req.model_copy(update={"n": candidates}) if ranked else req
         gens: list[GenerationRequest] = []
         offsets: list[int] = []
         for p in prompts:
@@ -61,18 +65,20 @@ class CompletionsMixin:
                 offsets.append(0)
             # OpenAI's legacy endpoint defaults to 16 tokens, unlike chat
             max_tokens = self._max_tokens(req.max_tokens, "max_tokens", len(ids), model.context_length, "prompt", defaults.max_tokens(16))
-            gen = self._generation(req, ids, rid, max_tokens=max_tokens, sampling=sampling,
-                                   logprobs=req.logprobs is not None, top_logprobs=req.logprobs or 0,
+            gen = self._generation(gen_req, ids, rid, max_tokens=max_tokens, sampling=sampling,
+                                   logprobs=req.logprobs is not None or ranked, top_logprobs=req.logprobs or 0,
                                    keep_alive=keep_alive, user=user, prompt_param="prompt")
             gens.append(gen)
         created = int(time.time())
         if req.stream:
             return self._completion_stream(gens, offsets, req.model, rid, created, req.include_usage)
-        return await self._completion_full(gens, offsets, req.model, rid, created)
+        return await self._completion_full(gens, offsets, req.model, rid, created, n, req.logprobs is not None)
 
     async def _completion_full(
-        self, gens: Sequence[GenerationRequest], offsets: Sequence[int], model: str, rid: str, created: int
+        self, gens: Sequence[GenerationRequest], offsets: Sequence[int], model: str, rid: str, created: int,
+        keep: int, show_logprobs: bool,
     ) -> dict[str, Any]:
+        """The full response: of each prompt's completions, the ``keep`` best (all of them unless best_of)."""
         n = gens[0].params.n
         total = n * len(gens)
         texts: list[list[str]] = [[] for _ in range(total)]
@@ -92,15 +98,17 @@ class CompletionsMixin:
                     finish[i] = ev.finish.value
             elif isinstance(ev, GenerationDone):
                 usages.append(ev.usage)
+        chosen = [i for p in range(len(gens)) for i in _best(range(p * n, (p + 1) * n), lps, keep)]
         choices = [
             {
-                "index": i,
+                "index": k,
                 "text": "".join(texts[i]),
-                "logprobs": legacy_logprobs(tuple(lps[i]), offsets[i // n]) if want_lp else None,
+                "logprobs": legacy_logprobs(tuple(lps[i]), offsets[i // n]) if show_logprobs else None,
                 "finish_reason": finish[i] or "stop",
             }
-            for i in range(total)
+            for k, i in enumerate(chosen)
         ]
+        # every candidate was generated: usage counts them all, as OpenAI bills best_of
         return envelope(rid, "text_completion", created, model, choices, sum_usage(usages))
 
     async def _completion_stream(
@@ -135,3 +143,15 @@ class CompletionsMixin:
                 usages.append(ev.usage)
         if include_usage:
             yield {**head, "choices": [], "usage": usage_dict(sum_usage(usages))}
+
+
+def _best(candidates: range, logprobs: Sequence[Sequence[Any]], keep: int) -> list[int]:
+    """The ``keep`` candidates with the highest log probability per token (OpenAI's best_of), best first."""
+    if keep >= len(candidates):
+        return list(candidates)
+
+    def per_token(i: int) -> float:
+        lps = logprobs[i]
+        return sum(e.logprob for e in lps) / len(lps) if lps else float("-inf")
+
+    return sorted(candidates, key=per_token, reverse=True)[:keep]

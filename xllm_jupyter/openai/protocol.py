@@ -184,10 +184,18 @@ class CompletionRequest(_SamplingFields):
                 raise Unsupported(f"'{name}' is not supported by this server", param=name)
         if self.echo:
             raise Unsupported("'echo' is not supported by this server", param="echo")
-        if self.best_of is not None and self.best_of != (self.n or 1):
-            raise Unsupported("'best_of' different from 'n' is not supported by this server", param="best_of")
+        if self.best_of is not None and self.best_of < (self.n or 1):
+            raise InvalidRequest("'best_of' must be at least 'n'", param="best_of")
+        if self.stream and self.candidates > (self.n or 1):
+            # OpenAI's rule too: the best are known only once every candidate is complete
+            raise InvalidRequest("'best_of' greater than 'n' cannot be streamed", param="best_of")
         if not self.prompts():
             raise InvalidRequest("'prompt' must not be empty", param="prompt")
+
+    @property
+    def candidates(self) -> int:
+        """Completions generated per prompt: ``best_of``, of which the ``n`` best are returned."""
+        return max(self.best_of or 1, self.n or 1)
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt(s) as a list of strings or token-id lists."""
