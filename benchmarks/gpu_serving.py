@@ -400,7 +400,7 @@ def run_raw(backend: str, path: str, levels: list[int], args) -> dict:
         engine = (RawExllamaV3 if backend == "exllamav3" else RawExllamaV2)(path, args.max_batch)
     out = measure_levels(lambda ids, n: raw_level(engine, ids, n), levels, args)
     engine.close()
-    del engine
+    engine = None  # the last reference (the lambda's cell too), so empty_cache can give the memory back
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
