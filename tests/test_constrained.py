@@ -240,6 +240,26 @@ def test_grammar_cache_is_bounded_lru(model):
 
 
 @pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "string", "pattern": "^(a{700}){700}$"},  # valid, but ~0.5 s of lexer work a step at llguidance's defaults
+        {"type": "object", "properties": {"x": {"type": "string", "pattern": "^(a{1000}){1000}$"}}, "required": ["x"]},
+        {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(3000)}},  # a 12k-item parser row
+    ],
+)
+def test_grammar_past_the_lexer_limits_is_refused_at_compile_every_time(model, schema):
+    """Refused before a job is queued (its masks would stall the step thread for every batched request), and a
+    repeat is refused from the cache at once (it used to compile from the cache and answer '' unconstrained)."""
+    compiler = GrammarCompiler(model.tokenizer, model.vocab_size, model.eos_token_ids)
+    for _ in range(2):
+        with pytest.raises(InvalidRequest) as info:
+            compiler.compile(schema_constraint(schema), param="tools")
+        assert info.value.code == "constraint_failed" and info.value.param == "tools"
+        assert "too complex" in info.value.message and "<" not in info.value.message
+    assert compiler.compile(schema_constraint(SCHEMAS[0])) is not None  # real schemas still compile
+
+
+@pytest.mark.parametrize(
     ("value", "kind"),
     [
         (None, None),
@@ -351,3 +371,6 @@ def test_a_schema_past_the_grammar_engines_limits_is_a_400_not_a_500(client):
     assert "simplify" in info.value.message
     r = client.chat.completions.create(model=TINY, messages=MSG, max_tokens=4)
     assert r.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError) as again:  # the same grammar again: refused again, not a 200 with ''
+        client.chat.completions.create(model=TINY, messages=MSG, max_tokens=8, response_format=bomb)
+    assert again.value.code == "constraint_failed"

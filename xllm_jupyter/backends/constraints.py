@@ -31,6 +31,13 @@ KINDS = ("json_schema", "json_object", "lark", "regex")
 CACHE_SIZE = 128
 #: compact JSON: with flexible whitespace a weak model can pad with spaces forever
 JSON_DEFAULTS: dict[str, Any] = {"whitespace_flexible": False}
+#: llguidance lexer fuel, a quarter of its defaults: masks are computed on the model's step thread,
+#: so one request's pathological regex (``(a{700}){700}``) stalled every batched request for
+#: ~0.5 s a step; at these limits such a grammar fails in ~0.1 s and is refused up front,
+#: while real schemas (formats, enums of thousands, deep nesting) use a small fraction
+LEXER_FUEL = {"initial_lexer_fuel": 250_000, "step_lexer_fuel": 50_000}
+#: masks ``GrammarCompiler.compile`` computes ahead, so a grammar that fails early fails before queueing
+DRY_RUN_STEPS = 24
 
 
 def grammar_text(constraint: Constraint, *, param: str = "response_format") -> str:
@@ -64,6 +71,32 @@ def _first_line(message: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _dry_run(matcher: Any, steps: int = DRY_RUN_STEPS) -> str | None:
+    """The error a few steps of ``matcher`` (on copies) run into, or None.
+
+    llguidance builds its lexer lazily: a grammar past its limits compiles, then fails while
+    masks are computed, which the step thread does mid-batch. Walking the first steps here (the
+    caller's thread, before the job is queued) turns the usual case into a 400 up front. It is
+    no proof: a grammar can fail later, which the backend reports as a 400 when it happens.
+    """
+    import numpy as np
+
+    probe = matcher.deep_copy()
+    for _ in range(steps):
+        mask = np.frombuffer(probe.compute_bitmask(), dtype=np.uint8)
+        if probe.is_error() or probe.is_stopped():
+            break
+        allowed = np.flatnonzero(np.unpackbits(mask, bitorder="little"))
+        if not len(allowed) or not probe.consume_token(int(allowed[0])):
+            break
+    fresh = matcher.deep_copy()  # the lexer is shared between copies: a limit hit shows on a fresh one
+    fresh.compute_bitmask()
+    for m in (probe, fresh):
+        if m.is_error():
+            return m.get_error().replace("<non-verbose/>", "")
+    return None
+
+
 class GrammarCompiler:
     """Compiles constraints for one model's tokenizer; thread-safe, with a bounded LRU cache.
 
@@ -77,6 +110,7 @@ class GrammarCompiler:
         self._vocab_size = int(vocab_size)
         self._eos = sorted(int(i) for i in eos_token_ids)
         self._cache_size = max(1, cache_size)
+        #: compiled matchers, or the 400 message of a grammar refused (so a repeat costs nothing)
         self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._lock = threading.Lock()
         self._tokenizer: Any = None
@@ -112,18 +146,30 @@ class GrammarCompiler:
             hit = self._cache.get(key)
             if hit is not None:
                 self._cache.move_to_end(key)
-                return hit
+        if isinstance(hit, str):  # refused before: refused again at once, without the lexer's work
+            raise InvalidRequest(hit, param=param, code="constraint_failed")
+        if hit is not None:
+            return hit
         # compiled outside the lock: a large grammar must not stall the step thread's lookups;
         # two threads racing on one new grammar just compile it twice
-        matcher = LLMatcher(self.tokenizer, grammar_text(constraint, param=param), log_level=0)
+        from llguidance import LLParserLimits
+
+        matcher = LLMatcher(self.tokenizer, grammar_text(constraint, param=param), log_level=0,
+                            limits=LLParserLimits(**LEXER_FUEL, verbose_errors=False))
         if matcher.is_error():
             raise InvalidRequest(f"Invalid {constraint.kind} constraint: {_first_line(matcher.get_error())}",
                                  param=param)
+        rejected = _dry_run(matcher)
+        if rejected is not None:
+            rejected = (f"The {constraint.kind} constraint is too complex to enforce "
+                        f"({_first_line(rejected, 200)}); simplify its patterns or alternatives")
         with self._lock:
-            self._cache[key] = matcher
+            self._cache[key] = rejected or matcher
             self._cache.move_to_end(key)
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
+        if rejected is not None:
+            raise InvalidRequest(rejected, param=param, code="constraint_failed")
         return matcher
 
     def new_matcher(self, constraint: Constraint, *, param: str = "response_format") -> Any:
