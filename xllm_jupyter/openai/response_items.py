@@ -8,6 +8,7 @@ response ``output``; the chat path sees them as messages: text messages as they 
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
@@ -133,11 +134,22 @@ def chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
     raise Unsupported(f"tool_choice of type {choice.get('type')!r} is not supported by this server", param="tool_choice")
 
 
+def last_item_status(item: dict[str, Any], status: str) -> str:
+    """The status of a reply's last item when the reply ended with ``status``: a cut reply (``incomplete``) was cut
+    inside it, unless it is a call whose arguments are complete JSON (the cut came after it)."""
+    if status == "incomplete" and item["type"] == "function_call":
+        try:
+            json.loads(item["arguments"])
+        except ValueError:
+            return status
+        return "completed"
+    return status
+
+
 def output_items(message: dict[str, Any], mid: str, status: str, logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """A chat response ``message`` as Responses output items (text first, then calls; ``logprobs``: the text's).
 
-    The last item gets ``status``: a reply cut short (``incomplete``) was cut inside it, and
-    the items before it are complete.
+    The items before the last are complete; the last has ``last_item_status``.
     """
     calls = message.get("tool_calls") or []
     text = message.get("content") or ""
@@ -145,5 +157,5 @@ def output_items(message: dict[str, Any], mid: str, status: str, logprobs: list[
     for tc in calls:
         fn = tc["function"]
         out.append(function_call_item(tc["id"], fn["name"], fn["arguments"]))
-    out[-1]["status"] = status
+    out[-1]["status"] = last_item_status(out[-1], status)
     return out

@@ -18,7 +18,8 @@ from pydantic import Field
 
 from ..core.errors import InvalidRequest, Unsupported, XllmError
 from .protocol import MAX_TOP_LOGPROBS, StrictModel, parse_request
-from .response_items import chat_tool_choice, chat_tools, function_call_item, items_to_messages, message_item, new_id, normalize_input, output_items
+from .response_items import (chat_tool_choice, chat_tools, function_call_item, items_to_messages, last_item_status, message_item, new_id,
+                             normalize_input, output_items)
 from .response_store import ResponseStore, StoredResponse
 
 Event = dict[str, Any]
@@ -368,7 +369,7 @@ class ResponseEventStream:
                 self._event("response.content_part.done", item_id=item["id"], output_index=at, content_index=0, part=done["content"][0]),
             ]
         else:
-            self._output[at] = done = {**item, "status": status}
+            self._output[at] = done = {**item, "status": last_item_status(item, status)}
             events = [self._event("response.function_call_arguments.done", item_id=done["id"], output_index=at,
                                   name=done["name"], arguments=done["arguments"])]
         return events + [self._event("response.output_item.done", output_index=at, item=done)]
