@@ -67,6 +67,15 @@ def test_tool_config_validation():
         assert info.value.param == param
 
 
+def test_more_tools_than_openai_allows_is_a_400(client):
+    """Validating tens of thousands of tools took seconds on the IOLoop (a quadratic duplicate check), for every user."""
+    many = [{"type": "function", "function": {"name": f"f{i}", "parameters": {"type": "object"}}} for i in range(129)]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=TINY, messages=MSG, tools=many, max_tokens=1)
+    assert info.value.param == "tools" and info.value.code == "array_above_max_length"
+    assert len(parse_tool_config(many[:128], None, None).tools) == 128
+
+
 @pytest.mark.parametrize("parallel", [True, False])
 def test_grammar_compiles_with_llguidance(parallel):
     cfg = parse_tool_config(TOOLS, "required", parallel)

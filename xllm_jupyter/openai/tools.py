@@ -17,6 +17,8 @@ from ..core.errors import InvalidRequest
 from ..core.types import ChatMessage, Constraint
 
 _NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+#: OpenAI's limit on ``tools``; it also bounds the prompt and grammar work done for a request
+MAX_TOOLS = 128
 
 #: what the fallback prompt and the grammar make the model write around each call
 CALL_OPEN = "<tool_call>\n"
@@ -101,7 +103,11 @@ def _parse_tools(tools: Any) -> tuple[ToolSpec, ...]:
         return ()
     if not isinstance(tools, list):
         raise InvalidRequest("'tools' must be an array of tool objects", param="tools")
+    if len(tools) > MAX_TOOLS:
+        raise InvalidRequest(f"Invalid 'tools': array too long ({len(tools)}); at most {MAX_TOOLS} tools are allowed",
+                             param="tools", code="array_above_max_length")
     specs: list[ToolSpec] = []
+    seen: set[str] = set()  # (one set: rebuilding it per tool was quadratic, seconds on the IOLoop)
     for i, tool in enumerate(tools):
         where = f"tools[{i}]"
         if not isinstance(tool, dict) or tool.get("type") != "function":
@@ -115,8 +121,9 @@ def _parse_tools(tools: Any) -> tuple[ToolSpec, ...]:
                 f"Invalid '{where}.function.name': {name!r}. It must match ^[a-zA-Z0-9_-]{{1,64}}$",
                 param=f"{where}.function.name",
             )
-        if name in {s.name for s in specs}:
+        if name in seen:
             raise InvalidRequest(f"Duplicate function name {name!r} in 'tools'", param=f"{where}.function.name")
+        seen.add(name)
         desc = fn.get("description") or ""
         if not isinstance(desc, str):
             raise InvalidRequest(f"{where}.function.description must be a string", param=f"{where}.function.description")
