@@ -200,6 +200,15 @@ def test_ps_and_stop(live):
             c.load(TINY)
 
 
+def test_ps_says_when_a_load_waits_for_room():
+    from xllm_jupyter.cli.main import _mode
+
+    # /admin/models' shape for a model still loading: the runtime facts are in details
+    row = {"id": "b", "state": "loading", "details": {"state": "loading", "waiting_for_room": True}}
+    assert _mode({**row["details"], **row}) == "loading, waiting for room"
+    assert _mode({"state": "loading", "waiting_for_room": False}) == "loading"
+
+
 def test_no_server_for_ps_is_a_clean_error():
     result = invoke("--url", f"http://127.0.0.1:{free_port()}/v1", "ps")
     assert_clean_error(result, "no xllm server at", "xllm serve")

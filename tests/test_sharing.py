@@ -17,10 +17,11 @@ from .fake_backend import FakeBackend, FakeCatalog
 SIZE = 1000  # bytes of each fake model's files, and its memory once loaded
 
 
-def _engine(tmp_path, quotas: QuotaConfig | None = None, **config) -> tuple[Engine, FakeBackend]:
+def _engine(tmp_path, quotas: QuotaConfig | None = None, step_delay: float = 0.002,
+            **config) -> tuple[Engine, FakeBackend]:
     weights = tmp_path / "weights.bin"
     weights.write_bytes(b"\0" * SIZE)
-    backend = FakeBackend(step_delay=0.002, memory_bytes=SIZE)
+    backend = FakeBackend(step_delay=step_delay, memory_bytes=SIZE)
     cfg = EngineConfig(**{"device": "cpu", "idle_grace_seconds": 0, **config})
     return Engine(cfg, FakeCatalog(["a", "b"], path=weights), [backend], quotas=quotas), backend
 
@@ -146,4 +147,61 @@ async def test_a_model_kept_busy_back_to_back_cannot_keep_another_users_model_ou
         await loop
     finally:
         stop.set()
+        await engine.stop()
+
+
+# ------------------------------------------------------------------ who waits, and why
+async def test_each_users_running_and_queued_sequences_reach_admin_usage_metrics_and_their_own_row(tmp_path):
+    from xllm_jupyter.server.handlers import XllmContext
+    from xllm_jupyter.server.usage import Caller
+
+    # slow steps: the jobs stay where they are while the counts are read; no reserve, so alice takes both slots
+    engine, _ = _engine(tmp_path, QuotaConfig(reserved_slots=0), step_delay=0.05, max_batch_size=2)
+    await engine.start()
+    context = XllmContext(engine, load_config(tmp_path / "none.yaml", env={"XLLM_HOME": str(tmp_path)}))
+    try:
+        for user in ("alice", "bob", "carol"):  # admitted once, as the HTTP layer does: they have rows and labels
+            context.usage.release(context.usage.admit(Caller(user)))
+        await engine.load("a")
+        tasks = [asyncio.create_task(_run(engine, _req("a", "alice", 250))) for _ in range(3)]
+        await _until(lambda: engine.stats("a").running == 2 and engine.stats("a").queued == 1)
+        tasks.append(asyncio.create_task(_run(engine, _req("a", "bob", 250, n=2))))
+        await _until(lambda: engine.stats("a").queued == 3)
+        assert engine.user_counts() == {"alice": (2, 1), "bob": (0, 2)}
+        rows = {row["user"]: row for row in context.usage.snapshot()}
+        assert [(rows[u]["running"], rows[u]["queued"]) for u in ("alice", "bob", "carol")] == [(2, 1), (0, 2), (0, 0)]
+        mine = context.usage.snapshot("bob")  # the hub page's view: the caller's own row only
+        assert [(r["user"], r["running"], r["queued"]) for r in mine] == [("bob", 0, 2)]
+        text = context.metrics.exposition().decode()
+        for line in ('xllm_user_sequences_running{user="alice"} 2.0', 'xllm_user_sequences_queued{user="alice"} 1.0',
+                     'xllm_user_sequences_running{user="bob"} 0.0', 'xllm_user_sequences_queued{user="bob"} 2.0',
+                     'xllm_user_sequences_queued{user="carol"} 0.0'):
+            assert line in text, line
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await _until(lambda: engine.user_counts() == {})
+    finally:
+        await engine.stop()
+        context.close()
+
+
+async def test_a_load_waiting_for_room_says_so_in_its_model_state(tmp_path):
+    engine, _ = _engine(tmp_path, memory_budget_bytes=int(SIZE * 1.5), keep_alive="-1")
+    await engine.start()
+    try:
+        await engine.load("a")
+        alice = asyncio.create_task(_run(engine, _req("a", "alice", max_tokens=250)))
+        await _until(lambda: engine.stats("a").running == 1)
+        bob = asyncio.create_task(_run(engine, _req("b", "bob")))
+        await _until(lambda: engine.model_info("b").runtime is not None
+                     and engine.model_info("b").runtime.waiting_for_room)
+        assert engine.model_info("b").runtime.wire() == {"state": "loading", "waiting_for_room": True}
+        loading = {i.name: i.runtime.wire() for i in engine.loaded_models(include_loading=True)}
+        assert loading["b"]["waiting_for_room"] is True and "waiting_for_room" not in loading["a"]
+        alice.cancel()
+        await asyncio.gather(alice, return_exceptions=True)
+        await bob  # a went idle: b was loaded in its room
+        assert engine.is_loaded("b") and "b" not in engine._room_waits  # noqa: SLF001 - nothing left behind
+    finally:
         await engine.stop()

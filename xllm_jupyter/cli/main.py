@@ -123,6 +123,8 @@ def ps_command(settings: Settings) -> None:
 
 def _mode(info: dict[str, Any]) -> str:
     """How a loaded model runs ("continuous-batching cpu float32 batch≤16")."""
+    if info.get("state") == "loading":  # nothing else is known yet; a load may wait for models in use to go idle
+        return "loading, waiting for room" if info.get("waiting_for_room") else "loading"
     parts = [str(info.get("batch_mode") or info.get("mode") or "")] + [str(info[k]) for k in ("device", "dtype") if info.get(k)]
     if info.get("max_batch_size"):
         parts.append(f"batch≤{info['max_batch_size']}")

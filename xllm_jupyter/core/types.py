@@ -257,12 +257,15 @@ class ModelRuntime:
     last_used: int | None = None  # unix seconds
     in_use: int = 0  # requests holding the model now
     expires_at: int | None = None  # when keep_alive unloads it (None: never)
+    #: loading only: the load waits for models in use to go idle and free its memory (engine.load_wait_seconds)
+    waiting_for_room: bool = False
 
     def wire(self) -> dict[str, Any]:
         """The JSON facts (``/v1/models`` and ``/admin/models`` details)."""
         if self.state == "loading":
-            return {"state": "loading"}
+            return {"state": "loading", "waiting_for_room": self.waiting_for_room}
         facts = asdict(self)  # (the replicas' counters become dicts too)
+        del facts["waiting_for_room"]  # a loaded model waits for nothing
         facts["replicas"] = list(facts["replicas"])  # a JSON array, as before
         return facts
 

@@ -96,6 +96,7 @@ class Engine(AdapterMixin, ResidencyMixin, ViewsMixin):
         self._grace = c.idle_grace_seconds
         self._load_wait = c.load_wait_seconds  # how long a load waits for models in use to free room
         self._held: Counter[str] = Counter()  # models whose new requests wait behind a load needing their room
+        self._room_waits: set[str] = set()  # models whose load waits for models in use to free room
         self._default_keep_alive = parse_keep_alive(c.keep_alive, param="engine.keep_alive")
         self._replicas = parse_replicas(c.replicas)
         self._embed_expiry: dict[str, float | None] = {}

@@ -137,6 +137,10 @@ class FairQueue(Generic[Item]):
         self._queues.clear()
         self._size = 0
 
+    def counts(self) -> Counter[str]:
+        """Items waiting per user (users with nothing waiting are left out)."""
+        return Counter({user: len(queue) for user, queue in self._queues.items()})
+
     def waiting_users(self) -> list[str]:
         """Users with queued work, in round-robin order."""
         return list(self._queues)

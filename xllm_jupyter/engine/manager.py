@@ -161,6 +161,10 @@ class ReplicaSet:
             tokens=sum(p.tokens for p in parts),
         )
 
+    def user_counts(self) -> dict[str, tuple[int, int]]:
+        """``user -> (running, queued)`` sequences summed over the replicas."""
+        return sum_user_counts(r.user_counts() for r in self.runners)
+
     def replica_stats(self) -> list[EngineStats]:
         """Each replica's own counters."""
         return [r.stats() for r in self.runners]
@@ -173,6 +177,16 @@ class ReplicaSet:
     def wait_closed(self, timeout: float | None = None) -> bool:
         """Block until every replica's model is unloaded."""
         return all(r.wait_closed(timeout) for r in self.runners)
+
+
+def sum_user_counts(parts: Any) -> dict[str, tuple[int, int]]:
+    """Several ``user -> (running, queued)`` tables added up."""
+    out: dict[str, tuple[int, int]] = {}
+    for part in parts:
+        for user, (running, queued) in part.items():
+            had = out.get(user, (0, 0))
+            out[user] = (had[0] + running, had[1] + queued)
+    return out
 
 
 def runner_memory_bytes(runner: Any) -> int:
@@ -300,6 +314,7 @@ class ResidencyMixin:
     _default_keep_alive: float | None
     _load_wait: float
     _held: Counter[str]
+    _room_waits: set[str]
 
     def _idle(self, name: str, now: float) -> bool:
         """True when nothing uses ``name``: no jobs, no request in flight, not touched within the grace."""
@@ -353,6 +368,7 @@ class ResidencyMixin:
                             raise Overloaded(f"{exc.message} (waited {self._load_wait:g} s for them to finish)",
                                              code=exc.code) from None
                         raise
+                self._room_waits.add(name)  # shown while loading (``waiting_for_room``)
                 # new requests for the busy models wait behind this load (see _behind_swaps)
                 now = time.time()
                 for busy in [n for n, r in self._res.items() if r.device == device and n in self._runners
@@ -361,6 +377,7 @@ class ResidencyMixin:
                     self._held[busy] += 1
                 await asyncio.sleep(ROOM_POLL_SECONDS)
         finally:
+            self._room_waits.discard(name)
             for model in held:
                 self._held[model] -= 1
                 if self._held[model] <= 0:

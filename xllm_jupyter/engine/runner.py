@@ -16,6 +16,7 @@ import itertools
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -169,6 +170,14 @@ class ModelRunner:
             cancelled=c.cancelled,
             tokens=c.tokens,
         )
+
+    def user_counts(self) -> dict[str, tuple[int, int]]:
+        """``user -> (running, queued)`` sequences of this runner now ("" for anonymous requests)."""
+        with self._cond:
+            queued = self._waiting.counts()
+            # the step thread adds and removes jobs outside the lock; list() copies the dict in one C call
+            running = Counter(s.handle.request.user or "" for s in list(self._jobs.values()))
+        return {user: (running[user], queued[user]) for user in running.keys() | queued.keys()}
 
     def shutdown(self, timeout: float | None = 30.0, reason: XllmError | None = None) -> bool:
         """Stop the thread (waiting up to ``timeout`` s; None: until it ends), fail open requests, unload.

@@ -14,7 +14,7 @@ from typing import Any
 from ..core.errors import ModelNotFound
 from ..core.types import EngineStats, ModelInfo, ModelRuntime
 from ..store.names import canonical_name
-from .manager import Residency, replica_stats, runner_memory_bytes
+from .manager import Residency, replica_stats, runner_memory_bytes, sum_user_counts
 
 
 class ViewsMixin:
@@ -25,6 +25,7 @@ class ViewsMixin:
     _adapters: dict[str, str]
     _embeddings: Any
     _loading: dict[str, Any]
+    _room_waits: set[str]
     _created: int
     _retired_tokens: int
     catalog: Any
@@ -60,7 +61,8 @@ class ViewsMixin:
             return self._adapter_info(name, base)
         runner = self._runners.get(name)
         if runner is None:
-            loading = ModelRuntime(state="loading") if name in self._loading else None
+            loading = ModelRuntime(state="loading", waiting_for_room=name in self._room_waits) \
+                if name in self._loading else None
             return ModelInfo(name=name, created=self._created, loaded=False, runtime=loading)
         m = runner.model
         stats = runner.stats()
@@ -107,6 +109,10 @@ class ViewsMixin:
         raise ModelNotFound(name)
 
     # ------------------------------------------------------------------- stats
+    def user_counts(self) -> dict[str, tuple[int, int]]:
+        """``user -> (running, queued)`` sequences over every loaded model ("" for anonymous requests)."""
+        return sum_user_counts(r.user_counts() for r in list(self._runners.values()))
+
     def stats(self, name: str | None = None) -> EngineStats:
         """Counters for one model, or summed over all loaded models."""
         name = canonical_name(name) if name else name

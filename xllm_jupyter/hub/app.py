@@ -158,7 +158,7 @@ class HubPageHandler(_HubAuthFromSettings, HubOAuthenticated, RequestHandler):
         context: XllmContext = self.settings[CONTEXT_KEY]
         caller = caller_from_model(self.current_user, context.config)
         rows = context.usage.snapshot(caller.user)
-        used = rows[0] if rows else {"requests": 0, "total_tokens": 0, "tokens_today": 0}
+        used = rows[0] if rows else {"requests": 0, "total_tokens": 0, "tokens_today": 0, "running": 0, "queued": 0}
         conc, per_day = context.usage.limits(caller)
         base = self.request.protocol + "://" + self.request.host + self.hub_auth.base_url + "v1"
         e = html.escape
@@ -169,7 +169,8 @@ class HubPageHandler(_HubAuthFromSettings, HubOAuthenticated, RequestHandler):
             f"<p>OpenAI-compatible API: <code>{e(base)}</code>; use your JupyterHub token as the API key "
             "(in a notebook: <code>JUPYTERHUB_API_TOKEN</code>).</p>"
             f"<p>Your usage: {used['requests']} requests, {used['total_tokens']} tokens "
-            f"({used['tokens_today']} today). Limits: "
+            f"({used['tokens_today']} today). Sequences generating now: {used['running']}; waiting for a "
+            f"batch slot: {used['queued']}. Limits: "
             f"{conc or 'no limit on'} concurrent requests, {per_day or 'no limit on'} tokens per day.</p>"
             "</body></html>"
         )

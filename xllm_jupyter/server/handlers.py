@@ -44,6 +44,7 @@ class XllmContext:
         #: per-user quotas and usage (server/usage.py); generations are charged to their user.
         #: ``shared_usage`` (the hub service) keeps usage across restarts with ``usage_file: auto``
         self.usage = UsageTracker(config.quotas, self.metrics.registry, path=usage_path(config, shared=shared_usage))
+        self.usage.queues = getattr(engine, "user_counts", None)  # each user's running/queued sequences
         # counts tokens and loads, and charges each finished generation to its user
         self.serving.engine = self.metrics.observed(engine, self.usage.charge_generation)
         self.serving.share_prefix_cache = config.quotas.share_prefix_cache

@@ -28,6 +28,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client import Counter as PromCounter
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from ..core.config import QuotaConfig
 from ..core.errors import ConfigError, RateLimited
@@ -159,6 +161,9 @@ class UsageTracker:
         self.m_tokens = PromCounter("xllm_user_tokens", "Tokens used, by user and kind (prompt, completion).", ("user", "kind"), registry=r)
         self.m_rejected = PromCounter("xllm_user_rejected", "Requests refused over a user quota, by user and reason.", ("user", "reason"), registry=r)
         self.m_in_flight = Gauge("xllm_user_requests_in_flight", "Generation requests in flight, by user.", ("user",), registry=r)
+        #: ``user -> (running, queued)`` sequences in the engine now (``Engine.user_counts``; None: not known)
+        self.queues: Callable[[], dict[str, tuple[int, int]]] | None = None
+        r.register(_QueueCollector(self))
 
     # ----------------------------------------------------------------- limits
     def limits(self, caller: Caller) -> tuple[int, int]:
@@ -283,8 +288,33 @@ class UsageTracker:
             entry = self._users.get(user or "")
             return entry.in_flight if entry else 0
 
+    def queue_counts(self) -> dict[str, tuple[int, int]]:
+        """``user -> (running, queued)`` sequences in the engine now (empty when the engine cannot say)."""
+        if self.queues is None:
+            return {}
+        try:
+            return self.queues()
+        except Exception:  # an engine mid-shutdown: no figures rather than a failed page or scrape
+            return {}
+
+    def queue_labels(self) -> dict[str, tuple[int, int]]:
+        """``queue_counts`` by metrics label: every label seen so far (0 when idle), users past the cap as ``other``."""
+        counts = self.queue_counts()
+        with self._lock:
+            out = {label: (0, 0) for label in self._labels}
+            for user, (running, queued) in counts.items():
+                label = self._label(user or "anonymous")
+                had = out.get(label, (0, 0))
+                out[label] = (had[0] + running, had[1] + queued)
+        return out
+
     def snapshot(self, user: str | None = None) -> list[dict[str, Any]]:
-        """Per-user totals (one user's, if named), for ``/admin/usage`` and the hub page."""
+        """Per-user totals (one user's, if named), for ``/admin/usage`` and the hub page.
+
+        ``running`` and ``queued`` are the user's sequences in the engine now (n per request): what of
+        ``in_flight`` has a batch slot and what waits for one.
+        """
+        counts = self.queue_counts()
         with self._lock:
             today = _utc_day(self._clock())
             rows = []
@@ -296,6 +326,8 @@ class UsageTracker:
                     "groups": list(e.groups),
                     "requests": e.requests,
                     "in_flight": e.in_flight,
+                    "running": counts.get(name, (0, 0))[0],
+                    "queued": counts.get(name, (0, 0))[1],
                     "prompt_tokens": e.prompt_tokens,
                     "completion_tokens": e.completion_tokens,
                     "total_tokens": e.prompt_tokens + e.completion_tokens,
@@ -303,6 +335,29 @@ class UsageTracker:
                     "rejected": dict(e.rejected),
                 })
             return rows
+
+
+class _QueueCollector(Collector):
+    """``xllm_user_sequences_running`` / ``_queued``, read from the engine at scrape time."""
+
+    def __init__(self, tracker: UsageTracker):
+        self.tracker = tracker
+
+    def describe(self) -> Iterable[Any]:
+        """Nothing up front: the labels depend on who has been seen."""
+        return []
+
+    def collect(self) -> Iterable[Any]:
+        """Each user's sequences holding a batch slot, and those waiting for one."""
+        running = GaugeMetricFamily("xllm_user_sequences_running", "Sequences generating now (batch slots held), "
+                                    "by user.", labels=("user",))
+        queued = GaugeMetricFamily("xllm_user_sequences_queued", "Sequences waiting for a batch slot, by user.",
+                                   labels=("user",))
+        for label, (r, q) in sorted(self.tracker.queue_labels().items()):
+            running.add_metric([label], float(r))
+            queued.add_metric([label], float(q))
+        yield running
+        yield queued
 
 
 class AdminUsageMixin(RequestMixin):
