@@ -69,6 +69,8 @@ def test_malformed_json(raw):
         ({"max_completion_tokens": 5000}, "max_completion_tokens"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"stop": 7}, "stop"),
+        ({"stop": ["a", 7]}, "stop[1]"),  # the list branch of the union says what is wrong, not "a valid string"
+        ({"messages": [{"role": "user", "content": [5]}]}, "messages[0].content[0]"),
         ({"logit_bias": {"abc": 1}}, "logit_bias"),
         ({"logit_bias": {"5": 101}}, "logit_bias"),
         ({"logit_bias": {"99999999": 1}}, "logit_bias"),

@@ -178,6 +178,7 @@ def test_errors(client, raw):
     cases = [
         ({"model": TINY}, "input"),
         ({"model": TINY, "input": 5}, "input"),
+        ({"model": TINY, "input": ["hi"]}, "input[0]"),  # an item that is not an object (was "should be a valid string")
         ({"model": TINY, "input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
         ({"model": TINY, "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content[0].type"),
         ({"model": TINY, "input": "x", "max_output_tokens": 0}, "max_output_tokens"),

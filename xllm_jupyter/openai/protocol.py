@@ -272,7 +272,10 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
 
 def _validation_error(exc: ValidationError) -> InvalidRequest:
     """Turn pydantic's first error into an OpenAI-style InvalidRequest."""
-    err = exc.errors(include_url=False)[0]
+    errors = exc.errors(include_url=False)
+    # of a union's failed branches, the one that got furthest into the value says what is wrong (a list whose
+    # item is not an object, rather than "should be a valid string"); the first when none got further
+    err = max(errors, key=lambda e: sum(isinstance(part, int) for part in e.get("loc", ())))
     if err["type"] == "json_invalid":
         return InvalidRequest("We could not parse the JSON body of your request. The body must be valid JSON.", code="invalid_json")
     loc = tuple(err.get("loc", ()))
