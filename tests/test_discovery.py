@@ -195,3 +195,32 @@ def test_private_server_when_nothing_is_found(xllm_home, monkeypatch, caplog, ca
         discovery.stop_local()
     assert process.poll() is not None
     assert find_server({}) is None
+
+
+def test_private_server_sends_nothing_to_a_port_another_process_took(xllm_home, monkeypatch):
+    """Another local user binding the picked port before the child does must not receive the key or prompts."""
+    seen: list[str] = []
+
+    class Impostor(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # answers ready, as a fake xllm would
+            seen.append(str(self.headers.get("Authorization")))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    impostor = ThreadingHTTPServer(("127.0.0.1", 0), Impostor)
+    threading.Thread(target=impostor.serve_forever, daemon=True).start()
+    monkeypatch.setenv("XLLM_HOME", str(xllm_home))
+    monkeypatch.setenv("XLLM_ENGINE_DEFAULT_MODEL", "")
+    monkeypatch.setattr(discovery, "_free_port", lambda: impostor.server_address[1])
+    try:
+        with pytest.raises(XllmError, match="another process took port"):
+            locate()
+        assert seen == [] and discovery._local is None
+    finally:
+        impostor.shutdown()
+        impostor.server_close()
+        discovery.stop_local()

@@ -321,15 +321,60 @@ def _start_local(timeout: float = LOCAL_START_TIMEOUT, announce: Callable[[str],
         return server
 
 
+def _listeners(port: int) -> set[str] | None:
+    """Socket inodes listening on TCP ``port`` (any address, IPv4 or IPv6); None where /proc cannot say."""
+    found: set[str] = set()
+    try:
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(table, encoding="ascii") as f:
+                next(f, None)  # the header
+                for line in f:
+                    fields = line.split()
+                    # local_address is ADDR:PORT in hex; state 0A is LISTEN; the inode is field 9
+                    if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        found.add(fields[9])
+    except (OSError, ValueError):
+        return None
+    return found
+
+
+def _port_owned_by(pid: int, port: int) -> bool | None:
+    """Whether only process ``pid`` listens on ``port``: None while nobody does (or /proc cannot tell)."""
+    inodes = _listeners(port)
+    if not inodes:
+        return None
+    try:
+        held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    except OSError:
+        return None
+    return all(f"socket:[{inode}]" in held for inode in inodes)
+
+
 def _wait_ready(server: LocalServer, timeout: float) -> None:
-    """Poll ``/health/ready`` until 200; fail fast when the child exits."""
+    """Poll ``/health/ready`` until 200; fail fast when the child exits or another process holds its port.
+
+    The port was free when picked, but another local user could take it before the child binds it
+    and then receive our key and every prompt: where /proc shows who listens, nothing is sent to the
+    port until the child itself does.
+    """
     url = root_url(server.location.base_url) + "/health/ready"
+    port = urlsplit(url).port or 0
+    checked = not os.path.exists("/proc/net/tcp")  # elsewhere: no way to check, as before
     deadline = time.monotonic() + timeout
     with httpx.Client(headers=auth_headers(server.location.api_key), timeout=5.0) as http:
         while time.monotonic() < deadline:
             if server.process.poll() is not None:
                 tail = server.log_tail()
                 raise XllmError("the private xllm server did not start" + (f": {tail.splitlines()[-1]}" if tail else ""))
+            if not checked:
+                owned = _port_owned_by(server.process.pid, port)
+                if owned is False:
+                    raise XllmError(f"another process took port {port} before the private xllm server could listen "
+                                    "on it; nothing was sent to it (run the cell again)")
+                checked = owned is True
+                if not checked:
+                    time.sleep(0.2)
+                    continue
             try:
                 if http.get(url).status_code == 200:
                     return
