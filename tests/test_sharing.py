@@ -23,7 +23,7 @@ def _engine(tmp_path, quotas: QuotaConfig | None = None, step_delay: float = 0.0
     weights.write_bytes(b"\0" * SIZE)
     backend = FakeBackend(step_delay=step_delay, memory_bytes=SIZE)
     cfg = EngineConfig(**{"device": "cpu", "idle_grace_seconds": 0, **config})
-    return Engine(cfg, FakeCatalog(["a", "b"], path=weights), [backend], quotas=quotas), backend
+    return Engine(cfg, FakeCatalog(["a", "b", "c"], path=weights), [backend], quotas=quotas), backend
 
 
 def _req(model: str, user: str, max_tokens: int = 3, n: int = 1) -> GenerationRequest:
@@ -203,5 +203,33 @@ async def test_a_load_waiting_for_room_says_so_in_its_model_state(tmp_path):
         await asyncio.gather(alice, return_exceptions=True)
         await bob  # a went idle: b was loaded in its room
         assert engine.is_loaded("b") and "b" not in engine._room_waits  # noqa: SLF001 - nothing left behind
+    finally:
+        await engine.stop()
+
+
+async def test_two_loads_that_counted_the_same_idle_model_both_load_in_turn(tmp_path):
+    # bob's b and carol's c each need a's room (a GPU budget for one model). The test holds the GPU turn
+    # as a third load would, so both see a go idle and count it before either takes the turn; the
+    # second to get it finds a gone and b in its place. It waits for b's request to end instead of a 503
+    engine, backend = _engine(tmp_path, gpu_memory_budget_bytes=int(SIZE * 1.5), keep_alive="-1")
+    backend.memory_device = lambda spec: "cuda"
+    await engine.start()
+    try:
+        await engine.load("a")
+        alice = asyncio.create_task(_run(engine, _req("a", "alice", max_tokens=250)))
+        await _until(lambda: engine.stats("a").running == 1)
+        await engine._gpu_loads.acquire()  # noqa: SLF001 - another load's turn
+        try:
+            bob = asyncio.create_task(_run(engine, _req("b", "bob")))
+            carol = asyncio.create_task(_run(engine, _req("c", "carol")))
+            await _until(lambda: engine._room_waits == {"b", "c"})  # noqa: SLF001 - both wait for a
+            alice.cancel()
+            await asyncio.gather(alice, return_exceptions=True)
+            await _until(lambda: not engine._room_waits)  # noqa: SLF001 - both counted a, both wait for the turn
+        finally:
+            engine._gpu_loads.release()  # noqa: SLF001
+        await asyncio.gather(bob, carol)  # before: carol's load was a 503 insufficient_memory at once
+        first, second = sorted("bc", key=engine.is_loaded)  # whichever got the turn first made room for the other
+        assert backend.models["a"].unloaded and backend.models[first].unloaded and engine.is_loaded(second)
     finally:
         await engine.stop()

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from typing import Any, AsyncIterator, Protocol, Sequence
+from typing import Any, AsyncIterator, Callable, Protocol, Sequence
 
 from ..backends.base import Backend, BackendOptions, LoadedModel, ModelSpec, unload_each
 from ..backends.memory_estimate import disk_bytes
@@ -244,9 +244,7 @@ class Engine(AdapterMixin, ResidencyMixin, ViewsMixin):
         needed = count * await asyncio.to_thread(lambda: disk_bytes(spec.path) + backend.cache_bytes_estimate(spec))
         models: list[LoadedModel] = []
         gpus = gpu_indices(spec, backend) if device == "cuda" else None
-        await self._await_room(name, needed, device, gpus)  # models in use free room when their requests end
-        async with self._gpu_turn(device):
-            await self._make_room(name, needed, device, gpus)
+        async with self._room_turn(name, needed, device, gpus):
             # reserved until the model is recorded with its measured size (after the warm-up, which may
             # take minutes): a load meanwhile must not count this memory as free
             async with self._reserved(device, needed):
@@ -258,6 +256,30 @@ class Engine(AdapterMixin, ResidencyMixin, ViewsMixin):
                     raise
         async with self._reserved(device, needed):  # (no await between the two: never counted free)
             return await self._start_replicas(name, models, device, gpus)
+
+    @contextlib.asynccontextmanager
+    async def _room_turn(self, name: str, needed: int, device: str, gpus: tuple[int, ...] | None,
+                         settled: Callable[[], bool] | None = None) -> AsyncIterator[None]:
+        """Wait for room (``_await_room``), then hold the GPU turn with the room made (``_make_room``).
+
+        Two loads that waited at once can both have counted the same idle model as their room; the
+        one whose turn comes second finds it taken. It waits for room again, once, instead of a 503:
+        the first load's model frees it when its requests end. ``settled()`` true in the turn: no room
+        is made (the model was loaded meanwhile; the body sees that too).
+        """
+        for last in (False, True):
+            await self._await_room(name, needed, device, gpus)  # models in use free room when their requests end
+            async with self._gpu_turn(device):
+                if settled is None or not settled():
+                    try:
+                        await self._make_room(name, needed, device, gpus)
+                    except Overloaded as exc:
+                        if last or exc.code != "insufficient_memory" or self._load_wait <= 0:
+                            raise
+                        log.info("another load took the room %s waited for; waiting again", name)
+                        continue
+                yield
+                return
 
     def _gpu_turn(self, device: str) -> contextlib.AbstractAsyncContextManager:
         """One GPU load at a time, from its room check to its last weight: loads share the PCIe link and the
@@ -338,11 +360,12 @@ class Engine(AdapterMixin, ResidencyMixin, ViewsMixin):
             return await self._embeddings.load(spec)  # loaded, or joins the load under way: no room to make
         device = await asyncio.to_thread(device_kind, spec.options.device)
         needed = await asyncio.to_thread(disk_bytes, spec.path)
-        await self._await_room(spec.name, needed, device, gpu_indices(spec, None))
-        async with self._gpu_turn(device):
-            if spec.name in self._embeddings.slots or self._embeddings.is_loading(spec.name):
-                return await self._embeddings.load(spec)  # (loaded while this one waited for its turn)
-            await self._make_room(spec.name, needed, device, gpu_indices(spec, None))
+        def settled() -> bool:  # loaded (or loading) while this one waited for its turn: no room to make
+            return spec.name in self._embeddings.slots or self._embeddings.is_loading(spec.name)
+
+        async with self._room_turn(spec.name, needed, device, gpu_indices(spec, None), settled):
+            if settled():
+                return await self._embeddings.load(spec)
             async with self._reserved(device, needed):
                 return await self._embeddings.load(spec)
 
