@@ -92,6 +92,7 @@ def test_old_days_are_pruned_and_saves_are_throttled_off_the_caller(tmp_path):
     assert not file.exists()  # charging never writes: the saver thread does, every few seconds
     t.close()
     assert read_usage(file)["alice"]["tokens_today"] == 40
+    assert file.stat().st_mode & 0o077 == 0  # owner-only: it names every user, as /admin/usage does for admins
 
     now[0] += 86400  # the next UTC day: yesterday's count is pruned, totals are kept
     t2 = UsageTracker(QuotaConfig(tokens_per_day=100), clock=lambda: now[0], path=file)

@@ -66,7 +66,8 @@ def read_usage(path: Path) -> dict[str, dict[str, Any]]:
 def write_usage(path: Path, users: dict[str, dict[str, Any]]) -> None:
     """Replace ``path`` with ``users`` at once (readers see the old file or the new one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps({"version": VERSION, "users": users}, indent=1, sort_keys=True))
+    # owner-only: it names every user and their groups and usage (what /admin/usage keeps to admins)
+    atomic_write_text(path, json.dumps({"version": VERSION, "users": users}, indent=1, sort_keys=True), mode=0o600)
 
 
 class UsageSaver:

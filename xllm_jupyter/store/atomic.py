@@ -74,15 +74,18 @@ def fix_modes(root: Path) -> None:
                 os.chmod(p, mode)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so readers see the old file or the whole new one, never a part."""
+def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
+    """Write ``text`` to ``path`` so readers see the old file or the whole new one, never a part.
+
+    The file gets ``mode`` (default: the umask's, as any new file); ``0o600`` keeps it private.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             if hasattr(os, "fchmod"):  # mkstemp makes 0600 files; the manifest is meant to be shared
-                os.fchmod(f.fileno(), file_mode())
+                os.fchmod(f.fileno(), file_mode() if mode is None else mode)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
