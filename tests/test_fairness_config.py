@@ -123,6 +123,29 @@ def test_reserve_when_alone_is_read_from_yaml_and_env(tmp_path):
     assert FairnessPolicy.from_quotas(q) == FairnessPolicy(always=True)
 
 
+def test_the_hub_service_keeps_the_reserve_when_alone_unless_the_admin_says_otherwise(tmp_path, monkeypatch):
+    from xllm_jupyter.hub import service
+    from xllm_jupyter.hub.__main__ import main as hub_main
+
+    none = tmp_path / "none.yaml"
+    assert service.load_hub_config(none, env={}).quotas.reserve_when_alone is True  # a hub is shared
+    assert load_config(none, env={}).quotas.reserve_when_alone is False  # xllm serve, Jupyter: as before
+    path = tmp_path / "config.yaml"
+    path.write_text("quotas:\n  reserve_when_alone: false\n")
+    assert service.load_hub_config(path, env={}).quotas.reserve_when_alone is False  # the admin's word wins
+    assert service.load_hub_config(none, env={"XLLM_QUOTAS_RESERVE_WHEN_ALONE": "0"}).quotas.reserve_when_alone is False
+    seen = []
+
+    async def run(config, env=None):  # the service as `xllm hub-service` starts it, stopped before it listens
+        seen.append(config.quotas.reserve_when_alone)
+
+    monkeypatch.setattr(service, "run_hub_service", run)
+    monkeypatch.setattr("xllm_jupyter.server.logging_setup.setup_logging", lambda http: None)
+    monkeypatch.setenv("XLLM_CONFIG", str(none))
+    monkeypatch.delenv("XLLM_QUOTAS_RESERVE_WHEN_ALONE", raising=False)
+    assert hub_main([]) == 0 and seen == [True]
+
+
 async def _newcomer_first(quotas: QuotaConfig) -> bool:
     """Alice alone floods 8 long jobs; bob, never seen before, sends one short job: does he finish first?"""
     backend = FakeBackend(step_delay=0.002)

@@ -1,7 +1,8 @@
 """Frozen configuration objects, resolved once from config.yaml and ``XLLM_*`` variables.
 
 Precedence (highest first): explicit overrides passed by an edge (CLI flags,
-traitlets), environment variables, config.yaml, the defaults below. Every key of
+traitlets), environment variables, config.yaml, an edge's own defaults (the hub
+service's), the defaults below. Every key of
 every section can be set from the environment as ``XLLM_<SECTION>_<KEY>`` (e.g.
 ``XLLM_SERVER_PORT=9000``); a few common ones have short aliases (``XLLM_HOME``,
 ``XLLM_API_KEYS``, ``XLLM_MODEL``) that the full names override. Values are
@@ -334,14 +335,19 @@ def load_config(
     path: Path | None = None,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    defaults: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> XllmConfig:
-    """Resolve defaults < config.yaml < XLLM_* env < overrides into a frozen XllmConfig."""
+    """Resolve defaults < an edge's ``defaults`` < config.yaml < XLLM_* env < overrides into a frozen XllmConfig."""
     env = os.environ if env is None else env
     raw = read_yaml(path or config_path(env))
     unknown = set(raw) - set(_SECTIONS)
     if unknown:
         raise ConfigError(f"Unknown config section '{sorted(unknown)[0]}' (known: {', '.join(_SECTIONS)})")
     layered: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+    for section, values in (defaults or {}).items():  # what suits that edge (the hub service), unless set
+        if section not in _SECTIONS:
+            raise ConfigError(f"Unknown config section '{section}'")
+        layered[section].update(_section_values(section, values))
     for section in _SECTIONS:
         body = raw.get(section) or {}
         if not isinstance(body, dict):

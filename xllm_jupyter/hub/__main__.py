@@ -10,7 +10,6 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from ..core.config import load_config
 from ..core.errors import XllmError
 
 DESCRIPTION = (
@@ -30,10 +29,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Serve until the hub stops us; config from config.yaml and ``XLLM_*`` as for ``xllm serve``."""
     build_parser(prog).parse_args(argv)
     from ..server.logging_setup import setup_logging
-    from .service import run_hub_service
+    from .service import load_hub_config, run_hub_service
 
     try:
-        config = load_config()
+        config = load_hub_config()  # the hub's defaults (reserve_when_alone) under config.yaml and XLLM_*
         setup_logging(config.http)
         asyncio.run(run_hub_service(config))
     except XllmError as exc:

@@ -8,12 +8,13 @@ import os
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from tornado.httpserver import HTTPServer
 
-from ..core.config import XllmConfig
+from ..core.config import XllmConfig, load_config
 from ..core.errors import ConfigError
 from ..server.standalone import listen, shutdown_engine, stop_http_server
 from .app import make_hub_app, make_hub_auth, service_prefix
@@ -22,6 +23,16 @@ log = logging.getLogger("xllm_jupyter.hub")
 
 #: where a service listens when the hub gives no URL (an external service sets its own)
 DEFAULT_URL = "http://127.0.0.1:8910"
+#: the service's own defaults, under config.yaml and ``XLLM_*``: a hub is shared by definition, so the
+#: fairness reserve holds while one user is alone too (a user who arrives later never waits for the end
+#: of someone else's generation)
+HUB_DEFAULTS: Mapping[str, Mapping[str, Any]] = {"quotas": {"reserve_when_alone": True}}
+
+
+def load_hub_config(path: Path | None = None, env: Mapping[str, str] | None = None) -> XllmConfig:
+    """The service's config: ``load_config`` with ``HUB_DEFAULTS`` under config.yaml and the environment."""
+    return load_config(path, env, defaults=HUB_DEFAULTS)
+
 
 
 @dataclass
