@@ -233,3 +233,48 @@ async def test_two_loads_that_counted_the_same_idle_model_both_load_in_turn(tmp_
         assert backend.models["a"].unloaded and backend.models[first].unloaded and engine.is_loaded(second)
     finally:
         await engine.stop()
+
+
+# ------------------------------------------------------------------ the daily token quota
+async def test_concurrent_requests_near_the_daily_quota_are_refused_instead_of_passing_it(tmp_path):
+    import dataclasses
+
+    from xllm_jupyter.core.errors import RateLimited
+    from xllm_jupyter.server.handlers import XllmContext
+    from xllm_jupyter.server.usage import Caller
+
+    engine, _ = _engine(tmp_path, QuotaConfig(reserved_slots=0), step_delay=0.05)
+    await engine.start()
+    config = load_config(tmp_path / "none.yaml", env={"XLLM_HOME": str(tmp_path)})
+    config = dataclasses.replace(config, quotas=QuotaConfig(tokens_per_day=100, usage_file="off"))
+    context = XllmContext(engine, config)
+    observed = context.serving.engine  # the engine as the serving layer calls it: held, charged
+
+    async def run(request: GenerationRequest) -> None:
+        async for _ in observed.generate(request):
+            pass
+
+    try:
+        for user in ("alice", "bob"):
+            context.usage.release(context.usage.admit(Caller(user)))
+        await engine.load("a")
+        first = asyncio.create_task(run(_req("a", "alice", 60)))  # may use 2 + 60 of alice's 100
+        await _until(lambda: engine.stats("a").running == 1)
+        with pytest.raises(RateLimited) as refused:  # 62 + 62 could pass 100: refused, not overshot
+            await run(_req("a", "alice", 60))
+        assert refused.value.retry_after == 1 and "held by this user's requests running now" in refused.value.message
+        with pytest.raises(RateLimited):
+            await run(_req("a", "alice", 30, n=2))  # n counts: 2 + 2 x 30
+        row = context.usage.snapshot("alice")[0]
+        assert row["tokens_reserved"] == 62 and row["tokens_today"] == 0 and row["rejected"] == {"tokens_per_day": 2}
+        await run(_req("a", "alice", 30))  # 62 + 32 fits
+        await run(_req("a", "bob", 5))  # another user's quota is their own
+        await first
+        row = context.usage.snapshot("alice")[0]
+        assert row["tokens_reserved"] == 0 and row["tokens_today"] == 94  # settled to what was used
+        await run(_req("a", "alice", 10))  # alone, it runs and may cross the quota (94 + 12), as a sequential one does
+        with pytest.raises(RateLimited, match="Daily token quota reached"):
+            context.usage.admit(Caller("alice"))
+    finally:
+        await engine.stop()
+        context.close()

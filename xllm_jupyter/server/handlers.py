@@ -46,7 +46,7 @@ class XllmContext:
         self.usage = UsageTracker(config.quotas, self.metrics.registry, path=usage_path(config, shared=shared_usage))
         self.usage.queues = getattr(engine, "user_counts", None)  # each user's running/queued sequences
         # counts tokens and loads, and charges each finished generation to its user
-        self.serving.engine = self.metrics.observed(engine, self.usage.charge_generation)
+        self.serving.engine = self.metrics.observed(engine, self.usage.charge_generation, hold=self.usage.hold_generation)
         self.serving.share_prefix_cache = config.quotas.share_prefix_cache
         self.responses = ResponsesServing(self.serving)
         #: the standalone server's per-key Limiter (server/limits.py); None in Jupyter

@@ -132,13 +132,16 @@ class ServerMetrics:
             self._known = now
         return infos
 
-    def observed(self, engine: Any, *on_done: Callable[[Any, Usage], None]) -> "ObservedEngine":
+    def observed(self, engine: Any, *on_done: Callable[[Any, Usage], None],
+                 hold: Callable[[Any], Callable[[], None]] | None = None) -> "ObservedEngine":
         """``engine`` with token counts and load/unload tracking added (for the serving layer).
 
         ``on_done(request, usage)`` callbacks also see each generation's final usage (per-user
         accounting), so the token stream passes through one wrapper, not one per observer.
+        ``hold(request)`` runs before each generation (it may refuse it by raising) and returns
+        what to call when it ends (the daily quota's reservation).
         """
-        return ObservedEngine(engine, self, on_done)
+        return ObservedEngine(engine, self, on_done, hold)
 
     def exposition(self) -> bytes:
         """The text exposition of every metric."""
@@ -185,10 +188,12 @@ class _EngineCollector(Collector):
 class ObservedEngine:
     """The engine as the serving layer sees it: generations and loads are also counted."""
 
-    def __init__(self, engine: Any, metrics: ServerMetrics, on_done: tuple[Callable[[Any, Usage], None], ...] = ()):
+    def __init__(self, engine: Any, metrics: ServerMetrics, on_done: tuple[Callable[[Any, Usage], None], ...] = (),
+                 hold: Callable[[Any], Callable[[], None]] | None = None):
         self._engine = engine
         self._metrics = metrics
         self._on_done = on_done
+        self._hold = hold
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
@@ -201,6 +206,7 @@ class ObservedEngine:
         it delivered, so leaving a stream just before its end does not make it free.
         """
         delivered = 0
+        release = self._hold(request) if self._hold is not None else None
         try:
             async with aclosing(self._engine.generate(request)) as events:
                 async for ev in events:
@@ -214,6 +220,9 @@ class ObservedEngine:
             if delivered > 0:
                 self._charge(request, Usage(len(request.prompt_ids), delivered), finished=False)
             raise
+        finally:
+            if release is not None:
+                release()  # after the charge: the tokens count as used, never as free, in between
 
     def _charge(self, request: Any, usage: Usage, finished: bool = True) -> None:
         """Count ``usage`` in the metrics and hand it to every ``on_done`` callback."""

@@ -5,7 +5,9 @@ token, the Jupyter user, or the API key id on ``xllm serve``. Every generation r
 is admitted here (``quotas.max_concurrent`` in flight, ``quotas.tokens_per_day``
 per UTC day; per-user and per-group overrides), and every finished generation is
 charged to its user by ``UsageTracker.charge_generation``, which the metrics wrapper of the
-engine (``ServerMetrics.observed``) calls with each generation's final usage.
+engine (``ServerMetrics.observed``) calls with each generation's final usage. While a
+generation runs, the most it can use is held against the daily quota
+(``UsageTracker.hold_generation``), so concurrent requests cannot pass it together.
 
 Prometheus labels carry user names, so their number is capped
 (``quotas.metrics_max_users``): users past the cap share the label ``other``.
@@ -100,6 +102,7 @@ class _UserUsage:
     completion_tokens: int = 0
     day: str = ""
     tokens_today: int = 0
+    reserved: int = 0  # tokens held by generations running now (prompt + n x max_tokens each): not saved
     groups: tuple[str, ...] = ()  # as of the last request (group quotas apply through them)
     rejected: Counter[str] = field(default_factory=Counter)
 
@@ -236,6 +239,39 @@ class UsageTracker:
             label = self._label(user or "anonymous")
         self.m_in_flight.labels(label).dec()
 
+    def hold_generation(self, request: Any) -> Callable[[], None]:
+        """Hold the most a generation can use of its user's daily quota while it runs; returns the release.
+
+        Its prompt plus ``n x max_tokens`` (the serving layer's bound when the request set none:
+        what fits the context, capped by ``server.max_tokens_limit``) counts as used until it ends
+        and is charged what it really used. RateLimited (429) when the user has other generations
+        running and this one could take the tokens used today past the quota: concurrent requests
+        are refused instead of overshooting. One alone always runs, as sequential requests do.
+        """
+        user = request.user or ""
+        tokens = len(request.prompt_ids) + request.params.n * request.params.max_tokens
+        with self._lock:
+            entry = self._entry(user)
+            per_day = self.limits(Caller(user or None, entry.groups))[1]
+            if not per_day:
+                return _nothing
+            if entry.reserved and entry.tokens_today + entry.reserved + tokens > per_day:
+                self._reject(entry, self._label(user or "anonymous"), "tokens_per_day")
+                raise RateLimited(
+                    f"Daily token quota: {entry.tokens_today} of {per_day} tokens used today and {entry.reserved} "
+                    f"held by this user's requests running now; this one could use {tokens} (prompt + n x max_tokens). "
+                    "Retry when one finishes, or ask for fewer max_tokens.",
+                    retry_after=1,
+                )
+            entry.reserved += tokens
+
+        def release() -> None:
+            with self._lock:
+                held = self._entry(user)
+                held.reserved = max(0, held.reserved - tokens)
+
+        return release
+
     def _reject(self, entry: _UserUsage, label: str, reason: str) -> None:
         entry.rejected[reason] += 1
         self._changed()
@@ -270,7 +306,7 @@ class UsageTracker:
             out = {}
             for name, e in self._users.items():
                 rec = asdict(e)
-                del rec["in_flight"]
+                del rec["in_flight"], rec["reserved"]
                 if e.day != today:  # an old day's count is of no use after midnight: prune it
                     rec["day"], rec["tokens_today"] = "", 0
                 rec["groups"], rec["rejected"] = list(e.groups), dict(e.rejected)
@@ -332,9 +368,14 @@ class UsageTracker:
                     "completion_tokens": e.completion_tokens,
                     "total_tokens": e.prompt_tokens + e.completion_tokens,
                     "tokens_today": e.tokens_today if e.day == today else 0,
+                    "tokens_reserved": e.reserved,
                     "rejected": dict(e.rejected),
                 })
             return rows
+
+
+def _nothing() -> None:
+    """The release of a generation that held nothing."""
 
 
 class _QueueCollector(Collector):
