@@ -374,3 +374,15 @@ def test_a_schema_past_the_grammar_engines_limits_is_a_400_not_a_500(client):
     with pytest.raises(openai.BadRequestError) as again:  # the same grammar again: refused again, not a 200 with ''
         client.chat.completions.create(model=TINY, messages=MSG, max_tokens=8, response_format=bomb)
     assert again.value.code == "constraint_failed"
+
+
+def test_a_grammar_failing_past_the_dry_run_is_refused_on_a_repeat_not_answered_empty(client):
+    """80 forced digits take the dry run's steps, so the lexer limit is hit mid-generation (a 400). Copies share
+    the lexer: a repeat used to stop at once and answer 200 with '' (not JSON, yet finish_reason 'stop')."""
+    schema = {"type": "object", "properties": {"a": {"type": "string", "pattern": "^[0-9]{80}$"},
+                                               "b": {"type": "string", "pattern": "^(a{700}){700}$"}},
+              "required": ["a", "b"], "additionalProperties": False}
+    for _ in range(2):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=TINY, messages=MSG, max_tokens=150, response_format=json_schema_format(schema))
+        assert info.value.code == "constraint_failed" and info.value.param == "response_format"

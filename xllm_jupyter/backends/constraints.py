@@ -71,6 +71,13 @@ def _first_line(message: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _rejection(constraint: Constraint, error: str) -> str:
+    """The 400 message for a grammar past the grammar engine's limits."""
+    error = error.replace("<non-verbose/>", "")  # llguidance's placeholder for the state it leaves out
+    return (f"The {constraint.kind} constraint is too complex to enforce ({_first_line(error, 200)}); "
+            "simplify its patterns or alternatives")
+
+
 def _dry_run(matcher: Any, steps: int = DRY_RUN_STEPS) -> str | None:
     """The error a few steps of ``matcher`` (on copies) run into, or None.
 
@@ -93,7 +100,7 @@ def _dry_run(matcher: Any, steps: int = DRY_RUN_STEPS) -> str | None:
     fresh.compute_bitmask()
     for m in (probe, fresh):
         if m.is_error():
-            return m.get_error().replace("<non-verbose/>", "")
+            return m.get_error()
     return None
 
 
@@ -149,7 +156,13 @@ class GrammarCompiler:
         if isinstance(hit, str):  # refused before: refused again at once, without the lexer's work
             raise InvalidRequest(hit, param=param, code="constraint_failed")
         if hit is not None:
-            return hit
+            # copies share the lexer: one that hit a limit mid-generation leaves it failing at once,
+            # which a job took for a finished (empty) output; refuse the grammar from now on instead
+            fresh = hit.deep_copy()
+            fresh.compute_bitmask()
+            if not fresh.is_error():
+                return hit
+            self._refuse(key, _rejection(constraint, fresh.get_error()), param)
         # compiled outside the lock: a large grammar must not stall the step thread's lookups;
         # two threads racing on one new grammar just compile it twice
         from llguidance import LLParserLimits
@@ -159,18 +172,23 @@ class GrammarCompiler:
         if matcher.is_error():
             raise InvalidRequest(f"Invalid {constraint.kind} constraint: {_first_line(matcher.get_error())}",
                                  param=param)
-        rejected = _dry_run(matcher)
-        if rejected is not None:
-            rejected = (f"The {constraint.kind} constraint is too complex to enforce "
-                        f"({_first_line(rejected, 200)}); simplify its patterns or alternatives")
+        error = _dry_run(matcher)
+        if error is not None:
+            self._refuse(key, _rejection(constraint, error), param)
+        self._remember(key, matcher)
+        return matcher
+
+    def _remember(self, key: tuple[str, str], value: Any) -> None:
         with self._lock:
-            self._cache[key] = rejected or matcher
+            self._cache[key] = value
             self._cache.move_to_end(key)
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        if rejected is not None:
-            raise InvalidRequest(rejected, param=param, code="constraint_failed")
-        return matcher
+
+    def _refuse(self, key: tuple[str, str], message: str, param: str) -> None:
+        """Cache ``message`` as the grammar's answer from now on, and raise it (400)."""
+        self._remember(key, message)
+        raise InvalidRequest(message, param=param, code="constraint_failed")
 
     def new_matcher(self, constraint: Constraint, *, param: str = "response_format") -> Any:
         """A fresh matcher for one job: a copy of the cached compiled one."""
