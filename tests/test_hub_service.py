@@ -434,6 +434,7 @@ def test_a_browser_logs_in_through_hub_oauth_and_sees_its_page(hub):
                 r = browser.get(url)
         assert r.status_code == 200, (r.status_code, r.text[:300])
         assert "Signed in as <b>bob</b>" in r.text
+        assert "Sequences generating now: 0; waiting for a batch slot: 0" in r.text  # bob's own, nobody else's
 
 
 @pytest.mark.parametrize("problem", ["busy port", "not http", "bad port"])
