@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import select
 import socket
 import time
 from pathlib import Path
@@ -88,6 +89,47 @@ def test_preflight_allowed_origin(http):
     assert "Origin" in r.headers.get_list("Vary")
 
 
+def test_preflight_grants_the_openai_sdks_own_headers(http):
+    # the openai JS SDK sends x-stainless-* headers with every request: a preflight that left
+    # them out made the browser refuse every SDK call
+    asked = "authorization,content-type,x-stainless-os,x-stainless-retry-count,openai-beta"
+    r = http.options("/v1/chat/completions", headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+                                                       "Access-Control-Request-Headers": asked})
+    assert r.status_code == 204
+    allowed = {h.strip().lower() for h in r.headers["Access-Control-Allow-Headers"].split(",")}
+    assert set(asked.split(",")) <= allowed
+    varies = {v.strip().lower() for line in r.headers.get_list("Vary") for v in line.split(",")}
+    assert "access-control-request-headers" in varies
+    # a malformed name is not echoed back: the base list only
+    r = http.options("/v1/chat/completions", headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+                                                       "Access-Control-Request-Headers": "x-ok, bad header"})
+    allowed = {h.strip().lower() for h in r.headers["Access-Control-Allow-Headers"].split(",")}
+    assert allowed == {"authorization", "content-type", "x-request-id"}
+
+
+def test_a_preflight_keeps_the_connection_for_the_request_after_it(edge_server):
+    # answered before its (empty) body was read, a preflight made Tornado close the connection,
+    # and the browser's request right after it met a reset connection now and then
+    import http.client
+    from urllib.parse import urlsplit
+
+    url = urlsplit(edge_server.root)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    try:
+        conn.request("OPTIONS", "/v1/models", headers={"Origin": ORIGIN, "Access-Control-Request-Method": "GET"})
+        first = conn.getresponse()
+        first.read()
+        assert first.status == 204 and first.getheader("Connection", "").lower() != "close"
+        # the old server closed its end right after the 204: the socket turned readable with EOF
+        readable, _, _ = select.select([conn.sock], [], [], 0.5)
+        assert not readable or conn.sock.recv(1, socket.MSG_PEEK) != b"", "the server closed the connection"
+        conn.request("GET", "/v1/models", headers={"Origin": ORIGIN, "Authorization": f"Bearer {edge_server.api_key}"})
+        second = conn.getresponse()
+        assert second.status == 200 and json.loads(second.read())["data"]
+    finally:
+        conn.close()
+
+
 @pytest.mark.parametrize("origin", ["https://evil.example.com", ORIGIN + ".evil.net", "https://app.example.co", "http://app.example.com"])
 def test_preflight_denied_origin_exact_match(http, origin):
     r = http.options("/v1/chat/completions", headers={"Origin": origin, "Access-Control-Request-Method": "POST"})
@@ -101,6 +143,9 @@ def test_cors_headers_on_actual_request(http):
     assert r.status_code == 200
     assert r.headers["Access-Control-Allow-Origin"] == ORIGIN
     assert "Origin" in r.headers.get_list("Vary")
+    # a browser client may read the retry advice, not only the request id
+    exposed = {h.strip().lower() for h in r.headers["Access-Control-Expose-Headers"].split(",")}
+    assert {"x-request-id", "retry-after", "x-should-retry"} <= exposed
     r = http.get("/v1/models", headers={"Origin": ORIGIN + ".evil.net"})
     assert "Access-Control-Allow-Origin" not in r.headers
 

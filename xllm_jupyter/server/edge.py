@@ -31,7 +31,27 @@ REQUEST_ID_HEADER = "X-Request-ID"
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
 _ALLOW_HEADERS = "Authorization, Content-Type, X-Request-ID"
+#: response headers a browser client may read: the request id and the retry advice
+_EXPOSE_HEADERS = "X-Request-ID, Retry-After, x-should-retry"
+_HEADER_NAME = re.compile(r"[A-Za-z0-9-]{1,64}")
+#: at most this many requested header names are granted (a preflight asking for more gets the base list)
+_MAX_REQUESTED_HEADERS = 32
 _WILDCARD_BINDS = ("", "0.0.0.0", "::")
+
+
+def allowed_headers(requested: str | None) -> str:
+    """The preflight's ``Access-Control-Allow-Headers``: the base list plus the header names asked for.
+
+    The origin is already trusted, and OpenAI's SDKs send their own headers (``x-stainless-*``,
+    ``OpenAI-Organization``, ``OpenAI-Beta``) with every request: a fixed list made browsers
+    refuse every SDK call. Only well-formed names are echoed, so nothing odd is reflected.
+    """
+    names = [n.strip() for n in (requested or "").split(",") if n.strip()]
+    if not names or len(names) > _MAX_REQUESTED_HEADERS or not all(_HEADER_NAME.fullmatch(n) for n in names):
+        return _ALLOW_HEADERS
+    base = {h.strip().lower() for h in _ALLOW_HEADERS.split(",")}
+    extra = list(dict.fromkeys(n.lower() for n in names if n.lower() not in base))
+    return ", ".join([_ALLOW_HEADERS, *extra])
 
 
 def request_id_for(header: str | None) -> str:
@@ -118,13 +138,23 @@ class PreflightHandler(_EdgeHandler):
     """CORS preflight (``OPTIONS``): 204 with the allowed methods/headers, 403 for other origins."""
 
     def prepare(self) -> None:
-        """Answer at once; a preflight never needs the API key."""
+        """Refuse a foreign origin before reading any body; a preflight never needs the API key."""
         policy: EdgePolicy = self.settings[POLICY_KEY]
         if self.request.method != "OPTIONS" or not policy.origin_allowed(self.request.headers.get("Origin")):
             raise PermissionDenied("This origin is not allowed to call this server (CORS).")
+
+    def options(self, *args: Any) -> None:
+        """204 with what the origin may send.
+
+        Answered here, after the (empty) body, not in ``prepare``: a response finished before the
+        body was read makes Tornado close the connection, and the browser's request right after
+        the preflight then met a reset connection.
+        """
         self.set_status(204)
         self.set_header("Access-Control-Allow-Methods", _ALLOW_METHODS)
-        self.set_header("Access-Control-Allow-Headers", _ALLOW_HEADERS)
+        self.set_header("Access-Control-Allow-Headers", allowed_headers(self.request.headers.get("Access-Control-Request-Headers")))
+        # the answer depends on the headers asked for: caches must not reuse it for other requests
+        self.add_header("Vary", "Access-Control-Request-Headers")
         self.set_header("Access-Control-Max-Age", "600")
         self.finish()
 
@@ -151,7 +181,7 @@ class EdgeHeaders(OutputTransform):
                 headers.add("Vary", "Origin")
             if policy.origin_allowed(origin):
                 headers["Access-Control-Allow-Origin"] = "*" if policy.cors_any else origin  # type: ignore[assignment]
-                headers["Access-Control-Expose-Headers"] = REQUEST_ID_HEADER
+                headers["Access-Control-Expose-Headers"] = _EXPOSE_HEADERS
         return status_code, headers, chunk
 
 
