@@ -73,7 +73,9 @@ def caller_from_model(model: Mapping[str, Any], config: XllmConfig) -> Caller:
     """The Caller a hub user (or service) model describes; admins per ``hub.admin_users/admin_groups``."""
     name = str(model.get("name") or "")
     if model.get("kind") == "service":
-        name = "service:" + name  # never the same key as a user of that name
+        # never the key of a user: hub user names may hold ':' (a user "service:x" had service x's
+        # quota and stored responses), never '/'
+        name = "service/" + name
     groups = tuple(str(g) for g in model.get("groups") or ())
     hub = config.hub
     admin = name in hub.admin_users or bool(set(groups) & set(hub.admin_groups))
