@@ -199,6 +199,13 @@ async def test_a_load_waiting_for_room_says_so_in_its_model_state(tmp_path):
         assert engine.model_info("b").runtime.wire() == {"state": "loading", "waiting_for_room": True}
         loading = {i.name: i.runtime.wire() for i in engine.loaded_models(include_loading=True)}
         assert loading["b"]["waiting_for_room"] is True and "waiting_for_room" not in loading["a"]
+        from xllm_jupyter.server.handlers import XllmContext
+        from xllm_jupyter.server.stats import sampler_for
+
+        context = XllmContext(engine, load_config(tmp_path / "none.yaml", env={"XLLM_HOME": str(tmp_path)}))
+        panel = {m["id"]: m for m in sampler_for(context).snapshot()["models"]}  # /admin/stats, the lab panel's
+        assert (panel["b"]["state"], panel["b"]["waiting_for_room"], panel["a"]["waiting_for_room"]) == \
+            ("loading", True, False)
         alice.cancel()
         await asyncio.gather(alice, return_exceptions=True)
         await bob  # a went idle: b was loaded in its room

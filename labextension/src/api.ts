@@ -24,6 +24,8 @@ export interface DeviceMemory {
 export interface StatsModel {
   id: string;
   state: 'loaded' | 'loading' | string;
+  /** a loading model whose load waits for models in use to free memory (absent from older servers) */
+  waiting_for_room?: boolean;
   backend: string | null;
   device: string;
   memory_bytes: number;

@@ -296,7 +296,9 @@ export class XllmPanel extends Panel {
         : row.state === 'available'
           ? 'not loaded'
           : row.state === 'loading'
-            ? 'loading…'
+            ? row.waitingForRoom
+              ? 'waiting for room…'
+              : 'loading…'
             : `${row.device ?? ''} · ${formatBytes(row.memoryBytes)}${row.busy ? ` · ${row.busy} busy` : ''}`;
     facts.title = facts.textContent + (row.chat ? '' : ' (not a chat model)');
     const label = loaded ? 'Unload' : 'Load';

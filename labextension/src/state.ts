@@ -35,6 +35,8 @@ export interface ModelRow {
   id: string;
   /** 'loaded', 'loading' or 'available' (in the store, not in memory) */
   state: string;
+  /** loading, but waiting for models in use to free the memory it needs */
+  waitingForRoom: boolean;
   memoryBytes: number;
   device: string | null;
   busy: number;
@@ -47,6 +49,7 @@ export function modelRows(stats: Stats | null, available: string[], noChat: Read
   const rows: ModelRow[] = (stats?.models ?? []).map(m => ({
     id: m.id,
     state: m.state,
+    waitingForRoom: m.waiting_for_room === true,
     memoryBytes: m.memory_bytes,
     device: m.device,
     busy: m.running + m.queued,
@@ -55,7 +58,7 @@ export function modelRows(stats: Stats | null, available: string[], noChat: Read
   const seen = new Set(rows.map(r => r.id));
   const rest = available.filter(id => !seen.has(id)).sort();
   for (const id of rest) {
-    rows.push({ id, state: 'available', memoryBytes: 0, device: null, busy: 0, chat: !noChat.has(id) });
+    rows.push({ id, state: 'available', waitingForRoom: false, memoryBytes: 0, device: null, busy: 0, chat: !noChat.has(id) });
   }
   return rows;
 }

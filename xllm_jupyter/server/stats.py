@@ -116,6 +116,7 @@ class StatsSampler:
             models.append({
                 "id": info.name,
                 "state": r.state,
+                "waiting_for_room": r.waiting_for_room,  # loading, but models in use hold the memory it needs
                 "backend": info.backend,
                 "device": _device(info.details),
                 "memory_bytes": r.memory_bytes,

@@ -25,6 +25,11 @@ describe('modelRows', () => {
     expect(rows[0].busy).toBe(3);
   });
 
+  it('says when a load waits for models in use to free memory', () => {
+    const rows = modelRows(stats([model('b', { state: 'loading', waiting_for_room: true }), model('c', { state: 'loading' })]), []);
+    expect(rows.map(r => [r.id, r.waitingForRoom])).toEqual([['b', true], ['c', false]]);
+  });
+
   it('marks the models the chat cannot use', () => {
     const rows = modelRows(stats([model('emb')]), ['tiny', 'emb'], new Set(['emb']));
     expect(rows.map(r => [r.id, r.chat])).toEqual([['emb', false], ['tiny', true]]);
