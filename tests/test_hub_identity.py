@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("jupyterhub")
 
-from xllm_jupyter.core.config import XllmConfig  # noqa: E402
+from xllm_jupyter.core.config import XllmConfig, load_config  # noqa: E402
 from xllm_jupyter.hub.app import caller_from_model  # noqa: E402
 
 
@@ -17,3 +17,32 @@ def test_no_hub_user_name_is_a_services_identity():
     impostor = caller_from_model({"kind": "user", "name": "service:grader", "groups": []}, config)
     assert service.user == "service/grader" and impostor.user == "service:grader"
     assert service.user != impostor.user and not service.admin and not impostor.admin
+
+
+async def test_a_token_in_the_query_string_never_reaches_the_log(tmp_path, caplog):
+    """Tornado's default access line logs the URI with its query: a client's ?token= (a hub token) went to the log."""
+    import logging
+
+    import tornado.httpclient
+    import tornado.httpserver
+    import tornado.testing
+
+    from xllm_jupyter.engine.engine import Engine
+    from xllm_jupyter.hub.app import make_hub_app, make_hub_auth
+
+    config = load_config(env={}, overrides={"store": {"home": str(tmp_path)}, "quotas": {"usage_file": "off"}})
+    env = {"JUPYTERHUB_API_TOKEN": "service-token", "JUPYTERHUB_API_URL": "http://127.0.0.1:9/hub/api"}
+    app = make_hub_app(config, Engine(config.engine), make_hub_auth(env))
+    sock, port = tornado.testing.bind_unused_port()
+    server = tornado.httpserver.HTTPServer(app)
+    server.add_sockets([sock])
+    caplog.set_level(logging.DEBUG)
+    secret = "hub-token-in-a-url-0123456789"
+    try:
+        response = await tornado.httpclient.AsyncHTTPClient().fetch(
+            f"http://127.0.0.1:{port}/services/xllm/v1/models?token={secret}", raise_error=False)
+    finally:
+        server.stop()
+    assert response.code in (401, 503)  # no hub at that address: refused either way
+    assert any("/services/xllm/v1/models" in r.getMessage() for r in caplog.records)  # the access line was written
+    assert not [r for r in caplog.records if secret in r.getMessage()]

@@ -29,6 +29,7 @@ from tornado.web import HTTPError, RequestHandler
 
 from ..core.config import XllmConfig
 from ..core.errors import AuthenticationError, Overloaded, PermissionDenied
+from ..server.edge import log_access
 from ..server.handlers import CONTEXT_KEY, NotFoundMixin, VerbDispatchMixin, XllmContext
 from ..server.routes import build_routes, handler_class
 from ..server.usage import Caller
@@ -187,6 +188,8 @@ def make_hub_app(config: XllmConfig, engine: Any, hub_auth: HubOAuth, *, cookie_
         HUB_AUTH_KEY: hub_auth,
         "cookie_secret": cookie_secret or secrets.token_bytes(32),  # signs the OAuth state cookie
         "default_handler_class": handler_class(NotFoundMixin, HubXllmHandler),
+        # path, never the query: Tornado's own line logs the URI, and a client's ?token= is a hub token
+        "log_function": log_access,
     }
     routes: list[Any] = [
         (prefix + "/oauth_callback", OAuthCallbackHandler),
