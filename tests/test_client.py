@@ -105,6 +105,8 @@ def test_pull_streams_progress_then_the_manifest(client, tiny_llama_dir, xllm_ho
         assert result["status"] == "success" and result["id"] == "tiny-pulled" and result["size"] > 0
         assert progress and all(e["status"] != "success" and "completed" in e for e in progress), progress
         assert result["digest"] and client.manifest("tiny-pulled")["digest"] == result["digest"]
+        # a local source is named, never its path on the server
+        assert result["source"] == client.manifest("tiny-pulled")["source"] == "local:" + tiny_llama_dir.resolve().name
         assert "tiny-pulled" in [m["id"] for m in client.models()]
     finally:
         with contextlib.suppress(ModelNotFound):

@@ -15,6 +15,7 @@ import json
 import threading
 import time
 from collections.abc import AsyncIterator
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
 from .. import __version__
@@ -36,6 +37,15 @@ def _store(context: Any) -> Any:
     return store
 
 
+def public_source(source: str) -> str:
+    """A manifest's source as clients see it: a local path as ``local:<its last part>``, anything else as is."""
+    # the server's file system stays private, as the store's own directory does
+    text = str(source)
+    if text.startswith(("/", "\\")) or PureWindowsPath(text).drive:
+        return "local:" + (PurePosixPath(text).name if text.startswith("/") else PureWindowsPath(text).name)
+    return text
+
+
 def manifest_summary(manifest: Any) -> dict[str, Any]:
     """The public facts of a stored model (no paths)."""
     return {
@@ -44,7 +54,7 @@ def manifest_summary(manifest: Any) -> dict[str, Any]:
         "digest": manifest.digest,
         "format": manifest.format,
         "size": manifest.size,
-        "source": str(manifest.source),
+        "source": public_source(manifest.source),
         "created": getattr(manifest, "created", None),
         "server_version": __version__,
     }
@@ -144,4 +154,4 @@ class AdminManifestMixin(RequestMixin):
         self.write_json(manifest_summary(manifest))
 
 
-__all__ = ["AdminManifestMixin", "AdminPullMixin", "manifest_summary", "pull_events"]
+__all__ = ["AdminManifestMixin", "AdminPullMixin", "manifest_summary", "public_source", "pull_events"]
