@@ -112,6 +112,21 @@ def test_only_admin_keys_still_need_a_key_and_keys_live_as_digests():
     assert both.identify(f"Bearer {USER}").role == "user" and both.identify(f"Bearer {ADMIN}").role == "admin"
 
 
+def test_several_user_keys_without_admin_keys_warn_at_start(tmp_path, caplog):
+    """Each such key is an admin (the documented default): pulls of server paths, unloads, everyone's usage."""
+    from xllm_jupyter.engine.engine import Engine
+    from xllm_jupyter.server.app import make_app
+
+    shared = load_config(env={}, overrides={"store": {"home": str(tmp_path)}, "server": {"api_keys": ["k1", "k2"]}})
+    owned = dataclasses.replace(shared, auth=AuthConfig(admin_keys=("a1",)))
+    alone = load_config(env={}, overrides={"store": {"home": str(tmp_path)}, "server": {"api_keys": ["k1"]}})
+    for config, warned in ((shared, True), (owned, False), (alone, False)):
+        caplog.clear()
+        make_app(config, Engine(config.engine))
+        said = [r.getMessage() for r in caplog.records if "auth.admin_keys" in r.getMessage()]
+        assert bool(said) is warned and all("k1" not in m for m in said)
+
+
 def test_auth_config_from_the_environment(tmp_path):
     env = {"XLLM_HOME": str(tmp_path), "XLLM_AUTH_ADMIN_KEYS": "a1, a2", "XLLM_AUTH_REQUESTS_PER_MINUTE": "30"}
     cfg = load_config(env=env)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import tornado.web
@@ -13,10 +14,17 @@ from .handlers import CONTEXT_KEY, NotFoundMixin, XllmContext
 from .limits import LIMITS_KEY, Limiter
 from .routes import build_routes, handler_class
 
+log = logging.getLogger("xllm_jupyter.server")
+
 
 def make_app(config: XllmConfig, engine: Any, *, prefix: str = "") -> tornado.web.Application:
     """A Tornado app serving ``engine`` under ``prefix`` with user and admin keys and per-key limits."""
     auth = ApiKeyAuth(config.server.api_keys, config.auth.admin_keys)
+    if len(config.server.api_keys) > 1 and not config.auth.admin_keys:
+        # the documented default, but a server shared by several keys rarely means it: say so at start
+        log.warning("%d API keys and no auth.admin_keys: every key may call /admin/* (pull server-local paths, "
+                    "load and unload models, read everyone's usage); set auth.admin_keys to keep that to admins",
+                    len(config.server.api_keys))
     context = XllmContext(engine, config)
     context.limiter = Limiter(config.auth)  # per-key limits; metrics read context.limiter.rejections
     context.limiter.listeners.append(context.metrics.record_rate_limited)
