@@ -268,6 +268,13 @@ def test_full_queue_is_503_through_http_for_a_user_past_an_equal_share(fair_serv
                     assert r.status_code == 503, r.text
                     assert r.json()["error"]["code"] == "overloaded" and r.headers["Retry-After"] == "1"
                     assert "queue of model" in r.json()["error"]["message"]
+                    # streamed, the refusal is the same real 503 the SDK maps and may retry
+                    sdk = openai.OpenAI(base_url=fair_server.root + "/v1", api_key="sk-z", max_retries=0)
+                    with pytest.raises(openai.InternalServerError) as refused:
+                        sdk.chat.completions.create(model=TINY, messages=MSG, max_tokens=2, n=2, stream=True)
+                    assert refused.value.status_code == 503 and refused.value.response.headers["Retry-After"] == "1"
+                    with pytest.raises(openai.InternalServerError):
+                        sdk.completions.create(model=TINY, prompt="hi", max_tokens=2, n=2, stream=True)
                 finally:
                     second.__exit__(None, None, None)
         finally:

@@ -102,3 +102,23 @@ def test_old_days_are_pruned_and_saves_are_throttled_off_the_caller(tmp_path):
     t2.close()
     saved = read_usage(file)
     assert saved["alice"]["tokens_today"] == 0 and saved["alice"]["day"] == "" and saved["bob"]["tokens_today"] == 2
+
+
+def test_a_stream_refused_by_the_quota_hold_is_a_real_429(tmp_path, tiny_catalog):
+    # the hold is taken when the request reaches the engine, after the stream was returned: its
+    # refusal was the first event of a 200 stream (the SDK raised a bare APIError and never retried)
+    cfg = _config(tmp_path, tokens_per_day=400, usage_file="off")
+    body = {"model": TINY, "messages": MSG, "max_tokens": 300, "stream": True, "ignore_eos": True}
+    with running_server(cfg, tiny_catalog, TINY) as srv, httpx.Client(timeout=60) as c:
+        with c.stream("POST", srv.base_url + "/chat/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}) as first:
+            assert first.status_code == 200
+            lines = first.iter_lines()
+            while not next(lines).startswith("data: "):
+                pass  # generating: it holds its prompt + 300 of the 400
+            with pytest.raises(openai.RateLimitError) as refused:
+                _sdk(srv).chat.completions.create(model=TINY, messages=MSG, max_tokens=300, stream=True)
+            assert refused.value.status_code == 429 and int(refused.value.response.headers["Retry-After"]) >= 1
+            with pytest.raises(openai.RateLimitError):
+                _sdk(srv).completions.create(model=TINY, prompt="hi", max_tokens=300, stream=True)
+            with pytest.raises(openai.RateLimitError):
+                _sdk(srv).responses.create(model=TINY, input="hi", max_output_tokens=300, stream=True)

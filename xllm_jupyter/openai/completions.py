@@ -10,10 +10,11 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, AsyncIterator, Sequence
 
+from ..core.config import ServerConfig
 from ..core.types import ChoiceDelta, FinishReason, GenerationDone, GenerationRequest, Usage
 from ..engine.manager import request_keep_alive
 from .cache import ResponseCache
-from .generation import Chunk, check_token_ids, engine_failure, envelope, interleaved, sum_usage
+from .generation import Chunk, check_token_ids, engine_failure, envelope, interleaved, started, sum_usage
 from .model_defaults import ModelDefaults
 from .protocol import SYSTEM_FINGERPRINT, CompletionRequest, legacy_logprobs, legacy_text_advance, parse_request, usage_dict
 
@@ -22,6 +23,7 @@ class CompletionsMixin:
     """``OpenAIServing``'s legacy completions; it provides what is declared here."""
 
     engine: Any
+    config: ServerConfig
     cache: ResponseCache
     _check_n: Callable[[int, int], None]
     _max_tokens: Callable[..., int]
@@ -71,7 +73,8 @@ class CompletionsMixin:
             gens.append(gen)
         created = int(time.time())
         if req.stream:
-            return self._completion_stream(gens, offsets, req.model, rid, created, req.include_usage)
+            events = await started(interleaved(self.engine, gens), self.config.keepalive_seconds)
+            return self._completion_stream(events, gens, offsets, req.model, rid, created, req.include_usage)
         return await self._completion_full(gens, offsets, req.model, rid, created, n, req.logprobs is not None)
 
     async def _completion_full(
@@ -113,6 +116,7 @@ class CompletionsMixin:
 
     async def _completion_stream(
         self,
+        engine_events: AsyncIterator[tuple[int, Any]],
         gens: Sequence[GenerationRequest],
         offsets: Sequence[int],
         model: str,
@@ -127,7 +131,7 @@ class CompletionsMixin:
         want_lp = gens[0].params.logprobs
         text_pos = [offsets[i // n] for i in range(n * len(gens))]  # running text_offset per choice
         usages: list[Usage] = []
-        async for p, ev in interleaved(self.engine, gens):
+        async for p, ev in engine_events:
             if type(ev) is ChoiceDelta:
                 if ev.finish is FinishReason.ERROR:
                     raise engine_failure()

@@ -75,6 +75,55 @@ async def interleaved(engine: Any, gens: Sequence[GenerationRequest]) -> AsyncIt
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+_NOTHING = object()  # the first step found an empty stream
+
+
+async def started(events: AsyncIterator[Any], wait: float) -> AsyncIterator[Any]:
+    """``events`` with its first event awaited now, up to ``wait`` s, before a stream is returned.
+
+    A request refused once it reaches the engine (a full queue, a quota hold, a model that
+    cannot be loaded) then raises here, while the handler can still answer with its HTTP status
+    (a 429 the SDK retries, not a 200 whose first event is an error). A first event slower than
+    ``wait`` (a queue, a load) is left to the stream, so its headers and keepalives go out.
+    """
+
+    async def first_step() -> Any:
+        try:
+            return await anext(events)
+        except StopAsyncIteration:
+            return _NOTHING
+
+    # the step runs as a task so waiting can give up without cancelling it (that would end the stream)
+    first = asyncio.ensure_future(first_step())
+    try:
+        await asyncio.wait({first}, timeout=wait)
+    except BaseException:  # the client left meanwhile: stop the step and the stream
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await events.aclose()  # type: ignore[attr-defined]
+        raise
+    if first.done() and first.exception() is not None:
+        await events.aclose()  # type: ignore[attr-defined]
+        raise first.exception()  # type: ignore[misc]
+    return _replayed(first, events)
+
+
+async def _replayed(first: asyncio.Future, events: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """The awaited first event, then the rest of ``events``."""
+    try:
+        head = await first
+        if head is _NOTHING:
+            return
+        yield head
+        async for ev in events:
+            yield ev
+    finally:
+        if not first.done():
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+        await events.aclose()  # type: ignore[attr-defined]
+
+
 def envelope(rid: str, obj: str, created: int, model: str, choices: list, usage: Usage) -> dict[str, Any]:
     """The fields every non-streamed completion response shares."""
     return {

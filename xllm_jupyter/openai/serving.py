@@ -1,8 +1,9 @@
 """OpenAI request -> Engine -> response dict, or an async iterator of chunk dicts.
 
 No HTTP here: the server layer hands in body bytes and writes what comes back. Every
-check that can fail with a 4xx runs before a stream is returned, so a streaming
-request that cannot run still gets a real HTTP status instead of an SSE error event.
+check that can fail with a 4xx runs before a stream is returned, and the engine's first
+event is awaited too (``started``), so a streaming request that cannot run still gets a
+real HTTP status instead of an SSE error event.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ..core.types import ChoiceDelta, FinishReason, GenerationDone, GenerationPa
 from ..engine.manager import request_keep_alive
 from .cache import ResponseCache
 from .completions import CompletionsMixin
-from .generation import Chunk, check_token_ids, engine_failure, envelope
+from .generation import Chunk, check_token_ids, engine_failure, envelope, started
 from .model_defaults import ModelDefaults
 from .tool_calling import ToolCalling
 from .protocol import (
@@ -194,7 +195,8 @@ class OpenAIServing(CompletionsMixin):
                                prompt_param="messages", constraint=constraint)
         created = int(time.time())
         if req.stream:
-            return self._chat_stream(gen, req.model, rid, created, req.include_usage, tools)
+            events = await started(self.engine.generate(gen), self.config.keepalive_seconds)
+            return self._chat_stream(events, gen, req.model, rid, created, req.include_usage, tools)
         return await self._chat_full(gen, req.model, rid, created, tools)
 
     async def _chat_full(self, gen: GenerationRequest, model: str, rid: str, created: int, tools: ToolCalling) -> dict[str, Any]:
@@ -238,7 +240,8 @@ class OpenAIServing(CompletionsMixin):
         return envelope(rid, "chat.completion", created, model, choices, usage)
 
     async def _chat_stream(
-        self, gen: GenerationRequest, model: str, rid: str, created: int, include_usage: bool, tools: ToolCalling
+        self, engine_events: AsyncIterator[Any], gen: GenerationRequest, model: str, rid: str, created: int,
+        include_usage: bool, tools: ToolCalling,
     ) -> AsyncIterator[Chunk]:
         # The common fields are built once; each chunk is a shallow copy plus its choice.
         head: Chunk = {
@@ -263,7 +266,7 @@ class OpenAIServing(CompletionsMixin):
         held_lp: list[list[dict]] = [[] for _ in range(gen.params.n)]
         loops = _ForcedLoops(gen, tools, calls)
         finished: list[str | None] = [None] * gen.params.n
-        async with aclosing(self.engine.generate(gen)) as events:
+        async with aclosing(engine_events) as events:  # type: ignore[type-var]
             async for ev in events:
                 if type(ev) is ChoiceDelta:
                     if ev.finish is FinishReason.ERROR:
