@@ -180,6 +180,33 @@ def test_completions_are_cached_too(cached_server):
         assert _cache_counts(http)[0] == hits + 1
 
 
+def test_the_cache_is_bounded_in_bytes_and_keeps_no_huge_response():
+    """By count alone one user could pin gigabytes: a 130-byte request with n=4 and top_logprobs=20 answers ~14 MB."""
+    from xllm_jupyter.openai.cache import ResponseCache
+
+    budget = 64 * 2**20  # cache.MAX_BYTES
+    cache = ResponseCache(CacheConfig(enabled=True))
+
+    async def model_identity(name: str) -> str:
+        return "weights"
+
+    async def fill() -> None:
+        for i in range(40):
+            async def answer(body: bytes, i: int = i) -> dict:
+                return {"id": f"chatcmpl-{i}", "pad": "x" * (3 * 2**20)}
+
+            await cache.serve("chat", f'{{"model": "m", "seed": {i}}}'.encode(), answer, model_identity)
+
+        async def huge(body: bytes) -> dict:
+            return {"pad": "x" * (budget // 2)}
+
+        await cache.serve("chat", b'{"model": "m", "seed": 99}', huge, model_identity)
+
+    asyncio.run(fill())
+    held = [len(form) for entry in cache._entries.values() for form in entry.values()]
+    assert 0 < len(held) < 40 and sum(held) <= budget and max(held) < budget // 4
+
+
 def test_sampled_requests_are_never_cached(cached_server):
     body = {**CHAT, "temperature": 0.8, "messages": [{"role": "user", "content": "do not cache me"}]}
     with _http(cached_server) as http:

@@ -25,6 +25,16 @@ Result = dict[str, Any] | AsyncIterator[Chunk]
 
 #: request fields that change how a response is delivered, not what it says
 _DELIVERY_FIELDS = ("user", "stream", "stream_options")
+#: bytes (serialized) all cached responses may hold together, and one response at most. A 130-byte
+#: request (n=4, top_logprobs=20, 1,900 tokens) answers 13.7 MB: by count alone, 256 entries of 3
+#: forms could pin gigabytes; a response past the entry limit is simply not cached
+MAX_BYTES = 64 * 2**20
+MAX_ENTRY_BYTES = 4 * 2**20
+
+
+def _entry_bytes(entry: dict[str, Any]) -> int:
+    """Serialized size of a cache entry (every form it holds)."""
+    return sum(len(v) if isinstance(v, str) else sum(len(c) for c in v) for v in entry.values())
 
 
 def is_deterministic(body: dict[str, Any]) -> bool:
@@ -49,7 +59,8 @@ class ResponseCache:
 
     def __init__(self, config: CacheConfig | None = None):
         self.config = config or CacheConfig()
-        self._entries: TTLCache = TTLCache(maxsize=self.config.max_entries, ttl=self.config.ttl_seconds)
+        # sized in bytes; the entry count (max_entries) is kept in _put
+        self._entries: TTLCache = TTLCache(maxsize=MAX_BYTES, ttl=self.config.ttl_seconds, getsizeof=_entry_bytes)
         self._lock = threading.Lock()  # TTLCache is not thread-safe; Jupyter may run several loops
         self.hits = 0
         self.misses = 0
@@ -79,7 +90,13 @@ class ResponseCache:
         with self._lock:
             entry = dict(self._entries.get(key) or {})
             entry[form] = value
-            self._entries[key] = entry  # re-setting also refreshes the LRU position and TTL
+            if _entry_bytes(entry) > MAX_ENTRY_BYTES:
+                return  # too large to keep: the next such request is generated afresh
+            if key not in self._entries:
+                self._entries.expire()
+                while len(self._entries) >= self.config.max_entries:
+                    self._entries.popitem()  # the least recently used
+            self._entries[key] = entry  # re-setting also refreshes the LRU position and TTL; evicts past MAX_BYTES
 
     async def serve(
         self,
