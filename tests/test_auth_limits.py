@@ -44,7 +44,7 @@ def roles_server(xllm_home, tiny_catalog) -> Iterator[Any]:
 def fair_server(xllm_home, tiny_catalog) -> Iterator[Any]:
     """One request in flight per key, a queue of two, and a token budget."""
     auth = AuthConfig(max_concurrent_per_key=1, tokens_per_minute=200)
-    keys = ("sk-x", "sk-y", "sk-z", "sk-tok", "sk-tok-stream", "sk-tok-left")
+    keys = ("sk-x", "sk-y", "sk-z", "sk-tok", "sk-tok-stream", "sk-tok-left", "sk-tok-prompts")
     with running_server(_config(xllm_home, auth, keys, max_queue=2), tiny_catalog, TINY) as info:
         yield info
 
@@ -320,6 +320,21 @@ def test_tokens_per_minute_charges_a_stream_left_early(fair_server):
                 break
     _wait_idle(fair_server.engine)
     refused = _chat(fair_server.root, "sk-tok-left")
+    assert refused.status_code == 429 and "Token rate limit" in refused.json()["error"]["message"]
+
+
+def test_tokens_per_minute_charges_a_streamed_completion_of_several_prompts(fair_server):
+    """Each prompt's generation runs in a task of its own: their tokens still reach the stream's tally."""
+    _wait_idle(fair_server.engine)
+    prompts = ["Count the words in this. " * 25] * 2  # ~150 prompt tokens each: past the budget together
+    body = {"model": TINY, "prompt": prompts, "max_tokens": 2, "stream": True}
+    headers = {"Authorization": "Bearer sk-tok-prompts"}
+    with httpx.stream("POST", fair_server.base_url + "/completions", json=body, headers=headers, timeout=60) as r:
+        assert r.status_code == 200
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and '"usage"' not in "".join(events)
+    # a handful of chunks, ~300 tokens: charged the tokens, which empties the 200-token bucket
+    refused = _chat(fair_server.root, "sk-tok-prompts")
     assert refused.status_code == 429 and "Token rate limit" in refused.json()["error"]["message"]
 
 

@@ -18,7 +18,7 @@ from ..core.errors import InvalidRequest, NotFound, PayloadTooLarge
 from ..openai.responses import ResponsesServing
 from ..openai.serving import OpenAIServing
 from .errors import error_response, log_error
-from .limits import charge_response, metered
+from .limits import charge_response, metered, open_stream_tally
 from .metrics import ServerMetrics
 from .sse import SSE_HEADERS, EventStreamWriter, dumps
 
@@ -198,6 +198,7 @@ class RequestMixin:
     async def respond(self, work: Awaitable[dict[str, Any] | AsyncIterator[dict[str, Any]]], **writer_options: Any) -> None:
         """Run a serving call; write its dict as JSON or stream its chunks as SSE."""
         start = time.perf_counter()
+        open_stream_tally()  # before the work: tasks it starts (a stream's first engine step) count into it
         ok, result = await self._cancellable(work)
         if not ok:
             return

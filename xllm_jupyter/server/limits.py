@@ -162,6 +162,15 @@ class Limiter:
 _stream_tokens: ContextVar[list[int] | None] = ContextVar("xllm_stream_tokens", default=None)
 
 
+def open_stream_tally() -> None:
+    """Give this request's task a fresh tally before its serving call runs.
+
+    Tasks the call starts copy the context then (the engine's first step, awaited before a stream
+    starts; one task per prompt of a legacy completion), so their tokens reach the same tally.
+    """
+    _stream_tokens.set([0])
+
+
 def note_stream_tokens(tokens: int) -> None:
     """Add a finished generation's tokens to the stream metered in this task (if any)."""
     tally = _stream_tokens.get()
@@ -203,9 +212,10 @@ def metered(handler: Any, stream: AsyncIterator[dict[str, Any]]) -> AsyncIterato
 
 
 async def _metered(stream: AsyncIterator[dict[str, Any]], limiter: Limiter, key_id: str) -> AsyncIterator[dict[str, Any]]:
-    chunks, usage, tally = 0, None, [0]
-    # the body of an async generator runs in its caller's context: the engine wrapper
-    # iterated below (same task) sees this tally
+    chunks, usage = 0, None
+    # the body of an async generator runs in its caller's context: the engine wrapper iterated
+    # below (same task) sees this tally, as do tasks started since ``open_stream_tally``
+    tally = _stream_tokens.get() or [0]
     _stream_tokens.set(tally)
     try:
         async for chunk in stream:
