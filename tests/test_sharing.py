@@ -9,7 +9,7 @@ import pytest
 
 from xllm_jupyter.core.config import EngineConfig, QuotaConfig, load_config
 from xllm_jupyter.core.errors import Overloaded
-from xllm_jupyter.core.types import GenerationParams, GenerationRequest
+from xllm_jupyter.core.types import GenerationDone, GenerationParams, GenerationRequest
 from xllm_jupyter.engine.engine import Engine
 
 from .fake_backend import FakeBackend, FakeCatalog
@@ -282,6 +282,39 @@ async def test_concurrent_requests_near_the_daily_quota_are_refused_instead_of_p
         await run(_req("a", "alice", 10))  # alone, it runs and may cross the quota (94 + 12), as a sequential one does
         with pytest.raises(RateLimited, match="Daily token quota reached"):
             context.usage.admit(Caller("alice"))
+    finally:
+        await engine.stop()
+        context.close()
+
+
+async def test_the_prompts_of_one_request_never_refuse_each_other_at_the_daily_quota(tmp_path):
+    import dataclasses
+
+    from xllm_jupyter.core.errors import RateLimited
+    from xllm_jupyter.openai.generation import interleaved
+    from xllm_jupyter.server.handlers import XllmContext
+    from xllm_jupyter.server.usage import Caller
+
+    engine, _ = _engine(tmp_path, QuotaConfig(reserved_slots=0), step_delay=0.02)
+    await engine.start()
+    config = load_config(tmp_path / "none.yaml", env={"XLLM_HOME": str(tmp_path)})
+    context = XllmContext(engine, dataclasses.replace(config, quotas=QuotaConfig(tokens_per_day=100, usage_file="off")))
+    observed = context.serving.engine
+    try:
+        context.usage.release(context.usage.admit(Caller("alice")))
+        await engine.load("a")
+        # one legacy completion of two prompts (one generation each, one request id): 62 + 62 could pass 100,
+        # but the request is alone, as a sequential one would be: it runs (before: a 429 every retry repeated)
+        prompts = [dataclasses.replace(_req("a", "alice", 60), request_id="cmpl-1") for _ in range(2)]
+        done = [ev async for _, ev in interleaved(observed, prompts) if isinstance(ev, GenerationDone)]
+        assert len(done) == 2 and context.usage.snapshot("alice")[0]["tokens_today"] == 124
+        # another request's generations still count against it: a second request while one runs is refused
+        first = asyncio.create_task(_run(observed, dataclasses.replace(_req("a", "alice", 20), request_id="cmpl-2")))
+        await _until(lambda: context.usage.snapshot("alice")[0]["tokens_reserved"] == 22)
+        with pytest.raises(RateLimited):
+            await _run(observed, dataclasses.replace(_req("a", "alice", 5), request_id="cmpl-3"))
+        await first
+        assert context.usage.snapshot("alice")[0]["tokens_reserved"] == 0
     finally:
         await engine.stop()
         context.close()

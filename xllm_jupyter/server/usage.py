@@ -155,6 +155,8 @@ class UsageTracker:
             self._users = _load_records(read_usage(path), _utc_day(clock()))
             self._saver = UsageSaver(path, self.records)
         self._labels: set[str] = set()
+        #: (user, request id) -> tokens its running generations hold (a legacy completion has one per prompt)
+        self._holds: Counter[tuple[str, str]] = Counter()
         self._user_conc = _overrides(c.user_max_concurrent, "user_max_concurrent")
         self._user_tokens = _overrides(c.user_tokens_per_day, "user_tokens_per_day")
         self._group_conc = _overrides(c.group_max_concurrent, "group_max_concurrent")
@@ -246,16 +248,20 @@ class UsageTracker:
         what fits the context, capped by ``server.max_tokens_limit``) counts as used until it ends
         and is charged what it really used. RateLimited (429) when the user has other generations
         running and this one could take the tokens used today past the quota: concurrent requests
-        are refused instead of overshooting. One alone always runs, as sequential requests do.
+        are refused instead of overshooting. One alone always runs, as sequential requests do; the
+        generations of one request (a legacy completion's prompts) never refuse each other.
         """
         user = request.user or ""
         tokens = len(request.prompt_ids) + request.params.n * request.params.max_tokens
+        # (serving always names its requests; a nameless one is a request of its own)
+        hold = (user, request.request_id or f"#{id(request)}")
         with self._lock:
             entry = self._entry(user)
             per_day = self.limits(Caller(user or None, entry.groups))[1]
             if not per_day:
                 return _nothing
-            if entry.reserved and entry.tokens_today + entry.reserved + tokens > per_day:
+            others = entry.reserved - self._holds[hold]
+            if others > 0 and entry.tokens_today + entry.reserved + tokens > per_day:
                 self._reject(entry, self._label(user or "anonymous"), "tokens_per_day")
                 raise RateLimited(
                     f"Daily token quota: {entry.tokens_today} of {per_day} tokens used today and {entry.reserved} "
@@ -264,11 +270,15 @@ class UsageTracker:
                     retry_after=1,
                 )
             entry.reserved += tokens
+            self._holds[hold] += tokens
 
         def release() -> None:
             with self._lock:
                 held = self._entry(user)
                 held.reserved = max(0, held.reserved - tokens)
+                self._holds[hold] -= tokens
+                if self._holds[hold] <= 0:
+                    del self._holds[hold]
 
         return release
 
