@@ -242,6 +242,44 @@ async def test_two_loads_that_counted_the_same_idle_model_both_load_in_turn(tmp_
         await engine.stop()
 
 
+async def test_a_load_waiting_for_room_on_one_gpu_does_not_hold_a_model_on_another(tmp_path, monkeypatch):
+    # no GPU budget: room is measured per GPU. bob's b needs a's room on GPU 0; carol's c on GPU 1 frees none
+    # of it, so her requests must not queue behind b's load (before: held up to load_wait_seconds too)
+    import dataclasses
+
+    from xllm_jupyter.backends import torch_device
+
+    engine, backend = _engine(tmp_path, keep_alive="-1")
+    backend.memory_device = lambda spec: "cuda"
+    where = {"a": "cuda:0", "b": "cuda:0", "c": "cuda:1"}
+    plain = engine.catalog.resolve
+    engine.catalog.resolve = lambda name: dataclasses.replace(plain(name), overrides={"device": where[name]})
+    full = {"now": False}  # once set, each GPU has room for one model: free only while none is loaded on it
+
+    def room(gpus: tuple[int, ...]) -> int:
+        taken = [m for m, gpu in where.items() if gpu == f"cuda:{gpus[0]}" and engine.is_loaded(m)]
+        return 0 if full["now"] and taken else 10 * SIZE
+
+    monkeypatch.setattr(torch_device, "cuda_room_bytes", room)
+    await engine.start()
+    try:
+        await engine.load("a")
+        await engine.load("c")
+        full["now"] = True  # both GPUs full: b fits only in a's room
+        users = [asyncio.create_task(_run(engine, _req(m, u, max_tokens=250))) for m, u in (("a", "alice"), ("c", "carol"))]
+        await _until(lambda: engine.stats("a").running == 1 and engine.stats("c").running == 1)
+        bob = asyncio.create_task(_run(engine, _req("b", "bob")))
+        await _until(lambda: "b" in engine._room_waits)  # noqa: SLF001
+        assert "a" in engine._held and "c" not in engine._held  # noqa: SLF001 - only the model in b's way waits
+        for task in users:
+            task.cancel()
+        await asyncio.gather(*users, return_exceptions=True)
+        await bob
+        assert engine.is_loaded("b") and engine.is_loaded("c") and not engine.is_loaded("a")
+    finally:
+        await engine.stop()
+
+
 # ------------------------------------------------------------------ the daily token quota
 async def test_concurrent_requests_near_the_daily_quota_are_refused_instead_of_passing_it(tmp_path):
     import dataclasses

@@ -189,6 +189,12 @@ def sum_user_counts(parts: Any) -> dict[str, tuple[int, int]]:
     return out
 
 
+def shares_room(record: Residency, device: str, gpus: tuple[int, ...] | None) -> bool:
+    """Whether the model of ``record`` holds memory a load on ``device`` and ``gpus`` (None: all) could use;
+    a model on other GPUs frees nothing there."""
+    return record.device == device and (gpus is None or record.gpus is None or bool(set(gpus) & set(record.gpus)))
+
+
 def runner_memory_bytes(runner: Any) -> int:
     """Bytes a ModelRunner's or ReplicaSet's models hold now (0 if one cannot say: keep the last figure)."""
     try:
@@ -267,10 +273,7 @@ class MemoryBudget:
         frees. Reservations do not count here: a model warming up or being unloaded holds its memory, so the
         measurement has already left it out (and the caller holds the GPU turn, so no load is under way)."""
 
-        def shares(r: Residency) -> bool:  # a model on other GPUs frees nothing here
-            return r.device == device and (gpus is None or r.gpus is None or bool(set(gpus) & set(r.gpus)))
-
-        records = {n: r for n, r in records.items() if shares(r)}
+        records = {n: r for n, r in records.items() if shares_room(r, device, gpus)}
         idle = [n for n in idle if n in records]
         held = sum(r.memory_bytes for r in records.values())
         if needed > device_room + held:
@@ -369,9 +372,11 @@ class ResidencyMixin:
                                              code=exc.code) from None
                         raise
                 self._room_waits.add(name)  # shown while loading (``waiting_for_room``)
-                # new requests for the busy models wait behind this load (see _behind_swaps)
+                # new requests for the busy models in its way wait behind this load (see _behind_swaps); a
+                # budget is the device's as a whole, measured room only the GPUs' it loads on
                 now = time.time()
-                for busy in [n for n, r in self._res.items() if r.device == device and n in self._runners
+                where = None if self._budget.budgets.get(device) else gpus
+                for busy in [n for n, r in self._res.items() if shares_room(r, device, where) and n in self._runners
                              and n not in held and not self._idle(n, now)]:
                     held.add(busy)
                     self._held[busy] += 1
