@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Iterable, Mapping, NamedTuple
 
 
 class FinishReason(str, enum.Enum):
@@ -242,6 +242,23 @@ class EngineStats:
     cancelled: int
     #: tokens generated, every choice's, cancelled ones' included (the all-models view counts since start)
     tokens: int = 0
+
+
+class UserSequences(NamedTuple):
+    """One user's sequences in the engine now: ``running`` (holding a batch slot) and ``queued``."""
+
+    running: int = 0
+    queued: int = 0
+
+    @staticmethod
+    def summed(tables: Iterable[Mapping[str, UserSequences]]) -> dict[str, UserSequences]:
+        """Several ``user -> UserSequences`` tables added up (replicas, models, users sharing a label)."""
+        out: dict[str, UserSequences] = {}
+        for table in tables:
+            for user, seqs in table.items():
+                had = out.get(user, UserSequences())
+                out[user] = UserSequences(had.running + seqs.running, had.queued + seqs.queued)
+        return out
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from ..backends import torch_device
 from ..backends.base import LoadedModel
 from ..backends.torch_device import device_kind
 from ..core.errors import InvalidRequest, Overloaded, PermissionDenied
-from ..core.types import EngineStats
+from ..core.types import EngineStats, UserSequences
 from ..store.names import canonical_name
 from .delivery import RequestHandle
 from .runner import ModelRunner
@@ -161,9 +161,9 @@ class ReplicaSet:
             tokens=sum(p.tokens for p in parts),
         )
 
-    def user_counts(self) -> dict[str, tuple[int, int]]:
-        """``user -> (running, queued)`` sequences summed over the replicas."""
-        return sum_user_counts(r.user_counts() for r in self.runners)
+    def user_counts(self) -> dict[str, UserSequences]:
+        """Each user's sequences summed over the replicas."""
+        return UserSequences.summed(r.user_counts() for r in self.runners)
 
     def replica_stats(self) -> list[EngineStats]:
         """Each replica's own counters."""
@@ -177,16 +177,6 @@ class ReplicaSet:
     def wait_closed(self, timeout: float | None = None) -> bool:
         """Block until every replica's model is unloaded."""
         return all(r.wait_closed(timeout) for r in self.runners)
-
-
-def sum_user_counts(parts: Any) -> dict[str, tuple[int, int]]:
-    """Several ``user -> (running, queued)`` tables added up."""
-    out: dict[str, tuple[int, int]] = {}
-    for part in parts:
-        for user, (running, queued) in part.items():
-            had = out.get(user, (0, 0))
-            out[user] = (had[0] + running, had[1] + queued)
-    return out
 
 
 def shares_room(record: Residency, device: str, gpus: tuple[int, ...] | None) -> bool:

@@ -33,6 +33,7 @@ from ..core.types import (
     TokenEvent,
     TokenLogprob,
     Usage,
+    UserSequences,
 )
 from .delivery import END, RequestHandle, coalesce, deliver_all, paced_interval
 from .fairness import FairnessPolicy, FairQueue
@@ -171,13 +172,13 @@ class ModelRunner:
             tokens=c.tokens,
         )
 
-    def user_counts(self) -> dict[str, tuple[int, int]]:
-        """``user -> (running, queued)`` sequences of this runner now ("" for anonymous requests)."""
+    def user_counts(self) -> dict[str, UserSequences]:
+        """Each user's sequences on this runner now ("" for anonymous requests)."""
         with self._cond:
             queued = self._waiting.counts()
             # the step thread adds and removes jobs outside the lock; list() copies the dict in one C call
             running = Counter(s.handle.request.user or "" for s in list(self._jobs.values()))
-        return {user: (running[user], queued[user]) for user in running.keys() | queued.keys()}
+        return {user: UserSequences(running[user], queued[user]) for user in running.keys() | queued.keys()}
 
     def shutdown(self, timeout: float | None = 30.0, reason: XllmError | None = None) -> bool:
         """Stop the thread (waiting up to ``timeout`` s; None: until it ends), fail open requests, unload.

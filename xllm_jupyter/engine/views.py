@@ -12,9 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 from ..core.errors import ModelNotFound
-from ..core.types import EngineStats, ModelInfo, ModelRuntime
+from ..core.types import EngineStats, ModelInfo, ModelRuntime, UserSequences
 from ..store.names import canonical_name
-from .manager import Residency, replica_stats, runner_memory_bytes, sum_user_counts
+from .manager import Residency, replica_stats, runner_memory_bytes
 
 
 class ViewsMixin:
@@ -109,9 +109,9 @@ class ViewsMixin:
         raise ModelNotFound(name)
 
     # ------------------------------------------------------------------- stats
-    def user_counts(self) -> dict[str, tuple[int, int]]:
-        """``user -> (running, queued)`` sequences over every loaded model ("" for anonymous requests)."""
-        return sum_user_counts(r.user_counts() for r in list(self._runners.values()))
+    def user_counts(self) -> dict[str, UserSequences]:
+        """Each user's sequences over every loaded model ("" for anonymous requests)."""
+        return UserSequences.summed(r.user_counts() for r in list(self._runners.values()))
 
     def stats(self, name: str | None = None) -> EngineStats:
         """Counters for one model, or summed over all loaded models."""

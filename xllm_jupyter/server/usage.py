@@ -35,6 +35,7 @@ from prometheus_client.registry import Collector
 
 from ..core.config import QuotaConfig
 from ..core.errors import ConfigError, RateLimited
+from ..core.types import UserSequences
 from .handlers import METERED_ROUTES, RequestMixin
 from .usage_file import UsageSaver, read_usage
 
@@ -166,8 +167,8 @@ class UsageTracker:
         self.m_tokens = PromCounter("xllm_user_tokens", "Tokens used, by user and kind (prompt, completion).", ("user", "kind"), registry=r)
         self.m_rejected = PromCounter("xllm_user_rejected", "Requests refused over a user quota, by user and reason.", ("user", "reason"), registry=r)
         self.m_in_flight = Gauge("xllm_user_requests_in_flight", "Generation requests in flight, by user.", ("user",), registry=r)
-        #: ``user -> (running, queued)`` sequences in the engine now (``Engine.user_counts``; None: not known)
-        self.queues: Callable[[], dict[str, tuple[int, int]]] | None = None
+        #: each user's sequences in the engine now (``Engine.user_counts``; None: not known)
+        self.queues: Callable[[], dict[str, UserSequences]] | None = None
         r.register(_QueueCollector(self))
 
     # ----------------------------------------------------------------- limits
@@ -334,8 +335,8 @@ class UsageTracker:
             entry = self._users.get(user or "")
             return entry.in_flight if entry else 0
 
-    def queue_counts(self) -> dict[str, tuple[int, int]]:
-        """``user -> (running, queued)`` sequences in the engine now (empty when the engine cannot say)."""
+    def queue_counts(self) -> dict[str, UserSequences]:
+        """Each user's sequences in the engine now (empty when the engine cannot say)."""
         if self.queues is None:
             return {}
         try:
@@ -343,16 +344,13 @@ class UsageTracker:
         except Exception:  # an engine mid-shutdown: no figures rather than a failed page or scrape
             return {}
 
-    def queue_labels(self) -> dict[str, tuple[int, int]]:
+    def queue_labels(self) -> dict[str, UserSequences]:
         """``queue_counts`` by metrics label: every label seen so far (0 when idle), users past the cap as ``other``."""
         counts = self.queue_counts()
         with self._lock:
-            out = {label: (0, 0) for label in self._labels}
-            for user, (running, queued) in counts.items():
-                label = self._label(user or "anonymous")
-                had = out.get(label, (0, 0))
-                out[label] = (had[0] + running, had[1] + queued)
-        return out
+            seen = {label: UserSequences() for label in self._labels}
+            labelled = [{self._label(user or "anonymous"): seqs} for user, seqs in counts.items()]
+        return UserSequences.summed([seen, *labelled])
 
     def snapshot(self, user: str | None = None) -> list[dict[str, Any]]:
         """Per-user totals (one user's, if named), for ``/admin/usage`` and the hub page.
@@ -372,8 +370,8 @@ class UsageTracker:
                     "groups": list(e.groups),
                     "requests": e.requests,
                     "in_flight": e.in_flight,
-                    "running": counts.get(name, (0, 0))[0],
-                    "queued": counts.get(name, (0, 0))[1],
+                    "running": counts.get(name, UserSequences()).running,
+                    "queued": counts.get(name, UserSequences()).queued,
                     "prompt_tokens": e.prompt_tokens,
                     "completion_tokens": e.completion_tokens,
                     "total_tokens": e.prompt_tokens + e.completion_tokens,
@@ -404,9 +402,9 @@ class _QueueCollector(Collector):
                                     "by user.", labels=("user",))
         queued = GaugeMetricFamily("xllm_user_sequences_queued", "Sequences waiting for a batch slot, by user.",
                                    labels=("user",))
-        for label, (r, q) in sorted(self.tracker.queue_labels().items()):
-            running.add_metric([label], float(r))
-            queued.add_metric([label], float(q))
+        for label, seqs in sorted(self.tracker.queue_labels().items()):
+            running.add_metric([label], float(seqs.running))
+            queued.add_metric([label], float(seqs.queued))
         yield running
         yield queued
 
