@@ -379,7 +379,8 @@ class ResidencyMixin:
                     del self._held[model]
 
     async def _behind_swaps(self, name: str) -> None:
-        """Wait while a load for another model waits for ``name``'s room (at most its ``load_wait_seconds``)."""
+        """Wait while a load for another model waits for ``name``'s room (``load_wait_seconds`` per wait; a load
+        whose room another load took waits once more, see ``Engine._room_turn``)."""
         while name in self._held:
             await asyncio.sleep(ROOM_POLL_SECONDS)
 
