@@ -144,8 +144,12 @@ class GrammarCompiler:
         """Width of the logits rows the masks apply to."""
         return self._vocab_size
 
-    def compile(self, constraint: Constraint, *, param: str = "response_format") -> Any:
-        """The cached, never-advanced ``LLMatcher`` for ``constraint``; InvalidRequest (400) if it does not compile."""
+    def compile(self, constraint: Constraint, *, param: str = "response_format", probe: bool = True) -> Any:
+        """The cached, never-advanced ``LLMatcher`` for ``constraint``; InvalidRequest (400) if it does not compile.
+
+        ``probe`` re-checks a cached grammar with one mask (serving's check before a request is queued);
+        the step thread's per-job copies skip it: that mask costs a full-vocabulary pass mid-batch.
+        """
         from llguidance import LLMatcher
 
         key = (constraint.kind, constraint.spec)
@@ -155,6 +159,8 @@ class GrammarCompiler:
                 self._cache.move_to_end(key)
         if isinstance(hit, str):  # refused before: refused again at once, without the lexer's work
             raise InvalidRequest(hit, param=param, code="constraint_failed")
+        if hit is not None and not probe:
+            return hit
         if hit is not None:
             # copies share the lexer: one that hit a limit mid-generation leaves it failing at once,
             # which a job took for a finished (empty) output; refuse the grammar from now on instead
@@ -192,7 +198,7 @@ class GrammarCompiler:
 
     def new_matcher(self, constraint: Constraint, *, param: str = "response_format") -> Any:
         """A fresh matcher for one job: a copy of the cached compiled one."""
-        return self.compile(constraint, param=param).deep_copy()
+        return self.compile(constraint, param=param, probe=False).deep_copy()
 
     def cached(self) -> int:
         """How many compiled grammars are cached (tests and stats)."""

@@ -65,7 +65,7 @@ class DynamicGeneratorModel(ChatTokenizerMethods, LoadedModel):
         """The llguidance grammar text for ``constraint`` (validated and cached on first use)."""
         from .constraints import grammar_text
 
-        self._grammars.compile(constraint)
+        self._grammars.compile(constraint, probe=False)  # on the step thread: serving probed it already
         return grammar_text(constraint)
 
     # -- engine thread ----------------------------------------------------------------
