@@ -356,3 +356,26 @@ async def test_the_prompts_of_one_request_never_refuse_each_other_at_the_daily_q
     finally:
         await engine.stop()
         context.close()
+
+
+async def test_a_started_stream_closed_unread_frees_its_queued_job_at_once(tmp_path):
+    # a stream whose first event was awaited (openai/generation.started) and then closed without a
+    # read kept its engine job queued until the slot holder ended (an unstarted generator's finally
+    # never runs), holding the slot it would get and the user's share of the queue meanwhile
+    from xllm_jupyter.openai.generation import started
+
+    engine, _ = _engine(tmp_path, max_batch_size=1, step_delay=0.04)
+    await engine.start()
+    try:
+        await engine.load("a")
+        holder = asyncio.create_task(_run(engine, _req("a", "x", max_tokens=250)))  # the only slot, ~10 s
+        await _until(lambda: engine.stats("a").running == 1)
+        stream = await started(engine.generate(_req("a", "y", max_tokens=50)), 0.05)  # queued: not there yet
+        assert engine.stats("a").queued == 1
+        await stream.aclose()
+        await _until(lambda: engine.stats("a").queued == 0, timeout=5)
+        assert not holder.done()  # freed by the close, not by the holder ending
+        holder.cancel()
+        await asyncio.gather(holder, return_exceptions=True)
+    finally:
+        await engine.stop()

@@ -78,7 +78,7 @@ async def interleaved(engine: Any, gens: Sequence[GenerationRequest]) -> AsyncIt
 _NOTHING = object()  # the first step found an empty stream
 
 
-async def started(events: AsyncIterator[Any], wait: float) -> AsyncIterator[Any]:
+async def started(events: AsyncIterator[Any], wait: float) -> StartedStream:
     """``events`` with its first event awaited now, up to ``wait`` s, before a stream is returned.
 
     A request refused once it reaches the engine (a full queue, a quota hold, a model that
@@ -95,6 +95,8 @@ async def started(events: AsyncIterator[Any], wait: float) -> AsyncIterator[Any]
 
     # the step runs as a task so waiting can give up without cancelling it (that would end the stream)
     first = asyncio.ensure_future(first_step())
+    # a stream dropped unread must not log "Task exception was never retrieved" for its first step
+    first.add_done_callback(lambda t: t.cancelled() or t.exception())
     try:
         await asyncio.wait({first}, timeout=wait)
     except BaseException:  # the client left meanwhile: stop the step and the stream
@@ -105,23 +107,48 @@ async def started(events: AsyncIterator[Any], wait: float) -> AsyncIterator[Any]
     if first.done() and first.exception() is not None:
         await events.aclose()  # type: ignore[attr-defined]
         raise first.exception()  # type: ignore[misc]
-    return _replayed(first, events)
+    return StartedStream(first, events)
 
 
-async def _replayed(first: asyncio.Future, events: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    """The awaited first event, then the rest of ``events``."""
-    try:
-        head = await first
-        if head is _NOTHING:
+class StartedStream:
+    """The stream ``started`` returns: the awaited first event, then the rest of ``events``.
+
+    A class, not an async generator, so that ``aclose`` ends the engine's work even when the
+    stream was never read (an unstarted generator's ``finally`` never runs).
+    """
+
+    def __init__(self, first: asyncio.Future, events: AsyncIterator[Any]):
+        self._first: asyncio.Future | None = first
+        self._events = events
+        self._closed = False
+
+    def __aiter__(self) -> StartedStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._closed:
+            raise StopAsyncIteration
+        first = self._first
+        if first is not None:
+            head = await first
+            self._first = None
+            if head is not _NOTHING:
+                return head
+            await self.aclose()
+            raise StopAsyncIteration
+        return await anext(self._events)
+
+    async def aclose(self) -> None:
+        """Stop the first step if it still runs and close the engine stream (idempotent)."""
+        if self._closed:
             return
-        yield head
-        async for ev in events:
-            yield ev
-    finally:
-        if not first.done():
+        self._closed = True
+        first, self._first = self._first, None
+        if first is not None and not first.done():
             first.cancel()
-            await asyncio.gather(first, return_exceptions=True)
-        await events.aclose()  # type: ignore[attr-defined]
+        if first is not None:
+            await asyncio.gather(first, return_exceptions=True)  # the step is over before the stream closes
+        await self._events.aclose()  # type: ignore[attr-defined]
 
 
 def envelope(rid: str, obj: str, created: int, model: str, choices: list, usage: Usage) -> dict[str, Any]:
