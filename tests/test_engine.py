@@ -402,6 +402,27 @@ async def test_a_shutdown_that_times_out_mid_step_leaves_the_unload_to_the_step_
     assert idle.shutdown(5) is True and idle.wait_closed(0) and idle.model.unloaded_on == threading.get_ident()
 
 
+async def test_a_job_being_admitted_still_counts_as_running():
+    # between leaving the queue and reaching the backend a job must not vanish from the counts
+    # (/admin/usage, metrics, the max_queue check); add() runs on the step thread outside the lock
+    seen = []
+
+    class Watched(FakeModel):
+        def add(self, job):
+            seen.append((runner.user_counts(), len(runner), runner.stats().running))
+            super().add(job)
+
+    runner = ModelRunner(Watched("fake"))
+    runner.start()
+    runner.wait_ready()
+    request = dataclasses.replace(req(max_tokens=2, n=2), user="alice")
+    text = await collect_handle(runner.submit(request, asyncio.get_running_loop()))
+    assert sorted(text.split()) == ["t7", "t7", "t8", "t8"]
+    assert seen == [({"alice": (2, 0)}, 2, 2)] * 2  # both choices, through both adds
+    assert runner.user_counts() == {} and len(runner) == 0
+    assert await asyncio.to_thread(runner.shutdown, 5)
+
+
 async def test_an_unload_waits_for_a_stuck_step_only_so_long(monkeypatch):
     # a step that never returns must not hang the unload (nor every load that would evict the model)
     monkeypatch.setattr("xllm_jupyter.engine.manager.EVICT_WAIT_SECONDS", 0.2)

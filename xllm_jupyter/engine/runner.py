@@ -176,7 +176,8 @@ class ModelRunner:
         """Each user's sequences on this runner now ("" for anonymous requests)."""
         with self._cond:
             queued = self._waiting.counts()
-            # the step thread adds and removes jobs outside the lock; list() copies the dict in one C call
+            # admitted jobs enter _jobs under the lock (no gap after _waiting); the step thread removes them
+            # outside it, so list() copies the dict in one C call
             running = Counter(s.handle.request.user or "" for s in list(self._jobs.values()))
         return {user: UserSequences(running[user], queued[user]) for user in running.keys() | queued.keys()}
 
@@ -300,6 +301,10 @@ class ModelRunner:
             if self._waiting and free > 0:
                 running = (s.handle.request.user or "" for s in self._jobs.values())
                 admitted = self._waiting.take(free, running, self.max_batch_size, self._room())
+                # into _jobs under the lock, in the same breath as they leave _waiting: a job between the
+                # two would count as neither running nor queued (user_counts, len(), the max_queue check)
+                for job, state in admitted:
+                    self._jobs[job.job_id] = state
         for job_id in cancels:
             state = self._jobs.get(job_id)
             if state is not None:
@@ -315,10 +320,9 @@ class ModelRunner:
                     log.exception("adding a job to %s failed", self.model.name)
                     exc = EngineError("The engine could not start this generation")
                 state.done = True
+                del self._jobs[job.job_id]  # the backend never had it: no event would ever remove it
                 self._fail(state.handle, exc)
                 self.cancel(state.handle.job_ids)
-                continue
-            self._jobs[job.job_id] = state
         return True
 
     def _step(self) -> None:
