@@ -1,0 +1,232 @@
+"""Loading a model on demand: resolving its name, choosing a backend, loading its replicas on worker threads.
+
+A load is a task no request owns (``_load``): a client that leaves mid-load cancels its wait, not the
+load. Room for the model is made first (``Engine._room_turn``), and its estimated size
+stays reserved in the memory budget until it is recorded with its measured size after the warm-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+from ..backends.base import Backend, BackendOptions, LoadedModel, ModelSpec, unload_each
+from ..backends.memory_estimate import disk_bytes
+from ..backends.registry import get_backend, select_backend
+from ..backends.torch_device import device_kind
+from ..core.config import EngineConfig
+from ..core.errors import InvalidRequest, ModelNotFound
+from ..core.types import ModelfileDefaults
+from ..store.names import canonical_name
+from .fairness import FairnessPolicy
+from .manager import MemoryBudget, ReplicaSet, Residency, gpu_indices
+from .runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+
+class LoadingMixin:
+    """Engine methods that load models and register their runners; the Engine owns the state they use."""
+
+    config: EngineConfig
+    catalog: Any
+    fairness: FairnessPolicy
+    _backends: dict[str, Backend] | None
+    _backend_options: BackendOptions
+    _runners: dict[str, Any]
+    _loading: dict[str, asyncio.Future]
+    _defaults: dict[str, ModelfileDefaults]
+    _embeddings: Any
+    _adapters: dict[str, str]
+    _res: dict[str, Residency]
+    _budget: MemoryBudget
+    _replicas: dict[str, int]
+    # other mixins' and the Engine's
+    _behind_swaps: Callable[[str], Any]  # ResidencyMixin's
+    _room_turn: Callable[..., contextlib.AbstractAsyncContextManager]
+    _attach_spec: Callable[[ModelSpec], Any]  # AdapterMixin's
+    _touch: Callable[..., None]  # ResidencyMixin's
+    _start_reaper: Callable[[], None]
+    unload: Callable[[str], Any]
+
+    def _choose_backend(self, spec: ModelSpec) -> Backend:
+        if self._backends is None:
+            return select_backend(spec)
+        if spec.backend:
+            if spec.backend in self._backends:
+                return self._backends[spec.backend]
+            return get_backend(spec.backend)
+        for backend in self._backends.values():
+            if backend.available() and backend.supports(spec):
+                return backend
+        raise InvalidRequest(f"No configured backend can load {spec.format} models", param="model")
+
+    def _resolve(self, name: str) -> ModelSpec:
+        """The catalog's spec with the engine's settings as the backend options, the spec's overrides applied."""
+        if self.catalog is None:
+            raise ModelNotFound(name)
+        spec = self.catalog.resolve(name)
+        options = self._backend_options
+        draft = self.config.draft_model
+        if draft and canonical_name(draft) != name:
+            options = dataclasses.replace(options, draft_model_path=str(self.catalog.resolve(draft).path))
+        return dataclasses.replace(spec, options=options.with_overrides(spec.overrides))
+
+    async def load(self, name: str) -> LoadedModel:
+        """The loaded model ``name``, loading it on a worker thread if needed.
+
+        The entry point of a request: while a load for another model waits for this one's room, a
+        request arriving now waits behind it (``_behind_swaps``), so a model kept busy by a steady
+        stream of requests cannot keep the other model out. The request's later calls (encode,
+        generate) use ``_load`` and never wait there, so a request already under way is not held.
+        """
+        name = canonical_name(name)
+        await self._behind_swaps(self._adapters.get(name, name))
+        return await self._load(name)
+
+    async def _load(self, name: str) -> LoadedModel:
+        """``load`` without waiting behind a swap: for a request already past its entry."""
+        name = canonical_name(name)
+        base = self._adapters.get(name, name)  # an adapter's model is its base's
+        runner = self._runners.get(base)
+        if runner is not None and not runner.alive:
+            # its engine thread died (its requests were failed): free it and load the model afresh
+            log.warning("the engine thread of %s is gone; reloading the model", base)
+            await self.unload(base)
+            runner = None
+        if runner is not None:
+            rec = self._res.get(base)
+            if rec is not None:
+                rec.last_used = time.time()
+            return runner.model
+        if name in self._embeddings.slots:
+            raise not_supported(name, "an embedding model: use /v1/embeddings")
+        pending = self._loading.get(name)
+        if pending is None:
+            # a task no request owns: a client that leaves mid-load cancels its wait, not the load,
+            # whose weights would otherwise be loaded by its thread and never unloaded
+            pending = asyncio.ensure_future(self._load_new(name))
+            self._loading[name] = pending
+            pending.add_done_callback(lambda task: self._load_done(name, task))
+        return await asyncio.shield(pending)
+
+    def _load_done(self, name: str, task: asyncio.Future) -> None:
+        if self._loading.get(name) is task:
+            self._loading.pop(name, None)
+        if not task.cancelled():
+            task.exception()  # mark retrieved: every waiter re-raises it itself
+
+    async def _load_new(self, name: str) -> LoadedModel:
+        """Resolve, choose a backend and load ``name`` (or attach it, for an adapter); register its runner."""
+        spec = await asyncio.to_thread(self._resolve, name)
+        if spec.task == "embedding":
+            raise not_supported(name, "an embedding model: use /v1/embeddings")
+        if spec.task == "adapter":  # a LoRA: attached to its (loaded once) base model
+            return await self._attach_spec(spec)
+        # off the IOLoop: choosing imports a backend and asks torch whether CUDA is there (seconds, once)
+        backend = await asyncio.to_thread(self._choose_backend, spec)
+        runner = await self._load_runner(name, spec, backend)
+        self._defaults[name] = spec.defaults
+        self._runners[name] = runner
+        return runner.model
+
+    async def _load_runner(self, name: str, spec: ModelSpec, backend: Backend) -> Any:
+        """Make room within the budget, then load ``name``'s replicas and start their threads."""
+        count = self._replicas.get(name, 1)
+        # which memory it draws on (deciding "auto" imports torch: off the IOLoop)
+        device = backend.memory_device(spec) or await asyncio.to_thread(
+            device_kind, spec.options.device)
+        # weights (their files) and a cache the backend allocates at load (exllama's paged KV cache: 8 GiB
+        # for an 8B Llama at the default 65,536 tokens, more than its 4-bit weights); reads files, may ask torch
+        needed = count * await asyncio.to_thread(lambda: disk_bytes(spec.path) + backend.cache_bytes_estimate(spec))
+        models: list[LoadedModel] = []
+        gpus = gpu_indices(spec, backend) if device == "cuda" else None
+        async with self._room_turn(name, needed, device, gpus):
+            # reserved until the model is recorded with its measured size (after the warm-up, which may
+            # take minutes): a load meanwhile must not count this memory as free
+            async with self._reserved(device, needed):
+                try:
+                    for _ in range(count):
+                        models.append(await _load_on_a_thread(backend, spec))
+                except BaseException:
+                    await asyncio.to_thread(unload_each, models)  # (freeing memory takes a while: off the IOLoop)
+                    raise
+        async with self._reserved(device, needed):  # (no await between the two: never counted free)
+            return await self._start_replicas(name, models, device, gpus)
+
+    @contextlib.asynccontextmanager
+    async def _reserved(self, device: str, size: int):
+        """Count ``size`` bytes as taken on ``device`` while the block runs."""
+        self._budget.reserved[device] = self._budget.reserved.get(device, 0) + size
+        try:
+            yield
+        finally:
+            self._budget.reserved[device] -= size
+
+    async def _start_replicas(self, name: str, models: list[LoadedModel], device: str,
+                              gpus: tuple[int, ...] | None) -> Any:
+        """Start the loaded replicas' threads, wait for their warm-up; record the model."""
+        runners = [
+            ModelRunner(
+                m,
+                max_batch_size=min(self.config.max_batch_size, m.max_batch_size),
+                fairness=self.fairness,
+                stream_interval=self.config.stream_interval_ms / 1000,
+            )
+            for m in models
+        ]
+        runner = runners[0] if len(runners) == 1 else ReplicaSet(runners)
+        runner.start()
+        try:
+            await asyncio.to_thread(runner.wait_ready)  # compiling can take minutes: off the IOLoop
+        except BaseException:
+            # failed, or this load was cancelled mid warm-up: stop the thread once it is done, unload
+            threading.Thread(target=runner.shutdown, kwargs={"timeout": None}, daemon=True).start()
+            raise
+        # (a backend that measures a load as a change in device memory can be blurred by an unload meanwhile)
+        self._res[name] = Residency(device=device, memory_bytes=sum(max(0, m.memory_bytes()) for m in models),
+                                    gpus=gpus)
+        self._touch(name)
+        self._start_reaper()
+        return runner
+
+    async def _load_embedding(self, spec: ModelSpec) -> Any:
+        """Load embedding model ``spec`` after making room for its weights (it is charged to the budget too)."""
+        if spec.name in self._embeddings.slots or self._embeddings.is_loading(spec.name):
+            return await self._embeddings.load(spec)  # loaded, or joins the load under way: no room to make
+        device = await asyncio.to_thread(device_kind, spec.options.device)
+        needed = await asyncio.to_thread(disk_bytes, spec.path)
+        def settled() -> bool:  # loaded (or loading) while this one waited for its turn: no room to make
+            return spec.name in self._embeddings.slots or self._embeddings.is_loading(spec.name)
+
+        async with self._room_turn(spec.name, needed, device, gpu_indices(spec, None), settled):
+            if settled():
+                return await self._embeddings.load(spec)
+            async with self._reserved(device, needed):
+                return await self._embeddings.load(spec)
+
+
+async def _load_on_a_thread(backend: Backend, spec: ModelSpec) -> LoadedModel:
+    """``backend.load(spec)`` on a worker thread; if the wait is cancelled, the thread's model is unloaded
+    once it is done (a thread cannot be stopped, and its weights would stay in memory for good)."""
+    loading = asyncio.ensure_future(asyncio.to_thread(backend.load, spec))
+    try:
+        return await asyncio.shield(loading)
+    except asyncio.CancelledError:
+        loading.add_done_callback(_unload_when_loaded)
+        raise
+
+
+def _unload_when_loaded(loading: asyncio.Future) -> None:
+    if not loading.cancelled() and loading.exception() is None:
+        threading.Thread(target=unload_each, args=([loading.result()],), name="xllm-unload", daemon=True).start()
+
+
+def not_supported(name: str, what: str) -> InvalidRequest:
+    """The 400 for a request that names a model of the wrong kind (``what`` it is)."""
+    return InvalidRequest(f"The model '{name}' is {what}", param="model", code="model_not_supported")
