@@ -8,12 +8,11 @@ event loop it lives on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
 from collections import Counter
-from typing import Any, AsyncIterator, Callable, Protocol, Sequence
+from typing import Any, AsyncIterator, Protocol, Sequence
 
 from ..backends.base import Backend, BackendOptions, ModelSpec
 from ..core.config import EngineConfig, QuotaConfig
@@ -41,6 +40,7 @@ from .manager import (
     reap_forever,
 )
 from .runner import ModelRunner
+from .swaps import SwapMixin
 from .views import ViewsMixin
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class ModelCatalog(Protocol):
     # optional: ``task(name) -> str | None``, what a model serves without loading it (``Engine._info``)
 
 
-class Engine(AdapterMixin, LoadingMixin, ResidencyMixin, ViewsMixin):
+class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
     """One shared engine: what is loaded, and the entry point for every generation."""
 
     def __init__(
@@ -147,37 +147,6 @@ class Engine(AdapterMixin, LoadingMixin, ResidencyMixin, ViewsMixin):
         return all(r.alive for r in self._runners.values())
 
     # ------------------------------------------------------------------- models
-    @contextlib.asynccontextmanager
-    async def _room_turn(self, name: str, needed: int, device: str, gpus: tuple[int, ...] | None,
-                         settled: Callable[[], bool] | None = None) -> AsyncIterator[None]:
-        """Wait for room (``_await_room``), then hold the GPU turn with the room made (``_make_room``).
-
-        Two loads that waited at once can both have counted the same idle model as their room; the
-        one whose turn comes second finds it taken. It waits for room again, once, instead of a 503:
-        the first load's model frees it when its requests end. ``settled()`` true in the turn: no room
-        is made (the model was loaded meanwhile; the body sees that too).
-        """
-        for last in (False, True):
-            await self._await_room(name, needed, device, gpus)  # models in use free room when their requests end
-            async with self._gpu_turn(device):
-                if settled is None or not settled():
-                    try:
-                        await self._make_room(name, needed, device, gpus)
-                    except Overloaded as exc:
-                        if last or exc.code != "insufficient_memory" or self._load_wait <= 0:
-                            raise
-                        log.info("another load took the room %s waited for; waiting again", name)
-                        continue
-                yield
-                return
-
-    def _gpu_turn(self, device: str) -> contextlib.AbstractAsyncContextManager:
-        """One GPU load at a time, from its room check to its last weight: loads share the PCIe link and the
-        disk anyway, a backend measures its model as the change in the process's GPU memory (another load
-        would blur it), and a room check measured on the device must not count what another load is about
-        to take as free."""
-        return self._gpu_loads if device == "cuda" else contextlib.nullcontext()
-
     async def load_any(self, name: str, keep_alive: float | None = None) -> None:
         """Load ``name`` whatever its task (chat or embedding): preload and ``/admin/models/load``."""
         name = canonical_name(name)

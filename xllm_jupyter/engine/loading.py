@@ -1,7 +1,7 @@
 """Loading a model on demand: resolving its name, choosing a backend, loading its replicas on worker threads.
 
 A load is a task no request owns (``_load``): a client that leaves mid-load cancels its wait, not the
-load. Room for the model is made first (``Engine._room_turn``), and its estimated size
+load. Room for the model is made first (``SwapMixin._room_turn``, in swaps.py), and its estimated size
 stays reserved in the memory budget until it is recorded with its measured size after the warm-up.
 """
 
@@ -47,8 +47,8 @@ class LoadingMixin:
     _budget: MemoryBudget
     _replicas: dict[str, int]
     # other mixins' and the Engine's
-    _behind_swaps: Callable[[str], Any]  # ResidencyMixin's
-    _room_turn: Callable[..., contextlib.AbstractAsyncContextManager]
+    _behind_swaps: Callable[[str], Any]  # SwapMixin's
+    _room_turn: Callable[..., contextlib.AbstractAsyncContextManager]  # SwapMixin's
     _attach_spec: Callable[[ModelSpec], Any]  # AdapterMixin's
     _touch: Callable[..., None]  # ResidencyMixin's
     _start_reaper: Callable[[], None]

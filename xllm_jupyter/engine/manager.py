@@ -2,12 +2,9 @@
 
 The engine keeps several models loaded at once. Before a load it estimates the
 model's footprint from its files on disk and makes room inside the device's budget
-by unloading idle models least-recently-used first; a model with running, queued or
-in-flight requests is never a victim. When only such models stand in the way, the load
-waits for them to go idle (``engine.load_wait_seconds``) rather than being refused while
-another user's model is busy, and requests for them that arrive meanwhile wait behind it:
-users who want different models take turns instead of the busier one locking the other out. Each model carries a keep_alive expiry (Ollama
-semantics) that an asyncio reaper task on the engine's loop enforces.
+(swaps.py) by unloading idle models least-recently-used first; a model with running,
+queued or in-flight requests is never a victim. Each model carries a keep_alive expiry
+(Ollama semantics) that an asyncio reaper task on the engine's loop enforces.
 """
 
 from __future__ import annotations
@@ -21,7 +18,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..backends import torch_device
 from ..backends.base import LoadedModel
 from ..backends.torch_device import device_kind
 from ..core.errors import InvalidRequest, Overloaded, PermissionDenied
@@ -34,8 +30,6 @@ log = logging.getLogger(__name__)
 
 #: how long an eviction waits for a runner still in a step to unload its model before counting it free
 EVICT_WAIT_SECONDS = 600.0
-#: how often a load waiting for models in use to go idle looks again
-ROOM_POLL_SECONDS = 0.1
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
@@ -305,9 +299,7 @@ class ResidencyMixin:
     _embeddings: Any
     _embed_expiry: dict[str, float | None]
     _default_keep_alive: float | None
-    _load_wait: float
-    _held: Counter[str]
-    _room_waits: set[str]
+    _retired_tokens: int
 
     def _idle(self, name: str, now: float) -> bool:
         """True when nothing uses ``name``: no jobs, no request in flight, not touched within the grace."""
@@ -331,69 +323,6 @@ class ResidencyMixin:
             records[name] = Residency(device=device_kind(where), memory_bytes=slot.model.memory_bytes(),
                                       gpus=named_gpu(where))
         return records
-
-    async def _plan_room(self, name: str, needed: int, device: str, gpus: tuple[int, ...] | None) -> list[str]:
-        """The idle models to unload so ``needed`` bytes fit now (``MemoryBudget.plan``); Overloaded if none do."""
-        now = time.time()
-        idle = [n for n in self._runners if self._idle(n, now)]
-        room = None
-        if device == "cuda" and not self._budget.budgets.get(device):
-            room = await asyncio.to_thread(torch_device.cuda_room_bytes, gpus)
-        return self._budget.plan(name, needed, device, self._memory_records(), idle, device_room=room, gpus=gpus)
-
-    async def _await_room(self, name: str, needed: int, device: str, gpus: tuple[int, ...] | None = None) -> None:
-        """Wait up to ``engine.load_wait_seconds`` while models in use hold the room ``name`` needs.
-
-        Their requests end and free it; refusing at once would leave a user who wants another model
-        nothing but 503s for as long as someone keeps the loaded one busy, even with pauses of a
-        second between requests. Runs before the GPU turn, so other loads are not held up meanwhile.
-        """
-        deadline = time.monotonic() + self._load_wait
-        held: set[str] = set()
-        try:
-            while True:
-                try:
-                    await self._plan_room(name, needed, device, gpus)
-                    return
-                except Overloaded as exc:
-                    if exc.code != "insufficient_memory" or time.monotonic() >= deadline:
-                        if exc.code == "insufficient_memory" and self._load_wait > 0:
-                            raise Overloaded(f"{exc.message} (waited {self._load_wait:g} s for them to finish)",
-                                             code=exc.code) from None
-                        raise
-                self._room_waits.add(name)  # shown while loading (``waiting_for_room``)
-                # new requests for the busy models in its way wait behind this load (see _behind_swaps); a
-                # budget is the device's as a whole, measured room only the GPUs' it loads on
-                now = time.time()
-                where = None if self._budget.budgets.get(device) else gpus
-                for busy in [n for n, r in self._res.items() if shares_room(r, device, where) and n in self._runners
-                             and n not in held and not self._idle(n, now)]:
-                    held.add(busy)
-                    self._held[busy] += 1
-                await asyncio.sleep(ROOM_POLL_SECONDS)
-        finally:
-            self._room_waits.discard(name)
-            for model in held:
-                self._held[model] -= 1
-                if self._held[model] <= 0:
-                    del self._held[model]
-
-    async def _behind_swaps(self, name: str) -> None:
-        """Wait while a load for another model waits for ``name``'s room (``load_wait_seconds`` per wait; a load
-        whose room another load took waits once more, see ``Engine._room_turn``)."""
-        while name in self._held:
-            await asyncio.sleep(ROOM_POLL_SECONDS)
-
-    async def _make_room(self, name: str, needed: int, device: str, gpus: tuple[int, ...] | None = None) -> None:
-        """Unload idle models LRU-first until ``needed`` bytes fit on ``device`` (on ``gpus``, None: all, when
-        there is no GPU budget and the room is measured); Overloaded if impossible."""
-        while True:  # re-planned after every await: another load may have taken room meanwhile
-            victims = await self._plan_room(name, needed, device, gpus)
-            if not victims:
-                return  # fits now; the caller reserves the room before its next await
-            for victim in victims:
-                log.info("unloading idle model %s to make room for %s", victim, name)
-                await self._evict(victim)
 
     async def _evict(self, name: str) -> None:
         """Unload ``name``; the runner leaves the table before any await, its memory counts until it is freed."""

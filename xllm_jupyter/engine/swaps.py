@@ -1,0 +1,136 @@
+"""Making room for a load: which idle models to unload, waiting for busy ones, and turns on the GPU.
+
+A load that needs the room of models in use waits for their requests to end (``engine.load_wait_seconds``)
+rather than being refused while another user's model is busy, and new requests for those models wait behind
+it (``_behind_swaps``): users who want different models take turns instead of the busier one locking the
+other out. GPU loads run one at a time (``_gpu_turn``), each making its room inside its turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from typing import Any, AsyncIterator, Callable
+
+from ..backends import torch_device
+from ..core.errors import Overloaded
+from .manager import MemoryBudget, Residency, shares_room
+
+log = logging.getLogger(__name__)
+
+#: how often a load waiting for models in use to go idle looks again
+ROOM_POLL_SECONDS = 0.1
+
+
+class SwapMixin:
+    """Engine methods that make room for a load and order loads; the Engine owns the state they use."""
+
+    _runners: dict[str, Any]
+    _res: dict[str, Residency]
+    _budget: MemoryBudget
+    _gpu_loads: asyncio.Lock
+    _load_wait: float
+    _held: Counter[str]
+    _room_waits: set[str]
+    # ResidencyMixin's
+    _idle: Callable[[str, float], bool]
+    _memory_records: Callable[[], dict[str, Residency]]
+    _evict: Callable[[str], Any]
+
+    @contextlib.asynccontextmanager
+    async def _room_turn(self, name: str, needed: int, device: str, gpus: tuple[int, ...] | None,
+                         settled: Callable[[], bool] | None = None) -> AsyncIterator[None]:
+        """Wait for room (``_await_room``), then hold the GPU turn with the room made (``_make_room``).
+
+        Two loads that waited at once can both have counted the same idle model as their room; the
+        one whose turn comes second finds it taken. It waits for room again, once, instead of a 503:
+        the first load's model frees it when its requests end. ``settled()`` true in the turn: no room
+        is made (the model was loaded meanwhile; the body sees that too).
+        """
+        for last in (False, True):
+            await self._await_room(name, needed, device, gpus)  # models in use free room when their requests end
+            async with self._gpu_turn(device):
+                if settled is None or not settled():
+                    try:
+                        await self._make_room(name, needed, device, gpus)
+                    except Overloaded as exc:
+                        if last or exc.code != "insufficient_memory" or self._load_wait <= 0:
+                            raise
+                        log.info("another load took the room %s waited for; waiting again", name)
+                        continue
+                yield
+                return
+
+    def _gpu_turn(self, device: str) -> contextlib.AbstractAsyncContextManager:
+        """One GPU load at a time, from its room check to its last weight: loads share the PCIe link and the
+        disk anyway, a backend measures its model as the change in the process's GPU memory (another load
+        would blur it), and a room check measured on the device must not count what another load is about
+        to take as free."""
+        return self._gpu_loads if device == "cuda" else contextlib.nullcontext()
+
+    async def _plan_room(self, name: str, needed: int, device: str, gpus: tuple[int, ...] | None) -> list[str]:
+        """The idle models to unload so ``needed`` bytes fit now (``MemoryBudget.plan``); Overloaded if none do."""
+        now = time.time()
+        idle = [n for n in self._runners if self._idle(n, now)]
+        room = None
+        if device == "cuda" and not self._budget.budgets.get(device):
+            room = await asyncio.to_thread(torch_device.cuda_room_bytes, gpus)
+        return self._budget.plan(name, needed, device, self._memory_records(), idle, device_room=room, gpus=gpus)
+
+    async def _await_room(self, name: str, needed: int, device: str, gpus: tuple[int, ...] | None = None) -> None:
+        """Wait up to ``engine.load_wait_seconds`` while models in use hold the room ``name`` needs.
+
+        Their requests end and free it; refusing at once would leave a user who wants another model
+        nothing but 503s for as long as someone keeps the loaded one busy, even with pauses of a
+        second between requests. Runs before the GPU turn, so other loads are not held up meanwhile.
+        """
+        deadline = time.monotonic() + self._load_wait
+        held: set[str] = set()
+        try:
+            while True:
+                try:
+                    await self._plan_room(name, needed, device, gpus)
+                    return
+                except Overloaded as exc:
+                    if exc.code != "insufficient_memory" or time.monotonic() >= deadline:
+                        if exc.code == "insufficient_memory" and self._load_wait > 0:
+                            raise Overloaded(f"{exc.message} (waited {self._load_wait:g} s for them to finish)",
+                                             code=exc.code) from None
+                        raise
+                self._room_waits.add(name)  # shown while loading (``waiting_for_room``)
+                # new requests for the busy models in its way wait behind this load (see _behind_swaps); a
+                # budget is the device's as a whole, measured room only the GPUs' it loads on
+                now = time.time()
+                where = None if self._budget.budgets.get(device) else gpus
+                for busy in [n for n, r in self._res.items() if shares_room(r, device, where) and n in self._runners
+                             and n not in held and not self._idle(n, now)]:
+                    held.add(busy)
+                    self._held[busy] += 1
+                await asyncio.sleep(ROOM_POLL_SECONDS)
+        finally:
+            self._room_waits.discard(name)
+            for model in held:
+                self._held[model] -= 1
+                if self._held[model] <= 0:
+                    del self._held[model]
+
+    async def _behind_swaps(self, name: str) -> None:
+        """Wait while a load for another model waits for ``name``'s room (``load_wait_seconds`` per wait; a load
+        whose room another load took waits once more, see ``_room_turn``)."""
+        while name in self._held:
+            await asyncio.sleep(ROOM_POLL_SECONDS)
+
+    async def _make_room(self, name: str, needed: int, device: str, gpus: tuple[int, ...] | None = None) -> None:
+        """Unload idle models LRU-first until ``needed`` bytes fit on ``device`` (on ``gpus``, None: all, when
+        there is no GPU budget and the room is measured); Overloaded if impossible."""
+        while True:  # re-planned after every await: another load may have taken room meanwhile
+            victims = await self._plan_room(name, needed, device, gpus)
+            if not victims:
+                return  # fits now; the caller reserves the room before its next await
+            for victim in victims:
+                log.info("unloading idle model %s to make room for %s", victim, name)
+                await self._evict(victim)
+
