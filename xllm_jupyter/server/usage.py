@@ -7,7 +7,7 @@ per UTC day; per-user and per-group overrides), and every finished generation is
 charged to its user by ``UsageTracker.charge_generation``, which the metrics wrapper of the
 engine (``ServerMetrics.observed``) calls with each generation's final usage. While a
 generation runs, the most it can use is held against the daily quota
-(``UsageTracker.hold_generation``), so concurrent requests cannot pass it together.
+(``UsageTracker.hold_generation``, in usage_live.py), so concurrent requests cannot pass it together.
 
 Prometheus labels carry user names, so their number is capped
 (``quotas.metrics_max_users``): users past the cap share the label ``other``.
@@ -30,14 +30,13 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client import Counter as PromCounter
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 
 from ..core.config import QuotaConfig
 from ..core.errors import ConfigError, RateLimited
 from ..core.types import UserSequences
 from .handlers import METERED_ROUTES, RequestMixin
 from .usage_file import UsageSaver, read_usage
+from .usage_live import LiveUsageMixin, QueueCollector
 
 #: the metrics label of users past ``quotas.metrics_max_users``
 OTHER = "other"
@@ -141,7 +140,7 @@ def _seconds_to_midnight(now: float) -> int:
     return max(1, int(midnight - now) + 1)
 
 
-class UsageTracker:
+class UsageTracker(LiveUsageMixin):
     """Quotas and usage per user for one server; thread-safe (metrics scrapes read it too)."""
 
     def __init__(self, config: QuotaConfig | None = None, registry: CollectorRegistry | None = None,
@@ -169,7 +168,7 @@ class UsageTracker:
         self.m_in_flight = Gauge("xllm_user_requests_in_flight", "Generation requests in flight, by user.", ("user",), registry=r)
         #: each user's sequences in the engine now (``Engine.user_counts``; None: not known)
         self.queues: Callable[[], dict[str, UserSequences]] | None = None
-        r.register(_QueueCollector(self))
+        r.register(QueueCollector(self))
 
     # ----------------------------------------------------------------- limits
     def limits(self, caller: Caller) -> tuple[int, int]:
@@ -187,6 +186,10 @@ class UsageTracker:
         if not found:
             return default
         return 0 if 0 in found else max(found)  # the most generous group wins; 0 = unlimited
+
+    def _day_quota(self, user: str, groups: tuple[str, ...]) -> int:
+        """The daily token quota of ``user`` as a member of ``groups`` (0 = unlimited)."""
+        return self.limits(Caller(user or None, groups))[1]
 
     def _label(self, user: str) -> str:
         """``user`` as a metrics label, or ``other`` once the label budget is spent (lock held)."""
@@ -242,47 +245,6 @@ class UsageTracker:
             label = self._label(user or "anonymous")
         self.m_in_flight.labels(label).dec()
 
-    def hold_generation(self, request: Any) -> Callable[[], None]:
-        """Hold the most a generation can use of its user's daily quota while it runs; returns the release.
-
-        Its prompt plus ``n x max_tokens`` (the serving layer's bound when the request set none:
-        what fits the context, capped by ``server.max_tokens_limit``) counts as used until it ends
-        and is charged what it really used. RateLimited (429) when the user has other generations
-        running and this one could take the tokens used today past the quota: concurrent requests
-        are refused instead of overshooting. One alone always runs, as sequential requests do; the
-        generations of one request (a legacy completion's prompts) never refuse each other.
-        """
-        user = request.user or ""
-        tokens = len(request.prompt_ids) + request.params.n * request.params.max_tokens
-        # (serving always names its requests; a nameless one is a request of its own)
-        hold = (user, request.request_id or f"#{id(request)}")
-        with self._lock:
-            entry = self._entry(user)
-            per_day = self.limits(Caller(user or None, entry.groups))[1]
-            if not per_day:
-                return _nothing
-            others = entry.reserved - self._holds[hold]
-            if others > 0 and entry.tokens_today + entry.reserved + tokens > per_day:
-                self._reject(entry, self._label(user or "anonymous"), "tokens_per_day")
-                raise RateLimited(
-                    f"Daily token quota: {entry.tokens_today} of {per_day} tokens used today and {entry.reserved} "
-                    f"held by this user's requests running now; this one could use {tokens} (prompt + n x max_tokens). "
-                    "Retry when one finishes, or ask for fewer max_tokens.",
-                    retry_after=1,
-                )
-            entry.reserved += tokens
-            self._holds[hold] += tokens
-
-        def release() -> None:
-            with self._lock:
-                held = self._entry(user)
-                held.reserved = max(0, held.reserved - tokens)
-                self._holds[hold] -= tokens
-                if self._holds[hold] <= 0:
-                    del self._holds[hold]
-
-        return release
-
     def _reject(self, entry: _UserUsage, label: str, reason: str) -> None:
         entry.rejected[reason] += 1
         self._changed()
@@ -335,23 +297,6 @@ class UsageTracker:
             entry = self._users.get(user or "")
             return entry.in_flight if entry else 0
 
-    def queue_counts(self) -> dict[str, UserSequences]:
-        """Each user's sequences in the engine now (empty when the engine cannot say)."""
-        if self.queues is None:
-            return {}
-        try:
-            return self.queues()
-        except Exception:  # an engine mid-shutdown: no figures rather than a failed page or scrape
-            return {}
-
-    def queue_labels(self) -> dict[str, UserSequences]:
-        """``queue_counts`` by metrics label: every label seen so far (0 when idle), users past the cap as ``other``."""
-        counts = self.queue_counts()
-        with self._lock:
-            seen = {label: UserSequences() for label in self._labels}
-            labelled = [{self._label(user or "anonymous"): seqs} for user, seqs in counts.items()]
-        return UserSequences.summed([seen, *labelled])
-
     def snapshot(self, user: str | None = None) -> list[dict[str, Any]]:
         """Per-user totals (one user's, if named), for ``/admin/usage`` and the hub page.
 
@@ -380,33 +325,6 @@ class UsageTracker:
                     "rejected": dict(e.rejected),
                 })
             return rows
-
-
-def _nothing() -> None:
-    """The release of a generation that held nothing."""
-
-
-class _QueueCollector(Collector):
-    """``xllm_user_sequences_running`` / ``_queued``, read from the engine at scrape time."""
-
-    def __init__(self, tracker: UsageTracker):
-        self.tracker = tracker
-
-    def describe(self) -> Iterable[Any]:
-        """Nothing up front: the labels depend on who has been seen."""
-        return []
-
-    def collect(self) -> Iterable[Any]:
-        """Each user's sequences holding a batch slot, and those waiting for one."""
-        running = GaugeMetricFamily("xllm_user_sequences_running", "Sequences generating now (batch slots held), "
-                                    "by user.", labels=("user",))
-        queued = GaugeMetricFamily("xllm_user_sequences_queued", "Sequences waiting for a batch slot, by user.",
-                                   labels=("user",))
-        for label, seqs in sorted(self.tracker.queue_labels().items()):
-            running.add_metric([label], float(seqs.running))
-            queued.add_metric([label], float(seqs.queued))
-        yield running
-        yield queued
 
 
 class AdminUsageMixin(RequestMixin):
