@@ -207,6 +207,39 @@ def test_the_cache_is_bounded_in_bytes_and_keeps_no_huge_response():
     assert 0 < len(held) < 40 and sum(held) <= budget and max(held) < budget // 4
 
 
+def test_the_cache_parses_and_hashes_a_big_body_off_the_loop(monkeypatch):
+    """The cache reads every deterministic body: a big one must not stall the IOLoop (see offload.py)."""
+    from xllm_jupyter.openai.cache import ResponseCache
+
+    monkeypatch.setattr("xllm_jupyter.openai.offload.INLINE_BODY_BYTES", 1024)
+    on_loop: list[bool] = []
+    real_key = ResponseCache.key
+
+    def key(self, *args):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:  # a worker thread
+            on_loop.append(False)
+        return real_key(self, *args)
+
+    monkeypatch.setattr(ResponseCache, "key", key)
+    cache = ResponseCache(CacheConfig(enabled=True))
+
+    async def model_identity(name: str) -> str:
+        return "weights"
+
+    async def answer(body: bytes) -> dict:
+        return {"id": "chatcmpl-1"}
+
+    async def serve_both() -> list:
+        small = b'{"model": "m", "seed": 1}'
+        return [await cache.serve("chat", body, answer, model_identity) for body in (small, small + b" " * 2048)]
+
+    assert asyncio.run(serve_both()) == [{"id": "chatcmpl-1"}] * 2  # the big body is the same request: a hit
+    assert on_loop == [True, False] and cache.hits == 1
+
+
 def test_sampled_requests_are_never_cached(cached_server):
     body = {**CHAT, "temperature": 0.8, "messages": [{"role": "user", "content": "do not cache me"}]}
     with _http(cached_server) as http:

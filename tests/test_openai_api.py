@@ -384,3 +384,45 @@ def test_admin_models_and_reload(client, raw):
     r = raw.post("/admin/models/load", json={"model": TINY})
     assert r.status_code == 200 and r.json()["xllm"]["loaded"] is True
     assert client.chat.completions.create(model=TINY, messages=MSG, max_tokens=2).usage.completion_tokens <= 2
+
+
+# ------------------------------------------------------------------------- the IOLoop
+def _on_the_loop() -> bool:
+    """True when called on a thread that runs an event loop (the server's IOLoop), not a worker thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"model": TINY, "messages": MSG, "max_tokens": 2}),
+    ("/v1/completions", {"model": TINY, "prompt": "Say", "max_tokens": 2}),
+    ("/v1/embeddings", {"model": TINY, "input": "Say"}),
+    ("/v1/responses", {"model": TINY, "input": "Say", "max_output_tokens": 2, "store": False}),
+])
+def test_a_big_body_is_parsed_on_a_worker_thread_and_a_small_one_on_the_loop(raw, monkeypatch, path, body):
+    # every stream and /health share the IOLoop: a 4 MiB body of 40k messages took it 0.1-0.7 s to parse
+    from xllm_jupyter.openai.embeddings import EmbeddingRequest
+    from xllm_jupyter.openai.protocol import ChatCompletionRequest, CompletionRequest
+    from xllm_jupyter.openai.responses import ResponsesRequest
+
+    # the session server takes bodies up to 256 KiB, the usual threshold: a lower one here
+    monkeypatch.setattr("xllm_jupyter.openai.offload.INLINE_BODY_BYTES", 4096)
+    parsed: list[tuple[str, bool]] = []  # (request type, parsed on the loop), as the real parser validates
+    for cls in (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ResponsesRequest):
+        def check(self, _real=cls.check):
+            parsed.append((type(self).__name__, _on_the_loop()))
+            _real(self)
+        monkeypatch.setattr(cls, "check", check)
+    small = json.dumps(body)
+    answers = []
+    for text, on_loop in ((small, True), (small + " " * 8192, False)):  # the same request, past the threshold
+        parsed.clear()
+        r = raw.post(path, content=text, headers={"Content-Type": "application/json"})
+        answers.append((r.status_code, r.json().get("error")))
+        assert parsed[0][1] is on_loop, (len(text), parsed)  # (Responses then parses its chat body: small here)
+    assert answers[0] == answers[1]  # the same answer either way
+    if path != "/v1/embeddings":  # (the tiny chat model makes no embeddings: the same 4xx twice)
+        assert answers[0] == (200, None)

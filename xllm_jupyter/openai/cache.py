@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from cachetools import TTLCache
 
 from ..core.config import CacheConfig
+from .offload import is_big, off_loop_if
 
 Chunk = dict[str, Any]
 Result = dict[str, Any] | AsyncIterator[Chunk]
@@ -117,13 +118,14 @@ class ResponseCache:
         """
         if not self.enabled:
             return await produce(body)
+        big = is_big(body)  # then parsing and hashing it run off the IOLoop
         try:
-            parsed = json.loads(body)
+            parsed = await off_loop_if(big, json.loads, body)
         except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
             return await produce(body)
         if not isinstance(parsed, dict) or not isinstance(parsed.get("model"), str) or not is_deterministic(parsed):
             return await produce(body)
-        key = self.key(endpoint, parsed, await model_identity(parsed["model"]), namespace)
+        key = await off_loop_if(big, self.key, endpoint, parsed, await model_identity(parsed["model"]), namespace)
         form = _form(parsed)
         cached = self._get(key, form)
         if cached is not None:

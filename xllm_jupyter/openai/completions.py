@@ -16,7 +16,8 @@ from ..engine.manager import request_keep_alive
 from .cache import ResponseCache
 from .generation import Chunk, check_token_ids, engine_failure, envelope, interleaved, started, sum_usage
 from .model_defaults import ModelDefaults
-from .protocol import SYSTEM_FINGERPRINT, CompletionRequest, legacy_logprobs, legacy_text_advance, parse_request, usage_dict
+from .offload import is_big, off_loop_if, parse_body
+from .protocol import SYSTEM_FINGERPRINT, CompletionRequest, legacy_logprobs, legacy_text_advance, usage_dict
 
 
 class CompletionsMixin:
@@ -40,7 +41,7 @@ class CompletionsMixin:
 
     async def _completion(self, body: bytes, user: str | None = None,
                           manages: bool = True) -> dict[str, Any] | AsyncIterator[Chunk]:
-        req: CompletionRequest = parse_request(CompletionRequest, body)
+        req: CompletionRequest = await parse_body(CompletionRequest, body)
         keep_alive = request_keep_alive(req.keep_alive, manages)
         n = req.n or 1
         prompts = req.prompts()
@@ -62,7 +63,7 @@ class CompletionsMixin:
                 ids = await self.engine.encode_text(req.model, p)
                 offsets.append(len(p))
             else:
-                check_token_ids(p, model, "prompt")
+                await off_loop_if(is_big(body), check_token_ids, p, model, "prompt")
                 ids = p
                 offsets.append(0)
             # OpenAI's legacy endpoint defaults to 16 tokens, unlike chat

@@ -16,7 +16,8 @@ from pydantic import Field
 
 from ..core.errors import InvalidRequest
 from ..engine.manager import request_keep_alive
-from .protocol import StrictModel, parse_request
+from .offload import parse_body
+from .protocol import StrictModel
 
 #: most inputs one request may carry (OpenAI's limit)
 MAX_INPUTS = 2048
@@ -90,7 +91,7 @@ def encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str
 
 async def create_embeddings(engine: Any, body: bytes, manages: bool = True) -> dict[str, Any]:
     """``POST /v1/embeddings``: the OpenAI response dict (``manages``: the caller may send ``keep_alive``)."""
-    req: EmbeddingRequest = parse_request(EmbeddingRequest, body)
+    req: EmbeddingRequest = await parse_body(EmbeddingRequest, body)
     keep_alive = request_keep_alive(req.keep_alive, manages)
     _check_dimensions(req, engine.embedding_dimension(req.model))  # before the forward when loaded
     result = await engine.embed(req.model, req.inputs(), keep_alive=keep_alive)

@@ -17,7 +17,8 @@ from typing import Any, AsyncIterator, Literal, Union
 from pydantic import Field
 
 from ..core.errors import InvalidRequest, Unsupported, XllmError
-from .protocol import MAX_TOP_LOGPROBS, StrictModel, parse_request
+from .offload import is_big, off_loop_if, parse_body
+from .protocol import MAX_TOP_LOGPROBS, StrictModel
 from .response_items import (chat_tool_choice, chat_tools, function_call_item, items_to_messages, last_item_status, message_item, new_id,
                              normalize_input, output_items)
 from .response_store import ResponseStore, StoredResponse
@@ -201,6 +202,15 @@ def _relabel(exc: XllmError) -> XllmError:
     return exc
 
 
+#: stored conversations up to this many messages are re-serialized on the IOLoop
+_INLINE_HISTORY = 2000
+
+
+def _encoded(chat: dict[str, Any]) -> bytes:
+    """The chat request body for ``chat``."""
+    return json.dumps(chat).encode("utf-8")
+
+
 class ResponsesServing:
     """``/v1/responses`` over an ``OpenAIServing`` and a ResponseStore."""
 
@@ -213,7 +223,8 @@ class ResponsesServing:
 
         ``user`` owns the stored response; only they can retrieve, continue or delete it.
         """
-        req: ResponsesRequest = parse_request(ResponsesRequest, body)
+        big = is_big(body)  # then parsing, translating and re-serializing run off the IOLoop
+        req: ResponsesRequest = await parse_body(ResponsesRequest, body)
         chat: dict[str, Any] = {"model": req.model}
         fmt = req.response_format()
         if fmt is not None:
@@ -222,12 +233,12 @@ class ResponsesServing:
             chat["tools"] = chat_tools(req.tools)
         if req.tool_choice is not None:
             chat["tool_choice"] = chat_tool_choice(req.tool_choice)
-        items = normalize_input(req.input)  # type: ignore[arg-type]
+        items = await off_loop_if(big, normalize_input, req.input)
         history: list[dict[str, Any]] = []
         if req.previous_response_id is not None:
             history = self.store.get(req.previous_response_id, param="previous_response_id", owner=user).conversation
         system = [{"role": "system", "content": req.instructions}] if req.instructions else []
-        chat["messages"] = system + history + items_to_messages(items)
+        chat["messages"] = system + history + await off_loop_if(big, items_to_messages, items)
         for src, dst in (("max_output_tokens", "max_completion_tokens"), ("temperature", "temperature"), ("top_p", "top_p"), ("user", "user"), ("parallel_tool_calls", "parallel_tool_calls")):
             if getattr(req, src) is not None:
                 chat[dst] = getattr(req, src)
@@ -241,7 +252,9 @@ class ResponsesServing:
             chat["stream_options"] = {"include_usage": True}
         turn = _Turn(req, items, history, user)
         try:
-            result = await self.chat.chat_completion(json.dumps(chat).encode("utf-8"), user=user)
+            # a long stored conversation costs as much to re-serialize as a big body
+            chat_body = await off_loop_if(big or len(history) > _INLINE_HISTORY, _encoded, chat)
+            result = await self.chat.chat_completion(chat_body, user=user)
         except XllmError as exc:
             raise _relabel(exc) from None
         if req.stream:

@@ -24,6 +24,7 @@ from .cache import ResponseCache
 from .completions import CompletionsMixin
 from .generation import Chunk, check_token_ids, engine_failure, envelope, started
 from .model_defaults import ModelDefaults
+from .offload import is_big, off_loop_if, parse_body
 from .tool_calling import ToolCalling
 from .protocol import (
     SYSTEM_FINGERPRINT,
@@ -169,11 +170,12 @@ class OpenAIServing(CompletionsMixin):
 
     async def _chat_completion(self, body: bytes, user: str | None = None,
                                manages: bool = True) -> dict[str, Any] | AsyncIterator[Chunk]:
-        req: ChatCompletionRequest = parse_request(ChatCompletionRequest, body)
+        req: ChatCompletionRequest = await parse_body(ChatCompletionRequest, body)
         keep_alive = request_keep_alive(req.keep_alive, manages)
         n = req.n or 1
         self._check_n(n)
-        messages = req.core_messages()
+        big = is_big(body)  # then the work proportional to it runs off the IOLoop
+        messages = await off_loop_if(big, req.core_messages)
         model = await self.engine.load(req.model)
         defaults = ModelDefaults.of(self.engine, req.model)  # a created model's Modelfile settings
         req = defaults.apply(req)
@@ -185,7 +187,7 @@ class OpenAIServing(CompletionsMixin):
         if constraint is not None:
             # compiled before anything is queued or streamed: a bad schema is a plain 400
             await self.engine.check_constraint(req.model, constraint, param="tools" if tools.cfg.constrained else "response_format")
-        prompt = await self.engine.encode_chat(req.model, *tools.prompt(messages))
+        prompt = await self.engine.encode_chat(req.model, *await off_loop_if(big, tools.prompt, messages))
         max_tokens = self._max_tokens(
             req.requested_max_tokens, req.max_tokens_param, len(prompt), model.context_length, "messages", defaults.max_tokens(None)
         )
