@@ -134,6 +134,13 @@ def chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
     raise Unsupported(f"tool_choice of type {choice.get('type')!r} is not supported by this server", param="tool_choice")
 
 
+def response_status(finish_reason: str | None) -> tuple[str, dict[str, Any] | None]:
+    """A Response's ``status`` and ``incomplete_details`` for its chat reply's ``finish_reason``."""
+    if finish_reason == "length":
+        return "incomplete", {"reason": "max_output_tokens"}
+    return "completed", None
+
+
 def last_item_status(item: dict[str, Any], status: str) -> str:
     """The status of a reply's last item when the reply ended with ``status``: a cut reply (``incomplete``) was cut
     inside it, unless it is a call whose arguments are complete JSON (the cut came after it)."""

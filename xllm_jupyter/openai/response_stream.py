@@ -1,0 +1,154 @@
+"""A streamed Response (``/v1/responses`` with ``stream: true``): chat chunks in, typed Responses events out."""
+
+from __future__ import annotations
+
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+from .response_items import function_call_item, last_item_status, message_item, new_id, response_status
+from .response_store import ResponseStore
+
+if TYPE_CHECKING:
+    from .responses import Turn
+
+Event = dict[str, Any]
+
+
+class ResponseEventStream:
+    """A streamed Response: chat chunks in, typed Responses events out, one output item at a time.
+
+    Items are streamed as OpenAI streams them: each is added, filled and done before the
+    next is added (text, then each function call), so ``output_index`` only grows and a
+    client may treat ``output_item.done`` as final. When the request cut the reply short,
+    the item open at the cut is ``incomplete``; those closed before it are ``completed``.
+    """
+
+    def __init__(self, turn: Turn, store: ResponseStore, chunks: AsyncIterator[dict[str, Any]]):
+        self._turn = turn
+        self._store = store
+        self._chunks = chunks
+        self._seq = 0
+        self._output: list[dict[str, Any]] = []  # items in output order; the last may still be open
+        self._open = False  # whether the last item in _output is still being streamed
+        self._texts: list[str] = []  # the open message's text so far
+        self._want_lp = turn.req.logprobs
+        self._logprobs: list[dict[str, Any]] = []  # the open message's token logprobs so far (when asked for)
+        self._unsent: list[dict[str, Any]] = []  # those of tokens with no text yet (part of a character): the next delta's
+        self._events = self._run()
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._events
+
+    async def aclose(self) -> None:
+        """Stop early (closes the chat stream, which cancels the generation)."""
+        await self._events.aclose()
+
+    def failure_events(self, body: dict[str, Any]) -> list[Event]:
+        """The events that end this stream when it fails midway with OpenAI error ``body``.
+
+        An ``error`` event (its fields as OpenAI's; the ``error`` object too, which makes the
+        openai SDKs raise ``APIError`` as they do for chat) and ``response.failed``, whose
+        response is not stored.
+        """
+        err = body.get("error") or {}
+        message = err.get("message") or "The response failed."
+        code = err.get("code") or "server_error"
+        failed = self._turn.response("failed", self._output, None, None, error={"code": code, "message": message})
+        return [
+            self._event("error", code=code, message=message, param=err.get("param"), error=err),
+            self._event("response.failed", response=failed),
+        ]
+
+    # ------------------------------------------------------------------ events
+    def _event(self, kind: str, **fields: Any) -> Event:
+        self._seq += 1
+        return {"type": kind, **fields, "sequence_number": self._seq - 1}
+
+    def _open_message(self) -> list[Event]:
+        # the first message has the id a non-streamed reply would give it; a later one (text after a call) a new one
+        mid = self._turn.mid if not any(i["type"] == "message" for i in self._output) else new_id("msg_")
+        self._output.append(message_item("assistant", "", mid, "in_progress"))
+        self._open, self._texts, self._logprobs, self._unsent = True, [], [], []
+        at = len(self._output) - 1
+        return [
+            self._event("response.output_item.added", output_index=at, item={**self._output[-1], "content": []}),
+            self._event("response.content_part.added", item_id=mid, output_index=at, content_index=0,
+                        part={"type": "output_text", "text": "", "annotations": []}),
+        ]
+
+    def _open_call(self, call_id: str, name: str) -> list[Event]:
+        self._output.append(function_call_item(call_id, name, "", status="in_progress"))
+        self._open = True
+        return [self._event("response.output_item.added", output_index=len(self._output) - 1, item=dict(self._output[-1]))]
+
+    def _close(self, status: str = "completed") -> list[Event]:
+        """Finish the open item (nothing when none is open)."""
+        if not self._open:
+            return []
+        self._open = False
+        at = len(self._output) - 1
+        item = self._output[at]
+        if item["type"] == "message":
+            text = "".join(self._texts)
+            self._output[at] = done = message_item("assistant", text, item["id"], status, self._logprobs if self._want_lp else None)
+            events = [
+                self._event("response.output_text.done", item_id=item["id"], output_index=at, content_index=0, text=text,
+                            logprobs=self._logprobs),
+                self._event("response.content_part.done", item_id=item["id"], output_index=at, content_index=0, part=done["content"][0]),
+            ]
+        else:
+            self._output[at] = done = {**item, "status": last_item_status(item, status)}
+            events = [self._event("response.function_call_arguments.done", item_id=done["id"], output_index=at,
+                                  name=done["name"], arguments=done["arguments"])]
+        return events + [self._event("response.output_item.done", output_index=at, item=done)]
+
+    def _open_is(self, kind: str) -> bool:
+        return self._open and self._output[-1]["type"] == kind
+
+    async def _run(self) -> AsyncIterator[Event]:
+        turn = self._turn
+        yield self._event("response.created", response=turn.response("in_progress", [], None, None))
+        yield self._event("response.in_progress", response=turn.response("in_progress", [], None, None))
+        calls: dict[int, int] = {}  # chat tool-call index -> output index
+        finish = None
+        usage = None
+        async with aclosing(self._chunks):  # type: ignore[type-var]
+            async for chunk in self._chunks:
+                choices = chunk["choices"]
+                if not choices:
+                    usage = chunk.get("usage") or usage
+                    continue
+                delta = choices[0]["delta"]
+                finish = choices[0]["finish_reason"] or finish
+                logprobs = (choices[0].get("logprobs") or {}).get("content") or []
+                if delta.get("content") or logprobs:
+                    if not self._open_is("message"):
+                        for ev in self._close() + self._open_message():
+                            yield ev
+                    self._logprobs += logprobs
+                    self._unsent += logprobs
+                if delta.get("content"):
+                    self._texts.append(delta["content"])
+                    at = len(self._output) - 1
+                    yield self._event("response.output_text.delta", item_id=self._output[at]["id"], output_index=at,
+                                      content_index=0, delta=delta["content"], logprobs=self._unsent)
+                    self._unsent = []
+                for tc in delta.get("tool_calls") or ():
+                    fn = tc.get("function") or {}
+                    if tc["index"] not in calls:
+                        for ev in self._close() + self._open_call(tc["id"], fn.get("name", "")):
+                            yield ev
+                        calls[tc["index"]] = len(self._output) - 1
+                    at = calls[tc["index"]]
+                    if fn.get("arguments"):
+                        self._output[at]["arguments"] += fn["arguments"]
+                        yield self._event("response.function_call_arguments.delta", item_id=self._output[at]["id"],
+                                          output_index=at, delta=fn["arguments"])
+        if not self._output:
+            for ev in self._open_message():
+                yield ev
+        status, incomplete = response_status(finish)
+        for ev in self._close(status):
+            yield ev
+        final = turn.finish(self._store, self._output, status, incomplete, usage)
+        yield self._event("response.completed" if status == "completed" else "response.incomplete", response=final)
