@@ -302,11 +302,17 @@ async def test_a_failed_warm_up_fails_the_load_cleanly_and_the_engine_goes_on():
     await engine.stop()
 
 
-async def test_engine_settings_reach_the_backend_as_options():
-    backend = FakeBackend()
-    seen = []
+def _options_of_loads(backend: FakeBackend) -> list[BackendOptions]:
+    """The options of every load ``backend`` is asked for, as they happen."""
+    seen: list[BackendOptions] = []
     load = backend.load
     backend.load = lambda spec: seen.append(spec.options) or load(spec)
+    return seen
+
+
+async def test_engine_settings_reach_the_backend_as_options():
+    backend = FakeBackend()
+    seen = _options_of_loads(backend)
     engine = Engine(EngineConfig(device="cpu", dtype="float32", torch_threads=1, max_batch_size=3, cache_tokens=4096,
                                  kv_cache_bits="q8", gpu_split=("20",), ngram_draft=3, compile="on"), FakeCatalog(),
                     [backend])
@@ -319,9 +325,7 @@ async def test_engine_settings_reach_the_backend_as_options():
 
 async def test_a_models_own_options_override_the_engines_and_bad_ones_are_clear_errors():
     backend = FakeBackend()
-    seen = []
-    load = backend.load
-    backend.load = lambda spec: seen.append(spec.options) or load(spec)
+    seen = _options_of_loads(backend)
     catalog = FakeCatalog(["fake", "typo", "wrong-type"])
     resolve = catalog.resolve
     overrides = {"fake": {"max_batch_size": 2, "gpu_split": [20, 24]}, "typo": {"max_batch_sise": 2},

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import select
 import socket
 import time
 from pathlib import Path
@@ -120,9 +119,8 @@ def test_a_preflight_keeps_the_connection_for_the_request_after_it(edge_server):
         first = conn.getresponse()
         first.read()
         assert first.status == 204 and first.getheader("Connection", "").lower() != "close"
-        # the old server closed its end right after the 204: the socket turned readable with EOF
-        readable, _, _ = select.select([conn.sock], [], [], 0.5)
-        assert not readable or conn.sock.recv(1, socket.MSG_PEEK) != b"", "the server closed the connection"
+        # the real check, with no timing in it: had the server closed its end after the 204 (whenever), this
+        # request on the same socket would meet EOF or a reset and http.client would raise, not answer
         conn.request("GET", "/v1/models", headers={"Origin": ORIGIN, "Authorization": f"Bearer {edge_server.api_key}"})
         second = conn.getresponse()
         assert second.status == 200 and json.loads(second.read())["data"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -41,6 +42,31 @@ async def _until(pred, timeout: float = 10.0) -> None:
     while not pred():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.005)
+
+
+@contextlib.asynccontextmanager
+async def _alice_busy_on_a(tmp_path, max_tokens: int = 250, *, on_gpu: bool = False, **config):
+    """An engine with room for one model, and alice generating with "a" in it; stopped on the way out.
+
+    Yields ``(engine, backend, alice's task)``. ``on_gpu``: the room is a GPU budget (models on cuda),
+    else a memory budget.
+    """
+    budget = "gpu_memory_budget_bytes" if on_gpu else "memory_budget_bytes"
+    engine, backend = _engine(tmp_path, keep_alive="-1", **{budget: int(SIZE * 1.5)}, **config)
+    if on_gpu:
+        backend.memory_device = lambda spec: "cuda"
+    await engine.start()
+    alice = None
+    try:
+        await engine.load("a")
+        alice = asyncio.create_task(_run(engine, _req("a", "alice", max_tokens=max_tokens)))
+        await _until(lambda: engine.stats("a").running == 1)
+        yield engine, backend, alice
+    finally:
+        if alice is not None:
+            alice.cancel()
+            await asyncio.gather(alice, return_exceptions=True)
+        await engine.stop()
 
 
 # ------------------------------------------------------------------ the queue bound
@@ -82,34 +108,18 @@ async def test_n_counts_against_the_queue_bound(tmp_path):
 # ------------------------------------------------------------------ model swaps
 async def test_a_load_waits_for_the_model_in_use_instead_of_503(tmp_path):
     # room for one model: bob's model b needs a's room while alice generates with a
-    engine, backend = _engine(tmp_path, memory_budget_bytes=int(SIZE * 1.5), keep_alive="-1")
-    await engine.start()
-    try:
-        await engine.load("a")
-        alice = asyncio.create_task(_run(engine, _req("a", "alice", max_tokens=100)))
-        await _until(lambda: engine.stats("a").running == 1)
+    async with _alice_busy_on_a(tmp_path, max_tokens=100) as (engine, backend, alice):
         await _run(engine, _req("b", "bob"))  # waits for alice's request to end, then a makes room for b
         assert alice.done() and not alice.exception()
         assert engine.is_loaded("b") and not engine.is_loaded("a") and backend.models["a"].unloaded
-    finally:
-        await engine.stop()
 
 
 async def test_a_load_past_the_wait_is_503_saying_how_long_it_waited(tmp_path):
-    engine, backend = _engine(tmp_path, memory_budget_bytes=int(SIZE * 1.5), keep_alive="-1", load_wait_seconds=0.2)
-    await engine.start()
-    try:
-        await engine.load("a")
-        alice = asyncio.create_task(_run(engine, _req("a", "alice", max_tokens=250)))
-        await _until(lambda: engine.stats("a").running == 1)
+    async with _alice_busy_on_a(tmp_path, load_wait_seconds=0.2) as (engine, _, alice):
         with pytest.raises(Overloaded) as refused:
             await _run(engine, _req("b", "bob"))
         assert refused.value.code == "insufficient_memory" and "waited 0.2 s" in refused.value.message
         assert engine.is_loaded("a") and not alice.done()  # alice's generation was never disturbed
-        alice.cancel()
-        await asyncio.gather(alice, return_exceptions=True)
-    finally:
-        await engine.stop()
 
 
 def test_load_wait_seconds_is_configurable(tmp_path):
@@ -187,12 +197,7 @@ async def test_each_users_running_and_queued_sequences_reach_admin_usage_metrics
 
 
 async def test_a_load_waiting_for_room_says_so_in_its_model_state(tmp_path):
-    engine, _ = _engine(tmp_path, memory_budget_bytes=int(SIZE * 1.5), keep_alive="-1")
-    await engine.start()
-    try:
-        await engine.load("a")
-        alice = asyncio.create_task(_run(engine, _req("a", "alice", max_tokens=250)))
-        await _until(lambda: engine.stats("a").running == 1)
+    async with _alice_busy_on_a(tmp_path) as (engine, _, alice):
         bob = asyncio.create_task(_run(engine, _req("b", "bob")))
         await _until(lambda: engine.model_info("b").runtime is not None
                      and engine.model_info("b").runtime.waiting_for_room)
@@ -210,21 +215,13 @@ async def test_a_load_waiting_for_room_says_so_in_its_model_state(tmp_path):
         await asyncio.gather(alice, return_exceptions=True)
         await bob  # a went idle: b was loaded in its room
         assert engine.is_loaded("b") and "b" not in engine._room_waits  # noqa: SLF001 - nothing left behind
-    finally:
-        await engine.stop()
 
 
 async def test_two_loads_that_counted_the_same_idle_model_both_load_in_turn(tmp_path):
     # bob's b and carol's c each need a's room (a GPU budget for one model). The test holds the GPU turn
     # as a third load would, so both see a go idle and count it before either takes the turn; the
     # second to get it finds a gone and b in its place. It waits for b's request to end instead of a 503
-    engine, backend = _engine(tmp_path, gpu_memory_budget_bytes=int(SIZE * 1.5), keep_alive="-1")
-    backend.memory_device = lambda spec: "cuda"
-    await engine.start()
-    try:
-        await engine.load("a")
-        alice = asyncio.create_task(_run(engine, _req("a", "alice", max_tokens=250)))
-        await _until(lambda: engine.stats("a").running == 1)
+    async with _alice_busy_on_a(tmp_path, on_gpu=True) as (engine, backend, alice):
         await engine._gpu_loads.acquire()  # noqa: SLF001 - another load's turn
         try:
             bob = asyncio.create_task(_run(engine, _req("b", "bob")))
@@ -238,8 +235,6 @@ async def test_two_loads_that_counted_the_same_idle_model_both_load_in_turn(tmp_
         await asyncio.gather(bob, carol)  # before: carol's load was a 503 insufficient_memory at once
         first, second = sorted("bc", key=engine.is_loaded)  # whichever got the turn first made room for the other
         assert backend.models["a"].unloaded and backend.models[first].unloaded and engine.is_loaded(second)
-    finally:
-        await engine.stop()
 
 
 async def test_a_load_waiting_for_room_on_one_gpu_does_not_hold_a_model_on_another(tmp_path, monkeypatch):
