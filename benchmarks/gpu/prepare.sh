@@ -7,11 +7,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 # (sourced: its loop variables are prefixed and unset so they never clobber the caller's)
 for _xllm_part in .gpucache/*.so.gz.00; do
   [ -e "$_xllm_part" ] || continue
-  cat "${_xllm_part%.00}".* | gunzip -c > "/tmp/site/$(basename "$_xllm_part" .gz.00)"
+  # written aside, then renamed: truncating a module another run has mapped kills that run (SIGBUS)
+  _xllm_so="/tmp/site/$(basename "$_xllm_part" .gz.00)"
+  cat "${_xllm_part%.00}".* | gunzip -c > "$_xllm_so.$$" && mv -f "$_xllm_so.$$" "$_xllm_so" || return 1
 done
 # packages built here whole (cross_build.sh flash_attn: the Python package and its module)
 for _xllm_part in .gpucache/*.tgz; do
-  [ -e "$_xllm_part" ] && tar -xzf "$_xllm_part" -C /tmp/site
+  [ -e "$_xllm_part" ] && tar --unlink-first -xzf "$_xllm_part" -C /tmp/site
 done
-unset _xllm_part
+unset _xllm_part _xllm_so
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
