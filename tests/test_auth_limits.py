@@ -296,15 +296,10 @@ def test_tokens_per_minute_charges_actual_usage(fair_server):
 def test_tokens_per_minute_charges_streams_too(fair_server):
     _wait_idle(fair_server.engine)
     body = {"model": TINY, "messages": MSG, "max_tokens": 250, "ignore_eos": True, "stream": True}
-    headers = {"Authorization": "Bearer sk-tok-stream"}
-    with httpx.stream("POST", fair_server.base_url + "/chat/completions", json=body, headers=headers, timeout=60) as r:
-        assert r.status_code == 200
-        events = [line for line in r.iter_lines() if line.startswith("data: ")]
-        assert events[-1] == "data: [DONE]" and '"usage"' not in "".join(events)
+    _stream_without_usage(fair_server, "/chat/completions", body, "sk-tok-stream")
     # no usage chunk was asked for (and chunks are not tokens: the engine merges them), yet
     # the stream was charged its real usage, which empties the 200-token bucket
-    refused = _chat(fair_server.root, "sk-tok-stream")
-    assert refused.status_code == 429 and "Token rate limit" in refused.json()["error"]["message"]
+    _assert_token_limited(fair_server, "sk-tok-stream")
 
 
 def test_tokens_per_minute_charges_a_stream_left_early(fair_server):
@@ -328,13 +323,22 @@ def test_tokens_per_minute_charges_a_streamed_completion_of_several_prompts(fair
     _wait_idle(fair_server.engine)
     prompts = ["Count the words in this. " * 25] * 2  # ~150 prompt tokens each: past the budget together
     body = {"model": TINY, "prompt": prompts, "max_tokens": 2, "stream": True}
-    headers = {"Authorization": "Bearer sk-tok-prompts"}
-    with httpx.stream("POST", fair_server.base_url + "/completions", json=body, headers=headers, timeout=60) as r:
+    _stream_without_usage(fair_server, "/completions", body, "sk-tok-prompts")
+    # a handful of chunks, ~300 tokens: charged the tokens, which empties the 200-token bucket
+    _assert_token_limited(fair_server, "sk-tok-prompts")
+
+
+def _stream_without_usage(server: Any, path: str, body: dict, key: str) -> None:
+    """Read a whole stream that carries no usage chunk (the server must count the tokens itself)."""
+    with httpx.stream("POST", server.base_url + path, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60) as r:
         assert r.status_code == 200
         events = [line for line in r.iter_lines() if line.startswith("data: ")]
         assert events[-1] == "data: [DONE]" and '"usage"' not in "".join(events)
-    # a handful of chunks, ~300 tokens: charged the tokens, which empties the 200-token bucket
-    refused = _chat(fair_server.root, "sk-tok-prompts")
+
+
+def _assert_token_limited(server: Any, key: str) -> None:
+    """The key's token budget is spent: its next request is a 429 saying so."""
+    refused = _chat(server.root, key)
     assert refused.status_code == 429 and "Token rate limit" in refused.json()["error"]["message"]
 
 
