@@ -13,7 +13,7 @@ for _xllm_part in .gpucache/*.so.gz.00; do
 done
 # packages built here whole (cross_build.sh flash_attn: the Python package and its module)
 for _xllm_part in .gpucache/*.tgz; do
-  [ -e "$_xllm_part" ] && tar --unlink-first -xzf "$_xllm_part" -C /tmp/site
+  [ -e "$_xllm_part" ] && tar -xzf "$_xllm_part" -C /tmp/site
 done
 unset _xllm_part _xllm_so
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
