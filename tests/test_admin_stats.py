@@ -107,7 +107,10 @@ def test_stats_counts_a_stream_while_it_runs(raw):
             if seen >= 3:
                 break
         during = _stats(raw)  # the stream is still open: its sequence is running
-    assert during["running"] + during["queued"] >= 1
+    # unless a starved reader (a loaded CI machine) let the whole generation end before it read three
+    # chunks: then it counts as completed, and "running" is rightly 0
+    ended = during["completed"] > before["completed"]
+    assert ended or during["running"] + during["queued"] >= 1, (before, during)
     # tokens of an unfinished generation count already (the finished-only counter would say 0)
     assert during["generated_tokens"] - before["generated_tokens"] >= seen
 
