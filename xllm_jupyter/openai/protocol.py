@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..core.errors import InvalidRequest, Unsupported
 from ..core.types import ChatMessage, Constraint, SamplingParams, TokenLogprob, Usage
+from .conversation import Turn, check_history, core_message
 from .structured import constraint_from_response_format
 from .tools import parse_tool_config
 
@@ -39,14 +40,34 @@ class StreamOptions(StrictModel):
     include_usage: bool | None = None
 
 
+class WireFunctionCall(StrictModel):
+    """The function an assistant's past tool call named."""
+
+    name: str
+    # a JSON string on the wire; an object (what Ollama's clients send) is taken as it is
+    arguments: Union[str, dict[str, Any]]
+
+
+class WireToolCall(StrictModel):
+    """One tool call of an assistant message in the history."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: WireFunctionCall
+
+
 class WireMessage(StrictModel):
     """One chat message as sent on the wire."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[dict[str, Any]], None] = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[WireToolCall] | None = None
     tool_call_id: str | None = None
+
+    def turn(self) -> Turn:
+        """What the tool-exchange check needs of this message."""
+        return Turn(self.role, tuple(c.id for c in self.tool_calls or ()), self.tool_call_id)
 
 
 class _SamplingFields(StrictModel):
@@ -138,6 +159,7 @@ class ChatCompletionRequest(_SamplingFields):
             raise Unsupported("Only the 'text' modality is supported", param="modalities")
         if self.top_logprobs and not self.logprobs:
             raise InvalidRequest("'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
+        check_history(self.messages)
 
     def constraint(self) -> Constraint | None:
         """The decoding constraint ``response_format`` asks for (None for plain text)."""
@@ -155,13 +177,7 @@ class ChatCompletionRequest(_SamplingFields):
 
     def core_messages(self) -> list[ChatMessage]:
         """Messages flattened to core ``ChatMessage`` (text parts joined; other parts rejected)."""
-        out = []
-        for i, m in enumerate(self.messages):
-            content = _flatten_content(m.content, f"messages[{i}].content", m.role)
-            if content is None and m.role != "assistant":
-                raise InvalidRequest(f"messages[{i}] with role '{m.role}' must have content", param=f"messages[{i}].content")
-            out.append(ChatMessage(role=m.role, content=content, name=m.name, tool_calls=m.tool_calls, tool_call_id=m.tool_call_id))
-        return out
+        return [core_message(m, i) for i, m in enumerate(self.messages)]
 
 
 _COMPLETION_UNSUPPORTED = ("suffix",)
@@ -217,26 +233,6 @@ class ModelRequest(StrictModel):
 
 
 # --------------------------------------------------------------------------- parsing
-def _flatten_content(content: Any, param: str, role: str = "user") -> str | None:
-    """A message's content as one string; only text parts (and an assistant's refusal parts) are accepted."""
-    if content is None or isinstance(content, str):
-        return content
-    texts = []
-    for j, part in enumerate(content):
-        kind = part.get("type")
-        if kind == "text" or (kind == "refusal" and role == "assistant"):
-            # a refusal part is what the assistant said (an SDK sends back the message it was given)
-            text = part.get(kind)
-            if not isinstance(text, str):
-                raise InvalidRequest(f"A {kind} content part needs a string '{kind}'", param=f"{param}[{j}].{kind}")
-            texts.append(text)
-        elif kind in ("image_url", "input_image", "input_audio", "file", "audio"):
-            raise Unsupported(f"Content parts of type '{kind}' are not supported by this model", param=f"{param}[{j}].type")
-        else:
-            raise InvalidRequest(f"Unknown content part type {kind!r}", param=f"{param}[{j}].type")
-    return "\n".join(texts)
-
-
 def parse_logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
     """``logit_bias`` with token-id keys as ints; values must lie in [-100, 100]."""
     if not bias:

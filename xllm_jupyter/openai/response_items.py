@@ -13,6 +13,7 @@ import uuid
 from typing import Any
 
 from ..core.errors import InvalidRequest, Unsupported
+from .conversation import Turn, find_tool_turn_problem, responses_tool_turn_error
 
 ROLES = ("user", "system", "developer", "assistant")
 _TEXT_PARTS = ("input_text", "output_text", "text")
@@ -49,6 +50,8 @@ def _text(content: Any, param: str) -> str:
 
 def _str_field(item: dict[str, Any], name: str, param: str) -> str:
     value = item.get(name)
+    if value is None:
+        raise InvalidRequest(f"Missing required parameter: '{param}.{name}'.", param=f"{param}.{name}", code="missing_required_parameter")
     if not isinstance(value, str):
         raise InvalidRequest(f"'{name}' must be a string", param=f"{param}.{name}")
     return value
@@ -112,6 +115,15 @@ def items_to_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         elif kind == "function_call_output":
             out.append({"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]})
     return out
+
+
+def check_function_outputs(messages: list[dict[str, Any]]) -> None:
+    """400 (in the Responses API's words) unless every function call of the conversation, stored turns
+    included, has its output right after it and every output answers such a call."""
+    turns = (Turn(m["role"], tuple(c["id"] for c in m.get("tool_calls") or ()), m.get("tool_call_id")) for m in messages)
+    problem = find_tool_turn_problem(turns)
+    if problem is not None:
+        raise responses_tool_turn_error(problem)
 
 
 def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:

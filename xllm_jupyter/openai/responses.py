@@ -19,7 +19,7 @@ from pydantic import Field
 from ..core.errors import InvalidRequest, Unsupported, XllmError
 from .offload import is_big, off_loop_if, parse_body
 from .protocol import MAX_TOP_LOGPROBS, StrictModel
-from .response_items import chat_tool_choice, chat_tools, items_to_messages, new_id, normalize_input, output_items, response_status
+from .response_items import chat_tool_choice, chat_tools, check_function_outputs, items_to_messages, new_id, normalize_input, output_items, response_status
 from .response_store import ResponseStore, StoredResponse
 from .response_stream import Event, ResponseEventStream
 
@@ -231,6 +231,8 @@ class ResponsesServing:
             history = self.store.get(req.previous_response_id, param="previous_response_id", owner=user).conversation
         system = [{"role": "system", "content": req.instructions}] if req.instructions else []
         chat["messages"] = system + history + await off_loop_if(big, items_to_messages, items)
+        # every call answered right after it: checked here to say so in Responses terms (the chat check would too)
+        await off_loop_if(big or len(history) > _INLINE_HISTORY, check_function_outputs, chat["messages"])
         for src, dst in (("max_output_tokens", "max_completion_tokens"), ("temperature", "temperature"), ("top_p", "top_p"), ("user", "user"), ("parallel_tool_calls", "parallel_tool_calls")):
             if getattr(req, src) is not None:
                 chat[dst] = getattr(req, src)

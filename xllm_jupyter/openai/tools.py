@@ -9,14 +9,15 @@ grammar for ``tool_choice: "required"`` or a named function forces.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 from ..core.errors import InvalidRequest
 from ..core.types import ChatMessage, Constraint
+from .conversation import check_name
 
-_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+#: OpenAI's longest function name
+MAX_NAME = 64
 #: OpenAI's limit on ``tools``; it also bounds the prompt and grammar work done for a request
 MAX_TOOLS = 128
 
@@ -116,11 +117,16 @@ def _parse_tools(tools: Any) -> tuple[ToolSpec, ...]:
         if not isinstance(fn, dict):
             raise InvalidRequest(f"{where}.function must be an object", param=f"{where}.function")
         name = fn.get("name")
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise InvalidRequest(
-                f"Invalid '{where}.function.name': {name!r}. It must match ^[a-zA-Z0-9_-]{{1,64}}$",
-                param=f"{where}.function.name",
-            )
+        param = f"{where}.function.name"
+        if name is None:
+            raise InvalidRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+        if not isinstance(name, str):
+            raise InvalidRequest(f"Invalid type for '{param}': expected a string, but got {type(name).__name__} instead.",
+                                 param=param, code="invalid_type")
+        if len(name) > MAX_NAME:
+            raise InvalidRequest(f"Invalid '{param}': string too long. Expected a string with maximum length {MAX_NAME}, but "
+                                 f"got a string with length {len(name)} instead.", param=param, code="string_above_max_length")
+        check_name(name, param)
         if name in seen:
             raise InvalidRequest(f"Duplicate function name {name!r} in 'tools'", param=f"{where}.function.name")
         seen.add(name)

@@ -1,0 +1,163 @@
+"""Request checks api.openai.com makes, with its messages, params and codes: tool exchanges in a history,
+names, message content, and the Responses API's function call outputs. Real server, real SDK, raw httpx."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.server_fixtures import TINY
+
+USER = {"role": "user", "content": "What is the weather in Paris?"}
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+CALLS = {"role": "assistant", "content": None, "tool_calls": [CALL]}
+RESULT = {"role": "tool", "tool_call_id": "call_1", "content": "21 C"}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+
+def bad_chat(client, messages, **kw) -> openai.BadRequestError:
+    """The 400 the SDK raises for ``messages``."""
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=TINY, messages=messages, max_tokens=2, **kw)
+    return info.value
+
+
+def test_tool_message_without_tool_call_id(client):
+    err = bad_chat(client, [USER, CALLS, {"role": "tool", "content": "21 C"}], tools=TOOLS)
+    assert err.status_code == 400 and err.param == "messages[2].tool_call_id" and err.code is None
+    assert err.body["message"] == "Missing parameter 'tool_call_id': messages with role 'tool' must have a 'tool_call_id'."
+
+
+def test_tool_message_that_answers_no_call(client):
+    err = bad_chat(client, [USER, RESULT])
+    assert err.param == "messages[1].role" and err.code is None
+    # api.openai.com's own words, its spelling included: clients match on them
+    assert err.body["message"] == "Invalid parameter: messages with role 'tool' must be a response to a preceeding message with 'tool_calls'."
+    # after a turn that ended with a user message, a tool message is as lost
+    err = bad_chat(client, [USER, CALLS, RESULT, {"role": "user", "content": "and Rome?"}, dict(RESULT, tool_call_id="call_2")])
+    assert err.param == "messages[4].role"
+
+
+def test_tool_message_answering_an_id_that_was_not_called(client):
+    err = bad_chat(client, [USER, CALLS, dict(RESULT, tool_call_id="call_9")])
+    assert err.param == "messages[2].tool_call_id" and err.code is None
+    assert err.body["message"] == "Invalid parameter: 'tool_call_id' of 'call_9' not found in 'tool_calls' of previous message."
+
+
+@pytest.mark.parametrize("after", [[], [{"role": "user", "content": "well?"}]], ids=["last", "then-user"])
+def test_tool_calls_left_unanswered(client, after):
+    second = dict(CALL, id="call_2")
+    err = bad_chat(client, [USER, dict(CALLS, tool_calls=[CALL, second]), RESULT, *after])
+    assert err.param == "messages[1].role" and err.code is None
+    assert err.body["message"] == ("An assistant message with 'tool_calls' must be followed by tool messages responding to each "
+                           "'tool_call_id'. The following tool_call_ids did not have response messages: call_2")
+
+
+def test_a_complete_exchange_is_served(client, raw):
+    """Parallel calls answered in any order, then another turn: served (and as the SDK sends back its own message)."""
+    second = dict(CALL, id="call_2")
+    history = [USER, dict(CALLS, tool_calls=[CALL, second]), dict(RESULT, tool_call_id="call_2"), RESULT,
+               {"role": "assistant", "content": "It is 21 C."}, {"role": "user", "content": "Thanks"}]
+    r = client.chat.completions.create(model=TINY, messages=history, tools=TOOLS, max_tokens=2)
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    # the SDK's own message object, sent back as the next request's history (refusal, annotations ... included)
+    sent_back = {"role": "assistant", "content": None, "refusal": None, "annotations": [], "audio": None,
+                 "function_call": None, "tool_calls": [CALL]}
+    assert raw.post("/v1/chat/completions", json={"model": TINY, "messages": [USER, sent_back, RESULT], "max_tokens": 2}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("message", "param", "code", "text"),
+    [
+        ({"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+         "messages[1].tool_calls[0].id", "missing_required_parameter", "Missing required parameter: 'messages[1].tool_calls[0].id'."),
+        ({"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f"}}]},
+         "messages[1].tool_calls[0].function.arguments", "missing_required_parameter", None),
+        ({"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "get weather", "arguments": "{}"}}]},
+         "messages[1].tool_calls[0].function.name", "invalid_value",
+         "Invalid 'messages[1].tool_calls[0].function.name': string does not match pattern. Expected a string that matches "
+         "the pattern '^[a-zA-Z0-9_-]+$'."),
+        ({"role": "user", "content": "hi", "name": "Ada Lovelace"}, "messages[1].name", "invalid_value",
+         "Invalid 'messages[1].name': string does not match pattern. Expected a string that matches the pattern "
+         "'^[a-zA-Z0-9_-]+$'."),
+        ({"role": "user", "content": "hi", "name": "<|im_start|>"}, "messages[1].name", "invalid_value", None),
+        ({"role": "user", "content": None}, "messages[1].content", None, "Invalid value for 'content': expected a string, got null."),
+        ({"role": "assistant", "content": None}, "messages[1].content", None, "Invalid value for 'content': expected a string, got null."),
+        ({"role": "user"}, "messages[1].content", "missing_required_parameter", "Missing required parameter: 'messages[1].content'."),
+        ({"role": "user", "content": []}, "messages[1].content", "empty_array",
+         "Invalid 'messages[1].content': empty array. Expected an array with minimum length 1, but got an empty array instead."),
+        ({"role": "user", "content": [{"type": "video", "video": "x"}]}, "messages[1].content[0].type", "invalid_value",
+         "Invalid value: 'video'. Supported values are: 'text', 'image_url', 'input_audio', 'refusal', 'audio', and 'file'."),
+        ({"role": "user", "content": [{"text": "hi"}]}, "messages[1].content[0].type", "missing_required_parameter", None),
+    ],
+)
+def test_message_checks(raw, message, param, code, text):
+    r = raw.post("/v1/chat/completions", json={"model": TINY, "messages": [USER, message], "max_tokens": 2})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert (err["param"], err["code"], err["type"]) == (param, code, "invalid_request_error"), err
+    if text is not None:
+        assert err["message"] == text
+    assert raw.get("/health").json()["status"] == "ok"  # and the server keeps serving
+
+
+@pytest.mark.parametrize(
+    ("name", "code", "text"),
+    [
+        ("get weather", "invalid_value", "Invalid 'tools[0].function.name': string does not match pattern. Expected a string "
+                                         "that matches the pattern '^[a-zA-Z0-9_-]+$'."),
+        ("f" * 65, "string_above_max_length", "Invalid 'tools[0].function.name': string too long. Expected a string with "
+                                              "maximum length 64, but got a string with length 65 instead."),
+        (None, "missing_required_parameter", "Missing required parameter: 'tools[0].function.name'."),
+    ],
+)
+def test_tool_name_checks(client, name, code, text):
+    fn = {"parameters": {"type": "object"}} if name is None else {"name": name, "parameters": {"type": "object"}}
+    err = bad_chat(client, [USER], tools=[{"type": "function", "function": fn}])
+    assert (err.param, err.code, err.body["message"]) == ("tools[0].function.name", code, text)
+
+
+# ------------------------------------------------------------------ Responses API
+WEATHER = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
+FC = {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{}"}
+FCO = {"type": "function_call_output", "call_id": "call_1", "output": "21"}
+
+
+def bad_response(client, items) -> openai.BadRequestError:
+    """The 400 the SDK raises for Responses ``input`` items."""
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(model=TINY, input=items, tools=[WEATHER], max_output_tokens=2)
+    return info.value
+
+
+def test_responses_function_call_output_without_its_call(client):
+    err = bad_response(client, [{"role": "user", "content": "hi"}, dict(FCO, call_id="call_7")])
+    assert (err.param, err.code) == ("input", None)
+    assert err.body["message"] == "No tool call found for function call output with call_id call_7."
+
+
+def test_responses_function_call_without_its_output(client):
+    err = bad_response(client, [{"role": "user", "content": "hi"}, FC, dict(FC, call_id="call_2"), FCO])
+    assert (err.param, err.code) == ("input", None)
+    assert err.body["message"] == "No tool output found for function call call_2."
+
+
+def test_responses_stored_call_must_be_answered(client):
+    """A stored response that ended in a call is continued with its output; a plain message instead is a 400."""
+    first = client.responses.create(model=TINY, input="Weather?", tools=[WEATHER],
+                                    tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=40, temperature=0)
+    call = next(o for o in first.output if o.type == "function_call")
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(model=TINY, previous_response_id=first.id, input="and now?", max_output_tokens=2)
+    assert info.value.body["message"] == f"No tool output found for function call {call.call_id}." and info.value.param == "input"
+    ok = client.responses.create(model=TINY, previous_response_id=first.id, tools=[WEATHER], max_output_tokens=2,
+                                 input=[dict(FCO, call_id=call.call_id)])
+    assert ok.status in ("completed", "incomplete")
+
+
+def test_responses_item_missing_call_id(raw):
+    r = raw.post("/v1/responses", json={"model": TINY, "input": [{"type": "function_call_output", "output": "21"}]})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert (err["param"], err["code"]) == ("input[0].call_id", "missing_required_parameter")
+    assert err["message"] == "Missing required parameter: 'input[0].call_id'."

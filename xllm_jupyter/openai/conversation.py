@@ -1,0 +1,174 @@
+"""A chat history as api.openai.com checks it (tool results answer the calls just before them, names, content)
+and each message's content as the text the model sees.
+
+OpenAI refuses a history in which a ``tool`` message answers no call, or an assistant's
+``tool_calls`` are left without their results; a model shown such a history sees a call
+with no outcome (or an outcome of nothing) and answers from a broken turn. Chat completions
+and the Responses API find the first such problem here and word it each in their own terms
+(the Responses API's items are translated to chat messages first).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Sequence
+
+from ..core.errors import InvalidRequest, Unsupported
+from ..core.types import ChatMessage
+
+if TYPE_CHECKING:
+    from .protocol import WireMessage
+
+#: what api.openai.com accepts as a message's ``name`` and a called function's name
+NAME_PATTERN = "^[a-zA-Z0-9_-]+$"
+_NAME = re.compile(NAME_PATTERN)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """What the tool check needs of one message: its role, the ids it calls, the id it answers."""
+
+    role: str
+    calls: tuple[str, ...] = ()
+    answers: str | None = None
+
+
+@dataclass(frozen=True)
+class ToolTurnProblem:
+    """The first broken tool exchange of a history.
+
+    ``orphan``: a tool message (at ``index``, answering ``call_ids[0]``) that follows no assistant ``tool_calls``;
+    ``unknown_id``: a tool message answering an id (``call_ids[0]``) its turn did not call;
+    ``unanswered``: the assistant message at ``index`` has calls (``call_ids``) no tool message answered.
+    """
+
+    kind: Literal["orphan", "unknown_id", "unanswered"]
+    index: int
+    call_ids: tuple[str, ...]
+
+
+def find_tool_turn_problem(turns: Iterable[Turn]) -> ToolTurnProblem | None:
+    """The first broken tool exchange of ``turns``, or None when every call is answered right after it."""
+    turn_ids: frozenset[str] = frozenset()  # the calls of the assistant turn the tool messages now answer
+    pending: dict[str, None] = {}  # of those, the ones not answered yet (ordered, for the message)
+    opened = -1  # index of that assistant message
+    in_turn = False
+    for i, t in enumerate(turns):
+        if t.role == "tool":
+            if not in_turn:
+                return ToolTurnProblem("orphan", i, (t.answers or "",))
+            if t.answers not in turn_ids:
+                return ToolTurnProblem("unknown_id", i, (t.answers or "",))
+            pending.pop(t.answers, None)
+            continue
+        if pending:
+            return ToolTurnProblem("unanswered", opened, tuple(pending))
+        in_turn = t.role == "assistant" and bool(t.calls)
+        turn_ids = frozenset(t.calls)
+        pending = dict.fromkeys(t.calls)
+        opened = i
+    if pending:
+        return ToolTurnProblem("unanswered", opened, tuple(pending))
+    return None
+
+
+def null_code_error(message: str, param: str) -> InvalidRequest:
+    """A 400 with a null ``code``, as api.openai.com sends its checks of a history's messages."""
+    exc = InvalidRequest(message, param=param)
+    exc.code = None
+    return exc
+
+
+def chat_tool_turn_error(problem: ToolTurnProblem) -> InvalidRequest:
+    """Chat completions' 400 for ``problem``, in api.openai.com's words (its typo included: clients match on it)."""
+    i = problem.index
+    if problem.kind == "orphan":
+        return null_code_error(
+            "Invalid parameter: messages with role 'tool' must be a response to a preceeding message with 'tool_calls'.",
+            f"messages[{i}].role")
+    if problem.kind == "unknown_id":
+        return null_code_error(
+            f"Invalid parameter: 'tool_call_id' of '{problem.call_ids[0]}' not found in 'tool_calls' of previous message.",
+            f"messages[{i}].tool_call_id")
+    return null_code_error(
+        "An assistant message with 'tool_calls' must be followed by tool messages responding to each 'tool_call_id'. "
+        f"The following tool_call_ids did not have response messages: {', '.join(problem.call_ids)}",
+        f"messages[{i}].role")
+
+
+def responses_tool_turn_error(problem: ToolTurnProblem) -> InvalidRequest:
+    """The Responses API's 400 for ``problem``, in api.openai.com's words."""
+    if problem.kind == "unanswered":
+        message = f"No tool output found for function call {problem.call_ids[0]}."
+    else:
+        message = f"No tool call found for function call output with call_id {problem.call_ids[0]}."
+    return null_code_error(message, "input")
+
+
+def check_name(name: str | None, param: str) -> None:
+    """400 unless ``name`` (a message's or a called function's) matches ``NAME_PATTERN``, as OpenAI requires."""
+    if name is not None and not _NAME.match(name):
+        raise InvalidRequest(
+            f"Invalid '{param}': string does not match pattern. Expected a string that matches the pattern '{NAME_PATTERN}'.",
+            param=param)
+
+
+def check_history(messages: Sequence[WireMessage]) -> None:
+    """400 for what api.openai.com refuses in a history beyond its types: names, a tool message without its
+    ``tool_call_id``, tool results that answer no call or calls left unanswered."""
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        check_name(m.name, f"{where}.name")
+        for j, call in enumerate(m.tool_calls or ()):
+            check_name(call.function.name, f"{where}.tool_calls[{j}].function.name")
+        if m.role == "tool" and m.tool_call_id is None:
+            raise null_code_error("Missing parameter 'tool_call_id': messages with role 'tool' must have a 'tool_call_id'.",
+                                  f"{where}.tool_call_id")
+    problem = find_tool_turn_problem(m.turn() for m in messages)
+    if problem is not None:
+        raise chat_tool_turn_error(problem)
+
+
+def core_message(m: WireMessage, i: int) -> ChatMessage:
+    """Message ``i`` as a core ``ChatMessage``: its content parts joined to text; null content only where OpenAI
+    takes it (an assistant message that calls tools or carries a refusal)."""
+    param = f"messages[{i}].content"
+    content = flatten_content(m.content, param, m.role)
+    if content is None and not (m.role == "assistant" and (m.tool_calls or isinstance((m.model_extra or {}).get("refusal"), str))):
+        if "content" not in m.model_fields_set:
+            raise InvalidRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+        raise null_code_error("Invalid value for 'content': expected a string, got null.", param)
+    calls = [c.model_dump() for c in m.tool_calls] if m.tool_calls else None
+    return ChatMessage(role=m.role, content=content, name=m.name, tool_calls=calls, tool_call_id=m.tool_call_id)
+
+
+#: content part types api.openai.com knows (chat); the ones other than text are refused here as unsupported
+_PART_TYPES = ("text", "image_url", "input_audio", "refusal", "audio", "file")
+
+
+def flatten_content(content: Any, param: str, role: str = "user") -> str | None:
+    """A message's content as one string; only text parts (and an assistant's refusal parts) are accepted."""
+    if content is None or isinstance(content, str):
+        return content
+    if not content:
+        raise InvalidRequest(f"Invalid '{param}': empty array. Expected an array with minimum length 1, but got an empty array "
+                             "instead.", param=param, code="empty_array")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type")
+        if kind == "text" or (kind == "refusal" and role == "assistant"):
+            # a refusal part is what the assistant said (an SDK sends back the message it was given)
+            text = part.get(kind)
+            if not isinstance(text, str):
+                raise InvalidRequest(f"A {kind} content part needs a string '{kind}'", param=f"{param}[{j}].{kind}")
+            texts.append(text)
+        elif kind is None:
+            raise InvalidRequest(f"Missing required parameter: '{param}[{j}].type'.", param=f"{param}[{j}].type",
+                                 code="missing_required_parameter")
+        elif kind in ("image_url", "input_image", "input_audio", "file", "audio"):
+            raise Unsupported(f"Content parts of type '{kind}' are not supported by this model", param=f"{param}[{j}].type")
+        else:
+            supported = ", ".join(repr(t) for t in _PART_TYPES[:-1]) + f", and {_PART_TYPES[-1]!r}"
+            raise InvalidRequest(f"Invalid value: {kind!r}. Supported values are: {supported}.", param=f"{param}[{j}].type")
+    return "\n".join(texts)
