@@ -30,9 +30,18 @@ class JupyterXllmHandler(ExtensionHandlerMixin, APIHandler):
             await super().prepare(*args, **kwargs)
         except web.HTTPError as exc:
             if exc.status_code == 403 and self.current_user is None:
-                raise AuthenticationError("Missing or invalid Jupyter token. Pass it as 'Authorization: Bearer "
-                                          "<token>' (the OpenAI SDK's api_key).") from None
+                raise _no_credentials() from None
             raise
+
+    def get_login_url(self) -> str:
+        """No login page for API routes: "no credentials" is a 401 here too.
+
+        With Jupyter's default ``allow_unauthenticated_access=True`` prepare() lets the request
+        through and ``@web.authenticated`` asks for this URL on GET, where APIHandler raises 403.
+        """
+        if not self.current_user:
+            raise _no_credentials()
+        return super().get_login_url()
 
     @web.authenticated
     @authorized
@@ -55,6 +64,11 @@ class JupyterXllmHandler(ExtensionHandlerMixin, APIHandler):
     def finish_event_stream(self) -> Any:
         """APIHandler.finish forces JSON unless told otherwise."""
         return self.finish(set_content_type="text/event-stream; charset=utf-8")
+
+
+def _no_credentials() -> AuthenticationError:
+    return AuthenticationError("Missing or invalid Jupyter token. Pass it as 'Authorization: Bearer <token>' "
+                               "(the OpenAI SDK's api_key).")
 
 
 class JupyterPublicHandler(ExtensionHandlerMixin, APIHandler):
