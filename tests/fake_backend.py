@@ -37,6 +37,11 @@ class FakeModel(LoadedModel):
         self.vocab_size = 51
         self.explode = threading.Event()
         self.fail_next = threading.Event()
+        #: a step raises while a job whose prompt starts with this id is being prefilled or in the batch
+        self.poison: int | None = None
+        #: whether a failed step can resume without the jobs added since the last good one (``drop_failed``)
+        self.resumable = False
+        self.dropped: list[frozenset[int]] = []  # what each drop_failed call dropped
         self.unloaded = False
         #: when set, every step waits until the event is set (a step held at the compile gate, say)
         self.gate: threading.Event | None = None
@@ -103,6 +108,9 @@ class FakeModel(LoadedModel):
         if self.fail_next.is_set() and self.jobs:
             self.fail_next.clear()
             raise RuntimeError("one bad step")
+        if self.poison is not None and any(j.prompt_ids[0] == self.poison
+                                           for j in [*self.new, *(slot[0] for slot in self.jobs.values())]):
+            raise RuntimeError("/secret/path: a poisoned job")  # (a path: no response may show it)
         if self.step_delay:
             time.sleep(self.step_delay)
         events = []
@@ -137,6 +145,15 @@ class FakeModel(LoadedModel):
                            prompt_tokens=len(job.prompt_ids), completion_tokens=slot[1])
             )
         return events
+
+    def drop_failed(self, suspects):
+        """Drop every suspect (the jobs added since the last good step: none started yet) when resumable."""
+        dropped = frozenset(j.job_id for j in self.new if j.job_id in suspects)
+        if not self.resumable or not dropped:
+            return None
+        self.new = [j for j in self.new if j.job_id not in dropped]
+        self.dropped.append(dropped)
+        return dropped
 
     def warm_up(self):
         self.warmed_on = threading.get_ident()

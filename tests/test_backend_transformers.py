@@ -17,7 +17,7 @@ from xllm_jupyter.backends.detokenize import IncrementalDetokenizer  # noqa: E40
 from xllm_jupyter.backends.registry import get_backend  # noqa: E402
 from xllm_jupyter.backends.hf_model import TransformersModel  # noqa: E402
 from xllm_jupyter.backends.transformers import TransformersBackend  # noqa: E402
-from xllm_jupyter.core.errors import ContextLengthExceeded, InvalidRequest  # noqa: E402
+from xllm_jupyter.core.errors import ContextLengthExceeded, EngineError, InvalidRequest  # noqa: E402
 from xllm_jupyter.core.types import ChatMessage, FinishReason, SamplingParams, SequenceJob  # noqa: E402
 from xllm_jupyter.store.store import ModelStore  # noqa: E402
 
@@ -534,3 +534,71 @@ def test_library_bars_off_covers_the_gguf_reader_and_nests():
             assert list(gguf_utils.tqdm([1, 2], desc="x")) == [1, 2] and gguf_utils.tqdm is not original
         assert gguf_utils.tqdm is not original
     assert gguf_utils.tqdm is original
+
+
+BREAKS = tuple(range(400, 600))  # a prompt whose prefill raises (not out of memory) in the tests below
+
+
+@pytest.fixture
+def breaking_prefill(model, monkeypatch):
+    """The model's forward raises for the prompt BREAKS, and for any decode while ``state["decode"]`` is set."""
+    forward = model.model.forward
+    state = {"decode": False}
+    bad = torch.tensor(BREAKS)
+
+    def faulty(*args, **kwargs):
+        ids = kwargs["input_ids"]
+        if ids.shape[1] >= len(BREAKS) and bool((ids[:, -len(BREAKS):] == bad).all(dim=1).any()):
+            raise RuntimeError("/secret/kernel: a failure these inputs trigger")
+        if ids.shape[1] == 1 and state["decode"]:
+            raise RuntimeError("a failed decode")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.model, "forward", faulty)
+    return state
+
+
+def test_a_prefill_that_raises_is_dropped_alone_and_the_step_resumes(model, breaking_prefill):
+    # the prompts are sorted into three prefill groups: one before the failing one, one after it
+    running, short, broken, long = (job(PROMPT, max_tokens=12), job(range(7, 12), max_tokens=6),
+                                    job(BREAKS, max_tokens=6), job(range(1000, 2000), max_tokens=6))
+    alone = {j.job_id: tokens(run(model, [dataclasses.replace(j, job_id=next(_ids))]).popitem()[1])
+             for j in (running, short, long)}
+    events: dict[int, list] = defaultdict(list)
+    model.add(running)
+    for step in range(40):
+        if step == 3:
+            for j in (short, broken, long):
+                model.add(j)
+            with pytest.raises(EngineError):
+                model.step()
+            # the engine blames the jobs added since the last good step; the model drops the failed group only
+            assert model.drop_failed(frozenset({short.job_id, broken.job_id, long.job_id})) == {broken.job_id}
+        if not model.active_jobs():
+            break
+        for e in model.step():  # (the resumed step also brings what the failed one made: two tokens of a job)
+            events[e.job_id].append((step, e))
+    assert not model.active_jobs() and broken.job_id not in events
+    # nothing lost or repeated: the short prompt's first token, made before the failure, is kept
+    assert {j: tokens(events[j]) for j in alone} == alone
+    assert all([e.finish for _, e in events[j]].count(None) == len(events[j]) - 1 for j in alone)
+    assert all(events[j][-1][1].finish is FinishReason.LENGTH for j in alone)
+
+
+def test_a_failed_step_that_cannot_resume_empties_the_model(model, breaking_prefill):
+    running, broken = job(PROMPT, max_tokens=12), job(BREAKS, max_tokens=6)
+    model.add(running)
+    model.step()
+    model.add(broken)
+    with pytest.raises(EngineError):
+        model.step()
+    assert model.drop_failed(frozenset()) is None  # the failed prefill's job is not a suspect: nobody is blamed
+    assert model.active_jobs() == 0
+    model.add(running := job(PROMPT, max_tokens=12))
+    model.step()
+    breaking_prefill["decode"] = True  # a decode's failure may have written the running rows' cache
+    with pytest.raises(EngineError):
+        model.step()
+    assert model.drop_failed(frozenset({running.job_id})) is None and model.active_jobs() == 0
+    breaking_prefill["decode"] = False
+    assert len(tokens(run(model, [job(PROMPT, max_tokens=12)]).popitem()[1])) == 12  # still serving

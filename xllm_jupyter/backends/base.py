@@ -190,6 +190,16 @@ class LoadedModel(ABC):
         end, CANCELLED after ``cancel``) and the job's token counts.
         """
 
+    def drop_failed(self, suspects: frozenset[int]) -> frozenset[int] | None:
+        """Called once after every ``step`` that raised, before anything else: drop the jobs to blame and
+        return their ids, a non-empty part of ``suspects`` (the jobs added since the last step that
+        returned), so that the others step again with no token lost or repeated (engine thread only).
+
+        None: the backend cannot tell who to blame or cannot resume. This default, for backends whose
+        failed step may have left the running jobs half advanced: the engine then fails every job.
+        """
+        return None
+
     @abstractmethod
     def active_jobs(self) -> int:
         """Jobs added and not yet finished."""

@@ -1,9 +1,9 @@
 """A loaded HF transformers model serving a continuous batch, one token per job per step.
 
-Each ``step`` prefills the jobs added since the last step (left-padded, batched), runs
-one batched decode forward for the jobs already running, then merges the new jobs'
-KV into the running batch (``kv_batch.BatchKV``). Rows leave the batch in the step
-they finish. With compiled decoding (``hf_compiled.py``; engine.compile, on by default for
+Each ``step`` prefills the jobs added since the last step (left-padded, batched; ``hf_prefill.py``,
+which also resumes a step that a prefill's error stopped), runs one batched decode forward for
+the jobs already running, then merges the new jobs' KV into the running batch
+(``kv_batch.BatchKV``). Rows leave the batch in the step they finish. With compiled decoding (``hf_compiled.py``; engine.compile, on by default for
 fp16/bf16 safetensors on CUDA) the running batch is instead a preallocated slot cache and
 the decode step a compiled (CUDA graph) forward; prefill and sampling are the same.
 ``transformers.TransformersBackend`` loads the weights and builds it.
@@ -28,7 +28,8 @@ from .constraints import BatchMasker, GrammarCompiler
 from .detokenize import IncrementalDetokenizer, token_text
 from .hf_compiled import DECODE_EAGER, DECODE_STATIC, StaticBatch, StaticPlan
 from .hf_tokenizer import ChatTokenizer, ChatTokenizerMethods
-from .kv_batch import BatchKV, cache_argument, new_cache, zero_padding
+from .hf_prefill import Prefill
+from .kv_batch import BatchKV, cache_argument
 from .lora import LoraAdapters
 from .sampling import JobSampler, sample
 
@@ -60,7 +61,7 @@ class _Seq:
         self.top_n = job.top_logprobs if job.logprobs else None
 
 
-class TransformersModel(ChatTokenizerMethods, LoadedModel):
+class TransformersModel(ChatTokenizerMethods, Prefill, LoadedModel):
     """A transformers model decoding a continuous batch of jobs, one token per job per step."""
 
     backend_name = "transformers"
@@ -84,6 +85,7 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
         self._pending: deque[_Seq] = deque()
         self._running: list[_Seq] = []  # row i of the batch is _running[i]
         self._cancelled: set[int] = set()
+        self._carried: list[TokenEvent] = []  # events of a step a failed prefill stopped (hf_prefill.py)
         self._batch: BatchKV | StaticBatch = BatchKV()
         #: prompt + answer tokens the eager batch's jobs may claim together (None: the batch size only)
         self.kv_tokens = kv_tokens
@@ -157,34 +159,48 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
     def step(self) -> list[TokenEvent]:
         """Prefill new jobs (first token each), decode one token for every running job.
 
-        If a forward pass fails (e.g. out of memory) every queued and running job is
-        dropped and EngineError is raised: the engine fails them all.
+        If a forward pass fails, EngineError is raised. A prefill's error leaves the running batch as it
+        was, and ``drop_failed`` can drop that prefill's jobs and resume (hf_prefill.py); any other failure
+        drops every queued and running job: the engine fails them all.
         """
+        if self._interrupted is not None:  # (a caller that did not call drop_failed after the failure)
+            self.drop_failed(frozenset())
         try:
             with self._lora.lock:  # adapters attach and detach only between steps
                 return self._step()
         except Exception as exc:
-            self._pending.clear()
-            self._running.clear()
-            self._cancelled.clear()
-            self._batch.clear()
+            if self._interrupted is None:
+                self._reset()
             raise EngineError("The transformers backend failed during a generation step") from exc
 
     def _step(self) -> list[TokenEvent]:
-        events: list[TokenEvent] = []
+        events, self._carried = self._carried, []
         with torch.inference_mode():
             if self._cancelled:
                 self._drop_cancelled(events)
             new = self._admit()
-            joined = [self._prefill_or_fail(group, events) for group in _prefill_groups(new)] if new else []
+            joined = self._prefill_new(new, events) if new else []
             if self._running:
                 self._decode(events)
-            for cache, mask, seqs in joined:
-                if seqs:
-                    self._batch.join(cache, mask, [len(s.job.prompt_ids) for s in seqs],
-                                     [self.admission_cost(s.job) for s in seqs])
-                    self._running.extend(seqs)  # rows are appended in the same order as the batch's
+            self._join(joined)
         return events
+
+    def _join(self, joined: list) -> None:
+        """Add prefilled groups' rows to the running batch."""
+        for cache, mask, seqs in joined:
+            if seqs:
+                self._batch.join(cache, mask, [len(s.job.prompt_ids) for s in seqs],
+                                 [self.admission_cost(s.job) for s in seqs])
+                self._running.extend(seqs)  # rows are appended in the same order as the batch's
+
+    def _reset(self) -> None:
+        """Drop every queued and running job (after a failed step the batch cannot resume)."""
+        self._pending.clear()
+        self._running.clear()
+        self._cancelled.clear()
+        self._carried = []
+        self._interrupted = None
+        self._batch.clear()
 
     def admission_check(self) -> Callable[[SequenceJob], bool] | None:
         """Admit jobs while the batch's KV cache stays within ``kv_tokens`` (eager decoding with a budget).
@@ -239,46 +255,6 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
         if len(keep) != len(self._running):
             self._running = [self._running[i] for i in keep]
             self._batch.keep(keep)
-
-    def _prefill_or_fail(self, seqs: list[_Seq], events: list[TokenEvent]):
-        """``_prefill``; out of memory fails this group's jobs only (a long prompt must not end every stream)."""
-        try:
-            return self._prefill(seqs, events)
-        except torch.OutOfMemoryError:
-            log.warning("%s: out of memory prefilling %d prompt(s) of up to %d tokens; failing them", self.name,
-                        len(seqs), max(len(s.job.prompt_ids) for s in seqs))
-            events.extend(dataclasses.replace(self._event(seq, None, "", finish=FinishReason.ERROR), out_of_memory=True)
-                          for seq in seqs)
-            if self.device.type == "cuda":  # what the failed forward had allocated goes back before the decode
-                empty_cuda_cache()
-            return None, None, []
-
-    def _prefill(self, seqs: list[_Seq], events: list[TokenEvent]):
-        """One left-padded forward over new prompts; returns their cache for the unfinished ones."""
-        lengths = [len(s.job.prompt_ids) for s in seqs]
-        width = max(lengths)
-        ids = torch.full((len(seqs), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            ids[row, width - lengths[row]:] = torch.tensor(seq.job.prompt_ids, dtype=torch.long)
-            mask[row, width - lengths[row]:] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        padded = min(lengths) != width
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = new_cache()
-        with self._lora.forward([s.job.adapter for s in seqs]), COMPILE_GATE.forward():
-            out = self.model(input_ids=ids, attention_mask=mask if padded else None, position_ids=positions,
-                             use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
-        self.forward_passes += 1
-        if padded:
-            zero_padding(cache, mask)
-        keep = self._advance(seqs, out.logits[:, -1, :], events)
-        if len(keep) != len(seqs):
-            part = BatchKV()
-            part.join(cache, mask, lengths)
-            part.keep(keep)
-            return part.cache, part.mask, [seqs[i] for i in keep]
-        return cache, mask, seqs
 
     def _decode(self, events: list[TokenEvent]) -> None:
         """One batched forward feeding every running job its last token."""
@@ -428,18 +404,3 @@ class TransformersModel(ChatTokenizerMethods, LoadedModel):
         if self.device.type == "cuda":
             empty_cuda_cache()
 
-
-def _prefill_groups(seqs: list[_Seq]) -> list[list[_Seq]]:
-    """Split new jobs into prefill batches so padding stays under about a third of the work."""
-    ordered = sorted(seqs, key=lambda s: len(s.job.prompt_ids))
-    groups: list[list[_Seq]] = []
-    for seq in ordered:
-        if groups:
-            group = groups[-1]
-            n = len(seq.job.prompt_ids)  # the longest so far: the list is sorted
-            real = sum(len(s.job.prompt_ids) for s in group) + n
-            if (len(group) + 1) * n <= 1.5 * real + 32:
-                group.append(seq)
-                continue
-        groups.append([seq])
-    return groups

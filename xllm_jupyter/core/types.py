@@ -242,6 +242,10 @@ class EngineStats:
     cancelled: int
     #: tokens generated, every choice's, cancelled ones' included (the all-models view counts since start)
     tokens: int = 0
+    #: steps the backend raised in (engine/step_failures.py)
+    failed_steps: int = 0
+    #: of those, the ones that failed only the requests that had just joined; the rest of the batch went on
+    isolated_failures: int = 0
 
 
 class UserSequences(NamedTuple):

@@ -152,6 +152,8 @@ class ReplicaSet:
             batched_steps=sum(p.batched_steps for p in parts),
             completed=sum(p.completed for p in parts),
             cancelled=sum(p.cancelled for p in parts),
+            failed_steps=sum(p.failed_steps for p in parts),
+            isolated_failures=sum(p.isolated_failures for p in parts),
             tokens=sum(p.tokens for p in parts),
         )
 

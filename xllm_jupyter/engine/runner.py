@@ -37,6 +37,7 @@ from ..core.types import (
 )
 from .delivery import END, RequestHandle, coalesce, deliver_all, paced_interval
 from .fairness import FairnessPolicy, FairQueue
+from .step_failures import StepFailures, out_of_memory_error
 from .stops import StopMatcher
 
 log = logging.getLogger(__name__)
@@ -61,10 +62,12 @@ class _Counters:
     completed: int = 0
     cancelled: int = 0
     tokens: int = 0
+    failed_steps: int = 0
+    isolated_failures: int = 0
 
 
-class ModelRunner:
-    """Owns a LoadedModel and runs its step loop on a dedicated thread."""
+class ModelRunner(StepFailures):
+    """Owns a LoadedModel and runs its step loop on a dedicated thread (a failed step: step_failures.py)."""
 
     _ids = itertools.count(1)
 
@@ -86,6 +89,7 @@ class ModelRunner:
         self._waiting: FairQueue[tuple[SequenceJob, _JobState]] = fairness.queue()  # per-user round-robin (fairness.py)
         self._cancels: list[int] = []
         self._jobs: dict[int, _JobState] = {}
+        self._fresh: set[int] = set()  # engine thread: jobs added to the model since its last step returned
         self._stopping = False
         self._counters = _Counters()
         self._thread = threading.Thread(target=self._run, name=f"xllm-runner-{model.name}", daemon=True)
@@ -170,6 +174,8 @@ class ModelRunner:
             completed=c.completed,
             cancelled=c.cancelled,
             tokens=c.tokens,
+            failed_steps=c.failed_steps,
+            isolated_failures=c.isolated_failures,
         )
 
     def user_counts(self) -> dict[str, UserSequences]:
@@ -249,9 +255,9 @@ class ModelRunner:
             while self._admit():
                 try:
                     self._step()
-                except Exception:
-                    log.exception("a step of %s failed; failing its batch", self.model.name)
-                    self._recover()
+                except Exception as exc:
+                    log.exception("a step of %s failed", self.model.name)
+                    self._step_failed(exc)
         except BaseException as exc:  # a dead runner must be visible: healthy turns False
             self.error = exc
             log.exception("engine thread for %s died", self.model.name)
@@ -262,21 +268,6 @@ class ModelRunner:
             for state in [s for _, s in waiting] + list(self._jobs.values()):
                 self._fail(state.handle, err)
             self._jobs.clear()
-
-    def _recover(self) -> None:
-        """Fail every running job and drop it from the backend; raises if the backend is broken."""
-        err = EngineError("The engine failed while generating")
-        for job_id, state in list(self._jobs.items()):
-            if not state.done:
-                self._fail(state.handle, err)
-                state.done = True
-            self.model.cancel(job_id)
-        self._jobs.clear()
-        # one step lets the backend free the cancelled jobs; if this fails too the thread dies
-        if self.model.active_jobs():
-            self.model.step()
-        if self.model.active_jobs():
-            raise EngineError("the backend kept jobs after they were cancelled")
 
     def _room(self) -> Callable[[tuple[SequenceJob, _JobState]], bool] | None:
         """The model's room for new jobs as a claim-as-you-go predicate (None: the batch limit only)."""
@@ -315,6 +306,7 @@ class ModelRunner:
         for job, state in admitted:
             try:
                 self.model.add(job)
+                self._fresh.add(job.job_id)
             except Exception as exc:  # a job the backend refuses fails alone, not the thread
                 if not isinstance(exc, XllmError):
                     log.exception("adding a job to %s failed", self.model.name)
@@ -330,6 +322,7 @@ class ModelRunner:
             return
         batch = self.model.active_jobs()
         events = self.model.step()
+        self._fresh.clear()
         c = self._counters
         c.steps += 1
         if batch > c.max_batch:
@@ -391,8 +384,7 @@ class ModelRunner:
         if finish in (FinishReason.CANCELLED, FinishReason.ERROR):
             # we did not ask for this: the backend dropped the job on its own
             state.done = True
-            self._fail(handle, Overloaded("The GPU ran out of memory for this request; retry it, or shorten its "
-                                          "prompt") if event.out_of_memory
+            self._fail(handle, out_of_memory_error() if event.out_of_memory
                        else _constraint_failure(event.constraint_error) if event.constraint_error
                        else BadModelOutput(event.error) if event.error
                        else EngineError("The engine stopped this generation unexpectedly"))

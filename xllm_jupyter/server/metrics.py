@@ -173,6 +173,7 @@ class _EngineCollector(Collector):
         for info in infos:
             memory.add_metric([info.name], float(info.runtime.memory_bytes if info.runtime is not None else 0))
         yield memory
+        yield _failed_steps(infos)
         cache = m.response_cache
         hits = CounterMetricFamily("xllm_response_cache_hits", "Requests answered from the response cache.")
         misses = CounterMetricFamily("xllm_response_cache_misses", "Cacheable requests that had to be generated.")
@@ -183,6 +184,20 @@ class _EngineCollector(Collector):
         entries = GaugeMetricFamily("xllm_response_cache_entries", "Responses held in the response cache.")
         entries.add_metric([], float(len(cache) if cache is not None else 0))
         yield entries
+
+
+def _failed_steps(infos: list[Any]) -> CounterMetricFamily:
+    """Each loaded model's steps that raised: ``isolated`` failed only the requests that had just joined the
+    batch, ``batch`` every running request (engine/step_failures.py)."""
+    failed = CounterMetricFamily("xllm_failed_steps", "Engine steps a backend raised in, by what they failed.",
+                                 labels=("model", "outcome"))
+    for info in infos:
+        replicas = info.runtime.replicas if info.runtime is not None else ()
+        steps = sum(r.failed_steps for r in replicas)
+        isolated = sum(r.isolated_failures for r in replicas)
+        failed.add_metric([info.name, "isolated"], float(isolated))
+        failed.add_metric([info.name, "batch"], float(steps - isolated))
+    return failed
 
 
 class ObservedEngine:
