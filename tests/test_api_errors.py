@@ -218,7 +218,7 @@ def test_unknown_route_and_wrong_method(raw):
     assert r.status_code == 404 and error_of(r)["type"] == "invalid_request_error"
     r = raw.post("/v1/nothing/here", json={})
     assert r.status_code == 404
-    r = raw.get("/v1/chat/completions")
+    r = raw.delete("/v1/chat/completions")  # (GET lists stored chat completions)
     assert r.status_code == 405 and error_of(r)["code"] == "method_not_allowed"
     r = raw.delete("/v1/models")
     assert r.status_code == 405
@@ -304,7 +304,7 @@ def test_refusals_before_the_body_close_the_connection_cleanly(xllm_server):
         for _ in range(5):
             r = c.get("/v1/models")  # 401, refused in prepare
             assert r.status_code == 401 and r.headers["connection"] == "close"
-            r = c.get("/v1/chat/completions", headers={"Authorization": f"Bearer {xllm_server.api_key}"})
+            r = c.delete("/v1/chat/completions", headers={"Authorization": f"Bearer {xllm_server.api_key}"})
             assert r.status_code == 405 and r.headers["connection"] == "close"
             r = c.get("/v1/models", headers={"Authorization": f"Bearer {xllm_server.api_key}"})
             assert r.status_code == 200 and r.headers.get("connection") != "close"

@@ -103,6 +103,21 @@ async def test_responses_api_under_jupyter(xllm):
 
 
 @on_server_loop
+async def test_stored_chat_completions_under_jupyter(xllm):
+    await start(xllm)
+    async with openai.AsyncOpenAI(base_url=xllm["url"], api_key=xllm["token"], max_retries=0, timeout=60) as c:
+        r = await c.chat.completions.create(model=TINY, messages=MSG, max_tokens=3, store=True, metadata={"k": "v"})
+        assert (await c.chat.completions.retrieve(r.id)).choices[0].message.content == r.choices[0].message.content
+        assert [x.id async for x in c.chat.completions.list(metadata={"k": "v"})] == [r.id]
+        # POST and DELETE on the stored completion pass Jupyter's auth and authorizer
+        assert (await c.chat.completions.update(r.id, metadata={"k": "w"})).metadata == {"k": "w"}
+        assert [m.content async for m in c.chat.completions.messages.list(r.id)] == ["Say something."]
+        assert (await c.chat.completions.delete(r.id)).deleted
+        with pytest.raises(openai.NotFoundError):
+            await c.chat.completions.retrieve(r.id)
+
+
+@on_server_loop
 async def test_stream_content_type_and_token_header(xllm):
     await start(xllm)
     body = {"model": TINY, "messages": MSG, "max_tokens": 3, "stream": True}

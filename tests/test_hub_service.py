@@ -321,6 +321,22 @@ def test_a_user_cannot_read_continue_or_delete_another_users_response(hub):
         alice.responses.delete(r.id)
 
 
+def test_a_user_cannot_read_list_update_or_delete_another_users_stored_chat_completion(hub):
+    with hub.openai("alice") as alice, hub.openai("bob") as bob:
+        c = alice.chat.completions.create(model=TINY, messages=MSG, max_tokens=2, store=True, metadata={"who": "alice"})
+        for call in (
+            lambda: bob.chat.completions.retrieve(c.id),
+            lambda: bob.chat.completions.update(c.id, metadata={"who": "bob"}),
+            lambda: bob.chat.completions.messages.list(c.id),
+            lambda: bob.chat.completions.delete(c.id),
+        ):
+            with pytest.raises(openai.NotFoundError):
+                call()
+        assert c.id not in [x.id for x in bob.chat.completions.list()]
+        assert [x.id for x in alice.chat.completions.list(metadata={"who": "alice"})] == [c.id]  # under /services/xllm/
+        assert alice.chat.completions.delete(c.id).deleted
+
+
 def test_the_response_cache_never_serves_one_user_anothers_answer(hub):
     cache = hub.context.serving.cache
     body = {"model": TINY, "messages": [{"role": "user", "content": "cache me"}], "max_tokens": 3, "temperature": 0}

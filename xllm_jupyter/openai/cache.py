@@ -125,6 +125,10 @@ class ResponseCache:
             return await produce(body)
         if not isinstance(parsed, dict) or not isinstance(parsed.get("model"), str) or not is_deterministic(parsed):
             return await produce(body)
+        if parsed.get("store") is True:
+            # a stored completion is a new object with its own id: a replay would hand out the first one's
+            # id again (which its owner may have deleted or updated meanwhile)
+            return await produce(body)
         key = await off_loop_if(big, self.key, endpoint, parsed, await model_identity(parsed["model"]), namespace)
         form = _form(parsed)
         cached = self._get(key, form)

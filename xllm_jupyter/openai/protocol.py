@@ -34,6 +34,25 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
 
 
+#: OpenAI's bounds on ``metadata``: pairs, key length, value length
+MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
+
+
+def check_metadata(metadata: dict[str, str] | None) -> None:
+    """400 unless ``metadata`` keeps OpenAI's bounds (16 pairs, keys <= 64 and values <= 512 characters).
+
+    Metadata is stored with the object, so these bounds also cap what a request can make a server keep.
+    """
+    if metadata is None:
+        return
+    if len(metadata) > MAX_METADATA_PAIRS:
+        raise InvalidRequest(f"'metadata' may have at most {MAX_METADATA_PAIRS} keys", param="metadata")
+    for key, value in metadata.items():
+        if len(key) > MAX_METADATA_KEY or len(value) > MAX_METADATA_VALUE:
+            raise InvalidRequest(f"'metadata' keys may have at most {MAX_METADATA_KEY} characters and values "
+                                 f"{MAX_METADATA_VALUE}", param=f"metadata.{key[:MAX_METADATA_KEY]}")
+
+
 class StreamOptions(StrictModel):
     """``stream_options``: only ``include_usage`` changes what we send."""
 
@@ -144,10 +163,13 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Any] | None = None
     parallel_tool_calls: bool | None = None
     modalities: list[str] | None = None
+    store: bool | None = None  # keep the completion for retrieve/list (openai/chat_store.py)
+    metadata: dict[str, str] | None = None
 
     def check(self) -> None:
         """Cross-field checks and explicit rejection of parameters we cannot honour yet."""
         self._check_common()
+        check_metadata(self.metadata)
         extra = self.model_extra or {}
         for name in _CHAT_UNSUPPORTED:
             value = extra.get(name)

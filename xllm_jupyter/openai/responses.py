@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from typing import Any, AsyncIterator, Literal, Union
 
 from pydantic import Field
 
 from ..core.errors import InvalidRequest, Unsupported, XllmError
 from .offload import is_big, off_loop_if, parse_body
-from .protocol import MAX_TOP_LOGPROBS, StrictModel
+from .owned_store import cursor_page, page_limit
+from .protocol import MAX_TOP_LOGPROBS, StrictModel, check_metadata
 from .response_items import chat_tool_choice, chat_tools, check_function_outputs, items_to_messages, new_id, normalize_input, output_items, response_status
 from .response_store import ResponseStore, StoredResponse
 from .response_stream import Event, ResponseEventStream
@@ -72,14 +74,7 @@ class ResponsesRequest(StrictModel):
             if value not in _INCLUDABLE:
                 raise Unsupported(f"include value {value!r} is not supported by this server; it supports "
                                   + " and ".join(repr(v) for v in _INCLUDABLE), param=f"include[{i}]")
-        if self.metadata is not None:
-            # OpenAI's limits: stored with the response, so they also bound what a request can make us keep
-            if len(self.metadata) > 16:
-                raise InvalidRequest("'metadata' may have at most 16 keys", param="metadata")
-            for key, value in self.metadata.items():
-                if len(key) > 64 or len(value) > 512:
-                    raise InvalidRequest("'metadata' keys may have at most 64 characters and values 512",
-                                         param=f"metadata.{key[:64]}")
+        check_metadata(self.metadata)
         if self.input is None or self.input == "" or self.input == []:
             raise InvalidRequest("Missing required parameter: 'input'.", param="input", code="missing_required_parameter")
 
@@ -269,25 +264,9 @@ class ResponsesServing:
         self.store.delete(rid, owner=user)
         return {"id": rid, "object": "response.deleted", "deleted": True}
 
-    def input_items(self, rid: str, limit: int = 20, order: str = "desc", after: str | None = None, user: str | None = None) -> dict[str, Any]:
-        """``GET /v1/responses/{id}/input_items``: this request's input items, one page."""
-        if not 1 <= limit <= 100:
-            raise InvalidRequest("'limit' must be between 1 and 100", param="limit")
-        if order not in ("asc", "desc"):
-            raise InvalidRequest("'order' must be 'asc' or 'desc'", param="order")
-        items = list(self.store.get(rid, owner=user).input_items)
-        if order == "desc":
-            items.reverse()
-        if after is not None:
-            ids = [i["id"] for i in items]
-            if after not in ids:
-                raise InvalidRequest(f"No input item with id '{after}' in this response", param="after")
-            items = items[ids.index(after) + 1 :]
-        page = items[:limit]
-        return {
-            "object": "list",
-            "data": page,
-            "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None,
-            "has_more": len(items) > limit,
-        }
+    def input_items(self, rid: str, query: Mapping[str, str], user: str | None = None) -> dict[str, Any]:
+        """``GET /v1/responses/{id}/input_items``: this request's input items, one page (``limit``, ``order``
+        (default ``desc``), ``after``)."""
+        limit = page_limit(query)
+        items = self.store.get(rid, owner=user).input_items
+        return cursor_page(items, limit, query.get("order", "desc"), query.get("after"), "input item in this response")

@@ -21,6 +21,7 @@ from ..core.errors import ContextLengthExceeded, InvalidRequest
 from ..core.types import ChoiceDelta, FinishReason, GenerationDone, GenerationParams, GenerationRequest, ModelRuntime, Usage
 from ..engine.manager import request_keep_alive
 from .cache import ResponseCache
+from .chat_store import StoredCompletions
 from .completions import CompletionsMixin
 from .generation import Chunk, check_token_ids, engine_failure, envelope, started
 from .model_defaults import ModelDefaults
@@ -48,6 +49,8 @@ class OpenAIServing(CompletionsMixin):
         self.cache = ResponseCache(cache)
         #: let users reuse each other's cached prompt prefixes (quotas.share_prefix_cache); off = per-user namespaces
         self.share_prefix_cache = False
+        #: chat completions created with ``store: true`` (retrieve, list, update, delete)
+        self.stored = StoredCompletions()
 
     def _namespace(self, user: str | None) -> str:
         """The prefix-cache namespace of ``user``'s jobs ("" = shared by everyone)."""
@@ -198,8 +201,13 @@ class OpenAIServing(CompletionsMixin):
         created = int(time.time())
         if req.stream:
             events = await started(self.engine.generate(gen), self.config.keepalive_seconds)
-            return self._chat_stream(events, gen, req.model, rid, created, req.include_usage, tools)
-        return await self._chat_full(gen, req.model, rid, created, tools)
+            # a stored stream always counts its usage, for the stored completion (recording drops it unless asked)
+            stream = self._chat_stream(events, gen, req.model, rid, created, req.include_usage or bool(req.store), tools)
+            return self.stored.recording(stream, req, user, big) if req.store else stream
+        result = await self._chat_full(gen, req.model, rid, created, tools)
+        if req.store:
+            await self.stored.keep(result, req, user, big)
+        return result
 
     async def _chat_full(self, gen: GenerationRequest, model: str, rid: str, created: int, tools: ToolCalling) -> dict[str, Any]:
         n = gen.params.n

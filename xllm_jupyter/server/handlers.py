@@ -104,7 +104,7 @@ class RequestMixin:
         context.active += 1
         ticket = None
         try:
-            if self.route in METERED_ROUTES:
+            if self.route in METERED_ROUTES and method == "post":  # reads of stored objects queue no engine work
                 ticket = context.usage.admit(self.caller)  # per-user quotas (429)
             await getattr(self, "handle_" + method)(*args, **kwargs)
         finally:
@@ -132,6 +132,12 @@ class RequestMixin:
 
     def data_received(self, chunk: bytes) -> None:
         """Bodies on body-less routes are read and dropped."""
+
+    @property
+    def query(self) -> dict[str, str]:
+        """The query parameters, each its last value (``limit``, ``order``, ``metadata[key]`` ...)."""
+        req = self.request  # type: ignore[attr-defined]
+        return {name: self.get_query_argument(name) for name in req.query_arguments}  # type: ignore[attr-defined]
 
     @property
     def xllm(self) -> XllmContext:
@@ -320,12 +326,18 @@ class ModelMixin(RequestMixin):
 
 
 class ChatCompletionsMixin(BodyMixin):
-    """``POST /v1/chat/completions``."""
+    """``POST /v1/chat/completions``, and ``GET``: the caller's stored chat completions."""
+
+    SUPPORTED_METHODS: tuple[str, ...] = ("GET", "POST")
 
     async def handle_post(self) -> None:
         """Chat completion, streamed or not."""
         await self.respond(self.xllm.serving.chat_completion(self.body, user=self.caller.user,
                                                              manages=self.caller.admin))
+
+    async def handle_get(self) -> None:
+        """One page of the caller's stored chat completions (``model``, ``metadata[k]``, ``after``, ``limit``, ``order``)."""
+        self.write_json(self.xllm.serving.stored.list(self.query, user=self.caller.user))
 
 
 class CompletionsMixin(BodyMixin):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from ..core.errors import InvalidRequest
 from .handlers import BodyMixin, RequestMixin
 from .sse import typed_sse_event
 
@@ -34,9 +33,4 @@ class ResponseInputItemsMixin(RequestMixin):
 
     async def handle_get(self, response_id: str) -> None:
         """One page of the response's input items (``limit``, ``order``, ``after``)."""
-        arg = self.get_query_argument  # type: ignore[attr-defined]
-        try:
-            limit = int(arg("limit", "20"))
-        except ValueError:
-            raise InvalidRequest("'limit' must be an integer", param="limit") from None
-        self.write_json(self.xllm.responses.input_items(response_id, limit, arg("order", "desc"), arg("after", None), user=self.caller.user))
+        self.write_json(self.xllm.responses.input_items(response_id, self.query, user=self.caller.user))

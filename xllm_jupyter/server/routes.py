@@ -11,6 +11,7 @@ from typing import Any
 
 from tornado.web import RequestHandler, stream_request_body
 
+from .chat_store import StoredCompletionMessagesMixin, StoredCompletionMixin
 from .embeddings import EmbeddingsMixin
 from .handlers import (
     AdminLoadMixin,
@@ -44,6 +45,8 @@ ROUTES: tuple[tuple[str, type, bool], ...] = (
     # model ids may contain ':', '.', '-' and even '/' (HF-style names)
     (r"/v1/models/(?P<model_id>.+)", ModelMixin, False),
     (r"/v1/chat/completions", ChatCompletionsMixin, False),
+    (r"/v1/chat/completions/(?P<completion_id>[^/]+)/messages", StoredCompletionMessagesMixin, False),
+    (r"/v1/chat/completions/(?P<completion_id>[^/]+)", StoredCompletionMixin, False),
     (r"/v1/completions", CompletionsMixin, False),
     (r"/v1/responses", ResponsesMixin, False),
     (r"/v1/responses/(?P<response_id>[^/]+)/input_items", ResponseInputItemsMixin, False),
