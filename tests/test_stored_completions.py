@@ -8,6 +8,7 @@ ownership (another API key's user gets 404s) on a second real server with two ke
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from typing import Any, Iterator
 
@@ -15,7 +16,7 @@ import openai
 import pytest
 
 from tests.server_fixtures import TINY, make_test_config, running_server
-from xllm_jupyter.core.config import CacheConfig
+from xllm_jupyter.core.config import CacheConfig, QuotaConfig
 from xllm_jupyter.openai.cache import ResponseCache
 
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
@@ -218,8 +219,9 @@ ALICE, BOB = "sk-alice-stored", "sk-bob-stored"
 
 @pytest.fixture(scope="module")
 def two_users(xllm_home, tiny_catalog) -> Iterator[Any]:
-    """A server with two user keys: each key is its own user."""
-    with running_server(make_test_config(xllm_home, api_keys=(ALICE, BOB)), tiny_catalog, TINY) as info:
+    """A server with two user keys (each key is its own user) and a daily quota one generation spends."""
+    config = dataclasses.replace(make_test_config(xllm_home, api_keys=(ALICE, BOB)), quotas=QuotaConfig(tokens_per_day=1))
+    with running_server(config, tiny_catalog, TINY) as info:
         yield info
 
 
@@ -236,6 +238,9 @@ def test_another_users_stored_completion_is_a_404(two_users):
         assert bob.chat.completions.list().data == []
         with pytest.raises(openai.BadRequestError):  # alice's id is no cursor in bob's listing either
             bob.chat.completions.list(after=c.id)
+        with pytest.raises(openai.RateLimitError):  # alice's daily quota is spent ...
+            alice.chat.completions.create(model=TINY, messages=MSGS, max_tokens=1)
+        # ... yet reading her stored completions queues no generation, so it is not refused
         assert [x.id for x in alice.chat.completions.list().data] == [c.id]
         assert alice.chat.completions.retrieve(c.id).metadata == {"who": "alice"}  # untouched
         assert alice.chat.completions.delete(c.id).deleted
