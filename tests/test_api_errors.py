@@ -110,8 +110,8 @@ def test_bad_parameter_through_sdk(client):
         client.chat.completions.create(model=TINY, messages=MSG, temperature=3)
     assert info.value.status_code == 400
     assert info.value.param == "temperature"
-    assert info.value.code == "invalid_value"
-    assert info.value.body["param"] == "temperature"
+    assert info.value.code == "decimal_above_max_value"  # api.openai.com's code and words
+    assert info.value.body["message"] == "Invalid 'temperature': decimal above maximum value. Expected a value <= 2, but got 3 instead."
 
 
 @pytest.mark.parametrize(

@@ -161,3 +161,50 @@ def test_responses_item_missing_call_id(raw):
     err = r.json()["error"]
     assert (err["param"], err["code"]) == ("input[0].call_id", "missing_required_parameter")
     assert err["message"] == "Missing required parameter: 'input[0].call_id'."
+
+
+# ------------------------------------------------------- schema errors, every endpoint
+@pytest.mark.parametrize(
+    ("path", "body", "param", "code", "text"),
+    [
+        ("/v1/chat/completions", {"n": 0}, "n", "integer_below_min_value",
+         "Invalid 'n': integer below minimum value. Expected a value >= 1, but got 0 instead."),
+        ("/v1/chat/completions", {"top_p": 1.5}, "top_p", "decimal_above_max_value",
+         "Invalid 'top_p': decimal above maximum value. Expected a value <= 1, but got 1.5 instead."),
+        ("/v1/chat/completions", {"temperature": "hot"}, "temperature", "invalid_type",
+         "Invalid type for 'temperature': expected a decimal, but got a string instead."),
+        ("/v1/chat/completions", {"seed": 1.5}, "seed", "invalid_type",
+         "Invalid type for 'seed': expected an integer, but got a decimal instead."),
+        ("/v1/chat/completions", {"stop": ["a", 7]}, "stop[1]", "invalid_type",
+         "Invalid type for 'stop[1]': expected a string, but got an integer instead."),
+        ("/v1/chat/completions", {"messages": []}, "messages", "empty_array",
+         "Invalid 'messages': empty array. Expected an array with minimum length 1, but got an empty array instead."),
+        ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "invalid_value",
+         "Invalid value: 'robot'. Supported values are: 'system', 'developer', 'user', 'assistant', and 'tool'."),
+        ("/v1/chat/completions", {"model": ""}, "model", "empty_string",
+         "Invalid 'model': empty string. Expected a string with minimum length 1, but got an empty string instead."),
+        ("/v1/completions", {"prompt": "x", "logprobs": 6}, "logprobs", "integer_above_max_value",
+         "Invalid 'logprobs': integer above maximum value. Expected a value <= 5, but got 6 instead."),
+        ("/v1/completions", {"prompt": "x", "echo": "yes"}, "echo", "invalid_type",
+         "Invalid type for 'echo': expected a boolean, but got a string instead."),
+        ("/v1/embeddings", {"input": "x", "encoding_format": "int8"}, "encoding_format", "invalid_value",
+         "Invalid value: 'int8'. Supported values are: 'float' and 'base64'."),
+        ("/v1/responses", {"input": "x", "top_logprobs": 21}, "top_logprobs", "integer_above_max_value",
+         "Invalid 'top_logprobs': integer above maximum value. Expected a value <= 20, but got 21 instead."),
+    ],
+)
+def test_schema_errors_in_openai_words(raw, path, body, param, code, text):
+    base = {"model": TINY} if path in ("/v1/completions", "/v1/embeddings", "/v1/responses") else {"model": TINY, "messages": [USER]}
+    r = raw.post(path, json={**base, **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == {"message": text, "type": "invalid_request_error", "param": param, "code": code}
+
+
+def test_completions_best_of_over_the_limit_names_best_of(client):
+    """best_of asks for the candidates: over the server's limit (4 here) the error names it, not n."""
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=TINY, prompt="x", best_of=5, max_tokens=2)
+    assert info.value.param == "best_of" and "best_of is too large" in info.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=TINY, prompt="x", n=5, max_tokens=2)
+    assert info.value.param == "n"

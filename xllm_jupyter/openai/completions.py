@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, AsyncIterator, Sequence
 
 from ..core.config import ServerConfig
+from ..core.errors import InvalidRequest
 from ..core.types import ChoiceDelta, FinishReason, GenerationDone, GenerationRequest, Usage
 from ..engine.manager import request_keep_alive
 from .cache import ResponseCache
@@ -45,6 +46,10 @@ class CompletionsMixin:
         keep_alive = request_keep_alive(req.keep_alive, manages)
         n = req.n or 1
         prompts = req.prompts()
+        if req.candidates > n and req.candidates * len(prompts) > self.config.max_n:
+            # best_of asked for the candidates: the error names it, not n
+            raise InvalidRequest(f"best_of is too large: {req.candidates} completions for each of {len(prompts)} prompt(s). "
+                                 f"This server generates at most {self.config.max_n} per request.", param="best_of")
         self._check_n(req.candidates, len(prompts))
         model = await self.engine.load(req.model)
         defaults = ModelDefaults.of(self.engine, req.model)

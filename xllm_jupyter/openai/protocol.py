@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..core.errors import InvalidRequest, Unsupported
 from ..core.types import ChatMessage, Constraint, SamplingParams, TokenLogprob, Usage
 from .conversation import Turn, check_history, core_message
+from .schema_errors import openai_wording
 from .structured import constraint_from_response_format
 from .tools import parse_tool_config
 
@@ -302,6 +303,9 @@ def _validation_error(exc: ValidationError) -> InvalidRequest:
         return InvalidRequest("The request body must be a JSON object.", code="invalid_json")
     if err["type"] == "missing":
         return InvalidRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    wording = openai_wording(err, param, sum(_loc_to_param(tuple(e.get("loc", ()))) == param for e in errors))
+    if wording is not None:
+        return InvalidRequest(wording[0], param=param, code=wording[1])
     return InvalidRequest(f"Invalid value for '{param}': {err['msg']}.", param=param)
 
 

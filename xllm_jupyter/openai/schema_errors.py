@@ -1,0 +1,98 @@
+"""Pydantic's validation errors in api.openai.com's words and codes.
+
+OpenAI answers a value outside a bound, a wrong JSON type, an empty array or a value outside
+an enum with fixed sentences and codes (``decimal_above_max_value``, ``invalid_type``,
+``empty_array`` ...); clients and people who know those get the same here. Errors without
+an OpenAI counterpart keep pydantic's wording (``protocol._validation_error``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: pydantic's bound errors: (OpenAI's word for the direction, comparison written in the message, code suffix)
+_BOUNDS = {
+    "greater_than_equal": ("below minimum value", ">=", "ge", "below_min_value"),
+    "greater_than": ("below minimum value", ">", "gt", "below_min_value"),
+    "less_than_equal": ("above maximum value", "<=", "le", "above_max_value"),
+    "less_than": ("above maximum value", "<", "lt", "above_max_value"),
+}
+
+#: pydantic's type errors: what the field expected, in OpenAI's words
+_EXPECTED = {
+    "string_type": "a string",
+    "int_type": "an integer",
+    "float_type": "a decimal",
+    "bool_type": "a boolean",
+    "dict_type": "an object",
+    "model_type": "an object",
+    "list_type": "an array",
+}
+
+
+def _json_type(value: Any) -> str:
+    """The JSON type of ``value`` as OpenAI names it in a message."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a decimal"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _number(value: Any) -> str:
+    """A bound or value as OpenAI writes it: 2, not 2.0."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _choices(expected: str) -> str:
+    """Pydantic's "'a', 'b' or 'c'" as OpenAI's "'a', 'b', and 'c'"."""
+    head, sep, last = expected.rpartition(" or ")
+    if not sep:
+        return expected
+    return f"{head}, and {last}" if "," in head else f"{head} and {last}"
+
+
+def openai_wording(err: dict[str, Any], param: str | None, alternatives: int) -> tuple[str, str] | None:
+    """``(message, code)`` for pydantic error ``err`` at ``param``, or None where OpenAI has no set wording.
+
+    ``alternatives``: how many errors pydantic gave for this location (more than one: a union, whose
+    "expected" is not one type).
+    """
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    value = err.get("input")
+    if kind in _BOUNDS and param:
+        words, op, key, suffix = _BOUNDS[kind]
+        bound = ctx.get(key)
+        number = "integer" if isinstance(bound, int) and not isinstance(value, float) else "decimal"
+        return (f"Invalid '{param}': {number} {words}. Expected a value {op} {_number(bound)}, but got {_number(value)} instead.",
+                f"{number}_{suffix}")
+    if kind == "too_short" and param and isinstance(value, list):
+        least = ctx.get("min_length")
+        if not value:
+            return (f"Invalid '{param}': empty array. Expected an array with minimum length {least}, but got an empty array "
+                    "instead.", "empty_array")
+        return (f"Invalid '{param}': array too short. Expected an array with minimum length {least}, but got an array with "
+                f"length {len(value)} instead.", "array_below_min_length")
+    if kind == "too_long" and param and isinstance(value, list):
+        return (f"Invalid '{param}': array too long. Expected an array with maximum length {ctx.get('max_length')}, but got "
+                f"an array with length {len(value)} instead.", "array_above_max_length")
+    if kind == "string_too_short" and param and value == "":
+        return (f"Invalid '{param}': empty string. Expected a string with minimum length {ctx.get('min_length')}, but got an "
+                "empty string instead.", "empty_string")
+    if kind == "literal_error" and "expected" in ctx:
+        return f"Invalid value: {value!r}. Supported values are: {_choices(ctx['expected'])}.", "invalid_value"
+    if kind in _EXPECTED and param and alternatives == 1:
+        return (f"Invalid type for '{param}': expected {_EXPECTED[kind]}, but got {_json_type(value)} instead.",
+                "invalid_type")
+    return None
