@@ -146,6 +146,36 @@ def test_slot_decoding_matches_eager_under_continuous_batching(eager, static, sa
     assert static._batch.table.rows == [] and sorted(static._batch.table.free) == list(range(SLOTS))
 
 
+def test_a_prefill_error_resumes_into_the_slot_cache_without_losing_tokens(eager, static, monkeypatch):
+    # the engine's drop_failed (engine/step_failures.py): the prefill before the failed one joins the slot cache
+    broken_prompt = tuple(range(600, 800))
+    prefill = static._prefill
+
+    def failing(seqs, events):
+        if any(s.job.prompt_ids == broken_prompt for s in seqs):
+            raise RuntimeError("a failure these inputs trigger")
+        return prefill(seqs, events)
+
+    monkeypatch.setattr(static, "_prefill", failing)
+    first, short, broken = job(range(200, 230), 30), job(range(50, 55), 12), job(broken_prompt, 6)
+    want, _ = run(eager, {0: [first], 2: [short]})
+    static.add(first)
+    got: dict[int, list] = defaultdict(list)
+    for step in range(60):
+        if step == 2:
+            static.add(short)
+            static.add(broken)
+            with pytest.raises(EngineError):
+                static.step()
+            assert static.drop_failed(frozenset({short.job_id, broken.job_id})) == {broken.job_id}
+        if not static.active_jobs():
+            break
+        for e in static.step():
+            got[e.job_id].append(e)
+    assert [tokens(got[first.job_id]), tokens(got[short.job_id])] == [tokens(want[0]), tokens(want[1])]
+    assert broken.job_id not in got and static._batch.table.rows == []
+
+
 def test_details_memory_and_context(eager, static):
     details = static.details()
     assert details["decode"] == ("compiled-static" if static._batch.decoder.compiled else "static")
