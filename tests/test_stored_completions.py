@@ -16,6 +16,8 @@ import openai
 import pytest
 
 from tests.server_fixtures import TINY, make_test_config, running_server
+from tests.test_tools import MSG as ASK
+from tests.test_tools import TOOLS
 from xllm_jupyter.core.config import CacheConfig, QuotaConfig
 from xllm_jupyter.openai.cache import ResponseCache
 
@@ -149,6 +151,30 @@ def test_a_streamed_stored_completion_is_retrieved_with_the_same_id_and_content(
                                                  stream_options={"include_usage": True}))
     assert chunks[-1].usage is not None and chunks[-1].choices == []
     assert client.chat.completions.retrieve(chunks[0].id).usage.completion_tokens == chunks[-1].usage.completion_tokens
+
+
+def test_a_streamed_stored_tool_call_is_the_completion_the_full_request_returns(client):
+    """The stored stream's tool calls are put together from their fragments: the same as the non-streamed reply."""
+    kw = dict(model=TINY, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=200, seed=2, store=True)
+    full = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    got = client.chat.completions.retrieve(chunks[0].id).choices[0]
+    want = full.choices[0]
+    assert want.message.tool_calls and got.finish_reason == want.finish_reason == "tool_calls"
+    assert got.message.content is None and want.message.content is None
+    assert [(t.function.name, t.function.arguments) for t in got.message.tool_calls] == \
+        [(t.function.name, t.function.arguments) for t in want.message.tool_calls]
+    first_ids = [f.id for ch in chunks for c in ch.choices for f in c.delta.tool_calls or () if f.id]
+    assert [t.id for t in got.message.tool_calls] == first_ids and all(t.type == "function" for t in got.message.tool_calls)
+
+
+def test_a_streamed_stored_completion_keeps_every_tokens_logprobs(client):
+    chunks = list(client.chat.completions.create(model=TINY, messages=MSGS, store=True, stream=True, max_tokens=5,
+                                                 logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True}))
+    streamed = [(t.token, t.logprob) for ch in chunks for c in ch.choices if c.logprobs for t in c.logprobs.content]
+    got = client.chat.completions.retrieve(chunks[0].id).choices[0].logprobs.content
+    assert len(streamed) == 5 and [(t.token, t.logprob) for t in got] == streamed
+    assert all(len(t.top_logprobs) == 2 for t in got)
 
 
 def test_without_store_nothing_is_kept(client, raw):
