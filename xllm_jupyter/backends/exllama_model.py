@@ -135,7 +135,12 @@ class DynamicGeneratorModel(ChatTokenizerMethods, LoadedModel):
         """Cache tokens the library allocates pages for when it starts ``job`` (its own formula)."""
 
     def step(self) -> list[TokenEvent]:
-        """One generator iteration: prefill chunks of new jobs and one decode step for the rest."""
+        """One generator iteration: prefill chunks of new jobs and one decode step for the rest.
+
+        An error out of ``iterate()`` is not resumable (``drop_failed`` stays the base's None): the library
+        prefills and decodes every job in that one call, so any job may be half advanced (pages taken,
+        positions moved) and the engine fails the batch. A job the library fails itself is an ``error`` result.
+        """
         events = [TokenEvent(job_id, None, "", finish=FinishReason.CANCELLED) for job_id in self._cancelled]
         self._cancelled.clear()
         if not self._jobs:
