@@ -13,7 +13,8 @@ Each object belongs to the user who created it: for anyone else it reads as unkn
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from operator import itemgetter
 from typing import Any, Generic, Protocol, TypeVar
 
 from ..core.errors import InvalidRequest, NotFound
@@ -112,25 +113,27 @@ def page_limit(query: Mapping[str, str], default: int = 20) -> int:
     return limit
 
 
-def cursor_page(items: Sequence[dict[str, Any]], limit: int, order: str, after: str | None, what: str) -> dict[str, Any]:
-    """One page of ``items`` (oldest first, each with an ``id``) as an OpenAI cursor list.
+def cursor_page(items: Sequence[Any], limit: int, order: str, after: str | None, what: str,
+                ident: Callable[[Any], str] = itemgetter("id"), render: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+    """One page of ``items`` (oldest first) as an OpenAI cursor list.
 
     ``order`` is ``asc`` or ``desc``; ``after`` the last id of the previous page (400 when it is
-    not among ``items``, whose kind ``what`` names in the message).
+    not among ``items``, whose kind ``what`` names in the message). ``ident`` reads an item's id;
+    ``render``, when given, makes the wire object of each item on the page (only those).
     """
     if order not in ("asc", "desc"):
         raise InvalidRequest("'order' must be 'asc' or 'desc'", param="order")
     ordered = list(items) if order == "asc" else list(reversed(items))
     if after is not None:
-        ids = [i["id"] for i in ordered]
+        ids = [ident(i) for i in ordered]
         if after not in ids:
             raise InvalidRequest(f"No {what} with id '{after}'", param="after")
         ordered = ordered[ids.index(after) + 1 :]
     page = ordered[:limit]
     return {
         "object": "list",
-        "data": page,
-        "first_id": page[0]["id"] if page else None,
-        "last_id": page[-1]["id"] if page else None,
+        "data": page if render is None else [render(i) for i in page],
+        "first_id": ident(page[0]) if page else None,
+        "last_id": ident(page[-1]) if page else None,
         "has_more": len(ordered) > limit,
     }
