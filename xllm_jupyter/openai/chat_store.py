@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import itertools
 import json
-from operator import itemgetter
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 from .chat_assembly import Chunk, CompletionAssembler
@@ -135,8 +135,8 @@ class StoredCompletions:
 
     async def update(self, cid: str, body: bytes, user: str | None = None) -> dict[str, Any]:
         """``POST /v1/chat/completions/{id}``: replace the metadata, return the completion."""
-        stored = self.store.get(cid, owner=user)
         req: CompletionUpdate = await parse_body(CompletionUpdate, body)
+        stored = self.store.get(cid, owner=user)  # after the (maybe off-loop) parse: a delete meanwhile stays a delete
         stored.metadata = dict(req.metadata or {})
         self.store.put(cid, stored)  # re-measured: metadata counts against the store's bytes
         return stored.view()
