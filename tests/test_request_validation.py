@@ -87,8 +87,17 @@ def test_a_complete_exchange_is_served(client, raw):
         ({"role": "user", "content": []}, "messages[1].content", "empty_array",
          "Invalid 'messages[1].content': empty array. Expected an array with minimum length 1, but got an empty array instead."),
         ({"role": "user", "content": [{"type": "video", "video": "x"}]}, "messages[1].content[0].type", "invalid_value",
-         "Invalid value: 'video'. Supported values are: 'text', 'image_url', 'input_audio', 'refusal', 'audio', and 'file'."),
+         "Invalid value: 'video'. Supported values are: 'text', 'image_url', 'input_audio', and 'file'."),
         ({"role": "user", "content": [{"text": "hi"}]}, "messages[1].content[0].type", "missing_required_parameter", None),
+        ({"role": "user", "content": [{"type": "text"}]}, "messages[1].content[0].text", "missing_required_parameter",
+         "Missing required parameter: 'messages[1].content[0].text'."),
+        ({"role": "user", "content": [{"type": "text", "text": 5}]}, "messages[1].content[0].text", "invalid_type",
+         "Invalid type for 'messages[1].content[0].text': expected a string, but got an integer instead."),
+        # each role takes OpenAI's part types for it: a system message text only, an assistant's text or refusal
+        ({"role": "system", "content": [{"type": "refusal", "refusal": "no"}]}, "messages[1].content[0].type", "invalid_value",
+         "Invalid value: 'refusal'. Supported values are: 'text'."),
+        ({"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}, "messages[1].content[0].type",
+         "invalid_value", "Invalid value: 'image_url'. Supported values are: 'text' and 'refusal'."),
     ],
 )
 def test_message_checks(raw, message, param, code, text):
@@ -187,6 +196,16 @@ def test_responses_item_missing_call_id(raw):
          "Invalid 'logprobs': integer above maximum value. Expected a value <= 5, but got 6 instead."),
         ("/v1/completions", {"prompt": "x", "echo": "yes"}, "echo", "invalid_type",
          "Invalid type for 'echo': expected a boolean, but got a string instead."),
+        ("/v1/completions", {"prompt": "x", "suffix": 5}, "suffix", "invalid_type",
+         "Invalid type for 'suffix': expected a string, but got an integer instead."),
+        ("/v1/completions", {"prompt": "x", "seed": 2**63}, "seed", "integer_above_max_value",
+         f"Invalid 'seed': integer above maximum value. Expected a value <= {2**63 - 1}, but got {2**63} instead."),
+        ("/v1/embeddings", {"input": "x", "dimensions": 0}, "dimensions", "integer_below_min_value",
+         "Invalid 'dimensions': integer below minimum value. Expected a value >= 1, but got 0 instead."),
+        ("/v1/responses", {"input": [{"role": "tool", "content": "x"}]}, "input[0].role", "invalid_value",
+         "Invalid value: 'tool'. Supported values are: 'user', 'system', 'developer', and 'assistant'."),
+        ("/v1/responses", {"input": [{"role": "user", "content": [{"type": "input_text"}]}]}, "input[0].content[0].text",
+         "missing_required_parameter", "Missing required parameter: 'input[0].content[0].text'."),
         ("/v1/embeddings", {"input": "x", "encoding_format": "int8"}, "encoding_format", "invalid_value",
          "Invalid value: 'int8'. Supported values are: 'float' and 'base64'."),
         ("/v1/responses", {"input": "x", "top_logprobs": 21}, "top_logprobs", "integer_above_max_value",
@@ -198,6 +217,16 @@ def test_schema_errors_in_openai_words(raw, path, body, param, code, text):
     r = raw.post(path, json={**base, **body})
     assert r.status_code == 400, r.text
     assert r.json()["error"] == {"message": text, "type": "invalid_request_error", "param": param, "code": code}
+
+
+def test_completions_suffix_and_echo(raw):
+    """A non-empty suffix and echo are refused as unsupported (fill-in-the-middle, prompt logprobs); an empty or null
+    suffix and echo false ask for nothing and are served."""
+    for extra, param in (({"suffix": "}"}, "suffix"), ({"echo": True}, "echo"), ({"echo": True, "suffix": "}"}, "suffix")):
+        r = raw.post("/v1/completions", json={"model": TINY, "prompt": "x", "max_tokens": 2, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param and r.json()["error"]["code"] == "unsupported_parameter"
+    for extra in ({"suffix": ""}, {"suffix": None}, {"echo": False}):
+        assert raw.post("/v1/completions", json={"model": TINY, "prompt": "x", "max_tokens": 2, **extra}).status_code == 200
 
 
 def test_completions_best_of_over_the_limit_names_best_of(client):

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Literal, Sequence
 
 from ..core.errors import InvalidRequest, Unsupported
 from ..core.types import ChatMessage
+from .schema_errors import json_type
 
 if TYPE_CHECKING:
     from .protocol import WireMessage
@@ -143,8 +144,21 @@ def core_message(m: WireMessage, i: int) -> ChatMessage:
     return ChatMessage(role=m.role, content=content, name=m.name, tool_calls=calls, tool_call_id=m.tool_call_id)
 
 
-#: content part types api.openai.com knows (chat); the ones other than text are refused here as unsupported
-_PART_TYPES = ("text", "image_url", "input_audio", "refusal", "audio", "file")
+#: the content part types api.openai.com takes in each role's messages (chat); only text (and an assistant's
+#: refusal) is served here, the others are refused as unsupported rather than as unknown
+_PART_TYPES = {
+    "user": ("text", "image_url", "input_audio", "file"),
+    "assistant": ("text", "refusal"),
+}
+_TEXT_ONLY = ("text",)
+
+
+def _supported(kinds: tuple[str, ...]) -> str:
+    """``'a', 'b', and 'c'`` as OpenAI lists supported values."""
+    quoted = [repr(k) for k in kinds]
+    if len(quoted) < 3:
+        return " and ".join(quoted)
+    return ", ".join(quoted[:-1]) + ", and " + quoted[-1]
 
 
 def flatten_content(content: Any, param: str, role: str = "user") -> str | None:
@@ -154,21 +168,29 @@ def flatten_content(content: Any, param: str, role: str = "user") -> str | None:
     if not content:
         raise InvalidRequest(f"Invalid '{param}': empty array. Expected an array with minimum length 1, but got an empty array "
                              "instead.", param=param, code="empty_array")
+    allowed = _PART_TYPES.get(role, _TEXT_ONLY)
     texts = []
     for j, part in enumerate(content):
         kind = part.get("type")
-        if kind == "text" or (kind == "refusal" and role == "assistant"):
-            # a refusal part is what the assistant said (an SDK sends back the message it was given)
-            text = part.get(kind)
-            if not isinstance(text, str):
-                raise InvalidRequest(f"A {kind} content part needs a string '{kind}'", param=f"{param}[{j}].{kind}")
-            texts.append(text)
-        elif kind is None:
-            raise InvalidRequest(f"Missing required parameter: '{param}[{j}].type'.", param=f"{param}[{j}].type",
+        where = f"{param}[{j}]"
+        if kind is None:
+            raise InvalidRequest(f"Missing required parameter: '{where}.type'.", param=f"{where}.type",
                                  code="missing_required_parameter")
-        elif kind in ("image_url", "input_image", "input_audio", "file", "audio"):
-            raise Unsupported(f"Content parts of type '{kind}' are not supported by this model", param=f"{param}[{j}].type")
-        else:
-            supported = ", ".join(repr(t) for t in _PART_TYPES[:-1]) + f", and {_PART_TYPES[-1]!r}"
-            raise InvalidRequest(f"Invalid value: {kind!r}. Supported values are: {supported}.", param=f"{param}[{j}].type")
+        if kind not in allowed:
+            raise InvalidRequest(f"Invalid value: {kind!r}. Supported values are: {_supported(allowed)}.", param=f"{where}.type")
+        if kind not in ("text", "refusal"):
+            raise Unsupported(f"Content parts of type '{kind}' are not supported by this model", param=f"{where}.type")
+        # a refusal part is what the assistant said (an SDK sends back the message it was given)
+        texts.append(part_text(part, kind, f"{where}.{kind}"))
     return "\n".join(texts)
+
+
+def part_text(part: dict[str, Any], key: str, param: str) -> str:
+    """The string ``part[key]`` of a text (or refusal) content part; a 400 in OpenAI's words when absent or not one."""
+    text = part.get(key)
+    if text is None:
+        raise InvalidRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    if not isinstance(text, str):
+        raise InvalidRequest(f"Invalid type for '{param}': expected a string, but got {json_type(text)} instead.",
+                             param=param, code="invalid_type")
+    return text

@@ -29,14 +29,12 @@ class EmbeddingRequest(StrictModel):
     model: str = Field(min_length=1)
     input: Any = None
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
+    dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
     keep_alive: float | str | None = None  # Ollama's: seconds or "5m"; 0 = unload after, negative = forever
 
     def check(self) -> None:
         """Shape checks the JSON types cannot express; ``inputs()`` does the rest."""
-        if self.dimensions is not None and self.dimensions < 1:
-            raise InvalidRequest("dimensions must be at least 1", param="dimensions")
         self.inputs()
 
     def inputs(self) -> list[str] | list[list[int]]:

@@ -104,7 +104,7 @@ class _SamplingFields(StrictModel):
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     logit_bias: dict[str, float] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # OpenAI's int64
     stop: Union[str, list[str], None] = None
     n: int | None = Field(default=None, ge=1)
     stream: bool | None = None
@@ -203,7 +203,6 @@ class ChatCompletionRequest(_SamplingFields):
         return [core_message(m, i) for i, m in enumerate(self.messages)]
 
 
-_COMPLETION_UNSUPPORTED = ("suffix",)
 
 
 class CompletionRequest(_SamplingFields):
@@ -213,14 +212,13 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LEGACY_LOGPROBS)
     echo: bool | None = None
     best_of: int | None = Field(default=None, ge=1)
+    suffix: str | None = None  # text after the insertion point (fill-in-the-middle): not supported
 
     def check(self) -> None:
         """Cross-field checks and rejection of parameters we cannot honour yet."""
         self._check_common()
-        extra = self.model_extra or {}
-        for name in _COMPLETION_UNSUPPORTED:
-            if extra.get(name):
-                raise Unsupported(f"'{name}' is not supported by this server", param=name)
+        if self.suffix:  # "" or null asks for nothing: served
+            raise Unsupported("'suffix' is not supported by this server", param="suffix")
         if self.echo:
             raise Unsupported("'echo' is not supported by this server", param="echo")
         if self.best_of is not None and self.best_of < (self.n or 1):

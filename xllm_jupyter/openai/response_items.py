@@ -13,7 +13,7 @@ import uuid
 from typing import Any
 
 from ..core.errors import InvalidRequest, Unsupported
-from .conversation import Turn, find_tool_turn_problem, responses_tool_turn_error
+from .conversation import Turn, find_tool_turn_problem, part_text, responses_tool_turn_error
 
 ROLES = ("user", "system", "developer", "assistant")
 _TEXT_PARTS = ("input_text", "output_text", "text")
@@ -35,10 +35,7 @@ def _text(content: Any, param: str) -> str:
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind in _TEXT_PARTS:
-            text = part.get("text")
-            if not isinstance(text, str):
-                raise InvalidRequest("A text content part needs a string 'text'", param=f"{param}[{j}].text")
-            texts.append(text)
+            texts.append(part_text(part, "text", f"{param}[{j}].text"))
         elif kind == "refusal" and isinstance(part.get("refusal"), str):
             texts.append(part["refusal"])
         elif kind in _MEDIA_PARTS:
@@ -84,7 +81,8 @@ def normalize_input(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
         if kind == "message":
             role = item.get("role")
             if role not in ROLES:
-                raise InvalidRequest(f"Invalid role {role!r}; expected one of {', '.join(ROLES)}", param=f"{param}.role")
+                supported = ", ".join(repr(r) for r in ROLES[:-1]) + f", and {ROLES[-1]!r}"
+                raise InvalidRequest(f"Invalid value: {role!r}. Supported values are: {supported}.", param=f"{param}.role")
             items.append(message_item(role, _text(item.get("content"), f"{param}.content"), iid))
         elif kind == "function_call":
             args = (_str_field(item, k, param) for k in ("call_id", "name", "arguments"))

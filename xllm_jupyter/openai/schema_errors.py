@@ -30,7 +30,7 @@ _EXPECTED = {
 }
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
     """The JSON type of ``value`` as OpenAI names it in a message."""
     if value is None:
         return "null"
@@ -93,6 +93,6 @@ def openai_wording(err: dict[str, Any], param: str | None, alternatives: int) ->
     if kind == "literal_error" and "expected" in ctx:
         return f"Invalid value: {value!r}. Supported values are: {_choices(ctx['expected'])}.", "invalid_value"
     if kind in _EXPECTED and param and alternatives == 1:
-        return (f"Invalid type for '{param}': expected {_EXPECTED[kind]}, but got {_json_type(value)} instead.",
+        return (f"Invalid type for '{param}': expected {_EXPECTED[kind]}, but got {json_type(value)} instead.",
                 "invalid_type")
     return None
