@@ -126,6 +126,29 @@ def test_tool_name_checks(client, name, code, text):
     assert (err.param, err.code, err.body["message"]) == ("tools[0].function.name", code, text)
 
 
+@pytest.mark.parametrize(
+    ("extra", "param", "code", "text"),
+    [
+        ({"tool_choice": "sometimes"}, "tool_choice", "invalid_value",
+         "Invalid value: 'sometimes'. Supported values are: 'none', 'auto', and 'required'."),
+        ({"tools": [{"type": "retrieval"}]}, "tools[0].type", "invalid_value",
+         "Invalid value: 'retrieval'. Supported values are: 'function' and 'custom'."),
+        ({"tools": [{"type": "custom", "custom": {"name": "grep"}}]}, "tools[0].type", "unsupported_parameter", None),
+        ({"tools": [{"function": {"name": "f"}}]}, "tools[0].type", "missing_required_parameter",
+         "Missing required parameter: 'tools[0].type'."),
+        ({"tools": ["get_weather"]}, "tools[0]", "invalid_type",
+         "Invalid type for 'tools[0]': expected an object, but got a string instead."),
+    ],
+)
+def test_tool_option_checks(raw, extra, param, code, text):
+    r = raw.post("/v1/chat/completions", json={"model": TINY, "messages": [USER], "max_tokens": 2, **extra})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert (err["param"], err["code"]) == (param, code)
+    if text is not None:
+        assert err["message"] == text
+
+
 # ------------------------------------------------------------------ Responses API
 WEATHER = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
 FC = {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{}"}

@@ -12,9 +12,10 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
-from ..core.errors import InvalidRequest
+from ..core.errors import InvalidRequest, Unsupported
 from ..core.types import ChatMessage, Constraint
 from .conversation import check_name
+from .schema_errors import json_type
 
 #: OpenAI's longest function name
 MAX_NAME = 64
@@ -81,10 +82,8 @@ def parse_tool_config(tools: Any, tool_choice: Any, parallel: Any) -> ToolConfig
         return ToolConfig(specs, "auto" if specs else "none", None, par)
     if isinstance(tool_choice, str):
         if tool_choice not in ("none", "auto", "required"):
-            raise InvalidRequest(
-                f"Invalid value for 'tool_choice': {tool_choice!r}; expected 'none', 'auto', 'required' or a function",
-                param="tool_choice",
-            )
+            raise InvalidRequest(f"Invalid value: {tool_choice!r}. Supported values are: 'none', 'auto', and 'required'.",
+                                 param="tool_choice")
         if tool_choice == "required" and not specs:
             raise InvalidRequest("'tool_choice' is 'required' but no 'tools' were given", param="tool_choice")
         return ToolConfig(specs, tool_choice, None, par)
@@ -111,8 +110,17 @@ def _parse_tools(tools: Any) -> tuple[ToolSpec, ...]:
     seen: set[str] = set()  # (one set: rebuilding it per tool was quadratic, seconds on the IOLoop)
     for i, tool in enumerate(tools):
         where = f"tools[{i}]"
-        if not isinstance(tool, dict) or tool.get("type") != "function":
-            raise InvalidRequest(f"{where}.type must be 'function'", param=f"{where}.type")
+        if not isinstance(tool, dict):
+            raise InvalidRequest(f"Invalid type for '{where}': expected an object, but got {json_type(tool)} instead.",
+                                 param=where, code="invalid_type")
+        kind = tool.get("type")
+        if kind is None:
+            raise InvalidRequest(f"Missing required parameter: '{where}.type'.", param=f"{where}.type", code="missing_required_parameter")
+        if kind == "custom":
+            raise Unsupported("Custom tools are not supported by this server; use function tools", param=f"{where}.type")
+        if kind != "function":
+            # OpenAI's words (it also takes 'custom' tools, refused above as unsupported)
+            raise InvalidRequest(f"Invalid value: {kind!r}. Supported values are: 'function' and 'custom'.", param=f"{where}.type")
         fn = tool.get("function")
         if not isinstance(fn, dict):
             raise InvalidRequest(f"{where}.function must be an object", param=f"{where}.function")
