@@ -120,6 +120,8 @@ def test_bad_parameter_through_sdk(client):
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
         ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
+        ({"reasoning_effort": "low"}, "reasoning_effort"),  # no reasoning model here: it would change nothing
+        ({"verbosity": "low"}, "verbosity"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]}, "messages[0].content[0].type"),
     ],
 )

@@ -149,7 +149,8 @@ class _SamplingFields(StrictModel):
 
 
 #: fields that would change the output if honoured; rejected rather than silently ignored
-_CHAT_UNSUPPORTED = ("functions", "function_call", "audio", "prediction", "web_search_options")
+_CHAT_UNSUPPORTED = ("functions", "function_call", "audio", "prediction", "web_search_options", "reasoning_effort",
+                     "verbosity")
 
 
 class ChatCompletionRequest(_SamplingFields):
