@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 
+from ..core import gc_freeze
 from ..core.errors import EngineError
 from ..core.types import FinishReason, SamplingParams, TokenEvent
 from .base import Backend, BackendOptions, ModelSpec, unload_each
@@ -385,9 +386,7 @@ def unload_quietly(models: Iterable[Any]) -> None:
 def free_cuda_memory() -> None:
     """Collect garbage, then return torch's cached CUDA memory (best effort: never raises)."""
     try:
-        import gc
-
-        gc.collect()
+        gc_freeze.collect()  # unfreezes first: cycles among frozen objects are never collected
         empty_cuda_cache()
     except Exception:
         log.debug("emptying the CUDA cache failed", exc_info=True)

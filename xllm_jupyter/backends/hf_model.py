@@ -12,7 +12,6 @@ the decode step a compiled (CUDA graph) forward; prefill and sampling are the sa
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 from collections import deque
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..core import gc_freeze
 from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest, ModelNotFound
 from ..core.types import Constraint, FinishReason, SequenceJob, TokenEvent
 from .base import LoadedModel, ModelSpec
@@ -400,7 +400,7 @@ class TransformersModel(ChatTokenizerMethods, Prefill, LoadedModel):
         # these hold the model too: the weights must be unreferenced before the collect below frees them
         self._lora = LoraAdapters(None, self.device)  # (empty: details and memory still answer)
         self._masker = None
-        gc.collect()
+        gc_freeze.collect()  # (unfreezes first: the model was frozen after its load, cycles and all)
         if self.device.type == "cuda":
             empty_cuda_cache()
 

@@ -5,10 +5,10 @@ Shared by the chat (transformers) and embedding backends; torch is imported when
 
 from __future__ import annotations
 
-import gc
 import logging
 from typing import Any, Sequence
 
+from ..core import gc_freeze
 from ..core.errors import InvalidRequest, Overloaded
 from .compile_gate import empty_cuda_cache
 
@@ -101,7 +101,7 @@ def placement(device: Any, *, moved_later: bool = False) -> dict[str, Any]:
 def release_memory() -> None:
     """Collect what is unreferenced and give torch's cached CUDA memory back to the device (after a failed
     load: only once its exception, and the frames that hold the partial model, are gone)."""
-    gc.collect()
+    gc_freeze.collect()  # unfreezes first: cycles among frozen objects are never collected
     empty_cuda_cache()
 
 

@@ -81,6 +81,9 @@ class EngineConfig:
     # transformers backend: static-cache decode compiled with torch.compile (CUDA graphs): auto (CUDA +
     # fp16/bf16 safetensors), on (FP16 models then also prefer transformers over exllamav3), off (docs/gpu.md)
     compile: str = "auto"
+    # freeze what survives a full collection after start-up and each model load (gc.freeze), so the collections
+    # a big request body sets off skip the millions of objects torch and the models make (docs/performance.md)
+    gc_freeze: bool = True
 
 
 @dataclass(frozen=True)

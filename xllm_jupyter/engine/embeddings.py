@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 from ..backends.base import ModelSpec
+from ..core import gc_freeze
 from ..core.types import EmbeddingResult, ModelInfo, ModelRuntime
 
 log = logging.getLogger(__name__)
@@ -81,13 +82,15 @@ class EmbeddingHost:
             self.slots[spec.name] = slot
             pending.set_result(slot)
             log.info("loaded embedding model %s (%d dimensions)", spec.name, model.dimension)
-            return slot
         except BaseException as exc:
             pending.set_exception(exc)
             pending.exception()  # concurrent waiters re-raise it themselves
             raise
         finally:
             self._loading.pop(spec.name, None)
+        # its weights and tokenizer live as long as it stays loaded: out of the full collections from now on
+        await asyncio.to_thread(gc_freeze.freeze)
+        return slot
 
     async def embed(self, slot: EmbeddingSlot, inputs: Sequence[str] | Sequence[Sequence[int]]) -> EmbeddingResult:
         """Tokenize, check and embed ``inputs`` on the model's own thread."""
@@ -106,7 +109,13 @@ class EmbeddingHost:
         slot = self.slots.pop(name, None)
         if slot is None:
             return False
-        await asyncio.to_thread(slot.shutdown)
+        # the worker thread gets the box, not the slot: it may still hold its finished call when the collection
+        # below runs, and the model must be unreferenced by then (what it leaves in cycles, that one frees)
+        box = [slot]
+        del slot
+        await asyncio.to_thread(lambda: box[0].shutdown())
+        box.clear()
+        await asyncio.to_thread(gc_freeze.release)  # (frozen cycles are only found by a collection that unfreezes)
         return True
 
     async def stop(self) -> None:

@@ -15,6 +15,7 @@ from collections import Counter
 from typing import Any, AsyncIterator, Protocol, Sequence
 
 from ..backends.base import Backend, BackendOptions, ModelSpec
+from ..core import gc_freeze
 from ..core.config import EngineConfig, QuotaConfig
 from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest, ModelNotFound, Overloaded, XllmError
 from ..core.types import (
@@ -96,6 +97,7 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
         self._replicas = parse_replicas(c.replicas)
         self._embed_expiry: dict[str, float | None] = {}
         self._reaper: asyncio.Task | None = None
+        gc_freeze.configure(c.gc_freeze)  # process-wide, like the collector: the last engine built decides
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -108,6 +110,8 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
             if rec is not None:  # (an embedding model has none: it never expires unless a request says so)
                 rec.pinned = True  # preloaded models stay until unloaded or evicted, however often used
                 self._touch(name)
+        # the process's start-up (imports, config, handlers) lives as long as it does: out of the full collections
+        await asyncio.to_thread(gc_freeze.freeze)
 
     def _start_reaper(self) -> None:
         if self._reaper is None or self._reaper.done():

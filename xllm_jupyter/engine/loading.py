@@ -19,6 +19,7 @@ from ..backends.base import Backend, BackendOptions, LoadedModel, ModelSpec, unl
 from ..backends.memory_estimate import disk_bytes
 from ..backends.registry import get_backend, select_backend
 from ..backends.torch_device import device_kind
+from ..core import gc_freeze
 from ..core.config import EngineConfig
 from ..core.errors import InvalidRequest, ModelNotFound
 from ..core.types import ModelfileDefaults
@@ -133,6 +134,8 @@ class LoadingMixin:
         runner = await self._load_runner(name, spec, backend)
         self._defaults[name] = spec.defaults
         self._runners[name] = runner
+        # what the load and warm-up made lives as long as the model: out of the full collections from now on
+        await asyncio.to_thread(gc_freeze.freeze)
         return runner.model
 
     async def _load_runner(self, name: str, spec: ModelSpec, backend: Backend) -> Any:

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 from ..backends.base import LoadedModel
 from ..backends.torch_device import device_kind
+from ..core import gc_freeze
 from ..core.errors import InvalidRequest, Overloaded, PermissionDenied
 from ..core.types import EngineStats, UserSequences
 from ..store.names import canonical_name
@@ -338,16 +339,22 @@ class ResidencyMixin:
         held = rec.memory_bytes if rec is not None else 0
         device = rec.device if rec is not None else "cpu"
         self._budget.reserved[device] = self._budget.reserved.get(device, 0) + held
+        # the worker threads get the box, not the runner: a worker may still hold its finished call when the
+        # collection below runs, and the runner (with its model) must be unreferenced by then
+        box = [runner]
+        del runner
         try:
-            await asyncio.to_thread(runner.shutdown)
+            await asyncio.to_thread(lambda: box[0].shutdown())
             # a runner still in a step unloads when the step ends; its memory is not free before. Bounded:
             # a step that never returns must not hang every later load (nor the process's exit)
-            if not await asyncio.to_thread(runner.wait_closed, EVICT_WAIT_SECONDS):
+            if not await asyncio.to_thread(lambda: box[0].wait_closed(EVICT_WAIT_SECONDS)):
                 log.error("%s is still in a step %ss after its unload; counting its memory as free", name,
                           EVICT_WAIT_SECONDS)
         finally:
             self._budget.reserved[device] -= held
-            self._retired_tokens += runner.stats().tokens  # the engine-wide count goes on without it
+            self._retired_tokens += box[0].stats().tokens  # the engine-wide count goes on without it
+        box.clear()  # the model's last reference here: what it leaves in cycles, the collection below frees
+        await asyncio.to_thread(gc_freeze.release)  # (frozen cycles are only found by a collection that unfreezes)
 
     def _touch(self, name: str, keep_alive: float | None | str = "default") -> None:
         """Mark ``name`` used now and restart its keep_alive (``"default"`` = the config's)."""

