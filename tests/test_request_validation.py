@@ -243,12 +243,12 @@ def test_schema_errors_in_openai_words(raw, path, body, param, code, text):
 
 
 def test_completions_suffix_and_echo(raw):
-    """A non-empty suffix and echo are refused as unsupported (fill-in-the-middle, prompt logprobs); an empty or null
-    suffix and echo false ask for nothing and are served."""
-    for extra, param in (({"suffix": "}"}, "suffix"), ({"echo": True}, "echo"), ({"echo": True, "suffix": "}"}, "suffix")):
+    """A non-empty suffix is refused as unsupported (fill-in-the-middle), with echo too; an empty or null suffix asks
+    for nothing and is served, and so is echo (tests/test_echo.py)."""
+    for extra, param in (({"suffix": "}"}, "suffix"), ({"echo": True, "suffix": "}"}, "suffix")):
         r = raw.post("/v1/completions", json={"model": TINY, "prompt": "x", "max_tokens": 2, **extra})
         assert r.status_code == 400 and r.json()["error"]["param"] == param and r.json()["error"]["code"] == "unsupported_parameter"
-    for extra in ({"suffix": ""}, {"suffix": None}, {"echo": False}):
+    for extra in ({"suffix": ""}, {"suffix": None}, {"echo": False}, {"echo": True}):
         assert raw.post("/v1/completions", json={"model": TINY, "prompt": "x", "max_tokens": 2, **extra}).status_code == 200
 
 

@@ -147,6 +147,9 @@ class LoadedModel(ABC):
     max_batch_size: int
     #: size of the output vocabulary (valid token ids are 0..vocab_size-1)
     vocab_size: int
+    #: honours ``SequenceJob.prompt_logprobs`` (scores a prompt's tokens in its prefill); a backend that
+    #: cannot leaves it False and the engine refuses such jobs rather than drop the scores
+    scores_prompts: bool = False
 
     @abstractmethod
     def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:

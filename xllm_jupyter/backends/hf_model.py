@@ -132,7 +132,7 @@ class TransformersModel(ChatTokenizerMethods, Prefill, LoadedModel):
         """Queue ``job``; its prefill runs in the next step that has room in the batch."""
         if not job.prompt_ids:
             raise InvalidRequest("The prompt is empty", param="prompt")
-        if job.max_tokens < 1:
+        if job.max_tokens < (0 if job.prompt_logprobs else 1):  # (0: the job only scores its prompt)
             raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")
         if job.adapter is not None and job.adapter not in self._lora:
             raise ModelNotFound(job.adapter)

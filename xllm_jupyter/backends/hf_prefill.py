@@ -8,6 +8,9 @@ can resume once the engine has blamed that group (``drop_failed``): the groups p
 before it keep their first tokens and join the batch, the jobs after it wait for the next
 step, and the failed group is dropped. The resumed step returns what the failed one made first,
 so a job prefilled then has two tokens in it. An error anywhere else is not resumable.
+
+Jobs that ask for ``prompt_logprobs`` are prefilled in groups of their own, chunk by chunk,
+scoring every prompt token (prompt_scoring.py); one with ``max_tokens`` 0 ends right there.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from ..core.types import FinishReason, TokenEvent
 from .compile_gate import COMPILE_GATE, empty_cuda_cache
 from .kv_batch import BatchKV, new_cache, zero_padding
+from .prompt_scoring import SCORE_BYTES, PromptScores, chunk_positions, scored_forward
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,10 @@ class Prefill:
 
     #: set by a step that a prefill error stopped; ``drop_failed`` takes it
     _interrupted: Interrupted | None = None
+    #: jobs may ask for ``prompt_logprobs`` (LoadedModel's flag)
+    scores_prompts = True
+    #: bytes of logits one scoring prefill chunk may hold (prompt_scoring.py)
+    score_bytes = SCORE_BYTES
 
     def _prefill_new(self, new: list[Any], events: list[TokenEvent]) -> list[tuple[Any, Any, list[Any]]]:
         """Prefill ``new`` group by group; a group's error (not out of memory) leaves ``_interrupted`` and raises."""
@@ -101,13 +109,35 @@ class Prefill:
         padded = min(lengths) != width
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = new_cache()
+        scoring = [row for row, s in enumerate(seqs) if s.job.prompt_logprobs]
+        scores = PromptScores(scoring, width, max(seqs[r].job.top_logprobs for r in scoring), ids.device) \
+            if scoring else None
+
+        def forward(start: int, end: int):
+            out = self.model(input_ids=ids[:, start:end], attention_mask=mask[:, :end] if padded else None,
+                             position_ids=positions[:, start:end], use_cache=True, logits_to_keep=1 if scores is None else 0,
+                             **{self._cache_arg: cache})
+            if padded and scores is not None and end < width:  # the next chunk attends over these columns (see zero_padding)
+                zero_padding(cache, mask[:, :end])
+            return out.logits
+
         with self._lora.forward([s.job.adapter for s in seqs]), COMPILE_GATE.forward():
-            out = self.model(input_ids=ids, attention_mask=mask if padded else None, position_ids=positions,
-                             use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
-        self.forward_passes += 1
+            if scores is None:
+                last, passes = forward(0, width)[:, -1, :], 1
+            else:
+                chunk = chunk_positions(len(seqs), len(scoring), self.vocab_size, self.score_bytes)
+                last, passes = scored_forward(forward, ids, scores, chunk)
+        self.forward_passes += passes
         if padded:
             zero_padding(cache, mask)
-        keep = self._advance(seqs, out.logits[:, -1, :], events)
+        mark = len(events)
+        live = [row for row, s in enumerate(seqs) if s.job.max_tokens > 0]  # (0: the job only scores its prompt)
+        keep = [live[i] for i in self._advance([seqs[r] for r in live], last[live], events)] if live else []
+        events.extend(self._event(s, None, "", finish=FinishReason.LENGTH) for s in seqs if s.job.max_tokens <= 0)
+        if scores is not None:
+            self._attach_scores(scores, [seqs[r] for r in scoring], events, mark)
+        if not keep:  # (every job ended here: score-only, or finished on its first token)
+            return None, None, []
         if len(keep) != len(seqs):
             part = BatchKV()
             part.join(cache, mask, lengths)
@@ -115,9 +145,27 @@ class Prefill:
             return part.cache, part.mask, [seqs[i] for i in keep]
         return cache, mask, seqs
 
+    def _attach_scores(self, scores: PromptScores, seqs: list[Any], events: list[TokenEvent], mark: int) -> None:
+        """Put each scoring job's ``PromptLogprobs`` on its event among ``events[mark:]`` (its first one)."""
+        found = scores.results([s.job.prompt_ids for s in seqs], [s.job.top_logprobs for s in seqs],
+                               self.chat.token_bytes)
+        by_job = {s.job.job_id: lp for s, lp in zip(seqs, found)}
+        for at in range(mark, len(events)):
+            lp = by_job.get(events[at].job_id)
+            if lp is not None:
+                events[at] = dataclasses.replace(events[at], prompt_logprobs=lp)
+
 
 def prefill_groups(seqs: list[Any]) -> list[list[Any]]:
-    """Split new jobs into prefill batches so padding stays under about a third of the work."""
+    """Split new jobs into prefill batches so padding stays under about a third of the work; jobs that score
+    their prompts go in groups of their own (their prefill keeps every position's logits)."""
+    scoring = [s for s in seqs if s.job.prompt_logprobs]
+    if scoring:
+        return _by_length([s for s in seqs if not s.job.prompt_logprobs]) + _by_length(scoring)
+    return _by_length(seqs)
+
+
+def _by_length(seqs: list[Any]) -> list[list[Any]]:
     ordered = sorted(seqs, key=lambda s: len(s.job.prompt_ids))
     groups: list[list[Any]] = []
     for seq in ordered:

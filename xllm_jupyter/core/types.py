@@ -102,6 +102,9 @@ class GenerationParams:
     logprobs: bool = False
     top_logprobs: int = 0
     constraint: Constraint | None = None
+    #: score the prompt's own tokens at prefill (legacy completions' echo with logprobs), with
+    #: ``top_logprobs`` alternatives each; ``max_tokens`` may then be 0 (score only, generate nothing)
+    prompt_logprobs: bool = False
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,8 @@ class SequenceJob:
     user: str | None = None
     #: backends salt prefix-cache reuse with this, so cached prompts never cross namespaces
     cache_namespace: str = ""
+    #: score every prompt token in the prefill (``LoadedModel.scores_prompts``); ``max_tokens`` 0: only that
+    prompt_logprobs: bool = False
 
 
 @dataclass(frozen=True)
@@ -176,6 +181,8 @@ class TokenEvent:
     token_bytes: bytes | None = None
     #: each ``top_logprobs`` alternative's own bytes, in order (empty: each one's string's UTF-8 stands in)
     top_bytes: tuple[bytes, ...] = ()
+    #: on a job's first event when it asked for ``prompt_logprobs``: its prompt's tokens scored
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 @dataclass(frozen=True)
@@ -205,6 +212,25 @@ class TokenLogprob(NamedTuple):
     raw: bytes = b""
     #: the raw bytes of each ``top`` alternative, in the same order
     top_raw: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """A prompt's tokens as the model scored them in its prefill (legacy completions' ``echo`` with logprobs).
+
+    The engine hands it to a request before its first ``ChoiceDelta``. The first prompt token has
+    nothing before it to be predicted from, so it has no logprob: only its own string and bytes.
+    ``scored`` holds every later prompt token, in order, with its logprob given the tokens before it
+    and the most likely alternatives at its place.
+    """
+
+    first_token: str
+    first_raw: bytes
+    scored: tuple[TokenLogprob, ...] = ()
+
+    def __len__(self) -> int:
+        """The prompt's token count."""
+        return 1 + len(self.scored)
 
 
 @dataclass(frozen=True)

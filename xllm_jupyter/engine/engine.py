@@ -284,7 +284,8 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
                          f"running or waiting, {mine} of them yours; the limit is {limit}); retry later")
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[ChoiceDelta | GenerationDone]:
-        """Stream ``ChoiceDelta``s for every choice, then one ``GenerationDone``.
+        """Stream ``ChoiceDelta``s for every choice, then one ``GenerationDone`` (with ``params.prompt_logprobs``,
+        the prompt's ``PromptLogprobs`` first of all).
 
         Closing the iterator early (client left, cell interrupted) cancels all of the
         request's jobs; they leave the batch within one step.

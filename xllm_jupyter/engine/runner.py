@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from ..backends.base import LoadedModel, unload_each
 from ..backends.detokenize import token_text
-from ..core.errors import BadModelOutput, EngineError, InvalidRequest, Overloaded, XllmError
+from ..core.errors import BadModelOutput, EngineError, InvalidRequest, Overloaded, Unsupported, XllmError
 from ..core.types import (
     ChoiceDelta,
     EngineStats,
@@ -125,8 +125,10 @@ class ModelRunner(StepFailures):
         """Queue ``request``'s n sequences; returns the handle to iterate."""
         if not self.alive:
             raise EngineError("The model's engine thread is not running")
-        handle = RequestHandle(self, loop, request)
         params = request.params
+        if params.prompt_logprobs and not self.model.scores_prompts:  # (serving refuses it first, in its words)
+            raise Unsupported(f"The {self.model.backend_name} backend cannot score prompt tokens", param="echo")
+        handle = RequestHandle(self, loop, request)
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= self.model.eos_token_ids
@@ -148,6 +150,7 @@ class ModelRunner(StepFailures):
                 adapter=request.adapter,
                 user=request.user,
                 cache_namespace=request.cache_namespace,
+                prompt_logprobs=params.prompt_logprobs and not index,  # every choice shares the first's scores
             )
             handle.job_ids.append(job.job_id)
             pending.append((job, _JobState(handle, index, StopMatcher(params.stop))))
@@ -398,6 +401,8 @@ class ModelRunner(StepFailures):
             finish = FinishReason.STOP
         elif finish is not None:
             text += state.stops.flush()
+        if event.prompt_logprobs is not None:  # (before the choice's first delta: serving echoes the prompt first)
+            items.append(event.prompt_logprobs)
         logprobs = (_token_logprob(event, event.logprob),) if event.logprob is not None else ()
         ids = (event.token_id,) if event.token_id is not None else ()
         if text or ids or finish is not None:

@@ -11,10 +11,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any, AsyncIterator, Sequence
 
 from ..core.config import ServerConfig
-from ..core.errors import InvalidRequest
-from ..core.types import ChoiceDelta, FinishReason, GenerationDone, GenerationRequest, Usage
+from ..core.errors import InvalidRequest, Unsupported
+from ..core.types import ChoiceDelta, FinishReason, GenerationDone, GenerationRequest, PromptLogprobs, Usage
 from ..engine.manager import request_keep_alive
 from .cache import ResponseCache
+from .echo import copies, joined, prompt_logprobs, unscored
 from .generation import Chunk, check_token_ids, engine_failure, envelope, interleaved, started, sum_usage
 from .model_defaults import ModelDefaults
 from .offload import is_big, off_loop_if, parse_body
@@ -52,6 +53,11 @@ class CompletionsMixin:
                                  f"This server generates at most {self.config.max_n} per request.", param="best_of")
         self._check_n(req.candidates, len(prompts))
         model = await self.engine.load(req.model)
+        echo, show_logprobs = bool(req.echo), req.logprobs is not None
+        if echo and show_logprobs and not model.scores_prompts:
+            raise Unsupported(f"'echo' with 'logprobs' needs the prompt's tokens scored, which the {model.backend_name} "
+                              "backend cannot do; use a model on the transformers backend, or leave out 'logprobs'",
+                              param="echo")
         defaults = ModelDefaults.of(self.engine, req.model)
         req = defaults.apply(req)
         rid = "cmpl-" + uuid.uuid4().hex
@@ -59,43 +65,61 @@ class CompletionsMixin:
         check_token_ids(sampling.logit_bias, model, "logit_bias")
         # best_of: generate that many per prompt, with logprobs to rank them by, and return the n best
         candidates = req.candidates
-        ranked = candidates > n
+        ranked = candidates > n and req.max_tokens != 0
         gen_req = req.model_copy(update={"n": candidates}) if ranked else req
+        if req.max_tokens == 0:  # (echo: the choices are the prompt alone, the same for all: one job scores it)
+            gen_req = req.model_copy(update={"n": 1})
         gens: list[GenerationRequest] = []
-        offsets: list[int] = []
+        texts: list[str] = []  # what echo puts before each prompt's choices
         for p in prompts:
             if isinstance(p, str):
                 ids = await self.engine.encode_text(req.model, p)
-                offsets.append(len(p))
+                texts.append(p)
             else:
                 await off_loop_if(is_big(body), check_token_ids, p, model, "prompt")
                 ids = p
-                offsets.append(0)
+                texts.append(await off_loop_if(is_big(body), model.detokenize, ids) if echo else "")
             # OpenAI's legacy endpoint defaults to 16 tokens, unlike chat
             max_tokens = self._max_tokens(req.max_tokens, "max_tokens", len(ids), model.context_length, "prompt", defaults.max_tokens(16))
             gen = self._generation(gen_req, ids, rid, max_tokens=max_tokens, sampling=sampling,
-                                   logprobs=req.logprobs is not None or ranked, top_logprobs=req.logprobs or 0,
-                                   keep_alive=keep_alive, user=user, prompt_param="prompt")
+                                   logprobs=show_logprobs or ranked, top_logprobs=req.logprobs or 0,
+                                   keep_alive=keep_alive, user=user, prompt_param="prompt",
+                                   prompt_logprobs=echo and show_logprobs)
             gens.append(gen)
+        # text_offset counts characters of the choice's text, which without echo follows the prompt too
+        offsets = [len(t) for t in texts]
+        shown = EchoPlan(texts if echo else None, show_logprobs, n)
         created = int(time.time())
+        events = self._events(gens, req.max_tokens == 0, echo and show_logprobs, n)
         if req.stream:
-            events = await started(interleaved(self.engine, gens), self.config.keepalive_seconds)
-            return self._completion_stream(events, gens, offsets, req.model, rid, created, req.include_usage)
-        return await self._completion_full(gens, offsets, req.model, rid, created, n, req.logprobs is not None)
+            events = await started(events, self.config.keepalive_seconds)
+            return self._completion_stream(events, shown, offsets, req.model, rid, created, req.include_usage)
+        return await self._completion_full(events, gens, shown, offsets, req.model, rid, created)
+
+    def _events(self, gens: Sequence[GenerationRequest], prompt_only: bool, scored: bool,
+                n: int) -> AsyncIterator[tuple[int, Any]]:
+        """The engine's events for ``gens``; for prompt-only (``max_tokens`` 0) echo, ``n`` copies of the one
+        choice, and without logprobs no engine at all."""
+        if not prompt_only:
+            return interleaved(self.engine, gens)
+        if scored:
+            return copies(interleaved(self.engine, gens), n)
+        return unscored([len(g.prompt_ids) for g in gens], n)
 
     async def _completion_full(
-        self, gens: Sequence[GenerationRequest], offsets: Sequence[int], model: str, rid: str, created: int,
-        keep: int, show_logprobs: bool,
+        self, events: AsyncIterator[tuple[int, Any]], gens: Sequence[GenerationRequest], shown: EchoPlan,
+        offsets: Sequence[int], model: str, rid: str, created: int,
     ) -> dict[str, Any]:
-        """The full response: of each prompt's completions, the ``keep`` best (all of them unless best_of)."""
-        n = gens[0].params.n
+        """The full response: of each prompt's completions, the ``shown.n`` best (all of them unless best_of)."""
+        n = max(gens[0].params.n, shown.n)  # (candidates, or the copies of a prompt-only choice)
         total = n * len(gens)
         texts: list[list[str]] = [[] for _ in range(total)]
         lps: list[list] = [[] for _ in range(total)]
         finish: list[str | None] = [None] * total
         usages: list[Usage] = []
+        scores: dict[int, PromptLogprobs] = {}
         want_lp = gens[0].params.logprobs
-        async for p, ev in interleaved(self.engine, gens):
+        async for p, ev in events:
             if type(ev) is ChoiceDelta:
                 if ev.finish is FinishReason.ERROR:
                     raise engine_failure()
@@ -105,14 +129,16 @@ class CompletionsMixin:
                     lps[i].extend(ev.logprobs)
                 if ev.finish is not None:
                     finish[i] = ev.finish.value
+            elif type(ev) is PromptLogprobs:
+                scores[p] = ev
             elif isinstance(ev, GenerationDone):
                 usages.append(ev.usage)
-        chosen = [i for p in range(len(gens)) for i in _best(range(p * n, (p + 1) * n), lps, keep)]
+        chosen = [i for p in range(len(gens)) for i in _best(range(p * n, (p + 1) * n), lps, shown.n)]
         choices = [
             {
                 "index": k,
-                "text": "".join(texts[i]),
-                "logprobs": legacy_logprobs(tuple(lps[i]), offsets[i // n]) if show_logprobs else None,
+                "text": shown.text(i // n) + "".join(texts[i]),
+                "logprobs": shown.logprobs(scores.get(i // n), tuple(lps[i]), offsets[i // n]),
                 "finish_reason": finish[i] or "stop",
             }
             for k, i in enumerate(chosen)
@@ -123,7 +149,7 @@ class CompletionsMixin:
     async def _completion_stream(
         self,
         engine_events: AsyncIterator[tuple[int, Any]],
-        gens: Sequence[GenerationRequest],
+        shown: EchoPlan,
         offsets: Sequence[int],
         model: str,
         rid: str,
@@ -133,26 +159,79 @@ class CompletionsMixin:
         head: Chunk = {"id": rid, "object": "text_completion", "created": created, "model": model, "system_fingerprint": SYSTEM_FINGERPRINT}
         if include_usage:
             head["usage"] = None
-        n = gens[0].params.n
-        want_lp = gens[0].params.logprobs
-        text_pos = [offsets[i // n] for i in range(n * len(gens))]  # running text_offset per choice
+        n = shown.n
+        text_pos = [offsets[i // n] for i in range(n * len(offsets))]  # running text_offset per choice
+        first = [True] * (n * len(offsets))
         usages: list[Usage] = []
+        scores: dict[int, PromptLogprobs] = {}
+        held: dict[int, list[ChoiceDelta]] = {}  # deltas of a prompt whose scores (which go first) are still to come
+
+        def chunk(p: int, ev: ChoiceDelta) -> Chunk | None:
+            i = p * n + ev.index
+            echoed, first[i] = first[i] and shown.echo, False
+            if not (ev.text or ev.finish is not None or (shown.show_logprobs and ev.logprobs) or echoed):
+                return None
+            lp = None
+            if shown.show_logprobs:
+                lp = shown.logprobs(scores.get(p) if echoed else None, ev.logprobs, text_pos[i])
+                text_pos[i] += legacy_text_advance(ev.logprobs)  # characters, as the full reply counts
+            text = shown.text(p) + ev.text if echoed else ev.text
+            finish = ev.finish.value if ev.finish is not None else None
+            return {**head, "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}]}
+
         async for p, ev in engine_events:
             if type(ev) is ChoiceDelta:
                 if ev.finish is FinishReason.ERROR:
                     raise engine_failure()
-                i = p * n + ev.index
-                if ev.text or ev.finish is not None or (want_lp and ev.logprobs):
-                    lp = None
-                    if want_lp:
-                        lp = legacy_logprobs(ev.logprobs, text_pos[i])
-                        text_pos[i] += legacy_text_advance(ev.logprobs)  # characters, as the full reply counts
-                    finish = ev.finish.value if ev.finish is not None else None
-                    yield {**head, "choices": [{"index": i, "text": ev.text, "logprobs": lp, "finish_reason": finish}]}
+                if shown.scored and p not in scores:
+                    held.setdefault(p, []).append(ev)
+                    continue
+                out = chunk(p, ev)
+                if out is not None:
+                    yield out
+            elif type(ev) is PromptLogprobs:
+                scores[p] = ev
+                for waiting in held.pop(p, ()):
+                    out = chunk(p, waiting)
+                    if out is not None:
+                        yield out
             elif isinstance(ev, GenerationDone):
                 usages.append(ev.usage)
+        if held:  # the engine never scored that prompt: the reply would lack what was asked for
+            raise engine_failure()
         if include_usage:
             yield {**head, "choices": [], "usage": usage_dict(sum_usage(usages))}
+
+
+class EchoPlan:
+    """What each choice shows besides its generated text: the prompt (``echo``) and the logprobs."""
+
+    def __init__(self, texts: Sequence[str] | None, show_logprobs: bool, n: int) -> None:
+        self.texts = texts  # each prompt's text, when echoed
+        self.show_logprobs = show_logprobs
+        self.n = n  # choices returned per prompt
+
+    @property
+    def echo(self) -> bool:
+        """True when each choice starts with its prompt."""
+        return self.texts is not None
+
+    @property
+    def scored(self) -> bool:
+        """True when the prompt's tokens are scored (echo with logprobs)."""
+        return self.echo and self.show_logprobs
+
+    def text(self, p: int) -> str:
+        """What goes before prompt ``p``'s choices' text ("" without echo)."""
+        return self.texts[p] if self.texts is not None else ""
+
+    def logprobs(self, prompt: PromptLogprobs | None, completion: Sequence[Any], offset: int) -> dict[str, Any] | None:
+        """A choice's legacy ``logprobs`` (or a chunk's): ``prompt``'s scored tokens (when given) before the
+        completion's, whose ``text_offset`` starts at ``offset``; None when not asked for."""
+        if not self.show_logprobs:
+            return None
+        tail = legacy_logprobs(tuple(completion), offset)
+        return joined(prompt_logprobs(prompt), tail) if prompt is not None else tail
 
 
 def _best(candidates: range, logprobs: Sequence[Sequence[Any]], keep: int) -> list[int]:

@@ -211,17 +211,20 @@ class CompletionRequest(_SamplingFields):
 
     prompt: Union[str, list[str], list[int], list[list[int]]]
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LEGACY_LOGPROBS)
-    echo: bool | None = None
+    echo: bool | None = None  # the prompt before each choice's text (and its tokens scored, with logprobs)
     best_of: int | None = Field(default=None, ge=1)
     suffix: str | None = None  # text after the insertion point (fill-in-the-middle): not supported
+    max_tokens: int | None = Field(default=None, ge=0)  # 0 with echo: score the prompt, generate nothing
 
     def check(self) -> None:
         """Cross-field checks and rejection of parameters we cannot honour yet."""
         self._check_common()
         if self.suffix:  # "" or null asks for nothing: served
             raise Unsupported("'suffix' is not supported by this server", param="suffix")
-        if self.echo:
-            raise Unsupported("'echo' is not supported by this server", param="echo")
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequest("Invalid 'max_tokens': integer below minimum value. Expected a value >= 1 (0 only "
+                                 "with 'echo', which returns the prompt alone), but got 0 instead.",
+                                 param="max_tokens", code="integer_below_min_value")
         if self.best_of is not None and self.best_of < (self.n or 1):
             raise InvalidRequest("'best_of' must be at least 'n'", param="best_of")
         if self.stream and self.candidates > (self.n or 1):

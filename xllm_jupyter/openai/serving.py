@@ -136,11 +136,11 @@ class OpenAIServing(CompletionsMixin):
 
     def _generation(self, req: Any, prompt_ids: Sequence[int], rid: str, *, max_tokens: int, sampling: Any,
                     logprobs: bool, top_logprobs: int, keep_alive: Any, user: str | None, prompt_param: str,
-                    constraint: Any = None) -> GenerationRequest:
+                    constraint: Any = None, prompt_logprobs: bool = False) -> GenerationRequest:
         """The engine request for ``req``'s prompt ``prompt_ids``, checked (``prompt_param`` names it in errors)."""
         params = GenerationParams(max_tokens=max_tokens, sampling=sampling, stop=req.stop_strings(),
                                   ignore_eos=bool(req.ignore_eos), n=req.n or 1, logprobs=logprobs,
-                                  top_logprobs=top_logprobs, constraint=constraint)
+                                  top_logprobs=top_logprobs, constraint=constraint, prompt_logprobs=prompt_logprobs)
         gen = GenerationRequest(model=req.model, prompt_ids=tuple(prompt_ids), params=params, request_id=rid,
                                 keep_alive=keep_alive, user=user, cache_namespace=self._namespace(user))
         self._validate(gen, prompt_param)
