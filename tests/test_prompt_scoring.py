@@ -121,3 +121,14 @@ class _Seq:
 
     def __init__(self, job: SequenceJob) -> None:
         self.job = job
+
+
+def test_only_the_transformers_backend_claims_prompt_scores():
+    """exllama's generators give no prompt logits: their models leave the flag off, so echo with logprobs is refused
+    there (tests/test_echo.py) instead of answered without the scores."""
+    from xllm_jupyter.backends.exllama_model import DynamicGeneratorModel
+    from xllm_jupyter.backends.exllamav2 import ExllamaV2Model
+    from xllm_jupyter.backends.exllamav3 import ExllamaV3Model
+
+    assert TransformersModel.scores_prompts
+    assert not (DynamicGeneratorModel.scores_prompts or ExllamaV3Model.scores_prompts or ExllamaV2Model.scores_prompts)
