@@ -207,3 +207,11 @@ def test_echo_bodies_over_the_wire(raw):
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
     assert all(isinstance(d, dict) and len(d) == 1 for d in lp["top_logprobs"][1:])
     assert "NaN" not in r.text and "Infinity" not in r.text
+    # a one-token prompt: only the unscored first entry
+    one = raw.post("/v1/completions", json={"model": TINY, "prompt": [28], "echo": True, "logprobs": 2,
+                                            "max_tokens": 0}).json()["choices"][0]
+    assert one["logprobs"]["token_logprobs"] == [None] and one["logprobs"]["text_offset"] == [0]
+    assert one["text"] == one["logprobs"]["tokens"][0] != ""
+    # an empty prompt has nothing to echo or score
+    assert raw.post("/v1/completions", json={"model": TINY, "prompt": "", "echo": True, "max_tokens": 0}).status_code \
+        == 400
