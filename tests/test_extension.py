@@ -8,6 +8,7 @@ otherwise run them on a loop of its own, where the server never answers.
 
 from __future__ import annotations
 
+import json
 import os
 
 import httpx
@@ -185,3 +186,80 @@ async def test_stop_extension_stops_engine(xllm):
     await ext.stop_extension()
     assert not ext.engine.is_loaded(TINY)
     assert "XLLM_BASE_URL" not in os.environ
+
+
+class _HubApi:
+    """A stand-in for the JupyterHub REST API: ``GET /hub/api/services/xllm`` for one token, 403 for others."""
+
+    def __init__(self, token: str) -> None:
+        import http.server
+        import threading
+
+        outer = self
+        self.requests: list[str] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                outer.requests.append(self.path)
+                ok = self.path == "/hub/api/services/xllm" and self.headers.get("Authorization") == f"token {token}"
+                body = json.dumps({"name": "xllm", "kind": "service", "prefix": "/services/xllm/", "url": "http://127.0.0.1:1"}
+                                  if ok else {"status": 403, "message": "Action is not authorized with current scopes"})
+                self.send_response(200 if ok else 403)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hub/api"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def hub_api(monkeypatch):
+    """A single-user server's environment on a hub whose xllm service this server's token may read."""
+    api = _HubApi("server-token")
+    monkeypatch.setenv("JUPYTERHUB_API_URL", api.url)
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "server-token")
+    monkeypatch.delenv("XLLM_HUB_SERVICE", raising=False)
+    yield api
+    api.close()
+
+
+def test_on_a_hub_with_the_xllm_service_kernels_are_not_pointed_at_this_server(xllm, hub_api):
+    """Before: XLLM_BASE_URL (which beats hub discovery) sent every kernel to a per-user engine with its own model."""
+
+    async def body() -> None:
+        ext = xllm["app"]
+        await start(xllm)
+        await ext._start_task
+        assert hub_api.requests == ["/hub/api/services/xllm"]
+        assert "XLLM_BASE_URL" not in os.environ and "XLLM_API_KEY" not in os.environ
+        assert not ext.engine.is_loaded(TINY)  # no per-user copy of the default model at start
+        # the panel's own API still serves (a model loads on first use), and the playground knows where it is
+        assert ext.settings["xllm_local_api"]["XLLM_BASE_URL"] == xllm["url"]
+        async with openai.AsyncOpenAI(base_url=xllm["url"], api_key=xllm["token"], max_retries=0, timeout=60) as c:
+            r = await c.chat.completions.create(model=TINY, messages=MSG, max_tokens=2)
+            assert r.usage.completion_tokens > 0
+
+    xllm["run"](body())
+
+
+def test_a_hub_without_the_service_for_this_token_keeps_the_exported_address(xllm, hub_api, monkeypatch):
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "token-without-read-services")
+
+    async def body() -> None:
+        ext = xllm["app"]
+        await start(xllm)
+        await ext._start_task
+        assert hub_api.requests == ["/hub/api/services/xllm"]  # asked, refused (403): this server's API it is
+        assert os.environ["XLLM_BASE_URL"] == xllm["url"]
+        assert ext.engine.is_loaded(TINY)
+
+    xllm["run"](body())

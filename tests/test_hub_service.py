@@ -305,6 +305,20 @@ def test_kernels_find_the_service_through_the_hub_api(hub):
         assert c.chat.completions.create(model=TINY, messages=MSG, max_tokens=2).usage.completion_tokens > 0
 
 
+def test_a_single_user_servers_extension_sees_the_hub_service_with_the_docs_token_scopes(hub):
+    """The extension asks the real hub whether to leave kernels to the service (docs/jupyterhub.md)."""
+    from xllm_jupyter.extension.hub_lookup import hub_service_name
+
+    def ask(**env: str) -> str | None:
+        return asyncio.run(hub_service_name({"JUPYTERHUB_API_URL": hub.api, **env}))
+
+    assert ask(JUPYTERHUB_API_TOKEN=hub.tokens["bob"]) == "xllm"  # read:services!service=xllm
+    assert ask(JUPYTERHUB_API_TOKEN=hub.tokens["bob"], XLLM_HUB_SERVICE="xllm-managed") is None  # no read scope
+    assert ask(JUPYTERHUB_API_TOKEN=hub.tokens["alice-no-access"]) is None  # 403
+    assert ask(JUPYTERHUB_API_TOKEN="not-a-real-token") is None
+    assert asyncio.run(hub_service_name({"JUPYTERHUB_API_TOKEN": hub.tokens["bob"]})) is None  # not on a hub
+
+
 # ----------------------------------------------------------- isolation
 def test_a_user_cannot_read_continue_or_delete_another_users_response(hub):
     with hub.openai("alice") as alice, hub.openai("bob") as bob:

@@ -22,7 +22,8 @@ from ..server.handlers import CONTEXT_KEY, XllmContext
 from ..server.jupyter import JupyterPublicHandler, JupyterXllmHandler
 from ..server.routes import build_routes
 from ..server.standalone import shutdown_engine
-from .playground import close_playground, playground_routes
+from .hub_lookup import hub_service_name
+from .playground import LOCAL_API_KEY, close_playground, playground_routes
 
 #: the routes' prefix under the server's base_url
 PREFIX = "/xllm"
@@ -39,6 +40,7 @@ class XllmApp(ExtensionApp):
     max_batch_size = Integer(None, allow_none=True, help="Most sequences decoded together per model.").tag(config=True)
     max_body_bytes = Integer(None, allow_none=True, help="Largest accepted request body, in bytes.").tag(config=True)
     config_file = Unicode(None, allow_none=True, help="config.yaml to read (default: XLLM_CONFIG, else <XLLM_HOME>/config.yaml).").tag(config=True)
+    defer_to_hub = Bool(True, help="In a JupyterHub single-user server whose hub runs the xllm service: export no XLLM_BASE_URL (kernels then use the hub service) and load no model at start.").tag(config=True)
 
     engine: Any = None
     xllm_config: XllmConfig | None = None
@@ -74,15 +76,21 @@ class XllmApp(ExtensionApp):
 
     # --------------------------------------------------------------- lifecycle
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
-        """After the IOLoop starts: export the API location, start the engine in the background."""
-        self._export_env(serverapp)
+        """After the IOLoop starts: export the API location (unless the hub serves xllm), start the engine."""
+        # XLLM_BASE_URL would win over hub discovery in every kernel: each user would get a
+        # private engine and model copy instead of the hub's shared one (docs/jupyterhub.md)
+        service = await hub_service_name(os.environ) if self.defer_to_hub else None
+        self._export_env(serverapp, export=service is None)
+        if service is not None:
+            self.log.info("xllm: the JupyterHub service %r serves this hub: kernels use it; this server's "
+                          "engine loads a model only when asked (c.XllmApp.defer_to_hub)", service)
         if self._start_task is None:
-            self._start_task = asyncio.ensure_future(self._start_engine())
+            self._start_task = asyncio.ensure_future(self._start_engine(preload=service is None))
 
-    async def _start_engine(self) -> None:
+    async def _start_engine(self, preload: bool = True) -> None:
         await self.engine.start()
         model = self.xllm_config.engine.default_model if self.xllm_config else None
-        if self.preload and model:
+        if self.preload and preload and model:
             try:
                 await self.engine.load(model)
                 self.log.info("xllm: model %s loaded", model)
@@ -114,8 +122,8 @@ class XllmApp(ExtensionApp):
         stats = self.engine.stats()
         return bool(stats.running or stats.queued)
 
-    def _export_env(self, serverapp: Any) -> None:
-        """Kernels started after this inherit XLLM_BASE_URL and XLLM_API_KEY."""
+    def _export_env(self, serverapp: Any, export: bool = True) -> None:
+        """Kernels started after this inherit XLLM_BASE_URL and XLLM_API_KEY (with ``export``; the playground always learns them)."""
         if serverapp.sock:
             self.log.info("xllm: server listens on a UNIX socket; XLLM_BASE_URL not exported")
             return
@@ -126,6 +134,8 @@ class XllmApp(ExtensionApp):
         token = getattr(serverapp.identity_provider, "token", "") or ""
         if token:
             values["XLLM_API_KEY"] = token
-        os.environ.update(values)
-        self._exported = values
+        self.settings[LOCAL_API_KEY] = dict(values)  # the playground talks to this server's API either way
+        if export:
+            os.environ.update(values)
+            self._exported = values
         self.log.info("xllm: OpenAI-compatible API at %s", url)

@@ -3,7 +3,7 @@ server process and return its URL, for the JupyterLab panel's "Open playground" 
 
 Jupyter-only: the standalone server has no notebook UI to open it from. Gradio is
 imported on the first request, never when the extension loads. The playground talks to
-this server's own API with the address and token the extension exported at start, so its
+this server's own API with the address and token the extension found at start, so its
 URLs carry its secret path (the only way in): this Jupyter-authenticated answer is what
 hands them out.
 """
@@ -23,6 +23,9 @@ log = logging.getLogger("xllm_jupyter.extension")
 
 #: attribute of the server's XllmContext that holds the running Playground (one per server)
 PLAYGROUND_ATTR = "playground"
+#: settings key of this server's own API location ({"XLLM_BASE_URL", "XLLM_API_KEY"}), set by the extension
+#: at start: on a hub with the xllm service it is not exported to the environment (kernels use the hub's)
+LOCAL_API_KEY = "xllm_local_api"
 
 
 class PlaygroundMixin(BodyMixin):
@@ -36,16 +39,16 @@ class PlaygroundMixin(BodyMixin):
         async with lock:
             running = getattr(context, PLAYGROUND_ATTR, None)
             if running is None or running.closed:
-                running = await asyncio.to_thread(_launch)
+                running = await asyncio.to_thread(_launch, self.settings.get(LOCAL_API_KEY) or os.environ)
                 setattr(context, PLAYGROUND_ATTR, running)
         # The URLs are credentials: no cache may keep them.
         self.set_header("Cache-Control", "no-store")
         self.write_json({"url": running.url, "local_url": running.local_url, "model": running.model})
 
 
-def _launch() -> Any:
-    """Start the playground against this server's API (runs on a worker thread)."""
-    base_url = os.environ.get("XLLM_BASE_URL")
+def _launch(api: Any) -> Any:
+    """Start the playground against this server's API, ``api`` holding its XLLM_BASE_URL/XLLM_API_KEY (runs on a worker thread)."""
+    base_url = api.get("XLLM_BASE_URL")
     if not base_url:
         raise Overloaded("The playground needs this server's API address, which is not exported when Jupyter "
                          "listens on a UNIX socket; run xllm_jupyter.playground() in a notebook instead.",
@@ -56,7 +59,7 @@ def _launch() -> Any:
     except ImportError as exc:  # gradio is an optional dependency
         raise Overloaded(f"The playground is not available: {exc.name or exc} is not installed (pip install gradio).",
                          code="playground_unavailable") from None
-    client = XllmClient(base_url, os.environ.get("XLLM_API_KEY") or None)
+    client = XllmClient(base_url, api.get("XLLM_API_KEY") or None)
     try:
         return launch(client=client, inline=False)
     except XllmError:
