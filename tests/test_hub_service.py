@@ -436,7 +436,16 @@ def test_the_hub_runs_the_service_itself_as_a_managed_service(hub):
     with openai.OpenAI(base_url=hub.managed_root + "/v1", api_key=hub.tokens["alice"], max_retries=0, timeout=120) as c:
         assert c.chat.completions.create(model=TINY, messages=MSG, max_tokens=2).usage.completion_tokens > 0
     with hub.http(hub.tokens["alice-no-access"]) as c:
-        assert c.get(hub.managed_root + "/v1/models").status_code == 403
+        r = c.get(hub.managed_root + "/v1/models")
+        assert r.status_code == 403
+        # the hub hands a managed service two access scopes; either one is enough, and the message says so
+        # (it said "needs the scope access:services, access:services!service=..." as if both were needed)
+        assert r.json()["error"]["message"].endswith(
+            "needs one of the scopes access:services, access:services!service=xllm-managed.")
+    with hub.http(hub.tokens["alice"]) as c:
+        # ?token= counts only where the hub allows tokens in URLs (JUPYTERHUB_ALLOW_TOKEN_IN_URL, off by default)
+        r = c.get(hub.managed_root + "/v1/models", params={"token": hub.tokens["alice"]}, headers={"Authorization": ""})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
 
 
 def test_a_browser_logs_in_through_hub_oauth_and_sees_its_page(hub):

@@ -100,7 +100,8 @@ class HubXllmHandler(VerbDispatchMixin, RequestHandler):
         if not self.auth_required:
             return
         auth = self.hub_auth
-        # header (or ?token=) only, never the OAuth cookie: API calls then need no XSRF guard
+        # header (or ?token= where the hub allows tokens in URLs) only, never the OAuth cookie: API calls
+        # then need no XSRF guard
         token = auth.get_token(self, in_cookie=False)
         if not token:
             raise AuthenticationError("Missing JupyterHub token. Pass it as 'Authorization: token <JUPYTERHUB_API_TOKEN>'.")
@@ -111,8 +112,10 @@ class HubXllmHandler(VerbDispatchMixin, RequestHandler):
         if not model:
             raise AuthenticationError("Invalid or expired JupyterHub token.")
         if not auth.check_scopes(auth.access_scopes, model):
-            need = ", ".join(sorted(auth.access_scopes))
-            raise PermissionDenied(f"This token may not use the xllm service: it needs the scope {need}.")
+            # a managed service's hub sends both access:services and access:services!service=NAME: either will do
+            scopes = sorted(auth.access_scopes)
+            need = f"the scope {scopes[0]}" if len(scopes) == 1 else "one of the scopes " + ", ".join(scopes)
+            raise PermissionDenied(f"This token may not use the xllm service: it needs {need}.")
         caller = caller_from_model(model, self.settings[CONTEXT_KEY].config)
         if self.admin_only and not caller.admin:
             raise PermissionDenied("Only the service's admins (hub.admin_users, hub.admin_groups) may call admin endpoints.")
