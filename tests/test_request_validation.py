@@ -118,6 +118,7 @@ def test_message_checks(raw, message, param, code, text):
         ("f" * 65, "string_above_max_length", "Invalid 'tools[0].function.name': string too long. Expected a string with "
                                               "maximum length 64, but got a string with length 65 instead."),
         (None, "missing_required_parameter", "Missing required parameter: 'tools[0].function.name'."),
+        (5, "invalid_type", "Invalid type for 'tools[0].function.name': expected a string, but got an integer instead."),
     ],
 )
 def test_tool_name_checks(client, name, code, text):

@@ -129,7 +129,7 @@ def _parse_tools(tools: Any) -> tuple[ToolSpec, ...]:
         if name is None:
             raise InvalidRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
         if not isinstance(name, str):
-            raise InvalidRequest(f"Invalid type for '{param}': expected a string, but got {type(name).__name__} instead.",
+            raise InvalidRequest(f"Invalid type for '{param}': expected a string, but got {json_type(name)} instead.",
                                  param=param, code="invalid_type")
         if len(name) > MAX_NAME:
             raise InvalidRequest(f"Invalid '{param}': string too long. Expected a string with maximum length {MAX_NAME}, but "
