@@ -34,8 +34,9 @@ async def test_wrong_or_missing_token_is_401_for_every_method(xllm):
     assert xllm["serverapp"].allow_unauthenticated_access is True  # Jupyter's default, as in a real lab
     async with httpx.AsyncClient(timeout=30) as c:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "token wrong"}):
-            for method, path in (("GET", "/models"), ("GET", "/models/" + TINY), ("POST", "/chat/completions")):
-                r = await c.request(method, xllm["url"] + path, headers=headers, json=None if method == "GET" else {})
+            for method, path in (("GET", "/models"), ("GET", "/models/" + TINY), ("POST", "/chat/completions"),
+                                 ("GET", "/chat/completions"), ("DELETE", "/chat/completions/chatcmpl-x")):
+                r = await c.request(method, xllm["url"] + path, headers=headers, json={} if method == "POST" else None)
                 assert r.status_code == 401, (method, path, headers, r.status_code, r.text)
                 assert r.json()["error"]["code"] == "invalid_api_key" and "Jupyter token" in r.json()["error"]["message"]
                 assert r.headers["WWW-Authenticate"].startswith("Bearer")
