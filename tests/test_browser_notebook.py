@@ -87,6 +87,21 @@ def expected_reply(lab, prompt: str, params: dict) -> str:
     return reply["choices"][0]["message"]["content"]
 
 
+def dismiss_dialogs(page) -> None:
+    """Close a modal JupyterLab opened over the notebook, printing what it said.
+
+    A CI run on a loaded machine once had a dialog intercept the click on the notebook (its text was
+    not kept); Escape dismisses JupyterLab's dialogs without accepting anything.
+    """
+    dialog = page.locator(".jp-Dialog")
+    for _ in range(3):
+        if not dialog.count() or not dialog.first.is_visible():
+            return
+        print("JupyterLab dialog dismissed:", " ".join(dialog.first.inner_text().split())[:300])
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(300)
+
+
 def run_all_cells(page) -> None:
     """Run > Run All Cells, from the menu bar; again if no cell started within 30 s.
 
@@ -97,6 +112,7 @@ def run_all_cells(page) -> None:
 
     first_prompt = "document.querySelector('.jp-NotebookPanel .jp-CodeCell .jp-InputPrompt').textContent"
     for attempt in range(2):
+        dismiss_dialogs(page)
         page.locator(".jp-NotebookPanel .jp-CodeCell .jp-InputPrompt").first.click()  # the notebook is current
         page.locator(".lm-MenuBar-item", has_text=re.compile(r"^Run$")).click()
         page.locator('.lm-Menu-item[data-command="runmenu:run-all"]:not(.lm-mod-disabled)').click()
