@@ -243,6 +243,20 @@ def test_schema_errors_in_openai_words(raw, path, body, param, code, text):
     assert r.json()["error"] == {"message": text, "type": "invalid_request_error", "param": param, "code": code}
 
 
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/chat/completions", {"messages": [{"role": "x" * 200_000, "content": "hi"}]}, "messages[0].role"),
+    ("/v1/chat/completions", {"messages": [USER], "tool_choice": "y" * 200_000}, "tool_choice"),
+    ("/v1/responses", {"input": [{"role": "z" * 200_000, "content": "hi"}]}, "input[0].role"),
+])
+def test_an_invalid_value_is_quoted_short(raw, path, body, param):
+    """The message repeats the start of an offending value, not all of it (a 200 kB string came back whole)."""
+    r = raw.post(path, json={"model": TINY, **body})
+    assert r.status_code == 400, r.text[:300]
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"].startswith("Invalid value: '")
+    assert "…" in err["message"] and len(err["message"]) < 400, len(err["message"])
+
+
 def test_completions_suffix_and_echo(raw):
     """A non-empty suffix is refused as unsupported (fill-in-the-middle), with echo too; an empty or null suffix asks
     for nothing and is served, and so is echo (tests/test_echo.py)."""

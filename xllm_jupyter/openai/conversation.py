@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Literal, Sequence
 
 from ..core.errors import InvalidRequest, Unsupported
 from ..core.types import ChatMessage
-from .schema_errors import json_type
+from .schema_errors import json_type, shown
 
 if TYPE_CHECKING:
     from .protocol import WireMessage
@@ -177,7 +177,7 @@ def flatten_content(content: Any, param: str, role: str = "user") -> str | None:
             raise InvalidRequest(f"Missing required parameter: '{where}.type'.", param=f"{where}.type",
                                  code="missing_required_parameter")
         if kind not in allowed:
-            raise InvalidRequest(f"Invalid value: {kind!r}. Supported values are: {_supported(allowed)}.", param=f"{where}.type")
+            raise InvalidRequest(f"Invalid value: {shown(kind)}. Supported values are: {_supported(allowed)}.", param=f"{where}.type")
         if kind not in ("text", "refusal"):
             raise Unsupported(f"Content parts of type '{kind}' are not supported by this model", param=f"{where}.type")
         # a refusal part is what the assistant said (an SDK sends back the message it was given)

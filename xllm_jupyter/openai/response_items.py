@@ -14,6 +14,7 @@ from typing import Any
 
 from ..core.errors import InvalidRequest, Unsupported
 from .conversation import Turn, find_tool_turn_problem, part_text, responses_tool_turn_error
+from .schema_errors import shown
 
 ROLES = ("user", "system", "developer", "assistant")
 _TEXT_PARTS = ("input_text", "output_text", "text")
@@ -82,7 +83,7 @@ def normalize_input(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             role = item.get("role")
             if role not in ROLES:
                 supported = ", ".join(repr(r) for r in ROLES[:-1]) + f", and {ROLES[-1]!r}"
-                raise InvalidRequest(f"Invalid value: {role!r}. Supported values are: {supported}.", param=f"{param}.role")
+                raise InvalidRequest(f"Invalid value: {shown(role)}. Supported values are: {supported}.", param=f"{param}.role")
             items.append(message_item(role, _text(item.get("content"), f"{param}.content"), iid))
         elif kind == "function_call":
             args = (_str_field(item, k, param) for k in ("call_id", "name", "arguments"))

@@ -47,6 +47,16 @@ def json_type(value: Any) -> str:
     return "an object"
 
 
+#: how much of an offending value an error message repeats (a 3 MB string would come back whole otherwise)
+SHOWN_CHARS = 80
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` for an error message, cut to ``SHOWN_CHARS`` characters."""
+    text = repr(value) if not isinstance(value, str) else repr(value[:SHOWN_CHARS + 1])
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 1] + "…"
+
+
 def _number(value: Any) -> str:
     """A bound or value as OpenAI writes it: 2, not 2.0."""
     if isinstance(value, float) and value.is_integer():
@@ -91,7 +101,7 @@ def openai_wording(err: dict[str, Any], param: str | None, alternatives: int) ->
         return (f"Invalid '{param}': empty string. Expected a string with minimum length {ctx.get('min_length')}, but got an "
                 "empty string instead.", "empty_string")
     if kind == "literal_error" and "expected" in ctx:
-        return f"Invalid value: {value!r}. Supported values are: {_choices(ctx['expected'])}.", "invalid_value"
+        return f"Invalid value: {shown(value)}. Supported values are: {_choices(ctx['expected'])}.", "invalid_value"
     if kind in _EXPECTED and param and alternatives == 1:
         return (f"Invalid type for '{param}': expected {_EXPECTED[kind]}, but got {json_type(value)} instead.",
                 "invalid_type")

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from ..core.errors import InvalidRequest, Unsupported
 from ..core.types import ChatMessage, Constraint
 from .conversation import check_name
-from .schema_errors import json_type
+from .schema_errors import json_type, shown
 
 #: OpenAI's longest function name
 MAX_NAME = 64
@@ -82,7 +82,7 @@ def parse_tool_config(tools: Any, tool_choice: Any, parallel: Any) -> ToolConfig
         return ToolConfig(specs, "auto" if specs else "none", None, par)
     if isinstance(tool_choice, str):
         if tool_choice not in ("none", "auto", "required"):
-            raise InvalidRequest(f"Invalid value: {tool_choice!r}. Supported values are: 'none', 'auto', and 'required'.",
+            raise InvalidRequest(f"Invalid value: {shown(tool_choice)}. Supported values are: 'none', 'auto', and 'required'.",
                                  param="tool_choice")
         if tool_choice == "required" and not specs:
             raise InvalidRequest("'tool_choice' is 'required' but no 'tools' were given", param="tool_choice")
@@ -120,7 +120,7 @@ def _parse_tools(tools: Any) -> tuple[ToolSpec, ...]:
             raise Unsupported("Custom tools are not supported by this server; use function tools", param=f"{where}.type")
         if kind != "function":
             # OpenAI's words (it also takes 'custom' tools, refused above as unsupported)
-            raise InvalidRequest(f"Invalid value: {kind!r}. Supported values are: 'function' and 'custom'.", param=f"{where}.type")
+            raise InvalidRequest(f"Invalid value: {shown(kind)}. Supported values are: 'function' and 'custom'.", param=f"{where}.type")
         fn = tool.get("function")
         if not isinstance(fn, dict):
             raise InvalidRequest(f"{where}.function must be an object", param=f"{where}.function")
