@@ -292,6 +292,11 @@ def test_the_browser_page_redirects_into_hub_oauth_and_greets_token_users(hub):
     with hub.http(hub.tokens["alice"]) as c:
         r = c.get("/")
         assert r.status_code == 200 and "alice" in r.text and "/services/xllm/v1" in r.text
+        # behind a hub served over TLS, configurable-http-proxy forwards plain http with X-Forwarded-Proto
+        # (appending its own hop): the page showed users an http:// API URL
+        r = c.get("/", headers={"X-Forwarded-Proto": "https,http"})
+        assert f"<code>https://{c.base_url.netloc.decode()}/services/xllm/v1</code>" in r.text
+        assert "<code>http://" in c.get("/", headers={"X-Forwarded-Proto": "gopher"}).text  # not a scheme: ignored
     with hub.http(hub.tokens["alice-no-access"]) as c:
         assert c.get("/").status_code == 403
 

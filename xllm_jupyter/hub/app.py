@@ -83,6 +83,14 @@ def caller_from_model(model: Mapping[str, Any], config: XllmConfig) -> Caller:
     return Caller(name, groups, admin)
 
 
+def public_scheme(request: Any) -> str:
+    """The scheme the browser used: the hub's proxy (or TLS in front of it) says so in X-Forwarded-Proto."""
+    # configurable-http-proxy appends its own hop, so the first value is the client's; the page only
+    # shows the URL to whoever sent the header, so trusting it misleads nobody else
+    forwarded = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    return forwarded if forwarded in ("http", "https") else request.protocol
+
+
 class HubXllmHandler(VerbDispatchMixin, RequestHandler):
     """Auth base for API routes: a hub token with the service's access scope."""
 
@@ -166,7 +174,7 @@ class HubPageHandler(_HubAuthFromSettings, HubOAuthenticated, RequestHandler):
         rows = context.usage.snapshot(caller.user)
         used = rows[0] if rows else {"requests": 0, "total_tokens": 0, "tokens_today": 0, "running": 0, "queued": 0}
         conc, per_day = context.usage.limits(caller)
-        base = self.request.protocol + "://" + self.request.host + self.hub_auth.base_url + "v1"
+        base = public_scheme(self.request) + "://" + self.request.host + self.hub_auth.base_url + "v1"
         e = html.escape
         self.set_header("Content-Type", "text/html; charset=utf-8")
         self.finish(
