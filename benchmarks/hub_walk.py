@@ -207,6 +207,11 @@ def kernel_checks(w: Walk, origin: str, tokens: dict[str, str]) -> None:
         w.check("%xllm status: found through the hub", "the JupyterHub service" in out, out)
         out = run_cell(ws, "%%xllm\nSay hello in three words.")
         w.check("%%xllm answers", out.strip() and "ERROR" not in out, out[-200:])
+        # the doc's plain OpenAI client: the public (proxy) URL and the kernel's own hub token
+        code = ("import os; from openai import OpenAI; c = OpenAI(base_url=%r, api_key=os.environ['JUPYTERHUB_API_TOKEN']); "
+                "print(c.chat.completions.create(model='smollm2', messages=[{'role': 'user', 'content': 'Hi'}], max_tokens=4).usage.completion_tokens)")
+        out = run_cell(ws, code % (origin + "/services/xllm/v1"))
+        w.check("OpenAI SDK in the kernel: proxy URL + JUPYTERHUB_API_TOKEN", out.strip().isdigit() and int(out) > 0, out[-200:])
     finally:
         ws.close()
         httpx.delete(base + f"api/kernels/{kernel}", headers=headers)
