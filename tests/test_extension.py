@@ -191,7 +191,7 @@ async def test_stop_extension_stops_engine(xllm):
 class _HubApi:
     """A stand-in for the JupyterHub REST API: ``GET /hub/api/services/xllm`` for one token, 403 for others."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, service_url: str = "http://127.0.0.1:1") -> None:
         import http.server
         import threading
 
@@ -202,7 +202,7 @@ class _HubApi:
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 outer.requests.append(self.path)
                 ok = self.path == "/hub/api/services/xllm" and self.headers.get("Authorization") == f"token {token}"
-                body = json.dumps({"name": "xllm", "kind": "service", "prefix": "/services/xllm/", "url": "http://127.0.0.1:1"}
+                body = json.dumps({"name": "xllm", "kind": "service", "prefix": "/services/xllm/", "url": service_url}
                                   if ok else {"status": 403, "message": "Action is not authorized with current scopes"})
                 self.send_response(200 if ok else 403)
                 self.send_header("Content-Type", "application/json")
@@ -221,10 +221,85 @@ class _HubApi:
         self.server.server_close()
 
 
+class _Service:
+    """A stand-in hub xllm service that records what reaches it; its stream holds its second half until released.
+
+    ``GET .../v1/models`` lists one model; ``POST .../v1/chat/completions`` streamed sends one chunk, then only
+    keepalive comments until ``release`` is set (``gone`` is set when a write finds the client left);
+    not streamed, it answers a 429 with Retry-After.
+    """
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        outer = self
+        self.seen: list[tuple[str, str, dict[str, str], bytes]] = []  # (method, path, headers, body)
+        self.release, self.gone = threading.Event(), threading.Event()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                outer.seen.append(("GET", self.path, dict(self.headers), b""))
+                self._json(200, {"object": "list", "data": [{"id": "hub-model", "object": "model", "created": 0,
+                                                             "owned_by": "hub"}]})
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                outer.seen.append(("POST", self.path, dict(self.headers), body))
+                if not json.loads(body).get("stream"):
+                    self._json(429, {"error": {"message": "Slow down", "type": "rate_limit_error", "param": None,
+                                               "code": "rate_limit_exceeded"}}, {"Retry-After": "7"})
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+                self.end_headers()
+                chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "hub-model",
+                         "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hel"}, "finish_reason": None}]}
+                try:
+                    self._send(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                    while not outer.release.wait(0.05):
+                        self._send(b": keepalive\n\n")
+                    chunk["choices"][0].update(delta={"content": "lo"}, finish_reason="stop")
+                    self._send(b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n")
+                except OSError:  # the forwarding server closed the connection
+                    outer.gone.set()
+
+            def _send(self, data: bytes) -> None:
+                self.wfile.write(data)
+                self.wfile.flush()
+
+            def _json(self, status: int, obj: object, headers: dict[str, str] | None = None) -> None:
+                self.send_response(status)
+                for name, value in {"Content-Type": "application/json", **(headers or {})}.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(json.dumps(obj).encode())
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
 @pytest.fixture
-def hub_api(monkeypatch):
+def service():
+    """The hub's xllm service (a recording stand-in)."""
+    svc = _Service()
+    yield svc
+    svc.close()
+
+
+@pytest.fixture
+def hub_api(monkeypatch, service):
     """A single-user server's environment on a hub whose xllm service this server's token may read."""
-    api = _HubApi("server-token")
+    api = _HubApi("server-token", service.url)
     monkeypatch.setenv("JUPYTERHUB_API_URL", api.url)
     monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "server-token")
     monkeypatch.delenv("XLLM_HUB_SERVICE", raising=False)
@@ -242,11 +317,11 @@ def test_on_a_hub_with_the_xllm_service_kernels_are_not_pointed_at_this_server(x
         assert hub_api.requests == ["/hub/api/services/xllm"]
         assert "XLLM_BASE_URL" not in os.environ and "XLLM_API_KEY" not in os.environ
         assert not ext.engine.is_loaded(TINY)  # no per-user copy of the default model at start
-        # the panel's own API still serves (a model loads on first use), and the playground knows where it is
-        assert ext.settings["xllm_local_api"]["XLLM_BASE_URL"] == xllm["url"]
+        # the playground knows this server's API (forwarded to the service like the panel's calls)
+        assert xllm["serverapp"].web_app.settings["xllm_local_api"]["XLLM_BASE_URL"] == xllm["url"]
         async with openai.AsyncOpenAI(base_url=xllm["url"], api_key=xllm["token"], max_retries=0, timeout=60) as c:
-            r = await c.chat.completions.create(model=TINY, messages=MSG, max_tokens=2)
-            assert r.usage.completion_tokens > 0
+            assert [m.id async for m in c.models.list()] == ["hub-model"]
+        assert not ext.engine.is_loaded(TINY)
 
     xllm["run"](body())
 
@@ -263,3 +338,80 @@ def test_a_hub_without_the_service_for_this_token_keeps_the_exported_address(xll
         assert ext.engine.is_loaded(TINY)
 
     xllm["run"](body())
+
+
+def test_this_servers_api_forwards_to_the_hub_service_chunk_by_chunk_with_the_server_token_only(xllm, hub_api, service):
+    """The panel's streamed chat: each chunk as the service sends it, a client that leaves closes the upstream
+    request, an error passes through unchanged, and upstream sees this server's hub token, never Jupyter's."""
+    import asyncio
+
+    token = xllm["token"]
+    headers = {"Authorization": f"token {token}", "Cookie": f"_xsrf=x; jupyter-token={token}", "X-XSRFToken": "x",
+               "X-Request-ID": "req-7", "Connection": "keep-alive, X-Private", "X-Private": token}
+    chat = {"model": "hub-model", "messages": MSG, "stream": True}
+
+    async def first_event(lines) -> str:
+        async for line in lines:
+            if line.startswith("data:"):
+                return line
+        raise AssertionError("the stream ended without an event")
+
+    async def body() -> None:
+        await start(xllm)
+        await xllm["app"]._start_task
+        async with httpx.AsyncClient(base_url=xllm["url"], timeout=30) as h:
+            async with h.stream("POST", "/chat/completions", json=chat, headers=headers) as r:
+                assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+                lines = r.aiter_lines()
+                first = await asyncio.wait_for(first_event(lines), 10)
+                assert json.loads(first[5:])["choices"][0]["delta"]["content"] == "Hel"
+                assert not service.release.is_set()  # arrived while the service still holds the rest back
+                service.release.set()
+                rest = [line async for line in lines if line.startswith("data:")]
+                assert json.loads(rest[0][5:])["choices"][0]["finish_reason"] == "stop" and rest[-1] == "data: [DONE]"
+            service.release.clear()
+            async with h.stream("POST", "/chat/completions", json=chat, headers=headers) as r:
+                await asyncio.wait_for(first_event(r.aiter_lines()), 10)
+            for _ in range(100):  # the client left: the forwarded request must be closed too
+                if service.gone.is_set():
+                    break
+                await asyncio.sleep(0.05)
+            assert service.gone.is_set()
+            r = await h.post("/chat/completions", json={**chat, "stream": False}, headers=headers)
+            assert (r.status_code, r.headers["Retry-After"]) == (429, "7")
+            assert r.json()["error"] == {"message": "Slow down", "type": "rate_limit_error", "param": None,
+                                         "code": "rate_limit_exceeded"}
+            too_big = await h.post("/chat/completions", content=b"x" * 70000, headers=headers)
+            assert too_big.status_code == 413  # this server's body limit, before anything is sent upstream
+            # a dot segment would climb out of the service's prefix (to the hub API through the proxy)
+            assert (await h.get("/models/%2E%2E/%2e%2e/%2E%2E/hub/api/users", headers=headers)).status_code == 404
+
+    xllm["run"](body())
+    assert not xllm["app"].engine.is_loaded(TINY)
+    posts = [(path, seen_headers, sent) for method, path, seen_headers, sent in service.seen if method == "POST"]
+    assert [path for path, _, _ in posts] == ["/services/xllm/v1/chat/completions"] * 3
+    for _, seen_headers, sent in posts:
+        assert seen_headers["Authorization"] == "token server-token" and seen_headers["X-Request-ID"] == "req-7"
+        assert not any(token in value for value in seen_headers.values())  # no Jupyter token, cookie or private header
+        assert {"Cookie", "X-XSRFToken", "X-Private"}.isdisjoint(seen_headers)
+        assert json.loads(sent)["model"] == "hub-model"
+
+
+def test_a_hub_service_that_cannot_be_reached_is_a_503_to_retry(xllm, monkeypatch):
+    """The hub names the service, but its url answers nothing: an OpenAI-shaped 503, and still no local model."""
+    api = _HubApi("server-token")  # the service's url: port 1, where nothing listens
+    monkeypatch.setenv("JUPYTERHUB_API_URL", api.url)
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "server-token")
+
+    async def body() -> None:
+        await start(xllm)
+        await xllm["app"]._start_task
+        async with httpx.AsyncClient(timeout=30) as h:
+            r = await h.get(xllm["url"] + "/models", headers={"Authorization": f"token {xllm['token']}"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "hub_service_unavailable"
+
+    try:
+        xllm["run"](body())
+    finally:
+        api.close()
+    assert not xllm["app"].engine.is_loaded(TINY)

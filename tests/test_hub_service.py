@@ -29,6 +29,8 @@ from xllm_jupyter.core.config import CacheConfig, HubConfig, QuotaConfig
 
 pytest.importorskip("jupyterhub")
 
+pytest_plugins = ("pytest_jupyter.jupyter_server",)
+
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 SERVICE_TOKEN = "xllm-service-token-0123456789abcdef"
 USERS = ("alice", "bob", "carol", "dave")
@@ -312,16 +314,99 @@ def test_kernels_find_the_service_through_the_hub_api(hub):
 
 def test_a_single_user_servers_extension_sees_the_hub_service_with_the_docs_token_scopes(hub):
     """The extension asks the real hub whether to leave kernels to the service (docs/jupyterhub.md)."""
-    from xllm_jupyter.extension.hub_lookup import hub_service_name
+    from xllm_jupyter.extension.hub_lookup import find_hub_service
 
-    def ask(**env: str) -> str | None:
-        return asyncio.run(hub_service_name({"JUPYTERHUB_API_URL": hub.api, **env}))
+    def ask(**env: str) -> Any:
+        return asyncio.run(find_hub_service({"JUPYTERHUB_API_URL": hub.api, **env}))
 
-    assert ask(JUPYTERHUB_API_TOKEN=hub.tokens["bob"]) == "xllm"  # read:services!service=xllm
+    found = ask(JUPYTERHUB_API_TOKEN=hub.tokens["bob"])  # read:services!service=xllm
+    assert (found.name, found.root, found.token) == ("xllm", hub.service_root + "/", hub.tokens["bob"])
+    assert hub.tokens["bob"] not in repr(found)
     assert ask(JUPYTERHUB_API_TOKEN=hub.tokens["bob"], XLLM_HUB_SERVICE="xllm-managed") is None  # no read scope
     assert ask(JUPYTERHUB_API_TOKEN=hub.tokens["alice-no-access"]) is None  # 403
     assert ask(JUPYTERHUB_API_TOKEN="not-a-real-token") is None
-    assert asyncio.run(hub_service_name({"JUPYTERHUB_API_TOKEN": hub.tokens["bob"]})) is None  # not on a hub
+    assert asyncio.run(find_hub_service({"JUPYTERHUB_API_TOKEN": hub.tokens["bob"]})) is None  # not on a hub
+
+
+# ------------------------------------------- a user's Jupyter server on the hub
+@pytest.fixture
+def jp_server_config(xllm_home):
+    """The xllm extension in a Jupyter server (pytest-jupyter), as in a hub user's single-user server."""
+    return {
+        "ServerApp": {"jpserver_extensions": {"xllm_jupyter": True, "jupyter_server_terminals": False},
+                      "allow_unauthenticated_access": False},
+        "XllmApp": {"default_model": TINY, "home": str(xllm_home), "max_body_bytes": 65536},
+    }
+
+
+@pytest.fixture
+def bobs_server(hub, jp_serverapp, http_server_client, jp_http_port, jp_base_url, jp_asyncio_loop, monkeypatch):
+    """Bob's Jupyter server with the xllm extension, its JUPYTERHUB_API_TOKEN scoped as the doc's server_token_scopes.
+
+    What the hub service's API handlers see is recorded: (path, request headers) of each request.
+    """
+    from xllm_jupyter.hub.app import HubXllmHandler
+
+    monkeypatch.setenv("JUPYTERHUB_API_URL", hub.api)
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", hub.tokens["bob"])
+    monkeypatch.delenv("XLLM_HUB_SERVICE", raising=False)
+    seen: list[tuple[str, dict[str, str]]] = []
+    prepare = HubXllmHandler.prepare
+
+    async def recording_prepare(self: Any) -> None:
+        seen.append((self.request.path, dict(self.request.headers)))
+        await prepare(self)
+
+    monkeypatch.setattr(HubXllmHandler, "prepare", recording_prepare)
+    (ext,) = jp_serverapp.extension_manager.extension_apps["xllm_jupyter"]
+    jp_asyncio_loop.run_until_complete(jp_serverapp._post_start())  # the start hooks: the hub lookup
+    jp_asyncio_loop.run_until_complete(ext._start_task)
+    return {"url": f"http://127.0.0.1:{jp_http_port}{jp_base_url}xllm", "token": jp_serverapp.identity_provider.token,
+            "ext": ext, "seen": seen, "run": jp_asyncio_loop.run_until_complete}
+
+
+def test_a_user_servers_xllm_api_answers_from_the_hub_service(hub, bobs_server):
+    """The panel's routes in a hub user's server: the hub's one engine, as bob; no model in bob's server.
+
+    Before: the server's own engine answered (and loaded the model into the user's home on first use).
+    """
+    url, token, ext, seen = bobs_server["url"], bobs_server["token"], bobs_server["ext"], bobs_server["seen"]
+    bad = {"model": TINY, "messages": MSG, "temperature": 9}
+    with hub.openai("bob") as c, hub.http(hub.tokens["bob"]) as h:  # the service's own answers, asked directly
+        models, direct = [m.id for m in c.models.list()], h.post("/v1/chat/completions", json=bad)
+    assert direct.status_code == 400 and direct.json()["error"]["param"] == "temperature"
+    seen.clear()
+
+    async def body() -> None:
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=token, max_retries=0, timeout=120) as c:
+            assert [m.id async for m in c.models.list()] == models  # the service's order (its loaded model first)
+            r = await c.chat.completions.create(model=TINY, messages=MSG, max_tokens=3, temperature=1.0)
+            assert r.usage.completion_tokens > 0
+            stream = await c.chat.completions.create(model=TINY, messages=MSG, max_tokens=8, stream=True,
+                                                     stream_options={"include_usage": True})
+            chunks = [chunk async for chunk in stream]
+            assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].usage.completion_tokens > 0
+            assert len(chunks) >= 3
+            with pytest.raises(openai.NotFoundError) as info:
+                await c.chat.completions.create(model="missing", messages=MSG)
+            assert info.value.code == "model_not_found"
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"token {token}"}, timeout=120) as h:
+            forwarded = await h.post("/v1/chat/completions", json=bad)  # the upstream's error unchanged
+            assert (forwarded.status_code, forwarded.json()) == (direct.status_code, direct.json())
+            stats = await h.get("/admin/stats")  # the service decides, as bob (not one of its admins)
+            assert stats.status_code == 403 and stats.json()["error"]["type"] == "permission_error"
+            assert (await h.get("/health")).json() == {"status": "ok"}  # local
+            assert (await h.get("/nowhere")).status_code == 404
+            assert (await httpx.AsyncClient().get(url + "/v1/models")).status_code == 401  # still Jupyter's auth
+
+    bobs_server["run"](body())
+    assert not ext.engine.is_loaded(TINY) and not ext.engine.loaded_models(include_loading=True)
+    forwarded = [headers for path, headers in seen if path.startswith("/services/xllm/v1/")]
+    assert len(forwarded) >= 5
+    for headers in forwarded:  # this server's hub token only; the Jupyter token and cookies stay here
+        assert headers["Authorization"] == f"token {hub.tokens['bob']}"
+        assert not any(token in value for value in headers.values()) and "Cookie" not in headers
+    assert any(path == "/services/xllm/admin/stats" for path, _ in seen)
 
 
 # ----------------------------------------------------------- isolation

@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from ..core.errors import AuthenticationError, PermissionDenied, XllmError
+from ..core.hub_url import PUBLIC_KEYS, service_root
 from .aio import AsyncXllmClient
 from .base import auth_headers, resolve_base_url, root_url
 from .client import XllmClient
@@ -46,8 +47,6 @@ DEFAULT_HUB_SERVICE = "xllm"
 LOCAL_START_TIMEOUT = 300.0
 HUB_TIMEOUT = 5.0
 HUB_CACHE_SECONDS = 60.0
-#: where the spawner tells a kernel the hub's public address, best first
-_PUBLIC_KEYS = ("JUPYTERHUB_PUBLIC_HUB_URL", "JUPYTERHUB_PUBLIC_URL", "JUPYTERHUB_HOST")
 
 SOURCES = ("connect", "extension", "hub", "in-process")
 
@@ -97,7 +96,7 @@ def _from_hub(env: Mapping[str, str]) -> ServerLocation | None:
     if not api_url or not token:
         return None
     name = env.get("XLLM_HUB_SERVICE", "").strip() or DEFAULT_HUB_SERVICE
-    public = tuple(env.get(k, "") for k in ("JUPYTERHUB_BASE_URL", *_PUBLIC_KEYS))
+    public = tuple(env.get(k, "") for k in ("JUPYTERHUB_BASE_URL", *PUBLIC_KEYS))
     key = (api_url, token, name, public)
     now = time.monotonic()
     with _lock:
@@ -122,24 +121,11 @@ def _ask_hub(env: Mapping[str, str], api_url: str, token: str, name: str) -> Ser
     if not isinstance(model, dict):
         log.debug("xllm: the hub answered %r for service %r; ignored", type(model).__name__, name)
         return None
-    # The service is routed at {hub base_url}services/<name>/; the model gives the exact prefix
-    # only to tokens with read:services, so fall back to the conventional one.
-    base = env.get("JUPYTERHUB_BASE_URL", "/") or "/"
-    prefix = model.get("prefix") or f"{base.rstrip('/')}/services/{name}/"
-    origin = (model.get("url") or "").strip().rstrip("/") or _hub_public_origin(env)
-    if not origin:
+    root = service_root(env, name, model)
+    if root is None:
         log.debug("xllm: hub service %r has no URL this kernel can use", name)
         return None
-    return ServerLocation(resolve_base_url(origin + "/" + prefix.strip("/") + "/v1"), token, "hub")
-
-
-def _hub_public_origin(env: Mapping[str, str]) -> str:
-    """``scheme://host[:port]`` of the hub's public URL, when the spawner told us."""
-    for key in _PUBLIC_KEYS:
-        parts = urlsplit(env.get(key, "").strip())
-        if parts.scheme and parts.netloc:
-            return f"{parts.scheme}://{parts.netloc}"
-    return ""
+    return ServerLocation(resolve_base_url(root + "v1"), token, "hub")
 
 
 # ------------------------------------------------------------------ connect

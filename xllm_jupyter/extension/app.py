@@ -19,10 +19,11 @@ from traitlets import Bool, Integer, Unicode
 
 from ..core.config import XllmConfig, load_config
 from ..server.handlers import CONTEXT_KEY, XllmContext
-from ..server.jupyter import JupyterPublicHandler, JupyterXllmHandler
+from ..server.jupyter import JupyterPublicHandler
 from ..server.routes import build_routes
 from ..server.standalone import shutdown_engine
-from .hub_lookup import hub_service_name
+from .hub_forward import UPSTREAM_KEY, HubForwardingHandler, Upstream
+from .hub_lookup import find_hub_service
 from .playground import LOCAL_API_KEY, close_playground, playground_routes
 
 #: the routes' prefix under the server's base_url
@@ -40,7 +41,7 @@ class XllmApp(ExtensionApp):
     max_batch_size = Integer(None, allow_none=True, help="Most sequences decoded together per model.").tag(config=True)
     max_body_bytes = Integer(None, allow_none=True, help="Largest accepted request body, in bytes.").tag(config=True)
     config_file = Unicode(None, allow_none=True, help="config.yaml to read (default: XLLM_CONFIG, else <XLLM_HOME>/config.yaml).").tag(config=True)
-    defer_to_hub = Bool(True, help="In a JupyterHub single-user server whose hub runs the xllm service: export no XLLM_BASE_URL (kernels then use the hub service) and load no model at start.").tag(config=True)
+    defer_to_hub = Bool(True, help="In a JupyterHub single-user server whose hub runs the xllm service: export no XLLM_BASE_URL (kernels then use the hub service), load no model, and forward this server's xllm API (panel, playground) to the service.").tag(config=True)
 
     engine: Any = None
     xllm_config: XllmConfig | None = None
@@ -71,19 +72,22 @@ class XllmApp(ExtensionApp):
     def initialize_handlers(self) -> None:
         """The shared route table under ``/xllm`` (ExtensionApp prepends base_url)."""
         # Jupyter-only route (gradio is imported on its first request); before the catch-all 404
-        self.handlers.extend(playground_routes(PREFIX, JupyterXllmHandler))
-        self.handlers.extend(build_routes(PREFIX, JupyterXllmHandler, JupyterPublicHandler))
+        # the base forwards the shared routes to the hub's xllm service once start finds one
+        self.handlers.extend(playground_routes(PREFIX, HubForwardingHandler))
+        self.handlers.extend(build_routes(PREFIX, HubForwardingHandler, JupyterPublicHandler))
 
     # --------------------------------------------------------------- lifecycle
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
-        """After the IOLoop starts: export the API location (unless the hub serves xllm), start the engine."""
+        """After the IOLoop starts: export the API location (unless the hub serves xllm: then forward to it), start the engine."""
         # XLLM_BASE_URL would win over hub discovery in every kernel: each user would get a
         # private engine and model copy instead of the hub's shared one (docs/jupyterhub.md)
-        service = await hub_service_name(os.environ) if self.defer_to_hub else None
+        service = await find_hub_service(os.environ) if self.defer_to_hub else None
         self._export_env(serverapp, export=service is None)
         if service is not None:
-            self.log.info("xllm: the JupyterHub service %r serves this hub: kernels use it; this server's "
-                          "engine loads a model only when asked (c.XllmApp.defer_to_hub)", service)
+            # the panel, the playground and clients of this server's API: the same one engine, no model here
+            serverapp.web_app.settings[UPSTREAM_KEY] = Upstream.open(service)  # handlers read the web app's settings
+            self.log.info("xllm: the JupyterHub service %r at %s serves this hub: kernels use it and this "
+                          "server's xllm API forwards to it (c.XllmApp.defer_to_hub)", service.name, service.root)
         if self._start_task is None:
             self._start_task = asyncio.ensure_future(self._start_engine(preload=service is None))
 
@@ -104,6 +108,9 @@ class XllmApp(ExtensionApp):
         if task is not None and not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        upstream = self.serverapp.web_app.settings.pop(UPSTREAM_KEY, None) if self.serverapp is not None else None
+        if upstream is not None:
+            await upstream.close()
         # Gradio's server thread is joined (up to 15 s): never on the IOLoop, which other extensions still use
         await asyncio.to_thread(close_playground, self.settings.get(CONTEXT_KEY))
         if self.settings.get(CONTEXT_KEY) is not None:
@@ -134,7 +141,8 @@ class XllmApp(ExtensionApp):
         token = getattr(serverapp.identity_provider, "token", "") or ""
         if token:
             values["XLLM_API_KEY"] = token
-        self.settings[LOCAL_API_KEY] = dict(values)  # the playground talks to this server's API either way
+        # the playground talks to this server's API either way; handlers read the web app's settings (a copy of ours)
+        serverapp.web_app.settings[LOCAL_API_KEY] = dict(values)
         if export:
             os.environ.update(values)
             self._exported = values

@@ -47,19 +47,23 @@ class JupyterXllmHandler(ExtensionHandlerMixin, APIHandler):
     @authorized
     async def get(self, *args: Any, **kwargs: Any) -> None:
         """Dispatch to the route mixin."""
-        await self.dispatch("get", *args, **kwargs)  # type: ignore[attr-defined]
+        await self.serve("get", *args, **kwargs)
 
     @web.authenticated
     @authorized
     async def post(self, *args: Any, **kwargs: Any) -> None:
         """Dispatch to the route mixin."""
-        await self.dispatch("post", *args, **kwargs)  # type: ignore[attr-defined]
+        await self.serve("post", *args, **kwargs)
 
     @web.authenticated
     @authorized
     async def delete(self, *args: Any, **kwargs: Any) -> None:
         """Dispatch to the route mixin."""
-        await self.dispatch("delete", *args, **kwargs)  # type: ignore[attr-defined]
+        await self.serve("delete", *args, **kwargs)
+
+    async def serve(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """Serve an authorized request: the route mixin here (the extension's base may send it elsewhere)."""
+        await self.dispatch(method, *args, **kwargs)  # type: ignore[attr-defined]
 
     def finish_event_stream(self) -> Any:
         """APIHandler.finish forces JSON unless told otherwise."""

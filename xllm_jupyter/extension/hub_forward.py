@@ -1,0 +1,134 @@
+"""On a JupyterHub with the xllm service: this server's ``{base_url}xllm/`` API answers from the service.
+
+The JupyterLab panel, the playground and any OpenAI client pointed at the user's server
+then use the hub's one shared engine instead of loading a model into the user's home.
+Requests are still authenticated (and their bodies capped) by Jupyter as before; upstream
+they carry only this server's own ``JUPYTERHUB_API_TOKEN`` (``access:services!service=xllm``),
+so the service serves, meters and authorizes them as the server's owner. The Jupyter token
+or cookie never leaves this server. ``/health`` and ``/health/ready`` (this server's own
+liveness), the playground and unknown paths stay local.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+import httpx
+from jupyter_server.utils import url_path_join
+from tornado.iostream import StreamClosedError
+
+from ..core.errors import NotFound, Overloaded
+from ..server.handlers import BodyMixin
+from ..server.jupyter import JupyterXllmHandler
+from ..server.routes import ROUTES
+from .hub_lookup import HubService
+
+log = logging.getLogger("xllm_jupyter.extension")
+
+#: settings key of the Upstream the API routes are forwarded to (absent: this server's engine serves them)
+UPSTREAM_KEY = "xllm_upstream"
+#: the shared routes forwarded (route labels as routes.build_routes sets them); public ones stay local
+FORWARDED_ROUTES = frozenset(path for path, _, public in ROUTES if not public)
+#: request headers passed upstream: what the API reads or a client names itself with. Never
+#: Authorization, Cookie or X-XSRFToken (this server's credentials), nor hop-by-hop headers
+REQUEST_HEADERS = ("Accept", "Content-Type", "User-Agent", "X-Request-ID")
+#: response headers passed back: the body's type, caching and retry advice, the request id
+RESPONSE_HEADERS = ("Content-Type", "Cache-Control", "Retry-After", "X-Should-Retry", "X-Request-ID", "X-Accel-Buffering")
+#: connect fast or say so; a non-streamed generation may take minutes before its first byte
+TIMEOUT = httpx.Timeout(900.0, connect=10.0, pool=30.0)
+
+
+@dataclass
+class Upstream:
+    """The hub service the API is forwarded to, and the connection pool to it."""
+
+    service: HubService
+    client: httpx.AsyncClient
+
+    @classmethod
+    def open(cls, service: HubService) -> Upstream:
+        """A pool for ``service`` (call on the IOLoop; ``close`` it at shutdown)."""
+        # identity: chunks pass through as the service wrote them (a compressed stream would be buffered)
+        headers = {"Authorization": f"token {service.token}", "Accept-Encoding": "identity"}
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=16)
+        return cls(service, httpx.AsyncClient(headers=headers, timeout=TIMEOUT, limits=limits))
+
+    async def close(self) -> None:
+        """Close the pool's connections."""
+        await self.client.aclose()
+
+
+class HubForwardingHandler(JupyterXllmHandler):
+    """The extension's auth base: authorized requests for the shared routes go to the hub service when one is set."""
+
+    async def serve(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """Forward to the hub service, or serve here (no service, or a local route)."""
+        upstream: Upstream | None = self.settings.get(UPSTREAM_KEY)
+        if upstream is None or self.route not in FORWARDED_ROUTES:  # type: ignore[attr-defined]
+            await super().serve(method, *args, **kwargs)
+            return
+        self._dispatched = True  # Tornado has read (and capped) the body by now
+        # a client that leaves cancels the task: the upstream connection closes and the service cancels the job
+        await self._cancellable(self._forward(upstream, method))  # type: ignore[attr-defined]
+
+    def _upstream_url(self, upstream: Upstream) -> str:
+        local = url_path_join(self.base_url, "xllm") + "/"
+        path = self.request.path[len(local):] if self.request.path.startswith(local) else ""
+        # a '..' segment would climb out of the service's prefix once the URL is normalized (to the
+        # hub's API, when the service is reached through the proxy): no route of ours has one
+        if any(unquote(segment) in (".", "..") for segment in path.split("/")):
+            raise NotFound(f"Unknown endpoint: {self.request.method} {self.request.path}")
+        query = f"?{self.request.query}" if self.request.query else ""
+        return upstream.service.root + path + query  # still percent-encoded as the client sent it
+
+    async def _forward(self, upstream: Upstream, method: str) -> None:
+        url = self._upstream_url(upstream)
+        headers = {name: self.request.headers[name] for name in REQUEST_HEADERS if name in self.request.headers}
+        body = self.body if method == "post" and isinstance(self, BodyMixin) else None
+        request = upstream.client.build_request(method.upper(), url, headers=headers, content=body)
+        try:
+            response = await upstream.client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise _unreachable(upstream, exc) from None
+        try:
+            await self._relay(response)
+        except httpx.HTTPError as exc:  # a JSON answer cut off (a stream ends itself): nothing was written yet
+            raise _unreachable(upstream, exc) from None
+        finally:
+            await response.aclose()
+
+    async def _relay(self, response: httpx.Response) -> None:
+        self.set_status(response.status_code, response.reason_phrase or None)
+        for name in RESPONSE_HEADERS:
+            if name in response.headers:
+                self.set_header(name, response.headers[name])
+        content_type = response.headers.get("Content-Type", "application/json")
+        if not content_type.startswith("text/event-stream"):
+            body = await response.aread()
+            self.finish(body, set_content_type=content_type)
+            return
+        stream = getattr(self.request.connection, "stream", None)
+        if stream is not None and hasattr(stream, "set_nodelay"):
+            stream.set_nodelay(True)  # small events: no Nagle delay (as server/handlers.stream_events)
+        try:
+            async for chunk in response.aiter_raw():
+                self.write(chunk)
+                await self.flush()  # each chunk leaves now; a slow client slows only its own upstream read
+        except StreamClosedError:  # the client left: closing the response (caller) closes the upstream connection
+            return
+        except httpx.HTTPError as exc:  # the service went away mid-stream: end ours, the client sees no [DONE]
+            log.warning("xllm: the hub service's stream broke off: %s", exc)
+        self.finish(set_content_type=content_type)
+
+
+def _unreachable(upstream: Upstream, exc: Exception) -> Overloaded:
+    """The 503 for a service that did not answer (the cause goes to the log)."""
+    log.warning("xllm: the hub service at %s did not answer: %s", upstream.service.root, exc)
+    return Overloaded("The JupyterHub xllm service could not be reached from this server; retry later.",
+                      code="hub_service_unavailable")
+
+
+__all__ = ["FORWARDED_ROUTES", "UPSTREAM_KEY", "HubForwardingHandler", "Upstream"]
