@@ -10,7 +10,8 @@ doc says, then checks through the proxy, with tokens made over the hub's REST AP
 - isolation: bob cannot read, continue or delete alice's stored response or chat completion;
 - ``/admin/usage`` and ``/metrics`` for an xllm admin (``hub.admin_users``) and refused to a user;
 - ``quotas.max_concurrent``: bob's 7 concurrent requests, 4 allowed, the rest 429;
-- alice's single-user server started through the hub API: a kernel (REST + websocket) finds the
+- alice's single-user server started through the hub API: its own ``xllm/`` routes (the JupyterLab
+  panel's) answer from the service as alice; a kernel (REST + websocket) finds the
   service (``find_server``, ``%xllm status``), ``%%xllm`` answers, and the usage is alice's.
 
 Needs a venv with jupyterhub, xllm-jupyter[lab], openai and websocket-client, the packaged
@@ -192,6 +193,7 @@ def kernel_checks(w: Walk, origin: str, tokens: dict[str, str]) -> None:
             return
         time.sleep(1)
     base = origin + server["url"]
+    panel_checks(w, origin, base, tokens)
     kernel = httpx.post(base + "api/kernels", json={"name": "python3"}, headers=headers).json()["id"]
     ws = websocket.create_connection(base.replace("http", "ws", 1) + f"api/kernels/{kernel}/channels",
                                      header=[f"Authorization: token {tokens['alice']}"], timeout=300)
@@ -217,6 +219,24 @@ def kernel_checks(w: Walk, origin: str, tokens: dict[str, str]) -> None:
         httpx.delete(base + f"api/kernels/{kernel}", headers=headers)
     after = usage.get("/admin/usage", params={"user": "alice"}).json()["data"][0]["requests"]
     w.check("the kernel's requests count as alice's", after > before, (before, after))
+
+
+def panel_checks(w: Walk, origin: str, base: str, tokens: dict[str, str]) -> None:
+    """Alice's server's own ``xllm/`` routes (the JupyterLab panel's) answer from the hub service, as alice."""
+    usage = httpx.Client(base_url=origin + "/services/xllm", headers={"Authorization": f"token {tokens['admin']}"})
+    with usage, httpx.Client(base_url=base + "xllm", headers={"Authorization": f"token {tokens['alice']}"}, timeout=300) as panel:
+        before = usage.get("/admin/usage", params={"user": "alice"}).json()["data"][0]["requests"]
+        ids = [m["id"] for m in panel.get("/v1/models").json()["data"]]
+        w.check("alice's server's xllm/v1/models: the service's list", ids == [m["id"] for m in usage.get("/v1/models").json()["data"]], ids)
+        body = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "stream": True}
+        with panel.stream("POST", "/v1/chat/completions", json=body) as r:
+            events = [line for line in r.iter_lines() if line.startswith("data:")]
+        w.check("a streamed chat through alice's server's xllm/ (the panel's chat)", r.status_code == 200 and events[-1:] == ["data: [DONE]"], events[-2:])
+        r = panel.get("/admin/stats")
+        w.check("the panel's stats through alice's server: the service's 403 (alice is no xllm admin)",
+                r.status_code == 403 and r.json()["error"]["type"] == "permission_error", r.text[:200])
+        after = usage.get("/admin/usage", params={"user": "alice"}).json()["data"][0]["requests"]
+        w.check("those requests reached the service as alice's", after > before, (before, after))
 
 
 def main(argv: list[str] | None = None) -> int:
