@@ -596,3 +596,43 @@ def test_a_setup_mistake_is_one_line_and_exit_1(problem, xllm_home, monkeypatch,
     err = said[0]
     assert {
         "busy port": "cannot listen on 127.0.0.1:", "not http": "must be an http:// URL", "bad port": "no valid port"}[problem] in err
+
+
+def test_a_hub_users_lab_panel_shows_the_shared_engine_without_its_admin_figures(hub, tmp_path, xllm_home):
+    """Bob's JupyterLab on the hub: the panel's routes answer from the hub service, where bob is no admin.
+
+    ``admin/stats`` is a 403 for him there: the panel shows the models the service lists and a working
+    quick chat, with no memory, rate, queue or Load/Unload (it said "offline" with an empty chat before).
+    """
+    from tests.browser import chromium, jupyter_lab, require_browser
+
+    require_browser()
+    config = {"XllmApp": {"default_model": TINY, "home": str(xllm_home)}}
+    env = {"JUPYTERHUB_API_URL": hub.api, "JUPYTERHUB_API_TOKEN": hub.tokens["bob"]}
+    with jupyter_lab(tmp_path / "lab", config=config, env=env, name="hub-panel-browser") as lab, chromium() as context:
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(lab.lab_url(), wait_until="domcontentloaded", timeout=120_000)
+        tab = page.locator('.lm-TabBar-tab[data-id="xllm-panel"]')
+        tab.wait_for(timeout=120_000)
+        tab.click()
+        panel = page.locator("#xllm-panel")
+        page.wait_for_selector(f'#xllm-panel .xllm-Model[data-model="{TINY}"]', timeout=120_000)
+        status = panel.locator(".xllm-Panel-status")
+        assert status.inner_text() == "Ready (shared engine)"
+        assert "admins" in (status.get_attribute("title") or "")
+        assert panel.locator(".xllm-Model-action:visible").count() == 0
+        assert panel.locator(".xllm-Gauge").count() == 0
+        assert panel.locator(".xllm-Panel-queue").inner_text() == "–"
+
+        assert panel.locator(".xllm-Chat-model").input_value() == TINY
+        box = panel.locator(".xllm-Chat-input")
+        box.fill("Say hello.")
+        box.press("Enter")
+        page.wait_for_selector("#xllm-panel .xllm-Chat-turn.xllm-mod-assistant:not(.xllm-mod-pending)", timeout=120_000)
+        assert panel.locator(".xllm-Chat-error").count() == 0
+        assert panel.locator(".xllm-Chat-turn.xllm-mod-assistant .xllm-Chat-text").last.inner_text().strip()
+        assert not errors, errors
+    log = lab.log.read_text()
+    assert f"model {TINY} loaded" not in log  # bob's own server loaded nothing: the hub's engine answered

@@ -62,6 +62,8 @@ export interface ModelInfo {
   id: string;
   /** 'chat', 'embedding', 'adapter', ... (`xllm.details.task`) */
   task: string | null;
+  /** in memory now (`xllm.loaded`; null: not stated) */
+  loaded: boolean | null;
 }
 
 /** Token usage reported at the end of a streamed chat. */
@@ -197,10 +199,11 @@ export class XllmApi {
 
   /** `GET v1/models`: every model the server can serve (loaded or in the store) and its task. */
   async models(): Promise<ModelInfo[]> {
-    const body = await this.json<{ data: { id: string; xllm?: { details?: { task?: unknown } } }[] }>('v1/models');
+    const body = await this.json<{ data: { id: string; xllm?: { loaded?: unknown; details?: { task?: unknown } } }[] }>('v1/models');
     return body.data.map(m => {
       const task = m.xllm?.details?.task;
-      return { id: m.id, task: typeof task === 'string' ? task : null };
+      const loaded = m.xllm?.loaded;
+      return { id: m.id, task: typeof task === 'string' ? task : null, loaded: typeof loaded === 'boolean' ? loaded : null };
     });
   }
 

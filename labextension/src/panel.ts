@@ -6,10 +6,10 @@
 
 import { Panel, Widget } from '@lumino/widgets';
 
-import { Stats, XllmApi, XllmApiError } from './api';
+import { ModelInfo, Stats, XllmApi, XllmApiError } from './api';
 import { button, ChatView, el } from './chat';
 import { formatBytes, formatQueue, formatRate, memoryGauge, statusLabel } from './format';
-import { chooseChatModel, ModelRow, modelRows, notForChat } from './state';
+import { chooseChatModel, ModelRow, modelRows, notForChat, statsForUser } from './state';
 
 /** The DOM of one model row, kept across redraws so focus and clicks survive a poll. */
 interface RowNodes {
@@ -60,6 +60,9 @@ export class XllmPanel extends Panel {
   private busyModels = new Map<string, string>();
   private refreshing: Promise<void> | null = null;
   private lastModelFetch = 0;
+  private listed: ModelInfo[] = [];
+  /** why the engine figures are not shown (`admin/stats` was a 403); null: they are */
+  private figuresWithheld: string | null = null;
 
   constructor(options: XllmPanelOptions) {
     super();
@@ -125,13 +128,25 @@ export class XllmPanel extends Panel {
     try {
       const now = Date.now();
       // the store's model list changes rarely: re-read it every 30 s or when asked
-      if (includeModels || now - this.lastModelFetch > 30000) {
+      // (a user without the figures re-reads the list every poll: it is what says which models are loaded)
+      if (includeModels || this.figuresWithheld !== null || now - this.lastModelFetch > 30000) {
         const models = await this.api.models();
+        this.listed = models;
         this.available = models.map(m => m.id);
         this.noChat = notForChat(models);
         this.lastModelFetch = now;
       }
-      this.stats = await this.api.stats();
+      try {
+        this.stats = await this.api.stats();
+        this.figuresWithheld = null;
+      } catch (error) {
+        if (!(error instanceof XllmApiError && error.status === 403)) {
+          throw error;
+        }
+        // a JupyterHub's shared service keeps them to its admins: the models and the chat still work
+        this.figuresWithheld = error.message;
+        this.stats = statsForUser(this.listed);
+      }
       this.render();
     } catch (error) {
       this.stats = null;
@@ -194,9 +209,19 @@ export class XllmPanel extends Panel {
       return;
     }
     this.renderStatus(stats.status, stats.message);
-    this.rateNode.textContent = formatRate(stats.tokens_per_second);
-    this.rateNode.title = `${stats.generated_tokens} tokens generated since the server started`;
-    this.queueNode.textContent = formatQueue(stats.running, stats.queued);
+    const withheld = this.figuresWithheld;
+    this.node.classList.toggle('xllm-mod-userView', withheld !== null);
+    if (withheld !== null) {
+      this.statusNode.textContent = 'Ready (shared engine)';
+      this.statusNode.title = `Engine figures and Load/Unload are for the engine's admins: ${withheld}`;
+      this.rateNode.textContent = '–';
+      this.rateNode.title = '';
+      this.queueNode.textContent = '–';
+    } else {
+      this.rateNode.textContent = formatRate(stats.tokens_per_second);
+      this.rateNode.title = `${stats.generated_tokens} tokens generated since the server started`;
+      this.queueNode.textContent = formatQueue(stats.running, stats.queued);
+    }
 
     const devices = Object.entries(stats.memory);
     const gauges = devices.map(([device, mem]) => this.renderGauge(device, memoryGauge(device, mem)));
@@ -299,7 +324,9 @@ export class XllmPanel extends Panel {
             ? row.waitingForRoom
               ? 'waiting for room…'
               : 'loading…'
-            : `${row.device ?? ''} · ${formatBytes(row.memoryBytes)}${row.busy ? ` · ${row.busy} busy` : ''}`;
+            : this.figuresWithheld !== null
+              ? 'loaded'
+              : `${row.device ?? ''} · ${formatBytes(row.memoryBytes)}${row.busy ? ` · ${row.busy} busy` : ''}`;
     facts.title = facts.textContent + (row.chat ? '' : ' (not a chat model)');
     const label = loaded ? 'Unload' : 'Load';
     action.textContent = label;
@@ -307,6 +334,7 @@ export class XllmPanel extends Panel {
     action.classList.toggle('jp-mod-accept', !loaded);
     action.classList.toggle('jp-mod-reject', loaded);
     action.disabled = row.state === 'loading' || pending !== undefined;
+    action.style.display = this.figuresWithheld !== null ? 'none' : ''; // loading and unloading are the admins' too
     return item;
   }
 

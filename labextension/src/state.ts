@@ -30,6 +30,42 @@ export function noChatModelsReason(error: unknown): string {
   return `The model list could not be read (${why}). Reopen the chat to try again.`;
 }
 
+/**
+ * The stats a user gets when the server keeps its engine figures to its admins (`admin/stats`
+ * is a 403: a JupyterHub's shared xllm service, reached through the user's own server, for a
+ * user who is not one of its admins): the models `v1/models` lists, the loaded ones as loaded,
+ * and no memory, rate or queue figures.
+ */
+export function statsForUser(models: ModelInfo[]): Stats {
+  return {
+    object: 'xllm.stats',
+    status: 'ready',
+    message: null,
+    time: 0,
+    default_model: null,
+    models: models
+      .filter(m => m.loaded === true)
+      .map(m => ({
+        id: m.id,
+        state: 'loaded',
+        backend: null,
+        device: '',
+        memory_bytes: 0,
+        running: 0,
+        queued: 0,
+        max_batch_size: null,
+        context_length: null
+      })),
+    memory: {},
+    running: 0,
+    queued: 0,
+    completed: 0,
+    generated_tokens: 0,
+    tokens_per_second: 0,
+    rate_window_seconds: 0
+  };
+}
+
 /** One row of the model list. */
 export interface ModelRow {
   id: string;

@@ -94,16 +94,16 @@ describe('XllmApi', () => {
       json({
         object: 'list',
         data: [
-          { id: 'tiny', xllm: { details: { task: 'chat' } } },
-          { id: 'all-minilm', xllm: { details: { task: 'embedding' } } },
+          { id: 'tiny', xllm: { loaded: true, details: { task: 'chat' } } },
+          { id: 'all-minilm', xllm: { loaded: false, details: { task: 'embedding' } } },
           { id: 'other' }
         ]
       })
     );
     expect(await new XllmApi(request).models()).toEqual([
-      { id: 'tiny', task: 'chat' },
-      { id: 'all-minilm', task: 'embedding' },
-      { id: 'other', task: null }
+      { id: 'tiny', task: 'chat', loaded: true },
+      { id: 'all-minilm', task: 'embedding', loaded: false },
+      { id: 'other', task: null, loaded: null }
     ]);
   });
 

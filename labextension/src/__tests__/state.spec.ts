@@ -1,6 +1,6 @@
 import type { Stats, StatsModel } from '../api';
 import { XllmApiError } from '../api';
-import { canChat, chooseChatModel, modelRows, noChatModelsReason, notForChat, Transcript, Turn } from '../state';
+import { canChat, chooseChatModel, modelRows, noChatModelsReason, notForChat, statsForUser, Transcript, Turn } from '../state';
 
 /** A reply that has ended with `fields` (content, error or note). */
 function ended(turn: Turn, fields: Partial<Turn>): void {
@@ -67,8 +67,28 @@ describe('chat models', () => {
 
   it('leaves out models that serve another task', () => {
     expect([canChat('chat'), canChat('adapter'), canChat(null), canChat('embedding')]).toEqual([true, true, true, false]);
-    const models = [{ id: 'tiny', task: 'chat' }, { id: 'all-minilm', task: 'embedding' }, { id: 'old', task: null }];
+    const models = [{ id: 'tiny', task: 'chat', loaded: null }, { id: 'all-minilm', task: 'embedding', loaded: null }, { id: 'old', task: null, loaded: null }];
     expect([...notForChat(models)]).toEqual(['all-minilm']);
+  });
+
+  it('builds a user view from the model list when the engine figures are withheld', () => {
+    // a hub's shared service answers admin/stats with 403 to a user who is not its admin
+    const listed = [
+      { id: 'all-minilm', task: 'embedding', loaded: true },
+      { id: 'smollm2', task: 'chat', loaded: true },
+      { id: 'qwen', task: 'chat', loaded: false },
+      { id: 'old', task: null, loaded: null }
+    ];
+    const s = statsForUser(listed);
+    expect(s.status).toBe('ready');
+    expect(s.models.map(m => [m.id, m.state])).toEqual([['all-minilm', 'loaded'], ['smollm2', 'loaded']]);
+    expect(s.memory).toEqual({});
+    const rows = modelRows(s, listed.map(m => m.id), notForChat(listed));
+    expect(rows.map(r => [r.id, r.state, r.chat])).toEqual([
+      ['all-minilm', 'loaded', false], ['smollm2', 'loaded', true], ['old', 'available', true], ['qwen', 'available', true]
+    ]);
+    // the chat takes the loaded chat model, not the first in the list
+    expect(chooseChatModel(null, s, ['old', 'qwen', 'smollm2'])).toBe('smollm2');
   });
 
   it('never falls back to a loaded model the chat does not offer', () => {
