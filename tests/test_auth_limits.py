@@ -44,7 +44,7 @@ def roles_server(xllm_home, tiny_catalog) -> Iterator[Any]:
 def fair_server(xllm_home, tiny_catalog) -> Iterator[Any]:
     """One request in flight per key, a queue of two, and a token budget."""
     auth = AuthConfig(max_concurrent_per_key=1, tokens_per_minute=200)
-    keys = ("sk-x", "sk-y", "sk-z", "sk-tok", "sk-tok-stream", "sk-tok-left", "sk-tok-prompts")
+    keys = ("sk-x", "sk-y", "sk-z", "sk-tok", "sk-tok-stream", "sk-tok-left", "sk-tok-prompts", "sk-tok-read")
     with running_server(_config(xllm_home, auth, keys, max_queue=2), tiny_catalog, TINY) as info:
         yield info
 
@@ -291,6 +291,21 @@ def test_tokens_per_minute_charges_actual_usage(fair_server):
     assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
     assert "Token rate limit" in refused.json()["error"]["message"]
     assert _chat(fair_server.root, "sk-y").status_code == 200  # another key's budget is untouched
+
+
+def test_a_spent_token_budget_still_lets_the_key_read(fair_server):
+    """Tokens per minute gate generation only: listing models and reading stored objects spend none."""
+    _wait_idle(fair_server.engine)
+    key = "sk-tok-read"
+    stored = httpx.post(fair_server.root + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                        json={"model": TINY, "messages": MSG, "max_tokens": 250, "ignore_eos": True, "store": True})
+    assert stored.status_code == 200 and stored.json()["usage"]["total_tokens"] > 200
+    _assert_token_limited(fair_server, key)  # generation waits for the budget
+    with httpx.Client(base_url=fair_server.root, headers={"Authorization": f"Bearer {key}"}, timeout=60) as c:
+        assert c.get("/v1/models").status_code == 200
+        assert c.get(f"/v1/chat/completions/{stored.json()['id']}").json()["id"] == stored.json()["id"]
+        assert c.get("/v1/chat/completions").json()["data"][0]["id"] == stored.json()["id"]
+        assert c.post("/v1/embeddings", json={"model": TINY, "input": "x"}).status_code == 429  # (tokens too)
 
 
 def test_tokens_per_minute_charges_streams_too(fair_server):

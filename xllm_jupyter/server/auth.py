@@ -23,7 +23,7 @@ from tornado.web import RequestHandler
 
 from ..core.errors import AuthenticationError, PermissionDenied
 from ..core.hosts import host_name, is_loopback
-from .handlers import VerbDispatchMixin
+from .handlers import METERED_ROUTES, VerbDispatchMixin
 from .limits import LIMITS_KEY, Limiter
 
 #: the settings key holding the ApiKeyAuth
@@ -119,7 +119,9 @@ class ApiKeyHandler(VerbDispatchMixin, RequestHandler):
         self.xllm_key_id, self.xllm_admin = principal.key_id, principal.role == ADMIN
         limiter: Limiter | None = self.settings.get(LIMITS_KEY)
         if limiter is not None and limiter.enabled:
-            limiter.admit(principal.key_id)
+            # the token budget gates generation only (as the per-user quotas do: handlers.dispatch)
+            generates = self.request.method == "POST" and getattr(self, "route", "") in METERED_ROUTES
+            limiter.admit(principal.key_id, generates=generates)
             self._limited = True
 
     def _release(self) -> None:

@@ -89,10 +89,14 @@ class Limiter:
         """Requests of ``key_id`` admitted and not yet finished."""
         return self._in_flight[key_id]
 
-    def admit(self, key_id: str) -> None:
-        """Count one request of ``key_id`` in, or raise RateLimited; pair with ``release``."""
+    def admit(self, key_id: str, generates: bool = True) -> None:
+        """Count one request of ``key_id`` in, or raise RateLimited; pair with ``release``.
+
+        ``generates``: the request spends tokens (a POST to a generation route); only those wait for the
+        key's token budget, so a key that spent it can still list models and read its stored objects.
+        """
         with self._lock:
-            refusal = self._refusal(key_id)
+            refusal = self._refusal(key_id, generates)
             if refusal is None:
                 self._in_flight[key_id] += 1
                 return
@@ -102,7 +106,7 @@ class Limiter:
         self._notify(key_id, reason)
         raise error
 
-    def _refusal(self, key_id: str) -> tuple[str, RateLimited] | None:
+    def _refusal(self, key_id: str, generates: bool) -> tuple[str, RateLimited] | None:
         """Why ``key_id`` may not start a request now (reason, error), or None; takes a request token if allowed."""
         c = self.config
         if c.max_concurrent_per_key and self._in_flight[key_id] >= c.max_concurrent_per_key:
@@ -110,7 +114,7 @@ class Limiter:
                 f"Too many concurrent requests for this API key (limit {c.max_concurrent_per_key}); retry when one finishes.",
                 retry_after=1,
             )
-        if c.tokens_per_minute:
+        if c.tokens_per_minute and generates:
             wait = self._bucket(self._tokens, key_id, c.tokens_per_minute).wait_for(1)
             if wait > 0:
                 return "tokens", RateLimited(
