@@ -220,3 +220,16 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
 
 __all__ = ["ARTIFACTS", "CHROMIUM_ARGS", "LabServer", "chromium", "chromium_path",
            "jupyter_lab", "require_browser", "stop_process", "wait_for_url"]
+
+
+def open_xllm_panel(page: Any, lab: LabServer) -> tuple[Any, list[str]]:
+    """Open JupyterLab and its xllm side panel: the panel's locator, and the page errors seen from then on."""
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(lab.lab_url(), wait_until="domcontentloaded", timeout=120_000)
+    tab = page.locator('.lm-TabBar-tab[data-id="xllm-panel"]')  # the panel's tab in the left sidebar
+    tab.wait_for(timeout=120_000)
+    tab.click()
+    panel = page.locator("#xllm-panel")
+    panel.wait_for(state="visible", timeout=30_000)
+    return panel, errors

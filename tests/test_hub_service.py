@@ -604,20 +604,14 @@ def test_a_hub_users_lab_panel_shows_the_shared_engine_without_its_admin_figures
     ``admin/stats`` is a 403 for him there: the panel shows the models the service lists and a working
     quick chat, with no memory, rate, queue or Load/Unload (it said "offline" with an empty chat before).
     """
-    from tests.browser import chromium, jupyter_lab, require_browser
+    from tests.browser import chromium, jupyter_lab, open_xllm_panel, require_browser
 
     require_browser()
     config = {"XllmApp": {"default_model": TINY, "home": str(xllm_home)}}
     env = {"JUPYTERHUB_API_URL": hub.api, "JUPYTERHUB_API_TOKEN": hub.tokens["bob"]}
     with jupyter_lab(tmp_path / "lab", config=config, env=env, name="hub-panel-browser") as lab, chromium() as context:
         page = context.new_page()
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.goto(lab.lab_url(), wait_until="domcontentloaded", timeout=120_000)
-        tab = page.locator('.lm-TabBar-tab[data-id="xllm-panel"]')
-        tab.wait_for(timeout=120_000)
-        tab.click()
-        panel = page.locator("#xllm-panel")
+        panel, errors = open_xllm_panel(page, lab)
         page.wait_for_selector(f'#xllm-panel .xllm-Model[data-model="{TINY}"]', timeout=120_000)
         status = panel.locator(".xllm-Panel-status")
         assert status.inner_text() == "Ready (shared engine)"

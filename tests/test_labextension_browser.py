@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser import ARTIFACTS, chromium, jupyter_lab, require_browser
+from tests.browser import ARTIFACTS, chromium, jupyter_lab, open_xllm_panel, require_browser
 from tests.server_fixtures import TINY
 
 LABEXTENSION = Path(__file__).resolve().parents[1] / "xllm_jupyter" / "labextension"
@@ -46,16 +46,7 @@ def test_labextension_is_installed(lab):
 def test_panel_models_chat_and_playground(lab):
     with chromium() as context:
         page = context.new_page()
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.goto(lab.lab_url(), wait_until="domcontentloaded", timeout=120_000)
-
-        # the panel's tab in the left sidebar
-        tab = page.locator('.lm-TabBar-tab[data-id="xllm-panel"]')
-        tab.wait_for(timeout=120_000)
-        tab.click()
-        panel = page.locator("#xllm-panel")
-        panel.wait_for(state="visible", timeout=30_000)
+        panel, errors = open_xllm_panel(page, lab)
 
         # the default model is preloaded by the extension and shows as loaded
         row = panel.locator(f'.xllm-Model[data-model="{TINY}"]')
