@@ -50,6 +50,29 @@ async def test_a_load_and_the_start_freeze_what_they_made(tiny_catalog):
         await e.stop()
 
 
+async def test_a_loaded_model_is_ready_while_its_objects_are_frozen(tiny_catalog, monkeypatch):
+    """The freeze after a load walks the whole process (in a JupyterLab, long enough for the panel to see it): the
+    model is registered and serving by then, so readiness must not say "Still loading" meanwhile (a CI run's
+    panel test read that status with the model's row already loaded)."""
+    from xllm_jupyter.server.ops import readiness
+
+    e = engine(tiny_catalog)
+    seen: list[tuple[bool, bool, str | None]] = []
+    freeze = gc_freeze.freeze
+
+    def observed_freeze() -> None:
+        seen.append((e.is_loaded(TINY), e.is_loading(TINY), readiness(e, (TINY,))))
+        freeze()
+
+    try:
+        await e.start()
+        monkeypatch.setattr(gc_freeze, "freeze", observed_freeze)
+        await e.load(TINY)
+        assert seen == [(True, False, None)]
+    finally:
+        await e.stop()
+
+
 async def test_an_unloaded_models_cycles_are_freed_though_it_was_frozen(tiny_catalog):
     e = engine(tiny_catalog)
     try:

@@ -134,6 +134,9 @@ class LoadingMixin:
         runner = await self._load_runner(name, spec, backend)
         self._defaults[name] = spec.defaults
         self._runners[name] = runner
+        # it serves from here on: readiness (/health/ready, /admin/stats' status) must not say "Still loading"
+        # through the collection below, which walks the whole process (a JupyterLab's: a second or more)
+        self._loading.pop(name, None)
         # what the load and warm-up made lives as long as the model: out of the full collections from now on
         await asyncio.to_thread(gc_freeze.freeze)
         return runner.model
