@@ -23,7 +23,7 @@ from tornado.web import RequestHandler
 
 from ..core.errors import AuthenticationError, PermissionDenied
 from ..core.hosts import host_name, is_loopback
-from .handlers import METERED_ROUTES, VerbDispatchMixin
+from .handlers import VerbDispatchMixin, generates
 from .limits import LIMITS_KEY, Limiter
 
 #: the settings key holding the ApiKeyAuth
@@ -120,8 +120,7 @@ class ApiKeyHandler(VerbDispatchMixin, RequestHandler):
         limiter: Limiter | None = self.settings.get(LIMITS_KEY)
         if limiter is not None and limiter.enabled:
             # the token budget gates generation only (as the per-user quotas do: handlers.dispatch)
-            generates = self.request.method == "POST" and getattr(self, "route", "") in METERED_ROUTES
-            limiter.admit(principal.key_id, generates=generates)
+            limiter.admit(principal.key_id, generates=generates(getattr(self, "route", ""), self.request.method or ""))
             self._limited = True
 
     def _release(self) -> None:

@@ -30,6 +30,11 @@ CONTEXT_KEY = "xllm_context"
 METERED_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings"})
 
 
+def generates(route: str, method: str) -> bool:
+    """True for a request that queues engine work (a POST to a metered route); reads of stored objects do not."""
+    return method.lower() == "post" and route in METERED_ROUTES
+
+
 class XllmContext:
     """What every handler needs: the engine, its OpenAI serving layer and the config."""
 
@@ -104,7 +109,7 @@ class RequestMixin:
         context.active += 1
         ticket = None
         try:
-            if self.route in METERED_ROUTES and method == "post":  # reads of stored objects queue no engine work
+            if generates(self.route, method):
                 ticket = context.usage.admit(self.caller)  # per-user quotas (429)
             await getattr(self, "handle_" + method)(*args, **kwargs)
         finally:
