@@ -243,7 +243,7 @@ class ResponsesServing:
         try:
             # a long stored conversation costs as much to re-serialize as a big body
             chat_body = await off_loop_if(big or len(history) > _INLINE_HISTORY, _encoded, chat)
-            result = await self.chat.chat_completion(chat_body, user=user)
+            result = await self.chat.chat_completion(chat_body, user=user, truncate=req.truncation == "auto")
         except XllmError as exc:
             raise _relabel(exc) from None
         if req.stream:

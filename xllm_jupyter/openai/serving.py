@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator, Sequence
 
 from ..core.config import CacheConfig, ServerConfig
 from ..core.errors import ContextLengthExceeded, InvalidRequest
-from ..core.types import ChoiceDelta, FinishReason, GenerationDone, GenerationParams, GenerationRequest, ModelRuntime, Usage
+from ..core.types import ChatMessage, ChoiceDelta, FinishReason, GenerationDone, GenerationParams, GenerationRequest, ModelRuntime, Usage
 from ..engine.manager import request_keep_alive
 from .cache import ResponseCache
 from .chat_store import StoredCompletions
@@ -27,6 +27,7 @@ from .generation import Chunk, check_token_ids, engine_failure, envelope, starte
 from .model_defaults import ModelDefaults
 from .offload import is_big, off_loop_if, parse_body
 from .tool_calling import ToolCalling
+from .truncation import fit_front
 from .protocol import (
     SYSTEM_FINGERPRINT,
     ChatCompletionRequest,
@@ -156,14 +157,17 @@ class OpenAIServing(CompletionsMixin):
             raise
 
     # -------------------------------------------------------- chat completions
-    async def chat_completion(self, body: bytes, user: str | None = None,
-                              manages: bool = True) -> dict[str, Any] | AsyncIterator[Chunk]:
+    async def chat_completion(self, body: bytes, user: str | None = None, manages: bool = True,
+                              truncate: bool = False) -> dict[str, Any] | AsyncIterator[Chunk]:
         """``POST /v1/chat/completions``: a response dict, or chunks when ``stream`` is true.
 
         ``user`` is the authenticated caller: it keys fair scheduling, usage and the
         response cache (never shared across users). ``manages``: the caller may send
-        ``keep_alive`` (see ``request_keep_alive``).
+        ``keep_alive`` (see ``request_keep_alive``). ``truncate``: drop the oldest messages
+        when the prompt does not fit the context (Responses ``truncation: "auto"``).
         """
+        if truncate:  # not through the cache: the same body without truncation must still fail
+            return await self._chat_completion(body, user, manages, truncate=True)
         return await self._cached("chat", body, user, lambda b: self._chat_completion(b, user, manages))
 
     async def _cached(self, kind: str, body: bytes, user: str | None,
@@ -171,8 +175,8 @@ class OpenAIServing(CompletionsMixin):
         """``make(body)``, or what the response cache holds for it (never shared across users)."""
         return await self.cache.serve(kind, body, make, self._model_identity, namespace=user or "")
 
-    async def _chat_completion(self, body: bytes, user: str | None = None,
-                               manages: bool = True) -> dict[str, Any] | AsyncIterator[Chunk]:
+    async def _chat_completion(self, body: bytes, user: str | None = None, manages: bool = True,
+                               truncate: bool = False) -> dict[str, Any] | AsyncIterator[Chunk]:
         req: ChatCompletionRequest = await parse_body(ChatCompletionRequest, body)
         keep_alive = request_keep_alive(req.keep_alive, manages)
         n = req.n or 1
@@ -191,6 +195,13 @@ class OpenAIServing(CompletionsMixin):
             # compiled before anything is queued or streamed: a bad schema is a plain 400
             await self.engine.check_constraint(req.model, constraint, param="tools" if tools.cfg.constrained else "response_format")
         prompt = await self.engine.encode_chat(req.model, *await off_loop_if(big, tools.prompt, messages))
+        if truncate:
+            reserve = req.requested_max_tokens or 1  # room for the completion asked for, else for one token
+
+            async def encode(kept: list[ChatMessage]) -> list[int]:
+                return await self.engine.encode_chat(req.model, *await off_loop_if(big, tools.prompt, kept))
+
+            prompt, _ = await fit_front(messages, prompt, model.context_length - reserve, encode)
         max_tokens = self._max_tokens(
             req.requested_max_tokens, req.max_tokens_param, len(prompt), model.context_length, "messages", defaults.max_tokens(None)
         )
