@@ -34,10 +34,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from child_server import ROOT, TINY, ChildServer, tiny_store  # noqa: E402
 
-MODEL = "tiny"
+MODEL = TINY
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -96,58 +96,9 @@ def path_of(name: str) -> str:
 
 
 # ------------------------------------------------------------------------ server
-def tiny_model(directory: Path) -> Path:
-    """The tests' tiny random-weight Llama, built into ``directory``."""
-    from tests.models import build_tiny_llama
-
-    return build_tiny_llama(directory)
-
-
-def free_port() -> int:
-    """A port nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
+def start_server(home: Path, freeze: str, log_path: Path) -> ChildServer:
     """``xllm serve`` in a child process, this checkout's code, with ``engine.gc_freeze`` set by env."""
-
-    def __init__(self, home: Path, freeze: str, log_path: Path):
-        self.port = free_port()
-        env = {**os.environ, "XLLM_HOME": str(home), "XLLM_ENGINE_GC_FREEZE": freeze,
-               "XLLM_SERVER_MAX_BODY_BYTES": str(64 * 1024 * 1024), "XLLM_ENGINE_TORCH_THREADS": "1",
-               "XLLM_ENGINE_KEEP_ALIVE": "-1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        cmd = [sys.executable, "-c", "from xllm_jupyter.cli.main import main; main()",
-               "serve", "--host", "127.0.0.1", "--port", str(self.port), "-m", MODEL]
-        self.log = open(log_path, "wb")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        self.ready()
-
-    def ready(self, timeout: float = 180.0) -> None:
-        """Wait until the model answers a small chat request (the preload done)."""
-        deadline = time.monotonic() + timeout
-        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}).encode()
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited ({self.proc.returncode}); see {self.log.name}")
-            try:
-                if post(self.port, "/v1/chat/completions", body)[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError("the server did not become ready")
-
-    def stop(self) -> None:
-        """Stop the child process."""
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+    return ChildServer(home, log_path, env={"XLLM_ENGINE_GC_FREEZE": freeze, "XLLM_SERVER_MAX_BODY_BYTES": str(64 * 1024 * 1024)})
 
 
 def read_response(sock: socket.socket) -> tuple[int, bytes]:
@@ -211,7 +162,7 @@ def p99(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(0.99 * len(ordered)) - 1))]
 
 
-def measure(server: Server, all_bodies: dict[str, bytes], repeats: int, poll_ms: float) -> dict:
+def measure(server: ChildServer, all_bodies: dict[str, bytes], repeats: int, poll_ms: float) -> dict:
     """Per body: every post's worst /health latency, the worst and p99 over all posts, the answers' statuses."""
     poller = HealthPoller(server.port, poll_ms / 1000)
     poller.start()
@@ -286,13 +237,10 @@ def main(argv: list[str] | None = None) -> None:
                     "runs": {}}
     with tempfile.TemporaryDirectory(prefix="xllm-loop-stall-") as tmp:
         tmp_path = Path(tmp)
-        model_dir = Path(args.tiny) if args.tiny else tiny_model(tmp_path / "model")
-        from xllm_jupyter.store.store import ModelStore
-
-        ModelStore(tmp_path / "home").pull(str(model_dir), MODEL)
+        tiny_store(tmp_path / "home", args.tiny, MODEL)
         for freeze in args.settings.split(","):
             print(f"XLLM_ENGINE_GC_FREEZE={freeze}", flush=True)
-            server = Server(tmp_path / "home", freeze, tmp_path / f"server-{freeze}.log")
+            server = start_server(tmp_path / "home", freeze, tmp_path / f"server-{freeze}.log")
             try:
                 result["runs"][freeze] = measure(server, all_bodies, args.repeats, args.poll_ms)
             finally:

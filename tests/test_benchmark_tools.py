@@ -106,3 +106,20 @@ def test_gpu_serving_stand_in_measures_raw_and_server_over_the_librarys_generato
         assert row["raw"]["cached_prompt_tokens"] == row["server"]["cached_prompt_tokens"] == 0
         assert row["ratio"] > 0 and row["server"]["ttft_p50_ms"] > 0
     assert "the model's forward replaced by a GPU engine's step costs" in out.with_suffix(".md").read_text()
+
+
+def test_soak_scenarios_hold_against_the_server_and_their_checks_can_fail(xllm_server):
+    import asyncio
+
+    import httpx
+    import soak
+
+    tally = asyncio.run(soak.once_each(xllm_server.root, xllm_server.api_key))
+    assert [row["failed"] for row in tally.table()] == [0] * len(soak.SCENARIOS), tally.table()
+    assert sum(tally.runs.values()) == len(soak.SCENARIOS)
+    with pytest.raises(soak.Failure):
+        soak._expect(httpx.Response(200, json={}), 400)
+    with pytest.raises(soak.Failure):  # a 4xx that is not an OpenAI error body
+        soak._expect(httpx.Response(400, json={"detail": "no"}), 400)
+    wrong_key = asyncio.run(soak.once_each(xllm_server.root, "not-the-key"))
+    assert wrong_key.failed["chat"] == 1 and "status 401" in wrong_key.failures["chat"][0]
