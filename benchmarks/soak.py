@@ -41,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from child_server import ROOT, TINY, ChildServer, tiny_store  # noqa: E402
 
 KEY = "soak-key"
+#: the same weights under a second name, for ``--swap``
+SECOND = "tiny-too"
 WORDS = "the quick brown fox jumps over a lazy dog while seven cats watch from an old red barn".split()
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": False}
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -54,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=90.0, help="how long the clients send")
     p.add_argument("--clients", type=int, default=12, help="concurrent clients")
+    p.add_argument("--swap", action="store_true",
+                   help=f"also send requests to a second model ({SECOND}) under a memory budget that holds one model at a time")
     p.add_argument("--seed", type=int, default=0, help="seed of the request mix")
     p.add_argument("--tiny", metavar="DIR", help="a local HF model dir to serve (default: build the tests' tiny Llama)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "soak"), help="output path without extension")
@@ -75,10 +79,10 @@ def _chat(rng: random.Random, **extra: Any) -> dict[str, Any]:
 
 def _expect(response: httpx.Response, status: int) -> Any:
     if response.status_code != status:
-        raise Failure(f"status {response.status_code}, wanted {status}: {response.text[:200]}")
+        raise Failure(f"status {response.status_code}, wanted {status}: {response.text[:400]}")
     body = response.json()
     if status >= 400 and not {"message", "type", "param", "code"} <= set(body.get("error", {})):
-        raise Failure(f"not an OpenAI error body: {response.text[:200]}")
+        raise Failure(f"not an OpenAI error body: {response.text[:400]}")
     return body
 
 
@@ -87,7 +91,7 @@ async def _sse(client: httpx.AsyncClient, path: str, body: dict[str, Any], stop_
     events: list[Any] = []
     async with client.stream("POST", path, json=body) as response:
         if response.status_code != 200:
-            raise Failure(f"stream status {response.status_code}: {(await response.aread())[:200]!r}")
+            raise Failure(f"stream status {response.status_code}: {(await response.aread())[:400]!r}")
         async for line in response.aiter_lines():
             if line.startswith("data: "):
                 data = line[6:]
@@ -199,6 +203,17 @@ async def responses_chain(client: httpx.AsyncClient, rng: random.Random) -> None
     _expect(await client.delete(f"/v1/responses/{first['id']}"), 200)
 
 
+async def other_model(client: httpx.AsyncClient, rng: random.Random) -> None:
+    """A chat on the second model (with ``--swap``, only one of the two fits: the engine swaps them)."""
+    body = _chat(rng, stream=rng.random() < 0.5, model=SECOND)
+    if body["stream"]:
+        events = await _sse(client, "/v1/chat/completions", body)
+        if events[-1] != "[DONE]":
+            raise Failure(f"stream ended badly: {events[-2:]}")
+    else:
+        _expect(await client.post("/v1/chat/completions", json=body), 200)
+
+
 async def bad_requests(client: httpx.AsyncClient, rng: random.Random) -> None:
     """Invalid JSON, an unknown model, a prompt past the context, out-of-range values: clear 4xx each."""
     kind = rng.randrange(5)
@@ -220,6 +235,8 @@ SCENARIOS: dict[str, tuple[float, Callable[[httpx.AsyncClient, random.Random], A
     "tools required": (1, tools_required), "completions echo": (1, completions_echo), "completions stop": (1, completions_stop),
     "responses stream": (1, responses_stream), "responses chain": (1, responses_chain), "bad requests": (2, bad_requests),
 }
+#: with ``--swap``
+SWAP_SCENARIOS = {**SCENARIOS, "second model (swaps)": (4, other_model)}
 
 
 # ------------------------------------------------------------------ the run
@@ -236,17 +253,17 @@ class Tally:
         """One row per scenario."""
         return [{"scenario": name, "runs": self.runs[name], "failed": self.failed[name],
                  "p50_s": round(statistics.median(self.seconds[name]), 3) if self.seconds[name] else None,
-                 "first_failures": self.failures[name][:3]} for name in SCENARIOS]
+                 "first_failures": self.failures[name][:3]} for name in SWAP_SCENARIOS if name in SCENARIOS or self.runs[name]]
 
 
     async def run(self, name: str, client: httpx.AsyncClient, rng: random.Random) -> None:
         """Run scenario ``name`` once and count how it went."""
         start = time.monotonic()
         try:
-            await SCENARIOS[name][1](client, rng)
+            await SWAP_SCENARIOS[name][1](client, rng)
         except (Failure, httpx.HTTPError, ValueError, KeyError, TypeError, IndexError) as exc:
             self.failed[name] += 1
-            self.failures[name].append(f"{type(exc).__name__}: {exc}"[:300])
+            self.failures[name].append(f"{type(exc).__name__}: {exc}"[:500])
         self.runs[name] += 1
         self.seconds[name].append(time.monotonic() - start)
 
@@ -255,10 +272,11 @@ def _client(url: str, key: str) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
 
 
-async def client_loop(url: str, key: str, deadline: float, rng: random.Random, tally: Tally) -> None:
+async def client_loop(url: str, key: str, deadline: float, rng: random.Random, tally: Tally, swap: bool = False) -> None:
     """One client: random scenarios until the deadline."""
-    names = list(SCENARIOS)
-    weights = [SCENARIOS[n][0] for n in names]
+    scenarios = SWAP_SCENARIOS if swap else SCENARIOS
+    names = list(scenarios)
+    weights = [scenarios[n][0] for n in names]
     async with _client(url, key) as client:
         while time.monotonic() < deadline:
             await tally.run(rng.choices(names, weights)[0], client, rng)
@@ -271,6 +289,16 @@ async def once_each(url: str, key: str, seed: int = 0) -> Tally:
         for name in SCENARIOS:
             await tally.run(name, client, rng)
     return tally
+
+
+def one_model_budget(home: Path) -> int:
+    """A memory budget of one and a half loaded tiny models (measured on a server of its own)."""
+    probe = ChildServer(home, home.parent / "probe.log", api_key=KEY)
+    try:
+        stats = httpx.get(probe.url + "/admin/stats", headers=probe.headers, timeout=30).json()
+    finally:
+        probe.stop()
+    return int(1.5 * next(m["memory_bytes"] for m in stats["models"] if m["id"] == TINY))
 
 
 def reference(server: ChildServer) -> list[str]:
@@ -299,7 +327,7 @@ async def soak(server: ChildServer, args: argparse.Namespace) -> tuple[Tally, in
     tally = Tally()
     start = time.monotonic()
     deadline = start + args.seconds
-    tasks = [asyncio.create_task(client_loop(server.url, KEY, deadline, random.Random(args.seed * 1000 + i), tally))
+    tasks = [asyncio.create_task(client_loop(server.url, KEY, deadline, random.Random(args.seed * 1000 + i), tally, args.swap))
              for i in range(args.clients)]
     await asyncio.sleep(args.seconds / 5)
     warm_rss = server.rss_bytes()
@@ -335,7 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="xllm-soak-") as tmp:
         home = Path(tmp) / "home"
         tiny_store(home, args.tiny)
-        server = ChildServer(home, Path(tmp) / "server.log", api_key=KEY)
+        env = {}
+        if args.swap:
+            tiny_store(home, args.tiny, SECOND)
+            env["XLLM_ENGINE_MEMORY_BUDGET_BYTES"] = str(one_model_budget(home))
+        server = ChildServer(home, Path(tmp) / "server.log", api_key=KEY, env=env)
         try:
             reference(server)  # the first run fills the prefix cache; later ones reuse it
             before = reference(server)
@@ -359,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
          "ok": end_rss < warm_rss * 1.25},
     ]
     result = {"when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit(), "cpus": os.cpu_count(),
-              "python": platform.python_version(), "clients": args.clients, "seconds": args.seconds, "seed": args.seed,
+              "python": platform.python_version(), "clients": args.clients, "seconds": args.seconds, "seed": args.seed, "swap": args.swap,
               "command": " ".join(["python benchmarks/soak.py", *(sys.argv[1:] if argv is None else argv)]),
               "scenarios": tally.table(), "checks": checks}
     out = Path(args.out)

@@ -160,6 +160,31 @@ async def test_a_model_kept_busy_back_to_back_cannot_keep_another_users_model_ou
         await engine.stop()
 
 
+async def test_many_users_of_two_models_that_do_not_fit_together_all_take_turns(tmp_path):
+    # four clients on each of two models, room for one: every request is served in some turn, none is a 503
+    # (a request awaits between its entry and its generation, as serving does while it tokenizes: a model
+    # just evicted for the other can be asked for again in that gap)
+    engine, _ = _engine(tmp_path, memory_budget_bytes=int(SIZE * 1.5), keep_alive="-1",
+                        idle_grace_seconds=0.3, load_wait_seconds=20)
+    await engine.start()
+    deadline = time.monotonic() + 3.0
+    served = {"a": 0, "b": 0}
+
+    async def client(model: str, user: str) -> None:
+        while time.monotonic() < deadline:
+            await engine.load(model)
+            await asyncio.sleep(0.005)
+            await _run(engine, _req(model, user, max_tokens=5))
+            served[model] += 1
+
+    try:
+        clients = [client(m, f"{m}-user{i}") for m in ("a", "b") for i in range(4)]
+        await asyncio.wait_for(asyncio.gather(*clients), 60)
+        assert served["a"] > 3 and served["b"] > 3
+    finally:
+        await engine.stop()
+
+
 # ------------------------------------------------------------------ who waits, and why
 async def test_each_users_running_and_queued_sequences_reach_admin_usage_metrics_and_their_own_row(tmp_path):
     from xllm_jupyter.server.handlers import XllmContext

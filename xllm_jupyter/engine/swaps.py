@@ -39,26 +39,32 @@ class SwapMixin:
     _idle: Callable[[str, float], bool]
     _memory_records: Callable[[], dict[str, Residency]]
     _evict: Callable[[str], Any]
+    # LoadingMixin's
+    _reserved: Callable[[str, int], contextlib.AbstractAsyncContextManager]
 
     @contextlib.asynccontextmanager
     async def _room_turn(self, name: str, needed: int, device: str, gpus: tuple[int, ...] | None,
                          settled: Callable[[], bool] | None = None) -> AsyncIterator[None]:
         """Wait for room (``_await_room``), then hold the GPU turn with the room made (``_make_room``).
 
-        Two loads that waited at once can both have counted the same idle model as their room; the
-        one whose turn comes second finds it taken. It waits for room again, once, instead of a 503:
-        the first load's model frees it when its requests end. ``settled()`` true in the turn: no room
-        is made (the model was loaded meanwhile; the body sees that too).
+        Another load can take the room this one waited for (two loads counted the same idle model,
+        or the model just evicted was asked for again by a request already under way): it waits for
+        room again, until ``engine.load_wait_seconds`` from its first wait have passed, rather than
+        a 503 while the users of two models that do not fit together take turns. ``settled()`` true
+        in the turn: no room is made (the model was loaded meanwhile; the body sees that too).
         """
-        for last in (False, True):
-            await self._await_room(name, needed, device, gpus)  # models in use free room when their requests end
+        deadline = time.monotonic() + self._load_wait
+        while True:
+            await self._await_room(name, needed, device, gpus, deadline)  # models in use free room when their requests end
             async with self._gpu_turn(device):
                 if settled is None or not settled():
                     try:
                         await self._make_room(name, needed, device, gpus)
                     except Overloaded as exc:
-                        if last or exc.code != "insufficient_memory" or self._load_wait <= 0:
+                        if exc.code != "insufficient_memory" or self._load_wait <= 0:
                             raise
+                        if time.monotonic() >= deadline:
+                            raise _waited(exc, self._load_wait) from None
                         log.info("another load took the room %s waited for; waiting again", name)
                         continue
                 yield
@@ -80,14 +86,17 @@ class SwapMixin:
             room = await asyncio.to_thread(torch_device.cuda_room_bytes, gpus)
         return self._budget.plan(name, needed, device, self._memory_records(), idle, device_room=room, gpus=gpus)
 
-    async def _await_room(self, name: str, needed: int, device: str, gpus: tuple[int, ...] | None = None) -> None:
-        """Wait up to ``engine.load_wait_seconds`` while models in use hold the room ``name`` needs.
+    async def _await_room(self, name: str, needed: int, device: str, gpus: tuple[int, ...] | None = None,
+                          deadline: float | None = None) -> None:
+        """Wait until ``deadline`` (default: ``engine.load_wait_seconds`` from now) while models in use hold the
+        room ``name`` needs.
 
         Their requests end and free it; refusing at once would leave a user who wants another model
         nothing but 503s for as long as someone keeps the loaded one busy, even with pauses of a
         second between requests. Runs before the GPU turn, so other loads are not held up meanwhile.
         """
-        deadline = time.monotonic() + self._load_wait
+        if deadline is None:
+            deadline = time.monotonic() + self._load_wait
         held: set[str] = set()
         try:
             while True:
@@ -97,8 +106,7 @@ class SwapMixin:
                 except Overloaded as exc:
                     if exc.code != "insufficient_memory" or time.monotonic() >= deadline:
                         if exc.code == "insufficient_memory" and self._load_wait > 0:
-                            raise Overloaded(f"{exc.message} (waited {self._load_wait:g} s for them to finish)",
-                                             code=exc.code) from None
+                            raise _waited(exc, self._load_wait) from None
                         raise
                 self._room_waits.add(name)  # shown while loading (``waiting_for_room``)
                 # new requests for the busy models in its way wait behind this load (see _behind_swaps); a
@@ -118,8 +126,8 @@ class SwapMixin:
                     del self._held[model]
 
     async def _behind_swaps(self, name: str) -> None:
-        """Wait while a load for another model waits for ``name``'s room (``load_wait_seconds`` per wait; a load
-        whose room another load took waits once more, see ``_room_turn``)."""
+        """Wait while a load for another model waits for ``name``'s room (at most ``load_wait_seconds`` from that
+        load's first wait, see ``_room_turn``)."""
         while name in self._held:
             await asyncio.sleep(ROOM_POLL_SECONDS)
 
@@ -130,7 +138,14 @@ class SwapMixin:
             victims = await self._plan_room(name, needed, device, gpus)
             if not victims:
                 return  # fits now; the caller reserves the room before its next await
-            for victim in victims:
-                log.info("unloading idle model %s to make room for %s", victim, name)
-                await self._evict(victim)
+            # the room is this load's from now: a load planned while the victims unload (one for a victim itself,
+            # asked for again by a request already under way) must not count it as free and take it
+            async with self._reserved(device, needed):
+                for victim in victims:
+                    log.info("unloading idle model %s to make room for %s", victim, name)
+                    await self._evict(victim)
 
+
+def _waited(exc: Overloaded, seconds: float) -> Overloaded:
+    """``exc`` saying how long the load waited for room."""
+    return Overloaded(f"{exc.message} (waited {seconds:g} s for them to finish)", code=exc.code)
