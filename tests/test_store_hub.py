@@ -211,3 +211,34 @@ def make_gguf_bytes(tmp_path: Path) -> bytes:
     return path.read_bytes()
 
 
+
+
+def test_a_hub_that_never_answers_fails_within_the_timeout(tmp_path, monkeypatch):
+    """An endpoint that accepts connections and never answers (a dead proxy) fails the pull in seconds, not never."""
+    import socket
+    import threading
+    import time
+
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "1")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)  # the kernel accepts connections; nobody reads or answers them
+        store = ModelStore(tmp_path / "home", endpoint=f"http://127.0.0.1:{listener.getsockname()[1]}")
+        outcome: list[BaseException] = []
+
+        def pull() -> None:
+            try:
+                store.pull(f"hf:{REPO}")
+            except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+                outcome.append(exc)
+
+        started = time.monotonic()
+        worker = threading.Thread(target=pull, daemon=True)
+        worker.start()
+        worker.join(15)
+        elapsed = time.monotonic() - started
+    worker.join(15)  # closing the listener ends a pull that was still waiting (the old code's hang)
+    assert elapsed < 10, f"the pull was still waiting after {elapsed:.0f} s"
+    assert len(outcome) == 1 and isinstance(outcome[0], StoreError), outcome
+    assert "did not answer in time" in outcome[0].message
+    assert store.list() == []

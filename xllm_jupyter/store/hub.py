@@ -94,6 +94,17 @@ def default_endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
 
 
+def metadata_timeout() -> float:
+    """Seconds the first Hub call may wait for an answer: ``HF_HUB_ETAG_TIMEOUT`` read now, else huggingface_hub's 10."""
+    from huggingface_hub import constants
+
+    try:
+        value = float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or constants.HF_HUB_ETAG_TIMEOUT)
+    except ValueError:
+        value = float(constants.DEFAULT_ETAG_TIMEOUT)
+    return value if value > 0 else float(constants.DEFAULT_ETAG_TIMEOUT)
+
+
 @contextmanager
 def hub_errors(repo: str, endpoint: str) -> Iterator[None]:
     """Translate huggingface_hub/httpx failures into StoreErrors that say what to do."""
@@ -128,6 +139,9 @@ def _translate(exc: Exception, repo: str, endpoint: str) -> StoreError | None:
         return StoreError(f"The Hub at {endpoint} answered HTTP {status} for '{repo}'; {retry}")
     if isinstance(exc, e.HFValidationError):
         return StoreError(f"Invalid Hub repo id '{repo}'", param="source")
+    if isinstance(exc, httpx2.TimeoutException):
+        return StoreError(f"The Hub at {endpoint} did not answer in time ({exc.__class__.__name__}; HF_HUB_ETAG_TIMEOUT, "
+                          f"HF_HUB_DOWNLOAD_TIMEOUT); {retry}")
     if isinstance(exc, (e.LocalEntryNotFoundError, ConnectionError, httpx2.TransportError)) and not isinstance(
         exc, (httpx2.RemoteProtocolError, httpx2.ReadError)
     ):
@@ -158,7 +172,9 @@ class HubClient:
     def resolve(self, repo: str, revision: str | None) -> str:
         """The commit sha that ``revision`` (default: the main branch) points at."""
         with hub_errors(repo, self.endpoint):
-            info = self._api().model_info(repo, revision=revision)
+            # huggingface_hub's shared session has no timeout: an endpoint that accepts the connection and
+            # never answers (a captive portal, a dead proxy) would hang the pull for good
+            info = self._api().model_info(repo, revision=revision, timeout=metadata_timeout())
         if not info.sha:
             raise StoreError(f"The Hub did not say which commit '{repo}' is at")
         return str(info.sha)
