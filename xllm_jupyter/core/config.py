@@ -42,7 +42,8 @@ class ServerConfig:
     max_n: int = 16
     keepalive_seconds: float = 10.0
     # a connection whose request headers or body do not arrive within this, or that idles this long
-    # between requests, is closed (xllm serve and the hub service; Jupyter has its own)
+    # between requests, is closed (xllm serve and the hub service; Jupyter has its own); and everywhere
+    # a client that reads none of its pending answer or stream this long (server/stalls.py)
     connection_timeout_seconds: float = 60.0
 
 

@@ -21,6 +21,7 @@ from .errors import error_response, log_error
 from .limits import charge_response, metered, open_stream_tally
 from .metrics import ServerMetrics
 from .sse import SSE_HEADERS, EventStreamWriter, dumps
+from .stalls import watch_finish
 
 log = logging.getLogger("xllm_jupyter.server")
 
@@ -154,7 +155,9 @@ class RequestMixin:
         """Finish with a JSON body."""
         self.set_status(status)  # type: ignore[attr-defined]
         self.set_header("Content-Type", "application/json")  # type: ignore[attr-defined]
-        self.finish(dumps(obj))  # type: ignore[attr-defined]
+        done = self.finish(dumps(obj))  # type: ignore[attr-defined]
+        # a client that reads none of a large answer must not hold its bytes (and the connection) for good
+        watch_finish(self, done, self.xllm.config.server.connection_timeout_seconds)
 
     def finish_event_stream(self) -> Any:
         """Finish an SSE response (the Jupyter base passes the content type through)."""
@@ -238,7 +241,9 @@ class RequestMixin:
             # each event is a small write: without this, Nagle holds an event back until the
             # client ACKs the previous one (up to its 40 ms delayed-ACK timer)
             stream_socket.set_nodelay(True)
-        writer = EventStreamWriter(self, self.xllm.config.server.keepalive_seconds, self._client_left, **writer_options)
+        server = self.xllm.config.server
+        writer = EventStreamWriter(self, server.keepalive_seconds, self._client_left,
+                                   stall_seconds=server.connection_timeout_seconds, **writer_options)
         try:
             await self._cancellable(writer.write_all(stream))
         except Exception as exc:

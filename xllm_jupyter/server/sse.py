@@ -20,6 +20,8 @@ from tornado.http1connection import HTTP1Connection
 from tornado.iostream import StreamClosedError
 from tornado.web import GZipContentEncoding, OutputTransform
 
+from .stalls import StallWatch
+
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
 
 DONE = b"data: [DONE]\n\n"
@@ -93,6 +95,8 @@ class EventStreamWriter:
     ``handler`` needs ``write(bytes)`` and ``flush() -> Future``. ``on_closed`` runs once
     when a flush finds the client gone, so the caller can cancel the generation.
     ``encode`` turns a chunk into event bytes; ``done`` ends the stream (b"" for none).
+    ``stall_seconds`` (> 0): a client whose socket takes none of a pending write for that long
+    is disconnected (``stalls.StallWatch``; ``on_closed`` runs).
     """
 
     def __init__(
@@ -102,6 +106,7 @@ class EventStreamWriter:
         on_closed: Callable[[], None],
         encode: Callable[[Any], bytes] = sse_event,
         done: bytes = DONE,
+        stall_seconds: float = 0.0,
     ):
         self.handler = handler
         self.encode = encode
@@ -117,6 +122,7 @@ class EventStreamWriter:
         self._timer: asyncio.TimerHandle | None = None
         if keepalive_seconds > 0:
             self._timer = asyncio.get_running_loop().call_later(keepalive_seconds, self._tick)
+        self._stall = StallWatch(handler, stall_seconds, self._write_pending, self._mark_closed)
 
     # ------------------------------------------------------------------ flushing
     def push(self) -> None:
@@ -162,6 +168,10 @@ class EventStreamWriter:
         elif self._dirty:
             self.push()
 
+    def _write_pending(self) -> bool:
+        inflight = self._inflight
+        return inflight is not None and not inflight.done()
+
     def _mark_closed(self) -> None:
         if not self.closed:
             self.closed = True
@@ -195,10 +205,11 @@ class EventStreamWriter:
         self._timer = asyncio.get_running_loop().call_later(max(self.keepalive - idle, 0.05), self._tick)
 
     def close(self) -> None:
-        """Stop the keepalive timer."""
+        """Stop the keepalive and stall timers."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._stall.stop()
 
     # ------------------------------------------------------------------- writing
     async def write_all(self, stream: AsyncIterator[Any]) -> bool:
