@@ -17,6 +17,8 @@ from __future__ import annotations
 import gc
 import threading
 
+from . import heap
+
 # one at a time: an unfreeze must not meet another thread's re-freeze mid-collection; re-entrant, because
 # a finalizer run by a collection may unload something, which collects again (a nested collect returns 0)
 _lock = threading.RLock()
@@ -65,6 +67,7 @@ def freeze() -> None:
 
 def release() -> None:
     """After an unload: ``collect()`` when freezing is on, so cycles the model left among frozen objects are
-    freed; off, the collector finds them by itself and nothing is done here."""
+    freed (off, the collector finds them by itself), then give the freed heap back to the OS."""
     if _enabled:
         collect()
+    heap.trim()  # else the allocator keeps what the model freed, and resident memory climbs with every swap
