@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import pytest
 import tornado.web
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
@@ -69,6 +71,40 @@ async def test_keyless_server_serves_loopback_only(tiny_catalog, tmp_path):
             assert r.status_code == 403
             r = await c.get("/health")
             assert r.status_code == 200
+    finally:
+        await server.stop()
+        await engine.stop()
+
+
+@pytest.mark.parametrize("tornado_has_protection", [True, False])
+async def test_keyless_server_refuses_cross_site_writes_on_any_tornado(tiny_catalog, tmp_path, monkeypatch,
+                                                                      tornado_has_protection):
+    """Keyless mode trusts whoever reaches loopback, so a web page's POST (a text/plain 'simple' request needs
+    no preflight) must be refused by the server itself: Tornado < 6.6 has no cross-origin check of its own."""
+    if not tornado_has_protection:
+        monkeypatch.setattr(tornado.web.RequestHandler, "_cross_origin_protection", lambda self: None, raising=False)
+    allowed = "http://notebook.example"
+    base = make_test_config(tmp_path, api_keys=())
+    config = dataclasses.replace(base, http=dataclasses.replace(base.http, cors_origins=(allowed,)))
+    engine = Engine(config.engine, catalog=tiny_catalog)
+    server = await start_server(config, engine, port=0)
+    body = '{"model": "tiny", "messages": []}'  # a 400 once past the origin check: nothing runs
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as c:
+            for headers in ({"Origin": "http://evil.example"},
+                            {"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"},
+                            {"Origin": "http://localhost:8888", "Sec-Fetch-Site": "same-site"},  # another local app
+                            {"Origin": "null"}):  # a sandboxed frame or a file:// page
+                for path in ("/v1/chat/completions", "/admin/models/pull", "/admin/models/unload", "/no/such/route"):
+                    r = await c.post(path, content=body, headers={**headers, "Content-Type": "text/plain"})
+                    assert r.status_code == 403, (path, headers, r.status_code, r.text)
+                    assert r.json()["error"]["type"] == "permission_error"
+            for headers in ({}, {"Origin": server.url}, {"Sec-Fetch-Site": "same-origin", "Origin": server.url},
+                            {"Sec-Fetch-Site": "none"}, {"Origin": allowed, "Sec-Fetch-Site": "cross-site"}):
+                r = await c.post("/v1/chat/completions", content=body, headers=headers)
+                assert r.status_code == 400, (headers, r.status_code, r.text)  # served (the origin is this server or allowed)
+            r = await c.get("/v1/models", headers={"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"})
+            assert r.status_code == 200 and "Access-Control-Allow-Origin" not in r.headers  # a read it cannot see
     finally:
         await server.stop()
         await engine.stop()

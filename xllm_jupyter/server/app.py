@@ -33,9 +33,7 @@ def make_app(config: XllmConfig, engine: Any, *, prefix: str = "") -> tornado.we
         AUTH_KEY: auth,
         LIMITS_KEY: context.limiter,
         "default_handler_class": handler_class(NotFoundMixin, ApiKeyHandler),
-        # Keyless mode trusts anything on loopback, so a web page in the user's browser
-        # must not be able to POST to it: refuse cross-origin browser requests.
-        "cross_origin_protection": not auth.enabled,
+        # keyless mode refuses cross-site browser requests itself (auth.cross_site), on every Tornado
     }
     settings.update(edge_settings(config, any_host_ok=auth.enabled))  # Host/CORS policy, access log
     app = XllmApplication(build_routes(prefix, ApiKeyHandler, PublicApiKeyHandler), **settings)

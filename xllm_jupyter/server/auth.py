@@ -9,7 +9,9 @@ rebinding.
 Keys have roles: ``server.api_keys`` are user keys, ``auth.admin_keys`` admin keys;
 once admin keys exist only they may call ``/admin/*`` (403 ``permission_error``
 otherwise); with no admin key configured user keys keep admin rights. In keyless
-loopback mode the local caller may do everything.
+loopback mode the local caller may do everything, so there a browser request from another
+site that could change anything (not GET/HEAD) is refused (``cross_site``): a web page the
+local user visits must not drive the server with ``text/plain`` "simple" POSTs.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Callable, Iterable
+from urllib.parse import urlsplit
 
 from tornado.web import RequestHandler
 
 from ..core.errors import AuthenticationError, PermissionDenied
 from ..core.hosts import host_name, is_loopback
+from .edge import POLICY_KEY
 from .handlers import VerbDispatchMixin, generates
 from .limits import LIMITS_KEY, Limiter
 
@@ -85,6 +89,22 @@ class ApiKeyAuth:
         return not self._entries or self.identify(authorization) is not None
 
 
+def cross_site(request: Any, trusted: Callable[[str], bool]) -> bool:
+    """True for a browser request that another site sent (``trusted(origin)`` exempts an origin).
+
+    Browsers say where a request comes from in ``Sec-Fetch-Site``; older ones only in ``Origin``,
+    compared with ``Host`` here. A request with neither is not from a browser page.
+    """
+    site = request.headers.get("Sec-Fetch-Site")
+    origin = request.headers.get("Origin")
+    if site in ("same-origin", "none"):
+        return False
+    if site is None:
+        if origin is None or urlsplit(origin).netloc.lower() == (request.headers.get("Host") or "").lower():
+            return False
+    return not (origin and trusted(origin))
+
+
 class ApiKeyHandler(VerbDispatchMixin, RequestHandler):
     """Auth base for the standalone server: API key, or loopback-only when none is set."""
 
@@ -103,6 +123,13 @@ class ApiKeyHandler(VerbDispatchMixin, RequestHandler):
         if not auth.enabled:
             if not is_loopback(host_name(self.request.host or "")):
                 raise PermissionDenied("Without an API key this server only answers requests addressed to localhost.")
+            # our own check, not Tornado's cross_origin_protection (Tornado >= 6.6 only): where it is
+            # missing, any web page could POST text/plain JSON here (pull, load, generate)
+            policy = self.settings.get(POLICY_KEY)
+            if self.request.method not in ("GET", "HEAD", "OPTIONS") and cross_site(
+                    self.request, policy.origin_allowed if policy is not None else lambda _: False):
+                raise PermissionDenied("Without an API key this server refuses requests from other sites' web pages "
+                                       "(add the page's origin to http.cors_origins to allow it).")
             # keyless loopback mode: the local user may do everything, as one anonymous caller
             principal = Principal(ADMIN, "anonymous")
         elif not self.auth_required:
