@@ -19,10 +19,10 @@ from xllm_jupyter.backends.exllama_common import (
     ExllamaOptions,
     JobInfo,
     SpeculativeStats,
-    combo_sampler_kwargs,
     translate_results,
     v2_sampler_fields,
 )
+from xllm_jupyter.backends.exllama_sampling import v3_sampler_steps
 from xllm_jupyter.backends.exllama_model import DynamicGeneratorModel
 from xllm_jupyter.backends.hf_tokenizer import ChatTokenizer
 from xllm_jupyter.backends.registry import get_backend, select_backend
@@ -120,31 +120,105 @@ def test_exllamav3_load_and_cache_arguments_follow_the_options():
     from xllm_jupyter.backends.exllamav3 import _cache_kwargs, _load_kwargs
 
     opts = exllama_options({"gpu_split": [20, 24], "max_batch_size": 64})
-    # a split is GB per device
-    assert _load_kwargs(opts) == {"progressbar": False, "use_per_device": [20.0, 24.0]}
+    # a split is GB per device; the auto-split budgets activations for the generator's batch and prefill chunk
+    # (exllamav3's Model.load_gen defaults to a batch of 1)
+    assert _load_kwargs(opts) == {"progressbar": False, "use_per_device": [20.0, 24.0], "max_batch_size": 64,
+                                  "max_chunk_size": 2048}
     assert _load_kwargs(exllama_options({"tensor_parallel": True}))["tensor_p"] is True
     # recurrent-state slots follow the engine's batch size (fp16 cache: no quantized layer type)
     assert _cache_kwargs(opts) == {"max_batch_size": 64}
 
 
 # ------------------------------------------------------------------ samplers
-def test_combo_sampler_maps_every_openai_parameter():
+def test_exllamav3_steps_sample_in_the_transformers_backends_order():
+    """sampling.py's order: repetition, presence/frequency, logit_bias, temperature, top-k, top-p, min-p.
+    exllamav3's ComboSampler puts the bias before the repetition penalty and min-p before top-p."""
     s = SamplingParams(temperature=0.7, top_p=0.9, top_k=40, min_p=0.05, presence_penalty=0.5, frequency_penalty=0.25,
                        repetition_penalty=1.1, logit_bias={5: -100.0, 9: 2.0}, seed=3)
-    kw = combo_sampler_kwargs(s)
-    assert kw == {"rep_p": 1.1, "freq_p": 0.25, "pres_p": 0.5, "temperature": 0.7, "min_p": 0.05, "top_k": 40,
-                  "top_p": 0.9, "logit_bias": {5: -100.0, 9: 2.0}}
+    assert v3_sampler_steps(s) == [
+        ("SS_RepP", (1.1,)), ("SS_PresFreqP", (0.5, 0.25)), ("SS_LogitBias", ({5: -100.0, 9: 2.0},)),
+        ("SS_Temperature", (0.7,)), ("SS_TopK", (40,)), ("SS_TopP", (0.9,)), ("SS_MinP", (0.05,)), ("SS_Sample", ()),
+    ]
+    # without top-p, min-p and top-k commute: the library's fusable order (min-p, top-k, top-p)
+    names = [name for name, _ in v3_sampler_steps(SamplingParams(temperature=0.7, top_k=40, min_p=0.05))]
+    assert names[3:] == ["SS_Temperature", "SS_MinP", "SS_TopK", "SS_TopP", "SS_Sample"]
+    # top_p 0 keeps the top token (as sampling.Filters), within the library's 0..1
+    assert ("SS_TopP", (1e-6,)) in v3_sampler_steps(SamplingParams(temperature=1.0, top_p=0.0))
 
 
 def test_greedy_maps_to_argmax_in_both_libraries():
-    s = SamplingParams(temperature=0.0)
-    assert combo_sampler_kwargs(s)["temperature"] == 0.0 and combo_sampler_kwargs(s)["logit_bias"] is None
+    s = SamplingParams(temperature=0.0, top_p=0.5, logit_bias={3: 1.0})
+    assert v3_sampler_steps(s)[-2:] == [("SS_LogitBias", ({3: 1.0},)), ("SS_Argmax", ())]
     v2 = v2_sampler_fields(s)
-    assert v2["top_k"] == 1 and v2["top_p"] == 0.0 and v2["temperature"] == 1.0
+    assert v2["top_k"] == 1 and v2["top_p"] == 1.0 and v2["temperature"] == 1.0
     hot = v2_sampler_fields(SamplingParams(temperature=1.3, top_p=0.8, top_k=0, min_p=0.1, presence_penalty=0.2))
-    # penalties stay off in the library's settings: the job applies them (test_exllama_sampling.py)
-    assert hot == {"temperature": 1.3, "top_k": 0, "top_p": 0.8, "min_p": 0.1, "token_repetition_penalty": 1.0,
+    # penalties, bias and cuts stay off in the library's settings: the job applies them (test_exllama_sampling.py)
+    assert hot == {"temperature": 1.3, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "token_repetition_penalty": 1.0,
                    "token_frequency_penalty": 0.0, "token_presence_penalty": 0.0}
+
+
+def tokens_left_to_draw(sampler, logits):
+    """Token ids exllamav3's sampler could draw from ``logits`` (1-D): its state before the final (CUDA) step."""
+    from exllamav3.generator.sampler import CustomSampler
+
+    state = CustomSampler(sampler.steps[:-1]).forward(logits.clone().unsqueeze(0), return_state=True)
+    if state.probs is not None:
+        ids = state.indices[0] if state.indices is not None else torch.arange(logits.numel())
+        return set(ids[state.probs[0] > 0].tolist())
+    return set(torch.nonzero(torch.isfinite(state.logits[0])).flatten().tolist())
+
+
+@pytest.mark.exllama
+@pytest.mark.parametrize("sampling", [
+    SamplingParams(temperature=0.7, top_k=12, top_p=0.6, min_p=0.2),
+    SamplingParams(temperature=1.3, top_p=0.75, min_p=0.1, logit_bias={4: 3.0, 7: -100.0}),
+    SamplingParams(temperature=0.5, top_k=9, min_p=0.05),
+])
+def test_exllamav3_steps_keep_what_the_transformers_backend_keeps(sampling, monkeypatch):
+    """The library's own sampler steps (pure torch up to the draw) run on CPU logits: the tokens left to draw
+    from are sampling.py's."""
+    from xllm_jupyter.backends.sampling import Filters, filter_logits
+
+    pytest.importorskip("exllamav3")
+    from exllamav3.generator.sampler import CustomSampler, custom
+
+    # the step-by-step path, which the fused kernel reproduces ("equivalent to the steps it replaces")
+    monkeypatch.setattr(custom, "fused_sampler_enable", False)
+    vocab = 64
+    logits = torch.linspace(-3.0, 3.0, vocab)[torch.randperm(vocab, generator=torch.Generator().manual_seed(11))]
+    biased = logits.clone()
+    for token, value in sampling.logit_bias.items():
+        biased[token] += value
+    expected = filter_logits((biased / sampling.temperature).unsqueeze(0), Filters.of([sampling], vocab))[0]
+    steps = CustomSampler([getattr(custom, name)(*args) for name, args in v3_sampler_steps(sampling)])
+    left = tokens_left_to_draw(steps, logits)
+    assert left == set(torch.nonzero(torch.isfinite(expected)).flatten().tolist()) and 1 < len(left) < vocab
+
+
+@pytest.mark.exllama
+def test_exllamav3_combo_sampler_cuts_top_p_after_min_p(monkeypatch):
+    """Why the steps are ours: probabilities 0.5, 0.3, 0.2 with min_p 0.5 and top_p 0.6. HF (and OpenAI) keep the
+    first two; ComboSampler counts top-p's mass over what min-p kept (0.625, 0.375) and keeps one."""
+    pytest.importorskip("exllamav3")
+    from exllamav3.generator.sampler import ComboSampler, CustomSampler, custom
+
+    monkeypatch.setattr(custom, "fused_sampler_enable", False)
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2]))
+    sampling = SamplingParams(temperature=1.0, top_p=0.6, min_p=0.5)
+    ours = CustomSampler([getattr(custom, name)(*args) for name, args in v3_sampler_steps(sampling)])
+    assert tokens_left_to_draw(ours, logits) == {0, 1}
+    assert tokens_left_to_draw(ComboSampler(top_p=0.6, min_p=0.5), logits) == {0}
+
+
+def test_exllamav3_jobs_reserve_the_draft_window_of_any_16_release():
+    """1.6.1+ reserve ``max_draft_tokens`` past the answer, 1.6.0 ``num_draft_tokens`` (Job.prepare_for_queue)."""
+    from types import SimpleNamespace
+
+    from xllm_jupyter.backends.exllamav3 import draft_window
+
+    assert draft_window(SimpleNamespace(max_draft_tokens=6, num_draft_tokens=4)) == 6
+    assert draft_window(SimpleNamespace(num_draft_tokens=4)) == 4
+    assert draft_window(SimpleNamespace()) == 0
 
 
 # --------------------------------------------------------- result translation

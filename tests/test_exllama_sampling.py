@@ -12,10 +12,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from xllm_jupyter.backends.exllama_sampling import AnswerPenaltiesV2, RawLogprobsV2  # noqa: E402
+from xllm_jupyter.backends.exllama_common import v2_sampler_fields  # noqa: E402
+from xllm_jupyter.backends.exllama_sampling import AnswerPenaltiesV2, LogitsV2, RawLogprobsV2  # noqa: E402
 from xllm_jupyter.backends.sampling import (  # noqa: E402
+    Filters,
     apply_presence_frequency,
     apply_repetition_penalty,
+    filter_logits,
 )
 from xllm_jupyter.core.types import SamplingParams  # noqa: E402
 
@@ -109,3 +112,71 @@ def test_exllamav2_logprobs_are_the_softmax_of_the_models_logits():
     # its probability and the alternatives come from the logits, the padding left out
     assert prob.shape == (1, 1) and prob.item() == pytest.approx(expected[0].item())
     assert top_tokens.tolist() == [[[0, 1]]] and torch.allclose(top_probs[0, 0], expected[:2])
+
+
+# ------------------------------------------------- exllamav2: bias and cuts done by the job
+class CutJob(AnswerPenaltiesV2, LogitsV2, LibraryJob):
+    pass
+
+
+def cut(logits_row, sampling, *, prompt=(1,), answer=(), vocab=None):
+    """The row as the job leaves it for exllamav2's sampler, from a strided (1, 1, V) view of a (1, 2, V) buffer."""
+    width = logits_row.numel()
+    buffer = torch.zeros((1, 2, width))
+    buffer[0, 1] = logits_row
+    job = CutJob(list(prompt) + list(answer))
+    job.xllm_bind_penalties(len(prompt), sampling)
+    job.xllm_bind_logits(sampling, vocab or width)
+    view = buffer[0:1, 1:2, :]
+    assert job.receive_logits(view) is view
+    return buffer[0, 1].clone()
+
+
+def kept(row):
+    return set(torch.nonzero(torch.isfinite(row)).flatten().tolist())
+
+
+def test_exllamav2_top_p_keeps_the_token_that_crosses_p():
+    """Probabilities 0.5, 0.3, 0.2 and top_p 0.6: OpenAI/HF keep the first two (the second crosses 0.6);
+    exllamav2's own top_p keeps only the first (its mass stays within P), so the job cuts instead."""
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2]))
+    out = cut(logits, SamplingParams(temperature=1.0, top_p=0.6))
+    assert kept(out) == {0, 1} and torch.equal(out[:2], logits[:2])
+    # the library is left the temperature and the draw only
+    assert v2_sampler_fields(SamplingParams(temperature=0.8, top_p=0.6, top_k=5, min_p=0.1)) == {
+        "temperature": 0.8, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "token_repetition_penalty": 1.0,
+        "token_frequency_penalty": 0.0, "token_presence_penalty": 0.0}
+
+
+@pytest.mark.parametrize("sampling", [
+    SamplingParams(temperature=0.7, top_k=6, top_p=0.8, min_p=0.05, logit_bias={3: 5.0, 40: -100.0}),
+    SamplingParams(temperature=1.5, top_p=0.5, min_p=0.3),
+    SamplingParams(temperature=0.4, min_p=0.2, repetition_penalty=1.4, presence_penalty=0.8, logit_bias={9: 1.5}),
+])
+def test_exllamav2_cuts_like_the_transformers_backend(sampling):
+    """Penalties, then the bias, then top-k/top-p/min-p at the sampling temperature, as sampling.py does; the
+    padding past the vocabulary is never a candidate."""
+    vocab, width = 60, 64
+    logits = torch.linspace(-4.0, 4.0, width)[torch.randperm(width, generator=torch.Generator().manual_seed(5))]
+    prompt, answer = [9, 10, 11], [9, 12]
+    out = cut(logits, sampling, prompt=prompt, answer=answer, vocab=vocab)
+    expected = logits[:vocab].clone()
+    if sampling.repetition_penalty != 1.0:
+        expected = apply_repetition_penalty(expected, torch.tensor([9, 10, 11, 12]), sampling.repetition_penalty)
+    if sampling.presence_penalty:
+        expected = apply_presence_frequency(expected, torch.tensor([9, 12]), torch.tensor([1, 1]),
+                                            sampling.presence_penalty, sampling.frequency_penalty)
+    for token, bias in sampling.logit_bias.items():
+        expected[token] += bias
+    survivors = filter_logits((expected / sampling.temperature).unsqueeze(0), Filters.of([sampling], vocab))[0]
+    assert kept(out) == kept(survivors) and 1 < len(kept(out)) < vocab
+    assert torch.allclose(out[list(kept(out))], expected[list(kept(out))])
+    assert not torch.isfinite(out[vocab:]).any()
+
+
+def test_exllamav2_greedy_keeps_the_bias_and_cuts_nothing():
+    logits = torch.tensor([3.0, 1.0, 0.0, -1.0])
+    out = cut(logits, SamplingParams(temperature=0.0, top_p=0.1, logit_bias={2: 10.0}))
+    assert torch.isfinite(out).all() and out[2] == pytest.approx(10.0) and out.argmax() == 2
+    untouched = cut(logits, SamplingParams(temperature=0.9))  # no bias, no cut: the buffer as it was
+    assert torch.equal(untouched, logits)

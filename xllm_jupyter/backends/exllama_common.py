@@ -178,32 +178,19 @@ def draft_vocabulary_fits(draft_vocab: int, vocab: int) -> bool:
     return False
 
 
-def combo_sampler_kwargs(s: SamplingParams) -> dict[str, Any]:
-    """exllamav3 ``ComboSampler`` arguments that reproduce ``s`` (OpenAI semantics)."""
-    return {
-        "rep_p": float(s.repetition_penalty),
-        "freq_p": float(s.frequency_penalty),
-        "pres_p": float(s.presence_penalty),
-        "temperature": 0.0 if s.greedy else float(s.temperature),
-        "min_p": float(s.min_p),
-        "top_k": int(s.top_k),
-        "top_p": float(s.top_p),
-        "logit_bias": {int(k): float(v) for k, v in s.logit_bias.items()} or None,
-    }
-
-
 def v2_sampler_fields(s: SamplingParams) -> dict[str, Any]:
-    """exllamav2 ``ExLlamaV2Sampler.Settings`` attributes that reproduce ``s``.
+    """exllamav2 ``ExLlamaV2Sampler.Settings`` attributes for ``s``: the temperature, or top-k 1 when greedy.
 
-    The penalties stay off here: the job applies them itself (``exllama_sampling.py``), since
-    the library's one penalty window would count the prompt for presence/frequency too.
+    The rest stays off here: the job applies the penalties, ``logit_bias`` and the top-k/top-p/min-p cuts
+    itself (``exllama_sampling.py``), since the library's one penalty window would count the prompt for
+    presence/frequency too and its top-p leaves out the token that crosses P.
     """
     greedy = s.greedy
     return {
         "temperature": 1.0 if greedy else float(s.temperature),
-        "top_k": 1 if greedy else int(s.top_k),
-        "top_p": 0.0 if greedy else float(s.top_p),
-        "min_p": 0.0 if greedy else float(s.min_p),
+        "top_k": 1 if greedy else 0,
+        "top_p": 1.0,
+        "min_p": 0.0,
         "token_repetition_penalty": 1.0,
         "token_frequency_penalty": 0.0,
         "token_presence_penalty": 0.0,

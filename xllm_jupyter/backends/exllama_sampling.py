@@ -13,7 +13,16 @@ mixins are combined with the library's job class at ``make_job`` time (``exllama
   sequence (HF semantics), as the library's step does.
 * exllamav2: one window serves all three penalties there, so the job applies them to the
   logits itself (repetition over prompt and answer, then presence/frequency over the answer,
-  the transformers backend's order) and the library's sampler adds ``logit_bias`` after.
+  the transformers backend's order), then ``logit_bias``, top-k, top-p and min-p
+  (``LogitsV2``); the library's sampler only applies the temperature and draws. Its own
+  top-p keeps the tokens whose mass stays within P, leaving out the token that crosses it
+  (exllamav2 0.3.2, ``top_p_cpu``), where OpenAI and HF keep it, and it adds the bias after
+  our penalties could see it.
+
+Sampling order (``v3_sampler_steps``): exllamav3's ``ComboSampler`` adds ``logit_bias``
+before the repetition penalty and cuts min-p before top-p, whose mass it then counts over what
+min-p kept (1.6.5 ``sampler/presets.py``); the steps are built here in the transformers
+backend's order instead (``sampling.py``).
 
 Logprobs: exllamav3 reports probabilities from the model's logits (a softmax before any
 sampling step), as our transformers backend does. exllamav2 reports its sampler's *final*
@@ -27,6 +36,39 @@ from __future__ import annotations
 from typing import Any
 
 from ..core.types import SamplingParams
+
+#: the smallest top-p honoured (as ``sampling.Filters``: top_p <= 0 keeps the top token, not none)
+MIN_TOP_P = 1e-6
+
+
+def v3_sampler_steps(s: SamplingParams) -> list[tuple[str, tuple[Any, ...]]]:
+    """exllamav3 sampler steps, as (class name in ``exllamav3.generator.sampler.custom``, arguments), that sample
+    ``s`` as the transformers backend does: repetition, presence/frequency, ``logit_bias``; then argmax, or
+    temperature, top-k, top-p, min-p and a draw.
+
+    Steps at their neutral values become no-ops in the library's ``CustomSampler``. Min-p goes before top-k
+    where top-p is off (the two commute), so the library still fuses the truncation into one kernel: its fused
+    tail takes the filters in the order (min-p, top-k, top-p) only.
+    """
+    head: list[tuple[str, tuple[Any, ...]]] = [
+        ("SS_RepP", (float(s.repetition_penalty),)),
+        ("SS_PresFreqP", (float(s.presence_penalty), float(s.frequency_penalty))),
+        ("SS_LogitBias", ({int(k): float(v) for k, v in s.logit_bias.items()},)),
+    ]
+    if s.greedy:
+        return [*head, ("SS_Argmax", ())]
+    top_p = min(max(float(s.top_p), MIN_TOP_P), 1.0)
+    cuts: list[tuple[str, tuple[Any, ...]]] = [("SS_TopK", (max(0, int(s.top_k)),)), ("SS_TopP", (top_p,))]
+    min_p = [("SS_MinP", (min(max(float(s.min_p), 0.0), 1.0),))]
+    cuts = cuts + min_p if top_p < 1.0 else min_p + cuts
+    return [*head, ("SS_Temperature", (float(s.temperature),)), *cuts, ("SS_Sample", ())]
+
+
+def v3_sampler(s: SamplingParams) -> Any:
+    """The exllamav3 ``CustomSampler`` of ``v3_sampler_steps(s)``."""
+    from exllamav3.generator.sampler import CustomSampler, custom
+
+    return CustomSampler([getattr(custom, name)(*args) for name, args in v3_sampler_steps(s)])
 
 
 class AnswerPenaltiesV3:
@@ -92,6 +134,53 @@ class AnswerPenaltiesV2:
                 apply_repetition_penalty(row, seen.to(row.device), rep)
             if counted is not None:
                 apply_presence_frequency(row, counted[0].to(row.device), counted[1].to(row.device), pres, freq)
+
+
+class LogitsV2:
+    """Mixed into exllamav2's job after ``AnswerPenaltiesV2``: ``logit_bias``, then top-k, top-p and min-p on the
+    tempered distribution as the transformers backend cuts it (``sampling.filter_logits``); the library's sampler
+    is left the temperature and the draw (``exllama_common.v2_sampler_fields``)."""
+
+    xllm_bias: tuple[Any, Any] | None = None  # (token ids, values)
+    xllm_filters: Any = None  # sampling.Filters, or None when nothing is cut
+    xllm_temperature = 1.0
+    xllm_vocab = 0
+
+    def xllm_bind_logits(self, sampling: SamplingParams, vocab_size: int) -> None:
+        """Take over ``sampling``'s bias and truncation (the library's settings must have them off)."""
+        import torch
+
+        from .sampling import Filters
+
+        self.xllm_vocab = int(vocab_size)
+        if sampling.logit_bias:
+            ids = torch.tensor([int(t) for t in sampling.logit_bias], dtype=torch.long)
+            self.xllm_bias = (ids, torch.tensor([float(v) for v in sampling.logit_bias.values()]))
+        filters = Filters.of([sampling], self.xllm_vocab)
+        if not sampling.greedy and (filters.truncates(0) or filters.min_p[0] > 0):
+            self.xllm_filters = filters
+            self.xllm_temperature = float(sampling.temperature)
+
+    def receive_logits(self, logits: Any, *args: Any, **kwargs: Any) -> Any:
+        """Bias and cut every row in place (the library samples from that buffer), then sample (library)."""
+        if self.xllm_bias is not None or self.xllm_filters is not None:
+            self.xllm_apply(logits)
+        return super().receive_logits(logits, *args, **kwargs)  # type: ignore[misc]
+
+    def xllm_apply(self, logits: Any) -> None:
+        """Bias, then drop (-inf) what top-k/top-p/min-p drop at the sampling temperature, on every row."""
+        import torch
+
+        from .sampling import filter_logits
+
+        for row in _rows(logits):
+            if self.xllm_bias is not None:
+                row.index_add_(0, self.xllm_bias[0].to(row.device), self.xllm_bias[1].to(row.device, row.dtype))
+            if self.xllm_filters is not None:
+                real = row[: self.xllm_vocab]  # the rest is padding to a multiple of 32: no token
+                kept = filter_logits((real.float() / self.xllm_temperature).unsqueeze(0), self.xllm_filters)[0]
+                real.masked_fill_(~torch.isfinite(kept), float("-inf"))
+                row[self.xllm_vocab:] = float("-inf")
 
 
 class RawLogprobsV2:

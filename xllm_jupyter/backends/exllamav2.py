@@ -29,7 +29,7 @@ from .exllama_common import (
     wants_cpu,
 )
 from .exllama_model import DynamicGeneratorModel
-from .exllama_sampling import AnswerPenaltiesV2, RawLogprobsV2
+from .exllama_sampling import AnswerPenaltiesV2, LogitsV2, RawLogprobsV2
 from .hf_tokenizer import ChatTokenizer
 from .prefix_isolation import IsolatedJobV2
 
@@ -237,9 +237,7 @@ def build_model(spec: ModelSpec, path: Path, *, config: Any, opts: ExllamaOption
     }
     return ExllamaV2Model(
         spec, generator=generator, chat=chat, context_length=ctx, vocab_size=int(config.vocab_size),
-        eos_token_ids=eos, max_batch_size=batch, memory_bytes=memory_bytes, details=details,
-        # the sampler adds the bias to logits padded to a multiple of 32 and refuses other sizes
-        model=model, draft=draft, sampler_vocab=int(getattr(generator, "padded_vocab_size", 0) or config.vocab_size),
+        eos_token_ids=eos, max_batch_size=batch, memory_bytes=memory_bytes, details=details, model=model, draft=draft,
     )
 
 
@@ -278,14 +276,13 @@ class ExllamaV2Model(DynamicGeneratorModel):
 
     backend_name = "exllamav2"
     isolation_mixin = IsolatedJobV2
-    # logprobs first: they take the logits before the penalties change them
-    job_mixins = (RawLogprobsV2, AnswerPenaltiesV2)
+    # logprobs first: they take the logits before the penalties change them; the bias and cuts after them
+    job_mixins = (RawLogprobsV2, AnswerPenaltiesV2, LogitsV2)
 
-    def __init__(self, spec: ModelSpec, *, model: Any, draft: tuple[Any, Any] | None, sampler_vocab: int, **kw: Any):
+    def __init__(self, spec: ModelSpec, *, model: Any, draft: tuple[Any, Any] | None, **kw: Any):
         super().__init__(spec, **kw)
         self._model = model
         self._draft = draft
-        self._sampler_vocab = sampler_vocab
 
     def make_job(self, job: SequenceJob) -> Any:
         """An ``ExLlamaV2DynamicJob`` with our sampling settings, stop tokens and logprobs."""
@@ -293,11 +290,6 @@ class ExllamaV2Model(DynamicGeneratorModel):
         from exllamav2.generator import ExLlamaV2DynamicJob, ExLlamaV2Sampler
 
         settings = ExLlamaV2Sampler.Settings(**v2_sampler_fields(job.sampling))
-        if job.sampling.logit_bias:
-            bias = torch.zeros((self._sampler_vocab,), dtype=torch.float)
-            for token, value in job.sampling.logit_bias.items():
-                bias[int(token)] = float(value)
-            settings.token_bias = bias
         native = self.job_class(ExLlamaV2DynamicJob)(
             input_ids=torch.tensor([job.prompt_ids], dtype=torch.long),
             max_new_tokens=self._library_max_new_tokens(job),
@@ -310,6 +302,7 @@ class ExllamaV2Model(DynamicGeneratorModel):
         )
         native.xllm_bind_penalties(len(job.prompt_ids), job.sampling)
         native.xllm_bind_logprobs(self.vocab_size)
+        native.xllm_bind_logits(job.sampling, self.vocab_size)
         return native
 
     def _library_max_new_tokens(self, job: SequenceJob) -> int:

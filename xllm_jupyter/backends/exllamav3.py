@@ -21,7 +21,6 @@ from .base import ModelSpec
 from .exllama_common import (
     ExllamaBackend,
     ExllamaOptions,
-    combo_sampler_kwargs,
     config_eos,
     cuda_memory_in_use,
     draft_vocabulary_fits,
@@ -30,7 +29,7 @@ from .exllama_common import (
     wants_cpu,
 )
 from .exllama_model import DynamicGeneratorModel
-from .exllama_sampling import AnswerPenaltiesV3
+from .exllama_sampling import AnswerPenaltiesV3, v3_sampler
 from .hf_tokenizer import ChatTokenizer
 from .prefix_isolation import IsolatedJobV3
 
@@ -180,8 +179,14 @@ def _cache_kwargs(opts: ExllamaOptions) -> dict[str, Any]:
 
 
 def _load_kwargs(opts: ExllamaOptions) -> dict[str, Any]:
-    """Auto-split (default), an explicit per-GPU split, or tensor parallelism."""
-    kwargs: dict[str, Any] = {"progressbar": False}
+    """Auto-split (default), an explicit per-GPU split, or tensor parallelism.
+
+    The auto-split reserves room for the activations of the batch and prefill chunk the generator runs
+    (``Model.load_gen``'s ``max_batch_size`` defaults to 1: a split sized for one sequence can run out of
+    memory on the first full batch).
+    """
+    kwargs: dict[str, Any] = {"progressbar": False, "max_batch_size": opts.max_batch_size,
+                              "max_chunk_size": PREFILL_SETTINGS["max_chunk_size"]}
     if opts.tensor_parallel:
         kwargs["tensor_p"] = True
     if opts.gpu_split:
@@ -235,6 +240,15 @@ def prepare_grammar_tokenizer(tokenizer: Any) -> None:
         log.debug("building llguidance's tokenizer at load failed", exc_info=True)
 
 
+def draft_window(generator: Any) -> int:
+    """Tokens a job reserves past its answer for a speculative pass: ``max_draft_tokens`` (exllamav3 1.6.1+), or
+    ``num_draft_tokens``, what 1.6.0's ``Job.prepare_for_queue`` adds."""
+    window = getattr(generator, "max_draft_tokens", None)
+    if window is None:
+        window = getattr(generator, "num_draft_tokens", 0)
+    return int(window or 0)
+
+
 class ExllamaV3Model(DynamicGeneratorModel):
     """A model decoding through exllamav3's ``Generator``."""
 
@@ -252,7 +266,6 @@ class ExllamaV3Model(DynamicGeneratorModel):
         """An exllamav3 ``Job`` with our sampling, stop tokens, logprobs and grammar."""
         import torch
         from exllamav3 import Job
-        from exllamav3.generator.sampler import ComboSampler
 
         filters = None
         if job.constraint is not None:
@@ -263,7 +276,7 @@ class ExllamaV3Model(DynamicGeneratorModel):
         native = self.job_class(Job)(
             input_ids=torch.tensor([job.prompt_ids], dtype=torch.long),
             max_new_tokens=job.max_tokens,
-            sampler=ComboSampler(**combo_sampler_kwargs(job.sampling)),
+            sampler=v3_sampler(job.sampling),
             seed=job.sampling.seed,
             stop_conditions=sorted(job.stop_token_ids),
             return_probs=job.logprobs,
@@ -284,7 +297,7 @@ class ExllamaV3Model(DynamicGeneratorModel):
 
     def tokens_held(self, job: SequenceJob) -> int:
         """Prompt, answer, the end token and a draft window past it (as ``Job.prepare_for_queue``)."""
-        return len(job.prompt_ids) + job.max_tokens + 1 + int(getattr(self.generator, "max_draft_tokens", 0) or 0)
+        return len(job.prompt_ids) + job.max_tokens + 1 + draft_window(self.generator)
 
     def page_size(self) -> int:
         """exllamav3's fixed page size."""
