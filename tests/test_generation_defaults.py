@@ -89,6 +89,34 @@ def test_server_applies_generation_config_and_requests_win(greedy_store):
             assert {text("hot", seed=s) for s in range(4)} != {greedy}
 
 
+
+def test_engine_default_max_tokens_caps_a_request_that_sets_none(greedy_store):
+    """engine.default_max_tokens is the budget of a chat completion or response that sets none (it filled the
+    context: a looping answer ran for minutes on a CPU); a Modelfile's num_predict and the request's own win."""
+    import dataclasses
+
+    greedy_store.create("short", "FROM greedy\nPARAMETER num_predict 3\n")
+    config = make_test_config(greedy_store.home)
+    config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, default_max_tokens=6))
+    with running_server(config, greedy_store, "greedy") as info:
+        with openai.OpenAI(base_url=info.base_url, api_key=info.api_key, max_retries=0, timeout=60) as client:
+            def used(model: str, **kw) -> tuple[int, str]:
+                r = client.chat.completions.create(model=model, messages=Q, extra_body={"ignore_eos": True}, **kw)
+                return r.usage.completion_tokens, r.choices[0].finish_reason
+
+            assert used("greedy") == (6, "length")
+            assert used("greedy", max_tokens=9) == (9, "length")
+            assert used("short") == (3, "length")  # the Modelfile's num_predict wins over the engine's default
+            streamed = client.chat.completions.create(model="greedy", messages=Q, stream=True,
+                                                      stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+            assert [c.usage.completion_tokens for c in streamed if c.usage] == [6]
+            response = client.responses.create(model="greedy", input="Hello", extra_body={"ignore_eos": True})
+            assert response.usage.output_tokens == 6
+            # legacy completions keep OpenAI's own default of 16
+            legacy = client.completions.create(model="greedy", prompt="Hello", extra_body={"ignore_eos": True})
+            assert legacy.usage.completion_tokens == 16
+
+
 def test_packaged_smollm2_carries_its_card_sampling(smollm2_home, monkeypatch):
     manifest = ModelStore(smollm2_home).show("smollm2")
     config = json.loads((manifest.path / "generation_config.json").read_text())

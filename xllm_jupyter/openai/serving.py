@@ -44,9 +44,13 @@ log = logging.getLogger(__name__)
 class OpenAIServing(CompletionsMixin):
     """The OpenAI-compatible API over one Engine, independent of any web framework."""
 
-    def __init__(self, engine: Any, config: ServerConfig | None = None, cache: CacheConfig | None = None):
+    def __init__(self, engine: Any, config: ServerConfig | None = None, cache: CacheConfig | None = None,
+                 default_max_tokens: int | None = None):
         self.engine = engine
         self.config = config or ServerConfig()
+        #: a chat completion's (and response's) budget when neither the request nor the model's Modelfile sets one
+        #: (engine.default_max_tokens); None fills the context, which on a CPU can mean minutes of a looping answer
+        self.default_max_tokens = default_max_tokens
         self.cache = ResponseCache(cache)
         #: let users reuse each other's cached prompt prefixes (quotas.share_prefix_cache); off = per-user namespaces
         self.share_prefix_cache = False
@@ -203,7 +207,8 @@ class OpenAIServing(CompletionsMixin):
 
             prompt, _ = await fit_front(messages, prompt, model.context_length - reserve, encode)
         max_tokens = self._max_tokens(
-            req.requested_max_tokens, req.max_tokens_param, len(prompt), model.context_length, "messages", defaults.max_tokens(None)
+            req.requested_max_tokens, req.max_tokens_param, len(prompt), model.context_length, "messages",
+            defaults.max_tokens(self.default_max_tokens)
         )
         rid = "chatcmpl-" + uuid.uuid4().hex
         gen = self._generation(req, prompt, rid, max_tokens=max_tokens, sampling=sampling, logprobs=bool(req.logprobs),

@@ -42,7 +42,7 @@ class XllmContext:
     def __init__(self, engine: Any, config: XllmConfig, *, shared_usage: bool = False):
         self.engine = engine
         self.config = config
-        self.serving = OpenAIServing(engine, config.server, config.cache)
+        self.serving = OpenAIServing(engine, config.server, config.cache, config.engine.default_max_tokens)
         self.metrics = ServerMetrics(engine, self.serving.cache)
         from .usage import UsageTracker  # usage.py builds on this module
         from .usage_file import usage_path
