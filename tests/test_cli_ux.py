@@ -348,3 +348,40 @@ def test_pull_bars_show_a_conversion_in_steps_not_bytes(capsys):
     assert "download tokenizer.json" in download and "2.0/2.0 MB" in download
     assert "convert model.gguf" in convert and "2/3 steps" in convert
     assert "bytes" not in convert and "/s" not in convert
+
+
+# ------------------------------------------------------------- the REPL in a real terminal
+def test_repl_in_a_terminal_block_messages_and_ctrl_c_at_the_prompt(live):
+    """`xllm run` on a pty: a \"\"\" block of several lines is one message (it was one per line), and Ctrl-C at
+    the prompt drops the line and keeps the session (it ended it, exit 0, and lost the conversation)."""
+    pexpect = pytest.importorskip("pexpect")
+    stats = live.engine.stats
+    child = pexpect.spawn(str(XLLM), ["run", TINY, "-t", "0", "--max-tokens", "2"], env=dict(os.environ),
+                          encoding="utf-8", timeout=60, dimensions=(24, 200))
+    try:
+        child.expect(">>> ")
+        before = stats(TINY).completed
+        child.sendline('"""')
+        child.expect_exact("... ", timeout=20)
+        child.sendline("first line")
+        child.expect_exact("... ", timeout=20)
+        child.sendline('second line"""')
+        child.expect(">>> ")
+        deadline = time.monotonic() + 10
+        while stats(TINY).completed == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stats(TINY).completed == before + 1  # one request for the three lines
+        child.send("half a line")
+        child.sendintr()
+        child.expect_exact("/bye or Ctrl-D exits", timeout=20)
+        child.expect(">>> ")
+        assert child.isalive()
+        child.sendline("/?")
+        child.expect_exact('"""', timeout=20)  # the help names the block syntax
+        child.expect(">>> ")
+        child.sendeof()
+        child.expect(pexpect.EOF, timeout=30)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    assert stats(TINY).completed == before + 1  # neither the half line nor /? reached the model

@@ -17,8 +17,11 @@ from .settings import server_options
 
 EXIT_WORDS = {"/bye", "/exit", "/quit"}
 HELP_WORDS = {"/?", "/help"}
-HELP = "Type a message. /clear forgets the conversation, /bye or Ctrl-D exits, /? shows this help."
+BLOCK = '"""'  # a message of several lines goes between these, as in `ollama run`
+HELP = (f"Type a message ({BLOCK} begins and ends one of several lines). Ctrl-C stops a reply, /clear forgets "
+        "the conversation, /bye or Ctrl-D exits, /? shows this help.")
 COMMANDS = "/clear, /bye (or /exit, /quit), /? (or /help)"
+EXIT_HINT = "(Ctrl-C clears the line; /bye or Ctrl-D exits)"
 
 
 class ChatBackend(Protocol):
@@ -92,16 +95,49 @@ def stdin_is_tty() -> bool:
     return _is_tty(sys.stdin)
 
 
-def _read_line() -> str | None:
-    """One line from the user, or None on EOF / Ctrl-C at the prompt."""
+def _read_line(prompt: str = ">>> ") -> str | None:
+    """One line from the user, or None on EOF; Ctrl-C at the prompt raises KeyboardInterrupt."""
     try:
         if _is_tty(sys.stdout):
-            return input(">>> ")  # readline draws the prompt, so line editing keeps it
-        click.echo(">>> ", nl=False, err=True)  # stdout is a file or pipe: keep the prompt out of it
+            return input(prompt)  # readline draws the prompt, so line editing keeps it
+        click.echo(prompt, nl=False, err=True)  # stdout is a file or pipe: keep the prompt out of it
         return input()
-    except (EOFError, KeyboardInterrupt):
+    except EOFError:
         click.echo(err=True)
         return None
+
+
+def read_message() -> tuple[str, bool] | None:
+    """The user's next message and whether it was a \"\"\" block (sent as typed, never a /command); None on EOF.
+
+    A line that starts with \"\"\" opens a block that runs to the line ending in \"\"\", so pasted text of
+    several lines is one message instead of one per line.
+    """
+    line = _read_line()
+    if line is None:
+        return None
+    first = line.lstrip()
+    if not first.startswith(BLOCK):
+        return line.strip(), False
+    lines = [first[len(BLOCK):]]
+    while not lines[-1].rstrip().endswith(BLOCK) or len(lines) == 1 and not lines[0].strip():
+        more = _read_line("... ")
+        if more is None:
+            return None
+        lines.append(more)
+    lines[-1] = lines[-1].rstrip()[:-len(BLOCK)]
+    return "\n".join(lines).strip("\n"), True
+
+
+def _slash_command(text: str, history: list[dict[str, str]], system: list[dict[str, str]]) -> None:
+    """Run /clear or /?; anything else is an unknown command, never sent to the model."""
+    if text == "/clear":
+        history[:] = system
+        _note("(conversation cleared)")
+    elif text in HELP_WORDS:
+        _note(HELP)
+    else:
+        _note(f"Unknown command '{text.split()[0]}'; commands: {COMMANDS}")
 
 
 def interactive(backend: ChatBackend, model: str, history: list[dict[str, str]], params: dict[str, Any]) -> None:
@@ -109,23 +145,23 @@ def interactive(backend: ChatBackend, model: str, history: list[dict[str, str]],
     system = list(history)
     _note(HELP)
     while True:
-        line = _read_line()
-        if line is None:
+        try:
+            message = read_message()
+        except KeyboardInterrupt:
+            # Ctrl-C at the prompt drops the line typed so far, as a shell does; pressed a moment too late
+            # to stop a reply, it must not end the session and lose the conversation
+            click.echo(err=True)
+            _note(EXIT_HINT)
+            continue
+        if message is None:
             return
-        text = line.strip()
-        if not text:
+        text, block = message
+        if not text.strip():
             continue
-        if text in EXIT_WORDS:
-            return
-        if text == "/clear":
-            history[:] = system
-            _note("(conversation cleared)")
-            continue
-        if text in HELP_WORDS:
-            _note(HELP)
-            continue
-        if text.startswith("/"):
-            _note(f"Unknown command '{text.split()[0]}'; commands: {COMMANDS}")  # never sent to the model
+        if not block and text.startswith("/"):  # a block is the user's text, even one that starts with "/"
+            if text in EXIT_WORDS:
+                return
+            _slash_command(text, history, system)
             continue
         history.append({"role": "user", "content": text})
         try:
@@ -153,7 +189,8 @@ def run_command(settings: Any, model: str, prompt: tuple[str, ...], system: str 
     """Chat with MODEL, one-shot or interactively.
 
     With PROMPT, stream one answer and exit; without it, chat in the terminal
-    (/clear forgets the conversation, /bye or Ctrl-D exits, /? lists the commands).
+    (/clear forgets the conversation, /bye or Ctrl-D exits, /? lists the commands, \"\"\" begins and
+    ends a message of several lines, Ctrl-C stops a reply).
     Piped stdin is read whole and put before PROMPT, for one answer. Uses a running
     server when one answers, else runs the model in this process.
     """
