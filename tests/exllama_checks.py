@@ -94,6 +94,20 @@ def check_logprobs(sdk: Any) -> None:
     assert all(c.logprob == pytest.approx(c.top_logprobs[0].logprob, abs=1e-3) for c in content)
 
 
+def check_logprobs_are_the_models_at_any_temperature(sdk: Any) -> None:
+    """The first token's alternatives are the model's distribution, whatever the sampling settings: the same
+    prompt greedy and at temperature 0.5 with top-p and min-p (exllamav3's step-by-step sampler path) agree."""
+    def first(**kw: Any) -> list[tuple[str, float]]:
+        r = ask(sdk, "Name a fruit.", max_tokens=1, logprobs=True, top_logprobs=3, seed=1, **kw)
+        return [(t.token, t.logprob) for t in r.choices[0].logprobs.content[0].top_logprobs]
+
+    greedy = first(temperature=0)
+    # exllamav3: the step-by-step sampler path (min-p with top-p), then the fused kernel (top-p alone)
+    for hot in (first(temperature=0.5, top_p=0.9, extra_body={"min_p": 0.05}), first(temperature=0.5, top_p=0.9)):
+        assert [t for t, _ in hot] == [t for t, _ in greedy]
+        assert [p for _, p in hot] == pytest.approx([p for _, p in greedy], abs=1e-3)
+
+
 def check_concurrent_requests(server: Any, *, batched: bool) -> None:
     """Six concurrent requests all complete; they shared steps when ``batched``, else ran one at a time."""
     from openai import AsyncOpenAI

@@ -137,7 +137,9 @@ def test_exllamav3_steps_sample_in_the_transformers_backends_order():
                        repetition_penalty=1.1, logit_bias={5: -100.0, 9: 2.0}, seed=3)
     assert v3_sampler_steps(s) == [
         ("SS_RepP", (1.1,)), ("SS_PresFreqP", (0.5, 0.25)), ("SS_LogitBias", ({5: -100.0, 9: 2.0},)),
-        ("SS_Temperature", (0.7,)), ("SS_TopK", (40,)), ("SS_TopP", (0.9,)), ("SS_MinP", (0.05,)), ("SS_Sample", ()),
+        # (a sort first: the step-by-step path must not divide the job's logits in place, see below)
+        ("SS_Sort", ()), ("SS_Temperature", (0.7,)), ("SS_TopK", (40,)), ("SS_TopP", (0.9,)), ("SS_MinP", (0.05,)),
+        ("SS_Sample", ()),
     ]
     # without top-p, min-p and top-k commute: the library's fusable order (min-p, top-k, top-p)
     names = [name for name, _ in v3_sampler_steps(SamplingParams(temperature=0.7, top_k=40, min_p=0.05))]
@@ -182,7 +184,13 @@ def test_exllamav3_steps_keep_what_the_transformers_backend_keeps(sampling, monk
     pytest.importorskip("exllamav3")
     from exllamav3.generator.sampler import CustomSampler, custom
 
-    # the step-by-step path, which the fused kernel reproduces ("equivalent to the steps it replaces")
+    def sampler():
+        return CustomSampler([getattr(custom, name)(*args) for name, args in v3_sampler_steps(sampling)])
+
+    # the fused kernel takes the truncation wherever the library can fuse it (all but min-p with top-p)
+    fused = type(sampler().steps[-1]).__name__ == "SS_Fused"
+    assert fused is (sampling.top_p == 1.0 or sampling.min_p == 0.0)
+    # the step-by-step path, which the fused kernel reproduces ("equivalent to the steps it replaces"), runs here
     monkeypatch.setattr(custom, "fused_sampler_enable", False)
     vocab = 64
     logits = torch.linspace(-3.0, 3.0, vocab)[torch.randperm(vocab, generator=torch.Generator().manual_seed(11))]
@@ -190,9 +198,13 @@ def test_exllamav3_steps_keep_what_the_transformers_backend_keeps(sampling, monk
     for token, value in sampling.logit_bias.items():
         biased[token] += value
     expected = filter_logits((biased / sampling.temperature).unsqueeze(0), Filters.of([sampling], vocab))[0]
-    steps = CustomSampler([getattr(custom, name)(*args) for name, args in v3_sampler_steps(sampling)])
-    left = tokens_left_to_draw(steps, logits)
+    left = tokens_left_to_draw(sampler(), logits)
     assert left == set(torch.nonzero(torch.isfinite(expected)).flatten().tolist()) and 1 < len(left) < vocab
+    if not fused:
+        # the job takes its logprobs from the same tensor after sampling: it must still be the model's logits
+        job_logits = logits.clone().unsqueeze(0)
+        CustomSampler(sampler().steps[:-1]).forward(job_logits, return_state=True)
+        assert torch.equal(job_logits[0], logits)
 
 
 @pytest.mark.exllama

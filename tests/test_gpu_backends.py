@@ -73,6 +73,10 @@ def test_logprobs(sdk):
     checks.check_logprobs(sdk)
 
 
+def test_logprobs_are_the_models_at_any_temperature(sdk):
+    checks.check_logprobs_are_the_models_at_any_temperature(sdk)
+
+
 def test_concurrent_requests_all_complete_and_batch_when_paged(gpu_server, sdk):
     checks.check_concurrent_requests(gpu_server, batched=paged(gpu_server))
 

@@ -47,8 +47,8 @@ def v3_sampler_steps(s: SamplingParams) -> list[tuple[str, tuple[Any, ...]]]:
     temperature, top-k, top-p, min-p and a draw.
 
     Steps at their neutral values become no-ops in the library's ``CustomSampler``. Min-p goes before top-k
-    where top-p is off (the two commute), so the library still fuses the truncation into one kernel: its fused
-    tail takes the filters in the order (min-p, top-k, top-p) only.
+    where top-p or min-p is off (then the order does not matter), so the library still fuses the truncation
+    into one kernel: its fused tail takes the filters in the order (min-p, top-k, top-p) only.
     """
     head: list[tuple[str, tuple[Any, ...]]] = [
         ("SS_RepP", (float(s.repetition_penalty),)),
@@ -57,11 +57,15 @@ def v3_sampler_steps(s: SamplingParams) -> list[tuple[str, tuple[Any, ...]]]:
     ]
     if s.greedy:
         return [*head, ("SS_Argmax", ())]
-    top_p = min(max(float(s.top_p), MIN_TOP_P), 1.0)
+    top_p, min_p = min(max(float(s.top_p), MIN_TOP_P), 1.0), min(max(float(s.min_p), 0.0), 1.0)
     cuts: list[tuple[str, tuple[Any, ...]]] = [("SS_TopK", (max(0, int(s.top_k)),)), ("SS_TopP", (top_p,))]
-    min_p = [("SS_MinP", (min(max(float(s.min_p), 0.0), 1.0),))]
-    cuts = cuts + min_p if top_p < 1.0 else min_p + cuts
-    return [*head, ("SS_Temperature", (float(s.temperature),)), *cuts, ("SS_Sample", ())]
+    if top_p == 1.0 or min_p == 0.0:
+        return [*head, ("SS_Temperature", (float(s.temperature),)), ("SS_MinP", (min_p,)), *cuts, ("SS_Sample", ())]
+    # step by step (not fusable): a first SS_Sort copies the logits. Were the temperature first, it would divide
+    # float32 logits in place (SS_Temperature on its INIT state), and the job's logprobs, a softmax of the same
+    # tensor taken after sampling, would be the tempered distribution's (exllamav3 1.6.5 ``Job.receive_logits``)
+    return [*head, ("SS_Sort", ()), ("SS_Temperature", (float(s.temperature),)), *cuts, ("SS_MinP", (min_p,)),
+            ("SS_Sample", ())]
 
 
 def v3_sampler(s: SamplingParams) -> Any:
