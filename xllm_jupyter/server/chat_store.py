@@ -12,11 +12,11 @@ class StoredCompletionMixin(BodyMixin):
 
     async def handle_get(self, completion_id: str) -> None:
         """A stored chat completion; 404 when unknown."""
-        self.write_json(self.xllm.serving.stored.retrieve(completion_id, user=self.caller.user))
+        await self.write_large_json(self.xllm.serving.stored.retrieve(completion_id, user=self.caller.user))
 
     async def handle_post(self, completion_id: str) -> None:
         """Replace its metadata (``{"metadata": {...}}``); the updated completion."""
-        self.write_json(await self.xllm.serving.stored.update(completion_id, self.body, user=self.caller.user))
+        await self.write_large_json(await self.xllm.serving.stored.update(completion_id, self.body, user=self.caller.user))
 
     async def handle_delete(self, completion_id: str) -> None:
         """Forget a stored chat completion; 404 when unknown."""

@@ -18,6 +18,7 @@ from ..core.errors import InvalidRequest, NotFound, PayloadTooLarge
 from ..openai.responses import ResponsesServing
 from ..openai.serving import OpenAIServing
 from .errors import error_response, log_error
+from .json_pieces import write_json_in_pieces
 from .limits import charge_response, metered, open_stream_tally
 from .metrics import ServerMetrics
 from .sse import SSE_HEADERS, EventStreamWriter, dumps
@@ -159,6 +160,10 @@ class RequestMixin:
         # a client that reads none of a large answer must not hold its bytes (and the connection) for good
         watch_finish(self, done, self.xllm.config.server.connection_timeout_seconds)
 
+    async def write_large_json(self, obj: Any) -> None:
+        """``write_json`` for answers that can be tens of MB (logprobs): sent in pieces, the IOLoop free between them."""
+        await write_json_in_pieces(self, obj, self.xllm.config.server.connection_timeout_seconds)
+
     def finish_event_stream(self) -> Any:
         """Finish an SSE response (the Jupyter base passes the content type through)."""
         return self.finish()  # type: ignore[attr-defined]
@@ -219,7 +224,7 @@ class RequestMixin:
         metrics = self.xllm.metrics
         if isinstance(result, dict):
             charge_response(self, result)
-            self.write_json(result)
+            await self.write_large_json(result)
         else:
             # a stream with its own way of failing (the Responses API's typed events) says how
             failure = getattr(result, "failure_events", None)
