@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Our exllamav3 adapter against a release of the library in about a minute, no CUDA build: the checks
+# `pytest -m exllama` runs (the library's own generator, jobs, page table, sampler steps and grammar
+# filter over our backend, forward taken out) with the compiled extension stood in by
+# ext_stand_in/exllama_ext_stand_in.py. For a new exllamav3 release, before cross_build.sh's
+# ~25-minute build or a GPU lease. exllamav2's sampler is compiled code, so its checks skip here
+# (cpu_check.sh runs them on the real modules).
+#
+#   bash benchmarks/gpu/api_check.sh [VERSION] [pytest args]     # VERSION: e.g. 1.6.5; default the newest
+#
+# Installs nothing into .venv: the wheel (no dependencies) and the two the project's venv lacks
+# (marisa-trie, triton) go to $API_CHECK_DIR/<version> (default /tmp/xllm-api-check).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+VERSION=${1:-}
+[ $# -gt 0 ] && shift
+DIR=${API_CHECK_DIR:-/tmp/xllm-api-check}/${VERSION:-newest}
+if [ ! -d "$DIR/exllamav3" ]; then
+  .venv/bin/python -m pip install -q --no-deps --target "$DIR" "exllamav3${VERSION:+==$VERSION}" marisa-trie triton
+fi
+echo "checking against $(basename "$(ls -d "$DIR"/exllamav3-*.dist-info)" .dist-info)"
+PYTHONPATH="$PWD/benchmarks/gpu/ext_stand_in:$DIR${PYTHONPATH:+:$PYTHONPATH}" \
+  exec .venv/bin/python -m pytest -q -rs -p no:cacheprovider -p exllama_ext_stand_in \
+  -o filterwarnings=ignore::DeprecationWarning -m exllama \
+  tests/test_prefix_isolation_library.py tests/test_exllama_library_serving.py tests/test_exllama_adapters.py "$@"
