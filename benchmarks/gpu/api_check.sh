@@ -12,8 +12,8 @@
 # (marisa-trie, triton) go to $API_CHECK_DIR/<version> (default /tmp/xllm-api-check).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-VERSION=${1:-}
-[ $# -gt 0 ] && shift
+VERSION=
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then VERSION=$1; shift; fi  # a first argument not an option
 DIR=${API_CHECK_DIR:-/tmp/xllm-api-check}/${VERSION:-newest}
 if [ ! -d "$DIR/exllamav3" ]; then
   .venv/bin/python -m pip install -q --no-deps --target "$DIR" "exllamav3${VERSION:+==$VERSION}" marisa-trie triton
