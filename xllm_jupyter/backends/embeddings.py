@@ -94,7 +94,11 @@ class EmbeddingModel:
             )
         bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
-            raise InvalidRequest(f"Input {index} holds token id {bad}, outside the vocabulary (0..{self.vocab_size - 1})", param="input")
+            # the usual sender: a client that tokenized with OpenAI's tiktoken for an OpenAI model
+            raise InvalidRequest(
+                f"Input {index} holds token id {bad}, outside the vocabulary (0..{self.vocab_size - 1}). Token-id inputs "
+                "must be this model's own token ids; a client that tokenizes with tiktoken (LangChain's OpenAIEmbeddings "
+                "by default) must send text instead (check_embedding_ctx_length=False).", param="input")
 
     def embed_ids(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
         """Unit-length embeddings (float32, one row per input) of already-checked token ids."""

@@ -7,7 +7,8 @@ uses under ``text.format``):
 - ``{"type": "json_object"}``: any JSON object;
 - ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": bool}}``
   (or ``{"type": "json_schema", "name": ..., "schema": {...}}``): output matches the schema.
-  The schema is enforced token by token whether ``strict`` is true or false.
+  The schema is enforced token by token whether ``strict`` is true or false; an object with
+  declared ``properties`` and no ``additionalProperties`` admits no other key (schema_closing.py).
 
 Anything else is a 400 naming ``param``. Whether the schema itself compiles is checked
 separately, by the model's grammar compiler (``Engine.check_constraint``).
@@ -20,6 +21,7 @@ from typing import Any
 
 from ..core.errors import InvalidRequest
 from ..core.types import Constraint
+from .schema_closing import close_objects
 
 
 def constraint_from_response_format(value: Any, *, param: str = "response_format") -> Constraint | None:
@@ -49,4 +51,4 @@ def constraint_from_response_format(value: Any, *, param: str = "response_format
     if not isinstance(schema, dict):
         raise InvalidRequest(f"'{param}.json_schema.schema' must be a JSON schema object", param=param)
     # sorted keys: equal schemas share one compiled grammar in the backend's cache
-    return Constraint("json_schema", json.dumps(schema, sort_keys=True, separators=(",", ":")))
+    return Constraint("json_schema", json.dumps(close_objects(schema), sort_keys=True, separators=(",", ":")))

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from ..core.errors import InvalidRequest, Unsupported
 from ..core.types import ChatMessage, Constraint
 from .conversation import check_name
+from .schema_closing import close_objects
 from .schema_errors import json_type, shown
 
 #: OpenAI's longest function name
@@ -244,7 +245,7 @@ def _lark_str(text: str) -> str:
 
 
 def _args_schema(params: dict[str, Any]) -> dict[str, Any]:
-    schema = dict(params)
+    schema = close_objects(params)  # invented extra arguments would run a small model to max_tokens
     # Compact, fixed whitespace: a free choice lets a weak model emit blanks forever.
     guidance = dict(schema.get("x-guidance") or {})
     guidance.setdefault("whitespace_flexible", False)

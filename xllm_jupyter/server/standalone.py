@@ -127,7 +127,7 @@ async def _preload(engine: Any, names: Sequence[str], required: bool) -> None:
     await engine.start()
     for name in names:
         try:
-            await engine.load(name)
+            await engine.load_any(name)  # an embedding model too (`-m smollm2 -m all-minilm`: chat and RAG)
             log.info("model %s loaded", name)
         except Exception as exc:
             if required:
