@@ -222,15 +222,15 @@ def test_exllamav3_combo_sampler_cuts_top_p_after_min_p(monkeypatch):
     assert tokens_left_to_draw(ComboSampler(top_p=0.6, min_p=0.5), logits) == {0}
 
 
-def test_exllamav3_jobs_reserve_the_draft_window_of_any_16_release():
-    """1.6.1+ reserve ``max_draft_tokens`` past the answer, 1.6.0 ``num_draft_tokens`` (Job.prepare_for_queue)."""
-    from types import SimpleNamespace
+def test_exllamav3_older_than_1_6_3_is_refused_at_load_by_name():
+    """1.6.0-1.6.2's top-p left out the token that crosses P (the [exl3] extra asks for 1.6.3)."""
+    from xllm_jupyter.backends.exllamav3 import check_library_version
 
-    from xllm_jupyter.backends.exllamav3 import draft_window
-
-    assert draft_window(SimpleNamespace(max_draft_tokens=6, num_draft_tokens=4)) == 6
-    assert draft_window(SimpleNamespace(num_draft_tokens=4)) == 4
-    assert draft_window(SimpleNamespace()) == 0
+    for ok in ("1.6.3", "1.6.5", "1.10.0", "2.0.0.dev1"):
+        check_library_version(ok)
+    for old in ("1.6.2", "1.4.1", "0.0.43"):
+        with pytest.raises(EngineError, match=f"exllamav3 {old} is older than 1.6.3"):
+            check_library_version(old)
 
 
 # --------------------------------------------------------- result translation

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..core.errors import EngineError
 from ..core.types import SequenceJob
 from .base import ModelSpec
 from .exllama_common import (
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 
 #: store formats this backend loads
 FORMATS = ("exl3", "safetensors")
+#: the oldest exllamav3 whose top-p keeps the token that crosses P, as OpenAI's and HF's do (1.6.0-1.6.2 left it
+#: out); the [exl3] extra asks for it, this refuses an older install at load rather than sample differently
+MIN_VERSION = (1, 6, 3)
 #: Prefill every waiting prompt in full at the next iteration. exllamav3's defaults ingest one
 #: prompt per 5 iterations while others decode, which smooths inter-token latency for one
 #: user but, measured with 16-64 concurrent requests arriving over HTTP, delayed the first
@@ -66,6 +70,9 @@ class ExllamaV3Backend(ExllamaBackend):
 
         import_with_kernels("exllamav3")
         from exllamav3 import Generator, Tokenizer
+        from exllamav3.version import __version__
+
+        check_library_version(__version__)
 
         opts = ExllamaOptions.from_options(spec.options, spec.context_length)
         path = Path(spec.path)
@@ -86,6 +93,15 @@ class ExllamaV3Backend(ExllamaBackend):
         return build_model(spec, path, config=config, opts=opts, cache_tokens=cache_tokens, model=model,
                            tokenizer=tokenizer, draft=draft, generator=generator,
                            memory_bytes=cuda_memory_in_use(opts.tensor_parallel) - before)
+
+
+def check_library_version(version: str) -> None:
+    """EngineError unless ``version`` (exllamav3's ``__version__``) is at least MIN_VERSION."""
+    parts = re.findall(r"\d+", version)[:3]
+    if tuple(int(x) for x in parts) < MIN_VERSION:
+        wanted = ".".join(map(str, MIN_VERSION))
+        raise EngineError(f"exllamav3 {version} is older than {wanted}, which this backend needs (its top_p "
+                          f"sampling matches OpenAI's from {wanted} on): pip install -U 'exllamav3>={wanted}'")
 
 
 @functools.lru_cache(maxsize=1)
@@ -240,15 +256,6 @@ def prepare_grammar_tokenizer(tokenizer: Any) -> None:
         log.debug("building llguidance's tokenizer at load failed", exc_info=True)
 
 
-def draft_window(generator: Any) -> int:
-    """Tokens a job reserves past its answer for a speculative pass: ``max_draft_tokens`` (exllamav3 1.6.1+), or
-    ``num_draft_tokens``, what 1.6.0's ``Job.prepare_for_queue`` adds."""
-    window = getattr(generator, "max_draft_tokens", None)
-    if window is None:
-        window = getattr(generator, "num_draft_tokens", 0)
-    return int(window or 0)
-
-
 class ExllamaV3Model(DynamicGeneratorModel):
     """A model decoding through exllamav3's ``Generator``."""
 
@@ -297,7 +304,7 @@ class ExllamaV3Model(DynamicGeneratorModel):
 
     def tokens_held(self, job: SequenceJob) -> int:
         """Prompt, answer, the end token and a draft window past it (as ``Job.prepare_for_queue``)."""
-        return len(job.prompt_ids) + job.max_tokens + 1 + draft_window(self.generator)
+        return len(job.prompt_ids) + job.max_tokens + 1 + int(self.generator.max_draft_tokens or 0)
 
     def page_size(self) -> int:
         """exllamav3's fixed page size."""
