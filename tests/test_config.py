@@ -204,3 +204,43 @@ def test_config_error_is_an_xllm_error_without_paths(tmp_path):
     with pytest.raises(XllmError) as info:
         load_config(path=write(secret_dir / "c.yaml", "server: {port: [x]}\n"), env={})
     assert "very-secret-dir" not in info.value.message
+
+
+def test_the_example_config_copied_verbatim_changes_nothing(tmp_path):
+    """docs/config.example.yaml ("copy it and keep what you change") holds every default, the store's home
+    included: it named ~/.local/share/xllm, which moved the store of a user with XDG_DATA_HOME set."""
+    example = Path(__file__).resolve().parents[1] / "docs" / "config.example.yaml"
+    env = {"HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "data")}
+    assert load_config(path=example, env=env) == load_config(path=tmp_path / "none.yaml", env=env)
+
+
+@pytest.mark.parametrize(
+    "key, bad, good",
+    [
+        ("device", "gpu", ["auto", "cpu", "cuda", "cuda:1", "CUDA:0"]),
+        ("dtype", "f16", ["auto", "float16", "fp16", "bfloat16", "float32"]),
+        ("compile", "sometimes", ["auto", "on", "off", "True"]),
+        ("kv_cache_bits", "q5", ["fp16", "q8", "q4", "4,6"]),
+    ],
+)
+def test_engine_words_are_checked_at_start(tmp_path, key, bad, good):
+    """A misspelt device/dtype/compile/kv_cache_bits stops start-up naming the key; it was accepted and the
+    server came up without its default model (a warning in the log, every request then failing)."""
+    with pytest.raises(ConfigError, match=rf"engine\.{key}"):
+        load_config(path=tmp_path / "none.yaml", env={f"XLLM_ENGINE_{key.upper()}": bad})
+    with pytest.raises(ConfigError, match=rf"engine\.{key}"):
+        load_config(path=write(tmp_path / "c.yaml", f"engine:\n  {key}: {bad}\n"), env={})
+    for value in good:
+        assert getattr(load_config(path=tmp_path / "none.yaml", env={f"XLLM_ENGINE_{key.upper()}": value}).engine, key) == value
+    assert load_config(path=write(tmp_path / "c.yaml", "engine:\n  compile: on\n"), env={}).engine.compile == "True"
+
+
+def test_a_misspelt_env_variable_is_named_in_a_warning(tmp_path, caplog):
+    """XLLM_ENGINE_MAX_BATCHSIZE was ignored without a word; now a warning names it and the key meant."""
+    with caplog.at_level("WARNING", logger="xllm_jupyter.core.config"):
+        cfg = load_config(path=tmp_path / "none.yaml",
+                          env={"XLLM_ENGINE_MAX_BATCHSIZE": "4", "XLLM_HUB_SERVICE": "xllm", "XLLM_BASE_URL": "http://h/v1"})
+    assert cfg.engine.max_batch_size == 16
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1, messages  # XLLM_HUB_SERVICE and XLLM_BASE_URL are client settings, not typos
+    assert "XLLM_ENGINE_MAX_BATCHSIZE" in messages[0] and "XLLM_ENGINE_MAX_BATCH_SIZE" in messages[0]

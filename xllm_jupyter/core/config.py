@@ -12,13 +12,18 @@ type- and range-checked; errors name the offending key.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def default_home(env: Mapping[str, str] | None = None) -> Path:
@@ -213,6 +218,30 @@ _CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("http", "log_rotate"): ("size", "daily"),
 }
 
+# Engine settings the backends read at load time, checked here too, so a typo stops start-up with the key's
+# name instead of leaving a server up without its model (the backends accept exactly these).
+_DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
+_DTYPES = ("auto", "float32", "fp32", "float16", "fp16", "half", "bfloat16", "bf16")
+_COMPILE = ("auto", "on", "off", "true", "false")  # YAML reads unquoted on/off as booleans: "True"/"False"
+_KV_BITS = ("fp16", "16", "q8", "q6", "q4")
+
+
+def _engine_value_error(key: str, value: str) -> str | None:
+    """Why ``value`` is not a valid ``engine.<key>``, or None when it is (or the key is not checked here)."""
+    word = str(value).strip().lower()
+    if key == "device" and not _DEVICE.fullmatch(word):
+        return "must be auto, cpu, cuda or cuda:N"
+    if key == "dtype" and word not in _DTYPES:
+        return "must be one of auto, float16, bfloat16, float32"
+    if key == "compile" and word not in _COMPILE:
+        return "must be one of auto, on, off"
+    if key == "kv_cache_bits" and word not in _KV_BITS:
+        bits = word.split(",")
+        if len(bits) != 2 or not all(b.strip().isdigit() and 2 <= int(b) <= 8 for b in bits):
+            return "must be one of fp16, q8, q6, q4, or 'K,V' bits between 2 and 8 (e.g. '4,6')"
+    return None
+
+
 # Inclusive (low, high) bounds; None = unbounded on that side.
 _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("server", "port"): (0, 65535),
@@ -309,6 +338,9 @@ def _section_values(section: str, raw: Mapping[str, Any]) -> dict[str, Any]:
         choices = _CHOICES.get((section, key))
         if choices and out[key] not in choices:
             raise ConfigError(f"Invalid value for config key '{section}.{key}': must be one of {', '.join(choices)}")
+        problem = _engine_value_error(key, out[key]) if section == "engine" else None
+        if problem:
+            raise ConfigError(f"Invalid value {str(out[key])[:40]!r} for config key 'engine.{key}': {problem}")
     return out
 
 
@@ -333,6 +365,25 @@ def config_path(env: Mapping[str, str] | None = None) -> Path:
     if env.get("XLLM_CONFIG"):
         return Path(env["XLLM_CONFIG"]).expanduser()
     return default_home(env) / "config.yaml"
+
+
+#: XLLM_<SECTION>_* variables that are not config keys (client-side settings)
+_NOT_KEYS = {"XLLM_HUB_SERVICE"}
+_warned: set[str] = set()
+
+
+def _warn_unknown_env(env: Mapping[str, str]) -> None:
+    """Warn once about an ``XLLM_<SECTION>_<KEY>`` variable naming no key (a misspelling is otherwise silently ignored)."""
+    for var in env:
+        section = next((s for s in _SECTIONS if var.startswith(f"XLLM_{s.upper()}_")), None)
+        if section is None or var in _NOT_KEYS or var in _warned:
+            continue
+        keys = [f"XLLM_{section.upper()}_{f.name.upper()}" for f in dataclasses.fields(_SECTIONS[section])]
+        if var not in keys:
+            _warned.add(var)
+            close = difflib.get_close_matches(var, keys, n=1)
+            log.warning("ignoring %s: no config key '%s.%s'%s", var, section, var[len(section) + 6:].lower(),
+                        f" (did you mean {close[0]}?)" if close else "")
 
 
 def load_config(
@@ -365,6 +416,7 @@ def load_config(
             var = f"XLLM_{section.upper()}_{f.name.upper()}"
             if var in env:
                 layered[section].update(_section_values(section, {f.name: env[var]}))
+    _warn_unknown_env(env)
     for section, values in (overrides or {}).items():
         if section not in _SECTIONS:
             raise ConfigError(f"Unknown config section '{section}'")
