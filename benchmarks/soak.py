@@ -322,17 +322,26 @@ def drained(server: ChildServer, timeout: float = 30.0) -> dict[str, Any]:
         time.sleep(0.5)
 
 
-async def soak(server: ChildServer, args: argparse.Namespace) -> tuple[Tally, int]:
-    """Run the clients; the server's RSS after the first fifth of the run (warm-up) is returned too."""
+async def soak(server: ChildServer, args: argparse.Namespace) -> tuple[Tally, list[tuple[float, int]]]:
+    """Run the clients; the server's RSS every 2 s meanwhile, as (seconds in, bytes)."""
     tally = Tally()
     start = time.monotonic()
     deadline = start + args.seconds
     tasks = [asyncio.create_task(client_loop(server.url, KEY, deadline, random.Random(args.seed * 1000 + i), tally, args.swap))
              for i in range(args.clients)]
-    await asyncio.sleep(args.seconds / 5)
-    warm_rss = server.rss_bytes()
+    rss: list[tuple[float, int]] = []
+    while time.monotonic() < deadline:
+        rss.append((round(time.monotonic() - start, 1), server.rss_bytes()))
+        await asyncio.sleep(2.0)
     await asyncio.gather(*tasks)
-    return tally, warm_rss
+    return tally, rss
+
+
+def rss_growth(series: list[tuple[float, int]]) -> tuple[int, int]:
+    """Median RSS over the second fifth of the run (after warm-up) and over the last fifth."""
+    values = [v for _, v in series]
+    fifth = max(1, len(values) // 5)
+    return int(statistics.median(values[fifth:2 * fifth] or values)), int(statistics.median(values[-fifth:]))
 
 
 def commit() -> str:
@@ -371,12 +380,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             reference(server)  # the first run fills the prefix cache; later ones reuse it
             before = reference(server)
-            tally, warm_rss = asyncio.run(soak(server, args))
+            tally, rss = asyncio.run(soak(server, args))
             idle = drained(server)
             after = reference(server)
-            end_rss = server.rss_bytes()
         finally:
             server.stop()
+        warm_rss, end_rss = rss_growth(rss)
         log = server.log_path.read_text(errors="replace")
     runs, failed = sum(tally.runs.values()), sum(tally.failed.values())
     fivexx = sum(1 for fails in tally.failures.values() for f in fails if "status 5" in f)
@@ -387,13 +396,13 @@ def main(argv: list[str] | None = None) -> int:
         {"name": "tracebacks in the server log", "value": str(log.count("Traceback")), "ok": "Traceback" not in log},
         {"name": "greedy reference unchanged", "value": "same tokens" if after == before else f"{before[:8]} -> {after[:8]}",
          "ok": after == before},
-        {"name": "server RSS after warm-up -> end (MiB)", "value": f"{warm_rss / 2**20:.0f} -> {end_rss / 2**20:.0f}",
+        {"name": "server RSS, median of the 2nd -> last fifth of the run (MiB)", "value": f"{warm_rss / 2**20:.0f} -> {end_rss / 2**20:.0f}",
          "ok": end_rss < warm_rss * 1.25},
     ]
     result = {"when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit(), "cpus": os.cpu_count(),
               "python": platform.python_version(), "clients": args.clients, "seconds": args.seconds, "seed": args.seed, "swap": args.swap,
               "command": " ".join(["python benchmarks/soak.py", *(sys.argv[1:] if argv is None else argv)]),
-              "scenarios": tally.table(), "checks": checks}
+              "scenarios": tally.table(), "checks": checks, "rss_series": rss}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
