@@ -385,3 +385,28 @@ def test_repl_in_a_terminal_block_messages_and_ctrl_c_at_the_prompt(live):
         child.close(force=True)
     assert child.exitstatus == 0
     assert stats(TINY).completed == before + 1  # neither the half line nor /? reached the model
+
+
+def test_ps_against_a_server_that_never_answers_fails_in_time(monkeypatch):
+    """A port that accepts and never answers (a stuck process): `xllm ps` says the server did not answer
+    in time after the probe timeout; it waited the 300 s a generation may take."""
+    import threading
+
+    import httpx
+
+    from xllm_jupyter.client import base
+
+    monkeypatch.setattr(base, "PROBE_TIMEOUT", httpx.Timeout(1.0, connect=5.0), raising=False)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)  # connections are accepted by the kernel; nobody answers them
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+        results: list = []
+        worker = threading.Thread(target=lambda: results.append(invoke("--url", url, "ps")), daemon=True)
+        started = time.monotonic()
+        worker.start()
+        worker.join(15)
+        elapsed = time.monotonic() - started
+    worker.join(15)  # closing the listener ends a request the old code was still waiting on
+    assert elapsed < 10, f"`xllm ps` was still waiting after {elapsed:.0f} s"
+    assert "did not answer in time" in one_error_line(results[0])

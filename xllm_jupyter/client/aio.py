@@ -24,6 +24,7 @@ from .base import (
     not_a_stream,
     parse_sse_line,
     pick_default_model,
+    probe_timeout,
     pull_body,
     resolve_base_url,
     root_url,
@@ -42,6 +43,7 @@ class AsyncXllmClient:
         self.api_key = api_key if api_key is not None else os.environ.get("XLLM_API_KEY") or None
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._http = httpx.AsyncClient(headers=auth_headers(self.api_key), timeout=timeout, limits=limits)
+        self._probe = probe_timeout(timeout)
 
     async def aclose(self) -> None:
         """Close pooled connections."""
@@ -81,11 +83,11 @@ class AsyncXllmClient:
 
     async def health(self) -> dict[str, Any]:
         """The server's ``/health`` body."""
-        return await self._request("GET", self.root_url + "/health") or {}
+        return await self._request("GET", self.root_url + "/health", timeout=self._probe) or {}
 
     async def models(self) -> list[dict[str, Any]]:
         """``GET /v1/models``: every model the server can serve."""
-        return (await self._request("GET", self.base_url + "/models") or {}).get("data", [])
+        return (await self._request("GET", self.base_url + "/models", timeout=self._probe) or {}).get("data", [])
 
     async def default_model(self) -> str | None:
         """The model a chat without one uses (as ``XllmClient.default_model``)."""
@@ -103,7 +105,7 @@ class AsyncXllmClient:
 
     async def loaded(self) -> list[dict[str, Any]]:
         """``GET /admin/models``: the models in memory now."""
-        body = await self._request("GET", self.admin_url + "/models")
+        body = await self._request("GET", self.admin_url + "/models", timeout=self._probe)
         return body.get("data", []) if isinstance(body, dict) else list(body or [])
 
     async def load(self, name: str) -> dict[str, Any]:

@@ -28,8 +28,16 @@ from ..core.errors import (
 DEFAULT_BASE_URL = "http://127.0.0.1:8900/v1"
 #: connect fast (a missing server should fail at once), but let generations take their time
 DEFAULT_TIMEOUT = httpx.Timeout(300.0, connect=5.0)
+#: /health, /v1/models and /admin/models answer from memory: a server that takes longer is stuck (its IOLoop
+#: blocked, or not an HTTP server at all), and `xllm ps` or `xllm run`'s server probe should say so, not wait 300 s
+PROBE_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 #: long enough for a big Hugging Face download between two pull progress events
 PULL_TIMEOUT = httpx.Timeout(3600.0, connect=5.0)
+
+
+def probe_timeout(timeout: httpx.Timeout | float) -> httpx.Timeout | float:
+    """The timeout of the quick calls (health, model lists): PROBE_TIMEOUT, unless the caller chose its own."""
+    return PROBE_TIMEOUT if timeout is DEFAULT_TIMEOUT else timeout
 
 
 class ServerUnavailable(XllmError):

@@ -25,6 +25,7 @@ from .base import (
     not_a_stream,
     parse_sse_line,
     pick_default_model,
+    probe_timeout,
     pull_body,
     resolve_base_url,
     root_url,
@@ -48,6 +49,7 @@ class XllmClient:
         self.admin_url = self.root_url + "/admin"
         self.api_key = api_key if api_key is not None else os.environ.get("XLLM_API_KEY") or None
         self._http = httpx.Client(headers=auth_headers(self.api_key), timeout=timeout)
+        self._probe = probe_timeout(timeout)
 
     # ------------------------------------------------------------------ plumbing
     def close(self) -> None:
@@ -96,11 +98,11 @@ class XllmClient:
     # -------------------------------------------------------------------- models
     def health(self) -> dict[str, Any]:
         """The server's ``/health`` body."""
-        return self._request("GET", self.root_url + "/health") or {}
+        return self._request("GET", self.root_url + "/health", timeout=self._probe) or {}
 
     def models(self) -> list[dict[str, Any]]:
         """``GET /v1/models``: every model the server can serve."""
-        return (self._request("GET", self.base_url + "/models") or {}).get("data", [])
+        return (self._request("GET", self.base_url + "/models", timeout=self._probe) or {}).get("data", [])
 
     def model(self, name: str) -> dict[str, Any]:
         """``GET /v1/models/{name}``: one model's entry; ``ModelNotFound`` when the server has none by that name."""
@@ -108,7 +110,7 @@ class XllmClient:
 
     def loaded(self) -> list[dict[str, Any]]:
         """``GET /admin/models``: the models in memory now (id, backend, details)."""
-        body = self._request("GET", self.admin_url + "/models")
+        body = self._request("GET", self.admin_url + "/models", timeout=self._probe)
         return body.get("data", []) if isinstance(body, dict) else list(body or [])
 
     def load(self, name: str) -> dict[str, Any]:
