@@ -306,7 +306,8 @@ def test_refusals_before_the_body_close_the_connection_cleanly(xllm_server):
         for _ in range(5):
             r = c.get("/v1/models")  # 401, refused in prepare
             assert r.status_code == 401 and r.headers["connection"] == "close"
+            # a method the route does not serve is refused after authentication, its body read: the connection stays
             r = c.delete("/v1/chat/completions", headers={"Authorization": f"Bearer {xllm_server.api_key}"})
-            assert r.status_code == 405 and r.headers["connection"] == "close"
+            assert r.status_code == 405 and r.headers.get("connection") != "close"
             r = c.get("/v1/models", headers={"Authorization": f"Bearer {xllm_server.api_key}"})
             assert r.status_code == 200 and r.headers.get("connection") != "close"

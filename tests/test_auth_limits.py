@@ -102,6 +102,34 @@ def test_user_key_gets_403_on_every_admin_route_and_admin_key_is_served(roles_se
         assert c.get("/v1/models").status_code == 200  # admin keys may call user routes too
 
 
+def test_a_method_a_route_does_not_serve_is_refused_only_after_authentication(roles_server, xllm_server):
+    """A 405 says which routes exist and what they take: anonymous callers get the 401 instead (it was a
+    405 before authentication for every verb but the route's own)."""
+    checked = 0
+    for path, mixin, _ in ROUTES:
+        for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"):
+            if method in mixin.SUPPORTED_METHODS or path in PUBLIC_PATHS:
+                continue
+            body = {"json": {}} if method in ("POST", "PUT", "PATCH") else {}
+            url = _concrete(path)
+            for key in (None, "sk-not-a-key"):
+                headers = {"Authorization": f"Bearer {key}"} if key else {}
+                r = httpx.request(method, roles_server.root + url, headers=headers, timeout=30, **body)
+                assert r.status_code == 401, (method, path, key, r.status_code)
+            admin_route = path.startswith("/admin/") or path == "/metrics"
+            if admin_route:  # a user key is refused for the route before the method is looked at
+                r = httpx.request(method, roles_server.root + url, headers={"Authorization": f"Bearer {OTHER}"},
+                                  timeout=30, **body)
+                assert r.status_code == 403, (method, path, r.status_code)
+            r = httpx.request(method, xllm_server.root + url, headers={"Authorization": f"Bearer {xllm_server.api_key}"},
+                              timeout=30, **body)
+            assert r.status_code == 405, (method, path, r.status_code, r.text)
+            if method != "HEAD":
+                assert r.json()["error"]["code"] == "method_not_allowed"
+            checked += 1
+    assert checked >= 60
+
+
 def test_only_admin_keys_still_need_a_key_and_keys_live_as_digests():
     auth = ApiKeyAuth((), (ADMIN,))
     assert auth.enabled and not auth.check(None) and not auth.check("Bearer wrong")

@@ -48,3 +48,21 @@ async def test_wrong_or_missing_token_is_401_for_every_method(xllm):
             await bad.models.list()
         with pytest.raises(openai.AuthenticationError):
             await bad.chat.completions.create(model=TINY, messages=MSG)
+
+
+@on_server_loop
+async def test_a_method_no_route_serves_is_a_401_without_the_token_and_a_405_with_it(xllm):
+    await start(xllm)
+    token = {"Authorization": f"Bearer {xllm['token']}"}
+    async with httpx.AsyncClient(timeout=30) as c:
+        for method, path in (("PUT", "/models"), ("PATCH", "/chat/completions"), ("HEAD", "/models"),
+                             ("DELETE", "/models/" + TINY), ("GET", "/completions"), ("PUT", "/../admin/stats")):
+            body = {"json": {}} if method in ("PUT", "PATCH") else {}
+            for headers in ({}, {"Authorization": "Bearer wrong"}):
+                c.cookies.clear()  # the token's login cookie would make this a (cookie-)authenticated request
+                r = await c.request(method, xllm["url"] + path, headers=headers, **body)
+                assert r.status_code == 401, (method, path, headers, r.status_code, r.text)  # was a 405 before auth
+            r = await c.request(method, xllm["url"] + path, headers=token, **body)
+            assert r.status_code == 405, (method, path, r.status_code, r.text)
+            if method != "HEAD":
+                assert r.json()["error"]["code"] == "method_not_allowed"

@@ -13,6 +13,8 @@ import logging
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+from tornado.web import HTTPError
+
 from ..core.config import XllmConfig
 from ..core.errors import InvalidRequest, NotFound, PayloadTooLarge
 from ..openai.responses import ResponsesServing
@@ -95,6 +97,9 @@ class RequestMixin:
     """Shared plumbing: JSON replies, OpenAI-shaped errors, cancel-on-disconnect, SSE."""
 
     SUPPORTED_METHODS: tuple[str, ...] = ("GET",)
+    #: the methods this route serves (routes.handler_class copies SUPPORTED_METHODS here and lets Tornado
+    #: pass every method, so that an unserved one is refused only after authentication)
+    allowed_methods: tuple[str, ...] = ("GET",)
     # Every route streams its body (routes.py applies @stream_request_body) so Tornado
     # never buffers a body on its own: GET routes drop it, BodyMixin caps it.
     _work_task: asyncio.Task | None = None
@@ -106,6 +111,8 @@ class RequestMixin:
     async def dispatch(self, method: str, *args: Any, **kwargs: Any) -> None:
         """Run the route's ``handle_<method>``; auth bases call this from get/post."""
         self._dispatched = True  # Tornado has read the whole body by now
+        if method.upper() not in self.allowed_methods:
+            raise HTTPError(405)
         context = self.xllm
         context.metrics.in_flight.inc()
         context.active += 1

@@ -61,6 +61,14 @@ class JupyterXllmHandler(ExtensionHandlerMixin, APIHandler):
         """Dispatch to the route mixin."""
         await self.serve("delete", *args, **kwargs)
 
+    @web.authenticated
+    @authorized
+    async def put(self, *args: Any, **kwargs: Any) -> None:
+        """No xllm route takes PUT, PATCH or HEAD: a 405, once the caller is known (the anonymous get a 401)."""
+        raise web.HTTPError(405)
+
+    patch = head = put
+
     async def serve(self, method: str, *args: Any, **kwargs: Any) -> None:
         """Serve an authorized request: the route mixin here (the extension's base may send it elsewhere)."""
         await self.dispatch(method, *args, **kwargs)  # type: ignore[attr-defined]

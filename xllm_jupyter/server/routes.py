@@ -38,6 +38,10 @@ PUBLIC_PATHS: frozenset[str] = frozenset({r"/health", r"/health/ready"})
 ADMIN_PREFIX = "/admin/"
 #: other admin-only routes: ``/metrics`` has every user's request and token counts (as ``/admin/usage`` has)
 ADMIN_PATHS: frozenset[str] = frozenset({r"/metrics"})
+#: the methods Tornado hands to a route's handler (every one RequestHandler has a default for): a method
+#: the route does not serve is a 405 only after authentication, so nothing but PUBLIC_PATHS answers an
+#: anonymous caller (other verbs, e.g. TRACE, Tornado refuses before any handler code runs)
+HANDLED_METHODS: tuple[str, ...] = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
 
 #: (path under the prefix, request-logic mixin, public?) — only PUBLIC_PATHS are public
 ROUTES: tuple[tuple[str, type, bool], ...] = (
@@ -69,10 +73,13 @@ def handler_class(mixin: type, base: type[RequestHandler]) -> type[RequestHandle
     """The concrete handler for ``mixin`` on ``base``.
 
     Every handler streams its request body, so Tornado never buffers one itself: the
-    mixins drop bodies they do not need and cap the ones they read (413).
+    mixins drop bodies they do not need and cap the ones they read (413). Tornado passes it
+    every ``HANDLED_METHODS`` request; the route's own methods (``allowed_methods``) are
+    checked after authentication (``RequestMixin.dispatch``; Tornado's defaults for the rest).
     """
     name = mixin.__name__.replace("Mixin", "") + "Handler"
-    return stream_request_body(type(name, (mixin, base), {"__module__": base.__module__}))
+    attrs = {"__module__": base.__module__, "SUPPORTED_METHODS": HANDLED_METHODS, "allowed_methods": mixin.SUPPORTED_METHODS}
+    return stream_request_body(type(name, (mixin, base), attrs))
 
 
 def build_routes(prefix: str, base: type[RequestHandler], public_base: type[RequestHandler]) -> list[tuple[str, type, dict[str, Any]]]:
