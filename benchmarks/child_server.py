@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import httpx
 
@@ -88,3 +89,22 @@ class ChildServer:
             self.proc.kill()
         self.log.close()
 
+
+def commit() -> str:
+    """This checkout's commit (with ``+dirty`` when tracked files have changes)."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def write_results(out: str | Path, result: dict[str, Any], markdown: str) -> None:
+    """``out``.json (the whole result) and ``out``.md (its report), and the report on stdout."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    path.with_suffix(".md").write_text(markdown)
+    print(markdown)

@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ import httpx
 from tornado.websocket import websocket_connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from child_server import ROOT, TINY, tiny_store  # noqa: E402
+from child_server import ROOT, TINY, commit, tiny_store, write_results  # noqa: E402
 
 from tests.browser import LabServer, jupyter_lab  # noqa: E402
 
@@ -201,16 +200,11 @@ def main(argv: list[str] | None = None) -> None:
         env = {"XLLM_ENGINE_TORCH_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         with jupyter_lab(Path(tmp) / "lab", config=config, env=env, name="lab-responsive") as lab:
             phases = asyncio.run(measure(lab, args))
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    result = {"when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit, "cpus": os.cpu_count(),
+    result = {"when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit(), "cpus": os.cpu_count(),
               "python": platform.python_version(), "prompt_tokens": args.prompt_tokens,
               "command": " ".join(["python benchmarks/lab_responsive.py", *(sys.argv[1:] if argv is None else argv)]),
               "phases": phases}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import os
 import platform
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,7 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from child_server import ROOT, TINY, ChildServer, tiny_store  # noqa: E402
+from child_server import ROOT, TINY, ChildServer, commit, tiny_store, write_results  # noqa: E402
 
 MODEL = TINY
 
@@ -191,16 +190,6 @@ def measure(server: ChildServer, all_bodies: dict[str, bytes], repeats: int, pol
     return out
 
 
-def commit() -> str:
-    """This checkout's commit (with ``+dirty`` when it has changes)."""
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return rev + ("+dirty" if dirty else "")
-    except OSError:
-        return "unknown"
-
 
 def markdown(result: dict) -> str:
     """The results as a Markdown table: per body and setting, the worst /health latency (the range of each
@@ -245,11 +234,7 @@ def main(argv: list[str] | None = None) -> None:
                 result["runs"][freeze] = measure(server, all_bodies, args.repeats, args.poll_ms)
             finally:
                 server.stop()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ from typing import Any, Awaitable, Callable
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from child_server import ROOT, TINY, ChildServer, tiny_store  # noqa: E402
+from child_server import ROOT, TINY, ChildServer, commit, tiny_store, write_results  # noqa: E402
 
 KEY = "soak-key"
 #: the same weights under a second name, for ``--swap``
@@ -344,13 +343,6 @@ def rss_growth(series: list[tuple[float, int]]) -> tuple[int, int]:
     return int(statistics.median(values[fifth:2 * fifth] or values)), int(statistics.median(values[-fifth:]))
 
 
-def commit() -> str:
-    """The checkout's commit."""
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
-
 
 def markdown(result: dict[str, Any]) -> str:
     """The results as a markdown report."""
@@ -403,11 +395,7 @@ def main(argv: list[str] | None = None) -> int:
               "python": platform.python_version(), "clients": args.clients, "seconds": args.seconds, "seed": args.seed, "swap": args.swap,
               "command": " ".join(["python benchmarks/soak.py", *(sys.argv[1:] if argv is None else argv)]),
               "scenarios": tally.table(), "checks": checks, "rss_series": rss}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, result, markdown(result))
     return 0 if all(c["ok"] for c in checks) else 1
 
 
