@@ -201,6 +201,41 @@ def test_ctrl_c_while_loading_in_process_exits_130(home):
     assert out == ""
 
 
+
+def test_ctrl_c_while_generating_in_process_exits_130(home):
+    """`xllm run --local` (also the fallback when no server answers) interrupted while it waits for the next
+    token: a clean 130 and "(interrupted)"; it died with "aclose(): asynchronous generator is already running"."""
+    code = (
+        "import asyncio, sys\n"
+        "from xllm_jupyter.engine import engine as e\n"
+        "real = e.Engine.generate\n"
+        "async def slow(self, request):\n"
+        "    async for event in real(self, request):\n"
+        "        print('GENERATING', file=sys.stderr, flush=True)\n"
+        "        yield event\n"
+        "        await asyncio.sleep(0.5)\n"
+        "e.Engine.generate = slow\n"
+        "from xllm_jupyter.cli.main import main\n"
+        "main(['run', '--local', 'tiny', 'hi', '--max-tokens', '200'], prog_name='xllm')\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], env=subprocess_env(home), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        deadline = time.monotonic() + 120
+        while "GENERATING" not in line and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "the child exited before generating"
+        time.sleep(0.2)  # inside the half-second wait for the next event
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "(interrupted)" in err
+    assert "Traceback" not in err and "already running" not in err and "was destroyed" not in err, err
+
 # ------------------------------------------------------- #7 a busy port
 def test_serve_on_a_busy_port_is_one_line(home):
     with socket.socket() as taken:

@@ -89,7 +89,7 @@ class LocalChat:
         try:
             while True:
                 try:
-                    event = self._run(events.__anext__())
+                    event = self._next(events)
                 except StopAsyncIteration:
                     return
                 text = getattr(event, "text", "")
@@ -98,6 +98,20 @@ class LocalChat:
         finally:
             # Runs on close() too (Ctrl-C, early exit): the engine cancels the jobs.
             self._run(events.aclose())
+
+    def _next(self, events: Any) -> Any:
+        """The next engine event. Ctrl-C while waiting for it cancels that wait first: otherwise the
+        generator is still running and closing it fails ("aclose(): asynchronous generator is already running")."""
+        step = self._loop.create_task(events.__anext__())
+        try:
+            return self._loop.run_until_complete(step)
+        except BaseException:
+            if not step.done():
+                step.cancel()
+                self._loop.run_until_complete(asyncio.wait([step]))
+            if step.done() and not step.cancelled():
+                step.exception()  # retrieved: the interrupt is what the caller hears about
+            raise
 
     def chat(self, messages: Iterable[Mapping[str, Any]] | str, model: str, **params: Any) -> str:
         """The whole reply text."""
