@@ -43,6 +43,18 @@ def test_unknown_model_is_404(client):
         client.completions.create(model="nope", prompt="x")
 
 
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/v1/models/"), ("GET", "/v1/chat/completions/"), ("GET", "/v1/responses/"),
+    ("GET", "/v1/chat/completions?after="), ("GET", "/v1/no-such-route/"),
+])
+def test_a_long_name_or_id_is_quoted_short_in_the_404(raw, method, path):
+    """A 404 repeated a 60,000-character id from the URL whole (as long as the header limit allows)."""
+    r = raw.request(method, path + "a" * 60_000)
+    assert r.status_code in (400, 404), r.text
+    err = r.json()["error"]
+    assert len(err["message"]) < 200 and "a" * 50 in err["message"] and "…" in err["message"], err["message"][:300]
+
+
 def test_malformed_json(raw):
     r = raw.post("/v1/chat/completions", content=b'{"model": "tiny", "messages": [', headers={"Content-Type": "application/json"})
     assert r.status_code == 400

@@ -7,6 +7,15 @@ Messages must never contain stack traces, file system paths or secrets.
 
 from __future__ import annotations
 
+#: most characters of a client's own value (a name, an id, a path) an error message repeats
+QUOTE_CHARS = 100
+
+
+def quoted(value: object, limit: int = QUOTE_CHARS) -> str:
+    """``value`` as text cut to ``limit`` characters, for a message (an id may be as long as a URL allows)."""
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
 
 class XllmError(Exception):
     """Base of every error xllm raises on purpose."""
@@ -86,7 +95,7 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
     def __init__(self, name: str, *, param: str | None = "model"):
-        super().__init__(f"The model '{name}' does not exist", param=param)
+        super().__init__(f"The model '{quoted(name)}' does not exist", param=param)
         self.name = name
 
 

@@ -20,7 +20,7 @@ import httpx
 from jupyter_server.utils import url_path_join
 from tornado.iostream import StreamClosedError
 
-from ..core.errors import NotFound, Overloaded
+from ..core.errors import NotFound, Overloaded, quoted
 from ..server.handlers import BodyMixin
 from ..server.jupyter import JupyterXllmHandler
 from ..server.routes import ROUTES
@@ -80,7 +80,7 @@ class HubForwardingHandler(JupyterXllmHandler):
         # a '..' segment would climb out of the service's prefix once the URL is normalized (to the
         # hub's API, when the service is reached through the proxy): no route of ours has one
         if any(unquote(segment) in (".", "..") for segment in path.split("/")):
-            raise NotFound(f"Unknown endpoint: {self.request.method} {self.request.path}")
+            raise NotFound(f"Unknown endpoint: {self.request.method} {quoted(self.request.path)}")
         query = f"?{self.request.query}" if self.request.query else ""
         return upstream.service.root + path + query  # still percent-encoded as the client sent it
 

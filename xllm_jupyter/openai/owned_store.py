@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from operator import itemgetter
 from typing import Any, Generic, Protocol, TypeVar
 
-from ..core.errors import InvalidRequest, NotFound
+from ..core.errors import InvalidRequest, NotFound, quoted
 
 #: how many objects a store remembers by default
 DEFAULT_CAPACITY = 1000
@@ -78,7 +78,7 @@ class OwnedStore(Generic[T]):
         """``owner``'s object ``oid``, or NotFound (404) naming ``param``."""
         item = self._items.get(oid)
         if item is None or item.owner != owner:
-            raise NotFound(f"{self.kind} with id '{oid}' not found.", param=param)
+            raise NotFound(f"{self.kind} with id '{quoted(oid)}' not found.", param=param)
         self._by_owner[owner].move_to_end(oid)
         return item
 
@@ -127,7 +127,7 @@ def cursor_page(items: Sequence[Any], limit: int, order: str, after: str | None,
     if after is not None:
         ids = [ident(i) for i in ordered]
         if after not in ids:
-            raise InvalidRequest(f"No {what} with id '{after}'", param="after")
+            raise InvalidRequest(f"No {what} with id '{quoted(after)}'", param="after")
         ordered = ordered[ids.index(after) + 1 :]
     page = ordered[:limit]
     return {

@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from tornado.web import HTTPError
 
 from ..core.config import XllmConfig
-from ..core.errors import InvalidRequest, NotFound, PayloadTooLarge
+from ..core.errors import InvalidRequest, NotFound, PayloadTooLarge, quoted
 from ..openai.responses import ResponsesServing
 from ..openai.serving import OpenAIServing
 from .errors import error_response, log_error
@@ -410,7 +410,7 @@ class NotFoundMixin(RequestMixin):
 
     async def handle_get(self, *args: Any) -> None:
         """404."""
-        raise NotFound(f"Unknown endpoint: {self.request.method} {self.request.path}")  # type: ignore[attr-defined]
+        raise NotFound(f"Unknown endpoint: {self.request.method} {quoted(self.request.path)}")  # type: ignore[attr-defined]
 
     handle_post = handle_get
 
