@@ -445,3 +445,26 @@ def test_ps_against_a_server_that_never_answers_fails_in_time(monkeypatch):
     worker.join(15)  # closing the listener ends a request the old code was still waiting on
     assert elapsed < 10, f"`xllm ps` was still waiting after {elapsed:.0f} s"
     assert "did not answer in time" in one_error_line(results[0])
+
+
+def test_a_reply_stopped_before_its_first_word_leaves_no_turn(live, monkeypatch):
+    """Ctrl-C before any text came: the question and an empty answer were kept and sent with every later turn
+    (SmolLM2 then rambled); now that turn is dropped, as the ChatWidget drops it."""
+    sent = []
+
+    class Interrupted(XllmClient):
+        def stream_chat(self, messages, model=None, **params):
+            sent.append([dict(m) for m in messages])
+            if len(sent) == 1:  # the person presses Ctrl-C while the first answer is still on its way
+                def stopped():
+                    raise KeyboardInterrupt
+                    yield ""
+
+                return stopped()
+            return super().stream_chat(messages, model, **params)
+
+    lines = iter(["first", "second", "/bye"])
+    monkeypatch.setattr(chat, "_read_line", lambda *prompt: next(lines))
+    with Interrupted(live.base_url, live.api_key) as backend:
+        chat.interactive(backend, TINY, [], {"max_tokens": 2, "temperature": 0})
+    assert [m["content"] for m in sent[1]] == ["second"]

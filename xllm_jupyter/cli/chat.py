@@ -165,13 +165,16 @@ def interactive(backend: ChatBackend, model: str, history: list[dict[str, str]],
             continue
         history.append({"role": "user", "content": text})
         try:
-            reply, _ = stream_reply(backend, history, model, params)
+            reply, interrupted = stream_reply(backend, history, model, params)
         except ServerUnavailable:
             raise
         except XllmError as exc:
             # A bad turn should not end the session; drop it and let the user go on.
             history.pop()
             _note(f"Error: {exc.message}")
+            continue
+        if interrupted and not reply:
+            history.pop()  # stopped before a word came: an empty assistant turn would only confuse the next one
             continue
         history.append({"role": "assistant", "content": reply})
 
