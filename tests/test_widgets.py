@@ -71,6 +71,37 @@ def test_chat_widget_streams_a_conversation(make, endpoint):
     assert [m["role"] for m in w.request_messages()] == ["system", "user", "assistant", "user", "assistant"]
 
 
+
+def test_chat_widget_sends_only_the_settings_the_user_chose(make, endpoint):
+    w = make(ChatWidget, TINY, client=endpoint)
+    assert w.request_params() == {} and "model defaults" in w.settings_note.value
+    w.temperature.value = 0.3
+    assert w.request_params() == {"temperature": 0.3}
+    assert "top p, max tokens" in w.settings_note.value
+    w.defaults_button.click()
+    assert w.request_params() == {} and w.temperature.value == 1.0 and "model defaults" in w.settings_note.value
+    given = make(ChatWidget, TINY, client=endpoint, max_tokens=4, params={"seed": 1})
+    assert given.request_params() == {"max_tokens": 4, "seed": 1}
+
+
+def test_chat_widget_leaves_a_created_models_settings_in_force(make, endpoint, xllm_home):
+    from xllm_jupyter.client import XllmClient
+    from xllm_jupyter.store.store import ModelStore
+
+    store = ModelStore(xllm_home)
+    store.create("widget-brief", f"FROM {TINY}\nPARAMETER num_predict 2\n")
+    try:
+        w = make(ChatWidget, "widget-brief", client=endpoint, params={"ignore_eos": True})
+        w.ask("hello")
+        assert w.wait(60) and w.last.completion_tokens == 2  # the Modelfile's num_predict, not the widget's
+        w.max_tokens.value = 3
+        w.ask("again")
+        assert w.wait(60) and w.last.completion_tokens == 3  # chosen in the widget: it wins
+    finally:
+        with XllmClient(*endpoint) as c:
+            c.unload("widget-brief")
+        store.rm("widget-brief")
+
 def test_chat_widget_stop_cancels_on_the_server(make, endpoint, xllm_server):
     engine = xllm_server.engine
     before = engine.stats(TINY).cancelled

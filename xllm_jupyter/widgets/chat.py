@@ -20,6 +20,10 @@ from .base import RENDER_INTERVAL, WIDE_LABEL, Runner, error_text, model_choices
 
 log = logging.getLogger(__name__)
 
+#: what the settings show until the user moves them (they are not sent before: see ``ChatWidget.chosen``)
+_SHOWN: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 512}
+_LABELS = {"temperature": "temperature", "top_p": "top p", "max_tokens": "max tokens"}
+
 _ROLE_STYLE = {
     "user": ("You", "var(--jp-layout-color2, #f3f3f3)"),
     "assistant": ("Assistant", "transparent"),
@@ -42,9 +46,9 @@ class ChatWidget(W.VBox):
         *,
         client: ClientLike = None,
         system: str = "",
-        temperature: float = 0.7,
-        top_p: float = 1.0,
-        max_tokens: int = 512,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        max_tokens: int | None = None,
         params: dict[str, Any] | None = None,
         **kwargs: Any,
     ):
@@ -65,9 +69,21 @@ class ChatWidget(W.VBox):
             options, chosen, problem = model_choices(c, model)
         self.model_picker = W.Dropdown(options=options, value=chosen, description="Model")
         self.system_prompt = W.Textarea(value=system, placeholder="System prompt (optional)", description="System", layout=W.Layout(width="100%"))
-        self.temperature = W.FloatSlider(value=temperature, min=0.0, max=2.0, step=0.05, description="Temperature", style=WIDE_LABEL)
-        self.top_p = W.FloatSlider(value=top_p, min=0.05, max=1.0, step=0.05, description="Top p")
-        self.max_tokens = W.BoundedIntText(value=max_tokens, min=1, max=1_000_000, description="Max tokens")
+        self.temperature = W.FloatSlider(value=_SHOWN["temperature"], min=0.0, max=2.0, step=0.05, description="Temperature", style=WIDE_LABEL)
+        self.top_p = W.FloatSlider(value=_SHOWN["top_p"], min=0.05, max=1.0, step=0.05, description="Top p")
+        self.max_tokens = W.BoundedIntText(value=_SHOWN["max_tokens"], min=1, max=1_000_000, description="Max tokens")
+        self.defaults_button = W.Button(description="Model defaults", icon="undo",
+                                        tooltip="Send none of these settings: the model's own apply (its Modelfile, generation_config.json)")
+        self.settings_note = W.HTML()
+        #: the settings the user chose (the constructor's or moved since): only these are sent, so a model's
+        #: own defaults (a Modelfile's num_predict, the sampling it ships with) apply to the rest
+        self.chosen: set[str] = set()
+        for name, value in (("temperature", temperature), ("top_p", top_p), ("max_tokens", max_tokens)):
+            if value is not None:
+                self._control(name).value = value
+                self.chosen.add(name)
+            self._control(name).observe(lambda _, name=name: self._chose(name), names="value")
+        self._note_settings()
         self.transcript = W.HTML(layout=W.Layout(width="100%", max_height="28em", overflow="auto", border="1px solid var(--jp-border-color2, #ddd)", padding="4px"))
         self.input = W.Textarea(placeholder="Type a message and press Send", description="Message", layout=W.Layout(width="100%", height="5em"))
         self.send_button = W.Button(description="Send", button_style="primary", icon="paper-plane")
@@ -83,8 +99,10 @@ class ChatWidget(W.VBox):
         self.clear_button.on_click(lambda _: self.clear())
         self.export_button.on_click(lambda _: self._export_clicked())
         self.export_format.observe(self._format_changed, names="value")
+        self.defaults_button.on_click(lambda _: self.use_model_defaults())
 
-        settings = W.HBox([self.temperature, self.top_p, self.max_tokens], layout=W.Layout(flex_flow="row wrap"))
+        settings = W.HBox([self.temperature, self.top_p, self.max_tokens, self.defaults_button, self.settings_note],
+                          layout=W.Layout(flex_flow="row wrap", align_items="center"))
         buttons = W.HBox([self.send_button, self.stop_button, self.clear_button])
         export = W.HBox([self.export_format, self.export_path, self.export_button])
         super().__init__([self.model_picker, self.system_prompt, settings, self.transcript, self.input, buttons, export, self.status], **kwargs)
@@ -97,8 +115,32 @@ class ChatWidget(W.VBox):
         return self._runner.busy
 
     def request_params(self) -> dict[str, Any]:
-        """The chat parameters the next request carries."""
-        return {"temperature": self.temperature.value, "top_p": self.top_p.value, "max_tokens": self.max_tokens.value, **self.params}
+        """The chat parameters the next request carries: the settings chosen, then ``params``."""
+        return {**{name: self._control(name).value for name in _SHOWN if name in self.chosen}, **self.params}
+
+    def use_model_defaults(self) -> None:
+        """Send none of temperature, top p and max tokens: the model's own defaults apply again."""
+        self._resetting = True
+        try:
+            for name, value in _SHOWN.items():
+                self._control(name).value = value
+        finally:
+            self._resetting = False
+        self.chosen.clear()
+        self._note_settings()
+
+    def _control(self, name: str) -> Any:
+        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens}[name]
+
+    def _chose(self, name: str) -> None:
+        if not getattr(self, "_resetting", False):
+            self.chosen.add(name)
+            self._note_settings()
+
+    def _note_settings(self) -> None:
+        unset = [_LABELS[n] for n in _SHOWN if n not in self.chosen]
+        text = "" if not unset else ("model defaults" if len(unset) == len(_SHOWN) else "model default: " + ", ".join(unset))
+        self.settings_note.value = f'<span style="opacity:0.7">{html.escape(text)}</span>'
 
     def request_messages(self) -> list[dict[str, str]]:
         """What the next request sends: the system prompt (if any) and the conversation."""
