@@ -48,7 +48,7 @@ def test_a_streamed_chat_through_gradio_client_returns_text(pg, xllm_server):
     client = gradio_client.Client(pg.local_url, verbose=False)
     # Sampled with a seed: the random-weight model's greedy answer is only newlines.
     job = client.submit(
-        "Say hello", [], "tiny", "", 1.0, 1.0, 200, 7, api_name=pg.api_name
+        "Say hello", [], "tiny", "", 1.0, 1.0, 200, 7, False, api_name=pg.api_name
     )
     job.result(timeout=120)
     outputs = job.outputs()
@@ -69,12 +69,35 @@ def test_a_streamed_chat_through_gradio_client_returns_text(pg, xllm_server):
     assert texts[-1].strip() == expected.strip()
 
 
+
+def test_the_models_defaults_are_sent_unless_a_setting_is_chosen(pg, xllm_server, xllm_home):
+    from xllm_jupyter.store.store import ModelStore
+
+    store = ModelStore(xllm_home)
+    store.create("pg-brief", "FROM tiny\nPARAMETER num_predict 2\nPARAMETER temperature 1\n")
+    client = gradio_client.Client(pg.local_url, verbose=False)
+    try:
+        with XllmClient(xllm_server.base_url, xllm_server.api_key) as direct:
+            # the checkbox on (the app's default): the Modelfile's num_predict 2 applies, not the 200 shown
+            job = client.submit("Say hello", [], "pg-brief", "", 0.0, 1.0, 200, 5, True, api_name=pg.api_name)
+            job.result(timeout=120)
+            assert final_text(job).strip() == direct.chat("Say hello", "pg-brief", seed=5).strip()
+            # off: the settings shown are sent (greedy, 200 tokens)
+            job = client.submit("Say hello", [], "pg-brief", "", 0.0, 1.0, 200, 5, False, api_name=pg.api_name)
+            job.result(timeout=120)
+            assert final_text(job).strip() == direct.chat("Say hello", "pg-brief", temperature=0.0, top_p=1.0,
+                                                          max_tokens=200, seed=5).strip()
+    finally:
+        with XllmClient(xllm_server.base_url, xllm_server.api_key) as direct:
+            direct.unload("pg-brief")
+        store.rm("pg-brief")
+
 def test_stop_cancels_the_generation_on_the_server(pg, xllm_server):
     client = gradio_client.Client(pg.local_url, verbose=False)
     before = xllm_server.engine.stats()
     # 2000 sampled tokens take the tiny model several seconds; stop once the stream is flowing.
     job = client.submit(
-        "Tell me a long story", [], "tiny", "", 1.0, 1.0, 2000, 1, api_name=pg.api_name
+        "Tell me a long story", [], "tiny", "", 1.0, 1.0, 2000, 1, False, api_name=pg.api_name
     )
     deadline = time.monotonic() + 120
     while len(job.outputs()) < 2 and time.monotonic() < deadline:

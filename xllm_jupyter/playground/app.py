@@ -143,8 +143,13 @@ def build_app(
         top_p: float,
         max_tokens: float,
         seed: str | None = None,
+        model_defaults: bool = False,
     ):
-        """Append the user's message and stream the assistant's answer into the transcript."""
+        """Append the user's message and stream the assistant's answer into the transcript.
+
+        ``model_defaults``: send no temperature, top p or max tokens, so the model's own apply (a
+        created model's Modelfile, the sampling it ships with, the server's default max tokens).
+        """
         history = list(history or [])
         message = (message or "").strip()
         if not message:
@@ -159,7 +164,7 @@ def build_app(
         yield history, ""
         text = ""
         try:
-            params = sampling(temperature, top_p, max_tokens, seed)
+            params = sampling(None, None, None, seed) if model_defaults else sampling(temperature, top_p, max_tokens, seed)
             async for piece in stream_reply(endpoint, messages, model, params):
                 text += piece
                 history[-1] = {"role": "assistant", "content": text}
@@ -204,13 +209,19 @@ def build_app(
                     allow_custom_value=True,
                 )
                 system = gr.Textbox(label="System prompt", lines=3)
+                model_defaults = gr.Checkbox(
+                    value=True, label="The model's defaults",
+                    info="Send no temperature, top p or max tokens (moving one turns this off)",
+                )
                 temperature = gr.Slider(
                     0.0, 2.0, value=0.7, step=0.05, label="Temperature"
                 )
                 top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top p")
                 max_tokens = gr.Slider(1, 2048, value=256, step=1, label="Max tokens")
                 seed = gr.Textbox(label="Seed", placeholder="random", max_lines=1)
-        inputs = [box, chatbot, picker, system, temperature, top_p, max_tokens, seed]
+        for control in (temperature, top_p, max_tokens):
+            control.input(lambda: False, None, model_defaults)  # the user chose a value: send it
+        inputs = [box, chatbot, picker, system, temperature, top_p, max_tokens, seed, model_defaults]
         # The engine batches concurrent users; don't let Gradio serialise them (its default is 1).
         submitted = box.submit(
             respond,
