@@ -92,9 +92,8 @@ def test_an_answer_nobody_reads_is_dropped(stall_server):
         got, closed = _read_to_end(s)
     finally:
         s.close()
-    head, _, body = got.partition(b"\r\n\r\n")
-    length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
-    assert closed and len(body) < length, (closed, len(body), length)  # closed, not delivered in full
+    # a large answer goes out chunked (server/json_pieces.py): closed before its last chunk
+    assert closed and got.startswith(b"HTTP/1.1 200") and not got.endswith(b"0\r\n\r\n"), (closed, got[-20:])
 
 
 def test_a_slow_reader_that_keeps_reading_is_not_dropped(stall_server):
