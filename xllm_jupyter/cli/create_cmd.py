@@ -1,4 +1,4 @@
-"""``xllm create NAME -f Modelfile``: a new model from a Modelfile (Ollama's syntax)."""
+"""``xllm create NAME -f Modelfile`` (a new model from a Modelfile, Ollama's syntax) and ``xllm cp``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from ..client.units import human_size
+from ..store.names import canonical_name
 from .render import short_digest
 from .settings import server_options
 from .store_cmds import PullBar, _progress, open_store, unload_from_server
@@ -43,6 +44,27 @@ def create_command(settings: Any, name: str, modelfile) -> None:
         manifest = store.create(name, text, progress=PullBar(progress), base_dir=_modelfile_dir(modelfile))
     unload_from_server(settings, manifest.name)  # it would go on serving the old settings (read at load)
     click.echo(f"Created {manifest.name} ({manifest.format}, {human_size(manifest.size)}, {short_digest(manifest.digest)})")
+
+
+@click.command("cp")
+@click.argument("source")
+@click.argument("destination")
+@server_options
+@click.pass_obj
+def cp_command(settings: Any, source: str, destination: str) -> None:
+    """Copy stored model SOURCE to DESTINATION, settings and all.
+
+    The weights are hard-linked where the store's file system allows, not duplicated. An
+    existing DESTINATION is replaced (as ``xllm create`` replaces it), and a running server
+    that has it loaded unloads it.
+    """
+    store = open_store()
+    text = modelfile_text(store.show(source))  # an unknown SOURCE fails here
+    if canonical_name(source) == canonical_name(destination):
+        raise click.UsageError("SOURCE and DESTINATION are the same model.")
+    manifest = store.create(destination, text)
+    unload_from_server(settings, manifest.name)
+    click.echo(f"Copied {source} to {manifest.name}")
 
 
 def _modelfile_dir(modelfile) -> Path | None:

@@ -14,7 +14,7 @@ from .. import __version__
 from ..client.units import human_size
 from ..core.errors import AuthenticationError, PermissionDenied, XllmError
 from .chat import run_command
-from .create_cmd import create_command
+from .create_cmd import cp_command, create_command
 from .render import stdout_console
 from .settings import KEY_HELP, URL_HELP, Settings, server_options
 from .store_cmds import list_command, pull_command, rm_command, show_command
@@ -149,6 +149,7 @@ main.add_command(list_command)
 main.add_command(show_command)
 main.add_command(rm_command)
 main.add_command(create_command)
+main.add_command(cp_command)
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m xllm_jupyter.cli.main`

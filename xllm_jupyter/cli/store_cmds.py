@@ -145,16 +145,23 @@ def _template(manifest: Any) -> str | None:
 @click.command("show")
 @click.argument("name")
 @click.option("--modelfile", is_flag=True, help="Print a Modelfile that re-creates the model's settings.")
-def show_command(name: str, modelfile: bool) -> None:
+@click.option("--parameters", is_flag=True, help="Print the parameters applied to requests that leave them unset.")
+@click.option("--system", is_flag=True, help="Print the model's system prompt.")
+@click.option("--template", is_flag=True, help="Print the model's whole chat template.")
+@click.option("--license", "license_", is_flag=True, help="Print the model's license (its Modelfile LICENSE).")
+def show_command(name: str, modelfile: bool, parameters: bool, system: bool, template: bool, license_: bool) -> None:
     """Show a stored model's manifest.
 
-    Source, format, size, digest, files and an excerpt of the chat template.
+    Source, format, size, digest, files and an excerpt of the chat template; one of the
+    flags prints that part alone, as ``ollama show`` does.
     """
+    parts = [flag for flag, on in (("--modelfile", modelfile), ("--parameters", parameters), ("--system", system),
+                                   ("--template", template), ("--license", license_)) if on]
+    if len(parts) > 1:
+        raise click.UsageError(f"Give one of {', '.join(parts)}, not several.")
     m = open_store().show(name)
-    if modelfile:
-        from .create_cmd import modelfile_text
-
-        click.echo(modelfile_text(m), nl=False)
+    if parts:
+        _echo_part(m, parts[0])
         return
     click.echo(f"name      {m.name}")
     click.echo(f"source    {m.source}")
@@ -193,6 +200,31 @@ def rm_command(settings: Any, name: str, yes: bool) -> None:
     unload_from_server(settings, name)
     store.rm(name)
     click.echo(f"Removed {name}")
+
+
+def _echo_part(manifest: Any, part: str) -> None:
+    """What one ``show`` flag asks for, alone (nothing when the model has none of it)."""
+    from ..store.create import model_defaults, modelfile_of
+
+    if part == "--modelfile":
+        from .create_cmd import modelfile_text
+
+        click.echo(modelfile_text(manifest), nl=False)
+    elif part == "--parameters":
+        for key, value in model_defaults(manifest).parameters.items():
+            for one in value if isinstance(value, list) else [value]:  # stop: one line per string, as in a Modelfile
+                click.echo(f"{key:<20}{json.dumps(one) if isinstance(one, str) else one}")
+    elif part == "--system":
+        text = model_defaults(manifest).system
+        if text:
+            click.echo(text)
+    elif part == "--template":
+        text = _template(manifest)
+        if text:
+            click.echo(text)
+    else:
+        for text in modelfile_of(manifest).license:
+            click.echo(text)
 
 
 def _echo_modelfile_settings(manifest: Any) -> None:

@@ -1,0 +1,55 @@
+"""``xllm cp`` and ``xllm show``'s one-part flags (``--parameters``, ``--system``, ``--template``, ``--license``), as in Ollama."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.server_fixtures import TINY
+from tests.test_cli_ux import home, invoke, one_error_line  # noqa: F401 - ``home`` is a fixture
+from xllm_jupyter.store.store import ModelStore
+
+MODELFILE = """FROM tiny
+PARAMETER temperature 0.3
+PARAMETER stop "<end>"
+PARAMETER stop "###"
+SYSTEM You are terse.
+LICENSE MIT-ish
+"""
+
+
+@pytest.fixture
+def terse(home, tmp_path):  # noqa: F811 - the fixture imported above
+    path = tmp_path / "Modelfile"
+    path.write_text(MODELFILE)
+    assert invoke("create", "terse", "-f", str(path)).exit_code == 0
+    return home
+
+
+def test_cp_copies_the_model_and_its_settings_sharing_the_weights(terse):
+    result = invoke("cp", "terse", "terse2")
+    assert result.exit_code == 0 and "Copied terse to terse2" in result.output
+    store = ModelStore(terse)
+    a, b = store.show("terse"), store.show("terse2")
+    assert a.digest == b.digest
+    assert invoke("show", "terse2", "--parameters").output.splitlines() == [
+        "temperature         0.3", 'stop                "<end>"', 'stop                "###"']
+    # hard links where the file system allows: the copy takes no second set of weights
+    weights = [f for f in a.files if f.path.endswith(".safetensors")][0].path
+    assert (a.path / weights).stat().st_ino == (b.path / weights).stat().st_ino
+
+
+def test_cp_refuses_what_it_cannot_do(terse):
+    assert "does not exist" in one_error_line(invoke("cp", "nope", "x"))
+    assert invoke("cp", "terse", "TERSE").exit_code == 2  # the same model (names are case-insensitive)
+    assert "Invalid model name" in one_error_line(invoke("cp", "terse", "../evil"))
+    assert [m.name for m in ModelStore(terse).list()] == ["terse", TINY]
+
+
+def test_show_prints_one_part_alone(terse):
+    assert invoke("show", "terse", "--system").output == "You are terse.\n"
+    assert invoke("show", "terse", "--license").output == "MIT-ish\n"
+    template = invoke("show", "terse", "--template").output
+    assert "<|im_start|>" in template and "…" not in template  # the whole template, not the excerpt
+    assert invoke("show", TINY, "--system").output == ""  # none: nothing printed
+    result = invoke("show", "terse", "--system", "--license")
+    assert result.exit_code == 2 and "--system, --license" in result.output
