@@ -111,3 +111,18 @@ def test_a_slow_reader_that_keeps_reading_is_not_dropped(stall_server):
     finally:
         s.close()
     assert got.startswith(b"HTTP/1.1 200") and b"data: [DONE]" not in got  # it was far from done
+
+
+def test_a_watch_that_cannot_count_bytes_sent_cuts_no_one():
+    import asyncio
+
+    from xllm_jupyter.server.stalls import StallWatch, bytes_sent
+
+    class Bare:  # a handler whose connection has no byte count (another server, a changed Tornado)
+        request = None
+
+    async def watch() -> StallWatch:
+        return StallWatch(Bare(), 0.2, lambda: True)
+
+    w = asyncio.run(watch())
+    assert bytes_sent(Bare()) is None and w._timer is None and not w.stalled  # noqa: SLF001 - never armed

@@ -64,7 +64,9 @@ class StallWatch:
         self._seen = bytes_sent(handler)
         self._timer: asyncio.TimerHandle | None = None
         self.stalled = False
-        if seconds > 0:
+        # without a count of the bytes sent (Tornado's stream no longer has it) a slow reader that keeps
+        # reading would look stalled: watch nothing rather than cut readers who are still reading
+        if seconds > 0 and self._seen is not None:
             self._arm()
 
     def _arm(self) -> None:
