@@ -11,7 +11,7 @@ class _Choice:
     """One choice as its deltas arrive."""
 
     def __init__(self) -> None:
-        self.content: str | None = None
+        self.parts: list[str] | None = None  # the content's pieces, joined once at the end (None: no content yet)
         self.calls: dict[int, dict[str, Any]] = {}  # tool-call index -> the call so far
         self.logprobs: list[dict[str, Any]] | None = None  # None until a chunk of this choice carries some
         self.finish: str | None = None
@@ -22,7 +22,9 @@ class _Choice:
         if text is not None:
             # the opening delta's "" makes a reply with no text "" (as the full response has it); a
             # reply forced to be tool calls opens with null and keeps it
-            self.content = (self.content or "") + text
+            if self.parts is None:
+                self.parts = []
+            self.parts.append(text)
         for frag in delta.get("tool_calls") or ():
             fn = frag.get("function") or {}
             call = self.calls.get(frag["index"])
@@ -32,11 +34,14 @@ class _Choice:
             call["function"]["arguments"] += fn.get("arguments") or ""
         lp = choice.get("logprobs")
         if lp is not None:
-            self.logprobs = (self.logprobs or []) + list(lp.get("content") or ())
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(lp.get("content") or ())  # in place: a copy per chunk is quadratic in the reply
         self.finish = choice.get("finish_reason") or self.finish
 
     def wire(self, index: int) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": self.content, "refusal": None}
+        content = None if self.parts is None else "".join(self.parts)
+        message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
         if self.calls:
             message["tool_calls"] = [self.calls[i] for i in sorted(self.calls)]
         logprobs = None if self.logprobs is None else {"content": self.logprobs, "refusal": None}
