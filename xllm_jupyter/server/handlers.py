@@ -62,6 +62,9 @@ class XllmContext:
         self.limiter: Any = None
         #: requests being handled now (a shutdown lets them write their last words before closing connections)
         self.active = 0
+        #: models the server still loads at start (``xllm serve -m``), for /health/ready; None: the config's
+        #: default_model and preload, as far as the engine is loading them
+        self.startup_pending: set[str] | None = None
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is being handled (False: ``timeout`` s passed first)."""

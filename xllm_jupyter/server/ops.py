@@ -9,13 +9,14 @@ from .handlers import RequestMixin
 from .metrics import CONTENT_TYPE
 
 
-def readiness(engine: Any, startup_models: tuple[str, ...]) -> str | None:
-    """None when the engine can serve, else why not (shown to the caller)."""
+def readiness(engine: Any, startup_models: tuple[str, ...], pending: set[str] | None = None) -> str | None:
+    """None when the engine can serve, else why not (shown to the caller); ``pending``: start-up models not
+    loaded yet, whether or not their load has begun."""
     if not engine.healthy:
         return "An engine thread has died; this server cannot generate until it is restarted."
     if not engine.started:
         return "The engine is starting."
-    loading = sorted(name for name in set(startup_models) if engine.is_loading(name))
+    loading = sorted({name for name in startup_models if engine.is_loading(name)} | set(pending or ()))
     if loading:
         return f"Still loading {', '.join(loading)}."
     return None
@@ -28,7 +29,7 @@ class ReadyMixin(RequestMixin):
         """Readiness for load balancers and orchestrators."""
         c = self.xllm.config.engine
         startup = tuple(n for n in (c.default_model, *c.preload) if n)
-        why = readiness(self.xllm.engine, startup)
+        why = readiness(self.xllm.engine, startup, self.xllm.startup_pending)
         if why is None:  # (no model names: this route needs no key; /v1/models says what is loaded)
             self.write_json({"status": "ready"})
         else:

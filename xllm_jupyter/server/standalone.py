@@ -46,6 +46,11 @@ class RunningServer:
         """Stop listening, give requests in flight a moment to end, close open connections."""
         await stop_http_server(self.http_server)
 
+    @property
+    def context(self) -> Any:
+        """The handlers' shared XllmContext."""
+        return self.http_server.request_callback.settings[CONTEXT_KEY]  # type: ignore[attr-defined]
+
 
 def listen_host(config: XllmConfig, host: str | None = None) -> str:
     """The address to bind: without API keys only loopback is allowed."""
@@ -123,7 +128,8 @@ def listen_error(host: str, port: int, exc: OSError) -> ListenError:
     return ListenError(f"cannot listen on {where}: {reason}")
 
 
-async def _preload(engine: Any, names: Sequence[str], required: bool) -> None:
+async def _preload(engine: Any, names: Sequence[str], required: bool, pending: set[str] | None = None) -> None:
+    """Load ``names`` in turn; each leaves ``pending`` (what /health/ready waits for) once it is done."""
     await engine.start()
     for name in names:
         try:
@@ -134,6 +140,9 @@ async def _preload(engine: Any, names: Sequence[str], required: bool) -> None:
                 raise
             # the default model is a convenience: a fresh machine without it still serves
             log.warning("default model %s was not loaded: %s", name, getattr(exc, "message", exc))
+        finally:
+            if pending is not None:
+                pending.discard(name)
 
 
 async def run_server(config: XllmConfig, models: Sequence[str] = ()) -> None:
@@ -151,7 +160,9 @@ async def run_server(config: XllmConfig, models: Sequence[str] = ()) -> None:
     signals = (signal.SIGINT, signal.SIGTERM)
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
-    preload = asyncio.ensure_future(_preload(engine, names, required=bool(models)))
+    # /health/ready says "Still loading" until every model named here is loaded, the ones not begun yet too
+    server.context.startup_pending = set(names)
+    preload = asyncio.ensure_future(_preload(engine, names, required=bool(models), pending=server.context.startup_pending))
     waiter = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({preload, waiter}, return_when=asyncio.FIRST_COMPLETED)
