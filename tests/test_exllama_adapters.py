@@ -159,6 +159,13 @@ def test_greedy_maps_to_argmax_in_both_libraries():
                    "token_frequency_penalty": 0.0, "token_presence_penalty": 0.0}
 
 
+def require_library(name):
+    """Skip unless the library and its compiled module import here (tests/page_generator.py)."""
+    from tests.page_generator import require
+
+    require(name)
+
+
 def tokens_left_to_draw(sampler, logits):
     """Token ids exllamav3's sampler could draw from ``logits`` (1-D): its state before the final (CUDA) step."""
     from exllamav3.generator.sampler import CustomSampler
@@ -181,7 +188,7 @@ def test_exllamav3_steps_keep_what_the_transformers_backend_keeps(sampling, monk
     from are sampling.py's."""
     from xllm_jupyter.backends.sampling import Filters, filter_logits
 
-    pytest.importorskip("exllamav3")
+    require_library("exllamav3")  # (with its compiled module: importing it would build one for minutes)
     from exllamav3.generator.sampler import CustomSampler, custom
 
     def sampler():
@@ -211,7 +218,7 @@ def test_exllamav3_steps_keep_what_the_transformers_backend_keeps(sampling, monk
 def test_exllamav3_combo_sampler_cuts_top_p_after_min_p(monkeypatch):
     """Why the steps are ours: probabilities 0.5, 0.3, 0.2 with min_p 0.5 and top_p 0.6. HF (and OpenAI) keep the
     first two; ComboSampler counts top-p's mass over what min-p kept (0.625, 0.375) and keeps one."""
-    pytest.importorskip("exllamav3")
+    require_library("exllamav3")  # (with its compiled module: importing it would build one for minutes)
     from exllamav3.generator.sampler import ComboSampler, CustomSampler, custom
 
     monkeypatch.setattr(custom, "fused_sampler_enable", False)
@@ -592,7 +599,7 @@ def test_the_kernel_warm_up_calls_exllamav3_as_its_signature_takes_it():
 
     from xllm_jupyter.backends.exllamav3 import warm_up_kernels
 
-    pytest.importorskip("exllamav3")
+    require_library("exllamav3")  # (with its compiled module: importing it would build one for minutes)
     from exllamav3 import Model
 
     calls = []

@@ -412,3 +412,24 @@ def test_exllamav2_reads_rope_settings_as_transformers_5_saves_them(tiny_llama_d
     assert {a: getattr(configs["v5"], a, None) for a in attributes} == \
         {a: getattr(configs["legacy"], a, None) for a in attributes}
     assert configs["v5"].rotary_embedding_base == legacy["rope_theta"]
+
+
+def test_exllamav2_cuts_top_p_and_min_p_itself_before_the_real_sampler(tiny_llama_dir):
+    """exllamav2's compiled sampler draws after our job cut the logits (exllama_sampling.LogitsV2): the stand-in's
+    FILLER_TOKEN holds about two thirds of the mass, so top_p 0.5 or min_p 0.5 leave it alone and every seed
+    draws it, where the same seeds at top_p 1 draw other tokens too."""
+    from tests.page_generator import FILLER_TOKEN
+    from xllm_jupyter.core.types import SamplingParams
+
+    require_kind("exllamav2-unpaged")
+    model = load("exllamav2-unpaged", tiny_llama_dir)
+    prompt = list(range(100, 120))
+
+    def tokens(job_id: int, **sampling) -> list[int]:
+        events = generate(model, prompt, 12, SamplingParams(temperature=1.0, seed=job_id, **sampling), job_id=job_id)
+        return [e.token_id for e in events if e.token_id is not None]
+
+    free = [t for job in range(1, 4) for t in tokens(job)]
+    assert len(free) == 36 and set(free) != {FILLER_TOKEN}
+    for i, cut in enumerate(({"top_p": 0.5}, {"min_p": 0.5}, {"top_k": 1})):
+        assert tokens(10 + i, **cut) == [FILLER_TOKEN] * 12
