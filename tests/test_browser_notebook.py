@@ -171,7 +171,7 @@ def test_magic_and_chat_widget_in_jupyterlab(lab):
         box = widget.locator('textarea[placeholder="Type a message and press Send"]')
         box.fill(WIDGET_PROMPT)
         widget.locator("button", has_text="Send").click()
-        transcript = widget.locator(".widget-html-content").first
+        transcript = widget.locator(".xllm-chat-transcript .widget-html-content")
         # Done when the status line reports the token count.
         widget.locator(
             ".widget-html-content", has_text=re.compile(r"\d+ tokens in")
