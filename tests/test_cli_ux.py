@@ -168,6 +168,26 @@ def test_ctrl_c_during_pull_exits_130(home, tiny_llama_dir, monkeypatch):
     assert result.stderr.strip() == "(interrupted)" and "Aborted" not in result.output
 
 
+def interrupted(home: Path, code: str, marker: str, settle: float = 0.0) -> tuple[int, str, str]:
+    """Run ``code`` in a child, send SIGINT once it prints ``marker`` on stderr (and ``settle`` s more);
+    its exit status, stdout and stderr."""
+    proc = subprocess.Popen([sys.executable, "-c", code], env=subprocess_env(home), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        deadline = time.monotonic() + 120
+        while marker not in line and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, f"the child exited before {marker}"
+        time.sleep(settle)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out, err
+
+
 def test_ctrl_c_while_loading_in_process_exits_130(home):
     """A real `xllm run --local` interrupted (SIGINT) while the model loads on its worker thread."""
     code = (
@@ -182,20 +202,8 @@ def test_ctrl_c_while_loading_in_process_exits_130(home):
         "from xllm_jupyter.cli.main import main\n"
         "main(['run', '--local', 'tiny', 'hi', '--max-tokens', '2'], prog_name='xllm')\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], env=subprocess_env(home), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = ""
-        deadline = time.monotonic() + 120
-        while "LOADING" not in line and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            assert line or proc.poll() is None, "the child exited before loading"
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err
+    returncode, out, err = interrupted(home, code, "LOADING")
+    assert returncode == 130, err
     assert "(interrupted)" in err
     assert "Task was destroyed" not in err and "Aborted" not in err and "Traceback" not in err, err
     assert out == ""
@@ -218,21 +226,8 @@ def test_ctrl_c_while_generating_in_process_exits_130(home):
         "from xllm_jupyter.cli.main import main\n"
         "main(['run', '--local', 'tiny', 'hi', '--max-tokens', '200'], prog_name='xllm')\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], env=subprocess_env(home), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = ""
-        deadline = time.monotonic() + 120
-        while "GENERATING" not in line and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            assert line or proc.poll() is None, "the child exited before generating"
-        time.sleep(0.2)  # inside the half-second wait for the next event
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err
+    returncode, out, err = interrupted(home, code, "GENERATING", settle=0.2)  # inside the half-second wait
+    assert returncode == 130, err
     assert "(interrupted)" in err
     assert "Traceback" not in err and "already running" not in err and "was destroyed" not in err, err
 
