@@ -294,6 +294,8 @@ def test_the_browser_page_redirects_into_hub_oauth_and_greets_token_users(hub):
     with hub.http(hub.tokens["alice"]) as c:
         r = c.get("/")
         assert r.status_code == 200 and "alice" in r.text and "/services/xllm/v1" in r.text
+        # another site cannot frame it
+        assert r.headers["Content-Security-Policy"] == "frame-ancestors 'self'" and r.headers["X-Frame-Options"] == "SAMEORIGIN"
         # behind a hub served over TLS, configurable-http-proxy forwards plain http with X-Forwarded-Proto
         # (appending its own hop): the page showed users an http:// API URL
         r = c.get("/", headers={"X-Forwarded-Proto": "https,http"})

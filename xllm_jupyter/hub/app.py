@@ -177,6 +177,10 @@ class HubPageHandler(_HubAuthFromSettings, HubOAuthenticated, RequestHandler):
         base = public_scheme(self.request) + "://" + self.request.host + self.hub_auth.base_url + "v1"
         e = html.escape
         self.set_header("Content-Type", "text/html; charset=utf-8")
+        # never inside another site's frame (the page shows the user's name and usage); the hub's own pages
+        # may frame it, as JupyterHub's pages set frame-ancestors 'self'
+        self.set_header("Content-Security-Policy", "frame-ancestors 'self'")
+        self.set_header("X-Frame-Options", "SAMEORIGIN")
         self.finish(
             "<!doctype html><html><head><meta charset='utf-8'><title>xllm</title></head><body>"
             f"<h1>xllm</h1><p>Signed in as <b>{e(caller.user or '')}</b>.</p>"
