@@ -8,8 +8,10 @@ otherwise run them on a loop of its own, where the server never answers.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
+import threading
 
 import httpx
 import openai
@@ -188,13 +190,22 @@ async def test_stop_extension_stops_engine(xllm):
     assert "XLLM_BASE_URL" not in os.environ
 
 
+def _serve(handler: type) -> http.server.ThreadingHTTPServer:
+    """``handler`` on an ephemeral loopback port, served from a daemon thread."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _stop(server: http.server.ThreadingHTTPServer) -> None:
+    server.shutdown()
+    server.server_close()
+
+
 class _HubApi:
     """A stand-in for the JupyterHub REST API: ``GET /hub/api/services/xllm`` for one token, 403 for others."""
 
     def __init__(self, token: str, service_url: str = "http://127.0.0.1:1") -> None:
-        import http.server
-        import threading
-
         outer = self
         self.requests: list[str] = []
 
@@ -212,13 +223,11 @@ class _HubApi:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _serve(Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}/hub/api"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        _stop(self.server)
 
 
 class _Service:
@@ -230,9 +239,6 @@ class _Service:
     """
 
     def __init__(self) -> None:
-        import http.server
-        import threading
-
         outer = self
         self.seen: list[tuple[str, str, dict[str, str], bytes]] = []  # (method, path, headers, body)
         self.release, self.gone = threading.Event(), threading.Event()
@@ -278,14 +284,12 @@ class _Service:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _serve(Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
         self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+        _stop(self.server)
 
 
 @pytest.fixture
