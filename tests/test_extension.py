@@ -203,11 +203,15 @@ def _stop(server: http.server.ThreadingHTTPServer) -> None:
 
 
 class _HubApi:
-    """A stand-in for the JupyterHub REST API: ``GET /hub/api/services/xllm`` for one token, 403 for others."""
+    """A stand-in for the JupyterHub REST API: ``GET /hub/api/services/xllm`` for one token, 403 for others.
+
+    While ``down`` is set it answers 503, as a hub's proxy does while the hub restarts.
+    """
 
     def __init__(self, token: str, service_url: str = "http://127.0.0.1:1") -> None:
         outer = self
         self.requests: list[str] = []
+        self.down = False
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
@@ -215,7 +219,8 @@ class _HubApi:
                 ok = self.path == "/hub/api/services/xllm" and self.headers.get("Authorization") == f"token {token}"
                 body = json.dumps({"name": "xllm", "kind": "service", "prefix": "/services/xllm/", "url": service_url}
                                   if ok else {"status": 403, "message": "Action is not authorized with current scopes"})
-                self.send_response(200 if ok else 403)
+                status = 503 if outer.down else 200 if ok else 403
+                self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.end_headers()
                 self.wfile.write(body.encode())
@@ -340,6 +345,66 @@ def test_a_hub_without_the_service_for_this_token_keeps_the_exported_address(xll
         assert hub_api.requests == ["/hub/api/services/xllm"]  # asked, refused (403): this server's API it is
         assert os.environ["XLLM_BASE_URL"] == xllm["url"]
         assert ext.engine.is_loaded(TINY)
+
+    xllm["run"](body())
+
+
+def test_a_hub_that_did_not_answer_at_start_is_asked_again_and_no_model_is_loaded_meanwhile(xllm, hub_api, monkeypatch):
+    """Before: a hub API that did not answer at start (restarting, or slower than the lookup under a burst of
+    spawns) left the server on its own engine for good: it loaded the default model and kernels used it."""
+    hub_api.down = True
+    auth = {"Authorization": f"token {xllm['token']}"}
+
+    async def body() -> None:
+        ext = xllm["app"]
+        await start(xllm)
+        await ext._start_task
+        assert hub_api.requests == ["/hub/api/services/xllm"]
+        # kernels come here meanwhile (never a private engine of their own), and nothing is loaded here
+        assert os.environ["XLLM_BASE_URL"] == xllm["url"]
+        async with httpx.AsyncClient(headers=auth, timeout=30) as h:
+            r = await h.get(xllm["url"] + "/models")
+            assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+            assert r.json()["error"]["code"] == "hub_unavailable" and r.json()["error"]["type"] == "server_error"
+            assert (await h.get(xllm["root"] + "/health")).json() == {"status": "ok", "engine": "waiting-for-hub"}
+            assert len(hub_api.requests) == 1  # asked at most every RETRY_SECONDS
+            monkeypatch.setattr("xllm_jupyter.extension.hub_link.RETRY_SECONDS", 0.0)
+            assert (await h.get(xllm["url"] + "/models")).status_code == 503  # asked again: still down
+            assert len(hub_api.requests) == 2
+            hub_api.down = False
+            r = await h.get(xllm["url"] + "/models")
+            assert r.status_code == 200 and [m["id"] for m in r.json()["data"]] == ["hub-model"]
+            assert len(hub_api.requests) == 3
+            assert "XLLM_BASE_URL" not in os.environ  # kernels started from now on find the service themselves
+            assert (await h.get(xllm["root"] + "/health")).json() == {"status": "ok", "engine": "hub-service"}
+            assert (await h.get(xllm["url"] + "/models")).status_code == 200
+            assert len(hub_api.requests) == 3  # settled: not asked again
+        assert not ext.engine.loaded_models(include_loading=True)
+
+    xllm["run"](body())
+
+
+def test_a_hub_that_answers_later_without_the_service_settles_on_this_servers_engine(xllm, hub_api, monkeypatch):
+    from xllm_jupyter.extension import hub_link
+
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "token-without-read-services")
+    monkeypatch.setattr(hub_link, "RETRY_SECONDS", 0.0)
+    hub_api.down = True
+
+    async def body() -> None:
+        ext = xllm["app"]
+        await start(xllm)
+        await ext._start_task
+        assert not ext.engine.loaded_models(include_loading=True)
+        hub_api.down = False  # now it answers: 403, this token may not read the service
+        async with openai.AsyncOpenAI(base_url=xllm["url"], api_key=xllm["token"], max_retries=0, timeout=60) as c:
+            r = await c.chat.completions.create(model=TINY, messages=MSG, max_tokens=2)
+            assert r.usage.completion_tokens > 0  # this server's own engine
+        await ext._preload_task
+        assert ext.engine.is_loaded(TINY) and os.environ["XLLM_BASE_URL"] == xllm["url"]
+        assert len(hub_api.requests) == 2
+        async with httpx.AsyncClient(timeout=30) as h:
+            assert (await h.get(xllm["root"] + "/health")).json() == {"status": "ok", "engine": "local"}
 
     xllm["run"](body())
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -330,6 +331,58 @@ def test_a_single_user_servers_extension_sees_the_hub_service_with_the_docs_toke
     assert asyncio.run(find_hub_service({"JUPYTERHUB_API_TOKEN": hub.tokens["bob"]})) is None  # not on a hub
 
 
+def test_the_extensions_lookup_tells_a_hub_without_the_service_from_one_that_has_not_answered(hub):
+    """A 403 or 404 is final (this server's own engine); a hub that does not answer is asked again later."""
+    from xllm_jupyter.extension.hub_lookup import lookup_hub_service
+
+    def ask(api: str = hub.api, **env: str) -> Any:
+        return asyncio.run(lookup_hub_service({"JUPYTERHUB_API_URL": api, **env}))
+
+    found = ask(JUPYTERHUB_API_TOKEN=hub.tokens["bob"])
+    assert found.final and found.service is not None and found.service.root == hub.service_root + "/"
+    refused = ask(JUPYTERHUB_API_TOKEN=hub.tokens["alice-no-access"])
+    assert (refused.service, refused.final) == (None, True) and "403" in refused.reason
+    missing = ask(JUPYTERHUB_API_TOKEN=ADMIN_TOKEN, XLLM_HUB_SERVICE="no-such-service")  # may read any service
+    assert (missing.service, missing.final) == (None, True) and "404" in missing.reason
+    down = ask(f"http://127.0.0.1:{_free_port()}/hub/api", JUPYTERHUB_API_TOKEN=hub.tokens["bob"])
+    assert (down.service, down.final) == (None, False)
+    assert hub.tokens["bob"] not in down.reason + found.reason
+
+
+def test_xllm_status_shows_a_non_admin_user_the_server_version(hub, monkeypatch):
+    """Before: ``%xllm status`` read the version from /admin/models/manifest, a 403 for anyone but the service's
+    admins, so hub users saw no version. /v1/models now carries it, and nothing of the admins' figures."""
+    import xllm_jupyter
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    from xllm_jupyter.client import discovery
+    from xllm_jupyter.magics import XllmMagics
+
+    with hub.http(hub.tokens["bob"]) as h:
+        body = h.get("/v1/models").json()
+        assert body["xllm"] == {"server_version": xllm_jupyter.__version__} and set(body) == {"object", "data", "xllm"}
+        assert h.get("/admin/models/manifest").status_code == 403  # still the admins'
+        assert h.get("/admin/stats").status_code == 403
+    for name in ("XLLM_BASE_URL", "XLLM_API_KEY", "XLLM_MODEL", "XLLM_HUB_SERVICE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("JUPYTERHUB_API_URL", hub.api)
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", hub.tokens["bob"])
+    discovery.disconnect()
+    ip = InteractiveShell.instance()
+    magics = XllmMagics(ip)
+    ip.register_magics(magics)
+    try:
+        with capture_output() as cap:
+            ip.run_line_magic("xllm", "status")
+    finally:
+        discovery.disconnect()
+        magics.state.close()
+    text = "\n".join(str(o.data.get("text/plain", "")) for o in cap.outputs)
+    assert "the JupyterHub service" in text and TINY in text
+    assert "server version" in text and xllm_jupyter.__version__ in text
+
+
 # ------------------------------------------- a user's Jupyter server on the hub
 @pytest.fixture
 def jp_server_config(xllm_home):
@@ -397,7 +450,7 @@ def test_a_user_servers_xllm_api_answers_from_the_hub_service(hub, bobs_server):
             assert (forwarded.status_code, forwarded.json()) == (direct.status_code, direct.json())
             stats = await h.get("/admin/stats")  # the service decides, as bob (not one of its admins)
             assert stats.status_code == 403 and stats.json()["error"]["type"] == "permission_error"
-            assert (await h.get("/health")).json() == {"status": "ok"}  # local
+            assert (await h.get("/health")).json() == {"status": "ok", "engine": "hub-service"}  # local, says who serves
             assert (await h.get("/nowhere")).status_code == 404
             assert (await httpx.AsyncClient().get(url + "/v1/models")).status_code == 401  # still Jupyter's auth
 
@@ -409,6 +462,31 @@ def test_a_user_servers_xllm_api_answers_from_the_hub_service(hub, bobs_server):
         assert headers["Authorization"] == f"token {hub.tokens['bob']}"
         assert not any(token in value for value in headers.values()) and "Cookie" not in headers
     assert any(path == "/services/xllm/admin/stats" for path, _ in seen)
+
+
+def test_a_user_server_started_while_the_hub_api_was_down_forwards_once_the_hub_answers(
+        hub, jp_serverapp, http_server_client, jp_http_port, jp_base_url, jp_asyncio_loop, monkeypatch):
+    """Before: the one lookup at start failed, so the server kept its own engine (and loaded the model) for good."""
+    monkeypatch.setenv("JUPYTERHUB_API_URL", f"http://127.0.0.1:{_free_port()}/hub/api")  # nothing listens
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", hub.tokens["bob"])
+    monkeypatch.delenv("XLLM_HUB_SERVICE", raising=False)
+    (ext,) = jp_serverapp.extension_manager.extension_apps["xllm_jupyter"]
+    url, token = f"http://127.0.0.1:{jp_http_port}{jp_base_url}xllm", jp_serverapp.identity_provider.token
+
+    async def body() -> None:
+        await jp_serverapp._post_start()
+        await ext._start_task
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"token {token}"}, timeout=120) as h:
+            waiting = await h.get("/v1/models")
+            assert waiting.status_code == 503 and waiting.json()["error"]["code"] == "hub_unavailable"
+            monkeypatch.setattr("xllm_jupyter.extension.hub_link.RETRY_SECONDS", 0.0)  # no waiting in a test
+            monkeypatch.setenv("JUPYTERHUB_API_URL", hub.api)  # the hub is back
+            models = await h.get("/v1/models")
+            assert models.status_code == 200 and TINY in [m["id"] for m in models.json()["data"]]
+            assert (await h.get("/health")).json()["engine"] == "hub-service"
+
+    jp_asyncio_loop.run_until_complete(body())
+    assert not ext.engine.loaded_models(include_loading=True) and "XLLM_BASE_URL" not in os.environ
 
 
 # ----------------------------------------------------------- isolation

@@ -104,6 +104,12 @@ class XllmClient:
         """``GET /v1/models``: every model the server can serve."""
         return (self._request("GET", self.base_url + "/models", timeout=self._probe) or {}).get("data", [])
 
+    def server_version(self) -> str | None:
+        """The server's version, as ``GET /v1/models`` says it to any caller (None from servers that do not)."""
+        body = self._request("GET", self.base_url + "/models", timeout=self._probe) or {}
+        version = (body.get("xllm") or {}).get("server_version") if isinstance(body, dict) else None
+        return version if isinstance(version, str) else None
+
     def model(self, name: str) -> dict[str, Any]:
         """``GET /v1/models/{name}``: one model's entry; ``ModelNotFound`` when the server has none by that name."""
         return self._request("GET", self.base_url + "/models/" + quote(name, safe="")) or {}

@@ -18,12 +18,12 @@ from jupyter_server.utils import url_path_join
 from traitlets import Bool, Integer, Unicode
 
 from ..core.config import XllmConfig, load_config
-from ..server.handlers import CONTEXT_KEY, XllmContext
+from ..server.handlers import CONTEXT_KEY, HEALTH_FACTS_KEY, XllmContext
 from ..server.jupyter import JupyterPublicHandler
 from ..server.routes import build_routes
 from ..server.standalone import shutdown_engine
-from .hub_forward import UPSTREAM_KEY, HubForwardingHandler, Upstream
-from .hub_lookup import find_hub_service
+from .hub_forward import HUB_LINK_KEY, HubForwardingHandler
+from .hub_link import HUB, LOCAL, HubLink
 from .playground import LOCAL_API_KEY, close_playground, playground_routes
 
 #: the routes' prefix under the server's base_url
@@ -41,11 +41,13 @@ class XllmApp(ExtensionApp):
     max_batch_size = Integer(None, allow_none=True, help="Most sequences decoded together per model.").tag(config=True)
     max_body_bytes = Integer(None, allow_none=True, help="Largest accepted request body, in bytes.").tag(config=True)
     config_file = Unicode(None, allow_none=True, help="config.yaml to read (default: XLLM_CONFIG, else <XLLM_HOME>/config.yaml).").tag(config=True)
-    defer_to_hub = Bool(True, help="In a JupyterHub single-user server whose hub runs the xllm service: export no XLLM_BASE_URL (kernels then use the hub service), load no model, and forward this server's xllm API (panel, playground) to the service.").tag(config=True)
+    defer_to_hub = Bool(True, help="In a JupyterHub single-user server whose hub runs the xllm service: export no XLLM_BASE_URL (kernels then use the hub service), load no model, and forward this server's xllm API (panel, playground) to the service. While the hub API does not answer, wait for it (503, no model) and ask again on the next request.").tag(config=True)
 
     engine: Any = None
     xllm_config: XllmConfig | None = None
     _start_task: asyncio.Future | None = None
+    _preload_task: asyncio.Future | None = None
+    _hub_link: HubLink | None = None
     _exported: dict[str, str]
 
     def build_config(self) -> XllmConfig:
@@ -78,45 +80,76 @@ class XllmApp(ExtensionApp):
 
     # --------------------------------------------------------------- lifecycle
     async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
-        """After the IOLoop starts: export the API location (unless the hub serves xllm: then forward to it), start the engine."""
-        # XLLM_BASE_URL would win over hub discovery in every kernel: each user would get a
-        # private engine and model copy instead of the hub's shared one (docs/jupyterhub.md)
-        service = await find_hub_service(os.environ) if self.defer_to_hub else None
-        self._export_env(serverapp, export=service is None)
-        if service is not None:
-            # the panel, the playground and clients of this server's API: the same one engine, no model here
-            serverapp.web_app.settings[UPSTREAM_KEY] = Upstream.open(service)  # handlers read the web app's settings
-            self.log.info("xllm: the JupyterHub service %r at %s serves this hub: kernels use it and this "
-                          "server's xllm API forwards to it (c.XllmApp.defer_to_hub)", service.name, service.root)
+        """After the IOLoop starts: ask the hub whether its xllm service serves here, export the API location, start the engine."""
+        link = None
+        if self.defer_to_hub:
+            link = self._hub_link = HubLink(os.environ, self._hub_settled)
+            serverapp.web_app.settings[HUB_LINK_KEY] = link  # handlers read the web app's settings
+            serverapp.web_app.settings[HEALTH_FACTS_KEY] = lambda: {"engine": link.state}
+            await link.resolve()  # the first lookup; a hub that does not answer is asked again on demand
+        state = link.state if link is not None else LOCAL
+        # XLLM_BASE_URL would win over hub discovery in every kernel: each user would get a private engine
+        # and model copy instead of the hub's shared one (docs/jupyterhub.md). While the hub has not
+        # answered it is exported all the same: kernels then come here (this server forwards once the hub
+        # answers) instead of starting a private server of their own
+        self._export_env(serverapp, export=state != HUB)
         if self._start_task is None:
-            self._start_task = asyncio.ensure_future(self._start_engine(preload=service is None))
+            self._start_task = asyncio.ensure_future(self._start_engine(preload=state == LOCAL))
+
+    def _hub_settled(self, link: HubLink) -> None:
+        """The hub answered: log the decision, and act on it when it came after the start (a request asked)."""
+        if link.state == HUB:
+            assert link.upstream is not None
+            self.log.info("xllm: the JupyterHub service %r at %s serves this hub: kernels use it and this server's "
+                          "xllm API forwards to it (c.XllmApp.defer_to_hub)", link.upstream.service.name,
+                          link.upstream.service.root)
+            # kernels started from now on find the service themselves; earlier ones reach it through this server
+            self._withdraw_env()
+            return
+        self.log.info("xllm: no JupyterHub xllm service for this server (%s): its own engine serves", link.reason)
+        if self._start_task is not None and self._preload_task is None:  # settled after the start: load now
+            self._preload_task = asyncio.ensure_future(self._load_default())
 
     async def _start_engine(self, preload: bool = True) -> None:
         await self.engine.start()
+        if self.preload and preload:
+            await self._load_default()
+
+    async def _load_default(self) -> None:
         model = self.xllm_config.engine.default_model if self.xllm_config else None
-        if self.preload and preload and model:
-            try:
-                await self.engine.load(model)
-                self.log.info("xllm: model %s loaded", model)
-            except Exception as exc:  # a missing default model must not take the server down
-                self.log.warning("xllm: default model %s was not loaded: %s", model, getattr(exc, "message", exc))
+        if not (self.preload and model):
+            return
+        if self._start_task is not None and asyncio.current_task() is not self._start_task:
+            await self._start_task  # the engine runs first
+        try:
+            await self.engine.load(model)
+            self.log.info("xllm: model %s loaded", model)
+        except Exception as exc:  # a missing default model must not take the server down
+            self.log.warning("xllm: default model %s was not loaded: %s", model, getattr(exc, "message", exc))
 
     async def stop_extension(self) -> None:
         """Cancel the background start, stop the engine, withdraw the exported variables."""
-        task = self._start_task
-        self._start_task = None
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        upstream = self.serverapp.web_app.settings.pop(UPSTREAM_KEY, None) if self.serverapp is not None else None
-        if upstream is not None:
-            await upstream.close()
+        for task in (self._preload_task, self._start_task):
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._start_task = self._preload_task = None
+        link, self._hub_link = self._hub_link, None
+        if self.serverapp is not None:
+            self.serverapp.web_app.settings.pop(HUB_LINK_KEY, None)
+            self.serverapp.web_app.settings.pop(HEALTH_FACTS_KEY, None)
+        if link is not None:
+            await link.close()
         # Gradio's server thread is joined (up to 15 s): never on the IOLoop, which other extensions still use
         await asyncio.to_thread(close_playground, self.settings.get(CONTEXT_KEY))
         if self.settings.get(CONTEXT_KEY) is not None:
             await asyncio.to_thread(self.settings[CONTEXT_KEY].close)  # last usage save (quotas.usage_file)
         if self.engine is not None:
             await shutdown_engine(self.engine)  # open generations end with a 503 'shutting down', not 'unloaded'
+        self._withdraw_env()
+
+    def _withdraw_env(self) -> None:
+        """Take back the variables ``_export_env`` set (unless something else changed them since)."""
         for key, value in getattr(self, "_exported", {}).items():
             if os.environ.get(key) == value:
                 del os.environ[key]

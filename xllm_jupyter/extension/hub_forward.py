@@ -12,7 +12,6 @@ liveness), the playground and unknown paths stay local.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
@@ -24,12 +23,12 @@ from ..core.errors import NotFound, Overloaded, quoted
 from ..server.handlers import BodyMixin
 from ..server.jupyter import JupyterXllmHandler
 from ..server.routes import ROUTES
-from .hub_lookup import HubService
+from .hub_link import HUB, WAITING, HubLink, Upstream
 
 log = logging.getLogger("xllm_jupyter.extension")
 
-#: settings key of the Upstream the API routes are forwarded to (absent: this server's engine serves them)
-UPSTREAM_KEY = "xllm_upstream"
+#: settings key of the HubLink that says where the API routes are served (absent: this server's engine serves them)
+HUB_LINK_KEY = "xllm_hub_link"
 #: the shared routes forwarded (route labels as routes.build_routes sets them); public ones stay local
 FORWARDED_ROUTES = frozenset(path for path, _, public in ROUTES if not public)
 #: request headers passed upstream: what the API reads or a client names itself with. Never
@@ -37,42 +36,22 @@ FORWARDED_ROUTES = frozenset(path for path, _, public in ROUTES if not public)
 REQUEST_HEADERS = ("Accept", "Content-Type", "User-Agent", "X-Request-ID")
 #: response headers passed back: the body's type, caching and retry advice, the request id
 RESPONSE_HEADERS = ("Content-Type", "Cache-Control", "Retry-After", "X-Should-Retry", "X-Request-ID", "X-Accel-Buffering")
-#: connect fast or say so; a non-streamed generation may take minutes before its first byte
-TIMEOUT = httpx.Timeout(900.0, connect=10.0, pool=30.0)
-
-
-@dataclass
-class Upstream:
-    """The hub service the API is forwarded to, and the connection pool to it."""
-
-    service: HubService
-    client: httpx.AsyncClient
-
-    @classmethod
-    def open(cls, service: HubService) -> Upstream:
-        """A pool for ``service`` (call on the IOLoop; ``close`` it at shutdown)."""
-        # identity: chunks pass through as the service wrote them (a compressed stream would be buffered)
-        headers = {"Authorization": f"token {service.token}", "Accept-Encoding": "identity"}
-        limits = httpx.Limits(max_connections=256, max_keepalive_connections=16)
-        return cls(service, httpx.AsyncClient(headers=headers, timeout=TIMEOUT, limits=limits))
-
-    async def close(self) -> None:
-        """Close the pool's connections."""
-        await self.client.aclose()
-
-
 class HubForwardingHandler(JupyterXllmHandler):
     """The extension's auth base: authorized requests for the shared routes go to the hub service when one is set."""
 
     async def serve(self, method: str, *args: Any, **kwargs: Any) -> None:
         """Forward to the hub service, or serve here (no service, or a local route)."""
-        upstream: Upstream | None = self.settings.get(UPSTREAM_KEY)
-        if upstream is None or self.route not in FORWARDED_ROUTES:  # type: ignore[attr-defined]
+        link: HubLink | None = self.settings.get(HUB_LINK_KEY)
+        state = await link.resolve() if link is not None and self.route in FORWARDED_ROUTES else None  # type: ignore[attr-defined]
+        if state == WAITING:  # the hub has not said whether it runs the service: no model here meanwhile
+            raise Overloaded("This Jupyter server waits for the JupyterHub xllm service (the hub API has not "
+                             "answered yet); retry in a few seconds.", code="hub_unavailable")
+        if state != HUB or link is None or link.upstream is None:
             await super().serve(method, *args, **kwargs)
             return
         self._dispatched = True  # Tornado has read (and capped) the body by now
         # a client that leaves cancels the task: the upstream connection closes and the service cancels the job
-        await self._cancellable(self._forward(upstream, method))  # type: ignore[attr-defined]
+        await self._cancellable(self._forward(link.upstream, method))  # type: ignore[attr-defined]
 
     def _upstream_url(self, upstream: Upstream) -> str:
         local = url_path_join(self.base_url, "xllm") + "/"
@@ -131,4 +110,4 @@ def _unreachable(upstream: Upstream, exc: Exception) -> Overloaded:
                       code="hub_service_unavailable")
 
 
-__all__ = ["FORWARDED_ROUTES", "UPSTREAM_KEY", "HubForwardingHandler", "Upstream"]
+__all__ = ["FORWARDED_ROUTES", "HUB_LINK_KEY", "HubForwardingHandler"]

@@ -4,7 +4,8 @@ Then kernels should use that one shared engine (docs/jupyterhub.md) rather than 
 server's: the extension exports no ``XLLM_BASE_URL`` (which would win over hub discovery),
 loads no model, and forwards its own ``{base_url}xllm/`` API to the service
 (extension/hub_forward.py). Asked with the server's own ``JUPYTERHUB_API_TOKEN``, which
-needs ``read:services!service=xllm`` (the doc's ``c.Spawner.server_token_scopes``).
+needs ``read:services!service=xllm`` (the doc's ``c.Spawner.server_token_scopes``). A hub
+that does not answer is asked again later (extension/hub_link.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ..core.hub_url import service_root
 
 #: the hub service looked up when XLLM_HUB_SERVICE is not set (as client/discovery.py does)
 DEFAULT_HUB_SERVICE = "xllm"
-#: the hub answers from its database; a hub slower than this is treated as having no service
+#: the hub answers from its database; a hub slower than this has not answered yet (asked again later)
 LOOKUP_TIMEOUT = 5.0
 
 
@@ -36,12 +37,26 @@ class HubService:
         return f"HubService(name={self.name!r}, root={self.root!r})"
 
 
-async def find_hub_service(env: Mapping[str, str]) -> HubService | None:
-    """The xllm hub service when the hub API (``JUPYTERHUB_API_URL``) shows it to this server's token, else None."""
+@dataclass(frozen=True)
+class HubLookup:
+    """One answer of the hub about the service: found, a final no (``final``), or no answer yet (ask again)."""
+
+    service: HubService | None
+    final: bool
+    reason: str  # for the log: why there is no service, or where it is
+
+
+async def lookup_hub_service(env: Mapping[str, str]) -> HubLookup:
+    """Ask the hub API (``JUPYTERHUB_API_URL``) for the xllm service with this server's token.
+
+    A 403 (the token may not read it: the hub is not set up for xllm), a 404 (no such service) or a
+    model without a URL are final; no answer, a timeout, a 5xx or a body that is not the service's
+    model are not (a hub restarting or slow under a burst of spawns): the caller asks again later.
+    """
     api_url = env.get("JUPYTERHUB_API_URL", "").strip().rstrip("/")
     token = env.get("JUPYTERHUB_API_TOKEN", "").strip()
     if not api_url or not token:
-        return None
+        return HubLookup(None, True, "not a JupyterHub single-user server (no JUPYTERHUB_API_URL/TOKEN)")
     name = env.get("XLLM_HUB_SERVICE", "").strip() or DEFAULT_HUB_SERVICE
     try:
         response = await AsyncHTTPClient().fetch(
@@ -51,9 +66,25 @@ async def find_hub_service(env: Mapping[str, str]) -> HubService | None:
             connect_timeout=LOOKUP_TIMEOUT,
         )
         model = json.loads(response.body)
-    except (HTTPClientError, OSError, ValueError):  # 403/404 (no scope, no service), hub down, not JSON
-        return None
+    except HTTPClientError as exc:
+        if exc.code == 403 or exc.code == 401:
+            return HubLookup(None, True, f"this server's token may not read the hub service {name!r} ({exc.code})")
+        if exc.code == 404:
+            return HubLookup(None, True, f"the hub has no service {name!r} (404)")
+        # 599: Tornado's code for a timeout or a connection that broke; 5xx: the hub (or its proxy) is not well
+        return HubLookup(None, 400 <= exc.code < 500, f"the hub API answered {exc.code} {exc.message or ''}".rstrip())
+    except OSError as exc:  # refused, unreachable, DNS: the hub is not up (yet)
+        return HubLookup(None, False, f"the hub API could not be reached ({type(exc).__name__})")
+    except ValueError:
+        return HubLookup(None, False, "the hub API answered something that is not JSON")
     if not isinstance(model, dict) or model.get("name") != name:
-        return None
+        return HubLookup(None, True, f"the hub API's answer is not the model of service {name!r}")
     root = service_root(env, name, model)
-    return HubService(name, root, token) if root else None
+    if not root:
+        return HubLookup(None, True, f"the hub service {name!r} has no URL this server can use")
+    return HubLookup(HubService(name, root, token), True, f"the hub service {name!r} at {root}")
+
+
+async def find_hub_service(env: Mapping[str, str]) -> HubService | None:
+    """The xllm hub service when the hub API (``JUPYTERHUB_API_URL``) shows it to this server's token, else None."""
+    return (await lookup_hub_service(env)).service

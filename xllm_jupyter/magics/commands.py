@@ -165,11 +165,21 @@ class Commands:
                "hub": "the JupyterHub service",
                "in-process": "a private server started for this kernel only (other notebooks cannot use it)"}
         version = self.state.about(None).get("server_version")
+        # the Jupyter extension's /health says whose engine answers behind it (docs/jupyterhub.md)
+        engine = {"hub-service": "the JupyterHub xllm service (this Jupyter server forwards to it)",
+                  "waiting-for-hub": "none yet: this Jupyter server waits for the hub to say whether it runs the "
+                                     "xllm service (503 meanwhile)",
+                  "local": "this Jupyter server's own"}.get(str(health.get("engine")))
+        try:
+            loaded = ", ".join(m["id"] for m in client.models() if (m.get("xllm") or {}).get("loaded")) or "(none)"
+        except XllmError as exc:  # e.g. the 503 of a Jupyter server still waiting for the hub
+            loaded = f"(not known: {exc.message})"
         rows = [
             ("server", loc.base_url),
             ("found", how.get(loc.source, loc.source)),
             ("health", health.get("status", "?")),
-            ("loaded", ", ".join(m["id"] for m in client.models() if (m.get("xllm") or {}).get("loaded")) or "(none)"),
+        ] + ([("engine", engine)] if engine else []) + [
+            ("loaded", loaded),
             ("default model", self.state.defaults.model or "(server default)"),
             ("chat turns", str(self.state.chat.turns)),
         ] + ([("server version", version)] if version else [])

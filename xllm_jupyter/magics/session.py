@@ -111,7 +111,9 @@ class MagicState:
         key = (client.base_url, model)
         if key not in self._about:
             try:
-                self._about[key] = client.manifest(model)
+                # the version alone comes from a route every caller may read (the manifest route is the admins')
+                version = client.server_version() if model is None else None
+                self._about[key] = {"server_version": version} if version else client.manifest(model)
             except XllmError as exc:  # an older server, a user key without admin rights, a model outside the store
                 log.debug("no manifest for %s: %s", model, exc.message)
                 self._about[key] = {}

@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 from tornado.web import HTTPError
 
+from .. import __version__
 from ..core.config import XllmConfig
 from ..core.errors import InvalidRequest, NotFound, PayloadTooLarge, quoted
 from ..openai.responses import ResponsesServing
@@ -30,6 +31,8 @@ log = logging.getLogger("xllm_jupyter.server")
 
 #: key of the XllmContext in the Tornado application settings
 CONTEXT_KEY = "xllm_context"
+#: settings key of a callable giving ``/health`` more public facts (the Jupyter extension: which engine serves)
+HEALTH_FACTS_KEY = "xllm_health_facts"
 #: routes admitted against the caller's per-user quotas (server/usage.py): they queue engine work
 METERED_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings"})
 
@@ -338,8 +341,9 @@ class ModelsMixin(RequestMixin):
     """``GET /v1/models``."""
 
     async def handle_get(self) -> None:
-        """List models."""
-        self.write_json(await self.xllm.serving.list_models())
+        """List models, and the server's version (any caller may read it; ``/admin/models/manifest`` is the admins')."""
+        listing = await self.xllm.serving.list_models()
+        self.write_json({**listing, "xllm": {"server_version": __version__}})
 
 
 class ModelMixin(RequestMixin):
@@ -403,7 +407,9 @@ class HealthMixin(RequestMixin):
     async def handle_get(self) -> None:
         """200 while every runner thread is alive, else 503 (no model names: this route needs no key)."""
         healthy = self.xllm.engine.healthy
-        self.write_json({"status": "ok" if healthy else "unhealthy"}, 200 if healthy else 503)
+        facts = self.settings.get(HEALTH_FACTS_KEY)  # type: ignore[attr-defined]
+        body = {"status": "ok" if healthy else "unhealthy", **(facts() if facts is not None else {})}
+        self.write_json(body, 200 if healthy else 503)
 
 
 class NotFoundMixin(RequestMixin):
@@ -420,6 +426,7 @@ class NotFoundMixin(RequestMixin):
 
 __all__ = [
     "CONTEXT_KEY",
+    "HEALTH_FACTS_KEY",
     "XllmContext",
     "RequestMixin",
     "BodyMixin",
