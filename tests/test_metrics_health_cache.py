@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from typing import Any, Iterator
 
 import httpx
@@ -46,39 +47,56 @@ def cached_server(xllm_home, tiny_catalog) -> Iterator[Any]:
 
 
 # -------------------------------------------------------------------- metrics
-def test_metrics_move_as_requests_run(xllm_server):
-    with _http(xllm_server) as http:
+def _content_chunks(sse: bytes) -> int:
+    """Streamed chat chunks that carry text: what the server times (first one: TTFT, each later one: a gap)."""
+    count = 0
+    for line in sse.decode().splitlines():
+        if line.startswith("data: {"):
+            choices = json.loads(line[len("data: "):]).get("choices") or [{}]
+            count += bool(choices[0].get("delta", {}).get("content"))
+    return count
+
+
+def test_metrics_move_as_requests_run(xllm_home, tiny_catalog):
+    # A server of its own: on the session server a request another test left closing could finish
+    # between the two scrapes and move the exact counts below.
+    with running_server(make_test_config(xllm_home), tiny_catalog, TINY) as server, _http(server) as http:
         before = scrape(http)
         r = http.post("/v1/chat/completions", json={**CHAT, "temperature": 0})
         assert r.status_code == 200
         usage = r.json()["usage"]
-        with http.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True, "max_tokens": 4, "ignore_eos": True}) as s:
+        # greedy, so the chunks are the same every run: sampled, the random tiny model's first token could
+        # be one that decodes to no text (a byte of a split character), leaving one content chunk and no gap
+        stream = {**CHAT, "stream": True, "max_tokens": 4, "ignore_eos": True, "temperature": 0}
+        with http.stream("POST", "/v1/chat/completions", json=stream) as s:
             assert s.status_code == 200
-            s.read()
+            content = _content_chunks(s.read())
         assert http.post("/v1/chat/completions", json={"model": TINY}).status_code == 400
         after = scrape(http)
     route = "/v1/chat/completions"
     assert value(after, "xllm_requests_total", endpoint=route, status="200") - value(before, "xllm_requests_total", endpoint=route, status="200") == 2
     assert value(after, "xllm_requests_total", endpoint=route, status="400") - value(before, "xllm_requests_total", endpoint=route, status="400") == 1
     # the first scrape itself was counted once it finished
-    assert value(after, "xllm_requests_total", endpoint="/metrics", status="200") >= 1
+    assert value(after, "xllm_requests_total", endpoint="/metrics", status="200") == 1
     prompt = value(after, "xllm_prompt_tokens_total", model=TINY) - value(before, "xllm_prompt_tokens_total", model=TINY)
     generated = value(after, "xllm_generation_tokens_total", model=TINY) - value(before, "xllm_generation_tokens_total", model=TINY)
     assert prompt >= 2 * usage["prompt_tokens"]
     assert generated == usage["completion_tokens"] + 4
+    # the engine sends the first token alone, then (stream_interval_ms) the rest in one or more merged deltas
+    assert content >= 2
     ttft = "xllm_time_to_first_token_seconds_count"
     assert value(after, ttft, endpoint=route) - value(before, ttft, endpoint=route) == 1
     itl = "xllm_inter_token_latency_seconds_count"
-    assert value(after, itl, endpoint=route) - value(before, itl, endpoint=route) >= 1
+    assert value(after, itl, endpoint=route) - value(before, itl, endpoint=route) == content - 1
     e2e = "xllm_request_duration_seconds_count"
     assert value(after, e2e, endpoint=route) - value(before, e2e, endpoint=route) == 2
     # no backend reports cached prompt tokens yet: every generation is a prefix-cache miss
     misses = value(after, "xllm_prefix_cache_misses_total", model=TINY) - value(before, "xllm_prefix_cache_misses_total", model=TINY)
     assert misses == 2
-    assert value(after, "xllm_requests_in_flight") >= 1  # the scrape itself (plus any request an earlier test left closing)
+    assert value(after, "xllm_requests_in_flight") == 1  # the scrape itself
     assert value(after, "xllm_requests_queued") == 0
     assert value(after, "xllm_model_memory_bytes", model=TINY) > 0
-    assert value(after, "xllm_model_loads_total", model=TINY) >= 1  # other tests reload it
+    assert value(after, "xllm_model_loads_total", model=TINY) == 1
 
 
 def test_metrics_need_the_key(xllm_server):
