@@ -36,7 +36,7 @@ def create_command(settings: Any, name: str, modelfile) -> None:
     (a stored LoRA adapter's name or a peft LoRA directory) is copied in and merged into
     the weights when the model loads. Relative paths in FROM and ADAPTER are read
     from the Modelfile's directory. A running server that has NAME loaded unloads it, so its
-    next request gets the new version.
+    next request gets the new version. Every instruction: docs/modelfile.md.
     """
     text = modelfile.read()
     store = open_store()
