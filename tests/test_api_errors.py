@@ -323,3 +323,16 @@ def test_refusals_before_the_body_close_the_connection_cleanly(xllm_server):
             assert r.status_code == 405 and r.headers.get("connection") != "close"
             r = c.get("/v1/models", headers={"Authorization": f"Bearer {xllm_server.api_key}"})
             assert r.status_code == 200 and r.headers.get("connection") != "close"
+
+
+@pytest.mark.parametrize("keep_alive", ["inf", "nan", "9" * 400 + "h", "1e400"])
+def test_a_non_finite_keep_alive_is_400_and_leaves_the_listings_whole(raw, keep_alive):
+    """keep_alive "9…9h" (400 digits) parsed to an infinite expiry: that load was a 500 and every model listing
+    (/v1/models, /admin/stats, /admin/models, /metrics) a 500 after it, until the model was unloaded."""
+    for path, body in (("/admin/models/load", {"model": TINY}), ("/v1/chat/completions", {"model": TINY, "messages": MSG, "max_tokens": 1})):
+        r = raw.post(path, json={**body, "keep_alive": keep_alive})
+        assert r.status_code == 400, r.text[:300]
+        err = error_of(r)
+        assert err["param"] == "keep_alive" and "finite" in err["message"] and len(err["message"]) < 300
+    for path in ("/v1/models", "/admin/stats", "/admin/models", "/metrics"):
+        assert raw.get(path).status_code == 200, path

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import re
 import time
 from collections import Counter
@@ -21,7 +22,7 @@ from typing import Any, Mapping
 from ..backends.base import LoadedModel
 from ..backends.torch_device import device_kind
 from ..core import gc_freeze
-from ..core.errors import InvalidRequest, Overloaded, PermissionDenied
+from ..core.errors import InvalidRequest, Overloaded, PermissionDenied, quoted
 from ..core.types import EngineStats, UserSequences
 from ..store.names import canonical_name
 from .delivery import RequestHandle
@@ -53,9 +54,12 @@ def parse_keep_alive(value: Any, *, param: str = "keep_alive") -> float | None:
             sign = -1.0 if text.startswith("-") else 1.0
             body = text.lstrip("+-")
             if not body or _PART.sub("", body):
-                raise InvalidRequest(f"Invalid {param} '{value}': use seconds or a duration like '30s', '5m', '1h'",
+                raise InvalidRequest(f"Invalid {param} '{quoted(value)}': use seconds or a duration like '30s', '5m', '1h'",
                                      param=param) from None
             seconds = sign * sum(float(n) * _UNITS[u] for n, u in _PART.findall(body))
+    if not math.isfinite(seconds):
+        # "inf", "nan" and a 400-digit "999…h" parse as floats: an infinite expiry broke every model listing (int(inf))
+        raise InvalidRequest(f"Invalid {param} '{quoted(value)}': the number of seconds must be finite", param=param)
     return None if seconds < 0 else seconds
 
 
