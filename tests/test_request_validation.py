@@ -275,3 +275,58 @@ def test_completions_best_of_over_the_limit_names_best_of(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=TINY, prompt="x", n=5, max_tokens=2)
     assert info.value.param == "n"
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_logit_bias_size_and_keys_as_openai_checks_them(raw, path):
+    """At most 1024 entries, as api.openai.com; keys plain decimal token ids (int() took " 5", "5_0" and other scripts'
+    digits), and a 5,000-digit key is quoted short (the whole key came back in the message)."""
+    base = {"model": TINY, "max_tokens": 1, **({"prompt": "x"} if path == "/v1/completions" else {"messages": [USER]})}
+    r = raw.post(path, json={**base, "logit_bias": {str(i): -1 for i in range(1025)}})
+    assert r.status_code == 400, r.text[:300]
+    assert r.json()["error"] == {
+        "message": "Invalid 'logit_bias': too many properties. Expected an object with at most 1024 properties, but got "
+                   "an object with 1025 properties instead.",
+        "type": "invalid_request_error", "param": "logit_bias", "code": "object_above_max_properties"}
+    assert raw.post(path, json={**base, "logit_bias": {str(i): -1 for i in range(1024)}}).status_code == 200
+    for key in (" 5", "+5", "5_0", "\u0665", "-1", "1.0", ""):
+        r = raw.post(path, json={**base, "logit_bias": {key: 1}})
+        assert r.status_code == 400, (key, r.text[:300])
+        err = r.json()["error"]
+        assert err["param"] == "logit_bias" and err["message"].startswith("Invalid key in 'logit_bias': "), err
+    r = raw.post(path, json={**base, "logit_bias": {"9" * 5000: 1}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", r.text[:300]
+    assert len(r.json()["error"]["message"]) < 200 and "…" in r.json()["error"]["message"]
+    assert raw.post(path, json={**base, "logit_bias": {"05": 1}}).status_code == 200  # a decimal id with a leading zero is an id
+
+
+LONG = "q" * 5000
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", {"messages": [USER, CALLS, {"role": "tool", "tool_call_id": LONG, "content": "x"}]}),
+    ("/v1/chat/completions", {"messages": [USER], "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": LONG}}}),
+    ("/v1/chat/completions", {"messages": [USER], "response_format": {"type": LONG}}),
+    ("/v1/responses", {"input": [{"role": "user", "content": [{"type": LONG, "text": "x"}]}]}),
+    ("/v1/responses", {"input": [{"type": LONG}]}),
+    ("/v1/responses", {"input": "x", "text": {"format": {"type": LONG}}}),
+    ("/v1/responses", {"input": "x", "include": [LONG]}),
+    ("/v1/responses", {"input": "x", "tools": [{"type": LONG}]}),
+    ("/v1/responses", {"input": "x", "tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": LONG}}),
+], ids=["tool_call_id", "tool_choice-name", "response_format-type", "content-part-type", "input-item-type", "text-format-type",
+        "include", "tool-type", "tool_choice-type"])
+def test_every_echoed_value_is_quoted_short(raw, path, body):
+    """The API fuzzer (benchmarks/fuzz_api.py) found these messages repeating a 5,000-character value whole."""
+    r = raw.post(path, json={"model": TINY, "max_tokens" if path.endswith("completions") else "max_output_tokens": 2, **body})
+    assert r.status_code == 400, r.text[:300]
+    message = r.json()["error"]["message"]
+    assert len(message) < 400 and "q" * 40 in message and "…" in message, message[:500]
+
+
+@pytest.mark.parametrize("description", [False, 0, [], {}])
+def test_a_tool_description_of_another_type_is_refused(client, description):
+    """``or ""`` turned a falsy description of any type into none; OpenAI refuses it as invalid_type."""
+    tool = {"type": "function", "function": {"name": "get_weather", "description": description, "parameters": {"type": "object"}}}
+    err = bad_chat(client, [USER], tools=[tool])
+    assert err.param == "tools[0].function.description" and err.code == "invalid_type"
+    assert "expected a string" in err.body["message"]

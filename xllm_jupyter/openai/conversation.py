@@ -90,7 +90,7 @@ def chat_tool_turn_error(problem: ToolTurnProblem) -> InvalidRequest:
             f"messages[{i}].role")
     if problem.kind == "unknown_id":
         return null_code_error(
-            f"Invalid parameter: 'tool_call_id' of '{problem.call_ids[0]}' not found in 'tool_calls' of previous message.",
+            f"Invalid parameter: 'tool_call_id' of {shown(problem.call_ids[0])} not found in 'tool_calls' of previous message.",
             f"messages[{i}].tool_call_id")
     return null_code_error(
         "An assistant message with 'tool_calls' must be followed by tool messages responding to each 'tool_call_id'. "

@@ -11,6 +11,7 @@ from typing import Any, AsyncIterator, Sequence
 from ..core.errors import EngineError, InvalidRequest
 from ..core.types import GenerationRequest, Usage
 from .protocol import SYSTEM_FINGERPRINT, usage_dict
+from .schema_errors import shown
 
 #: one streamed chunk, as a JSON-ready dict
 Chunk = dict[str, Any]
@@ -26,7 +27,7 @@ def check_token_ids(ids: Any, model: Any, param: str) -> None:
     vocab = getattr(model, "vocab_size", None)
     for t in ids:
         if t < 0 or (vocab is not None and t >= vocab):
-            raise InvalidRequest(f"Token id {t} in '{param}' is outside this model's vocabulary", param=param)
+            raise InvalidRequest(f"Token id {shown(t)} in '{param}' is outside this model's vocabulary", param=param)
 
 
 def sum_usage(usages: Sequence[Usage]) -> Usage:

@@ -8,6 +8,7 @@ the SDK exposes as ``BadRequestError.param``.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -15,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..core.errors import InvalidRequest, Unsupported
 from ..core.types import ChatMessage, Constraint, SamplingParams, TokenLogprob, Usage
 from .conversation import Turn, check_history, core_message
-from .schema_errors import openai_wording
+from .schema_errors import openai_wording, shown
 from .structured import constraint_from_response_format
 from .tools import parse_tool_config
 
@@ -258,21 +259,32 @@ class ModelRequest(StrictModel):
 
 
 # --------------------------------------------------------------------------- parsing
+#: OpenAI's cap on ``logit_bias`` entries (api.openai.com answers 400 past it); it also bounds the per-job bias tensors
+MAX_LOGIT_BIAS = 1024
+_TOKEN_KEY = re.compile(r"[0-9]+")
+#: digits past which a key is no token id of any vocabulary (and int() of thousands of digits is refused or slow)
+_MAX_KEY_DIGITS = 18
+
+
 def parse_logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
-    """``logit_bias`` with token-id keys as ints; values must lie in [-100, 100]."""
+    """``logit_bias`` with token-id keys as ints: at most 1024 entries, keys plain decimal ids, values in [-100, 100]."""
     if not bias:
         return {}
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise InvalidRequest(f"Invalid 'logit_bias': too many properties. Expected an object with at most {MAX_LOGIT_BIAS} "
+                             f"properties, but got an object with {len(bias)} properties instead.",
+                             param="logit_bias", code="object_above_max_properties")
     out: dict[int, float] = {}
     for key, value in bias.items():
-        try:
-            token = int(key)
-        except ValueError:
-            raise InvalidRequest(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
-        if token < 0:
-            raise InvalidRequest(f"logit_bias key {key!r} is not a valid token id", param="logit_bias")
+        # only ASCII digits: int() also takes " 5", "+5", "5_0" and other scripts' digits, which are no token ids
+        if not _TOKEN_KEY.fullmatch(key):
+            raise InvalidRequest(f"Invalid key in 'logit_bias': {shown(key)}. You should only be submitting non-negative "
+                                 "integers.", param="logit_bias")
+        if len(key) > _MAX_KEY_DIGITS:
+            raise InvalidRequest(f"Invalid key in 'logit_bias': {shown(key)} is larger than any token id.", param="logit_bias")
         if not -100.0 <= value <= 100.0:
             raise InvalidRequest(f"logit_bias value for token {key} must be between -100 and 100", param="logit_bias")
-        out[token] = float(value)
+        out[int(key)] = float(value)
     return out
 
 

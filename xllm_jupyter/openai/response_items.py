@@ -42,7 +42,7 @@ def _text(content: Any, param: str) -> str:
         elif kind in _MEDIA_PARTS:
             raise Unsupported(f"Content parts of type '{kind}' are not supported by this model", param=f"{param}[{j}].type")
         else:
-            raise InvalidRequest(f"Unknown content part type {kind!r}", param=f"{param}[{j}].type")
+            raise InvalidRequest(f"Unknown content part type {shown(kind)}", param=f"{param}[{j}].type")
     return "\n".join(texts)
 
 
@@ -93,7 +93,7 @@ def normalize_input(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             output = _text(item.get("output"), f"{param}.output")
             items.append({"id": iid or new_id("fco_"), "type": "function_call_output", "call_id": call_id, "output": output, "status": "completed"})
         else:
-            raise Unsupported(f"Input items of type {kind!r} are not supported by this server yet", param=f"{param}.type")
+            raise Unsupported(f"Input items of type {shown(kind)} are not supported by this server yet", param=f"{param}.type")
     return items
 
 
@@ -130,7 +130,7 @@ def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for i, tool in enumerate(tools):
         if tool.get("type") != "function":
-            raise Unsupported(f"Tools of type {tool.get('type')!r} are not supported by this server", param=f"tools[{i}].type")
+            raise Unsupported(f"Tools of type {shown(tool.get('type'))} are not supported by this server", param=f"tools[{i}].type")
         fn = {k: tool[k] for k in ("name", "description", "parameters", "strict") if k in tool}
         out.append({"type": "function", "function": fn})
     return out
@@ -142,7 +142,7 @@ def chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
         return choice
     if choice.get("type") == "function" and "name" in choice:
         return {"type": "function", "function": {"name": choice["name"]}}
-    raise Unsupported(f"tool_choice of type {choice.get('type')!r} is not supported by this server", param="tool_choice")
+    raise Unsupported(f"tool_choice of type {shown(choice.get('type'))} is not supported by this server", param="tool_choice")
 
 
 def response_status(finish_reason: str | None) -> tuple[str, dict[str, Any] | None]:

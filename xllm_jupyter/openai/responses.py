@@ -23,6 +23,7 @@ from .owned_store import cursor_page, page_limit
 from .protocol import MAX_TOP_LOGPROBS, StrictModel, check_metadata
 from .response_items import chat_tool_choice, chat_tools, check_function_outputs, items_to_messages, new_id, normalize_input, output_items, response_status
 from .response_store import ResponseStore, StoredResponse
+from .schema_errors import shown
 from .response_stream import Event, ResponseEventStream
 
 #: chat fields a Responses body may carry as xllm extensions (e.g. ``extra_body``); same names and checks as chat
@@ -72,7 +73,7 @@ class ResponsesRequest(StrictModel):
                 raise Unsupported(f"'{name}' is not supported by this server yet", param=name)
         for i, value in enumerate(self.include or ()):
             if value not in _INCLUDABLE:
-                raise Unsupported(f"include value {value!r} is not supported by this server; it supports "
+                raise Unsupported(f"include value {shown(value)} is not supported by this server; it supports "
                                   + " and ".join(repr(v) for v in _INCLUDABLE), param=f"include[{i}]")
         check_metadata(self.metadata)
         if self.input is None or self.input == "" or self.input == []:
@@ -101,7 +102,7 @@ class ResponsesRequest(StrictModel):
             inner = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
             inner.setdefault("name", "response")
             return {"type": "json_schema", "json_schema": inner}
-        raise InvalidRequest(f"Unknown text.format type {kind!r}", param="text.format.type")
+        raise InvalidRequest(f"Unknown text.format type {shown(kind)}", param="text.format.type")
 
 
 # ---------------------------------------------------------------------- objects

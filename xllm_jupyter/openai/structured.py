@@ -22,6 +22,7 @@ from typing import Any
 from ..core.errors import InvalidRequest
 from ..core.types import Constraint
 from .schema_closing import close_objects
+from .schema_errors import shown
 
 
 def constraint_from_response_format(value: Any, *, param: str = "response_format") -> Constraint | None:
@@ -36,7 +37,7 @@ def constraint_from_response_format(value: Any, *, param: str = "response_format
     if kind == "json_object":
         return Constraint("json_object")
     if kind != "json_schema":
-        raise InvalidRequest(f"'{param}.type' must be one of 'text', 'json_object' or 'json_schema', got {kind!r}",
+        raise InvalidRequest(f"'{param}.type' must be one of 'text', 'json_object' or 'json_schema', got {shown(kind)}",
                              param=param)
     body = value.get("json_schema", value if "schema" in value else None)
     if not isinstance(body, dict):

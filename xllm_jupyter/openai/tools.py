@@ -94,7 +94,7 @@ def parse_tool_config(tools: Any, tool_choice: Any, parallel: Any) -> ToolConfig
         if not isinstance(name, str):
             raise InvalidRequest("'tool_choice.function.name' must be a string", param="tool_choice")
         if name not in {t.name for t in specs}:
-            raise InvalidRequest(f"'tool_choice' names function {name!r}, which is not in 'tools'", param="tool_choice")
+            raise InvalidRequest(f"'tool_choice' names function {shown(name)}, which is not in 'tools'", param="tool_choice")
         return ToolConfig(specs, "function", name, par)
     raise InvalidRequest("'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', ...}", param="tool_choice")
 
@@ -137,11 +137,15 @@ def _parse_tools(tools: Any) -> tuple[ToolSpec, ...]:
                                  f"got a string with length {len(name)} instead.", param=param, code="string_above_max_length")
         check_name(name, param)
         if name in seen:
-            raise InvalidRequest(f"Duplicate function name {name!r} in 'tools'", param=f"{where}.function.name")
+            raise InvalidRequest(f"Duplicate function name {shown(name)} in 'tools'", param=f"{where}.function.name")
         seen.add(name)
-        desc = fn.get("description") or ""
-        if not isinstance(desc, str):
-            raise InvalidRequest(f"{where}.function.description must be a string", param=f"{where}.function.description")
+        desc = fn.get("description")
+        if desc is None:
+            desc = ""
+        elif not isinstance(desc, str):
+            # (``or ""`` here turned false, 0, [] and {} into no description instead of a 400)
+            raise InvalidRequest(f"Invalid type for '{where}.function.description': expected a string, but got "
+                                 f"{json_type(desc)} instead.", param=f"{where}.function.description", code="invalid_type")
         params = fn.get("parameters")
         if params is None:
             params = {"type": "object", "properties": {}}
