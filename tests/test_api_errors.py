@@ -336,3 +336,23 @@ def test_a_non_finite_keep_alive_is_400_and_leaves_the_listings_whole(raw, keep_
         assert err["param"] == "keep_alive" and "finite" in err["message"] and len(err["message"]) < 300
     for path in ("/v1/models", "/admin/stats", "/admin/models", "/metrics"):
         assert raw.get(path).status_code == 200, path
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/responses", '{"model": "tiny", "input": "hi", "max_output_tokens": 2, "text": {"format": {"type": "json_schema", '
+                      '"name": "s", "schema": {"type": "object", "properties": {"a": {"enum": [1, NaN]}}}}}}', "text.format.schema.properties.a.enum[1]"),
+    ("/v1/responses", '{"model": "tiny", "input": "hi", "max_output_tokens": 2, "tools": [{"type": "function", "name": "f", '
+                      '"parameters": {"type": "object", "properties": {"a": {"type": "number", "maximum": 1e400}}}}]}', "tools[0].parameters.properties.a.maximum"),
+    ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "x-extra": [-Infinity]}', "x-extra[0]"),
+])
+def test_non_finite_numbers_in_free_form_fields_are_400(raw, path, body, param):
+    """Typed numbers refused NaN already; a schema or tool's parameters kept it, and the Responses object echoed it:
+    a 200 body with NaN in it, which no strict JSON parser (JavaScript's, the openai Node SDK's) reads."""
+    r = raw.post(path, content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text[:300]
+    err = error_of(r)
+    assert err["param"] == param and "finite" in err["message"], err
+    ok = raw.post(path, content=body.replace("NaN", "2").replace("1e400", "5").replace("-Infinity", "3"),
+                  headers={"Content-Type": "application/json"})
+    assert ok.status_code == 200, ok.text[:300]
+    json.loads(ok.text, parse_constant=lambda name: pytest.fail(f"{name} in the reply"))
