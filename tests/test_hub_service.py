@@ -674,8 +674,8 @@ def test_a_setup_mistake_is_one_line_and_exit_1(problem, xllm_home, monkeypatch,
     said = [line for line in err.splitlines() if line.startswith("xllm hub service: ")]
     assert "Traceback" not in err and len(said) == 1, err
     err = said[0]
-    assert {
-        "busy port": "cannot listen on 127.0.0.1:", "not http": "must be an http:// URL", "bad port": "no valid port"}[problem] in err
+    assert {"busy port": "cannot listen on 127.0.0.1:", "bad port": "no valid port",
+            "not http": "serves plain http:// only (TLS is the proxy's job; with JupyterHub's internal_ssl"}[problem] in err
 
 
 def test_a_hub_users_lab_panel_shows_the_shared_engine_without_its_admin_figures(hub, tmp_path, xllm_home):

@@ -22,6 +22,7 @@ import logging
 import os
 import secrets
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -34,7 +35,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from ..core.errors import AuthenticationError, PermissionDenied, XllmError
-from ..core.hub_url import PUBLIC_KEYS, service_root
+from ..core.hub_url import PUBLIC_KEYS, TLS_HINT, hub_ssl_context, service_root
 from .aio import AsyncXllmClient
 from .base import auth_headers, resolve_base_url, root_url
 from .client import XllmClient
@@ -112,11 +113,16 @@ def _from_hub(env: Mapping[str, str]) -> ServerLocation | None:
 def _ask_hub(env: Mapping[str, str], api_url: str, token: str, name: str) -> ServerLocation | None:
     """The hub service's URL, asked of the hub API; None (and a debug line) on any failure."""
     try:
-        response = httpx.get(f"{api_url}/services/{name}", headers={"Authorization": f"token {token}"}, timeout=HUB_TIMEOUT)
+        tls = hub_ssl_context(env)  # JupyterHub's internal_ssl: the server's certificate, inherited by its kernels
+        response = httpx.get(f"{api_url}/services/{name}", headers={"Authorization": f"token {token}"},
+                             timeout=HUB_TIMEOUT, verify=tls if tls is not None else True)
         response.raise_for_status()
         model = response.json()
-    except (httpx.HTTPError, ValueError) as exc:
-        log.debug("xllm: no hub service %r found through %s: %s", name, api_url, exc)
+    except (httpx.HTTPError, ValueError, OSError) as exc:
+        if "SSL" in str(exc) or isinstance(exc, ssl.SSLError):  # a set-up fault, not "no service": say what fixes it
+            log.warning("xllm: the hub API at %s refused TLS (%s); %s", api_url, exc, TLS_HINT)
+        else:
+            log.debug("xllm: no hub service %r found through %s: %s", name, api_url, exc)
         return None
     if not isinstance(model, dict):
         log.debug("xllm: the hub answered %r for service %r; ignored", type(model).__name__, name)

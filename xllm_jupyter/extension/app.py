@@ -106,7 +106,8 @@ class XllmApp(ExtensionApp):
             # kernels started from now on find the service themselves; earlier ones reach it through this server
             self._withdraw_env()
             return
-        self.log.info("xllm: no JupyterHub xllm service for this server (%s): its own engine serves", link.reason)
+        log = self.log.warning if link.fault else self.log.info
+        log("xllm: no JupyterHub xllm service for this server (%s): its own engine serves", link.reason)
         if self._start_task is not None and self._preload_task is None:  # settled after the start: load now
             self._preload_task = asyncio.ensure_future(self._load_default())
 

@@ -64,6 +64,7 @@ class HubLink:
         self.state = WAITING
         self.upstream: Upstream | None = None
         self.reason = "the hub has not been asked yet"
+        self.fault = False  # the answer was a fault of this server's set-up (TLS), not the hub's word
         self._asked_at = -math.inf
         self._asking: asyncio.Future | None = None
 
@@ -88,7 +89,7 @@ class HubLink:
         self._settle(result)
 
     def _settle(self, result: HubLookup) -> None:
-        self.reason = result.reason
+        self.reason, self.fault = result.reason, result.fault
         if result.service is not None:
             self.upstream = Upstream.open(result.service)
             self.state = HUB

@@ -11,13 +11,14 @@ that does not answer is asked again later (extension/hub_link.py).
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import quote
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
-from ..core.hub_url import service_root
+from ..core.hub_url import TLS_HINT, hub_ssl_context, service_root
 
 #: the hub service looked up when XLLM_HUB_SERVICE is not set (as client/discovery.py does)
 DEFAULT_HUB_SERVICE = "xllm"
@@ -44,6 +45,7 @@ class HubLookup:
     service: HubService | None
     final: bool
     reason: str  # for the log: why there is no service, or where it is
+    fault: bool = False  # this server's set-up is at fault (TLS): the log says so as a warning
 
 
 async def lookup_hub_service(env: Mapping[str, str]) -> HubLookup:
@@ -59,13 +61,22 @@ async def lookup_hub_service(env: Mapping[str, str]) -> HubLookup:
         return HubLookup(None, True, "not a JupyterHub single-user server (no JUPYTERHUB_API_URL/TOKEN)")
     name = env.get("XLLM_HUB_SERVICE", "").strip() or DEFAULT_HUB_SERVICE
     try:
+        tls = hub_ssl_context(env)
+    except (OSError, ssl.SSLError) as exc:  # a fault in this server's setup: asking again would not mend it
+        return HubLookup(None, True, f"this server's TLS certificate for the hub could not be loaded ({exc}); {TLS_HINT}",
+                         fault=True)
+    try:
         response = await AsyncHTTPClient().fetch(
             f"{api_url}/services/{quote(name, safe='')}",
             headers={"Authorization": f"token {token}"},
             request_timeout=LOOKUP_TIMEOUT,
             connect_timeout=LOOKUP_TIMEOUT,
+            ssl_options=tls,  # None: Tornado's default verification
         )
         model = json.loads(response.body)
+    except ssl.SSLError as exc:  # an untrusted hub certificate, or no client certificate: set-up, not an outage
+        return HubLookup(None, True, f"the TLS handshake with the hub API failed ({exc.reason or exc}); {TLS_HINT}",
+                         fault=True)
     except HTTPClientError as exc:
         if exc.code == 403 or exc.code == 401:
             return HubLookup(None, True, f"this server's token may not read the hub service {name!r} ({exc.code})")

@@ -67,6 +67,10 @@ def make_hub_auth(env: Mapping[str, str] | None = None) -> HubOAuth:
         oauth_redirect_uri=env.get("JUPYTERHUB_OAUTH_CALLBACK_URL") or prefix + "oauth_callback",
         access_scopes=set(json.loads(scopes)) if scopes else {f"access:services!service={name}"},
         cache_max_age=60,  # a revoked token keeps working for at most a minute
+        # JupyterHub's internal_ssl: the hub API wants this client certificate (a managed service gets them)
+        certfile=env.get("JUPYTERHUB_SSL_CERTFILE", ""),
+        keyfile=env.get("JUPYTERHUB_SSL_KEYFILE", ""),
+        client_ca=env.get("JUPYTERHUB_SSL_CLIENT_CA", ""),
     )
 
 

@@ -57,7 +57,9 @@ def bind_address(env: Mapping[str, str]) -> tuple[str, int]:
     url = env.get("JUPYTERHUB_SERVICE_URL") or DEFAULT_URL
     parts = urlsplit(url)
     if parts.scheme not in ("http", ""):
-        raise ConfigError("JUPYTERHUB_SERVICE_URL must be an http:// URL (TLS is the proxy's job)")
+        raise ConfigError(f"JUPYTERHUB_SERVICE_URL is {url!r}: the xllm service serves plain http:// only (TLS is the "
+                          "proxy's job; with JupyterHub's internal_ssl give the service an http:// url, see "
+                          "docs/jupyterhub.md, 'Internal TLS')")
     try:
         port = parts.port
     except ValueError:  # not a number, or past 65535
