@@ -207,6 +207,8 @@ def kernel_checks(w: Walk, origin: str, tokens: dict[str, str]) -> None:
         run_cell(ws, "%load_ext xllm_jupyter")
         out = run_cell(ws, "%xllm status")
         w.check("%xllm status: found through the hub", "the JupyterHub service" in out, out)
+        # the version comes from /v1/models: alice is no xllm admin (the manifest route is a 403 for her)
+        w.check("%xllm status shows alice the server version", "server version" in out, out)
         out = run_cell(ws, "%%xllm\nSay hello in three words.")
         w.check("%%xllm answers", out.strip() and "ERROR" not in out, out[-200:])
         # the doc's plain OpenAI client: the public (proxy) URL and the kernel's own hub token
@@ -232,6 +234,8 @@ def panel_checks(w: Walk, origin: str, base: str, tokens: dict[str, str]) -> Non
         with panel.stream("POST", "/v1/chat/completions", json=body) as r:
             events = [line for line in r.iter_lines() if line.startswith("data:")]
         w.check("a streamed chat through alice's server's xllm/ (the panel's chat)", r.status_code == 200 and events[-1:] == ["data: [DONE]"], events[-2:])
+        health = panel.get("/health").json()
+        w.check("alice's server's xllm/health: the hub service serves it", health.get("engine") == "hub-service", health)
         r = panel.get("/admin/stats")
         w.check("the panel's stats through alice's server: the service's 403 (alice is no xllm admin)",
                 r.status_code == 403 and r.json()["error"]["type"] == "permission_error", r.text[:200])
