@@ -66,6 +66,7 @@ class HubLink:
         self.reason = "the hub has not been asked yet"
         self.fault = False  # the answer was a fault of this server's set-up (TLS), not the hub's word
         self._asked_at = -math.inf
+        self._waiting_for = ""  # the reason last logged while waiting
         self._asking: asyncio.Future | None = None
 
     async def resolve(self) -> str:
@@ -83,6 +84,9 @@ class HubLink:
     async def _lookup(self) -> None:
         try:
             result = await lookup_hub_service(self._env)
+        except Exception as exc:  # noqa: BLE001 - whatever broke, the hub has not answered: ask again later
+            log.debug("xllm: the hub service lookup failed", exc_info=True)
+            result = HubLookup(None, False, f"the hub service lookup failed ({type(exc).__name__})")
         finally:
             self._asked_at = time.monotonic()
             self._asking = None
@@ -96,9 +100,12 @@ class HubLink:
         elif result.final:
             self.state = LOCAL
         else:
-            log.warning("xllm: waiting for the JupyterHub xllm service: %s; kernels use this server, which loads no "
-                        "model and answers 503 until the hub answers (asked again on the next request, at most every "
-                        "%g s)", result.reason, RETRY_SECONDS)
+            # a warning when the reason is new; the same one again (every retry) only at debug level
+            level = logging.DEBUG if result.reason == self._waiting_for else logging.WARNING
+            self._waiting_for = result.reason
+            log.log(level, "xllm: waiting for the JupyterHub xllm service: %s; kernels use this server, which loads "
+                    "no model and answers 503 until the hub answers (asked again on the next request, at most every "
+                    "%g s)", result.reason, RETRY_SECONDS)
             return
         self._on_settled(self)
 
