@@ -252,7 +252,7 @@ class _Service:
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 outer.seen.append(("GET", self.path, dict(self.headers), b""))
                 self._json(200, {"object": "list", "data": [{"id": "hub-model", "object": "model", "created": 0,
-                                                             "owned_by": "hub"}]})
+                                                             "owned_by": "hub"}], "xllm": {"server_version": "9.9.9"}})
 
             def do_POST(self) -> None:  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -352,6 +352,11 @@ def test_a_hub_without_the_service_for_this_token_keeps_the_exported_address(xll
 def test_a_hub_that_did_not_answer_at_start_is_asked_again_and_no_model_is_loaded_meanwhile(xllm, hub_api, monkeypatch):
     """Before: a hub API that did not answer at start (restarting, or slower than the lookup under a burst of
     spawns) left the server on its own engine for good: it loaded the default model and kernels used it."""
+    import asyncio
+
+    from xllm_jupyter.client import discovery
+    from xllm_jupyter.magics.session import MagicState
+
     hub_api.down = True
     auth = {"Authorization": f"token {xllm['token']}"}
 
@@ -367,6 +372,9 @@ def test_a_hub_that_did_not_answer_at_start_is_asked_again_and_no_model_is_loade
             assert r.status_code == 503 and r.headers["Retry-After"] == "1"
             assert r.json()["error"]["code"] == "hub_unavailable" and r.json()["error"]["type"] == "server_error"
             assert (await h.get(xllm["root"] + "/health")).json() == {"status": "ok", "engine": "waiting-for-hub"}
+            # a kernel started meanwhile (its XLLM_BASE_URL: this server): no version yet, and none remembered
+            kernel_env = {key: os.environ[key] for key in ("XLLM_BASE_URL", "XLLM_API_KEY")}
+            assert await asyncio.to_thread(state.about, None) == {}
             assert len(hub_api.requests) == 1  # asked at most every RETRY_SECONDS
             monkeypatch.setattr("xllm_jupyter.extension.hub_link.RETRY_SECONDS", 0.0)
             assert (await h.get(xllm["url"] + "/models")).status_code == 503  # asked again: still down
@@ -379,9 +387,18 @@ def test_a_hub_that_did_not_answer_at_start_is_asked_again_and_no_model_is_loade
             assert (await h.get(xllm["root"] + "/health")).json() == {"status": "ok", "engine": "hub-service"}
             assert (await h.get(xllm["url"] + "/models")).status_code == 200
             assert len(hub_api.requests) == 3  # settled: not asked again
+            for key, value in kernel_env.items():  # that kernel's environment still points here
+                monkeypatch.setenv(key, value)
+            assert await asyncio.to_thread(state.about, None) == {"server_version": "9.9.9"}  # the service's
+            assert state.location is not None and state.location.source == "extension"
         assert not ext.engine.loaded_models(include_loading=True)
 
-    xllm["run"](body())
+    state = MagicState()
+    try:
+        xllm["run"](body())
+    finally:
+        state.close()
+        discovery.disconnect()
 
 
 def test_a_hub_that_answers_later_without_the_service_settles_on_this_servers_engine(xllm, hub_api, monkeypatch):

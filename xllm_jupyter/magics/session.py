@@ -116,6 +116,8 @@ class MagicState:
                 self._about[key] = {"server_version": version} if version else client.manifest(model)
             except XllmError as exc:  # an older server, a user key without admin rights, a model outside the store
                 log.debug("no manifest for %s: %s", model, exc.message)
+                if exc.status == 503:  # busy, or a Jupyter server still waiting for the hub: ask again next time
+                    return {}
                 self._about[key] = {}
         return self._about[key]
 
