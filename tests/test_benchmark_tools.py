@@ -123,3 +123,31 @@ def test_soak_scenarios_hold_against_the_server_and_their_checks_can_fail(xllm_s
         soak._expect(httpx.Response(400, json={"detail": "no"}), 400)
     wrong_key = asyncio.run(soak.once_each(xllm_server.root, "not-the-key"))
     assert wrong_key.failed["chat"] == 1 and "status 401" in wrong_key.failures["chat"][0]
+
+
+def test_fuzz_cases_pass_against_the_server_and_the_fuzz_checks_can_fail(raw):
+    """A slice of benchmarks/fuzz_api.py's cases through the session server breaks none of its rules; broken replies do."""
+    import fuzz_api
+    import fuzz_cases
+
+    picked = [c for c in fuzz_cases.field_cases() if c.name.startswith(("logit_bias", "stream_options", "stop-stream[0]"))]
+    picked += [c for c in fuzz_cases.schema_cases() if c.name.endswith((":ref-loop", ":enum-mixed", ":pattern-invalid"))]
+    picked += [c for c in fuzz_cases.body_cases() if c.name.startswith(("body empty", "body deep array", "body duplicate"))]
+    assert len(picked) > 40
+    for case in picked:
+        r = raw.request(case.method, case.path, content=case.body, headers=case.headers)
+        assert fuzz_api.reply_problems(case, r.status_code, r.headers.get("content-type", ""), r.content) == [], (case.name, r.text[:300])
+    case = fuzz_cases.Case("x", "POST", "/v1/chat/completions")
+    broken = [
+        (500, "application/json", b'{"error": {"message": "m", "type": "server_error", "param": null, "code": null}}'),
+        (400, "application/json", b'{"detail": "no"}'),
+        (400, "text/html", b"<html>"),
+        (400, "application/json", json.dumps({"error": {"message": 'Traceback: File "/work/x.py"', "type": "t", "param": None,
+                                                        "code": None}}).encode()),
+        (400, "application/json", json.dumps({"error": {"message": "a" * 5000, "type": "t", "param": None, "code": None}}).encode()),
+        (422, "application/json", b'{"error": {"message": "m", "type": "t", "param": null, "code": null}}'),
+        (200, "application/json", b'{"schema": NaN}'),
+        (200, "text/event-stream", b'data: {"choices": []}\n\n'),  # no [DONE]
+    ]
+    for status, ctype, body in broken:
+        assert fuzz_api.reply_problems(case, status, ctype, body), (status, body[:60])
