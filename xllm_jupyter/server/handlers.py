@@ -178,8 +178,14 @@ class RequestMixin:
         await write_json_in_pieces(self, obj, self.xllm.config.server.connection_timeout_seconds)
 
     def finish_event_stream(self) -> Any:
-        """Finish an SSE response (the Jupyter base passes the content type through)."""
-        return self.finish()  # type: ignore[attr-defined]
+        """Finish an SSE response, keeping its content type.
+
+        A short stream (one token) is still unflushed here, so its headers leave with
+        ``finish``; a base whose ``finish`` sets a content type of its own (Jupyter's
+        APIHandler sets JSON) names the options that keep it in ``event_stream_finish``.
+        It is an attribute of the base, not an override: this mixin comes first in the MRO.
+        """
+        return self.finish(**getattr(self, "event_stream_finish", {}))  # type: ignore[attr-defined]
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Every error, ours or Tornado's/Jupyter's, leaves as an OpenAI error body."""

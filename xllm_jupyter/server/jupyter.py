@@ -73,9 +73,8 @@ class JupyterXllmHandler(ExtensionHandlerMixin, APIHandler):
         """Serve an authorized request: the route mixin here (the extension's base may send it elsewhere)."""
         await self.dispatch(method, *args, **kwargs)  # type: ignore[attr-defined]
 
-    def finish_event_stream(self) -> Any:
-        """APIHandler.finish forces JSON unless told otherwise."""
-        return self.finish(set_content_type="text/event-stream; charset=utf-8")
+    #: APIHandler.finish forces JSON unless told otherwise (RequestMixin.finish_event_stream passes these)
+    event_stream_finish = {"set_content_type": "text/event-stream; charset=utf-8"}
 
 
 def _no_credentials() -> AuthenticationError:
