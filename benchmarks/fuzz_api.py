@@ -247,7 +247,8 @@ class Findings:
     def record(self, case: Case, status: int, problems: list[str], seconds: float, body: bytes) -> None:
         """One reply's outcome."""
         self.sent += 1
-        self.statuses[str(status)] += 1
+        # -1: no HTTP reply (a hang, or the connection closed before one: the over-limit body's early 413)
+        self.statuses["no reply" if status == -1 else str(status)] += 1
         if 200 <= status < 300:
             self.accepted.append(case.name[:120])
         self.slowest = sorted(self.slowest + [(round(seconds, 3), case.name)], reverse=True)[:10]
