@@ -346,9 +346,13 @@ def test_server_lru_eviction_spares_a_streaming_model(three_model_home, tiny_lla
     store = ModelStore(three_model_home)
     with running_server(config, store, "tiny1") as info:
         with openai.OpenAI(base_url=info.base_url, api_key=API_KEY, max_retries=0, timeout=120) as c:
+            # long enough to outlast everything below on any machine (200 tokens took ~0.9 s here, about as long
+            # as loading tiny2 and tiny3: a faster CPU would finish tiny1 first and make it the LRU victim);
+            # closed after the eviction, so the test does not wait for it
             stream = c.chat.completions.create(model="tiny1", messages=[{"role": "user", "content": "hi"}],
-                                               max_tokens=200, extra_body={"ignore_eos": True}, stream=True)
-            first = next(iter(stream))  # tiny1 is now the oldest and in use
+                                               max_tokens=1900, extra_body={"ignore_eos": True}, stream=True)
+            chunks = iter(stream)
+            first = next(chunks)  # tiny1 is now the oldest and in use
             assert first.choices
             chat(info.base_url, "tiny2")
             models = admin(info)
@@ -362,9 +366,11 @@ def test_server_lru_eviction_spares_a_streaming_model(three_model_home, tiny_lla
                 time.sleep(0.05)
             time.sleep(0.3)
             chat(info.base_url, "tiny3")  # needs room: idle tiny2 goes, busy tiny1 stays
-            assert set(admin(info)) == {"tiny1", "tiny3"}
-            text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
-            assert text  # the stream survived the eviction
+            models = admin(info)
+            assert set(models) == {"tiny1", "tiny3"} and models["tiny1"]["running"] == 1
+            more = [next(chunks) for _ in range(20)]
+            assert all(ch.choices and ch.choices[0].finish_reason is None for ch in more)  # the stream survived
+            stream.close()
 
 
 def test_server_model_that_never_fits_is_openai_shaped_503(three_model_home, tiny_llama_dir):
