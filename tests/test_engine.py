@@ -360,26 +360,48 @@ async def test_a_dead_engine_thread_fails_its_queued_requests_too_and_the_model_
     await engine.stop()
 
 
+class _GatedBackend(FakeBackend):
+    """Loads wait inside the backend until ``gate`` is set: a test, not the clock, says when a load ends."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def load(self, spec):
+        self.entered.set()
+        assert self.gate.wait(60), "the test never let the load finish"
+        return super().load(spec)
+
+
 async def test_a_client_leaving_mid_load_leaves_the_load_running_not_an_orphan_model():
     # the load's thread cannot be stopped: its model must end up registered (or unloaded), never lost
-    backend = FakeBackend(load_delay=0.3)
+    # (gated, not timed: a 0.3 s load and a 0.05 s sleep raced when the loop was slow to wake)
+    backend = _GatedBackend()
     engine = Engine(EngineConfig(), FakeCatalog(["fake"]), [backend])
     leaving = asyncio.ensure_future(engine.load("fake"))
-    await asyncio.sleep(0.05)
+    await wait_for(backend.entered.is_set, timeout=120)  # (a process's first load imports torch first: seconds)
     leaving.cancel()
     with pytest.raises(asyncio.CancelledError):
         await leaving
-    model = await engine.load("fake")  # joins the load in flight
+    joining = asyncio.ensure_future(engine.load("fake"))
+    await asyncio.sleep(0)
+    assert engine.is_loading("fake")  # it joins the load in flight
+    backend.gate.set()
+    model = await joining
     assert backend.loads == 1 and engine.is_loaded("fake") and not model.unloaded
     await engine.stop()
     assert model.unloaded
     # stopped mid-load: what the load's thread makes is unloaded when it is done
+    backend.gate.clear()
+    backend.entered.clear()
     engine = Engine(EngineConfig(), FakeCatalog(["fake"]), [backend])
     loading = asyncio.ensure_future(engine.load("fake"))
-    await asyncio.sleep(0.05)
+    await wait_for(backend.entered.is_set, timeout=120)
     await engine.stop()
     with pytest.raises(asyncio.CancelledError):
         await loading
+    backend.gate.set()
     await wait_for(lambda: backend.loads == 2 and backend.models["fake"].unloaded)
 
 
