@@ -254,3 +254,44 @@ def test_nan_never_leaks_into_a_finished_measurement(endpoint):
     row = result.frame.iloc[0]
     assert row["completion_tokens"] == 1 and math.isnan(row["tok_per_s"])  # one token: no decode speed
     assert row["ttft_s"] > 0 and row["latency_s"] >= row["ttft_s"]
+
+
+# ------------------------------------------------------------------ the loop
+def test_background_loop_close_finalizes_open_async_generators():
+    """An async generator left suspended (httpx's line iterators after ``[DONE]``) is closed by ``close()``.
+
+    Without it, a generator collected after the loop closed scheduled its ``aclose`` on a
+    dead loop: JupyterLab showed "Task was destroyed but it is pending!" under compare()'s table.
+    """
+    import gc
+
+    from xllm_jupyter.notebook.loop import BackgroundLoop
+
+    closed: list[bool] = []
+    kept: list = []
+
+    async def lines():
+        try:
+            yield "a"
+            yield "b"
+        finally:
+            closed.append(True)
+
+    async def read_one() -> str:
+        gen = lines()
+        kept.append(gen)  # alive after the coroutine returns, as one in a reference cycle is
+        return await gen.__anext__()
+
+    unraisable: list = []
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = unraisable.append
+    try:
+        bg = BackgroundLoop("test-loop")
+        assert bg.submit(read_one()).result(10) == "a"
+        bg.close()
+        assert closed == [True]  # its finally ran while the loop was still there
+        kept.clear()
+        gc.collect()
+    finally:
+        sys.unraisablehook = old_hook
+    assert not unraisable, [u.exc_value for u in unraisable]

@@ -46,10 +46,20 @@ class BackgroundLoop:
         if self.loop.is_running():
 
             async def cancel_all() -> None:
-                tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+                # as asyncio.run does: cancel the tasks, then close the async generators
+                # still open (httpx's line iterators, left suspended after [DONE]): collected
+                # after the loop closed, one would schedule its aclose on a dead loop
+                # ("Task was destroyed but it is pending!" under a notebook cell)
+                def others() -> list[asyncio.Task]:
+                    return [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+                tasks = others()
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                await self.loop.shutdown_asyncgens()
+                await asyncio.sleep(0)  # one collected meanwhile queued its aclose: let that become a task
+                await asyncio.gather(*others(), return_exceptions=True)
 
             try:
                 self.submit(cancel_all()).result(timeout)
