@@ -330,3 +330,23 @@ def test_a_tool_description_of_another_type_is_refused(client, description):
     err = bad_chat(client, [USER], tools=[tool])
     assert err.param == "tools[0].function.description" and err.code == "invalid_type"
     assert "expected a string" in err.body["message"]
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}}
+
+
+@pytest.mark.parametrize(("name", "code"), [("", "empty_string"), ("a b", "invalid_value"), ("\u0000", "invalid_value"),
+                                            ("\U0001f600", "invalid_value"), ("a" * 65, "string_above_max_length"), (5, "invalid_type")])
+def test_a_response_format_name_follows_openais_rule(raw, name, code):
+    """A json_schema name is 1-64 of [a-zA-Z0-9_-] on api.openai.com; NUL, spaces, emoji and 5,000 characters were taken."""
+    chat = raw.post("/v1/chat/completions", json={"model": TINY, "messages": [USER], "max_tokens": 2, "response_format": {
+        "type": "json_schema", "json_schema": {"name": name, "schema": SCHEMA}}})
+    resp = raw.post("/v1/responses", json={"model": TINY, "input": "hi", "max_output_tokens": 2, "text": {"format": {
+        "type": "json_schema", "name": name, "schema": SCHEMA}}})
+    for r, param in ((chat, "response_format.json_schema.name"), (resp, "text.format.name")):
+        assert r.status_code == 400, r.text[:300]
+        err = r.json()["error"]
+        assert err["param"] == param and err["code"] == code and len(err["message"]) < 200, err
+    for fmt in ({"name": "my-format_1", "schema": SCHEMA}, {"schema": SCHEMA}):  # a missing name is served, as before
+        assert raw.post("/v1/chat/completions", json={"model": TINY, "messages": [USER], "max_tokens": 2, "response_format": {
+            "type": "json_schema", "json_schema": fmt}}).status_code == 200

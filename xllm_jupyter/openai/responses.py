@@ -24,6 +24,7 @@ from .protocol import MAX_TOP_LOGPROBS, StrictModel, check_metadata
 from .response_items import chat_tool_choice, chat_tools, check_function_outputs, items_to_messages, new_id, normalize_input, output_items, response_status
 from .response_store import ResponseStore, StoredResponse
 from .schema_errors import shown
+from .structured import check_format_name
 from .response_stream import Event, ResponseEventStream
 
 #: chat fields a Responses body may carry as xllm extensions (e.g. ``extra_body``); same names and checks as chat
@@ -99,6 +100,7 @@ class ResponsesRequest(StrictModel):
         if kind == "json_schema":
             if not isinstance(fmt.get("schema"), dict):
                 raise InvalidRequest("'text.format.schema' must be a JSON schema object", param="text.format.schema")
+            check_format_name(fmt.get("name"), "text.format.name")
             inner = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
             inner.setdefault("name", "response")
             return {"type": "json_schema", "json_schema": inner}

@@ -17,12 +17,35 @@ separately, by the model's grammar compiler (``Engine.check_constraint``).
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from ..core.errors import InvalidRequest
 from ..core.types import Constraint
 from .schema_closing import close_objects
-from .schema_errors import shown
+from .schema_errors import json_type, shown
+
+#: OpenAI's rule for a response format's ``name``: letters, digits, ``_`` and ``-``, at most 64
+FORMAT_NAME_PATTERN, MAX_FORMAT_NAME = "^[a-zA-Z0-9_-]+$", 64
+_FORMAT_NAME = re.compile(FORMAT_NAME_PATTERN)
+
+
+def check_format_name(name: Any, param: str) -> None:
+    """400 in api.openai.com's words unless ``name`` (when given) is a string of 1-64 of ``[a-zA-Z0-9_-]``."""
+    if name is None:
+        return  # OpenAI requires it; clients that leave it out are served (it only labels the format)
+    if not isinstance(name, str):
+        raise InvalidRequest(f"Invalid type for '{param}': expected a string, but got {json_type(name)} instead.", param=param,
+                             code="invalid_type")
+    if not name:
+        raise InvalidRequest(f"Invalid '{param}': empty string. Expected a string with minimum length 1, but got an empty "
+                             "string instead.", param=param, code="empty_string")
+    if len(name) > MAX_FORMAT_NAME:
+        raise InvalidRequest(f"Invalid '{param}': string too long. Expected a string with maximum length {MAX_FORMAT_NAME}, "
+                             f"but got a string with length {len(name)} instead.", param=param, code="string_above_max_length")
+    if not _FORMAT_NAME.match(name):
+        raise InvalidRequest(f"Invalid '{param}': string does not match pattern. Expected a string that matches the pattern "
+                             f"'{FORMAT_NAME_PATTERN}'.", param=param, code="invalid_value")
 
 
 def constraint_from_response_format(value: Any, *, param: str = "response_format") -> Constraint | None:
@@ -42,9 +65,7 @@ def constraint_from_response_format(value: Any, *, param: str = "response_format
     body = value.get("json_schema", value if "schema" in value else None)
     if not isinstance(body, dict):
         raise InvalidRequest(f"'{param}.json_schema' must be an object with a 'schema'", param=param)
-    name = body.get("name")
-    if name is not None and not isinstance(name, str):
-        raise InvalidRequest(f"'{param}.json_schema.name' must be a string", param=param)
+    check_format_name(body.get("name"), f"{param}.json_schema.name" if "json_schema" in value else f"{param}.name")
     strict = body.get("strict")
     if strict is not None and not isinstance(strict, bool):
         raise InvalidRequest(f"'{param}.json_schema.strict' must be a boolean", param=param)
