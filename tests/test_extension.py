@@ -135,6 +135,18 @@ async def test_stream_content_type_and_token_header(xllm):
 
 
 @on_server_loop
+async def test_metrics_keep_prometheus_content_type_under_jupyter(xllm):
+    """APIHandler.finish labelled /xllm/metrics application/json, which Prometheus 3 refuses to scrape (the API fuzzer's
+    strict-JSON check found a JSON-labelled body that was not JSON)."""
+    await start(xllm)
+    async with httpx.AsyncClient(timeout=60) as c:
+        r = await c.get(xllm["root"] + "/metrics", headers={"Authorization": f"token {xllm['token']}"})
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain"), r.headers["content-type"]
+    assert "# TYPE xllm_requests" in r.text
+
+
+@on_server_loop
 async def test_no_token_is_refused(xllm):
     await start(xllm)
     async with httpx.AsyncClient(timeout=30) as c:

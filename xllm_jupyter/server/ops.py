@@ -42,8 +42,8 @@ class MetricsMixin(RequestMixin):
     async def handle_get(self) -> None:
         """Every metric, scraped now."""
         self.set_status(200)  # type: ignore[attr-defined]
-        self.set_header("Content-Type", CONTENT_TYPE)  # type: ignore[attr-defined]
-        self.finish(self.xllm.metrics.exposition())  # type: ignore[attr-defined]
+        # (under Jupyter a plain finish() labelled it application/json, which Prometheus 3 refuses to scrape)
+        self.finish_typed(self.xllm.metrics.exposition(), CONTENT_TYPE)
 
 
 __all__ = ["ReadyMixin", "MetricsMixin", "readiness"]
