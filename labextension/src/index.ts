@@ -4,7 +4,7 @@
  */
 
 import { JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
-import { ICommandPalette, MainAreaWidget, showErrorMessage } from '@jupyterlab/apputils';
+import { Dialog, ICommandPalette, MainAreaWidget, showDialog, showErrorMessage } from '@jupyterlab/apputils';
 import { LabIcon } from '@jupyterlab/ui-components';
 
 import { XllmApi, XllmApiError } from './api';
@@ -76,7 +76,12 @@ const plugin: JupyterFrontEndPlugin<void> = {
   optional: [ICommandPalette],
   activate: (app: JupyterFrontEnd, palette: ICommandPalette | null) => {
     const api = new XllmApi(jupyterRequest(app.serviceManager.serverSettings));
-    const panel = new XllmPanel({ api, openPlayground: () => void app.commands.execute(CommandIDs.openPlayground) });
+    const panel = new XllmPanel({
+      api,
+      openPlayground: () => void app.commands.execute(CommandIDs.openPlayground),
+      confirm: async (title, question) =>
+        (await showDialog({ title, body: question, buttons: [Dialog.cancelButton(), Dialog.warnButton({ label: 'Unload' })] })).button.accept
+    });
     panel.title.icon = xllmIcon;
     panel.title.caption = 'xllm: shared LLM engine';
     app.shell.add(panel, 'left', { rank: 900 });

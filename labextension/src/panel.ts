@@ -9,7 +9,7 @@ import { Panel, Widget } from '@lumino/widgets';
 import { ModelInfo, Stats, XllmApi, XllmApiError } from './api';
 import { button, ChatView, el } from './chat';
 import { formatBytes, formatQueue, formatRate, memoryGauge, statusLabel } from './format';
-import { chooseChatModel, ModelRow, modelRows, notForChat, statsForUser } from './state';
+import { chooseChatModel, ModelRow, modelRows, notForChat, statsForUser, unloadQuestion } from './state';
 
 /** The DOM of one model row, kept across redraws so focus and clicks survive a poll. */
 interface RowNodes {
@@ -36,6 +36,8 @@ export interface XllmPanelOptions {
   pollInterval?: number;
   /** runs the "open playground" command */
   openPlayground?: () => void;
+  /** asks the user a yes/no question (Unload of a busy model); without it the panel does not ask */
+  confirm?: (title: string, question: string) => Promise<boolean>;
 }
 
 /** The xllm side panel. */
@@ -43,6 +45,7 @@ export class XllmPanel extends Panel {
   readonly chat: ChatView;
   private readonly api: XllmApi;
   private readonly interval: number;
+  private readonly confirm: XllmPanelOptions['confirm'];
   private readonly summary: Widget;
   private readonly statusNode: HTMLElement;
   private readonly rateNode: HTMLElement;
@@ -68,6 +71,7 @@ export class XllmPanel extends Panel {
     super();
     this.api = options.api;
     this.interval = options.pollInterval ?? 2000;
+    this.confirm = options.confirm;
     this.id = 'xllm-panel';
     this.addClass('xllm-Panel');
 
@@ -339,7 +343,11 @@ export class XllmPanel extends Panel {
   }
 
   private async toggle(model: string, loaded: boolean): Promise<void> {
+    if (loaded && this.confirm && !(await this.unloadConfirmed(model))) {
+      return;
+    }
     this.busyModels.set(model, loaded ? 'unloading…' : 'loading…');
+    this.noticeNode.classList.remove('xllm-mod-error');
     this.noticeNode.textContent = loaded ? `Unloading ${model}…` : `Loading ${model}…`;
     this.render();
     try {
@@ -350,11 +358,24 @@ export class XllmPanel extends Panel {
       }
       this.noticeNode.textContent = '';
     } catch (error) {
+      this.noticeNode.classList.add('xllm-mod-error');
       this.noticeNode.textContent = error instanceof XllmApiError ? error.message : String(error);
     } finally {
       this.busyModels.delete(model);
       await this.refresh(true);
     }
+  }
+
+  /** True unless `model` is answering requests and the user, asked, says no. */
+  private async unloadConfirmed(model: string): Promise<boolean> {
+    let stats = this.stats;
+    try {
+      stats = await this.api.stats(); // the last poll may be 2 s old: count the requests as of the click
+    } catch {
+      // keep the last poll's figures
+    }
+    const question = unloadQuestion(model, stats);
+    return question === null || (await this.confirm!(`Unload ${model}?`, question));
   }
 }
 

@@ -118,6 +118,21 @@ export function chooseChatModel(current: string | null, stats: Stats | null, ava
   return loaded[0] ?? available[0] ?? null;
 }
 
+/**
+ * What to ask before unloading `model`, or null when nothing would be lost: a loaded model with
+ * requests running or waiting (anyone's: notebooks, other tabs, the hub's users) fails them all
+ * when it is unloaded, so a click on Unload must not do that unasked.
+ */
+export function unloadQuestion(model: string, stats: Stats | null): string | null {
+  const m = (stats?.models ?? []).find(x => x.id === model && x.state === 'loaded');
+  const busy = m ? m.running + m.queued : 0;
+  if (busy <= 0) {
+    return null;
+  }
+  const requests = busy === 1 ? '1 request' : `${busy} requests`;
+  return `${model} is answering ${requests} now (from this panel, notebooks or other users). Unloading it stops them with an error. Unload it anyway?`;
+}
+
 /** One turn shown in the chat log. */
 export interface Turn {
   role: ChatMessage['role'];

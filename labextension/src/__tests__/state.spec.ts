@@ -1,6 +1,6 @@
 import type { Stats, StatsModel } from '../api';
 import { XllmApiError } from '../api';
-import { canChat, chooseChatModel, modelRows, noChatModelsReason, notForChat, statsForUser, Transcript, Turn } from '../state';
+import { canChat, chooseChatModel, modelRows, noChatModelsReason, notForChat, statsForUser, Transcript, Turn, unloadQuestion } from '../state';
 
 /** A reply that has ended with `fields` (content, error or note). */
 function ended(turn: Turn, fields: Partial<Turn>): void {
@@ -137,5 +137,22 @@ describe('Transcript', () => {
       { role: 'assistant', content: 'A2 (half)' },
       { role: 'user', content: 'Q3' }
     ]);
+  });
+});
+
+describe('unloadQuestion', () => {
+  it('asks first when the model has requests running or waiting: unloading fails them', () => {
+    const s = stats([model('a', { running: 2, queued: 1 }), model('b')]);
+    const question = unloadQuestion('a', s);
+    expect(question).toContain('a is answering 3 requests');
+    expect(question).toContain('Unload it anyway?');
+    expect(unloadQuestion('a', stats([model('a', { running: 1 })]))).toContain('a is answering 1 request now');
+  });
+
+  it('does not ask for an idle model, one not loaded, or without stats', () => {
+    const s = stats([model('a'), model('c', { state: 'loading', queued: 4 })]);
+    expect(unloadQuestion('a', s)).toBeNull();
+    expect(unloadQuestion('x', s)).toBeNull();
+    expect(unloadQuestion('a', null)).toBeNull();
   });
 });
