@@ -258,6 +258,20 @@ async def test_the_engine_counts_tokens_across_models_and_unloads():
     await engine.stop()
 
 
+async def test_the_engine_counts_requests_across_unloads():
+    """stats().completed (what /admin/stats reports) keeps the requests of models unloaded since: it went back to 0."""
+    engine, _ = make_engine()
+    await engine.start()
+    await collect(engine, req(max_tokens=2))
+    await collect(engine, GenerationRequest(model="other", prompt_ids=(1, 2), params=GenerationParams(max_tokens=2)))
+    assert engine.stats().completed == 2
+    assert await engine.unload("fake") is True
+    assert engine.stats().completed == 2 and engine.stats("other").completed == 1
+    await collect(engine, req(max_tokens=2))  # loaded again: its own count starts over, the engine's goes on
+    assert engine.stats().completed == 3 and engine.stats("fake").completed == 1
+    await engine.stop()
+
+
 async def test_models_listing_load_and_unload():
     engine, backend = make_engine()
     names = [m.name for m in engine.list_models()]

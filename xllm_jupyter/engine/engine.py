@@ -83,6 +83,7 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
         self._created = int(time.time())
         self._started = False
         self._retired_tokens = 0  # tokens of runners unloaded since start (stats() counts them on)
+        self._retired_requests = (0, 0)  # (completed, cancelled) of those runners, counted on the same way
         self._defaults: dict[str, ModelfileDefaults] = {}  # a created model's Modelfile defaults, by name
         self._embeddings = EmbeddingHost()  # embedding models: own threads, never in a runner
         self._adapters: dict[str, str] = {}  # LoRA adapter name -> the loaded base model it is attached to

@@ -307,6 +307,7 @@ class ResidencyMixin:
     _embed_expiry: dict[str, float | None]
     _default_keep_alive: float | None
     _retired_tokens: int
+    _retired_requests: tuple[int, int]
 
     def _idle(self, name: str, now: float) -> bool:
         """True when nothing uses ``name``: no jobs, no request in flight, not touched within the grace."""
@@ -356,7 +357,9 @@ class ResidencyMixin:
                           EVICT_WAIT_SECONDS)
         finally:
             self._budget.reserved[device] -= held
-            self._retired_tokens += box[0].stats().tokens  # the engine-wide count goes on without it
+            last = box[0].stats()
+            self._retired_tokens += last.tokens  # the engine-wide counts go on without it
+            self._retired_requests = (self._retired_requests[0] + last.completed, self._retired_requests[1] + last.cancelled)
         box.clear()  # the model's last reference here: what it leaves in cycles, the collection below frees
         await asyncio.to_thread(gc_freeze.release)  # (frozen cycles are only found by a collection that unfreezes)
 

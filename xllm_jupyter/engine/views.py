@@ -28,6 +28,7 @@ class ViewsMixin:
     _room_waits: set[str]
     _created: int
     _retired_tokens: int
+    _retired_requests: tuple[int, int]
     catalog: Any
     config: Any
     _adapter_info: Callable[[str, str], ModelInfo]  # AdapterMixin's
@@ -126,8 +127,9 @@ class ViewsMixin:
             steps=sum(p.steps for p in parts),
             max_batch=max((p.max_batch for p in parts), default=0),
             batched_steps=sum(p.batched_steps for p in parts),
-            completed=sum(p.completed for p in parts),
-            cancelled=sum(p.cancelled for p in parts),
+            # the all-models counters go on across unloads (a counter read by /admin/stats never goes back)
+            completed=sum(p.completed for p in parts) + (self._retired_requests[0] if runner is None else 0),
+            cancelled=sum(p.cancelled for p in parts) + (self._retired_requests[1] if runner is None else 0),
             failed_steps=sum(p.failed_steps for p in parts),
             isolated_failures=sum(p.isolated_failures for p in parts),
             tokens=sum(p.tokens for p in parts) + (self._retired_tokens if runner is None else 0),
