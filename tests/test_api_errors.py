@@ -294,8 +294,9 @@ def test_unloading_the_model_mid_stream_and_non_streaming(client, raw, xllm_serv
     stream = client.chat.completions.create(model=TINY, messages=MSG, max_tokens=1900, stream=True, extra_body={"ignore_eos": True})
     it = iter(stream)
     next(it), next(it)
-    deadline = time.monotonic() + 10
-    while engine.stats().running < 2 and time.monotonic() < deadline:
+    deadline = time.monotonic() + 60
+    while engine.stats().running < 2:  # both generating (the thread's request may still be on its way)
+        assert time.monotonic() < deadline, engine.stats()
         time.sleep(0.01)
     assert raw.post("/admin/models/unload", json={"model": TINY}).json()["unloaded"] is True
     with pytest.raises(openai.APIError) as info:

@@ -301,7 +301,8 @@ async def test_concurrent_streams_are_batched(xllm_server):
     assert after.completed >= before.completed + 8
 
 
-def _wait_idle(engine, timeout: float = 5.0) -> bool:
+def _wait_idle(engine, timeout: float = 60.0) -> bool:
+    """Poll until nothing runs or waits (generous: what the tests tell apart is counted, not timed)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         s = engine.stats()
@@ -328,7 +329,7 @@ def test_disconnect_cancels_generation(xllm_server):
                     break
             assert engine.stats().running == 1
     # leaving the blocks closed the connection mid-stream
-    assert _wait_idle(engine, 3.0), engine.stats()
+    assert _wait_idle(engine), engine.stats()
     assert engine.stats().cancelled > cancelled
 
 
@@ -350,7 +351,7 @@ def test_a_stream_the_client_leaves_is_charged_what_it_generated(xllm_server, ra
                 received += 1  # a content chunk carries at least one token
             if received == 5:
                 break
-    assert _wait_idle(engine, 3.0), engine.stats()
+    assert _wait_idle(engine), engine.stats()
     prompt1, completion1 = charged()
     assert prompt1 > prompt0
     assert 5 <= completion1 - completion0 < 1900
@@ -359,11 +360,13 @@ def test_a_stream_the_client_leaves_is_charged_what_it_generated(xllm_server, ra
 def test_disconnect_cancels_non_streaming(xllm_server):
     engine = xllm_server.engine
     assert _wait_idle(engine)
+    cancelled = engine.stats().cancelled
     body = {"model": TINY, "messages": MSG, "max_tokens": 1900, "ignore_eos": True}
     headers = {"Authorization": f"Bearer {xllm_server.api_key}"}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(xllm_server.base_url + "/chat/completions", json=body, headers=headers, timeout=0.5)
-    assert _wait_idle(engine, 3.0), engine.stats()
+    assert _wait_idle(engine), engine.stats()
+    assert engine.stats().cancelled > cancelled  # cancelled, not run to its end (a 3 s deadline told them apart)
 
 
 # ------------------------------------------------------------------------- admin
