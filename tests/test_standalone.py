@@ -213,6 +213,7 @@ class _SlowStreamHandler(tornado.web.RequestHandler):
 
 
 async def test_sse_keepalive_and_coalescing():
+    _SlowStreamHandler.flushes = 0  # a class counter: counted from here, so the test can be repeated
     sockets = bind_sockets(0, "127.0.0.1")
     server = HTTPServer(tornado.web.Application([(r"/v1/chat/completions", _SlowStreamHandler)]))
     server.add_sockets(sockets)
