@@ -184,9 +184,12 @@ def test_widgets_default_to_xllm_model(make, endpoint, monkeypatch):
 def test_profile_widget_runs_and_exports(make, endpoint, tmp_path):
     w = make(ProfileWidget, client=endpoint, max_tokens=3)
     assert isinstance(w, W.VBox) and w.model_picker.value == TINY
+    # no plot tabs before there is a figure (an empty Image is a broken-image icon in the page)
+    assert w.plots.layout.display == "none"
     w.concurrency.value, w.prompt_tokens.value = "1, 2", "8"
     w.run_button.click()
     assert w.wait(120), w.status.value
+    assert w.plots.layout.display != "none"
     assert w.result is not None, w.status.value
     assert len(w.result.frame) == 3 and (w.result.frame["completion_tokens"] == 3).all()
     assert w.progress.value == w.progress.max == 2
@@ -220,6 +223,7 @@ def test_profile_widget_is_never_left_busy(make, endpoint, monkeypatch):
 
 def test_profile_widget_watches_the_server_live(make, endpoint, tmp_path):
     w = make(ProfileWidget, TINY, client=endpoint, interval=0.1)
+    assert w.plots.layout.display == "none"
     w.watch_button.click()
     assert w.busy and w.run_button.disabled
     assert wait_for(lambda: len(w.samples) >= 2), w.status.value
@@ -228,7 +232,7 @@ def test_profile_widget_watches_the_server_live(make, endpoint, tmp_path):
     w.stop_button.click()
     assert w.wait(10)
     assert "Live view stopped" in w.status.value and not w.run_button.disabled
-    assert bytes(w.images["live"].value).startswith(PNG)
+    assert bytes(w.images["live"].value).startswith(PNG) and w.plots.layout.display != "none"
     assert (w.samples["memory_bytes"] > 0).all()
     assert [p.name for p in w.export_csv(tmp_path)] == ["live.csv"]
     assert [p.name for p in w.export_png(tmp_path)] == ["live.png"]

@@ -72,7 +72,8 @@ class ProfileWidget(W.VBox):
         self.progress = W.IntProgress(value=0, min=0, max=1, description="Progress", layout=W.Layout(visibility="hidden"))
         self.table = W.HTML()
         self.images = {name: W.Image(format="png", layout=W.Layout(max_width="100%")) for name in (*FIGURES, "live")}
-        self.plots = W.Tab(children=[self.images[n] for n in (*FIGURES, "live")])
+        # hidden until a figure is drawn: an Image without a value shows the browser's broken-image icon
+        self.plots = W.Tab(children=[self.images[n] for n in (*FIGURES, "live")], layout=W.Layout(display="none"))
         for i, name in enumerate((*FIGURES, "live")):
             self.plots.set_title(i, name)
         self.export_dir = W.Text(value="xllm-profile", placeholder="folder to write into", description="Export to")
@@ -224,12 +225,17 @@ class ProfileWidget(W.VBox):
         """Draw a finished profile's figures and table; returns the status line."""
         self.result = result
         for name in FIGURES:
-            self.images[name].value = figure_png(result.figures[name])
+            self._draw(name, result.figures[name])
         cols = ["concurrency", "prompt_tokens", "requests", "errors", "agg_tok_per_s", "tok_per_s_mean", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s"]
         self.table.value = result.summary[cols].to_html(index=False, float_format=lambda v: f"{v:.4g}")
         best = result.summary["agg_tok_per_s"].max()
         self.plots.selected_index = 0
         return f"Done: {len(result.frame)} requests, best aggregate {best:.1f} tok/s.", "ok"
+
+    def _draw(self, name: str, fig: Figure) -> None:
+        """Show ``fig`` in its tab (and the tabs, from the first figure on)."""
+        self.images[name].value = figure_png(fig)
+        self.plots.layout.display = None
 
     async def _watch(self) -> None:
         client = async_client(self._endpoint, max_connections=2)
@@ -243,7 +249,7 @@ class ProfileWidget(W.VBox):
                 frame = pd.DataFrame(recorder.rows)
                 self.samples = frame[frame["t_s"] >= frame["t_s"].iloc[-1] - self.window].reset_index(drop=True)
                 self._live = live_figure(self.samples)
-                self.images["live"].value = figure_png(self._live)
+                self._draw("live", self._live)
                 rate = row["gen_tok_per_s"]
                 rate_text = "–" if math.isnan(rate) else f"{rate:.1f}"
                 self._status(f"Live: {rate_text} tok/s, {row['in_flight']:.0f} in flight, {row['queued']:.0f} queued, {row['memory_mib']:.0f} MiB of models", "busy")
