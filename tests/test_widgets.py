@@ -306,6 +306,10 @@ def test_compare_widget_stop_and_bad_input(make, endpoint, xllm_server):
     w.settings.value, w.prompt.value = "", " "
     w.run_button.click()
     assert not w.busy and "prompt is empty" in w.status.value
+    # nothing picked: the message speaks of the widget's controls, not of compare()'s arguments
+    w.models.value, w.prompt.value = (), "Go"
+    w.run_button.click()
+    assert not w.busy and "Pick models" in w.status.value and "models=[" not in w.status.value, w.status.value
 
 
 def test_controls_are_labelled_and_status_follows_the_theme(make, endpoint):

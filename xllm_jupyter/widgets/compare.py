@@ -134,6 +134,9 @@ class CompareWidget(W.VBox):
             messages = build_messages(self.prompt.value, self.system_prompt.value or None)
             settings = parse_settings(self.settings.value)
             models = list(self.models.value) or None
+            if models is None and settings is None:  # plan_columns would name its Python arguments
+                raise InvalidRequest('Pick models to compare (Ctrl/Shift-click for several), or type settings for one model, '
+                                     'e.g. [{"temperature": 0}, {"temperature": 1.2}]', param="models")
             columns = plan_columns(models, settings, self.max_tokens.value, self._default_model)
         except XllmError as exc:
             self._status(exc.message, "error")
