@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import re
+import subprocess
 import sys
 import tempfile
 import threading
@@ -38,6 +39,7 @@ import time
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, Iterable
 
 import httpx
@@ -65,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
     p.add_argument("--batch", type=int, default=400, help="requests between health and drain checks")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds a reply may take before it counts as a hang")
+    p.add_argument("--jupyter", action="store_true", help="fuzz the Jupyter extension's routes (jupyter server, /xllm) instead")
     p.add_argument("--only", default="", help="only cases whose name contains this")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fuzz_api"), help="output path without extension")
     return p.parse_args(argv)
@@ -149,8 +152,8 @@ def reply_problems(case: Case, status: int, content_type: str, body: bytes) -> l
         problems.append(f"status {status}")
     if status in (401, 403, 422) and case.method != "OPTIONS":
         problems.append(f"status {status}")
-    if case.method == "HEAD" or status == 204:
-        return problems
+    if case.method == "HEAD" or status == 204 or (case.method == "OPTIONS" and not body):
+        return problems  # (Jupyter answers a CORS-less OPTIONS with an empty 200 of its own)
     if status >= 400:
         problems += error_problems(body, content_type)
     elif content_type.startswith("text/event-stream"):
@@ -359,9 +362,10 @@ async def races(url: str, rounds: int = 12) -> list[dict[str, Any]]:
 
 async def raw_socket(url: str) -> list[dict[str, Any]]:
     """HTTP framing errors on a bare socket: each must get a 4xx (or a closed connection), never a 5xx or a hang."""
-    host, port = url.removeprefix("http://").split(":")
+    parts = urlsplit(url)
+    host, port, prefix = parts.hostname, parts.port, parts.path.rstrip("/")
     auth = f"Authorization: Bearer {KEY}\r\n"
-    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Type: application/json\r\n"
+    head = f"POST {prefix}/v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Type: application/json\r\n"
     small = b'{"model": "tiny"}'
     requests = {
         "content-length negative": (head + "Content-Length: -1\r\n\r\n").encode() + small,
@@ -371,13 +375,13 @@ async def raw_socket(url: str) -> list[dict[str, Any]]:
         "bad chunk size": (head + "Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n").encode(),
         "header 100 KB": (head + "X-Big: " + "a" * 100_000 + "\r\nContent-Length: 0\r\n\r\n").encode(),
         "garbage request line": b"GARBAGE\r\n\r\n",
-        "http/0.9": b"GET /health\r\n\r\n",
-        "nul in path": f"GET /v1/models/a\x00b HTTP/1.1\r\nHost: {host}\r\n{auth}\r\n".encode(),
+        "http/0.9": f"GET {prefix}/health\r\n\r\n".encode(),
+        "nul in path": f"GET {prefix}/v1/models/a\x00b HTTP/1.1\r\nHost: {host}\r\n{auth}\r\n".encode(),
         "short body then close": (head + "Content-Length: 1000\r\n\r\n").encode() + small,
     }
     out = []
     for name, data in requests.items():
-        reader, writer = await asyncio.open_connection(host, int(port))
+        reader, writer = await asyncio.open_connection(host, port)
         writer.write(data)
         await writer.drain()
         if name == "short body then close":
@@ -394,6 +398,53 @@ async def raw_socket(url: str) -> list[dict[str, Any]]:
         ok = code == "" or (code.isdigit() and int(code) < 500)
         out.append({"case": name, "status": status or "connection closed", "ok": ok})
     return out
+
+
+class JupyterChild:
+    """``jupyter server`` with the xllm extension in its own process (its token is ``KEY``), for ``--jupyter``.
+
+    Its ``url`` is the extension's root (``/xllm``), so every case's path runs under the extension's routes.
+    """
+
+    def __init__(self, home: Path, log_path: Path, timeout: float = 240.0):
+        from tests.helpers import free_port
+
+        self.port, self.log_path = free_port(), log_path
+        self.log = open(log_path, "wb")
+        env = {**os.environ, "XLLM_HOME": str(home), "XLLM_MODEL": TINY, "XLLM_ENGINE_TORCH_THREADS": "1",
+               "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "HF_HUB_OFFLINE": "1",
+               "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "JUPYTER_CONFIG_DIR": str(home / "jupyter")}
+        cmd = [sys.executable, "-m", "jupyter_server", "--no-browser", f"--port={self.port}", "--ServerApp.ip=127.0.0.1",
+               f"--IdentityProvider.token={KEY}", f"--ServerApp.root_dir={home}", "--ServerApp.allow_root=True",
+               "--ServerApp.jpserver_extensions={'xllm_jupyter': True, 'jupyter_server_terminals': False}"]
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        body = {"model": TINY, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"jupyter server exited ({self.proc.returncode}); see {log_path}")
+            try:
+                if httpx.post(self.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                              timeout=30).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise RuntimeError("jupyter server did not become ready")
+
+    @property
+    def url(self) -> str:
+        """The extension's root URL."""
+        return f"http://127.0.0.1:{self.port}/xllm"
+
+    def stop(self) -> None:
+        """Stop the child process."""
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
 
 
 def greedy(url: str) -> str:
@@ -420,7 +471,7 @@ def all_cases(args: argparse.Namespace) -> list[Case]:
     return [c for c in groups if args.only in c.name]
 
 
-def fuzz(server: ChildServer, args: argparse.Namespace) -> tuple[Findings, dict[str, Any]]:
+def fuzz(server: ChildServer | JupyterChild, args: argparse.Namespace) -> tuple[Findings, dict[str, Any]]:
     """Run every batch, the abandoned requests and the raw-socket cases, checking the server after each."""
     findings = Findings()
     url = server.url
@@ -456,7 +507,7 @@ def fuzz(server: ChildServer, args: argparse.Namespace) -> tuple[Findings, dict[
 
 def markdown(result: dict[str, Any]) -> str:
     """The results as a markdown report."""
-    lines = [f"# API fuzz: {result['sent']} requests (tiny Llama, CPU)", "",
+    lines = [f"# API fuzz: {result['sent']} requests to {result['target']} (tiny Llama, CPU)", "",
              f"{result['when']}, commit {result['commit']}, {result['cpus']} CPUs, `{result['command']}`", "",
              "| check | result | ok |", "|---|---|---|"]
     for check in result["checks"]:
@@ -482,7 +533,8 @@ def main(argv: list[str] | None = None) -> int:
             from xllm_jupyter.store.store import ModelStore
 
             ModelStore(home).pull(EMBED)  # the packaged embedding model, so /v1/embeddings cases reach a real model
-        server = ChildServer(home, Path(tmp) / "server.log", api_key=KEY)
+        server = JupyterChild(home, Path(tmp) / "server.log") if args.jupyter else \
+            ChildServer(home, Path(tmp) / "server.log", api_key=KEY)
         try:
             findings, extra = fuzz(server, args)
             alive = server.proc.poll() is None
@@ -510,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     result = {"when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit(), "cpus": os.cpu_count(),
               "python": platform.python_version(), "seed": args.seed,
+              "target": "the Jupyter extension (/xllm)" if args.jupyter else "xllm serve",
               "command": " ".join(["python benchmarks/fuzz_api.py", *(sys.argv[1:] if argv is None else argv)]),
               "sent": findings.sent, "statuses": dict(findings.statuses), "slowest": findings.slowest, "checks": checks,
               "violations": findings.violations, "stalls": findings.stalls, "batches": batches, **extra, "accepted": findings.accepted,
