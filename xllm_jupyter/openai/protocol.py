@@ -8,15 +8,15 @@ the SDK exposes as ``BadRequestError.param``.
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, Literal, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..core.errors import InvalidRequest, Unsupported, quoted
+from ..core.errors import InvalidRequest, Unsupported
 from ..core.types import ChatMessage, Constraint, SamplingParams, TokenLogprob, Usage
 from .conversation import Turn, check_history, core_message
+from .finite import check_finite
 from .schema_errors import openai_wording, shown
 from .structured import constraint_from_response_format
 from .tools import parse_tool_config
@@ -332,42 +332,11 @@ def parse_request(cls: type[StrictModel], body: bytes | str) -> Any:
         req = cls.model_validate_json(body)
     except ValidationError as exc:
         raise _validation_error(exc) from None
-    if _MAY_BE_NON_FINITE.search(body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body):
-        where = non_finite_at(req)
-        if where is not None:
-            raise InvalidRequest(f"Invalid value for '{quoted(where, 200)}': numbers must be finite (NaN and Infinity are not "
-                                 "JSON numbers).", param=where)
+    check_finite(req, body)
     check = getattr(req, "check", None)
     if check is not None:
         check()
     return req
-
-
-#: what a non-finite number can be written as: NaN, Infinity, or a literal past float's range (1e400, 400 digits); a
-#: match (strings hold these too) only means the parsed request is searched
-_MAY_BE_NON_FINITE = re.compile(rb"NaN|Infinity|[eE][+-]?[0-9]{3}|[0-9]{300}")
-
-
-def non_finite_at(req: Any) -> str | None:
-    """Where ``req`` (a parsed request) holds a NaN or infinite float, as a param path; None when it holds none.
-
-    Typed number fields refuse them already (``allow_inf_nan=False``); free-form ones (schemas, tool parameters,
-    unknown fields) kept them, and the Responses API echoed them into bodies no strict JSON parser reads.
-    """
-    stack: list[tuple[Any, str]] = [(req, "")]
-    while stack:  # a loop, not recursion: a free-form value may be nested as deep as the parser allows
-        value, path = stack.pop()
-        if isinstance(value, float):
-            if not math.isfinite(value):
-                return path or None
-        elif isinstance(value, BaseModel):
-            fields = {**value.__dict__, **(value.model_extra or {})}
-            stack.extend((v, f"{path}.{k}" if path else k) for k, v in fields.items())
-        elif isinstance(value, dict):
-            stack.extend((v, f"{path}.{k}" if path else str(k)) for k, v in value.items())
-        elif isinstance(value, (list, tuple)):
-            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(value))
-    return None
 
 
 # ------------------------------------------------------------------------ responses

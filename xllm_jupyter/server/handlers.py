@@ -187,16 +187,6 @@ class RequestMixin:
         """
         return self.finish(**getattr(self, "event_stream_finish", {}))  # type: ignore[attr-defined]
 
-    def finish_typed(self, body: str | bytes, content_type: str) -> Any:
-        """Finish with ``body`` labelled ``content_type``.
-
-        A base whose ``finish`` sets a content type of its own (Jupyter's APIHandler labels every body JSON)
-        names the keyword that keeps this one in ``content_type_option``.
-        """
-        self.set_header("Content-Type", content_type)  # type: ignore[attr-defined]
-        option = getattr(self, "content_type_option", None)
-        return self.finish(body, **({option: content_type} if option else {}))  # type: ignore[attr-defined]
-
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Every error, ours or Tornado's/Jupyter's, leaves as an OpenAI error body."""
         exc = kwargs.get("exc_info", (None, None, None))[1]

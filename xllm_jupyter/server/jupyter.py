@@ -75,7 +75,7 @@ class JupyterXllmHandler(ExtensionHandlerMixin, APIHandler):
 
     #: APIHandler.finish forces JSON unless told otherwise (RequestMixin.finish_event_stream passes these)
     event_stream_finish = {"set_content_type": "text/event-stream; charset=utf-8"}
-    #: the keyword of APIHandler.finish that keeps another content type (RequestMixin.finish_typed)
+    #: the keyword of APIHandler.finish that keeps another content type (ops.finish_typed)
     content_type_option = "set_content_type"
 
 

@@ -22,6 +22,17 @@ def readiness(engine: Any, startup_models: tuple[str, ...], pending: set[str] | 
     return None
 
 
+def finish_typed(handler: Any, body: str | bytes, content_type: str) -> Any:
+    """Finish ``handler`` with ``body`` labelled ``content_type``.
+
+    A base whose ``finish`` sets a content type of its own (Jupyter's APIHandler labels every body JSON)
+    names the keyword that keeps this one in ``content_type_option``.
+    """
+    handler.set_header("Content-Type", content_type)
+    option = getattr(handler, "content_type_option", None)
+    return handler.finish(body, **({option: content_type} if option else {}))
+
+
 class ReadyMixin(RequestMixin):
     """``GET /health/ready``: 200 when requests can be served now, else 503 saying why."""
 
@@ -43,7 +54,7 @@ class MetricsMixin(RequestMixin):
         """Every metric, scraped now."""
         self.set_status(200)  # type: ignore[attr-defined]
         # (under Jupyter a plain finish() labelled it application/json, which Prometheus 3 refuses to scrape)
-        self.finish_typed(self.xllm.metrics.exposition(), CONTENT_TYPE)
+        finish_typed(self, self.xllm.metrics.exposition(), CONTENT_TYPE)
 
 
 __all__ = ["ReadyMixin", "MetricsMixin", "readiness"]
