@@ -91,14 +91,21 @@ def dismiss_dialogs(page) -> None:
     """Close a modal JupyterLab opened over the notebook, printing what it said.
 
     A CI run on a loaded machine once had a dialog intercept the click on the notebook (its text was
-    not kept); Escape dismisses JupyterLab's dialogs without accepting anything.
+    not kept); Escape dismisses JupyterLab's dialogs without accepting anything. "Select Kernel" is
+    accepted instead (its choice is the notebook's python3): on a loaded machine the lab sometimes
+    asks rather than starting the kernel itself, Escape leaves the notebook with no kernel, and the
+    dialog came back for every click (a run failed on it three times in a row).
     """
     dialog = page.locator(".jp-Dialog")
     for _ in range(3):
         if not dialog.count() or not dialog.first.is_visible():
             return
-        print("JupyterLab dialog dismissed:", " ".join(dialog.first.inner_text().split())[:300])
-        page.keyboard.press("Escape")
+        text = " ".join(dialog.first.inner_text().split())
+        print("JupyterLab dialog dismissed:", text[:300])
+        if text.startswith("Select Kernel"):
+            dialog.first.locator("button.jp-mod-accept").click()
+        else:
+            page.keyboard.press("Escape")
         page.wait_for_timeout(300)
 
 
