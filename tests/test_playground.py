@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 import time
 
 import httpx
@@ -139,7 +140,7 @@ def test_inline_display_is_an_iframe_on_the_app(pg):
 
 def test_close_frees_the_port_and_root_path_reaches_gradio(tiny_client):
     app = xllm_jupyter.playground(
-        client=tiny_client, root_path="/user/alice/proxy/{port}/", inline=False
+        client=tiny_client, root_path="/user/alice/proxy/{port}/", inline=False, replace=False
     )
     # "{port}" in root_path stands for the port the playground picked.
     assert app.root_path == f"/user/alice/proxy/{app.port}"
@@ -149,7 +150,7 @@ def test_close_frees_the_port_and_root_path_reaches_gradio(tiny_client):
     port = app.port
     env_root = detect_root_path(port, {"JUPYTERHUB_SERVICE_PREFIX": "/user/alice/"})
     app = xllm_jupyter.playground(
-        client=tiny_client, port=port, root_path=env_root, inline=False
+        client=tiny_client, port=port, root_path=env_root, inline=False, replace=False
     )
     try:
         # the proxied path, then the secret path the app is mounted under
@@ -161,12 +162,40 @@ def test_close_frees_the_port_and_root_path_reaches_gradio(tiny_client):
         assert config["root"].endswith(app.url.rstrip("/"))
         assert not port_is_free(port)
         with pytest.raises(XllmError, match="already in use"):
-            xllm_jupyter.playground(client=tiny_client, port=port)
+            xllm_jupyter.playground(client=tiny_client, port=port, replace=False)
     finally:
         app.close()
     assert port_is_free(port)
     assert "closed" in app._repr_html_()
     app.close()  # idempotent
+
+
+def test_running_the_cell_again_replaces_the_app(tiny_client, capsys, monkeypatch):
+    """A re-run cell closes the app the kernel started before and gets its port back."""
+    # A kernel of its own: the module's shared playground is not one of "this kernel's" apps.
+    monkeypatch.setattr(sys.modules["xllm_jupyter.playground"], "_started", [], raising=False)
+    first = xllm_jupyter.playground(client=tiny_client)
+    port = first.port
+    try:
+        # Bad arguments or an unreachable server must leave the running app alone.
+        with pytest.raises(XllmError):
+            xllm_jupyter.playground(client=XllmClient("http://127.0.0.1:9/v1", "k"))
+        assert not first.closed and not port_is_free(port)
+        capsys.readouterr()
+        second = xllm_jupyter.playground(client=tiny_client)
+    finally:
+        first.close()
+    try:
+        assert first.closed and second.port == port  # the freed port, so the same URL
+        assert f"closed the previous playground (port {port})" in capsys.readouterr().out
+        assert httpx.get(second.local_url + "config", timeout=30).status_code == 200
+        # the old app's secret path is gone with it
+        assert httpx.get(first.local_url + "config", timeout=30).status_code == 404
+        third = xllm_jupyter.playground(client=tiny_client, replace=False)
+        third.close()
+        assert not second.closed
+    finally:
+        second.close()
 
 
 def test_root_path_detection():

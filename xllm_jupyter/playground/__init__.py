@@ -10,6 +10,9 @@ from .launcher import Playground, detect_root_path, launch
 
 __all__ = ["Playground", "detect_root_path", "playground"]
 
+#: the playgrounds ``playground()`` started in this process (kernel), closed ones pruned
+_started: list[Playground] = []
+
 
 def playground(
     model: str | None = None,
@@ -19,6 +22,7 @@ def playground(
     root_path: str | None = None,
     inline: bool = True,
     share: bool = False,
+    replace: bool = True,
     **options: Any,
 ) -> Playground:
     """Start a Gradio chat app (model picker, parameters, streaming) against the shared engine.
@@ -32,16 +36,25 @@ def playground(
     as a cell's result; ``close()`` stops it and frees the port. Extra ``options``:
     ``host``, ``height``, ``allowed_hosts`` (more Host names to accept, e.g. a port
     forwarder's).
+
+    Re-running the cell replaces the app: with ``replace=True`` (the default) the playgrounds
+    this kernel started before are closed (and a line says so) once the new call's
+    arguments check out, and the new one reuses the freed port; ``replace=False`` keeps
+    them running side by side.
     """
-    return launch(
+    _started[:] = [p for p in _started if not p.closed]
+    started = launch(
         model,
         client=client,
         port=port,
         root_path=root_path,
         inline=inline,
         share=share,
+        replaces=list(_started) if replace else (),
         **options,
     )
+    _started.append(started)
+    return started
 
 
 class _CallablePackage(types.ModuleType):

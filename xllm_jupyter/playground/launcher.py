@@ -195,6 +195,14 @@ class Playground:
         return frame + link
 
 
+def close_replaced(playgrounds: Sequence[Playground]) -> None:
+    """Close the still-open ``playgrounds`` and say so (a re-run cell replaces its app)."""
+    for old in playgrounds:
+        if not old.closed:
+            old.close()
+            print(f"xllm playground: closed the previous playground (port {old.port})")
+
+
 def launch(
     model: str | None = None,
     *,
@@ -206,8 +214,14 @@ def launch(
     host: str = DEFAULT_HOST,
     height: int = 640,
     allowed_hosts: Sequence[str] = (),
+    replaces: Sequence[Playground] = (),
 ) -> Playground:
-    """Start the playground against the shared engine and return it (see ``playground``)."""
+    """Start the playground against the shared engine and return it (see ``playground``).
+
+    ``replaces`` are earlier playgrounds to close first: only once this call's arguments and
+    server were checked (a typo must not kill the running app), and before the port is
+    picked, so the new app gets the old one's port (and proxy URL) back.
+    """
     try:
         import gradio  # noqa: F401  (an optional dependency: say how to get it)
     except ImportError:
@@ -219,20 +233,21 @@ def launch(
             raise InvalidRequest(
                 f"port must be an integer in 1-65535, not {port!r}", param="port"
             )
-        if not port_is_free(port, host):
-            raise XllmError(
-                f"port {port} is already in use: pass another port= or close the other app"
-            )
     if isinstance(allowed_hosts, str):
         allowed_hosts = (allowed_hosts,)
+    endpoint = resolve_endpoint(client)
+    models, default = list_models(endpoint)
+    close_replaced(replaces)
+    if port is not None and not port_is_free(port, host):
+        raise XllmError(
+            f"port {port} is already in use: pass another port= or close the other app"
+        )
     chosen = port if port is not None else pick_port(host)
     root = (
         normalize_root_path(root_path.replace("{port}", str(chosen)))
         if root_path is not None
         else detect_root_path(chosen)
     )
-    endpoint = resolve_endpoint(client)
-    models, default = list_models(endpoint)
     model = model or default
     app = build_app(endpoint, models, model)
     app.queue(default_concurrency_limit=32)
