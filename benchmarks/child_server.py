@@ -35,18 +35,20 @@ class ChildServer:
 
     def __init__(self, home: Path, log_path: Path, *, model: str = TINY, env: Mapping[str, str] | None = None,
                  api_key: str | None = None, timeout: float = 180.0):
-        self.port, self.model, self.api_key = free_port(), model, api_key
+        self.home, self.port, self.model, self.api_key = home, free_port(), model, api_key
         full_env = {**os.environ, "XLLM_HOME": str(home), "XLLM_ENGINE_TORCH_THREADS": "1", "XLLM_ENGINE_KEEP_ALIVE": "-1",
                     "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                     "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-        cmd = [sys.executable, "-c", "from xllm_jupyter.cli.main import main; main()",
-               "serve", "--host", "127.0.0.1", "--port", str(self.port), "-m", model]
-        if api_key:
-            cmd += ["--api-key", api_key]
         self.log_path = log_path
         self.log = open(log_path, "wb")
-        self.proc = subprocess.Popen(cmd, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.command(), env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
         self.ready(timeout)
+
+    def command(self) -> list[str]:
+        """The child's command line: ``xllm serve`` of this checkout on ``port``, preloading ``model``."""
+        cmd = [sys.executable, "-c", "from xllm_jupyter.cli.main import main; main()",
+               "serve", "--host", "127.0.0.1", "--port", str(self.port), "-m", self.model]
+        return cmd + (["--api-key", self.api_key] if self.api_key else [])
 
     @property
     def url(self) -> str:

@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import tempfile
 import threading
@@ -400,51 +399,26 @@ async def raw_socket(url: str) -> list[dict[str, Any]]:
     return out
 
 
-class JupyterChild:
+class JupyterChild(ChildServer):
     """``jupyter server`` with the xllm extension in its own process (its token is ``KEY``), for ``--jupyter``.
 
     Its ``url`` is the extension's root (``/xllm``), so every case's path runs under the extension's routes.
     """
 
     def __init__(self, home: Path, log_path: Path, timeout: float = 240.0):
-        from tests.helpers import free_port
+        super().__init__(home, log_path, api_key=KEY, timeout=timeout,
+                         env={"XLLM_MODEL": TINY, "JUPYTER_CONFIG_DIR": str(home / "jupyter")})
 
-        self.port, self.log_path = free_port(), log_path
-        self.log = open(log_path, "wb")
-        env = {**os.environ, "XLLM_HOME": str(home), "XLLM_MODEL": TINY, "XLLM_ENGINE_TORCH_THREADS": "1",
-               "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "HF_HUB_OFFLINE": "1",
-               "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "JUPYTER_CONFIG_DIR": str(home / "jupyter")}
-        cmd = [sys.executable, "-m", "jupyter_server", "--no-browser", f"--port={self.port}", "--ServerApp.ip=127.0.0.1",
-               f"--IdentityProvider.token={KEY}", f"--ServerApp.root_dir={home}", "--ServerApp.allow_root=True",
-               "--ServerApp.jpserver_extensions={'xllm_jupyter': True, 'jupyter_server_terminals': False}"]
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        body = {"model": TINY, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"jupyter server exited ({self.proc.returncode}); see {log_path}")
-            try:
-                if httpx.post(self.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
-                              timeout=30).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise RuntimeError("jupyter server did not become ready")
+    def command(self) -> list[str]:
+        """``jupyter server`` on ``port`` with only the xllm extension's routes added."""
+        return [sys.executable, "-m", "jupyter_server", "--no-browser", f"--port={self.port}", "--ServerApp.ip=127.0.0.1",
+                f"--IdentityProvider.token={KEY}", f"--ServerApp.root_dir={self.home}", "--ServerApp.allow_root=True",
+                "--ServerApp.jpserver_extensions={'xllm_jupyter': True, 'jupyter_server_terminals': False}"]
 
     @property
     def url(self) -> str:
         """The extension's root URL."""
         return f"http://127.0.0.1:{self.port}/xllm"
-
-    def stop(self) -> None:
-        """Stop the child process."""
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
 
 
 def greedy(url: str) -> str:
@@ -471,7 +445,7 @@ def all_cases(args: argparse.Namespace) -> list[Case]:
     return [c for c in groups if args.only in c.name]
 
 
-def fuzz(server: ChildServer | JupyterChild, args: argparse.Namespace) -> tuple[Findings, dict[str, Any]]:
+def fuzz(server: ChildServer, args: argparse.Namespace) -> tuple[Findings, dict[str, Any]]:
     """Run every batch, the abandoned requests and the raw-socket cases, checking the server after each."""
     findings = Findings()
     url = server.url

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import socket
 import subprocess
 import sys
 import textwrap
@@ -21,43 +20,16 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.helpers import free_port
+from tests.real_hub import HUB_CONFIG_HEAD
+
 pytest.importorskip("jupyterhub")
 certipy = pytest.importorskip("certipy")
 
 ADMIN_TOKEN = "tls-admin-token-0123456789abcdef"
 SERVICE_TOKEN = "tls-service-token-0123456789abcdef"
 
-HUB_CONFIG = '''
-from jupyterhub.proxy import Proxy
-
-
-class MemoryProxy(Proxy):
-    """Routes kept in memory: the tests call the hub API directly."""
-
-    should_start = False
-    _routes = {{}}
-
-    async def add_route(self, routespec, target, data):
-        self._routes[routespec] = {{"routespec": routespec, "target": target, "data": data}}
-
-    async def delete_route(self, routespec):
-        self._routes.pop(routespec, None)
-
-    async def get_all_routes(self):
-        return dict(self._routes)
-
-
-c = get_config()  # noqa
-c.JupyterHub.proxy_class = MemoryProxy
-c.JupyterHub.authenticator_class = "dummy"
-c.Authenticator.allow_all = True
-c.JupyterHub.db_url = "sqlite:///{tmp}/hub.sqlite"
-c.JupyterHub.cookie_secret_file = "{tmp}/cookie_secret"
-c.JupyterHub.pid_file = "{tmp}/hub.pid"
-c.JupyterHub.hub_ip = "127.0.0.1"
-c.JupyterHub.hub_port = {hub_port}
-c.JupyterHub.bind_url = "http://127.0.0.1:{proxy_port}/"
-c.JupyterHub.internal_ssl = True
+HUB_CONFIG = HUB_CONFIG_HEAD + '''c.JupyterHub.internal_ssl = True
 c.JupyterHub.internal_certs_location = "{tmp}/internal-ssl"
 c.JupyterHub.services = [
     {{"name": "xllm", "url": "http://127.0.0.1:{service_port}", "api_token": "{service_token}"}},
@@ -68,12 +40,6 @@ c.JupyterHub.load_roles = [
     {{"name": "test-admin", "services": ["test-admin"], "scopes": ["admin:users", "tokens"]}},
 ]
 '''
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclasses.dataclass
@@ -90,9 +56,9 @@ class TlsHub:
 def tls_hub(tmp_path_factory) -> Iterator[TlsHub]:
     """A real JupyterHub with internal_ssl and the xllm service registered (its URL: plain http)."""
     tmp = tmp_path_factory.mktemp("tls-hub")
-    hub_port, service_port = _free_port(), _free_port()
+    hub_port, service_port = free_port(), free_port()
     (tmp / "jupyterhub_config.py").write_text(textwrap.dedent(HUB_CONFIG.format(
-        tmp=tmp, hub_port=hub_port, proxy_port=_free_port(), service_port=service_port,
+        tmp=tmp, hub_port=hub_port, proxy_port=free_port(), service_port=service_port,
         service_token=SERVICE_TOKEN, admin_token=ADMIN_TOKEN)))
     log = open(tmp / "hub.log", "w+")  # noqa: SIM115 - closed at teardown
     proc = subprocess.Popen([sys.executable, "-m", "jupyterhub", "-f", str(tmp / "jupyterhub_config.py")],

@@ -25,6 +25,8 @@ import httpx
 import openai
 import pytest
 
+from tests.helpers import free_port
+from tests.real_hub import HUB_CONFIG_HEAD
 from tests.server_fixtures import TINY, make_test_config
 from xllm_jupyter.core.config import CacheConfig, HubConfig, QuotaConfig
 
@@ -40,43 +42,7 @@ MANAGED_ACCESS = "access:services!service=xllm-managed"
 MSG = [{"role": "user", "content": "Hi"}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-HUB_CONFIG = '''
-from jupyterhub.proxy import Proxy
-
-
-class MemoryProxy(Proxy):
-    """Routes kept in memory: the tests call the hub API and the service ports directly."""
-
-    should_start = False
-    _routes = {{}}
-
-    async def add_route(self, routespec, target, data):
-        self._routes[routespec] = {{"routespec": routespec, "target": target, "data": data}}
-
-    async def delete_route(self, routespec):
-        self._routes.pop(routespec, None)
-
-    async def get_all_routes(self):
-        return dict(self._routes)
-
-
-c = get_config()  # noqa
-c.JupyterHub.proxy_class = MemoryProxy
-c.JupyterHub.authenticator_class = "dummy"
-c.Authenticator.allow_all = True
-c.JupyterHub.db_url = "sqlite:///{tmp}/hub.sqlite"
-c.JupyterHub.cookie_secret_file = "{tmp}/cookie_secret"
-c.JupyterHub.pid_file = "{tmp}/hub.pid"
-c.JupyterHub.hub_ip = "127.0.0.1"
-c.JupyterHub.hub_port = {hub_port}
-c.JupyterHub.bind_url = "http://127.0.0.1:{proxy_port}/"
-c.JupyterHub.cleanup_servers = False
+HUB_CONFIG = HUB_CONFIG_HEAD + '''c.JupyterHub.cleanup_servers = False
 c.JupyterHub.services = [
     {{"name": "xllm", "url": "http://127.0.0.1:{service_port}", "api_token": "{service_token}", "oauth_no_confirm": True}},
     {{"name": "test-admin", "api_token": "{admin_token}"}},
@@ -166,12 +132,12 @@ def _start_service(config: Any, catalog: Any, env: dict[str, str], port: int) ->
 def hub(tmp_path_factory, xllm_home, tiny_catalog) -> Iterator[Hub]:
     """A real JupyterHub with xllm as an external service, four users and their tokens."""
     tmp = tmp_path_factory.mktemp("hub")
-    hub_port, svc_port, managed_port = _free_port(), _free_port(), _free_port()
+    hub_port, svc_port, managed_port = free_port(), free_port(), free_port()
     managed_env = {"XLLM_HOME": str(xllm_home), "XLLM_MODEL": TINY, "XLLM_ENGINE_TORCH_THREADS": "1",
                    "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                    "XLLM_CONFIG": str(tmp / "no-config.yaml")}
     (tmp / "jupyterhub_config.py").write_text(textwrap.dedent(HUB_CONFIG.format(
-        tmp=tmp, hub_port=hub_port, proxy_port=_free_port(), service_port=svc_port, managed_port=managed_port,
+        tmp=tmp, hub_port=hub_port, proxy_port=free_port(), service_port=svc_port, managed_port=managed_port,
         service_token=SERVICE_TOKEN, admin_token=ADMIN_TOKEN, command=[sys.executable, "-m", "xllm_jupyter.hub"],
         managed_env=managed_env,
     )))
@@ -344,7 +310,7 @@ def test_the_extensions_lookup_tells_a_hub_without_the_service_from_one_that_has
     assert (refused.service, refused.final) == (None, True) and "403" in refused.reason
     missing = ask(JUPYTERHUB_API_TOKEN=ADMIN_TOKEN, XLLM_HUB_SERVICE="no-such-service")  # may read any service
     assert (missing.service, missing.final) == (None, True) and "404" in missing.reason
-    down = ask(f"http://127.0.0.1:{_free_port()}/hub/api", JUPYTERHUB_API_TOKEN=hub.tokens["bob"])
+    down = ask(f"http://127.0.0.1:{free_port()}/hub/api", JUPYTERHUB_API_TOKEN=hub.tokens["bob"])
     assert (down.service, down.final) == (None, False)
     assert hub.tokens["bob"] not in down.reason + found.reason
 
@@ -467,7 +433,7 @@ def test_a_user_servers_xllm_api_answers_from_the_hub_service(hub, bobs_server):
 def test_a_user_server_started_while_the_hub_api_was_down_forwards_once_the_hub_answers(
         hub, jp_serverapp, http_server_client, jp_http_port, jp_base_url, jp_asyncio_loop, monkeypatch):
     """Before: the one lookup at start failed, so the server kept its own engine (and loaded the model) for good."""
-    monkeypatch.setenv("JUPYTERHUB_API_URL", f"http://127.0.0.1:{_free_port()}/hub/api")  # nothing listens
+    monkeypatch.setenv("JUPYTERHUB_API_URL", f"http://127.0.0.1:{free_port()}/hub/api")  # nothing listens
     monkeypatch.setenv("JUPYTERHUB_API_TOKEN", hub.tokens["bob"])
     monkeypatch.delenv("XLLM_HUB_SERVICE", raising=False)
     (ext,) = jp_serverapp.extension_manager.extension_apps["xllm_jupyter"]
