@@ -4,6 +4,7 @@ through a real IPython shell against a real server with its own store."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -156,6 +157,23 @@ def test_pull_route_validates_and_needs_credentials(own_server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "model"
     r = httpx.post(root + "/admin/models/pull", json={"model": "x", "force": "yes"}, headers=headers)
     assert r.status_code == 400 and r.json()["error"]["param"] == "force"
+
+    # what fails before any work is a plain 400 error, not a 200 stream holding an error event
+    missing = f"/tmp/xllm-no-such-dir-{os.getpid()}/model"
+    for body, code, param in (
+        ({"model": missing}, "store_error", "model"),
+        ({"model": "not a source"}, "store_error", "model"),
+        ({"model": "hf:org"}, "store_error", "model"),
+        ({"model": "hf:org/repo", "revision": "/x"}, "store_error", "revision"),
+        ({"model": "smollm2", "name": "../escape"}, "invalid_model_name", "name"),
+    ):
+        r = httpx.post(root + "/admin/models/pull", json=body, headers=headers)
+        assert r.status_code == 400, (body, r.status_code, r.text[:200])
+        assert r.headers["content-type"].startswith("application/json")
+        error = r.json()["error"]
+        assert error["code"] == code and error["param"] == param, (body, error)
+        assert error["type"] == "invalid_request_error"
+        assert set(error) == {"message", "type", "param", "code"}
     r = httpx.get(root + "/admin/models/manifest", params={"model": "no-such"}, headers=headers)
     assert r.status_code == 404
     body = httpx.get(root + "/admin/models/manifest", params={"model": TINY}, headers=headers).json()

@@ -19,7 +19,9 @@ from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
 from .. import __version__
-from ..core.errors import InvalidRequest, Unsupported
+from ..core.errors import InvalidRequest, StoreError, Unsupported
+from ..store.names import validate_name
+from ..store.sources import parse_source
 from .handlers import BodyMixin, RequestMixin
 
 #: at most this many progress events a second per file (the store reports every chunk)
@@ -85,6 +87,26 @@ def _pull_args(body: bytes) -> dict[str, Any]:
     return args
 
 
+def check_pull(args: dict[str, Any]) -> None:
+    """Raise the StoreError a pull would fail with at once (unknown source, missing local path, bad name).
+
+    Checked before the stream starts, so these answer a plain 400 error instead of a 200 whose
+    stream then holds the error; failures during the pull itself stay stream events.
+    """
+    try:
+        parse_source(args["source"], args["revision"])
+    except StoreError as exc:
+        if exc.param == "source":  # the store's word for what this route calls "model"
+            exc.param = "model"
+        raise
+    if args["name"] is not None:
+        try:
+            validate_name(args["name"])
+        except StoreError as exc:
+            exc.param = "name"  # the body field that holds it
+            raise
+
+
 async def pull_events(store: Any, args: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     """Run ``store.pull`` on a thread and yield its (coalesced) progress, then the result."""
     loop = asyncio.get_running_loop()
@@ -135,9 +157,10 @@ class AdminPullMixin(BodyMixin):
     """``POST /admin/models/pull``: pull into the server's store, progress as SSE."""
 
     async def handle_post(self) -> None:
-        """Validate, then stream the pull's progress."""
+        """Validate (what can fail before the pull starts answers 400), then stream the pull's progress."""
         args = _pull_args(self.body)
         store = _store(self.xllm)
+        await asyncio.to_thread(check_pull, args)  # (a stat of a local path: off the IOLoop)
         await self.stream_events(pull_events(store, args))
 
 
@@ -154,4 +177,4 @@ class AdminManifestMixin(RequestMixin):
         self.write_json(manifest_summary(manifest))
 
 
-__all__ = ["AdminManifestMixin", "AdminPullMixin", "manifest_summary", "public_source", "pull_events"]
+__all__ = ["AdminManifestMixin", "AdminPullMixin", "check_pull", "manifest_summary", "public_source", "pull_events"]
