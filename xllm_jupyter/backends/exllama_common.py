@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 from ..core import gc_freeze
-from ..core.errors import EngineError
+from ..core.errors import EngineError, ModelLoadError
 from ..core.types import FinishReason, SamplingParams, TokenEvent
 from .base import Backend, BackendOptions, ModelSpec, unload_each
 from .compile_gate import empty_cuda_cache
@@ -357,7 +357,7 @@ def guarded_load(build: Callable[[list[Any]], T], name: str, library: str) -> T:
         unload_quietly(on_gpu)  # whatever failed (a draft's settings, say): nothing may stay on the GPU
         if not is_out_of_memory(exc):
             if isinstance(exc, (OSError, ValueError, KeyError, RuntimeError, AssertionError)):
-                raise EngineError(f"Failed to load model '{name}' with {library} ({type(exc).__name__})") from exc
+                raise ModelLoadError.of(name, library, exc) from exc
             raise
     on_gpu.clear()
     release_memory()

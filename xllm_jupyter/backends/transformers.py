@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import EngineError, InvalidRequest
+from ..core.errors import EngineError, InvalidRequest, ModelLoadError
 from .base import Backend, BackendOptions, ModelSpec
 from .lora import merge_lora
 from .quiet_loading import library_bars_off
@@ -138,8 +138,7 @@ class TransformersBackend(Backend):
         except (OSError, ValueError, KeyError, RuntimeError) as exc:  # (torch's OutOfMemoryError is a RuntimeError)
             if not is_out_of_memory(exc):
                 # transformers' messages name local paths; keep them in the chained cause (logs) only
-                raise EngineError(f"Failed to load model '{spec.name}' with transformers ({type(exc).__name__})") \
-                    from exc
+                raise ModelLoadError.of(spec.name, "transformers", exc) from exc
             failed = "its weights"
         if failed is None:
             try:

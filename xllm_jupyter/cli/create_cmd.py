@@ -38,7 +38,11 @@ def create_command(settings: Any, name: str, modelfile) -> None:
     from the Modelfile's directory. A running server that has NAME loaded unloads it, so its
     next request gets the new version. Every instruction: docs/modelfile.md.
     """
-    text = modelfile.read()
+    try:
+        text = modelfile.read()
+    except UnicodeDecodeError as exc:  # a binary file given by mistake: a usage error, not a traceback
+        raise click.BadParameter(f"{modelfile.name!r} is not UTF-8 text (byte {exc.start}): is it a Modelfile?",
+                                 param_hint="'-f' / '--file'") from None
     store = open_store()
     with _progress() as progress:
         manifest = store.create(name, text, progress=PullBar(progress), base_dir=_modelfile_dir(modelfile))

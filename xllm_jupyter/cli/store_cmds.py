@@ -100,7 +100,11 @@ def list_command() -> None:
     """List the models in the store."""
     from rich.table import Table
 
-    manifests = open_store().list()
+    store = open_store()
+    manifests = store.list()
+    for name, why in store.damaged():
+        # a damaged model is left out of the table but not silently: it still takes space, and rm can remove it
+        click.echo(f"Note: model '{name}' is damaged ({why}): remove it with `xllm rm {name}`", err=True)
     console = stdout_console()
     if not manifests:
         console.print("No models yet: try `xllm pull smollm2`.")
@@ -193,8 +197,12 @@ def show_command(name: str, modelfile: bool, parameters: bool, system: bool, tem
 @click.pass_obj
 def rm_command(settings: Any, name: str, yes: bool) -> None:
     """Remove a model from the store (a running server unloads it first)."""
+    from ..core.errors import ModelNotFound
+    from ..store.names import canonical_name
+
     store = open_store()
-    store.show(name)  # an unknown name fails here, before asking
+    if not store.exists(name):  # an unknown name fails here, before asking; a damaged model can still be removed
+        raise ModelNotFound(canonical_name(name))
     if not yes:
         click.confirm(f"Remove {name}?", abort=True)
     unload_from_server(settings, name)

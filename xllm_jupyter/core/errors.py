@@ -135,6 +135,20 @@ class EngineError(XllmError):
     code = "engine_error"
 
 
+class ModelLoadError(EngineError):
+    """A model's files could not be loaded (500); the message names the model, library and error type, no path,
+    so a client learns that retrying will not help."""
+
+    code = "model_load_failed"
+    client_safe = True
+
+    @classmethod
+    def of(cls, name: str, library: str, exc: BaseException) -> "ModelLoadError":
+        """The error for ``exc``, raised while ``library`` loaded model ``name``."""
+        return cls(f"Failed to load model '{name}' with {library} ({type(exc).__name__}): its files are damaged "
+                   "or not supported; pull it again with force (the server log has the details)")
+
+
 class BadModelOutput(EngineError):
     """The model's output for one job could not be used (e.g. non-finite logits); the message says what to
     change (500)."""

@@ -73,13 +73,37 @@ class ModelStore(PullMixin):
                 out.append(manifest)
         return sorted(out, key=lambda m: m.name)
 
+    def damaged(self) -> list[tuple[str, str]]:
+        """(name, why) for each model directory ``list`` skips because its manifest is damaged or missing."""
+        if not self.models.is_dir():
+            return []
+        out = []
+        for entry in self.models.iterdir():
+            name = dirname_to_name(entry.name)
+            if name is None or entry.is_symlink() or not entry.is_dir():
+                continue
+            try:
+                if read_manifest(entry).name != name:
+                    out.append((name, "its manifest names another model"))
+            except StoreError as exc:
+                out.append((name, exc.message))
+        return sorted(out)
+
+    def exists(self, name: str) -> bool:
+        """True when the store has a directory for ``name``, complete or damaged (what ``rm`` can remove)."""
+        return self._dir(validate_name(name)).is_dir()
+
     def show(self, name: str) -> Manifest:
         """The manifest of model ``name``; ModelNotFound if it is not in the store."""
         n = validate_name(name)
         path = self._dir(n)
         if not path.is_dir() or not (path / MANIFEST_NAME).is_file():
             raise ModelNotFound(n)
-        manifest = read_manifest(path)
+        try:
+            manifest = read_manifest(path)
+        except StoreError as exc:
+            # name the model: "Damaged model manifest" alone does not say which one, nor what to do
+            raise StoreError(f"Model '{n}' is damaged ({exc.message}): remove it or pull it again with force") from None
         if manifest.name != n:
             raise StoreError(f"The manifest in '{n}' names another model; pull it again with force")
         return manifest

@@ -1,0 +1,70 @@
+"""A damaged model in the store, or a careless input to the CLI, fails for that one thing with a clear
+message, and the other models keep working (list, show, rm, create, a real server)."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.server_fixtures import TINY, make_test_config, running_server
+from tests.test_cli_ux import home, invoke, one_error_line  # noqa: F401 - ``home`` is a fixture
+from xllm_jupyter.store.store import ModelStore
+
+
+@pytest.fixture
+def broken(home):  # noqa: F811 - the fixture imported above
+    """The CLI's store with "tiny" plus "broken", a copy whose manifest is not JSON any more."""
+    assert invoke("cp", TINY, "broken").exit_code == 0
+    (home / "models" / "broken" / "xllm-manifest.json").write_text("{not json")
+    return home
+
+
+def test_rm_removes_a_model_whose_manifest_is_damaged(broken):
+    result = invoke("rm", "-y", "broken")
+    assert result.exit_code == 0 and "Removed broken" in result.output
+    assert not (broken / "models" / "broken").exists()
+    assert "does not exist" in one_error_line(invoke("rm", "-y", "broken"))
+    assert "Invalid model name" in one_error_line(invoke("rm", "-y", "../models"))
+    assert [m.name for m in ModelStore(broken).list()] == [TINY]
+
+
+def test_list_names_a_damaged_model_and_lists_the_others(broken):
+    result = invoke("list")
+    assert result.exit_code == 0
+    assert TINY in result.stdout and "broken" not in result.stdout
+    assert "model 'broken' is damaged" in result.stderr and "xllm rm broken" in result.stderr
+    assert ModelStore(broken).damaged() == [("broken", "Damaged model manifest (JSONDecodeError)")]
+
+
+def test_show_of_a_damaged_model_names_it(broken):
+    assert "Model 'broken' is damaged" in one_error_line(invoke("show", "broken"))
+    assert invoke("show", TINY).exit_code == 0
+
+
+def test_create_from_a_binary_file_is_a_usage_error(home, tmp_path):  # noqa: F811
+    path = tmp_path / "Modelfile"
+    path.write_bytes(b"FROM tiny\n\xb0\xff\x00binary")
+    result = invoke("create", "bin", "-f", str(path))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "is not UTF-8 text" in result.stderr
+    assert [m.name for m in ModelStore(home).list()] == [TINY]
+
+
+def test_a_model_with_damaged_files_fails_to_load_with_a_message_that_says_so(tmp_path, tiny_llama_dir):
+    store = ModelStore(tmp_path / "home")
+    store.pull(str(tiny_llama_dir), TINY)
+    store.pull(str(tiny_llama_dir), "bad")  # its own copy of the files (a pull copies, cp would link)
+    tokenizer = store.show("bad").path / "tokenizer.json"
+    with open(tokenizer, "r+b") as f:  # same size: only a load (or verify) can tell
+        f.write(b"GARBAGE!")
+    with running_server(make_test_config(store.home), store, TINY) as info:
+        with openai.OpenAI(base_url=info.base_url, api_key=info.api_key, max_retries=0, timeout=60) as client:
+            with pytest.raises(openai.InternalServerError) as failed:
+                client.chat.completions.create(model="bad", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+            body = failed.value.body
+            assert failed.value.code == "model_load_failed"
+            assert "'bad'" in body["message"] and "damaged" in body["message"]
+            assert str(store.home) not in body["message"]
+            # the other model goes on answering
+            reply = client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+            assert reply.choices[0].message.content is not None
