@@ -218,7 +218,8 @@ class ObservedEngine:
 
         A generation its consumer closes early (the client left, a forced tool reply stopped
         repeating itself) never sends its final usage: it is charged the prompt and the tokens
-        it delivered, so leaving a stream just before its end does not make it free.
+        it delivered, so leaving a stream just before its end does not make it free. One that
+        fails mid-stream is counted in the token metrics but charged to nobody.
         """
         delivered = 0
         release = self._hold(request) if self._hold is not None else None
@@ -234,6 +235,13 @@ class ObservedEngine:
         except (GeneratorExit, asyncio.CancelledError):
             if delivered > 0:
                 self._charge(request, Usage(len(request.prompt_ids), delivered), finished=False)
+            raise
+        except Exception:
+            # Failed mid-stream (its model unloaded, a step raised): the engine generated these
+            # tokens and counts them (/admin/stats), so the token counters do too; the user is
+            # not charged for a request the server failed.
+            if delivered > 0:
+                self._metrics.record_usage(request.model, Usage(len(request.prompt_ids), delivered), prefix=False)
             raise
         finally:
             if release is not None:
