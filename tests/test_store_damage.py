@@ -68,3 +68,11 @@ def test_a_model_with_damaged_files_fails_to_load_with_a_message_that_says_so(tm
             # the other model goes on answering
             reply = client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "hi"}], max_tokens=1)
             assert reply.choices[0].message.content is not None
+
+
+@pytest.mark.parametrize("name", ["tiny.", "x.:v1", "x:v1.", "a."])
+def test_a_name_ending_in_a_dot_is_refused(home, name):  # noqa: F811
+    # Windows drops a trailing dot from a file name: "tiny." would be the directory of "tiny" there
+    assert "Invalid model name" in one_error_line(invoke("cp", TINY, name))
+    assert "Invalid model name" in one_error_line(invoke("show", name))
+    assert [m.name for m in ModelStore(home).list()] == [TINY]

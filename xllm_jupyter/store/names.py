@@ -1,7 +1,7 @@
 """Model names: validation, normalisation, and the one safe mapping from a name to a directory.
 
 A name is ``base`` or ``base:tag``; both parts are lower-case ASCII letters, digits,
-``.``, ``_`` and ``-``, starting with a letter or digit. Input is matched before it is
+``.``, ``_`` and ``-``, starting with a letter or digit and not ending with ``.``. Input is matched before it is
 lower-cased, so Unicode that lower-cases into ASCII (the Kelvin sign, dotted capital I)
 never slips through. On disk ``:`` becomes ``@``, a character no name may contain, so
 the mapping is one-to-one and the directory can never be ``.``, ``..`` or contain a
@@ -26,7 +26,8 @@ def validate_name(name: object) -> str:
     """The normalised (lower-case) form of ``name``; InvalidModelName if it is not allowed."""
     if not isinstance(name, str) or not name.isascii() or not _NAME.fullmatch(name):
         raise InvalidModelName(str(name)[:100])
-    if ".." in name:
+    if ".." in name or any(part.endswith(".") for part in name.split(":")):
+        # Windows drops a trailing dot from a file name: "x." and "x" would share one directory there
         raise InvalidModelName(name)
     base = name.split(":", 1)[0].lower()
     if base.split(".", 1)[0] in _RESERVED:
