@@ -8,6 +8,7 @@ import httpx
 import jsonschema
 import llguidance
 import openai
+import pydantic
 import pytest
 
 from tests.server_fixtures import TINY
@@ -355,9 +356,99 @@ def test_tool_errors(client, xllm_server):
         with pytest.raises(openai.BadRequestError) as info:
             client.chat.completions.create(model=TINY, messages=MSG, tools=tools)
         assert info.value.status_code == 400 and info.value.param.startswith("tools")
-    # a schema llguidance cannot compile is a 400 when it must be enforced
+    # not a JSON Schema: OpenAI's invalid_function_parameters, forced or not
     broken = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": 7}}}}}]
     r = httpx.post(xllm_server.base_url + "/chat/completions", headers={"Authorization": f"Bearer {xllm_server.api_key}"},
                    json={"model": TINY, "messages": MSG, "tools": broken, "tool_choice": "required", "stream": True}, timeout=60)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_function_parameters"
+    # a JSON Schema llguidance cannot compile is a 400 when it must be enforced
+    dangling = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"$ref": "#/$defs/missing"}}, "required": ["x"]}}}]
+    r = httpx.post(xllm_server.base_url + "/chat/completions", headers={"Authorization": f"Bearer {xllm_server.api_key}"},
+                   json={"model": TINY, "messages": MSG, "tools": dangling, "tool_choice": "required", "stream": True}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text[:300]
     assert client.chat.completions.create(model=TINY, messages=MSG, max_tokens=2).choices  # still serving
+
+
+# Schemas real clients send: the openai SDK's pydantic tools ($defs, $ref, anyOf with null,
+# strict additionalProperties), instructor's, draft 7's tuple items, a bare object.
+class _Address(pydantic.BaseModel):
+    city: str
+    zip: str | None = None
+
+
+class _Order(pydantic.BaseModel):
+    items: list[str]
+    ship_to: _Address
+    priority: int = pydantic.Field(default=1, ge=1, le=5)
+
+
+VALID_PARAMETERS = [
+    openai.pydantic_function_tool(_Order)["function"]["parameters"],
+    _Order.model_json_schema(),
+    {"type": "object"},
+    {},
+    {"type": "object", "properties": {"type": {"type": "string"}, "properties": {"type": "object"}}},
+    {"type": "object", "properties": {"pair": {"type": "array", "items": [{"type": "string"}, {"type": "number"}]},
+                                      "any": True, "tag": {"type": ["string", "null"], "enum": ["a", None]}},
+     "required": ["pair"], "additionalProperties": False},
+    {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maxLength": 3, "format": "int32",
+                                            "not": {"const": 3}, "oneOf": [{"multipleOf": 2}, {"multipleOf": 3}]}}},
+    TOOLS[0]["function"]["parameters"],
+]
+
+INVALID_PARAMETERS = [
+    ({"type": "object", "properties": 5}, "('properties',)"),
+    ({"type": "object", "properties": {"a": {"type": 7}}}, "('properties', 'a', 'type')"),
+    ({"type": "object", "properties": {"a": {"type": "text"}}}, "('properties', 'a', 'type')"),
+    ({"type": "object", "required": "x"}, "('required',)"),
+    ({"type": "object", "properties": {"a": 5}}, "('properties', 'a')"),
+    ({"type": "object", "properties": {"a": {"type": "array", "items": {"type": "string", "minLength": -1}}}},
+     "('properties', 'a', 'items', 'minLength')"),
+    ({"type": "object", "properties": {"a": {"anyOf": []}}}, "('properties', 'a', 'anyOf')"),
+    ({"type": "object", "definitions": {"A": {"enum": "x"}}}, "('definitions', 'A', 'enum')"),
+]
+
+
+def test_parameters_that_are_not_a_json_schema_are_refused_like_openai(client):
+    """``properties: 5`` and friends were accepted unless the tool was forced; OpenAI answers 400 invalid_function_parameters."""
+    def is_schema(schema: object) -> bool:  # (the test's premise: under draft 2020-12 or draft 7)
+        for meta in (jsonschema.Draft202012Validator, jsonschema.Draft7Validator):
+            try:
+                meta.check_schema(schema)
+                return True
+            except jsonschema.SchemaError:
+                pass
+        return False
+
+    for schema in VALID_PARAMETERS:
+        assert is_schema(schema), schema
+        cfg = parse_tool_config([{"type": "function", "function": {"name": "f", "parameters": schema}}], None, None)
+        assert cfg.tools[0].parameters == schema
+    for schema, context in INVALID_PARAMETERS:
+        assert not is_schema(schema), schema
+        tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+        with pytest.raises(InvalidRequest) as info:
+            parse_tool_config([TOOLS[0], tool], None, None)
+        assert info.value.code == "invalid_function_parameters" and info.value.param == "tools[1].function.parameters"
+        assert info.value.message.startswith("Invalid schema for function 'f': In context=" + context), info.value.message
+    # over the wire, chat and Responses, not forced
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": "city"}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=TINY, messages=MSG, max_tokens=1,
+                                       tools=[{"type": "function", "function": {"name": "f", "parameters": schema}}])
+    assert err.value.status_code == 400 and err.value.code == "invalid_function_parameters"
+    assert err.value.param == "tools[0].function.parameters"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model=TINY, input="hi", max_output_tokens=16,
+                                tools=[{"type": "function", "name": "f", "parameters": schema}])
+    assert err.value.code == "invalid_function_parameters" and err.value.param == "tools[0].parameters"
+    for bad, code in (([], "invalid_type"), ({"type": "array"}, "invalid_function_parameters")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=TINY, messages=MSG, max_tokens=1,
+                                           tools=[{"type": "function", "function": {"name": "f", "parameters": bad}}])
+        assert err.value.code == code and err.value.param == "tools[0].function.parameters"
+    # a valid client schema still gets an answer
+    answer = client.chat.completions.create(model=TINY, messages=MSG, max_tokens=1, tools=[
+        {"type": "function", "function": {"name": "f", "parameters": VALID_PARAMETERS[0]}}])
+    assert answer.choices[0].finish_reason in ("length", "stop", "tool_calls")

@@ -17,6 +17,7 @@ from ..core.types import ChatMessage, Constraint
 from .conversation import check_name
 from .schema_closing import close_objects
 from .schema_errors import json_type, shown
+from .tool_schema import check_parameters
 
 #: OpenAI's longest function name
 MAX_NAME = 64
@@ -149,11 +150,14 @@ def _parse_tools(tools: Any) -> tuple[ToolSpec, ...]:
         params = fn.get("parameters")
         if params is None:
             params = {"type": "object", "properties": {}}
-        if not isinstance(params, dict) or params.get("type", "object") != "object":
-            raise InvalidRequest(
-                f"{where}.function.parameters must be a JSON schema object with type 'object'",
-                param=f"{where}.function.parameters",
-            )
+        param = f"{where}.function.parameters"
+        if not isinstance(params, dict):
+            raise InvalidRequest(f"Invalid type for '{param}': expected an object, but got {json_type(params)} instead.",
+                                 param=param, code="invalid_type")
+        if params.get("type", "object") != "object":
+            raise InvalidRequest(f"Invalid schema for function {shown(name)}: schema must be a JSON Schema of 'type: \"object\"', "
+                                 f"got 'type: {json.dumps(params.get('type'))[:60]}'.", param=param, code="invalid_function_parameters")
+        check_parameters(params, name, param)  # forced or not, as OpenAI checks it
         specs.append(ToolSpec(name, desc, params))
     return tuple(specs)
 
