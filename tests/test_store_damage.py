@@ -76,3 +76,11 @@ def test_a_name_ending_in_a_dot_is_refused(home, name):  # noqa: F811
     assert "Invalid model name" in one_error_line(invoke("cp", TINY, name))
     assert "Invalid model name" in one_error_line(invoke("show", name))
     assert [m.name for m in ModelStore(home).list()] == [TINY]
+
+
+def test_a_revision_for_a_source_without_revisions_is_refused(home, tiny_llama_dir):  # noqa: F811
+    # it used to be dropped silently: the model pulled was not the revision asked for
+    for source in (str(tiny_llama_dir), "smollm2"):
+        message = one_error_line(invoke("pull", source, "--name", "other", "--revision", "v2"))
+        assert "revision applies to Hugging Face repos only" in message
+    assert [m.name for m in ModelStore(home).list()] == [TINY]

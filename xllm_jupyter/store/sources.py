@@ -61,10 +61,15 @@ def parse_source(source: str, revision: str | None = None) -> Source:
     for prefix in _HUB_PREFIXES:
         if text.lower().startswith(prefix):
             return _hub(text[len(prefix) :], revision)
+    if revision is not None and not _REPO.fullmatch(text.split("@", 1)[0]):
+        # a packaged model or a local path has no revisions: ignoring one would pull something else than asked
+        raise StoreError(f"A revision applies to Hugging Face repos only, not to {text[:100]!r}", param="revision")
     if text.lower() in PACKAGED:
         return Source("packaged", text.lower())
     path = Path(text).expanduser()
     if path.exists():
+        if revision is not None:
+            raise StoreError("A revision applies to Hugging Face repos only, not to a local path", param="revision")
         path = path.resolve()
         if path.is_dir():
             return Source("dir", str(path))
