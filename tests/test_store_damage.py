@@ -84,3 +84,13 @@ def test_a_revision_for_a_source_without_revisions_is_refused(home, tiny_llama_d
         message = one_error_line(invoke("pull", source, "--name", "other", "--revision", "v2"))
         assert "revision applies to Hugging Face repos only" in message
     assert [m.name for m in ModelStore(home).list()] == [TINY]
+
+
+def test_a_modelfile_saved_with_a_byte_order_mark_and_crlf_is_read(home, tmp_path):  # noqa: F811
+    # Windows editors save "UTF-8 with BOM"; it used to fail as "unknown instruction '\ufeffFROM'"
+    path = tmp_path / "Modelfile"
+    path.write_bytes('FROM tiny\r\nPARAMETER temperature 0.5\r\nSYSTEM """one\r\ntwo"""\r\n'.encode("utf-8-sig"))
+    result = invoke("create", "bom", "-f", str(path))
+    assert result.exit_code == 0, result.output
+    assert invoke("show", "bom", "--system").output == "one\ntwo\n"
+    assert invoke("show", "bom", "--parameters").output == "temperature         0.5\n"

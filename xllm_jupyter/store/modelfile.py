@@ -163,7 +163,8 @@ class _Reader:
     """A cursor over the text that knows its line number."""
 
     def __init__(self, text: str):
-        self.text = text.replace("\r\n", "\n").replace("\r", "\n")
+        # a byte-order mark (Windows editors save "UTF-8 with BOM") is not part of the first instruction
+        self.text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
         self.pos = 0
         self.line = 1
 
