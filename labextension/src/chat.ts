@@ -18,6 +18,8 @@ export interface ChatViewOptions {
   className?: string;
   /** called after each reply ends (the panel re-reads its stats) */
   onReplyEnd?: () => void;
+  /** called when the chat is shown (true) or hidden or closed (false): the main-area chat polls its models meanwhile */
+  onVisible?: (visible: boolean) => void;
 }
 
 /** A streaming chat box bound to one xllm server. */
@@ -34,12 +36,14 @@ export class ChatView extends Widget {
   private abort: AbortController | null = null;
   private models: string[] = [];
   private readonly onReplyEnd: () => void;
+  private readonly onVisible: (visible: boolean) => void;
 
   constructor(options: ChatViewOptions) {
     super();
     this.api = options.api;
     this.maxTokens = options.maxTokens ?? 512;
     this.onReplyEnd = options.onReplyEnd ?? (() => undefined);
+    this.onVisible = options.onVisible ?? (() => undefined);
     this.addClass('xllm-Chat');
     if (options.className) {
       this.addClass(options.className);
@@ -163,6 +167,18 @@ export class ChatView extends Widget {
 
   protected onAfterAttach(): void {
     this.input.focus();
+  }
+
+  protected onAfterShow(): void {
+    this.onVisible(true);
+  }
+
+  protected onAfterHide(): void {
+    this.onVisible(false);
+  }
+
+  protected onBeforeDetach(): void {
+    this.onVisible(false);
   }
 
   private setBusy(busy: boolean): void {

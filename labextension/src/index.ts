@@ -9,9 +9,9 @@ import { LabIcon } from '@jupyterlab/ui-components';
 
 import { XllmApi, XllmApiError } from './api';
 import { ChatView } from './chat';
+import { ChatModelSync } from './chatmodels';
 import { jupyterRequest } from './connection';
 import { XllmPanel } from './panel';
-import { canChat, noChatModelsReason } from './state';
 
 /** Command ids. */
 export namespace CommandIDs {
@@ -29,22 +29,31 @@ let chatCount = 0;
 
 /** A chat in the main area: the fallback when the playground cannot be opened. */
 function openChat(app: JupyterFrontEnd, api: XllmApi, model: string | null): void {
-  const chat = new ChatView({ api, className: 'xllm-mod-main' });
-  // the main-area chat offers the chat models the server lists (no embedding models)
-  void api
-    .models()
-    .then(models => {
-      const ids = models.filter(m => canChat(m.task)).map(m => m.id);
-      chat.setModels(ids, model && ids.includes(model) ? model : ids[0] ?? null);
-      chat.setNotice(ids.length ? null : noChatModelsReason(null));
-    })
-    // an empty picker must say why, not just stay empty
-    .catch(error => chat.setNotice(noChatModelsReason(error)));
+  // the models the server lists change while the chat is open (pulls, creates, loads): read
+  // them on open, when the chat gets focus and every 30 s while it is shown
+  let sync: ChatModelSync | null = null;
+  const chat = new ChatView({
+    api,
+    className: 'xllm-mod-main',
+    onVisible: visible => {
+      if (visible) {
+        void sync?.refreshIfStale();
+        sync?.start();
+      } else {
+        sync?.stop();
+      }
+    }
+  });
+  sync = new ChatModelSync(() => api.models(), chat, model);
+  void sync.refresh();
+  sync.start();
+  chat.node.addEventListener('focusin', () => void sync?.refreshIfStale());
   const widget = new MainAreaWidget({ content: chat });
   widget.id = `xllm-chat-${++chatCount}`;
   widget.title.label = 'xllm chat';
   widget.title.icon = xllmIcon;
   widget.title.closable = true;
+  widget.disposed.connect(() => sync?.stop());
   app.shell.add(widget, 'main');
   app.shell.activateById(widget.id);
 }
