@@ -94,3 +94,20 @@ def test_a_modelfile_saved_with_a_byte_order_mark_and_crlf_is_read(home, tmp_pat
     assert result.exit_code == 0, result.output
     assert invoke("show", "bom", "--system").output == "one\ntwo\n"
     assert invoke("show", "bom", "--parameters").output == "temperature         0.5\n"
+
+
+@pytest.mark.parametrize("settings", [
+    {"from": "tiny", "messages": [{"role": "robot", "content": "hi"}]},  # the server sent this role to the model
+    {"from": "tiny", "license": "MIT"},  # was shown as three LICENSE lines: M, I, T
+    {"from": "tiny", "adapters": "x"},
+])
+def test_hand_edited_modelfile_settings_are_damage_not_silently_used(home, settings):  # noqa: F811
+    import json
+
+    assert invoke("cp", TINY, "edited").exit_code == 0
+    path = home / "models" / "edited" / "xllm-manifest.json"
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "modelfile": settings}))
+    for args in (["show", "edited"], ["show", "edited", "--modelfile"], ["show", "edited", "--license"]):
+        assert "Model 'edited' has damaged Modelfile settings" in one_error_line(invoke(*args))
+    assert invoke("show", TINY, "--modelfile").exit_code == 0

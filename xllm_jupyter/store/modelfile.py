@@ -147,16 +147,26 @@ class Modelfile:
             values = v if isinstance(v, list) else [v]
             parsed = [PARAMETERS[k](str(x).lower() if isinstance(x, bool) else str(x)) for x in values]
             params[k] = parsed if k == "stop" else parsed[0]
-        messages = [Message(str(m["role"]), str(m["content"])) for m in data.get("messages") or []]
+        messages = [Message(str(m["role"]), str(m["content"])) for m in _list(data, "messages")]
+        if any(m.role not in ROLES for m in messages):
+            raise ValueError("MESSAGE role")  # the server would send the model a role its template does not know
         return cls(
             from_=str(data.get("from") or ""),
             parameters=params,
             template=data.get("template") if isinstance(data.get("template"), str) else None,
             system=data.get("system") if isinstance(data.get("system"), str) else None,
-            adapters=[str(a) for a in data.get("adapters") or []],
-            license=[str(x) for x in data.get("license") or []],
+            adapters=[str(a) for a in _list(data, "adapters")],
+            license=[str(x) for x in _list(data, "license")],
             messages=messages,
         )
+
+
+def _list(data: Mapping[str, Any], key: str) -> list[Any]:
+    """``data[key]`` as a list (absent: empty); ValueError for any other type (a string would split into letters)."""
+    value = data.get(key) or []
+    if not isinstance(value, list):
+        raise ValueError(key)
+    return value
 
 
 class _Reader:
