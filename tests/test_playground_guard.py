@@ -101,7 +101,7 @@ def test_a_foreign_host_is_refused(pg):
 def test_an_evil_origin_is_not_granted_cors_even_through_the_proxy(tiny_client):
     # Behind jupyter-server-proxy the Host is the hub's public name, which made Gradio echo
     # any Origin in Access-Control-Allow-Origin.
-    app = xllm_jupyter.playground(client=tiny_client, root_path="/user/alice/proxy/{port}")
+    app = xllm_jupyter.playground(client=tiny_client, root_path="/user/alice/proxy/{port}", replace=False)
     try:
         proxied = {"Host": "hub.example.org", "X-Forwarded-Context": app.root_path}
         evil = {"Origin": f"http://{EVIL}"}
@@ -126,7 +126,7 @@ def test_an_evil_origin_is_not_granted_cors_even_through_the_proxy(tiny_client):
 
 def test_the_secret_stays_out_of_logs_and_command_lines(tiny_client, caplog):
     with caplog.at_level(logging.INFO):
-        app = xllm_jupyter.playground(client=tiny_client, inline=False)
+        app = xllm_jupyter.playground(client=tiny_client, inline=False, replace=False)
         secret = secret_of(app)
         with httpx.Client(timeout=30) as c:
             assert c.get(app.local_url).status_code == 200
@@ -164,7 +164,7 @@ def test_a_share_link_carries_the_secret_and_its_host_is_accepted(tiny_client, m
         return "https://abc123.gradio.live"
 
     monkeypatch.setattr(networking, "setup_tunnel", setup_tunnel)
-    app = xllm_jupyter.playground(client=tiny_client, share=True)
+    app = xllm_jupyter.playground(client=tiny_client, share=True, replace=False)
     try:
         secret = secret_of(app)
         assert calls == [("127.0.0.1", app.port)]
