@@ -111,3 +111,48 @@ def test_hand_edited_modelfile_settings_are_damage_not_silently_used(home, setti
     for args in (["show", "edited"], ["show", "edited", "--modelfile"], ["show", "edited", "--license"]):
         assert "Model 'edited' has damaged Modelfile settings" in one_error_line(invoke(*args))
     assert invoke("show", TINY, "--modelfile").exit_code == 0
+
+
+def _loaded(info) -> list[str]:
+    import httpx
+
+    r = httpx.get(info.root + "/admin/models", headers={"Authorization": f"Bearer {info.api_key}"}, timeout=30)
+    return [m["id"] for m in r.json()["data"]]
+
+
+def test_a_pull_that_replaces_a_loaded_model_unloads_it(tmp_path, tiny_llama_dir, monkeypatch):
+    """Both ways in: the server's pull route and `xllm pull --force` (which tells the server, as create and cp do);
+    before, the server went on serving the replaced weights."""
+    import shutil
+
+    import httpx
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_llama_dir, other)
+    (other / "generation_config.json").write_text('{"temperature": 0.25}')  # other files: another digest
+    store = ModelStore(tmp_path / "home")
+    store.pull(str(tiny_llama_dir), TINY)
+    with running_server(make_test_config(store.home), store, TINY) as info:
+        headers = {"Authorization": f"Bearer {info.api_key}"}
+
+        def pull_route(source: str) -> str:
+            r = httpx.post(info.root + "/admin/models/pull", json={"model": source, "name": TINY, "force": True},
+                           headers=headers, timeout=120)
+            assert r.status_code == 200 and '"status": "success"' in r.text.replace('":"', '": "'), r.text
+            return r.text
+
+        pull_route(str(tiny_llama_dir))  # the same files: nothing to unload
+        assert TINY in _loaded(info)
+        pull_route(str(other))
+        assert TINY not in _loaded(info)
+        assert store.show(TINY).source == str(other)
+
+        info.call(info.engine.load(TINY))
+        assert TINY in _loaded(info)
+        monkeypatch.setenv("XLLM_HOME", str(store.home))
+        for var in ("XLLM_CONFIG", "XLLM_BASE_URL", "XLLM_API_KEY"):
+            monkeypatch.delenv(var, raising=False)
+        result = invoke("--url", info.base_url, "--api-key", info.api_key, "pull", str(tiny_llama_dir), "--name", TINY,
+                        "--force")
+        assert result.exit_code == 0, result.output
+        assert TINY not in _loaded(info)

@@ -81,17 +81,22 @@ def _progress():
 @click.option("--force", is_flag=True, help="Replace NAME even if it exists (from another source).")
 @click.option("--convert", is_flag=True, help="Convert a GGUF model to safetensors once, so later loads are fast.")
 @click.option("--base", metavar="MODEL", help="For a LoRA adapter: the stored model it applies to.")
-def pull_command(source: str, name: str | None, revision: str | None, force: bool, convert: bool,
+@server_options
+@click.pass_obj
+def pull_command(settings: Any, source: str, name: str | None, revision: str | None, force: bool, convert: bool,
                  base: str | None) -> None:
     """Add a model to the store.
 
     SOURCE is a packaged default (smollm2, all-minilm), a local directory or file, or a Hugging
-    Face repo id.
+    Face repo id. A running server that has NAME loaded unloads it when the pull replaces it.
     """
     store = open_store()
+    before = {m.name: m.digest for m in store.list()}
     with _progress() as progress:
         manifest = store.pull(source, name=name, revision=revision, progress=PullBar(progress), force=force, convert=convert,
                               base=base)
+    if before.get(manifest.name) not in (None, manifest.digest):
+        unload_from_server(settings, manifest.name)  # it would go on serving the replaced weights
     click.echo(f"Pulled {manifest.name} ({manifest.format}, {human_size(manifest.size)}, {short_digest(manifest.digest)})")
 
 

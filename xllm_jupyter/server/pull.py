@@ -161,7 +161,16 @@ class AdminPullMixin(BodyMixin):
         args = _pull_args(self.body)
         store = _store(self.xllm)
         await asyncio.to_thread(check_pull, args)  # (a stat of a local path: off the IOLoop)
-        await self.stream_events(pull_events(store, args))
+        await self.stream_events(self._unloading_replaced(store, pull_events(store, args)))
+
+    async def _unloading_replaced(self, store: Any, events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+        """``events``, unloading a model the pull replaced with other files (a forced pull of a loaded name
+        would otherwise go on serving the old weights until it idles out)."""
+        before = await asyncio.to_thread(lambda: {m.name: m.digest for m in store.list()})
+        async for event in events:
+            if event.get("status") == "success" and before.get(event["id"]) not in (None, event["digest"]):
+                await self.xllm.engine.unload(event["id"])
+            yield event
 
 
 class AdminManifestMixin(RequestMixin):
