@@ -156,3 +156,13 @@ def test_a_pull_that_replaces_a_loaded_model_unloads_it(tmp_path, tiny_llama_dir
                         "--force")
         assert result.exit_code == 0, result.output
         assert TINY not in _loaded(info)
+
+
+def test_rm_in_a_store_it_cannot_write_is_an_error_line_not_a_traceback(home):  # noqa: F811
+    # (a read-only store answers the same way; a file where the locks directory goes fails as root too)
+    import shutil
+
+    shutil.rmtree(home / "locks", ignore_errors=True)
+    (home / "locks").write_text("not a directory")
+    assert "File system error in the model store" in one_error_line(invoke("rm", "-y", TINY))
+    assert [m.name for m in ModelStore(home).list()] == [TINY]

@@ -35,7 +35,7 @@ from .manifest import (
 )
 from .names import child_dir, contained, dirname_to_name, name_to_dirname, safe_relpath, validate_name
 from .packaged import PACKAGED, installable
-from .progress import LogProgress, PullProgress
+from .progress import LogProgress, PullProgress, translate_os_error
 from .pulling import PullMixin
 
 log = logging.getLogger(__name__)
@@ -196,13 +196,16 @@ class ModelStore(PullMixin):
     def rm(self, name: str) -> None:
         """Delete model ``name``; ModelNotFound if absent. The directory leaves ``models/`` in one rename."""
         n = validate_name(name)
-        self.locks.mkdir(parents=True, exist_ok=True)
-        with FileLock(self.locks / f"{name_to_dirname(n)}.lock"):
-            path = self._dir(n)
-            if not path.is_dir():
-                raise ModelNotFound(n)
-            self.tmp.mkdir(parents=True, exist_ok=True)
-            aside = self.tmp / f"rm-{secrets.token_hex(8)}"
-            os.rename(path, aside)
-            fsync_dir(self.models)
-            remove_tree(aside)
+        try:
+            self.locks.mkdir(parents=True, exist_ok=True)
+            with FileLock(self.locks / f"{name_to_dirname(n)}.lock"):
+                path = self._dir(n)
+                if not path.is_dir():
+                    raise ModelNotFound(n)
+                self.tmp.mkdir(parents=True, exist_ok=True)
+                aside = self.tmp / f"rm-{secrets.token_hex(8)}"
+                os.rename(path, aside)
+                fsync_dir(self.models)
+                remove_tree(aside)
+        except OSError as exc:  # a read-only or vanished store: a StoreError, not a traceback with paths
+            translate_os_error(exc)
