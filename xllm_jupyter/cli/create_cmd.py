@@ -11,7 +11,7 @@ from ..client.units import human_size
 from ..store.names import canonical_name
 from .render import short_digest
 from .settings import server_options
-from .store_cmds import PullBar, _progress, open_store, unload_from_server
+from .store_cmds import PullBar, _progress, open_store, show_stored, unload_from_server
 
 
 @click.command("create")
@@ -63,7 +63,7 @@ def cp_command(settings: Any, source: str, destination: str) -> None:
     that has it loaded unloads it.
     """
     store = open_store()
-    text = modelfile_text(store.show(source))  # an unknown SOURCE fails here
+    text = modelfile_text(show_stored(store, source))  # an unknown SOURCE fails here
     if canonical_name(source) == canonical_name(destination):
         raise click.UsageError("SOURCE and DESTINATION are the same model.")
     manifest = store.create(destination, text)

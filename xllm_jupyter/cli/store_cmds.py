@@ -168,7 +168,7 @@ def show_command(name: str, modelfile: bool, parameters: bool, system: bool, tem
                                    ("--template", template), ("--license", license_)) if on]
     if len(parts) > 1:
         raise click.UsageError(f"Give one of {', '.join(parts)}, not several.")
-    m = open_store().show(name)
+    m = show_stored(open_store(), name)
     if parts:
         _echo_part(m, parts[0])
         return
@@ -213,6 +213,22 @@ def rm_command(settings: Any, name: str, yes: bool) -> None:
     unload_from_server(settings, name)
     store.rm(name)
     click.echo(f"Removed {name}")
+
+
+def show_stored(store: Any, name: str) -> Any:
+    """``store.show(name)``; for a packaged default not pulled yet, an error that says how to add it."""
+    from ..core.errors import ModelNotFound
+    from ..store.names import canonical_name
+    from ..store.packaged import PACKAGED
+
+    try:
+        return store.show(name)
+    except ModelNotFound:
+        if canonical_name(name) not in PACKAGED:
+            raise
+        # `run` and `create FROM` pull it on first use; show and cp read the store only
+        raise click.ClickException(f"The model '{canonical_name(name)}' is not in the store yet: "
+                                   f"`xllm pull {canonical_name(name)}` adds it") from None
 
 
 def _echo_part(manifest: Any, part: str) -> None:
