@@ -173,3 +173,10 @@ def test_show_and_cp_of_a_packaged_model_not_pulled_yet_say_how_to_add_it(home):
     for args in (["show", "SmolLM2"], ["cp", "smollm2", "copy"]):
         assert "`xllm pull smollm2` adds it" in one_error_line(invoke(*args))
     assert "does not exist" in one_error_line(invoke("show", "nope"))
+
+
+def test_piped_stdin_that_is_not_utf8_is_read_not_a_traceback(home):  # noqa: F811
+    # bytes such as a binary file piped by mistake: replaced by U+FFFD, the answer still comes
+    result = invoke("run", "--local", TINY, "--max-tokens", "2", "summarize", input=b"ok\xff\xfe\x80 text")
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output and result.stdout.strip()

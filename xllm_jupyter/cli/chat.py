@@ -90,6 +90,17 @@ def _is_tty(stream: Any) -> bool:
     return stream is not None and stream.isatty()
 
 
+def read_piped() -> str:
+    """All of piped stdin as text; bytes that are not UTF-8 become U+FFFD (as surrogates they failed the
+    tokenizer or the JSON encoder with a traceback)."""
+    if sys.stdin is None:
+        return ""
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:
+        return sys.stdin.read()
+    return buffer.read().decode("utf-8", errors="replace")
+
+
 def stdin_is_tty() -> bool:
     """True when a person types at stdin (interactive chat); piped input is read in one go."""
     return _is_tty(sys.stdin)
@@ -200,7 +211,7 @@ def run_command(settings: Any, model: str, prompt: tuple[str, ...], system: str 
     text = " ".join(prompt)
     one_shot = bool(prompt) or not stdin_is_tty()
     if not stdin_is_tty():
-        text = one_shot_prompt(sys.stdin.read() if sys.stdin is not None else "", text)
+        text = one_shot_prompt(read_piped(), text)
     backend = connect(settings, local)
     params = {"temperature": temperature, "max_tokens": max_tokens}
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
