@@ -180,3 +180,10 @@ def test_piped_stdin_that_is_not_utf8_is_read_not_a_traceback(home):  # noqa: F8
     result = invoke("run", "--local", TINY, "--max-tokens", "2", "summarize", input=b"ok\xff\xfe\x80 text")
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output and result.stdout.strip()
+
+
+def test_a_prompt_argument_that_is_not_utf8_is_read_not_a_traceback(home):  # noqa: F811
+    # a non-UTF-8 byte on the command line reaches Python as a surrogate escape ("\udcff")
+    result = invoke("run", "--local", TINY, "--max-tokens", "2", "-s", "be \udcff brief", "hi \udcff")
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output and result.stdout.strip()

@@ -90,6 +90,15 @@ def _is_tty(stream: Any) -> bool:
     return stream is not None and stream.isatty()
 
 
+def valid_text(text: str) -> str:
+    """``text`` with the bytes a command line held that were not UTF-8 (surrogate escapes) as U+FFFD."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that was no escaped byte
+        raw = text.encode("utf-8", "replace")
+    return raw.decode("utf-8", "replace")
+
+
 def read_piped() -> str:
     """All of piped stdin as text; bytes that are not UTF-8 become U+FFFD (as surrogates they failed the
     tokenizer or the JSON encoder with a traceback)."""
@@ -208,7 +217,8 @@ def run_command(settings: Any, model: str, prompt: tuple[str, ...], system: str 
     Piped stdin is read whole and put before PROMPT, for one answer. Uses a running
     server when one answers, else runs the model in this process.
     """
-    text = " ".join(prompt)
+    text = valid_text(" ".join(prompt))
+    system = valid_text(system) if system else system
     one_shot = bool(prompt) or not stdin_is_tty()
     if not stdin_is_tty():
         text = one_shot_prompt(read_piped(), text)
