@@ -187,3 +187,12 @@ def test_a_prompt_argument_that_is_not_utf8_is_read_not_a_traceback(home):  # no
     result = invoke("run", "--local", TINY, "--max-tokens", "2", "-s", "be \udcff brief", "hi \udcff")
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output and result.stdout.strip()
+
+
+def test_a_malformed_url_or_a_non_utf8_model_name_is_an_error_line(home):  # noqa: F811
+    for args in (["--url", "http://[::1", "ps"], ["ps", "--url", "http://[::1"], ["--url", "http://h/v1\udcff", "ps"]):
+        result = invoke(*args)
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        assert "is not a usable URL" in result.stderr
+    # the server named by XLLM_BASE_URL is not there: the name was encoded (a traceback) before that mattered
+    assert "no xllm server" in one_error_line(invoke("stop", "ti\udcffny"))

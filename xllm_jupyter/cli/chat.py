@@ -217,7 +217,7 @@ def run_command(settings: Any, model: str, prompt: tuple[str, ...], system: str 
     Piped stdin is read whole and put before PROMPT, for one answer. Uses a running
     server when one answers, else runs the model in this process.
     """
-    text = valid_text(" ".join(prompt))
+    model, text = valid_text(model), valid_text(" ".join(prompt))
     system = valid_text(system) if system else system
     one_shot = bool(prompt) or not stdin_is_tty()
     if not stdin_is_tty():

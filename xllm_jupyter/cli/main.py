@@ -137,6 +137,9 @@ def _mode(info: dict[str, Any]) -> str:
 @click.pass_obj
 def stop_command(settings: Settings, model: str) -> None:
     """Unload MODEL on a running server."""
+    from .chat import valid_text
+
+    model = valid_text(model)  # a byte that is not UTF-8 failed the JSON encoder with a traceback
     reply = settings.client().unload(model)
     if isinstance(reply, dict) and reply.get("unloaded") is False:
         raise click.ClickException(f"model '{model}' is not loaded (see `xllm ps`)")

@@ -23,9 +23,25 @@ class Settings:
         if self._client is None:
             from ..client import XllmClient
 
+            _check_url(self.url)
             self._client = XllmClient(self.url, self.api_key)
             click.get_current_context().call_on_close(self._client.close)
         return self._client
+
+
+def _check_url(url: str | None) -> None:
+    """A usage error for a URL httpx cannot use (``http://[::1``, bytes that are not UTF-8), not its traceback."""
+    import httpx
+
+    from ..client.base import resolve_base_url
+
+    try:
+        resolved = resolve_base_url(url)  # as the client will: http:// and /v1 added where missing
+        resolved.encode("utf-8")
+        httpx.URL(resolved)
+    except (httpx.InvalidURL, UnicodeError) as exc:
+        shown = resolved.encode("utf-8", "replace").decode()
+        raise click.BadParameter(f"{shown!r} is not a usable URL ({exc})", param_hint="'--url' / XLLM_BASE_URL") from None
 
 
 def _setter(attr: str) -> Callable[[click.Context, click.Parameter, Any], None]:
