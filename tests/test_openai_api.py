@@ -68,6 +68,13 @@ def test_chat_completion(client):
     assert r.usage.prompt_tokens_details.cached_tokens == 0
 
 
+def test_latest_tag_names_the_same_model(client):
+    """As in Ollama, ``tiny:latest`` is ``tiny``: served (the reply names the model as asked) and retrieved."""
+    r = client.chat.completions.create(model=f"{TINY}:latest", messages=MSG, max_tokens=2)
+    assert r.model == f"{TINY}:latest" and r.usage.completion_tokens >= 1
+    assert client.models.retrieve(f"{TINY.upper()}:latest").id == TINY
+
+
 def test_chat_content_parts_and_roles(client):
     messages = [
         {"role": "developer", "content": "Be brief."},

@@ -73,6 +73,8 @@ def sha256(path: Path) -> str:
         ("a:" + "b" * 32, "a:" + "b" * 32),
         ("0day", "0day"),
         ("C:x", "c:x"),  # not a drive: stored as directory "c@x"
+        ("Llama3:Latest", "llama3"),  # as in Ollama: no tag is ":latest"
+        ("llama3:latest2", "llama3:latest2"),
     ],
 )
 def test_valid_names(raw, expected):
@@ -99,6 +101,7 @@ def test_name_dir_mapping_is_one_to_one():
     assert name_to_dirname("Llama3:8B") == "llama3@8b"
     assert dirname_to_name("llama3@8b") == "llama3:8b"
     assert dirname_to_name("llama3") == "llama3"
+    assert name_to_dirname("llama3:latest") == "llama3" and dirname_to_name("llama3@latest") is None
     for bad in ("..", ".", "UPPER", "a@b@c", "a:b", "x y", "-x", "a..b"):
         assert dirname_to_name(bad) is None
 
@@ -184,6 +187,16 @@ def test_default_name_and_symlinked_source(store, tiny_llama_dir, tmp_path):
     assert store.verify("my-model.v2")
     snapshot = link_farm(tiny_llama_dir, tmp_path / "hub" / "models--Org--Tiny-Chat" / "snapshots" / ("ab" * 20))
     assert store.pull(str(snapshot)).name == "tiny-chat"  # an HF cache snapshot is named after its repo
+
+
+def test_latest_tag_is_the_untagged_name(store, tiny_llama_dir):
+    """Ollama's rule: ``tiny:latest`` and ``tiny`` are one model, whichever spelling pulled or asks for it."""
+    assert store.pull(str(tiny_llama_dir), "tiny:latest").name == "tiny"
+    assert [m.name for m in store.list()] == ["tiny"]
+    assert store.show("tiny").digest == store.show("TINY:latest").digest
+    assert store.resolve("tiny:latest").path == store.resolve("tiny").path
+    store.rm("tiny:latest")
+    assert store.list() == []
 
 
 def test_local_gguf_pull(store, tiny_gguf):

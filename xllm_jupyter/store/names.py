@@ -1,9 +1,9 @@
 """Model names: validation, normalisation, and the one safe mapping from a name to a directory.
 
 A name is ``base`` or ``base:tag``; both parts are lower-case ASCII letters, digits,
-``.``, ``_`` and ``-``, starting with a letter or digit and not ending with ``.``. Input is matched before it is
-lower-cased, so Unicode that lower-cases into ASCII (the Kelvin sign, dotted capital I)
-never slips through. On disk ``:`` becomes ``@``, a character no name may contain, so
+``.``, ``_`` and ``-``, starting with a letter or digit and not ending with ``.``; as in
+Ollama, ``base:latest`` is ``base``. Input is matched before it is lower-cased, so Unicode
+that lower-cases into ASCII (the Kelvin sign, dotted capital I) never slips through. On disk ``:`` becomes ``@``, a character no name may contain, so
 the mapping is one-to-one and the directory can never be ``.``, ``..`` or contain a
 separator.
 """
@@ -20,6 +20,8 @@ _DIRNAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}(?:@[a-z0-9][a-z0-9._-]{0,31})?
 # Device names Windows refuses as file names, whatever the extension.
 _RESERVED = {"con", "prn", "aux", "nul"} | {f"com{i}" for i in range(10)} | {f"lpt{i}" for i in range(10)}
 TAG_SEPARATOR_ON_DISK = "@"
+#: the tag a name without one stands for; validate_name drops it (``llama3:latest`` is ``llama3``)
+LATEST_TAG = ":latest"
 
 
 def validate_name(name: object) -> str:
@@ -32,7 +34,8 @@ def validate_name(name: object) -> str:
     base = name.split(":", 1)[0].lower()
     if base.split(".", 1)[0] in _RESERVED:
         raise InvalidModelName(name)
-    return name.lower()
+    # as in Ollama, a name without a tag is its ":latest": one spelling, so both reach the same model
+    return name.lower().removesuffix(LATEST_TAG)
 
 
 def canonical_name(name: str) -> str:
