@@ -196,3 +196,22 @@ def test_a_malformed_url_or_a_non_utf8_model_name_is_an_error_line(home):  # noq
         assert "is not a usable URL" in result.stderr
     # the server named by XLLM_BASE_URL is not there: the name was encoded (a traceback) before that mattered
     assert "no xllm server" in one_error_line(invoke("stop", "ti\udcffny"))
+
+
+def test_list_notes_a_model_whose_files_are_cut_short_or_missing(home):  # noqa: F811
+    """Such a model is still listed (its manifest is whole) but its load would fail: ``list`` says so on stderr."""
+    assert invoke("cp", TINY, "cut").exit_code == 0 and invoke("cp", TINY, "gone").exit_code == 0
+    store = ModelStore(home)
+    cut, gone = store.show("cut"), store.show("gone")
+    weights = max(cut.files, key=lambda f: f.size)
+    # (a fresh file: cp hard-links weights, so truncating in place would cut the original too)
+    target = cut.path / weights.path
+    target.unlink()
+    target.write_bytes(b"x" * 10)
+    (gone.path / weights.path).unlink()
+    result = invoke("list")
+    assert result.exit_code == 0 and "cut" in result.stdout and TINY in result.stdout
+    assert f"model 'cut' is damaged (its file {weights.path} has 10 bytes where its manifest says {weights.size:,})" \
+        in result.stderr
+    assert f"model 'gone' is damaged (its file {weights.path} is missing)" in result.stderr
+    assert TINY not in [name for name, _ in store.damaged()]  # the original kept its files

@@ -40,6 +40,19 @@ from .pulling import PullMixin
 
 log = logging.getLogger(__name__)
 
+
+def _file_damage(directory: Path, manifest: Manifest) -> str | None:
+    """What is wrong with ``manifest``'s files in ``directory`` (one stat each, no hashing), or None."""
+    for f in manifest.files:
+        try:
+            size = (directory / f.path).stat().st_size
+        except OSError:
+            return f"its file {f.path} is missing"
+        if size != f.size:
+            return f"its file {f.path} has {size:,} bytes where its manifest says {f.size:,}"
+    return None
+
+
 class ModelStore(PullMixin):
     """The models on this machine; also the engine's ModelCatalog."""
 
@@ -74,7 +87,8 @@ class ModelStore(PullMixin):
         return sorted(out, key=lambda m: m.name)
 
     def damaged(self) -> list[tuple[str, str]]:
-        """(name, why) for each model directory ``list`` skips because its manifest is damaged or missing."""
+        """(name, why) for each model directory whose manifest is damaged or missing (``list`` skips those), or whose
+        files are missing or not the size the manifest says (listed, but their load would fail)."""
         if not self.models.is_dir():
             return []
         out = []
@@ -83,10 +97,13 @@ class ModelStore(PullMixin):
             if name is None or entry.is_symlink() or not entry.is_dir():
                 continue
             try:
-                if read_manifest(entry).name != name:
-                    out.append((name, "its manifest names another model"))
+                manifest = read_manifest(entry)
             except StoreError as exc:
                 out.append((name, exc.message))
+                continue
+            why = "its manifest names another model" if manifest.name != name else _file_damage(entry, manifest)
+            if why:
+                out.append((name, why))
         return sorted(out)
 
     def exists(self, name: str) -> bool:
