@@ -18,7 +18,7 @@ import logging
 import os
 import secrets
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from ..backends.base import ModelSpec
 from ..core.errors import InvalidModelName, ModelNotFound, StoreError
@@ -68,40 +68,40 @@ class ModelStore(PullMixin):
     def _dir(self, name: str) -> Path:
         return child_dir(self.models, name_to_dirname(name))
 
-    def list(self) -> list[Manifest]:
-        """Complete models only, sorted by name (half-pulled, damaged or foreign entries skipped)."""
+    def _entries(self) -> Iterator[tuple[str, Path, Manifest | StoreError]]:
+        """(name, directory, its manifest or why it cannot be read) for each model directory of the store."""
         if not self.models.is_dir():
-            return []
-        out = []
+            return
         for entry in self.models.iterdir():
             name = dirname_to_name(entry.name)
             if name is None or entry.is_symlink() or not entry.is_dir():
-                continue
+                continue  # not a model directory: a pull's temporary, a lock, something foreign
             try:
-                manifest = read_manifest(entry)
+                yield name, entry, read_manifest(entry)
             except StoreError as exc:
-                log.debug("skipping store entry %s: %s", entry.name, exc.message)
-                continue
-            if manifest.name == name:
+                yield name, entry, exc
+
+    def list(self) -> list[Manifest]:
+        """Complete models only, sorted by name (half-pulled, damaged or foreign entries skipped)."""
+        out = []
+        for name, entry, manifest in self._entries():
+            if isinstance(manifest, StoreError):
+                log.debug("skipping store entry %s: %s", entry.name, manifest.message)
+            elif manifest.name == name:
                 out.append(manifest)
         return sorted(out, key=lambda m: m.name)
 
     def damaged(self) -> list[tuple[str, str]]:
         """(name, why) for each model directory whose manifest is damaged or missing (``list`` skips those), or whose
         files are missing or not the size the manifest says (listed, but their load would fail)."""
-        if not self.models.is_dir():
-            return []
         out = []
-        for entry in self.models.iterdir():
-            name = dirname_to_name(entry.name)
-            if name is None or entry.is_symlink() or not entry.is_dir():
-                continue
-            try:
-                manifest = read_manifest(entry)
-            except StoreError as exc:
-                out.append((name, exc.message))
-                continue
-            why = "its manifest names another model" if manifest.name != name else _file_damage(entry, manifest)
+        for name, entry, manifest in self._entries():
+            if isinstance(manifest, StoreError):
+                why: str | None = manifest.message
+            elif manifest.name != name:
+                why = "its manifest names another model"
+            else:
+                why = _file_damage(entry, manifest)
             if why:
                 out.append((name, why))
         return sorted(out)
