@@ -206,7 +206,19 @@ def test_magic_and_chat_widget_in_jupyterlab(lab):
         bot = frame.locator(
             "#xllm-chatbot [data-testid='bot']", has_text=re.compile(r"\S")
         ).last
-        bot.wait_for(timeout=120_000)
+        from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+        try:
+            bot.wait_for(timeout=60_000)
+        except PlaywrightTimeoutError:
+            # One CI run in three (stop 25, loaded machine) saw no reply in 120 s; unexplained. A sent
+            # question leaves the box empty: if it still holds the question, the Enter was not taken
+            # (say so, and press it again as a person would); else the reply is only slow.
+            left = gradio_box.input_value()
+            print(f"playground: no reply after 60 s; the box holds {left!r}")
+            if left == PLAYGROUND_PROMPT:
+                gradio_box.press("Enter")
+            bot.wait_for(timeout=120_000)
         assert PLAYGROUND_PROMPT in frame.locator("#xllm-chatbot").inner_text()
         cells.nth(3).scroll_into_view_if_needed()
         page.screenshot(path=str(ARTIFACTS / "notebook-playground-inline.png"))
