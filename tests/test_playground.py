@@ -343,33 +343,3 @@ def test_a_model_added_after_start_is_offered_to_the_next_page(pg, xllm_server, 
             assert "all-minilm" not in names  # still chat models only
     finally:
         store.rm("pg-later")
-
-
-def test_a_question_sent_while_a_reply_streams_is_asked_after_it(pg, xllm_server):
-    """In a browser: Enter during a reply used to do nothing (the text just sat in the box); the
-    question is now asked when the reply ends, with that reply in its history."""
-    from tests.browser import chromium, require_browser
-
-    require_browser()
-    with chromium() as context:
-        page = context.new_page()
-        page.goto(pg.local_url, timeout=60_000)
-        box = page.locator("#xllm-input textarea")
-        box.wait_for(timeout=60_000)
-        page.get_by_label("number input for Max tokens").fill("400")
-        page.get_by_label("number input for Max tokens").press("Enter")
-        page.get_by_role("textbox", name="Seed").fill("1")  # sampled: no early end
-        box.fill("Tell me a long story")
-        box.press("Enter")
-        page.wait_for_selector("#xllm-chatbot [data-testid=bot]", timeout=60_000)  # the reply streams
-        box.fill("And another one")
-        box.press("Enter")
-        page.wait_for_function(
-            "() => document.querySelectorAll('#xllm-chatbot [data-testid=user]').length === 2"
-            " && document.querySelectorAll('#xllm-chatbot [data-testid=bot]').length === 2"
-            " && document.querySelectorAll('.generating').length === 0",
-            timeout=180_000,
-        )
-        users = page.locator("#xllm-chatbot [data-testid=user]").all_inner_texts()
-        assert [u.strip() for u in users] == ["Tell me a long story", "And another one"]
-        assert box.input_value() == ""

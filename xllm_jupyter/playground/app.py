@@ -232,19 +232,15 @@ def build_app(
             control.input(lambda: False, None, model_defaults)  # the user chose a value: send it
         inputs = [box, chatbot, picker, system, temperature, top_p, max_tokens, seed, model_defaults]
         # The engine batches concurrent users; don't let Gradio serialise them (its default is 1).
-        # always_last: Enter (or Send) during a reply is not dropped but asked when the reply ends,
-        # with the box and transcript as they are then (the default "once" ignored it silently).
         submitted = box.submit(
             respond,
             inputs,
             [chatbot, box],
             api_name=CHAT_API_NAME,
             concurrency_limit=32,
-            trigger_mode="always_last",
         )
         clicked = send.click(
-            respond, inputs, [chatbot, box], api_name=False, concurrency_limit=32,
-            trigger_mode="always_last",
+            respond, inputs, [chatbot, box], api_name=False, concurrency_limit=32
         )
         # Cancelling the task closes the stream, and the server cancels the generation.
         stop.click(None, None, None, cancels=[submitted, clicked], api_name=False)
