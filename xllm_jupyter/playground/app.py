@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..client import AsyncXllmClient
-from ..client.base import can_chat
 from ..core.errors import InvalidRequest, XllmError
 
 # Set before gradio is imported anywhere in this process: no usage reporting from a
@@ -123,14 +122,6 @@ async def stream_reply(
                 yield piece
         finally:
             await pieces.aclose()
-
-
-async def picker_choices(endpoint: Endpoint, current: str | None) -> list[str]:
-    """The chat models the server at ``endpoint`` lists now, plus ``current`` (a typed name) if missing."""
-    async with AsyncXllmClient(endpoint.base_url, endpoint.api_key) as client:
-        listing = await client.models()
-    ids = [m.get("id") or m.get("name") for m in listing if can_chat(m)]
-    return list(dict.fromkeys([*(i for i in ids if i), *([current] if current else [])]))
 
 
 def build_app(
@@ -254,15 +245,4 @@ def build_app(
         )
         # the transcript's own trash icon empties it the same way
         chatbot.clear(None, None, None, cancels=[submitted, clicked], api_name=False)
-
-        async def refresh_models(current: str | None):
-            """The picker's choices as the server lists them when a page opens."""
-            try:
-                return gr.update(choices=await picker_choices(endpoint, current))
-            except XllmError:
-                return gr.skip()  # keep the list the app started with
-
-        # A playground lives as long as its Jupyter server: a model pulled or created since it
-        # started must be offered to the next page that opens, not only to a typed name.
-        app.load(refresh_models, picker, picker, api_name=False, show_progress="hidden")
     return app
