@@ -108,7 +108,11 @@ def test_a_user_key_gets_a_default_model_everywhere(as_user, shell):
     with capture_output() as cap:
         shell.run_cell_magic("xllm", "-t 0 --max-tokens 3", "Say hi")
     assert cap.stderr == ""
-    assert cap.outputs[-1].metadata["xllm"]["model"] == TINY
+    meta = cap.outputs[-1].metadata["xllm"]
+    assert meta["model"] == TINY
+    # provenance without admin rights: the weights' digest and the server version from routes a user may read
+    assert meta["digest"] == as_user.engine.catalog.show(TINY).digest and meta["digest"].startswith("sha256:")
+    assert meta["server_version"] == xllm_jupyter.__version__
     w = ChatWidget()
     try:
         assert w.model_picker.value == TINY and "Ready" in w.status.value

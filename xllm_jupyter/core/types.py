@@ -335,6 +335,7 @@ class ModelInfo:
     runtime: ModelRuntime | None = None
     task: str | None = None  # chat, embedding, adapter (None: unknown)
     default: bool = False  # the model the server is configured to default to
+    digest: str | None = None  # the stored files' digest ("sha256:..."; None: not in the store)
 
     def wire_details(self) -> dict[str, Any]:
         """``details`` with the engine's facts merged in, as clients read them."""
@@ -344,6 +345,14 @@ class ModelInfo:
         if self.default:
             out["default"] = True
         return out
+
+
+@dataclass(frozen=True)
+class CatalogFacts:
+    """What the model catalog says of a model without loading it (None: it does not say)."""
+
+    task: str | None = None
+    digest: str | None = None
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,8 @@ class ModelCatalog(Protocol):
     def names(self) -> list[str]:
         """Names of models that could be loaded."""
 
-    # optional: ``task(name) -> str | None``, what a model serves without loading it (``Engine._info``)
+    # optional: ``facts(name) -> CatalogFacts`` (or ``task(name) -> str | None``): what a model serves
+    # and its digest, without loading it (``Engine._info``)
 
 
 class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..core.errors import ModelNotFound
-from ..core.types import EngineStats, ModelInfo, ModelRuntime, UserSequences
+from ..core.types import CatalogFacts, EngineStats, ModelInfo, ModelRuntime, UserSequences
 from ..store.names import canonical_name
 from .manager import Residency, replica_stats, runner_memory_bytes
 
@@ -40,17 +40,20 @@ class ViewsMixin:
 
     def _info(self, name: str) -> ModelInfo:
         info = self._plain_info(name)
+        facts = self._catalog_facts(name)
         # clients pick a default (a chat model, the configured one first) from these two
-        task = info.task or info.details.get("task") or self._task(name)
+        task = info.task or info.details.get("task") or ("chat" if name in self._runners else facts.task)
         default = bool(self.config.default_model) and name == canonical_name(self.config.default_model)
-        return dataclasses.replace(info, task=task, default=default)
+        # the digest lets every caller (not only admins, who may read manifests) record which weights answered
+        return dataclasses.replace(info, task=task, default=default, digest=info.digest or facts.digest)
 
-    def _task(self, name: str) -> str | None:
-        """What ``name`` serves: ``chat`` when it runs here, else what the catalog says (None: unknown)."""
-        if name in self._runners:
-            return "chat"
-        lookup = getattr(self.catalog, "task", None)
-        return lookup(name) if lookup is not None else None
+    def _catalog_facts(self, name: str) -> CatalogFacts:
+        """What the catalog says of ``name`` (its task and digest); nothing when it has no ``facts``."""
+        lookup = getattr(self.catalog, "facts", None)
+        if lookup is not None:
+            return lookup(name)
+        task = getattr(self.catalog, "task", None)  # a catalog that knows tasks only
+        return CatalogFacts(task=task(name) if task is not None else None)
 
     def _plain_info(self, name: str) -> ModelInfo:
         # .get(), never `in` then [name]: listings run on a worker thread while the IOLoop unloads

@@ -106,16 +106,20 @@ class MagicState:
         self._client = None
 
     def about(self, model: str | None) -> dict[str, Any]:
-        """The model's digest and the server version (cached; ``{}`` where the server does not say)."""
+        """The model's digest, or without a model the server version (cached; ``{}`` where the server does not say)."""
         client = self.client()
         key = (client.base_url, model)
         if key not in self._about:
             try:
-                # the version alone comes from a route every caller may read (the manifest route is the admins')
-                version = client.server_version() if model is None else None
-                self._about[key] = {"server_version": version} if version else client.manifest(model)
-            except XllmError as exc:  # an older server, a user key without admin rights, a model outside the store
-                log.debug("no manifest for %s: %s", model, exc.message)
+                # routes every caller may read (the manifest route is the admins'): a hub user is rarely one
+                if model is None:
+                    version = client.server_version()
+                    self._about[key] = {"server_version": version} if version else {}
+                else:
+                    digest = (client.model(model).get("xllm") or {}).get("digest")
+                    self._about[key] = {"digest": digest} if isinstance(digest, str) and digest else {}
+            except XllmError as exc:  # a model the server does not know, a server still waiting for the hub
+                log.debug("no facts for %s: %s", model, exc.message)
                 if exc.status == 503:  # busy, or a Jupyter server still waiting for the hub: ask again next time
                     return {}
                 self._about[key] = {}
@@ -145,7 +149,7 @@ def provenance(state: MagicState, *, model: str | None, params: dict[str, Any], 
         "finish_reason": "interrupted" if interrupted else finish_reason,
         "usage": usage,
         "system_fingerprint": fingerprint,
-        "server_version": about.get("server_version") or state.about(None).get("server_version"),
+        "server_version": state.about(None).get("server_version"),
         "server": {"url": location.base_url, "source": location.source} if location else None,
         "client_version": __version__,
         "chat_turn": chat_turn,

@@ -417,6 +417,7 @@ def model_object(info: Any) -> dict[str, Any]:
             "loaded": info.loaded,
             "backend": info.backend,
             "context_length": info.context_length,
+            "digest": info.digest,
             "details": info.wire_details(),
         },
     }

@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 
 from ..backends.base import ModelSpec
 from ..core.errors import InvalidModelName, ModelNotFound, StoreError
+from ..core.types import CatalogFacts
 from .atomic import FileLock, fsync_dir, remove_tree
 from .create import create_model, model_defaults
 from .manifest import (
@@ -132,11 +133,17 @@ class ModelStore(PullMixin):
     def task(self, name: str) -> str | None:
         """What model ``name`` serves (``chat``, ``embedding``, ``adapter``) without loading or pulling it;
         None when it is unknown."""
+        return self.facts(name).task
+
+    def facts(self, name: str) -> CatalogFacts:
+        """What model ``name`` serves and its digest, from its manifest alone (a packaged default not
+        pulled yet has a task and no digest)."""
         try:
-            return self.show(name).task
+            manifest = self.show(name)
         except (InvalidModelName, ModelNotFound, StoreError, OSError):
             packaged = PACKAGED.get(name)
-            return packaged.task if packaged is not None else None
+            return CatalogFacts(task=packaged.task if packaged is not None else None)
+        return CatalogFacts(task=manifest.task, digest=manifest.digest or None)
 
     def resolve(self, name: str) -> ModelSpec:
         """The spec to load ``name``; pulls a packaged default on first use; else ModelNotFound."""
