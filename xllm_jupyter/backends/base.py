@@ -248,6 +248,10 @@ class LoadedModel(ABC):
         """Compile ``constraint`` now (any thread); InvalidRequest (400) if it is invalid or unsupported."""
         raise Unsupported(f"The {self.backend_name} backend does not support constrained decoding", param=param)
 
+    def prepare_constraints(self) -> None:
+        """Build what constrained decoding needs per model (the grammar engine's tokenizer) now: the
+        engine calls it on the loading thread, so no request pays for it (or stalls the IOLoop with it)."""
+
     def load_adapter(self, name: str, path: Path) -> None:
         """Attach the LoRA adapter at ``path`` as ``name`` (any thread; waits for the current step)."""
         raise Unsupported(f"The {self.backend_name} backend does not support LoRA adapters", param="model")

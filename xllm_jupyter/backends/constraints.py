@@ -7,7 +7,8 @@ one engine covers JSON schema, Lark (which can embed JSON schemas, as tool calli
 does) and regex; and exllamav3 already integrates it, so the future GPU backends use
 the same engine and the same grammars behave the same everywhere.
 
-How a backend uses it: ``GrammarCompiler`` is built once per loaded model. Grammars are
+How a backend uses it: ``GrammarCompiler`` is built once per loaded model, and ``prepare`` builds
+its llguidance tokenizer while the model loads (see ``GrammarCompiler``). Grammars are
 compiled (and rejected with a 400 naming ``param``) by ``compile``; compiled grammars
 are cached in a bounded LRU keyed by ``(kind, spec)``, and each job gets a cheap copy
 of the cached matcher (``new_matcher``). Each step ``BatchMasker`` fills one bitmask
@@ -107,8 +108,11 @@ def _dry_run(matcher: Any, steps: int = DRY_RUN_STEPS) -> str | None:
 class GrammarCompiler:
     """Compiles constraints for one model's tokenizer; thread-safe, with a bounded LRU cache.
 
-    The llguidance tokenizer is built on first use (about 0.3 s for a 49k vocabulary),
-    so models that never see a constraint pay nothing.
+    The llguidance tokenizer takes 0.3-0.7 s to build for a 49k vocabulary, and llguidance holds
+    the GIL throughout (in Rust, on whatever thread), so built on the first constrained request it
+    froze the IOLoop, every user's stream and ``/health`` with it. ``prepare`` builds it as part
+    of the model's load instead: a load is long and announced anyway (and at start-up serves
+    nobody yet); ``tokenizer`` still builds it on first use for a compiler never prepared.
     """
 
     def __init__(self, hf_tokenizer: Any, vocab_size: int, eos_token_ids: Iterable[int],
@@ -121,22 +125,38 @@ class GrammarCompiler:
         self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._lock = threading.Lock()
         self._tokenizer: Any = None
+        self._unsupported: str | None = None  # why this model's tokenizer cannot be built (kept from ``prepare``)
         self._tokenizer_lock = threading.Lock()
+
+    def prepare(self) -> None:
+        """Build the llguidance tokenizer now (the model's load calls this); a tokenizer llguidance
+        cannot take is not an error here: each constrained request is refused with a 400 instead."""
+        try:
+            self.tokenizer
+        except InvalidRequest:
+            pass
+
+    @property
+    def prepared(self) -> bool:
+        """Whether the tokenizer was built (or found unsupported): no constrained request builds it."""
+        return self._tokenizer is not None or self._unsupported is not None
 
     @property
     def tokenizer(self) -> Any:
-        """The ``LLTokenizer`` for this model (built once, on first use)."""
+        """The ``LLTokenizer`` for this model (built once: by ``prepare``, else on first use)."""
         if self._tokenizer is None:
             with self._tokenizer_lock:
-                if self._tokenizer is None:
+                if self._tokenizer is None and self._unsupported is None:
                     import llguidance.hf
 
                     try:
                         self._tokenizer = llguidance.hf.from_tokenizer(
                             self._hf, n_vocab=self._vocab_size, eos_token=self._eos or None)
                     except ValueError as exc:  # slow (non-Rust) tokenizers are not supported
-                        raise InvalidRequest(f"Constrained decoding is not available for this model: {exc}",
-                                             param="response_format", code="unsupported_parameter") from exc
+                        self._unsupported = f"Constrained decoding is not available for this model: {exc}"
+            if self._tokenizer is None:
+                raise InvalidRequest(self._unsupported or "Constrained decoding is not available for this model",
+                                     param="response_format", code="unsupported_parameter")
         return self._tokenizer
 
     @property

@@ -172,6 +172,10 @@ class DynamicGeneratorModel(ChatTokenizerMethods, LoadedModel):
         """Compile ``constraint`` now; InvalidRequest (400) if it is invalid."""
         self._grammars.compile(constraint, param=param)
 
+    def prepare_constraints(self) -> None:
+        """Build the grammar engine's tokenizer now (at load: GrammarCompiler says why)."""
+        self._grammars.prepare()
+
     def memory_bytes(self) -> int:
         """GPU bytes the weights and the KV cache took when loaded (never negative: the measurement is a change
         in the process's GPU memory, which an unload during the load can blur)."""

@@ -123,6 +123,10 @@ class TransformersModel(ChatTokenizerMethods, Prefill, LoadedModel):
         """Compile ``constraint`` into the grammar cache (any thread); InvalidRequest (400) if invalid."""
         self._grammars.compile(constraint, param=param)
 
+    def prepare_constraints(self) -> None:
+        """Build the grammar engine's tokenizer now (at load: GrammarCompiler says why)."""
+        self._grammars.prepare()
+
     def _decode_piece(self, ids: Sequence[int]) -> str:
         return self.chat.decode_piece(ids)
 

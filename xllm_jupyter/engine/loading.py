@@ -217,10 +217,21 @@ class LoadingMixin:
                 return await self._embeddings.load(spec)
 
 
+def _load_and_prepare(backend: Backend, spec: ModelSpec) -> LoadedModel:
+    """``backend.load(spec)``, then what constrained decoding needs: part of the load, not of the first
+    structured request, whose build held the GIL (and the IOLoop) for 0.3-0.7 s."""
+    model = backend.load(spec)
+    try:
+        model.prepare_constraints()
+    except Exception:  # the model serves anyway: a constrained request tries again (and answers the error)
+        log.warning("model %s: the grammar engine could not be prepared", spec.name, exc_info=True)
+    return model
+
+
 async def _load_on_a_thread(backend: Backend, spec: ModelSpec) -> LoadedModel:
     """``backend.load(spec)`` on a worker thread; if the wait is cancelled, the thread's model is unloaded
     once it is done (a thread cannot be stopped, and its weights would stay in memory for good)."""
-    loading = asyncio.ensure_future(asyncio.to_thread(backend.load, spec))
+    loading = asyncio.ensure_future(asyncio.to_thread(_load_and_prepare, backend, spec))
     try:
         return await asyncio.shield(loading)
     except asyncio.CancelledError:

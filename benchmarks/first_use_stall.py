@@ -1,0 +1,165 @@
+#!/usr/bin/env python
+"""How long the FIRST request of each kind stalls the server's IOLoop (one-time work: grammar tokenizer, loads, templates).
+
+``loop_stall.py`` measures big bodies on a warm server; this measures what a fresh one does once: each
+scenario starts ``xllm serve`` (a child process, this checkout's code) preloading ``smollm2`` (the
+packaged SmolLM2: a real 49k-token vocabulary, which the grammar engine's tokenizer build scales
+with), waits for one plain chat, then posts the scenario's requests in order while a thread polls
+``GET /health`` every ``--poll-ms`` on its own keep-alive connection. Per request it reports the worst
+``/health`` latency among the polls that overlapped it (and the 0.3 s after), and the request's time.
+
+Scenarios (a fresh server each, since "first" happens once per process):
+
+- ``json_schema``: the first ``response_format`` json_schema request (builds the grammar engine's
+  tokenizer when that is lazy), then a second one with another schema;
+- ``json_object``: the first ``response_format`` json_object request;
+- ``forced tool``: the first request with ``tool_choice`` naming a function (a Lark grammar);
+- ``other firsts``: the first chat with tools (auto: no grammar), the first Responses request, the
+  first embeddings request (loads ``all-minilm``), the first request for ``tiny`` (a model load and its
+  first chat template), and a second ``tiny`` request.
+
+    .venv/bin/python benchmarks/first_use_stall.py                 # writes benchmarks/results/first_use_stall.{json,md}
+    .venv/bin/python benchmarks/first_use_stall.py --home DIR      # a store already holding smollm2, all-minilm, tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from child_server import ROOT, ChildServer, commit, write_results  # noqa: E402
+from loop_stall import HealthPoller, post  # noqa: E402
+
+CHAT = "smollm2"
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def chat(**extra) -> tuple[str, dict]:
+    """A short smollm2 chat request with ``extra`` fields."""
+    return "/v1/chat/completions", {"model": CHAT, "messages": ASK, "max_tokens": 8, **extra}
+
+
+def schema_format(name: str, prop: str) -> dict:
+    """A json_schema response_format with one required string property."""
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": {
+        "type": "object", "properties": {prop: {"type": "string"}}, "required": [prop]}}}
+
+
+#: scenario -> [(label, path, body)], posted in order on one fresh server
+SCENARIOS: dict[str, list[tuple[str, str, dict]]] = {
+    "json_schema": [
+        ("first json_schema request", *chat(response_format=schema_format("city", "city"))),
+        ("second json_schema request (another schema)", *chat(response_format=schema_format("town", "town"))),
+    ],
+    "json_object": [("first json_object request", *chat(response_format={"type": "json_object"}))],
+    "forced tool": [("first forced tool call (tool_choice names a function)",
+                     *chat(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}}))],
+    "other firsts": [
+        ("first chat with tools (auto, no grammar)", *chat(tools=[WEATHER])),
+        ("first Responses request", "/v1/responses", {"model": CHAT, "input": "Hi", "max_output_tokens": 8, "store": False}),
+        ("first embeddings request (loads all-minilm)", "/v1/embeddings", {"model": "all-minilm", "input": "hello"}),
+        ("first tiny request (loads tiny)", "/v1/chat/completions",
+         {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
+        ("second tiny request", "/v1/chat/completions",
+         {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
+    ],
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--home", help="an XLLM home whose store holds smollm2, all-minilm and tiny (default: a temporary one)")
+    p.add_argument("--rounds", type=int, default=2, help="fresh servers per scenario")
+    p.add_argument("--poll-ms", type=float, default=5.0, help="interval between /health polls")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="which scenarios, comma-separated")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "first_use_stall"),
+                   help="output path without extension")
+    return p.parse_args(argv)
+
+
+def prepare_home(home: Path) -> None:
+    """Pull smollm2, all-minilm and the tests' tiny Llama into the store at ``home`` unless there already."""
+    from tests.models import build_tiny_llama
+    from xllm_jupyter.store.store import ModelStore
+
+    store = ModelStore(home)
+    have = {m.name for m in store.list()}
+    for name in ("smollm2", "all-minilm"):
+        if name not in have:
+            store.pull(name)
+    if "tiny" not in have:
+        store.pull(str(build_tiny_llama(home.parent / f"{home.name}-tiny")), "tiny")
+
+
+def run_scenario(home: Path, log: Path, steps: list[tuple[str, str, dict]], poll_ms: float) -> list[dict]:
+    """One fresh server: each step's status, seconds and worst /health latency."""
+    server = ChildServer(home, log, model=CHAT)
+    try:
+        poller = HealthPoller(server.port, poll_ms / 1000)
+        poller.start()
+        time.sleep(1.0)  # a quiet second first: the idle latency
+        idle = poller.between(0, time.perf_counter())
+        rows = [{"label": "idle, 1 s", "status": None, "seconds": None, "worst_s": round(max(idle), 4)}]
+        for label, path, body in steps:
+            start = time.perf_counter()
+            status, _ = post(server.port, path, json.dumps(body).encode())
+            seconds = time.perf_counter() - start
+            time.sleep(0.3)  # work (or a collection) right after the answer still counts
+            window = poller.between(start, time.perf_counter())
+            rows.append({"label": label, "status": status, "seconds": round(seconds, 3), "worst_s": round(max(window), 4)})
+            print(f"  {label}: status {status}, {seconds:.2f} s, worst /health {max(window):.3f} s", flush=True)
+        poller.stopping.set()
+        poller.join(10)
+        return rows
+    finally:
+        server.stop()
+
+
+def markdown(result: dict) -> str:
+    """Per request, the worst /health latency of each round and the request's median time."""
+    lines = [f"# first_use_stall ({result['when']}, {result['commit']}, {result['cpus']} CPUs, "
+             f"{result['rounds']} fresh servers per scenario, /health every {result['poll_ms']} ms)", "",
+             f"`{result['command']}`", "",
+             "| scenario | request | status | request time | worst /health latency per round |", "|---|---|---|---|---|"]
+    for scenario, rounds in result["runs"].items():
+        for i, row in enumerate(rounds[0]):
+            worsts = [r[i]["worst_s"] for r in rounds]
+            times = sorted(r[i]["seconds"] for r in rounds if r[i]["seconds"] is not None)
+            statuses = sorted({r[i]["status"] for r in rounds if r[i]["status"] is not None})
+            lines.append(f"| {scenario} | {row['label']} | {', '.join(map(str, statuses))} | "
+                         f"{f'{times[len(times) // 2]:.2f} s' if times else ''} | "
+                         f"{', '.join(f'{w:.3f}' for w in worsts)} s |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run every scenario ``--rounds`` times, write the results."""
+    args = parse_args(argv)
+    result: dict = {"when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit(),
+                    "cpus": os.cpu_count(), "python": platform.python_version(), "rounds": args.rounds,
+                    "poll_ms": args.poll_ms, "runs": {},
+                    "command": " ".join(["python benchmarks/first_use_stall.py", *(sys.argv[1:] if argv is None else argv)])}
+    with tempfile.TemporaryDirectory(prefix="xllm-first-use-") as tmp:
+        home = Path(args.home) if args.home else Path(tmp) / "home"
+        prepare_home(home)
+        for scenario in args.scenarios.split(","):
+            print(scenario, flush=True)
+            result["runs"][scenario] = [run_scenario(home, Path(tmp) / f"server-{scenario}-{i}.log".replace(" ", "-"),
+                                                     SCENARIOS[scenario], args.poll_ms) for i in range(args.rounds)]
+    write_results(args.out, result, markdown(result))
+
+
+if __name__ == "__main__":
+    main()
