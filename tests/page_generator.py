@@ -159,7 +159,9 @@ def load_cpu_pages_model(spec: ModelSpec, step_cost: StepCost | None = None) -> 
     from exllamav3 import Tokenizer
 
     from xllm_jupyter.backends.exllama_common import ExllamaOptions
-    from xllm_jupyter.backends.exllamav3 import generator_kwargs, open_model
+    from exllamav3.version import __version__
+
+    from xllm_jupyter.backends.exllamav3 import library_generator_kwargs, open_model
 
     opts = ExllamaOptions.from_options(spec.options, spec.context_length)
     config, model, cache, cache_tokens = open_model(Path(spec.path), opts)
@@ -171,8 +173,9 @@ def load_cpu_pages_model(spec: ModelSpec, step_cost: StepCost | None = None) -> 
     cache.copy_page = lambda *args, **kwargs: None
     cache.get_all_tensors = lambda: []
     tokenizer = Tokenizer.from_config(config)
-    generator = cpu_step_generator_class()(model=model, cache=cache, tokenizer=tokenizer,
-                                           **generator_kwargs(opts, None))
+    step_generator = cpu_step_generator_class()
+    generator = step_generator(model=model, cache=cache, tokenizer=tokenizer,
+                               **library_generator_kwargs(step_generator, opts, None, f"exllamav3 {__version__}"))
     generator.xllm_step_cost = step_cost
     return build_model(spec, Path(spec.path), config=config, opts=opts, cache_tokens=cache_tokens, model=model,
                        tokenizer=tokenizer, draft=None, generator=generator, memory_bytes=0)

@@ -37,5 +37,5 @@ if [ "${1:-}" = --bench ]; then  # gpu_serving.py's raw-vs-server rows over the 
 fi
 python3 -m pytest -q -rs -p no:cacheprovider -o filterwarnings=ignore::DeprecationWarning -m "exllama or cuda_build" \
   tests/test_prefix_isolation_library.py tests/test_exllama_library_serving.py tests/test_benchmark_tools.py \
-  tests/test_exllama_adapters.py \
+  tests/test_exllama_adapters.py tests/test_exllama_api_surface.py \
   tests/test_cuda_graph_readiness.py "$@"

@@ -24,7 +24,7 @@
 #   setup       install carried wheels and extensions; JIT-build what is not prebuilt   (20; 330 without)
 #   tests       pytest -m "gpu or exllama or cuda_build": test_gpu_backends, test_gpu_engine_options,
 #               test_hf_compiled, test_cuda_graph_readiness, test_prefix_isolation_library,
-#               test_exllama_library_serving, test_sampling                             (240)
+#               test_exllama_library_serving, test_exllama_api_surface, test_sampling  (240)
 #   make1b      random-weight Llama 1.17B fp16 with SmolLM2's tokenizer                 (30)
 #   convert1b   EXL3 4.0 bpw with exllamav3's converter                                (150)
 #   bench1b     gpu_serving.py: EXL3 (if converted) and FP16 on exllamav3, 1/16/64       (150)
@@ -96,7 +96,7 @@ phase_tests() {  # (recompiles and skipped CUDA graphs named in the log; the slo
     -o filterwarnings=ignore::DeprecationWarning -m "gpu or exllama or cuda_build" \
     --junitxml="$OUT/gpu_tests.xml" tests/test_gpu_backends.py tests/test_gpu_engine_options.py tests/test_hf_compiled.py \
     tests/test_cuda_graph_readiness.py tests/test_prefix_isolation_library.py tests/test_exllama_library_serving.py \
-    tests/test_sampling.py
+    tests/test_exllama_api_surface.py tests/test_sampling.py
 }
 phase_make1b() { bench --make 1b --make-out "$WORK/llama1b" --tokenizer "$TOK"; }
 phase_convert1b() {

@@ -8,7 +8,9 @@ identifier, and return per-step result dicts (``stage: streaming``, ``token_ids`
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import json
 import logging
 import math
@@ -158,6 +160,34 @@ class ExllamaBackend(Backend):
 
 def _read_config(path: Path) -> dict[str, Any]:
     return json.loads((path / "config.json").read_text(encoding="utf-8"))
+
+
+@functools.lru_cache(maxsize=64)
+def _keywords_of(fn: Callable[..., Any]) -> frozenset[str]:
+    """The keyword names ``fn`` declares (not what a ``**kwargs`` of it swallows)."""
+    params = inspect.signature(fn).parameters.values()
+    return frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def library_keywords(fn: Callable[..., Any], kwargs: Mapping[str, Any], *, library: str, what: str,
+                     optional: Iterable[str] = ()) -> dict[str, Any]:
+    """``kwargs`` for the library's ``fn`` (a constructor, say), checked against its signature before anything loads.
+
+    The exllama generators and jobs take ``**kwargs`` and ignore what they do not know, so a keyword renamed in a
+    release would change serving silently (no logprobs, no drafting). A keyword ``fn`` does not declare is an
+    EngineError naming ``library`` (name and version) and ``what``, unless it is in ``optional`` (settings older
+    supported releases lack, like exllamav3's ``prefill_cooldown`` before 1.6.4): those are left out.
+    """
+    named = _keywords_of(fn)
+    optional = frozenset(optional)
+    missing = [k for k in kwargs if k not in named and k not in optional]
+    if missing:
+        raise EngineError(f"{library}: {what} takes no {', '.join(repr(k) for k in missing)}; this xllm does not "
+                          f"support that release of the library (see the [exl3]/[exl2] extras for the versions)")
+    dropped = [k for k in kwargs if k not in named]
+    if dropped:
+        log.debug("%s: %s has no %s (left out)", library, what, ", ".join(dropped))
+    return {k: v for k, v in kwargs.items() if k in named}
 
 
 def wants_cpu(spec: Any) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import EngineError
-from ..core.types import SequenceJob
+from ..core.types import SamplingParams, SequenceJob
 from .base import ModelSpec
 from .exllama_common import (
     PAGE_SIZE,
@@ -25,6 +25,7 @@ from .exllama_common import (
     draft_vocabulary_fits,
     guarded_load,
     is_model_directory,
+    library_keywords,
     v2_sampler_fields,
     wants_cpu,
 )
@@ -145,8 +146,11 @@ class ExllamaV2Backend(ExllamaBackend):
 
         exllamav2 = import_with_kernels("exllamav2")
         from exllamav2.generator import ExLlamaV2DynamicGenerator
+        from exllamav2.version import __version__
 
         opts = ExllamaOptions.from_options(spec.options, spec.context_length)
+        library = f"exllamav2 {__version__}"
+        check_library_api(library, opts)
         if opts.tensor_parallel:
             raise EngineError("engine.tensor_parallel is supported by the exllamav3 backend only")
         bits = opts.kv_bits()
@@ -170,13 +174,44 @@ class ExllamaV2Backend(ExllamaBackend):
             tokenizer = exllamav2.ExLlamaV2Tokenizer(config)
             draft = _load_draft(exllamav2, opts, cache_tokens, paged, config.max_seq_len, int(config.vocab_size),
                                 on_gpu)
-            generator = ExLlamaV2DynamicGenerator(model=model, cache=cache, tokenizer=tokenizer,
-                                                  **generator_kwargs(opts, ctx, paged, draft))
+            generator = ExLlamaV2DynamicGenerator(model=model, cache=cache, tokenizer=tokenizer, **library_keywords(
+                ExLlamaV2DynamicGenerator.__init__, generator_kwargs(opts, ctx, paged, draft), library=library,
+                what="ExLlamaV2DynamicGenerator"))
             return config, ctx, model, cache_tokens, paged, draft, generator
 
         config, ctx, model, cache_tokens, paged, draft, generator = guarded_load(loaded, spec.name, "exllamav2")
         return build_model(spec, path, config=config, opts=opts, ctx=ctx, paged=paged, cache_tokens=cache_tokens,
                            model=model, draft=draft, generator=generator, memory_bytes=cuda_memory_in_use() - before)
+
+
+def check_library_api(library: str, opts: ExllamaOptions) -> None:
+    """EngineError naming the keyword, before minutes of loading, when the installed exllamav2 (``library``: name
+    and version) does not declare a keyword this backend passes: its generator and jobs ignore unknown ones
+    silently (``library_keywords``)."""
+    from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, ExLlamaV2Sampler
+
+    library_keywords(ExLlamaV2DynamicGenerator.__init__, generator_kwargs(opts, 4096, True, None), library=library,
+                     what="ExLlamaV2DynamicGenerator")
+    library_keywords(ExLlamaV2DynamicJob.__init__, job_kwargs(SequenceJob(0, (0,), 1, SamplingParams()), None, 1),
+                     library=library, what="ExLlamaV2DynamicJob")
+    library_keywords(ExLlamaV2Sampler.Settings.__init__, v2_sampler_fields(SamplingParams()), library=library,
+                     what="ExLlamaV2Sampler.Settings")
+
+
+def job_kwargs(job: SequenceJob, settings: Any, max_new_tokens: int) -> dict[str, Any]:
+    """``ExLlamaV2DynamicJob`` arguments for ``job`` (``check_library_api`` checks the same keywords at load)."""
+    import torch
+
+    return dict(
+        input_ids=torch.tensor([job.prompt_ids], dtype=torch.long),
+        max_new_tokens=max_new_tokens,
+        gen_settings=settings,
+        seed=job.sampling.seed,
+        stop_conditions=sorted(job.stop_token_ids),
+        return_probs=job.logprobs,
+        return_top_tokens=job.top_logprobs,
+        identifier=job.job_id,
+    )
 
 
 def open_model(exllamav2: Any, path: Path, opts: ExllamaOptions,
@@ -286,20 +321,10 @@ class ExllamaV2Model(DynamicGeneratorModel):
 
     def make_job(self, job: SequenceJob) -> Any:
         """An ``ExLlamaV2DynamicJob`` with our sampling settings, stop tokens and logprobs."""
-        import torch
         from exllamav2.generator import ExLlamaV2DynamicJob, ExLlamaV2Sampler
 
         settings = ExLlamaV2Sampler.Settings(**v2_sampler_fields(job.sampling))
-        native = self.job_class(ExLlamaV2DynamicJob)(
-            input_ids=torch.tensor([job.prompt_ids], dtype=torch.long),
-            max_new_tokens=self._library_max_new_tokens(job),
-            gen_settings=settings,
-            seed=job.sampling.seed,
-            stop_conditions=sorted(job.stop_token_ids),
-            return_probs=job.logprobs,
-            return_top_tokens=job.top_logprobs,
-            identifier=job.job_id,
-        )
+        native = self.job_class(ExLlamaV2DynamicJob)(**job_kwargs(job, settings, self._library_max_new_tokens(job)))
         native.xllm_bind_penalties(len(job.prompt_ids), job.sampling)
         native.xllm_bind_logprobs(self.vocab_size)
         native.xllm_bind_logits(job.sampling, self.vocab_size)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import EngineError
-from ..core.types import SequenceJob
+from ..core.types import SamplingParams, SequenceJob
 from .base import ModelSpec
 from .exllama_common import (
     ExllamaBackend,
@@ -27,6 +27,7 @@ from .exllama_common import (
     draft_vocabulary_fits,
     guarded_load,
     is_model_directory,
+    library_keywords,
     wants_cpu,
 )
 from .exllama_model import DynamicGeneratorModel
@@ -46,6 +47,9 @@ MIN_VERSION = (1, 6, 3)
 #: user but, measured with 16-64 concurrent requests arriving over HTTP, delayed the first
 #: token by 2-3 s and halved throughput. A shared server serves many users: TTFT wins.
 PREFILL_SETTINGS = {"prefill_cooldown": 0, "max_chunk_size": 2048, "shared_chunk_size": 2048}
+#: ``Generator`` settings older supported releases lack: 1.6.3 prefills every waiting prompt in full at every
+#: iteration, which is what PREFILL_SETTINGS asks of 1.6.4 on (left out there, not an error)
+OPTIONAL_GENERATOR_KEYWORDS = ("prefill_cooldown", "shared_chunk_size")
 
 
 class ExllamaV3Backend(ExllamaBackend):
@@ -75,6 +79,7 @@ class ExllamaV3Backend(ExllamaBackend):
         check_library_version(__version__)
 
         opts = ExllamaOptions.from_options(spec.options, spec.context_length)
+        check_library_api(f"exllamav3 {__version__}", opts)
         path = Path(spec.path)
         before = cuda_memory_in_use(opts.tensor_parallel)
 
@@ -85,7 +90,8 @@ class ExllamaV3Backend(ExllamaBackend):
             model.load(**_load_kwargs(opts))
             warm_up_kernels(model, cache, opts)
             tokenizer = Tokenizer.from_config(config)
-            generator = Generator(model=model, cache=cache, tokenizer=tokenizer, **generator_kwargs(opts, draft))
+            generator = Generator(model=model, cache=cache, tokenizer=tokenizer,
+                                  **library_generator_kwargs(Generator, opts, draft, f"exllamav3 {__version__}"))
             return config, model, cache_tokens, draft, tokenizer, generator
 
         config, model, cache_tokens, draft, tokenizer, generator = guarded_load(loaded, spec.name, "exllamav3")
@@ -102,6 +108,30 @@ def check_library_version(version: str) -> None:
         wanted = ".".join(map(str, MIN_VERSION))
         raise EngineError(f"exllamav3 {version} is older than {wanted}, which this backend needs (its top_p "
                           f"sampling matches OpenAI's from {wanted} on): pip install -U 'exllamav3>={wanted}'")
+
+
+def check_library_api(library: str, opts: ExllamaOptions) -> None:
+    """EngineError naming the keyword, before minutes of loading, when the installed exllamav3 (``library``: name
+    and version) does not declare a keyword this backend passes: its ``Generator`` and ``Job`` ignore unknown
+    ones silently (``library_keywords``)."""
+    from exllamav3 import Cache, Generator, Job, Model
+
+    library_generator_kwargs(Generator, opts, None, library)
+    library_keywords(Job.__init__, job_kwargs(SequenceJob(0, (0,), 1, SamplingParams()), sampler=None, filters=None),
+                     library=library, what="Job")
+    library_keywords(getattr(Model, "load_gen", None) or Model.load, _load_kwargs(opts), library=library,
+                     what="Model.load")
+    # (k_bits / v_bits go on to the quantized cache layer's constructor, which declares them)
+    library_keywords(Cache.__init__, {"max_num_tokens": 0, **_cache_kwargs(opts)}, library=library, what="Cache",
+                     optional=("k_bits", "v_bits"))
+
+
+def library_generator_kwargs(generator_class: Any, opts: ExllamaOptions, draft: tuple[Any, Any] | None,
+                             library: str) -> dict[str, Any]:
+    """``generator_kwargs`` that ``generator_class`` declares (OPTIONAL_GENERATOR_KEYWORDS left out where it lacks
+    them; any other missing one is an EngineError)."""
+    return library_keywords(generator_class.__init__, generator_kwargs(opts, draft), library=library,
+                            what="Generator", optional=OPTIONAL_GENERATOR_KEYWORDS)
 
 
 @functools.lru_cache(maxsize=1)
@@ -256,6 +286,23 @@ def prepare_grammar_tokenizer(tokenizer: Any) -> None:
         log.debug("building llguidance's tokenizer at load failed", exc_info=True)
 
 
+def job_kwargs(job: SequenceJob, *, sampler: Any, filters: list[Any] | None) -> dict[str, Any]:
+    """exllamav3 ``Job`` arguments for ``job`` (``check_library_api`` checks the same keywords at load)."""
+    import torch
+
+    return dict(
+        input_ids=torch.tensor([job.prompt_ids], dtype=torch.long),
+        max_new_tokens=job.max_tokens,
+        sampler=sampler,
+        seed=job.sampling.seed,
+        stop_conditions=sorted(job.stop_token_ids),
+        return_probs=job.logprobs,
+        return_top_tokens=job.top_logprobs,
+        filters=filters,
+        identifier=job.job_id,
+    )
+
+
 class ExllamaV3Model(DynamicGeneratorModel):
     """A model decoding through exllamav3's ``Generator``."""
 
@@ -271,7 +318,6 @@ class ExllamaV3Model(DynamicGeneratorModel):
 
     def make_job(self, job: SequenceJob) -> Any:
         """An exllamav3 ``Job`` with our sampling, stop tokens, logprobs and grammar."""
-        import torch
         from exllamav3 import Job
 
         filters = None
@@ -280,17 +326,7 @@ class ExllamaV3Model(DynamicGeneratorModel):
 
             filters = [LLGuidanceFilter(self._tokenizer, llg_grammar=self.grammar(job.constraint),
                                         eos_after_completed=True)]
-        native = self.job_class(Job)(
-            input_ids=torch.tensor([job.prompt_ids], dtype=torch.long),
-            max_new_tokens=job.max_tokens,
-            sampler=v3_sampler(job.sampling),
-            seed=job.sampling.seed,
-            stop_conditions=sorted(job.stop_token_ids),
-            return_probs=job.logprobs,
-            return_top_tokens=job.top_logprobs,
-            filters=filters,
-            identifier=job.job_id,
-        )
+        native = self.job_class(Job)(**job_kwargs(job, sampler=v3_sampler(job.sampling), filters=filters))
         native.xllm_bind_penalties(len(job.prompt_ids))
         return native
 
