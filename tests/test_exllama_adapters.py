@@ -572,6 +572,26 @@ def test_jit_progress_counts_object_files(tmp_path, caplog, monkeypatch):
     assert any("compiled 1 of 10" in r.getMessage() for r in caplog.records)
 
 
+def test_jit_progress_counts_the_sources_a_cuda_build_compiles(tmp_path, monkeypatch):
+    """exllamav3 1.6.5 ships 202 sources and compiles 194 on CUDA: ROCm's under rocm/ and hipify's outputs are
+    not built (its ``extension_sources``), so "compiled 194 of 202" would never reach the end."""
+    import importlib.machinery
+    import importlib.util
+
+    from xllm_jupyter.backends import jit
+
+    root = tmp_path / "exllamav3"
+    for name in ("exllamav3_ext/bindings.cpp", "exllamav3_ext/gemm/a.cu", "exllamav3_ext/util.c",
+                 "exllamav3_ext/rocm/rdna.cu", "exllamav3_ext/rocm/compat.cpp", "exllamav3_ext/gemm/a_hip.cpp",
+                 "exllamav3_ext/hip_drv.cpp", "exllamav3_ext/gemm/a.cuh", "exllamav3_ext/notes.txt"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("")
+    found = importlib.machinery.ModuleSpec("exllamav3", None, is_package=True)
+    found.submodule_search_locations = [str(root)]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: found if name == "exllamav3" else None)
+    assert jit._source_count("exllamav3", "exllamav3_ext") == 3
+
+
 def test_exllamav2_rope_parameters_it_cannot_map_are_an_error_not_a_wrong_model(tmp_path):
     from types import SimpleNamespace
 

@@ -31,13 +31,26 @@ def _build_dir(ext: str) -> Path | None:
         return None
 
 
+#: source suffixes the libraries' CUDA builds compile
+_SOURCE_SUFFIXES = (".c", ".cpp", ".cu")
+
+
+def _is_cuda_source(relative: Path) -> bool:
+    """Whether the file at ``relative`` (to the extension's source folder) is compiled by a CUDA build: not a
+    ROCm-only source (exllamav3 keeps those under ``rocm/``) nor one that torch's hipify wrote beside the others."""
+    name = relative.name
+    if relative.suffix not in _SOURCE_SUFFIXES or relative.parts[0] == "rocm":
+        return False
+    return not ("_hip." in name or name.startswith("hip_"))
+
+
 def _source_count(lib: str, ext: str) -> int:
-    """How many C++/CUDA sources the library's extension has."""
+    """How many C++/CUDA sources the library's CUDA build compiles (the object files it makes)."""
     spec = importlib.util.find_spec(lib)
     if spec is None or not spec.submodule_search_locations:
         return 0
     root = Path(list(spec.submodule_search_locations)[0]) / ext
-    return sum(1 for p in root.rglob("*") if p.suffix in (".cu", ".cpp"))
+    return sum(1 for p in root.rglob("*") if p.is_file() and _is_cuda_source(p.relative_to(root)))
 
 
 class BuildProgress:
