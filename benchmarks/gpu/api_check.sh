@@ -23,7 +23,8 @@ if [ ! -d "$DIR/exllamav3" ]; then
   .venv/bin/python -m pip install -q --no-deps --target "$DIR" "exllamav3${VERSION:+==$VERSION}" marisa-trie triton
 fi
 if [ ! -d "$DIR2/exllamav2" ]; then
-  .venv/bin/python -m pip install -q --no-deps --target "$DIR2" "exllamav2${EXL2_VERSION:+==$EXL2_VERSION}"
+  # (exllamav2 0.3.0-0.3.1 import sentencepiece, which the project's venv lacks)
+  .venv/bin/python -m pip install -q --no-deps --target "$DIR2" "exllamav2${EXL2_VERSION:+==$EXL2_VERSION}" sentencepiece
 fi
 echo "checking against $(basename "$(ls -d "$DIR"/exllamav3-*.dist-info)" .dist-info)," \
   "$(basename "$(ls -d "$DIR2"/exllamav2-*.dist-info)" .dist-info)"
