@@ -177,3 +177,39 @@ def test_the_installed_exllamav2_declares_every_keyword_we_pass(monkeypatch, ove
     from xllm_jupyter.backends.exllamav2 import check_library_api
 
     check_library_api(f"exllamav2 {__version__}", options(**overrides))
+
+
+# ------------------------------------------------------- result dicts, read from the sources
+#: result keys ``exllama_common.translate_results`` reads (exllamav2 has no ``error`` stage: its errors raise)
+RESULT_KEYS = ("stage", "identifier", "job", "token_ids", "text", "eos", "eos_reason", "prompt_tokens",
+               "cached_tokens", "new_tokens", "accepted_draft_tokens", "rejected_draft_tokens", "token_probs",
+               "top_k_tokens", "top_k_probs")
+GENERATOR_SOURCES = {"exllamav3": ("generator/job.py", "generator/generator.py"),
+                     "exllamav2": ("generator/dynamic.py",)}
+
+
+def library_source(library: str) -> str:
+    """The text of the library's generator and job modules (read, not imported: no compiled module needed)."""
+    require_source(library)
+    root = importlib.util.find_spec(library).submodule_search_locations[0]
+    return "\n".join(open(f"{root}/{name}", encoding="utf-8").read() for name in GENERATOR_SOURCES[library])
+
+
+@pytest.mark.exllama
+@pytest.mark.parametrize("library", ["exllamav3", "exllamav2"])
+def test_the_installed_generators_emit_every_result_key_we_read(library):
+    source = library_source(library)
+    keys = RESULT_KEYS + (("error",) if library == "exllamav3" else ())
+    assert [key for key in keys if f'"{key}"' not in source] == []
+
+
+@pytest.mark.exllama
+@pytest.mark.parametrize("library", ["exllamav3", "exllamav2"])
+def test_every_eos_reason_the_installed_generators_give_has_a_finish_reason(library):
+    from xllm_jupyter.backends.exllama_common import EOS_REASONS
+
+    source = library_source(library)
+    reasons = set(re.findall(r'eos_reason\s*=\s*"(\w+)"', source)) | set(
+        re.findall(r'"eos_reason"\s*:\s*"(\w+)"', source))
+    assert "max_new_tokens" in reasons and "stop_token" in reasons  # (the patterns still find them)
+    assert reasons - set(EOS_REASONS) == set()
