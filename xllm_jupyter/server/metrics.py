@@ -145,6 +145,10 @@ class ServerMetrics:
 
     def exposition(self) -> bytes:
         """The text exposition of every metric."""
+        # The registry collects the load/unload counters before the engine collector that syncs them:
+        # without this, a load or unload made outside the API (a preload, an on-demand load, a
+        # keep_alive expiry) showed only from the next scrape on, while the memory gauge had it already.
+        self.sync_loaded()
         return generate_latest(self.registry)
 
 
