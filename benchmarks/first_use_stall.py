@@ -16,10 +16,11 @@ Scenarios (a fresh server each, since "first" happens once per process):
 - ``forced tool``: the first request with ``tool_choice`` naming a function (a Lark grammar);
 - ``other firsts``: the first chat with tools (auto: no grammar), the first Responses request, the
   first embeddings request (loads ``all-minilm``), the first request for ``tiny`` (a model load and its
-  first chat template), and a second ``tiny`` request.
+  first chat template), and a second ``tiny`` request;
+- ``LoRA``: the first request for ``smol-lora`` (a random LoRA on smollm2, attached on first use), then a second.
 
     .venv/bin/python benchmarks/first_use_stall.py                 # writes benchmarks/results/first_use_stall.{json,md}
-    .venv/bin/python benchmarks/first_use_stall.py --home DIR      # a store already holding smollm2, all-minilm, tiny
+    .venv/bin/python benchmarks/first_use_stall.py --home DIR      # a store already holding them (else pulled)
 """
 
 from __future__ import annotations
@@ -74,13 +75,18 @@ SCENARIOS: dict[str, list[tuple[str, str, dict]]] = {
         ("second tiny request", "/v1/chat/completions",
          {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
     ],
+    "LoRA": [
+        ("first smol-lora request (attaches a LoRA to smollm2)", "/v1/chat/completions",
+         {"model": "smol-lora", "messages": ASK, "max_tokens": 8}),
+        ("second smol-lora request", "/v1/chat/completions", {"model": "smol-lora", "messages": ASK, "max_tokens": 8}),
+    ],
 }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--home", help="an XLLM home whose store holds smollm2, all-minilm and tiny (default: a temporary one)")
+    p.add_argument("--home", help="an XLLM home whose store holds smollm2, all-minilm, tiny and smol-lora (default: a temporary one)")
     p.add_argument("--rounds", type=int, default=2, help="fresh servers per scenario")
     p.add_argument("--poll-ms", type=float, default=5.0, help="interval between /health polls")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="which scenarios, comma-separated")
@@ -90,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def prepare_home(home: Path) -> None:
-    """Pull smollm2, all-minilm and the tests' tiny Llama into the store at ``home`` unless there already."""
+    """Pull smollm2, all-minilm, the tests' tiny Llama and a LoRA for smollm2 into the store at ``home`` unless there."""
     from tests.models import build_tiny_llama
     from xllm_jupyter.store.store import ModelStore
 
@@ -101,6 +107,21 @@ def prepare_home(home: Path) -> None:
             store.pull(name)
     if "tiny" not in have:
         store.pull(str(build_tiny_llama(home.parent / f"{home.name}-tiny")), "tiny")
+    if "smol-lora" not in have:
+        store.pull(str(random_lora(store.show("smollm2").path, home.parent / f"{home.name}-lora")), "smol-lora", base="smollm2")
+
+
+def random_lora(base: Path, out: Path) -> Path:
+    """A random (non-zero) peft LoRA for the model at ``base``, saved at ``out``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(str(out))
+    return out
 
 
 def run_scenario(home: Path, log: Path, steps: list[tuple[str, str, dict]], poll_ms: float) -> list[dict]:
