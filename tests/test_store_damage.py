@@ -41,6 +41,15 @@ def test_show_of_a_damaged_model_names_it(broken):
     assert invoke("show", TINY).exit_code == 0
 
 
+def test_show_of_a_model_with_a_missing_file_says_it_is_damaged(home):  # noqa: F811
+    assert invoke("cp", TINY, "holed").exit_code == 0
+    (home / "models" / "holed" / "config.json").unlink()
+    result = invoke("show", "holed")
+    assert result.exit_code == 0 and "name      holed" in result.stdout  # the manifest is still shown
+    assert "model 'holed' is damaged (its file config.json is missing)" in result.stderr
+    assert invoke("show", TINY).stderr == ""
+
+
 def test_create_from_a_binary_file_is_a_usage_error(home, tmp_path):  # noqa: F811
     path = tmp_path / "Modelfile"
     path.write_bytes(b"FROM tiny\n\xb0\xff\x00binary")

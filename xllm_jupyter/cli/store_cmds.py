@@ -168,7 +168,11 @@ def show_command(name: str, modelfile: bool, parameters: bool, system: bool, tem
                                    ("--template", template), ("--license", license_)) if on]
     if len(parts) > 1:
         raise click.UsageError(f"Give one of {', '.join(parts)}, not several.")
-    m = show_stored(open_store(), name)
+    store = open_store()
+    m = show_stored(store, name)
+    why = dict(store.damaged()).get(m.name)
+    if why:  # the manifest still reads, but a load would fail: say so, as `xllm list` does
+        click.echo(f"Note: model '{m.name}' is damaged ({why}): remove it with `xllm rm {m.name}` or pull it again with --force", err=True)
     if parts:
         _echo_part(m, parts[0])
         return
