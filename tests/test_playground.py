@@ -311,3 +311,144 @@ def test_typing_the_next_question_while_a_reply_streams_is_kept(pg, xllm_server)
         page.wait_for_function("() => document.querySelectorAll('.generating').length === 0", timeout=60_000)
         assert box.input_value() == "next question"
         assert "Tell me a long story" in page.locator("#xllm-chatbot").inner_text()
+
+
+def test_a_model_added_after_start_is_offered_to_the_next_page(pg, xllm_server, xllm_home):
+    """The playground outlives many model changes (the panel's is started once per Jupyter
+    server): a model created after it started is in the picker of a page opened later."""
+    from tests.browser import chromium, require_browser
+    from xllm_jupyter.store.store import ModelStore
+
+    require_browser()
+    store = ModelStore(xllm_home)
+    store.create("pg-later", "FROM tiny\n")
+    try:
+        with chromium() as context:
+            page = context.new_page()
+            page.goto(pg.local_url, timeout=60_000)
+            picker = page.get_by_role("combobox", name="Model")
+            picker.wait_for(timeout=60_000)
+            # the list is read again once the page has opened, after its first paint: look until it is there
+            deadline = time.monotonic() + 60
+            while True:
+                picker.click()
+                options = page.get_by_role("option")
+                options.first.wait_for(timeout=30_000)
+                names = [n.replace("✓", "").strip() for n in options.all_inner_texts()]
+                if "pg-later" in names or time.monotonic() > deadline:
+                    break
+                page.reload()  # a fresh page, whose list is read again (an open dropdown would not redraw)
+                picker.wait_for(timeout=60_000)
+            assert "pg-later" in names and "tiny" in names, names
+            assert "all-minilm" not in names  # still chat models only
+    finally:
+        store.rm("pg-later")
+
+
+def test_a_question_sent_while_a_reply_streams_is_asked_after_it(pg, xllm_server):
+    """In a browser: Enter during a reply used to do nothing (the text just sat in the box); the
+    question is now asked when the reply ends, with that reply in its history."""
+    from tests.browser import chromium, require_browser
+
+    require_browser()
+    with chromium() as context:
+        page = context.new_page()
+        page.goto(pg.local_url, timeout=60_000)
+        box = page.locator("#xllm-input textarea")
+        box.wait_for(timeout=60_000)
+        page.get_by_label("number input for Max tokens").fill("400")
+        page.get_by_label("number input for Max tokens").press("Enter")
+        page.get_by_role("textbox", name="Seed").fill("1")  # sampled: no early end
+        box.fill("Tell me a long story")
+        box.press("Enter")
+        page.wait_for_selector("#xllm-chatbot [data-testid=bot]", timeout=60_000)  # the reply streams
+        box.fill("And another one")
+        box.press("Enter")
+        page.wait_for_function(
+            "() => document.querySelectorAll('#xllm-chatbot [data-testid=user]').length === 2"
+            " && document.querySelectorAll('#xllm-chatbot [data-testid=bot]').length === 2"
+            " && document.querySelectorAll('.generating').length === 0",
+            timeout=180_000,
+        )
+        users = page.locator("#xllm-chatbot [data-testid=user]").all_inner_texts()
+        assert [u.strip() for u in users] == ["Tell me a long story", "And another one"]
+        assert box.input_value() == ""
+
+
+def test_only_the_chat_turns_use_the_queue():
+    """Gradio 6 reads a page's queued events from one stream that the server ends when the page's
+    last queued event completes; a question sent in that instant was never answered. The load
+    event (the picker's refresh) and the quick events stay off the queue, so a chat turn is the
+    only queued event a page ever has."""
+    from xllm_jupyter.playground.app import Endpoint, build_app
+
+    config = build_app(Endpoint("http://127.0.0.1:9/v1", None), ["tiny"], "tiny").get_config_file()
+    backend = [d for d in config["dependencies"] if d.get("backend_fn")]
+    queued = [d for d in backend if d.get("queue") is not False]
+    assert len(queued) == 2, queued  # Enter and Send
+    assert all(d.get("trigger_mode") == "always_last" for d in queued)
+    loads = [d for d in backend if any(t[1] == "load" for t in d["targets"])]
+    assert loads and all(d["queue"] is False for d in loads), loads
+
+
+def test_the_first_question_right_after_a_page_opens_is_answered(pg, xllm_server, monkeypatch):
+    """The page-open refresh of the picker used to be a queued event: a question sent just after it
+    ended joined the queue while the page still took the ending stream for open, and got no reply
+    (CI, loaded machine). The stream's end is held back here so that instant is long and sure."""
+    import asyncio
+    import threading
+
+    import gradio.routes
+
+    from tests.browser import chromium, require_browser
+    from xllm_jupyter.playground import app as app_module
+
+    require_browser()
+    held, released = [], []
+    streaming = gradio.routes.StreamingResponse
+
+    class LateEnd(streaming):
+        """Gradio's streamed response with its close_stream message sent 2 s late."""
+
+        def __init__(self, content, *args, **kwargs):
+            async def late():
+                async for chunk in content:
+                    if "close_stream" in str(chunk):
+                        held.append(chunk)
+                        await asyncio.sleep(2)
+                        released.append(chunk)
+                    yield chunk
+
+            super().__init__(late(), *args, **kwargs)
+
+    monkeypatch.setattr(gradio.routes, "StreamingResponse", LateEnd)
+    refreshed = threading.Event()
+    real = app_module.picker_choices
+
+    async def picker_choices(*args, **kwargs):
+        try:
+            return await real(*args, **kwargs)
+        finally:
+            refreshed.set()
+
+    monkeypatch.setattr(app_module, "picker_choices", picker_choices)
+    with chromium() as context:
+        page = context.new_page()
+        page.goto(pg.local_url, timeout=60_000)
+        box = page.locator("#xllm-input textarea")
+        box.wait_for(timeout=60_000)
+        assert refreshed.wait(60), "the page's load event did not run"
+        box.fill("Say hello")
+        box.press("Enter")
+        page.wait_for_selector("#xllm-chatbot [data-testid=bot]", timeout=60_000)
+        page.wait_for_function("() => document.querySelectorAll('.generating').length === 0", timeout=60_000)
+        assert box.input_value() == ""
+        assert "Say hello" in page.locator("#xllm-chatbot").inner_text()
+        # the reply's own stream end is held too: let it out before the page goes (closing the page
+        # under a held stream makes Gradio log "async generator ignored GeneratorExit")
+        deadline = time.monotonic() + 30
+        while len(released) < len(held) or not held:
+            if time.monotonic() > deadline:
+                break
+            page.wait_for_timeout(100)
+    assert held, "the patch did not reach Gradio's streams (the test would prove nothing)"

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..client import AsyncXllmClient
+from ..client.base import can_chat
 from ..core.errors import InvalidRequest, XllmError
 
 # Set before gradio is imported anywhere in this process: no usage reporting from a
@@ -124,6 +125,14 @@ async def stream_reply(
             await pieces.aclose()
 
 
+async def picker_choices(endpoint: Endpoint, current: str | None) -> list[str]:
+    """The chat models the server at ``endpoint`` lists now, plus ``current`` (a typed name) if missing."""
+    async with AsyncXllmClient(endpoint.base_url, endpoint.api_key) as client:
+        listing = await client.models()
+    ids = [m.get("id") or m.get("name") for m in listing if can_chat(m)]
+    return list(dict.fromkeys([*(i for i in ids if i), *([current] if current else [])]))
+
+
 def build_app(
     endpoint: Endpoint,
     models: Sequence[str],
@@ -219,19 +228,29 @@ def build_app(
                 top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top p")
                 max_tokens = gr.Slider(1, 2048, value=256, step=1, label="Max tokens")
                 seed = gr.Textbox(label="Seed", placeholder="random", max_lines=1)
+        # Only the chat turns go through Gradio's queue (queue=False elsewhere). A page reads every
+        # queued event's messages from one stream, which the server ends when the page's last queued
+        # event completes; a question sent in that instant joined the queue but its page was told the
+        # stream was still open, closed it a moment later and never saw the reply (Gradio 6, seen as a
+        # first question with no answer on a loaded machine). Quick events need no queue.
         for control in (temperature, top_p, max_tokens):
-            control.input(lambda: False, None, model_defaults)  # the user chose a value: send it
+            # the user chose a value: send it
+            control.input(lambda: False, None, model_defaults, queue=False)
         inputs = [box, chatbot, picker, system, temperature, top_p, max_tokens, seed, model_defaults]
         # The engine batches concurrent users; don't let Gradio serialise them (its default is 1).
+        # always_last: Enter (or Send) during a reply is not dropped but asked when the reply ends,
+        # with the box and transcript as they are then (the default "once" ignored it silently).
         submitted = box.submit(
             respond,
             inputs,
             [chatbot, box],
             api_name=CHAT_API_NAME,
             concurrency_limit=32,
+            trigger_mode="always_last",
         )
         clicked = send.click(
-            respond, inputs, [chatbot, box], api_name=False, concurrency_limit=32
+            respond, inputs, [chatbot, box], api_name=False, concurrency_limit=32,
+            trigger_mode="always_last",
         )
         # Cancelling the task closes the stream, and the server cancels the generation.
         stop.click(None, None, None, cancels=[submitted, clicked], api_name=False)
@@ -242,7 +261,22 @@ def build_app(
             [chatbot, box],
             cancels=[submitted, clicked],
             api_name=False,
+            queue=False,
         )
         # the transcript's own trash icon empties it the same way
         chatbot.clear(None, None, None, cancels=[submitted, clicked], api_name=False)
+
+        async def refresh_models(current: str | None):
+            """The picker's choices as the server lists them when a page opens."""
+            try:
+                return gr.update(choices=await picker_choices(endpoint, current))
+            except XllmError:
+                return gr.skip()  # keep the list the app started with
+
+        # A playground lives as long as its Jupyter server: a model pulled or created since it
+        # started must be offered to the next page that opens, not only to a typed name.
+        # Unqueued: a queued load event ending as the first question is sent is the race above.
+        app.load(
+            refresh_models, picker, picker, api_name=False, show_progress="hidden", queue=False
+        )
     return app
