@@ -8,7 +8,9 @@ does) and regex; and exllamav3 already integrates it, so the future GPU backends
 the same engine and the same grammars behave the same everywhere.
 
 How a backend uses it: ``GrammarCompiler`` is built once per loaded model, and ``prepare`` builds
-its llguidance tokenizer while the model loads (see ``GrammarCompiler``). Grammars are
+its llguidance tokenizer while the model loads (see ``GrammarCompiler``); compilers whose tokenizers
+are the same share one build (``SharedTokenizers``: replicas, ``xllm cp`` copies, models with the
+same tokenizer files). Grammars are
 compiled (and rejected with a 400 naming ``param``) by ``compile``; compiled grammars
 are cached in a bounded LRU keyed by ``(kind, spec)``, and each job gets a cheap copy
 of the cached matcher (``new_matcher``). Each step ``BatchMasker`` fills one bitmask
@@ -18,9 +20,13 @@ backend then feeds the sampled token back with ``LLMatcher.consume_token``.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import threading
+import weakref
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ..core.errors import InvalidRequest
@@ -37,6 +43,8 @@ JSON_DEFAULTS: dict[str, Any] = {"whitespace_flexible": False}
 #: ~0.5 s a step; at these limits such a grammar fails in ~0.1 s and is refused up front,
 #: while real schemas (formats, enums of thousands, deep nesting) use a small fraction
 LEXER_FUEL = {"initial_lexer_fuel": 250_000, "step_lexer_fuel": 50_000}
+#: the files a transformers tokenizer is read from in its directory (and added tokens from): their bytes identify it
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 #: masks ``GrammarCompiler.compile`` computes ahead, so a grammar that fails early fails before queueing
 DRY_RUN_STEPS = 24
 
@@ -105,6 +113,94 @@ def _dry_run(matcher: Any, steps: int = DRY_RUN_STEPS) -> str | None:
     return None
 
 
+def tokenizer_identity(hf_tokenizer: Any) -> str | None:
+    """A digest of what ``hf_tokenizer`` was read from (None: unknown, so its llguidance tokenizer is not shared).
+
+    The bytes of its directory's tokenizer files, with its class and length (added tokens): a
+    re-pull that changes them gives another digest, while replicas, ``xllm cp``/``create`` copies
+    (hard links) and other models with the same files give the same one. Cheap and no IOLoop
+    stall: 2.5 ms for SmolLM2's 3.5 MB tokenizer.json, read and hashed in 1 MiB chunks (both
+    release the GIL). A GGUF's tokenizer is inside weights of hundreds of MB: each ``.gguf``'s
+    (device, inode, size, mtime) stand for its bytes (the store's copies are hard links; a pull
+    writes new files); a transformers tokenizer does not say which GGUF it came from, so all count.
+    """
+    try:
+        source = Path(hf_tokenizer.name_or_path)
+        names = sorted(os.listdir(source))
+        if TOKENIZER_FILES[0] not in names and not any(n.endswith(".gguf") for n in names):
+            return None
+        digest = hashlib.sha256(f"{type(hf_tokenizer).__qualname__} {len(hf_tokenizer)}\n".encode())
+        for name in names:
+            if name.endswith(".gguf"):
+                st = (source / name).stat()
+                digest.update(f"{name} {st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns}\n".encode())
+        for name in TOKENIZER_FILES:
+            if name not in names:
+                continue
+            with open(source / name, "rb") as f:
+                digest.update(f"{name} {os.fstat(f.fileno()).st_size}\n".encode())
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+        return digest.hexdigest()
+    except Exception:  # not a transformers tokenizer from files (tests' stand-ins, a hub id): built privately
+        return None
+
+
+class BuiltTokenizer:
+    """One llguidance tokenizer (or why it cannot be built), built once by whichever compiler asks first."""
+
+    __slots__ = ("lock", "tokenizer", "unsupported", "__weakref__")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.tokenizer: Any = None
+        self.unsupported: str | None = None  # why llguidance refused the tokenizer (kept: no second attempt)
+
+    def build(self, hf_tokenizer: Any, vocab_size: int, eos: list[int]) -> None:
+        """Build it unless built (or refused); a second caller waits for the first's build."""
+        with self.lock:
+            if self.tokenizer is None and self.unsupported is None:
+                import llguidance.hf
+
+                try:
+                    self.tokenizer = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab_size,
+                                                                  eos_token=eos or None)
+                except ValueError as exc:  # slow (non-Rust) tokenizers are not supported
+                    self.unsupported = f"Constrained decoding is not available for this model: {exc}"
+
+
+class SharedTokenizers:
+    """The llguidance tokenizers of the loaded models, one per (tokenizer identity, vocab size, EOS ids).
+
+    Held weakly: an entry lives while some model's ``GrammarCompiler`` holds it, so an unloaded
+    model's tokenizer (tens of MB for a large vocabulary) goes with its last compiler.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._built: weakref.WeakValueDictionary[tuple[str, int, tuple[int, ...]], BuiltTokenizer] = (
+            weakref.WeakValueDictionary())
+
+    def entry(self, identity: str | None, vocab_size: int, eos: Sequence[int]) -> BuiltTokenizer:
+        """The shared entry for this key (a private one when ``identity`` is None)."""
+        if identity is None:
+            return BuiltTokenizer()
+        key = (identity, int(vocab_size), tuple(eos))
+        with self._lock:
+            built = self._built.get(key)
+            if built is None:
+                built = self._built[key] = BuiltTokenizer()
+            return built
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._built)
+
+
+#: the process's shared llguidance tokenizers (tests swap in a fresh one)
+SHARED_TOKENIZERS = SharedTokenizers()
+
+
 class GrammarCompiler:
     """Compiles constraints for one model's tokenizer; thread-safe, with a bounded LRU cache.
 
@@ -112,7 +208,8 @@ class GrammarCompiler:
     the GIL throughout (in Rust, on whatever thread), so built on the first constrained request it
     froze the IOLoop, every user's stream and ``/health`` with it. ``prepare`` builds it as part
     of the model's load instead: a load is long and announced anyway (and at start-up serves
-    nobody yet); ``tokenizer`` still builds it on first use for a compiler never prepared.
+    nobody yet); ``tokenizer`` still builds it on first use for a compiler never prepared. Compilers
+    of one tokenizer share the build (``SHARED_TOKENIZERS``), so a replica or a copy pays nothing.
     """
 
     def __init__(self, hf_tokenizer: Any, vocab_size: int, eos_token_ids: Iterable[int],
@@ -124,9 +221,9 @@ class GrammarCompiler:
         #: compiled matchers, or the 400 message of a grammar refused (so a repeat costs nothing)
         self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._lock = threading.Lock()
-        self._tokenizer: Any = None
-        self._unsupported: str | None = None  # why this model's tokenizer cannot be built (kept from ``prepare``)
-        self._tokenizer_lock = threading.Lock()
+        # identified now, on the loading thread right after the tokenizer was read, not at first use: the
+        # files may be replaced by then (a re-pull), and this tokenizer must not stand for the new ones
+        self._built = SHARED_TOKENIZERS.entry(tokenizer_identity(hf_tokenizer), self._vocab_size, self._eos)
 
     def prepare(self) -> None:
         """Build the llguidance tokenizer now (the model's load calls this); a tokenizer llguidance
@@ -139,25 +236,18 @@ class GrammarCompiler:
     @property
     def prepared(self) -> bool:
         """Whether the tokenizer was built (or found unsupported): no constrained request builds it."""
-        return self._tokenizer is not None or self._unsupported is not None
+        return self._built.tokenizer is not None or self._built.unsupported is not None
 
     @property
     def tokenizer(self) -> Any:
-        """The ``LLTokenizer`` for this model (built once: by ``prepare``, else on first use)."""
-        if self._tokenizer is None:
-            with self._tokenizer_lock:
-                if self._tokenizer is None and self._unsupported is None:
-                    import llguidance.hf
-
-                    try:
-                        self._tokenizer = llguidance.hf.from_tokenizer(
-                            self._hf, n_vocab=self._vocab_size, eos_token=self._eos or None)
-                    except ValueError as exc:  # slow (non-Rust) tokenizers are not supported
-                        self._unsupported = f"Constrained decoding is not available for this model: {exc}"
-            if self._tokenizer is None:
-                raise InvalidRequest(self._unsupported or "Constrained decoding is not available for this model",
+        """The ``LLTokenizer`` for this model (built once per tokenizer: by ``prepare``, else on first use)."""
+        built = self._built
+        if built.tokenizer is None:
+            built.build(self._hf, self._vocab_size, self._eos)
+            if built.tokenizer is None:
+                raise InvalidRequest(built.unsupported or "Constrained decoding is not available for this model",
                                      param="response_format", code="unsupported_parameter")
-        return self._tokenizer
+        return built.tokenizer
 
     @property
     def vocab_size(self) -> int:
