@@ -17,7 +17,9 @@ Scenarios (a fresh server each, since "first" happens once per process):
 - ``other firsts``: the first chat with tools (auto: no grammar), the first Responses request, the
   first embeddings request (loads ``all-minilm``), the first request for ``tiny`` (a model load and its
   first chat template), and a second ``tiny`` request;
-- ``LoRA``: the first request for ``smol-lora`` (a random LoRA on smollm2, attached on first use), then a second.
+- ``LoRA``: the first request for ``smol-lora`` (a random LoRA on smollm2, attached on first use), then a second;
+- ``copy``: the first request for ``tiny`` (loads it), then the first for ``tiny-copy`` (``xllm cp tiny
+  tiny-copy``: hard links; its load finds tiny's grammar tokenizer built), then a second.
 
     .venv/bin/python benchmarks/first_use_stall.py                 # writes benchmarks/results/first_use_stall.{json,md}
     .venv/bin/python benchmarks/first_use_stall.py --home DIR      # a store already holding them (else pulled)
@@ -80,13 +82,20 @@ SCENARIOS: dict[str, list[tuple[str, str, dict]]] = {
          {"model": "smol-lora", "messages": ASK, "max_tokens": 8}),
         ("second smol-lora request", "/v1/chat/completions", {"model": "smol-lora", "messages": ASK, "max_tokens": 8}),
     ],
+    "copy": [
+        (f"first {name} request (loads {name})", "/v1/chat/completions",
+         {"model": name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+        for name in ("tiny", "tiny-copy")
+    ] + [("second tiny-copy request", "/v1/chat/completions",
+          {"model": "tiny-copy", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})],
 }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--home", help="an XLLM home whose store holds smollm2, all-minilm, tiny and smol-lora (default: a temporary one)")
+    p.add_argument("--home", help="an XLLM home whose store holds smollm2, all-minilm, tiny, tiny-copy and smol-lora "
+                                  "(default: a temporary one)")
     p.add_argument("--rounds", type=int, default=2, help="fresh servers per scenario")
     p.add_argument("--poll-ms", type=float, default=5.0, help="interval between /health polls")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="which scenarios, comma-separated")
@@ -96,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def prepare_home(home: Path) -> None:
-    """Pull smollm2, all-minilm, the tests' tiny Llama and a LoRA for smollm2 into the store at ``home`` unless there."""
+    """Pull smollm2, all-minilm, the tests' tiny Llama (and its copy) and a LoRA for smollm2 into ``home`` unless there."""
     from tests.models import build_tiny_llama
     from xllm_jupyter.store.store import ModelStore
 
@@ -107,6 +116,8 @@ def prepare_home(home: Path) -> None:
             store.pull(name)
     if "tiny" not in have:
         store.pull(str(build_tiny_llama(home.parent / f"{home.name}-tiny")), "tiny")
+    if "tiny-copy" not in have:
+        store.create("tiny-copy", "FROM tiny\n")  # what xllm cp does: tiny's files, hard-linked
     if "smol-lora" not in have:
         store.pull(str(random_lora(store.show("smollm2").path, home.parent / f"{home.name}-lora")), "smol-lora", base="smollm2")
 

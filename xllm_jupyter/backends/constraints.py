@@ -125,6 +125,8 @@ def tokenizer_identity(hf_tokenizer: Any) -> str | None:
     writes new files); a transformers tokenizer does not say which GGUF it came from, so all count.
     """
     try:
+        if not hf_tokenizer.name_or_path:  # built in memory ("" would be the current directory)
+            return None
         source = Path(hf_tokenizer.name_or_path)
         names = sorted(os.listdir(source))
         if TOKENIZER_FILES[0] not in names and not any(n.endswith(".gguf") for n in names):
