@@ -195,6 +195,7 @@ class SharedTokenizers:
             return built
 
     def __len__(self) -> int:
+        """How many tokenizers some loaded model still holds (tests and stats)."""
         with self._lock:
             return len(self._built)
 
