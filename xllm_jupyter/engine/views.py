@@ -38,14 +38,19 @@ class ViewsMixin:
         name = canonical_name(name)
         return name in self._runners or name in self._embeddings.slots or name in self._adapters
 
-    def _info(self, name: str) -> ModelInfo:
+    def _info(self, name: str, *, with_digest: bool = True) -> ModelInfo:
         info = self._plain_info(name)
-        facts = self._catalog_facts(name)
         # clients pick a default (a chat model, the configured one first) from these two
-        task = info.task or info.details.get("task") or ("chat" if name in self._runners else facts.task)
+        task = info.task or info.details.get("task") or ("chat" if name in self._runners else None)
         default = bool(self.config.default_model) and name == canonical_name(self.config.default_model)
-        # the digest lets every caller (not only admins, who may read manifests) record which weights answered
-        return dataclasses.replace(info, task=task, default=default, digest=info.digest or facts.digest)
+        digest = info.digest
+        # the catalog reads a manifest from disk: only when asked for (the polled, loaded-only views skip it)
+        if task is None or (with_digest and digest is None):
+            facts = self._catalog_facts(name)
+            task = task or facts.task
+            if with_digest:  # lets every caller (not only admins, who may read manifests) record which weights answered
+                digest = digest or facts.digest
+        return dataclasses.replace(info, task=task, default=default, digest=digest)
 
     def _catalog_facts(self, name: str) -> CatalogFacts:
         """What the catalog says of ``name`` (its task and digest); nothing when it has no ``facts``."""
@@ -101,7 +106,9 @@ class ViewsMixin:
     def loaded_models(self, *, include_loading: bool = False) -> list[ModelInfo]:
         """Only the models in memory now (and, if asked, those being loaded: ``runtime.state == "loading"``)."""
         loading = [n for n in self._loading if n not in self._runners] if include_loading else []
-        return [self._info(n) for n in list(self._runners) + list(self._adapters) + list(self._embeddings.slots) + loading]
+        # no digests: /metrics and /admin/stats poll this on the IOLoop, and neither shows one
+        return [self._info(n, with_digest=False)
+                for n in list(self._runners) + list(self._adapters) + list(self._embeddings.slots) + loading]
 
     def model_info(self, name: str) -> ModelInfo:
         """One model's info; raises ModelNotFound if it is neither loaded nor loadable."""
