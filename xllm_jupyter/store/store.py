@@ -42,18 +42,6 @@ from .pulling import PullMixin
 log = logging.getLogger(__name__)
 
 
-def _file_damage(directory: Path, manifest: Manifest) -> str | None:
-    """What is wrong with ``manifest``'s files in ``directory`` (one stat each, no hashing), or None."""
-    for f in manifest.files:
-        try:
-            size = (directory / f.path).stat().st_size
-        except OSError:
-            return f"its file {f.path} is missing"
-        if size != f.size:
-            return f"its file {f.path} has {size:,} bytes where its manifest says {f.size:,}"
-    return None
-
-
 class ModelStore(PullMixin):
     """The models on this machine; also the engine's ModelCatalog."""
 
@@ -102,7 +90,7 @@ class ModelStore(PullMixin):
             elif manifest.name != name:
                 why = "its manifest names another model"
             else:
-                why = _file_damage(entry, manifest)
+                why = self._file_damage(manifest)
             if why:
                 out.append((name, why))
         return sorted(out)
@@ -184,11 +172,22 @@ class ModelStore(PullMixin):
             raise StoreError(f"Model '{manifest.name}' is damaged: '{f.path}' is missing; pull it again with force")
         return path
 
-    def _check_files(self, manifest: Manifest) -> None:
-        """Cheap integrity check (presence, no links, sizes); ``verify`` re-hashes."""
+    def _file_damage(self, manifest: Manifest) -> str | None:
+        """What is wrong with ``manifest``'s files (presence, no links, sizes: one stat each, no hashing), or None."""
         for f in manifest.files:
-            if self._file_path(manifest, f).stat().st_size != f.size:
-                raise StoreError(f"Model '{manifest.name}' is damaged: '{f.path}' has the wrong size")
+            try:
+                size = self._file_path(manifest, f).stat().st_size
+            except (StoreError, OSError):  # missing, a link, or a path that leaves the store
+                return f"its file {f.path} is missing"
+            if size != f.size:
+                return f"its file {f.path} has {size:,} bytes where its manifest says {f.size:,}"
+        return None
+
+    def _check_files(self, manifest: Manifest) -> None:
+        """Cheap integrity check (the same as ``damaged``'s); ``verify`` re-hashes."""
+        why = self._file_damage(manifest)
+        if why:
+            raise StoreError(f"Model '{manifest.name}' is damaged ({why}); pull it again with force")
 
     def verify(self, name: str) -> bool:
         """Re-hash every file against the manifest; False on any mismatch, missing file or link."""
