@@ -53,6 +53,12 @@ class ServerMetrics:
         self.response_cache = response_cache
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self._known: set[str] = set()
+        self._sync_lock = threading.Lock()
+        # Registered first, so collected first: its scrape-time sync counts a load or unload made outside
+        # the API (a preload, an on-demand load, a keep_alive expiry) before the load/unload counters
+        # below are read, in the same scrape (the registry collects in registration order).
+        r.register(_EngineCollector(self))
         self.requests = Counter("xllm_requests", "HTTP requests finished, by route and status.", ("endpoint", "status"), registry=r)
         self.in_flight = Gauge("xllm_requests_in_flight", "HTTP requests being handled now.", registry=r)
         self.ttft = Histogram(
@@ -71,10 +77,7 @@ class ServerMetrics:
         self.loads = Counter("xllm_model_loads", "Models that came into memory.", ("model",), registry=r)
         self.unloads = Counter("xllm_model_unloads", "Models that left memory.", ("model",), registry=r)
         self.rate_limited = Counter("xllm_rate_limited", "Requests refused with 429, by API key id and limit.", ("key", "reason"), registry=r)
-        self._known: set[str] = set()
-        self._sync_lock = threading.Lock()
         self._children: dict[str, tuple[Any, Any, Any]] = {}
-        r.register(_EngineCollector(self))
 
     # ---------------------------------------------------------------- recording
     def record_request(self, endpoint: str, status: int) -> None:
@@ -145,10 +148,6 @@ class ServerMetrics:
 
     def exposition(self) -> bytes:
         """The text exposition of every metric."""
-        # The registry collects the load/unload counters before the engine collector that syncs them:
-        # without this, a load or unload made outside the API (a preload, an on-demand load, a
-        # keep_alive expiry) showed only from the next scrape on, while the memory gauge had it already.
-        self.sync_loaded()
         return generate_latest(self.registry)
 
 
