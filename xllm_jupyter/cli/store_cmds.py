@@ -170,7 +170,7 @@ def show_command(name: str, modelfile: bool, parameters: bool, system: bool, tem
         raise click.UsageError(f"Give one of {', '.join(parts)}, not several.")
     store = open_store()
     m = show_stored(store, name)
-    why = dict(store.damaged()).get(m.name)
+    why = store.file_damage(m)  # this model's files only (damaged() looks at the whole store)
     if why:  # the manifest still reads, but a load would fail: say so, as `xllm list` does
         click.echo(f"Note: model '{m.name}' is damaged ({why}): remove it with `xllm rm {m.name}` or pull it again with --force", err=True)
     if parts:

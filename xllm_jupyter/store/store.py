@@ -90,7 +90,7 @@ class ModelStore(PullMixin):
             elif manifest.name != name:
                 why = "its manifest names another model"
             else:
-                why = self._file_damage(manifest)
+                why = self.file_damage(manifest)
             if why:
                 out.append((name, why))
         return sorted(out)
@@ -172,7 +172,7 @@ class ModelStore(PullMixin):
             raise StoreError(f"Model '{manifest.name}' is damaged: '{f.path}' is missing; pull it again with force")
         return path
 
-    def _file_damage(self, manifest: Manifest) -> str | None:
+    def file_damage(self, manifest: Manifest) -> str | None:
         """What is wrong with ``manifest``'s files (presence, no links, sizes: one stat each, no hashing), or None."""
         for f in manifest.files:
             try:
@@ -185,7 +185,7 @@ class ModelStore(PullMixin):
 
     def _check_files(self, manifest: Manifest) -> None:
         """Cheap integrity check (the same as ``damaged``'s); ``verify`` re-hashes."""
-        why = self._file_damage(manifest)
+        why = self.file_damage(manifest)
         if why:
             raise StoreError(f"Model '{manifest.name}' is damaged ({why}); pull it again with force")
 
