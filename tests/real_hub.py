@@ -1,5 +1,16 @@
 """The start of a real JupyterHub's config for the tests that run one: an in-memory proxy, sqlite, dummy auth."""
 
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.helpers import free_port
+
 #: a ``str.format`` template (``tmp``, ``hub_port``, ``proxy_port``); each test module appends its services and roles
 HUB_CONFIG_HEAD = '''
 from jupyterhub.proxy import Proxy
@@ -32,3 +43,53 @@ c.JupyterHub.hub_ip = "127.0.0.1"
 c.JupyterHub.hub_port = {hub_port}
 c.JupyterHub.bind_url = "http://127.0.0.1:{proxy_port}/"
 '''
+
+
+class HubProcess:
+    """A real JupyterHub subprocess on loopback whose config can be rewritten and the hub restarted (same database).
+
+    ``tail`` is what follows ``HUB_CONFIG_HEAD`` in ``jupyterhub_config.py`` (services, roles); tokens made
+    through the API outlive a restart, as on a real hub whose admin edits the config and restarts it.
+    """
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.hub_port, self.proxy_port = free_port(), free_port()
+        self.api = f"http://127.0.0.1:{self.hub_port}/hub/api"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, tail: str, timeout: float = 90) -> None:
+        """Write the config and start the hub; return once its API answers."""
+        head = HUB_CONFIG_HEAD.format(tmp=self.tmp, hub_port=self.hub_port, proxy_port=self.proxy_port)
+        (self.tmp / "jupyterhub_config.py").write_text(head + tail)
+        with open(self.tmp / "hub.log", "a") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "jupyterhub", "-f", str(self.tmp / "jupyterhub_config.py")],
+                                         cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("jupyterhub exited early:\n" + (self.tmp / "hub.log").read_text()[-3000:])
+            try:
+                if httpx.get(self.api + "/", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"jupyterhub did not answer {self.api} within {timeout} s")
+
+    def stop(self) -> None:
+        """Stop the hub (SIGTERM, then SIGKILL after 20 s)."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+    def restart(self, tail: str) -> None:
+        """What an admin does after editing the config: stop the hub and start it again."""
+        self.stop()
+        self.start(tail)

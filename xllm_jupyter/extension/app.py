@@ -15,7 +15,7 @@ from typing import Any
 
 from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.utils import url_path_join
-from traitlets import Bool, Integer, Unicode
+from traitlets import Bool, Float, Integer, Unicode
 
 from ..core.config import XllmConfig, load_config
 from ..server.handlers import CONTEXT_KEY, HEALTH_FACTS_KEY, XllmContext
@@ -42,11 +42,13 @@ class XllmApp(ExtensionApp):
     max_body_bytes = Integer(None, allow_none=True, help="Largest accepted request body, in bytes.").tag(config=True)
     config_file = Unicode(None, allow_none=True, help="config.yaml to read (default: XLLM_CONFIG, else <XLLM_HOME>/config.yaml).").tag(config=True)
     defer_to_hub = Bool(True, help="In a JupyterHub single-user server whose hub runs the xllm service: export no XLLM_BASE_URL (kernels then use the hub service), load no model, and forward this server's xllm API (panel, playground) to the service. While the hub API does not answer, wait for it (503, no model) and ask again on the next request.").tag(config=True)
+    hub_recheck_seconds = Float(300.0, help="With defer_to_hub: when the hub said it has no xllm service for this server (403, 404), ask it again about this often (0: never), in the background; once the service appears, this server forwards to it and unloads its own models when the requests they serve have ended.").tag(config=True)
 
     engine: Any = None
     xllm_config: XllmConfig | None = None
     _start_task: asyncio.Future | None = None
     _preload_task: asyncio.Future | None = None
+    _retire_task: asyncio.Future | None = None
     _hub_link: HubLink | None = None
     _exported: dict[str, str]
 
@@ -83,7 +85,7 @@ class XllmApp(ExtensionApp):
         """After the IOLoop starts: ask the hub whether its xllm service serves here, export the API location, start the engine."""
         link = None
         if self.defer_to_hub:
-            link = self._hub_link = HubLink(os.environ, self._hub_settled)
+            link = self._hub_link = HubLink(os.environ, self._hub_settled, self.hub_recheck_seconds)
             serverapp.web_app.settings[HUB_LINK_KEY] = link  # handlers read the web app's settings
             serverapp.web_app.settings[HEALTH_FACTS_KEY] = lambda: {"engine": link.state}
             await link.resolve()  # the first lookup; a hub that does not answer is asked again on demand
@@ -105,11 +107,28 @@ class XllmApp(ExtensionApp):
                           link.upstream.service.root)
             # kernels started from now on find the service themselves; earlier ones reach it through this server
             self._withdraw_env()
+            if self._start_task is not None and self._retire_task is None:  # a switch: the engine has started
+                self._retire_task = asyncio.ensure_future(self._retire_local_engine(link))
             return
         log = self.log.warning if link.fault else self.log.info
-        log("xllm: no JupyterHub xllm service for this server (%s): its own engine serves", link.reason)
+        again = (f"; the hub is asked again every {link.recheck_seconds:g} s or so (c.XllmApp.hub_recheck_seconds)"
+                 if link.rechecking else "")
+        log("xllm: no JupyterHub xllm service for this server (%s): its own engine serves%s", link.reason, again)
         if self._start_task is not None and self._preload_task is None:  # settled after the start: load now
             self._preload_task = asyncio.ensure_future(self._load_default())
+
+    async def _retire_local_engine(self, link: HubLink) -> None:
+        """After a switch to the hub service: unload this server's models once the requests they serve have ended."""
+        # asyncio.wait, not gather: cancelling this (at stop) must not cancel the start, which stop awaits itself
+        pending = [t for t in (self._start_task, self._preload_task) if t is not None and not t.done()]
+        if pending:
+            await asyncio.wait(pending)
+        await link.local_drained()
+        names = [m.name for m in self.engine.loaded_models()]
+        for name in names:
+            await self.engine.unload(name)
+        if names:
+            self.log.info("xllm: unloaded %s from this server: the JupyterHub service serves it", ", ".join(names))
 
     async def _start_engine(self, preload: bool = True) -> None:
         await self.engine.start()
@@ -130,11 +149,11 @@ class XllmApp(ExtensionApp):
 
     async def stop_extension(self) -> None:
         """Cancel the background start, stop the engine, withdraw the exported variables."""
-        for task in (self._preload_task, self._start_task):
+        for task in (self._retire_task, self._preload_task, self._start_task):
             if task is not None and not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        self._start_task = self._preload_task = None
+        self._start_task = self._preload_task = self._retire_task = None
         link, self._hub_link = self._hub_link, None
         if self.serverapp is not None:
             self.serverapp.web_app.settings.pop(HUB_LINK_KEY, None)

@@ -46,8 +46,14 @@ class HubForwardingHandler(JupyterXllmHandler):
         if state == WAITING:  # the hub has not said whether it runs the service: no model here meanwhile
             raise Overloaded("This Jupyter server waits for the JupyterHub xllm service (the hub API has not "
                              "answered yet); retry in a few seconds.", code="hub_unavailable")
-        if state != HUB or link is None or link.upstream is None:
+        if state is None or link is None:  # no hub link, or a local route
             await super().serve(method, *args, **kwargs)
+            return
+        if link.state != HUB or link.upstream is None:  # (the state now: resolve's answer may be a step old)
+            # counted from here, with no await since the check: a switch to the hub service (a re-check that
+            # finds it) unloads this server's models only once the requests they serve have ended
+            with link.serving_locally():
+                await super().serve(method, *args, **kwargs)
             return
         self._dispatched = True  # Tornado has read (and capped) the body by now
         # a client that leaves cancels the task: the upstream connection closes and the service cancels the job

@@ -1,10 +1,13 @@
 """Whether this server's xllm API is the hub service's or its own, settled once the hub answers.
 
-The extension asks the hub at start (extension/hub_lookup.py). A final answer stands for the
-server's life: the service (forward to it) or none (this server's own engine). While the hub has
-not answered (down, restarting, slower than the lookup timeout under a burst of spawns) the server
-waits for it rather than loading a model of its own: the next request to a forwarded route asks
-again, at most every ``RETRY_SECONDS``, and concurrent requests share one lookup.
+The extension asks the hub at start (extension/hub_lookup.py). The service, once found, stands for
+the server's life (forward to it). While the hub has not answered (down, restarting, slower than the
+lookup timeout under a burst of spawns) the server waits for it rather than loading a model of its
+own: the next request to a forwarded route asks again, at most every ``RETRY_SECONDS``, and
+concurrent requests share one lookup. A no (403, 404: this server's own engine serves) is asked
+again in the background every ``recheck_seconds`` or so, because an admin may add the service or
+grant the scope and restart the hub under running servers: when the service appears, new requests
+are forwarded while those already in this server's engine finish there (``local_drained``).
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
@@ -24,6 +29,9 @@ log = logging.getLogger("xllm_jupyter.extension")
 
 #: the least time between two lookups while the hub has not answered (a request never waits for more than one)
 RETRY_SECONDS = 10.0
+#: how far each wait between re-checks of a no strays from ``recheck_seconds``: servers started together
+#: (a class logging in at nine) do not all ask the hub at once
+RECHECK_JITTER = 0.2
 
 #: the states, as ``/xllm/health`` names them in ``engine``
 HUB = "hub-service"
@@ -58,9 +66,10 @@ class Upstream:
 class HubLink:
     """This server's choice between the hub's xllm service and its own engine; ``state`` is one of HUB, LOCAL, WAITING."""
 
-    def __init__(self, env: Mapping[str, str], on_settled: Callable[[HubLink], None]) -> None:
+    def __init__(self, env: Mapping[str, str], on_settled: Callable[[HubLink], None], recheck_seconds: float = 0.0) -> None:
         self._env = env
-        self._on_settled = on_settled  # called once, when the state leaves WAITING
+        self._on_settled = on_settled  # called when the state leaves WAITING, and again on a switch from LOCAL to HUB
+        self.recheck_seconds = recheck_seconds  # 0: a no stands for the server's life
         self.state = WAITING
         self.upstream: Upstream | None = None
         self.reason = "the hub has not been asked yet"
@@ -68,6 +77,15 @@ class HubLink:
         self._asked_at = -math.inf
         self._waiting_for = ""  # the reason last logged while waiting
         self._asking: asyncio.Future | None = None
+        self._rechecking: asyncio.Task | None = None
+        self._local = 0  # requests of forwarded routes being served by this server's engine
+        self._drained = asyncio.Event()
+        self._drained.set()
+
+    @property
+    def rechecking(self) -> bool:
+        """True while a no is being asked again in the background (this server's own engine serves meanwhile)."""
+        return self._rechecking is not None and not self._rechecking.done()
 
     async def resolve(self) -> str:
         """The state, after asking the hub again when it has not answered and ``RETRY_SECONDS`` have passed."""
@@ -81,16 +99,36 @@ class HubLink:
         await asyncio.shield(self._asking)
         return self.state
 
+    @contextmanager
+    def serving_locally(self) -> Iterator[None]:
+        """Count a request that this server's engine serves (enter it on the IOLoop, with no await since ``resolve``)."""
+        self._local += 1
+        self._drained.clear()
+        try:
+            yield
+        finally:
+            self._local -= 1
+            if self._local == 0:
+                self._drained.set()
+
+    async def local_drained(self) -> None:
+        """Return once no request is being served by this server's engine (after a switch, none starts again)."""
+        await self._drained.wait()
+
     async def _lookup(self) -> None:
         try:
-            result = await lookup_hub_service(self._env)
-        except Exception as exc:  # noqa: BLE001 - whatever broke, the hub has not answered: ask again later
-            log.debug("xllm: the hub service lookup failed", exc_info=True)
-            result = HubLookup(None, False, f"the hub service lookup failed ({type(exc).__name__})")
+            result = await self._ask()
         finally:
             self._asked_at = time.monotonic()
             self._asking = None
         self._settle(result)
+
+    async def _ask(self) -> HubLookup:
+        try:
+            return await lookup_hub_service(self._env)
+        except Exception as exc:  # noqa: BLE001 - whatever broke, the hub has not answered: ask again later
+            log.debug("xllm: the hub service lookup failed", exc_info=True)
+            return HubLookup(None, False, f"the hub service lookup failed ({type(exc).__name__})")
 
     def _settle(self, result: HubLookup) -> None:
         self.reason, self.fault = result.reason, result.fault
@@ -99,6 +137,8 @@ class HubLink:
             self.state = HUB
         elif result.final:
             self.state = LOCAL
+            if self.recheck_seconds > 0 and not result.lasting:
+                self._rechecking = asyncio.ensure_future(self._recheck())
         else:
             # a warning when the reason is new; the same one again (every retry) only at debug level
             level = logging.DEBUG if result.reason == self._waiting_for else logging.WARNING
@@ -109,15 +149,38 @@ class HubLink:
             return
         self._on_settled(self)
 
+    async def _recheck(self) -> None:
+        """Ask the hub again, rarely, while this server's own engine serves; switch once the service appears."""
+        while self.state == LOCAL:
+            await asyncio.sleep(self.recheck_seconds * random.uniform(1 - RECHECK_JITTER, 1 + RECHECK_JITTER))
+            result = await self._ask()
+            if result.service is not None:
+                # on the IOLoop, with no await from here to the state change: a request either started in this
+                # server's engine before it (and finishes there) or is forwarded
+                self.upstream = Upstream.open(result.service)
+                self.reason, self.fault, self.state = result.reason, result.fault, HUB
+                self._on_settled(self)
+                return
+            # no news is the usual answer: the log hears of a new reason only (a hub down now and then is no news
+            # either: the own engine keeps serving, the next re-check asks again)
+            new = result.final and result.reason != self.reason
+            log.log(logging.INFO if new else logging.DEBUG, "xllm: the JupyterHub xllm service is still not there for "
+                    "this server (%s): its own engine serves; asked again in about %g s", result.reason,
+                    self.recheck_seconds)
+            if result.final:
+                self.reason, self.fault = result.reason, result.fault
+
     async def close(self) -> None:
         """Stop a lookup in flight and close the connection pool to the service."""
-        task, self._asking = self._asking, None
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        for name in ("_asking", "_rechecking"):
+            task = getattr(self, name)
+            setattr(self, name, None)
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self.upstream is not None:
             await self.upstream.close()
             self.upstream = None
 
 
-__all__ = ["HUB", "LOCAL", "RETRY_SECONDS", "WAITING", "HubLink", "Upstream"]
+__all__ = ["HUB", "LOCAL", "RECHECK_JITTER", "RETRY_SECONDS", "WAITING", "HubLink", "Upstream"]

@@ -5,7 +5,7 @@ server's: the extension exports no ``XLLM_BASE_URL`` (which would win over hub d
 loads no model, and forwards its own ``{base_url}xllm/`` API to the service
 (extension/hub_forward.py). Asked with the server's own ``JUPYTERHUB_API_TOKEN``, which
 needs ``read:services!service=xllm`` (the doc's ``c.Spawner.server_token_scopes``). A hub
-that does not answer is asked again later (extension/hub_link.py).
+that does not answer is asked again soon, a final no rarely (extension/hub_link.py).
 """
 
 from __future__ import annotations
@@ -40,25 +40,27 @@ class HubService:
 
 @dataclass(frozen=True)
 class HubLookup:
-    """One answer of the hub about the service: found, a final no (``final``), or no answer yet (ask again)."""
+    """One answer of the hub about the service: found, a no (``final``: the hub's word), or no answer yet (ask again soon)."""
 
     service: HubService | None
     final: bool
     reason: str  # for the log: why there is no service, or where it is
     fault: bool = False  # this server's set-up is at fault (TLS): the log says so as a warning
+    lasting: bool = False  # no hub to ask at all (no JUPYTERHUB_API_URL/TOKEN): never asked again
 
 
 async def lookup_hub_service(env: Mapping[str, str]) -> HubLookup:
     """Ask the hub API (``JUPYTERHUB_API_URL``) for the xllm service with this server's token.
 
     A 403 (the token may not read it: the hub is not set up for xllm), a 404 (no such service) or a
-    model without a URL are final; no answer, a timeout, a 5xx or a body that is not the service's
-    model are not (a hub restarting or slow under a burst of spawns): the caller asks again later.
+    model without a URL are final (the hub's word: the caller acts on it and asks again only rarely); no
+    answer, a timeout, a 5xx or a body that is not the service's model are not (a hub restarting or slow
+    under a burst of spawns): the caller asks again soon.
     """
     api_url = env.get("JUPYTERHUB_API_URL", "").strip().rstrip("/")
     token = env.get("JUPYTERHUB_API_TOKEN", "").strip()
     if not api_url or not token:
-        return HubLookup(None, True, "not a JupyterHub single-user server (no JUPYTERHUB_API_URL/TOKEN)")
+        return HubLookup(None, True, "not a JupyterHub single-user server (no JUPYTERHUB_API_URL/TOKEN)", lasting=True)
     name = env.get("XLLM_HUB_SERVICE", "").strip() or DEFAULT_HUB_SERVICE
     try:
         tls = hub_ssl_context(env)

@@ -1,0 +1,163 @@
+"""A user server that the hub told "no xllm service" switches to the service once an admin adds it.
+
+A real JupyterHub (tests/real_hub.py) first runs without the service; bob's Jupyter server (pytest-jupyter,
+the xllm extension) hears 404 at start and serves from its own engine. The admin adds the service to the
+config and restarts the hub; the server's background re-check finds it, forwards new requests, lets the
+request in flight in its own engine finish there, and only then unloads its model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import json
+import os
+import textwrap
+import threading
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.real_hub import HubProcess
+from tests.server_fixtures import TINY
+
+pytest.importorskip("jupyterhub")
+
+pytest_plugins = ("pytest_jupyter.jupyter_server",)
+
+ADMIN_TOKEN = "recheck-admin-token-0123456789abcdef"
+XLLM_SCOPES = ["access:services!service=xllm", "read:services!service=xllm"]
+MSG = [{"role": "user", "content": "Say something."}]
+
+#: the config's services and roles; the xllm service is the admin's later addition
+HUB_TAIL = textwrap.dedent('''
+    c.JupyterHub.services = [{xllm}{{"name": "test-admin", "api_token": "{admin}"}}]
+    c.JupyterHub.load_roles = [
+        {{"name": "user", "scopes": ["self", *{scopes!r}]}},
+        {{"name": "test-admin", "services": ["test-admin"], "scopes": ["admin:users", "tokens"]}},
+    ]
+''')
+
+
+class _Service(http.server.ThreadingHTTPServer):
+    """The hub's xllm service, as far as this test needs it: ``GET .../v1/models`` lists "hub-model"."""
+
+    def __init__(self) -> None:
+        self.authorizations: list[str] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                outer.authorizations.append(self.headers.get("Authorization", ""))
+                found = self.path == "/services/xllm/v1/models"
+                body = {"object": "list", "data": [{"id": "hub-model", "object": "model", "created": 0, "owned_by": "hub"}]}
+                data = json.dumps(body if found else {"error": {"message": "no", "type": "invalid_request_error",
+                                                                 "param": None, "code": None}}).encode()
+                self.send_response(200 if found else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def hub(tmp_path):
+    """A real hub without the xllm service yet; ``tail(with_service)`` is its config's end, ``token`` bob's server token."""
+    service = _Service()
+    xllm = f'{{"name": "xllm", "url": "http://127.0.0.1:{service.server_port}"}}, '
+    proc = HubProcess(tmp_path)
+
+    def tail(with_service: bool) -> str:
+        return HUB_TAIL.format(xllm=xllm if with_service else "", admin=ADMIN_TOKEN, scopes=XLLM_SCOPES)
+
+    try:
+        proc.start(tail(False))
+        with httpx.Client(base_url=proc.api, headers={"Authorization": f"token {ADMIN_TOKEN}"}, timeout=30) as admin:
+            assert admin.post("/users", json={"usernames": ["bob"]}).status_code == 201
+            # as the hub makes a server's token with the doc's server_token_scopes (its note marks it as one)
+            r = admin.post("/users/bob/tokens", json={"scopes": [*XLLM_SCOPES, "users:activity!user"],
+                                                       "note": "Server at /user/bob/"})
+            assert r.status_code == 201, r.text
+        yield {"proc": proc, "tail": tail, "token": r.json()["token"], "service": service}
+    finally:
+        proc.stop()
+        service.shutdown()
+        service.server_close()
+
+
+@pytest.fixture
+def jp_server_config(xllm_home):
+    """Bob's server: the xllm extension, re-checking a "no" from the hub every fraction of a second."""
+    return {
+        "ServerApp": {"jpserver_extensions": {"xllm_jupyter": True, "jupyter_server_terminals": False},
+                      "allow_unauthenticated_access": False},
+        "XllmApp": {"default_model": TINY, "home": str(xllm_home), "hub_recheck_seconds": 0.3},
+    }
+
+
+def test_a_server_told_no_service_switches_to_it_once_the_admin_adds_it_and_restarts_the_hub(
+        hub, jp_serverapp, http_server_client, jp_http_port, jp_base_url, jp_asyncio_loop, monkeypatch):
+    """Before: the 404 at start stood for the server's life; its own engine served until the user restarted it."""
+    monkeypatch.setenv("JUPYTERHUB_API_URL", hub["proc"].api)
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", hub["token"])
+    monkeypatch.delenv("XLLM_HUB_SERVICE", raising=False)
+    (ext,) = jp_serverapp.extension_manager.extension_apps["xllm_jupyter"]
+    root = f"http://127.0.0.1:{jp_http_port}{jp_base_url}xllm"
+    auth = {"Authorization": f"token {jp_serverapp.identity_provider.token}"}
+
+    async def engine_says(h: httpx.AsyncClient, engine: str) -> None:
+        while (await h.get("/health")).json()["engine"] != engine:
+            await asyncio.sleep(0.1)
+
+    async def body() -> None:
+        await jp_serverapp._post_start()
+        await ext._start_task
+        assert ext.engine.is_loaded(TINY) and os.environ["XLLM_BASE_URL"] == root + "/v1"  # the 404: its own engine
+        release = asyncio.Event()
+        generate = ext.engine.generate
+
+        async def held(request: Any):  # a generation that is in flight in this server's engine during the switch
+            async for n, event in _numbered(generate(request)):
+                yield event
+                if n == 0:
+                    await release.wait()
+
+        monkeypatch.setattr(ext.engine, "generate", held)
+        chat = {"model": TINY, "messages": MSG, "max_tokens": 6, "stream": True}
+        async with httpx.AsyncClient(base_url=root, headers=auth, timeout=120) as h:
+            assert (await h.get("/health")).json()["engine"] == "local"
+            async with h.stream("POST", "/v1/chat/completions", json=chat) as stream:
+                assert stream.status_code == 200
+                lines = stream.aiter_lines()
+                while not (await anext(lines)).startswith("data:"):
+                    pass
+                await asyncio.to_thread(hub["proc"].restart, hub["tail"](True))  # the admin adds the service
+                await asyncio.wait_for(engine_says(h, "hub-service"), 60)
+                models = await h.get("/v1/models")  # a new request: the hub's service answers it, as bob
+                assert models.status_code == 200 and [m["id"] for m in models.json()["data"]] == ["hub-model"]
+                assert hub["service"].authorizations[-1] == f"token {hub['token']}"
+                assert "XLLM_BASE_URL" not in os.environ  # kernels started from now on find the service
+                assert ext.engine.is_loaded(TINY)  # not unloaded under the request still generating here
+                release.set()
+                rest = [line async for line in lines if line.startswith("data:")]
+            assert rest[-1] == "data: [DONE]"
+            done = [json.loads(line[5:]) for line in rest[:-1]]
+            assert done[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+            await asyncio.wait_for(ext._retire_task, 60)
+        assert not ext.engine.loaded_models(include_loading=True)  # unloaded once that request ended
+
+    jp_asyncio_loop.run_until_complete(body())
+
+
+async def _numbered(events: Any):
+    n = 0
+    async for event in events:
+        yield n, event
+        n += 1
