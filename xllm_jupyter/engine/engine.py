@@ -83,6 +83,7 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
         self._gpu_loads = asyncio.Lock()  # GPU loads run one at a time (see _gpu_turn)
         self._created = int(time.time())
         self._started = False
+        self._stopped: XllmError | None = None  # set by stop(): why a load asked for from then on is refused
         self._retired_tokens = 0  # tokens of runners unloaded since start (stats() counts them on)
         self._retired_requests = (0, 0)  # (completed, cancelled) of those runners, counted on the same way
         self._defaults: dict[str, ModelfileDefaults] = {}  # a created model's Modelfile defaults, by name
@@ -105,6 +106,7 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
     async def start(self) -> None:
         """Start serving; preloads the models named in ``config.preload``."""
         self._started = True
+        self._stopped = None
         self._start_reaper()
         for name in map(canonical_name, self.config.preload):
             await self.load_any(name)
@@ -125,6 +127,9 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
         Requests still generating fail with ``reason`` (e.g. the server shutting down; default: the model was
         unloaded), so their clients get an error they can act on rather than a cut connection.
         """
+        # first: a request already past the server's door (tokenizing, or waiting for a load cancelled below)
+        # must get this error, not load a model into a stopping engine or see its wait cancelled as a 500
+        self._stopped = reason or Overloaded("The engine was stopped; retry the request later")
         if self._reaper is not None:
             self._reaper.cancel()
         loading = list(self._loading.values())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import logging
 import threading
@@ -53,6 +54,7 @@ class LoadingMixin:
     _attach_spec: Callable[[ModelSpec], Any]  # AdapterMixin's
     _touch: Callable[..., None]  # ResidencyMixin's
     _start_reaper: Callable[[], None]
+    _stopped: Any  # the Engine's: the XllmError stop() gave (None while it serves)
     unload: Callable[[str], Any]
 
     def _choose_backend(self, spec: ModelSpec) -> Backend:
@@ -109,12 +111,24 @@ class LoadingMixin:
             raise not_supported(name, "an embedding model: use /v1/embeddings")
         pending = self._loading.get(name)
         if pending is None:
+            self._refuse_if_stopped()
             # a task no request owns: a client that leaves mid-load cancels its wait, not the load,
             # whose weights would otherwise be loaded by its thread and never unloaded
             pending = asyncio.ensure_future(self._load_new(name))
             self._loading[name] = pending
             pending.add_done_callback(lambda task: self._load_done(name, task))
-        return await asyncio.shield(pending)
+        try:
+            return await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            if pending.cancelled() and self._stopped is not None:
+                self._refuse_if_stopped()  # the engine stopped under the load: its waiters get why, not a 500
+            raise
+
+    def _refuse_if_stopped(self) -> None:
+        """Raise (a fresh copy of) the error ``stop()`` gave, once the engine is stopping or stopped."""
+        stopped = self._stopped
+        if stopped is not None:
+            raise copy.copy(stopped)  # (one instance raised in many requests would chain their tracebacks)
 
     def _load_done(self, name: str, task: asyncio.Future) -> None:
         if self._loading.get(name) is task:
@@ -205,6 +219,7 @@ class LoadingMixin:
         """Load embedding model ``spec`` after making room for its weights (it is charged to the budget too)."""
         if spec.name in self._embeddings.slots or self._embeddings.is_loading(spec.name):
             return await self._embeddings.load(spec)  # loaded, or joins the load under way: no room to make
+        self._refuse_if_stopped()
         device = await asyncio.to_thread(device_kind, spec.options.device)
         needed = await asyncio.to_thread(disk_bytes, spec.path)
         def settled() -> bool:  # loaded (or loading) while this one waited for its turn: no room to make

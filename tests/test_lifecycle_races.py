@@ -1,0 +1,124 @@
+"""Lifecycle races on the shared engine: shutdowns, unloads and loads meeting requests already under way.
+
+Server tests run a real standalone server (its own engine) on the real tiny Llama and talk to it with
+the real ``openai`` SDK; engine tests use the deterministic fake backend. Nothing waits on a clock:
+each test waits for a state (a load waiting for room, a stream running) before it acts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import threading
+import time
+
+import openai
+import pytest
+
+from xllm_jupyter.backends.memory_estimate import disk_bytes
+from xllm_jupyter.core.config import EngineConfig
+from xllm_jupyter.core.errors import Overloaded
+from xllm_jupyter.core.types import ChatMessage, GenerationParams, GenerationRequest
+from xllm_jupyter.engine.engine import Engine
+from xllm_jupyter.server.standalone import shutdown_engine
+from xllm_jupyter.store.store import ModelStore
+
+from .fake_backend import FakeBackend, FakeCatalog
+from .server_fixtures import API_KEY, make_test_config, running_server
+
+SHUTTING_DOWN = Overloaded("The server is shutting down; retry the request later")
+
+
+@pytest.fixture(scope="module")
+def two_model_home(tmp_path_factory, tiny_llama_dir):
+    """A store with the tiny Llama as "tiny" and "tiny2"."""
+    home = tmp_path_factory.mktemp("xllm-races")
+    store = ModelStore(home)
+    for name in ("tiny", "tiny2"):
+        store.pull(str(tiny_llama_dir), name)
+    return home
+
+
+def wait_until(pred, what: str, limit: float = 60.0) -> None:
+    """Poll ``pred`` (a state, not a duration: the limit only ends a hung test)."""
+    deadline = time.monotonic() + limit
+    while not pred():
+        assert time.monotonic() < deadline, f"never reached: {what}"
+        time.sleep(0.01)
+
+
+def test_a_request_waiting_for_a_load_when_the_server_stops_gets_a_503_not_a_500(two_model_home, tiny_llama_dir):
+    # room for one model only: a request for tiny2 waits (load_wait_seconds) while a stream keeps tiny busy
+    config = make_test_config(two_model_home)
+    config = dataclasses.replace(config, engine=dataclasses.replace(
+        config.engine, memory_budget_bytes=int(disk_bytes(tiny_llama_dir) * 1.5), load_wait_seconds=600,
+        idle_grace_seconds=0.1))
+    with running_server(config, ModelStore(two_model_home), "tiny") as info, \
+            concurrent.futures.ThreadPoolExecutor(2) as pool, \
+            openai.OpenAI(base_url=info.base_url, api_key=API_KEY, max_retries=0, timeout=120) as c:
+        engine = info.engine
+        stream = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=1900, stream=True, extra_body={"ignore_eos": True})
+        first = next(iter(stream))  # tiny is generating now
+        assert first.model == "tiny"
+        waiting = pool.submit(c.chat.completions.create, model="tiny2",
+                              messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        wait_until(lambda: "tiny2" in engine._room_waits, "tiny2's load waiting for tiny's room")
+
+        info.call(shutdown_engine(engine))  # what `xllm serve` does on SIGTERM, before it closes connections
+
+        with pytest.raises(openai.APIStatusError) as caught:
+            waiting.result(60)
+        assert caught.value.status_code == 503  # was a 500 "server_error": the cancelled load's wait leaked out
+        body = caught.value.response.json()["error"]
+        assert body["code"] == "overloaded" and "shutting down" in body["message"]
+        with pytest.raises(openai.APIError, match="shutting down"):  # the stream ends with the same reason
+            for _ in stream:
+                pass
+        assert not engine.is_loaded("tiny2") and not engine.is_loading("tiny2")
+
+
+def chat_request(model: str = "fake") -> GenerationRequest:
+    return GenerationRequest(model=model, prompt_ids=(1, 2, 3), params=GenerationParams(max_tokens=3))
+
+
+async def test_a_stopped_engine_loads_nothing_for_requests_already_under_way():
+    # a request tokenizing when the server stops reaches generate() afterwards: it must not load the
+    # model again into the stopping engine (a GPU load there held the process's exit for its whole length)
+    backend = FakeBackend()
+    engine = Engine(EngineConfig(), FakeCatalog(["fake", "other"]), [backend])
+    await engine.start()
+    await engine.load("fake")
+    prompt = await engine.encode_chat("fake", [ChatMessage(role="user", content="hi")])
+    await engine.stop(SHUTTING_DOWN)
+
+    with pytest.raises(Overloaded, match="shutting down"):
+        async for _ in engine.generate(dataclasses.replace(chat_request(), prompt_ids=tuple(prompt))):
+            pass
+    for later in (engine.load("other"), engine.load_any("fake"), engine.encode_chat("fake", [])):
+        with pytest.raises(Overloaded, match="shutting down"):
+            await later
+    assert backend.loads == 1 and not engine.is_loaded("fake") and not engine.is_loaded("other")
+
+    await engine.start()  # a restarted engine loads again
+    async for _ in engine.generate(chat_request()):
+        pass
+    assert backend.loads == 2
+    await engine.stop()
+
+
+async def test_waiters_of_a_load_the_engine_stops_get_its_reason():
+    backend = FakeBackend()
+    engine = Engine(EngineConfig(), FakeCatalog(["fake"]), [backend])
+    await engine.start()
+    gate = backend.warm_up_gate = threading.Event()  # the load stays in its warm-up
+    waiters = [asyncio.ensure_future(engine.load("fake")) for _ in range(3)]
+    while not backend.loads:
+        await asyncio.sleep(0.01)
+    stopping = asyncio.ensure_future(engine.stop(SHUTTING_DOWN))
+    results = await asyncio.gather(*waiters, return_exceptions=True)
+    gate.set()
+    await stopping
+    assert [type(r) for r in results] == [Overloaded] * 3
+    assert len({id(r) for r in results}) == 3  # each its own instance (tracebacks never chain across requests)
