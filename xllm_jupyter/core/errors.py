@@ -107,6 +107,21 @@ class PayloadTooLarge(XllmError):
     code = "request_too_large"
 
 
+class RequestHeadTooLarge(XllmError):
+    """The request line and headers together are over the server's limit (431)."""
+
+    status = 431
+    type = "invalid_request_error"
+    code = "request_header_fields_too_large"
+
+
+class UriTooLong(RequestHeadTooLarge):
+    """As RequestHeadTooLarge, with the URL the larger part of it (414)."""
+
+    status = 414
+    code = "uri_too_long"
+
+
 class RateLimited(XllmError):
     """Too many requests or tokens for this key (429)."""
 

@@ -17,6 +17,7 @@ from ..core.errors import ListenError, Overloaded
 from ..core.hosts import is_loopback
 from .app import make_app
 from .handlers import CONTEXT_KEY
+from .head_limit import HARD_LIMIT, HeadLimitedHTTPServer
 
 log = logging.getLogger("xllm_jupyter.server")
 
@@ -113,8 +114,9 @@ def listen(app: Any, config: XllmConfig, host: str, port: int) -> tuple[HTTPServ
     except OSError as exc:
         raise listen_error(host, port, exc) from None
     timeout = config.server.connection_timeout_seconds  # slow or stalled clients must not hold connections
-    server = HTTPServer(app, max_body_size=max(_TORNADO_MAX_BODY, config.server.max_body_bytes * 2),
-                        idle_connection_timeout=timeout, body_timeout=timeout)
+    # a head too long for us is answered 414/431 (head_limit.py); Tornado alone would cut the connection
+    server = HeadLimitedHTTPServer(app, max_body_size=max(_TORNADO_MAX_BODY, config.server.max_body_bytes * 2),
+                                   idle_connection_timeout=timeout, body_timeout=timeout, max_header_size=HARD_LIMIT)
     server.add_sockets(sockets)
     return server, sockets[0].getsockname()[1]
 
