@@ -394,7 +394,13 @@ def load_config(
 ) -> XllmConfig:
     """Resolve defaults < an edge's ``defaults`` < config.yaml < XLLM_* env < overrides into a frozen XllmConfig."""
     env = os.environ if env is None else env
-    raw = read_yaml(path or config_path(env))
+    where = path or config_path(env)
+    if (path is not None or env.get("XLLM_CONFIG")) and not where.is_file() and str(where) not in _warned:
+        # a named file that is not there (a typo, or the docs' /etc/xllm/config.yaml never written) would
+        # otherwise leave quotas, admins and limits at their defaults without a word
+        _warned.add(str(where))
+        log.warning("config file %s does not exist: the defaults and XLLM_* variables apply", where)
+    raw = read_yaml(where)
     unknown = set(raw) - set(_SECTIONS)
     if unknown:
         raise ConfigError(f"Unknown config section '{sorted(unknown)[0]}' (known: {', '.join(_SECTIONS)})")
