@@ -93,7 +93,9 @@ class ToolDeltas:
         if finish is not None:
             out.extend((d, None) for d in self._deltas(self.parser.finish()))
             # Unforced calls are announced only once complete and valid, so the full response has them too.
-            out.append(({}, "tool_calls" if self.parser.calls and finish == "stop" else finish))
+            # A forced reply that repeated a call is complete at the repeat, even if max_tokens came next.
+            done = finish == "stop" or self.looping
+            out.append(({}, "tool_calls" if self.parser.calls and done else finish))
         return out
 
     def _deltas(self, events: list[Any]) -> list[dict[str, Any]]:

@@ -362,7 +362,10 @@ class StreamingToolParser:
         # only the first forced call streams as generated: a later one may repeat an earlier one, and
         # is sent whole (or dropped) once complete, or, cut short by max_tokens, as far as it got
         if self._incremental and (final or self._calls == 0) and self._buf.startswith(_OPEN):
-            out += self._partial_call()
+            if final and self._calls and self._repeats_earlier(self._buf):
+                self.repeats += 1  # a repeat cut short before its closing tag is still a repeat
+            else:
+                out += self._partial_call()
         if self._incremental and final:
             self._buf = ""  # a call cut before its name is known: nothing to show
         return out
@@ -391,6 +394,16 @@ class StreamingToolParser:
         self._lead, self._started = "", True  # blanks before a call are formatting
         self._calls += 1
         return [StreamEvent(index=self._calls - 1, id=call_id, name=name, arguments="")]
+
+    def _repeats_earlier(self, block: str) -> bool:
+        """True when ``block`` (an unclosed ``<tool_call>``) holds a complete call equal to one already sent."""
+        body = block[len(_OPEN):]
+        for k in range(len(_CLOSE), 0, -1):  # the end of the text may be the start of the closing tag
+            if body.endswith(_CLOSE[:k]):
+                body = body[:-k]
+                break
+        call = _exact_call(body, self.names)
+        return call is not None and call.key in self._seen
 
     def _partial_call(self) -> list[StreamEvent]:
         """Head and argument pieces of a forced call being generated (buffer starts with ``<tool_call>``)."""

@@ -1,0 +1,69 @@
+"""The openai SDK's higher-level helpers against the real server: ``.stream()``, ``.parse()`` and friends.
+
+Each test drives the session server (tiny Llama) with the real SDK the way its helpers are used,
+and checks what the helper hands its caller.
+"""
+
+from __future__ import annotations
+
+import json
+
+import openai
+
+#: a tool whose only valid arguments are ``{"unit":"celsius"}``: every call the grammar forces is the same call
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"unit": {"type": "string", "enum": ["celsius"]}}, "required": ["unit"]}}}
+#: SmolLM2's end tokens (<|endoftext|>, <|im_start|>, <|im_end|>) banned: the forced grammar cannot end
+#: after one call, so the model writes the same call again, as small models forced to call a tool do
+NO_END = {"0": -100, "1": -100, "2": -100}
+ASK = [{"role": "user", "content": "Weather?"}]
+
+
+def _calls(message) -> list[tuple[str, str]]:
+    return [(t.function.name, t.function.arguments) for t in message.tool_calls or []]
+
+
+def _same_call(a: tuple[str, str], b: tuple[str, str]) -> bool:
+    try:
+        return a[0] == b[0] and json.loads(a[1]) == json.loads(b[1])
+    except ValueError:  # a call cut short is not a repeat (yet)
+        return False
+
+
+def test_a_forced_repeat_cut_by_max_tokens_is_not_sent_and_ends_the_reply(client):
+    """A forced reply that writes its call again ends at the repeat with ``tool_calls``, one call, at every
+    ``max_completion_tokens``: the repeat cut before its closing tag was sent as a second, identical call
+    (the client runs it twice) with finish ``length`` (``parse()`` raises), and a repeat completed in the
+    engine's last step kept finish ``length`` too. Streamed (the SDK's ``.stream()`` helper) and not."""
+    one = client.chat.completions.create(model="tiny", messages=ASK, tools=[WEATHER], tool_choice="required",
+                                         max_completion_tokens=200, temperature=0)
+    assert one.choices[0].finish_reason == "tool_calls" and _calls(one.choices[0].message) == [("get_weather", '{"unit":"celsius"}')]
+    per_call = one.usage.completion_tokens
+    cut_second, after = False, []
+    for budget in range(per_call, 2 * per_call + 4):
+        args = dict(model="tiny", messages=ASK, tools=[WEATHER], tool_choice="required", logit_bias=NO_END,
+                    max_completion_tokens=budget, temperature=0)
+        full = client.chat.completions.create(**args)
+        calls, finish = _calls(full.choices[0].message), full.choices[0].finish_reason
+        done: list = []
+        try:
+            with client.chat.completions.stream(**args) as stream:
+                done += [e for e in stream if e.type == "tool_calls.function.arguments.done"]
+                streamed = stream.get_final_completion().choices[0]
+        except openai.LengthFinishReasonError as exc:  # the helper refuses a reply cut by max_tokens
+            streamed = exc.completion.choices[0]
+        assert (_calls(streamed.message), streamed.finish_reason) == (calls, finish), budget
+        assert len(done) == len(calls), budget
+        assert not any(_same_call(a, b) for i, a in enumerate(calls) for b in calls[i + 1:]), (budget, calls)
+        if len(calls) == 2:  # the second call cut short: as far as it got, finish length
+            cut_second = True
+            assert finish == "length", budget
+        elif cut_second:  # past it the second call is whole, a repeat: dropped, and the reply is complete
+            after.append(budget)
+            assert (calls, finish) == ([("get_weather", '{"unit":"celsius"}')], "tool_calls"), budget
+    assert cut_second and after, "the budgets never reached a second call"
+    # the Responses API reads the same finish: completed, one function_call item
+    r = client.responses.create(model="tiny", input="Weather?", tools=[{"type": "function", **WEATHER["function"]}],
+                                tool_choice="required", max_output_tokens=after[0], temperature=0,
+                                extra_body={"logit_bias": NO_END})
+    assert r.status == "completed" and [o.type for o in r.output] == ["function_call"], (r.status, r.output)
