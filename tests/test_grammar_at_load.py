@@ -22,7 +22,7 @@ llguidance_hf = pytest.importorskip("llguidance.hf")
 
 from tests.server_fixtures import TINY, make_test_config  # noqa: E402
 from xllm_jupyter.backends import constraints  # noqa: E402
-from xllm_jupyter.backends.constraints import GrammarCompiler, SharedTokenizers, tokenizer_identity  # noqa: E402
+from xllm_jupyter.backends.constraints import GrammarCompiler, SharedTokenizers  # noqa: E402
 from xllm_jupyter.core.errors import InvalidRequest  # noqa: E402
 from xllm_jupyter.core.types import Constraint  # noqa: E402
 from xllm_jupyter.engine.engine import Engine  # noqa: E402
@@ -173,24 +173,3 @@ def test_an_unloaded_models_tokenizer_is_not_kept(tiny_llama_dir, builds):
     assert len(constraints.SHARED_TOKENIZERS) == 0  # gone with the last model that used it
     compiler_for(tiny_llama_dir).prepare()
     assert builds == ["load", "load"]
-
-
-def test_a_gguf_tokenizer_is_known_by_its_files_identity(tmp_path):
-    class GgufTokenizer:  # what transformers keeps of a GGUF-read tokenizer: its directory, not the file
-        def __init__(self, directory):
-            self.name_or_path = str(directory)
-
-        def __len__(self):
-            return 49_152
-
-    pulled, copy = tmp_path / "pulled", tmp_path / "copy"
-    pulled.mkdir()
-    copy.mkdir()
-    (pulled / "model.gguf").write_bytes(b"GGUF" + bytes(64))
-    os.link(pulled / "model.gguf", copy / "model.gguf")  # xllm cp
-    first = tokenizer_identity(GgufTokenizer(pulled))
-    assert first is not None and tokenizer_identity(GgufTokenizer(copy)) == first
-    (tmp_path / "new.gguf").write_bytes(b"GGUF" + bytes(63) + b"x")  # a re-pull: a new file, the same size
-    os.replace(tmp_path / "new.gguf", pulled / "model.gguf")
-    assert tokenizer_identity(GgufTokenizer(pulled)) != first
-    assert tokenizer_identity(GgufTokenizer(tmp_path)) is None  # neither tokenizer.json nor a GGUF: not shared

@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 import weakref
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ..core.errors import InvalidRequest
 from ..core.types import Constraint
+from .tokenizer_files import NOT_READ, files_digest, loaded_digest
 
 #: the constraint kinds the backends understand
 KINDS = ("json_schema", "json_object", "lark", "regex")
@@ -43,8 +42,6 @@ JSON_DEFAULTS: dict[str, Any] = {"whitespace_flexible": False}
 #: ~0.5 s a step; at these limits such a grammar fails in ~0.1 s and is refused up front,
 #: while real schemas (formats, enums of thousands, deep nesting) use a small fraction
 LEXER_FUEL = {"initial_lexer_fuel": 250_000, "step_lexer_fuel": 50_000}
-#: the files a transformers tokenizer is read from in its directory (and added tokens from): their bytes identify it
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 #: masks ``GrammarCompiler.compile`` computes ahead, so a grammar that fails early fails before queueing
 DRY_RUN_STEPS = 24
 
@@ -114,37 +111,36 @@ def _dry_run(matcher: Any, steps: int = DRY_RUN_STEPS) -> str | None:
 
 
 def tokenizer_identity(hf_tokenizer: Any) -> str | None:
-    """A digest of what ``hf_tokenizer`` was read from (None: unknown, so its llguidance tokenizer is not shared).
+    """A digest of what ``hf_tokenizer`` was built from (None: unknown, so its llguidance tokenizer is not shared).
 
-    The bytes of its directory's tokenizer files, with its class and length (added tokens): a
-    re-pull that changes them gives another digest, while replicas, ``xllm cp``/``create`` copies
-    (hard links) and other models with the same files give the same one. Cheap and no IOLoop
-    stall: 2.5 ms for SmolLM2's 3.5 MB tokenizer.json, read and hashed in 1 MiB chunks (both
-    release the GIL). A GGUF's tokenizer is inside weights of hundreds of MB: each ``.gguf``'s
-    (device, inode, size, mtime) stand for its bytes (the store's copies are hard links; a pull
-    writes new files); a transformers tokenizer does not say which GGUF it came from, so all count.
+    With its class and length (added tokens): read from a ``tokenizer.json``, the bytes of its directory's
+    tokenizer files as ``tokenizer_files.load_tokenizer`` found them before and after the read (files
+    replaced meanwhile, by a re-pull, give None: which bytes were read is not known; a tokenizer read
+    otherwise is digested from its files now). A re-pull that changes them gives another digest, while
+    replicas, ``xllm cp``/``create`` copies and other models with the same files give the same one.
+    Without a ``tokenizer.json`` (read from a GGUF, whose bytes are hundreds of MB), its Rust tokenizer's
+    serialized form, what llguidance builds from: two separately pulled copies of one GGUF share a build.
+    That costs 20-70 ms holding the GIL (a GGUF's tokenizer load itself takes seconds).
     """
     try:
         if not hf_tokenizer.name_or_path:  # built in memory ("" would be the current directory)
             return None
-        source = Path(hf_tokenizer.name_or_path)
-        names = sorted(os.listdir(source))
-        if TOKENIZER_FILES[0] not in names and not any(n.endswith(".gguf") for n in names):
-            return None
         digest = hashlib.sha256(f"{type(hf_tokenizer).__qualname__} {len(hf_tokenizer)}\n".encode())
-        for name in names:
-            if name.endswith(".gguf"):
-                st = (source / name).stat()
-                digest.update(f"{name} {st.st_dev} {st.st_ino} {st.st_size} {st.st_mtime_ns}\n".encode())
-        for name in TOKENIZER_FILES:
-            if name not in names:
-                continue
-            with open(source / name, "rb") as f:
-                digest.update(f"{name} {os.fstat(f.fileno()).st_size}\n".encode())
-                while chunk := f.read(1 << 20):
-                    digest.update(chunk)
+        files = loaded_digest(hf_tokenizer)
+        if files is NOT_READ:
+            files = files_digest(hf_tokenizer.name_or_path)
+        elif files is None:
+            return None
+        if files is not None:
+            digest.update(f"files {files}\n".encode())
+        else:
+            backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+            if backend is None:
+                return None
+            digest.update(b"serialized\n")
+            digest.update(backend.to_str().encode())
         return digest.hexdigest()
-    except Exception:  # not a transformers tokenizer from files (tests' stand-ins, a hub id): built privately
+    except Exception:  # not a transformers tokenizer (tests' stand-ins, a hub id): built privately
         return None
 
 
@@ -226,6 +222,7 @@ class GrammarCompiler:
         self._lock = threading.Lock()
         # identified now, on the loading thread right after the tokenizer was read, not at first use: the
         # files may be replaced by then (a re-pull), and this tokenizer must not stand for the new ones
+        # (replaced during the read itself: load_tokenizer saw it, and the identity is None)
         self._built = SHARED_TOKENIZERS.entry(tokenizer_identity(hf_tokenizer), self._vocab_size, self._eos)
 
     def prepare(self) -> None:

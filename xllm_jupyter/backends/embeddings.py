@@ -21,6 +21,7 @@ from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest
 from .base import ModelSpec
 from .compile_gate import COMPILE_GATE
 from .quiet_loading import library_bars_off
+from .tokenizer_files import load_tokenizer
 from .torch_device import is_out_of_memory, out_of_memory, pick_device, placement, release_memory
 
 #: inputs per forward pass: bounds activation memory for big requests
@@ -165,7 +166,7 @@ def load_embedding_model(spec: ModelSpec) -> EmbeddingModel:
     """Load an HF encoder directory as an embedding model (slow: call it off the event loop)."""
     try:
         import torch
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
     except ImportError:
         raise EngineError("Embedding models need torch and transformers installed") from None
     directory = Path(spec.path)
@@ -177,7 +178,7 @@ def load_embedding_model(spec: ModelSpec) -> EmbeddingModel:
         torch.set_num_threads(threads)
     try:
         with library_bars_off():
-            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+            tokenizer = load_tokenizer(directory)
             # float32 everywhere: these encoders are small and half precision costs accuracy
             model = AutoModel.from_pretrained(str(directory), dtype=torch.float32, **placement(device))
         model.to(device).eval()

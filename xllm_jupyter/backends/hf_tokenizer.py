@@ -13,6 +13,7 @@ from typing import Any, Sequence
 from ..core.errors import InvalidRequest
 from ..core.types import ChatMessage
 from .detokenize import piece_bytes, piece_scheme
+from .tokenizer_files import load_tokenizer
 
 #: end-of-turn tokens of common chat templates that must also stop a generation
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>", "<|end|>")
@@ -31,9 +32,7 @@ class ChatTokenizer:
     @classmethod
     def from_directory(cls, path: str, model_name: str, **kwargs: Any) -> "ChatTokenizer":
         """Load the tokenizer stored next to a model's weights."""
-        from transformers import AutoTokenizer
-
-        return cls(AutoTokenizer.from_pretrained(path, **kwargs), model_name)
+        return cls(load_tokenizer(path, **kwargs), model_name)
 
     def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids for ``text``."""

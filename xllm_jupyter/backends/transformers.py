@@ -19,6 +19,7 @@ from ..core.errors import EngineError, InvalidRequest, ModelLoadError
 from .base import Backend, BackendOptions, ModelSpec
 from .lora import merge_lora
 from .quiet_loading import library_bars_off
+from .tokenizer_files import load_tokenizer
 from .memory_estimate import disk_bytes, gguf_expanded_bytes, kv_cache_bytes
 from .torch_device import (
     is_out_of_memory,
@@ -113,7 +114,7 @@ class TransformersBackend(Backend):
             raise EngineError("The transformers backend needs torch and transformers installed")
         if not self.supports(spec):
             raise InvalidRequest(f"The transformers backend cannot load '{spec.name}' ({spec.format})", param="model")
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         opts = spec.options
         device = pick_device(opts.device)
@@ -129,7 +130,7 @@ class TransformersBackend(Backend):
         failed = None
         try:
             with library_bars_off():
-                tokenizer = AutoTokenizer.from_pretrained(str(directory), **kwargs)
+                tokenizer = load_tokenizer(directory, **kwargs)  # (not transformers' own: tokenizer_files.py says why)
                 model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype,
                                                              **placement(device, moved_later=bool(merge)), **kwargs)
             if merge:

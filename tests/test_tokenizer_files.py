@@ -1,0 +1,202 @@
+"""A model load reads its tokenizer files once, and its grammar tokenizer is keyed by the bytes it read.
+
+transformers parsed SmolLM2's 3.5 MB ``tokenizer.json`` a second time with Python's json (0.1-0.4 s
+holding the GIL: the IOLoop stood still) for added tokens its Rust tokenizer already had; and the key
+of the shared llguidance tokenizer was digested from the files after the load, so a re-pull that
+replaced them mid-load filed the old tokenizer under the new files' key. Counted, not timed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+llguidance_hf = pytest.importorskip("llguidance.hf")
+
+from xllm_jupyter.backends import constraints  # noqa: E402
+from xllm_jupyter.backends.base import BackendOptions, ModelSpec  # noqa: E402
+from xllm_jupyter.backends.constraints import GrammarCompiler, SharedTokenizers, tokenizer_identity  # noqa: E402
+from xllm_jupyter.backends.tokenizer_files import added_tokens_only_in_tokenizer_json, load_tokenizer  # noqa: E402
+from xllm_jupyter.backends.transformers import TransformersBackend  # noqa: E402
+
+TEXT = "<|im_start|>user\nHi there, naïve café 😀<|im_end|>\n<|endoftext|>"
+
+
+@pytest.fixture
+def builds(monkeypatch) -> list[str]:
+    """Counts llguidance's tokenizer builds (a registry of this test's own)."""
+    calls: list[str] = []
+    real = llguidance_hf.from_tokenizer
+
+    def counted(*args, **kwargs):
+        calls.append("build")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(llguidance_hf, "from_tokenizer", counted)
+    monkeypatch.setattr(constraints, "SHARED_TOKENIZERS", SharedTokenizers())
+    return calls
+
+
+def load(directory: Path):
+    """The transformers backend's load of the model at ``directory`` (CPU)."""
+    return TransformersBackend().load(ModelSpec(name="t", path=directory, options=BackendOptions(device="cpu")))
+
+
+def with_config(tmp_path: Path, source: Path, name: str, **changes) -> Path:
+    """A copy of ``source``'s tokenizer files whose tokenizer_config.json has ``changes`` (None: key removed)."""
+    out = tmp_path / name
+    out.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (source / f).exists():
+            shutil.copy(source / f, out / f)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_a_load_parses_tokenizer_json_in_python_no_more(tiny_llama_dir, monkeypatch):
+    parsed = []
+    real = json.load
+
+    def counted(fp, *args, **kwargs):
+        parsed.append(Path(getattr(fp, "name", "?")).name)
+        return real(fp, *args, **kwargs)
+
+    monkeypatch.setattr(json, "load", counted)
+    model = load(Path(tiny_llama_dir))
+    try:
+        assert "tokenizer_config.json" in parsed  # (the count sees transformers' reads)
+        assert "tokenizer.json" not in parsed  # read once, by the Rust tokenizer
+    finally:
+        model.unload()
+
+
+@pytest.mark.parametrize("tokenizer_class", ["TokenizersBackend", "PreTrainedTokenizerFast"])
+def test_the_short_read_gives_the_tokenizer_transformers_gives(tiny_llama_dir, tmp_path, tokenizer_class):
+    from transformers import AutoTokenizer
+
+    directory = with_config(tmp_path, Path(tiny_llama_dir), "tok", tokenizer_class=tokenizer_class)
+    assert added_tokens_only_in_tokenizer_json(directory)
+    ours, theirs = load_tokenizer(directory), AutoTokenizer.from_pretrained(str(directory))
+    assert type(ours) is type(theirs)
+    assert ours.backend_tokenizer.to_str() == theirs.backend_tokenizer.to_str()  # vocabulary, added tokens, flags
+    assert ours.special_tokens_map == theirs.special_tokens_map
+    assert ours.all_special_ids == theirs.all_special_ids and len(ours.all_special_ids) >= 2
+    assert {i: repr(t) for i, t in ours.added_tokens_decoder.items()} == {
+        i: repr(t) for i, t in theirs.added_tokens_decoder.items()}
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (
+        theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id)
+    assert ours.encode(TEXT) == theirs.encode(TEXT) and ours.decode(ours.encode(TEXT)) == theirs.decode(theirs.encode(TEXT))
+    assert ours.chat_template == theirs.chat_template and ours.chat_template
+
+
+def test_other_tokenizers_are_read_as_transformers_reads_them(tiny_llama_dir, tmp_path):
+    source = Path(tiny_llama_dir)
+    assert added_tokens_only_in_tokenizer_json(source)
+    decoder = {"0": {"content": "<|endoftext|>", "special": True}}
+    assert not added_tokens_only_in_tokenizer_json(with_config(tmp_path, source, "a", added_tokens_decoder=decoder))
+    assert not added_tokens_only_in_tokenizer_json(with_config(tmp_path, source, "b", tokenizer_class="LlamaTokenizer"))
+    assert not added_tokens_only_in_tokenizer_json(with_config(tmp_path, source, "c", tokenizer_class=None))
+    legacy = with_config(tmp_path, source, "d")
+    (legacy / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    assert not added_tokens_only_in_tokenizer_json(legacy)  # read in the branch skipped
+    no_json = with_config(tmp_path, source, "e")
+    (no_json / "tokenizer.json").unlink()
+    assert not added_tokens_only_in_tokenizer_json(no_json)
+
+
+def swapped_tokens(directory: Path) -> None:
+    """Rewrite ``directory``'s tokenizer.json with its last two tokens' ids swapped (same size, other masks)."""
+    data = json.loads((directory / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    a, b = list(vocab)[-2:]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (directory / "tokenizer.json").write_text(json.dumps(data, indent=1))
+
+
+def test_files_replaced_while_a_model_loads_do_not_get_its_grammar_tokenizer(tiny_llama_dir, tmp_path, builds,
+                                                                            monkeypatch):
+    from transformers import AutoTokenizer
+
+    served = shutil.copytree(tiny_llama_dir, tmp_path / "served")
+    fresh = shutil.copytree(tiny_llama_dir, tmp_path / "fresh")
+    swapped_tokens(fresh)
+    real = AutoTokenizer.from_pretrained.__func__
+
+    def read_then_repulled(cls, *args, **kwargs):  # a forced re-pull lands right after the old files were read
+        tokenizer = real(cls, *args, **kwargs)
+        if fresh.exists():
+            os.rename(served, tmp_path / "old")
+            os.rename(fresh, served)
+        return tokenizer
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(read_then_repulled))
+    old = load(served)  # read from the old files
+    try:
+        old.prepare_constraints()
+        new = load(served)  # the new files
+        try:
+            new.prepare_constraints()
+            assert builds == ["build", "build"]  # the new files' model built its own
+            assert new._grammars.tokenizer is not old._grammars.tokenizer
+        finally:
+            new.unload()
+    finally:
+        old.unload()
+
+
+class GgufRead:
+    """What transformers keeps of a tokenizer read from a GGUF: its directory and its Rust tokenizer."""
+
+    def __init__(self, directory: Path, tokenizer_json: Path):
+        import tokenizers
+
+        self.name_or_path = str(directory)
+        self.backend_tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_json))
+
+    def __len__(self) -> int:
+        return self.backend_tokenizer.get_vocab_size()
+
+
+def test_separately_pulled_copies_of_a_gguf_share_a_grammar_tokenizer(tiny_llama_dir, tmp_path):
+    pulled, again, other = tmp_path / "pulled", tmp_path / "again", tmp_path / "other"
+    for d, content in ((pulled, b"GGUF one"), (again, b"GGUF two"), (other, b"GGUF one")):
+        d.mkdir()
+        (d / "model.gguf").write_bytes(content)  # files of their own: no inode, size or time in common
+    changed = shutil.copytree(tiny_llama_dir, tmp_path / "changed")
+    swapped_tokens(changed)
+    first = tokenizer_identity(GgufRead(pulled, Path(tiny_llama_dir) / "tokenizer.json"))
+    assert first is not None
+    assert tokenizer_identity(GgufRead(again, Path(tiny_llama_dir) / "tokenizer.json")) == first  # the same tokenizer
+    assert tokenizer_identity(GgufRead(other, changed / "tokenizer.json")) not in (first, None)  # another one
+
+    class Unknown:  # neither a tokenizer.json nor a Rust tokenizer: not shared
+        name_or_path = str(pulled)
+
+        def __len__(self) -> int:
+            return 49_152
+
+    assert tokenizer_identity(Unknown()) is None
+
+
+def test_a_compiler_of_a_tokenizer_read_by_load_tokenizer_shares_with_a_copy(tiny_llama_dir, tmp_path, builds):
+    linked = tmp_path / "linked"  # what xllm cp makes: hard links
+    linked.mkdir()
+    for f in Path(tiny_llama_dir).iterdir():
+        os.link(f, linked / f.name)
+    compilers = []
+    for directory in (Path(tiny_llama_dir), linked):
+        tokenizer = load_tokenizer(directory)
+        compilers.append(GrammarCompiler(tokenizer, len(tokenizer), [tokenizer.eos_token_id]))
+        compilers[-1].prepare()
+    assert builds == ["build"] and compilers[0].tokenizer is compilers[1].tokenizer

@@ -1,0 +1,111 @@
+"""Reading a model's transformers tokenizer from its directory, and a digest of the files it was read from.
+
+Two jobs, both about a load's GIL-holding stretches (docs/performance.md, "A model load and the IOLoop"):
+
+- ``load_tokenizer`` skips transformers' second read of ``tokenizer.json`` where it adds nothing. A
+  tokenizer saved by transformers 5 (the packaged SmolLM2, anything ``save_pretrained`` wrote) has no
+  ``added_tokens_decoder`` in its ``tokenizer_config.json``, and transformers then parses the whole
+  ``tokenizer.json`` with Python's json (0.1-0.4 s for SmolLM2's 3.5 MB, the GIL held throughout) only
+  to take its ``added_tokens``, which the Rust tokenizer it builds from the same file has anyway.
+- ``loaded_digest`` is the digest of the tokenizer files a tokenizer was read from, taken before and
+  after the read: a re-pull that replaced the files meanwhile makes them differ, and the tokenizer then
+  has no digest (its grammar tokenizer is not shared: constraints.SharedTokenizers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import weakref
+from pathlib import Path
+from typing import Any
+
+#: the files a transformers tokenizer is read from in its directory (and added tokens from): their bytes identify it
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+#: the classes that build their Rust tokenizer straight from ``tokenizer.json`` (added tokens included)
+FILE_BUILT_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+#: ``loaded_digest`` of a tokenizer ``load_tokenizer`` did not read from tokenizer files
+NOT_READ = object()
+# what load_tokenizer found: tokenizer -> the digest of its files (None: they changed during the read)
+_digests: weakref.WeakKeyDictionary[Any, str | None] = weakref.WeakKeyDictionary()
+_digests_lock = threading.Lock()
+
+
+def files_digest(directory: str | Path) -> str | None:
+    """sha256 over the tokenizer files in ``directory`` (names, sizes, bytes); None without a ``tokenizer.json``.
+
+    2.5 ms for SmolLM2's 3.5 MB ``tokenizer.json``, read and hashed in 1 MiB chunks (both release the GIL).
+    """
+    try:
+        source = Path(directory)
+        names = set(os.listdir(source))
+        if TOKENIZER_FILES[0] not in names:
+            return None
+        digest = hashlib.sha256()
+        for name in TOKENIZER_FILES:
+            if name not in names:
+                continue
+            with open(source / name, "rb") as f:
+                digest.update(f"{name} {os.fstat(f.fileno()).st_size}\n".encode())
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+        return digest.hexdigest()
+    except OSError:
+        return None
+
+
+def added_tokens_only_in_tokenizer_json(directory: str | Path) -> bool:
+    """Whether transformers would parse ``tokenizer.json`` in Python just for added tokens its Rust build has anyway.
+
+    True only in the one case checked to give the same tokenizer (tests/test_tokenizer_files.py): a
+    ``tokenizer.json``, a ``tokenizer_config.json`` naming a class built straight from it and no
+    ``added_tokens_decoder``, and none of the legacy files (``special_tokens_map.json``,
+    ``added_tokens.json``) that transformers reads in the same branch.
+    """
+    source = Path(directory)
+    try:
+        names = set(os.listdir(source))
+        if TOKENIZER_FILES[0] not in names or "tokenizer_config.json" not in names:
+            return False
+        if names & {"special_tokens_map.json", "added_tokens.json"}:
+            return False
+        config = json.loads((source / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(config, dict) and config.get("tokenizer_class") in FILE_BUILT_CLASSES
+            and "added_tokens_decoder" not in config)
+
+
+def load_tokenizer(directory: str | Path, **kwargs: Any) -> Any:
+    """``AutoTokenizer.from_pretrained(directory, **kwargs)``, without the Python re-parse of ``tokenizer.json``
+    where it adds nothing; the digest of the files read is kept for ``loaded_digest``."""
+    from transformers import AutoTokenizer
+
+    if kwargs.get("gguf_file"):  # read from the GGUF's metadata: no tokenizer files to digest
+        return AutoTokenizer.from_pretrained(str(directory), **kwargs)
+    before = files_digest(directory)
+    if "added_tokens_decoder" not in kwargs and added_tokens_only_in_tokenizer_json(directory):
+        # present (empty): transformers skips its legacy branch, the json.load of the whole tokenizer.json
+        kwargs["added_tokens_decoder"] = {}
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), **kwargs)
+    after = files_digest(directory)
+    if before is not None or after is not None:
+        try:
+            with _digests_lock:
+                _digests[tokenizer] = before if before == after else None
+        except TypeError:  # not weakly referable or hashable: identified later by its files, as any other
+            pass
+    return tokenizer
+
+
+def loaded_digest(tokenizer: Any) -> Any:
+    """The digest of the files ``load_tokenizer`` read ``tokenizer`` from; None if they changed during the read
+    (a re-pull: which bytes it read is not known); ``NOT_READ`` if it was not read from tokenizer files there."""
+    try:
+        with _digests_lock:
+            return _digests.get(tokenizer, NOT_READ)
+    except TypeError:
+        return NOT_READ
