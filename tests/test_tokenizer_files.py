@@ -200,3 +200,16 @@ def test_a_compiler_of_a_tokenizer_read_by_load_tokenizer_shares_with_a_copy(tin
         compilers.append(GrammarCompiler(tokenizer, len(tokenizer), [tokenizer.eos_token_id]))
         compilers[-1].prepare()
     assert builds == ["build"] and compilers[0].tokenizer is compilers[1].tokenizer
+
+
+def test_end_of_turn_ids_are_looked_up_without_building_the_whole_vocabulary(tiny_llama_dir, monkeypatch):
+    from xllm_jupyter.backends.hf_tokenizer import END_OF_TURN_TOKENS, ChatTokenizer
+
+    chat = ChatTokenizer.from_directory(str(tiny_llama_dir), "t")
+    vocab = chat.tokenizer.get_vocab()  # what it looked them up in before: the whole vocabulary as a dict
+    expected = {chat.tokenizer.eos_token_id, 7} | {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
+    assert len(expected) >= 3  # SmolLM2's <|im_end|> and <|endoftext|> are there
+    calls = []
+    monkeypatch.setattr(type(chat.tokenizer), "get_vocab", lambda self, *a, **k: calls.append(1) or vocab)
+    assert chat.eos_ids(7) == frozenset(expected)
+    assert calls == []  # a dict of 49k entries built holding the GIL, for six lookups

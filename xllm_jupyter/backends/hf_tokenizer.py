@@ -103,9 +103,17 @@ class ChatTokenizer:
                 ids.add(src)
             elif isinstance(src, (list, tuple)):
                 ids.update(int(i) for i in src)
-        vocab = self.tokenizer.get_vocab()
-        ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+        ids.update(i for i in map(self._token_id, END_OF_TURN_TOKENS) if i is not None)
         return frozenset(ids)
+
+    def _token_id(self, token: str) -> int | None:
+        """``token``'s id, None if the vocabulary (added tokens included) has no such token."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            # one lookup in Rust: get_vocab() built a dict of the whole vocabulary (49k entries: 30-60 ms
+            # holding the GIL, at every load) to look up six tokens
+            return backend.token_to_id(token)
+        return self.tokenizer.get_vocab().get(token)
 
 
 class ChatTokenizerMethods:
