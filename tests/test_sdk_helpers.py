@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import openai
+import pytest
 
 #: a tool whose only valid arguments are ``{"unit":"celsius"}``: every call the grammar forces is the same call
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -67,3 +68,18 @@ def test_a_forced_repeat_cut_by_max_tokens_is_not_sent_and_ends_the_reply(client
                                 tool_choice="required", max_output_tokens=after[0], temperature=0,
                                 extra_body={"logit_bias": NO_END})
     assert r.status == "completed" and [o.type for o in r.output] == ["function_call"], (r.status, r.output)
+
+
+def test_verbosity_other_than_the_default_is_refused_on_both_apis(client):
+    """``text.verbosity`` on Responses was accepted and ignored (chat's ``verbosity`` was a 400 even at OpenAI's
+    default): a level that would change the output is a 400 naming it on both, the default ``medium`` is fine."""
+    for level in ("low", "high"):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.responses.create(model="tiny", input="hi", max_output_tokens=2, text={"verbosity": level})
+        assert (info.value.code, info.value.param) == ("unsupported_parameter", "text.verbosity")
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model="tiny", messages=ASK, max_completion_tokens=2, verbosity=level)
+        assert (info.value.code, info.value.param) == ("unsupported_parameter", "verbosity")
+    r = client.responses.create(model="tiny", input="hi", max_output_tokens=2, text={"verbosity": "medium"})
+    c = client.chat.completions.create(model="tiny", messages=ASK, max_completion_tokens=2, verbosity="medium")
+    assert r.usage.output_tokens == 2 and c.usage.completion_tokens == 2

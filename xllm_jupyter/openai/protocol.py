@@ -151,8 +151,16 @@ class _SamplingFields(StrictModel):
 
 
 #: fields that would change the output if honoured; rejected rather than silently ignored
-_CHAT_UNSUPPORTED = ("functions", "function_call", "audio", "prediction", "web_search_options", "reasoning_effort",
-                     "verbosity")
+_CHAT_UNSUPPORTED = ("functions", "function_call", "audio", "prediction", "web_search_options", "reasoning_effort")
+#: OpenAI's default verbosity: asking for it changes nothing, so it is accepted; any other level is a 400
+DEFAULT_VERBOSITY = "medium"
+
+
+def check_verbosity(value: Any, param: str) -> None:
+    """A 400 for a ``verbosity`` other than OpenAI's default (it would change the output; none is implemented)."""
+    if value not in (None, DEFAULT_VERBOSITY):
+        raise Unsupported(f"'{param}' is not supported by this server yet (only {DEFAULT_VERBOSITY!r}, the default)",
+                          param=param)
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -179,6 +187,7 @@ class ChatCompletionRequest(_SamplingFields):
             value = extra.get(name)
             if value not in (None, [], {}):
                 raise Unsupported(f"'{name}' is not supported by this server yet", param=name)
+        check_verbosity(extra.get("verbosity"), "verbosity")
         self.constraint()  # a malformed response_format is a 400 at parse time
         parse_tool_config(self.tools, self.tool_choice, self.parallel_tool_calls)  # 400 on malformed tools
         if self.modalities is not None and any(m != "text" for m in self.modalities):

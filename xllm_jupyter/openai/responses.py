@@ -20,7 +20,7 @@ from pydantic import Field
 from ..core.errors import InvalidRequest, Unsupported, XllmError
 from .offload import is_big, off_loop_if, parse_body
 from .owned_store import cursor_page, page_limit
-from .protocol import MAX_TOP_LOGPROBS, StrictModel, check_metadata
+from .protocol import MAX_TOP_LOGPROBS, StrictModel, check_metadata, check_verbosity
 from .response_items import chat_tool_choice, chat_tools, check_function_outputs, items_to_messages, new_id, normalize_input, output_items, response_status
 from .response_store import ResponseStore, StoredResponse
 from .schema_errors import shown
@@ -77,6 +77,7 @@ class ResponsesRequest(StrictModel):
                 raise Unsupported(f"include value {shown(value)} is not supported by this server; it supports "
                                   + " and ".join(repr(v) for v in _INCLUDABLE), param=f"include[{i}]")
         check_metadata(self.metadata)
+        check_verbosity((self.text or {}).get("verbosity"), "text.verbosity")  # was accepted and ignored
         if self.input is None or self.input == "" or self.input == []:
             raise InvalidRequest("Missing required parameter: 'input'.", param="input", code="missing_required_parameter")
 
