@@ -122,3 +122,41 @@ async def test_waiters_of_a_load_the_engine_stops_get_its_reason():
     await stopping
     assert [type(r) for r in results] == [Overloaded] * 3
     assert len({id(r) for r in results}) == 3  # each its own instance (tracebacks never chain across requests)
+
+
+@pytest.mark.parametrize("call", ["encode_text", "encode_chat"])
+async def test_a_model_is_not_unloaded_as_idle_while_a_request_tokenizes_its_prompt(call):
+    # a long prompt tokenizes for longer than the idle grace; another user's keep_alive 0 request ending
+    # meanwhile expired the model, and the reaper unloaded it under the tokenizer (then the request loaded it again)
+    backend = FakeBackend()
+    engine = Engine(EngineConfig(idle_grace_seconds=0), FakeCatalog(["fake"]), [backend])
+    await engine.start()
+    await engine.load("fake")
+    model = backend.models["fake"]
+    entered, release = threading.Event(), threading.Event()
+    plain = model.tokenize
+
+    def slow_tokenize(text, **kwargs):
+        entered.set()
+        release.wait()
+        return plain(text, **kwargs)
+
+    model.tokenize = slow_tokenize
+    if call == "encode_text":
+        encoding = asyncio.ensure_future(engine.encode_text("fake", "a long prompt"))
+    else:
+        encoding = asyncio.ensure_future(engine.encode_chat("fake", [ChatMessage(role="user", content="a long prompt")]))
+    try:
+        await asyncio.to_thread(entered.wait)
+        other = dataclasses.replace(chat_request(), keep_alive=0.0)  # another user's: "unload it when done"
+        async for _ in engine.generate(other):
+            pass
+        await engine._reap_expired()  # the reaper's tick while the prompt is still being tokenized
+        assert engine.is_loaded("fake") and not model.unloaded
+    finally:
+        release.set()
+    prompt = await encoding
+    async for _ in engine.generate(dataclasses.replace(chat_request(), prompt_ids=tuple(prompt))):
+        pass
+    assert backend.loads == 1
+    await engine.stop()

@@ -234,12 +234,14 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
             text = model.render_chat(messages, add_generation_prompt=True, **extra)
             return model.tokenize(text, add_special_tokens=False)
 
-        return await asyncio.to_thread(work)
+        with self._busy(canonical_name(name)):
+            return await asyncio.to_thread(work)
 
     async def encode_text(self, name: str, text: str) -> list[int]:
         """Prompt token ids for raw text (legacy completions)."""
         model = await self._load(name)
-        return await asyncio.to_thread(model.tokenize, text, add_special_tokens=True)
+        with self._busy(canonical_name(name)):
+            return await asyncio.to_thread(model.tokenize, text, add_special_tokens=True)
 
     async def check_constraint(self, name: str, constraint: Constraint, *, param: str = "response_format") -> None:
         """Compile ``constraint`` for model ``name`` on a worker thread; InvalidRequest (400) if it is invalid.
@@ -248,7 +250,8 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
         bad grammar is a plain 400; the compiled grammar is cached for the job itself.
         """
         model = await self._load(name)
-        await asyncio.to_thread(model.check_constraint, constraint, param=param)
+        with self._busy(canonical_name(name)):
+            await asyncio.to_thread(model.check_constraint, constraint, param=param)
 
     def validate(self, request: GenerationRequest) -> None:
         """Raise a 4xx error if ``request`` cannot run on its (loaded) model."""

@@ -10,6 +10,7 @@ queued or in-flight requests is never a victim. Each model carries a keep_alive 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -17,7 +18,7 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from ..backends.base import LoadedModel
 from ..backends.torch_device import device_kind
@@ -362,6 +363,22 @@ class ResidencyMixin:
             self._retired_requests = (self._retired_requests[0] + last.completed, self._retired_requests[1] + last.cancelled)
         box.clear()  # the model's last reference here: what it leaves in cycles, the collection below frees
         await asyncio.to_thread(gc_freeze.release)  # (frozen cycles are only found by a collection that unfreezes)
+
+    @contextlib.contextmanager
+    def _busy(self, name: str) -> Iterator[None]:
+        """Count ``name`` (a model or adapter) in use while a request works on it before its generation
+        (tokenizing a long prompt, compiling a grammar: they can outlast the idle grace), and restart the grace
+        when the work ends: a keep_alive that expires meanwhile must not unload the model under the request."""
+        rec = self._res.get(self._adapters.get(name, name))
+        if rec is None:
+            yield
+            return
+        rec.in_use += 1
+        try:
+            yield
+        finally:
+            rec.in_use -= 1
+            rec.last_used = time.time()
 
     def _touch(self, name: str, keep_alive: float | None | str = "default") -> None:
         """Mark ``name`` used now and restart its keep_alive (``"default"`` = the config's)."""
