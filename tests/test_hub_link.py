@@ -13,7 +13,7 @@ import logging
 import pytest
 
 from xllm_jupyter.extension import hub_link
-from xllm_jupyter.extension.hub_link import HUB, LOCAL, WAITING, HubLink
+from xllm_jupyter.extension.hub_link import HUB, LOCAL, WAITING, HubLink, Upstream
 from xllm_jupyter.extension.hub_lookup import HubLookup, HubService
 
 
@@ -110,3 +110,13 @@ async def test_no_hub_to_ask_or_a_zero_interval_is_never_asked_again(answers):
 async def _until(condition) -> None:
     while not condition():
         await asyncio.sleep(0.005)
+
+
+async def test_a_retired_pool_to_the_service_closes_only_once_its_last_request_has_ended():
+    """The service moved (docs/jupyterhub.md): a stream still running through the old pool is not cut."""
+    old = Upstream.open(HubService("xllm", "http://127.0.0.1:1/services/xllm/", "server-token"))
+    with old.in_use():
+        old.retire()
+        await asyncio.sleep(0.01)
+        assert not old.client.is_closed
+    await asyncio.wait_for(_until(lambda: old.client.is_closed), 5)

@@ -1,9 +1,10 @@
-"""A user server that the hub told "no xllm service" switches to the service once an admin adds it.
+"""A user server follows the hub's config when an admin fixes it: a service added later, or its URL mended.
 
 A real JupyterHub (tests/real_hub.py) first runs without the service; bob's Jupyter server (pytest-jupyter,
 the xllm extension) hears 404 at start and serves from its own engine. The admin adds the service to the
 config and restarts the hub; the server's background re-check finds it, forwards new requests, lets the
-request in flight in its own engine finish there, and only then unloads its model.
+request in flight in its own engine finish there, and only then unloads its model. A server that
+forwards to a URL it cannot reach asks the hub again and follows the URL the admin mends.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.helpers import free_port
 from tests.real_hub import HubProcess
 from tests.server_fixtures import TINY
 
@@ -69,23 +71,28 @@ class _Service(http.server.ThreadingHTTPServer):
 
 @pytest.fixture
 def hub(tmp_path):
-    """A real hub without the xllm service yet; ``tail(with_service)`` is its config's end, ``token`` bob's server token."""
+    """A real hub; ``begin(service_url)`` starts it (None: no xllm service yet) and returns bob's server token,
+    ``tail(service_url)`` is the config's end for a restart, ``service`` the reachable stand-in."""
     service = _Service()
-    xllm = f'{{"name": "xllm", "url": "http://127.0.0.1:{service.server_port}"}}, '
     proc = HubProcess(tmp_path)
 
-    def tail(with_service: bool) -> str:
-        return HUB_TAIL.format(xllm=xllm if with_service else "", admin=ADMIN_TOKEN, scopes=XLLM_SCOPES)
+    def tail(url: str | None) -> str:
+        xllm = f'{{"name": "xllm", "url": "{url}"}}, ' if url else ""
+        return HUB_TAIL.format(xllm=xllm, admin=ADMIN_TOKEN, scopes=XLLM_SCOPES)
 
-    try:
-        proc.start(tail(False))
+    def begin(url: str | None) -> str:
+        proc.start(tail(url))
         with httpx.Client(base_url=proc.api, headers={"Authorization": f"token {ADMIN_TOKEN}"}, timeout=30) as admin:
             assert admin.post("/users", json={"usernames": ["bob"]}).status_code == 201
             # as the hub makes a server's token with the doc's server_token_scopes (its note marks it as one)
             r = admin.post("/users/bob/tokens", json={"scopes": [*XLLM_SCOPES, "users:activity!user"],
                                                        "note": "Server at /user/bob/"})
             assert r.status_code == 201, r.text
-        yield {"proc": proc, "tail": tail, "token": r.json()["token"], "service": service}
+        return r.json()["token"]
+
+    try:
+        yield {"proc": proc, "begin": begin, "tail": tail, "service": service,
+               "url": f"http://127.0.0.1:{service.server_port}"}
     finally:
         proc.stop()
         service.shutdown()
@@ -105,9 +112,7 @@ def jp_server_config(xllm_home):
 def test_a_server_told_no_service_switches_to_it_once_the_admin_adds_it_and_restarts_the_hub(
         hub, jp_serverapp, http_server_client, jp_http_port, jp_base_url, jp_asyncio_loop, monkeypatch):
     """Before: the 404 at start stood for the server's life; its own engine served until the user restarted it."""
-    monkeypatch.setenv("JUPYTERHUB_API_URL", hub["proc"].api)
-    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", hub["token"])
-    monkeypatch.delenv("XLLM_HUB_SERVICE", raising=False)
+    token = _bobs_server_env(hub, None, monkeypatch)
     (ext,) = jp_serverapp.extension_manager.extension_apps["xllm_jupyter"]
     root = f"http://127.0.0.1:{jp_http_port}{jp_base_url}xllm"
     auth = {"Authorization": f"token {jp_serverapp.identity_provider.token}"}
@@ -138,11 +143,11 @@ def test_a_server_told_no_service_switches_to_it_once_the_admin_adds_it_and_rest
                 lines = stream.aiter_lines()
                 while not (await anext(lines)).startswith("data:"):
                     pass
-                await asyncio.to_thread(hub["proc"].restart, hub["tail"](True))  # the admin adds the service
+                await asyncio.to_thread(hub["proc"].restart, hub["tail"](hub["url"]))  # the admin adds the service
                 await asyncio.wait_for(engine_says(h, "hub-service"), 60)
                 models = await h.get("/v1/models")  # a new request: the hub's service answers it, as bob
                 assert models.status_code == 200 and [m["id"] for m in models.json()["data"]] == ["hub-model"]
-                assert hub["service"].authorizations[-1] == f"token {hub['token']}"
+                assert hub["service"].authorizations[-1] == f"token {token}"
                 assert "XLLM_BASE_URL" not in os.environ  # kernels started from now on find the service
                 assert ext.engine.is_loaded(TINY)  # not unloaded under the request still generating here
                 release.set()
@@ -154,6 +159,54 @@ def test_a_server_told_no_service_switches_to_it_once_the_admin_adds_it_and_rest
         assert not ext.engine.loaded_models(include_loading=True)  # unloaded once that request ended
 
     jp_asyncio_loop.run_until_complete(body())
+
+
+def test_a_server_forwarding_to_a_url_it_cannot_reach_follows_the_url_the_admin_mends(
+        hub, jp_serverapp, http_server_client, jp_http_port, jp_base_url, jp_asyncio_loop, monkeypatch):
+    """Before: the URL found at start stood for the server's life; after the admin mended it (a 127.0.0.1 that
+    the user containers cannot reach, say) and restarted the hub, every request still got 503."""
+    from xllm_jupyter.extension import hub_link
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    _bobs_server_env(hub, dead, monkeypatch)
+    monkeypatch.setattr(hub_link, "RETRY_SECONDS", 0.0)
+    (ext,) = jp_serverapp.extension_manager.extension_apps["xllm_jupyter"]
+    root = f"http://127.0.0.1:{jp_http_port}{jp_base_url}xllm"
+    auth = {"Authorization": f"token {jp_serverapp.identity_provider.token}"}
+
+    async def body() -> None:
+        await jp_serverapp._post_start()
+        await ext._start_task
+        link = ext._hub_link
+        first = link.upstream
+        assert link.state == "hub-service" and first.service.root == dead + "/services/xllm/"
+        async with httpx.AsyncClient(base_url=root, headers=auth, timeout=60) as h:
+            r = await h.get("/v1/models")
+            assert r.status_code == 503 and r.json()["error"]["code"] == "hub_service_unavailable"
+            await asyncio.to_thread(hub["proc"].restart, hub["tail"](hub["url"]))  # the admin mends the URL
+            assert (await h.get("/v1/models")).status_code == 503  # this one finds the URL gone: the hub is asked
+            await asyncio.wait_for(_until(lambda: link.upstream is not first), 30)
+            r = await h.get("/v1/models")  # the client's retry
+            assert r.status_code == 200 and [m["id"] for m in r.json()["data"]] == ["hub-model"]
+        assert link.upstream.service.root == hub["url"] + "/services/xllm/"
+        await asyncio.wait_for(_until(lambda: first.client.is_closed), 10)  # the old pool, unused, is closed
+        assert not ext.engine.loaded_models(include_loading=True)
+
+    jp_asyncio_loop.run_until_complete(body())
+
+
+def _bobs_server_env(hub: dict, service_url: str | None, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Start the hub (with the xllm service at ``service_url``) and give bob's server its hub variables."""
+    token = hub["begin"](service_url)
+    monkeypatch.setenv("JUPYTERHUB_API_URL", hub["proc"].api)
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", token)
+    monkeypatch.delenv("XLLM_HUB_SERVICE", raising=False)
+    return token
+
+
+async def _until(condition: Any) -> None:
+    while not condition():
+        await asyncio.sleep(0.05)
 
 
 async def _numbered(events: Any):

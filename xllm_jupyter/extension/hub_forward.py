@@ -27,6 +27,8 @@ from .hub_link import HUB, WAITING, HubLink, Upstream
 
 log = logging.getLogger("xllm_jupyter.extension")
 
+#: the 503 code of a forward that found the service not answering
+UNREACHABLE = "hub_service_unavailable"
 #: settings key of the HubLink that says where the API routes are served (absent: this server's engine serves them)
 HUB_LINK_KEY = "xllm_hub_link"
 #: the shared routes forwarded (route labels as routes.build_routes sets them); public ones stay local
@@ -56,8 +58,15 @@ class HubForwardingHandler(JupyterXllmHandler):
                 await super().serve(method, *args, **kwargs)
             return
         self._dispatched = True  # Tornado has read (and capped) the body by now
-        # a client that leaves cancels the task: the upstream connection closes and the service cancels the job
-        await self._cancellable(self._forward(link.upstream, method))  # type: ignore[attr-defined]
+        upstream = link.upstream
+        try:
+            # a client that leaves cancels the task: the upstream connection closes and the service cancels the job
+            with upstream.in_use():
+                await self._cancellable(self._forward(upstream, method))  # type: ignore[attr-defined]
+        except Overloaded as exc:
+            if exc.code == UNREACHABLE:  # the hub may know a new URL for it (the client's retry goes there)
+                link.service_unreachable(upstream)
+            raise
 
     def _upstream_url(self, upstream: Upstream) -> str:
         local = url_path_join(self.base_url, "xllm") + "/"
@@ -113,7 +122,7 @@ def _unreachable(upstream: Upstream, exc: Exception) -> Overloaded:
     """The 503 for a service that did not answer (the cause goes to the log)."""
     log.warning("xllm: the hub service at %s did not answer: %s", upstream.service.root, exc)
     return Overloaded("The JupyterHub xllm service could not be reached from this server; retry later.",
-                      code="hub_service_unavailable")
+                      code=UNREACHABLE)
 
 
 __all__ = ["FORWARDED_ROUTES", "HUB_LINK_KEY", "HubForwardingHandler"]

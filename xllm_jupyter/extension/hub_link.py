@@ -1,7 +1,8 @@
 """Whether this server's xllm API is the hub service's or its own, settled once the hub answers.
 
 The extension asks the hub at start (extension/hub_lookup.py). The service, once found, stands for
-the server's life (forward to it). While the hub has not answered (down, restarting, slower than the
+the server's life (forward to it); when it stops answering, the hub is asked whether its URL changed
+(``service_unreachable``). While the hub has not answered (down, restarting, slower than the
 lookup timeout under a burst of spawns) the server waits for it rather than loading a model of its
 own: the next request to a forwarded route asks again, at most every ``RETRY_SECONDS``, and
 concurrent requests share one lookup. A no (403, 404: this server's own engine serves) is asked
@@ -49,6 +50,8 @@ class Upstream:
 
     service: HubService
     client: httpx.AsyncClient
+    active: int = 0  # forwarded requests using the pool now
+    retired: bool = False  # another took its place (the service moved): closed once ``active`` is 0
 
     @classmethod
     def open(cls, service: HubService) -> Upstream:
@@ -57,6 +60,23 @@ class Upstream:
         headers = {"Authorization": f"token {service.token}", "Accept-Encoding": "identity"}
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=16)
         return cls(service, httpx.AsyncClient(headers=headers, timeout=TIMEOUT, limits=limits))
+
+    @contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Count a forwarded request (a retired pool closes when its last one ends)."""
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+            if self.retired and self.active == 0:
+                asyncio.ensure_future(self.close())
+
+    def retire(self) -> None:
+        """No new request uses this pool; close it once those using it have ended (on the IOLoop)."""
+        self.retired = True
+        if self.active == 0:
+            asyncio.ensure_future(self.close())
 
     async def close(self) -> None:
         """Close the pool's connections."""
@@ -78,6 +98,7 @@ class HubLink:
         self._waiting_for = ""  # the reason last logged while waiting
         self._asking: asyncio.Future | None = None
         self._rechecking: asyncio.Task | None = None
+        self._retired: list[Upstream] = []  # pools to a URL the service has left (closed when unused, or at close)
         self._local = 0  # requests of forwarded routes being served by this server's engine
         self._drained = asyncio.Event()
         self._drained.set()
@@ -114,6 +135,30 @@ class HubLink:
     async def local_drained(self) -> None:
         """Return once no request is being served by this server's engine (after a switch, none starts again)."""
         await self._drained.wait()
+
+    def service_unreachable(self, upstream: Upstream) -> None:
+        """A forwarded request found the service not answering: ask the hub (at most every ``RETRY_SECONDS``)
+        whether its URL changed, as when an admin moves it or mends a URL the user servers cannot reach."""
+        if upstream is not self.upstream or self._asking is not None or time.monotonic() - self._asked_at < RETRY_SECONDS:
+            return
+        self._asking = asyncio.ensure_future(self._follow())
+
+    async def _follow(self) -> None:
+        try:
+            result = await self._ask()
+        finally:
+            self._asked_at = time.monotonic()
+            self._asking = None
+        old = self.upstream
+        if result.service is None or old is None or result.service.root == old.service.root:
+            # the same URL (the service is restarting or down), or no answer: the 503 stands, a later one asks again
+            log.debug("xllm: the JupyterHub xllm service did not answer; the hub says: %s", result.reason)
+            return
+        self.upstream, self.reason = Upstream.open(result.service), result.reason
+        log.info("xllm: the JupyterHub service %r moved to %s (was %s): this server forwards there now",
+                 result.service.name, result.service.root, old.service.root)
+        self._retired.append(old)
+        old.retire()  # requests still streaming through it finish there
 
     async def _lookup(self) -> None:
         try:
@@ -181,6 +226,9 @@ class HubLink:
         if self.upstream is not None:
             await self.upstream.close()
             self.upstream = None
+        retired, self._retired = self._retired, []
+        for upstream in retired:  # closing a closed pool again is harmless
+            await upstream.close()
 
 
 __all__ = ["HUB", "LOCAL", "RECHECK_JITTER", "RETRY_SECONDS", "WAITING", "HubLink", "Upstream"]
