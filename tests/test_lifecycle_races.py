@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import json
+import socket
 import threading
 import time
 
+import httpx
 import openai
 import pytest
 
@@ -77,6 +80,41 @@ def test_a_request_waiting_for_a_load_when_the_server_stops_gets_a_503_not_a_500
             for _ in stream:
                 pass
         assert not engine.is_loaded("tiny2") and not engine.is_loading("tiny2")
+
+
+def in_flight(info) -> float:
+    """The server's ``xllm_requests_in_flight`` gauge (the scrape counts itself)."""
+    text = httpx.get(info.root + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith("xllm_requests_in_flight ")))
+
+
+def test_a_load_waiting_for_room_stops_when_its_last_client_leaves(two_model_home, tiny_llama_dir):
+    # it went on waiting: new requests for the busy model queued behind it, and once that model idled it was
+    # unloaded for a model nobody wanted any more (its next request then loaded it back)
+    config = make_test_config(two_model_home)
+    config = dataclasses.replace(config, engine=dataclasses.replace(
+        config.engine, memory_budget_bytes=int(disk_bytes(tiny_llama_dir) * 1.5), load_wait_seconds=600,
+        idle_grace_seconds=0.1))
+    with running_server(config, ModelStore(two_model_home), "tiny") as info, \
+            openai.OpenAI(base_url=info.base_url, api_key=API_KEY, max_retries=0, timeout=120) as c:
+        engine = info.engine
+        stream = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=1900, stream=True, extra_body={"ignore_eos": True})
+        next(iter(stream))  # tiny is in use
+        body = json.dumps({"model": "tiny2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+        port = int(info.root.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                          f"Authorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
+            wait_until(lambda: "tiny2" in engine._room_waits, "tiny2's load waiting for tiny's room")
+        wait_until(lambda: in_flight(info) == 2, "the server handling the client's leaving")  # (the stream, the scrape)
+
+        assert not engine.is_loading("tiny2") and not engine._held  # tiny's requests are no longer held back
+        stream.close()
+        wait_until(lambda: engine.stats("tiny").running == 0, "the stream's job ending")
+        reply = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert reply.model == "tiny" and engine.is_loaded("tiny") and not engine.is_loaded("tiny2")
 
 
 def chat_request(model: str = "fake") -> GenerationRequest:

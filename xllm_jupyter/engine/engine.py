@@ -80,6 +80,7 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
         self._backends = {b.name: b for b in backends} if backends else None
         self._runners: dict[str, ModelRunner] = {}
         self._loading: dict[str, asyncio.Future] = {}
+        self._load_waiters: Counter[str] = Counter()  # requests awaiting each pending load
         self._gpu_loads = asyncio.Lock()  # GPU loads run one at a time (see _gpu_turn)
         self._created = int(time.time())
         self._started = False

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections import Counter
 from typing import Any, Callable
 
 from ..backends.base import Backend, BackendOptions, LoadedModel, ModelSpec, unload_each
@@ -42,6 +43,8 @@ class LoadingMixin:
     _backend_options: BackendOptions
     _runners: dict[str, Any]
     _loading: dict[str, asyncio.Future]
+    _load_waiters: Counter[str]  # requests awaiting each pending load (``_load``)
+    _room_waits: set[str]  # SwapMixin's: loads waiting for models in use to free room
     _defaults: dict[str, ModelfileDefaults]
     _embeddings: Any
     _adapters: dict[str, str]
@@ -117,12 +120,22 @@ class LoadingMixin:
             pending = asyncio.ensure_future(self._load_new(name))
             self._loading[name] = pending
             pending.add_done_callback(lambda task: self._load_done(name, task))
+        self._load_waiters[name] += 1
         try:
             return await asyncio.shield(pending)
         except asyncio.CancelledError:
             if pending.cancelled() and self._stopped is not None:
                 self._refuse_if_stopped()  # the engine stopped under the load: its waiters get why, not a 500
             raise
+        finally:
+            self._load_waiters[name] -= 1
+            if self._load_waiters[name] <= 0:
+                del self._load_waiters[name]
+                if not pending.done() and name in self._room_waits:
+                    # every client that wanted it left while it still waits for room (no weight read yet): it
+                    # must not hold the busy models' new requests back, then evict one of them, for no one
+                    log.info("nobody waits for %s any more; its load stops waiting for room", name)
+                    pending.cancel()
 
     def _refuse_if_stopped(self) -> None:
         """Raise (a fresh copy of) the error ``stop()`` gave, once the engine is stopping or stopped."""
