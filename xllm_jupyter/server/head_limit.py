@@ -6,7 +6,7 @@ The standalone server (and the hub service) let Tornado read up to ``HARD_LIMIT`
 over ``LIMIT`` (Tornado's default, so nothing served before is refused now) themselves, before any
 route or authentication runs. Past ``HARD_LIMIT`` the connection is still cut: a head that large is no
 client's honest mistake, and reading it costs memory per connection. Jupyter's own HTTPServer keeps
-Tornado's behaviour (docs/security.md).
+Tornado's behaviour (docs/http-api.md).
 """
 
 from __future__ import annotations
