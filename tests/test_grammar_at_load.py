@@ -3,7 +3,8 @@
 llguidance builds it in 0.3-0.7 s for a 49k vocabulary holding the GIL throughout, so built by the
 first ``response_format``/forced-tools request (on a worker thread even) it froze the IOLoop: every
 user's stream and ``/health`` (benchmarks/first_use_stall.py). Counted, not timed: which phase calls
-``llguidance.hf.from_tokenizer``, and how often when replicas, copies and changed files load.
+llguidance's tokenizer build (``constraints.build_ll_tokenizer``), and how often when replicas, copies
+and changed files load.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import threading
 import pytest
 
 pytest.importorskip("torch")
-llguidance_hf = pytest.importorskip("llguidance.hf")
+pytest.importorskip("llguidance.hf")
 
 from tests.server_fixtures import TINY, make_test_config  # noqa: E402
 from xllm_jupyter.backends import constraints  # noqa: E402
@@ -40,13 +41,13 @@ class Builds(list):
 def builds(monkeypatch) -> Builds:
     """Counts llguidance's tokenizer builds, each noted with the phase the test is in."""
     calls = Builds()
-    real = llguidance_hf.from_tokenizer
+    real = constraints.build_ll_tokenizer
 
     def counted(*args, **kwargs):
         calls.append(calls.phase)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(llguidance_hf, "from_tokenizer", counted)
+    monkeypatch.setattr(constraints, "build_ll_tokenizer", counted)
     # a registry of this test's own: models other tests left loaded would otherwise lend it their build
     monkeypatch.setattr(constraints, "SHARED_TOKENIZERS", SharedTokenizers())
     return calls
@@ -138,14 +139,14 @@ def test_copies_of_a_tokenizer_share_one_build_and_changed_files_at_the_same_pat
 def test_two_loads_at_once_build_once(tiny_llama_dir, builds, monkeypatch):
     compilers = [compiler_for(tiny_llama_dir), compiler_for(tiny_llama_dir)]
     second_started = threading.Event()
-    counted = llguidance_hf.from_tokenizer
+    counted = constraints.build_ll_tokenizer
 
     def slow_first(*args, **kwargs):  # the first build waits until the second load asks too
         second_started.wait(30)
         threading.Event().wait(0.1)  # (it reaches the lock meanwhile; no assertion is timed)
         return counted(*args, **kwargs)
 
-    monkeypatch.setattr(llguidance_hf, "from_tokenizer", slow_first)
+    monkeypatch.setattr(constraints, "build_ll_tokenizer", slow_first)
     first = threading.Thread(target=compilers[0].prepare)
     first.start()
 

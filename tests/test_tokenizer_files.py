@@ -31,13 +31,13 @@ TEXT = "<|im_start|>user\nHi there, naïve café 😀<|im_end|>\n<|endoftext|>"
 def builds(monkeypatch) -> list[str]:
     """Counts llguidance's tokenizer builds (a registry of this test's own)."""
     calls: list[str] = []
-    real = llguidance_hf.from_tokenizer
+    real = constraints.build_ll_tokenizer
 
     def counted(*args, **kwargs):
         calls.append("build")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(llguidance_hf, "from_tokenizer", counted)
+    monkeypatch.setattr(constraints, "build_ll_tokenizer", counted)
     monkeypatch.setattr(constraints, "SHARED_TOKENIZERS", SharedTokenizers())
     return calls
 
@@ -213,3 +213,24 @@ def test_end_of_turn_ids_are_looked_up_without_building_the_whole_vocabulary(tin
     monkeypatch.setattr(type(chat.tokenizer), "get_vocab", lambda self, *a, **k: calls.append(1) or vocab)
     assert chat.eos_ids(7) == frozenset(expected)
     assert calls == []  # a dict of 49k entries built holding the GIL, for six lookups
+
+
+def test_the_grammar_tokenizer_is_built_without_copying_the_rust_tokenizer(tiny_llama_dir, monkeypatch):
+    from llguidance import LLMatcher
+
+    tokenizer = load_tokenizer(Path(tiny_llama_dir))
+    eos = [tokenizer.eos_token_id]
+    theirs = llguidance_hf.from_tokenizer(tokenizer, n_vocab=len(tokenizer), eos_token=eos)
+    copies = []
+    monkeypatch.setattr(llguidance_hf, "copy", lambda obj: copies.append(obj) or obj)  # the copy from_tokenizer makes
+    ours = constraints.build_ll_tokenizer(tokenizer, len(tokenizer), eos)
+    assert copies == []  # a pickle round trip of the whole vocabulary, holding the GIL
+    assert (ours.vocab_size, ours.eos_token) == (theirs.vocab_size, theirs.eos_token)
+    assert ours.tokenize_str(TEXT) == theirs.tokenize_str(TEXT)
+    grammar = LLMatcher.grammar_from_json_schema({"type": "object", "properties": {"city": {"type": "string"}}})
+    masks = [LLMatcher(t, grammar).compute_bitmask() for t in (ours, theirs)]
+    assert masks[0] == masks[1] and any(masks[0])
+
+    tokenizer.backend_tokenizer.enable_padding()  # padding on: from_tokenizer's copy switches it off
+    constraints.build_ll_tokenizer(tokenizer, len(tokenizer), eos)
+    assert len(copies) == 1

@@ -158,13 +158,30 @@ class BuiltTokenizer:
         """Build it unless built (or refused); a second caller waits for the first's build."""
         with self.lock:
             if self.tokenizer is None and self.unsupported is None:
-                import llguidance.hf
-
                 try:
-                    self.tokenizer = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab_size,
-                                                                  eos_token=eos or None)
+                    self.tokenizer = build_ll_tokenizer(hf_tokenizer, vocab_size, eos)
                 except ValueError as exc:  # slow (non-Rust) tokenizers are not supported
                     self.unsupported = f"Constrained decoding is not available for this model: {exc}"
+
+
+def build_ll_tokenizer(hf_tokenizer: Any, vocab_size: int, eos: list[int]) -> Any:
+    """llguidance's tokenizer for ``hf_tokenizer`` (ValueError: one it cannot take), as ``llguidance.hf.from_tokenizer``
+    builds it, without its copy of the Rust tokenizer where that copy changes nothing.
+
+    from_tokenizer serializes a copy (a pickle round trip: 0.16-0.27 s holding the GIL for SmolLM2) only to
+    switch padding and truncation off on it; a tokenizer that has neither is serialized as it is.
+    """
+    import llguidance.hf
+    from transformers import PreTrainedTokenizerFast
+
+    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+    if (not isinstance(hf_tokenizer, PreTrainedTokenizerFast) or backend is None
+            or backend.padding is not None or backend.truncation is not None):
+        return llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab_size, eos_token=eos or None)
+    from llguidance import LLTokenizer
+
+    return LLTokenizer(backend.to_str(), n_vocab=vocab_size,
+                       eos_token=eos or hf_tokenizer.eos_token_id)  # (from_tokenizer's default EOS)
 
 
 class SharedTokenizers:
