@@ -81,11 +81,26 @@ def test_a_load_parses_tokenizer_json_in_python_no_more(tiny_llama_dir, monkeypa
         model.unload()
 
 
-@pytest.mark.parametrize("tokenizer_class", ["TokenizersBackend", "PreTrainedTokenizerFast"])
-def test_the_short_read_gives_the_tokenizer_transformers_gives(tiny_llama_dir, tmp_path, tokenizer_class):
+def with_added_tokens(directory: Path) -> None:
+    """Add two tokens to ``directory``'s tokenizer.json: a plain one with stripping flags, a special one."""
+    data = json.loads((directory / "tokenizer.json").read_text())
+    top = max(t["id"] for t in data["added_tokens"]) + max(len(data["model"]["vocab"]), 1)
+    data["added_tokens"] += [
+        {"id": top + 1, "content": "<tool>", "single_word": False, "lstrip": True, "rstrip": False,
+         "normalized": True, "special": False},
+        {"id": top + 2, "content": "<|sep|>", "single_word": False, "lstrip": False, "rstrip": True,
+         "normalized": False, "special": True}]
+    (directory / "tokenizer.json").write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("tokenizer_class,added", [("TokenizersBackend", False), ("PreTrainedTokenizerFast", False),
+                                                   ("TokenizersBackend", True)])
+def test_the_short_read_gives_the_tokenizer_transformers_gives(tiny_llama_dir, tmp_path, tokenizer_class, added):
     from transformers import AutoTokenizer
 
     directory = with_config(tmp_path, Path(tiny_llama_dir), "tok", tokenizer_class=tokenizer_class)
+    if added:
+        with_added_tokens(directory)
     assert added_tokens_only_in_tokenizer_json(directory)
     ours, theirs = load_tokenizer(directory), AutoTokenizer.from_pretrained(str(directory))
     assert type(ours) is type(theirs)
@@ -96,7 +111,15 @@ def test_the_short_read_gives_the_tokenizer_transformers_gives(tiny_llama_dir, t
         i: repr(t) for i, t in theirs.added_tokens_decoder.items()}
     assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (
         theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id)
-    assert ours.encode(TEXT) == theirs.encode(TEXT) and ours.decode(ours.encode(TEXT)) == theirs.decode(theirs.encode(TEXT))
+    text = TEXT + " a <tool> b<|sep|> c"
+    assert ours.encode(text) == theirs.encode(text)
+    assert ours.decode(ours.encode(text)) == theirs.decode(theirs.encode(text))
+    assert ours.decode(ours.encode(text), skip_special_tokens=True) == theirs.decode(
+        theirs.encode(text), skip_special_tokens=True)
+    if added:
+        assert ours.convert_tokens_to_ids(["<tool>", "<|sep|>"]) == theirs.convert_tokens_to_ids(["<tool>", "<|sep|>"])
+        assert len(ours) == len(theirs) == len(theirs.get_vocab())
+        assert ours.all_special_tokens == theirs.all_special_tokens
     assert ours.chat_template == theirs.chat_template and ours.chat_template
 
 
