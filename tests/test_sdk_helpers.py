@@ -83,3 +83,51 @@ def test_verbosity_other_than_the_default_is_refused_on_both_apis(client):
     r = client.responses.create(model="tiny", input="hi", max_output_tokens=2, text={"verbosity": "medium"})
     c = client.chat.completions.create(model="tiny", messages=ASK, max_completion_tokens=2, verbosity="medium")
     assert r.usage.output_tokens == 2 and c.usage.completion_tokens == 2
+
+
+def test_stored_completions_can_be_deleted_or_retagged_while_the_sdk_pages_through_them(client):
+    """``for c in client.chat.completions.list(...): delete(c.id)`` (or ``update`` out of the filter): the SDK
+    asks for the next page ``after`` the last id of the previous one, which is gone or no longer matches;
+    that was a 400 after the first page, so the loop stopped there. The cursor is a place in the order."""
+    def store(n: int, tag: str) -> list[str]:
+        return [client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"{tag} {i}"}],
+                                               max_completion_tokens=1, store=True, metadata={"sweep": tag}).id
+                for i in range(n)]
+
+    ids = store(7, "delete")
+    seen = []
+    for completion in client.chat.completions.list(limit=3, metadata={"sweep": "delete"}):
+        seen.append(completion.id)
+        client.chat.completions.delete(completion.id)
+    assert seen == ids and client.chat.completions.list(metadata={"sweep": "delete"}).data == []
+
+    ids = store(7, "retag")
+    seen = []
+    for completion in client.chat.completions.list(limit=3, order="desc", metadata={"sweep": "retag"}):
+        seen.append(completion.id)
+        client.chat.completions.update(completion.id, metadata={"sweep": "done"})
+    assert seen == ids[::-1]
+    done = {c.id for c in client.chat.completions.list(limit=100, metadata={"sweep": "done"})}
+    assert set(ids) <= done
+    # a cursor the caller never had is still a 400 naming it
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.list(after="chatcmpl-never-stored")
+    assert info.value.param == "after"
+
+
+def test_a_page_after_an_evicted_completion_goes_on():
+    """The store's bound evicts the oldest completions; a listing paged after one of them continues from its
+    place (only for its owner: to anyone else the id is unknown, a 400)."""
+    from xllm_jupyter.openai.chat_store import CompletionStore, StoredCompletion, StoredCompletions
+
+    stored = StoredCompletions(CompletionStore(capacity=3))
+    for i in range(5):
+        cid = f"chatcmpl-{i}"
+        stored.store.put(cid, StoredCompletion({"id": cid, "created": 1, "model": "m"}, [], owner="ann", seq=i))
+    assert [c["id"] for c in stored.list({}, user="ann")["data"]] == ["chatcmpl-2", "chatcmpl-3", "chatcmpl-4"]
+    page = stored.list({"after": "chatcmpl-0", "limit": "2"}, user="ann")
+    assert [c["id"] for c in page["data"]] == ["chatcmpl-2", "chatcmpl-3"] and page["has_more"]
+    assert [c["id"] for c in stored.list({"after": "chatcmpl-3", "order": "desc"}, user="ann")["data"]] == ["chatcmpl-2"]
+    with pytest.raises(Exception) as info:
+        stored.list({"after": "chatcmpl-0"}, user="bob")
+    assert getattr(info.value, "status", None) == 400 and info.value.param == "after"

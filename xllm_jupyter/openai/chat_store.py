@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
 
+from ..core.errors import InvalidRequest, quoted
 from .chat_assembly import Chunk, CompletionAssembler
 from .offload import off_loop_if, parse_body
 from .owned_store import OwnedStore, cursor_page, page_limit
@@ -22,6 +24,9 @@ from .protocol import ChatCompletionRequest, StrictModel, check_metadata
 
 #: query parameters of ``GET /v1/chat/completions`` that filter on metadata: ``metadata[key]=value``
 _METADATA_QUERY = ("metadata[", "]")
+#: how many deleted or evicted completions' places in the listing order are remembered, so a listing paged
+#: ``after`` one of them goes on (the SDK's ``for c in list(): delete(c.id)``); about 100 bytes each
+GONE_CURSORS = 4096
 
 
 @dataclass
@@ -52,9 +57,29 @@ class CompletionStore(OwnedStore[StoredCompletion]):
 
     kind = "Chat completion"
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        #: id -> (owner, order key) of completions no longer stored, oldest first (at most GONE_CURSORS)
+        self._gone: OrderedDict[str, tuple[str | None, tuple[int, int]]] = OrderedDict()
+
     def size(self, item: StoredCompletion) -> int:
         """Its measured size plus its metadata's (which updates change)."""
         return item.nbytes + sum(len(k) + len(v) for k, v in item.metadata.items())
+
+    def forgotten(self, oid: str, item: StoredCompletion) -> None:
+        """Remember where ``oid`` stood in the listing order: a page may still be asked for after it."""
+        self._gone[oid] = (item.owner, item.order_key())
+        self._gone.move_to_end(oid)
+        if len(self._gone) > GONE_CURSORS:
+            self._gone.popitem(last=False)
+
+    def place(self, oid: str, owner: str | None) -> tuple[int, int] | None:
+        """``owner``'s ``oid``'s order key, stored or recently deleted/evicted; None when unknown to them."""
+        item = self.peek(oid, owner)
+        if item is not None:
+            return item.order_key()
+        gone = self._gone.get(oid)
+        return gone[1] if gone is not None and gone[0] == owner else None
 
 
 class CompletionUpdate(StrictModel):
@@ -93,7 +118,7 @@ class StoredCompletions:
     """The stored-completion routes over a CompletionStore (no HTTP here)."""
 
     def __init__(self, store: CompletionStore | None = None):
-        self.store = store or CompletionStore()
+        self.store = store if store is not None else CompletionStore()  # an empty store is falsy (__len__)
         self._seq = itertools.count()
 
     # ------------------------------------------------------------------ create
@@ -160,9 +185,17 @@ class StoredCompletions:
                  if (model is None or s.completion.get("model") == model)
                  and all(s.metadata.get(k) == v for k, v in wanted.items())]
         found.sort(key=lambda pair: pair[1].order_key())
+        order, after = query.get("order", "asc"), query.get("after")
+        if after is not None:
+            # the cursor is a place in the order, not a member of the page: the completion it names may have been
+            # deleted or no longer match the filters since (updated), as when a client deletes or re-tags what it pages
+            place = self.store.place(after, user)
+            if place is None:
+                raise InvalidRequest(f"No stored chat completion with id '{quoted(after)}'", param="after")
+            found = [p for p in found if (p[1].order_key() > place if order != "desc" else p[1].order_key() < place)]
         # only the page's completions are copied into wire objects: a listing of 1,000 costs no 1,000 copies
-        return cursor_page(found, limit, query.get("order", "asc"), query.get("after"),
-                           "stored chat completion matching this listing", ident=itemgetter(0), render=lambda pair: pair[1].view())
+        return cursor_page(found, limit, order, None, "stored chat completion", ident=itemgetter(0),
+                           render=lambda pair: pair[1].view())
 
     def messages(self, cid: str, query: Mapping[str, str], user: str | None = None) -> dict[str, Any]:
         """``GET /v1/chat/completions/{id}/messages``: the request's messages with ids, one page."""

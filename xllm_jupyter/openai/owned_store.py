@@ -91,8 +91,17 @@ class OwnedStore(Generic[T]):
         """``owner``'s ids and objects (least recently used first; use does not change by listing)."""
         return [(oid, self._items[oid]) for oid in self._by_owner.get(owner, ())]
 
+    def peek(self, oid: str, owner: str | None = None) -> T | None:
+        """``owner``'s object ``oid`` or None, without counting as a use (listings look items up this way)."""
+        item = self._items.get(oid)
+        return item if item is not None and item.owner == owner else None
+
+    def forgotten(self, oid: str, item: T) -> None:
+        """Called when ``oid`` is deleted or evicted (or replaced by a new ``put``); nothing to do here."""
+
     def _forget(self, oid: str) -> None:
         item, size = self._items.pop(oid), self._sizes.pop(oid)
+        self.forgotten(oid, item)
         ids = self._by_owner[item.owner]
         del ids[oid]
         self._owner_bytes[item.owner] -= size

@@ -207,7 +207,7 @@ class ResponsesServing:
 
     def __init__(self, chat: Any, store: ResponseStore | None = None):
         self.chat = chat
-        self.store = store or ResponseStore()
+        self.store = store if store is not None else ResponseStore()  # an empty store is falsy (__len__)
 
     async def create(self, body: bytes, user: str | None = None) -> dict[str, Any] | AsyncIterator[Event]:
         """``POST /v1/responses``: a Response, or typed events when ``stream`` is true.
