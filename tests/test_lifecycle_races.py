@@ -29,6 +29,7 @@ from xllm_jupyter.store.store import ModelStore
 
 from .fake_backend import FakeBackend, FakeCatalog
 from .server_fixtures import API_KEY, make_test_config, running_server
+from .test_lora import _make_adapter
 
 SHUTTING_DOWN = Overloaded("The server is shutting down; retry the request later")
 
@@ -198,3 +199,46 @@ async def test_a_model_is_not_unloaded_as_idle_while_a_request_tokenizes_its_pro
         pass
     assert backend.loads == 1
     await engine.stop()
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, tiny_llama_dir):
+    """A random LoRA adapter for the tiny Llama."""
+    return _make_adapter(tiny_llama_dir, tmp_path_factory.mktemp("lora") / "one", seed=1)
+
+
+def test_unloading_an_adapter_fails_its_requests_with_a_503_to_retry(tmp_path, tiny_llama_dir, adapter_dir):
+    # its running stream ended with a 500 "server had an error" (and a logged traceback), its queued request
+    # with a 404, where unloading a base model answers both with a 503 saying so (clients retry a 503)
+    store = ModelStore(tmp_path)
+    store.pull(str(tiny_llama_dir), "tiny")
+    store.pull(str(adapter_dir), "ad-one", base="tiny")
+    config = make_test_config(tmp_path)
+    config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, max_batch_size=1))
+    with running_server(config, store, "tiny") as info, concurrent.futures.ThreadPoolExecutor(1) as pool, \
+            openai.OpenAI(base_url=info.base_url, api_key=API_KEY, max_retries=0, timeout=120) as c:
+        engine = info.engine
+        stream = c.chat.completions.create(model="ad-one", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=1900, stream=True, extra_body={"ignore_eos": True})
+        assert next(iter(stream)).model == "ad-one"  # attached on first use, and generating
+        queued = pool.submit(c.chat.completions.create, model="ad-one", messages=[{"role": "user", "content": "hi"}],
+                             max_tokens=3)
+        wait_until(lambda: engine.stats("tiny").queued == 1, "the second request waiting for the batch slot")
+
+        r = httpx.post(info.root + "/admin/models/unload", json={"model": "ad-one"},
+                       headers={"Authorization": f"Bearer {API_KEY}"})
+        assert r.status_code == 200 and r.json()["unloaded"] is True
+
+        with pytest.raises(openai.APIError, match="adapter 'ad-one' was unloaded") as caught:
+            for _ in stream:
+                pass
+        assert "retry" in caught.value.message
+        with pytest.raises(openai.APIStatusError) as refused:
+            queued.result(60)
+        assert refused.value.status_code == 503
+        assert refused.value.response.json()["error"]["code"] == "overloaded"
+        wait_until(lambda: engine.stats("tiny").running == 0, "the adapter's jobs leaving the batch")
+        stats = engine.stats("tiny")
+        assert (stats.running, stats.queued) == (0, 0)
+        reply = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert reply.usage.completion_tokens == 2  # the base serves on

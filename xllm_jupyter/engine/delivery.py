@@ -52,6 +52,7 @@ class RequestHandle:
         self.job_ids: list[int] = []
         self.finished = False
         self.started = False  # engine thread: a delta of this request has been handed out
+        self.failed = False  # engine thread: an error ended it (its other choices add none)
         # written by the engine thread only
         self.open_choices = request.params.n
         self.completion_tokens = 0

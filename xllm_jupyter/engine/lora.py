@@ -15,7 +15,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..core.errors import InvalidRequest, ModelNotFound
+from ..core.errors import InvalidRequest, ModelNotFound, Overloaded
 from ..core.types import GenerationRequest, ModelInfo, ModelRuntime
 from ..store.names import canonical_name
 
@@ -62,6 +62,10 @@ class AdapterMixin:
         runner = self._runners.get(base) if base is not None else None
         if runner is None:
             return False
+        # first: the backend drops the adapter's jobs as it detaches it, and their clients must hear why (a 503
+        # to retry, as for a base model unloaded under them), not an engine failure
+        runner.retire_adapter(name, Overloaded(f"The adapter '{name}' was unloaded while this request ran; "
+                                               "retry the request"))
         return await asyncio.to_thread(runner.model.unload_adapter, name)
 
     def _route(self, request: GenerationRequest) -> GenerationRequest:

@@ -147,6 +147,10 @@ class ReplicaSet:
         order = self.runners[start:] + self.runners[:start]
         return min(order, key=len).submit(request, loop)
 
+    def retire_adapter(self, adapter: str, reason: Any) -> None:
+        """Fail the requests of LoRA ``adapter`` with ``reason`` (they all run on the first replica)."""
+        self.runners[0].retire_adapter(adapter, reason)
+
     def stats(self) -> EngineStats:
         """Counters summed over the replicas."""
         parts = [r.stats() for r in self.runners]

@@ -88,6 +88,7 @@ class ModelRunner(StepFailures):
         self._cond = threading.Condition()
         self._waiting: FairQueue[tuple[SequenceJob, _JobState]] = fairness.queue()  # per-user round-robin (fairness.py)
         self._cancels: list[int] = []
+        self._reasons: dict[int, XllmError] = {}  # under _cond: what the requests of jobs the engine retires fail with
         self._jobs: dict[int, _JobState] = {}
         self._fresh: set[int] = set()  # engine thread: jobs added to the model since its last step returned
         self._stopping = False
@@ -163,6 +164,17 @@ class ModelRunner(StepFailures):
         """Ask the step thread to drop these jobs before its next step."""
         with self._cond:
             self._cancels.extend(job_ids)
+            self._cond.notify()
+
+    def retire_adapter(self, adapter: str, reason: XllmError) -> None:
+        """Fail the waiting and running requests that decode with LoRA ``adapter`` with ``reason`` (it is being
+        detached: the backend drops its jobs, which must not read as an engine failure)."""
+        with self._cond:
+            jobs = [job.job_id for job, _ in self._waiting if job.adapter == adapter]
+            # (admitted jobs enter _jobs under this lock; the step thread only removes them)
+            jobs += [i for i, s in list(self._jobs.items()) if s.handle.request.adapter == adapter]
+            self._reasons.update(dict.fromkeys(jobs, reason))
+            self._cancels.extend(jobs)
             self._cond.notify()
 
     def stats(self) -> EngineStats:
@@ -287,8 +299,11 @@ class ModelRunner(StepFailures):
             if self._stopping:
                 return False
             cancels, self._cancels = self._cancels, []
+            reasons = {i: self._reasons.pop(i) for i in cancels if i in self._reasons} if self._reasons else {}
             if cancels:
                 dropped = set(cancels)
+                for job, state in [item for item in self._waiting if item[0].job_id in reasons]:
+                    self._fail_once(state, reasons[job.job_id])
                 self._counters.cancelled += self._waiting.remove_if(lambda item: item[0].job_id in dropped)
             admitted = []
             free = self.max_batch_size - len(self._jobs)
@@ -302,6 +317,9 @@ class ModelRunner(StepFailures):
         for job_id in cancels:
             state = self._jobs.get(job_id)
             if state is not None:
+                reason = reasons.get(job_id)
+                if reason is not None:
+                    self._fail_once(state, reason)
                 state.done = True
                 self.model.cancel(job_id)
         if admitted and self._outbox:
@@ -385,9 +403,12 @@ class ModelRunner(StepFailures):
         text, matched = state.stops.feed(event.text) if event.text else ("", False)
         finish = event.finish
         if finish in (FinishReason.CANCELLED, FinishReason.ERROR):
-            # we did not ask for this: the backend dropped the job on its own
+            # we did not ask for this: the backend dropped the job on its own (or, detaching its adapter, before
+            # this thread applied the engine's retire_adapter: then its reason is waiting)
             state.done = True
-            self._fail(handle, out_of_memory_error() if event.out_of_memory
+            with self._cond:
+                reason = self._reasons.pop(event.job_id, None)
+            self._fail(handle, reason if reason is not None else out_of_memory_error() if event.out_of_memory
                        else _constraint_failure(event.constraint_error) if event.constraint_error
                        else BadModelOutput(event.error) if event.error
                        else EngineError("The engine stopped this generation unexpectedly"))
@@ -418,6 +439,13 @@ class ModelRunner(StepFailures):
             items.append(GenerationDone(usage))
             items.append(END)
         return True
+
+    def _fail_once(self, state: _JobState, exc: XllmError) -> None:
+        """Fail ``state``'s request with ``exc`` unless one of its jobs already ended it (n > 1: one error)."""
+        if not state.done and not state.handle.failed:
+            state.handle.failed = True
+            self._fail(state.handle, exc)
+        state.done = True
 
     def _fail(self, handle: RequestHandle, exc: XllmError) -> None:
         # what the request already made goes first, so nothing is lost before the error
