@@ -131,3 +131,16 @@ def test_a_page_after_an_evicted_completion_goes_on():
     with pytest.raises(Exception) as info:
         stored.list({"after": "chatcmpl-0"}, user="bob")
     assert getattr(info.value, "status", None) == 400 and info.value.param == "after"
+
+
+def test_responses_cancel_says_why_it_cannot(client):
+    """``client.responses.cancel(id)`` was a 404 "Unknown endpoint" (as if the id were unknown); a stored response
+    is now a 400 saying only background responses can be cancelled, an unknown id the usual 404."""
+    r = client.responses.create(model="tiny", input="hi", max_output_tokens=2)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.cancel(r.id)
+    assert "background" in info.value.message and info.value.body["type"] == "invalid_request_error"
+    assert client.responses.retrieve(r.id).status == r.status  # untouched
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.responses.cancel("resp_never")
+    assert missing.value.code == "not_found" and "resp_never" in missing.value.message

@@ -263,6 +263,13 @@ class ResponsesServing:
         """``GET /v1/responses/{id}``; 404 when unknown, deleted, created with ``store: false`` or another user's."""
         return self.store.get(rid, owner=user).response
 
+    def cancel(self, rid: str, user: str | None = None) -> None:
+        """``POST /v1/responses/{id}/cancel``: 404 when unknown, else a 400, as api.openai.com answers for a
+        response not created with ``background`` (which this server never runs: every response is finished)."""
+        self.store.get(rid, owner=user)
+        raise InvalidRequest("Only responses created with background=true can be cancelled; this server does not "
+                             "support 'background', so every response it returns is already complete.")
+
     def delete(self, rid: str, user: str | None = None) -> dict[str, Any]:
         """``DELETE /v1/responses/{id}`` (``user``'s own responses only)."""
         self.store.delete(rid, owner=user)

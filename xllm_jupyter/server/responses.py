@@ -1,4 +1,4 @@
-"""Route mixins for the Responses API: create, retrieve, delete, list input items."""
+"""Route mixins for the Responses API: create, retrieve, delete, cancel, list input items."""
 
 from __future__ import annotations
 
@@ -34,3 +34,13 @@ class ResponseInputItemsMixin(RequestMixin):
     async def handle_get(self, response_id: str) -> None:
         """One page of the response's input items (``limit``, ``order``, ``after``)."""
         self.write_json(self.xllm.responses.input_items(response_id, self.query, user=self.caller.user))
+
+
+class ResponseCancelMixin(RequestMixin):
+    """``POST /v1/responses/{id}/cancel``."""
+
+    SUPPORTED_METHODS: tuple[str, ...] = ("POST",)
+
+    async def handle_post(self, response_id: str) -> None:
+        """404 when unknown, else 400: only background responses can be cancelled, and there are none here."""
+        self.xllm.responses.cancel(response_id, user=self.caller.user)

@@ -26,7 +26,7 @@ from .handlers import (
 )
 from .ops import MetricsMixin, ReadyMixin
 from .pull import AdminManifestMixin, AdminPullMixin
-from .responses import ResponseInputItemsMixin, ResponseMixin, ResponsesMixin
+from .responses import ResponseCancelMixin, ResponseInputItemsMixin, ResponseMixin, ResponsesMixin
 from .stats import AdminStatsMixin
 from .usage import AdminUsageMixin
 
@@ -54,6 +54,7 @@ ROUTES: tuple[tuple[str, type, bool], ...] = (
     (r"/v1/completions", CompletionsMixin, False),
     (r"/v1/responses", ResponsesMixin, False),
     (r"/v1/responses/(?P<response_id>[^/]+)/input_items", ResponseInputItemsMixin, False),
+    (r"/v1/responses/(?P<response_id>[^/]+)/cancel", ResponseCancelMixin, False),
     (r"/v1/responses/(?P<response_id>[^/]+)", ResponseMixin, False),
     (r"/v1/embeddings", EmbeddingsMixin, False),
     (r"/admin/models", AdminModelsMixin, False),
