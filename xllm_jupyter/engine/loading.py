@@ -1,7 +1,7 @@
 """Loading a model on demand: resolving its name, choosing a backend, loading its replicas on worker threads.
 
 A load is a task no request owns (``_load``): a client that leaves mid-load cancels its wait, not the
-load. Room for the model is made first (``SwapMixin._room_turn``, in swaps.py), and its estimated size
+load (unless it still waits for room and no client waits for it any more: then it stops). Room for the model is made first (``SwapMixin._room_turn``, in swaps.py), and its estimated size
 stays reserved in the memory budget until it is recorded with its measured size after the warm-up.
 """
 
@@ -245,10 +245,29 @@ class LoadingMixin:
                 return await self._embeddings.load(spec)
 
 
+#: backends that finished a load in this process (their libraries are imported)
+_loaded_once: set[str] = set()
+_loaded_once_lock = threading.Lock()
+
+
 def _load_and_prepare(backend: Backend, spec: ModelSpec) -> LoadedModel:
     """``backend.load(spec)``, then what constrained decoding needs: part of the load, not of the first
     structured request, whose build held the GIL (and the IOLoop) for 0.3-0.7 s."""
-    model = backend.load(spec)
+    with _loaded_once_lock:
+        first = getattr(backend, "name", type(backend).__name__) not in _loaded_once
+    if not first:
+        model = backend.load(spec)
+    else:
+        # its first load imports torch and the model library: without the pause, the objects they make
+        # set off full collections mid-load (each a GIL stretch of 0.2-0.4 s); with it, one freeze walks them
+        try:
+            with gc_freeze.paused():
+                model = backend.load(spec)
+                # before collections resume: the first young collection would walk all of it too (0.19 s)
+                gc_freeze.freeze()
+        finally:
+            with _loaded_once_lock:
+                _loaded_once.add(getattr(backend, "name", type(backend).__name__))  # (a failed load imported them too)
     try:
         model.prepare_constraints()
     except Exception:  # the model serves anyway: a constrained request tries again (and answers the error)
