@@ -46,6 +46,9 @@ def test_a_forced_repeat_cut_by_max_tokens_is_not_sent_and_ends_the_reply(client
                     max_completion_tokens=budget, temperature=0)
         full = client.chat.completions.create(**args)
         calls, finish = _calls(full.choices[0].message), full.choices[0].finish_reason
+        if len(calls) < 2 and not cut_second:
+            assert finish == "length", budget  # still in the first call, or between the calls
+            continue  # (the stream agrees there too: tests/test_tool_stream_agreement.py; this keeps the test short)
         done: list = []
         try:
             with client.chat.completions.stream(**args) as stream:
