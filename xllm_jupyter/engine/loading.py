@@ -245,10 +245,30 @@ class LoadingMixin:
                 return await self._embeddings.load(spec)
 
 
+#: backends that loaded (or failed to load) a model in this process: their libraries are imported
+_loaded_once: set[str] = set()
+_loaded_once_lock = threading.Lock()
+
+
 def _load_and_prepare(backend: Backend, spec: ModelSpec) -> LoadedModel:
     """``backend.load(spec)``, then what constrained decoding needs: part of the load, not of the first
     structured request, whose build held the GIL (and the IOLoop) for 0.3-0.7 s."""
-    model = backend.load(spec)
+    key = getattr(backend, "name", type(backend).__name__)
+    with _loaded_once_lock:
+        first = key not in _loaded_once
+    if not first:
+        model = backend.load(spec)
+    else:
+        # its first load imports torch and the model library: without the pause, the objects they make
+        # set off full collections mid-load (each a GIL stretch of 0.2-0.4 s); with it, one freeze walks them
+        try:
+            with gc_freeze.paused():
+                model = backend.load(spec)
+                # before collections resume: the first young collection would walk all of it too (0.19 s)
+                gc_freeze.freeze()
+        finally:
+            with _loaded_once_lock:
+                _loaded_once.add(key)
     try:
         model.prepare_constraints()
     except Exception:  # the model serves anyway: a constrained request tries again (and answers the error)

@@ -1,0 +1,116 @@
+"""A backend's first load runs with automatic collections paused, and one freeze walks what its imports made.
+
+The first load imports torch and transformers mid-load: millions of objects, which set off full
+collections that each walked all of them holding the GIL (three of 0.2-0.37 s in one cold load of the
+tiny Llama, and the freeze after it 0.38 s: docs/performance.md). Counted, not timed: full collections
+on the loading thread during the load, in a fresh interpreter (imports cold).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+from xllm_jupyter.core import gc_freeze
+
+COLD_LOAD = textwrap.dedent("""
+    import gc, json, sys, threading
+    from pathlib import Path
+    from xllm_jupyter.backends.base import BackendOptions, ModelSpec
+    from xllm_jupyter.core import gc_freeze
+    from xllm_jupyter.engine import loading
+    from xllm_jupyter.backends.registry import get_backend
+
+    assert "torch" not in sys.modules and "transformers" not in sys.modules  # the imports are the load's
+    gc_freeze.freeze()  # what the engine's start does
+    loading_thread = []
+    full = {"during": 0, "after": 0}
+
+    def counted(phase, info):
+        if phase == "stop" and info["generation"] == 2 and threading.get_ident() in loading_thread:
+            full["during" if loading_thread[-1] else "after"] += 1
+
+    backend = get_backend("transformers")
+    real = type(backend).load
+
+    def load(self, spec):
+        loading_thread[:] = [threading.get_ident(), True]
+        try:
+            return real(self, spec)
+        finally:
+            loading_thread[-1] = False
+
+    type(backend).load = load
+    gc.callbacks.append(counted)
+    spec = ModelSpec(name="t", path=Path(sys.argv[1]), options=BackendOptions(device="cpu"))
+    model = loading._load_and_prepare(backend, spec)
+    gc.callbacks.remove(counted)
+    print(json.dumps({**full, "enabled": gc.isenabled(), "tokens": model.tokenize("Hi")}))
+""")
+
+
+def test_a_cold_first_load_runs_no_full_collection_until_the_one_after_it(tiny_llama_dir):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = subprocess.run([sys.executable, "-c", COLD_LOAD, str(tiny_llama_dir)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["during"] == 0  # none set off by the imports' objects while the load ran
+    assert got["after"] == 1  # the freeze's one walk of them
+    assert got["enabled"] and got["tokens"]  # collections resumed; the model works
+
+
+@pytest.fixture
+def collector_restored():
+    """Leaves the collector and gc_freeze's switch as the test found them."""
+    was, freezing = gc.isenabled(), gc_freeze.enabled()
+    yield
+    gc_freeze.configure(freezing)
+    if was:
+        gc.enable()
+    else:
+        gc.disable()
+
+
+def test_paused_blocks_nest_and_overlap_and_collections_resume_after_the_last(collector_restored):
+    gc_freeze.configure(True)
+    gc.enable()
+    inside, release = threading.Event(), threading.Event()
+
+    def other_load():
+        with gc_freeze.paused():
+            inside.set()
+            release.wait(30)
+
+    other = threading.Thread(target=other_load)
+    with gc_freeze.paused():
+        assert not gc.isenabled()
+        with gc_freeze.paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the outer block still runs
+        other.start()
+        inside.wait(30)
+    assert not gc.isenabled()  # the other thread's block still runs
+    release.set()
+    other.join(30)
+    assert gc.isenabled()
+
+
+def test_paused_leaves_a_collector_switched_off_off_and_does_nothing_when_freezing_is_off(collector_restored):
+    gc_freeze.configure(True)
+    gc.disable()  # someone else's choice
+    with gc_freeze.paused():
+        pass
+    assert not gc.isenabled()
+    gc_freeze.configure(False)
+    gc.enable()
+    with gc_freeze.paused():
+        assert gc.isenabled()  # off means off: the collector as it was
+    assert gc.isenabled()
