@@ -147,3 +147,18 @@ def test_responses_cancel_says_why_it_cannot(client):
     with pytest.raises(openai.NotFoundError) as missing:
         client.responses.cancel("resp_never")
     assert missing.value.code == "not_found" and "resp_never" in missing.value.message
+
+
+def test_responses_tool_choice_in_chat_shape_says_name_is_missing(client):
+    """A chat-shaped named ``tool_choice`` (``{"type": "function", "function": {"name": ...}}``) on the Responses
+    API was refused as "tool_choice of type 'function' is not supported", wrongly: the flat shape with ``name``
+    works. It is a 400 naming the missing ``tool_choice.name``, as api.openai.com's."""
+    tools = [{"type": "function", **WEATHER["function"]}]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(model="tiny", input="Weather?", tools=tools, max_output_tokens=40,
+                                tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert (info.value.code, info.value.param) == ("missing_required_parameter", "tool_choice.name")
+    assert "not supported" not in info.value.message
+    r = client.responses.create(model="tiny", input="Weather?", tools=tools, max_output_tokens=40,
+                                tool_choice={"type": "function", "name": "get_weather"})
+    assert [(o.type, o.name) for o in r.output] == [("function_call", "get_weather")]

@@ -142,6 +142,10 @@ def chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
         return choice
     if choice.get("type") == "function" and "name" in choice:
         return {"type": "function", "function": {"name": choice["name"]}}
+    if choice.get("type") == "function":
+        # chat's nested shape ({"function": {"name": ...}}) sent here: say what is missing, not "unsupported"
+        raise InvalidRequest("Missing required parameter: 'tool_choice.name'.", param="tool_choice.name",
+                             code="missing_required_parameter")
     raise Unsupported(f"tool_choice of type {shown(choice.get('type'))} is not supported by this server", param="tool_choice")
 
 
