@@ -17,6 +17,7 @@ from ..core.errors import InvalidRequest, XllmError
 from ..notebook.clients import ClientLike, async_client, endpoint_of
 from ..notebook.streams import StreamRecord, check_params, measure_stream
 from .base import RENDER_INTERVAL, WIDE_LABEL, Runner, error_text, model_choices, show_busy, status_html, stop_button
+from .markdown import TRANSCRIPT_CSS, markdown_html
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class ChatWidget(W.VBox):
         #: timings of the last reply (a ``StreamRecord``), None before the first
         self.last: StreamRecord | None = None
         self._last_render = 0.0
+        self._clearing = False  # True while clear() stops a reply
 
         with XllmClient(base, key) as c:
             options, chosen, problem = model_choices(c, model)
@@ -193,8 +195,12 @@ class ChatWidget(W.VBox):
     def clear(self) -> None:
         """Stop any reply and forget the conversation."""
         if self.busy:
-            self.stop()
-            self.wait(10)
+            self._clearing = True  # the stopped question is forgotten too, not put back in the box
+            try:
+                self.stop()
+                self.wait(10)
+            finally:
+                self._clearing = False
         self.messages = []
         self.last = None
         self._render()
@@ -268,18 +274,23 @@ class ChatWidget(W.VBox):
             self._status(f"Error: {error_text(exc)}", "error")
         finally:
             if error is not None or not reply["content"]:
-                self._drop_turn(reply)
+                asked = self._drop_turn(reply)
+                # the box was emptied on Send: a question that got no answer goes back there to be
+                # fixed or sent again, unless the user has typed something new meanwhile
+                if asked is not None and not self.input.value.strip() and not self._clearing:
+                    self.input.value = asked
             self._set_busy(False)
             self._render()
 
-    def _drop_turn(self, reply: dict[str, str]) -> None:
-        """Forget an unanswered or failed turn, as the CLI does: resent, it would make two user turns in a row."""
+    def _drop_turn(self, reply: dict[str, str]) -> str | None:
+        """Forget an unanswered or failed turn, as the CLI does (resent, it would make two user turns in a row); its question."""
         i = next((k for k, m in enumerate(self.messages) if m is reply), None)
         if i is None:
-            return  # cleared meanwhile
+            return None  # cleared meanwhile
         del self.messages[i]
         if i > 0 and self.messages[i - 1]["role"] == "user":
-            del self.messages[i - 1]
+            return self.messages.pop(i - 1)["content"]
+        return None
 
     # --------------------------------------------------------------- display
     def _set_busy(self, busy: bool) -> None:
@@ -292,9 +303,14 @@ class ChatWidget(W.VBox):
         parts = []
         for m in list(self.messages):
             name, background = _ROLE_STYLE.get(m["role"], (m["role"].title(), "transparent"))
-            body = html.escape(m["content"]) or "<em>…</em>"
-            parts.append(f'<div style="background:{background};padding:4px 8px;margin:2px 0;border-radius:4px"><b>{name}</b><div style="white-space:pre-wrap">{body}</div></div>')
-        self.transcript.value = "".join(parts) or status_html("No messages yet.", "info")
+            if not m["content"]:
+                body = "<div><em>…</em></div>"
+            elif m["role"] == "assistant":  # replies are Markdown (code blocks, lists, tables): shown rendered
+                body = markdown_html(m["content"])
+            else:  # what the user typed is shown as typed
+                body = f'<div style="white-space:pre-wrap">{html.escape(m["content"])}</div>'
+            parts.append(f'<div style="background:{background};padding:4px 8px;margin:2px 0;border-radius:4px"><b>{name}</b>{body}</div>')
+        self.transcript.value = TRANSCRIPT_CSS + "".join(parts) if parts else status_html("No messages yet.", "info")
 
     def close(self) -> None:
         """Stop streaming, end the background thread and close the widget."""

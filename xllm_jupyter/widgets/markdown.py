@@ -1,0 +1,32 @@
+"""Markdown to safe HTML for the widgets' transcripts (model output is untrusted text)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+#: styles for rendered replies, scoped to the transcript: an HTML widget gets none of JupyterLab's
+#: Markdown styles, so without them a code block would be proportional text on the page's background
+TRANSCRIPT_CSS = (
+    "<style>"
+    ".xllm-md > :first-child{margin-top:0}.xllm-md > :last-child{margin-bottom:0}"
+    ".xllm-md pre{background:var(--jp-layout-color2,#f5f5f5);padding:6px 8px;border-radius:4px;"
+    "overflow-x:auto;white-space:pre;font-family:var(--jp-code-font-family,monospace);font-size:0.9em}"
+    ".xllm-md code{font-family:var(--jp-code-font-family,monospace);font-size:0.9em}"
+    ".xllm-md table{border-collapse:collapse}.xllm-md th,.xllm-md td{border:1px solid var(--jp-border-color2,#ddd);padding:2px 6px}"
+    "</style>"
+)
+
+
+@lru_cache(maxsize=1)
+def _parser() -> Any:
+    from markdown_it import MarkdownIt  # a dependency of rich, which xllm-jupyter requires
+
+    # html=False: raw HTML in a reply is shown as text, never injected into the page;
+    # markdown-it also refuses javascript: and data: links
+    return MarkdownIt("commonmark", {"html": False}).enable(["table", "strikethrough"])
+
+
+def markdown_html(text: str) -> str:
+    """``text`` rendered as Markdown, as HTML with any raw HTML escaped; an unclosed code fence runs to the end."""
+    return f'<div class="xllm-md">{_parser().render(text)}</div>'
