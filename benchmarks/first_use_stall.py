@@ -19,7 +19,9 @@ Scenarios (a fresh server each, since "first" happens once per process):
   first chat template), and a second ``tiny`` request;
 - ``LoRA``: the first request for ``smol-lora`` (a random LoRA on smollm2, attached on first use), then a second;
 - ``copy``: the first request for ``tiny`` (loads it), then the first for ``tiny-copy`` (``xllm cp tiny
-  tiny-copy``: hard links; its load finds tiny's grammar tokenizer built), then a second.
+  tiny-copy``: hard links; its load finds tiny's grammar tokenizer built), then a second;
+- ``cold``: a server that preloads nothing (no ``-m``, no default model): the first request for ``tiny``
+  is the process's first load (it imports torch and transformers), then a second.
 
     .venv/bin/python benchmarks/first_use_stall.py                 # writes benchmarks/results/first_use_stall.{json,md}
     .venv/bin/python benchmarks/first_use_stall.py --home DIR      # a store already holding them (else pulled)
@@ -88,7 +90,45 @@ SCENARIOS: dict[str, list[tuple[str, str, dict]]] = {
         for name in ("tiny", "tiny-copy")
     ] + [("second tiny-copy request", "/v1/chat/completions",
           {"model": "tiny-copy", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})],
+    "cold": [
+        ("first tiny request (the process's first load: imports)", "/v1/chat/completions",
+         {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
+        ("second tiny request", "/v1/chat/completions",
+         {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
+    ],
 }
+#: a /health poll slower than this counts as a stall (its latency is summed per request: how long the loop stood)
+STALLED = 0.05
+#: scenarios whose server preloads nothing
+COLD = {"cold"}
+
+
+class ColdServer(ChildServer):
+    """``xllm serve`` preloading nothing (no ``-m``, no default model): ready once ``/health`` answers."""
+
+    def __init__(self, home: Path, log_path: Path):
+        super().__init__(home, log_path, model="", env={"XLLM_ENGINE_DEFAULT_MODEL": ""})
+
+    def command(self) -> list[str]:
+        """The child's command line, without ``-m``."""
+        return [sys.executable, "-c", "from xllm_jupyter.cli.main import main; main()",
+                "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+
+    def ready(self, timeout: float) -> None:
+        """Wait until ``/health`` answers 200."""
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited ({self.proc.returncode}); see {self.log_path}")
+            try:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError("the server did not become ready")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -135,9 +175,10 @@ def random_lora(base: Path, out: Path) -> Path:
     return out
 
 
-def run_scenario(home: Path, log: Path, steps: list[tuple[str, str, dict]], poll_ms: float) -> list[dict]:
-    """One fresh server: each step's status, seconds and worst /health latency."""
-    server = ChildServer(home, log, model=CHAT)
+def run_scenario(home: Path, log: Path, steps: list[tuple[str, str, dict]], poll_ms: float,
+                 cold: bool = False) -> list[dict]:
+    """One fresh server (``cold``: preloading nothing): each step's status, seconds and worst /health latency."""
+    server = ColdServer(home, log) if cold else ChildServer(home, log, model=CHAT)
     try:
         poller = HealthPoller(server.port, poll_ms / 1000)
         poller.start()
@@ -150,8 +191,11 @@ def run_scenario(home: Path, log: Path, steps: list[tuple[str, str, dict]], poll
             seconds = time.perf_counter() - start
             time.sleep(0.3)  # work (or a collection) right after the answer still counts
             window = poller.between(start, time.perf_counter())
-            rows.append({"label": label, "status": status, "seconds": round(seconds, 3), "worst_s": round(max(window), 4)})
-            print(f"  {label}: status {status}, {seconds:.2f} s, worst /health {max(window):.3f} s", flush=True)
+            stalled = sum(lat for lat in window if lat > STALLED)
+            rows.append({"label": label, "status": status, "seconds": round(seconds, 3), "worst_s": round(max(window), 4),
+                         "stalled_s": round(stalled, 4)})
+            print(f"  {label}: status {status}, {seconds:.2f} s, worst /health {max(window):.3f} s, "
+                  f"stalled {stalled:.3f} s", flush=True)
         poller.stopping.set()
         poller.join(10)
         return rows
@@ -160,19 +204,22 @@ def run_scenario(home: Path, log: Path, steps: list[tuple[str, str, dict]], poll
 
 
 def markdown(result: dict) -> str:
-    """Per request, the worst /health latency of each round and the request's median time."""
+    """Per request, the worst /health latency and the summed stalled polls of each round, and the median time."""
     lines = [f"# first_use_stall ({result['when']}, {result['commit']}, {result['cpus']} CPUs, "
              f"{result['rounds']} fresh servers per scenario, /health every {result['poll_ms']} ms)", "",
              f"`{result['command']}`", "",
-             "| scenario | request | status | request time | worst /health latency per round |", "|---|---|---|---|---|"]
+             "| scenario | request | status | request time | worst /health latency per round | "
+             f"polls over {STALLED * 1000:.0f} ms, summed, per round |", "|---|---|---|---|---|---|"]
     for scenario, rounds in result["runs"].items():
         for i, row in enumerate(rounds[0]):
             worsts = [r[i]["worst_s"] for r in rounds]
+            stalls = [r[i].get("stalled_s", 0.0) for r in rounds]
             times = sorted(r[i]["seconds"] for r in rounds if r[i]["seconds"] is not None)
             statuses = sorted({r[i]["status"] for r in rounds if r[i]["status"] is not None})
             lines.append(f"| {scenario} | {row['label']} | {', '.join(map(str, statuses))} | "
                          f"{f'{times[len(times) // 2]:.2f} s' if times else ''} | "
-                         f"{', '.join(f'{w:.3f}' for w in worsts)} s |")
+                         f"{', '.join(f'{w:.3f}' for w in worsts)} s | "
+                         f"{', '.join(f'{x:.3f}' for x in stalls)} s |")
     return "\n".join(lines) + "\n"
 
 
@@ -189,7 +236,8 @@ def main(argv: list[str] | None = None) -> None:
         for scenario in args.scenarios.split(","):
             print(scenario, flush=True)
             result["runs"][scenario] = [run_scenario(home, Path(tmp) / f"server-{scenario}-{i}.log".replace(" ", "-"),
-                                                     SCENARIOS[scenario], args.poll_ms) for i in range(args.rounds)]
+                                                     SCENARIOS[scenario], args.poll_ms, scenario in COLD)
+                                        for i in range(args.rounds)]
     write_results(args.out, result, markdown(result))
 
 
