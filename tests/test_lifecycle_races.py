@@ -11,7 +11,11 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -242,3 +246,71 @@ def test_unloading_an_adapter_fails_its_requests_with_a_503_to_retry(tmp_path, t
         assert (stats.running, stats.queued) == (0, 0)
         reply = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
         assert reply.usage.completion_tokens == 2  # the base serves on
+
+
+def test_a_second_ctrl_c_cuts_the_drain_but_still_saves_usage(tmp_path, xllm_home):
+    # the first Ctrl-C removed the handlers, so the second raised KeyboardInterrupt wherever the loop was and
+    # cancelled the rest of the shutdown: the last usage save (daily quotas) was lost
+    usage = tmp_path / "usage.json"
+    port = free_port()
+    env = {**os.environ, "XLLM_HOME": str(xllm_home), "XLLM_CONFIG": str(tmp_path / "none.yaml"),
+           "XLLM_SERVER_PORT": str(port), "XLLM_API_KEYS": API_KEY, "XLLM_SERVER_HOST": "127.0.0.1",
+           "XLLM_QUOTAS_USAGE_FILE": str(usage), "OMP_NUM_THREADS": "1"}
+    code = "from xllm_jupyter.core.config import load_config\nfrom xllm_jupyter.server.standalone import serve\n" \
+           "serve(load_config(), ['tiny'])\n"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    base = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    try:
+        wait_until(lambda: _ready(base), "the server serving", limit=120)
+        with openai.OpenAI(base_url=base + "/v1", api_key=API_KEY, max_retries=0, timeout=120) as c:
+            c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+            # a request in flight through the shutdown: a 2 MB prompt tokenizes for seconds, so the drain waits
+            big = threading.Thread(target=_quietly, args=(c.chat.completions.create,), kwargs=dict(
+                model="tiny", messages=[{"role": "user", "content": "word " * 400_000}], max_tokens=3), daemon=True)
+            big.start()
+            wait_until(lambda: _in_flight(base, headers) == 2, "the big request being handled")  # (it, the scrape)
+            proc.send_signal(signal.SIGINT)
+            wait_until(lambda: any("shutting down" in line for line in lines), "the shutdown starting")
+            proc.send_signal(signal.SIGINT)  # impatient: Ctrl-C again
+            proc.wait(120)
+        reader.join(10)
+        out = "".join(lines)
+        assert proc.returncode == 0, out
+        assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+        saved = json.loads(usage.read_text())["users"]
+        assert [(u["requests"], u["completion_tokens"] > 0) for u in saved.values()] == [(2, True)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ready(base: str) -> bool:
+    try:
+        return httpx.get(base + "/health/ready").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _in_flight(base: str, headers: dict) -> float:
+    text = httpx.get(base + "/metrics", headers=headers).text
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith("xllm_requests_in_flight ")))
+
+
+def _quietly(call, **kwargs) -> None:
+    """``call(**kwargs)``, whatever it raises (a request the shutdown cuts)."""
+    try:
+        call(**kwargs)
+    except Exception:  # noqa: BLE001 - its outcome is not what the test checks
+        pass

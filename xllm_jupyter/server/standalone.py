@@ -7,7 +7,7 @@ import errno
 import logging
 import signal
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
@@ -43,9 +43,10 @@ class RunningServer:
         """Take no new connections; requests already in are served on (``stop`` ends them)."""
         self.http_server.stop()
 
-    async def stop(self) -> None:
-        """Stop listening, give requests in flight a moment to end, close open connections."""
-        await stop_http_server(self.http_server)
+    async def stop(self, hurry: asyncio.Event | None = None) -> None:
+        """Stop listening, give requests in flight a moment to end (less once ``hurry`` is set), close open
+        connections."""
+        await stop_http_server(self.http_server, hurry=hurry)
 
     @property
     def context(self) -> Any:
@@ -72,9 +73,10 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-async def stop_http_server(http_server: HTTPServer, drain_seconds: float = DRAIN_SECONDS) -> None:
-    """Stop listening; let requests in flight end (up to ``drain_seconds``), then close open connections,
-    waiting at most 5 s for them; then save usage.
+async def stop_http_server(http_server: HTTPServer, drain_seconds: float = DRAIN_SECONDS,
+                           hurry: asyncio.Event | None = None) -> None:
+    """Stop listening; let requests in flight end (up to ``drain_seconds``, or until ``hurry`` is set), then close
+    open connections, waiting at most 5 s for them; then save usage.
 
     With the engine stopped first (``shutdown_engine``), a generation in flight has just failed with a
     503: the drain lets its handler write that (a stream's error event and its end) instead of the
@@ -82,7 +84,7 @@ async def stop_http_server(http_server: HTTPServer, drain_seconds: float = DRAIN
     """
     http_server.stop()
     context = getattr(http_server.request_callback, "settings", {}).get(CONTEXT_KEY)
-    if context is not None and not await context.wait_idle(drain_seconds):
+    if context is not None and not await _drained(context, drain_seconds, hurry):
         log.warning("closing %d request(s) still in flight", context.active)
     try:
         await asyncio.wait_for(http_server.close_all_connections(), timeout=5)
@@ -90,6 +92,45 @@ async def stop_http_server(http_server: HTTPServer, drain_seconds: float = DRAIN
         log.warning("some connections did not close within 5 s")
     if context is not None:
         await asyncio.to_thread(context.close)  # the last usage save writes a file: off the loop
+
+
+async def _drained(context: Any, seconds: float, hurry: asyncio.Event | None) -> bool:
+    """``context.wait_idle(seconds)``, ended early (False) once ``hurry`` is set."""
+    if hurry is None:
+        return await context.wait_idle(seconds)
+    idle = asyncio.ensure_future(context.wait_idle(seconds))
+    cut = asyncio.ensure_future(hurry.wait())
+    await asyncio.wait({idle, cut}, return_when=asyncio.FIRST_COMPLETED)
+    cut.cancel()
+    if not idle.done():
+        idle.cancel()
+        return False
+    return idle.result()
+
+
+def stop_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, hurry: asyncio.Event) -> Callable[[], None]:
+    """Make SIGINT/SIGTERM set ``stop``; one more during the shutdown (a second Ctrl-C) sets ``hurry`` and gives the
+    signals back to Python, so a third interrupts. Returns what removes the handlers.
+
+    The handlers stay through the shutdown: a second Ctrl-C raised KeyboardInterrupt wherever the loop was
+    (mid-drain, mid-write), which cancelled the rest of the shutdown, the last usage save included.
+    """
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def remove() -> None:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+    def received() -> None:
+        if stop.is_set():
+            log.warning("stopping now: requests still in flight are cut (once more interrupts)")
+            hurry.set()
+            remove()
+        stop.set()
+
+    for sig in signals:
+        loop.add_signal_handler(sig, received)
+    return remove
 
 
 async def shutdown_engine(engine: Any) -> None:
@@ -157,11 +198,8 @@ async def run_server(config: XllmConfig, models: Sequence[str] = ()) -> None:
     log.info("xllm is listening on %s (OpenAI API: %s/v1)", server.url, server.url)
     log.info("authentication: %s", "API key required" if server.auth_enabled else "off (no API key set; loopback only)")
     names = list(models) or ([config.engine.default_model] if config.engine.default_model else [])
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
+    stop, hurry = asyncio.Event(), asyncio.Event()
+    remove_signals = stop_signals(asyncio.get_running_loop(), stop, hurry)
     # /health/ready says "Still loading" until every model named here is loaded, the ones not begun yet too
     server.context.startup_pending = set(names)
     preload = asyncio.ensure_future(_preload(engine, names, required=bool(models), pending=server.context.startup_pending))
@@ -173,14 +211,13 @@ async def run_server(config: XllmConfig, models: Sequence[str] = ()) -> None:
         await waiter
         log.info("shutting down")
     finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
         for task in (preload, waiter):
             task.cancel()
         await asyncio.gather(preload, waiter, return_exceptions=True)
         server.stop_listening()  # first: a request arriving now would load a model into a stopping engine
         await shutdown_engine(engine)
-        await server.stop()
+        await server.stop(hurry)
+        remove_signals()
 
 
 def serve(config: XllmConfig, models: list[str]) -> None:
