@@ -114,3 +114,21 @@ def test_paused_leaves_a_collector_switched_off_off_and_does_nothing_when_freezi
     with gc_freeze.paused():
         assert gc.isenabled()  # off means off: the collector as it was
     assert gc.isenabled()
+
+
+def test_only_the_first_block_of_a_key_is_paused_and_ends_in_a_freeze(collector_restored, monkeypatch):
+    gc_freeze.configure(True)
+    gc.enable()
+    freezes = []
+    monkeypatch.setattr(gc_freeze, "freeze", lambda: freezes.append(gc.isenabled()))
+    key = f"test {os.getpid()} {id(freezes)}"
+    with gc_freeze.first_time(key):
+        assert not gc.isenabled()
+    assert freezes == [False] and gc.isenabled()  # frozen before collections resumed
+    with gc_freeze.first_time(key):
+        assert gc.isenabled()  # the second: as any other
+    assert freezes == [False]
+    with pytest.raises(RuntimeError):
+        with gc_freeze.first_time(key + " failing"):
+            raise RuntimeError("the load failed")
+    assert freezes == [False] and gc.isenabled()  # no freeze of a failed block's leftovers; collections back

@@ -27,6 +27,7 @@ _lock = threading.RLock()
 _enabled = True
 _paused = 0  # paused() blocks running
 _was_collecting = True  # whether automatic collection was on when the first of them began
+_first_done: set[str] = set()  # first_time() keys already seen
 
 
 def configure(enabled: bool) -> None:
@@ -76,7 +77,7 @@ def paused() -> Iterator[None]:
     For a backend's first load, which imports torch and the model library mid-load: the millions of
     objects those imports make set off full collections that walk them all, holding the GIL (three of
     0.2-0.37 s in one cold load of the tiny Llama, besides the freeze after it). Paused, they wait for
-    the one ``freeze()`` the caller runs after the block. Collections resume when the last block ends.
+    one ``freeze()`` at the block's end (``first_time``). Collections resume when the last block ends.
     """
     global _paused, _was_collecting
     with _lock:
@@ -96,6 +97,25 @@ def paused() -> Iterator[None]:
                 _paused -= 1
                 if _paused == 0 and _was_collecting:
                     gc.enable()
+
+
+@contextlib.contextmanager
+def first_time(key: str) -> Iterator[None]:
+    """The process's first block of ``key`` (a backend's first load, which imports its libraries) runs
+    ``paused()`` and ends in a ``freeze()`` before collections resume; later blocks of ``key``: nothing.
+
+    The freeze inside the pause: resumed first, the next young collection would walk all the block made
+    (0.19 s after a cold load of the tiny Llama). A block that raises ends without it.
+    """
+    with _lock:
+        first = key not in _first_done
+        _first_done.add(key)  # (a failed first block imported its libraries all the same)
+    if not first:
+        yield
+        return
+    with paused():
+        yield
+        freeze()
 
 
 def release() -> None:

@@ -58,9 +58,11 @@ class EmbeddingHost:
     def _load_sync(self, spec: ModelSpec) -> Any:
         if self._loader is not None:
             return self._loader(spec)
-        from ..backends.embeddings import load_embedding_model  # imports torch: only when needed
+        # imports torch and transformers: only when needed, and the first time with collections paused (gc_freeze)
+        with gc_freeze.first_time("load embeddings"):
+            from ..backends.embeddings import load_embedding_model
 
-        return load_embedding_model(spec)
+            return load_embedding_model(spec)
 
     def is_loading(self, name: str) -> bool:
         """True while a load of ``name`` is under way."""

@@ -72,6 +72,11 @@ class LoadingMixin:
                 return backend
         raise InvalidRequest(f"No configured backend can load {spec.format} models", param="model")
 
+    def _choose_backend_once(self, spec: ModelSpec) -> Backend:
+        """``_choose_backend``; the process's first one (it imports torch) with collections paused, then a freeze."""
+        with gc_freeze.first_time("choose a backend"):
+            return self._choose_backend(spec)
+
     def _resolve(self, name: str) -> ModelSpec:
         """The catalog's spec with the engine's settings as the backend options, the spec's overrides applied."""
         if self.catalog is None:
@@ -157,7 +162,7 @@ class LoadingMixin:
         if spec.task == "adapter":  # a LoRA: attached to its (loaded once) base model
             return await self._attach_spec(spec)
         # off the IOLoop: choosing imports a backend and asks torch whether CUDA is there (seconds, once)
-        backend = await asyncio.to_thread(self._choose_backend, spec)
+        backend = await asyncio.to_thread(self._choose_backend_once, spec)
         runner = await self._load_runner(name, spec, backend)
         self._defaults[name] = spec.defaults
         self._runners[name] = runner
@@ -245,30 +250,13 @@ class LoadingMixin:
                 return await self._embeddings.load(spec)
 
 
-#: backends that loaded (or failed to load) a model in this process: their libraries are imported
-_loaded_once: set[str] = set()
-_loaded_once_lock = threading.Lock()
-
-
 def _load_and_prepare(backend: Backend, spec: ModelSpec) -> LoadedModel:
     """``backend.load(spec)``, then what constrained decoding needs: part of the load, not of the first
     structured request, whose build held the GIL (and the IOLoop) for 0.3-0.7 s."""
-    key = getattr(backend, "name", type(backend).__name__)
-    with _loaded_once_lock:
-        first = key not in _loaded_once
-    if not first:
+    # a backend's first load imports torch and its model library: unpaused, the objects they make set off
+    # full collections mid-load (each a GIL stretch of 0.2-0.4 s); paused, one freeze at its end walks them
+    with gc_freeze.first_time(f"load {getattr(backend, 'name', type(backend).__name__)}"):
         model = backend.load(spec)
-    else:
-        # its first load imports torch and the model library: without the pause, the objects they make
-        # set off full collections mid-load (each a GIL stretch of 0.2-0.4 s); with it, one freeze walks them
-        try:
-            with gc_freeze.paused():
-                model = backend.load(spec)
-                # before collections resume: the first young collection would walk all of it too (0.19 s)
-                gc_freeze.freeze()
-        finally:
-            with _loaded_once_lock:
-                _loaded_once.add(key)
     try:
         model.prepare_constraints()
     except Exception:  # the model serves anyway: a constrained request tries again (and answers the error)
