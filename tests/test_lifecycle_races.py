@@ -314,3 +314,35 @@ def _quietly(call, **kwargs) -> None:
         call(**kwargs)
     except Exception:  # noqa: BLE001 - its outcome is not what the test checks
         pass
+
+
+async def test_a_model_unloaded_as_its_load_finishes_is_a_503_to_retry_not_a_404(monkeypatch):
+    # between registering the runner and answering its waiters, a load collects (gc_freeze.freeze, a second or
+    # more in a JupyterLab process); an unload then left the waiters a model that was gone: a 404 "does not exist"
+    from xllm_jupyter.engine import loading
+
+    backend = FakeBackend()
+    engine = Engine(EngineConfig(), FakeCatalog(["fake"]), [backend])
+    await engine.start()
+    freezing, thawed = threading.Event(), threading.Event()
+
+    def slow_freeze() -> None:
+        if engine.is_loaded("fake"):  # (the collection after the runner is registered, not one inside the load)
+            freezing.set()
+            thawed.wait()
+
+    monkeypatch.setattr(loading.gc_freeze, "freeze", slow_freeze)
+    try:
+        request = asyncio.ensure_future(collect(engine.generate(chat_request())))
+        await asyncio.to_thread(freezing.wait)
+        assert await engine.unload("fake")  # an admin's unload (or an eviction) right then
+    finally:
+        thawed.set()
+    with pytest.raises(Overloaded, match="unloaded"):
+        await request
+    assert backend.models["fake"].unloaded
+    await engine.stop()
+
+
+async def collect(events) -> list:
+    return [event async for event in events]

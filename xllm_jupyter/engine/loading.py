@@ -23,7 +23,7 @@ from ..backends.registry import get_backend, select_backend
 from ..backends.torch_device import device_kind
 from ..core import gc_freeze
 from ..core.config import EngineConfig
-from ..core.errors import InvalidRequest, ModelNotFound
+from ..core.errors import InvalidRequest, ModelNotFound, Overloaded
 from ..core.types import ModelfileDefaults
 from ..store.names import canonical_name
 from .fairness import FairnessPolicy
@@ -127,7 +127,7 @@ class LoadingMixin:
             pending.add_done_callback(lambda task: self._load_done(name, task))
         self._load_waiters[name] += 1
         try:
-            return await asyncio.shield(pending)
+            model = await asyncio.shield(pending)
         except asyncio.CancelledError:
             if pending.cancelled() and self._stopped is not None:
                 self._refuse_if_stopped()  # the engine stopped under the load: its waiters get why, not a 500
@@ -141,6 +141,11 @@ class LoadingMixin:
                     # must not hold the busy models' new requests back, then evict one of them, for no one
                     log.info("nobody waits for %s any more; its load stops waiting for room", name)
                     pending.cancel()
+        if self._adapters.get(name, name) not in self._runners:
+            # unloaded between the load registering it and its waiters waking (its collection can take a second):
+            # a 503 to retry, as for a model unloaded under a running request, not a 404 "does not exist"
+            raise Overloaded(f"The model '{name}' was unloaded as it finished loading; retry the request")
+        return model
 
     def _refuse_if_stopped(self) -> None:
         """Raise (a fresh copy of) the error ``stop()`` gave, once the engine is stopping or stopped."""
