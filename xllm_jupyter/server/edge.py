@@ -25,6 +25,7 @@ from .logging_setup import request_id_var
 from .sse import dumps
 
 access_log = logging.getLogger("xllm_jupyter.access")
+log = logging.getLogger("xllm_jupyter.server")
 
 #: header carrying the request id both ways
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -62,10 +63,19 @@ def request_id_for(header: str | None) -> str:
 
 
 class EdgePolicy:
-    """Which origins may call from a browser and which ``Host`` names are served."""
+    """Which origins may call from a browser and which ``Host`` names are served.
+
+    ``any_host_ok``: API keys are on, so the key (not the Host or the page's origin) guards the server.
+    """
 
     def __init__(self, cors_origins: Iterable[str], allowed_hosts: Iterable[str], bound_host: str, any_host_ok: bool):
         origins = tuple(o.rstrip("/") for o in cors_origins if o)
+        if origins == ("*",) and not any_host_ok:
+            # keyless, the local caller may do everything: "*" would hand that to every web page the user
+            # visits (pull local paths, unload, read stored chats). Only origins named one by one are trusted
+            log.warning("http.cors_origins ['*'] is ignored on a server without API keys: list the browser "
+                        "origins that may call it by name, or set server.api_keys")
+            origins = ()
         self.cors_any = origins == ("*",)
         # exact string matches only: "https://a.example" never admits "https://a.example.evil"
         self.cors_origins = frozenset() if self.cors_any else frozenset(origins)
