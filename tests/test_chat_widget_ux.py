@@ -1,11 +1,24 @@
-"""What a ChatWidget user sees after a reply: failed questions back in the box, replies rendered as Markdown."""
+"""What a ChatWidget (and ``%%xllm``) user sees after a reply: failed questions back in the box, replies
+rendered as Markdown, a reply cut off by a server that died kept, with a message that says so."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
 import pytest
 
+from tests.helpers import free_port
 from tests.server_fixtures import TINY
 from xllm_jupyter.widgets import ChatWidget
+
+XLLM = Path(sys.executable).parent / "xllm"
 
 
 @pytest.fixture
@@ -90,3 +103,93 @@ def test_replies_are_rendered_as_markdown_and_raw_html_is_escaped(chat):
     w.messages[1]["content"] = "```python\nx = 1"
     w._render()
     assert '<pre><code class="language-python">x = 1' in w.transcript.value
+
+
+def wait_for(predicate, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not predicate():
+        time.sleep(0.02)
+    return predicate()
+
+
+@pytest.fixture
+def doomed_server(xllm_home):
+    """A real `xllm serve` subprocess on the tiny model, for a test to kill mid-answer: its base URL and process."""
+    port = free_port()
+    env = {**os.environ, "XLLM_HOME": str(xllm_home), "OMP_NUM_THREADS": "1"}
+    for var in ("XLLM_CONFIG", "XLLM_API_KEY", "XLLM_API_KEYS", "XLLM_BASE_URL", "XLLM_MODEL"):
+        env.pop(var, None)
+    proc = subprocess.Popen([str(XLLM), "serve", "--port", str(port), "-m", TINY], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_for(lambda: proc.poll() is not None or _ready(base), 120) and proc.poll() is None, "xllm serve did not come up"
+        yield base + "/v1", proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+
+
+def _ready(base: str) -> bool:
+    try:
+        return httpx.get(base + "/health/ready", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_a_reply_cut_off_by_a_dead_server_is_kept_and_the_message_says_what_happened(doomed_server):
+    base, proc = doomed_server
+    w = ChatWidget(TINY, client=(base, None), max_tokens=2000, params={"ignore_eos": True})
+    try:
+        assert w.ask("Go on and on")
+        assert wait_for(lambda: len(w.messages) == 2 and len(w.messages[1]["content"]) > 20), w.status.value
+        proc.send_signal(signal.SIGKILL)
+        assert w.wait(30)
+        status = w.status.value
+        # the text that streamed stays (the turn is not dropped), and the status says the server went away
+        assert [m["role"] for m in w.messages] == ["user", "assistant"] and len(w.messages[1]["content"]) > 20
+        assert "closed the connection" in status and "reply so far is kept" in status, status
+        assert "no xllm server" not in status and "start one" not in status
+        assert not w.busy and w.input.value == ""
+    finally:
+        w.close()
+
+
+def test_the_magic_says_the_server_dropped_the_answer(doomed_server, monkeypatch):
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    from xllm_jupyter.magics import XllmMagics
+    from xllm_jupyter.magics import ask as ask_module
+
+    base, proc = doomed_server
+    monkeypatch.setenv("XLLM_BASE_URL", base)  # as the extension tells its kernels
+    monkeypatch.delenv("XLLM_API_KEY", raising=False)
+    ip = InteractiveShell.instance()
+    magics = XllmMagics(ip)
+    ip.register_magics(magics)  # a fresh instance: nothing carried over from other tests
+    # kill the server once the answer is streaming: the thread watches the magic's first display
+    shown = threading.Event()
+    killer = threading.Thread(target=lambda: shown.wait(60) and proc.send_signal(signal.SIGKILL), daemon=True)
+    killer.start()
+    grow = ask_module.Output.grow
+
+    streamed: list[str] = []
+
+    def grow_then_kill(self, text):
+        streamed.append(text)
+        grow(self, text)
+        if len(text) > 20:
+            shown.set()
+
+    monkeypatch.setattr(ask_module.Output, "grow", grow_then_kill)
+    with capture_output() as cap:
+        ip.run_cell_magic("xllm", f"-m {TINY} -t 1 --max-tokens 2000", "Go on and on")
+    killer.join(5)
+    magics.state.close()
+    assert shown.is_set()
+    # everything that came stays shown (the last throttled update flushed), the error line below it
+    assert cap.outputs[-1].data["text/markdown"] == streamed[-1] and len(streamed[-1]) > 20
+    assert "xllm: the xllm server at" in cap.stderr and "closed the connection" in cap.stderr, cap.stderr
+    assert "Traceback" not in cap.stderr and "start one" not in cap.stderr

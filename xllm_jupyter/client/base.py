@@ -196,6 +196,10 @@ def unreachable(url: str, exc: Exception) -> ServerUnavailable:
     """The error for a server that does not answer at all."""
     if isinstance(exc, httpx.TimeoutException):
         return ServerUnavailable(f"the xllm server at {url} did not answer in time")
+    if isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError)):
+        # it was there, then dropped the connection (typically killed or restarted mid-answer):
+        # "no server, start one" would send the user looking for a setup problem
+        return ServerUnavailable(f"the xllm server at {url} closed the connection before the answer was complete (did it stop or restart?)")
     return ServerUnavailable(f"no xllm server at {url} — start one with `xllm serve` or JupyterLab")
 
 

@@ -74,6 +74,12 @@ class Output:
             self.handle.update(self.reply)
             self._last = now
 
+    def flush(self) -> None:
+        """Show the text received so far (a throttled update may be pending when the stream fails)."""
+        if self.handle is not None:
+            self.handle.update(self.reply)
+            self._last = time.monotonic()
+
     def final(self, metadata: dict[str, Any]) -> None:
         """The finished answer with its provenance."""
         md = {"xllm": metadata}
@@ -175,6 +181,9 @@ def _stream(client: Any, messages: list[dict[str, str]], model: str, params: dic
                 out.grow("".join(pieces))
     except KeyboardInterrupt:
         answer.interrupted = True
+    except BaseException:
+        out.flush()  # the error line goes below all the text that came, not a throttled prefix of it
+        raise
     finally:
         stream.close()  # closes the HTTP response: the server sees the disconnect and cancels the job
     answer.text = "".join(pieces)

@@ -265,7 +265,8 @@ class ChatWidget(W.VBox):
             if task.cancelled():
                 self._status("Stopped.", "info")
             elif error is not None:
-                self._status(f"Error: {error_text(error)}", "error")
+                kept = " (the reply so far is kept)" if reply["content"] else ""
+                self._status(f"Error: {error_text(error)}{kept}", "error")
             elif record is not None:
                 speed = "" if math.isnan(record.tok_per_s) else f", {record.tok_per_s:.1f} tok/s"
                 self._status(f"{record.completion_tokens} tokens in {record.latency_s:.2f} s (first after {record.ttft_s:.2f} s{speed}).", "ok")
@@ -273,7 +274,9 @@ class ChatWidget(W.VBox):
             log.exception("ChatWidget could not show the reply's status")
             self._status(f"Error: {error_text(exc)}", "error")
         finally:
-            if error is not None or not reply["content"]:
+            # a reply cut off by an error keeps the text that came, as a stopped one does: it was on
+            # screen, and dropping it would leave a question with no answer in the transcript
+            if not reply["content"]:
                 asked = self._drop_turn(reply)
                 # the box was emptied on Send: a question that got no answer goes back there to be
                 # fixed or sent again, unless the user has typed something new meanwhile
