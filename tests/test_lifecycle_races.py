@@ -346,3 +346,37 @@ async def test_a_model_unloaded_as_its_load_finishes_is_a_503_to_retry_not_a_404
 
 async def collect(events) -> list:
     return [event async for event in events]
+
+
+async def test_an_adapter_job_admitted_as_its_adapter_is_detached_gets_the_unload_503_not_a_404():
+    # seen in a mixed run (/v1/responses 404 model_not_found): the job left the queue for the batch, the engine
+    # retired the adapter's jobs and detached it, and only then did the backend refuse the job for its adapter
+    from xllm_jupyter.core.errors import ModelNotFound
+    from xllm_jupyter.engine.runner import ModelRunner
+
+    from .fake_backend import FakeModel
+
+    entered, detached = threading.Event(), threading.Event()
+
+    class Detaching(FakeModel):
+        def add(self, job):
+            if job.adapter:
+                entered.set()
+                detached.wait()
+                raise ModelNotFound(job.adapter)  # what the transformers backend says for a detached adapter
+            super().add(job)
+
+    runner = ModelRunner(Detaching("fake"))
+    runner.start()
+    await asyncio.to_thread(runner.wait_ready)
+    request = dataclasses.replace(chat_request(), adapter="ad")
+    try:
+        handle = runner.submit(request, asyncio.get_running_loop())
+        await asyncio.to_thread(entered.wait)
+        runner.retire_adapter("ad", Overloaded("The adapter 'ad' was unloaded while this request ran; retry"))
+    finally:
+        detached.set()
+    with pytest.raises(Overloaded, match="adapter 'ad' was unloaded"):
+        await collect(handle)
+    assert (runner.stats().running, runner.stats().queued) == (0, 0)
+    await asyncio.to_thread(runner.shutdown)

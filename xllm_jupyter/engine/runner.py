@@ -329,12 +329,13 @@ class ModelRunner(StepFailures):
                 self.model.add(job)
                 self._fresh.add(job.job_id)
             except Exception as exc:  # a job the backend refuses fails alone, not the thread
-                if not isinstance(exc, XllmError):
+                with self._cond:  # retired meanwhile (its adapter detached under the add): the engine's reason
+                    reason = self._reasons.pop(job.job_id, None)
+                if reason is None and not isinstance(exc, XllmError):
                     log.exception("adding a job to %s failed", self.model.name)
                     exc = EngineError("The engine could not start this generation")
-                state.done = True
                 del self._jobs[job.job_id]  # the backend never had it: no event would ever remove it
-                self._fail(state.handle, exc)
+                self._fail_once(state, reason or exc)
                 self.cancel(state.handle.job_ids)
         return True
 
