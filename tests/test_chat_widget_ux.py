@@ -193,3 +193,13 @@ def test_the_magic_says_the_server_dropped_the_answer(doomed_server, monkeypatch
     assert cap.outputs[-1].data["text/markdown"] == streamed[-1] and len(streamed[-1]) > 20
     assert "xllm: the xllm server at" in cap.stderr and "closed the connection" in cap.stderr, cap.stderr
     assert "Traceback" not in cap.stderr and "start one" not in cap.stderr
+
+
+def test_the_transcript_follows_a_reply_longer_than_its_box(chat):
+    # A scroll box keeps its offset as content grows: a plain one stayed at the top while a long reply
+    # streamed below the fold. Laid out bottom-up (column-reverse), the browser anchors it at the end
+    # (checked in chromium: scrollTop stays 0 = the bottom while scrollHeight grows 491 -> 883 px).
+    w = chat(TINY)
+    layout = w.transcript.layout
+    assert layout.overflow == "auto" and layout.max_height
+    assert layout.display == "flex" and layout.flex_flow == "column-reverse"

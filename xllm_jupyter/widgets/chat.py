@@ -86,7 +86,10 @@ class ChatWidget(W.VBox):
                 self.chosen.add(name)
             self._control(name).observe(lambda _, name=name: self._chose(name), names="value")
         self._note_settings()
-        self.transcript = W.HTML(layout=W.Layout(width="100%", max_height="28em", overflow="auto", border="1px solid var(--jp-border-color2, #ddd)", padding="4px"))
+        # column-reverse anchors the scroll position at the bottom: a reply longer than the box stays in
+        # view as it streams (a plain box stayed at the top, hiding the newest text); scrolled up, it stays put
+        self.transcript = W.HTML(layout=W.Layout(width="100%", max_height="28em", overflow="auto", border="1px solid var(--jp-border-color2, #ddd)",
+                                                 padding="4px", display="flex", flex_flow="column-reverse"))
         self.transcript.add_class("xllm-chat-transcript")  # for the page (and browser tests) to find it
         self.input = W.Textarea(placeholder="Type a message and press Send", description="Message", layout=W.Layout(width="100%", height="5em"))
         self.send_button = W.Button(description="Send", button_style="primary", icon="paper-plane")
