@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 from ..backends.base import ModelSpec
 from ..core import gc_freeze
+from ..core.errors import Overloaded
 from ..core.types import EmbeddingResult, ModelInfo, ModelRuntime
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ class EmbeddingSlot:
         self.model = model
         self.created = int(time.time())
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"xllm-embed-{model.name}")
+        self.closed = False  # unloaded: no new work (its executor is shut down or about to be)
 
     def info(self) -> ModelInfo:
         """The loaded model's ``ModelInfo``."""
@@ -97,6 +99,10 @@ class EmbeddingHost:
     async def embed(self, slot: EmbeddingSlot, inputs: Sequence[str] | Sequence[Sequence[int]]) -> EmbeddingResult:
         """Tokenize, check and embed ``inputs`` on the model's own thread."""
         model = slot.model
+        if slot.closed:
+            # unloaded after this request got its slot (a keep_alive 0 request ending while this one waited for
+            # the load's collection): its executor takes no work, which read as a 500 with a traceback
+            raise Overloaded(f"The model '{model.name}' was unloaded while this request ran; retry the request")
 
         def work() -> EmbeddingResult:
             ids = [model.tokenize(x) if isinstance(x, str) else list(x) for x in inputs]
@@ -111,6 +117,7 @@ class EmbeddingHost:
         slot = self.slots.pop(name, None)
         if slot is None:
             return False
+        slot.closed = True
         # the worker thread gets the box, not the slot: it may still hold its finished call when the collection
         # below runs, and the model must be unreferenced by then (what it leaves in cycles, that one frees)
         box = [slot]
