@@ -102,17 +102,27 @@ def paused() -> Iterator[None]:
 @contextlib.contextmanager
 def first_time(key: str) -> Iterator[None]:
     """The process's first block of ``key`` (a backend's first load, which imports its libraries) runs
-    ``paused()`` and ends in a ``freeze()`` before collections resume; later blocks of ``key``: nothing.
-
-    The freeze inside the pause: resumed first, the next young collection would walk all the block made
-    (0.19 s after a cold load of the tiny Llama). A block that raises ends without it.
-    """
+    ``one_collection()``; later blocks of ``key``: nothing special."""
     with _lock:
         first = key not in _first_done
         _first_done.add(key)  # (a failed first block imported its libraries all the same)
     if not first:
         yield
         return
+    with one_collection():
+        yield
+
+
+@contextlib.contextmanager
+def one_collection() -> Iterator[None]:
+    """``paused()`` for the block, then one ``freeze()`` before collections resume (none if the block raises).
+
+    For work that makes a million objects which live for a while (transformers reading a GGUF's
+    tokenizer: its fields one Python object each): unpaused, they set off full collections that walk
+    them again and again (5-9 of 0.06-1.3 s for SmolLM2's, in a process frozen before). The freeze inside
+    the pause: resumed first, the next young collection would walk all the block made (0.19 s after a
+    cold load of the tiny Llama).
+    """
     with paused():
         yield
         freeze()
