@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import httpx
+import pytest
 
 from tests.server_fixtures import make_test_config
 from xllm_jupyter.engine.engine import Engine
@@ -60,3 +62,68 @@ async def test_keyed_server_keeps_wildcard_cors(tiny_catalog, tmp_path):
     finally:
         await server.stop()
         await engine.stop()
+
+
+# ------------------------------------------------------------- the Jupyter extension with several users
+# A JupyterHub single-user server can be shared (JupyterHub 5 sharing, granular jupyter_server scopes):
+# its identity provider then names each real user, and only the server's owner is the extension's admin.
+
+pytest_plugins = ("pytest_jupyter.jupyter_server",)
+
+from jupyter_server.auth.identity import IdentityProvider, User  # noqa: E402
+
+TOKENS = {"alice-token": "alice", "bob-token": "bob"}
+
+
+class TwoUsersProvider(IdentityProvider):
+    """Two hub-like users, told apart by their token (as JupyterHub's provider tells hub users apart)."""
+
+    async def get_user(self, handler):
+        """The user whose token the request carries."""
+        scheme, _, token = (handler.request.headers.get("Authorization") or "").partition(" ")
+        name = TOKENS.get(token.strip()) if scheme.lower() in ("token", "bearer") else None
+        if name is None:
+            return None
+        handler._token_authenticated = True
+        return User(name)
+
+
+@pytest.fixture
+def jp_server_config(xllm_home):
+    """The extension on a server whose owner is alice, shared with bob."""
+    return {
+        "ServerApp": {
+            "jpserver_extensions": {"xllm_jupyter": True, "jupyter_server_terminals": False},
+            "identity_provider_class": f"{__name__}.TwoUsersProvider",
+        },
+        "XllmApp": {"home": str(xllm_home), "preload": False, "defer_to_hub": False},
+    }
+
+
+def test_a_shared_servers_admin_routes_are_its_owners(jp_serverapp, jp_fetch, jp_asyncio_loop, monkeypatch):
+    """Bob, let into alice's server, read every user's usage and counts (/admin/usage, /metrics) and could
+    pull, load and unload models: the extension never checked ``admin_only``. Now only the owner may."""
+    monkeypatch.setenv("JUPYTERHUB_USER", "alice")
+    from tornado.httpclient import HTTPClientError
+
+    async def call(token, method, *path, body=None):
+        try:
+            r = await jp_fetch("xllm", *path, method=method, body=body, headers={"Authorization": f"token {token}"})
+            return r.code, r.body
+        except HTTPClientError as exc:
+            return exc.code, exc.response.body if exc.response else b""
+
+    async def scenario():
+        for method, path, body in (("GET", ("admin", "usage"), None), ("GET", ("metrics",), None),
+                                   ("GET", ("admin", "stats"), None), ("GET", ("admin", "models"), None),
+                                   ("POST", ("admin", "models", "unload"), b'{"model": "tiny"}'),
+                                   ("POST", ("admin", "models", "pull"), b'{"model": "/etc"}')):
+            code, text = await call("bob-token", method, *path, body=body)
+            assert code == 403, (path, code, text)
+            assert json.loads(text)["error"]["type"] == "permission_error"
+        code, text = await call("alice-token", "GET", "admin", "usage")
+        assert code == 200 and json.loads(text)["object"] == "list"
+        code, _ = await call("bob-token", "GET", "v1", "models")  # bob still uses the API itself
+        assert code == 200
+
+    jp_asyncio_loop.run_until_complete(scenario())

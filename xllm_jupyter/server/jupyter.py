@@ -16,7 +16,7 @@ from jupyter_server.base.handlers import APIHandler
 from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import web
 
-from ..core.errors import AuthenticationError
+from ..core.errors import AuthenticationError, PermissionDenied
 
 
 class JupyterXllmHandler(ExtensionHandlerMixin, APIHandler):
@@ -47,18 +47,21 @@ class JupyterXllmHandler(ExtensionHandlerMixin, APIHandler):
     @authorized
     async def get(self, *args: Any, **kwargs: Any) -> None:
         """Dispatch to the route mixin."""
+        self.check_admin()
         await self.serve("get", *args, **kwargs)
 
     @web.authenticated
     @authorized
     async def post(self, *args: Any, **kwargs: Any) -> None:
         """Dispatch to the route mixin."""
+        self.check_admin()
         await self.serve("post", *args, **kwargs)
 
     @web.authenticated
     @authorized
     async def delete(self, *args: Any, **kwargs: Any) -> None:
         """Dispatch to the route mixin."""
+        self.check_admin()
         await self.serve("delete", *args, **kwargs)
 
     @web.authenticated
@@ -68,6 +71,13 @@ class JupyterXllmHandler(ExtensionHandlerMixin, APIHandler):
         raise web.HTTPError(405)
 
     patch = head = put
+
+    def check_admin(self) -> None:
+        """``/admin/*`` and ``/metrics`` are the server owner's: a user the server is shared with gets a 403."""
+        # the identity provider may know several users (a JupyterHub server shared with others): they use
+        # the API, but every user's usage, and pulling, loading and unloading, stay the owner's (usage.caller_of)
+        if getattr(self, "admin_only", False) and not self.caller.admin:  # type: ignore[attr-defined]
+            raise PermissionDenied("Only this Jupyter server's owner may call admin endpoints.")
 
     async def serve(self, method: str, *args: Any, **kwargs: Any) -> None:
         """Serve an authorized request: the route mixin here (the extension's base may send it elsewhere)."""
