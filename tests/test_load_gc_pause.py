@@ -52,7 +52,8 @@ COLD_LOAD = textwrap.dedent("""
     spec = ModelSpec(name="t", path=Path(sys.argv[1]), options=BackendOptions(device="cpu"))
     model = loading._load_and_prepare(backend, spec)
     gc.callbacks.remove(counted)
-    print(json.dumps({**full, "enabled": gc.isenabled(), "tokens": model.tokenize("Hi")}))
+    print(json.dumps({**full, "resumed": gc.get_threshold()[2] != gc_freeze.NO_FULL_COLLECTIONS,
+                      "tokens": model.tokenize("Hi")}))
 """)
 
 
@@ -64,24 +65,26 @@ def test_a_cold_first_load_runs_no_full_collection_until_the_one_after_it(tiny_l
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["during"] == 0  # none set off by the imports' objects while the load ran
     assert got["after"] == 1  # the freeze's one walk of them
-    assert got["enabled"] and got["tokens"]  # collections resumed; the model works
+    assert got["resumed"] and got["tokens"]  # full collections resumed; the model works
+
+
+def full_collections_paused() -> bool:
+    """Whether automatic full collections are held off now."""
+    return gc.get_threshold()[2] == gc_freeze.NO_FULL_COLLECTIONS
 
 
 @pytest.fixture
 def collector_restored():
-    """Leaves the collector and gc_freeze's switch as the test found them."""
-    was, freezing = gc.isenabled(), gc_freeze.enabled()
+    """Leaves the collector's thresholds and gc_freeze's switch as the test found them."""
+    thresholds, freezing = gc.get_threshold(), gc_freeze.enabled()
     yield
     gc_freeze.configure(freezing)
-    if was:
-        gc.enable()
-    else:
-        gc.disable()
+    gc.set_threshold(*thresholds)
 
 
-def test_paused_blocks_nest_and_overlap_and_collections_resume_after_the_last(collector_restored):
+def test_paused_blocks_nest_and_overlap_and_full_collections_resume_after_the_last(collector_restored):
     gc_freeze.configure(True)
-    gc.enable()
+    before = gc.get_threshold()
     inside, release = threading.Event(), threading.Event()
 
     def other_load():
@@ -91,44 +94,39 @@ def test_paused_blocks_nest_and_overlap_and_collections_resume_after_the_last(co
 
     other = threading.Thread(target=other_load)
     with gc_freeze.paused():
-        assert not gc.isenabled()
+        assert full_collections_paused() and gc.get_threshold()[:2] == before[:2]  # young ones go on
         with gc_freeze.paused():
-            assert not gc.isenabled()
-        assert not gc.isenabled()  # the outer block still runs
+            assert full_collections_paused()
+        assert full_collections_paused()  # the outer block still runs
         other.start()
         inside.wait(30)
-    assert not gc.isenabled()  # the other thread's block still runs
+    assert full_collections_paused()  # the other thread's block still runs
     release.set()
     other.join(30)
-    assert gc.isenabled()
+    assert gc.get_threshold() == before
 
 
-def test_paused_leaves_a_collector_switched_off_off_and_does_nothing_when_freezing_is_off(collector_restored):
-    gc_freeze.configure(True)
-    gc.disable()  # someone else's choice
-    with gc_freeze.paused():
-        pass
-    assert not gc.isenabled()
+def test_paused_does_nothing_when_freezing_is_off(collector_restored):
     gc_freeze.configure(False)
-    gc.enable()
+    before = gc.get_threshold()
     with gc_freeze.paused():
-        assert gc.isenabled()  # off means off: the collector as it was
-    assert gc.isenabled()
+        assert gc.get_threshold() == before  # off means off: the collector as it was
+    assert gc.get_threshold() == before
 
 
 def test_only_the_first_block_of_a_key_is_paused_and_ends_in_a_freeze(collector_restored, monkeypatch):
     gc_freeze.configure(True)
-    gc.enable()
+    before = gc.get_threshold()
     freezes = []
-    monkeypatch.setattr(gc_freeze, "freeze", lambda: freezes.append(gc.isenabled()))
+    monkeypatch.setattr(gc_freeze, "freeze", lambda: freezes.append(full_collections_paused()))
     key = f"test {os.getpid()} {id(freezes)}"
     with gc_freeze.first_time(key):
-        assert not gc.isenabled()
-    assert freezes == [False] and gc.isenabled()  # frozen before collections resumed
+        assert full_collections_paused()
+    assert freezes == [True] and gc.get_threshold() == before  # frozen before full collections resumed
     with gc_freeze.first_time(key):
-        assert gc.isenabled()  # the second: as any other
-    assert freezes == [False]
+        assert not full_collections_paused()  # the second: as any other
+    assert freezes == [True]
     with pytest.raises(RuntimeError):
         with gc_freeze.first_time(key + " failing"):
             raise RuntimeError("the load failed")
-    assert freezes == [False] and gc.isenabled()  # no freeze of a failed block's leftovers; collections back
+    assert freezes == [True] and gc.get_threshold() == before  # no freeze for a failed block; thresholds back

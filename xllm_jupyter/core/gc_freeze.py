@@ -26,7 +26,9 @@ from . import heap
 _lock = threading.RLock()
 _enabled = True
 _paused = 0  # paused() blocks running
-_was_collecting = True  # whether automatic collection was on when the first of them began
+_saved_thresholds: tuple[int, ...] = gc.get_threshold()  # the collector's thresholds when the first of them began
+#: the oldest generation's threshold while paused: young collections this many times over before a full one
+NO_FULL_COLLECTIONS = 2**31 - 1
 _first_done: set[str] = set()  # first_time() keys already seen
 
 
@@ -72,19 +74,21 @@ def freeze() -> None:
 
 @contextlib.contextmanager
 def paused() -> Iterator[None]:
-    """No automatic collections while the block runs (process-wide; blocks may nest or overlap); off: nothing.
+    """No automatic full collections while the block runs (process-wide; blocks may nest or overlap); off: nothing.
 
-    For a backend's first load, which imports torch and the model library mid-load: the millions of
-    objects those imports make set off full collections that walk them all, holding the GIL (three of
-    0.2-0.37 s in one cold load of the tiny Llama, besides the freeze after it). Paused, they wait for
-    one ``freeze()`` at the block's end (``first_time``). Collections resume when the last block ends.
+    For work that makes a million objects which live a while (a backend's first load importing torch
+    and the model library, transformers reading a GGUF): they set off full collections that walk them
+    all, again and again, holding the GIL (three of 0.2-0.37 s in one cold load of the tiny Llama; 23
+    of 0.03-0.49 s while it read SmolLM2's GGUF weights). Young collections go on (the short-lived
+    cycles of requests served meanwhile are still found); the full ones wait for one ``freeze()`` at the
+    block's end (``one_collection``). The thresholds come back when the last block ends.
     """
-    global _paused, _was_collecting
+    global _paused, _saved_thresholds
     with _lock:
         if _enabled:
             if _paused == 0:
-                _was_collecting = gc.isenabled()
-                gc.disable()
+                _saved_thresholds = gc.get_threshold()
+                gc.set_threshold(*_saved_thresholds[:2], NO_FULL_COLLECTIONS)
             _paused += 1
             entered = True
         else:
@@ -95,8 +99,8 @@ def paused() -> Iterator[None]:
         if entered:
             with _lock:
                 _paused -= 1
-                if _paused == 0 and _was_collecting:
-                    gc.enable()
+                if _paused == 0:
+                    gc.set_threshold(*_saved_thresholds)
 
 
 @contextlib.contextmanager
@@ -115,13 +119,11 @@ def first_time(key: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def one_collection() -> Iterator[None]:
-    """``paused()`` for the block, then one ``freeze()`` before collections resume (none if the block raises).
+    """``paused()`` for the block, then one ``freeze()`` (a full collection) before full collections resume;
+    none if the block raises.
 
-    For work that makes a million objects which live for a while (transformers reading a GGUF's
-    tokenizer: its fields one Python object each): unpaused, they set off full collections that walk
-    them again and again (5-9 of 0.06-1.3 s for SmolLM2's, in a process frozen before). The freeze inside
-    the pause: resumed first, the next young collection would walk all the block made (0.19 s after a
-    cold load of the tiny Llama).
+    Transformers reading SmolLM2's GGUF tokenizer (its fields one Python object each) set off 5-9 full
+    collections of 0.06-1.3 s each in a process frozen before; inside this block, only the freeze's.
     """
     with paused():
         yield
