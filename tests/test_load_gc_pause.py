@@ -130,3 +130,32 @@ def test_only_the_first_block_of_a_key_is_paused_and_ends_in_a_freeze(collector_
         with gc_freeze.first_time(key + " failing"):
             raise RuntimeError("the load failed")
     assert freezes == [True] and gc.get_threshold() == before  # no freeze for a failed block; thresholds back
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "safetensors"])
+def test_a_gguf_weights_read_holds_off_full_collections_until_one_at_its_end(tmp_path, monkeypatch, fmt,
+                                                                           collector_restored):
+    pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    from xllm_jupyter.backends import transformers as backend_module
+    from xllm_jupyter.backends.base import BackendOptions, ModelSpec
+    from xllm_jupyter.core.errors import ModelLoadError
+
+    gc_freeze.configure(True)
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    (tmp_path / "config.json").write_text("{}")
+    seen, freezes = [], []
+    monkeypatch.setattr(backend_module, "load_tokenizer", lambda *a, **k: object())  # (its own test: test_tokenizer_files)
+    monkeypatch.setattr(gc_freeze, "freeze", lambda: freezes.append(1))
+
+    def weights(cls, *args, **kwargs):  # what transformers' GGUF reader does: a million objects, in Python
+        seen.append(full_collections_paused())
+        raise OSError("stand-in: no weights")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(weights))
+    spec = ModelSpec(name="g", path=tmp_path, format=fmt, options=BackendOptions(device="cpu"))
+    with pytest.raises(ModelLoadError):
+        backend_module.TransformersBackend().load(spec)
+    assert seen == [fmt == "gguf"]  # held off while a GGUF's tensors are read; a safetensors read as ever
+    assert not full_collections_paused() and freezes == []  # back after it (no freeze: the read failed)
