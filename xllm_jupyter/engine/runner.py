@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from ..backends.base import LoadedModel, unload_each
 from ..backends.detokenize import token_text
-from ..core.errors import BadModelOutput, EngineError, InvalidRequest, Overloaded, Unsupported, XllmError
+from ..core.errors import BadModelOutput, EngineError, Overloaded, Unsupported, XllmError
 from ..core.types import (
     ChoiceDelta,
     EngineStats,
@@ -37,7 +37,8 @@ from ..core.types import (
 )
 from .delivery import END, RequestHandle, coalesce, deliver_all, paced_interval
 from .fairness import FairnessPolicy, FairQueue
-from .step_failures import StepFailures, out_of_memory_error
+from .retirement import Retirement
+from .step_failures import StepFailures, constraint_failure, out_of_memory_error
 from .stops import StopMatcher
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,9 @@ class _Counters:
     isolated_failures: int = 0
 
 
-class ModelRunner(StepFailures):
-    """Owns a LoadedModel and runs its step loop on a dedicated thread (a failed step: step_failures.py)."""
+class ModelRunner(StepFailures, Retirement):
+    """Owns a LoadedModel and runs its step loop on a dedicated thread (a failed step: step_failures.py; jobs
+    retired with a reason: retirement.py)."""
 
     _ids = itertools.count(1)
 
@@ -164,17 +166,6 @@ class ModelRunner(StepFailures):
         """Ask the step thread to drop these jobs before its next step."""
         with self._cond:
             self._cancels.extend(job_ids)
-            self._cond.notify()
-
-    def retire_adapter(self, adapter: str, reason: XllmError) -> None:
-        """Fail the waiting and running requests that decode with LoRA ``adapter`` with ``reason`` (it is being
-        detached: the backend drops its jobs, which must not read as an engine failure)."""
-        with self._cond:
-            jobs = [job.job_id for job, _ in self._waiting if job.adapter == adapter]
-            # (admitted jobs enter _jobs under this lock; the step thread only removes them)
-            jobs += [i for i, s in list(self._jobs.items()) if s.handle.request.adapter == adapter]
-            self._reasons.update(dict.fromkeys(jobs, reason))
-            self._cancels.extend(jobs)
             self._cond.notify()
 
     def stats(self) -> EngineStats:
@@ -329,8 +320,7 @@ class ModelRunner(StepFailures):
                 self.model.add(job)
                 self._fresh.add(job.job_id)
             except Exception as exc:  # a job the backend refuses fails alone, not the thread
-                with self._cond:  # retired meanwhile (its adapter detached under the add): the engine's reason
-                    reason = self._reasons.pop(job.job_id, None)
+                reason = self._retired_reason(job.job_id)  # retired meanwhile (its adapter detached under the add)
                 if reason is None and not isinstance(exc, XllmError):
                     log.exception("adding a job to %s failed", self.model.name)
                     exc = EngineError("The engine could not start this generation")
@@ -407,10 +397,9 @@ class ModelRunner(StepFailures):
             # we did not ask for this: the backend dropped the job on its own (or, detaching its adapter, before
             # this thread applied the engine's retire_adapter: then its reason is waiting)
             state.done = True
-            with self._cond:
-                reason = self._reasons.pop(event.job_id, None)
+            reason = self._retired_reason(event.job_id)
             self._fail(handle, reason if reason is not None else out_of_memory_error() if event.out_of_memory
-                       else _constraint_failure(event.constraint_error) if event.constraint_error
+                       else constraint_failure(event.constraint_error) if event.constraint_error
                        else BadModelOutput(event.error) if event.error
                        else EngineError("The engine stopped this generation unexpectedly"))
             self.cancel(handle.job_ids)
@@ -441,13 +430,6 @@ class ModelRunner(StepFailures):
             items.append(END)
         return True
 
-    def _fail_once(self, state: _JobState, exc: XllmError) -> None:
-        """Fail ``state``'s request with ``exc`` unless one of its jobs already ended it (n > 1: one error)."""
-        if not state.done and not state.handle.failed:
-            state.handle.failed = True
-            self._fail(state.handle, exc)
-        state.done = True
-
     def _fail(self, handle: RequestHandle, exc: XllmError) -> None:
         # what the request already made goes first, so nothing is lost before the error
         items = self._outbox.pop(handle, None) or []
@@ -456,13 +438,6 @@ class ModelRunner(StepFailures):
             handle.loop.call_soon_threadsafe(handle.deliver, items)
         except RuntimeError:
             pass
-
-
-def _constraint_failure(reason: str) -> InvalidRequest:
-    """The 400 of a request whose output constraint could not be followed while generating."""
-    return InvalidRequest(f"The output could not follow the request's schema or grammar ({reason}); simplify it "
-                          "(response_format, or the tools of a forced tool call)", param="response_format",
-                          code="constraint_failed")
 
 
 def _token_logprob(event: TokenEvent, logprob: float) -> TokenLogprob:

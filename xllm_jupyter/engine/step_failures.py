@@ -14,7 +14,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from ..backends.torch_device import is_out_of_memory
-from ..core.errors import EngineError, Overloaded, XllmError
+from ..core.errors import EngineError, InvalidRequest, Overloaded, XllmError
 
 if TYPE_CHECKING:  # (the mixin's host; typing only)
     from ..backends.base import LoadedModel
@@ -109,6 +109,13 @@ def _blame_error(exc: BaseException) -> XllmError:
             return out_of_memory_error()
         seen = seen.__cause__ or seen.__context__
     return EngineError("The engine failed while starting this generation")
+
+
+def constraint_failure(reason: str) -> InvalidRequest:
+    """The 400 of a request whose output constraint could not be followed while generating."""
+    return InvalidRequest(f"The output could not follow the request's schema or grammar ({reason}); simplify it "
+                          "(response_format, or the tools of a forced tool call)", param="response_format",
+                          code="constraint_failed")
 
 
 def out_of_memory_error() -> Overloaded:
