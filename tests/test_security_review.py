@@ -96,7 +96,7 @@ def jp_server_config(xllm_home):
             "jpserver_extensions": {"xllm_jupyter": True, "jupyter_server_terminals": False},
             "identity_provider_class": f"{__name__}.TwoUsersProvider",
         },
-        "XllmApp": {"home": str(xllm_home), "preload": False, "defer_to_hub": False},
+        "XllmApp": {"home": str(xllm_home), "preload": False},
     }
 
 
@@ -125,5 +125,53 @@ def test_a_shared_servers_admin_routes_are_its_owners(jp_serverapp, jp_fetch, jp
         assert code == 200 and json.loads(text)["object"] == "list"
         code, _ = await call("bob-token", "GET", "v1", "models")  # bob still uses the API itself
         assert code == 200
+
+    jp_asyncio_loop.run_until_complete(scenario())
+
+
+from tests import test_extension as extension_tests  # noqa: E402 - its stand-ins for the hub API and service
+
+
+@pytest.fixture
+def service():
+    """The hub's xllm service (a recording stand-in)."""
+    svc = extension_tests._Service()
+    yield svc
+    svc.close()
+
+
+@pytest.fixture
+def hub_api(monkeypatch, service):
+    """A single-user server's environment on a hub whose xllm service this server's token may read."""
+    api = extension_tests._HubApi("server-token", service.url)
+    monkeypatch.setenv("JUPYTERHUB_API_URL", api.url)
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "server-token")
+    monkeypatch.delenv("XLLM_HUB_SERVICE", raising=False)
+    yield api
+    api.close()
+
+
+def test_a_shared_server_forwards_only_its_owners_requests_to_the_hub_service(jp_serverapp, jp_fetch, jp_asyncio_loop,
+                                                                            monkeypatch, hub_api, service):
+    """Forwarded requests carry the server's own hub token, so the service answers them as the owner: bob, let
+    into alice's server, used alice's quota and read alice's stored chat completions and responses there.
+    Now only the owner's requests are forwarded; others get a 403 and nothing reaches the service."""
+    monkeypatch.setenv("JUPYTERHUB_USER", "alice")
+    from tornado.httpclient import HTTPClientError
+
+    async def scenario():
+        await jp_serverapp._post_start()  # the extension's start hook: asks the (stand-in) hub, finds the service
+        for path in (("v1", "models"), ("v1", "chat", "completions"), ("v1", "responses", "resp_1")):
+            try:
+                r = await jp_fetch("xllm", *path, headers={"Authorization": "token bob-token"})
+                code, text = r.code, r.body
+            except HTTPClientError as exc:
+                code, text = exc.code, exc.response.body
+            assert code == 403, (path, code, text)
+            assert json.loads(text)["error"]["type"] == "permission_error"
+        assert service.seen == []  # nothing of bob's went upstream as alice
+        r = await jp_fetch("xllm", "v1", "models", headers={"Authorization": "token alice-token"})
+        assert r.code == 200 and json.loads(r.body)["data"][0]["id"] == "hub-model"
+        assert [(m, p) for m, p, _, _ in service.seen] == [("GET", "/services/xllm/v1/models")]
 
     jp_asyncio_loop.run_until_complete(scenario())

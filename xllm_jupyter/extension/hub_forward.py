@@ -19,7 +19,7 @@ import httpx
 from jupyter_server.utils import url_path_join
 from tornado.iostream import StreamClosedError
 
-from ..core.errors import NotFound, Overloaded, quoted
+from ..core.errors import NotFound, Overloaded, PermissionDenied, quoted
 from ..server.handlers import BodyMixin
 from ..server.jupyter import JupyterXllmHandler
 from ..server.routes import ROUTES
@@ -57,6 +57,11 @@ class HubForwardingHandler(JupyterXllmHandler):
             with link.serving_locally():
                 await super().serve(method, *args, **kwargs)
             return
+        if not self.caller.admin:  # type: ignore[attr-defined]
+            # upstream the request carries this server's own token, so the service would serve it as the owner
+            # (their quota, their stored chats and responses): a user the server is shared with uses their own
+            raise PermissionDenied("This Jupyter server forwards to the JupyterHub xllm service as its owner, so it "
+                                   "serves only its owner: use the xllm API of your own server or your hub token.")
         self._dispatched = True  # Tornado has read (and capped) the body by now
         upstream = link.upstream
         try:
