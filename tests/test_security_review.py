@@ -117,7 +117,9 @@ def test_a_shared_servers_admin_routes_are_its_owners(jp_serverapp, jp_fetch, jp
         for method, path, body in (("GET", ("admin", "usage"), None), ("GET", ("metrics",), None),
                                    ("GET", ("admin", "stats"), None), ("GET", ("admin", "models"), None),
                                    ("POST", ("admin", "models", "unload"), b'{"model": "tiny"}'),
-                                   ("POST", ("admin", "models", "pull"), b'{"model": "/etc"}')):
+                                   ("POST", ("admin", "models", "pull"), b'{"model": "/etc"}'),
+                                   # its URLs relay chats with the owner's token: another way to act as the owner
+                                   ("POST", ("playground",), b"")):
             code, text = await call("bob-token", method, *path, body=body)
             assert code == 403, (path, code, text)
             assert json.loads(text)["error"]["type"] == "permission_error"

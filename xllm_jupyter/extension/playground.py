@@ -15,7 +15,7 @@ import logging
 import os
 from typing import Any
 
-from ..core.errors import EngineError, Overloaded, XllmError
+from ..core.errors import EngineError, Overloaded, PermissionDenied, XllmError
 from ..server.handlers import BodyMixin
 from ..server.routes import handler_class
 
@@ -33,6 +33,9 @@ class PlaygroundMixin(BodyMixin):
 
     async def handle_post(self) -> None:
         """Start the playground unless it runs already; answer with where it is."""
+        if not self.caller.admin:
+            # it relays every chat with the owner's token: whoever holds its URL acts as the server's owner
+            raise PermissionDenied("Only this Jupyter server's owner may open its playground (it acts as the owner).")
         # kept on the context, which the extension app shares with the handlers' settings
         context = self.xllm
         lock = context.__dict__.setdefault("_playground_lock", asyncio.Lock())
