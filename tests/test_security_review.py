@@ -7,10 +7,14 @@ import json
 
 import httpx
 import pytest
+from jupyter_server.auth.identity import IdentityProvider, User
 
+from tests import test_extension as extension_tests  # its stand-ins for the hub API and the hub service
 from tests.server_fixtures import make_test_config
 from xllm_jupyter.engine.engine import Engine
 from xllm_jupyter.server.standalone import start_server
+
+pytest_plugins = ("pytest_jupyter.jupyter_server",)
 
 EVIL = {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"}
 
@@ -68,9 +72,6 @@ async def test_keyed_server_keeps_wildcard_cors(tiny_catalog, tmp_path):
 # A JupyterHub single-user server can be shared (JupyterHub 5 sharing, granular jupyter_server scopes):
 # its identity provider then names each real user, and only the server's owner is the extension's admin.
 
-pytest_plugins = ("pytest_jupyter.jupyter_server",)
-
-from jupyter_server.auth.identity import IdentityProvider, User  # noqa: E402
 
 TOKENS = {"alice-token": "alice", "bob-token": "bob"}
 
@@ -131,7 +132,6 @@ def test_a_shared_servers_admin_routes_are_its_owners(jp_serverapp, jp_fetch, jp
     jp_asyncio_loop.run_until_complete(scenario())
 
 
-from tests import test_extension as extension_tests  # noqa: E402 - its stand-ins for the hub API and service
 
 
 @pytest.fixture
