@@ -269,9 +269,9 @@ def test_a_second_ctrl_c_cuts_the_drain_but_still_saves_usage(tmp_path, xllm_hom
         wait_until(lambda: _ready(base), "the server serving", limit=120)
         with openai.OpenAI(base_url=base + "/v1", api_key=API_KEY, max_retries=0, timeout=120) as c:
             c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
-            # a request in flight through the shutdown: a 2 MB prompt tokenizes for seconds, so the drain waits
+            # a request in flight through the shutdown: a 1 MB prompt tokenizes for a second or more, so the drain waits
             big = threading.Thread(target=_quietly, args=(c.chat.completions.create,), kwargs=dict(
-                model="tiny", messages=[{"role": "user", "content": "word " * 400_000}], max_tokens=3), daemon=True)
+                model="tiny", messages=[{"role": "user", "content": "word " * 200_000}], max_tokens=3), daemon=True)
             big.start()
             wait_until(lambda: _in_flight(base, headers) == 2, "the big request being handled")  # (it, the scrape)
             proc.send_signal(signal.SIGINT)
