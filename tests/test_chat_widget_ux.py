@@ -98,6 +98,9 @@ def test_replies_are_rendered_as_markdown_and_raw_html_is_escaped(chat):
     assert "<script>" not in shown and "&lt;script&gt;alert(1)&lt;/script&gt;" in shown
     # what the user typed is shown as typed, not as Markdown
     assert "Show **code** &lt;b&gt;" in shown
+    # read at text spacing (ipywidgets gives an HTML widget a control's 28 px line-height), headings scaled
+    # to one message (a reply's "# Title" showed at page-title size)
+    assert ".xllm-chat-transcript .widget-html-content{line-height:1.45}" in shown and ".xllm-md h1{font-size:1.3em}" in shown
 
     # a reply still streaming with an open fence shows as code already
     w.messages[1]["content"] = "```python\nx = 1"

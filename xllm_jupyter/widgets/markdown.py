@@ -9,6 +9,11 @@ from typing import Any
 #: Markdown styles, so without them a code block would be proportional text on the page's background
 TRANSCRIPT_CSS = (
     "<style>"
+    # ipywidgets sets an HTML widget's line-height to a control's height (28 px): text read double-spaced
+    ".xllm-chat-transcript .widget-html-content{line-height:1.45}"
+    # a reply's "# Title" is a heading inside one message, not the page's
+    ".xllm-md h1{font-size:1.3em}.xllm-md h2{font-size:1.2em}.xllm-md h3,.xllm-md h4,.xllm-md h5,.xllm-md h6{font-size:1.05em}"
+    ".xllm-md h1,.xllm-md h2,.xllm-md h3,.xllm-md h4,.xllm-md h5,.xllm-md h6{margin:0.6em 0 0.3em}"
     ".xllm-md > :first-child{margin-top:0}.xllm-md > :last-child{margin-bottom:0}"
     ".xllm-md pre{background:var(--jp-layout-color2,#f5f5f5);padding:6px 8px;border-radius:4px;"
     "overflow-x:auto;white-space:pre;font-family:var(--jp-code-font-family,monospace);font-size:0.9em}"
