@@ -209,11 +209,9 @@ class ResponsesServing:
         self.chat = chat
         self.store = store if store is not None else ResponseStore()  # an empty store is falsy (__len__)
 
-    async def create(self, body: bytes, user: str | None = None) -> dict[str, Any] | AsyncIterator[Event]:
-        """``POST /v1/responses``: a Response, or typed events when ``stream`` is true.
-
-        ``user`` owns the stored response; only they can retrieve, continue or delete it.
-        """
+    async def _chat_request(self, body: bytes, user: str | None) -> tuple[ResponsesRequest, list[dict[str, Any]], list[dict[str, Any]], bytes]:
+        """``body`` checked and translated: the request, its input items, the stored conversation it extends
+        (``previous_response_id``, ``user``'s own only) and the chat completion request body it becomes."""
         big = is_big(body)  # then parsing, translating and re-serializing run off the IOLoop
         req: ResponsesRequest = await parse_body(ResponsesRequest, body)
         chat: dict[str, Any] = {"model": req.model}
@@ -243,10 +241,18 @@ class ResponsesServing:
         if req.stream:
             chat["stream"] = True
             chat["stream_options"] = {"include_usage": True}
+        # a long stored conversation costs as much to re-serialize as a big body
+        chat_body = await off_loop_if(big or len(history) > _INLINE_HISTORY, _encoded, chat)
+        return req, items, history, chat_body
+
+    async def create(self, body: bytes, user: str | None = None) -> dict[str, Any] | AsyncIterator[Event]:
+        """``POST /v1/responses``: a Response, or typed events when ``stream`` is true.
+
+        ``user`` owns the stored response; only they can retrieve, continue or delete it.
+        """
+        req, items, history, chat_body = await self._chat_request(body, user)
         turn = Turn(req, items, history, user)
         try:
-            # a long stored conversation costs as much to re-serialize as a big body
-            chat_body = await off_loop_if(big or len(history) > _INLINE_HISTORY, _encoded, chat)
             result = await self.chat.chat_completion(chat_body, user=user, truncate=req.truncation == "auto")
         except XllmError as exc:
             raise _relabel(exc) from None
@@ -257,6 +263,16 @@ class ResponsesServing:
         logprobs = (choice.get("logprobs") or {}).get("content") or [] if req.logprobs else None
         output = output_items(choice["message"], turn.mid, status, logprobs)
         return turn.finish(self.store, output, status, incomplete, result.get("usage"))
+
+    async def input_tokens(self, body: bytes, user: str | None = None) -> dict[str, Any]:
+        """``POST /v1/responses/input_tokens``: the ``usage.input_tokens`` that ``create`` would report for the same
+        body (instructions, tools, ``user``'s ``previous_response_id`` chain, ``truncation``), generating nothing."""
+        req, _, _, chat_body = await self._chat_request(body, user)
+        try:
+            count = await self.chat.chat_prompt_tokens(chat_body, truncate=req.truncation == "auto")
+        except XllmError as exc:
+            raise _relabel(exc) from None
+        return {"object": "response.input_tokens", "input_tokens": count}
 
     # ----------------------------------------------------------- stored objects
     def retrieve(self, rid: str, user: str | None = None) -> dict[str, Any]:

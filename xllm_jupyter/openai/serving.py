@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Sequence
 
 from ..core.config import CacheConfig, ServerConfig
@@ -39,6 +40,21 @@ from .protocol import (
 )
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _ChatPrompt:
+    """A checked chat request and the prompt it becomes, before anything is queued."""
+
+    req: ChatCompletionRequest  # with the model's Modelfile defaults applied
+    model: Any  # the loaded model's runtime info (context length, tokenizer facts)
+    defaults: ModelDefaults
+    tools: ToolCalling
+    constraint: Any  # forced tool calls' or response_format's, else None
+    sampling: Any
+    keep_alive: Any
+    big: bool  # body-proportional work runs off the IOLoop
+    prompt: list[int]
 
 
 class OpenAIServing(CompletionsMixin):
@@ -179,12 +195,19 @@ class OpenAIServing(CompletionsMixin):
         """``make(body)``, or what the response cache holds for it (never shared across users)."""
         return await self.cache.serve(kind, body, make, self._model_identity, namespace=user or "")
 
-    async def _chat_completion(self, body: bytes, user: str | None = None, manages: bool = True,
-                               truncate: bool = False) -> dict[str, Any] | AsyncIterator[Chunk]:
+    async def chat_prompt_tokens(self, body: bytes, manages: bool = True, truncate: bool = False) -> int:
+        """How many prompt tokens ``chat_completion(body, truncate=truncate)`` would send the model; nothing is generated.
+
+        Every check that comes before the prompt is built raises here too (unknown model 404, bad tools 400...);
+        the context-length and ``max_tokens`` checks do not: knowing an over-long prompt's size is the point.
+        """
+        return len((await self._chat_prompt(body, manages, truncate)).prompt)
+
+    async def _chat_prompt(self, body: bytes, manages: bool, truncate: bool) -> _ChatPrompt:
+        """``body`` parsed and checked, with Modelfile defaults applied, and its prompt tokens (``truncate``: fitted)."""
         req: ChatCompletionRequest = await parse_body(ChatCompletionRequest, body)
         keep_alive = request_keep_alive(req.keep_alive, manages)
-        n = req.n or 1
-        self._check_n(n)
+        self._check_n(req.n or 1)
         big = is_big(body)  # then the work proportional to it runs off the IOLoop
         messages = await off_loop_if(big, req.core_messages)
         model = await self.engine.load(req.model)
@@ -206,23 +229,29 @@ class OpenAIServing(CompletionsMixin):
                 return await self.engine.encode_chat(req.model, *await off_loop_if(big, tools.prompt, kept))
 
             prompt, _ = await fit_front(messages, prompt, model.context_length - reserve, encode)
+        return _ChatPrompt(req, model, defaults, tools, constraint, sampling, keep_alive, big, prompt)
+
+    async def _chat_completion(self, body: bytes, user: str | None = None, manages: bool = True,
+                               truncate: bool = False) -> dict[str, Any] | AsyncIterator[Chunk]:
+        p = await self._chat_prompt(body, manages, truncate)
+        req = p.req
         max_tokens = self._max_tokens(
-            req.requested_max_tokens, req.max_tokens_param, len(prompt), model.context_length, "messages",
-            defaults.max_tokens(self.default_max_tokens)
+            req.requested_max_tokens, req.max_tokens_param, len(p.prompt), p.model.context_length, "messages",
+            p.defaults.max_tokens(self.default_max_tokens)
         )
         rid = "chatcmpl-" + uuid.uuid4().hex
-        gen = self._generation(req, prompt, rid, max_tokens=max_tokens, sampling=sampling, logprobs=bool(req.logprobs),
-                               top_logprobs=req.top_logprobs or 0, keep_alive=keep_alive, user=user,
-                               prompt_param="messages", constraint=constraint)
+        gen = self._generation(req, p.prompt, rid, max_tokens=max_tokens, sampling=p.sampling, logprobs=bool(req.logprobs),
+                               top_logprobs=req.top_logprobs or 0, keep_alive=p.keep_alive, user=user,
+                               prompt_param="messages", constraint=p.constraint)
         created = int(time.time())
         if req.stream:
             events = await started(self.engine.generate(gen), self.config.keepalive_seconds)
             # a stored stream always counts its usage, for the stored completion (recording drops it unless asked)
-            stream = self._chat_stream(events, gen, req.model, rid, created, req.include_usage or bool(req.store), tools)
-            return self.stored.recording(stream, req, user, big) if req.store else stream
-        result = await self._chat_full(gen, req.model, rid, created, tools)
+            stream = self._chat_stream(events, gen, req.model, rid, created, req.include_usage or bool(req.store), p.tools)
+            return self.stored.recording(stream, req, user, p.big) if req.store else stream
+        result = await self._chat_full(gen, req.model, rid, created, p.tools)
         if req.store:
-            await self.stored.keep(result, req, user, big)
+            await self.stored.keep(result, req, user, p.big)
         return result
 
     async def _chat_full(self, gen: GenerationRequest, model: str, rid: str, created: int, tools: ToolCalling) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Route mixins for the Responses API: create, retrieve, delete, cancel, list input items."""
+"""Route mixins for the Responses API: create, count input tokens, retrieve, delete, cancel, list input items."""
 
 from __future__ import annotations
 
@@ -12,6 +12,14 @@ class ResponsesMixin(BodyMixin):
     async def handle_post(self) -> None:
         """Create a response, streamed as typed events (``event:`` lines, no ``[DONE]``) or not."""
         await self.respond(self.xllm.responses.create(self.body, user=self.caller.user), encode=typed_sse_event, done=b"")
+
+
+class ResponseInputTokensMixin(BodyMixin):
+    """``POST /v1/responses/input_tokens``."""
+
+    async def handle_post(self) -> None:
+        """The prompt tokens a create with this body would have (``usage.input_tokens``); nothing is generated."""
+        await self.respond(self.xllm.responses.input_tokens(self.body, user=self.caller.user))
 
 
 class ResponseMixin(RequestMixin):
