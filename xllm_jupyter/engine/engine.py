@@ -81,6 +81,7 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
         self._runners: dict[str, ModelRunner] = {}
         self._loading: dict[str, asyncio.Future] = {}
         self._load_waiters: Counter[str] = Counter()  # requests awaiting each pending load
+        self._unload_asks: Counter[str] = Counter()  # unloads asked for, by model (a load checks its files again)
         self._gpu_loads = asyncio.Lock()  # GPU loads run one at a time (see _gpu_turn)
         self._created = int(time.time())
         self._started = False
@@ -203,8 +204,14 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
         return slot.model.dimension if slot is not None else None
 
     async def unload(self, name: str) -> bool:
-        """Unload ``name``; False when it was not loaded."""
+        """Unload ``name``; False when it was not loaded.
+
+        A pull or rm that changed a model's files calls this: a load of the model under way then reads its
+        manifest again before it registers (``_files_unchanged``), and loads the new files if it changed.
+        """
         name = canonical_name(name)
+        if name in self._loading:
+            self._unload_asks[name] += 1  # (only then: the counter stays as small as the loads under way)
         if await self._embeddings.unload(name):
             return True
         if name in self._adapters:

@@ -32,6 +32,9 @@ from .runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
+#: loads of one model in a row whose files were replaced in the store as they loaded, before its waiters get a 503
+LOAD_ATTEMPTS = 3
+
 
 class LoadingMixin:
     """Engine methods that load models and register their runners; the Engine owns the state they use."""
@@ -44,6 +47,7 @@ class LoadingMixin:
     _runners: dict[str, Any]
     _loading: dict[str, asyncio.Future]
     _load_waiters: Counter[str]  # requests awaiting each pending load (``_load``)
+    _unload_asks: Counter[str]  # unloads asked for each model (``unload``): a pull or rm calls one after it
     _room_waits: set[str]  # SwapMixin's: loads waiting for models in use to free room
     _defaults: dict[str, ModelfileDefaults]
     _embeddings: Any
@@ -56,6 +60,7 @@ class LoadingMixin:
     _room_turn: Callable[..., contextlib.AbstractAsyncContextManager]  # SwapMixin's
     _attach_spec: Callable[[ModelSpec], Any]  # AdapterMixin's
     _touch: Callable[..., None]  # ResidencyMixin's
+    _retire: Callable[..., Any]  # ResidencyMixin's
     _start_reaper: Callable[[], None]
     _stopped: Any  # the Engine's: the XllmError stop() gave (None while it serves)
     unload: Callable[[str], Any]
@@ -156,27 +161,66 @@ class LoadingMixin:
     def _load_done(self, name: str, task: asyncio.Future) -> None:
         if self._loading.get(name) is task:
             self._loading.pop(name, None)
+            self._unload_asks.pop(name, None)  # (counted only while a load is under way)
         if not task.cancelled():
             task.exception()  # mark retrieved: every waiter re-raises it itself
 
     async def _load_new(self, name: str) -> LoadedModel:
-        """Resolve, choose a backend and load ``name`` (or attach it, for an adapter); register its runner."""
-        spec = await asyncio.to_thread(self._resolve, name)
-        if spec.task == "embedding":
-            raise not_supported(name, "an embedding model: use /v1/embeddings")
-        if spec.task == "adapter":  # a LoRA: attached to its (loaded once) base model
-            return await self._attach_spec(spec)
-        # off the IOLoop: choosing imports a backend and asks torch whether CUDA is there (seconds, once)
-        backend = await asyncio.to_thread(self._choose_backend_once, spec)
-        runner = await self._load_runner(name, spec, backend)
+        """Resolve, choose a backend and load ``name`` (or attach it, for an adapter); register its runner.
+
+        A model re-pulled (other files) or removed while it loaded is not registered: its old weights would
+        serve under the new digest, or a removed model would stay loaded. The load is discarded and done
+        again from what the store holds now (a removed model: its waiters get the 404).
+        """
+        for _ in range(LOAD_ATTEMPTS):
+            spec = await asyncio.to_thread(self._resolve, name)
+            if spec.task == "embedding":
+                raise not_supported(name, "an embedding model: use /v1/embeddings")
+            if spec.task == "adapter":  # a LoRA: attached to its (loaded once) base model
+                return await self._attach_spec(spec)
+            # off the IOLoop: choosing imports a backend and asks torch whether CUDA is there (seconds, once)
+            backend = await asyncio.to_thread(self._choose_backend_once, spec)
+            box = [await self._load_runner(name, spec, backend)]
+            try:
+                unchanged = await self._files_unchanged(name, spec)
+            except BaseException:  # cancelled (the engine stops): stop the thread once it is done, unload
+                self._res.pop(name, None)
+                threading.Thread(target=box.pop().shutdown, kwargs={"timeout": None}, daemon=True).start()
+                raise
+            if unchanged:
+                break  # (no await from the check to the registration below: an unload after it finds the runner)
+            log.warning("model %s was re-pulled or removed while it loaded; loading it again from the store", name)
+            # (a list the unload empties: no frame here keeps the old weights alive past their unload)
+            await self._retire(name, box, self._res.pop(name, None))
+        else:
+            raise Overloaded(f"The model '{name}' was replaced in the store each time it loaded; retry the request")
+        runner = box.pop()
         self._defaults[name] = spec.defaults
         self._runners[name] = runner
         # it serves from here on: readiness (/health/ready, /admin/stats' status) must not say "Still loading"
         # through the collection below, which walks the whole process (a JupyterLab's: a second or more)
         self._loading.pop(name, None)
+        self._unload_asks.pop(name, None)
         # what the load and warm-up made lives as long as the model: out of the full collections from now on
         await asyncio.to_thread(gc_freeze.freeze)
         return runner.model
+
+    async def _files_unchanged(self, name: str, spec: ModelSpec) -> bool:
+        """Whether the store still holds the files ``spec`` was loaded from (its manifest's digest), read off the
+        IOLoop. True when that cannot be told (a catalog without digests). A pull or rm asks for an unload after
+        it changed the files; one asked during the read may have come after the read: it reads again."""
+        lookup = getattr(self.catalog, "facts", None)
+        if spec.digest is None or lookup is None:
+            return True
+        while True:
+            asked = self._unload_asks[name]
+            try:
+                digest = (await asyncio.to_thread(lookup, name)).digest
+            except Exception:  # an unreadable store: the model files were read, let it serve
+                log.warning("could not re-read the manifest of %s after its load", name, exc_info=True)
+                return True
+            if self._unload_asks[name] == asked:
+                return digest == spec.digest
 
     async def _load_runner(self, name: str, spec: ModelSpec, backend: Backend) -> Any:
         """Make room within the budget, then load ``name``'s replicas and start their threads."""

@@ -339,20 +339,23 @@ class ResidencyMixin:
 
     async def _evict(self, name: str) -> None:
         """Unload ``name``; the runner leaves the table before any await, its memory counts until it is freed."""
-        runner = self._runners.pop(name, None)
+        # the worker threads get the box, not the runner: a worker may still hold its finished call when the
+        # collection in _retire runs, and the runner (with its model) must be unreferenced by then
+        box = [self._runners.pop(name, None)]
         rec = self._res.pop(name, None)
         for adapter in [a for a, b in self._adapters.items() if b == name]:
             del self._adapters[adapter]  # they go with their base
-        if runner is None:
+        if box[0] is None:
             return
+        await self._retire(name, box, rec)
+
+    async def _retire(self, name: str, box: list[Any], rec: Residency | None) -> None:
+        """Shut down the runner in ``box`` (a one-item list, out of the tables already, emptied here so no frame
+        keeps the model) and unload its model; its memory counts as taken until it is freed."""
         # held as reserved while the weights are being freed: a load meanwhile must not count them free
         held = rec.memory_bytes if rec is not None else 0
         device = rec.device if rec is not None else "cpu"
         self._budget.reserved[device] = self._budget.reserved.get(device, 0) + held
-        # the worker threads get the box, not the runner: a worker may still hold its finished call when the
-        # collection below runs, and the runner (with its model) must be unreferenced by then
-        box = [runner]
-        del runner
         try:
             await asyncio.to_thread(lambda: box[0].shutdown())
             # a runner still in a step unloads when the step ends; its memory is not free before. Bounded:

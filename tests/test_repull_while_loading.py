@@ -1,0 +1,186 @@
+"""A model re-pulled or removed while it loads: the load's old files must not end up serving.
+
+The load is held on its worker thread (after the backend read the old files) while the store changes, then let
+go: nothing waits on a clock. Server tests run a real standalone server on real tiny Llamas (two seeds, so the
+weights tell which files were loaded) with the real ``openai`` SDK; the engine test uses the fake backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import json
+import threading
+
+import httpx
+import openai
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from xllm_jupyter.core.config import EngineConfig
+from xllm_jupyter.core.types import CatalogFacts
+from xllm_jupyter.engine import loading
+from xllm_jupyter.engine.engine import Engine
+from xllm_jupyter.store.store import ModelStore
+
+from .fake_backend import FakeBackend, FakeCatalog
+from .models import build_tiny_llama
+from .server_fixtures import API_KEY, make_test_config, running_server
+
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def other_llama_dir(tmp_path_factory):
+    """A tiny Llama like ``tiny_llama_dir`` with other random weights (seed 1)."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama-seed1"), seed=1)
+
+
+@pytest.fixture
+def held_load(monkeypatch):
+    """Holds the first load of "tiny" on its worker thread once the backend has read its files.
+
+    Yields ``(read, release, digests)``: ``read`` is set while it is held, ``release`` lets it go, ``digests``
+    lists the manifest digest of every "tiny" load, in order.
+    """
+    read, release, digests = threading.Event(), threading.Event(), []
+    original = loading._load_and_prepare
+
+    def held(backend, spec):
+        model = original(backend, spec)
+        if spec.name == "tiny":
+            digests.append(spec.digest)
+            if len(digests) == 1:
+                read.set()
+                release.wait(300)
+        return model
+
+    monkeypatch.setattr(loading, "_load_and_prepare", held)
+    yield read, release, digests
+    release.set()
+
+
+def a_server(tmp_path, tiny_llama_dir):
+    """A store with the tiny Llama as "tiny" and "spare", and a server with only "spare" loaded."""
+    home = tmp_path / "home"
+    store = ModelStore(home)
+    for name in ("tiny", "spare"):
+        store.pull(str(tiny_llama_dir), name)
+    return store, running_server(make_test_config(home), ModelStore(home), "spare")
+
+
+def embeddings(engine) -> torch.Tensor:
+    """The input embeddings of the "tiny" the engine has loaded."""
+    return engine._runners["tiny"].model.model.get_input_embeddings().weight.detach()
+
+
+def pull(root: str, source, name: str) -> dict:
+    """``POST /admin/models/pull`` with ``force``; its success event."""
+    r = httpx.post(root + "/admin/models/pull", json={"model": str(source), "name": name, "force": True},
+                   headers=HEADERS, timeout=300)
+    assert r.status_code == 200, r.text
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert events[-1]["status"] == "success", events
+    return events[-1]
+
+
+def test_a_forced_repull_while_the_model_loads_serves_the_new_weights(tmp_path, tiny_llama_dir, other_llama_dir,
+                                                                     held_load):
+    read, release, digests = held_load
+    store, server = a_server(tmp_path, tiny_llama_dir)
+    old = store.show("tiny").digest
+    with server as info, concurrent.futures.ThreadPoolExecutor(1) as pool, \
+            openai.OpenAI(base_url=info.base_url, api_key=API_KEY, max_retries=0, timeout=300) as c:
+        asked = pool.submit(c.chat.completions.create, model="tiny", messages=HI, max_tokens=3)
+        assert read.wait(300), "the load of tiny never read its files"
+
+        new = pull(info.root, other_llama_dir, "tiny")["digest"]  # `xllm pull --force` against the server
+        assert new != old
+        release.set()
+
+        reply = asked.result(300)
+        assert reply.model == "tiny" and reply.choices[0].message.content is not None
+        # the old weights were read first; the load was redone from the new files
+        assert digests == [old, new]
+        assert torch.equal(embeddings(info.engine), load_file(other_llama_dir / "model.safetensors")
+                           ["model.embed_tokens.weight"])
+        listed = {m.id: m for m in c.models.list().data}
+        assert listed["tiny"].model_extra["xllm"]["digest"] == new  # what /v1/models says is what serves
+        again = c.chat.completions.create(model="tiny", messages=HI, max_tokens=3)
+        assert again.model == "tiny"
+        assert digests == [old, new]  # no third load: the new weights stay
+
+
+def test_a_model_removed_while_it_loads_is_not_left_loaded(tmp_path, tiny_llama_dir, held_load):
+    read, release, digests = held_load
+    store, server = a_server(tmp_path, tiny_llama_dir)
+    with server as info, concurrent.futures.ThreadPoolExecutor(1) as pool, \
+            openai.OpenAI(base_url=info.base_url, api_key=API_KEY, max_retries=0, timeout=300) as c:
+        asked = pool.submit(c.chat.completions.create, model="tiny", messages=HI, max_tokens=3)
+        assert read.wait(300), "the load of tiny never read its files"
+
+        store.rm("tiny")  # `xllm rm tiny` (its unload, asked before, found nothing loaded yet)
+        release.set()
+
+        with pytest.raises(openai.NotFoundError) as caught:  # was a 200 from the removed model's weights
+            asked.result(300)
+        assert caught.value.response.json()["error"]["code"] == "model_not_found"
+        assert not info.engine.is_loaded("tiny") and not info.engine.is_loading("tiny")
+        assert "tiny" not in [m.id for m in c.models.list().data]
+        assert len(digests) == 1
+
+
+class _Store(FakeCatalog):
+    """A fake catalog whose model has a digest that a test changes (a re-pull), with its reads held on demand."""
+
+    def __init__(self):
+        super().__init__(["fake"])
+        self.digest = "sha256:old"
+        self.hold: threading.Event | None = None  # set: the next facts() read waits for it after it read
+        self.reading = threading.Event()
+
+    def resolve(self, name):
+        spec = super().resolve(name)
+        return dataclasses.replace(spec, digest=self.digest)
+
+    def facts(self, name):
+        digest, hold = self.digest, self.hold
+        if hold is not None:
+            self.hold = None
+            self.reading.set()
+            hold.wait(60)
+        return CatalogFacts(task="chat", digest=digest)
+
+
+class _RecordingBackend(FakeBackend):
+    def __init__(self):
+        super().__init__()
+        self.digests: list[str | None] = []
+
+    def load(self, spec):
+        self.digests.append(spec.digest)
+        return super().load(spec)
+
+
+async def test_a_repull_landing_as_the_load_rereads_its_manifest_is_not_missed():
+    # the narrowest window: the load re-reads the manifest (old), the pull renames the new files in and asks for
+    # the unload (nothing is registered yet), then the load resumes: it must read again, not register
+    catalog, backend = _Store(), _RecordingBackend()
+    engine = Engine(EngineConfig(), catalog, [backend])
+    await engine.start()
+    released = threading.Event()
+    catalog.hold = released
+    try:
+        load = asyncio.ensure_future(engine.load("fake"))
+        await asyncio.to_thread(catalog.reading.wait, 60)  # the re-read has the old digest in hand
+        catalog.digest = "sha256:new"  # the pull's rename
+        assert not await engine.unload("fake")  # the pull's unload: nothing loaded yet
+    finally:
+        released.set()
+    await load
+    assert backend.digests == ["sha256:old", "sha256:new"]
+    assert engine.is_loaded("fake") and backend.models["fake"].unloaded is False
+    await engine.stop()
