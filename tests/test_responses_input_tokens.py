@@ -101,6 +101,10 @@ def test_truncation_auto_counts_what_create_sends(client):
 @pytest.mark.parametrize("body, error, param", [
     ({"model": "no-such-model", "input": "hi"}, openai.NotFoundError, None),
     ({"model": TINY}, openai.BadRequestError, "input"),
+    ({"input": "hi"}, openai.BadRequestError, "model"),
+    ({"model": TINY, "input": "hi", "tools": [{"type": "function", "name": "f", "parameters": "x"}]}, openai.BadRequestError, "tools"),
+    ({"model": TINY, "input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nope"}}}},
+     openai.BadRequestError, "text.format"),
     ({"model": TINY, "input": "hi", "previous_response_id": "resp_unknown"}, openai.NotFoundError, "previous_response_id"),
     ({"model": TINY, "input": "hi", "conversation": "conv_1"}, openai.BadRequestError, "conversation"),
     ({"model": TINY, "input": "hi", "reasoning": {"effort": "high"}}, openai.BadRequestError, "reasoning"),
@@ -108,7 +112,7 @@ def test_truncation_auto_counts_what_create_sends(client):
     ({"model": TINY, "input": "hi", "truncation": "sometimes"}, openai.BadRequestError, "truncation"),
     ({"model": TINY, "input": [{"type": "function_call_output", "call_id": "call_1", "output": "x"}]},
      openai.BadRequestError, "input"),
-], ids=["unknown-model", "no-input", "unknown-previous", "conversation", "reasoning", "built-in-tool", "bad-truncation",
+], ids=["unknown-model", "no-input", "no-model", "bad-tool-parameters", "bad-schema", "unknown-previous", "conversation", "reasoning", "built-in-tool", "bad-truncation",
         "orphan-tool-output"])
 def test_errors_are_the_same_as_create(client, body, error, param):
     with pytest.raises(error) as counted:
@@ -127,18 +131,42 @@ def test_route_is_not_taken_for_a_response_id(raw):
     assert httpx.post(raw.base_url.join("/v1/responses/input_tokens"), json={"model": TINY, "input": "hi"}).status_code == 401
 
 
+#: a created model whose Modelfile puts a system prompt and a first exchange in front of every conversation
+MARIO = """FROM tiny
+SYSTEM You are Mario from Super Mario Bros.
+MESSAGE user Is Toronto in Canada?
+MESSAGE assistant yes
+"""
+
+
 @pytest.fixture(scope="module")
-def two_users(xllm_home, tiny_catalog) -> Iterator[Any]:
-    """A server with two user keys (so two users)."""
-    with running_server(make_test_config(xllm_home, api_keys=(API_KEY, OTHER_KEY)), tiny_catalog, TINY) as info:
+def own_server(tmp_path_factory, tiny_llama_dir) -> Iterator[Any]:
+    """A server with two user keys (so two users) and a store of its own: "tiny", and "mario" created from it."""
+    from xllm_jupyter.store.store import ModelStore
+
+    home = tmp_path_factory.mktemp("input-tokens-home")
+    store = ModelStore(home)
+    store.pull(str(tiny_llama_dir), TINY)
+    store.create("mario", MARIO)
+    with running_server(make_test_config(home, api_keys=(API_KEY, OTHER_KEY)), store, TINY) as info:
         yield info
 
 
-def test_another_users_previous_response_id_is_a_404(two_users):
-    with openai.OpenAI(base_url=two_users.base_url, api_key=API_KEY, max_retries=0, timeout=120) as owner, \
-            openai.OpenAI(base_url=two_users.base_url, api_key=OTHER_KEY, max_retries=0, timeout=120) as other:
+def _sdk(server: Any, key: str) -> Any:
+    return openai.OpenAI(base_url=server.base_url, api_key=key, max_retries=0, timeout=120)
+
+
+def test_another_users_previous_response_id_is_a_404(own_server):
+    with _sdk(own_server, API_KEY) as owner, _sdk(own_server, OTHER_KEY) as other:
         first = _created(owner, input="Name a colour.")
         assert _counted(owner, input="Another one?", previous_response_id=first.id) > 0
         with pytest.raises(openai.NotFoundError) as exc:
             other.responses.input_tokens.count(model=TINY, input="Another one?", previous_response_id=first.id)
         assert exc.value.body["param"] == "previous_response_id"
+
+
+def test_a_modelfiles_system_prompt_and_messages_are_counted(own_server):
+    with _sdk(own_server, API_KEY) as c:
+        counted = c.responses.input_tokens.count(model="mario", input="Name a colour.").input_tokens
+        assert counted == c.responses.create(model="mario", input="Name a colour.", max_output_tokens=2).usage.input_tokens
+        assert counted > c.responses.input_tokens.count(model=TINY, input="Name a colour.").input_tokens
