@@ -184,3 +184,36 @@ async def test_a_repull_landing_as_the_load_rereads_its_manifest_is_not_missed()
     assert backend.digests == ["sha256:old", "sha256:new"]
     assert engine.is_loaded("fake") and backend.models["fake"].unloaded is False
     await engine.stop()
+
+
+def test_xllm_rm_unloads_a_load_that_finished_between_its_unload_and_the_removal(tmp_path, tiny_llama_dir,
+                                                                                 held_load, monkeypatch):
+    # `xllm rm` asked the server to unload first (nothing loaded yet), the load then finished with the files
+    # still there, then the files went: the removed model stayed loaded
+    from click.testing import CliRunner
+
+    from xllm_jupyter.cli.main import main
+
+    read, release, digests = held_load
+    store, server = a_server(tmp_path, tiny_llama_dir)
+    monkeypatch.setenv("XLLM_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XLLM_CONFIG", raising=False)
+    with server as info, concurrent.futures.ThreadPoolExecutor(1) as pool, \
+            openai.OpenAI(base_url=info.base_url, api_key=API_KEY, max_retries=0, timeout=300) as c:
+        asked = pool.submit(c.chat.completions.create, model="tiny", messages=HI, max_tokens=3)
+        assert read.wait(300), "the load of tiny never read its files"
+        remove = ModelStore.rm
+
+        def load_finishing_first(self, name):  # the CLI's unload has been answered: the load ends now
+            release.set()
+            assert asked.result(300).model == "tiny"
+            remove(self, name)
+
+        monkeypatch.setattr(ModelStore, "rm", load_finishing_first)
+        result = CliRunner().invoke(main, ["rm", "tiny", "-y", "--url", info.base_url, "--api-key", API_KEY],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0 and "Removed tiny" in result.stdout, result.output
+        assert result.stderr == ""
+        assert not info.engine.is_loaded("tiny")  # was still loaded, from files no longer in the store
+        assert "tiny" not in [m.id for m in c.models.list().data]
+        assert len(digests) == 1

@@ -214,8 +214,10 @@ def rm_command(settings: Any, name: str, yes: bool) -> None:
         raise ModelNotFound(canonical_name(name))
     if not yes:
         click.confirm(f"Remove {name}?", abort=True)
-    unload_from_server(settings, name)
+    unload_from_server(settings, name)  # it stops serving before its files go
     store.rm(name)
+    # again: a load under way when it was asked first may have finished since, before the files went
+    unload_from_server(settings, name)
     click.echo(f"Removed {name}")
 
 
