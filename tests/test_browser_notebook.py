@@ -29,6 +29,12 @@ PLAYGROUND_PROMPT = "Name a colour."
 # requests sample with a fixed seed: the page must show exactly what the server answers.
 MAGIC = {"temperature": 1.0, "seed": 3, "max_tokens": 12}
 WIDGET = {"temperature": 1.0, "top_p": 1.0, "seed": 5, "max_tokens": 12}
+# A reply a prompt injection could get out of a model: script in raw HTML, an image that leaks
+# data in its URL; shown as %%xllm shows answers. Math and code must still render.
+HOSTILE_REPLY = (
+    'Sure <img src=x onerror="window.__pwned=1"> ![leak](http://127.0.0.1:9/?d=secret) '
+    "and $x^2$ with `a<b>`.\n\n```python\nprint('<ok>')\n```"
+)
 
 
 def write_notebook(path) -> None:
@@ -45,6 +51,7 @@ def write_notebook(path) -> None:
             "chat"
         ),
         nbformat.v4.new_code_cell("pg = xllm_jupyter.playground()\npg"),
+        nbformat.v4.new_code_cell(f"from xllm_jupyter.magics.render import Reply\nReply('markdown', {HOSTILE_REPLY!r})"),
     ]
     nb = nbformat.v4.new_notebook(
         cells=cells,
@@ -222,6 +229,16 @@ def test_magic_and_chat_widget_in_jupyterlab(lab):
         assert PLAYGROUND_PROMPT in frame.locator("#xllm-chatbot").inner_text()
         cells.nth(3).scroll_into_view_if_needed()
         page.screenshot(path=str(ARTIFACTS / "notebook-playground-inline.png"))
+
+        # A hostile reply runs no script and fetches no image; its math, code and link still show.
+        hostile = cells.nth(4).locator(".jp-OutputArea-output[data-mime-type='text/markdown']")
+        hostile.wait_for(timeout=60_000)
+        hostile.locator("mjx-container").first.wait_for(timeout=60_000)  # $x^2$ typeset by MathJax
+        assert page.evaluate("() => window.__pwned") is None
+        assert not hostile.locator("img").count()
+        assert hostile.locator("a[href='http://127.0.0.1:9/?d=secret']").inner_text() == "leak"
+        assert "a<b>" in hostile.locator("code").first.inner_text()
+        assert "print('<ok>')" in hostile.locator("pre").inner_text()
         # Nothing failed in the page or in a cell.
         assert not page.locator(
             ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']"

@@ -15,6 +15,7 @@ from tests.server_fixtures import TINY
 from xllm_jupyter.client import XllmClient
 from xllm_jupyter.magics import XllmMagics, interpolate
 from xllm_jupyter.magics.render import Reply, extract_code, parse_json
+from xllm_jupyter.notebook.safe_markdown import neutral_markdown
 
 
 @pytest.fixture
@@ -348,7 +349,7 @@ def test_in_a_real_kernel(kernel, xllm_server):
     assert outputs and outputs[0]["msg_type"] == "display_data", outputs
     assert all(m["msg_type"] in ("display_data", "update_display_data") for m in outputs), outputs
     last = outputs[-1]["content"]
-    assert last["data"]["text/markdown"] == expected(xllm_server, "A poem about owls", 16)
+    assert last["data"]["text/markdown"] == neutral_markdown(expected(xllm_server, "A poem about owls", 16))
     assert last["metadata"]["xllm"]["model"] == TINY
 
 

@@ -70,6 +70,8 @@ def test_every_route_needs_the_secret_and_with_it_the_chat_works(pg):
         assert page.status_code == 200
         # the secret URL is not sent on as a Referer to other sites (fonts, links)
         assert page.headers["referrer-policy"] == "same-origin"
+        # nor fetched by an image in a model's reply (no image from another origin loads)
+        assert page.headers["content-security-policy"] == "img-src 'self' data: blob:; media-src 'self' data: blob:"
         assert c.get(pg.local_url + "config").json()["root"] == pg.local_url.rstrip("/")
         assert c.get(pg.local_url + "gradio_api/info").status_code == 200
     with pytest.raises(Exception):  # noqa: B017 - gradio_client raises its own kinds

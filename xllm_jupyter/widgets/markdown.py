@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from html import escape
 from typing import Any
 
 #: styles for rendered replies, scoped to the transcript: an HTML widget gets none of JupyterLab's
@@ -28,8 +29,17 @@ def _parser() -> Any:
     from markdown_it import MarkdownIt  # a dependency of rich, which xllm-jupyter requires
 
     # html=False: raw HTML in a reply is shown as text, never injected into the page;
-    # markdown-it also refuses javascript: and data: links
-    return MarkdownIt("commonmark", {"html": False}).enable(["table", "strikethrough"])
+    # markdown-it also refuses javascript:, vbscript:, file: and (but for images) data: links
+    md = MarkdownIt("commonmark", {"html": False}).enable(["table", "strikethrough"])
+    md.add_render_rule("image", _image_as_link)
+    return md
+
+
+def _image_as_link(self: Any, tokens: Any, idx: int, options: Any, env: Any) -> str:
+    """An image as a link to it: the browser fetches nothing the model names (an exfiltration channel)."""
+    token = tokens[idx]
+    alt = self.renderInlineAsText(token.children or [], options, env) or token.attrGet("src") or "image"
+    return f'<a href="{escape(str(token.attrGet("src") or ""))}" target="_blank" rel="noopener noreferrer">{escape(alt)}</a>'
 
 
 def markdown_html(text: str) -> str:
