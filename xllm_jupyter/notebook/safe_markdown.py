@@ -36,6 +36,7 @@ _NOT_MATH = re.compile(r"\]\s*[(:\[]|!\[|`")
 _AUTOLINK = re.compile(r"<(https?://[^\s<>&]+)>", re.IGNORECASE)
 #: an HTML entity in math (TeX has none): escaped, so it cannot spell a link where math is read as text
 _ENTITY = re.compile(r"&(?=#\d+;|#x[0-9a-f]+;|[a-z][a-z0-9]*;)", re.IGNORECASE)
+_SPECIAL = re.compile(r"[\\`$<&!]")
 _BEGIN = re.compile(r"\\begin\{([a-zA-Z]*\*?)\}")
 
 
@@ -167,8 +168,10 @@ def _text(s: str) -> str:
         elif c == "!" and s.startswith("![", i):
             plain.append("\\!")  # an image becomes a link the user may click: nothing is fetched
             i += 1
-        else:
-            plain.append(c)
-            i += 1
+        else:  # ordinary text: up to the next character that may start something
+            j = _SPECIAL.search(s, i + 1)
+            end = j.start() if j else n
+            plain.append(s[i:end])
+            i = end
     flush()
     return "".join(out)
