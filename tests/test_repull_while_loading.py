@@ -217,3 +217,70 @@ def test_xllm_rm_unloads_a_load_that_finished_between_its_unload_and_the_removal
         assert not info.engine.is_loaded("tiny")  # was still loaded, from files no longer in the store
         assert "tiny" not in [m.id for m in c.models.list().data]
         assert len(digests) == 1
+
+
+class _Vectors:
+    """A minimal embedding model (every text is [1, 0]) that remembers the digest of the files it was loaded from."""
+
+    dimension = 2
+
+    def __init__(self, spec):
+        self.name, self.digest = spec.name, spec.digest
+
+    def tokenize(self, text):
+        return [1] * len(text.split())
+
+    def check_ids(self, index, ids):
+        pass
+
+    def embed_ids(self, ids):
+        return [[1.0, 0.0] for _ in ids]
+
+    def unload(self):
+        pass
+
+
+class _EmbeddingStore(_Store):
+    def resolve(self, name):
+        return dataclasses.replace(super().resolve(name), task="embedding")
+
+    def facts(self, name):
+        return CatalogFacts(task="embedding", digest=self.digest if name in self._names else None)
+
+
+@pytest.mark.parametrize("change", ["repull", "rm"])
+async def test_an_embedding_model_changed_while_it_loads_does_not_serve_its_old_files(change):
+    from xllm_jupyter.core.errors import ModelNotFound
+
+    catalog = _EmbeddingStore()
+    engine = Engine(EngineConfig(), catalog, [FakeBackend()])
+    reading, release, digests = threading.Event(), threading.Event(), []
+
+    def loader(spec):
+        digests.append(spec.digest)
+        if len(digests) == 1:
+            reading.set()
+            release.wait(60)
+        return _Vectors(spec)
+
+    engine._embeddings._loader = loader
+    await engine.start()
+    try:
+        asked = asyncio.ensure_future(engine.embed("fake", ["a b"]))
+        await asyncio.to_thread(reading.wait, 60)  # the old files are being read
+        if change == "repull":
+            catalog.digest = "sha256:new"
+        else:
+            catalog._names.remove("fake")
+        assert not await engine.unload("fake")  # what the pull or rm asks for: nothing is loaded yet
+    finally:
+        release.set()
+    if change == "repull":
+        assert (await asked).vectors == [[1.0, 0.0]]
+        assert digests == ["sha256:old", "sha256:new"]
+        assert engine._embeddings.slots["fake"].model.digest == "sha256:new"  # was the old files' model
+    else:
+        with pytest.raises(ModelNotFound):  # was answered by the removed model, which stayed loaded
+            await asked
+        assert not engine.is_loaded("fake") and digests == ["sha256:old"]
+    await engine.stop()

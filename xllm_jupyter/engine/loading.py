@@ -283,6 +283,21 @@ class LoadingMixin:
         return runner
 
     async def _load_embedding(self, spec: ModelSpec) -> Any:
+        """Load embedding model ``spec`` (``_load_embedding_once``); one re-pulled or removed while it loaded is
+        unloaded and loaded again from what the store holds now, as a chat model is (``_load_new``)."""
+        for _ in range(LOAD_ATTEMPTS):
+            slot = await self._load_embedding_once(spec)
+            # (the slot is in the table by now: an unload asked after the check below finds it)
+            if await self._files_unchanged(spec.name, spec):
+                return slot
+            log.warning("model %s was re-pulled or removed while it loaded; loading it again from the store", spec.name)
+            await self._embeddings.unload(spec.name)
+            spec = await asyncio.to_thread(self._resolve, spec.name)  # a removed model: ModelNotFound (404)
+            if spec.task != "embedding":
+                raise not_supported(spec.name, "a chat model and cannot create embeddings")
+        raise Overloaded(f"The model '{spec.name}' was replaced in the store each time it loaded; retry the request")
+
+    async def _load_embedding_once(self, spec: ModelSpec) -> Any:
         """Load embedding model ``spec`` after making room for its weights (it is charged to the budget too)."""
         if spec.name in self._embeddings.slots or self._embeddings.is_loading(spec.name):
             return await self._embeddings.load(spec)  # loaded, or joins the load under way: no room to make
