@@ -93,7 +93,14 @@ def load_tokenizer(directory: str | Path, **kwargs: Any) -> Any:
     if "added_tokens_decoder" not in kwargs and added_tokens_only_in_tokenizer_json(directory):
         # present (empty): transformers skips its legacy branch, the json.load of the whole tokenizer.json
         kwargs["added_tokens_decoder"] = {}
-    tokenizer = AutoTokenizer.from_pretrained(str(directory), **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), **kwargs)
+    except Exception as exc:
+        if type(exc) is not Exception:
+            raise
+        # the Rust tokenizers library refuses a file it cannot parse with a bare Exception, which the backends'
+        # load errors (OSError, ValueError, ...) would not catch: a damaged tokenizer.json was a 500, not a load error
+        raise ValueError(f"the tokenizer files could not be read ({exc})") from exc
     after = files_digest(directory)
     if before is not None or after is not None:
         try:
