@@ -238,7 +238,8 @@ def test_engine_words_are_checked_at_start(tmp_path, key, bad, good):
 def test_a_misspelt_env_variable_is_named_in_a_warning(tmp_path, caplog):
     """XLLM_ENGINE_MAX_BATCHSIZE was ignored without a word; now a warning names it and the key meant."""
     with caplog.at_level("WARNING", logger="xllm_jupyter.core.config"):
-        cfg = load_config(path=tmp_path / "none.yaml",
+        # (a config file that is there: a missing one named by path is a warning of its own)
+        cfg = load_config(path=write(tmp_path / "empty.yaml", ""),
                           env={"XLLM_ENGINE_MAX_BATCHSIZE": "4", "XLLM_HUB_SERVICE": "xllm", "XLLM_BASE_URL": "http://h/v1"})
     assert cfg.engine.max_batch_size == 16
     messages = [r.getMessage() for r in caplog.records]
