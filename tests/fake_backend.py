@@ -171,6 +171,27 @@ class FakeModel(LoadedModel):
         return self._memory_bytes
 
 
+class FakeEmbeddingModel:
+    """A minimal embedding model for EmbeddingHost: every text becomes the unit vector [1, 0]."""
+
+    name = "vec"
+    dimension = 2
+
+    def tokenize(self, text):
+        """One id per word."""
+        return [1] * len(text.split())
+
+    def check_ids(self, index, ids):
+        """Every input fits."""
+
+    def embed_ids(self, ids):
+        """[1, 0] for each input."""
+        return [[1.0, 0.0] for _ in ids]
+
+    def unload(self):
+        """Nothing to free."""
+
+
 class FakeBackend(Backend):
     """Loads FakeModels by name; remembers them for assertions."""
 

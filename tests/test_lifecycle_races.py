@@ -31,7 +31,7 @@ from xllm_jupyter.engine.engine import Engine
 from xllm_jupyter.server.standalone import shutdown_engine
 from xllm_jupyter.store.store import ModelStore
 
-from .fake_backend import FakeBackend, FakeCatalog
+from .fake_backend import FakeBackend, FakeCatalog, FakeEmbeddingModel
 from .server_fixtures import API_KEY, make_test_config, running_server
 from .test_lora import _make_adapter
 
@@ -382,31 +382,12 @@ async def test_an_adapter_job_admitted_as_its_adapter_is_detached_gets_the_unloa
     await asyncio.to_thread(runner.shutdown)
 
 
-class _Vectors:
-    """A minimal embedding model: every text becomes the unit vector [1, 0]."""
-
-    name = "vec"
-    dimension = 2
-
-    def tokenize(self, text):
-        return [1] * len(text.split())
-
-    def check_ids(self, index, ids):
-        pass
-
-    def embed_ids(self, ids):
-        return [[1.0, 0.0] for _ in ids]
-
-    def unload(self):
-        pass
-
-
 async def test_an_embedding_request_whose_model_was_unloaded_after_it_got_it_is_a_503_not_a_500():
     # a request that loaded the model waits for the load's collection; a keep_alive 0 request ending meanwhile
     # lets the reaper unload it, and the first request's work then went to a shut-down executor (a RuntimeError)
     from xllm_jupyter.engine.embeddings import EmbeddingHost
 
-    host = EmbeddingHost(loader=lambda spec: _Vectors())
+    host = EmbeddingHost(loader=lambda spec: FakeEmbeddingModel())
     slot = await host.load(dataclasses.replace(FakeCatalog(["vec"]).resolve("vec"), task="embedding"))
     assert (await host.embed(slot, ["a b"])).vectors == [[1.0, 0.0]]
     assert await host.unload("vec")  # (the reaper's unload) before the first request's embed

@@ -25,7 +25,7 @@ from xllm_jupyter.engine import loading
 from xllm_jupyter.engine.engine import Engine
 from xllm_jupyter.store.store import ModelStore
 
-from .fake_backend import FakeBackend, FakeCatalog
+from .fake_backend import FakeBackend, FakeCatalog, FakeEmbeddingModel
 from .models import build_tiny_llama
 from .server_fixtures import API_KEY, make_test_config, running_server
 
@@ -219,25 +219,11 @@ def test_xllm_rm_unloads_a_load_that_finished_between_its_unload_and_the_removal
         assert len(digests) == 1
 
 
-class _Vectors:
-    """A minimal embedding model (every text is [1, 0]) that remembers the digest of the files it was loaded from."""
-
-    dimension = 2
+class _Vectors(FakeEmbeddingModel):
+    """FakeEmbeddingModel that remembers the digest of the files it was loaded from."""
 
     def __init__(self, spec):
         self.name, self.digest = spec.name, spec.digest
-
-    def tokenize(self, text):
-        return [1] * len(text.split())
-
-    def check_ids(self, index, ids):
-        pass
-
-    def embed_ids(self, ids):
-        return [[1.0, 0.0] for _ in ids]
-
-    def unload(self):
-        pass
 
 
 class _EmbeddingStore(_Store):
