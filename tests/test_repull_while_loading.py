@@ -270,3 +270,58 @@ async def test_an_embedding_model_changed_while_it_loads_does_not_serve_its_old_
             await asked
         assert not engine.is_loaded("fake") and digests == ["sha256:old"]
     await engine.stop()
+
+
+class _HeldStore(ModelStore):
+    """A ModelStore whose next manifest read of "tiny", once ``hold`` is set, waits on it after it read."""
+
+    def __init__(self, home):
+        super().__init__(home)
+        self.hold: threading.Event | None = None
+        self.reading = threading.Event()
+
+    def facts(self, name):
+        found, hold = super().facts(name), self.hold
+        if hold is not None and name == "tiny":
+            self.hold = None
+            self.reading.set()
+            hold.wait(300)
+        return found
+
+
+def test_xllm_rms_unload_after_the_removal_reaches_a_load_rereading_its_manifest(tmp_path, tiny_llama_dir,
+                                                                                 held_load):
+    # the load re-reads its manifest (the old digest in hand), then `xllm rm` removes the files and asks for the
+    # unload: the server answered 404 (no longer stored) without telling the engine, and the load registered the
+    # removed model
+    read, release, digests = held_load
+    home = tmp_path / "home"
+    store = ModelStore(home)
+    for name in ("tiny", "spare"):
+        store.pull(str(tiny_llama_dir), name)
+    catalog = _HeldStore(home)
+    with running_server(make_test_config(home), catalog, "spare") as info, \
+            concurrent.futures.ThreadPoolExecutor(1) as pool, \
+            openai.OpenAI(base_url=info.base_url, api_key=API_KEY, max_retries=0, timeout=300) as c:
+        asked = pool.submit(c.chat.completions.create, model="tiny", messages=HI, max_tokens=3)
+        assert read.wait(300), "the load of tiny never read its files"
+        checked = threading.Event()
+        catalog.hold = checked  # the next read of tiny's manifest: the load's check once its files are loaded
+        release.set()
+        try:
+            assert catalog.reading.wait(300), "the load never read its manifest again"
+            store.rm("tiny")
+            r = httpx.post(info.root + "/admin/models/unload", json={"model": "tiny"}, headers=HEADERS, timeout=300)
+            assert r.status_code == 200, r.text  # was a 404 that never reached the engine
+            assert r.json() == {"id": "tiny", "object": "model", "unloaded": False}
+        finally:
+            checked.set()
+
+        with pytest.raises(openai.NotFoundError) as caught:  # was a 200 from the removed model's weights
+            asked.result(300)
+        assert caught.value.response.json()["error"]["code"] == "model_not_found"
+        assert not info.engine.is_loaded("tiny") and not info.engine.is_loading("tiny")
+        assert len(digests) == 1
+        # a name neither loaded, loading nor stored is still a 404
+        r = httpx.post(info.root + "/admin/models/unload", json={"model": "tiny"}, headers=HEADERS, timeout=300)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text

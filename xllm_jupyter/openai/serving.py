@@ -130,7 +130,10 @@ class OpenAIServing(CompletionsMixin):
     async def admin_unload(self, body: bytes) -> dict[str, Any]:
         """Unload a model; 404 when the name is unknown, ``unloaded: false`` when it was not loaded."""
         req: ModelRequest = parse_request(ModelRequest, body)
-        await asyncio.to_thread(self.engine.model_info, req.model)
+        # a model still loading goes on to the engine even once the store no longer has it: `xllm rm` unloads
+        # after removing the files, and that unload tells the load to check its manifest again (or it registers)
+        if not self.engine.is_loading(req.model):
+            await asyncio.to_thread(self.engine.model_info, req.model)  # 404: neither loaded, loading nor stored
         unloaded = await self.engine.unload(req.model)
         return {"id": req.model, "object": "model", "unloaded": unloaded}
 
