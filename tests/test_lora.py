@@ -261,3 +261,57 @@ def test_detaching_an_adapter_after_a_one_adapter_pass_leaves_a_consistent_model
     with torch.no_grad():
         assert torch.allclose(adapters.model(input_ids=ids).logits[:, -1], plain(input_ids=ids).logits[:, -1],
                               atol=1e-5)
+
+
+@pytest.mark.parametrize("change", ["repull", "rm"])
+def test_an_adapter_repulled_or_removed_while_it_attaches_does_not_serve_its_old_files(
+        tmp_path, tiny_llama_dir, lora_dirs, monkeypatch, change):
+    """A forced re-pull (or `xllm rm`) of an adapter landing while it attaches: the adapter is attached again
+    from the new files (or 404s); it went on serving the old ones until unloaded. The attach is held on its
+    thread; no clock."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from xllm_jupyter.backends.hf_model import TransformersModel
+
+    home = tmp_path / "home"
+    store = ModelStore(home)
+    store.pull(str(tiny_llama_dir), TINY)
+    store.pull(str(lora_dirs[0]), "ad-x", base=TINY)
+    attached, release, paths = threading.Event(), threading.Event(), []
+    attach = TransformersModel.load_adapter
+
+    def held(self, name, path):
+        attach(self, name, path)
+        if name == "ad-x":
+            paths.append(path)
+            if len(paths) == 1:
+                attached.set()
+                release.wait(300)
+
+    monkeypatch.setattr(TransformersModel, "load_adapter", held)
+    with running_server(make_test_config(home), ModelStore(home), TINY) as server, ThreadPoolExecutor(1) as pool, \
+            openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0, timeout=300) as sdk:
+        asked = pool.submit(_complete, sdk, "ad-x")
+        try:
+            assert attached.wait(300), "ad-x was never attached"
+            if change == "repull":
+                r = _admin(server, "/admin/models/pull", {"model": str(lora_dirs[1]), "name": "ad-x", "force": True})
+                assert r.status_code == 200 and '"success"' in r.text, r.text
+            else:  # what `xllm rm` does: remove the files, then ask the server to unload
+                store.rm("ad-x")
+                r = _admin(server, "/admin/models/unload", {"model": "ad-x"})
+                assert r.status_code == 200 and r.json()["unloaded"] is False, r.text
+        finally:
+            release.set()
+        if change == "rm":
+            with pytest.raises(openai.NotFoundError):  # was adapter one's output, from removed files
+                asked.result(300)
+            assert not server.engine.is_loaded("ad-x") and len(paths) == 1
+            return
+        got = asked.result(300)
+        server.call(server.engine.load_adapter(TINY, "ref-one", lora_dirs[0]))
+        server.call(server.engine.load_adapter(TINY, "ref-two", lora_dirs[1]))
+        two, one = _complete(sdk, "ref-two"), _complete(sdk, "ref-one")
+        assert two != one
+        assert got == two and _complete(sdk, "ad-x") == two  # were adapter one's outputs
+        assert len(paths) == 2  # attached again, from the new files

@@ -59,6 +59,7 @@ class LoadingMixin:
     _behind_swaps: Callable[[str], Any]  # SwapMixin's
     _room_turn: Callable[..., contextlib.AbstractAsyncContextManager]  # SwapMixin's
     _attach_spec: Callable[[ModelSpec], Any]  # AdapterMixin's
+    unload_adapter: Callable[[str], Any]  # AdapterMixin's
     _touch: Callable[..., None]  # ResidencyMixin's
     _retire: Callable[..., Any]  # ResidencyMixin's
     _start_reaper: Callable[[], None]
@@ -170,14 +171,21 @@ class LoadingMixin:
 
         A model re-pulled (other files) or removed while it loaded is not registered: its old weights would
         serve under the new digest, or a removed model would stay loaded. The load is discarded and done
-        again from what the store holds now (a removed model: its waiters get the 404).
+        again from what the store holds now (a removed model: its waiters get the 404); an adapter is detached
+        and attached again.
         """
         for _ in range(LOAD_ATTEMPTS):
             spec = await asyncio.to_thread(self._resolve, name)
             if spec.task == "embedding":
                 raise not_supported(name, "an embedding model: use /v1/embeddings")
             if spec.task == "adapter":  # a LoRA: attached to its (loaded once) base model
-                return await self._attach_spec(spec)
+                model = await self._attach_spec(spec)
+                # (attached and routed already: an unload asked during the check detaches it)
+                if await self._files_unchanged(name, spec):
+                    return model
+                log.warning("adapter %s was re-pulled or removed while it was attached; attaching it again", name)
+                await self.unload_adapter(name)
+                continue
             # off the IOLoop: choosing imports a backend and asks torch whether CUDA is there (seconds, once)
             backend = await asyncio.to_thread(self._choose_backend_once, spec)
             box = [await self._load_runner(name, spec, backend)]
