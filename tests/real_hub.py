@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.browser import stop_process
 from tests.helpers import free_port
 
 #: a ``str.format`` template (``tmp``, ``hub_port``, ``proxy_port``); each test module appends its services and roles
@@ -80,14 +81,8 @@ class HubProcess:
     def stop(self) -> None:
         """Stop the hub (SIGTERM, then SIGKILL after 20 s)."""
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        if proc is not None:
+            stop_process(proc)
 
     def restart(self, tail: str) -> None:
         """What an admin does after editing the config: stop the hub and start it again."""

@@ -25,6 +25,7 @@ import httpx
 import openai
 import pytest
 
+from tests.browser import stop_process
 from tests.helpers import free_port
 from tests.real_hub import HUB_CONFIG_HEAD
 from tests.server_fixtures import TINY, make_test_config
@@ -194,12 +195,7 @@ def hub(tmp_path_factory, xllm_home, tiny_catalog) -> Iterator[Hub]:
             asyncio.run_coroutine_threadsafe(teardown(), loop).result(60)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(30)
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_process(proc)
         _stop_pid(managed_pid)  # the hub stops its managed services on exit; this only covers a crash
         log.close()
 
