@@ -42,6 +42,9 @@ def _image_as_link(self: Any, tokens: Any, idx: int, options: Any, env: Any) -> 
     return f'<a href="{escape(str(token.attrGet("src") or ""))}" target="_blank" rel="noopener noreferrer">{escape(alt)}</a>'
 
 
+# the transcript is rendered whole at every streamed update (each RENDER_INTERVAL): its finished replies,
+# which no longer change, come from here instead of being parsed again each time
+@lru_cache(maxsize=256)
 def markdown_html(text: str) -> str:
     """``text`` rendered as Markdown, as HTML with any raw HTML escaped; an unclosed code fence runs to the end."""
     return f'<div class="xllm-md">{_parser().render(text)}</div>'
