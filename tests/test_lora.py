@@ -315,3 +315,58 @@ def test_an_adapter_repulled_or_removed_while_it_attaches_does_not_serve_its_old
         assert two != one
         assert got == two and _complete(sdk, "ad-x") == two  # were adapter one's outputs
         assert len(paths) == 2  # attached again, from the new files
+
+
+def test_a_request_arriving_while_an_attached_adapter_is_checked_waits_for_the_check(
+        tmp_path, tiny_llama_dir, lora_dirs, monkeypatch):
+    """A request for an adapter that arrives while the adapter, just attached, has its manifest read again (a
+    re-pull's new files already there, its unload not yet asked) waits for that check as the attach's own
+    waiters do: it got the old files' output. The read is held on its thread and let go once the second
+    request is in the engine; no clock."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from xllm_jupyter.backends.hf_model import TransformersModel
+    from xllm_jupyter.engine.loading import LoadingMixin
+
+    home = tmp_path / "home"
+    store = ModelStore(home)
+    store.pull(str(tiny_llama_dir), TINY)
+    store.pull(str(lora_dirs[0]), "ad-x", base=TINY)
+    reading, release, arrived, attaches = threading.Event(), threading.Event(), threading.Event(), []
+    facts, attach, load = ModelStore.facts, TransformersModel.load_adapter, LoadingMixin._load
+
+    def counted(self, name, path):
+        attach(self, name, path)
+        attaches.append(name)
+
+    def held(self, name):
+        if name == "ad-x" and attaches and not reading.is_set():  # the check right after the first attach
+            reading.set()
+            release.wait(300)
+        return facts(self, name)
+
+    async def noted(self, name):
+        if name == "ad-x" and reading.is_set() and not release.is_set():
+            arrived.set()  # (no await before the original looks at the tables: it is in the engine by now)
+        return await load(self, name)
+
+    monkeypatch.setattr(TransformersModel, "load_adapter", counted)
+    monkeypatch.setattr(ModelStore, "facts", held)
+    monkeypatch.setattr(LoadingMixin, "_load", noted)
+    with running_server(make_test_config(home), ModelStore(home), TINY) as server, ThreadPoolExecutor(2) as pool, \
+            openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0, timeout=300) as sdk:
+        first = pool.submit(_complete, sdk, "ad-x")
+        try:
+            assert reading.wait(300), "ad-x was never checked after its attach"
+            ModelStore(home).pull(str(lora_dirs[1]), "ad-x", base=TINY, force=True)  # the files of a re-pull
+            second = pool.submit(_complete, sdk, "ad-x")
+            assert arrived.wait(300), "the second request never reached the engine"
+        finally:
+            release.set()
+        got = [first.result(300), second.result(300)]
+        server.call(server.engine.load_adapter(TINY, "ref-one", lora_dirs[0]))
+        server.call(server.engine.load_adapter(TINY, "ref-two", lora_dirs[1]))
+        two, one = _complete(sdk, "ref-two"), _complete(sdk, "ref-one")
+        assert two != one
+        assert got == [two, two]  # the second was adapter one's output (or a 503 as the old files were detached)
+        assert attaches.count("ad-x") == 2  # attached again, once, from the new files

@@ -163,8 +163,8 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
     async def load_any(self, name: str, keep_alive: float | None = None) -> None:
         """Load ``name`` whatever its task (chat or embedding): preload and ``/admin/models/load``."""
         name = canonical_name(name)
-        if name in self._embeddings.slots or name in self._adapters:
-            return
+        if name in self._embeddings.slots or (name in self._adapters and name not in self._loading):
+            return  # (an adapter still being checked after its attach: waits for that below)
         if name not in self._runners:
             spec = await asyncio.to_thread(self._resolve, name)
             if spec.task == "embedding":

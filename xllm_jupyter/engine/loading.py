@@ -111,6 +111,10 @@ class LoadingMixin:
         name = canonical_name(name)
         base = self._adapters.get(name, name)  # an adapter's model is its base's
         runner = self._runners.get(base)
+        if runner is not None and name != base and name in self._loading:
+            # an adapter attached but not yet checked against its manifest (``_load_new``): a re-pull may have
+            # replaced its files, so a new request waits for the check as the attach's own waiters do
+            runner = None
         if runner is not None and not runner.alive:
             # its engine thread died (its requests were failed): free it and load the model afresh
             log.warning("the engine thread of %s is gone; reloading the model", base)
