@@ -35,7 +35,8 @@ def _config(home: Any, auth: AuthConfig, users: tuple[str, ...], **engine: Any) 
 @pytest.fixture(scope="module")
 def roles_server(xllm_home, tiny_catalog) -> Iterator[Any]:
     """User keys, an admin key, and a small requests-per-minute budget."""
-    auth = AuthConfig(admin_keys=(ADMIN,), requests_per_minute=RPM)
+    # the wrong-key probes below are far more than auth.failed_auth_limit allows (test_auth_failures.py)
+    auth = AuthConfig(admin_keys=(ADMIN,), requests_per_minute=RPM, failed_auth_limit=0)
     with running_server(_config(xllm_home, auth, (USER, OTHER, "sk-flood", "sk-sdk")), tiny_catalog, TINY) as info:
         yield info
 

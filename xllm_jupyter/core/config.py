@@ -111,6 +111,14 @@ class AuthConfig:
     tokens_per_minute: int = 0
     #: per-key cap on requests in flight, so one key cannot fill the queue (0 = unlimited)
     max_concurrent_per_key: int = 0
+    #: failed authentications one client address may make per window before its requests get 429 (0 = no cap)
+    failed_auth_limit: int = 20
+    #: the window of ``failed_auth_limit``, in seconds
+    failed_auth_window_seconds: float = 60.0
+    #: client addresses remembered at most (the longest quiet ones are forgotten first)
+    failed_auth_max_clients: int = 10000
+    #: proxies whose ``X-Forwarded-For`` names the client (addresses or networks, e.g. JupyterHub's proxy)
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -269,6 +277,9 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("auth", "requests_per_minute"): (0, None),
     ("auth", "tokens_per_minute"): (0, None),
     ("auth", "max_concurrent_per_key"): (0, None),
+    ("auth", "failed_auth_limit"): (0, None),
+    ("auth", "failed_auth_window_seconds"): (0.001, None),
+    ("auth", "failed_auth_max_clients"): (1, None),
     ("quotas", "max_concurrent"): (0, None),
     ("quotas", "tokens_per_day"): (0, None),
     ("quotas", "metrics_max_users"): (1, 100000),

@@ -29,6 +29,7 @@ from tornado.web import HTTPError, RequestHandler
 
 from ..core.config import XllmConfig
 from ..core.errors import AuthenticationError, Overloaded, PermissionDenied
+from ..server.auth_failures import FAILURES_KEY, FailedAuthLimiter
 from ..server.edge import log_access
 from ..server.handlers import CONTEXT_KEY, NotFoundMixin, VerbDispatchMixin, XllmContext
 from ..server.routes import build_routes, handler_class
@@ -114,6 +115,9 @@ class HubXllmHandler(VerbDispatchMixin, RequestHandler):
         auth = self.hub_auth
         # header (or ?token= where the hub allows tokens in URLs) only, never the OAuth cookie: API calls
         # then need no XSRF guard
+        failures: FailedAuthLimiter = self.settings[FAILURES_KEY]
+        client = failures.client(self.request)
+        failures.check(client)  # an address guessing tokens gets 429s, and the hub is not asked about them
         token = auth.get_token(self, in_cookie=False)
         if not token:
             raise AuthenticationError("Missing JupyterHub token. Pass it as 'Authorization: token <JUPYTERHUB_API_TOKEN>'.")
@@ -122,6 +126,7 @@ class HubXllmHandler(VerbDispatchMixin, RequestHandler):
         except HTTPError:
             raise Overloaded("JupyterHub could not be asked who owns this token; retry later.", code="hub_unavailable") from None
         if not model:
+            failures.failed(client)
             raise AuthenticationError("Invalid or expired JupyterHub token.")
         if not auth.check_scopes(auth.access_scopes, model):
             # a managed service's hub sends both access:services and access:services!service=NAME: either will do
@@ -205,6 +210,7 @@ def make_hub_app(config: XllmConfig, engine: Any, hub_auth: HubOAuth, *, cookie_
     settings: dict[str, Any] = {
         CONTEXT_KEY: context,
         HUB_AUTH_KEY: hub_auth,
+        FAILURES_KEY: FailedAuthLimiter(config.auth),  # per-address cap on tokens the hub does not know
         "cookie_secret": cookie_secret or secrets.token_bytes(32),  # signs the OAuth state cookie
         "default_handler_class": handler_class(NotFoundMixin, HubXllmHandler),
         # path, never the query: Tornado's own line logs the URI, and a client's ?token= is a hub token

@@ -25,8 +25,11 @@ log = logging.getLogger("xllm_jupyter.hub")
 DEFAULT_URL = "http://127.0.0.1:8910"
 #: the service's own defaults, under config.yaml and ``XLLM_*``: a hub is shared by definition, so the
 #: fairness reserve holds while one user is alone too (a user who arrives later never waits for the end
-#: of someone else's generation)
-HUB_DEFAULTS: Mapping[str, Mapping[str, Any]] = {"quotas": {"reserve_when_alone": True}}
+#: of someone else's generation). JupyterHub's proxy usually reaches the service over loopback: the client
+#: is then the address the proxy forwards (else every user would share the proxy's address, and one token
+#: guesser's failures would lock all of them out: auth_failures.py)
+HUB_DEFAULTS: Mapping[str, Mapping[str, Any]] = {"quotas": {"reserve_when_alone": True},
+                                                "auth": {"trusted_proxies": ["127.0.0.1", "::1"]}}
 
 
 def load_hub_config(path: Path | None = None, env: Mapping[str, str] | None = None) -> XllmConfig:

@@ -9,6 +9,7 @@ import tornado.web
 
 from ..core.config import XllmConfig
 from .auth import AUTH_KEY, ApiKeyAuth, ApiKeyHandler, PublicApiKeyHandler
+from .auth_failures import FAILURES_KEY, FailedAuthLimiter
 from .edge import XllmApplication, edge_settings, edge_transforms
 from .handlers import CONTEXT_KEY, NotFoundMixin, XllmContext
 from .limits import LIMITS_KEY, Limiter
@@ -32,6 +33,7 @@ def make_app(config: XllmConfig, engine: Any, *, prefix: str = "") -> tornado.we
         CONTEXT_KEY: context,
         AUTH_KEY: auth,
         LIMITS_KEY: context.limiter,
+        FAILURES_KEY: FailedAuthLimiter(config.auth),  # per-address cap on wrong keys
         "default_handler_class": handler_class(NotFoundMixin, ApiKeyHandler),
         # keyless mode refuses cross-site browser requests itself (auth.cross_site), on every Tornado
     }

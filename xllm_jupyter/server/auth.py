@@ -26,6 +26,7 @@ from tornado.web import RequestHandler
 
 from ..core.errors import AuthenticationError, PermissionDenied
 from ..core.hosts import host_name, is_loopback
+from .auth_failures import FAILURES_KEY, FailedAuthLimiter
 from .edge import POLICY_KEY
 from .handlers import VerbDispatchMixin, generates
 from .limits import LIMITS_KEY, Limiter
@@ -135,8 +136,15 @@ class ApiKeyHandler(VerbDispatchMixin, RequestHandler):
         elif not self.auth_required:
             return
         else:
-            found = auth.identify(self.request.headers.get("Authorization"))
+            failures: FailedAuthLimiter | None = self.settings.get(FAILURES_KEY)
+            client = failures.client(self.request) if failures is not None else ""
+            if failures is not None:
+                failures.check(client)  # an address guessing keys gets 429s; its keys are not even looked at
+            header = self.request.headers.get("Authorization")
+            found = auth.identify(header)
             if found is None:
+                if header and failures is not None:  # a wrong key, not a client that sent none
+                    failures.failed(client)
                 raise AuthenticationError("Incorrect or missing API key. Pass it as 'Authorization: Bearer <key>'.")
             principal = found
         if self.admin_only and principal.role != ADMIN:

@@ -1,0 +1,227 @@
+"""Failed authentications are capped per client address: standalone API keys and hub tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+import httpx
+import pytest
+import tornado.httputil
+
+from tests.server_fixtures import TINY, make_test_config, running_server
+from xllm_jupyter.core.config import AuthConfig, load_config
+from xllm_jupyter.server.auth_failures import FailedAuthLimiter, client_label
+
+KEY = "sk-right-key"
+LIMIT = 3
+
+
+def _http(root: str, source: str = "127.0.0.1") -> httpx.Client:
+    """A client whose connections come from ``source`` (any 127.x address reaches a server on 127.0.0.1)."""
+    return httpx.Client(base_url=root, timeout=60, transport=httpx.HTTPTransport(local_address=source))
+
+
+def _bearer(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+@pytest.fixture(scope="module")
+def capped_server(xllm_home, tiny_catalog) -> Iterator[Any]:
+    """A standalone server allowing ``LIMIT`` failed authentications per address and minute."""
+    cfg = make_test_config(xllm_home, api_keys=(KEY,))
+    cfg = dataclasses.replace(cfg, auth=AuthConfig(failed_auth_limit=LIMIT, failed_auth_window_seconds=600))
+    with running_server(cfg, tiny_catalog, TINY) as info:
+        yield info
+
+
+def test_an_address_guessing_keys_gets_429_and_others_are_served(capped_server):
+    with _http(capped_server.root, "127.0.0.3") as guesser, _http(capped_server.root, "127.0.0.4") as other:
+        for _ in range(3):  # no key at all is no guess: never counted
+            assert guesser.get("/v1/models").status_code == 401
+        for i in range(LIMIT):
+            r = guesser.get("/v1/models", headers=_bearer(f"sk-guess-{i}"))
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        r = guesser.get("/v1/models", headers=_bearer("sk-guess-next"))
+        assert r.status_code == 429, r.text
+        err = r.json()["error"]
+        assert err["code"] == "rate_limit_exceeded" and err["type"] == "rate_limit_error"
+        assert set(err) == {"message", "type", "param", "code"} and "failed authentication" in err["message"]
+        assert 1 <= int(r.headers["Retry-After"]) <= 600
+        # the right key from the refused address is not even looked at
+        assert guesser.get("/v1/models", headers=_bearer(KEY)).status_code == 429
+        assert guesser.post("/v1/chat/completions", headers=_bearer(KEY), json={}).status_code == 429
+        # another address: its right key is served, its wrong key is a plain 401
+        assert other.get("/v1/models", headers=_bearer(KEY)).status_code == 200
+        assert other.get("/v1/models", headers=_bearer("sk-wrong")).status_code == 401
+        assert guesser.get("/health").status_code == 200  # public routes need no key, so nothing to refuse
+
+
+def test_a_right_key_does_not_wipe_the_count(capped_server):
+    """A caller holding a user key must not interleave it to go on guessing (an admin key, say)."""
+    with _http(capped_server.root, "127.0.0.5") as c:
+        for i in range(LIMIT):
+            assert c.get("/v1/models", headers=_bearer(KEY)).status_code == 200
+            assert c.get("/v1/models", headers=_bearer(f"sk-admin-guess-{i}")).status_code == 401
+        assert c.get("/v1/models", headers=_bearer("sk-admin-guess-x")).status_code == 429
+
+
+# ---------------------------------------------------------------- the limiter itself
+class Clock:
+    """A hand-moved clock."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _limiter(clock: Clock, **auth: Any) -> FailedAuthLimiter:
+    values = {"failed_auth_limit": 2, "failed_auth_window_seconds": 60.0, **auth}
+    return FailedAuthLimiter(AuthConfig(**values), clock)
+
+
+def test_the_window_ends_and_the_address_starts_afresh():
+    from xllm_jupyter.core.errors import RateLimited
+
+    clock = Clock()
+    lim = _limiter(clock)
+    lim.failed("10.0.0.1")
+    lim.failed("10.0.0.1")
+    with pytest.raises(RateLimited) as info:
+        lim.check("10.0.0.1")
+    assert info.value.retry_after == 60
+    clock.now += 45
+    with pytest.raises(RateLimited) as info:
+        lim.check("10.0.0.1")
+    assert info.value.retry_after == 15
+    lim.check("10.0.0.2")  # someone else
+    clock.now += 15
+    lim.check("10.0.0.1")  # the window is over
+    lim.failed("10.0.0.1")
+    lim.check("10.0.0.1")  # one failure in the new window
+    assert lim.refused == 2
+
+
+def test_a_spray_of_addresses_cannot_grow_the_table():
+    clock = Clock()
+    lim = _limiter(clock, failed_auth_max_clients=50)
+    for i in range(5000):
+        lim.failed(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}")
+        lim.failed(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}")
+    assert len(lim) == 50
+    from xllm_jupyter.core.errors import RateLimited
+
+    with pytest.raises(RateLimited):  # the latest ones are still remembered
+        lim.check("10.0.19.135")  # i = 4999
+
+
+def test_an_ipv6_host_counts_by_its_64():
+    assert client_label("2001:db8:1:2::1") == client_label("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert client_label("2001:db8:1:3::1") != client_label("2001:db8:1:2::1")
+    assert client_label("::ffff:192.0.2.7") == "192.0.2.7"
+    assert client_label("x" * 500) == "x" * 64
+
+
+def _request(peer: str, forwarded: list[str] | None = None) -> Any:
+    headers = tornado.httputil.HTTPHeaders()
+    for value in forwarded or ():
+        headers.add("X-Forwarded-For", value)
+    return SimpleNamespace(remote_ip=peer, headers=headers)
+
+
+def test_forwarded_for_is_read_only_from_trusted_proxies():
+    lim = _limiter(Clock(), trusted_proxies=("127.0.0.1", "10.1.0.0/16"))
+    # the proxy appends the address it was connected from; what the client wrote before that is not trusted
+    assert lim.client(_request("127.0.0.1", ["6.6.6.6, 192.0.2.9"])) == "192.0.2.9"
+    assert lim.client(_request("127.0.0.1", ["6.6.6.6", "192.0.2.9, 10.1.2.3"])) == "192.0.2.9"  # two of our proxies
+    assert lim.client(_request("127.0.0.1")) == "127.0.0.1"  # a direct local caller
+    assert lim.client(_request("192.0.2.50", ["127.0.0.1"])) == "192.0.2.50"  # not a proxy of ours: its header is ignored
+    assert _limiter(Clock()).client(_request("127.0.0.1", ["192.0.2.9"])) == "127.0.0.1"  # none trusted by default
+
+
+def test_config_keys_from_the_environment_and_the_hub_trusts_its_loopback_proxy(tmp_path):
+    from xllm_jupyter.core.errors import ConfigError
+
+    cfg = load_config(env={"XLLM_HOME": str(tmp_path), "XLLM_AUTH_FAILED_AUTH_LIMIT": "5",
+                           "XLLM_AUTH_FAILED_AUTH_WINDOW_SECONDS": "30",
+                           "XLLM_AUTH_TRUSTED_PROXIES": "10.0.0.1, 10.0.0.2"})
+    assert (cfg.auth.failed_auth_limit, cfg.auth.failed_auth_window_seconds) == (5, 30.0)
+    assert cfg.auth.trusted_proxies == ("10.0.0.1", "10.0.0.2")
+    default = load_config(env={"XLLM_HOME": str(tmp_path)})
+    assert default.auth.failed_auth_limit > 0 and default.auth.trusted_proxies == ()
+    with pytest.raises(ConfigError, match="failed_auth_limit"):
+        load_config(env={"XLLM_HOME": str(tmp_path), "XLLM_AUTH_FAILED_AUTH_LIMIT": "-1"})
+    pytest.importorskip("jupyterhub")
+    from xllm_jupyter.hub.service import load_hub_config
+
+    assert "127.0.0.1" in load_hub_config(env={"XLLM_HOME": str(tmp_path)}).auth.trusted_proxies
+
+
+# ---------------------------------------------------------------- the hub service
+@pytest.fixture
+def hub_service(tmp_path) -> Iterator[Any]:
+    """The hub app on a real port, its hub stood in for by a counting ``user_for_token``."""
+    pytest.importorskip("jupyterhub")
+    import tornado.httpserver
+    import tornado.testing
+
+    from xllm_jupyter.engine.engine import Engine
+    from xllm_jupyter.hub.app import make_hub_app, make_hub_auth
+
+    config = load_config(env={}, overrides={"store": {"home": str(tmp_path)}, "quotas": {"usage_file": "off"},
+                                            "auth": {"failed_auth_limit": LIMIT}})
+    env = {"JUPYTERHUB_API_TOKEN": "service-token", "JUPYTERHUB_API_URL": "http://127.0.0.1:9/hub/api"}
+    auth = make_hub_auth(env)
+    asked: list[str] = []
+
+    async def user_for_token(token: str, sync: bool = True, **_: Any) -> Any:
+        asked.append(token)
+        if token == "good-token":
+            return {"kind": "user", "name": "alice", "groups": [], "scopes": ["access:services!service=xllm"]}
+        return None
+
+    auth.user_for_token = user_for_token
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        app = make_hub_app(config, Engine(config.engine), auth)
+        sock, box["port"] = tornado.testing.bind_unused_port()
+        box["server"] = tornado.httpserver.HTTPServer(app)
+        box["server"].add_sockets([sock])
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    ready.wait(30)
+    try:
+        yield SimpleNamespace(root=f"http://127.0.0.1:{box['port']}/services/xllm", asked=asked)
+    finally:
+        loop.call_soon_threadsafe(box["server"].stop)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def test_hub_tokens_the_hub_does_not_know_are_capped_and_no_longer_sent_to_it(hub_service):
+    def token(t: str) -> dict[str, str]:
+        return {"Authorization": f"token {t}"}
+
+    with _http(hub_service.root, "127.0.0.6") as guesser, _http(hub_service.root, "127.0.0.7") as other:
+        for i in range(LIMIT):
+            assert guesser.get("/v1/models", headers=token(f"guess-{i}")).status_code == 401
+        assert len(hub_service.asked) == LIMIT
+        for i in range(20):
+            r = guesser.get("/v1/models", headers=token(f"more-{i}"))
+            assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+            assert int(r.headers["Retry-After"]) >= 1
+        assert len(hub_service.asked) == LIMIT  # the hub's API was not asked about any of them
+        assert guesser.get("/v1/models", headers=token("good-token")).status_code == 429
+        assert other.get("/v1/models", headers=token("good-token")).status_code == 200

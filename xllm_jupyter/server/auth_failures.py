@@ -1,0 +1,142 @@
+"""A per-address cap on failed authentications (guessing API keys or hub tokens).
+
+After ``auth.failed_auth_limit`` requests from one client address carried credentials
+that matched nothing within ``auth.failed_auth_window_seconds``, every request from that
+address that needs authentication is refused with 429 ``rate_limit_exceeded`` and a
+``Retry-After`` until the window ends, without looking at its credentials: a key guesser
+learns nothing more, and on the hub service no more tokens are sent to the hub's API.
+Callers at other addresses, right keys or not, are not affected. A request with no
+credentials at all is not a guess and is not counted.
+
+Memory is bounded: at most ``auth.failed_auth_max_clients`` addresses are remembered (the one
+whose last failure is oldest is forgotten first), and an IPv6 client counts by its /64 network
+(one host commonly has a whole /64 to pick addresses from).
+
+The client address is the connection's peer, or, when the peer is one of ``auth.trusted_proxies``
+(JupyterHub's proxy in front of the hub service), the last ``X-Forwarded-For`` hop that is not.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Iterable
+
+from ..core.config import AuthConfig
+from ..core.errors import RateLimited
+
+log = logging.getLogger("xllm_jupyter.server")
+
+#: the settings key holding the FailedAuthLimiter (standalone and hub apps)
+FAILURES_KEY = "xllm_auth_failures"
+
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(entries: Iterable[str]) -> tuple[_Network, ...]:
+    out = []
+    for entry in entries:
+        try:
+            out.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            log.warning("ignoring auth.trusted_proxies entry %r: not an IP address or network", entry)
+    return tuple(out)
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        addr = ipaddress.ip_address(text.strip().split("%")[0])
+    except ValueError:
+        return None
+    mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:1.2.3.4 is the IPv4 client 1.2.3.4
+    return mapped or addr
+
+
+def client_label(addr: str) -> str:
+    """The key an address is counted under: the address, or its /64 for IPv6 (bounded length otherwise)."""
+    parsed = _address(addr)
+    if parsed is None:
+        return addr[:64]
+    if parsed.version == 6:
+        return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
+    return str(parsed)
+
+
+class FailedAuthLimiter:
+    """Counts failed authentications per client address in fixed windows; refuses an address over the limit."""
+
+    def __init__(self, config: AuthConfig, clock: Callable[[], float] = time.monotonic):
+        self.limit = config.failed_auth_limit
+        self.window = config.failed_auth_window_seconds
+        self.max_clients = config.failed_auth_max_clients
+        self._proxies = _networks(config.trusted_proxies)
+        self._clock = clock
+        # label -> [failures, window start]; ordered by last failure, oldest first (what is forgotten first)
+        self._table: OrderedDict[str, list[float]] = OrderedDict()
+        #: 429s answered so far (every refused request, not each address once)
+        self.refused = 0
+
+    @property
+    def enabled(self) -> bool:
+        """True when a limit is configured (``auth.failed_auth_limit`` > 0)."""
+        return self.limit > 0
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def client(self, request: Any) -> str:
+        """The label of the client that sent ``request`` (a Tornado HTTPServerRequest)."""
+        peer = request.remote_ip or ""
+        if self._proxies and self._trusted(peer):
+            # each proxy appends the address it was connected from: walk back over our own proxies only,
+            # since anything further left was written by the client and may be made up
+            hops = [h.strip() for h in ",".join(request.headers.get_list("X-Forwarded-For")).split(",") if h.strip()]
+            for hop in reversed(hops):
+                peer = hop
+                if not self._trusted(hop):
+                    break
+        return client_label(peer)
+
+    def _trusted(self, addr: str) -> bool:
+        parsed = _address(addr)
+        return parsed is not None and any(parsed in net for net in self._proxies if net.version == parsed.version)
+
+    def check(self, client: str) -> None:
+        """Raise RateLimited (429 with ``Retry-After``) while ``client`` is over the limit."""
+        if not self.enabled:
+            return
+        entry = self._table.get(client)
+        if entry is None:
+            return
+        left = entry[1] + self.window - self._clock()
+        if left <= 0:
+            del self._table[client]  # its window is over: it starts afresh
+            return
+        if entry[0] >= self.limit:
+            self.refused += 1
+            raise RateLimited(
+                f"Too many failed authentication attempts from this address; retry in {math.ceil(left)} s.",
+                retry_after=max(1, math.ceil(left)),
+            )
+
+    def failed(self, client: str) -> None:
+        """Count one request from ``client`` whose credentials matched nothing."""
+        if not self.enabled:
+            return
+        now = self._clock()
+        entry = self._table.pop(client, None)
+        if entry is None or now - entry[1] >= self.window:
+            entry = [0, now]
+        entry[0] += 1
+        self._table[client] = entry  # to the end: the most recent failure is forgotten last
+        if entry[0] == self.limit:
+            log.warning("client %s reached %d failed authentications in %g s: refused until the window ends",
+                        client, self.limit, self.window)
+        while len(self._table) > self.max_clients:
+            self._table.popitem(last=False)
+
+
+__all__ = ["FAILURES_KEY", "FailedAuthLimiter", "client_label"]
