@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from tornado.httpserver import HTTPServer
 
 from ..core.config import XllmConfig, load_config
 from ..core.errors import ConfigError
-from ..server.standalone import listen, shutdown_engine, stop_http_server
+from ..server.standalone import listen, shutdown_engine, stop_http_server, stop_signals
 from .app import make_hub_app, make_hub_auth, service_prefix
 
 log = logging.getLogger("xllm_jupyter.hub")
@@ -50,9 +49,10 @@ class RunningService:
         """Take no new connections; requests already in are served on (``stop`` ends them)."""
         self.http_server.stop()
 
-    async def stop(self) -> None:
-        """Stop listening, give requests in flight a moment to end, close open connections."""
-        await stop_http_server(self.http_server)
+    async def stop(self, hurry: asyncio.Event | None = None) -> None:
+        """Stop listening, give requests in flight a moment to end (less once ``hurry`` is set), close open
+        connections."""
+        await stop_http_server(self.http_server, hurry=hurry)
 
 
 def bind_address(env: Mapping[str, str]) -> tuple[str, int]:
@@ -93,10 +93,9 @@ async def run_hub_service(config: XllmConfig, env: Mapping[str, str] | None = No
         await engine.stop()
         raise
     log.info("xllm hub service listening on %s%s (OpenAI API: %sv1)", service.url, service.prefix, service.prefix)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    # as `xllm serve`: a second Ctrl-C cuts the drain (usage is still saved), a third interrupts
+    stop, hurry = asyncio.Event(), asyncio.Event()
+    remove_signals = stop_signals(asyncio.get_running_loop(), stop, hurry)
     model = config.engine.default_model
 
     async def preload() -> None:
@@ -117,4 +116,5 @@ async def run_hub_service(config: XllmConfig, env: Mapping[str, str] | None = No
         await asyncio.gather(task, return_exceptions=True)
         service.stop_listening()  # first: a request arriving now would load a model into a stopping engine
         await shutdown_engine(engine)
-        await service.stop()
+        await service.stop(hurry)
+        remove_signals()
