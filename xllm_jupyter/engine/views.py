@@ -120,8 +120,12 @@ class ViewsMixin:
         raise ModelNotFound(name)
 
     # ------------------------------------------------------------------- stats
-    def user_counts(self) -> dict[str, UserSequences]:
-        """Each user's sequences over every loaded model ("" for anonymous requests)."""
+    def user_counts(self, model: str | None = None) -> dict[str, UserSequences]:
+        """Each user's sequences over every loaded model, or on ``model`` only ("" for anonymous requests)."""
+        if model is not None:
+            name = canonical_name(model)
+            runner = self._runners.get(self._adapters.get(name, name))  # an adapter's requests run on its base
+            return runner.user_counts() if runner is not None else {}
         return UserSequences.summed(r.user_counts() for r in list(self._runners.values()))
 
     def stats(self, name: str | None = None) -> EngineStats:

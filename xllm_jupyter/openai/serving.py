@@ -19,13 +19,15 @@ from typing import Any, AsyncIterator, Sequence
 
 from ..core.config import CacheConfig, ServerConfig
 from ..core.errors import ContextLengthExceeded, InvalidRequest
-from ..core.types import ChatMessage, ChoiceDelta, FinishReason, GenerationDone, GenerationParams, GenerationRequest, ModelRuntime, Usage
+from ..core.types import (ChatMessage, ChoiceDelta, FinishReason, GenerationDone, GenerationParams, GenerationRequest,
+                          ModelRuntime, Usage, UserSequences)
 from ..engine.manager import request_keep_alive
 from .cache import ResponseCache
 from .chat_store import StoredCompletions
 from .completions import CompletionsMixin
 from .generation import Chunk, check_token_ids, engine_failure, envelope, started
 from .model_defaults import ModelDefaults
+from .model_privacy import caller_view
 from .offload import is_big, off_loop_if, parse_body
 from .tool_calling import ToolCalling
 from .truncation import fit_front
@@ -86,14 +88,22 @@ class OpenAIServing(CompletionsMixin):
         return f"{digest or id(model)}:{name}"
 
     # ------------------------------------------------------------------ models
-    async def list_models(self) -> dict[str, Any]:
-        """``GET /v1/models``: loaded models first, then everything the store can load."""
+    async def list_models(self, user: str | None = None, *, admin: bool = True) -> dict[str, Any]:
+        """``GET /v1/models``: loaded models first, then everything the store can load (a non-admin ``user``
+        sees only their own activity: model_privacy.py)."""
         infos = await asyncio.to_thread(self.engine.list_models)  # the catalog reads the disk
-        return {"object": "list", "data": [model_object(i) for i in infos]}
+        return {"object": "list", "data": [self._as_seen(model_object(i), user, admin) for i in infos]}
 
-    async def retrieve_model(self, model_id: str) -> dict[str, Any]:
+    async def retrieve_model(self, model_id: str, user: str | None = None, *, admin: bool = True) -> dict[str, Any]:
         """``GET /v1/models/{id}``; ModelNotFound (404) when unknown."""
-        return model_object(await asyncio.to_thread(self.engine.model_info, model_id))
+        return self._as_seen(model_object(await asyncio.to_thread(self.engine.model_info, model_id)), user, admin)
+
+    def _as_seen(self, entry: dict[str, Any], user: str | None, admin: bool) -> dict[str, Any]:
+        if admin:
+            return entry
+        counts = getattr(self.engine, "user_counts", None)
+        own = counts(entry["id"]).get(user or "", UserSequences()) if counts is not None else UserSequences()
+        return caller_view(entry, own)
 
     # ------------------------------------------------------------------- admin
     def admin_models(self) -> dict[str, Any]:

@@ -348,7 +348,7 @@ class ModelsMixin(RequestMixin):
 
     async def handle_get(self) -> None:
         """List models, and the server's version (any caller may read it; ``/admin/models/manifest`` is the admins')."""
-        listing = await self.xllm.serving.list_models()
+        listing = await self.xllm.serving.list_models(self.caller.user, admin=self.caller.admin)
         self.write_json({**listing, "xllm": {"server_version": __version__}})
 
 
@@ -357,7 +357,7 @@ class ModelMixin(RequestMixin):
 
     async def handle_get(self, model_id: str) -> None:
         """One model, 404 if unknown."""
-        self.write_json(await self.xllm.serving.retrieve_model(model_id))
+        self.write_json(await self.xllm.serving.retrieve_model(model_id, self.caller.user, admin=self.caller.admin))
 
 
 class ChatCompletionsMixin(BodyMixin):
