@@ -28,6 +28,14 @@ ATTACKS = [
     "&lt;img src=x onerror=alert(1)&gt; &#60;img src=x&#62;",
     "<https://ok.example/a> <javascript:alert(1)>",
 ]
+# links a prompt injection could plant: JupyterLab opens a relative target as a file of the Jupyter server
+RELATIVE_LINKS = (
+    "[a](../../api/contents/secret) [b](files/secret.txt) [c](/lab/tree/secret.ipynb) [d](#x) "
+    "[e](//evil.example/x) [f](file:///etc/passwd) [g](<../x y>) [h](data:text/html,hi) ![i](../../files/s.png) "
+    "[j][r] [k] $a [b$](../x) [[n]](../n) [o](https://ok.example/ok) [p](mailto:p@ok.example)\n\n"
+    "[r]: ../../api/contents/secret\n[k]: files/k.txt\n"
+)
+WEB_HREF = re.compile(r"(https://ok\.example/|mailto:p@ok\.example$)")
 
 
 def rendered(markdown: str) -> str:
@@ -42,7 +50,22 @@ def test_no_tag_image_or_script_link_survives(attack):
     assert tags <= {"p", "code", "a", "pre", "table", "thead", "tbody", "tr", "th", "td", "ul", "li", "blockquote", "em"}, html
     assert "<img" not in html and "onerror" not in re.sub(r">[^<]*<", "><", html)  # the word may stay as text
     for href in re.findall(r'href="([^"]*)"', html):
-        assert not re.match(r"\s*(javascript|vbscript|data):", re.sub(r"[\t\n\\]", "", href), re.I), href
+        assert re.match(r"(https?://|mailto:)", href), href  # the web, never a script, data or a Jupyter file
+
+
+def test_only_web_and_mail_links_stay_links_in_markdown_and_in_the_chat_widget():
+    for html in (rendered(neutral_markdown(RELATIVE_LINKS)), markdown_html(RELATIVE_LINKS)):
+        hrefs = re.findall(r'href="([^"]*)"', html)
+        assert hrefs and all(WEB_HREF.match(h) for h in hrefs), hrefs
+        assert len(hrefs) == 2, hrefs  # [o] and [p]
+        assert "api/contents/secret" in html and "files/secret.txt" in html  # still there, as text
+
+
+def test_brackets_in_math_and_text_stay_readable():
+    out = neutral_markdown("$\\sqrt[3]{x}$ and [1, 2] and [see](https://ok.example/a_b)")
+    html = rendered(out)
+    assert "$\\sqrt[3]{x}$" in out and "[1, 2]" in html
+    assert '<a href="https://ok.example/a_b">see</a>' in html
 
 
 def test_html_is_escaped_and_images_become_links():

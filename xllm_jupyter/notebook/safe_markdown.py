@@ -1,10 +1,14 @@
-"""Model text made safe to show as Markdown in JupyterLab: no raw HTML, no images, no script links.
+"""Model text made safe to show as Markdown in JupyterLab: no raw HTML, no images, links only to the web.
 
 JupyterLab renders trusted outputs (everything run in the session) without a sanitizer, so a
 reply holding ``<img src=x onerror=...>`` would run script in the user's page, and an image
 (``![a](https://host/?d=secret)``) would be fetched by the browser as soon as it is shown.
 ``neutral_markdown`` keeps what JupyterLab's Markdown does well (fenced code with syntax
-highlighting, ``$...$``/``$$...$$`` math, tables, clickable links) and takes the rest away.
+highlighting, ``$...$``/``$$...$$`` math, tables, clickable web links) and takes the rest away.
+JupyterLab resolves a relative link against the notebook and opens it in the Lab when clicked
+(``[x](../../api/contents/secret)``, ``[x](files/...)``): only ``[text](https://...)``,
+``http://`` and ``mailto:`` links are kept, every other ``[`` comes out escaped, so no link
+(inline, reference or definition) can be spelt; the text shows as written.
 
 The rule that makes it safe however JupyterLab's parser (marked) reads the result: every ``<``
 and ``&`` of the model's text comes out escaped, except inside fenced code blocks, which are
@@ -36,7 +40,10 @@ _NOT_MATH = re.compile(r"\]\s*[(:\[]|!\[|`")
 _AUTOLINK = re.compile(r"<(https?://[^\s<>&]+)>", re.IGNORECASE)
 #: an HTML entity in math (TeX has none): escaped, so it cannot spell a link where math is read as text
 _ENTITY = re.compile(r"&(?=#\d+;|#x[0-9a-f]+;|[a-z][a-z0-9]*;)", re.IGNORECASE)
-_SPECIAL = re.compile(r"[\\`$<&!]")
+_SPECIAL = re.compile(r"[\\`$<&!\[]")
+#: the one link syntax kept: ``[text](url)`` to the web or mail, with nothing in it that another rule
+#: (code span, math, escape) could read differently, so its ``[`` pairs with no other ``](``
+_WEB_LINK = re.compile(r"\[[^\[\]`$\\<>\n]*\]\((?:https?://|mailto:)[^\s()<>\\`$\[\]]*\)", re.IGNORECASE)
 _BEGIN = re.compile(r"\\begin\{([a-zA-Z]*\*?)\}")
 
 
@@ -116,8 +123,20 @@ def _closing(s: str, i: int, delim: str) -> int:
         j += 1
 
 
+def _brackets_paired(body: str) -> bool:
+    """True when every ``[`` in math closes inside it: one left open could start a link where JupyterLab
+    reads the math as text (``$a [b$](../x)``)."""
+    depth = 0
+    for c in body:
+        depth += (c == "[") - (c == "]")
+        if depth < 0:
+            return False
+    return depth == 0
+
+
 def _text(s: str) -> str:
-    """Running text (no code blocks): HTML escaped, images made links, code spans and math kept."""
+    """Running text (no code blocks): HTML escaped, images made links, links only to the web, code spans and
+    math kept."""
     out: list[str] = []
     plain: list[str] = []  # text since the last code span or math, checked for script links at once
 
@@ -151,7 +170,7 @@ def _text(s: str) -> str:
                 delim, open_len = f"\\end{{{m.group(1)}}}", m.end() - i
             j = _closing(s, i + open_len, delim)
             body = s[i + open_len: j] if j >= 0 else ""
-            if j < 0 or not body.strip() or _NOT_MATH.search(body):
+            if j < 0 or not body.strip() or _NOT_MATH.search(body) or not _brackets_paired(body):
                 plain.append("\\$" if c == "$" else c)
                 i += 1
                 continue
@@ -164,6 +183,9 @@ def _text(s: str) -> str:
             i += auto.end() - i if auto else 1
         elif c == "&":
             plain.append("&amp;")
+            i += 1
+        elif c == "[":
+            plain.append("[" if _WEB_LINK.match(s, i) else "\\[")  # an escaped [ opens no link
             i += 1
         elif c == "!" and s.startswith("![", i):
             plain.append("\\!")  # an image becomes a link the user may click: nothing is fetched

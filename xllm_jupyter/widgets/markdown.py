@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from html import escape
 from typing import Any
+
+#: where a link may lead: the web or mail. A relative link would open a file of the Jupyter server
+#: (``../../api/contents/secret``, ``files/...``) in the user's tab when clicked: it is shown as text
+_WEB = re.compile(r"(?:https?://|mailto:)", re.IGNORECASE)
 
 #: styles for rendered replies, scoped to the transcript: an HTML widget gets none of JupyterLab's
 #: Markdown styles, so without them a code block would be proportional text on the page's background
@@ -32,14 +37,35 @@ def _parser() -> Any:
     # markdown-it also refuses javascript:, vbscript:, file: and (but for images) data: links
     md = MarkdownIt("commonmark", {"html": False}).enable(["table", "strikethrough"])
     md.add_render_rule("image", _image_as_link)
+    md.add_render_rule("link_open", _link_open)
+    md.add_render_rule("link_close", _link_close)
     return md
+
+
+def _anchor(href: str) -> str:
+    return f'<a href="{escape(href)}" target="_blank" rel="noopener noreferrer">'
 
 
 def _image_as_link(self: Any, tokens: Any, idx: int, options: Any, env: Any) -> str:
     """An image as a link to it: the browser fetches nothing the model names (an exfiltration channel)."""
     token = tokens[idx]
-    alt = self.renderInlineAsText(token.children or [], options, env) or token.attrGet("src") or "image"
-    return f'<a href="{escape(str(token.attrGet("src") or ""))}" target="_blank" rel="noopener noreferrer">{escape(alt)}</a>'
+    src = str(token.attrGet("src") or "")
+    alt = self.renderInlineAsText(token.children or [], options, env) or src or "image"
+    return f"{_anchor(src)}{escape(alt)}</a>" if _WEB.match(src) else f"{escape(alt)} ({escape(src)})"
+
+
+def _link_open(self: Any, tokens: Any, idx: int, options: Any, env: Any) -> str:
+    """A web link opens in a new tab; any other is left out (its text shows, then its target as text)."""
+    href = str(tokens[idx].attrGet("href") or "")
+    env.setdefault("xllm_links", []).append(None if _WEB.match(href) else href)  # links do not nest
+    return _anchor(href) if _WEB.match(href) else ""
+
+
+def _link_close(self: Any, tokens: Any, idx: int, options: Any, env: Any) -> str:
+    """The end of the link ``_link_open`` began."""
+    stack = env.get("xllm_links") or [None]
+    shown = stack.pop()
+    return "</a>" if shown is None else f" ({escape(shown)})"
 
 
 # the transcript is rendered whole at every streamed update (each RENDER_INTERVAL): its finished replies,

@@ -1,0 +1,59 @@
+"""In JupyterLab (headless chromium), a reply's links lead only to the web: no relative link opens a Jupyter file.
+
+JupyterLab resolves a relative link in Markdown output against the notebook and opens its target in
+the Lab when clicked, so ``[x](../../api/contents/secret)`` in a model's answer was one click from a
+file of the user's. Both renderings of model text are checked as the browser shows them: the
+``%%xllm`` Markdown bundle (``Reply``) and the ChatWidget's transcript HTML (``markdown_html`` in an
+ipywidgets ``HTML``, as the widget shows it).
+"""
+
+from __future__ import annotations
+
+import nbformat
+import pytest
+
+from tests.browser import chromium, jupyter_lab, require_browser
+from tests.test_safe_markdown import RELATIVE_LINKS
+
+pytestmark = [pytest.mark.timeout(600)]
+
+NOTEBOOK = "xllm-links.ipynb"
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """JupyterLab with a notebook showing the hostile links both ways."""
+    require_browser()
+    workdir = tmp_path_factory.mktemp("lab-links")
+    (workdir / "secret.txt").write_text("not for the model\n")
+    cells = [
+        nbformat.v4.new_code_cell(f"from xllm_jupyter.magics.render import Reply\nReply('markdown', {RELATIVE_LINKS!r})"),
+        nbformat.v4.new_code_cell("import ipywidgets\nfrom xllm_jupyter.widgets.markdown import markdown_html\n"
+                                  f"ipywidgets.HTML(markdown_html({RELATIVE_LINKS!r}))"),
+    ]
+    nb = nbformat.v4.new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                                          "language": "python"}})
+    nbformat.write(nb, str(workdir / NOTEBOOK))
+    with jupyter_lab(workdir, config={"XllmApp": {"home": str(workdir / "store")}}, name="links-browser") as server:
+        yield server
+
+
+def test_no_relative_link_is_clickable_in_markdown_or_the_chat_widget(lab):
+    from tests.test_browser_notebook import run_all_cells
+
+    with chromium() as context:
+        page = context.new_page()
+        page.goto(lab.lab_url(f"lab/tree/{NOTEBOOK}"), wait_until="domcontentloaded", timeout=120_000)
+        page.wait_for_selector(".jp-NotebookPanel .jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
+        run_all_cells(page)
+        cells = page.locator(".jp-NotebookPanel .jp-CodeCell")
+        markdown = cells.nth(0).locator(".jp-OutputArea-output[data-mime-type='text/markdown']")
+        widget = cells.nth(1).locator(".jp-OutputArea-output .widget-html-content")
+        markdown.wait_for(timeout=120_000)
+        widget.wait_for(timeout=120_000)
+        for output in (markdown, widget):
+            # the href as the browser resolved it: JupyterLab rewrites relative ones to the server's URLs
+            hrefs = output.locator("a").evaluate_all("els => els.map(e => e.href)")
+            assert sorted(hrefs) == ["https://ok.example/ok", "mailto:p@ok.example"], hrefs
+            text = output.inner_text()
+            assert "api/contents/secret" in text and "files/secret.txt" in text  # shown, as text
