@@ -1,10 +1,12 @@
-"""A user server follows the hub's config when an admin fixes it: a service added later, or its URL mended.
+"""A user server follows the hub's config when an admin changes it: a service added later, its URL mended, or
+the service removed.
 
 A real JupyterHub (tests/real_hub.py) first runs without the service; bob's Jupyter server (pytest-jupyter,
 the xllm extension) hears 404 at start and serves from its own engine. The admin adds the service to the
 config and restarts the hub; the server's background re-check finds it, forwards new requests, lets the
 request in flight in its own engine finish there, and only then unloads its model. A server that
-forwards to a URL it cannot reach asks the hub again and follows the URL the admin mends.
+forwards to a URL it cannot reach asks the hub again and follows the URL the admin mends. A server that
+forwards to the service goes back to its own engine once the admin removes the service and restarts the hub.
 """
 
 from __future__ import annotations
@@ -43,16 +45,22 @@ HUB_TAIL = textwrap.dedent('''
 
 
 class _Service(http.server.ThreadingHTTPServer):
-    """The hub's xllm service, as far as this test needs it: ``GET .../v1/models`` lists "hub-model"."""
+    """The hub's xllm service, as far as this test needs it: ``GET .../v1/models`` lists "hub-model"; with
+    ``?hold=1`` it answers once ``release`` is set (``holding`` is set meanwhile)."""
 
     def __init__(self) -> None:
         self.authorizations: list[str] = []
+        self.holding, self.release = threading.Event(), threading.Event()
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 outer.authorizations.append(self.headers.get("Authorization", ""))
-                found = self.path == "/services/xllm/v1/models"
+                path, _, query = self.path.partition("?")
+                if query == "hold=1":
+                    outer.holding.set()
+                    outer.release.wait(120)
+                found = path == "/services/xllm/v1/models"
                 body = {"object": "list", "data": [{"id": "hub-model", "object": "model", "created": 0, "owned_by": "hub"}]}
                 data = json.dumps(body if found else {"error": {"message": "no", "type": "invalid_request_error",
                                                                  "param": None, "code": None}}).encode()
@@ -94,6 +102,7 @@ def hub(tmp_path):
         yield {"proc": proc, "begin": begin, "tail": tail, "service": service,
                "url": f"http://127.0.0.1:{service.server_port}"}
     finally:
+        service.release.set()
         proc.stop()
         service.shutdown()
         service.server_close()
@@ -191,6 +200,47 @@ def test_a_server_forwarding_to_a_url_it_cannot_reach_follows_the_url_the_admin_
         assert link.upstream.service.root == hub["url"] + "/services/xllm/"
         await asyncio.wait_for(_until(lambda: first.client.is_closed), 10)  # the old pool, unused, is closed
         assert not ext.engine.loaded_models(include_loading=True)
+
+    jp_asyncio_loop.run_until_complete(body())
+
+
+def test_a_server_forwarding_to_the_service_serves_from_its_own_engine_once_the_admin_removes_it(
+        hub, jp_serverapp, http_server_client, jp_http_port, jp_base_url, jp_asyncio_loop, monkeypatch):
+    """Before: the service found at start stood for the server's life; once the admin removed it (and restarted
+    the hub), every request got 503 until the user restarted their server. The request forwarded when the
+    admin removes it still gets the service's answer."""
+    _bobs_server_env(hub, hub["url"], monkeypatch)
+    (ext,) = jp_serverapp.extension_manager.extension_apps["xllm_jupyter"]
+    root = f"http://127.0.0.1:{jp_http_port}{jp_base_url}xllm"
+    auth = {"Authorization": f"token {jp_serverapp.identity_provider.token}"}
+    service = hub["service"]
+
+    async def body() -> None:
+        await jp_serverapp._post_start()
+        await ext._start_task
+        link = ext._hub_link
+        first = link.upstream
+        assert link.state == "hub-service" and first is not None
+        assert not ext.engine.loaded_models(include_loading=True) and "XLLM_BASE_URL" not in os.environ
+        async with httpx.AsyncClient(base_url=root, headers=auth, timeout=120) as h:
+            held = asyncio.ensure_future(h.get("/v1/models", params={"hold": "1"}))  # forwarded, answered later
+            await asyncio.to_thread(service.holding.wait, 60)
+            await asyncio.to_thread(hub["proc"].restart, hub["tail"](None))  # the admin removes the service
+            await asyncio.wait_for(_until(lambda: link.state == "local"), 60)
+            assert (await h.get("/health")).json()["engine"] == "local"
+            assert os.environ["XLLM_BASE_URL"] == root + "/v1"  # kernels started from now on come here
+            r = await h.post("/v1/chat/completions", json={"model": TINY, "messages": MSG, "max_tokens": 3})
+            assert r.status_code == 200, r.text  # this server's engine answers (was a 503 until a restart)
+            assert r.json()["model"] == TINY and r.json()["usage"]["completion_tokens"] == 3
+            models = await h.get("/v1/models")
+            assert models.status_code == 200 and TINY in [m["id"] for m in models.json()["data"]]
+            assert "hub-model" not in [m["id"] for m in models.json()["data"]]
+            assert not first.client.is_closed  # the forwarded request still uses its pool
+            service.release.set()
+            r = await held
+            assert r.status_code == 200 and [m["id"] for m in r.json()["data"]] == ["hub-model"]
+        await asyncio.wait_for(_until(lambda: first.client.is_closed), 10)  # closed once that request ended
+        await asyncio.wait_for(_until(lambda: ext.engine.is_loaded(TINY)), 60)  # the default model, loaded again
 
     jp_asyncio_loop.run_until_complete(body())
 

@@ -42,7 +42,7 @@ class XllmApp(ExtensionApp):
     max_body_bytes = Integer(None, allow_none=True, help="Largest accepted request body, in bytes.").tag(config=True)
     config_file = Unicode(None, allow_none=True, help="config.yaml to read (default: XLLM_CONFIG, else <XLLM_HOME>/config.yaml).").tag(config=True)
     defer_to_hub = Bool(True, help="In a JupyterHub single-user server whose hub runs the xllm service: export no XLLM_BASE_URL (kernels then use the hub service), load no model, and forward this server's xllm API (panel, playground) to the service. While the hub API does not answer, wait for it (503, no model) and ask again on the next request.").tag(config=True)
-    hub_recheck_seconds = Float(300.0, help="With defer_to_hub: when the hub said it has no xllm service for this server (403, 404), ask it again about this often (0: never), in the background; once the service appears, this server forwards to it and unloads its own models when the requests they serve have ended.").tag(config=True)
+    hub_recheck_seconds = Float(300.0, help="With defer_to_hub: when the hub said it has no xllm service for this server (403, 404), ask it again about this often (0: never), in the background; once the service appears, this server forwards to it and unloads its own models when the requests they serve have ended. A service found is asked about as often: once the hub no longer shows it (removed), this server's own engine serves again.").tag(config=True)
 
     engine: Any = None
     xllm_config: XllmConfig | None = None
@@ -107,14 +107,19 @@ class XllmApp(ExtensionApp):
                           link.upstream.service.root)
             # kernels started from now on find the service themselves; earlier ones reach it through this server
             self._withdraw_env()
-            if self._start_task is not None and self._retire_task is None:  # a switch: the engine has started
+            if self._start_task is not None and (self._retire_task is None or self._retire_task.done()):
+                # a switch (the engine has started): its models go once the requests they serve have ended
                 self._retire_task = asyncio.ensure_future(self._retire_local_engine(link))
             return
         log = self.log.warning if link.fault else self.log.info
         again = (f"; the hub is asked again every {link.recheck_seconds:g} s or so (c.XllmApp.hub_recheck_seconds)"
                  if link.rechecking else "")
         log("xllm: no JupyterHub xllm service for this server (%s): its own engine serves%s", link.reason, again)
-        if self._start_task is not None and self._preload_task is None:  # settled after the start: load now
+        if self._start_task is None:
+            return  # settled at the start: the start exports the variables and loads the model
+        if self.serverapp is not None and not self._exported:  # a switch back from the service (it was removed)
+            self._export_env(self.serverapp)  # kernels started from now on come here again
+        if self._preload_task is None or self._preload_task.done():  # settled after the start: load now
             self._preload_task = asyncio.ensure_future(self._load_default())
 
     async def _retire_local_engine(self, link: HubLink) -> None:
@@ -124,6 +129,8 @@ class XllmApp(ExtensionApp):
         if pending:
             await asyncio.wait(pending)
         await link.local_drained()
+        if link.state != HUB:  # the service went again before (this server's engine serves on)
+            return
         names = [m.name for m in self.engine.loaded_models()]
         for name in names:
             try:
@@ -144,6 +151,9 @@ class XllmApp(ExtensionApp):
             return
         if self._start_task is not None and asyncio.current_task() is not self._start_task:
             await self._start_task  # the engine runs first
+        retire = self._retire_task
+        if retire is not None and not retire.done():  # back from the service while its unloads still ran
+            await asyncio.wait([retire])  # (wait, not await: cancelling this must not cancel that)
         try:
             await self.engine.load(model)
             self.log.info("xllm: model %s loaded", model)

@@ -1,14 +1,16 @@
 """Whether this server's xllm API is the hub service's or its own, settled once the hub answers.
 
-The extension asks the hub at start (extension/hub_lookup.py). The service, once found, stands for
-the server's life (forward to it); when it stops answering, the hub is asked whether its URL changed
-(``service_unreachable``). While the hub has not answered (down, restarting, slower than the
+The extension asks the hub at start (extension/hub_lookup.py). The service, once found, is forwarded
+to; when it stops answering, the hub is asked whether its URL changed (``service_unreachable``). While the hub has not answered (down, restarting, slower than the
 lookup timeout under a burst of spawns) the server waits for it rather than loading a model of its
 own: the next request to a forwarded route asks again, at most every ``RETRY_SECONDS``, and
 concurrent requests share one lookup. A no (403, 404: this server's own engine serves) is asked
 again in the background every ``recheck_seconds`` or so, because an admin may add the service or
 grant the scope and restart the hub under running servers: when the service appears, new requests
-are forwarded while those already in this server's engine finish there (``local_drained``).
+are forwarded while those already in this server's engine finish there (``local_drained``). The found
+service is asked about as often, because an admin may also remove it (or move it): when the hub's word
+becomes a no, new requests are served by this server's engine again, while those already forwarded finish
+at the service (or get its 503 if it is gone).
 """
 
 from __future__ import annotations
@@ -88,8 +90,8 @@ class HubLink:
 
     def __init__(self, env: Mapping[str, str], on_settled: Callable[[HubLink], None], recheck_seconds: float = 0.0) -> None:
         self._env = env
-        self._on_settled = on_settled  # called when the state leaves WAITING, and again on a switch from LOCAL to HUB
-        self.recheck_seconds = recheck_seconds  # 0: a no stands for the server's life
+        self._on_settled = on_settled  # called when the state leaves WAITING, and again on each switch (LOCAL, HUB)
+        self.recheck_seconds = recheck_seconds  # 0: the first answer stands for the server's life (but for a move)
         self.state = WAITING
         self.upstream: Upstream | None = None
         self.reason = "the hub has not been asked yet"
@@ -105,7 +107,7 @@ class HubLink:
 
     @property
     def rechecking(self) -> bool:
-        """True while a no is being asked again in the background (this server's own engine serves meanwhile)."""
+        """True while the hub's answer is being asked again in the background (``recheck_seconds``)."""
         return self._rechecking is not None and not self._rechecking.done()
 
     async def resolve(self) -> str:
@@ -149,16 +151,35 @@ class HubLink:
         finally:
             self._asked_at = time.monotonic()
             self._asking = None
-        old = self.upstream
-        if result.service is None or old is None or result.service.root == old.service.root:
+        if not self._heard(result):
             # the same URL (the service is restarting or down), or no answer: the 503 stands, a later one asks again
             log.debug("xllm: the JupyterHub xllm service did not answer; the hub says: %s", result.reason)
-            return
-        self.upstream, self.reason = Upstream.open(result.service), result.reason
-        log.info("xllm: the JupyterHub service %r moved to %s (was %s): this server forwards there now",
-                 result.service.name, result.service.root, old.service.root)
+
+    def _heard(self, result: HubLookup) -> bool:
+        """Act on the hub's answer while forwarding: follow a service that moved, leave one the hub no longer shows
+        this server (removed, or the scope revoked: its own engine serves again). False when nothing changed."""
+        old = self.upstream
+        if self.state != HUB or old is None:
+            return False
+        if result.service is not None:
+            if result.service.root == old.service.root:
+                return False
+            self.upstream, self.reason = Upstream.open(result.service), result.reason
+            log.info("xllm: the JupyterHub service %r moved to %s (was %s): this server forwards there now",
+                     result.service.name, result.service.root, old.service.root)
+        elif result.final and not result.fault:  # the hub's word (403, 404), not this server's TLS set-up
+            # on the IOLoop, with no await from here to the state change: a request is either forwarded before
+            # it (and finishes at the service, or gets its 503) or served by this server's engine
+            self.upstream, self.reason, self.state = None, result.reason, LOCAL
+            log.info("xllm: the JupyterHub no longer shows this server an xllm service (%s): its own engine "
+                     "serves again", result.reason)
+        else:
+            return False
         self._retired.append(old)
         old.retire()  # requests still streaming through it finish there
+        if self.state == LOCAL:
+            self._on_settled(self)
+        return True
 
     async def _lookup(self) -> None:
         try:
@@ -182,8 +203,6 @@ class HubLink:
             self.state = HUB
         elif result.final:
             self.state = LOCAL
-            if self.recheck_seconds > 0 and not result.lasting:
-                self._rechecking = asyncio.ensure_future(self._recheck())
         else:
             # a warning when the reason is new; the same one again (every retry) only at debug level
             level = logging.DEBUG if result.reason == self._waiting_for else logging.WARNING
@@ -192,20 +211,26 @@ class HubLink:
                     "no model and answers 503 until the hub answers (asked again on the next request, at most every "
                     "%g s)", result.reason, RETRY_SECONDS)
             return
+        if self.recheck_seconds > 0 and not result.lasting:
+            self._rechecking = asyncio.ensure_future(self._recheck())
         self._on_settled(self)
 
     async def _recheck(self) -> None:
-        """Ask the hub again, rarely, while this server's own engine serves; switch once the service appears."""
-        while self.state == LOCAL:
+        """Ask the hub again, rarely: switch to the service once it appears, back to this server's own engine once
+        the hub no longer shows it."""
+        while self.state in (LOCAL, HUB):
             await asyncio.sleep(self.recheck_seconds * random.uniform(1 - RECHECK_JITTER, 1 + RECHECK_JITTER))
             result = await self._ask()
+            if self.state == HUB:
+                self._heard(result)
+                continue
             if result.service is not None:
                 # on the IOLoop, with no await from here to the state change: a request either started in this
                 # server's engine before it (and finishes there) or is forwarded
                 self.upstream = Upstream.open(result.service)
                 self.reason, self.fault, self.state = result.reason, result.fault, HUB
                 self._on_settled(self)
-                return
+                continue
             # no news is the usual answer: the log hears of a new reason only (a hub down now and then is no news
             # either: the own engine keeps serving, the next re-check asks again)
             new = result.final and result.reason != self.reason
