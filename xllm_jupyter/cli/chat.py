@@ -13,6 +13,7 @@ import click
 
 from ..client.base import ServerUnavailable
 from ..core.errors import XllmError
+from .render import echo
 from .settings import server_options
 
 EXIT_WORDS = {"/bye", "/exit", "/quit"}
@@ -74,7 +75,7 @@ def stream_reply(backend: ChatBackend, messages: list[dict[str, str]], model: st
     interrupted = False
     try:
         for piece in stream:
-            click.echo(piece, nl=False)  # click.echo flushes, so tokens show as they come
+            echo(piece, nl=False)  # flushes, so tokens show as they come; on a tty no escape sequence acts
             pieces.append(piece)
     except KeyboardInterrupt:
         interrupted = True

@@ -15,7 +15,7 @@ from ..client.units import human_size
 from ..core.errors import AuthenticationError, PermissionDenied, XllmError
 from .chat import run_command
 from .create_cmd import cp_command, create_command
-from .render import stdout_console
+from .render import cell, stdout_console
 from .settings import KEY_HELP, URL_HELP, Settings, server_options
 from .store_cmds import list_command, pull_command, rm_command, show_command
 
@@ -110,14 +110,14 @@ def ps_command(settings: Settings) -> None:
     for item in loaded:
         # /admin/models puts the common facts at the top level; older shapes kept them in details
         info = {**(item.get("details") or {}), **{k: v for k, v in item.items() if v is not None}}
-        table.add_row(
-            str(info.get("id") or info.get("name") or "?"),
-            str(info.get("backend") or "-"),
+        table.add_row(*(cell(v) for v in (  # the server's words, as text: never rich markup
+            info.get("id") or info.get("name") or "?",
+            info.get("backend") or "-",
             human_size(info.get("memory_bytes")),
-            str(info.get("running", "-")),
-            str(info.get("queued", "-")),
+            info.get("running", "-"),
+            info.get("queued", "-"),
             _mode(info),
-        )
+        )))
     console.print(table)
 
 

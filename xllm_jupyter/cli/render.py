@@ -3,9 +3,52 @@
 from __future__ import annotations
 
 import datetime as _dt
+import re
 import shutil
+import sys
+from typing import Any
 
+import click
 from rich.console import Console
+from rich.markup import escape
+from rich.text import Text
+
+#: characters a terminal acts on instead of showing: C0 but tab and newline, DEL, C1. From a model's reply
+#: or a stored manifest they could clear the screen, retitle the window, write the clipboard (OSC 52), hide
+#: text (CR, backspace) or spell a hyperlink (OSC 8)
+_CONTROL = re.compile(r"\r\n|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _shown(match: re.Match[str]) -> str:
+    char = match.group()
+    if char == "\r\n":
+        return "\n"
+    code = ord(char)
+    return chr(0x2400 + code) if code < 0x20 else "\u2421" if code == 0x7F else "\ufffd"  # ␛ ␍ ␈ ... ␡, C1: �
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` with every character a terminal would act on shown as a visible symbol (``\\x1b`` as ␛)."""
+    return _CONTROL.sub(_shown, text)
+
+
+def echo(text: Any = "", *, nl: bool = True, err: bool = False) -> None:
+    """``click.echo`` of untrusted text: made ``terminal_safe`` when it goes to a terminal, kept as is into a
+    file or pipe (``xllm show --modelfile > Modelfile`` keeps every byte)."""
+    stream = sys.stderr if err else sys.stdout
+    text = str(text)
+    click.echo(terminal_safe(text) if stream is not None and stream.isatty() else text, nl=nl, err=err)
+
+
+def cell(value: Any) -> Text:
+    """A table cell holding ``value`` as plain text: rich reads no markup in it (``[/x]`` raised MarkupError,
+    ``[link=...]`` made a hyperlink) and no control character reaches the terminal."""
+    return Text(terminal_safe(str(value)))
+
+
+def markup_safe(value: Any) -> str:
+    """``value`` for a rich markup string (a progress label): markup escaped, control characters shown."""
+    return escape(terminal_safe(str(value)))
 
 
 def stdout_console() -> Console:

@@ -9,7 +9,7 @@ from typing import Any, Iterable
 import click
 
 from ..client.units import human_size
-from .render import human_time, short_digest, stderr_console, stdout_console
+from .render import cell, echo, human_time, markup_safe, short_digest, stderr_console, stdout_console
 from .settings import server_options
 
 TEMPLATE_EXCERPT = 400  # characters of a chat template `show` prints
@@ -33,7 +33,8 @@ class PullBar:
     def __call__(self, event: Any) -> None:
         """Update (or create) the bar for ``event.file`` at ``event.stage``."""
         key = str(event.file or event.stage)
-        label = f"{event.stage} {Path(str(event.file)).name}" if event.file else str(event.stage)
+        # a file name is the source's (a Hub repo, a local directory): never rich markup ("[/x]" raised mid-pull)
+        label = markup_safe(f"{event.stage} {Path(str(event.file)).name}" if event.file else str(event.stage))
         total = event.total if event.total else None
         unit = event.unit
         task = self.tasks.get(key)
@@ -109,7 +110,7 @@ def list_command() -> None:
     manifests = store.list()
     for name, why in store.damaged():
         # a damaged model is left out of the table but not silently: it still takes space, and rm can remove it
-        click.echo(f"Note: model '{name}' is damaged ({why}): remove it with `xllm rm {name}`", err=True)
+        echo(f"Note: model '{name}' is damaged ({why}): remove it with `xllm rm {name}`", err=True)
     console = stdout_console()
     if not manifests:
         console.print("No models yet: try `xllm pull smollm2`.")
@@ -118,7 +119,9 @@ def list_command() -> None:
     for col in ("NAME", "FORMAT", "SIZE", "DIGEST", "CREATED", "SOURCE"):
         table.add_column(col, no_wrap=True)
     for m in manifests:
-        table.add_row(m.name, m.format, human_size(m.size), short_digest(m.digest), human_time(m.created), str(m.source))
+        # manifest text is data: a "[/x]" in a source was a MarkupError, a "[link=...]" a hyperlink, an ESC reached the tty
+        table.add_row(*(cell(v) for v in (m.name, m.format, human_size(m.size), short_digest(m.digest),
+                                          human_time(m.created), m.source)))
     console.print(table)
 
 
@@ -172,31 +175,31 @@ def show_command(name: str, modelfile: bool, parameters: bool, system: bool, tem
     m = show_stored(store, name)
     why = store.file_damage(m)  # this model's files only (damaged() looks at the whole store)
     if why:  # the manifest still reads, but a load would fail: say so, as `xllm list` does
-        click.echo(f"Note: model '{m.name}' is damaged ({why}): remove it with `xllm rm {m.name}` or pull it again with --force", err=True)
+        echo(f"Note: model '{m.name}' is damaged ({why}): remove it with `xllm rm {m.name}` or pull it again with --force", err=True)
     if parts:
         _echo_part(m, parts[0])
         return
-    click.echo(f"name      {m.name}")
-    click.echo(f"source    {m.source}")
-    click.echo(f"format    {m.format}")
-    click.echo(f"size      {human_size(m.size)}")
-    click.echo(f"digest    {m.digest or '-'}")
-    click.echo(f"created   {human_time(m.created)}")
+    echo(f"name      {m.name}")
+    echo(f"source    {m.source}")
+    echo(f"format    {m.format}")
+    echo(f"size      {human_size(m.size)}")
+    echo(f"digest    {m.digest or '-'}")
+    echo(f"created   {human_time(m.created)}")
     params = getattr(m, "parameters", None)
     if params:
-        click.echo("parameters " + ", ".join(f"{k}={v}" for k, v in dict(params).items()))
+        echo("parameters " + ", ".join(f"{k}={v}" for k, v in dict(params).items()))
     _echo_modelfile_settings(m)
     rows = list(_file_rows(m.files))
     width = max((len(path) for path, _, _ in rows), default=0)
-    click.echo(f"files     {len(rows)}")
+    echo(f"files     {len(rows)}")
     for path, size, sha in rows:
-        click.echo(f"  {path:<{width}}  {human_size(size):>9}  {short_digest(sha)}")
+        echo(f"  {path:<{width}}  {human_size(size):>9}  {short_digest(sha)}")
     template = _template(m)
     if template:
         excerpt = template if len(template) <= TEMPLATE_EXCERPT else template[:TEMPLATE_EXCERPT] + " …"
-        click.echo("template")
+        echo("template")
         for line in excerpt.splitlines():
-            click.echo("  " + line)
+            echo("  " + line)
 
 
 @click.command("rm")
@@ -244,22 +247,22 @@ def _echo_part(manifest: Any, part: str) -> None:
     if part == "--modelfile":
         from .create_cmd import modelfile_text
 
-        click.echo(modelfile_text(manifest), nl=False)
+        echo(modelfile_text(manifest), nl=False)
     elif part == "--parameters":
         for key, value in model_defaults(manifest).parameters.items():
             for one in value if isinstance(value, list) else [value]:  # stop: one line per string, as in a Modelfile
-                click.echo(f"{key:<20}{json.dumps(one) if isinstance(one, str) else one}")
+                echo(f"{key:<20}{json.dumps(one) if isinstance(one, str) else one}")
     elif part == "--system":
         text = model_defaults(manifest).system
         if text:
-            click.echo(text)
+            echo(text)
     elif part == "--template":
         text = _template(manifest)
         if text:
-            click.echo(text)
+            echo(text)
     else:
         for text in modelfile_of(manifest).license:
-            click.echo(text)
+            echo(text)
 
 
 def _echo_modelfile_settings(manifest: Any) -> None:
@@ -268,12 +271,12 @@ def _echo_modelfile_settings(manifest: Any) -> None:
 
     defaults = model_defaults(manifest)
     if defaults.parameters:
-        click.echo("defaults  " + ", ".join(f"{k}={v}" for k, v in defaults.parameters.items()))
+        echo("defaults  " + ", ".join(f"{k}={v}" for k, v in defaults.parameters.items()))
     if defaults.system:
         first, *rest = defaults.system.splitlines() or [""]
-        click.echo(f"system    {first}{' …' if rest else ''}")
+        echo(f"system    {first}{' …' if rest else ''}")
     if defaults.messages:
-        click.echo(f"messages  {len(defaults.messages)}")
+        echo(f"messages  {len(defaults.messages)}")
 
 
 def unload_from_server(settings: Any, name: str) -> None:
@@ -290,4 +293,4 @@ def unload_from_server(settings: Any, name: str) -> None:
     except (ServerUnavailable, NotFound):
         pass
     except XllmError as exc:
-        click.echo(f"Note: the server did not unload {name}: {exc.message}", err=True)
+        echo(f"Note: the server did not unload {name}: {exc.message}", err=True)

@@ -1,0 +1,120 @@
+"""Text the CLI did not write (a stored manifest, a model's reply, a file name) never drives the terminal.
+
+A manifest in a shared store, a Hub repo's chat template or a prompt-injected reply can hold rich
+markup (``[/x]`` raised MarkupError: `xllm list` crashed; ``[link=...]`` drew a hyperlink) and escape
+sequences (``ESC ]0;`` retitles the window, ``ESC ]52;`` writes the clipboard, ``CR`` hides what came
+before on the line). Tables read no markup and show control characters as symbols; text echoed to a
+terminal shows them as symbols too, while a pipe or file gets it byte for byte.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from xllm_jupyter.cli.chat import stream_reply
+from xllm_jupyter.cli.main import main
+from xllm_jupyter.cli.render import terminal_safe
+from xllm_jupyter.store import ModelStore
+from xllm_jupyter.store.manifest import MANIFEST_NAME
+
+HOSTILE = "local:/m [/x] [link=https://evil.example]here[/link] \x1b]0;pwned\x07 \x1b]52;c;cm0gLXJmIH4=\x07 ok"
+TEMPLATE = "{{ messages }}\x1b[2J\rrm -rf ~\x08\x08"
+
+
+@pytest.fixture
+def hostile_home(tmp_path, tiny_llama_dir, monkeypatch):
+    """A store holding a model whose manifest says hostile things."""
+    home = tmp_path / "home"
+    manifest = ModelStore(home).pull(str(tiny_llama_dir), "hostile")
+    path = Path(manifest.path) / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    data.update(source=HOSTILE, template=TEMPLATE, parameters={"note": "[bold]\x1b[5mblink"})
+    path.write_text(json.dumps(data))
+    monkeypatch.setenv("XLLM_HOME", str(home))
+    monkeypatch.delenv("XLLM_CONFIG", raising=False)
+    return home
+
+
+def test_xllm_list_shows_markup_and_escapes_as_text(hostile_home):
+    result = CliRunner().invoke(main, ["list"], catch_exceptions=False, color=True)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "[/x]" in out and "[link=https://evil.example]here[/link]" in out  # as written, not read as markup
+    assert "\x1b]" not in out and "␛]0;pwned␇" in out
+
+
+def _in_a_terminal(*args: str, env: dict[str, str]) -> str:
+    """The output of ``xllm ARGS`` run with a pseudo-terminal as stdout."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "xllm_jupyter.cli", *args], stdout=slave, stderr=subprocess.PIPE,
+                            env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        ready, _, _ = select.select([master], [], [], 60)
+        if not ready:
+            break
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(60)
+    os.close(master)
+    assert proc.returncode == 0, proc.stderr.read().decode()
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_xllm_show_in_a_terminal_acts_on_no_escape_but_a_pipe_keeps_every_byte(hostile_home):
+    env = {**os.environ, "XLLM_HOME": str(hostile_home)}
+    shown = _in_a_terminal("show", "hostile", env=env)
+    assert "\x1b" not in shown and "\x08" not in shown
+    assert "␛]52;c;cm0gLXJmIH4=␇" in shown and "[bold]␛[5mblink" in shown
+    assert "{{ messages }}␛[2J" in shown and "rm -rf ~␈␈" in shown  # the excerpt's lines split at the CR
+    template = _in_a_terminal("show", "hostile", "--template", env=env)
+    assert "\x1b" not in template and "␛[2J␍rm -rf ~" in template
+    piped = subprocess.run([sys.executable, "-m", "xllm_jupyter.cli", "show", "hostile", "--template"], env=env,
+                           capture_output=True, check=True)
+    assert piped.stdout.rstrip(b"\n").endswith(b"\rrm -rf ~\x08\x08")  # a file gets the template as stored
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class _Backend:
+    """A chat backend whose reply is a prompt injection's escape sequences, split across chunks."""
+
+    def stream_chat(self, messages, model, **params):
+        def pieces():
+            yield from ("Sure.\x1b]5", "2;c;ZXZpbA==\x07 \x1b[8mhidden", "\x1b[0m\r\nnext\x9b31m")
+
+        return pieces()
+
+
+def test_a_streamed_reply_on_a_terminal_sends_no_escape_sequence(monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    text, interrupted = stream_reply(_Backend(), [], "m", {})
+    shown = terminal.getvalue()
+    assert not interrupted and text.startswith("Sure.\x1b]52")  # the reply itself (history) is kept as sent
+    assert "\x1b" not in shown and "\x9b" not in shown and "\r" not in shown
+    assert shown == "Sure.␛]52;c;ZXZpbA==␇ ␛[8mhidden␛[0m\nnext\ufffd31m\n"
+
+
+def test_terminal_safe_keeps_text_tabs_and_newlines():
+    plain = "héllo\tworld\n— ✓ 中文 $x$ [a](b)"
+    assert terminal_safe(plain) == plain
