@@ -370,3 +370,44 @@ def test_a_request_arriving_while_an_attached_adapter_is_checked_waits_for_the_c
         assert two != one
         assert got == [two, two]  # the second was adapter one's output (or a 503 as the old files were detached)
         assert attaches.count("ad-x") == 2  # attached again, once, from the new files
+
+
+def test_a_request_whose_adapter_is_unloaded_while_its_prompt_is_tokenized_gets_a_503_to_retry(
+        tmp_path, tiny_llama_dir, lora_dirs, monkeypatch):
+    """An unload (admin, or the one a re-pull or `xllm rm` asks for) landing while a request for the adapter
+    tokenized its prompt: the request was answered 404 "does not exist" for a model that does; now a 503 to
+    retry, as for a request whose adapter is unloaded while it generates. Tokenizing is held; no clock."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from xllm_jupyter.backends.hf_model import TransformersModel
+
+    home = tmp_path / "home"
+    store = ModelStore(home)
+    store.pull(str(tiny_llama_dir), TINY)
+    store.pull(str(lora_dirs[0]), "ad-x", base=TINY)
+    holding, release = threading.Event(), threading.Event()
+    tokenize = TransformersModel.tokenize
+
+    def held(self, text, **kwargs):
+        if "HOLD" in text:
+            holding.set()
+            release.wait(300)
+        return tokenize(self, text, **kwargs)
+
+    monkeypatch.setattr(TransformersModel, "tokenize", held)
+    with running_server(make_test_config(home), ModelStore(home), TINY) as server, ThreadPoolExecutor(1) as pool, \
+            openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0, timeout=300) as sdk:
+        before = _complete(sdk, "ad-x")  # attached
+        asked = pool.submit(sdk.completions.create, model="ad-x", prompt="HOLD " + PROMPT, max_tokens=4)
+        try:
+            assert holding.wait(300), "the prompt was never tokenized"
+            r = _admin(server, "/admin/models/unload", {"model": "ad-x"})
+            assert r.status_code == 200 and r.json()["unloaded"] is True, r.text
+        finally:
+            release.set()
+        with pytest.raises(openai.APIStatusError) as caught:
+            asked.result(300)
+        assert caught.value.status_code == 503, caught.value  # was a 404 "The model 'ad-x' does not exist"
+        error = caught.value.response.json()["error"]
+        assert error["code"] == "overloaded" and "ad-x" in error["message"] and "retry" in error["message"]
+        assert _complete(sdk, "ad-x") == before  # the retry attaches it again

@@ -262,11 +262,15 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
             await asyncio.to_thread(model.check_constraint, constraint, param=param)
 
     def validate(self, request: GenerationRequest) -> None:
-        """Raise a 4xx error if ``request`` cannot run on its (loaded) model."""
-        request = self._route(self._canonical(request))
+        """Raise a 4xx error if ``request`` cannot run on its (loaded) model; a 503 if it was unloaded since."""
+        request = self._canonical(request)
+        asked = request.model
+        request = self._route(request)
         runner = self._runners.get(request.model)
         if runner is None:
-            raise ModelNotFound(request.model)
+            # its request loaded it first (serving loads, tokenizes, then checks): an unload since then (an admin's,
+            # a re-pull's or rm's) is a 503 to retry, as for one unloaded while it generates, not a 404 "does not exist"
+            raise Overloaded(f"The model '{asked}' was unloaded while this request was prepared; retry the request")
         ctx = runner.model.context_length
         prompt = len(request.prompt_ids)
         if prompt == 0:
