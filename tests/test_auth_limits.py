@@ -88,8 +88,11 @@ def test_every_route_outside_the_allowlist_refuses_a_request_without_credentials
 
 def test_user_key_gets_403_on_every_admin_route_and_admin_key_is_served(roles_server):
     # /metrics too: it has every user's request and token counts
-    admin_calls = [(m, p) for m, p in _calls() if p.startswith("/admin/") or p == "/metrics"]
+    # and the admin methods of other routes (DELETE /v1/models/{id} removes from the store)
+    admin_methods = {(m, p) for p, mixin, _ in ROUTES for m in mixin.ADMIN_METHODS}
+    admin_calls = [(m, p) for m, p in _calls() if p.startswith("/admin/") or p == "/metrics" or (m, p) in admin_methods]
     assert len(admin_calls) >= 4 and ("GET", "/metrics") in admin_calls
+    assert ("DELETE", r"/v1/models/(?P<model_id>.+)") in admin_calls
     for method, path in admin_calls:
         r = _send(roles_server.root, method, path, OTHER)
         assert r.status_code == 403, (method, path)

