@@ -245,6 +245,39 @@ def test_a_server_forwarding_to_the_service_serves_from_its_own_engine_once_the_
     jp_asyncio_loop.run_until_complete(body())
 
 
+def test_a_forward_that_finds_the_service_gone_asks_the_hub_and_serves_locally_once_it_was_removed(
+        hub, jp_serverapp, http_server_client, jp_http_port, jp_base_url, jp_asyncio_loop, monkeypatch):
+    """Without periodic re-checks (``hub_recheck_seconds = 0``): a forward that finds the service not answering
+    asks the hub, and its 404 (the admin removed the service) puts this server back on its own engine for the
+    client's retry. Before, the 503 stood until the server restarted."""
+    from xllm_jupyter.extension import hub_link
+
+    _bobs_server_env(hub, f"http://127.0.0.1:{free_port()}", monkeypatch)  # a service that no longer answers
+    monkeypatch.setattr(hub_link, "RETRY_SECONDS", 0.0)
+    (ext,) = jp_serverapp.extension_manager.extension_apps["xllm_jupyter"]
+    ext.hub_recheck_seconds = 0.0
+    root = f"http://127.0.0.1:{jp_http_port}{jp_base_url}xllm"
+    auth = {"Authorization": f"token {jp_serverapp.identity_provider.token}"}
+
+    async def body() -> None:
+        await jp_serverapp._post_start()
+        await ext._start_task
+        link = ext._hub_link
+        assert link.state == "hub-service" and not link.rechecking
+        await asyncio.to_thread(hub["proc"].restart, hub["tail"](None))  # the admin removes the service
+        async with httpx.AsyncClient(base_url=root, headers=auth, timeout=120) as h:
+            r = await h.get("/v1/models")
+            assert r.status_code == 503 and r.json()["error"]["code"] == "hub_service_unavailable"
+            await asyncio.wait_for(_until(lambda: link.state == "local"), 30)
+            r = await h.post("/v1/chat/completions", json={"model": TINY, "messages": MSG, "max_tokens": 2})
+            assert r.status_code == 200, r.text  # the client's retry: this server's engine answers
+            assert r.json()["usage"]["completion_tokens"] == 2
+        assert link.upstream is None and not link.rechecking
+        assert os.environ["XLLM_BASE_URL"] == root + "/v1"
+
+    jp_asyncio_loop.run_until_complete(body())
+
+
 def _bobs_server_env(hub: dict, service_url: str | None, monkeypatch: pytest.MonkeyPatch) -> str:
     """Start the hub (with the xllm service at ``service_url``) and give bob's server its hub variables."""
     token = hub["begin"](service_url)
