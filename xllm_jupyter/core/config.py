@@ -50,6 +50,10 @@ class ServerConfig:
     # between requests, is closed (xllm serve and the hub service; Jupyter has its own); and everywhere
     # a client that reads none of its pending answer or stream this long (server/stalls.py)
     connection_timeout_seconds: float = 60.0
+    #: connections one client address may hold open (xllm serve, hub service; auth.trusted_proxies exempt); 0 = no cap
+    max_connections_per_client: int = 256
+    #: connections open at once in all; 0 = three quarters of the (raised) file descriptor limit
+    max_connections: int = 0
 
 
 @dataclass(frozen=True)
@@ -258,6 +262,8 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("server", "max_n"): (1, 128),
     ("server", "keepalive_seconds"): (0.1, None),
     ("server", "connection_timeout_seconds"): (0.1, None),  # 0 would close every connection at once
+    ("server", "max_connections_per_client"): (0, None),
+    ("server", "max_connections"): (0, None),
     ("engine", "max_batch_size"): (1, 1024),
     ("engine", "max_queue"): (1, None),
     ("engine", "torch_threads"): (0, 1024),

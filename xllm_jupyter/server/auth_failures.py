@@ -46,6 +46,17 @@ def _networks(entries: Iterable[str]) -> tuple[_Network, ...]:
     return tuple(out)
 
 
+def proxy_matcher(entries: Iterable[str]) -> Callable[[str], bool]:
+    """A test of whether an address is one of ``entries`` (``auth.trusted_proxies``: addresses or networks)."""
+    networks = _networks(entries)
+
+    def trusted(addr: str) -> bool:
+        parsed = _address(addr)
+        return parsed is not None and any(parsed in net for net in networks if net.version == parsed.version)
+
+    return trusted
+
+
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         addr = ipaddress.ip_address(text.strip().split("%")[0])
@@ -72,7 +83,8 @@ class FailedAuthLimiter:
         self.limit = config.failed_auth_limit
         self.window = config.failed_auth_window_seconds
         self.max_clients = config.failed_auth_max_clients
-        self._proxies = _networks(config.trusted_proxies)
+        self._proxies = bool(config.trusted_proxies)
+        self._trusted = proxy_matcher(config.trusted_proxies)
         self._clock = clock
         # label -> [failures, window start]; ordered by last failure, oldest first (what is forgotten first)
         self._table: OrderedDict[str, list[float]] = OrderedDict()
@@ -99,10 +111,6 @@ class FailedAuthLimiter:
                 if not self._trusted(hop):
                     break
         return client_label(peer)
-
-    def _trusted(self, addr: str) -> bool:
-        parsed = _address(addr)
-        return parsed is not None and any(parsed in net for net in self._proxies if net.version == parsed.version)
 
     def check(self, client: str) -> None:
         """Raise RateLimited (429 with ``Retry-After``) while ``client`` is over the limit."""
@@ -139,4 +147,4 @@ class FailedAuthLimiter:
             self._table.popitem(last=False)
 
 
-__all__ = ["FAILURES_KEY", "FailedAuthLimiter", "client_label"]
+__all__ = ["FAILURES_KEY", "FailedAuthLimiter", "client_label", "proxy_matcher"]

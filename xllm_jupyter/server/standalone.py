@@ -17,7 +17,9 @@ from ..core.errors import ListenError, Overloaded
 from ..core.hosts import is_loopback
 from .app import make_app
 from .handlers import CONTEXT_KEY
-from .head_limit import HARD_LIMIT, HeadLimitedHTTPServer
+from .auth_failures import proxy_matcher
+from .connections import ConnectionGuard, GuardedHTTPServer, default_max_connections
+from .head_limit import HARD_LIMIT
 
 log = logging.getLogger("xllm_jupyter.server")
 
@@ -156,8 +158,11 @@ def listen(app: Any, config: XllmConfig, host: str, port: int) -> tuple[HTTPServ
         raise listen_error(host, port, exc) from None
     timeout = config.server.connection_timeout_seconds  # slow or stalled clients must not hold connections
     # a head too long for us is answered 414/431 (head_limit.py); Tornado alone would cut the connection
-    server = HeadLimitedHTTPServer(app, max_body_size=max(_TORNADO_MAX_BODY, config.server.max_body_bytes * 2),
-                                   idle_connection_timeout=timeout, body_timeout=timeout, max_header_size=HARD_LIMIT)
+    server = GuardedHTTPServer(app, max_body_size=max(_TORNADO_MAX_BODY, config.server.max_body_bytes * 2),
+                               idle_connection_timeout=timeout, body_timeout=timeout, max_header_size=HARD_LIMIT)
+    # half-sent requests held open by one client must not use up the process's sockets (connections.py)
+    server.guard = ConnectionGuard(config.server.max_connections or default_max_connections(),
+                                   config.server.max_connections_per_client, proxy_matcher(config.auth.trusted_proxies))
     server.add_sockets(sockets)
     return server, sockets[0].getsockname()[1]
 
