@@ -146,6 +146,13 @@ def chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
         # chat's nested shape ({"function": {"name": ...}}) sent here: say what is missing, not "unsupported"
         raise InvalidRequest("Missing required parameter: 'tool_choice.name'.", param="tool_choice.name",
                              code="missing_required_parameter")
+    if choice.get("type") == "allowed_tools":
+        # flat here ({"type", "mode", "tools": [{"type": "function", "name"}]}), nested under allowed_tools in chat
+        tools = choice.get("tools")
+        if isinstance(tools, list):
+            tools = [{"type": t.get("type"), "function": {k: t[k] for k in ("name",) if k in t}}
+                     if isinstance(t, dict) else t for t in tools]
+        return {"type": "allowed_tools", "allowed_tools": {"mode": choice.get("mode"), "tools": tools}}
     raise Unsupported(f"tool_choice of type {shown(choice.get('type'))} is not supported by this server", param="tool_choice")
 
 

@@ -189,7 +189,9 @@ def _relabel(exc: XllmError) -> XllmError:
             exc.param = _PARAM_NAMES[chat_name]
             exc.message = exc.message.replace(chat_name, exc.param)
         elif p.startswith(("tools", "tool_choice")):
-            exc.param = p.replace(".function", "")  # Responses tools are flat
+            # Responses tools are flat, and so is its allowed_tools tool choice
+            exc.param = p.replace(".function", "").replace("tool_choice.allowed_tools.", "tool_choice.")
+            exc.message = exc.message.replace(p, exc.param)
     return exc
 
 

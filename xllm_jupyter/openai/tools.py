@@ -97,7 +97,45 @@ def parse_tool_config(tools: Any, tool_choice: Any, parallel: Any) -> ToolConfig
         if name not in {t.name for t in specs}:
             raise InvalidRequest(f"'tool_choice' names function {shown(name)}, which is not in 'tools'", param="tool_choice")
         return ToolConfig(specs, "function", name, par)
-    raise InvalidRequest("'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', ...}", param="tool_choice")
+    if isinstance(tool_choice, dict) and tool_choice.get("type") == "allowed_tools":
+        mode, allowed = _allowed_tools(tool_choice.get("allowed_tools"), specs)
+        # only the allowed tools are shown, parsed and (mode "required") forced: a small model shown a tool it
+        # may not call calls it anyway, and that call could only be dropped
+        return ToolConfig(tuple(t for t in specs if t.name in allowed), mode, None, par)
+    raise InvalidRequest("'tool_choice' must be 'none', 'auto', 'required', {'type': 'function', ...} or "
+                         "{'type': 'allowed_tools', ...}", param="tool_choice")
+
+
+def _allowed_tools(allowed: Any, specs: Sequence[ToolSpec]) -> tuple[str, frozenset[str]]:
+    """The mode and tool names of an ``allowed_tools`` tool choice, each name one of ``specs``."""
+    where = "tool_choice.allowed_tools"
+    if not isinstance(allowed, dict):
+        raise InvalidRequest(f"Missing required parameter: '{where}'." if allowed is None else
+                             f"Invalid type for '{where}': expected an object, but got {json_type(allowed)} instead.",
+                             param=where, code="missing_required_parameter" if allowed is None else "invalid_type")
+    mode = allowed.get("mode")
+    if mode not in ("auto", "required"):
+        raise InvalidRequest(f"Invalid value: {shown(mode)}. Supported values are: 'auto' and 'required'.", param=f"{where}.mode")
+    tools = allowed.get("tools")
+    if not isinstance(tools, list) or not tools:
+        raise InvalidRequest(f"'{where}.tools' must be a non-empty array of tools", param=f"{where}.tools")
+    known = {t.name for t in specs}
+    names: set[str] = set()
+    for i, tool in enumerate(tools):
+        at = f"{where}.tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            raise InvalidRequest(f"Invalid value: {shown(kind)}. Supported values are: 'function'.", param=f"{at}.type")
+        fn = tool.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str):
+            raise InvalidRequest(f"Missing required parameter: '{at}.function.name'.", param=f"{at}.function.name",
+                                 code="missing_required_parameter")
+        if name not in known:
+            raise InvalidRequest(f"Invalid '{at}.function.name': function {shown(name)} is not in 'tools'",
+                                 param=f"{at}.function.name")
+        names.add(name)
+    return mode, frozenset(names)
 
 
 def _parse_tools(tools: Any) -> tuple[ToolSpec, ...]:
