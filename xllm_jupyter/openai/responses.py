@@ -277,9 +277,18 @@ class ResponsesServing:
         return {"object": "response.input_tokens", "input_tokens": count}
 
     # ----------------------------------------------------------- stored objects
-    def retrieve(self, rid: str, user: str | None = None) -> dict[str, Any]:
-        """``GET /v1/responses/{id}``; 404 when unknown, deleted, created with ``store: false`` or another user's."""
-        return self.store.get(rid, owner=user).response
+    def retrieve(self, rid: str, user: str | None = None, query: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """``GET /v1/responses/{id}``; 404 when unknown, deleted, created with ``store: false`` or another user's.
+
+        ``?stream=true`` (the SDK's ``retrieve(id, stream=True)``) streams a background response's events on
+        api.openai.com: a 400 here, where there are none (answered as JSON, the SDK saw an empty stream).
+        """
+        found = self.store.get(rid, owner=user).response
+        if (query or {}).get("stream", "false").lower() not in ("false", "0", ""):
+            raise InvalidRequest("Only responses created with background=true can be streamed when retrieved; this "
+                                 "server does not support 'background', so retrieve the finished response without "
+                                 "stream.", param="stream")
+        return found
 
     def cancel(self, rid: str, user: str | None = None) -> None:
         """``POST /v1/responses/{id}/cancel``: 404 when unknown, else a 400, as api.openai.com answers for a

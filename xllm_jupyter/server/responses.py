@@ -29,7 +29,7 @@ class ResponseMixin(RequestMixin):
 
     async def handle_get(self, response_id: str) -> None:
         """A stored response; 404 when unknown."""
-        await self.write_large_json(self.xllm.responses.retrieve(response_id, user=self.caller.user))
+        await self.write_large_json(self.xllm.responses.retrieve(response_id, user=self.caller.user, query=self.query))
 
     async def handle_delete(self, response_id: str) -> None:
         """Forget a stored response; 404 when unknown."""
