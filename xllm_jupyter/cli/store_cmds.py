@@ -64,7 +64,25 @@ def _progress():
                 return Text("")
             return Text(f"{task.completed:.0f}/{task.total:.0f} {task.fields['unit']}" if task.total else "")
 
-    return Progress(
+    class LazyProgress(Progress):
+        """Shown from its first task on: a command that fails before any (a missing path, a bad Modelfile)
+        prints its one ``Error:`` line alone, not after the blank line an empty display leaves."""
+
+        def __enter__(self) -> "LazyProgress":
+            return self
+
+        def add_task(self, *args: Any, **kwargs: Any) -> Any:
+            """Add a task, starting the display with the first."""
+            if not self.live.is_started:
+                self.start()
+            return super().add_task(*args, **kwargs)
+
+        def stop(self) -> None:
+            """Stop the display if it ever started (rich prints an empty line off a terminal even when not)."""
+            if self.live.is_started:
+                super().stop()
+
+    return LazyProgress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
         ByUnit(DownloadColumn(), for_steps=True),

@@ -29,6 +29,7 @@ from .modelfile import Modelfile, parse_modelfile
 from .names import is_valid_name, name_to_dirname, safe_relpath, validate_name
 from .packaged import PACKAGED
 from .progress import PullProgress, guard_progress, translate_os_error
+from .sources import parse_source
 
 if TYPE_CHECKING:
     from .store import ModelStore
@@ -168,6 +169,15 @@ def _base(store: "ModelStore", source: str, report: Any, look_in_cwd: bool = Tru
                 f"FROM {source!r}: no such model in the store (pull it first, or name a local path or hf:ORG/REPO)",
                 param="modelfile",
             )
+    src = parse_source(source)
+    taken = store._existing(src.default_name)
+    if taken is not None and taken.source != src.canonical:
+        # pull's own advice (--force) would replace that model with these files; create has no such flag
+        raise StoreError(
+            f"FROM {source!r} would be pulled into the store as {src.default_name!r}, which holds another model "
+            f"({taken.source}): pull it under another name (xllm pull {source} --name NAME) and write FROM NAME",
+            param="modelfile",
+        )
     return store.pull(source, progress=report)
 
 

@@ -1,0 +1,77 @@
+"""What a new user following the docs verbatim ran into: each test fails on the code before its fix."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from tests.helpers import free_port
+from tests.server_fixtures import TINY
+from xllm_jupyter.cli.main import main
+from xllm_jupyter.store.store import ModelStore
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch, tiny_llama_dir):
+    """A store of this test's own holding the tiny Llama as "tiny"; no server listening."""
+    path = tmp_path / "home"
+    ModelStore(path).pull(str(tiny_llama_dir), TINY)
+    monkeypatch.setenv("XLLM_HOME", str(path))
+    monkeypatch.setenv("XLLM_BASE_URL", f"http://127.0.0.1:{free_port()}/v1")
+    for var in ("XLLM_CONFIG", "XLLM_API_KEY", "XLLM_API_KEYS"):
+        monkeypatch.delenv(var, raising=False)
+    return path
+
+
+def invoke(*args: str, input: str | None = None):
+    return CliRunner().invoke(main, list(args), input=input, catch_exceptions=False)
+
+
+def test_a_failed_pull_or_create_prints_its_error_line_alone(home):
+    """README: errors are "printed as one line". The pull/create progress display left an empty line
+    before it off a terminal (rich prints one when it stops, even with nothing shown)."""
+    r = invoke("pull", "./not/here")
+    assert r.exit_code == 1
+    assert r.stderr == "Error: No such local model directory or .gguf file: ./not/here\n"
+    r = invoke("create", "x", "-f", "-", input=f"FROM {TINY}\nPARAMETR top_k 3\n")
+    assert r.exit_code == 1
+    assert r.stderr == "Error: line 2: unknown instruction 'PARAMETR'\n"
+    # a successful create still shows its bar and its result
+    r = invoke("create", "x", "-f", "-", input=f"FROM {TINY}\nPARAMETER top_k 3\n")
+    assert r.exit_code == 0, r.output
+    assert "done" in r.stderr and r.stdout.startswith("Created x ")
+
+
+def test_from_a_directory_named_like_a_stored_model_says_how_to_go_on(home, tiny_llama_dir, tmp_path):
+    """docs/modelfile.md: a FROM path is pulled first, under its directory's name. When the store holds another
+    model of that name the error told a `xllm create` user to "pull with --force (force=True)", a flag create
+    lacks and one that would replace their model with these files."""
+    weights = tmp_path / "project" / TINY
+    shutil.copytree(tiny_llama_dir, weights)
+    before = ModelStore(home).show(TINY)
+    r = invoke("create", "mine", "-f", "-", input=f"FROM {weights}\n")
+    assert r.exit_code == 1
+    err = r.stderr.strip()
+    assert err.startswith(f"Error: FROM '{weights}' would be pulled into the store as '{TINY}'"), err
+    assert f"xllm pull {weights} --name NAME" in err and "force" not in err
+    assert ModelStore(home).show(TINY).source == before.source
+    # the way out it names works
+    assert invoke("pull", str(weights), "--name", "tiny-copy").exit_code == 0
+    r = invoke("create", "mine", "-f", "-", input="FROM tiny-copy\n")
+    assert r.exit_code == 0, r.output
+
+
+def test_empty_web_search_options_is_rejected(raw):
+    """docs/clients.md: web_search_options is a 400. `{}` asks for a search with default settings, and
+    was served without one (an empty value counted as unset)."""
+    r = raw.post("/v1/chat/completions", json={"model": TINY, "messages": [{"role": "user", "content": "x"}],
+                                               "max_tokens": 1, "web_search_options": {}})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "web_search_options" and err["code"] == "unsupported_parameter"
+    # empty values of the other fields still mean nothing asked for (as clients send them)
+    r = raw.post("/v1/chat/completions", json={"model": TINY, "messages": [{"role": "user", "content": "x"}],
+                                               "max_tokens": 1, "functions": []})
+    assert r.status_code == 200
