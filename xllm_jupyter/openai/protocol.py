@@ -185,7 +185,8 @@ class ChatCompletionRequest(_SamplingFields):
         extra = self.model_extra or {}
         for name in _CHAT_UNSUPPORTED:
             value = extra.get(name)
-            if value not in (None, [], {}):
+            # an empty list or object asks for nothing, except web_search_options: {} is search with its defaults
+            if value is not None and (value not in ([], {}) or name == "web_search_options"):
                 raise Unsupported(f"'{name}' is not supported by this server yet", param=name)
         check_verbosity(extra.get("verbosity"), "verbosity")
         self.constraint()  # a malformed response_format is a 400 at parse time
