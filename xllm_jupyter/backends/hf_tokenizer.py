@@ -96,13 +96,21 @@ class ChatTokenizer:
             raise InvalidRequest(f"The chat template rejected these messages: {exc}", param="messages") from exc
 
     def eos_ids(self, *extra: Any) -> frozenset[int]:
-        """EOS ids from the tokenizer and ``extra`` sources (ints or lists), plus end-of-turn tokens."""
+        """EOS ids from the tokenizer and ``extra`` sources (ints or lists), plus end-of-turn tokens.
+
+        Only ids of tokens the tokenizer has count: a model's config files come from wherever it was
+        pulled, and a string or an id out of range there failed every load of the model with a 500
+        (or, past the vocabulary, every constrained request that masks EOS).
+        """
+        try:
+            size = len(self.tokenizer)
+        except TypeError:  # a tokenizer without a length: only the sign can be checked
+            size = None
         ids: set[int] = set()
         for src in (*extra, self.tokenizer.eos_token_id):
-            if isinstance(src, int):
-                ids.add(src)
-            elif isinstance(src, (list, tuple)):
-                ids.update(int(i) for i in src)
+            for i in src if isinstance(src, (list, tuple)) else (src,):
+                if isinstance(i, int) and not isinstance(i, bool) and 0 <= i and (size is None or i < size):
+                    ids.add(i)
         ids.update(i for i in map(self._token_id, END_OF_TURN_TOKENS) if i is not None)
         return frozenset(ids)
 

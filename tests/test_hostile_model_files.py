@@ -1,0 +1,43 @@
+"""A model whose config files (from wherever it was pulled) say odd things still loads and serves.
+
+``generation_config.json`` with an ``eos_token_id`` list holding a string, a negative id and an id past the
+vocabulary failed every load of the model: each chat request was a 500 ``server_error``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from typing import Any, Iterator
+
+import openai
+import pytest
+
+from tests.server_fixtures import make_test_config, running_server
+from xllm_jupyter.store import ModelStore
+
+HOSTILE_EOS = {"eos_token_id": [-1, 10**20, "x", True, None, 2], "bos_token_id": "y", "pad_token_id": 10**12}
+
+
+@pytest.fixture(scope="module")
+def odd_server(tmp_path_factory, tiny_llama_dir) -> Iterator[Any]:
+    """A server whose store holds the tiny Llama with a hostile generation_config.json, as "odd"."""
+    root = tmp_path_factory.mktemp("odd-model")
+    src = root / "src"
+    shutil.copytree(tiny_llama_dir, src)
+    (src / "generation_config.json").write_text(json.dumps(HOSTILE_EOS))
+    home = root / "home"
+    store = ModelStore(home)
+    store.pull(str(src), "odd")
+    with running_server(make_test_config(home), store, "odd") as info:
+        yield info
+
+
+def test_odd_eos_ids_are_ignored_and_the_model_serves(odd_server):
+    client = openai.OpenAI(base_url=odd_server.base_url, api_key=odd_server.api_key, max_retries=0, timeout=120)
+    msgs = [{"role": "user", "content": "Hi"}]
+    plain = client.chat.completions.create(model="odd", messages=msgs, max_tokens=3)
+    assert plain.choices[0].finish_reason in ("stop", "length") and plain.usage.completion_tokens >= 1
+    # a constrained request masks tokens by id, EOS among them
+    shaped = client.chat.completions.create(model="odd", messages=msgs, max_tokens=8, response_format={"type": "json_object"})
+    assert shaped.choices[0].finish_reason in ("stop", "length")
