@@ -70,3 +70,10 @@ def test_raw_and_streaming_response_wrappers(client):
         assert streamed.parse().choices[0].finish_reason == "length"
     raw = client.responses.input_tokens.with_raw_response.count(model=TINY, input="Hi")
     assert raw.parse().input_tokens > 0
+
+
+def test_responses_compact_says_it_is_not_supported(client):
+    with pytest.raises(openai.NotFoundError) as caught:  # was a 405 "method not allowed" ("compact" taken for an id)
+        client.responses.compact(model=TINY, input="Hi")
+    err = caught.value.body
+    assert err["code"] == "unsupported_endpoint" and "truncation" in err["message"], err

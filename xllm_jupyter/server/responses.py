@@ -1,7 +1,8 @@
-"""Route mixins for the Responses API: create, count input tokens, retrieve, delete, cancel, list input items."""
+"""Route mixins for the Responses API: create, count input tokens, retrieve, delete, cancel, list input items (compact: refused)."""
 
 from __future__ import annotations
 
+from ..core.errors import NotFound
 from .handlers import BodyMixin, RequestMixin
 from .sse import typed_sse_event
 
@@ -20,6 +21,17 @@ class ResponseInputTokensMixin(BodyMixin):
     async def handle_post(self) -> None:
         """The prompt tokens a create with this body would have (``usage.input_tokens``); nothing is generated."""
         await self.respond(self.xllm.responses.input_tokens(self.body, user=self.caller.user))
+
+
+class ResponseCompactMixin(BodyMixin):
+    """``POST /v1/responses/compact`` (the SDK's ``responses.compact``): not served, said plainly (it was a 405,
+    the id route taking "compact" for a response id)."""
+
+    async def handle_post(self) -> None:
+        """404 naming what to use instead."""
+        raise NotFound("Compaction (POST /v1/responses/compact) is not supported by this server; "
+                       "truncation: 'auto' on responses.create drops the oldest input items instead.",
+                       code="unsupported_endpoint")
 
 
 class ResponseMixin(RequestMixin):

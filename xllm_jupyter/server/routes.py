@@ -26,7 +26,14 @@ from .handlers import (
 from .ops import MetricsMixin, ReadyMixin
 from .pull import AdminManifestMixin, AdminPullMixin
 from .model_route import ModelMixin
-from .responses import ResponseCancelMixin, ResponseInputItemsMixin, ResponseInputTokensMixin, ResponseMixin, ResponsesMixin
+from .responses import (
+    ResponseCancelMixin,
+    ResponseCompactMixin,
+    ResponseInputItemsMixin,
+    ResponseInputTokensMixin,
+    ResponseMixin,
+    ResponsesMixin,
+)
 from .stats import AdminStatsMixin
 from .usage import AdminUsageMixin
 
@@ -55,6 +62,7 @@ ROUTES: tuple[tuple[str, type, bool], ...] = (
     (r"/v1/responses", ResponsesMixin, False),
     # before the {id} routes below, which would take "input_tokens" for a response id
     (r"/v1/responses/input_tokens", ResponseInputTokensMixin, False),
+    (r"/v1/responses/compact", ResponseCompactMixin, False),
     (r"/v1/responses/(?P<response_id>[^/]+)/input_items", ResponseInputItemsMixin, False),
     (r"/v1/responses/(?P<response_id>[^/]+)/cancel", ResponseCancelMixin, False),
     (r"/v1/responses/(?P<response_id>[^/]+)", ResponseMixin, False),
