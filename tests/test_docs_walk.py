@@ -75,3 +75,38 @@ def test_empty_web_search_options_is_rejected(raw):
     r = raw.post("/v1/chat/completions", json={"model": TINY, "messages": [{"role": "user", "content": "x"}],
                                                "max_tokens": 1, "functions": []})
     assert r.status_code == 200
+
+
+def test_until_reads_like_ollama_ps():
+    """`xllm ps` has ollama ps's UNTIL column: when keep_alive unloads the model."""
+    from xllm_jupyter.cli.render import until
+
+    now = 1_000_000.0
+    assert until(None, now) == "forever"
+    assert until(now + 4 * 60 + 59, now) == "4 minutes from now"
+    assert until(now + 60, now) == "1 minute from now"
+    assert until(now + 30, now) == "30 seconds from now"
+    assert until(now + 2 * 3600, now) == "2 hours from now"
+    assert until(now + 3 * 86400, now) == "3 days from now"
+    assert until(now - 5, now) == "now"
+    assert until("soon", now) == "-"
+
+
+def test_ps_shows_until_and_one_line_per_model_in_a_pipe(live, raw):
+    """A model loaded with keep_alive shows when it goes; a pipe gets each model on one line
+    (the table was cut to 100 columns, and a long name or mode lost its end to an ellipsis)."""
+    def loaded() -> dict[str, dict]:
+        return {m["id"]: m for m in raw.get("/admin/models").json()["data"]}
+
+    was_kept = loaded()[TINY]["expires_at"] is None
+    assert raw.post("/admin/models/load", json={"model": TINY, "keep_alive": "2h"}).status_code == 200
+    try:
+        r = invoke("ps")
+        assert r.exit_code == 0, r.output
+        header, *rows = r.stdout.splitlines()
+        assert header.split() == ["NAME", "BACKEND", "MEMORY", "RUNNING", "QUEUED", "UNTIL", "MODE"]
+        row = next(line for line in rows if line.startswith(TINY + " "))
+        assert "1 hour from now" in row and "\u2026" not in r.stdout
+        assert {line.split()[0] for line in rows} <= set(loaded())  # no wrapped continuation lines
+    finally:  # as it was for the other tests of the session
+        raw.post("/admin/models/load", json={"model": TINY, **({"keep_alive": -1} if was_kept else {})})

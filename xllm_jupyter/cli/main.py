@@ -6,6 +6,7 @@ Errors are translated once, here at the edge: any ``XllmError`` becomes a one-li
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import click
@@ -15,7 +16,7 @@ from ..client.units import human_size
 from ..core.errors import AuthenticationError, PermissionDenied, XllmError
 from .chat import run_command
 from .create_cmd import cp_command, create_command
-from .render import cell, stdout_console
+from .render import cell, stdout_console, until
 from .settings import KEY_HELP, URL_HELP, Settings, server_options
 from .store_cmds import list_command, pull_command, rm_command, show_command
 
@@ -105,8 +106,10 @@ def ps_command(settings: Settings) -> None:
         console.print("No models loaded.")
         return
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for col in ("NAME", "BACKEND", "MEMORY", "RUNNING", "QUEUED", "MODE"):
+    for col in ("NAME", "BACKEND", "MEMORY", "RUNNING", "QUEUED", "UNTIL"):
         table.add_column(col, no_wrap=True)
+    table.add_column("MODE")  # the one that wraps on a narrow terminal, so names and numbers are never cut
+    now = time.time()
     for item in loaded:
         # /admin/models puts the common facts at the top level; older shapes kept them in details
         info = {**(item.get("details") or {}), **{k: v for k, v in item.items() if v is not None}}
@@ -116,8 +119,14 @@ def ps_command(settings: Settings) -> None:
             human_size(info.get("memory_bytes")),
             info.get("running", "-"),
             info.get("queued", "-"),
+            # keep_alive's end, as ollama ps shows it (the top level only: details may hold another shape)
+            "-" if item.get("state") == "loading" or "expires_at" not in item else until(item.get("expires_at"), now),
             _mode(info),
         )))
+    if not console.is_terminal:  # a pipe gets whole lines (one per model, for awk and grep), however wide
+        from rich.measure import Measurement
+
+        console.width = max(console.width, Measurement.get(console, console.options.update_width(1_000), table).maximum)
     console.print(table)
 
 

@@ -84,3 +84,19 @@ def short_digest(digest: str | None, n: int = 12) -> str:
     if not digest:
         return "-"
     return digest.split(":", 1)[-1][:n]
+
+
+def until(expires_at: object, now: float) -> str:
+    """When a loaded model's keep_alive runs out, as ``ollama ps`` says it ("4 minutes from now", "forever")."""
+    if expires_at is None:
+        return "forever"
+    if not isinstance(expires_at, (int, float)) or isinstance(expires_at, bool):
+        return "-"
+    left = expires_at - now
+    if left < 1:
+        return "now"
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
+        if left >= size:
+            n = int(left // size)
+            return f"{n} {unit}{'s' if n != 1 else ''} from now"
+    return "now"
