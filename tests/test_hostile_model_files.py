@@ -1,7 +1,9 @@
 """A model whose config files (from wherever it was pulled) say odd things still loads and serves.
 
 ``generation_config.json`` with an ``eos_token_id`` list holding a string, a negative id and an id past the
-vocabulary failed every load of the model: each chat request was a 500 ``server_error``.
+vocabulary failed every load of the model: each chat request was a 500 ``server_error``. A ``config.json``
+field of the wrong type (refused by transformers' strict config classes) was a ``server_error`` saying
+"retry", not the ``model_load_failed`` that says the files are at fault.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ def odd_server(tmp_path_factory, tiny_llama_dir) -> Iterator[Any]:
     home = root / "home"
     store = ModelStore(home)
     store.pull(str(src), "odd")
+    bad = root / "bad"
+    shutil.copytree(tiny_llama_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "max_position_embeddings": "x"}))
+    store.pull(str(bad), "bad-config")
     with running_server(make_test_config(home), store, "odd") as info:
         yield info
 
@@ -41,3 +48,14 @@ def test_odd_eos_ids_are_ignored_and_the_model_serves(odd_server):
     # a constrained request masks tokens by id, EOS among them
     shaped = client.chat.completions.create(model="odd", messages=msgs, max_tokens=8, response_format={"type": "json_object"})
     assert shaped.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_config_field_of_the_wrong_type_is_a_model_load_error(odd_server):
+    import httpx
+
+    r = httpx.post(odd_server.base_url + "/chat/completions", headers={"Authorization": f"Bearer {odd_server.api_key}"},
+                   json={"model": "bad-config", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+                   timeout=120)
+    err = r.json()["error"]
+    assert r.status_code == 500 and err["code"] == "model_load_failed", r.text
+    assert "bad-config" in err["message"] and "max_position_embeddings" not in err["message"]  # no library text

@@ -141,7 +141,7 @@ class TransformersBackend(Backend):
             if merge:
                 model = merge_lora(model, Path(merge))
             model.to(device).eval()
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:  # (torch's OutOfMemoryError is a RuntimeError)
+        except _file_errors() as exc:  # (torch's OutOfMemoryError is a RuntimeError)
             if not is_out_of_memory(exc):
                 # transformers' messages name local paths; keep them in the chained cause (logs) only
                 raise ModelLoadError.of(spec.name, "transformers", exc) from exc
@@ -175,6 +175,15 @@ class TransformersBackend(Backend):
         return TransformersModel(spec, model, tokenizer, device=device,
                                  max_batch_size=opts.max_batch_size or 16, static=static,
                                  kv_tokens=None if static is not None else kv_tokens or None)
+
+
+def _file_errors() -> tuple[type[BaseException], ...]:
+    """What loading a model raises when its files are damaged or say odd things: a load error, not our bug."""
+    try:  # config.json fields of the wrong type: transformers' strict configs raise this bare Exception subclass
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return (OSError, ValueError, KeyError, RuntimeError)
+    return (OSError, ValueError, KeyError, RuntimeError, StrictDataclassError)
 
 
 def _pick_dtype(name: str, device: "torch.device") -> "torch.dtype":
