@@ -259,8 +259,10 @@ def _row(value: Any) -> list:
     """The first row of a (1, n[, k]) tensor or nested list as Python lists."""
     if value is None:
         return []
-    row = value[0]
-    return row.tolist() if hasattr(row, "tolist") else list(row)
+    if hasattr(value, "tolist"):
+        # the whole tensor converted, then its row: indexing a tensor first makes a view (a few µs per token)
+        return value.tolist()[0]
+    return list(value[0])
 
 
 def job_cached_tokens(job: Any, page_size: int) -> int:
@@ -334,6 +336,11 @@ def translate_results(results: Iterable[Mapping[str, Any]], jobs: Mapping[int, J
             events.append(TokenEvent(info.job_id, None, text, finish=finish, prompt_tokens=prompt_tokens,
                                      cached_tokens=cached, completion_tokens=completion))
             continue
+        if len(ids) == 1 and not probs and not top_ids:
+            # one token, no logprobs: every decode step of every job without speculation lands here
+            events.append(TokenEvent(info.job_id, ids[0], text, finish=finish, prompt_tokens=prompt_tokens,
+                                     cached_tokens=cached, completion_tokens=completion))
+            continue
         last = len(ids) - 1
         for i, token in enumerate(ids):
             logprob = _log(probs[i]) if i < len(probs) else None
@@ -347,7 +354,7 @@ def translate_results(results: Iterable[Mapping[str, Any]], jobs: Mapping[int, J
                 cached_tokens=cached if end else 0,
                 completion_tokens=completion if end else 0,
                 token_bytes=raw(token) if raw is not None and logprob is not None else None,
-                top_bytes=tuple(raw(t) for t in alternatives) if raw is not None else (),
+                top_bytes=tuple(raw(t) for t in alternatives) if raw is not None and alternatives else (),
             ))
     return events
 

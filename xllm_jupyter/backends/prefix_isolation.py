@@ -65,6 +65,8 @@ class PrefixIsolation:
 
     def record(self, namespace: str, page_hashes: Iterable[bytes]) -> None:
         """Remember that ``namespace`` produced pages with these content hashes."""
+        if isinstance(page_hashes, list) and not page_hashes:
+            return  # nothing new: the common case, once per job and step
         produced = self._produced.setdefault(namespace, OrderedDict())
         for page_hash in page_hashes:
             produced[page_hash] = None
@@ -277,6 +279,8 @@ class IsolatedJobV3(_IsolatedJobBase):
 class IsolatedJobV2(_IsolatedJobBase):
     """Mixed into ``exllamav2``'s ``ExLlamaV2DynamicJob`` (paged and unpaged generators)."""
 
+    xllm_published = False  # xllm_publish found every prompt page published: a prefilled job's prefill is the library's
+
     def prepare_for_queue(self, *args: Any, **kwargs: Any) -> Any:
         """Hash the prompt (library), then drop lookups past the pages our namespace produced."""
         out = super().prepare_for_queue(*args, **kwargs)  # type: ignore[misc]
@@ -313,6 +317,9 @@ class IsolatedJobV2(_IsolatedJobBase):
             return super().prefill(*args, **kwargs)  # type: ignore[misc]
         # called for every job at every step; a job past its prefill never reads the (lazy) list, and a
         # prompt page it left unpublished behind another job's unwritten page is retried below
+        if self.xllm_published and all(seq.prefill_complete for seq in self.sequences):  # type: ignore[attr-defined]
+            # nothing left to prefill or publish: the library returns at once and reads no page
+            return super().prefill(*args, **kwargs)  # type: ignore[misc]
         pages = generator.all_pages
         generator.all_pages = VisiblePagesList(pages, self.xllm_isolation, self.xllm_namespace)
         try:
@@ -334,13 +341,17 @@ class IsolatedJobV2(_IsolatedJobBase):
         generator = self.generator  # type: ignore[attr-defined]
         size = self.xllm_page_size
         published: list[bytes] = []
+        done = True  # every prompt page of every sequence published (or looked up): later calls have nothing to do
         for seq in self.sequences:  # type: ignore[attr-defined]
             hashes = getattr(seq, "xllm_prompt_hashes", ())
             allocated = seq.allocated_pages or ()
+            if len(allocated) < len(hashes):
+                done = False
             for index in range(len(seq.page_hashes), min(len(hashes), len(allocated))):
                 page = allocated[index]
                 content = hashes[index]
                 if page.kv_position != size:
+                    done = False
                     break  # not prefilled yet: a later chunk publishes it
                 if page.phash == content:
                     continue
@@ -348,6 +359,7 @@ class IsolatedJobV2(_IsolatedJobBase):
                 if held is not None and held.kv_position != size:
                     # another job's fresh page under this hash, not written yet (see IsolatedJobV3.
                     # hash_completed_page): never share it; keep ours unpublished, a later chunk retries
+                    done = False
                     break
                 if held is not None:
                     serial = page.access_serial
@@ -365,6 +377,7 @@ class IsolatedJobV2(_IsolatedJobBase):
                     seq.allocated_pages[index + 1].prev_hash = content
         assert self.xllm_isolation is not None
         self.xllm_isolation.record(self.xllm_namespace, published)
+        self.xllm_published = done
 
     def receive_sample(self, *args: Any, **kwargs: Any) -> Any:
         """Take a sampled token (library, which hashes a page the token completes); record that page."""
