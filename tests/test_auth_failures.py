@@ -225,3 +225,16 @@ def test_hub_tokens_the_hub_does_not_know_are_capped_and_no_longer_sent_to_it(hu
         assert len(hub_service.asked) == LIMIT  # the hub's API was not asked about any of them
         assert guesser.get("/v1/models", headers=token("good-token")).status_code == 429
         assert other.get("/v1/models", headers=token("good-token")).status_code == 200
+
+
+def test_the_hub_page_counts_and_caps_guessed_tokens_too(hub_service):
+    page = hub_service.root + "/"  # the browser page: a token in the header is looked up as on the API
+    with _http(hub_service.root, "127.0.0.8") as guesser:
+        for i in range(LIMIT):
+            r = guesser.get(page, headers={"Authorization": f"token page-guess-{i}"}, follow_redirects=False)
+            assert r.status_code == 302  # not logged in: off to the hub's login
+        asked = len(hub_service.asked)
+        r = guesser.get(page, headers={"Authorization": "token page-guess-next"}, follow_redirects=False)
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+        assert len(hub_service.asked) == asked  # the hub was not asked
+        assert guesser.get("/v1/models", headers={"Authorization": "token good-token"}).status_code == 429

@@ -28,7 +28,7 @@ from jupyterhub.services.auth import (
 from tornado.web import HTTPError, RequestHandler
 
 from ..core.config import XllmConfig
-from ..core.errors import AuthenticationError, Overloaded, PermissionDenied
+from ..core.errors import AuthenticationError, Overloaded, PermissionDenied, RateLimited
 from ..server.auth_failures import FAILURES_KEY, FailedAuthLimiter
 from ..server.edge import log_access
 from ..server.handlers import CONTEXT_KEY, NotFoundMixin, VerbDispatchMixin, XllmContext, admin_required
@@ -167,7 +167,19 @@ class HubPageHandler(_HubAuthFromSettings, HubOAuthenticated, RequestHandler):
 
     async def prepare(self) -> None:
         """Resolve the hub user (token or OAuth cookie) without blocking the IOLoop."""
+        failures: FailedAuthLimiter = self.settings[FAILURES_KEY]
+        client = failures.client(self.request)
+        try:
+            failures.check(client)  # tokens guessed in ?token= here are capped as on the API routes
+        except RateLimited as exc:  # answered here: an HTTPError's page would drop the Retry-After header
+            self.set_status(429)
+            self.set_header("Retry-After", str(int(exc.retry_after)))
+            self.set_header("Content-Type", "text/plain; charset=utf-8")
+            self.finish(exc.message + "\n")
+            return
         model = await self.hub_auth.get_user(self, sync=False)
+        if not model and self.hub_auth.get_token(self, in_cookie=False):
+            failures.failed(client)
         self._hub_auth_user_cache = None
         if model:
             try:
