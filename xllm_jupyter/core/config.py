@@ -54,6 +54,8 @@ class ServerConfig:
     max_connections_per_client: int = 256
     #: connections open at once in all; 0 = three quarters of the (raised) file descriptor limit
     max_connections: int = 0
+    #: token logprobs one reply may carry, n x max_tokens x (top_logprobs + 1) (~90 bytes each); 0 = no cap
+    max_logprob_entries: int = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -264,6 +266,7 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("server", "connection_timeout_seconds"): (0.1, None),  # 0 would close every connection at once
     ("server", "max_connections_per_client"): (0, None),
     ("server", "max_connections"): (0, None),
+    ("server", "max_logprob_entries"): (0, None),
     ("engine", "max_batch_size"): (1, 1024),
     ("engine", "max_queue"): (1, None),
     ("engine", "torch_threads"): (0, 1024),

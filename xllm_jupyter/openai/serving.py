@@ -172,6 +172,8 @@ class OpenAIServing(CompletionsMixin):
                     logprobs: bool, top_logprobs: int, keep_alive: Any, user: str | None, prompt_param: str,
                     constraint: Any = None, prompt_logprobs: bool = False) -> GenerationRequest:
         """The engine request for ``req``'s prompt ``prompt_ids``, checked (``prompt_param`` names it in errors)."""
+        if logprobs or prompt_logprobs:
+            self._check_logprob_entries(req.n or 1, max_tokens, top_logprobs, len(prompt_ids) if prompt_logprobs else 0)
         params = GenerationParams(max_tokens=max_tokens, sampling=sampling, stop=req.stop_strings(),
                                   ignore_eos=bool(req.ignore_eos), n=req.n or 1, logprobs=logprobs,
                                   top_logprobs=top_logprobs, constraint=constraint, prompt_logprobs=prompt_logprobs)
@@ -179,6 +181,21 @@ class OpenAIServing(CompletionsMixin):
                                 keep_alive=keep_alive, user=user, cache_namespace=self._namespace(user))
         self._validate(gen, prompt_param)
         return gen
+
+    def _check_logprob_entries(self, n: int, max_tokens: int, top: int, prompt_tokens: int) -> None:
+        """400 when a reply could carry more token logprobs than ``server.max_logprob_entries``.
+
+        Each is ~90 bytes of JSON, and a reply is held whole in server memory until its client has read it:
+        the defaults alone allowed n=16 x 8,192 tokens x 21 entries, a 236 MB reply, and a client reading
+        slowly could hold several.
+        """
+        limit = self.config.max_logprob_entries
+        entries = (n * max_tokens + prompt_tokens) * (top + 1)
+        if limit and entries > limit:
+            raise InvalidRequest(
+                f"This request could return {entries:,} token logprobs (n x max_tokens x (top_logprobs + 1)); this "
+                f"server returns at most {limit:,} in one reply. Lower max_tokens, n or top_logprobs.",
+                param="max_tokens", code="too_many_logprobs")
 
     def _validate(self, request: GenerationRequest, prompt_param: str) -> None:
         """The engine's own checks, with errors pointing at the right request field."""
