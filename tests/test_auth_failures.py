@@ -139,7 +139,7 @@ def test_forwarded_for_is_read_only_from_trusted_proxies():
     # the proxy appends the address it was connected from; what the client wrote before that is not trusted
     assert lim.client(_request("127.0.0.1", ["6.6.6.6, 192.0.2.9"])) == "192.0.2.9"
     assert lim.client(_request("127.0.0.1", ["6.6.6.6", "192.0.2.9, 10.1.2.3"])) == "192.0.2.9"  # two of our proxies
-    assert lim.client(_request("127.0.0.1")) == "127.0.0.1"  # a direct local caller
+    assert lim.client(_request("127.0.0.1")) is None  # a direct caller at a proxy's address: shared, never counted
     assert lim.client(_request("192.0.2.50", ["127.0.0.1"])) == "192.0.2.50"  # not a proxy of ours: its header is ignored
     assert _limiter(Clock()).client(_request("127.0.0.1", ["192.0.2.9"])) == "127.0.0.1"  # none trusted by default
 

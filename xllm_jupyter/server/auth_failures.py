@@ -13,7 +13,10 @@ whose last failure is oldest is forgotten first), and an IPv6 client counts by i
 (one host commonly has a whole /64 to pick addresses from).
 
 The client address is the connection's peer, or, when the peer is one of ``auth.trusted_proxies``
-(JupyterHub's proxy in front of the hub service), the last ``X-Forwarded-For`` hop that is not.
+(JupyterHub's proxy in front of the hub service), the last ``X-Forwarded-For`` hop that is not. A
+request from a trusted address that names no such client is not counted: that address speaks for
+many callers (on a one-host hub every user's server and kernel reaches the service from loopback
+too), so one guesser there would lock all of them out, and a caller there can name any client anyway.
 """
 
 from __future__ import annotations
@@ -99,8 +102,9 @@ class FailedAuthLimiter:
     def __len__(self) -> int:
         return len(self._table)
 
-    def client(self, request: Any) -> str:
-        """The label of the client that sent ``request`` (a Tornado HTTPServerRequest)."""
+    def client(self, request: Any) -> str | None:
+        """The label of the client that sent ``request`` (a Tornado HTTPServerRequest); None when it came from a
+        trusted proxy's address and names no client beyond our proxies (never counted)."""
         peer = request.remote_ip or ""
         if self._proxies and self._trusted(peer):
             # each proxy appends the address it was connected from: walk back over our own proxies only,
@@ -110,11 +114,14 @@ class FailedAuthLimiter:
                 peer = hop
                 if not self._trusted(hop):
                     break
+            if self._trusted(peer):
+                # the proxy itself, or any process on its host: every user behind it shares this address
+                return None
         return client_label(peer)
 
-    def check(self, client: str) -> None:
+    def check(self, client: str | None) -> None:
         """Raise RateLimited (429 with ``Retry-After``) while ``client`` is over the limit."""
-        if not self.enabled:
+        if not self.enabled or client is None:
             return
         entry = self._table.get(client)
         if entry is None:
@@ -130,9 +137,9 @@ class FailedAuthLimiter:
                 retry_after=max(1, math.ceil(left)),
             )
 
-    def failed(self, client: str) -> None:
+    def failed(self, client: str | None) -> None:
         """Count one request from ``client`` whose credentials matched nothing."""
-        if not self.enabled:
+        if not self.enabled or client is None:
             return
         now = self._clock()
         entry = self._table.pop(client, None)
