@@ -269,6 +269,15 @@ def test_stored_responses_are_owned_per_user():
         store.get("resp_1", owner="alice")
 
 
+def test_many_tiny_stored_objects_push_out_their_owners_own_not_anothers_large_one():
+    store = ResponseStore(capacity=100)
+    store.put("resp_big", StoredResponse({"id": "resp_big", "text": "x" * 100_000}, owner="alice"))
+    for i in range(500):  # each far smaller than alice's, together still fewer bytes
+        store.put(f"resp_{i}", StoredResponse({"id": i}, owner="mallory"))
+    assert store.get("resp_big", owner="alice").response["id"] == "resp_big"  # evicted first on the old code
+    assert len(store) == 100 and store.peek("resp_499", owner="mallory") is not None
+
+
 def test_response_cache_keys_are_per_user():
     cache = ResponseCache()
     body = {"model": "m", "messages": [], "temperature": 0}

@@ -3,8 +3,9 @@
 The core of the Responses store and the chat completions store. Bounded so a long-running
 server cannot grow without limit: past ``capacity`` objects or ``max_bytes`` of them, an
 object is forgotten, after which it reads as unknown (404), exactly like one never stored.
-The one forgotten is the least recently used of the user who holds the most bytes, so one
-user storing much (or large) pushes out their own objects, not everyone else's.
+The one forgotten is the least recently used of the user who holds the most objects (past
+``capacity``) or the most bytes (past ``max_bytes``), so one user storing many or large objects
+pushes out their own, not everyone else's.
 
 Each object belongs to the user who created it: for anyone else it reads as unknown too
 (404, not 403, so ids of other users' objects reveal nothing).
@@ -71,8 +72,10 @@ class OwnedStore(Generic[T]):
         self._owner_bytes[item.owner] = self._owner_bytes.get(item.owner, 0) + size
         self.nbytes += size
         while len(self._items) > self.capacity or (self.nbytes > self.max_bytes and len(self._items) > 1):
-            heaviest = max(self._owner_bytes, key=self._owner_bytes.__getitem__)
-            self._forget(next(iter(self._by_owner[heaviest])))
+            # over the count: the owner of the most objects gives one up; over the bytes: the owner of the most
+            # bytes (by bytes alone, a user storing many tiny objects pushed out another's one large object)
+            weight = (lambda o: len(self._by_owner[o])) if len(self._items) > self.capacity else self._owner_bytes.__getitem__
+            self._forget(next(iter(self._by_owner[max(self._by_owner, key=weight)])))
 
     def get(self, oid: str, param: str | None = None, owner: str | None = None) -> T:
         """``owner``'s object ``oid``, or NotFound (404) naming ``param``."""
