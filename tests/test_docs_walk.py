@@ -110,3 +110,35 @@ def test_ps_shows_until_and_one_line_per_model_in_a_pipe(live, raw):
         assert {line.split()[0] for line in rows} <= set(loaded())  # no wrapped continuation lines
     finally:  # as it was for the other tests of the session
         raw.post("/admin/models/load", json={"model": TINY, **({"keep_alive": -1} if was_kept else {})})
+
+
+def test_create_warns_about_settings_it_only_records(home):
+    """docs/modelfile.md: TEMPLATE and parameters such as mirostat are recorded only. An Ollama user expects
+    them to apply; like an unusable ADAPTER, create now says so instead of taking them in silence."""
+    import os
+    import subprocess
+    import sys
+
+    def create(name: str, text: str) -> subprocess.CompletedProcess:
+        # a real process: the warning reaches the terminal through logging, as a user sees it
+        return subprocess.run([sys.executable, "-m", "xllm_jupyter.cli", "create", name, "-f", "-"], input=text,
+                              capture_output=True, text=True, timeout=120, env=dict(os.environ))
+
+    r = create("t", f'FROM {TINY}\nTEMPLATE """{{{{ .Prompt }}}}"""\nPARAMETER mirostat 2\nPARAMETER typical_p 0.5\n'
+                    "PARAMETER temperature 0\n")
+    assert r.returncode == 0, r.stderr
+    assert "PARAMETER mirostat, typical_p are recorded but not applied" in r.stderr
+    assert "TEMPLATE is recorded but not applied" in r.stderr
+    assert "temperature" not in r.stderr
+    r = create("u", f"FROM {TINY}\nPARAMETER top_k 3\nPARAMETER num_ctx 64\n")
+    assert r.returncode == 0 and "not applied" not in r.stderr, r.stderr
+
+
+def test_recorded_only_and_applied_parameters_cover_ollamas_list():
+    """Every Modelfile parameter is either applied to requests (or the context) or listed as recorded only."""
+    from xllm_jupyter.openai.model_defaults import _FIELDS
+    from xllm_jupyter.store.modelfile import PARAMETERS, RECORDED_ONLY
+
+    applied = set(_FIELDS) | {"num_predict", "num_ctx"}
+    assert applied.isdisjoint(RECORDED_ONLY)
+    assert applied | RECORDED_ONLY == set(PARAMETERS)

@@ -25,7 +25,7 @@ from .atomic import FileLock, fix_modes, fsync_tree
 from .generation_defaults import sampling_defaults
 from .local import copy_file
 from .manifest import Manifest, write_manifest
-from .modelfile import Modelfile, parse_modelfile
+from .modelfile import RECORDED_ONLY, Modelfile, parse_modelfile
 from .names import is_valid_name, name_to_dirname, safe_relpath, validate_name
 from .packaged import PACKAGED
 from .progress import PullProgress, guard_progress, translate_os_error
@@ -92,6 +92,7 @@ def create_model(store: "ModelStore", name: str, text: str, progress: Callable[[
     """
     mf = _with_local_paths(store, parse_modelfile(text), base_dir)
     n = validate_name(name)
+    _warn_recorded_only(mf)
     report = guard_progress(progress)
     try:
         for d in (store.models, store.tmp, store.locks):
@@ -126,6 +127,18 @@ def create_model(store: "ModelStore", name: str, text: str, progress: Callable[[
         return manifest.with_path(target)
     except OSError as exc:
         translate_os_error(exc)
+
+
+def _warn_recorded_only(mf: Modelfile) -> None:
+    """Say which settings are kept but not used, as for an ADAPTER: an Ollama user expects them to apply."""
+    unused = sorted(k for k in mf.parameters if k in RECORDED_ONLY)
+    if unused:
+        one = len(unused) == 1
+        log.warning("PARAMETER %s %s recorded but not applied: xllm has no sampler or setting for %s",
+                    ", ".join(unused), "is" if one else "are", "it" if one else "them")
+    if mf.template is not None:
+        log.warning("TEMPLATE is recorded but not applied: the model keeps its tokenizer's chat template "
+                    "(Go templates are not run)")
 
 
 def _is_stored(store: "ModelStore", ref: str) -> bool:

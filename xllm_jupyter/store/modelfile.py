@@ -104,6 +104,10 @@ PARAMETERS: dict[str, Callable[[str], Any]] = {
     "use_mmap": _boolean,
 }
 
+#: parameters kept in the manifest (and ``xllm show``) that no xllm sampler or setting uses
+RECORDED_ONLY = frozenset({"typical_p", "num_keep", "repeat_last_n", "penalize_newline", "mirostat", "mirostat_eta",
+                           "mirostat_tau", "num_batch", "num_gpu", "main_gpu", "num_thread", "use_mmap"})
+
 
 @dataclass
 class Message:
