@@ -118,3 +118,32 @@ def test_a_streamed_reply_on_a_terminal_sends_no_escape_sequence(monkeypatch):
 def test_terminal_safe_keeps_text_tabs_and_newlines():
     plain = "héllo\tworld\n— ✓ 中文 $x$ [a](b)"
     assert terminal_safe(plain) == plain
+
+
+def test_a_servers_error_message_reaches_the_terminal_without_escapes(monkeypatch):
+    import http.server
+    import threading
+
+    body = json.dumps({"error": {"message": "no \x1b]52;c;ZXZpbA==\x07 such \x1b[2J model", "type": "invalid_request_error",
+                                 "param": None, "code": "model_not_found"}}).encode()
+
+    class Hostile(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        result = CliRunner().invoke(main, ["--url", url, "ps"])
+    finally:
+        server.shutdown()
+    assert result.exit_code == 1 and "such" in result.output, result.output
+    assert "\x1b" not in result.output and "␛]52;c;ZXZpbA==␇" in result.output

@@ -16,7 +16,7 @@ from ..client.units import human_size
 from ..core.errors import AuthenticationError, PermissionDenied, XllmError
 from .chat import run_command
 from .create_cmd import cp_command, create_command
-from .render import cell, stdout_console, until
+from .render import cell, stdout_console, terminal_safe, until
 from .settings import KEY_HELP, URL_HELP, Settings, server_options
 from .store_cmds import list_command, pull_command, rm_command, show_command
 
@@ -32,9 +32,9 @@ class XllmGroup(click.Group):
         try:
             return super().invoke(ctx)
         except (AuthenticationError, PermissionDenied) as exc:
-            raise click.ClickException(f"{exc.message} (check --api-key / XLLM_API_KEY)") from None
-        except XllmError as exc:
-            raise click.ClickException(exc.message) from None
+            raise click.ClickException(terminal_safe(f"{exc.message} (check --api-key / XLLM_API_KEY)")) from None
+        except XllmError as exc:  # a server's message may quote what it was sent, or be hostile: no escapes
+            raise click.ClickException(terminal_safe(exc.message)) from None
         except KeyboardInterrupt:
             # Ctrl-C while loading, pulling or creating: a short note and the shell's usual 130,
             # not click's "Aborted!" and exit 1
