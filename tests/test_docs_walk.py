@@ -132,6 +132,11 @@ def test_create_warns_about_settings_it_only_records(home):
     assert "temperature" not in r.stderr
     r = create("u", f"FROM {TINY}\nPARAMETER top_k 3\nPARAMETER num_ctx 64\n")
     assert r.returncode == 0 and "not applied" not in r.stderr, r.stderr
+    r = create("v", "FROM t\nPARAMETER mirostat 2\nPARAMETER num_gpu 1\n")  # mirostat 2 is t's own already
+    assert r.returncode == 0 and "PARAMETER num_gpu is recorded" in r.stderr and "mirostat" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "xllm_jupyter.cli", "cp", "t", "t2"], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ))  # restates t's settings: warned about when t was made
+    assert r.returncode == 0 and "not applied" not in r.stderr, r.stderr
 
 
 def test_recorded_only_and_applied_parameters_cover_ollamas_list():

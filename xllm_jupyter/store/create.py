@@ -92,12 +92,12 @@ def create_model(store: "ModelStore", name: str, text: str, progress: Callable[[
     """
     mf = _with_local_paths(store, parse_modelfile(text), base_dir)
     n = validate_name(name)
-    _warn_recorded_only(mf)
     report = guard_progress(progress)
     try:
         for d in (store.models, store.tmp, store.locks):
             d.mkdir(parents=True, exist_ok=True)
         base = _base(store, mf.from_, report, look_in_cwd=base_dir is None)
+        _warn_recorded_only(mf, modelfile_of(base))
         settings = merge(modelfile_of(base), mf)
         adapter_src = _adapter_source(store, mf.adapters, base)  # only the new Modelfile's ADAPTER is copied
         with store._workdir("pull") as build:
@@ -129,14 +129,17 @@ def create_model(store: "ModelStore", name: str, text: str, progress: Callable[[
         translate_os_error(exc)
 
 
-def _warn_recorded_only(mf: Modelfile) -> None:
-    """Say which settings are kept but not used, as for an ADAPTER: an Ollama user expects them to apply."""
-    unused = sorted(k for k in mf.parameters if k in RECORDED_ONLY)
+def _warn_recorded_only(mf: Modelfile, inherited: Modelfile) -> None:
+    """Say which settings are kept but not used, as for an ADAPTER: an Ollama user expects them to apply.
+
+    Only those ``mf`` sets anew: ``xllm cp`` restates its source's, which were named when it was created.
+    """
+    unused = sorted(k for k, v in mf.parameters.items() if k in RECORDED_ONLY and inherited.parameters.get(k) != v)
     if unused:
         one = len(unused) == 1
         log.warning("PARAMETER %s %s recorded but not applied: xllm has no sampler or setting for %s",
                     ", ".join(unused), "is" if one else "are", "it" if one else "them")
-    if mf.template is not None:
+    if mf.template is not None and mf.template != inherited.template:
         log.warning("TEMPLATE is recorded but not applied: the model keeps its tokenizer's chat template "
                     "(Go templates are not run)")
 
