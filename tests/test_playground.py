@@ -375,20 +375,29 @@ def test_a_question_sent_while_a_reply_streams_is_asked_after_it(pg, xllm_server
         assert box.input_value() == ""
 
 
-def test_only_the_chat_turns_use_the_queue():
+def test_only_the_chat_turns_and_the_pages_stream_keeper_use_the_queue():
     """Gradio 6 reads a page's queued events from one stream that the server ends when the page's
-    last queued event completes; a question sent in that instant was never answered. The load
-    event (the picker's refresh) and the quick events stay off the queue, so a chat turn is the
-    only queued event a page ever has."""
+    last queued event completes; a question sent in that instant was never answered. The picker's
+    refresh and the quick events stay off the queue; the chat turns and one page-long event that
+    keeps the stream open (no outputs, no concurrency limit) are the queued events a page has."""
     from xllm_jupyter.playground.app import Endpoint, build_app
 
-    config = build_app(Endpoint("http://127.0.0.1:9/v1", None), ["tiny"], "tiny").get_config_file()
-    backend = [d for d in config["dependencies"] if d.get("backend_fn")]
-    queued = [d for d in backend if d.get("queue") is not False]
-    assert len(queued) == 2, queued  # Enter and Send
-    assert all(d.get("trigger_mode") == "always_last" for d in queued)
-    loads = [d for d in backend if any(t[1] == "load" for t in d["targets"])]
-    assert loads and all(d["queue"] is False for d in loads), loads
+    app = build_app(Endpoint("http://127.0.0.1:9/v1", None), ["tiny"], "tiny")
+    backend = [d for d in app.get_config_file()["dependencies"] if d.get("backend_fn")]
+    queued = [d for d in backend if d.get("queue") is not False and not _on(d, "unload")]
+    chats = [d for d in queued if not _on(d, "load")]
+    assert len(chats) == 2, queued  # Enter and Send
+    assert all(d.get("trigger_mode") == "always_last" for d in chats)
+    keepers = [d for d in queued if _on(d, "load")]
+    assert len(keepers) == 1 and keepers[0]["outputs"] == [], keepers
+    assert app.fns[keepers[0]["id"]].concurrency_limit is None  # one per open page, never waiting for another
+    refresh = [d for d in backend if _on(d, "load") and d not in keepers]
+    assert refresh and all(d["queue"] is False for d in refresh), refresh
+    assert [d for d in backend if _on(d, "unload")], "nothing ends the keeper when the page leaves"
+
+
+def _on(dependency: dict, trigger: str) -> bool:
+    return any(t[1] == trigger for t in dependency["targets"])
 
 
 def test_the_first_question_right_after_a_page_opens_is_answered(pg, xllm_server, monkeypatch):
@@ -444,11 +453,74 @@ def test_the_first_question_right_after_a_page_opens_is_answered(pg, xllm_server
         page.wait_for_function("() => document.querySelectorAll('.generating').length === 0", timeout=60_000)
         assert box.input_value() == ""
         assert "Say hello" in page.locator("#xllm-chatbot").inner_text()
-        # the reply's own stream end is held too: let it out before the page goes (closing the page
-        # under a held stream makes Gradio log "async generator ignored GeneratorExit")
+        # a stream end would be held too: let it out before the page goes (closing the page under a
+        # held stream makes Gradio log "async generator ignored GeneratorExit")
         deadline = time.monotonic() + 30
-        while len(released) < len(held) or not held:
+        while len(released) < len(held):
             if time.monotonic() > deadline:
                 break
             page.wait_for_timeout(100)
-    assert held, "the patch did not reach Gradio's streams (the test would prove nothing)"
+    # the page's stream-keeping event: its stream never ended while it was open (no such instant at all)
+    assert not held, held
+
+
+def test_a_question_sent_as_the_last_reply_ends_is_answered(pg, xllm_server, monkeypatch):
+    """Gradio 6 ends a page's event stream when its last queued event completes; a question sent in that
+    instant (the page not yet told) joined the queue while the page took the ending stream for open, then
+    closed it and never saw the reply. The stream's end, if the server sends one, is held here until the
+    page has the second question's join answer, so that instant is sure; nothing waits on a clock."""
+    import asyncio
+    import threading
+
+    import gradio.routes
+
+    from tests.browser import chromium, require_browser
+
+    require_browser()
+    joined, ends = threading.Event(), []
+    streaming = gradio.routes.StreamingResponse
+
+    class HeldEnd(streaming):
+        """Gradio's streamed response with its first close_stream message held until ``joined``."""
+
+        def __init__(self, content, *args, **kwargs):
+            async def held():
+                async for chunk in content:
+                    if "close_stream" in str(chunk):
+                        ends.append(chunk)
+                        for _ in range(6000):  # (the limit only ends a hung test)
+                            if joined.is_set() or len(ends) > 1:
+                                break
+                            await asyncio.sleep(0.01)
+                    yield chunk
+
+            super().__init__(held(), *args, **kwargs)
+
+    monkeypatch.setattr(gradio.routes, "StreamingResponse", HeldEnd)
+    with chromium() as context:
+        page = context.new_page()
+        page.goto(pg.local_url, timeout=60_000)
+        box = page.locator("#xllm-input textarea")
+        box.wait_for(timeout=60_000)
+        box.fill("Say hello")
+        box.press("Enter")
+        page.wait_for_function(
+            "() => document.querySelectorAll('#xllm-chatbot [data-testid=bot]').length === 1"
+            " && document.querySelectorAll('.generating').length === 0", timeout=60_000)
+        box.fill("Say hello again")
+        with page.expect_response(lambda r: "/queue/join" in r.url, timeout=60_000) as answer:
+            box.press("Enter")
+        answer.value.finished()
+        joined.set()  # the page has its join answer: the held end (if any) reaches it after that
+        page.wait_for_function(  # was never: the second reply was not read
+            "() => document.querySelectorAll('#xllm-chatbot [data-testid=bot]').length === 2"
+            " && document.querySelectorAll('.generating').length === 0", timeout=60_000)
+        users = page.locator("#xllm-chatbot [data-testid=user]").all_inner_texts()
+        assert [u.strip() for u in users] == ["Say hello", "Say hello again"]
+        assert any(jobs for jobs in pg.app._queue.active_jobs if jobs)  # the open page's own queued event
+    # the page's queued event that keeps its stream open ends once the page has left (no task per page kept)
+    queue = pg.app._queue
+    deadline = time.monotonic() + 120  # (Gradio hears of a closed page at its next heartbeat)
+    while any(jobs for jobs in queue.active_jobs if jobs):
+        assert time.monotonic() < deadline, "a closed page's event still runs"
+        time.sleep(0.1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -228,7 +229,8 @@ def build_app(
                 top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top p")
                 max_tokens = gr.Slider(1, 2048, value=256, step=1, label="Max tokens")
                 seed = gr.Textbox(label="Seed", placeholder="random", max_lines=1)
-        # Only the chat turns go through Gradio's queue (queue=False elsewhere). A page reads every
+        # Only the chat turns (and the page's stream keeper, at the end) go through Gradio's queue (queue=False
+        # elsewhere). A page reads every
         # queued event's messages from one stream, which the server ends when the page's last queued
         # event completes; a question sent in that instant joined the queue but its page was told the
         # stream was still open, closed it a moment later and never saw the reply (Gradio 6, seen as a
@@ -279,4 +281,30 @@ def build_app(
         app.load(
             refresh_models, picker, picker, api_name=False, show_progress="hidden", queue=False
         )
+
+        # The narrower form of that race: a question sent as the page's last chat turn ends (its stream's
+        # end already on the way) was never answered either. One queued event that lasts as long as the
+        # page keeps the page's stream open, so a chat turn is never its last queued event; it ends when
+        # the page leaves (Gradio's unload, once the page's heartbeat stops).
+        open_pages: dict[str, asyncio.Event] = {}
+
+        async def keep_stream_open(request: gr.Request) -> None:
+            left = open_pages.setdefault(request.session_hash or "", asyncio.Event())
+            try:
+                await left.wait()
+            finally:
+                open_pages.pop(request.session_hash or "", None)
+
+        async def page_left(request: gr.Request) -> None:
+            left = open_pages.get(request.session_hash or "")
+            if left is not None:
+                left.set()
+
+        for handler in (keep_stream_open, page_left):
+            # Gradio fills a gr.Request argument by its type; with postponed annotations it sees a string
+            # naming a module-level `gr` this module does not have (gradio is imported lazily)
+            handler.__annotations__["request"] = gr.Request
+        app.load(keep_stream_open, None, None, api_name=False, show_progress="hidden",
+                 concurrency_limit=None)
+        app.unload(page_left)
     return app
