@@ -229,12 +229,12 @@ def build_app(
                 top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top p")
                 max_tokens = gr.Slider(1, 2048, value=256, step=1, label="Max tokens")
                 seed = gr.Textbox(label="Seed", placeholder="random", max_lines=1)
-        # Only the chat turns (and the page's stream keeper, at the end) go through Gradio's queue (queue=False
-        # elsewhere). A page reads every
-        # queued event's messages from one stream, which the server ends when the page's last queued
-        # event completes; a question sent in that instant joined the queue but its page was told the
-        # stream was still open, closed it a moment later and never saw the reply (Gradio 6, seen as a
-        # first question with no answer on a loaded machine). Quick events need no queue.
+        # Only the chat turns (and the page's stream keeper, at the end) go through Gradio's queue
+        # (queue=False elsewhere). A page reads every queued event's messages from one stream, which
+        # the server ends when the page's last queued event completes; a question sent in that instant
+        # joined the queue but its page was told the stream was still open, closed it a moment later
+        # and never saw the reply (Gradio 6, seen as a first question with no answer on a loaded
+        # machine). Quick events need no queue.
         for control in (temperature, top_p, max_tokens):
             # the user chose a value: send it
             control.input(lambda: False, None, model_defaults, queue=False)
