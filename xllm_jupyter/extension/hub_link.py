@@ -1,9 +1,9 @@
 """Whether this server's xllm API is the hub service's or its own, settled once the hub answers.
 
 The extension asks the hub at start (extension/hub_lookup.py). The service, once found, is forwarded
-to; when it stops answering, the hub is asked whether its URL changed (``service_unreachable``). While the hub has not answered (down, restarting, slower than the
-lookup timeout under a burst of spawns) the server waits for it rather than loading a model of its
-own: the next request to a forwarded route asks again, at most every ``RETRY_SECONDS``, and
+to; when it stops answering, the hub is asked whether its URL changed (``service_unreachable``). While
+the hub has not answered (down, restarting, slower than the lookup timeout under a burst of spawns)
+the server waits for it rather than loading a model of its own: the next request to a forwarded route asks again, at most every ``RETRY_SECONDS``, and
 concurrent requests share one lookup. A no (403, 404: this server's own engine serves) is asked
 again in the background every ``recheck_seconds`` or so, because an admin may add the service or
 grant the scope and restart the hub under running servers: when the service appears, new requests
@@ -170,7 +170,7 @@ class HubLink:
         elif result.final and not result.fault:  # the hub's word (403, 404), not this server's TLS set-up
             # on the IOLoop, with no await from here to the state change: a request is either forwarded before
             # it (and finishes at the service, or gets its 503) or served by this server's engine
-            self.upstream, self.reason, self.state = None, result.reason, LOCAL
+            self.upstream, self.reason, self.fault, self.state = None, result.reason, result.fault, LOCAL
             log.info("xllm: the JupyterHub no longer shows this server an xllm service (%s): its own engine "
                      "serves again", result.reason)
         else:
