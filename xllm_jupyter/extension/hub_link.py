@@ -3,8 +3,8 @@
 The extension asks the hub at start (extension/hub_lookup.py). The service, once found, is forwarded
 to; when it stops answering, the hub is asked whether its URL changed (``service_unreachable``). While
 the hub has not answered (down, restarting, slower than the lookup timeout under a burst of spawns)
-the server waits for it rather than loading a model of its own: the next request to a forwarded route asks again, at most every ``RETRY_SECONDS``, and
-concurrent requests share one lookup. A no (403, 404: this server's own engine serves) is asked
+the server waits for it rather than loading a model of its own: the next request to a forwarded route
+asks again, at most every ``RETRY_SECONDS``, and concurrent requests share one lookup. A no (403, 404: this server's own engine serves) is asked
 again in the background every ``recheck_seconds`` or so, because an admin may add the service or
 grant the scope and restart the hub under running servers: when the service appears, new requests
 are forwarded while those already in this server's engine finish there (``local_drained``). The found
