@@ -37,6 +37,10 @@ _LANG = re.compile(r"[\w+#.-]+")
 #: math that holds link or image syntax or code is read as text (where JupyterLab may disagree,
 #: the text rules keep it safe)
 _NOT_MATH = re.compile(r"\]\s*[(:\[]|!\[|`")
+#: MathJax's ``\href``: JupyterLab typesets every ``$...$`` it finds in the rendered page (escaped dollars
+#: too) and never vets the anchors MathJax draws, whose safe mode keeps relative targets (a click opened a
+#: file of the Jupyter server). Its backslash becomes a full-width one, in math and text alike: shown, no link
+_HREF = re.compile(r"\\(?=href(?![a-zA-Z]))")
 _AUTOLINK = re.compile(r"<(https?://[^\s<>&]+)>", re.IGNORECASE)
 #: an HTML entity in math (TeX has none): escaped, so it cannot spell a link where math is read as text
 _ENTITY = re.compile(r"&(?=#\d+;|#x[0-9a-f]+;|[a-z][a-z0-9]*;)", re.IGNORECASE)
@@ -106,7 +110,8 @@ def _code_span(content: str) -> str:
 
 def _math(body: str) -> str:
     """Math as JupyterLab's MathJax reads it: ``<`` as ``\\lt`` (never a tag, whoever parses it)."""
-    return _SCRIPT_SCHEME.sub(lambda m: m.group(0)[:-1] + "\uff1a", _ENTITY.sub("&amp;", body.replace("<", r"\lt ")))
+    body = _HREF.sub("\uff3c", _ENTITY.sub("&amp;", body.replace("<", r"\lt ")))
+    return _SCRIPT_SCHEME.sub(lambda m: m.group(0)[:-1] + "\uff1a", body)
 
 
 def _closing(s: str, i: int, delim: str) -> int:
@@ -141,7 +146,7 @@ def _text(s: str) -> str:
     plain: list[str] = []  # text since the last code span or math, checked for script links at once
 
     def flush() -> None:
-        out.append(_SCRIPT_SCHEME.sub(lambda m: m.group(0)[:-1] + "\uff1a", "".join(plain)))
+        out.append(_SCRIPT_SCHEME.sub(lambda m: m.group(0)[:-1] + "\uff1a", _HREF.sub("\uff3c", "".join(plain))))
         plain.clear()
 
     i, n = 0, len(s)
