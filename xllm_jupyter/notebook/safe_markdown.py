@@ -110,8 +110,12 @@ def _code_span(content: str) -> str:
 
 def _math(body: str) -> str:
     """Math as JupyterLab's MathJax reads it: ``<`` as ``\\lt`` (never a tag, whoever parses it)."""
-    body = _HREF.sub("\uff3c", _ENTITY.sub("&amp;", body.replace("<", r"\lt ")))
-    return _SCRIPT_SCHEME.sub(lambda m: m.group(0)[:-1] + "\uff1a", body)
+    return _defused(_ENTITY.sub("&amp;", body.replace("<", r"\lt ")))
+
+
+def _defused(text: str) -> str:
+    """``text`` with no script link scheme (its colon full-width) and no MathJax ``\\href`` (its backslash)."""
+    return _SCRIPT_SCHEME.sub(lambda m: m.group(0)[:-1] + "\uff1a", _HREF.sub("\uff3c", text))
 
 
 def _closing(s: str, i: int, delim: str) -> int:
@@ -146,7 +150,7 @@ def _text(s: str) -> str:
     plain: list[str] = []  # text since the last code span or math, checked for script links at once
 
     def flush() -> None:
-        out.append(_SCRIPT_SCHEME.sub(lambda m: m.group(0)[:-1] + "\uff1a", _HREF.sub("\uff3c", "".join(plain))))
+        out.append(_defused("".join(plain)))
         plain.clear()
 
     i, n = 0, len(s)
