@@ -122,11 +122,13 @@ class HubXllmHandler(VerbDispatchMixin, RequestHandler):
         if not token:
             raise AuthenticationError("Missing JupyterHub token. Pass it as 'Authorization: token <JUPYTERHUB_API_TOKEN>'.")
         try:
-            model = await auth.user_for_token(token, sync=False)
+            async with failures.asking(client):  # concurrent guesses are asked about no faster than they are counted
+                model = await auth.user_for_token(token, sync=False)
+                if not model:
+                    failures.failed(client)
         except HTTPError:
             raise Overloaded("JupyterHub could not be asked who owns this token; retry later.", code="hub_unavailable") from None
         if not model:
-            failures.failed(client)
             raise AuthenticationError("Invalid or expired JupyterHub token.")
         if not auth.check_scopes(auth.access_scopes, model):
             # a managed service's hub sends both access:services and access:services!service=NAME: either will do
@@ -171,15 +173,16 @@ class HubPageHandler(_HubAuthFromSettings, HubOAuthenticated, RequestHandler):
         client = failures.client(self.request)
         try:
             failures.check(client)  # tokens guessed in ?token= here are capped as on the API routes
+            async with failures.asking(client):
+                model = await self.hub_auth.get_user(self, sync=False)
+                if not model and self.hub_auth.get_token(self, in_cookie=False):
+                    failures.failed(client)
         except RateLimited as exc:  # answered here: an HTTPError's page would drop the Retry-After header
             self.set_status(429)
             self.set_header("Retry-After", str(int(exc.retry_after)))
             self.set_header("Content-Type", "text/plain; charset=utf-8")
             self.finish(exc.message + "\n")
             return
-        model = await self.hub_auth.get_user(self, sync=False)
-        if not model and self.hub_auth.get_token(self, in_cookie=False):
-            failures.failed(client)
         self._hub_auth_user_cache = None
         if model:
             try:

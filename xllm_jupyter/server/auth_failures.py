@@ -21,12 +21,14 @@ too), so one guesser there would lock all of them out, and a caller there can na
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import logging
 import math
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Iterable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 from ..core.config import AuthConfig
 from ..core.errors import RateLimited
@@ -93,6 +95,8 @@ class FailedAuthLimiter:
         self._table: OrderedDict[str, list[float]] = OrderedDict()
         #: 429s answered so far (every refused request, not each address once)
         self.refused = 0
+        # label -> [credential checks under way, event set when one ends] (``asking``)
+        self._asking: dict[str, list[Any]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -136,6 +140,37 @@ class FailedAuthLimiter:
                 f"Too many failed authentication attempts from this address; retry in {math.ceil(left)} s.",
                 retry_after=max(1, math.ceil(left)),
             )
+
+    @contextlib.asynccontextmanager
+    async def asking(self, client: str | None) -> AsyncIterator[None]:
+        """Around a credential check that awaits (the hub's API): ``client`` has at most as many under way as it
+        has failures left, the others wait for them; RateLimited once it is over the limit.
+
+        Without it, concurrent guesses all passed ``check`` before the first of them was counted (50 at once
+        with a limit of 3: all 50 sent to the hub). A client whose credentials are right waits at most for the
+        checks ahead of it, and is never refused for its concurrency.
+        """
+        if not self.enabled or client is None:
+            yield
+            return
+        while True:
+            self.check(client)
+            entry = self._table.get(client)
+            slot = self._asking.get(client)
+            if slot is None or (entry[0] if entry is not None else 0) + slot[0] < self.limit:
+                break
+            await slot[1].wait()
+        if slot is None:
+            slot = self._asking[client] = [0, asyncio.Event()]
+        slot[0] += 1
+        try:
+            yield
+        finally:
+            slot[0] -= 1
+            done, slot[1] = slot[1], asyncio.Event()
+            done.set()  # those waiting look again (on the counts as they are now)
+            if slot[0] == 0 and self._asking.get(client) is slot:
+                del self._asking[client]
 
     def failed(self, client: str | None) -> None:
         """Count one request from ``client`` whose credentials matched nothing."""

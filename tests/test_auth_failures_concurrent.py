@@ -1,0 +1,134 @@
+"""Concurrent guesses are capped too: the hub service asks the hub no faster than it counts the failures.
+
+The hub service checks an address's count, then awaits the hub's answer about the token, then counts a
+failure: guesses sent at once all passed the check before the first was counted (50 at once with a limit
+of 3 were all sent to the hub). Right tokens sent at once wait for the checks ahead of them, never a 429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import threading
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from xllm_jupyter.core.config import AuthConfig, load_config
+from xllm_jupyter.core.errors import RateLimited
+from xllm_jupyter.server.auth_failures import FailedAuthLimiter
+
+LIMIT = 3
+BURST = 40
+
+
+class SlowCheck:
+    """A credential check that takes a while (the hub's API), counting how many run at once."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+        self.now = self.most = 0
+
+    async def __call__(self, token: str) -> bool:
+        self.asked.append(token)
+        self.now += 1
+        self.most = max(self.most, self.now)
+        await asyncio.sleep(0.05)
+        self.now -= 1
+        return token.startswith("good")
+
+
+async def _attempt(limiter: FailedAuthLimiter, check: SlowCheck, token: str) -> str:
+    client = "192.0.2.9"
+    try:
+        limiter.check(client)
+        async with limiter.asking(client):
+            ok = await check(token)
+            if not ok:
+                limiter.failed(client)
+    except RateLimited:
+        return "429"
+    return "200" if ok else "401"
+
+
+def test_a_burst_of_guesses_is_checked_no_more_than_the_limit():
+    limiter, check = FailedAuthLimiter(AuthConfig(failed_auth_limit=LIMIT)), SlowCheck()
+
+    async def burst() -> list[str]:
+        return await asyncio.gather(*(_attempt(limiter, check, f"guess-{i}") for i in range(BURST)))
+
+    results = asyncio.run(burst())
+    assert len(check.asked) == LIMIT and results.count("401") == LIMIT and results.count("429") == BURST - LIMIT
+    assert limiter._asking == {}  # nothing left behind
+
+
+def test_a_burst_of_right_tokens_waits_its_turn_and_is_never_refused():
+    limiter, check = FailedAuthLimiter(AuthConfig(failed_auth_limit=LIMIT)), SlowCheck()
+
+    async def burst() -> list[str]:
+        return await asyncio.gather(*(_attempt(limiter, check, f"good-{i}") for i in range(BURST)))
+
+    assert asyncio.run(burst()) == ["200"] * BURST
+    assert len(check.asked) == BURST and check.most == LIMIT
+
+
+# ---------------------------------------------------------------- the real hub service
+@pytest.fixture
+def slow_hub_service() -> Iterator[Any]:
+    """The hub app on a real port, its hub stood in for by a ``user_for_token`` that takes 50 ms."""
+    pytest.importorskip("jupyterhub")
+    import tornado.httpserver
+    import tornado.testing
+
+    from xllm_jupyter.engine.engine import Engine
+    from xllm_jupyter.hub.app import make_hub_app, make_hub_auth
+
+    config = load_config(env={}, overrides={"store": {"home": tempfile.mkdtemp()}, "quotas": {"usage_file": "off"},
+                                            "auth": {"failed_auth_limit": LIMIT}})
+    auth = make_hub_auth({"JUPYTERHUB_API_TOKEN": "service-token", "JUPYTERHUB_API_URL": "http://127.0.0.1:9/hub/api"})
+    check = SlowCheck()
+
+    async def user_for_token(token: str, sync: bool = True, **_: Any) -> Any:
+        if await check(token):
+            return {"kind": "user", "name": "alice", "groups": [], "scopes": ["access:services!service=xllm"]}
+        return None
+
+    auth.user_for_token = user_for_token
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        sock, box["port"] = tornado.testing.bind_unused_port()
+        box["server"] = tornado.httpserver.HTTPServer(make_hub_app(config, Engine(config.engine), auth))
+        box["server"].add_sockets([sock])
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    ready.wait(30)
+    try:
+        yield SimpleNamespace(root=f"http://127.0.0.1:{box['port']}/services/xllm", check=check)
+    finally:
+        loop.call_soon_threadsafe(box["server"].stop)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+async def _burst(root: str, source: str, tokens: list[str]) -> list[int]:
+    transport = httpx.AsyncHTTPTransport(local_address=source)
+    async with httpx.AsyncClient(base_url=root, transport=transport, timeout=60) as c:
+        replies = await asyncio.gather(*(c.get("/v1/models", headers={"Authorization": f"token {t}"}) for t in tokens))
+    return [r.status_code for r in replies]
+
+
+def test_the_hub_is_asked_about_no_more_guesses_than_the_limit_however_many_arrive_at_once(slow_hub_service):
+    statuses = asyncio.run(_burst(slow_hub_service.root, "127.0.0.21", [f"guess-{i}" for i in range(BURST)]))
+    assert len(slow_hub_service.check.asked) == LIMIT, len(slow_hub_service.check.asked)
+    assert statuses.count(401) == LIMIT and statuses.count(429) == BURST - LIMIT
+    # another address's right tokens, all at once: served, none refused
+    assert asyncio.run(_burst(slow_hub_service.root, "127.0.0.22", [f"good-{i}" for i in range(BURST)])) == [200] * BURST
