@@ -1,14 +1,19 @@
-"""A Hugging Face tokenizer behind a lock: tokenize, detokenize and chat templates for any backend.
+"""A Hugging Face tokenizer shared by threads: tokenize, detokenize and chat templates for any backend.
 
 The exllama backends decode text themselves but use the model directory's HF tokenizer
 for prompts and chat templates, so every backend renders the same prompt for the same
 messages. Calls may come from any thread (serving tokenizes while the engine steps).
+
+A Rust ("fast") tokenizer is called without a lock: one user's 3 MB prompt (seconds of
+encoding) must not hold up another user's prompt, nor the engine thread's decoding of
+every stream of the model. See ``settle``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import Any, Sequence
+from typing import Any, ContextManager, Sequence
 
 from ..core.errors import InvalidRequest
 from ..core.types import ChatMessage
@@ -19,6 +24,37 @@ from .tokenizer_files import load_tokenizer
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>", "<|end|>")
 
 
+def settle(tokenizer: Any) -> bool:
+    """Put a Rust-backed tokenizer in the state its plain encode leaves it in; True when its calls then only read it.
+
+    The Rust tokenizer is shared by reference between threads: calls that read it (encode, decode,
+    id lookups) run side by side, with the GIL released while they encode, but one that changes it
+    while another runs fails with "Already borrowed". transformers' ``encode`` changes it only to
+    switch off a truncation or padding the tokenizer files set (and to match ``split_special_tokens``),
+    so once that is done here, under no concurrency, every later plain encode only reads it. A
+    Python ("slow") tokenizer gives no such promise: False, its calls stay behind a lock.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if not isinstance(tokenizer, PreTrainedTokenizerFast) or backend is None:
+        return False
+    if backend.truncation is not None:
+        backend.no_truncation()
+    if backend.padding is not None:
+        backend.no_padding()
+    split = bool(getattr(tokenizer, "split_special_tokens", False))
+    if backend.encode_special_tokens != split:
+        backend.encode_special_tokens = split
+    return True
+
+
+def settled(tokenizer: Any) -> bool:
+    """Whether a settled tokenizer is still as ``settle`` left it (a plain encode would change nothing)."""
+    backend = tokenizer.backend_tokenizer
+    return backend.truncation is None and backend.padding is None
+
+
 class ChatTokenizer:
     """Thread-safe wrapper over a ``transformers`` tokenizer with chat-template rendering."""
 
@@ -26,6 +62,7 @@ class ChatTokenizer:
         self.tokenizer = tokenizer
         self.model_name = model_name
         self._lock = threading.Lock()
+        self._shared = settle(tokenizer)  # True: no lock needed (a Rust tokenizer that calls only read)
         self._token_bytes: dict[int, bytes] = {}  # token_bytes' answers: logprobs ask for ~20 tokens a step
         self._spelling: tuple[str, frozenset[int]] | None = None  # (piece scheme, added token ids), found once
 
@@ -34,19 +71,26 @@ class ChatTokenizer:
         """Load the tokenizer stored next to a model's weights."""
         return cls(load_tokenizer(path, **kwargs), model_name)
 
+    def _guard(self) -> ContextManager[Any]:
+        """The lock for a tokenizer whose calls may change it; none for a settled Rust one."""
+        if self._shared and settled(self.tokenizer):
+            return contextlib.nullcontext()
+        # a slow tokenizer, or something set truncation/padding on this one since: this call may change it
+        return self._lock
+
     def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids for ``text``."""
-        with self._lock:
+        with self._guard():
             return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def detokenize(self, ids: Sequence[int]) -> str:
         """Text for ``ids`` with special tokens skipped."""
-        with self._lock:
+        with self._guard():
             return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def decode_piece(self, ids: Sequence[int]) -> str:
         """Text for ``ids`` exactly as streamed (no clean-up of spaces)."""
-        with self._lock:
+        with self._guard():
             return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def token_bytes(self, token_id: int) -> bytes:
@@ -57,7 +101,7 @@ class ChatTokenizer:
         return raw
 
     def _spell(self, token_id: int) -> bytes:
-        with self._lock:
+        with self._guard():
             if self._spelling is None:
                 self._spelling = piece_scheme(self.tokenizer), frozenset(self.tokenizer.added_tokens_decoder)
             scheme, added = self._spelling
@@ -89,7 +133,7 @@ class ChatTokenizer:
                 if turn["role"] == "developer":
                     turn["role"] = "system"
         try:
-            with self._lock:
+            with self._guard():  # the template renders in Python: it reads the tokenizer, changes nothing
                 return self.tokenizer.apply_chat_template(convo, tokenize=False, tools=list(tools) if tools else None,
                                                           add_generation_prompt=add_generation_prompt)
         except TemplateError as exc:

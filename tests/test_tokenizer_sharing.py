@@ -1,0 +1,142 @@
+"""One user's huge prompt does not hold up the other users of the model while it is tokenized.
+
+A 3 MB prompt takes seconds to encode. The model's tokenizer was behind one lock, so another
+user's one-token chat (its prompt, and the engine thread's decoding of every stream) waited
+for it. The huge prompt is made "still tokenizing" here by holding its encode on an event.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from xllm_jupyter.backends.hf_tokenizer import ChatTokenizer, settle
+from xllm_jupyter.core.types import ChatMessage
+from tests.models import smollm2_tokenizer
+
+MARK = "HOLD-THIS-PROMPT"
+
+
+class HeldEncode:
+    """Wraps a tokenizer's ``encode``: a text holding MARK waits inside encode until released."""
+
+    def __init__(self, encode: Any):
+        self.encode = encode
+        self.entered = threading.Event()  # the held text is inside encode
+        self.release = threading.Event()
+
+    def __call__(self, text: str, *args: Any, **kwargs: Any) -> Any:
+        if MARK in text:
+            self.entered.set()
+            self.release.wait(60)  # (a bound only so a broken test cannot hang the run)
+        return self.encode(text, *args, **kwargs)
+
+
+@pytest.fixture
+def held(xllm_server, monkeypatch) -> Any:
+    """The session server's "tiny" tokenizer with its encode held for MARK texts (released at the end)."""
+    tokenizer = xllm_server.engine._runners["tiny"].model.chat.tokenizer
+    hold = HeldEncode(tokenizer.encode)
+    monkeypatch.setattr(tokenizer, "encode", hold)
+    yield hold
+    hold.release.set()
+
+
+def test_a_small_chat_completes_while_a_huge_prompt_is_still_tokenizing(xllm_server, held):
+    import openai
+
+    c = openai.OpenAI(base_url=xllm_server.base_url, api_key=xllm_server.api_key, max_retries=0, timeout=30)
+    results: dict[str, Any] = {}
+
+    def huge() -> None:
+        try:
+            results["huge"] = c.completions.create(model="tiny", prompt=MARK + " word" * 2000, max_tokens=1)
+        except Exception as exc:  # reported by the assertions below
+            results["huge"] = exc
+
+    big = threading.Thread(target=huge)
+    big.start()
+    try:
+        assert held.entered.wait(60), "the huge prompt never reached the tokenizer"
+        # the small chat needs the tokenizer twice (its prompt; the engine thread decodes its tokens)
+        small = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        assert small.choices[0].finish_reason in ("stop", "length")
+        assert small.usage.completion_tokens >= 1 and small.usage.prompt_tokens > 1
+        # provably while the huge prompt was still inside encode: it is released only now
+        assert not held.release.is_set() and big.is_alive()
+    finally:
+        held.release.set()
+        big.join(60)
+    assert isinstance(results["huge"], openai.types.Completion), results["huge"]
+    assert results["huge"].usage.prompt_tokens > 2000
+
+
+def test_settle_switches_off_truncation_and_padding_the_files_set():
+    """A plain encode switches them off itself: done once at load, no encode changes the shared tokenizer."""
+    tok = smollm2_tokenizer()
+    tok.backend_tokenizer.enable_truncation(8)
+    tok.backend_tokenizer.enable_padding(length=64)
+    chat = ChatTokenizer(tok, "smollm2")
+    assert tok.backend_tokenizer.truncation is None and tok.backend_tokenizer.padding is None
+    ids = chat.tokenize("one two three " * 50, add_special_tokens=False)
+    assert len(ids) == len(tok.backend_tokenizer.encode("one two three " * 50, add_special_tokens=False).ids) > 64
+
+
+def test_rust_tokenizer_calls_run_side_by_side_and_agree():
+    """Prompt, chat and decode calls from other threads complete while one encode is held."""
+    tok = smollm2_tokenizer()
+    chat = ChatTokenizer(tok, "smollm2")
+    expected = chat.tokenize("hello there", add_special_tokens=False)
+    hold = HeldEncode(tok.encode)
+    tok.encode = hold
+    t = threading.Thread(target=chat.tokenize, args=(MARK + " long",))
+    t.start()
+    try:
+        assert hold.entered.wait(60)
+        assert chat.tokenize("hello there", add_special_tokens=False) == expected
+        assert chat.detokenize(expected) == "hello there"
+        assert chat.token_bytes(expected[0]) == b"hello"
+        assert "hi" in chat.render_chat([ChatMessage(role="user", content="hi")])
+        assert not hold.release.is_set() and t.is_alive()
+    finally:
+        hold.release.set()
+        t.join(60)
+
+
+class SlowTokenizer:
+    """A Python tokenizer stand-in (not Rust-backed) that counts callers inside encode at once."""
+
+    def __init__(self) -> None:
+        self.inside = 0
+        self.most = 0
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        self.inside += 1
+        self.most = max(self.most, self.inside)
+        if MARK in text:
+            self.entered.set()
+            self.release.wait(60)
+        self.inside -= 1
+        return [len(text)]
+
+
+def test_a_python_tokenizer_stays_behind_the_lock():
+    """No promise that its calls only read it: one caller at a time, as before."""
+    slow = SlowTokenizer()
+    assert settle(slow) is False
+    chat = ChatTokenizer(slow, "slow")
+    first = threading.Thread(target=chat.tokenize, args=(MARK,))
+    first.start()
+    assert slow.entered.wait(60)
+    second = threading.Thread(target=chat.tokenize, args=("x",))
+    second.start()
+    second.join(0.5)  # it waits for the lock: give it the chance to get in wrongly
+    assert slow.most == 1 and second.is_alive()
+    slow.release.set()
+    first.join(60)
+    second.join(60)
+    assert slow.most == 1 and not second.is_alive()
