@@ -136,6 +136,28 @@ def test_same_prompt_from_two_users_in_one_batch(kind, model_dir):
     assert pages_held(model) == 0
 
 
+def test_a_page_completed_while_decoding_is_reused_by_its_namespace_only(kind, model_dir):
+    """The token that fills a page records it for its namespace at once: a job of the same user that
+    starts while the first still runs reuses it, another user's does not (the hook skips other tokens)."""
+    if kind == "exllamav2-unpaged":
+        pytest.skip("unpaged has one page and never hashes it")
+    model = load(kind, model_dir)
+    text = prompt(4, PAGE - 20)
+    first = job(text, "alice", max_tokens=80)  # its 21st new token is written into page 0's last slot
+    model.add(first)
+    made: list[int] = []
+    while len(made) < 25:
+        made += [e.token_id for e in model.step() if e.job_id == first.job_id and e.token_id is not None]
+    longer = text + tuple(made[:20]) + prompt(5, 40)  # page 0 as the first job filled it, then more
+    again, other = job(longer, "alice"), job(longer, "bob")
+    cached = run(model, again, other)  # (the first job runs on beside them, to its end)
+    assert cached[again.job_id] >= PAGE
+    assert cached[other.job_id] < PAGE
+    while model.active_jobs():
+        model.step()
+    assert pages_held(model) == 0
+
+
 def lcp(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     """Length of the common prefix of two token sequences."""
     n = 0

@@ -383,6 +383,10 @@ class IsolatedJobV2(_IsolatedJobBase):
         """Take a sampled token (library, which hashes a page the token completes); record that page."""
         size = self.xllm_page_size
         sequences = self.sequences  # type: ignore[attr-defined]
+        if all((seq.kv_position + 1) % size for seq in sequences):
+            # the library moves each sequence one token on: this token completes no page, so there is
+            # nothing to hide or record (the common case: 255 tokens of every 256)
+            return super().receive_sample(*args, **kwargs)  # type: ignore[misc]
         before = [seq.kv_position // size for seq in sequences]
         paged = self.generator.paged  # type: ignore[attr-defined]  (unpaged: one page, never hashed)
         hidden = self.xllm_hide_unwritten() if paged else {}
