@@ -164,3 +164,47 @@ def raw(xllm_server) -> Iterator[Any]:
     headers = {"Authorization": f"Bearer {xllm_server.api_key}"}
     with httpx.Client(base_url=xllm_server.root, headers=headers, timeout=120) as c:
         yield c
+
+
+#: a hub user the stand-in hubs of ``running_hub_app`` return for a token they accept
+HUB_ALICE = {"kind": "user", "name": "alice", "groups": [], "scopes": ["access:services!service=xllm"]}
+
+
+@contextlib.contextmanager
+def running_hub_app(config: XllmConfig, user_for_token: Any) -> Iterator[str]:
+    """The hub service's app on a real port and its own IOLoop thread, the hub stood in for by
+    ``user_for_token`` (async: token -> hub user model or None); yields the service's URL root."""
+    import tornado.httpserver
+    import tornado.testing
+
+    from xllm_jupyter.engine.engine import Engine
+    from xllm_jupyter.hub.app import make_hub_app, make_hub_auth
+
+    auth = make_hub_auth({"JUPYTERHUB_API_TOKEN": "service-token", "JUPYTERHUB_API_URL": "http://127.0.0.1:9/hub/api"})
+
+    async def lookup(token: str, sync: bool = True, **_: Any) -> Any:
+        return await user_for_token(token)
+
+    auth.user_for_token = lookup
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        sock, box["port"] = tornado.testing.bind_unused_port()
+        box["server"] = tornado.httpserver.HTTPServer(make_hub_app(config, Engine(config.engine), auth))
+        box["server"].add_sockets([sock])
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, name="xllm-test-hub-app", daemon=True)
+    thread.start()
+    if not ready.wait(30):
+        pytest.fail("the hub app did not start within 30 s")
+    try:
+        yield f"http://127.0.0.1:{box['port']}/services/xllm"
+    finally:
+        loop.call_soon_threadsafe(box["server"].stop)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)

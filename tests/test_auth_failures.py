@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import threading
 from types import SimpleNamespace
 from typing import Any, Iterator
 
@@ -12,7 +10,13 @@ import httpx
 import pytest
 import tornado.httputil
 
-from tests.server_fixtures import TINY, make_test_config, running_server
+from tests.server_fixtures import (
+    HUB_ALICE,
+    TINY,
+    make_test_config,
+    running_hub_app,
+    running_server,
+)
 from xllm_jupyter.core.config import AuthConfig, load_config
 from xllm_jupyter.server.auth_failures import FailedAuthLimiter, client_label
 
@@ -167,47 +171,16 @@ def test_config_keys_from_the_environment_and_the_hub_trusts_its_loopback_proxy(
 def hub_service(tmp_path) -> Iterator[Any]:
     """The hub app on a real port, its hub stood in for by a counting ``user_for_token``."""
     pytest.importorskip("jupyterhub")
-    import tornado.httpserver
-    import tornado.testing
-
-    from xllm_jupyter.engine.engine import Engine
-    from xllm_jupyter.hub.app import make_hub_app, make_hub_auth
-
     config = load_config(env={}, overrides={"store": {"home": str(tmp_path)}, "quotas": {"usage_file": "off"},
                                             "auth": {"failed_auth_limit": LIMIT}})
-    env = {"JUPYTERHUB_API_TOKEN": "service-token", "JUPYTERHUB_API_URL": "http://127.0.0.1:9/hub/api"}
-    auth = make_hub_auth(env)
     asked: list[str] = []
 
-    async def user_for_token(token: str, sync: bool = True, **_: Any) -> Any:
+    async def user_for_token(token: str) -> Any:
         asked.append(token)
-        if token == "good-token":
-            return {"kind": "user", "name": "alice", "groups": [], "scopes": ["access:services!service=xllm"]}
-        return None
+        return HUB_ALICE if token == "good-token" else None
 
-    auth.user_for_token = user_for_token
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        app = make_hub_app(config, Engine(config.engine), auth)
-        sock, box["port"] = tornado.testing.bind_unused_port()
-        box["server"] = tornado.httpserver.HTTPServer(app)
-        box["server"].add_sockets([sock])
-        ready.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    ready.wait(30)
-    try:
-        yield SimpleNamespace(root=f"http://127.0.0.1:{box['port']}/services/xllm", asked=asked)
-    finally:
-        loop.call_soon_threadsafe(box["server"].stop)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
+    with running_hub_app(config, user_for_token) as root:
+        yield SimpleNamespace(root=root, asked=asked)
 
 
 def test_hub_tokens_the_hub_does_not_know_are_capped_and_no_longer_sent_to_it(hub_service):

@@ -8,14 +8,13 @@ of 3 were all sent to the hub). Right tokens sent at once wait for the checks ah
 from __future__ import annotations
 
 import asyncio
-import tempfile
-import threading
 from types import SimpleNamespace
 from typing import Any, Iterator
 
 import httpx
 import pytest
 
+from tests.server_fixtures import HUB_ALICE, running_hub_app
 from xllm_jupyter.core.config import AuthConfig, load_config
 from xllm_jupyter.core.errors import RateLimited
 from xllm_jupyter.server.auth_failures import FailedAuthLimiter
@@ -76,47 +75,18 @@ def test_a_burst_of_right_tokens_waits_its_turn_and_is_never_refused():
 
 # ---------------------------------------------------------------- the real hub service
 @pytest.fixture
-def slow_hub_service() -> Iterator[Any]:
+def slow_hub_service(tmp_path) -> Iterator[Any]:
     """The hub app on a real port, its hub stood in for by a ``user_for_token`` that takes 50 ms."""
     pytest.importorskip("jupyterhub")
-    import tornado.httpserver
-    import tornado.testing
-
-    from xllm_jupyter.engine.engine import Engine
-    from xllm_jupyter.hub.app import make_hub_app, make_hub_auth
-
-    config = load_config(env={}, overrides={"store": {"home": tempfile.mkdtemp()}, "quotas": {"usage_file": "off"},
+    config = load_config(env={}, overrides={"store": {"home": str(tmp_path)}, "quotas": {"usage_file": "off"},
                                             "auth": {"failed_auth_limit": LIMIT}})
-    auth = make_hub_auth({"JUPYTERHUB_API_TOKEN": "service-token", "JUPYTERHUB_API_URL": "http://127.0.0.1:9/hub/api"})
     check = SlowCheck()
 
-    async def user_for_token(token: str, sync: bool = True, **_: Any) -> Any:
-        if await check(token):
-            return {"kind": "user", "name": "alice", "groups": [], "scopes": ["access:services!service=xllm"]}
-        return None
+    async def user_for_token(token: str) -> Any:
+        return HUB_ALICE if await check(token) else None
 
-    auth.user_for_token = user_for_token
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        sock, box["port"] = tornado.testing.bind_unused_port()
-        box["server"] = tornado.httpserver.HTTPServer(make_hub_app(config, Engine(config.engine), auth))
-        box["server"].add_sockets([sock])
-        ready.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    ready.wait(30)
-    try:
-        yield SimpleNamespace(root=f"http://127.0.0.1:{box['port']}/services/xllm", check=check)
-    finally:
-        loop.call_soon_threadsafe(box["server"].stop)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
+    with running_hub_app(config, user_for_token) as root:
+        yield SimpleNamespace(root=root, check=check)
 
 
 async def _burst(root: str, source: str, tokens: list[str]) -> list[int]:
