@@ -180,6 +180,7 @@ def test_a_server_forwarding_to_a_url_it_cannot_reach_follows_the_url_the_admin_
     _bobs_server_env(hub, dead, monkeypatch)
     monkeypatch.setattr(hub_link, "RETRY_SECONDS", 0.0)
     (ext,) = jp_serverapp.extension_manager.extension_apps["xllm_jupyter"]
+    ext.hub_recheck_seconds = 0.0  # the forward's own ask, not the periodic re-check (which follows a move too)
     root = f"http://127.0.0.1:{jp_http_port}{jp_base_url}xllm"
     auth = {"Authorization": f"token {jp_serverapp.identity_provider.token}"}
 
