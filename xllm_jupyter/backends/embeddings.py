@@ -20,6 +20,7 @@ import numpy as np
 from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest
 from .base import ModelSpec
 from .compile_gate import COMPILE_GATE
+from .load_lock import exclusive_load
 from .quiet_loading import library_bars_off
 from .tokenizer_files import load_tokenizer
 from .torch_device import is_out_of_memory, out_of_memory, pick_device, placement, release_memory
@@ -180,7 +181,8 @@ def load_embedding_model(spec: ModelSpec) -> EmbeddingModel:
         with library_bars_off():
             tokenizer = load_tokenizer(directory)
             # float32 everywhere: these encoders are small and half precision costs accuracy
-            model = AutoModel.from_pretrained(str(directory), dtype=torch.float32, **placement(device))
+            with exclusive_load():  # (load_lock.py: a load patches transformers and torch process-wide)
+                model = AutoModel.from_pretrained(str(directory), dtype=torch.float32, **placement(device))
         model.to(device).eval()
     except (OSError, ValueError, KeyError, RuntimeError) as exc:  # (torch's OutOfMemoryError is a RuntimeError)
         if not is_out_of_memory(exc):

@@ -19,6 +19,7 @@ from typing import Any
 from ..core import gc_freeze
 from ..core.errors import EngineError, InvalidRequest, ModelLoadError
 from .base import Backend, BackendOptions, ModelSpec
+from .load_lock import exclusive_load
 from .lora import merge_lora
 from .quiet_loading import library_bars_off
 from .tokenizer_files import load_tokenizer
@@ -135,11 +136,14 @@ class TransformersBackend(Backend):
                 tokenizer = load_tokenizer(directory, **kwargs)  # (not transformers' own: tokenizer_files.py says why)
                 # a GGUF's tensors are read and converted in Python, objects that set off full collections
                 # (23 of 0.03-0.49 s, GIL held, for SmolLM2's): held off until one at the end
-                with gc_freeze.one_collection() if spec.format == "gguf" else contextlib.nullcontext():
+                # (load_lock.py: a load patches transformers and torch process-wide; one at a time)
+                with exclusive_load(), (gc_freeze.one_collection() if spec.format == "gguf"
+                                        else contextlib.nullcontext()):
                     model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype,
                                                                  **placement(device, moved_later=bool(merge)), **kwargs)
             if merge:
-                model = merge_lora(model, Path(merge))
+                with exclusive_load():
+                    model = merge_lora(model, Path(merge))
             model.to(device).eval()
         except _file_errors() as exc:  # (torch's OutOfMemoryError is a RuntimeError)
             if not is_out_of_memory(exc):
