@@ -7,14 +7,15 @@ for it. The huge prompt is made "still tokenizing" here by holding its encode on
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
 import pytest
 
+from tests.models import smollm2_tokenizer
 from xllm_jupyter.backends.hf_tokenizer import ChatTokenizer, settle
 from xllm_jupyter.core.types import ChatMessage
-from tests.models import smollm2_tokenizer
 
 MARK = "HOLD-THIS-PROMPT"
 
@@ -71,6 +72,38 @@ def test_a_small_chat_completes_while_a_huge_prompt_is_still_tokenizing(xllm_ser
         big.join(60)
     assert isinstance(results["huge"], openai.types.Completion), results["huge"]
     assert results["huge"].usage.prompt_tokens > 2000
+
+
+def test_huge_prompts_from_many_users_do_not_take_every_worker_thread(xllm_server, held):
+    """More huge prompts than asyncio's shared pool has threads: a small chat still gets tokenized."""
+    import openai
+
+    pool = getattr(xllm_server.loop, "_default_executor", None)
+    threads = getattr(pool, "_max_workers", None) or min(32, (os.cpu_count() or 1) + 4)
+    c = openai.OpenAI(base_url=xllm_server.base_url, api_key=xllm_server.api_key, max_retries=0, timeout=30)
+    statuses: list[Any] = []
+
+    def huge() -> None:
+        try:  # over the lane's threshold; the tiny model's context then refuses it
+            c.completions.create(model="tiny", prompt=MARK + " word" * 25_000, max_tokens=1)
+        except openai.APIStatusError as exc:
+            statuses.append(exc.status_code)
+        except Exception as exc:  # reported by the assertions below
+            statuses.append(exc)
+
+    users = [threading.Thread(target=huge) for _ in range(threads + 1)]
+    for u in users:
+        u.start()
+    try:
+        assert held.entered.wait(60)
+        small = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert small.choices[0].message.content is not None
+        assert not held.release.is_set() and all(u.is_alive() for u in users)  # all still being tokenized
+    finally:
+        held.release.set()
+        for u in users:
+            u.join(60)
+    assert statuses == [400] * len(users)
 
 
 def test_settle_switches_off_truncation_and_padding_the_files_set():

@@ -40,6 +40,7 @@ from .manager import (
     parse_replicas,
     reap_forever,
 )
+from .prompt_lane import PromptLane, chat_chars
 from .runner import ModelRunner
 from .swaps import SwapMixin
 from .views import ViewsMixin
@@ -102,6 +103,7 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
         self._replicas = parse_replicas(c.replicas)
         self._embed_expiry: dict[str, float | None] = {}
         self._reaper: asyncio.Task | None = None
+        self._prompts = PromptLane()  # huge prompts tokenize on threads of their own, not the shared pool's
         gc_freeze.configure(c.gc_freeze)  # process-wide, like the collector: the last engine built decides
 
     # ----------------------------------------------------------------- lifecycle
@@ -143,6 +145,7 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
         self._res.clear()
         await asyncio.gather(*(asyncio.to_thread(r.shutdown, reason=reason) for r in runners))
         await self._embeddings.stop()
+        self._prompts.close()
         self._started = False
 
     @property
@@ -243,13 +246,13 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
             return model.tokenize(text, add_special_tokens=False)
 
         with self._busy(canonical_name(name)):
-            return await asyncio.to_thread(work)
+            return await self._prompts.run(chat_chars(messages, tools), work)
 
     async def encode_text(self, name: str, text: str) -> list[int]:
         """Prompt token ids for raw text (legacy completions)."""
         model = await self._load(name)
         with self._busy(canonical_name(name)):
-            return await asyncio.to_thread(model.tokenize, text, add_special_tokens=True)
+            return await self._prompts.run(len(text), model.tokenize, text, add_special_tokens=True)
 
     async def check_constraint(self, name: str, constraint: Constraint, *, param: str = "response_format") -> None:
         """Compile ``constraint`` for model ``name`` on a worker thread; InvalidRequest (400) if it is invalid.
