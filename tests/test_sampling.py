@@ -411,3 +411,27 @@ def test_one_synchronization_per_sample_call_on_cuda():
         torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) == 1, [str(w.message) for w in syncs]
+
+
+def test_seeded_draws_ignore_the_process_wide_default_dtype():
+    """A half-precision model load elsewhere in the process sets torch's default dtype for every thread
+    (transformers' from_pretrained does, while it builds the model): a seeded stream stays the same."""
+    vocab = 50_000
+
+    def draws() -> list[int]:
+        s = JobSampler(SamplingParams(seed=7, frequency_penalty=0.5, logit_bias={3: 0.3}), (), vocab, "cpu")
+        out = []
+        for _ in range(20):
+            token = sample(torch.zeros(1, vocab), [s], [None]).token_ids[0]
+            s.observe(token)
+            out.append(token)
+        return out
+
+    want = draws()
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        got = draws()
+    finally:
+        torch.set_default_dtype(before)
+    assert got == want

@@ -159,7 +159,8 @@ class LogitsV2:
         self.xllm_vocab = int(vocab_size)
         if sampling.logit_bias:
             ids = torch.tensor([int(t) for t in sampling.logit_bias], dtype=torch.long)
-            self.xllm_bias = (ids, torch.tensor([float(v) for v in sampling.logit_bias.values()]))
+            # (float32 whatever torch's process-wide default: a model load elsewhere may have it at bf16)
+            self.xllm_bias = (ids, torch.tensor([float(v) for v in sampling.logit_bias.values()], dtype=torch.float32))
         filters = Filters.of([sampling], self.xllm_vocab)
         if not sampling.greedy and (filters.truncates(0) or filters.min_p[0] > 0):
             self.xllm_filters = filters

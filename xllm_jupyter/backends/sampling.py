@@ -193,7 +193,9 @@ class JobSampler:
         self._repeat_ids: torch.Tensor | None = None
         self._generated: set[int] | None = set() if (params.presence_penalty or params.frequency_penalty) else None
         self._generated_ids: torch.Tensor | None = None
-        self.counts = torch.zeros(vocab_size, device=device) if self._generated is not None else None
+        # explicit float32 here and in the draws: torch's default dtype is process-wide, and a half-precision
+        # model load on another thread sets it while it builds the model (bf16 draws step by 1/256)
+        self.counts = None if self._generated is None else torch.zeros(vocab_size, dtype=torch.float32, device=device)
         self.bias: tuple[torch.Tensor, torch.Tensor] | None = None
         if params.logit_bias:
             ids = [int(i) for i in params.logit_bias]
@@ -201,7 +203,7 @@ class JobSampler:
                 raise InvalidRequest(f"logit_bias token ids must be in [0, {vocab_size})", param="logit_bias")
             self.bias = (
                 torch.tensor(ids, dtype=torch.long, device=device),
-                torch.tensor([float(params.logit_bias[i]) for i in params.logit_bias], device=device),
+                torch.tensor([float(v) for v in params.logit_bias.values()], dtype=torch.float32, device=device),
             )
         # the per-row loop in sample() only visits rows that have something to do
         self.adjusts = self._repeat is not None or self._generated is not None or self.bias is not None
@@ -308,7 +310,7 @@ def _draw(samplers: Sequence[JobSampler], logits: torch.Tensor) -> torch.Tensor:
     f = Filters.of([s.params for s in samplers], logits.shape[-1])
     # Inverse-CDF draw: one uniform per row from that row's own generator, so other rows
     # never shift its random stream (an exponential race would need V draws per row)
-    u = torch.cat([torch.rand(1, generator=s.generator) for s in samplers])
+    u = torch.cat([torch.rand(1, generator=s.generator, dtype=torch.float32) for s in samplers])
     if device.type == "cuda":  # one queued copy for all rows
         u = u.pin_memory().to(device, non_blocking=True)
     elif device.type != "cpu":
