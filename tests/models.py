@@ -40,8 +40,9 @@ def build_tiny_llama(out: Path, *, seed: int = 0, **shape: Any) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from xllm_jupyter.backends.load_lock import exclusive_load
+
     tokenizer = smollm2_tokenizer()
-    torch.manual_seed(seed)
     config = LlamaConfig(**{
         "vocab_size": len(tokenizer),
         "hidden_size": 64,
@@ -55,7 +56,11 @@ def build_tiny_llama(out: Path, *, seed: int = 0, **shape: Any) -> Path:
         "tie_word_embeddings": True,
         **shape,
     })
-    model = LlamaForCausalLM(config).eval()
+    # a server in this process may be loading a model: its load patches transformers process-wide
+    # (xllm_jupyter/backends/load_lock.py), and tie_weights would be a no-op while it builds
+    with exclusive_load():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).eval()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
