@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 from ..backends.base import ModelSpec
 from ..core import gc_freeze
 from ..core.errors import Overloaded
+from ..core.slow_work import run_slow
 from ..core.types import EmbeddingResult, ModelInfo, ModelRuntime
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class EmbeddingHost:
         pending = asyncio.get_running_loop().create_future()
         self._loading[spec.name] = pending
         try:
-            model = await asyncio.to_thread(self._load_sync, spec)
+            model = await run_slow(self._load_sync, spec)  # (may wait for another load: not the shared pool)
             slot = EmbeddingSlot(model)
             self.slots[spec.name] = slot
             pending.set_result(slot)
@@ -122,7 +123,7 @@ class EmbeddingHost:
         # below runs, and the model must be unreferenced by then (what it leaves in cycles, that one frees)
         box = [slot]
         del slot
-        await asyncio.to_thread(lambda: box[0].shutdown())
+        await run_slow(lambda: box[0].shutdown())
         box.clear()
         await asyncio.to_thread(gc_freeze.release)  # (frozen cycles are only found by a collection that unfreezes)
         return True

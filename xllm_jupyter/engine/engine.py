@@ -18,6 +18,7 @@ from ..backends.base import Backend, BackendOptions, ModelSpec
 from ..core import gc_freeze
 from ..core.config import EngineConfig, QuotaConfig
 from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest, ModelNotFound, Overloaded, XllmError
+from ..core.slow_work import run_slow
 from ..core.types import (
     ChatMessage,
     ChoiceDelta,
@@ -143,7 +144,7 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
         runners = list(self._runners.values())
         self._runners.clear()
         self._res.clear()
-        await asyncio.gather(*(asyncio.to_thread(r.shutdown, reason=reason) for r in runners))
+        await asyncio.gather(*(run_slow(r.shutdown, reason=reason) for r in runners))
         await self._embeddings.stop()
         self._prompts.close()
         self._started = False

@@ -24,6 +24,7 @@ from ..backends.torch_device import device_kind
 from ..core import gc_freeze
 from ..core.config import EngineConfig
 from ..core.errors import InvalidRequest, ModelNotFound, Overloaded
+from ..core.slow_work import run_slow
 from ..core.types import ModelfileDefaults
 from ..store.names import canonical_name
 from .fairness import FairnessPolicy
@@ -253,7 +254,7 @@ class LoadingMixin:
                     for _ in range(count):
                         models.append(await _load_on_a_thread(backend, spec))
                 except BaseException:
-                    await asyncio.to_thread(unload_each, models)  # (freeing memory takes a while: off the IOLoop)
+                    await run_slow(unload_each, models)  # (freeing memory takes a while: off the IOLoop)
                     raise
         async with self._reserved(device, needed):  # (no await between the two: never counted free)
             return await self._start_replicas(name, models, device, gpus)
@@ -282,7 +283,7 @@ class LoadingMixin:
         runner = runners[0] if len(runners) == 1 else ReplicaSet(runners)
         runner.start()
         try:
-            await asyncio.to_thread(runner.wait_ready)  # compiling can take minutes: off the IOLoop
+            await run_slow(runner.wait_ready)  # compiling can take minutes: off the IOLoop and the shared pool
         except BaseException:
             # failed, or this load was cancelled mid warm-up: stop the thread once it is done, unload
             threading.Thread(target=runner.shutdown, kwargs={"timeout": None}, daemon=True).start()
@@ -341,9 +342,9 @@ def _load_and_prepare(backend: Backend, spec: ModelSpec) -> LoadedModel:
 
 
 async def _load_on_a_thread(backend: Backend, spec: ModelSpec) -> LoadedModel:
-    """``backend.load(spec)`` on a worker thread; if the wait is cancelled, the thread's model is unloaded
+    """``backend.load(spec)`` on a slow-work thread (core/slow_work.py); if the wait is cancelled, the thread's model is unloaded
     once it is done (a thread cannot be stopped, and its weights would stay in memory for good)."""
-    loading = asyncio.ensure_future(asyncio.to_thread(_load_and_prepare, backend, spec))
+    loading = asyncio.ensure_future(run_slow(_load_and_prepare, backend, spec))
     try:
         return await asyncio.shield(loading)
     except asyncio.CancelledError:

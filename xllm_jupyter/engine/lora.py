@@ -10,12 +10,12 @@ applies the adapter to that request's rows only.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..core.errors import InvalidRequest, ModelNotFound, Overloaded
+from ..core.slow_work import run_slow
 from ..core.types import GenerationRequest, ModelInfo, ModelRuntime
 from ..store.names import canonical_name
 
@@ -40,7 +40,7 @@ class AdapterMixin:
         if self._adapters.get(name, base) != base:
             await self.unload_adapter(name)  # the same name on another base: move it
         model = await self.load(base)  # type: ignore[attr-defined]
-        await asyncio.to_thread(model.load_adapter, name, Path(path))
+        await run_slow(model.load_adapter, name, Path(path))  # (reads weights, may wait for a load's turn)
         self._adapters[name] = base
         return model
 
@@ -66,7 +66,7 @@ class AdapterMixin:
         # to retry, as for a base model unloaded under them), not an engine failure
         runner.retire_adapter(name, Overloaded(f"The adapter '{name}' was unloaded while this request ran; "
                                                "retry the request"))
-        return await asyncio.to_thread(runner.model.unload_adapter, name)
+        return await run_slow(runner.model.unload_adapter, name)
 
     def _route(self, request: GenerationRequest) -> GenerationRequest:
         """``request`` aimed at the base's runner when its model is an attached adapter."""

@@ -24,6 +24,7 @@ from ..backends.base import LoadedModel
 from ..backends.torch_device import device_kind
 from ..core import gc_freeze
 from ..core.errors import InvalidRequest, Overloaded, PermissionDenied, quoted
+from ..core.slow_work import run_slow
 from ..core.types import EngineStats, UserSequences
 from ..store.names import canonical_name
 from .delivery import RequestHandle
@@ -357,10 +358,10 @@ class ResidencyMixin:
         device = rec.device if rec is not None else "cpu"
         self._budget.reserved[device] = self._budget.reserved.get(device, 0) + held
         try:
-            await asyncio.to_thread(lambda: box[0].shutdown())
+            await run_slow(lambda: box[0].shutdown())
             # a runner still in a step unloads when the step ends; its memory is not free before. Bounded:
             # a step that never returns must not hang every later load (nor the process's exit)
-            if not await asyncio.to_thread(lambda: box[0].wait_closed(EVICT_WAIT_SECONDS)):
+            if not await run_slow(lambda: box[0].wait_closed(EVICT_WAIT_SECONDS)):
                 log.error("%s is still in a step %ss after its unload; counting its memory as free", name,
                           EVICT_WAIT_SECONDS)
         finally:

@@ -20,6 +20,7 @@ from typing import Any
 
 from .. import __version__
 from ..core.errors import InvalidRequest, StoreError, Unsupported
+from ..core.slow_work import run_slow
 from ..store.names import validate_name
 from ..store.sources import parse_source
 from .handlers import BodyMixin, RequestMixin
@@ -133,7 +134,7 @@ async def pull_events(store: Any, args: dict[str, Any]) -> AsyncIterator[dict[st
         return store.pull(args["source"], args["name"], revision=args["revision"], progress=report,
                           force=args["force"], convert=args["convert"])
 
-    job = asyncio.ensure_future(asyncio.to_thread(work))
+    job = asyncio.ensure_future(run_slow(work))  # downloads, converts: minutes, off the shared pool
     try:
         while True:
             getter = asyncio.ensure_future(queue.get())

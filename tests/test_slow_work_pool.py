@@ -1,0 +1,81 @@
+"""Many slow loads at once must not stall a chat with a model already loaded.
+
+asyncio's default pool (``cpu_count + 4`` threads) serves the server's short work: resolving a name,
+tokenizing a prompt. Loads waited on it too, for their weights or their warm-up (core/slow_work.py), so
+that many users loading other models at once took every thread and a chat with a loaded model hung.
+Here that many loads (and one more) are held on their threads by events while a chat with the loaded
+model runs; they are let go only once it has answered. Real server, real tiny Llamas, real ``openai`` SDK.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from xllm_jupyter.engine import loading
+from xllm_jupyter.store.store import ModelStore
+
+from .server_fixtures import make_test_config, running_server
+
+HI = [{"role": "user", "content": "hi"}]
+#: asyncio's default pool size (``ThreadPoolExecutor``'s default): loads enough to take all of its threads
+DEFAULT_WORKERS = min(32, (os.cpu_count() or 1) + 4)
+#: how long a hung chat may take before the test reports it (a fail-safe, not a timing assertion)
+HUNG = 60
+
+
+@pytest.mark.parametrize("stage", ["load", "warm-up"])
+def test_a_loaded_model_answers_while_many_loads_are_held(tmp_path, tiny_llama_dir, monkeypatch, stage):
+    """DEFAULT_WORKERS + 1 loads held in their ``stage``: a chat with the loaded "spare" still answers."""
+    names = [f"copy{i}" for i in range(DEFAULT_WORKERS + 1)]
+    home = tmp_path / "home"
+    store = ModelStore(home)
+    for name in ["spare", *names]:
+        store.pull(str(tiny_llama_dir), name)
+
+    held, release, count = threading.Condition(), threading.Event(), [0]
+
+    def hold() -> None:  # on the thread the engine gave the load's stage
+        with held:
+            count[0] += 1
+            held.notify_all()
+        release.wait(300)
+
+    original = loading._load_and_prepare
+
+    def held_load(backend, spec):
+        if spec.name not in names:
+            return original(backend, spec)
+        if stage == "load":
+            hold()
+            return original(backend, spec)
+        model = original(backend, spec)
+        warm_up = model.warm_up
+        model.warm_up = lambda: (hold(), warm_up())  # held once its runner thread warms it up
+        return model
+
+    monkeypatch.setattr(loading, "_load_and_prepare", held_load)
+    with running_server(make_test_config(home), ModelStore(home), "spare") as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0, timeout=300)
+        users = ThreadPoolExecutor(len(names))
+        try:
+            loads = [users.submit(client.chat.completions.create, model=n, messages=HI, max_tokens=2) for n in names]
+            with held:  # every thread asyncio's default pool has is taken by a held load, if loads still use it
+                assert held.wait_for(lambda: count[0] >= DEFAULT_WORKERS or any(f.done() for f in loads), 300)
+            assert not any(f.done() for f in loads), [f.exception() for f in loads if f.done()]
+            quick = openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0, timeout=HUNG)
+            try:
+                reply = quick.chat.completions.create(model="spare", messages=HI, max_tokens=2)
+            except openai.APITimeoutError:
+                pytest.fail(f"a chat with the loaded model hung while {count[0]} loads were held")
+            assert reply.model == "spare" and reply.usage.completion_tokens >= 1
+        finally:
+            release.set()
+            done = [f.result(300) for f in loads]
+            users.shutdown()
+        assert sorted(r.model for r in done) == sorted(names)
+        assert all(r.usage.completion_tokens >= 1 for r in done)
