@@ -4,7 +4,8 @@ asyncio's default pool (``cpu_count + 4`` threads) serves the server's short wor
 tokenizing a prompt. Loads waited on it too, for their weights or their warm-up (core/slow_work.py), so
 that many users loading other models at once took every thread and a chat with a loaded model hung.
 Here that many loads (and one more) are held on their threads by events while a chat with the loaded
-model runs; they are let go only once it has answered. Real server, real tiny Llamas, real ``openai`` SDK.
+model runs; they are let go only once it has answered. Real server, real tiny Llamas (and copies of the
+packaged all-MiniLM for embedding loads), real ``openai`` SDK.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import openai
 import pytest
 
 from xllm_jupyter.engine import loading
+from xllm_jupyter.engine.embeddings import EmbeddingHost
 from xllm_jupyter.store.store import ModelStore
 
 from .server_fixtures import make_test_config, running_server
@@ -28,14 +30,16 @@ DEFAULT_WORKERS = min(32, (os.cpu_count() or 1) + 4)
 HUNG = 60
 
 
-@pytest.mark.parametrize("stage", ["load", "warm-up"])
+@pytest.mark.parametrize("stage", ["load", "warm-up", "embedding load"])
 def test_a_loaded_model_answers_while_many_loads_are_held(tmp_path, tiny_llama_dir, monkeypatch, stage):
     """DEFAULT_WORKERS + 1 loads held in their ``stage``: a chat with the loaded "spare" still answers."""
+    embedding = stage == "embedding load"  # copies of the packaged all-MiniLM, loaded by embedding requests
     names = [f"copy{i}" for i in range(DEFAULT_WORKERS + 1)]
     home = tmp_path / "home"
     store = ModelStore(home)
-    for name in ["spare", *names]:
-        store.pull(str(tiny_llama_dir), name)
+    store.pull(str(tiny_llama_dir), "spare")
+    for name in names:
+        store.pull("all-minilm" if embedding else str(tiny_llama_dir), name)
 
     held, release, count = threading.Condition(), threading.Event(), [0]
 
@@ -58,12 +62,22 @@ def test_a_loaded_model_answers_while_many_loads_are_held(tmp_path, tiny_llama_d
         model.warm_up = lambda: (hold(), warm_up())  # held once its runner thread warms it up
         return model
 
+    original_embedding = EmbeddingHost._load_sync
+
+    def held_embedding_load(host, spec):
+        hold()
+        return original_embedding(host, spec)
+
     monkeypatch.setattr(loading, "_load_and_prepare", held_load)
+    monkeypatch.setattr(EmbeddingHost, "_load_sync", held_embedding_load)
     with running_server(make_test_config(home), ModelStore(home), "spare") as server:
         client = openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0, timeout=300)
         users = ThreadPoolExecutor(len(names))
         try:
-            loads = [users.submit(client.chat.completions.create, model=n, messages=HI, max_tokens=2) for n in names]
+            if embedding:
+                loads = [users.submit(client.embeddings.create, model=n, input="hi") for n in names]
+            else:
+                loads = [users.submit(client.chat.completions.create, model=n, messages=HI, max_tokens=2) for n in names]
             with held:  # every thread asyncio's default pool has is taken by a held load, if loads still use it
                 assert held.wait_for(lambda: count[0] >= DEFAULT_WORKERS or any(f.done() for f in loads), 300)
             assert not any(f.done() for f in loads), [f.exception() for f in loads if f.done()]
@@ -78,4 +92,4 @@ def test_a_loaded_model_answers_while_many_loads_are_held(tmp_path, tiny_llama_d
             done = [f.result(300) for f in loads]
             users.shutdown()
         assert sorted(r.model for r in done) == sorted(names)
-        assert all(r.usage.completion_tokens >= 1 for r in done)
+        assert all(len(r.data[0].embedding) == 384 if embedding else r.usage.completion_tokens >= 1 for r in done)
