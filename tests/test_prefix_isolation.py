@@ -13,14 +13,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from xllm_jupyter.backends import prefix_isolation
+from xllm_jupyter.backends import prefix_isolation, prefix_isolation_v2
 from xllm_jupyter.backends.prefix_isolation import (
-    IsolatedJobV2,
     IsolatedJobV3,
     PrefixIsolation,
     VisiblePages,
     isolated_job_class,
 )
+from xllm_jupyter.backends.prefix_isolation_v2 import IsolatedJobV2
 
 H = [bytes([i]) * 16 for i in range(8)]  # page hashes
 PAGE = 256
@@ -46,9 +46,9 @@ def content_hash(page_ids, prev_hash):
 def _library_hashes(monkeypatch):
     """The mixins call the libraries' hash functions, which are not installed here."""
     monkeypatch.setattr(prefix_isolation, "_v3_content_hash", content_hash)
-    monkeypatch.setattr(prefix_isolation, "_v2_content_hash", content_hash)
+    monkeypatch.setattr(prefix_isolation_v2, "_v2_content_hash", content_hash)
     counter = iter(range(1, 1 << 30))
-    monkeypatch.setattr(prefix_isolation, "_v2_unique_hash", lambda: next(counter).to_bytes(16, "big"))
+    monkeypatch.setattr(prefix_isolation_v2, "_v2_unique_hash", lambda: next(counter).to_bytes(16, "big"))
 
 
 def test_a_namespace_reuses_only_prefixes_it_produced():

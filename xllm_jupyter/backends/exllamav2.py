@@ -32,7 +32,7 @@ from .exllama_common import (
 from .exllama_model import DynamicGeneratorModel
 from .exllama_sampling import AnswerPenaltiesV2, LogitsV2, RawLogprobsV2
 from .hf_tokenizer import ChatTokenizer
-from .prefix_isolation import IsolatedJobV2
+from .prefix_isolation_v2 import IsolatedJobV2
 
 log = logging.getLogger(__name__)
 
