@@ -21,7 +21,7 @@ its own tokens, so recording them early lets no other namespace reuse anything. 
 complete is never switched onto an identical page another job holds but has not written yet
 (that job's namespace was handed it fresh under the hash): ours keeps a unique hash instead.
 
-``PrefixIsolation`` is the policy (pure Python); the two mixins below are combined with
+``PrefixIsolation`` is the policy (pure Python); the mixins (v3 below, v2 in prefix_isolation_v2.py) are combined with
 the library's job class at ``make_job`` time and only read or set attributes of it, except
 that exllamav2 needs the prompt pages it prefilled instead of looking up re-hashed through
 its page methods (``IsolatedJobV2.xllm_publish``; exllamav3's prefill does that itself).
