@@ -3,17 +3,19 @@
 asyncio's default pool (``cpu_count + 4`` threads) serves the server's short work: resolving a name,
 tokenizing a prompt. Loads waited on it too, for their weights or their warm-up (core/slow_work.py), so
 that many users loading other models at once took every thread and a chat with a loaded model hung.
-Here that many loads (and one more) are held on their threads by events while a chat with the loaded
+Here that many loads or pulls (and one more) are held on their threads by events while a chat with the loaded
 model runs; they are let go only once it has answered. Real server, real tiny Llamas (and copies of the
 packaged all-MiniLM for embedding loads), real ``openai`` SDK.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import openai
 import pytest
 
@@ -21,7 +23,7 @@ from xllm_jupyter.engine import loading
 from xllm_jupyter.engine.embeddings import EmbeddingHost
 from xllm_jupyter.store.store import ModelStore
 
-from .server_fixtures import make_test_config, running_server
+from .server_fixtures import API_KEY, make_test_config, running_server
 
 HI = [{"role": "user", "content": "hi"}]
 #: asyncio's default pool size (``ThreadPoolExecutor``'s default): loads enough to take all of its threads
@@ -30,26 +32,26 @@ DEFAULT_WORKERS = min(32, (os.cpu_count() or 1) + 4)
 HUNG = 60
 
 
-@pytest.mark.parametrize("stage", ["load", "warm-up", "embedding load"])
+@pytest.mark.parametrize("stage", ["load", "warm-up", "embedding load", "pull"])
 def test_a_loaded_model_answers_while_many_loads_are_held(tmp_path, tiny_llama_dir, monkeypatch, stage):
-    """DEFAULT_WORKERS + 1 loads held in their ``stage``: a chat with the loaded "spare" still answers."""
+    """DEFAULT_WORKERS + 1 loads (or pulls) held in their ``stage``: a chat with the loaded "spare" still answers."""
     embedding = stage == "embedding load"  # copies of the packaged all-MiniLM, loaded by embedding requests
     names = [f"copy{i}" for i in range(DEFAULT_WORKERS + 1)]
     home = tmp_path / "home"
     store = ModelStore(home)
     store.pull(str(tiny_llama_dir), "spare")
-    for name in names:
+    for name in names if stage != "pull" else ():
         store.pull("all-minilm" if embedding else str(tiny_llama_dir), name)
 
     held, release, count = threading.Condition(), threading.Event(), [0]
 
-    def hold() -> None:  # on the thread the engine gave the load's stage
+    def hold() -> None:  # on the thread the server gave the load's (or pull's) stage
         with held:
             count[0] += 1
             held.notify_all()
         release.wait(300)
 
-    original = loading._load_and_prepare
+    original, original_embedding, original_pull = loading._load_and_prepare, EmbeddingHost._load_sync, ModelStore.pull
 
     def held_load(backend, spec):
         if spec.name not in names:
@@ -62,34 +64,47 @@ def test_a_loaded_model_answers_while_many_loads_are_held(tmp_path, tiny_llama_d
         model.warm_up = lambda: (hold(), warm_up())  # held once its runner thread warms it up
         return model
 
-    original_embedding = EmbeddingHost._load_sync
-
     def held_embedding_load(host, spec):
         hold()
         return original_embedding(host, spec)
 
+    def held_pull(self, source, name, **kwargs):  # as a download or a GGUF conversion would take a while
+        hold()
+        return original_pull(self, source, name, **kwargs)
+
     monkeypatch.setattr(loading, "_load_and_prepare", held_load)
     monkeypatch.setattr(EmbeddingHost, "_load_sync", held_embedding_load)
+    monkeypatch.setattr(ModelStore, "pull", held_pull)
     with running_server(make_test_config(home), ModelStore(home), "spare") as server:
         client = openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0, timeout=300)
+
+        def ask(name: str) -> str:
+            """The slow request for ``name``; what its answer says it loaded or pulled."""
+            if stage == "pull":
+                r = httpx.post(server.root + "/admin/models/pull", json={"model": str(tiny_llama_dir), "name": name},
+                               headers={"Authorization": f"Bearer {API_KEY}"}, timeout=300)
+                last = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")][-1]
+                return last["id"] if r.status_code == 200 and last["status"] == "success" else r.text
+            if embedding:
+                reply = client.embeddings.create(model=name, input="hi")
+                return reply.model if len(reply.data[0].embedding) == 384 else str(reply)
+            reply = client.chat.completions.create(model=name, messages=HI, max_tokens=2)
+            return reply.model if reply.usage.completion_tokens >= 1 else str(reply)
+
         users = ThreadPoolExecutor(len(names))
         try:
-            if embedding:
-                loads = [users.submit(client.embeddings.create, model=n, input="hi") for n in names]
-            else:
-                loads = [users.submit(client.chat.completions.create, model=n, messages=HI, max_tokens=2) for n in names]
-            with held:  # every thread asyncio's default pool has is taken by a held load, if loads still use it
-                assert held.wait_for(lambda: count[0] >= DEFAULT_WORKERS or any(f.done() for f in loads), 300)
-            assert not any(f.done() for f in loads), [f.exception() for f in loads if f.done()]
+            slow = [users.submit(ask, n) for n in names]
+            with held:  # every thread asyncio's default pool has is taken by a held call, if they still use it
+                assert held.wait_for(lambda: count[0] >= DEFAULT_WORKERS or any(f.done() for f in slow), 300)
+            assert not any(f.done() for f in slow), [f.exception() or f.result() for f in slow if f.done()]
             quick = openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0, timeout=HUNG)
             try:
                 reply = quick.chat.completions.create(model="spare", messages=HI, max_tokens=2)
             except openai.APITimeoutError:
-                pytest.fail(f"a chat with the loaded model hung while {count[0]} loads were held")
+                pytest.fail(f"a chat with the loaded model hung while {count[0]} {stage}s were held")
             assert reply.model == "spare" and reply.usage.completion_tokens >= 1
         finally:
             release.set()
-            done = [f.result(300) for f in loads]
+            done = [f.result(300) for f in slow]
             users.shutdown()
-        assert sorted(r.model for r in done) == sorted(names)
-        assert all(len(r.data[0].embedding) == 384 if embedding else r.usage.completion_tokens >= 1 for r in done)
+        assert sorted(done) == sorted(names)
