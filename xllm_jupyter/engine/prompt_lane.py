@@ -10,12 +10,9 @@ among themselves.
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import functools
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence, TypeVar
 
+from ..core.slow_work import ThreadLane
 from ..core.types import ChatMessage
 
 T = TypeVar("T")
@@ -38,25 +35,14 @@ class PromptLane:
 
     def __init__(self, workers: int = LANE_WORKERS, threshold: int = BIG_PROMPT_CHARS):
         self.workers, self.threshold = workers, threshold
-        self._pool: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
+        self._lane = ThreadLane(workers, "xllm-big-prompt")  # (its pool is made on first use: most servers never see one)
 
     async def run(self, chars: int, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``work(*args, **kwargs)`` on a worker thread, in the lane when the prompt has more than ``threshold`` chars."""
         if chars <= self.threshold:
             return await asyncio.to_thread(work, *args, **kwargs)
-        call = functools.partial(contextvars.copy_context().run, work, *args, **kwargs)  # as to_thread does
-        return await asyncio.get_running_loop().run_in_executor(self._executor(), call)
-
-    def _executor(self) -> ThreadPoolExecutor:
-        with self._lock:  # (made on first use: most servers never see a huge prompt)
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="xllm-big-prompt")
-            return self._pool
+        return await self._lane.run(work, *args, **kwargs)
 
     def close(self) -> None:
         """Let the lane's threads end once their work is done (a later huge prompt starts a new lane)."""
-        with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=False)
+        self._lane.close()
