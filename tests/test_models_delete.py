@@ -19,8 +19,8 @@ from xllm_jupyter.core.config import AuthConfig
 from xllm_jupyter.store.packaged import installable
 from xllm_jupyter.store.store import ModelStore
 
-from .server_fixtures import API_KEY, make_test_config, running_server
-from .test_repull_while_loading import HI, a_server
+from .server_fixtures import make_test_config, running_server
+from .test_repull_while_loading import HI, a_server, chat_held_at_load
 from .test_repull_while_loading import held_load  # noqa: F401  (a fixture, used by name)
 
 pytest_plugins = ("pytest_jupyter.jupyter_server",)
@@ -141,10 +141,7 @@ def test_a_delete_while_the_model_loads_leaves_it_unloaded_and_its_waiters_get_4
         tmp_path, tiny_llama_dir, held_load):  # noqa: F811  (the fixture)
     read, release, digests = held_load
     store, server = a_server(tmp_path, tiny_llama_dir)
-    with server as info, concurrent.futures.ThreadPoolExecutor(1) as pool, \
-            openai.OpenAI(base_url=info.base_url, api_key=API_KEY, max_retries=0, timeout=300) as c:
-        asked = pool.submit(c.chat.completions.create, model="tiny", messages=HI, max_tokens=3)
-        assert read.wait(300), "the load of tiny never read its files"
+    with chat_held_at_load(server, read) as (info, c, asked):
         assert c.models.delete("tiny").deleted is True  # while the load is held
         release.set()
         with pytest.raises(openai.NotFoundError) as caught:
@@ -158,10 +155,7 @@ def test_a_load_finishing_between_the_unload_and_the_removal_is_unloaded(
         tmp_path, tiny_llama_dir, monkeypatch, held_load):  # noqa: F811  (the fixture)
     read, release, digests = held_load
     store, server = a_server(tmp_path, tiny_llama_dir)
-    with server as info, concurrent.futures.ThreadPoolExecutor(1) as pool, \
-            openai.OpenAI(base_url=info.base_url, api_key=API_KEY, max_retries=0, timeout=300) as c:
-        asked = pool.submit(c.chat.completions.create, model="tiny", messages=HI, max_tokens=3)
-        assert read.wait(300), "the load of tiny never read its files"
+    with chat_held_at_load(server, read) as (info, c, asked):
         remove = ModelStore.rm
 
         def load_finishing_first(self, name):  # the route's first unload is done: the load ends now, files intact

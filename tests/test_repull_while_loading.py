@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import threading
@@ -72,6 +73,16 @@ def a_server(tmp_path, tiny_llama_dir):
     return store, running_server(make_test_config(home), ModelStore(home), "spare")
 
 
+@contextlib.contextmanager
+def chat_held_at_load(server, read: threading.Event):
+    """Start ``server``; yield (info, client, asked) once a chat for tiny, sent on a thread, has its load held."""
+    with server as info, concurrent.futures.ThreadPoolExecutor(1) as pool, \
+            openai.OpenAI(base_url=info.base_url, api_key=API_KEY, max_retries=0, timeout=300) as c:
+        asked = pool.submit(c.chat.completions.create, model="tiny", messages=HI, max_tokens=3)
+        assert read.wait(300), "the load of tiny never read its files"
+        yield info, c, asked
+
+
 def embeddings(engine) -> torch.Tensor:
     """The input embeddings of the "tiny" the engine has loaded."""
     return engine._runners["tiny"].model.model.get_input_embeddings().weight.detach()
@@ -92,10 +103,7 @@ def test_a_forced_repull_while_the_model_loads_serves_the_new_weights(tmp_path, 
     read, release, digests = held_load
     store, server = a_server(tmp_path, tiny_llama_dir)
     old = store.show("tiny").digest
-    with server as info, concurrent.futures.ThreadPoolExecutor(1) as pool, \
-            openai.OpenAI(base_url=info.base_url, api_key=API_KEY, max_retries=0, timeout=300) as c:
-        asked = pool.submit(c.chat.completions.create, model="tiny", messages=HI, max_tokens=3)
-        assert read.wait(300), "the load of tiny never read its files"
+    with chat_held_at_load(server, read) as (info, c, asked):
 
         new = pull(info.root, other_llama_dir, "tiny")["digest"]  # `xllm pull --force` against the server
         assert new != old
@@ -117,10 +125,7 @@ def test_a_forced_repull_while_the_model_loads_serves_the_new_weights(tmp_path, 
 def test_a_model_removed_while_it_loads_is_not_left_loaded(tmp_path, tiny_llama_dir, held_load):
     read, release, digests = held_load
     store, server = a_server(tmp_path, tiny_llama_dir)
-    with server as info, concurrent.futures.ThreadPoolExecutor(1) as pool, \
-            openai.OpenAI(base_url=info.base_url, api_key=API_KEY, max_retries=0, timeout=300) as c:
-        asked = pool.submit(c.chat.completions.create, model="tiny", messages=HI, max_tokens=3)
-        assert read.wait(300), "the load of tiny never read its files"
+    with chat_held_at_load(server, read) as (info, c, asked):
 
         store.rm("tiny")  # `xllm rm tiny` (its unload, asked before, found nothing loaded yet)
         release.set()
@@ -198,10 +203,7 @@ def test_xllm_rm_unloads_a_load_that_finished_between_its_unload_and_the_removal
     store, server = a_server(tmp_path, tiny_llama_dir)
     monkeypatch.setenv("XLLM_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("XLLM_CONFIG", raising=False)
-    with server as info, concurrent.futures.ThreadPoolExecutor(1) as pool, \
-            openai.OpenAI(base_url=info.base_url, api_key=API_KEY, max_retries=0, timeout=300) as c:
-        asked = pool.submit(c.chat.completions.create, model="tiny", messages=HI, max_tokens=3)
-        assert read.wait(300), "the load of tiny never read its files"
+    with chat_held_at_load(server, read) as (info, c, asked):
         remove = ModelStore.rm
 
         def load_finishing_first(self, name):  # the CLI's unload has been answered: the load ends now
@@ -300,11 +302,7 @@ def test_xllm_rms_unload_after_the_removal_reaches_a_load_rereading_its_manifest
     for name in ("tiny", "spare"):
         store.pull(str(tiny_llama_dir), name)
     catalog = _HeldStore(home)
-    with running_server(make_test_config(home), catalog, "spare") as info, \
-            concurrent.futures.ThreadPoolExecutor(1) as pool, \
-            openai.OpenAI(base_url=info.base_url, api_key=API_KEY, max_retries=0, timeout=300) as c:
-        asked = pool.submit(c.chat.completions.create, model="tiny", messages=HI, max_tokens=3)
-        assert read.wait(300), "the load of tiny never read its files"
+    with chat_held_at_load(running_server(make_test_config(home), catalog, "spare"), read) as (info, c, asked):
         checked = threading.Event()
         catalog.hold = checked  # the next read of tiny's manifest: the load's check once its files are loaded
         release.set()
