@@ -11,7 +11,7 @@ import contextlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Iterator
+from typing import Any, Awaitable, Callable, Iterator
 
 import pytest
 
@@ -72,55 +72,62 @@ class ServerInfo:
 
 
 @contextlib.contextmanager
+def loop_thread(setup: Callable[[], Awaitable[Any]], name: str, start_timeout: float) -> Iterator[tuple[Any, Any]]:
+    """A new event loop on a thread of its own, running once ``setup()`` has run on it; yields (loop, what
+    setup returned), or raises what setup raised; the loop is stopped and its thread joined at exit."""
+    loop = asyncio.new_event_loop()
+    started: dict[str, Any] = {}
+    ready = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            started["result"] = loop.run_until_complete(setup())
+        except BaseException as exc:  # reported to the caller below
+            started["error"] = exc
+            return
+        finally:
+            ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    if not ready.wait(start_timeout):
+        pytest.fail(f"{name} did not start within {start_timeout:g} s")
+    if "error" in started:
+        raise started["error"]
+    try:
+        yield loop, started["result"]
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+        if not thread.is_alive():
+            loop.close()
+
+
+@contextlib.contextmanager
 def running_server(config: XllmConfig, catalog: Any, model: str) -> Iterator[ServerInfo]:
     """A real standalone server on its own thread and IOLoop, with ``model`` loaded."""
     from xllm_jupyter.engine.engine import Engine
     from xllm_jupyter.server.standalone import start_server
 
-    loop = asyncio.new_event_loop()
-    started: dict[str, Any] = {}
-    ready = threading.Event()
-
-    async def setup() -> None:
+    async def setup() -> tuple[Any, Any]:
         engine = Engine(config.engine, catalog=catalog)
         await engine.start()
         await engine.load(model)
-        started["engine"] = engine
-        started["server"] = await start_server(config, engine, port=0)
+        return await start_server(config, engine, port=0), engine
 
-    def run() -> None:
-        asyncio.set_event_loop(loop)
+    with loop_thread(setup, "the test server", 300) as (loop, (server, engine)):
+        info = ServerInfo(server.url, server.url + "/v1", API_KEY, engine, config, loop)
         try:
-            loop.run_until_complete(setup())
-        except BaseException as exc:  # reported to the caller below
-            started["error"] = exc
-            ready.set()
-            return
-        ready.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, name="xllm-test-server", daemon=True)
-    thread.start()
-    if not ready.wait(300):
-        pytest.fail("the test server did not start within 300 s")
-    if "error" in started:
-        raise started["error"]
-    server, engine = started["server"], started["engine"]
-    info = ServerInfo(server.url, server.url + "/v1", API_KEY, engine, config, loop)
-    try:
-        yield info
-    finally:
-
-        async def teardown() -> None:
-            await server.stop()
-            await engine.stop()
-
-        try:
-            info.call(teardown(), timeout=60)
+            yield info
         finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(30)
-            loop.close()
+
+            async def teardown() -> None:
+                await server.stop()
+                await engine.stop()
+
+            info.call(teardown(), timeout=60)
 
 
 @pytest.fixture(scope="session")
@@ -186,25 +193,14 @@ def running_hub_app(config: XllmConfig, user_for_token: Any) -> Iterator[str]:
         return await user_for_token(token)
 
     auth.user_for_token = lookup
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    box: dict[str, Any] = {}
+    async def setup() -> tuple[Any, int]:
+        sock, port = tornado.testing.bind_unused_port()
+        server = tornado.httpserver.HTTPServer(make_hub_app(config, Engine(config.engine), auth))
+        server.add_sockets([sock])
+        return server, port
 
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        sock, box["port"] = tornado.testing.bind_unused_port()
-        box["server"] = tornado.httpserver.HTTPServer(make_hub_app(config, Engine(config.engine), auth))
-        box["server"].add_sockets([sock])
-        ready.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, name="xllm-test-hub-app", daemon=True)
-    thread.start()
-    if not ready.wait(30):
-        pytest.fail("the hub app did not start within 30 s")
-    try:
-        yield f"http://127.0.0.1:{box['port']}/services/xllm"
-    finally:
-        loop.call_soon_threadsafe(box["server"].stop)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
+    with loop_thread(setup, "the hub app", 30) as (loop, (server, port)):
+        try:
+            yield f"http://127.0.0.1:{port}/services/xllm"
+        finally:
+            loop.call_soon_threadsafe(server.stop)
