@@ -237,8 +237,10 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
         return request if name == request.model else dataclasses.replace(request, model=name)
 
     # --------------------------------------------------------------- prompting
-    async def encode_chat(self, name: str, messages: Sequence[ChatMessage], tools: Sequence[dict] | None = None) -> list[int]:
-        """Prompt token ids for a chat (and its ``tools``), through the model's chat template."""
+    async def encode_chat(self, name: str, messages: Sequence[ChatMessage], tools: Sequence[dict] | None = None, *,
+                          user: str | None = None) -> list[int]:
+        """Prompt token ids for a chat (and its ``tools``), through the model's chat template (a huge prompt waits its
+        ``user``'s turn in the prompt lane)."""
         model = await self._load(name)
         extra = {"tools": tools} if tools else {}
 
@@ -247,13 +249,13 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
             return model.tokenize(text, add_special_tokens=False)
 
         with self._busy(canonical_name(name)):
-            return await self._prompts.run(chat_chars(messages, tools), work)
+            return await self._prompts.run(chat_chars(messages, tools), work, user=user)
 
-    async def encode_text(self, name: str, text: str) -> list[int]:
-        """Prompt token ids for raw text (legacy completions)."""
+    async def encode_text(self, name: str, text: str, *, user: str | None = None) -> list[int]:
+        """Prompt token ids for raw text (legacy completions; a huge one waits its ``user``'s turn in the prompt lane)."""
         model = await self._load(name)
         with self._busy(canonical_name(name)):
-            return await self._prompts.run(len(text), model.tokenize, text, add_special_tokens=True)
+            return await self._prompts.run(len(text), model.tokenize, text, add_special_tokens=True, user=user)
 
     async def check_constraint(self, name: str, constraint: Constraint, *, param: str = "response_format") -> None:
         """Compile ``constraint`` for model ``name`` on a worker thread; InvalidRequest (400) if it is invalid.

@@ -73,7 +73,7 @@ class CompletionsMixin:
         texts: list[str] = []  # what echo puts before each prompt's choices
         for p in prompts:
             if isinstance(p, str):
-                ids = await self.engine.encode_text(req.model, p)
+                ids = await self.engine.encode_text(req.model, p, user=user)
                 texts.append(p)
             else:
                 await off_loop_if(is_big(body), check_token_ids, p, model, "prompt")

@@ -271,7 +271,7 @@ class ResponsesServing:
         body (instructions, tools, ``user``'s ``previous_response_id`` chain, ``truncation``), generating nothing."""
         req, _, _, chat_body = await self._chat_request(body, user)
         try:
-            count = await self.chat.chat_prompt_tokens(chat_body, truncate=req.truncation == "auto")
+            count = await self.chat.chat_prompt_tokens(chat_body, truncate=req.truncation == "auto", user=user)
         except XllmError as exc:
             raise _relabel(exc) from None
         return {"object": "response.input_tokens", "input_tokens": count}

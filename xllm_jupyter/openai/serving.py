@@ -225,16 +225,18 @@ class OpenAIServing(CompletionsMixin):
         """``make(body)``, or what the response cache holds for it (never shared across users)."""
         return await self.cache.serve(kind, body, make, self._model_identity, namespace=user or "")
 
-    async def chat_prompt_tokens(self, body: bytes, manages: bool = True, truncate: bool = False) -> int:
+    async def chat_prompt_tokens(self, body: bytes, manages: bool = True, truncate: bool = False,
+                                 user: str | None = None) -> int:
         """How many prompt tokens ``chat_completion(body, truncate=truncate)`` would send the model; nothing is generated.
 
         Every check that comes before the prompt is built raises here too (unknown model 404, bad tools 400...);
         the context-length and ``max_tokens`` checks do not: knowing an over-long prompt's size is the point.
         """
-        return len((await self._chat_prompt(body, manages, truncate)).prompt)
+        return len((await self._chat_prompt(body, manages, truncate, user)).prompt)
 
-    async def _chat_prompt(self, body: bytes, manages: bool, truncate: bool) -> _ChatPrompt:
-        """``body`` parsed and checked, with Modelfile defaults applied, and its prompt tokens (``truncate``: fitted)."""
+    async def _chat_prompt(self, body: bytes, manages: bool, truncate: bool, user: str | None = None) -> _ChatPrompt:
+        """``body`` parsed and checked, with Modelfile defaults applied, and its prompt tokens (``truncate``: fitted;
+        a huge prompt is tokenized in ``user``'s turn)."""
         req: ChatCompletionRequest = await parse_body(ChatCompletionRequest, body)
         keep_alive = request_keep_alive(req.keep_alive, manages)
         self._check_n(req.n or 1)
@@ -251,19 +253,19 @@ class OpenAIServing(CompletionsMixin):
         if constraint is not None:
             # compiled before anything is queued or streamed: a bad schema is a plain 400
             await self.engine.check_constraint(req.model, constraint, param="tools" if tools.cfg.constrained else "response_format")
-        prompt = await self.engine.encode_chat(req.model, *await off_loop_if(big, tools.prompt, messages))
+        prompt = await self.engine.encode_chat(req.model, *await off_loop_if(big, tools.prompt, messages), user=user)
         if truncate:
             reserve = req.requested_max_tokens or 1  # room for the completion asked for, else for one token
 
             async def encode(kept: list[ChatMessage]) -> list[int]:
-                return await self.engine.encode_chat(req.model, *await off_loop_if(big, tools.prompt, kept))
+                return await self.engine.encode_chat(req.model, *await off_loop_if(big, tools.prompt, kept), user=user)
 
             prompt, _ = await fit_front(messages, prompt, model.context_length - reserve, encode)
         return _ChatPrompt(req, model, defaults, tools, constraint, sampling, keep_alive, big, prompt)
 
     async def _chat_completion(self, body: bytes, user: str | None = None, manages: bool = True,
                                truncate: bool = False) -> dict[str, Any] | AsyncIterator[Chunk]:
-        p = await self._chat_prompt(body, manages, truncate)
+        p = await self._chat_prompt(body, manages, truncate, user)
         req = p.req
         max_tokens = self._max_tokens(
             req.requested_max_tokens, req.max_tokens_param, len(p.prompt), p.model.context_length, "messages",
