@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
+import time
 
 import httpx
 import openai
@@ -121,19 +122,33 @@ def test_a_packaged_default_not_in_the_store_cannot_be_deleted(roles):
     assert "/" not in err["message"].replace("w/o", "")  # no path of the wheel
 
 
-def test_deleting_a_model_in_use_ends_its_requests_with_an_error(roles):
+def test_deleting_a_model_in_use_tells_its_requests_it_was_removed(roles):
+    """A stream and a non-streaming request cut by the removal hear that the model is gone (a 404 as their retry
+    would get), not the 503 "retry the request" of a plain unload, which sent the SDK into a retry that 404s."""
     info, store = roles
-    with sdk(info, ADMIN) as admin, concurrent.futures.ThreadPoolExecutor(1) as pool:
+    long = {"messages": HI, "max_tokens": 1900, "extra_body": {"ignore_eos": True}}
+    with sdk(info, ADMIN) as admin, concurrent.futures.ThreadPoolExecutor(2) as pool:
         admin.chat.completions.create(model="busy", messages=HI, max_tokens=1)
-        stream = admin.chat.completions.create(model="busy", messages=HI, max_tokens=1900, stream=True)
-        first = next(iter(stream))  # generating now
-        assert first.model == "busy"
-        deleted = pool.submit(admin.models.delete, "busy").result(120)
-        assert deleted.deleted is True
-        with pytest.raises(Exception):  # the stream ends with the unload's error event, not 1900 tokens
-            for _ in stream:
+        whole = pool.submit(admin.chat.completions.create, model="busy", **long)
+        stream = admin.chat.completions.create(model="busy", stream=True, **long)
+        it = iter(stream)
+        assert next(it).model == "busy"  # generating now
+        deadline = time.monotonic() + 120
+        while info.engine.stats("busy").running < 2:  # the non-streaming one too
+            assert time.monotonic() < deadline and not whole.done(), info.engine.stats("busy")
+            time.sleep(0.01)
+        assert admin.models.delete("busy").deleted is True
+        with pytest.raises(openai.APIError) as cut:  # the error event ends the stream, not 1900 tokens
+            for _ in it:
                 pass
-        assert not info.engine.is_loaded("busy") and not store.exists("busy")
+        with pytest.raises(openai.NotFoundError) as cut_whole:
+            whole.result(120)
+    for body in (cut.value.body, cut_whole.value.body):
+        assert body["code"] == "model_not_found" and body["type"] == "invalid_request_error", body
+        assert "'busy' was removed from the server" in body["message"], body
+        assert "retry the request" not in body["message"] and "retrying will not help" in body["message"], body
+    assert cut_whole.value.status_code == 404
+    assert not info.engine.is_loaded("busy") and not store.exists("busy")
 
 
 # ------------------------------------------------------------------ removals meeting a load under way

@@ -99,6 +99,16 @@ class ModelNotFound(NotFound):
         self.name = name
 
 
+class ModelRemoved(ModelNotFound):
+    """The model was removed from the store (``DELETE /v1/models/{id}``) while this request used it
+    (404, ``model_not_found`` as a retry would get: the message says a retry will not find it either)."""
+
+    def __init__(self, name: str, *, param: str | None = "model"):
+        NotFound.__init__(self, f"The model '{quoted(name)}' was removed from the server while this request used "
+                                "it; it no longer exists, so retrying will not help: use another model", param=param)
+        self.name = name
+
+
 class PayloadTooLarge(XllmError):
     """The request body is over the configured limit (413)."""
 

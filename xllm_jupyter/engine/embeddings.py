@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 from ..backends.base import ModelSpec
 from ..core import gc_freeze
-from ..core.errors import Overloaded
+from ..core.errors import Overloaded, XllmError
 from ..core.slow_work import run_slow
 from ..core.types import EmbeddingResult, ModelInfo, ModelRuntime
 
@@ -30,6 +30,7 @@ class EmbeddingSlot:
         self.created = int(time.time())
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"xllm-embed-{model.name}")
         self.closed = False  # unloaded: no new work (its executor is shut down or about to be)
+        self.closed_by: XllmError | None = None  # what a request that finds it closed fails with (None: a 503)
 
     def info(self) -> ModelInfo:
         """The loaded model's ``ModelInfo``."""
@@ -103,7 +104,8 @@ class EmbeddingHost:
         if slot.closed:
             # unloaded after this request got its slot (a keep_alive 0 request ending while this one waited for
             # the load's collection): its executor takes no work, which read as a 500 with a traceback
-            raise Overloaded(f"The model '{model.name}' was unloaded while this request ran; retry the request")
+            raise slot.closed_by or Overloaded(f"The model '{model.name}' was unloaded while this request ran; "
+                                               "retry the request")
 
         def work() -> EmbeddingResult:
             ids = [model.tokenize(x) if isinstance(x, str) else list(x) for x in inputs]
@@ -113,12 +115,12 @@ class EmbeddingHost:
 
         return await asyncio.get_running_loop().run_in_executor(slot.executor, work)
 
-    async def unload(self, name: str) -> bool:
-        """Unload ``name``; False when it was not loaded."""
+    async def unload(self, name: str, reason: XllmError | None = None) -> bool:
+        """Unload ``name``; False when it was not loaded. A request that finds it closed fails with ``reason``."""
         slot = self.slots.pop(name, None)
         if slot is None:
             return False
-        slot.closed = True
+        slot.closed, slot.closed_by = True, reason
         # the worker thread gets the box, not the slot: it may still hold its finished call when the collection
         # below runs, and the model must be unreferenced by then (what it leaves in cycles, that one frees)
         box = [slot]

@@ -207,8 +207,9 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
         slot = self._embeddings.slots.get(model)
         return slot.model.dimension if slot is not None else None
 
-    async def unload(self, name: str) -> bool:
-        """Unload ``name``; False when it was not loaded.
+    async def unload(self, name: str, reason: XllmError | None = None) -> bool:
+        """Unload ``name``; False when it was not loaded. Its open requests fail with ``reason`` (None: a 503 saying
+        it was unloaded, to retry; a removal says it is gone, as their retry would find).
 
         A pull or rm that changed a model's files calls this: a load of the model under way then reads its
         manifest again before it registers (``_files_unchanged``), and loads the new files if it changed.
@@ -216,13 +217,13 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
         name = canonical_name(name)
         if name in self._loading:
             self._unload_asks[name] += 1  # (only then: the counter stays as small as the loads under way)
-        if await self._embeddings.unload(name):
+        if await self._embeddings.unload(name, reason):
             return True
         if name in self._adapters:
-            return await self.unload_adapter(name)
+            return await self.unload_adapter(name, reason)
         if name not in self._runners:
             return False
-        await self._evict(name)
+        await self._evict(name, reason)
         return True
 
     def model_defaults(self, name: str) -> ModelfileDefaults:

@@ -14,7 +14,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..core.errors import InvalidRequest, ModelNotFound, Overloaded
+from ..core.errors import InvalidRequest, ModelNotFound, Overloaded, XllmError
 from ..core.slow_work import run_slow
 from ..core.types import GenerationRequest, ModelInfo, ModelRuntime
 from ..store.names import canonical_name
@@ -55,8 +55,9 @@ class AdapterMixin:
             raise InvalidRequest(f"The base model '{spec.base_model}' of adapter '{spec.name}' is not in the "
                                  "store; pull it under that name first", param="model") from None
 
-    async def unload_adapter(self, name: str) -> bool:
-        """Detach adapter ``name`` from its base (the base stays loaded); False when it was not attached."""
+    async def unload_adapter(self, name: str, reason: XllmError | None = None) -> bool:
+        """Detach adapter ``name`` from its base (the base stays loaded); False when it was not attached. Its
+        requests fail with ``reason`` (None: a 503 to retry)."""
         name = canonical_name(name)
         base = self._adapters.pop(name, None)
         runner = self._runners.get(base) if base is not None else None
@@ -64,8 +65,8 @@ class AdapterMixin:
             return False
         # first: the backend drops the adapter's jobs as it detaches it, and their clients must hear why (a 503
         # to retry, as for a base model unloaded under them), not an engine failure
-        runner.retire_adapter(name, Overloaded(f"The adapter '{name}' was unloaded while this request ran; "
-                                               "retry the request"))
+        runner.retire_adapter(name, reason or Overloaded(f"The adapter '{name}' was unloaded while this request ran; "
+                                                         "retry the request"))
         return await run_slow(runner.model.unload_adapter, name)
 
     def _route(self, request: GenerationRequest) -> GenerationRequest:

@@ -338,8 +338,10 @@ class ResidencyMixin:
                                       gpus=named_gpu(where))
         return records
 
-    async def _evict(self, name: str) -> None:
-        """Unload ``name``; the runner leaves the table before any await, its memory counts until it is freed."""
+    async def _evict(self, name: str, reason: Any = None) -> None:
+        """Unload ``name``; the runner leaves the table before any await, its memory counts until it is freed.
+
+        Its open requests fail with ``reason`` (None: a 503 saying it was unloaded, to retry)."""
         # the worker threads get the box, not the runner: a worker may still hold its finished call when the
         # collection in _retire runs, and the runner (with its model) must be unreferenced by then
         box = [self._runners.pop(name, None)]
@@ -348,17 +350,18 @@ class ResidencyMixin:
             del self._adapters[adapter]  # they go with their base
         if box[0] is None:
             return
-        await self._retire(name, box, rec)
+        await self._retire(name, box, rec, reason)
 
-    async def _retire(self, name: str, box: list[Any], rec: Residency | None) -> None:
+    async def _retire(self, name: str, box: list[Any], rec: Residency | None, reason: Any = None) -> None:
         """Shut down the runner in ``box`` (a one-item list, out of the tables already, emptied here so no frame
-        keeps the model) and unload its model; its memory counts as taken until it is freed."""
+        keeps the model) and unload its model, failing its open requests with ``reason``; its memory counts as
+        taken until it is freed."""
         # held as reserved while the weights are being freed: a load meanwhile must not count them free
         held = rec.memory_bytes if rec is not None else 0
         device = rec.device if rec is not None else "cpu"
         self._budget.reserved[device] = self._budget.reserved.get(device, 0) + held
         try:
-            await run_slow(lambda: box[0].shutdown())
+            await run_slow(lambda: box[0].shutdown(reason=reason))
             # a runner still in a step unloads when the step ends; its memory is not free before. Bounded:
             # a step that never returns must not hang every later load (nor the process's exit)
             if not await run_slow(lambda: box[0].wait_closed(EVICT_WAIT_SECONDS)):

@@ -1,7 +1,7 @@
 """``/v1/models/{id}``: one model (GET, anyone); DELETE removes it from the server's store as ``xllm rm`` does (admins).
 
 The model stops serving before its files go (an unload, which also tells a load of it under way to
-read its manifest again), then leaves the store in one rename, then is unloaded once more: a load
+read its manifest again; the requests it cuts fail with ``ModelRemoved``, a 404 saying so), then leaves the store in one rename, then is unloaded once more: a load
 that finished between the two steps must not keep serving files that are gone. The answer is
 OpenAI's ``{"id", "object": "model", "deleted": true}`` (the SDK's ``ModelDeleted``).
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from ..core.errors import InvalidModelName, InvalidRequest, ModelNotFound
+from ..core.errors import InvalidModelName, InvalidRequest, ModelNotFound, ModelRemoved
 from ..store.names import validate_name
 from ..store.packaged import PACKAGED
 from .handlers import RequestMixin
@@ -46,10 +46,12 @@ async def remove_model(context: Any, model_id: str) -> dict[str, Any]:
     store = server_store(context)
     name = await asyncio.to_thread(stored_name, store, model_id)
     engine = context.engine
-    await engine.unload(name)  # it stops serving before its files go
+    # it stops serving before its files go; requests it cuts hear that it is gone (a 404, as their retry would
+    # get), not the 503 "retry" of a plain unload
+    await engine.unload(name, ModelRemoved(name))
     await asyncio.to_thread(store.rm, name)  # a concurrent removal got there first: ModelNotFound (404)
     # a load under way when it was unloaded above may have registered since, from files now gone
-    await engine.unload(name)
+    await engine.unload(name, ModelRemoved(name))
     return {"id": name, "object": "model", "deleted": True}
 
 
