@@ -11,6 +11,7 @@ from typing import Any
 from ..client import AsyncXllmClient
 from ..client.base import can_chat
 from ..core.errors import InvalidRequest, XllmError
+from .links import TRANSCRIPT_ID
 
 # Set before gradio is imported anywhere in this process: no usage reporting from a
 # notebook (and no outbound calls that would stall on machines without a network).
@@ -195,7 +196,7 @@ def build_app(
         with gr.Row():
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(
-                    label="Conversation", height=420, elem_id="xllm-chatbot"
+                    label="Conversation", height=420, elem_id=TRANSCRIPT_ID
                 )
                 # lines=1: Enter sends (a taller box would take Enter as a new line)
                 # the label stays hidden but names the box for screen readers

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from ..core.errors import XllmError
 from .guard import WILDCARD_HOSTS, Guard
+from .links import LINK_GUARD_HEAD
 
 #: how long the server may take to bind and run Gradio's startup events
 START_TIMEOUT_S = 30.0
@@ -69,6 +70,8 @@ def guarded_app(
         show_error=False,
         ssr_mode=False,
         mcp_server=False,
+        # model text is rendered by Gradio in the page: the guard keeps its links to the web
+        head=LINK_GUARD_HEAD,
     )
     is_url = bool(root) and root.startswith(("http://", "https://"))
     extra = allowed_hosts + ((urlsplit(root).hostname or "",) if is_url else ())

@@ -1,0 +1,86 @@
+"""In the playground (headless chromium), a reply's links lead only to the web, and the model still reads its
+reply as it wrote it.
+
+Behind jupyter-server-proxy the playground's page lives under the user's Jupyter server, so a relative
+link in a reply (``[x](../../api/contents/secret)``) was one click from a file of the user's. What the
+page shows changes; what the next turn sends back as context does not.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("gradio")
+
+import xllm_jupyter
+from tests.browser import chromium, require_browser
+from tests.test_safe_markdown import RELATIVE_LINKS
+from xllm_jupyter.playground import app as app_module
+
+pytestmark = [pytest.mark.timeout(600)]
+
+#: Markdown links of every kind (tests/test_safe_markdown.py) and the raw HTML Gradio renders
+HOSTILE = RELATIVE_LINKS + '\n<a href="../../api/contents/html">h</a> <a href="https://ok.example/html">w</a>\n'
+#: a user's own message with a relative link: shown the same way
+QUESTION = "And [u](../../api/contents/user)?"
+#: the links a page may keep, as the browser resolved them
+WEB = ["https://ok.example/html", "https://ok.example/ok", "mailto:p@ok.example"]
+
+
+@pytest.fixture
+def scripted(tiny_client, monkeypatch):
+    """A playground whose replies are HOSTILE, then "ok"; the messages each turn sent are kept."""
+    sent: list[list[dict[str, str]]] = []
+
+    async def stream_reply(endpoint, messages, model, params):
+        sent.append(messages)
+        yield HOSTILE if len(sent) == 1 else "ok"
+
+    monkeypatch.setattr(app_module, "stream_reply", stream_reply)
+    pg = xllm_jupyter.playground(client=tiny_client)
+    try:
+        yield pg, sent
+    finally:
+        pg.close()
+
+
+def ask(page, text: str, replies: int) -> None:
+    """Send ``text`` and wait until the transcript holds ``replies`` finished replies."""
+    box = page.locator("#xllm-input textarea")
+    box.fill(text)
+    box.press("Enter")
+    page.wait_for_function(
+        f"() => document.querySelectorAll('#xllm-chatbot [data-testid=bot]').length >= {replies}"
+        " && document.querySelectorAll('.generating').length === 0",
+        timeout=60_000,
+    )
+
+
+def test_no_relative_link_is_clickable_in_the_playground_and_the_model_reads_its_reply_unchanged(scripted):
+    require_browser()
+    pg, sent = scripted
+    with chromium() as context:
+        page = context.new_page()
+        page.goto(pg.local_url, timeout=60_000)
+        page.locator("#xllm-input textarea").wait_for(timeout=60_000)
+        ask(page, "Show me links", 1)
+        ask(page, QUESTION, 2)
+        chat = page.locator("#xllm-chatbot")
+        # the href as the browser resolved it: a relative one leads to the Jupyter server's API
+        hrefs = chat.locator("[data-testid=bot] a[href], [data-testid=user] a[href]").evaluate_all(
+            "els => els.map(e => e.href)")
+        assert sorted(set(hrefs)) == WEB, hrefs
+        text = chat.inner_text()
+        for target in ("api/contents/secret", "files/secret.txt", "api/contents/html", "api/contents/user"):
+            assert target in text, target  # shown, as text
+        # a click on what was a relative link goes nowhere
+        before = page.url
+        chat.get_by_text("api/contents/secret").first.click()
+        page.wait_for_timeout(300)
+        assert page.url == before and len(context.pages) == 1
+    # the second turn sent the model's first reply and the user's first question as they were written
+    assert len(sent) == 2
+    history = sent[1]
+    assert [m["role"] for m in history] == ["user", "assistant", "user"]
+    assert history[1]["content"] == HOSTILE.strip()
+    assert history[2]["content"] == QUESTION
