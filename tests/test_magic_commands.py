@@ -1,4 +1,4 @@
-"""``%xllm`` line commands (list, ps, load, unload, pull, use, status, connect, config, help)
+"""``%xllm`` line commands (list, ps, load, unload, pull, rm, use, status, connect, config, help)
 through a real IPython shell against a real server with its own store."""
 
 from __future__ import annotations
@@ -96,6 +96,25 @@ def test_pull_load_use_unload(shell, own_server, tiny_llama_dir):
     assert shown(run(shell, f"unload {COPY}")) == f"Unloaded {COPY}"
     assert shown(run(shell, f"unload {COPY}")) == f"{COPY} was not loaded"
     assert COPY not in shown(run(shell, "ps"))
+
+
+def test_rm_removes_from_the_servers_store(shell, own_server, tiny_llama_dir):
+    doomed = "tiny-doomed"
+    store = own_server.engine.catalog
+    store.pull(str(tiny_llama_dir), doomed)
+    assert shown(run(shell, f"use {doomed}")) == f"Using {doomed} for %%xllm in this notebook"
+    assert shown(run(shell, f"load {doomed}")).startswith(f"Loaded {doomed}")
+    cap = run(shell, "rm Tiny-Doomed")  # names are case-insensitive
+    assert cap.stderr == ""
+    assert shown(cap).splitlines() == [f"Removed {doomed} from the server's store",
+                                       "It is this notebook's default model: choose another with `%xllm use MODEL`"]
+    assert not store.exists(doomed) and not own_server.engine.is_loaded(doomed)
+    assert doomed not in shown(run(shell, "list"))
+    cap = run(shell, f"rm {doomed}")
+    assert cap.stderr == f"xllm: The model '{doomed}' does not exist\n", cap.stderr
+    cap = run(shell, "rm")
+    assert cap.stderr.startswith("xllm: %xllm rm: the following arguments are required: model")
+    assert "%xllm rm MODEL" in shown(run(shell, "help"))
 
 
 def test_command_errors_are_one_line(shell, tmp_path):

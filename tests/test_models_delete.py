@@ -7,6 +7,7 @@ worker thread (``held_load``) for removals that meet a load under way.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import dataclasses
 import json
@@ -16,7 +17,9 @@ import httpx
 import openai
 import pytest
 
+from xllm_jupyter.client import AsyncXllmClient, XllmClient
 from xllm_jupyter.core.config import AuthConfig
+from xllm_jupyter.core.errors import ModelNotFound, PermissionDenied
 from xllm_jupyter.store.packaged import installable
 from xllm_jupyter.store.store import ModelStore
 
@@ -149,6 +152,33 @@ def test_deleting_a_model_in_use_tells_its_requests_it_was_removed(roles):
         assert "retry the request" not in body["message"] and "retrying will not help" in body["message"], body
     assert cut_whole.value.status_code == 404
     assert not info.engine.is_loaded("busy") and not store.exists("busy")
+
+
+def test_the_notebook_clients_remove_models(roles, tiny_llama_dir):
+    """``XllmClient.remove`` / ``AsyncXllmClient.remove`` (what ``%xllm rm`` calls): the route's answer and errors."""
+    info, store = roles
+    for name in ("nb-sync", "nb-async"):
+        store.pull(str(tiny_llama_dir), name)
+    with XllmClient(info.base_url, USER) as user:
+        with pytest.raises(PermissionDenied, match="admin"):
+            user.remove("nb-sync")
+    assert store.exists("nb-sync")
+    with XllmClient(info.base_url, ADMIN) as admin:
+        assert admin.remove("NB-Sync") == {"id": "nb-sync", "object": "model", "deleted": True}
+        with pytest.raises(ModelNotFound, match="'nb-sync' does not exist"):
+            admin.remove("nb-sync")
+        with pytest.raises(ModelNotFound):
+            admin.remove("../kept")  # quoted into the path: never a route or file outside the model's name
+    assert not store.exists("nb-sync") and store.exists("kept")
+
+    async def remove_async():
+        async with AsyncXllmClient(info.base_url, ADMIN) as admin:
+            assert await admin.remove("nb-async") == {"id": "nb-async", "object": "model", "deleted": True}
+            with pytest.raises(ModelNotFound):
+                await admin.remove("nb-async")
+
+    asyncio.run(remove_async())
+    assert not store.exists("nb-async")
 
 
 # ------------------------------------------------------------------ removals meeting a load under way

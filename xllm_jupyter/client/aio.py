@@ -119,6 +119,10 @@ class AsyncXllmClient:
         """Unload ``name`` on the server."""
         return await self._request("POST", self.admin_url + "/models/unload", json={"model": name}) or {}
 
+    async def remove(self, name: str) -> dict[str, Any]:
+        """``DELETE /v1/models/{name}``: remove ``name`` from the server's store (admins; as ``XllmClient.remove``)."""
+        return await self._request("DELETE", self.base_url + "/models/" + quote(name, safe="")) or {}
+
     async def pull(self, source: str, name: str | None = None, revision: str | None = None, force: bool = False,
                    convert: bool = False) -> AsyncIterator[dict[str, Any]]:
         """``POST /admin/models/pull``: the pull's progress events, then ``{"status": "success", ...}`` (as ``XllmClient.pull``)."""

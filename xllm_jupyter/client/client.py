@@ -135,6 +135,14 @@ class XllmClient:
         """Unload ``name`` on the server (returns the server's reply)."""
         return self._request("POST", self.admin_url + "/models/unload", json={"model": name}) or {}
 
+    def remove(self, name: str) -> dict[str, Any]:
+        """``DELETE /v1/models/{name}``: remove ``name`` from the server's store, as ``xllm rm`` does (admins only).
+
+        The server unloads it first; returns ``{"id", "object": "model", "deleted": True}``. ``ModelNotFound``
+        when the store has no such model, ``PermissionDenied`` for a key that is not an admin's.
+        """
+        return self._request("DELETE", self.base_url + "/models/" + quote(name, safe="")) or {}
+
     def pull(self, source: str, name: str | None = None, revision: str | None = None, force: bool = False,
              convert: bool = False) -> Iterator[dict[str, Any]]:
         """``POST /admin/models/pull``: pull ``source`` into the server's store, yielding its events.

@@ -1,4 +1,4 @@
-"""``%xllm <command>``: list, ps, load, unload, pull, use, status, connect, config, help."""
+"""``%xllm <command>``: list, ps, load, unload, pull, rm, use, status, connect, config, help."""
 
 from __future__ import annotations
 
@@ -25,12 +25,13 @@ HELP = """\
 %xllm load MODEL / unload MODEL         load or unload on the server
 %xllm pull SOURCE [--name N] [--force] [--revision R] [--convert]
                                         add a model to the server's store (progress bar)
+%xllm rm MODEL                          remove a model from the server's store (admins)
 %xllm use [MODEL]                       default model for this notebook (no MODEL: show it)
 %xllm status                            which server, how it was found, what is loaded
 %xllm connect [URL] [--token [TOKEN]]   use another server (no TOKEN after --token: asked for)
 %xllm config [key=value ...]            show or set defaults: """ + ", ".join(CONFIG_KEYS)
 
-COMMANDS = ("list", "ps", "load", "unload", "pull", "use", "status", "connect", "config", "help")
+COMMANDS = ("list", "ps", "load", "unload", "pull", "rm", "use", "status", "connect", "config", "help")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -136,6 +137,15 @@ class Commands:
         digest = str(result.get("digest") or "")
         progress.finish(f"Pulled {result.get('id')} ({result.get('format')}, {human_size(result.get('size'))}"
                         + (f", {digest.removeprefix('sha256:')[:12]}" if digest else "") + ")")
+
+    def do_rm(self, argv: list[str]) -> None:
+        """Remove a model from the server's store (the server unloads it first), as ``xllm rm`` does."""
+        args = _parser("rm", (("model",), {})).parse_args(argv)
+        reply = self.state.client().remove(args.model)
+        display(Text(f"Removed {reply.get('id') or args.model} from the server's store"))
+        chosen = (self.state.defaults.model or "").lower().removesuffix(":latest")  # names are case-insensitive
+        if chosen and chosen == str(reply.get("id") or "").lower():  # %%xllm would ask for a model that is gone
+            display(Text("It is this notebook's default model: choose another with `%xllm use MODEL`"))
 
     # --------------------------------------------------------------- session
     def do_use(self, argv: list[str]) -> None:
