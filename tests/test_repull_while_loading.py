@@ -323,3 +323,78 @@ def test_xllm_rms_unload_after_the_removal_reaches_a_load_rereading_its_manifest
         # a name neither loaded, loading nor stored is still a 404
         r = httpx.post(info.root + "/admin/models/unload", json={"model": "tiny"}, headers=HEADERS, timeout=300)
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
+
+
+@pytest.fixture
+def held_before_read(monkeypatch):
+    """Holds the first load of "tiny" on its worker thread before the backend reads a file; ``(holding, release)``."""
+    holding, release, seen = threading.Event(), threading.Event(), []
+    original = loading._load_and_prepare
+
+    def held(backend, spec):
+        if spec.name == "tiny":
+            seen.append(spec.digest)
+            if len(seen) == 1:
+                holding.set()
+                release.wait(300)
+        return original(backend, spec)
+
+    monkeypatch.setattr(loading, "_load_and_prepare", held)
+    yield holding, release
+    release.set()
+
+
+class _SecondResolveHeld(ModelStore):
+    """A ModelStore whose second resolve of "tiny" (a load trying again) waits for ``go`` once it started."""
+
+    def __init__(self, home):
+        super().__init__(home)
+        self.resolves, self.resolving, self.go = 0, threading.Event(), threading.Event()
+
+    def resolve(self, name):
+        if name == "tiny":
+            self.resolves += 1
+            if self.resolves == 2:
+                self.resolving.set()
+                self.go.wait(300)
+        return super().resolve(name)
+
+
+@pytest.mark.parametrize("then_pull", [False, True], ids=["removed", "removed-and-pulled-again"])
+def test_a_load_whose_files_are_removed_under_it_is_a_404_or_a_reload_not_a_500(tmp_path, tiny_llama_dir,
+                                                                                held_before_read, then_pull):
+    # found by a chaos run (DELETE and pull of a model while users chat with it): the load's backend opened a
+    # directory DELETE had just taken away, and its chat got a 500 (or a 400) saying its files are damaged
+    holding, release = held_before_read
+    home = tmp_path / "home"
+    for name in ("tiny", "spare"):
+        ModelStore(home).pull(str(tiny_llama_dir), name)
+    catalog = _SecondResolveHeld(home)
+    with chat_held_at_load(running_server(make_test_config(home), catalog, "spare"), holding) as (info, c, asked):
+        c.models.delete("tiny")  # DELETE /v1/models/tiny: the load, not registered yet, is told
+        release.set()  # the backend reads a directory that is gone
+        if then_pull:
+            # the same files back (the same digest) before the load tries again: it must serve them
+            wait_for = concurrent.futures.wait([asked, pool_of(catalog.resolving)], timeout=300,
+                                               return_when=concurrent.futures.FIRST_COMPLETED)
+            assert wait_for.done, "the load neither ended nor tried again"
+            r = httpx.post(info.root + "/admin/models/pull", json={"model": str(tiny_llama_dir), "name": "tiny"},
+                           headers=HEADERS, timeout=300)
+            assert r.status_code == 200 and '"success"' in r.text, r.text
+            catalog.go.set()
+            reply = asked.result(300)  # was a 500 model_load_failed
+            assert reply.model == "tiny" and reply.usage.completion_tokens > 0
+            assert info.engine.is_loaded("tiny")
+        else:
+            catalog.go.set()
+            with pytest.raises(openai.NotFoundError) as caught:  # was a 500 model_load_failed
+                asked.result(300)
+            assert caught.value.response.json()["error"]["code"] == "model_not_found"
+            assert not info.engine.is_loaded("tiny") and not info.engine.is_loading("tiny")
+
+
+def pool_of(event: threading.Event) -> concurrent.futures.Future:
+    """A future done once ``event`` is set (waited for on a daemon thread)."""
+    done: concurrent.futures.Future = concurrent.futures.Future()
+    threading.Thread(target=lambda: (event.wait(300), done.set_result(None)), daemon=True).start()
+    return done

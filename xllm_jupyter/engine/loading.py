@@ -180,11 +180,17 @@ class LoadingMixin:
         and attached again.
         """
         for _ in range(LOAD_ATTEMPTS):
+            asked = self._unload_asks[name]  # a pull or rm of the model from here on asks for its unload
             spec = await asyncio.to_thread(self._resolve, name)
             if spec.task == "embedding":
                 raise not_supported(name, "an embedding model: use /v1/embeddings")
             if spec.task == "adapter":  # a LoRA: attached to its (loaded once) base model
-                model = await self._attach_spec(spec)
+                try:
+                    model = await self._attach_spec(spec)
+                except Exception as exc:
+                    if not await self._moved_under(name, spec, asked, exc):
+                        raise
+                    continue
                 # (attached and routed already: an unload asked during the check detaches it)
                 if await self._files_unchanged(name, spec):
                     return model
@@ -193,7 +199,12 @@ class LoadingMixin:
                 continue
             # off the IOLoop: choosing imports a backend and asks torch whether CUDA is there (seconds, once)
             backend = await asyncio.to_thread(self._choose_backend_once, spec)
-            box = [await self._load_runner(name, spec, backend)]
+            try:
+                box = [await self._load_runner(name, spec, backend)]
+            except Exception as exc:
+                if not await self._moved_under(name, spec, asked, exc):
+                    raise
+                continue
             try:
                 unchanged = await self._files_unchanged(name, spec)
             except BaseException:  # cancelled (the engine stops): stop the thread once it is done, unload
@@ -217,6 +228,16 @@ class LoadingMixin:
         # what the load and warm-up made lives as long as the model: out of the full collections from now on
         await asyncio.to_thread(gc_freeze.freeze)
         return runner.model
+
+    async def _moved_under(self, name: str, spec: ModelSpec, asked: int, exc: Exception) -> bool:
+        """Whether a pull or rm changed ``name``'s files since its load resolved ``spec`` (``asked``: the unload
+        asks counted then), given that the load failed with ``exc``: the files went from under the backend as it
+        read them, so the error says nothing about what the store holds (not "damaged"); load that instead."""
+        if self._unload_asks[name] == asked and await self._files_unchanged(name, spec):
+            return False
+        log.warning("model %s was re-pulled or removed as it loaded, and its load failed (%s); loading it again "
+                    "from the store", name, type(exc).__name__)
+        return True
 
     async def _files_unchanged(self, name: str, spec: ModelSpec) -> bool:
         """Whether the store still holds the files ``spec`` was loaded from (its manifest's digest), read off the
@@ -299,12 +320,19 @@ class LoadingMixin:
         """Load embedding model ``spec`` (``_load_embedding_once``); one re-pulled or removed while it loaded is
         unloaded and loaded again from what the store holds now, as a chat model is (``_load_new``)."""
         for _ in range(LOAD_ATTEMPTS):
-            slot = await self._load_embedding_once(spec)
-            # (the slot is in the table by now: an unload asked after the check below finds it)
-            if await self._files_unchanged(spec.name, spec):
-                return slot
-            log.warning("model %s was re-pulled or removed while it loaded; loading it again from the store", spec.name)
-            await self._embeddings.unload(spec.name)
+            try:
+                slot = await self._load_embedding_once(spec)
+            except Exception as exc:
+                # (an embedding load is not in ``_loading``, so no unload asks are counted for it: the digest tells)
+                if not await self._moved_under(spec.name, spec, self._unload_asks[spec.name], exc):
+                    raise
+            else:
+                # (the slot is in the table by now: an unload asked after the check below finds it)
+                if await self._files_unchanged(spec.name, spec):
+                    return slot
+                log.warning("model %s was re-pulled or removed while it loaded; loading it again from the store",
+                            spec.name)
+                await self._embeddings.unload(spec.name)
             spec = await asyncio.to_thread(self._resolve, spec.name)  # a removed model: ModelNotFound (404)
             if spec.task != "embedding":
                 raise not_supported(spec.name, "a chat model and cannot create embeddings")
