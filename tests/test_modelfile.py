@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import openai
@@ -247,6 +248,44 @@ def test_cli_create_and_show_modelfile_round_trip(tmp_path, monkeypatch, tiny_ll
     assert bad.exit_code == 1 and "Traceback" not in bad.output
     assert "line 4: unknown instruction 'PARAMETR'" in bad.output
     assert sorted(m.name for m in store.list()) == ["copy", "mario", "tiny"]
+
+
+def test_cli_create_reads_a_local_from_path_again_after_it_changed(tmp_path, monkeypatch, tiny_llama_dir):
+    """``FROM ./dir``: an edit of the directory reaches the next ``xllm create`` (it got the first pull's copy)."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("XLLM_HOME", str(home))
+    monkeypatch.delenv("XLLM_CONFIG", raising=False)
+    source = tmp_path / "work" / "my-llama"
+    shutil.copytree(tiny_llama_dir, source)
+    (tmp_path / "work" / "Modelfile").write_text("FROM ./my-llama\nPARAMETER seed 3\n")
+    store, runner = ModelStore(home), CliRunner()
+
+    def create() -> str:
+        result = runner.invoke(main, ["create", "mine", "-f", str(tmp_path / "work" / "Modelfile")],
+                               catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return store.show("mine").digest
+
+    first = create()
+    weights = store.show("my-llama").path / "model.safetensors"
+    inode = weights.stat().st_ino
+    assert create() == first and weights.stat().st_ino == inode  # unchanged: the stored copy, not pulled again
+
+    generation = json.loads((source / "generation_config.json").read_text())
+    (source / "generation_config.json").write_text(json.dumps({**generation, "temperature": 0.3}))
+    second = create()
+    assert second != first and store.show("my-llama").digest == second
+    assert store.resolve("mine").defaults.parameters["temperature"] == 0.3
+    assert "temperature=0.3" in runner.invoke(main, ["show", "mine"], catch_exceptions=False).output
+
+    with open(source / "model.safetensors", "r+b") as f:  # an edit that keeps every size: found by the hashes
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0xFF]))
+    third = create()
+    assert third not in (first, second) and store.verify("mine") and store.verify("my-llama")
+    assert sorted(m.name for m in store.list()) == ["mine", "my-llama"]
 
 
 # -------------------------------------------------------------------------- server

@@ -23,7 +23,7 @@ from ..core.errors import StoreError
 from ..core.types import ChatMessage, ModelfileDefaults
 from .atomic import FileLock, fix_modes, fsync_tree
 from .generation_defaults import sampling_defaults
-from .local import copy_file
+from .local import copy_file, holds_files
 from .manifest import Manifest, write_manifest
 from .modelfile import RECORDED_ONLY, Modelfile, parse_modelfile
 from .names import is_valid_name, name_to_dirname, safe_relpath, validate_name
@@ -194,6 +194,12 @@ def _base(store: "ModelStore", source: str, report: Any, look_in_cwd: bool = Tru
             f"({taken.source}): pull it under another name (xllm pull {source} --name NAME) and write FROM NAME",
             param="modelfile",
         )
+    if taken is not None and (src.kind == "dir" or (src.kind == "gguf" and taken.format == "gguf")) \
+            and not holds_files(Path(src.ref), taken.files, report):
+        # a pull of the same path returns the stored copy: after an edit of the directory, this create would be
+        # made from the old files (a GGUF pulled with --convert holds other files: it cannot be compared)
+        log.info("FROM %s changed since it was pulled as %s: pulling it again", source, taken.name)
+        return store.pull(source, force=True, progress=report)
     return store.pull(source, progress=report)
 
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from ..core.errors import StoreError
-from .manifest import CHUNK, ManifestFile
+from .manifest import CHUNK, ManifestFile, hash_file
 from .names import safe_relpath
 from .progress import ProgressFn, PullProgress
 from .sources import select_files
@@ -65,6 +65,21 @@ def list_dir_files(root: Path) -> list[str]:
             if path.is_file():
                 out.append(path.relative_to(root).as_posix())
     return out
+
+
+def holds_files(src: Path, files: tuple[ManifestFile, ...], progress: ProgressFn | None) -> bool:
+    """True when the local directory or .gguf file ``src`` still holds exactly ``files`` (paths, sizes, sha256):
+    what a pull of it took. Sizes are compared first, so most edits are found without reading the files."""
+    try:
+        if src.is_dir():
+            now = {rel: src / rel for rel in select_files(list_dir_files(src))}
+        else:
+            now = {src.name: src}
+        if set(now) != {f.path for f in files} or any(now[f.path].stat().st_size != f.size for f in files):
+            return False
+        return all(hash_file(now[f.path], progress=progress, label=f.path)[0] == f.sha256 for f in files)
+    except (StoreError, OSError):  # gone, unreadable, or no model files now: the pull that follows says which
+        return False
 
 
 def copy_dir(src: Path, dst: Path, progress: ProgressFn | None) -> list[ManifestFile]:
