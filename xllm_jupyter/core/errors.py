@@ -117,6 +117,14 @@ class PayloadTooLarge(XllmError):
     code = "request_too_large"
 
 
+class UnsupportedMediaType(XllmError):
+    """The body is sent as a media type or content coding this endpoint does not read (415)."""
+
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
 class RequestHeadTooLarge(XllmError):
     """The request line and headers together are over the server's limit (431)."""
 

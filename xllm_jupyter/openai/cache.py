@@ -19,6 +19,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from cachetools import TTLCache
 
 from ..core.config import CacheConfig
+from ..core.errors import InvalidRequest
+from .json_body import strict_json
 from .offload import is_big, off_loop_if
 
 Chunk = dict[str, Any]
@@ -120,8 +122,9 @@ class ResponseCache:
             return await produce(body)
         big = is_big(body)  # then parsing and hashing it run off the IOLoop
         try:
-            parsed = await off_loop_if(big, json.loads, body)
-        except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
+            # the rules the request itself is read by: a body the request parser refuses is never a hit
+            parsed = await off_loop_if(big, strict_json, body)
+        except InvalidRequest:
             return await produce(body)
         if not isinstance(parsed, dict) or not isinstance(parsed.get("model"), str) or not is_deterministic(parsed):
             return await produce(body)

@@ -17,6 +17,7 @@ from ..core.errors import InvalidRequest, Unsupported
 from ..core.types import ChatMessage, Constraint, SamplingParams, TokenLogprob, Usage
 from .conversation import Turn, check_history, core_message
 from .finite import check_finite
+from .json_body import strict_json, without_bom
 from .schema_errors import openai_wording, shown
 from .structured import constraint_from_response_format
 from .tools import parse_tool_config
@@ -338,6 +339,8 @@ def parse_request(cls: type[StrictModel], body: bytes | str) -> Any:
     """Validate ``body`` as ``cls``; every failure is an InvalidRequest naming its param."""
     if not body or not body.strip():
         raise InvalidRequest("The request body is empty; expected a JSON object.", code="invalid_json")
+    strict_json(body)  # UTF-8, well-formed, no key twice: what pydantic lets through and other readers would see
+    body = without_bom(body)
     try:
         req = cls.model_validate_json(body)
     except ValidationError as exc:

@@ -17,13 +17,14 @@ from tornado.web import HTTPError
 
 from .. import __version__
 from ..core.config import XllmConfig
-from ..core.errors import InvalidRequest, NotFound, PayloadTooLarge, quoted
+from ..core.errors import NotFound, PayloadTooLarge, XllmError, quoted
 from ..openai.responses import ResponsesServing
 from ..openai.serving import OpenAIServing
 from .errors import error_response, log_error
 from .json_pieces import write_json_in_pieces
 from .limits import charge_response, metered, open_stream_tally
 from .metrics import ServerMetrics
+from .request_body import BodyReader
 from .sse import SSE_HEADERS, EventStreamWriter, dumps
 from .stalls import watch_finish
 
@@ -301,29 +302,22 @@ class RequestMixin:
 
 
 class BodyMixin(RequestMixin):
-    """Reads a capped request body: 413 from Content-Length before reading, and while reading."""
+    """Reads a capped JSON request body (request_body.py): 413 from Content-Length before reading, and while
+    reading or inflating; 415 for a body declared as another media type or coding."""
 
     SUPPORTED_METHODS: tuple[str, ...] = ("POST",)
-    _body_parts: list[bytes]
-    _body_size = 0
-    _body_overflow = False
+    _reader: BodyReader | None = None
+    _body: bytes | None = None
+    _body_refused = False
 
     async def prepare(self) -> None:
         """Auth (the base's prepare) first, then the Content-Length check."""
-        self._body_parts = []
         result = super().prepare()  # type: ignore[misc]
         if result is not None:
             await result
         if self._finished:  # type: ignore[attr-defined]
             return
-        length = self.request.headers.get("Content-Length")  # type: ignore[attr-defined]
-        if length is not None:
-            try:
-                size = int(length)
-            except ValueError:
-                raise InvalidRequest("Invalid Content-Length header") from None
-            if size > self._body_limit:
-                raise self._too_large()
+        self._reader = BodyReader.for_request(self.request.headers, self._body_limit, self._too_large)  # type: ignore[attr-defined]
 
     @property
     def _body_limit(self) -> int:
@@ -333,22 +327,29 @@ class BodyMixin(RequestMixin):
         return PayloadTooLarge(f"The request body is larger than the server's limit of {self._body_limit} bytes.")
 
     def data_received(self, chunk: bytes) -> None:
-        """Collect body bytes; past the limit answer 413 at once (chunked bodies included)."""
-        if self._body_overflow or self._finished:  # type: ignore[attr-defined]
+        """Collect body bytes; past the limit (also once inflated) answer 413 at once."""
+        if self._body_refused or self._finished or self._reader is None:  # type: ignore[attr-defined]
             return
-        self._body_size += len(chunk)
-        if self._body_size > self._body_limit:
-            self._body_overflow = True
-            self._body_parts = []
-            exc = self._too_large()
+        try:
+            self._reader.feed(chunk)
+        except XllmError as exc:
+            self._body_refused = True
+            self._reader = None
             self.send_error(exc.status, exc_info=(type(exc), exc, None))  # type: ignore[attr-defined]
-            return
-        self._body_parts.append(chunk)
+
+    async def dispatch(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """A POST body refused for its type, coding or gzip data is a 415/400 before any work (after auth)."""
+        if method == "post":
+            self._dispatched = True  # the body was read: the connection may be reused after the error
+            self.body  # noqa: B018 - raises the refusal
+        await super().dispatch(method, *args, **kwargs)
 
     @property
     def body(self) -> bytes:
-        """The whole request body."""
-        return b"".join(self._body_parts)
+        """The whole request body (inflated when it came gzip-compressed)."""
+        if self._body is None:
+            self._body = self._reader.body() if self._reader is not None else b""
+        return self._body
 
 
 # ------------------------------------------------------------------ route mixins

@@ -11,7 +11,6 @@ the server version, for the provenance a notebook records with each answer.
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -21,6 +20,7 @@ from typing import Any
 from .. import __version__
 from ..core.errors import InvalidRequest, StoreError, Unsupported
 from ..core.slow_work import run_slow
+from ..openai.json_body import strict_json
 from ..store.names import validate_name
 from ..store.sources import parse_source
 from .handlers import BodyMixin, RequestMixin
@@ -66,10 +66,7 @@ def manifest_summary(manifest: Any) -> dict[str, Any]:
 
 def _pull_args(body: bytes) -> dict[str, Any]:
     """Validated pull arguments from the JSON body (``source`` is accepted as an alias of ``model``)."""
-    try:
-        data = json.loads(body or b"{}")
-    except (ValueError, RecursionError):  # (nesting past the parser's depth)
-        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from None
+    data = strict_json(body or b"{}")  # UTF-8, well-formed, each key once (as every route reads its body)
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     source = data.get("model", data.get("source"))

@@ -1,0 +1,142 @@
+"""A request body as the JSON routes read it: capped, gzip inflated under the same cap, JSON only.
+
+The cap (``server.max_body_bytes``) holds for the bytes on the wire and for what they inflate
+to: a gzip body is inflated a bounded slice at a time and refused the moment its output passes
+the cap, so a small "zip bomb" costs at most the cap's worth of inflating.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, Callable, Mapping
+
+from ..core.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType, XllmError, quoted
+
+#: content codings a body may be sent in (``x-gzip`` is the old name of ``gzip``)
+GZIP_CODINGS = frozenset({"gzip", "x-gzip"})
+#: a JSON media type: ``application/json`` or a ``+json`` type (``application/merge-patch+json``)
+_JSON_SUFFIX = "+json"
+
+
+def check_media_type(content_type: str | None) -> None:
+    """Refuse a body declared as something other than UTF-8 JSON (415); no Content-Type at all is read as JSON.
+
+    A client that forgot the header (curl ``-d`` sends form-encoded) learns why, rather than the body
+    being read as something it said it is not.
+    """
+    if content_type is None or not content_type.strip():
+        return
+    media, *params = (part.strip() for part in content_type.split(";"))
+    media = media.lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith(_JSON_SUFFIX)):
+        raise UnsupportedMediaType(f"Unsupported Content-Type '{quoted(media)}': send the body as JSON with "
+                                   "'Content-Type: application/json'.", param=None)
+    for param in params:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            raise UnsupportedMediaType(f"Unsupported charset '{quoted(value.strip())}': JSON bodies must be UTF-8.")
+
+
+def _coding(content_encoding: str | None) -> str:
+    codings = [c.strip().lower() for c in (content_encoding or "").split(",") if c.strip()]
+    codings = [c for c in codings if c != "identity"]
+    if not codings:
+        return "identity"
+    if len(codings) == 1 and codings[0] in GZIP_CODINGS:
+        return "gzip"
+    raise UnsupportedMediaType(f"Unsupported Content-Encoding '{quoted(', '.join(codings))}': send the body "
+                               "uncompressed or gzip-compressed.")
+
+
+class BodyReader:
+    """Collects a body chunk by chunk, inflating gzip; raises PayloadTooLarge past ``limit`` bytes at once.
+
+    A body refused for its type, its coding or broken gzip is only counted (for the cap) and raises
+    when ``body()`` is asked for: after the route's own auth and admin checks, which come first.
+    """
+
+    def __init__(self, limit: int, content_encoding: str | None, too_large: Callable[[], PayloadTooLarge],
+                 content_type: str | None = None):
+        self.limit = limit
+        self._too_large = too_large
+        self._parts: list[bytes] = []
+        self._fed = False
+        self._inflater: Any = None
+        self.size = 0  # bytes kept (inflated ones for a gzip body)
+        self._wire = 0  # bytes read, once the body is refused
+        #: why the body is refused (raised by ``body()``), None while it is fine
+        self.refused: XllmError | None = None
+        try:
+            check_media_type(content_type)
+            if _coding(content_encoding) == "gzip":
+                self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        except XllmError as exc:
+            self.refused = exc
+
+    @classmethod
+    def for_request(cls, headers: Mapping[str, str], limit: int, too_large: Callable[[], PayloadTooLarge]) -> BodyReader:
+        """A reader for the request with ``headers``; a declared length past ``limit`` raises at once."""
+        length = headers.get("Content-Length")
+        if length is not None:
+            try:
+                size = int(length)
+            except ValueError:
+                raise InvalidRequest("Invalid Content-Length header") from None
+            if size > limit:
+                raise too_large()
+        has_body = length not in (None, "0") or "Transfer-Encoding" in headers  # only a body that is there has a type
+        return cls(limit, headers.get("Content-Encoding"), too_large, headers.get("Content-Type") if has_body else None)
+
+    def _keep(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            self._parts = []
+            exc = self._too_large()
+            if self._inflater is not None:
+                exc = PayloadTooLarge(exc.message.rstrip(".") + " once decompressed (Content-Encoding: gzip).")
+            raise exc
+        self._parts.append(data)
+
+    def _refuse(self, message: str) -> None:
+        self.refused = InvalidRequest(message, code="invalid_body")
+        self._parts = []
+
+    def feed(self, chunk: bytes) -> None:
+        """Add ``chunk`` as it came off the wire."""
+        self._fed = self._fed or bool(chunk)
+        if self.refused is not None:
+            self._wire += len(chunk)
+            if self._wire > self.limit:
+                raise self._too_large()
+            return
+        inflater = self._inflater
+        if inflater is None:
+            self._keep(chunk)
+            return
+        if inflater.eof:
+            if chunk:
+                self._refuse("The gzip request body has data after its end.")
+            return
+        data = chunk
+        try:
+            while data and not inflater.eof:
+                # at most one byte past what the cap still allows: enough to know it is over
+                out = inflater.decompress(data, self.limit - self.size + 1)
+                self._keep(out)
+                data = inflater.unconsumed_tail
+        except zlib.error:
+            self._refuse("The request body is not valid gzip data (Content-Encoding: gzip).")
+            return
+        if inflater.eof and inflater.unused_data:
+            self._refuse("The gzip request body has data after its end.")
+
+    def body(self) -> bytes:
+        """The whole body (inflated), or the error that refuses it (a gzip body cut short included)."""
+        if self.refused is None and self._inflater is not None and self._fed and not self._inflater.eof:
+            self._refuse("The gzip request body ends before its data does.")
+        if self.refused is not None:
+            raise self.refused
+        return b"".join(self._parts)
+
+
+__all__ = ["BodyReader", "GZIP_CODINGS", "check_media_type"]
