@@ -16,11 +16,18 @@ Rounds alternate between them, so the shared machine's noise falls on both alike
 With ``--users N`` the huge prompt is posted by N users at once (more than asyncio's shared pool
 of worker threads: 6 on 2 CPUs).
 
+With ``--burst N`` a round is about two users' huge prompts instead (the servers get two API keys):
+one user's huge prompt alone (``alone_s``), then one user posts N huge prompts at once and ``--delay`` s
+later the other user posts one (``behind_s``: how long the second user's took; a FIFO lane held it
+behind the whole burst, the fair lane behind about one of the burst's prompts).
+
 Reported per side: median ``alone_s``, ``behind_s``, their ratio, and the worst ``/health``.
 
     .venv/bin/python benchmarks/small_behind_huge.py     # writes benchmarks/results/small_behind_huge.{json,md}
     .venv/bin/python benchmarks/small_behind_huge.py --before e45f895 --users 7 --huge-mb 1 \
         --out benchmarks/results/small_behind_many_huge   # the prompt lane (34044fb): 7 users' 1 MB prompts
+    .venv/bin/python benchmarks/small_behind_huge.py --before e2567a5~1 --burst 6 --huge-mb 0.5 --delay 0.3 \
+        --out benchmarks/results/huge_behind_burst        # the fair lane (e2567a5): a huge prompt behind a burst
 """
 
 from __future__ import annotations
@@ -36,8 +43,11 @@ import tarfile
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
+
+import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from child_server import ROOT, TINY, ChildServer, commit, tiny_store, write_results  # noqa: E402
@@ -45,6 +55,8 @@ from loop_stall import HealthPoller, post  # noqa: E402
 
 #: the last commit with every tokenizer call behind the model's lock
 BEFORE = "e45f895~1"
+#: the two users' keys of a --burst run
+KEYS = ("sk-bench-burst", "sk-bench-other")
 SMALL = json.dumps({"model": TINY, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).encode()
 
 
@@ -69,6 +81,22 @@ class OldServer(ChildServer):
         cmd = super().command()
         return [cmd[0], "-c", f"import os, sys; os.chdir({str(self.code)!r}); sys.path.insert(0, {str(self.code)!r}); "
                 "from xllm_jupyter.cli.main import main; main()", *cmd[3:]]
+
+
+class TwoUsers:
+    """Mixed into a child server: it accepts both ``KEYS`` (two users; ``ready`` checks the first)."""
+
+    def command(self) -> list[str]:
+        """The server's command line, with the second key added."""
+        return super().command() + ["--api-key", KEYS[1]]  # type: ignore[misc]
+
+
+class TwoUserServer(TwoUsers, ChildServer):
+    """This checkout's server, for two users."""
+
+
+class TwoUserOldServer(TwoUsers, OldServer):
+    """The old code's server, for two users."""
 
 
 def timed_post(port: int, path: str, body: bytes) -> tuple[int, float]:
@@ -111,6 +139,30 @@ def one_round(server: ChildServer, huge: bytes, delay: float, poll_ms: float, us
             "huge_status": got["status"], "worst_health_s": round(max(health), 4) if health else None}
 
 
+def keyed_post(port: int, key: str, body: bytes) -> tuple[int, float]:
+    """POST ``body`` to /v1/completions as the user of ``key``; its status and seconds."""
+    start = time.perf_counter()
+    r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", content=body, timeout=600,
+                   headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    return r.status_code, time.perf_counter() - start
+
+
+def burst_round(server: ChildServer, huge: bytes, delay: float, burst: int) -> dict:
+    """One user's huge prompt alone, then behind another user's burst of ``burst`` huge prompts."""
+    status, alone = keyed_post(server.port, KEYS[1], huge)
+    assert status == 400, status  # tokenized, then too long for the tiny model
+    with ThreadPoolExecutor(burst) as pool:
+        start = time.perf_counter()
+        mine = [pool.submit(keyed_post, server.port, KEYS[0], huge) for _ in range(burst)]
+        time.sleep(delay)
+        other_status, behind = keyed_post(server.port, KEYS[1], huge)
+        answers = [f.result() for f in mine]
+    return {"alone_s": round(alone, 3), "behind_s": round(behind, 3),
+            "burst_last_s": round(max(s for _, s in answers), 3), "since_burst_s": round(time.perf_counter() - start, 3),
+            "huge_status": sorted({status, other_status, *(c for c, _ in answers)}), "huge_s": round(alone, 3),
+            "worst_health_s": None}
+
+
 def summary(rounds: list[dict]) -> dict:
     """Medians over the rounds."""
     alone = statistics.median(r["alone_s"] for r in rounds)
@@ -127,6 +179,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--huge-mb", type=float, default=3.0)
     ap.add_argument("--users", type=int, default=1, help="users posting the huge prompt at once")
+    ap.add_argument("--burst", type=int, default=0,
+                    help="measure another user's huge prompt behind one user's burst of this many huge prompts")
     ap.add_argument("--delay", type=float, default=1.0, help="seconds between the huge and the small request")
     ap.add_argument("--poll-ms", type=float, default=50)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "small_behind_huge"))
@@ -136,13 +190,18 @@ def main() -> None:
         home = Path(tmp) / "home"
         tiny_store(home)
         old = extract(args.before, Path(tmp) / "before")
-        servers = {"before": OldServer(old, home, Path(tmp) / "before.log"),
-                   "after": ChildServer(home, Path(tmp) / "after.log")}
+        # a burst run tells two users apart by their API keys
+        keyed = {"api_key": KEYS[0]} if args.burst else {}
+        servers = {"before": (TwoUserOldServer if args.burst else OldServer)(old, home, Path(tmp) / "before.log", **keyed),
+                   "after": (TwoUserServer if args.burst else ChildServer)(home, Path(tmp) / "after.log", **keyed)}
         try:
             rounds: dict[str, list[dict]] = {side: [] for side in servers}
             for i in range(args.rounds):
                 for side, server in servers.items():
-                    rounds[side].append(one_round(server, huge, args.delay, args.poll_ms, args.users))
+                    if args.burst:
+                        rounds[side].append(burst_round(server, huge, args.delay, args.burst))
+                    else:
+                        rounds[side].append(one_round(server, huge, args.delay, args.poll_ms, args.users))
                     print(side, i, rounds[side][-1], flush=True)
         finally:
             for server in servers.values():
@@ -150,7 +209,10 @@ def main() -> None:
     sums = {side: summary(r) for side, r in rounds.items()}
     result = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
               "before": args.before, "machine": platform.platform(), "huge_bytes": len(huge),
-              "delay_s": args.delay, "users": args.users, "summary": sums, "rounds": rounds}
+              "delay_s": args.delay, "users": args.users, "burst": args.burst, "summary": sums, "rounds": rounds}
+    if args.burst:
+        write_results(args.out, result, burst_report(result, args, sums))
+        return
     who = "another user's" if args.users == 1 else f"{args.users} other users'"
     lines = [f"# A small chat behind {who} {len(huge) / 1e6:.1f} MB prompts ({result['when']}, {result['commit']})", "",
              f"`.venv/bin/python benchmarks/small_behind_huge.py {' '.join(sys.argv[1:])}`; before = `{args.before}`; "
@@ -160,6 +222,18 @@ def main() -> None:
     for side, s in sums.items():
         lines.append(f"| {side} | {s['alone_s']} | {s['behind_s']} | {s['ratio']}x | {s['huge_s']} | {s['worst_health_s']} |")
     write_results(args.out, result, "\n".join(lines) + "\n")
+
+
+def burst_report(result: dict, args: argparse.Namespace, sums: dict) -> str:
+    """The markdown report of a --burst run."""
+    mb = result["huge_bytes"] / 1e6
+    lines = [f"# A user's {mb:.1f} MB prompt behind another user's burst of {args.burst} ({result['when']}, {result['commit']})",
+             "", f"`.venv/bin/python benchmarks/small_behind_huge.py {' '.join(sys.argv[1:])}`; before = `{args.before}`; "
+             f"medians of {args.rounds} alternating rounds; the second user's prompt is sent {args.delay} s after the burst.",
+             "", "| code | huge prompt alone (s) | behind the burst (s) | ratio |", "|---|---|---|---|"]
+    for side, s in sums.items():
+        lines.append(f"| {side} | {s['alone_s']} | {s['behind_s']} | {s['ratio']}x |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
