@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import resource
 import socket
@@ -17,7 +18,7 @@ import pytest
 from tests.helpers import free_port
 from tests.server_fixtures import API_KEY, TINY, make_test_config, running_server
 from xllm_jupyter.core.config import AuthConfig
-from xllm_jupyter.server.connections import ConnectionGuard, raise_fd_limit
+from xllm_jupyter.server.connections import ConnectionGuard, per_client_cap, raise_fd_limit
 
 PER_CLIENT = 5
 HALF = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n"  # a request head that never ends
@@ -38,12 +39,14 @@ def _half_open(port: int, source: str) -> socket.socket:
     return s
 
 
-def _closed_by_server(s: socket.socket) -> bool:
-    """True when the server closed ``s`` without answering (what a refused connection gets)."""
-    try:
-        return s.recv(1) == b""
-    except ConnectionResetError:
-        return True
+def _answer_then_close(s: socket.socket) -> bytes:
+    """All the server sent on ``s`` until it closed it (what a refused connection gets)."""
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
 
 
 def _served(root: str, source: str) -> int:
@@ -60,8 +63,10 @@ def test_a_client_at_its_cap_is_closed_and_others_are_served(capped):
     held = [_half_open(port, "127.0.0.2") for _ in range(PER_CLIENT)]
     try:
         extra = _half_open(port, "127.0.0.2")
-        assert _closed_by_server(extra)  # closed on arrival, nothing written
+        head, _, body = _answer_then_close(extra).partition(b"\r\n\r\n")  # answered and closed on arrival
         extra.close()
+        assert head.startswith(b"HTTP/1.1 429 ") and b"\r\nRetry-After: 1" in head and b"Connection: close" in head
+        assert json.loads(body)["error"]["code"] == "too_many_connections"
         assert _served(capped.root, "127.0.0.3") == 200  # another address is not affected
     finally:
         for s in held:
@@ -74,6 +79,44 @@ def test_a_client_at_its_cap_is_closed_and_others_are_served(capped):
             time.sleep(0.05)
     else:
         pytest.fail("127.0.0.2 was not served again after closing its connections")
+
+
+def test_the_openai_sdk_over_its_cap_gets_a_rate_limit_error_not_a_connection_error(capped):
+    """Closed without a word, the SDK raised APIConnectionError (and, with retries on, retried at once)."""
+    import openai
+
+    port = _port(capped)
+    held = [_half_open(port, "127.0.0.4") for _ in range(PER_CLIENT)]
+    try:
+        http = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.4"), timeout=30)
+        sdk = openai.OpenAI(base_url=capped.base_url, api_key=API_KEY, max_retries=0, http_client=http)
+        with pytest.raises(openai.RateLimitError) as caught:
+            sdk.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        error = caught.value
+        assert error.status_code == 429 and error.response.headers["retry-after"] == "1"
+        assert error.code == "too_many_connections" and "at most 5" in error.message
+        http.close()
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_the_per_client_default_scales_with_the_total_cap():
+    """At a low descriptor limit the total cap (3/4 of it) was below the fixed 256 per client: the per-client
+    cap never came first, and one client's flood closed every client's new connections."""
+    assert per_client_cap(-1, 49152) == 256  # the descriptor limit raised to 65536
+    assert per_client_cap(-1, 192) == 48  # 256 descriptors
+    assert per_client_cap(-1, 2) == 1
+    assert (per_client_cap(0, 192), per_client_cap(300, 192)) == (0, 300)  # what is set is kept
+    assert ConnectionGuard(total=192, per_client=-1).per_client == 48
+    # a refused connection's answer at the total cap: 503 with Retry-After, an OpenAI body
+    guard = ConnectionGuard(total=1, per_client=-1)
+    assert guard.admit("10.0.0.1") and guard.admit("10.0.0.2") is None
+    head, _, body = guard.reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ") and b"\r\nRetry-After: 1" in head
+    assert json.loads(body)["error"] == {"message": "The server has too many open connections (at most 1); "
+                                         "retry shortly.", "type": "server_error", "param": None,
+                                         "code": "too_many_connections"}
 
 
 def test_a_trusted_proxy_is_not_capped(capped):
@@ -102,8 +145,9 @@ def test_a_flood_of_half_sent_requests_under_a_low_descriptor_limit(tmp_path):
     (28 MB) were logged in 3 s, and no one was answered. Now the flooding address is closed at its cap."""
     port = free_port()
     log = tmp_path / "serve.log"
-    env = {**os.environ, "XLLM_HOME": str(tmp_path / "home"), "XLLM_API_KEYS": "k", "XLLM_ENGINE_DEFAULT_MODEL": "",
-           "XLLM_SERVER_MAX_CONNECTIONS_PER_CLIENT": "100"}
+    # the default per-client cap: 48 here (a quarter of the total cap, 192); a fixed 256 was never reached first
+    env = {**os.environ, "XLLM_HOME": str(tmp_path / "home"), "XLLM_API_KEYS": "k", "XLLM_ENGINE_DEFAULT_MODEL": ""}
+    env.pop("XLLM_SERVER_MAX_CONNECTIONS_PER_CLIENT", None)
 
     def low_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
@@ -134,4 +178,5 @@ def test_a_flood_of_half_sent_requests_under_a_low_descriptor_limit(tmp_path):
         proc.wait(30)
     text = log.read_text(errors="replace")
     assert "Too many open files" not in text and "Traceback" not in text
-    assert text.count("closing new connections from 127.0.0.2") == 1  # said once, not per connection
+    assert text.count("closing new connections from 127.0.0.2: it has 48 open") == 1  # said once, not per connection
+    assert "every client" not in text  # the flooding client's cap came first, not the total one

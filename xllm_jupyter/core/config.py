@@ -50,8 +50,9 @@ class ServerConfig:
     # between requests, is closed (xllm serve and the hub service; Jupyter has its own); and everywhere
     # a client that reads none of its pending answer or stream this long (server/stalls.py)
     connection_timeout_seconds: float = 60.0
-    #: connections one client address may hold open (xllm serve, hub service; auth.trusted_proxies exempt); 0 = no cap
-    max_connections_per_client: int = 256
+    #: connections one client address may hold open (xllm serve, hub service; auth.trusted_proxies exempt); 0 = no cap;
+    #: -1 = 256, or a quarter of max_connections where that is lower (else a low descriptor limit left it unreachable)
+    max_connections_per_client: int = -1
     #: connections open at once in all; 0 = three quarters of the (raised) file descriptor limit
     max_connections: int = 0
     #: token logprobs one reply may carry, n x max_tokens x (top_logprobs + 1) (~90 bytes each); 0 = no cap

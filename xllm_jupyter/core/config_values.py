@@ -45,7 +45,7 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("server", "max_n"): (1, 128),
     ("server", "keepalive_seconds"): (0.1, None),
     ("server", "connection_timeout_seconds"): (0.1, None),  # 0 would close every connection at once
-    ("server", "max_connections_per_client"): (0, None),
+    ("server", "max_connections_per_client"): (-1, None),  # -1: the default, scaled to the total cap
     ("server", "max_connections"): (0, None),
     ("server", "max_logprob_entries"): (0, None),
     ("engine", "max_batch_size"): (1, 1024),

@@ -6,11 +6,18 @@ one file descriptor each: at the process's descriptor limit ``accept`` failed, T
 traceback and retried at once, so the server spun a core, wrote its log full, and answered nobody
 for as long as the client kept them open.
 
-Here a connection is closed as soon as it is accepted when its client already has
+Here a connection is refused as soon as it is accepted when its client already has
 ``server.max_connections_per_client`` open (IPv6 by /64, as for failed authentications; the
 ``auth.trusted_proxies`` are exempt, since every user of a hub arrives through its proxy), or when
 the server has ``server.max_connections`` open (0: three quarters of the descriptor limit, which
 ``raise_fd_limit`` first lifts to its hard maximum, so the cap is reached before ``accept`` fails).
+The per-client cap's default (-1) is 256, or a quarter of the total cap where that is lower: at a
+low descriptor limit the total cap was below 256 and the per-client one never came first.
+
+A refused connection is answered before it is closed, 429 ``too_many_connections`` (503 at the total
+cap) with an OpenAI error body and ``Retry-After``: closed without a word, the openai SDK saw a
+connection error and retried it at once. The answer costs no more than the close: one non-blocking
+``send`` of a few hundred bytes (what does not fit is dropped), nothing parsed, no body awaited.
 """
 
 from __future__ import annotations
@@ -20,9 +27,13 @@ from collections import Counter
 from typing import Any, Callable
 
 from tornado import httputil
+from tornado.iostream import SSLIOStream
 
+from ..core.errors import Overloaded, RateLimited, XllmError
 from .auth_failures import client_label
+from .errors import error_response
 from .head_limit import HeadLimitedHTTPServer
+from .sse import dumps
 
 log = logging.getLogger("xllm_jupyter.server")
 
@@ -30,6 +41,11 @@ log = logging.getLogger("xllm_jupyter.server")
 _SPARE_SHARE = 4
 #: the most ``raise_fd_limit`` asks for (some systems allow millions; the cap need not follow them)
 _FD_CEILING = 65536
+#: the per-client cap ``max_connections_per_client: -1`` stands for, unless a quarter of the total is lower
+_PER_CLIENT_DEFAULT = 256
+#: of what a refused client already sent, the most read off (and dropped) before the close: unread data
+#: turns the close into a reset, which can destroy the answer before the client reads it
+_DRAIN_BYTES = 256 * 1024
 
 
 def raise_fd_limit() -> int:
@@ -55,18 +71,58 @@ def default_max_connections() -> int:
     return max(16, limit - limit // _SPARE_SHARE)
 
 
+def per_client_cap(configured: int, total: int) -> int:
+    """The per-client cap in force: ``configured``, or for -1 (the default) 256 or a quarter of ``total`` if lower."""
+    return configured if configured >= 0 else max(1, min(_PER_CLIENT_DEFAULT, total // 4))
+
+
+def refusal_reply(exc: XllmError) -> bytes:
+    """A whole HTTP/1.1 response for ``exc`` (OpenAI error body, its Retry-After), ending the connection."""
+    status, body, headers = error_response(exc)
+    data = dumps(body).encode()
+    head = [f"HTTP/1.1 {status} {httputil.responses[status]}", "Content-Type: application/json",
+            f"Content-Length: {len(data)}", "Connection: close", *(f"{k}: {v}" for k, v in headers.items())]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + data
+
+
+def answer_and_close(stream: Any, reply: bytes) -> None:
+    """Send ``reply`` on a just-accepted ``stream`` without waiting on its client, then close it."""
+    sock = getattr(stream, "socket", None)
+    if sock is not None and not isinstance(stream, SSLIOStream):  # TLS would need a handshake first
+        try:
+            # Tornado made the socket non-blocking: one send, and a fresh connection's buffer takes it all
+            sock.send(reply)
+            drained = 0
+            while drained < _DRAIN_BYTES:
+                chunk = sock.recv(65536)  # only what has already arrived (BlockingIOError when none)
+                if not chunk:
+                    break
+                drained += len(chunk)
+        except OSError:  # BlockingIOError, or the client is gone: the close below is all that is left
+            pass
+    stream.close()
+
+
 class ConnectionGuard:
     """Counts open connections per client and in all; says whether a new one may stay."""
 
     def __init__(self, total: int, per_client: int, exempt: Callable[[str], bool] = lambda _: False):
         self.total = total
-        self.per_client = per_client
+        self.per_client = per_client_cap(per_client, total)
         self._exempt = exempt
         self._open: Counter[str] = Counter()
         self._count = 0
         self._warned: set[str] = set()
         #: connections closed on arrival so far
         self.refused = 0
+        #: the answer to the connection ``admit`` refused last (429 over a client's cap, 503 over the total)
+        self.reply = b""
+        self._client_reply = refusal_reply(RateLimited(
+            f"Too many open connections from this address (at most {self.per_client}); close some and retry.",
+            code="too_many_connections"))
+        self._total_reply = refusal_reply(Overloaded(
+            f"The server has too many open connections (at most {self.total}); retry shortly.",
+            code="too_many_connections"))
 
     @property
     def open(self) -> int:
@@ -79,6 +135,7 @@ class ConnectionGuard:
         over_client = self.per_client and not self._exempt(address) and self._open[label] >= self.per_client
         if over_client or self._count >= self.total:
             self.refused += 1
+            self.reply = self._client_reply if over_client else self._total_reply
             why = label if over_client else "*"
             if why not in self._warned:  # once per episode, not per connection: the log must not fill up
                 self._warned.add(why)
@@ -106,13 +163,13 @@ class GuardedHTTPServer(HeadLimitedHTTPServer):
     guard: ConnectionGuard | None = None
 
     def handle_stream(self, stream: Any, address: Any) -> None:
-        """Serve ``stream`` unless its client (or the server) is at its cap; then close it at once."""
+        """Serve ``stream`` unless its client (or the server) is at its cap; then answer 429/503 and close it."""
         if self.guard is None:
             return super().handle_stream(stream, address)
         host = address[0] if isinstance(address, tuple) and address else ""
         label = self.guard.admit(host)
         if label is None:
-            stream.close()
+            answer_and_close(stream, self.guard.reply)
             return None
         if not hasattr(self, "_labels"):
             self._labels: dict[Any, str] = {}
@@ -127,4 +184,5 @@ class GuardedHTTPServer(HeadLimitedHTTPServer):
             self.guard.release(label)
 
 
-__all__ = ["ConnectionGuard", "GuardedHTTPServer", "default_max_connections", "raise_fd_limit"]
+__all__ = ["ConnectionGuard", "GuardedHTTPServer", "answer_and_close", "default_max_connections", "per_client_cap",
+           "raise_fd_limit", "refusal_reply"]
