@@ -389,7 +389,7 @@ async def test_an_embedding_request_whose_model_was_unloaded_after_it_got_it_is_
 
     host = EmbeddingHost(loader=lambda spec: FakeEmbeddingModel())
     slot = await host.load(dataclasses.replace(FakeCatalog(["vec"]).resolve("vec"), task="embedding"))
-    assert (await host.embed(slot, ["a b"])).vectors == [[1.0, 0.0]]
+    assert (await host.embed(slot, ["a b"])).vectors.tolist() == [[1.0, 0.0]]  # (rows of a float32 array)
     assert await host.unload("vec")  # (the reaper's unload) before the first request's embed
     with pytest.raises(Overloaded, match="unloaded"):
         await host.embed(slot, ["a b"])

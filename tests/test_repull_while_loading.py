@@ -264,7 +264,7 @@ async def test_an_embedding_model_changed_while_it_loads_does_not_serve_its_old_
     finally:
         release.set()
     if change == "repull":
-        assert (await asked).vectors == [[1.0, 0.0]]
+        assert (await asked).vectors.tolist() == [[1.0, 0.0]]  # (rows of a float32 array)
         assert digests == ["sha256:old", "sha256:new"]
         assert engine._embeddings.slots["fake"].model.digest == "sha256:new"  # was the old files' model
     else:

@@ -3,15 +3,14 @@
 Reads the sentence-transformers layout (``1_Pooling/config.json``,
 ``sentence_bert_config.json``) without needing the sentence-transformers package.
 torch and transformers are imported inside ``load`` so importing this module is cheap.
-An ``EmbeddingModel`` is called from one worker thread at a time (the engine's
-per-model executor), but its tokenizer is also guarded by a lock so it stays safe if
-called from elsewhere.
+Its forwards run on one worker thread at a time (the engine's per-model executor); its
+tokenizer is called from any thread, without a lock when it is a settled Rust one (as a chat
+model's: hf_tokenizer.py), so one user's big batch does not hold up another's tokenizing.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,6 +19,7 @@ import numpy as np
 from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest
 from .base import ModelSpec
 from .compile_gate import COMPILE_GATE
+from .hf_tokenizer import TokenizerGuard
 from .load_lock import exclusive_load
 from .quiet_loading import library_bars_off
 from .tokenizer_files import load_tokenizer
@@ -68,9 +68,9 @@ class EmbeddingModel:
         self.context_length = max_length
         self.dimension = int(model.config.hidden_size)
         self.vocab_size = len(tokenizer)
+        self._guard = TokenizerGuard(tokenizer)  # (settles it first: special_wrapping's encodes then only read it)
         self._prefix, self._suffix = special_wrapping(tokenizer)
         self._specials = len(self._prefix) + len(self._suffix)
-        self._tok_lock = threading.Lock()
         # counted once: the weights never change, and a listing may ask while unload() drops them
         self._bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -81,7 +81,7 @@ class EmbeddingModel:
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of ``text`` without special tokens (thread-safe)."""
-        with self._tok_lock:
+        with self._guard():
             return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def check_ids(self, index: int, ids: Sequence[int]) -> None:

@@ -55,14 +55,29 @@ def settled(tokenizer: Any) -> bool:
     return backend.truncation is None and backend.padding is None
 
 
+class TokenizerGuard:
+    """What a shared tokenizer's calls hold: nothing for a settled Rust one (``settle``), one lock otherwise."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.shared = settle(tokenizer)  # True: no lock needed (a Rust tokenizer whose calls only read it)
+        self._lock = threading.Lock()
+
+    def __call__(self) -> ContextManager[Any]:
+        """The context one call runs in."""
+        if self.shared and settled(self.tokenizer):
+            return contextlib.nullcontext()
+        # a slow tokenizer, or something set truncation/padding on this one since: this call may change it
+        return self._lock
+
+
 class ChatTokenizer:
     """Thread-safe wrapper over a ``transformers`` tokenizer with chat-template rendering."""
 
     def __init__(self, tokenizer: Any, model_name: str):
         self.tokenizer = tokenizer
         self.model_name = model_name
-        self._lock = threading.Lock()
-        self._shared = settle(tokenizer)  # True: no lock needed (a Rust tokenizer that calls only read)
+        self._guard = TokenizerGuard(tokenizer)  # (a lock only where calls may change the tokenizer)
         self._token_bytes: dict[int, bytes] = {}  # token_bytes' answers: logprobs ask for ~20 tokens a step
         self._spelling: tuple[str, frozenset[int]] | None = None  # (piece scheme, added token ids), found once
 
@@ -70,13 +85,6 @@ class ChatTokenizer:
     def from_directory(cls, path: str, model_name: str, **kwargs: Any) -> "ChatTokenizer":
         """Load the tokenizer stored next to a model's weights."""
         return cls(load_tokenizer(path, **kwargs), model_name)
-
-    def _guard(self) -> ContextManager[Any]:
-        """The lock for a tokenizer whose calls may change it; none for a settled Rust one."""
-        if self._shared and settled(self.tokenizer):
-            return contextlib.nullcontext()
-        # a slow tokenizer, or something set truncation/padding on this one since: this call may change it
-        return self._lock
 
     def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Token ids for ``text``."""

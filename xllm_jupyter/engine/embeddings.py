@@ -1,8 +1,13 @@
 """The engine's embedding models: loaded on demand, each with its own one-thread executor.
 
 Embedding forwards never enter a chat runner's step loop: each embedding model has a
-single worker thread of its own, so requests for it run one after another there (torch
+single worker thread of its own, so forwards for it run one after another there (torch
 already spreads one forward over the cores) and the event loop only awaits futures.
+
+A request's texts are tokenized off that thread (the model's tokenizer is lock-free once
+settled), and its forwards go to the thread ``TURN`` inputs at a time, the next turn queued
+only when the last one is done: another user's request queued meanwhile runs between two
+turns, so it waits for one turn of a big batch, not for the whole batch (tokenizing included).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from ..backends.base import ModelSpec
 from ..core import gc_freeze
 from ..core.errors import Overloaded, XllmError
@@ -20,6 +27,9 @@ from ..core.slow_work import run_slow
 from ..core.types import EmbeddingResult, ModelInfo, ModelRuntime
 
 log = logging.getLogger(__name__)
+
+#: inputs per turn on a model's thread (one forward chunk of backends/embeddings.py)
+TURN = 64
 
 
 class EmbeddingSlot:
@@ -98,22 +108,43 @@ class EmbeddingHost:
         await asyncio.to_thread(gc_freeze.freeze)
         return slot
 
-    async def embed(self, slot: EmbeddingSlot, inputs: Sequence[str] | Sequence[Sequence[int]]) -> EmbeddingResult:
-        """Tokenize, check and embed ``inputs`` on the model's own thread."""
+    async def embed(self, slot: EmbeddingSlot, inputs: Sequence[str] | Sequence[Sequence[int]],
+                    tokenize: Callable[..., Any] | None = None) -> EmbeddingResult:
+        """Tokenize and check ``inputs`` on a worker thread (``tokenize(chars, work)`` runs it: the engine's prompt
+        lane; default: asyncio's pool), then embed them on the model's own thread, ``TURN`` inputs a turn."""
         model = slot.model
-        if slot.closed:
-            # unloaded after this request got its slot (a keep_alive 0 request ending while this one waited for
-            # the load's collection): its executor takes no work, which read as a 500 with a traceback
-            raise slot.closed_by or Overloaded(f"The model '{model.name}' was unloaded while this request ran; "
-                                               "retry the request")
+        self._check_open(slot)
 
-        def work() -> EmbeddingResult:
+        def prepare() -> list[list[int]]:
             ids = [model.tokenize(x) if isinstance(x, str) else list(x) for x in inputs]
             for i, row in enumerate(ids):
                 model.check_ids(i, row)
-            return EmbeddingResult(model=model.name, vectors=model.embed_ids(ids), token_counts=tuple(len(r) for r in ids))
+            return ids
 
-        return await asyncio.get_running_loop().run_in_executor(slot.executor, work)
+        chars = sum(len(x) for x in inputs if isinstance(x, str))
+        ids = await (tokenize(chars, prepare) if tokenize is not None else asyncio.to_thread(prepare))
+        # similar lengths share a turn (each pads to its longest); rows go back to input order via ``order``
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        vectors = np.empty((len(ids), model.dimension), dtype=np.float32)
+        loop = asyncio.get_running_loop()
+        for start in range(0, len(order), TURN):
+            rows = order[start : start + TURN]
+            self._check_open(slot)
+            try:
+                vectors[rows] = await loop.run_in_executor(slot.executor, model.embed_ids, [ids[i] for i in rows])
+            except RuntimeError:  # "cannot schedule new futures after shutdown": unloaded between two turns
+                self._check_open(slot)
+                raise
+        return EmbeddingResult(model=model.name, vectors=vectors, token_counts=tuple(len(r) for r in ids))
+
+    @staticmethod
+    def _check_open(slot: EmbeddingSlot) -> None:
+        """The unload's error when ``slot`` was unloaded after this request got it."""
+        if slot.closed:
+            # unloaded after this request got its slot (a keep_alive 0 request ending while this one waited for
+            # the load's collection): its executor takes no work, which read as a 500 with a traceback
+            raise slot.closed_by or Overloaded(f"The model '{slot.model.name}' was unloaded while this request ran; "
+                                               "retry the request")
 
     async def unload(self, name: str, reason: XllmError | None = None) -> bool:
         """Unload ``name``; False when it was not loaded. A request that finds it closed fails with ``reason``."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from collections import Counter
@@ -179,8 +180,9 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
         self._touch(name, "default" if keep_alive is None else (None if keep_alive < 0 else keep_alive))
 
     async def embed(self, model: str, inputs: Sequence[str] | Sequence[Sequence[int]],
-                    keep_alive: float | None = None) -> EmbeddingResult:
-        """Unit-length embeddings of ``inputs`` (texts or token-id lists) with embedding model ``model``."""
+                    keep_alive: float | None = None, *, user: str | None = None) -> EmbeddingResult:
+        """Unit-length embeddings of ``inputs`` (texts or token-id lists) with embedding model ``model`` (huge texts
+        are tokenized in ``user``'s turn in the prompt lane)."""
         model = canonical_name(model)
         slot = self._embeddings.slots.get(model)
         if slot is None:
@@ -190,7 +192,7 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
             if spec.task != "embedding":
                 raise not_supported(model, "a chat model and cannot create embeddings")
             slot = await self._load_embedding(spec)
-        result = await self._embeddings.embed(slot, inputs)
+        result = await self._embeddings.embed(slot, inputs, functools.partial(self._prompts.run, user=user))
         self._expire_embedding(model, keep_alive)
         return result
 

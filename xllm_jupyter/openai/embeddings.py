@@ -87,12 +87,13 @@ def encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str
     return np.asarray(vector, dtype=np.float32).tolist()  # one C call: 2,048 x 1,024 floats in ms, not seconds
 
 
-async def create_embeddings(engine: Any, body: bytes, manages: bool = True) -> dict[str, Any]:
-    """``POST /v1/embeddings``: the OpenAI response dict (``manages``: the caller may send ``keep_alive``)."""
+async def create_embeddings(engine: Any, body: bytes, manages: bool = True, user: str | None = None) -> dict[str, Any]:
+    """``POST /v1/embeddings``: the OpenAI response dict (``manages``: the caller may send ``keep_alive``; ``user``:
+    the authenticated caller, whose turn a huge input is tokenized in)."""
     req: EmbeddingRequest = await parse_body(EmbeddingRequest, body)
     keep_alive = request_keep_alive(req.keep_alive, manages)
     _check_dimensions(req, engine.embedding_dimension(req.model))  # before the forward when loaded
-    result = await engine.embed(req.model, req.inputs(), keep_alive=keep_alive)
+    result = await engine.embed(req.model, req.inputs(), keep_alive=keep_alive, user=user)
     _check_dimensions(req, result.vectors.shape[1])
     vectors = shorten(result.vectors, req.dimensions)
     if len(vectors) <= _INLINE_VECTORS:

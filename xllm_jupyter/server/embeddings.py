@@ -11,4 +11,5 @@ class EmbeddingsMixin(BodyMixin):
 
     async def handle_post(self) -> None:
         """Embed the inputs and reply with the OpenAI list object."""
-        await self.respond(create_embeddings(self.xllm.engine, self.body, manages=self.caller.admin))
+        await self.respond(create_embeddings(self.xllm.engine, self.body, manages=self.caller.admin,
+                                             user=self.caller.user))
