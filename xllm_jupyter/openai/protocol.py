@@ -25,6 +25,15 @@ from .tools import parse_tool_config
 #: returned as ``system_fingerprint``; clients only compare it for equality
 SYSTEM_FINGERPRINT = "fp_xllm"
 
+#: ``service_tier`` values OpenAI accepts; this server has one way of serving, which responses name "default"
+ServiceTier = Literal["auto", "default", "flex", "scale", "priority", "fast"]
+
+
+def served_tier(requested: str | None) -> str | None:
+    """The ``service_tier`` a response reports: "default" when one was asked for (as OpenAI does), else none."""
+    return None if requested is None else "default"
+
+
 #: largest ``top_logprobs`` OpenAI accepts (chat) and largest legacy ``logprobs``
 MAX_TOP_LOGPROBS = 20
 MAX_LEGACY_LOGPROBS = 5
@@ -178,6 +187,7 @@ class ChatCompletionRequest(_SamplingFields):
     modalities: list[str] | None = None
     store: bool | None = None  # keep the completion for retrieve/list (openai/chat_store.py)
     metadata: dict[str, str] | None = None
+    service_tier: ServiceTier | None = None  # a value OpenAI does not know was accepted and ignored
 
     def check(self) -> None:
         """Cross-field checks and explicit rejection of parameters we cannot honour yet."""

@@ -20,7 +20,7 @@ from pydantic import Field
 from ..core.errors import InvalidRequest, Unsupported, XllmError
 from .offload import is_big, off_loop_if, parse_body
 from .owned_store import cursor_page, page_limit
-from .protocol import MAX_TOP_LOGPROBS, StrictModel, check_metadata, check_verbosity
+from .protocol import MAX_TOP_LOGPROBS, ServiceTier, StrictModel, check_metadata, check_verbosity, served_tier
 from .response_items import chat_tool_choice, chat_tools, check_function_outputs, items_to_messages, new_id, normalize_input, output_items, response_status
 from .response_store import ResponseStore, StoredResponse
 from .schema_errors import shown
@@ -65,6 +65,7 @@ class ResponsesRequest(StrictModel):
     user: str | None = None
     include: list[str] | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    service_tier: ServiceTier | None = None
 
     def check(self) -> None:
         """Reject what this server cannot honour, naming the parameter."""
@@ -163,6 +164,7 @@ class Turn:
             "usage": usage,
             "user": req.user,
             "metadata": req.metadata or {},
+            "service_tier": served_tier(req.service_tier),
         }
 
     def finish(self, store: ResponseStore, output: list[dict[str, Any]], status: str, incomplete: Any, chat_usage: dict[str, Any] | None) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from .protocol import (
     chat_logprob_entries,
     model_object,
     parse_request,
+    served_tier,
     usage_dict,
 )
 
@@ -279,9 +280,12 @@ class OpenAIServing(CompletionsMixin):
         if req.stream:
             events = await started(self.engine.generate(gen), self.config.keepalive_seconds)
             # a stored stream always counts its usage, for the stored completion (recording drops it unless asked)
-            stream = self._chat_stream(events, gen, req.model, rid, created, req.include_usage or bool(req.store), p.tools)
+            stream = self._chat_stream(events, gen, req.model, rid, created, req.include_usage or bool(req.store), p.tools,
+                                       served_tier(req.service_tier))
             return self.stored.recording(stream, req, user, p.big) if req.store else stream
         result = await self._chat_full(gen, req.model, rid, created, p.tools)
+        if req.service_tier is not None:
+            result["service_tier"] = served_tier(req.service_tier)
         if req.store:
             await self.stored.keep(result, req, user, p.big)
         return result
@@ -328,7 +332,7 @@ class OpenAIServing(CompletionsMixin):
 
     async def _chat_stream(
         self, engine_events: AsyncIterator[Any], gen: GenerationRequest, model: str, rid: str, created: int,
-        include_usage: bool, tools: ToolCalling,
+        include_usage: bool, tools: ToolCalling, service_tier: str | None = None,
     ) -> AsyncIterator[Chunk]:
         # The common fields are built once; each chunk is a shallow copy plus its choice.
         head: Chunk = {
@@ -338,6 +342,8 @@ class OpenAIServing(CompletionsMixin):
             "model": model,
             "system_fingerprint": SYSTEM_FINGERPRINT,
         }
+        if service_tier is not None:
+            head["service_tier"] = service_tier
         if include_usage:
             head["usage"] = None
         want_lp = gen.params.logprobs

@@ -1,0 +1,47 @@
+"""The openai SDK's parameters this server documents, called as the SDK's docs show, against the session server:
+each answer parses into the SDK's types with the right values, or is a 400 naming the parameter."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from .server_fixtures import TINY
+
+MSG = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.mark.parametrize("tier", ["auto", "default", "flex", "priority"])
+def test_a_chat_asking_for_a_service_tier_is_told_the_one_that_served_it(client, tier):
+    """OpenAI: "When the service_tier parameter is set, the response body will include the service_tier value
+    based on the processing mode actually used". This server has one: "default" (it said nothing before)."""
+    full = client.chat.completions.create(model=TINY, messages=MSG, max_tokens=2, service_tier=tier)
+    assert full.service_tier == "default" and full.choices[0].message.content
+    chunks = list(client.chat.completions.create(model=TINY, messages=MSG, max_tokens=2, service_tier=tier, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert len(chunks) >= 3 and {c.service_tier for c in chunks} == {"default"}
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 2
+
+
+def test_without_a_service_tier_none_is_reported(client):
+    assert client.chat.completions.create(model=TINY, messages=MSG, max_tokens=1).service_tier is None
+    assert client.responses.create(model=TINY, input="Hi", max_output_tokens=1).service_tier is None
+
+
+def test_a_responses_call_asking_for_a_service_tier_is_told_default(client):
+    r = client.responses.create(model=TINY, input="Hi", max_output_tokens=2, service_tier="flex")
+    assert r.service_tier == "default" and client.responses.retrieve(r.id).service_tier == "default"
+    with client.responses.stream(model=TINY, input="Hi", max_output_tokens=2, service_tier="auto") as stream:
+        created = [e for e in stream if e.type == "response.created"]
+    assert created and created[0].response.service_tier == "default"
+
+
+def test_a_service_tier_openai_does_not_know_is_a_400_naming_it(client):
+    """It was accepted and ignored (a typo such as "priorty" went unnoticed)."""
+    for call in (lambda: client.chat.completions.create(model=TINY, messages=MSG, max_tokens=1, service_tier="priorty"),
+                 lambda: client.responses.create(model=TINY, input="Hi", max_output_tokens=1, service_tier="priorty")):
+        with pytest.raises(openai.BadRequestError) as caught:
+            call()
+        body = caught.value.body
+        assert body["param"] == "service_tier" and body["code"] == "invalid_value"
+        assert "priorty" in body["message"] and "'priority'" in body["message"], body["message"]
