@@ -8,6 +8,7 @@ import pytest
 
 from tests.server_fixtures import TINY, make_test_config, running_server
 from tests.test_cli_ux import home, invoke, one_error_line  # noqa: F401 - ``home`` is a fixture
+from xllm_jupyter.core.errors import StoreError
 from xllm_jupyter.store.store import ModelStore
 
 
@@ -37,7 +38,13 @@ def test_list_names_a_damaged_model_and_lists_the_others(broken):
 
 
 def test_show_of_a_damaged_model_names_it(broken):
-    assert "Model 'broken' is damaged" in one_error_line(invoke("show", "broken"))
+    line = one_error_line(invoke("show", "broken"))
+    assert "Model 'broken' is damaged" in line and "remove it, then pull or create it again" in line
+    # a manifest that still says where the model came from: cp made it (as create makes models), so it has no
+    # source to pull, and pulling it again cannot mend it
+    (broken / "models" / "broken" / "xllm-manifest.json").write_text('{"schema": 1, "source": "modelfile:tiny"}')
+    line = one_error_line(invoke("show", "broken"))
+    assert "Model 'broken' is damaged" in line and "create it again from 'tiny'" in line and "pull it again" not in line
     assert invoke("show", TINY).exit_code == 0
 
 
@@ -47,7 +54,15 @@ def test_show_of_a_model_with_a_missing_file_says_it_is_damaged(home):  # noqa: 
     result = invoke("show", "holed")
     assert result.exit_code == 0 and "name      holed" in result.stdout  # the manifest is still shown
     assert "model 'holed' is damaged (its file config.json is missing)" in result.stderr
+    assert "create it again from tiny (xllm create holed -f Modelfile)" in result.stderr  # cp made it: no pull
+    assert "pull it again" not in result.stderr
+    with pytest.raises(StoreError, match="create it again from 'tiny'"):  # what a server's load of it says
+        ModelStore(home).resolve("holed")
     assert invoke("show", TINY).stderr == ""
+    (home / "models" / TINY / "config.json").unlink()  # a pulled model: pulling it again mends it
+    assert "pull it again with --force" in invoke("show", TINY).stderr
+    with pytest.raises(StoreError, match="pull it again with force"):
+        ModelStore(home).resolve(TINY)
 
 
 def test_create_from_a_binary_file_is_a_usage_error(home, tmp_path):  # noqa: F811
@@ -66,6 +81,10 @@ def test_a_model_with_damaged_files_fails_to_load_with_a_message_that_says_so(tm
     tokenizer = store.show("bad").path / "tokenizer.json"
     with open(tokenizer, "r+b") as f:  # same size: only a load (or verify) can tell
         f.write(b"GARBAGE!")
+    made = store.create("made", f"FROM {TINY}\nPARAMETER seed 1\n").path / "tokenizer.json"
+    text = made.read_bytes()
+    made.unlink()  # (a file of its own: create hard-links its base's, and tiny must stay whole)
+    made.write_bytes(b"GARBAGE!" + text[8:])
     with running_server(make_test_config(store.home), store, TINY) as info:
         with openai.OpenAI(base_url=info.base_url, api_key=info.api_key, max_retries=0, timeout=60) as client:
             with pytest.raises(openai.InternalServerError) as failed:
@@ -74,6 +93,13 @@ def test_a_model_with_damaged_files_fails_to_load_with_a_message_that_says_so(tm
             assert failed.value.code == "model_load_failed"
             assert "'bad'" in body["message"] and "damaged" in body["message"]
             assert str(store.home) not in body["message"]
+            assert "pull it again with force" in body["message"]
+            # a model made by xllm create cannot be pulled: its advice is to create it again
+            with pytest.raises(openai.InternalServerError) as failed:
+                client.chat.completions.create(model="made", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+            message = failed.value.body["message"]
+            assert failed.value.code == "model_load_failed" and "'made'" in message, message
+            assert "create it again from 'tiny'" in message and "pull it again" not in message, message
             # the other model goes on answering
             reply = client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "hi"}], max_tokens=1)
             assert reply.choices[0].message.content is not None

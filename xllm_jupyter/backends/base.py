@@ -130,6 +130,8 @@ class ModelSpec:
     defaults: ModelfileDefaults = field(default_factory=ModelfileDefaults)
     #: for a LoRA adapter (``task == "adapter"``): the store name of the model it applies to
     base_model: str | None = None
+    #: a model made by ``xllm create`` or ``cp``: the model it was made from (a failed load says to create it again)
+    created_from: str | None = None
 
 
 class LoadedModel(ABC):

@@ -382,7 +382,7 @@ def is_model_directory(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
-def guarded_load(build: Callable[[list[Any]], T], name: str, library: str) -> T:
+def guarded_load(build: Callable[[list[Any]], T], name: str, library: str, created_from: str | None = None) -> T:
     """``build(on_gpu)``: a load that appends each model it puts on the GPU to ``on_gpu``. If it raises, those
     models are unloaded and the error becomes an EngineError naming the library (a bug's own error is raised
     as it is), or a 503 when the GPUs ran out of memory, raised only once the error, whose frames hold the
@@ -394,7 +394,7 @@ def guarded_load(build: Callable[[list[Any]], T], name: str, library: str) -> T:
         unload_quietly(on_gpu)  # whatever failed (a draft's settings, say): nothing may stay on the GPU
         if not is_out_of_memory(exc):
             if isinstance(exc, (OSError, ValueError, KeyError, RuntimeError, AssertionError)):
-                raise ModelLoadError.of(name, library, exc) from exc
+                raise ModelLoadError.of(name, library, exc, created_from) from exc
             raise
     on_gpu.clear()
     release_memory()

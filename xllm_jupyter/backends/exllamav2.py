@@ -179,7 +179,7 @@ class ExllamaV2Backend(ExllamaBackend):
                 what="ExLlamaV2DynamicGenerator"))
             return config, ctx, model, cache_tokens, paged, draft, generator
 
-        config, ctx, model, cache_tokens, paged, draft, generator = guarded_load(loaded, spec.name, "exllamav2")
+        config, ctx, model, cache_tokens, paged, draft, generator = guarded_load(loaded, spec.name, "exllamav2", spec.created_from)
         return build_model(spec, path, config=config, opts=opts, ctx=ctx, paged=paged, cache_tokens=cache_tokens,
                            model=model, draft=draft, generator=generator, memory_bytes=cuda_memory_in_use() - before)
 

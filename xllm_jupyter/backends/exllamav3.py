@@ -94,7 +94,7 @@ class ExllamaV3Backend(ExllamaBackend):
                                   **library_generator_kwargs(Generator, opts, draft, f"exllamav3 {__version__}"))
             return config, model, cache_tokens, draft, tokenizer, generator
 
-        config, model, cache_tokens, draft, tokenizer, generator = guarded_load(loaded, spec.name, "exllamav3")
+        config, model, cache_tokens, draft, tokenizer, generator = guarded_load(loaded, spec.name, "exllamav3", spec.created_from)
         prepare_grammar_tokenizer(tokenizer)
         return build_model(spec, path, config=config, opts=opts, cache_tokens=cache_tokens, model=model,
                            tokenizer=tokenizer, draft=draft, generator=generator,

@@ -148,7 +148,7 @@ class TransformersBackend(Backend):
         except _file_errors() as exc:  # (torch's OutOfMemoryError is a RuntimeError)
             if not is_out_of_memory(exc):
                 # transformers' messages name local paths; keep them in the chained cause (logs) only
-                raise ModelLoadError.of(spec.name, "transformers", exc) from exc
+                raise ModelLoadError.of(spec.name, "transformers", exc, spec.created_from) from exc
             failed = "its weights"
         if failed is None:
             try:

@@ -193,7 +193,11 @@ def show_command(name: str, modelfile: bool, parameters: bool, system: bool, tem
     m = show_stored(store, name)
     why = store.file_damage(m)  # this model's files only (damaged() looks at the whole store)
     if why:  # the manifest still reads, but a load would fail: say so, as `xllm list` does
-        echo(f"Note: model '{m.name}' is damaged ({why}): remove it with `xllm rm {m.name}` or pull it again with --force", err=True)
+        from ..store.manifest import created_from
+
+        base = created_from(m.source)  # a created model has no source to pull
+        mend = f"create it again from {base} (xllm create {m.name} -f Modelfile)" if base else "pull it again with --force"
+        echo(f"Note: model '{m.name}' is damaged ({why}): remove it with `xllm rm {m.name}` or {mend}", err=True)
     if parts:
         _echo_part(m, parts[0])
         return

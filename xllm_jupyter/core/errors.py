@@ -168,6 +168,14 @@ class EngineError(XllmError):
     code = "engine_error"
 
 
+def repair_advice(created_from: str | None = None) -> str:
+    """What mends a damaged model: pulling it again, or for one made by ``xllm create`` or ``cp`` from model
+    ``created_from`` (it has no source to pull) creating it again."""
+    if created_from:
+        return f"create it again from '{quoted(created_from)}' (it was made by xllm create and cannot be pulled)"
+    return "pull it again with force"
+
+
 class ModelLoadError(EngineError):
     """A model's files could not be loaded (500); the message names the model, library and error type, no path,
     so a client learns that retrying will not help."""
@@ -176,10 +184,11 @@ class ModelLoadError(EngineError):
     client_safe = True
 
     @classmethod
-    def of(cls, name: str, library: str, exc: BaseException) -> "ModelLoadError":
-        """The error for ``exc``, raised while ``library`` loaded model ``name``."""
+    def of(cls, name: str, library: str, exc: BaseException, created_from: str | None = None) -> "ModelLoadError":
+        """The error for ``exc``, raised while ``library`` loaded model ``name`` (made by ``xllm create`` from
+        ``created_from``, if it was)."""
         return cls(f"Failed to load model '{name}' with {library} ({type(exc).__name__}): its files are damaged "
-                   "or not supported; pull it again with force (the server log has the details)")
+                   f"or not supported; {repair_advice(created_from)} (the server log has the details)")
 
 
 class BadModelOutput(EngineError):

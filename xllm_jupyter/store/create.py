@@ -24,7 +24,7 @@ from ..core.types import ChatMessage, ModelfileDefaults
 from .atomic import FileLock, fix_modes, fsync_tree
 from .generation_defaults import sampling_defaults
 from .local import copy_file, holds_files
-from .manifest import Manifest, write_manifest
+from .manifest import CREATED_PREFIX, Manifest, write_manifest
 from .modelfile import RECORDED_ONLY, Modelfile, parse_modelfile
 from .names import is_valid_name, name_to_dirname, safe_relpath, validate_name
 from .packaged import PACKAGED
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: how a created model's ``source`` reads: it is made, not pulled
-SOURCE_PREFIX = "modelfile:"
+SOURCE_PREFIX = CREATED_PREFIX
 
 
 def _settings(manifest: Manifest) -> Modelfile:

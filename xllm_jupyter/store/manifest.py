@@ -18,6 +18,8 @@ from .names import safe_relpath, validate_name
 from .progress import ProgressFn, PullProgress
 
 MANIFEST_NAME = "xllm-manifest.json"
+#: how the ``source`` of a model made by ``xllm create`` (or ``cp``) reads: made from a stored model, not pulled
+CREATED_PREFIX = "modelfile:"
 SCHEMA_VERSION = 1
 FORMATS = ("safetensors", "gguf", "exl3", "exl2", "gptq", "lora")
 TASKS = ("chat", "embedding", "adapter")
@@ -167,6 +169,20 @@ def hash_file(path: Path, *, progress: ProgressFn | None = None, label: str | No
     if done != size:
         raise StoreError(f"File {label or path.name} changed while it was read")
     return sha.hexdigest(), git.hexdigest(), size
+
+
+def created_from(source: str | None) -> str | None:
+    """The stored model a model made by ``xllm create``/``cp`` was made from (from its ``source``); None if pulled."""
+    return source[len(CREATED_PREFIX):] if source and source.startswith(CREATED_PREFIX) else None
+
+
+def recorded_source(model_dir: Path) -> str | None:
+    """The ``source`` a manifest too damaged to read whole still records (None when it cannot be read)."""
+    try:
+        source = json.loads((model_dir / MANIFEST_NAME).read_text(encoding="utf-8")).get("source")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return source if isinstance(source, str) else None
 
 
 def read_manifest(model_dir: Path) -> Manifest:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..backends.base import ModelSpec
-from ..core.errors import InvalidModelName, ModelNotFound, StoreError
+from ..core.errors import InvalidModelName, ModelNotFound, StoreError, repair_advice
 from ..core.types import CatalogFacts
 from .atomic import FileLock, fsync_dir, remove_tree
 from .create import create_model, model_defaults
@@ -30,9 +30,11 @@ from .manifest import (
     Manifest,
     ManifestFile,
     compute_digest,
+    created_from,
     lora_fields,
     hash_file,
     read_manifest,
+    recorded_source,
 )
 from .names import child_dir, contained, dirname_to_name, name_to_dirname, safe_relpath, validate_name
 from .packaged import PACKAGED, installable
@@ -109,7 +111,10 @@ class ModelStore(PullMixin):
             manifest = read_manifest(path)
         except StoreError as exc:
             # name the model: "Damaged model manifest" alone does not say which one, nor what to do
-            raise StoreError(f"Model '{n}' is damaged ({exc.message}): remove it or pull it again with force") from None
+            source = recorded_source(path)  # pulled or made by create: what mends it differs
+            advice = "remove it, then pull or create it again" if source is None else \
+                f"remove it or {repair_advice(created_from(source))}"
+            raise StoreError(f"Model '{n}' is damaged ({exc.message}): {advice}") from None
         if manifest.name != n:
             raise StoreError(f"The manifest in '{n}' names another model; pull it again with force")
         return manifest
@@ -161,6 +166,7 @@ class ModelStore(PullMixin):
             digest=manifest.digest,
             task=manifest.task,
             defaults=defaults,
+            created_from=created_from(manifest.source),
             **lora_fields(manifest),
         )
 
@@ -169,7 +175,8 @@ class ModelStore(PullMixin):
         path = manifest.path / safe_relpath(f.path)
         contained(manifest.path, path)
         if path.is_symlink() or not path.is_file():
-            raise StoreError(f"Model '{manifest.name}' is damaged: '{f.path}' is missing; pull it again with force")
+            raise StoreError(f"Model '{manifest.name}' is damaged: '{f.path}' is missing; "
+                             f"{repair_advice(created_from(manifest.source))}")
         return path
 
     def file_damage(self, manifest: Manifest) -> str | None:
@@ -187,7 +194,7 @@ class ModelStore(PullMixin):
         """Cheap integrity check (the same as ``damaged``'s); ``verify`` re-hashes."""
         why = self.file_damage(manifest)
         if why:
-            raise StoreError(f"Model '{manifest.name}' is damaged ({why}); pull it again with force")
+            raise StoreError(f"Model '{manifest.name}' is damaged ({why}); {repair_advice(created_from(manifest.source))}")
 
     def verify(self, name: str) -> bool:
         """Re-hash every file against the manifest; False on any mismatch, missing file or link."""
