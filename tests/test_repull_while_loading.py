@@ -325,21 +325,25 @@ def test_xllm_rms_unload_after_the_removal_reaches_a_load_rereading_its_manifest
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
 
 
-@pytest.fixture
-def held_before_read(monkeypatch):
-    """Holds the first load of "tiny" on its worker thread before the backend reads a file; ``(holding, release)``."""
+@pytest.fixture(params=["backend-load", "backend-choice"])
+def held_before_read(request, monkeypatch):
+    """Holds the first load of "tiny" on its worker thread before the backend reads a file (or before a backend is
+    chosen for it, which looks at its files too); ``(holding, release)``."""
     holding, release, seen = threading.Event(), threading.Event(), []
-    original = loading._load_and_prepare
 
-    def held(backend, spec):
+    def hold(spec):
         if spec.name == "tiny":
             seen.append(spec.digest)
             if len(seen) == 1:
                 holding.set()
                 release.wait(300)
-        return original(backend, spec)
 
-    monkeypatch.setattr(loading, "_load_and_prepare", held)
+    if request.param == "backend-load":
+        original = loading._load_and_prepare
+        monkeypatch.setattr(loading, "_load_and_prepare", lambda backend, spec: (hold(spec), original(backend, spec))[1])
+    else:
+        choose = loading.LoadingMixin._choose_backend_once
+        monkeypatch.setattr(loading.LoadingMixin, "_choose_backend_once", lambda self, spec: (hold(spec), choose(self, spec))[1])
     yield holding, release
     release.set()
 
@@ -382,12 +386,12 @@ def test_a_load_whose_files_are_removed_under_it_is_a_404_or_a_reload_not_a_500(
                            headers=HEADERS, timeout=300)
             assert r.status_code == 200 and '"success"' in r.text, r.text
             catalog.go.set()
-            reply = asked.result(300)  # was a 500 model_load_failed
+            reply = asked.result(300)  # was a 500 model_load_failed or a 400 "cannot load"
             assert reply.model == "tiny" and reply.usage.completion_tokens > 0
             assert info.engine.is_loaded("tiny")
         else:
             catalog.go.set()
-            with pytest.raises(openai.NotFoundError) as caught:  # was a 500 model_load_failed
+            with pytest.raises(openai.NotFoundError) as caught:  # was a 500 model_load_failed or a 400 "cannot load"
                 asked.result(300)
             assert caught.value.response.json()["error"]["code"] == "model_not_found"
             assert not info.engine.is_loaded("tiny") and not info.engine.is_loading("tiny")

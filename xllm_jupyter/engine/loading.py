@@ -197,9 +197,10 @@ class LoadingMixin:
                 log.warning("adapter %s was re-pulled or removed while it was attached; attaching it again", name)
                 await self.unload_adapter(name)
                 continue
-            # off the IOLoop: choosing imports a backend and asks torch whether CUDA is there (seconds, once)
-            backend = await asyncio.to_thread(self._choose_backend_once, spec)
             try:
+                # off the IOLoop: choosing imports a backend and asks torch whether CUDA is there (seconds, once);
+                # it looks at the files too (a directory gone under it: "no backend can load" it)
+                backend = await asyncio.to_thread(self._choose_backend_once, spec)
                 box = [await self._load_runner(name, spec, backend)]
             except Exception as exc:
                 if not await self._moved_under(name, spec, asked, exc):
