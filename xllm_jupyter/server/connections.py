@@ -43,9 +43,9 @@ _SPARE_SHARE = 4
 _FD_CEILING = 65536
 #: the per-client cap ``max_connections_per_client: -1`` stands for, unless a quarter of the total is lower
 _PER_CLIENT_DEFAULT = 256
-#: of what a refused client already sent, the most read off (and dropped) before the close: unread data
-#: turns the close into a reset, which can destroy the answer before the client reads it
-_DRAIN_BYTES = 256 * 1024
+#: of what a refused client already sent, the most read off (and dropped) before the close, in one ``recv``:
+#: unread data turns the close into a reset, which some systems let destroy the answer before it is read
+_DRAIN_BYTES = 64 * 1024
 
 
 def raise_fd_limit() -> int:
@@ -92,12 +92,7 @@ def answer_and_close(stream: Any, reply: bytes) -> None:
         try:
             # Tornado made the socket non-blocking: one send, and a fresh connection's buffer takes it all
             sock.send(reply)
-            drained = 0
-            while drained < _DRAIN_BYTES:
-                chunk = sock.recv(65536)  # only what has already arrived (BlockingIOError when none)
-                if not chunk:
-                    break
-                drained += len(chunk)
+            sock.recv(_DRAIN_BYTES)  # only what has already arrived (BlockingIOError when nothing has)
         except OSError:  # BlockingIOError, or the client is gone: the close below is all that is left
             pass
     stream.close()
