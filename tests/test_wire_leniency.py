@@ -204,6 +204,16 @@ def test_malformed_json_says_where(raw):
     assert err["code"] == "invalid_json" and "line 2" in err["message"]
 
 
+@pytest.mark.parametrize("body, where", [
+    (b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800"}]}', "hex escape at line 1 column"),
+    (b'{"model": "tiny", "messages": ' + b"[" * 300 + b"]" * 300 + b"}", "recursion limit exceeded at line 1"),
+])
+def test_json_that_python_reads_but_the_request_parser_does_not_says_where(raw, body, where):
+    """A lone surrogate escape (not a character) and nesting past 200 levels were "could not parse", no more."""
+    err = error_of(raw.post("/v1/chat/completions", content=body, headers=JSON), 400)
+    assert err["code"] == "invalid_json" and where in err["message"], err["message"]
+
+
 @pytest.mark.parametrize("body", [b"[1, 2]", b'"chat"', b"null", b"3", b"true"])
 def test_a_body_that_is_not_an_object_is_a_400(raw, body):
     for path in JSON_ROUTES:
