@@ -151,3 +151,58 @@ def test_a_chat_load_during_an_embedding_models_build_still_ties_its_weights(tin
         assert vectors.shape == (2, 384) and 0.3 < float(vectors[0] @ vectors[1]) < 0.999
     finally:
         unload_all(results)
+
+
+def test_a_chat_load_runs_while_a_gguf_load_reads_its_tensors(smollm2_dir, tiny_spec, monkeypatch):
+    """A GGUF's tensor read (its dequantizing: most of its load) lets go of the lock: another model loads meanwhile.
+
+    The GGUF load is held inside transformers' tensor read; the chat load must end, tied, while it is held
+    (it waited for the whole GGUF load). The held read then stops with an error: the rest is not under test.
+    """
+    from transformers import modeling_gguf_pytorch_utils as reader
+
+    from xllm_jupyter.core.errors import ModelLoadError
+
+    gguf = ModelSpec(name="smollm2", path=smollm2_dir, format="gguf", options=BackendOptions(device="cpu"))
+    reading, resume, second_waits_or_ended = threading.Event(), threading.Event(), threading.Event()
+    real_read = reader.load_gguf_checkpoint
+
+    def held_read(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("return_tensors") and threading.current_thread().name == FIRST:
+            reading.set()
+            resume.wait(300)  # (a bound only so a broken test cannot hang the run)
+            raise OSError("the test stops this GGUF read here")
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(reader, "load_gguf_checkpoint", held_read)
+    monkeypatch.setattr(load_lock, "LOAD_LOCK", _NotingLock(SECOND, second_waits_or_ended))
+    results: dict[str, Any] = {}
+
+    def run(name: str, load: Callable[[], Any]) -> None:
+        try:
+            results[name] = load()
+        except Exception as exc:  # noqa: BLE001 - the test reports what the load raised
+            results[name] = exc
+        finally:
+            if name == SECOND:
+                second_waits_or_ended.set()
+
+    first = threading.Thread(target=run, args=(FIRST, lambda: TransformersBackend().load(gguf)), name=FIRST)
+    second = threading.Thread(target=run, args=(SECOND, lambda: TransformersBackend().load(tiny_spec)), name=SECOND)
+    try:
+        first.start()
+        assert reading.wait(600), "the GGUF load never reached its tensor read"
+        second.start()
+        second_waits_or_ended.wait()
+        assert SECOND in results, "the chat load waited for the GGUF load's lock"
+        assert not resume.is_set() and first.is_alive()  # ended while the GGUF's read was still held
+    finally:
+        resume.set()
+        first.join()
+        second.join()
+    try:
+        assert not isinstance(results[SECOND], Exception), repr(results[SECOND])
+        assert_tied(results[SECOND])
+        assert isinstance(results[FIRST], ModelLoadError), repr(results[FIRST])  # the test's stop, reported as ever
+    finally:
+        unload_all(results)

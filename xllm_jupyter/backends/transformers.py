@@ -19,7 +19,7 @@ from typing import Any
 from ..core import gc_freeze
 from ..core.errors import EngineError, InvalidRequest, ModelLoadError
 from .base import Backend, BackendOptions, ModelSpec
-from .load_lock import exclusive_load
+from .load_lock import exclusive_load, release_during_gguf_reads
 from .lora import merge_lora
 from .quiet_loading import library_bars_off
 from .tokenizer_files import load_tokenizer
@@ -129,6 +129,7 @@ class TransformersBackend(Backend):
         directory = Path(spec.path)
         if spec.format == "gguf":
             directory, kwargs["gguf_file"] = gguf_location(directory)  # type: ignore[misc]
+            release_during_gguf_reads()  # its dequantizing lets other loads run (load_lock.py)
         merge = opts.merge_adapter  # a created model's Modelfile ADAPTER: baked into its own weights
         failed = None
         try:

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from ..backends.load_lock import exclusive_load
+from ..backends.load_lock import exclusive_load, release_during_gguf_reads
 from ..backends.quiet_loading import library_bars_off
 from ..core.errors import StoreError
 from .progress import ProgressFn, PullProgress
@@ -82,6 +82,7 @@ def _convert(gguf_path: Path, out_dir: Path, report: Callable[[int], None]) -> s
             kwargs["quantization_config"] = GgufConfig(gguf_file=name, dequantize=True)
         except ImportError:  # older transformers always dequantizes
             pass
+        release_during_gguf_reads()  # (the dequantizing itself needs no lock: other models load meanwhile)
         with exclusive_load():  # a load patches transformers and torch process-wide (backends/load_lock.py)
             model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=dtype, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
