@@ -68,7 +68,7 @@ class CompletionAssembler:
     def completion(self) -> dict[str, Any]:
         """The assembled completion: the chunks' id, created and model, every choice, the usage chunk's usage."""
         head = self._head or {}
-        return {
+        done = {
             "id": head.get("id"),
             "object": "chat.completion",
             "created": head.get("created"),
@@ -77,3 +77,6 @@ class CompletionAssembler:
             "choices": [self._choices[i].wire(i) for i in sorted(self._choices)],
             "usage": self._usage,
         }
+        if "service_tier" in head:  # set only when the request asked for a tier (as the full response has it)
+            done["service_tier"] = head["service_tier"]
+        return done
