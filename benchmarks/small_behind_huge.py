@@ -21,6 +21,11 @@ one user's huge prompt alone (``alone_s``), then one user posts N huge prompts a
 later the other user posts one (``behind_s``: how long the second user's took; a FIFO lane held it
 behind the whole burst, the fair lane behind about one of the burst's prompts).
 
+With ``--embed N`` a round is about embeddings (the packaged all-minilm, two users): one user's one-input
+embedding alone (``alone_s``), then the other user posts N texts of ~100 words at once and ``--delay`` s
+later the first user's one input again (``behind_s``; a big batch's tokenizing and forward were one
+piece of work on the model's one thread, now texts are tokenized off it and forwards take turns).
+
 Reported per side: median ``alone_s``, ``behind_s``, their ratio, and the worst ``/health``.
 
     .venv/bin/python benchmarks/small_behind_huge.py     # writes benchmarks/results/small_behind_huge.{json,md}
@@ -28,6 +33,8 @@ Reported per side: median ``alone_s``, ``behind_s``, their ratio, and the worst 
         --out benchmarks/results/small_behind_many_huge   # the prompt lane (34044fb): 7 users' 1 MB prompts
     .venv/bin/python benchmarks/small_behind_huge.py --before e2567a5~1 --burst 6 --huge-mb 0.5 --delay 0.3 \
         --out benchmarks/results/huge_behind_burst        # the fair lane (e2567a5): a huge prompt behind a burst
+    .venv/bin/python benchmarks/small_behind_huge.py --before c5d2f8c~1 --embed 256 --delay 0.5 \
+        --out benchmarks/results/embed_behind_batch       # embedding turns (c5d2f8c): one input behind a big batch
 """
 
 from __future__ import annotations
@@ -163,6 +170,32 @@ def burst_round(server: ChildServer, huge: bytes, delay: float, burst: int) -> d
             "worst_health_s": None}
 
 
+EMBED_TEXT = " ".join(f"word{i % 50} and" for i in range(50))  # ~100 words: ~150 tokens, under MiniLM's 256
+
+
+def embed_post(port: int, key: str, inputs: list[str]) -> tuple[int, float]:
+    """POST an embeddings request of ``inputs`` to all-minilm as the user of ``key``; its status and seconds."""
+    start = time.perf_counter()
+    r = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"model": "all-minilm", "input": inputs}, timeout=600,
+                   headers={"Authorization": f"Bearer {key}"})
+    return r.status_code, time.perf_counter() - start
+
+
+def embed_round(server: ChildServer, delay: float, batch: int) -> dict:
+    """One input alone, then behind another user's batch of ``batch`` texts."""
+    status, alone = embed_post(server.port, KEYS[1], ["hello there"])
+    assert status == 200, status
+    with ThreadPoolExecutor(1) as pool:
+        start = time.perf_counter()
+        big = pool.submit(embed_post, server.port, KEYS[0], [f"{i} {EMBED_TEXT}" for i in range(batch)])
+        time.sleep(delay)
+        small_status, behind = embed_post(server.port, KEYS[1], ["hello there"])
+        big_status, big_s = big.result()
+    assert small_status == big_status == 200, (small_status, big_status)
+    return {"alone_s": round(alone, 3), "behind_s": round(behind, 3), "batch_s": round(big_s, 3),
+            "since_batch_s": round(time.perf_counter() - start, 3), "huge_s": round(big_s, 3), "worst_health_s": None}
+
+
 def summary(rounds: list[dict]) -> dict:
     """Medians over the rounds."""
     alone = statistics.median(r["alone_s"] for r in rounds)
@@ -181,6 +214,8 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=1, help="users posting the huge prompt at once")
     ap.add_argument("--burst", type=int, default=0,
                     help="measure another user's huge prompt behind one user's burst of this many huge prompts")
+    ap.add_argument("--embed", type=int, default=0,
+                    help="measure another user's one-input embedding behind one user's batch of this many texts")
     ap.add_argument("--delay", type=float, default=1.0, help="seconds between the huge and the small request")
     ap.add_argument("--poll-ms", type=float, default=50)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "small_behind_huge"))
@@ -189,16 +224,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
         tiny_store(home)
+        if args.embed:
+            from xllm_jupyter.store.store import ModelStore
+
+            ModelStore(home).pull("all-minilm", "all-minilm")
         old = extract(args.before, Path(tmp) / "before")
         # a burst run tells two users apart by their API keys
-        keyed = {"api_key": KEYS[0]} if args.burst else {}
-        servers = {"before": (TwoUserOldServer if args.burst else OldServer)(old, home, Path(tmp) / "before.log", **keyed),
-                   "after": (TwoUserServer if args.burst else ChildServer)(home, Path(tmp) / "after.log", **keyed)}
+        two = bool(args.burst or args.embed)
+        keyed = {"api_key": KEYS[0]} if two else {}
+        servers = {"before": (TwoUserOldServer if two else OldServer)(old, home, Path(tmp) / "before.log", **keyed),
+                   "after": (TwoUserServer if two else ChildServer)(home, Path(tmp) / "after.log", **keyed)}
         try:
             rounds: dict[str, list[dict]] = {side: [] for side in servers}
             for i in range(args.rounds):
                 for side, server in servers.items():
-                    if args.burst:
+                    if args.embed:
+                        rounds[side].append(embed_round(server, args.delay, args.embed))
+                    elif args.burst:
                         rounds[side].append(burst_round(server, huge, args.delay, args.burst))
                     else:
                         rounds[side].append(one_round(server, huge, args.delay, args.poll_ms, args.users))
@@ -209,8 +251,9 @@ def main() -> None:
     sums = {side: summary(r) for side, r in rounds.items()}
     result = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": commit(),
               "before": args.before, "machine": platform.platform(), "huge_bytes": len(huge),
-              "delay_s": args.delay, "users": args.users, "burst": args.burst, "summary": sums, "rounds": rounds}
-    if args.burst:
+              "delay_s": args.delay, "users": args.users, "burst": args.burst, "embed": args.embed, "summary": sums,
+              "rounds": rounds}
+    if args.burst or args.embed:
         write_results(args.out, result, burst_report(result, args, sums))
         return
     who = "another user's" if args.users == 1 else f"{args.users} other users'"
@@ -226,11 +269,16 @@ def main() -> None:
 
 def burst_report(result: dict, args: argparse.Namespace, sums: dict) -> str:
     """The markdown report of a --burst run."""
-    mb = result["huge_bytes"] / 1e6
-    lines = [f"# A user's {mb:.1f} MB prompt behind another user's burst of {args.burst} ({result['when']}, {result['commit']})",
+    if args.embed:
+        title = f"A user's one-input embedding behind another user's batch of {args.embed} texts"
+        what, alone, behind = "embedding", "one input alone (s)", "behind the batch (s)"
+    else:
+        title = f"A user's {result['huge_bytes'] / 1e6:.1f} MB prompt behind another user's burst of {args.burst}"
+        what, alone, behind = "prompt", "huge prompt alone (s)", "behind the burst (s)"
+    lines = [f"# {title} ({result['when']}, {result['commit']})",
              "", f"`.venv/bin/python benchmarks/small_behind_huge.py {' '.join(sys.argv[1:])}`; before = `{args.before}`; "
-             f"medians of {args.rounds} alternating rounds; the second user's prompt is sent {args.delay} s after the burst.",
-             "", "| code | huge prompt alone (s) | behind the burst (s) | ratio |", "|---|---|---|---|"]
+             f"medians of {args.rounds} alternating rounds; the second user's {what} is sent {args.delay} s after.",
+             "", f"| code | {alone} | {behind} | ratio |", "|---|---|---|---|"]
     for side, s in sums.items():
         lines.append(f"| {side} | {s['alone_s']} | {s['behind_s']} | {s['ratio']}x |")
     return "\n".join(lines) + "\n"
