@@ -54,3 +54,27 @@ def test_a_stored_streamed_chat_keeps_its_service_tier(client):
     assert stored.service_tier == "default" and stored.usage.completion_tokens == 2
     full = client.chat.completions.create(model=TINY, messages=MSG, max_tokens=2, service_tier="flex", store=True)
     assert client.chat.completions.retrieve(full.id).service_tier == "default"
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"modalities": ["text", "audio"]}, "modalities"),
+    ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ({"prediction": {"type": "content", "content": "Hello"}}, "prediction"),
+    ({"reasoning_effort": "low"}, "reasoning_effort"),
+    ({"verbosity": "high"}, "verbosity"),
+])
+def test_what_is_documented_as_refused_is_a_400_naming_it(client, extra, param):
+    """docs/clients.md: parameters that would change the output and are not implemented are a 400, never ignored."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=TINY, messages=MSG, max_tokens=1, **extra)
+    assert caught.value.body["param"] == param and caught.value.body["code"] == "unsupported_parameter"
+
+
+def test_text_modality_and_the_sdks_stream_options_are_served(client):
+    full = client.chat.completions.create(model=TINY, messages=MSG, max_completion_tokens=2, modalities=["text"])
+    assert full.choices[0].message.content and full.usage.completion_tokens == 2
+    chunks = list(client.chat.completions.create(model=TINY, messages=MSG, max_completion_tokens=2, stream=True,
+                                                 stream_options={"include_usage": True, "include_obfuscation": False}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 2
+    assert all(c.usage is None for c in chunks[:-1])
