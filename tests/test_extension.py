@@ -436,7 +436,10 @@ def test_a_hub_that_answers_later_without_the_service_settles_on_this_servers_en
         assert ext.engine.is_loaded(TINY) and os.environ["XLLM_BASE_URL"] == xllm["url"]
         assert len(hub_api.requests) == 2
         async with httpx.AsyncClient(timeout=30) as h:
-            assert (await h.get(xllm["root"] + "/health")).json() == {"status": "ok", "engine": "local"}
+            health = (await h.get(xllm["root"] + "/health")).json()
+        # the 403: this server's token lacks the read scope, which only a restart of the server can mend
+        assert health.pop("hub").startswith("this server's JupyterHub token may not look up the hub's xllm service")
+        assert health == {"status": "ok", "engine": "local"}
 
     xllm["run"](body())
 

@@ -87,7 +87,9 @@ class XllmApp(ExtensionApp):
         if self.defer_to_hub:
             link = self._hub_link = HubLink(os.environ, self._hub_settled, self.hub_recheck_seconds)
             serverapp.web_app.settings[HUB_LINK_KEY] = link  # handlers read the web app's settings
-            serverapp.web_app.settings[HEALTH_FACTS_KEY] = lambda: {"engine": link.state}
+            # (the advice names a scope and a restart, nothing of the hub's address or this server's set-up)
+            serverapp.web_app.settings[HEALTH_FACTS_KEY] = lambda: {"engine": link.state,
+                                                                    **({"hub": link.advice} if link.advice else {})}
             await link.resolve()  # the first lookup; a hub that does not answer is asked again on demand
         state = link.state if link is not None else LOCAL
         # XLLM_BASE_URL would win over hub discovery in every kernel: each user would get a private engine
@@ -114,7 +116,8 @@ class XllmApp(ExtensionApp):
         log = self.log.warning if link.fault else self.log.info
         again = (f"; the hub is asked again every {link.recheck_seconds:g} s or so (c.XllmApp.hub_recheck_seconds)"
                  if link.rechecking else "")
-        log("xllm: no JupyterHub xllm service for this server (%s): its own engine serves%s", link.reason, again)
+        log("xllm: no JupyterHub xllm service for this server (%s): its own engine serves%s%s", link.reason, again,
+            f". Note: {link.advice}" if link.advice else "")
         if self._start_task is None:
             return  # settled at the start: the start exports the variables and loads the model
         if self.serverapp is not None and not self._exported:  # a switch back from the service (it was removed)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from .hub_lookup import HubLookup, HubService, lookup_hub_service
+from .hub_lookup import DEFAULT_HUB_SERVICE, HubLookup, HubService, lookup_hub_service, scope_advice
 
 log = logging.getLogger("xllm_jupyter.extension")
 
@@ -96,6 +96,7 @@ class HubLink:
         self.upstream: Upstream | None = None
         self.reason = "the hub has not been asked yet"
         self.fault = False  # the answer was a fault of this server's set-up (TLS), not the hub's word
+        self.missing_scope = False  # the hub's no was a 403: this server's token lacks the read scope
         self._asked_at = -math.inf
         self._waiting_for = ""  # the reason last logged while waiting
         self._asking: asyncio.Future | None = None
@@ -104,6 +105,13 @@ class HubLink:
         self._local = 0  # requests of forwarded routes being served by this server's engine
         self._drained = asyncio.Event()
         self._drained.set()
+
+    @property
+    def advice(self) -> str | None:
+        """What this server's user can do about the hub's no, when a restart of the server may mend it (else None)."""
+        if self.state != LOCAL or not self.missing_scope:
+            return None
+        return scope_advice(self._env.get("XLLM_HUB_SERVICE", "").strip() or DEFAULT_HUB_SERVICE)
 
     @property
     def rechecking(self) -> bool:
@@ -170,7 +178,8 @@ class HubLink:
         elif result.final and not result.fault:  # the hub's word (403, 404), not this server's TLS set-up
             # on the IOLoop, with no await from here to the state change: a request is either forwarded before
             # it (and finishes at the service, or gets its 503) or served by this server's engine
-            self.upstream, self.reason, self.fault, self.state = None, result.reason, result.fault, LOCAL
+            self.upstream, self.state = None, LOCAL
+            self._note(result)
             log.info("xllm: the JupyterHub no longer shows this server an xllm service (%s): its own engine "
                      "serves again", result.reason)
         else:
@@ -196,8 +205,12 @@ class HubLink:
             log.debug("xllm: the hub service lookup failed", exc_info=True)
             return HubLookup(None, False, f"the hub service lookup failed ({type(exc).__name__})")
 
+    def _note(self, result: HubLookup) -> None:
+        """Keep why the hub answered as it did (the log and ``/xllm/health`` say it)."""
+        self.reason, self.fault, self.missing_scope = result.reason, result.fault, result.missing_scope
+
     def _settle(self, result: HubLookup) -> None:
-        self.reason, self.fault = result.reason, result.fault
+        self._note(result)
         if result.service is not None:
             self.upstream = Upstream.open(result.service)
             self.state = HUB
@@ -228,7 +241,8 @@ class HubLink:
                 # on the IOLoop, with no await from here to the state change: a request either started in this
                 # server's engine before it (and finishes there) or is forwarded
                 self.upstream = Upstream.open(result.service)
-                self.reason, self.fault, self.state = result.reason, result.fault, HUB
+                self.state = HUB
+                self._note(result)
                 self._on_settled(self)
                 continue
             # no news is the usual answer: the log hears of a new reason only (a hub down now and then is no news
@@ -238,7 +252,7 @@ class HubLink:
                     "this server (%s): its own engine serves; asked again in about %g s", result.reason,
                     self.recheck_seconds)
             if result.final:
-                self.reason, self.fault = result.reason, result.fault
+                self._note(result)
 
     async def close(self) -> None:
         """Stop a lookup in flight and close the connection pool to the service."""

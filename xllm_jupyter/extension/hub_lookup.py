@@ -47,6 +47,17 @@ class HubLookup:
     reason: str  # for the log: why there is no service, or where it is
     fault: bool = False  # this server's set-up is at fault (TLS): the log says so as a warning
     lasting: bool = False  # no hub to ask at all (no JUPYTERHUB_API_URL/TOKEN): never asked again
+    #: a 403: this server's token lacks the read scope. Only a role's grant is mended by a re-check; a token made
+    #: without the scope keeps that lack until its server restarts (the hub fixes a token's scopes when it makes it)
+    missing_scope: bool = False
+
+
+def scope_advice(name: str) -> str:
+    """What a user whose server's token may not look up hub service ``name`` can do (``/xllm/health``'s ``hub``)."""
+    return (f"this server's JupyterHub token may not look up the hub's xllm service (it lacks the scope "
+            f"read:services!service={name}): if the hub runs that service, its admin grants the scope to users and "
+            "their servers' tokens (docs/jupyterhub.md); then restart this server (Hub Control Panel: Stop My Server, "
+            "Start My Server), as a server's token keeps the scopes it was made with")
 
 
 async def lookup_hub_service(env: Mapping[str, str]) -> HubLookup:
@@ -80,8 +91,11 @@ async def lookup_hub_service(env: Mapping[str, str]) -> HubLookup:
         return HubLookup(None, True, f"the TLS handshake with the hub API failed ({exc.reason or exc}); {TLS_HINT}",
                          fault=True)
     except HTTPClientError as exc:
-        if exc.code == 403 or exc.code == 401:
-            return HubLookup(None, True, f"this server's token may not read the hub service {name!r} ({exc.code})")
+        if exc.code == 403:  # (the hub API's 403 is its scope check: "requires any of [read:services, ...]")
+            return HubLookup(None, True, f"this server's token may not read the hub service {name!r} (403: it lacks "
+                                         f"the scope read:services!service={name})", missing_scope=True)
+        if exc.code == 401:
+            return HubLookup(None, True, f"this server's token may not read the hub service {name!r} (401)")
         if exc.code == 404:
             return HubLookup(None, True, f"the hub has no service {name!r} (404)")
         # 599: Tornado's code for a timeout or a connection that broke; 5xx: the hub (or its proxy) is not well

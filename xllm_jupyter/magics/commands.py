@@ -188,7 +188,7 @@ class Commands:
             ("server", loc.base_url),
             ("found", how.get(loc.source, loc.source)),
             ("health", health.get("status", "?")),
-        ] + ([("engine", engine)] if engine else []) + [
+        ] + ([("engine", engine)] if engine else []) + ([("hub", str(health["hub"]))] if health.get("hub") else []) + [
             ("loaded", loaded),
             ("default model", self.state.defaults.model or "(server default)"),
             ("chat turns", str(self.state.chat.turns)),
