@@ -202,6 +202,21 @@ def test_adapter_errors_are_client_errors(sdk, lora_server, lora_dirs, tmp_path)
     assert _complete(sdk, TINY)
 
 
+def test_an_adapter_whose_config_names_a_local_base_path_does_not_show_the_path(sdk, lora_server, lora_dirs):
+    # found by a chaos run: peft writes the directory it trained on into adapter_config.json, and an adapter
+    # pulled without a base quoted that server path to every user who asked for it
+    store = ModelStore(lora_server.config.store.home)
+    base_path = json.loads((lora_dirs[0] / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base_path.startswith("/")
+    store.pull(str(lora_dirs[0]), "ad-pathbase")  # no base given: its config's path is recorded
+    with pytest.raises(openai.BadRequestError) as err:
+        _complete(sdk, "ad-pathbase")
+    message = err.value.response.json()["error"]["message"]
+    assert base_path not in message and "/" not in message, message  # was "The base model '/tmp/...' of adapter"
+    assert "ad-pathbase" in message and "--base" in message
+    assert _complete(sdk, TINY)
+
+
 def test_modelfile_adapter_is_merged(sdk, lora_server, lora_dirs):
     """`create` with FROM base + ADAPTER (a stored adapter or a path) serves base+adapter under the new name."""
     store = ModelStore(lora_server.config.store.home)
