@@ -206,3 +206,28 @@ def test_a_chat_load_runs_while_a_gguf_load_reads_its_tensors(smollm2_dir, tiny_
         assert isinstance(results[FIRST], ModelLoadError), repr(results[FIRST])  # the test's stop, reported as ever
     finally:
         unload_all(results)
+
+
+def test_letting_go_inside_a_load_leaves_nothing_held_after_it():
+    """A GGUF read's let-go, then the load's end: the thread holds no lock, and a later let-go outside any
+    load is a no-op (a stale entry made the next GGUF read in the thread release a lock it did not hold)."""
+    others_got_it: list[bool] = []
+
+    def other() -> None:
+        got = load_lock.LOAD_LOCK.acquire(timeout=60)
+        others_got_it.append(got)
+        if got:
+            load_lock.LOAD_LOCK.release()
+
+    with load_lock.exclusive_load():
+        with load_lock.exclusive_load():  # (a LoRA merge nests under its load)
+            with load_lock.lock_let_go():
+                t = threading.Thread(target=other)
+                t.start()
+                t.join()  # another thread takes the lock while this one has let go of it
+    with load_lock.lock_let_go():
+        pass
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert others_got_it == [True, True]

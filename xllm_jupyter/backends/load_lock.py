@@ -39,12 +39,11 @@ def exclusive_load() -> Iterator[None]:
     """Hold ``LOAD_LOCK`` (read at call time, so a test can put a recording lock in its place)."""
     lock = LOAD_LOCK
     with lock:
-        locks = _held.__dict__.setdefault("locks", [])
-        locks.append(lock)
+        _held.__dict__.setdefault("locks", []).append(lock)
         try:
             yield
         finally:
-            locks.pop()
+            _held.locks.pop()  # (the list lock_let_go put back: the same one)
 
 
 @contextmanager
@@ -53,11 +52,11 @@ def lock_let_go() -> Iterator[None]:
 
     Only for work that neither patches process-wide state nor reads what a load patches.
     """
-    locks = list(getattr(_held, "locks", ()))
+    locks = getattr(_held, "locks", None)
     if not locks:
         yield
         return
-    _held.locks = []
+    _held.locks = []  # (a load nested in the block, if any, keeps its own list meanwhile)
     for lock in reversed(locks):
         lock.__exit__(None, None, None)
     try:
