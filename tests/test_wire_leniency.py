@@ -214,6 +214,16 @@ def test_json_that_python_reads_but_the_request_parser_does_not_says_where(raw, 
     assert err["code"] == "invalid_json" and where in err["message"], err["message"]
 
 
+def test_an_integer_past_pythons_digit_limit_is_a_400_not_a_500(raw):
+    """json.loads raises a plain ValueError (not JSONDecodeError) for an int of 4301+ digits: it was a 500 "retry"
+    (which the SDK retries) on every JSON route and the pull route."""
+    huge = b"1" + b"0" * 5000
+    for path in (*JSON_ROUTES, "/admin/models/pull"):
+        body = b'{"model": "' + TINY.encode() + b'", "input": "x", "prompt": "x", "max_tokens": ' + huge + b"}"
+        err = error_of(raw.post(path, content=body, headers=JSON), 400)
+        assert err["code"] == "invalid_json" and "digits" in err["message"], (path, err)
+
+
 @pytest.mark.parametrize("body", [b"[1, 2]", b'"chat"', b"null", b"3", b"true"])
 def test_a_body_that_is_not_an_object_is_a_400(raw, body):
     for path in JSON_ROUTES:

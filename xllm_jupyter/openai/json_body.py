@@ -10,6 +10,7 @@ one), and every reader sees the same request.
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 from ..core.errors import InvalidRequest, quoted
@@ -68,6 +69,9 @@ def strict_json(body: bytes | str) -> Any:
                              code="invalid_json") from None
     except RecursionError:
         raise InvalidRequest("The request body is nested too deeply to parse.", code="invalid_json") from None
+    except ValueError:  # an integer literal past Python's digit limit (int_max_str_digits): not a 500
+        raise InvalidRequest("We could not parse the JSON body of your request: it holds an integer of more than "
+                             f"{sys.get_int_max_str_digits()} digits.", code="invalid_json") from None
 
 
 __all__ = ["UTF8_BOM", "strict_json", "without_bom"]
