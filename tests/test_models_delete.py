@@ -154,6 +154,38 @@ def test_deleting_a_model_in_use_tells_its_requests_it_was_removed(roles):
     assert not info.engine.is_loaded("busy") and not store.exists("busy")
 
 
+def test_xllm_rm_tells_the_requests_it_cuts_that_the_model_was_removed(roles, tiny_llama_dir, tmp_path, monkeypatch):
+    """``xllm rm`` on the server's own store: its unload cuts the stream with the removal's 404, as DELETE does; a
+    server with a store of its own (which keeps the model) cuts it with the plain unload's 503 to retry."""
+    from click.testing import CliRunner
+
+    from xllm_jupyter.cli.main import main
+
+    info, store = roles
+    store.pull(str(tiny_llama_dir), "cli-busy")
+    ModelStore(tmp_path / "elsewhere").pull(str(tiny_llama_dir), "kept")  # the same files, another store's manifest
+    monkeypatch.delenv("XLLM_CONFIG", raising=False)
+    long = {"messages": HI, "max_tokens": 1900, "extra_body": {"ignore_eos": True}}
+    errors = {}
+    with sdk(info, ADMIN) as admin:
+        for name, home in (("cli-busy", store.home), ("kept", tmp_path / "elsewhere")):
+            monkeypatch.setenv("XLLM_HOME", str(home))
+            it = iter(admin.chat.completions.create(model=name, stream=True, **long))
+            assert next(it).model == name  # generating now
+            result = CliRunner().invoke(main, ["rm", name, "-y", "--url", info.base_url, "--api-key", ADMIN],
+                                        catch_exceptions=False)
+            assert result.exit_code == 0 and f"Removed {name}" in result.stdout and result.stderr == "", result.output
+            with pytest.raises(openai.APIError) as cut:
+                for _ in it:
+                    pass
+            errors[name] = cut.value.body
+    assert errors["cli-busy"]["code"] == "model_not_found", errors
+    assert "'cli-busy' was removed from the server" in errors["cli-busy"]["message"], errors
+    assert not store.exists("cli-busy") and not info.engine.is_loaded("cli-busy")
+    assert errors["kept"]["code"] == "overloaded" and "retry the request" in errors["kept"]["message"], errors
+    assert store.exists("kept")  # the server's store keeps its own copy
+
+
 def test_the_notebook_clients_remove_models(roles, tiny_llama_dir):
     """``XllmClient.remove`` / ``AsyncXllmClient.remove`` (what ``%xllm rm`` calls): the route's answer and errors."""
     info, store = roles

@@ -239,10 +239,11 @@ def rm_command(settings: Any, name: str, yes: bool) -> None:
         raise ModelNotFound(canonical_name(name))
     if not yes:
         click.confirm(f"Remove {name}?", abort=True)
-    unload_from_server(settings, name)  # it stops serving before its files go
+    removed = _served_from(store, settings, name)
+    unload_from_server(settings, name, removed)  # it stops serving before its files go
     store.rm(name)
     # again: a load under way when it was asked first may have finished since, before the files went
-    unload_from_server(settings, name)
+    unload_from_server(settings, name, removed)
     click.echo(f"Removed {name}")
 
 
@@ -301,17 +302,35 @@ def _echo_modelfile_settings(manifest: Any) -> None:
         echo(f"messages  {len(defaults.messages)}")
 
 
-def unload_from_server(settings: Any, name: str) -> None:
-    """Ask the server `xllm ps` would ask to unload ``name``, so it stops serving a removed model.
+def _served_from(store: Any, settings: Any, name: str) -> bool:
+    """True when the server serves ``name`` from this store (its manifest is this one: same digest, made at the same
+    second), so that the requests its removal cuts hear that it is gone; a server with a store of its own keeps it."""
+    from ..core.errors import XllmError
+
+    try:
+        mine, served = store.show(name), settings.client().manifest(name)
+    except XllmError:  # no server, a key that may not read manifests, a damaged model here: a plain unload
+        return False
+    return served.get("digest") == mine.digest and served.get("created") == mine.created
+
+
+def unload_from_server(settings: Any, name: str, removed: bool = False) -> None:
+    """Ask the server `xllm ps` would ask to unload ``name``, so it stops serving a removed model (``removed``: its
+    store is the one it is removed from, so the requests it cuts end with a 404 saying so, not a 503 to retry).
 
     No server, or the model not loaded there, is the usual case and says nothing; any other
     failure is a note on stderr and the removal goes on (as ``ollama rm`` does).
     """
     from ..client.base import ServerUnavailable
-    from ..core.errors import NotFound, XllmError
+    from ..core.errors import InvalidRequest, NotFound, XllmError
 
     try:
-        settings.client().unload(name)
+        try:
+            settings.client().unload(name, removed=removed)
+        except InvalidRequest:
+            if not removed:
+                raise
+            settings.client().unload(name)  # a server older than `removed`: a plain unload
     except (ServerUnavailable, NotFound):
         pass
     except XllmError as exc:

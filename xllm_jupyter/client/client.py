@@ -131,9 +131,11 @@ class XllmClient:
             # user keys may chat but not manage models: failing here would block `xllm run`
             return self.model(name)
 
-    def unload(self, name: str) -> dict[str, Any]:
-        """Unload ``name`` on the server (returns the server's reply)."""
-        return self._request("POST", self.admin_url + "/models/unload", json={"model": name}) or {}
+    def unload(self, name: str, removed: bool = False) -> dict[str, Any]:
+        """Unload ``name`` on the server (returns the server's reply). ``removed``: the caller is removing it from the
+        server's store, so the requests the unload cuts end with a 404 saying so (``xllm rm``), not a 503 to retry."""
+        body = {"model": name, **({"removed": True} if removed else {})}
+        return self._request("POST", self.admin_url + "/models/unload", json=body) or {}
 
     def remove(self, name: str) -> dict[str, Any]:
         """``DELETE /v1/models/{name}``: remove ``name`` from the server's store, as ``xllm rm`` does (admins only).

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Sequence
 
 from ..core.config import CacheConfig, ServerConfig
-from ..core.errors import ContextLengthExceeded, InvalidRequest
+from ..core.errors import ContextLengthExceeded, InvalidRequest, ModelRemoved
 from ..core.types import (ChatMessage, ChoiceDelta, FinishReason, GenerationDone, GenerationParams, GenerationRequest,
                           ModelRuntime, Usage, UserSequences)
 from ..engine.manager import request_keep_alive
@@ -145,7 +145,7 @@ class OpenAIServing(CompletionsMixin):
         # after removing the files, and that unload tells the load to check its manifest again (or it registers)
         if not self.engine.is_loading(req.model):
             await asyncio.to_thread(self.engine.model_info, req.model)  # 404: neither loaded, loading nor stored
-        unloaded = await self.engine.unload(req.model)
+        unloaded = await self.engine.unload(req.model, ModelRemoved(req.model) if req.removed else None)
         return {"id": req.model, "object": "model", "unloaded": unloaded}
 
     # -------------------------------------------------------------- validation

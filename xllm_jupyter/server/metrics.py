@@ -270,9 +270,9 @@ class ObservedEngine:
         await self._engine.load_any(name, keep_alive)
         self._metrics.sync_loaded()
 
-    async def unload(self, name: str) -> bool:
-        """Unload ``name``; counted."""
-        done = await self._engine.unload(name)
+    async def unload(self, name: str, reason: Any = None) -> bool:
+        """Unload ``name`` (its cut requests fail with ``reason``); counted."""
+        done = await self._engine.unload(name, reason)
         self._metrics.sync_loaded()
         return done
 
