@@ -13,6 +13,12 @@ cache or batch state left corrupted).
 
     .venv/bin/python benchmarks/soak.py                  # writes benchmarks/results/soak.{json,md}
     .venv/bin/python benchmarks/soak.py --seconds 600 --clients 32
+    .venv/bin/python benchmarks/soak.py --lifecycle --out benchmarks/results/soak_lifecycle
+
+``--lifecycle`` adds what sharing a server's lifetime brings (soak_lifecycle.py): three user keys, a second model,
+a LoRA adapter and the embedding model, and an admin who unloads them, sends keep_alive 0, deletes and pulls them
+again and force-pulls meanwhile; requests those cut may end with a 503 to retry or a 404 (counted as cut, not
+failed), and no user may have sequences or reserved tokens left afterwards.
 
 Exit status 1 when any check fails.
 """
@@ -38,6 +44,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from child_server import ROOT, TINY, ChildServer, commit, tiny_store, write_results  # noqa: E402
+from soak_lifecycle import (ADMIN_KEY, USER_KEYS, KeyedServer, admin_loop, is_cut, lifecycle_store,  # noqa: E402
+                            server_env, usage_left, user_scenarios)
 
 KEY = "soak-key"
 #: the same weights under a second name, for ``--swap``
@@ -57,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=12, help="concurrent clients")
     p.add_argument("--swap", action="store_true",
                    help=f"also send requests to a second model ({SECOND}) under a memory budget that holds one model at a time")
+    p.add_argument("--lifecycle", action="store_true",
+                   help="several user keys, and an admin unloading, deleting and pulling models under the requests")
     p.add_argument("--seed", type=int, default=0, help="seed of the request mix")
     p.add_argument("--tiny", metavar="DIR", help="a local HF model dir to serve (default: build the tests' tiny Llama)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "soak"), help="output path without extension")
@@ -189,7 +199,7 @@ async def responses_stream(client: httpx.AsyncClient, rng: random.Random) -> Non
     body = {"model": TINY, "input": _prompt(rng, 10), "max_output_tokens": 16, "stream": True, "store": False}
     events = await _sse(client, "/v1/responses", body)
     if events[-1].get("type") not in ("response.completed", "response.incomplete"):
-        raise Failure(f"ended with {events[-1].get('type')}")
+        raise Failure(f"ended with {events[-1].get('type')}: {json.dumps(events[-1].get('response', {}).get('error'))[:400]}")
 
 
 async def responses_chain(client: httpx.AsyncClient, rng: random.Random) -> None:
@@ -242,7 +252,10 @@ SWAP_SCENARIOS = {**SCENARIOS, "second model (swaps)": (4, other_model)}
 class Tally:
     """Per scenario: runs, failures (first few kept), latencies."""
 
-    def __init__(self) -> None:
+    def __init__(self, scenarios: dict[str, Any] | None = None, cuts_allowed: bool = False) -> None:
+        self.scenarios = scenarios or SWAP_SCENARIOS
+        self.cuts_allowed = cuts_allowed  # --lifecycle: a 503 to retry or a 404 from an unload or removal is no failure
+        self.cut: collections.Counter[str] = collections.Counter()
         self.runs: collections.Counter[str] = collections.Counter()
         self.failures: dict[str, list[str]] = collections.defaultdict(list)
         self.failed: collections.Counter[str] = collections.Counter()
@@ -250,19 +263,23 @@ class Tally:
 
     def table(self) -> list[dict[str, Any]]:
         """One row per scenario."""
-        return [{"scenario": name, "runs": self.runs[name], "failed": self.failed[name],
+        return [{"scenario": name, "runs": self.runs[name], "failed": self.failed[name], "cut": self.cut[name],
                  "p50_s": round(statistics.median(self.seconds[name]), 3) if self.seconds[name] else None,
-                 "first_failures": self.failures[name][:3]} for name in SWAP_SCENARIOS if name in SCENARIOS or self.runs[name]]
+                 "first_failures": self.failures[name][:3]} for name in self.scenarios if name in SCENARIOS or self.runs[name]]
 
 
     async def run(self, name: str, client: httpx.AsyncClient, rng: random.Random) -> None:
         """Run scenario ``name`` once and count how it went."""
         start = time.monotonic()
         try:
-            await SWAP_SCENARIOS[name][1](client, rng)
+            await self.scenarios[name][1](client, rng)
         except (Failure, httpx.HTTPError, ValueError, KeyError, TypeError, IndexError) as exc:
-            self.failed[name] += 1
-            self.failures[name].append(f"{type(exc).__name__}: {exc}"[:500])
+            text = f"{type(exc).__name__}: {exc}"
+            if self.cuts_allowed and isinstance(exc, Failure) and is_cut(text):
+                self.cut[name] += 1
+            else:
+                self.failed[name] += 1
+                self.failures[name].append(text[:500])
         self.runs[name] += 1
         self.seconds[name].append(time.monotonic() - start)
 
@@ -271,9 +288,10 @@ def _client(url: str, key: str) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
 
 
-async def client_loop(url: str, key: str, deadline: float, rng: random.Random, tally: Tally, swap: bool = False) -> None:
-    """One client: random scenarios until the deadline."""
-    scenarios = SWAP_SCENARIOS if swap else SCENARIOS
+async def client_loop(url: str, key: str, deadline: float, rng: random.Random, tally: Tally, swap: bool = False,
+                      scenarios: dict[str, Any] | None = None) -> None:
+    """One client: random scenarios (``scenarios``, else soak's own) until the deadline."""
+    scenarios = scenarios or (SWAP_SCENARIOS if swap else SCENARIOS)
     names = list(scenarios)
     weights = [scenarios[n][0] for n in names]
     async with _client(url, key) as client:
@@ -321,13 +339,19 @@ def drained(server: ChildServer, timeout: float = 30.0) -> dict[str, Any]:
         time.sleep(0.5)
 
 
-async def soak(server: ChildServer, args: argparse.Namespace) -> tuple[Tally, list[tuple[float, int]]]:
-    """Run the clients; the server's RSS every 2 s meanwhile, as (seconds in, bytes)."""
-    tally = Tally()
+async def soak(server: ChildServer, args: argparse.Namespace,
+               lifecycle: tuple[dict[str, Path], list[str], dict[str, int]] | None = None) -> tuple[Tally, list[tuple[float, int]]]:
+    """Run the clients (and with ``lifecycle``, (sources, failures, op counts), the admin); the server's RSS every 2 s
+    meanwhile, as (seconds in, bytes)."""
+    scenarios = user_scenarios(SCENARIOS, sys.modules[__name__]) if lifecycle else (SWAP_SCENARIOS if args.swap else SCENARIOS)
+    tally = Tally(scenarios, cuts_allowed=lifecycle is not None)
     start = time.monotonic()
     deadline = start + args.seconds
-    tasks = [asyncio.create_task(client_loop(server.url, KEY, deadline, random.Random(args.seed * 1000 + i), tally, args.swap))
-             for i in range(args.clients)]
+    keys = USER_KEYS if lifecycle else (KEY,)
+    tasks = [asyncio.create_task(client_loop(server.url, keys[i % len(keys)], deadline, random.Random(args.seed * 1000 + i),
+                                             tally, args.swap, scenarios)) for i in range(args.clients)]
+    if lifecycle:
+        tasks.append(asyncio.create_task(admin_loop(server.url, deadline, random.Random(args.seed), *lifecycle)))
     rss: list[tuple[float, int]] = []
     while time.monotonic() < deadline:
         rss.append((round(time.monotonic() - start, 1), server.rss_bytes()))
@@ -348,9 +372,9 @@ def markdown(result: dict[str, Any]) -> str:
     """The results as a markdown report."""
     lines = [f"# Soak: {result['clients']} clients for {result['seconds']:.0f} s (tiny Llama, CPU)", "",
              f"{result['when']}, commit {result['commit']}, {result['cpus']} CPUs, `{result['command']}`", "",
-             "| scenario | runs | failed | p50 s |", "|---|---:|---:|---:|"]
+             "| scenario | runs | failed | cut (503/404, --lifecycle) | p50 s |", "|---|---:|---:|---:|---:|"]
     for row in result["scenarios"]:
-        lines.append(f"| {row['scenario']} | {row['runs']} | {row['failed']} | {row['p50_s']} |")
+        lines.append(f"| {row['scenario']} | {row['runs']} | {row['failed']} | {row.get('cut', 0)} | {row['p50_s']} |")
     lines += ["", "| check | result | ok |", "|---|---|---|"]
     for check in result["checks"]:
         lines.append(f"| {check['name']} | {check['value']} | {'yes' if check['ok'] else '**NO**'} |")
@@ -368,12 +392,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.swap:
             tiny_store(home, args.tiny, SECOND)
             env["XLLM_ENGINE_MEMORY_BUDGET_BYTES"] = str(one_model_budget(home))
-        server = ChildServer(home, Path(tmp) / "server.log", api_key=KEY, env=env)
+        lifecycle = None
+        if args.lifecycle:
+            sources = lifecycle_store(home, Path(args.tiny) if args.tiny else home.parent / f"{home.name}-model")
+            lifecycle = (sources, [], {})
+            server: ChildServer = KeyedServer(home, Path(tmp) / "server.log", api_key=ADMIN_KEY, env={**env, **server_env()})
+        else:
+            server = ChildServer(home, Path(tmp) / "server.log", api_key=KEY, env=env)
         try:
             reference(server)  # the first run fills the prefix cache; later ones reuse it
             before = reference(server)
-            tally, rss = asyncio.run(soak(server, args))
+            tally, rss = asyncio.run(soak(server, args, lifecycle))
             idle = drained(server)
+            leaked = usage_left(server.url) if lifecycle else {}
             after = reference(server)
         finally:
             server.stop()
@@ -384,6 +415,10 @@ def main(argv: list[str] | None = None) -> int:
     checks = [
         {"name": "requests, all as expected", "value": f"{runs - failed}/{runs}", "ok": failed == 0 and runs > 0},
         {"name": "engine drained (running, queued, in flight)", "value": str(idle), "ok": not any(idle.values())},
+        *([{"name": "users' sequences and reserved tokens left", "value": str(leaked or "none"), "ok": not leaked},
+           {"name": "admin operations as expected", "value": f"{sum(lifecycle[2].values()) - len(lifecycle[1])}/"
+            f"{sum(lifecycle[2].values())}" + (f" (first: {lifecycle[1][0]})" if lifecycle[1] else ""), "ok": not lifecycle[1]}]
+          if lifecycle else []),
         {"name": "5xx replies", "value": str(fivexx), "ok": fivexx == 0},
         {"name": "tracebacks in the server log", "value": str(log.count("Traceback")), "ok": "Traceback" not in log},
         {"name": "greedy reference unchanged", "value": "same tokens" if after == before else f"{before[:8]} -> {after[:8]}",
@@ -393,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     result = {"when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit(), "cpus": os.cpu_count(),
               "python": platform.python_version(), "clients": args.clients, "seconds": args.seconds, "seed": args.seed, "swap": args.swap,
+              "lifecycle": args.lifecycle, "admin_ops": lifecycle[2] if lifecycle else None,
               "command": " ".join(["python benchmarks/soak.py", *(sys.argv[1:] if argv is None else argv)]),
               "scenarios": tally.table(), "checks": checks, "rss_series": rss}
     write_results(args.out, result, markdown(result))

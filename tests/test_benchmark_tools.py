@@ -151,3 +151,15 @@ def test_fuzz_cases_pass_against_the_server_and_the_fuzz_checks_can_fail(raw):
     ]
     for status, ctype, body in broken:
         assert fuzz_api.reply_problems(case, status, ctype, body), (status, body[:60])
+
+
+def test_a_lifecycle_soak_counts_only_unload_and_removal_answers_as_cuts():
+    from soak_lifecycle import is_cut
+
+    assert is_cut("Failure: status 503, wanted 200: The model 'tiny' was unloaded while this request ran; retry")
+    assert is_cut('Failure: error event: {"error": {"code": "model_not_found", "message": "was removed from the server"}}')
+    assert is_cut("Failure: status 404, wanted 200: {\"error\": {\"code\": \"model_not_found\"}}")
+    # what the chaos run found must stay failures
+    assert not is_cut("Failure: status 500, wanted 200: model_load_failed: its files are damaged")
+    assert not is_cut("Failure: status 400, wanted 200: Model 'tiny-too' is damaged; pull it again with force")
+    assert not is_cut("Failure: status 500, wanted 200: was unloaded while this request ran")  # a 500 never is
