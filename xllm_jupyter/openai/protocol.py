@@ -278,9 +278,7 @@ class ModelRequest(StrictModel):
 
     model: str = Field(min_length=1)
     keep_alive: float | str | None = None  # load only: how long it stays loaded once idle
-    #: unload only: the caller removes the model from this server's store (``xllm rm``), so the requests the unload
-    #: cuts hear that it is gone (a 404, as their retry would get), not a 503 asking them to retry
-    removed: bool = False
+    removed: bool = False  # unload only: the caller removes it from this store (xllm rm): cut requests get a 404
 
 
 # --------------------------------------------------------------------------- parsing
