@@ -8,6 +8,7 @@ the thread ``TURN`` inputs at a time. Encodes and forwards are held on events he
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import Any
 
@@ -101,3 +102,65 @@ def test_a_small_embedding_runs_between_the_turns_of_a_big_one(encoder, client, 
     for i, j in ((0, 0), (1, 1), (2, 2), (3, len(texts) - 1)):
         assert big_vectors[j].embedding == pytest.approx(alone.data[i].embedding, abs=1e-5)
     assert len(got["small"].data) == 1
+
+
+def test_another_requests_keep_alive_0_does_not_cut_a_big_request_between_its_turns(encoder, xllm_server, client,
+                                                                                      monkeypatch):
+    """keep_alive 0 unloads the model after the request, not under another one in flight: a big request's whole
+    forward was one job on the model's thread, which the unload waited for; its turns and its tokenizing are not."""
+    calls: list[int] = []
+    entered = {1: threading.Event(), 3: threading.Event()}
+    release = {1: threading.Event(), 3: threading.Event()}
+    embed_ids = encoder.model.embed_ids
+
+    def held(batch: Any) -> Any:
+        calls.append(len(batch))
+        n = len(calls)
+        if n in entered:  # the big one's first and second turns wait until released
+            entered[n].set()
+            release[n].wait(60)  # (a bound only so a broken test cannot hang the run)
+        return embed_ids(batch)
+
+    monkeypatch.setattr(encoder.model, "embed_ids", held)
+    got: dict[str, Any] = {}
+    texts = [f"sentence number {i}" for i in range(3 * TURN)]
+
+    def big() -> None:
+        try:
+            got["big"] = client.embeddings.create(model=MODEL, input=texts, encoding_format="float")
+        except Exception as exc:  # reported by the assertions below
+            got["big"] = exc
+
+    first = threading.Thread(target=big)
+    first.start()
+    try:
+        assert entered[1].wait(60), "the big request's forward never started"
+        small = threading.Thread(target=lambda: got.setdefault("small", client.embeddings.create(
+            model=MODEL, input="hello there", extra_body={"keep_alive": 0})))
+        small.start()
+        for _ in range(6000):  # until the small request's forward waits for the model's thread
+            if encoder.executor._work_queue.qsize():
+                break
+            threading.Event().wait(0.01)
+        release[1].set()
+        small.join(60)
+        assert len(got["small"].data) == 1  # done, between the big one's turns: its keep_alive 0 has expired
+        assert entered[3].wait(60), "the big request's second turn never started"
+        # the keep_alive timer's pass (it runs every 0.25 s on its own too) while the big request is in flight
+        reap = asyncio.run_coroutine_threadsafe(xllm_server.engine._reap_expired(), xllm_server.loop)
+        for _ in range(6000):
+            if reap.done() or encoder.closed:
+                break
+            threading.Event().wait(0.01)
+        assert not encoder.closed, "the model was unloaded under the big request"
+    finally:
+        for event in release.values():
+            event.set()
+        first.join(60)
+    assert not isinstance(got["big"], Exception), got["big"]
+    assert len(got["big"].data) == len(texts)
+    for _ in range(6000):  # and once nothing uses it, the keep_alive 0 unloads it
+        if MODEL not in xllm_server.engine._embeddings.slots:
+            break
+        threading.Event().wait(0.01)
+    assert MODEL not in xllm_server.engine._embeddings.slots

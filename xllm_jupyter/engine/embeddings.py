@@ -41,6 +41,9 @@ class EmbeddingSlot:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"xllm-embed-{model.name}")
         self.closed = False  # unloaded: no new work (its executor is shut down or about to be)
         self.closed_by: XllmError | None = None  # what a request that finds it closed fails with (None: a 503)
+        #: requests past their slot check and not yet done (on the IOLoop only): a keep_alive expiry waits for 0,
+        #: since their tokenizing and turns are not one job on the model's thread that the unload would wait for
+        self.in_use = 0
 
     def info(self) -> ModelInfo:
         """The loaded model's ``ModelInfo``."""
@@ -112,8 +115,21 @@ class EmbeddingHost:
                     tokenize: Callable[..., Any] | None = None) -> EmbeddingResult:
         """Tokenize and check ``inputs`` on a worker thread (``tokenize(chars, work)`` runs it: the engine's prompt
         lane; default: asyncio's pool), then embed them on the model's own thread, ``TURN`` inputs a turn."""
-        model = slot.model
         self._check_open(slot)
+        slot.in_use += 1
+        try:
+            return await self._embed(slot, inputs, tokenize)
+        finally:
+            slot.in_use -= 1
+
+    def busy(self, name: str) -> bool:
+        """True while a request uses loaded embedding model ``name`` (its keep_alive expiry then waits)."""
+        slot = self.slots.get(name)
+        return slot is not None and slot.in_use > 0
+
+    async def _embed(self, slot: EmbeddingSlot, inputs: Sequence[str] | Sequence[Sequence[int]],
+                     tokenize: Callable[..., Any] | None) -> EmbeddingResult:
+        model = slot.model
 
         def prepare() -> list[list[int]]:
             ids = [model.tokenize(x) if isinstance(x, str) else list(x) for x in inputs]

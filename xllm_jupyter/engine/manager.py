@@ -410,7 +410,7 @@ class ResidencyMixin:
                     log.info("keep_alive of %s expired; unloading it", name)
                     await self._evict(name)
         for name, expiry in list(self._embed_expiry.items()):
-            if expiry is not None and expiry <= now:
+            if expiry is not None and expiry <= now and not self._embeddings.busy(name):  # (in use: a later pass)
                 self._embed_expiry.pop(name, None)
                 await self._embeddings.unload(name)
 
