@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from ..core.errors import InvalidRequest, ModelNotFound, Overloaded, XllmError
 from ..core.slow_work import run_slow
 from ..core.types import GenerationRequest, ModelInfo, ModelRuntime
-from ..store.names import canonical_name, validate_name
+from ..store.names import canonical_name, is_valid_name
 
 if TYPE_CHECKING:
     from ..backends.base import LoadedModel, ModelSpec
@@ -52,7 +52,7 @@ class AdapterMixin:
         try:
             return await self.load_adapter(spec.base_model, spec.name, spec.path)
         except ModelNotFound:  # only the base can be missing here: the adapter itself resolved
-            if not _is_store_name(spec.base_model):
+            if not is_valid_name(spec.base_model):  # (a stored model's name could not be a path)
                 # peft records the directory it trained on: a server path, not for every user who asks
                 raise InvalidRequest(f"The adapter '{spec.name}' names its base model by a path or Hub id, not a "
                                      "stored model; pull it again with its base given (xllm pull ADAPTER --base MODEL)",
@@ -88,12 +88,3 @@ class AdapterMixin:
         shared = info.runtime or ModelRuntime()
         runtime = ModelRuntime(running=shared.running, queued=shared.queued, max_batch_size=shared.max_batch_size)
         return dataclasses.replace(info, name=name, details=details, runtime=runtime, task="adapter", default=False)
-
-
-def _is_store_name(name: str) -> bool:
-    """Whether ``name`` could name a stored model (an adapter config's base may be a local path instead)."""
-    try:
-        validate_name(name)
-    except XllmError:
-        return False
-    return True
