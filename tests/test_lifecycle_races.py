@@ -317,7 +317,7 @@ def _quietly(call, **kwargs) -> None:
 
 
 async def test_a_model_unloaded_as_its_load_finishes_is_a_503_to_retry_not_a_404(monkeypatch):
-    # between registering the runner and answering its waiters, a load collects (gc_freeze.freeze, a second or
+    # between registering the runner and answering its waiters, a load collects (gc_freeze.tidy, a second or
     # more in a JupyterLab process); an unload then left the waiters a model that was gone: a 404 "does not exist"
     from xllm_jupyter.engine import loading
 
@@ -331,7 +331,7 @@ async def test_a_model_unloaded_as_its_load_finishes_is_a_503_to_retry_not_a_404
             freezing.set()
             thawed.wait()
 
-    monkeypatch.setattr(loading.gc_freeze, "freeze", slow_freeze)
+    monkeypatch.setattr(loading.gc_freeze, "tidy", slow_freeze)
     try:
         request = asyncio.ensure_future(collect(engine.generate(chat_request())))
         await asyncio.to_thread(freezing.wait)

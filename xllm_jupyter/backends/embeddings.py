@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..core import gc_freeze
 from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest
 from .base import ModelSpec
 from .compile_gate import COMPILE_GATE
@@ -136,8 +137,9 @@ class EmbeddingModel:
 
     def unload(self) -> None:
         """Drop the weights and give their memory back to the device."""
+        full = gc_freeze.is_frozen(self.model)  # unfrozen since its load: a plain collection frees its cycles
         self.model = None
-        release_memory()
+        release_memory(full)
 
 
 def special_wrapping(tokenizer: Any) -> tuple[list[int], list[int]]:

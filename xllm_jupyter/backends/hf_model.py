@@ -395,6 +395,7 @@ class TransformersModel(ChatTokenizerMethods, Prefill, LoadedModel):
 
     def unload(self) -> None:
         """Drop weights, cache and queued jobs; the object is unusable afterwards."""
+        full = gc_freeze.is_frozen(self.model)  # unfrozen since its load: a plain collection frees its cycles
         if isinstance(self._batch, StaticBatch):
             self._batch.release()  # dynamo would keep its compiled graphs (CUDA graphs, memory pool) alive
         self._batch = BatchKV()  # also drops a slot cache and its compiled step
@@ -404,7 +405,7 @@ class TransformersModel(ChatTokenizerMethods, Prefill, LoadedModel):
         # these hold the model too: the weights must be unreferenced before the collect below frees them
         self._lora = LoraAdapters(None, self.device)  # (empty: details and memory still answer)
         self._masker = None
-        gc_freeze.collect()  # (unfreezes first: the model was frozen after its load, cycles and all)
+        gc_freeze.collect(full)  # (unfreezes first where a freeze caught the model, cycles and all)
         if self.device.type == "cuda":
             empty_cuda_cache()
 

@@ -98,10 +98,11 @@ def placement(device: Any, *, moved_later: bool = False) -> dict[str, Any]:
     return {"device_map": {"": device}}
 
 
-def release_memory() -> None:
+def release_memory(full: bool = True) -> None:
     """Collect what is unreferenced and give torch's cached CUDA memory back to the device (after a failed
-    load: only once its exception, and the frames that hold the partial model, are gone)."""
-    gc_freeze.collect()  # unfreezes first: cycles among frozen objects are never collected
+    load: only once its exception, and the frames that hold the partial model, are gone). ``full=False``: what
+    was dropped is known to be unfrozen (``gc_freeze.is_frozen``), and only the unfrozen objects are walked."""
+    gc_freeze.collect(full)  # full: unfreezes first, cycles among frozen objects are never collected
     empty_cuda_cache()
 
 

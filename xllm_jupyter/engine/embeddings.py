@@ -107,8 +107,8 @@ class EmbeddingHost:
             raise
         finally:
             self._loading.pop(spec.name, None)
-        # its weights and tokenizer live as long as it stays loaded: out of the full collections from now on
-        await asyncio.to_thread(gc_freeze.freeze)
+        # the load's garbage goes; the model stays unfrozen, so its unload needs no full collection (gc_freeze.py)
+        await asyncio.to_thread(gc_freeze.tidy)
         return slot
 
     async def embed(self, slot: EmbeddingSlot, inputs: Sequence[str] | Sequence[Sequence[int]],
@@ -172,9 +172,10 @@ class EmbeddingHost:
         # below runs, and the model must be unreferenced by then (what it leaves in cycles, that one frees)
         box = [slot]
         del slot
+        full = await asyncio.to_thread(gc_freeze.is_frozen, box[0].model)  # (made at its load, like its weights)
         await run_slow(lambda: box[0].shutdown())
         box.clear()
-        await asyncio.to_thread(gc_freeze.release)  # (frozen cycles are only found by a collection that unfreezes)
+        await asyncio.to_thread(gc_freeze.release, full)  # (frozen cycles: only a collection that unfreezes finds them)
         return True
 
     async def stop(self) -> None:

@@ -226,8 +226,8 @@ class LoadingMixin:
         # through the collection below, which walks the whole process (a JupyterLab's: a second or more)
         self._loading.pop(name, None)
         self._unload_asks.pop(name, None)
-        # what the load and warm-up made lives as long as the model: out of the full collections from now on
-        await asyncio.to_thread(gc_freeze.freeze)
+        # the load's garbage goes; the model stays unfrozen, so its unload needs no full collection (gc_freeze.py)
+        await asyncio.to_thread(gc_freeze.tidy)
         return runner.model
 
     async def _moved_under(self, name: str, spec: ModelSpec, asked: int, exc: Exception) -> bool:

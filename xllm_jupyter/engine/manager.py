@@ -360,6 +360,8 @@ class ResidencyMixin:
         held = rec.memory_bytes if rec is not None else 0
         device = rec.device if rec is not None else "cpu"
         self._budget.reserved[device] = self._budget.reserved.get(device, 0) + held
+        # made at its load: unless a freeze caught it since, the collection below need not walk the frozen objects
+        full = await asyncio.to_thread(gc_freeze.is_frozen, box[0])
         try:
             await run_slow(lambda: box[0].shutdown(reason=reason))
             # a runner still in a step unloads when the step ends; its memory is not free before. Bounded:
@@ -373,7 +375,7 @@ class ResidencyMixin:
             self._retired_tokens += last.tokens  # the engine-wide counts go on without it
             self._retired_requests = (self._retired_requests[0] + last.completed, self._retired_requests[1] + last.cancelled)
         box.clear()  # the model's last reference here: what it leaves in cycles, the collection below frees
-        await asyncio.to_thread(gc_freeze.release)  # (frozen cycles are only found by a collection that unfreezes)
+        await asyncio.to_thread(gc_freeze.release, full)  # (frozen cycles: only a collection that unfreezes finds them)
 
     @contextlib.contextmanager
     def _busy(self, name: str) -> Iterator[None]:
