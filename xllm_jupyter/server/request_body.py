@@ -14,6 +14,8 @@ from ..core.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType,
 
 #: content codings a body may be sent in (``x-gzip`` is the old name of ``gzip``)
 GZIP_CODINGS = frozenset({"gzip", "x-gzip"})
+#: the two bytes every gzip member starts with
+_GZIP_MAGIC = b"\x1f\x8b"
 #: a JSON media type: ``application/json`` or a ``+json`` type (``application/merge-patch+json``)
 _JSON_SUFFIX = "+json"
 
@@ -109,26 +111,25 @@ class BodyReader:
             if self._wire > self.limit:
                 raise self._too_large()
             return
-        inflater = self._inflater
-        if inflater is None:
+        if self._inflater is None:
             self._keep(chunk)
-            return
-        if inflater.eof:
-            if chunk:
-                self._refuse("The gzip request body has data after its end.")
             return
         data = chunk
         try:
-            while data and not inflater.eof:
+            while data:
+                if self._inflater.eof:
+                    # a gzip body is a series of members (RFC 1952 2.2, as `cat a.gz b.gz` makes): what follows one
+                    # must start the next, anything else is trailing data
+                    if not _GZIP_MAGIC.startswith(data[:len(_GZIP_MAGIC)]):
+                        self._refuse("The gzip request body has data after its end.")
+                        return
+                    self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                inflater = self._inflater
                 # at most one byte past what the cap still allows: enough to know it is over
-                out = inflater.decompress(data, self.limit - self.size + 1)
-                self._keep(out)
-                data = inflater.unconsumed_tail
+                self._keep(inflater.decompress(data, self.limit - self.size + 1))
+                data = inflater.unused_data if inflater.eof else inflater.unconsumed_tail
         except zlib.error:
             self._refuse("The request body is not valid gzip data (Content-Encoding: gzip).")
-            return
-        if inflater.eof and inflater.unused_data:
-            self._refuse("The gzip request body has data after its end.")
 
     def body(self) -> bytes:
         """The whole body (inflated), or the error that refuses it (a gzip body cut short included)."""
