@@ -20,6 +20,9 @@ Scenarios (a fresh server each, since "first" happens once per process):
 - ``LoRA``: the first request for ``smol-lora`` (a random LoRA on smollm2, attached on first use), then a second;
 - ``copy``: the first request for ``tiny`` (loads it), then the first for ``tiny-copy`` (``xllm cp tiny
   tiny-copy``: hard links; its load finds tiny's grammar tokenizer built), then a second;
+- ``unload``: loads ``tiny`` and unloads it (``POST /admin/models/unload``), then the same for ``all-minilm``:
+  an unload's collections (two full ones, walking every frozen object, until a load stopped freezing its
+  model: ``core/gc_freeze.py``);
 - ``cold``: a server that preloads nothing (no ``-m``, no default model): the first request for ``tiny``
   is the process's first load (it imports torch and transformers), then a second.
 
@@ -90,6 +93,13 @@ SCENARIOS: dict[str, list[tuple[str, str, dict]]] = {
         for name in ("tiny", "tiny-copy")
     ] + [("second tiny-copy request", "/v1/chat/completions",
           {"model": "tiny-copy", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})],
+    "unload": [  # (smollm2, preloaded, was frozen at the start; tiny and all-minilm load later, as models come and go)
+        ("first tiny request (loads tiny)", "/v1/chat/completions",
+         {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
+        ("unload tiny", "/admin/models/unload", {"model": "tiny"}),
+        ("first embeddings request (loads all-minilm)", "/v1/embeddings", {"model": "all-minilm", "input": "hello"}),
+        ("unload all-minilm", "/admin/models/unload", {"model": "all-minilm"}),
+    ],
     "cold": [
         ("first tiny request (the process's first load: imports)", "/v1/chat/completions",
          {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
