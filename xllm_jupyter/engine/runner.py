@@ -37,6 +37,7 @@ from ..core.types import (
 )
 from .delivery import END, RequestHandle, coalesce, deliver_all, paced_interval
 from .fairness import FairnessPolicy, FairQueue
+from .loop_wake import call_soon_keeping_gil, call_soon_threadsafe
 from .retirement import Retirement
 from .step_failures import StepFailures, constraint_failure, out_of_memory_error
 from .stops import StopMatcher
@@ -361,10 +362,10 @@ class ModelRunner(StepFailures, Retirement):
             if self._translate(state, event, items) or not handle.started:
                 urgent = True
         if outbox and (urgent or time.monotonic() - self._delivered_at >= paced_interval(self.stream_interval, batch)):
-            self._deliver()
+            self._deliver(quiet=not urgent)
 
-    def _deliver(self) -> None:
-        """Hand every held item to its event loop: one ``call_soon_threadsafe`` per loop."""
+    def _deliver(self, quiet: bool = False) -> None:
+        """Hand every held item to its event loop, one call per loop (``quiet``: paced, see loop_wake.py)."""
         outbox, self._outbox = self._outbox, {}
         self._delivered_at = time.monotonic()
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
@@ -375,7 +376,8 @@ class ModelRunner(StepFailures, Retirement):
             by_loop.setdefault(handle.loop, []).append((handle, coalesce(items) if len(items) > 1 else items))
         for loop, deliveries in by_loop.items():
             try:
-                loop.call_soon_threadsafe(deliver_all, deliveries)
+                wake = call_soon_keeping_gil if quiet else call_soon_threadsafe
+                wake(loop, deliver_all, deliveries)
             except RuntimeError:  # the loop closed: its requests are gone
                 for handle, _ in deliveries:
                     self.cancel(handle.job_ids)
