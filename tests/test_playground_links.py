@@ -84,3 +84,31 @@ def test_no_relative_link_is_clickable_in_the_playground_and_the_model_reads_its
     assert [m["role"] for m in history] == ["user", "assistant", "user"]
     assert history[1]["content"] == HOSTILE.strip()
     assert history[2]["content"] == QUESTION
+
+
+def test_an_absolute_link_to_the_playgrounds_own_server_is_no_link_either(tiny_client, monkeypatch):
+    """The guard let every http(s) link through: one spelling out the page's own origin (a hub's URLs are easy to
+    guess: https://hub.example/user/NAME/api/contents/...) led to the user's Jupyter as a relative one did."""
+    require_browser()
+    from urllib.parse import urlsplit
+
+    pg = xllm_jupyter.playground(client=tiny_client)
+    origin = "{0.scheme}://{0.netloc}".format(urlsplit(pg.local_url))
+    own = f"{origin}/api/contents/secret"
+
+    async def stream_reply(endpoint, messages, model, params):
+        yield f"[own]({own}) and [web](https://ok.example/ok) <a href=\"{origin}/files/x\">raw</a>"
+
+    monkeypatch.setattr(app_module, "stream_reply", stream_reply)
+    try:
+        with chromium() as context:
+            page = context.new_page()
+            page.goto(pg.local_url, timeout=60_000)
+            page.locator("#xllm-input textarea").wait_for(timeout=60_000)
+            ask(page, "Show me links", 1)
+            chat = page.locator("#xllm-chatbot")
+            hrefs = chat.locator("[data-testid=bot] a[href]").evaluate_all("els => els.map(e => e.href)")
+            assert hrefs == ["https://ok.example/ok"], hrefs
+            assert own in chat.inner_text()  # shown, as text
+    finally:
+        pg.close()

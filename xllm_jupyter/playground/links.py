@@ -7,8 +7,9 @@ here Gradio renders it, and the transcript's value is also the history each turn
 context, which must stay as the model wrote it. So the guard works on what the page shows: every
 element Gradio draws in the transcript is vetted as it appears (a MutationObserver runs before the
 browser handles any click), and one that would navigate anywhere but ``http(s)://`` or ``mailto:``
-loses its target, which is shown after its text instead. Clicks and form submits that reach such an
-element anyway are cancelled. The copy buttons still copy the text as written.
+loses its target, which is shown after its text instead; so does an absolute one to the page's own
+origin (behind the proxy, the user's Jupyter server: a hub's URLs are easy to guess). Clicks and form
+submits that reach such an element anyway are cancelled. The copy buttons still copy the text as written.
 """
 
 from __future__ import annotations
@@ -19,13 +20,19 @@ TRANSCRIPT_ID = "xllm-chatbot"
 _SCRIPT = """
 (() => {
   const WEB = /^(https?:\\/\\/|mailto:)/i;
+  // a web link to another site; the page's own origin is the user's Jupyter server, spelt out or not
+  const elsewhere = (target) => {
+    const text = target.trim();
+    if (!WEB.test(text)) return false;
+    try { return new URL(text).origin !== location.origin; } catch (e) { return false; }
+  };
   const NAV = ["href", "xlink:href", "action", "formaction"];
   const inside = (el) => el instanceof Element && el.closest("#%(id)s");
   const vet = (el) => {
     for (const name of NAV) {
       const target = el.getAttribute(name);
       if (target === null) continue;
-      if (name === "href" && el.localName === "a" && WEB.test(target.trim())) continue;
+      if (name === "href" && el.localName === "a" && elsewhere(target)) continue;
       el.removeAttribute(name);
       if (name === "href" || name === "xlink:href") {
         el.removeAttribute("target");
@@ -53,7 +60,7 @@ _SCRIPT = """
     const link = el.closest("[href], [action], [formaction], form");
     if (!link) return;
     const href = link.getAttribute("href");
-    if (event.type !== "submit" && link.localName === "a" && href !== null && WEB.test(href.trim())) return;
+    if (event.type !== "submit" && link.localName === "a" && href !== null && elsewhere(href)) return;
     event.preventDefault();
   };
   for (const type of ["click", "auxclick", "submit"]) document.addEventListener(type, stop, true);
