@@ -473,7 +473,8 @@ async def test_an_unload_waits_for_a_stuck_step_only_so_long(monkeypatch):
     running = asyncio.ensure_future(collect(engine, req(max_tokens=50)))
     await wait_for(lambda: model.in_step)
     runner = engine._runners["fake"]
-    monkeypatch.setattr(runner, "shutdown", lambda timeout=30.0: runner.__class__.shutdown(runner, 0.05))
+    monkeypatch.setattr(runner, "shutdown",
+                        lambda timeout=30.0, reason=None: runner.__class__.shutdown(runner, 0.05, reason=reason))
     assert await asyncio.wait_for(engine.unload("fake"), 5) and not engine.is_loaded("fake")
     assert not model.unloaded  # still in its step: its own thread unloads it when the step ends
     model.gate.set()
