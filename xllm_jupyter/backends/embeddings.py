@@ -165,6 +165,16 @@ def pool(hidden: Any, mask: Any, mode: str) -> Any:
     return summed / (counts.sqrt() if mode == "mean_sqrt_len" else counts)
 
 
+def import_libraries() -> None:
+    """Import torch and transformers' model loading (most of a process's first load); EngineError if missing."""
+    try:
+        import torch  # noqa: F401
+        import transformers.modeling_utils  # noqa: F401
+        from transformers import AutoModel  # noqa: F401
+    except ImportError:
+        raise EngineError("Embedding models need torch and transformers installed") from None
+
+
 def load_embedding_model(spec: ModelSpec) -> EmbeddingModel:
     """Load an HF encoder directory as an embedding model (slow: call it off the event loop)."""
     try:

@@ -75,11 +75,13 @@ class EmbeddingHost:
     def _load_sync(self, spec: ModelSpec) -> Any:
         if self._loader is not None:
             return self._loader(spec)
-        # imports torch and transformers: only when needed, and the first time with collections paused (gc_freeze)
+        # imports torch and transformers: only when needed, and the first time with collections paused, then frozen
+        # (gc_freeze); the model itself loads after that freeze: unfrozen, its unload walks no frozen object
         with gc_freeze.first_time("load embeddings"):
-            from ..backends.embeddings import load_embedding_model
+            from ..backends.embeddings import import_libraries, load_embedding_model
 
-            return load_embedding_model(spec)
+            import_libraries()
+        return load_embedding_model(spec)
 
     def is_loading(self, name: str) -> bool:
         """True while a load of ``name`` is under way."""
