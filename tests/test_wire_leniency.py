@@ -17,7 +17,8 @@ import pytest
 
 from xllm_jupyter.core.config import CacheConfig
 from xllm_jupyter.core.errors import InvalidRequest, PayloadTooLarge
-from xllm_jupyter.server.request_body import BodyReader
+from xllm_jupyter.server import request_body
+from xllm_jupyter.server.request_body import INLINE_INFLATE_BYTES, BodyReader
 
 from .server_fixtures import TINY
 
@@ -109,6 +110,42 @@ def test_a_gzip_bomb_is_a_413_and_the_server_goes_on(raw, xllm_server):
     err = error_of(raw.post("/v1/chat/completions", content=bomb, headers=GZIP), 413)
     assert err["code"] == "request_too_large" and "decompress" in err["message"]
     assert raw.post("/v1/chat/completions", content=BODY, headers=JSON).status_code == 200
+
+
+def test_a_gzip_body_is_inflated_off_the_ioloop(raw, xllm_server, monkeypatch):
+    """Each 64 KiB read of a gzip body may inflate to the whole cap in one call (0.1 s and more for 4 MiB, seconds
+    for a larger cap), and it ran on the IOLoop, stalling every stream; a chunk that could inflate past
+    INLINE_INFLATE_BYTES now inflates on a worker thread. A small gzip body stays on the loop (no thread hop)."""
+    import threading
+
+    async def loop_thread() -> int:
+        return threading.get_ident()
+
+    loop_ident = xllm_server.call(loop_thread())
+    fed: list[tuple[int, int]] = []  # (chunk size, thread)
+    feed = BodyReader.feed
+
+    def recording(self, chunk):
+        if self._inflater is not None:
+            fed.append((len(chunk), threading.get_ident()))
+        return feed(self, chunk)
+
+    monkeypatch.setattr(BodyReader, "feed", recording)
+    limit = xllm_server.config.server.max_body_bytes
+    assert INLINE_INFLATE_BYTES == 1024 * 1024
+    # the session server's cap (256 KiB) is below the 1 MiB a chunk may inflate to on the loop: scaled with it
+    monkeypatch.setattr(request_body, "INLINE_INFLATE_BYTES", limit // 2)
+    small = gzip.compress(BODY)
+    assert len(small) * 1032 <= limit // 2
+    big = gzip.compress(b'{"model": "tiny", "pad": "' + b"a" * (limit - 100) + b'"}')  # a few hundred bytes
+    r = raw.post("/v1/chat/completions", content=big, headers=GZIP)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text  # read whole, then refused
+    assert fed and all(thread != loop_ident for _, thread in fed), fed
+    fed.clear()
+    r = raw.post("/v1/chat/completions", content=small, headers=GZIP)
+    assert r.status_code == 200 and fed and all(thread == loop_ident for _, thread in fed), fed
+    err = error_of(raw.post("/v1/chat/completions", content=gzip.compress(b" " * (2 * limit)), headers=GZIP), 413)
+    assert "decompress" in err["message"]  # the off-loop feed's 413 is answered as the inline one was
 
 
 def test_the_reader_stops_inflating_at_the_cap():

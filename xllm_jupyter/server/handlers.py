@@ -326,15 +326,15 @@ class BodyMixin(RequestMixin):
     def _too_large(self) -> PayloadTooLarge:
         return PayloadTooLarge(f"The request body is larger than the server's limit of {self._body_limit} bytes.")
 
-    def data_received(self, chunk: bytes) -> None:
-        """Collect body bytes; past the limit (also once inflated) answer 413 at once."""
+    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+        """Collect body bytes; past the limit (also once inflated: off the IOLoop, BodyReader.take) answer 413 at once."""
         if self._body_refused or self._finished or self._reader is None:  # type: ignore[attr-defined]
-            return
-        try:
-            self._reader.feed(chunk)
-        except XllmError as exc:
-            self._body_refused = True
-            self._reader = None
+            return None
+        return self._reader.take(chunk, self._refuse_body)
+
+    def _refuse_body(self, exc: XllmError) -> None:
+        self._body_refused, self._reader = True, None
+        if not self._finished:  # type: ignore[attr-defined]  (a chunk inflated off the loop: it may have ended since)
             self.send_error(exc.status, exc_info=(type(exc), exc, None))  # type: ignore[attr-defined]
 
     async def dispatch(self, method: str, *args: Any, **kwargs: Any) -> None:

@@ -7,8 +7,9 @@ the cap, so a small "zip bomb" costs at most the cap's worth of inflating.
 
 from __future__ import annotations
 
+import asyncio
 import zlib
-from typing import Any, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 from ..core.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType, XllmError, quoted
 
@@ -16,6 +17,10 @@ from ..core.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType,
 GZIP_CODINGS = frozenset({"gzip", "x-gzip"})
 #: the two bytes every gzip member starts with
 _GZIP_MAGIC = b"\x1f\x8b"
+#: the most deflate inflates one byte to (RFC 1951's longest match in one bit): what a chunk may cost to inflate
+_MAX_RATIO = 1032
+#: worst-case bytes a gzip chunk may inflate to on the IOLoop; more goes to a worker thread (about 1-2 ms)
+INLINE_INFLATE_BYTES = 1024 * 1024
 #: a JSON media type: ``application/json`` or a ``+json`` type (``application/merge-patch+json``)
 _JSON_SUFFIX = "+json"
 
@@ -131,6 +136,26 @@ class BodyReader:
         except zlib.error:
             self._refuse("The request body is not valid gzip data (Content-Encoding: gzip).")
 
+    def take(self, chunk: bytes, refuse: Callable[[XllmError], None]) -> Awaitable[None] | None:
+        """``feed(chunk)``, handing what it raises to ``refuse``. A gzip chunk that may inflate past
+        ``INLINE_INFLATE_BYTES`` (a 64 KiB read: up to the whole cap, 0.1 s and more of the IOLoop's time for a
+        4 MiB one) is fed on a worker thread instead: the awaitable returned, which the server waits for before
+        it reads on (Tornado's flow control for ``data_received``), so one feed runs at a time."""
+        worst = min(len(chunk) * _MAX_RATIO, self.limit - self.size + 1)
+        if self._inflater is not None and self.refused is None and worst > INLINE_INFLATE_BYTES:
+            return self._take_off_loop(chunk, refuse)
+        try:
+            self.feed(chunk)
+        except XllmError as exc:
+            refuse(exc)
+        return None
+
+    async def _take_off_loop(self, chunk: bytes, refuse: Callable[[XllmError], None]) -> None:
+        try:
+            await asyncio.to_thread(self.feed, chunk)
+        except XllmError as exc:
+            refuse(exc)
+
     def body(self) -> bytes:
         """The whole body (inflated), or the error that refuses it (a gzip body cut short included)."""
         if self.refused is None and self._inflater is not None and self._fed and not self._inflater.eof:
@@ -140,4 +165,4 @@ class BodyReader:
         return b"".join(self._parts)
 
 
-__all__ = ["BodyReader", "GZIP_CODINGS", "check_media_type"]
+__all__ = ["BodyReader", "GZIP_CODINGS", "INLINE_INFLATE_BYTES", "check_media_type"]
