@@ -6,7 +6,9 @@ under ``/{secret}`` in our own FastAPI app, behind ``Guard``, makes the URL the 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import socket
 import threading
 import time
@@ -19,6 +21,32 @@ from .links import LINK_GUARD_HEAD
 
 #: how long the server may take to bind and run Gradio's startup events
 START_TIMEOUT_S = 30.0
+#: what uvicorn logs when its graceful shutdown ends open streams (an open page's) by cancelling them
+_SHUTDOWN_CANCEL = "Cancel %s running task(s), timeout graceful shutdown exceeded"
+
+
+class ShutdownNoise(logging.Filter):
+    """Turns uvicorn's reports of the streams our own ``close()`` cancelled into debug lines.
+
+    A browser tab still showing the app holds event streams open; uvicorn cancels them after
+    its graceful wait and logged an error with a CancelledError traceback for each, which a
+    kernel prints under the cell that called ``close()``. Nothing failed: the app was closed.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[0] if record.exc_info else None
+        cancelled = exc is not None and issubclass(exc, asyncio.CancelledError)
+        if record.msg == _SHUTDOWN_CANCEL or cancelled:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.exc_info = record.exc_text = None  # the traceback is uvicorn's own, not a fault
+        return True
+
+
+def quiet_shutdown_logs() -> None:
+    """Install ``ShutdownNoise`` on uvicorn's error logger (once per process)."""
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, ShutdownNoise) for f in logger.filters):
+        logger.addFilter(ShutdownNoise())
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -97,6 +125,7 @@ class WebServer:
             timeout_graceful_shutdown=2,
         )
         self.server = uvicorn.Server(config)
+        quiet_shutdown_logs()
         self.sock = sock
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [sock]}, name="xllm-playground", daemon=True
