@@ -49,6 +49,21 @@ class _NotingLock:
         self._lock.release()
 
 
+def recording_runner(results: dict[str, Any], second_done: threading.Event) -> Callable[[str, Callable[[], Any]], None]:
+    """A thread target keeping what ``load`` returned or raised under ``name``; SECOND's end sets ``second_done``."""
+
+    def run(name: str, load: Callable[[], Any]) -> None:
+        try:
+            results[name] = load()
+        except Exception as exc:  # noqa: BLE001 - the test reports what the load raised
+            results[name] = exc
+        finally:
+            if name == SECOND:
+                second_done.set()
+
+    return run
+
+
 def overlapped(monkeypatch, first_class: type, first: Callable[[], Any], second: Callable[[], Any]) -> dict[str, Any]:
     """Run ``first`` held inside its ``first_class`` build while ``second`` runs; each one's model or error."""
     building, resume, second_waits_or_ended = threading.Event(), threading.Event(), threading.Event()
@@ -63,15 +78,7 @@ def overlapped(monkeypatch, first_class: type, first: Callable[[], Any], second:
     monkeypatch.setattr(first_class, "__init__", held_init)
     monkeypatch.setattr(load_lock, "LOAD_LOCK", _NotingLock(SECOND, second_waits_or_ended))
     results: dict[str, Any] = {}
-
-    def run(name: str, load: Callable[[], Any]) -> None:
-        try:
-            results[name] = load()
-        except Exception as exc:  # noqa: BLE001 - the test reports what the load raised
-            results[name] = exc
-        finally:
-            if name == SECOND:
-                second_waits_or_ended.set()
+    run = recording_runner(results, second_waits_or_ended)
 
     threads = [threading.Thread(target=run, args=(n, f), name=n) for n, f in ((FIRST, first), (SECOND, second))]
     try:
@@ -177,15 +184,7 @@ def test_a_chat_load_runs_while_a_gguf_load_reads_its_tensors(smollm2_dir, tiny_
     monkeypatch.setattr(reader, "load_gguf_checkpoint", held_read)
     monkeypatch.setattr(load_lock, "LOAD_LOCK", _NotingLock(SECOND, second_waits_or_ended))
     results: dict[str, Any] = {}
-
-    def run(name: str, load: Callable[[], Any]) -> None:
-        try:
-            results[name] = load()
-        except Exception as exc:  # noqa: BLE001 - the test reports what the load raised
-            results[name] = exc
-        finally:
-            if name == SECOND:
-                second_waits_or_ended.set()
+    run = recording_runner(results, second_waits_or_ended)
 
     first = threading.Thread(target=run, args=(FIRST, lambda: TransformersBackend().load(gguf)), name=FIRST)
     second = threading.Thread(target=run, args=(SECOND, lambda: TransformersBackend().load(tiny_spec)), name=SECOND)
