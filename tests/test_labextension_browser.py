@@ -154,3 +154,34 @@ def test_panel_models_chat_and_playground(lab):
             assert popup.url.startswith(info["url"].rstrip("/"))
             popup.close()
         assert not errors, errors
+
+
+def test_a_model_deleted_while_picked_leaves_the_chat_picker_at_once(lab, xllm_home, tiny_llama_dir):
+    """A chat to a model deleted since the panel read the list says so, and the picker drops it then
+    (it kept offering it until the next 30 s re-read, so every send failed the same way)."""
+    from xllm_jupyter.store.store import ModelStore
+
+    gone = "tiny-gone"
+    ModelStore(xllm_home).pull(str(tiny_llama_dir), gone)
+    with chromium() as context:
+        page = context.new_page()
+        panel, errors = open_xllm_panel(page, lab)
+        picker = panel.locator(".xllm-Chat-model")
+        page.wait_for_function(
+            f"() => [...document.querySelectorAll('#xllm-panel .xllm-Chat-model option')].some(o => o.value === '{gone}')",
+            timeout=60_000)
+        picker.select_option(gone)
+        lab.api(f"xllm/v1/models/{gone}", method="DELETE")  # e.g. `xllm rm` in a terminal
+
+        box = panel.locator(".xllm-Chat-input")
+        box.fill("Are you there?")
+        box.press("Enter")
+        error = panel.locator(".xllm-Chat-turn.xllm-mod-assistant .xllm-Chat-error").last
+        error.wait_for(timeout=60_000)
+        assert gone in error.inner_text() and "does not exist" in error.inner_text()
+        # well before the panel's 30 s re-read of the list
+        page.wait_for_function(
+            f"() => ![...document.querySelectorAll('#xllm-panel .xllm-Chat-model option')].some(o => o.value === '{gone}')",
+            timeout=10_000)
+        assert picker.input_value() == TINY
+        assert not errors, errors

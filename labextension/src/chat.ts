@@ -7,7 +7,7 @@
 import { Widget } from '@lumino/widgets';
 
 import { XllmApi, XllmApiError } from './api';
-import { Transcript, Turn } from './state';
+import { modelGone, Transcript, Turn } from './state';
 
 /** Chat box options. */
 export interface ChatViewOptions {
@@ -18,6 +18,8 @@ export interface ChatViewOptions {
   className?: string;
   /** called after each reply ends (the panel re-reads its stats) */
   onReplyEnd?: () => void;
+  /** called when a reply failed because its model is gone (deleted, renamed): re-read the model list now */
+  onModelGone?: () => void;
   /** called when the chat is shown (true) or hidden or closed (false): the main-area chat polls its models meanwhile */
   onVisible?: (visible: boolean) => void;
 }
@@ -36,6 +38,7 @@ export class ChatView extends Widget {
   private abort: AbortController | null = null;
   private models: string[] = [];
   private readonly onReplyEnd: () => void;
+  private readonly onModelGone: () => void;
   private readonly onVisible: (visible: boolean) => void;
 
   constructor(options: ChatViewOptions) {
@@ -43,6 +46,7 @@ export class ChatView extends Widget {
     this.api = options.api;
     this.maxTokens = options.maxTokens ?? 512;
     this.onReplyEnd = options.onReplyEnd ?? (() => undefined);
+    this.onModelGone = options.onModelGone ?? (() => undefined);
     this.onVisible = options.onVisible ?? (() => undefined);
     this.addClass('xllm-Chat');
     if (options.className) {
@@ -143,6 +147,10 @@ export class ChatView extends Widget {
         reply.note = 'Stopped.';
       } else {
         reply.error = error instanceof XllmApiError ? error.message : `The request failed: ${String(error)}`;
+        if (modelGone(error)) {
+          // the picker still offers it (the list is re-read every 30 s): every send would fail the same way
+          this.onModelGone();
+        }
       }
     } finally {
       reply.pending = false;

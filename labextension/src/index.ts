@@ -35,6 +35,7 @@ function openChat(app: JupyterFrontEnd, api: XllmApi, model: string | null): voi
   const chat = new ChatView({
     api,
     className: 'xllm-mod-main',
+    onModelGone: () => void sync?.refresh(),
     onVisible: visible => {
       if (visible) {
         void sync?.refreshIfStale();

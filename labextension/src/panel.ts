@@ -104,7 +104,12 @@ export class XllmPanel extends Panel {
 
     // read again a little later too: right after a Stop the server has not yet noticed the
     // closed stream, and the queue would say "1 running" until the next poll
-    this.chat = new ChatView({ api: this.api, maxTokens: 256, onReplyEnd: () => this.refreshSoon() });
+    this.chat = new ChatView({
+      api: this.api,
+      maxTokens: 256,
+      onReplyEnd: () => this.refreshSoon(),
+      onModelGone: () => void this.refresh(true)
+    });
     this.addWidget(this.summary);
     this.addWidget(this.chat);
     this.renderStatus('offline', 'Connecting…');

@@ -177,3 +177,8 @@ export class Transcript {
     this.turns.length = 0;
   }
 }
+
+/** True for a chat that failed because its model is gone from the server (deleted or renamed since the list was read). */
+export function modelGone(error: unknown): boolean {
+  return typeof error === 'object' && error !== null && (error as { code?: unknown }).code === 'model_not_found';
+}

@@ -1,6 +1,6 @@
 import type { Stats, StatsModel } from '../api';
 import { XllmApiError } from '../api';
-import { canChat, chooseChatModel, modelRows, noChatModelsReason, notForChat, statsForUser, Transcript, Turn, unloadQuestion } from '../state';
+import { canChat, chooseChatModel, modelGone, modelRows, noChatModelsReason, notForChat, statsForUser, Transcript, Turn, unloadQuestion } from '../state';
 
 /** A reply that has ended with `fields` (content, error or note). */
 function ended(turn: Turn, fields: Partial<Turn>): void {
@@ -154,5 +154,15 @@ describe('unloadQuestion', () => {
     expect(unloadQuestion('a', s)).toBeNull();
     expect(unloadQuestion('x', s)).toBeNull();
     expect(unloadQuestion('a', null)).toBeNull();
+  });
+});
+
+describe('modelGone', () => {
+  it('is true only for a model_not_found answer', () => {
+    expect(modelGone(new XllmApiError("The model 'b' does not exist", 404, 'model_not_found'))).toBe(true);
+    expect(modelGone(new XllmApiError('busy', 429, 'server_busy'))).toBe(false);
+    expect(modelGone(new XllmApiError('HTTP 404: the xllm server extension is not enabled', 404))).toBe(false);
+    expect(modelGone(new Error('network'))).toBe(false);
+    expect(modelGone(null)).toBe(false);
   });
 });
