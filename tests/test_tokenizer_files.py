@@ -295,3 +295,23 @@ def test_a_gguf_tokenizer_read_sets_off_no_full_collection_but_one_freeze(smollm
     assert len(tokenizer) >= 49_152 and gc.isenabled() == was
     # its fields are a million Python objects: full collections walked them 5-9 times, each 0.06-1.3 s
     assert full == [1] and freezes == [1]  # one: the freeze's own, at the end
+
+
+def test_a_copys_tokenizer_is_the_one_in_use_not_a_second_read(tiny_llama_dir, tmp_path):
+    """Tokenizer files byte for byte those of a tokenizer still in use: the same tokenizer, no second
+    ``Tokenizer.from_file`` (a GIL stretch of 0.12-0.29 s); other files, or none in use, a read of their own."""
+    import gc
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_llama_dir, copy)
+    first = load_tokenizer(tiny_llama_dir)
+    assert load_tokenizer(copy) is first
+    assert load_tokenizer(copy, use_fast=True) is not first  # other arguments: read as asked
+    changed = with_config(tmp_path, Path(tiny_llama_dir), "changed", model_max_length=77)
+    other = load_tokenizer(changed)
+    assert other is not first and other.model_max_length == 77
+    ids = first.encode("hello there", add_special_tokens=False)
+    del first
+    gc.collect()
+    again = load_tokenizer(copy)  # none in use any more: read again, and the same tokenizer as before
+    assert again.encode("hello there", add_special_tokens=False) == ids
