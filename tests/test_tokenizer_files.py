@@ -315,3 +315,23 @@ def test_a_copys_tokenizer_is_the_one_in_use_not_a_second_read(tiny_llama_dir, t
     gc.collect()
     again = load_tokenizer(copy)  # none in use any more: read again, and the same tokenizer as before
     assert again.encode("hello there", add_special_tokens=False) == ids
+
+
+def test_a_copy_with_its_own_chat_template_is_not_given_the_tokenizer_in_use(tiny_llama_dir, tmp_path):
+    """transformers reads chat templates from ``chat_template.jinja`` and ``additional_chat_templates/`` beside the
+    tokenizer files: a model whose tokenizer files matched one in use, and whose templates did not, was served the
+    other's (its own template never ran)."""
+    first = load_tokenizer(tiny_llama_dir)
+    own = tmp_path / "own"
+    shutil.copytree(tiny_llama_dir, own)
+    text = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
+    (own / "chat_template.jinja").write_text(text, encoding="utf-8")
+    tokenizer = load_tokenizer(own)
+    assert tokenizer is not first and tokenizer.chat_template == text
+    named = tmp_path / "named"
+    shutil.copytree(tiny_llama_dir, named)
+    (named / "additional_chat_templates").mkdir()
+    (named / "additional_chat_templates" / "tool_use.jinja").write_text(text, encoding="utf-8")
+    tokenizer = load_tokenizer(named)
+    assert tokenizer is not first and tokenizer.chat_template["tool_use"] == text
+    assert load_tokenizer(named) is tokenizer  # the same files again: shared, as a plain copy's are

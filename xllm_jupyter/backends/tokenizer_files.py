@@ -30,7 +30,11 @@ from typing import Any
 from ..core import gc_freeze
 
 #: the files a transformers tokenizer is read from in its directory (and added tokens from): their bytes identify it
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+#: (the chat templates too: transformers reads chat_template.jinja and additional_chat_templates/ into the tokenizer)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja")
+#: the directory of a tokenizer's other named chat templates (``NAME.jinja``)
+TEMPLATE_DIR = "additional_chat_templates"
 #: the classes that build their Rust tokenizer straight from ``tokenizer.json`` (added tokens included)
 FILE_BUILT_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
@@ -54,8 +58,9 @@ def files_digest(directory: str | Path) -> str | None:
         if TOKENIZER_FILES[0] not in names:
             return None
         digest = hashlib.sha256()
-        for name in TOKENIZER_FILES:
-            if name not in names:
+        more = sorted(f"{TEMPLATE_DIR}/{n}" for n in os.listdir(source / TEMPLATE_DIR)) if TEMPLATE_DIR in names else []
+        for name in (*TOKENIZER_FILES, *more):
+            if name not in names and name not in more:
                 continue
             with open(source / name, "rb") as f:
                 digest.update(f"{name} {os.fstat(f.fileno()).st_size}\n".encode())
