@@ -1,4 +1,4 @@
-"""``%xllm`` line commands (list, ps, load, unload, pull, rm, use, status, connect, config, help)
+"""``%xllm`` line commands (list, ps, load, unload/stop, show, pull, rm, use, status, connect, config, help)
 through a real IPython shell against a real server with its own store."""
 
 from __future__ import annotations
@@ -115,6 +115,63 @@ def test_rm_removes_from_the_servers_store(shell, own_server, tiny_llama_dir):
     cap = run(shell, "rm")
     assert cap.stderr.startswith("xllm: %xllm rm: the following arguments are required: model")
     assert "%xllm rm MODEL" in shown(run(shell, "help"))
+
+
+def test_stop_unloads(shell, own_server, tiny_llama_dir):
+    """`%xllm stop MODEL` unloads, as `xllm stop` does (it used to be sent to the model as a prompt)."""
+    name = "tiny-stop"
+    own_server.engine.catalog.pull(str(tiny_llama_dir), name)
+    assert shown(run(shell, f"load {name}")).startswith(f"Loaded {name}")
+    cap = run(shell, f"stop {name}")
+    assert cap.stderr == "" and shown(cap) == f"Unloaded {name}"
+    assert not own_server.engine.is_loaded(name)
+    assert shown(run(shell, f"stop {name}")) == f"{name} was not loaded"
+    assert run(shell, "stop").stderr.startswith("xllm: %xllm stop: the following arguments are required: model")
+
+
+def test_show_describes_a_model(shell, own_server, tiny_llama_dir):
+    """`%xllm show MODEL`: the model's details, as `xllm show` gives them (it used to be sent as a prompt)."""
+    name = "tiny-stop"  # from test_stop_unloads when it ran first: in the store, not loaded
+    if not own_server.engine.catalog.exists(name):
+        own_server.engine.catalog.pull(str(tiny_llama_dir), name)
+    cap = run(shell, f"show {TINY}")
+    assert cap.stderr == ""
+    assert shown(cap).splitlines()[0].split() == ["model", TINY], shown(cap)[:200]
+    rows = {line.split(None, 1)[0]: line.split(None, 1)[1].strip() for line in shown(cap).splitlines() if line.strip()}
+    manifest = own_server.engine.catalog.show(TINY)
+    assert rows["model"] == TINY and rows["task"] == "chat" and rows["loaded"] == "yes"
+    assert rows["backend"] == "transformers" and rows["format"] == "safetensors"
+    assert rows["digest"] == manifest.digest and rows["source"] == "local:" + tiny_llama_dir.name
+    assert rows["device"] == "cpu" and rows["requests"] == "0 running, 0 queued" and rows["context"].isdigit()
+    assert "<table>" in shown(cap, "text/html") and "| digest |" in shown(cap, "text/markdown")
+    rows = dict(line.split(None, 1) for line in shown(run(shell, f"show {name}")).splitlines() if line.strip())
+    assert rows["loaded"].strip() == "no" and "device" not in rows and rows["digest"].strip().startswith("sha256:")
+    assert "%xllm show MODEL" in shown(run(shell, "help"))
+
+
+def test_which_lines_are_commands_and_which_are_prompts(shell):
+    """A CLI verb that also begins everyday prompts (stop, show, run) is a command only as the verb alone or the
+    verb and one model-name-shaped word; longer lines are asked of the model."""
+    run(shell, "config temperature=0 max_tokens=2 format=text")
+    for prompt in ("show me a poem about the sea", "stop being verbose and say hi", "run a quick sanity check",
+                   f"show {TINY}?"):
+        cap = run(shell, prompt)
+        assert cap.stderr == "", (prompt, cap.stderr)
+        meta = cap.outputs[-1].metadata.get("xllm") or {}
+        assert meta.get("model") == TINY and meta["usage"]["completion_tokens"] <= 2, (prompt, meta)
+    # a one-word "prompt" after the verb is read as a model name; a name the server lacks says how to ask instead
+    cap = run(shell, "show tables")
+    assert cap.stderr == ("xllm: The model 'tables' does not exist (to ask the model this, put an option first: "
+                          "`%xllm -t 0.7 show tables`)\n"), cap.stderr
+    assert cap.outputs == []
+    # the terminal's `xllm run` has no notebook twin: one line saying what to use
+    assert shown(run(shell, f"run {TINY}")) == (f"In a notebook, ask with `%%xllm -m {TINY}` (the prompt in the cell) or "
+                                               f"`%xllm -m {TINY} PROMPT`; `%xllm use {TINY}` makes it the default")
+    assert shown(run(shell, "run")) == "In a notebook, ask with `%%xllm` (the prompt in the cell) or `%xllm PROMPT`"
+    # a cell is always a prompt, whatever its first line says
+    with capture_output() as cap:
+        shell.run_cell_magic("xllm", f"stop {TINY}", "now")
+    assert cap.stderr == "" and cap.outputs[-1].metadata["xllm"]["model"] == TINY
 
 
 def test_command_errors_are_one_line(shell, tmp_path):

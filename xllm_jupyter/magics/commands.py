@@ -1,10 +1,12 @@
-"""``%xllm <command>``: list, ps, load, unload, pull, rm, use, status, connect, config, help."""
+"""``%xllm <command>``: list, ps, load, unload (stop), show, pull, rm, use, status, connect, config, help."""
 
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from IPython.display import display
@@ -12,7 +14,7 @@ from IPython.display import display
 from ..client import discovery
 from ..client.base import can_chat, model_task
 from ..client.units import human_size
-from ..core.errors import XllmError
+from ..core.errors import ModelNotFound, XllmError
 from .render import Progress, Table, Text
 from .session import CONFIG_KEYS, MagicState
 
@@ -22,7 +24,8 @@ HELP = """\
 %xllm [options] PROMPT                  the same on one line
 %xllm list                              models the server can serve
 %xllm ps                                models in memory now
-%xllm load MODEL / unload MODEL         load or unload on the server
+%xllm load MODEL / unload MODEL         load or unload on the server (stop MODEL: unload, as xllm stop)
+%xllm show MODEL                        one model's details: task, backend, digest, source, how it runs
 %xllm pull SOURCE [--name N] [--force] [--revision R] [--convert]
                                         add a model to the server's store (progress bar)
 %xllm rm MODEL                          remove a model from the server's store (admins)
@@ -32,6 +35,19 @@ HELP = """\
 %xllm config [key=value ...]            show or set defaults: """ + ", ".join(CONFIG_KEYS)
 
 COMMANDS = ("list", "ps", "load", "unload", "pull", "rm", "use", "status", "connect", "config", "help")
+#: CLI verbs that also begin everyday prompts ("show me...", "stop being..."): a command only as the
+#: verb alone or followed by one model-name-shaped word; any other line starting with them is a prompt
+SOFT_COMMANDS = ("stop", "show", "run")
+#: `name` or `name:tag`, as the store spells model names (README); nothing with spaces, quotes or `?`
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(:[A-Za-z0-9._-]+)?")
+
+
+def is_command(line: str) -> bool:
+    """Whether a ``%xllm`` line (no cell) runs a command rather than asking the model."""
+    words = line.split()
+    if not words or words[0] in COMMANDS:
+        return True  # an empty line shows the help; `list three colours` stays a (refused) command, as before
+    return words[0] in SOFT_COMMANDS and len(words) <= 2 and all(_MODEL_NAME.fullmatch(w) for w in words[1:])
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,15 +73,23 @@ class Commands:
     def __init__(self, shell: Any, state: MagicState):
         self.shell = shell
         self.state = state
-        self.table: dict[str, Callable[[list[str]], Any]] = {name: getattr(self, "do_" + name) for name in COMMANDS}
+        self.table: dict[str, Callable[[list[str]], Any]] = {
+            name: getattr(self, "do_" + name) for name in COMMANDS + SOFT_COMMANDS}
 
     def run(self, line: str) -> Any:
-        """Run one command line (its first word names the command)."""
+        """Run one command line (its first word names the command; an empty line: help)."""
         try:
-            words = shlex.split(line)
+            words = shlex.split(line) or ["help"]
         except ValueError as exc:
             raise XllmError(f"cannot parse the command: {exc}") from None
-        return self.table[words[0]](words[1:])
+        try:
+            return self.table[words[0]](words[1:])
+        except ModelNotFound as exc:
+            if words[0] not in SOFT_COMMANDS:
+                raise
+            # `%xllm show tables` may have been meant as a prompt: say how to ask it
+            raise XllmError(f"{exc.message} (to ask the model this, put an option first: "
+                            f"`%xllm -t 0.7 {' '.join(words)}`)") from None
 
     # ---------------------------------------------------------------- models
     def do_list(self, argv: list[str]) -> None:
@@ -99,14 +123,54 @@ class Commands:
         extra = ", ".join(str(v) for v in (x.get("backend"), f"context {x['context_length']}" if x.get("context_length") else None) if v)
         display(Text(f"Loaded {args.model}" + (f" ({extra})" if extra else "")))
 
-    def do_unload(self, argv: list[str]) -> None:
+    def do_unload(self, argv: list[str], name: str = "unload") -> None:
         """Unload a model on the server."""
-        args = _parser("unload", (("model",), {})).parse_args(argv)
+        args = _parser(name, (("model",), {})).parse_args(argv)
         reply = self.state.client().unload(args.model)
         if isinstance(reply, dict) and reply.get("unloaded") is False:
             display(Text(f"{args.model} was not loaded"))
         else:
             display(Text(f"Unloaded {args.model}"))
+
+    def do_stop(self, argv: list[str]) -> None:
+        """``%xllm stop MODEL``: unload it, as ``xllm stop`` does at a terminal."""
+        self.do_unload(argv, "stop")
+
+    def do_show(self, argv: list[str]) -> None:
+        """One model's details, as ``xllm show`` gives them: what it is, where it came from, how it runs."""
+        args = _parser("show", (("model",), {})).parse_args(argv)
+        client = self.state.client()
+        entry = client.model(args.model)  # any key may read it; ModelNotFound for an unknown name
+        x = entry.get("xllm") or {}
+        d = x.get("details") or {}
+        try:  # the store's record: admins only, and none for a model served from outside the store
+            stored = client.manifest(str(entry.get("id") or args.model))
+        except XllmError:
+            stored = {}
+        created = stored.get("created")
+        rows: list[tuple[str, Any]] = [
+            ("model", entry.get("id") or args.model),
+            ("task", model_task(entry)),
+            ("loaded", "yes" if x.get("loaded") else "no"),
+            ("backend", x.get("backend")),
+            ("context", x.get("context_length")),
+            ("format", stored.get("format") or d.get("format")),
+            ("size", human_size(stored["size"]) if stored.get("size") else None),
+            ("source", stored.get("source")),
+            ("created", datetime.fromtimestamp(created).strftime("%Y-%m-%d %H:%M") if isinstance(created, (int, float)) else None),
+            ("digest", x.get("digest") or stored.get("digest")),
+        ]
+        if x.get("loaded"):
+            rows += [("device", d.get("device")), ("dtype", d.get("dtype")), ("mode", d.get("mode")),
+                     ("memory", human_size(d["memory_bytes"]) if d.get("memory_bytes") else None),
+                     ("requests", f"{d.get('running', 0)} running, {d.get('queued', 0)} queued")]
+        display(Table(("", ""), [(k, v) for k, v in rows if v not in (None, "")]))
+
+    def do_run(self, argv: list[str]) -> None:
+        """``%xllm run [MODEL]``: the terminal's ``xllm run``; say how a notebook asks instead."""
+        m = f" -m {argv[0]}" if argv else ""
+        display(Text(f"In a notebook, ask with `%%xllm{m}` (the prompt in the cell) or `%xllm{m} PROMPT`"
+                     + (f"; `%xllm use {argv[0]}` makes it the default" if argv else "")))
 
     def do_pull(self, argv: list[str]) -> None:
         """Pull a model into the server's store, with a progress bar."""

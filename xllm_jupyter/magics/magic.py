@@ -19,7 +19,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from ..core.errors import XllmError
 from .ask import Question, ask
-from .commands import COMMANDS, Commands
+from .commands import Commands, is_command
 from .interp import interpolate
 from .render import FORMATS, Reply, error
 from .session import MagicState
@@ -52,11 +52,8 @@ class XllmMagics(Magics):
     def xllm(self, line: str, cell: str | None = None) -> None:
         """Ask the model (``{var}`` is filled from the notebook), or run ``%xllm <command>`` (``%xllm help``)."""
         try:
-            first = line.split(None, 1)[0] if line.strip() else ""
-            if cell is None and first in COMMANDS:
+            if cell is None and is_command(line):
                 self.commands.run(line)
-            elif cell is None and not line.strip():
-                self.commands.run("help")
             else:
                 self._ask(line, cell)
         except XllmError as exc:
