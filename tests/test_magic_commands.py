@@ -4,6 +4,7 @@ through a real IPython shell against a real server with its own store."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import threading
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from IPython.utils.capture import capture_output
 
 from tests.server_fixtures import TINY, make_test_config, running_server
 from xllm_jupyter.client import discovery
+from xllm_jupyter.core.config import AuthConfig
 from xllm_jupyter.magics import XllmMagics
 from xllm_jupyter.server.pull import PullCancelled, pull_events
 from xllm_jupyter.store.progress import PullProgress
@@ -147,6 +149,31 @@ def test_show_describes_a_model(shell, own_server, tiny_llama_dir):
     rows = dict(line.split(None, 1) for line in shown(run(shell, f"show {name}")).splitlines() if line.strip())
     assert rows["loaded"].strip() == "no" and "device" not in rows and rows["digest"].strip().startswith("sha256:")
     assert "%xllm show MODEL" in shown(run(shell, "help"))
+
+
+def test_show_with_a_user_key(xllm_home, tiny_catalog, monkeypatch):
+    """A user key (the server has admin keys) reads the model's entry but not the store's record: show what it may."""
+    user, admin = "sk-show-user", "sk-show-admin"
+    cfg = dataclasses.replace(make_test_config(xllm_home, api_keys=(user,)), auth=AuthConfig(admin_keys=(admin,)))
+    with running_server(cfg, tiny_catalog, TINY) as info:
+        monkeypatch.setenv("XLLM_BASE_URL", info.base_url)
+        monkeypatch.setenv("XLLM_API_KEY", user)
+        ip = InteractiveShell.instance()
+        magics = XllmMagics(ip)
+        ip.register_magics(magics)
+        try:
+            cap = run(ip, f"show {TINY}")
+            assert cap.stderr == ""
+            rows = dict(line.split(None, 1) for line in shown(cap).splitlines() if line.strip())
+            assert rows["model"].strip() == TINY and rows["digest"].strip() == tiny_catalog.show(TINY).digest
+            assert "source" not in rows and "size" not in rows  # the admins' manifest route said 403
+            assert "memory" not in rows and "requests" not in rows  # shared activity the server hides from users
+            assert shown(cap).splitlines()[-1].split() == ["your", "requests", "0", "running,", "0", "queued"]
+            assert run(ip, f"stop {TINY}").stderr.startswith("xllm: ")  # unloading is the admins'
+            assert info.engine.is_loaded(TINY)
+        finally:
+            discovery.disconnect()
+            magics.state.close()
 
 
 def test_which_lines_are_commands_and_which_are_prompts(shell):

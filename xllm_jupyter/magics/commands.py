@@ -14,7 +14,7 @@ from IPython.display import display
 from ..client import discovery
 from ..client.base import can_chat, model_task
 from ..client.units import human_size
-from ..core.errors import ModelNotFound, XllmError
+from ..core.errors import ModelNotFound, PermissionDenied, XllmError
 from .render import Progress, Table, Text
 from .session import CONFIG_KEYS, MagicState
 
@@ -143,8 +143,11 @@ class Commands:
         entry = client.model(args.model)  # any key may read it; ModelNotFound for an unknown name
         x = entry.get("xllm") or {}
         d = x.get("details") or {}
+        admin = True
         try:  # the store's record: admins only, and none for a model served from outside the store
             stored = client.manifest(str(entry.get("id") or args.model))
+        except PermissionDenied:
+            stored, admin = {}, False
         except XllmError:
             stored = {}
         created = stored.get("created")
@@ -163,7 +166,9 @@ class Commands:
         if x.get("loaded"):
             rows += [("device", d.get("device")), ("dtype", d.get("dtype")), ("mode", d.get("mode")),
                      ("memory", human_size(d["memory_bytes"]) if d.get("memory_bytes") else None),
-                     ("requests", f"{d.get('running', 0)} running, {d.get('queued', 0)} queued")]
+                     # a user key sees its own requests only (the server hides the others')
+                     ("requests" if admin else "your requests",
+                      f"{d['running']} running, {d.get('queued', 0)} queued" if "running" in d else None)]
         display(Table(("", ""), [(k, v) for k, v in rows if v not in (None, "")]))
 
     def do_run(self, argv: list[str]) -> None:
