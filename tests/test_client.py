@@ -126,6 +126,18 @@ def test_pull_and_manifest_errors(client, xllm_server, tmp_path):
     with XllmClient(xllm_server.root + "/older/v1", xllm_server.api_key) as older:
         with pytest.raises(NotFound, match="cannot pull models"):
             list(older.pull("smollm2"))
+    # the route's own 404 (a base model the store lacks) is the server's error, not "older than this client"
+    with pytest.raises(ModelNotFound, match="base model 'no-such-base'") as info:
+        list(client.pull("smollm2", name="never-pulled", base="no-such-base"))
+    assert info.value.param == "base"
+
+    async def pull_async() -> None:
+        async with AsyncXllmClient(xllm_server.base_url, xllm_server.api_key) as aclient:
+            async for _ in aclient.pull("smollm2", name="never-pulled", base="no-such-base"):
+                pass
+
+    with pytest.raises(ModelNotFound, match="base model 'no-such-base'"):
+        asyncio.run(pull_async())
 
 
 # ------------------------------------------------------------------------ chat

@@ -426,3 +426,48 @@ def test_a_request_whose_adapter_is_unloaded_while_its_prompt_is_tokenized_gets_
         error = caught.value.response.json()["error"]
         assert error["code"] == "overloaded" and "ad-x" in error["message"] and "retry" in error["message"]
         assert _complete(sdk, "ad-x") == before  # the retry attaches it again
+
+
+def _pull_events(response: httpx.Response) -> list[dict]:
+    return [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+
+
+def test_an_adapter_pulled_over_http_with_a_base_serves_chat(sdk, lora_server, lora_dirs):
+    """``base`` in the pull body (XllmClient.pull(base=...)) records the stored base its config's path is not."""
+    from xllm_jupyter.client import XllmClient
+
+    # lora_dirs[0]'s adapter_config.json names the directory it trained on: no stored model
+    with XllmClient(lora_server.base_url, lora_server.api_key) as client:
+        events = list(client.pull(str(lora_dirs[0]), name="ad-http", base=TINY))
+    assert events[-1]["status"] == "success" and events[-1]["id"] == "ad-http", events
+    assert ModelStore(lora_server.config.store.home).show("ad-http").parameters["base_model"] == TINY
+    reply = sdk.chat.completions.create(model="ad-http", messages=[{"role": "user", "content": PROMPT}],
+                                        max_tokens=8, temperature=0)
+    assert reply.model == "ad-http" and reply.usage.completion_tokens > 0
+    assert _complete(sdk, "ad-http") == _complete(sdk, "ad-one")  # the same adapter files on the same base
+
+
+@pytest.mark.parametrize(("base", "status", "code"), [
+    ("no-such-base", 404, "model_not_found"),
+    ("../escape", 400, "invalid_model_name"),
+    (7, 400, None),
+])
+def test_a_pull_with_a_bad_base_is_refused_before_pulling(lora_server, lora_dirs, base, status, code):
+    """A base that is malformed or not stored: an OpenAI-shaped 4xx naming ``base``, and nothing is stored."""
+    r = _admin(lora_server, "/admin/models/pull", {"model": str(lora_dirs[0]), "name": "ad-badbase", "base": base})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["param"] == "base" and set(error) == {"message", "type", "param", "code"}, error
+    if code is not None:
+        assert error["code"] == code
+    assert str(lora_dirs[0]) not in error["message"]
+    assert "ad-badbase" not in {m.name for m in ModelStore(lora_server.config.store.home).list()}
+
+
+def test_a_base_for_a_model_that_is_not_an_adapter_is_an_error_event(lora_server, tiny_llama_dir):
+    """``base`` on a pull of a full model: the store's error (param ``base``) ends the stream."""
+    r = _admin(lora_server, "/admin/models/pull", {"model": str(tiny_llama_dir), "name": "tiny-nobase", "base": TINY})
+    assert r.status_code == 200, r.text
+    events = _pull_events(r)
+    assert events and "error" in events[-1], events
+    assert events[-1]["error"]["param"] == "base" and "not a LoRA adapter" in events[-1]["error"]["message"]

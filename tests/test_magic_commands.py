@@ -340,3 +340,10 @@ def test_a_conversion_is_reported_in_steps_end_to_end():
     assert events and all(e["unit"] == "steps" for e in events) and events[-1]["completed"] == 3
     line = Progress(None, "pull x").line({**events[-1], "completed": 2})
     assert line == "convert  model.gguf   66%  2/3 steps"
+
+
+def test_pull_passes_base_to_the_server(shell, own_server, tiny_llama_dir):
+    """``%xllm pull SOURCE --base MODEL`` sends ``base``: the server's check of it answers (not argparse)."""
+    cap = run(shell, f"pull {tiny_llama_dir} --name never-pulled --base no-such-base")
+    assert cap.stderr.startswith("xllm: The base model 'no-such-base' is not in the server's store"), cap.stderr
+    assert "never-pulled" not in {m.name for m in own_server.engine.catalog.list()}

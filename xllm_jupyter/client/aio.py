@@ -21,13 +21,13 @@ from .base import (
     json_body,
     message_text,
     no_chat_model,
-    not_a_stream,
     parse_sse_line,
     pick_default_model,
     probe_timeout,
     pull_body,
     resolve_base_url,
     root_url,
+    stream_error,
     unreachable,
 )
 from .client import Messages
@@ -69,9 +69,7 @@ class AsyncXllmClient:
             async with self._http.stream("POST", url, json=body, timeout=timeout or httpx.USE_CLIENT_DEFAULT) as response:
                 if not is_event_stream(response):
                     await response.aread()
-                    if missing is not None and response.status_code == 404:
-                        raise missing
-                    raise not_a_stream(response, self.root_url)
+                    raise stream_error(response, self.root_url, missing)
                 async for line in response.aiter_lines():
                     event = parse_sse_line(line)
                     if event is DONE:
@@ -124,9 +122,9 @@ class AsyncXllmClient:
         return await self._request("DELETE", self.base_url + "/models/" + quote(name, safe="")) or {}
 
     async def pull(self, source: str, name: str | None = None, revision: str | None = None, force: bool = False,
-                   convert: bool = False) -> AsyncIterator[dict[str, Any]]:
+                   convert: bool = False, base: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """``POST /admin/models/pull``: the pull's progress events, then ``{"status": "success", ...}`` (as ``XllmClient.pull``)."""
-        body = pull_body(source, name, revision, force, convert)
+        body = pull_body(source, name, revision, force, convert, base)
         events = self._events(self.admin_url + "/models/pull", body, timeout=PULL_TIMEOUT, missing=cannot_pull())
         try:
             async for event in events:

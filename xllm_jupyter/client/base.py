@@ -181,9 +181,22 @@ def not_a_stream(response: httpx.Response, root: str) -> XllmError:
     return XllmError(f"the server at {root} did not stream its answer: check the URL")
 
 
-def pull_body(source: str, name: str | None, revision: str | None, force: bool, convert: bool) -> dict[str, Any]:
+def stream_error(response: httpx.Response, root: str, missing: XllmError | None) -> XllmError:
+    """``not_a_stream``, but ``missing`` for a 404 that is not the route refusing a field of the body.
+
+    A server without the route answers 404 with no ``param``; the pull route's own 404 (an unknown
+    ``base``) names the field, and its message says more than "older than this client".
+    """
+    error = not_a_stream(response, root)
+    if missing is not None and response.status_code == 404 and getattr(error, "param", None) is None:
+        return missing
+    return error
+
+
+def pull_body(source: str, name: str | None, revision: str | None, force: bool, convert: bool,
+              base: str | None = None) -> dict[str, Any]:
     """The JSON body of ``POST /admin/models/pull``; options left at their defaults are left out."""
-    body = {"model": source, "name": name, "revision": revision, "force": force, "convert": convert}
+    body = {"model": source, "name": name, "revision": revision, "force": force, "convert": convert, "base": base}
     return {k: v for k, v in body.items() if v not in (None, False)}
 
 

@@ -22,13 +22,13 @@ from .base import (
     json_body,
     message_text,
     no_chat_model,
-    not_a_stream,
     parse_sse_line,
     pick_default_model,
     probe_timeout,
     pull_body,
     resolve_base_url,
     root_url,
+    stream_error,
     unreachable,
 )
 
@@ -77,9 +77,7 @@ class XllmClient:
             with self._http.stream("POST", url, json=body, timeout=timeout or httpx.USE_CLIENT_DEFAULT) as response:
                 if not is_event_stream(response):
                     response.read()
-                    if missing is not None and response.status_code == 404:
-                        raise missing
-                    raise not_a_stream(response, self.root_url)
+                    raise stream_error(response, self.root_url, missing)
                 yield response  # a transport error while it is read lands in the except below
         except httpx.TransportError as exc:
             raise unreachable(self.root_url, exc) from None
@@ -146,14 +144,16 @@ class XllmClient:
         return self._request("DELETE", self.base_url + "/models/" + quote(name, safe="")) or {}
 
     def pull(self, source: str, name: str | None = None, revision: str | None = None, force: bool = False,
-             convert: bool = False) -> Iterator[dict[str, Any]]:
+             convert: bool = False, base: str | None = None) -> Iterator[dict[str, Any]]:
         """``POST /admin/models/pull``: pull ``source`` into the server's store, yielding its events.
 
         Progress events (``status``, ``file``, ``completed``, ``total``, ``unit`` when not bytes)
         come first, then ``{"status": "success", "id", "digest", "format", "size", ...}``. A failed
         pull raises the XllmError the server reports; closing the iterator early stops the pull.
+        ``base`` names the stored model a LoRA adapter applies to (as ``xllm pull --base``); the
+        server answers ``ModelNotFound`` (param ``base``) when it has no such model.
         """
-        body = pull_body(source, name, revision, force, convert)
+        body = pull_body(source, name, revision, force, convert, base)
         yield from self._events(self.admin_url + "/models/pull", body, timeout=PULL_TIMEOUT, missing=cannot_pull())
 
     def manifest(self, name: str | None = None) -> dict[str, Any]:

@@ -55,7 +55,8 @@ class AdapterMixin:
             if not is_valid_name(spec.base_model):  # (a stored model's name could not be a path)
                 # peft records the directory it trained on: a server path, not for every user who asks
                 raise InvalidRequest(f"The adapter '{spec.name}' names its base model by a path or Hub id, not a "
-                                     "stored model; pull it again with its base given (xllm pull ADAPTER --base MODEL)",
+                                     "stored model; pull it again with its base given (xllm pull ADAPTER --base MODEL, "
+                                     "or the HTTP pull's \"base\" field)",
                                      param="model") from None
             raise InvalidRequest(f"The base model '{spec.base_model}' of adapter '{spec.name}' is not in the "
                                  "store; pull it under that name first", param="model") from None

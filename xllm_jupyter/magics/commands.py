@@ -26,8 +26,9 @@ HELP = """\
 %xllm ps                                models in memory now
 %xllm load MODEL / unload MODEL         load or unload on the server (stop MODEL: unload, as xllm stop)
 %xllm show MODEL                        one model's details: task, backend, digest, source, how it runs
-%xllm pull SOURCE [--name N] [--force] [--revision R] [--convert]
-                                        add a model to the server's store (progress bar)
+%xllm pull SOURCE [--name N] [--force] [--revision R] [--convert] [--base MODEL]
+                                        add a model to the server's store (progress bar;
+                                        --base: the stored model a LoRA adapter applies to)
 %xllm rm MODEL                          remove a model from the server's store (admins)
 %xllm use [MODEL]                       default model for this notebook (no MODEL: show it)
 %xllm status                            which server, how it was found, what is loaded
@@ -186,8 +187,10 @@ class Commands:
             (("--revision",), {}),
             (("--force",), {"action": "store_true"}),
             (("--convert",), {"action": "store_true"}),
+            (("--base",), {}),
         ).parse_args(argv)
-        events = self.state.client().pull(args.source, name=args.name, revision=args.revision, force=args.force, convert=args.convert)
+        events = self.state.client().pull(args.source, name=args.name, revision=args.revision, force=args.force,
+                                          convert=args.convert, base=args.base)
         progress = Progress(self.shell, f"pull {args.source}")
         result: dict[str, Any] = {}
         try:

@@ -1,6 +1,7 @@
 """Admin routes for the model store from a notebook: pull with streamed progress, and a model's manifest.
 
-``POST /admin/models/pull`` with ``{"model": SOURCE, "name"?, "revision"?, "force"?, "convert"?}``
+``POST /admin/models/pull`` with ``{"model": SOURCE, "name"?, "revision"?, "force"?, "convert"?, "base"?}``
+(``base``: the stored model a LoRA adapter applies to, as ``xllm pull --base``)
 answers with server-sent events: ``{"status": stage, "file", "completed", "total"}`` while the
 store pulls (stages as in ``store.progress.PullProgress``), then ``{"status": "success", "model",
 "digest", ...}`` and ``[DONE]``. A client that disconnects stops the pull at its next progress
@@ -18,7 +19,7 @@ from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
 from .. import __version__
-from ..core.errors import InvalidRequest, StoreError, Unsupported
+from ..core.errors import InvalidRequest, ModelNotFound, StoreError, Unsupported, quoted
 from ..core.slow_work import run_slow
 from ..openai.json_body import strict_json
 from ..store.names import validate_name
@@ -73,7 +74,7 @@ def _pull_args(body: bytes) -> dict[str, Any]:
     if not isinstance(source, str) or not source.strip():
         raise InvalidRequest("'model' (what to pull: a packaged name, a Hugging Face repo or a local path) is required", param="model")
     args: dict[str, Any] = {"source": source.strip()}
-    for key in ("name", "revision"):
+    for key in ("name", "revision", "base"):
         value = data.get(key)
         if value is not None and not isinstance(value, str):
             raise InvalidRequest(f"'{key}' must be a string", param=key)
@@ -106,6 +107,25 @@ def check_pull(args: dict[str, Any]) -> None:
             raise
 
 
+def check_base(store: Any, base: str | None) -> None:
+    """Raise unless ``base`` (a LoRA adapter's base model) names a model in ``store``: 400 malformed, 404 absent.
+
+    The store itself records any valid name; over HTTP a base that is not stored is refused before
+    anything is pulled: the adapter could not serve on it.
+    """
+    if base is None:
+        return
+    try:
+        store.show(validate_name(base))
+    except ModelNotFound:
+        missing = ModelNotFound(base, param="base")
+        missing.message = f"The base model '{quoted(base)}' is not in the server's store: pull it first"
+        raise missing from None
+    except StoreError as exc:
+        exc.param = "base"  # a malformed (or damaged) base: the body field that names it
+        raise
+
+
 async def pull_events(store: Any, args: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     """Run ``store.pull`` on a thread and yield its (coalesced) progress, then the result."""
     loop = asyncio.get_running_loop()
@@ -129,7 +149,7 @@ async def pull_events(store: Any, args: dict[str, Any]) -> AsyncIterator[dict[st
 
     def work() -> Any:
         return store.pull(args["source"], args["name"], revision=args["revision"], progress=report,
-                          force=args["force"], convert=args["convert"])
+                          force=args["force"], convert=args["convert"], base=args.get("base"))
 
     job = asyncio.ensure_future(run_slow(work))  # downloads, converts: minutes, off the shared pool
     try:
@@ -160,6 +180,7 @@ class AdminPullMixin(BodyMixin):
         args = _pull_args(self.body)
         store = server_store(self.xllm)
         await asyncio.to_thread(check_pull, args)  # (a stat of a local path: off the IOLoop)
+        await asyncio.to_thread(check_base, store, args["base"])
         await self.stream_events(self._unloading_replaced(store, pull_events(store, args)))
 
     async def _unloading_replaced(self, store: Any, events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
@@ -185,4 +206,4 @@ class AdminManifestMixin(RequestMixin):
         self.write_json(manifest_summary(manifest))
 
 
-__all__ = ["AdminManifestMixin", "AdminPullMixin", "check_pull", "manifest_summary", "public_source", "pull_events", "server_store"]
+__all__ = ["AdminManifestMixin", "AdminPullMixin", "check_base", "check_pull", "manifest_summary", "public_source", "pull_events", "server_store"]
