@@ -450,6 +450,7 @@ def test_an_adapter_pulled_over_http_with_a_base_serves_chat(sdk, lora_server, l
 @pytest.mark.parametrize(("base", "status", "code"), [
     ("no-such-base", 404, "model_not_found"),
     ("../escape", 400, "invalid_model_name"),
+    ("ad-one", 400, "store_error"),  # an adapter: adapters do not stack
     (7, 400, None),
 ])
 def test_a_pull_with_a_bad_base_is_refused_before_pulling(lora_server, lora_dirs, base, status, code):
