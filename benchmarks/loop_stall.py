@@ -16,6 +16,7 @@ it sets off, is what stalls the loop.
 
     .venv/bin/python benchmarks/loop_stall.py                      # writes benchmarks/results/loop_stall.{json,md}
     .venv/bin/python benchmarks/loop_stall.py --repeats 5 --settings 1
+    .venv/bin/python benchmarks/loop_stall.py --settings 1 --bodies completions,small --out /tmp/ls   # a subset
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="posts of each body per setting")
     p.add_argument("--poll-ms", type=float, default=5.0, help="interval between /health polls")
     p.add_argument("--settings", default="0,1", help="XLLM_ENGINE_GC_FREEZE values to run, in order")
+    p.add_argument("--bodies", default="", help="comma-separated words: only the bodies whose names contain one (default: all)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "loop_stall"),
                    help="output path without extension")
     return p.parse_args(argv)
@@ -219,7 +221,8 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Run every setting, write the results."""
     args = parse_args(argv)
-    all_bodies = bodies()
+    words = [w for w in args.bodies.split(",") if w]
+    all_bodies = {name: body for name, body in bodies().items() if not words or any(w in name for w in words)}
     result: dict = {"when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit(),
                     "cpus": os.cpu_count(), "python": platform.python_version(), "repeats": args.repeats,
                     "poll_ms": args.poll_ms, "command": " ".join(["python benchmarks/loop_stall.py", *(sys.argv[1:] if argv is None else argv)]),
