@@ -335,3 +335,20 @@ def test_a_copy_with_its_own_chat_template_is_not_given_the_tokenizer_in_use(tin
     tokenizer = load_tokenizer(named)
     assert tokenizer is not first and tokenizer.chat_template["tool_use"] == text
     assert load_tokenizer(named) is tokenizer  # the same files again: shared, as a plain copy's are
+
+
+def test_a_copy_whose_config_picks_another_tokenizer_class_is_not_given_the_tokenizer_in_use(tiny_llama_dir, tmp_path):
+    """Without ``tokenizer_class`` in ``tokenizer_config.json`` transformers takes the class from the model's
+    ``config.json``: the same tokenizer files under another config are another tokenizer (a GPT-2 one here)."""
+    classless = tmp_path / "classless"
+    shutil.copytree(tiny_llama_dir, classless)
+    settings = json.loads((classless / "tokenizer_config.json").read_text())
+    settings.pop("tokenizer_class", None)
+    (classless / "tokenizer_config.json").write_text(json.dumps(settings))
+    first = load_tokenizer(classless)
+    assert load_tokenizer(shutil.copytree(classless, tmp_path / "copy")) is first  # same config too: shared
+    gpt2 = shutil.copytree(classless, tmp_path / "gpt2")
+    config = json.loads((gpt2 / "config.json").read_text())
+    (gpt2 / "config.json").write_text(json.dumps({**config, "tokenizer_class": "GPT2Tokenizer"}))
+    other = load_tokenizer(gpt2)
+    assert other is not first and type(other).__name__ == "GPT2Tokenizer" != type(first).__name__

@@ -59,6 +59,8 @@ def files_digest(directory: str | Path) -> str | None:
             return None
         digest = hashlib.sha256()
         more = sorted(f"{TEMPLATE_DIR}/{n}" for n in os.listdir(source / TEMPLATE_DIR)) if TEMPLATE_DIR in names else []
+        if "config.json" in names and not names_its_class(source):
+            more.append("config.json")  # transformers picks the tokenizer's class from the model's config then
         for name in (*TOKENIZER_FILES, *more):
             if name not in names and name not in more:
                 continue
@@ -69,6 +71,15 @@ def files_digest(directory: str | Path) -> str | None:
         return digest.hexdigest()
     except OSError:
         return None
+
+
+def names_its_class(directory: Path) -> bool:
+    """True when ``tokenizer_config.json`` names the tokenizer's class (else the model's ``config.json`` decides it)."""
+    try:
+        config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and bool(config.get("tokenizer_class"))
 
 
 def added_tokens_only_in_tokenizer_json(directory: str | Path) -> bool:
