@@ -472,3 +472,75 @@ def test_a_base_for_a_model_that_is_not_an_adapter_is_an_error_event(lora_server
     events = _pull_events(r)
     assert events and "error" in events[-1], events
     assert events[-1]["error"]["param"] == "base" and "not a LoRA adapter" in events[-1]["error"]["message"]
+
+
+# ------------------------------------------------------------------ the base check in the store (pull, xllm pull --base)
+def test_the_store_refuses_an_adapter_as_base_before_pulling(lora_home, lora_dirs):
+    """``ModelStore.pull(base=ADAPTER)``: a StoreError naming ``base``, and nothing is stored (was recorded as given)."""
+    from xllm_jupyter.core.errors import StoreError
+
+    store = ModelStore(lora_home)
+    with pytest.raises(StoreError) as err:
+        store.pull(str(lora_dirs[0]), "ad-onad", base="AD-ONE")  # names are case-insensitive
+    assert err.value.param == "base" and "itself a LoRA adapter" in err.value.message
+    with pytest.raises(StoreError) as err:
+        store.pull(str(lora_dirs[0]), "ad-self", base="ad-self")
+    assert err.value.param == "base" and "its own base" in err.value.message
+    assert not {"ad-onad", "ad-self"} & {m.name for m in store.list()}
+
+
+def test_the_store_records_a_base_not_pulled_yet_with_a_warning(lora_home, lora_dirs, caplog):
+    """A base not stored yet is kept (it may be pulled later), but said; a malformed one names ``base``."""
+    from xllm_jupyter.core.errors import InvalidModelName
+
+    store = ModelStore(lora_home)
+    with caplog.at_level("WARNING", logger="xllm_jupyter.store.store"):
+        m = store.pull(str(lora_dirs[0]), "ad-early", base="base-later")
+    assert m.parameters["base_model"] == "base-later"
+    assert "'base-later' is not in the store" in caplog.text
+    with pytest.raises(InvalidModelName) as err:
+        store.pull(str(lora_dirs[0]), "ad-badname", base="../up")
+    assert err.value.param == "base"
+    store.rm("ad-early")
+
+
+def test_xllm_pull_base_is_checked_by_the_store(lora_home, lora_dirs, monkeypatch, caplog):
+    """`xllm pull --base`: an adapter as base is a one-line error and nothing is stored; a base not stored warns."""
+    from click.testing import CliRunner
+
+    from xllm_jupyter.cli.main import main
+
+    monkeypatch.setenv("XLLM_HOME", str(lora_home))
+    monkeypatch.delenv("XLLM_CONFIG", raising=False)
+    refused = CliRunner().invoke(main, ["pull", str(lora_dirs[0]), "--name", "ad-cli", "--base", "ad-two"])
+    assert refused.exit_code == 1 and "Traceback" not in refused.output, refused.output
+    err = refused.stderr.strip()
+    assert err.startswith("Error: ") and "itself a LoRA adapter" in err and "ad-two" in err, err
+    assert "ad-cli" not in {m.name for m in ModelStore(lora_home).list()}
+    with caplog.at_level("WARNING", logger="xllm_jupyter.store.store"):  # (stderr outside pytest's log capture)
+        early = CliRunner().invoke(main, ["pull", str(lora_dirs[0]), "--name", "ad-cli", "--base", "cli-later"])
+    assert early.exit_code == 0, early.output
+    assert "Pulled ad-cli" in early.stdout and "'cli-later' is not in the store" in caplog.text, early.output
+    assert ModelStore(lora_home).show("ad-cli").parameters["base_model"] == "cli-later"
+    ModelStore(lora_home).rm("ad-cli")
+
+
+def test_an_adapter_whose_base_became_an_adapter_is_a_400_not_a_retry(sdk, lora_server, lora_dirs):
+    """An adapter pulled before its base, whose base name was then taken by another adapter: a 400 saying so
+    (was a 503 "retry the request", which never passes), and the base and the other adapter keep serving."""
+    store = ModelStore(lora_server.config.store.home)
+    store.pull(str(lora_dirs[0]), "ad-upper", base="ad-lower")  # not stored yet: allowed, with a warning
+    store.pull(str(lora_dirs[1]), "ad-lower")  # an adapter (its config names "tiny") takes the name
+    for _ in range(2):  # the same answer again: nothing was left half-attached
+        with pytest.raises(openai.BadRequestError) as err:
+            _complete(sdk, "ad-upper")
+        error = err.value.response.json()["error"]
+        assert error["param"] == "model" and "itself a LoRA adapter" in error["message"], error
+        assert "ad-upper" in error["message"] and "ad-lower" in error["message"] and "retry" not in error["message"]
+    assert _complete(sdk, "ad-lower") == _complete(sdk, "ad-two")  # the same files on the same base
+    assert _complete(sdk, TINY)
+    # the engine's own attach refuses an adapter as base too, after loading it (it was not attached before)
+    store.pull(str(lora_dirs[1]), "ad-lower2")
+    with pytest.raises(Exception) as caught:
+        lora_server.call(lora_server.engine.load_adapter("ad-lower2", "ad-path", lora_dirs[0]))
+    assert getattr(caught.value, "status", None) == 400 and "is an adapter" in str(caught.value)

@@ -10,11 +10,12 @@ applies the adapter to that request's rows only.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..core.errors import InvalidRequest, ModelNotFound, Overloaded, XllmError
+from ..core.errors import InvalidRequest, ModelNotFound, Overloaded, XllmError, quoted
 from ..core.slow_work import run_slow
 from ..core.types import GenerationRequest, ModelInfo, ModelRuntime
 from ..store.names import canonical_name, is_valid_name
@@ -40,6 +41,8 @@ class AdapterMixin:
         if self._adapters.get(name, base) != base:
             await self.unload_adapter(name)  # the same name on another base: move it
         model = await self.load(base)  # type: ignore[attr-defined]
+        if base in self._adapters:  # a stored adapter: loading it attached it to its own base
+            raise InvalidRequest(f"'{base}' is an adapter; an adapter applies to a base model", param="model")
         await run_slow(model.load_adapter, name, Path(path))  # (reads weights, may wait for a load's turn)
         self._adapters[name] = base
         return model
@@ -50,6 +53,12 @@ class AdapterMixin:
             raise InvalidRequest(f"The adapter '{spec.name}' does not name its base model; pull it again "
                                  "with a base model given", param="model")
         try:
+            base = await asyncio.to_thread(self._resolve, spec.base_model)  # type: ignore[attr-defined]
+            if base.task == "adapter":
+                # adapters do not stack; found before loading, as the 503 "retry" its routing gave could never pass
+                raise InvalidRequest(f"The base model '{quoted(spec.base_model)}' of adapter '{spec.name}' is itself "
+                                     "a LoRA adapter; pull the adapter again with the model it applies to as its "
+                                     "base (xllm pull ADAPTER --base MODEL)", param="model")
             return await self.load_adapter(spec.base_model, spec.name, spec.path)
         except ModelNotFound:  # only the base can be missing here: the adapter itself resolved
             if not is_valid_name(spec.base_model):  # (a stored model's name could not be a path)

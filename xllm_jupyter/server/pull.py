@@ -109,26 +109,17 @@ def check_pull(args: dict[str, Any]) -> None:
 
 def check_base(store: Any, base: str | None) -> None:
     """Raise unless ``base`` (a LoRA adapter's base model) names a full model in ``store``: 400 malformed or
-    itself an adapter, 404 absent.
+    itself an adapter (the store's ``check_base``), 404 absent.
 
-    The store itself records any valid name; over HTTP a base that is not stored is refused before
-    anything is pulled: the adapter could not serve on it.
+    The store records a base not stored yet (with a warning: it may be pulled later); over HTTP a base
+    that is not stored is refused before anything is pulled, as the admin pulling can pull it first.
     """
     if base is None:
         return
-    try:
-        manifest = store.show(validate_name(base))
-    except ModelNotFound:
+    if store.check_base(base) is None:
         missing = ModelNotFound(base, param="base")
         missing.message = f"The base model '{quoted(base)}' is not in the server's store: pull it first"
-        raise missing from None
-    except StoreError as exc:
-        exc.param = "base"  # a malformed (or damaged) base: the body field that names it
-        raise
-    if getattr(manifest, "task", None) == "adapter":
-        # adapters do not stack: one on another never serves (its load ends in a retry-later 503)
-        raise StoreError(f"The base model '{quoted(base)}' is itself a LoRA adapter: name the model it applies to",
-                         param="base")
+        raise missing
 
 
 async def pull_events(store: Any, args: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..core.errors import StoreError
+from ..core.errors import ModelNotFound, StoreError, quoted
 from .atomic import FileLock, fix_modes, fsync_dir, fsync_tree, remove_tree, replace_dir, try_lock
 from .generation_defaults import write_sampling
 from .hub import HubClient, verify_files
@@ -34,7 +34,7 @@ from .manifest import (
     read_template,
     write_manifest,
 )
-from .names import child_dir, name_to_dirname, safe_relpath, validate_name
+from .names import canonical_name, child_dir, name_to_dirname, safe_relpath, validate_name
 from .packaged import PACKAGED
 from .progress import ProgressFn, PullProgress, guard_progress, translate_os_error
 from .sources import Source, parse_source, select_files
@@ -55,6 +55,7 @@ class PullMixin:
     token: str | bool | None
     _dir: Callable[[str], Path]
     _check_files: Callable[[Manifest], None]
+    show: Callable[[str], Manifest]
 
     def pull(
         self,
@@ -76,6 +77,8 @@ class PullMixin:
         """
         src = parse_source(source, revision)
         n = validate_name(name) if name is not None else src.default_name
+        if base is not None:
+            base = self._checked_base(base, n)
         report = guard_progress(progress)
         try:
             for d in (self.models, self.tmp, self.locks):
@@ -85,6 +88,35 @@ class PullMixin:
                 return set_adapter_base(manifest, base) if base is not None else manifest
         except OSError as exc:
             translate_os_error(exc)
+
+    def check_base(self, base: str) -> Manifest | None:
+        """The stored model ``base`` a LoRA adapter would apply to, None when none is stored under that name.
+
+        StoreError (param ``base``) for a malformed name, a damaged model or one that is itself an adapter:
+        adapters do not stack, so an adapter on an adapter could never serve. The one check of a base, for
+        ``pull`` here (the CLI's ``--base``) and the HTTP pull route alike.
+        """
+        try:
+            manifest = self.show(validate_name(base))
+        except ModelNotFound:
+            return None
+        except StoreError as exc:
+            exc.param = "base"  # the argument that names it
+            raise
+        if manifest.task == "adapter":
+            raise StoreError(f"The base model '{quoted(base)}' is itself a LoRA adapter: name the model it applies to",
+                             param="base")
+        return manifest
+
+    def _checked_base(self, base: str, n: str) -> str:
+        """``base`` for adapter ``n``, checked before anything is pulled; a base not stored (yet) only warns."""
+        if canonical_name(base) == n:
+            raise StoreError(f"'{quoted(n)}' cannot be its own base model", param="base")
+        if self.check_base(base) is None:
+            # allowed: the adapter may be pulled before its base, and serves once the base is pulled under that name
+            log.warning("the base model '%s' is not in the store: adapter '%s' serves once it is pulled under that name",
+                        base, n)
+        return base
 
     def _pull_locked(self, src: Source, n: str, report: ProgressFn | None, force: bool, convert: bool) -> Manifest:
         self._clean_tmp()
