@@ -70,8 +70,10 @@ def test_every_route_needs_the_secret_and_with_it_the_chat_works(pg):
         assert page.status_code == 200
         # the secret URL is not sent on as a Referer to other sites (fonts, links)
         assert page.headers["referrer-policy"] == "same-origin"
-        # nor fetched by an image in a model's reply (no image from another origin loads)
-        assert page.headers["content-security-policy"] == "img-src 'self' data: blob:; media-src 'self' data: blob:"
+        # nor fetched by an image in a model's reply: images and media load from the app's own path only, not
+        # from the whole origin (behind the proxy the user's Jupyter server); test_playground_links.py shows it
+        own = f"127.0.0.1:{pg.port}/{secret}/"
+        assert page.headers["content-security-policy"] == f"img-src {own} data: blob:; media-src {own} data: blob:"
         assert c.get(pg.local_url + "config").json()["root"] == pg.local_url.rstrip("/")
         assert c.get(pg.local_url + "gradio_api/info").status_code == 200
     with pytest.raises(Exception):  # noqa: B017 - gradio_client raises its own kinds
@@ -206,3 +208,15 @@ def test_host_names_and_the_secret_prefix():
     # bound to every interface: the machine's addresses are expected Hosts, names still are not
     wide = Guard(None, secret="s", host="0.0.0.0")
     assert wide.host_ok({b"host": b"192.168.1.20:7860"}) and not wide.host_ok({b"host": b"evil.example"})
+
+
+def test_the_csp_names_the_apps_own_path_and_nothing_a_header_could_smuggle_in():
+    from xllm_jupyter.playground.guard import app_source, content_security_policy
+
+    assert app_source("hub.example", "/user/ann/proxy/7860/s3cret/") == "hub.example/user/ann/proxy/7860/s3cret/"
+    assert app_source("[::1]:8888", "/s/") == "[::1]:8888/s/"
+    # a Host that would end the directive or add a source: no server source at all (data: and blob: only)
+    for host in ("evil.example; img-src *", "a b", "*", "", "x'self'"):
+        assert app_source(host, "/s/") == "", host
+    assert app_source("hub.example", "/a;b/") == app_source("hub.example", "/a b/") == ""
+    assert content_security_policy("") == b"img-src data: blob:; media-src data: blob:"

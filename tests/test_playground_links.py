@@ -16,6 +16,7 @@ import xllm_jupyter
 from tests.browser import chromium, require_browser
 from tests.test_safe_markdown import RELATIVE_LINKS
 from xllm_jupyter.playground import app as app_module
+from xllm_jupyter.playground import guard as guard_module
 
 pytestmark = [pytest.mark.timeout(600)]
 
@@ -110,5 +111,60 @@ def test_an_absolute_link_to_the_playgrounds_own_server_is_no_link_either(tiny_c
             hrefs = chat.locator("[data-testid=bot] a[href]").evaluate_all("els => els.map(e => e.href)")
             assert hrefs == ["https://ok.example/ok"], hrefs
             assert own in chat.inner_text()  # shown, as text
+    finally:
+        pg.close()
+
+
+#: everything in a reply that a browser fetches on sight, each aimed at the page's own server outside the app
+#: (behind jupyter-server-proxy, the user's Jupyter server or hub: ``/hub/logout`` is a GET)
+AUTOLOAD = """![md](/hub/logout?md) ![rel](../../api/rel)
+
+<img src="/hub/logout?img"> <img srcset="/hub/logout?srcset 1x"> <img src="{origin}/hub/logout?abs">
+<picture><source srcset="/hub/logout?picture"><img alt="p"></picture>
+<video poster="/hub/logout?poster" src="/hub/logout?video"></video> <audio src="/hub/logout?audio"></audio>
+<video><source src="/hub/logout?source"></video>
+<div style="background-image: url('/hub/logout?style')">s</div>
+<style>.x {{ background: url('/hub/logout?sheet') }}</style><span class="x">x</span>
+<link rel="stylesheet" href="/hub/logout?link"> <link rel="prefetch" href="/hub/logout?prefetch">
+"""
+
+
+def test_nothing_in_a_reply_makes_the_browser_fetch_from_the_pages_own_server(tiny_client, monkeypatch):
+    """The CSP allowed images from ``'self'``: the whole origin, which behind the proxy is the user's Jupyter server
+    (or hub), so ``![](/hub/logout)`` sent a same-origin GET with the user's cookies the moment it was shown."""
+    require_browser()
+    from urllib.parse import urlsplit
+
+    pg = xllm_jupyter.playground(client=tiny_client)
+    origin = "{0.scheme}://{0.netloc}".format(urlsplit(pg.local_url))
+    reply = AUTOLOAD.format(origin=origin)
+
+    async def stream_reply(endpoint, messages, model, params):
+        yield reply
+
+    monkeypatch.setattr(app_module, "stream_reply", stream_reply)
+    hits: list[str] = []  # what reached the server outside the app (the Guard answers those with a 404)
+    refuse = guard_module.refuse
+
+    async def recording_refuse(scope, receive, send, status, body):
+        hits.append(scope["path"] + "?" + scope.get("query_string", b"").decode())
+        await refuse(scope, receive, send, status, body)
+
+    monkeypatch.setattr(guard_module, "refuse", recording_refuse)
+    try:
+        with chromium() as context:
+            page = context.new_page()
+            blocked: list[str] = []  # the CSP's reports in the console
+            page.on("console", lambda m: blocked.append(m.text) if "Content Security Policy" in m.text else None)
+            page.goto(pg.local_url, timeout=60_000)
+            page.locator("#xllm-input textarea").wait_for(timeout=60_000)
+            ask(page, "Show me images", 1)
+            chat = page.locator("#xllm-chatbot")
+            assert chat.locator("[data-testid=bot] img").count() >= 1  # Gradio did draw the images
+            page.wait_for_timeout(1000)  # time for any fetch a shown element starts
+            assert hits == [], "\n".join(hits)
+            # the CSP stopped them (the browser says so), and nothing of the app's own
+            assert any("/hub/logout?md" in line for line in blocked), blocked
+            assert not [line for line in blocked if pg.local_url in line], blocked
     finally:
         pg.close()

@@ -8,6 +8,7 @@ its first path segment; anything else is a 404, as if nothing listened there.
 from __future__ import annotations
 
 import hmac
+import re
 import secrets
 import socket
 from collections.abc import Iterable
@@ -104,7 +105,9 @@ class Guard:
         elif not self.has_secret(scope.get("path", "")):
             await refuse(scope, receive, send, 404, b"Not Found\n")
         else:
-            await self.app(self.behind_proxy(scope), receive, no_referrer(send))
+            headers = dict(scope.get("headers") or ())
+            own = app_source(headers.get(b"host", b"").decode("latin-1"), f"{self.root_path}{self.prefix}/")
+            await self.app(self.behind_proxy(scope), receive, no_referrer(send, content_security_policy(own)))
 
     def behind_proxy(self, scope: dict) -> dict:
         """``scope`` with the proxy's prefix as its ``root_path`` and in front of its path."""
@@ -119,18 +122,39 @@ class Guard:
         }
 
 
-#: images and media only from the app itself: a model's reply is Markdown that Gradio renders,
-#: and an image it names (``![x](https://host/?d=secret)``, an <img>, a CSS background) would be
-#: fetched by the browser the moment it is shown, leaking what is in its URL
-CONTENT_SECURITY_POLICY = b"img-src 'self' data: blob:; media-src 'self' data: blob:"
+#: what a Host header or path may hold to be spelt into the CSP (anything else could end its directive)
+_HOST_SOURCE = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]+)?|\[[0-9A-Fa-f:.]+\](:[0-9]+)?")
+_PATH_SOURCE = re.compile(r"/[A-Za-z0-9._~%/\-]*/")
 
 
-def no_referrer(send: Any) -> Any:
-    """``send`` that adds ``Referrer-Policy: same-origin`` (the secret URL never leaves as a Referer) and the CSP above."""
+def app_source(host: str, path: str) -> str:
+    """The CSP source for the app's own URLs only (``host/root/secret/``); ``""`` when ``host`` or ``path`` can't be one."""
+    if not _HOST_SOURCE.fullmatch(host) or not _PATH_SOURCE.fullmatch(path):
+        return ""
+    return host + path
+
+
+def content_security_policy(own: str) -> bytes:
+    """The CSP of every response: images and media (what loads on sight) only from ``own``.
+
+    A model's reply is Markdown that Gradio renders, its sanitizer leaving images, media and style attributes.
+    An image from another site (``![x](https://host/?d=secret)``, an <img>, a CSS background) would be fetched
+    the moment it is shown, leaking what is in its URL. One from the page's own origin, which ``'self'``
+    allowed, is worse behind jupyter-server-proxy: that origin is the user's Jupyter server or hub, and
+    ``![](/hub/logout)`` sent it a GET with the user's cookies, no click needed. So the app's own path is
+    the only server source: a host-source with a path, not ``'self'`` (no CSP source can be "https: but not
+    this origin", so images from the web are not allowed either).
+    """
+    own = f" {own}" if own else ""
+    return f"img-src{own} data: blob:; media-src{own} data: blob:".encode()
+
+
+def no_referrer(send: Any, csp: bytes) -> Any:
+    """``send`` that adds ``Referrer-Policy: same-origin`` (the secret URL never leaves as a Referer) and ``csp``."""
 
     async def wrapped(message: dict) -> None:
         if message["type"] == "http.response.start":
-            extra = [(b"referrer-policy", b"same-origin"), (b"content-security-policy", CONTENT_SECURITY_POLICY)]
+            extra = [(b"referrer-policy", b"same-origin"), (b"content-security-policy", csp)]
             message = {**message, "headers": [*message.get("headers", ()), *extra]}
         await send(message)
 
