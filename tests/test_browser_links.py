@@ -13,11 +13,14 @@ import nbformat
 import pytest
 
 from tests.browser import chromium, jupyter_lab, require_browser
-from tests.test_safe_markdown import RELATIVE_LINKS
+from tests.test_safe_markdown import AUTOLOAD, RELATIVE_LINKS
 
 pytestmark = [pytest.mark.timeout(600)]
 
 NOTEBOOK = "xllm-links.ipynb"
+#: images, media and styles aimed at the Lab's own server (no origin spelt out: the notebook is written before the
+#: server starts)
+SAME_ORIGIN = AUTOLOAD.format(origin="")
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +33,8 @@ def lab(tmp_path_factory):
         nbformat.v4.new_code_cell(f"from xllm_jupyter.magics.render import Reply\nReply('markdown', {RELATIVE_LINKS!r})"),
         nbformat.v4.new_code_cell("import ipywidgets\nfrom xllm_jupyter.widgets.markdown import markdown_html\n"
                                   f"ipywidgets.HTML(markdown_html({RELATIVE_LINKS!r}))"),
+        nbformat.v4.new_code_cell(f"Reply('markdown', {SAME_ORIGIN!r})"),
+        nbformat.v4.new_code_cell(f"ipywidgets.HTML(markdown_html({SAME_ORIGIN!r}))"),
     ]
     nb = nbformat.v4.new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
                                                                           "language": "python"}})
@@ -38,11 +43,16 @@ def lab(tmp_path_factory):
         yield server
 
 
-def test_no_relative_link_is_clickable_in_markdown_or_the_chat_widget(lab):
+def test_no_relative_link_is_clickable_and_nothing_is_fetched_in_markdown_or_the_chat_widget(lab):
+    """Only web links stay links; and ``![](/hub/logout)``, ``<img srcset>``, ``<video poster>``, a ``style``
+    url() (cells 3 and 4) show as text: no element that loads, no request to the server the page came from. One
+    page: a second page of the same Lab reopens the notebook from its workspace and asks first."""
     from tests.test_browser_notebook import run_all_cells
 
     with chromium() as context:
         page = context.new_page()
+        fetched: list[str] = []
+        page.on("request", lambda r: fetched.append(r.url) if "/hub/logout" in r.url or "/api/rel" in r.url else None)
         page.goto(lab.lab_url(f"lab/tree/{NOTEBOOK}"), wait_until="domcontentloaded", timeout=120_000)
         page.wait_for_selector(".jp-NotebookPanel .jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
         run_all_cells(page)
@@ -57,3 +67,13 @@ def test_no_relative_link_is_clickable_in_markdown_or_the_chat_widget(lab):
             assert sorted(hrefs) == ["https://ok.example/ok", "mailto:p@ok.example"], hrefs
             text = output.inner_text()
             assert "api/contents/secret" in text and "files/secret.txt" in text  # shown, as text
+
+        for n in (2, 3):
+            output = cells.nth(n).locator(".jp-OutputArea-output[data-mime-type='text/markdown'], "
+                                          ".jp-OutputArea-output .widget-html-content")
+            output.wait_for(timeout=120_000)
+            assert "/hub/logout?md" in output.inner_text()  # shown, as text
+            loading = output.locator("img, picture, video, audio, source, link, style, [style*='url(']")
+            assert loading.evaluate_all("els => els.map(e => e.outerHTML)") == []
+        page.wait_for_timeout(1000)  # time for any fetch a shown element starts
+        assert fetched == [], fetched

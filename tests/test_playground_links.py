@@ -14,7 +14,7 @@ pytest.importorskip("gradio")
 
 import xllm_jupyter
 from tests.browser import chromium, require_browser
-from tests.test_safe_markdown import RELATIVE_LINKS
+from tests.test_safe_markdown import AUTOLOAD, RELATIVE_LINKS
 from xllm_jupyter.playground import app as app_module
 from xllm_jupyter.playground import guard as guard_module
 
@@ -113,20 +113,6 @@ def test_an_absolute_link_to_the_playgrounds_own_server_is_no_link_either(tiny_c
             assert own in chat.inner_text()  # shown, as text
     finally:
         pg.close()
-
-
-#: everything in a reply that a browser fetches on sight, each aimed at the page's own server outside the app
-#: (behind jupyter-server-proxy, the user's Jupyter server or hub: ``/hub/logout`` is a GET)
-AUTOLOAD = """![md](/hub/logout?md) ![rel](../../api/rel)
-
-<img src="/hub/logout?img"> <img srcset="/hub/logout?srcset 1x"> <img src="{origin}/hub/logout?abs">
-<picture><source srcset="/hub/logout?picture"><img alt="p"></picture>
-<video poster="/hub/logout?poster" src="/hub/logout?video"></video> <audio src="/hub/logout?audio"></audio>
-<video><source src="/hub/logout?source"></video>
-<div style="background-image: url('/hub/logout?style')">s</div>
-<style>.x {{ background: url('/hub/logout?sheet') }}</style><span class="x">x</span>
-<link rel="stylesheet" href="/hub/logout?link"> <link rel="prefetch" href="/hub/logout?prefetch">
-"""
 
 
 def test_nothing_in_a_reply_makes_the_browser_fetch_from_the_pages_own_server(tiny_client, monkeypatch):

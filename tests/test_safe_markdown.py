@@ -35,6 +35,18 @@ RELATIVE_LINKS = (
     "[j][r] [k] $a [b$](../x) [[n]](../n) [o](https://ok.example/ok) [p](mailto:p@ok.example)\n\n"
     "[r]: ../../api/contents/secret\n[k]: files/k.txt\n"
 )
+#: everything in a reply that a browser fetches on sight, each aimed at the page's own server outside the app
+#: (behind jupyter-server-proxy, the user's Jupyter server or hub: ``/hub/logout`` is a GET)
+AUTOLOAD = """![md](/hub/logout?md) ![rel](../../api/rel)
+
+<img src="/hub/logout?img"> <img srcset="/hub/logout?srcset 1x"> <img src="{origin}/hub/logout?abs">
+<picture><source srcset="/hub/logout?picture"><img alt="p"></picture>
+<video poster="/hub/logout?poster" src="/hub/logout?video"></video> <audio src="/hub/logout?audio"></audio>
+<video><source src="/hub/logout?source"></video>
+<div style="background-image: url('/hub/logout?style')">s</div>
+<style>.x {{ background: url('/hub/logout?sheet') }}</style><span class="x">x</span>
+<link rel="stylesheet" href="/hub/logout?link"> <link rel="prefetch" href="/hub/logout?prefetch">
+"""
 WEB_HREF = re.compile(r"(https://ok\.example/|mailto:p@ok\.example$)")
 
 
