@@ -21,6 +21,12 @@ NOTEBOOK = "xllm-links.ipynb"
 #: images, media and styles aimed at the Lab's own server (no origin spelt out: the notebook is written before the
 #: server starts)
 SAME_ORIGIN = AUTOLOAD.format(origin="")
+#: brackets that are not math, as the user must see them: a defused link, citations, Markdown-escaped brackets
+BRACKETS = {"[x](../../api/contents/secret)": "[x](../../api/contents/secret)", "see [1] and [2]": "see [1] and [2]",
+            "lit \\[x\\] end": "lit [x] end"}
+BRACKET_TEXT = "\n\n".join(BRACKETS)
+#: math, still typeset: dollars, and JupyterLab's own delimiters \\[ \\] and \\( \\) (as in a Markdown cell)
+MATH = "math $x^2$ and $$a$$ and \\\\[y\\\\] and \\\\(w\\\\)"
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +41,8 @@ def lab(tmp_path_factory):
                                   f"ipywidgets.HTML(markdown_html({RELATIVE_LINKS!r}))"),
         nbformat.v4.new_code_cell(f"Reply('markdown', {SAME_ORIGIN!r})"),
         nbformat.v4.new_code_cell(f"ipywidgets.HTML(markdown_html({SAME_ORIGIN!r}))"),
+        nbformat.v4.new_code_cell(f"Reply('markdown', {BRACKET_TEXT!r})"),
+        nbformat.v4.new_code_cell(f"Reply('markdown', {MATH!r})"),
     ]
     nb = nbformat.v4.new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
                                                                           "language": "python"}})
@@ -45,7 +53,8 @@ def lab(tmp_path_factory):
 
 def test_no_relative_link_is_clickable_and_nothing_is_fetched_in_markdown_or_the_chat_widget(lab):
     """Only web links stay links; and ``![](/hub/logout)``, ``<img srcset>``, ``<video poster>``, a ``style``
-    url() (cells 3 and 4) show as text: no element that loads, no request to the server the page came from. One
+    url() (cells 3 and 4) show as text: no element that loads, no request to the server the page came from; the
+    escaped brackets of defused links are no MathJax math (cell 5) while real math is (cell 6). One
     page: a second page of the same Lab reopens the notebook from its workspace and asks first."""
     from tests.test_browser_notebook import run_all_cells
 
@@ -76,4 +85,11 @@ def test_no_relative_link_is_clickable_and_nothing_is_fetched_in_markdown_or_the
             loading = output.locator("img, picture, video, audio, source, link, style, [style*='url(']")
             assert loading.evaluate_all("els => els.map(e => e.outerHTML)") == []
         page.wait_for_timeout(1000)  # time for any fetch a shown element starts
+        # \\[...\\] in the Markdown (JupyterLab's math extractor) and \[...\] left in the page (MathJax) are display
+        # math: the escape that defuses a link must be neither (a formula shown, or text swallowed up to a \])
+        plain, math = (cells.nth(n).locator(".jp-OutputArea-output[data-mime-type='text/markdown']") for n in (4, 5))
+        math.locator("mjx-container").first.wait_for(timeout=60_000)  # typeset: MathJax has run on both cells
+        assert plain.locator("mjx-container").count() == 0, plain.inner_html()
+        assert [p.strip() for p in plain.inner_text().split("\n") if p.strip()] == list(BRACKETS.values())
+        assert math.locator("mjx-container").count() == 4, math.inner_html()  # and real math is still math
         assert fetched == [], fetched

@@ -132,3 +132,17 @@ def test_chat_widget_markdown_shows_images_as_links():
     assert "<img" not in html
     assert 'href="https://evil.example/a.png"' in html and 'href="https://evil.example/b.png"' in html
     assert 'href="javascript' not in html and "&lt;img src=x&gt;" in html
+
+
+#: JupyterLab's own math delimiters, as its math extractor finds them in the Markdown source before parsing it
+#: (``\\[ \\]`` display, ``\\( \\)`` inline); MathJax then typesets them in the page
+LAB_MATH_DELIMITER = re.compile(r"\\\\[()[\]]")
+
+
+@pytest.mark.parametrize("text", [RELATIVE_LINKS, "see [1] and [2]", "\\[x\\] and \\(y\\)", "a\\ [b](../c) \\]", *ATTACKS])
+def test_escaped_brackets_spell_no_jupyterlab_math_delimiter(text):
+    """The ``\\[`` that defuses a link stays text: no ``\\\\[`` that JupyterLab would take for display math (which
+    would show a formula, or swallow the text up to the next ``\\\\]``) unless the reply wrote one itself."""
+    assert not LAB_MATH_DELIMITER.search(text)
+    out = neutral_markdown(text)
+    assert not LAB_MATH_DELIMITER.search(out), out
