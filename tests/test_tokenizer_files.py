@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import weakref
 from pathlib import Path
 
 import pytest
@@ -18,13 +19,20 @@ import pytest
 pytest.importorskip("torch")
 llguidance_hf = pytest.importorskip("llguidance.hf")
 
-from xllm_jupyter.backends import constraints  # noqa: E402
+from xllm_jupyter.backends import constraints, tokenizer_files  # noqa: E402
 from xllm_jupyter.backends.base import BackendOptions, ModelSpec  # noqa: E402
 from xllm_jupyter.backends.constraints import GrammarCompiler, SharedTokenizers, tokenizer_identity  # noqa: E402
 from xllm_jupyter.backends.tokenizer_files import added_tokens_only_in_tokenizer_json, load_tokenizer  # noqa: E402
 from xllm_jupyter.backends.transformers import TransformersBackend  # noqa: E402
 
 TEXT = "<|im_start|>user\nHi there, naïve café 😀<|im_end|>\n<|endoftext|>"
+
+
+@pytest.fixture(autouse=True)
+def own_tokenizers_in_use(monkeypatch) -> None:
+    """A registry of tokenizers in use of this test's own: a session server's model of the same files (the
+    tiny Llama's) would otherwise hand its tokenizer to this test's loads, which then read nothing."""
+    monkeypatch.setattr(tokenizer_files, "_in_use", weakref.WeakValueDictionary())
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import httpx
 import jsonschema
@@ -146,7 +147,7 @@ NATIVE_TEMPLATE = (
 )
 
 
-def test_tools_reach_a_native_chat_template(tiny_llama_dir):
+def test_tools_reach_a_native_chat_template(tiny_llama_dir, tmp_path):
     """A template that knows tools gets them (and objects for arguments); SmolLM2's gets the fallback."""
     from pathlib import Path
 
@@ -162,7 +163,12 @@ def test_tools_reach_a_native_chat_template(tiny_llama_dir):
         ChatMessage("assistant", None, tool_calls=[{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "c"}'}}]),
         ChatMessage("tool", "3 C", tool_call_id="c1"),
     ]
-    model = TransformersBackend().load(ModelSpec(name="t", path=Path(tiny_llama_dir), options=BackendOptions(device="cpu")))
+    # a private copy (its own template file): the tokenizer of files in use is shared, and this test changes its template
+    private = Path(tmp_path) / "t"
+    shutil.copytree(tiny_llama_dir, private)
+    with open(private / "chat_template.jinja", "a", encoding="utf-8") as f:
+        f.write("{# this test's own copy #}")
+    model = TransformersBackend().load(ModelSpec(name="t", path=private, options=BackendOptions(device="cpu")))
     try:
         fallback = ToolCalling.from_request(Req, model)
         assert not fallback.native
