@@ -113,7 +113,25 @@ def dismiss_dialogs(page) -> None:
             dialog.first.locator("button.jp-mod-accept").click()
         else:
             page.keyboard.press("Escape")
+        try:  # (a loaded machine closes it slowly: three 300 ms looks once left it up for the next click)
+            dialog.first.wait_for(state="hidden", timeout=10_000)
+        except Exception:  # still up: the next round looks again
+            pass
         page.wait_for_timeout(300)
+
+
+def click_past_dialogs(page, locator) -> None:
+    """``locator.click()``, dismissing any JupyterLab dialog that opens over it first (up to four tries)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+    for attempt in range(4):
+        dismiss_dialogs(page)
+        try:
+            locator.click(timeout=15_000)
+            return
+        except PlaywrightTimeoutError:
+            if attempt == 3:
+                raise
 
 
 def run_all_cells(page) -> None:
@@ -126,8 +144,7 @@ def run_all_cells(page) -> None:
 
     first_prompt = "document.querySelector('.jp-NotebookPanel .jp-CodeCell .jp-InputPrompt').textContent"
     for attempt in range(2):
-        dismiss_dialogs(page)
-        page.locator(".jp-NotebookPanel .jp-CodeCell .jp-InputPrompt").first.click()  # the notebook is current
+        click_past_dialogs(page, page.locator(".jp-NotebookPanel .jp-CodeCell .jp-InputPrompt").first)  # notebook current
         page.locator(".lm-MenuBar-item", has_text=re.compile(r"^Run$")).click()
         page.locator('.lm-Menu-item[data-command="runmenu:run-all"]:not(.lm-mod-disabled)').click()
         try:

@@ -163,7 +163,11 @@ def test_xllm_rm_tells_the_requests_it_cuts_that_the_model_was_removed(roles, ti
 
     info, store = roles
     store.pull(str(tiny_llama_dir), "cli-busy")
-    ModelStore(tmp_path / "elsewhere").pull(str(tiny_llama_dir), "kept")  # the same files, another store's manifest
+    # the same files, another store's manifest: made in a later second than the server's (the CLI tells the two
+    # apart by digest and creation second; a CI run pulled both within one second and the CLI took them for one)
+    while int(time.time()) <= store.show("kept").created:
+        time.sleep(0.05)
+    ModelStore(tmp_path / "elsewhere").pull(str(tiny_llama_dir), "kept")
     monkeypatch.delenv("XLLM_CONFIG", raising=False)
     long = {"messages": HI, "max_tokens": 1900, "extra_body": {"ignore_eos": True}}
     errors = {}
