@@ -1,4 +1,7 @@
-"""``%xllm <command>``: list, ps, load, unload (stop), show, pull, rm, use, status, connect, config, help."""
+"""``%xllm <command>``: list, ps, load, unload (stop), show, pull, rm, use, status, connect, config, help.
+
+The terminal's other verbs (serve, create, cp, hub-service, run) say in one line what to do instead.
+"""
 
 from __future__ import annotations
 
@@ -30,25 +33,55 @@ HELP = """\
                                         add a model to the server's store (progress bar;
                                         --base: the stored model a LoRA adapter applies to)
 %xllm rm MODEL                          remove a model from the server's store (admins)
+%xllm create / cp / serve / run         terminal-only: says what to run instead
 %xllm use [MODEL]                       default model for this notebook (no MODEL: show it)
 %xllm status                            which server, how it was found, what is loaded
 %xllm connect [URL] [--token [TOKEN]]   use another server (no TOKEN after --token: asked for)
 %xllm config [key=value ...]            show or set defaults: """ + ", ".join(CONFIG_KEYS)
 
-COMMANDS = ("list", "ps", "load", "unload", "pull", "rm", "use", "status", "connect", "config", "help")
-#: CLI verbs that also begin everyday prompts ("show me...", "stop being..."): a command only as the
-#: verb alone or followed by one model-name-shaped word; any other line starting with them is a prompt
-SOFT_COMMANDS = ("stop", "show", "run")
+COMMANDS = ("list", "ps", "load", "unload", "pull", "rm", "use", "status", "connect", "config", "help", "hub-service")
+#: CLI verbs that also begin everyday prompts ("show me...", "create a haiku...", "serve tea..."): a command
+#: only when the rest of the line has the terminal's shape for that verb, any other line is a prompt.
+#: Each verb: (most model-name-shaped words, the options it takes with a value)
+SOFT_COMMANDS: dict[str, tuple[int, frozenset[str]]] = {
+    "stop": (1, frozenset()),
+    "show": (1, frozenset()),
+    "run": (1, frozenset()),
+    "create": (1, frozenset({"-f", "--file"})),
+    "cp": (2, frozenset()),
+    "serve": (0, frozenset({"--host", "--port", "-m", "--model", "--api-key"})),
+}
 #: `name` or `name:tag`, as the store spells model names (README); nothing with spaces, quotes or `?`
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(:[A-Za-z0-9._-]+)?")
 
 
 def is_command(line: str) -> bool:
     """Whether a ``%xllm`` line (no cell) runs a command rather than asking the model."""
-    words = line.split()
+    try:
+        words = shlex.split(line)  # as the command will read it: `-f 'my dir/Modelfile'` is one value
+    except ValueError:  # an apostrophe in a prompt ("show me Bob's poem")
+        words = line.split()
     if not words or words[0] in COMMANDS:
         return True  # an empty line shows the help; `list three colours` stays a (refused) command, as before
-    return words[0] in SOFT_COMMANDS and len(words) <= 2 and all(_MODEL_NAME.fullmatch(w) for w in words[1:])
+    return words[0] in SOFT_COMMANDS and _cli_shaped(words[1:], *SOFT_COMMANDS[words[0]])
+
+
+def _cli_shaped(words: list[str], names: int, options: frozenset[str]) -> bool:
+    """Whether ``words`` are at most ``names`` model names plus ``options`` each with its value."""
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word in options and i + 1 < len(words):  # `-f Modelfile`, `--port 8000`
+            i += 2
+            continue
+        if word.partition("=")[0] in options and "=" in word:  # `--port=8000`
+            i += 1
+            continue
+        if not _MODEL_NAME.fullmatch(word) or names == 0:
+            return False
+        names -= 1
+        i += 1
+    return True
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,7 +108,7 @@ class Commands:
         self.shell = shell
         self.state = state
         self.table: dict[str, Callable[[list[str]], Any]] = {
-            name: getattr(self, "do_" + name) for name in COMMANDS + SOFT_COMMANDS}
+            name: getattr(self, "do_" + name.replace("-", "_")) for name in (*COMMANDS, *SOFT_COMMANDS)}
 
     def run(self, line: str) -> Any:
         """Run one command line (its first word names the command; an empty line: help)."""
@@ -177,6 +210,32 @@ class Commands:
         m = f" -m {argv[0]}" if argv else ""
         display(Text(f"In a notebook, ask with `%%xllm{m}` (the prompt in the cell) or `%xllm{m} PROMPT`"
                      + (f"; `%xllm use {argv[0]}` makes it the default" if argv else "")))
+
+    def do_serve(self, argv: list[str]) -> None:
+        """``%xllm serve``: the terminal starts a server; a notebook already has one."""
+        display(Text("This notebook already talks to an xllm server (`%xllm status` says which; `%xllm connect URL` "
+                     "picks another): `xllm serve` is for a terminal, where it runs a server until Ctrl-C"))
+
+    def do_hub_service(self, argv: list[str]) -> None:
+        """``%xllm hub-service``: JupyterHub starts it from its config, never a notebook."""
+        display(Text("`xllm hub-service` is started by JupyterHub from its configuration (docs/jupyterhub.md), "
+                     "not from a notebook; `%xllm status` shows the server this notebook uses"))
+
+    def do_create(self, argv: list[str]) -> None:
+        """``%xllm create NAME``: the server has no route for it; say what to run where."""
+        self._terminal_only("create", argv, "xllm create NAME -f Modelfile")
+
+    def do_cp(self, argv: list[str]) -> None:
+        """``%xllm cp SRC DST``: the server has no route for it; say what to run where."""
+        self._terminal_only("cp", argv, "xllm cp SOURCE DESTINATION")
+
+    def _terminal_only(self, verb: str, argv: list[str], usage: str) -> None:
+        """Refuse a store-writing verb the HTTP API lacks, naming the terminal command that does it."""
+        command = "xllm " + shlex.join([verb, *argv]) if argv else usage
+        hint = (f" (to ask the model this, put an option first: `%xllm -t 0.7 {verb} {' '.join(argv)}`)"
+                if verb == "create" and len(argv) == 1 else "")
+        raise XllmError(f"`%xllm {verb}` is not available from a notebook (the server has no HTTP route for it): run "
+                        f"`{command}` in a terminal where the server runs, as its user, then `%xllm list`{hint}")
 
     def do_pull(self, argv: list[str]) -> None:
         """Pull a model into the server's store, with a progress bar."""

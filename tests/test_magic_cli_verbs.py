@@ -1,0 +1,98 @@
+"""``%xllm serve/create/cp/hub-service``: the terminal's verbs without a notebook twin say what to do instead,
+while prompts that merely start with those words still go to the model (a real IPython shell, a real server)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+
+from tests.server_fixtures import TINY
+from xllm_jupyter.client import XllmClient, discovery
+from xllm_jupyter.magics import XllmMagics
+from xllm_jupyter.magics.commands import is_command
+
+
+@pytest.fixture
+def shell(live) -> Iterator[Any]:
+    """IPython with a fresh %xllm pointed at the session server (as the extension's variables would)."""
+    ip = InteractiveShell.instance()
+    magics = XllmMagics(ip)
+    ip.register_magics(magics)
+    yield ip
+    discovery.disconnect()
+    magics.state.close()
+
+
+def run(shell, line: str) -> Any:
+    """``%xllm <line>`` with its output captured."""
+    with capture_output() as cap:
+        shell.run_line_magic("xllm", line)
+    return cap
+
+
+def shown(cap) -> str:
+    """Every displayed text/plain of a captured run, joined."""
+    return "\n".join(o.data["text/plain"] for o in cap.outputs if "text/plain" in o.data)
+
+
+def models(live) -> list[str]:
+    """The names the server lists now."""
+    with XllmClient(live.base_url, live.api_key) as c:
+        return sorted(m["id"] for m in c.models())
+
+
+def test_terminal_verbs_are_commands_only_in_their_terminal_shape():
+    commands = ["serve", "serve --port 8000 -m smollm2", "serve --host=0.0.0.0", "create mine",
+                "create mine -f Modelfile", "create mine --file ./dir/Modelfile", "cp tiny tiny-copy", "hub-service"]
+    prompts = ["serve dinner", "serve me a recipe for soup", "create a haiku about cats", "create mine please now",
+               "cp a b c", "cp this file to the backup folder", "create mine -f", "serve --verbose now"]
+    assert [line for line in commands if not is_command(line)] == []
+    assert [line for line in prompts if is_command(line)] == []
+
+
+def test_serve_and_hub_service_say_what_to_do_instead(shell, live):
+    before = models(live)
+    for line in ("serve", f"serve --port 8000 -m {TINY}"):
+        cap = run(shell, line)
+        assert cap.stderr == ""
+        text = shown(cap)
+        assert text.startswith("This notebook already talks to an xllm server (`%xllm status` says which")
+        assert "\n" not in text and cap.outputs[-1].metadata.get("xllm") is None  # one line, nothing asked
+    text = shown(run(shell, "hub-service"))
+    assert text.startswith("`xllm hub-service` is started by JupyterHub") and "\n" not in text
+    assert models(live) == before
+
+
+def test_create_and_cp_name_the_terminal_command_and_change_nothing(shell, live):
+    before = models(live)
+    cap = run(shell, f"cp {TINY} tiny-copied")
+    assert cap.outputs == []
+    assert cap.stderr == ("xllm: `%xllm cp` is not available from a notebook (the server has no HTTP route for it): "
+                          f"run `xllm cp {TINY} tiny-copied` in a terminal where the server runs, as its user, "
+                          "then `%xllm list`\n")
+    cap = run(shell, "create mine -f 'my dir/Modelfile'")
+    assert cap.stderr.startswith("xllm: `%xllm create` is not available from a notebook")
+    assert "`xllm create mine -f 'my dir/Modelfile'`" in cap.stderr and cap.stderr.count("\n") == 1
+    # a one-word line may have been a prompt: the line says how to ask it
+    cap = run(shell, "create haiku")
+    assert cap.stderr.endswith("(to ask the model this, put an option first: `%xllm -t 0.7 create haiku`)\n")
+    assert "`xllm create NAME -f Modelfile`" in run(shell, "create").stderr
+    assert "`xllm cp SOURCE DESTINATION`" in run(shell, "cp").stderr
+    assert models(live) == before
+
+
+def test_prompts_starting_with_those_verbs_reach_the_model(shell):
+    run(shell, "config temperature=0 max_tokens=2 format=text")
+    for prompt in ("create a haiku about cats", "serve me a recipe for soup", "serve dinner",
+                   "cp this file to the backup folder"):
+        cap = run(shell, prompt)
+        assert cap.stderr == "", (prompt, cap.stderr)
+        meta = cap.outputs[-1].metadata.get("xllm") or {}
+        assert meta.get("model") == TINY and meta["usage"]["completion_tokens"] <= 2, (prompt, meta)
+    # an option first makes any line a prompt, as the hint says
+    cap = run(shell, "-t 0.7 create haiku")
+    assert cap.stderr == "" and cap.outputs[-1].metadata["xllm"]["model"] == TINY
