@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from tornado.web import RequestHandler
 
-from ..core.errors import AuthenticationError, PermissionDenied
+from ..core.errors import AuthenticationError, PermissionDenied, RateLimited
 from ..core.hosts import host_name, is_loopback
 from .auth_failures import FAILURES_KEY, FailedAuthLimiter
 from .edge import POLICY_KEY
@@ -178,3 +178,28 @@ class PublicApiKeyHandler(ApiKeyHandler):
     """The same base without the key check (only ``/health`` uses it)."""
 
     auth_required = False
+
+    async def caller_known(self) -> bool:
+        """True when the request carries a key (or the server is keyless: every caller is the local user).
+
+        A wrong key counts towards the failed-auth cap as on every other route, and a capped address's key
+        is not even looked at, so this route is no uncapped way to test keys.
+        """
+        auth: ApiKeyAuth = self.settings[AUTH_KEY]
+        if not auth.enabled:
+            return True
+        header = self.request.headers.get("Authorization")
+        if not header:
+            return False
+        failures: FailedAuthLimiter | None = self.settings.get(FAILURES_KEY)
+        client = failures.client(self.request) if failures is not None else ""
+        if failures is not None:
+            try:
+                failures.check(client)
+            except RateLimited:
+                return False
+        if auth.identify(header) is None:
+            if failures is not None:
+                failures.failed(client)
+            return False
+        return True

@@ -104,3 +104,7 @@ class JupyterPublicHandler(ExtensionHandlerMixin, APIHandler):
     async def get(self, *args: Any, **kwargs: Any) -> None:
         """Dispatch to the route mixin."""
         await self.dispatch("get", *args, **kwargs)  # type: ignore[attr-defined]
+
+    async def caller_known(self) -> bool:
+        """True when the request carried this server's credentials (token or login cookie)."""
+        return self.current_user is not None

@@ -9,14 +9,17 @@ from .handlers import RequestMixin
 from .metrics import CONTENT_TYPE
 
 
-def readiness(engine: Any, startup_models: tuple[str, ...], pending: set[str] | None = None) -> str | None:
+def readiness(engine: Any, startup_models: tuple[str, ...], pending: set[str] | None = None, *,
+              names: bool = True) -> str | None:
     """None when the engine can serve, else why not (shown to the caller); ``pending``: start-up models not
-    loaded yet, whether or not their load has begun."""
+    loaded yet, whether or not their load has begun; ``names=False`` counts them instead of naming them."""
     if not engine.healthy:
         return "An engine thread has died; this server cannot generate until it is restarted."
     if not engine.started:
         return "The engine is starting."
     loading = sorted({name for name in startup_models if engine.is_loading(name)} | set(pending or ()))
+    if loading and not names:
+        return f"Still loading {len(loading)} start-up model{'s' if len(loading) > 1 else ''}."
     if loading:
         return f"Still loading {', '.join(loading)}."
     return None
@@ -40,8 +43,12 @@ class ReadyMixin(RequestMixin):
         """Readiness for load balancers and orchestrators."""
         c = self.xllm.config.engine
         startup = tuple(n for n in (c.default_model, *c.preload) if n)
-        why = readiness(self.xllm.engine, startup, self.xllm.startup_pending)
-        if why is None:  # (no model names: this route needs no key; /v1/models says what is loaded)
+        # this route needs no key: what the server is loading is named only to a caller whose credentials
+        # would be accepted elsewhere (a probe needs the status code only; /v1/models names them too)
+        known = getattr(self, "caller_known", None)
+        names = known is not None and await known()
+        why = readiness(self.xllm.engine, startup, self.xllm.startup_pending, names=names)
+        if why is None:  # (no model names even then: /v1/models says what is loaded)
             self.write_json({"status": "ready"})
         else:
             self.write_json(Overloaded(why, code="not_ready").to_openai(), 503)
