@@ -3,9 +3,12 @@
 
 Three measurements, each the best of ``--repeats`` timings:
 
-- **parse**: ``parse_request`` of a chat body (``--messages`` counts of short messages: a typical
-  request, and one near 256 KiB, the largest parsed on the IOLoop) with the strict pass
-  (UTF-8, duplicate keys) and without it, in µs per request;
+- **parse**: ``parse_request`` of chat bodies of several shapes (a typical two-message chat; about
+  50 KB as one pasted file, as a 240-turn conversation and as 80 tool schemas; ``--messages`` counts
+  of short messages, the largest near 256 KiB, the largest parsed on the IOLoop), in µs per request,
+  with what two of its steps cost alone: the strict pass (``json_body.strict_json``: UTF-8, duplicate
+  keys) and pydantic's own parse-and-validate (``model_validate_json``); the rest is the checks that
+  follow (non-finite numbers, ``check()``);
 - **inflate**: ``BodyReader`` taking a 4 MiB chat body as it comes off the wire in 64 KiB chunks,
   plain and gzip-compressed, in ms;
 - **bomb**: ``BodyReader`` refusing a gzip body that inflates to 1 GiB (about 1 MiB on the wire) at a
@@ -61,20 +64,43 @@ def chat_body(messages: int) -> bytes:
     return json.dumps({"model": "tiny", "messages": msgs, "max_tokens": 8}).encode()
 
 
-def parse_cost(messages: int, repeats: int) -> dict[str, Any]:
-    """µs per ``parse_request`` of a ``messages`` chat body, with and without the strict pass."""
-    from xllm_jupyter.openai import protocol
+def shaped_bodies(messages: list[int]) -> dict[str, bytes]:
+    """The chat bodies measured, by name: a typical small one, three of about 50 KB, and ``messages`` counts."""
+    system = {"role": "system", "content": "You are a helpful assistant."}
+    code = ("def double(x):\n    return x * 2  # see issue 123\n" * 1200)[:48_000]
+    turns: list[dict[str, str]] = [system]
+    for i in range(120):
+        turns += [{"role": "user", "content": f"Question {i}: " + "lorem ipsum dolor sit amet " * 6},
+                  {"role": "assistant", "content": f"Answer {i}: " + "consectetur adipiscing elit " * 5}]
+    tools = [{"type": "function", "function": {
+        "name": f"tool_{i}", "description": "Does one thing well. " * 8,
+        "parameters": {"type": "object", "properties": {"a": {"type": "string", "description": "x" * 50},
+                                                        "b": {"type": "integer"}}, "required": ["a"]}}}
+        for i in range(80)]
+    small = {"model": "tiny", "messages": [system, {"role": "user", "content": "Hello there, how are you?"}],
+             "max_tokens": 64, "temperature": 0.7}
+    bodies = {
+        "chat, 2 messages": small,
+        "50 KB: one pasted file": {"model": "tiny", "messages": [system, {"role": "user", "content": "Review:\n" + code}]},
+        "50 KB: 240 turns": {"model": "tiny", "messages": turns, "temperature": 0.2},
+        "30 KB: 80 tools": {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": tools},
+    }
+    out = {name: json.dumps(body).encode() for name, body in bodies.items()}
+    out.update({f"{m} short messages": chat_body(m) for m in messages})
+    return out
 
-    body = chat_body(messages)
-    loops = max(1, 2000 // messages)
-    strict = protocol.strict_json
-    with_rules = best(lambda: protocol.parse_request(protocol.ChatCompletionRequest, body), repeats, loops)
-    protocol.strict_json = lambda b: None  # the parse as it was before the rules
-    try:
-        without = best(lambda: protocol.parse_request(protocol.ChatCompletionRequest, body), repeats, loops)
-    finally:
-        protocol.strict_json = strict
-    return {"messages": messages, "bytes": len(body), "with_us": 1e6 * with_rules, "without_us": 1e6 * without}
+
+def parse_cost(name: str, body: bytes, repeats: int) -> dict[str, Any]:
+    """µs per ``parse_request`` of ``body``, and per strict pass and per pydantic parse of it alone."""
+    from xllm_jupyter.openai import protocol
+    from xllm_jupyter.openai.json_body import strict_json
+
+    cls = protocol.ChatCompletionRequest
+    loops = max(1, 200_000 // len(body))
+    return {"body": name, "bytes": len(body),
+            "parse_request_us": 1e6 * best(lambda: protocol.parse_request(cls, body), repeats, loops),
+            "strict_pass_us": 1e6 * best(lambda: strict_json(body), repeats, loops),
+            "pydantic_us": 1e6 * best(lambda: cls.model_validate_json(body), repeats, loops)}
 
 
 def read(data: bytes, coding: str | None) -> Any:
@@ -95,7 +121,7 @@ def read(data: bytes, coding: str | None) -> Any:
 def main(argv: list[str] | None = None) -> int:
     """Measure and write the report."""
     args = parse_args(argv)
-    parses = [parse_cost(m, args.repeats) for m in args.messages]
+    parses = [parse_cost(name, body, args.repeats) for name, body in shaped_bodies(args.messages).items()]
     plain = chat_body(1)[:-1] + b', "pad": "' + b"x" * (CAP - 200) + b'"}'
     packed = gzip.compress(plain)
     packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
@@ -113,11 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     lines = [f"# Request-body rules: what they cost ({result['cpus']} CPUs, Python {result['python']})", "",
              f"{result['when']}, commit {result['commit']}, `{result['command']}`", "",
-             "| chat body | bytes | parse µs with the strict pass | without | extra |", "|---:|---:|---:|---:|---:|"]
+             "| chat body | bytes | parse_request µs | strict pass alone | pydantic parse+validate alone | rest (checks) |",
+             "|---|---:|---:|---:|---:|---:|"]
     for p in parses:
-        extra = p["with_us"] - p["without_us"]
-        lines.append(f"| {p['messages']} messages | {p['bytes']:,} | {p['with_us']:.0f} | {p['without_us']:.0f} | "
-                     f"+{extra:.0f} ({100 * extra / p['without_us']:.0f}%) |")
+        rest = p["parse_request_us"] - p["strict_pass_us"] - p["pydantic_us"]
+        lines.append(f"| {p['body']} | {p['bytes']:,} | {p['parse_request_us']:.0f} | {p['strict_pass_us']:.0f} | "
+                     f"{p['pydantic_us']:.0f} | {rest:.0f} |")
     inf, bmb = result["inflate"], result["bomb"]
     lines += ["", f"A {inf['bytes']:,}-byte body read in 64 KiB chunks: {inf['plain_ms']:.1f} ms plain, "
               f"{inf['gzip_ms']:.1f} ms from {inf['gzip_bytes']:,} bytes of gzip.", "",
