@@ -11,7 +11,7 @@ from typing import Any
 import ipywidgets as W
 
 from ..client.base import can_chat
-from ..core.errors import InvalidRequest, XllmError
+from ..core.errors import InvalidRequest, ModelNotFound, XllmError
 from ..notebook.clients import pick_model
 from ..notebook.loop import BackgroundLoop
 
@@ -158,6 +158,8 @@ def model_choices(client: Any, model: str | None) -> tuple[list[str], str | None
     chat model, the server's default...), so widgets and ``xj.chat()`` agree.
     """
     options, problem = model_options(client)
+    if model is not None and problem is None:
+        problem = unknown_models(client, [model], options)
     chosen = model
     if chosen is None and problem is None:
         try:
@@ -167,3 +169,52 @@ def model_choices(client: Any, model: str | None) -> tuple[list[str], str | None
     if chosen and chosen not in options:
         options = [chosen, *options]
     return options, chosen, problem
+
+
+#: at most this many names in a "the server has ..." list (a big store would flood the status line)
+LISTED = 12
+
+
+def unknown_models(client: Any, names: list[str], options: list[str]) -> str | None:
+    """A status line naming each of ``names`` the server cannot chat with, and the ones it can; None if all can.
+
+    A name missing from ``options`` (the server's chat models) is asked of ``GET /v1/models/{name}``,
+    so the server's own spelling rules decide (``NAME:latest``, case); only its clear "no such model"
+    or an entry saying it is not for chat (an embedding model) counts against it.
+    """
+    missing, not_chat = [], []
+    for name in names:
+        if not name or name in options:
+            continue
+        try:
+            entry = client.model(name)
+        except ModelNotFound:
+            missing.append(name)
+            continue
+        except XllmError:  # busy, or no answer: the first request will say what is wrong
+            continue
+        if not can_chat(entry):
+            not_chat.append(name)
+    if not missing and not not_chat:
+        return None
+    problems = []
+    if missing:
+        problems.append(f"The server has no model {', '.join(map(repr, missing))}")
+    if not_chat:
+        problems.append(f"{', '.join(map(repr, not_chat))} {'is not a chat model' if len(not_chat) == 1 else 'are not chat models'}")
+    shown = ", ".join(options[:LISTED]) + (f", … ({len(options)} in all)" if len(options) > LISTED else "")
+    have = f"chat models: {shown}" if options else "it has no chat models (pull one: `%xllm pull smollm2`)"
+    return "; ".join(problems) + f" — {have}."
+
+
+def forget_problem_on_change(picker: Any, status: Any, good: set[str]) -> None:
+    """Once the user picks only models the server offers, the construction's model problem is gone: say Ready."""
+    shown = status.value
+
+    def changed(change: dict[str, Any]) -> None:
+        value = change["new"]
+        picked = set(value) if isinstance(value, tuple) else {value}
+        if status.value == shown and picked and picked <= good:
+            status.value = status_html("Ready.", "info")
+
+    picker.observe(changed, names="value")

@@ -16,7 +16,8 @@ import ipywidgets as W
 from ..core.errors import InvalidRequest, XllmError
 from ..notebook.clients import ClientLike, async_client, endpoint_of
 from ..notebook.streams import StreamRecord, check_params, measure_stream
-from .base import RENDER_INTERVAL, WIDE_LABEL, Runner, error_text, model_choices, show_busy, status_html, stop_button
+from .base import (RENDER_INTERVAL, WIDE_LABEL, Runner, error_text, forget_problem_on_change, model_choices, show_busy,
+                   status_html, stop_button)
 from .markdown import TRANSCRIPT_CSS, markdown_html
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,8 @@ class ChatWidget(W.VBox):
         self.export_path = W.Text(value="transcript.md", placeholder="file to write", description="to", style=WIDE_LABEL, layout=W.Layout(width="18em"))
         self.export_button = W.Button(description="Export", icon="download")
         self.status = W.HTML(status_html(problem or "Ready.", "error" if problem else "info"))
+        if problem:  # e.g. no such model: picking one the server listed clears it
+            forget_problem_on_change(self.model_picker, self.status, set(options) - {model})
 
         self.send_button.on_click(lambda _: self.ask())
         self.stop_button.on_click(lambda _: self.stop())

@@ -17,7 +17,8 @@ from ..notebook.clients import ClientLike, endpoint_of, pick_model
 from ..notebook.compare import Column, CompareResult, compare_async, plan_columns
 from ..notebook.diffing import diff_html, diff_text
 from ..notebook.streams import StreamRecord, build_messages
-from .base import RENDER_INTERVAL, Runner, error_text, model_options, show_busy, status_html, stop_button
+from .base import (RENDER_INTERVAL, Runner, error_text, forget_problem_on_change, model_options, show_busy, status_html,
+                   stop_button, unknown_models)
 
 _CELL = "white-space:pre-wrap;font-size:0.95em;min-height:4em"
 
@@ -79,7 +80,10 @@ class CompareWidget(W.VBox):
 
         with XllmClient(base, key) as c:
             options, problem = model_options(c)
-        chosen = [models] if isinstance(models, str) else list(models or [])
+            chosen = [models] if isinstance(models, str) else list(models or [])
+            if problem is None:
+                problem = unknown_models(c, chosen, options)
+        good = set(options)
         options = [m for m in chosen if m not in options] + options
         self.prompt = W.Textarea(value=prompt, placeholder="Prompt sent to every column", description="Prompt", layout=W.Layout(width="100%", height="5em"))
         self.system_prompt = W.Textarea(value=system, placeholder="System prompt (optional)", description="System", layout=W.Layout(width="100%"))
@@ -99,6 +103,8 @@ class CompareWidget(W.VBox):
         self.diff_mode = W.ToggleButtons(options=["word", "unified"], value="word")
         self.diff_view = W.HTML()
         self.status = W.HTML(status_html(problem or "Ready.", "error" if problem else "info"))
+        if problem:  # e.g. no such model: picking only models the server listed clears it
+            forget_problem_on_change(self.models, self.status, good)
 
         self.run_button.on_click(lambda _: self.run())
         self.stop_button.on_click(lambda _: self.stop())

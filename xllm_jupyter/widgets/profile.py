@@ -18,7 +18,8 @@ from ..notebook.clients import ClientLike, async_client, endpoint_of
 from ..notebook.metrics import MetricsRecorder
 from ..notebook.plots import figure_png, live_figure
 from ..notebook.profile import MAX_CONCURRENCY, ProfileResult, profile_async
-from .base import WIDE_LABEL, Runner, error_text, model_choices, parse_ints, show_busy, status_html, stop_button
+from .base import (WIDE_LABEL, Runner, error_text, forget_problem_on_change, model_choices, parse_ints, show_busy,
+                   status_html, stop_button)
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ class ProfileWidget(W.VBox):
         self.export_png_button = W.Button(description="PNG", icon="image")
         self.export_csv_button = W.Button(description="CSV", icon="table")
         self.status = W.HTML(status_html(problem or "Ready.", "error" if problem else "info"))
+        if problem:  # e.g. no such model: picking one the server listed clears it
+            forget_problem_on_change(self.model_picker, self.status, set(options) - {model})
 
         self.run_button.on_click(lambda _: self.run())
         self.watch_button.on_click(lambda _: self.watch())
