@@ -85,3 +85,13 @@ def test_without_a_server_the_status_says_so_and_names_no_model(make):
     assert "no xllm server" in w.status.value and "has no model" not in w.status.value and error_line(w)
     w = make(CompareWidget, ["no-such-model"], client=DEAD)
     assert "no xllm server" in w.status.value and "has no model" not in w.status.value
+
+
+def test_an_embedding_model_is_named_as_not_for_chat(make, endpoint, listed):
+    with XllmClient(*endpoint) as c:
+        entries = {m["id"]: m for m in c.models()}
+    if "all-minilm" not in entries:
+        pytest.skip("the packaged all-minilm wheel is not installed")
+    assert not can_chat(entries["all-minilm"])
+    w = make(ChatWidget, "all-minilm", client=endpoint)
+    assert f"&#x27;all-minilm&#x27; is not a chat model — chat models: {listed}.</span>" in w.status.value, w.status.value
