@@ -34,6 +34,7 @@ from ..server.edge import log_access
 from ..server.handlers import CONTEXT_KEY, NotFoundMixin, VerbDispatchMixin, XllmContext, admin_required
 from ..server.routes import build_routes, handler_class
 from ..server.usage import Caller
+from .known_tokens import KNOWN_TOKENS_KEY, KnownTokens
 
 #: settings key of the HubOAuth instance
 HUB_AUTH_KEY = "xllm_hub_auth"
@@ -116,16 +117,28 @@ class HubXllmHandler(VerbDispatchMixin, RequestHandler):
         # header (or ?token= where the hub allows tokens in URLs) only, never the OAuth cookie: API calls
         # then need no XSRF guard
         failures: FailedAuthLimiter = self.settings[FAILURES_KEY]
+        known: KnownTokens = self.settings[KNOWN_TOKENS_KEY]
         client = failures.client(self.request)
-        failures.check(client)  # an address guessing tokens gets 429s, and the hub is not asked about them
         token = auth.get_token(self, in_cookie=False)
-        if not token:
-            raise AuthenticationError("Missing JupyterHub token. Pass it as 'Authorization: token <JUPYTERHUB_API_TOKEN>'.")
         try:
-            async with failures.asking(client):  # concurrent guesses are asked about no faster than they are counted
+            try:
+                failures.check(client)  # an address guessing tokens gets 429s, and the hub is not asked about them
+                if not token:
+                    raise AuthenticationError("Missing JupyterHub token. Pass it as 'Authorization: token <JUPYTERHUB_API_TOKEN>'.")
+                async with failures.asking(client):  # concurrent guesses are asked about no faster than they are counted
+                    model = await auth.user_for_token(token, sync=False)
+                    if not model:
+                        failures.failed(client)
+            except RateLimited:
+                # the address is capped, maybe by someone else naming it through the trusted proxy (any kernel
+                # on a one-host hub can): a token the hub confirmed before is still asked about, a guess is not
+                if token not in known:
+                    raise
                 model = await auth.user_for_token(token, sync=False)
-                if not model:
-                    failures.failed(client)
+            if model:
+                known.add(token)
+            elif token:
+                known.discard(token)
         except HTTPError:
             raise Overloaded("JupyterHub could not be asked who owns this token; retry later.", code="hub_unavailable") from None
         if not model:
@@ -226,6 +239,7 @@ def make_hub_app(config: XllmConfig, engine: Any, hub_auth: HubOAuth, *, cookie_
         CONTEXT_KEY: context,
         HUB_AUTH_KEY: hub_auth,
         FAILURES_KEY: FailedAuthLimiter(config.auth),  # per-address cap on tokens the hub does not know
+        KNOWN_TOKENS_KEY: KnownTokens(config.auth.failed_auth_max_clients),  # served past the cap
         "cookie_secret": cookie_secret or secrets.token_bytes(32),  # signs the OAuth state cookie
         "default_handler_class": handler_class(NotFoundMixin, HubXllmHandler),
         # path, never the query: Tornado's own line logs the URI, and a client's ?token= is a hub token

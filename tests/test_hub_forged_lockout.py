@@ -1,0 +1,52 @@
+"""The hub service's failed-auth cap cannot be spent by one user to lock another out.
+
+The service trusts its loopback proxy's ``X-Forwarded-For`` (its defaults), and on a one-host hub every
+user's kernel reaches it from loopback too: a kernel can name any client address there. Past the cap a
+token the hub confirmed before is still served; a token it never confirmed (a guess) still gets the 429
+without the hub being asked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.server_fixtures import HUB_ALICE, running_hub_app
+
+LIMIT = 3
+VICTIM = "198.51.100.7"  # alice's address, as the hub's proxy forwards it
+
+
+def test_a_kernel_naming_alices_address_cannot_lock_her_out(tmp_path):
+    pytest.importorskip("jupyterhub")
+    from xllm_jupyter.hub.service import load_hub_config
+
+    config = load_hub_config(env={"XLLM_HOME": str(tmp_path), "XLLM_QUOTAS_USAGE_FILE": "off"})
+    config = dataclasses.replace(config, auth=dataclasses.replace(config.auth, failed_auth_limit=LIMIT))
+    assert "127.0.0.1" in config.auth.trusted_proxies  # the default configuration
+    asked: list[str] = []
+
+    async def user_for_token(token: str) -> Any:
+        asked.append(token)
+        return HUB_ALICE if token in ("alice-token", "alice-new-token") else None
+
+    def via_proxy(token: str) -> dict[str, str]:
+        return {"Authorization": f"token {token}", "X-Forwarded-For": VICTIM}
+
+    with running_hub_app(config, user_for_token) as root, httpx.Client(base_url=root, timeout=60) as loopback:
+        assert loopback.get("/v1/models", headers=via_proxy("alice-token")).status_code == 200  # alice, earlier
+        # another user's kernel (loopback, like the proxy) names alice's address with made-up tokens
+        for i in range(LIMIT):
+            assert loopback.get("/v1/models", headers=via_proxy(f"guess-{i}")).status_code == 401
+        r = loopback.get("/v1/models", headers=via_proxy("guess-more"))
+        assert r.status_code == 429  # the cap still holds for guesses, and the hub is not asked about them
+        assert "guess-more" not in asked
+        # alice's token, which the hub confirmed, is still served from her address
+        r = loopback.get("/v1/models", headers=via_proxy("alice-token"))
+        assert r.status_code == 200, r.text
+        # a token the hub never confirmed is not, even a right one (the hub is not asked about it)
+        r = loopback.get("/v1/models", headers=via_proxy("alice-new-token"))
+        assert r.status_code == 429 and "alice-new-token" not in asked

@@ -1,0 +1,49 @@
+"""Hub tokens the hub has confirmed: past the failed-auth cap they are still checked, guesses are not.
+
+The cap counts failures per client address, and the hub service trusts its loopback proxy's
+``X-Forwarded-For``: on a one-host hub any user's kernel reaches the service from loopback too, so it
+can name another user's address and spend that address's failures. The hub is asked about a token
+past the cap only when it confirmed that token before, so a guesser (whose tokens it never confirmed)
+neither reaches the hub nor locks out a user whose token it knows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+
+#: the settings key holding the hub app's KnownTokens
+KNOWN_TOKENS_KEY = "xllm_known_tokens"
+
+
+class KnownTokens:
+    """A bounded set of the digests of tokens the hub confirmed (the longest unused forgotten first)."""
+
+    def __init__(self, max_entries: int = 10000):
+        self.max_entries = max(1, max_entries)
+        self._digests: OrderedDict[bytes, None] = OrderedDict()
+
+    @staticmethod
+    def _digest(token: str) -> bytes:
+        return hashlib.sha256(token.encode("utf-8", "replace")).digest()
+
+    def add(self, token: str) -> None:
+        """Remember that the hub confirmed ``token``."""
+        digest = self._digest(token)
+        self._digests[digest] = None
+        self._digests.move_to_end(digest)
+        while len(self._digests) > self.max_entries:
+            self._digests.popitem(last=False)
+
+    def discard(self, token: str) -> None:
+        """Forget ``token`` (the hub no longer knows it)."""
+        self._digests.pop(self._digest(token), None)
+
+    def __contains__(self, token: object) -> bool:
+        return isinstance(token, str) and self._digest(token) in self._digests
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+
+__all__ = ["KNOWN_TOKENS_KEY", "KnownTokens"]
