@@ -22,6 +22,7 @@ from .base import ModelSpec
 from .compile_gate import COMPILE_GATE
 from .hf_tokenizer import TokenizerGuard
 from .load_lock import exclusive_load
+from .native_libs import preload_torch
 from .quiet_loading import library_bars_off
 from .tokenizer_files import load_tokenizer
 from .torch_device import is_out_of_memory, out_of_memory, pick_device, placement, release_memory
@@ -167,6 +168,7 @@ def pool(hidden: Any, mask: Any, mode: str) -> Any:
 
 def import_libraries() -> None:
     """Import torch and transformers' model loading (most of a process's first load); EngineError if missing."""
+    preload_torch()  # torch's native libraries with the GIL released (native_libs.py)
     try:
         import torch  # noqa: F401
         import transformers.modeling_utils  # noqa: F401

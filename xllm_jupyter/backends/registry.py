@@ -13,6 +13,7 @@ import importlib.util
 
 from ..core.errors import EngineError, InvalidRequest
 from .base import Backend, BackendOptions, ModelSpec
+from .native_libs import preload_torch
 
 #: registry name -> "module:Class", in automatic-selection order
 BACKENDS: dict[str, str] = {
@@ -68,6 +69,7 @@ def get_backend(name: str) -> Backend:
     if target is None:
         raise InvalidRequest(f"Unknown backend '{name}' (known: {', '.join(BACKENDS)})", param="backend")
     module, cls = target.split(":")
+    preload_torch()  # every backend module imports torch: its native libraries first, the GIL released
     return getattr(importlib.import_module(module), cls)()
 
 

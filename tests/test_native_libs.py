@@ -1,0 +1,79 @@
+"""backends/native_libs.py: torch's native libraries loaded before ``import torch`` (with the GIL released, which
+is benchmarks/first_use_stall.py's to show), once, and torch then works as ever. Fresh interpreters: a test
+process has torch imported already."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's dlopen")
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    from xllm_jupyter.backends import native_libs
+
+    def mapped():
+        with open("/proc/self/maps") as f:
+            return sorted({line.split()[-1] for line in f if "libtorch_cpu" in line})
+
+    first = native_libs.preload_torch()
+    before_import = mapped()
+    again = native_libs.preload_torch()
+    import torch
+    out = {"first": first, "again": again, "torch_before": "torch" in sys.modules, "before_import": before_import,
+           "after_import": mapped(), "product": (torch.ones(2, 3) @ torch.ones(3, 2)).tolist(),
+           "library": str(native_libs.torch_library())}
+    print(json.dumps(out))
+""")
+
+
+def run(script: str, **env: str) -> dict:
+    import os
+
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_torch_libraries_are_loaded_before_the_import_and_torch_works():
+    pytest.importorskip("torch")
+    got = run(SCRIPT)
+    assert got["first"] is True and got["again"] is False  # once per process
+    assert got["library"].endswith("/torch/lib/libtorch.so")
+    assert len(got["before_import"]) == 1 and "/torch/lib/" in got["before_import"][0]  # loaded, torch not imported
+    assert got["after_import"] == got["before_import"]  # the import used those: one copy, the same file
+    assert got["product"] == [[3.0, 3.0], [3.0, 3.0]]
+
+
+def test_nothing_is_loaded_once_torch_is_imported_or_torch_loads_its_own_way():
+    pytest.importorskip("torch")
+    imported = run("import json, torch\nfrom xllm_jupyter.backends import native_libs\n"
+                   "print(json.dumps(native_libs.preload_torch()))\n")
+    assert imported is False
+    global_way = run("import json\nfrom xllm_jupyter.backends import native_libs\n"
+                     "print(json.dumps(native_libs.preload_torch()))\n", TORCH_USE_RTLD_GLOBAL="1")
+    assert global_way is False
+
+
+def test_choosing_a_backend_loads_them_before_it_imports_torch():
+    pytest.importorskip("torch")
+    script = textwrap.dedent("""
+        import json, sys
+        from xllm_jupyter.backends import native_libs, registry
+        calls = []
+        real = native_libs.preload_torch
+        def preload():
+            calls.append("torch" in sys.modules)
+            return real()
+        registry.preload_torch = preload
+        registry.get_backend("transformers")
+        print(json.dumps({"calls": calls, "torch": "torch" in sys.modules, "handles": len(native_libs._handles)}))
+    """)
+    got = run(script)
+    assert got == {"calls": [False], "torch": True, "handles": 1}
