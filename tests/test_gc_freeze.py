@@ -63,6 +63,20 @@ async def test_the_start_freezes_what_it_made_and_a_load_stays_unfrozen(tiny_cat
         await e.stop()
 
 
+async def test_a_preloaded_model_is_not_frozen_by_the_starts_freeze(tiny_catalog):
+    # the start froze after its preloads, which caught their models: an unload of the default model then ran
+    # the full collection of every frozen object (0.3-0.8 s, GIL held); now it freezes before them
+    await warm(tiny_catalog)
+    e = engine(tiny_catalog, preload=[TINY])
+    try:
+        await e.start()
+        model = await e.load(TINY)
+        assert gc.get_freeze_count() > 0 and gc_freeze.is_frozen(gc_freeze)  # the start-up's objects: frozen
+        assert not frozen(model) and not frozen(model.model) and not gc_freeze.is_frozen(model)
+    finally:
+        await e.stop()
+
+
 async def test_an_unload_of_a_model_no_freeze_caught_walks_no_frozen_object(tiny_catalog, monkeypatch):
     """The unload's collections skip the frozen objects (hundreds of thousands: 0.3-0.8 s each, GIL held, twice
     per unload before), and still free the model's cycles."""

@@ -30,29 +30,39 @@ COLD_LOAD = textwrap.dedent("""
 
     assert "torch" not in sys.modules and "transformers" not in sys.modules  # the imports are the load's
     gc_freeze.freeze()  # what the engine's start does
-    loading_thread = []
-    full = {"during": 0, "after": 0}
+    phase = ["before"]  # the loading thread's step: imports (ahead of the load), between (the freeze), load, after
+    full = {"imports": 0, "between": 0, "load": 0, "after": 0}
 
-    def counted(phase, info):
-        if phase == "stop" and info["generation"] == 2 and threading.get_ident() in loading_thread:
-            full["during" if loading_thread[-1] else "after"] += 1
+    def counted(stage, info):
+        if stage == "stop" and info["generation"] == 2 and phase[0] != "before":
+            full[phase[0]] += 1
 
     backend = get_backend("transformers")
-    real = type(backend).load
+    real_imports, real_load = type(backend).import_libraries, type(backend).load
+
+    def import_libraries(self, spec):
+        phase[0] = "imports"
+        try:
+            return real_imports(self, spec)
+        finally:
+            phase[0] = "between"
+
+    NEW_MODULES = [None]
 
     def load(self, spec):
-        loading_thread[:] = [threading.get_ident(), True]
+        phase[0], known = "load", set(sys.modules)
         try:
-            return real(self, spec)
+            return real_load(self, spec)
         finally:
-            loading_thread[-1] = False
+            phase[0], NEW_MODULES[0] = "after", sorted(set(sys.modules) - known)
 
-    type(backend).load = load
+    type(backend).import_libraries, type(backend).load = import_libraries, load
     gc.callbacks.append(counted)
     spec = ModelSpec(name="t", path=Path(sys.argv[1]), options=BackendOptions(device="cpu"))
     model = loading._load_and_prepare(backend, spec)
     gc.callbacks.remove(counted)
     print(json.dumps({**full, "resumed": gc.get_threshold()[2] != gc_freeze.NO_FULL_COLLECTIONS,
+                      "new_modules_in_load": NEW_MODULES[0], "model_frozen": gc_freeze.is_frozen(model.model),
                       "tokens": model.tokenize("Hi")}))
 """)
 
@@ -63,8 +73,10 @@ def test_a_cold_first_load_runs_no_full_collection_until_the_one_after_it(tiny_l
                          env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert got["during"] == 0  # none set off by the imports' objects while the load ran
-    assert got["after"] == 1  # the freeze's one walk of them
+    assert got["imports"] == 0  # none set off by the imports' objects while they were made
+    assert got["between"] == 1  # the freeze's one walk of them, before the weights load
+    assert got["new_modules_in_load"] == []  # the imports ahead were all of them: nothing left to import unfrozen
+    assert not got["model_frozen"]  # the model loaded after the freeze: its unload is a plain collection
     assert got["resumed"] and got["tokens"]  # full collections resumed; the model works
 
 

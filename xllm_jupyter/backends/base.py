@@ -294,6 +294,12 @@ class Backend(ABC):
     def load(self, spec: ModelSpec) -> LoadedModel:
         """Load the model (slow: called on a worker thread, never the IOLoop)."""
 
+    def import_libraries(self, spec: ModelSpec) -> bool:
+        """Import what a load of ``spec`` imports (the engine does this before a backend's first load, so that
+        what the imports made is frozen and the model, loaded after, is not); True when done, False when this
+        backend has no such step (its first load then runs as one block). Must not raise."""
+        return False
+
     def cache_bytes_estimate(self, spec: ModelSpec) -> int:
         """Bytes a load of ``spec`` allocates besides its weight files (a KV cache sized at load, a draft
         model), estimated before loading for the memory budget; 0 when the cache grows with use instead

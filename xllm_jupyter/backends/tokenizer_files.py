@@ -110,7 +110,8 @@ def load_tokenizer(directory: str | Path, **kwargs: Any) -> Any:
     from transformers import AutoTokenizer
 
     if kwargs.get("gguf_file"):  # read from the GGUF's metadata: no tokenizer files to digest
-        with gc_freeze.one_collection():  # (its million field objects set off full collections: 0.06-1.3 s each)
+        # (its million field objects set off full collections: 0.06-1.3 s each; garbage, nothing to freeze)
+        with gc_freeze.one_collection(freeze_after=False):
             return AutoTokenizer.from_pretrained(str(directory), **kwargs)
     before = files_digest(directory)
     key = (before, repr(sorted(kwargs.items()))) if before is not None else None

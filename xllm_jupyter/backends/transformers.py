@@ -83,6 +83,27 @@ class TransformersBackend(Backend):
             return gguf_location(path) is not None and _importable("gguf", "accelerate")
         return False
 
+    def import_libraries(self, spec: ModelSpec) -> bool:
+        """Import transformers' loading, tokenizer and ``spec``'s model class (the bulk of a first load's objects:
+        the engine freezes them, then loads the model unfrozen); False if something is missing or odd (the load
+        itself reports it)."""
+        if not self.available():
+            return False
+        try:
+            import transformers.modeling_utils  # noqa: F401
+            from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+            if spec.format == "gguf" and _importable("gguf"):
+                import gguf  # noqa: F401  (transformers imports it inside the load)
+                import transformers.modeling_gguf_pytorch_utils  # noqa: F401
+            if spec.format == "safetensors" and (Path(spec.path) / "config.json").is_file():
+                with library_bars_off():
+                    config = AutoConfig.from_pretrained(str(spec.path))
+                AutoModelForCausalLM._model_mapping[type(config)]  # imports the architecture's module
+        except Exception:  # (an unknown architecture, a damaged config: the load says what is wrong)
+            log.debug("no imports ahead of loading %s", spec.name, exc_info=True)
+        return True
+
     def cache_bytes_estimate(self, spec: ModelSpec) -> int:
         """What a load allocates beyond its files: a GGUF's weights dequantized (files hold 4-8 bit values),
         and the compiled path's slot cache, allocated whole at load. An eager KV cache grows with use instead
@@ -138,7 +159,7 @@ class TransformersBackend(Backend):
                 # a GGUF's tensors are read and converted in Python, objects that set off full collections
                 # (23 of 0.03-0.49 s, GIL held, for SmolLM2's): held off until one at the end
                 # (load_lock.py: a load patches transformers and torch process-wide; one at a time)
-                with exclusive_load(), (gc_freeze.one_collection() if spec.format == "gguf"
+                with exclusive_load(), (gc_freeze.one_collection(freeze_after=False) if spec.format == "gguf"
                                         else contextlib.nullcontext()):
                     model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype,
                                                                  **placement(device, moved_later=bool(merge)), **kwargs)

@@ -134,30 +134,36 @@ def paused() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def first_time(key: str) -> Iterator[None]:
+def first_time(key: str) -> Iterator[bool]:
     """The process's first block of ``key`` (a backend's first load, which imports its libraries) runs
-    ``one_collection()``; later blocks of ``key``: nothing special."""
+    ``one_collection()``; later blocks of ``key``: nothing special. Yields True in the first block."""
     with _lock:
         first = key not in _first_done
         _first_done.add(key)  # (a failed first block imported its libraries all the same)
     if not first:
-        yield
+        yield False
         return
     with one_collection():
-        yield
+        yield True
 
 
 @contextlib.contextmanager
-def one_collection() -> Iterator[None]:
+def one_collection(freeze_after: bool = True) -> Iterator[None]:
     """``paused()`` for the block, then one ``freeze()`` (a full collection) before full collections resume;
-    none if the block raises.
+    none if the block raises. ``freeze_after=False``: that collection is a ``tidy()``, nothing frozen.
 
     Transformers reading SmolLM2's GGUF tokenizer (its fields one Python object each) set off 5-9 full
     collections of 0.06-1.3 s each in a process frozen before; inside this block, only the freeze's.
+    Such a read leaves garbage and a model, not imports: it needs no freeze (``freeze_after=False``), and
+    a freeze would catch the model and every other model loaded since the last one, whose unloads then
+    need the full collection ``is_frozen`` asks for.
     """
     with paused():
         yield
-        freeze()
+        if freeze_after:
+            freeze()
+        else:
+            tidy()
 
 
 def release(full: bool = True) -> None:

@@ -114,14 +114,16 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
         self._started = True
         self._stopped = None
         self._start_reaper()
+        # the process's start-up (imports, config, handlers) lives as long as it does: out of the full collections.
+        # Before the preloads, not after: a freeze then caught their models, whose unloads then had to walk every
+        # frozen object (gc_freeze.is_frozen); a backend's first load freezes its own imports (gc_freeze.first_time)
+        await asyncio.to_thread(gc_freeze.freeze)
         for name in map(canonical_name, self.config.preload):
             await self.load_any(name)
             rec = self._res.get(name)
             if rec is not None:  # (an embedding model has none: it never expires unless a request says so)
                 rec.pinned = True  # preloaded models stay until unloaded or evicted, however often used
                 self._touch(name)
-        # the process's start-up (imports, config, handlers) lives as long as it does: out of the full collections
-        await asyncio.to_thread(gc_freeze.freeze)
 
     def _start_reaper(self) -> None:
         if self._reaper is None or self._reaper.done():

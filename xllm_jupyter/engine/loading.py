@@ -360,14 +360,26 @@ def _load_and_prepare(backend: Backend, spec: ModelSpec) -> LoadedModel:
     """``backend.load(spec)``, then what constrained decoding needs: part of the load, not of the first
     structured request, whose build held the GIL (and the IOLoop) for 0.3-0.7 s."""
     # a backend's first load imports torch and its model library: unpaused, the objects they make set off
-    # full collections mid-load (each a GIL stretch of 0.2-0.4 s); paused, one freeze at its end walks them
-    with gc_freeze.first_time(f"load {getattr(backend, 'name', type(backend).__name__)}"):
+    # full collections mid-load (each a GIL stretch of 0.2-0.4 s); paused, one freeze at its end walks them.
+    # Where the backend can import ahead, only the imports are in that block: the model loads after the
+    # freeze, unfrozen, so its unload is a plain collection, not a full one of the whole process (gc_freeze.py)
+    model = None
+    with gc_freeze.first_time(f"load {getattr(backend, 'name', type(backend).__name__)}") as first:
+        if not (first and _import_ahead(backend, spec)):
+            model = backend.load(spec)
+    if model is None:
         model = backend.load(spec)
     try:
         model.prepare_constraints()
     except Exception:  # the model serves anyway: a constrained request tries again (and answers the error)
         log.warning("model %s: the grammar engine could not be prepared", spec.name, exc_info=True)
     return model
+
+
+def _import_ahead(backend: Backend, spec: ModelSpec) -> bool:
+    """``backend.import_libraries(spec)`` where the backend has it (tests' stand-ins may not): True when done."""
+    imports = getattr(backend, "import_libraries", None)
+    return bool(imports(spec)) if imports is not None else False
 
 
 async def _load_on_a_thread(backend: Backend, spec: ModelSpec) -> LoadedModel:
