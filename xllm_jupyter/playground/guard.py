@@ -104,6 +104,8 @@ class Guard:
             await refuse(scope, receive, send, 403, b"Forbidden: unexpected Host header\n")
         elif not self.has_secret(scope.get("path", "")):
             await refuse(scope, receive, send, 404, b"Not Found\n")
+        elif fetches_elsewhere(scope.get("path", "")[len(self.prefix):]):
+            await refuse(scope, receive, send, 403, b"Forbidden: the playground serves no other site's files\n")
         else:
             headers = dict(scope.get("headers") or ())
             own = app_source(headers.get(b"host", b"").decode("latin-1"), f"{self.root_path}{self.prefix}/")
@@ -120,6 +122,22 @@ class Guard:
             "path": root + scope["path"],
             "raw_path": root.encode() + scope.get("raw_path", scope["path"].encode()),
         }
+
+
+#: Gradio's routes that fetch an http(s) URL named in their path on the server and serve what it got
+#: (``gradio_api/file=URL``, its older ``gradio_api/file/URL``, ``proxy=URL``); matched anywhere, any case
+_FETCHING = re.compile(r"/(?:file[=/]|proxy=)\s*https?:", re.IGNORECASE)
+
+
+def fetches_elsewhere(path: str) -> bool:
+    """True when ``path`` (below the secret) asks Gradio to fetch another site's URL for the page.
+
+    The CSP lets the page load images from the app's own path only, but ``![](gradio_api/file=https://host/x)``
+    in a reply is a relative URL on that path: Gradio fetched ``https://host/x`` itself (any public address)
+    and served it, so a reply still sent what its URL carries to any site, on sight. The playground shows
+    no remote files, so these are refused before Gradio sees them.
+    """
+    return bool(_FETCHING.search(path))
 
 
 #: what a Host header or path may hold to be spelt into the CSP (anything else could end its directive)
