@@ -53,6 +53,23 @@ class InvalidRequest(XllmError):
     code = "invalid_value"
 
 
+class UnknownParameter(InvalidRequest):
+    """A field the route does not take, where unknown fields are refused: the admin routes (400, ``param`` the field).
+
+    The OpenAI routes accept unknown fields (SDKs send new ones before a server knows them); an admin body
+    comes from this project's clients and scripts, where an unknown field is a typo or a field of another
+    route, and ignoring it did something else than was asked.
+    """
+
+    code = "unknown_parameter"
+
+    def __init__(self, key: str, takes: tuple[str, ...], elsewhere: str | None = None):
+        name = quoted(key)
+        where = f" It is a parameter of {elsewhere}." if elsewhere else ""
+        fields = " and ".join(", ".join(f"'{field}'" for field in takes).rsplit(", ", 1))
+        super().__init__(f"Unknown parameter: '{name}'.{where} This route takes {fields}.", param=name)
+
+
 class ContextLengthExceeded(InvalidRequest):
     """The prompt (plus requested tokens) does not fit the model's context (400)."""
 

@@ -9,11 +9,11 @@ the SDK exposes as ``BadRequestError.param``.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Sequence, Union
+from typing import Any, ClassVar, Literal, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..core.errors import InvalidRequest, Unsupported
+from ..core.errors import InvalidRequest, UnknownParameter, Unsupported
 from ..core.types import ChatMessage, Constraint, SamplingParams, TokenLogprob, Usage
 from .conversation import Turn, check_history, core_message
 from .finite import check_finite
@@ -273,12 +273,30 @@ class CompletionRequest(_SamplingFields):
         return list(p)  # type: ignore[arg-type]
 
 
-class ModelRequest(StrictModel):
-    """Body of the admin load/unload endpoints."""
+class AdminRequest(StrictModel):
+    """Base of admin route bodies: an unknown field is a 400 ``unknown_parameter`` naming it, not ignored."""
 
+    model_config = ConfigDict(extra="forbid")
+    #: fields of another admin route, and which: what the 400 for one sent here says
+    elsewhere: ClassVar[dict[str, str]] = {}
+
+
+class LoadRequest(AdminRequest):
+    """Body of ``POST /admin/models/load``."""
+
+    elsewhere = {"removed": "POST /admin/models/unload"}
     model: str = Field(min_length=1)
-    keep_alive: float | str | None = None  # load only: how long it stays loaded once idle
-    removed: bool = False  # unload only: the caller removes it from this store (xllm rm): cut requests get a 404
+    keep_alive: float | str | None = None  # how long it stays loaded once idle
+
+
+class UnloadRequest(AdminRequest):
+    """Body of ``POST /admin/models/unload``."""
+
+    # Ollama unloads with keep_alive 0 on a generate call: here it was ignored, and an unload with
+    # "keep_alive": -1 (meant as "keep it") unloaded all the same
+    elsewhere = {"keep_alive": "POST /admin/models/load"}
+    model: str = Field(min_length=1)
+    removed: bool = False  # the caller removes it from this store (xllm rm): cut requests get a 404
 
 
 # --------------------------------------------------------------------------- parsing
@@ -326,9 +344,13 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
     return out or None
 
 
-def _validation_error(exc: ValidationError) -> InvalidRequest:
+def _validation_error(exc: ValidationError, cls: type[StrictModel]) -> InvalidRequest:
     """Turn pydantic's first error into an OpenAI-style InvalidRequest."""
     errors = exc.errors(include_url=False)
+    unknown = next((e for e in errors if e["type"] == "extra_forbidden" and len(e["loc"]) == 1), None)
+    if unknown is not None:  # only admin bodies forbid them: said before anything else about the body
+        key = str(unknown["loc"][0])
+        return UnknownParameter(key, tuple(cls.model_fields), getattr(cls, "elsewhere", {}).get(key))
     # of a union's failed branches, the one that got furthest into the value says what is wrong (a list whose
     # item is not an object, rather than "should be a valid string"); the first when none got further
     err = max(errors, key=lambda e: sum(isinstance(part, int) for part in e.get("loc", ())))
@@ -360,7 +382,7 @@ def parse_request(cls: type[StrictModel], body: bytes | str) -> Any:
     try:
         req = cls.model_validate_json(body)
     except ValidationError as exc:
-        raise _validation_error(exc) from None
+        raise _validation_error(exc, cls) from None
     check_finite(req, non_finite)
     check = getattr(req, "check", None)
     if check is not None:

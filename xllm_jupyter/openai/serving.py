@@ -34,7 +34,8 @@ from .truncation import fit_front
 from .protocol import (
     SYSTEM_FINGERPRINT,
     ChatCompletionRequest,
-    ModelRequest,
+    LoadRequest,
+    UnloadRequest,
     chat_logprob_entries,
     model_object,
     parse_request,
@@ -134,13 +135,13 @@ class OpenAIServing(CompletionsMixin):
 
     async def admin_load(self, body: bytes) -> dict[str, Any]:
         """Load a model now (waits until it is in memory)."""
-        req: ModelRequest = parse_request(ModelRequest, body)
+        req: LoadRequest = parse_request(LoadRequest, body)
         await self.engine.load_any(req.model, request_keep_alive(req.keep_alive))  # chat or embedding model
         return model_object(self.engine.model_info(req.model))
 
     async def admin_unload(self, body: bytes) -> dict[str, Any]:
         """Unload a model; 404 when the name is unknown, ``unloaded: false`` when it was not loaded."""
-        req: ModelRequest = parse_request(ModelRequest, body)
+        req: UnloadRequest = parse_request(UnloadRequest, body)
         # a model still loading goes on to the engine even once the store no longer has it: `xllm rm` unloads
         # after removing the files, and that unload tells the load to check its manifest again (or it registers)
         if not self.engine.is_loading(req.model):

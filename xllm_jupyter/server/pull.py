@@ -19,7 +19,7 @@ from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
 from .. import __version__
-from ..core.errors import InvalidRequest, ModelNotFound, StoreError, Unsupported, quoted
+from ..core.errors import InvalidRequest, ModelNotFound, StoreError, UnknownParameter, Unsupported, quoted
 from ..core.slow_work import run_slow
 from ..openai.json_body import strict_json
 from ..store.names import validate_name
@@ -28,6 +28,10 @@ from .handlers import BodyMixin, RequestMixin
 
 #: at most this many progress events a second per file (the store reports every chunk)
 PROGRESS_INTERVAL = 0.1
+#: the fields a pull body may have (``source``: another name for ``model``); any other is a 400 naming it
+PULL_FIELDS = ("model", "source", "name", "revision", "force", "convert", "base")
+#: fields of the other admin routes, and which: what the 400 for one sent here says
+_ELSEWHERE = {"keep_alive": "POST /admin/models/load", "removed": "POST /admin/models/unload"}
 
 
 class PullCancelled(Exception):
@@ -70,6 +74,11 @@ def _pull_args(body: bytes) -> dict[str, Any]:
     data = strict_json(body or b"{}")  # UTF-8, well-formed, each key once (as every route reads its body)
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    unknown = next((key for key in data if key not in PULL_FIELDS), None)
+    if unknown is not None:  # a typo ("revison") or another route's field pulled something else than was asked
+        raise UnknownParameter(unknown, tuple(k for k in PULL_FIELDS if k != "source"), _ELSEWHERE.get(unknown))
+    if "model" in data and "source" in data:  # one of the two was silently ignored
+        raise InvalidRequest("'source' is another name for 'model': send one of them.", param="source")
     source = data.get("model", data.get("source"))
     if not isinstance(source, str) or not source.strip():
         raise InvalidRequest("'model' (what to pull: a packaged name, a Hugging Face repo or a local path) is required", param="model")
