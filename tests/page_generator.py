@@ -9,6 +9,12 @@ everything for CUDA) records each running job's input token in its page with the
 unless the job's grammar forbids it (its filters' masks combined by the job, as the library
 does), with probabilities for logprobs in the shapes the library's ``receive_logits`` gives.
 
+With ``engine.ngram_draft`` or ``engine.draft_model`` the library's own drafters run (the job's
+suffix automaton, ``iterate_ngram_gen``; the draft model's loop, ``iterate_draftmodel_gen``, over
+a stand-in draft forward that proposes FILLER_TOKEN but for every DRAFT_MISS_EVERY-th position),
+and the decode step verifies the window as the library's does: tokens accepted while they match
+the draft, the rest rejected and their page positions rewound, draft counts on the job.
+
 exllamav2: the whole ``ExLlamaV2DynamicGenerator`` runs, paged or unpaged, its sampler and
 n-gram drafting included; only ``model.forward_chunk`` is replaced, by logits that depend on
 the input ids alone and that greedy decoding always resolves to one fixed token.
@@ -43,6 +49,11 @@ FILLER_TOKEN = 1000
 FILLER_BOOST = 12.0
 
 
+#: the stand-in draft model proposes a wrong token at cache positions that are multiples of this (so
+#: verification rejects part of some windows)
+DRAFT_MISS_EVERY = 5
+
+
 #: a benchmark's stand-in for what the GPU spends on a step: ``(decode rows, prefill tokens) -> None``
 StepCost = Callable[[int, int], None]
 
@@ -75,29 +86,45 @@ def cpu_step_generator_class() -> type:
         #: what a step costs besides this Python (``StepCost``; None: nothing), set by benchmarks
         xllm_step_cost: StepCost | None = None
 
+        def _staging(self, name: str, rows: int, width: int | None = None, dtype: Any = torch.int32) -> Any:
+            """The library's staging buffers (the draft model's loop takes them), not pinned: pinning needs a
+            CUDA driver."""
+            return torch.zeros((rows,) if width is None else (rows, width), dtype=dtype)
+
         def iterate_gen(self, results: list, draft_tokens: Any = None) -> None:
-            """One decode step for every prefilled job, then release finished jobs as the library does."""
+            """One decode step for every prefilled job (a draft window verified), then release finished jobs
+            as the library does."""
             finished = []
             decoding = [job for job in self.active_jobs if job.is_prefill_done()]
             if decoding and self.xllm_step_cost is not None:
                 self.xllm_step_cost(len(decoding), 0)
-            for job in decoding:
+            for row, job in enumerate(decoding):
                 if job.time_first_token is None:
                     job.time_first_token = time.time()
-                # the library's own record of the step's input token in its cache page (what the
-                # forward's staging does for decode rows)
-                job.get_input_ids_list(add_to_cache=True)
-                if not job.filters and not (job.return_probs or job.return_top_tokens > 0):
-                    # no grammar, no probabilities: the stand-in logits' best token, without building them
-                    token, probabilities = torch.tensor([[FILLER_TOKEN]]), (None, None, None)
-                else:
-                    scores = self.xllm_scores(job)
-                    token = scores.argmax(dim=-1, keepdim=True)
-                    probabilities = self.xllm_probabilities(job, scores, token)
-                eos, _, requeue = job.receive_sample(None, token, *probabilities, results)
-                assert not requeue, "requeueing is outside what this stand-in step covers"
-                if eos:
-                    finished.append(job)
+                # the library's own record of the step's input token (and draft window) in its cache
+                # pages (what the forward's staging does)
+                job.get_input_ids_list(draft_tokens, row, add_to_cache=True)
+                window = 0 if draft_tokens is None else int(draft_tokens.shape[-1])
+                for i in range(window + 1):
+                    token, probabilities = self.xllm_sample(job)
+                    eos, _, requeue = job.receive_sample(None, token, *probabilities, results)
+                    assert not requeue, "requeueing is outside what this stand-in step covers"
+                    if eos:
+                        # as the library: window positions past the end count as rejected, in the end result too
+                        if window - i:
+                            job.rejected_draft_tokens += window - i
+                            for r in reversed(results):
+                                if r.get("eos") and r["job"] is job and "rejected_draft_tokens" in r:
+                                    r["rejected_draft_tokens"] = job.rejected_draft_tokens
+                                    break
+                        finished.append(job)
+                        break
+                    if i == window:
+                        break
+                    if int(draft_tokens[row, i]) != int(token):
+                        self.xllm_reject(job, window - i)
+                        break
+                    job.accepted_draft_tokens += 1
             # as the library releases finished jobs at the end of its step
             remaining = self.num_remaining_jobs()
             for job in finished:
@@ -105,6 +132,30 @@ def cpu_step_generator_class() -> type:
                 self.active_jobs.remove(job)
             if remaining and not self.num_remaining_jobs():
                 self.on_queue_drained()
+
+        def xllm_sample(self, job: Any) -> tuple[Any, tuple[Any, Any, Any]]:
+            """The job's next token by the stand-in logits, and its probabilities when the job asks for them."""
+            if not job.filters and not (job.return_probs or job.return_top_tokens > 0):
+                # no grammar, no probabilities: the stand-in logits' best token, without building them
+                return torch.tensor([[FILLER_TOKEN]]), (None, None, None)
+            scores = self.xllm_scores(job)
+            token = scores.argmax(dim=-1, keepdim=True)
+            return token, self.xllm_probabilities(job, scores, token)
+
+        @staticmethod
+        def xllm_reject(job: Any, rejected: int) -> None:
+            """The library's rejection of a draft window's last ``rejected`` positions: counted on the job, and
+            the page positions the window wrote rewound (``iterate_gen``'s ``reject_remainder``)."""
+            from exllamav3.constants import PAGE_SIZE
+
+            job.rejected_draft_tokens += rejected
+            for seq in job.sequences:
+                left = rejected
+                while left:
+                    page = seq.allocated_pages[(seq.kv_position + left - 1) // PAGE_SIZE]
+                    back = min(page.kv_position, left)
+                    page.kv_position -= back
+                    left -= back
 
         def xllm_scores(self, job: Any) -> Any:
             """The stand-in logits of the job's next token, under the mask of its grammar if it has one.
@@ -167,18 +218,59 @@ def load_cpu_pages_model(spec: ModelSpec, step_cost: StepCost | None = None) -> 
     config, model, cache, cache_tokens = open_model(Path(spec.path), opts)
     # the forward is what is taken out: prefill writes nothing, and there are no K/V tensors to
     # copy a partial page between or to rotate when the page table is defragmented
+    _stand_in_forward(model, cache, step_cost)
+    draft = None
+    if opts.draft_model_path:  # as the backend's _load_draft: a cache as large as the model's, our options
+        _, draft_model, draft_cache, _ = open_model(Path(opts.draft_model_path), opts, cache_tokens)
+        _stand_in_forward(draft_model, draft_cache, None)
+        draft_model.forward = _v3_draft_forward_stand_in((int(config.vocab_size) + 31) // 32 * 32)
+        draft = (draft_model, draft_cache)
+    tokenizer = Tokenizer.from_config(config)
+    step_generator = cpu_step_generator_class()
+    with _unpinned():
+        generator = step_generator(model=model, cache=cache, tokenizer=tokenizer,
+                                   **library_generator_kwargs(step_generator, opts, draft, f"exllamav3 {__version__}"))
+    generator.xllm_step_cost = step_cost
+    return build_model(spec, Path(spec.path), config=config, opts=opts, cache_tokens=cache_tokens, model=model,
+                       tokenizer=tokenizer, draft=draft, generator=generator, memory_bytes=0)
+
+
+def _stand_in_forward(model: Any, cache: Any, step_cost: StepCost | None) -> None:
+    """exllamav3 ``model`` and its ``cache`` without weights or K/V tensors (see ``load_cpu_pages_model``)."""
     model.prefill = _v3_prefill_stand_in(step_cost)
     model.output_device = "cpu"
     cache.initialized = True
     cache.copy_page = lambda *args, **kwargs: None
     cache.get_all_tensors = lambda: []
-    tokenizer = Tokenizer.from_config(config)
-    step_generator = cpu_step_generator_class()
-    generator = step_generator(model=model, cache=cache, tokenizer=tokenizer,
-                               **library_generator_kwargs(step_generator, opts, None, f"exllamav3 {__version__}"))
-    generator.xllm_step_cost = step_cost
-    return build_model(spec, Path(spec.path), config=config, opts=opts, cache_tokens=cache_tokens, model=model,
-                       tokenizer=tokenizer, draft=None, generator=generator, memory_bytes=0)
+
+
+@contextlib.contextmanager
+def _unpinned() -> Iterator[None]:
+    """``torch.empty``/``torch.zeros`` ignore ``pin_memory`` meanwhile: the generator pins its draft buffers,
+    which needs a CUDA driver."""
+    import torch
+
+    real = {name: getattr(torch, name) for name in ("empty", "zeros")}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, fn in real.items():
+            patch.setattr(torch, name, lambda *a, _fn=fn, pin_memory=False, **kw: _fn(*a, **kw))
+        yield
+
+
+def _v3_draft_forward_stand_in(vocab: int) -> Any:
+    """A draft model's ``forward``: logits (rows, 1, ``vocab``) that propose FILLER_TOKEN, the token the stand-in
+    model picks, except at cache positions that are multiples of DRAFT_MISS_EVERY (proposed: the next id)."""
+    import torch
+
+    def forward(input_ids: Any = None, params: Any = None, **kwargs: Any) -> Any:
+        """The library's call signature (keywords ``input_ids``, ``params``)."""
+        rows = int(input_ids.shape[0])
+        logits = torch.zeros((rows, 1, vocab))
+        for row, position in enumerate(params["cache_seqlens"][:rows].tolist()):
+            logits[row, 0, FILLER_TOKEN + (position % DRAFT_MISS_EVERY == 0)] = FILLER_BOOST
+        return logits
+
+    return forward
 
 
 def _v3_prefill_stand_in(step_cost: StepCost | None) -> Any:

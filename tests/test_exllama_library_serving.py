@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from itertools import count
 
 import pytest
 from openai import OpenAI
@@ -291,6 +292,93 @@ def test_a_draft_model_is_wired_in_and_its_drafts_accepted(tiny_llama_dir):
     assert [e.token_id for e in drafted] == [e.token_id for e in plain] and drafted[-1].completion_tokens == 24
     spec = model.details()["speculative"]
     assert spec["method"] == "draft_model" and spec["acceptance_rate"] > 0.8
+
+
+@pytest.mark.parametrize("drafting", [{"ngram_draft": 2, "num_draft_tokens": 4},
+                                      {"draft_model_path": "<model>", "num_draft_tokens": 3}], ids=["ngram", "draft-model"])
+def test_exllamav3_drafting_through_the_librarys_own_drafters(tiny_llama_dir, drafting):
+    """exllamav3's generator and jobs as our options build them for n-gram drafting (the job's suffix automaton)
+    and for a draft model (the library's drafting loop over a stand-in draft that misses every fifth position):
+    greedy output and length kept, every drafted position counted accepted or rejected, and pages freed."""
+    require_kind("exllamav3")
+    from tests.page_generator import DRAFT_MISS_EVERY
+
+    options = {k: (str(tiny_llama_dir) if v == "<model>" else v) for k, v in drafting.items()}
+    prompt = list(range(100, 140))
+    plain = generate(load("exllamav3", tiny_llama_dir), prompt, 24)
+    model = load("exllamav3", tiny_llama_dir, **options)
+    window = options["num_draft_tokens"]
+    # the options reached the library: its drafting mode and window, a cache history for a speculative pass
+    assert model.generator.max_draft_tokens == window and model.generator.cache.max_history == window
+    assert (model.generator.draft_model is not None) == ("draft_model_path" in options)
+    assert model.generator.ngram_match_min == options.get("ngram_draft", 0)
+    rounds = []
+    iterate = model.generator.iterate
+
+    def counted():
+        results = iterate()
+        rounds.append(sum(1 for r in results if r.get("stage") == "streaming"))
+        return results
+
+    model.generator.iterate = counted
+    drafted = generate(model, prompt, 24)
+    assert [e.token_id for e in drafted] == [e.token_id for e in plain] and len(plain) == 24
+    assert drafted[-1].completion_tokens == 24
+    assert max(rounds) > 1  # some steps produced several tokens of one job
+    spec = model.details()["speculative"]
+    assert spec["method"] == ("draft_model" if "draft_model_path" in options else "ngram")
+    assert spec["num_draft_tokens"] == window and spec["accepted"] > 0
+    if "draft_model_path" in options:  # the stand-in draft misses now and then: some windows partly rejected
+        assert spec["rejected"] > 0 and 0 < spec["acceptance_rate"] < 1
+        # every step drafted a full window (the prompt's prefill and the first draft share the first step), and
+        # each drafted position was counted once, the end's unresolved ones as rejected
+        assert spec["accepted"] + spec["rejected"] == window * len(rounds)
+    assert pages_held(model) == 0 and DRAFT_MISS_EVERY > 1
+
+
+def test_exllamav3_cancelling_a_drafting_job_frees_its_pages_and_keeps_its_draft_counts(tiny_llama_dir):
+    """A drafting job cancelled mid-answer (a stop string, a closed stream) frees its pages at once; the
+    library reports draft counts only at a job's end, so ours are taken from the job when it is cancelled."""
+    require_kind("exllamav3")
+    from xllm_jupyter.core.types import FinishReason, SamplingParams, SequenceJob
+
+    model = load("exllamav3", tiny_llama_dir, draft_model_path=str(tiny_llama_dir), num_draft_tokens=3)
+    model.add(SequenceJob(1, tuple(range(100, 400)), 200, SamplingParams(temperature=0.0), frozenset()))
+    tokens = 0
+    while tokens < 12:
+        tokens += sum(1 for e in model.step() if e.token_id is not None)
+    assert pages_held(model) > 0
+    model.cancel(1)
+    assert pages_held(model) == 0
+    spec = model.details()["speculative"]
+    assert spec["accepted"] > 0 and spec["accepted"] + spec["rejected"] >= tokens - 4
+    (event,) = model.step()
+    assert event.finish == FinishReason.CANCELLED and model.active_jobs() == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("drafting", [{}, {"ngram_draft": 2, "num_draft_tokens": 4}], ids=["plain", "ngram"])
+def test_admission_cost_is_the_librarys_own_page_count(tiny_llama_dir, kind, drafting):
+    """The engine admits a job by the pages the library will take for it (``admission_cost``): the same count as
+    the library's job computes, around page boundaries and with a draft window, so the library's own queue stays
+    empty (docs/jupyterhub.md, Fairness) and nothing admitted is refused."""
+    require_kind(kind)
+    from xllm_jupyter.core.types import SamplingParams, SequenceJob
+
+    if drafting and kind == "exllamav2-unpaged":
+        pytest.skip("the unpaged generator holds one whole-context page whatever the job")
+    model = load(kind, tiny_llama_dir, **drafting)
+    job_ids = count(1)
+    for prompt in (1, 200, 231, 232, 233, 255, 256, 257, 511, 513):
+        for max_tokens in (1, 24, 256):
+            job = SequenceJob(next(job_ids), tuple(range(100, 100 + prompt)), max_tokens,
+                              SamplingParams(temperature=0.0), frozenset())
+            model.add(job)
+            native = model.generator.pending_jobs[-1]
+            assert model.admission_cost(job) == native.current_new_pages_required(), (prompt, max_tokens)
+            model.cancel(job.job_id)
+            model.step()
+    assert pages_held(model) == 0
 
 
 def test_presence_and_frequency_penalties_count_the_answer_not_the_prompt(tiny_llama_dir):
