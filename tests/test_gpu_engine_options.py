@@ -80,12 +80,15 @@ def test_quantized_kv_cache_decodes_and_takes_less_memory(plain, gpu_llama_dir, 
     try:
         assert m.details()["kv_cache"] == bits
         assert len(generate(m)) == 32
-        # 8,192 cached tokens x 4 layers x (256 key + 256 value) values: 32 MiB in fp16. A bare "less"
-        # would pass a setting ignored but for noise: at least 30% of the saving the bits promise (exllamav2
-        # keeps fp16 scratch beside a quantized cache, so it saves about half of that at q8)
+        # the cache's tokens (8,192 paged; exllamav2 unpaged holds one context, 2,048) x 4 layers x (256 key +
+        # 256 value) values x 2 bytes in fp16 (32 MiB paged). A bare "less" would pass a setting ignored but for
+        # noise: at least 30% of the saving the bits promise (exllamav2 keeps one layer's fp16 keys and values
+        # as scratch beside a quantized cache, so it saves about half of that at q8)
+        tokens = m.details()["cache_tokens"]
+        assert tokens == plain.details()["cache_tokens"] and tokens in (2048, 8192)
         k, v = (8, 8) if bits == "q8" else (4, 4) if bits == "q4" else (4, 6)
-        promised = 32 * 2**20 * (1 - (k + v) / 32)
-        assert plain.memory_bytes() - m.memory_bytes() >= 0.3 * promised
+        promised = tokens * 4 * 512 * 2 * (1 - (k + v) / 32)
+        assert plain.memory_bytes() - m.memory_bytes() >= 0.3 * promised, (plain.memory_bytes(), m.memory_bytes())
     finally:
         m.unload()
 

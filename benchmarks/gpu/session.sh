@@ -23,8 +23,9 @@
 # Phases (estimated seconds on an H100/H200 with prebuilt extensions):
 #   setup       install carried wheels and extensions; JIT-build what is not prebuilt   (20; 330 without)
 #   tests       pytest -m "gpu or exllama or cuda_build": test_gpu_backends, test_gpu_engine_options,
-#               test_hf_compiled, test_cuda_graph_readiness, test_prefix_isolation_library,
-#               test_exllama_library_serving, test_exllama_api_surface, test_sampling  (240)
+#               test_hf_compiled, test_sampling, test_cuda_graph_readiness, test_exllama_api_surface, then
+#               the CPU stand-in suites cpu_check.sh runs here too (last: a phase cut at its cap loses
+#               those first), test_prefix_isolation_library, test_exllama_library_serving  (240)
 #   make1b      random-weight Llama 1.17B fp16 with SmolLM2's tokenizer                 (30)
 #   convert1b   EXL3 4.0 bpw with exllamav3's converter                                (150)
 #   bench1b     gpu_serving.py: EXL3 (if converted) and FP16 on exllamav3, 1/16/64       (150)
@@ -95,8 +96,8 @@ phase_tests() {  # (recompiles and skipped CUDA graphs named in the log; the slo
   TORCH_LOGS=recompiles,cudagraphs python3 -m pytest -q -rs --durations=15 -p no:cacheprovider \
     -o filterwarnings=ignore::DeprecationWarning -m "gpu or exllama or cuda_build" \
     --junitxml="$OUT/gpu_tests.xml" tests/test_gpu_backends.py tests/test_gpu_engine_options.py tests/test_hf_compiled.py \
-    tests/test_cuda_graph_readiness.py tests/test_prefix_isolation_library.py tests/test_exllama_library_serving.py \
-    tests/test_exllama_api_surface.py tests/test_sampling.py
+    tests/test_sampling.py tests/test_cuda_graph_readiness.py tests/test_exllama_api_surface.py \
+    tests/test_prefix_isolation_library.py tests/test_exllama_library_serving.py
 }
 phase_make1b() { bench --make 1b --make-out "$WORK/llama1b" --tokenizer "$TOK"; }
 phase_convert1b() {
