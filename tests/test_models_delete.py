@@ -163,10 +163,7 @@ def test_xllm_rm_tells_the_requests_it_cuts_that_the_model_was_removed(roles, ti
 
     info, store = roles
     store.pull(str(tiny_llama_dir), "cli-busy")
-    # the same files, another store's manifest: made in a later second than the server's (the CLI tells the two
-    # apart by digest and creation second; a CI run pulled both within one second and the CLI took them for one)
-    while int(time.time()) <= store.show("kept").created:
-        time.sleep(0.05)
+    # the same files in another store (its id, not the manifest's digest and second, tells it from the server's)
     ModelStore(tmp_path / "elsewhere").pull(str(tiny_llama_dir), "kept")
     monkeypatch.delenv("XLLM_CONFIG", raising=False)
     long = {"messages": HI, "max_tokens": 1900, "extra_body": {"ignore_eos": True}}
@@ -188,6 +185,85 @@ def test_xllm_rm_tells_the_requests_it_cuts_that_the_model_was_removed(roles, ti
     assert not store.exists("cli-busy") and not info.engine.is_loaded("cli-busy")
     assert errors["kept"]["code"] == "overloaded" and "retry the request" in errors["kept"]["message"], errors
     assert store.exists("kept")  # the server's store keeps its own copy
+
+
+def same_second_twins(tiny_llama_dir, stores, name):
+    """``name`` pulled into each of ``stores`` within one second (same digest, same ``created``): what two stores
+    pulling one packaged model at once have. Pulls of the tiny Llama take milliseconds; a second that ends between
+    them is tried again."""
+    for _ in range(20):
+        for s in stores:
+            s.pull(str(tiny_llama_dir), name, force=True)
+        if len({(s.show(name).digest, s.show(name).created) for s in stores}) == 1:
+            return
+    pytest.fail("could not pull into two stores within one second")
+
+
+def test_xllm_rm_tells_a_store_from_another_that_pulled_the_same_model_in_the_same_second(
+        roles, tiny_llama_dir, tmp_path, monkeypatch):
+    """The CLI told stores apart by the manifest's digest and creation second: a store of its own that pulled the
+    model in the same second as the server's was taken for the server's, and the requests its ``xllm rm`` cut heard
+    a 404 'was removed' for a model the server still has (CI at bd54e5e). The stores' ids tell them apart."""
+    from click.testing import CliRunner
+
+    from xllm_jupyter.cli.main import main
+
+    info, store = roles
+    other = ModelStore(tmp_path / "other")
+    same_second_twins(tiny_llama_dir, (store, other), "twin")
+    with XllmClient(info.base_url, ADMIN) as admin:
+        served = admin.manifest("twin")
+    assert (served["digest"], served["created"]) == (other.show("twin").digest, other.show("twin").created)
+    assert served["store_id"] == store.store_id() != other.store_id()
+    assert str(store.home) not in json.dumps(served) and "/" not in served["store_id"]  # an id, no path
+    monkeypatch.delenv("XLLM_CONFIG", raising=False)
+    monkeypatch.setenv("XLLM_HOME", str(other.home))
+    with sdk(info, ADMIN) as admin:
+        it = iter(admin.chat.completions.create(model="twin", stream=True, messages=HI, max_tokens=1900,
+                                                extra_body={"ignore_eos": True}))
+        assert next(it).model == "twin"  # generating now
+        result = CliRunner().invoke(main, ["rm", "twin", "-y", "--url", info.base_url, "--api-key", ADMIN],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0 and "Removed twin" in result.stdout and result.stderr == "", result.output
+        with pytest.raises(openai.APIError) as cut:
+            for _ in it:
+                pass
+        assert cut.value.body["code"] == "overloaded" and "retry the request" in cut.value.body["message"], cut.value.body
+        assert store.exists("twin") and not other.exists("twin")
+        assert admin.chat.completions.create(model="twin", messages=HI, max_tokens=2).model == "twin"  # its retry works
+
+
+def test_xllm_rm_asks_an_older_server_without_store_ids_by_the_manifest(roles, tiny_llama_dir, tmp_path, monkeypatch):
+    """A server from before store ids: the CLI falls back to the manifest (the same digest made in the same
+    second); a server that knows ids but could not give its store one, and a key that may not read manifests,
+    get a plain unload."""
+    from xllm_jupyter.cli.store_cmds import _served_from
+
+    info, store = roles
+    other = ModelStore(tmp_path / "other")
+    store.pull(str(tiny_llama_dir), "older")
+    while int(time.time()) <= store.show("older").created:  # another store's copy, made in a later second
+        time.sleep(0.05)
+    other.pull(str(tiny_llama_dir), "older")
+    real = XllmClient.manifest
+
+    def without_ids(self, name=None):
+        body = real(self, name)
+        assert "store_id" in body  # (this server reports one: dropped as an older server never sent it)
+        body.pop("store_id")
+        return body
+
+    with XllmClient(info.base_url, ADMIN) as admin, XllmClient(info.base_url, USER) as user:
+        asks = type("Settings", (), {"client": lambda self: admin})()
+        assert _served_from(store, asks, "older") and not _served_from(other, asks, "older")  # by id
+        monkeypatch.setattr(XllmClient, "manifest", without_ids)
+        assert _served_from(store, asks, "older") and not _served_from(other, asks, "older")  # by manifest
+        monkeypatch.undo()
+        monkeypatch.setattr(ModelStore, "store_id", lambda self: None)  # a store that cannot be written
+        assert admin.manifest("older")["store_id"] is None
+        assert not _served_from(store, asks, "older")  # no telling: the plain unload's 503 to retry
+        monkeypatch.undo()
+        assert not _served_from(store, type("Settings", (), {"client": lambda self: user})(), "older")  # 403
 
 
 def test_the_notebook_clients_remove_models(roles, tiny_llama_dir):

@@ -303,13 +303,26 @@ def _echo_modelfile_settings(manifest: Any) -> None:
 
 
 def _served_from(store: Any, settings: Any, name: str) -> bool:
-    """True when the server serves ``name`` from this store (its manifest is this one: same digest, made at the same
-    second), so that the requests its removal cuts hear that it is gone; a server with a store of its own keeps it."""
+    """True when the server serves ``name`` from this store (it reports this store's id), so that the requests its
+    removal cuts hear that it is gone; a server with a store of its own keeps it, and its requests are told to retry.
+
+    A server from before store ids reports none: then the same manifest (digest, made at the same second) stands for
+    the same store, which two stores pulling one model within a second also pass.
+    """
     from ..core.errors import XllmError
 
     try:
-        mine, served = store.show(name), settings.client().manifest(name)
-    except XllmError:  # no server, a key that may not read manifests, a damaged model here: a plain unload
+        served = settings.client().manifest(name)
+    except XllmError:  # no server, a key that may not read manifests, the model not in the server's store
+        return False
+    served_id = served.get("store_id")
+    if isinstance(served_id, str) and served_id:
+        return served_id == store.store_id()
+    if "store_id" in served:  # a server that knows ids but could not give its store one (read-only): no telling
+        return False
+    try:
+        mine = store.show(name)
+    except XllmError:  # damaged here: a plain unload
         return False
     return served.get("digest") == mine.digest and served.get("created") == mine.created
 

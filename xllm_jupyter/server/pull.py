@@ -6,7 +6,8 @@ answers with server-sent events: ``{"status": stage, "file", "completed", "total
 store pulls (stages as in ``store.progress.PullProgress``), then ``{"status": "success", "model",
 "digest", ...}`` and ``[DONE]``. A client that disconnects stops the pull at its next progress
 report. ``GET /admin/models/manifest?model=NAME`` gives a stored model's digest and source plus
-the server version, for the provenance a notebook records with each answer.
+the server version, for the provenance a notebook records with each answer, and the store's
+random id (``store_id``), by which ``xllm rm`` knows whether the server serves from its store.
 """
 
 from __future__ import annotations
@@ -199,7 +200,8 @@ class AdminPullMixin(BodyMixin):
 
 
 class AdminManifestMixin(RequestMixin):
-    """``GET /admin/models/manifest?model=NAME``: a stored model's digest and source, and the server version."""
+    """``GET /admin/models/manifest?model=NAME``: a stored model's digest and source, its store's id, and the server
+    version."""
 
     async def handle_get(self) -> None:
         """The manifest summary; 404 for a model not in the store; only the version without ``model``."""
@@ -207,8 +209,15 @@ class AdminManifestMixin(RequestMixin):
         if not name:
             self.write_json({"object": "server", "server_version": __version__})
             return
-        manifest = await asyncio.to_thread(server_store(self.xllm).show, name)
-        self.write_json(manifest_summary(manifest))
+        store = server_store(self.xllm)
+
+        def read() -> dict[str, Any]:
+            summary = manifest_summary(store.show(name))
+            # which store serves it (a random id, no path): `xllm rm` tells this store from another holding the same files
+            summary["store_id"] = store.store_id() if hasattr(store, "store_id") else None
+            return summary
+
+        self.write_json(await asyncio.to_thread(read))
 
 
 __all__ = ["AdminManifestMixin", "AdminPullMixin", "check_base", "check_pull", "manifest_summary", "public_source", "pull_events", "server_store"]

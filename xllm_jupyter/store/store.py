@@ -3,6 +3,8 @@
 Layout under ``home``::
 
     models/<name>/          one directory per complete model: its files + xllm-manifest.json
+    store-id                this store's random id (identity.py), made on first ask: what tells it from another
+                            store holding the same models
     tmp/pull-<random>/      a pull being built (or left by a crash; the next pull deletes it)
     tmp/hub-<key>/          a Hub download in progress, kept after a failure so a retry resumes
     locks/<name>.lock       serialises pulls and removals of one name across processes
@@ -25,6 +27,7 @@ from ..core.errors import InvalidModelName, ModelNotFound, StoreError, repair_ad
 from ..core.types import CatalogFacts
 from .atomic import FileLock, fsync_dir, remove_tree
 from .create import create_model, model_defaults
+from .identity import store_id
 from .manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -118,6 +121,10 @@ class ModelStore(PullMixin):
         if manifest.name != n:
             raise StoreError(f"The manifest in '{n}' names another model; pull it again with force")
         return manifest
+
+    def store_id(self) -> str | None:
+        """This store's random id (made on first ask; see identity.py); None where it cannot have one (read-only)."""
+        return store_id(self.home)
 
     def names(self) -> list[str]:
         """Names that can be loaded: pulled models plus installable packaged defaults."""
