@@ -50,3 +50,32 @@ def test_a_kernel_naming_alices_address_cannot_lock_her_out(tmp_path):
         # a token the hub never confirmed is not, even a right one (the hub is not asked about it)
         r = loopback.get("/v1/models", headers=via_proxy("alice-new-token"))
         assert r.status_code == 429 and "alice-new-token" not in asked
+
+
+def test_the_hub_page_of_a_capped_address_still_serves_a_login_cookie_and_known_tokens(tmp_path):
+    """The page capped every request from the address, its user's OAuth cookie too; a cookie is no guess (it is
+    signed with the service's secret and checked before the hub is asked), nor is a token the hub confirmed."""
+    pytest.importorskip("jupyterhub")
+    from xllm_jupyter.hub.service import load_hub_config
+
+    config = load_hub_config(env={"XLLM_HOME": str(tmp_path), "XLLM_QUOTAS_USAGE_FILE": "off"})
+    config = dataclasses.replace(config, auth=dataclasses.replace(config.auth, failed_auth_limit=LIMIT))
+    asked: list[str] = []
+
+    async def user_for_token(token: str) -> Any:
+        asked.append(token)
+        return HUB_ALICE if token == "alice-token" else None
+
+    forwarded = {"X-Forwarded-For": VICTIM}
+    with running_hub_app(config, user_for_token) as root, httpx.Client(base_url=root, timeout=60) as loopback:
+        assert loopback.get("/v1/models", headers={**forwarded, "Authorization": "token alice-token"}).status_code == 200
+        for i in range(LIMIT + 1):  # the kernel spends alice's address on the page
+            loopback.get("/", headers={**forwarded, "Authorization": f"token guess-{i}"}, follow_redirects=False)
+        r = loopback.get("/", headers={**forwarded, "Authorization": "token guess-more"}, follow_redirects=False)
+        assert r.status_code == 429 and "guess-more" not in asked
+        # alice's browser: her login cookie (a made-up one here: it fails its signature, off to the login)
+        r = loopback.get("/", headers={**forwarded, "Cookie": "xllm-oauth=not-signed"}, follow_redirects=False)
+        assert r.status_code == 302, r.text
+        # her token the hub confirmed
+        r = loopback.get("/", headers={**forwarded, "Authorization": "token alice-token"}, follow_redirects=False)
+        assert r.status_code == 200 and "alice" in r.text

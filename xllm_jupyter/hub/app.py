@@ -183,13 +183,21 @@ class HubPageHandler(_HubAuthFromSettings, HubOAuthenticated, RequestHandler):
     async def prepare(self) -> None:
         """Resolve the hub user (token or OAuth cookie) without blocking the IOLoop."""
         failures: FailedAuthLimiter = self.settings[FAILURES_KEY]
+        known: KnownTokens = self.settings[KNOWN_TOKENS_KEY]
         client = failures.client(self.request)
+        token = self.hub_auth.get_token(self, in_cookie=False)
         try:
-            failures.check(client)  # tokens guessed in ?token= here are capped as on the API routes
-            async with failures.asking(client):
+            if token and token not in known:
+                failures.check(client)  # tokens guessed in ?token= here are capped as on the API routes
+                async with failures.asking(client):
+                    model = await self.hub_auth.get_user(self, sync=False)
+                    if not model:
+                        failures.failed(client)
+            else:
+                # no guess: only the OAuth cookie (signed with the service's secret, checked here before the hub
+                # is asked), or a token the hub confirmed before; a capped address (which another user can make
+                # of anyone's, hub/known_tokens.py) does not keep its user from the page
                 model = await self.hub_auth.get_user(self, sync=False)
-                if not model and self.hub_auth.get_token(self, in_cookie=False):
-                    failures.failed(client)
         except RateLimited as exc:  # answered here: an HTTPError's page would drop the Retry-After header
             self.set_status(429)
             self.set_header("Retry-After", str(int(exc.retry_after)))
