@@ -172,6 +172,17 @@ class CompareResult:
         return f"<div>{out}</div>"
 
 
+async def _warm_up(client: Any, models: list[str]) -> None:
+    """One one-token request per model first, so no column's TTFT and latency include loading its model.
+
+    (A cold model otherwise doubled the first compare's timings, and made a loaded model look faster
+    than an unloaded one.) Any key may send it, unlike ``/admin/models/load``; a failure is left for
+    the column's own request to report.
+    """
+    hello = [{"role": "user", "content": "Hi"}]
+    await asyncio.gather(*(measure_stream(client, hello, m, {"max_tokens": 1}) for m in dict.fromkeys(models)))
+
+
 async def compare_async(
     client: ClientLike,
     messages: Messages,
@@ -192,6 +203,7 @@ async def compare_async(
         return None if on_piece is None else (lambda text: on_piece(i, text))
 
     try:
+        await _warm_up(ac, [c.model for c in columns])
         await asyncio.gather(*(measure_stream(ac, messages, c.model, c.params, piece_handler(i), records[i]) for i, c in enumerate(columns)))
     finally:
         await ac.aclose()

@@ -1,0 +1,70 @@
+"""``compare()`` on a model that is not loaded: the columns' requests reach a loaded model, so their
+TTFT and latency are the model's, not its load time (a real server with its own store)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import xllm_jupyter
+from tests.server_fixtures import TINY, make_test_config, running_server
+from xllm_jupyter.client import XllmClient
+from xllm_jupyter.store.store import ModelStore
+
+PROMPT = "Name a colour."
+
+
+@pytest.fixture(scope="module")
+def own_server(tmp_path_factory, tiny_llama_dir) -> Iterator[Any]:
+    """A server of its own: unloading its model leaves the session server alone."""
+    home = tmp_path_factory.mktemp("xllm-compare-home")
+    store = ModelStore(home)
+    store.pull(str(tiny_llama_dir), TINY)
+    with running_server(make_test_config(home), store, TINY) as info:
+        yield info
+
+
+@pytest.fixture
+def prompts_seen(own_server, monkeypatch) -> list[tuple[str, bool]]:
+    """(last message, whether its model was loaded when the request asked the engine for it) per chat request.
+
+    ``engine.load`` (which waits for a load) and ``engine.encode_chat`` run in the request's own task, which
+    ties the model's state when the request arrived to the prompt it carries.
+    """
+    import asyncio
+
+    engine = own_server.engine
+    loaded_at_arrival: dict[int, bool] = {}
+    seen: list[tuple[str, bool]] = []
+    real_load, real_encode = engine.load, engine.encode_chat
+
+    async def load(name: str, *args: Any, **kwargs: Any) -> Any:
+        loaded_at_arrival.setdefault(id(asyncio.current_task()), engine.is_loaded(name))
+        return await real_load(name, *args, **kwargs)
+
+    async def encode_chat(name: str, messages: Any, *args: Any, **kwargs: Any) -> Any:
+        task = id(asyncio.current_task())
+        seen.append((str(getattr(messages[-1], "content", "")), loaded_at_arrival.pop(task, engine.is_loaded(name))))
+        return await real_encode(name, messages, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "load", load)
+    monkeypatch.setattr(engine, "encode_chat", encode_chat)
+    return seen
+
+
+@pytest.mark.parametrize("cold", [True, False])
+def test_no_column_waits_for_a_model_load(own_server, prompts_seen, cold):
+    endpoint = (own_server.base_url, own_server.api_key)
+    with XllmClient(*endpoint) as c:
+        if cold:
+            c.unload(TINY)
+            assert not own_server.engine.is_loaded(TINY)
+        else:
+            c.load(TINY)
+    result = xllm_jupyter.compare(PROMPT, TINY, settings=[{"temperature": 0}, {"temperature": 1.0, "seed": 1}],
+                                  max_tokens=3, client=endpoint)
+    assert result.frame["error"].isna().all() and (result.frame["completion_tokens"] > 0).all()
+    columns = [loaded for text, loaded in prompts_seen if text == PROMPT]
+    assert columns == [True, True], prompts_seen
