@@ -24,10 +24,22 @@ Scenarios (a fresh server each, since "first" happens once per process):
   an unload's collections (two full ones, walking every frozen object, until a load stopped freezing its
   model: ``core/gc_freeze.py``);
 - ``cold``: a server that preloads nothing (no ``-m``, no default model): the first request for ``tiny``
-  is the process's first load (it imports torch and transformers), then a second.
+  is the process's first load (it imports torch and transformers), then a second;
+- ``cold unload``: the same first load of ``tiny`` (the transformers backend's first), then its unload (the
+  full collection of every frozen object while the first load froze its model: ``core/gc_freeze.py``);
+- ``cold embeddings``: a server preloading nothing, the first embeddings request (its load imports torch),
+  then the unload of ``all-minilm``;
+- ``preload unload``: the unload of the preloaded ``smollm2`` (a GGUF; the start froze after its preload);
+- ``tokenizer``: the first request for ``tiny-newtok`` (the tiny Llama with tokenizer files no loaded model was
+  read from: its ``Tokenizer.from_file`` and the grammar engine's tokenizer build, both Rust holding the GIL),
+  then its first json_schema request.
+
+``--before REV`` runs each round on this checkout's code and on ``REV``'s (``git archive``, as
+``small_behind_huge.py`` does), alternating which goes first, into the same report.
 
     .venv/bin/python benchmarks/first_use_stall.py                 # writes benchmarks/results/first_use_stall.{json,md}
     .venv/bin/python benchmarks/first_use_stall.py --home DIR      # a store already holding them (else pulled)
+    .venv/bin/python benchmarks/first_use_stall.py --scenarios 'cold unload' --before HEAD~1 --rounds 4
 """
 
 from __future__ import annotations
@@ -45,12 +57,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from child_server import ROOT, ChildServer, commit, write_results  # noqa: E402
 from loop_stall import HealthPoller, post  # noqa: E402
+from small_behind_huge import extract  # noqa: E402
 
 CHAT = "smollm2"
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+#: the tiny Llama with another tokenizer_config.json (a longer model_max_length): tokenizer files no other model has
+NEW_TOKENIZER = "tiny-newtok"
 
 
 def chat(**extra) -> tuple[str, dict]:
@@ -106,11 +121,29 @@ SCENARIOS: dict[str, list[tuple[str, str, dict]]] = {
         ("second tiny request", "/v1/chat/completions",
          {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
     ],
+    "cold unload": [
+        ("first tiny request (the process's first load: imports)", "/v1/chat/completions",
+         {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
+        ("unload tiny (the backend's first-loaded model)", "/admin/models/unload", {"model": "tiny"}),
+    ],
+    "cold embeddings": [
+        ("first embeddings request (the process's first load: imports)", "/v1/embeddings",
+         {"model": "all-minilm", "input": "hello"}),
+        ("unload all-minilm", "/admin/models/unload", {"model": "all-minilm"}),
+    ],
+    "preload unload": [("unload smollm2 (preloaded at the start)", "/admin/models/unload", {"model": CHAT})],
+    "tokenizer": [
+        (f"first {NEW_TOKENIZER} request (loads it: tokenizer files no loaded model has)", "/v1/chat/completions",
+         {"model": NEW_TOKENIZER, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
+        (f"first {NEW_TOKENIZER} json_schema request", "/v1/chat/completions",
+         {"model": NEW_TOKENIZER, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+          "response_format": schema_format("city", "city")}),
+    ],
 }
 #: a /health poll slower than this counts as a stall (its latency is summed per request: how long the loop stood)
 STALLED = 0.05
 #: scenarios whose server preloads nothing
-COLD = {"cold"}
+COLD = {"cold", "cold unload", "cold embeddings"}
 
 
 class ColdServer(ChildServer):
@@ -141,21 +174,43 @@ class ColdServer(ChildServer):
         raise RuntimeError("the server did not become ready")
 
 
+class OldCode:
+    """Mixed into a child server: it runs the package extracted under ``code`` (``--before``), not this checkout's."""
+
+    code: Path
+
+    def command(self) -> list[str]:
+        """The server's command line, run from ``code``: ``python -c`` puts its working folder first on sys.path."""
+        cmd = super().command()  # type: ignore[misc]
+        return [cmd[0], "-c", f"import os, sys; os.chdir({str(self.code)!r}); sys.path.insert(0, {str(self.code)!r}); "
+                "from xllm_jupyter.cli.main import main; main()", *cmd[3:]]
+
+
+def server_class(cold: bool, code: Path | None) -> type[ChildServer]:
+    """The child server for a scenario: cold or preloading ``CHAT``, this checkout's code or ``code``."""
+    base: type[ChildServer] = ColdServer if cold else ChildServer
+    if code is None:
+        return base
+    return type(f"Old{base.__name__}", (OldCode, base), {"code": code})
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--home", help="an XLLM home whose store holds smollm2, all-minilm, tiny, tiny-copy and smol-lora "
+    p.add_argument("--home", help="an XLLM home whose store holds smollm2, all-minilm, tiny, tiny-copy, tiny-newtok and smol-lora "
                                   "(default: a temporary one)")
     p.add_argument("--rounds", type=int, default=2, help="fresh servers per scenario")
     p.add_argument("--poll-ms", type=float, default=5.0, help="interval between /health polls")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="which scenarios, comma-separated")
+    p.add_argument("--before", help="a git revision: each round runs on its code too, interleaved with this checkout's")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "first_use_stall"),
                    help="output path without extension")
     return p.parse_args(argv)
 
 
 def prepare_home(home: Path) -> None:
-    """Pull smollm2, all-minilm, the tests' tiny Llama (and its copy) and a LoRA for smollm2 into ``home`` unless there."""
+    """Pull smollm2, all-minilm, the tests' tiny Llama (its copy, and one with other tokenizer files) and a LoRA for
+    smollm2 into ``home`` unless there."""
     from tests.models import build_tiny_llama
     from xllm_jupyter.store.store import ModelStore
 
@@ -168,6 +223,12 @@ def prepare_home(home: Path) -> None:
         store.pull(str(build_tiny_llama(home.parent / f"{home.name}-tiny")), "tiny")
     if "tiny-copy" not in have:
         store.create("tiny-copy", "FROM tiny\n")  # what xllm cp does: tiny's files, hard-linked
+    if NEW_TOKENIZER not in have:
+        source = build_tiny_llama(home.parent / f"{home.name}-{NEW_TOKENIZER}", seed=1)
+        config_path = source / "tokenizer_config.json"
+        config = json.loads(config_path.read_text())
+        config_path.write_text(json.dumps({**config, "model_max_length": 8192}, indent=2))
+        store.pull(str(source), NEW_TOKENIZER)
     if "smol-lora" not in have:
         store.pull(str(random_lora(store.show("smollm2").path, home.parent / f"{home.name}-lora")), "smol-lora", base="smollm2")
 
@@ -186,9 +247,11 @@ def random_lora(base: Path, out: Path) -> Path:
 
 
 def run_scenario(home: Path, log: Path, steps: list[tuple[str, str, dict]], poll_ms: float,
-                 cold: bool = False) -> list[dict]:
-    """One fresh server (``cold``: preloading nothing): each step's status, seconds and worst /health latency."""
-    server = ColdServer(home, log) if cold else ChildServer(home, log, model=CHAT)
+                 cold: bool = False, code: Path | None = None) -> list[dict]:
+    """One fresh server (``cold``: preloading nothing; ``code``: that package's): each step's status, seconds and
+    worst /health latency."""
+    cls = server_class(cold, code)
+    server = cls(home, log) if cold else cls(home, log, model=CHAT)
     try:
         poller = HealthPoller(server.port, poll_ms / 1000)
         poller.start()
@@ -220,17 +283,27 @@ def markdown(result: dict) -> str:
              f"`{result['command']}`", "",
              "| scenario | request | status | request time | worst /health latency per round | "
              f"polls over {STALLED * 1000:.0f} ms, summed, per round |", "|---|---|---|---|---|---|"]
-    for scenario, rounds in result["runs"].items():
-        for i, row in enumerate(rounds[0]):
-            worsts = [r[i]["worst_s"] for r in rounds]
-            stalls = [r[i].get("stalled_s", 0.0) for r in rounds]
-            times = sorted(r[i]["seconds"] for r in rounds if r[i]["seconds"] is not None)
-            statuses = sorted({r[i]["status"] for r in rounds if r[i]["status"] is not None})
-            lines.append(f"| {scenario} | {row['label']} | {', '.join(map(str, statuses))} | "
-                         f"{f'{times[len(times) // 2]:.2f} s' if times else ''} | "
-                         f"{', '.join(f'{w:.3f}' for w in worsts)} s | "
-                         f"{', '.join(f'{x:.3f}' for x in stalls)} s |")
+    codes = [("", result["runs"])] if not result.get("before") else [
+        ("after: ", result["runs"]), (f"before ({result['before']}): ", result["runs_before"])]
+    for scenario in result["runs"]:
+        for prefix, runs in codes:
+            lines.extend(scenario_rows(scenario, prefix, runs[scenario]))
     return "\n".join(lines) + "\n"
+
+
+def scenario_rows(scenario: str, prefix: str, rounds: list[list[dict]]) -> list[str]:
+    """The table rows of one scenario's rounds (``prefix`` before each request's label)."""
+    lines = []
+    for i, row in enumerate(rounds[0]):
+        worsts = [r[i]["worst_s"] for r in rounds]
+        stalls = [r[i].get("stalled_s", 0.0) for r in rounds]
+        times = sorted(r[i]["seconds"] for r in rounds if r[i]["seconds"] is not None)
+        statuses = sorted({r[i]["status"] for r in rounds if r[i]["status"] is not None})
+        lines.append(f"| {scenario} | {prefix}{row['label']} | {', '.join(map(str, statuses))} | "
+                     f"{f'{times[len(times) // 2]:.2f} s' if times else ''} | "
+                     f"{', '.join(f'{w:.3f}' for w in worsts)} s | "
+                     f"{', '.join(f'{x:.3f}' for x in stalls)} s |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -240,14 +313,24 @@ def main(argv: list[str] | None = None) -> None:
                     "cpus": os.cpu_count(), "python": platform.python_version(), "rounds": args.rounds,
                     "poll_ms": args.poll_ms, "runs": {},
                     "command": " ".join(["python benchmarks/first_use_stall.py", *(sys.argv[1:] if argv is None else argv)])}
+    if args.before:
+        result["before"], result["runs_before"] = args.before, {}
     with tempfile.TemporaryDirectory(prefix="xllm-first-use-") as tmp:
         home = Path(args.home) if args.home else Path(tmp) / "home"
         prepare_home(home)
+        old = extract(args.before, Path(tmp) / "before") if args.before else None
         for scenario in args.scenarios.split(","):
             print(scenario, flush=True)
-            result["runs"][scenario] = [run_scenario(home, Path(tmp) / f"server-{scenario}-{i}.log".replace(" ", "-"),
-                                                     SCENARIOS[scenario], args.poll_ms, scenario in COLD)
-                                        for i in range(args.rounds)]
+            result["runs"][scenario] = []
+            if old is not None:
+                result["runs_before"][scenario] = []
+            for i in range(args.rounds):
+                codes = [("after", None)] if old is None else [("after", None), ("before", old)][:: 1 if i % 2 == 0 else -1]
+                for name, code in codes:  # (interleaved, alternating which goes first: the machine's load varies)
+                    print(f" {name}, round {i + 1}", flush=True)
+                    log = Path(tmp) / f"server-{scenario}-{name}-{i}.log".replace(" ", "-")
+                    rows = run_scenario(home, log, SCENARIOS[scenario], args.poll_ms, scenario in COLD, code)
+                    result["runs" if code is None else "runs_before"][scenario].append(rows)
     write_results(args.out, result, markdown(result))
 
 

@@ -8,7 +8,9 @@ GIL stretches another thread held):
 
 - ``transformers``: ``AutoTokenizer.from_pretrained`` and the end-of-turn lookup through ``get_vocab()``
   (what a load did before: Python's json parses ``tokenizer.json`` a second time, a 49k-entry dict is built);
-- ``xllm``: ``tokenizer_files.load_tokenizer`` and ``ChatTokenizer.eos_ids`` (what a load does now);
+- ``xllm``: ``tokenizer_files.load_tokenizer`` and ``ChatTokenizer.eos_ids`` (what a load does now) for
+  tokenizer files no loaded model holds (its own ``Tokenizer.from_file``);
+- ``xllm, files in use``: the same while a tokenizer read from those files is in use (the load shares it);
 
 and the grammar engine's tokenizer, built at load for a tokenizer not seen before, two ways:
 
@@ -30,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -73,6 +76,7 @@ def ways(directory: Path) -> dict[str, Callable[[], object]]:
 
     from xllm_jupyter.backends.constraints import build_ll_tokenizer
     from xllm_jupyter.backends.hf_tokenizer import END_OF_TURN_TOKENS, ChatTokenizer
+    from xllm_jupyter.backends import tokenizer_files
     from xllm_jupyter.backends.tokenizer_files import load_tokenizer
 
     def transformers_way() -> object:
@@ -81,11 +85,19 @@ def ways(directory: Path) -> dict[str, Callable[[], object]]:
         return [vocab[t] for t in END_OF_TURN_TOKENS if t in vocab]
 
     def xllm_way() -> object:
+        in_use = tokenizer_files._in_use  # (holds ``tokenizer`` below: the other way's)
+        tokenizer_files._in_use = weakref.WeakValueDictionary()  # none in use: a read of its own (Tokenizer.from_file)
+        try:
+            return ChatTokenizer(load_tokenizer(directory), "m").eos_ids()
+        finally:
+            tokenizer_files._in_use = in_use
+
+    def xllm_shared_way() -> object:  # ``tokenizer``, read from the same files, is in use: the load gets it
         return ChatTokenizer(load_tokenizer(directory), "m").eos_ids()
 
     tokenizer = load_tokenizer(directory)
     size, eos = len(tokenizer), [tokenizer.eos_token_id]
-    return {"transformers": transformers_way, "xllm": xllm_way,
+    return {"transformers": transformers_way, "xllm": xllm_way, "xllm, files in use": xllm_shared_way,
             "llguidance from_tokenizer": lambda: llguidance.hf.from_tokenizer(tokenizer, n_vocab=size, eos_token=eos),
             "xllm build_ll_tokenizer": lambda: build_ll_tokenizer(tokenizer, size, eos)}
 
