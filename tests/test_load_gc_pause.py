@@ -1,4 +1,5 @@
-"""A backend's first load runs with automatic collections paused, and one freeze walks what its imports made.
+"""A backend's first load imports with automatic collections paused, one freeze walks what the imports made, and the
+model loads after it, unfrozen.
 
 The first load imports torch and transformers mid-load: millions of objects, which set off full
 collections that each walked all of them holding the GIL (three of 0.2-0.37 s in one cold load of the
@@ -171,3 +172,21 @@ def test_a_gguf_weights_read_holds_off_full_collections_until_one_at_its_end(tmp
         backend_module.TransformersBackend().load(spec)
     assert seen == [fmt == "gguf"]  # held off while a GGUF's tensors are read; a safetensors read as ever
     assert not full_collections_paused() and freezes == []  # back after it (no freeze: the read failed)
+
+
+def test_one_collection_without_a_freeze_leaves_what_the_block_made_unfrozen(collector_restored):
+    # a GGUF read (tokenizer, weights) leaves garbage and a model: a freeze at its end caught the model (and every
+    # model loaded since the last freeze), whose unloads then needed a full collection of the whole process
+    gc_freeze.configure(True)
+    made = []
+    try:
+        with gc_freeze.one_collection(freeze_after=False):
+            assert full_collections_paused()
+            made.append([object()])
+        assert not full_collections_paused()
+        assert not gc_freeze.is_frozen(made[0])
+        with gc_freeze.one_collection():  # the default: a freeze, as the first imports want
+            made.append([object()])
+        assert gc_freeze.is_frozen(made[1])
+    finally:
+        gc.unfreeze()
