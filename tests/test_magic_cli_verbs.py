@@ -96,3 +96,15 @@ def test_prompts_starting_with_those_verbs_reach_the_model(shell):
     # an option first makes any line a prompt, as the hint says
     cap = run(shell, "-t 0.7 create haiku")
     assert cap.stderr == "" and cap.outputs[-1].metadata["xllm"]["model"] == TINY
+
+
+def test_list_says_each_models_task(shell, live):
+    """`%xllm list` marks the embedding model that sits among the chat models (`%xllm use` refuses it)."""
+    with XllmClient(live.base_url, live.api_key) as c:
+        entries = {m["id"]: m for m in c.models()}
+    markdown = "\n".join(o.data["text/markdown"] for o in run(shell, "list").outputs if "text/markdown" in o.data)
+    assert markdown.splitlines()[0] == "| MODEL | LOADED | BACKEND | CONTEXT | TASK |"
+    rows = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in markdown.splitlines()[2:]}
+    assert rows[TINY] == "chat"
+    if "all-minilm" in entries:  # the packaged embedding model's wheel is installed here
+        assert rows["all-minilm"] == "embedding"

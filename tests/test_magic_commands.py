@@ -70,7 +70,7 @@ def test_list_and_ps_render_tables(shell):
     html = shown(cap, "text/html")
     assert "<table>" in html and f"<td style='text-align:left'>{TINY}</td>" in html
     assert f"| {TINY} | yes | transformers |" in shown(cap, "text/markdown")
-    assert shown(cap).splitlines()[0].split() == ["MODEL", "LOADED", "BACKEND", "CONTEXT"]
+    assert shown(cap).splitlines()[0].split() == ["MODEL", "LOADED", "BACKEND", "CONTEXT", "TASK"]
     cap = run(shell, "ps")
     text = shown(cap)
     assert text.splitlines()[0].split()[:3] == ["MODEL", "BACKEND", "MEMORY"]

@@ -132,8 +132,10 @@ class Commands:
         rows = []
         for m in self.state.client().models():
             x = m.get("xllm") or {}
-            rows.append((m.get("id"), "yes" if x.get("loaded") else "", x.get("backend") or "", x.get("context_length") or ""))
-        display(Table(("MODEL", "LOADED", "BACKEND", "CONTEXT"), rows, empty="No models: try `%xllm pull smollm2`."))
+            # TASK: an embedding model sits among the chat models here, and `%xllm use`/%%xllm refuse it
+            rows.append((m.get("id"), "yes" if x.get("loaded") else "", x.get("backend") or "", x.get("context_length") or "",
+                         model_task(m) or ""))
+        display(Table(("MODEL", "LOADED", "BACKEND", "CONTEXT", "TASK"), rows, empty="No models: try `%xllm pull smollm2`."))
 
     def do_ps(self, argv: list[str]) -> None:
         """Models in memory now, with their load."""
