@@ -74,8 +74,10 @@ def test_the_hub_page_of_a_capped_address_still_serves_a_login_cookie_and_known_
         r = loopback.get("/", headers={**forwarded, "Authorization": "token guess-more"}, follow_redirects=False)
         assert r.status_code == 429 and "guess-more" not in asked
         # alice's browser: her login cookie (a made-up one here: it fails its signature, off to the login)
-        r = loopback.get("/", headers={**forwarded, "Cookie": "xllm-oauth=not-signed"}, follow_redirects=False)
+        asked_before = len(asked)
+        r = loopback.get("/", headers={**forwarded, "Cookie": "service-xllm=not-signed"}, follow_redirects=False)
         assert r.status_code == 302, r.text
+        assert len(asked) == asked_before  # a cookie that fails its signature is not sent to the hub
         # her token the hub confirmed
         r = loopback.get("/", headers={**forwarded, "Authorization": "token alice-token"}, follow_redirects=False)
         assert r.status_code == 200 and "alice" in r.text
