@@ -16,8 +16,9 @@ unload (the backend's, the engine's), the IOLoop standing still. So a model load
 load, ``tidy()`` collects its garbage and leaves the survivors (a loaded model: a few thousand objects,
 next to the hundreds of thousands the start-up and the first imports froze) in the collector's care. An
 unload then asks ``is_frozen`` of the model first: a model no freeze has caught since its load is freed by
-a plain collection, which skips the frozen objects (milliseconds); one that was frozen (loaded before the
-start-up's freeze, a backend's first load, a GGUF's) still gets the full one.
+a plain collection, which skips the frozen objects (milliseconds); one that was frozen still gets the full
+one. So nothing freezes a model: the start freezes before its preloads, a backend's first load freezes its
+imports before the weights load (``Backend.import_libraries``), and a GGUF read ends in ``tidy()``.
 """
 
 from __future__ import annotations
