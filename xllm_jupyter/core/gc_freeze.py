@@ -17,8 +17,10 @@ load, ``tidy()`` collects its garbage and leaves the survivors (a loaded model: 
 next to the hundreds of thousands the start-up and the first imports froze) in the collector's care. An
 unload then asks ``is_frozen`` of the model first: a model no freeze has caught since its load is freed by
 a plain collection, which skips the frozen objects (milliseconds); one that was frozen still gets the full
-one. So nothing freezes a model: the start freezes before its preloads, a backend's first load freezes its
-imports before the weights load (``Backend.import_libraries``), and a GGUF read ends in ``tidy()``.
+one. So no model is frozen where that can be helped: the start freezes before its preloads, a backend's
+first load freezes its imports before the weights load where the backend can import ahead
+(``Backend.import_libraries``: transformers; the exllama backends' first load is still frozen whole), and
+a GGUF read ends in ``tidy()``.
 """
 
 from __future__ import annotations
