@@ -15,7 +15,9 @@ GIL stretches another thread held):
 and the grammar engine's tokenizer, built at load for a tokenizer not seen before, two ways:
 
 - ``llguidance from_tokenizer``: ``llguidance.hf.from_tokenizer`` (what a load did: it copies the Rust tokenizer);
-- ``xllm build_ll_tokenizer``: ``constraints.build_ll_tokenizer`` (what a load does now: no copy).
+- ``xllm build_ll_tokenizer, one call``: no copy, one ``LLTokenizer`` call computing its slices too (what a load did);
+- ``xllm build_ll_tokenizer``: ``constraints.build_ll_tokenizer`` (what a load does now: no copy, the build without
+  slices, then ``with_slices``: two GIL stretches).
 
     .venv/bin/python benchmarks/tokenizer_load_gil.py --model-dir DIR      # writes benchmarks/results/tokenizer_load_gil.{json,md}
 
@@ -73,6 +75,7 @@ def ways(directory: Path) -> dict[str, Callable[[], object]]:
     from transformers import AutoTokenizer
 
     import llguidance.hf
+    from llguidance import LLTokenizer
 
     from xllm_jupyter.backends.constraints import build_ll_tokenizer
     from xllm_jupyter.backends.hf_tokenizer import END_OF_TURN_TOKENS, ChatTokenizer
@@ -99,6 +102,8 @@ def ways(directory: Path) -> dict[str, Callable[[], object]]:
     size, eos = len(tokenizer), [tokenizer.eos_token_id]
     return {"transformers": transformers_way, "xllm": xllm_way, "xllm, files in use": xllm_shared_way,
             "llguidance from_tokenizer": lambda: llguidance.hf.from_tokenizer(tokenizer, n_vocab=size, eos_token=eos),
+            "xllm build_ll_tokenizer, one call": lambda: LLTokenizer(tokenizer.backend_tokenizer.to_str(), n_vocab=size,
+                                                                     eos_token=eos),
             "xllm build_ll_tokenizer": lambda: build_ll_tokenizer(tokenizer, size, eos)}
 
 

@@ -267,6 +267,46 @@ def test_the_grammar_tokenizer_is_built_without_copying_the_rust_tokenizer(tiny_
     assert len(copies) == 1
 
 
+def test_the_grammar_tokenizer_is_built_in_two_calls_and_masks_as_the_one_call_build(tiny_llama_dir, monkeypatch):
+    # one LLTokenizer(...) held the GIL 0.5-0.8 s, about half of it computing the mask slices: built bare, then given
+    # the default slices (with_slices), the IOLoop runs in between; the tokenizer must be the one slices=None builds
+    import llguidance
+    import numpy as np
+    from llguidance import LLMatcher
+
+    real = llguidance.LLTokenizer
+    tokenizer = load_tokenizer(Path(tiny_llama_dir))
+    eos = [tokenizer.eos_token_id]
+    one_call = real(tokenizer.backend_tokenizer.to_str(), n_vocab=len(tokenizer), eos_token=eos)
+    slices_asked = []
+
+    class Recording:  # llguidance.LLTokenizer, with the slices each construction asked for recorded
+        general_slices = staticmethod(real.general_slices)
+
+        def __call__(self, *args, **kwargs):
+            slices_asked.append(kwargs.get("slices", "default"))
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(llguidance, "LLTokenizer", Recording())
+    ours = constraints.build_ll_tokenizer(tokenizer, len(tokenizer), eos)
+    assert slices_asked == [[]]  # the build itself computed no slices
+    assert (ours.vocab_size, ours.eos_tokens, ours.is_canonical) == (one_call.vocab_size, one_call.eos_tokens,
+                                                                     one_call.is_canonical)
+    assert ours.tokenize_str(TEXT) == one_call.tokenize_str(TEXT)
+    grammars = [LLMatcher.grammar_from_json_schema({"type": "object", "properties": {
+                    "city": {"type": "string", "maxLength": 5}, "n": {"type": "integer"}}, "required": ["city", "n"]}),
+                LLMatcher.grammar_from_regex(r"[a-z]{3,8}@[0-9]+")]
+    for grammar in grammars:  # the same masks step after step, on the same (first allowed) tokens
+        matchers = [LLMatcher(t, grammar) for t in (ours, one_call)]
+        for _ in range(12):
+            masks = [m.compute_bitmask() for m in matchers]
+            assert masks[0] == masks[1]
+            allowed = np.flatnonzero(np.unpackbits(np.frombuffer(masks[0], dtype=np.uint8), bitorder="little"))
+            if matchers[0].is_stopped() or not len(allowed):
+                break
+            assert all(m.consume_token(int(allowed[0])) for m in matchers)
+
+
 def test_a_gguf_tokenizer_read_sets_off_no_full_collection_but_one_and_freezes_nothing(smollm2_dir, monkeypatch):
     import gc
     import threading

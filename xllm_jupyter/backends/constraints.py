@@ -166,22 +166,26 @@ class BuiltTokenizer:
 
 def build_ll_tokenizer(hf_tokenizer: Any, vocab_size: int, eos: list[int]) -> Any:
     """llguidance's tokenizer for ``hf_tokenizer`` (ValueError: one it cannot take), as ``llguidance.hf.from_tokenizer``
-    builds it, without its copy of the Rust tokenizer where that copy changes nothing.
+    builds it, without its copy of the Rust tokenizer where that copy changes nothing, in two GIL stretches.
 
     from_tokenizer serializes a copy (a pickle round trip: 0.16-0.27 s holding the GIL for SmolLM2) only to
-    switch padding and truncation off on it; a tokenizer that has neither is serialized as it is.
+    switch padding and truncation off on it; a tokenizer that has neither is serialized as it is. The build
+    holds the GIL throughout (0.5-0.8 s for SmolLM2's on a busy 2-CPU machine), about half of it computing
+    the mask slices: built without slices, then given the default ones (``with_slices``, the same tokenizer
+    and masks), the IOLoop runs between the two halves.
     """
     import llguidance.hf
+    from llguidance import LLTokenizer
     from transformers import PreTrainedTokenizerFast
 
     backend = getattr(hf_tokenizer, "backend_tokenizer", None)
     if (not isinstance(hf_tokenizer, PreTrainedTokenizerFast) or backend is None
             or backend.padding is not None or backend.truncation is not None):
-        return llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab_size, eos_token=eos or None)
-    from llguidance import LLTokenizer
-
-    return LLTokenizer(backend.to_str(), n_vocab=vocab_size,
-                       eos_token=eos or hf_tokenizer.eos_token_id)  # (from_tokenizer's default EOS)
+        bare = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab_size, eos_token=eos or None, slices=[])
+    else:
+        bare = LLTokenizer(backend.to_str(), n_vocab=vocab_size, slices=[],
+                           eos_token=eos or hf_tokenizer.eos_token_id)  # (from_tokenizer's default EOS)
+    return bare.with_slices(LLTokenizer.general_slices())  # (what slices=None builds with)
 
 
 class SharedTokenizers:
