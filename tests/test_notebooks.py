@@ -34,11 +34,11 @@ EXPECTED_NOTEBOOKS = [
 # Text each notebook's outputs must contain once run (beyond running without an error).
 EXPECT: dict[str, list[str]] = {
     "01-quickstart": ["Paris", "extension"],
-    "02-magics": ["smollm2"],
+    "02-magics": ["smollm2", "Rome", "| all-minilm |  |  |  | embedding |"],
     "03-profiling": ["agg_tok_per_s"],
     "04-compare": ["temperature"],
     "05-playground": ["streamed updates", "free: True"],
-    "06-openai-clients": ["Paris", "'city'", "completion_tokens"],
+    "06-openai-clients": ["Paris", "'city'", "completion_tokens", "Tokyo"],
 }
 
 
