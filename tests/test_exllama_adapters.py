@@ -93,6 +93,13 @@ def test_a_configured_cache_bounds_the_context_and_drafting_gets_cache_history()
     assert small.serving_context(131072) == 16384 and small.cache_size(small.serving_context(131072)) == 16384
     assert exllama_options({}).serving_context(131072) == 131072  # no cache set: the model's context
     assert exllama_options({"cache_tokens": 16384}, 4096).serving_context(131072) == 4096
+    # exllamav3 keeps tokens free past a job's last one (context_reserve): a configured cache still bounds the
+    # memory, so the context served is that much shorter; without one the cache grows past the context instead
+    from xllm_jupyter.backends.exllamav3 import context_reserve
+
+    assert context_reserve(small) == 1 and context_reserve(drafting_opts := exllama_options({"ngram_draft": 2})) == 5
+    assert small.serving_context(131072, 1) == 16383 and small.cache_size(16383, 1) == 16384
+    assert drafting_opts.serving_context(131072, 5) == 131072 and drafting_opts.cache_size(131072, 5) == 131072 + 256
     drafting = exllama_options({"ngram_draft": 3, "num_draft_tokens": 5, "draft_model_path": "/d"})
     # recurrent models roll a speculative pass back through this history (exllamav3 refuses drafting without it)
     assert _cache_kwargs(drafting)["max_history"] == 5

@@ -381,6 +381,28 @@ def test_admission_cost_is_the_librarys_own_page_count(tiny_llama_dir, kind, dra
     assert pages_held(model) == 0
 
 
+@pytest.mark.parametrize(("cache_tokens", "drafting", "context"), [
+    (4096, {}, 4095), (4096, {"ngram_draft": 2, "num_draft_tokens": 4}, 4091), (0, {}, 4096)])
+def test_exllamav3_serves_every_token_of_a_full_context(tiny_llama_dir, cache_tokens, drafting, context):
+    """exllamav3 keeps one token and the draft window free past a job's last token: the context we serve leaves
+    them room (a configured cache still bounds the memory), so a job that fills it gets every token it asks for.
+    It ended that many tokens early when the cache held exactly the context."""
+    require_kind("exllamav3")
+    from tests.page_generator import load_cpu_pages_model
+    from xllm_jupyter.backends.base import BackendOptions, ModelSpec
+
+    spec = ModelSpec(name="t", path=str(tiny_llama_dir), format="safetensors", context_length=4096,
+                     options=BackendOptions(max_batch_size=4, cache_tokens=cache_tokens, **drafting))
+    model = load_cpu_pages_model(spec)
+    assert model.context_length == context and model.generator.max_total_tokens >= context + 1 + drafting.get(
+        "num_draft_tokens", 0)
+    if cache_tokens:
+        assert model.generator.max_total_tokens == cache_tokens  # the configured cache bounds the memory
+    prompt = [100 + i % 50 for i in range(context - 40)]
+    events = generate(model, prompt, 40)
+    assert events[-1].completion_tokens == 40 and len([e for e in events if e.token_id is not None]) == 40
+
+
 def test_presence_and_frequency_penalties_count_the_answer_not_the_prompt(tiny_llama_dir):
     """exllamav2's sampler would count the prompt's 200 FILLER_TOKENs (20 off its lead of ~12); OpenAI counts the answer."""
     from tests.page_generator import FILLER_TOKEN

@@ -102,34 +102,41 @@ class ExllamaOptions:
             raise EngineError("engine.kv_cache_bits: key and value bits must be between 2 and 8")
         return k, v
 
-    def serving_context(self, model_context: int) -> int:
+    def serving_context(self, model_context: int, reserve: int = 0) -> int:
         """The context to serve: the configured one, else the model's, never more than a configured cache
-        holds (so ``cache_tokens`` bounds the memory a long-context model takes)."""
+        holds (so ``cache_tokens`` bounds the memory a long-context model takes), less the ``reserve`` cache
+        tokens the library keeps free past a job's last token (``cache_size``)."""
         context = self.context_length or int(model_context)
-        if self.cache_tokens and self.cache_tokens < context:
+        if self.cache_tokens and self.cache_tokens - reserve < context:
+            served = max(1, self.cache_tokens - reserve)
             if (self.cache_tokens, context) not in _CAPPED_CONTEXTS:  # (asked several times per load: say it once)
                 _CAPPED_CONTEXTS.add((self.cache_tokens, context))
                 log.warning("engine.cache_tokens (%d) holds less than the context length (%d): serving %d tokens "
-                            "of context", self.cache_tokens, context, self.cache_tokens)
-            context = self.cache_tokens
+                            "of context", self.cache_tokens, context, served)
+            context = served
         return context
 
-    def cache_size(self, context_length: int) -> int:
-        """KV cache tokens: the configured size (or the default), at least one full context, whole pages."""
-        tokens = max(self.cache_tokens or DEFAULT_CACHE_TOKENS, context_length)
+    def cache_size(self, context_length: int, reserve: int = 0) -> int:
+        """KV cache tokens: the configured size (or the default), at least one full context and the ``reserve``
+        tokens past it, whole pages.
+
+        ``reserve``: what the library keeps free past a job's last token (exllamav3: one token and the draft
+        window), so that a job of a full context still gets every token it asks for.
+        """
+        tokens = max(self.cache_tokens or DEFAULT_CACHE_TOKENS, context_length + reserve)
         return -(-tokens // PAGE_SIZE) * PAGE_SIZE
 
 
-def exllama_cache_estimate(spec: Any) -> int:
+def exllama_cache_estimate(spec: Any, reserve: Callable[[ExllamaOptions], int] = lambda opts: 0) -> int:
     """What an exllama backend allocates at load for ``spec`` besides its weights: the KV cache (from its
-    options and ``config.json``) and, with ``engine.draft_model``, the draft's weights and its cache of the
-    same size."""
+    options and ``config.json``, ``reserve(opts)`` tokens past a full context: ``ExllamaOptions.cache_size``)
+    and, with ``engine.draft_model``, the draft's weights and its cache of the same size."""
     try:
         config = _read_config(Path(spec.path))
         opts = ExllamaOptions.from_options(spec.options, spec.context_length)
         text = config.get("text_config") or config
-        context = opts.serving_context(int(text.get("max_position_embeddings") or 4096))
-        tokens, bits = opts.cache_size(context), opts.kv_bits()
+        context = opts.serving_context(int(text.get("max_position_embeddings") or 4096), reserve(opts))
+        tokens, bits = opts.cache_size(context, reserve(opts)), opts.kv_bits()
         total = kv_cache_bytes(config, tokens, bits)
         if opts.draft_model_path:  # both loaders give the draft a cache as large as the model's
             draft = Path(opts.draft_model_path)

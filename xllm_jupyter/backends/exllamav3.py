@@ -25,6 +25,7 @@ from .exllama_common import (
     config_eos,
     cuda_memory_in_use,
     draft_vocabulary_fits,
+    exllama_cache_estimate,
     guarded_load,
     is_model_directory,
     library_keywords,
@@ -56,6 +57,11 @@ class ExllamaV3Backend(ExllamaBackend):
     """Loads models with exllamav3."""
 
     name = "exllamav3"
+
+    def cache_bytes_estimate(self, spec: ModelSpec) -> int:
+        """The paged KV cache it allocates at load (a full context and ``context_reserve`` past it), a draft model."""
+        return exllama_cache_estimate(spec, context_reserve)
+
     def supports(self, spec: ModelSpec) -> bool:
         """EXL3 models, and FP16/BF16 safetensors chat models of an architecture exllamav3 implements (not on
         ``engine.device: cpu``).
@@ -164,14 +170,23 @@ def open_model(path: Path, opts: ExllamaOptions, cache_tokens: int = 0) -> tuple
     from exllamav3 import Cache, Config, Model
 
     config = Config.from_directory(str(path))
-    cache_tokens = cache_tokens or opts.cache_size(_context_length(opts, config))
+    cache_tokens = cache_tokens or opts.cache_size(_context_length(opts, config), context_reserve(opts))
     model = Model.from_config(config)
     return config, model, Cache(model, max_num_tokens=cache_tokens, **_cache_kwargs(opts)), cache_tokens
 
 
 def _context_length(opts: ExllamaOptions, config: Any) -> int:
     """The configured context length, else the model's, within a configured cache size."""
-    return opts.serving_context(int(getattr(config, "max_position_embeddings", 0) or 4096))
+    return opts.serving_context(int(getattr(config, "max_position_embeddings", 0) or 4096), context_reserve(opts))
+
+
+def context_reserve(opts: ExllamaOptions) -> int:
+    """Cache tokens exllamav3 keeps free past a job's last token: one, and the draft window when drafting.
+
+    ``Job.prepare_for_queue`` cuts ``max_new_tokens`` to the cache less the prompt, one token and the draft
+    window, so a cache of exactly one context ended a job that filled the context that many tokens early.
+    """
+    return 1 + (opts.num_draft_tokens if (opts.draft_model_path or opts.ngram_draft) else 0)
 
 
 def generator_kwargs(opts: ExllamaOptions, draft: tuple[Any, Any] | None) -> dict[str, Any]:
