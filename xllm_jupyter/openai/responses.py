@@ -116,7 +116,10 @@ def usage_object(chat_usage: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     return {
         "input_tokens": chat_usage["prompt_tokens"],
-        "input_tokens_details": {"cached_tokens": chat_usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)},
+        # cache_write_tokens: required by the openai SDK's ResponseUsage (it read None); this server has no billed
+        # prompt-cache writes (explicit caching), so always 0
+        "input_tokens_details": {"cached_tokens": chat_usage.get("prompt_tokens_details", {}).get("cached_tokens", 0),
+                                 "cache_write_tokens": 0},
         "output_tokens": chat_usage["completion_tokens"],
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": chat_usage["total_tokens"],
@@ -143,6 +146,8 @@ class Turn:
             "id": self.rid,
             "object": "response",
             "created_at": self.created,
+            # as api.openai.com: when it finished, on a completed response only (the SDK's Response.completed_at)
+            "completed_at": int(time.time()) if status == "completed" else None,
             "status": status,
             "error": error,
             "incomplete_details": incomplete,

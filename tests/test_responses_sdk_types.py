@@ -1,0 +1,97 @@
+"""The Responses API's wire objects, validated in full against the openai SDK's own pydantic types.
+
+The SDK parses leniently (a missing required field reads as None), so ``client.responses.create`` succeeding says
+little: here every Response, streamed event and input item is validated strictly by the type the SDK declares for it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import typing
+
+import pytest
+from openai.types.responses import Response, ResponseItem, ResponseStreamEvent
+from pydantic import TypeAdapter
+
+from tests.server_fixtures import TINY
+
+#: a schema the tiny model's constrained output completes within the budget (so a ``completed`` response)
+OK_FORMAT = {"format": {"type": "json_schema", "name": "ok", "strict": True, "schema": {
+    "type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}}}
+WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather",
+           "parameters": {"type": "object", "properties": {"unit": {"enum": ["c", "f"]}}, "required": ["unit"],
+                          "additionalProperties": False}}
+
+#: event type -> the SDK's class for it (ResponseStreamEvent is a union on ``type``)
+_EVENT_TYPES = {typing.get_args(cls.model_fields["type"].annotation)[0]: cls
+                for cls in typing.get_args(typing.get_args(ResponseStreamEvent)[0])}
+
+BODIES = {
+    "text": {"input": "Hi", "max_output_tokens": 4, "instructions": "Be brief.", "metadata": {"k": "v"}},
+    "completed": {"input": "JSON please", "text": OK_FORMAT, "max_output_tokens": 40, "temperature": 0},
+    "logprobs": {"input": "Hi", "max_output_tokens": 3, "include": ["message.output_text.logprobs"], "top_logprobs": 2},
+    "call": {"input": "Weather?", "tools": [WEATHER], "tool_choice": {"type": "function", "name": "get_weather"},
+             "max_output_tokens": 60, "temperature": 0, "parallel_tool_calls": False},
+}
+
+
+def _sse(text: str) -> list[dict]:
+    return [json.loads(line[len("data: "):]) for line in text.splitlines() if line.startswith("data: ")]
+
+
+@pytest.mark.parametrize("case", sorted(BODIES))
+def test_every_wire_object_validates_as_its_sdk_type(raw, case):
+    """A response, its retrieved copy, its input items and every event of the same request streamed validate as the
+    SDK's types. ``usage.input_tokens_details`` lacked ``cache_write_tokens`` (required there) on the old code."""
+    body = {"model": TINY, **BODIES[case]}
+    resp = raw.post("/v1/responses", json=body)
+    assert resp.status_code == 200, resp.text
+    TypeAdapter(Response).validate_python(resp.json())
+    rid = resp.json()["id"]
+    TypeAdapter(Response).validate_python(raw.get(f"/v1/responses/{rid}").json())
+    for item in raw.get(f"/v1/responses/{rid}/input_items").json()["data"]:
+        TypeAdapter(ResponseItem).validate_python(item)
+    events = _sse(raw.post("/v1/responses", json={**body, "stream": True}).text)
+    assert events[-1]["type"] in ("response.completed", "response.incomplete")
+    for event in events:
+        TypeAdapter(_EVENT_TYPES[event["type"]]).validate_python(event)
+
+
+def test_usage_reads_as_numbers_in_the_sdk(client):
+    r = client.responses.create(model=TINY, input="Hi", max_output_tokens=3)
+    details = r.usage.input_tokens_details
+    assert details.cache_write_tokens == 0 and details.cached_tokens == 0  # was None: not sent
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+    assert client.responses.retrieve(r.id).usage.input_tokens_details.cache_write_tokens == 0
+    with client.responses.stream(model=TINY, input="Hi", max_output_tokens=40, text=OK_FORMAT, temperature=0) as s:
+        final = s.get_final_response()
+    assert final.usage.input_tokens_details.cache_write_tokens == 0
+
+
+def test_completed_at_is_set_on_completed_responses_only(client):
+    """``completed_at`` (the SDK's Response field, "only present when the status is completed") was never sent."""
+    before = int(time.time())
+    r = client.responses.create(model=TINY, input="JSON please", text=OK_FORMAT, max_output_tokens=40, temperature=0)
+    assert r.status == "completed"
+    assert r.completed_at is not None and before <= r.created_at <= r.completed_at <= time.time()
+    assert client.responses.retrieve(r.id).completed_at == r.completed_at
+    cut = client.responses.create(model=TINY, input="Hi", max_output_tokens=2)
+    assert cut.status == "incomplete" and cut.completed_at is None
+    with client.responses.stream(model=TINY, input="JSON please", text=OK_FORMAT, max_output_tokens=40, temperature=0) as s:
+        events = list(s)
+        final = s.get_final_response()
+    assert events[0].response.completed_at is None and events[1].response.completed_at is None  # still in progress
+    assert final.status == "completed" and final.completed_at >= final.created_at
+    assert client.responses.retrieve(final.id).completed_at == final.completed_at
+
+
+def test_item_ids_are_distinct_random_hex(client):
+    """Every id the server makes is its prefix and 128 random bits (32 hex digits), none repeated."""
+    turn = [{"role": "user", "content": f"m{i}"} for i in range(40)]
+    r = client.responses.create(model=TINY, input=turn, max_output_tokens=1)
+    ids = [i.id for i in client.responses.input_items.list(r.id, limit=100).data] + [r.id, r.output[0].id]
+    assert len(set(ids)) == len(ids) == 42
+    for rid in ids:
+        prefix, _, digits = rid.partition("_")
+        assert prefix in ("msg", "resp") and len(digits) == 32 and int(digits, 16) >= 0
