@@ -183,6 +183,17 @@ def test_random_traffic_never_reuses_another_users_tokens(kind, model_dir):
     random_traffic(load(kind, model_dir, cache_tokens=12 * PAGE), seed=8, rounds=10, longest=300)
 
 
+@pytest.mark.parametrize("drafting", [{"ngram_draft": 2, "num_draft_tokens": 4},
+                                      {"draft_model_path": "<model>", "num_draft_tokens": 3}], ids=["ngram", "draft-model"])
+def test_random_traffic_with_drafting_never_reuses_another_users_tokens(kind, model_dir, drafting):
+    """The same traffic with speculative decoding: draft windows written into pages and partly rewound, pages
+    completed inside a window, all within each user's namespace (exllamav3 checks its page table every step)."""
+    options = {k: (str(model_dir) if v == "<model>" else v) for k, v in drafting.items()}
+    model = load(kind, model_dir, cache_tokens=12 * PAGE, **options)
+    random_traffic(model, seed=9, rounds=12, longest=300)
+    assert model.details()["speculative"]["accepted"] > 0
+
+
 def random_traffic(model, *, seed: int, rounds: int, longest: int = 6) -> tuple[int, int]:
     """Run the traffic above, checking every job; (cached tokens served, jobs that could have leaked)."""
     from tests.page_generator import FILLER_TOKEN
