@@ -199,7 +199,8 @@ def test_terminal_ipython_prints_text(shell, xllm_server, capsys):
     # an error before any text: only the error, no blank line on stdout above it
     shell.run_cell_magic("xllm", "-m no-such-model", "hi")
     out = capsys.readouterr()
-    assert out.out == "" and out.err == "xllm: The model 'no-such-model' does not exist\n"
+    assert out.out == "" and out.err.startswith("xllm: The model 'no-such-model' does not exist — chat models: ")
+    assert out.err.count("\n") == 1
 
 
 def test_a_line_question_may_end_in_a_question_mark(shell, xllm_server, capsys):
@@ -232,7 +233,8 @@ def test_errors_are_short_messages(shell):
     with capture_output() as cap:
         result = shell.run_cell_magic("xllm", "-m no-such-model", "hi")
     assert result is None
-    assert cap.stderr.strip() == "xllm: The model 'no-such-model' does not exist"
+    assert cap.stderr.startswith("xllm: The model 'no-such-model' does not exist — chat models: ")
+    assert cap.stderr.count("\n") == 1
     assert "Traceback" not in cap.stdout + cap.stderr
     with capture_output() as cap:
         shell.run_cell_magic("xllm", f"-m {TINY} -t 9", "hi")

@@ -12,6 +12,7 @@ from IPython.utils.capture import capture_output
 
 from tests.server_fixtures import TINY
 from xllm_jupyter.client import XllmClient, discovery
+from xllm_jupyter.client.base import can_chat
 from xllm_jupyter.magics import XllmMagics
 from xllm_jupyter.magics.commands import is_command
 
@@ -108,3 +109,14 @@ def test_list_says_each_models_task(shell, live):
     assert rows[TINY] == "chat"
     if "all-minilm" in entries:  # the packaged embedding model's wheel is installed here
         assert rows["all-minilm"] == "embedding"
+
+
+def test_asking_an_unknown_model_names_the_servers_chat_models(shell, live):
+    with XllmClient(live.base_url, live.api_key) as c:
+        names = [m["id"] for m in c.models() if can_chat(m)]
+    cap = run(shell, "-m no-such-model -t 0 --max-tokens 2 Hi")
+    assert cap.stderr == (f"xllm: The model 'no-such-model' does not exist — chat models: {', '.join(names)} "
+                          "(`%xllm use MODEL` picks one for this notebook)\n"), cap.stderr
+    with capture_output() as cap:
+        shell.run_cell_magic("xllm", "-m no-such-model --max-tokens 2", "Hi")
+    assert cap.stderr.startswith("xllm: The model 'no-such-model' does not exist — chat models: ") and TINY in cap.stderr

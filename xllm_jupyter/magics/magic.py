@@ -17,7 +17,8 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from ..core.errors import XllmError
+from ..client.base import can_chat
+from ..core.errors import ModelNotFound, XllmError
 from .ask import Question, ask
 from .commands import Commands, is_command
 from .interp import interpolate
@@ -55,7 +56,10 @@ class XllmMagics(Magics):
             if cell is None and is_command(line):
                 self.commands.run(line)
             else:
-                self._ask(line, cell)
+                try:
+                    self._ask(line, cell)
+                except ModelNotFound as exc:  # `-m nosuch`, a `use` model since removed: name what there is
+                    raise XllmError(exc.message + self._chat_models()) from None
         except XllmError as exc:
             error(exc.message)
         except KeyboardInterrupt:
@@ -63,6 +67,17 @@ class XllmMagics(Magics):
         except Exception as exc:  # a bug or an unexpected reply: one line here, the traceback in the log
             log.debug("xllm magic failed", exc_info=True)
             error(f"unexpected error ({type(exc).__name__}): {exc}")
+
+    def _chat_models(self) -> str:
+        """`` — chat models: a, b (...)`` for an error line; empty when the server cannot say."""
+        try:
+            names = [str(m["id"]) for m in self.state.client().models() if m.get("id") and can_chat(m)]
+        except XllmError:
+            return ""
+        if not names:
+            return " — the server has no chat model: `%xllm pull smollm2` adds one"
+        shown = ", ".join(names[:12]) + (f", … ({len(names)} in all)" if len(names) > 12 else "")
+        return f" — chat models: {shown} (`%xllm use MODEL` picks one for this notebook)"
 
     def _ask(self, line: str, cell: str | None) -> None:
         try:
