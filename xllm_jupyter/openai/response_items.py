@@ -14,7 +14,7 @@ from typing import Any
 
 from ..core.errors import InvalidRequest, Unsupported
 from .conversation import Turn, find_tool_turn_problem, part_text, responses_tool_turn_error
-from .schema_errors import shown
+from .schema_errors import json_type, shown
 
 ROLES = ("user", "system", "developer", "assistant")
 _TEXT_PARTS = ("input_text", "output_text", "text")
@@ -72,15 +72,31 @@ def function_call_item(call_id: str, name: str, arguments: str, fid: str | None 
     return {"id": fid or new_id("fc_"), "type": "function_call", "call_id": call_id, "name": name, "arguments": arguments, "status": status}
 
 
+def _item_id(item: dict[str, Any], param: str, seen: set[str]) -> str | None:
+    """The client's id for an input item (None: the server makes one); a 400 unless a string not used before in
+    this input (``input_items`` pages by id: a repeated one made the SDK's auto-pagination loop forever)."""
+    iid = item.get("id")
+    if iid is None:
+        return None
+    if not isinstance(iid, str):
+        raise InvalidRequest(f"Invalid type for '{param}.id': expected a string, but got {json_type(iid)} instead.",
+                             param=f"{param}.id", code="invalid_type")
+    if iid in seen:
+        raise InvalidRequest(f"Duplicate item found with id {shown(iid)}.", param=f"{param}.id")
+    seen.add(iid)
+    return iid
+
+
 def normalize_input(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Input items as stored and listed by ``input_items``: every item with an id."""
     if isinstance(value, str):
         return [message_item("user", value)]
     items = []
+    seen: set[str] = set()
     for i, item in enumerate(value):
         param = f"input[{i}]"
         kind = item.get("type", "message")
-        iid = item.get("id") if isinstance(item.get("id"), str) else None
+        iid = _item_id(item, param, seen)
         if kind == "message":
             role = item.get("role")
             if role not in ROLES:
