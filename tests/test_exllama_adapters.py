@@ -678,6 +678,10 @@ def test_the_estimate_counts_a_draft_models_weights_and_cache_and_exllama_never_
         drafted = ModelSpec(name="m", path=model, context_length=2048,
                             options=dataclasses.replace(options, draft_model_path=str(draft)))
         assert backend.cache_bytes_estimate(drafted) == alone + 2 * per_layer + disk_bytes(draft)
+        # a quantized cache: exllamav3 stores the draft's cache the same way, exllamav2 gives it an FP16 one
+        q4 = dataclasses.replace(drafted, options=dataclasses.replace(drafted.options, kv_cache_bits="q4"))
+        draft_cache = 2 * per_layer // (4 if backend.name == "exllamav3" else 1)
+        assert backend.cache_bytes_estimate(q4) == 4 * per_layer // 4 + draft_cache + disk_bytes(draft)
         assert backend.memory_device(drafted) == "cuda"  # auto-split over the GPUs, whatever engine.device says
         # engine.device: cpu leaves FP16 models to transformers instead of loading them on the GPU
         assert backend.supports(ModelSpec(name="m", path=model, format="safetensors"))

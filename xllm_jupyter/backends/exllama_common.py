@@ -127,10 +127,12 @@ class ExllamaOptions:
         return -(-tokens // PAGE_SIZE) * PAGE_SIZE
 
 
-def exllama_cache_estimate(spec: Any, reserve: Callable[[ExllamaOptions], int] = lambda opts: 0) -> int:
+def exllama_cache_estimate(spec: Any, reserve: Callable[[ExllamaOptions], int] = lambda opts: 0,
+                           draft_cache_quantized: bool = True) -> int:
     """What an exllama backend allocates at load for ``spec`` besides its weights: the KV cache (from its
     options and ``config.json``, ``reserve(opts)`` tokens past a full context: ``ExllamaOptions.cache_size``)
-    and, with ``engine.draft_model``, the draft's weights and its cache of the same size."""
+    and, with ``engine.draft_model``, the draft's weights and its cache of the same size (stored as the model's
+    unless not ``draft_cache_quantized``: exllamav2 gives a draft an FP16 cache)."""
     try:
         config = _read_config(Path(spec.path))
         opts = ExllamaOptions.from_options(spec.options, spec.context_length)
@@ -140,7 +142,7 @@ def exllama_cache_estimate(spec: Any, reserve: Callable[[ExllamaOptions], int] =
         total = kv_cache_bytes(config, tokens, bits)
         if opts.draft_model_path:  # both loaders give the draft a cache as large as the model's
             draft = Path(opts.draft_model_path)
-            total += disk_bytes(draft) + kv_cache_bytes(_read_config(draft), tokens, bits)
+            total += disk_bytes(draft) + kv_cache_bytes(_read_config(draft), tokens, bits if draft_cache_quantized else None)
         return total
     except (OSError, ValueError, EngineError):  # an estimate: the load itself reports what is wrong
         return 0

@@ -23,6 +23,7 @@ from .exllama_common import (
     config_eos,
     cuda_memory_in_use,
     draft_vocabulary_fits,
+    exllama_cache_estimate,
     guarded_load,
     is_model_directory,
     library_keywords,
@@ -135,6 +136,11 @@ class ExllamaV2Backend(ExllamaBackend):
     """Loads models with exllamav2."""
 
     name = "exllamav2"
+
+    def cache_bytes_estimate(self, spec: ModelSpec) -> int:
+        """The KV cache it allocates at load, and a draft model with its cache (FP16: ``open_draft``)."""
+        return exllama_cache_estimate(spec, draft_cache_quantized=False)
+
     def supports(self, spec: ModelSpec) -> bool:
         """EXL2, GPTQ or FP16 safetensors chat models in a directory (not on ``engine.device: cpu``)."""
         return (not wants_cpu(spec) and spec.task == "chat" and spec.format in FORMATS
