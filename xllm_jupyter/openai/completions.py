@@ -17,9 +17,10 @@ from ..engine.manager import request_keep_alive
 from .cache import ResponseCache
 from .echo import copies, joined, prompt_logprobs, unscored
 from .generation import Chunk, check_token_ids, engine_failure, envelope, interleaved, started, sum_usage
+from .logprob_wire import legacy_logprobs, legacy_text_advance
 from .model_defaults import ModelDefaults
 from .offload import is_big, off_loop_if, parse_body
-from .protocol import SYSTEM_FINGERPRINT, CompletionRequest, legacy_logprobs, legacy_text_advance, usage_dict
+from .protocol import SYSTEM_FINGERPRINT, CompletionRequest, usage_dict
 
 
 class CompletionsMixin:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any, AsyncIterator, Sequence
 
 from ..core.types import ChoiceDelta, FinishReason, GenerationDone, PromptLogprobs, TokenLogprob, Usage
-from .protocol import legacy_logprobs, legacy_text_advance
+from .logprob_wire import legacy_logprobs, legacy_text_advance
 
 
 def prompt_logprobs(prompt: PromptLogprobs) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from .cache import ResponseCache
 from .chat_store import StoredCompletions
 from .completions import CompletionsMixin
 from .generation import Chunk, check_token_ids, engine_failure, envelope, started
+from .logprob_wire import chat_logprob_entries
 from .model_defaults import ModelDefaults
 from .model_privacy import caller_view
 from .offload import is_big, off_loop_if, parse_body
@@ -36,7 +37,6 @@ from .protocol import (
     ChatCompletionRequest,
     LoadRequest,
     UnloadRequest,
-    chat_logprob_entries,
     model_object,
     parse_request,
     served_tier,
