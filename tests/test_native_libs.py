@@ -77,3 +77,23 @@ def test_choosing_a_backend_loads_them_before_it_imports_torch():
     """)
     got = run(script)
     assert got == {"calls": [False], "torch": True, "handles": 1}
+
+
+def test_an_embedding_loads_where_auto_question_imports_torch_the_same_way():
+    # the embedding path asks device_kind("auto") before its backend imports anything: that was the process's
+    # first import of torch, with the import's own GIL-held dlopen and full collections running meanwhile
+    pytest.importorskip("torch")
+    script = textwrap.dedent("""
+        import gc, json, sys
+        from xllm_jupyter.backends import native_libs, torch_device
+        from xllm_jupyter.core import gc_freeze
+        gc.freeze()  # what the engine's start does: only what the import makes is unfrozen
+        kind = torch_device.device_kind("auto")
+        print(json.dumps({"kind": kind, "handles": len(native_libs._handles), "torch": "torch" in sys.modules,
+                          "torch_frozen": gc_freeze.is_frozen(sys.modules["torch"].Tensor),
+                          "resumed": gc.get_threshold()[2] != gc_freeze.NO_FULL_COLLECTIONS}))
+    """)
+    got = run(script)
+    assert got["kind"] in ("cpu", "cuda") and got["torch"]
+    assert got["handles"] == 1  # loaded GIL-free before the import
+    assert got["torch_frozen"] and got["resumed"]  # its objects frozen once at its end; full collections back

@@ -6,13 +6,28 @@ Shared by the chat (transformers) and embedding backends; torch is imported when
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any, Sequence
 
 from ..core import gc_freeze
 from ..core.errors import InvalidRequest, Overloaded
 from .compile_gate import empty_cuda_cache
+from .native_libs import preload_torch
 
 log = logging.getLogger(__name__)
+
+
+def import_torch() -> Any:
+    """``import torch``; the process's first (an embedding load asks where "auto" puts it before its backend
+    imports anything) with its native libraries loaded GIL-free first (``native_libs``) and full collections
+    held off until one freeze at its end (``gc_freeze.one_collection``), as a chat backend's first choice does."""
+    if "torch" not in sys.modules:
+        preload_torch()
+        with gc_freeze.one_collection():
+            import torch
+    import torch
+
+    return torch
 
 
 def pick_device(name: str) -> Any:
@@ -143,7 +158,7 @@ def device_kind(device: str) -> str:
     device = device.lower()
     if device == "auto":
         try:
-            import torch  # lazily: only deciding where an auto model will live needs it
+            torch = import_torch()  # lazily: only deciding where an auto model will live needs it
 
             return "cuda" if torch.cuda.is_available() else "cpu"
         except ImportError:
