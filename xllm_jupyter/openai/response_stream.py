@@ -13,6 +13,10 @@ if TYPE_CHECKING:
 
 Event = dict[str, Any]
 
+#: the codes a failed Response's ``error.code`` may have that this server can mean (the SDK's ResponseError.code is an
+#: enum of OpenAI's); any other error code is a ``server_error`` there, its own code staying on the ``error`` event
+_RESPONSE_ERROR_CODES = ("server_error", "rate_limit_exceeded", "invalid_prompt")
+
 
 class ResponseEventStream:
     """A streamed Response: chat chunks in, typed Responses events out, one output item at a time.
@@ -46,14 +50,15 @@ class ResponseEventStream:
     def failure_events(self, body: dict[str, Any]) -> list[Event]:
         """The events that end this stream when it fails midway with OpenAI error ``body``.
 
-        An ``error`` event (its fields as OpenAI's; the ``error`` object too, which makes the
-        openai SDKs raise ``APIError`` as they do for chat) and ``response.failed``, whose
-        response is not stored.
+        An ``error`` event (its fields as OpenAI's, with this server's code; the ``error`` object too, which makes the
+        openai SDKs raise ``APIError`` as they do for chat) and ``response.failed``, whose response is not stored
+        (its ``error.code`` one of OpenAI's: ``server_error`` for e.g. ``overloaded``).
         """
         err = body.get("error") or {}
         message = err.get("message") or "The response failed."
         code = err.get("code") or "server_error"
-        failed = self._turn.response("failed", self._output, None, None, error={"code": code, "message": message})
+        summary = {"code": code if code in _RESPONSE_ERROR_CODES else "server_error", "message": message}
+        failed = self._turn.response("failed", self._output, None, None, error=summary)
         return [
             self._event("error", code=code, message=message, param=err.get("param"), error=err),
             self._event("response.failed", response=failed),
