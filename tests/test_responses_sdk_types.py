@@ -10,9 +10,10 @@ import json
 import time
 import typing
 
+import openai
 import pytest
 from openai.types.responses import Response, ResponseItem, ResponseStreamEvent
-from pydantic import TypeAdapter
+from pydantic import BaseModel, TypeAdapter
 
 from tests.server_fixtures import TINY
 
@@ -30,6 +31,8 @@ _EVENT_TYPES = {typing.get_args(cls.model_fields["type"].annotation)[0]: cls
 BODIES = {
     "text": {"input": "Hi", "max_output_tokens": 4, "instructions": "Be brief.", "metadata": {"k": "v"}},
     "completed": {"input": "JSON please", "text": OK_FORMAT, "max_output_tokens": 40, "temperature": 0},
+    "unnamed format": {"input": "JSON please", "max_output_tokens": 40, "temperature": 0,
+                       "text": {"format": {k: v for k, v in OK_FORMAT["format"].items() if k != "name"}}},
     "logprobs": {"input": "Hi", "max_output_tokens": 3, "include": ["message.output_text.logprobs"], "top_logprobs": 2},
     "call": {"input": "Weather?", "tools": [WEATHER], "tool_choice": {"type": "function", "name": "get_weather"},
              "max_output_tokens": 60, "temperature": 0, "parallel_tool_calls": False},
@@ -85,3 +88,29 @@ def test_completed_at_is_set_on_completed_responses_only(client):
     assert final.status == "completed" and final.completed_at >= final.created_at
     assert client.responses.retrieve(final.id).completed_at == final.completed_at
 
+
+
+def test_an_unnamed_json_schema_format_is_shown_with_the_name_it_was_given(client):
+    """OpenAI requires ``text.format.name``; this server serves a format without one and named it "response" for the
+    constraint, but echoed the format unnamed, which the SDK's type does not allow (``r.text.format.name`` was None)."""
+    fmt = {k: v for k, v in OK_FORMAT["format"].items() if k != "name"}
+    r = client.responses.create(model=TINY, input="JSON please", text={"format": fmt}, max_output_tokens=40, temperature=0)
+    assert r.status == "completed" and json.loads(r.output_text)["ok"] in (True, False)
+    assert r.text.format.type == "json_schema" and r.text.format.name == "response" and r.text.format.strict is True
+    assert client.responses.retrieve(r.id).text.format.name == "response"
+    named = client.responses.create(model=TINY, input="JSON please", text=OK_FORMAT, max_output_tokens=40, temperature=0)
+    assert named.text.format.name == "ok"
+
+
+class Weather(BaseModel):
+    city: str
+
+
+def test_a_chat_shaped_tool_in_create_says_responses_tools_are_flat(client):
+    """``openai.pydantic_function_tool()`` makes chat's nested tool; ``responses.parse`` flattens it, ``create`` sends
+    it as is: the 400 (OpenAI's words) now also says what shape is wanted."""
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.responses.create(model=TINY, input="Weather?", tools=[openai.pydantic_function_tool(Weather)], max_output_tokens=1)
+    body = exc.value.body
+    assert body["param"] == "tools[0].name" and body["code"] == "missing_required_parameter"
+    assert body["message"].startswith("Missing required parameter: 'tools[0].name'.") and "flat" in body["message"]

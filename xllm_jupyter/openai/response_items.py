@@ -149,6 +149,11 @@ def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for i, tool in enumerate(tools):
         if tool.get("type") != "function":
             raise Unsupported(f"Tools of type {shown(tool.get('type'))} are not supported by this server", param=f"tools[{i}].type")
+        if "name" not in tool and isinstance(tool.get("function"), dict):
+            # chat's nested shape, e.g. openai.pydantic_function_tool() passed to responses.create (parse converts it)
+            raise InvalidRequest(f"Missing required parameter: 'tools[{i}].name'. Responses API function tools are flat "
+                                 "({\"type\": \"function\", \"name\", \"parameters\"}); this one is in chat's shape, "
+                                 "nested under 'function'.", param=f"tools[{i}].name", code="missing_required_parameter")
         fn = {k: tool[k] for k in ("name", "description", "parameters", "strict") if k in tool}
         out.append({"type": "function", "function": fn})
     return out

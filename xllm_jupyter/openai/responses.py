@@ -35,6 +35,8 @@ _UNSUPPORTED = ("conversation", "prompt", "background", "reasoning", "max_tool_c
 #: no reasoning items, so there is never any: clients such as Codex ask for it with every ``store: false`` request)
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 _INCLUDABLE = (LOGPROBS_INCLUDE, "reasoning.encrypted_content")
+#: a json_schema ``text.format``'s name when the client gave none (OpenAI requires one; it only labels the format)
+_DEFAULT_FORMAT_NAME = "response"
 
 
 def _is_set(value: Any) -> bool:
@@ -87,6 +89,16 @@ class ResponsesRequest(StrictModel):
         """True when the output text's token logprobs were asked for (``include``)."""
         return LOGPROBS_INCLUDE in (self.include or ())
 
+    def format_echo(self) -> dict[str, Any]:
+        """``text.format`` as the Response shows it: as sent, a json_schema one named (as constrained) when it was not,
+        since the SDK's type requires the name; ``{"type": "text"}`` when none was given."""
+        fmt = (self.text or {}).get("format")
+        if not fmt:
+            return {"type": "text"}
+        if fmt.get("type") == "json_schema" and fmt.get("name") is None:
+            return {**fmt, "name": _DEFAULT_FORMAT_NAME}
+        return fmt
+
     def response_format(self) -> dict[str, Any] | None:
         """``text.format`` as chat's ``response_format`` (None for plain text)."""
         fmt = (self.text or {}).get("format")
@@ -104,7 +116,7 @@ class ResponsesRequest(StrictModel):
                 raise InvalidRequest("'text.format.schema' must be a JSON schema object", param="text.format.schema")
             check_format_name(fmt.get("name"), "text.format.name")
             inner = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
-            inner.setdefault("name", "response")
+            inner.setdefault("name", _DEFAULT_FORMAT_NAME)
             return {"type": "json_schema", "json_schema": inner}
         raise InvalidRequest(f"Unknown text.format type {shown(kind)}", param="text.format.type")
 
@@ -160,7 +172,7 @@ class Turn:
             "store": req.store is not False,
             "temperature": 1.0 if req.temperature is None else req.temperature,
             # only what the server honours is echoed (and stored)
-            "text": {"format": req.text["format"]} if req.text and req.text.get("format") else {"format": {"type": "text"}},
+            "text": {"format": req.format_echo()},
             "tool_choice": req.tool_choice or "auto",
             "tools": req.tools or [],
             "top_p": 1.0 if req.top_p is None else req.top_p,
