@@ -68,3 +68,30 @@ def test_no_column_waits_for_a_model_load(own_server, prompts_seen, cold):
     assert result.frame["error"].isna().all() and (result.frame["completion_tokens"] > 0).all()
     columns = [loaded for text, loaded in prompts_seen if text == PROMPT]
     assert columns == [True, True], prompts_seen
+
+
+def test_a_model_that_fails_to_load_is_tried_once(tmp_path, tiny_llama_dir):
+    """A column whose model failed its warm-up load keeps that error, and is not sent to load it again (a failed
+    load can take as long as a good one: the warm-up doubled it)."""
+    store = ModelStore(tmp_path / "home")
+    store.pull(str(tiny_llama_dir), TINY)
+    store.pull(str(tiny_llama_dir), "bad")
+    with open(store.show("bad").path / "tokenizer.json", "r+b") as f:  # same size: only a load tells
+        f.write(b"GARBAGE!")
+    with running_server(make_test_config(store.home), store, TINY) as info:
+        engine, loads = info.engine, []
+        real_load = engine.load
+
+        async def load(name: str, *args: Any, **kwargs: Any) -> Any:
+            loads.append(name)
+            return await real_load(name, *args, **kwargs)
+
+        engine.load = load
+        try:
+            result = xllm_jupyter.compare(PROMPT, [TINY, "bad"], max_tokens=2, client=(info.base_url, info.api_key))
+        finally:
+            del engine.load
+    errors = dict(zip(result.frame["model"], result.frame["error"]))
+    assert "model_load_failed" in str(errors["bad"]) or "Failed to load model 'bad'" in str(errors["bad"]), errors
+    assert errors[TINY] is None or errors[TINY] != errors[TINY], errors  # None or NaN: the good column answered
+    assert loads.count("bad") == 1, loads

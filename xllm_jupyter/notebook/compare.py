@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..core.errors import InvalidRequest
+from ..core.errors import InvalidRequest, XllmError
 from .clients import ClientLike, async_client, pick_model, sync_client
 from .diffing import diff_html, diff_text
 from .loop import run_sync
@@ -172,15 +172,25 @@ class CompareResult:
         return f"<div>{out}</div>"
 
 
-async def _warm_up(client: Any, models: list[str]) -> None:
+async def _warm_up(client: Any, models: list[str]) -> dict[str, XllmError]:
     """One one-token request per model first, so no column's TTFT and latency include loading its model.
 
     (A cold model otherwise doubled the first compare's timings, and made a loaded model look faster
-    than an unloaded one.) Any key may send it, unlike ``/admin/models/load``; a failure is left for
-    the column's own request to report.
+    than an unloaded one.) Any key may send it, unlike ``/admin/models/load``. Returns, by model, the
+    errors its columns would only repeat (a failed load, no such model, not a chat model): those columns
+    are not sent, as a failed load takes about as long as a good one; a busy server's errors are left
+    for the column's own request.
     """
     hello = [{"role": "user", "content": "Hi"}]
-    await asyncio.gather(*(measure_stream(client, hello, m, {"max_tokens": 1}) for m in dict.fromkeys(models)))
+    unique = list(dict.fromkeys(models))
+    records = await asyncio.gather(*(measure_stream(client, hello, m, {"max_tokens": 1}) for m in unique))
+    return {m: r.error for m, r in zip(unique, records) if r.error is not None and _repeats(r.error)}
+
+
+def _repeats(error: XllmError) -> bool:
+    """True for an error the same model's next request would get again: a failed load or a client error (not a
+    rate limit, not a busy server's 503, not a step that failed)."""
+    return error.code == "model_load_failed" or (400 <= error.status < 500 and error.status not in (408, 429))
 
 
 async def compare_async(
@@ -203,8 +213,11 @@ async def compare_async(
         return None if on_piece is None else (lambda text: on_piece(i, text))
 
     try:
-        await _warm_up(ac, [c.model for c in columns])
-        await asyncio.gather(*(measure_stream(ac, messages, c.model, c.params, piece_handler(i), records[i]) for i, c in enumerate(columns)))
+        failed = await _warm_up(ac, [c.model for c in columns])
+        for i, c in enumerate(columns):
+            records[i].error = failed.get(c.model, records[i].error)
+        await asyncio.gather(*(measure_stream(ac, messages, c.model, c.params, piece_handler(i), records[i])
+                               for i, c in enumerate(columns) if c.model not in failed))
     finally:
         await ac.aclose()
     return records
