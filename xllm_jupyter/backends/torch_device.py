@@ -20,11 +20,13 @@ log = logging.getLogger(__name__)
 def import_torch() -> Any:
     """``import torch``; the process's first (an embedding load asks where "auto" puts it before its backend
     imports anything) with its native libraries loaded GIL-free first (``native_libs``) and full collections
-    held off until one freeze at its end (``gc_freeze.one_collection``), as a chat backend's first choice does."""
+    held off until a freeze at its end (``gc_freeze.first_time``), as a chat backend's first choice does."""
     if "torch" not in sys.modules:
         preload_torch()
-        with gc_freeze.one_collection():
+        with gc_freeze.first_time("import torch") as block:
             import torch
+
+            block.only_imported()
     import torch
 
     return torch

@@ -77,10 +77,11 @@ class EmbeddingHost:
             return self._loader(spec)
         # imports torch and transformers: only when needed, and the first time with collections paused, then frozen
         # (gc_freeze); the model itself loads after that freeze: unfrozen, its unload walks no frozen object
-        with gc_freeze.first_time("load embeddings"):
+        with gc_freeze.first_time("load embeddings") as block:
             from ..backends.embeddings import import_libraries, load_embedding_model
 
             import_libraries()
+            block.only_imported()
         return load_embedding_model(spec)
 
     def is_loading(self, name: str) -> bool:

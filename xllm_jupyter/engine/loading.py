@@ -81,7 +81,8 @@ class LoadingMixin:
 
     def _choose_backend_once(self, spec: ModelSpec) -> Backend:
         """``_choose_backend``; the process's first one (it imports torch) with collections paused, then a freeze."""
-        with gc_freeze.first_time("choose a backend"):
+        with gc_freeze.first_time("choose a backend") as block:
+            block.only_imported()  # (backend modules and torch; the choice itself reads a few files)
             return self._choose_backend(spec)
 
     def _resolve(self, name: str) -> ModelSpec:
@@ -365,7 +366,9 @@ def _load_and_prepare(backend: Backend, spec: ModelSpec) -> LoadedModel:
     # freeze, unfrozen, so its unload is a plain collection, not a full one of the whole process (gc_freeze.py)
     model = None
     with gc_freeze.first_time(f"load {getattr(backend, 'name', type(backend).__name__)}") as first:
-        if not (first and _import_ahead(backend, spec)):
+        if first and _import_ahead(backend, spec):
+            first.only_imported()
+        else:
             model = backend.load(spec)
     if model is None:
         model = backend.load(spec)
