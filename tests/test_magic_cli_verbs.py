@@ -55,6 +55,15 @@ def test_terminal_verbs_are_commands_only_in_their_terminal_shape():
     assert [line for line in prompts if is_command(line)] == []
 
 
+def test_the_terminal_options_of_create_and_cp_keep_them_commands():
+    """`xllm create`/`cp` take --url and --api-key, and every verb -h/--help: such a line was a prompt, so a key
+    typed after --api-key went to the model (and into the notebook) as text."""
+    commands = ["create mine -f Modelfile --api-key sk-secret", "create mine --url http://host:8900/v1",
+                "cp tiny tiny-copy --url=http://host/v1 --api-key sk-secret", "create --help", "cp -h", "serve --help"]
+    assert [line for line in commands if not is_command(line)] == []
+    assert not is_command("create a haiku --help me")  # still a prompt past the terminal's shape
+
+
 def test_serve_and_hub_service_say_what_to_do_instead(shell, live):
     before = models(live)
     for line in ("serve", f"serve --port 8000 -m {TINY}"):
@@ -83,6 +92,10 @@ def test_create_and_cp_name_the_terminal_command_and_change_nothing(shell, live)
     assert cap.stderr.endswith("(to ask the model this, put an option first: `%xllm -t 0.7 create haiku`)\n")
     assert "`xllm create NAME -f Modelfile`" in run(shell, "create").stderr
     assert "`xllm cp SOURCE DESTINATION`" in run(shell, "cp").stderr
+    # the terminal command it spells out never repeats a key into the notebook's output
+    for line in ("create mine -f Modelfile --api-key sk-secret", "cp a b --api-key=sk-secret"):
+        cap = run(shell, line)
+        assert "sk-secret" not in cap.stderr and "KEY` in a terminal" in cap.stderr and cap.outputs == [], cap.stderr
     assert models(live) == before
 
 

@@ -42,14 +42,16 @@ HELP = """\
 COMMANDS = ("list", "ps", "load", "unload", "pull", "rm", "use", "status", "connect", "config", "help", "hub-service")
 #: CLI verbs that also begin everyday prompts ("show me...", "create a haiku...", "serve tea..."): a command
 #: only when the rest of the line has the terminal's shape for that verb, any other line is a prompt.
-#: Each verb: (most model-name-shaped words, the options it takes with a value)
-SOFT_COMMANDS: dict[str, tuple[int, frozenset[str]]] = {
-    "stop": (1, frozenset()),
-    "show": (1, frozenset()),
-    "run": (1, frozenset()),
-    "create": (1, frozenset({"-f", "--file"})),
-    "cp": (2, frozenset()),
-    "serve": (0, frozenset({"--host", "--port", "-m", "--model", "--api-key"})),
+#: Each verb: (most model-name-shaped words, the options it takes with a value, its flags). The terminal-only
+#: verbs take all of the terminal's options: a line with `--api-key KEY` that missed the shape went to the model
+_HELP = frozenset({"-h", "--help"})
+SOFT_COMMANDS: dict[str, tuple[int, frozenset[str], frozenset[str]]] = {
+    "stop": (1, frozenset(), frozenset()),
+    "show": (1, frozenset(), frozenset()),
+    "run": (1, frozenset(), frozenset()),
+    "create": (1, frozenset({"-f", "--file", "--url", "--api-key"}), _HELP),
+    "cp": (2, frozenset({"--url", "--api-key"}), _HELP),
+    "serve": (0, frozenset({"--host", "--port", "-m", "--model", "--api-key"}), _HELP),
 }
 #: `name` or `name:tag`, as the store spells model names (README); nothing with spaces, quotes or `?`
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(:[A-Za-z0-9._-]+)?")
@@ -66,11 +68,14 @@ def is_command(line: str) -> bool:
     return words[0] in SOFT_COMMANDS and _cli_shaped(words[1:], *SOFT_COMMANDS[words[0]])
 
 
-def _cli_shaped(words: list[str], names: int, options: frozenset[str]) -> bool:
-    """Whether ``words`` are at most ``names`` model names plus ``options`` each with its value."""
+def _cli_shaped(words: list[str], names: int, options: frozenset[str], flags: frozenset[str]) -> bool:
+    """Whether ``words`` are at most ``names`` model names, ``options`` each with its value, and ``flags``."""
     i = 0
     while i < len(words):
         word = words[i]
+        if word in flags:  # `--help`
+            i += 1
+            continue
         if word in options and i + 1 < len(words):  # `-f Modelfile`, `--port 8000`
             i += 2
             continue
@@ -82,6 +87,18 @@ def _cli_shaped(words: list[str], names: int, options: frozenset[str]) -> bool:
         names -= 1
         i += 1
     return True
+
+
+def _without_keys(argv: list[str]) -> list[str]:
+    """``argv`` with each ``--api-key`` value spelt ``KEY``: a line echoed into the notebook keeps no secret."""
+    out: list[str] = []
+    for i, word in enumerate(argv):
+        if word.startswith("--api-key="):
+            word = "--api-key=KEY"
+        elif i and argv[i - 1] == "--api-key":
+            word = "KEY"
+        out.append(word)
+    return out
 
 
 class _Parser(argparse.ArgumentParser):
@@ -233,7 +250,7 @@ class Commands:
 
     def _terminal_only(self, verb: str, argv: list[str], usage: str) -> None:
         """Refuse a store-writing verb the HTTP API lacks, naming the terminal command that does it."""
-        command = "xllm " + shlex.join([verb, *argv]) if argv else usage
+        command = "xllm " + shlex.join([verb, *_without_keys(argv)]) if argv else usage
         hint = (f" (to ask the model this, put an option first: `%xllm -t 0.7 {verb} {' '.join(argv)}`)"
                 if verb == "create" and len(argv) == 1 else "")
         raise XllmError(f"`%xllm {verb}` is not available from a notebook (the server has no HTTP route for it): run "
