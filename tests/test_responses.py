@@ -343,6 +343,11 @@ def test_a_stream_that_fails_midway_ends_with_typed_events(client, raw, xllm_ser
     # the response's error.code is one of OpenAI's (an enum in the SDK; it was "overloaded"), the event's this server's
     assert failed["response"]["status"] == "failed" and failed["response"]["error"]["code"] == "server_error"
     assert "was unloaded" in failed["response"]["error"]["message"]
+    # its output holds the text streamed before the failure (it had the open message's empty start), cut there
+    data = [json.loads(line[len("data: "):]) for line in rest.split("\n") if line.startswith("data: ")]
+    streamed = "".join(d["delta"] for d in data if d["type"] == "response.output_text.delta")
+    (message,) = failed["response"]["output"]
+    assert streamed and message["content"][0]["text"] == streamed and message["status"] == "incomplete"
     TypeAdapter(ResponseErrorEvent).validate_python(error)  # strictly the SDK's types (it parses leniently)
     TypeAdapter(ResponseFailedEvent).validate_python(failed)
     with pytest.raises(openai.NotFoundError):

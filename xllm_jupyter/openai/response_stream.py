@@ -52,13 +52,22 @@ class ResponseEventStream:
 
         An ``error`` event (its fields as OpenAI's, with this server's code; the ``error`` object too, which makes the
         openai SDKs raise ``APIError`` as they do for chat) and ``response.failed``, whose response is not stored
-        (its ``error.code`` one of OpenAI's: ``server_error`` for e.g. ``overloaded``).
+        (its ``error.code`` one of OpenAI's: ``server_error`` for e.g. ``overloaded``; its output what was streamed, the
+        item cut ``incomplete``).
         """
         err = body.get("error") or {}
         message = err.get("message") or "The response failed."
         code = err.get("code") or "server_error"
         summary = {"code": code if code in _RESPONSE_ERROR_CODES else "server_error", "message": message}
-        failed = self._turn.response("failed", self._output, None, None, error=summary)
+        output = list(self._output)
+        if self._open_is("message"):
+            # the text streamed so far (an open message holds none until closed; an open call its arguments already)
+            item = output[-1]
+            output[-1] = message_item("assistant", "".join(self._texts), item["id"], "incomplete",
+                                      self._logprobs if self._want_lp else None)
+        elif self._open:
+            output[-1] = {**output[-1], "status": "incomplete"}
+        failed = self._turn.response("failed", output, None, None, error=summary)
         return [
             self._event("error", code=code, message=message, param=err.get("param"), error=err),
             self._event("response.failed", response=failed),
