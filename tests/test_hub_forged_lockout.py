@@ -81,3 +81,32 @@ def test_the_hub_page_of_a_capped_address_still_serves_a_login_cookie_and_known_
         # her token the hub confirmed
         r = loopback.get("/", headers={**forwarded, "Authorization": "token alice-token"}, follow_redirects=False)
         assert r.status_code == 200 and "alice" in r.text
+
+
+def test_a_revoked_token_stops_passing_the_cap_on_the_page_too(tmp_path):
+    """A known token the hub no longer confirms is forgotten on the page as on the API routes: from a capped address
+    it was asked about on every request, uncapped, for as long as it stayed in the known set."""
+    pytest.importorskip("jupyterhub")
+    from xllm_jupyter.hub.service import load_hub_config
+
+    config = load_hub_config(env={"XLLM_HOME": str(tmp_path), "XLLM_QUOTAS_USAGE_FILE": "off"})
+    config = dataclasses.replace(config, auth=dataclasses.replace(config.auth, failed_auth_limit=LIMIT))
+    asked: list[str] = []
+    valid = {"alice-token"}
+
+    async def user_for_token(token: str) -> Any:
+        asked.append(token)
+        return HUB_ALICE if token in valid else None
+
+    forwarded = {"X-Forwarded-For": VICTIM}
+    alice = {**forwarded, "Authorization": "token alice-token"}
+    with running_hub_app(config, user_for_token) as root, httpx.Client(base_url=root, timeout=60) as loopback:
+        assert loopback.get("/v1/models", headers=alice).status_code == 200
+        for i in range(LIMIT + 1):
+            loopback.get("/v1/models", headers={**forwarded, "Authorization": f"token guess-{i}"})
+        valid.clear()  # alice revokes her token
+        r = loopback.get("/", headers=alice, follow_redirects=False)
+        assert r.status_code != 200 and asked[-1] == "alice-token"
+        asked_before = len(asked)
+        r = loopback.get("/", headers=alice, follow_redirects=False)
+        assert r.status_code == 429 and len(asked) == asked_before, (r.status_code, asked[asked_before:])

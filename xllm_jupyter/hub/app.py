@@ -198,6 +198,8 @@ class HubPageHandler(_HubAuthFromSettings, HubOAuthenticated, RequestHandler):
                 # is asked), or a token the hub confirmed before; a capped address (which another user can make
                 # of anyone's, hub/known_tokens.py) does not keep its user from the page
                 model = await self.hub_auth.get_user(self, sync=False)
+                if token and not model:  # revoked: past the cap it is a guess again, as on the API routes
+                    known.discard(token)
         except RateLimited as exc:  # answered here: an HTTPError's page would drop the Retry-After header
             self.set_status(429)
             self.set_header("Retry-After", str(int(exc.retry_after)))
