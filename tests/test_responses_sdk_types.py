@@ -114,3 +114,18 @@ def test_a_chat_shaped_tool_in_create_says_responses_tools_are_flat(client):
     body = exc.value.body
     assert body["param"] == "tools[0].name" and body["code"] == "missing_required_parameter"
     assert body["message"].startswith("Missing required parameter: 'tools[0].name'.") and "flat" in body["message"]
+
+
+def test_prompt_cache_and_safety_hints_are_typed_and_echoed(client):
+    """``prompt_cache_key``, ``prompt_cache_retention`` and ``safety_identifier`` (Response fields in the SDK) were
+    accepted whatever their type and never shown back."""
+    hints = dict(prompt_cache_key="chat-42", prompt_cache_retention="24h", safety_identifier="user-hash")
+    r = client.responses.create(model=TINY, input="Hi", max_output_tokens=1, **hints)
+    assert (r.prompt_cache_key, r.prompt_cache_retention, r.safety_identifier) == ("chat-42", "24h", "user-hash")
+    assert client.responses.retrieve(r.id).safety_identifier == "user-hash"
+    plain = client.responses.create(model=TINY, input="Hi", max_output_tokens=1)
+    assert plain.prompt_cache_key is None and plain.safety_identifier is None
+    for name, bad in (("prompt_cache_key", 5), ("safety_identifier", ["x"]), ("prompt_cache_retention", "forever")):
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.responses.create(model=TINY, input="Hi", max_output_tokens=1, extra_body={name: bad})
+        assert exc.value.body["param"] == name

@@ -68,6 +68,10 @@ class ResponsesRequest(StrictModel):
     include: list[str] | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     service_tier: ServiceTier | None = None
+    # hints to api.openai.com's prompt cache and abuse checks: typed and echoed as there, nothing here to change
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    safety_identifier: str | None = None
 
     def check(self) -> None:
         """Reject what this server cannot honour, naming the parameter."""
@@ -182,6 +186,9 @@ class Turn:
             "user": req.user,
             "metadata": req.metadata or {},
             "service_tier": served_tier(req.service_tier),
+            "prompt_cache_key": req.prompt_cache_key,
+            "prompt_cache_retention": req.prompt_cache_retention,
+            "safety_identifier": req.safety_identifier,
         }
 
     def finish(self, store: ResponseStore, output: list[dict[str, Any]], status: str, incomplete: Any, chat_usage: dict[str, Any] | None) -> dict[str, Any]:
