@@ -136,15 +136,8 @@ class ApiKeyHandler(VerbDispatchMixin, RequestHandler):
         elif not self.auth_required:
             return
         else:
-            failures: FailedAuthLimiter | None = self.settings.get(FAILURES_KEY)
-            client = failures.client(self.request) if failures is not None else ""
-            if failures is not None:
-                failures.check(client)  # an address guessing keys gets 429s; its keys are not even looked at
-            header = self.request.headers.get("Authorization")
-            found = auth.identify(header)
+            found = self.key_principal()
             if found is None:
-                if header and failures is not None:  # a wrong key, not a client that sent none
-                    failures.failed(client)
                 raise AuthenticationError("Incorrect or missing API key. Pass it as 'Authorization: Bearer <key>'.")
             principal = found
         if admin_required(self) and principal.role != ADMIN:
@@ -157,6 +150,20 @@ class ApiKeyHandler(VerbDispatchMixin, RequestHandler):
             # the token budget gates generation only (as the per-user quotas do: handlers.dispatch)
             limiter.admit(principal.key_id, generates=generates(getattr(self, "route", ""), self.request.method or ""))
             self._limited = True
+
+    def key_principal(self) -> Principal | None:
+        """The caller the request's key names; None for a missing or wrong key (a wrong one counts towards the
+        failed-auth cap). RateLimited for a capped address: its keys are not even looked at."""
+        auth: ApiKeyAuth = self.settings[AUTH_KEY]
+        failures: FailedAuthLimiter | None = self.settings.get(FAILURES_KEY)
+        client = failures.client(self.request) if failures is not None else ""
+        if failures is not None:
+            failures.check(client)  # an address guessing keys gets 429s
+        header = self.request.headers.get("Authorization")
+        found = auth.identify(header)
+        if found is None and header and failures is not None:  # a wrong key, not a client that sent none
+            failures.failed(client)
+        return found
 
     def _release(self) -> None:
         if self._limited:
@@ -185,21 +192,11 @@ class PublicApiKeyHandler(ApiKeyHandler):
         A wrong key counts towards the failed-auth cap as on every other route, and a capped address's key
         is not even looked at, so this route is no uncapped way to test keys.
         """
-        auth: ApiKeyAuth = self.settings[AUTH_KEY]
-        if not auth.enabled:
+        if not self.settings[AUTH_KEY].enabled:
             return True
-        header = self.request.headers.get("Authorization")
-        if not header:
+        if not self.request.headers.get("Authorization"):
             return False
-        failures: FailedAuthLimiter | None = self.settings.get(FAILURES_KEY)
-        client = failures.client(self.request) if failures is not None else ""
-        if failures is not None:
-            try:
-                failures.check(client)
-            except RateLimited:
-                return False
-        if auth.identify(header) is None:
-            if failures is not None:
-                failures.failed(client)
+        try:
+            return self.key_principal() is not None
+        except RateLimited:
             return False
-        return True
