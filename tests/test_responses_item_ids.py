@@ -50,3 +50,22 @@ def test_an_input_item_id_that_is_not_a_string_is_a_400(client):
     assert exc.value.body["param"] == "input[0].id" and exc.value.body["code"] == "invalid_type"
     r = client.responses.create(model=TINY, input=[{"role": "user", "content": "x", "id": None}], max_output_tokens=1)
     assert client.responses.input_items.list(r.id).data[0].id.startswith("msg_")
+
+
+def test_resending_an_item_of_the_continued_conversation_is_a_400(client):
+    """With ``previous_response_id`` the stored conversation is put in front already: an item of it sent again (the
+    previous output appended to the input, as when a whole history is kept client-side too) was silently doubled in
+    the prompt; api.openai.com answers "Duplicate item found" and so does this server now, across the whole chain."""
+    first = client.responses.create(model=TINY, input=[{"role": "user", "content": "a", "id": "msg_first"}], max_output_tokens=2)
+    second = client.responses.create(model=TINY, previous_response_id=first.id, input="b", max_output_tokens=2)
+    resent = [o.model_dump(exclude_none=True) for o in first.output]
+    for prev, items in ((first.id, resent), (second.id, resent), (second.id, [{"role": "user", "content": "a", "id": "msg_first"}])):
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.responses.create(model=TINY, previous_response_id=prev, max_output_tokens=1,
+                                    input=[{"role": "user", "content": "c"}, *items])
+        body = exc.value.body
+        assert body["param"] == "input[1].id" and body["message"].startswith(f"Duplicate item found with id '{items[0]['id']}'")
+    # the same items without previous_response_id are a whole conversation given inline: served
+    inline = client.responses.create(model=TINY, max_output_tokens=1, input=[{"role": "user", "content": "a", "id": "msg_first"},
+                                                                             *resent, {"role": "user", "content": "c"}])
+    assert inline.status in ("completed", "incomplete")

@@ -82,9 +82,23 @@ def _item_id(item: dict[str, Any], param: str, seen: set[str]) -> str | None:
         raise InvalidRequest(f"Invalid type for '{param}.id': expected a string, but got {json_type(iid)} instead.",
                              param=f"{param}.id", code="invalid_type")
     if iid in seen:
-        raise InvalidRequest(f"Duplicate item found with id {shown(iid)}.", param=f"{param}.id")
+        raise duplicate_item(iid, param)
     seen.add(iid)
     return iid
+
+
+def duplicate_item(iid: str, param: str) -> InvalidRequest:
+    """The 400 for an input item whose id an earlier item has (in this input, or in the stored conversation)."""
+    return InvalidRequest(f"Duplicate item found with id {shown(iid)}. Remove duplicate items from your input and try "
+                          "again.", param=f"{param}.id")
+
+
+def check_items_new(items: list[dict[str, Any]], taken: set[str]) -> None:
+    """400 when an input item has the id of an item of the stored conversation it continues (``taken``): it was sent
+    again with ``previous_response_id``, which puts that conversation in front already."""
+    for i, item in enumerate(items):
+        if item["id"] in taken:
+            raise duplicate_item(item["id"], f"input[{i}]")
 
 
 def normalize_input(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:

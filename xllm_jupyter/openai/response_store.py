@@ -35,6 +35,22 @@ class ResponseStore(OwnedStore[StoredResponse]):
 
     kind = "Response"
 
+    def chain_item_ids(self, rid: str, owner: str | None) -> set[str]:
+        """The ids of the input and output items of ``rid`` and of the responses it continues (as far as they are
+        still stored), looked up without counting as a use."""
+        ids: set[str] = set()
+        seen: set[str] = set()
+        current: str | None = rid
+        while current is not None and current not in seen:
+            seen.add(current)
+            stored = self.peek(current, owner=owner)
+            if stored is None:
+                break
+            ids.update(item["id"] for item in stored.input_items)
+            ids.update(item["id"] for item in stored.response["output"])
+            current = stored.response.get("previous_response_id")
+        return ids
+
     def size(self, item: StoredResponse) -> int:
         """The response, its input items and its conversation, as JSON."""
         return len(json.dumps([item.response, item.input_items, item.conversation], default=str))

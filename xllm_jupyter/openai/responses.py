@@ -21,7 +21,7 @@ from ..core.errors import InvalidRequest, Unsupported, XllmError
 from .offload import is_big, off_loop_if, parse_body
 from .owned_store import cursor_page, page_limit
 from .protocol import MAX_TOP_LOGPROBS, ServiceTier, StrictModel, check_metadata, check_verbosity, served_tier
-from .response_items import chat_tool_choice, chat_tools, check_function_outputs, items_to_messages, new_id, normalize_input, output_items, response_status
+from .response_items import chat_tool_choice, chat_tools, check_function_outputs, check_items_new, items_to_messages, new_id, normalize_input, output_items, response_status
 from .response_store import ResponseStore, StoredResponse
 from .schema_errors import shown
 from .structured import check_format_name
@@ -254,6 +254,7 @@ class ResponsesServing:
         history: list[dict[str, Any]] = []
         if req.previous_response_id is not None:
             history = self.store.get(req.previous_response_id, param="previous_response_id", owner=user).conversation
+            check_items_new(items, self.store.chain_item_ids(req.previous_response_id, user))
         system = [{"role": "system", "content": req.instructions}] if req.instructions else []
         chat["messages"] = system + history + await off_loop_if(big, items_to_messages, items)
         # every call answered right after it: checked here to say so in Responses terms (the chat check would too)
