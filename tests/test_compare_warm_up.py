@@ -95,3 +95,42 @@ def test_a_model_that_fails_to_load_is_tried_once(tmp_path, tiny_llama_dir):
     assert "model_load_failed" in str(errors["bad"]) or "Failed to load model 'bad'" in str(errors["bad"]), errors
     assert errors[TINY] is None or errors[TINY] != errors[TINY], errors  # None or NaN: the good column answered
     assert loads.count("bad") == 1, loads
+
+
+def test_a_compare_stopped_during_the_warm_up_marks_every_column_stopped(own_server):
+    """Stopped (the widget's Stop, Ctrl-C) while a model loads for the warm-up: the columns never started, and
+    their records say they were stopped rather than looking like empty answers."""
+    import asyncio
+    import threading
+
+    from xllm_jupyter.notebook.compare import Column, compare_async
+    from xllm_jupyter.notebook.streams import StreamRecord
+
+    engine, entered, release = own_server.engine, threading.Event(), threading.Event()
+    real_load = engine.load
+
+    async def load(name: str, *args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        while not release.is_set():  # held until the test has stopped the compare
+            await asyncio.sleep(0.01)
+        return await real_load(name, *args, **kwargs)
+
+    columns = [Column("a", TINY, {"max_tokens": 2}), Column("b", TINY, {"max_tokens": 3})]
+    records = [StreamRecord(model=c.model, params=c.params) for c in columns]
+
+    async def stop_when_loading() -> None:
+        task = asyncio.ensure_future(compare_async((own_server.base_url, own_server.api_key),
+                                                   [{"role": "user", "content": PROMPT}], columns, None, records))
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    engine.load = load
+    try:
+        asyncio.run(stop_when_loading())
+    finally:
+        release.set()
+        del engine.load
+    assert [r.cancelled for r in records] == [True, True] and all(r.text == "" for r in records)

@@ -213,7 +213,12 @@ async def compare_async(
         return None if on_piece is None else (lambda text: on_piece(i, text))
 
     try:
-        failed = await _warm_up(ac, [c.model for c in columns])
+        try:
+            failed = await _warm_up(ac, [c.model for c in columns])
+        except BaseException:  # stopped before any column started: say so, not an empty answer
+            for record in records:
+                record.cancelled = True
+            raise
         for i, c in enumerate(columns):
             records[i].error = failed.get(c.model, records[i].error)
         await asyncio.gather(*(measure_stream(ac, messages, c.model, c.params, piece_handler(i), records[i])
