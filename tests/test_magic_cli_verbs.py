@@ -96,6 +96,8 @@ def test_create_and_cp_name_the_terminal_command_and_change_nothing(shell, live)
     for line in ("create mine -f Modelfile --api-key sk-secret", "cp a b --api-key=sk-secret"):
         cap = run(shell, line)
         assert "sk-secret" not in cap.stderr and "KEY` in a terminal" in cap.stderr and cap.outputs == [], cap.stderr
+    cap = run(shell, "create --help")  # no "ask the model this" hint for an option
+    assert "`xllm create --help`" in cap.stderr and "put an option first" not in cap.stderr, cap.stderr
     assert models(live) == before
 
 

@@ -252,7 +252,7 @@ class Commands:
         """Refuse a store-writing verb the HTTP API lacks, naming the terminal command that does it."""
         command = "xllm " + shlex.join([verb, *_without_keys(argv)]) if argv else usage
         hint = (f" (to ask the model this, put an option first: `%xllm -t 0.7 {verb} {' '.join(argv)}`)"
-                if verb == "create" and len(argv) == 1 else "")
+                if verb == "create" and len(argv) == 1 and not argv[0].startswith("-") else "")
         raise XllmError(f"`%xllm {verb}` is not available from a notebook (the server has no HTTP route for it): run "
                         f"`{command}` in a terminal where the server runs, as its user, then `%xllm list`{hint}")
 
