@@ -278,6 +278,15 @@ def can_chat(entry: Mapping[str, Any]) -> bool:
     return task is None or task in CHAT_TASKS
 
 
+#: at most this many names in a "the server has ..." list (a big store would flood an error or status line)
+LISTED = 12
+
+
+def listed(names: list[str], limit: int = LISTED) -> str:
+    """``names`` joined for a message line, the first ``limit`` of them and how many there are in all."""
+    return ", ".join(names[:limit]) + (f", … ({len(names)} in all)" if len(names) > limit else "")
+
+
 def _first_chat(entries: Iterable[Mapping[str, Any]]) -> str | None:
     """The first entry's name that may serve a chat (embedding models left out)."""
     names = ((entry.get("id") or entry.get("name"), entry) for entry in entries)

@@ -17,7 +17,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from ..client.base import can_chat
+from ..client.base import can_chat, listed
 from ..core.errors import ModelNotFound, XllmError
 from .ask import Question, ask
 from .commands import Commands, is_command
@@ -76,8 +76,7 @@ class XllmMagics(Magics):
             return ""
         if not names:
             return " — the server has no chat model: `%xllm pull smollm2` adds one"
-        shown = ", ".join(names[:12]) + (f", … ({len(names)} in all)" if len(names) > 12 else "")
-        return f" — chat models: {shown} (`%xllm use MODEL` picks one for this notebook)"
+        return f" — chat models: {listed(names)} (`%xllm use MODEL` picks one for this notebook)"
 
     def _ask(self, line: str, cell: str | None) -> None:
         try:

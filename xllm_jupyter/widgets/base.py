@@ -10,7 +10,7 @@ from typing import Any
 
 import ipywidgets as W
 
-from ..client.base import can_chat
+from ..client.base import can_chat, listed
 from ..core.errors import InvalidRequest, ModelNotFound, XllmError
 from ..notebook.clients import pick_model
 from ..notebook.loop import BackgroundLoop
@@ -171,10 +171,6 @@ def model_choices(client: Any, model: str | None) -> tuple[list[str], str | None
     return options, chosen, problem
 
 
-#: at most this many names in a "the server has ..." list (a big store would flood the status line)
-LISTED = 12
-
-
 def unknown_models(client: Any, names: list[str], options: list[str]) -> str | None:
     """A status line naming each of ``names`` the server cannot chat with, and the ones it can; None if all can.
 
@@ -202,8 +198,7 @@ def unknown_models(client: Any, names: list[str], options: list[str]) -> str | N
         problems.append(f"The server has no model {', '.join(map(repr, missing))}")
     if not_chat:
         problems.append(f"{', '.join(map(repr, not_chat))} {'is not a chat model' if len(not_chat) == 1 else 'are not chat models'}")
-    shown = ", ".join(options[:LISTED]) + (f", … ({len(options)} in all)" if len(options) > LISTED else "")
-    have = f"chat models: {shown}" if options else "it has no chat models (pull one: `%xllm pull smollm2`)"
+    have = f"chat models: {listed(options)}" if options else "it has no chat models (pull one: `%xllm pull smollm2`)"
     return "; ".join(problems) + f" — {have}."
 
 
