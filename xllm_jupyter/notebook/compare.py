@@ -187,10 +187,14 @@ async def _warm_up(client: Any, models: list[str]) -> dict[str, XllmError]:
     return {m: r.error for m, r in zip(unique, records) if r.error is not None and _repeats(r.error)}
 
 
+#: what an error's ``code`` says about the model itself, whatever a request asks: its columns would get it too
+_MODEL_FAILURES = frozenset({"model_load_failed", "model_not_found", "model_not_supported"})
+
+
 def _repeats(error: XllmError) -> bool:
-    """True for an error the same model's next request would get again: a failed load or a client error (not a
-    rate limit, not a busy server's 503, not a step that failed)."""
-    return error.code == "model_load_failed" or (400 <= error.status < 500 and error.status not in (408, 429))
+    """True for an error the model's columns would get again (its load failed, no such model, not a chat model, a
+    key the server refuses); not one about the warm-up's own request, a rate limit or a busy server."""
+    return error.code in _MODEL_FAILURES or error.status == 401
 
 
 async def compare_async(
