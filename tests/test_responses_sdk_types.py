@@ -129,3 +129,19 @@ def test_prompt_cache_and_safety_hints_are_typed_and_echoed(client):
         with pytest.raises(openai.BadRequestError) as exc:
             client.responses.create(model=TINY, input="Hi", max_output_tokens=1, extra_body={name: bad})
         assert exc.value.body["param"] == name
+
+
+def test_include_on_retrieve_and_input_items_is_checked(client, raw):
+    """``retrieve(id, include=[...])`` and ``input_items.list(id, include=[...])`` ignored ``include``: a value this server
+    cannot honour was a 200 there while create answers 400. The SDK sends ``include[]=a&include[]=b``: each is checked."""
+    r = client.responses.create(model=TINY, input="Hi", max_output_tokens=1)
+    logprobs = ["message.output_text.logprobs"]
+    assert client.responses.retrieve(r.id, include=logprobs).id == r.id
+    assert len(client.responses.input_items.list(r.id, include=logprobs).data) == 1
+    for call in (lambda inc: client.responses.retrieve(r.id, include=inc),
+                 lambda inc: client.responses.input_items.list(r.id, include=inc)):
+        with pytest.raises(openai.BadRequestError) as exc:
+            call([*logprobs, "file_search_call.results"])
+        assert exc.value.body["param"] == "include[1]" and "file_search_call.results" in exc.value.body["message"]
+    assert raw.get(f"/v1/responses/{r.id}?include=web_search_call.results").status_code == 400
+    assert raw.get("/v1/responses/resp_unknown?include=bogus").status_code == 404  # unknown first, as before

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, AsyncIterator, Literal, Union
 
 from pydantic import Field
@@ -37,6 +37,14 @@ LOGPROBS_INCLUDE = "message.output_text.logprobs"
 _INCLUDABLE = (LOGPROBS_INCLUDE, "reasoning.encrypted_content")
 #: a json_schema ``text.format``'s name when the client gave none (OpenAI requires one; it only labels the format)
 _DEFAULT_FORMAT_NAME = "response"
+
+
+def check_include(values: Sequence[str]) -> None:
+    """400 naming the first ``include`` value this server cannot honour (create, retrieve and input_items take them)."""
+    for i, value in enumerate(values):
+        if value not in _INCLUDABLE:
+            raise Unsupported(f"include value {shown(value)} is not supported by this server; it supports "
+                              + " and ".join(repr(v) for v in _INCLUDABLE), param=f"include[{i}]")
 
 
 def _is_set(value: Any) -> bool:
@@ -79,10 +87,7 @@ class ResponsesRequest(StrictModel):
         for name in _UNSUPPORTED:
             if _is_set(extra.get(name)):
                 raise Unsupported(f"'{name}' is not supported by this server yet", param=name)
-        for i, value in enumerate(self.include or ()):
-            if value not in _INCLUDABLE:
-                raise Unsupported(f"include value {shown(value)} is not supported by this server; it supports "
-                                  + " and ".join(repr(v) for v in _INCLUDABLE), param=f"include[{i}]")
+        check_include(self.include or ())
         check_metadata(self.metadata)
         check_verbosity((self.text or {}).get("verbosity"), "text.verbosity")  # was accepted and ignored
         if self.input is None or self.input == "" or self.input == []:
@@ -304,13 +309,15 @@ class ResponsesServing:
         return {"object": "response.input_tokens", "input_tokens": count}
 
     # ----------------------------------------------------------- stored objects
-    def retrieve(self, rid: str, user: str | None = None, query: Mapping[str, str] | None = None) -> dict[str, Any]:
+    def retrieve(self, rid: str, user: str | None = None, query: Mapping[str, str] | None = None,
+                 include: Sequence[str] = ()) -> dict[str, Any]:
         """``GET /v1/responses/{id}``; 404 when unknown, deleted, created with ``store: false`` or another user's.
 
         ``?stream=true`` (the SDK's ``retrieve(id, stream=True)``) streams a background response's events on
         api.openai.com: a 400 here, where there are none (answered as JSON, the SDK saw an empty stream).
         """
         found = self.store.get(rid, owner=user).response
+        check_include(include)  # what a stored response holds was fixed by its create's include; a bad value is a 400
         if (query or {}).get("stream", "false").lower() not in ("false", "0", ""):
             raise InvalidRequest("Only responses created with background=true can be streamed when retrieved; this "
                                  "server does not support 'background', so retrieve the finished response without "
@@ -329,9 +336,10 @@ class ResponsesServing:
         self.store.delete(rid, owner=user)
         return {"id": rid, "object": "response.deleted", "deleted": True}
 
-    def input_items(self, rid: str, query: Mapping[str, str], user: str | None = None) -> dict[str, Any]:
+    def input_items(self, rid: str, query: Mapping[str, str], user: str | None = None, include: Sequence[str] = ()) -> dict[str, Any]:
         """``GET /v1/responses/{id}/input_items``: this request's input items, one page (``limit``, ``order``
-        (default ``desc``), ``after``)."""
+        (default ``desc``), ``after``; ``include`` values checked)."""
         limit = page_limit(query)
         items = self.store.get(rid, owner=user).input_items
+        check_include(include)
         return cursor_page(items, limit, query.get("order", "desc"), query.get("after"), "input item in this response")

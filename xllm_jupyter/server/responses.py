@@ -34,6 +34,11 @@ class ResponseCompactMixin(BodyMixin):
                        code="unsupported_endpoint")
 
 
+def include_values(handler: RequestMixin) -> list[str]:
+    """Every ``include`` query value (the openai SDK sends ``include[]=a&include[]=b``; ``query`` keeps one of each)."""
+    return handler.get_query_arguments("include[]") + handler.get_query_arguments("include")  # type: ignore[attr-defined]
+
+
 class ResponseMixin(RequestMixin):
     """``GET`` and ``DELETE /v1/responses/{id}``."""
 
@@ -41,7 +46,8 @@ class ResponseMixin(RequestMixin):
 
     async def handle_get(self, response_id: str) -> None:
         """A stored response; 404 when unknown."""
-        await self.write_large_json(self.xllm.responses.retrieve(response_id, user=self.caller.user, query=self.query))
+        await self.write_large_json(self.xllm.responses.retrieve(response_id, user=self.caller.user, query=self.query,
+                                                                 include=include_values(self)))
 
     async def handle_delete(self, response_id: str) -> None:
         """Forget a stored response; 404 when unknown."""
@@ -53,7 +59,8 @@ class ResponseInputItemsMixin(RequestMixin):
 
     async def handle_get(self, response_id: str) -> None:
         """One page of the response's input items (``limit``, ``order``, ``after``)."""
-        self.write_json(self.xllm.responses.input_items(response_id, self.query, user=self.caller.user))
+        self.write_json(self.xllm.responses.input_items(response_id, self.query, user=self.caller.user,
+                                                        include=include_values(self)))
 
 
 class ResponseCancelMixin(RequestMixin):
