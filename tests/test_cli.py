@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,6 +74,20 @@ def test_usage_errors_exit_2():
 
 
 # ------------------------------------------------------------------------ store
+def test_list_wraps_a_long_source_and_cuts_no_name_or_format(home, tiny_llama_dir, tmp_path):
+    # the row passed the console's 100 columns once pytest's temp dir reached pytest-1000: every no_wrap column
+    # was cut, "safetensors" shown as "safetenso…"
+    long_dir = tmp_path / ("a-rather-long-folder-name-" * 4)
+    shutil.copytree(tiny_llama_dir, long_dir)  # a copy: the store records a link's target
+    assert invoke("pull", str(long_dir), "--name", "mini-with-a-long-name").exit_code == 0
+
+    out = invoke("list").stdout
+    row = next(line for line in out.splitlines() if line.startswith("mini"))
+    assert row.split()[:2] == ["mini-with-a-long-name", "safetensors"]
+    assert "…" not in row
+    assert "".join(line.strip() for line in out.splitlines()).count("a-rather-long-folder-name-") == 4  # all of it, folded
+
+
 def test_pull_list_show_rm(home, tiny_llama_dir):
     result = invoke("pull", str(tiny_llama_dir), "--name", "mini")
     assert result.exit_code == 0, result.output

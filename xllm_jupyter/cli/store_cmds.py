@@ -134,8 +134,10 @@ def list_command() -> None:
         console.print("No models yet: try `xllm pull smollm2`.")
         return
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for col in ("NAME", "FORMAT", "SIZE", "DIGEST", "CREATED", "SOURCE"):
+    for col in ("NAME", "FORMAT", "SIZE", "DIGEST", "CREATED"):
         table.add_column(col, no_wrap=True)
+    # the one that wraps when the row is too wide (a long source path), so names and formats are never cut
+    table.add_column("SOURCE", overflow="fold")
     for m in manifests:
         # manifest text is data: a "[/x]" in a source was a MarkupError, a "[link=...]" a hyperlink, an ESC reached the tty
         table.add_row(*(cell(v) for v in (m.name, m.format, human_size(m.size), short_digest(m.digest),
