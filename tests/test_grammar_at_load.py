@@ -161,7 +161,9 @@ def test_two_loads_at_once_build_once(tiny_llama_dir, builds, monkeypatch):
     assert builds == ["load"] and compilers[0].tokenizer is compilers[1].tokenizer
 
 
-def test_an_unloaded_models_tokenizer_is_not_kept(tiny_llama_dir, builds):
+def test_an_unloaded_models_tokenizer_is_kept_only_with_its_transformers_tokenizer(tiny_llama_dir, builds):
+    """The build lives while a compiler or the transformers tokenizer it was built for does (a released one is kept
+    for a reload: tests/test_released_tokenizers.py); with neither left, it goes and a new compiler builds again."""
     a, b = compiler_for(tiny_llama_dir), compiler_for(tiny_llama_dir)
     a.prepare()
     b.prepare()
@@ -169,8 +171,12 @@ def test_an_unloaded_models_tokenizer_is_not_kept(tiny_llama_dir, builds):
     del a
     gc.collect()
     assert len(constraints.SHARED_TOKENIZERS) == 1  # b still holds it
+    tokenizer = b._hf
     del b
     gc.collect()
-    assert len(constraints.SHARED_TOKENIZERS) == 0  # gone with the last model that used it
+    assert len(constraints.SHARED_TOKENIZERS) == 1  # its transformers tokenizer still lives
+    del tokenizer
+    gc.collect()
+    assert len(constraints.SHARED_TOKENIZERS) == 0  # gone with the last thing that used it
     compiler_for(tiny_llama_dir).prepare()
     assert builds == ["load", "load"]

@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("torch")
 llguidance_hf = pytest.importorskip("llguidance.hf")
 
-from xllm_jupyter.backends import constraints, tokenizer_files  # noqa: E402
+from xllm_jupyter.backends import constraints, released_tokenizers, tokenizer_files  # noqa: E402
 from xllm_jupyter.backends.base import BackendOptions, ModelSpec  # noqa: E402
 from xllm_jupyter.backends.constraints import GrammarCompiler, SharedTokenizers, tokenizer_identity  # noqa: E402
 from xllm_jupyter.backends.tokenizer_files import added_tokens_only_in_tokenizer_json, load_tokenizer  # noqa: E402
@@ -33,6 +33,7 @@ def own_tokenizers_in_use(monkeypatch) -> None:
     """A registry of tokenizers in use of this test's own: a session server's model of the same files (the
     tiny Llama's) would otherwise hand its tokenizer to this test's loads, which then read nothing."""
     monkeypatch.setattr(tokenizer_files, "_in_use", weakref.WeakValueDictionary())
+    monkeypatch.setattr(released_tokenizers, "RELEASED", released_tokenizers.ReleasedTokenizers())  # (and released ones)
 
 
 @pytest.fixture

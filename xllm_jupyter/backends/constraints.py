@@ -191,17 +191,20 @@ def build_ll_tokenizer(hf_tokenizer: Any, vocab_size: int, eos: list[int]) -> An
 class SharedTokenizers:
     """The llguidance tokenizers of the loaded models, one per (tokenizer identity, vocab size, EOS ids).
 
-    Held weakly: an entry lives while some model's ``GrammarCompiler`` holds it, so an unloaded
-    model's tokenizer (tens of MB for a large vocabulary) goes with its last compiler.
+    Held weakly: an entry lives while some model's ``GrammarCompiler`` holds it, or the transformers
+    tokenizer it was built for lives (``entry``): an unloaded model's build (tens of MB for a large
+    vocabulary) goes with its tokenizer, which released_tokenizers.py keeps a while for a reload.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._built: weakref.WeakValueDictionary[tuple[str, int, tuple[int, ...]], BuiltTokenizer] = (
             weakref.WeakValueDictionary())
+        # a transformers tokenizer -> the entries of its builds (kept as long as it lives)
+        self._of: weakref.WeakKeyDictionary[Any, list[BuiltTokenizer]] = weakref.WeakKeyDictionary()
 
-    def entry(self, identity: str | None, vocab_size: int, eos: Sequence[int]) -> BuiltTokenizer:
-        """The shared entry for this key (a private one when ``identity`` is None)."""
+    def entry(self, identity: str | None, vocab_size: int, eos: Sequence[int], hf_tokenizer: Any = None) -> BuiltTokenizer:
+        """The shared entry for this key (a private one when ``identity`` is None), kept while ``hf_tokenizer`` lives."""
         if identity is None:
             return BuiltTokenizer()
         key = (identity, int(vocab_size), tuple(eos))
@@ -209,6 +212,13 @@ class SharedTokenizers:
             built = self._built.get(key)
             if built is None:
                 built = self._built[key] = BuiltTokenizer()
+            if hf_tokenizer is not None:
+                try:  # a released tokenizer's reload finds its build with it (the build holds no reference back)
+                    kept = self._of.setdefault(hf_tokenizer, [])
+                    if built not in kept:
+                        kept.append(built)
+                except TypeError:  # not weakly referable: the build lives with its compilers only
+                    pass
             return built
 
     def __len__(self) -> int:
@@ -244,7 +254,8 @@ class GrammarCompiler:
         # identified now, on the loading thread right after the tokenizer was read, not at first use: the
         # files may be replaced by then (a re-pull), and this tokenizer must not stand for the new ones
         # (replaced during the read itself: load_tokenizer saw it, and the identity is None)
-        self._built = SHARED_TOKENIZERS.entry(tokenizer_identity(hf_tokenizer), self._vocab_size, self._eos)
+        self._built = SHARED_TOKENIZERS.entry(tokenizer_identity(hf_tokenizer), self._vocab_size, self._eos,
+                                             hf_tokenizer)
 
     def prepare(self) -> None:
         """Build the llguidance tokenizer now (the model's load calls this); a tokenizer llguidance

@@ -24,7 +24,7 @@ from .hf_tokenizer import TokenizerGuard
 from .load_lock import exclusive_load
 from .native_libs import preload_torch
 from .quiet_loading import library_bars_off
-from .tokenizer_files import load_tokenizer
+from .tokenizer_files import load_tokenizer, release as release_tokenizer
 from .torch_device import is_out_of_memory, out_of_memory, pick_device, placement, release_memory
 
 #: inputs per forward pass: bounds activation memory for big requests
@@ -140,6 +140,7 @@ class EmbeddingModel:
         """Drop the weights and give their memory back to the device."""
         full = gc_freeze.is_frozen(self.model)  # unfrozen since its load: a plain collection frees its cycles
         self.model = None
+        release_tokenizer(self.tokenizer)  # kept a while: a reload (keep_alive ran out) reads nothing again
         release_memory(full)
 
 

@@ -20,6 +20,7 @@ from .detokenize import token_text
 from .exllama_common import JobInfo, SpeculativeStats, free_cuda_memory, translate_results
 from .hf_tokenizer import ChatTokenizer, ChatTokenizerMethods
 from .prefix_isolation import PrefixIsolation, isolated_job_class
+from .tokenizer_files import release as release_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +201,7 @@ class DynamicGeneratorModel(ChatTokenizerMethods, LoadedModel):
         self._release()
         self._jobs.clear()
         self._info.clear()
+        release_tokenizer(self.chat.tokenizer)  # kept a while: a reload (keep_alive ran out) reads nothing again
         free_cuda_memory()
 
     def _release(self) -> None:

@@ -32,6 +32,7 @@ from .hf_prefill import Prefill
 from .kv_batch import BatchKV, cache_argument
 from .lora import LoraAdapters
 from .sampling import JobSampler, sample
+from .tokenizer_files import release as release_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -405,6 +406,7 @@ class TransformersModel(ChatTokenizerMethods, Prefill, LoadedModel):
         # these hold the model too: the weights must be unreferenced before the collect below frees them
         self._lora = LoraAdapters(None, self.device)  # (empty: details and memory still answer)
         self._masker = None
+        release_tokenizer(self.chat.tokenizer)  # kept a while: a reload (keep_alive ran out) reads nothing again
         gc_freeze.collect(full)  # (unfreezes first where a freeze caught the model, cycles and all)
         if self.device.type == "cuda":
             empty_cuda_cache()

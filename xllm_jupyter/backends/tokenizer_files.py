@@ -15,6 +15,9 @@ Two jobs, both about a load's GIL-holding stretches (docs/performance.md, "A mod
   its ``Tokenizer.from_file`` (Rust, 0.12-0.29 s for SmolLM2's, the GIL held throughout: the worst
   stretch of a warm load) is not run again. Sharing is safe because a loaded tokenizer is only read
   once settled (hf_tokenizer.py: ``settle``): nothing in a model changes its tokenizer.
+- ``release`` keeps an unloaded model's tokenizer a while (released_tokenizers.py), so the model's reload
+  gets it back as a copy's load does. A tokenizer whose state differs from what its load left (``state``:
+  its chat template, special and added tokens, limits; only a test has ever changed one) is never handed out.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core import gc_freeze
+from . import released_tokenizers
 
 #: the files a transformers tokenizer is read from in its directory (and added tokens from): their bytes identify it
 #: (the chat templates too: transformers reads chat_template.jinja and additional_chat_templates/ into the tokenizer)
@@ -43,8 +47,10 @@ NOT_READ = object()
 # what load_tokenizer found: tokenizer -> the digest of its files (None: they changed during the read)
 _digests: weakref.WeakKeyDictionary[Any, str | None] = weakref.WeakKeyDictionary()
 _digests_lock = threading.Lock()
-# (digest, the load's arguments) -> a tokenizer read from such files, while some model still holds it
+# (digest, the load's arguments) -> a tokenizer read from such files, while some model (or RELEASED) still holds it
 _in_use: weakref.WeakValueDictionary[tuple[str, str], Any] = weakref.WeakValueDictionary()
+# a tokenizer in _in_use -> (its key there, ``state`` as its load left it)
+_loaded_as: weakref.WeakKeyDictionary[Any, tuple[tuple[str, str], str | None]] = weakref.WeakKeyDictionary()
 
 
 def files_digest(directory: str | Path) -> str | None:
@@ -118,7 +124,8 @@ def load_tokenizer(directory: str | Path, **kwargs: Any) -> Any:
     if key is not None:
         with _digests_lock:
             shared = _in_use.get(key)
-        if shared is not None:
+        released_tokenizers.RELEASED.take(key)  # (in use again, if it was released: no longer kept for a reload)
+        if shared is not None and unchanged(shared):
             return shared  # the same files, read already: no second Tokenizer.from_file (its GIL stretch)
     if "added_tokens_decoder" not in kwargs and added_tokens_only_in_tokenizer_json(directory):
         # present (empty): transformers skips its legacy branch, the json.load of the whole tokenizer.json
@@ -138,6 +145,7 @@ def load_tokenizer(directory: str | Path, **kwargs: Any) -> Any:
                 _digests[tokenizer] = before if before == after else None
                 if key is not None and before == after:
                     _in_use[key] = tokenizer
+                    _loaded_as[tokenizer] = (key, state(tokenizer))
         except TypeError:  # not weakly referable or hashable: identified later by its files, as any other
             pass
     return tokenizer
@@ -151,3 +159,45 @@ def loaded_digest(tokenizer: Any) -> Any:
             return _digests.get(tokenizer, NOT_READ)
     except TypeError:
         return NOT_READ
+
+
+def state(tokenizer: Any) -> str | None:
+    """A digest of what a model's use could change in ``tokenizer`` (None: unreadable, so never shared).
+
+    Its class, length, chat templates, special and added tokens and the settings transformers' calls read;
+    not the truncation and padding of its Rust tokenizer, which ``hf_tokenizer.settle`` switches off for
+    every model alike. Some 0.1 ms: it runs at every load of shared files and every release.
+    """
+    try:
+        added = sorted((i, str(t)) for i, t in tokenizer.added_tokens_decoder.items())
+        parts = (type(tokenizer).__qualname__, len(tokenizer), tokenizer.chat_template, tokenizer.special_tokens_map,
+                 added, tokenizer.model_max_length, tokenizer.padding_side, tokenizer.truncation_side,
+                 getattr(tokenizer, "split_special_tokens", None), tokenizer.clean_up_tokenization_spaces,
+                 getattr(tokenizer, "add_bos_token", None), getattr(tokenizer, "add_eos_token", None))
+        return hashlib.sha256(repr(parts).encode()).hexdigest()
+    except Exception:  # not a transformers tokenizer: nothing known to compare
+        return None
+
+
+def unchanged(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` (read by ``load_tokenizer`` and shared) is still as its load left it."""
+    try:
+        with _digests_lock:
+            loaded = _loaded_as.get(tokenizer)
+    except TypeError:
+        return False
+    return loaded is not None and loaded[1] is not None and state(tokenizer) == loaded[1]
+
+
+def release(tokenizer: Any) -> bool:
+    """An unloading model is done with ``tokenizer``: keep it for a reload of the same files (released_tokenizers.py)
+    if ``load_tokenizer`` shared it and it is unchanged; True when kept."""
+    try:
+        with _digests_lock:
+            loaded = _loaded_as.get(tokenizer)
+    except TypeError:
+        return False
+    if loaded is None or not unchanged(tokenizer):
+        return False  # (a changed one goes with its last user; a load of its files reads them afresh)
+    released_tokenizers.RELEASED.keep(loaded[0], tokenizer)
+    return True

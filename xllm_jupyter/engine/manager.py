@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
+from ..backends import released_tokenizers
 from ..backends.base import LoadedModel
 from ..backends.torch_device import device_kind
 from ..core import gc_freeze
@@ -415,6 +416,8 @@ class ResidencyMixin:
             if expiry is not None and expiry <= now and not self._embeddings.busy(name):  # (in use: a later pass)
                 self._embed_expiry.pop(name, None)
                 await self._embeddings.unload(name)
+        if released_tokenizers.RELEASED.due():  # tokenizers kept for reloads go after theirs (released_tokenizers.py)
+            await asyncio.to_thread(released_tokenizers.RELEASED.expire)
 
     def _finished(self, name: str, keep_alive: float | None) -> None:
         """Restart ``name``'s keep_alive after a request.

@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from typing import Any, AsyncIterator, Callable
 
-from ..backends import torch_device
+from ..backends import released_tokenizers, torch_device
 from ..core.errors import Overloaded
 from .manager import MemoryBudget, Residency, shares_room
 
@@ -84,7 +84,22 @@ class SwapMixin:
         room = None
         if device == "cuda" and not self._budget.budgets.get(device):
             room = await asyncio.to_thread(torch_device.cuda_room_bytes, gpus)
-        return self._budget.plan(name, needed, device, self._memory_records(), idle, device_room=room, gpus=gpus)
+        try:
+            victims = self._budget.plan(name, needed, device, self._memory_records(), idle, device_room=room, gpus=gpus)
+        except Overloaded as exc:
+            if exc.code == "insufficient_memory":  # (not for a model that can never fit: no pressure then)
+                await self._drop_released(device)
+            raise
+        if victims:
+            await self._drop_released(device)
+        return victims
+
+    @staticmethod
+    async def _drop_released(device: str) -> None:
+        """Short of CPU memory: the tokenizers kept for reloads (released_tokenizers.py; not charged to the budget)
+        go before any model does."""
+        if device == "cpu" and len(released_tokenizers.RELEASED):
+            await asyncio.to_thread(released_tokenizers.RELEASED.clear)  # (freeing a tokenizer takes ms of GIL)
 
     async def _await_room(self, name: str, needed: int, device: str, gpus: tuple[int, ...] | None = None,
                           deadline: float | None = None) -> None:
