@@ -33,6 +33,9 @@ Scenarios (a fresh server each, since "first" happens once per process):
 - ``tokenizer``: the first request for ``tiny-newtok`` (the tiny Llama with tokenizer files no loaded model was
   read from: its ``Tokenizer.from_file`` and the grammar engine's tokenizer build, both Rust holding the GIL),
   then its first json_schema request.
+- ``reload``: the notebook pattern of a keep_alive running out: ``tiny-newtok`` is loaded, unloaded and asked for
+  again (its reload: the tokenizer and grammar tokenizer of its first load, when kept, are not read or built
+  again: backends/released_tokenizers.py), then a json_schema request.
 
 ``--before REV`` runs each round on this checkout's code and on ``REV``'s (``git archive``, as
 ``small_behind_huge.py`` does), alternating which goes first, into the same report.
@@ -136,6 +139,16 @@ SCENARIOS: dict[str, list[tuple[str, str, dict]]] = {
         (f"first {NEW_TOKENIZER} request (loads it: tokenizer files no loaded model has)", "/v1/chat/completions",
          {"model": NEW_TOKENIZER, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
         (f"first {NEW_TOKENIZER} json_schema request", "/v1/chat/completions",
+         {"model": NEW_TOKENIZER, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+          "response_format": schema_format("city", "city")}),
+    ],
+    "reload": [
+        (f"first {NEW_TOKENIZER} request (loads it)", "/v1/chat/completions",
+         {"model": NEW_TOKENIZER, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
+        (f"unload {NEW_TOKENIZER} (its keep_alive ran out)", "/admin/models/unload", {"model": NEW_TOKENIZER}),
+        (f"{NEW_TOKENIZER} request after its unload (loads it again)", "/v1/chat/completions",
+         {"model": NEW_TOKENIZER, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
+        (f"{NEW_TOKENIZER} json_schema request after the reload", "/v1/chat/completions",
          {"model": NEW_TOKENIZER, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
           "response_format": schema_format("city", "city")}),
     ],
