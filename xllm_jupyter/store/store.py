@@ -26,6 +26,7 @@ from ..backends.base import ModelSpec
 from ..core.errors import InvalidModelName, ModelNotFound, StoreError, repair_advice
 from ..core.types import CatalogFacts
 from .atomic import FileLock, fsync_dir, remove_tree
+from .cancel import PullJobs
 from .create import create_model, model_defaults
 from .identity import store_id
 from .manifest import (
@@ -57,6 +58,7 @@ class ModelStore(PullMixin):
         self.locks = self.home / "locks"
         self.endpoint = endpoint  # Hub endpoint; None reads HF_ENDPOINT at pull time
         self.token = token  # Hub token; None lets huggingface_hub find HF_TOKEN / the saved login
+        self._pull_jobs = PullJobs()  # the pulls in flight, which cancel_pulls stops
 
     # ------------------------------------------------------------------ reading
     def _dir(self, name: str) -> Path:

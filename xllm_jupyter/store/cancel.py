@@ -1,0 +1,141 @@
+"""Cancellable pulls: a flag each pull checks at every progress step, and a caller that never waits past a cancel.
+
+A pull copies, downloads and hashes in chunks and reports each one, so it checks its flag there and
+unwinds at once (its work directory deleted, so the store gains nothing). A GGUF conversion reports
+between its steps only, and one step (transformers reading the weights) takes tens of seconds; so
+the pull runs on a daemon thread of its own and the caller waits for it or for the cancel: a
+cancelled pull returns within ``GRACE_SECONDS`` whatever it was doing, the process may exit without
+waiting for that thread, and at exit the build directories of such abandoned pulls are deleted.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextvars
+import logging
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
+
+from ..core.errors import PullStopped
+from .atomic import remove_tree
+from .progress import ProgressFn, PullProgress
+
+log = logging.getLogger("xllm_jupyter.store.store")
+
+T = TypeVar("T")
+
+#: how long a cancelled pull's caller waits for its thread to unwind (it deletes its files) before it leaves it
+GRACE_SECONDS = 0.5
+
+
+class PullJob:
+    """One pull in flight: its cancel flag and the build directories it made (deleted if it is abandoned)."""
+
+    def __init__(self, name: str, cancel: threading.Event | None = None):
+        self.name = name
+        self.cancel = cancel if cancel is not None else threading.Event()
+        self.building: set[Path] = set()
+
+    def check(self) -> None:
+        """Raise PullStopped once the pull was cancelled."""
+        if self.cancel.is_set():
+            raise PullStopped(f"The pull of '{self.name}' was stopped before it finished (the server is shutting "
+                              "down); nothing was added to the store: pull it again")
+
+    def checking(self, report: ProgressFn | None) -> ProgressFn:
+        """``report`` (or nothing) preceded by ``check``: every progress step of the pull is a cancel point."""
+        def checked(event: PullProgress) -> None:
+            self.check()
+            if report is not None:
+                report(event)
+
+        return checked
+
+
+#: the job of the pull running on this thread (its work directories register with it)
+current_job: contextvars.ContextVar[PullJob | None] = contextvars.ContextVar("xllm_pull_job", default=None)
+
+_abandoned: set[PullJob] = set()
+_abandoned_lock = threading.Lock()
+
+
+class PullJobs:
+    """The pulls in flight in one store, so that ``cancel_all`` (a shutdown) can stop them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: set[PullJob] = set()
+
+    @contextmanager
+    def track(self, job: PullJob) -> Iterator[PullJob]:
+        """Count ``job`` as in flight for the block."""
+        with self._lock:
+            self._jobs.add(job)
+        try:
+            yield job
+        finally:
+            with self._lock:
+                self._jobs.discard(job)
+
+    def cancel_all(self) -> int:
+        """Cancel every pull in flight; how many were not cancelled yet."""
+        with self._lock:
+            jobs = [job for job in self._jobs if not job.cancel.is_set()]
+        for job in jobs:
+            job.cancel.set()
+        return len(jobs)
+
+
+def run_cancellable(job: PullJob, work: Callable[[], T]) -> T:
+    """``work()`` on a daemon thread (in this context, with ``job`` current): its result or error, or PullStopped
+    within ``GRACE_SECONDS`` of a cancel even while ``work`` is inside a long library call."""
+    box: dict[str, object] = {}
+    done = threading.Event()
+    context = contextvars.copy_context()
+
+    def run() -> None:
+        current_job.set(job)
+        try:
+            box["result"] = work()
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=context.run, args=(run,), name=f"xllm-pull-{job.name}", daemon=True).start()
+    try:
+        while not done.wait(0.05):
+            if job.cancel.is_set():
+                _leave(job, done)
+                if not done.is_set():  # (one that ended in the grace gives its own outcome, below)
+                    job.check()
+    except BaseException:  # a Ctrl-C in `xllm pull` (raised on this thread): the pull unwinds, its files deleted
+        job.cancel.set()
+        _leave(job, done)
+        raise
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["result"]  # type: ignore[return-value]
+
+
+def _leave(job: PullJob, done: threading.Event) -> None:
+    """Give a cancelled pull ``GRACE_SECONDS`` to unwind; past that, leave its thread to the process's exit."""
+    if done.wait(GRACE_SECONDS):
+        return
+    log.warning("the pull of %s stops at its next step; leaving it (its files are deleted then, or at exit)", job.name)
+    with _abandoned_lock:
+        _abandoned.add(job)
+
+
+@atexit.register
+def _remove_abandoned() -> None:
+    """Delete what abandoned pulls built so far (their thread is stuck in a library call that writes nothing there:
+    its next step checks the cancel first); what a crash leaves instead, the next pull deletes."""
+    with _abandoned_lock:
+        jobs = list(_abandoned)
+    for job in jobs:
+        for path in list(job.building):
+            remove_tree(path)
+            Path(f"{path}.lock").unlink(missing_ok=True)
