@@ -26,6 +26,9 @@ class StoredResponse:
     response: dict[str, Any]
     input_items: list[dict[str, Any]] = field(default_factory=list)
     conversation: list[dict[str, Any]] = field(default_factory=list)
+    #: the ids of every item of ``conversation`` (the chain's inputs and outputs, then this one's): an item sent again
+    #: with ``previous_response_id`` is a 400, also where a response of the chain was deleted since (its turn is here)
+    item_ids: frozenset[str] = frozenset()
     #: the user who created it (None = anonymous); only they can read, continue or delete it
     owner: str | None = None
 
@@ -34,22 +37,6 @@ class ResponseStore(OwnedStore[StoredResponse]):
     """A bounded map from response id to StoredResponse, evicting fairly between users (event-loop use only)."""
 
     kind = "Response"
-
-    def chain_item_ids(self, rid: str, owner: str | None) -> set[str]:
-        """The ids of the input and output items of ``rid`` and of the responses it continues (as far as they are
-        still stored), looked up without counting as a use."""
-        ids: set[str] = set()
-        seen: set[str] = set()
-        current: str | None = rid
-        while current is not None and current not in seen:
-            seen.add(current)
-            stored = self.peek(current, owner=owner)
-            if stored is None:
-                break
-            ids.update(item["id"] for item in stored.input_items)
-            ids.update(item["id"] for item in stored.response["output"])
-            current = stored.response.get("previous_response_id")
-        return ids
 
     def size(self, item: StoredResponse) -> int:
         """The response, its input items and its conversation, as JSON."""

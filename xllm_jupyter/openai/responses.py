@@ -150,11 +150,13 @@ def usage_object(chat_usage: dict[str, Any] | None) -> dict[str, Any] | None:
 class Turn:
     """One request in flight: its ids, parsed request and the conversation it extends."""
 
-    def __init__(self, req: ResponsesRequest, items: list[dict[str, Any]], history: list[dict[str, Any]], user: str | None = None):
+    def __init__(self, req: ResponsesRequest, items: list[dict[str, Any]], history: list[dict[str, Any]], user: str | None = None,
+                 history_ids: frozenset[str] = frozenset()):
         self.user = user  # the owner of the stored response
         self.req = req
         self.items = items
         self.history = history
+        self.history_ids = history_ids  # the ids of the items of ``history`` (StoredResponse.item_ids)
         self.rid = new_id("resp_")
         self.mid = new_id("msg_")
         self.created = int(time.time())
@@ -201,7 +203,8 @@ class Turn:
         resp = self.response(status, output, usage_object(chat_usage), incomplete)
         if self.req.store is not False:
             conversation = self.history + items_to_messages(self.items) + items_to_messages(output)
-            store.put(self.rid, StoredResponse(resp, self.items, conversation, owner=self.user))
+            ids = self.history_ids.union([i["id"] for i in self.items], [o["id"] for o in output])
+            store.put(self.rid, StoredResponse(resp, self.items, conversation, ids, owner=self.user))
         return resp
 
 
@@ -242,8 +245,8 @@ class ResponsesServing:
         self.chat = chat
         self.store = store if store is not None else ResponseStore()  # an empty store is falsy (__len__)
 
-    async def _chat_request(self, body: bytes, user: str | None) -> tuple[ResponsesRequest, list[dict[str, Any]], list[dict[str, Any]], bytes]:
-        """``body`` checked and translated: the request, its input items, the stored conversation it extends
+    async def _chat_request(self, body: bytes, user: str | None) -> tuple[ResponsesRequest, list[dict[str, Any]], StoredResponse | None, bytes]:
+        """``body`` checked and translated: the request, its input items, the stored response it continues
         (``previous_response_id``, ``user``'s own only) and the chat completion request body it becomes."""
         big = is_big(body)  # then parsing, translating and re-serializing run off the IOLoop
         req: ResponsesRequest = await parse_body(ResponsesRequest, body)
@@ -256,10 +259,11 @@ class ResponsesServing:
         if req.tool_choice is not None:
             chat["tool_choice"] = chat_tool_choice(req.tool_choice)
         items = await off_loop_if(big, normalize_input, req.input)
-        history: list[dict[str, Any]] = []
+        previous = None
         if req.previous_response_id is not None:
-            history = self.store.get(req.previous_response_id, param="previous_response_id", owner=user).conversation
-            check_items_new(items, self.store.chain_item_ids(req.previous_response_id, user))
+            previous = self.store.get(req.previous_response_id, param="previous_response_id", owner=user)
+            check_items_new(items, previous.item_ids)  # (held per response: no walk of the chain, deleted parts counted)
+        history = previous.conversation if previous is not None else []
         system = [{"role": "system", "content": req.instructions}] if req.instructions else []
         chat["messages"] = system + history + await off_loop_if(big, items_to_messages, items)
         # every call answered right after it: checked here to say so in Responses terms (the chat check would too)
@@ -277,15 +281,16 @@ class ResponsesServing:
             chat["stream_options"] = {"include_usage": True}
         # a long stored conversation costs as much to re-serialize as a big body
         chat_body = await off_loop_if(big or len(history) > _INLINE_HISTORY, _encoded, chat)
-        return req, items, history, chat_body
+        return req, items, previous, chat_body
 
     async def create(self, body: bytes, user: str | None = None) -> dict[str, Any] | AsyncIterator[Event]:
         """``POST /v1/responses``: a Response, or typed events when ``stream`` is true.
 
         ``user`` owns the stored response; only they can retrieve, continue or delete it.
         """
-        req, items, history, chat_body = await self._chat_request(body, user)
-        turn = Turn(req, items, history, user)
+        req, items, previous, chat_body = await self._chat_request(body, user)
+        turn = (Turn(req, items, previous.conversation, user, previous.item_ids) if previous is not None
+                else Turn(req, items, [], user))
         try:
             result = await self.chat.chat_completion(chat_body, user=user, truncate=req.truncation == "auto")
         except XllmError as exc:
