@@ -34,16 +34,9 @@ from child_server import ROOT, commit, write_results  # noqa: E402
 
 #: one fresh interpreter's measurement: argv[1] is "preload" or "plain"; prints one JSON line
 CHILD = r"""
-import json, sys, threading, time
-gaps, stop = [], threading.Event()
-
-def probe():
-    last = time.perf_counter()
-    while not stop.is_set():
-        time.sleep(0.001)
-        now = time.perf_counter()
-        gaps.append(now - last - 0.001)
-        last = now
+import json, sys
+sys.path.insert(0, sys.argv[2])
+from tokenizer_load_gil import gil_gaps  # stdlib and httpx only: torch is not imported before the work
 
 def work():
     if sys.argv[1] == "preload":
@@ -51,18 +44,8 @@ def work():
         assert preload_torch()
     import torch  # noqa: F401
 
-prober = threading.Thread(target=probe, daemon=True)
-prober.start()
-time.sleep(0.05)
-worker = threading.Thread(target=work)
-start = time.perf_counter()
-worker.start()
-worker.join()
-took = time.perf_counter() - start
-time.sleep(0.02)
-stop.set()
-prober.join()
-print(json.dumps({"seconds": took, "worst": max(gaps), "over_5ms": sum(g for g in gaps if g > 0.005)}))
+took, worst, over_5ms = gil_gaps(work)
+print(json.dumps({"seconds": took, "worst": worst, "over_5ms": over_5ms}))
 """
 WAYS = {"import torch": "plain", "preload_torch + import torch": "preload"}
 
@@ -70,7 +53,8 @@ WAYS = {"import torch": "plain", "preload_torch + import torch": "preload"}
 def measure(way: str) -> dict:
     """One fresh interpreter's import, the ``way`` named."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, "-c", CHILD, WAYS[way]], capture_output=True, text=True, env=env,
+    here = str(Path(__file__).resolve().parent)
+    out = subprocess.run([sys.executable, "-c", CHILD, WAYS[way], here], capture_output=True, text=True, env=env,
                          cwd=ROOT, timeout=300, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
