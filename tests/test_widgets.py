@@ -21,21 +21,6 @@ def endpoint(xllm_server):
     return (xllm_server.base_url, xllm_server.api_key)
 
 
-@pytest.fixture
-def make(request):
-    """Build a widget and close it (ending its background thread) after the test."""
-    made = []
-
-    def build(cls, *args, **kwargs):
-        w = cls(*args, **kwargs)
-        made.append(w)
-        return w
-
-    yield build
-    for w in made:
-        w.close()
-
-
 def wait_for(predicate, timeout: float = 20.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
