@@ -39,5 +39,6 @@ class ResponseStore(OwnedStore[StoredResponse]):
     kind = "Response"
 
     def size(self, item: StoredResponse) -> int:
-        """The response, its input items and its conversation, as JSON."""
-        return len(json.dumps([item.response, item.input_items, item.conversation], default=str))
+        """The response, its input items and its conversation, as JSON, and its set of item ids."""
+        # a set's slot per id (the strings are the items', counted above): ~48 bytes each, as many as the chain's items
+        return len(json.dumps([item.response, item.input_items, item.conversation], default=str)) + 48 * len(item.item_ids)
