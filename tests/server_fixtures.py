@@ -130,6 +130,17 @@ def running_server(config: XllmConfig, catalog: Any, model: str) -> Iterator[Ser
             info.call(teardown(), timeout=60)
 
 
+@contextlib.contextmanager
+def tiny_server_of_its_own(tmp_path_factory: Any, tiny_llama_dir: Path, label: str) -> Iterator[ServerInfo]:
+    """A server with its own store holding only "tiny" (loaded): pulls, loads and unloads there leave the
+    session server alone."""
+    home = tmp_path_factory.mktemp(label)
+    store = ModelStore(home)
+    store.pull(str(tiny_llama_dir), TINY)
+    with running_server(make_test_config(home), store, TINY) as info:
+        yield info
+
+
 @pytest.fixture(scope="session")
 def xllm_server(tiny_catalog, xllm_home) -> Any:
     """ONE standalone server for the session, with "tiny" loaded."""

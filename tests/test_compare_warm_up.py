@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 import xllm_jupyter
-from tests.server_fixtures import TINY, make_test_config, running_server
+from tests.server_fixtures import TINY, make_test_config, running_server, tiny_server_of_its_own
 from xllm_jupyter.client import XllmClient
 from xllm_jupyter.store.store import ModelStore
 
@@ -19,10 +19,7 @@ PROMPT = "Name a colour."
 @pytest.fixture(scope="module")
 def own_server(tmp_path_factory, tiny_llama_dir) -> Iterator[Any]:
     """A server of its own: unloading its model leaves the session server alone."""
-    home = tmp_path_factory.mktemp("xllm-compare-home")
-    store = ModelStore(home)
-    store.pull(str(tiny_llama_dir), TINY)
-    with running_server(make_test_config(home), store, TINY) as info:
+    with tiny_server_of_its_own(tmp_path_factory, tiny_llama_dir, "xllm-compare-home") as info:
         yield info
 
 

@@ -16,13 +16,12 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
-from tests.server_fixtures import TINY, make_test_config, running_server
+from tests.server_fixtures import TINY, make_test_config, running_server, tiny_server_of_its_own
 from xllm_jupyter.client import discovery
 from xllm_jupyter.core.config import AuthConfig
 from xllm_jupyter.magics import XllmMagics
 from xllm_jupyter.server.pull import PullCancelled, pull_events
 from xllm_jupyter.store.progress import PullProgress
-from xllm_jupyter.store.store import ModelStore
 
 COPY = "tiny-copy"
 
@@ -30,10 +29,7 @@ COPY = "tiny-copy"
 @pytest.fixture(scope="module")
 def own_server(tmp_path_factory, tiny_llama_dir) -> Iterator[Any]:
     """A server with a store of its own, so pulls and loads here leave the session server alone."""
-    home = tmp_path_factory.mktemp("xllm-cmds-home")
-    store = ModelStore(home)
-    store.pull(str(tiny_llama_dir), TINY)
-    with running_server(make_test_config(home), store, TINY) as info:
+    with tiny_server_of_its_own(tmp_path_factory, tiny_llama_dir, "xllm-cmds-home") as info:
         yield info
 
 
