@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from pathlib import Path
+from typing import Any, Iterator
 
 
 def free_port() -> int:
@@ -16,3 +18,38 @@ def free_port() -> int:
 def dirs_in(path: Path) -> list[str]:
     """The names of the folders directly in ``path``, sorted ([] when ``path`` is no folder)."""
     return sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
+
+
+@contextlib.contextmanager
+def public_site_recorder(monkeypatch: Any) -> Iterator[tuple[str, list[str]]]:
+    """(base URL, paths it was asked for) of a local HTTP site that Gradio's URL checks take for a public one:
+    a stand-in for any site on the web that a reply's URL could tell something to."""
+    import http.server
+    import threading
+
+    import safehttpx
+
+    hits: list[str] = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            self.wfile.write(b"png")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    async def as_if_public(host: str) -> str:
+        return "127.0.0.1"
+
+    monkeypatch.setattr(safehttpx, "async_validate_url", as_if_public)
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{site.server_port}", hits
+    finally:
+        site.shutdown()
+        site.server_close()

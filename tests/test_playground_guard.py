@@ -19,6 +19,7 @@ pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
 import xllm_jupyter
+from tests.helpers import public_site_recorder
 from xllm_jupyter.playground.app import part_text
 from xllm_jupyter.playground.launcher import port_is_free
 
@@ -227,40 +228,12 @@ def test_the_app_fetches_no_url_a_reply_names_on_its_own_path(pg, monkeypatch):
     reply is a relative URL on that path, and Gradio fetched ``https://host/DATA`` itself and served it: a
     reply's image still told any site what its URL carried, on sight. Gradio allows public addresses only;
     the recorder stands in for one here."""
-    import http.server
-    import threading
-
-    import safehttpx
-
-    hits: list[str] = []
-
-    class Recorder(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            hits.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.end_headers()
-            self.wfile.write(b"png")
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    async def as_if_public(host: str) -> str:
-        return "127.0.0.1"
-
-    monkeypatch.setattr(safehttpx, "async_validate_url", as_if_public)
-    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
-    threading.Thread(target=site.serve_forever, daemon=True).start()
-    far = f"http://127.0.0.1:{site.server_port}"
-    try:
+    with public_site_recorder(monkeypatch) as (far, hits):
         with httpx.Client(timeout=30) as c:
             for path in (f"gradio_api/file={far}/leak/the-chat", f"gradio_api/file/{far}/leak/old-route",
-                         f"gradio_api/file=HTTPS://127.0.0.1:{site.server_port}/x", f"gradio_api/proxy={far}/x"):
+                         f"gradio_api/file={far.replace('http', 'HTTPS', 1)}/x", f"gradio_api/proxy={far}/x"):
                 r = c.get(pg.local_url + path)
                 assert r.status_code == 403, (path, r.status_code, r.text)
             # the app's own files are still served
             assert c.get(pg.local_url + "favicon.ico").status_code == 200
-    finally:
-        site.shutdown()
-        site.server_close()
     assert hits == []

