@@ -97,3 +97,18 @@ def test_an_embedding_loads_where_auto_question_imports_torch_the_same_way():
     assert got["kind"] in ("cpu", "cuda") and got["torch"]
     assert got["handles"] == 1  # loaded GIL-free before the import
     assert got["torch_frozen"] and got["resumed"]  # its objects frozen once at its end; full collections back
+
+
+@pytest.mark.parametrize("gpu_library", [None, "libtorch_cuda.so", "libtorch_hip.so"])
+def test_a_gpu_build_of_torch_is_left_to_its_own_import(tmp_path, gpu_library):
+    # a CUDA build's import loads its GPU runtimes in its own order first: a dlopen of libtorch.so ahead of it
+    # could bind other ones, and only CPU builds were checked (a torch stood in for: found, never imported)
+    lib = tmp_path / "torch" / "lib"
+    lib.mkdir(parents=True)
+    (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('never imported here')\n")
+    (lib / "libtorch.so").write_bytes(b"")
+    if gpu_library:
+        (lib / gpu_library).write_bytes(b"")
+    got = run("import json\nfrom xllm_jupyter.backends import native_libs\n"
+              "print(json.dumps(str(native_libs.torch_library())))\n", PYTHONPATH=str(tmp_path))
+    assert got == ("None" if gpu_library else str(lib / "libtorch.so"))

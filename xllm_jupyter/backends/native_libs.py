@@ -22,10 +22,13 @@ from pathlib import Path
 _lock = threading.Lock()
 _done = False  # tried once per process (loaded or not): later calls return at once
 _handles: list[int] = []  # the dlopen handles, kept: the libraries stay loaded for the process's life
+#: libraries only a GPU build of torch has: with one, preloading is left out
+GPU_LIBRARIES = ("libtorch_cuda.so", "libtorch_hip.so")
 
 
 def torch_library() -> Path | None:
-    """The ``libtorch.so`` of the installed torch (found without importing it); None elsewhere or if absent."""
+    """The ``libtorch.so`` of the installed CPU build of torch (found without importing it); None elsewhere, for a
+    GPU build, or if absent."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -34,7 +37,13 @@ def torch_library() -> Path | None:
         return None
     if spec is None or not spec.origin:
         return None
-    path = Path(spec.origin).parent / "lib" / "libtorch.so"
+    lib = Path(spec.origin).parent / "lib"
+    if any((lib / gpu).exists() for gpu in GPU_LIBRARIES):
+        # a CUDA/ROCm build's import first loads its GPU runtimes its own way (libtorch_global_deps, the nvidia
+        # wheels' libraries in a set order): a dlopen ahead of it could bind others (LD_LIBRARY_PATH's), and
+        # only CPU builds have been measured and checked, so the import keeps doing it all there
+        return None
+    path = lib / "libtorch.so"
     return path if path.is_file() else None
 
 
