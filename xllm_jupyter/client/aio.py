@@ -99,7 +99,8 @@ class AsyncXllmClient:
 
     async def model(self, name: str) -> dict[str, Any]:
         """``GET /v1/models/{name}``: one model's entry; ``ModelNotFound`` when unknown."""
-        return await self._request("GET", self.base_url + "/models/" + quote(name, safe="")) or {}
+        # a quick look-up like the listing: the probe timeout, not a generation's
+        return await self._request("GET", self.base_url + "/models/" + quote(name, safe=""), timeout=self._probe) or {}
 
     async def loaded(self) -> list[dict[str, Any]]:
         """``GET /admin/models``: the models in memory now."""

@@ -110,7 +110,8 @@ class XllmClient:
 
     def model(self, name: str) -> dict[str, Any]:
         """``GET /v1/models/{name}``: one model's entry; ``ModelNotFound`` when the server has none by that name."""
-        return self._request("GET", self.base_url + "/models/" + quote(name, safe="")) or {}
+        # a quick look-up like the listing (widgets ask it while being built): the probe timeout, not a generation's
+        return self._request("GET", self.base_url + "/models/" + quote(name, safe=""), timeout=self._probe) or {}
 
     def loaded(self) -> list[dict[str, Any]]:
         """``GET /admin/models``: the models in memory now (id, backend, details)."""
