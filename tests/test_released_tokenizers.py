@@ -196,3 +196,22 @@ def test_a_changed_tokenizer_is_never_handed_out(tiny_llama_dir, released):
     grown.add_tokens(["<changed-while-released>"])  # changed after its release: not handed out either
     fresh = load_tokenizer(directory)
     assert fresh is not grown and len(fresh) == len(grown) - 1
+
+
+async def test_a_removed_model_keeps_no_tokenizer(tiny_llama_dir, tmp_path, released):
+    """DELETE /v1/models/{id} unloads with ModelRemoved: the tokenizer its unload kept (or an earlier keep_alive's
+    unload did) is for a reload that will not come, and its memory goes with the model."""
+    from xllm_jupyter.core.errors import ModelRemoved
+
+    engine, backend = make_engine(tmp_path)
+    await engine.start()
+    try:
+        ref = released_ref(Path(tiny_llama_dir))  # (its model unloaded when its keep_alive ran out)
+        await run(engine, req("a"))
+        assert not await engine.unload("gone")  # a plain unload of a model not loaded keeps it
+        assert await engine.unload("a") and len(released) == 1
+        assert not await engine.unload("gone", ModelRemoved("gone")) and len(released) == 0
+    finally:
+        await engine.stop()
+    gc.collect()
+    assert ref() is None

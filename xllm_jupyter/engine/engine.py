@@ -15,10 +15,12 @@ import time
 from collections import Counter
 from typing import Any, AsyncIterator, Protocol, Sequence
 
+from ..backends import released_tokenizers
 from ..backends.base import Backend, BackendOptions, ModelSpec
 from ..core import gc_freeze
 from ..core.config import EngineConfig, QuotaConfig
-from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest, ModelNotFound, Overloaded, XllmError
+from ..core.errors import (ContextLengthExceeded, EngineError, InvalidRequest, ModelNotFound, ModelRemoved, Overloaded,
+                           XllmError)
 from ..core.slow_work import run_slow
 from ..core.types import (
     ChatMessage,
@@ -221,14 +223,20 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
         name = canonical_name(name)
         if name in self._loading:
             self._unload_asks[name] += 1  # (only then: the counter stays as small as the loads under way)
-        if await self._embeddings.unload(name, reason):
+        try:
+            if await self._embeddings.unload(name, reason):
+                return True
+            if name in self._adapters:
+                return await self.unload_adapter(name, reason)
+            if name not in self._runners:
+                return False
+            await self._evict(name, reason)
             return True
-        if name in self._adapters:
-            return await self.unload_adapter(name, reason)
-        if name not in self._runners:
-            return False
-        await self._evict(name, reason)
-        return True
+        finally:
+            if isinstance(reason, ModelRemoved) and len(released_tokenizers.RELEASED):
+                # its unload (now or at an earlier keep_alive) kept its tokenizer for a reload that will not come:
+                # its memory goes with the model (the few others kept are read again if their models load)
+                await asyncio.to_thread(released_tokenizers.RELEASED.clear)
 
     def model_defaults(self, name: str) -> ModelfileDefaults:
         """The Modelfile defaults of loaded model ``name`` (empty if none)."""
