@@ -146,3 +146,21 @@ def test_a_cancelled_local_pull_stops_mid_copy_and_leaves_nothing(tmp_path, tiny
     assert sorted(p.name for p in store.tmp.iterdir()) == []  # the build directory and its lock are gone
     assert store.cancel_pulls() == 0  # nothing in flight any more
     assert store.pull(str(tiny_llama_dir), "tiny-copy").name == "tiny-copy"  # the store is fine: pull again
+
+
+@needs_smollm2
+# (the extension's stop_extension shares the cancel; the old code passed this one too: there the pull stopped at
+# the conversion's load lock, which `xllm serve` did not reach in time, so the tests above are what fail on it)
+def test_sigterm_stops_jupyter_while_the_extension_pulls_its_default_model(tmp_path):
+    from tests.browser import jupyter_lab
+
+    home_dir = tmp_path / "empty-home"
+    env = {**subprocess_env(home_dir), "XLLM_ENGINE_DEFAULT_MODEL": "smollm2"}
+    with jupyter_lab(tmp_path / "lab", env=env, name="shutdown-pulls") as lab:
+        deadline = time.monotonic() + 120
+        # the conversion has begun once its build directory is there (transformers reads the GGUF from then on)
+        while not any(d.startswith("pull-") for d in dirs_in(home_dir / "tmp")):
+            assert time.monotonic() < deadline and lab.proc.poll() is None, lab.log.read_text(errors="replace")[-3000:]
+            time.sleep(0.05)
+        _stop(lab.proc, lab.log)
+    _nothing_half_pulled(home_dir)
