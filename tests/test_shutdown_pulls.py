@@ -149,8 +149,8 @@ def test_a_cancelled_local_pull_stops_mid_copy_and_leaves_nothing(tmp_path, tiny
 
 
 @needs_smollm2
-# (the extension's stop_extension shares the cancel; the old code passed this one too: there the pull stopped at
-# the conversion's load lock, which `xllm serve` did not reach in time, so the tests above are what fail on it)
+# (the extension's stop_extension shares the cancel; the old code passed this one too, its Jupyter exit not waiting
+# out the conversion when stopped this early: the `xllm serve` tests above are the ones that fail on it)
 def test_sigterm_stops_jupyter_while_the_extension_pulls_its_default_model(tmp_path):
     from tests.browser import jupyter_lab
 
