@@ -27,6 +27,8 @@ SYSTEM_FINGERPRINT = "fp_xllm"
 
 #: ``service_tier`` values OpenAI accepts; this server has one way of serving, which responses name "default"
 ServiceTier = Literal["auto", "default", "flex", "scale", "priority", "fast"]
+#: ``prompt_cache_retention``'s values (the openai SDK's types, chat and responses alike)
+PromptCacheRetention = Literal["in_memory", "24h"]
 
 
 def served_tier(requested: str | None) -> str | None:
@@ -188,6 +190,10 @@ class ChatCompletionRequest(_SamplingFields):
     store: bool | None = None  # keep the completion for retrieve/list (openai/chat_store.py)
     metadata: dict[str, str] | None = None
     service_tier: ServiceTier | None = None  # a value OpenAI does not know was accepted and ignored
+    # hints to api.openai.com's prompt cache and abuse checks (as on /v1/responses): typed, nothing here to change
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: PromptCacheRetention | None = None
+    safety_identifier: str | None = None
 
     def check(self) -> None:
         """Cross-field checks and explicit rejection of parameters we cannot honour yet."""
