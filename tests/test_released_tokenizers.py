@@ -29,6 +29,7 @@ from xllm_jupyter.backends.tokenizer_files import load_tokenizer, release  # noq
 from xllm_jupyter.backends.transformers import TransformersBackend  # noqa: E402
 
 from .test_model_manager import make_engine, req, run, wait_for  # noqa: E402
+from .test_tokenizer_files import builds  # noqa: E402,F401 - a fixture: counts llguidance's builds
 
 
 class Clock:
@@ -57,20 +58,6 @@ def released(monkeypatch, clock) -> ReleasedTokenizers:
     return own
 
 
-@pytest.fixture
-def builds(monkeypatch) -> list[str]:
-    """Counts llguidance's tokenizer builds."""
-    calls: list[str] = []
-    real = constraints.build_ll_tokenizer
-
-    def counted(*args, **kwargs):
-        calls.append("build")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(constraints, "build_ll_tokenizer", counted)
-    return calls
-
-
 def load(directory: Path):
     """The transformers backend's load of the model at ``directory`` (CPU)."""
     return TransformersBackend().load(ModelSpec(name="t", path=directory, options=BackendOptions(device="cpu")))
@@ -91,7 +78,7 @@ def released_ref(directory: Path) -> weakref.ref:
     return weakref.ref(tokenizer)
 
 
-def test_a_reloaded_model_gets_its_tokenizer_and_grammar_tokenizer_back(tiny_llama_dir, builds, released):
+def test_a_reloaded_model_gets_its_tokenizer_and_grammar_tokenizer_back(tiny_llama_dir, builds, released):  # noqa: F811
     model = load(Path(tiny_llama_dir))
     model.prepare_constraints()
     tokenizer, build = weakref.ref(model.chat.tokenizer), weakref.ref(model._grammars._built)
