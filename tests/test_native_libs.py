@@ -99,7 +99,7 @@ def test_an_embedding_loads_where_auto_question_imports_torch_the_same_way():
     assert got["torch_frozen"] and got["resumed"]  # its objects frozen once at its end; full collections back
 
 
-@pytest.mark.parametrize("gpu_library", [None, "libtorch_cuda.so", "libtorch_hip.so"])
+@pytest.mark.parametrize("gpu_library", [None, "libtorch_cuda.so", "libtorch_hip.so", "libtorch_xpu.so"])
 def test_a_gpu_build_of_torch_is_left_to_its_own_import(tmp_path, gpu_library):
     # a CUDA build's import loads its GPU runtimes in its own order first: a dlopen of libtorch.so ahead of it
     # could bind other ones, and only CPU builds were checked (a torch stood in for: found, never imported)

@@ -23,7 +23,7 @@ _lock = threading.Lock()
 _done = False  # tried once per process (loaded or not): later calls return at once
 _handles: list[int] = []  # the dlopen handles, kept: the libraries stay loaded for the process's life
 #: libraries only a GPU build of torch has: with one, preloading is left out
-GPU_LIBRARIES = ("libtorch_cuda.so", "libtorch_hip.so")
+GPU_LIBRARIES = ("libtorch_cuda.so", "libtorch_hip.so", "libtorch_xpu.so")  # (CUDA, ROCm, Intel XPU builds)
 
 
 def torch_library() -> Path | None:
