@@ -459,10 +459,12 @@ def test_a_user_cannot_read_continue_or_delete_another_users_response(hub):
             lambda: bob.responses.retrieve(r.id),
             lambda: bob.responses.input_items.list(r.id),
             lambda: bob.responses.delete(r.id),
-            lambda: bob.responses.create(model=TINY, input="and?", previous_response_id=r.id, max_output_tokens=2),
         ):
             with pytest.raises(openai.NotFoundError):
                 call()
+        with pytest.raises(openai.BadRequestError) as exc:  # what an unknown id gets (api.openai.com's 400)
+            bob.responses.create(model=TINY, input="and?", previous_response_id=r.id, max_output_tokens=2)
+        assert exc.value.body["code"] == "previous_response_not_found"
         assert alice.responses.retrieve(r.id).id == r.id  # still there, still alice's
         alice.responses.delete(r.id)
 

@@ -150,9 +150,9 @@ def test_store_false_is_not_retrievable(client):
     assert r.output_text and r.store is False
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(r.id)
-    with pytest.raises(openai.NotFoundError) as exc:
+    with pytest.raises(openai.BadRequestError) as exc:  # as api.openai.com: a 400, not the retrieve's 404
         client.responses.create(model=TINY, input="more", previous_response_id=r.id, max_output_tokens=2)
-    assert exc.value.body["param"] == "previous_response_id"
+    assert (exc.value.body["param"], exc.value.body["code"]) == ("previous_response_id", "previous_response_not_found")
 
 
 def test_previous_response_id_continues(client):
@@ -174,9 +174,12 @@ def test_errors(client, raw):
     with pytest.raises(openai.NotFoundError) as exc:
         client.responses.create(model="no-such-model", input="x")
     assert exc.value.body["param"] == "model"
-    with pytest.raises(openai.NotFoundError) as exc:
+    with pytest.raises(openai.BadRequestError) as exc:
         client.responses.create(model=TINY, input="x", previous_response_id="resp_unknown")
-    assert exc.value.body["param"] == "previous_response_id"
+    # api.openai.com's answer, which agent loops branch on (status and code) to resend the whole conversation
+    assert exc.value.status_code == 400 and exc.value.body == {
+        "message": "Previous response with id 'resp_unknown' not found.", "type": "invalid_request_error",
+        "param": "previous_response_id", "code": "previous_response_not_found"}
     cases = [
         ({"model": TINY}, "input"),
         ({"model": TINY, "input": 5}, "input"),

@@ -105,7 +105,7 @@ def test_truncation_auto_counts_what_create_sends(client):
     ({"model": TINY, "input": "hi", "tools": [{"type": "function", "name": "f", "parameters": "x"}]}, openai.BadRequestError, "tools"),
     ({"model": TINY, "input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nope"}}}},
      openai.BadRequestError, "text.format"),
-    ({"model": TINY, "input": "hi", "previous_response_id": "resp_unknown"}, openai.NotFoundError, "previous_response_id"),
+    ({"model": TINY, "input": "hi", "previous_response_id": "resp_unknown"}, openai.BadRequestError, "previous_response_id"),
     ({"model": TINY, "input": "hi", "conversation": "conv_1"}, openai.BadRequestError, "conversation"),
     ({"model": TINY, "input": "hi", "reasoning": {"effort": "high"}}, openai.BadRequestError, "reasoning"),
     ({"model": TINY, "input": "hi", "tools": [{"type": "web_search"}]}, openai.BadRequestError, "tools[0].type"),
@@ -156,13 +156,13 @@ def _sdk(server: Any, key: str) -> Any:
     return openai.OpenAI(base_url=server.base_url, api_key=key, max_retries=0, timeout=120)
 
 
-def test_another_users_previous_response_id_is_a_404(own_server):
+def test_another_users_previous_response_id_reads_as_unknown(own_server):
     with _sdk(own_server, API_KEY) as owner, _sdk(own_server, OTHER_KEY) as other:
         first = _created(owner, input="Name a colour.")
         assert _counted(owner, input="Another one?", previous_response_id=first.id) > 0
-        with pytest.raises(openai.NotFoundError) as exc:
+        with pytest.raises(openai.BadRequestError) as exc:  # the 400 an unknown id gets (api.openai.com's)
             other.responses.input_tokens.count(model=TINY, input="Another one?", previous_response_id=first.id)
-        assert exc.value.body["param"] == "previous_response_id"
+        assert (exc.value.body["param"], exc.value.body["code"]) == ("previous_response_id", "previous_response_not_found")
 
 
 def test_a_modelfiles_system_prompt_and_messages_are_counted(own_server):

@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Literal, Union
 
 from pydantic import Field
 
-from ..core.errors import InvalidRequest, Unsupported, XllmError
+from ..core.errors import InvalidRequest, NotFound, Unsupported, XllmError, quoted
 from .offload import is_big, off_loop_if, parse_body
 from .owned_store import cursor_page, page_limit
 from .protocol import MAX_TOP_LOGPROBS, ServiceTier, StrictModel, check_metadata, check_verbosity, served_tier
@@ -229,6 +229,19 @@ def _relabel(exc: XllmError) -> XllmError:
     return exc
 
 
+def previous_response(store: ResponseStore, rid: str, owner: str | None) -> StoredResponse:
+    """``owner``'s stored response ``rid``; else the 400 ``previous_response_not_found`` api.openai.com answers.
+
+    Not a 404: agent loops branch on this code (and status) to send the whole conversation again, and
+    another user's id reads the same as an unknown one, so ids still reveal nothing.
+    """
+    try:
+        return store.get(rid, owner=owner)
+    except NotFound:
+        raise InvalidRequest(f"Previous response with id '{quoted(rid)}' not found.", param="previous_response_id",
+                             code="previous_response_not_found") from None
+
+
 #: stored conversations up to this many messages are re-serialized on the IOLoop
 _INLINE_HISTORY = 2000
 
@@ -261,7 +274,7 @@ class ResponsesServing:
         items = await off_loop_if(big, normalize_input, req.input)
         previous = None
         if req.previous_response_id is not None:
-            previous = self.store.get(req.previous_response_id, param="previous_response_id", owner=user)
+            previous = previous_response(self.store, req.previous_response_id, user)
             check_items_new(items, previous.item_ids)  # (held per response: no walk of the chain, deleted parts counted)
         history = previous.conversation if previous is not None else []
         system = [{"role": "system", "content": req.instructions}] if req.instructions else []
