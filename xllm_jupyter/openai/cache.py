@@ -3,7 +3,7 @@
 No HTTP here. A cache entry is keyed by endpoint, model, the loaded model's identity
 (its store digest, else the object itself, so a reload never serves stale text) and the
 canonical JSON of the request body minus the fields that cannot change the output
-(``user``, ``stream``, ``stream_options``). One entry holds each response form seen for
+(``user``, the prompt-cache and safety hints, ``stream``, ``stream_options``). One entry holds each response form seen for
 that key — the JSON body, the stream, the stream with a usage chunk — and a hit returns
 exactly what the first request got, ``id`` and ``created`` included, so a cached body
 and a replayed SSE stream are byte-identical to the originals.
@@ -26,8 +26,9 @@ from .offload import is_big, off_loop_if
 Chunk = dict[str, Any]
 Result = dict[str, Any] | AsyncIterator[Chunk]
 
-#: request fields that change how a response is delivered, not what it says
-_DELIVERY_FIELDS = ("user", "stream", "stream_options")
+#: request fields that change how a response is delivered, not what it says (the hints to api.openai.com's
+#: prompt cache and abuse checks among them: a per-conversation ``prompt_cache_key`` would split this cache)
+_DELIVERY_FIELDS = ("user", "prompt_cache_key", "prompt_cache_retention", "safety_identifier", "stream", "stream_options")
 #: bytes (serialized) all cached responses may hold together, and one response at most. A 130-byte
 #: request (n=4, top_logprobs=20, 1,900 tokens) answers 13.7 MB: by count alone, 256 entries of 3
 #: forms could pin gigabytes; a response past the entry limit is simply not cached
