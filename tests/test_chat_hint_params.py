@@ -38,3 +38,29 @@ def test_legacy_completions_type_user(client):
     with pytest.raises(openai.BadRequestError) as exc:
         client.completions.create(model=TINY, prompt="Hi", max_tokens=1, extra_body={"user": 7})
     assert exc.value.body["param"] == "user"
+
+
+OPTIONS = {"mode": "explicit", "ttl": "30m"}
+BAD_OPTIONS = [(5, "prompt_cache_options"), ({"mode": "sometimes"}, "prompt_cache_options.mode"),
+               ({"ttl": 30}, "prompt_cache_options.ttl")]
+
+
+def test_prompt_cache_options_are_typed_in_chat(client):
+    r = client.chat.completions.create(model=TINY, messages=HI, max_completion_tokens=1, extra_body={"prompt_cache_options": OPTIONS})
+    assert r.usage.completion_tokens == 1
+    for bad, param in BAD_OPTIONS:
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.chat.completions.create(model=TINY, messages=HI, max_completion_tokens=1, extra_body={"prompt_cache_options": bad})
+        assert exc.value.body["param"] == param, exc.value.body
+
+
+def test_prompt_cache_options_are_typed_and_echoed_in_responses(client):
+    """As the other hints there: the SDK's Response has ``prompt_cache_options``, which was accepted as anything and dropped."""
+    r = client.responses.create(model=TINY, input="Hi", max_output_tokens=1, extra_body={"prompt_cache_options": {"ttl": "30m"}})
+    assert r.prompt_cache_options is not None and r.prompt_cache_options.ttl == "30m"
+    assert client.responses.retrieve(r.id).prompt_cache_options.ttl == "30m"
+    assert client.responses.create(model=TINY, input="Hi", max_output_tokens=1).prompt_cache_options is None
+    for bad, param in BAD_OPTIONS:
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.responses.create(model=TINY, input="Hi", max_output_tokens=1, extra_body={"prompt_cache_options": bad})
+        assert exc.value.body["param"] == param, exc.value.body

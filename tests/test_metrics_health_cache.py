@@ -153,7 +153,8 @@ def test_cache_hit_returns_the_identical_body(cached_server):
         hits, misses = _cache_counts(http)
         first = http.post("/v1/chat/completions", json=body)
         # who asks and the hints to api.openai.com's prompt cache change nothing in the answer: the same entry
-        hints = {"user": "someone-else", "prompt_cache_key": "conv-7", "prompt_cache_retention": "24h", "safety_identifier": "h"}
+        hints = {"user": "someone-else", "prompt_cache_key": "conv-7", "prompt_cache_retention": "24h", "safety_identifier": "h",
+                 "prompt_cache_options": {"ttl": "30m"}}
         second = http.post("/v1/chat/completions", json={**body, **hints})
         assert first.status_code == second.status_code == 200
         assert second.content == first.content  # id and created included

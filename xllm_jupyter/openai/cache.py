@@ -28,7 +28,8 @@ Result = dict[str, Any] | AsyncIterator[Chunk]
 
 #: request fields that change how a response is delivered, not what it says (the hints to api.openai.com's
 #: prompt cache and abuse checks among them: a per-conversation ``prompt_cache_key`` would split this cache)
-_DELIVERY_FIELDS = ("user", "prompt_cache_key", "prompt_cache_retention", "safety_identifier", "stream", "stream_options")
+_DELIVERY_FIELDS = ("user", "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options", "safety_identifier",
+                    "stream", "stream_options")
 #: bytes (serialized) all cached responses may hold together, and one response at most. A 130-byte
 #: request (n=4, top_logprobs=20, 1,900 tokens) answers 13.7 MB: by count alone, 256 entries of 3
 #: forms could pin gigabytes; a response past the entry limit is simply not cached

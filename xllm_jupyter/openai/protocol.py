@@ -74,6 +74,13 @@ class StreamOptions(StrictModel):
     include_usage: bool | None = None
 
 
+class PromptCacheOptions(StrictModel):
+    """``prompt_cache_options`` (chat and Responses): a hint to api.openai.com's prompt cache, typed as the SDK has it."""
+
+    mode: Literal["implicit", "explicit"] | None = None
+    ttl: Literal["30m"] | None = None
+
+
 class WireFunctionCall(StrictModel):
     """The function an assistant's past tool call named."""
 
@@ -193,6 +200,7 @@ class ChatCompletionRequest(_SamplingFields):
     # hints to api.openai.com's prompt cache and abuse checks (as on /v1/responses): typed, nothing here to change
     prompt_cache_key: str | None = None
     prompt_cache_retention: PromptCacheRetention | None = None
+    prompt_cache_options: PromptCacheOptions | None = None
     safety_identifier: str | None = None
 
     def check(self) -> None:

@@ -20,7 +20,7 @@ from pydantic import Field
 from ..core.errors import InvalidRequest, NotFound, Unsupported, XllmError, quoted
 from .offload import is_big, off_loop_if, parse_body
 from .owned_store import cursor_page, page_limit
-from .protocol import MAX_TOP_LOGPROBS, ServiceTier, StrictModel, check_metadata, check_verbosity, served_tier
+from .protocol import MAX_TOP_LOGPROBS, PromptCacheOptions, ServiceTier, StrictModel, check_metadata, check_verbosity, served_tier
 from .response_items import chat_tool_choice, chat_tools, check_function_outputs, check_items_new, items_to_messages, new_id, normalize_input, output_items, response_status
 from .response_store import ResponseStore, StoredResponse
 from .schema_errors import shown
@@ -79,6 +79,7 @@ class ResponsesRequest(StrictModel):
     # hints to api.openai.com's prompt cache and abuse checks: typed and echoed as there, nothing here to change
     prompt_cache_key: str | None = None
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    prompt_cache_options: PromptCacheOptions | None = None
     safety_identifier: str | None = None
 
     def check(self) -> None:
@@ -195,6 +196,7 @@ class Turn:
             "service_tier": served_tier(req.service_tier),
             "prompt_cache_key": req.prompt_cache_key,
             "prompt_cache_retention": req.prompt_cache_retention,
+            "prompt_cache_options": req.prompt_cache_options.model_dump(exclude_unset=True) if req.prompt_cache_options else None,
             "safety_identifier": req.safety_identifier,
         }
 
