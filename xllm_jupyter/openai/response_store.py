@@ -40,5 +40,7 @@ class ResponseStore(OwnedStore[StoredResponse]):
 
     def size(self, item: StoredResponse) -> int:
         """The response, its input items and its conversation, as JSON, and its set of item ids."""
-        # a set's slot per id (the strings are the items', counted above): ~48 bytes each, as many as the chain's items
-        return len(json.dumps([item.response, item.input_items, item.conversation], default=str)) + 48 * len(item.item_ids)
+        # a set's slot per id (~48 bytes each, as many as the chain's items) and the id itself: the ids of a deleted or
+        # evicted response of the chain live on in this set only (a client's id may be megabytes long)
+        return (len(json.dumps([item.response, item.input_items, item.conversation], default=str))
+                + sum(48 + len(i) for i in item.item_ids))
