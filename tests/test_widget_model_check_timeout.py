@@ -23,9 +23,11 @@ LISTED = {"object": "list", "data": [{"id": "listed-model", "object": "model"}]}
 @pytest.fixture
 def hung_lookup(monkeypatch):
     """A real HTTP server that lists one model at once and never answers ``GET /v1/models/{name}``
-    (until the test ends); the client's probe timeout is cut to 1 s so the test need not wait 30."""
+    (until the test ends): (its base URL, the paths of the look-ups it got). The client's probe timeout is cut
+    to 1 s so the test need not wait 30."""
     monkeypatch.setattr(base, "PROBE_TIMEOUT", httpx.Timeout(1.0, connect=5.0))
     release = threading.Event()
+    lookups: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server's name)
@@ -37,6 +39,7 @@ def hung_lookup(monkeypatch):
                 self.end_headers()
                 self.wfile.write(body)
                 return
+            lookups.append(self.path)
             release.wait(120)  # hung: the look-up of one model never answers
 
         def log_message(self, *args):
@@ -46,7 +49,7 @@ def hung_lookup(monkeypatch):
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", lookups
     release.set()
     server.shutdown()
     server.server_close()
@@ -64,27 +67,32 @@ def finished_within(seconds: float, job):
 @pytest.mark.parametrize("cls", [ChatWidget, ProfileWidget])
 def test_construction_does_not_wait_on_a_hung_model_lookup(make, hung_lookup, cls):
     started = time.monotonic()
-    w, done = finished_within(20, lambda: make(cls, "not-listed", client=(hung_lookup, None)))
+    w, done = finished_within(20, lambda: make(cls, "not-listed", client=(hung_lookup[0], None)))
     assert done, f"{cls.__name__}(...) was still waiting after {time.monotonic() - started:.0f} s"
     # no answer is not "no such model": the first request will say what is wrong
     assert "has no model" not in w.status.value and w.model_picker.value == "not-listed"
 
 
-def test_compare_does_not_wait_on_a_hung_model_lookup(make, hung_lookup):
-    w, done = finished_within(20, lambda: make(CompareWidget, ["listed-model", "not-listed"], client=(hung_lookup, None)))
+def test_compare_does_not_wait_on_a_hung_model_lookup_per_name(make, hung_lookup):
+    url, lookups = hung_lookup
+    names = ["listed-model", "not-listed", "gone-too", "nor-this"]
+    w, done = finished_within(20, lambda: make(CompareWidget, names, client=(url, None)))
     assert done and "has no model" not in w.status.value
+    # one look-up without an answer is enough: the others would each have waited the timeout out too
+    assert lookups == ["/v1/models/not-listed"], lookups
 
 
 def test_both_clients_look_up_one_model_with_the_probe_timeout(hung_lookup):
+    url = hung_lookup[0]
     def sync_lookup():
-        with XllmClient(hung_lookup) as c:
+        with XllmClient(url) as c:
             try:
                 c.model("not-listed")
             except ServerUnavailable as exc:
                 return exc.message
 
     async def async_lookup():
-        async with AsyncXllmClient(hung_lookup) as c:
+        async with AsyncXllmClient(url) as c:
             try:
                 await c.model("not-listed")
             except ServerUnavailable as exc:

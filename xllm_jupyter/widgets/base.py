@@ -10,7 +10,7 @@ from typing import Any
 
 import ipywidgets as W
 
-from ..client.base import can_chat, listed
+from ..client.base import ServerUnavailable, can_chat, listed
 from ..core.errors import InvalidRequest, ModelNotFound, XllmError
 from ..notebook.clients import pick_model
 from ..notebook.loop import BackgroundLoop
@@ -187,7 +187,9 @@ def unknown_models(client: Any, names: list[str], options: list[str]) -> str | N
         except ModelNotFound:
             missing.append(name)
             continue
-        except XllmError:  # busy, or no answer: the first request will say what is wrong
+        except ServerUnavailable:  # no answer (a hung server: each look-up would wait its timeout out): ask no more
+            break
+        except XllmError:  # busy: the first request will say what is wrong
             continue
         if not can_chat(entry):
             not_chat.append(name)
