@@ -109,12 +109,13 @@ def run_cancellable(job: PullJob, work: Callable[[], T]) -> T:
         while not done.wait(0.05):
             if job.cancel.is_set():
                 _leave(job, done)
-                if not done.is_set():  # (one that ended in the grace gives its own outcome, below)
-                    job.check()
+                break
     except BaseException:  # a Ctrl-C in `xllm pull` (raised on this thread): the pull unwinds, its files deleted
         job.cancel.set()
         _leave(job, done)
         raise
+    if not done.is_set():  # cancelled and left (one that ended in the grace gives its own outcome, below)
+        job.check()  # (outside the try: its PullStopped is no Ctrl-C, to be given a second grace)
     if "error" in box:
         raise box["error"]  # type: ignore[misc]
     return box["result"]  # type: ignore[return-value]
