@@ -11,13 +11,14 @@ with a real server (tests/server_fixtures.py) serving ``tiny``; the embedding ho
     streams             4 chat streams (openai SDK) are in flight
     load_before_module  those streams, and a load of "tiny2" held after its tokenizer, before its torch module
     load_after_module   those streams, and a load of "tiny2" held after ``from_pretrained`` built its module
+    load_fails          as load_after_module, then that load fails (an OSError, as damaged files raise)
 
 then the streams end, tiny2 is unloaded through the engine and a plain ``gc.collect()`` runs (what the server
 does). Reported: whether tiny2's module was frozen and is freed, how many unfreezing collections the server ran,
 and the cyclic garbage still trapped (``gc.unfreeze()`` + ``gc.collect()`` with DEBUG_SAVEALL: count, bytes,
 tensor bytes, types).
 
-    .venv/bin/python benchmarks/gc_freeze_threads.py      # writes benchmarks/results/gc_freeze_threads.{json,md}
+    .venv/bin/python benchmarks/gc_freeze_threads.py [SCENARIO,...]     # writes benchmarks/results/gc_freeze_threads.{json,md}
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from child_server import ROOT, commit, write_results  # noqa: E402
 
-SCENARIOS = ("control", "streams", "load_before_module", "load_after_module")
+SCENARIOS = ("control", "streams", "load_before_module", "load_after_module", "load_fails")
 
 ROUND = r"""
 import collections, gc, json, sys, tempfile, threading, weakref
@@ -59,6 +60,8 @@ def holding(cls, path, *args, **kwargs):  # tiny2's load waits here while the em
     if str(path) == tiny2:
         module.append(weakref.ref(built))
         held.set(); go_on.wait(120)
+        if mode == "load_fails":
+            raise OSError("a failed read after the module was built")
     return built
 
 def frozen(obj):
@@ -70,7 +73,12 @@ with running_server(make_test_config(tmp / "home"), store, TINY) as info:
     client = openai.OpenAI(base_url=info.base_url, api_key=API_KEY)
     loading, streams = None, []
     if mode.startswith("load"):
-        loading = threading.Thread(target=lambda: info.call(info.engine.load("tiny2"), timeout=300))
+        def load():
+            try:
+                info.call(info.engine.load("tiny2"), timeout=300)
+            except Exception as exc:  # load_fails: the engine's answer
+                out["load_error"] = type(exc).__name__
+        loading = threading.Thread(target=load)
         loading.start()
         assert held.wait(120)
     if mode != "control":
@@ -99,7 +107,8 @@ with running_server(make_test_config(tmp / "home"), store, TINY) as info:
         t.join(120)
     if loading is not None:
         loading.join(300)
-        info.call(info.engine.unload("tiny2"), timeout=120)
+        if mode != "load_fails":
+            info.call(info.engine.unload("tiny2"), timeout=120)
     gc.collect()
     gc.unfreeze = unfreeze
     out["unfreezing_collections_after"] = unfreezes[0]
@@ -129,7 +138,8 @@ def run(mode: str) -> dict:
 
 
 def main() -> None:
-    rows = [run(mode) for mode in SCENARIOS]
+    wanted = sys.argv[1].split(",") if len(sys.argv) > 1 else SCENARIOS
+    rows = [run(mode) for mode in wanted]
     result = {"benchmark": "gc_freeze_threads", "commit": commit(), "python": platform.python_version(),
               "when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rows": rows}
     lines = ["# gc_freeze_threads", "", f"commit {result['commit']}, {result['when']}", "",
