@@ -143,6 +143,39 @@ async def test_an_unloaded_models_cycles_are_freed_though_it_was_frozen(tiny_cat
         await e.stop()
 
 
+async def test_a_failed_load_that_a_freeze_caught_midway_leaves_no_weights_behind(tiny_catalog, monkeypatch):
+    # another thread's first load (or the embeddings') freezes mid-way through this load, which then fails:
+    # no unload runs for a failed load, so its frozen weights stayed for good (benchmarks/gc_freeze_threads.py)
+    from xllm_jupyter.backends.transformers import TransformersBackend
+
+    await warm(tiny_catalog)
+    real = TransformersBackend.load
+    built: list[weakref.ref] = []
+
+    def load_then_fail(self, spec):
+        model = real(self, spec)
+        model.model.xllm_cycle = [model.model]  # (its modules' own cycles would do too: this one is certain)
+        built.append(weakref.ref(model.model))
+        gc_freeze.freeze()  # what another thread's first load does meanwhile
+        assert frozen(model.model)
+        del model
+        raise RuntimeError("the weights are damaged")
+
+    monkeypatch.setattr(TransformersBackend, "load", load_then_fail)
+    e = engine(tiny_catalog)
+    try:
+        try:
+            await e.load(TINY)
+        except Exception as exc:
+            assert "damaged" in str(exc)
+        else:
+            raise AssertionError("the load did not fail")
+        assert len(built) == 1
+        assert built[0]() is None, "the failed load's frozen weights are still alive"
+    finally:
+        await e.stop()
+
+
 @pytest.mark.parametrize("name", [TINY, EMBED])
 def test_a_backends_unload_frees_frozen_weights_in_a_cycle(tiny_catalog, name):
     # the backend's own collection (transformers' unload; the embedding model's release_memory), no engine:

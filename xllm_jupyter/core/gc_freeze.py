@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import threading
+from types import TracebackType
 from typing import Iterator
 
 from . import heap
@@ -37,6 +39,7 @@ from . import heap
 _lock = threading.RLock()
 _enabled = True
 _paused = 0  # paused() blocks running
+_freezes = 0  # gc.freeze() calls so far: a load that saw one may have had part of itself frozen (freezes())
 _saved_thresholds: tuple[int, ...] = gc.get_threshold()  # the collector's thresholds when the first of them began
 #: the oldest generation's threshold while paused: young collections this many times over before a full one
 NO_FULL_COLLECTIONS = 2**31 - 1
@@ -71,8 +74,21 @@ def collect(full: bool = True) -> int:
         gc.unfreeze()  # frozen cycles are otherwise never found: an unloaded model's would stay in memory
         found = gc.collect()
         if _enabled:
-            gc.freeze()
+            _freeze_now()
         return found
+
+
+def _freeze_now() -> None:
+    """``gc.freeze()``, counted (the caller holds ``_lock``)."""
+    global _freezes
+    gc.freeze()
+    _freezes += 1
+
+
+def freezes() -> int:
+    """How many freezes ran so far in this process: a load that failed after one started may have left part of
+    what it made frozen (another thread's first load froze mid-way), which only ``release()`` frees."""
+    return _freezes
 
 
 def is_frozen(obj: object) -> bool:
@@ -102,7 +118,7 @@ def freeze() -> None:
     with _lock:
         if _enabled:
             gc.collect()
-            gc.freeze()
+            _freeze_now()
 
 
 def freeze_alone() -> None:
@@ -110,7 +126,7 @@ def freeze_alone() -> None:
     Only where what is new is known to be (nearly) all long-lived: imports (``FirstBlock.only_imported``)."""
     with _lock:
         if _enabled:
-            gc.freeze()
+            _freeze_now()
 
 
 @contextlib.contextmanager
@@ -206,3 +222,35 @@ def release(full: bool = True) -> None:
     if _enabled:
         collect(full)
     heap.trim()  # else the allocator keeps what the model freed, and resident memory climbs with every swap
+
+
+def release_after_failed_load(error: BaseException, freezes_before: int) -> None:
+    """After a load that failed with ``error``: ``release()`` when a freeze ran since ``freezes_before``
+    (``freezes()`` as it started). A freeze on another thread (a backend's or the embeddings' first load, the
+    start) may have caught part of the model mid-load, weights too; no unload runs for a failed load, so only
+    this frees them. The error's finished frames (and its causes') let go of their locals first: a library's
+    ``model`` local there held the partial model for as long as the error lives (its waiters keep it)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        _clear_plain_frames(error.__traceback__)
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    if freezes() != freezes_before:
+        release()
+
+
+#: code flags of frames that can resume (a coroutine awaiting the collection, a generator): never cleared
+_RESUMABLE = inspect.CO_COROUTINE | inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR | inspect.CO_ITERABLE_COROUTINE
+
+
+def _clear_plain_frames(tb: TracebackType | None) -> None:
+    """Drop the locals of the finished plain-function frames of ``tb`` (clearing a suspended coroutine's frame
+    would close it: the engine's own are in there, awaiting)."""
+    while tb is not None:
+        frame = tb.tb_frame
+        if not frame.f_code.co_flags & _RESUMABLE:
+            try:
+                frame.clear()
+            except RuntimeError:  # still running (this thread's own)
+                pass
+        tb = tb.tb_next

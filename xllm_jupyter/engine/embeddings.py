@@ -98,6 +98,7 @@ class EmbeddingHost:
             return await asyncio.shield(pending)
         pending = asyncio.get_running_loop().create_future()
         self._loading[spec.name] = pending
+        freezes = gc_freeze.freezes()
         try:
             model = await run_slow(self._load_sync, spec)  # (may wait for another load: not the shared pool)
             slot = EmbeddingSlot(model)
@@ -107,6 +108,7 @@ class EmbeddingHost:
         except BaseException as exc:
             pending.set_exception(exc)
             pending.exception()  # concurrent waiters re-raise it themselves
+            await run_slow(gc_freeze.release_after_failed_load, exc, freezes)
             raise
         finally:
             self._loading.pop(spec.name, None)

@@ -273,11 +273,13 @@ class LoadingMixin:
             # reserved until the model is recorded with its measured size (after the warm-up, which may
             # take minutes): a load meanwhile must not count this memory as free
             async with self._reserved(device, needed):
+                freezes = gc_freeze.freezes()
                 try:
                     for _ in range(count):
                         models.append(await _load_on_a_thread(backend, spec))
-                except BaseException:
+                except BaseException as exc:
                     await run_slow(unload_each, models)  # (freeing memory takes a while: off the IOLoop)
+                    await run_slow(gc_freeze.release_after_failed_load, exc, freezes)
                     raise
         async with self._reserved(device, needed):  # (no await between the two: never counted free)
             return await self._start_replicas(name, models, device, gpus)
