@@ -108,7 +108,8 @@ class EmbeddingHost:
         except BaseException as exc:
             pending.set_exception(exc)
             pending.exception()  # concurrent waiters re-raise it themselves
-            await run_slow(gc_freeze.release_after_failed_load, exc, freezes)
+            if isinstance(exc, Exception):  # (not a cancel: the engine stops, its loop may be going)
+                await run_slow(gc_freeze.release_after_failed_load, exc, freezes)
             raise
         finally:
             self._loading.pop(spec.name, None)

@@ -279,7 +279,8 @@ class LoadingMixin:
                         models.append(await _load_on_a_thread(backend, spec))
                 except BaseException as exc:
                     await run_slow(unload_each, models)  # (freeing memory takes a while: off the IOLoop)
-                    await run_slow(gc_freeze.release_after_failed_load, exc, freezes)
+                    if isinstance(exc, Exception):  # (not a cancel: the engine stops, its loop may be going)
+                        await run_slow(gc_freeze.release_after_failed_load, exc, freezes)
                     raise
         async with self._reserved(device, needed):  # (no await between the two: never counted free)
             return await self._start_replicas(name, models, device, gpus)
