@@ -350,3 +350,43 @@ def test_a_response_format_name_follows_openais_rule(raw, name, code):
     for fmt in ({"name": "my-format_1", "schema": SCHEMA}, {"schema": SCHEMA}):  # a missing name is served, as before
         assert raw.post("/v1/chat/completions", json={"model": TINY, "messages": [USER], "max_tokens": 2, "response_format": {
             "type": "json_schema", "json_schema": fmt}}).status_code == 200
+
+
+def _with_breakpoint(breakpoint) -> list[dict]:
+    """A user message whose text part carries ``prompt_cache_breakpoint``."""
+    return [{"role": "user", "content": [{"type": "text", "text": "Hi", "prompt_cache_breakpoint": breakpoint}]}]
+
+
+@pytest.mark.parametrize(
+    ("breakpoint", "param", "code", "text"),
+    [
+        ("yes", "messages[0].content[0].prompt_cache_breakpoint", "invalid_type",
+         "Invalid type for 'messages[0].content[0].prompt_cache_breakpoint': expected an object, but got a string instead."),
+        (True, "messages[0].content[0].prompt_cache_breakpoint", "invalid_type", None),
+        ({}, "messages[0].content[0].prompt_cache_breakpoint.mode", "missing_required_parameter",
+         "Missing required parameter: 'messages[0].content[0].prompt_cache_breakpoint.mode'."),
+        ({"mode": "implicit"}, "messages[0].content[0].prompt_cache_breakpoint.mode", "invalid_value",
+         "Invalid value: 'implicit'. Supported values are: 'explicit'."),
+        ({"mode": "explicit", "ttl": 30}, "messages[0].content[0].prompt_cache_breakpoint.ttl", "invalid_type",
+         "Invalid type for 'messages[0].content[0].prompt_cache_breakpoint.ttl': expected a string, but got an integer instead."),
+        ({"mode": "explicit", "ttl": "1h"}, "messages[0].content[0].prompt_cache_breakpoint.ttl", "invalid_value",
+         "Invalid value: '1h'. Supported values are: '30m' and '12h'."),
+    ],
+)
+def test_prompt_cache_breakpoint_is_typed(client, breakpoint, param, code, text):
+    """A content part's ``prompt_cache_breakpoint`` (the SDK's ``{"mode": "explicit", "ttl"?}``) was taken as anything."""
+    err = bad_chat(client, _with_breakpoint(breakpoint))
+    assert (err.status_code, err.param, err.code, err.type) == (400, param, code, "invalid_request_error"), err.body
+    if text is not None:
+        assert err.body["message"] == text
+
+
+def test_a_well_formed_prompt_cache_breakpoint_is_accepted(client):
+    for breakpoint in ({"mode": "explicit"}, {"mode": "explicit", "ttl": "12h"}, None):
+        reply = client.chat.completions.create(model=TINY, messages=_with_breakpoint(breakpoint), max_tokens=2)
+        assert reply.choices[0].finish_reason in ("stop", "length")
+    # the Responses API's input_text parts carry the same field, checked the same way
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(model=TINY, max_output_tokens=16, input=[{"role": "user", "content": [
+            {"type": "input_text", "text": "Hi", "prompt_cache_breakpoint": {"mode": "explicit", "ttl": "1d"}}]}])
+    assert (info.value.param, info.value.code) == ("input[0].content[0].prompt_cache_breakpoint.ttl", "invalid_value")

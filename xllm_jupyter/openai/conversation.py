@@ -182,7 +182,39 @@ def flatten_content(content: Any, param: str, role: str = "user") -> str | None:
             raise Unsupported(f"Content parts of type '{kind}' are not supported by this model", param=f"{where}.type")
         # a refusal part is what the assistant said (an SDK sends back the message it was given)
         texts.append(part_text(part, kind, f"{where}.{kind}"))
+        check_cache_breakpoint(part.get("prompt_cache_breakpoint"), f"{where}.prompt_cache_breakpoint")
     return "\n".join(texts)
+
+
+#: ``prompt_cache_breakpoint``'s fields and their values, as the openai SDK types a content part's (``mode`` required)
+_BREAKPOINT_VALUES = {"mode": ("explicit",), "ttl": ("30m", "12h")}
+
+
+def check_cache_breakpoint(value: Any, param: str) -> None:
+    """A 400 naming ``param`` unless a content part's ``prompt_cache_breakpoint`` has the SDK's shape.
+
+    It is a hint to api.openai.com's prompt cache (this server's prefix reuse needs none), so a well-formed one
+    changes nothing here; a wrongly typed one is refused as OpenAI refuses it, rather than taken as anything.
+    Null is taken as absent, as for the request's own optional fields; unknown keys are tolerated likewise.
+    """
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"Invalid type for '{param}': expected an object, but got {json_type(value)} instead.",
+                             param=param, code="invalid_type")
+    if value.get("mode") is None:
+        raise InvalidRequest(f"Missing required parameter: '{param}.mode'.", param=f"{param}.mode",
+                             code="missing_required_parameter")
+    for key, allowed in _BREAKPOINT_VALUES.items():
+        field = value.get(key)
+        if field is None:
+            continue
+        if not isinstance(field, str):
+            raise InvalidRequest(f"Invalid type for '{param}.{key}': expected a string, but got {json_type(field)} instead.",
+                                 param=f"{param}.{key}", code="invalid_type")
+        if field not in allowed:
+            raise InvalidRequest(f"Invalid value: {shown(field)}. Supported values are: {_supported(allowed)}.",
+                                 param=f"{param}.{key}", code="invalid_value")
 
 
 def part_text(part: dict[str, Any], key: str, param: str) -> str:

@@ -13,7 +13,7 @@ import secrets
 from typing import Any
 
 from ..core.errors import InvalidRequest, Unsupported
-from .conversation import Turn, find_tool_turn_problem, part_text, responses_tool_turn_error
+from .conversation import Turn, check_cache_breakpoint, find_tool_turn_problem, part_text, responses_tool_turn_error
 from .schema_errors import json_type, shown
 
 ROLES = ("user", "system", "developer", "assistant")
@@ -39,6 +39,7 @@ def _text(content: Any, param: str) -> str:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind in _TEXT_PARTS:
             texts.append(part_text(part, "text", f"{param}[{j}].text"))
+            check_cache_breakpoint(part.get("prompt_cache_breakpoint"), f"{param}[{j}].prompt_cache_breakpoint")
         elif kind == "refusal" and isinstance(part.get("refusal"), str):
             texts.append(part["refusal"])
         elif kind in _MEDIA_PARTS:
