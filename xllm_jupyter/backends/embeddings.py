@@ -20,6 +20,7 @@ from ..core import gc_freeze
 from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest
 from .base import ModelSpec
 from .compile_gate import COMPILE_GATE
+from .file_errors import file_errors
 from .hf_tokenizer import TokenizerGuard
 from .load_lock import exclusive_load
 from .native_libs import preload_torch
@@ -199,7 +200,7 @@ def load_embedding_model(spec: ModelSpec) -> EmbeddingModel:
             with exclusive_load():  # (load_lock.py: a load patches transformers and torch process-wide)
                 model = AutoModel.from_pretrained(str(directory), dtype=torch.float32, **placement(device))
         model.to(device).eval()
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:  # (torch's OutOfMemoryError is a RuntimeError)
+    except file_errors() as exc:  # (torch's OutOfMemoryError is a RuntimeError)
         if not is_out_of_memory(exc):
             raise EngineError(f"Failed to load embedding model '{spec.name}' ({type(exc).__name__})") from exc
         model = None

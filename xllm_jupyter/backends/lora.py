@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, ContextManager, Iterator, Sequence
 
 from ..core.errors import InvalidRequest
+from .file_errors import file_errors
 
 #: peft's name for "no adapter on this row" in mixed-batch inference
 BASE_ROW = "__base__"
@@ -43,7 +44,7 @@ def merge_lora(model: Any, path: Path) -> Any:
     try:
         peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=False, torch_device=str(model.device))
         return peft_model.merge_and_unload()
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except file_errors() as exc:
         raise InvalidRequest(f"The model's ADAPTER does not fit its base model ({type(exc).__name__})",
                              param="model") from exc
 
@@ -85,7 +86,7 @@ class LoraAdapters:
             else:
                 self._peft.load_adapter(str(path), adapter_name=key, is_trainable=False,
                                         torch_device=str(self.device))
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        except file_errors() as exc:
             # e.g. target modules or shapes that do not match this base model
             raise InvalidRequest(f"The adapter '{name}' does not fit this base model ({type(exc).__name__})",
                                  param="model") from exc

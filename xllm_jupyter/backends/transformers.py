@@ -19,6 +19,7 @@ from typing import Any
 from ..core import gc_freeze
 from ..core.errors import EngineError, InvalidRequest, ModelLoadError
 from .base import Backend, BackendOptions, ModelSpec
+from .file_errors import file_errors
 from .load_lock import exclusive_load, release_during_gguf_reads
 from .lora import merge_lora
 from .quiet_loading import library_bars_off
@@ -167,7 +168,7 @@ class TransformersBackend(Backend):
                 with exclusive_load():
                     model = merge_lora(model, Path(merge))
             model.to(device).eval()
-        except _file_errors() as exc:  # (torch's OutOfMemoryError is a RuntimeError)
+        except file_errors() as exc:  # (torch's OutOfMemoryError is a RuntimeError)
             if not is_out_of_memory(exc):
                 # transformers' messages name local paths; keep them in the chained cause (logs) only
                 raise ModelLoadError.of(spec.name, "transformers", exc, spec.created_from) from exc
@@ -201,15 +202,6 @@ class TransformersBackend(Backend):
         return TransformersModel(spec, model, tokenizer, device=device,
                                  max_batch_size=opts.max_batch_size or 16, static=static,
                                  kv_tokens=None if static is not None else kv_tokens or None)
-
-
-def _file_errors() -> tuple[type[BaseException], ...]:
-    """What loading a model raises when its files are damaged or say odd things: a load error, not our bug."""
-    try:  # config.json fields of the wrong type: transformers' strict configs raise this bare Exception subclass
-        from huggingface_hub.errors import StrictDataclassError
-    except ImportError:
-        return (OSError, ValueError, KeyError, RuntimeError)
-    return (OSError, ValueError, KeyError, RuntimeError, StrictDataclassError)
 
 
 def _pick_dtype(name: str, device: "torch.device") -> "torch.dtype":
