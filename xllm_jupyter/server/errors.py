@@ -12,7 +12,7 @@ from typing import Any
 
 from tornado.web import HTTPError
 
-from ..core.errors import AuthenticationError, Overloaded, RateLimited, XllmError
+from ..core.errors import AuthenticationError, Overloaded, PullStopped, RateLimited, XllmError
 
 log = logging.getLogger("xllm_jupyter.server")
 
@@ -77,8 +77,8 @@ def log_error(exc: BaseException | None, request_summary: str) -> None:
     """Log client mistakes briefly and server failures with their traceback."""
     if isinstance(exc, XllmError) and exc.status < 500:
         log.info("%s -> %d %s", request_summary, exc.status, exc.code)
-    elif isinstance(exc, Overloaded):
-        # busy, unloaded mid-request, shutting down: expected, and its message says it all
+    elif isinstance(exc, (Overloaded, PullStopped)):
+        # busy, unloaded mid-request, shutting down (a pull it stopped too): expected, and its message says it all
         log.warning("%s -> %d %s: %s", request_summary, exc.status, exc.code, exc.message)
     elif isinstance(exc, HTTPError) and exc.status_code < 500:
         log.info("%s -> %d", request_summary, exc.status_code)
