@@ -14,7 +14,7 @@ from tests.server_fixtures import TINY
 from xllm_jupyter.client import XllmClient, discovery
 from xllm_jupyter.client.base import can_chat
 from xllm_jupyter.magics import XllmMagics
-from xllm_jupyter.magics.commands import is_command
+from xllm_jupyter.magics.verbs import is_command
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def test_create_and_cp_name_the_terminal_command_and_change_nothing(shell, live)
     assert "`xllm create mine -f 'my dir/Modelfile'`" in cap.stderr and cap.stderr.count("\n") == 1
     # a one-word line may have been a prompt: the line says how to ask it
     cap = run(shell, "create haiku")
-    assert cap.stderr.endswith("(to ask the model this, put an option first: `%xllm -t 0.7 create haiku`)\n")
+    assert cap.stderr.endswith("(to ask the model this instead: `%xllm -- create haiku`)\n")
     assert "`xllm create NAME -f Modelfile`" in run(shell, "create").stderr
     assert "`xllm cp SOURCE DESTINATION`" in run(shell, "cp").stderr
     # the terminal command it spells out never repeats a key into the notebook's output
@@ -97,7 +97,7 @@ def test_create_and_cp_name_the_terminal_command_and_change_nothing(shell, live)
         cap = run(shell, line)
         assert "sk-secret" not in cap.stderr and "KEY` in a terminal" in cap.stderr and cap.outputs == [], cap.stderr
     cap = run(shell, "create --help")  # no "ask the model this" hint for an option
-    assert "`xllm create --help`" in cap.stderr and "put an option first" not in cap.stderr, cap.stderr
+    assert "`xllm create --help`" in cap.stderr and "to ask the model" not in cap.stderr, cap.stderr
     assert models(live) == before
 
 
@@ -135,3 +135,46 @@ def test_asking_an_unknown_model_names_the_servers_chat_models(shell, live):
     with capture_output() as cap:
         shell.run_cell_magic("xllm", "-m no-such-model --max-tokens 2", "Hi")
     assert cap.stderr.startswith("xllm: The model 'no-such-model' does not exist — chat models: ") and TINY in cap.stderr
+
+
+def test_every_verb_is_a_command_only_in_its_shape():
+    """`help`, `use`, `connect`... won over any prompt that began with them: "help me write a haiku" showed the help,
+    "use a metaphor to explain recursion" tried to switch the model."""
+    commands = ["", "help", "help use", "help hub-service", "use", f"use {TINY}", "use no-such-model", "use smollm2:latest",
+                "list", "ps", "status", "load tiny", "unload tiny", "rm tiny", "load", "config",
+                "config temperature=0 'system=Be terse, please.'", "connect", "connect http://127.0.0.1:8900/v1",
+                "connect 127.0.0.1:8900", "connect localhost:8900 --token", "connect --token sk-x", "connect https://hub/xllm",
+                "connect [::1]:8900", "pull smollm2", "pull HuggingFaceTB/SmolLM2-135M-Instruct --revision main --force",
+                "pull ./my-lora --name my-lora --base tiny", "pull '/data/my models/x' --convert", "pull --help", "use -h",
+                "status --help"]
+    prompts = ["help me write a haiku about rain", "help?", "use a metaphor to explain recursion", "use tiny?",
+               "list three colours", "status of the project", "connect the dots", "connect everything",
+               "config files in yaml", "load the data from a csv", "pull yourself together", "rm -rf explained",
+               "ps I love you", "help help me", "-- help", "-- use tiny", "-t 0.5 use a metaphor"]
+    assert [line for line in commands if not is_command(line)] == []
+    assert [line for line in prompts if is_command(line)] == []
+
+
+def test_prompts_that_start_with_a_verb_reach_the_model(shell):
+    run(shell, "config temperature=0 max_tokens=2 format=text")
+    for prompt in ("help me write a haiku about rain", "use a metaphor to explain recursion", "list three colours",
+                   "connect the dots", "-- help", f"-- use {TINY}"):
+        cap = run(shell, prompt)
+        assert cap.stderr == "", (prompt, cap.stderr)
+        meta = cap.outputs[-1].metadata.get("xllm") or {}
+        assert meta.get("model") == TINY and meta["usage"]["completion_tokens"] <= 2, (prompt, meta)
+    assert shown(run(shell, "use")) == "No default model set: the server's default is used."  # no switch happened
+
+
+def test_well_formed_verb_lines_keep_their_behaviour(shell):
+    assert shown(run(shell, f"use {TINY}")) == f"Using {TINY} for %%xllm in this notebook"
+    cap = run(shell, "use no-such-model")  # one model-name-shaped word: a command, which says the name is unknown
+    assert cap.stderr == ("xllm: the server has no model 'no-such-model' (see `%xllm list`, or `%xllm pull`) "
+                          "(to ask the model this instead: `%xllm -- use no-such-model`)\n"), cap.stderr
+    assert cap.outputs == []
+    assert shown(run(shell, "help use")) == "%xllm use [MODEL]                       default model for this notebook (no MODEL: show it)"
+    assert shown(run(shell, "pull --help")).startswith("%xllm pull SOURCE [--name N]")
+    assert "%xllm [options] -- PROMPT" in shown(run(shell, "help"))
+    # not a prompt either (an option the question does not take): the verb's own error
+    assert run(shell, "ps --bogus").stderr == "xllm: %xllm ps: unrecognized arguments: --bogus\n"
+    assert run(shell, "help me -x").stderr.startswith("xllm: %xllm help: no command 'me'")

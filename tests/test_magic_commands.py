@@ -184,8 +184,8 @@ def test_which_lines_are_commands_and_which_are_prompts(shell):
         assert meta.get("model") == TINY and meta["usage"]["completion_tokens"] <= 2, (prompt, meta)
     # a one-word "prompt" after the verb is read as a model name; a name the server lacks says how to ask instead
     cap = run(shell, "show tables")
-    assert cap.stderr == ("xllm: The model 'tables' does not exist (to ask the model this, put an option first: "
-                          "`%xllm -t 0.7 show tables`)\n"), cap.stderr
+    assert cap.stderr == ("xllm: The model 'tables' does not exist (to ask the model this instead: "
+                          "`%xllm -- show tables`)\n"), cap.stderr
     assert cap.outputs == []
     # the terminal's `xllm run` has no notebook twin: one line saying what to use
     assert shown(run(shell, f"run {TINY}")) == (f"In a notebook, ask with `%%xllm -m {TINY}` (the prompt in the cell) or "

@@ -6,7 +6,6 @@ The terminal's other verbs (serve, create, cp, hub-service, run) say in one line
 from __future__ import annotations
 
 import argparse
-import re
 import shlex
 from collections.abc import Callable
 from datetime import datetime
@@ -20,73 +19,16 @@ from ..client.units import human_size
 from ..core.errors import ModelNotFound, PermissionDenied, XllmError
 from .render import Progress, Table, Text
 from .session import CONFIG_KEYS, MagicState
+from .verbs import HELP, SHAPES, TERMINAL_ONLY, help_for
 
-HELP = """\
-%%xllm [-m MODEL] [-s SYSTEM] [-t TEMPERATURE] [--max-tokens N] [-f markdown|code|json|text]
-       [--out VAR] [--no-stream] [--seed N] [--chat | --new]      ask; {var} is filled from the notebook
-%xllm [options] PROMPT                  the same on one line
-%xllm list                              models the server can serve
-%xllm ps                                models in memory now
-%xllm load MODEL / unload MODEL         load or unload on the server (stop MODEL: unload, as xllm stop)
-%xllm show MODEL                        one model's details: task, backend, digest, source, how it runs
-%xllm pull SOURCE [--name N] [--force] [--revision R] [--convert] [--base MODEL]
-                                        add a model to the server's store (progress bar;
-                                        --base: the stored model a LoRA adapter applies to)
-%xllm rm MODEL                          remove a model from the server's store (admins)
-%xllm create / cp / serve / run         terminal-only: says what to run instead
-%xllm use [MODEL]                       default model for this notebook (no MODEL: show it)
-%xllm status                            which server, how it was found, what is loaded
-%xllm connect [URL] [--token [TOKEN]]   use another server (no TOKEN after --token: asked for)
-%xllm config [key=value ...]            show or set defaults: """ + ", ".join(CONFIG_KEYS)
-
-COMMANDS = ("list", "ps", "load", "unload", "pull", "rm", "use", "status", "connect", "config", "help", "hub-service")
-#: CLI verbs that also begin everyday prompts ("show me...", "create a haiku...", "serve tea..."): a command
-#: only when the rest of the line has the terminal's shape for that verb, any other line is a prompt.
-#: Each verb: (most model-name-shaped words, the options it takes with a value, its flags). The terminal-only
-#: verbs take all of the terminal's options: a line with `--api-key KEY` that missed the shape went to the model
-_HELP = frozenset({"-h", "--help"})
-SOFT_COMMANDS: dict[str, tuple[int, frozenset[str], frozenset[str]]] = {
-    "stop": (1, frozenset(), frozenset()),
-    "show": (1, frozenset(), frozenset()),
-    "run": (1, frozenset(), frozenset()),
-    "create": (1, frozenset({"-f", "--file", "--url", "--api-key"}), _HELP),
-    "cp": (2, frozenset({"--url", "--api-key"}), _HELP),
-    "serve": (0, frozenset({"--host", "--port", "-m", "--model", "--api-key"}), _HELP),
-}
-#: `name` or `name:tag`, as the store spells model names (README); nothing with spaces, quotes or `?`
-_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(:[A-Za-z0-9._-]+)?")
+#: verbs whose two-word line may well have been a prompt ("show tables", "load balancing"): an unknown model's
+#: error line says how to ask it
+_PROMPT_LIKE = frozenset({"show", "stop", "load", "use", "create"})
 
 
-def is_command(line: str) -> bool:
-    """Whether a ``%xllm`` line (no cell) runs a command rather than asking the model."""
-    try:
-        words = shlex.split(line)  # as the command will read it: `-f 'my dir/Modelfile'` is one value
-    except ValueError:  # an apostrophe in a prompt ("show me Bob's poem")
-        words = line.split()
-    if not words or words[0] in COMMANDS:
-        return True  # an empty line shows the help; `list three colours` stays a (refused) command, as before
-    return words[0] in SOFT_COMMANDS and _cli_shaped(words[1:], *SOFT_COMMANDS[words[0]])
-
-
-def _cli_shaped(words: list[str], names: int, options: frozenset[str], flags: frozenset[str]) -> bool:
-    """Whether ``words`` are at most ``names`` model names, ``options`` each with its value, and ``flags``."""
-    i = 0
-    while i < len(words):
-        word = words[i]
-        if word in flags:  # `--help`
-            i += 1
-            continue
-        if word in options and i + 1 < len(words):  # `-f Modelfile`, `--port 8000`
-            i += 2
-            continue
-        if word.partition("=")[0] in options and "=" in word:  # `--port=8000`
-            i += 1
-            continue
-        if not _MODEL_NAME.fullmatch(word) or names == 0:
-            return False
-        names -= 1
-        i += 1
-    return True
+def as_prompt(words: list[str]) -> str:
+    """The hint an error line ends with where a two-word command line may have been meant as a prompt."""
+    return f" (to ask the model this instead: `%xllm -- {shlex.join(words)}`)"
 
 
 def _without_keys(argv: list[str]) -> list[str]:
@@ -125,7 +67,7 @@ class Commands:
         self.shell = shell
         self.state = state
         self.table: dict[str, Callable[[list[str]], Any]] = {
-            name: getattr(self, "do_" + name.replace("-", "_")) for name in (*COMMANDS, *SOFT_COMMANDS)}
+            name: getattr(self, "do_" + name.replace("-", "_")) for name in SHAPES}
 
     def run(self, line: str) -> Any:
         """Run one command line (its first word names the command; an empty line: help)."""
@@ -133,14 +75,15 @@ class Commands:
             words = shlex.split(line) or ["help"]
         except ValueError as exc:
             raise XllmError(f"cannot parse the command: {exc}") from None
+        if words[0] not in TERMINAL_ONLY and {"-h", "--help"} & set(words[1:]):
+            return self.do_help(words[:1])  # `%xllm pull --help`: that command's help (the terminal's verbs say theirs)
         try:
             return self.table[words[0]](words[1:])
         except ModelNotFound as exc:
-            if words[0] not in SOFT_COMMANDS:
+            if len(words) != 2 or words[0] not in _PROMPT_LIKE:
                 raise
             # `%xllm show tables` may have been meant as a prompt: say how to ask it
-            raise XllmError(f"{exc.message} (to ask the model this, put an option first: "
-                            f"`%xllm -t 0.7 {' '.join(words)}`)") from None
+            raise XllmError(exc.message + as_prompt(words)) from None
 
     # ---------------------------------------------------------------- models
     def do_list(self, argv: list[str]) -> None:
@@ -251,8 +194,7 @@ class Commands:
     def _terminal_only(self, verb: str, argv: list[str], usage: str) -> None:
         """Refuse a store-writing verb the HTTP API lacks, naming the terminal command that does it."""
         command = "xllm " + shlex.join([verb, *_without_keys(argv)]) if argv else usage
-        hint = (f" (to ask the model this, put an option first: `%xllm -t 0.7 {verb} {' '.join(argv)}`)"
-                if verb == "create" and len(argv) == 1 and not argv[0].startswith("-") else "")
+        hint = as_prompt([verb, *argv]) if verb == "create" and len(argv) == 1 and not argv[0].startswith("-") else ""
         raise XllmError(f"`%xllm {verb}` is not available from a notebook (the server has no HTTP route for it): run "
                         f"`{command}` in a terminal where the server runs, as its user, then `%xllm list`{hint}")
 
@@ -307,7 +249,8 @@ class Commands:
             return
         entry = next((m for m in self.state.client().models() if m.get("id") == args.model), None)
         if entry is None:
-            raise XllmError(f"the server has no model {args.model!r} (see `%xllm list`, or `%xllm pull`)")
+            raise XllmError(f"the server has no model {args.model!r} (see `%xllm list`, or `%xllm pull`)"
+                            + as_prompt(["use", args.model]))
         if not can_chat(entry):
             raise XllmError(f"{args.model!r} is an {model_task(entry)} model, not a chat model: %%xllm needs a chat model (see `%xllm list`)")
         self.state.defaults.model = args.model
@@ -374,5 +317,7 @@ class Commands:
         display(Table(("SETTING", "VALUE"), rows))
 
     def do_help(self, argv: list[str]) -> None:
-        """The magics' usage."""
-        display(Text(HELP))
+        """The magics' usage, or one command's (``%xllm help pull``)."""
+        if argv and argv[0] not in SHAPES:  # only reached past a failed question: `%xllm help me -x`
+            raise XllmError(f"%xllm help: no command {argv[0]!r} (commands: {', '.join(SHAPES)})")
+        display(Text(help_for(argv[0]) if argv else HELP))

@@ -20,10 +20,11 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from ..client.base import can_chat, listed
 from ..core.errors import ModelNotFound, XllmError
 from .ask import Question, ask
-from .commands import Commands, is_command
+from .commands import Commands
 from .interp import interpolate
 from .render import FORMATS, Reply, error
 from .session import MagicState
+from .verbs import SHAPES, is_command, split
 
 log = logging.getLogger("xllm_jupyter.magics")
 
@@ -55,11 +56,18 @@ class XllmMagics(Magics):
         try:
             if cell is None and is_command(line):
                 self.commands.run(line)
-            else:
-                try:
-                    self._ask(line, cell)
-                except ModelNotFound as exc:  # `-m nosuch`, a `use` model since removed: name what there is
-                    raise XllmError(exc.message + self._chat_models()) from None
+                return
+            try:
+                args = parse_argstring(self.xllm, line)
+            except (UsageError, ValueError) as exc:  # argparse's usage problems, unbalanced quotes: keep them short
+                if cell is None and _meant_as_command(line, exc):
+                    self.commands.run(line)
+                    return
+                raise XllmError(str(exc).strip() or "bad options (see %xllm help)") from None
+            try:
+                self._ask(args, cell)
+            except ModelNotFound as exc:  # `-m nosuch`, a `use` model since removed: name what there is
+                raise XllmError(exc.message + self._chat_models()) from None
         except XllmError as exc:
             error(exc.message)
         except KeyboardInterrupt:
@@ -78,11 +86,7 @@ class XllmMagics(Magics):
             return " — the server has no chat model: `%xllm pull smollm2` adds one"
         return f" — chat models: {listed(names)} (`%xllm use MODEL` picks one for this notebook)"
 
-    def _ask(self, line: str, cell: str | None) -> None:
-        try:
-            args = parse_argstring(self.xllm, line)
-        except (UsageError, ValueError) as exc:  # argparse's usage problems, unbalanced quotes: keep them short
-            raise XllmError(str(exc).strip() or "bad options (see %xllm help)") from None
+    def _ask(self, args: Any, cell: str | None) -> None:
         if args.chat and args.new:
             raise XllmError("use --chat (continue) or --new (start over), not both")
         if args.out is not None and not (args.out.isidentifier() and not keyword.iskeyword(args.out)):
@@ -108,6 +112,15 @@ class XllmMagics(Magics):
         answer, value = ask(self.shell, self.state, question)
         if args.out and not (question.fmt == "json" and value is None and not answer.interrupted):
             self.shell.user_ns[args.out] = value
+
+
+def _meant_as_command(line: str, problem: Exception) -> bool:
+    """Whether a line that is no question either (an option neither takes, an open quote) starts with a verb.
+
+    ``%xllm ps --bogus`` and ``%xllm pull 'unclosed`` then get the verb's own error rather than the question's.
+    """
+    words = split(line)
+    return bool(words) and words[0] in SHAPES and (isinstance(problem, ValueError) or "unrecognized arguments" in str(problem))
 
 
 #: ``%xllm <words>?`` on a line of its own; ``%xllm?`` alone (help) does not match
