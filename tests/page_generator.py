@@ -318,7 +318,7 @@ def load_cpu_pages_v2_model(spec: ModelSpec, *, paged: bool, step_cost: StepCost
     draft = open_draft(exllamav2, opts, cache_tokens, paged, config.max_seq_len, int(config.vocab_size))
     vocab = (int(config.vocab_size) + 31) // 32 * 32  # the generator's padded vocabulary
     for m, c in [(model, cache)] + ([draft] if draft else []):
-        m.forward_chunk = _v2_forward_stand_in(vocab, step_cost if m is model else None)
+        m.forward_chunk = _v2_forward_stand_in(vocab, step_cost if m is model else None, int(m.config.max_seq_len))
         # no K/V tensors to copy a partial page between, or to rotate when the page table is defragmented
         c.copy_states = lambda *args, **kwargs: None
         c.all_tensors = lambda: []
@@ -329,12 +329,30 @@ def load_cpu_pages_v2_model(spec: ModelSpec, *, paged: bool, step_cost: StepCost
                           cache_tokens=cache_tokens, model=model, draft=draft, generator=generator, memory_bytes=0)
 
 
-def _v2_forward_stand_in(vocab: int, step_cost: StepCost | None = None) -> Any:
-    """``forward_chunk`` without a model: prefill writes nothing, decoding gives ``stand_in_logits``."""
+def _v2_forward_stand_in(vocab: int, step_cost: StepCost | None = None, seq_len: int | None = None) -> Any:
+    """``forward_chunk`` without a model: prefill writes nothing, decoding gives ``stand_in_logits``.
+
+    With ``seq_len`` (the model's ``max_seq_len``: its RoPE tables' length) every call's positions are checked
+    against it and against the cache, as the real forward would index them: a position past either is an
+    AssertionError out of the step (the kernels would read past the tables or write past the cache unchecked).
+    """
     import torch
+
+    def check_positions(input_ids: Any, attn_params: Any = None, cache: Any = None, **kwargs: Any) -> None:
+        if seq_len is None or attn_params is None:
+            return
+        width = int(input_ids.shape[-1])
+        seqlens = getattr(attn_params, "cache_seqlens", None)
+        start = int(seqlens.max()) if seqlens is not None else int(attn_params.past_len or 0)
+        end = start + width  # one past the last position written and rotated
+        limit = min(seq_len, int(cache.max_seq_len)) if cache is not None else seq_len
+        assert end <= limit, f"positions up to {end - 1} past the RoPE tables ({seq_len}) or the cache"
+        if seqlens is not None:  # paged: within the pages the step's block index gives the job
+            assert end <= attn_params.block_index.shape[-1] * attn_params.page_size, "positions past the job's pages"
 
     def forward_chunk(input_ids: Any, preprocess_only: bool = False, **kwargs: Any) -> Any:
         """exllamav2's forward signature; ``preprocess_only`` is prefill."""
+        check_positions(input_ids, **kwargs)
         if step_cost is None:
             return None if preprocess_only else {"logits": stand_in_logits(input_ids, (*input_ids.shape, vocab))}
         rows, width = input_ids.shape

@@ -66,24 +66,50 @@ def test_options_carry_speculative_and_split_settings():
 
 
 def test_exllamav2_drafting_jobs_ask_for_the_window_exllamav2_holds_back():
-    """exllamav2 ends a drafting job num_draft_tokens early (tests/test_exllama_library_serving.py
-    shows it on the library); the job asks for that many more, within the cache."""
+    """exllamav2 ends a drafting job once it has max_new_tokens less num_draft_tokens tokens
+    (tests/test_exllama_library_serving.py shows it on the library); the job asks for that many more,
+    within the cache's pages and the RoPE tables' positions."""
     from types import SimpleNamespace
 
     from xllm_jupyter.backends.exllamav2 import ExllamaV2Model
 
-    def asked(draft, prompt_len, max_tokens, cache=2048, context=2048):
+    def asked(draft, prompt_len, max_tokens, cache=2304, seq_len=2304):
         model = SimpleNamespace(generator=SimpleNamespace(num_draft_tokens=draft, max_total_tokens=cache),
-                                context_length=context)
+                                _seq_len=seq_len)
         job = SequenceJob(1, (5,) * prompt_len, max_tokens, SamplingParams())
         return ExllamaV2Model._library_max_new_tokens(model, job)
 
     assert asked(0, 40, 24) == 24  # no drafting: as asked
     assert asked(4, 40, 24) == 28
-    assert asked(4, 2000, 46) == 48  # the cache holds only 48 more tokens
-    assert asked(4, 2000, 48) == 48  # never less than asked
-    # a paged cache holds more than the context: the window still stops at the context's end
-    assert asked(4, 2000, 46, cache=65536) == 48
+    assert asked(4, 2000, 48) == 52  # a job that fills a 2,048 context, planned for it (plan_cache)
+    # unpaged, the cache is one page of max_seq_len: pages for the prompt and max_new_tokens
+    assert asked(4, 2000, 46, cache=2048, seq_len=2048) == 48
+    assert asked(4, 2000, 48, cache=2048, seq_len=2048) == 48  # never less than asked
+    # paged, the cache holds more: the window's positions stop at the RoPE tables (one past: the last draft
+    # position is prompt + max_new_tokens - 2)
+    assert asked(4, 2000, 46, cache=65536, seq_len=2048) == 49
+
+
+@pytest.mark.parametrize(("paged", "window", "cache_tokens", "rope", "plan"), [
+    (True, 0, 0, False, (2048, 2048, 65536)),  # no drafting: one context, as before
+    (False, 0, 0, False, (2048, 2048, 2048)),
+    (True, 4, 0, False, (2048, 2304, 65536)),  # the window's positions: 2,048 + 3 -> a page more of RoPE tables
+    (False, 4, 0, False, (2048, 2304, 2304)),  # unpaged the one page holds context and window: 2,052 -> 2,304
+    (True, 4, 2048, False, (2044, 2048, 2048)),  # a configured cache bounds context + window
+    (False, 4, 2048, False, (2044, 2048, 2048)),
+    (True, 4, 0, True, (2045, 2048, 65536)),  # YaRN/su: max_seq_len kept (it sets the frequencies): context shorter
+    (False, 4, 0, True, (2044, 2048, 2048)),
+    (True, 1, 0, False, (2048, 2048, 65536)),  # a window of one reaches no position past the context
+])
+def test_exllamav2_plans_context_tables_and_cache_for_the_draft_window(paged, window, cache_tokens, rope, plan):
+    from xllm_jupyter.backends.exllamav2 import plan_cache
+
+    opts = exllama_options({"cache_tokens": cache_tokens})
+    got = plan_cache(opts, 2048, paged=paged, window=window, rope_follows_length=rope)
+    assert (got.context, got.seq_len, got.cache_tokens) == plan
+    # what a job of the whole context asks (context + window) fits the cache's pages, its last window's
+    # positions (up to context + window - 2) the RoPE tables
+    assert got.context + window <= got.cache_tokens and got.context + window - 1 <= got.seq_len
 
 
 def test_a_configured_cache_bounds_the_context_and_drafting_gets_cache_history():
@@ -641,7 +667,15 @@ def test_the_kernel_warm_up_calls_exllamav3_as_its_signature_takes_it():
     assert calls == [{"cache": calls[0]["cache"], "max_chunk_size": 2048, "max_batch_size": 8}]
 
 
-def test_the_memory_budget_sees_the_kv_cache_an_exllama_load_allocates(tmp_path):
+@pytest.fixture
+def exllamav2_paged(monkeypatch):
+    """exllamav2's estimate as where flash-attn (paged mode) is installed."""
+    from xllm_jupyter.backends import exllamav2
+
+    monkeypatch.setattr(exllamav2, "runs_paged", lambda config: True)
+
+
+def test_the_memory_budget_sees_the_kv_cache_an_exllama_load_allocates(tmp_path, exllamav2_paged):
     from xllm_jupyter.backends.memory_estimate import kv_cache_bytes
     from xllm_jupyter.backends.exllamav2 import ExllamaV2Backend
     from xllm_jupyter.backends.exllamav3 import ExllamaV3Backend
@@ -659,7 +693,66 @@ def test_the_memory_budget_sees_the_kv_cache_an_exllama_load_allocates(tmp_path)
     assert ExllamaV3Backend().cache_bytes_estimate(ModelSpec(name="m", path=tmp_path / "gone")) == 0
 
 
-def test_the_estimate_counts_a_draft_models_weights_and_cache_and_exllama_never_takes_cpu(tmp_path):
+def test_exllamav2_unpaged_estimate_counts_the_one_context_it_allocates(tmp_path, monkeypatch):
+    """Without flash-attn exllamav2 runs unpaged: its cache is one context (the model's max_seq_len), not the
+    paged default of 65,536 tokens; with a draft window, that context and the window (plan_cache)."""
+    from xllm_jupyter.backends import exllamav2
+    from xllm_jupyter.backends.exllamav2 import ExllamaV2Backend
+
+    shape = {"num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2, "hidden_size": 512,
+             "max_position_embeddings": 4096, "vocab_size": 1000}
+    (tmp_path / "config.json").write_text(json.dumps(shape))
+    per_token = 4 * 2 * 64 * 4  # layers x kv heads x head size x (2 + 2 bytes)
+
+    def estimate(paged, **options):
+        monkeypatch.setattr(exllamav2, "runs_paged", lambda config: paged)
+        spec = ModelSpec(name="m", path=tmp_path, format="exl2", options=BackendOptions(**options))
+        return ExllamaV2Backend().cache_bytes_estimate(spec) // per_token
+
+    assert estimate(True) == 65536 and estimate(False) == 4096
+    assert estimate(False, cache_tokens=1000) == 1024  # a configured cache bounds the context: 1,000 -> a page
+    assert estimate(False, ngram_draft=2, num_draft_tokens=4) == 4096 + 256  # the window needs another page
+    assert estimate(True, ngram_draft=2, num_draft_tokens=4) == 65536
+    # the context exllamav2 reads first, as it reads it
+    (tmp_path / "config.json").write_text(json.dumps({**shape, "max_sequence_length": 8192}))
+    assert estimate(False) == 8192
+    # YaRN: max_seq_len kept (the context served shorter by the window), so no page more
+    (tmp_path / "config.json").write_text(json.dumps({**shape, "rope_scaling": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}}))
+    assert estimate(False, ngram_draft=2, num_draft_tokens=4) == 4096
+
+
+def test_whether_exllamav2_runs_paged_is_told_without_importing_it(tmp_path, monkeypatch):
+    """flash-attn 2.5.7+ with its CUDA module, read from its files (exllamav2's test, not its import)."""
+    import sys
+
+    from xllm_jupyter.backends.exllamav2 import flash_attn_version, runs_paged
+
+    monkeypatch.delitem(sys.modules, "exllamav2.attn", raising=False)
+    monkeypatch.delenv("EXLLAMA_NO_FLASH_ATTN", raising=False)
+    package = tmp_path / "flash_attn"
+    package.mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for version, cuda_module, softcap, paged in [("2.8.3.post2", True, False, True), ("2.5.6", True, False, False),
+                                                 ("2.5.7", True, False, True), ("2.5.9", True, True, False),
+                                                 ("2.6.3", True, True, True), ("2.8.3", False, False, False)]:
+        (package / "__init__.py").write_text(f'__version__ = "{version}"\n\nimport nothing_here\n')
+        module = tmp_path / "flash_attn_2_cuda.so"
+        if cuda_module:
+            module.write_bytes(b"")
+        elif module.exists():
+            module.unlink()
+        import importlib
+
+        importlib.invalidate_caches()
+        config = {"attn_logit_softcapping": 50.0} if softcap else {}
+        assert runs_paged(config) is paged, version
+    assert flash_attn_version() == (2, 8, 3) and "flash_attn" not in sys.modules
+    monkeypatch.setenv("EXLLAMA_NO_FLASH_ATTN", "1")
+    assert not runs_paged({})
+
+
+def test_the_estimate_counts_a_draft_models_weights_and_cache_and_exllama_never_takes_cpu(tmp_path, exllamav2_paged):
     from xllm_jupyter.backends.exllamav2 import ExllamaV2Backend
     from xllm_jupyter.backends.exllamav3 import ExllamaV3Backend
 
@@ -686,3 +779,10 @@ def test_the_estimate_counts_a_draft_models_weights_and_cache_and_exllama_never_
         # engine.device: cpu leaves FP16 models to transformers instead of loading them on the GPU
         assert backend.supports(ModelSpec(name="m", path=model, format="safetensors"))
         assert not backend.supports(ModelSpec(name="m", path=model, format="safetensors", options=BackendOptions(device="cpu")))
+    # a draft whose vocabulary is larger than the model's does not load (draft_vocabulary_fits): not counted
+    (model / "config.json").write_text(json.dumps({**shape, "vocab_size": 1000}))
+    (draft / "config.json").write_text(json.dumps({**shape, "num_hidden_layers": 2, "vocab_size": 1024}))
+    for backend in (ExllamaV3Backend(), ExllamaV2Backend()):
+        drafted = ModelSpec(name="m", path=model, context_length=2048,
+                            options=dataclasses.replace(options, draft_model_path=str(draft)))
+        assert backend.cache_bytes_estimate(drafted) == 4 * per_layer

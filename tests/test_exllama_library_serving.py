@@ -403,6 +403,92 @@ def test_exllamav3_serves_every_token_of_a_full_context(tiny_llama_dir, cache_to
     assert events[-1].completion_tokens == 40 and len([e for e in events if e.token_id is not None]) == 40
 
 
+YARN = {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}}
+
+
+@pytest.mark.parametrize("kind", ["exllamav2-paged", "exllamav2-unpaged"])
+@pytest.mark.parametrize(("options", "config", "plan"), [
+    ({"ngram_draft": 2, "num_draft_tokens": 4}, {}, {"paged": (2048, 2304), "unpaged": (2048, 2304)}),
+    ({"draft_model_path": "<model>", "num_draft_tokens": 3}, {}, {"paged": (2048, 2304), "unpaged": (2048, 2304)}),
+    ({"ngram_draft": 2, "num_draft_tokens": 4, "cache_tokens": 2048}, {},
+     {"paged": (2044, 2048), "unpaged": (2044, 2048)}),
+    ({"ngram_draft": 2, "num_draft_tokens": 4}, YARN, {"paged": (2045, 2048), "unpaged": (2044, 2048)}),
+    ({}, {}, {"paged": (2048, 2048), "unpaged": (2048, 2048)}),
+], ids=["ngram", "draft-model", "cache-bound", "yarn", "plain"])
+def test_exllamav2_serves_every_token_of_a_full_context_while_drafting(tiny_llama_dir, tmp_path, kind, options,
+                                                                        config, plan):
+    """exllamav2 ends a drafting job once it has max_new_tokens less the window, and its last window's positions
+    reach past the job's end: the context, RoPE tables (max_seq_len) and cache we plan give a job that fills the
+    context every token it asks for, and the stand-in forward checks that no position passes the tables or the
+    cache. A drafting job of the whole context ended num_draft_tokens early before. For YaRN max_seq_len sets
+    the frequencies, so it stays the model's and the context is shorter instead."""
+    require_kind(kind)
+    from xllm_jupyter.core.types import FinishReason
+
+    model_dir = tiny_llama_dir
+    if config:
+        model_dir = tmp_path / "model"
+        model_dir.mkdir()
+        for f in tiny_llama_dir.iterdir():
+            if f.name != "config.json":
+                (model_dir / f.name).symlink_to(f)
+        (model_dir / "config.json").write_text(json.dumps({**json.loads((tiny_llama_dir / "config.json").read_text()),
+                                                           **config}))
+    options = {"cache_tokens": 0, **{k: (str(model_dir) if v == "<model>" else v) for k, v in options.items()}}
+    model = load(kind, model_dir, **options)
+    context, seq_len = plan[kind.partition("-")[2]]
+    assert (model.context_length, model._model.config.max_seq_len) == (context, seq_len)
+    if config:
+        assert model._model.config.alt_rope_method == "yarn"
+    window = options.get("num_draft_tokens", 0)
+    assert model.generator.num_draft_tokens == window
+    for answer in (40, 1):
+        events = generate(model, [100 + i % 50 for i in range(context - answer)], answer, job_id=answer)
+        assert events[-1].completion_tokens == answer and len([e for e in events if e.token_id is not None]) == answer
+        assert events[-1].finish == FinishReason.LENGTH
+    assert pages_held(model) == 0
+    if window:
+        assert model.details()["speculative"]["accepted"] > 0
+
+
+@pytest.mark.parametrize("kind", ["exllamav2-paged", "exllamav2-unpaged"])
+@pytest.mark.parametrize(("options", "tokens"), [
+    ({}, {"paged": 65536, "unpaged": 2048}),
+    ({"ngram_draft": 2, "num_draft_tokens": 4}, {"paged": 65536, "unpaged": 2304}),
+    ({"cache_tokens": 4096}, {"paged": 4096, "unpaged": 2048}),
+    ({"cache_tokens": 1000, "ngram_draft": 2, "num_draft_tokens": 4}, {"paged": 1024, "unpaged": 1024}),
+], ids=["default", "ngram", "cache", "small-cache-ngram"])
+def test_exllamav2_memory_estimate_is_the_cache_the_library_allocates(tiny_llama_dir, kind, options, tokens,
+                                                                      monkeypatch):
+    """The estimate the memory budget sees before a load is the cache exllamav2's generator then has: unpaged
+    (no flash-attn) one context, not the paged default of 65,536 tokens; whether it runs paged is told from
+    flash-attn's files as exllamav2's own import tells it."""
+    require_kind(kind)
+    import sys
+
+    from exllamav2 import attn
+
+    from tests.page_generator import load_cpu_pages_v2_model
+    from xllm_jupyter.backends import exllamav2 as v2
+    from xllm_jupyter.backends.base import BackendOptions, ModelSpec
+    from xllm_jupyter.backends.memory_estimate import kv_cache_bytes
+
+    with monkeypatch.context() as patch:  # as before anything imported exllamav2
+        patch.delitem(sys.modules, "exllamav2.attn")
+        assert v2.runs_paged({}) == attn.has_flash_attn_with_paged
+        assert list(v2.flash_attn_version()) == getattr(attn, "flash_attn_ver", [])
+    assert v2.runs_paged({}) == attn.has_flash_attn_with_paged  # and after, from the library's flags
+    paged = kind == "exllamav2-paged"
+    monkeypatch.setattr(v2, "runs_paged", lambda config: paged)  # (the harness runs unpaged beside flash-attn)
+    spec = ModelSpec(name="t", path=str(tiny_llama_dir), format="safetensors",
+                     options=BackendOptions(**{"max_batch_size": 4, **options}))
+    model = load_cpu_pages_v2_model(spec, paged=paged)
+    allocated = int(model.generator.cache.max_seq_len)
+    assert allocated == tokens[kind.partition("-")[2]]
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    assert v2.ExllamaV2Backend().cache_bytes_estimate(spec) == kv_cache_bytes(config, allocated, None)
+
+
 def test_presence_and_frequency_penalties_count_the_answer_not_the_prompt(tiny_llama_dir):
     """exllamav2's sampler would count the prompt's 200 FILLER_TOKENs (20 off its lead of ~12); OpenAI counts the answer."""
     from tests.page_generator import FILLER_TOKEN

@@ -128,24 +128,41 @@ class ExllamaOptions:
 
 
 def exllama_cache_estimate(spec: Any, reserve: Callable[[ExllamaOptions], int] = lambda opts: 0,
-                           draft_cache_quantized: bool = True) -> int:
+                           draft_cache_quantized: bool = True,
+                           cache_tokens: Callable[[ExllamaOptions, Mapping[str, Any], int], int] | None = None) -> int:
     """What an exllama backend allocates at load for ``spec`` besides its weights: the KV cache (from its
-    options and ``config.json``, ``reserve(opts)`` tokens past a full context: ``ExllamaOptions.cache_size``)
-    and, with ``engine.draft_model``, the draft's weights and its cache of the same size (stored as the model's
-    unless not ``draft_cache_quantized``: exllamav2 gives a draft an FP16 cache)."""
+    options and ``config.json``, ``reserve(opts)`` tokens past a full context: ``ExllamaOptions.cache_size``;
+    or ``cache_tokens(opts, config, window)``, ``window`` the tokens drafted per step, 0 without drafting) and,
+    with ``engine.draft_model``, the draft's weights and its cache of the same size (stored as the model's
+    unless not ``draft_cache_quantized``: exllamav2 gives a draft an FP16 cache). A draft whose vocabulary
+    is larger than the model's is not loaded (``draft_vocabulary_fits``), so not counted."""
     try:
         config = _read_config(Path(spec.path))
         opts = ExllamaOptions.from_options(spec.options, spec.context_length)
         text = config.get("text_config") or config
-        context = opts.serving_context(int(text.get("max_position_embeddings") or 4096), reserve(opts))
-        tokens, bits = opts.cache_size(context, reserve(opts)), opts.kv_bits()
+        draft = Path(opts.draft_model_path) if opts.draft_model_path else None
+        draft_config = _read_config(draft) if draft is not None else None
+        if draft_config is not None and not _vocabulary_within(draft_config, config):
+            draft = draft_config = None
+        window = opts.num_draft_tokens if (draft is not None or opts.ngram_draft) else 0
+        if cache_tokens is not None:
+            tokens = cache_tokens(opts, config, window)
+        else:
+            context = opts.serving_context(int(text.get("max_position_embeddings") or 4096), reserve(opts))
+            tokens = opts.cache_size(context, reserve(opts))
+        bits = opts.kv_bits()
         total = kv_cache_bytes(config, tokens, bits)
-        if opts.draft_model_path:  # both loaders give the draft a cache as large as the model's
-            draft = Path(opts.draft_model_path)
-            total += disk_bytes(draft) + kv_cache_bytes(_read_config(draft), tokens, bits if draft_cache_quantized else None)
+        if draft is not None and draft_config is not None:  # both loaders give the draft a cache as large as the model's
+            total += disk_bytes(draft) + kv_cache_bytes(draft_config, tokens, bits if draft_cache_quantized else None)
         return total
-    except (OSError, ValueError, EngineError):  # an estimate: the load itself reports what is wrong
+    except (OSError, ValueError, TypeError, EngineError):  # an estimate: the load itself reports what is wrong
         return 0
+
+
+def _vocabulary_within(draft: Mapping[str, Any], model: Mapping[str, Any]) -> bool:
+    """Whether a draft's ``config.json`` vocabulary fits the model's (True when either does not say)."""
+    sizes = [(c.get("text_config") or c).get("vocab_size") or c.get("vocab_size") for c in (draft, model)]
+    return None in sizes or int(sizes[0]) <= int(sizes[1])
 
 
 class ExllamaBackend(Backend):

@@ -8,10 +8,16 @@ let the engine queue the other requests (max batch size 1), so none fail.
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import logging
+import os
+import re
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from ..core.errors import EngineError
 from ..core.types import SamplingParams, SequenceJob
@@ -123,6 +129,119 @@ def round_to_pages(tokens: int) -> int:
     return -(-int(tokens) // PAGE_SIZE) * PAGE_SIZE
 
 
+#: exllamav2's RoPE methods whose frequencies it derives from ``max_seq_len`` itself (``rope.py``: YaRN's
+#: correction range and when it starts, su/longrope's long or short factors), not only the tables' length
+LENGTH_DEPENDENT_ROPE = ("su", "yarn")
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """How a model is sized on exllamav2: the context we serve, the model's ``max_seq_len`` (its RoPE tables,
+    and the whole cache when unpaged) and the cache's tokens."""
+
+    context: int
+    seq_len: int
+    cache_tokens: int
+
+
+def plan_cache(opts: ExllamaOptions, model_context: int, *, paged: bool, window: int,
+               rope_follows_length: bool = False) -> CachePlan:
+    """The context, ``max_seq_len`` and cache for ``opts`` such that a job that fills the context gets every
+    token it asks for, with ``window`` draft tokens per step (0 when not drafting).
+
+    exllamav2 0.3.2 ends a drafting job once ``new_tokens >= max_new_tokens - num_draft_tokens``
+    (``receive_sample``), so a job of P prompt and T answer tokens is given ``max_new_tokens`` T + window,
+    and ``prepare_for_queue`` takes pages for P + T + window tokens: the cache must hold the context and the
+    window (unpaged, the one page is the whole ``max_seq_len``). Its last step feeds its last token and a
+    window of drafts, at positions up to P + T + window - 2 (the draft model's loop writes the same ones):
+    the RoPE tables (``max_seq_len`` long) must reach the context and window - 1 more. Without a window all
+    of this is one context, as before. A configured ``cache_tokens`` bounds the context and the window
+    (``serving_context``). For YaRN and su scaling ``max_seq_len`` changes the frequencies themselves, so
+    it stays what it is without drafting and the context served is shorter by the window instead.
+    """
+    past = window if not paged else max(window - 1, 0)  # tokens the last step reaches past the context
+    context = opts.serving_context(model_context, window)
+    if rope_follows_length:
+        seq_len = round_to_pages(opts.serving_context(model_context))
+        context = max(1, min(context, seq_len - past))
+    else:
+        seq_len = round_to_pages(context + past)
+    return CachePlan(context, seq_len, opts.cache_size(context, window) if paged else seq_len)
+
+
+#: where exllamav2 0.3.2 reads a model's context (``ExLlamaV2Config``: the first found, then under text_config)
+_SEQ_LEN_KEYS = ("max_sequence_length", "model_max_length", "max_position_embeddings", "max_seq_len", "n_positions")
+
+
+def estimated_cache_tokens(opts: ExllamaOptions, config: Mapping[str, Any], window: int) -> int:
+    """The cache tokens a load of the model with this ``config.json`` allocates (``plan_cache``), told without
+    importing exllamav2 (that may compile its kernels; the estimate runs before any load)."""
+    plan = plan_cache(opts, config_seq_len(config), paged=runs_paged(config), window=window,
+                      rope_follows_length=rope_type(config) in ("su", "longrope", "yarn"))
+    return plan.cache_tokens
+
+
+def config_seq_len(config: Mapping[str, Any]) -> int:
+    """The context exllamav2 reads from ``config.json`` (2,048 when it names none, as exllamav2 assumes)."""
+    for scope in (config, config.get("text_config") or {}):
+        for key in _SEQ_LEN_KEYS:
+            if scope.get(key) is not None:
+                return int(scope[key])
+    return 2048
+
+
+def rope_type(config: Mapping[str, Any]) -> str:
+    """The RoPE scaling type of ``config.json`` as exllamav2 (and ``apply_rope_parameters``) read it."""
+    for key in ("rope_scaling", "rope_parameters"):
+        for scope in (config, config.get("text_config") or {}):
+            params = scope.get(key)
+            if isinstance(params, dict):
+                if key == "rope_parameters" and isinstance(params.get("full_attention"), dict):
+                    params = params["full_attention"]
+                return str(params.get("type") or params.get("rope_type") or "default")
+    return "default"
+
+
+def runs_paged(config: Mapping[str, Any]) -> bool:
+    """Whether exllamav2 would run the model with this ``config.json`` paged, told without importing it.
+
+    Its own tests (``attn.py`` at import, ``ExLlamaV2Config.arch_compat_overrides``): flash-attn 2.5.7 or
+    later with its CUDA module, not switched off by ``EXLLAMA_NO_FLASH_ATTN``, and for a model that caps its
+    attention logits (Gemma 2) a flash-attn with softcapping (2.6). Once exllamav2 is imported, its flags.
+    """
+    softcap = bool(config.get("attn_logit_softcapping"))  # (exllamav2 reads it at the top level only)
+    attn = sys.modules.get("exllamav2.attn")
+    if attn is not None:
+        return bool(getattr(attn, "has_flash_attn_with_paged", False)) and not (
+            softcap and not getattr(attn, "has_flash_attn_with_softcap", False))
+    if "EXLLAMA_NO_FLASH_ATTN" in os.environ:
+        return False
+    try:
+        if importlib.util.find_spec("flash_attn_2_cuda") is None:
+            return False
+    except (ImportError, ValueError):
+        return False
+    version = flash_attn_version()
+    return version >= (2, 5, 7) and not (softcap and version < (2, 6, 0))
+
+
+def flash_attn_version() -> tuple[int, ...]:
+    """The installed flash-attn's version, as exllamav2 compares it (its numeric parts), without importing it;
+    () when it is not installed."""
+    text = None
+    try:
+        spec = importlib.util.find_spec("flash_attn")
+        if spec is not None and spec.origin:
+            found = re.search(r"""^__version__\s*=\s*["']([^"']+)["']""",
+                              Path(spec.origin).read_text(encoding="utf-8"), re.MULTILINE)
+            text = found.group(1) if found else None
+        if text is None and spec is not None:
+            text = importlib.metadata.version("flash_attn")
+    except (ImportError, ValueError, OSError, importlib.metadata.PackageNotFoundError):
+        pass
+    return tuple(int(t) for t in (text or "").split(".") if t.isdigit())
+
+
 def warn_unpaged_once() -> None:
     """Log (once per process) that exllamav2 runs one sequence at a time here."""
     global _warned_unpaged
@@ -138,8 +257,9 @@ class ExllamaV2Backend(ExllamaBackend):
     name = "exllamav2"
 
     def cache_bytes_estimate(self, spec: ModelSpec) -> int:
-        """The KV cache it allocates at load, and a draft model with its cache (FP16: ``open_draft``)."""
-        return exllama_cache_estimate(spec, draft_cache_quantized=False)
+        """The KV cache it allocates at load (``plan_cache``: paged, or one context unpaged), and a draft model
+        with its cache (FP16: ``open_draft``)."""
+        return exllama_cache_estimate(spec, draft_cache_quantized=False, cache_tokens=estimated_cache_tokens)
 
     def supports(self, spec: ModelSpec) -> bool:
         """EXL2, GPTQ or FP16 safetensors chat models in a directory (not on ``engine.device: cpu``)."""
@@ -228,16 +348,27 @@ def open_model(exllamav2: Any, path: Path, opts: ExllamaOptions,
     apply_rope_parameters(config, path)
     config.arch_compat_overrides()
     paged = paged and not config.no_flash_attn
-    ctx = opts.serving_context(int(config.max_seq_len or 4096))
+    plan = plan_cache(opts, int(config.max_seq_len or 4096), paged=paged,
+                      window=draft_window(exllamav2, opts, int(config.vocab_size)),
+                      rope_follows_length=config.alt_rope_method in LENGTH_DEPENDENT_ROPE)
     # the cache, and prefill chunks below 2,048 tokens (the model's input size follows the context),
-    # must be whole pages; we serve ``ctx`` tokens of it
-    config.max_seq_len = round_to_pages(ctx)
+    # must be whole pages; we serve ``plan.context`` tokens of it
+    config.max_seq_len = plan.seq_len
     if not paged:
         config.no_flash_attn = True
-    cache_tokens = opts.cache_size(ctx) if paged else config.max_seq_len
     model = exllamav2.ExLlamaV2(config)
-    cache = getattr(exllamav2, _CACHE_CLASSES[opts.kv_bits()])(model, max_seq_len=cache_tokens, lazy=True)
-    return config, ctx, model, cache, cache_tokens, paged
+    cache = getattr(exllamav2, _CACHE_CLASSES[opts.kv_bits()])(model, max_seq_len=plan.cache_tokens, lazy=True)
+    return config, plan.context, model, cache, plan.cache_tokens, paged
+
+
+def draft_window(exllamav2: Any, opts: ExllamaOptions, vocab_size: int) -> int:
+    """Tokens the generator will draft per step: ``num_draft_tokens`` with n-gram drafting or a draft model
+    that loads (its vocabulary within the model's: ``open_draft``), else 0."""
+    if opts.ngram_draft:
+        return opts.num_draft_tokens
+    if opts.draft_model_path and int(exllamav2.ExLlamaV2Config(opts.draft_model_path).vocab_size) <= vocab_size:
+        return opts.num_draft_tokens
+    return 0
 
 
 def check_limits(opts: ExllamaOptions, config: Any, paged: bool) -> None:
@@ -279,6 +410,7 @@ def build_model(spec: ModelSpec, path: Path, *, config: Any, opts: ExllamaOption
     return ExllamaV2Model(
         spec, generator=generator, chat=chat, context_length=ctx, vocab_size=int(config.vocab_size),
         eos_token_ids=eos, max_batch_size=batch, memory_bytes=memory_bytes, details=details, model=model, draft=draft,
+        seq_len=int(config.max_seq_len),
     )
 
 
@@ -320,10 +452,11 @@ class ExllamaV2Model(DynamicGeneratorModel):
     # logprobs first: they take the logits before the penalties change them; the bias and cuts after them
     job_mixins = (RawLogprobsV2, AnswerPenaltiesV2, LogitsV2)
 
-    def __init__(self, spec: ModelSpec, *, model: Any, draft: tuple[Any, Any] | None, **kw: Any):
+    def __init__(self, spec: ModelSpec, *, model: Any, draft: tuple[Any, Any] | None, seq_len: int, **kw: Any):
         super().__init__(spec, **kw)
         self._model = model
         self._draft = draft
+        self._seq_len = int(seq_len)  # the model's max_seq_len: the positions its RoPE tables hold
 
     def make_job(self, job: SequenceJob) -> Any:
         """An ``ExLlamaV2DynamicJob`` with our sampling settings, stop tokens and logprobs."""
@@ -339,15 +472,17 @@ class ExllamaV2Model(DynamicGeneratorModel):
     def _library_max_new_tokens(self, job: SequenceJob) -> int:
         """The ``max_new_tokens`` that makes exllamav2 generate ``job.max_tokens`` tokens.
 
-        While drafting (n-gram or draft model) exllamav2 ends a job ``num_draft_tokens`` short
-        of its ``max_new_tokens``, keeping cache room for the last draft window: ask for that
-        much more, as far as the cache holds it (a prompt that fills the cache ends early).
+        While drafting (n-gram or draft model) exllamav2 ends a job once it has ``max_new_tokens`` less
+        ``num_draft_tokens`` tokens: ask for that many more. ``plan_cache`` sized the cache and the RoPE
+        tables so that this fits for any job within the context; the bound below only keeps a job that
+        would not (none should) inside them, ending early rather than writing past them.
         """
         draft = int(getattr(self.generator, "num_draft_tokens", 0) or 0)
         if not draft:
             return job.max_tokens
-        # never past the context: draft positions there would read past the model's RoPE tables
-        room = min(int(self.generator.max_total_tokens), self.context_length) - len(job.prompt_ids)
+        prompt = len(job.prompt_ids)
+        # pages for prompt + max_new_tokens; the last window reaches position prompt + max_new_tokens - 2
+        room = min(int(self.generator.max_total_tokens) - prompt, self._seq_len + 1 - prompt)
         return max(job.max_tokens, min(job.max_tokens + draft, room))
 
     def free_pages(self) -> int:
