@@ -22,15 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from child_server import ROOT, commit, write_results  # noqa: E402
+from child_server import ROOT, write_results  # noqa: E402
+from tokenizer_load_gil import gap_table, gil_record  # noqa: E402
 
 #: one fresh interpreter's measurement: argv[1] is "preload" or "plain"; prints one JSON line
 CHILD = r"""
@@ -71,17 +69,10 @@ def main(argv: list[str] | None = None) -> None:
         for way in list(WAYS)[:: 1 if i % 2 == 0 else -1]:
             rows[way].append(measure(way))
             print(way, rows[way][-1], flush=True)
-    result = {"when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit(),
-              "cpus": os.cpu_count(), "python": platform.python_version(), "rounds": args.rounds, "runs": rows,
-              "command": " ".join(["python benchmarks/import_torch_gil.py", *(sys.argv[1:] if argv is None else argv)])}
+    result = gil_record("import_torch_gil", args.rounds, rows, argv)
+    table = gap_table({way: [(r["seconds"], r["worst"], r["over_5ms"]) for r in got] for way, got in rows.items()})
     lines = [f"# import_torch_gil ({result['when']}, {result['commit']}, {result['cpus']} CPUs, {args.rounds} rounds, "
-             f"load average {os.getloadavg()[0]:.1f} at the end)", "", f"`{result['command']}`", "",
-             "| way | time, median | worst gap, median (range) | gaps over 5 ms summed, median |", "|---|---|---|---|"]
-    for way, got in rows.items():
-        worst = [r["worst"] for r in got]
-        lines.append(f"| {way} | {statistics.median(r['seconds'] for r in got):.3f} s | "
-                     f"{statistics.median(worst):.3f} s ({min(worst):.3f}-{max(worst):.3f}) | "
-                     f"{statistics.median(r['over_5ms'] for r in got):.3f} s |")
+             f"load average {os.getloadavg()[0]:.1f} at the end)", "", f"`{result['command']}`", "", *table]
     write_results(args.out, result, "\n".join(lines) + "\n")
 
 

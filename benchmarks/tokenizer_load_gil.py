@@ -70,6 +70,24 @@ def gil_gaps(work: Callable[[], object]) -> tuple[float, float, float]:
     return took, max(gaps), sum(g for g in gaps if g > 0.005)
 
 
+def gil_record(name: str, rounds: int, runs: dict[str, list], argv: list[str] | None) -> dict:
+    """What a GIL benchmark's results file keeps: when, which commit, the machine, the runs and the command."""
+    return {"when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit(),
+            "cpus": os.cpu_count(), "python": platform.python_version(), "rounds": rounds, "runs": runs,
+            "command": " ".join([f"python benchmarks/{name}.py", *(sys.argv[1:] if argv is None else argv)])}
+
+
+def gap_table(rows: dict[str, list[tuple[float, float, float]]]) -> list[str]:
+    """The Markdown table of each way's ``gil_gaps`` results: medians, and the worst gap's range."""
+    lines = ["| way | time, median | worst gap, median (range) | gaps over 5 ms summed, median |", "|---|---|---|---|"]
+    for name, got in rows.items():
+        worst = [r[1] for r in got]
+        lines.append(f"| {name} | {statistics.median(r[0] for r in got):.3f} s | "
+                     f"{statistics.median(worst):.3f} s ({min(worst):.3f}-{max(worst):.3f}) | "
+                     f"{statistics.median(r[2] for r in got):.3f} s |")
+    return lines
+
+
 def ways(directory: Path) -> dict[str, Callable[[], object]]:
     """The two ways of reading the tokenizer and its end-of-turn ids."""
     from transformers import AutoTokenizer
@@ -129,16 +147,9 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(args.rounds):
             for name, work in runs.items():
                 rows[name].append(gil_gaps(work))
-    result = {"when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit(),
-              "cpus": os.cpu_count(), "python": platform.python_version(), "rounds": args.rounds, "runs": rows,
-              "command": " ".join(["python benchmarks/tokenizer_load_gil.py", *(sys.argv[1:] if argv is None else argv)])}
+    result = gil_record("tokenizer_load_gil", args.rounds, rows, argv)
     lines = [f"# tokenizer_load_gil ({result['when']}, {result['commit']}, {result['cpus']} CPUs, {args.rounds} rounds)", "",
-             f"`{result['command']}`", "",
-             "| way | time, median | worst gap, median (range) | gaps over 5 ms summed, median |", "|---|---|---|---|"]
-    for name, got in rows.items():
-        lines.append(f"| {name} | {statistics.median(r[0] for r in got):.3f} s | "
-                     f"{statistics.median(r[1] for r in got):.3f} s ({min(r[1] for r in got):.3f}-{max(r[1] for r in got):.3f}) | "
-                     f"{statistics.median(r[2] for r in got):.3f} s |")
+             f"`{result['command']}`", "", *gap_table(rows)]
     write_results(args.out, result, "\n".join(lines) + "\n")
 
 

@@ -141,6 +141,14 @@ def tiny_server_of_its_own(tmp_path_factory: Any, tiny_llama_dir: Path, label: s
         yield info
 
 
+@pytest.fixture(scope="module")
+def own_tiny_server(request, tmp_path_factory, tiny_llama_dir) -> Iterator[ServerInfo]:
+    """One test module's server of its own (``tiny_server_of_its_own``): its loads, unloads and pulls leave the
+    session server and the other modules alone."""
+    with tiny_server_of_its_own(tmp_path_factory, tiny_llama_dir, request.module.__name__.rpartition(".")[2]) as info:
+        yield info
+
+
 @pytest.fixture(scope="session")
 def xllm_server(tiny_catalog, xllm_home) -> Any:
     """ONE standalone server for the session, with "tiny" loaded."""

@@ -3,28 +3,20 @@ TTFT and latency are the model's, not its load time (a real server with its own 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 import xllm_jupyter
-from tests.server_fixtures import TINY, make_test_config, running_server, tiny_server_of_its_own
+from tests.server_fixtures import TINY, make_test_config, running_server
 from xllm_jupyter.client import XllmClient
 from xllm_jupyter.store.store import ModelStore
 
 PROMPT = "Name a colour."
 
 
-@pytest.fixture(scope="module")
-def own_server(tmp_path_factory, tiny_llama_dir) -> Iterator[Any]:
-    """A server of its own: unloading its model leaves the session server alone."""
-    with tiny_server_of_its_own(tmp_path_factory, tiny_llama_dir, "xllm-compare-home") as info:
-        yield info
-
-
 @pytest.fixture
-def prompts_seen(own_server, monkeypatch) -> list[tuple[str, bool]]:
+def prompts_seen(own_tiny_server, monkeypatch) -> list[tuple[str, bool]]:
     """(last message, whether its model was loaded when the request asked the engine for it) per chat request.
 
     ``engine.load`` (which waits for a load) and ``engine.encode_chat`` run in the request's own task, which
@@ -32,7 +24,7 @@ def prompts_seen(own_server, monkeypatch) -> list[tuple[str, bool]]:
     """
     import asyncio
 
-    engine = own_server.engine
+    engine = own_tiny_server.engine
     loaded_at_arrival: dict[int, bool] = {}
     seen: list[tuple[str, bool]] = []
     real_load, real_encode = engine.load, engine.encode_chat
@@ -52,12 +44,12 @@ def prompts_seen(own_server, monkeypatch) -> list[tuple[str, bool]]:
 
 
 @pytest.mark.parametrize("cold", [True, False])
-def test_no_column_waits_for_a_model_load(own_server, prompts_seen, cold):
-    endpoint = (own_server.base_url, own_server.api_key)
+def test_no_column_waits_for_a_model_load(own_tiny_server, prompts_seen, cold):
+    endpoint = (own_tiny_server.base_url, own_tiny_server.api_key)
     with XllmClient(*endpoint) as c:
         if cold:
             c.unload(TINY)
-            assert not own_server.engine.is_loaded(TINY)
+            assert not own_tiny_server.engine.is_loaded(TINY)
         else:
             c.load(TINY)
     result = xllm_jupyter.compare(PROMPT, TINY, settings=[{"temperature": 0}, {"temperature": 1.0, "seed": 1}],
@@ -94,7 +86,7 @@ def test_a_model_that_fails_to_load_is_tried_once(tmp_path, tiny_llama_dir):
     assert loads.count("bad") == 1, loads
 
 
-def test_a_compare_stopped_during_the_warm_up_marks_every_column_stopped(own_server):
+def test_a_compare_stopped_during_the_warm_up_marks_every_column_stopped(own_tiny_server):
     """Stopped (the widget's Stop, Ctrl-C) while a model loads for the warm-up: the columns never started, and
     their records say they were stopped rather than looking like empty answers."""
     import asyncio
@@ -103,7 +95,7 @@ def test_a_compare_stopped_during_the_warm_up_marks_every_column_stopped(own_ser
     from xllm_jupyter.notebook.compare import Column, compare_async
     from xllm_jupyter.notebook.streams import StreamRecord
 
-    engine, entered, release = own_server.engine, threading.Event(), threading.Event()
+    engine, entered, release = own_tiny_server.engine, threading.Event(), threading.Event()
     real_load = engine.load
 
     async def load(name: str, *args: Any, **kwargs: Any) -> Any:
@@ -116,7 +108,7 @@ def test_a_compare_stopped_during_the_warm_up_marks_every_column_stopped(own_ser
     records = [StreamRecord(model=c.model, params=c.params) for c in columns]
 
     async def stop_when_loading() -> None:
-        task = asyncio.ensure_future(compare_async((own_server.base_url, own_server.api_key),
+        task = asyncio.ensure_future(compare_async((own_tiny_server.base_url, own_tiny_server.api_key),
                                                    [{"role": "user", "content": PROMPT}], columns, None, records))
         while not entered.is_set():
             await asyncio.sleep(0.01)

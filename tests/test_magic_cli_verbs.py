@@ -7,37 +7,20 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
+from tests.magic_shell import magic_shell, run, shown
 from tests.server_fixtures import TINY
-from xllm_jupyter.client import XllmClient, discovery
+from xllm_jupyter.client import XllmClient
 from xllm_jupyter.client.base import can_chat
-from xllm_jupyter.magics import XllmMagics
 from xllm_jupyter.magics.verbs import is_command
 
 
 @pytest.fixture
 def shell(live) -> Iterator[Any]:
     """IPython with a fresh %xllm pointed at the session server (as the extension's variables would)."""
-    ip = InteractiveShell.instance()
-    magics = XllmMagics(ip)
-    ip.register_magics(magics)
-    yield ip
-    discovery.disconnect()
-    magics.state.close()
-
-
-def run(shell, line: str) -> Any:
-    """``%xllm <line>`` with its output captured."""
-    with capture_output() as cap:
-        shell.run_line_magic("xllm", line)
-    return cap
-
-
-def shown(cap) -> str:
-    """Every displayed text/plain of a captured run, joined."""
-    return "\n".join(o.data["text/plain"] for o in cap.outputs if "text/plain" in o.data)
+    with magic_shell() as ip:
+        yield ip
 
 
 def models(live) -> list[str]:

@@ -7,57 +7,31 @@ import asyncio
 import dataclasses
 import os
 import threading
-from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
-from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
-from tests.server_fixtures import TINY, make_test_config, running_server, tiny_server_of_its_own
+from tests.magic_shell import magic_shell, run, shown
+from tests.server_fixtures import TINY, make_test_config, running_server
 from xllm_jupyter.client import discovery
 from xllm_jupyter.core.config import AuthConfig
-from xllm_jupyter.magics import XllmMagics
 from xllm_jupyter.server.pull import PullCancelled, pull_events
 from xllm_jupyter.store.progress import PullProgress
 
 COPY = "tiny-copy"
 
 
-@pytest.fixture(scope="module")
-def own_server(tmp_path_factory, tiny_llama_dir) -> Iterator[Any]:
-    """A server with a store of its own, so pulls and loads here leave the session server alone."""
-    with tiny_server_of_its_own(tmp_path_factory, tiny_llama_dir, "xllm-cmds-home") as info:
-        yield info
-
-
 @pytest.fixture
-def shell(own_server, monkeypatch):
-    """IPython with a fresh %xllm pointed at ``own_server`` (as the extension's variables would)."""
-    monkeypatch.setenv("XLLM_BASE_URL", own_server.base_url)
-    monkeypatch.setenv("XLLM_API_KEY", own_server.api_key)
+def shell(own_tiny_server, monkeypatch):
+    """IPython with a fresh %xllm pointed at ``own_tiny_server`` (as the extension's variables would)."""
+    monkeypatch.setenv("XLLM_BASE_URL", own_tiny_server.base_url)
+    monkeypatch.setenv("XLLM_API_KEY", own_tiny_server.api_key)
     monkeypatch.delenv("XLLM_MODEL", raising=False)
-    ip = InteractiveShell.instance()
-    magics = XllmMagics(ip)
-    ip.register_magics(magics)
-    ip.xllm_magics = magics
-    yield ip
-    discovery.disconnect()
-    magics.state.close()
-
-
-def run(shell, line: str) -> Any:
-    """``%xllm <line>`` with its output captured."""
-    with capture_output() as cap:
-        shell.run_line_magic("xllm", line)
-    return cap
-
-
-def shown(cap, mime: str = "text/plain") -> str:
-    """Every displayed ``mime`` of a captured run, joined."""
-    return "\n".join(o.data[mime] for o in cap.outputs if mime in o.data)
+    with magic_shell() as ip:
+        yield ip
 
 
 def test_list_and_ps_render_tables(shell):
@@ -73,14 +47,14 @@ def test_list_and_ps_render_tables(shell):
     assert text.splitlines()[1].startswith(TINY) and "loaded" in text
 
 
-def test_pull_load_use_unload(shell, own_server, tiny_llama_dir):
+def test_pull_load_use_unload(shell, own_tiny_server, tiny_llama_dir):
     cap = run(shell, f"pull {tiny_llama_dir} --name {COPY}")
     assert cap.stderr == ""
     lines = [o.data["text/plain"] for o in cap.outputs]
     assert lines[-1].startswith(f"Pulled {COPY} (safetensors, ")  # the progress line ends as the summary
     assert any(line.startswith(f"pull {tiny_llama_dir}: ") for line in lines), lines  # progress was shown
     assert cap.outputs[-1].update  # updated in place, not a wall of lines
-    assert own_server.engine.catalog.show(COPY).digest  # in the server's store now
+    assert own_tiny_server.engine.catalog.show(COPY).digest  # in the server's store now
     assert COPY in shown(run(shell, "list"))
 
     assert shown(run(shell, f"load {COPY}")).startswith(f"Loaded {COPY} (transformers")
@@ -96,9 +70,9 @@ def test_pull_load_use_unload(shell, own_server, tiny_llama_dir):
     assert COPY not in shown(run(shell, "ps"))
 
 
-def test_rm_removes_from_the_servers_store(shell, own_server, tiny_llama_dir):
+def test_rm_removes_from_the_servers_store(shell, own_tiny_server, tiny_llama_dir):
     doomed = "tiny-doomed"
-    store = own_server.engine.catalog
+    store = own_tiny_server.engine.catalog
     store.pull(str(tiny_llama_dir), doomed)
     assert shown(run(shell, f"use {doomed}")) == f"Using {doomed} for %%xllm in this notebook"
     assert shown(run(shell, f"load {doomed}")).startswith(f"Loaded {doomed}")
@@ -106,7 +80,7 @@ def test_rm_removes_from_the_servers_store(shell, own_server, tiny_llama_dir):
     assert cap.stderr == ""
     assert shown(cap).splitlines() == [f"Removed {doomed} from the server's store",
                                        "It is this notebook's default model: choose another with `%xllm use MODEL`"]
-    assert not store.exists(doomed) and not own_server.engine.is_loaded(doomed)
+    assert not store.exists(doomed) and not own_tiny_server.engine.is_loaded(doomed)
     assert doomed not in shown(run(shell, "list"))
     cap = run(shell, f"rm {doomed}")
     assert cap.stderr == f"xllm: The model '{doomed}' does not exist\n", cap.stderr
@@ -115,28 +89,28 @@ def test_rm_removes_from_the_servers_store(shell, own_server, tiny_llama_dir):
     assert "%xllm rm MODEL" in shown(run(shell, "help"))
 
 
-def test_stop_unloads(shell, own_server, tiny_llama_dir):
+def test_stop_unloads(shell, own_tiny_server, tiny_llama_dir):
     """`%xllm stop MODEL` unloads, as `xllm stop` does (it used to be sent to the model as a prompt)."""
     name = "tiny-stop"
-    own_server.engine.catalog.pull(str(tiny_llama_dir), name)
+    own_tiny_server.engine.catalog.pull(str(tiny_llama_dir), name)
     assert shown(run(shell, f"load {name}")).startswith(f"Loaded {name}")
     cap = run(shell, f"stop {name}")
     assert cap.stderr == "" and shown(cap) == f"Unloaded {name}"
-    assert not own_server.engine.is_loaded(name)
+    assert not own_tiny_server.engine.is_loaded(name)
     assert shown(run(shell, f"stop {name}")) == f"{name} was not loaded"
     assert run(shell, "stop").stderr.startswith("xllm: %xllm stop: the following arguments are required: model")
 
 
-def test_show_describes_a_model(shell, own_server, tiny_llama_dir):
+def test_show_describes_a_model(shell, own_tiny_server, tiny_llama_dir):
     """`%xllm show MODEL`: the model's details, as `xllm show` gives them (it used to be sent as a prompt)."""
     name = "tiny-stop"  # from test_stop_unloads when it ran first: in the store, not loaded
-    if not own_server.engine.catalog.exists(name):
-        own_server.engine.catalog.pull(str(tiny_llama_dir), name)
+    if not own_tiny_server.engine.catalog.exists(name):
+        own_tiny_server.engine.catalog.pull(str(tiny_llama_dir), name)
     cap = run(shell, f"show {TINY}")
     assert cap.stderr == ""
     assert shown(cap).splitlines()[0].split() == ["model", TINY], shown(cap)[:200]
     rows = {line.split(None, 1)[0]: line.split(None, 1)[1].strip() for line in shown(cap).splitlines() if line.strip()}
-    manifest = own_server.engine.catalog.show(TINY)
+    manifest = own_tiny_server.engine.catalog.show(TINY)
     assert rows["model"] == TINY and rows["task"] == "chat" and rows["loaded"] == "yes"
     assert rows["backend"] == "transformers" and rows["format"] == "safetensors"
     assert rows["digest"] == manifest.digest and rows["source"] == "local:" + tiny_llama_dir.name
@@ -154,10 +128,7 @@ def test_show_with_a_user_key(xllm_home, tiny_catalog, monkeypatch):
     with running_server(cfg, tiny_catalog, TINY) as info:
         monkeypatch.setenv("XLLM_BASE_URL", info.base_url)
         monkeypatch.setenv("XLLM_API_KEY", user)
-        ip = InteractiveShell.instance()
-        magics = XllmMagics(ip)
-        ip.register_magics(magics)
-        try:
+        with magic_shell() as ip:
             cap = run(ip, f"show {TINY}")
             assert cap.stderr == ""
             rows = dict(line.split(None, 1) for line in shown(cap).splitlines() if line.strip())
@@ -167,9 +138,6 @@ def test_show_with_a_user_key(xllm_home, tiny_catalog, monkeypatch):
             assert shown(cap).splitlines()[-1].split() == ["your", "requests", "0", "running,", "0", "queued"]
             assert run(ip, f"stop {TINY}").stderr.startswith("xllm: ")  # unloading is the admins'
             assert info.engine.is_loaded(TINY)
-        finally:
-            discovery.disconnect()
-            magics.state.close()
 
 
 def test_which_lines_are_commands_and_which_are_prompts(shell):
@@ -215,7 +183,7 @@ def test_command_errors_are_one_line(shell, tmp_path):
         assert cap.stderr.count("\n") == 1 and "Traceback" not in cap.stderr, (line, cap.stderr)
 
 
-def test_config_sets_defaults_for_cells(shell, own_server):
+def test_config_sets_defaults_for_cells(shell, own_tiny_server):
     text = shown(run(shell, "config temperature=0 max_tokens=4 format=text"))
     assert "temperature  0.0" in text and "max_tokens   4" in text and "format       text" in text
     with capture_output() as cap:
@@ -227,30 +195,30 @@ def test_config_sets_defaults_for_cells(shell, own_server):
     assert "format       markdown" in shown(run(shell, "config format=default"))
 
 
-def test_status_connect_and_help(shell, own_server, xllm_server, monkeypatch):
+def test_status_connect_and_help(shell, own_tiny_server, xllm_server, monkeypatch):
     text = shown(run(shell, "status"))
-    assert own_server.base_url in text and "Jupyter extension" in text and TINY in text
+    assert own_tiny_server.base_url in text and "Jupyter extension" in text and TINY in text
     # connect to another server: it wins over the extension's variables from now on
     cap = run(shell, f"connect {xllm_server.base_url} --token {xllm_server.api_key}")
     assert shown(cap) == f"Connected to {xllm_server.base_url} (connect)"
     assert discovery.find_server().base_url == xllm_server.base_url
     assert "%xllm connect" in shown(run(shell, "status"))
     # a wrong token or a dead URL fails at connect, and the previous choice stays
-    cap = run(shell, f"connect {own_server.base_url} --token wrong")
+    cap = run(shell, f"connect {own_tiny_server.base_url} --token wrong")
     assert cap.stderr.startswith("xllm: the xllm server at") and "refused the token" in cap.stderr
     cap = run(shell, "connect http://127.0.0.1:9/v1")
     assert cap.stderr.startswith("xllm: no xllm server at http://127.0.0.1:9")
     assert discovery.find_server().base_url == xllm_server.base_url
     # bare `connect`: discover again (the extension's variables)
-    assert shown(run(shell, "connect")) == f"Connected to {own_server.base_url} (extension)"
+    assert shown(run(shell, "connect")) == f"Connected to {own_tiny_server.base_url} (extension)"
     usage = shown(run(shell, "help"))
     assert "%xllm pull SOURCE" in usage and "--chat | --new" in usage
     assert shown(run(shell, "")) == usage
 
 
-def test_pull_route_validates_and_needs_credentials(own_server):
-    root = own_server.root
-    headers = {"Authorization": f"Bearer {own_server.api_key}"}
+def test_pull_route_validates_and_needs_credentials(own_tiny_server):
+    root = own_tiny_server.root
+    headers = {"Authorization": f"Bearer {own_tiny_server.api_key}"}
     assert httpx.post(root + "/admin/models/pull", json={"model": "x"}).status_code == 401
     r = httpx.post(root + "/admin/models/pull", json={"force": True}, headers=headers)
     assert r.status_code == 400 and r.json()["error"]["param"] == "model"
@@ -277,7 +245,7 @@ def test_pull_route_validates_and_needs_credentials(own_server):
     assert r.status_code == 404
     body = httpx.get(root + "/admin/models/manifest", params={"model": TINY}, headers=headers).json()
     assert body["id"] == TINY and body["digest"].startswith("sha256:") and body["server_version"]
-    assert "path" not in body and str(own_server.config.store.home) not in r.text + str(body)
+    assert "path" not in body and str(own_tiny_server.config.store.home) not in r.text + str(body)
 
 
 class _SlowStore:
@@ -338,8 +306,8 @@ def test_a_conversion_is_reported_in_steps_end_to_end():
     assert line == "convert  model.gguf   66%  2/3 steps"
 
 
-def test_pull_passes_base_to_the_server(shell, own_server, tiny_llama_dir):
+def test_pull_passes_base_to_the_server(shell, own_tiny_server, tiny_llama_dir):
     """``%xllm pull SOURCE --base MODEL`` sends ``base``: the server's check of it answers (not argparse)."""
     cap = run(shell, f"pull {tiny_llama_dir} --name never-pulled --base no-such-base")
     assert cap.stderr.startswith("xllm: The base model 'no-such-base' is not in the server's store"), cap.stderr
-    assert "never-pulled" not in {m.name for m in own_server.engine.catalog.list()}
+    assert "never-pulled" not in {m.name for m in own_tiny_server.engine.catalog.list()}

@@ -58,13 +58,27 @@ def ask(page, text: str, replies: int) -> None:
     )
 
 
+def opened(page, pg):
+    """``page`` on the playground ``pg``, once its input box is there."""
+    page.goto(pg.local_url, timeout=60_000)
+    page.locator("#xllm-input textarea").wait_for(timeout=60_000)
+    return page
+
+
+def replying(monkeypatch, reply: str) -> None:
+    """Every playground turn answers ``reply`` (as a model's stream would), without asking the model."""
+
+    async def stream_reply(endpoint, messages, model, params):
+        yield reply
+
+    monkeypatch.setattr(app_module, "stream_reply", stream_reply)
+
+
 def test_no_relative_link_is_clickable_in_the_playground_and_the_model_reads_its_reply_unchanged(scripted):
     require_browser()
     pg, sent = scripted
     with chromium() as context:
-        page = context.new_page()
-        page.goto(pg.local_url, timeout=60_000)
-        page.locator("#xllm-input textarea").wait_for(timeout=60_000)
+        page = opened(context.new_page(), pg)
         ask(page, "Show me links", 1)
         ask(page, QUESTION, 2)
         chat = page.locator("#xllm-chatbot")
@@ -97,16 +111,10 @@ def test_an_absolute_link_to_the_playgrounds_own_server_is_no_link_either(tiny_c
     pg = xllm_jupyter.playground(client=tiny_client)
     origin = "{0.scheme}://{0.netloc}".format(urlsplit(pg.local_url))
     own = f"{origin}/api/contents/secret"
-
-    async def stream_reply(endpoint, messages, model, params):
-        yield f"[own]({own}) and [web](https://ok.example/ok) <a href=\"{origin}/files/x\">raw</a>"
-
-    monkeypatch.setattr(app_module, "stream_reply", stream_reply)
+    replying(monkeypatch, f"[own]({own}) and [web](https://ok.example/ok) <a href=\"{origin}/files/x\">raw</a>")
     try:
         with chromium() as context:
-            page = context.new_page()
-            page.goto(pg.local_url, timeout=60_000)
-            page.locator("#xllm-input textarea").wait_for(timeout=60_000)
+            page = opened(context.new_page(), pg)
             ask(page, "Show me links", 1)
             chat = page.locator("#xllm-chatbot")
             hrefs = chat.locator("[data-testid=bot] a[href]").evaluate_all("els => els.map(e => e.href)")
@@ -124,12 +132,7 @@ def test_nothing_in_a_reply_makes_the_browser_fetch_from_the_pages_own_server(ti
 
     pg = xllm_jupyter.playground(client=tiny_client)
     origin = "{0.scheme}://{0.netloc}".format(urlsplit(pg.local_url))
-    reply = AUTOLOAD.format(origin=origin)
-
-    async def stream_reply(endpoint, messages, model, params):
-        yield reply
-
-    monkeypatch.setattr(app_module, "stream_reply", stream_reply)
+    replying(monkeypatch, AUTOLOAD.format(origin=origin))
     hits: list[str] = []  # what reached the server outside the app (the Guard answers those with a 404)
     refuse = guard_module.refuse
 
@@ -143,9 +146,7 @@ def test_nothing_in_a_reply_makes_the_browser_fetch_from_the_pages_own_server(ti
             page = context.new_page()
             blocked: list[str] = []  # the CSP's reports in the console
             page.on("console", lambda m: blocked.append(m.text) if "Content Security Policy" in m.text else None)
-            page.goto(pg.local_url, timeout=60_000)
-            page.locator("#xllm-input textarea").wait_for(timeout=60_000)
-            ask(page, "Show me images", 1)
+            ask(opened(page, pg), "Show me images", 1)
             chat = page.locator("#xllm-chatbot")
             assert chat.locator("[data-testid=bot] img").count() >= 1  # Gradio did draw the images
             page.wait_for_timeout(1000)  # time for any fetch a shown element starts
@@ -163,18 +164,11 @@ def test_a_replys_image_on_the_apps_own_path_makes_the_app_fetch_nothing_elsewhe
     Gradio allows public addresses only; the recorder stands in for one."""
     require_browser()
     with public_site_recorder(monkeypatch) as (far, hits):
-        reply = f"Here: ![chart](gradio_api/file={far}/exfil/the-users-secret.png)"
-
-        async def stream_reply(endpoint, messages, model, params):
-            yield reply
-
-        monkeypatch.setattr(app_module, "stream_reply", stream_reply)
+        replying(monkeypatch, f"Here: ![chart](gradio_api/file={far}/exfil/the-users-secret.png)")
         pg = xllm_jupyter.playground(client=tiny_client)
         try:
             with chromium() as context:
-                page = context.new_page()
-                page.goto(pg.local_url, timeout=60_000)
-                page.locator("#xllm-input textarea").wait_for(timeout=60_000)
+                page = opened(context.new_page(), pg)
                 ask(page, "Show me the chart", 1)
                 assert page.locator("#xllm-chatbot [data-testid=bot] img").count() >= 1  # Gradio drew the image
                 page.wait_for_timeout(1000)  # time for any fetch the shown image starts
