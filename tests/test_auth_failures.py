@@ -37,27 +37,30 @@ def _bearer(key: str | None) -> dict[str, str]:
 def capped_server(xllm_home, tiny_catalog) -> Iterator[Any]:
     """A standalone server allowing ``LIMIT`` failed authentications per address and minute."""
     cfg = make_test_config(xllm_home, api_keys=(KEY,))
-    cfg = dataclasses.replace(cfg, auth=AuthConfig(failed_auth_limit=LIMIT, failed_auth_window_seconds=600))
+    cfg = dataclasses.replace(cfg, auth=AuthConfig(failed_auth_limit=LIMIT, failed_auth_window_seconds=30))
     with running_server(cfg, tiny_catalog, TINY) as info:
         yield info
 
 
-def test_an_address_guessing_keys_gets_429_and_others_are_served(capped_server):
+def _waits_its_turn(client: httpx.Client, key: str) -> bool:
+    """True when a request from ``client``'s address is held for its turn (a capped address: 10 s apart here)."""
+    try:
+        client.get("/v1/models", headers=_bearer(key), timeout=2)
+    except httpx.TimeoutException:
+        return True
+    return False
+
+
+def test_an_address_guessing_keys_is_capped_and_others_are_served(capped_server):
+    """Past the cap an address's keys are checked one at a time, ``window / limit`` apart (the 429 of a full
+    waiting line, and a right key served from a capped address: test_auth_failures_shared_address.py)."""
     with _http(capped_server.root, "127.0.0.3") as guesser, _http(capped_server.root, "127.0.0.4") as other:
         for _ in range(3):  # no key at all is no guess: never counted
             assert guesser.get("/v1/models").status_code == 401
         for i in range(LIMIT):
             r = guesser.get("/v1/models", headers=_bearer(f"sk-guess-{i}"))
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-        r = guesser.get("/v1/models", headers=_bearer("sk-guess-next"))
-        assert r.status_code == 429, r.text
-        err = r.json()["error"]
-        assert err["code"] == "rate_limit_exceeded" and err["type"] == "rate_limit_error"
-        assert set(err) == {"message", "type", "param", "code"} and "failed authentication" in err["message"]
-        assert 1 <= int(r.headers["Retry-After"]) <= 600
-        # the right key from the refused address is not even looked at
-        assert guesser.get("/v1/models", headers=_bearer(KEY)).status_code == 429
-        assert guesser.post("/v1/chat/completions", headers=_bearer(KEY), json={}).status_code == 429
+        assert _waits_its_turn(guesser, "sk-guess-next")
         # another address: its right key is served, its wrong key is a plain 401
         assert other.get("/v1/models", headers=_bearer(KEY)).status_code == 200
         assert other.get("/v1/models", headers=_bearer("sk-wrong")).status_code == 401
@@ -70,7 +73,7 @@ def test_a_right_key_does_not_wipe_the_count(capped_server):
         for i in range(LIMIT):
             assert c.get("/v1/models", headers=_bearer(KEY)).status_code == 200
             assert c.get("/v1/models", headers=_bearer(f"sk-admin-guess-{i}")).status_code == 401
-        assert c.get("/v1/models", headers=_bearer("sk-admin-guess-x")).status_code == 429
+        assert _waits_its_turn(c, "sk-admin-guess-x")  # capped all the same
 
 
 # ---------------------------------------------------------------- the limiter itself
@@ -191,12 +194,10 @@ def test_hub_tokens_the_hub_does_not_know_are_capped_and_no_longer_sent_to_it(hu
         for i in range(LIMIT):
             assert guesser.get("/v1/models", headers=token(f"guess-{i}")).status_code == 401
         assert len(hub_service.asked) == LIMIT
-        for i in range(20):
-            r = guesser.get("/v1/models", headers=token(f"more-{i}"))
-            assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
-            assert int(r.headers["Retry-After"]) >= 1
-        assert len(hub_service.asked) == LIMIT  # the hub's API was not asked about any of them
-        assert guesser.get("/v1/models", headers=token("good-token")).status_code == 429
+        # past the cap a guess waits its turn: one every window / limit (20 s here)
+        with pytest.raises(httpx.TimeoutException):
+            guesser.get("/v1/models", headers=token("more-0"), timeout=2)
+        assert len(hub_service.asked) == LIMIT  # the hub's API was not asked about it meanwhile
         assert other.get("/v1/models", headers=token("good-token")).status_code == 200
 
 
@@ -207,7 +208,6 @@ def test_the_hub_page_counts_and_caps_guessed_tokens_too(hub_service):
             r = guesser.get(page, headers={"Authorization": f"token page-guess-{i}"}, follow_redirects=False)
             assert r.status_code == 302  # not logged in: off to the hub's login
         asked = len(hub_service.asked)
-        r = guesser.get(page, headers={"Authorization": "token page-guess-next"}, follow_redirects=False)
-        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
-        assert len(hub_service.asked) == asked  # the hub was not asked
-        assert guesser.get("/v1/models", headers={"Authorization": "token good-token"}).status_code == 429
+        with pytest.raises(httpx.TimeoutException):  # past the cap: its turn comes window / limit later
+            guesser.get(page, headers={"Authorization": "token page-guess-next"}, follow_redirects=False, timeout=2)
+        assert len(hub_service.asked) == asked  # the hub was not asked meanwhile

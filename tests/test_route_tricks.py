@@ -33,7 +33,7 @@ def server(tmp_path_factory, tiny_llama_dir):
         store.pull(str(tiny_llama_dir), name)
     cfg = make_test_config(home, api_keys=(USER,))
     cfg = dataclasses.replace(cfg, auth=AuthConfig(admin_keys=(ADMIN,), failed_auth_limit=LIMIT,
-                                                   failed_auth_window_seconds=600))
+                                                   failed_auth_window_seconds=30))
     with running_server(cfg, ModelStore(home), "tiny") as info:
         yield info, store
 
@@ -88,11 +88,11 @@ def test_forwarding_headers_do_not_move_a_guesser_to_another_address(server):
     transport = httpx.HTTPTransport(local_address="127.0.0.6")
     with httpx.Client(base_url=info.root, timeout=60, transport=transport) as c:
         statuses = []
-        for i in range(LIMIT + 2):
+        for i in range(LIMIT):
             spoof = {"X-Forwarded-For": f"10.9.9.{i}", "X-Real-IP": f"10.8.8.{i}", "Forwarded": f"for=10.7.7.{i}"}
             statuses.append(c.get("/v1/models", headers={"Authorization": f"Bearer sk-guess-{i}", **spoof}).status_code)
-        assert statuses == [401] * LIMIT + [429, 429]
-        # the right admin key from the capped address, naming another one, is not even looked at
-        r = c.delete("/v1/models/kept", headers={"Authorization": f"Bearer {ADMIN}", "X-Forwarded-For": "10.1.1.1",
-                                                  "X-Real-IP": "10.1.1.1"})
-        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+        assert statuses == [401] * LIMIT
+        # the capped address, naming another one, still waits its turn (window / limit: 10 s here), its key unread
+        with pytest.raises(httpx.TimeoutException):
+            c.get("/v1/models", headers={"Authorization": f"Bearer {ADMIN}", "X-Forwarded-For": "10.1.1.1",
+                                         "X-Real-IP": "10.1.1.1"}, timeout=2)

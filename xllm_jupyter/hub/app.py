@@ -130,11 +130,18 @@ class HubXllmHandler(VerbDispatchMixin, RequestHandler):
                     if not model:
                         failures.failed(client)
             except RateLimited:
-                # the address is capped, maybe by someone else naming it through the trusted proxy (any kernel
-                # on a one-host hub can): a token the hub confirmed before is still asked about, a guess is not
-                if token not in known:
+                # the address is capped, maybe by someone else behind it or naming it through the trusted proxy
+                # (any kernel on a one-host hub can): a token the hub confirmed before is asked about at once,
+                # any other after the tokens ahead of it, no faster than the cap's rate (hub/known_tokens.py)
+                if not token:
                     raise
-                model = await auth.user_for_token(token, sync=False)
+                if token in known:
+                    model = await auth.user_for_token(token, sync=False)
+                else:
+                    async with failures.past_cap(client):
+                        model = await auth.user_for_token(token, sync=False)
+                        if not model:
+                            failures.failed(client)
             if model:
                 known.add(token)
             elif token:
@@ -188,11 +195,17 @@ class HubPageHandler(_HubAuthFromSettings, HubOAuthenticated, RequestHandler):
         token = self.hub_auth.get_token(self, in_cookie=False)
         try:
             if token and token not in known:
-                failures.check(client)  # tokens guessed in ?token= here are capped as on the API routes
-                async with failures.asking(client):
-                    model = await self.hub_auth.get_user(self, sync=False)
-                    if not model:
-                        failures.failed(client)
+                try:
+                    failures.check(client)  # tokens guessed in ?token= here are capped as on the API routes
+                    async with failures.asking(client):
+                        model = await self.hub_auth.get_user(self, sync=False)
+                        if not model:
+                            failures.failed(client)
+                except RateLimited:
+                    async with failures.past_cap(client):  # its turn, as on the API routes
+                        model = await self.hub_auth.get_user(self, sync=False)
+                        if not model:
+                            failures.failed(client)
             else:
                 # no guess: only the OAuth cookie (signed with the service's secret, checked here before the hub
                 # is asked), or a token the hub confirmed before; a capped address (which another user can make

@@ -1,10 +1,11 @@
-"""Hub tokens the hub has confirmed: past the failed-auth cap they are still checked, guesses are not.
+"""Hub tokens the hub has confirmed: past the failed-auth cap they are still checked at once.
 
 The cap counts failures per client address, and the hub service trusts its loopback proxy's
 ``X-Forwarded-For``: on a one-host hub any user's kernel reaches the service from loopback too, so it
-can name another user's address and spend that address's failures. The hub is asked about a token
-past the cap only when it confirmed that token before, so a guesser (whose tokens it never confirmed)
-neither reaches the hub nor locks out a user whose token it knows.
+can name another user's address and spend that address's failures (and users behind one NAT share
+one). Past the cap a token the hub confirmed before is asked about at once; any other token waits its
+turn (``FailedAuthLimiter.past_cap``: one at a time, no faster than the cap's own rate), so a guesser
+gains no speed and a user whose token the service has not seen yet is served after the guesses ahead.
 """
 
 from __future__ import annotations

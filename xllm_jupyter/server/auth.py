@@ -136,7 +136,7 @@ class ApiKeyHandler(VerbDispatchMixin, RequestHandler):
         elif not self.auth_required:
             return
         else:
-            found = self.key_principal()
+            found = await self.key_principal()
             if found is None:
                 raise AuthenticationError("Incorrect or missing API key. Pass it as 'Authorization: Bearer <key>'.")
             principal = found
@@ -151,16 +151,28 @@ class ApiKeyHandler(VerbDispatchMixin, RequestHandler):
             limiter.admit(principal.key_id, generates=generates(getattr(self, "route", ""), self.request.method or ""))
             self._limited = True
 
-    def key_principal(self) -> Principal | None:
+    async def key_principal(self, wait: bool = True) -> Principal | None:
         """The caller the request's key names; None for a missing or wrong key (a wrong one counts towards the
-        failed-auth cap). RateLimited for a capped address: its keys are not even looked at."""
-        auth: ApiKeyAuth = self.settings[AUTH_KEY]
+        failed-auth cap). From a capped address the key waits its turn (``FailedAuthLimiter.past_cap``), or with
+        ``wait`` False is not looked at: RateLimited."""
         failures: FailedAuthLimiter | None = self.settings.get(FAILURES_KEY)
-        client = failures.client(self.request) if failures is not None else ""
-        if failures is not None:
-            failures.check(client)  # an address guessing keys gets 429s
+        if failures is None:
+            return self._identify(None, None)
+        client = failures.client(self.request)
+        try:
+            failures.check(client)
+        except RateLimited:
+            if not wait or not self.request.headers.get("Authorization"):
+                raise
+            # the address is no proof of who calls (a NAT, a name a trusted proxy's clients can give): a right
+            # key from it gets in after the guesses ahead of it, which pass no faster than the cap's rate
+            async with failures.past_cap(client):
+                return self._identify(failures, client)
+        return self._identify(failures, client)
+
+    def _identify(self, failures: FailedAuthLimiter | None, client: str | None) -> Principal | None:
         header = self.request.headers.get("Authorization")
-        found = auth.identify(header)
+        found = self.settings[AUTH_KEY].identify(header)
         if found is None and header and failures is not None:  # a wrong key, not a client that sent none
             failures.failed(client)
         return found
@@ -197,6 +209,6 @@ class PublicApiKeyHandler(ApiKeyHandler):
         if not self.request.headers.get("Authorization"):
             return False
         try:
-            return self.key_principal() is not None
+            return await self.key_principal(wait=False) is not None
         except RateLimited:
             return False

@@ -1,12 +1,16 @@
 """A per-address cap on failed authentications (guessing API keys or hub tokens).
 
 After ``auth.failed_auth_limit`` requests from one client address carried credentials
-that matched nothing within ``auth.failed_auth_window_seconds``, every request from that
-address that needs authentication is refused with 429 ``rate_limit_exceeded`` and a
-``Retry-After`` until the window ends, without looking at its credentials: a key guesser
-learns nothing more, and on the hub service no more tokens are sent to the hub's API.
-Callers at other addresses, right keys or not, are not affected. A request with no
-credentials at all is not a guess and is not counted.
+that matched nothing within ``auth.failed_auth_window_seconds``, the address is capped until
+the window ends: its credentials are checked one request at a time, at most one every
+``window / limit`` seconds (3 s by default), each request waiting its turn (``past_cap``), and
+a request that finds ``PAST_CAP_WAITING`` of the address's requests already waiting gets 429
+``rate_limit_exceeded`` with a ``Retry-After`` without its credentials being looked at. A key
+guesser gets no more than one more guess each such interval (on the hub service no faster to
+the hub's API); another caller behind the same address (a NAT, or an address a trusted proxy's
+other clients can name, below) with a right key or token is served after the guesses ahead
+of it instead of being locked out until the window ends. Callers at other addresses are not
+affected. A request with no credentials at all is not a guess and is not counted.
 
 Memory is bounded: at most ``auth.failed_auth_max_clients`` addresses are remembered (the one
 whose last failure is oldest is forgotten first), and an IPv6 client counts by its /64 network
@@ -37,6 +41,9 @@ log = logging.getLogger("xllm_jupyter.server")
 
 #: the settings key holding the FailedAuthLimiter (standalone and hub apps)
 FAILURES_KEY = "xllm_auth_failures"
+#: requests of a capped address that may wait for their credential check; more get 429 at once (at the
+#: default 3 s a check, the last one waits ~24 s)
+PAST_CAP_WAITING = 8
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -91,8 +98,13 @@ class FailedAuthLimiter:
         self._proxies = bool(config.trusted_proxies)
         self._trusted = proxy_matcher(config.trusted_proxies)
         self._clock = clock
-        # label -> [failures, window start]; ordered by last failure, oldest first (what is forgotten first)
+        #: seconds between two credential checks of a capped address: the cap's own average rate
+        self.interval = self.window / self.limit if self.limit > 0 else 0.0
+        # label -> [failures, window start, earliest next check once capped]; ordered by last failure, oldest
+        # first (what is forgotten first)
         self._table: OrderedDict[str, list[float]] = OrderedDict()
+        # label -> [requests waiting in ``past_cap``, lock taking them one at a time in arrival order]
+        self._lanes: dict[str, list[Any]] = {}
         #: 429s answered so far (every refused request, not each address once)
         self.refused = 0
         # label -> [credential checks under way, event set when one ends] (``asking``)
@@ -123,23 +135,65 @@ class FailedAuthLimiter:
                 return None
         return client_label(peer)
 
+    def _live(self, client: str) -> list[float] | None:
+        """``client``'s entry while its window lasts (an ended one is dropped: the address starts afresh)."""
+        entry = self._table.get(client)
+        if entry is not None and entry[1] + self.window - self._clock() <= 0:
+            del self._table[client]
+            entry = None
+        return entry
+
+    def _refusal(self, entry: list[float]) -> RateLimited:
+        self.refused += 1
+        left = entry[1] + self.window - self._clock()
+        return RateLimited(
+            f"Too many failed authentication attempts from this address; retry in {math.ceil(left)} s.",
+            retry_after=max(1, math.ceil(left)),
+        )
+
     def check(self, client: str | None) -> None:
-        """Raise RateLimited (429 with ``Retry-After``) while ``client`` is over the limit."""
+        """Raise RateLimited while ``client`` is over the limit: its credentials then go through ``past_cap``."""
         if not self.enabled or client is None:
             return
-        entry = self._table.get(client)
-        if entry is None:
+        entry = self._live(client)
+        if entry is not None and entry[0] >= self.limit:
+            raise self._refusal(entry)
+
+    @contextlib.asynccontextmanager
+    async def past_cap(self, client: str | None) -> AsyncIterator[None]:
+        """Around a credential check of a capped ``client``: one at a time, in arrival order, no sooner than
+        ``interval`` after the address's last check or failure; RateLimited at once when ``PAST_CAP_WAITING``
+        of its requests already wait.
+
+        An address is no proof of who is calling (users behind one NAT; on a one-host hub any kernel can name any
+        address through the trusted loopback proxy), so a capped address's right credentials still get in: after
+        the guesses ahead of them, which pass no faster than the cap's own rate.
+        """
+        if not self.enabled or client is None:
+            yield
             return
-        left = entry[1] + self.window - self._clock()
-        if left <= 0:
-            del self._table[client]  # its window is over: it starts afresh
-            return
-        if entry[0] >= self.limit:
-            self.refused += 1
-            raise RateLimited(
-                f"Too many failed authentication attempts from this address; retry in {math.ceil(left)} s.",
-                retry_after=max(1, math.ceil(left)),
-            )
+        lane = self._lanes.get(client)
+        if lane is None:
+            lane = self._lanes[client] = [0, asyncio.Lock()]
+        entry = self._live(client)
+        if lane[0] >= PAST_CAP_WAITING and entry is not None:
+            raise self._refusal(entry)
+        lane[0] += 1
+        try:
+            async with lane[1]:
+                while True:
+                    entry = self._live(client)
+                    wait = entry[2] - self._clock() if entry is not None else 0.0
+                    if wait <= 0:
+                        break
+                    await asyncio.sleep(wait)
+                if entry is not None:
+                    entry[2] = self._clock() + self.interval
+                yield
+        finally:
+            lane[0] -= 1
+            if lane[0] == 0 and self._lanes.get(client) is lane:
+                del self._lanes[client]
 
     @contextlib.asynccontextmanager
     async def asking(self, client: str | None) -> AsyncIterator[None]:
@@ -179,14 +233,16 @@ class FailedAuthLimiter:
         now = self._clock()
         entry = self._table.pop(client, None)
         if entry is None or now - entry[1] >= self.window:
-            entry = [0, now]
+            entry = [0, now, now]
         entry[0] += 1
+        entry[2] = now + self.interval  # once capped, the next check waits this long (``past_cap``)
         self._table[client] = entry  # to the end: the most recent failure is forgotten last
         if entry[0] == self.limit:
-            log.warning("client %s reached %d failed authentications in %g s: refused until the window ends",
+            log.warning("client %s reached %d failed authentications in %g s: its credentials are checked one at a "
+                        "time until the window ends",
                         client, self.limit, self.window)
         while len(self._table) > self.max_clients:
             self._table.popitem(last=False)
 
 
-__all__ = ["FAILURES_KEY", "FailedAuthLimiter", "client_label", "proxy_matcher"]
+__all__ = ["FAILURES_KEY", "PAST_CAP_WAITING", "FailedAuthLimiter", "client_label", "proxy_matcher"]
