@@ -401,3 +401,39 @@ def test_pull_in_a_real_kernel_shows_a_widget_bar(kernel, tiny_llama_dir):
     # the label's last state (sent over the widget comm) is the summary line
     states = [json.dumps(m["content"]) for m in msgs if m["msg_type"] in ("comm_msg", "comm_open")]
     assert any(f"Pulled {TINY} (safetensors" in s for s in states), states[-3:]
+
+
+@pytest.fixture
+def received(xllm_server, monkeypatch) -> list[list[tuple[str, str]]]:
+    """The (role, content) messages of each chat request the session server's engine encodes, as it got them."""
+    engine = xllm_server.engine
+    seen: list[list[tuple[str, str]]] = []
+    real = engine.encode_chat
+
+    async def encode_chat(name, messages, *args, **kwargs):
+        seen.append([(m.role, m.content) for m in messages])
+        return await real(name, messages, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "encode_chat", encode_chat)
+    return seen
+
+
+def test_option_values_and_prompts_reach_the_server_as_written(shell, received):
+    """A quoted option value was sent with its quotes (``-s "You are a pirate."``, as notebooks/02-magics.ipynb
+    writes it), and IPython's own expansion of the line ate a prompt's ``$``: "$20" became "20", "$x" a variable,
+    ``-s {persona}`` split into words. Only ``{name}`` is filled now, in the line as in a cell's body."""
+    shell.user_ns.update(x=41, persona="You are terse.")
+    run_args = f"-m '{TINY}' -s \"You are a pirate.\" -t 0 --max-tokens 2 What is $20 plus {{x}}, and $x^2$ in {{y}}?"
+    with capture_output() as cap:
+        shell.run_line_magic("xllm", run_args)
+    assert cap.stderr == "" and received[-1] == [("system", "You are a pirate."), ("user", "What is $20 plus 41, and $x^2$ in {y}?")]
+    with capture_output() as cap:
+        shell.run_cell_magic("xllm", "-s {persona} -t 0 --max-tokens 2", "Is $5 for {x} pens a good price?")
+    assert cap.stderr == "" and received[-1] == [("system", "You are terse."), ("user", "Is $5 for 41 pens a good price?")]
+    with capture_output() as cap:  # in a notebook, as a kernel runs the line
+        shell.run_cell("%xllm -t 0 --max-tokens 2 -s 'Be brief.' Why does $HOME end in {x}?")
+    assert received[-1] == [("system", "Be brief."), ("user", "Why does $HOME end in 41?")]
+    shell.user_ns["chosen"] = TINY  # a command's {name} is filled too
+    with capture_output() as cap:
+        shell.run_line_magic("xllm", "use {chosen}")
+    assert cap.outputs[-1].data["text/plain"] == f"Using {TINY} for %%xllm in this notebook"

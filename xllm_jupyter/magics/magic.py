@@ -14,7 +14,7 @@ import re
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from ..client.base import can_chat, listed
@@ -38,6 +38,9 @@ class XllmMagics(Magics):
         self.state = MagicState()
         self.commands = Commands(shell, self.state)
 
+    # IPython's own expansion of the line ate a prompt's `$` ("$20" became "20", "$HOME" a variable) and split a
+    # `-s {persona}` into words: `{name}` is filled here instead, in each option value and the prompt
+    @no_var_expand
     @magic_arguments()
     @argument("-m", "--model", help="Model name (default: %%xllm use / XLLM_MODEL, else a loaded chat model, else the server's default).")
     @argument("-s", "--system", help="System prompt.")
@@ -53,15 +56,17 @@ class XllmMagics(Magics):
     @line_cell_magic
     def xllm(self, line: str, cell: str | None = None) -> None:
         """Ask the model (``{var}`` is filled from the notebook), or run ``%xllm <command>`` (``%xllm help``)."""
+        # a command's `{name}` is filled before its shape is judged: `%xllm use {model}` is a `use` line
+        command = interpolate(line, self.shell.user_ns if self.shell else {})
         try:
-            if cell is None and is_command(line):
-                self.commands.run(line)
+            if cell is None and is_command(command):
+                self.commands.run(command)
                 return
             try:
                 args = parse_argstring(self.xllm, line)
             except (UsageError, ValueError) as exc:  # argparse's usage problems, unbalanced quotes: keep them short
-                if cell is None and _meant_as_command(line, exc):
-                    self.commands.run(line)
+                if cell is None and _meant_as_command(command, exc):
+                    self.commands.run(command)
                     return
                 raise XllmError(str(exc).strip() or "bad options (see %xllm help)") from None
             try:
@@ -87,13 +92,18 @@ class XllmMagics(Magics):
         return f" — chat models: {listed(names)} (`%xllm use MODEL` picks one for this notebook)"
 
     def _ask(self, args: Any, cell: str | None) -> None:
+        namespace = self.shell.user_ns if self.shell else {}
+        for name in ("model", "system", "out"):  # `-s "You are a pirate."`: the value, not its quotes
+            value = getattr(args, name)
+            if value is not None:
+                setattr(args, name, interpolate(_unquoted(value), namespace))
         if args.chat and args.new:
             raise XllmError("use --chat (continue) or --new (start over), not both")
         if args.out is not None and not (args.out.isidentifier() and not keyword.iskeyword(args.out)):
             raise XllmError(f"--out needs a variable name, not {args.out!r}")  # checked before asking: no wasted answer
         # words after %%xllm on the first line lead the cell body rather than being dropped
         prompt = "\n".join(part for part in (" ".join(args.prompt), cell or "") if part.strip())
-        prompt = interpolate(prompt.strip(), self.shell.user_ns if self.shell else {})
+        prompt = interpolate(prompt.strip(), namespace)
         if not prompt:
             raise XllmError("nothing to ask — write the prompt in the cell body")
         d = self.state.defaults
@@ -112,6 +122,13 @@ class XllmMagics(Magics):
         answer, value = ask(self.shell, self.state, question)
         if args.out and not (question.fmt == "json" and value is None and not answer.interrupted):
             self.shell.user_ns[args.out] = value
+
+
+def _unquoted(value: str) -> str:
+    """An option's value without the quotes around it: IPython splits the line keeping them (``'"You are terse"'``)."""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
 
 
 def _meant_as_command(line: str, problem: Exception) -> bool:
@@ -140,7 +157,7 @@ def ask_questions(lines: list[str]) -> list[str]:
         m = _QUESTION.match(line)
         continued = bool(out) and out[-1].rstrip("\r\n").endswith("\\")
         if m and not continued:
-            # what IPython itself makes of `%xllm args` (run_line_magic expands $x/{x} the same way)
+            # what IPython itself makes of `%xllm args` (the magic fills {x} itself, as for any line)
             line = f"{m['indent']}get_ipython().run_line_magic('xllm', {m['args'].strip()!r}){m['eol']}"
         out.append(line)
     return out
