@@ -786,3 +786,41 @@ def test_the_estimate_counts_a_draft_models_weights_and_cache_and_exllama_never_
         drafted = ModelSpec(name="m", path=model, context_length=2048,
                             options=dataclasses.replace(options, draft_model_path=str(draft)))
         assert backend.cache_bytes_estimate(drafted) == 4 * per_layer
+
+
+@pytest.mark.parametrize("library", ["exllamav2", "exllamav3"])
+def test_a_library_that_fails_to_import_ahead_fails_the_load_with_its_own_error_once(tmp_path, monkeypatch, library):
+    """``import_libraries`` never raises: a library whose import fails (its CUDA kernels do not build, say) makes it
+    return False, and the load raises that same error as it always did, without importing (building) again;
+    the load after that tries again, as before."""
+    from xllm_jupyter.backends import exllama_common
+    from xllm_jupyter.backends.registry import get_backend
+
+    runs = tmp_path / "runs"
+    package = tmp_path / "site" / library
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        f"with open({str(runs)!r}, 'a') as f:\n    f.write('x')\n"
+        f"raise RuntimeError(\"Error building extension '{library}_ext'\")\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(exllama_common, "cuda_available", lambda: True)
+    backend = get_backend(library)
+    spec = ModelSpec(name="m", path=tmp_path, format="exl2" if library == "exllamav2" else "exl3")
+    assert backend.available()
+    assert backend.import_libraries(spec) is False
+    with pytest.raises(RuntimeError, match=f"Error building extension '{library}_ext'") as first:
+        backend.load(spec)
+    assert runs.read_text() == "x"  # the import ran once for the two
+    with pytest.raises(RuntimeError, match="Error building extension") as second:
+        backend.load(spec)
+    assert runs.read_text() == "xx" and second.value is not first.value
+
+
+def test_import_libraries_without_the_library_or_a_gpu_is_false_and_never_raises(tmp_path, monkeypatch):
+    from xllm_jupyter.backends import exllama_common
+    from xllm_jupyter.backends.registry import get_backend
+
+    spec = ModelSpec(name="m", path=tmp_path, format="exl2")
+    monkeypatch.setattr(exllama_common, "cuda_available", lambda: False)
+    for library in ("exllamav2", "exllamav3"):
+        assert get_backend(library).import_libraries(spec) is False

@@ -14,6 +14,7 @@ does not import without a GPU (CI); ``benchmarks/gpu/cpu_check.sh`` runs it here
 from __future__ import annotations
 
 import json
+import textwrap
 import time
 from itertools import count
 
@@ -487,6 +488,57 @@ def test_exllamav2_memory_estimate_is_the_cache_the_library_allocates(tiny_llama
     assert allocated == tokens[kind.partition("-")[2]]
     config = json.loads((tiny_llama_dir / "config.json").read_text())
     assert v2.ExllamaV2Backend().cache_bytes_estimate(spec) == kv_cache_bytes(config, allocated, None)
+
+
+COLD_FIRST_LOAD = textwrap.dedent("""
+    import gc, json, sys
+    from pathlib import Path
+    from tests.page_generator import BACKEND_OF_KIND
+    from xllm_jupyter.backends.base import BackendOptions, ModelSpec
+    from xllm_jupyter.core import gc_freeze
+    from xllm_jupyter.engine import loading
+
+    library = "exllamav3" if sys.argv[1] == "exllamav3" else "exllamav2"
+    assert library not in sys.modules and "transformers" not in sys.modules  # the imports are the first load's
+    gc_freeze.freeze()  # what the engine's start does
+    backend = BACKEND_OF_KIND[sys.argv[1]]()
+    real_load, seen = type(backend).load, {}
+
+    def load(self, spec):
+        seen["frozen"], known = gc.get_freeze_count(), set(sys.modules)
+        try:
+            return real_load(self, spec)
+        finally:
+            seen["new_modules"] = sorted(set(sys.modules) - known)
+
+    type(backend).load = load
+    spec = ModelSpec(name="t", path=Path(sys.argv[2]), format="safetensors",
+                     options=BackendOptions(max_batch_size=4, cache_tokens=4096))
+    model = loading._load_and_prepare(backend, spec)
+    print(json.dumps({**seen, "generator_frozen": gc_freeze.is_frozen(model.generator),
+                      "tokens": model.tokenize("Hi")}))
+""")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_first_exllama_load_freezes_its_imports_and_not_its_model(tiny_llama_dir, kind):
+    """``ExllamaBackend.import_libraries``: in a fresh interpreter the first load imports the library (its CUDA
+    extension module), the modules of it and of transformers a load reaches, then the engine freezes them and
+    loads the model after the freeze, unfrozen, so its unload is a plain collection, not a full one of the
+    process (core/gc_freeze.py). Without the hook the first load was frozen whole, model and all."""
+    require_kind(kind)
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = subprocess.run([sys.executable, "-c", COLD_FIRST_LOAD, kind, str(tiny_llama_dir)], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["frozen"] > 100_000  # the imports' objects, frozen before the load
+    assert got["new_modules"] == []  # the imports ahead were all of the load's: nothing left to import unfrozen
+    assert not got["generator_frozen"] and got["tokens"]
 
 
 def test_presence_and_frequency_penalties_count_the_answer_not_the_prompt(tiny_llama_dir):

@@ -170,10 +170,35 @@ class ExllamaBackend(Backend):
     allocated whole at load. ``name`` is also the library's import name."""
 
     splits_over_gpus = True
+    #: the library's modules a load imports that importing the library does not (``import_libraries``)
+    load_modules: tuple[str, ...] = ()
+
+    @property
+    def library(self) -> str:
+        """The library's import name (the tests' stand-in backends have names of their own)."""
+        return self.name.split("-")[0]
 
     def available(self) -> bool:
         """The library is installed and a CUDA GPU is visible."""
         return importlib.util.find_spec(self.name) is not None and cuda_available()
+
+    def import_libraries(self, spec: ModelSpec) -> bool:
+        """Import what a load imports: the library with its CUDA extension (built first where none is:
+        ``jit.import_ahead``), its ``load_modules`` and the tokenizer's classes, so that the engine freezes
+        what the imports made and the model, loaded after, is not frozen with them (core/gc_freeze.py).
+        False when the library itself fails to import: its error is kept for the load, which raises it as it
+        always did (the first load then runs as one block). Never raises."""
+        from .jit import import_ahead
+
+        if not self.available() or not import_ahead(self.library):
+            return False
+        try:
+            for module in self.load_modules:
+                importlib.import_module(module)
+            import_tokenizer_side(Path(spec.path))
+        except Exception:  # (the load reports whatever is wrong)
+            log.debug("no imports ahead of loading %s beyond %s", spec.name, self.library, exc_info=True)
+        return True
 
     def cache_bytes_estimate(self, spec: ModelSpec) -> int:
         """The paged KV cache it allocates at load (``cache_tokens`` at the configured K/V bits), a draft model."""
@@ -182,6 +207,19 @@ class ExllamaBackend(Backend):
     def memory_device(self, spec: ModelSpec) -> str:
         """GPU memory, whatever ``engine.device`` says (auto-split over the visible GPUs)."""
         return "cuda"
+
+
+def import_tokenizer_side(path: Path) -> None:
+    """What ``ChatTokenizer.from_directory`` imports reading a model's tokenizer: transformers' tokenizer classes,
+    and the configuration module of the model's type (``AutoTokenizer`` reads ``config.json``; transformers 5 then
+    imports its activations, hub kernels and flash-attn integration: 0.5 s of imports with flash-attn installed)."""
+    from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
+
+    from .quiet_loading import library_bars_off
+
+    if (path / "config.json").is_file():
+        with library_bars_off():
+            AutoConfig.from_pretrained(str(path))
 
 
 def _read_config(path: Path) -> dict[str, Any]:

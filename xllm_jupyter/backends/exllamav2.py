@@ -255,6 +255,7 @@ class ExllamaV2Backend(ExllamaBackend):
     """Loads models with exllamav2."""
 
     name = "exllamav2"
+    load_modules = ("exllamav2.generator", "exllamav2.version")
 
     def cache_bytes_estimate(self, spec: ModelSpec) -> int:
         """The KV cache it allocates at load (``plan_cache``: paged, or one context unpaged), and a draft model

@@ -57,6 +57,9 @@ class ExllamaV3Backend(ExllamaBackend):
     """Loads models with exllamav3."""
 
     name = "exllamav3"
+    # (the architectures' modules: ``Config.from_directory`` imports them all at a load's start)
+    load_modules = ("exllamav3.architecture.architectures", "exllamav3.generator.filter.llguidance",
+                    "exllamav3.generator.sampler.custom", "exllamav3.version")
 
     def cache_bytes_estimate(self, spec: ModelSpec) -> int:
         """The paged KV cache it allocates at load (a full context and ``context_reserve`` past it), a draft model."""

@@ -75,8 +75,28 @@ class BuildProgress:
             log.warning("%s: compiled %d of %d CUDA/C++ sources...", self.lib, done, self.total)
 
 
+#: library -> the error its import ahead of a load raised (``import_ahead``), for that load to raise
+_failed_ahead: dict[str, BaseException] = {}
+
+
+def import_ahead(lib: str) -> bool:
+    """``import_with_kernels(lib)`` ahead of a load (``Backend.import_libraries``); False if it fails, its error
+    kept for the load's own ``import_with_kernels`` to raise once, as it would have raised it (a kernel build
+    that failed is not run a second time, for minutes, only to fail again). Never raises."""
+    try:
+        import_with_kernels(lib)
+    except Exception as exc:
+        _failed_ahead[lib] = exc
+        log.debug("importing %s ahead of its first load failed", lib, exc_info=True)
+        return False
+    return True
+
+
 def import_with_kernels(lib: str) -> ModuleType:
     """Import ``lib`` (exllamav3 / exllamav2) and its CUDA extension, narrating a first-time build."""
+    failed = _failed_ahead.pop(lib, None)
+    if failed is not None:  # the import ahead of this load failed just now: the same error, not a second try
+        raise failed
     ext = f"{lib}_ext"
     progress = None
     if importlib.util.find_spec(ext) is None:  # no prebuilt extension installed

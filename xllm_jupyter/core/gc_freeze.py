@@ -19,7 +19,7 @@ unload then asks ``is_frozen`` of the model first: a model no freeze has caught 
 a plain collection, which skips the frozen objects (milliseconds); one that was frozen still gets the full
 one. So no model is frozen where that can be helped: the start freezes before its preloads, a backend's
 first load freezes its imports before the weights load where the backend can import ahead
-(``Backend.import_libraries``: transformers; the exllama backends' first load is still frozen whole), and
+(``Backend.import_libraries``: transformers, exllamav3, exllamav2), and
 a GGUF read ends in ``tidy()``.
 """
 
