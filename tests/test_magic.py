@@ -322,9 +322,9 @@ def kernel(xllm_server):
         km.shutdown_kernel(now=True)
 
 
-def run_in(kc, code: str, on_output=None, timeout: float = 120) -> tuple[list[dict], dict]:
+def run_in(kc, code: str, on_output=None, timeout: float = 120, allow_stdin: bool = True) -> tuple[list[dict], dict]:
     """Execute ``code``; (iopub messages of that cell, execute_reply content)."""
-    msg_id = kc.execute(code)
+    msg_id = kc.execute(code, allow_stdin=allow_stdin)
     msgs: list[dict] = []
     deadline = time.monotonic() + timeout
     while True:
@@ -401,6 +401,17 @@ def test_pull_in_a_real_kernel_shows_a_widget_bar(kernel, tiny_llama_dir):
     # the label's last state (sent over the widget comm) is the summary line
     states = [json.dumps(m["content"]) for m in msgs if m["msg_type"] in ("comm_msg", "comm_open")]
     assert any(f"Pulled {TINY} (safetensors" in s for s in states), states[-3:]
+
+
+def test_connect_asking_for_the_token_where_the_frontend_cannot(kernel, xllm_server):
+    """nbconvert and voila run cells without stdin: ``%xllm connect URL --token`` said "unexpected error
+    (StdinNotImplementedError): getpass was called..."; it says what to do instead, and the old server stays."""
+    _, kc = kernel
+    msgs, reply = run_in(kc, f"%xllm connect {xllm_server.base_url} --token", allow_stdin=False)
+    assert reply["status"] == "ok"
+    text = "".join(m["content"]["text"] for m in msgs if m["msg_type"] == "stream")
+    assert text == ("xllm: this frontend cannot ask for the token: set XLLM_API_KEY, or call "
+                    "xllm_jupyter.connect(URL, token) with the token from a variable\n"), text
 
 
 @pytest.fixture

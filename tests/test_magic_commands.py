@@ -174,6 +174,10 @@ def test_command_errors_are_one_line(shell, tmp_path):
         "config colour=red": "xllm: unknown setting 'colour'",
         "config temperature=hot": "xllm: bad value for temperature: 'hot'",
         "config format=yaml": "xllm: bad value for format: 'yaml'",
+        # float() takes these, JSON cannot carry them: the ask failed as "unexpected error (ValueError)"
+        "config temperature=nan": "xllm: bad value for temperature: 'nan'",
+        "-t nan hi": "xllm: argument -t/--temperature: expected a number, got 'nan'",
+        "--temperature=-inf hi": "xllm: argument -t/--temperature: expected a number, got '-inf'",
         f"pull {tmp_path / 'nothing-here'}": "xllm: ",
         "pull 'unclosed": "xllm: cannot parse the command",
     }

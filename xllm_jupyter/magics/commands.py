@@ -11,6 +11,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from IPython.core.error import StdinNotImplementedError
 from IPython.display import display
 
 from ..client import discovery
@@ -295,7 +296,11 @@ class Commands:
         if token == "":
             import getpass
 
-            token = getpass.getpass("xllm token: ") or None
+            try:
+                token = getpass.getpass("xllm token: ") or None
+            except StdinNotImplementedError:  # nbconvert, voila, a kernel run with allow_stdin=False
+                raise XllmError("this frontend cannot ask for the token: set XLLM_API_KEY, or call "
+                                "xllm_jupyter.connect(URL, token) with the token from a variable") from None
         if args.url is None and args.token is None:
             discovery.disconnect()
             loc = self.state.locate()

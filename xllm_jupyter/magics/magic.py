@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import keyword
 import logging
+import math
 import re
+from argparse import ArgumentTypeError
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -29,6 +31,17 @@ from .verbs import SHAPES, is_command, split
 log = logging.getLogger("xllm_jupyter.magics")
 
 
+def _finite(text: str) -> float:
+    """``-t``'s value: a finite number (``float`` takes "nan" and "inf", which no request can carry)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise ArgumentTypeError(f"expected a number, got {text!r}")
+    return value
+
+
 @magics_class
 class XllmMagics(Magics):
     """``%%xllm`` (cell) and ``%xllm`` (line): chat with the shared xllm engine, manage its models."""
@@ -44,7 +57,7 @@ class XllmMagics(Magics):
     @magic_arguments()
     @argument("-m", "--model", help="Model name (default: %%xllm use / XLLM_MODEL, else a loaded chat model, else the server's default).")
     @argument("-s", "--system", help="System prompt.")
-    @argument("-t", "--temperature", type=float, help="Sampling temperature (0 = greedy).")
+    @argument("-t", "--temperature", type=_finite, help="Sampling temperature (0 = greedy).")
     @argument("--max-tokens", type=int, help="Most tokens to generate.")
     @argument("-f", "--format", choices=FORMATS, help="How to show the answer: markdown (default), code, json (constrained and validated) or text.")
     @argument("-o", "--out", metavar="VAR", help="Also store the answer in this variable (json: the parsed value; code: the code).")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,8 @@ class Defaults:
         try:
             if key == "temperature":
                 value = float(value)
+                if not math.isfinite(value):  # float() takes "nan" and "inf", which no request can carry (JSON)
+                    raise ValueError
             elif key == "max_tokens":
                 value = int(value)
                 if value < 1:
