@@ -64,6 +64,9 @@ def test_pull_load_use_unload(shell, own_tiny_server, tiny_llama_dir):
         shell.run_cell_magic("xllm", "-t 0 --max-tokens 3", "Hi")
     assert cap.outputs[-1].metadata["xllm"]["model"] == COPY  # no -m: the `use` choice
     assert shown(run(shell, "use")) == f"Default model: {COPY}"
+    # spelt as a request may spell it (show, load and -m took these; use wanted the listing's exact id)
+    for spelling in (COPY.upper(), f"{COPY}:latest"):
+        assert shown(run(shell, f"use {spelling}")) == f"Using {COPY} for %%xllm in this notebook", spelling
 
     assert shown(run(shell, f"unload {COPY}")) == f"Unloaded {COPY}"
     assert shown(run(shell, f"unload {COPY}")) == f"{COPY} was not loaded"

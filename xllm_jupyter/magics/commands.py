@@ -248,14 +248,16 @@ class Commands:
             current = self.state.defaults.model
             display(Text(f"Default model: {current}" if current else "No default model set: the server's default is used."))
             return
-        entry = next((m for m in self.state.client().models() if m.get("id") == args.model), None)
-        if entry is None:
+        try:  # the server resolves the name as for a request (`Tiny`, `tiny:latest`); an exact match refused those
+            entry = self.state.client().model(args.model)
+        except ModelNotFound:
             raise XllmError(f"the server has no model {args.model!r} (see `%xllm list`, or `%xllm pull`)"
-                            + as_prompt(["use", args.model]))
+                            + as_prompt(["use", args.model])) from None
         if not can_chat(entry):
             raise XllmError(f"{args.model!r} is an {model_task(entry)} model, not a chat model: %%xllm needs a chat model (see `%xllm list`)")
-        self.state.defaults.model = args.model
-        display(Text(f"Using {args.model} for %%xllm in this notebook"))
+        name = str(entry.get("id") or args.model)  # the server's spelling, as `status` and `rm` compare it
+        self.state.defaults.model = name
+        display(Text(f"Using {name} for %%xllm in this notebook"))
 
     def do_status(self, argv: list[str]) -> None:
         """Which server, how it was found, and what it has loaded."""
