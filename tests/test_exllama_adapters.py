@@ -190,6 +190,9 @@ def test_greedy_maps_to_argmax_in_both_libraries():
     # penalties, bias and cuts stay off in the library's settings: the job applies them (test_exllama_sampling.py)
     assert hot == {"temperature": 1.3, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "token_repetition_penalty": 1.0,
                    "token_frequency_penalty": 0.0, "token_presence_penalty": 0.0}
+    # below 0.01 exllamav2 would decode greedily: the job divides by the temperature, the library gets 1.0
+    assert v2_sampler_fields(SamplingParams(temperature=0.005))["temperature"] == 1.0
+    assert v2_sampler_fields(SamplingParams(temperature=0.01))["temperature"] == 0.01
 
 
 def require_library(name):

@@ -681,3 +681,35 @@ def test_exllamav2_cuts_top_p_and_min_p_itself_before_the_real_sampler(tiny_llam
     assert len(free) == 36 and set(free) != {FILLER_TOKEN}
     for i, cut in enumerate(({"top_p": 0.5}, {"min_p": 0.5}, {"top_k": 1})):
         assert tokens(10 + i, **cut) == [FILLER_TOKEN] * 12
+
+
+def test_exllamav2_samples_below_the_temperature_it_would_decode_greedily(tiny_llama_dir):
+    """exllamav2's sampler decodes greedily below temperature 0.01 (``sample_basic``); OpenAI and the transformers
+    backend sample at any temperature above 0. Two tokens 0.001 apart at temperature 0.005 (e^0.2 to 1: 55/45):
+    both are drawn over seeds, through the library's own draw; greedy still picks the first."""
+    import torch
+
+    from tests.page_generator import FILLER_TOKEN
+    from xllm_jupyter.core.types import SamplingParams
+
+    require_kind("exllamav2-unpaged")
+    model = load("exllamav2-unpaged", tiny_llama_dir)
+    vocab = model.generator.padded_vocab_size
+
+    def forward_chunk(input_ids, preprocess_only=False, **kwargs):
+        if preprocess_only:
+            return None
+        logits = torch.zeros((*input_ids.shape, vocab))
+        logits[..., FILLER_TOKEN] = 12.0
+        logits[..., FILLER_TOKEN + 1] = 11.999
+        return {"logits": logits}
+
+    model.generator.model.forward_chunk = forward_chunk
+
+    def tokens(job_id: int, temperature: float) -> list[int]:
+        events = generate(model, range(100, 120), 8, SamplingParams(temperature=temperature, seed=job_id), job_id=job_id)
+        return [e.token_id for e in events if e.token_id is not None]
+
+    drawn = [t for job_id in range(1, 7) for t in tokens(job_id, 0.005)]
+    assert set(drawn) == {FILLER_TOKEN, FILLER_TOKEN + 1} and len(drawn) == 48
+    assert set(tokens(10, 0.0)) == {FILLER_TOKEN}

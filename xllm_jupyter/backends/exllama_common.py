@@ -272,16 +272,23 @@ def draft_vocabulary_fits(draft_vocab: int, vocab: int) -> bool:
     return False
 
 
+#: exllamav2 0.3.2 samples greedily below this temperature (``sample_basic``: top-k 1 at temperature 1); the
+#: transformers backend (and OpenAI) sample at any temperature above 0, so below it the job divides the logits
+#: itself and gives the library 1.0 (``exllama_sampling.LogitsV2``)
+V2_MIN_TEMPERATURE = 0.01
+
+
 def v2_sampler_fields(s: SamplingParams) -> dict[str, Any]:
     """exllamav2 ``ExLlamaV2Sampler.Settings`` attributes for ``s``: the temperature, or top-k 1 when greedy.
 
     The rest stays off here: the job applies the penalties, ``logit_bias`` and the top-k/top-p/min-p cuts
     itself (``exllama_sampling.py``), since the library's one penalty window would count the prompt for
-    presence/frequency too and its top-p leaves out the token that crosses P.
+    presence/frequency too and its top-p leaves out the token that crosses P; and a temperature below
+    V2_MIN_TEMPERATURE, which the library would turn into greedy decoding.
     """
     greedy = s.greedy
     return {
-        "temperature": 1.0 if greedy else float(s.temperature),
+        "temperature": 1.0 if greedy or s.temperature < V2_MIN_TEMPERATURE else float(s.temperature),
         "top_k": 1 if greedy else 0,
         "top_p": 1.0,
         "min_p": 0.0,

@@ -36,6 +36,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..core.types import SamplingParams
+from .exllama_common import V2_MIN_TEMPERATURE
 
 #: the smallest top-p honoured (as ``sampling.Filters``: top_p <= 0 keeps the top token, not none)
 MIN_TOP_P = 1e-6
@@ -148,6 +149,7 @@ class LogitsV2:
     xllm_bias: tuple[Any, Any] | None = None  # (token ids, values)
     xllm_filters: Any = None  # sampling.Filters, or None when nothing is cut
     xllm_temperature = 1.0
+    xllm_divide = False  # a temperature the library would take for greedy decoding: the job divides by it
     xllm_vocab = 0
 
     def xllm_bind_logits(self, sampling: SamplingParams, vocab_size: int) -> None:
@@ -162,18 +164,22 @@ class LogitsV2:
             # (float32 whatever torch's process-wide default: a model load elsewhere may have it at bf16)
             self.xllm_bias = (ids, torch.tensor([float(v) for v in sampling.logit_bias.values()], dtype=torch.float32))
         filters = Filters.of([sampling], self.xllm_vocab)
-        if not sampling.greedy and (filters.truncates(0) or filters.min_p[0] > 0):
-            self.xllm_filters = filters
+        if not sampling.greedy:
             self.xllm_temperature = float(sampling.temperature)
+            # (the library's settings then say 1.0: exllama_common.v2_sampler_fields)
+            self.xllm_divide = self.xllm_temperature < V2_MIN_TEMPERATURE
+            if filters.truncates(0) or filters.min_p[0] > 0:
+                self.xllm_filters = filters
 
     def receive_logits(self, logits: Any, *args: Any, **kwargs: Any) -> Any:
         """Bias and cut every row in place (the library samples from that buffer), then sample (library)."""
-        if self.xllm_bias is not None or self.xllm_filters is not None:
+        if self.xllm_bias is not None or self.xllm_filters is not None or self.xllm_divide:
             self.xllm_apply(logits)
         return super().receive_logits(logits, *args, **kwargs)  # type: ignore[misc]
 
     def xllm_apply(self, logits: Any) -> None:
-        """Bias, then drop (-inf) what top-k/top-p/min-p drop at the sampling temperature, on every row."""
+        """Bias, then drop (-inf) what top-k/top-p/min-p drop at the sampling temperature, on every row; a
+        temperature the library would not sample at is applied here."""
         import torch
 
         from .sampling import filter_logits
@@ -186,6 +192,8 @@ class LogitsV2:
                 kept = filter_logits((real.float() / self.xllm_temperature).unsqueeze(0), self.xllm_filters)[0]
                 real.masked_fill_(~torch.isfinite(kept), float("-inf"))
                 row[self.xllm_vocab:] = float("-inf")
+            if self.xllm_divide:
+                row.div_(self.xllm_temperature)
 
 
 class RawLogprobsV2:
