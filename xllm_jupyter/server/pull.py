@@ -4,15 +4,17 @@
 (``base``: the stored model a LoRA adapter applies to, as ``xllm pull --base``)
 answers with server-sent events: ``{"status": stage, "file", "completed", "total"}`` while the
 store pulls (stages as in ``store.progress.PullProgress``), then ``{"status": "success", "model",
-"digest", ...}`` and ``[DONE]``. A client that disconnects stops the pull at its next progress
-report. ``GET /admin/models/manifest?model=NAME`` gives a stored model's digest and source plus
-the server version, for the provenance a notebook records with each answer, and the store's
-random id (``store_id``), by which ``xllm rm`` knows whether the server serves from its store.
+"digest", ...}`` and ``[DONE]``. A client that disconnects stops the pull at once, through the store's
+own cancel (the one a shutdown sets): even inside a long step that reports nothing (a GGUF conversion),
+the route lets go within the store's grace and the pull's files are deleted as it unwinds.
+``GET /admin/models/manifest?model=NAME`` gives a stored model's digest and source plus the server
+version, for the provenance a notebook records with each answer, and the store's random id (``store_id``), by which ``xllm rm`` knows whether the server serves from its store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -27,6 +29,8 @@ from ..store.names import validate_name
 from ..store.sources import parse_source
 from .handlers import BodyMixin, RequestMixin
 
+log = logging.getLogger("xllm_jupyter.server")
+
 #: at most this many progress events a second per file (the store reports every chunk)
 PROGRESS_INTERVAL = 0.1
 #: the fields a pull body may have (``source``: another name for ``model``); any other is a 400 naming it
@@ -36,7 +40,7 @@ _ELSEWHERE = {"keep_alive": "POST /admin/models/load", "removed": "POST /admin/m
 
 
 class PullCancelled(Exception):
-    """Raised from the progress callback when the client has gone: unwinds the store's pull."""
+    """Raised from the progress callback when the client has gone: unwinds a store's pull that takes no cancel."""
 
 
 def server_store(context: Any) -> Any:
@@ -154,10 +158,13 @@ async def pull_events(store: Any, args: dict[str, Any]) -> AsyncIterator[dict[st
         loop.call_soon_threadsafe(queue.put_nowait, item)
 
     def work() -> Any:
+        # ``gone`` is the pull's cancel: set, the store stops it within its grace even mid-conversion (a check at
+        # progress reports alone waited out a step that reports nothing for tens of seconds)
         return store.pull(args["source"], args["name"], revision=args["revision"], progress=report,
-                          force=args["force"], convert=args["convert"], base=args.get("base"))
+                          force=args["force"], convert=args["convert"], base=args.get("base"), cancel=gone)
 
     job = asyncio.ensure_future(run_slow(work))  # downloads, converts: minutes, off the shared pool
+    getter: asyncio.Future | None = None
     try:
         while True:
             getter = asyncio.ensure_future(queue.get())
@@ -172,9 +179,12 @@ async def pull_events(store: Any, args: dict[str, Any]) -> AsyncIterator[dict[st
             yield {"status": "success", **manifest_summary(manifest)}
             return
     finally:
-        # the client left (or the stream failed): the next progress report raises PullCancelled
+        # the client left (or the stream failed): cancel the store's pull, which returns within its grace
         gone.set()
+        if getter is not None:
+            getter.cancel()  # (left waiting on the queue when the client left mid-wait, it outlived the loop)
         if not job.done():
+            log.info("the client of the pull of %s left: stopping the pull", args["name"] or args["source"])
             await asyncio.gather(job, return_exceptions=True)
 
 
