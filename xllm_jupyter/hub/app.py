@@ -180,15 +180,40 @@ class _HubAuthFromSettings:
         pass  # always the app's
 
 
-class OAuthCallbackHandler(_HubAuthFromSettings, HubOAuthCallbackHandler):
+class _NoBody:
+    """A browser route that takes no request body refuses one (413) before it is read.
+
+    The service lets Tornado accept bodies up to 1 GiB, which its API routes stream and cap themselves; a
+    route Tornado does not stream would hold such a body whole in memory, credentials unchecked, before
+    answering it. So these routes stream (``stream_request_body``) and refuse any body in ``prepare``.
+    """
+
+    def refuse_body(self) -> None:
+        """HTTPError 413 when the request carries a body."""
+        headers = self.request.headers  # type: ignore[attr-defined]
+        if headers.get("Transfer-Encoding") or headers.get("Content-Length", "0") not in ("", "0"):
+            raise HTTPError(413)
+
+    def data_received(self, chunk: bytes) -> None:
+        """Nothing to read: ``prepare`` refused any body first."""
+
+
+@tornado.web.stream_request_body
+class OAuthCallbackHandler(_NoBody, _HubAuthFromSettings, HubOAuthCallbackHandler):
     """``{prefix}oauth_callback``: finishes the hub OAuth login and sets the service cookie."""
 
+    def prepare(self) -> None:
+        """Refuse a body before it is read."""
+        self.refuse_body()
 
-class HubPageHandler(_HubAuthFromSettings, HubOAuthenticated, RequestHandler):
+
+@tornado.web.stream_request_body
+class HubPageHandler(_NoBody, _HubAuthFromSettings, HubOAuthenticated, RequestHandler):
     """``{prefix}``: who you are, where the API is, and your usage (browser, via hub OAuth)."""
 
     async def prepare(self) -> None:
-        """Resolve the hub user (token or OAuth cookie) without blocking the IOLoop."""
+        """Refuse a body; resolve the hub user (token or OAuth cookie) without blocking the IOLoop."""
+        self.refuse_body()
         failures: FailedAuthLimiter = self.settings[FAILURES_KEY]
         known: KnownTokens = self.settings[KNOWN_TOKENS_KEY]
         client = failures.client(self.request)
