@@ -444,6 +444,9 @@ def test_option_values_and_prompts_reach_the_server_as_written(shell, received):
     with capture_output() as cap:  # in a notebook, as a kernel runs the line
         shell.run_cell("%xllm -t 0 --max-tokens 2 -s 'Be brief.' Why does $HOME end in {x}?")
     assert received[-1] == [("system", "Be brief."), ("user", "Why does $HOME end in 41?")]
+    # inside a function {name} is its local, as IPython's own expansion had it
+    shell.run_cell("def about(thing):\n    %xllm -t 0 --max-tokens 2 Tell me about {thing} for $3\nabout('owls')")
+    assert received[-1] == [("user", "Tell me about owls for $3")]
     shell.user_ns["chosen"] = TINY  # a command's {name} is filled too
     with capture_output() as cap:
         shell.run_line_magic("xllm", "use {chosen}")

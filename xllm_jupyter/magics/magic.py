@@ -16,7 +16,7 @@ from argparse import ArgumentTypeError
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
+from IPython.core.magic import Magics, line_cell_magic, magics_class, needs_local_scope, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from ..client.base import can_chat, listed
@@ -52,8 +52,10 @@ class XllmMagics(Magics):
         self.commands = Commands(shell, self.state)
 
     # IPython's own expansion of the line ate a prompt's `$` ("$20" became "20", "$HOME" a variable) and split a
-    # `-s {persona}` into words: `{name}` is filled here instead, in each option value and the prompt
+    # `-s {persona}` into words: `{name}` is filled here instead, in each option value and the prompt, from the
+    # notebook's variables and (a `%xllm` line in a function) the caller's locals
     @no_var_expand
+    @needs_local_scope
     @magic_arguments()
     @argument("-m", "--model", help="Model name (default: %%xllm use / XLLM_MODEL, else a loaded chat model, else the server's default).")
     @argument("-s", "--system", help="System prompt.")
@@ -67,10 +69,11 @@ class XllmMagics(Magics):
     @argument("--new", action="store_true", help="Start a new conversation with this cell (continue it with --chat).")
     @argument("prompt", nargs="*", help="Prompt (line magic); in %%xllm it leads the cell body.")
     @line_cell_magic
-    def xllm(self, line: str, cell: str | None = None) -> None:
+    def xllm(self, line: str, cell: str | None = None, local_ns: dict[str, Any] | None = None) -> None:
         """Ask the model (``{var}`` is filled from the notebook), or run ``%xllm <command>`` (``%xllm help``)."""
+        namespace = {**(self.shell.user_ns if self.shell else {}), **(local_ns or {})}
         # a command's `{name}` is filled before its shape is judged: `%xllm use {model}` is a `use` line
-        command = interpolate(line, self.shell.user_ns if self.shell else {})
+        command = interpolate(line, namespace)
         try:
             if cell is None and is_command(command):
                 self.commands.run(command)
@@ -83,7 +86,7 @@ class XllmMagics(Magics):
                     return
                 raise XllmError(str(exc).strip() or "bad options (see %xllm help)") from None
             try:
-                self._ask(args, cell)
+                self._ask(args, cell, namespace)
             except ModelNotFound as exc:  # `-m nosuch`, a `use` model since removed: name what there is
                 raise XllmError(exc.message + self._chat_models()) from None
         except XllmError as exc:
@@ -104,8 +107,7 @@ class XllmMagics(Magics):
             return " — the server has no chat model: `%xllm pull smollm2` adds one"
         return f" — chat models: {listed(names)} (`%xllm use MODEL` picks one for this notebook)"
 
-    def _ask(self, args: Any, cell: str | None) -> None:
-        namespace = self.shell.user_ns if self.shell else {}
+    def _ask(self, args: Any, cell: str | None, namespace: dict[str, Any]) -> None:
         for name in ("model", "system", "out"):  # `-s "You are a pirate."`: the value, not its quotes
             value = getattr(args, name)
             if value is not None:
