@@ -61,6 +61,13 @@ def test_a_body_sent_to_the_page_or_the_oauth_callback_is_refused_before_it_is_r
     assert status.split()[1] in (b"405", b"413"), status
 
 
+def test_an_api_route_refuses_a_body_without_credentials_before_reading_it(service):
+    """The API routes stream: no token, a 401 before any of the body is read (as on ``xllm serve``)."""
+    prefix = "/" + service.split("//")[1].split("/", 1)[1]
+    reply = _answer_before_the_body(service, "POST", prefix + "v1/chat/completions")
+    assert reply.split(b"\r\n", 1)[0].split()[1] == b"401", reply[:300]
+
+
 def test_the_page_still_answers_a_plain_get(service):
     import httpx
 
