@@ -13,6 +13,7 @@ from IPython.display import display
 
 from ..core.errors import XllmError
 from .render import (
+    BLANK,
     EMPTY,
     INTERRUPTED,
     Reply,
@@ -122,8 +123,8 @@ def ask(shell: Any, state: MagicState, q: Question) -> tuple[Answer, Any]:
     value: Any = answer.text
     if answer.interrupted:
         reply.note = INTERRUPTED
-    elif not answer.text:
-        reply.note = EMPTY
+    elif not answer.text.strip():
+        reply.note = BLANK if answer.text else EMPTY
     elif q.fmt == "json":
         try:
             value = parse_json(answer.text)

@@ -18,6 +18,8 @@ from ..notebook.safe_markdown import neutral_markdown, safe_lang
 FORMATS = ("markdown", "code", "json", "text")
 INTERRUPTED = "*(interrupted)*"
 EMPTY = "*(the model returned no text)*"
+#: an answer of blank lines renders as nothing at all: say so, or the cell looks as if nothing happened
+BLANK = "*(the model returned only whitespace)*"
 
 _FENCE = re.compile(r"^[ \t]*(```+|~~~+)[ \t]*([\w+#.-]*)[^\n]*\n", re.MULTILINE)
 
