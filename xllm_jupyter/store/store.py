@@ -3,8 +3,8 @@
 Layout under ``home``::
 
     models/<name>/          one directory per complete model: its files + xllm-manifest.json
-    store-id                this store's random id (identity.py), made on first ask: what tells it from another
-                            store holding the same models
+    store-id                this store's random id (identity.py), made on first ask (and again in a copy of the
+                            store): what tells it from another store holding the same models
     tmp/pull-<random>/      a pull being built (or left by a crash; the next pull deletes it)
     tmp/hub-<key>/          a Hub download in progress, kept after a failure so a retry resumes
     locks/<name>.lock       serialises pulls and removals of one name across processes
