@@ -128,12 +128,13 @@ def test_every_verb_is_a_command_only_in_its_shape():
                 "config temperature=0 'system=Be terse, please.'", "connect", "connect http://127.0.0.1:8900/v1",
                 "connect 127.0.0.1:8900", "connect localhost:8900 --token", "connect --token sk-x", "connect https://hub/xllm",
                 "connect [::1]:8900", "pull smollm2", "pull HuggingFaceTB/SmolLM2-135M-Instruct --revision main --force",
-                "pull ./my-lora --name my-lora --base tiny", "pull '/data/my models/x' --convert", "pull --help", "use -h",
+                "pull ./my-lora --name my-lora --base tiny", "pull '/data/my models/x' --convert",
+                "pull https://huggingface.co/org/repo", "pull hf.co/org/repo", "pull --help", "use -h",
                 "status --help"]
     prompts = ["help me write a haiku about rain", "help?", "use a metaphor to explain recursion", "use tiny?",
                "list three colours", "status of the project", "connect the dots", "connect everything",
                "config files in yaml", "load the data from a csv", "pull yourself together", "rm -rf explained",
-               "ps I love you", "help help me", "-- help", "-- use tiny", "-t 0.5 use a metaphor"]
+               "ps I love you", "help help me", "pull Bob's", "pull strings?", "-- help", "-- use tiny", "-t 0.5 use a metaphor"]
     assert [line for line in commands if not is_command(line)] == []
     assert [line for line in prompts if is_command(line)] == []
 

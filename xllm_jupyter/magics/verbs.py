@@ -16,8 +16,9 @@ from .session import CONFIG_KEYS
 
 #: `name` or `name:tag`, as the store spells model names (README); nothing with spaces, quotes or `?`
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(:[A-Za-z0-9._-]+)?")
-#: what `pull` takes: a packaged name, a Hugging Face repo id, or a path (a quoted one may hold spaces)
-_SOURCE = re.compile(r"[A-Za-z0-9][\w.:-]*(/[\w.-]+)?|[~./][^?]*|[\w.-]*/[^?\s]*")
+#: what `pull` takes: a packaged name, a Hugging Face repo id or URL, a path (a quoted one may hold spaces); one word
+#: with `?` or a quote in it is prose ("pull Bob's?")
+_SOURCE = re.compile(r"[^\s?'\"]+|[~./][^?]*")
 #: what `connect` takes: a URL, `host:port`, `localhost`, an IP address (a bare DNS name needs a scheme or a
 #: port, so "connect everything" stays a prompt)
 _ADDRESS = re.compile(r"https?://\S+|(localhost|[\w-]+(\.[\w-]+)*:\d+|\d{1,3}(\.\d{1,3}){3}(:\d+)?|\[[0-9A-Fa-f:.]+\]:\d+)(/\S*)?")
