@@ -8,7 +8,8 @@ store pulls (stages as in ``store.progress.PullProgress``), then ``{"status": "s
 own cancel (the one a shutdown sets): even inside a long step that reports nothing (a GGUF conversion),
 the route lets go within the store's grace and the pull's files are deleted as it unwinds.
 ``GET /admin/models/manifest?model=NAME`` gives a stored model's digest and source plus the server
-version, for the provenance a notebook records with each answer, and the store's random id (``store_id``), by which ``xllm rm`` knows whether the server serves from its store.
+version, for the provenance a notebook records with each answer, and the store's random id (``store_id``), by
+which ``xllm rm`` knows whether the server serves from its store.
 """
 
 from __future__ import annotations
