@@ -181,7 +181,7 @@ def test_json_format_reports_a_cut_off_answer(shell, xllm_server):
     assert final_markdown(cap).startswith("```json\n{")  # the raw answer stays visible
 
 
-def test_chat_keeps_the_conversation_and_new_starts_over(shell, xllm_server):
+def test_chat_keeps_the_conversation_and_new_starts_over(shell, xllm_server, received):
     with capture_output():
         shell.run_cell_magic("xllm", f"--new -m {TINY} -t 0 --max-tokens 6 -s 'Be brief.' --out answer", "My name is Ada.")
     first = shell.user_ns["answer"]
@@ -190,6 +190,7 @@ def test_chat_keeps_the_conversation_and_new_starts_over(shell, xllm_server):
     history = [{"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": first},
                {"role": "user", "content": "What is my name?"}]
     # the second cell sent the whole conversation (same model, same system prompt)
+    assert received[-1] == [("system", "Be brief."), *((m["role"], m["content"]) for m in history)]
     assert shell.user_ns["answer"] == expected(xllm_server, history, 6, system="Be brief.")
     assert final(cap).metadata["xllm"]["chat_turn"] == 2
     state = shell.xllm_magics.state
@@ -201,13 +202,17 @@ def test_chat_keeps_the_conversation_and_new_starts_over(shell, xllm_server):
     with capture_output():
         shell.run_cell_magic("xllm", f"--new -m {TINY} -t 0 --max-tokens 4 --out answer", "Hi again")
     assert state.chat.turns == 1 and state.chat.system is None
+    assert received[-1] == [("user", "Hi again")]  # nothing of the old conversation
     assert shell.user_ns["answer"] == expected(xllm_server, "Hi again", 4)
 
 
 def test_terminal_ipython_prints_text(shell, xllm_server, capsys):
     # a plain InteractiveShell has no updatable displays: the answer is printed as it streams
-    shell.run_cell_magic("xllm", f"-m {TINY} -t 0 --max-tokens 5", "Say hi")
-    assert capsys.readouterr().out == expected(xllm_server, "Say hi", 5) + "\n"
+    shell.run_cell_magic("xllm", f"-m {TINY} {SAMPLED} --max-tokens 5", "Say hi")
+    assert capsys.readouterr().out == sampled(xllm_server, "Say hi", 5) + "\n"
+    # an answer of blank lines says so below them, as in a notebook
+    shell.run_cell_magic("xllm", f"-m {TINY} -t 0 --max-tokens 5", "connect the dots")
+    assert capsys.readouterr().out == expected(xllm_server, "connect the dots", 5) + "\n(the model returned only whitespace)\n"
     # an error before any text: only the error, no blank line on stdout above it
     shell.run_cell_magic("xllm", "-m no-such-model", "hi")
     out = capsys.readouterr()
@@ -216,16 +221,16 @@ def test_terminal_ipython_prints_text(shell, xllm_server, capsys):
 
 
 def test_a_line_question_may_end_in_a_question_mark(shell, xllm_server, capsys):
-    shell.run_cell(f"%xllm -m {TINY} -t 0 --max-tokens 2 What's the capital of France?")
+    shell.run_cell(f"%xllm -m {TINY} {SAMPLED} --max-tokens 2 What's the capital of France?")
     out = capsys.readouterr()
-    assert out.out == expected(xllm_server, "What's the capital of France?", 2) + "\n", out
+    assert out.out == sampled(xllm_server, "What's the capital of France?", 2) + "\n", out
     shell.run_cell(f"%xllm -m {TINY} --max-tokens 2 What's the capital of France?")  # sampled: only that it was asked
     out = capsys.readouterr()
     assert out.out.strip() and "not found" not in out.out and out.err == ""
     # inside a block, with {var} filled as for any line magic
     shell.user_ns["topic"] = "owls"
-    shell.run_cell(f"if True:\n    %xllm -m {TINY} -t 0 --max-tokens 2 Do you like {{topic}}?\n")
-    assert capsys.readouterr().out == expected(xllm_server, "Do you like owls?", 2) + "\n"
+    shell.run_cell(f"if True:\n    %xllm -m {TINY} {SAMPLED} --max-tokens 2 Do you like {{topic}}?\n")
+    assert capsys.readouterr().out == sampled(xllm_server, "Do you like owls?", 2) + "\n"
     # `%xllm?` alone is still IPython's help, and a %%xllm body is never rewritten
     shell.run_cell("%xllm?")
     assert "Ask the model" in capsys.readouterr().out

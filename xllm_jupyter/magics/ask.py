@@ -147,6 +147,8 @@ def ask(shell: Any, state: MagicState, q: Question) -> tuple[Answer, Any]:
         out.final(meta)
     elif not q.stream:
         print(repr(reply))
+    elif reply.note and not answer.interrupted:  # a terminal's streamed answer was printed: its note goes below
+        print(reply.note.strip("*"))
     return answer, value
 
 
