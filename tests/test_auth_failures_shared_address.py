@@ -187,3 +187,48 @@ def test_the_waiting_line_takes_requests_one_at_a_time_in_arrival_order():
     assert results == ["checked"] * PAST_CAP_WAITING + ["429", "429"]
     assert order == list(range(PAST_CAP_WAITING))
     assert limiter._lanes == {}  # nothing left behind
+
+
+def test_a_request_waiting_its_turn_does_not_hold_up_the_shutdown(tmp_path):
+    """Requests wait in ``prepare``, where Tornado does not watch their connection: closing it at shutdown did not
+    end them. The stop gave up on one after 5 s and cut its connection (with several waiting it waited for their
+    turns, 100 s apart here); they now get a 503 at once."""
+    pytest.importorskip("jupyterhub")
+    from tests.server_fixtures import loop_thread
+    from xllm_jupyter.engine.engine import Engine
+    from xllm_jupyter.hub.service import start_hub_service
+
+    hub, limit = Hub(), 4
+    config = _hub_config(tmp_path, limit=limit, window=400.0)
+    env = {"JUPYTERHUB_API_TOKEN": "service-token", "JUPYTERHUB_API_URL": "http://127.0.0.1:9/hub/api",
+           "JUPYTERHUB_SERVICE_URL": "http://127.0.0.1:0"}
+
+    async def setup() -> Any:
+        running = await start_hub_service(config, Engine(config.engine), env, port=0)
+        running.http_server.request_callback.settings["xllm_hub_auth"].user_for_token = (
+            lambda token, sync=True, **_: hub(token))
+        return running
+
+    with loop_thread(setup, "the hub service", 30) as (loop, running):
+        root = running.url + running.prefix.rstrip("/")
+        with httpx.Client(base_url=root, timeout=60) as loopback:
+            for i in range(limit):
+                assert loopback.get("/v1/models", headers=_via_proxy(f"guess-{i}")).status_code == 401
+        replies: list[Any] = []
+
+        def waiting() -> None:
+            with httpx.Client(base_url=root, timeout=60) as c:
+                try:
+                    replies.append(c.get("/v1/models", headers=_via_proxy("alice-token")))
+                except httpx.HTTPError as exc:
+                    replies.append(exc)
+
+        waiter = threading.Thread(target=waiting)
+        waiter.start()
+        waiter.join(2)
+        assert waiter.is_alive()  # waiting its turn (100 s away)
+        asyncio.run_coroutine_threadsafe(running.stop(), loop).result(30)  # was: until its turn
+        waiter.join(30)
+        assert len(replies) == 1 and isinstance(replies[0], httpx.Response), replies
+        assert replies[0].status_code == 503 and replies[0].json()["error"]["code"] == "overloaded"
+        assert len(hub.asked) == limit

@@ -35,7 +35,7 @@ from collections import OrderedDict
 from typing import Any, AsyncIterator, Callable, Iterable
 
 from ..core.config import AuthConfig
-from ..core.errors import RateLimited
+from ..core.errors import Overloaded, RateLimited
 
 log = logging.getLogger("xllm_jupyter.server")
 
@@ -105,6 +105,8 @@ class FailedAuthLimiter:
         self._table: OrderedDict[str, list[float]] = OrderedDict()
         # label -> [requests waiting in ``past_cap``, lock taking them one at a time in arrival order]
         self._lanes: dict[str, list[Any]] = {}
+        # set by ``close``: the server stops, requests still waiting their turn end now
+        self._closing = asyncio.Event()
         #: 429s answered so far (every refused request, not each address once)
         self.refused = 0
         # label -> [credential checks under way, event set when one ends] (``asking``)
@@ -182,11 +184,14 @@ class FailedAuthLimiter:
         try:
             async with lane[1]:
                 while True:
+                    if self._closing.is_set():
+                        raise Overloaded("The server is shutting down; retry in a moment.")
                     entry = self._live(client)
                     wait = entry[2] - self._clock() if entry is not None else 0.0
                     if wait <= 0:
                         break
-                    await asyncio.sleep(wait)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._closing.wait(), wait)
                 if entry is not None:
                     entry[2] = self._clock() + self.interval
                 yield
@@ -194,6 +199,18 @@ class FailedAuthLimiter:
             lane[0] -= 1
             if lane[0] == 0 and self._lanes.get(client) is lane:
                 del self._lanes[client]
+
+    async def close(self, timeout: float = 1.0) -> None:
+        """The server stops: requests waiting in ``past_cap`` get a 503 now; returns once they have (or ``timeout``).
+
+        They wait in a route's ``prepare``, where Tornado does not watch the connection: closing it at shutdown
+        would not end them, and the shutdown waited for each one's turn (up to ``PAST_CAP_WAITING`` intervals).
+        """
+        self._closing.set()
+        deadline = time.monotonic() + timeout
+        while self._lanes and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # their 503s, raised as they left, are written in the step after
 
     @contextlib.asynccontextmanager
     async def asking(self, client: str | None) -> AsyncIterator[None]:

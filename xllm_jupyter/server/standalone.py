@@ -17,7 +17,7 @@ from ..core.errors import ListenError, Overloaded
 from ..core.hosts import is_loopback
 from .app import make_app
 from .handlers import CONTEXT_KEY
-from .auth_failures import proxy_matcher
+from .auth_failures import FAILURES_KEY, proxy_matcher
 from .connections import ConnectionGuard, GuardedHTTPServer, default_max_connections
 from .head_limit import HARD_LIMIT
 
@@ -85,7 +85,11 @@ async def stop_http_server(http_server: HTTPServer, drain_seconds: float = DRAIN
     client seeing a cut connection.
     """
     http_server.stop()
-    context = getattr(http_server.request_callback, "settings", {}).get(CONTEXT_KEY)
+    settings = getattr(http_server.request_callback, "settings", {})
+    failures = settings.get(FAILURES_KEY)
+    if failures is not None:
+        await failures.close()  # requests waiting their turn past the failed-auth cap end now, not at their turn
+    context = settings.get(CONTEXT_KEY)
     if context is not None and not await _drained(context, drain_seconds, hurry):
         log.warning("closing %d request(s) still in flight", context.active)
     try:
