@@ -474,6 +474,13 @@ def test_option_values_and_prompts_reach_the_server_as_written(shell, received):
     # inside a function {name} is its local, as IPython's own expansion had it
     shell.run_cell("def about(thing):\n    %xllm -t 0 --max-tokens 2 Tell me about {thing} for $3\nabout('owls')")
     assert received[-1] == [("user", "Tell me about owls for $3")]
+    # a number from a variable (IPython's expansion gave these; the magic's own must too)
+    shell.user_ns.update(n=3, temp=0)
+    with capture_output() as cap:
+        shell.run_line_magic("xllm", "--max-tokens {n} -t {temp} --seed {n} Count to {n}")
+    assert cap.stderr == "" and received[-1] == [("user", "Count to 3")]
+    assert final(cap).metadata["xllm"]["parameters"] == {"temperature": 0.0, "max_tokens": 3}
+    assert final(cap).metadata["xllm"]["seed"] == 3
     shell.user_ns["chosen"] = TINY  # a command's {name} is filled too
     with capture_output() as cap:
         shell.run_line_magic("xllm", "use {chosen}")

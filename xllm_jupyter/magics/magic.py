@@ -17,7 +17,8 @@ from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class, needs_local_scope, no_var_expand
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
+from IPython.utils.process import arg_split
 
 from ..client.base import can_chat, listed
 from ..core.errors import ModelNotFound, XllmError
@@ -79,14 +80,15 @@ class XllmMagics(Magics):
                 self.commands.run(command)
                 return
             try:
-                args = parse_argstring(self.xllm, line)
+                # each word filled on its own: `-s {persona}` stays one value, `--max-tokens {n}` a number
+                args = self.xllm.parser.parse_args([interpolate(word, namespace) for word in arg_split(line)])
             except (UsageError, ValueError) as exc:  # argparse's usage problems, unbalanced quotes: keep them short
                 if cell is None and _meant_as_command(command, exc):
                     self.commands.run(command)
                     return
                 raise XllmError(str(exc).strip() or "bad options (see %xllm help)") from None
             try:
-                self._ask(args, cell, namespace)
+                self._ask(args, interpolate(cell or "", namespace))
             except ModelNotFound as exc:  # `-m nosuch`, a `use` model since removed: name what there is
                 raise XllmError(exc.message + self._chat_models()) from None
         except XllmError as exc:
@@ -107,18 +109,17 @@ class XllmMagics(Magics):
             return " — the server has no chat model: `%xllm pull smollm2` adds one"
         return f" — chat models: {listed(names)} (`%xllm use MODEL` picks one for this notebook)"
 
-    def _ask(self, args: Any, cell: str | None, namespace: dict[str, Any]) -> None:
+    def _ask(self, args: Any, body: str) -> None:
         for name in ("model", "system", "out"):  # `-s "You are a pirate."`: the value, not its quotes
             value = getattr(args, name)
             if value is not None:
-                setattr(args, name, interpolate(_unquoted(value), namespace))
+                setattr(args, name, _unquoted(value))
         if args.chat and args.new:
             raise XllmError("use --chat (continue) or --new (start over), not both")
         if args.out is not None and not (args.out.isidentifier() and not keyword.iskeyword(args.out)):
             raise XllmError(f"--out needs a variable name, not {args.out!r}")  # checked before asking: no wasted answer
         # words after %%xllm on the first line lead the cell body rather than being dropped
-        prompt = "\n".join(part for part in (" ".join(args.prompt), cell or "") if part.strip())
-        prompt = interpolate(prompt.strip(), namespace)
+        prompt = "\n".join(part for part in (" ".join(args.prompt), body) if part.strip()).strip()
         if not prompt:
             raise XllmError("nothing to ask — write the prompt in the cell body")
         d = self.state.defaults
