@@ -4,8 +4,9 @@ Per-token overhead is what limits small-model throughput, so the writer avoids w
 per chunk: one prebuilt JSON encoder, no flush while the next chunk is already
 waiting (several ready deltas leave in one write), at most one flush in flight, after
 the headers plain HTTP/1.1 chunks written straight to the IOStream (``direct_stream``)
-instead of ``RequestHandler.flush``'s futures, and a keepalive timer that only looks
-at a timestamp instead of wrapping every wait in a timeout.
+instead of ``RequestHandler.flush``'s futures (and, while the stream has nothing queued,
+straight to its socket: ``socket_sender``), and a keepalive timer that only looks at a
+timestamp instead of wrapping every wait in a timeout.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import types
 from typing import Any, AsyncIterator, Callable
 
 from tornado.http1connection import HTTP1Connection
-from tornado.iostream import StreamClosedError
+from tornado.iostream import IOStream, StreamClosedError
 from tornado.web import GZipContentEncoding, OutputTransform
 
 from .stalls import StallWatch
@@ -65,6 +66,24 @@ def direct_stream(handler: Any) -> Any:
         elif type(transform).transform_chunk is not OutputTransform.transform_chunk:
             return None
     return conn.stream
+
+
+def socket_sender(stream: Any) -> Callable[[bytes], int] | None:
+    """``stream``'s plain socket ``send``, when events may skip ``IOStream.write`` while nothing is queued; else None.
+
+    ``IOStream.write`` makes a Future per call and a done callback that the event loop runs
+    in a turn of its own: per token per stream, one more loop iteration, and (the loop polls
+    its selector each turn, releasing the GIL) one more GIL hand-off with a step thread that
+    is launching its kernels. With the stream's buffer empty, the same bytes can go to the
+    socket at once; what it does not take goes through ``IOStream.write`` as before.
+    Only a plain TCP ``IOStream`` (not TLS) whose byte counters are where this module
+    keeps them up to date (``stalls.bytes_sent`` reads them) qualifies.
+    """
+    if type(stream) is not IOStream or getattr(stream, "socket", None) is None:
+        return None
+    if not all(isinstance(getattr(stream, name, None), int) for name in ("_total_write_index", "_total_write_done_index")):
+        return None
+    return stream.socket.send
 
 
 @types.coroutine
@@ -118,6 +137,7 @@ class EventStreamWriter:
         self._dirty = False
         self._last = time.monotonic()
         self._direct: Any = None  # the IOStream once direct_stream() allows it (after the headers)
+        self._send: Callable[[bytes], int] | None = None  # its socket's send, when socket_sender() allows it
         self._direct_checked = False
         self._timer: asyncio.TimerHandle | None = None
         if keepalive_seconds > 0:
@@ -144,6 +164,8 @@ class EventStreamWriter:
         if not self._direct_checked:  # the first flush sent the headers: decided once
             self._direct_checked = True
             self._direct = direct_stream(self.handler)
+            if self._direct is not None:
+                self._send = socket_sender(self._direct)
 
     def _write_direct(self) -> None:
         """What ``flush`` would send, as one HTTP chunk straight to the stream."""
@@ -156,7 +178,22 @@ class EventStreamWriter:
         if stream.closed():
             self._mark_closed()
             return
-        fut = stream.write(b"%x\r\n%s\r\n" % (len(data), data))
+        chunk = b"%x\r\n%s\r\n" % (len(data), data)
+        send = self._send
+        if send is not None and not stream.writing():  # nothing queued before it: the socket first
+            try:
+                sent = send(chunk)
+            except BlockingIOError:
+                sent = 0
+            except OSError:  # the client is gone: IOStream.write below meets the error again and closes
+                sent = 0
+            # counted as IOStream counts what it sends (stalls.bytes_sent reads them; write futures compare them)
+            stream._total_write_index += sent
+            stream._total_write_done_index += sent
+            if sent == len(chunk):
+                return
+            chunk = chunk[sent:]
+        fut = stream.write(chunk)
         if stream.writing():  # the socket took only part: wait for the rest before the next write
             self._inflight = fut
             fut.add_done_callback(self._flushed)
