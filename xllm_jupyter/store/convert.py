@@ -7,6 +7,8 @@ loads in about a second. torch and transformers are imported only when convertin
 from __future__ import annotations
 
 import logging
+import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -102,14 +104,31 @@ def _convert(gguf_path: Path, out_dir: Path, report: Callable[[int], None]) -> s
         except AttributeError:  # a read-only property derived from hf_quantizer
             pass
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir))
-    tokenizer.save_pretrained(str(out_dir))
+    try:
+        model.save_pretrained(str(out_dir))
+        tokenizer.save_pretrained(str(out_dir))
+    except OSError:
+        raise  # the pull says what it was (a full disk: "Not enough disk space"), without paths
+    except Exception as exc:
+        raise _save_error(exc) from None
     template = getattr(tokenizer, "chat_template", None) or meta.get("tokenizer.chat_template")
     if template and not (out_dir / "chat_template.jinja").exists() and "chat_template" not in _tokenizer_config(out_dir):
         (out_dir / "chat_template.jinja").write_text(template, encoding="utf-8")
     del model
     report(CONVERT_STEPS)
     return template if isinstance(template, str) else None
+
+
+def _save_error(exc: Exception) -> Exception:
+    """What a failed save of the converted model raises: safetensors' writer reports a file system error (a full
+    disk) as a SafetensorError naming the OS error ("... (os error 28)"), which is that OSError again, so the pull
+    translates it as it does its own; anything else is a StoreError naming the error's type."""
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    if found is not None:
+        number = int(found.group(1))
+        return OSError(number, os.strerror(number))
+    log.warning("saving the converted GGUF model failed: %s", exc)
+    return StoreError(f"Could not save the converted GGUF model ({exc.__class__.__name__})")
 
 
 def _tokenizer_config(out_dir: Path) -> dict:
