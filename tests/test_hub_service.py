@@ -485,6 +485,25 @@ def test_a_user_cannot_read_list_update_or_delete_another_users_stored_chat_comp
         assert alice.chat.completions.delete(c.id).deleted
 
 
+def test_a_token_the_service_never_saw_is_served_from_an_address_a_guesser_capped(hub):
+    """Bob, behind the same NAT as alice (one client address), guesses tokens past the failed-auth cap; alice then
+    makes a new token at the real hub and calls from that address: it was a 429 until the window ended (the
+    service had never seen the token); now it is checked after the guesses ahead of it."""
+    limit = hub.context.config.auth.failed_auth_limit
+    nat = httpx.HTTPTransport(local_address="127.0.0.77")
+    with httpx.Client(base_url=hub.service_root, transport=nat, timeout=120) as shared:
+        for i in range(limit):
+            assert shared.get("/v1/models", headers={"Authorization": f"token bob-guess-{i:032x}"}).status_code == 401
+        with httpx.Client(base_url=hub.api, headers={"Authorization": f"token {ADMIN_TOKEN}"}, timeout=30) as admin:
+            r = admin.post("/users/alice/tokens", json={"scopes": ACCESS, "note": "new, behind the NAT"})
+            assert r.status_code == 201, r.text
+            fresh = r.json()["token"]
+        r = shared.get("/v1/models", headers={"Authorization": f"token {fresh}"})
+        assert r.status_code == 200, r.text
+        r = shared.get("/v1/models", headers={"Authorization": "token bob-guess-more"})
+        assert r.status_code == 401  # a guess is still refused, after its turn
+
+
 def test_the_response_cache_never_serves_one_user_anothers_answer(hub):
     cache = hub.context.serving.cache
     body = {"model": TINY, "messages": [{"role": "user", "content": "cache me"}], "max_tokens": 3, "temperature": 0}
