@@ -12,6 +12,7 @@ import asyncio
 from typing import Any
 
 from ..core.errors import InvalidModelName, InvalidRequest, ModelNotFound, ModelRemoved
+from ..core.slow_work import run_slow
 from ..store.names import validate_name
 from ..store.packaged import PACKAGED
 from .handlers import RequestMixin
@@ -49,7 +50,9 @@ async def remove_model(context: Any, model_id: str) -> dict[str, Any]:
     # it stops serving before its files go; requests it cuts hear that it is gone (a 404, as their retry would
     # get), not the 503 "retry" of a plain unload
     await engine.unload(name, ModelRemoved(name))
-    await asyncio.to_thread(store.rm, name)  # a concurrent removal got there first: ModelNotFound (404)
+    # (a concurrent removal got there first: ModelNotFound, 404.) The removal waits for the name's lock, which a pull
+    # of it holds for minutes: on the shared pool, a few such waits held every thread and stalled the whole server
+    await run_slow(store.rm, name)
     # a load under way when it was unloaded above may have registered since, from files now gone
     await engine.unload(name, ModelRemoved(name))
     return {"id": name, "object": "model", "deleted": True}

@@ -1,0 +1,50 @@
+"""``DELETE /v1/models/{id}`` of a model whose pull is under way waits for the pull on a slow-work thread.
+
+The removal takes the name's lock, which a pull holds for as long as it downloads or converts (minutes). It
+waited on asyncio's shared pool (``cpu_count + 4`` threads), which the whole server uses for short work: that
+many removals of a model being pulled (an admin's retries) held every thread, and chats with a loaded model
+stalled until the pull ended. Here the pull is another process's, as ``xllm pull`` in a terminal holds it: the
+name's lock file, locked.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+
+import httpx
+import openai
+
+from tests.server_fixtures import API_KEY, TINY, make_test_config, running_server
+from xllm_jupyter.store.atomic import FileLock
+from xllm_jupyter.store.names import name_to_dirname
+from xllm_jupyter.store.store import ModelStore
+
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+#: how long a chat may take with nothing else in the way (no timing is asserted; far above a tiny model's reply)
+PATIENCE = 60
+
+
+def test_removals_waiting_on_a_pull_leave_the_server_serving(tmp_path, tiny_llama_dir):
+    home = tmp_path / "home"
+    store = ModelStore(home)
+    for name in (TINY, "victim"):
+        store.pull(str(tiny_llama_dir), name)
+    waiting = min(32, (os.cpu_count() or 1) + 4)  # asyncio's default pool: one removal per thread, and one more
+    pulling = FileLock(store.locks / f"{name_to_dirname('victim')}.lock")
+    assert pulling.acquire(blocking=False)
+    with running_server(make_test_config(home), store, TINY) as info, \
+            concurrent.futures.ThreadPoolExecutor(waiting + 1) as pool:
+        try:
+            removals = [pool.submit(httpx.delete, f"{info.base_url}/models/victim", headers=HEADERS, timeout=300)
+                        for _ in range(waiting + 1)]
+            with openai.OpenAI(base_url=info.base_url, api_key=API_KEY, max_retries=0, timeout=PATIENCE) as c:
+                reply = c.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "hi"}],
+                                                  max_tokens=2)
+            assert reply.choices[0].message.content is not None
+            assert not any(r.done() for r in removals)  # all still waiting for the pull
+        finally:
+            pulling.release()  # the pull ends: the first removal removes it, the others find it gone
+        answers = sorted(r.result().status_code for r in removals)
+    assert answers == [200] + [404] * waiting, answers
+    assert [m.name for m in store.list()] == [TINY]
