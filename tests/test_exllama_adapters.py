@@ -90,6 +90,26 @@ def test_exllamav2_drafting_jobs_ask_for_the_window_exllamav2_holds_back():
     assert asked(4, 2000, 46, cache=65536, seq_len=2048) == 49
 
 
+def test_exllamav2_gets_room_for_the_last_token_and_the_whole_draft_window():
+    """exllamav2's logits buffer is ``max_q_size`` wide and a drafting step needs the last token and the window."""
+    from types import SimpleNamespace
+
+    from xllm_jupyter.backends.exllamav2 import check_limits, generator_kwargs
+
+    def q(**options):
+        return generator_kwargs(exllama_options(options), 2048, True, None)["max_q_size"]
+
+    assert q() == 8 and q(num_draft_tokens=8) == 8  # (not drafting)
+    assert q(ngram_draft=2, num_draft_tokens=7) == 8 and q(ngram_draft=2, num_draft_tokens=8) == 9
+    assert q(draft_model_path="/d", num_draft_tokens=8) == 9
+    config = SimpleNamespace(max_input_len=2048, max_seq_len=4096, max_batch_size=1)
+    check_limits(exllama_options({"ngram_draft": 2, "num_draft_tokens": 8, "max_batch_size": 227}), config, True)
+    with pytest.raises(EngineError, match="max_batch_size must be at most 227"):
+        check_limits(exllama_options({"ngram_draft": 2, "num_draft_tokens": 8, "max_batch_size": 228}), config, True)
+    with pytest.raises(EngineError, match="num_draft_tokens must be at most 8"):
+        check_limits(exllama_options({"ngram_draft": 2, "num_draft_tokens": 9}), config, True)
+
+
 @pytest.mark.parametrize(("paged", "window", "cache_tokens", "rope", "plan"), [
     (True, 0, 0, False, (2048, 2048, 65536)),  # no drafting: one context, as before
     (False, 0, 0, False, (2048, 2048, 2048)),

@@ -404,6 +404,22 @@ def test_exllamav3_serves_every_token_of_a_full_context(tiny_llama_dir, cache_to
     assert events[-1].completion_tokens == 40 and len([e for e in events if e.token_id is not None]) == 40
 
 
+@pytest.mark.parametrize("kind", ["exllamav2-paged", "exllamav2-unpaged"])
+@pytest.mark.parametrize("drafting", [{"ngram_draft": 2}, {"draft_model_path": "<model>"}], ids=["ngram", "draft-model"])
+def test_exllamav2_drafts_its_most_tokens_a_step(tiny_llama_dir, kind, drafting):
+    """``engine.num_draft_tokens`` at its most (8): exllamav2 0.3.2 checks only that the window fits its
+    ``max_q_size`` (8 by default), but a step feeds a job its last token and the window, 9 positions, into a logits
+    buffer 8 wide: every drafting step failed. The generator now gets a ``max_q_size`` of 9."""
+    require_kind(kind)
+    options = {k: (str(tiny_llama_dir) if v == "<model>" else v) for k, v in drafting.items()}
+    model = load(kind, tiny_llama_dir, num_draft_tokens=8, **options)
+    plain = generate(load(kind, tiny_llama_dir), range(100, 140), 24)
+    drafted = generate(model, range(100, 140), 24)
+    assert [e.token_id for e in drafted] == [e.token_id for e in plain] and drafted[-1].completion_tokens == 24
+    assert model.generator.num_draft_tokens == 8 and model.generator.logits_pinned.shape[1] == 9
+    assert model.details()["speculative"]["accepted"] > 0
+
+
 YARN = {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}}
 
 

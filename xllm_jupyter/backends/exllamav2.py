@@ -48,9 +48,11 @@ FORMATS = ("exl2", "gptq", "safetensors")
 #: exllamav2 quantizes its cache only symmetrically
 _CACHE_CLASSES = {None: "ExLlamaV2Cache", (8, 8): "ExLlamaV2Cache_Q8", (6, 6): "ExLlamaV2Cache_Q6",
                   (4, 4): "ExLlamaV2Cache_Q4"}
-#: tokens the generator may take per job and step (its ``max_q_size`` default: one sampled token and up
-#: to seven drafts); it caps ``num_draft_tokens``, and the batch through the model's input size
+#: tokens the generator takes per job and step at most (its ``max_q_size`` default, the width of its logits buffer:
+#: the last token and up to seven drafts); it bounds the batch through the model's input size (``q_size``)
 MAX_Q_SIZE = 8
+#: the most tokens drafted per step we let exllamav2 take (``engine.num_draft_tokens``)
+MAX_DRAFT_TOKENS = 8
 _warned_unpaged = False
 
 
@@ -372,21 +374,32 @@ def draft_window(exllamav2: Any, opts: ExllamaOptions, vocab_size: int) -> int:
     return 0
 
 
+def q_size(opts: ExllamaOptions) -> int:
+    """The generator's ``max_q_size`` for ``opts``: its default, or, drafting, the last token and the whole window.
+
+    exllamav2 0.3.2 checks only ``num_draft_tokens <= max_q_size``, but a drafting step feeds a job its last
+    token and the window, and copies their logits into a buffer ``max_q_size`` wide: 8 drafts in the default 8
+    failed every drafting step (a tensor size mismatch).
+    """
+    drafting = bool(opts.draft_model_path or opts.ngram_draft)
+    return max(MAX_Q_SIZE, opts.num_draft_tokens + 1) if drafting else MAX_Q_SIZE
+
+
 def check_limits(opts: ExllamaOptions, config: Any, paged: bool) -> None:
     """The generator's limits on drafting and batch, as EngineErrors that name the setting (before the weights load)."""
-    if (opts.draft_model_path or opts.ngram_draft) and opts.num_draft_tokens > MAX_Q_SIZE:
-        raise EngineError(f"engine.num_draft_tokens must be at most {MAX_Q_SIZE} on the exllamav2 backend")
+    if (opts.draft_model_path or opts.ngram_draft) and opts.num_draft_tokens > MAX_DRAFT_TOKENS:
+        raise EngineError(f"engine.num_draft_tokens must be at most {MAX_DRAFT_TOKENS} on the exllamav2 backend")
     # the model's input size, which loading clamps to the context; unpaged, the batch is one job
     max_input = min(int(config.max_input_len), int(config.max_seq_len)) * int(config.max_batch_size)
-    if paged and opts.max_batch_size * MAX_Q_SIZE > max_input:
-        raise EngineError(f"engine.max_batch_size must be at most {max_input // MAX_Q_SIZE} on the exllamav2 backend "
-                          f"with this model and context length")
+    if paged and opts.max_batch_size * q_size(opts) > max_input:
+        raise EngineError(f"engine.max_batch_size must be at most {max_input // q_size(opts)} on the exllamav2 "
+                          f"backend with this model, context length and num_draft_tokens")
 
 
 def generator_kwargs(opts: ExllamaOptions, ctx: int, paged: bool, draft: tuple[Any, Any] | None) -> dict[str, Any]:
     """``ExLlamaV2DynamicGenerator`` arguments besides model, cache and tokenizer."""
     return dict(
-        max_batch_size=opts.max_batch_size if paged else 1, max_seq_len=ctx, paged=paged,
+        max_batch_size=opts.max_batch_size if paged else 1, max_seq_len=ctx, paged=paged, max_q_size=q_size(opts),
         draft_model=draft[0] if draft else None, draft_cache=draft[1] if draft else None,
         num_draft_tokens=opts.num_draft_tokens, use_ngram_draft=bool(opts.ngram_draft) and not draft,
     )
