@@ -103,6 +103,8 @@ def run_cancellable(job: PullJob, work: Callable[[], T]) -> T:
             box["error"] = exc
         finally:
             done.set()
+            with _abandoned_lock:  # unwound: its files are gone, nothing is left for the exit to delete
+                _abandoned.discard(job)
 
     threading.Thread(target=context.run, args=(run,), name=f"xllm-pull-{job.name}", daemon=True).start()
     try:
@@ -127,7 +129,9 @@ def _leave(job: PullJob, done: threading.Event) -> None:
         return
     log.warning("the pull of %s stops at its next step; leaving it (its files are deleted then, or at exit)", job.name)
     with _abandoned_lock:
-        _abandoned.add(job)
+        # (one that ended meanwhile took itself out already; a server whose pulls' clients leave keeps no trace of each)
+        if not done.is_set():
+            _abandoned.add(job)
 
 
 @atexit.register
