@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -847,3 +848,31 @@ def test_import_libraries_without_the_library_or_a_gpu_is_false_and_never_raises
     monkeypatch.setattr(exllama_common, "cuda_available", lambda: False)
     for library in ("exllamav2", "exllamav3"):
         assert get_backend(library).import_libraries(spec) is False
+
+
+def test_imports_ahead_go_on_past_one_that_fails(tmp_path, monkeypatch):
+    """One module that does not import (llguidance missing, say) is the load's to report: the others, and the
+    tokenizer's, are still imported ahead, and the hook says it ran."""
+    from xllm_jupyter.backends import exllama_common
+    from xllm_jupyter.backends.exllamav2 import ExllamaV2Backend
+
+    (tmp_path / "site" / "exllamav2").mkdir(parents=True)
+    (tmp_path / "site" / "exllamav2" / "__init__.py").write_text("")
+    (tmp_path / "site" / "exllamav2" / "ext.py").write_text("")
+    (tmp_path / "site" / "xllm_probe_module.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(exllama_common, "cuda_available", lambda: True)
+    tokenizer_side = []
+    monkeypatch.setattr(exllama_common, "import_tokenizer_side", tokenizer_side.append)
+
+    class Backend(ExllamaV2Backend):
+        load_modules = ("xllm_no_such_module", "xllm_probe_module")
+
+    known = set(sys.modules)
+    try:
+        assert Backend().import_libraries(ModelSpec(name="m", path=tmp_path, format="exl2")) is True
+        assert "xllm_probe_module" in sys.modules and tokenizer_side == [tmp_path]
+    finally:  # the stand-in library leaves with its site
+        for name in set(sys.modules) - known:
+            if name.split(".")[0] in ("exllamav2", "xllm_probe_module"):
+                sys.modules.pop(name)

@@ -192,12 +192,13 @@ class ExllamaBackend(Backend):
 
         if not self.available() or not import_ahead(self.library):
             return False
-        try:
-            for module in self.load_modules:
-                importlib.import_module(module)
-            import_tokenizer_side(Path(spec.path))
-        except Exception:  # (the load reports whatever is wrong)
-            log.debug("no imports ahead of loading %s beyond %s", spec.name, self.library, exc_info=True)
+        # each on its own: one that fails (llguidance not installed, say) is the load's to report, not the others'
+        for step in [*(functools.partial(importlib.import_module, m) for m in self.load_modules),
+                     functools.partial(import_tokenizer_side, Path(spec.path))]:
+            try:
+                step()
+            except Exception:
+                log.debug("an import ahead of loading %s failed", spec.name, exc_info=True)
         return True
 
     def cache_bytes_estimate(self, spec: ModelSpec) -> int:
