@@ -90,6 +90,22 @@ def test_a_token_the_hub_service_never_saw_is_served_from_an_address_another_use
         assert loopback.get("/v1/models", headers=_via_proxy("alice-new-token")).status_code == 200
 
 
+def test_a_waiting_request_whose_client_left_gives_up_its_turn(tmp_path):
+    """A guesser cannot park requests in the line and leave: a request whose client closed its connection while it
+    waited is dropped unchecked (the hub is never asked), and the next in line gets the turn."""
+    pytest.importorskip("jupyterhub")
+    hub = Hub()
+    with running_hub_app(_hub_config(tmp_path), hub) as root, httpx.Client(base_url=root, timeout=60) as loopback:
+        for i in range(LIMIT):
+            assert loopback.get("/v1/models", headers=_via_proxy(f"bob-guess-{i}")).status_code == 401
+        for i in range(3):  # each waits for a turn 2 s away; its client gives up after 0.3 s
+            with pytest.raises(httpx.TimeoutException):
+                loopback.get("/v1/models", headers=_via_proxy(f"bob-parked-{i}"), timeout=0.3)
+        r = loopback.get("/v1/models", headers=_via_proxy("alice-new-token"))
+        assert r.status_code == 200, r.text
+        assert not [t for t in hub.tokens() if t.startswith("bob-parked")], hub.tokens()[LIMIT:]
+
+
 def test_the_hub_page_serves_a_new_token_from_a_capped_address_too(tmp_path):
     pytest.importorskip("jupyterhub")
     hub = Hub()

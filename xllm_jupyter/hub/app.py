@@ -29,7 +29,7 @@ from tornado.web import HTTPError, RequestHandler
 
 from ..core.config import XllmConfig
 from ..core.errors import AuthenticationError, Overloaded, PermissionDenied, RateLimited
-from ..server.auth_failures import FAILURES_KEY, FailedAuthLimiter
+from ..server.auth_failures import FAILURES_KEY, FailedAuthLimiter, connection_gone
 from ..server.edge import log_access
 from ..server.handlers import CONTEXT_KEY, NotFoundMixin, VerbDispatchMixin, XllmContext, admin_required
 from ..server.routes import build_routes, handler_class
@@ -138,7 +138,7 @@ class HubXllmHandler(VerbDispatchMixin, RequestHandler):
                 if token in known:
                     model = await auth.user_for_token(token, sync=False)
                 else:
-                    async with failures.past_cap(client):
+                    async with failures.past_cap(client, gone=lambda: connection_gone(self.request)):
                         model = await auth.user_for_token(token, sync=False)
                         if not model:
                             failures.failed(client)
@@ -227,7 +227,7 @@ class HubPageHandler(_NoBody, _HubAuthFromSettings, HubOAuthenticated, RequestHa
                         if not model:
                             failures.failed(client)
                 except RateLimited:
-                    async with failures.past_cap(client):  # its turn, as on the API routes
+                    async with failures.past_cap(client, gone=lambda: connection_gone(self.request)):  # as the API
                         model = await self.hub_auth.get_user(self, sync=False)
                         if not model:
                             failures.failed(client)

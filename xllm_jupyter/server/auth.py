@@ -26,7 +26,7 @@ from tornado.web import RequestHandler
 
 from ..core.errors import AuthenticationError, PermissionDenied, RateLimited
 from ..core.hosts import host_name, is_loopback
-from .auth_failures import FAILURES_KEY, FailedAuthLimiter
+from .auth_failures import FAILURES_KEY, FailedAuthLimiter, connection_gone
 from .edge import POLICY_KEY
 from .handlers import VerbDispatchMixin, admin_required, generates
 from .limits import LIMITS_KEY, Limiter
@@ -166,7 +166,7 @@ class ApiKeyHandler(VerbDispatchMixin, RequestHandler):
                 raise
             # the address is no proof of who calls (a NAT, a name a trusted proxy's clients can give): a right
             # key from it gets in after the guesses ahead of it, which pass no faster than the cap's rate
-            async with failures.past_cap(client):
+            async with failures.past_cap(client, gone=lambda: connection_gone(self.request)):
                 return self._identify(failures, client)
         return self._identify(failures, client)
 

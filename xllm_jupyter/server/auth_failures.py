@@ -31,7 +31,8 @@ import ipaddress
 import logging
 import math
 import time
-from collections import OrderedDict
+import socket
+from collections import OrderedDict, deque
 from typing import Any, AsyncIterator, Callable, Iterable
 
 from ..core.config import AuthConfig
@@ -88,6 +89,25 @@ def client_label(addr: str) -> str:
     return str(parsed)
 
 
+def connection_gone(request: Any) -> bool:
+    """True when the client of ``request`` (a Tornado HTTPServerRequest) has closed its connection.
+
+    For a request waiting in a route's ``prepare``, where Tornado does not watch the connection: a peek at the
+    socket sees the client's close once nothing it sent is left unread (a request without a body).
+    """
+    stream = getattr(getattr(request, "connection", None), "stream", None)
+    if stream is None:
+        return False
+    if stream.closed():
+        return True
+    try:
+        return stream.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False  # connected, nothing to read
+    except (OSError, AttributeError):
+        return True  # reset, or no socket left
+
+
 class FailedAuthLimiter:
     """Counts failed authentications per client address in fixed windows; refuses an address over the limit."""
 
@@ -103,7 +123,7 @@ class FailedAuthLimiter:
         # label -> [failures, window start, earliest next check once capped]; ordered by last failure, oldest
         # first (what is forgotten first)
         self._table: OrderedDict[str, list[float]] = OrderedDict()
-        # label -> [requests waiting in ``past_cap``, lock taking them one at a time in arrival order]
+        # label -> [tickets of the requests in ``past_cap``, in arrival order; event set whenever one leaves]
         self._lanes: dict[str, list[Any]] = {}
         # set by ``close``: the server stops, requests still waiting their turn end now
         self._closing = asyncio.Event()
@@ -162,10 +182,11 @@ class FailedAuthLimiter:
             raise self._refusal(entry)
 
     @contextlib.asynccontextmanager
-    async def past_cap(self, client: str | None) -> AsyncIterator[None]:
+    async def past_cap(self, client: str | None, gone: Callable[[], bool] | None = None) -> AsyncIterator[None]:
         """Around a credential check of a capped ``client``: one at a time, in arrival order, no sooner than
         ``interval`` after the address's last check or failure; RateLimited at once when ``PAST_CAP_WAITING``
-        of its requests already wait.
+        of its requests already wait, or when ``gone()`` says its client left while it waited (its turn passes
+        to the next one, unspent).
 
         An address is no proof of who is calling (users behind one NAT; on a one-host hub any kernel can name any
         address through the trusted loopback proxy), so a capped address's right credentials still get in: after
@@ -176,28 +197,35 @@ class FailedAuthLimiter:
             return
         lane = self._lanes.get(client)
         if lane is None:
-            lane = self._lanes[client] = [0, asyncio.Lock()]
+            lane = self._lanes[client] = [deque(), asyncio.Event()]  # tickets in arrival order, "moved"
         entry = self._live(client)
-        if lane[0] >= PAST_CAP_WAITING and entry is not None:
+        if len(lane[0]) >= PAST_CAP_WAITING and entry is not None:
             raise self._refusal(entry)
-        lane[0] += 1
+        ticket = object()
+        lane[0].append(ticket)
         try:
-            async with lane[1]:
-                while True:
-                    if self._closing.is_set():
-                        raise Overloaded("The server is shutting down; retry in a moment.")
-                    entry = self._live(client)
-                    wait = entry[2] - self._clock() if entry is not None else 0.0
-                    if wait <= 0:
-                        break
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._closing.wait(), wait)
-                if entry is not None:
-                    entry[2] = self._clock() + self.interval
-                yield
+            while True:
+                if self._closing.is_set():
+                    raise Overloaded("The server is shutting down; retry in a moment.")
+                if gone is not None and gone():
+                    raise RateLimited("The client left while its request waited for its turn.", retry_after=1)
+                entry = self._live(client)
+                due = entry[2] - self._clock() if entry is not None else 0.0
+                if lane[0][0] is ticket and due <= 0:
+                    break
+                # wake when the line moves, at this request's turn, or within a second to see whether its client left
+                moved = lane[1]
+                wait = min(1.0, due) if lane[0][0] is ticket else 1.0
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(moved.wait(), wait)
+            if entry is not None:
+                entry[2] = self._clock() + self.interval
+            yield
         finally:
-            lane[0] -= 1
-            if lane[0] == 0 and self._lanes.get(client) is lane:
+            lane[0].remove(ticket)
+            moved, lane[1] = lane[1], asyncio.Event()
+            moved.set()  # the next in line looks again
+            if not lane[0] and self._lanes.get(client) is lane:
                 del self._lanes[client]
 
     async def close(self, timeout: float = 1.0) -> None:
@@ -207,6 +235,8 @@ class FailedAuthLimiter:
         would not end them, and the shutdown waited for each one's turn (up to ``PAST_CAP_WAITING`` intervals).
         """
         self._closing.set()
+        for lane in list(self._lanes.values()):
+            lane[1].set()  # wake them now
         deadline = time.monotonic() + timeout
         while self._lanes and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -262,4 +292,4 @@ class FailedAuthLimiter:
             self._table.popitem(last=False)
 
 
-__all__ = ["FAILURES_KEY", "PAST_CAP_WAITING", "FailedAuthLimiter", "client_label", "proxy_matcher"]
+__all__ = ["FAILURES_KEY", "PAST_CAP_WAITING", "FailedAuthLimiter", "client_label", "connection_gone", "proxy_matcher"]
