@@ -87,6 +87,9 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
         self._loading: dict[str, asyncio.Future] = {}
         self._load_waiters: Counter[str] = Counter()  # requests awaiting each pending load
         self._unload_asks: Counter[str] = Counter()  # unloads asked for, by model (a load checks its files again)
+        # why a model was last unloaded with a reason (a removal), until a load registers it again: the waiters of a
+        # load it unloaded as it registered hear that reason too (loading.py, ``_load``)
+        self._unload_reasons: dict[str, XllmError] = {}
         self._gpu_loads = asyncio.Lock()  # GPU loads run one at a time (see _gpu_turn)
         self._created = int(time.time())
         self._started = False
@@ -230,6 +233,8 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
                 return await self.unload_adapter(name, reason)
             if name not in self._runners:
                 return False
+            if reason is not None:
+                self._unload_reasons[name] = reason
             await self._evict(name, reason)
             return True
         finally:

@@ -49,6 +49,7 @@ class LoadingMixin:
     _loading: dict[str, asyncio.Future]
     _load_waiters: Counter[str]  # requests awaiting each pending load (``_load``)
     _unload_asks: Counter[str]  # unloads asked for each model (``unload``): a pull or rm calls one after it
+    _unload_reasons: dict[str, Any]  # the Engine's: why a model was last unloaded with a reason (a removal)
     _room_waits: set[str]  # SwapMixin's: loads waiting for models in use to free room
     _defaults: dict[str, ModelfileDefaults]
     _embeddings: Any
@@ -155,7 +156,11 @@ class LoadingMixin:
                     pending.cancel()
         if self._adapters.get(name, name) not in self._runners:
             # unloaded between the load registering it and its waiters waking (its collection can take a second):
-            # a 503 to retry, as for a model unloaded under a running request, not a 404 "does not exist"
+            # a 503 to retry, as for a model unloaded under a running request, not a 404 "does not exist"; a
+            # removal's unload says it is gone, as it tells the requests it cut on the running model
+            reason = self._unload_reasons.get(name)
+            if reason is not None:
+                raise copy.copy(reason)  # (one instance raised in many requests would chain their tracebacks)
             raise Overloaded(f"The model '{name}' was unloaded as it finished loading; retry the request")
         return model
 
@@ -223,6 +228,7 @@ class LoadingMixin:
         runner = box.pop()
         self._defaults[name] = spec.defaults
         self._runners[name] = runner
+        self._unload_reasons.pop(name, None)  # (an earlier removal's: this load's waiters are not cut by it)
         # it serves from here on: readiness (/health/ready, /admin/stats' status) must not say "Still loading"
         # through the collection below, which walks the whole process (a JupyterLab's: a second or more)
         self._loading.pop(name, None)
