@@ -104,6 +104,8 @@ def connection_gone(request: Any) -> bool:
         return stream.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except (BlockingIOError, InterruptedError):
         return False  # connected, nothing to read
+    except ValueError:
+        return False  # a socket that takes no flags (TLS): cannot tell, so it waits its turn as before
     except (OSError, AttributeError):
         return True  # reset, or no socket left
 
