@@ -22,7 +22,7 @@ needs_smollm2 = pytest.mark.skipif(PACKAGED["smollm2"].locate() is None, reason=
 
 @pytest.fixture
 def small_fs(tmp_path):
-    """A factory: a mounted tmpfs of ``megabytes`` (unmounted at the end)."""
+    """A factory: a mounted tmpfs of ``megabytes`` (``.grow(path, megabytes)`` makes room; unmounted at the end)."""
     mounted: list[Path] = []
 
     def make(megabytes: int) -> Path:
@@ -34,6 +34,10 @@ def small_fs(tmp_path):
         mounted.append(where)
         return where
 
+    def grow(where: Path, megabytes: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={megabytes}m", str(where)], check=True)
+
+    make.grow = grow  # type: ignore[attr-defined]
     yield make
     for where in mounted:
         subprocess.run(["umount", "-l", str(where)], check=False)
@@ -59,3 +63,4 @@ def test_a_conversion_that_fills_the_disk_says_so(small_fs):
         store.pull("smollm2")
     assert info.value.message == "Not enough disk space in the model store"
     _left_nothing(store)
+

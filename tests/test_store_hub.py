@@ -12,6 +12,7 @@ from xllm_jupyter.store import ModelStore, PullProgress
 
 from .fake_hub import FakeHub
 from .helpers import dirs_in
+from .test_store_full_disk import small_fs  # noqa: F401 - a fixture
 
 REPO = "tiny-org/Tiny-Llama"
 
@@ -261,3 +262,16 @@ def test_a_cancelled_hub_pull_stops_mid_download_and_a_retry_resumes(store, hub,
     m = store.pull(f"hf:{REPO}")  # the files it completed stay in its staging directory for this retry
     assert_matches_source(m, tiny_llama_dir)
     assert len(hub.gets("model.safetensors")) == 1 and dirs_in(store.tmp) == []
+
+
+def test_a_download_that_fills_the_disk_says_so_and_resumes_once_there_is_room(small_fs, hub):  # noqa: F811
+    fs = small_fs(4)  # the tiny Llama's files are ~16 MB
+    store = ModelStore(fs / "home", endpoint=hub.url)
+    with pytest.raises(StoreError) as info:
+        store.pull(f"hf:{REPO}", "tiny")
+    assert info.value.message.startswith("Not enough disk space")  # (the Hub client's words for it)
+    assert store.list() == [] and dirs_in(store.models) == []
+    assert [d for d in dirs_in(store.tmp) if d.startswith("hub-")]  # what came down is kept for the retry
+    small_fs.grow(fs, 64)  # room made
+    assert store.pull(f"hf:{REPO}", "tiny").name == "tiny"
+    assert dirs_in(store.tmp) == [] and store.verify("tiny")
