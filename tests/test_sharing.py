@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 
 import pytest
@@ -81,9 +82,15 @@ async def test_a_full_queue_refuses_the_user_who_filled_it_not_the_others(tmp_pa
         await _run(engine, _req("a", "bob"))  # bob holds none of it: he is served, not refused
         with pytest.raises(Overloaded) as refused:
             await _run(engine, _req("a", "alice"))  # her fifth: past the queue, and she holds all of it
-        assert "4 of them yours" in refused.value.message and "limit is 4" in refused.value.message
-        with pytest.raises(Overloaded):
+        assert "(4 of its sequences are yours, and this request asks for 1 more)" in refused.value.message
+        with pytest.raises(Overloaded) as refused:
             await _run(engine, _req("a", "carol", n=3))  # more than an equal share (4 / 3 users) in one go
+        # carol learns her own figures (none held, 3 asked), not how many sequences alice has queued
+        assert re.findall(r"\d+", refused.value.message) == ["0", "3"], refused.value.message
+        assert refused.value.code == "overloaded"
+        with pytest.raises(Overloaded) as refused:
+            await _run(engine, _req("a", "carol", n=5))  # can never fit a queue of 4: says so, not "retry later"
+        assert "holds 4 sequences: a request for 5 never fits" in refused.value.message
         for task in flood:
             task.cancel()
         await asyncio.gather(*flood, return_exceptions=True)

@@ -326,8 +326,12 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
         mine = held.get(user, 0)
         if mine + n <= max(1, limit // len(held.keys() | {user})):
             return
-        raise Overloaded(f"The server is busy: the queue of model '{request.model}' is full ({total} sequences "
-                         f"running or waiting, {mine} of them yours; the limit is {limit}); retry later")
+        # the caller's own figures only: how busy the model is (the total) is other users' activity
+        if n > limit:
+            raise Overloaded(f"The queue of model '{request.model}' holds {limit} sequences: a request for {n} "
+                             f"never fits; ask for fewer (n)")
+        raise Overloaded(f"The server is busy: the queue of model '{request.model}' is full ({mine} of its sequences "
+                         f"are yours, and this request asks for {n} more); retry later")
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[ChoiceDelta | GenerationDone]:
         """Stream ``ChoiceDelta``s for every choice, then one ``GenerationDone`` (with ``params.prompt_logprobs``,
