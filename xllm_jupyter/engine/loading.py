@@ -187,7 +187,7 @@ class LoadingMixin:
         """
         for _ in range(LOAD_ATTEMPTS):
             asked = self._unload_asks[name]  # a pull or rm of the model from here on asks for its unload
-            spec = await asyncio.to_thread(self._resolve, name)
+            spec = await run_slow(self._resolve, name)  # (a first use pulls, or waits for a pull: off the shared pool)
             if spec.task == "embedding":
                 raise not_supported(name, "an embedding model: use /v1/embeddings")
             if spec.task == "adapter":  # a LoRA: attached to its (loaded once) base model
@@ -344,7 +344,7 @@ class LoadingMixin:
                 log.warning("model %s was re-pulled or removed while it loaded; loading it again from the store",
                             spec.name)
                 await self._embeddings.unload(spec.name)
-            spec = await asyncio.to_thread(self._resolve, spec.name)  # a removed model: ModelNotFound (404)
+            spec = await run_slow(self._resolve, spec.name)  # a removed model: ModelNotFound (404)
             if spec.task != "embedding":
                 raise not_supported(spec.name, "a chat model and cannot create embeddings")
         raise Overloaded(f"The model '{spec.name}' was replaced in the store each time it loaded; retry the request")

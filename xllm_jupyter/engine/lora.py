@@ -10,7 +10,6 @@ applies the adapter to that request's rows only.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,7 +52,7 @@ class AdapterMixin:
             raise InvalidRequest(f"The adapter '{spec.name}' does not name its base model; pull it again "
                                  "with a base model given", param="model")
         try:
-            base = await asyncio.to_thread(self._resolve, spec.base_model)  # type: ignore[attr-defined]
+            base = await run_slow(self._resolve, spec.base_model)  # type: ignore[attr-defined]
             if base.task == "adapter":
                 # adapters do not stack; found before loading, as the 503 "retry" its routing gave could never pass
                 raise InvalidRequest(f"The base model '{quoted(spec.base_model)}' of adapter '{spec.name}' is itself "
