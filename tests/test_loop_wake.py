@@ -73,3 +73,73 @@ def test_a_loop_in_debug_mode_gets_call_soon_threadsafe(monkeypatch):
         assert calls == [(print, ("x",))]
     finally:
         loop.close()
+
+
+async def test_the_waker_runs_posts_from_another_thread_in_order_whichever_way_they_woke_the_loop():
+    """A loop's waker is its one channel from the step thread: paced (GIL-keeping) and urgent posts run in the
+    order they were posted, on the loop's thread, those posted while a wake-up was pending included."""
+    from xllm_jupyter.engine.loop_wake import LoopWaker, waker_for
+
+    loop = asyncio.get_running_loop()
+    waker = waker_for(loop)
+    assert isinstance(waker, LoopWaker) and waker_for(loop) is waker  # one per loop
+    seen: list[tuple[int, bool]] = []
+    done = threading.Event()
+
+    def on_loop(i: int) -> None:
+        seen.append((i, threading.current_thread() is threading.main_thread()))
+        if i == 299:
+            done.set()
+
+    def post_all() -> None:
+        for i in range(300):
+            waker.post(on_loop, (i,), i % 3 != 0)
+            if i % 50 == 0:
+                time.sleep(0.01)  # the loop goes idle in between: later posts must wake it again
+
+    thread = threading.Thread(target=post_all)
+    thread.start()
+    await loop.run_in_executor(None, thread.join)
+    assert await loop.run_in_executor(None, done.wait, 20), "the loop did not run every post"
+    assert seen == [(i, True) for i in range(300)]
+
+
+def test_the_waker_of_a_closed_loop_refuses_and_its_pipe_is_closed_with_the_loop():
+    import gc
+    import os
+
+    from xllm_jupyter.engine.loop_wake import LoopWaker, waker_for
+
+    loop = asyncio.new_event_loop()
+
+    async def make() -> LoopWaker:
+        return waker_for(asyncio.get_running_loop())  # type: ignore[return-value]
+
+    waker = loop.run_until_complete(make())
+    fds = {fd: os.fstat(fd).st_ino for fd in (waker._r, waker._w)}  # noqa: SLF001
+    loop.close()
+    with pytest.raises(RuntimeError):
+        waker.post(print, ())
+    del waker, loop, make
+    gc.collect()
+    for fd, inode in fds.items():  # closed (or the number reused by something else since)
+        try:
+            assert os.fstat(fd).st_ino != inode
+        except OSError:
+            pass
+
+
+def test_a_waker_asked_for_off_the_loop_thread_uses_call_soon_threadsafe():
+    from xllm_jupyter.engine.loop_wake import ThreadsafeWaker, waker_for
+
+    loop = asyncio.new_event_loop()
+    try:
+        waker = waker_for(loop)  # not running here: add_reader would be unsafe, so no pipe of its own
+        assert isinstance(waker, ThreadsafeWaker)
+        ran = []
+        waker.post(ran.append, ("x",))
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+        assert ran == ["x"]
+    finally:
+        loop.close()

@@ -19,6 +19,7 @@ import collections
 from typing import TYPE_CHECKING, AsyncIterator
 
 from ..core.types import ChoiceDelta, GenerationDone, GenerationRequest
+from .loop_wake import waker_for
 
 if TYPE_CHECKING:
     from .runner import ModelRunner
@@ -44,6 +45,7 @@ class RequestHandle:
     def __init__(self, runner: "ModelRunner", loop: asyncio.AbstractEventLoop, request: GenerationRequest):
         self.runner = runner
         self.loop = loop
+        self.waker = waker_for(loop)  # how the engine thread reaches this loop (made here, on the loop's thread)
         self.request = request
         # a deque and one waiter instead of an asyncio.Queue: a step's items arrive together
         # and are read without a future (or Queue bookkeeping) per token

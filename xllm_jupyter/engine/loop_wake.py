@@ -1,4 +1,4 @@
-"""Handing a paced delivery to an event loop without giving the step thread's GIL away.
+"""Handing the step thread's deliveries to an event loop: few wake-ups, and the GIL kept where it helps.
 
 ``loop.call_soon_threadsafe`` wakes the loop by sending a byte on its self-pipe, and
 ``socket.send`` releases the GIL. The woken IOLoop takes it at once and keeps it while it
@@ -10,15 +10,26 @@ goes on launching and the IOLoop runs while the step waits on the device, which 
 the GIL anyway. Only paced deliveries go this way: a request's first delta, its end and its
 errors still wake the loop at once (time to first token).
 
+``LoopWaker`` (``waker_for``) does the same through a pipe of its own, which the runner uses
+for every delivery to a loop: the loop reads its self-pipe until it is empty (two ``recv``
+calls per wake-up, each releasing the GIL, each a hand-off the launching step thread pays
+for), where the waker's one read keeps the GIL; and while a wake-up is pending no second
+byte is written at all.
+
 It needs what ``call_soon_threadsafe`` itself uses of a selector event loop (``_call_soon``
-and the self-pipe ``_csock``) and a C ``write`` callable through ``ctypes.PyDLL``; anything
-else (another loop class, Windows) falls back to ``call_soon_threadsafe``.
+and the self-pipe ``_csock``; ``add_reader``) and C ``write``/``read`` callable through
+``ctypes.PyDLL``; anything else (another loop class, Windows) falls back to
+``call_soon_threadsafe``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import ctypes
+import os
+import threading
+import weakref
 from asyncio.selector_events import BaseSelectorEventLoop
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +47,20 @@ def _gil_keeping_write() -> Callable[[int, bytes, int], int] | None:
 
 
 _write = _gil_keeping_write()
+
+
+def _gil_keeping_read() -> Callable[[int, Any, int], int] | None:
+    """libc's ``read`` called with the GIL held (``PyDLL``); None where there is none."""
+    try:
+        read = ctypes.PyDLL(None).read
+    except (OSError, TypeError, AttributeError):
+        return None
+    read.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)
+    read.restype = ctypes.c_ssize_t
+    return read
+
+
+_read = _gil_keeping_read()
 
 
 def call_soon_threadsafe(loop: asyncio.AbstractEventLoop, callback: Callable[..., Any], *args: Any) -> None:
@@ -59,3 +84,121 @@ def call_soon_keeping_gil(loop: asyncio.AbstractEventLoop, callback: Callable[..
     # pipe (-1, EAGAIN: the socket is non-blocking) means a wake-up is pending already, as call_soon_threadsafe
     # ignores it too
     _write(csock.fileno(), b"\0", 1)
+
+
+class ThreadsafeWaker:
+    """Posts callbacks with ``call_soon_threadsafe`` (``keep_gil``: ``call_soon_keeping_gil``), for loops
+    ``LoopWaker`` cannot serve."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = weakref.ref(loop)  # (weak, as LoopWaker's)
+
+    def post(self, callback: Callable[..., Any], args: tuple, keep_gil: bool = False) -> None:
+        """Run ``callback(*args)`` on the loop soon; RuntimeError when the loop is closed."""
+        loop = self._loop()
+        if loop is None:
+            raise RuntimeError("Event loop is closed")
+        (call_soon_keeping_gil if keep_gil else call_soon_threadsafe)(loop, callback, *args)
+
+
+class LoopWaker:
+    """Runs callbacks posted from other threads on one selector event loop, in order, woken through its own pipe.
+
+    Made on the loop's thread (``add_reader``). ``post`` may be called from any thread; the
+    callbacks run on the loop in the order they were posted.
+    """
+
+    _BUF_SIZE = 4096
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = weakref.ref(loop)  # (weak: the loop is a key of _wakers, whose values must not keep it alive)
+        self._queue: collections.deque = collections.deque()
+        self._armed = False  # a wake-up byte is in the pipe (or about to be) and the loop has not run since
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self._buf = ctypes.create_string_buffer(self._BUF_SIZE)
+        weakref.finalize(self, _close_pipe, self._r, self._w)  # with the loop (its selector holds us until then)
+        loop.add_reader(self._r, self._run)
+
+    def post(self, callback: Callable[..., Any], args: tuple, keep_gil: bool = False) -> None:
+        """Run ``callback(*args)`` on the loop soon (``keep_gil``: wake it without releasing the GIL).
+
+        RuntimeError when the loop is closed, as ``call_soon_threadsafe`` raises.
+        """
+        loop = self._loop()
+        if loop is None or loop.is_closed():
+            raise RuntimeError("Event loop is closed")
+        self._queue.append((callback, args))  # before the check: the loop clears _armed before it empties the queue
+        if self._armed:
+            return  # the loop has yet to run for the byte already written: it takes this one too
+        self._armed = True
+        if keep_gil and _write is not None:
+            _write(self._w, b"\0", 1)  # -1 (a full pipe) means wake-ups are pending anyway
+            return
+        try:
+            os.write(self._w, b"\0")
+        except BlockingIOError:
+            pass
+        except OSError:  # the pipe is gone: the loop was closed meanwhile
+            raise RuntimeError("Event loop is closed") from None
+
+    def _run(self) -> None:
+        # runs on the loop: cleared first, so that a post from now on writes a byte of its own
+        self._armed = False
+        if _read is not None:
+            _read(self._r, self._buf, self._BUF_SIZE)  # (-1: EAGAIN, a byte some earlier run already took)
+        else:
+            try:
+                os.read(self._r, self._BUF_SIZE)
+            except BlockingIOError:
+                pass
+        queue = self._queue
+        for _ in range(len(queue)):  # what is there now; later posts have written their own byte
+            callback, args = queue.popleft()
+            try:
+                callback(*args)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                loop = self._loop()
+                if loop is not None:
+                    loop.call_exception_handler({"message": "Exception in a callback posted to the loop",
+                                                      "exception": exc})
+
+
+def _close_pipe(r: int, w: int) -> None:
+    for fd in (r, w):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+_wakers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopWaker | ThreadsafeWaker]" = weakref.WeakKeyDictionary()
+_wakers_lock = threading.Lock()
+
+
+def waker_for(loop: asyncio.AbstractEventLoop) -> LoopWaker | ThreadsafeWaker:
+    """The waker for ``loop`` (one per loop; call it on that loop's thread, where a ``LoopWaker`` is made)."""
+    with _wakers_lock:
+        waker = _wakers.get(loop)
+        if waker is None:
+            waker = _wakers[loop] = _new_waker(loop)
+    return waker
+
+
+def _new_waker(loop: asyncio.AbstractEventLoop) -> LoopWaker | ThreadsafeWaker:
+    """A ``LoopWaker`` for a running selector loop of this thread, else (or when it cannot be made) a ``ThreadsafeWaker``."""
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is not loop or not isinstance(loop, BaseSelectorEventLoop) or loop.get_debug() or loop.is_closed():
+        return ThreadsafeWaker(loop)
+    if os.name != "posix":  # Windows' select() takes sockets only, not a pipe
+        return ThreadsafeWaker(loop)
+    try:
+        return LoopWaker(loop)
+    except (OSError, NotImplementedError, ValueError):  # out of file descriptors, a selector without add_reader
+        return ThreadsafeWaker(loop)

@@ -37,7 +37,7 @@ from ..core.types import (
 )
 from .delivery import END, RequestHandle, coalesce, deliver_all, paced_interval
 from .fairness import FairnessPolicy, FairQueue
-from .loop_wake import call_soon_keeping_gil, call_soon_threadsafe
+from .loop_wake import LoopWaker, ThreadsafeWaker
 from .retirement import Retirement
 from .step_failures import StepFailures, constraint_failure, out_of_memory_error
 from .stops import StopMatcher
@@ -368,16 +368,15 @@ class ModelRunner(StepFailures, Retirement):
         """Hand every held item to its event loop, one call per loop (``quiet``: paced, see loop_wake.py)."""
         outbox, self._outbox = self._outbox, {}
         self._delivered_at = time.monotonic()
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        by_loop: dict[LoopWaker | ThreadsafeWaker, list] = {}  # per loop (its waker)
         for handle, items in outbox.items():
             if not items:
                 continue
             handle.started = True
-            by_loop.setdefault(handle.loop, []).append((handle, coalesce(items) if len(items) > 1 else items))
-        for loop, deliveries in by_loop.items():
+            by_loop.setdefault(handle.waker, []).append((handle, coalesce(items) if len(items) > 1 else items))
+        for waker, deliveries in by_loop.items():
             try:
-                wake = call_soon_keeping_gil if quiet else call_soon_threadsafe
-                wake(loop, deliver_all, deliveries)
+                waker.post(deliver_all, (deliveries,), quiet)
             except RuntimeError:  # the loop closed: its requests are gone
                 for handle, _ in deliveries:
                     self.cancel(handle.job_ids)
@@ -437,7 +436,7 @@ class ModelRunner(StepFailures, Retirement):
         items = self._outbox.pop(handle, None) or []
         items.append(exc)
         try:
-            handle.loop.call_soon_threadsafe(handle.deliver, items)
+            handle.waker.post(handle.deliver, (items,))  # (the loop's one channel: after what was delivered before)
         except RuntimeError:
             pass
 
