@@ -68,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="replace the model's steps with a GPU engine's CPU profile (benchmarks/gpu_like.py; "
                         "'default' or overrides such as 'launches=60,per_seq_us=210')")
     p.add_argument("--server-root", default=str(ROOT), help="checkout whose code the server process runs (e.g. a copy of the old code)")
+    p.add_argument("--baseline-root", help="a second server from this checkout (e.g. `git archive` of the old code), measured "
+                                           "in the same rounds as the first (mode 'baseline'): before/after in one run")
     p.add_argument("--serve", metavar="DIR", help=argparse.SUPPRESS)
     p.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -167,9 +169,11 @@ class ServerProcess:
 def thread_cpu(pid: int) -> dict[str, float]:
     """CPU seconds per thread of process ``pid`` ("main" = the IOLoop thread, "other" = the rest); {} off Linux.
 
-    Read from ``schedstat`` (nanoseconds on a CPU), fine enough for a 1-stream run.
+    Read from ``schedstat`` (nanoseconds on a CPU), fine enough for a 1-stream run; ``main_sys`` and
+    ``other_sys`` are the kernel's share of them (``stat``'s stime, in clock ticks: coarse).
     """
-    out = {"main": 0.0, "other": 0.0}
+    out = {"main": 0.0, "other": 0.0, "main_sys": 0.0, "other_sys": 0.0}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
@@ -177,9 +181,12 @@ def thread_cpu(pid: int) -> dict[str, float]:
     for tid in tids:
         try:
             ns = int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+            stime = int(Path(f"/proc/{pid}/task/{tid}/stat").read_text().rpartition(")")[2].split()[12])
         except (OSError, ValueError, IndexError):  # the thread ended meanwhile
             continue
-        out["main" if tid == str(pid) else "other"] += ns / 1e9
+        key = "main" if tid == str(pid) else "other"
+        out[key] += ns / 1e9
+        out[key + "_sys"] += stime / tick
     return out
 
 
@@ -196,7 +203,7 @@ async def server_level(server: ServerProcess, messages: list[dict], c: int, n: i
     if result["tokens"]:
         result["client_cpu_us_per_token"] = round(client_cpu / result["tokens"] * 1e6, 1)
     if before and after and result["tokens"]:
-        for k in ("main", "other"):
+        for k in ("main", "other", "main_sys", "other_sys"):
             result[f"cpu_us_per_token_{k}"] = round((after[k] - before[k]) / result["tokens"] * 1e6, 1)
     return result
 
@@ -221,6 +228,7 @@ async def measure(args: Namespace, path: Path, levels: list[int]) -> dict:
     spec = spec_of(path, top)
     server = ServerProcess(path, top, Path(args.server_root), args.stream_interval_ms)
     print(f"server pid {server.proc.pid} at {server.url}", file=sys.stderr, flush=True)
+    baseline = ServerProcess(path, top, Path(args.baseline_root), args.stream_interval_ms) if args.baseline_root else None
     engine = raw = None
     try:
         if not args.server_only:
@@ -239,6 +247,8 @@ async def measure(args: Namespace, path: Path, levels: list[int]) -> dict:
         modes = {
             "server": lambda c: server_level(server, messages, c, n),
         }
+        if baseline is not None:
+            modes["baseline"] = lambda c: server_level(baseline, messages, c, n)
         if not args.server_only:
             modes["raw"] = lambda c: asyncio.to_thread(cpu_serving.raw_level, raw, prompt_ids, c, n)
             modes["engine"] = lambda c: cpu_serving.inprocess_level(engine, MODEL, messages, c, n)
@@ -254,7 +264,7 @@ async def measure(args: Namespace, path: Path, levels: list[int]) -> dict:
             row = {"streams": c, **{m: cpu_serving.best(r) for m, r in runs.items()}, "runs": runs}
             if "raw" in row:
                 raw_rate = row["raw"]["aggregate_tok_s"]
-                for m in ("engine", "server"):
+                for m in ("engine", "server", "baseline")[: 3 if baseline is not None else 2]:
                     row[f"{m}_ratio"] = round(row[m]["aggregate_tok_s"] / raw_rate, 3)
                     row[f"{m}_overhead_us_per_token"] = overhead_us(row[m]["aggregate_tok_s"], raw_rate)
             print(json.dumps({**{k: v for k, v in row.items() if k != "runs"}, "all": {m: [x["aggregate_tok_s"] for x in r] for m, r in runs.items()}}), file=sys.stderr, flush=True)
@@ -262,13 +272,17 @@ async def measure(args: Namespace, path: Path, levels: list[int]) -> dict:
         env = cpu_serving.environment(engine, MODEL) if not args.server_only else {}
     finally:
         server.stop()
+        if baseline is not None:
+            baseline.stop()
         if raw is not None:
             raw.unload()
         if engine is not None:
             await engine.stop()
     return {"params": {"prompt_tokens": prompt_tokens, "max_tokens": n, "temperature": 0, "ignore_eos": True,
                        "levels": levels, "repeats": args.repeats, "endpoint": "/v1/chat/completions",
-                       "client": "sse_load (raw sockets)", "model": "gpu-like stand-in" if args.gpu_like else "tiny Llama"},
+                       "client": "sse_load (raw sockets)", "model": "gpu-like stand-in" if args.gpu_like else "tiny Llama",
+                       "stream_interval_ms": args.stream_interval_ms,
+                       **({"baseline_root": args.baseline_root} if args.baseline_root else {})},
             "env": env, "levels": rows}
 
 
@@ -295,7 +309,29 @@ def markdown(results: dict) -> str:
                          f"{r['server']['aggregate_tok_s']:.0f} | {r['engine_ratio']:.3f} | {r['server_ratio']:.3f} | "
                          f"{r['server_overhead_us_per_token']} | {r['server'].get('cpu_us_per_token_main')} / {r['server'].get('cpu_us_per_token_other')} | {r['server'].get('client_cpu_us_per_token')} | {r['raw']['ttft_p50_ms']} / {r['engine']['ttft_p50_ms']} / {r['server']['ttft_p50_ms']} |")
         lines.append("")
+        if any("baseline" in r for r in report["levels"]):
+            lines += baseline_table(report)
     return "\n".join(lines)
+
+
+def baseline_table(report: dict) -> list[str]:
+    """The baseline server (``--baseline-root``) beside this run's server, measured in the same rounds."""
+    lines = [f"Baseline server: `{report['params'].get('baseline_root')}`, in the same rounds (best of each). "
+             "CPU µs/token: all / of it in the kernel (clock ticks, coarse).", "",
+             "| streams | baseline tok/s | server tok/s | server/baseline | baseline/raw | server/raw "
+             "| IOLoop CPU baseline / server | engine thread CPU baseline / server | per-round server/baseline |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def cpu(run: dict, key: str) -> str:
+        return f"{run.get(f'cpu_us_per_token_{key}')} ({run.get(f'cpu_us_per_token_{key}_sys')})"
+
+    for r in report["levels"]:
+        b, s = r["baseline"], r["server"]
+        rounds = " ".join(f"{x['aggregate_tok_s'] / y['aggregate_tok_s']:.3f}" for x, y in zip(r["runs"]["server"], r["runs"]["baseline"]))
+        lines.append(f"| {r['streams']} | {b['aggregate_tok_s']:.0f} | {s['aggregate_tok_s']:.0f} | "
+                     f"{s['aggregate_tok_s'] / b['aggregate_tok_s']:.3f} | {r['baseline_ratio']:.3f} | {r['server_ratio']:.3f} | "
+                     f"{cpu(b, 'main')} / {cpu(s, 'main')} | {cpu(b, 'other')} / {cpu(s, 'other')} | {rounds} |")
+    return lines + [""]
 
 
 def main(argv: list[str] | None = None) -> int:
