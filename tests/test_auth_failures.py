@@ -211,3 +211,42 @@ def test_the_hub_page_counts_and_caps_guessed_tokens_too(hub_service):
         with pytest.raises(httpx.TimeoutException):  # past the cap: its turn comes window / limit later
             guesser.get(page, headers={"Authorization": "token page-guess-next"}, follow_redirects=False, timeout=2)
         assert len(hub_service.asked) == asked  # the hub was not asked meanwhile
+
+
+def test_an_address_guessing_past_the_cap_gets_no_fresh_burst_when_its_window_ends():
+    """Past the cap its guesses pass one every window / limit; a fresh window's ``limit`` at once on top of that
+    doubled the cap's rate (counted on a real ``xllm serve``, limit 3 / 6 s, 30 s: 25 guesses against 15 when a
+    capped address was refused outright). The window after one with guesses past the cap starts capped."""
+    from xllm_jupyter.core.errors import RateLimited
+
+    clock = Clock()
+    lim = _limiter(clock, failed_auth_limit=3, failed_auth_window_seconds=6.0)  # one every 2 s past the cap
+    for _ in range(3):
+        lim.check("10.0.0.1")
+        lim.failed("10.0.0.1")  # its burst: capped
+    for _ in range(2):  # the line's checks, 2 s apart (``past_cap``)
+        clock.now += 2
+        lim.failed("10.0.0.1")
+    clock.now += 2.5  # the next window: still capped, its checks still 2 s apart
+    with pytest.raises(RateLimited):
+        lim.check("10.0.0.1")
+    assert lim._live("10.0.0.1")[2] == clock.now - 0.5  # noqa: SLF001 - the line's next turn, kept
+    lim.failed("10.0.0.1")  # one guess past the cap in this window too
+    clock.now += 6
+    with pytest.raises(RateLimited):
+        lim.check("10.0.0.1")  # so the one after is capped as well
+    clock.now += 6  # a whole window with no guess past the cap: afresh
+    lim.check("10.0.0.1")
+    lim.failed("10.0.0.1")
+    lim.check("10.0.0.1")
+
+
+def test_an_address_that_only_reached_the_cap_starts_afresh_after_a_quiet_gap():
+    clock = Clock()
+    lim = _limiter(clock, failed_auth_limit=3, failed_auth_window_seconds=6.0)
+    for _ in range(4):
+        lim.failed("10.0.0.1")  # one past the cap
+    clock.now += 12.5  # its window and the whole next one passed: nothing carried
+    lim.check("10.0.0.1")
+    lim.failed("10.0.0.1")
+    lim.check("10.0.0.1")

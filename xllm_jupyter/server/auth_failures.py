@@ -2,9 +2,10 @@
 
 After ``auth.failed_auth_limit`` requests from one client address carried credentials
 that matched nothing within ``auth.failed_auth_window_seconds``, the address is capped until
-the window ends: its credentials are checked one request at a time, at most one every
-``window / limit`` seconds (3 s by default), each request waiting its turn (``past_cap``), and
-a request that finds ``PAST_CAP_WAITING`` of the address's requests already waiting gets 429
+the window ends (the window after it too when it kept guessing past the cap, so that it averages
+no more than the limit a window, as when it was refused outright): its credentials are checked
+one request at a time, at most one every ``window / limit`` seconds (3 s by default), each
+request waiting its turn (``past_cap``), and a request that finds ``PAST_CAP_WAITING`` of the address's requests already waiting gets 429
 ``rate_limit_exceeded`` with a ``Retry-After`` without its credentials being looked at. A key
 guesser gets no more than one more guess each such interval (on the hub service no faster to
 the hub's API); another caller behind the same address (a NAT, or an address a trusted proxy's
@@ -160,12 +161,28 @@ class FailedAuthLimiter:
         return client_label(peer)
 
     def _live(self, client: str) -> list[float] | None:
-        """``client``'s entry while its window lasts (an ended one is dropped: the address starts afresh)."""
+        """``client``'s entry while its window lasts (an ended one is dropped: the address starts afresh, unless
+        ``_next_window`` keeps it capped)."""
         entry = self._table.get(client)
-        if entry is not None and entry[1] + self.window - self._clock() <= 0:
-            del self._table[client]
-            entry = None
+        if entry is not None:
+            now = self._clock()
+            if entry[1] + self.window - now <= 0 and self._next_window(entry, now) is None:
+                del self._table[client]
+                entry = None
         return entry
+
+    def _next_window(self, entry: list[float], now: float) -> list[float] | None:
+        """``entry`` moved on to the window after its ended one, capped, when the address guessed past the cap in
+        the ended one (more failures than the limit) and ``now`` is in that next window; else None (afresh).
+
+        A fresh window gave such an address ``limit`` guesses at once on top of the line's one every ``interval``:
+        twice the cap's rate for as long as it kept guessing. Kept capped, it gets one every ``interval``, which is
+        ``limit`` a window; a window with no guess past the cap ends it.
+        """
+        if entry[0] > self.limit and now - entry[1] < 2 * self.window:
+            entry[0], entry[1] = self.limit, entry[1] + self.window  # entry[2] kept: the line's spacing goes on
+            return entry
+        return None
 
     def _refusal(self, entry: list[float]) -> RateLimited:
         self.refused += 1
@@ -281,7 +298,9 @@ class FailedAuthLimiter:
             return
         now = self._clock()
         entry = self._table.pop(client, None)
-        if entry is None or now - entry[1] >= self.window:
+        if entry is not None and now - entry[1] >= self.window:
+            entry = self._next_window(entry, now)
+        if entry is None:
             entry = [0, now, now]
         entry[0] += 1
         entry[2] = now + self.interval  # once capped, the next check waits this long (``past_cap``)
