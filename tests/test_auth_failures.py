@@ -163,6 +163,12 @@ def test_config_keys_from_the_environment_and_the_hub_trusts_its_loopback_proxy(
     assert default.auth.failed_auth_limit > 0 and default.auth.trusted_proxies == ()
     with pytest.raises(ConfigError, match="failed_auth_limit"):
         load_config(env={"XLLM_HOME": str(tmp_path), "XLLM_AUTH_FAILED_AUTH_LIMIT": "-1"})
+    for endless in ("inf", "nan", "1e999"):  # an endless window made every capped request a 500 (Retry-After)
+        with pytest.raises(ConfigError, match="failed_auth_window_seconds.*finite"):
+            load_config(env={"XLLM_HOME": str(tmp_path), "XLLM_AUTH_FAILED_AUTH_WINDOW_SECONDS": endless})
+    (tmp_path / "endless.yaml").write_text("auth:\n  failed_auth_window_seconds: .inf\n")
+    with pytest.raises(ConfigError, match="failed_auth_window_seconds.*finite"):
+        load_config(tmp_path / "endless.yaml", env={"XLLM_HOME": str(tmp_path)})
     pytest.importorskip("jupyterhub")
     from xllm_jupyter.hub.service import load_hub_config
 

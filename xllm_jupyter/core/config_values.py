@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import ConfigError
@@ -81,6 +82,9 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
 def in_range(section: str, key: str, value: float) -> float:
     """``value`` if it is inside the key's bounds, else a ConfigError naming the key."""
     low, high = _RANGES.get((section, key), (None, None))
+    if not math.isfinite(value):  # YAML's .inf/.nan, "inf" from the environment: NaN passed every bound check,
+        # and an infinite failed-auth window made each capped request a 500 (math.ceil of its Retry-After)
+        raise ConfigError(f"Invalid value for config key '{section}.{key}': must be a finite number")
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise ConfigError(f"Invalid value for config key '{section}.{key}': must be {bounds}")
