@@ -485,3 +485,41 @@ def test_option_values_and_prompts_reach_the_server_as_written(shell, received):
     with capture_output() as cap:
         shell.run_line_magic("xllm", "use {chosen}")
     assert cap.outputs[-1].data["text/plain"] == f"Using {TINY} for %%xllm in this notebook"
+
+
+class _Record:
+    """A notebook object whose property counts its reads, and one whose property raises."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    @property
+    def title(self) -> str:
+        self.reads += 1
+        return f"read {self.reads}"
+
+    @property
+    def broken(self) -> str:
+        raise RuntimeError("the property failed")
+
+
+def test_a_lines_names_are_filled_once_per_word_and_never_raise(shell, received):
+    """The line was filled whole before its shape was judged, then word by word for the question: a property ran
+    twice per prompt, one that raised came out of the magic as a traceback, and `config system={persona}` was split
+    into words, missed `config`'s shape and went to the model as a prompt."""
+    shell.user_ns.update(obj=_Record(), persona="You are a terse pirate.")
+    with capture_output() as cap:
+        shell.run_line_magic("xllm", "-t 0 --max-tokens 2 Tell me about {obj.title}")
+    assert cap.stderr == "" and received[-1] == [("user", "Tell me about read 1")]
+    assert shell.user_ns["obj"].reads == 1
+    with capture_output() as cap:  # left as written, as a body that is not a template is
+        shell.run_line_magic("xllm", "-t 0 --max-tokens 2 What is {obj.broken} worth?")
+    assert cap.stderr == "" and received[-1] == [("user", "What is {obj.broken} worth?")]
+    with capture_output() as cap:
+        shell.run_cell_magic("xllm", "-t 0 --max-tokens 2", "And {obj.broken}?")
+    assert cap.stderr == "" and received[-1] == [("user", "And {obj.broken}?")]
+    asked = len(received)
+    with capture_output() as cap:
+        shell.run_line_magic("xllm", "config system={persona} max_tokens=2")
+    assert cap.stderr == "" and len(received) == asked  # a command, nothing asked
+    assert shell.xllm_magics.state.defaults.system == "You are a terse pirate."

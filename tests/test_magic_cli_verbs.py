@@ -124,6 +124,7 @@ def test_every_verb_is_a_command_only_in_its_shape():
     """`help`, `use`, `connect`... won over any prompt that began with them: "help me write a haiku" showed the help,
     "use a metaphor to explain recursion" tried to switch the model."""
     commands = ["", "help", "help use", "help hub-service", "use", f"use {TINY}", "use no-such-model", "use smollm2:latest",
+                "use HuggingFaceTB/SmolLM2-135M-Instruct", "show hf.co/org/repo:Q4_K_M",
                 "list", "ps", "status", "load tiny", "unload tiny", "rm tiny", "load", "config",
                 "config temperature=0 'system=Be terse, please.'", "connect", "connect http://127.0.0.1:8900/v1",
                 "connect 127.0.0.1:8900", "connect localhost:8900 --token", "connect --token sk-x", "connect https://hub/xllm",
@@ -155,6 +156,10 @@ def test_well_formed_verb_lines_keep_their_behaviour(shell):
     cap = run(shell, "use no-such-model")  # one model-name-shaped word: a command, which says the name is unknown
     assert cap.stderr == ("xllm: the server has no model 'no-such-model' (see `%xllm list`, or `%xllm pull`) "
                           "(to ask the model this instead: `%xllm -- use no-such-model`)\n"), cap.stderr
+    assert cap.outputs == []
+    # a pull's source is no store name, but the line means `use`: it was asked of the model
+    cap = run(shell, "use HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert cap.stderr.startswith("xllm: the server has no model 'HuggingFaceTB/SmolLM2-135M-Instruct' (see `%xllm list`")
     assert cap.outputs == []
     assert shown(run(shell, "help use")) == "%xllm use [MODEL]                       default model for this notebook (no MODEL: show it)"
     assert shown(run(shell, "pull --help")).startswith("%xllm pull SOURCE [--name N]")

@@ -42,7 +42,8 @@ def interpolate(text: str, namespace: Mapping[str, Any]) -> str:
         return text
     try:
         return text.format_map(_KeepUnknown(namespace))
-    except (ValueError, IndexError, KeyError, AttributeError, TypeError):
-        # Unbalanced braces, "{}" or "{0}", a bad attribute: the body is not meant as a
-        # template (e.g. code), so send it untouched rather than fail the cell.
+    except Exception:
+        # Unbalanced braces, "{}" or "{0}", a bad attribute, a property that raises: the text is not meant as a
+        # template (e.g. code) or cannot be filled, so send it untouched rather than fail the cell (as IPython's
+        # own expansion of a magic's line did)
         return text

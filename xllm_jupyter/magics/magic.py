@@ -12,6 +12,7 @@ import keyword
 import logging
 import math
 import re
+import shlex
 from argparse import ArgumentTypeError
 from typing import Any
 
@@ -73,17 +74,16 @@ class XllmMagics(Magics):
     def xllm(self, line: str, cell: str | None = None, local_ns: dict[str, Any] | None = None) -> None:
         """Ask the model (``{var}`` is filled from the notebook), or run ``%xllm <command>`` (``%xllm help``)."""
         namespace = {**(self.shell.user_ns if self.shell else {}), **(local_ns or {})}
-        # a command's `{name}` is filled before its shape is judged: `%xllm use {model}` is a `use` line
-        command = interpolate(line, namespace)
         try:
-            if cell is None and is_command(command):
+            command = None if cell is not None else _command_line(line, namespace)
+            if command is not None and is_command(command):
                 self.commands.run(command)
                 return
             try:
                 # each word filled on its own: `-s {persona}` stays one value, `--max-tokens {n}` a number
                 args = self.xllm.parser.parse_args([interpolate(word, namespace) for word in arg_split(line)])
             except (UsageError, ValueError) as exc:  # argparse's usage problems, unbalanced quotes: keep them short
-                if cell is None and _meant_as_command(command, exc):
+                if command is not None and _meant_as_command(command, exc):
                     self.commands.run(command)
                     return
                 raise XllmError(str(exc).strip() or "bad options (see %xllm help)") from None
@@ -138,6 +138,23 @@ class XllmMagics(Magics):
         answer, value = ask(self.shell, self.state, question)
         if args.out and not (question.fmt == "json" and value is None and not answer.interrupted):
             self.shell.user_ns[args.out] = value
+
+
+def _command_line(line: str, namespace: dict[str, Any]) -> str | None:
+    """A ``%xllm`` line as a command would read it, each word's ``{name}`` filled; None when no verb starts it.
+
+    Each word is filled after the line is split, as an option value of a question is: `config system={persona}`
+    stays one setting however many words the persona has (filled first, it was split and went to the model as a
+    prompt). A line that starts with no verb is a prompt, so its `{name}` is filled once, by the question (a
+    property with side effects ran twice). A line with an open quote is left as written: only its error is shown.
+    """
+    try:
+        words = shlex.split(line)
+    except ValueError:
+        return line
+    if words and words[0] not in SHAPES:
+        return None
+    return shlex.join(interpolate(word, namespace) for word in words)
 
 
 def _unquoted(value: str) -> str:

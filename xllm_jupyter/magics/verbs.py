@@ -14,8 +14,10 @@ from dataclasses import dataclass
 
 from .session import CONFIG_KEYS
 
-#: `name` or `name:tag`, as the store spells model names (README); nothing with spaces, quotes or `?`
-MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(:[A-Za-z0-9._-]+)?")
+#: `name` or `name:tag`, as the store spells model names (README); nothing with spaces, quotes or `?`. A `/` is
+#: taken too: `use HuggingFaceTB/SmolLM2-135M-Instruct` (a pull's source, not the name it was stored under) is meant
+#: as a command, and its error names `%xllm list`, where the model went to the model as a prompt
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*(:[A-Za-z0-9._-]+)?")
 #: what `pull` takes: a packaged name, a Hugging Face repo id or URL, a path (a quoted one may hold spaces); one word
 #: with `?` or a quote in it is prose ("pull Bob's?")
 _SOURCE = re.compile(r"[^\s?'\"]+|[~./][^?]*")
