@@ -30,6 +30,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -213,7 +214,7 @@ def overhead_us(rate: float, ceiling: float) -> float | None:
     return round((1 / rate - 1 / ceiling) * 1e6, 1) if rate and ceiling else None
 
 
-async def measure(args: Namespace, path: Path, levels: list[int]) -> dict:
+async def measure(args: Namespace, path: Path, levels: list[int], command: str = "") -> dict:
     """Every mode at every level; the server runs in a child process throughout."""
     import torch
 
@@ -281,7 +282,7 @@ async def measure(args: Namespace, path: Path, levels: list[int]) -> dict:
     return {"params": {"prompt_tokens": prompt_tokens, "max_tokens": n, "temperature": 0, "ignore_eos": True,
                        "levels": levels, "repeats": args.repeats, "endpoint": "/v1/chat/completions",
                        "client": "sse_load (raw sockets)", "model": "gpu-like stand-in" if args.gpu_like else "tiny Llama",
-                       "stream_interval_ms": args.stream_interval_ms,
+                       "stream_interval_ms": args.stream_interval_ms, "command": command,
                        **({"baseline_root": args.baseline_root} if args.baseline_root else {})},
             "env": env, "levels": rows}
 
@@ -301,6 +302,7 @@ def markdown(results: dict) -> str:
                   f"{p.get('model', 'tiny Llama')}, client {p.get('client', 'httpx (one process)')}; "
                   f"{p['prompt_tokens']}-token prompt, {p['max_tokens']} new tokens, greedy, ignore_eos, best of {p['repeats']}; "
                   f"{e.get('cpus')} CPUs, torch {e.get('torch')} ({e.get('torch_threads')} thread); {e.get('date')}, commit {e.get('commit')}.", "",
+                  *([f"`{p['command']}`", ""] if p.get("command") else []),
                   "| streams | raw tok/s | engine tok/s | server tok/s | engine/raw | server/raw | server overhead µs/token "
                   "| server CPU µs/token IOLoop / engine thread | client CPU µs/token | TTFT p50 raw / engine / server (ms) |",
                   "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -344,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpu_like:
         os.environ[GPU_LIKE_ENV] = args.gpu_like
     path = tiny_model(Path(args.model_dir))
-    report = asyncio.run(measure(args, path, levels))
+    command = "python benchmarks/stream_overhead.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    report = asyncio.run(measure(args, path, levels, command))
     if args.server_only:
         return 0
     out = Path(args.out)
