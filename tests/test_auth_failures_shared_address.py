@@ -106,6 +106,33 @@ def test_a_waiting_request_whose_client_left_gives_up_its_turn(tmp_path):
         assert not [t for t in hub.tokens() if t.startswith("bob-parked")], hub.tokens()[LIMIT:]
 
 
+def test_a_waiting_request_whose_client_left_with_its_body_unread_gives_up_its_turn_too(tmp_path):
+    """The same with POSTs whose body the server has not read yet (it waits in ``prepare``): a peek at the
+    socket sees the body, not the close, so such parked guesses kept their turns and the hub was asked."""
+    pytest.importorskip("jupyterhub")
+    import select
+    import socket
+    from urllib.parse import urlsplit
+
+    if not hasattr(select, "POLLRDHUP"):
+        pytest.skip("POLLRDHUP is Linux's")
+    hub = Hub()
+    with running_hub_app(_hub_config(tmp_path), hub) as root, httpx.Client(base_url=root, timeout=60) as loopback:
+        for i in range(LIMIT):
+            assert loopback.get("/v1/models", headers=_via_proxy(f"bob-guess-{i}")).status_code == 401
+        url = urlsplit(root)
+        body = b"x" * 100_000  # more than Tornado reads with the head (64 KiB): the rest stays in the socket
+        for i in range(3):
+            with socket.create_connection((url.hostname, url.port)) as s:
+                s.sendall(f"POST {url.path.rstrip('/')}/v1/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                          f"Authorization: token bob-parked-{i}\r\nX-Forwarded-For: {SHARED}\r\n"
+                          f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+                time.sleep(0.3)  # waiting its turn 2 s away; then its client gives up
+        r = loopback.get("/v1/models", headers=_via_proxy("alice-new-token"))
+        assert r.status_code == 200, r.text
+        assert not [t for t in hub.tokens() if t.startswith("bob-parked")], hub.tokens()[LIMIT:]
+
+
 def test_the_hub_page_serves_a_new_token_from_a_capped_address_too(tmp_path):
     pytest.importorskip("jupyterhub")
     hub = Hub()

@@ -31,8 +31,9 @@ import contextlib
 import ipaddress
 import logging
 import math
-import time
+import select
 import socket
+import time
 from collections import OrderedDict, deque
 from typing import Any, AsyncIterator, Callable, Iterable
 
@@ -48,6 +49,8 @@ FAILURES_KEY = "xllm_auth_failures"
 PAST_CAP_WAITING = 8
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# poll()'s "peer closed its end" event (Linux); 0 where the platform has none
+_RDHUP = getattr(select, "POLLRDHUP", 0) if hasattr(select, "poll") else 0
 
 
 def _networks(entries: Iterable[str]) -> tuple[_Network, ...]:
@@ -93,14 +96,25 @@ def client_label(addr: str) -> str:
 def connection_gone(request: Any) -> bool:
     """True when the client of ``request`` (a Tornado HTTPServerRequest) has closed its connection.
 
-    For a request waiting in a route's ``prepare``, where Tornado does not watch the connection: a peek at the
-    socket sees the client's close once nothing it sent is left unread (a request without a body).
+    For a request waiting in a route's ``prepare``, where Tornado does not watch the connection. On Linux
+    ``POLLRDHUP`` sees the client's close (or half-close) even while part of its body is still unread in the
+    socket; elsewhere a peek at the socket sees it only once nothing it sent is left unread.
     """
     stream = getattr(getattr(request, "connection", None), "stream", None)
     if stream is None:
         return False
     if stream.closed():
         return True
+    if _RDHUP:
+        # the peer's close, seen even behind a body still unread in the socket (a guesser's parked POSTs), TLS too
+        try:
+            poller = select.poll()
+            poller.register(stream.socket.fileno(), select.POLLIN | _RDHUP)
+            events = poller.poll(0)
+        except (OSError, AttributeError, ValueError):
+            return True  # no socket left
+        if events and events[0][1] & (_RDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL):
+            return True
     try:
         return stream.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except (BlockingIOError, InterruptedError):
