@@ -523,3 +523,16 @@ def test_a_lines_names_are_filled_once_per_word_and_never_raise(shell, received)
         shell.run_line_magic("xllm", "config system={persona} max_tokens=2")
     assert cap.stderr == "" and len(received) == asked  # a command, nothing asked
     assert shell.xllm_magics.state.defaults.system == "You are a terse pirate."
+
+
+def test_quoted_option_values_of_every_option_lose_their_quotes(shell, received):
+    """Only -m, -s and -o lost the quotes IPython keeps: `-f "json"` was an invalid choice, `-t '0.5'` and
+    `--max-tokens '3'` not numbers."""
+    with capture_output() as cap:
+        shell.run_line_magic("xllm", "-f 'text' -t '0' --max-tokens \"3\" --seed '5' Say hi")
+    assert cap.stderr == "" and received[-1] == [("user", "Say hi")]
+    meta = cap.outputs[-1].metadata["xllm"]
+    assert meta["format"] == "text" and meta["parameters"] == {"temperature": 0.0, "max_tokens": 3} and meta["seed"] == 5
+    with capture_output() as cap:
+        shell.run_line_magic("xllm", "--max-tokens 'three' Say hi")
+    assert cap.stderr == "xllm: argument --max-tokens: invalid int value: \"'three'\"\n"

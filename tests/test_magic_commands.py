@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import getpass
+import io
 import os
 import threading
 from types import SimpleNamespace
@@ -168,7 +170,10 @@ def test_which_lines_are_commands_and_which_are_prompts(shell):
     assert cap.stderr == "" and cap.outputs[-1].metadata["xllm"]["model"] == TINY
 
 
-def test_command_errors_are_one_line(shell, tmp_path):
+def test_command_errors_are_one_line(shell, tmp_path, monkeypatch):
+    # getpass as it reads a closed stdin (EOFError); not the /dev/tty it tries first, where a test would wait
+    monkeypatch.setattr("getpass.getpass", getpass.fallback_getpass)
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
     cases = {
         "use no-such-model": "xllm: the server has no model 'no-such-model'",
         "load no-such-model": "xllm: The model 'no-such-model' does not exist",
@@ -183,11 +188,18 @@ def test_command_errors_are_one_line(shell, tmp_path):
         "--temperature=-inf hi": "xllm: argument -t/--temperature: expected a number, got '-inf'",
         f"pull {tmp_path / 'nothing-here'}": "xllm: ",
         "pull 'unclosed": "xllm: cannot parse the command",
+        # a prompt's word that looks like an option: the line says how to ask it
+        "what does ls -la do": "xllm: unrecognized arguments: -la do (`%xllm help` lists the options; a prompt with "
+                               "words that start with `-`: `%xllm -- PROMPT`)",
     }
     for line, start in cases.items():
         cap = run(shell, line)
         assert cap.stderr.startswith(start), (line, cap.stderr)
         assert cap.stderr.count("\n") == 1 and "Traceback" not in cap.stderr, (line, cap.stderr)
+    # a closed stdin (a terminal IPython fed from a pipe) was "unexpected error (EOFError)" after getpass's prompt
+    cap = run(shell, "connect http://127.0.0.1:9/v1 --token")
+    assert cap.stderr.endswith("xllm token: xllm: this frontend cannot ask for the token: set XLLM_API_KEY, or call "
+                               "xllm_jupyter.connect(URL, token) with the token from a variable\n"), cap.stderr
 
 
 def test_config_sets_defaults_for_cells(shell, own_tiny_server):

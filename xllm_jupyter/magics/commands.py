@@ -300,7 +300,7 @@ class Commands:
 
             try:
                 token = getpass.getpass("xllm token: ") or None
-            except StdinNotImplementedError:  # nbconvert, voila, a kernel run with allow_stdin=False
+            except (StdinNotImplementedError, EOFError):  # nbconvert, voila, allow_stdin=False; a terminal's closed stdin
                 raise XllmError("this frontend cannot ask for the token: set XLLM_API_KEY, or call "
                                 "xllm_jupyter.connect(URL, token) with the token from a variable") from None
         if args.url is None and args.token is None:

@@ -33,15 +33,30 @@ from .verbs import SHAPES, is_command, split
 log = logging.getLogger("xllm_jupyter.magics")
 
 
+def _unquoted(value: str) -> str:
+    """An option's value without the quotes around it: IPython splits the line keeping them (``'"You are terse"'``)."""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
+
+
 def _finite(text: str) -> float:
     """``-t``'s value: a finite number (``float`` takes "nan" and "inf", which no request can carry)."""
     try:
-        value = float(text)
+        value = float(_unquoted(text))
     except ValueError:
         value = math.nan
     if not math.isfinite(value):
         raise ArgumentTypeError(f"expected a number, got {text!r}")
     return value
+
+
+def _whole(text: str) -> int:
+    """``--max-tokens``' and ``--seed``'s value: an integer, quoted or not (``--max-tokens '3'``)."""
+    try:
+        return int(_unquoted(text))
+    except ValueError:
+        raise ArgumentTypeError(f"invalid int value: {text!r}") from None
 
 
 @magics_class
@@ -62,11 +77,11 @@ class XllmMagics(Magics):
     @argument("-m", "--model", help="Model name (default: %%xllm use / XLLM_MODEL, else a loaded chat model, else the server's default).")
     @argument("-s", "--system", help="System prompt.")
     @argument("-t", "--temperature", type=_finite, help="Sampling temperature (0 = greedy).")
-    @argument("--max-tokens", type=int, help="Most tokens to generate.")
-    @argument("-f", "--format", choices=FORMATS, help="How to show the answer: markdown (default), code, json (constrained and validated) or text.")
+    @argument("--max-tokens", type=_whole, help="Most tokens to generate.")
+    @argument("-f", "--format", type=_unquoted, choices=FORMATS, help="How to show the answer: markdown (default), code, json (constrained and validated) or text.")
     @argument("-o", "--out", metavar="VAR", help="Also store the answer in this variable (json: the parsed value; code: the code).")
     @argument("--no-stream", action="store_true", help="Show the answer once it is complete.")
-    @argument("--seed", type=int, help="Sampling seed (default: a random one, recorded in the output's metadata).")
+    @argument("--seed", type=_whole, help="Sampling seed (default: a random one, recorded in the output's metadata).")
     @argument("--chat", action="store_true", help="Continue this notebook's conversation.")
     @argument("--new", action="store_true", help="Start a new conversation with this cell (continue it with --chat).")
     @argument("prompt", nargs="*", help="Prompt (line magic); in %%xllm it leads the cell body.")
@@ -86,7 +101,10 @@ class XllmMagics(Magics):
                 if command is not None and _meant_as_command(command, exc):
                     self.commands.run(command)
                     return
-                raise XllmError(str(exc).strip() or "bad options (see %xllm help)") from None
+                message = str(exc).strip() or "bad options (see %xllm help)"
+                if "unrecognized arguments" in message:  # `%xllm what does ls -la do?`: a prompt's word, not an option
+                    message += " (`%xllm help` lists the options; a prompt with words that start with `-`: `%xllm -- PROMPT`)"
+                raise XllmError(message) from None
             try:
                 self._ask(args, interpolate(cell or "", namespace))
             except ModelNotFound as exc:  # `-m nosuch`, a `use` model since removed: name what there is
@@ -155,13 +173,6 @@ def _command_line(line: str, namespace: dict[str, Any]) -> str | None:
     if words and words[0] not in SHAPES:
         return None
     return shlex.join(interpolate(word, namespace) for word in words)
-
-
-def _unquoted(value: str) -> str:
-    """An option's value without the quotes around it: IPython splits the line keeping them (``'"You are terse"'``)."""
-    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-        return value[1:-1]
-    return value
 
 
 def _meant_as_command(line: str, problem: Exception) -> bool:
