@@ -151,6 +151,15 @@ def test_forwarded_for_is_read_only_from_trusted_proxies():
     assert _limiter(Clock()).client(_request("127.0.0.1", ["192.0.2.9"])) == "127.0.0.1"  # none trusted by default
 
 
+def test_a_proxy_that_writes_the_clients_port_does_not_make_each_connection_a_fresh_client():
+    """Some proxies write ``ip:port`` hops: each guess from a new source port was a new client with its own cap."""
+    lim = _limiter(Clock(), trusted_proxies=("127.0.0.1",))
+    assert lim.client(_request("127.0.0.1", ["6.6.6.6, 192.0.2.9:50123"])) == "192.0.2.9"
+    assert lim.client(_request("127.0.0.1", ["[2001:db8::1]:50123"])) == "2001:db8::/64"
+    assert lim.client(_request("127.0.0.1", ["192.0.2.9, 127.0.0.1:4444"])) == "192.0.2.9"  # our proxy, with a port
+    assert client_label("::ffff:192.0.2.9") == client_label("192.0.2.9") == "192.0.2.9"
+
+
 def test_config_keys_from_the_environment_and_the_hub_trusts_its_loopback_proxy(tmp_path):
     from xllm_jupyter.core.errors import ConfigError
 

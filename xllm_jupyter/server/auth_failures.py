@@ -75,8 +75,15 @@ def proxy_matcher(entries: Iterable[str]) -> Callable[[str], bool]:
 
 
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    text = text.strip()
+    # a proxy that writes the client's port too (1.2.3.4:5678, [2001:db8::1]:5678): a port per connection
+    # must not make a fresh client of each one
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]
     try:
-        addr = ipaddress.ip_address(text.strip().split("%")[0])
+        addr = ipaddress.ip_address(text.split("%")[0])
     except ValueError:
         return None
     mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:1.2.3.4 is the IPv4 client 1.2.3.4
