@@ -13,6 +13,7 @@ turns, so it waits for one turn of a big batch, not for the whole batch (tokeniz
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +72,8 @@ class EmbeddingHost:
         self._loader = loader
         self.slots: dict[str, EmbeddingSlot] = {}
         self._loading: dict[str, asyncio.Future] = {}
+        self._loads: set[asyncio.Task] = set()  # the loads' own tasks (a task nobody references may be collected)
+        self.stopped: XllmError | None = None  # set by stop(): what a request waiting for a load (or asking one) gets
 
     def _load_sync(self, spec: ModelSpec) -> Any:
         if self._loader is not None:
@@ -89,33 +92,53 @@ class EmbeddingHost:
         return name in self._loading
 
     async def load(self, spec: ModelSpec) -> EmbeddingSlot:
-        """The slot for ``spec``, loading the model on a worker thread if needed."""
+        """The slot for ``spec``, loading the model on a worker thread if needed.
+
+        The load is a task no request owns, as a chat model's is: a client that leaves mid-load cancels its own
+        wait, not the load the other requests wait for; ``stop()`` fails the waits at once (a thread cannot be
+        stopped: what it loads after that is unloaded, never served by a stopped engine).
+        """
         slot = self.slots.get(spec.name)
         if slot is not None:
             return slot
         pending = self._loading.get(spec.name)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        pending = asyncio.get_running_loop().create_future()
-        self._loading[spec.name] = pending
+        if pending is None:
+            if self.stopped is not None:
+                raise copy.copy(self.stopped)  # (one instance raised in many requests would chain their tracebacks)
+            pending = asyncio.get_running_loop().create_future()
+            self._loading[spec.name] = pending
+            task = asyncio.ensure_future(self._load_into(spec, pending))
+            self._loads.add(task)
+            task.add_done_callback(self._loads.discard)
+        return await asyncio.shield(pending)
+
+    async def _load_into(self, spec: ModelSpec, pending: asyncio.Future) -> None:
+        """Load ``spec`` on a worker thread and register its slot, settling ``pending`` (unless ``stop()`` did:
+        then the model is unloaded)."""
         freezes = gc_freeze.freezes()
         try:
             model = await run_slow(self._load_sync, spec)  # (may wait for another load: not the shared pool)
-            slot = EmbeddingSlot(model)
-            self.slots[spec.name] = slot
-            pending.set_result(slot)
-            log.info("loaded embedding model %s (%d dimensions)", spec.name, model.dimension)
-        except BaseException as exc:
-            pending.set_exception(exc)
-            pending.exception()  # concurrent waiters re-raise it themselves
-            if isinstance(exc, Exception):  # (not a cancel: the engine stops, its loop may be going)
-                await run_slow(gc_freeze.release_after_failed_load, exc, freezes)
-            raise
+        except Exception as exc:
+            if not pending.done():
+                pending.set_exception(exc)
+                pending.exception()  # concurrent waiters re-raise it themselves
+            await run_slow(gc_freeze.release_after_failed_load, exc, freezes)
+            return
         finally:
-            self._loading.pop(spec.name, None)
+            if self._loading.get(spec.name) is pending:
+                self._loading.pop(spec.name, None)
+        if pending.done():  # the engine stopped while it loaded: its waiters heard why, and nothing serves it
+            log.info("embedding model %s finished loading after the engine stopped; unloading it", spec.name)
+            await run_slow(model.unload)
+            del model
+            await asyncio.to_thread(gc_freeze.release)
+            return
+        slot = EmbeddingSlot(model)
+        self.slots[spec.name] = slot
+        pending.set_result(slot)
+        log.info("loaded embedding model %s (%d dimensions)", spec.name, model.dimension)
         # the load's garbage goes; the model stays unfrozen, so its unload needs no full collection (gc_freeze.py)
         await asyncio.to_thread(gc_freeze.tidy)
-        return slot
 
     async def embed(self, slot: EmbeddingSlot, inputs: Sequence[str] | Sequence[Sequence[int]],
                     tokenize: Callable[..., Any] | None = None) -> EmbeddingResult:
@@ -184,7 +207,13 @@ class EmbeddingHost:
         await asyncio.to_thread(gc_freeze.release, full)  # (frozen cycles: only a collection that unfreezes finds them)
         return True
 
-    async def stop(self) -> None:
-        """Unload every embedding model."""
+    async def stop(self, reason: XllmError | None = None) -> None:
+        """Unload every embedding model; requests waiting for a load under way fail with ``reason`` now (default:
+        a 503 to retry), as do later ones."""
+        self.stopped = reason or Overloaded("The engine was stopped; retry the request later")
+        for pending in list(self._loading.values()):
+            if not pending.done():
+                pending.set_exception(copy.copy(self.stopped))
+                pending.exception()  # (each waiter re-raises it itself)
         for name in list(self.slots):
             await self.unload(name)

@@ -118,6 +118,7 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
         """Start serving; preloads the models named in ``config.preload``."""
         self._started = True
         self._stopped = None
+        self._embeddings.stopped = None  # (a restarted engine loads embedding models again)
         self._start_reaper()
         # the process's start-up (imports, config, handlers) lives as long as it does: out of the full collections.
         # Before the preloads, not after: a freeze then caught their models, whose unloads then had to walk every
@@ -153,7 +154,7 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
         self._runners.clear()
         self._res.clear()
         await asyncio.gather(*(run_slow(r.shutdown, reason=reason) for r in runners))
-        await self._embeddings.stop()
+        await self._embeddings.stop(self._stopped)  # (its loads under way too: their requests get the same error)
         self._prompts.close()
         self._started = False
 
