@@ -238,9 +238,10 @@ class HubPageHandler(_NoBody, _HubAuthFromSettings, HubOAuthenticated, RequestHa
                 model = await self.hub_auth.get_user(self, sync=False)
                 if token and not model:  # revoked: past the cap it is a guess again, as on the API routes
                     known.discard(token)
-        except RateLimited as exc:  # answered here: an HTTPError's page would drop the Retry-After header
-            self.set_status(429)
-            self.set_header("Retry-After", str(int(exc.retry_after)))
+        except (RateLimited, Overloaded) as exc:  # answered here: an HTTPError's page would drop the Retry-After
+            # header, and anything else raised (the shutdown's Overloaded for a request waiting its turn) is a 500
+            self.set_status(exc.status)
+            self.set_header("Retry-After", str(int(getattr(exc, "retry_after", 1))))
             self.set_header("Content-Type", "text/plain; charset=utf-8")
             self.finish(exc.message + "\n")
             return
