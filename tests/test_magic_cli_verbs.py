@@ -124,7 +124,8 @@ def test_every_verb_is_a_command_only_in_its_shape():
     """`help`, `use`, `connect`... won over any prompt that began with them: "help me write a haiku" showed the help,
     "use a metaphor to explain recursion" tried to switch the model."""
     commands = ["", "help", "help use", "help hub-service", "use", f"use {TINY}", "use no-such-model", "use smollm2:latest",
-                "use HuggingFaceTB/SmolLM2-135M-Instruct", "show hf.co/org/repo:Q4_K_M",
+                "use HuggingFaceTB/SmolLM2-135M-Instruct", "show hf.co/org/repo:Q4_K_M", "use {no_such_variable}",
+                "show {m.name}", "config {setting}",
                 "list", "ps", "status", "load tiny", "unload tiny", "rm tiny", "load", "config",
                 "config temperature=0 'system=Be terse, please.'", "connect", "connect http://127.0.0.1:8900/v1",
                 "connect 127.0.0.1:8900", "connect localhost:8900 --token", "connect --token sk-x", "connect https://hub/xllm",
@@ -133,7 +134,7 @@ def test_every_verb_is_a_command_only_in_its_shape():
                 "pull https://huggingface.co/org/repo", "pull hf.co/org/repo", "pull --help", "use -h",
                 "status --help"]
     prompts = ["help me write a haiku about rain", "help?", "use a metaphor to explain recursion", "use tiny?",
-               "list three colours", "status of the project", "connect the dots", "connect everything",
+               "list three colours", "list {things}", "use {} or {0}", "status of the project", "connect the dots", "connect everything",
                "config files in yaml", "load the data from a csv", "pull yourself together", "rm -rf explained",
                "ps I love you", "help help me", "pull Bob's", "pull strings?", "-- help", "-- use tiny", "-t 0.5 use a metaphor"]
     assert [line for line in commands if not is_command(line)] == []
@@ -160,6 +161,10 @@ def test_well_formed_verb_lines_keep_their_behaviour(shell):
     # a pull's source is no store name, but the line means `use`: it was asked of the model
     cap = run(shell, "use HuggingFaceTB/SmolLM2-135M-Instruct")
     assert cap.stderr.startswith("xllm: the server has no model 'HuggingFaceTB/SmolLM2-135M-Instruct' (see `%xllm list`")
+    assert cap.outputs == []
+    # a `{name}` the notebook lacks (a kernel restarted) stays as written: still a `use` line, which names it
+    cap = run(shell, "use {no_such_variable}")
+    assert cap.stderr.startswith("xllm: the server has no model '{no_such_variable}' (see `%xllm list`"), cap.stderr
     assert cap.outputs == []
     assert shown(run(shell, "help use")) == "%xllm use [MODEL]                       default model for this notebook (no MODEL: show it)"
     assert shown(run(shell, "pull --help")).startswith("%xllm pull SOURCE [--name N]")

@@ -27,6 +27,9 @@ _ADDRESS = re.compile(r"https?://\S+|(localhost|[\w-]+(\.[\w-]+)*:\d+|\d{1,3}(\.
 #: `key=value` of `config` (the key is checked by the command, which names the settings)
 _SETTING = re.compile(r"[A-Za-z_][\w-]*=.*", re.S)
 _HELP = frozenset({"-h", "--help"})
+#: a `{name}` the notebook lacks, left as written (`use {model}` after a kernel restart): the operand it stands for,
+#: so the command says what it got, where the line went to the model as a prompt
+_UNFILLED = re.compile(r"\{[A-Za-z_][^{}\s]*\}")
 #: the terminal-only verbs take the terminal's global options: a line with `--api-key KEY` that missed the
 #: shape went to the model, key and all
 _TERMINAL = frozenset({"--url", "--api-key"})
@@ -55,7 +58,7 @@ class Shape:
                 i += 2
             elif word in self.optional:
                 i += 2 if i + 1 < len(words) else 1  # as argparse reads it: the next word is the value
-            elif left != 0 and self.operand is not None and self.operand.fullmatch(word):
+            elif left != 0 and self.operand is not None and (self.operand.fullmatch(word) or _UNFILLED.fullmatch(word)):
                 left -= 1
                 i += 1
             else:
