@@ -118,7 +118,10 @@ class LoopWaker:
         os.set_blocking(self._r, False)
         os.set_blocking(self._w, False)
         self._buf = ctypes.create_string_buffer(self._BUF_SIZE)
-        weakref.finalize(self, _close_pipe, self._r, self._w)  # with the loop (its selector holds us until then)
+        # with the loop (its selector holds us until then); not at exit, where a daemon step thread may still post
+        # and a number closed under it could be reused by a file that its wake-up byte would land in
+        self._finalizer = weakref.finalize(self, _close_pipe, self._r, self._w)
+        self._finalizer.atexit = False
         loop.add_reader(self._r, self._run)
 
     def post(self, callback: Callable[..., Any], args: tuple, keep_gil: bool = False) -> None:
@@ -144,8 +147,10 @@ class LoopWaker:
             raise RuntimeError("Event loop is closed") from None
 
     def _run(self) -> None:
-        # runs on the loop: cleared first, so that a post from now on writes a byte of its own
-        self._armed = False
+        # Runs on the loop. The pipe is read before the flag is cleared: cleared first, a post landing between the
+        # two (flag down: it raises it and writes a byte) would have its byte taken by this read while its flag
+        # stayed up, and every later post would count on a wake-up that never comes. Posts before the clearing
+        # write nothing and are in the queue taken below; posts after it write a byte of their own.
         if _read is not None:
             _read(self._r, self._buf, self._BUF_SIZE)  # (-1: EAGAIN, a byte some earlier run already took)
         else:
@@ -153,6 +158,7 @@ class LoopWaker:
                 os.read(self._r, self._BUF_SIZE)
             except BlockingIOError:
                 pass
+        self._armed = False
         queue = self._queue
         for _ in range(len(queue)):  # what is there now; later posts have written their own byte
             callback, args = queue.popleft()
@@ -175,16 +181,23 @@ def _close_pipe(r: int, w: int) -> None:
             pass
 
 
-_wakers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopWaker | ThreadsafeWaker]" = weakref.WeakKeyDictionary()
+# Values are weak too: a waker's queue can hold deliveries whose handles hold the loop (posted as it closed), and
+# a strong value would keep its own key, the loop and the pipe alive for good. An open loop's selector holds its
+# LoopWaker (add_reader), so it stays one per loop while the loop is open.
+_wakers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, weakref.ref[LoopWaker | ThreadsafeWaker]]" = (
+    weakref.WeakKeyDictionary()
+)
 _wakers_lock = threading.Lock()
 
 
 def waker_for(loop: asyncio.AbstractEventLoop) -> LoopWaker | ThreadsafeWaker:
     """The waker for ``loop`` (one per loop; call it on that loop's thread, where a ``LoopWaker`` is made)."""
     with _wakers_lock:
-        waker = _wakers.get(loop)
+        ref = _wakers.get(loop)
+        waker = ref() if ref is not None else None
         if waker is None:
-            waker = _wakers[loop] = _new_waker(loop)
+            waker = _new_waker(loop)
+            _wakers[loop] = weakref.ref(waker)
     return waker
 
 
