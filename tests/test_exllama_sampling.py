@@ -180,3 +180,16 @@ def test_exllamav2_greedy_keeps_the_bias_and_cuts_nothing():
     assert torch.isfinite(out).all() and out[2] == pytest.approx(10.0) and out.argmax() == 2
     untouched = cut(logits, SamplingParams(temperature=0.9))  # no bias, no cut: the buffer as it was
     assert torch.equal(untouched, logits)
+
+
+def test_exllamav2_below_its_greedy_temperature_the_job_divides_the_logits():
+    """exllamav2 decodes greedily below temperature 0.01; there the job divides the logits by the temperature
+    (after the bias and the cuts, which are taken at it) and the library samples at 1.0."""
+    logits = torch.tensor([2.0, 1.999, -3.0, 0.0])
+    sampling = SamplingParams(temperature=0.005, logit_bias={3: 1.0}, top_k=2)
+    out = cut(logits, sampling)
+    assert kept(out) == {0, 1}
+    assert torch.allclose(out[:2], logits[:2] / 0.005)
+    assert v2_sampler_fields(sampling)["temperature"] == 1.0
+    # at 0.01 and above the library's own temperature serves: the row is not divided
+    assert torch.equal(cut(logits, SamplingParams(temperature=0.01)), logits)
