@@ -114,6 +114,23 @@ async def deleted_model(kit: Any, client: httpx.AsyncClient, rng: random.Random)
         kit._expect(await client.post("/v1/chat/completions", json=body), 200)
 
 
+async def deleted_model_chain(kit: Any, client: httpx.AsyncClient, rng: random.Random) -> None:
+    """Two chained Responses on the model the admin deletes (the second streamed), then the chain read back: a
+    DELETE between them cuts the second, never the stored first."""
+    first = kit._expect(await client.post("/v1/responses", json={"model": DELETED, "input": kit._prompt(rng, 12),
+                                                                  "max_output_tokens": 8}), 200)
+    body = {"model": DELETED, "input": kit._prompt(rng, 5), "previous_response_id": first["id"],
+            "max_output_tokens": 24, "stream": True}
+    events = await kit._sse(client, "/v1/responses", body)
+    end = events[-1] if events else {}
+    if end.get("type") == "response.failed":
+        raise kit.Failure(f"error event: {json.dumps(end['response'].get('error'))[:400]}")
+    if end.get("type") not in ("response.completed", "response.incomplete"):
+        raise kit.Failure(f"stream ended with {str(end)[:300]}")
+    kit._expect(await client.get(f"/v1/responses/{first['id']}"), 200)
+    kit._expect(await client.delete(f"/v1/responses/{first['id']}"), 200)
+
+
 async def abandoned_n(kit: Any, client: httpx.AsyncClient, rng: random.Random) -> None:
     """Three streamed choices with logprobs, hung up on after a few chunks."""
     body = kit._chat(rng, model=rng.choice([TINY, DELETED]), n=3, stream=True, logprobs=True, top_logprobs=2,
@@ -133,7 +150,7 @@ async def embeddings(kit: Any, client: httpx.AsyncClient, rng: random.Random) ->
 def user_scenarios(base: dict[str, Any], kit: Any) -> dict[str, Any]:
     """``base`` (soak's scenarios) plus the lifecycle ones, weighted, bound to ``kit`` (soak's module)."""
     extra = {"deleted model": (3, deleted_model), "adapter stream": (2, adapter_stream),
-             "n=3 stream abandoned": (1, abandoned_n)}
+             "n=3 stream abandoned": (1, abandoned_n), "deleted model responses chain": (1, deleted_model_chain)}
     if embedder_installed():
         extra["embeddings"] = (2, embeddings)
     return {**base, **{name: (weight, functools.partial(fn, kit)) for name, (weight, fn) in extra.items()}}
