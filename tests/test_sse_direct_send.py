@@ -251,3 +251,70 @@ def test_an_event_sent_to_a_reset_connection_tells_the_writer_the_client_left():
     assert closed
     assert left == 1
     assert ok is False
+
+
+async def test_over_tls_events_go_through_the_ssl_stream_and_arrive_whole(tmp_path):
+    """A TLS connection (Jupyter with --certfile) must never get the raw socket send: the events would leave
+    unencrypted and break the TLS record stream. Real TLS server and client: every event arrives, in order."""
+    import asyncio
+    import ssl
+    import subprocess
+
+    from tornado.httpserver import HTTPServer
+    from tornado.iostream import SSLIOStream
+    from tornado.netutil import bind_sockets
+    from tornado.web import Application, RequestHandler
+
+    from xllm_jupyter.server.sse import SSE_HEADERS, EventStreamWriter
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
+    writers: list[EventStreamWriter] = []
+
+    class Events(RequestHandler):
+        async def get(self) -> None:
+            for name, value in SSE_HEADERS.items():
+                self.set_header(name, value)
+            writer = EventStreamWriter(self, 0, lambda: None)
+            writers.append(writer)
+
+            async def chunks():
+                for i in range(60):
+                    await asyncio.sleep(0)  # each pushed on its own, as tokens are
+                    yield {"i": i, "pad": "x" * 400}
+
+            await writer.write_all(chunks())
+            writer.close()
+            self.finish()
+
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(str(cert), str(key))
+    sockets = bind_sockets(0, "127.0.0.1")
+    port = sockets[0].getsockname()[1]
+    server = HTTPServer(Application([("/events", Events)]), ssl_options=server_ctx)
+    server.add_sockets(sockets)
+
+    def fetch() -> list[dict]:
+        ctx = ssl.create_default_context(cafile=str(cert))
+        ctx.check_hostname = False
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as plain:
+            with ctx.wrap_socket(plain) as sock:
+                sock.sendall(b"GET /events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                reader = _Reader(sock)
+                reader.head()
+                payload = b""
+                while data := reader.chunk():
+                    payload += data
+                events = payload.split(b"\n\n")[:-1]
+                assert events[-1] == b"data: [DONE]"
+                return [json.loads(e[len(b"data: "):]) for e in events[:-1]]
+
+    try:
+        got = await asyncio.get_running_loop().run_in_executor(None, fetch)
+    finally:
+        server.stop()
+        await server.close_all_connections()
+    assert [c["i"] for c in got] == list(range(60)) and all(c["pad"] == "x" * 400 for c in got)
+    (writer,) = writers
+    assert isinstance(writer._direct, SSLIOStream) and writer._send is None  # noqa: SLF001 - chunks via SSLIOStream.write
