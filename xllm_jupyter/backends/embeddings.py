@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..core import gc_freeze
-from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest
+from ..core.errors import ContextLengthExceeded, EngineError, InvalidRequest, ModelLoadError
 from .base import ModelSpec
 from .compile_gate import COMPILE_GATE
 from .file_errors import file_errors
@@ -202,7 +202,9 @@ def load_embedding_model(spec: ModelSpec) -> EmbeddingModel:
         model.to(device).eval()
     except file_errors() as exc:  # (torch's OutOfMemoryError is a RuntimeError)
         if not is_out_of_memory(exc):
-            raise EngineError(f"Failed to load embedding model '{spec.name}' ({type(exc).__name__})") from exc
+            # the chat backends' load error: it names the model and says a retry will not help (a bare EngineError
+            # was a generic 500 "retry the request"); the library's message names local paths, kept in the cause
+            raise ModelLoadError.of(spec.name, "transformers", exc, spec.created_from) from exc
         model = None
     if model is None:  # out of memory; freed here, once the error's frames are gone
         release_memory()
