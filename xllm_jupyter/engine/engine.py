@@ -85,6 +85,7 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
         self._backends = {b.name: b for b in backends} if backends else None
         self._runners: dict[str, ModelRunner] = {}
         self._loading: dict[str, asyncio.Future] = {}
+        self._resolving: dict[str, asyncio.Future] = {}  # resolves under way, shared by their callers (loading.py)
         self._load_waiters: Counter[str] = Counter()  # requests awaiting each pending load
         self._unload_asks: Counter[str] = Counter()  # unloads asked for, by model (a load checks its files again)
         # why a model was last unloaded with a reason (a removal), until a load registers it again: the waiters of a
@@ -179,7 +180,7 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
         if name in self._embeddings.slots or (name in self._adapters and name not in self._loading):
             return  # (an adapter still being checked after its attach: waits for that below)
         if name not in self._runners:
-            spec = await run_slow(self._resolve, name)  # (a first use pulls, or waits for a pull: off the shared pool)
+            spec = await self._resolve_shared(name)  # (a first use pulls, or waits for a pull: off the shared pool)
             if spec.task == "embedding":
                 await self._load_embedding(spec)
                 self._expire_embedding(name, keep_alive)
@@ -196,9 +197,9 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
         if slot is None:
             if model in self._runners:
                 raise not_supported(model, "a chat model and cannot create embeddings")
-            # a first use pulls the model, or waits for a pull of it under way: minutes, so not on the shared pool,
-            # which as many first embeddings requests as it has threads held, stalling every other request
-            spec = await run_slow(self._resolve, model)
+            # a first use pulls the model, or waits for a pull of it under way: minutes, so off the shared pool, and
+            # one wait for all such requests (one thread each held the slow pool too, stalling every other load)
+            spec = await self._resolve_shared(model)
             if spec.task != "embedding":
                 raise not_supported(model, "a chat model and cannot create embeddings")
             slot = await self._load_embedding(spec)

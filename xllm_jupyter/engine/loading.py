@@ -23,7 +23,7 @@ from ..backends.registry import get_backend, select_backend
 from ..backends.torch_device import device_kind
 from ..core import gc_freeze
 from ..core.config import EngineConfig
-from ..core.errors import InvalidRequest, ModelNotFound, Overloaded
+from ..core.errors import InvalidRequest, ModelNotFound, Overloaded, XllmError
 from ..core.slow_work import run_slow
 from ..core.types import ModelfileDefaults
 from ..store.names import canonical_name
@@ -47,6 +47,7 @@ class LoadingMixin:
     _backend_options: BackendOptions
     _runners: dict[str, Any]
     _loading: dict[str, asyncio.Future]
+    _resolving: dict[str, asyncio.Future]  # resolves under way (``_resolve_shared``)
     _load_waiters: Counter[str]  # requests awaiting each pending load (``_load``)
     _unload_asks: Counter[str]  # unloads asked for each model (``unload``): a pull or rm calls one after it
     _unload_reasons: dict[str, Any]  # the Engine's: why a model was last unloaded with a reason (a removal)
@@ -96,6 +97,32 @@ class LoadingMixin:
         if draft and canonical_name(draft) != name:
             options = dataclasses.replace(options, draft_model_path=str(self.catalog.resolve(draft).path))
         return dataclasses.replace(spec, options=options.with_overrides(spec.overrides))
+
+    async def _resolve_shared(self, name: str) -> ModelSpec:
+        """``_resolve(name)`` on a slow-work thread, one at a time per name: callers arriving meanwhile share it.
+
+        A first use of a packaged model pulls it, or waits for a pull of it under way (another process's: minutes).
+        Each embeddings request waited on a slow-work thread of its own, so ``SLOW_WORKERS`` of them held that whole
+        pool and every other load, pull and removal waited for the pull to end.
+        """
+        pending = self._resolving.get(name)
+        if pending is None:
+            # a task no request owns: a client that leaves stops its own wait, not the others' (nor the thread)
+            pending = asyncio.ensure_future(run_slow(self._resolve, name))
+            self._resolving[name] = pending
+            pending.add_done_callback(lambda task: self._resolve_done(name, task))
+        try:
+            return await asyncio.shield(pending)
+        except XllmError as exc:
+            # its own copy for each caller: a handler may set its param, and one instance raised in many requests
+            # would chain their tracebacks
+            raise copy.copy(exc) from None
+
+    def _resolve_done(self, name: str, task: asyncio.Future) -> None:
+        if self._resolving.get(name) is task:
+            del self._resolving[name]  # the next caller resolves afresh (the store may have changed)
+        if not task.cancelled():
+            task.exception()  # mark retrieved: a resolve whose callers all left would log its error as unseen
 
     async def load(self, name: str) -> LoadedModel:
         """The loaded model ``name``, loading it on a worker thread if needed.
@@ -344,7 +371,7 @@ class LoadingMixin:
                 log.warning("model %s was re-pulled or removed while it loaded; loading it again from the store",
                             spec.name)
                 await self._embeddings.unload(spec.name)
-            spec = await run_slow(self._resolve, spec.name)  # a removed model: ModelNotFound (404)
+            spec = await self._resolve_shared(spec.name)  # a removed model: ModelNotFound (404)
             if spec.task != "embedding":
                 raise not_supported(spec.name, "a chat model and cannot create embeddings")
         raise Overloaded(f"The model '{spec.name}' was replaced in the store each time it loaded; retry the request")
