@@ -120,7 +120,7 @@ def test_a_copied_store_takes_an_id_of_its_own(tmp_path, how):
     assert second is not None and second != first
     assert copy.store_id() == second == ModelStore(tmp_path / "b").store_id()  # made once, then kept
     assert original.store_id() == first and read_store_id(original.home) == first
-    assert sorted(p.name for p in copy.home.iterdir()) == [STORE_ID_NAME]  # no temporary file left behind
+    assert sorted(p.name for p in copy.home.iterdir()) == ["locks", STORE_ID_NAME]  # no temporary file left behind
 
 
 def test_a_moved_store_or_one_reached_by_another_path_keeps_its_id(tmp_path):
@@ -171,7 +171,7 @@ def test_processes_racing_on_a_copy_all_get_the_one_new_id(tmp_path):
     with ThreadPoolExecutor(16) as pool:
         ids = list(pool.map(lambda _: ask(), range(16)))
     assert len(set(ids)) == 1 and ids[0] == read_store_id(copy) != original.store_id(), ids
-    assert sorted(p.name for p in copy.iterdir()) == [STORE_ID_NAME]
+    assert sorted(p.name for p in copy.iterdir()) == ["locks", STORE_ID_NAME]
     code = "import sys; from xllm_jupyter.store.identity import store_id; print(store_id(sys.argv[1]))"
     procs = [subprocess.Popen([sys.executable, "-c", code, str(copy)], stdout=subprocess.PIPE, text=True)
              for _ in range(3)]
@@ -189,7 +189,7 @@ def test_a_copy_that_cannot_be_written_has_no_id(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", read_only)
     assert store_id(tmp_path / "b") is None
     assert read_store_id(tmp_path / "b") == original.store_id()  # left as it was
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [STORE_ID_NAME]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir() if p.name != "locks") == [STORE_ID_NAME]
 
 
 def test_xllm_rm_tells_a_server_on_a_copy_of_its_store_apart(tmp_path, tiny_llama_dir):
@@ -208,3 +208,30 @@ def test_xllm_rm_tells_a_server_on_a_copy_of_its_store_apart(tmp_path, tiny_llam
         assert admin.manifest("tiny")["store_id"] == copy.store_id() != original.store_id()
         assert _served_from(copy, asks, "tiny")
         assert not _served_from(original, asks, "tiny")
+
+
+def test_two_replacing_a_copy_s_id_at_once_report_the_one_it_keeps(tmp_path, monkeypatch):
+    """Two processes that both judged a copy's id file stale both replaced it: the first could read its own id back
+    and report it just before the second's replaced it (the store then had another id than the one reported). Here
+    the rival asks exactly between the first's check and its replace; both must report the id the file keeps."""
+    original = made_store(tmp_path / "a")
+    shutil.copytree(original.home, tmp_path / "b")
+    copy = tmp_path / "b"
+    real_replace = os.replace
+    rival: dict[str, str | None] = {}
+
+    def replace_after_a_rival(src, dst):
+        if not rival and str(dst).endswith(STORE_ID_NAME):
+            rival["id"] = None
+            asker = threading.Thread(target=lambda: rival.update(id=store_id(copy)))
+            asker.start()
+            asker.join(2)  # it either replaces first (as before) or waits its turn (then it ends after ours)
+            real_replace(src, dst)
+            asker.join(60)
+            return None
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_after_a_rival)
+    mine = store_id(copy)
+    assert mine is not None and mine != original.store_id()
+    assert rival["id"] == mine == read_store_id(copy) == store_id(copy)

@@ -24,7 +24,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import fsync_dir
+from .atomic import FileLock, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,12 @@ def _write(home: Path, target: Path, stale: int | None) -> bool:
         if stale is None:
             # readers see the whole file or none, as it was written and flushed under the temporary name
             os.link(tmp, target)
-        elif os.lstat(target).st_ino == stale:  # not replaced by another process since it was read
-            os.replace(tmp, target)
+        else:
+            # replacers take turns: two that both saw the stale file would otherwise both replace it, and the first
+            # could read back and report its id just before the second's replaced it
+            with FileLock(home / "locks" / f".{STORE_ID_NAME}.lock"):  # (a dot: no model name takes it)
+                if os.lstat(target).st_ino == stale:  # not replaced by another process since it was read
+                    os.replace(tmp, target)
         fsync_dir(home)
     except FileExistsError:
         pass  # another process made it first: its id is the store's

@@ -8,6 +8,7 @@ Layout under ``home``::
     tmp/pull-<random>/      a pull being built (or left by a crash; the next pull deletes it)
     tmp/hub-<key>/          a Hub download in progress, kept after a failure so a retry resumes
     locks/<name>.lock       serialises pulls and removals of one name across processes
+    locks/.store-id.lock    serialises replacing a copied store's id (identity.py)
 
 A pull builds the model in ``tmp/``, writes the manifest last, fsyncs, then renames the
 directory into ``models/`` (replacing an old model with an atomic exchange), so a model
