@@ -185,7 +185,7 @@ def test_slow_readers_resetting_clients_and_keep_alive_reuse_at_once(xllm_server
     print("direct sends:", len(sends), "partial:", sum(0 < t < o for t, o in sends), "refused/failed:",
           sum(t <= 0 for t, _ in sends))
     assert _wait_idle(engine), engine.stats()
-    assert engine.stats().cancelled >= cancelled + 3  # the reset clients' generations were stopped
+    assert engine.stats().cancelled >= cancelled + 3, (cancelled, engine.stats())  # the reset clients' were stopped
     # and the server still streams whole responses afterwards
     with _connect(xllm_server) as sock:
         _post(xllm_server, sock, 12, keep_alive=False)
