@@ -16,13 +16,8 @@ import torch
 
 from xllm_jupyter.backends.base import BackendOptions, ModelSpec
 from xllm_jupyter.backends.memory_estimate import disk_bytes
-from xllm_jupyter.backends.exllama_common import (
-    ExllamaOptions,
-    JobInfo,
-    SpeculativeStats,
-    translate_results,
-    v2_sampler_fields,
-)
+from xllm_jupyter.backends.exllama_common import ExllamaOptions, v2_sampler_fields
+from xllm_jupyter.backends.exllama_results import JobInfo, SpeculativeStats, translate_results
 from xllm_jupyter.backends.exllama_sampling import v3_sampler_steps
 from xllm_jupyter.backends.exllama_model import DynamicGeneratorModel
 from xllm_jupyter.backends.hf_tokenizer import ChatTokenizer
@@ -123,7 +118,7 @@ def test_exllamav2_gets_room_for_the_last_token_and_the_whole_draft_window():
     (True, 1, 0, False, (2048, 2048, 65536)),  # a window of one reaches no position past the context
 ])
 def test_exllamav2_plans_context_tables_and_cache_for_the_draft_window(paged, window, cache_tokens, rope, plan):
-    from xllm_jupyter.backends.exllamav2 import plan_cache
+    from xllm_jupyter.backends.exllamav2_plan import plan_cache
 
     opts = exllama_options({"cache_tokens": cache_tokens})
     got = plan_cache(opts, 2048, paged=paged, window=window, rope_follows_length=rope)
@@ -694,9 +689,9 @@ def test_the_kernel_warm_up_calls_exllamav3_as_its_signature_takes_it():
 @pytest.fixture
 def exllamav2_paged(monkeypatch):
     """exllamav2's estimate as where flash-attn (paged mode) is installed."""
-    from xllm_jupyter.backends import exllamav2
+    from xllm_jupyter.backends import exllamav2_plan
 
-    monkeypatch.setattr(exllamav2, "runs_paged", lambda config: True)
+    monkeypatch.setattr(exllamav2_plan, "runs_paged", lambda config: True)
 
 
 def test_the_memory_budget_sees_the_kv_cache_an_exllama_load_allocates(tmp_path, exllamav2_paged):
@@ -720,7 +715,7 @@ def test_the_memory_budget_sees_the_kv_cache_an_exllama_load_allocates(tmp_path,
 def test_exllamav2_unpaged_estimate_counts_the_one_context_it_allocates(tmp_path, monkeypatch):
     """Without flash-attn exllamav2 runs unpaged: its cache is one context (the model's max_seq_len), not the
     paged default of 65,536 tokens; with a draft window, that context and the window (plan_cache)."""
-    from xllm_jupyter.backends import exllamav2
+    from xllm_jupyter.backends import exllamav2_plan
     from xllm_jupyter.backends.exllamav2 import ExllamaV2Backend
 
     shape = {"num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2, "hidden_size": 512,
@@ -729,7 +724,7 @@ def test_exllamav2_unpaged_estimate_counts_the_one_context_it_allocates(tmp_path
     per_token = 4 * 2 * 64 * 4  # layers x kv heads x head size x (2 + 2 bytes)
 
     def estimate(paged, **options):
-        monkeypatch.setattr(exllamav2, "runs_paged", lambda config: paged)
+        monkeypatch.setattr(exllamav2_plan, "runs_paged", lambda config: paged)
         spec = ModelSpec(name="m", path=tmp_path, format="exl2", options=BackendOptions(**options))
         return ExllamaV2Backend().cache_bytes_estimate(spec) // per_token
 
@@ -750,7 +745,7 @@ def test_whether_exllamav2_runs_paged_is_told_without_importing_it(tmp_path, mon
     """flash-attn 2.5.7+ with its CUDA module, read from its files (exllamav2's test, not its import)."""
     import sys
 
-    from xllm_jupyter.backends.exllamav2 import flash_attn_version, runs_paged
+    from xllm_jupyter.backends.exllamav2_plan import flash_attn_version, runs_paged
 
     monkeypatch.delitem(sys.modules, "exllamav2.attn", raising=False)
     monkeypatch.delenv("EXLLAMA_NO_FLASH_ATTN", raising=False)

@@ -180,7 +180,7 @@ def test_the_installed_exllamav2_declares_every_keyword_we_pass(monkeypatch, ove
 
 
 # ------------------------------------------------------- result dicts, read from the sources
-#: result keys ``exllama_common.translate_results`` reads (exllamav2 has no ``error`` stage: its errors raise)
+#: result keys ``exllama_results.translate_results`` reads (exllamav2 has no ``error`` stage: its errors raise)
 RESULT_KEYS = ("stage", "identifier", "job", "token_ids", "text", "eos", "eos_reason", "prompt_tokens",
                "cached_tokens", "new_tokens", "accepted_draft_tokens", "rejected_draft_tokens", "token_probs",
                "top_k_tokens", "top_k_probs")
@@ -206,7 +206,7 @@ def test_the_installed_generators_emit_every_result_key_we_read(library):
 @pytest.mark.exllama
 @pytest.mark.parametrize("library", ["exllamav3", "exllamav2"])
 def test_every_eos_reason_the_installed_generators_give_has_a_finish_reason(library):
-    from xllm_jupyter.backends.exllama_common import EOS_REASONS
+    from xllm_jupyter.backends.exllama_results import EOS_REASONS
 
     source = library_source(library)
     reasons = set(re.findall(r'eos_reason\s*=\s*"(\w+)"', source)) | set(

@@ -486,8 +486,9 @@ def test_exllamav2_memory_estimate_is_the_cache_the_library_allocates(tiny_llama
     from exllamav2 import attn
 
     from tests.page_generator import load_cpu_pages_v2_model
-    from xllm_jupyter.backends import exllamav2 as v2
+    from xllm_jupyter.backends import exllamav2_plan as v2
     from xllm_jupyter.backends.base import BackendOptions, ModelSpec
+    from xllm_jupyter.backends.exllamav2 import ExllamaV2Backend
     from xllm_jupyter.backends.memory_estimate import kv_cache_bytes
 
     with monkeypatch.context() as patch:  # as before anything imported exllamav2
@@ -503,7 +504,7 @@ def test_exllamav2_memory_estimate_is_the_cache_the_library_allocates(tiny_llama
     allocated = int(model.generator.cache.max_seq_len)
     assert allocated == tokens[kind.partition("-")[2]]
     config = json.loads((tiny_llama_dir / "config.json").read_text())
-    assert v2.ExllamaV2Backend().cache_bytes_estimate(spec) == kv_cache_bytes(config, allocated, None)
+    assert ExllamaV2Backend().cache_bytes_estimate(spec) == kv_cache_bytes(config, allocated, None)
 
 
 COLD_FIRST_LOAD = textwrap.dedent("""

@@ -337,7 +337,7 @@ class RigV3(Rig):
         model.__dict__.update(generator=gen, isolation=PrefixIsolation(), _jobs={}, _info={}, _cancelled=[],
                               _tokenizer=None, _counts_lock=__import__("threading").Lock(), _prompt_tokens=0,
                               _cached_tokens=0, chat=None)
-        from xllm_jupyter.backends.exllama_common import SpeculativeStats
+        from xllm_jupyter.backends.exllama_results import SpeculativeStats
 
         model.speculative = SpeculativeStats()
         model._piece = lambda token_id: f"<{token_id}>"
@@ -381,7 +381,7 @@ class RigV2(Rig):
     def _build(self, num_pages: int) -> Any:
         from exllamav2.generator.dynamic import ExLlamaV2DynamicGenerator
 
-        from xllm_jupyter.backends.exllama_common import SpeculativeStats
+        from xllm_jupyter.backends.exllama_results import SpeculativeStats
         from xllm_jupyter.backends.exllamav2 import ExllamaV2Model
         from xllm_jupyter.backends.prefix_isolation import PrefixIsolation
 

@@ -17,7 +17,8 @@ from ..core.types import Constraint, FinishReason, SequenceJob, TokenEvent
 from .base import LoadedModel, ModelSpec
 from .constraints import GrammarCompiler
 from .detokenize import token_text
-from .exllama_common import JobInfo, SpeculativeStats, free_cuda_memory, translate_results
+from .exllama_common import free_cuda_memory
+from .exllama_results import JobInfo, SpeculativeStats, translate_results
 from .hf_tokenizer import ChatTokenizer, ChatTokenizerMethods
 from .prefix_isolation import PrefixIsolation, isolated_job_class
 from .tokenizer_files import release as release_tokenizer

@@ -1,0 +1,159 @@
+"""The exllama generators' per-step result dicts as TokenEvents (one per sampled token), for both libraries."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+from ..core.types import FinishReason, TokenEvent
+from .exllama_common import PAGE_SIZE
+
+log = logging.getLogger(__name__)
+
+#: the generators' ``eos_reason`` values and what OpenAI calls them
+EOS_REASONS: dict[str, FinishReason] = {
+    "stop_token": FinishReason.STOP,
+    "stop_string": FinishReason.STOP,
+    "end_filter": FinishReason.STOP,
+    "loop_detected": FinishReason.STOP,
+    "max_new_tokens": FinishReason.LENGTH,
+}
+
+
+@dataclass
+class JobInfo:
+    """What translation needs to know about one running job."""
+
+    job_id: int
+    logprobs: bool = False
+    top_logprobs: int = 0
+    prompt_tokens: int = 0
+    #: prompt tokens served from the prefix cache, known once the job's prefill is done (its first token)
+    cached: int | None = None
+    #: whether the model's prefix-cache counters have this job yet
+    counted: bool = False
+
+
+@dataclass
+class SpeculativeStats:
+    """Draft tokens accepted and rejected so far (speculative decoding)."""
+
+    accepted: int = 0
+    rejected: int = 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """accepted / drafted, or None before anything was drafted."""
+        total = self.accepted + self.rejected
+        return self.accepted / total if total else None
+
+
+def _row(value: Any) -> list:
+    """The first row of a (1, n[, k]) tensor or nested list as Python lists."""
+    if value is None:
+        return []
+    if hasattr(value, "tolist"):
+        # the whole tensor converted, then its row: indexing a tensor first makes a view (a few µs per token)
+        return value.tolist()[0]
+    return list(value[0])
+
+
+def job_cached_tokens(job: Any, page_size: int) -> int:
+    """Prompt tokens a library job took from the prefix cache (whole pages and a partial match), as its
+    end-of-sequence result reports them; known from its first token on, so a job the engine ends
+    itself (a stop string) reports them too."""
+    try:
+        return int(job.cached_pages) * page_size + int(job.cached_tokens)
+    except (AttributeError, TypeError, ValueError):
+        return 0
+
+
+def translate_results(results: Iterable[Mapping[str, Any]], jobs: Mapping[int, JobInfo],
+                      piece: Callable[[int], str], spec_stats: SpeculativeStats | None = None,
+                      page_size: int = PAGE_SIZE, special: Mapping[int, str] | None = None,
+                      raw: Callable[[int], bytes] | None = None) -> list[TokenEvent]:
+    """TokenEvents for the ``streaming`` and ``error`` results of one ``iterate()`` call (one per sampled token).
+
+    A result may carry several tokens (speculative decoding accepted a draft); each gets an
+    event and the step's text rides on the last one. The job's first event carries its cached
+    prompt tokens; the ``eos`` result becomes the finishing event, with the usage counters the
+    generator reports. An ``error`` result (exllamav3 dropped a job whose prefill or page
+    allocation raised) finishes the job with ERROR, so its request fails instead of hanging.
+    ``special`` maps special token ids to their literal text, which exllamav3 streams
+    (``<|im_end|>`` under ``ignore_eos``, say) and is taken out, as the transformers backend skips it.
+    ``piece`` names a token for ``top_logprobs``; ``raw`` gives a token's own bytes for logprobs (the
+    step's text rides on its last token, and a character split over tokens is in none of them alone).
+    """
+    events: list[TokenEvent] = []
+    for r in results:
+        stage = r.get("stage")
+        if stage == "error":
+            job_id = r.get("identifier", getattr(r.get("job"), "identifier", None))
+            info = jobs.get(job_id)  # type: ignore[arg-type]
+            if info is not None:
+                error = r.get("error")
+                log.error("the generator dropped job %s: %s", job_id, type(error).__name__,
+                          exc_info=error if isinstance(error, BaseException) else None)
+                # (torch.OutOfMemoryError by name: this module imports no torch)
+                events.append(TokenEvent(info.job_id, None, "", finish=FinishReason.ERROR,
+                                         out_of_memory=type(error).__name__ == "OutOfMemoryError"))
+            continue
+        if stage != "streaming":
+            continue
+        info = jobs.get(r.get("identifier"))  # type: ignore[arg-type]
+        if info is None:
+            continue
+        ids = [int(t) for t in _row(r.get("token_ids"))]
+        text = r.get("text") or ""
+        if special and text:
+            for token in ids:
+                if token in special:
+                    text = text.replace(special[token], "", 1)
+        finish = None
+        prompt_tokens = completion = 0
+        cached = 0
+        if info.cached is None:
+            cached = info.cached = job_cached_tokens(r.get("job"), page_size)
+        if r.get("eos"):
+            finish = EOS_REASONS.get(str(r.get("eos_reason")), FinishReason.STOP)
+            prompt_tokens = int(r.get("prompt_tokens") or 0)
+            cached = int(r.get("cached_tokens") or 0)
+            completion = int(r.get("new_tokens") or 0)
+            if spec_stats is not None:
+                spec_stats.accepted += int(r.get("accepted_draft_tokens") or 0)
+                spec_stats.rejected += int(r.get("rejected_draft_tokens") or 0)
+        probs = _row(r.get("token_probs")) if info.logprobs else []
+        top_ids = _row(r.get("top_k_tokens")) if info.top_logprobs else []
+        top_probs = _row(r.get("top_k_probs")) if info.top_logprobs else []
+        if not ids:
+            events.append(TokenEvent(info.job_id, None, text, finish=finish, prompt_tokens=prompt_tokens,
+                                     cached_tokens=cached, completion_tokens=completion))
+            continue
+        if len(ids) == 1 and not probs and not top_ids:
+            # one token, no logprobs: every decode step of every job without speculation lands here
+            events.append(TokenEvent(info.job_id, ids[0], text, finish=finish, prompt_tokens=prompt_tokens,
+                                     cached_tokens=cached, completion_tokens=completion))
+            continue
+        last = len(ids) - 1
+        for i, token in enumerate(ids):
+            logprob = _log(probs[i]) if i < len(probs) else None
+            alternatives = [int(t) for t in top_ids[i]][: info.top_logprobs] if i < len(top_ids) else []
+            top = tuple((piece(t), _log(p)) for t, p in zip(alternatives, top_probs[i])) if alternatives else ()
+            end = i == last
+            events.append(TokenEvent(
+                info.job_id, token, text if end else "", logprob, top,
+                finish=finish if end else None,
+                prompt_tokens=prompt_tokens if end else 0,
+                cached_tokens=cached if end else 0,
+                completion_tokens=completion if end else 0,
+                token_bytes=raw(token) if raw is not None and logprob is not None else None,
+                top_bytes=tuple(raw(t) for t in alternatives) if raw is not None and alternatives else (),
+            ))
+    return events
+
+
+def _log(p: float) -> float:
+    """log(p), finite for p == 0 (OpenAI clients expect numbers, not -inf)."""
+    return math.log(p) if p > 0 else -9999.0
