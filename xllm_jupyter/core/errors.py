@@ -33,6 +33,12 @@ class XllmError(Exception):
         if code is not None:
             self.code = code
 
+    def __reduce__(self):
+        # copy.copy and pickle rebuild an exception by calling its class with its args: a subclass taking a name
+        # (ModelNotFound(name)) then took its whole message as the name, doubling it in str(); the engine copies
+        # one error for each request that shares it (a shared resolve's 404, a removal's)
+        return (_rebuilt, (type(self), self.args), self.__dict__)
+
     def to_openai(self) -> dict:
         """The OpenAI-shaped error body for this error."""
         return {
@@ -43,6 +49,13 @@ class XllmError(Exception):
                 "code": self.code,
             }
         }
+
+
+def _rebuilt(cls: type, args: tuple) -> "XllmError":
+    """An instance of ``cls`` with ``args``, its ``__init__`` not called (its attributes are restored after)."""
+    exc = cls.__new__(cls)
+    exc.args = args
+    return exc
 
 
 class InvalidRequest(XllmError):
