@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
+import time
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlparse
 
 
 def free_port() -> int:
@@ -13,6 +16,30 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_idle(engine: Any, timeout: float = 60.0) -> bool:
+    """Poll until nothing runs or waits (generous: what the tests tell apart is counted, not timed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = engine.stats()
+        if s.running == 0 and s.queued == 0:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def streamed_chat_request(server: Any, model: str, max_tokens: int, version: str = "HTTP/1.1",
+                          keep_alive: bool = False) -> bytes:
+    """The bytes of a streamed greedy chat POST (usage included) to ``server`` (a test server's info), for raw sockets."""
+    body = json.dumps({
+        "model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens,
+        "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+    }).encode()
+    url = urlparse(server.root)
+    return (f"POST /v1/chat/completions {version}\r\nHost: {url.netloc}\r\nAuthorization: Bearer {server.api_key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n").encode() + body
 
 
 def dirs_in(path: Path) -> list[str]:

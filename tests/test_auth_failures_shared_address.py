@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import threading
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
@@ -232,17 +233,20 @@ def test_the_waiting_line_takes_requests_one_at_a_time_in_arrival_order():
     assert limiter._lanes == {}  # nothing left behind
 
 
-def test_a_request_waiting_its_turn_does_not_hold_up_the_shutdown(tmp_path):
-    """Requests wait in ``prepare``, where Tornado does not watch their connection: closing it at shutdown did not
-    end them. The stop gave up on one after 5 s and cut its connection (with several waiting it waited for their
-    turns, 100 s apart here); they now get a 503 at once."""
+#: failed tokens that fill one address's window in the shutdown tests, so that the next request waits its turn
+SHUTDOWN_LIMIT = 4
+
+
+def _waiting_request_at_shutdown(tmp_path: Path, path: str) -> tuple[list[Any], Hub]:
+    """A hub service whose one address has used up its failures (``SHUTDOWN_LIMIT`` in a 400 s window); a valid
+    token's ``GET path`` waits its turn (100 s away) while the service stops. (What it got, the stub hub.)"""
     pytest.importorskip("jupyterhub")
     from tests.server_fixtures import loop_thread
     from xllm_jupyter.engine.engine import Engine
     from xllm_jupyter.hub.service import start_hub_service
 
-    hub, limit = Hub(), 4
-    config = _hub_config(tmp_path, limit=limit, window=400.0)
+    hub = Hub()
+    config = _hub_config(tmp_path, limit=SHUTDOWN_LIMIT, window=400.0)
     env = {"JUPYTERHUB_API_TOKEN": "service-token", "JUPYTERHUB_API_URL": "http://127.0.0.1:9/hub/api",
            "JUPYTERHUB_SERVICE_URL": "http://127.0.0.1:0"}
 
@@ -255,14 +259,14 @@ def test_a_request_waiting_its_turn_does_not_hold_up_the_shutdown(tmp_path):
     with loop_thread(setup, "the hub service", 30) as (loop, running):
         root = running.url + running.prefix.rstrip("/")
         with httpx.Client(base_url=root, timeout=60) as loopback:
-            for i in range(limit):
+            for i in range(SHUTDOWN_LIMIT):
                 assert loopback.get("/v1/models", headers=_via_proxy(f"guess-{i}")).status_code == 401
         replies: list[Any] = []
 
         def waiting() -> None:
             with httpx.Client(base_url=root, timeout=60) as c:
                 try:
-                    replies.append(c.get("/v1/models", headers=_via_proxy("alice-token")))
+                    replies.append(c.get(path, headers=_via_proxy("alice-token")))
                 except httpx.HTTPError as exc:
                     replies.append(exc)
 
@@ -272,51 +276,24 @@ def test_a_request_waiting_its_turn_does_not_hold_up_the_shutdown(tmp_path):
         assert waiter.is_alive()  # waiting its turn (100 s away)
         asyncio.run_coroutine_threadsafe(running.stop(), loop).result(30)  # was: until its turn
         waiter.join(30)
-        assert len(replies) == 1 and isinstance(replies[0], httpx.Response), replies
-        assert replies[0].status_code == 503 and replies[0].json()["error"]["code"] == "overloaded"
-        assert len(hub.asked) == limit
+    return replies, hub
+
+
+def test_a_request_waiting_its_turn_does_not_hold_up_the_shutdown(tmp_path):
+    """Requests wait in ``prepare``, where Tornado does not watch their connection: closing it at shutdown did not
+    end them. The stop gave up on one after 5 s and cut its connection (with several waiting it waited for their
+    turns, 100 s apart here); they now get a 503 at once."""
+    replies, hub = _waiting_request_at_shutdown(tmp_path, "/v1/models")
+    assert len(replies) == 1 and isinstance(replies[0], httpx.Response), replies
+    assert replies[0].status_code == 503 and replies[0].json()["error"]["code"] == "overloaded"
+    assert len(hub.asked) == SHUTDOWN_LIMIT
 
 
 def test_a_hub_page_request_waiting_its_turn_gets_a_503_at_the_shutdown(tmp_path):
     """The page answers its own refusals (no OpenAI error writer there): the shutdown's Overloaded, raised in its
     ``prepare`` while it waited its turn, was an uncaught exception, a 500 with a traceback in the log."""
-    pytest.importorskip("jupyterhub")
-    from tests.server_fixtures import loop_thread
-    from xllm_jupyter.engine.engine import Engine
-    from xllm_jupyter.hub.service import start_hub_service
-
-    hub, limit = Hub(), 4
-    config = _hub_config(tmp_path, limit=limit, window=400.0)
-    env = {"JUPYTERHUB_API_TOKEN": "service-token", "JUPYTERHUB_API_URL": "http://127.0.0.1:9/hub/api",
-           "JUPYTERHUB_SERVICE_URL": "http://127.0.0.1:0"}
-
-    async def setup() -> Any:
-        running = await start_hub_service(config, Engine(config.engine), env, port=0)
-        running.http_server.request_callback.settings["xllm_hub_auth"].user_for_token = (
-            lambda token, sync=True, **_: hub(token))
-        return running
-
-    with loop_thread(setup, "the hub service", 30) as (loop, running):
-        root = running.url + running.prefix.rstrip("/")
-        with httpx.Client(base_url=root, timeout=60) as loopback:
-            for i in range(limit):
-                assert loopback.get("/v1/models", headers=_via_proxy(f"guess-{i}")).status_code == 401
-        replies: list[Any] = []
-
-        def waiting() -> None:
-            with httpx.Client(base_url=root, timeout=60) as c:
-                try:
-                    replies.append(c.get("/", headers=_via_proxy("alice-token")))
-                except httpx.HTTPError as exc:
-                    replies.append(exc)
-
-        waiter = threading.Thread(target=waiting)
-        waiter.start()
-        waiter.join(2)
-        assert waiter.is_alive()  # the page's token waits its turn (100 s away)
-        asyncio.run_coroutine_threadsafe(running.stop(), loop).result(30)
-        waiter.join(30)
-        assert len(replies) == 1 and isinstance(replies[0], httpx.Response), replies
-        assert replies[0].status_code == 503, replies[0].text
-        assert replies[0].headers["Retry-After"] == "1" and "shutting down" in replies[0].text
-        assert len(hub.asked) == limit
+    replies, hub = _waiting_request_at_shutdown(tmp_path, "/")
+    assert len(replies) == 1 and isinstance(replies[0], httpx.Response), replies
+    assert replies[0].status_code == 503, replies[0].text
+    assert replies[0].headers["Retry-After"] == "1" and "shutting down" in replies[0].text
+    assert len(hub.asked) == SHUTDOWN_LIMIT

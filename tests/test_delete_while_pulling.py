@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+from typing import Callable
 
 import httpx
 import openai
@@ -27,28 +28,37 @@ HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 PATIENCE = 60
 
 
+#: removals/first uses sent at once: asyncio's default pool (one per thread), and one more
+WAITING = min(32, (os.cpu_count() or 1) + 4)
+
+
+def _sent_while_pulled(home, store: ModelStore, name: str, send: Callable[[str], httpx.Response]) -> list[httpx.Response]:
+    """``send(base_url)`` ``WAITING + 1`` times at once while another process's pull of ``name`` holds its lock; a
+    chat is answered meanwhile and none of them is; then the pull ends. Their replies, in the order sent."""
+    pulling = FileLock(store.locks / f"{name_to_dirname(name)}.lock")
+    assert pulling.acquire(blocking=False)
+    with running_server(make_test_config(home), store, TINY) as info, \
+            concurrent.futures.ThreadPoolExecutor(WAITING + 1) as pool:
+        try:
+            sent = [pool.submit(send, info.base_url) for _ in range(WAITING + 1)]
+            with openai.OpenAI(base_url=info.base_url, api_key=API_KEY, max_retries=0, timeout=PATIENCE) as c:
+                reply = c.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "hi"}],
+                                                  max_tokens=2)
+            assert reply.choices[0].message.content is not None
+            assert not any(r.done() for r in sent)  # all still waiting for the pull
+        finally:
+            pulling.release()  # the pull ends (here: never began): the waiting ones go on
+        return [r.result() for r in sent]
+
+
 def test_removals_waiting_on_a_pull_leave_the_server_serving(tmp_path, tiny_llama_dir):
     home = tmp_path / "home"
     store = ModelStore(home)
     for name in (TINY, "victim"):
         store.pull(str(tiny_llama_dir), name)
-    waiting = min(32, (os.cpu_count() or 1) + 4)  # asyncio's default pool: one removal per thread, and one more
-    pulling = FileLock(store.locks / f"{name_to_dirname('victim')}.lock")
-    assert pulling.acquire(blocking=False)
-    with running_server(make_test_config(home), store, TINY) as info, \
-            concurrent.futures.ThreadPoolExecutor(waiting + 1) as pool:
-        try:
-            removals = [pool.submit(httpx.delete, f"{info.base_url}/models/victim", headers=HEADERS, timeout=300)
-                        for _ in range(waiting + 1)]
-            with openai.OpenAI(base_url=info.base_url, api_key=API_KEY, max_retries=0, timeout=PATIENCE) as c:
-                reply = c.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "hi"}],
-                                                  max_tokens=2)
-            assert reply.choices[0].message.content is not None
-            assert not any(r.done() for r in removals)  # all still waiting for the pull
-        finally:
-            pulling.release()  # the pull ends: the first removal removes it, the others find it gone
-        answers = sorted(r.result().status_code for r in removals)
-    assert answers == [200] + [404] * waiting, answers
+    answers = sorted(r.status_code for r in _sent_while_pulled(home, store, "victim", lambda url: httpx.delete(
+        f"{url}/models/victim", headers=HEADERS, timeout=300)))
+    assert answers == [200] + [404] * WAITING, answers
     assert [m.name for m in store.list()] == [TINY]
 
 
@@ -60,23 +70,9 @@ def test_first_uses_waiting_on_a_pull_leave_the_server_serving(tmp_path, tiny_ll
     home = tmp_path / "home"
     store = ModelStore(home)
     store.pull(str(tiny_llama_dir), TINY)
-    waiting = min(32, (os.cpu_count() or 1) + 4)
-    pulling = FileLock(store.locks / f"{name_to_dirname('all-minilm')}.lock")
-    assert pulling.acquire(blocking=False)
-    with running_server(make_test_config(home), store, TINY) as info, \
-            concurrent.futures.ThreadPoolExecutor(waiting + 1) as pool:
-        try:
-            firsts = [pool.submit(httpx.post, f"{info.base_url}/embeddings", headers=HEADERS, timeout=300,
-                                  json={"model": "all-minilm", "input": "hello"}) for _ in range(waiting + 1)]
-            with openai.OpenAI(base_url=info.base_url, api_key=API_KEY, max_retries=0, timeout=PATIENCE) as c:
-                reply = c.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "hi"}],
-                                                  max_tokens=2)
-            assert reply.choices[0].message.content is not None
-            assert not any(r.done() for r in firsts)  # all still waiting for the pull
-        finally:
-            pulling.release()  # the other pull ends (here: never began); the first waiting pulls it, the rest find it
-        answers = [r.result() for r in firsts]
-    assert [r.status_code for r in answers] == [200] * (waiting + 1), [r.text[:200] for r in answers]
+    answers = _sent_while_pulled(home, store, "all-minilm", lambda url: httpx.post(
+        f"{url}/embeddings", headers=HEADERS, timeout=300, json={"model": "all-minilm", "input": "hello"}))
+    assert [r.status_code for r in answers] == [200] * (WAITING + 1), [r.text[:200] for r in answers]
     assert len(answers[0].json()["data"][0]["embedding"]) == 384
     assert sorted(m.name for m in store.list()) == ["all-minilm", TINY]
 

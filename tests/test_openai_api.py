@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 
+from tests.helpers import wait_idle
 from tests.server_fixtures import TINY
 
 MSG = [{"role": "user", "content": "Say something."}]
@@ -308,20 +309,9 @@ async def test_concurrent_streams_are_batched(xllm_server):
     assert after.completed >= before.completed + 8
 
 
-def _wait_idle(engine, timeout: float = 60.0) -> bool:
-    """Poll until nothing runs or waits (generous: what the tests tell apart is counted, not timed)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        s = engine.stats()
-        if s.running == 0 and s.queued == 0:
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def test_disconnect_cancels_generation(xllm_server):
     engine = xllm_server.engine
-    assert _wait_idle(engine)
+    assert wait_idle(engine)
     cancelled = engine.stats().cancelled
     body = {"model": TINY, "messages": MSG, "max_tokens": 1900, "stream": True, "ignore_eos": True}
     headers = {"Authorization": f"Bearer {xllm_server.api_key}"}
@@ -336,7 +326,7 @@ def test_disconnect_cancels_generation(xllm_server):
                     break
             assert engine.stats().running == 1
     # leaving the blocks closed the connection mid-stream
-    assert _wait_idle(engine), engine.stats()
+    assert wait_idle(engine), engine.stats()
     assert engine.stats().cancelled > cancelled
 
 
@@ -348,7 +338,7 @@ def test_a_stream_the_client_leaves_is_charged_what_it_generated(xllm_server, ra
         return sum(r["prompt_tokens"] for r in rows), sum(r["completion_tokens"] for r in rows)
 
     engine = xllm_server.engine
-    assert _wait_idle(engine)
+    assert wait_idle(engine)
     prompt0, completion0 = charged()
     body = {"model": TINY, "messages": MSG, "max_tokens": 1900, "stream": True, "ignore_eos": True}
     received = 0
@@ -358,7 +348,7 @@ def test_a_stream_the_client_leaves_is_charged_what_it_generated(xllm_server, ra
                 received += 1  # a content chunk carries at least one token
             if received == 5:
                 break
-    assert _wait_idle(engine), engine.stats()
+    assert wait_idle(engine), engine.stats()
     prompt1, completion1 = charged()
     assert prompt1 > prompt0
     assert 5 <= completion1 - completion0 < 1900
@@ -366,13 +356,13 @@ def test_a_stream_the_client_leaves_is_charged_what_it_generated(xllm_server, ra
 
 def test_disconnect_cancels_non_streaming(xllm_server):
     engine = xllm_server.engine
-    assert _wait_idle(engine)
+    assert wait_idle(engine)
     cancelled = engine.stats().cancelled
     body = {"model": TINY, "messages": MSG, "max_tokens": 1900, "ignore_eos": True}
     headers = {"Authorization": f"Bearer {xllm_server.api_key}"}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(xllm_server.base_url + "/chat/completions", json=body, headers=headers, timeout=0.5)
-    assert _wait_idle(engine), engine.stats()
+    assert wait_idle(engine), engine.stats()
     assert engine.stats().cancelled > cancelled  # cancelled, not run to its end (a 3 s deadline told them apart)
 
 

@@ -11,19 +11,12 @@ import threading
 import time
 from urllib.parse import urlparse
 
+from .helpers import streamed_chat_request, wait_idle
 from .server_fixtures import TINY
 
 
 def _post(server, sock: socket.socket, max_tokens: int, keep_alive: bool = True) -> None:
-    body = json.dumps({
-        "model": TINY, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens,
-        "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
-    }).encode()
-    url = urlparse(server.root)
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {server.api_key}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-            f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n").encode()
-    sock.sendall(head + body)
+    sock.sendall(streamed_chat_request(server, TINY, max_tokens, keep_alive=keep_alive))
 
 
 class _Reader:
@@ -98,16 +91,6 @@ def _connect(server, rcvbuf: int | None = None) -> socket.socket:
     return sock
 
 
-def _wait_idle(engine, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        s = engine.stats()
-        if s.running == 0 and s.queued == 0:
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def test_slow_readers_resetting_clients_and_keep_alive_reuse_at_once(xllm_server, monkeypatch):
     """Slow readers (tiny receive windows: the server's sends come back partial or refused), clients that reset
     mid-stream, and fast readers that reuse their connection for a second stream, all at the same time."""
@@ -133,7 +116,7 @@ def test_slow_readers_resetting_clients_and_keep_alive_reuse_at_once(xllm_server
 
     monkeypatch.setattr(sse, "socket_sender", recording_sender)
     engine = xllm_server.engine
-    assert _wait_idle(engine)
+    assert wait_idle(engine)
     cancelled = engine.stats().cancelled
     errors: list[BaseException] = []
     results: dict[str, list] = {"slow": [], "reuse": [], "reset": []}
@@ -184,7 +167,7 @@ def test_slow_readers_resetting_clients_and_keep_alive_reuse_at_once(xllm_server
     assert sends and any(taken == offered for taken, offered in sends)  # the direct path was taken
     print("direct sends:", len(sends), "partial:", sum(0 < t < o for t, o in sends), "refused/failed:",
           sum(t <= 0 for t, _ in sends))
-    assert _wait_idle(engine), engine.stats()
+    assert wait_idle(engine), engine.stats()
     assert engine.stats().cancelled >= cancelled + 3, (cancelled, engine.stats())  # the reset clients' were stopped
     # and the server still streams whole responses afterwards
     with _connect(xllm_server) as sock:

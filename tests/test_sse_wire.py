@@ -7,20 +7,15 @@ import json
 import socket
 from urllib.parse import urlparse
 
+from .helpers import streamed_chat_request
 from .server_fixtures import TINY
 
 
 def _request(server, version: str, max_tokens: int) -> bytes:
     """POST a streamed chat over a raw socket; the whole response as bytes."""
-    body = json.dumps({
-        "model": TINY, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens,
-        "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
-    }).encode()
     url = urlparse(server.root)
-    head = (f"POST /v1/chat/completions {version}\r\nHost: {url.netloc}\r\nAuthorization: Bearer {server.api_key}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
     with socket.create_connection((url.hostname, url.port), timeout=60) as sock:
-        sock.sendall(head + body)
+        sock.sendall(streamed_chat_request(server, TINY, max_tokens, version))
         parts = []
         while data := sock.recv(65536):
             parts.append(data)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -40,17 +41,22 @@ def test_two_stores_holding_the_same_model_have_different_ids(tmp_path, tiny_lla
     assert a.list() and [m.name for m in a.list()] == ["tiny"]  # the id file is no model
 
 
-def test_makers_racing_on_a_fresh_store_all_get_the_one_id(tmp_path):
-    home = tmp_path / "home"
-    home.mkdir()
-    start = threading.Barrier(16)
+def _ids_asked_at_once(home: Path, threads: int = 16) -> list[str | None]:
+    """``store_id(home)`` from ``threads`` threads let go at the same moment, their answers."""
+    start = threading.Barrier(threads)
 
-    def make() -> str | None:
+    def ask() -> str | None:
         start.wait()
         return store_id(home)
 
-    with ThreadPoolExecutor(16) as pool:
-        ids = list(pool.map(lambda _: make(), range(16)))
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda _: ask(), range(threads)))
+
+
+def test_makers_racing_on_a_fresh_store_all_get_the_one_id(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    ids = _ids_asked_at_once(home)
     assert len(set(ids)) == 1 and ids[0] == read_store_id(home), ids
     assert sorted(p.name for p in home.iterdir()) == [STORE_ID_NAME]
 
@@ -162,14 +168,7 @@ def test_processes_racing_on_a_copy_all_get_the_one_new_id(tmp_path):
     original = made_store(tmp_path / "a")
     shutil.copytree(original.home, tmp_path / "b")
     copy = tmp_path / "b"
-    start = threading.Barrier(16)
-
-    def ask() -> str | None:
-        start.wait()
-        return store_id(copy)
-
-    with ThreadPoolExecutor(16) as pool:
-        ids = list(pool.map(lambda _: ask(), range(16)))
+    ids = _ids_asked_at_once(copy)
     assert len(set(ids)) == 1 and ids[0] == read_store_id(copy) != original.store_id(), ids
     assert sorted(p.name for p in copy.iterdir()) == ["locks", STORE_ID_NAME]
     code = "import sys; from xllm_jupyter.store.identity import store_id; print(store_id(sys.argv[1]))"
