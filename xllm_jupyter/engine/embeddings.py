@@ -215,5 +215,8 @@ class EmbeddingHost:
             if not pending.done():
                 pending.set_exception(copy.copy(self.stopped))
                 pending.exception()  # (each waiter re-raises it itself)
+        # forgotten, not left until their threads end: an engine started again meanwhile joined these failed waits
+        # (its requests got the stop's 503); each load's own end unloads what it loaded (``_load_into``)
+        self._loading.clear()
         for name in list(self.slots):
             await self.unload(name)
