@@ -103,6 +103,17 @@ def commit() -> str:
         return "unknown"
 
 
+def report_head(title: str, result: Mapping[str, Any]) -> list[str]:
+    """A report's first lines: its title, then when, on which commit and CPUs, and the command that ran it."""
+    return [f"# {title}", "", f"{result['when']}, commit {result['commit']}, {result['cpus']} CPUs, `{result['command']}`", ""]
+
+
+def check_table(checks: list[Mapping[str, Any]]) -> list[str]:
+    """The markdown table of a run's checks (name, value, ok), a row each."""
+    return ["| check | result | ok |", "|---|---|---|",
+            *(f"| {c['name']} | {c['value']} | {'yes' if c['ok'] else '**NO**'} |" for c in checks)]
+
+
 def write_results(out: str | Path, result: dict[str, Any], markdown: str) -> None:
     """``out``.json (the whole result) and ``out``.md (its report), and the report on stdout."""
     path = Path(out)

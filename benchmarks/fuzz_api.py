@@ -44,7 +44,7 @@ from typing import Any, Iterable
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from child_server import ROOT, TINY, ChildServer, commit, tiny_store, write_results  # noqa: E402
+from child_server import ROOT, TINY, ChildServer, check_table, commit, report_head, tiny_store, write_results  # noqa: E402
 from fuzz_cases import EMBED, Case, body_cases, field_cases, mutations, random_cases, route_cases, schema_cases  # noqa: E402
 
 KEY = "fuzz-key"
@@ -481,11 +481,8 @@ def fuzz(server: ChildServer, args: argparse.Namespace) -> tuple[Findings, dict[
 
 def markdown(result: dict[str, Any]) -> str:
     """The results as a markdown report."""
-    lines = [f"# API fuzz: {result['sent']} requests to {result['target']} (tiny Llama, CPU)", "",
-             f"{result['when']}, commit {result['commit']}, {result['cpus']} CPUs, `{result['command']}`", "",
-             "| check | result | ok |", "|---|---|---|"]
-    for check in result["checks"]:
-        lines.append(f"| {check['name']} | {check['value']} | {'yes' if check['ok'] else '**NO**'} |")
+    lines = report_head(f"API fuzz: {result['sent']} requests to {result['target']} (tiny Llama, CPU)", result)
+    lines += check_table(result["checks"])
     lines += ["", "Statuses: " + ", ".join(f"{k}: {v}" for k, v in sorted(result["statuses"].items())), "",
               "Slowest replies: " + "; ".join(f"{name} {s} s" for s, name in result["slowest"][:5]), ""]
     if result["stalls"]:

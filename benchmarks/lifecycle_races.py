@@ -47,7 +47,7 @@ from typing import Any, Callable
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from child_server import ROOT, TINY, commit, tiny_store, write_results  # noqa: E402
+from child_server import ROOT, TINY, check_table, commit, report_head, tiny_store, write_results  # noqa: E402
 from soak_lifecycle import ADMIN_KEY, DELETED, EMBEDDER, USER_KEYS, KeyedServer, embedder_installed, server_env  # noqa: E402
 
 USER = USER_KEYS[0]
@@ -79,6 +79,11 @@ class Probe:
         """Record ``what`` as a finding unless ``ok``."""
         if not ok:
             self.findings.append(what[:600])
+
+    def tally(self, note: str, key: Any) -> None:
+        """Count one ``key`` in ``notes[note]`` (a dict of counts, made on the first)."""
+        counts = self.notes.setdefault(note, {})
+        counts[key] = counts.get(key, 0) + 1
 
 
 def openai_error(body: Any) -> bool:
@@ -163,6 +168,43 @@ def long_stream(model: str) -> dict[str, Any]:
             "ignore_eos": True, "stream": True}
 
 
+async def not_loaded_later(probe: Probe, admin: httpx.AsyncClient, when: str) -> None:
+    """Half a second after its DELETE (a load racing it has ended), DELETED is not loaded; a finding if it is."""
+    await asyncio.sleep(0.5)
+    probe.check(DELETED not in await loaded(admin), f"{DELETED} loaded after its DELETE ({when})")
+
+
+async def pull_again(probe: Probe, admin: httpx.AsyncClient, sources: dict[str, Path]) -> None:
+    """Pull DELETED back for the next round; a finding if that fails."""
+    probe.check((await pull(admin, sources[DELETED], DELETED)).startswith("200"), "pull again failed")
+
+
+def changed_copy(source: Path, copy: Path, change: Callable[[Path], None]) -> Path:
+    """``copy``: a copy of the model folder ``source`` that ``change`` altered (made once, kept for later runs)."""
+    if not copy.exists():
+        shutil.copytree(source, copy)
+        change(copy)
+    return copy
+
+
+def long_template(model: Path) -> None:
+    """Give ``model`` a chat template that adds many words to every prompt."""
+    template = "SYSTEM PREFIX WITH MANY EXTRA WORDS {% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    if (model / "chat_template.jinja").exists():  # (saved beside tokenizer_config.json, it wins)
+        (model / "chat_template.jinja").write_text(template)
+    else:
+        config = json.loads((model / "tokenizer_config.json").read_text())
+        config["chat_template"] = template
+        (model / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def cut_weights(model: Path) -> None:
+    """Cut ``model``'s weights file short: its header promises more than is there."""
+    weights = model / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 3])
+
+
 # ------------------------------------------------------------------ probes
 async def delete_mid_stream(url: str, sources: dict[str, Path], args: argparse.Namespace) -> Probe:
     """Streams on DELETED, DELETE once each has a chunk; every stream ends well, the model stays gone."""
@@ -189,7 +231,7 @@ async def delete_mid_stream(url: str, sources: dict[str, Path], args: argparse.N
                 probe.check(r.status_code == 404 and openai_error(r.json()), f"chat on the deleted model: {r.status_code} {r.text[:200]}")
                 await asyncio.sleep(0.4)
             probe.check(DELETED not in await loaded(admin), f"{DELETED} loaded after its DELETE")
-            probe.check((await pull(admin, sources[DELETED], DELETED)).startswith("200"), "pull again failed")
+            await pull_again(probe, admin, sources)
     probe.notes["stream ends"] = {e: ends.count(e) for e in sorted(set(ends))}
     return probe
 
@@ -198,16 +240,7 @@ async def keep_alive_reload(url: str, sources: dict[str, Path], args: argparse.N
     """keep_alive 0 then a reload gives the same tokens; a re-pull with another template is counted afresh."""
     probe = Probe("keep_alive reload")
     user, admin = clients(url)
-    templated = work / "templated"
-    if not templated.exists():
-        shutil.copytree(sources[DELETED], templated)
-        template = "SYSTEM PREFIX WITH MANY EXTRA WORDS {% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-        if (templated / "chat_template.jinja").exists():  # (saved beside tokenizer_config.json, it wins)
-            (templated / "chat_template.jinja").write_text(template)
-        else:
-            config = json.loads((templated / "tokenizer_config.json").read_text())
-            config["chat_template"] = template
-            (templated / "tokenizer_config.json").write_text(json.dumps(config))
+    templated = changed_copy(sources[DELETED], work / "templated", long_template)
     async with user, admin:
         for i in range(args.rounds):
             source = sources[DELETED] if i % 2 == 0 else templated
@@ -267,7 +300,7 @@ async def responses_chain(url: str, sources: dict[str, Path], args: argparse.Nam
             probe.check(r.status_code == 200, f"stored response after its model's DELETE: {r.status_code} {r.text[:200]}")
             r = await user.get(f"/v1/responses/{first}/input_items")
             probe.check(r.status_code == 200, f"input items after the DELETE: {r.status_code} {r.text[:200]}")
-            probe.check((await pull(admin, sources[DELETED], DELETED)).startswith("200"), "pull again failed")
+            await pull_again(probe, admin, sources)
     return probe
 
 
@@ -275,12 +308,7 @@ async def failed_load(url: str, sources: dict[str, Path], args: argparse.Namespa
     """A model with damaged weights loaded while other loads and streams run: an OpenAI error; serving goes on."""
     probe = Probe("failed load")
     user, admin = clients(url)
-    broken = work / "broken"
-    if not broken.exists():
-        shutil.copytree(sources[DELETED], broken)
-        weights = broken / "model.safetensors"
-        data = weights.read_bytes()
-        weights.write_bytes(data[: len(data) // 3])  # cut short: the header promises more than is there
+    broken = changed_copy(sources[DELETED], work / "broken", cut_weights)
     async with user, admin:
         probe.check((await pull(admin, broken, BROKEN)).startswith("200"), "pull of the broken model failed")
         statuses: list[int] = []
@@ -326,7 +354,6 @@ async def delete_mid_load(url: str, sources: dict[str, Path], args: argparse.Nam
     """Requests that load DELETED, and its DELETE a moment later (before, during or after the load): it stays gone."""
     probe = Probe("delete mid-load")
     user, admin = clients(url)
-    outcomes: dict[int, int] = {}
     async with user, admin:
         for i in range(args.rounds * 3):
             await admin.post("/admin/models/unload", json={"model": DELETED})
@@ -337,7 +364,7 @@ async def delete_mid_load(url: str, sources: dict[str, Path], args: argparse.Nam
             r = await admin.delete(f"/v1/models/{DELETED}")
             probe.check(r.status_code == 200, f"DELETE: {r.status_code} {r.text[:200]}")
             for reply in await asyncio.gather(*calls[:2]):
-                outcomes[reply.status_code] = outcomes.get(reply.status_code, 0) + 1
+                probe.tally("chat statuses", reply.status_code)
                 if reply.status_code == 503:
                     probe.notes.setdefault("503s", []).append(reply.json()["error"]["message"][:160])
                 # (a 503 "unloaded as it finished loading; retry" told a waiter of the load to retry a removed model)
@@ -346,12 +373,10 @@ async def delete_mid_load(url: str, sources: dict[str, Path], args: argparse.Nam
             streamed = await calls[2]
             probe.check(streamed["end"] in ("done", "error") or (streamed["end"] == "status" and streamed.get("shaped")),
                         f"stream as its model is deleted ended {streamed}")
-            await asyncio.sleep(0.5)
-            probe.check(DELETED not in await loaded(admin), f"{DELETED} loaded after its DELETE (round {i})")
+            await not_loaded_later(probe, admin, f"round {i}")
             listed = {m["id"] for m in (await user.get("/v1/models")).json()["data"]}
             probe.check(DELETED not in listed, f"{DELETED} listed after its DELETE (round {i})")
-            probe.check((await pull(admin, sources[DELETED], DELETED)).startswith("200"), "pull again failed")
-    probe.notes["chat statuses"] = outcomes
+            await pull_again(probe, admin, sources)
     return probe
 
 
@@ -359,7 +384,6 @@ async def keep_alive_race(url: str, sources: dict[str, Path], args: argparse.Nam
     """A keep_alive 0 request and others right behind it: the later ones are served (reloading if need be), not cut."""
     probe = Probe("keep_alive expiry race")
     user, admin = clients(url)
-    outcomes: dict[str, int] = {}
     async with user, admin:
         for i in range(args.rounds * 3):
             first = asyncio.create_task(admin.post("/v1/chat/completions", json={"model": DELETED, **GREEDY, "keep_alive": 0}))
@@ -370,13 +394,11 @@ async def keep_alive_race(url: str, sources: dict[str, Path], args: argparse.Nam
             r = await first
             probe.check(r.status_code == 200, f"keep_alive 0 request: {r.status_code} {r.text[:200]}")
             for reply in await asyncio.gather(*later[:2]):
-                key = str(reply.status_code)
-                outcomes[key] = outcomes.get(key, 0) + 1
+                probe.tally("outcomes", str(reply.status_code))
                 probe.check(reply.status_code == 200, f"a request right after keep_alive 0: {reply.status_code} {reply.text[:300]}")
             streamed = await later[2]
-            outcomes["stream " + streamed["end"]] = outcomes.get("stream " + streamed["end"], 0) + 1
+            probe.tally("outcomes", "stream " + streamed["end"])
             probe.check(streamed["end"] == "done", f"a stream right after keep_alive 0 ended {streamed}")
-    probe.notes["outcomes"] = outcomes
     return probe
 
 
@@ -385,7 +407,6 @@ async def admin_load_vs_delete(url: str, sources: dict[str, Path], args: argpars
     model stays gone."""
     probe = Probe("admin load vs delete")
     user, admin = clients(url)
-    seen: dict[str, int] = {}
     async with user, admin:
         for i in range(args.rounds * 3):
             await admin.post("/admin/models/unload", json={"model": DELETED})
@@ -395,16 +416,13 @@ async def admin_load_vs_delete(url: str, sources: dict[str, Path], args: argpars
             r = await admin.delete(f"/v1/models/{DELETED}")
             probe.check(r.status_code == 200, f"DELETE: {r.status_code} {r.text[:200]}")
             r = await loading
-            key = f"load {r.status_code}"
-            seen[key] = seen.get(key, 0) + 1
+            probe.tally("answers", f"load {r.status_code}")
             probe.check(r.status_code in (200, 404) or (r.status_code == 503 and openai_error(r.json())),
                         f"admin load as the model is deleted: {r.status_code} {r.text[:300]}")
-            await asyncio.sleep(0.5)
-            probe.check(DELETED not in await loaded(admin), f"{DELETED} loaded after its DELETE (round {i}, {body})")
+            await not_loaded_later(probe, admin, f"round {i}, {body}")
             r = await user.post("/v1/chat/completions", json={"model": DELETED, **GREEDY})
             probe.check(r.status_code == 404, f"chat after the DELETE: {r.status_code} {r.text[:200]}")
-            probe.check((await pull(admin, sources[DELETED], DELETED)).startswith("200"), "pull again failed")
-    probe.notes["answers"] = seen
+            await pull_again(probe, admin, sources)
     return probe
 
 
@@ -412,7 +430,6 @@ async def embeddings_unload(url: str, sources: dict[str, Path], args: argparse.N
     """Embeddings while the admin unloads the embedding model: 200 or a 503 to retry, never a 5xx else."""
     probe = Probe("embeddings unload")
     user, admin = clients(url)
-    seen: dict[int, int] = {}
     async with user, admin:
         for _ in range(args.rounds * 3):
             calls = [user.post("/v1/embeddings", json={"model": EMBEDDER, "input": ["a b c"] * 8}) for _ in range(3)]
@@ -420,12 +437,11 @@ async def embeddings_unload(url: str, sources: dict[str, Path], args: argparse.N
             await asyncio.sleep(0.05)
             await admin.post("/admin/models/unload", json={"model": EMBEDDER})
             for r in await asyncio.gather(*tasks):
-                seen[r.status_code] = seen.get(r.status_code, 0) + 1
+                probe.tally("statuses", r.status_code)
                 probe.check(r.status_code == 200 or (r.status_code == 503 and openai_error(r.json())),
                             f"embeddings under an unload: {r.status_code} {r.text[:300]}")
                 if r.status_code == 200:
                     probe.check(len(r.json()["data"]) == 8, "vectors missing")
-    probe.notes["statuses"] = seen
     return probe
 
 
@@ -553,14 +569,10 @@ def log_records(log: str) -> list[str]:
 
 def markdown(result: dict[str, Any]) -> str:
     """The results as a markdown report."""
-    lines = [f"# Lifecycle races ({result['rounds']} rounds, {result['streams']} streams at each cut; tiny Llama, CPU)", "",
-             f"{result['when']}, commit {result['commit']}, {result['cpus']} CPUs, `{result['command']}`", "",
-             "| probe | findings | notes |", "|---|---:|---|"]
-    for p in result["probes"]:
-        lines.append(f"| {p['name']} | {len(p['findings'])} | {json.dumps(p['notes'])[:300]} |")
-    lines += ["", "| check | result | ok |", "|---|---|---|"]
-    for check in result["checks"]:
-        lines.append(f"| {check['name']} | {check['value']} | {'yes' if check['ok'] else '**NO**'} |")
+    title = f"Lifecycle races ({result['rounds']} rounds, {result['streams']} streams at each cut; tiny Llama, CPU)"
+    lines = report_head(title, result) + ["| probe | findings | notes |", "|---|---:|---|"]
+    lines += [f"| {p['name']} | {len(p['findings'])} | {json.dumps(p['notes'])[:300]} |" for p in result["probes"]]
+    lines += ["", *check_table(result["checks"])]
     found = [f"- {p['name']}: {f}" for p in result["probes"] for f in p["findings"][:4]]
     return "\n".join(lines + (["", "Findings:", *found] if found else []) + [""])
 

@@ -43,7 +43,7 @@ from typing import Any, Awaitable, Callable
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from child_server import ROOT, TINY, ChildServer, commit, tiny_store, write_results  # noqa: E402
+from child_server import ROOT, TINY, ChildServer, check_table, commit, report_head, tiny_store, write_results  # noqa: E402
 from soak_lifecycle import (ADMIN_KEY, USER_KEYS, KeyedServer, admin_loop, is_cut, lifecycle_store,  # noqa: E402
                             server_env, usage_left, user_scenarios)
 
@@ -370,14 +370,11 @@ def rss_growth(series: list[tuple[float, int]]) -> tuple[int, int]:
 
 def markdown(result: dict[str, Any]) -> str:
     """The results as a markdown report."""
-    lines = [f"# Soak: {result['clients']} clients for {result['seconds']:.0f} s (tiny Llama, CPU)", "",
-             f"{result['when']}, commit {result['commit']}, {result['cpus']} CPUs, `{result['command']}`", "",
-             "| scenario | runs | failed | cut (503/404, --lifecycle) | p50 s |", "|---|---:|---:|---:|---:|"]
+    lines = report_head(f"Soak: {result['clients']} clients for {result['seconds']:.0f} s (tiny Llama, CPU)", result)
+    lines += ["| scenario | runs | failed | cut (503/404, --lifecycle) | p50 s |", "|---|---:|---:|---:|---:|"]
     for row in result["scenarios"]:
         lines.append(f"| {row['scenario']} | {row['runs']} | {row['failed']} | {row.get('cut', 0)} | {row['p50_s']} |")
-    lines += ["", "| check | result | ok |", "|---|---|---|"]
-    for check in result["checks"]:
-        lines.append(f"| {check['name']} | {check['value']} | {'yes' if check['ok'] else '**NO**'} |")
+    lines += ["", *check_table(result["checks"])]
     failures = [f"- {row['scenario']}: {f}" for row in result["scenarios"] for f in row["first_failures"]]
     return "\n".join(lines + (["", "First failures:", *failures] if failures else []) + [""])
 
