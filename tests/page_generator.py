@@ -318,7 +318,8 @@ def load_cpu_pages_v2_model(spec: ModelSpec, *, paged: bool, step_cost: StepCost
     draft = open_draft(exllamav2, opts, cache_tokens, paged, config.max_seq_len, int(config.vocab_size))
     vocab = (int(config.vocab_size) + 31) // 32 * 32  # the generator's padded vocabulary
     for m, c in [(model, cache)] + ([draft] if draft else []):
-        m.forward_chunk = _v2_forward_stand_in(vocab, step_cost if m is model else None, int(m.config.max_seq_len))
+        positions = min(int(m.config.max_seq_len), _load_learned_positions(m))
+        m.forward_chunk = _v2_forward_stand_in(vocab, step_cost if m is model else None, positions)
         # no K/V tensors to copy a partial page between, or to rotate when the page table is defragmented
         c.copy_states = lambda *args, **kwargs: None
         c.all_tensors = lambda: []
@@ -327,6 +328,25 @@ def load_cpu_pages_v2_model(spec: ModelSpec, *, paged: bool, step_cost: StepCost
                                           **v2_generator_kwargs(opts, ctx, paged, draft))
     return build_v2_model(spec, Path(spec.path), config=config, opts=opts, ctx=ctx, paged=paged,
                           cache_tokens=cache_tokens, model=model, draft=draft, generator=generator, memory_bytes=0)
+
+
+def _load_learned_positions(model: Any) -> int:
+    """Rows of the model's learned position table (GPT-2, GPTBigCode), loaded by exllamav2's own ``load`` with the
+    weight's shape from the file (not its data: a GPU read), so its check of ``max_seq_len`` against the table
+    runs; no limit (a large number) for a model with rotary positions."""
+    import torch
+    from exllamav2.pos_embedding import ExLlamaV2PosEmbedding
+    from exllamav2.stloader import STFile
+
+    rows = 1 << 62
+    for module in model.modules:
+        if isinstance(module, ExLlamaV2PosEmbedding):
+            key = module.key + ".weight"
+            shape = STFile.open(model.config.tensor_file_map[key], keymap=model.config.arch.keymap).header[key]["shape"]
+            module.load_weight = lambda: torch.nn.Parameter(torch.empty(shape, dtype=torch.half), requires_grad=False)
+            module.load()  # AssertionError past the table, as on a GPU
+            rows = min(rows, int(module.native_ctx_size))
+    return rows
 
 
 def _v2_forward_stand_in(vocab: int, step_cost: StepCost | None = None, seq_len: int | None = None) -> Any:

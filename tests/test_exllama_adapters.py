@@ -113,7 +113,7 @@ def test_exllamav2_gets_room_for_the_last_token_and_the_whole_draft_window():
     (False, 4, 0, False, (2048, 2304, 2304)),  # unpaged the one page holds context and window: 2,052 -> 2,304
     (True, 4, 2048, False, (2044, 2048, 2048)),  # a configured cache bounds context + window
     (False, 4, 2048, False, (2044, 2048, 2048)),
-    (True, 4, 0, True, (2045, 2048, 65536)),  # YaRN/su: max_seq_len kept (it sets the frequencies): context shorter
+    (True, 4, 0, True, (2045, 2048, 65536)),  # YaRN/su, learned positions: max_seq_len kept: context shorter
     (False, 4, 0, True, (2044, 2048, 2048)),
     (True, 1, 0, False, (2048, 2048, 65536)),  # a window of one reaches no position past the context
 ])
@@ -121,7 +121,7 @@ def test_exllamav2_plans_context_tables_and_cache_for_the_draft_window(paged, wi
     from xllm_jupyter.backends.exllamav2_plan import plan_cache
 
     opts = exllama_options({"cache_tokens": cache_tokens})
-    got = plan_cache(opts, 2048, paged=paged, window=window, rope_follows_length=rope)
+    got = plan_cache(opts, 2048, paged=paged, window=window, length_fixed=rope)
     assert (got.context, got.seq_len, got.cache_tokens) == plan
     # what a job of the whole context asks (context + window) fits the cache's pages, its last window's
     # positions (up to context + window - 2) the RoPE tables

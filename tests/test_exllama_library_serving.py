@@ -468,6 +468,58 @@ def test_exllamav2_serves_every_token_of_a_full_context_while_drafting(tiny_llam
         assert model.details()["speculative"]["accepted"] > 0
 
 
+def tiny_gpt2(out, tokenizer_dir):
+    """A random-weight 1-layer GPT-2 (a learned table of 1,024 positions) as exllamav2 reads one: the original
+    checkpoint's key names (no ``transformer.`` prefix), the tiny Llama's tokenizer."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    vocab = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
+    config = GPT2Config(vocab_size=vocab, n_embd=64, n_layer=1, n_head=4, n_positions=1024,
+                        architectures=["GPT2LMHeadModel"])
+    torch.manual_seed(0)
+    weights = GPT2LMHeadModel(config).state_dict()
+    out.mkdir()
+    config.save_pretrained(str(out))
+    save_file({k.removeprefix("transformer."): v.contiguous() for k, v in weights.items() if k.startswith("transformer.")},
+              str(out / "model.safetensors"), metadata={"format": "pt"})
+    for f in tokenizer_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["exllamav2-paged", "exllamav2-unpaged"])
+def test_exllamav2_drafting_keeps_a_learned_position_table_within_its_rows(tiny_llama_dir, tmp_path, kind):
+    """A learned position table (GPT-2, GPTBigCode) has the model's rows only, and exllamav2's load refuses a
+    max_seq_len past them: drafting keeps max_seq_len (1,024) and serves a context shorter by the window, as
+    for YaRN. The plan for rotary models (max_seq_len 1,280 for the window's positions) failed the load; the
+    memory estimate plans the same."""
+    require_kind(kind)
+    from xllm_jupyter.backends import exllamav2_plan as v2
+    from xllm_jupyter.backends.base import BackendOptions
+    from xllm_jupyter.backends.exllama_common import ExllamaOptions
+    from xllm_jupyter.core.types import FinishReason
+
+    model_dir = tiny_gpt2(tmp_path / "gpt2", tiny_llama_dir)
+    options = {"ngram_draft": 2, "num_draft_tokens": 4, "cache_tokens": 0}
+    model = load(kind, model_dir, **options)
+    paged = kind == "exllamav2-paged"
+    assert (model.context_length, model._model.config.max_seq_len) == ((1021 if paged else 1020), 1024)
+    for answer in (40, 1):
+        events = generate(model, [100 + i % 50 for i in range(model.context_length - answer)], answer, job_id=answer)
+        assert events[-1].completion_tokens == answer and events[-1].finish == FinishReason.LENGTH
+    assert pages_held(model) == 0
+    opts = ExllamaOptions.from_options(BackendOptions(**options))
+    config = json.loads((model_dir / "config.json").read_text())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(v2, "runs_paged", lambda config: paged)
+        assert v2.estimated_cache_tokens(opts, config, 4) == int(model.generator.cache.max_seq_len)
+
+
 @pytest.mark.parametrize("kind", ["exllamav2-paged", "exllamav2-unpaged"])
 @pytest.mark.parametrize(("options", "tokens"), [
     ({}, {"paged": 65536, "unpaged": 2048}),

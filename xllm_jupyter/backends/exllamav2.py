@@ -229,7 +229,8 @@ def open_model(exllamav2: Any, path: Path, opts: ExllamaOptions,
     paged = paged and not config.no_flash_attn
     plan = plan_cache(opts, int(config.max_seq_len or 4096), paged=paged,
                       window=draft_window(exllamav2, opts, int(config.vocab_size)),
-                      rope_follows_length=config.alt_rope_method in LENGTH_DEPENDENT_ROPE)
+                      length_fixed=config.alt_rope_method in LENGTH_DEPENDENT_ROPE
+                      or bool(config.arch.lm.keys.get("learned_pos_emb")))
     # the cache, and prefill chunks below 2,048 tokens (the model's input size follows the context),
     # must be whole pages; we serve ``plan.context`` tokens of it
     config.max_seq_len = plan.seq_len

@@ -22,6 +22,9 @@ def round_to_pages(tokens: int) -> int:
 #: exllamav2's RoPE methods whose frequencies it derives from ``max_seq_len`` itself (``rope.py``: YaRN's
 #: correction range and when it starts, su/longrope's long or short factors), not only the tables' length
 LENGTH_DEPENDENT_ROPE = ("su", "yarn")
+#: architectures exllamav2 gives a learned position table (``architecture.py``: ``learned_pos_emb``); its load
+#: refuses a ``max_seq_len`` past the table's rows (``pos_embedding.py``)
+LEARNED_POSITIONS = ("GPT2LMHeadModel", "GPTBigCodeForCausalLM")
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ class CachePlan:
 
 
 def plan_cache(opts: ExllamaOptions, model_context: int, *, paged: bool, window: int,
-               rope_follows_length: bool = False) -> CachePlan:
+               length_fixed: bool = False) -> CachePlan:
     """The context, ``max_seq_len`` and cache for ``opts`` such that a job that fills the context gets every
     token it asks for, with ``window`` draft tokens per step (0 when not drafting).
 
@@ -46,12 +49,13 @@ def plan_cache(opts: ExllamaOptions, model_context: int, *, paged: bool, window:
     window of drafts, at positions up to P + T + window - 2 (the draft model's loop writes the same ones):
     the RoPE tables (``max_seq_len`` long) must reach the context and window - 1 more. Without a window all
     of this is one context, as before. A configured ``cache_tokens`` bounds the context and the window
-    (``serving_context``). For YaRN and su scaling ``max_seq_len`` changes the frequencies themselves, so
-    it stays what it is without drafting and the context served is shorter by the window instead.
+    (``serving_context``). ``length_fixed``: ``max_seq_len`` may not grow for the window (YaRN and su
+    scaling derive their frequencies from it; a learned position table has only the model's rows), so it
+    stays what it is without drafting and the context served is shorter by the window instead.
     """
     past = window if not paged else max(window - 1, 0)  # tokens the last step reaches past the context
     context = opts.serving_context(model_context, window)
-    if rope_follows_length:
+    if length_fixed:
         seq_len = round_to_pages(opts.serving_context(model_context))
         context = max(1, min(context, seq_len - past))
     else:
@@ -66,8 +70,9 @@ _SEQ_LEN_KEYS = ("max_sequence_length", "model_max_length", "max_position_embedd
 def estimated_cache_tokens(opts: ExllamaOptions, config: Mapping[str, Any], window: int) -> int:
     """The cache tokens a load of the model with this ``config.json`` allocates (``plan_cache``), told without
     importing exllamav2 (that may compile its kernels; the estimate runs before any load)."""
-    plan = plan_cache(opts, config_seq_len(config), paged=runs_paged(config), window=window,
-                      rope_follows_length=rope_type(config) in ("su", "longrope", "yarn"))
+    architecture = (config.get("architectures") or [None])[0]  # (exllamav2 reads the first, and only, one)
+    fixed = rope_type(config) in ("su", "longrope", "yarn") or architecture in LEARNED_POSITIONS
+    plan = plan_cache(opts, config_seq_len(config), paged=runs_paged(config), window=window, length_fixed=fixed)
     return plan.cache_tokens
 
 
