@@ -189,7 +189,22 @@ def test_exllamav2_below_its_greedy_temperature_the_job_divides_the_logits():
     sampling = SamplingParams(temperature=0.005, logit_bias={3: 1.0}, top_k=2)
     out = cut(logits, sampling)
     assert kept(out) == {0, 1}
-    assert torch.allclose(out[:2], logits[:2] / 0.005)
+    assert torch.allclose(out[:2], (logits[:2] - 2.0) / 0.005)  # (shifted by the largest logit: out of overflow)
     assert v2_sampler_fields(sampling)["temperature"] == 1.0
     # at 0.01 and above the library's own temperature serves: the row is not divided
     assert torch.equal(cut(logits, SamplingParams(temperature=0.01)), logits)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_exllamav2_a_tiny_temperature_cannot_overflow_the_logits(top_p):
+    """Dividing raw logits by 1e-38 overflows float32 (30 / 1e-38 = +inf, and the library's softmax then takes
+    inf - inf = NaN: any token). The job shifts each row by its largest logit first: the same distribution,
+    whose limit is the argmax."""
+    logits = torch.tensor([30.0, 29.9, -3.0, 0.0])
+    out = cut(logits, SamplingParams(temperature=1e-38, top_p=top_p))
+    assert not torch.isnan(out).any() and not torch.isposinf(out).any()
+    assert out[0] == 0.0 and out.argmax() == 0 and (top_p == 1.0 or kept(out) == {0})
+    assert torch.softmax(out, dim=-1).tolist() == [1.0, 0.0, 0.0, 0.0]
+    # a temperature the division represents keeps the distribution it had: only shifted by the maximum
+    out = cut(logits, SamplingParams(temperature=0.005))
+    assert torch.allclose(torch.softmax(out, -1), torch.softmax(logits / 0.005, -1)) and out.max() == 0.0

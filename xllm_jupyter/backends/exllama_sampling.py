@@ -187,13 +187,21 @@ class LogitsV2:
         for row in _rows(logits):
             if self.xllm_bias is not None:
                 row.index_add_(0, self.xllm_bias[0].to(row.device), self.xllm_bias[1].to(row.device, row.dtype))
+            if self.xllm_filters is None and not self.xllm_divide:
+                continue
+            real = row[: self.xllm_vocab]  # the rest is padding to a multiple of 32: no token
+            # shifted by the row's largest logit (the same distribution, and what the library's softmax does
+            # too): divided as they are by a tiny temperature (1e-38), logits overflow float32 to +inf, and
+            # inf - inf is NaN in the softmax of the cuts and of the library's draw
+            top = real.max()
+            shift = top if bool(torch.isfinite(top)) else 0.0
             if self.xllm_filters is not None:
-                real = row[: self.xllm_vocab]  # the rest is padding to a multiple of 32: no token
-                kept = filter_logits((real.float() / self.xllm_temperature).unsqueeze(0), self.xllm_filters)[0]
+                kept = filter_logits(((real.float() - shift) / self.xllm_temperature).unsqueeze(0),
+                                     self.xllm_filters)[0]
                 real.masked_fill_(~torch.isfinite(kept), float("-inf"))
-                row[self.xllm_vocab:] = float("-inf")
+            row[self.xllm_vocab:] = float("-inf")  # (padding past the maximum would overflow in its place)
             if self.xllm_divide:
-                row.div_(self.xllm_temperature)
+                real.sub_(shift).div_(self.xllm_temperature)
 
 
 class RawLogprobsV2:
