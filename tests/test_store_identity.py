@@ -218,19 +218,22 @@ def test_two_replacing_a_copy_s_id_at_once_report_the_one_it_keeps(tmp_path, mon
     copy = tmp_path / "b"
     real_replace = os.replace
     rival: dict[str, str | None] = {}
+    askers: list[threading.Thread] = []
 
     def replace_after_a_rival(src, dst):
         if not rival and str(dst).endswith(STORE_ID_NAME):
             rival["id"] = None
             asker = threading.Thread(target=lambda: rival.update(id=store_id(copy)))
+            askers.append(asker)
             asker.start()
             asker.join(2)  # it either replaces first (as before) or waits its turn (then it ends after ours)
-            real_replace(src, dst)
-            asker.join(60)
-            return None
+            return real_replace(src, dst)
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace_after_a_rival)
     mine = store_id(copy)
+    for asker in askers:  # (after ours has let go of its turn: joined inside it, a rival waiting its turn never ends)
+        asker.join(60)
+        assert not asker.is_alive()
     assert mine is not None and mine != original.store_id()
     assert rival["id"] == mine == read_store_id(copy) == store_id(copy)
