@@ -171,6 +171,20 @@ def test_temperature_sharpens_and_filters_restrict_choices():
     assert {sample(logits.clone(), [cold], [None]).token_ids[0] for _ in range(20)} == {0}
 
 
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-37, 1e-6])
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_a_tiny_temperature_takes_the_most_likely_token(temperature, top_p):
+    """Logits over 1e-38 overflowed to +inf: the softmax was NaN and any token came out (3 here, every seed)."""
+    logits = torch.tensor([[0.5, 1.0, 30.0, 29.9, 0.0, -1.0, 0.0, 0.0]])  # (a model's logits run to 30 and more)
+    picks = {sample(logits.clone(), [sampler(temperature=temperature, top_p=top_p, seed=seed)], [None]).token_ids[0]
+             for seed in range(20)}
+    assert picks == {2}
+    # a row at an ordinary temperature beside it keeps its own distribution (the shift changes no probability)
+    warm = [sample(logits.clone().repeat(2, 1), [sampler(temperature=temperature), sampler(temperature=1.0, seed=s)],
+                   [None, None]).token_ids for s in range(60)]
+    assert {w[0] for w in warm} == {2} and {w[1] for w in warm} == {2, 3}
+
 def test_logprobs_come_from_raw_logits():
     logits = torch.tensor([[0.0, 2.0, 1.0, 0, 0, 0, 0, 0]])
     raw = torch.log_softmax(logits[0], -1)

@@ -302,10 +302,22 @@ def sample(logits: torch.Tensor, samplers: Sequence[JobSampler], top_logprobs: S
     return SampleResult(token_ids, out, bad_rows)
 
 
+#: below this temperature a row is shifted by its largest logit before the division (see ``_draw``)
+TINY_TEMPERATURE = 1e-3
+
+
 def _draw(samplers: Sequence[JobSampler], logits: torch.Tensor) -> torch.Tensor:
     """Temperature, filters, then one draw per row from its own generator."""
     device = logits.device
-    temps = to_device([s.params.temperature for s in samplers], device, logits.dtype)
+    wanted = [s.params.temperature for s in samplers]
+    if min(wanted) < TINY_TEMPERATURE:
+        # logits over a tiny temperature (1e-38) overflow to +inf, and the softmax of a row holding +inf is NaN: any
+        # token. Shifted by its largest logit first, a row keeps its distribution and tops out at 0; the floor keeps a
+        # temperature that rounds to 0 in the logits' dtype (float16 below ~6e-8) from dividing 0 by 0
+        logits = logits - logits.amax(dim=-1, keepdim=True)
+        floor = torch.finfo(logits.dtype).tiny
+        wanted = [max(t, floor) for t in wanted]
+    temps = to_device(wanted, device, logits.dtype)
     logits = logits / temps.unsqueeze(-1)
     f = Filters.of([s.params for s in samplers], logits.shape[-1])
     # Inverse-CDF draw: one uniform per row from that row's own generator, so other rows
