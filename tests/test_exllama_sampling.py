@@ -13,7 +13,12 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from xllm_jupyter.backends.exllama_common import v2_sampler_fields  # noqa: E402
-from xllm_jupyter.backends.exllama_sampling import AnswerPenaltiesV2, LogitsV2, RawLogprobsV2  # noqa: E402
+from xllm_jupyter.backends.exllama_sampling import (  # noqa: E402
+    AnswerPenaltiesV2,
+    LogitsV2,
+    RawLogprobsV2,
+    v3_sampler_steps,
+)
 from xllm_jupyter.backends.sampling import (  # noqa: E402
     Filters,
     apply_presence_frequency,
@@ -208,3 +213,19 @@ def test_exllamav2_a_tiny_temperature_cannot_overflow_the_logits(top_p):
     # a temperature the division represents keeps the distribution it had: only shifted by the maximum
     out = cut(logits, SamplingParams(temperature=0.005))
     assert torch.allclose(torch.softmax(out, -1), torch.softmax(logits / 0.005, -1)) and out.max() == 0.0
+
+
+@pytest.mark.parametrize("top_p, min_p", [(1.0, 0.0), (0.9, 0.05)])
+@pytest.mark.parametrize("temperature", [1e-38, 1e-300, 5e-324])
+def test_exllamav3_a_tiny_temperature_keeps_the_logits_finite(temperature, top_p, min_p):
+    """exllamav3's temperature step divides float32 logits (30 over 1e-38 is +inf: a NaN softmax, any token) and its
+    fused kernel multiplies by 1/T in float32: both stay finite, and the largest logit stays the one on top."""
+    steps = dict(v3_sampler_steps(SamplingParams(temperature=temperature, top_p=top_p, min_p=min_p)))
+    (t,) = steps["SS_Temperature"]
+    logits = torch.tensor([30.0, 29.9, -1e4, 1e4], dtype=torch.float32)
+    tempered = logits / t
+    inv = torch.tensor(1.0 / t, dtype=torch.float32)
+    assert torch.isfinite(tempered).all() and torch.isfinite(inv) and int(tempered.argmax()) == 3
+    assert torch.isfinite((logits - logits.max()) * inv).all()
+    assert tempered.softmax(-1)[3] == 1.0
+    assert dict(v3_sampler_steps(SamplingParams(temperature=0.7)))["SS_Temperature"] == (0.7,)  # others untouched

@@ -40,6 +40,10 @@ from .exllama_common import V2_MIN_TEMPERATURE
 
 #: the smallest top-p honoured (as ``sampling.Filters``: top_p <= 0 keeps the top token, not none)
 MIN_TOP_P = 1e-6
+#: the smallest temperature handed to exllamav3: its temperature step divides float32 logits in place (30 over 1e-38
+#: is +inf, and the softmax after it NaN: any token) and its fused kernel multiplies by 1/T (inf past ~3e-39, and
+#: 0 * inf at the top logit); below this every logit gap a float32 can hold still decides, as at any tinier one
+V3_MIN_TEMPERATURE = 1e-30
 
 
 def v3_sampler_steps(s: SamplingParams) -> list[tuple[str, tuple[Any, ...]]]:
@@ -60,12 +64,13 @@ def v3_sampler_steps(s: SamplingParams) -> list[tuple[str, tuple[Any, ...]]]:
         return [*head, ("SS_Argmax", ())]
     top_p, min_p = min(max(float(s.top_p), MIN_TOP_P), 1.0), min(max(float(s.min_p), 0.0), 1.0)
     cuts: list[tuple[str, tuple[Any, ...]]] = [("SS_TopK", (max(0, int(s.top_k)),)), ("SS_TopP", (top_p,))]
+    temperature = max(float(s.temperature), V3_MIN_TEMPERATURE)
     if top_p == 1.0 or min_p == 0.0:
-        return [*head, ("SS_Temperature", (float(s.temperature),)), ("SS_MinP", (min_p,)), *cuts, ("SS_Sample", ())]
+        return [*head, ("SS_Temperature", (temperature,)), ("SS_MinP", (min_p,)), *cuts, ("SS_Sample", ())]
     # step by step (not fusable): a first SS_Sort copies the logits. Were the temperature first, it would divide
     # float32 logits in place (SS_Temperature on its INIT state), and the job's logprobs, a softmax of the same
     # tensor taken after sampling, would be the tempered distribution's (exllamav3 1.6.5 ``Job.receive_logits``)
-    return [*head, ("SS_Sort", ()), ("SS_Temperature", (float(s.temperature),)), *cuts, ("SS_MinP", (min_p,)),
+    return [*head, ("SS_Sort", ()), ("SS_Temperature", (temperature,)), *cuts, ("SS_MinP", (min_p,)),
             ("SS_Sample", ())]
 
 
