@@ -5,29 +5,13 @@ and the model that stopped load's thread finishes with is unloaded without touch
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import threading
 
 from xllm_jupyter.core.config import EngineConfig
 from xllm_jupyter.engine.engine import Engine
 
-from .fake_backend import FakeBackend, FakeCatalog, FakeEmbeddingModel
-
-#: how long a test waits for what must happen at once before it calls it a hang (not a timing check)
-HANG = 30
-
-
-class _Embedders(FakeCatalog):
-    def resolve(self, name):
-        return dataclasses.replace(super().resolve(name), task="embedding")
-
-
-class _Vectors(FakeEmbeddingModel):
-    def __init__(self) -> None:
-        self.unloaded = threading.Event()
-
-    def unload(self) -> None:
-        self.unloaded.set()
+from .fake_backend import FakeBackend
+from .test_embedding_load_stop import HANG, _Embedders, _Vectors
 
 
 async def test_a_restart_after_a_stop_mid_load_loads_the_embedding_model_again():
