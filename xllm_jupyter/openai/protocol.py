@@ -170,7 +170,8 @@ class _SamplingFields(StrictModel):
 
 
 #: fields that would change the output if honoured; rejected rather than silently ignored
-_CHAT_UNSUPPORTED = ("functions", "function_call", "audio", "prediction", "web_search_options", "reasoning_effort")
+_CHAT_UNSUPPORTED = ("functions", "function_call", "audio", "prediction", "web_search_options", "reasoning_effort",
+                     "moderation")  # moderated completions: a "block" policy would be silently unenforced
 #: OpenAI's default verbosity: asking for it changes nothing, so it is accepted; any other level is a 400
 DEFAULT_VERBOSITY = "medium"
 

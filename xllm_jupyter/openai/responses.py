@@ -30,7 +30,9 @@ from .response_stream import Event, ResponseEventStream
 #: chat fields a Responses body may carry as xllm extensions (e.g. ``extra_body``); same names and checks as chat
 _CHAT_EXTENSIONS = ("stop", "seed", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "ignore_eos")
 #: Responses features that would change the result if honoured; rejected rather than ignored
-_UNSUPPORTED = ("conversation", "prompt", "background", "reasoning", "max_tool_calls")
+_UNSUPPORTED = ("conversation", "prompt", "background", "reasoning", "max_tool_calls", "moderation", "context_management")
+#: ``background_options.completion_window`` values that need ``background: true`` (unsupported here)
+_BACKGROUND_WINDOWS = ("2h", "8h")
 #: ``include`` values honoured: output text logprobs, and reasoning items' encrypted content (this server makes
 #: no reasoning items, so there is never any: clients such as Codex ask for it with every ``store: false`` request)
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
@@ -45,6 +47,24 @@ def check_include(values: Sequence[str]) -> None:
         if value not in _INCLUDABLE:
             raise Unsupported(f"include value {shown(value)} is not supported by this server; it supports "
                               + " and ".join(repr(v) for v in _INCLUDABLE), param=f"include[{i}]")
+
+
+class ResponsesPromptCacheOptions(PromptCacheOptions):
+    """Responses' ``prompt_cache_options``: chat's, plus the longer ``ttl``, ``prewarm`` and ``comparison_response_id``."""
+
+    ttl: Literal["30m", "12h"] | None = None  # type: ignore[assignment]  # Responses allows 12h; chat only 30m
+    prewarm: bool | None = None
+    comparison_response_id: str | None = None
+
+    def check(self) -> None:
+        """400 for ``prewarm: true``: it asks for no output, and this server would generate one anyway."""
+        if self.prewarm:
+            raise Unsupported("'prompt_cache_options.prewarm' is not supported by this server (it has no prompt cache "
+                              "to prepare without generating)", param="prompt_cache_options.prewarm")
+
+    def echo(self) -> dict[str, Any]:
+        """As the Response shows it: the SDK's type requires ``mode`` and ``ttl``, so their defaults fill them."""
+        return {"mode": self.mode or "implicit", "ttl": self.ttl or "30m", "comparison_response_id": self.comparison_response_id}
 
 
 def _is_set(value: Any) -> bool:
@@ -79,7 +99,7 @@ class ResponsesRequest(StrictModel):
     # hints to api.openai.com's prompt cache and abuse checks: typed and echoed as there, nothing here to change
     prompt_cache_key: str | None = None
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
-    prompt_cache_options: PromptCacheOptions | None = None
+    prompt_cache_options: ResponsesPromptCacheOptions | None = None
     safety_identifier: str | None = None
 
     def check(self) -> None:
@@ -88,6 +108,13 @@ class ResponsesRequest(StrictModel):
         for name in _UNSUPPORTED:
             if _is_set(extra.get(name)):
                 raise Unsupported(f"'{name}' is not supported by this server yet", param=name)
+        background = extra.get("background_options")
+        if isinstance(background, dict) and background.get("completion_window") in _BACKGROUND_WINDOWS:
+            raise Unsupported(f"'background_options.completion_window' {shown(background['completion_window'])} needs "
+                              "'background': true, which this server does not support",
+                              param="background_options.completion_window")
+        if self.prompt_cache_options is not None:
+            self.prompt_cache_options.check()
         check_include(self.include or ())
         check_metadata(self.metadata)
         check_verbosity((self.text or {}).get("verbosity"), "text.verbosity")  # was accepted and ignored
@@ -196,7 +223,7 @@ class Turn:
             "service_tier": served_tier(req.service_tier),
             "prompt_cache_key": req.prompt_cache_key,
             "prompt_cache_retention": req.prompt_cache_retention,
-            "prompt_cache_options": req.prompt_cache_options.model_dump(exclude_unset=True) if req.prompt_cache_options else None,
+            "prompt_cache_options": req.prompt_cache_options.echo() if req.prompt_cache_options else None,
             "safety_identifier": req.safety_identifier,
         }
 
