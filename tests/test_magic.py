@@ -535,4 +535,4 @@ def test_quoted_option_values_of_every_option_lose_their_quotes(shell, received)
     assert meta["format"] == "text" and meta["parameters"] == {"temperature": 0.0, "max_tokens": 3} and meta["seed"] == 5
     with capture_output() as cap:
         shell.run_line_magic("xllm", "--max-tokens 'three' Say hi")
-    assert cap.stderr == "xllm: argument --max-tokens: invalid int value: \"'three'\"\n"
+    assert cap.stderr == "xllm: argument --max-tokens: invalid int value: 'three'\n"

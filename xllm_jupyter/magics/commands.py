@@ -222,8 +222,8 @@ class Commands:
                     progress.update(event)
             if not result:
                 raise XllmError("the server ended the pull without saying it succeeded")
-        except BaseException:
-            progress.fail()  # no bar left "starting…" above the error line
+        except BaseException as exc:  # no bar left "starting…" above the error line, in the cell or its saved notebook
+            progress.fail("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
             raise
         finally:
             events.close()  # an interrupt closes the response now, so the server stops the pull

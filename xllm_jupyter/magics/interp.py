@@ -37,8 +37,8 @@ class _KeepUnknown(dict):
 
 
 def interpolate(text: str, namespace: Mapping[str, Any]) -> str:
-    """Fill ``{var}`` from ``namespace``; unknown names and text that is not a template stay as-is."""
-    if "{" not in text:
+    """Fill ``{var}`` from ``namespace`` (``{{``/``}}``: a literal brace); unknown names and text that is not a template stay as-is."""
+    if "{" not in text and "}" not in text:  # `}}` alone is a template too: one brace, as beside a `{name}`
         return text
     try:
         return text.format_map(_KeepUnknown(namespace))

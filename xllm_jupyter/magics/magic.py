@@ -19,13 +19,13 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class, needs_local_scope, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments
-from IPython.utils.process import arg_split
 
 from ..client.base import can_chat, listed
 from ..core.errors import ModelNotFound, XllmError
 from .ask import Question, ask
 from .commands import Commands
 from .interp import interpolate
+from .line import Word, words
 from .render import FORMATS, Reply, error
 from .session import MagicState
 from .verbs import SHAPES, is_command, split
@@ -33,17 +33,10 @@ from .verbs import SHAPES, is_command, split
 log = logging.getLogger("xllm_jupyter.magics")
 
 
-def _unquoted(value: str) -> str:
-    """An option's value without the quotes around it: IPython splits the line keeping them (``'"You are terse"'``)."""
-    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-        return value[1:-1]
-    return value
-
-
 def _finite(text: str) -> float:
     """``-t``'s value: a finite number (``float`` takes "nan" and "inf", which no request can carry)."""
     try:
-        value = float(_unquoted(text))
+        value = float(text)
     except ValueError:
         value = math.nan
     if not math.isfinite(value):
@@ -52,9 +45,9 @@ def _finite(text: str) -> float:
 
 
 def _whole(text: str) -> int:
-    """``--max-tokens``' and ``--seed``'s value: an integer, quoted or not (``--max-tokens '3'``)."""
+    """``--max-tokens``' and ``--seed``'s value: an integer (quoted or not: the line's split takes quotes off)."""
     try:
-        return int(_unquoted(text))
+        return int(text)
     except ValueError:
         raise ArgumentTypeError(f"invalid int value: {text!r}") from None
 
@@ -78,7 +71,7 @@ class XllmMagics(Magics):
     @argument("-s", "--system", help="System prompt.")
     @argument("-t", "--temperature", type=_finite, help="Sampling temperature (0 = greedy).")
     @argument("--max-tokens", type=_whole, help="Most tokens to generate.")
-    @argument("-f", "--format", type=_unquoted, choices=FORMATS, help="How to show the answer: markdown (default), code, json (constrained and validated) or text.")
+    @argument("-f", "--format", choices=FORMATS, help="How to show the answer: markdown (default), code, json (constrained and validated) or text.")
     @argument("-o", "--out", metavar="VAR", help="Also store the answer in this variable (json: the parsed value; code: the code).")
     @argument("--no-stream", action="store_true", help="Show the answer once it is complete.")
     @argument("--seed", type=_whole, help="Sampling seed (default: a random one, recorded in the output's metadata).")
@@ -91,13 +84,13 @@ class XllmMagics(Magics):
         namespace = {**(self.shell.user_ns if self.shell else {}), **(local_ns or {})}
         try:
             command = None if cell is not None else _command_line(line, namespace)
-            if command is not None and is_command(command):
+            # `%xllm pull 'unclosed`: a verb's line with an open quote gets the verb's error, not an answer
+            if command is not None and (is_command(command) or _open_quote(line)):
                 self.commands.run(command)
                 return
             try:
-                # each word filled on its own: `-s {persona}` stays one value, `--max-tokens {n}` a number
-                args = self.xllm.parser.parse_args([interpolate(word, namespace) for word in arg_split(line)])
-            except (UsageError, ValueError) as exc:  # argparse's usage problems, unbalanced quotes: keep them short
+                args = self.xllm.parser.parse_args(self._argv(line, namespace))
+            except UsageError as exc:  # argparse's usage problems: keep them short
                 if command is not None and _meant_as_command(command, exc):
                     self.commands.run(command)
                     return
@@ -106,7 +99,7 @@ class XllmMagics(Magics):
                     message += " (`%xllm help` lists the options; a prompt with words that start with `-`: `%xllm -- PROMPT`)"
                 raise XllmError(message) from None
             try:
-                self._ask(args, interpolate(cell or "", namespace))
+                self._ask(args, interpolate(_typed(line, args.prompt), namespace), interpolate(cell or "", namespace))
             except ModelNotFound as exc:  # `-m nosuch`, a `use` model since removed: name what there is
                 raise XllmError(exc.message + self._chat_models()) from None
         except XllmError as exc:
@@ -127,17 +120,38 @@ class XllmMagics(Magics):
             return " — the server has no chat model: `%xllm pull smollm2` adds one"
         return f" — chat models: {listed(names)} (`%xllm use MODEL` picks one for this notebook)"
 
-    def _ask(self, args: Any, body: str) -> None:
-        for name in ("model", "system", "out"):  # `-s "You are a pirate."`: the value, not its quotes
-            value = getattr(args, name)
-            if value is not None:
-                setattr(args, name, _unquoted(value))
+    def _argv(self, line: str, namespace: dict[str, Any]) -> list[str]:
+        """The line's words for argparse: each option's value without its quotes and filled on its own (`-s {persona}`
+        stays one value, `--max-tokens {n}` a number); every other word as typed (the prompt is filled whole)."""
+        table = self.xllm.parser._option_string_actions
+        argv: list[str] = []
+        flag = ""  # an option whose value is the next word
+        prompt_only = False
+        for word in words(line):
+            if flag:
+                # one word for argparse (`--system=-x`, `-s-x`), or a value starting with `-` read as an option
+                argv[-1] = word.but(flag + ("=" if flag.startswith("--") else "") + interpolate(word, namespace))
+                flag = ""
+                continue
+            action = None if prompt_only or not word.startswith("-") else _option(table, word.partition("=")[0])
+            if action is None or action.nargs == 0:
+                prompt_only = prompt_only or word.raw == "--"  # after `--` every word is the prompt's
+                argv.append(word.but(word.raw))
+            elif "=" in word:  # `--system="a b"`
+                name, _, value = word.partition("=")
+                argv.append(word.but(f"{name}={interpolate(value, namespace)}"))
+            else:
+                flag = str(word)
+                argv.append(word)
+        return argv
+
+    def _ask(self, args: Any, line_prompt: str, body: str) -> None:
         if args.chat and args.new:
             raise XllmError("use --chat (continue) or --new (start over), not both")
         if args.out is not None and not (args.out.isidentifier() and not keyword.iskeyword(args.out)):
             raise XllmError(f"--out needs a variable name, not {args.out!r}")  # checked before asking: no wasted answer
         # words after %%xllm on the first line lead the cell body rather than being dropped
-        prompt = "\n".join(part for part in (" ".join(args.prompt), body) if part.strip()).strip()
+        prompt = "\n".join(part for part in (line_prompt, body) if part.strip()).strip()
         if not prompt:
             raise XllmError("nothing to ask — write the prompt in the cell body")
         d = self.state.defaults
@@ -158,6 +172,29 @@ class XllmMagics(Magics):
             self.shell.user_ns[args.out] = value
 
 
+def _option(table: dict[str, Any], name: str) -> Any:
+    """The option ``name`` stands for (argparse takes an unambiguous prefix: ``--max 3``), else None."""
+    if name in table:
+        return table[name]
+    found = {id(action): action for flag, action in table.items() if name.startswith("--") and flag.startswith(name)}
+    return next(iter(found.values())) if len(found) == 1 else None
+
+
+def _open_quote(line: str) -> bool:
+    """Whether a word of ``line`` starts with a quote that does not close (``'tis``, ``'my dir/x``)."""
+    return any(word.raw[0] in "'\"" and word == word.raw for word in words(line))
+
+
+def _typed(line: str, prompt: list[str] | None) -> str:
+    """The line's prompt words as they were typed, spaces and quotes included (``'tis a fine day``)."""
+    if not prompt:
+        return ""
+    first, last = prompt[0], prompt[-1]
+    if isinstance(first, Word) and isinstance(last, Word):
+        return line[first.start:last.end]
+    return " ".join(prompt)
+
+
 def _command_line(line: str, namespace: dict[str, Any]) -> str | None:
     """A ``%xllm`` line as a command would read it, each word's ``{name}`` filled; None when no verb starts it.
 
@@ -176,12 +213,12 @@ def _command_line(line: str, namespace: dict[str, Any]) -> str | None:
 
 
 def _meant_as_command(line: str, problem: Exception) -> bool:
-    """Whether a line that is no question either (an option neither takes, an open quote) starts with a verb.
+    """Whether a line that is no question either (an option the question does not take) starts with a verb.
 
-    ``%xllm ps --bogus`` and ``%xllm pull 'unclosed`` then get the verb's own error rather than the question's.
+    ``%xllm ps --bogus`` then gets the verb's own error rather than the question's.
     """
-    words = split(line)
-    return bool(words) and words[0] in SHAPES and (isinstance(problem, ValueError) or "unrecognized arguments" in str(problem))
+    verb = split(line)[:1]
+    return bool(verb) and verb[0] in SHAPES and "unrecognized arguments" in str(problem)
 
 
 #: ``%xllm <words>?`` on a line of its own; ``%xllm?`` alone (help) does not match

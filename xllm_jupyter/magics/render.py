@@ -142,7 +142,11 @@ class Text:
 
 
 class Progress:
-    """A pull's progress: an ipywidgets bar in a kernel, else one text line updated in place (throttled)."""
+    """A pull's progress: an ipywidgets bar in a kernel, else one text line updated in place (throttled).
+
+    The bar is a live widget only: when the pull ends, its output is replaced by a text line (the summary, or
+    "failed"), since a saved notebook keeps the output but not the widget, and showed a bar stuck where it was.
+    """
 
     INTERVAL = 0.2
 
@@ -163,7 +167,7 @@ class Progress:
                 self._bar = w.IntProgress(min=0, max=100, value=0, description=title[:20])
                 self._label = w.Label("starting…")
                 self._box = w.HBox([self._bar, self._label])
-                display(self._box)
+                self._handle = display(self._box, display_id=True)
 
     def line(self, event: dict[str, Any]) -> str:
         """``download model.gguf  45%  12.3 MB / 27.0 MB`` for one progress event."""
@@ -197,19 +201,24 @@ class Progress:
         else:
             print(f"{self.title}: {text}", flush=True)
 
-    def fail(self) -> None:
-        """The pull failed (its error is printed apart): take the bar or line away."""
-        if self._box is not None:
-            self._box.close()  # the front-end removes a closed widget's view
-        elif self._handle is not None:
-            self._handle.update(Text(f"{self.title}: failed"))
+    def fail(self, why: str = "failed") -> None:
+        """The pull failed or was interrupted (its error is printed apart): its line says so, the bar goes."""
+        self._end(Text(f"{self.title}: {why}"))
 
     def finish(self, message: str) -> None:
-        """The final line (the bar fills up)."""
+        """The final line (the bar fills up, then gives way to the line)."""
         if self._bar is not None:
             self._bar.value = self._bar.max
             self._label.value = message
-        elif self._rich and self._handle is not None:
-            self._handle.update(Text(message))
+        if self._rich and self._handle is not None:
+            self._end(Text(message))
         else:
             print(message, flush=True)
+
+    def _end(self, last: Text) -> None:
+        """Put ``last`` where the bar or line was (a saved notebook keeps it) and close the widgets."""
+        if self._handle is not None:
+            self._handle.update(last)
+        if self._box is not None:
+            for widget in (self._box, self._bar, self._label):
+                widget.close()  # the front-end removes a closed widget's view; nothing is left in the widget state

@@ -1,0 +1,78 @@
+"""How a ``%xllm`` line splits into words: option values may be quoted, everything else stays as typed.
+
+IPython's own splitter (``arg_split``) took ``'tis a fine day`` for an unclosed quote (an error, the model never
+asked) and cut ``-s "say \\"hi\\""`` in two. Here a quote only groups when it closes: an apostrophe in prose is
+a letter. Inside a quoted value ``\\"`` (or ``\\'``) is the quote itself and ``\\\\`` a backslash; any other
+backslash stays as written (``"C:\\temp"``).
+"""
+
+from __future__ import annotations
+
+_QUOTES = "'\""
+
+
+class Word(str):
+    """One word of a line: its value, with the text it was typed as (``raw``) and where (``start``, ``end``)."""
+
+    raw: str
+    start: int
+    end: int
+
+    def __new__(cls, value: str, raw: str, start: int, end: int) -> Word:
+        word = super().__new__(cls, value)
+        word.raw, word.start, word.end = raw, start, end
+        return word
+
+    def but(self, value: str) -> Word:
+        """The same typed word standing for ``value`` (a filled ``{name}``, its quotes taken off)."""
+        return Word(value, self.raw, self.start, self.end)
+
+
+def _quoted(line: str, i: int) -> tuple[str, int] | None:
+    """(value, end) of the quoted text at ``line[i]``, when its quote closes before a space or the end."""
+    quote, j, value = line[i], i + 1, []
+    while j < len(line):
+        c = line[j]
+        if c == "\\" and j + 1 < len(line) and line[j + 1] in (quote, "\\"):
+            value.append(line[j + 1])
+            j += 2
+        elif c == quote:
+            if j + 1 == len(line) or line[j + 1].isspace():
+                return "".join(value), j + 1
+            return None  # `"a"b`: not one quoted value; the word is taken as typed
+        else:
+            value.append(c)
+            j += 1
+    return None
+
+
+def words(line: str) -> list[Word]:
+    """The line's words; a quoted word's value is its text without the quotes (``--opt="a b"`` too)."""
+    out: list[Word] = []
+    i, n = 0, len(line)
+    while i < n:
+        if line[i].isspace():
+            i += 1
+            continue
+        start = i
+        # `--system="a b"`: the quoted part may follow an option's `=`
+        if line[i] == "-" and (eq := line.find("=", i, _plain_end(line, i))) > 0 and eq + 1 < n and line[eq + 1] in _QUOTES:
+            prefix, i = line[start:eq + 1], eq + 1
+        else:
+            prefix = ""
+        found = _quoted(line, i) if line[i] in _QUOTES else None
+        if found is not None:
+            value, end = found
+            out.append(Word(prefix + value, line[start:end], start, end))
+        else:
+            end = _plain_end(line, i)
+            out.append(Word(line[start:end], line[start:end], start, end))
+        i = end
+    return out
+
+
+def _plain_end(line: str, i: int) -> int:
+    """Where the unquoted word at ``line[i]`` ends."""
+    while i < len(line) and not line[i].isspace():
+        i += 1
+    return i
