@@ -154,11 +154,16 @@ class ApiKeyHandler(VerbDispatchMixin, RequestHandler):
     async def key_principal(self, wait: bool = True) -> Principal | None:
         """The caller the request's key names; None for a missing or wrong key (a wrong one counts towards the
         failed-auth cap). From a capped address the key waits its turn (``FailedAuthLimiter.past_cap``), or with
-        ``wait`` False is not looked at: RateLimited."""
+        ``wait`` False is not looked at: RateLimited; unless it is the key this connection already proved
+        (``FailedAuthLimiter.vouched``)."""
         failures: FailedAuthLimiter | None = self.settings.get(FAILURES_KEY)
         if failures is None:
             return self._identify(None, None)
         client = failures.client(self.request)
+        if failures.vouched(self.request, self.request.headers.get("Authorization")):
+            # the key this connection already proved: no turn to wait for, no full line to be refused by (a guesser
+            # at the same address cannot send on this connection, and gains no check: FailedAuthLimiter.vouched)
+            return self._identify(failures, client)
         try:
             failures.check(client)
         except RateLimited:
@@ -173,8 +178,11 @@ class ApiKeyHandler(VerbDispatchMixin, RequestHandler):
     def _identify(self, failures: FailedAuthLimiter | None, client: str | None) -> Principal | None:
         header = self.request.headers.get("Authorization")
         found = self.settings[AUTH_KEY].identify(header)
-        if found is None and header and failures is not None:  # a wrong key, not a client that sent none
-            failures.failed(client)
+        if failures is not None and header:
+            if found is None:  # a wrong key, not a client that sent none
+                failures.failed(client)
+            else:
+                failures.vouch(self.request, header)  # its next requests on this connection wait no turn
         return found
 
     def _release(self) -> None:

@@ -13,6 +13,12 @@ other clients can name, below) with a right key or token is served after the gue
 of it instead of being locked out until the window ends. Callers at other addresses are not
 affected. A request with no credentials at all is not a guess and is not counted.
 
+A credential already verified on a client's own connection (not a trusted proxy's) skips the line on that
+connection's later requests (``vouched``): a guesser keeping the address's line full cannot hold up a caller
+it shares the address with once that caller's connection is in, and gains no check by it. The first request
+of a fresh connection waits its turn like any other: checking its credential ahead of the line would tell a
+guesser which keys are right at any rate (``vouched`` says why).
+
 Memory is bounded: at most ``auth.failed_auth_max_clients`` addresses are remembered (the one
 whose last failure is oldest is forgotten first), and an IPv6 client counts by its /64 network
 (one host commonly has a whole /64 to pick addresses from).
@@ -28,12 +34,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import ipaddress
 import logging
 import math
 import select
 import socket
 import time
+import weakref
 from collections import OrderedDict, deque
 from typing import Any, AsyncIterator, Callable, Iterable
 
@@ -132,6 +141,10 @@ def connection_gone(request: Any) -> bool:
         return True  # reset, or no socket left
 
 
+def _credential_digest(credential: str) -> bytes:
+    return hashlib.sha256(credential.encode("utf-8", "replace")).digest()
+
+
 class FailedAuthLimiter:
     """Counts failed authentications per client address in fixed windows; refuses an address over the limit."""
 
@@ -155,6 +168,9 @@ class FailedAuthLimiter:
         self.refused = 0
         # label -> [credential checks under way, event set when one ends] (``asking``)
         self._asking: dict[str, list[Any]] = {}
+        # open connection (its IOStream) -> digest of the credential verified on it (``vouch``); an entry goes
+        # with its connection, so this holds no more than the open connections
+        self._verified: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
 
     @property
     def enabled(self) -> bool:
@@ -312,6 +328,51 @@ class FailedAuthLimiter:
             done.set()  # those waiting look again (on the counts as they are now)
             if slot[0] == 0 and self._asking.get(client) is slot:
                 del self._asking[client]
+
+    def _own_stream(self, request: Any) -> Any:
+        """The connection ``request`` came on, when it is its client's own; None behind a trusted proxy (a proxy's
+        connection may carry many clients' requests, one after another: nginx's upstream keepalive)."""
+        if self._proxies and self._trusted(request.remote_ip or ""):
+            return None
+        return getattr(getattr(request, "connection", None), "stream", None)
+
+    def vouch(self, request: Any, credential: str) -> None:
+        """``credential`` (the request's Authorization header) proved right on ``request``'s connection: later
+        requests on it carrying the same credential skip the cap (``vouched``)."""
+        stream = self._own_stream(request)
+        if stream is not None and credential:
+            with contextlib.suppress(TypeError):  # a stream that takes no weak reference is simply not remembered
+                self._verified[stream] = _credential_digest(credential)
+
+    def vouched(self, request: Any, credential: str | None) -> bool:
+        """True when ``credential`` is the one already verified on ``request``'s own connection.
+
+        Such a request neither waits its turn past the cap nor is refused for a full line: its caller already
+        proved it holds that credential, through a check the cap counted (or before the address was capped).
+        Why this is safe, when checking the presented credential before the line is not:
+
+        - A check of a *presented* credential ahead of the line is a guessing oracle. Whatever it does for a right
+          key (serve it at once, give it a place in a full line) differs from what a wrong key gets (its turn, or
+          the full line's 429, which costs nothing to ask for), so each request sent past the cap would test one
+          guess: as many guesses a window as the guesser can send, not ``limit``. A guess-rate count of 401s
+          would not even see it: the oracle's answers are the 429s.
+        - Here the answer depends on the connection's own history, not on any credential it did not prove. Only
+          the client at the other end of a TCP connection can send on it (a NAT forwards connections, it does not
+          mix them); a connection from a trusted proxy is never vouched for, since the proxy may pass another
+          client's request over it. A guesser gets a vouched connection only by sending the right key through
+          the counted check first, and then has nothing left to guess; a different credential on a vouched
+          connection (a guess, or another key) takes the ordinary path and is counted as before.
+        """
+        if not credential:
+            return False
+        stream = self._own_stream(request)
+        if stream is None:
+            return False
+        try:
+            known = self._verified.get(stream)
+        except TypeError:
+            return False
+        return known is not None and hmac.compare_digest(known, _credential_digest(credential))
 
     def failed(self, client: str | None) -> None:
         """Count one request from ``client`` whose credentials matched nothing."""
