@@ -29,12 +29,12 @@ from tornado.web import HTTPError, RequestHandler
 
 from ..core.config import XllmConfig
 from ..core.errors import AuthenticationError, Overloaded, PermissionDenied, RateLimited
-from ..server.auth_failures import FAILURES_KEY, FailedAuthLimiter, connection_gone
+from ..server.auth_failures import FAILURES_KEY, FailedAuthLimiter
 from ..server.edge import log_access
 from ..server.handlers import CONTEXT_KEY, NotFoundMixin, VerbDispatchMixin, XllmContext, admin_required
 from ..server.routes import build_routes, handler_class
 from ..server.usage import Caller
-from .known_tokens import KNOWN_TOKENS_KEY, KnownTokens
+from .known_tokens import KNOWN_TOKENS_KEY, KnownTokens, ask_under_cap
 
 #: settings key of the HubOAuth instance
 HUB_AUTH_KEY = "xllm_hub_auth"
@@ -121,27 +121,11 @@ class HubXllmHandler(VerbDispatchMixin, RequestHandler):
         client = failures.client(self.request)
         token = auth.get_token(self, in_cookie=False)
         try:
-            try:
-                failures.check(client)  # an address guessing tokens gets 429s, and the hub is not asked about them
-                if not token:
-                    raise AuthenticationError("Missing JupyterHub token. Pass it as 'Authorization: token <JUPYTERHUB_API_TOKEN>'.")
-                async with failures.asking(client):  # concurrent guesses are asked about no faster than they are counted
-                    model = await auth.user_for_token(token, sync=False)
-                    if not model:
-                        failures.failed(client)
-            except RateLimited:
-                # the address is capped, maybe by someone else behind it or naming it through the trusted proxy
-                # (any kernel on a one-host hub can): a token the hub confirmed before is asked about at once,
-                # any other after the tokens ahead of it, no faster than the cap's rate (hub/known_tokens.py)
-                if not token:
-                    raise
-                if token in known:
-                    model = await auth.user_for_token(token, sync=False)
-                else:
-                    async with failures.past_cap(client, gone=lambda: connection_gone(self.request)):
-                        model = await auth.user_for_token(token, sync=False)
-                        if not model:
-                            failures.failed(client)
+            if not token:
+                failures.check(client)  # a capped address is told so first, as for any request of its
+                raise AuthenticationError("Missing JupyterHub token. Pass it as 'Authorization: token <JUPYTERHUB_API_TOKEN>'.")
+            model = await ask_under_cap(failures, client, self.request, lambda: auth.user_for_token(token, sync=False),
+                                        confirmed=token in known)
             if model:
                 known.add(token)
             elif token:
@@ -219,18 +203,8 @@ class HubPageHandler(_NoBody, _HubAuthFromSettings, HubOAuthenticated, RequestHa
         client = failures.client(self.request)
         token = self.hub_auth.get_token(self, in_cookie=False)
         try:
-            if token and token not in known:
-                try:
-                    failures.check(client)  # tokens guessed in ?token= here are capped as on the API routes
-                    async with failures.asking(client):
-                        model = await self.hub_auth.get_user(self, sync=False)
-                        if not model:
-                            failures.failed(client)
-                except RateLimited:
-                    async with failures.past_cap(client, gone=lambda: connection_gone(self.request)):  # as the API
-                        model = await self.hub_auth.get_user(self, sync=False)
-                        if not model:
-                            failures.failed(client)
+            if token and token not in known:  # tokens guessed in ?token= here are capped as on the API routes
+                model = await ask_under_cap(failures, client, self.request, lambda: self.hub_auth.get_user(self, sync=False))
             else:
                 # no guess: only the OAuth cookie (signed with the service's secret, checked here before the hub
                 # is asked), or a token the hub confirmed before; a capped address (which another user can make

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from typing import Any, Awaitable, Callable
+
+from ..core.errors import RateLimited
+from ..server.auth_failures import FailedAuthLimiter, connection_gone
 
 #: the settings key holding the hub app's KnownTokens
 KNOWN_TOKENS_KEY = "xllm_known_tokens"
@@ -47,4 +51,33 @@ class KnownTokens:
         return len(self._digests)
 
 
-__all__ = ["KNOWN_TOKENS_KEY", "KnownTokens"]
+async def ask_under_cap(failures: FailedAuthLimiter, client: str | None, request: Any,
+                        ask: Callable[[], Awaitable[Any]], *, confirmed: bool = False) -> Any:
+    """The hub's answer about a request's token (``ask()``: a user model, or None for a token it does not know),
+    under the failed-auth cap; a None counts as a failure of ``client``.
+
+    Under the cap the hub is asked at once, with no more questions under way than ``client`` has failures left
+    (``asking``). Past it a token the hub ``confirmed`` before is asked about at once (uncounted: a revoked one
+    is forgotten by the caller, and a guess next time), any other waits its turn (``past_cap``; RateLimited
+    when the line is full or its client left). The API routes and the service page both ask this way.
+    """
+    try:
+        failures.check(client)  # an address guessing tokens gets its turn, and the hub is not asked sooner
+        async with failures.asking(client):  # concurrent guesses are asked about no faster than they are counted
+            model = await ask()
+            if not model:
+                failures.failed(client)
+            return model
+    except RateLimited:
+        # the address is capped, maybe by someone else behind it or naming it through the trusted proxy (any
+        # kernel on a one-host hub can)
+        if confirmed:
+            return await ask()
+        async with failures.past_cap(client, gone=lambda: connection_gone(request)):
+            model = await ask()
+            if not model:
+                failures.failed(client)
+            return model
+
+
+__all__ = ["KNOWN_TOKENS_KEY", "KnownTokens", "ask_under_cap"]
