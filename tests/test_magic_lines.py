@@ -74,3 +74,28 @@ def test_double_braces_are_one_brace_on_the_line_as_in_the_body(shell, received)
     # an option's value is filled on its own: `-s {{json}}` is one brace pair
     cell(shell, f"%xllm {ASK} " + "-s 'Answer in {{json}}.' Hi")
     assert received[-1] == [("system", "Answer in {json}."), ("user", "Hi")]
+
+
+def test_odd_lines_a_notebook_user_types(shell, received, monkeypatch, xllm_server):
+    """A prompt opening with a quote that never closes is a prompt (the split's first version took
+    ``'tis a fine day`` alone for a command line); ``-m ''`` took the prompt's first word for the model; ``-h``
+    was "unrecognized arguments"; ``-o __builtins__`` replaced the notebook's builtins with the answer's text; a
+    wrong key's line did not say where the kernel's key came from."""
+    for typed in ("'tis a fine day", "\"unclosed and 'mixed"):
+        cap = cell(shell, f"%xllm {typed}")
+        assert cap.stderr == "" and received[-1] == [("user", typed)]
+    cap = cell(shell, f"%xllm -m '' -s '' {ASK} hi there")
+    assert cap.stderr == "" and received[-1] == [("user", "hi there")]
+    for line in ("-h", "--help"):
+        cap = cell(shell, f"%xllm {line}")
+        assert cap.stderr == "" and cap.outputs[-1].data["text/plain"].startswith("%%xllm [-m MODEL]")
+    asked = len(received)
+    cap = cell(shell, f"%xllm {ASK} -o __builtins__ hi")
+    assert cap.stderr == "xllm: --out needs a variable name, not '__builtins__'\n" and len(received) == asked
+    assert cell(shell, "print(len('ok'))").stdout == "2\n"
+    monkeypatch.setenv("XLLM_API_KEY", "not-the-key")
+    cap = cell(shell, f"%xllm {ASK} hi")
+    assert cap.stderr.startswith("xllm: Incorrect or missing API key") and len(received) == asked
+    assert cap.stderr.endswith(" (the key came from XLLM_API_KEY; `%xllm connect URL --token` asks for another)\n")
+    cap = cell(shell, f"%xllm connect {xllm_server.base_url} --token nope")  # connect's own line says whose token
+    assert cap.stderr.startswith("xllm: the xllm server at ") and "came from" not in cap.stderr

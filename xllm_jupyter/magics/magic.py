@@ -21,7 +21,7 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class, needs_loca
 from IPython.core.magic_arguments import argument, magic_arguments
 
 from ..client.base import can_chat, listed
-from ..core.errors import ModelNotFound, XllmError
+from ..core.errors import AuthenticationError, ModelNotFound, XllmError
 from .ask import Question, ask
 from .commands import Commands
 from .interp import interpolate
@@ -84,6 +84,8 @@ class XllmMagics(Magics):
         namespace = {**(self.shell.user_ns if self.shell else {}), **(local_ns or {})}
         try:
             command = None if cell is not None else _command_line(line, namespace)
+            if command is None and cell is None and line.strip() in ("-h", "--help"):
+                command = "help"  # as `%xllm help` (argparse's own help is off: `-h` was an unknown option)
             # `%xllm pull 'unclosed`: a verb's line with an open quote gets the verb's error, not an answer
             if command is not None and (is_command(command) or _open_quote(line)):
                 self.commands.run(command)
@@ -102,6 +104,8 @@ class XllmMagics(Magics):
                 self._ask(args, interpolate(_typed(line, args.prompt), namespace), interpolate(cell or "", namespace))
             except ModelNotFound as exc:  # `-m nosuch`, a `use` model since removed: name what there is
                 raise XllmError(exc.message + self._chat_models()) from None
+        except AuthenticationError as exc:  # a wrong key: say where this kernel's came from, and how to give another
+            error(exc.message + ("" if line.lstrip().startswith("connect") else self._key_hint()))
         except XllmError as exc:
             error(exc.message)
         except KeyboardInterrupt:
@@ -109,6 +113,13 @@ class XllmMagics(Magics):
         except Exception as exc:  # a bug or an unexpected reply: one line here, the traceback in the log
             log.debug("xllm magic failed", exc_info=True)
             error(f"unexpected error ({type(exc).__name__}): {exc}")
+
+    def _key_hint(self) -> str:
+        """`` (the key came from XLLM_API_KEY: ...)`` for a 401's error line."""
+        where = {"extension": "XLLM_API_KEY", "hub": "this kernel's JupyterHub token (JUPYTERHUB_API_TOKEN)",
+                 "connect": "%xllm connect / xllm_jupyter.connect()"}.get(self.state.location.source if self.state.location else "")
+        came = f"the key came from {where}; " if where else ""
+        return f" ({came}`%xllm connect URL --token` asks for another)"
 
     def _chat_models(self) -> str:
         """`` — chat models: a, b (...)`` for an error line; empty when the server cannot say."""
@@ -129,8 +140,11 @@ class XllmMagics(Magics):
         prompt_only = False
         for word in words(line):
             if flag:
-                # one word for argparse (`--system=-x`, `-s-x`), or a value starting with `-` read as an option
-                argv[-1] = word.but(flag + ("=" if flag.startswith("--") else "") + interpolate(word, namespace))
+                value = word.but(interpolate(word, namespace))
+                if value.startswith("-"):  # one word for argparse (`--system=-x`, `-s-x`), or it reads an option
+                    argv[-1] = value.but(flag + ("=" if flag.startswith("--") else "") + value)
+                else:  # `-m ''` stays two words: joined, `-m` took the next word as its value
+                    argv.append(value)
                 flag = ""
                 continue
             action = None if prompt_only or not word.startswith("-") else _option(table, word.partition("=")[0])
@@ -148,7 +162,9 @@ class XllmMagics(Magics):
     def _ask(self, args: Any, line_prompt: str, body: str) -> None:
         if args.chat and args.new:
             raise XllmError("use --chat (continue) or --new (start over), not both")
-        if args.out is not None and not (args.out.isidentifier() and not keyword.iskeyword(args.out)):
+        # a keyword, or a dunder (`-o __builtins__` made the namespace's builtins a string: every later cell broke)
+        if args.out is not None and not (args.out.isidentifier() and not keyword.iskeyword(args.out)
+                                         and not (args.out.startswith("__") and args.out.endswith("__"))):
             raise XllmError(f"--out needs a variable name, not {args.out!r}")  # checked before asking: no wasted answer
         # words after %%xllm on the first line lead the cell body rather than being dropped
         prompt = "\n".join(part for part in (line_prompt, body) if part.strip()).strip()
@@ -205,8 +221,8 @@ def _command_line(line: str, namespace: dict[str, Any]) -> str | None:
     """
     try:
         words = shlex.split(line)
-    except ValueError:
-        return line
+    except ValueError:  # `'tis a fine day` is a prompt; `pull 'my dir` the command's error
+        return line if split(line)[:1] and split(line)[0] in SHAPES else None
     if words and words[0] not in SHAPES:
         return None
     return shlex.join(interpolate(word, namespace) for word in words)
