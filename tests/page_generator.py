@@ -212,9 +212,9 @@ def load_cpu_pages_model(spec: ModelSpec, step_cost: StepCost | None = None) -> 
     from xllm_jupyter.backends.exllama_common import ExllamaOptions
     from exllamav3.version import __version__
 
-    from xllm_jupyter.backends.exllamav3 import library_generator_kwargs, open_model
+    from xllm_jupyter.backends.exllamav3 import drafting_options, library_generator_kwargs, open_model
 
-    opts = ExllamaOptions.from_options(spec.options, spec.context_length)
+    opts = drafting_options(ExllamaOptions.from_options(spec.options, spec.context_length), Path(spec.path))
     config, model, cache, cache_tokens = open_model(Path(spec.path), opts)
     # the forward is what is taken out: prefill writes nothing, and there are no K/V tensors to
     # copy a partial page between or to rotate when the page table is defragmented

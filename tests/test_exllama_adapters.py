@@ -323,6 +323,35 @@ def test_eos_reasons(reason, finish):
     assert event.token_id is None and event.finish is finish and event.completion_tokens == 3
 
 
+def test_a_stop_token_end_releases_the_answer_held_back_but_not_the_stop_token():
+    """Both libraries end a job on a stop token without emitting what they held back (an incomplete character, a
+    possible stop-string match): the end result's ``held`` has it, the stop token last."""
+    held = {"text": "\ufffd there<|im_end|>", "token_ids": torch.tensor([[173, 665, 2]]),
+            "token_probs": torch.tensor([[0.5, 0.25, 0.9]]),
+            "top_k_tokens": torch.tensor([[[173, 9], [665, 9], [2, 9]]]),
+            "top_k_probs": torch.tensor([[[0.5, 0.1], [0.25, 0.2], [0.9, 0.05]]])}
+    end = {"stage": "streaming", "identifier": 1, "eos": True, "eos_reason": "stop_token", "new_tokens": 4,
+           "eos_triggering_token_id": 2, "eos_triggering_token_str": "<|im_end|>", "held": held}
+    raw = {173: b"\xe2", 665: b" there", 9: b"x", 2: b""}.__getitem__
+    events = translate_results([end], {1: JobInfo(1, logprobs=True, top_logprobs=1)}, str, raw=raw)
+    assert [(e.token_id, e.text, e.finish) for e in events] == [(173, "", None), (665, "\ufffd there", FinishReason.STOP)]
+    assert [e.logprob for e in events] == pytest.approx([math.log(0.5), math.log(0.25)])
+    assert [e.top_logprobs[0][0] for e in events] == ["173", "665"] and events[0].token_bytes == b"\xe2"
+    assert events[-1].completion_tokens == 4
+    # without the tokens' bytes: the held text less the stop token's
+    events = translate_results([end], {1: JobInfo(1)}, str)
+    assert [(e.token_id, e.text) for e in events] == [(173, ""), (665, "\ufffd there")]
+    # the stop token alone was held: the finishing event has no token
+    alone = {**end, "held": {"text": "<|im_end|>", "token_ids": torch.tensor([[2]])}}
+    (event,) = translate_results([alone], {1: JobInfo(1)}, str, raw=raw)
+    assert (event.token_id, event.text, event.finish) == (None, "", FinishReason.STOP)
+    # a stop string's end: what is held is the stop string and what followed it, not the answer
+    stop_string = {**end, "eos_reason": "stop_string", "text": "ok", "token_ids": torch.tensor([[5]]),
+                   "held": {"text": "STOP and more"}}
+    (event,) = translate_results([stop_string], {1: JobInfo(1)}, str, raw=raw)
+    assert (event.token_id, event.text) == (5, "ok")
+
+
 def test_speculative_results_give_one_event_per_token_and_count_acceptance():
     stats = SpeculativeStats()
     r = streaming(2, [5, 6, 7], "abc", eos=True, eos_reason="stop_token", new_tokens=3,
@@ -805,6 +834,12 @@ def test_the_estimate_counts_a_draft_models_weights_and_cache_and_exllama_never_
         drafted = ModelSpec(name="m", path=model, context_length=2048,
                             options=dataclasses.replace(options, draft_model_path=str(draft)))
         assert backend.cache_bytes_estimate(drafted) == 4 * per_layer
+    # nor is a draft window set aside for it: exllamav3's cache for a context of 65,535 is one token past it, 256
+    # pages (the window's 4 more tokens would take a 257th)
+    per_token = per_layer // 4096
+    drafted = ModelSpec(name="m", path=model, context_length=65535,
+                        options=BackendOptions(draft_model_path=str(draft), num_draft_tokens=4))
+    assert ExllamaV3Backend().cache_bytes_estimate(drafted) == 4 * per_token * 65536
 
 
 @pytest.mark.parametrize("library", ["exllamav2", "exllamav3"])

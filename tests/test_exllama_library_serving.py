@@ -782,3 +782,101 @@ def test_exllamav2_samples_below_the_temperature_it_would_decode_greedily(tiny_l
     drawn = [t for job_id in range(1, 7) for t in tokens(job_id, 0.005)]
     assert set(drawn) == {FILLER_TOKEN, FILLER_TOKEN + 1} and len(drawn) == 48
     assert set(tokens(10, 0.0)) == {FILLER_TOKEN}
+
+
+def script_tokens(model, kind: str, script: list[int]) -> None:
+    """Make ``model``'s stand-in forward pick ``script``'s tokens in turn (one job at a time), through each library's
+    own job: exllamav3's ``receive_sample`` (with probabilities from logits that favour the token), exllamav2's
+    sampler over logits that favour it."""
+    import torch
+
+    from tests.page_generator import FILLER_BOOST
+
+    generator = model.generator
+    vocab = generator.padded_vocab_size
+
+    def logits_for(step: int, shape) -> "torch.Tensor":
+        logits = torch.zeros(shape)
+        logits[..., script[min(step, len(script) - 1)]] = FILLER_BOOST
+        return logits
+
+    if kind == "exllamav3":
+        def xllm_sample(job):
+            scores = logits_for(job.new_tokens, (1, vocab))
+            token = scores.argmax(dim=-1, keepdim=True)
+            return token, generator.xllm_probabilities(job, scores, token)
+
+        generator.xllm_sample = xllm_sample
+        return
+    calls = count()
+
+    def forward_chunk(input_ids, preprocess_only=False, **kwargs):
+        return None if preprocess_only else {"logits": logits_for(next(calls), (*input_ids.shape, vocab))}
+
+    generator.model.forward_chunk = forward_chunk
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("logprobs", [False, True], ids=["text", "logprobs"])
+def test_a_stop_token_releases_the_answer_the_library_held_back(tiny_llama_dir, kind, logprobs):
+    """Both libraries hold text back while it ends in an incomplete UTF-8 character, and end a job on a stop token
+    without releasing what they held, which was lost with its logprobs: here a lone byte 0xE2 (no character) last
+    (both libraries), and exllamav2 0.3.2 holds everything after an earlier one too. The answer keeps them (a lone
+    byte as U+FFFD), never the stop token itself."""
+    from xllm_jupyter.core.types import FinishReason, SamplingParams, SequenceJob
+
+    require_kind(kind)
+    model = load(kind, tiny_llama_dir)
+    hi, lone_byte, there, stop = 21041, 173, 665, 2  # " Hi", 0xE2, " there", <|im_end|>
+    assert [model.chat.token_bytes(t) for t in (hi, lone_byte, there)] == [b" Hi", b"\xe2", b" there"]
+    script_tokens(model, kind, [hi, lone_byte, there, lone_byte, stop])
+    job = SequenceJob(1, tuple(range(100, 120)), 20, SamplingParams(temperature=0.0), frozenset({stop}),
+                      logprobs=logprobs, top_logprobs=2 if logprobs else 0)
+    model.add(job)
+    events = []
+    for _ in range(40):
+        events += model.step()
+        if events and events[-1].finish is not None:
+            break
+    assert events[-1].finish is FinishReason.STOP
+    assert "".join(e.text for e in events) == " Hi\ufffd there\ufffd"
+    tokens = [e.token_id for e in events if e.token_id is not None]
+    assert tokens == [hi, lone_byte, there, lone_byte]  # the stop token is no answer token
+    if logprobs:
+        assert [e.token_bytes for e in events if e.token_id is not None] == [b" Hi", b"\xe2", b" there", b"\xe2"]
+        assert all(e.logprob is not None and -1.0 < e.logprob <= 0 and len(e.top_logprobs) == 2
+                   for e in events if e.token_id is not None)
+    assert model.active_jobs() == 0 and pages_held(model) == 0
+
+
+def test_exllamav3_sets_no_draft_window_aside_for_a_draft_it_does_not_load(tiny_llama_dir, tmp_path):
+    """A draft whose vocabulary is larger than the model's is not loaded (``draft_vocabulary_fits``); exllamav3 then
+    drafts nothing, so the cache and the served context keep no draft window (nor the cache's rollback history):
+    the context was cut by the window and the window's cache pages were never used."""
+    import shutil
+
+    require_kind("exllamav3")
+    from tests.page_generator import load_cpu_pages_model
+    from xllm_jupyter.backends.base import BackendOptions, ModelSpec
+
+    draft = tmp_path / "draft"
+    shutil.copytree(tiny_llama_dir, draft)
+    config = json.loads((draft / "config.json").read_text())
+    (draft / "config.json").write_text(json.dumps({**config, "vocab_size": int(config["vocab_size"]) + 256}))
+
+    def loaded(**options):
+        spec = ModelSpec(name="t", path=str(tiny_llama_dir), format="safetensors", context_length=4096,
+                         options=BackendOptions(max_batch_size=4, cache_tokens=4096, num_draft_tokens=4, **options))
+        return load_cpu_pages_model(spec)
+
+    model = loaded(draft_model_path=str(draft))
+    assert model.context_length == 4095  # the cache less the one token exllamav3 keeps past a job's last
+    assert model.generator.cache.max_history == 0
+    assert model.details()["speculative"] is None and not model.generator.max_draft_tokens
+    prompt = [100 + i % 50 for i in range(4095 - 40)]
+    events = generate(model, prompt, 40)
+    assert events[-1].completion_tokens == 40
+    # the same draft with n-gram drafting on: the window is set aside for the n-gram drafts
+    assert loaded(draft_model_path=str(draft), ngram_draft=2).context_length == 4091
+    # a draft that fits drafts, and its window is set aside
+    assert loaded(draft_model_path=str(tiny_llama_dir)).context_length == 4091

@@ -8,6 +8,7 @@ identifier, and return per-step result dicts (``stage: streaming``, ``token_ids`
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import inspect
@@ -133,7 +134,9 @@ def exllama_cache_estimate(spec: Any, reserve: Callable[[ExllamaOptions], int] =
         draft = Path(opts.draft_model_path) if opts.draft_model_path else None
         draft_config = _read_config(draft) if draft is not None else None
         if draft_config is not None and not _vocabulary_within(draft_config, config):
+            # not loaded: no weights, no cache of its own, and no draft window set aside (``reserve(opts)``)
             draft = draft_config = None
+            opts = dataclasses.replace(opts, draft_model_path=None)
         window = opts.num_draft_tokens if (draft is not None or opts.ngram_draft) else 0
         if cache_tokens is not None:
             tokens = cache_tokens(opts, config, window)

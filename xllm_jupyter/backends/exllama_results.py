@@ -79,7 +79,8 @@ def translate_results(results: Iterable[Mapping[str, Any]], jobs: Mapping[int, J
     A result may carry several tokens (speculative decoding accepted a draft); each gets an
     event and the step's text rides on the last one. The job's first event carries its cached
     prompt tokens; the ``eos`` result becomes the finishing event, with the usage counters the
-    generator reports. An ``error`` result (exllamav3 dropped a job whose prefill or page
+    generator reports; a ``stop_token`` end releases what the library still held back (``with_held_answer``).
+    An ``error`` result (exllamav3 dropped a job whose prefill or page
     allocation raised) finishes the job with ERROR, so its request fails instead of hanging.
     ``special`` maps special token ids to their literal text, which exllamav3 streams
     (``<|im_end|>`` under ``ignore_eos``, say) and is taken out, as the transformers backend skips it.
@@ -105,6 +106,8 @@ def translate_results(results: Iterable[Mapping[str, Any]], jobs: Mapping[int, J
         info = jobs.get(r.get("identifier"))  # type: ignore[arg-type]
         if info is None:
             continue
+        if r.get("eos") and r.get("eos_reason") == "stop_token" and r.get("held"):
+            r = with_held_answer(r, raw)
         ids = [int(t) for t in _row(r.get("token_ids"))]
         text = r.get("text") or ""
         if special and text:
@@ -152,6 +155,36 @@ def translate_results(results: Iterable[Mapping[str, Any]], jobs: Mapping[int, J
                 top_bytes=tuple(raw(t) for t in alternatives) if raw is not None and alternatives else (),
             ))
     return events
+
+
+def with_held_answer(r: Mapping[str, Any], raw: Callable[[int], bytes] | None) -> dict[str, Any]:
+    """A ``stop_token`` end result with the answer the library still held (``r["held"]``) as its own tokens.
+
+    Both libraries hold a step's text and tokens back while they end in an incomplete UTF-8 character (or a
+    possible stop-string match) and end a job on a stop token without emitting them: the end result carries them
+    under ``held``, the stop token last. Everything before the stop token is the answer's (its text, tokens and
+    probabilities); the stop token itself is not, as on the transformers backend and OpenAI. The text is those
+    tokens' own bytes (``raw``) decoded together, a character they leave incomplete as U+FFFD (what the libraries
+    and the transformers backend release at ``max_new_tokens``); without ``raw``, the held text less the stop
+    token's.
+    """
+    held = r["held"]
+    ids = [int(t) for t in _row(held.get("token_ids"))]
+    keep = max(0, len(ids) - 1)  # the stop token is the last held token
+    out = dict(r)
+    out["token_ids"] = [ids[:keep]]
+    for key in ("token_probs", "top_k_tokens", "top_k_probs"):
+        if held.get(key) is not None:
+            out[key] = [_row(held[key])[:keep]]
+    if raw is not None:
+        text = b"".join(raw(t) for t in ids[:keep]).decode("utf-8", errors="replace")
+    else:
+        text = str(held.get("text") or "")
+        stop = str(r.get("eos_triggering_token_str") or "")
+        if stop and text.endswith(stop):
+            text = text[: -len(stop)]
+    out["text"] = (r.get("text") or "") + text
+    return out
 
 
 def _log(p: float) -> float:

@@ -8,6 +8,7 @@ kernels compile on first use (see ``jit.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -93,6 +94,8 @@ class ExllamaV3Backend(ExllamaBackend):
         before = cuda_memory_in_use(opts.tensor_parallel)
 
         def loaded(on_gpu: list[Any]) -> tuple[Any, Any, int, Any, Any, Any]:
+            nonlocal opts
+            opts = drafting_options(opts, path)  # before the cache is sized: no window for a draft never loaded
             config, model, cache, cache_tokens = open_model(path, opts)
             draft = _load_draft(opts, cache_tokens, _load_kwargs(opts), int(config.vocab_size), on_gpu)
             on_gpu.append(model)
@@ -181,6 +184,20 @@ def open_model(path: Path, opts: ExllamaOptions, cache_tokens: int = 0) -> tuple
 def _context_length(opts: ExllamaOptions, config: Any) -> int:
     """The configured context length, else the model's, within a configured cache size."""
     return opts.serving_context(int(getattr(config, "max_position_embeddings", 0) or 4096), context_reserve(opts))
+
+
+def drafting_options(opts: ExllamaOptions, path: Path) -> ExllamaOptions:
+    """``opts`` as the load will draft: without ``engine.draft_model`` when the draft's vocabulary does not fit the
+    model's (``draft_vocabulary_fits`` logs why), so that neither the cache (``context_reserve``, ``max_history``) nor
+    the context served sets a draft window aside for a draft that is never loaded."""
+    if not opts.draft_model_path:
+        return opts
+    from exllamav3 import Config
+
+    draft_vocab = int(Config.from_directory(opts.draft_model_path).vocab_size)
+    if draft_vocabulary_fits(draft_vocab, int(Config.from_directory(str(path)).vocab_size)):
+        return opts
+    return dataclasses.replace(opts, draft_model_path=None)
 
 
 def context_reserve(opts: ExllamaOptions) -> int:
