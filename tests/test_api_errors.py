@@ -238,6 +238,14 @@ def test_unknown_route_and_wrong_method(raw):
     assert r.status_code == 405
 
 
+def test_a_405_names_the_methods_the_route_serves(raw):
+    """RFC 9110 requires ``Allow`` on a 405; it was missing on every route."""
+    assert raw.delete("/v1/chat/completions").headers.get("allow") == "GET, POST"
+    assert raw.put("/v1/models").headers.get("allow") == "GET"
+    assert raw.get("/v1/embeddings").headers.get("allow") == "POST"
+    assert "allow" not in raw.get("/v1/nothing").headers  # a 404 has none
+
+
 def test_missing_or_wrong_key_is_401(xllm_server):
     with openai.OpenAI(base_url=xllm_server.base_url, api_key="sk-wrong", max_retries=0) as c:
         with pytest.raises(openai.AuthenticationError) as info:

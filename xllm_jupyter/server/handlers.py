@@ -205,6 +205,7 @@ class RequestMixin:
             # Refused before the body was read (auth, 405, 413): Tornado closes the
             # connection after this response, so tell the client not to reuse it.
             headers["Connection"] = "close"
+        headers.update({"Allow": ", ".join(self.allowed_methods)} if status == 405 else {})  # RFC 9110: 405 names them
         self.set_status(status)  # type: ignore[attr-defined]
         for name, value in headers.items():
             self.set_header(name, value)  # type: ignore[attr-defined]
