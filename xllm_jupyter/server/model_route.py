@@ -42,6 +42,19 @@ def stored_name(store: Any, model_id: str) -> str:
     raise ModelNotFound(name)
 
 
+#: the longest pause between two tries at a removal whose name a pull holds (the first pauses are shorter)
+RM_RETRY_SECONDS = 0.25
+
+
+async def _removed(store: Any, name: str) -> None:
+    """``store.rm(name)`` once no pull or removal of the name holds its lock, waiting between tries on the loop."""
+    pause = 0.01
+    # (each try takes the lock without blocking; the removal itself, once it has it, deletes files: the slow pool)
+    while not await run_slow(store.rm, name, wait=False):
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, RM_RETRY_SECONDS)
+
+
 async def remove_model(context: Any, model_id: str) -> dict[str, Any]:
     """Unload ``model_id``, remove it from the store and unload it again; the OpenAI ``ModelDeleted`` body."""
     store = server_store(context)
@@ -51,8 +64,9 @@ async def remove_model(context: Any, model_id: str) -> dict[str, Any]:
     # get), not the 503 "retry" of a plain unload
     await engine.unload(name, ModelRemoved(name))
     # (a concurrent removal got there first: ModelNotFound, 404.) The removal waits for the name's lock, which a pull
-    # of it holds for minutes: on the shared pool, a few such waits held every thread and stalled the whole server
-    await run_slow(store.rm, name)
+    # or a first-use load of it holds for minutes. It waits here, holding no thread: blocked on the shared pool, a few
+    # such waits stalled the whole server, and on the slow-work pool 64 of them stalled every load
+    await _removed(store, name)
     # a load under way when it was unloaded above may have registered since, from files now gone
     await engine.unload(name, ModelRemoved(name))
     return {"id": name, "object": "model", "deleted": True}

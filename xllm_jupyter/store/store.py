@@ -237,12 +237,19 @@ class ModelStore(PullMixin):
         """
         return create_model(self, name, modelfile_text, progress, base_dir)
 
-    def rm(self, name: str) -> None:
-        """Delete model ``name``; ModelNotFound if absent. The directory leaves ``models/`` in one rename."""
+    def rm(self, name: str, *, wait: bool = True) -> bool:
+        """Delete model ``name``; ModelNotFound if absent. The directory leaves ``models/`` in one rename.
+
+        ``wait=False``: return False at once (nothing removed) while a pull or removal of the name holds its lock,
+        so that a server can wait for it without a thread (``server/model_route.py``); True once removed.
+        """
         n = validate_name(name)
         try:
             self.locks.mkdir(parents=True, exist_ok=True)
-            with FileLock(self.locks / f"{name_to_dirname(n)}.lock"):
+            lock = FileLock(self.locks / f"{name_to_dirname(n)}.lock")
+            if not lock.acquire(blocking=wait):
+                return False
+            try:
                 path = self._dir(n)
                 if not path.is_dir():
                     raise ModelNotFound(n)
@@ -251,5 +258,8 @@ class ModelStore(PullMixin):
                 os.rename(path, aside)
                 fsync_dir(self.models)
                 remove_tree(aside)
+            finally:
+                lock.release()
         except OSError as exc:  # a read-only or vanished store: a StoreError, not a traceback with paths
             translate_os_error(exc)
+        return True

@@ -1,0 +1,78 @@
+"""Removals waiting for a pull must not take the slow-work pool from the loads.
+
+``DELETE /v1/models/{id}`` waits for the name's store lock, which a pull (or a first-use load of a packaged model)
+holds for minutes. It waited on a thread of the slow-work pool (core/slow_work.py), which loads share: as many
+DELETEs as the pool has threads, all waiting on one pull, and a chat that had to load its model hung. Here the pool
+is made small (the same mechanism with fewer threads), the name's lock held as a pull holds it, that many DELETEs
+sent and more, and a chat with a model not loaded yet must load it and answer. Real server, real tiny Llamas, real
+``openai`` SDK.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from xllm_jupyter.core import slow_work
+from xllm_jupyter.store.atomic import FileLock
+from xllm_jupyter.store.names import name_to_dirname
+from xllm_jupyter.store.store import ModelStore
+
+from .server_fixtures import API_KEY, make_test_config, running_server
+
+HI = [{"role": "user", "content": "hi"}]
+#: the slow-work pool's threads in this test (the server's has 64: the same stall, with fewer requests)
+WORKERS = 3
+#: how long a hung chat may take before the test reports it (a fail-safe, not a timing assertion)
+HUNG = 60
+
+
+def test_deletes_waiting_for_a_pull_leave_the_slow_pool_to_loads(tmp_path, tiny_llama_dir, monkeypatch):
+    """WORKERS + 2 DELETEs of a model whose pull holds its lock: a chat that loads another model still answers,
+    and once the pull lets go, one DELETE removes the model and the others get 404s."""
+    monkeypatch.setattr(slow_work, "_slow", slow_work.ThreadLane(WORKERS, "xllm-slow-test"))
+    home = tmp_path / "home"
+    store = ModelStore(home)
+    for name in ("spare", "cold", "doomed"):
+        store.pull(str(tiny_llama_dir), name)
+
+    tries, tried = [0], threading.Condition()
+    original_rm = ModelStore.rm
+
+    def counted_rm(self, name, **kwargs):
+        with tried:
+            tries[0] += 1
+            tried.notify_all()
+        return original_rm(self, name, **kwargs)
+
+    monkeypatch.setattr(ModelStore, "rm", counted_rm)
+    pull_lock = FileLock(home / "locks" / f"{name_to_dirname('doomed')}.lock")  # as a pull of the name holds it
+    assert pull_lock.acquire(blocking=False)
+    deletes = WORKERS + 2
+    with running_server(make_test_config(home), ModelStore(home), "spare") as server:
+        def delete() -> int:
+            return httpx.delete(f"{server.base_url}/models/doomed", headers={"Authorization": f"Bearer {API_KEY}"},
+                                timeout=300).status_code
+
+        admins = ThreadPoolExecutor(deletes)
+        try:
+            sent = [admins.submit(delete) for _ in range(deletes)]
+            with tried:  # as many DELETEs as the pool has threads reached the store (before the fix, each holds one)
+                assert tried.wait_for(lambda: tries[0] >= WORKERS or any(f.done() for f in sent), 300)
+            assert not any(f.done() for f in sent), [f.result() for f in sent if f.done()]
+            client = openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0, timeout=HUNG)
+            try:
+                reply = client.chat.completions.create(model="cold", messages=HI, max_tokens=2)
+            except openai.APITimeoutError:
+                pytest.fail(f"a chat that loads its model hung while {deletes} DELETEs waited for a pull")
+            assert reply.model == "cold" and reply.usage.completion_tokens >= 1
+        finally:
+            pull_lock.release()
+            codes = sorted(f.result(300) for f in sent)
+            admins.shutdown()
+        assert codes == [200] + [404] * (deletes - 1)
+        assert not store.exists("doomed")
