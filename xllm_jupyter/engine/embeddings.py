@@ -33,6 +33,18 @@ log = logging.getLogger(__name__)
 TURN = 64
 
 
+def interrupted(name: str, exc: BaseException) -> Overloaded:
+    """What a load of ``name`` that ended with ``exc`` (no Exception: a cancel, an exit) tells its waiters: a 503."""
+    return Overloaded(f"The load of the embedding model '{name}' was interrupted ({type(exc).__name__}); "
+                      "retry the request")
+
+
+def _being_cancelled() -> bool:
+    """True when the running task was cancelled (not a CancelledError a loader thread raised)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class EmbeddingSlot:
     """One loaded embedding model and the thread its forwards run on."""
 
@@ -118,11 +130,17 @@ class EmbeddingHost:
         freezes = gc_freeze.freezes()
         try:
             model = await run_slow(self._load_sync, spec)  # (may wait for another load: not the shared pool)
-        except Exception as exc:
+        except BaseException as exc:
+            # every end settles the waiters: a loader's SystemExit or KeyboardInterrupt (on its thread: no Ctrl-C) or
+            # CancelledError, or this task cancelled, left them waiting for good (and the first two stopped the loop)
+            failure = exc if isinstance(exc, Exception) else interrupted(spec.name, exc)
             if not pending.done():
-                pending.set_exception(exc)
+                pending.set_exception(failure)
                 pending.exception()  # concurrent waiters re-raise it themselves
-            await run_slow(gc_freeze.release_after_failed_load, exc, freezes)
+            cancelled = isinstance(exc, asyncio.CancelledError) and _being_cancelled()
+            await asyncio.shield(run_slow(gc_freeze.release_after_failed_load, failure, freezes))
+            if cancelled:
+                raise  # (this task was cancelled: it ends cancelled, its waiters told)
             return
         finally:
             if self._loading.get(spec.name) is pending:
