@@ -21,7 +21,8 @@ guesser which keys are right at any rate (``vouched`` says why).
 
 Memory is bounded: at most ``auth.failed_auth_max_clients`` addresses are remembered (the one
 whose last failure is oldest is forgotten first), and an IPv6 client counts by its /64 network
-(one host commonly has a whole /64 to pick addresses from).
+(one host commonly has a whole /64 to pick addresses from), and towards its /48 too, capped at
+``IPV6_SITE_SHARE`` times the limit (a site can route any of its /64s to one host: ``_site``).
 
 The client address is the connection's peer, or, when the peer is one of ``auth.trusted_proxies``
 (JupyterHub's proxy in front of the hub service), the last ``X-Forwarded-For`` hop that is not. A
@@ -56,6 +57,8 @@ FAILURES_KEY = "xllm_auth_failures"
 #: requests of a capped address that may wait for their credential check; more get 429 at once (at the
 #: default 3 s a check, the last one waits ~24 s)
 PAST_CAP_WAITING = 8
+#: /64s of one IPv6 /48 that may use up their failures before the /48 as a whole is capped (``_site``)
+IPV6_SITE_SHARE = 16
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # poll()'s "peer closed its end" event (Linux); 0 where the platform has none
@@ -109,6 +112,21 @@ def client_label(addr: str) -> str:
     return str(parsed)
 
 
+def _site(label: str) -> str | None:
+    """The IPv6 /48 a /64 label lies in (None for any other label).
+
+    A site commonly gets a /48 (or a /56) and can route any of its /64s to one host: counted by /64 alone, such a
+    guesser rotated through 65536 fresh caps (``limit`` guesses each a window) and pushed every other address out
+    of the bounded table. Its failures count towards its /48 too, which is capped at ``IPV6_SITE_SHARE`` times
+    the limit (a site's honest hosts in several /64s are not capped for one another's typos at once)."""
+    if not label.endswith("/64"):
+        return None
+    try:
+        return str(ipaddress.IPv6Network(label).supernet(new_prefix=48))
+    except ValueError:
+        return None
+
+
 def connection_gone(request: Any) -> bool:
     """True when the client of ``request`` (a Tornado HTTPServerRequest) has closed its connection.
 
@@ -157,8 +175,8 @@ class FailedAuthLimiter:
         self._clock = clock
         #: seconds between two credential checks of a capped address: the cap's own average rate
         self.interval = self.window / self.limit if self.limit > 0 else 0.0
-        # label -> [failures, window start, earliest next check once capped]; ordered by last failure, oldest
-        # first (what is forgotten first)
+        # label -> [failures, window start, earliest next check once capped, the label's limit]; ordered by last
+        # failure, oldest first (what is forgotten first)
         self._table: OrderedDict[str, list[float]] = OrderedDict()
         # label -> [tickets of the requests in ``past_cap``, in arrival order; event set whenever one leaves]
         self._lanes: dict[str, list[Any]] = {}
@@ -216,8 +234,8 @@ class FailedAuthLimiter:
         twice the cap's rate for as long as it kept guessing. Kept capped, it gets one every ``interval``, which is
         ``limit`` a window; a window with no guess past the cap ends it.
         """
-        if entry[0] > self.limit and now - entry[1] < 2 * self.window:
-            entry[0], entry[1] = self.limit, entry[1] + self.window  # entry[2] kept: the line's spacing goes on
+        if entry[0] > entry[3] and now - entry[1] < 2 * self.window:
+            entry[0], entry[1] = entry[3], entry[1] + self.window  # entry[2] kept: the line's spacing goes on
             return entry
         return None
 
@@ -233,9 +251,17 @@ class FailedAuthLimiter:
         """Raise RateLimited while ``client`` is over the limit: its credentials then go through ``past_cap``."""
         if not self.enabled or client is None:
             return
-        entry = self._live(client)
-        if entry is not None and entry[0] >= self.limit:
-            raise self._refusal(entry)
+        for label in (client, _site(client)):
+            entry = self._live(label) if label is not None else None
+            if entry is not None and entry[0] >= entry[3]:
+                raise self._refusal(entry)
+
+    def _lane_label(self, client: str) -> str:
+        """The label whose line ``client``'s capped requests wait in: its IPv6 /48's once that is capped (else each
+        of its /64s would have a line of its own, one check every ``interval`` each), or its own."""
+        site = _site(client)
+        entry = self._live(site) if site is not None else None
+        return site if site is not None and entry is not None and entry[0] >= entry[3] else client
 
     @contextlib.asynccontextmanager
     async def past_cap(self, client: str | None, gone: Callable[[], bool] | None = None) -> AsyncIterator[None]:
@@ -251,6 +277,7 @@ class FailedAuthLimiter:
         if not self.enabled or client is None:
             yield
             return
+        client = self._lane_label(client)
         lane = self._lanes.get(client)
         if lane is None:
             lane = self._lanes[client] = [deque(), asyncio.Event()]  # tickets in arrival order, "moved"
@@ -314,7 +341,7 @@ class FailedAuthLimiter:
             self.check(client)
             entry = self._table.get(client)
             slot = self._asking.get(client)
-            if slot is None or (entry[0] if entry is not None else 0) + slot[0] < self.limit:
+            if slot is None or (entry[0] if entry is not None else 0) + slot[0] < self.limit:  # check: its /48 too
                 break
             await slot[1].wait()
         if slot is None:
@@ -379,20 +406,26 @@ class FailedAuthLimiter:
         if not self.enabled or client is None:
             return
         now = self._clock()
-        entry = self._table.pop(client, None)
+        site = _site(client)
+        if site is not None:  # first, so that the /64's own entry is the last forgotten
+            self._count(site, self.limit * IPV6_SITE_SHARE, now)
+        self._count(client, self.limit, now)
+
+    def _count(self, label: str, limit: int, now: float) -> None:
+        entry = self._table.pop(label, None)
         if entry is not None and now - entry[1] >= self.window:
             entry = self._next_window(entry, now)
         if entry is None:
-            entry = [0, now, now]
+            entry = [0, now, now, limit]
         entry[0] += 1
         entry[2] = now + self.interval  # once capped, the next check waits this long (``past_cap``)
-        self._table[client] = entry  # to the end: the most recent failure is forgotten last
-        if entry[0] == self.limit:
+        self._table[label] = entry  # to the end: the most recent failure is forgotten last
+        if entry[0] == limit:
             log.warning("client %s reached %d failed authentications in %g s: its credentials are checked one at a "
                         "time until the window ends",
-                        client, self.limit, self.window)
+                        label, limit, self.window)
         while len(self._table) > self.max_clients:
             self._table.popitem(last=False)
 
 
-__all__ = ["FAILURES_KEY", "PAST_CAP_WAITING", "FailedAuthLimiter", "client_label", "connection_gone", "proxy_matcher"]
+__all__ = ["FAILURES_KEY", "IPV6_SITE_SHARE", "PAST_CAP_WAITING", "FailedAuthLimiter", "client_label", "connection_gone", "proxy_matcher"]

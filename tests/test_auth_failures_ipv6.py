@@ -1,0 +1,104 @@
+"""An IPv6 site cannot rotate through its /64s for fresh failed-auth caps: its failures count towards its /48 too.
+
+An IPv6 client counts by its /64, since one host picks addresses from a whole /64. But a site commonly holds a
+/48 and can route any of its 65536 /64s to one host: each was a fresh cap (``limit`` guesses a window each),
+and enough of them pushed every other address out of the bounded table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import select
+import socket
+from typing import Any, Iterator
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from tests.server_fixtures import TINY, make_test_config, running_server
+from xllm_jupyter.core.config import AuthConfig
+from xllm_jupyter.core.errors import RateLimited
+from xllm_jupyter.server.auth_failures import IPV6_SITE_SHARE, PAST_CAP_WAITING, FailedAuthLimiter
+
+KEY = "sk-right-key"
+LIMIT = 2
+WINDOW = 400.0  # 200 s between two checks past the cap: nothing waiting gets its turn during the test
+
+
+def _host(subnet: int, site: str = "2001:db8:5") -> str:
+    """An address in the ``subnet``-th /64 of ``site``'s /48."""
+    return f"{site}:{subnet:x}::1"
+
+
+@pytest.fixture(scope="module")
+def proxied_server(xllm_home, tiny_catalog) -> Iterator[Any]:
+    """A standalone server behind a proxy on 127.0.0.1 (which names the client in X-Forwarded-For)."""
+    cfg = make_test_config(xllm_home, api_keys=(KEY,))
+    cfg = dataclasses.replace(cfg, auth=AuthConfig(failed_auth_limit=LIMIT, failed_auth_window_seconds=WINDOW,
+                                                   trusted_proxies=("127.0.0.1",)))
+    with running_server(cfg, tiny_catalog, TINY) as info:
+        yield info
+
+
+def test_fresh_64s_of_a_site_that_used_up_its_share_wait_their_turn(proxied_server):
+    with httpx.Client(base_url=proxied_server.root, timeout=60) as proxy:
+        for subnet in range(IPV6_SITE_SHARE):  # every /64 uses up its own failures: the /48's share is spent
+            for i in range(LIMIT):
+                r = proxy.get("/v1/models", headers={"Authorization": f"Bearer sk-guess-{subnet}-{i}",
+                                                     "X-Forwarded-For": _host(subnet)})
+                assert r.status_code == 401, r.text
+        # another site's client is not affected
+        r = proxy.get("/v1/models", headers={"Authorization": f"Bearer {KEY}", "X-Forwarded-For": _host(1, "2001:db8:6")})
+        assert r.status_code == 200
+    # guesses from fresh /64s of the site, all at once: they wait in the /48's line (one check every 200 s), and
+    # the one that finds it full gets 429 unchecked; each was checked at once before (a 401), as many as were sent
+    url = urlsplit(proxied_server.root)
+    socks = []
+    try:
+        for n in range(PAST_CAP_WAITING + 1):
+            s = socket.create_connection((url.hostname, url.port))
+            s.sendall(f"GET /v1/models HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer sk-fresh-{n}\r\n"
+                      f"X-Forwarded-For: {_host(IPV6_SITE_SHARE + n)}\r\n\r\n".encode())
+            socks.append(s)
+        ready, _, _ = select.select(socks, [], [], 60)
+        head = ready[0].recv(65536).decode("latin-1")
+        assert head.startswith("HTTP/1.1 429"), head[:200]
+        assert len(ready) == 1, f"{len(ready)} answered"
+    finally:
+        for s in socks:
+            s.close()
+
+
+# ---------------------------------------------------------------- the limiter itself
+class Clock:
+    """A clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_sites_failures_are_capped_at_its_share_of_64s():
+    clock = Clock()
+    limiter = FailedAuthLimiter(AuthConfig(failed_auth_limit=3, failed_auth_window_seconds=60), clock=clock)
+    label = lambda subnet, site="2001:db8:7": f"{site}:{subnet:x}::/64"  # noqa: E731
+    counted = 0
+    for subnet in range(1000):
+        for _ in range(3):
+            try:
+                limiter.check(label(subnet))
+            except RateLimited:
+                break
+            limiter.failed(label(subnet))
+            counted += 1
+    assert counted == 3 * IPV6_SITE_SHARE  # was 3000: every /64 a fresh cap
+    limiter.check(label(1, "2001:db8:8"))  # another /48: not capped
+    limiter.check("192.0.2.1")
+    # the /48's waiting line is the one its capped /64s share
+    assert limiter._lane_label(label(999)) == "2001:db8:7::/48"
+    assert limiter._lane_label(label(1, "2001:db8:8")) == label(1, "2001:db8:8")
+    clock.now += 61  # the window ends; a site that did not guess past its share starts afresh
+    limiter.check(label(999))
