@@ -323,9 +323,10 @@ def test_eos_reasons(reason, finish):
     assert event.token_id is None and event.finish is finish and event.completion_tokens == 3
 
 
-def test_a_stop_token_end_releases_the_answer_held_back_but_not_the_stop_token():
+def test_a_stop_token_end_releases_the_answer_held_back_and_counts_the_stop_token_without_its_text():
     """Both libraries end a job on a stop token without emitting what they held back (an incomplete character, a
-    possible stop-string match): the end result's ``held`` has it, the stop token last."""
+    possible stop-string match): the end result's ``held`` has it, the stop token last. The stop token is a token
+    of the answer (usage counts it, as on the transformers backend), its text is not."""
     held = {"text": "\ufffd there<|im_end|>", "token_ids": torch.tensor([[173, 665, 2]]),
             "token_probs": torch.tensor([[0.5, 0.25, 0.9]]),
             "top_k_tokens": torch.tensor([[[173, 9], [665, 9], [2, 9]]]),
@@ -334,17 +335,18 @@ def test_a_stop_token_end_releases_the_answer_held_back_but_not_the_stop_token()
            "eos_triggering_token_id": 2, "eos_triggering_token_str": "<|im_end|>", "held": held}
     raw = {173: b"\xe2", 665: b" there", 9: b"x", 2: b""}.__getitem__
     events = translate_results([end], {1: JobInfo(1, logprobs=True, top_logprobs=1)}, str, raw=raw)
-    assert [(e.token_id, e.text, e.finish) for e in events] == [(173, "", None), (665, "\ufffd there", FinishReason.STOP)]
-    assert [e.logprob for e in events] == pytest.approx([math.log(0.5), math.log(0.25)])
-    assert [e.top_logprobs[0][0] for e in events] == ["173", "665"] and events[0].token_bytes == b"\xe2"
+    assert [(e.token_id, e.finish) for e in events] == [(173, None), (665, None), (2, FinishReason.STOP)]
+    assert "".join(e.text for e in events) == "\ufffd there"
+    assert [e.logprob for e in events] == pytest.approx([math.log(0.5), math.log(0.25), math.log(0.9)])
+    assert [e.top_logprobs[0][0] for e in events] == ["173", "665", "2"] and events[0].token_bytes == b"\xe2"
     assert events[-1].completion_tokens == 4
     # without the tokens' bytes: the held text less the stop token's
     events = translate_results([end], {1: JobInfo(1)}, str)
-    assert [(e.token_id, e.text) for e in events] == [(173, ""), (665, "\ufffd there")]
-    # the stop token alone was held: the finishing event has no token
-    alone = {**end, "held": {"text": "<|im_end|>", "token_ids": torch.tensor([[2]])}}
-    (event,) = translate_results([alone], {1: JobInfo(1)}, str, raw=raw)
-    assert (event.token_id, event.text, event.finish) == (None, "", FinishReason.STOP)
+    assert [e.token_id for e in events] == [173, 665, 2] and "".join(e.text for e in events) == "\ufffd there"
+    # the stop token alone was held, or nothing: the finishing event is the stop token's, without text
+    for alone in ({**end, "held": {"text": "<|im_end|>", "token_ids": torch.tensor([[2]])}}, {**end, "held": {}}):
+        (event,) = translate_results([alone], {1: JobInfo(1)}, str, raw=raw)
+        assert (event.token_id, event.text, event.finish) == (2, "", FinishReason.STOP)
     # a stop string's end: what is held is the stop string and what followed it, not the answer
     stop_string = {**end, "eos_reason": "stop_string", "text": "ok", "token_ids": torch.tensor([[5]]),
                    "held": {"text": "STOP and more"}}

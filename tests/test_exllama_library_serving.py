@@ -822,7 +822,8 @@ def test_a_stop_token_releases_the_answer_the_library_held_back(tiny_llama_dir, 
     """Both libraries hold text back while it ends in an incomplete UTF-8 character, and end a job on a stop token
     without releasing what they held, which was lost with its logprobs: here a lone byte 0xE2 (no character) last
     (both libraries), and exllamav2 0.3.2 holds everything after an earlier one too. The answer keeps them (a lone
-    byte as U+FFFD), never the stop token itself."""
+    byte as U+FFFD). The stop token counts as a token of the answer (usage, logprobs), as on the transformers
+    backend; its text never shows."""
     from xllm_jupyter.core.types import FinishReason, SamplingParams, SequenceJob
 
     require_kind(kind)
@@ -841,9 +842,9 @@ def test_a_stop_token_releases_the_answer_the_library_held_back(tiny_llama_dir, 
     assert events[-1].finish is FinishReason.STOP
     assert "".join(e.text for e in events) == " Hi\ufffd there\ufffd"
     tokens = [e.token_id for e in events if e.token_id is not None]
-    assert tokens == [hi, lone_byte, there, lone_byte]  # the stop token is no answer token
+    assert tokens == [hi, lone_byte, there, lone_byte, stop]
     if logprobs:
-        assert [e.token_bytes for e in events if e.token_id is not None] == [b" Hi", b"\xe2", b" there", b"\xe2"]
+        assert [e.token_bytes for e in events if e.token_id is not None] == [b" Hi", b"\xe2", b" there", b"\xe2", b""]
         assert all(e.logprob is not None and -1.0 < e.logprob <= 0 and len(e.top_logprobs) == 2
                    for e in events if e.token_id is not None)
     assert model.active_jobs() == 0 and pages_held(model) == 0

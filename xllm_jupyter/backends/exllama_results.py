@@ -79,7 +79,8 @@ def translate_results(results: Iterable[Mapping[str, Any]], jobs: Mapping[int, J
     A result may carry several tokens (speculative decoding accepted a draft); each gets an
     event and the step's text rides on the last one. The job's first event carries its cached
     prompt tokens; the ``eos`` result becomes the finishing event, with the usage counters the
-    generator reports; a ``stop_token`` end releases what the library still held back (``with_held_answer``).
+    generator reports; a ``stop_token`` end releases what the library still held back and the stop token itself,
+    without its text (``with_held_answer``).
     An ``error`` result (exllamav3 dropped a job whose prefill or page
     allocation raised) finishes the job with ERROR, so its request fails instead of hanging.
     ``special`` maps special token ids to their literal text, which exllamav3 streams
@@ -106,11 +107,12 @@ def translate_results(results: Iterable[Mapping[str, Any]], jobs: Mapping[int, J
         info = jobs.get(r.get("identifier"))  # type: ignore[arg-type]
         if info is None:
             continue
-        if r.get("eos") and r.get("eos_reason") == "stop_token" and r.get("held"):
+        held = bool(r.get("eos") and r.get("eos_reason") == "stop_token" and not _row(r.get("token_ids")))
+        if held:
             r = with_held_answer(r, raw)
         ids = [int(t) for t in _row(r.get("token_ids"))]
         text = r.get("text") or ""
-        if special and text:
+        if special and text and not held:  # (a held answer's text is its tokens' bytes: no special token's text)
             for token in ids:
                 if token in special:
                     text = text.replace(special[token], "", 1)
@@ -158,24 +160,27 @@ def translate_results(results: Iterable[Mapping[str, Any]], jobs: Mapping[int, J
 
 
 def with_held_answer(r: Mapping[str, Any], raw: Callable[[int], bytes] | None) -> dict[str, Any]:
-    """A ``stop_token`` end result with the answer the library still held (``r["held"]``) as its own tokens.
+    """A ``stop_token`` end result with what the library still held (``r["held"]``) as its tokens and text.
 
     Both libraries hold a step's text and tokens back while they end in an incomplete UTF-8 character (or a
     possible stop-string match) and end a job on a stop token without emitting them: the end result carries them
-    under ``held``, the stop token last. Everything before the stop token is the answer's (its text, tokens and
-    probabilities); the stop token itself is not, as on the transformers backend and OpenAI. The text is those
-    tokens' own bytes (``raw``) decoded together, a character they leave incomplete as U+FFFD (what the libraries
-    and the transformers backend release at ``max_new_tokens``); without ``raw``, the held text less the stop
-    token's.
+    under ``held``, the stop token last. The tokens before it are the answer's (text, tokens, probabilities); the
+    stop token is a token of the answer too, counted in usage with its probability, as on the transformers backend
+    (and in OpenAI's usage), but its text is not. The text is the answer tokens' own bytes (``raw``) decoded
+    together, a character they leave incomplete as U+FFFD (what the libraries and the transformers backend release
+    at ``max_new_tokens``); without ``raw``, the held text less the stop token's. Without ``held``, the stop
+    token alone (``eos_triggering_token_id``).
     """
-    held = r["held"]
+    held = r.get("held") or {}
     ids = [int(t) for t in _row(held.get("token_ids"))]
+    if not ids and r.get("eos_triggering_token_id") is not None:  # (nothing held: the stop token alone)
+        ids = [int(r["eos_triggering_token_id"])]
     keep = max(0, len(ids) - 1)  # the stop token is the last held token
     out = dict(r)
-    out["token_ids"] = [ids[:keep]]
+    out["token_ids"] = [ids]
     for key in ("token_probs", "top_k_tokens", "top_k_probs"):
         if held.get(key) is not None:
-            out[key] = [_row(held[key])[:keep]]
+            out[key] = [_row(held[key])]
     if raw is not None:
         text = b"".join(raw(t) for t in ids[:keep]).decode("utf-8", errors="replace")
     else:
