@@ -10,11 +10,12 @@ applies the adapter to that request's rows only.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..core.errors import InvalidRequest, ModelNotFound, Overloaded, XllmError, quoted
+from ..core.errors import InvalidRequest, ModelNotFound, ModelRemoved, Overloaded, XllmError, quoted
 from ..core.slow_work import run_slow
 from ..core.types import GenerationRequest, ModelInfo, ModelRuntime
 from ..store.names import canonical_name, is_valid_name
@@ -24,11 +25,26 @@ if TYPE_CHECKING:
     from .runner import ModelRunner
 
 
+def base_gone(base: str, adapter: str, reason: XllmError | None) -> XllmError:
+    """What a request for ``adapter`` gets when its base model went while the adapter loaded: ``reason`` the base's
+    unload gave (a removal: a 404 naming the base; None: a 503 to retry)."""
+    if isinstance(reason, ModelRemoved):
+        gone = ModelNotFound(base)
+        gone.message = (f"The base model '{quoted(base)}' of adapter '{quoted(adapter)}' was removed from the server "
+                        "while the adapter loaded; the adapter cannot serve until its base is pulled again")
+        return gone
+    if reason is not None:
+        return copy.copy(reason)  # (one instance raised in many requests would chain their tracebacks)
+    return Overloaded(f"The base model '{quoted(base)}' of adapter '{quoted(adapter)}' was unloaded while the "
+                      "adapter attached; retry the request")
+
+
 class AdapterMixin:
     """Engine methods for LoRA adapters; the Engine owns ``_adapters`` (adapter name -> base name)."""
 
     _adapters: dict[str, str]
     _runners: dict[str, "ModelRunner"]
+    _unload_reasons: dict[str, XllmError]  # the Engine's: why each model was last unloaded (until it loads again)
 
     async def load_adapter(self, base: str, name: str, path: str | Path) -> "LoadedModel":
         """Load ``base`` if needed and attach the peft LoRA directory ``path`` to it as adapter ``name``."""
@@ -43,6 +59,11 @@ class AdapterMixin:
         if base in self._adapters:  # a stored adapter: loading it attached it to its own base
             raise InvalidRequest(f"'{base}' is an adapter; an adapter applies to a base model", param="model")
         await run_slow(model.load_adapter, name, Path(path))  # (reads weights, may wait for a load's turn)
+        runner = self._runners.get(base)
+        if runner is None or runner.model is not model:
+            # the base was unloaded (or removed) while the adapter attached: routed, the adapter named a base that
+            # is gone, and its requests got the 503 "unloaded as it finished loading" whatever the cause
+            raise base_gone(base, name, self._unload_reasons.get(base))
         self._adapters[name] = base
         return model
 
@@ -51,8 +72,10 @@ class AdapterMixin:
         if not spec.base_model:
             raise InvalidRequest(f"The adapter '{spec.name}' does not name its base model; pull it again "
                                  "with a base model given", param="model")
+        resolved = False
         try:
             base = await run_slow(self._resolve, spec.base_model)  # type: ignore[attr-defined]
+            resolved = True
             if base.task == "adapter":
                 # adapters do not stack; found before loading, as the 503 "retry" its routing gave could never pass
                 raise InvalidRequest(f"The base model '{quoted(spec.base_model)}' of adapter '{spec.name}' is itself "
@@ -60,6 +83,8 @@ class AdapterMixin:
                                      "base (xllm pull ADAPTER --base MODEL)", param="model")
             return await self.load_adapter(spec.base_model, spec.name, spec.path)
         except ModelNotFound:  # only the base can be missing here: the adapter itself resolved
+            if resolved:  # it was stored when the adapter's load began: removed since (a DELETE mid-load)
+                raise base_gone(spec.base_model, spec.name, ModelRemoved(spec.base_model)) from None
             if not is_valid_name(spec.base_model):  # (a stored model's name could not be a path)
                 # peft records the directory it trained on: a server path, not for every user who asks
                 raise InvalidRequest(f"The adapter '{spec.name}' names its base model by a path or Hub id, not a "
