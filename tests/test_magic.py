@@ -322,6 +322,22 @@ def test_interrupt_closes_the_stream_and_the_server_cancels(shell, xllm_server, 
     _wait_cancelled(engine, before)
 
 
+def test_an_interrupt_after_the_answer_keeps_it(shell, xllm_server, monkeypatch):
+    """Ctrl-C while the magic fetched the model's digest (after the answer had come): the cell ended in "xllm:
+    interrupted", its display never finished (no provenance) and --out was not set."""
+    def interrupted(model):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shell.xllm_magics.state, "about", interrupted)
+    with capture_output() as cap:
+        shell.run_line_magic("xllm", f"-m {TINY} {SAMPLED} --max-tokens 8 --out answer Say something")
+    assert cap.stderr == ""
+    text = sampled(xllm_server, "Say something", 8)
+    assert final_markdown(cap) == neutral_markdown(text) and shell.user_ns["answer"] == text
+    meta = final(cap).metadata["xllm"]
+    assert meta["model"] == TINY and meta["digest"] is None and meta["server_version"] is None
+
+
 def test_magics_class_registers(shell):
     assert "xllm" in shell.magics_manager.magics["cell"]
     assert "xllm" in shell.magics_manager.magics["line"]

@@ -141,7 +141,10 @@ def provenance(state: MagicState, *, model: str | None, params: dict[str, Any], 
                usage: dict[str, Any] | None, fingerprint: str | None, fmt: str, chat_turn: int | None,
                interrupted: bool) -> dict[str, Any]:
     """What produced an answer, kept in the output's metadata so a notebook records it."""
-    about = state.about(model)
+    try:
+        about, server = state.about(model), state.about(None)
+    except KeyboardInterrupt:  # an interrupt once the answer came: keep the answer, without the facts being fetched
+        about, server = {}, {}
     location = state.location
     return {
         "model": model,
@@ -152,7 +155,7 @@ def provenance(state: MagicState, *, model: str | None, params: dict[str, Any], 
         "finish_reason": "interrupted" if interrupted else finish_reason,
         "usage": usage,
         "system_fingerprint": fingerprint,
-        "server_version": state.about(None).get("server_version"),
+        "server_version": server.get("server_version"),
         "server": {"url": location.base_url, "source": location.source} if location else None,
         "client_version": __version__,
         "chat_turn": chat_turn,
