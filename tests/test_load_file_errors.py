@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from xllm_jupyter.backends.base import BackendOptions, ModelSpec
-from xllm_jupyter.core.errors import InvalidRequest, ModelLoadError
+from xllm_jupyter.core.errors import ModelLoadError
 
 
 def cut_short(directory: Path, name: str = "model.safetensors") -> None:
@@ -51,7 +51,7 @@ def test_an_embedding_model_whose_weights_are_cut_short_fails_as_a_load_error(tm
     assert str(tmp_path) not in failed.value.message
 
 
-def test_an_adapter_whose_weights_are_cut_short_does_not_fit(tmp_path, tiny_llama_dir):
+def test_an_adapter_whose_weights_are_cut_short_says_its_weights_are_damaged(tmp_path, tiny_llama_dir):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -63,9 +63,11 @@ def test_an_adapter_whose_weights_are_cut_short_does_not_fit(tmp_path, tiny_llam
     get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32),
                    LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(str(adapter))
     cut_short(adapter, "adapter_model.safetensors")
-    with pytest.raises(InvalidRequest) as failed:
+    with pytest.raises(ModelLoadError) as failed:  # (was an InvalidRequest saying it "does not fit this base model")
         LoraAdapters(model, torch.device("cpu")).attach("cut", adapter)
-    assert "The adapter 'cut' does not fit this base model (SafetensorError)" in failed.value.message
-    with pytest.raises(InvalidRequest) as failed:
+    assert failed.value.code == "model_load_failed" and failed.value.client_safe
+    assert "The adapter 'cut' could not be loaded: its weights are damaged (SafetensorError)" in failed.value.message
+    assert str(tmp_path) not in failed.value.message and "does not fit" not in failed.value.message
+    with pytest.raises(ModelLoadError) as failed:
         merge_lora(model, adapter)
-    assert "(SafetensorError)" in failed.value.message
+    assert "ADAPTER" in failed.value.message and "weights are damaged (SafetensorError)" in failed.value.message

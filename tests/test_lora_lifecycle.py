@@ -82,3 +82,33 @@ def test_an_adapter_whose_base_is_deleted_as_it_loads_gets_a_404_naming_the_base
         with pytest.raises(openai.NotFoundError):
             sdk.chat.completions.create(model="base", messages=HI, max_tokens=2)
         assert sdk.chat.completions.create(model=TINY, messages=HI, max_tokens=2).usage.completion_tokens >= 1
+
+
+@pytest.mark.parametrize("damage", ["header", "json"])
+def test_an_adapter_with_damaged_weights_says_so_naming_the_adapter(tmp_path, tiny_llama_dir, lora_dirs,  # noqa: F811
+                                                                    damage):
+    """The adapter's weights file damaged in place (its size unchanged, so the store's cheap check passes): the load
+    error a damaged model gets (500 ``model_load_failed``), naming the adapter and saying its weights are damaged,
+    no path (was "does not fit this base model"); the base serves on."""
+    home = tmp_path / "home"
+    store = ModelStore(home)
+    store.pull(str(tiny_llama_dir), TINY)
+    store.pull(str(lora_dirs[0]), "ad-bad", base=TINY)
+    weights = store.show("ad-bad").path / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    if damage == "header":  # the header's length field says more than the file holds
+        data[:8] = (2**40).to_bytes(8, "little")
+    else:  # the header's JSON cut: not JSON any more
+        data[8:16] = b"\xff" * 8
+    weights.write_bytes(bytes(data))
+    with running_server(make_test_config(home), ModelStore(home), TINY) as server, \
+            openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0, timeout=300) as sdk:
+        with pytest.raises(openai.APIStatusError) as failed:
+            sdk.chat.completions.create(model="ad-bad", messages=HI, max_tokens=2)
+        error = failed.value.body
+        assert failed.value.status_code == 500, (failed.value.status_code, error)
+        assert set(error) >= {"message", "type", "param", "code"} and error["code"] == "model_load_failed", error
+        message = error["message"]
+        assert "'ad-bad'" in message and "damaged" in message, message
+        assert "does not fit" not in message and str(home) not in message and "/" not in message, message
+        assert sdk.chat.completions.create(model=TINY, messages=HI, max_tokens=2).usage.completion_tokens >= 1

@@ -12,16 +12,45 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import threading
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, ContextManager, Iterator, Sequence
 
-from ..core.errors import InvalidRequest
+from ..core.errors import InvalidRequest, ModelLoadError, repair_advice
 from .file_errors import file_errors
+
+log = logging.getLogger(__name__)
 
 #: peft's name for "no adapter on this row" in mixed-batch inference
 BASE_ROW = "__base__"
+#: the weights file peft saves an adapter in (the one whose damage is told from a misfit)
+WEIGHTS = "adapter_model.safetensors"
+
+
+def damaged_weights(label: str, exc: BaseException) -> ModelLoadError:
+    """The error for adapter ``label`` (``"The adapter 'x'"``) whose weights file could not be read: it names the
+    adapter and the error's type, never a path (the log has the details)."""
+    log.warning("%s: its weights could not be read: %s", label, exc)
+    return ModelLoadError(f"{label} could not be loaded: its weights are damaged ({type(exc).__name__}); "
+                          f"{repair_advice()} (the server log has the details)")
+
+
+def check_weights(label: str, path: Path) -> None:
+    """Raise ``damaged_weights`` when the adapter's safetensors file at ``path`` cannot be opened (its header read
+    and checked against the file's size: no tensor is read). peft's own read of such a file raised the same errors
+    as a LoRA that does not fit the base, and the adapter was said not to fit."""
+    weights = Path(path) / WEIGHTS
+    if not weights.is_file():
+        return  # (an older .bin adapter: peft reads it, and its errors stay as they are)
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as opened:
+            opened.keys()
+    except Exception as exc:  # SafetensorError (an Exception), OSError: a file cut short or with a damaged header
+        raise damaged_weights(label, exc) from None
 
 
 def read_adapter_config(path: Path) -> dict[str, Any]:
@@ -39,6 +68,7 @@ def read_adapter_config(path: Path) -> dict[str, Any]:
 def merge_lora(model: Any, path: Path) -> Any:
     """``model`` with the LoRA at ``path`` merged into its weights (no per-step adapter cost)."""
     read_adapter_config(path)
+    check_weights("The model's ADAPTER", path)
     from peft import PeftModel
 
     try:
@@ -74,6 +104,7 @@ class LoraAdapters:
     def attach(self, name: str, path: Path) -> None:
         """Load the LoRA at ``path`` as adapter ``name`` (replacing one of that name); caller holds ``lock``."""
         read_adapter_config(path)
+        check_weights(f"The adapter '{name}'", path)
         from peft import PeftModel
 
         if name in self._keys:
