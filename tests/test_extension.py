@@ -167,6 +167,26 @@ async def test_no_token_is_refused(xllm):
 
 
 @on_server_loop
+async def test_every_response_has_a_request_id(xllm):
+    """The openai SDK's ``request_id`` (``X-Request-ID``) was None under Jupyter; the standalone server always set it."""
+    await start(xllm)
+    async with openai.AsyncOpenAI(base_url=xllm["url"], api_key=xllm["token"], max_retries=0, timeout=60) as c:
+        raw = await c.chat.completions.with_raw_response.create(model=TINY, messages=MSG, max_tokens=1)
+        assert len(raw.request_id or "") == 32 and raw.parse().usage.completion_tokens == 1
+        with pytest.raises(openai.NotFoundError) as info:
+            await c.models.retrieve("missing")
+        first = info.value.request_id
+        with pytest.raises(openai.NotFoundError) as info:
+            await c.models.retrieve("missing")
+        assert len(first or "") == 32 and info.value.request_id not in (None, first)  # one per request
+    async with httpx.AsyncClient(timeout=30) as c:
+        r = await c.get(xllm["url"] + "/models", headers={"Authorization": "Bearer wrong", "X-Request-ID": "trace-7"})
+        assert r.status_code == 401 and r.headers["X-Request-ID"] == "trace-7"  # the client's own id, as standalone
+        r = await c.get(xllm["root"] + "/health", headers={"X-Request-ID": "bad id!"})
+        assert r.status_code == 200 and len(r.headers["X-Request-ID"]) == 32  # not a safe token: a fresh one
+
+
+@on_server_loop
 async def test_environment_exported(xllm):
     await start(xllm)
     assert os.environ["XLLM_BASE_URL"] == xllm["url"]

@@ -17,10 +17,27 @@ from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import web
 
 from ..core.errors import AuthenticationError, PermissionDenied
+from .edge import REQUEST_ID_HEADER, request_id_for
 from .handlers import admin_required
+from .logging_setup import request_id_var
 
 
-class JupyterXllmHandler(ExtensionHandlerMixin, APIHandler):
+class RequestIdMixin:
+    """``X-Request-ID`` on every response, errors included, as the standalone server sends it (the openai SDK's
+    ``request_id``; Jupyter sends none), and the id on the request's log records."""
+
+    _xllm_request_id: str | None = None
+
+    def set_default_headers(self) -> None:
+        """Jupyter's defaults plus the id; Tornado calls this again when an error clears the headers."""
+        super().set_default_headers()  # type: ignore[misc]
+        if self._xllm_request_id is None:  # first call, from __init__: in the context the handler's task copies
+            self._xllm_request_id = request_id_for(self.request.headers.get(REQUEST_ID_HEADER))  # type: ignore[attr-defined]
+            request_id_var.set(self._xllm_request_id)
+        self.set_header(REQUEST_ID_HEADER, self._xllm_request_id)  # type: ignore[attr-defined]
+
+
+class JupyterXllmHandler(RequestIdMixin, ExtensionHandlerMixin, APIHandler):
     """Authenticated and authorized on the ``xllm`` resource (GET = read, POST and DELETE = write)."""
 
     auth_resource = "xllm"
@@ -95,7 +112,7 @@ def _no_credentials() -> AuthenticationError:
                                "(the OpenAI SDK's api_key).")
 
 
-class JupyterPublicHandler(ExtensionHandlerMixin, APIHandler):
+class JupyterPublicHandler(RequestIdMixin, ExtensionHandlerMixin, APIHandler):
     """Unauthenticated (only ``/health``)."""
 
     auth_resource = "xllm"
