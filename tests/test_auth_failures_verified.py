@@ -60,6 +60,9 @@ def _fill_the_line(root: str, source: str) -> list[socket.socket]:
     assert len(ready) == 1, f"{len(ready)} answered"  # the one the full line refused; the others wait
     head = ready[0].recv(65536).decode("latin-1")
     assert head.startswith("HTTP/1.1 429"), head[:200]
+    # come back at the next check, when a place frees (was the window's end: 400 s on)
+    retry_after = [int(line.split(":")[1]) for line in head.split("\r\n") if line.lower().startswith("retry-after:")]
+    assert retry_after and 1 <= retry_after[0] <= WINDOW / LIMIT, head[:400]
     ready[0].close()
     return [s for s in socks if s is not ready[0]]
 

@@ -283,7 +283,12 @@ class FailedAuthLimiter:
             lane = self._lanes[client] = [deque(), asyncio.Event()]  # tickets in arrival order, "moved"
         entry = self._live(client)
         if len(lane[0]) >= PAST_CAP_WAITING and entry is not None:
-            raise self._refusal(entry)
+            # a place in the line frees at the next check, not at the window's end: a right key's client told to
+            # come back then (the openai SDK waits a Retry-After of up to 60 s) gets another chance of a place
+            self.refused += 1
+            left = max(1, math.ceil(entry[2] - self._clock()))
+            raise RateLimited(f"Too many failed authentication attempts from this address, and {PAST_CAP_WAITING} of "
+                              f"its requests already wait their turn; retry in {left} s.", retry_after=left)
         ticket = object()
         lane[0].append(ticket)
         try:
