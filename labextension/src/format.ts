@@ -7,15 +7,16 @@ import type { DeviceMemory, EngineStatus } from './api';
 
 const UNITS = ['B', 'KB', 'MB', 'GB', 'TB'];
 
-/** Bytes as a short human string (powers of 1024): 1536 -> "1.5 KB". */
+/** Bytes as a short human string in powers of 1000, as `xllm ps`, `xllm list` and `%xllm ps` write them
+ * (538060288 -> "538 MB" beside their "538.1 MB"; with 1024 the panel said 513 MB for the same model). */
 export function formatBytes(bytes: number | null | undefined): string {
   if (bytes === null || bytes === undefined || !isFinite(bytes) || bytes < 0) {
     return '–';
   }
   let value = bytes;
   let unit = 0;
-  while (value >= 1024 && unit < UNITS.length - 1) {
-    value /= 1024;
+  while (value >= 1000 && unit < UNITS.length - 1) {
+    value /= 1000;
     unit++;
   }
   const digits = unit === 0 || value >= 100 ? 0 : value >= 10 ? 1 : 2;

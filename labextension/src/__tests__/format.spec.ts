@@ -1,12 +1,17 @@
 import { formatBytes, formatQueue, formatRate, memoryGauge, statusLabel } from '../format';
 
 describe('formatBytes', () => {
-  it('scales by 1024 with sensible precision', () => {
+  it('scales by 1000 with sensible precision', () => {
     expect(formatBytes(0)).toBe('0 B');
-    expect(formatBytes(1023)).toBe('1023 B');
-    expect(formatBytes(1536)).toBe('1.50 KB');
-    expect(formatBytes(15 * 1024 * 1024)).toBe('15.0 MB');
-    expect(formatBytes(270 * 1024 ** 3)).toBe('270 GB');
+    expect(formatBytes(999)).toBe('999 B');
+    expect(formatBytes(1500)).toBe('1.50 KB');
+    expect(formatBytes(15_000_000)).toBe('15.0 MB');
+    expect(formatBytes(270e9)).toBe('270 GB');
+  });
+
+  it('agrees with `xllm ps` (538.1 MB) on the same model, not 513 MB in powers of 1024', () => {
+    expect(formatBytes(538060288)).toBe('538 MB');
+    expect(formatBytes(25276194816)).toBe('25.3 GB');
   });
 
   it('shows a dash for unknown values', () => {
@@ -28,10 +33,10 @@ describe('formatRate', () => {
 
 describe('memoryGauge', () => {
   it('measures against the budget when one is set', () => {
-    const g = memoryGauge('cpu', { used_bytes: 512 * 1024 ** 2, budget_bytes: 1024 ** 3, total_bytes: 16 * 1024 ** 3 });
+    const g = memoryGauge('cpu', { used_bytes: 500e6, budget_bytes: 1e9, total_bytes: 16e9 });
     expect(g.limit).toBe('budget');
     expect(g.fraction).toBeCloseTo(0.5);
-    expect(g.label).toBe('512 MB of 1.00 GB RAM budget');
+    expect(g.label).toBe('500 MB of 1.00 GB RAM budget');
     expect(g.warn).toBe(false);
   });
 
