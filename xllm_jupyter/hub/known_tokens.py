@@ -4,8 +4,11 @@ The cap counts failures per client address, and the hub service trusts its loopb
 ``X-Forwarded-For``: on a one-host hub any user's kernel reaches the service from loopback too, so it
 can name another user's address and spend that address's failures (and users behind one NAT share
 one). Past the cap a token the hub confirmed before is asked about at once; any other token waits its
-turn (``FailedAuthLimiter.past_cap``: one at a time, no faster than the cap's own rate), so a guesser
-gains no speed and a user whose token the service has not seen yet is served after the guesses ahead.
+turn (``FailedAuthLimiter.past_cap``: one at a time, no faster than the cap's own rate), so a user whose
+token the service has not seen yet is served after the guesses ahead. A guess that matches a confirmed token
+is answered at once too: for those the cap adds no rate bound, the tokens' randomness does (JupyterHub's carry
+122 random bits; docs/jupyterhub.md). Unlike ``xllm serve``'s keys, which a person may pick: there only the
+key a connection already proved skips the line (``FailedAuthLimiter.vouched``).
 """
 
 from __future__ import annotations
