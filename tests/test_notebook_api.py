@@ -234,6 +234,19 @@ def test_word_and_unified_diffs():
     assert "&lt;a&gt;" in page and "<del" in page and "<ins" in page
 
 
+def test_html_diff_keeps_a_replaced_word_apart_from_its_replacement():
+    """The CompareWidget's diff view: "is a rare" against "is terracota" showed the struck-out "a" and the added
+    "terracota" run together ("aterracota"), the text having no space between them."""
+    import re
+
+    page = diff_html("it is a rare one", "it is terracota one")
+    replaced = re.search(r'<del style="([^"]*)">a rare</del><ins style="[^"]*">terracota</ins>', page)
+    assert replaced and "margin-right" in replaced.group(1), page
+    # a word only removed or only added sits between spaces of the text already: no gap added
+    assert "margin-right" not in diff_html("it is a rare one", "it is one")
+    assert "margin-right" not in diff_html("it is one", "it is a rare one")
+
+
 # ----------------------------------------------------------------- packaging
 def test_notebook_api_is_exported_lazily():
     code = (

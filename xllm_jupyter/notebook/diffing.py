@@ -57,7 +57,9 @@ def diff_html(a: str, b: str) -> str:
             out.append(html.escape(old))
             continue
         if old:
-            out.append(f'<del style="{DEL_STYLE}">{html.escape(old)}</del>')
+            # a word replaced: a gap before its replacement, or "a" struck out then "terracota" read "aterracota"
+            gap = ";margin-right:0.3em" if new else ""
+            out.append(f'<del style="{DEL_STYLE}{gap}">{html.escape(old)}</del>')
         if new:
             out.append(f'<ins style="{INS_STYLE}">{html.escape(new)}</ins>')
     return f'<div style="white-space:pre-wrap;font-family:var(--jp-code-font-family,monospace)">{"".join(out)}</div>'
