@@ -147,3 +147,14 @@ def test_recorded_only_and_applied_parameters_cover_ollamas_list():
     applied = set(_FIELDS) | {"num_predict", "num_ctx"}
     assert applied.isdisjoint(RECORDED_ONLY)
     assert applied | RECORDED_ONLY == set(PARAMETERS)
+
+
+def test_help_texts_have_no_rst_markup():
+    """`xllm show --help` read "as ``ollama show`` does" and `xllm cp --help` "(as ``xllm create`` replaces it)":
+    the docstrings' reST quoting is printed as typed in a terminal."""
+    commands = sorted(main.commands)
+    assert {"show", "cp", "serve", "pull", "run", "list", "rm", "ps", "stop", "create"} <= set(commands)
+    for name in [None, *commands]:
+        r = invoke(*([name] if name else []), "--help")
+        assert r.exit_code == 0, (name, r.output)
+        assert "``" not in r.output, (name, r.output)

@@ -59,7 +59,7 @@ def cp_command(settings: Any, source: str, destination: str) -> None:
     """Copy stored model SOURCE to DESTINATION, settings and all.
 
     The weights are hard-linked where the store's file system allows, not duplicated. An
-    existing DESTINATION is replaced (as ``xllm create`` replaces it), and a running server
+    existing DESTINATION is replaced (as `xllm create` replaces it), and a running server
     that has it loaded unloads it.
     """
     store = open_store()

@@ -185,7 +185,7 @@ def show_command(name: str, modelfile: bool, parameters: bool, system: bool, tem
     """Show a stored model's manifest.
 
     Source, format, size, digest, files and an excerpt of the chat template; one of the
-    flags prints that part alone, as ``ollama show`` does.
+    flags prints that part alone, as `ollama show` does.
     """
     parts = [flag for flag, on in (("--modelfile", modelfile), ("--parameters", parameters), ("--system", system),
                                    ("--template", template), ("--license", license_)) if on]
