@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 from ..core.errors import PullStopped
-from .atomic import remove_tree
+from .atomic import FileLock, remove_tree
 from .progress import ProgressFn, PullProgress
 
 log = logging.getLogger("xllm_jupyter.store.store")
@@ -37,6 +37,37 @@ class PullJob:
         self.name = name
         self.cancel = cancel if cancel is not None else threading.Event()
         self.building: set[Path] = set()
+        # the name's lock, while held: an abandoned pull lets go of it from its caller's thread (``let_go``), under
+        # ``_guard``, which its own thread holds to release it and to write into models/ (``committing``)
+        self._guard = threading.Lock()
+        self._held: FileLock | None = None
+
+    @contextmanager
+    def holding(self, lock: FileLock) -> Iterator[None]:
+        """Hold the name's ``lock`` for the block, unless the pull is left first (``let_go`` releases it then)."""
+        lock.acquire()
+        with self._guard:
+            self._held = lock
+        try:
+            yield
+        finally:
+            self.let_go()
+
+    @contextmanager
+    def committing(self) -> Iterator[None]:
+        """The block writes into ``models/``: PullStopped instead once the pull was cancelled, and a pull left
+        meanwhile lets go of its name's lock only after the block (no other pull of the name writes there before)."""
+        with self._guard:
+            self.check()
+            yield
+
+    def let_go(self) -> None:
+        """Release the name's lock now (a left pull's thread may stay in a library call for a minute: a pull or load
+        of the name waited for it). Its thread writes nothing into ``models/`` after: ``committing`` checks the cancel."""
+        with self._guard:
+            held, self._held = self._held, None
+            if held is not None:
+                held.release()
 
     def check(self) -> None:
         """Raise PullStopped once the pull was cancelled."""
@@ -128,6 +159,7 @@ def _leave(job: PullJob, done: threading.Event) -> None:
     if done.wait(GRACE_SECONDS):
         return
     log.warning("the pull of %s stops at its next step; leaving it (its files are deleted then, or at exit)", job.name)
+    job.let_go()  # (cancelled: it can no longer write into models/, so the name's next pull or load need not wait)
     with _abandoned_lock:
         # (one that ended meanwhile took itself out already; a server whose pulls' clients leave keeps no trace of each)
         if not done.is_set():

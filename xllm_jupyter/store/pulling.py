@@ -12,7 +12,7 @@ import os
 import secrets
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -93,10 +93,13 @@ class PullMixin:
             try:
                 for d in (self.models, self.tmp, self.locks):
                     d.mkdir(parents=True, exist_ok=True)
-                with FileLock(self.locks / f"{name_to_dirname(n)}.lock"):
+                with job.holding(FileLock(self.locks / f"{name_to_dirname(n)}.lock")):
                     job.check()  # (it may have waited for another pull of the name)
                     manifest = self._pull_locked(src, n, report, force, convert)
-                    return set_adapter_base(manifest, base) if base is not None else manifest
+                    if base is None:
+                        return manifest
+                    with job.committing():  # (rewrites the manifest in models/)
+                        return set_adapter_base(manifest, base)
             except OSError as exc:
                 translate_os_error(exc)
                 raise  # (translate_os_error always raises)
@@ -249,7 +252,10 @@ class PullMixin:
         write_manifest(build, manifest)
         if report is not None:  # before the rename: a callback that raises here still leaves nothing
             report(PullProgress("done", None, size, size))
-        target = self._install(build, name_to_dirname(n))
+        job = current_job.get()
+        # a pull left after its cancel has let go of the name's lock: it must not rename into models/ now
+        with job.committing() if job is not None else nullcontext():
+            target = self._install(build, name_to_dirname(n))
         log.info("pulled %s (%s, %d bytes)", n, fmt, size)
         return manifest.with_path(target)
 
