@@ -7,6 +7,7 @@ and enough of them pushed every other address out of the bounded table.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import select
 import socket
@@ -16,8 +17,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.server_fixtures import TINY, make_test_config, running_server
-from xllm_jupyter.core.config import AuthConfig
+from tests.server_fixtures import HUB_ALICE, TINY, make_test_config, running_hub_app, running_server
+from xllm_jupyter.core.config import AuthConfig, load_config
 from xllm_jupyter.core.errors import RateLimited
 from xllm_jupyter.server.auth_failures import IPV6_SITE_SHARE, PAST_CAP_WAITING, FailedAuthLimiter
 
@@ -68,6 +69,38 @@ def test_fresh_64s_of_a_site_that_used_up_its_share_wait_their_turn(proxied_serv
     finally:
         for s in socks:
             s.close()
+
+
+def test_the_hub_is_asked_about_no_more_of_a_sites_guesses_than_its_share_however_many_64s_send_at_once(tmp_path):
+    """The hub service asks the hub about an address's tokens no faster than it counts their failures (``asking``);
+    fresh /64s each had a whole limit's room, so a burst from one /48's /64s all reached the hub."""
+    pytest.importorskip("jupyterhub")
+    config = load_config(env={}, overrides={"store": {"home": str(tmp_path)}, "quotas": {"usage_file": "off"},
+                                            "auth": {"failed_auth_limit": LIMIT, "trusted_proxies": ["127.0.0.1"]}})
+    asked: list[str] = []
+
+    async def user_for_token(token: str) -> Any:
+        asked.append(token)
+        await asyncio.sleep(0.05)  # the hub's API takes a while: the burst's requests overlap
+        return HUB_ALICE if token.startswith("good") else None
+
+    burst = 100
+
+    async def send(root: str) -> list[Any]:
+        async with httpx.AsyncClient(base_url=root, timeout=3) as c:
+            return await asyncio.gather(*(c.get("/v1/models", headers={"Authorization": f"token guess-{n}",
+                                                                        "X-Forwarded-For": _host(n)})
+                                          for n in range(burst)), return_exceptions=True)
+
+    with running_hub_app(config, user_for_token) as root:
+        replies = asyncio.run(send(root))
+        assert len(asked) == LIMIT * IPV6_SITE_SHARE, len(asked)  # was all 100
+        statuses = [r.status_code for r in replies if isinstance(r, httpx.Response)]
+        assert statuses.count(401) == len(asked) and set(statuses) <= {401, 429}
+        # another site's right token is served at once
+        with httpx.Client(base_url=root, timeout=60) as c:
+            r = c.get("/v1/models", headers={"Authorization": "token good", "X-Forwarded-For": _host(1, "2001:db8:6")})
+            assert r.status_code == 200, r.text
 
 
 # ---------------------------------------------------------------- the limiter itself

@@ -342,24 +342,36 @@ class FailedAuthLimiter:
         if not self.enabled or client is None:
             yield
             return
+        # the client's own count, and its IPv6 /48's (fresh /64s of one site each had a whole limit's room at once)
+        site = _site(client)
+        labels = [(client, self.limit)] + ([(site, self.limit * IPV6_SITE_SHARE)] if site is not None else [])
         while True:
             self.check(client)
-            entry = self._table.get(client)
-            slot = self._asking.get(client)
-            if slot is None or (entry[0] if entry is not None else 0) + slot[0] < self.limit:  # check: its /48 too
+            full = None
+            for label, limit in labels:
+                entry, slot = self._table.get(label), self._asking.get(label)
+                if slot is not None and (entry[0] if entry is not None else 0) + slot[0] >= limit:
+                    full = slot
+                    break
+            if full is None:
                 break
-            await slot[1].wait()
-        if slot is None:
-            slot = self._asking[client] = [0, asyncio.Event()]
-        slot[0] += 1
+            await full[1].wait()
+        slots = []
+        for label, _ in labels:
+            slot = self._asking.get(label)
+            if slot is None:
+                slot = self._asking[label] = [0, asyncio.Event()]
+            slot[0] += 1
+            slots.append((label, slot))
         try:
             yield
         finally:
-            slot[0] -= 1
-            done, slot[1] = slot[1], asyncio.Event()
-            done.set()  # those waiting look again (on the counts as they are now)
-            if slot[0] == 0 and self._asking.get(client) is slot:
-                del self._asking[client]
+            for label, slot in slots:
+                slot[0] -= 1
+                done, slot[1] = slot[1], asyncio.Event()
+                done.set()  # those waiting look again (on the counts as they are now)
+                if slot[0] == 0 and self._asking.get(label) is slot:
+                    del self._asking[label]
 
     def _own_stream(self, request: Any) -> Any:
         """The connection ``request`` came on, when it is its client's own; None behind a trusted proxy (a proxy's
