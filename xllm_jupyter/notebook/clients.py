@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..client import AsyncXllmClient, XllmClient
-from ..core.errors import InvalidRequest, XllmError
+from ..client.base import ServerUnavailable, can_chat, listed
+from ..core.errors import InvalidRequest, ModelNotFound, XllmError
 
 ClientLike = Any  # XllmClient | AsyncXllmClient | tuple[str, str | None] | str | None
 
@@ -83,3 +84,36 @@ def pick_model(model: str | None, client: XllmClient) -> str:
     if not found:
         raise XllmError("the server has no model to use: pass model=... (see `xllm list`)")
     return found
+
+
+def unknown_models(client: Any, names: list[str], options: list[str]) -> str | None:
+    """A status line naming each of ``names`` the server cannot chat with, and the ones it can; None if all can.
+
+    A name missing from ``options`` (the server's chat models) is asked of ``GET /v1/models/{name}``,
+    so the server's own spelling rules decide (``NAME:latest``, case); only its clear "no such model"
+    or an entry saying it is not for chat (an embedding model) counts against it.
+    """
+    missing, not_chat = [], []
+    for name in names:
+        if not name or name in options:
+            continue
+        try:
+            entry = client.model(name)
+        except ModelNotFound:
+            missing.append(name)
+            continue
+        except ServerUnavailable:  # no answer (a hung server: each look-up would wait its timeout out): ask no more
+            break
+        except XllmError:  # busy: the first request will say what is wrong
+            continue
+        if not can_chat(entry):
+            not_chat.append(name)
+    if not missing and not not_chat:
+        return None
+    problems = []
+    if missing:
+        problems.append(f"The server has no model {', '.join(map(repr, missing))}")
+    if not_chat:
+        problems.append(f"{', '.join(map(repr, not_chat))} {'is not a chat model' if len(not_chat) == 1 else 'are not chat models'}")
+    have = f"chat models: {listed(options)}" if options else "it has no chat models (pull one: `%xllm pull smollm2`)"
+    return "; ".join(problems) + f" — {have}."

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 from ..client import XllmClient, resolve_base_url
 from ..client.base import can_chat
 from ..core.errors import InvalidRequest, XllmError
-from ..notebook.clients import endpoint_of
+from ..notebook.clients import endpoint_of, unknown_models
 from .app import CHAT_API_NAME, Endpoint, build_app
 from .guard import WILDCARD_HOSTS, Guard, new_secret
 from .webserver import WebServer, bind, close_tunnel, guarded_app, open_share_tunnel
@@ -101,6 +101,14 @@ def list_models(endpoint: Endpoint) -> tuple[list[str], str | None]:
         models = [m.get("id") or m.get("name") for m in listing if can_chat(m)]
         default = client.default_model(listing)  # the same listing: one /v1/models call
     return [m for m in models if m], default
+
+
+def model_problem(endpoint: Endpoint, model: str | None, models: list[str]) -> str | None:
+    """A line naming ``model`` when the server lacks it or cannot chat with it (as the widgets say), else None."""
+    if not model or model in models:
+        return None
+    with XllmClient(endpoint.base_url, endpoint.api_key) as client:
+        return unknown_models(client, [model], models)
 
 
 class Playground:
@@ -237,6 +245,8 @@ def launch(
         allowed_hosts = (allowed_hosts,)
     endpoint = resolve_endpoint(client)
     models, default = list_models(endpoint)
+    # named now, as the widgets do: else the picker offered it and only the first message said it was missing
+    problem = model_problem(endpoint, model, models)
     close_replaced(replaces)
     if port is not None and not port_is_free(port, host):
         raise XllmError(
@@ -281,4 +291,6 @@ def launch(
             playground.close()
             raise
         guard.allow_host(urlsplit(playground.share_url).hostname or "")
+    if problem:
+        print(f"xllm playground: {problem}")
     return playground

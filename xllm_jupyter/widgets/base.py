@@ -10,9 +10,9 @@ from typing import Any
 
 import ipywidgets as W
 
-from ..client.base import ServerUnavailable, can_chat, listed
-from ..core.errors import InvalidRequest, ModelNotFound, XllmError
-from ..notebook.clients import pick_model
+from ..client.base import can_chat
+from ..core.errors import InvalidRequest, XllmError
+from ..notebook.clients import pick_model, unknown_models
 from ..notebook.loop import BackgroundLoop
 
 #: a control's style whose label takes the width it needs (the default width cuts "Temperature")
@@ -169,39 +169,6 @@ def model_choices(client: Any, model: str | None) -> tuple[list[str], str | None
     if chosen and chosen not in options:
         options = [chosen, *options]
     return options, chosen, problem
-
-
-def unknown_models(client: Any, names: list[str], options: list[str]) -> str | None:
-    """A status line naming each of ``names`` the server cannot chat with, and the ones it can; None if all can.
-
-    A name missing from ``options`` (the server's chat models) is asked of ``GET /v1/models/{name}``,
-    so the server's own spelling rules decide (``NAME:latest``, case); only its clear "no such model"
-    or an entry saying it is not for chat (an embedding model) counts against it.
-    """
-    missing, not_chat = [], []
-    for name in names:
-        if not name or name in options:
-            continue
-        try:
-            entry = client.model(name)
-        except ModelNotFound:
-            missing.append(name)
-            continue
-        except ServerUnavailable:  # no answer (a hung server: each look-up would wait its timeout out): ask no more
-            break
-        except XllmError:  # busy: the first request will say what is wrong
-            continue
-        if not can_chat(entry):
-            not_chat.append(name)
-    if not missing and not not_chat:
-        return None
-    problems = []
-    if missing:
-        problems.append(f"The server has no model {', '.join(map(repr, missing))}")
-    if not_chat:
-        problems.append(f"{', '.join(map(repr, not_chat))} {'is not a chat model' if len(not_chat) == 1 else 'are not chat models'}")
-    have = f"chat models: {listed(options)}" if options else "it has no chat models (pull one: `%xllm pull smollm2`)"
-    return "; ".join(problems) + f" — {have}."
 
 
 def forget_problem_on_change(picker: Any, status: Any, good: set[str]) -> None:
