@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -186,6 +187,19 @@ def test_malformed_yaml_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path=write(tmp_path / "c.yaml", "server: [unclosed\n"), env={})
     with pytest.raises(ConfigError, match="mapping"):
+        load_config(path=write(tmp_path / "d.yaml", "- a\n- b\n"), env={})
+
+
+def test_malformed_yaml_names_the_file_and_the_place(tmp_path):
+    """`XLLM_CONFIG=bad2.yaml xllm list` said "config.yaml is not valid YAML: ParserError": another file's name,
+    and no line to look at."""
+    path = write(tmp_path / "bad2.yaml", "server:\n  port: 8900\nengine: [smollm2\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path=path, env={})
+    message = str(info.value)
+    assert message.startswith(f"{path} is not valid YAML at line 4, column 1: "), message
+    assert "ParserError" not in message and "expected ',' or ']'" in message, message
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(tmp_path / 'd.yaml'))} must be a mapping"):
         load_config(path=write(tmp_path / "d.yaml", "- a\n- b\n"), env={})
 
 

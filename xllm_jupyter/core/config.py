@@ -293,9 +293,13 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config.yaml is not valid YAML: {exc.__class__.__name__}") from None
+        # the file and the place: "config.yaml is not valid YAML: ParserError" named neither (XLLM_CONFIG may be any file)
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or exc.__class__.__name__
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
-        raise ConfigError("config.yaml must be a mapping of sections (server, engine, store)")
+        raise ConfigError(f"{path} must be a mapping of sections (server, engine, store)")
     return data
 
 
