@@ -315,10 +315,10 @@ def test_a_load_finishing_between_the_unload_and_the_removal_is_unloaded(
     with chat_held_at_load(server, read) as (info, c, asked):
         remove = ModelStore.rm
 
-        def load_finishing_first(self, name):  # the route's first unload is done: the load ends now, files intact
+        def load_finishing_first(self, name, **kwargs):  # the route's first unload is done: the load ends now
             release.set()
             assert asked.result(300).model == "tiny"
-            remove(self, name)
+            return remove(self, name, **kwargs)
 
         monkeypatch.setattr(ModelStore, "rm", load_finishing_first)
         assert c.models.delete("tiny").deleted is True
