@@ -322,6 +322,47 @@ def test_interrupt_closes_the_stream_and_the_server_cancels(shell, xllm_server, 
     _wait_cancelled(engine, before)
 
 
+def test_an_interrupted_json_or_code_answer_stores_what_its_format_promises(shell, xllm_server, monkeypatch):
+    """An interrupted ``-f json --out V`` stored the partial text in V (a str where the notebook expects the parsed
+    value, as the docs promise) and ``-f code`` the whole text rather than its code."""
+    import signal
+
+    real = XllmClient.stream_chunks
+    sent: list[str] = []
+
+    def interrupted_after_the_first_text(self, *args, **kw):
+        stream = real(self, *args, **kw)
+        try:
+            for chunk in stream:
+                if sent:  # the chunk after the first text, whatever it is (the last one, for a short answer)
+                    signal.raise_signal(signal.SIGINT)
+                text = ((chunk.get("choices") or [{}])[0].get("delta") or {}).get("content") or ""
+                if text:
+                    sent.append(text)
+                yield chunk
+        finally:
+            stream.close()
+
+    monkeypatch.setattr(XllmClient, "stream_chunks", interrupted_after_the_first_text)
+    for fmt in ("json", "code"):
+        sent.clear()
+        shell.user_ns.pop("answer", None)
+        with capture_output() as cap:
+            shell.run_line_magic("xllm", f"-m {TINY} {SAMPLED} --max-tokens 400 -f {fmt} --out answer Give data")
+        assert cap.stderr == "" and final(cap).metadata["xllm"]["finish_reason"] == "interrupted"
+        text = "".join(sent)
+        assert text, "nothing arrived before the interrupt"
+        if fmt == "code":
+            assert shell.user_ns["answer"] == extract_code(text)[1]
+            continue
+        try:
+            want = parse_json(text)
+        except ValueError:
+            assert "answer" not in shell.user_ns, "a partial JSON answer was stored"
+        else:
+            assert shell.user_ns["answer"] == want and not isinstance(want, str)
+
+
 def test_an_interrupt_after_the_answer_keeps_it(shell, xllm_server, monkeypatch):
     """Ctrl-C while the magic fetched the model's digest (after the answer had come): the cell ended in "xllm:
     interrupted", its display never finished (no provenance) and --out was not set."""

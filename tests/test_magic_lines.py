@@ -99,3 +99,62 @@ def test_odd_lines_a_notebook_user_types(shell, received, monkeypatch, xllm_serv
     assert cap.stderr.endswith(" (the key came from XLLM_API_KEY; `%xllm connect URL --token` asks for another)\n")
     cap = cell(shell, f"%xllm connect {xllm_server.base_url} --token nope")  # connect's own line says whose token
     assert cap.stderr.startswith("xllm: the xllm server at ") and "came from" not in cap.stderr
+
+
+def test_short_option_values_windows_folders_and_unclosed_quotes(shell, received):
+    """The split's first version sent ``-s"Be brief."`` with its quotes (``-f"json"`` was an invalid choice), left
+    ``-s{persona}`` unfilled, kept the quotes of ``-s "C:\\data\\"`` (its ``\\"`` read as an escaped quote) and took
+    ``-s "You are terse. Say hi`` for a system prompt ``"You`` and a prompt of the rest; IPython's splitter had said
+    that quote did not close, and so does the magic now, asking nothing."""
+    shell.user_ns.update(persona="You are terse.", n=0)
+    cap = cell(shell, f'%xllm {ASK} -s"Be brief." -f"text" Hi')
+    assert cap.stderr == "" and received[-1] == [("system", "Be brief."), ("user", "Hi")]
+    assert cap.outputs[-1].metadata["xllm"]["format"] == "text"
+    cap = cell(shell, "%xllm -t{n} --max-tokens 2 -s{persona} Hi {persona}")
+    assert cap.stderr == "" and received[-1] == [("system", "You are terse."), ("user", "Hi You are terse.")]
+    assert cap.outputs[-1].metadata["xllm"]["parameters"]["temperature"] == 0
+    cap = cell(shell, f'%xllm {ASK} -s "Files are in C:\\data\\" List C:\\data\\ "as typed"')
+    assert cap.stderr == "" and received[-1] == [("system", "Files are in C:\\data\\"), ("user", 'List C:\\data\\ "as typed"')]
+    asked = len(received)
+    for typed, option in (('-s "You are terse. Say hi', "-s"), ("--system='Be brief. Hi", "--system"), ('-m"tiny hi', "-m")):
+        cap = cell(shell, f"%xllm {ASK} {typed}")
+        assert cap.stderr.startswith(f"xllm: the quote that opens the value of {option} (") and cap.stderr.endswith(
+            "…) never closes\n"), cap.stderr
+    assert len(received) == asked
+
+
+def test_a_prompt_that_starts_with_a_verb_fills_each_name_once(shell, received):
+    """``%xllm help me with {task.next}`` read the line as a command first, filling it, then asked it as a prompt,
+    filling it again: a property with side effects ran twice (a counter, a queue's pop)."""
+    class Tasks:
+        calls = 0
+
+        @property
+        def next(self):
+            Tasks.calls += 1
+            return f"task {Tasks.calls}"
+
+    shell.user_ns["tasks"] = Tasks()
+    cap = cell(shell, f"%xllm {ASK} help me with {{tasks.next}}, not {{tasks.next}}")
+    assert cap.stderr == "" and received[-1] == [("user", "help me with task 1, not task 1")] and Tasks.calls == 1
+    with capture_output():
+        shell.run_cell_magic("xllm", f"{ASK} -s {{tasks.next}} use {{tasks.next}}", "then {tasks.next}")
+    assert received[-1] == [("system", "task 2"), ("user", "use task 2\nthen task 2")] and Tasks.calls == 2
+
+
+def test_empty_operands_and_max_tokens_below_one_are_refused_on_the_spot(shell, received):
+    """``%xllm use ''`` and ``%xllm connect ''`` were sent to the model as prompts ("use ''"), and
+    ``--max-tokens 0`` went to the server, where ``%xllm config max_tokens=0`` is refused at once."""
+    asked = len(received)
+    for line, usage in (("use ''", "%xllm use: MODEL is empty (usage: %xllm use [model])"),
+                        ('connect ""', "%xllm connect: URL is empty (usage: %xllm connect [--token [TOKEN]] [url])"),
+                        ("load ''", "%xllm load: MODEL is empty (usage: %xllm load model)")):
+        cap = cell(shell, f"%xllm {line}")
+        assert cap.stderr == f"xllm: {usage}\n" and not cap.outputs
+    for value in ("0", "-1", "'0'"):
+        cap = cell(shell, f"%xllm -t 0 --max-tokens {value} Hi")
+        assert cap.stderr == f"xllm: argument --max-tokens: expected at least 1, got '{value.strip(chr(39))}'\n"
+    assert cell(shell, "%xllm config max_tokens=0").stderr == "xllm: bad value for max_tokens: '0'\n"
+    assert len(received) == asked
+    cap = cell(shell, "%xllm use")  # the bare verb still shows the default
+    assert cap.stderr == "" and "No default model set" in cap.outputs[-1].data["text/plain"]

@@ -123,6 +123,15 @@ def ask(shell: Any, state: MagicState, q: Question) -> tuple[Answer, Any]:
     value: Any = answer.text
     if answer.interrupted:
         reply.note = INTERRUPTED
+        # `--out` gets what the format promises, from what arrived: the code so far; JSON only if it parses (an
+        # interrupted `-f json` stored its partial text, a str where the notebook expects a dict)
+        if q.fmt == "code":
+            value = extract_code(answer.text)[1]
+        elif q.fmt == "json":
+            try:
+                value = parse_json(answer.text)
+            except ValueError:
+                value = None
     elif not answer.text.strip():
         reply.note = BLANK if answer.text else EMPTY
     elif q.fmt == "json":

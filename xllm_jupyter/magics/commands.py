@@ -53,6 +53,14 @@ class _Parser(argparse.ArgumentParser):
     def exit(self, status: int = 0, message: str | None = None) -> None:  # type: ignore[override]
         raise XllmError(message.strip() if message else f"{self.prog}: stopped")
 
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        """The parsed line; an empty operand (`use ''`, `connect ''`) is a usage error, not a request for ''."""
+        parsed = super().parse_args(args, namespace)
+        for action in self._positionals._group_actions:
+            if getattr(parsed, action.dest, None) == "":
+                self.error(f"{action.dest.upper()} is empty ({' '.join(self.format_usage().split())})")
+        return parsed
+
 
 def _parser(name: str, *args: tuple[tuple[str, ...], dict[str, Any]]) -> _Parser:
     p = _Parser(prog=f"%xllm {name}", add_help=False)
@@ -170,9 +178,9 @@ class Commands:
 
     def do_run(self, argv: list[str]) -> None:
         """``%xllm run [MODEL]``: the terminal's ``xllm run``; say how a notebook asks instead."""
-        m = f" -m {argv[0]}" if argv else ""
+        m = f" -m {argv[0]}" if argv and argv[0] else ""  # `run ''`: no model named
         display(Text(f"In a notebook, ask with `%%xllm{m}` (the prompt in the cell) or `%xllm{m} PROMPT`"
-                     + (f"; `%xllm use {argv[0]}` makes it the default" if argv else "")))
+                     + (f"; `%xllm use {argv[0]}` makes it the default" if m else "")))
 
     def do_serve(self, argv: list[str]) -> None:
         """``%xllm serve``: the terminal starts a server; a notebook already has one."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,14 +37,35 @@ class _KeepUnknown(dict):
         return _Missing(key)
 
 
+class Filler(string.Formatter):
+    """Fills the ``{name}`` of one cell's texts, each field looked up once (a property with side effects runs once,
+    though a line is read as a command before it is asked as a prompt)."""
+
+    def __init__(self, namespace: Mapping[str, Any]):
+        super().__init__()
+        self.namespace = _KeepUnknown(namespace)
+        self._found: dict[str, tuple[Any, Any]] = {}
+
+    def get_field(self, field_name: str, args: Any, kwargs: Any) -> tuple[Any, Any]:
+        """``field_name``'s object (``a``, ``a.b``, ``a[0]``), from the first lookup of it by this filler."""
+        if field_name not in self._found:
+            self._found[field_name] = super().get_field(field_name, args, kwargs)
+        return self._found[field_name]
+
+    def __call__(self, text: str) -> str:
+        """``text`` with ``{var}`` filled (``{{``/``}}``: a literal brace); unknown names and text that is not a
+        template stay as-is."""
+        if "{" not in text and "}" not in text:  # `}}` alone is a template too: one brace, as beside a `{name}`
+            return text
+        try:
+            return self.vformat(text, (), self.namespace)
+        except Exception:
+            # Unbalanced braces, "{}" or "{0}", a bad attribute, a property that raises: the text is not meant as a
+            # template (e.g. code) or cannot be filled, so send it untouched rather than fail the cell (as IPython's
+            # own expansion of a magic's line did)
+            return text
+
+
 def interpolate(text: str, namespace: Mapping[str, Any]) -> str:
     """Fill ``{var}`` from ``namespace`` (``{{``/``}}``: a literal brace); unknown names and text that is not a template stay as-is."""
-    if "{" not in text and "}" not in text:  # `}}` alone is a template too: one brace, as beside a `{name}`
-        return text
-    try:
-        return text.format_map(_KeepUnknown(namespace))
-    except Exception:
-        # Unbalanced braces, "{}" or "{0}", a bad attribute, a property that raises: the text is not meant as a
-        # template (e.g. code) or cannot be filled, so send it untouched rather than fail the cell (as IPython's
-        # own expansion of a magic's line did)
-        return text
+    return Filler(namespace)(text)

@@ -3,7 +3,8 @@
 IPython's own splitter (``arg_split``) took ``'tis a fine day`` for an unclosed quote (an error, the model never
 asked) and cut ``-s "say \\"hi\\""`` in two. Here a quote only groups when it closes: an apostrophe in prose is
 a letter. Inside a quoted value ``\\"`` (or ``\\'``) is the quote itself and ``\\\\`` a backslash; any other
-backslash stays as written (``"C:\\temp"``).
+backslash stays as written (``"C:\\temp"``), and where that reading never closes the quote, a backslash before it
+is a backslash too (``"C:\\temp\\"``, a Windows folder).
 """
 
 from __future__ import annotations
@@ -17,23 +18,24 @@ class Word(str):
     raw: str
     start: int
     end: int
+    unclosed: bool  # it opens with a quote that the rest of the line never closes
 
-    def __new__(cls, value: str, raw: str, start: int, end: int) -> Word:
+    def __new__(cls, value: str, raw: str, start: int, end: int, unclosed: bool = False) -> Word:
         word = super().__new__(cls, value)
-        word.raw, word.start, word.end = raw, start, end
+        word.raw, word.start, word.end, word.unclosed = raw, start, end, unclosed
         return word
 
     def but(self, value: str) -> Word:
         """The same typed word standing for ``value`` (a filled ``{name}``, its quotes taken off)."""
-        return Word(value, self.raw, self.start, self.end)
+        return Word(value, self.raw, self.start, self.end, self.unclosed)
 
 
-def _quoted(line: str, i: int) -> tuple[str, int] | None:
+def _quoted(line: str, i: int, escapes: bool = True) -> tuple[str, int] | None:
     """(value, end) of the quoted text at ``line[i]``, when its quote closes before a space or the end."""
     quote, j, value = line[i], i + 1, []
     while j < len(line):
         c = line[j]
-        if c == "\\" and j + 1 < len(line) and line[j + 1] in (quote, "\\"):
+        if escapes and c == "\\" and j + 1 < len(line) and line[j + 1] in (quote, "\\"):
             value.append(line[j + 1])
             j += 2
         elif c == quote:
@@ -55,18 +57,21 @@ def words(line: str) -> list[Word]:
             i += 1
             continue
         start = i
-        # `--system="a b"`: the quoted part may follow an option's `=`
+        # `--system="a b"`, `-s"terse"`: the quoted part may follow an option's `=`, or a short option's letter
         if line[i] == "-" and (eq := line.find("=", i, _plain_end(line, i))) > 0 and eq + 1 < n and line[eq + 1] in _QUOTES:
             prefix, i = line[start:eq + 1], eq + 1
+        elif line[i] == "-" and i + 2 < n and line[i + 1] not in "-" + _QUOTES and not line[i + 1].isspace() and line[i + 2] in _QUOTES:
+            prefix, i = line[start:i + 2], i + 2
         else:
             prefix = ""
-        found = _quoted(line, i) if line[i] in _QUOTES else None
+        found = (_quoted(line, i) or _quoted(line, i, escapes=False)) if line[i] in _QUOTES else None
         if found is not None:
             value, end = found
             out.append(Word(prefix + value, line[start:end], start, end))
         else:
             end = _plain_end(line, i)
-            out.append(Word(line[start:end], line[start:end], start, end))
+            unclosed = line[i] in _QUOTES and line.find(line[i], i + 1) < 0
+            out.append(Word(line[start:end], line[start:end], start, end, unclosed))
         i = end
     return out
 

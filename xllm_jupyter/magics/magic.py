@@ -24,7 +24,7 @@ from ..client.base import can_chat, listed
 from ..core.errors import AuthenticationError, ModelNotFound, XllmError
 from .ask import Question, ask
 from .commands import Commands
-from .interp import interpolate
+from .interp import Filler, interpolate
 from .line import Word, words
 from .render import FORMATS, Reply, error
 from .session import MagicState
@@ -52,6 +52,15 @@ def _whole(text: str) -> int:
         raise ArgumentTypeError(f"invalid int value: {text!r}") from None
 
 
+def _at_least_one(text: str) -> int:
+    """``--max-tokens``' value: a whole number of at least 1, refused on the spot as ``config max_tokens=0`` is
+    (0 or -1 went to the server, whose 400 came only after the request)."""
+    value = _whole(text)
+    if value < 1:
+        raise ArgumentTypeError(f"expected at least 1, got {text!r}")
+    return value
+
+
 @magics_class
 class XllmMagics(Magics):
     """``%%xllm`` (cell) and ``%xllm`` (line): chat with the shared xllm engine, manage its models."""
@@ -70,7 +79,7 @@ class XllmMagics(Magics):
     @argument("-m", "--model", help="Model name (default: %%xllm use / XLLM_MODEL, else a loaded chat model, else the server's default).")
     @argument("-s", "--system", help="System prompt.")
     @argument("-t", "--temperature", type=_finite, help="Sampling temperature (0 = greedy).")
-    @argument("--max-tokens", type=_whole, help="Most tokens to generate.")
+    @argument("--max-tokens", type=_at_least_one, help="Most tokens to generate.")
     @argument("-f", "--format", choices=FORMATS, help="How to show the answer: markdown (default), code, json (constrained and validated) or text.")
     @argument("-o", "--out", metavar="VAR", help="Also store the answer in this variable (json: the parsed value; code: the code).")
     @argument("--no-stream", action="store_true", help="Show the answer once it is complete.")
@@ -81,9 +90,10 @@ class XllmMagics(Magics):
     @line_cell_magic
     def xllm(self, line: str, cell: str | None = None, local_ns: dict[str, Any] | None = None) -> None:
         """Ask the model (``{var}`` is filled from the notebook), or run ``%xllm <command>`` (``%xllm help``)."""
-        namespace = {**(self.shell.user_ns if self.shell else {}), **(local_ns or {})}
+        # each `{name}` looked up once, however often the line is read (as a command, then as a question)
+        fill = Filler({**(self.shell.user_ns if self.shell else {}), **(local_ns or {})})
         try:
-            command = None if cell is not None else _command_line(line, namespace)
+            command = None if cell is not None else _command_line(line, fill)
             if command is None and cell is None and line.strip() in ("-h", "--help"):
                 command = "help"  # as `%xllm help` (argparse's own help is off: `-h` was an unknown option)
             # `%xllm pull 'unclosed`: a verb's line with an open quote gets the verb's error, not an answer
@@ -91,7 +101,7 @@ class XllmMagics(Magics):
                 self.commands.run(command)
                 return
             try:
-                args = self.xllm.parser.parse_args(self._argv(line, namespace))
+                args = self.xllm.parser.parse_args(self._argv(line, fill))
             except UsageError as exc:  # argparse's usage problems: keep them short
                 if command is not None and _meant_as_command(command, exc):
                     self.commands.run(command)
@@ -101,7 +111,7 @@ class XllmMagics(Magics):
                     message += " (`%xllm help` lists the options; a prompt with words that start with `-`: `%xllm -- PROMPT`)"
                 raise XllmError(message) from None
             try:
-                self._ask(args, interpolate(_typed(line, args.prompt), namespace), interpolate(cell or "", namespace))
+                self._ask(args, fill(_typed(line, args.prompt)), fill(cell or ""))
             except ModelNotFound as exc:  # `-m nosuch`, a `use` model since removed: name what there is
                 raise XllmError(exc.message + self._chat_models()) from None
         except AuthenticationError as exc:  # a wrong key: say where this kernel's came from, and how to give another
@@ -131,7 +141,7 @@ class XllmMagics(Magics):
             return " — the server has no chat model: `%xllm pull smollm2` adds one"
         return f" — chat models: {listed(names)} (`%xllm use MODEL` picks one for this notebook)"
 
-    def _argv(self, line: str, namespace: dict[str, Any]) -> list[str]:
+    def _argv(self, line: str, fill: Filler) -> list[str]:
         """The line's words for argparse: each option's value without its quotes and filled on its own (`-s {persona}`
         stays one value, `--max-tokens {n}` a number); every other word as typed (the prompt is filled whole)."""
         table = self.xllm.parser._option_string_actions
@@ -140,20 +150,28 @@ class XllmMagics(Magics):
         prompt_only = False
         for word in words(line):
             if flag:
-                value = word.but(interpolate(word, namespace))
+                _closed(flag, word)
+                value = word.but(fill(word))
                 if value.startswith("-"):  # one word for argparse (`--system=-x`, `-s-x`), or it reads an option
                     argv[-1] = value.but(flag + ("=" if flag.startswith("--") else "") + value)
                 else:  # `-m ''` stays two words: joined, `-m` took the next word as its value
                     argv.append(value)
                 flag = ""
                 continue
+            attached = None  # `-s{persona}`, `-s"terse"`, `-m''`, `-t0`: a short option's value typed onto it
+            if not prompt_only and len(word.raw) > 2 and word.raw[0] == "-" and word.raw[1] != "-" and word.raw[2] != "=":
+                attached = table.get(word.raw[:2])
             action = None if prompt_only or not word.startswith("-") else _option(table, word.partition("=")[0])
-            if action is None or action.nargs == 0:
+            if attached is not None and attached.nargs is None:
+                _closed(word.raw[:2], word)
+                argv.append(word.but(f"{word[:2]}={fill(word[2:])}"))
+            elif action is None or action.nargs == 0:
                 prompt_only = prompt_only or word.raw == "--"  # after `--` every word is the prompt's
                 argv.append(word.but(word.raw))
             elif "=" in word:  # `--system="a b"`
                 name, _, value = word.partition("=")
-                argv.append(word.but(f"{name}={interpolate(value, namespace)}"))
+                _closed(name, word)
+                argv.append(word.but(f"{name}={fill(value)}"))
             else:
                 flag = str(word)
                 argv.append(word)
@@ -183,9 +201,16 @@ class XllmMagics(Magics):
             chat=args.chat,
             new=args.new,
         )
-        answer, value = ask(self.shell, self.state, question)
-        if args.out and not (question.fmt == "json" and value is None and not answer.interrupted):
+        _, value = ask(self.shell, self.state, question)
+        if args.out and not (question.fmt == "json" and value is None):  # JSON that does not parse: left unset
             self.shell.user_ns[args.out] = value
+
+
+def _closed(option: str, value: Word) -> None:
+    """Refuse an option value whose opening quote never closes (`-s "You are terse. Say hi` was a system prompt `"You`
+    and a prompt of the rest, where IPython's splitter said the quote did not close)."""
+    if value.unclosed:
+        raise XllmError(f"the quote that opens the value of {option} ({value.raw}…) never closes")
 
 
 def _option(table: dict[str, Any], name: str) -> Any:
@@ -211,13 +236,14 @@ def _typed(line: str, prompt: list[str] | None) -> str:
     return " ".join(prompt)
 
 
-def _command_line(line: str, namespace: dict[str, Any]) -> str | None:
+def _command_line(line: str, fill: Filler) -> str | None:
     """A ``%xllm`` line as a command would read it, each word's ``{name}`` filled; None when no verb starts it.
 
     Each word is filled after the line is split, as an option value of a question is: `config system={persona}`
     stays one setting however many words the persona has (filled first, it was split and went to the model as a
-    prompt). A line that starts with no verb is a prompt, so its `{name}` is filled once, by the question (a
-    property with side effects ran twice). A line with an open quote is left as written: only its error is shown.
+    prompt). ``fill`` looks each `{name}` up once, so a line that turns out to be a prompt does not run a property
+    with side effects again when the question fills it. A line with an open quote is left as written: only its
+    error is shown.
     """
     try:
         words = shlex.split(line)
@@ -225,7 +251,7 @@ def _command_line(line: str, namespace: dict[str, Any]) -> str | None:
         return line if split(line)[:1] and split(line)[0] in SHAPES else None
     if words and words[0] not in SHAPES:
         return None
-    return shlex.join(interpolate(word, namespace) for word in words)
+    return shlex.join(fill(word) for word in words)
 
 
 def _meant_as_command(line: str, problem: Exception) -> bool:

@@ -58,7 +58,8 @@ class Shape:
                 i += 2
             elif word in self.optional:
                 i += 2 if i + 1 < len(words) else 1  # as argparse reads it: the next word is the value
-            elif left != 0 and self.operand is not None and (self.operand.fullmatch(word) or _UNFILLED.fullmatch(word)):
+            # `use ''`: an empty operand is the command's (its usage error), not a prompt "use ''" for the model
+            elif left != 0 and self.operand is not None and (not word or self.operand.fullmatch(word) or _UNFILLED.fullmatch(word)):
                 left -= 1
                 i += 1
             else:
