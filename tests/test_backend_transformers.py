@@ -169,6 +169,24 @@ def test_stop_token_finishes_without_its_text(model):
     assert last.completion_tokens == k + 1  # the stop token counts, as in OpenAI usage
 
 
+def test_a_stop_token_inside_a_character_ends_the_answer_with_u_fffd(model):
+    """A stop token right after a lone lead byte: the held byte is released as U+FFFD, as at a length end and as
+    the exllama backends do (it was dropped: the content lacked a byte the logprobs' bytes had)."""
+    lone = next(i for i in range(model.vocab_size) if model.chat.token_bytes(i) == b"\xe2")
+    stop = min(model.eos_token_ids)
+    for seed in range(40):  # the seed whose draw between the two (the rest biased away) starts with the byte
+        sampling = SamplingParams(temperature=1.0, seed=seed, logit_bias={lone: 100.0, stop: 100.0})
+        j = job(PROMPT, max_tokens=8, sampling=sampling, stop={stop}, logprobs=True)
+        evs = [e for _, e in run(model, [j])[j.job_id]]
+        if tokens([(0, e) for e in evs])[:1] == [lone] and evs[-1].finish is FinishReason.STOP:
+            break
+    answer = tokens([(0, e) for e in evs])[:-1]
+    assert answer and set(answer) == {lone} and evs[-1].token_id == stop
+    assert "".join(e.text for e in evs) == "\ufffd" * len(answer) == model.detokenize(answer)
+    assert b"".join(e.token_bytes for e in evs).decode("utf-8", errors="replace") == "\ufffd" * len(answer)
+    assert evs[-1].completion_tokens == len(answer) + 1
+
+
 def test_cancel_within_one_step_and_rows_leave_the_cache(model):
     a, b = job(PROMPT, max_tokens=100), job(PROMPT[:11], max_tokens=100)
     model.add(a)

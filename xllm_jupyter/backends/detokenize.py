@@ -89,7 +89,14 @@ class IncrementalDetokenizer:
         return self._emit(final=False)
 
     def flush(self) -> str:
-        """Text still held back at the end of generation (may hold U+FFFD)."""
+        """Text still held back at the end of generation (may hold U+FFFD).
+
+        Called at every end, a stop token's too: an answer that stops inside a character shows it as U+FFFD
+        rather than dropping it: the content is always the answer tokens' bytes decoded (as invalid bytes inside
+        it already are, as a ``length`` end and ``tokenizer.decode`` give it), so its logprobs' ``bytes``, joined,
+        decode to it, and a client sees that something was cut. Both exllama backends do the same
+        (``exllama_results.with_held_answer``).
+        """
         return self._emit(final=True) if self._read < len(self._ids) else ""
 
     def _emit(self, *, final: bool) -> str:

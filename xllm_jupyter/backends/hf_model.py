@@ -309,8 +309,8 @@ class TransformersModel(ChatTokenizerMethods, Prefill, LoadedModel):
                         events.append(self._constraint_failed(seq))
                         continue
                     grammar_done = seq.matcher.is_stopped()
-                if token in job.stop_token_ids:
-                    events.append(self._event(seq, token, "", lp, FinishReason.STOP))
+                if token in job.stop_token_ids:  # its own text is none; a held incomplete character is U+FFFD
+                    events.append(self._event(seq, token, seq.detok.flush(), lp, FinishReason.STOP))
                     continue
                 text = seq.detok.push(token)
                 if grammar_done:  # the grammar allows nothing more: a normal stop, like EOS
