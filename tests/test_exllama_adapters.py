@@ -354,6 +354,22 @@ def test_a_stop_token_end_releases_the_answer_held_back_and_counts_the_stop_toke
     assert (event.token_id, event.text) == (5, "ok")
 
 
+def test_a_held_answer_gives_each_token_the_text_it_completes():
+    """exllamav2 0.3.2 holds everything after an invalid byte until a stop token: released token by token, as the
+    transformers backend's detokenizer does, so that the engine cuts a stop string at the token that completes it
+    and counts no token after it (all of the text rode on the stop token, every held token counted). An answer
+    that stops inside a character ends in U+FFFD, on the stop token (as the transformers backend flushes it)."""
+    held = {"token_ids": torch.tensor([[173, 665, 21, 173, 2]]), "token_probs": torch.tensor([[0.5] * 5])}
+    end = {"stage": "streaming", "identifier": 1, "eos": True, "eos_reason": "stop_token", "new_tokens": 5,
+           "eos_triggering_token_id": 2, "held": held}
+    raw = {173: b"\xe2", 665: b" STOP", 21: b" more", 2: b""}.__getitem__
+    for info in (JobInfo(1), JobInfo(1, logprobs=True)):
+        events = translate_results([end], {1: info}, str, raw=raw)
+        assert [(e.token_id, e.text) for e in events] == [
+            (173, ""), (665, "\ufffd STOP"), (21, " more"), (173, ""), (2, "\ufffd")]
+        assert [e.finish for e in events] == [None] * 4 + [FinishReason.STOP]
+
+
 def test_speculative_results_give_one_event_per_token_and_count_acceptance():
     stats = SpeculativeStats()
     r = streaming(2, [5, 6, 7], "abc", eos=True, eos_reason="stop_token", new_tokens=3,

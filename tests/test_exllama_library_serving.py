@@ -881,3 +881,49 @@ def test_exllamav3_sets_no_draft_window_aside_for_a_draft_it_does_not_load(tiny_
     assert loaded(draft_model_path=str(draft), ngram_draft=2).context_length == 4091
     # a draft that fits drafts, and its window is set aside
     assert loaded(draft_model_path=str(tiny_llama_dir)).context_length == 4091
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_stop_string_in_a_held_answer_ends_it_at_the_token_the_transformers_backend_would(tiny_llama_dir, kind):
+    """exllamav2 0.3.2 holds everything after an invalid byte; released at the stop token all on that token, the
+    engine cut a stop string inside it there, counting every held token (5 here, not 2) and giving their logprobs.
+    Token by token, the answer ends where the transformers backend's does (its detokenizer releases "\\ufffd there"
+    with " there"); without the stop string the whole answer, the stop token counted, its text never shown."""
+    import asyncio
+
+    from xllm_jupyter.core.types import ChoiceDelta, GenerationDone, GenerationParams, GenerationRequest, SamplingParams
+    from xllm_jupyter.engine.runner import ModelRunner
+
+    require_kind(kind)
+    model = load(kind, tiny_llama_dir)
+    hi, lone_byte, there, stop = 21041, 173, 665, 2  # " Hi", 0xE2, " there", <|im_end|>
+    runner = ModelRunner(model)
+    runner.start()
+    runner.wait_ready()
+
+    async def answer(**params) -> tuple[str, list[bytes], int, str]:
+        script_tokens(model, kind, [lone_byte, there, hi, lone_byte, stop])
+        request = GenerationRequest(model="t", prompt_ids=tuple(range(100, 120)), params=GenerationParams(
+            max_tokens=20, sampling=SamplingParams(temperature=0.0), stop_token_ids=(stop,), logprobs=True, **params))
+        text, raw, usage, finish = "", [], None, None
+        async for item in runner.submit(request, asyncio.get_running_loop()):
+            if isinstance(item, ChoiceDelta):
+                text += item.text
+                raw += [entry.raw for entry in item.logprobs]
+                finish = item.finish or finish
+            elif isinstance(item, GenerationDone):
+                usage = item.usage.completion_tokens
+        return text, raw, usage, finish.value if finish is not None else ""
+
+    try:
+        text, raw, usage, finish = asyncio.run(answer(stop=("there",)))
+        assert (text, raw, usage, finish) == ("\ufffd ", [b"\xe2", b" there"], 2, "stop")
+        text, raw, usage, finish = asyncio.run(answer())
+        assert (text, raw, usage) == ("\ufffd there Hi\ufffd", [b"\xe2", b" there", b" Hi", b"\xe2", b""], 5)
+        for _ in range(200):  # the engine's cancel of the job cut by its stop string reaches the model a step later
+            if model.active_jobs() == 0:
+                break
+            time.sleep(0.01)
+        assert model.active_jobs() == 0 and pages_held(model) == 0
+    finally:
+        runner.shutdown()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import logging
 import math
 from dataclasses import dataclass
@@ -108,8 +109,10 @@ def translate_results(results: Iterable[Mapping[str, Any]], jobs: Mapping[int, J
         if info is None:
             continue
         held = bool(r.get("eos") and r.get("eos_reason") == "stop_token" and not _row(r.get("token_ids")))
+        texts: list[str] = []  # a held answer's text token by token (empty: the step's text rides on its last token)
         if held:
             r = with_held_answer(r, raw)
+            texts = r.get("token_texts") or []
         ids = [int(t) for t in _row(r.get("token_ids"))]
         text = r.get("text") or ""
         if special and text and not held:  # (a held answer's text is its tokens' bytes: no special token's text)
@@ -148,7 +151,7 @@ def translate_results(results: Iterable[Mapping[str, Any]], jobs: Mapping[int, J
             top = tuple((piece(t), _log(p)) for t, p in zip(alternatives, top_probs[i])) if alternatives else ()
             end = i == last
             events.append(TokenEvent(
-                info.job_id, token, text if end else "", logprob, top,
+                info.job_id, token, texts[i] if texts else text if end else "", logprob, top,
                 finish=finish if end else None,
                 prompt_tokens=prompt_tokens if end else 0,
                 cached_tokens=cached if end else 0,
@@ -167,9 +170,10 @@ def with_held_answer(r: Mapping[str, Any], raw: Callable[[int], bytes] | None) -
     under ``held``, the stop token last. The tokens before it are the answer's (text, tokens, probabilities); the
     stop token is a token of the answer too, counted in usage with its probability, as on the transformers backend
     (and in OpenAI's usage), but its text is not. The text is the answer tokens' own bytes (``raw``) decoded
-    together, a character they leave incomplete as U+FFFD (what the libraries and the transformers backend release
-    at ``max_new_tokens``); without ``raw``, the held text less the stop token's. Without ``held``, the stop
-    token alone (``eos_triggering_token_id``).
+    together, token by token (``token_texts``: each token's event the characters it completes), a character they
+    leave incomplete as U+FFFD on the stop token (what the libraries and the transformers backend release at any
+    end); without ``raw``, the held text less the stop token's, all of it on the stop token. Without ``held``, the
+    stop token alone (``eos_triggering_token_id``).
     """
     held = r.get("held") or {}
     ids = [int(t) for t in _row(held.get("token_ids"))]
@@ -181,14 +185,22 @@ def with_held_answer(r: Mapping[str, Any], raw: Callable[[int], bytes] | None) -
     for key in ("token_probs", "top_k_tokens", "top_k_probs"):
         if held.get(key) is not None:
             out[key] = [_row(held[key])]
-    if raw is not None:
-        text = b"".join(raw(t) for t in ids[:keep]).decode("utf-8", errors="replace")
-    else:
+    if raw is None:
         text = str(held.get("text") or "")
         stop = str(r.get("eos_triggering_token_str") or "")
-        if stop and text.endswith(stop):
-            text = text[: -len(stop)]
-    out["text"] = (r.get("text") or "") + text
+        out["text"] = (r.get("text") or "") + (text[: -len(stop)] if stop and text.endswith(stop) else text)
+        return out
+    # each token's event carries the text it completes, as the transformers backend's detokenizer releases it: the
+    # engine then matches a stop string at the token that completes it and counts (usage, logprobs) no token after
+    # it, as there (all of it riding on the stop token, every held token counted, the stop token too)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    texts = [decoder.decode(raw(t)) for t in ids[:keep]]
+    # the stop token's own text is none; a character the answer leaves incomplete goes out with it as U+FFFD
+    # (IncrementalDetokenizer.flush: why U+FFFD and not nothing)
+    texts.append(decoder.decode(b"", final=True))
+    texts[0] = (r.get("text") or "") + texts[0]
+    out["token_texts"] = texts[: len(ids)]
+    out["text"] = "".join(texts)
     return out
 
 
