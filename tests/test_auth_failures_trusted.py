@@ -86,3 +86,20 @@ def test_the_hub_services_defaults_never_cap_its_loopback_callers(tmp_path):
         limiter.failed(proxied)
     with pytest.raises(Exception, match="failed authentication"):
         limiter.check(proxied)
+
+
+def test_a_proxy_named_in_its_ipv4_mapped_form_is_trusted():
+    # a dual-stack server logs an IPv4 peer as ::ffff:10.0.0.5; named so in trusted_proxies it matched no peer at
+    # all (the peer is read as the IPv4 10.0.0.5): every client behind the proxy was counted as the proxy
+    limiter = FailedAuthLimiter(AuthConfig(failed_auth_limit=LIMIT, trusted_proxies=("::ffff:10.0.0.5", "::ffff:10.1.0.0/112")))
+    for peer in ("10.0.0.5", "::ffff:10.0.0.5", "10.1.2.3"):
+        assert limiter.client(_request(peer, "192.0.2.9")) == "192.0.2.9", peer
+        assert limiter.client(_request(peer)) is None, peer  # the proxy itself: never counted
+    assert limiter.client(_request("10.0.0.6", "192.0.2.9")) == "10.0.0.6"  # not the proxy: its header is ignored
+    # the connection cap exempts it the same way (server/connections.py takes the same matcher)
+    from xllm_jupyter.server.auth_failures import proxy_matcher
+    from xllm_jupyter.server.connections import ConnectionGuard
+
+    guard = ConnectionGuard(total=100, per_client=1, exempt=proxy_matcher(("::ffff:10.0.0.5",)))
+    assert guard.admit("::ffff:10.0.0.5") and guard.admit("10.0.0.5")
+    assert guard.admit("10.0.0.6") and guard.admit("10.0.0.6") is None

@@ -66,12 +66,19 @@ _RDHUP = getattr(select, "POLLRDHUP", 0) if hasattr(select, "poll") else 0
 
 
 def _networks(entries: Iterable[str]) -> tuple[_Network, ...]:
-    out = []
+    out: list[_Network] = []
     for entry in entries:
         try:
-            out.append(ipaddress.ip_network(entry.strip(), strict=False))
+            net = ipaddress.ip_network(entry.strip(), strict=False)
         except ValueError:
             log.warning("ignoring auth.trusted_proxies entry %r: not an IP address or network", entry)
+            continue
+        mapped = getattr(net.network_address, "ipv4_mapped", None)
+        if mapped is not None and net.prefixlen >= 96:
+            # ::ffff:10.0.0.5 (as a dual-stack server logs an IPv4 peer) names the IPv4 proxy 10.0.0.5, which is
+            # how ``_address`` reads such a peer: kept IPv6, the entry matched no peer at all
+            net = ipaddress.IPv4Network(f"{mapped}/{net.prefixlen - 96}")
+        out.append(net)
     return tuple(out)
 
 
