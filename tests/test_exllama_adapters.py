@@ -370,6 +370,18 @@ def test_a_held_answer_gives_each_token_the_text_it_completes():
         assert [e.finish for e in events] == [None] * 4 + [FinishReason.STOP]
 
 
+def test_any_release_of_several_tokens_gives_each_the_text_it_completes():
+    """exllamav2 also releases what it held after an invalid byte at ``max_new_tokens`` (and at five U+FFFD): token
+    by token too, where the tokens' bytes make the library's text; where they do not, the text stays on the last."""
+    raw = {173: b"\xe2", 665: b" STOP", 21: b" more", 5: b"a", 6: b"b"}.__getitem__
+    end = streaming(1, [173, 665, 21, 173], "\ufffd STOP more\ufffd", eos=True, eos_reason="max_new_tokens")
+    events = translate_results([end], {1: JobInfo(1)}, str, raw=raw)
+    assert [e.text for e in events] == ["", "\ufffd STOP", " more", "\ufffd"]
+    assert [e.finish for e in events] == [None] * 3 + [FinishReason.LENGTH]
+    other = streaming(1, [5, 6], "xy")  # (a text the bytes do not make: left as the library gave it)
+    assert [e.text for e in translate_results([other], {1: JobInfo(1)}, str, raw=raw)] == ["", "xy"]
+
+
 def test_speculative_results_give_one_event_per_token_and_count_acceptance():
     stats = SpeculativeStats()
     r = streaming(2, [5, 6, 7], "abc", eos=True, eos_reason="stop_token", new_tokens=3,

@@ -888,7 +888,8 @@ def test_a_stop_string_in_a_held_answer_ends_it_at_the_token_the_transformers_ba
     """exllamav2 0.3.2 holds everything after an invalid byte; released at the stop token all on that token, the
     engine cut a stop string inside it there, counting every held token (5 here, not 2) and giving their logprobs.
     Token by token, the answer ends where the transformers backend's does (its detokenizer releases "\\ufffd there"
-    with " there"); without the stop string the whole answer, the stop token counted, its text never shown."""
+    with " there"), at a stop token or at max_tokens; without the stop string the whole answer, the stop token
+    counted, its text never shown."""
     import asyncio
 
     from xllm_jupyter.core.types import ChoiceDelta, GenerationDone, GenerationParams, GenerationRequest, SamplingParams
@@ -901,10 +902,11 @@ def test_a_stop_string_in_a_held_answer_ends_it_at_the_token_the_transformers_ba
     runner.start()
     runner.wait_ready()
 
-    async def answer(**params) -> tuple[str, list[bytes], int, str]:
-        script_tokens(model, kind, [lone_byte, there, hi, lone_byte, stop])
+    async def answer(script=(lone_byte, there, hi, lone_byte, stop), max_tokens=20, **params) -> tuple:
+        script_tokens(model, kind, list(script))
         request = GenerationRequest(model="t", prompt_ids=tuple(range(100, 120)), params=GenerationParams(
-            max_tokens=20, sampling=SamplingParams(temperature=0.0), stop_token_ids=(stop,), logprobs=True, **params))
+            max_tokens=max_tokens, sampling=SamplingParams(temperature=0.0), stop_token_ids=(stop,), logprobs=True,
+            **params))
         text, raw, usage, finish = "", [], None, None
         async for item in runner.submit(request, asyncio.get_running_loop()):
             if isinstance(item, ChoiceDelta):
@@ -920,6 +922,9 @@ def test_a_stop_string_in_a_held_answer_ends_it_at_the_token_the_transformers_ba
         assert (text, raw, usage, finish) == ("\ufffd ", [b"\xe2", b" there"], 2, "stop")
         text, raw, usage, finish = asyncio.run(answer())
         assert (text, raw, usage) == ("\ufffd there Hi\ufffd", [b"\xe2", b" there", b" Hi", b"\xe2", b""], 5)
+        # exllamav2 releases the same at max_tokens: the stop string ends it where it ends on transformers too
+        text, raw, usage, finish = asyncio.run(answer((lone_byte, there, hi, hi), max_tokens=4, stop=("there",)))
+        assert (text, raw, usage, finish) == ("\ufffd ", [b"\xe2", b" there"], 2, "stop")
         for _ in range(200):  # the engine's cancel of the job cut by its stop string reaches the model a step later
             if model.active_jobs() == 0:
                 break

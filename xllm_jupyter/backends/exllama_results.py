@@ -77,8 +77,9 @@ def translate_results(results: Iterable[Mapping[str, Any]], jobs: Mapping[int, J
                       raw: Callable[[int], bytes] | None = None) -> list[TokenEvent]:
     """TokenEvents for the ``streaming`` and ``error`` results of one ``iterate()`` call (one per sampled token).
 
-    A result may carry several tokens (speculative decoding accepted a draft); each gets an
-    event and the step's text rides on the last one. The job's first event carries its cached
+    A result may carry several tokens (speculative decoding accepted a draft, the library released what it held);
+    each gets an event, with the text it completes where their bytes (``raw``) make the result's text
+    (``texts_by_token``), else the step's text rides on the last one. The job's first event carries its cached
     prompt tokens; the ``eos`` result becomes the finishing event, with the usage counters the
     generator reports; a ``stop_token`` end releases what the library still held back and the stop token itself,
     without its text (``with_held_answer``).
@@ -109,7 +110,7 @@ def translate_results(results: Iterable[Mapping[str, Any]], jobs: Mapping[int, J
         if info is None:
             continue
         held = bool(r.get("eos") and r.get("eos_reason") == "stop_token" and not _row(r.get("token_ids")))
-        texts: list[str] = []  # a held answer's text token by token (empty: the step's text rides on its last token)
+        texts: list[str] = []  # the text token by token (empty: the step's text rides on its last token)
         if held:
             r = with_held_answer(r, raw)
             texts = r.get("token_texts") or []
@@ -119,6 +120,11 @@ def translate_results(results: Iterable[Mapping[str, Any]], jobs: Mapping[int, J
             for token in ids:
                 if token in special:
                     text = text.replace(special[token], "", 1)
+        if len(ids) > 1 and not texts and raw is not None:
+            # several tokens the library held back (an invalid byte: exllamav2 holds all after it until the end):
+            # token by token when their bytes make the library's text, for the reason ``with_held_answer`` gives
+            split = texts_by_token([raw(t) for t in ids])
+            texts = split if "".join(split) == text else []
         finish = None
         prompt_tokens = completion = 0
         cached = 0
@@ -192,16 +198,25 @@ def with_held_answer(r: Mapping[str, Any], raw: Callable[[int], bytes] | None) -
         return out
     # each token's event carries the text it completes, as the transformers backend's detokenizer releases it: the
     # engine then matches a stop string at the token that completes it and counts (usage, logprobs) no token after
-    # it, as there (all of it riding on the stop token, every held token counted, the stop token too)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    texts = [decoder.decode(raw(t)) for t in ids[:keep]]
-    # the stop token's own text is none; a character the answer leaves incomplete goes out with it as U+FFFD
+    # it, as there (all of it riding on the stop token, every held token counted, the stop token too). The stop
+    # token's own text is none; a character the answer leaves incomplete goes out with it as U+FFFD
     # (IncrementalDetokenizer.flush: why U+FFFD and not nothing)
-    texts.append(decoder.decode(b"", final=True))
-    texts[0] = (r.get("text") or "") + texts[0]
-    out["token_texts"] = texts[: len(ids)]
-    out["text"] = "".join(texts)
+    texts = texts_by_token([raw(t) for t in ids[:keep]] + [b""]) if ids else []
+    out["text"] = (r.get("text") or "") + "".join(texts)
+    if texts:
+        texts[0] = (r.get("text") or "") + texts[0]
+        out["token_texts"] = texts
     return out
+
+
+def texts_by_token(pieces: list[bytes]) -> list[str]:
+    """The text each of several tokens' bytes (``pieces``, in order) completes; what the last leaves incomplete
+    goes out with it as U+FFFD (nothing more comes in this release)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    texts = [decoder.decode(piece) for piece in pieces]
+    if texts:
+        texts[-1] += decoder.decode(b"", final=True)
+    return texts
 
 
 def _log(p: float) -> float:
