@@ -158,3 +158,16 @@ def test_empty_operands_and_max_tokens_below_one_are_refused_on_the_spot(shell, 
     assert len(received) == asked
     cap = cell(shell, "%xllm use")  # the bare verb still shows the default
     assert cap.stderr == "" and "No default model set" in cap.outputs[-1].data["text/plain"]
+
+
+def test_an_open_quote_is_a_commands_error_only_where_the_verb_takes_a_word(shell, received):
+    """``%xllm list 'em all`` and ``%xllm help me with 'quotes`` were "cannot parse the command" errors (list takes
+    no word, help not three), while ``%xllm config system='You are terse`` went to the model as a prompt."""
+    for typed in ("list 'em all", "help me with 'quotes"):
+        cap = cell(shell, f"%xllm {typed} {ASK}")  # the verb first: options may follow the prompt
+        assert cap.stderr == "" and received[-1] == [("user", typed)]
+    asked = len(received)
+    for typed in ("config system='You are terse", "pull 'my dir", "pull x --name='my dir"):
+        cap = cell(shell, f"%xllm {typed}")
+        assert cap.stderr == "xllm: cannot parse the command: No closing quotation\n", (typed, cap.stderr)
+    assert len(received) == asked and shell.xllm_magics.state.defaults.system is None

@@ -222,8 +222,17 @@ def _option(table: dict[str, Any], name: str) -> Any:
 
 
 def _open_quote(line: str) -> bool:
-    """Whether a word of ``line`` starts with a quote that does not close (``'tis``, ``'my dir/x``)."""
-    return any(word.raw[0] in "'\"" and word == word.raw for word in words(line))
+    """Whether a verb's line opens a quote that does not close where the verb takes a word (``pull 'my dir``,
+    ``config system='a b``): the command's error. Elsewhere it is prose: "list 'em all", "help me with 'quotes"
+    (a command error too, before), and ``config system='a b`` a prompt for the model."""
+    typed = words(line)
+    for k, word in enumerate(typed):
+        at = 0 if word.raw[0] in "'\"" else word.raw.find("=") + 1  # `'my dir`, `system='a b`, `--name="x y`
+        if (at or word.raw[0] in "'\"") and word.raw[at:at + 1] in ("'", '"') and word == word.raw:
+            shape = SHAPES.get(typed[0]) if typed else None
+            # the words before it, and it as a stand-in word (a `{name}`, which every operand takes)
+            return shape is not None and shape.fits([w.raw for w in typed[1:k]] + [word.raw[:at] + "{quoted}"])
+    return False
 
 
 def _typed(line: str, prompt: list[str] | None) -> str:
