@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -158,3 +159,20 @@ def test_help_texts_have_no_rst_markup():
         r = invoke(*([name] if name else []), "--help")
         assert r.exit_code == 0, (name, r.output)
         assert "``" not in r.output, (name, r.output)
+
+
+def test_pull_progress_off_a_terminal_keeps_each_file_on_one_line(home, tiny_llama_dir, tmp_path, monkeypatch):
+    """Binder's build log (postBuild runs `xllm pull smollm2`) and CI read the final bars off a terminal, where rich
+    assumed 80 columns: each file's size folded onto a line of its own ("90.9/90.9" above "MB")."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    source = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, source)
+    # a file name as long as all-minilm's config_sentence_transformers.json, sized in kB
+    (source / "config_sentence_transformers.json").write_text('{"pad": "' + "x" * 39000 + '"}')
+    r = invoke("pull", str(source), "--name", "again")
+    assert r.exit_code == 0, r.output
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) >= 3, r.stderr  # the files and "done"
+    for line in lines:
+        assert line.split()[0] in {"download", "verify", "convert", "done"} and "━" in line, r.stderr
+        assert re.search(r"\d/[\d.]+ ?(bytes|kB|MB|GB)\b", line), r.stderr

@@ -57,8 +57,15 @@ def stdout_console() -> Console:
 
 
 def stderr_console() -> Console:
-    """A console on stderr, for progress bars and notes that must not mix into piped output."""
-    return Console(stderr=True, highlight=False)
+    """A console on stderr, for progress bars and notes that must not mix into piped output.
+
+    Off a terminal (a log file, CI, Binder's build log) rich assumes 80 columns, and a pull's final bars
+    wrapped their sizes onto a second line ("90.9/90.9" above "MB"): such a console gets at least 120.
+    """
+    console = Console(stderr=True, highlight=False)
+    if not console.is_terminal and console.width < 120:
+        console = Console(stderr=True, highlight=False, width=120)
+    return console
 
 
 def human_time(value: object) -> str:

@@ -47,13 +47,15 @@ class PullBar:
 
 def _progress():
     from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+    from rich.table import Column
     from rich.text import Text
 
     class ByUnit(ProgressColumn):
         """Bytes columns for a download; ``2/3 steps`` (no speed) for a task counted in steps."""
 
         def __init__(self, for_bytes: ProgressColumn, for_steps: bool):
-            super().__init__()
+            # a size never folds onto a second line: when a row is too wide, the file name gives way
+            super().__init__(table_column=Column(no_wrap=True))
             self.for_bytes, self.for_steps = for_bytes, for_steps
 
         def render(self, task: Any) -> Any:
