@@ -22,7 +22,7 @@ guesser which keys are right at any rate (``vouched`` says why).
 Memory is bounded: at most ``auth.failed_auth_max_clients`` addresses are remembered (the one
 whose last failure is oldest is forgotten first), and an IPv6 client counts by its /64 network
 (one host commonly has a whole /64 to pick addresses from), and towards its /48 too, capped at
-``IPV6_SITE_SHARE`` times the limit (a site can route any of its /64s to one host: ``_site``).
+``IPV6_SITE_SHARE`` times the limit (a site can route any of its /64s to one host: ``site_label``).
 
 The client address is the connection's peer, or, when the peer is one of ``auth.trusted_proxies``
 (JupyterHub's proxy in front of the hub service), the last ``X-Forwarded-For`` hop that is not. A
@@ -57,7 +57,7 @@ FAILURES_KEY = "xllm_auth_failures"
 #: requests of a capped address that may wait for their credential check; more get 429 at once (at the
 #: default 3 s a check, the last one waits ~24 s)
 PAST_CAP_WAITING = 8
-#: /64s of one IPv6 /48 that may use up their failures before the /48 as a whole is capped (``_site``)
+#: /64s of one IPv6 /48 that may use up their failures before the /48 as a whole is capped (``site_label``)
 IPV6_SITE_SHARE = 16
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -119,13 +119,19 @@ def client_label(addr: str) -> str:
     return str(parsed)
 
 
-def _site(label: str) -> str | None:
-    """The IPv6 /48 a /64 label lies in (None for any other label).
+def site_label(label: str) -> str | None:
+    """The IPv6 /48 a /64 label (``client_label``) lies in; None for any other label.
 
     A site commonly gets a /48 (or a /56) and can route any of its /64s to one host: counted by /64 alone, such a
     guesser rotated through 65536 fresh caps (``limit`` guesses each a window) and pushed every other address out
     of the bounded table. Its failures count towards its /48 too, which is capped at ``IPV6_SITE_SHARE`` times
-    the limit (a site's honest hosts in several /64s are not capped for one another's typos at once)."""
+    the limit (a site's honest hosts in several /64s are not capped for one another's typos at once).
+
+    One /64 cannot cap its /48 alone: its own cap holds it to about twice the limit in a window (the limit at once,
+    then one every ``interval``), so it takes ``IPV6_SITE_SHARE / 2`` or more /64s guessing at full speed together.
+    Once they do, every /64 of the /48 waits in the /48's one line until its windows end: connections that already
+    proved their key are still served at once (``vouched``), fresh ones wait their turn or get 429. A site whose
+    many users' typos alone reach 16 times the limit in a window needs a higher ``auth.failed_auth_limit``."""
     if not label.endswith("/64"):
         return None
     try:
@@ -258,7 +264,7 @@ class FailedAuthLimiter:
         """Raise RateLimited while ``client`` is over the limit: its credentials then go through ``past_cap``."""
         if not self.enabled or client is None:
             return
-        for label in (client, _site(client)):
+        for label in (client, site_label(client)):
             entry = self._live(label) if label is not None else None
             if entry is not None and entry[0] >= entry[3]:
                 raise self._refusal(entry)
@@ -266,7 +272,7 @@ class FailedAuthLimiter:
     def _lane_label(self, client: str) -> str:
         """The label whose line ``client``'s capped requests wait in: its IPv6 /48's once that is capped (else each
         of its /64s would have a line of its own, one check every ``interval`` each), or its own."""
-        site = _site(client)
+        site = site_label(client)
         entry = self._live(site) if site is not None else None
         return site if site is not None and entry is not None and entry[0] >= entry[3] else client
 
@@ -350,7 +356,7 @@ class FailedAuthLimiter:
             yield
             return
         # the client's own count, and its IPv6 /48's (fresh /64s of one site each had a whole limit's room at once)
-        site = _site(client)
+        site = site_label(client)
         labels = [(client, self.limit)] + ([(site, self.limit * IPV6_SITE_SHARE)] if site is not None else [])
         while True:
             self.check(client)
@@ -430,7 +436,7 @@ class FailedAuthLimiter:
         if not self.enabled or client is None:
             return
         now = self._clock()
-        site = _site(client)
+        site = site_label(client)
         if site is not None:  # first, so that the /64's own entry is the last forgotten
             self._count(site, self.limit * IPV6_SITE_SHARE, now)
         self._count(client, self.limit, now)
@@ -452,4 +458,5 @@ class FailedAuthLimiter:
             self._table.popitem(last=False)
 
 
-__all__ = ["FAILURES_KEY", "IPV6_SITE_SHARE", "PAST_CAP_WAITING", "FailedAuthLimiter", "client_label", "connection_gone", "proxy_matcher"]
+__all__ = ["FAILURES_KEY", "IPV6_SITE_SHARE", "PAST_CAP_WAITING", "FailedAuthLimiter", "client_label", "connection_gone",
+           "proxy_matcher", "site_label"]
