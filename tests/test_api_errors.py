@@ -240,10 +240,30 @@ def test_unknown_route_and_wrong_method(raw):
 
 def test_a_405_names_the_methods_the_route_serves(raw):
     """RFC 9110 requires ``Allow`` on a 405; it was missing on every route."""
-    assert raw.delete("/v1/chat/completions").headers.get("allow") == "GET, POST"
-    assert raw.put("/v1/models").headers.get("allow") == "GET"
+    assert raw.delete("/v1/chat/completions").headers.get("allow") == "GET, HEAD, POST"
+    assert raw.put("/v1/models").headers.get("allow") == "GET, HEAD"
     assert raw.get("/v1/embeddings").headers.get("allow") == "POST"
+    assert raw.head("/v1/embeddings").headers.get("allow") == "POST"
     assert "allow" not in raw.get("/v1/nothing").headers  # a 404 has none
+    # a path no route has is a 404 for every method: it was a 405 for PUT/PATCH/DELETE, whose Allow then
+    # named GET and POST, which only 404 there
+    for method in ("PUT", "PATCH", "DELETE", "HEAD"):
+        r = raw.request(method, "/v1/nothing")
+        assert r.status_code == 404 and "allow" not in r.headers, (method, r.status_code, r.headers)
+        if method != "HEAD":
+            assert error_of(r)["code"] == "not_found" and method in error_of(r)["message"]
+
+
+def test_head_answers_where_get_does(raw):
+    """HEAD on a GET route is GET's status and headers without the body (RFC 9110); it was a 405 everywhere."""
+    for path in ("/health", "/v1/models", "/v1/models/" + TINY, "/metrics"):
+        got, head = raw.get(path), raw.head(path)
+        assert (head.status_code, head.content) == (200, b""), (path, head.status_code, head.content[:80])
+        assert head.headers["content-type"] == got.headers["content-type"], path
+        assert head.headers.get("x-request-id"), path
+    assert int(raw.head("/health").headers["content-length"]) == len(raw.get("/health").content)
+    r = raw.head("/v1/models/no-such-model")  # GET's errors too, bodiless
+    assert (r.status_code, r.content) == (404, b"")
 
 
 def test_missing_or_wrong_key_is_401(xllm_server):

@@ -187,6 +187,27 @@ async def test_every_response_has_a_request_id(xllm):
 
 
 @on_server_loop
+async def test_head_answers_where_get_does_and_a_405_names_the_methods(xllm):
+    """HEAD on a GET route is GET's headers without the body (it was a 405 on every /xllm route); a 405 carries
+    Allow; a path no route has is a 404 for every method (PUT was a 405 naming GET and POST)."""
+    await start(xllm)
+    token = {"Authorization": f"Bearer {xllm['token']}"}
+    async with httpx.AsyncClient(timeout=30) as c:
+        for url, headers in ((xllm["root"] + "/health", {}), (xllm["url"] + "/models", token)):
+            got, head = await c.get(url, headers=headers), await c.head(url, headers=headers)
+            assert (head.status_code, head.content) == (200, b""), (url, head.status_code)
+            assert head.headers["content-type"] == got.headers["content-type"] and head.headers.get("x-request-id")
+        c.cookies.clear()
+        assert (await c.head(xllm["url"] + "/models")).status_code == 401  # HEAD still needs the token
+        r = await c.put(xllm["url"] + "/chat/completions", headers=token, json={})
+        assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD, POST"
+        r = await c.head(xllm["url"] + "/embeddings", headers=token)
+        assert r.status_code == 405 and r.headers["allow"] == "POST"
+        r = await c.put(xllm["url"] + "/nothing", headers=token, json={})
+        assert r.status_code == 404 and "allow" not in r.headers
+
+
+@on_server_loop
 async def test_environment_exported(xllm):
     await start(xllm)
     assert os.environ["XLLM_BASE_URL"] == xllm["url"]

@@ -55,7 +55,7 @@ async def test_a_method_no_route_serves_is_a_401_without_the_token_and_a_405_wit
     await start(xllm)
     token = {"Authorization": f"Bearer {xllm['token']}"}
     async with httpx.AsyncClient(timeout=30) as c:
-        for method, path in (("PUT", "/models"), ("PATCH", "/chat/completions"), ("HEAD", "/models"),
+        for method, path in (("PUT", "/models"), ("PATCH", "/chat/completions"), ("HEAD", "/embeddings"),
                              ("PATCH", "/models/" + TINY), ("GET", "/completions"), ("PUT", "/../admin/stats")):
             body = {"json": {}} if method in ("PUT", "PATCH") else {}
             for headers in ({}, {"Authorization": "Bearer wrong"}):

@@ -106,6 +106,18 @@ class VerbDispatchMixin:
         """Dispatch to the route mixin."""
         await self.dispatch("delete", *args, **kwargs)  # type: ignore[attr-defined]
 
+    async def head(self, *args: Any, **kwargs: Any) -> None:
+        """Dispatch to the route mixin: its GET, whose body Tornado leaves out."""
+        await self.dispatch("head", *args, **kwargs)  # type: ignore[attr-defined]
+
+    async def put(self, *args: Any, **kwargs: Any) -> None:
+        """Dispatch to the route mixin: a 405 naming the route's methods (a 404 off the routes)."""
+        await self.dispatch("put", *args, **kwargs)  # type: ignore[attr-defined]
+
+    async def patch(self, *args: Any, **kwargs: Any) -> None:
+        """Dispatch to the route mixin: a 405 naming the route's methods (a 404 off the routes)."""
+        await self.dispatch("patch", *args, **kwargs)  # type: ignore[attr-defined]
+
 
 class RequestMixin:
     """Shared plumbing: JSON replies, OpenAI-shaped errors, cancel-on-disconnect, SSE."""
@@ -113,9 +125,9 @@ class RequestMixin:
     SUPPORTED_METHODS: tuple[str, ...] = ("GET",)
     #: methods of this route that only admins may call (a whole admin route sets ``admin_only`` instead)
     ADMIN_METHODS: tuple[str, ...] = ()
-    #: the methods this route serves (routes.handler_class copies SUPPORTED_METHODS here and lets Tornado
-    #: pass every method, so that an unserved one is refused only after authentication)
-    allowed_methods: tuple[str, ...] = ("GET",)
+    #: the methods this route serves (routes.handler_class puts SUPPORTED_METHODS, with HEAD wherever GET is,
+    #: here and lets Tornado pass every method, so that an unserved one is refused only after authentication)
+    allowed_methods: tuple[str, ...] = ("GET", "HEAD")
     # Every route streams its body (routes.py applies @stream_request_body) so Tornado
     # never buffers a body on its own: GET routes drop it, BodyMixin caps it.
     _work_task: asyncio.Task | None = None
@@ -129,6 +141,7 @@ class RequestMixin:
         self._dispatched = True  # Tornado has read the whole body by now
         if method.upper() not in self.allowed_methods:
             raise HTTPError(405)
+        method = "get" if method == "head" else method  # Tornado sends HEAD's status and headers, never its body
         context = self.xllm
         context.metrics.in_flight.inc()
         context.active += 1
@@ -424,13 +437,14 @@ class HealthMixin(RequestMixin):
 class NotFoundMixin(RequestMixin):
     """Anything else under the prefix: an OpenAI-shaped 404."""
 
-    SUPPORTED_METHODS: tuple[str, ...] = ("GET", "POST")
+    #: every method: a path no route has is a 404 whatever the method (a 405's Allow would name methods it lacks)
+    SUPPORTED_METHODS: tuple[str, ...] = ("GET", "POST", "DELETE", "PUT", "PATCH")
 
     async def handle_get(self, *args: Any) -> None:
         """404."""
         raise NotFound(f"Unknown endpoint: {self.request.method} {quoted(self.request.path)}")  # type: ignore[attr-defined]
 
-    handle_post = handle_get
+    handle_post = handle_delete = handle_put = handle_patch = handle_get
 
 
 __all__ = [

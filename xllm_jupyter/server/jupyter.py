@@ -84,11 +84,20 @@ class JupyterXllmHandler(RequestIdMixin, ExtensionHandlerMixin, APIHandler):
 
     @web.authenticated
     @authorized
-    async def put(self, *args: Any, **kwargs: Any) -> None:
-        """No xllm route takes PUT, PATCH or HEAD: a 405, once the caller is known (the anonymous get a 401)."""
-        raise web.HTTPError(405)
+    async def head(self, *args: Any, **kwargs: Any) -> None:
+        """A GET route's status and headers, no body (Tornado leaves it out); a 405 on the other routes."""
+        self.check_admin()
+        await self.serve("head", *args, **kwargs)
 
-    patch = head = put
+    @web.authenticated
+    @authorized
+    async def put(self, *args: Any, **kwargs: Any) -> None:
+        """No xllm route takes PUT or PATCH: a 405 naming the route's methods (a 404 off the routes), once the
+        caller is known (the anonymous get a 401). Never forwarded to the hub service: there is nothing to serve."""
+        self.check_admin()
+        await self.dispatch(self.request.method.lower(), *args, **kwargs)  # type: ignore[attr-defined]
+
+    patch = put
 
     def check_admin(self) -> None:
         """``/admin/*``, ``/metrics`` and removing a model are the server owner's: a user the server is shared with gets a 403."""
@@ -121,6 +130,11 @@ class JupyterPublicHandler(RequestIdMixin, ExtensionHandlerMixin, APIHandler):
     async def get(self, *args: Any, **kwargs: Any) -> None:
         """Dispatch to the route mixin."""
         await self.dispatch("get", *args, **kwargs)  # type: ignore[attr-defined]
+
+    @allow_unauthenticated
+    async def head(self, *args: Any, **kwargs: Any) -> None:
+        """GET's status and headers, no body."""
+        await self.dispatch("head", *args, **kwargs)  # type: ignore[attr-defined]
 
     async def caller_known(self) -> bool:
         """True when the request carried this server's credentials (token or login cookie)."""

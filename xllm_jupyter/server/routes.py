@@ -80,16 +80,25 @@ ROUTES: tuple[tuple[str, type, bool], ...] = (
 )
 
 
+def served_methods(methods: tuple[str, ...]) -> tuple[str, ...]:
+    """A route's methods as it answers them: ``HEAD`` wherever ``GET`` is (GET's status and headers, no body)."""
+    if "GET" not in methods or "HEAD" in methods:
+        return methods
+    i = methods.index("GET") + 1
+    return methods[:i] + ("HEAD",) + methods[i:]
+
+
 def handler_class(mixin: type, base: type[RequestHandler]) -> type[RequestHandler]:
     """The concrete handler for ``mixin`` on ``base``.
 
     Every handler streams its request body, so Tornado never buffers one itself: the
     mixins drop bodies they do not need and cap the ones they read (413). Tornado passes it
-    every ``HANDLED_METHODS`` request; the route's own methods (``allowed_methods``) are
-    checked after authentication (``RequestMixin.dispatch``; Tornado's defaults for the rest).
+    every ``HANDLED_METHODS`` request; the route's own methods (``allowed_methods``: ``served_methods``) are
+    checked after authentication (``RequestMixin.dispatch``).
     """
     name = mixin.__name__.replace("Mixin", "") + "Handler"
-    attrs = {"__module__": base.__module__, "SUPPORTED_METHODS": HANDLED_METHODS, "allowed_methods": mixin.SUPPORTED_METHODS}
+    attrs = {"__module__": base.__module__, "SUPPORTED_METHODS": HANDLED_METHODS,
+             "allowed_methods": served_methods(mixin.SUPPORTED_METHODS)}
     return stream_request_body(type(name, (mixin, base), attrs))
 
 
