@@ -123,3 +123,19 @@ def test_only_the_proved_credential_on_its_own_connection_is_vouched_for():
     assert not limiter.vouched(_request("10.0.0.1", proxied), f"Bearer {KEY}")
     del mine  # the entry goes with its connection
     assert len(limiter._verified) == 0
+
+
+def test_a_connection_that_carries_another_credential_no_longer_vouches_for_the_proved_one():
+    # behind a proxy not named in trusted_proxies, one upstream connection carries many clients' requests: were
+    # the proved key still vouched for after a wrong one, every guess sent on that connection would be tested
+    # against it for nothing (served at once if right, the full line's 429 if not)
+    limiter = FailedAuthLimiter(AuthConfig(failed_auth_limit=2))
+    conn = _Stream()
+    limiter.vouch(_request("192.0.2.1", conn), f"Bearer {KEY}")
+    assert not limiter.vouched(_request("192.0.2.1", conn, "sk-guess"), "Bearer sk-guess")
+    assert not limiter.vouched(_request("192.0.2.1", conn), f"Bearer {KEY}")  # was still True
+    assert len(limiter._verified) == 0
+    # a request with no key is no other credential: the proved one stays vouched for
+    limiter.vouch(_request("192.0.2.1", conn), f"Bearer {KEY}")
+    assert not limiter.vouched(_request("192.0.2.1", conn), None)
+    assert limiter.vouched(_request("192.0.2.1", conn), f"Bearer {KEY}")

@@ -418,7 +418,8 @@ class FailedAuthLimiter:
           mix them); a connection from a trusted proxy is never vouched for, since the proxy may pass another
           client's request over it. A guesser gets a vouched connection only by sending the right key through
           the counted check first, and then has nothing left to guess; a different credential on a vouched
-          connection (a guess, or another key) takes the ordinary path and is counted as before.
+          connection (a guess, or another key) takes the ordinary path and is counted as before, and the connection
+          vouches for nothing after it (until a right key is checked on it again, in its turn).
         """
         if not credential:
             return False
@@ -429,7 +430,16 @@ class FailedAuthLimiter:
             known = self._verified.get(stream)
         except TypeError:
             return False
-        return known is not None and hmac.compare_digest(known, _credential_digest(credential))
+        if known is None:
+            return False
+        if hmac.compare_digest(known, _credential_digest(credential)):
+            return True
+        # another credential on it: the connection no longer vouches for the one it proved. Were it kept, each
+        # wrong key sent on a connection that a non-trusted proxy shares between its clients (upstream keepalive)
+        # would test one guess against the proved key at no cost (the full line's 429 meaning "not it"). The 401 or
+        # 429 that follows closes the connection today; this does not rest on that.
+        del self._verified[stream]
+        return False
 
     def failed(self, client: str | None) -> None:
         """Count one request from ``client`` whose credentials matched nothing."""
