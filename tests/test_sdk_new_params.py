@@ -48,6 +48,18 @@ def test_background_windows_that_need_background_are_refused(client):
              "background_options.completion_window")
     r = client.responses.create(model=TINY, input="Hi", max_output_tokens=1, background_options={"completion_window": "soonest"})
     assert r.usage.output_tokens == 1
+    for value in ({"completion_window": None, "continuation_id": "batch-1"}, {}, None):  # the defaults, as clients send them
+        r = client.responses.create(model=TINY, input="Hi", max_output_tokens=1, extra_body={"background_options": value})
+        assert r.usage.output_tokens == 1
+
+
+@pytest.mark.parametrize("value, param", [("soonest", "background_options"),
+                                          ({"completion_window": "1h"}, "background_options.completion_window"),
+                                          ({"continuation_id": 7}, "background_options.continuation_id")])
+def test_background_options_are_typed_as_in_the_sdk(raw, value, param):
+    """A typo'd window or a non-object was taken and ignored (200)."""
+    r = raw.post("/v1/responses", json={"model": TINY, "input": "Hi", "max_output_tokens": 1, "background_options": value})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
 def test_responses_prompt_cache_options_take_the_sdk_values_and_echo_its_shape(client, raw):

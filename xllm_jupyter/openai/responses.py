@@ -31,8 +31,6 @@ from .response_stream import Event, ResponseEventStream
 _CHAT_EXTENSIONS = ("stop", "seed", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "ignore_eos")
 #: Responses features that would change the result if honoured; rejected rather than ignored
 _UNSUPPORTED = ("conversation", "prompt", "background", "reasoning", "max_tool_calls", "moderation", "context_management")
-#: ``background_options.completion_window`` values that need ``background: true`` (unsupported here)
-_BACKGROUND_WINDOWS = ("2h", "8h")
 #: ``include`` values honoured: output text logprobs, and reasoning items' encrypted content (this server makes
 #: no reasoning items, so there is never any: clients such as Codex ask for it with every ``store: false`` request)
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
@@ -65,6 +63,20 @@ class ResponsesPromptCacheOptions(PromptCacheOptions):
     def echo(self) -> dict[str, Any]:
         """As the Response shows it: the SDK's type requires ``mode`` and ``ttl``, so their defaults fill them."""
         return {"mode": self.mode or "implicit", "ttl": self.ttl or "30m", "comparison_response_id": self.comparison_response_id}
+
+
+class BackgroundOptions(StrictModel):
+    """``background_options``, typed as the SDK has it: only the default window can be served (no ``background``)."""
+
+    completion_window: Literal["soonest", "2h", "8h"] | None = None
+    continuation_id: str | None = None
+
+    def check(self) -> None:
+        """400 for the ``2h``/``8h`` windows: they need ``background: true``, which this server does not support."""
+        if self.completion_window not in (None, "soonest"):
+            raise Unsupported(f"'background_options.completion_window' {shown(self.completion_window)} needs "
+                              "'background': true, which this server does not support",
+                              param="background_options.completion_window")
 
 
 def _is_set(value: Any) -> bool:
@@ -100,6 +112,8 @@ class ResponsesRequest(StrictModel):
     prompt_cache_key: str | None = None
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     prompt_cache_options: ResponsesPromptCacheOptions | None = None
+    # a typo'd window or a non-object was taken and ignored: typed as in the SDK, so it is a 400 naming it
+    background_options: BackgroundOptions | None = None
     safety_identifier: str | None = None
 
     def check(self) -> None:
@@ -108,13 +122,9 @@ class ResponsesRequest(StrictModel):
         for name in _UNSUPPORTED:
             if _is_set(extra.get(name)):
                 raise Unsupported(f"'{name}' is not supported by this server yet", param=name)
-        background = extra.get("background_options")
-        if isinstance(background, dict) and background.get("completion_window") in _BACKGROUND_WINDOWS:
-            raise Unsupported(f"'background_options.completion_window' {shown(background['completion_window'])} needs "
-                              "'background': true, which this server does not support",
-                              param="background_options.completion_window")
-        if self.prompt_cache_options is not None:
-            self.prompt_cache_options.check()
+        for options in (self.background_options, self.prompt_cache_options):
+            if options is not None:
+                options.check()
         check_include(self.include or ())
         check_metadata(self.metadata)
         check_verbosity((self.text or {}).get("verbosity"), "text.verbosity")  # was accepted and ignored
