@@ -1,4 +1,4 @@
-"""Removals waiting for a pull must not take the slow-work pool from the loads.
+"""Removals waiting for a pull, and pulls, must not take the slow-work pool from the loads.
 
 ``DELETE /v1/models/{id}`` waits for the name's store lock, which a pull (or a first-use load of a packaged model)
 holds for minutes. It waited on a thread of the slow-work pool (core/slow_work.py), which loads share: as many
@@ -76,3 +76,49 @@ def test_deletes_waiting_for_a_pull_leave_the_slow_pool_to_loads(tmp_path, tiny_
             admins.shutdown()
         assert codes == [200] + [404] * (deletes - 1)
         assert not store.exists("doomed")
+
+
+def test_pulls_in_flight_leave_the_slow_pool_to_loads(tmp_path, tiny_llama_dir, monkeypatch):
+    """WORKERS + 1 admin pulls held in the store (as downloads or conversions take minutes): a chat that loads a
+    model still answers; each pull then finishes."""
+    monkeypatch.setattr(slow_work, "_slow", slow_work.ThreadLane(WORKERS, "xllm-slow-test"))
+    home = tmp_path / "home"
+    store = ModelStore(home)
+    for name in ("spare", "cold"):
+        store.pull(str(tiny_llama_dir), name)
+    held, release, count = threading.Condition(), threading.Event(), [0]
+    original_pull = ModelStore.pull
+
+    def held_pull(self, source, name=None, **kwargs):
+        if name is not None and name.startswith("new"):
+            with held:
+                count[0] += 1
+                held.notify_all()
+            release.wait(300)
+        return original_pull(self, source, name, **kwargs)
+
+    monkeypatch.setattr(ModelStore, "pull", held_pull)
+    names = [f"new{i}" for i in range(WORKERS + 1)]
+    with running_server(make_test_config(home), ModelStore(home), "spare") as server:
+        def pull(name: str) -> int:
+            r = httpx.post(server.root + "/admin/models/pull", json={"model": str(tiny_llama_dir), "name": name},
+                           headers={"Authorization": f"Bearer {API_KEY}"}, timeout=300)
+            return r.status_code if '"success"' in r.text else -1
+
+        admins = ThreadPoolExecutor(len(names))
+        try:
+            sent = [admins.submit(pull, n) for n in names]
+            with held:  # as many pulls as the slow pool has threads are in the store
+                assert held.wait_for(lambda: count[0] >= WORKERS or any(f.done() for f in sent), 300)
+            assert not any(f.done() for f in sent), [f.result() for f in sent if f.done()]
+            client = openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0, timeout=HUNG)
+            try:
+                reply = client.chat.completions.create(model="cold", messages=HI, max_tokens=2)
+            except openai.APITimeoutError:
+                pytest.fail(f"a chat that loads its model hung while {count[0]} pulls were in flight")
+            assert reply.model == "cold" and reply.usage.completion_tokens >= 1
+        finally:
+            release.set()
+            codes = [f.result(300) for f in sent]
+            admins.shutdown()
+        assert codes == [200] * len(names) and all(store.exists(n) for n in names)

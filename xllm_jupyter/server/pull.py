@@ -24,7 +24,7 @@ from typing import Any
 
 from .. import __version__
 from ..core.errors import InvalidRequest, ModelNotFound, StoreError, UnknownParameter, Unsupported, quoted
-from ..core.slow_work import run_slow
+from ..core.slow_work import SLOW_WORKERS, ThreadLane
 from ..openai.json_body import strict_json
 from ..store.names import validate_name
 from ..store.sources import parse_source
@@ -34,6 +34,9 @@ log = logging.getLogger("xllm_jupyter.server")
 
 #: at most this many progress events a second per file (the store reports every chunk)
 PROGRESS_INTERVAL = 0.1
+#: the threads admins' pulls wait on (each for minutes: a download, a conversion, another pull of the name): a lane
+#: of their own, as on the slow-work pool that many pulls at once held every thread and loads waited behind them
+PULLS = ThreadLane(SLOW_WORKERS, "xllm-pull")
 #: the fields a pull body may have (``source``: another name for ``model``); any other is a 400 naming it
 PULL_FIELDS = ("model", "source", "name", "revision", "force", "convert", "base")
 #: fields of the other admin routes, and which: what the 400 for one sent here says
@@ -164,7 +167,7 @@ async def pull_events(store: Any, args: dict[str, Any]) -> AsyncIterator[dict[st
         return store.pull(args["source"], args["name"], revision=args["revision"], progress=report,
                           force=args["force"], convert=args["convert"], base=args.get("base"), cancel=gone)
 
-    job = asyncio.ensure_future(run_slow(work))  # downloads, converts: minutes, off the shared pool
+    job = asyncio.ensure_future(PULLS.run(work))  # downloads, converts: minutes, off the shared and slow-work pools
     getter: asyncio.Future | None = None
     try:
         while True:
