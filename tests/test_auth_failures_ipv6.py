@@ -8,6 +8,7 @@ and enough of them pushed every other address out of the bounded table.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import select
 import socket
@@ -135,3 +136,51 @@ def test_a_sites_failures_are_capped_at_its_share_of_64s():
     assert limiter._lane_label(label(1, "2001:db8:8")) == label(1, "2001:db8:8")
     clock.now += 61  # the window ends; a site that did not guess past its share starts afresh
     limiter.check(label(999))
+
+
+def test_64s_lines_formed_before_their_48_was_capped_go_on_at_the_48s_pace():
+    """/64s capped one by one before their /48 was each had a line of their own; once the /48 was capped too, the
+    guesses parked in those lines went on being checked one per line every interval (15 lines: 15 an interval, a
+    burst of up to 15 x 8 guesses each time the /48 was capped), not the /48's one."""
+    clock = Clock()
+    limiter = FailedAuthLimiter(AuthConfig(failed_auth_limit=LIMIT, failed_auth_window_seconds=0.1 * LIMIT),
+                                clock=clock)  # interval 0.1 (test clock); real waits are at most that long
+    label = lambda subnet: f"2001:db8:7:{subnet:x}::/64"  # noqa: E731
+    lines = IPV6_SITE_SHARE - 1
+    checked: list[str] = []
+
+    async def guess(client: str) -> None:
+        with contextlib.suppress(RateLimited):
+            async with limiter.past_cap(client):
+                limiter.failed(client)
+                checked.append(client)
+
+    async def run() -> None:
+        for subnet in range(lines):  # each /64 capped, the /48 not yet (its share is LIMIT x 16)
+            for _ in range(LIMIT):
+                limiter.failed(label(subnet))
+        waiting = [asyncio.ensure_future(guess(label(subnet))) for subnet in range(lines) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        assert len(limiter._lanes) == lines and not checked  # each /64's own line; none's turn yet
+        for _ in range(LIMIT):  # another /64 uses up its failures: the /48 is capped now
+            limiter.failed(label(lines))
+        with pytest.raises(RateLimited):
+            limiter.check(label(lines + 1))
+        async def after_one_more() -> int:
+            # one interval on (test clock): every line's head is due by its own line's pace; once one is checked,
+            # the others are given as long again as their waits take (the interval, in real seconds) to follow
+            before = len(checked)
+            clock.now += 0.1
+            for _ in range(200):
+                if len(checked) > before:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)
+            return len(checked) - before
+
+        assert await after_one_more() == 1, checked  # the /48's pace: one an interval (was 15, one per /64 line)
+        assert await after_one_more() == 1, checked
+        await limiter.close()
+        await asyncio.gather(*waiting, return_exceptions=True)
+
+    asyncio.run(run())

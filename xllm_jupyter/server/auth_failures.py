@@ -290,11 +290,12 @@ class FailedAuthLimiter:
         if not self.enabled or client is None:
             yield
             return
-        client = self._lane_label(client)
-        lane = self._lanes.get(client)
+        site = site_label(client)
+        label = self._lane_label(client)
+        lane = self._lanes.get(label)
         if lane is None:
-            lane = self._lanes[client] = [deque(), asyncio.Event()]  # tickets in arrival order, "moved"
-        entry = self._live(client)
+            lane = self._lanes[label] = [deque(), asyncio.Event()]  # tickets in arrival order, "moved"
+        entry = self._live(label)
         if len(lane[0]) >= PAST_CAP_WAITING and entry is not None:
             # a place in the line frees at the next check, not at the window's end: a right key's client told to
             # come back then (the openai SDK waits a Retry-After of up to 60 s) gets another chance of a place
@@ -310,8 +311,8 @@ class FailedAuthLimiter:
                     raise Overloaded("The server is shutting down; retry in a moment.")
                 if gone is not None and gone():
                     raise RateLimited("The client left while its request waited for its turn.", retry_after=1)
-                entry = self._live(client)
-                due = entry[2] - self._clock() if entry is not None else 0.0
+                spacing = self._spacing(label, site)
+                due = max(e[2] for e in spacing) - self._clock() if spacing else 0.0
                 if lane[0][0] is ticket and due <= 0:
                     break
                 # wake when the line moves, at this request's turn, or within a second to see whether its client left
@@ -319,15 +320,26 @@ class FailedAuthLimiter:
                 wait = min(1.0, due) if lane[0][0] is ticket else 1.0
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(moved.wait(), wait)
-            if entry is not None:
-                entry[2] = self._clock() + self.interval
+            for spaced in spacing:
+                spaced[2] = self._clock() + self.interval
             yield
         finally:
             lane[0].remove(ticket)
             moved, lane[1] = lane[1], asyncio.Event()
             moved.set()  # the next in line looks again
-            if not lane[0] and self._lanes.get(client) is lane:
-                del self._lanes[client]
+            if not lane[0] and self._lanes.get(label) is lane:
+                del self._lanes[label]
+
+    def _spacing(self, label: str, site: str | None) -> list[list[float]]:
+        """The entries whose next-check time a request in ``label``'s line waits for: the line's own, and its IPv6
+        /48's while that is capped (a /64's line the request joined before its /48 was capped went on at its own
+        pace: 16 such lines of 8 guesses each were checked 16 an interval, not one)."""
+        entries = [entry] if (entry := self._live(label)) is not None else []
+        if site is not None and site != label:
+            site_entry = self._live(site)
+            if site_entry is not None and site_entry[0] >= site_entry[3]:
+                entries.append(site_entry)
+        return entries
 
     async def close(self, timeout: float = 1.0) -> None:
         """The server stops: requests waiting in ``past_cap`` get a 503 now; returns once they have (or ``timeout``).
