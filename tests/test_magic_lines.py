@@ -171,3 +171,10 @@ def test_an_open_quote_is_a_commands_error_only_where_the_verb_takes_a_word(shel
         cap = cell(shell, f"%xllm {typed}")
         assert cap.stderr == "xllm: cannot parse the command: No closing quotation\n", (typed, cap.stderr)
     assert len(received) == asked and shell.xllm_magics.state.defaults.system is None
+
+
+def test_a_quoted_word_that_looks_like_an_option_is_the_prompts(shell, received):
+    """The split's first version took a quoted ``'-s'`` for the option: ``%xllm what does '-s' mean`` asked "what
+    does" with the system prompt "mean" (IPython's splitter kept the quotes, so argparse saw a prompt word)."""
+    cap = cell(shell, f"%xllm {ASK} what does '-s' mean, and \"--max-tokens\"?")
+    assert cap.stderr == "" and received[-1] == [("user", "what does '-s' mean, and \"--max-tokens\"?")]

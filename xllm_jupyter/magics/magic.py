@@ -161,7 +161,8 @@ class XllmMagics(Magics):
             attached = None  # `-s{persona}`, `-s"terse"`, `-m''`, `-t0`: a short option's value typed onto it
             if not prompt_only and len(word.raw) > 2 and word.raw[0] == "-" and word.raw[1] != "-" and word.raw[2] != "=":
                 attached = table.get(word.raw[:2])
-            action = None if prompt_only or not word.startswith("-") else _option(table, word.partition("=")[0])
+            # a quoted word is never an option: `%xllm what does '-s' mean` asks that, as IPython's split had it
+            action = None if prompt_only or not word.raw.startswith("-") else _option(table, word.partition("=")[0])
             if attached is not None and attached.nargs is None:
                 _closed(word.raw[:2], word)
                 argv.append(word.but(f"{word[:2]}={fill(word[2:])}"))
