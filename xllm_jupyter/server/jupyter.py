@@ -85,9 +85,13 @@ class JupyterXllmHandler(RequestIdMixin, ExtensionHandlerMixin, APIHandler):
     @web.authenticated
     @authorized
     async def head(self, *args: Any, **kwargs: Any) -> None:
-        """A GET route's status and headers, no body (Tornado leaves it out); a 405 on the other routes."""
+        """A GET route's status and headers, no body (Tornado leaves it out); a 405 on the other routes.
+
+        Served as its GET (HEAD is allowed exactly where GET is): forwarded to the hub service as a GET too, so
+        the ``Content-Length`` Tornado sets is the body's, as a HEAD answer's should be.
+        """
         self.check_admin()
-        await self.serve("head", *args, **kwargs)
+        await self.serve("get", *args, **kwargs)
 
     @web.authenticated
     @authorized
