@@ -178,3 +178,12 @@ def test_a_quoted_word_that_looks_like_an_option_is_the_prompts(shell, received)
     does" with the system prompt "mean" (IPython's splitter kept the quotes, so argparse saw a prompt word)."""
     cap = cell(shell, f"%xllm {ASK} what does '-s' mean, and \"--max-tokens\"?")
     assert cap.stderr == "" and received[-1] == [("user", "what does '-s' mean, and \"--max-tokens\"?")]
+
+
+def test_typographic_quotes_group_an_option_value(shell, received):
+    """``-s “Be brief.” Hi``, as a line pasted from a document has it, was a system prompt ``“Be`` and a prompt
+    ``brief.” Hi`` (IPython's splitter did the same); a prompt's own curly quotes stay as typed."""
+    cap = cell(shell, f"%xllm {ASK} -s “Be brief.” Say ‘hi’ to “Bob”")
+    assert cap.stderr == "" and received[-1] == [("system", "Be brief."), ("user", "Say ‘hi’ to “Bob”")]
+    cap = cell(shell, f"%xllm {ASK} --system=‘You are terse.’ it’s fine")
+    assert cap.stderr == "" and received[-1] == [("system", "You are terse."), ("user", "it’s fine")]

@@ -4,12 +4,15 @@ IPython's own splitter (``arg_split``) took ``'tis a fine day`` for an unclosed 
 asked) and cut ``-s "say \\"hi\\""`` in two. Here a quote only groups when it closes: an apostrophe in prose is
 a letter. Inside a quoted value ``\\"`` (or ``\\'``) is the quote itself and ``\\\\`` a backslash; any other
 backslash stays as written (``"C:\\temp"``), and where that reading never closes the quote, a backslash before it
-is a backslash too (``"C:\\temp\\"``, a Windows folder).
+is a backslash too (``"C:\\temp\\"``, a Windows folder). Typographic quotes (``“…”``, ``‘…’``, as a text pasted
+from a document has them) group a value too.
 """
 
 from __future__ import annotations
 
 _QUOTES = "'\""
+#: each opening quote and the quote that closes it
+_CLOSING = {"'": "'", '"': '"', "\u201c": "\u201d", "\u2018": "\u2019"}
 
 
 class Word(str):
@@ -32,7 +35,7 @@ class Word(str):
 
 def _quoted(line: str, i: int, escapes: bool = True) -> tuple[str, int] | None:
     """(value, end) of the quoted text at ``line[i]``, when its quote closes before a space or the end."""
-    quote, j, value = line[i], i + 1, []
+    quote, j, value = _CLOSING[line[i]], i + 1, []
     while j < len(line):
         c = line[j]
         if escapes and c == "\\" and j + 1 < len(line) and line[j + 1] in (quote, "\\"):
@@ -58,13 +61,13 @@ def words(line: str) -> list[Word]:
             continue
         start = i
         # `--system="a b"`, `-s"terse"`: the quoted part may follow an option's `=`, or a short option's letter
-        if line[i] == "-" and (eq := line.find("=", i, _plain_end(line, i))) > 0 and eq + 1 < n and line[eq + 1] in _QUOTES:
+        if line[i] == "-" and (eq := line.find("=", i, _plain_end(line, i))) > 0 and eq + 1 < n and line[eq + 1] in _CLOSING:
             prefix, i = line[start:eq + 1], eq + 1
-        elif line[i] == "-" and i + 2 < n and line[i + 1] not in "-" + _QUOTES and not line[i + 1].isspace() and line[i + 2] in _QUOTES:
+        elif line[i] == "-" and i + 2 < n and line[i + 1] not in "-" + _QUOTES and not line[i + 1].isspace() and line[i + 2] in _CLOSING:
             prefix, i = line[start:i + 2], i + 2
         else:
             prefix = ""
-        found = (_quoted(line, i) or _quoted(line, i, escapes=False)) if line[i] in _QUOTES else None
+        found = (_quoted(line, i) or _quoted(line, i, escapes=False)) if line[i] in _CLOSING else None
         if found is not None:
             value, end = found
             out.append(Word(prefix + value, line[start:end], start, end))
