@@ -179,6 +179,27 @@ def test_context_length_exceeded(client, raw):
     assert r.status_code == 400 and error_of(r)["code"] == "context_length_exceeded"
 
 
+def test_context_length_message_names_what_each_endpoint_was_sent(client, raw):
+    """A prompt plus max tokens past the context: the message said "in the messages" for /v1/completions and
+    /v1/responses too, which have none (nor a "completion" in Responses' terms)."""
+    long = "hi " * 1000
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": long}], max_tokens=1500)
+    assert "1500 in the completion). Please reduce the length of the messages" in info.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=TINY, prompt=long, max_tokens=1500)
+    message = info.value.body["message"]
+    assert (info.value.code, info.value.param) == ("context_length_exceeded", "prompt")
+    assert "in the prompt, 1500 in the completion" in message and "max_tokens" in message and "messages" not in message
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.responses.create(model=TINY, input=long, max_output_tokens=1500, stream=stream)
+        message = info.value.body["message"]
+        assert (info.value.code, info.value.param) == ("context_length_exceeded", "input"), stream
+        assert "in the input, 1500 in the output" in message and "max_output_tokens" in message, message
+        assert "messages" not in message and "completion" not in message, message
+
+
 def test_body_too_large_from_content_length(xllm_server):
     limit = xllm_server.config.server.max_body_bytes
     with socket.create_connection(("127.0.0.1", int(xllm_server.root.rsplit(":", 1)[1])), timeout=10) as s:

@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator, Literal, Union
 from pydantic import Field
 
 from ..core.errors import InvalidRequest, NotFound, Unsupported, XllmError, quoted
+from .context_words import PromptTooLong
 from .offload import is_big, off_loop_if, parse_body
 from .owned_store import cursor_page, page_limit
 from .protocol import MAX_TOP_LOGPROBS, PromptCacheOptions, ServiceTier, StrictModel, check_metadata, check_verbosity, served_tier
@@ -255,7 +256,9 @@ def _relabel(exc: XllmError) -> XllmError:
     """A chat error's ``param`` (and a chat parameter its message names) in Responses terms."""
     p = exc.param
     if p is not None:
-        if p == "messages" or p.startswith("messages["):
+        if isinstance(exc, PromptTooLong) and p == "messages":
+            exc.reword("input")  # chat's "reduce the messages or completion" names nothing a Responses caller sent
+        elif p == "messages" or p.startswith("messages["):
             exc.param = "input"
         elif p.split(".")[0] in _PARAM_NAMES:
             chat_name = p.split(".")[0]

@@ -25,6 +25,7 @@ from ..engine.manager import request_keep_alive
 from .cache import ResponseCache
 from .chat_store import StoredCompletions
 from .completions import CompletionsMixin
+from .context_words import PromptTooLong
 from .generation import Chunk, check_token_ids, engine_failure, envelope, started
 from .logprob_wire import chat_logprob_entries
 from .model_defaults import ModelDefaults
@@ -160,6 +161,8 @@ class OpenAIServing(CompletionsMixin):
         if requested is not None and requested > limit:
             raise InvalidRequest(f"{param} is too large: {requested}. This server allows at most {limit}.", param=param)
         if requested is not None:
+            if prompt_len + requested > ctx:  # checked here, not only by the engine: this endpoint's words
+                raise PromptTooLong(ctx, prompt_len, requested, prompt_param)
             return requested
         room = ctx - prompt_len
         if room <= 0:
