@@ -203,6 +203,22 @@ def test_malformed_yaml_names_the_file_and_the_place(tmp_path):
         load_config(path=write(tmp_path / "d.yaml", "- a\n- b\n"), env={})
 
 
+def test_a_config_file_that_is_not_utf8_or_unreadable_is_a_config_error(tmp_path, monkeypatch):
+    """A config.yaml saved in Latin-1 (or one the user may not read) raised UnicodeDecodeError: `xllm list` printed a
+    traceback instead of its one-line error."""
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("server:\n  host: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(path))} is not UTF-8 text \\(byte 19\\)"):
+        load_config(path=path, env={})
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_text", refuse)
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(path))} cannot be read: Permission denied$"):
+        load_config(path=path, env={})
+
+
 def test_empty_yaml_is_defaults(tmp_path):
     cfg = load_config(path=write(tmp_path / "c.yaml", ""), env={})
     assert cfg.server == ServerConfig()

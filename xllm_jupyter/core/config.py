@@ -291,7 +291,14 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        # UTF-8 as YAML is, whatever the locale; a file that is not (or cannot be read) is a one-line error too
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}): is it a config.yaml?") from None
+    except OSError as exc:
+        raise ConfigError(f"{path} cannot be read: {exc.strerror or exc.__class__.__name__}") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         # the file and the place: "config.yaml is not valid YAML: ParserError" named neither (XLLM_CONFIG may be any file)
         mark = getattr(exc, "problem_mark", None)
