@@ -97,6 +97,8 @@ def test_odd_lines_a_notebook_user_types(shell, received, monkeypatch, xllm_serv
     cap = cell(shell, f"%xllm {ASK} hi")
     assert cap.stderr.startswith("xllm: Incorrect or missing API key") and len(received) == asked
     assert cap.stderr.endswith(" (the key came from XLLM_API_KEY; `%xllm connect URL --token` asks for another)\n")
+    cap = cell(shell, f"%xllm connect the dots {ASK}")  # a prompt that starts with the verb gets the hint too
+    assert cap.stderr.endswith(" (the key came from XLLM_API_KEY; `%xllm connect URL --token` asks for another)\n")
     cap = cell(shell, f"%xllm connect {xllm_server.base_url} --token nope")  # connect's own line says whose token
     assert cap.stderr.startswith("xllm: the xllm server at ") and "came from" not in cap.stderr
 

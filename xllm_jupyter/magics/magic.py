@@ -115,7 +115,9 @@ class XllmMagics(Magics):
             except ModelNotFound as exc:  # `-m nosuch`, a `use` model since removed: name what there is
                 raise XllmError(exc.message + self._chat_models()) from None
         except AuthenticationError as exc:  # a wrong key: say where this kernel's came from, and how to give another
-            error(exc.message + ("" if line.lstrip().startswith("connect") else self._key_hint()))
+            # `%xllm connect URL --token T` says whose token itself; a prompt such as "connect the dots" gets the hint
+            connecting = cell is None and split(line)[:1] == ["connect"] and is_command(line)
+            error(exc.message + ("" if connecting else self._key_hint()))
         except XllmError as exc:
             error(exc.message)
         except KeyboardInterrupt:
