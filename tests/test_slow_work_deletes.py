@@ -10,7 +10,11 @@ sent and more, and a chat with a model not loaded yet must load it and answer. R
 
 from __future__ import annotations
 
+import http.client
+import logging
+import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -122,3 +126,47 @@ def test_pulls_in_flight_leave_the_slow_pool_to_loads(tmp_path, tiny_llama_dir, 
             codes = [f.result(300) for f in sent]
             admins.shutdown()
         assert codes == [200] * len(names) and all(store.exists(n) for n in names)
+
+
+def test_a_delete_waiting_for_a_pull_stops_when_its_client_leaves(tmp_path, tiny_llama_dir, caplog):
+    """A DELETE waiting for a pull's lock whose client hangs up stops trying: once the pull lets go, the model is
+    still in the store (it was removed by nobody's request), and a DELETE whose client waits removes it."""
+    home = tmp_path / "home"
+    store = ModelStore(home)
+    for name in ("spare", "doomed"):
+        store.pull(str(tiny_llama_dir), name)
+    tries, tried = [0], threading.Condition()
+    original_rm = ModelStore.rm
+
+    def counted_rm(self, name, **kwargs):
+        with tried:
+            tries[0] += 1
+            tried.notify_all()
+        return original_rm(self, name, **kwargs)
+
+    pull_lock = FileLock(home / "locks" / f"{name_to_dirname('doomed')}.lock")  # as a pull of the name holds it
+    assert pull_lock.acquire(blocking=False)
+    caplog.set_level(logging.INFO, logger="xllm_jupyter.server")
+    with pytest.MonkeyPatch.context() as mp, running_server(make_test_config(home), ModelStore(home), "spare") as server:
+        mp.setattr(ModelStore, "rm", counted_rm)
+        try:
+            host, port = server.root.removeprefix("http://").rsplit(":", 1)
+            conn = http.client.HTTPConnection(host, int(port), timeout=300)
+            conn.request("DELETE", "/v1/models/doomed", headers={"Authorization": f"Bearer {API_KEY}"})
+            with tried:  # the DELETE is waiting for the lock
+                assert tried.wait_for(lambda: tries[0] >= 2, 300)
+            conn.sock.shutdown(socket.SHUT_RDWR)  # the client leaves without its answer
+            conn.close()
+            left = "left while a pull of it held it"
+            deadline = time.monotonic() + HUNG  # (a fail-safe: on the old code it kept trying until the pull ended)
+            while not (stopped := any(left in r.getMessage() for r in caplog.records)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert stopped, f"the DELETE went on trying the lock after its client left ({tries[0]} tries)"
+            stopped_at = tries[0]
+        finally:
+            pull_lock.release()
+        assert store.exists("doomed")
+        r = httpx.delete(f"{server.base_url}/models/doomed", headers={"Authorization": f"Bearer {API_KEY}"},
+                         timeout=300)
+        assert r.status_code == 200 and r.json() == {"id": "doomed", "object": "model", "deleted": True}
+        assert tries[0] == stopped_at + 1 and not store.exists("doomed")

@@ -9,14 +9,18 @@ OpenAI's ``{"id", "object": "model", "deleted": true}`` (the SDK's ``ModelDelete
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import logging
+from typing import Any, Callable
 
 from ..core.errors import InvalidModelName, InvalidRequest, ModelNotFound, ModelRemoved
 from ..core.slow_work import run_slow
 from ..store.names import validate_name
 from ..store.packaged import PACKAGED
+from .auth_failures import connection_gone
 from .handlers import RequestMixin
 from .pull import server_store
+
+log = logging.getLogger("xllm_jupyter.server")
 
 
 class PackagedNotStored(InvalidRequest):
@@ -46,17 +50,26 @@ def stored_name(store: Any, model_id: str) -> str:
 RM_RETRY_SECONDS = 0.25
 
 
-async def _removed(store: Any, name: str) -> None:
-    """``store.rm(name)`` once no pull or removal of the name holds its lock, waiting between tries on the loop."""
+async def _removed(store: Any, name: str, gone: Callable[[], bool]) -> bool:
+    """``store.rm(name)`` once no pull or removal of the name holds its lock, waiting between tries on the loop;
+    False (nothing removed) once ``gone()`` says the caller left meanwhile."""
     pause = 0.01
     # (each try takes the lock without blocking; the removal itself, once it has it, deletes files: the slow pool)
     while not await run_slow(store.rm, name, wait=False):
+        if gone():  # nobody waits for the answer: a removal it can no longer report is not made
+            return False
         await asyncio.sleep(pause)
         pause = min(pause * 2, RM_RETRY_SECONDS)
+    return True
 
 
-async def remove_model(context: Any, model_id: str) -> dict[str, Any]:
-    """Unload ``model_id``, remove it from the store and unload it again; the OpenAI ``ModelDeleted`` body."""
+def _never() -> bool:
+    return False
+
+
+async def remove_model(context: Any, model_id: str, gone: Callable[[], bool] = _never) -> dict[str, Any] | None:
+    """Unload ``model_id``, remove it from the store and unload it again; the OpenAI ``ModelDeleted`` body, or
+    None when ``gone()`` says the caller left while the removal waited for a pull of the model (it stays stored)."""
     store = server_store(context)
     name = await asyncio.to_thread(stored_name, store, model_id)
     engine = context.engine
@@ -66,7 +79,9 @@ async def remove_model(context: Any, model_id: str) -> dict[str, Any]:
     # (a concurrent removal got there first: ModelNotFound, 404.) The removal waits for the name's lock, which a pull
     # or a first-use load of it holds for minutes. It waits here, holding no thread: blocked on the shared pool, a few
     # such waits stalled the whole server, and on the slow-work pool 64 of them stalled every load
-    await _removed(store, name)
+    if not await _removed(store, name, gone):
+        log.info("the client of the removal of %s left while a pull of it held it: the model stays in the store", name)
+        return None
     # a load under way when it was unloaded above may have registered since, from files now gone
     await engine.unload(name, ModelRemoved(name))
     return {"id": name, "object": "model", "deleted": True}
@@ -84,7 +99,11 @@ class ModelMixin(RequestMixin):
 
     async def handle_delete(self, model_id: str) -> None:
         """Remove the model; 404 when the store has no such model."""
-        self.write_json(await remove_model(self.xllm, model_id))
+        # (a removal waiting for a pull stops once its client has left: Tornado's close callback, or the socket's
+        # own hang-up for a connection Tornado is not reading)
+        deleted = await remove_model(self.xllm, model_id, lambda: self._client_gone or connection_gone(self.request))
+        if deleted is not None:
+            self.write_json(deleted)
 
 
 __all__ = ["ModelMixin", "PackagedNotStored", "remove_model", "stored_name"]
