@@ -43,7 +43,7 @@ def test_an_apostrophe_and_escaped_quotes_reach_the_model_as_typed(shell, receiv
         shell.run_cell_magic("xllm", f"{ASK} -s 'Bob\\'s bot' 'tis", "the body")
     assert cap.stderr == "" and received[-1] == [("system", "Bob's bot"), ("user", "'tis\nthe body")]
     cap = cell(shell, f"%xllm {ASK} -s -x")  # a value that starts with `-` is still the value
-    assert cap.stderr == "xllm: nothing to ask — write the prompt in the cell body\n"
+    assert cap.stderr == "xllm: nothing to ask — write the prompt after the options: %xllm [options] PROMPT\n"
     cap = cell(shell, f"%xllm {ASK} hello -s")
     assert cap.stderr == "xllm: argument -s/--system: expected one argument\n"
 

@@ -111,7 +111,7 @@ class XllmMagics(Magics):
                     message += " (`%xllm help` lists the options; a prompt with words that start with `-`: `%xllm -- PROMPT`)"
                 raise XllmError(message) from None
             try:
-                self._ask(args, fill(_typed(line, args.prompt)), fill(cell or ""))
+                self._ask(args, fill(_typed(line, args.prompt)), None if cell is None else fill(cell))
             except ModelNotFound as exc:  # `-m nosuch`, a `use` model since removed: name what there is
                 raise XllmError(exc.message + self._chat_models()) from None
         except AuthenticationError as exc:  # a wrong key: say where this kernel's came from, and how to give another
@@ -180,7 +180,7 @@ class XllmMagics(Magics):
                 argv.append(word)
         return argv
 
-    def _ask(self, args: Any, line_prompt: str, body: str) -> None:
+    def _ask(self, args: Any, line_prompt: str, body: str | None) -> None:
         if args.chat and args.new:
             raise XllmError("use --chat (continue) or --new (start over), not both")
         # a keyword, or a dunder (`-o __builtins__` made the namespace's builtins a string: every later cell broke)
@@ -188,9 +188,10 @@ class XllmMagics(Magics):
                                          and not (args.out.startswith("__") and args.out.endswith("__"))):
             raise XllmError(f"--out needs a variable name, not {args.out!r}")  # checked before asking: no wasted answer
         # words after %%xllm on the first line lead the cell body rather than being dropped
-        prompt = "\n".join(part for part in (line_prompt, body) if part.strip()).strip()
-        if not prompt:
-            raise XllmError("nothing to ask — write the prompt in the cell body")
+        prompt = "\n".join(part for part in (line_prompt, body or "") if part.strip()).strip()
+        if not prompt:  # a `%xllm` line has no cell body to write it in
+            raise XllmError("nothing to ask — write the prompt in the cell body" if body is not None else
+                            "nothing to ask — write the prompt after the options: %xllm [options] PROMPT")
         d = self.state.defaults
         question = Question(
             prompt=prompt,
