@@ -176,3 +176,16 @@ def test_pull_progress_off_a_terminal_keeps_each_file_on_one_line(home, tiny_lla
     for line in lines:
         assert line.split()[0] in {"download", "verify", "convert", "done"} and "━" in line, r.stderr
         assert re.search(r"\d/[\d.]+ ?(bytes|kB|MB|GB)\b", line), r.stderr
+
+
+def test_pull_progress_names_each_file_by_its_path_in_the_model(home, tiny_llama_dir, tmp_path):
+    """`xllm pull all-minilm` showed two lines reading "config.json": its 1_Pooling/config.json was cut to its name."""
+    source = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, source)
+    (source / "1_Pooling").mkdir()
+    (source / "1_Pooling" / "config.json").write_text('{"word_embedding_dimension": 8}')
+    r = invoke("pull", str(source), "--name", "pooled")
+    assert r.exit_code == 0, r.output
+    labels = [line.split()[1] for line in r.stderr.splitlines() if line.split()[:1] == ["download"]]
+    assert "1_Pooling/config.json" in labels and "config.json" in labels, r.stderr
+    assert len(labels) == len(set(labels)), r.stderr

@@ -34,7 +34,8 @@ class PullBar:
         """Update (or create) the bar for ``event.file`` at ``event.stage``."""
         key = str(event.file or event.stage)
         # a file name is the source's (a Hub repo, a local directory): never rich markup ("[/x]" raised mid-pull)
-        label = markup_safe(f"{event.stage} {Path(str(event.file)).name}" if event.file else str(event.stage))
+        # the path in the model, not its last part: all-minilm's 1_Pooling/config.json read as a second config.json
+        label = markup_safe(f"{event.stage} {event.file}" if event.file else str(event.stage))
         total = event.total if event.total else None
         unit = event.unit
         task = self.tasks.get(key)
