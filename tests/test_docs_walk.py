@@ -189,3 +189,12 @@ def test_pull_progress_names_each_file_by_its_path_in_the_model(home, tiny_llama
     labels = [line.split()[1] for line in r.stderr.splitlines() if line.split()[:1] == ["download"]]
     assert "1_Pooling/config.json" in labels and "config.json" in labels, r.stderr
     assert len(labels) == len(set(labels)), r.stderr
+
+
+def test_the_command_list_cuts_no_summary_short():
+    """`xllm --help` listed "hub-service  Run the JupyterHub service (same as `python -m..." and "rm  Remove a model
+    from the store (a running server unloads it...": click cut the first line of their help."""
+    out = invoke("--help").output
+    commands = out.split("Commands:", 1)[1].splitlines()
+    assert len([line for line in commands if line.strip()]) == len(main.commands), out
+    assert not [line for line in commands if line.rstrip().endswith("...")], out

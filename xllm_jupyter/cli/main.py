@@ -81,6 +81,7 @@ def serve_command(ctx: click.Context, host: str | None, port: int | None, models
 
 @main.command(
     "hub-service",
+    short_help="Run the JupyterHub service.",  # `xllm --help` cut the docstring at "`python -m..."
     add_help_option=False,  # --help goes to the service's own parser, so both spellings print the same
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
 )

@@ -229,7 +229,7 @@ def show_command(name: str, modelfile: bool, parameters: bool, system: bool, tem
             echo("  " + line)
 
 
-@click.command("rm")
+@click.command("rm", short_help="Remove a model from the store.")  # the whole line was cut at "unloads it..."
 @click.argument("name")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 @server_options
