@@ -19,7 +19,15 @@ export function formatBytes(bytes: number | null | undefined): string {
     value /= 1000;
     unit++;
   }
-  const digits = unit === 0 || value >= 100 ? 0 : value >= 10 ? 1 : 2;
+  let digits = unit === 0 || value >= 100 ? 0 : value >= 10 ? 1 : 2;
+  // rounding may reach the next size: 999.6 KB is "1.00 MB", not "1000 KB"; 99.96 MB "100 MB", not "100.0 MB"
+  if (Number(value.toFixed(digits)) >= 1000 && unit < UNITS.length - 1) {
+    value /= 1000;
+    unit++;
+    digits = 2;
+  } else if (digits > 0 && Number(value.toFixed(digits)) >= 10 ** (3 - digits)) {
+    digits--;
+  }
   return `${value.toFixed(digits)} ${UNITS[unit]}`;
 }
 

@@ -14,6 +14,14 @@ describe('formatBytes', () => {
     expect(formatBytes(25276194816)).toBe('25.3 GB');
   });
 
+  it('never shows four digits where rounding reaches the next size', () => {
+    expect(formatBytes(999_600)).toBe('1.00 MB');
+    expect(formatBytes(999_499)).toBe('999 KB');
+    expect(formatBytes(99_960_000)).toBe('100 MB');
+    expect(formatBytes(9_999_000)).toBe('10.0 MB');
+    expect(formatBytes(999.7e12)).toBe('1000 TB'); // no larger unit
+  });
+
   it('shows a dash for unknown values', () => {
     expect(formatBytes(null)).toBe('–');
     expect(formatBytes(undefined)).toBe('–');
