@@ -16,24 +16,17 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from tornado.web import HTTPError
 
 from .. import __version__
-from ..core.config import XllmConfig
 from ..core.errors import NotFound, PayloadTooLarge, XllmError, quoted
-from ..openai.responses import ResponsesServing
-from ..openai.serving import OpenAIServing
+from .context import CONTEXT_KEY, HEALTH_FACTS_KEY, XllmContext
 from .errors import error_response, log_error
 from .json_pieces import write_json_in_pieces
 from .limits import charge_response, metered, open_stream_tally
-from .metrics import ServerMetrics
 from .request_body import BodyReader
 from .sse import SSE_HEADERS, EventStreamWriter, dumps
 from .stalls import watch_finish
 
 log = logging.getLogger("xllm_jupyter.server")
 
-#: key of the XllmContext in the Tornado application settings
-CONTEXT_KEY = "xllm_context"
-#: settings key of a callable giving ``/health`` more public facts (the Jupyter extension: which engine serves)
-HEALTH_FACTS_KEY = "xllm_health_facts"
 #: routes admitted against the caller's per-user quotas (server/usage.py): they queue engine work
 METERED_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings"})
 
@@ -48,47 +41,6 @@ def admin_required(handler: Any) -> bool:
 def generates(route: str, method: str) -> bool:
     """True for a request that queues engine work (a POST to a metered route); reads of stored objects do not."""
     return method.lower() == "post" and route in METERED_ROUTES
-
-
-class XllmContext:
-    """What every handler needs: the engine, its OpenAI serving layer and the config."""
-
-    def __init__(self, engine: Any, config: XllmConfig, *, shared_usage: bool = False):
-        self.engine = engine
-        self.config = config
-        self.serving = OpenAIServing(engine, config.server, config.cache, config.engine.default_max_tokens)
-        self.metrics = ServerMetrics(engine, self.serving.cache)
-        from .usage import UsageTracker  # usage.py builds on this module
-        from .usage_file import usage_path
-
-        #: per-user quotas and usage (server/usage.py); generations are charged to their user.
-        #: ``shared_usage`` (the hub service) keeps usage across restarts with ``usage_file: auto``
-        self.usage = UsageTracker(config.quotas, self.metrics.registry, path=usage_path(config, shared=shared_usage))
-        self.usage.queues = getattr(engine, "user_counts", None)  # each user's running/queued sequences
-        # counts tokens and loads, and charges each finished generation to its user
-        self.serving.engine = self.metrics.observed(engine, self.usage.charge_generation, hold=self.usage.hold_generation)
-        self.serving.share_prefix_cache = config.quotas.share_prefix_cache
-        self.responses = ResponsesServing(self.serving)
-        #: the standalone server's per-key Limiter (server/limits.py); None in Jupyter
-        self.limiter: Any = None
-        #: requests being handled now (a shutdown lets them write their last words before closing connections)
-        self.active = 0
-        #: models the server still loads at start (``xllm serve -m``), for /health/ready; None: the config's
-        #: default_model and preload, as far as the engine is loading them
-        self.startup_pending: set[str] | None = None
-
-    async def wait_idle(self, timeout: float) -> bool:
-        """Wait until no request is being handled (False: ``timeout`` s passed first)."""
-        deadline = time.monotonic() + timeout
-        while self.active:
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.02)
-        return True
-
-    def close(self) -> None:
-        """The server stops: save usage one last time (blocking file I/O: call it off the IOLoop)."""
-        self.usage.close()
 
 
 class VerbDispatchMixin:
