@@ -22,6 +22,7 @@ import openai
 import pytest
 
 from xllm_jupyter.core import slow_work
+from xllm_jupyter.server.standalone import shutdown_engine
 from xllm_jupyter.store.atomic import FileLock
 from xllm_jupyter.store.names import name_to_dirname
 from xllm_jupyter.store.store import ModelStore
@@ -170,3 +171,44 @@ def test_a_delete_waiting_for_a_pull_stops_when_its_client_leaves(tmp_path, tiny
                          timeout=300)
         assert r.status_code == 200 and r.json() == {"id": "doomed", "object": "model", "deleted": True}
         assert tries[0] == stopped_at + 1 and not store.exists("doomed")
+
+
+def test_a_delete_waiting_for_a_pull_answers_503_when_the_server_stops(tmp_path, tiny_llama_dir):
+    """A DELETE waiting for a lock another process's pull holds, when the server shuts down (its engine stops first,
+    as ``run_server`` does at SIGTERM): an OpenAI 503 saying so, not a connection cut at the drain's end (and a
+    500 in the log when the loop cancelled it); the model stays."""
+    home = tmp_path / "home"
+    store = ModelStore(home)
+    for name in ("spare", "doomed"):
+        store.pull(str(tiny_llama_dir), name)
+    tries, tried = [0], threading.Condition()
+    original_rm = ModelStore.rm
+
+    def counted_rm(self, name, **kwargs):
+        with tried:
+            tries[0] += 1
+            tried.notify_all()
+        return original_rm(self, name, **kwargs)
+
+    pull_lock = FileLock(home / "locks" / f"{name_to_dirname('doomed')}.lock")  # as a CLI pull of the name holds it
+    assert pull_lock.acquire(blocking=False)
+    with pytest.MonkeyPatch.context() as mp, running_server(make_test_config(home), ModelStore(home), "spare") as server:
+        mp.setattr(ModelStore, "rm", counted_rm)
+        admins = ThreadPoolExecutor(1)
+        try:
+            sent = admins.submit(httpx.delete, f"{server.base_url}/models/doomed",
+                                 headers={"Authorization": f"Bearer {API_KEY}"}, timeout=HUNG)
+            with tried:  # the DELETE is waiting for the lock
+                assert tried.wait_for(lambda: tries[0] >= 2, 300)
+            server.call(shutdown_engine(server.engine), timeout=60)
+            try:
+                r = sent.result(HUNG + 10)
+            except httpx.TimeoutException:
+                pytest.fail("a DELETE waiting for a pull's lock went on waiting after the server began to stop")
+        finally:
+            pull_lock.release()
+            admins.shutdown()
+        assert r.status_code == 503, r.text
+        error = r.json()["error"]
+        assert "shutting down" in error["message"] and set(error) == {"message", "type", "param", "code"}
+    assert store.exists("doomed")

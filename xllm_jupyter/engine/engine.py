@@ -164,6 +164,12 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
         """True between ``start()`` and ``stop()``."""
         return self._started
 
+    @property
+    def stop_reason(self) -> XllmError | None:
+        """The error ``stop()`` gives requests, from the moment it begins; None while the engine serves (a server
+        waiting on something else, e.g. a removal on a pull's lock, ends with it at a shutdown)."""
+        return self._stopped
+
     def is_loading(self, name: str) -> bool:
         """True while model ``name`` (any spelling) is being loaded."""
         return canonical_name(name) in self._loading

@@ -9,14 +9,15 @@ OpenAI's ``{"id", "object": "model", "deleted": true}`` (the SDK's ``ModelDelete
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 import logging
-from typing import Any, Callable
+from typing import Any
 
 from ..core.errors import InvalidModelName, InvalidRequest, ModelNotFound, ModelRemoved
 from ..core.slow_work import run_slow
 from ..store.names import validate_name
 from ..store.packaged import PACKAGED
-from .auth_failures import connection_gone
 from .handlers import RequestMixin
 from .pull import server_store
 
@@ -50,26 +51,26 @@ def stored_name(store: Any, model_id: str) -> str:
 RM_RETRY_SECONDS = 0.25
 
 
-async def _removed(store: Any, name: str, gone: Callable[[], bool]) -> bool:
+async def _removed(store: Any, name: str, engine: Any, left: asyncio.Event) -> bool:
     """``store.rm(name)`` once no pull or removal of the name holds its lock, waiting between tries on the loop;
-    False (nothing removed) once ``gone()`` says the caller left meanwhile."""
+    False (nothing removed) once ``left`` is set: the caller left meanwhile."""
     pause = 0.01
     # (each try takes the lock without blocking; the removal itself, once it has it, deletes files: the slow pool)
     while not await run_slow(store.rm, name, wait=False):
-        if gone():  # nobody waits for the answer: a removal it can no longer report is not made
+        stopped = engine.stop_reason
+        if stopped is not None:  # a shutdown (the lock may be another process's pull): its 503, not a cut connection
+            raise copy.copy(stopped)  # (one instance raised in many requests would chain their tracebacks)
+        if left.is_set():  # nobody waits for the answer: a removal it could no longer report is not made
             return False
-        await asyncio.sleep(pause)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(left.wait(), pause)  # (woken at once when the client leaves)
         pause = min(pause * 2, RM_RETRY_SECONDS)
     return True
 
 
-def _never() -> bool:
-    return False
-
-
-async def remove_model(context: Any, model_id: str, gone: Callable[[], bool] = _never) -> dict[str, Any] | None:
+async def remove_model(context: Any, model_id: str, left: asyncio.Event | None = None) -> dict[str, Any] | None:
     """Unload ``model_id``, remove it from the store and unload it again; the OpenAI ``ModelDeleted`` body, or
-    None when ``gone()`` says the caller left while the removal waited for a pull of the model (it stays stored)."""
+    None when ``left`` was set (its caller left) while the removal waited for a pull of the model: it stays stored."""
     store = server_store(context)
     name = await asyncio.to_thread(stored_name, store, model_id)
     engine = context.engine
@@ -79,7 +80,7 @@ async def remove_model(context: Any, model_id: str, gone: Callable[[], bool] = _
     # (a concurrent removal got there first: ModelNotFound, 404.) The removal waits for the name's lock, which a pull
     # or a first-use load of it holds for minutes. It waits here, holding no thread: blocked on the shared pool, a few
     # such waits stalled the whole server, and on the slow-work pool 64 of them stalled every load
-    if not await _removed(store, name, gone):
+    if not await _removed(store, name, engine, left if left is not None else asyncio.Event()):
         log.info("the client of the removal of %s left while a pull of it held it: the model stays in the store", name)
         return None
     # a load under way when it was unloaded above may have registered since, from files now gone
@@ -92,6 +93,7 @@ class ModelMixin(RequestMixin):
 
     SUPPORTED_METHODS: tuple[str, ...] = ("GET", "DELETE")
     ADMIN_METHODS: tuple[str, ...] = ("DELETE",)
+    _left: asyncio.Event | None = None  # a DELETE's: set once its client has left
 
     async def handle_get(self, model_id: str) -> None:
         """One model, 404 if unknown."""
@@ -99,11 +101,18 @@ class ModelMixin(RequestMixin):
 
     async def handle_delete(self, model_id: str) -> None:
         """Remove the model; 404 when the store has no such model."""
-        # (a removal waiting for a pull stops once its client has left: Tornado's close callback, or the socket's
-        # own hang-up for a connection Tornado is not reading)
-        deleted = await remove_model(self.xllm, model_id, lambda: self._client_gone or connection_gone(self.request))
+        self._left = asyncio.Event()  # set when the client leaves: a removal waiting for a pull stops waiting
+        if self._client_gone:  # (it left before this ran)
+            self._left.set()
+        deleted = await remove_model(self.xllm, model_id, self._left)
         if deleted is not None:
             self.write_json(deleted)
+
+    def on_connection_close(self) -> None:
+        """The client left: a removal still waiting for a pull's lock gives up (Tornado does not cancel it)."""
+        super().on_connection_close()
+        if self._left is not None:
+            self._left.set()
 
 
 __all__ = ["ModelMixin", "PackagedNotStored", "remove_model", "stored_name"]
