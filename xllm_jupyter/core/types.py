@@ -336,6 +336,8 @@ class ModelInfo:
     task: str | None = None  # chat, embedding, adapter (None: unknown)
     default: bool = False  # the model the server is configured to default to
     digest: str | None = None  # the stored files' digest ("sha256:..."; None: not in the store)
+    #: what serving applies to a request that leaves a setting unset (None: not known here)
+    defaults: ModelfileDefaults | None = None
 
     def wire_details(self) -> dict[str, Any]:
         """``details`` with the engine's facts merged in, as clients read them."""
@@ -353,6 +355,7 @@ class CatalogFacts:
 
     task: str | None = None
     digest: str | None = None
+    defaults: ModelfileDefaults | None = None  # what serving would apply to its requests (generation_config, Modelfile)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..core.errors import ModelNotFound
-from ..core.types import CatalogFacts, EngineStats, ModelInfo, ModelRuntime, UserSequences
+from ..core.types import CatalogFacts, EngineStats, ModelfileDefaults, ModelInfo, ModelRuntime, UserSequences
 from ..store.names import canonical_name
 from .manager import Residency, replica_stats, runner_memory_bytes
 
@@ -21,6 +21,7 @@ class ViewsMixin:
     """Engine methods that describe models and count their work; the Engine owns the tables they read."""
 
     _runners: dict[str, Any]
+    _defaults: dict[str, ModelfileDefaults]
     _res: dict[str, Residency]
     _adapters: dict[str, str]
     _embeddings: Any
@@ -44,13 +45,17 @@ class ViewsMixin:
         task = info.task or info.details.get("task") or ("chat" if name in self._runners else None)
         default = bool(self.config.default_model) and name == canonical_name(self.config.default_model)
         digest = info.digest
+        # the defaults a loaded model's requests get were read at its load; an adapter's requests get none
+        defaults = self._defaults.get(name, ModelfileDefaults()) if name in self._runners else None
         # the catalog reads a manifest from disk: only when asked for (the polled, loaded-only views skip it)
         if task is None or (with_digest and digest is None):
             facts = self._catalog_facts(name)
             task = task or facts.task
             if with_digest:  # lets every caller (not only admins, who may read manifests) record which weights answered
                 digest = digest or facts.digest
-        return dataclasses.replace(info, task=task, default=default, digest=digest)
+            if defaults is None and name not in self._adapters:
+                defaults = facts.defaults
+        return dataclasses.replace(info, task=task, default=default, digest=digest, defaults=defaults)
 
     def _catalog_facts(self, name: str) -> CatalogFacts:
         """What the catalog says of ``name`` (its task and digest); nothing when it has no ``facts``."""

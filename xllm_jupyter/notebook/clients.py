@@ -117,3 +117,21 @@ def unknown_models(client: Any, names: list[str], options: list[str]) -> str | N
         problems.append(f"{', '.join(map(repr, not_chat))} {'is not a chat model' if len(not_chat) == 1 else 'are not chat models'}")
     have = f"chat models: {listed(options)}" if options else "it has no chat models (pull one: `%xllm pull smollm2`)"
     return "; ".join(problems) + f" — {have}."
+
+
+def entry_defaults(entry: Any) -> dict[str, float]:
+    """A ``/v1/models`` entry's numeric ``xllm.defaults``: what a request leaving them unset gets ({} if not said)."""
+    xllm = entry.get("xllm") if isinstance(entry, dict) else None
+    said = xllm.get("defaults") if isinstance(xllm, dict) else None
+    if not isinstance(said, dict):  # an older server, or another OpenAI-compatible one
+        return {}
+    return {k: v for k, v in said.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def listed_defaults(client: Any) -> dict[str, dict[str, float]]:
+    """Each listed model's ``entry_defaults``, from one ``GET /v1/models`` ({} when the server cannot be asked)."""
+    try:
+        listing = client.models()
+    except XllmError:
+        return {}
+    return {m["id"]: entry_defaults(m) for m in listing if isinstance(m, dict) and isinstance(m.get("id"), str)}

@@ -58,6 +58,12 @@ class ModelDefaults:
                 update[attr] = list(value) if key == "stop" else value
         return update
 
+    def request_fields(self) -> dict[str, Any]:
+        """What a request leaving every sampling field and max_tokens unset gets, under the request's own names."""
+        fields = self._updates(lambda attr: True)
+        n = self.max_tokens(None)
+        return {**fields, "max_tokens": n} if n is not None else fields
+
     def max_tokens(self, fallback: int | None) -> int | None:
         """The completion budget when the request sets none: ``num_predict`` (> 0), else ``fallback``."""
         n = self.parameters.get("num_predict")

@@ -18,6 +18,7 @@ from ..core.types import ChatMessage, Constraint, SamplingParams, Usage
 from .conversation import Turn, check_history, core_message
 from .finite import check_finite
 from .json_body import strict_parse, without_bom
+from .model_defaults import ModelDefaults
 from .schema_errors import openai_wording, shown
 from .structured import constraint_from_response_format
 from .tools import parse_tool_config
@@ -431,5 +432,8 @@ def model_object(info: Any) -> dict[str, Any]:
             "context_length": info.context_length,
             "digest": info.digest,
             "details": info.wire_details(),
+            # the sampling a request that leaves it unset gets (generation_config.json, a Modelfile's PARAMETERs),
+            # under the request's names: a chat UI starts its sliders there; absent where not known
+            **({"defaults": ModelDefaults(info.defaults).request_fields()} if info.defaults is not None else {}),
         },
     }

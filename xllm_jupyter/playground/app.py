@@ -11,6 +11,7 @@ from typing import Any
 from ..client import AsyncXllmClient
 from ..client.base import can_chat
 from ..core.errors import InvalidRequest, XllmError
+from ..notebook.clients import entry_defaults
 from .links import TRANSCRIPT_ID
 
 # Set before gradio is imported anywhere in this process: no usage reporting from a
@@ -21,6 +22,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 CHAT_API_NAME = "chat"
 #: marks the app's own error notes in the transcript (never sent back to the model)
 ERROR_PREFIX = "⚠️ "
+#: what the sliders show for a model the server lists no default for (OpenAI's sampling defaults)
+SHOWN: dict[str, float] = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 256}
 
 
 @dataclass(frozen=True)
@@ -135,15 +138,36 @@ async def picker_choices(endpoint: Endpoint, current: str | None) -> list[str]:
     return list(dict.fromkeys([*(i for i in ids if i), *([current] if current else [])]))
 
 
+async def model_settings(endpoint: Endpoint, model: str | None) -> dict[str, float]:
+    """What the sliders show for ``model``: the defaults the server lists for it (``xllm.defaults``), else ``SHOWN``."""
+    own: dict[str, float] = {}
+    if model:
+        try:
+            async with AsyncXllmClient(endpoint.base_url, endpoint.api_key) as client:
+                own = entry_defaults(await client.model(model))
+        except XllmError:  # an unknown or typed name: the first message says what is wrong
+            pass
+    return shown_settings(own)
+
+
+def shown_settings(own: dict[str, float]) -> dict[str, float]:
+    """The sliders' values: a model's own defaults (``entry_defaults``), ``SHOWN`` for the rest."""
+    return {name: own.get(name, value) for name, value in SHOWN.items()}
+
+
 def build_app(
     endpoint: Endpoint,
     models: Sequence[str],
     model: str | None,
     *,
     title: str = "xllm playground",
+    settings: dict[str, float] | None = None,
 ) -> Any:
-    """The Gradio Blocks app (not launched) that chats with ``endpoint``."""
+    """The Gradio Blocks app (not launched) that chats with ``endpoint``; the sliders start at ``settings``
+    (``model_settings``: the first model's own defaults)."""
     import gradio as gr
+
+    shown = {**SHOWN, **(settings or {})}
 
     async def respond(
         message: str,
@@ -224,11 +248,12 @@ def build_app(
                     value=True, label="The model's defaults",
                     info="Send no temperature, top p or max tokens (moving one turns this off)",
                 )
+                # they start at what the model's requests get while "The model's defaults" is on
                 temperature = gr.Slider(
-                    0.0, 2.0, value=0.7, step=0.05, label="Temperature"
+                    0.0, 2.0, value=shown["temperature"], step=0.05, label="Temperature"
                 )
-                top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top p")
-                max_tokens = gr.Slider(1, 2048, value=256, step=1, label="Max tokens")
+                top_p = gr.Slider(0.05, 1.0, value=shown["top_p"], step=0.05, label="Top p")
+                max_tokens = gr.Slider(1, 2048, value=shown["max_tokens"], step=1, label="Max tokens")
                 seed = gr.Textbox(label="Seed", placeholder="random", max_lines=1)
         # Only the chat turns (and the page's stream keeper, at the end) go through Gradio's queue
         # (queue=False elsewhere). A page reads every queued event's messages from one stream, which
@@ -239,6 +264,18 @@ def build_app(
         for control in (temperature, top_p, max_tokens):
             # the user chose a value: send it
             control.input(lambda: False, None, model_defaults, queue=False)
+
+        async def show_model_defaults(model: str | None, defaults_on: bool):
+            """While the model's defaults are on, the sliders show them: another model picked, or turned on again."""
+            if not defaults_on:
+                return gr.skip(), gr.skip(), gr.skip()
+            values = await model_settings(endpoint, model)
+            return values["temperature"], values["top_p"], values["max_tokens"]
+
+        # .input: the user's own changes only (this handler's own slider updates must not turn the defaults off)
+        for trigger in (picker.input, model_defaults.input):
+            trigger(show_model_defaults, [picker, model_defaults], [temperature, top_p, max_tokens],
+                    api_name=False, show_progress="hidden", queue=False)
         inputs = [box, chatbot, picker, system, temperature, top_p, max_tokens, seed, model_defaults]
         # The engine batches concurrent users; don't let Gradio serialise them (its default is 1).
         # always_last: Enter (or Send) during a reply is not dropped but asked when the reply ends,

@@ -12,8 +12,8 @@ from urllib.parse import urlsplit
 from ..client import XllmClient, resolve_base_url
 from ..client.base import can_chat
 from ..core.errors import InvalidRequest, XllmError
-from ..notebook.clients import endpoint_of, unknown_models
-from .app import CHAT_API_NAME, Endpoint, build_app
+from ..notebook.clients import endpoint_of, entry_defaults, unknown_models
+from .app import CHAT_API_NAME, Endpoint, build_app, shown_settings
 from .guard import WILDCARD_HOSTS, Guard, new_secret
 from .webserver import WebServer, bind, close_tunnel, guarded_app, open_share_tunnel
 
@@ -109,6 +109,19 @@ def model_problem(endpoint: Endpoint, model: str | None, models: list[str]) -> s
         return None
     with XllmClient(endpoint.base_url, endpoint.api_key) as client:
         return unknown_models(client, [model], models)
+
+
+def first_settings(endpoint: Endpoint, model: str | None) -> dict[str, float]:
+    """The sliders' first values: ``model``'s own defaults as the server lists them (a kernel's loop is running
+    here, so not ``app.model_settings``)."""
+    own: dict[str, float] = {}
+    if model:
+        try:
+            with XllmClient(endpoint.base_url, endpoint.api_key) as client:
+                own = entry_defaults(client.model(model))
+        except XllmError:  # an unknown name: model_problem says so
+            pass
+    return shown_settings(own)
 
 
 class Playground:
@@ -259,7 +272,7 @@ def launch(
         else detect_root_path(chosen)
     )
     model = model or default
-    app = build_app(endpoint, models, model)
+    app = build_app(endpoint, models, model, settings=first_settings(endpoint, model))
     app.queue(default_concurrency_limit=32)
     secret = new_secret()
     try:

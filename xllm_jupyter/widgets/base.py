@@ -140,6 +140,31 @@ def parse_ints(text: str, name: str) -> tuple[int, ...]:
     return values
 
 
+class ListingOnce:
+    """``client`` whose ``models()`` asks the server once and answers (or fails) the same after, so a widget's
+    picker, default and settings read one listing (a hung server is waited for once, not per look-up)."""
+
+    def __init__(self, client: Any):
+        self._client = client
+        self._listing: list[dict[str, Any]] | None = None
+        self._error: XllmError | None = None
+
+    def models(self) -> list[dict[str, Any]]:
+        """``GET /v1/models``, asked on the first call only."""
+        if self._error is not None:
+            raise self._error
+        if self._listing is None:
+            try:
+                self._listing = self._client.models()
+            except XllmError as exc:
+                self._error = exc
+                raise
+        return self._listing
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
 def model_options(client: Any) -> tuple[list[str], str | None]:
     """(chat model ids the server offers, an error message if it could not be asked).
 

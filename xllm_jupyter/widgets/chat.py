@@ -14,15 +14,16 @@ from typing import Any
 import ipywidgets as W
 
 from ..core.errors import InvalidRequest, XllmError
-from ..notebook.clients import ClientLike, async_client, endpoint_of
+from ..notebook.clients import ClientLike, async_client, endpoint_of, listed_defaults
 from ..notebook.streams import StreamRecord, check_params, measure_stream
-from .base import (RENDER_INTERVAL, WIDE_LABEL, Runner, error_text, forget_problem_on_change, model_choices, show_busy,
-                   status_html, stop_button)
+from .base import (RENDER_INTERVAL, WIDE_LABEL, ListingOnce, Runner, error_text, forget_problem_on_change, model_choices,
+                   show_busy, status_html, stop_button)
 from .markdown import TRANSCRIPT_CSS, markdown_html
 
 log = logging.getLogger(__name__)
 
-#: what the settings show until the user moves them (they are not sent before: see ``ChatWidget.chosen``)
+#: what the settings show until the user moves them (they are not sent before: see ``ChatWidget.chosen``),
+#: where the server does not list the model's own (``xllm.defaults``: its generation_config, Modelfile)
 _SHOWN: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 512}
 _LABELS = {"temperature": "temperature", "top_p": "top p", "max_tokens": "max tokens"}
 
@@ -68,8 +69,11 @@ class ChatWidget(W.VBox):
         self._last_render = 0.0
         self._clearing = False  # True while clear() stops a reply
 
-        with XllmClient(base, key) as c:
+        with XllmClient(base, key) as client:
+            c = ListingOnce(client)
             options, chosen, problem = model_choices(c, model)
+            #: each listed model's own defaults, which the unchosen settings show (a model without: ``_SHOWN``)
+            self.model_defaults: dict[str, dict[str, float]] = listed_defaults(c)
         self.model_picker = W.Dropdown(options=options, value=chosen, description="Model")
         self.system_prompt = W.Textarea(value=system, placeholder="System prompt (optional)", description="System", layout=W.Layout(width="100%"))
         self.temperature = W.FloatSlider(value=_SHOWN["temperature"], min=0.0, max=2.0, step=0.05, description="Temperature", style=WIDE_LABEL)
@@ -86,6 +90,8 @@ class ChatWidget(W.VBox):
                 self._control(name).value = value
                 self.chosen.add(name)
             self._control(name).observe(lambda _, name=name: self._chose(name), names="value")
+        self._show_model_defaults()
+        self.model_picker.observe(lambda _: self._show_model_defaults(), names="value")
         self._note_settings()
         # column-reverse anchors the scroll position at the bottom: a reply longer than the box stays in
         # view as it streams (a plain box stayed at the top, hiding the newest text); scrolled up, it stays put
@@ -129,14 +135,20 @@ class ChatWidget(W.VBox):
 
     def use_model_defaults(self) -> None:
         """Send none of temperature, top p and max tokens: the model's own defaults apply again."""
+        self.chosen.clear()
+        self._show_model_defaults()
+        self._note_settings()
+
+    def _show_model_defaults(self) -> None:
+        """The settings not chosen show what the picked model gets for them (its own defaults, else ``_SHOWN``)."""
+        own = self.model_defaults.get(self.model_picker.value or "", {})
         self._resetting = True
         try:
             for name, value in _SHOWN.items():
-                self._control(name).value = value
+                if name not in self.chosen:
+                    self._control(name).value = own.get(name, value)
         finally:
             self._resetting = False
-        self.chosen.clear()
-        self._note_settings()
 
     def _control(self, name: str) -> Any:
         return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens}[name]
