@@ -88,3 +88,45 @@ def test_playground_sliders_start_at_the_models_defaults(server):
     picker = next(c["id"] for c in config["components"] if c.get("props", {}).get("label") == "Model")
     shows = [d for d in config["dependencies"] if [picker, "input"] in [list(t) for t in d["targets"]]]
     assert shows and set(shows[0]["outputs"]) == {c["id"] for c in sliders.values()}
+
+
+def test_playground_page_sliders_follow_the_picked_model(server, monkeypatch):
+    """In a browser: picking another model moves the sliders to its defaults while "The model's defaults" is on; a
+    slider the user moved turns that off and stays; turning it on again shows the model's own once more."""
+    pytest.importorskip("gradio")
+    import xllm_jupyter
+    import xllm_jupyter.playground as playground_package
+    from tests.browser import chromium, require_browser
+
+    require_browser()
+    monkeypatch.setattr(playground_package, "_started", [])  # replaces no playground started elsewhere
+    pg = xllm_jupyter.playground("greedy", client=(server.base_url, server.api_key), inline=False)
+    try:
+        with chromium() as context:
+            page = context.new_page()
+            page.goto(pg.local_url, timeout=60_000)
+            temperature = page.get_by_label("number input for Temperature")
+            max_tokens = page.get_by_label("number input for Max tokens")
+            temperature.wait_for(timeout=60_000)
+            assert (temperature.input_value(), max_tokens.input_value()) == ("0", "256")
+
+            def pick(name: str) -> None:
+                page.get_by_role("combobox", name="Model").click()
+                page.get_by_role("option", name=name).click()
+
+            def shows(value: str) -> None:
+                page.wait_for_function("([el, v]) => el.value === v", arg=[temperature.element_handle(), value],
+                                       timeout=30_000)
+
+            pick("hot")
+            shows("1.5")
+            assert max_tokens.input_value() == "5"
+            temperature.fill("0.4")
+            temperature.press("Enter")
+            defaults = page.get_by_role("checkbox", name="The model's defaults")
+            page.wait_for_function("el => !el.checked", arg=defaults.element_handle(), timeout=30_000)
+            pick("greedy")
+            defaults.check()  # greedy's own again: picking it with the defaults off left the user's 0.4
+            shows("0")
+    finally:
+        pg.close()
