@@ -314,6 +314,36 @@ def test_crash_leftovers_are_ignored_then_cleaned(store, tiny_llama_dir):
     assert [m.name for m in store.list()] == ["good", "other"]
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an open file by /proc/self/fd")
+def test_a_cleanup_between_a_work_directorys_lock_open_and_lock_leaves_it_alone(store, tiny_llama_dir, monkeypatch):
+    """Another pull's clean-up of tmp/ between this pull's open of its work directory's lock file and its flock
+    (the file is free then: the cleaner takes it and unlinks it), then another clean-up while the pull copies: the
+    pull's directory stays its own. The pull locked the unlinked file, the next cleaner made a new one, took it and
+    deleted the directory under the copy (70 concurrent admin pulls: one or two failed 'No such file or directory')."""
+    from xllm_jupyter.store import atomic
+
+    real_flock, interleaved = atomic.fcntl.flock, []
+
+    def flock(fd, operation):
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if not interleaved and path.parent == store.tmp and path.name.startswith("pull-"):
+            interleaved.append(path.name)
+            store._clean_tmp()  # (its own flock comes back here: interleaved is set by then)
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(atomic.fcntl, "flock", flock)
+    cleaned = []
+
+    def progress(event):
+        if not cleaned:  # mid-copy: another pull of another name starts, and cleans tmp/ first
+            cleaned.append(True)
+            store._clean_tmp()
+
+    manifest = store.pull(str(tiny_llama_dir), name="mine", progress=progress)
+    assert interleaved and cleaned
+    assert store.verify("mine") is True and manifest.name == "mine" and dirs_in(store.tmp) == []
+
+
 def test_concurrent_pulls_of_one_name_make_one_model(store, tiny_llama_dir):
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda _: store.pull(str(tiny_llama_dir), name="tiny"), range(2)))

@@ -143,6 +143,16 @@ def remove_tree(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _still_named(path: Path, fd: int) -> bool:
+    """True when ``path`` still names the file open as ``fd`` (it was not unlinked or replaced)."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
 class FileLock:
     """An exclusive advisory lock on a lock file (flock): across processes and threads alike."""
 
@@ -153,19 +163,24 @@ class FileLock:
     def acquire(self, blocking: bool = True) -> bool:
         """Take the lock; with ``blocking=False`` return False instead of waiting."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        if fcntl is None:  # pragma: no cover - Windows: no advisory locks, best effort
-            self._fd = fd
-            return True
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except OSError as exc:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if fcntl is None:  # pragma: no cover - Windows: no advisory locks, best effort
+                self._fd = fd
+                return True
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    return False
+                raise
+            if _still_named(self.path, fd):
+                self._fd = fd
+                return True
+            # the file was unlinked between our open and our lock (a clean-up of tmp/ took it while it was free, or
+            # its holder deleted it on the way out): a lock on it guards nothing, as the next taker makes a new file
             os.close(fd)
-            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                return False
-            raise
-        self._fd = fd
-        return True
 
     def release(self) -> None:
         """Drop the lock (the lock file stays, so waiters keep locking the same inode)."""
