@@ -489,6 +489,36 @@ def test_the_store_refuses_an_adapter_as_base_before_pulling(lora_home, lora_dir
     assert not {"ad-onad", "ad-self"} & {m.name for m in store.list()}
 
 
+def test_a_model_that_is_no_adapter_pulled_with_a_base_is_not_stored(lora_home, tiny_llama_dir):
+    """A base given for a model that is no LoRA adapter: the StoreError naming ``base``, and nothing stored (it was
+    installed first and refused after, so the caller heard of an error while the store had gained the model)."""
+    from xllm_jupyter.core.errors import StoreError
+
+    store = ModelStore(lora_home)
+    with pytest.raises(StoreError) as err:
+        store.pull(str(tiny_llama_dir), "tiny-with-base", base=TINY)
+    assert err.value.param == "base" and "not a LoRA adapter" in err.value.message
+    assert "tiny-with-base" not in {m.name for m in store.list()}
+
+
+def test_a_cancel_as_an_adapter_installs_leaves_it_with_the_base_given(lora_home, lora_dirs, monkeypatch):
+    """A pull cancelled right as its adapter went into models/: the adapter is there with the base it was pulled
+    with, and the pull says so (it was installed with its config's base path, then the cancel stopped the base's
+    write, and the caller got 'nothing was added')."""
+    store = ModelStore(lora_home)
+    cancel, install = threading.Event(), ModelStore._install
+
+    def install_then_cancel(self, build, dirname):
+        target = install(self, build, dirname)
+        cancel.set()  # (the caller's client leaves, the server shuts down: just after the rename)
+        return target
+
+    monkeypatch.setattr(ModelStore, "_install", install_then_cancel)
+    pulled = store.pull(str(lora_dirs[0]), "ad-cut", base=TINY, cancel=cancel)
+    assert cancel.is_set() and pulled.parameters["base_model"] == TINY
+    assert store.show("ad-cut").parameters["base_model"] == TINY
+
+
 def test_the_store_records_a_base_not_pulled_yet_with_a_warning(lora_home, lora_dirs, caplog):
     """A base not stored yet is kept (it may be pulled later), but said; a malformed one names ``base``."""
     from xllm_jupyter.core.errors import InvalidModelName

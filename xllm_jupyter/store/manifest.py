@@ -272,16 +272,25 @@ def adapter_parameters(model_dir: Path) -> dict[str, Any]:
     return {"base_model": value if isinstance(value, str) and value else None}
 
 
-def set_adapter_base(manifest: Manifest, base: str) -> Manifest:
-    """Adapter ``manifest`` recording stored model ``base`` as its base (rewritten in its directory)."""
+def with_adapter_base(manifest: Manifest, base: str) -> Manifest:
+    """Adapter ``manifest`` recording stored model ``base`` as its base (nothing written); StoreError (param
+    ``base``) for a model that is no LoRA adapter."""
     base = validate_name(base)
     if manifest.parameters.get("base_model") == base:
         return manifest
-    if manifest.task != "adapter" or manifest.path is None:
+    if manifest.task != "adapter":
         raise StoreError(f"'{manifest.name}' is not a LoRA adapter, so it takes no base model", param="base")
-    manifest = replace(manifest, parameters={**manifest.parameters, "base_model": base})
-    write_manifest(manifest.path, manifest)
-    return manifest
+    return replace(manifest, parameters={**manifest.parameters, "base_model": base})
+
+
+def set_adapter_base(manifest: Manifest, base: str) -> Manifest:
+    """Adapter ``manifest`` recording stored model ``base`` as its base (rewritten in its directory)."""
+    updated = with_adapter_base(manifest, base)
+    if updated is not manifest:
+        if manifest.path is None:
+            raise StoreError(f"'{manifest.name}' is not a LoRA adapter, so it takes no base model", param="base")
+        write_manifest(manifest.path, updated)
+    return updated
 
 
 def lora_fields(manifest: Manifest) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from .manifest import (
     detect_format,
     detect_task,
     set_adapter_base,
+    with_adapter_base,
     hash_file,
     read_manifest,
     read_template,
@@ -95,10 +96,12 @@ class PullMixin:
                     d.mkdir(parents=True, exist_ok=True)
                 with job.holding(FileLock(self.locks / f"{name_to_dirname(n)}.lock")):
                     job.check()  # (it may have waited for another pull of the name)
-                    manifest = self._pull_locked(src, n, report, force, convert)
-                    if base is None:
+                    # (a model this pull adds records ``base`` before its install: neither a model that is no adapter
+                    # nor a cancel between two writes leaves a model the caller was told was not added)
+                    manifest = self._pull_locked(src, n, report, force, convert, base)
+                    if base is None or manifest.parameters.get("base_model") == validate_name(base):
                         return manifest
-                    with job.committing():  # (rewrites the manifest in models/)
+                    with job.committing():  # a stored adapter kept as it was: its manifest rewritten in models/
                         return set_adapter_base(manifest, base)
             except OSError as exc:
                 translate_os_error(exc)
@@ -141,7 +144,8 @@ class PullMixin:
                         base, n)
         return base
 
-    def _pull_locked(self, src: Source, n: str, report: ProgressFn | None, force: bool, convert: bool) -> Manifest:
+    def _pull_locked(self, src: Source, n: str, report: ProgressFn | None, force: bool, convert: bool,
+                     base: str | None = None) -> Manifest:
         self._clean_tmp()
         existing = self._existing(n)
         if existing is not None and not force and existing.source != src.canonical:
@@ -150,12 +154,12 @@ class PullMixin:
                 param="name",
             )
         if src.kind == "hub":
-            return self._pull_hub(src, n, existing, report, force, convert)
+            return self._pull_hub(src, n, existing, report, force, convert, base)
         if existing is not None and not force:
             return existing
         with self._workdir("pull") as build:
             fmt, files, template = self._build_local(src, build, report, convert)
-            return self._finish(build, n, src, fmt, files, template, None, report)
+            return self._finish(build, n, src, fmt, files, template, None, report, base)
 
     # ------------------------------------------------------------------ pulling
     def _existing(self, n: str) -> Manifest | None:
@@ -192,7 +196,8 @@ class PullMixin:
         files = copy_dir(Path(src.ref), build, report)
         return detect_format(build), files, read_template(build)
 
-    def _pull_hub(self, src: Source, n: str, existing: Manifest | None, report: ProgressFn | None, force: bool, convert: bool) -> Manifest:
+    def _pull_hub(self, src: Source, n: str, existing: Manifest | None, report: ProgressFn | None, force: bool, convert: bool,
+                  base: str | None = None) -> Manifest:
         client = HubClient(self.endpoint, self.token)
         commit = client.resolve(src.ref, src.revision)
         if existing is not None and not force and existing.revision == commit:
@@ -206,15 +211,16 @@ class PullMixin:
             remove_tree(staging / ".cache")
             fmt = detect_format(staging)
             if fmt != "gguf":
-                return self._finish(staging, n, src, fmt, files, read_template(staging), commit, report)
+                return self._finish(staging, n, src, fmt, files, read_template(staging), commit, report, base)
             from .convert import gguf_chat_template, gguf_to_safetensors
 
             gguf = staging / files[0].path
             if not convert:
-                return self._finish(staging, n, src, fmt, files, gguf_chat_template(gguf), commit, report)
+                return self._finish(staging, n, src, fmt, files, gguf_chat_template(gguf), commit, report, base)
             with self._workdir("pull") as build:
                 template = gguf_to_safetensors(gguf, build, progress=report)
-                manifest = self._finish(build, n, src, detect_format(build), self._hash_tree(build, report), template, commit, report)
+                manifest = self._finish(build, n, src, detect_format(build), self._hash_tree(build, report), template, commit,
+                                        report, base)
             remove_tree(staging)
             return manifest
 
@@ -226,8 +232,10 @@ class PullMixin:
             out.append(ManifestFile(safe_relpath(rel), sha256, size))
         return out
 
-    def _finish(self, build: Path, n: str, src: Source, fmt: str, files: list[ManifestFile], template: str | None, revision: str | None, report: ProgressFn | None) -> Manifest:
-        """Write the manifest into ``build``, flush it all to disk and move it into ``models/``."""
+    def _finish(self, build: Path, n: str, src: Source, fmt: str, files: list[ManifestFile], template: str | None, revision: str | None,
+                report: ProgressFn | None, base: str | None = None) -> Manifest:
+        """Write the manifest into ``build`` (an adapter's ``base`` recorded), flush it all to disk and move it into
+        ``models/``."""
         present = set(list_dir_files(build))
         missing = [f.path for f in files if f.path not in present]
         if missing or any(f.path == MANIFEST_NAME for f in files):
@@ -247,6 +255,8 @@ class PullMixin:
             revision=revision,
             task=detect_task(build),
         )
+        if base is not None:
+            manifest = with_adapter_base(manifest, base)  # (StoreError for a model that is no adapter: nothing added)
         fix_modes(build)
         fsync_tree(build)
         write_manifest(build, manifest)
