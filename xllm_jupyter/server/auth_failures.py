@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import ipaddress
 import logging
 import math
 import select
@@ -45,10 +44,11 @@ import socket
 import time
 import weakref
 from collections import OrderedDict, deque
-from typing import Any, AsyncIterator, Callable, Iterable
+from typing import Any, AsyncIterator, Callable
 
 from ..core.config import AuthConfig
 from ..core.errors import Overloaded, RateLimited
+from .client_address import IPV6_SITE_SHARE, client_label, proxy_matcher, site_label
 
 log = logging.getLogger("xllm_jupyter.server")
 
@@ -57,87 +57,9 @@ FAILURES_KEY = "xllm_auth_failures"
 #: requests of a capped address that may wait for their credential check; more get 429 at once (at the
 #: default 3 s a check, the last one waits ~24 s)
 PAST_CAP_WAITING = 8
-#: /64s of one IPv6 /48 that may use up their failures before the /48 as a whole is capped (``site_label``)
-IPV6_SITE_SHARE = 16
 
-_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # poll()'s "peer closed its end" event (Linux); 0 where the platform has none
 _RDHUP = getattr(select, "POLLRDHUP", 0) if hasattr(select, "poll") else 0
-
-
-def _networks(entries: Iterable[str]) -> tuple[_Network, ...]:
-    out: list[_Network] = []
-    for entry in entries:
-        try:
-            net = ipaddress.ip_network(entry.strip(), strict=False)
-        except ValueError:
-            log.warning("ignoring auth.trusted_proxies entry %r: not an IP address or network", entry)
-            continue
-        mapped = getattr(net.network_address, "ipv4_mapped", None)
-        if mapped is not None and net.prefixlen >= 96:
-            # ::ffff:10.0.0.5 (as a dual-stack server logs an IPv4 peer) names the IPv4 proxy 10.0.0.5, which is
-            # how ``_address`` reads such a peer: kept IPv6, the entry matched no peer at all
-            net = ipaddress.IPv4Network(f"{mapped}/{net.prefixlen - 96}")
-        out.append(net)
-    return tuple(out)
-
-
-def proxy_matcher(entries: Iterable[str]) -> Callable[[str], bool]:
-    """A test of whether an address is one of ``entries`` (``auth.trusted_proxies``: addresses or networks)."""
-    networks = _networks(entries)
-
-    def trusted(addr: str) -> bool:
-        parsed = _address(addr)
-        return parsed is not None and any(parsed in net for net in networks if net.version == parsed.version)
-
-    return trusted
-
-
-def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    text = text.strip()
-    # a proxy that writes the client's port too (1.2.3.4:5678, [2001:db8::1]:5678): a port per connection
-    # must not make a fresh client of each one
-    if text.startswith("["):
-        text = text[1:].partition("]")[0]
-    elif text.count(":") == 1:
-        text = text.partition(":")[0]
-    try:
-        addr = ipaddress.ip_address(text.split("%")[0])
-    except ValueError:
-        return None
-    mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:1.2.3.4 is the IPv4 client 1.2.3.4
-    return mapped or addr
-
-
-def client_label(addr: str) -> str:
-    """The key an address is counted under: the address, or its /64 for IPv6 (bounded length otherwise)."""
-    parsed = _address(addr)
-    if parsed is None:
-        return addr[:64]
-    if parsed.version == 6:
-        return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
-    return str(parsed)
-
-
-def site_label(label: str) -> str | None:
-    """The IPv6 /48 a /64 label (``client_label``) lies in; None for any other label.
-
-    A site commonly gets a /48 (or a /56) and can route any of its /64s to one host: counted by /64 alone, such a
-    guesser rotated through 65536 fresh caps (``limit`` guesses each a window) and pushed every other address out
-    of the bounded table. Its failures count towards its /48 too, which is capped at ``IPV6_SITE_SHARE`` times
-    the limit (a site's honest hosts in several /64s are not capped for one another's typos at once).
-
-    One /64 cannot cap its /48 alone: its own cap holds it to about twice the limit in a window (the limit at once,
-    then one every ``interval``), so it takes ``IPV6_SITE_SHARE / 2`` or more /64s guessing at full speed together.
-    Once they do, every /64 of the /48 waits in the /48's one line until its windows end: connections that already
-    proved their key are still served at once (``vouched``), fresh ones wait their turn or get 429. A site whose
-    many users' typos alone reach 16 times the limit in a window needs a higher ``auth.failed_auth_limit``."""
-    if not label.endswith("/64"):
-        return None
-    try:
-        return str(ipaddress.IPv6Network(label).supernet(new_prefix=48))
-    except ValueError:
-        return None
 
 
 def connection_gone(request: Any) -> bool:
