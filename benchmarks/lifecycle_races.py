@@ -4,6 +4,10 @@
 soak_lifecycle.py mixes unloads, deletes and pulls into a random request load; these probes aim each
 lifecycle feature at requests in flight on purpose, and check the end state after each:
 
+- ``delete waiting on a pull`` (first): DELETEs of a model whose forced pull (a large copy) holds its name, one of
+  them leaving at once, 8 pulls of other names and a chat meanwhile, and every other round the pull's client leaving:
+  the waiting DELETE ends 200 (404 when the other got there first), the model is gone, the pulls all succeed, no work
+  directory is left, and the server's threads stay level round by round (the pull lane's are made once).
 - ``delete mid-stream``: streams on a model, ``DELETE /v1/models/{id}`` once each has a chunk. Every stream
   ends with ``[DONE]`` or an OpenAI error event; the model stays gone (listing, chat 404) until pulled again.
 - ``keep_alive reload``: greedy tokens, keep_alive 0, wait for the unload, the same request again (the released
@@ -18,8 +22,9 @@ lifecycle feature at requests in flight on purpose, and check the end state afte
 - ``keep_alive expiry race``: requests right behind a keep_alive 0 one: all served.
 - ``admin load vs delete``: ``/admin/models/load`` (pinned, keep_alive 0, 5m) racing a DELETE: it stays gone.
 - ``embeddings unload``: embeddings while the admin unloads the embedding model.
-- ``sigterm mid-stream`` (last: it stops the server): streams running and a pull copying a large file when SIGTERM
-  comes; every stream ends (error event, [DONE] or closed), and the process exits within a bound.
+- ``sigterm mid-stream`` (last: it stops the server): streams running, a pull copying a large file and a DELETE
+  waiting for a name another process's pull holds when SIGTERM comes; every stream ends (error event, [DONE] or
+  closed), the DELETE gets the shutdown's 503, and the process exits within a bound.
 - ``sigterm mid-load``: a server of its own each, SIGTERM while a chat loads smollm2 (and embeddings their model).
 
 After the probes before shutdown: nothing running, queued or in flight, no user with sequences or reserved tokens,
@@ -52,6 +57,7 @@ from soak_lifecycle import ADMIN_KEY, DELETED, EMBEDDER, USER_KEYS, KeyedServer,
 
 USER = USER_KEYS[0]
 BROKEN = "tiny-broken"
+HELD = "held"  # the model DELETEd while a pull of it holds its name
 GREEDY = {"messages": [{"role": "user", "content": "Count with me: one two three"}], "max_tokens": 12,
           "temperature": 0, "ignore_eos": True}
 
@@ -445,6 +451,74 @@ async def embeddings_unload(url: str, sources: dict[str, Path], args: argparse.N
     return probe
 
 
+def padded_copy(source: Path, copy: Path, size: int) -> Path:
+    """``copy``: the model folder ``source`` with a zero-filled ``padding.safetensors`` of ``size`` bytes (its pull is
+    slow), made once."""
+    if not copy.exists():
+        shutil.copytree(source, copy)
+        with open(copy / "padding.safetensors", "wb") as f:
+            f.truncate(size)
+    return copy
+
+
+async def forced_pull(admin: httpx.AsyncClient, source: Path, name: str, started: asyncio.Event, leave: bool) -> str:
+    """A forced pull of ``source`` as ``name``: its last event's status (or error), or "left" when ``leave`` closes
+    the stream at its first event (the server cancels the pull)."""
+    last: dict[str, Any] = {}
+    async with admin.stream("POST", "/admin/models/pull", json={"model": str(source), "name": name, "force": True}) as r:
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and line[6:] != "[DONE]":
+                last = json.loads(line[6:])
+                started.set()
+                if leave:
+                    return "left"
+    started.set()
+    return "error" if "error" in last else str(last.get("status"))
+
+
+async def delete_waiting_on_pull(server: KeyedServer, sources: dict[str, Path], args: argparse.Namespace, work: Path) -> Probe:
+    """DELETEs of HELD while a forced pull of it (a large copy) holds its name: one waits, one's client leaves, 8 pulls
+    of other names and a chat run meanwhile. Every other round the pull's own client leaves (the pull is cancelled).
+    The waiting DELETE ends 200 (or 404 when the other got there first), HELD is gone, the other pulls succeed, the
+    chat answers, and no work directory is left in tmp/."""
+    probe = Probe("delete waiting on a pull")
+    slow = padded_copy(sources[DELETED], work / "slow", 256 * 2**20)
+    tmp = server.home / "tmp"
+    user, admin = clients(server.url)
+    async with user, admin:
+        for i in range(args.rounds * 2):
+            probe.check('"success"' in await pull(admin, sources[DELETED], HELD), f"pull of {HELD} (round {i})")
+            started, leave = asyncio.Event(), i % 2 == 1
+            pulling = asyncio.create_task(forced_pull(admin, slow, HELD, started, leave))
+            await asyncio.wait_for(started.wait(), 60)
+            waiting = asyncio.create_task(admin.delete(f"/v1/models/{HELD}"))
+            others = [asyncio.create_task(pull(admin, sources[DELETED], f"other-{j}")) for j in range(8)]
+            try:
+                r = await admin.delete(f"/v1/models/{HELD}", timeout=0.3)
+                probe.tally("leaving DELETE", r.status_code)
+            except httpx.TimeoutException:
+                probe.tally("leaving DELETE", "left")
+            chat = await user.post("/v1/chat/completions", json={"model": TINY, **GREEDY})
+            probe.check(chat.status_code == 200, f"chat during the pull: {chat.status_code} {chat.text[:200]}")
+            probe.tally("pull", await pulling)
+            r = await asyncio.wait_for(waiting, 120)
+            probe.tally("waiting DELETE", r.status_code)
+            probe.check(r.status_code in (200, 404), f"waiting DELETE: {r.status_code} {r.text[:200]}")
+            probe.check((await admin.get(f"/v1/models/{HELD}")).status_code == 404, f"{HELD} still there (round {i})")
+            for j, text in enumerate(await asyncio.gather(*others)):
+                probe.check('"success"' in text, f"pull of other-{j} during the hold: {text[-200:]}")
+                await admin.delete(f"/v1/models/other-{j}")
+
+            async def no_work_dirs() -> bool:
+                return not [p for p in tmp.iterdir() if p.name.startswith("pull-")] if tmp.exists() else True
+
+            probe.check(await wait_for(no_work_dirs, 30), f"work directories left in tmp/ (round {i})")
+            probe.notes.setdefault("threads by round", []).append(threads(server.proc.pid))
+    counts = probe.notes["threads by round"]
+    probe.check(counts[-1] - counts[0] <= (os.cpu_count() or 1) + 4, f"server threads grew round by round: {counts}")
+    return probe
+
+
 def threads(pid: int) -> int:
     """Threads of process ``pid`` now."""
     return len(os.listdir(f"/proc/{pid}/task"))
@@ -484,11 +558,30 @@ async def sigterm_mid_stream(server: KeyedServer, args: argparse.Namespace, work
         tasks.append(asyncio.create_task(stream_to_end(user, "/v1/responses", {
             "model": TINY, "input": "a long story", "max_output_tokens": 400, "stream": True})))
         pulling = asyncio.create_task(admin.post("/admin/models/pull", json={"model": str(big), "name": "big"}))
+        # a DELETE waiting for HELD's name, which another process's pull holds (the xllm CLI's): the shutdown's 503
+        probe.check('"success"' in await pull(admin, server.home.parent / f"{server.home.name}-model", HELD),
+                    f"pull of {HELD}")
+        from xllm_jupyter.store.atomic import FileLock
+        from xllm_jupyter.store.names import name_to_dirname
+
+        held = FileLock(server.home / "locks" / f"{name_to_dirname(HELD)}.lock")
+        held.acquire()
+        removal = asyncio.create_task(admin.delete(f"/v1/models/{HELD}"))
         await asyncio.wait_for(asyncio.gather(*(f.wait() for f in firsts)), 120)
         await asyncio.sleep(0.5)
         start = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 120)
+        try:
+            removed = await asyncio.wait_for(removal, 120)
+            probe.notes["waiting DELETE"] = f"{removed.status_code} {removed.text[:120]}"
+            probe.check(removed.status_code == 503 and openai_error(removed.json()),
+                        f"a DELETE waiting at SIGTERM: {removed.status_code} {removed.text[:200]}")
+        except httpx.HTTPError as exc:  # (cut unanswered at the drain's end)
+            probe.notes["waiting DELETE"] = type(exc).__name__
+            probe.check(False, f"a DELETE waiting at SIGTERM got no answer ({type(exc).__name__})")
+        finally:
+            held.release()
         try:
             pull_reply = await asyncio.wait_for(pulling, 120)
             pull_text = f"{pull_reply.status_code} {pull_reply.text[-200:]}"
@@ -582,7 +675,10 @@ async def probes(server: KeyedServer, sources: dict[str, Path], args: argparse.N
     url = server.url
     threads_before = threads(server.proc.pid)
     done = []
-    for run in (lambda: delete_mid_stream(url, sources, args), lambda: keep_alive_reload(url, sources, args, work),
+    # (the pull probe first: the pull lane's threads it starts stay for later pulls, as a pool's do, not a leak: it
+    # checks its own rounds for growth, and the threads counted after it are the baseline of the others)
+    for run in (lambda: delete_waiting_on_pull(server, sources, args, work), lambda: delete_mid_stream(url, sources, args),
+                lambda: keep_alive_reload(url, sources, args, work),
                 lambda: responses_chain(url, sources, args), lambda: failed_load(url, sources, args, work),
                 lambda: delete_mid_load(url, sources, args), lambda: keep_alive_race(url, sources, args),
                 lambda: admin_load_vs_delete(url, sources, args)):
