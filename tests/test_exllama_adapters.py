@@ -382,6 +382,56 @@ def test_any_release_of_several_tokens_gives_each_the_text_it_completes():
     assert [e.text for e in translate_results([other], {1: JobInfo(1)}, str, raw=raw)] == ["", "xy"]
 
 
+class HoldingJobV2:
+    """exllamav2 0.3.2's ``receive_sample`` reduced to its holding: tokens and probabilities held while their text
+    decodes with U+FFFD (one to four of them), released together; at a stop token left under ``held``."""
+
+    return_probs, return_top_tokens = True, 0
+
+    def __init__(self, raw, stop: int):
+        self.raw, self.stop, self.held, self.probs, self.new_tokens = raw, stop, [], [], 0
+
+    def receive_sample(self, logits, token, k_tokens, k_probs, prob, filter_eos, results, first=True):
+        self.held.append(int(token))
+        self.probs.append(float(prob))
+        self.new_tokens += 1
+        r = {"stage": "streaming", "identifier": 1, "eos": False}
+        pack = {"token_ids": torch.tensor([self.held]), "token_probs": torch.tensor([self.probs])}
+        if int(token) == self.stop:
+            r.update(eos=True, eos_reason="stop_token", new_tokens=self.new_tokens, held=pack)
+        elif not 1 <= b"".join(map(self.raw, self.held)).decode("utf-8", "replace").count("\ufffd") < 5:
+            r.update(pack, text=b"".join(map(self.raw, self.held)).decode("utf-8", "replace"))
+            self.held, self.probs = [], []
+        results.append(r)
+        return r["eos"], token
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "library-holds"])
+def test_exllamav2_held_tokens_go_out_in_the_step_that_samples_them(stream):
+    """``StreamHeldV2`` puts each token exllamav2 holds after an invalid byte out at once, with the text it completes
+    and its probability, and cuts them off the library's release at the stop token (nothing twice); without the
+    tokens' bytes to spell them (``xllm_bind_stream(None)``) the library's hold stands, released at the end."""
+    from xllm_jupyter.backends.exllamav2_stream import StreamHeldV2
+
+    raw = {21: b" Hi", 173: b"\xe2", 665: b" there", 2: b""}.__getitem__
+    job = type("Job", (StreamHeldV2, HoldingJobV2), {})(raw, 2)
+    job.xllm_bind_stream(raw if stream else None)
+    steps = []
+    for token in (21, 173, 665, 21, 173, 2):
+        results: list = []
+        job.receive_sample(None, torch.tensor([[token]]), None, None, torch.tensor([[0.5]]), False, results)
+        events = translate_results(results, {1: JobInfo(1, logprobs=True)}, str, raw=raw)
+        steps.append([(e.token_id, e.text) for e in events if e.token_id is not None])
+        assert all(e.logprob == pytest.approx(math.log(0.5)) for e in events if e.token_id is not None)
+    assert events[-1].finish is FinishReason.STOP and events[-1].completion_tokens == 6
+    if stream:
+        assert steps == [[(21, " Hi")], [(173, "")], [(665, "\ufffd there")], [(21, " Hi")], [(173, "")],
+                         [(2, "\ufffd")]]
+    else:
+        assert steps == [[(21, " Hi")], [], [], [], [],
+                         [(173, ""), (665, "\ufffd there"), (21, " Hi"), (173, ""), (2, "\ufffd")]]
+
+
 def test_speculative_results_give_one_event_per_token_and_count_acceptance():
     stats = SpeculativeStats()
     r = streaming(2, [5, 6, 7], "abc", eos=True, eos_reason="stop_token", new_tokens=3,

@@ -784,18 +784,20 @@ def test_exllamav2_samples_below_the_temperature_it_would_decode_greedily(tiny_l
     assert set(tokens(10, 0.0)) == {FILLER_TOKEN}
 
 
-def script_tokens(model, kind: str, script: list[int]) -> None:
+def script_tokens(model, kind: str, script: list[int]) -> list[int]:
     """Make ``model``'s stand-in forward pick ``script``'s tokens in turn (one job at a time), through each library's
     own job: exllamav3's ``receive_sample`` (with probabilities from logits that favour the token), exllamav2's
-    sampler over logits that favour it."""
+    sampler over logits that favour it. Returns a list that grows by one entry per token the library samples."""
     import torch
 
     from tests.page_generator import FILLER_BOOST
 
     generator = model.generator
     vocab = generator.padded_vocab_size
+    drawn: list[int] = []
 
     def logits_for(step: int, shape) -> "torch.Tensor":
+        drawn.append(step)
         logits = torch.zeros(shape)
         logits[..., script[min(step, len(script) - 1)]] = FILLER_BOOST
         return logits
@@ -807,13 +809,14 @@ def script_tokens(model, kind: str, script: list[int]) -> None:
             return token, generator.xllm_probabilities(job, scores, token)
 
         generator.xllm_sample = xllm_sample
-        return
+        return drawn
     calls = count()
 
     def forward_chunk(input_ids, preprocess_only=False, **kwargs):
         return None if preprocess_only else {"logits": logits_for(next(calls), (*input_ids.shape, vocab))}
 
     generator.model.forward_chunk = forward_chunk
+    return drawn
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -932,3 +935,112 @@ def test_a_stop_string_in_a_held_answer_ends_it_at_the_token_the_transformers_ba
         assert model.active_jobs() == 0 and pages_held(model) == 0
     finally:
         runner.shutdown()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_text_streams_as_each_character_completes_after_an_invalid_byte(tiny_llama_dir, kind):
+    """exllamav2 0.3.2 holds every token after a byte that makes no character until the job ends (or five U+FFFD):
+    nothing streamed, the tokens all came at the stop token. Each token now goes out in the step that samples it,
+    with the text it completes (U+FFFD for the lone byte once the next token shows it incomplete), its logprobs
+    with it, and the library's release at the end adds nothing twice."""
+    from xllm_jupyter.core.types import FinishReason, SamplingParams, SequenceJob
+
+    require_kind(kind)
+    model = load(kind, tiny_llama_dir)
+    hi, lone_byte, there, stop = 21041, 173, 665, 2  # " Hi", 0xE2, " there", <|im_end|>
+    script = [hi, lone_byte, there, hi, lone_byte, hi, there, stop]
+    script_tokens(model, kind, script)
+    model.add(SequenceJob(1, tuple(range(100, 120)), 20, SamplingParams(temperature=0.0), frozenset({stop}),
+                          logprobs=True, top_logprobs=2))
+    text, texts, events = "", [], []
+    for _ in range(40):
+        step = model.step()
+        events += [e for e in step if e.token_id is not None]
+        text += "".join(e.text for e in step)
+        texts.append(text)
+        if step and step[-1].finish is not None:
+            break
+    assert events[-1].finish is FinishReason.STOP
+    assert [t for t in texts if t] == [" Hi", " Hi", " Hi\ufffd there", " Hi\ufffd there Hi", " Hi\ufffd there Hi",
+                                       " Hi\ufffd there Hi\ufffd Hi", " Hi\ufffd there Hi\ufffd Hi there",
+                                       " Hi\ufffd there Hi\ufffd Hi there"]
+    assert [e.token_id for e in events] == script and events[-1].completion_tokens == len(script)
+    assert [e.token_bytes for e in events] == [b" Hi", b"\xe2", b" there", b" Hi", b"\xe2", b" Hi", b" there", b""]
+    assert all(e.logprob is not None and -1.0 < e.logprob <= 0 and len(e.top_logprobs) == 2 for e in events)
+    if kind != "exllamav3":  # (exllamav3 releases the lone byte with the next token: it holds while incomplete)
+        assert len(texts) == len(script)  # one step a token, its event in it
+    assert model.active_jobs() == 0 and pages_held(model) == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_stop_string_after_an_invalid_byte_ends_the_job_when_it_is_sampled(tiny_llama_dir, kind):
+    """The engine matches stop strings on streamed text: behind exllamav2 0.3.2's hold it saw " there" only at the
+    stop token, and the library generated every token up to it (12 here) for an answer of 2. Now the job is
+    cancelled the step after " there" is sampled, and its pages are free."""
+    import asyncio
+
+    from xllm_jupyter.core.types import ChoiceDelta, GenerationDone, GenerationParams, GenerationRequest, SamplingParams
+    from xllm_jupyter.engine.runner import ModelRunner
+
+    require_kind(kind)
+    model = load(kind, tiny_llama_dir)
+    hi, lone_byte, there, stop = 21041, 173, 665, 2  # " Hi", 0xE2, " there", <|im_end|>
+    drawn = script_tokens(model, kind, [lone_byte, there] + [hi] * 9 + [stop, hi])
+    runner = ModelRunner(model)
+    runner.start()
+    runner.wait_ready()
+
+    async def answer() -> tuple:
+        request = GenerationRequest(model="t", prompt_ids=tuple(range(100, 120)), params=GenerationParams(
+            max_tokens=20, sampling=SamplingParams(temperature=0.0), stop_token_ids=(stop,), logprobs=True,
+            stop=("there",)))
+        text, raw, usage, finish = "", [], None, None
+        async for item in runner.submit(request, asyncio.get_running_loop()):
+            if isinstance(item, ChoiceDelta):
+                text += item.text
+                raw += [entry.raw for entry in item.logprobs]
+                finish = item.finish or finish
+            elif isinstance(item, GenerationDone):
+                usage = item.usage.completion_tokens
+        return text, raw, usage, finish.value if finish is not None else ""
+
+    try:
+        assert asyncio.run(answer()) == ("\ufffd ", [b"\xe2", b" there"], 2, "stop")
+        for _ in range(200):  # the engine's cancel reaches the model a step later
+            if model.active_jobs() == 0:
+                break
+            time.sleep(0.01)
+        assert model.active_jobs() == 0 and pages_held(model) == 0
+        assert len(drawn) <= 3, f"the library sampled {len(drawn)} tokens for an answer cut after 2"
+    finally:
+        runner.shutdown()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("script", "max_tokens", "content", "finish"), [
+    # five lone bytes: exllamav2 releases all at the fifth U+FFFD, the fifth byte's character still open; the euro
+    # sign's next two bytes complete it after that release
+    ([173] * 5 + [220, 122, 21041, 2], 20, "\ufffd" * 4 + "\u20ac Hi", "stop"),
+    ([21041, 173, 665, 173], 4, " Hi\ufffd there\ufffd", "length"),  # max_tokens inside a character
+], ids=["fifth-fffd", "max-tokens"])
+def test_held_tokens_streamed_and_released_later_go_out_once(tiny_llama_dir, kind, script, max_tokens, content,
+                                                             finish):
+    """What goes out while the library holds and what it releases later (at its fifth U+FFFD, at max_tokens) make
+    the answer's tokens once each, their text that of the bytes decoded together, as the transformers backend's."""
+    from xllm_jupyter.core.types import SamplingParams, SequenceJob
+
+    require_kind(kind)
+    model = load(kind, tiny_llama_dir)
+    script_tokens(model, kind, script)
+    model.add(SequenceJob(1, tuple(range(100, 120)), max_tokens, SamplingParams(temperature=0.0), frozenset({2}),
+                          logprobs=True))
+    events = []
+    for _ in range(40):
+        events += model.step()
+        if events and events[-1].finish is not None:
+            break
+    assert events[-1].finish.value == finish and events[-1].completion_tokens == len(script)
+    assert "".join(e.text for e in events) == content
+    tokens = [e for e in events if e.token_id is not None]
+    assert [e.token_id for e in tokens] == script and all(e.logprob is not None for e in tokens)
+    assert model.active_jobs() == 0 and pages_held(model) == 0

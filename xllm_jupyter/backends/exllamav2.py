@@ -31,7 +31,9 @@ from .exllama_common import (
 )
 from .exllama_model import DynamicGeneratorModel
 from .exllama_sampling import AnswerPenaltiesV2, LogitsV2, RawLogprobsV2
+from .exllamav2_stream import StreamHeldV2
 from .exllamav2_plan import LENGTH_DEPENDENT_ROPE, estimated_cache_tokens, plan_cache
+from .detokenize import BYTE_LEVEL, SENTENCEPIECE, piece_scheme
 from .hf_tokenizer import ChatTokenizer
 from .prefix_isolation_v2 import IsolatedJobV2
 
@@ -340,14 +342,18 @@ class ExllamaV2Model(DynamicGeneratorModel):
 
     backend_name = "exllamav2"
     isolation_mixin = IsolatedJobV2
-    # logprobs first: they take the logits before the penalties change them; the bias and cuts after them
-    job_mixins = (RawLogprobsV2, AnswerPenaltiesV2, LogitsV2)
+    # held tokens streamed; logprobs first: they take the logits before the penalties change them; the bias and
+    # cuts after them
+    job_mixins = (StreamHeldV2, RawLogprobsV2, AnswerPenaltiesV2, LogitsV2)
 
     def __init__(self, spec: ModelSpec, *, model: Any, draft: tuple[Any, Any] | None, seq_len: int, **kw: Any):
         super().__init__(spec, **kw)
         self._model = model
         self._draft = draft
         self._seq_len = int(seq_len)  # the model's max_seq_len: the positions its RoPE tables hold
+        # held tokens are streamed by their own bytes, where the vocabulary spells them (StreamHeldV2)
+        scheme = piece_scheme(self.chat.tokenizer)
+        self._stream_bytes = self.chat.token_bytes if scheme in (BYTE_LEVEL, SENTENCEPIECE) else None
 
     def make_job(self, job: SequenceJob) -> Any:
         """An ``ExLlamaV2DynamicJob`` with our sampling settings, stop tokens and logprobs."""
@@ -358,6 +364,7 @@ class ExllamaV2Model(DynamicGeneratorModel):
         native.xllm_bind_penalties(len(job.prompt_ids), job.sampling)
         native.xllm_bind_logprobs(self.vocab_size)
         native.xllm_bind_logits(job.sampling, self.vocab_size)
+        native.xllm_bind_stream(self._stream_bytes)
         return native
 
     def _library_max_new_tokens(self, job: SequenceJob) -> int:

@@ -1,0 +1,88 @@
+"""exllamav2 jobs that put each token out in the step that samples it, where the library would hold it back."""
+
+from __future__ import annotations
+
+import codecs
+from typing import Any, Callable
+
+#: the per-token tensors of a result (``(1, n, ...)``, one row per token), all cut alike
+_PER_TOKEN = ("token_ids", "token_probs", "top_k_tokens", "top_k_probs", "logits")
+
+
+class StreamHeldV2:
+    """Mixed into exllamav2's job: a token the library holds back goes out at once, with the text it completes.
+
+    exllamav2 0.3.2 holds a step's tokens and text while the text held so far decodes with U+FFFD, and it tests
+    everything held since the last release: after one byte that makes no character, every later token stays held
+    until the job ends (or five U+FFFD). Streaming stops, and a stop string in that text (the engine matches them
+    on streamed text) is seen only at the end, while the job goes on generating to it. Here a held token's result
+    gets the token (id, probability, top-k, as the library would release them) and the text its bytes complete:
+    an incremental UTF-8 decoder over the tokens' own bytes (``xllm_bind_stream``), as the transformers backend's
+    detokenizer releases text and as ``exllama_results.with_held_answer`` splits a release. When the library then
+    releases what it held (at a clean decode, the fifth U+FFFD, or the end; at a stop token under ``held``), the
+    tokens already out are cut off its result and the rest take their text from the same decoder, so nothing goes
+    out twice and a character split across the release still joins up; at the end what the decoder holds goes out
+    as U+FFFD (``IncrementalDetokenizer.flush`` says why), and a stop token's own text never. Once the decoder has
+    no partial character left, the library's own text takes over again. We give the library no stop strings or
+    banned strings (the engine matches stop strings), so its holds are only these.
+    """
+
+    #: a token's own bytes (``ChatTokenizer.token_bytes``); None: the library's holds stand (no byte spelling)
+    xllm_token_bytes: Callable[[int], bytes] | None = None
+    #: held tokens already out, at the head of what the library holds
+    xllm_streamed = 0
+    #: set while we write the text (from a hold until no partial character is left)
+    xllm_decoder: Any = None
+
+    def xllm_bind_stream(self, token_bytes: Callable[[int], bytes] | None) -> None:
+        """Stream held tokens, spelling them with ``token_bytes``."""
+        self.xllm_token_bytes = token_bytes
+
+    def receive_sample(self, logits: Any, next_token: Any, next_k_tokens: Any, next_k_probs: Any, next_prob: Any,
+                       filter_eos: Any, results: list, *rest: Any) -> Any:
+        """Take a sampled token (library: it appends this step's result to ``results``); then put out what it held."""
+        first = len(results)
+        out = super().receive_sample(  # type: ignore[misc]
+            logits, next_token, next_k_tokens, next_k_probs, next_prob, filter_eos, results, *rest)
+        if self.xllm_token_bytes is None or len(results) != first + 1:
+            return out
+        r = results[first]
+        held = not r.get("eos") and "token_ids" not in r
+        if self.xllm_decoder is None:
+            if not held:
+                return out  # the library streams it (every token of an answer in whole characters)
+            self.xllm_decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        if held:
+            self.xllm_stream_out(r, next_token, next_prob, next_k_tokens, next_k_probs)
+        else:
+            self.xllm_stream_release(r)
+        return out
+
+    def xllm_stream_out(self, r: dict, token: Any, prob: Any, k_tokens: Any, k_probs: Any) -> None:
+        """Give the hold result ``r`` the token the library just held, with the text it completes."""
+        r["token_ids"] = token
+        if self.return_probs and prob is not None:  # type: ignore[attr-defined]
+            r["token_probs"] = prob
+        if self.return_top_tokens > 0 and k_tokens is not None:  # type: ignore[attr-defined]
+            r["top_k_tokens"], r["top_k_probs"] = k_tokens, k_probs
+        r["text"] = self.xllm_decoder.decode(self.xllm_token_bytes(int(token.reshape(-1)[0])))  # type: ignore[misc]
+        self.xllm_streamed += 1
+
+    def xllm_stream_release(self, r: dict) -> None:
+        """Cut the tokens already out off the library's release ``r`` (at a stop token, its ``held``); the rest
+        with the text they complete (a stop token's none), and at the end what is left as U+FFFD."""
+        source = r.pop("held", None) if r.get("eos") and "token_ids" not in r else r
+        skip, self.xllm_streamed = self.xllm_streamed, 0
+        for key in _PER_TOKEN:
+            if source is not None and source.get(key) is not None:
+                r[key] = source[key][:, skip:]
+        ids = [int(t) for t in r["token_ids"].reshape(-1).tolist()] if r.get("token_ids") is not None else []
+        if r.get("eos_reason") == "stop_token" and ids:
+            ids = ids[:-1]  # the stop token: counted, its text not shown
+        decoder = self.xllm_decoder
+        text = "".join(decoder.decode(self.xllm_token_bytes(t)) for t in ids)  # type: ignore[misc]
+        if r.get("eos"):
+            text += decoder.decode(b"", final=True)
+        r["text"] = text
+        if not decoder.getstate()[0]:  # whole characters again: the library's text is right from here on
+            self.xllm_decoder = None
