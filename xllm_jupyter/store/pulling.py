@@ -328,7 +328,12 @@ class PullMixin:
             if held is None:
                 continue
             try:
-                if entry.name.startswith("hub-") and now - entry.stat().st_mtime < HUB_RESUME_SECONDS:
+                try:
+                    age = now - entry.stat().st_mtime
+                except FileNotFoundError:  # its pull ended after the listing (renamed into models/): nothing was left
+                    lock_path.unlink(missing_ok=True)
+                    continue
+                if entry.name.startswith("hub-") and age < HUB_RESUME_SECONDS:
                     continue
                 log.info("removing leftover %s from an interrupted store operation", entry.name)
                 remove_tree(entry)
