@@ -261,10 +261,10 @@ def test_unknown_route_and_wrong_method(raw):
 
 def test_a_405_names_the_methods_the_route_serves(raw):
     """RFC 9110 requires ``Allow`` on a 405; it was missing on every route."""
-    assert raw.delete("/v1/chat/completions").headers.get("allow") == "GET, HEAD, POST"
-    assert raw.put("/v1/models").headers.get("allow") == "GET, HEAD"
-    assert raw.get("/v1/embeddings").headers.get("allow") == "POST"
-    assert raw.head("/v1/embeddings").headers.get("allow") == "POST"
+    assert raw.delete("/v1/chat/completions").headers.get("allow") == "GET, HEAD, POST, OPTIONS"
+    assert raw.put("/v1/models").headers.get("allow") == "GET, HEAD, OPTIONS"
+    assert raw.get("/v1/embeddings").headers.get("allow") == "POST, OPTIONS"
+    assert raw.head("/v1/embeddings").headers.get("allow") == "POST, OPTIONS"
     assert "allow" not in raw.get("/v1/nothing").headers  # a 404 has none
     # a path no route has is a 404 for every method: it was a 405 for PUT/PATCH/DELETE, whose Allow then
     # named GET and POST, which only 404 there
@@ -273,6 +273,22 @@ def test_a_405_names_the_methods_the_route_serves(raw):
         assert r.status_code == 404 and "allow" not in r.headers, (method, r.status_code, r.headers)
         if method != "HEAD":
             assert error_of(r)["code"] == "not_found" and method in error_of(r)["message"]
+
+
+def test_a_plain_options_is_a_204_naming_the_routes_methods(raw):
+    """OPTIONS with no Origin was a 403 saying the origin was not allowed (CORS): now what Jupyter answers it, a
+    success, needing no key, with the route's ``Allow`` (the one its 405 sends); a path no route has is a 404."""
+    for path, allow in (("/v1/chat/completions", "GET, HEAD, POST, OPTIONS"), ("/v1/embeddings", "POST, OPTIONS"),
+                        ("/v1/models/" + TINY, "GET, HEAD, DELETE, OPTIONS"), ("/health", "GET, HEAD, OPTIONS")):
+        r = httpx.options(raw.base_url.join(path))  # no key
+        assert (r.status_code, r.headers.get("allow"), r.content) == (204, allow, b""), (path, r.status_code, r.text)
+        assert len(r.headers["x-request-id"]) == 32 and "access-control-allow-origin" not in r.headers
+    assert raw.put("/v1/chat/completions").headers["allow"] == "GET, HEAD, POST, OPTIONS"  # the same list
+    r = httpx.options(raw.base_url.join("/v1/nothing"))
+    assert r.status_code == 404 and "allow" not in r.headers and error_of(r)["code"] == "not_found"
+    assert "OPTIONS" in error_of(r)["message"]
+    r = httpx.options(raw.base_url.join("/v1/models"), headers={"Origin": "https://elsewhere.example"})
+    assert r.status_code == 403 and "CORS" in error_of(r)["message"]  # a browser's preflight: still refused
 
 
 def test_head_answers_where_get_does(raw):

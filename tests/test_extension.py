@@ -200,11 +200,19 @@ async def test_head_answers_where_get_does_and_a_405_names_the_methods(xllm):
         c.cookies.clear()
         assert (await c.head(xllm["url"] + "/models")).status_code == 401  # HEAD still needs the token
         r = await c.put(xllm["url"] + "/chat/completions", headers=token, json={})
-        assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD, POST"
+        assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD, POST, OPTIONS"
         r = await c.head(xllm["url"] + "/embeddings", headers=token)
-        assert r.status_code == 405 and r.headers["allow"] == "POST"
+        assert r.status_code == 405 and r.headers["allow"] == "POST, OPTIONS"
         r = await c.put(xllm["url"] + "/nothing", headers=token, json={})
         assert r.status_code == 404 and "allow" not in r.headers
+        # Jupyter answers OPTIONS itself (anonymously, APIHandler.options): Allow lists it and is sent with it
+        # (Allow named no OPTIONS, and Jupyter's answer had no Allow)
+        r = await c.options(xllm["url"] + "/chat/completions")
+        assert r.status_code in (200, 204) and r.headers["allow"] == "GET, HEAD, POST, OPTIONS"
+        assert r.headers.get("x-request-id")
+        r = await c.options(xllm["root"] + "/health")
+        assert r.status_code in (200, 204) and r.headers["allow"] == "GET, HEAD, OPTIONS"
+        assert "allow" not in (await c.options(xllm["url"] + "/nothing")).headers
 
 
 @on_server_loop

@@ -426,6 +426,31 @@ def test_a_user_servers_xllm_api_answers_from_the_hub_service(hub, bobs_server):
     assert any(path == "/services/xllm/admin/stats" for path, _ in seen)
 
 
+def test_a_forwarded_405_keeps_its_allow_and_the_request_id_is_the_same_on_both_sides(hub, bobs_server):
+    """A 405 from the service lost its ``Allow`` on the way back through the user's server; the service's answers
+    had no ``X-Request-ID`` of their own, and the id the user's server gave a request never reached the service."""
+    url, token, seen = bobs_server["url"], bobs_server["token"], bobs_server["seen"]
+    seen.clear()
+
+    async def body() -> None:
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"token {token}"}, timeout=120) as h:
+            r = await h.delete("/v1/chat/completions")  # forwarded: the service's 405
+            assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+            assert r.headers.get("allow") == "GET, HEAD, POST, OPTIONS"
+            r = await h.get("/v1/embeddings", headers={"X-Request-ID": "trace-42"})
+            assert r.status_code == 405 and r.headers.get("allow") == "POST, OPTIONS"
+            assert r.headers["x-request-id"] == "trace-42"
+            r = await h.get("/v1/models")
+            assert r.status_code == 200 and len(r.headers["x-request-id"]) == 32
+            return r.headers["x-request-id"]
+
+    rid = bobs_server["run"](body())
+    upstream = [headers.get("X-Request-Id") for path, headers in seen if path == "/services/xllm/v1/models"]
+    assert upstream == [rid]  # the service logged and answered the id the client got
+    with hub.http(hub.tokens["bob"]) as h:  # and the service itself answers with one
+        assert len(h.get("/v1/models").headers.get("x-request-id", "")) == 32
+
+
 def test_a_user_server_started_while_the_hub_api_was_down_forwards_once_the_hub_answers(
         hub, jp_serverapp, http_server_client, jp_http_port, jp_base_url, jp_asyncio_loop, monkeypatch):
     """Before: the one lookup at start failed, so the server kept its own engine (and loaded the model) for good."""

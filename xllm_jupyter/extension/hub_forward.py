@@ -20,6 +20,7 @@ from jupyter_server.utils import url_path_join
 from tornado.iostream import StreamClosedError
 
 from ..core.errors import NotFound, Overloaded, PermissionDenied, quoted
+from ..server.edge import REQUEST_ID_HEADER, request_id_for
 from ..server.handlers import BodyMixin
 from ..server.jupyter import JupyterXllmHandler
 from ..server.routes import ROUTES
@@ -36,8 +37,9 @@ FORWARDED_ROUTES = frozenset(path for path, _, public in ROUTES if not public)
 #: request headers passed upstream: what the API reads or a client names itself with. Never
 #: Authorization, Cookie or X-XSRFToken (this server's credentials), nor hop-by-hop headers
 REQUEST_HEADERS = ("Accept", "Content-Type", "User-Agent", "X-Request-ID")
-#: response headers passed back: the body's type, caching and retry advice, the request id
-RESPONSE_HEADERS = ("Content-Type", "Cache-Control", "Retry-After", "X-Should-Retry", "X-Request-ID", "X-Accel-Buffering")
+#: response headers passed back: the body's type, caching and retry advice, the request id, a 405's methods
+RESPONSE_HEADERS = ("Content-Type", "Cache-Control", "Retry-After", "X-Should-Retry", "X-Request-ID", "X-Accel-Buffering",
+                    "Allow")
 class HubForwardingHandler(JupyterXllmHandler):
     """The extension's auth base: authorized requests for the shared routes go to the hub service when one is set."""
 
@@ -86,6 +88,8 @@ class HubForwardingHandler(JupyterXllmHandler):
     async def _forward(self, upstream: Upstream, method: str) -> None:
         url = self._upstream_url(upstream)
         headers = {name: self.request.headers[name] for name in REQUEST_HEADERS if name in self.request.headers}
+        # the id this server gave the request (the client's own, or a fresh one): the service's logs and answer use it
+        headers[REQUEST_ID_HEADER] = self._xllm_request_id or request_id_for(None)
         body = self.body if method == "post" and isinstance(self, BodyMixin) else None
         request = upstream.client.build_request(method.upper(), url, headers=headers, content=body)
         try:

@@ -30,7 +30,7 @@ from tornado.web import HTTPError, RequestHandler
 from ..core.config import XllmConfig
 from ..core.errors import AuthenticationError, Overloaded, PermissionDenied, RateLimited
 from ..server.auth_failures import FAILURES_KEY, FailedAuthLimiter
-from ..server.edge import log_access
+from ..server.edge import RequestIdMixin, log_access
 from ..server.handlers import CONTEXT_KEY, NotFoundMixin, VerbDispatchMixin, XllmContext, admin_required
 from ..server.routes import build_routes, handler_class
 from ..server.usage import Caller
@@ -97,8 +97,8 @@ def public_scheme(request: Any) -> str:
     return forwarded if forwarded in ("http", "https") else request.protocol
 
 
-class HubXllmHandler(VerbDispatchMixin, RequestHandler):
-    """Auth base for API routes: a hub token with the service's access scope."""
+class HubXllmHandler(RequestIdMixin, VerbDispatchMixin, RequestHandler):
+    """Auth base for API routes: a hub token with the service's access scope; every answer has an ``X-Request-ID``."""
 
     auth_required = True
     #: set on ``/admin/*`` handlers by ``routes.build_routes``
@@ -183,7 +183,7 @@ class _NoBody:
 
 
 @tornado.web.stream_request_body
-class OAuthCallbackHandler(_NoBody, _HubAuthFromSettings, HubOAuthCallbackHandler):
+class OAuthCallbackHandler(RequestIdMixin, _NoBody, _HubAuthFromSettings, HubOAuthCallbackHandler):
     """``{prefix}oauth_callback``: finishes the hub OAuth login and sets the service cookie."""
 
     def prepare(self) -> None:
@@ -192,7 +192,7 @@ class OAuthCallbackHandler(_NoBody, _HubAuthFromSettings, HubOAuthCallbackHandle
 
 
 @tornado.web.stream_request_body
-class HubPageHandler(_NoBody, _HubAuthFromSettings, HubOAuthenticated, RequestHandler):
+class HubPageHandler(RequestIdMixin, _NoBody, _HubAuthFromSettings, HubOAuthenticated, RequestHandler):
     """``{prefix}``: who you are, where the API is, and your usage (browser, via hub OAuth)."""
 
     async def prepare(self) -> None:

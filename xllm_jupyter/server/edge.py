@@ -18,7 +18,7 @@ from tornado.httputil import HTTPHeaders, HTTPServerRequest
 from tornado.web import GZipContentEncoding, OutputTransform, RequestHandler
 
 from ..core.config import XllmConfig
-from ..core.errors import PermissionDenied
+from ..core.errors import NotFound, PermissionDenied, quoted
 from ..core.hosts import host_name, is_loopback
 from .errors import error_response
 from .logging_setup import request_id_var
@@ -60,6 +60,23 @@ def request_id_for(header: str | None) -> str:
     if header and _VALID_REQUEST_ID.fullmatch(header):
         return header
     return uuid.uuid4().hex
+
+
+class RequestIdMixin:
+    """``X-Request-ID`` on every response, errors included, for handler bases of apps other than the standalone
+    ``XllmApplication`` (Jupyter, the hub service): the openai SDK's ``request_id``, and the id on log records."""
+
+    _xllm_request_id: str | None = None
+
+    def set_default_headers(self) -> None:
+        """The base's defaults plus the id; Tornado calls this again when an error clears the headers."""
+        super().set_default_headers()  # type: ignore[misc]
+        if self._xllm_request_id is None:  # first call, from __init__: in the context the handler's task copies
+            request = self.request  # type: ignore[attr-defined]
+            self._xllm_request_id = request_id_for(request.headers.get(REQUEST_ID_HEADER))
+            request.xllm_request_id = self._xllm_request_id  # log_access's line carries it too
+            request_id_var.set(self._xllm_request_id)
+        self.set_header(REQUEST_ID_HEADER, self._xllm_request_id)  # type: ignore[attr-defined]
 
 
 class EdgePolicy:
@@ -145,21 +162,38 @@ class ForbiddenHostHandler(_EdgeHandler):
 
 @tornado.web.stream_request_body
 class PreflightHandler(_EdgeHandler):
-    """CORS preflight (``OPTIONS``): 204 with the allowed methods/headers, 403 for other origins."""
+    """``OPTIONS``: 204 with the route's ``Allow`` (404 off the routes); with an ``Origin``, a CORS preflight
+    (the allowed methods/headers too), 403 for an origin not allowed. Never needs the API key, as in Jupyter."""
+
+    #: the methods of the route asked about (``None``: no route has the path); set by ``XllmApplication``
+    route_methods: tuple[str, ...] | None = None
+
+    def initialize(self, route_methods: tuple[str, ...] | None = None) -> None:
+        """Remember the route's methods (``Allow``)."""
+        self.route_methods = route_methods
 
     def prepare(self) -> None:
-        """Refuse a foreign origin before reading any body; a preflight never needs the API key."""
+        """Refuse a foreign origin before reading any body."""
         policy: EdgePolicy = self.settings[POLICY_KEY]
-        if self.request.method != "OPTIONS" or not policy.origin_allowed(self.request.headers.get("Origin")):
+        origin = self.request.headers.get("Origin")
+        if self.request.method != "OPTIONS" or (origin is not None and not policy.origin_allowed(origin)):
             raise PermissionDenied("This origin is not allowed to call this server (CORS).")
 
     def options(self, *args: Any) -> None:
-        """204 with what the origin may send.
+        """204 with the route's methods, and what the origin may send.
 
         Answered here, after the (empty) body, not in ``prepare``: a response finished before the
         body was read makes Tornado close the connection, and the browser's request right after
         the preflight then met a reset connection.
         """
+        if self.route_methods is not None:
+            self.set_header("Allow", ", ".join(self.route_methods))
+        if self.request.headers.get("Origin") is None:  # a plain OPTIONS (no browser asking): only what is served
+            if self.route_methods is None:
+                raise NotFound(f"Unknown endpoint: OPTIONS {quoted(self.request.path)}")
+            self.set_status(204)
+            self.finish()
+            return
         self.set_status(204)
         self.set_header("Access-Control-Allow-Methods", _ALLOW_METHODS)
         self.set_header("Access-Control-Allow-Headers", allowed_headers(self.request.headers.get("Access-Control-Request-Headers")))
@@ -225,8 +259,18 @@ class XllmApplication(tornado.web.Application):
         if not policy.host_allowed(request.host):
             return self.get_handler_delegate(request, ForbiddenHostHandler)
         if request.method == "OPTIONS":
-            return self.get_handler_delegate(request, PreflightHandler)
+            return self.get_handler_delegate(request, PreflightHandler, {"route_methods": self._route_methods(request)})
         return super().find_handler(request, **kwargs)
+
+    def _route_methods(self, request: HTTPServerRequest) -> tuple[str, ...] | None:
+        """The methods the route for ``request``'s path answers; ``None`` when only the 404 catch-all takes it."""
+        for rule in self.wildcard_router.rules:
+            if rule.matcher.match(request) is not None:
+                target = rule.target
+                if not isinstance(target, type) or getattr(target, "route", "other") == "other":
+                    return None  # the catch-all (or no route handler): a path no route has
+                return tuple(getattr(target, "allowed_methods", ()))
+        return None
 
 
 def log_access(handler: RequestHandler) -> None:
@@ -259,6 +303,7 @@ def edge_transforms(config: XllmConfig) -> list[type[OutputTransform]]:
 __all__ = [
     "REQUEST_ID_HEADER",
     "EdgePolicy",
+    "RequestIdMixin",
     "XllmApplication",
     "edge_settings",
     "edge_transforms",

@@ -70,6 +70,10 @@ class VerbDispatchMixin:
         """Dispatch to the route mixin: a 405 naming the route's methods (a 404 off the routes)."""
         await self.dispatch("patch", *args, **kwargs)  # type: ignore[attr-defined]
 
+    async def options(self, *args: Any, **kwargs: Any) -> None:
+        """Dispatch to the route mixin: 204 with ``Allow`` (a 404 off the routes)."""
+        await self.dispatch("options", *args, **kwargs)  # type: ignore[attr-defined]
+
 
 class RequestMixin:
     """Shared plumbing: JSON replies, OpenAI-shaped errors, cancel-on-disconnect, SSE."""
@@ -107,6 +111,12 @@ class RequestMixin:
             context.active -= 1
             if ticket is not None:
                 context.usage.release(ticket)
+
+    async def handle_options(self, *args: Any, **kwargs: Any) -> None:
+        """204 naming the route's methods (the hub service; standalone and Jupyter answer OPTIONS before routing)."""
+        self.set_header("Allow", ", ".join(self.allowed_methods))  # type: ignore[attr-defined]
+        self.set_status(204)  # type: ignore[attr-defined]
+        self.finish()  # type: ignore[attr-defined]
 
     @property
     def caller(self) -> Any:
@@ -396,7 +406,7 @@ class NotFoundMixin(RequestMixin):
         """404."""
         raise NotFound(f"Unknown endpoint: {self.request.method} {quoted(self.request.path)}")  # type: ignore[attr-defined]
 
-    handle_post = handle_delete = handle_put = handle_patch = handle_get
+    handle_post = handle_delete = handle_put = handle_patch = handle_options = handle_get
 
 
 __all__ = [

@@ -17,27 +17,22 @@ from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import web
 
 from ..core.errors import AuthenticationError, PermissionDenied
-from .edge import REQUEST_ID_HEADER, request_id_for
+from .edge import RequestIdMixin
 from .handlers import admin_required
-from .logging_setup import request_id_var
 
 
-class RequestIdMixin:
-    """``X-Request-ID`` on every response, errors included, as the standalone server sends it (the openai SDK's
-    ``request_id``; Jupyter sends none), and the id on the request's log records."""
+class AllowOnOptionsMixin:
+    """Jupyter's own OPTIONS answer (``APIHandler.options``, anonymous), plus the route's ``Allow``."""
 
-    _xllm_request_id: str | None = None
-
-    def set_default_headers(self) -> None:
-        """Jupyter's defaults plus the id; Tornado calls this again when an error clears the headers."""
-        super().set_default_headers()  # type: ignore[misc]
-        if self._xllm_request_id is None:  # first call, from __init__: in the context the handler's task copies
-            self._xllm_request_id = request_id_for(self.request.headers.get(REQUEST_ID_HEADER))  # type: ignore[attr-defined]
-            request_id_var.set(self._xllm_request_id)
-        self.set_header(REQUEST_ID_HEADER, self._xllm_request_id)  # type: ignore[attr-defined]
+    @allow_unauthenticated
+    def options(self, *args: Any, **kwargs: Any) -> None:
+        """Jupyter's CORS answer with the methods the route serves (none named off the routes)."""
+        if getattr(self, "route", "other") != "other":
+            self.set_header("Allow", ", ".join(self.allowed_methods))  # type: ignore[attr-defined]
+        super().options(*args, **kwargs)  # type: ignore[misc]
 
 
-class JupyterXllmHandler(RequestIdMixin, ExtensionHandlerMixin, APIHandler):
+class JupyterXllmHandler(RequestIdMixin, AllowOnOptionsMixin, ExtensionHandlerMixin, APIHandler):
     """Authenticated and authorized on the ``xllm`` resource (GET = read, POST and DELETE = write)."""
 
     auth_resource = "xllm"
@@ -125,7 +120,7 @@ def _no_credentials() -> AuthenticationError:
                                "(the OpenAI SDK's api_key).")
 
 
-class JupyterPublicHandler(RequestIdMixin, ExtensionHandlerMixin, APIHandler):
+class JupyterPublicHandler(RequestIdMixin, AllowOnOptionsMixin, ExtensionHandlerMixin, APIHandler):
     """Unauthenticated (only ``/health``)."""
 
     auth_resource = "xllm"

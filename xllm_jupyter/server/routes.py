@@ -81,11 +81,13 @@ ROUTES: tuple[tuple[str, type, bool], ...] = (
 
 
 def served_methods(methods: tuple[str, ...]) -> tuple[str, ...]:
-    """A route's methods as it answers them: ``HEAD`` wherever ``GET`` is (GET's status and headers, no body)."""
-    if "GET" not in methods or "HEAD" in methods:
-        return methods
-    i = methods.index("GET") + 1
-    return methods[:i] + ("HEAD",) + methods[i:]
+    """A route's methods as it answers them (its ``Allow``): ``HEAD`` wherever ``GET`` is (GET's status and
+    headers, no body), and ``OPTIONS`` everywhere (every base answers it: edge.PreflightHandler, Jupyter's
+    APIHandler, ``RequestMixin.handle_options``)."""
+    if "GET" in methods and "HEAD" not in methods:
+        i = methods.index("GET") + 1
+        methods = methods[:i] + ("HEAD",) + methods[i:]
+    return methods if "OPTIONS" in methods else methods + ("OPTIONS",)
 
 
 def handler_class(mixin: type, base: type[RequestHandler]) -> type[RequestHandler]:
