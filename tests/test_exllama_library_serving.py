@@ -1044,3 +1044,142 @@ def test_held_tokens_streamed_and_released_later_go_out_once(tiny_llama_dir, kin
     tokens = [e for e in events if e.token_id is not None]
     assert [e.token_id for e in tokens] == script and all(e.logprob is not None for e in tokens)
     assert model.active_jobs() == 0 and pages_held(model) == 0
+
+
+def script_by_position(model, script: list[int], prompt_length: int, draft_misses: int = 0) -> None:
+    """exllamav2's forward, and its draft model's, favour ``script``'s token for each cache position (the token
+    after position p is ``script[p + 1 - prompt_length]``), so a draft window is scripted position by position: the
+    library samples the script whatever it drafted. With ``draft_misses`` the draft model proposes a wrong token at
+    answer positions that are multiples of it (those windows are partly rejected)."""
+    import torch
+
+    from tests.page_generator import FILLER_BOOST
+
+    generator = model.generator
+    vocab = generator.padded_vocab_size
+
+    def forward(misses: int):
+        def forward_chunk(input_ids, preprocess_only=False, attn_params=None, **kwargs):
+            if preprocess_only:
+                return None
+            rows, width = input_ids.shape
+            seqlens = getattr(attn_params, "cache_seqlens", None)
+            starts = seqlens[:rows].tolist() if seqlens is not None else [int(attn_params.past_len)]
+            logits = torch.zeros((rows, width, vocab))
+            for row, start in enumerate(starts):
+                for i in range(width):
+                    at = min(max(0, int(start) + i + 1 - prompt_length), len(script) - 1)
+                    token = script[at] + (1 if misses and at % misses == misses - 1 else 0)
+                    logits[row, i, token] = FILLER_BOOST
+            return {"logits": logits}
+        return forward_chunk
+
+    generator.model.forward_chunk = forward(0)
+    if generator.draft_model is not None:
+        generator.draft_model.forward_chunk = forward(draft_misses)
+
+
+@pytest.mark.parametrize("kind", ["exllamav2-paged", "exllamav2-unpaged"])
+@pytest.mark.parametrize("drafting", [{"ngram_draft": 2, "num_draft_tokens": 4},
+                                      {"draft_model_path": "<model>", "num_draft_tokens": 3},
+                                      {"draft_model_path": "<model>", "num_draft_tokens": 3, "misses": 3}],
+                         ids=["ngram", "draft-model", "draft-model-misses"])
+def test_held_tokens_stream_once_each_while_drafting(tiny_llama_dir, kind, drafting):
+    """Drafting, exllamav2 samples several tokens a step (``receive_sample`` once for each accepted one), some held
+    after an invalid byte, some released: every token goes out once, in order, with its logprobs and the text its
+    bytes complete, a character split over a window boundary whole; usage counts each once and pages are freed."""
+    from xllm_jupyter.backends.exllama_results import texts_by_token
+    from xllm_jupyter.core.types import FinishReason, SamplingParams, SequenceJob
+
+    require_kind(kind)
+    options = {k: (str(tiny_llama_dir) if v == "<model>" else v) for k, v in drafting.items() if k != "misses"}
+    model = load(kind, tiny_llama_dir, **options)
+    hi, lone_byte, there, b82, bac, stop = 21041, 173, 665, 220, 122, 2  # 0xE2 0x82 0xAC: the euro sign
+    script = [hi, lone_byte, there, lone_byte, b82, bac, hi, hi, lone_byte, lone_byte, there, hi, hi, hi, stop]
+    prompt = tuple(range(100, 120))
+    script_by_position(model, script, len(prompt), drafting.get("misses", 0))
+    # two jobs at once (one after the other unpaged), then one that ends at max_tokens inside a character
+    for job_id, first in [(1, 100), (2, 300)]:
+        model.add(SequenceJob(job_id, tuple(range(first, first + len(prompt))), 40, SamplingParams(temperature=0.0),
+                              frozenset({stop}), logprobs=True, top_logprobs=2))
+    events, per_step = {1: [], 2: [], 3: []}, []
+    for _ in range(120):
+        step = model.step()
+        for e in step:
+            events[e.job_id].append(e)
+        per_step.append(max([len([e for e in step if e.token_id is not None and e.job_id == j]) for j in events]))
+        if all(events[j] and events[j][-1].finish is not None for j in (1, 2)):
+            if not events[3]:
+                model.add(SequenceJob(3, prompt, 9, SamplingParams(temperature=0.0), frozenset({stop}), logprobs=True,
+                                      top_logprobs=2))
+            elif events[3][-1].finish is not None:
+                break
+    # a step puts out what it sampled, at most the window and the model's own token (held ones came at the end)
+    assert max(per_step) <= options["num_draft_tokens"] + 1 and max(per_step) > 1, per_step
+    for job_id, length in [(1, len(script)), (2, len(script)), (3, 9)]:
+        out = events[job_id]
+        assert out[-1].finish is (FinishReason.STOP if length == len(script) else FinishReason.LENGTH)
+        tokens = [e for e in out if e.token_id is not None]
+        assert [e.token_id for e in tokens] == script[:length] and out[-1].completion_tokens == length
+        spelled = [model.chat.token_bytes(t) for t in script[:length]]
+        expected = texts_by_token(spelled[:-1] + [b""] if length == len(script) else spelled)
+        assert "".join(e.text for e in out) == "".join(expected)
+        assert [e.text for e in tokens] == expected  # each token its own characters, in its own event
+        assert [e.token_bytes for e in tokens] == spelled
+        assert all(e.logprob is not None and len(e.top_logprobs) == 2 for e in tokens)
+    assert "".join(texts_by_token([model.chat.token_bytes(t) for t in script[:-1]])) == (
+        " Hi\ufffd there\u20ac Hi Hi\ufffd\ufffd there Hi Hi Hi")
+    assert "".join(e.text for e in events[3]) == " Hi\ufffd there\u20ac Hi Hi\ufffd"
+    assert model.details()["speculative"]["accepted"] > 0
+    if drafting.get("misses"):
+        assert model.details()["speculative"]["rejected"] > 0
+    assert model.active_jobs() == 0 and pages_held(model) == 0
+
+
+@pytest.mark.parametrize("kind", ["exllamav2-paged", "exllamav2-unpaged"])
+def test_a_stop_string_after_an_invalid_byte_ends_a_drafting_job(tiny_llama_dir, kind):
+    """Drafting, the stop string after an invalid byte goes out with the window that samples it: the engine cuts
+    the answer there (tokens the window sampled after it not counted), cancels the job, and its pages are free."""
+    import asyncio
+
+    from xllm_jupyter.core.types import ChoiceDelta, GenerationDone, GenerationParams, GenerationRequest, SamplingParams
+    from xllm_jupyter.engine.runner import ModelRunner
+
+    require_kind(kind)
+    model = load(kind, tiny_llama_dir, draft_model_path=str(tiny_llama_dir), num_draft_tokens=3)
+    hi, lone_byte, there, stop = 21041, 173, 665, 2  # " Hi", 0xE2, " there", <|im_end|>
+    prompt = tuple(range(100, 120))
+    script_by_position(model, [hi, lone_byte, there] + [hi] * 20 + [stop], len(prompt))
+    steps = count()
+    iterate = model.generator.iterate
+    model.generator.iterate = lambda: (next(steps), iterate())[1]
+    runner = ModelRunner(model)
+    runner.start()
+    runner.wait_ready()
+
+    async def answer() -> tuple:
+        request = GenerationRequest(model="t", prompt_ids=prompt, params=GenerationParams(
+            max_tokens=30, sampling=SamplingParams(temperature=0.0), stop_token_ids=(stop,), logprobs=True,
+            stop=("there",)))
+        text, raw, usage, finish = "", [], None, None
+        async for item in runner.submit(request, asyncio.get_running_loop()):
+            if isinstance(item, ChoiceDelta):
+                text += item.text
+                raw += [entry.raw for entry in item.logprobs]
+                finish = item.finish or finish
+            elif isinstance(item, GenerationDone):
+                usage = item.usage.completion_tokens
+        return text, raw, usage, finish.value if finish is not None else ""
+
+    try:
+        assert asyncio.run(answer()) == (" Hi\ufffd ", [b" Hi", b"\xe2", b" there"], 3, "stop")
+        for _ in range(200):  # the engine's cancel reaches the model a step later
+            if model.active_jobs() == 0:
+                break
+            time.sleep(0.01)
+        assert model.active_jobs() == 0 and pages_held(model) == 0
+        # one library step prefills and samples the window with " there" (the cancel needs none): the 24 tokens
+        # held to the stop token took 6
+        assert next(steps) <= 2
+    finally:
+        runner.shutdown()
