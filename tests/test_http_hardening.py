@@ -331,3 +331,31 @@ def test_extension_config_file_trait(tmp_path):
     path.write_text("http:\n  log_format: json\nserver:\n  max_n: 3\n")
     config = XllmApp(config_file=str(path), max_body_bytes=1234).build_config()
     assert (config.http.log_format, config.server.max_n, config.server.max_body_bytes) == ("json", 3, 1234)
+
+
+@pytest.mark.parametrize("origin", [None, ORIGIN])
+def test_an_options_with_a_body_is_refused_before_it_is_read(edge_server, origin):
+    """OPTIONS needs no key (a plain one answers Allow, a preflight the CORS headers), so a body it declares is
+    refused (413) on its head, as the hub's body-less pages do: a plain OPTIONS drained up to 1 GiB, unauthenticated."""
+    host, port = edge_server.root.removeprefix("http://").rsplit(":", 1)
+    head = ("OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 500000000\r\n"
+            + (f"Origin: {origin}\r\nAccess-Control-Request-Method: POST\r\n" if origin else "") + "\r\n")
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(head.encode() + b"x" * 65536)
+        try:
+            reply = sock.recv(65536)
+        except socket.timeout:
+            reply = b""  # still reading the body
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:300]
+    assert json.loads(reply.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_too_large"
+    chunked = "OPTIONS /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(chunked.encode() + b"10000\r\n" + b"x" * 65536 + b"\r\n")
+        try:
+            reply = sock.recv(65536)
+        except socket.timeout:
+            reply = b""
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:300]
+    # no body: still the 204s
+    r = httpx.options(edge_server.root + "/v1/models", headers={"Content-Length": "0"})
+    assert (r.status_code, r.headers.get("allow")) == (204, "GET, HEAD, OPTIONS")

@@ -18,7 +18,7 @@ from tornado.httputil import HTTPHeaders, HTTPServerRequest
 from tornado.web import GZipContentEncoding, OutputTransform, RequestHandler
 
 from ..core.config import XllmConfig
-from ..core.errors import NotFound, PermissionDenied, quoted
+from ..core.errors import NotFound, PayloadTooLarge, PermissionDenied, quoted
 from ..core.hosts import host_name, is_loopback
 from .errors import error_response
 from .logging_setup import request_id_var
@@ -173,11 +173,16 @@ class PreflightHandler(_EdgeHandler):
         self.route_methods = route_methods
 
     def prepare(self) -> None:
-        """Refuse a foreign origin before reading any body."""
+        """Refuse a foreign origin, and any body (413), before reading a byte of it."""
         policy: EdgePolicy = self.settings[POLICY_KEY]
         origin = self.request.headers.get("Origin")
         if self.request.method != "OPTIONS" or (origin is not None and not policy.origin_allowed(origin)):
             raise PermissionDenied("This origin is not allowed to call this server (CORS).")
+        # no key is asked here, so a body is never read: declared, it is refused on the head (413), as the hub
+        # service's body-less pages do (read and dropped, anyone could make the server take in up to 1 GiB)
+        headers = self.request.headers
+        if headers.get("Transfer-Encoding") or headers.get("Content-Length", "0").strip() not in ("", "0"):
+            raise PayloadTooLarge("An OPTIONS request takes no body.")
 
     def options(self, *args: Any) -> None:
         """204 with the route's methods, and what the origin may send.
@@ -203,7 +208,7 @@ class PreflightHandler(_EdgeHandler):
         self.finish()
 
     def data_received(self, chunk: bytes) -> None:
-        """Preflights have no body worth reading."""
+        """Never reached: ``prepare`` refuses a body first."""
 
 
 class EdgeHeaders(OutputTransform):
