@@ -215,6 +215,39 @@ async def test_head_answers_where_get_does_and_a_405_names_the_methods(xllm):
         assert "allow" not in (await c.options(xllm["url"] + "/nothing")).headers
 
 
+async def _answer_to_a_head_declaring_a_body(url: str, method: str, length: int) -> bytes:
+    """Send a head announcing ``length`` body bytes and 1000 of them: the answer's first bytes (b"" if none came,
+    the server still reading)."""
+    import asyncio
+
+    host, path = url.split("//", 1)[1].split("/", 1)
+    reader, writer = await asyncio.open_connection(*host.split(":"))
+    writer.write(f"{method} /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {length}\r\n\r\n".encode() + b"{" * 1000)
+    try:
+        return await asyncio.wait_for(reader.read(4096), 20)
+    except asyncio.TimeoutError:
+        return b""
+    finally:
+        writer.close()
+
+
+@on_server_loop
+async def test_an_anonymous_options_with_a_body_is_refused_before_it_is_read(xllm):
+    """OPTIONS is answered without credentials (Jupyter's own APIHandler.options), so a body it declared was read for
+    anyone: a body route buffered up to max_body_bytes of it. Now a 413 on the head; POST is a 401 on its head."""
+    await start(xllm)
+    for path in ("/chat/completions", "/models"):
+        reply = await _answer_to_a_head_declaring_a_body(xllm["url"] + path, "OPTIONS", 60000)  # under the 64 KiB cap
+        assert reply.startswith(b"HTTP/1.1 413"), (path, reply[:300])
+        assert json.loads(reply.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_too_large"
+    reply = await _answer_to_a_head_declaring_a_body(xllm["url"] + "/chat/completions", "POST", 60000)
+    assert reply.startswith(b"HTTP/1.1 401"), reply[:300]
+    async with httpx.AsyncClient(timeout=30) as c:  # no body: Jupyter's answer as before
+        r = await c.options(xllm["url"] + "/chat/completions")
+        assert r.status_code in (200, 204) and r.headers["allow"] == "GET, HEAD, POST, OPTIONS"
+
+
 @on_server_loop
 async def test_environment_exported(xllm):
     await start(xllm)

@@ -62,6 +62,11 @@ def request_id_for(header: str | None) -> str:
     return uuid.uuid4().hex
 
 
+def declares_body(headers: HTTPHeaders) -> bool:
+    """True when a request's head announces a body (``Transfer-Encoding``, or a ``Content-Length`` other than 0)."""
+    return bool(headers.get("Transfer-Encoding")) or headers.get("Content-Length", "0").strip() not in ("", "0")
+
+
 class RequestIdMixin:
     """``X-Request-ID`` on every response, errors included, for handler bases of apps other than the standalone
     ``XllmApplication`` (Jupyter, the hub service): the openai SDK's ``request_id``, and the id on log records."""
@@ -180,8 +185,7 @@ class PreflightHandler(_EdgeHandler):
             raise PermissionDenied("This origin is not allowed to call this server (CORS).")
         # no key is asked here, so a body is never read: declared, it is refused on the head (413), as the hub
         # service's body-less pages do (read and dropped, anyone could make the server take in up to 1 GiB)
-        headers = self.request.headers
-        if headers.get("Transfer-Encoding") or headers.get("Content-Length", "0").strip() not in ("", "0"):
+        if declares_body(self.request.headers):
             raise PayloadTooLarge("An OPTIONS request takes no body.")
 
     def options(self, *args: Any) -> None:
@@ -310,6 +314,7 @@ __all__ = [
     "EdgePolicy",
     "RequestIdMixin",
     "XllmApplication",
+    "declares_body",
     "edge_settings",
     "edge_transforms",
     "log_access",

@@ -16,13 +16,22 @@ from jupyter_server.base.handlers import APIHandler
 from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import web
 
-from ..core.errors import AuthenticationError, PermissionDenied
-from .edge import RequestIdMixin
+from ..core.errors import AuthenticationError, PayloadTooLarge, PermissionDenied
+from .edge import RequestIdMixin, declares_body
 from .handlers import admin_required
 
 
 class AllowOnOptionsMixin:
     """Jupyter's own OPTIONS answer (``APIHandler.options``, anonymous), plus the route's ``Allow``."""
+
+    async def prepare(self, *args: Any, **kwargs: Any) -> None:
+        """An OPTIONS that declares a body is a 413 on its head: it is answered without credentials, so a body
+        would be read for anyone (a body route buffered up to ``max_body_bytes`` of it); then Jupyter's checks."""
+        if self.request.method == "OPTIONS" and declares_body(self.request.headers):  # type: ignore[attr-defined]
+            raise PayloadTooLarge("An OPTIONS request takes no body.")
+        result = super().prepare(*args, **kwargs)  # type: ignore[misc]
+        if result is not None:
+            await result
 
     @allow_unauthenticated
     def options(self, *args: Any, **kwargs: Any) -> None:
