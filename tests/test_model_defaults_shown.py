@@ -22,7 +22,7 @@ HOT = {**GREEDY, "temperature": 1.5, "max_tokens": 5}  # a Modelfile over it: PA
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_llama_dir):
-    """A server with "greedy" (its own sampling) and "hot" (created from it) loaded."""
+    """A server with "greedy" (its own sampling) and "hot" (created from it) loaded, and "cold" (like hot) not."""
     src = tmp_path_factory.mktemp("defaults-src") / "m"
     shutil.copytree(tiny_llama_dir, src)
     (src / "generation_config.json").write_text(json.dumps(
@@ -30,6 +30,7 @@ def server(tmp_path_factory, tiny_llama_dir):
     store = ModelStore(tmp_path_factory.mktemp("defaults-home"))
     store.pull(str(src), "greedy")
     store.create("hot", "FROM greedy\nPARAMETER temperature 1.5\nPARAMETER num_predict 5\n")
+    store.create("cold", "FROM hot\n")
     with running_server(make_test_config(store.home), store, "greedy") as info:
         info.call(info.engine.load("hot"), timeout=120)
         yield info
@@ -45,6 +46,9 @@ def test_models_list_each_models_defaults_beside_the_openai_fields(server):
     assert hot.model_extra["xllm"]["defaults"] == HOT
     assert listed["greedy"].model_extra["xllm"]["defaults"] == GREEDY
     assert listed["hot"].model_extra["xllm"]["defaults"] == HOT
+    # not loaded: what the store says its load would read (was left out: only a loaded model's were known)
+    cold = listed["cold"].model_extra["xllm"]
+    assert cold["loaded"] is False and cold["defaults"] == HOT
 
 
 def test_chat_widget_settings_start_at_the_picked_models_defaults(server):
@@ -62,6 +66,8 @@ def test_chat_widget_settings_start_at_the_picked_models_defaults(server):
         assert (w.temperature.value, w.top_p.value) == (0.0, 0.5) and w.request_params() == {"top_p": 0.5}
         w.use_model_defaults()
         assert w.top_p.value == 0.85 and w.chosen == set()
+        w.model_picker.value = "cold"  # not loaded: the store's word
+        assert (w.temperature.value, w.max_tokens.value) == (1.5, 5)
     finally:
         w.close()
     w = ChatWidget("hot", client=(server.base_url, server.api_key), temperature=0.3)

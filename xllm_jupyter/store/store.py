@@ -139,14 +139,20 @@ class ModelStore(PullMixin):
         return self.facts(name).task
 
     def facts(self, name: str) -> CatalogFacts:
-        """What model ``name`` serves and its digest, from its manifest alone (a packaged default not
-        pulled yet has a task and no digest)."""
+        """What model ``name`` serves, its digest and the defaults its requests get, without loading it (a packaged
+        default not pulled yet has a task alone)."""
         try:
             manifest = self.show(name)
         except (InvalidModelName, ModelNotFound, StoreError, OSError):
             packaged = PACKAGED.get(name)
             return CatalogFacts(task=packaged.task if packaged is not None else None)
-        return CatalogFacts(task=manifest.task, digest=manifest.digest or None)
+        defaults = None
+        if manifest.task in (None, "chat"):  # adapters and embedding models take no sampling
+            try:  # chat UIs show these; a damaged Modelfile record fails the load with its own message
+                defaults = model_defaults(manifest)
+            except StoreError:
+                pass
+        return CatalogFacts(task=manifest.task, digest=manifest.digest or None, defaults=defaults)
 
     def resolve(self, name: str) -> ModelSpec:
         """The spec to load ``name``; pulls a packaged default on first use; else ModelNotFound."""
