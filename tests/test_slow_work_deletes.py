@@ -18,22 +18,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import openai
 import pytest
 
 from xllm_jupyter.core import slow_work
 from xllm_jupyter.server.standalone import shutdown_engine
-from xllm_jupyter.store.atomic import FileLock
-from xllm_jupyter.store.names import name_to_dirname
 from xllm_jupyter.store.store import ModelStore
 
 from .server_fixtures import API_KEY, make_test_config, running_server
+from .slow_work_helpers import HUNG, CallCounter, assert_chat_answers, hold_pull_lock, store_of
 
-HI = [{"role": "user", "content": "hi"}]
 #: the slow-work pool's threads in this test (the server's has 64: the same stall, with fewer requests)
 WORKERS = 3
-#: how long a hung chat may take before the test reports it (a fail-safe, not a timing assertion)
-HUNG = 60
 
 
 def test_deletes_waiting_for_a_pull_leave_the_slow_pool_to_loads(tmp_path, tiny_llama_dir, monkeypatch):
@@ -41,22 +36,10 @@ def test_deletes_waiting_for_a_pull_leave_the_slow_pool_to_loads(tmp_path, tiny_
     and once the pull lets go, one DELETE removes the model and the others get 404s."""
     monkeypatch.setattr(slow_work, "_slow", slow_work.ThreadLane(WORKERS, "xllm-slow-test"))
     home = tmp_path / "home"
-    store = ModelStore(home)
-    for name in ("spare", "cold", "doomed"):
-        store.pull(str(tiny_llama_dir), name)
-
-    tries, tried = [0], threading.Condition()
-    original_rm = ModelStore.rm
-
-    def counted_rm(self, name, **kwargs):
-        with tried:
-            tries[0] += 1
-            tried.notify_all()
-        return original_rm(self, name, **kwargs)
-
-    monkeypatch.setattr(ModelStore, "rm", counted_rm)
-    pull_lock = FileLock(home / "locks" / f"{name_to_dirname('doomed')}.lock")  # as a pull of the name holds it
-    assert pull_lock.acquire(blocking=False)
+    store = store_of(home, tiny_llama_dir, "spare", "cold", "doomed")
+    tries = CallCounter()
+    monkeypatch.setattr(ModelStore, "rm", tries.wrap(ModelStore.rm))
+    pull_lock = hold_pull_lock(home, "doomed")
     deletes = WORKERS + 2
     with running_server(make_test_config(home), ModelStore(home), "spare") as server:
         def delete() -> int:
@@ -66,15 +49,11 @@ def test_deletes_waiting_for_a_pull_leave_the_slow_pool_to_loads(tmp_path, tiny_
         admins = ThreadPoolExecutor(deletes)
         try:
             sent = [admins.submit(delete) for _ in range(deletes)]
-            with tried:  # as many DELETEs as the pool has threads reached the store (before the fix, each holds one)
-                assert tried.wait_for(lambda: tries[0] >= WORKERS or any(f.done() for f in sent), 300)
+            # as many DELETEs as the pool has threads reached the store (before the fix, each holds one)
+            assert tries.wait_for(WORKERS, unless=lambda: any(f.done() for f in sent))
             assert not any(f.done() for f in sent), [f.result() for f in sent if f.done()]
-            client = openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0, timeout=HUNG)
-            try:
-                reply = client.chat.completions.create(model="cold", messages=HI, max_tokens=2)
-            except openai.APITimeoutError:
-                pytest.fail(f"a chat that loads its model hung while {deletes} DELETEs waited for a pull")
-            assert reply.model == "cold" and reply.usage.completion_tokens >= 1
+            assert_chat_answers(server.base_url, API_KEY, "cold",
+                                f"a chat that loads its model hung while {deletes} DELETEs waited for a pull")
         finally:
             pull_lock.release()
             codes = sorted(f.result(300) for f in sent)
@@ -88,18 +67,14 @@ def test_pulls_in_flight_leave_the_slow_pool_to_loads(tmp_path, tiny_llama_dir, 
     model still answers; each pull then finishes."""
     monkeypatch.setattr(slow_work, "_slow", slow_work.ThreadLane(WORKERS, "xllm-slow-test"))
     home = tmp_path / "home"
-    store = ModelStore(home)
-    for name in ("spare", "cold"):
-        store.pull(str(tiny_llama_dir), name)
-    held, release, count = threading.Condition(), threading.Event(), [0]
+    store = store_of(home, tiny_llama_dir, "spare", "cold")
+    release, held = threading.Event(), CallCounter()
     original_pull = ModelStore.pull
+    wait_for_release = held.wrap(lambda: release.wait(300))
 
     def held_pull(self, source, name=None, **kwargs):
         if name is not None and name.startswith("new"):
-            with held:
-                count[0] += 1
-                held.notify_all()
-            release.wait(300)
+            wait_for_release()
         return original_pull(self, source, name, **kwargs)
 
     monkeypatch.setattr(ModelStore, "pull", held_pull)
@@ -113,15 +88,11 @@ def test_pulls_in_flight_leave_the_slow_pool_to_loads(tmp_path, tiny_llama_dir, 
         admins = ThreadPoolExecutor(len(names))
         try:
             sent = [admins.submit(pull, n) for n in names]
-            with held:  # as many pulls as the slow pool has threads are in the store
-                assert held.wait_for(lambda: count[0] >= WORKERS or any(f.done() for f in sent), 300)
+            # as many pulls as the slow pool has threads are in the store
+            assert held.wait_for(WORKERS, unless=lambda: any(f.done() for f in sent))
             assert not any(f.done() for f in sent), [f.result() for f in sent if f.done()]
-            client = openai.OpenAI(base_url=server.base_url, api_key=API_KEY, max_retries=0, timeout=HUNG)
-            try:
-                reply = client.chat.completions.create(model="cold", messages=HI, max_tokens=2)
-            except openai.APITimeoutError:
-                pytest.fail(f"a chat that loads its model hung while {count[0]} pulls were in flight")
-            assert reply.model == "cold" and reply.usage.completion_tokens >= 1
+            assert_chat_answers(server.base_url, API_KEY, "cold",
+                                f"a chat that loads its model hung while {held.calls} pulls were in flight")
         finally:
             release.set()
             codes = [f.result(300) for f in sent]
@@ -133,44 +104,32 @@ def test_a_delete_waiting_for_a_pull_stops_when_its_client_leaves(tmp_path, tiny
     """A DELETE waiting for a pull's lock whose client hangs up stops trying: once the pull lets go, the model is
     still in the store (it was removed by nobody's request), and a DELETE whose client waits removes it."""
     home = tmp_path / "home"
-    store = ModelStore(home)
-    for name in ("spare", "doomed"):
-        store.pull(str(tiny_llama_dir), name)
-    tries, tried = [0], threading.Condition()
-    original_rm = ModelStore.rm
-
-    def counted_rm(self, name, **kwargs):
-        with tried:
-            tries[0] += 1
-            tried.notify_all()
-        return original_rm(self, name, **kwargs)
-
-    pull_lock = FileLock(home / "locks" / f"{name_to_dirname('doomed')}.lock")  # as a pull of the name holds it
-    assert pull_lock.acquire(blocking=False)
+    store = store_of(home, tiny_llama_dir, "spare", "doomed")
+    tries = CallCounter()
+    pull_lock = hold_pull_lock(home, "doomed")
     caplog.set_level(logging.INFO, logger="xllm_jupyter.server")
     with pytest.MonkeyPatch.context() as mp, running_server(make_test_config(home), ModelStore(home), "spare") as server:
-        mp.setattr(ModelStore, "rm", counted_rm)
+        mp.setattr(ModelStore, "rm", tries.wrap(ModelStore.rm))
         try:
             host, port = server.root.removeprefix("http://").rsplit(":", 1)
             conn = http.client.HTTPConnection(host, int(port), timeout=300)
             conn.request("DELETE", "/v1/models/doomed", headers={"Authorization": f"Bearer {API_KEY}"})
-            with tried:  # the DELETE is waiting for the lock
-                assert tried.wait_for(lambda: tries[0] >= 2, 300)
+            assert tries.wait_for(2)  # the DELETE is waiting for the lock
             conn.sock.shutdown(socket.SHUT_RDWR)  # the client leaves without its answer
             conn.close()
             left = "left while a pull of it held it"
             deadline = time.monotonic() + HUNG  # (a fail-safe: on the old code it kept trying until the pull ended)
             while not (stopped := any(left in r.getMessage() for r in caplog.records)) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert stopped, f"the DELETE went on trying the lock after its client left ({tries[0]} tries)"
-            stopped_at = tries[0]
+            assert stopped, f"the DELETE went on trying the lock after its client left ({tries.calls} tries)"
+            stopped_at = tries.calls
         finally:
             pull_lock.release()
         assert store.exists("doomed")
         r = httpx.delete(f"{server.base_url}/models/doomed", headers={"Authorization": f"Bearer {API_KEY}"},
                          timeout=300)
         assert r.status_code == 200 and r.json() == {"id": "doomed", "object": "model", "deleted": True}
-        assert tries[0] == stopped_at + 1 and not store.exists("doomed")
+        assert tries.calls == stopped_at + 1 and not store.exists("doomed")
 
 
 def test_a_delete_waiting_for_a_pull_answers_503_when_the_server_stops(tmp_path, tiny_llama_dir):
@@ -178,28 +137,16 @@ def test_a_delete_waiting_for_a_pull_answers_503_when_the_server_stops(tmp_path,
     as ``run_server`` does at SIGTERM): an OpenAI 503 saying so, not a connection cut at the drain's end (and a
     500 in the log when the loop cancelled it); the model stays."""
     home = tmp_path / "home"
-    store = ModelStore(home)
-    for name in ("spare", "doomed"):
-        store.pull(str(tiny_llama_dir), name)
-    tries, tried = [0], threading.Condition()
-    original_rm = ModelStore.rm
-
-    def counted_rm(self, name, **kwargs):
-        with tried:
-            tries[0] += 1
-            tried.notify_all()
-        return original_rm(self, name, **kwargs)
-
-    pull_lock = FileLock(home / "locks" / f"{name_to_dirname('doomed')}.lock")  # as a CLI pull of the name holds it
-    assert pull_lock.acquire(blocking=False)
+    store = store_of(home, tiny_llama_dir, "spare", "doomed")
+    tries = CallCounter()
+    pull_lock = hold_pull_lock(home, "doomed")  # as a CLI pull of the name holds it
     with pytest.MonkeyPatch.context() as mp, running_server(make_test_config(home), ModelStore(home), "spare") as server:
-        mp.setattr(ModelStore, "rm", counted_rm)
+        mp.setattr(ModelStore, "rm", tries.wrap(ModelStore.rm))
         admins = ThreadPoolExecutor(1)
         try:
             sent = admins.submit(httpx.delete, f"{server.base_url}/models/doomed",
                                  headers={"Authorization": f"Bearer {API_KEY}"}, timeout=HUNG)
-            with tried:  # the DELETE is waiting for the lock
-                assert tried.wait_for(lambda: tries[0] >= 2, 300)
+            assert tries.wait_for(2)  # the DELETE is waiting for the lock
             server.call(shutdown_engine(server.engine), timeout=60)
             try:
                 r = sent.result(HUNG + 10)

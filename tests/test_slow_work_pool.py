@@ -24,12 +24,10 @@ from xllm_jupyter.engine.embeddings import EmbeddingHost
 from xllm_jupyter.store.store import ModelStore
 
 from .server_fixtures import API_KEY, make_test_config, running_server
+from .slow_work_helpers import HI, CallCounter, assert_chat_answers
 
-HI = [{"role": "user", "content": "hi"}]
 #: asyncio's default pool size (``ThreadPoolExecutor``'s default): loads enough to take all of its threads
 DEFAULT_WORKERS = min(32, (os.cpu_count() or 1) + 4)
-#: how long a hung chat may take before the test reports it (a fail-safe, not a timing assertion)
-HUNG = 60
 
 
 @pytest.mark.parametrize("stage", ["load", "warm-up", "embedding load", "pull"])
@@ -43,13 +41,8 @@ def test_a_loaded_model_answers_while_many_loads_are_held(tmp_path, tiny_llama_d
     for name in names if stage != "pull" else ():
         store.pull("all-minilm" if embedding else str(tiny_llama_dir), name)
 
-    held, release, count = threading.Condition(), threading.Event(), [0]
-
-    def hold() -> None:  # on the thread the server gave the load's (or pull's) stage
-        with held:
-            count[0] += 1
-            held.notify_all()
-        release.wait(300)
+    release, held = threading.Event(), CallCounter()
+    hold = held.wrap(lambda: release.wait(300))  # on the thread the server gave the load's (or pull's) stage
 
     original, original_embedding, original_pull = loading._load_and_prepare, EmbeddingHost._load_sync, ModelStore.pull
 
@@ -94,15 +87,11 @@ def test_a_loaded_model_answers_while_many_loads_are_held(tmp_path, tiny_llama_d
         users = ThreadPoolExecutor(len(names))
         try:
             slow = [users.submit(ask, n) for n in names]
-            with held:  # every thread asyncio's default pool has is taken by a held call, if they still use it
-                assert held.wait_for(lambda: count[0] >= DEFAULT_WORKERS or any(f.done() for f in slow), 300)
+            # every thread asyncio's default pool has is taken by a held call, if they still use it
+            assert held.wait_for(DEFAULT_WORKERS, unless=lambda: any(f.done() for f in slow))
             assert not any(f.done() for f in slow), [f.exception() or f.result() for f in slow if f.done()]
-            quick = openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0, timeout=HUNG)
-            try:
-                reply = quick.chat.completions.create(model="spare", messages=HI, max_tokens=2)
-            except openai.APITimeoutError:
-                pytest.fail(f"a chat with the loaded model hung while {count[0]} {stage}s were held")
-            assert reply.model == "spare" and reply.usage.completion_tokens >= 1
+            assert_chat_answers(server.base_url, server.api_key, "spare",
+                                f"a chat with the loaded model hung while {held.calls} {stage}s were held")
         finally:
             release.set()
             done = [f.result(300) for f in slow]
