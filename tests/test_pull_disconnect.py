@@ -100,3 +100,56 @@ def test_a_client_leaving_mid_conversion_stops_the_pull_at_once(tmp_path, tiny_l
                        json={"model": str(tiny_gguf), "name": "converted"})
         done = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
         assert done[-1]["status"] == "success" and done[-1]["id"] == "converted", done
+
+
+def _events_until(lines, status_prefix):
+    """The stream's next events up to the first whose status starts with ``status_prefix`` (or its end)."""
+    events = []
+    for line in lines:
+        if line.startswith("data: {"):
+            events.append(json.loads(line[len("data: "):]))
+            if str(events[-1].get("status", "")).startswith(status_prefix) or "error" in events[-1]:
+                break
+    return events
+
+
+def test_a_repull_waits_on_the_ioloop_for_the_left_conversion_and_stops_with_its_client_or_a_shutdown(
+        tmp_path, tiny_llama_dir, tiny_gguf, held_tokenizer_read):  # noqa: F811
+    """A pull of a name whose cancelled conversion is still held in its library call ran a second conversion beside
+    it. Now it waits for that first, saying so, before it calls the store's pull (no pull thread held), and its
+    client leaving, or a shutdown's ``cancel_pulls``, stops the wait."""
+    inside, release = held_tokenizer_read
+    home = tmp_path / "home"
+    ModelStore(home).pull(str(tiny_llama_dir), TINY)
+    store = WatchedStore(home)
+    calls = []
+    original = store.pull
+    store.pull = lambda *a, **k: calls.append(a) or original(*a, **k)  # counts the pulls the route starts
+    body = {"model": str(tiny_gguf), "name": "converted", "convert": True}
+    waiting = "waiting for the cancelled pull of 'converted' to finish"
+    with running_server(make_test_config(home), store, TINY) as info:
+        try:
+            with httpx.stream("POST", info.root + "/admin/models/pull", headers=HEADERS, timeout=PATIENCE, json=body) as r:
+                assert _events_until(r.iter_lines(), "convert")[-1]["status"] == "convert"
+                assert inside.wait(PATIENCE)
+            assert store.pull_ended.wait(PATIENCE), "the pull went on after its client left"
+            # a retry whose client leaves while it waits: it never reaches the store
+            with httpx.stream("POST", info.root + "/admin/models/pull", headers=HEADERS, timeout=PATIENCE, json=body) as r:
+                assert r.status_code == 200
+                assert _events_until(r.iter_lines(), "waiting")[-1] == {"status": waiting, "file": None, "completed": 0, "total": None}
+            # a retry waiting at a shutdown's cancel: its stream ends with the stop's error, nothing pulled
+            with httpx.stream("POST", info.root + "/admin/models/pull", headers=HEADERS, timeout=PATIENCE, json=body) as r:
+                lines = r.iter_lines()
+                assert _events_until(lines, "waiting")[-1]["status"] == waiting
+                assert store.cancel_pulls() >= 1
+                rest = _events_until(lines, "never")
+            assert "error" in rest[-1] and "stopped before it started" in rest[-1]["error"]["message"], rest
+            assert len(calls) == 1 and not release.is_set()  # only the first pull ran; the conversion is still held
+        finally:
+            release.set()
+        # once the left conversion ends, a retry goes through (after its one waiting event, if it still ran)
+        r = httpx.post(info.root + "/admin/models/pull", headers=HEADERS, timeout=PATIENCE,
+                       json={"model": str(tiny_gguf), "name": "converted"})
+        done = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        assert done[-1]["status"] == "success" and done[-1]["id"] == "converted", done
+        assert len(calls) == 2

@@ -6,7 +6,10 @@ answers with server-sent events: ``{"status": stage, "file", "completed", "total
 store pulls (stages as in ``store.progress.PullProgress``), then ``{"status": "success", "model",
 "digest", ...}`` and ``[DONE]``. A client that disconnects stops the pull at once, through the store's
 own cancel (the one a shutdown sets): even inside a long step that reports nothing (a GGUF conversion),
-the route lets go within the store's grace and the pull's files are deleted as it unwinds.
+the route lets go within the store's grace and the pull's files are deleted as it unwinds. A pull of a
+name whose cancelled pull is still converting (left in a library call) first waits for that to end, on the
+IOLoop (no pull thread held), with one ``{"status": "waiting for the cancelled pull of 'NAME' to finish"}``
+event; its client leaving or a shutdown stops that wait too.
 ``GET /admin/models/manifest?model=NAME`` gives a stored model's digest and source plus the server
 version, for the provenance a notebook records with each answer, and the store's random id (``store_id``), by
 which ``xllm rm`` knows whether the server serves from its store.
@@ -23,9 +26,10 @@ from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
 from .. import __version__
-from ..core.errors import InvalidRequest, ModelNotFound, StoreError, UnknownParameter, Unsupported, quoted
+from ..core.errors import InvalidRequest, ModelNotFound, PullStopped, StoreError, UnknownParameter, Unsupported, quoted
 from ..core.slow_work import SLOW_WORKERS, ThreadLane
 from ..openai.json_body import strict_json
+from ..store.cancel import waiting_status
 from ..store.names import validate_name
 from ..store.sources import parse_source
 from .handlers import BodyMixin, RequestMixin
@@ -34,6 +38,8 @@ log = logging.getLogger("xllm_jupyter.server")
 
 #: at most this many progress events a second per file (the store reports every chunk)
 PROGRESS_INTERVAL = 0.1
+#: how often a pull waiting for its name's cancelled pull to end looks again (on the IOLoop: no thread waits)
+LEFT_PULL_POLL = 0.25
 #: the threads admins' pulls wait on (each for minutes: a download, a conversion, another pull of the name): a lane
 #: of their own, as on the slow-work pool that many pulls at once held every thread and loads waited behind them
 PULLS = ThreadLane(SLOW_WORKERS, "xllm-pull")
@@ -140,6 +146,21 @@ def check_base(store: Any, base: str | None) -> None:
         raise missing
 
 
+def _pull_name(args: dict[str, Any]) -> str:
+    """The name the pull of ``args`` stores its model under (as the store's ``pull`` picks it)."""
+    return validate_name(args["name"]) if args["name"] else parse_source(args["source"], args["revision"]).default_name
+
+
+async def _wait_left_pulls(store: Any, name: str, gone: threading.Event) -> None:
+    """Return once no cancelled pull of ``name`` is left converting; PullStopped if ``gone`` is set first (a
+    shutdown's ``cancel_pulls``; a client leaving cancels this wait's task)."""
+    while store.left_pulls(name):
+        if gone.is_set():
+            raise PullStopped(f"The pull of '{quoted(name)}' was stopped before it started (the server is shutting "
+                              "down); nothing was added to the store: pull it again")
+        await asyncio.sleep(LEFT_PULL_POLL)
+
+
 async def pull_events(store: Any, args: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     """Run ``store.pull`` on a thread and yield its (coalesced) progress, then the result."""
     loop = asyncio.get_running_loop()
@@ -167,9 +188,16 @@ async def pull_events(store: Any, args: dict[str, Any]) -> AsyncIterator[dict[st
         return store.pull(args["source"], args["name"], revision=args["revision"], progress=report,
                           force=args["force"], convert=args["convert"], base=args.get("base"), cancel=gone)
 
-    job = asyncio.ensure_future(PULLS.run(work))  # downloads, converts: minutes, off the shared and slow-work pools
+    job: asyncio.Future | None = None
     getter: asyncio.Future | None = None
     try:
+        name = _pull_name(args)
+        if hasattr(store, "left_pulls") and store.left_pulls(name):
+            # the store would wait for it on a pull thread: wait here instead, where a waiting pull holds none
+            with store.stoppable(name, gone):  # ``cancel_pulls`` (a shutdown) sets ``gone`` meanwhile
+                yield {"status": waiting_status(name), "file": None, "completed": 0, "total": None}
+                await _wait_left_pulls(store, name, gone)
+        job = asyncio.ensure_future(PULLS.run(work))  # downloads, converts: minutes, off the shared and slow-work pools
         while True:
             getter = asyncio.ensure_future(queue.get())
             await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
@@ -187,7 +215,7 @@ async def pull_events(store: Any, args: dict[str, Any]) -> AsyncIterator[dict[st
         gone.set()
         if getter is not None:
             getter.cancel()  # (left waiting on the queue when the client left mid-wait, it outlived the loop)
-        if not job.done():
+        if job is not None and not job.done():
             log.info("the client of the pull of %s left: stopping the pull", args["name"] or args["source"])
             await asyncio.gather(job, return_exceptions=True)
 

@@ -6,6 +6,9 @@ between its steps only, and one step (transformers reading the weights) takes te
 the pull runs on a daemon thread of its own and the caller waits for it or for the cancel: a
 cancelled pull returns within ``GRACE_SECONDS`` whatever it was doing, the process may exit without
 waiting for that thread, and at exit the build directories of such abandoned pulls are deleted.
+An abandoned pull lets go of its name's lock (a DELETE or load of the name need not wait for it), but a
+new pull of that name in this process waits for its thread to end (``wait_for_left``) before building:
+each cancel and retry would otherwise add one more full conversion at once, with no bound.
 """
 
 from __future__ import annotations
@@ -33,9 +36,12 @@ GRACE_SECONDS = 0.5
 class PullJob:
     """One pull in flight: its cancel flag and the build directories it made (deleted if it is abandoned)."""
 
-    def __init__(self, name: str, cancel: threading.Event | None = None):
+    def __init__(self, name: str, cancel: threading.Event | None = None, key: str | None = None):
         self.name = name
         self.cancel = cancel if cancel is not None else threading.Event()
+        # what tells this name's pulls from other stores' (its lock file's path): a new pull waits for left ones
+        self.key = key
+        self.ended = threading.Event()  # set once its thread has unwound (``run_cancellable``)
         self.building: set[Path] = set()
         # the name's lock, while held: an abandoned pull lets go of it from its caller's thread (``let_go``), under
         # ``_guard``, which its own thread holds to release it and to write into models/ (``committing``)
@@ -91,6 +97,39 @@ current_job: contextvars.ContextVar[PullJob | None] = contextvars.ContextVar("xl
 _abandoned: set[PullJob] = set()
 _abandoned_lock = threading.Lock()
 
+#: how often a pull waiting for a left pull of its name checks its own cancel
+WAIT_STEP_SECONDS = 0.05
+
+
+def waiting_status(name: str) -> str:
+    """The progress stage of a pull waiting for an abandoned pull of its name (as Ollama's statuses, a phrase)."""
+    return f"waiting for the cancelled pull of '{name}' to finish"
+
+
+def left_pulls(key: str) -> list[PullJob]:
+    """The abandoned pulls of the name ``key`` whose thread still runs (a conversion deaf to its cancel)."""
+    with _abandoned_lock:
+        return [job for job in _abandoned if job.key == key and not job.ended.is_set()]
+
+
+def wait_for_left(job: PullJob, report: ProgressFn) -> None:
+    """Block until no abandoned pull of ``job``'s name still runs, reporting the wait once; PullStopped (through
+    ``job.check`` or ``report``) as soon as ``job`` is cancelled. Called before the name's lock is taken: a DELETE
+    or load of the name goes on meanwhile, only a second conversion of it waits."""
+    if job.key is None:
+        return
+    reported = False
+    while True:
+        left = [other for other in left_pulls(job.key) if other is not job]
+        if not left:
+            return
+        if not reported:
+            reported = True
+            log.info("the pull of %s waits for its cancelled pull's thread to end", job.name)
+            report(PullProgress(waiting_status(job.name), None, 0, None))
+        job.check()
+        left[0].ended.wait(WAIT_STEP_SECONDS)
+
 
 class PullJobs:
     """The pulls in flight in one store, so that ``cancel_all`` (a shutdown) can stop them."""
@@ -134,6 +173,7 @@ def run_cancellable(job: PullJob, work: Callable[[], T]) -> T:
             box["error"] = exc
         finally:
             done.set()
+            job.ended.set()
             with _abandoned_lock:  # unwound: its files are gone, nothing is left for the exit to delete
                 _abandoned.discard(job)
 

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 
 from ..core.errors import ModelNotFound, StoreError, quoted
 from .atomic import FileLock, fix_modes, fsync_dir, fsync_tree, remove_tree, replace_dir, try_lock
-from .cancel import PullJob, PullJobs, current_job, run_cancellable
+from .cancel import PullJob, PullJobs, current_job, left_pulls, run_cancellable, wait_for_left
 from .generation_defaults import write_sampling
 from .hub import HubClient, verify_files
 from .local import copy_dir, copy_file, list_dir_files
@@ -87,11 +87,14 @@ class PullMixin:
         n = validate_name(name) if name is not None else src.default_name
         if base is not None:
             base = self._checked_base(base, n)
-        job = PullJob(n, cancel)
+        job = PullJob(n, cancel, key=self._name_key(n))
         report = job.checking(guard_progress(progress))  # every progress step is a cancel point
 
         def work() -> Manifest:
             try:
+                # a cancelled pull of the name left converting (deaf to its cancel) is waited for, without its lock:
+                # each cancel and retry added one more full conversion at once
+                wait_for_left(job, report)
                 for d in (self.models, self.tmp, self.locks):
                     d.mkdir(parents=True, exist_ok=True)
                 with job.holding(FileLock(self.locks / f"{name_to_dirname(n)}.lock")):
@@ -114,6 +117,21 @@ class PullMixin:
         """Stop every pull in flight in this store (a shutdown): each raises PullStopped within seconds, leaving
         nothing in ``models/``; returns how many there were."""
         return self._pull_jobs.cancel_all()
+
+    def left_pulls(self, name: str) -> int:
+        """How many cancelled pulls of ``name`` in this process are left running (a library call deaf to the
+        cancel): a new pull of the name waits for them before it starts (``pull`` reports it)."""
+        return len(left_pulls(self._name_key(validate_name(name))))
+
+    @contextmanager
+    def stoppable(self, name: str, cancel: threading.Event) -> Iterator[None]:
+        """For the block, ``cancel_pulls`` sets ``cancel`` too (a pull of ``name`` waiting before it calls ``pull``)."""
+        with self._pull_jobs.track(PullJob(name, cancel)):
+            yield
+
+    def _name_key(self, n: str) -> str:
+        """What tells the pulls of name ``n`` in this store from other names' and other stores' (its lock's path)."""
+        return str(self.locks / f"{name_to_dirname(n)}.lock")
 
     def check_base(self, base: str) -> Manifest | None:
         """The stored model ``base`` a LoRA adapter would apply to, None when none is stored under that name.
