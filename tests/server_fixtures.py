@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, Awaitable, Callable, Iterator
 
 import pytest
 
-from xllm_jupyter.core.config import EngineConfig, ServerConfig, StoreConfig, XllmConfig
+from xllm_jupyter.core.config import AuthConfig, EngineConfig, ServerConfig, StoreConfig, XllmConfig
 from xllm_jupyter.store.store import ModelStore
 
 TINY = "tiny"
@@ -138,6 +139,17 @@ def tiny_server_of_its_own(tmp_path_factory: Any, tiny_llama_dir: Path, label: s
     store = ModelStore(home)
     store.pull(str(tiny_llama_dir), TINY)
     with running_server(make_test_config(home), store, TINY) as info:
+        yield info
+
+
+@contextlib.contextmanager
+def proxied_tiny_server(home: Path, catalog: Any, key: str, limit: int, window: float) -> Iterator[ServerInfo]:
+    """A standalone server of "tiny" whose one API key is ``key``, behind a proxy on 127.0.0.1 (which names the
+    client in X-Forwarded-For), allowing ``limit`` failed authentications per client in ``window`` seconds."""
+    cfg = make_test_config(home, api_keys=(key,))
+    cfg = dataclasses.replace(cfg, auth=AuthConfig(failed_auth_limit=limit, failed_auth_window_seconds=window,
+                                                   trusted_proxies=("127.0.0.1",)))
+    with running_server(cfg, catalog, TINY) as info:
         yield info
 
 

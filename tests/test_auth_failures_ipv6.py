@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import select
 import socket
 from typing import Any, Iterator
@@ -18,7 +17,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.server_fixtures import HUB_ALICE, TINY, make_test_config, running_hub_app, running_server
+from tests.server_fixtures import HUB_ALICE, proxied_tiny_server, running_hub_app
 from xllm_jupyter.core.config import AuthConfig, load_config
 from xllm_jupyter.core.errors import RateLimited
 from xllm_jupyter.server.auth_failures import IPV6_SITE_SHARE, PAST_CAP_WAITING, FailedAuthLimiter
@@ -36,10 +35,7 @@ def _host(subnet: int, site: str = "2001:db8:5") -> str:
 @pytest.fixture(scope="module")
 def proxied_server(xllm_home, tiny_catalog) -> Iterator[Any]:
     """A standalone server behind a proxy on 127.0.0.1 (which names the client in X-Forwarded-For)."""
-    cfg = make_test_config(xllm_home, api_keys=(KEY,))
-    cfg = dataclasses.replace(cfg, auth=AuthConfig(failed_auth_limit=LIMIT, failed_auth_window_seconds=WINDOW,
-                                                   trusted_proxies=("127.0.0.1",)))
-    with running_server(cfg, tiny_catalog, TINY) as info:
+    with proxied_tiny_server(xllm_home, tiny_catalog, KEY, LIMIT, WINDOW) as info:
         yield info
 
 

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-from tests.server_fixtures import HUB_ALICE, TINY, make_test_config, running_hub_app, running_server
+from tests.server_fixtures import HUB_ALICE, proxied_tiny_server, running_hub_app
 from xllm_jupyter.core.config import AuthConfig
 from xllm_jupyter.core.errors import RateLimited
 from xllm_jupyter.server.auth_failures import PAST_CAP_WAITING, FailedAuthLimiter
@@ -177,10 +177,7 @@ KEY = "sk-right-key"
 @pytest.fixture(scope="module")
 def proxied_server(xllm_home, tiny_catalog) -> Iterator[Any]:
     """A standalone server behind a proxy on 127.0.0.1, allowing ``LIMIT`` failed authentications per client."""
-    cfg = make_test_config(xllm_home, api_keys=(KEY,))
-    cfg = dataclasses.replace(cfg, auth=AuthConfig(failed_auth_limit=LIMIT, failed_auth_window_seconds=WINDOW,
-                                                   trusted_proxies=("127.0.0.1",)))
-    with running_server(cfg, tiny_catalog, TINY) as info:
+    with proxied_tiny_server(xllm_home, tiny_catalog, KEY, LIMIT, WINDOW) as info:
         yield info
 
 

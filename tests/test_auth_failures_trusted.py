@@ -15,7 +15,7 @@ import httpx
 import pytest
 import tornado.httputil
 
-from tests.server_fixtures import TINY, make_test_config, running_server
+from tests.server_fixtures import proxied_tiny_server
 from xllm_jupyter.core.config import AuthConfig
 from xllm_jupyter.server.auth_failures import FailedAuthLimiter
 
@@ -37,10 +37,7 @@ def _auth(key: str, forwarded: str | None = None) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def proxied_server(xllm_home, tiny_catalog) -> Iterator[Any]:
     """A standalone server behind a proxy on 127.0.0.1, allowing ``LIMIT`` failed authentications per client."""
-    cfg = make_test_config(xllm_home, api_keys=(KEY,))
-    cfg = dataclasses.replace(cfg, auth=AuthConfig(failed_auth_limit=LIMIT, failed_auth_window_seconds=30,
-                                                   trusted_proxies=("127.0.0.1",)))
-    with running_server(cfg, tiny_catalog, TINY) as info:
+    with proxied_tiny_server(xllm_home, tiny_catalog, KEY, LIMIT, 30) as info:
         yield info
 
 
