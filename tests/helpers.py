@@ -11,6 +11,16 @@ from typing import Any, Iterator
 from urllib.parse import urlparse
 
 
+class Clock:
+    """A clock the test moves by hand (``clock.now += seconds``), for code that takes a ``clock`` callable."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def free_port() -> int:
     """A TCP port nothing listens on right now (for "no server there" checks and subprocess servers)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -10,22 +10,13 @@ import json
 
 import pytest
 
+from tests.helpers import Clock
 from tests.server_fixtures import TINY
 from xllm_jupyter.server.stats import TokenRate, memory_view
 
 
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_token_rate_over_window():
-    clock = Clock()
+    clock = Clock(100.0)
     rate = TokenRate(window=5.0, clock=clock)
     assert rate.sample(0) == (0.0, 0.0)  # one sample: no rate yet
     clock.now += 1
@@ -40,7 +31,7 @@ def test_token_rate_over_window():
 
 
 def test_token_rate_never_negative():
-    clock = Clock()
+    clock = Clock(100.0)
     rate = TokenRate(window=5.0, clock=clock)
     rate.sample(50)
     clock.now += 1

@@ -10,6 +10,7 @@ import httpx
 import pytest
 import tornado.httputil
 
+from tests.helpers import Clock
 from tests.server_fixtures import (
     HUB_ALICE,
     TINY,
@@ -77,16 +78,6 @@ def test_a_right_key_does_not_wipe_the_count(capped_server):
 
 
 # ---------------------------------------------------------------- the limiter itself
-class Clock:
-    """A hand-moved clock."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def _limiter(clock: Clock, **auth: Any) -> FailedAuthLimiter:
     values = {"failed_auth_limit": 2, "failed_auth_window_seconds": 60.0, **auth}
     return FailedAuthLimiter(AuthConfig(**values), clock)

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from tests.helpers import Clock
 from tests.server_fixtures import HUB_ALICE, proxied_tiny_server, running_hub_app
 from xllm_jupyter.core.config import AuthConfig, load_config
 from xllm_jupyter.core.errors import RateLimited
@@ -101,16 +102,6 @@ def test_the_hub_is_asked_about_no_more_of_a_sites_guesses_than_its_share_howeve
 
 
 # ---------------------------------------------------------------- the limiter itself
-class Clock:
-    """A clock the test moves."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_a_sites_failures_are_capped_at_its_share_of_64s():
     clock = Clock()
     limiter = FailedAuthLimiter(AuthConfig(failed_auth_limit=3, failed_auth_window_seconds=60), clock=clock)

@@ -28,18 +28,9 @@ from xllm_jupyter.backends.released_tokenizers import SECONDS, ReleasedTokenizer
 from xllm_jupyter.backends.tokenizer_files import load_tokenizer, release  # noqa: E402
 from xllm_jupyter.backends.transformers import TransformersBackend  # noqa: E402
 
+from .helpers import Clock  # noqa: E402
 from .test_model_manager import make_engine, req, run, wait_for  # noqa: E402
 from .test_tokenizer_files import builds  # noqa: E402,F401 - a fixture: counts llguidance's builds
-
-
-class Clock:
-    """A monotonic clock the test moves."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
