@@ -15,7 +15,7 @@ import asyncio
 import contextvars
 import functools
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
@@ -44,6 +44,11 @@ class ThreadLane:
         call = functools.partial(contextvars.copy_context().run, work, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self.executor(), call)
 
+    def submit(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
+        """``work(*args, **kwargs)`` started on one of the lane's threads, in a copy of this context: its
+        ``concurrent.futures`` future, whose callbacks run when the work ends whether or not a loop still runs."""
+        return self.executor().submit(contextvars.copy_context().run, work, *args, **kwargs)
+
     def close(self) -> None:
         """Let the lane's threads end once their work is done (a later call makes a new pool)."""
         with self._lock:
@@ -63,3 +68,8 @@ def slow_executor() -> ThreadPoolExecutor:
 async def run_slow(work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """``work(*args, **kwargs)`` on a slow-work thread, as ``asyncio.to_thread`` runs it on the default pool."""
     return await _slow.run(work, *args, **kwargs)
+
+
+def submit_slow(work: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
+    """``work(*args, **kwargs)`` started on a slow-work thread; its ``concurrent.futures`` future (see ``ThreadLane.submit``)."""
+    return _slow.submit(work, *args, **kwargs)

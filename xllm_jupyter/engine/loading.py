@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from concurrent.futures import Future
 from typing import Any, Callable
 
 from ..backends.base import Backend, BackendOptions, LoadedModel, ModelSpec, unload_each
@@ -24,7 +25,7 @@ from ..backends.torch_device import device_kind
 from ..core import gc_freeze
 from ..core.config import EngineConfig
 from ..core.errors import InvalidRequest, ModelNotFound, Overloaded, XllmError
-from ..core.slow_work import run_slow
+from ..core.slow_work import run_slow, submit_slow
 from ..core.types import ModelfileDefaults
 from ..store.names import canonical_name
 from .fairness import FairnessPolicy
@@ -424,15 +425,19 @@ def _import_ahead(backend: Backend, spec: ModelSpec) -> bool:
 async def _load_on_a_thread(backend: Backend, spec: ModelSpec) -> LoadedModel:
     """``backend.load(spec)`` on a slow-work thread (core/slow_work.py); if the wait is cancelled, the thread's model is unloaded
     once it is done (a thread cannot be stopped, and its weights would stay in memory for good)."""
-    loading = asyncio.ensure_future(run_slow(_load_and_prepare, backend, spec))
+    loading = submit_slow(_load_and_prepare, backend, spec)
+    waiting = asyncio.wrap_future(loading)
     try:
-        return await asyncio.shield(loading)
+        return await asyncio.shield(waiting)
     except asyncio.CancelledError:
+        # on the thread's future, not a task's: a loop closed before the load ended (an exit right after stop())
+        # ran no callback, so the model stayed loaded ("Task was destroyed but it is pending!")
         loading.add_done_callback(_unload_when_loaded)
+        waiting.add_done_callback(lambda w: w.cancelled() or w.exception())  # no one awaits it: its error is seen
         raise
 
 
-def _unload_when_loaded(loading: asyncio.Future) -> None:
+def _unload_when_loaded(loading: Future) -> None:
     if not loading.cancelled() and loading.exception() is None:
         threading.Thread(target=unload_each, args=([loading.result()],), name="xllm-unload", daemon=True).start()
 
