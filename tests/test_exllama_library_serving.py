@@ -252,6 +252,34 @@ def generate(model, prompt_ids, max_tokens: int, sampling=None, job_id: int = 1)
     raise AssertionError("the job did not finish")
 
 
+async def answer_through(runner, prompt_ids, stop_token: int, max_tokens: int, **params) -> tuple:
+    """One greedy request with logprobs through ``runner``: (text, raw bytes of each token, usage, finish)."""
+    import asyncio
+
+    from xllm_jupyter.core.types import ChoiceDelta, GenerationDone, GenerationParams, GenerationRequest, SamplingParams
+
+    request = GenerationRequest(model="t", prompt_ids=tuple(prompt_ids), params=GenerationParams(
+        max_tokens=max_tokens, sampling=SamplingParams(temperature=0.0), stop_token_ids=(stop_token,),
+        logprobs=True, **params))
+    text, raw, usage, finish = "", [], None, None
+    async for item in runner.submit(request, asyncio.get_running_loop()):
+        if isinstance(item, ChoiceDelta):
+            text += item.text
+            raw += [entry.raw for entry in item.logprobs]
+            finish = item.finish or finish
+        elif isinstance(item, GenerationDone):
+            usage = item.usage.completion_tokens
+    return text, raw, usage, finish.value if finish is not None else ""
+
+
+def wait_for_no_jobs(model) -> None:
+    """Give the engine's cancel of a job cut by a stop string the step it takes to reach the model (2 s at most)."""
+    for _ in range(200):
+        if model.active_jobs() == 0:
+            return
+        time.sleep(0.01)
+
+
 @pytest.mark.parametrize(("kind", "bits", "k_v"), [
     ("exllamav3", "q4", (4, 4)), ("exllamav3", "q8", (8, 8)), ("exllamav3", "4,6", (4, 6)),
     ("exllamav2-unpaged", "q4", None), ("exllamav2-unpaged", "q6", None), ("exllamav2-unpaged", "q8", None),
@@ -895,7 +923,6 @@ def test_a_stop_string_in_a_held_answer_ends_it_at_the_token_the_transformers_ba
     counted, its text never shown."""
     import asyncio
 
-    from xllm_jupyter.core.types import ChoiceDelta, GenerationDone, GenerationParams, GenerationRequest, SamplingParams
     from xllm_jupyter.engine.runner import ModelRunner
 
     require_kind(kind)
@@ -907,18 +934,7 @@ def test_a_stop_string_in_a_held_answer_ends_it_at_the_token_the_transformers_ba
 
     async def answer(script=(lone_byte, there, hi, lone_byte, stop), max_tokens=20, **params) -> tuple:
         script_tokens(model, kind, list(script))
-        request = GenerationRequest(model="t", prompt_ids=tuple(range(100, 120)), params=GenerationParams(
-            max_tokens=max_tokens, sampling=SamplingParams(temperature=0.0), stop_token_ids=(stop,), logprobs=True,
-            **params))
-        text, raw, usage, finish = "", [], None, None
-        async for item in runner.submit(request, asyncio.get_running_loop()):
-            if isinstance(item, ChoiceDelta):
-                text += item.text
-                raw += [entry.raw for entry in item.logprobs]
-                finish = item.finish or finish
-            elif isinstance(item, GenerationDone):
-                usage = item.usage.completion_tokens
-        return text, raw, usage, finish.value if finish is not None else ""
+        return await answer_through(runner, range(100, 120), stop, max_tokens, **params)
 
     try:
         text, raw, usage, finish = asyncio.run(answer(stop=("there",)))
@@ -928,10 +944,7 @@ def test_a_stop_string_in_a_held_answer_ends_it_at_the_token_the_transformers_ba
         # exllamav2 releases the same at max_tokens: the stop string ends it where it ends on transformers too
         text, raw, usage, finish = asyncio.run(answer((lone_byte, there, hi, hi), max_tokens=4, stop=("there",)))
         assert (text, raw, usage, finish) == ("\ufffd ", [b"\xe2", b" there"], 2, "stop")
-        for _ in range(200):  # the engine's cancel of the job cut by its stop string reaches the model a step later
-            if model.active_jobs() == 0:
-                break
-            time.sleep(0.01)
+        wait_for_no_jobs(model)
         assert model.active_jobs() == 0 and pages_held(model) == 0
     finally:
         runner.shutdown()
@@ -979,7 +992,6 @@ def test_a_stop_string_after_an_invalid_byte_ends_the_job_when_it_is_sampled(tin
     cancelled the step after " there" is sampled, and its pages are free."""
     import asyncio
 
-    from xllm_jupyter.core.types import ChoiceDelta, GenerationDone, GenerationParams, GenerationRequest, SamplingParams
     from xllm_jupyter.engine.runner import ModelRunner
 
     require_kind(kind)
@@ -990,26 +1002,10 @@ def test_a_stop_string_after_an_invalid_byte_ends_the_job_when_it_is_sampled(tin
     runner.start()
     runner.wait_ready()
 
-    async def answer() -> tuple:
-        request = GenerationRequest(model="t", prompt_ids=tuple(range(100, 120)), params=GenerationParams(
-            max_tokens=20, sampling=SamplingParams(temperature=0.0), stop_token_ids=(stop,), logprobs=True,
-            stop=("there",)))
-        text, raw, usage, finish = "", [], None, None
-        async for item in runner.submit(request, asyncio.get_running_loop()):
-            if isinstance(item, ChoiceDelta):
-                text += item.text
-                raw += [entry.raw for entry in item.logprobs]
-                finish = item.finish or finish
-            elif isinstance(item, GenerationDone):
-                usage = item.usage.completion_tokens
-        return text, raw, usage, finish.value if finish is not None else ""
-
     try:
-        assert asyncio.run(answer()) == ("\ufffd ", [b"\xe2", b" there"], 2, "stop")
-        for _ in range(200):  # the engine's cancel reaches the model a step later
-            if model.active_jobs() == 0:
-                break
-            time.sleep(0.01)
+        answer = asyncio.run(answer_through(runner, range(100, 120), stop, 20, stop=("there",)))
+        assert answer == ("\ufffd ", [b"\xe2", b" there"], 2, "stop")
+        wait_for_no_jobs(model)
         assert model.active_jobs() == 0 and pages_held(model) == 0
         assert len(drawn) <= 3, f"the library sampled {len(drawn)} tokens for an answer cut after 2"
     finally:
@@ -1142,7 +1138,6 @@ def test_a_stop_string_after_an_invalid_byte_ends_a_drafting_job(tiny_llama_dir,
     the answer there (tokens the window sampled after it not counted), cancels the job, and its pages are free."""
     import asyncio
 
-    from xllm_jupyter.core.types import ChoiceDelta, GenerationDone, GenerationParams, GenerationRequest, SamplingParams
     from xllm_jupyter.engine.runner import ModelRunner
 
     require_kind(kind)
@@ -1157,26 +1152,10 @@ def test_a_stop_string_after_an_invalid_byte_ends_a_drafting_job(tiny_llama_dir,
     runner.start()
     runner.wait_ready()
 
-    async def answer() -> tuple:
-        request = GenerationRequest(model="t", prompt_ids=prompt, params=GenerationParams(
-            max_tokens=30, sampling=SamplingParams(temperature=0.0), stop_token_ids=(stop,), logprobs=True,
-            stop=("there",)))
-        text, raw, usage, finish = "", [], None, None
-        async for item in runner.submit(request, asyncio.get_running_loop()):
-            if isinstance(item, ChoiceDelta):
-                text += item.text
-                raw += [entry.raw for entry in item.logprobs]
-                finish = item.finish or finish
-            elif isinstance(item, GenerationDone):
-                usage = item.usage.completion_tokens
-        return text, raw, usage, finish.value if finish is not None else ""
-
     try:
-        assert asyncio.run(answer()) == (" Hi\ufffd ", [b" Hi", b"\xe2", b" there"], 3, "stop")
-        for _ in range(200):  # the engine's cancel reaches the model a step later
-            if model.active_jobs() == 0:
-                break
-            time.sleep(0.01)
+        answer = asyncio.run(answer_through(runner, prompt, stop, 30, stop=("there",)))
+        assert answer == (" Hi\ufffd ", [b" Hi", b"\xe2", b" there"], 3, "stop")
+        wait_for_no_jobs(model)
         assert model.active_jobs() == 0 and pages_held(model) == 0
         # one library step prefills and samples the window with " there" (the cancel needs none): the 24 tokens
         # held to the stop token took 6
