@@ -1,8 +1,9 @@
-"""Shared pieces of the slow-work tests: a store of tiny Llamas, a pull's held lock, counted calls, a chat that must answer."""
+"""Shared pieces of the slow-work tests: tiny-Llama stores, a held pull lock, counted calls, a chat that answers."""
 
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 from typing import Any, Callable
 
 import openai
@@ -62,3 +63,12 @@ def assert_chat_answers(base_url: str, api_key: str, model: str, hung: str) -> N
     except openai.APITimeoutError:
         pytest.fail(hung)
     assert reply.model == model and reply.usage.completion_tokens >= 1
+
+
+def assert_chat_answers_while_held(held: CallCounter, calls: int, sent: list[Future], base_url: str, api_key: str,
+                                   model: str, hung: str) -> None:
+    """Once ``calls`` of the slow requests ``sent`` are held (none finished), a chat with ``model`` still answers;
+    ``hung`` (``{calls}`` there: how many were held) is the failure if it does not."""
+    assert held.wait_for(calls, unless=lambda: any(f.done() for f in sent))
+    assert not any(f.done() for f in sent), [f.exception() or f.result() for f in sent if f.done()]
+    assert_chat_answers(base_url, api_key, model, hung.format(calls=held.calls))

@@ -25,7 +25,7 @@ from xllm_jupyter.server.standalone import shutdown_engine
 from xllm_jupyter.store.store import ModelStore
 
 from .server_fixtures import API_KEY, make_test_config, running_server
-from .slow_work_helpers import HUNG, CallCounter, assert_chat_answers, hold_pull_lock, store_of
+from .slow_work_helpers import HUNG, CallCounter, assert_chat_answers_while_held, hold_pull_lock, store_of
 
 #: the slow-work pool's threads in this test (the server's has 64: the same stall, with fewer requests)
 WORKERS = 3
@@ -50,10 +50,8 @@ def test_deletes_waiting_for_a_pull_leave_the_slow_pool_to_loads(tmp_path, tiny_
         try:
             sent = [admins.submit(delete) for _ in range(deletes)]
             # as many DELETEs as the pool has threads reached the store (before the fix, each holds one)
-            assert tries.wait_for(WORKERS, unless=lambda: any(f.done() for f in sent))
-            assert not any(f.done() for f in sent), [f.result() for f in sent if f.done()]
-            assert_chat_answers(server.base_url, API_KEY, "cold",
-                                f"a chat that loads its model hung while {deletes} DELETEs waited for a pull")
+            assert_chat_answers_while_held(tries, WORKERS, sent, server.base_url, API_KEY, "cold",
+                                           f"a chat that loads its model hung while {deletes} DELETEs waited on a pull")
         finally:
             pull_lock.release()
             codes = sorted(f.result(300) for f in sent)
@@ -89,10 +87,8 @@ def test_pulls_in_flight_leave_the_slow_pool_to_loads(tmp_path, tiny_llama_dir, 
         try:
             sent = [admins.submit(pull, n) for n in names]
             # as many pulls as the slow pool has threads are in the store
-            assert held.wait_for(WORKERS, unless=lambda: any(f.done() for f in sent))
-            assert not any(f.done() for f in sent), [f.result() for f in sent if f.done()]
-            assert_chat_answers(server.base_url, API_KEY, "cold",
-                                f"a chat that loads its model hung while {held.calls} pulls were in flight")
+            assert_chat_answers_while_held(held, WORKERS, sent, server.base_url, API_KEY, "cold",
+                                           "a chat that loads its model hung while {calls} pulls were in flight")
         finally:
             release.set()
             codes = [f.result(300) for f in sent]

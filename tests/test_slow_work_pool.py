@@ -24,7 +24,7 @@ from xllm_jupyter.engine.embeddings import EmbeddingHost
 from xllm_jupyter.store.store import ModelStore
 
 from .server_fixtures import API_KEY, make_test_config, running_server
-from .slow_work_helpers import HI, CallCounter, assert_chat_answers
+from .slow_work_helpers import HI, CallCounter, assert_chat_answers_while_held
 
 #: asyncio's default pool size (``ThreadPoolExecutor``'s default): loads enough to take all of its threads
 DEFAULT_WORKERS = min(32, (os.cpu_count() or 1) + 4)
@@ -88,10 +88,8 @@ def test_a_loaded_model_answers_while_many_loads_are_held(tmp_path, tiny_llama_d
         try:
             slow = [users.submit(ask, n) for n in names]
             # every thread asyncio's default pool has is taken by a held call, if they still use it
-            assert held.wait_for(DEFAULT_WORKERS, unless=lambda: any(f.done() for f in slow))
-            assert not any(f.done() for f in slow), [f.exception() or f.result() for f in slow if f.done()]
-            assert_chat_answers(server.base_url, server.api_key, "spare",
-                                f"a chat with the loaded model hung while {held.calls} {stage}s were held")
+            assert_chat_answers_while_held(held, DEFAULT_WORKERS, slow, server.base_url, server.api_key, "spare",
+                                           f"a chat with the loaded model hung while {{calls}} {stage}s were held")
         finally:
             release.set()
             done = [f.result(300) for f in slow]
