@@ -26,7 +26,16 @@ from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
 from .. import __version__
-from ..core.errors import InvalidRequest, ModelNotFound, PullStopped, StoreError, UnknownParameter, Unsupported, quoted
+from ..core.errors import (
+    InvalidRequest,
+    ModelNotFound,
+    PullStopped,
+    StoreError,
+    UnknownParameter,
+    Unsupported,
+    XllmError,
+    quoted,
+)
 from ..core.slow_work import SLOW_WORKERS, ThreadLane
 from ..openai.json_body import strict_json
 from ..store.cancel import waiting_status
@@ -146,9 +155,13 @@ def check_base(store: Any, base: str | None) -> None:
         raise missing
 
 
-def _pull_name(args: dict[str, Any]) -> str:
-    """The name the pull of ``args`` stores its model under (as the store's ``pull`` picks it)."""
-    return validate_name(args["name"]) if args["name"] else parse_source(args["source"], args["revision"]).default_name
+def _pull_name(args: dict[str, Any]) -> str | None:
+    """The name the pull of ``args`` stores its model under (as the store's ``pull`` picks it); None for a name or
+    source the store refuses (its ``pull`` says why, as an error event like any other pull failure)."""
+    try:
+        return validate_name(args["name"]) if args["name"] else parse_source(args["source"], args["revision"]).default_name
+    except XllmError:
+        return None
 
 
 async def _wait_left_pulls(store: Any, name: str, gone: threading.Event) -> None:
@@ -191,8 +204,8 @@ async def pull_events(store: Any, args: dict[str, Any]) -> AsyncIterator[dict[st
     job: asyncio.Future | None = None
     getter: asyncio.Future | None = None
     try:
-        name = _pull_name(args)
-        if hasattr(store, "left_pulls") and store.left_pulls(name):
+        name = _pull_name(args) if hasattr(store, "left_pulls") else None
+        if name is not None and store.left_pulls(name):
             # the store would wait for it on a pull thread: wait here instead, where a waiting pull holds none
             with store.stoppable(name, gone):  # ``cancel_pulls`` (a shutdown) sets ``gone`` meanwhile
                 yield {"status": waiting_status(name), "file": None, "completed": 0, "total": None}
