@@ -174,7 +174,7 @@ def test_pull_progress_off_a_terminal_keeps_each_file_on_one_line(home, tiny_lla
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) >= 3, r.stderr  # the files and "done"
     for line in lines:
-        assert line.split()[0] in {"download", "verify", "convert", "done"} and "━" in line, r.stderr
+        assert line.split()[0] in {"copy", "download", "verify", "convert", "done"} and "━" in line, r.stderr
         assert re.search(r"\d/[\d.]+ ?(bytes|kB|MB|GB)\b", line), r.stderr
 
 
@@ -186,7 +186,7 @@ def test_pull_progress_names_each_file_by_its_path_in_the_model(home, tiny_llama
     (source / "1_Pooling" / "config.json").write_text('{"word_embedding_dimension": 8}')
     r = invoke("pull", str(source), "--name", "pooled")
     assert r.exit_code == 0, r.output
-    labels = [line.split()[1] for line in r.stderr.splitlines() if line.split()[:1] == ["download"]]
+    labels = [line.split()[1] for line in r.stderr.splitlines() if line.split()[:1] == ["copy"]]  # (a local source)
     assert "1_Pooling/config.json" in labels and "config.json" in labels, r.stderr
     assert len(labels) == len(set(labels)), r.stderr
 

@@ -155,7 +155,7 @@ def test_local_dir_pull_list_show_resolve_rm(store, tiny_llama_dir):
     spec = store.resolve("tiny")
     assert (spec.name, spec.path, spec.format, spec.digest) == ("tiny", m.path, "safetensors", m.digest)
     stages = [e.stage for e in events]
-    assert stages[0] == "download" and stages[-1] == "done" and events[-1].done == m.size
+    assert stages[0] == "copy" and stages[-1] == "done" and events[-1].done == m.size  # (a local source: copied)
     store.rm("tiny")
     assert store.list() == [] and not (store.models / "tiny").exists()
     with pytest.raises(ModelNotFound):

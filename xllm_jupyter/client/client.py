@@ -148,8 +148,9 @@ class XllmClient:
              convert: bool = False, base: str | None = None) -> Iterator[dict[str, Any]]:
         """``POST /admin/models/pull``: pull ``source`` into the server's store, yielding its events.
 
-        Progress events (``status``, ``file``, ``completed``, ``total``, ``unit`` when not bytes)
-        come first, then ``{"status": "success", "id", "digest", "format", "size", ...}``. A failed
+        Progress events (``status``, ``file``, ``completed``, ``total``, ``unit`` when not bytes, ``stage``
+        when it is not ``status``: "copy" for a local source, whose status says "download") come first,
+        then ``{"status": "success", "id", "digest", "format", "size", ...}``. A failed
         pull raises the XllmError the server reports; closing the iterator early stops the pull.
         ``base`` names the stored model a LoRA adapter applies to (as ``xllm pull --base``); the
         server answers ``ModelNotFound`` (param ``base``) when it has no such model.

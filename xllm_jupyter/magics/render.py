@@ -171,7 +171,7 @@ class Progress:
 
     def line(self, event: dict[str, Any]) -> str:
         """``download model.gguf  45%  12.3 MB / 27.0 MB`` for one progress event."""
-        stage = str(event.get("status") or "")
+        stage = str(event.get("stage") or event.get("status") or "")  # ("stage": a copy, whose status says download)
         file = str(event.get("file") or "").rsplit("/", 1)[-1]
         done, total = event.get("completed") or 0, event.get("total")
         pct = f"{100 * done // total:3d}%" if total else ""

@@ -3,7 +3,8 @@
 ``POST /admin/models/pull`` with ``{"model": SOURCE, "name"?, "revision"?, "force"?, "convert"?, "base"?}``
 (``base``: the stored model a LoRA adapter applies to, as ``xllm pull --base``)
 answers with server-sent events: ``{"status": stage, "file", "completed", "total"}`` while the
-store pulls (stages as in ``store.progress.PullProgress``), then ``{"status": "success", "model",
+store pulls (stages as in ``store.progress.PullProgress``; a copy from a local or packaged source keeps the
+``status`` "download" it always had, with ``"stage": "copy"`` added), then ``{"status": "success", "model",
 "digest", ...}`` and ``[DONE]``. A client that disconnects stops the pull at once, through the store's
 own cancel (the one a shutdown sets): even inside a long step that reports nothing (a GGUF conversion),
 the route lets go within the store's grace and the pull's files are deleted as it unwinds. A pull of a
@@ -40,6 +41,7 @@ from ..core.slow_work import SLOW_WORKERS, ThreadLane
 from ..openai.json_body import strict_json
 from ..store.cancel import waiting_status
 from ..store.names import validate_name
+from ..store.progress import wire_status
 from ..store.sources import parse_source
 from .handlers import BodyMixin, RequestMixin
 
@@ -190,7 +192,9 @@ async def pull_events(store: Any, args: dict[str, Any]) -> AsyncIterator[dict[st
         if key == last["key"] and not finished and now - last["at"] < PROGRESS_INTERVAL:
             return
         last.update(key=key, at=now)
-        item = {"status": event.stage, "file": event.file, "completed": event.done, "total": event.total}
+        item = {"status": wire_status(event.stage), "file": event.file, "completed": event.done, "total": event.total}
+        if item["status"] != event.stage:  # a copy: "download" as before for clients that switch on it, named here
+            item["stage"] = event.stage
         if event.unit != "bytes":  # Ollama's events count bytes; say when these count something else
             item["unit"] = event.unit
         loop.call_soon_threadsafe(queue.put_nowait, item)

@@ -32,7 +32,7 @@ def copy_file(src: Path, dst: Path, rel: str, progress: ProgressFn | None) -> Ma
     done = 0
     with fin, open(dst, "xb") as fout:
         if progress is not None:
-            progress(PullProgress("download", rel, 0, total))
+            progress(PullProgress("copy", rel, 0, total))
         while True:
             try:
                 chunk = fin.read(CHUNK)
@@ -44,7 +44,7 @@ def copy_file(src: Path, dst: Path, rel: str, progress: ProgressFn | None) -> Ma
             sha.update(chunk)
             done += len(chunk)
             if progress is not None:
-                progress(PullProgress("download", rel, done, total))
+                progress(PullProgress("copy", rel, done, total))
         fout.flush()
         os.fsync(fout.fileno())
     if done != total:

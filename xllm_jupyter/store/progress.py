@@ -16,7 +16,8 @@ PROGRESS_MARK = "_xllm_progress_error"  # set on exceptions raised by a caller's
 
 @dataclass(frozen=True)
 class PullProgress:
-    """One progress report of a pull: ``stage`` is download, convert, verify or done; done/total in ``unit``."""
+    """One progress report of a pull: ``stage`` is download, copy (a local or packaged source), convert, verify or
+    done; done/total in ``unit``."""
 
     stage: str
     file: str | None
@@ -26,6 +27,15 @@ class PullProgress:
 
 
 ProgressFn = Callable[[PullProgress], None]
+
+#: the admin route's ``status`` for a stage clients did not know before it (a copy moves bytes as a download does:
+#: clients that switch on ``status`` to draw a byte bar keep drawing it; the stage itself goes in ``stage``)
+WIRE_STATUS = {"copy": "download"}
+
+
+def wire_status(stage: str) -> str:
+    """The ``status`` the pull route sends for ``stage`` (its ``stage`` field names it when the two differ)."""
+    return WIRE_STATUS.get(stage, stage)
 
 
 def guard_progress(progress: ProgressFn | None) -> ProgressFn | None:
