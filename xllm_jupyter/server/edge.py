@@ -31,6 +31,8 @@ log = logging.getLogger("xllm_jupyter.server")
 REQUEST_ID_HEADER = "X-Request-ID"
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
+#: ``Allow`` of an OPTIONS on a server with API keys, whatever its path: every method some route answers
+_ANY_ROUTE_METHODS = "GET, HEAD, POST, DELETE, OPTIONS"
 _ALLOW_HEADERS = "Authorization, Content-Type, X-Request-ID"
 #: response headers a browser client may read: the request id and the retry advice
 _EXPOSE_HEADERS = "X-Request-ID, Retry-After, x-should-retry"
@@ -91,6 +93,8 @@ class EdgePolicy:
     """
 
     def __init__(self, cors_origins: Iterable[str], allowed_hosts: Iterable[str], bound_host: str, any_host_ok: bool):
+        #: API keys are on: an anonymous OPTIONS learns nothing of the route table (``PreflightHandler.options``)
+        self.keyed = any_host_ok
         origins = tuple(o.rstrip("/") for o in cors_origins if o)
         if origins == ("*",) and not any_host_ok:
             # keyless, the local caller may do everything: "*" would hand that to every web page the user
@@ -168,7 +172,13 @@ class ForbiddenHostHandler(_EdgeHandler):
 @tornado.web.stream_request_body
 class PreflightHandler(_EdgeHandler):
     """``OPTIONS``: 204 with the route's ``Allow`` (404 off the routes); with an ``Origin``, a CORS preflight
-    (the allowed methods/headers too), 403 for an origin not allowed. Never needs the API key, as in Jupyter."""
+    (the allowed methods/headers too), 403 for an origin not allowed. Never needs the API key, as in Jupyter.
+
+    With API keys on, the answer is the same for every path (204, ``Allow`` naming every method the API answers
+    somewhere): a route's own ``Allow`` and the 404 off the routes told anyone without a key which paths exist,
+    which every other method keeps behind the key (its 401 comes before the 404). No key is checked here: a check
+    that changed the answer would be a way round the failed-auth cap (auth_failures.py).
+    """
 
     #: the methods of the route asked about (``None``: no route has the path); set by ``XllmApplication``
     route_methods: tuple[str, ...] | None = None
@@ -195,10 +205,13 @@ class PreflightHandler(_EdgeHandler):
         body was read makes Tornado close the connection, and the browser's request right after
         the preflight then met a reset connection.
         """
-        if self.route_methods is not None:
+        policy: EdgePolicy = self.settings[POLICY_KEY]
+        if policy.keyed:
+            self.set_header("Allow", _ANY_ROUTE_METHODS)  # alike on every path: no key, no route table
+        elif self.route_methods is not None:
             self.set_header("Allow", ", ".join(self.route_methods))
         if self.request.headers.get("Origin") is None:  # a plain OPTIONS (no browser asking): only what is served
-            if self.route_methods is None:
+            if self.route_methods is None and not policy.keyed:
                 raise NotFound(f"Unknown endpoint: OPTIONS {quoted(self.request.path)}")
             self.set_status(204)
             self.finish()
