@@ -330,3 +330,22 @@ def test_pull_passes_base_to_the_server(shell, own_tiny_server, tiny_llama_dir):
     cap = run(shell, f"pull {tiny_llama_dir} --name never-pulled --base no-such-base")
     assert cap.stderr.startswith("xllm: The base model 'no-such-base' is not in the server's store"), cap.stderr
     assert "never-pulled" not in {m.name for m in own_tiny_server.engine.catalog.list()}
+
+
+def test_a_windows_path_keeps_its_backslashes_unquoted(shell, own_tiny_server, tiny_llama_dir, tmp_path):
+    """``%xllm pull C:\\models\\x`` pulled ``C:modelsx``: the command's split took a backslash outside quotes for an
+    escape, as a POSIX shell does. Here a folder whose name has backslashes (a Windows path, as Linux spells one)
+    is pulled unquoted, and quoted with spaces too; inside quotes ``\\"`` is still the quote."""
+    import shutil
+
+    folder = tmp_path / "C:\\models\\tiny"
+    shutil.copytree(tiny_llama_dir, folder)
+    cap = run(shell, f"pull {folder} --name win-copy")
+    assert cap.stderr == "" and shown(cap).splitlines()[-1].startswith("Pulled win-copy ("), cap.stderr
+    spaced = tmp_path / "my models\\tiny"
+    shutil.copytree(tiny_llama_dir, spaced)
+    typed = str(spaced).replace("\\", "\\\\")  # in quotes `\\` is one backslash (a lone `\t` stays as typed too)
+    cap = run(shell, f'pull "{typed}" --name "spaced-copy"')
+    assert cap.stderr == "" and shown(cap).splitlines()[-1].startswith("Pulled spaced-copy ("), cap.stderr
+    for name in ("win-copy", "spaced-copy"):
+        own_tiny_server.engine.catalog.rm(name)

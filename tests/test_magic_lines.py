@@ -8,7 +8,7 @@ from __future__ import annotations
 from IPython.utils.capture import capture_output
 
 from tests import test_magic
-from xllm_jupyter.magics.line import words
+from xllm_jupyter.magics.line import command_words, join, words
 
 shell = test_magic.shell  # fixture: IPython with the extension, pointed at the live server
 received = test_magic.received  # fixture: what the engine was asked
@@ -27,6 +27,10 @@ def test_the_split_keeps_quotes_only_where_they_close():
     assert [(str(w), w.raw) for w in words("-s \"say \\\"hi\\\"\" 'tis  Bob's")] == [
         ("-s", "-s"), ('say "hi"', '"say \\"hi\\""'), ("'tis", "'tis"), ("Bob's", "Bob's")]
     assert [str(w) for w in words("--system='a b' \"C:\\temp\" 'x'y")] == ["--system=a b", "C:\\temp", "'x'y"]
+    # a command's words: a backslash outside quotes is a character (`pull C:\models\x`), and they join back as typed
+    typed = 'pull C:\\models\\x "C:\\my dir\\" --name="a \\"b\\"" system=\'x y\' it\'s'
+    split = ["pull", "C:\\models\\x", "C:\\my dir\\", '--name=a "b"', "system=x y", "it's"]
+    assert command_words(typed) == split and command_words(join(split)) == split
 
 
 def test_an_apostrophe_and_escaped_quotes_reach_the_model_as_typed(shell, received):
@@ -169,9 +173,10 @@ def test_an_open_quote_is_a_commands_error_only_where_the_verb_takes_a_word(shel
         cap = cell(shell, f"%xllm {typed} {ASK}")  # the verb first: options may follow the prompt
         assert cap.stderr == "" and received[-1] == [("user", typed)]
     asked = len(received)
-    for typed in ("config system='You are terse", "pull 'my dir", "pull x --name='my dir"):
+    for typed, opener in (("config system='You are terse", "system='You"), ("pull 'my dir", "'my"),
+                          ("pull x --name='my dir", "--name='my")):
         cap = cell(shell, f"%xllm {typed}")
-        assert cap.stderr == "xllm: cannot parse the command: No closing quotation\n", (typed, cap.stderr)
+        assert cap.stderr == f"xllm: cannot parse the command: the quote that opens {opener}… never closes\n", cap.stderr
     assert len(received) == asked and shell.xllm_magics.state.defaults.system is None
 
 
@@ -189,3 +194,21 @@ def test_typographic_quotes_group_an_option_value(shell, received):
     assert cap.stderr == "" and received[-1] == [("system", "Be brief."), ("user", "Say ‘hi’ to “Bob”")]
     cap = cell(shell, f"%xllm {ASK} --system=‘You are terse.’ it’s fine")
     assert cap.stderr == "" and received[-1] == [("system", "You are terse."), ("user", "it’s fine")]
+
+
+def test_an_unclosed_typographic_quote_is_refused_as_a_straight_one_is(shell, received):
+    """``-s “Be brief. Hi`` went to the model as a system prompt ``“Be`` and ``%xllm pull “my dir`` as a prompt,
+    where the same lines with a straight quote were usage errors; a prompt may still open with either."""
+    asked = len(received)
+    for typed, option in (("-s “Be brief. Hi", "-s"), ("--system=‘Be brief. Hi", "--system"), ("-s“terse hi", "-s")):
+        cap = cell(shell, f"%xllm {ASK} {typed}")
+        assert cap.stderr.startswith(f"xllm: the quote that opens the value of {option} (") and cap.stderr.endswith(
+            "…) never closes\n"), cap.stderr
+    for typed, opener in (("pull “my dir", "“my"), ("config system=‘You are terse", "system=‘You"),
+                          ("pull x --name=“my dir", "--name=“my")):
+        cap = cell(shell, f"%xllm {typed}")
+        assert cap.stderr == f"xllm: cannot parse the command: the quote that opens {opener}… never closes\n", cap.stderr
+    assert len(received) == asked and shell.xllm_magics.state.defaults.system is None
+    for typed in ("“unclosed, and a prompt", "‘tis a fine day"):
+        cap = cell(shell, f"%xllm {ASK} {typed}")
+        assert cap.stderr == "" and received[-1] == [("user", typed)]

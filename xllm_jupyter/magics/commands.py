@@ -18,6 +18,7 @@ from ..client import discovery
 from ..client.base import can_chat, model_task
 from ..client.units import human_size
 from ..core.errors import ModelNotFound, PermissionDenied, XllmError
+from .line import command_words
 from .render import Progress, Table, Text
 from .session import CONFIG_KEYS, MagicState
 from .verbs import HELP, SHAPES, TERMINAL_ONLY, help_for
@@ -80,10 +81,7 @@ class Commands:
 
     def run(self, line: str) -> Any:
         """Run one command line (its first word names the command; an empty line: help)."""
-        try:
-            words = shlex.split(line) or ["help"]
-        except ValueError as exc:
-            raise XllmError(f"cannot parse the command: {exc}") from None
+        words = command_words(line) or ["help"]  # `pull C:\\models\\x`: a backslash outside quotes is kept
         if words[0] not in TERMINAL_ONLY and {"-h", "--help"} & set(words[1:]):
             return self.do_help(words[:1])  # `%xllm pull --help`: that command's help (the terminal's verbs say theirs)
         try:

@@ -6,9 +6,16 @@ a letter. Inside a quoted value ``\\"`` (or ``\\'``) is the quote itself and ``\
 backslash stays as written (``"C:\\temp"``), and where that reading never closes the quote, a backslash before it
 is a backslash too (``"C:\\temp\\"``, a Windows folder). Typographic quotes (``“…”``, ``‘…’``, as a text pasted
 from a document has them) group a value too.
+
+A word outside quotes is taken exactly as typed: a backslash there is a character, never an escape, so a Windows
+path needs no quotes (``pull C:\\models\\x``; a POSIX shell's split made it ``C:modelsx``). A command's words are
+split the same way (``key="a b"`` groups too), and a quote that opens one of its words and never closes, straight
+or typographic, is the command's usage error.
 """
 
 from __future__ import annotations
+
+from ..core.errors import XllmError
 
 _QUOTES = "'\""
 #: each opening quote and the quote that closes it
@@ -51,8 +58,9 @@ def _quoted(line: str, i: int, escapes: bool = True) -> tuple[str, int] | None:
     return None
 
 
-def words(line: str) -> list[Word]:
-    """The line's words; a quoted word's value is its text without the quotes (``--opt="a b"`` too)."""
+def words(line: str, settings: bool = False) -> list[Word]:
+    """The line's words; a quoted word's value is its text without the quotes (``--opt="a b"`` too, and with
+    ``settings`` a command's ``key="a b"``)."""
     out: list[Word] = []
     i, n = 0, len(line)
     while i < n:
@@ -61,7 +69,7 @@ def words(line: str) -> list[Word]:
             continue
         start = i
         # `--system="a b"`, `-s"terse"`: the quoted part may follow an option's `=`, or a short option's letter
-        if line[i] == "-" and (eq := line.find("=", i, _plain_end(line, i))) > 0 and eq + 1 < n and line[eq + 1] in _CLOSING:
+        if (line[i] == "-" or settings) and (eq := line.find("=", i, _plain_end(line, i))) > 0 and eq + 1 < n and line[eq + 1] in _CLOSING:
             prefix, i = line[start:eq + 1], eq + 1
         elif line[i] == "-" and i + 2 < n and line[i + 1] not in "-" + _QUOTES and not line[i + 1].isspace() and line[i + 2] in _CLOSING:
             prefix, i = line[start:i + 2], i + 2
@@ -73,10 +81,34 @@ def words(line: str) -> list[Word]:
             out.append(Word(prefix + value, line[start:end], start, end))
         else:
             end = _plain_end(line, i)
-            unclosed = line[i] in _QUOTES and line.find(line[i], i + 1) < 0
+            # a typographic quote too: `-s “Be brief. Hi` is as open as `-s "Be brief. Hi`
+            unclosed = line[i] in _CLOSING and line.find(_CLOSING[line[i]], i + 1) < 0
             out.append(Word(line[start:end], line[start:end], start, end, unclosed))
         i = end
     return out
+
+
+def command_words(line: str) -> list[str]:
+    """A command line's words (``pull C:\\models\\x``, ``pull "my dir"``, ``config system='a b'``); a quote that
+    opens a word and never closes is a usage error (XllmError)."""
+    found = words(line, settings=True)
+    for word in found:
+        if word.unclosed:
+            raise XllmError(f"cannot parse the command: the quote that opens {word.raw}… never closes")
+    return [str(word) for word in found]
+
+
+def quote(word: str) -> str:
+    """``word`` as :func:`command_words` reads it back: as typed where it can be (``C:\\models\\x`` keeps its
+    backslashes), else in double quotes with ``\\`` and ``\"`` escaped."""
+    if word and not any(c.isspace() or c in _CLOSING for c in word):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def join(words: list[str]) -> str:
+    """A command line whose :func:`command_words` are ``words``."""
+    return " ".join(quote(word) for word in words)
 
 
 def _plain_end(line: str, i: int) -> int:

@@ -12,7 +12,6 @@ import keyword
 import logging
 import math
 import re
-import shlex
 from argparse import ArgumentTypeError
 from typing import Any
 
@@ -25,7 +24,7 @@ from ..core.errors import AuthenticationError, ModelNotFound, XllmError
 from .ask import Question, ask
 from .commands import Commands
 from .interp import Filler, interpolate
-from .line import Word, words
+from .line import Word, join, words
 from .render import FORMATS, Reply, error
 from .session import MagicState
 from .verbs import SHAPES, is_command, split
@@ -225,14 +224,18 @@ def _option(table: dict[str, Any], name: str) -> Any:
     return next(iter(found.values())) if len(found) == 1 else None
 
 
+#: the quotes that open a value, straight and typographic
+_OPENING = "'\"\u201c\u2018"
+
+
 def _open_quote(line: str) -> bool:
     """Whether a verb's line opens a quote that does not close where the verb takes a word (``pull 'my dir``,
     ``config system='a b``): the command's error. Elsewhere it is prose: "list 'em all", "help me with 'quotes"
     (a command error too, before), and ``config system='a b`` a prompt for the model."""
-    typed = words(line)
+    typed = words(line, settings=True)
     for k, word in enumerate(typed):
-        at = 0 if word.raw[0] in "'\"" else word.raw.find("=") + 1  # `'my dir`, `system='a b`, `--name="x y`
-        if (at or word.raw[0] in "'\"") and word.raw[at:at + 1] in ("'", '"') and word == word.raw:
+        if word.unclosed:  # `'my dir`, `“my dir`, `system='a b`, `--name="x y`
+            at = 0 if word.raw[0] in _OPENING else word.raw.find("=") + 1
             shape = SHAPES.get(typed[0]) if typed else None
             # the words before it, and it as a stand-in word (a `{name}`, which every operand takes)
             return shape is not None and shape.fits([w.raw for w in typed[1:k]] + [word.raw[:at] + "{quoted}"])
@@ -258,13 +261,12 @@ def _command_line(line: str, fill: Filler) -> str | None:
     with side effects again when the question fills it. A line with an open quote is left as written: only its
     error is shown.
     """
-    try:
-        words = shlex.split(line)
-    except ValueError:  # `'tis a fine day` is a prompt; `pull 'my dir` the command's error
-        return line if split(line)[:1] and split(line)[0] in SHAPES else None
-    if words and words[0] not in SHAPES:
+    typed = words(line, settings=True)  # `pull C:\\models\\x` keeps its backslashes (a shell's split dropped them)
+    if typed and typed[0] not in SHAPES:
         return None
-    return shlex.join(fill(word) for word in words)
+    if any(word.unclosed for word in typed):  # `'tis a fine day` is a prompt; `pull 'my dir` the command's error
+        return line
+    return join([fill(word) for word in typed])
 
 
 def _meant_as_command(line: str, problem: Exception) -> bool:

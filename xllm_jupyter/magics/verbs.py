@@ -9,9 +9,9 @@ other line is a prompt. ``%xllm -- TEXT`` (and a ``%%xllm`` cell) is always a pr
 from __future__ import annotations
 
 import re
-import shlex
 from dataclasses import dataclass
 
+from .line import words
 from .session import CONFIG_KEYS
 
 #: `name` or `name:tag`, as the store spells model names (README); nothing with spaces, quotes or `?`. A `/` is
@@ -19,8 +19,9 @@ from .session import CONFIG_KEYS
 #: as a command, and its error names `%xllm list`, where the model went to the model as a prompt
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*(:[A-Za-z0-9._-]+)?")
 #: what `pull` takes: a packaged name, a Hugging Face repo id or URL, a path (a quoted one may hold spaces); one word
-#: with `?` or a quote in it is prose ("pull Bob's?")
-_SOURCE = re.compile(r"[^\s?'\"]+|[~./][^?]*")
+#: with `?` or a quote in it is prose ("pull Bob's?"); a quoted path with spaces starts as a path does (`./`, `~/`, `/`,
+#: `C:\\`, `\\`)
+_SOURCE = re.compile(r"[^\s?'\"]+|([~./\\]|[A-Za-z]:[\\/])[^?]*")
 #: what `connect` takes: a URL, `host:port`, `localhost`, an IP address (a bare DNS name needs a scheme or a
 #: port, so "connect everything" stays a prompt)
 _ADDRESS = re.compile(r"https?://\S+|(localhost|[\w-]+(\.[\w-]+)*:\d+|\d{1,3}(\.\d{1,3}){3}(:\d+)?|\[[0-9A-Fa-f:.]+\]:\d+)(/\S*)?")
@@ -102,7 +103,9 @@ _ENTRIES: tuple[tuple[tuple[str, ...], str], ...] = (
     (("show",), "%xllm show MODEL                        one model's details: task, backend, digest, source, how it runs"),
     (("pull",), "%xllm pull SOURCE [--name N] [--force] [--revision R] [--convert] [--base MODEL]\n"
                 "                                        add a model to the server's store (progress bar;\n"
-                "                                        --base: the stored model a LoRA adapter applies to)"),
+                "                                        --base: the stored model a LoRA adapter applies to)\n"
+                "                                        a path unquoted keeps its backslashes (C:\\models\\x); quote\n"
+                "                                        one with spaces (\"C:\\my models\\x\"; in quotes \\\" is a quote)"),
     (("rm",), "%xllm rm MODEL                          remove a model from the server's store (admins)"),
     (("create", "cp", "serve", "run", "hub-service"),
      "%xllm create / cp / serve / run         terminal-only: says what to run instead (hub-service too)"),
@@ -124,11 +127,9 @@ def help_for(verb: str) -> str:
 
 
 def split(line: str) -> list[str]:
-    """A line's words as the command reads them (`-f 'my dir/Modelfile'` is one), else its plain words."""
-    try:
-        return shlex.split(line)
-    except ValueError:  # an apostrophe in a prompt ("show me Bob's poem")
-        return line.split()
+    """A line's words as the command reads them (`-f 'my dir/Modelfile'` is one, `C:\\models\\x` keeps its
+    backslashes); an apostrophe in a prompt ("show me Bob's poem") is a letter."""
+    return [str(word) for word in words(line, settings=True)]
 
 
 def is_command(line: str) -> bool:
