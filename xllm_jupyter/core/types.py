@@ -3,8 +3,39 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Mapping, NamedTuple
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Iterable, Mapping, NamedTuple, TypeVar
+
+_T = TypeVar("_T")
+
+
+def _quick_init(cls: type[_T]) -> type[_T]:
+    """Give frozen dataclass ``cls`` an ``__init__`` that stores its fields into ``__dict__`` directly.
+
+    A frozen dataclass's own ``__init__`` calls ``object.__setattr__`` once per field: 3-4 µs for
+    TokenEvent's 15, made per token per stream on the step thread. Storing into the instance
+    dict makes the same instance (still frozen: ``__setattr__`` raises) in a third of the time.
+    Only for classes whose fields all take a plain default or none (no factory, no ``__post_init__``).
+    """
+    if hasattr(cls, "__post_init__"):
+        raise TypeError(f"{cls.__name__}: _quick_init does not run __post_init__")
+    params, stores, scope, annotations = [], [], {}, {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        annotations[f.name] = f.type
+        if not f.init or f.default_factory is not MISSING:
+            raise TypeError(f"{cls.__name__}.{f.name}: _quick_init needs plain fields")
+        if f.default is MISSING:
+            params.append(f.name)
+        else:
+            scope[f"_default_{f.name}"] = f.default
+            params.append(f"{f.name}=_default_{f.name}")
+        stores.append(f"    d[{f.name!r}] = {f.name}\n")
+    exec(f"def __init__(self, {', '.join(params)}):\n    d = self.__dict__\n{''.join(stores)}", scope)
+    init = scope["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    init.__annotations__ = {**annotations, "return": None}  # the signature the dataclass's own one shows
+    cls.__init__ = init  # type: ignore[misc]
+    return cls
 
 
 class FinishReason(str, enum.Enum):
@@ -151,6 +182,7 @@ class SequenceJob:
     prompt_logprobs: bool = False
 
 
+@_quick_init  # made per token per stream
 @dataclass(frozen=True)
 class TokenEvent:
     """A backend's output for one job in one step: one new token, maybe finishing it.
@@ -233,6 +265,7 @@ class PromptLogprobs:
         return 1 + len(self.scored)
 
 
+@_quick_init  # made per token per stream
 @dataclass(frozen=True)
 class ChoiceDelta:
     """What the engine streams to serving: new text for one choice, maybe its finish.
