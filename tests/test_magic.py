@@ -322,6 +322,51 @@ def test_interrupt_closes_the_stream_and_the_server_cancels(shell, xllm_server, 
     _wait_cancelled(engine, before)
 
 
+def test_a_second_interrupt_while_the_stream_closes_keeps_the_answer(shell, xllm_server, monkeypatch):
+    """Ctrl-C pressed twice: the second SIGINT came while the stream was being closed after the first, and the cell
+    ended in "xllm: interrupted" with the answer so far lost (no "(interrupted)", no provenance, --out unset).
+    The answer stays, the server cancels the job, and the next question gets a fresh connection."""
+    import signal
+
+    real = XllmClient.stream_chunks
+    sent: list[str] = []
+
+    class Pressed(dict):
+        """A chunk whose reading is interrupted: the first Ctrl-C lands in the magic, the stream paused at a yield."""
+
+        def get(self, key, default=None):
+            if key == "choices":
+                signal.raise_signal(signal.SIGINT)
+            return super().get(key, default)
+
+    def interrupted_twice(self, *args, **kw):
+        stream = real(self, *args, **kw)
+        try:
+            for i, chunk in enumerate(stream):
+                if i == 4:
+                    yield Pressed(chunk)
+                sent.append(((chunk.get("choices") or [{}])[0].get("delta") or {}).get("content") or "")
+                yield chunk
+        finally:  # the magic closes this stream after the first press
+            signal.raise_signal(signal.SIGINT)  # the second press, before this stream's own close could run
+            stream.close()
+
+    monkeypatch.setattr(XllmClient, "stream_chunks", interrupted_twice)
+    engine = xllm_server.engine
+    before = engine.stats(TINY).cancelled
+    with capture_output() as cap:
+        shell.run_cell_magic("xllm", f"-m {TINY} {SAMPLED} --max-tokens 1500 --out answer", "Tell me a long story")
+    assert cap.stderr == "" and "Traceback" not in cap.stdout
+    assert final_markdown(cap).endswith("*(interrupted)*")
+    assert final(cap).metadata["xllm"]["finish_reason"] == "interrupted"
+    assert shell.user_ns["answer"] == "".join(sent) and 0 < len(shell.user_ns["answer"]) < 1000
+    _wait_cancelled(engine, before)
+    monkeypatch.setattr(XllmClient, "stream_chunks", real)
+    with capture_output() as cap:
+        shell.run_line_magic("xllm", f"-m {TINY} {SAMPLED} --max-tokens 4 Say something")
+    assert cap.stderr == "" and final(cap).metadata["xllm"]["finish_reason"] in ("length", "stop")
+
+
 def test_an_interrupted_json_or_code_answer_stores_what_its_format_promises(shell, xllm_server, monkeypatch):
     """An interrupted ``-f json --out V`` stored the partial text in V (a str where the notebook expects the parsed
     value, as the docs promise) and ``-f code`` the whole text rather than its code."""

@@ -114,9 +114,9 @@ def ask(shell: Any, state: MagicState, q: Question) -> tuple[Answer, Any]:
     reply = Reply(q.fmt)
     out = Output(shell, reply)
     if q.stream and out.rich:
-        answer = _stream(client, messages, model, params, out)
+        answer = _stream(client, state, messages, model, params, out)
     elif q.stream:
-        answer = _print_stream(client, messages, model, params)
+        answer = _print_stream(client, state, messages, model, params)
     else:
         answer = _whole(state, messages, model, params)
     reply.text = answer.text
@@ -180,7 +180,18 @@ def _take(answer: Answer, chunk: dict[str, Any]) -> str:
     return (choice.get("delta") or {}).get("content") or ""
 
 
-def _stream(client: Any, messages: list[dict[str, str]], model: str, params: dict[str, Any], out: Output) -> Answer:
+def _close(stream: Iterator[dict[str, Any]], state: MagicState) -> None:
+    """Close an answer's stream, so the server cancels its job. A second Ctrl-C while it closes (pressed again, as
+    people do) cut the close short and lost the answer so far to "xllm: interrupted": the client's connections are
+    dropped instead, which closes the stream's too."""
+    try:
+        stream.close()
+    except KeyboardInterrupt:
+        state.drop_client()
+
+
+def _stream(client: Any, state: MagicState, messages: list[dict[str, str]], model: str, params: dict[str, Any],
+            out: Output) -> Answer:
     """Stream into the cell's display; Ctrl-C (kernel interrupt) closes the stream, so the server cancels."""
     answer = Answer()
     pieces: list[str] = []
@@ -197,12 +208,12 @@ def _stream(client: Any, messages: list[dict[str, str]], model: str, params: dic
         out.flush()  # the error line goes below all the text that came, not a throttled prefix of it
         raise
     finally:
-        stream.close()  # closes the HTTP response: the server sees the disconnect and cancels the job
+        _close(stream, state)  # closes the HTTP response: the server sees the disconnect and cancels the job
     answer.text = "".join(pieces)
     return answer
 
 
-def _print_stream(client: Any, messages: list[dict[str, str]], model: str, params: dict[str, Any]) -> Answer:
+def _print_stream(client: Any, state: MagicState, messages: list[dict[str, str]], model: str, params: dict[str, Any]) -> Answer:
     """Terminal IPython: print tokens as they come."""
     answer = Answer()
     pieces: list[str] = []
@@ -220,7 +231,7 @@ def _print_stream(client: Any, messages: list[dict[str, str]], model: str, param
         answer.interrupted = ended = True
         sys.stdout.write("\n" + INTERRUPTED.strip("*"))
     finally:
-        stream.close()
+        _close(stream, state)
         if ended or pieces:  # an error before any text: no blank line above its message
             sys.stdout.write("\n")
         sys.stdout.flush()
