@@ -10,7 +10,8 @@ own cancel (the one a shutdown sets): even inside a long step that reports nothi
 the route lets go within the store's grace and the pull's files are deleted as it unwinds. A pull of a
 name whose cancelled pull is still converting (left in a library call) first waits for that to end, on the
 IOLoop (no pull thread held), with one ``{"status": "waiting for the cancelled pull of 'NAME' to finish"}``
-event; its client leaving or a shutdown stops that wait too.
+event; its client leaving or a shutdown stops that wait too. A pull that would only return the model stored under
+that name (same source, no ``force``) answers at once instead.
 ``GET /admin/models/manifest?model=NAME`` gives a stored model's digest and source plus the server
 version, for the provenance a notebook records with each answer, and the store's random id (``store_id``), by
 which ``xllm rm`` knows whether the server serves from its store.
@@ -176,6 +177,15 @@ async def _wait_left_pulls(store: Any, name: str, gone: threading.Event) -> None
         await asyncio.sleep(LEFT_PULL_POLL)
 
 
+async def _installed_as_pulled(store: Any, args: dict[str, Any]) -> bool:
+    """Whether the store would answer the pull of ``args`` with the model it holds, at once (no wait for a left
+    pull of the name: the store's own pull returns it without one)."""
+    if not hasattr(store, "installed_as_pulled"):
+        return False
+    return await PULLS.run(lambda: store.installed_as_pulled(  # (a Hub source asks the Hub for its commit)
+        args["source"], args["name"], revision=args["revision"], force=args["force"], base=args.get("base")) is not None)
+
+
 async def pull_events(store: Any, args: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     """Run ``store.pull`` on a thread and yield its (coalesced) progress, then the result."""
     loop = asyncio.get_running_loop()
@@ -209,7 +219,7 @@ async def pull_events(store: Any, args: dict[str, Any]) -> AsyncIterator[dict[st
     getter: asyncio.Future | None = None
     try:
         name = _pull_name(args) if hasattr(store, "left_pulls") else None
-        if name is not None and store.left_pulls(name):
+        if name is not None and store.left_pulls(name) and not await _installed_as_pulled(store, args):
             # the store would wait for it on a pull thread: wait here instead, where a waiting pull holds none
             with store.stoppable(name, gone):  # ``cancel_pulls`` (a shutdown) sets ``gone`` meanwhile
                 yield {"status": waiting_status(name), "file": None, "completed": 0, "total": None}

@@ -16,7 +16,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..core.errors import ModelNotFound, StoreError, quoted
+from ..core.errors import ModelNotFound, StoreError, XllmError, quoted
 from .atomic import FileLock, fix_modes, fsync_dir, fsync_tree, remove_tree, replace_dir, try_lock
 from .cancel import PullJob, PullJobs, current_job, left_pulls, run_cancellable, wait_for_left
 from .generation_defaults import write_sampling
@@ -92,6 +92,11 @@ class PullMixin:
 
         def work() -> Manifest:
             try:
+                if [other for other in left_pulls(job.key or "") if other is not job]:
+                    # a retry of a cancelled pull that would return the stored model as it is waits for nothing
+                    ready = self.installed_as_pulled(source, n, revision=revision, force=force, base=base)
+                    if ready is not None:
+                        return ready
                 # a cancelled pull of the name left converting (deaf to its cancel) is waited for, without its lock:
                 # each cancel and retry added one more full conversion at once
                 wait_for_left(job, report)
@@ -112,6 +117,26 @@ class PullMixin:
 
         with self._pull_jobs.track(job):
             return run_cancellable(job, work)
+
+    def installed_as_pulled(self, source: str, name: str | None = None, *, revision: str | None = None,
+                            force: bool = False, base: str | None = None) -> Manifest | None:
+        """The stored model a pull with these arguments returns as it is (same source and commit, nothing to
+        replace or record), read without the name's lock; None when the pull has work to do (or would fail)."""
+        if force:
+            return None
+        try:
+            src = parse_source(source, revision)
+            n = validate_name(name) if name is not None else src.default_name
+            existing = self._existing(n)
+            if existing is None or existing.source != src.canonical:
+                return None
+            if base is not None and existing.parameters.get("base_model") != validate_name(base):
+                return None
+            if src.kind == "hub" and HubClient(self.endpoint, self.token).resolve(src.ref, src.revision) != existing.revision:
+                return None
+        except (XllmError, OSError):  # the pull itself says why, as before
+            return None
+        return existing
 
     def cancel_pulls(self) -> int:
         """Stop every pull in flight in this store (a shutdown): each raises PullStopped within seconds, leaving
