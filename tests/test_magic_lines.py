@@ -212,3 +212,19 @@ def test_an_unclosed_typographic_quote_is_refused_as_a_straight_one_is(shell, re
     for typed in ("“unclosed, and a prompt", "‘tis a fine day"):
         cap = cell(shell, f"%xllm {ASK} {typed}")
         assert cap.stderr == "" and received[-1] == [("user", typed)]
+
+
+def test_undecodable_text_is_one_clear_line(shell, received):
+    """A ``{name}`` holding a lone surrogate (bytes decoded with errors='surrogateescape') failed as "unexpected
+    error (UnicodeEncodeError)", in a prompt, an option value, a cell's body and a command's operand alike."""
+    shell.user_ns["raw"] = b"caf\xe9".decode("utf-8", "surrogateescape")
+    asked = len(received)
+    for line in (f"%xllm {ASK} about {{raw}}", f"%xllm {ASK} -s {{raw}} hi", f"%%xllm {ASK}\nabout {{raw}}"):
+        cap = cell(shell, line)
+        assert cap.stderr.startswith("xllm: messages[") and "is not valid Unicode text: '\\udce9' at position" in cap.stderr, cap.stderr
+        assert cap.stderr.count("\n") == 1 and not cap.outputs
+    for line in ("%xllm pull {raw}", "%xllm pull ./models/{raw} --name x"):
+        cap = cell(shell, line)
+        assert cap.stderr == ("xllm: the line has text that is not valid Unicode ('\\udce9', an undecodable byte kept by "
+                              "errors='surrogateescape'?): decode it as UTF-8 first\n"), cap.stderr
+    assert len(received) == asked

@@ -87,6 +87,20 @@ def test_chat_errors_are_clear(endpoint):
         xllm_jupyter.chat("hi", TINY, client=("http://127.0.0.1:9/v1", None))
 
 
+def test_text_and_numbers_json_cannot_carry_are_a_clear_error(endpoint):
+    """A prompt with a lone surrogate (bytes decoded with errors='surrogateescape', as ``os.fsdecode`` does) raised
+    httpx's bare UnicodeEncodeError, and ``temperature=nan`` a ValueError: not the XllmError the API promises."""
+    undecodable = b"caf\xe9".decode("utf-8", "surrogateescape")
+    with pytest.raises(InvalidRequest, match=r"messages\[0\]\.content is not valid Unicode text: '\\udce9' at position 3"):
+        xllm_jupyter.chat(undecodable, TINY, client=endpoint, max_tokens=1)
+    with pytest.raises(InvalidRequest, match=r"messages\[0\]\.content is not valid Unicode"):
+        list(xllm_jupyter.chat("hi", TINY, system=undecodable, client=endpoint, stream=True, max_tokens=1))
+    with pytest.raises(InvalidRequest, match="temperature must be a finite number, not nan"):
+        xllm_jupyter.chat("hi", TINY, client=endpoint, temperature=math.nan)
+    with pytest.raises(InvalidRequest, match=r"stop\[0\] is not valid Unicode"):
+        xllm_jupyter.chat("hi", TINY, client=endpoint, stop=[undecodable], max_tokens=1)
+
+
 def test_closing_a_chat_stream_cancels_on_the_server(xllm_server, endpoint):
     engine = xllm_server.engine
     before = engine.stats(TINY).cancelled

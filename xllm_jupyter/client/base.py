@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Iterable, Mapping
 
@@ -224,7 +225,29 @@ def chat_body(messages: Iterable[Mapping[str, Any]] | str, model: str | None, st
     if model:
         body["model"] = model
     body.update({k: v for k, v in params.items() if v is not None})
+    _sendable(body, "")
     return body
+
+
+def _sendable(value: Any, path: str) -> None:
+    """Refuse, naming the field, what JSON cannot carry: text with a lone surrogate (what bytes decoded with
+    ``errors="surrogateescape"`` leave, e.g. ``os.fsdecode``), NaN or infinity. httpx failed on them with a bare
+    UnicodeEncodeError or ValueError, which the notebook API and ``%xllm`` showed as an unexpected error."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidRequest(f"{path} is not valid Unicode text: {value[exc.start]!r} at position {exc.start} (an "
+                                 "undecodable byte kept by errors='surrogateescape'?): decode the bytes as UTF-8, with "
+                                 "errors='replace' where they may not be", param=path) from None
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise InvalidRequest(f"{path} must be a finite number, not {value!r}", param=path)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            _sendable(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _sendable(item, f"{path}[{i}]")
 
 
 def parse_sse_line(line: str) -> dict[str, Any] | None:

@@ -121,6 +121,9 @@ class XllmMagics(Magics):
             error(exc.message)
         except KeyboardInterrupt:
             error("interrupted")
+        except UnicodeEncodeError as exc:  # `%xllm use {name}` whose text has a lone surrogate: no URL can carry it
+            error(f"the line has text that is not valid Unicode ({exc.object[exc.start:exc.end]!r}, an undecodable "
+                  "byte kept by errors='surrogateescape'?): decode it as UTF-8 first")
         except Exception as exc:  # a bug or an unexpected reply: one line here, the traceback in the log
             log.debug("xllm magic failed", exc_info=True)
             error(f"unexpected error ({type(exc).__name__}): {exc}")
