@@ -21,7 +21,7 @@ from tests.helpers import Clock
 from tests.server_fixtures import HUB_ALICE, proxied_tiny_server, running_hub_app
 from xllm_jupyter.core.config import AuthConfig, load_config
 from xllm_jupyter.core.errors import RateLimited
-from xllm_jupyter.server.auth_failures import IPV6_SITE_SHARE, PAST_CAP_WAITING, FailedAuthLimiter
+from xllm_jupyter.server.auth_failures import IPV6_SITE_SHARE, IPV6_WIDE_SHARE, PAST_CAP_WAITING, FailedAuthLimiter
 
 KEY = "sk-right-key"
 LIMIT = 2
@@ -115,14 +115,38 @@ def test_a_sites_failures_are_capped_at_its_share_of_64s():
                 break
             limiter.failed(label(subnet))
             counted += 1
-    assert counted == 3 * IPV6_SITE_SHARE  # was 3000: every /64 a fresh cap
+    # was 3000 (every /64 a fresh cap); 48 while the /48 alone counted at 16 limits; four /56s of 16 limits now
+    assert counted == 3 * IPV6_WIDE_SHARE == 4 * 3 * IPV6_SITE_SHARE
     limiter.check(label(1, "2001:db8:8"))  # another /48: not capped
     limiter.check("192.0.2.1")
-    # the /48's waiting line is the one its capped /64s share
-    assert limiter._lane_label(label(999)) == "2001:db8:7::/48"
+    # the /48's waiting line is the one its capped /64s share, the capped /56s' included
+    assert limiter._lane_label(label(999)) == "2001:db8:7::/48" == limiter._lane_label(label(1))
     assert limiter._lane_label(label(1, "2001:db8:8")) == label(1, "2001:db8:8")
     clock.now += 61  # the window ends; a site that did not guess past its share starts afresh
     limiter.check(label(999))
+
+
+def test_a_homes_56_caps_itself_not_its_neighbours_in_the_48():
+    """ISPs that hand out /56s put 256 homes in one /48: with the /48 capped at 16 limits, one home's guesser (16 of
+    its 256 /64s) capped all its neighbours' too. Now it caps its /56; its /48 takes four /56s' worth."""
+    clock = Clock()
+    limiter = FailedAuthLimiter(AuthConfig(failed_auth_limit=3, failed_auth_window_seconds=60), clock=clock)
+    home = lambda n, subnet: f"2001:db8:7:{n:x}{subnet:02x}::/64"  # noqa: E731  # the subnet-th /64 of the n-th /56
+    for subnet in range(IPV6_SITE_SHARE):
+        for _ in range(3):
+            limiter.failed(home(0, subnet))
+    with pytest.raises(RateLimited):
+        limiter.check(home(0, 0xff))  # a fresh /64 of the home: its /56 is capped
+    assert limiter._lane_label(home(0, 0xff)) == "2001:db8:7::/56"
+    limiter.check(home(1, 0))  # a neighbour's home (was refused: the /48 was capped)
+    assert limiter._lane_label(home(1, 0)) == home(1, 0)
+    for n in (1, 2, 3):  # three more homes guessing as hard: now the /48 is capped too, and its one line is theirs
+        for subnet in range(IPV6_SITE_SHARE):
+            for _ in range(3):
+                limiter.failed(home(n, subnet))
+    with pytest.raises(RateLimited):
+        limiter.check(home(9, 0))
+    assert limiter._lane_label(home(0, 0xff)) == "2001:db8:7::/48" == limiter._lane_label(home(9, 0))
 
 
 def test_64s_lines_formed_before_their_48_was_capped_go_on_at_the_48s_pace():

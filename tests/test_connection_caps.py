@@ -18,7 +18,7 @@ import pytest
 from tests.helpers import free_port
 from tests.server_fixtures import API_KEY, TINY, make_test_config, running_server
 from xllm_jupyter.core.config import AuthConfig
-from xllm_jupyter.server.auth_failures import IPV6_SITE_SHARE
+from xllm_jupyter.server.auth_failures import IPV6_SITE_SHARE, IPV6_WIDE_SHARE
 from xllm_jupyter.server.connections import ConnectionGuard, per_client_cap, raise_fd_limit
 
 PER_CLIENT = 5
@@ -141,25 +141,41 @@ def test_the_total_cap_and_release():
     assert raise_fd_limit() >= resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 0
 
 
-def test_the_64s_of_one_ipv6_48_share_a_cap():
-    """A site can route any of its 65536 /64s to one host: counted by /64 alone, one /48 opened ``per_client`` in
-    each, up to the server's total cap. Its /64s now share ``IPV6_SITE_SHARE`` times the per-client cap."""
+def test_the_64s_of_one_ipv6_56_share_a_cap():
+    """A site can route any of its /64s to one host: counted by /64 alone, one /48 opened ``per_client`` in each,
+    up to the server's total cap. The /64s of one /56 now share ``IPV6_SITE_SHARE`` times the per-client cap."""
     guard = ConnectionGuard(total=100_000, per_client=2, exempt=lambda a: a.startswith("2001:db8:9:"))
     held = [guard.admit(f"2001:db8:5:{subnet:x}::{n + 1}") for subnet in range(IPV6_SITE_SHARE) for n in range(2)]
     assert all(held)
-    assert guard.admit("2001:db8:5:ffff::1") is None  # a fresh /64 of the full /48 (was admitted: 256 a /64)
+    assert guard.admit("2001:db8:5:ff::1") is None  # a fresh /64 of the full /56 (was admitted: 256 a /64)
     assert guard.per_site == 2 * IPV6_SITE_SHARE
     head, _, body = guard.reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 429 ") and b"\r\nRetry-After: 1" in head
-    assert json.loads(body)["error"]["code"] == "too_many_connections" and "/48" in json.loads(body)["error"]["message"]
+    assert json.loads(body)["error"]["code"] == "too_many_connections" and "/56" in json.loads(body)["error"]["message"]
     # another /48, an IPv4 client and a trusted proxy's /48 are not affected
     assert guard.admit("2001:db8:6::1") and guard.admit("192.0.2.1") and guard.admit("2001:db8:9:1::1")
     guard.release(held[0])  # one of the site's connections closes: a place frees for any of its /64s
-    assert guard.admit("2001:db8:5:ffff::1") == "2001:db8:5:ffff::/64"
-    assert guard.admit("2001:db8:5:fffe::1") is None
+    assert guard.admit("2001:db8:5:ff::1") == "2001:db8:5:ff::/64"
+    assert guard.admit("2001:db8:5:fe::1") is None
     for label in held[1:]:
         guard.release(label)
-    assert guard.admit("2001:db8:5:fffe::1") and guard.open == 5
+    assert guard.admit("2001:db8:5:fe::1") and guard.open == 5
+
+
+def test_a_full_56_leaves_its_48s_other_56s_their_connections():
+    """ISPs that hand out /56s put 256 homes in one /48: with the /48 alone capped at 16 times the per-client cap,
+    one home's 16 /64s filled it and its 255 neighbours were refused. A /48 now holds 64 times (four /56s' share)."""
+    guard = ConnectionGuard(total=100_000, per_client=2)
+    home = [guard.admit(f"2001:db8:5:{subnet:x}::1") for subnet in range(IPV6_SITE_SHARE) for _ in range(2)]
+    assert all(home) and guard.admit("2001:db8:5:ff::1") is None  # the home's /56 is full
+    assert guard.admit("2001:db8:5:100::1") == "2001:db8:5:100::/64"  # a neighbour's /56 (was refused: /48 full)
+    # four /56s' worth fills the /48 itself: a fifth /56 of it is refused, another /48 is not
+    more = [guard.admit(f"2001:db8:5:{home_n:x}{subnet:02x}::1") for home_n in range(1, 4)
+            for subnet in range(IPV6_SITE_SHARE) for _ in range(2)]
+    assert sum(1 for label in more if label) == 3 * 2 * IPV6_SITE_SHARE - 1  # one place taken by the neighbour above
+    assert guard.per_wide_site == 2 * IPV6_WIDE_SHARE
+    assert guard.admit("2001:db8:5:400::1") is None and b"/48" in guard.reply
+    assert guard.admit("2001:db8:6:400::1")
 
 
 def test_a_flood_of_half_sent_requests_under_a_low_descriptor_limit(tmp_path):

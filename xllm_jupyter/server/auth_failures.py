@@ -19,10 +19,12 @@ it shares the address with once that caller's connection is in, and gains no che
 of a fresh connection waits its turn like any other: checking its credential ahead of the line would tell a
 guesser which keys are right at any rate (``vouched`` says why).
 
-Memory is bounded: at most ``auth.failed_auth_max_clients`` addresses are remembered (the one
-whose last failure is oldest is forgotten first), and an IPv6 client counts by its /64 network
-(one host commonly has a whole /64 to pick addresses from), and towards its /48 too, capped at
-``IPV6_SITE_SHARE`` times the limit (a site can route any of its /64s to one host: ``site_label``).
+Memory is bounded: at most ``auth.failed_auth_max_clients`` addresses are remembered; the least harmful is
+forgotten first (``_evict``: the oldest not capped, while they fill more than a quarter of the table), so that a
+guesser filling the table from fresh addresses pushes out one-off typos and his own fresh entries, not the capped
+entries that throttle him. An IPv6 client counts by its /64 network (one host commonly has a whole /64 to
+pick addresses from), and towards its /56 and /48 too, capped at ``IPV6_SITE_SHARE`` and ``IPV6_WIDE_SHARE`` times
+the limit (a site can route any of its /64s to one host; ISPs hand out /56s and /48s: ``site_labels``).
 
 The client address is the connection's peer, or, when the peer is one of ``auth.trusted_proxies``
 (JupyterHub's proxy in front of the hub service), the last ``X-Forwarded-For`` hop that is not. A
@@ -48,7 +50,7 @@ from typing import Any, AsyncIterator, Callable
 
 from ..core.config import AuthConfig
 from ..core.errors import Overloaded, RateLimited
-from .client_address import IPV6_SITE_SHARE, client_label, proxy_matcher, site_label
+from .client_address import IPV6_SITE_SHARE, IPV6_WIDE_SHARE, client_label, proxy_matcher, site_label, site_labels
 
 log = logging.getLogger("xllm_jupyter.server")
 
@@ -113,6 +115,8 @@ class FailedAuthLimiter:
         # label -> [failures, window start, earliest next check once capped, the label's limit]; ordered by last
         # failure, oldest first (what is forgotten first)
         self._table: OrderedDict[str, list[float]] = OrderedDict()
+        # the labels of ``_table`` not capped, in the same order: forgotten before any capped one (``_evict``)
+        self._uncapped: OrderedDict[str, None] = OrderedDict()
         # label -> [tickets of the requests in ``past_cap``, in arrival order; event set whenever one leaves]
         self._lanes: dict[str, list[Any]] = {}
         # set by ``close``: the server stops, requests still waiting their turn end now
@@ -158,6 +162,7 @@ class FailedAuthLimiter:
             now = self._clock()
             if entry[1] + self.window - now <= 0 and self._next_window(entry, now) is None:
                 del self._table[client]
+                self._uncapped.pop(client, None)
                 entry = None
         return entry
 
@@ -186,17 +191,25 @@ class FailedAuthLimiter:
         """Raise RateLimited while ``client`` is over the limit: its credentials then go through ``past_cap``."""
         if not self.enabled or client is None:
             return
-        for label in (client, site_label(client)):
-            entry = self._live(label) if label is not None else None
+        for label in (client, *(site for site, _ in site_labels(client))):
+            entry = self._live(label)
             if entry is not None and entry[0] >= entry[3]:
                 raise self._refusal(entry)
 
+    def _capped_sites(self, client: str) -> list[tuple[str, list[float]]]:
+        """The IPv6 networks of ``client`` (its /56, its /48) that are capped now, with their entries, widest first."""
+        capped = []
+        for site, _ in reversed(site_labels(client)):
+            entry = self._live(site)
+            if entry is not None and entry[0] >= entry[3]:
+                capped.append((site, entry))
+        return capped
+
     def _lane_label(self, client: str) -> str:
-        """The label whose line ``client``'s capped requests wait in: its IPv6 /48's once that is capped (else each
-        of its /64s would have a line of its own, one check every ``interval`` each), or its own."""
-        site = site_label(client)
-        entry = self._live(site) if site is not None else None
-        return site if site is not None and entry is not None and entry[0] >= entry[3] else client
+        """The label whose line ``client``'s capped requests wait in: its widest capped IPv6 network's (/48, else
+        /56: else each of its /64s would have a line of its own, one check every ``interval`` each), or its own."""
+        capped = self._capped_sites(client)
+        return capped[0][0] if capped else client
 
     @contextlib.asynccontextmanager
     async def past_cap(self, client: str | None, gone: Callable[[], bool] | None = None) -> AsyncIterator[None]:
@@ -212,7 +225,6 @@ class FailedAuthLimiter:
         if not self.enabled or client is None:
             yield
             return
-        site = site_label(client)
         label = self._lane_label(client)
         lane = self._lanes.get(label)
         if lane is None:
@@ -233,7 +245,7 @@ class FailedAuthLimiter:
                     raise Overloaded("The server is shutting down; retry in a moment.")
                 if gone is not None and gone():
                     raise RateLimited("The client left while its request waited for its turn.", retry_after=1)
-                spacing = self._spacing(label, site)
+                spacing = self._spacing(label, client)
                 due = max(e[2] for e in spacing) - self._clock() if spacing else 0.0
                 if lane[0][0] is ticket and due <= 0:
                     break
@@ -252,15 +264,12 @@ class FailedAuthLimiter:
             if not lane[0] and self._lanes.get(label) is lane:
                 del self._lanes[label]
 
-    def _spacing(self, label: str, site: str | None) -> list[list[float]]:
-        """The entries whose next-check time a request in ``label``'s line waits for: the line's own, and its IPv6
-        /48's while that is capped (a /64's line the request joined before its /48 was capped went on at its own
-        pace: 16 such lines of 8 guesses each were checked 16 an interval, not one)."""
+    def _spacing(self, label: str, client: str) -> list[list[float]]:
+        """The entries whose next-check time a request of ``client`` in ``label``'s line waits for: the line's own,
+        and its IPv6 networks' while they are capped (a /64's line the request joined before its /48 was capped
+        went on at its own pace: 16 such lines of 8 guesses each were checked 16 an interval, not one)."""
         entries = [entry] if (entry := self._live(label)) is not None else []
-        if site is not None and site != label:
-            site_entry = self._live(site)
-            if site_entry is not None and site_entry[0] >= site_entry[3]:
-                entries.append(site_entry)
+        entries += [site_entry for site, site_entry in self._capped_sites(client) if site != label]
         return entries
 
     async def close(self, timeout: float = 1.0) -> None:
@@ -289,9 +298,8 @@ class FailedAuthLimiter:
         if not self.enabled or client is None:
             yield
             return
-        # the client's own count, and its IPv6 /48's (fresh /64s of one site each had a whole limit's room at once)
-        site = site_label(client)
-        labels = [(client, self.limit)] + ([(site, self.limit * IPV6_SITE_SHARE)] if site is not None else [])
+        # the client's own count, and its IPv6 /56's and /48's (fresh /64s of one site each had a whole limit's room)
+        labels = [(client, self.limit)] + [(site, self.limit * share) for site, share in site_labels(client)]
         while True:
             self.check(client)
             full = None
@@ -380,9 +388,8 @@ class FailedAuthLimiter:
         if not self.enabled or client is None:
             return
         now = self._clock()
-        site = site_label(client)
-        if site is not None:  # first, so that the /64's own entry is the last forgotten
-            self._count(site, self.limit * IPV6_SITE_SHARE, now)
+        for site, share in reversed(site_labels(client)):  # widest first, so that the /64's own is the last forgotten
+            self._count(site, self.limit * share, now)
         self._count(client, self.limit, now)
 
     def _count(self, label: str, limit: int, now: float) -> None:
@@ -394,13 +401,34 @@ class FailedAuthLimiter:
         entry[0] += 1
         entry[2] = now + self.interval  # once capped, the next check waits this long (``past_cap``)
         self._table[label] = entry  # to the end: the most recent failure is forgotten last
+        self._uncapped.pop(label, None)
+        if entry[0] < limit:
+            self._uncapped[label] = None
         if entry[0] == limit:
             log.warning("client %s reached %d failed authentications in %g s: its credentials are checked one at a "
                         "time until the window ends",
                         label, limit, self.window)
         while len(self._table) > self.max_clients:
-            self._table.popitem(last=False)
+            self._evict()
+
+    def _evict(self) -> None:
+        """Forget the least harmful entry: the oldest one not capped while more than a quarter of the table is not
+        capped, else the oldest of all.
+
+        Oldest first alone let a guesser spread over many fresh addresses (a /32's /48s, or a botnet) push out the
+        capped entries that throttled him, his own among them, and start afresh where they were: one failure from
+        each of ``max_clients`` fresh addresses was enough. Entries not capped are worth less than a limit each.
+        They are not always forgotten first: in a table of capped entries an address's second failure would find
+        its first forgotten (a guesser alternating two fresh addresses was never capped), so a quarter of the room
+        stays theirs, oldest first there.
+        """
+        if len(self._uncapped) > max(1, self.max_clients // 4):
+            label, _ = self._uncapped.popitem(last=False)
+            del self._table[label]
+        else:
+            label, _ = self._table.popitem(last=False)
+            self._uncapped.pop(label, None)
 
 
-__all__ = ["FAILURES_KEY", "IPV6_SITE_SHARE", "PAST_CAP_WAITING", "FailedAuthLimiter", "client_label", "connection_gone",
-           "proxy_matcher", "site_label"]
+__all__ = ["FAILURES_KEY", "IPV6_SITE_SHARE", "IPV6_WIDE_SHARE", "PAST_CAP_WAITING", "FailedAuthLimiter", "client_label", "connection_gone",
+           "proxy_matcher", "site_label", "site_labels"]

@@ -9,8 +9,9 @@ for as long as the client kept them open.
 Here a connection is refused as soon as it is accepted when its client already has
 ``server.max_connections_per_client`` open (IPv6 by /64, as for failed authentications; the
 ``auth.trusted_proxies`` are exempt, since every user of a hub arrives through its proxy), when its IPv6
-/48 already has ``IPV6_SITE_SHARE`` (16) times that open (a site can route any of its 65536 /64s to one
-host: by /64 alone such a client opened 256 in each, up to the total cap, and shut everyone else out), or when
+/56 already has ``IPV6_SITE_SHARE`` (16) times that open or its /48 ``IPV6_WIDE_SHARE`` (64) times (a site can
+route any of its /64s to one host: by /64 alone such a client opened 256 in each, up to the total cap, and shut
+everyone else out; an ISP handing out /56s puts 256 homes in one /48, which one home's 16 /64s filled), or when
 the server has ``server.max_connections`` open (0: three quarters of the descriptor limit, which
 ``raise_fd_limit`` first lifts to its hard maximum, so the cap is reached before ``accept`` fails).
 The per-client cap's default (-1) is 256, or a quarter of the total cap where that is lower: at a
@@ -32,7 +33,7 @@ from tornado import httputil
 from tornado.iostream import SSLIOStream
 
 from ..core.errors import Overloaded, RateLimited, XllmError
-from .auth_failures import IPV6_SITE_SHARE, client_label, site_label
+from .auth_failures import IPV6_SITE_SHARE, IPV6_WIDE_SHARE, client_label, site_labels
 from .errors import error_response
 from .head_limit import HeadLimitedHTTPServer
 from .sse import dumps
@@ -106,8 +107,10 @@ class ConnectionGuard:
     def __init__(self, total: int, per_client: int, exempt: Callable[[str], bool] = lambda _: False):
         self.total = total
         self.per_client = per_client_cap(per_client, total)
-        #: connections the /64s of one IPv6 /48 may hold open together (``per_client`` x ``IPV6_SITE_SHARE``)
+        #: connections the /64s of one IPv6 /56 may hold open together (``per_client`` x ``IPV6_SITE_SHARE``)
         self.per_site = self.per_client * IPV6_SITE_SHARE
+        #: connections the /64s of one IPv6 /48 may hold open together (``per_client`` x ``IPV6_WIDE_SHARE``)
+        self.per_wide_site = self.per_client * IPV6_WIDE_SHARE
         self._exempt = exempt
         self._open: Counter[str] = Counter()
         self._count = 0
@@ -119,9 +122,9 @@ class ConnectionGuard:
         self._client_reply = refusal_reply(RateLimited(
             f"Too many open connections from this address (at most {self.per_client}); close some and retry.",
             code="too_many_connections"))
-        self._site_reply = refusal_reply(RateLimited(
-            f"Too many open connections from this address's IPv6 /48 network (at most {self.per_site}); close some "
-            "and retry.", code="too_many_connections"))
+        self._site_replies = {prefix: refusal_reply(RateLimited(
+            f"Too many open connections from this address's IPv6 /{prefix} network (at most {cap}); close some "
+            "and retry.", code="too_many_connections")) for prefix, cap in ((56, self.per_site), (48, self.per_wide_site))}
         self._total_reply = refusal_reply(Overloaded(
             f"The server has too many open connections (at most {self.total}); retry shortly.",
             code="too_many_connections"))
@@ -134,22 +137,24 @@ class ConnectionGuard:
     def admit(self, address: str) -> str | None:
         """The label ``address`` is counted under if its connection may stay (pair with ``release``), else None."""
         label = client_label(address)
-        site = site_label(label)
+        sites = site_labels(label)
         capped = self.per_client and not self._exempt(address)
         over_client = capped and self._open[label] >= self.per_client
-        over_site = capped and not over_client and site is not None and self._open[site] >= self.per_site
+        over_site = None if not capped or over_client else next(
+            (site for site, share in sites if self._open[site] >= self.per_client * share), None)
         if over_client or over_site or self._count >= self.total:
             self.refused += 1
-            self.reply = self._client_reply if over_client else self._site_reply if over_site else self._total_reply
-            why = label if over_client else site if over_site else "*"
+            self.reply = (self._client_reply if over_client else
+                          self._site_replies[int(over_site.rpartition("/")[2])] if over_site else self._total_reply)
+            why = label if over_client else over_site if over_site else "*"
             if why not in self._warned:  # once per episode, not per connection: the log must not fill up
                 self._warned.add(why)
                 log.warning("closing new connections from %s: %s", why if why != "*" else "every client",
                             f"it has {self.per_client} open" if over_client else
-                            f"it has {self.per_site} open" if over_site else f"{self.total} are open")
+                            f"its /64s have {self._open[why]} open" if over_site else f"{self.total} are open")
             return None
         self._open[label] += 1
-        if site is not None:
+        for site, _ in sites:
             self._open[site] += 1
         self._count += 1
         return label
@@ -157,9 +162,7 @@ class ConnectionGuard:
     def release(self, label: str) -> None:
         """A connection ``admit`` let in has closed."""
         self._count -= 1
-        for counted in (label, site_label(label)):
-            if counted is None:
-                continue
+        for counted in (label, *(site for site, _ in site_labels(label))):
             self._open[counted] -= 1
             if self._open[counted] <= 0:
                 del self._open[counted]
