@@ -69,8 +69,15 @@ def check_metadata(metadata: dict[str, str] | None) -> None:
                                  f"{MAX_METADATA_VALUE}", param=f"metadata.{key[:MAX_METADATA_KEY]}")
 
 
-class StreamOptions(StrictModel):
-    """``stream_options``: only ``include_usage`` changes what we send."""
+class ObfuscationOption(StrictModel):
+    """``stream_options`` as the Responses API has it: ``include_obfuscation`` typed as the SDK has it (this server pads
+    no deltas: the side channel it hides is api.openai.com's), so a value of another type is a 400 naming it."""
+
+    include_obfuscation: bool | None = None
+
+
+class StreamOptions(ObfuscationOption):
+    """``stream_options`` of chat and completions: only ``include_usage`` changes what we send."""
 
     include_usage: bool | None = None
 

@@ -21,7 +21,7 @@ from ..core.errors import InvalidRequest, NotFound, Unsupported, XllmError, quot
 from .context_words import PromptTooLong
 from .offload import is_big, off_loop_if, parse_body
 from .owned_store import cursor_page, page_limit
-from .protocol import MAX_TOP_LOGPROBS, PromptCacheOptions, ServiceTier, StrictModel, check_metadata, check_verbosity, served_tier
+from .protocol import MAX_TOP_LOGPROBS, ObfuscationOption, PromptCacheOptions, ServiceTier, StrictModel, check_metadata, check_verbosity, served_tier
 from .response_items import chat_tool_choice, chat_tools, check_function_outputs, check_items_new, items_to_messages, new_id, normalize_input, output_items, response_status
 from .response_store import ResponseStore, StoredResponse
 from .schema_errors import shown
@@ -116,6 +116,8 @@ class ResponsesRequest(StrictModel):
     # a typo'd window or a non-object was taken and ignored: typed as in the SDK, so it is a 400 naming it
     background_options: BackgroundOptions | None = None
     safety_identifier: str | None = None
+    # was untyped and ignored: a string or a number was a 200
+    stream_options: ObfuscationOption | None = None
 
     def check(self) -> None:
         """Reject what this server cannot honour, naming the parameter."""

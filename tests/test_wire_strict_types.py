@@ -1,0 +1,87 @@
+"""Chat completions, legacy completions and models on the wire, validated by the openai SDK's own pydantic types in
+strict mode (the SDK itself parses leniently: a missing field reads as None), and the request fields the SDK types
+that were taken whatever their type. The Responses API's objects have tests/test_responses_sdk_types.py."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+from openai.pagination import SyncPage
+from openai.types import Completion, Model
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from tests.server_fixtures import TINY
+
+MSG = [{"role": "user", "content": "Weather in Paris?"}]
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 6}}, "required": ["city"],
+    "additionalProperties": False}, "strict": True}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"tz": {"type": "string", "maxLength": 4}}, "required": ["tz"]}}}
+
+CHATS = {
+    "text": {"stop": ["\n"], "seed": 1},
+    "n and logprobs": {"n": 2, "logprobs": True, "top_logprobs": 2},
+    "parallel calls": {"tools": [WEATHER, TIME], "tool_choice": "required", "parallel_tool_calls": True, "max_tokens": 80},
+    "named call": {"tools": [WEATHER, TIME], "tool_choice": {"type": "function", "function": {"name": "get_time"}},
+                   "max_tokens": 60},
+    "json schema": {"max_tokens": 30, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "strict": True, "schema": {"type": "object", "properties": {"a": {"type": "integer"}},
+                                                "required": ["a"], "additionalProperties": False}}}},
+}
+
+
+def _events(r) -> list[dict]:
+    lines = [line[len("data: "):] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+@pytest.mark.parametrize("case", sorted(CHATS))
+def test_chat_completions_and_chunks_validate_strictly(raw, case):
+    body = {"model": TINY, "messages": MSG, "max_tokens": 6, **CHATS[case]}
+    r = raw.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    ChatCompletion.model_validate(r.json(), strict=True)
+    chunks = _events(raw.post("/v1/chat/completions", json={**body, "stream": True,
+                                                           "stream_options": {"include_usage": True}}))
+    for chunk in chunks:
+        ChatCompletionChunk.model_validate(chunk, strict=True)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] > 0
+
+
+def test_completions_and_models_validate_strictly(raw):
+    for extra in ({"logprobs": 2, "n": 2}, {"best_of": 2}, {"prompt": [[1, 2], [3]]}, {"echo": True}):
+        r = raw.post("/v1/completions", json={"model": TINY, "prompt": "Hello", "max_tokens": 3, **extra})
+        assert r.status_code == 200, r.text
+        Completion.model_validate(r.json(), strict=True)
+    SyncPage[Model].model_validate(raw.get("/v1/models").json(), strict=True)
+    Model.model_validate(raw.get(f"/v1/models/{TINY}").json(), strict=True)
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, ["x"]])
+def test_stream_options_include_obfuscation_is_typed(client, bad):
+    """The SDK types ``stream_options.include_obfuscation`` as a boolean for chat and Responses; Responses took any
+    ``stream_options`` at all (a string was a 200), chat any ``include_obfuscation``."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model=TINY, input="Hi", max_output_tokens=1, stream=True,
+                                stream_options={"include_obfuscation": bad})
+    assert caught.value.body["param"] == "stream_options.include_obfuscation"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model=TINY, input="Hi", max_output_tokens=1, extra_body={"stream_options": bad})
+    assert caught.value.body["param"] == "stream_options"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=TINY, messages=MSG, max_tokens=1, stream=True,
+                                       stream_options={"include_obfuscation": bad})
+    assert caught.value.body["param"] == "stream_options.include_obfuscation"
+
+
+def test_a_boolean_include_obfuscation_is_served(client):
+    events = list(client.responses.create(model=TINY, input="Hi", max_output_tokens=2, stream=True,
+                                          stream_options={"include_obfuscation": False}))
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    chunks = list(client.chat.completions.create(model=TINY, messages=MSG, max_tokens=2, stream=True,
+                                                 stream_options={"include_obfuscation": True, "include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 2
