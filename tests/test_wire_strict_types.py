@@ -85,3 +85,17 @@ def test_a_boolean_include_obfuscation_is_served(client):
     chunks = list(client.chat.completions.create(model=TINY, messages=MSG, max_tokens=2, stream=True,
                                                  stream_options={"include_obfuscation": True, "include_usage": True}))
     assert chunks[-1].usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize(("response_format", "param", "code"), [
+    ({"type": "xml"}, "response_format.type", "invalid_value"),
+    ({"type": "json_schema"}, "response_format.json_schema", "missing_required_parameter"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "strict": "yes"}},
+     "response_format.json_schema.strict", "invalid_type"),
+])
+def test_a_malformed_response_format_names_the_field_at_fault(client, response_format, param, code):
+    """api.openai.com names the nested field (``response_format.type``); every shape error here said
+    ``response_format``, while the same errors under Responses' ``text.format`` named theirs."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=TINY, messages=MSG, max_tokens=1, response_format=response_format)
+    assert (caught.value.body["param"], caught.value.body["code"]) == (param, code)

@@ -59,18 +59,28 @@ def constraint_from_response_format(value: Any, *, param: str = "response_format
         return None
     if kind == "json_object":
         return Constraint("json_object")
+    # each shape error names the field at fault, as api.openai.com does (the SDK's BadRequestError.param)
+    if kind is None:
+        raise InvalidRequest(f"Missing required parameter: '{param}.type'.", param=f"{param}.type",
+                             code="missing_required_parameter")
     if kind != "json_schema":
-        raise InvalidRequest(f"'{param}.type' must be one of 'text', 'json_object' or 'json_schema', got {shown(kind)}",
-                             param=param)
-    body = value.get("json_schema", value if "schema" in value else None)
+        raise InvalidRequest(f"Invalid value: {shown(kind)}. Supported values are: 'text', 'json_object', and "
+                             "'json_schema'.", param=f"{param}.type", code="invalid_value")
+    nested = "json_schema" in value or "schema" not in value  # chat's shape, or the flat one Responses uses
+    where = f"{param}.json_schema" if nested else param
+    body = value.get("json_schema") if nested else value
+    if body is None:
+        raise InvalidRequest(f"Missing required parameter: '{where}'.", param=where, code="missing_required_parameter")
     if not isinstance(body, dict):
-        raise InvalidRequest(f"'{param}.json_schema' must be an object with a 'schema'", param=param)
-    check_format_name(body.get("name"), f"{param}.json_schema.name" if "json_schema" in value else f"{param}.name")
+        raise InvalidRequest(f"Invalid type for '{where}': expected an object, but got {json_type(body)} instead.",
+                             param=where, code="invalid_type")
+    check_format_name(body.get("name"), f"{where}.name")
     strict = body.get("strict")
     if strict is not None and not isinstance(strict, bool):
-        raise InvalidRequest(f"'{param}.json_schema.strict' must be a boolean", param=param)
+        raise InvalidRequest(f"Invalid type for '{where}.strict': expected a boolean, but got {json_type(strict)} "
+                             "instead.", param=f"{where}.strict", code="invalid_type")
     schema = body.get("schema")
     if not isinstance(schema, dict):
-        raise InvalidRequest(f"'{param}.json_schema.schema' must be a JSON schema object", param=param)
+        raise InvalidRequest(f"'{where}.schema' must be a JSON schema object", param=f"{where}.schema")
     # sorted keys: equal schemas share one compiled grammar in the backend's cache
     return Constraint("json_schema", json.dumps(close_objects(schema), sort_keys=True, separators=(",", ":")))
