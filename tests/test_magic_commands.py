@@ -227,6 +227,9 @@ def test_status_connect_and_help(shell, own_tiny_server, xllm_server, monkeypatc
     assert cap.stderr.startswith("xllm: the xllm server at") and "refused the token" in cap.stderr
     cap = run(shell, "connect http://127.0.0.1:9/v1")
     assert cap.stderr.startswith("xllm: no xllm server at http://127.0.0.1:9")
+    # an IPv6 address whose bracket never closes was "unexpected error (InvalidURL): Invalid port: ':1'"
+    cap = run(shell, "connect http://[::1")
+    assert cap.stderr == "xllm: 'http://[::1' is not a server URL (Invalid port: ':1')\n", cap.stderr
     assert discovery.find_server().base_url == xllm_server.base_url
     # bare `connect`: discover again (the extension's variables)
     assert shown(run(shell, "connect")) == f"Connected to {own_tiny_server.base_url} (extension)"

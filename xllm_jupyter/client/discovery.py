@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from ..core.errors import AuthenticationError, PermissionDenied, XllmError
+from ..core.errors import AuthenticationError, InvalidRequest, PermissionDenied, XllmError
 from ..core.hub_url import PUBLIC_KEYS, TLS_HINT, hub_ssl_context, service_root
 from .aio import AsyncXllmClient
 from .base import auth_headers, resolve_base_url, root_url
@@ -147,7 +147,12 @@ def connect(url: str | None = None, token: str | None = None) -> ServerLocation:
         url = found.base_url if found else None
         if token is None and found is not None:
             token = found.api_key
-    location = ServerLocation(resolve_base_url(url), token or None, "connect")
+    base = resolve_base_url(url)
+    try:
+        httpx.URL(base)
+    except httpx.InvalidURL as exc:  # `http://[::1` (its bracket never closes): httpx's own error reached the notebook
+        raise InvalidRequest(f"{url!r} is not a server URL ({exc})", param="url") from None
+    location = ServerLocation(base, token or None, "connect")
     verify(location)
     with _lock:
         _connected = location
