@@ -101,6 +101,22 @@ def test_text_and_numbers_json_cannot_carry_are_a_clear_error(endpoint):
         xllm_jupyter.chat("hi", TINY, client=endpoint, stop=[undecodable], max_tokens=1)
 
 
+def test_a_streamed_chat_with_several_choices_is_the_first_ones(endpoint):
+    """``chat(..., n=2, stream=True)`` mixed both choices' pieces into one text (each chunk carries one choice, and
+    the first choice of every chunk was taken); now it is the first choice's, as without ``stream``."""
+    from xllm_jupyter.client.base import delta_text
+
+    with XllmClient(*endpoint) as c:
+        chunks = [ch for ch in c.stream_chunks("Say hi", TINY, n=2, max_tokens=4, ignore_eos=True) if ch.get("choices")]
+    by_choice = {0: "", 1: ""}
+    for ch in chunks:
+        by_choice[ch["choices"][0]["index"]] += ch["choices"][0].get("delta", {}).get("content") or ""
+    assert by_choice[1], "the second choice said nothing: pick another prompt"
+    assert "".join(delta_text(ch) for ch in chunks) == by_choice[0]
+    pieces = list(xllm_jupyter.chat("Say hi", TINY, n=2, max_tokens=4, ignore_eos=True, stream=True, client=endpoint))
+    assert 0 < len(pieces) <= 4  # one reply of four tokens, not two
+
+
 def test_closing_a_chat_stream_cancels_on_the_server(xllm_server, endpoint):
     engine = xllm_server.engine
     before = engine.stats(TINY).cancelled

@@ -338,9 +338,10 @@ DONE: dict[str, Any] = {"__done__": True}
 
 
 def delta_text(chunk: Mapping[str, Any]) -> str:
-    """The content text a chat chunk adds (first choice; "" for role/finish/usage chunks)."""
+    """The content text a chat chunk adds to the first choice ("" for role/finish/usage chunks, and for another
+    choice's: with ``n`` > 1 each chunk carries one choice, and taking every chunk's first mixed the choices)."""
     choices = chunk.get("choices") or ()
-    if not choices:
+    if not choices or choices[0].get("index", 0) != 0:
         return ""
     delta = choices[0].get("delta") or {}
     return delta.get("content") or ""
