@@ -182,7 +182,10 @@ class ApiKeyHandler(VerbDispatchMixin, RequestHandler):
             if found is None:  # a wrong key, not a client that sent none
                 failures.failed(client)
             else:
-                failures.vouch(self.request, header)  # its next requests on this connection wait no turn
+                # its next requests on this connection wait no turn, nor do its next connections' (the cookie)
+                cookie = failures.vouch(self.request, header)
+                if cookie is not None:
+                    self.add_header("Set-Cookie", cookie)
         return found
 
     def _release(self) -> None:

@@ -13,11 +13,11 @@ other clients can name, below) with a right key or token is served after the gue
 of it instead of being locked out until the window ends. Callers at other addresses are not
 affected. A request with no credentials at all is not a guess and is not counted.
 
-A credential already verified on a client's own connection (not a trusted proxy's) skips the line on that
-connection's later requests (``vouched``): a guesser keeping the address's line full cannot hold up a caller
-it shares the address with once that caller's connection is in, and gains no check by it. The first request
-of a fresh connection waits its turn like any other: checking its credential ahead of the line would tell a
-guesser which keys are right at any rate (``vouched`` says why).
+A credential already verified on a client's own connection (not a trusted proxy's), or by a client that sends
+back the cookie it was given for it (vouch_cookie.py), skips the line (``vouched``): a guesser keeping the
+address's line full cannot hold up a caller it shares the address with once that caller is in, and gains no check
+by it. A client's very first request waits its turn like any other: checking its credential ahead of the line
+would tell a guesser which keys are right at any rate (``vouched`` says why).
 
 Memory is bounded: at most ``auth.failed_auth_max_clients`` addresses are remembered; the least harmful is
 forgotten first (``_evict``: the oldest not capped, while they fill more than a quarter of the table), so that a
@@ -51,6 +51,7 @@ from typing import Any, AsyncIterator, Callable
 from ..core.config import AuthConfig
 from ..core.errors import Overloaded, RateLimited
 from .client_address import IPV6_SITE_SHARE, IPV6_WIDE_SHARE, client_label, proxy_matcher, site_label, site_labels
+from .vouch_cookie import VouchCookies, cookie_of
 
 log = logging.getLogger("xllm_jupyter.server")
 
@@ -128,6 +129,8 @@ class FailedAuthLimiter:
         # open connection (its IOStream) -> digest of the credential verified on it (``vouch``); an entry goes
         # with its connection, so this holds no more than the open connections
         self._verified: weakref.WeakKeyDictionary[Any, bytes] = weakref.WeakKeyDictionary()
+        #: the cookies that vouch for a proved key on the client's later connections too (vouch_cookie.py)
+        self.cookies = VouchCookies()
 
     @property
     def enabled(self) -> bool:
@@ -335,13 +338,18 @@ class FailedAuthLimiter:
             return None
         return getattr(getattr(request, "connection", None), "stream", None)
 
-    def vouch(self, request: Any, credential: str) -> None:
+    def vouch(self, request: Any, credential: str) -> str | None:
         """``credential`` (the request's Authorization header) proved right on ``request``'s connection: later
-        requests on it carrying the same credential skip the cap (``vouched``)."""
+        requests on it carrying the same credential skip the cap (``vouched``), and so do the client's on its other
+        connections once it sends back the cookie; the ``Set-Cookie`` value to answer with (None: it has one)."""
+        if not credential:
+            return None
         stream = self._own_stream(request)
-        if stream is not None and credential:
+        digest = _credential_digest(credential)
+        if stream is not None:
             with contextlib.suppress(TypeError):  # a stream that takes no weak reference is simply not remembered
-                self._verified[stream] = _credential_digest(credential)
+                self._verified[stream] = digest
+        return None if self.cookies.valid(cookie_of(request), digest) else self.cookies.header(digest)
 
     def vouched(self, request: Any, credential: str | None) -> bool:
         """True when ``credential`` is the one already verified on ``request``'s own connection.
@@ -362,9 +370,13 @@ class FailedAuthLimiter:
           the counted check first, and then has nothing left to guess; a different credential on a vouched
           connection (a guess, or another key) takes the ordinary path and is counted as before, and the connection
           vouches for nothing after it (until a right key is checked on it again, in its turn).
+        - Likewise the cookie (vouch_cookie.py): signed for the one key whose check it followed, with a secret of this
+          process; a guess with anyone's cookie is not that key, and takes the line.
         """
         if not credential:
             return False
+        if self.cookies.valid(cookie_of(request), _credential_digest(credential)):
+            return True  # this client proved this very key before, on another connection (vouch_cookie.py)
         stream = self._own_stream(request)
         if stream is None:
             return False
