@@ -99,3 +99,24 @@ def test_a_malformed_response_format_names_the_field_at_fault(client, response_f
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model=TINY, messages=MSG, max_tokens=1, response_format=response_format)
     assert (caught.value.body["param"], caught.value.body["code"]) == (param, code)
+
+
+@pytest.mark.parametrize(("path", "field", "empty"), [
+    ("/v1/chat/completions", "reasoning_effort", []),
+    ("/v1/chat/completions", "functions", {}),
+    ("/v1/chat/completions", "audio", []),
+    ("/v1/responses", "background", ""),
+    ("/v1/responses", "max_tool_calls", []),
+    ("/v1/responses", "reasoning", ""),
+    ("/v1/responses", "prompt", []),
+])
+def test_an_unsupported_field_of_the_wrong_type_is_a_400_even_when_empty(raw, path, field, empty):
+    """What this server cannot honour is a 400 unless it asks for nothing ("" / [] / {}); an empty value of a type
+    the SDK does not give the field was taken as asking for nothing (a 200), where api.openai.com answers invalid_type."""
+    body = ({"messages": MSG, "max_tokens": 1} if "chat" in path else {"input": "Hi", "max_output_tokens": 1})
+    r = raw.post(path, json={"model": TINY, **body, field: empty})
+    assert r.status_code == 400, r.text
+    assert (r.json()["error"]["param"], r.json()["error"]["code"]) == (field, "invalid_type")
+    asks_nothing = {"reasoning_effort": None, "functions": [], "audio": None, "background": False, "max_tool_calls": None,
+                    "reasoning": {}, "prompt": None}[field]
+    assert raw.post(path, json={"model": TINY, **body, field: asks_nothing}).status_code == 200

@@ -19,7 +19,7 @@ from .conversation import Turn, check_history, core_message
 from .finite import check_finite
 from .json_body import strict_parse, without_bom
 from .model_defaults import ModelDefaults
-from .schema_errors import openai_wording, shown
+from .schema_errors import check_json_type, openai_wording, shown
 from .structured import constraint_from_response_format
 from .tools import parse_tool_config
 
@@ -177,9 +177,11 @@ class _SamplingFields(StrictModel):
         parse_logit_bias(self.logit_bias)
 
 
-#: fields that would change the output if honoured; rejected rather than silently ignored
-_CHAT_UNSUPPORTED = ("functions", "function_call", "audio", "prediction", "web_search_options", "reasoning_effort",
-                     "moderation")  # moderated completions: a "block" policy would be silently unenforced
+#: fields that would change the output if honoured, rejected rather than silently ignored, with their JSON types in the
+#: SDK (moderated completions: a "block" policy would be silently unenforced)
+_CHAT_UNSUPPORTED = {"functions": ("an array",), "function_call": ("a string", "an object"), "audio": ("an object",),
+                     "prediction": ("an object",), "web_search_options": ("an object",),
+                     "reasoning_effort": ("a string",), "moderation": ("an object",)}
 #: OpenAI's default verbosity: asking for it changes nothing, so it is accepted; any other level is a 400
 DEFAULT_VERBOSITY = "medium"
 
@@ -217,8 +219,9 @@ class ChatCompletionRequest(_SamplingFields):
         self._check_common()
         check_metadata(self.metadata)
         extra = self.model_extra or {}
-        for name in _CHAT_UNSUPPORTED:
+        for name, kinds in _CHAT_UNSUPPORTED.items():
             value = extra.get(name)
+            check_json_type(value, kinds, name)  # an empty value of another type was taken as asking for nothing
             # an empty list or object asks for nothing, except web_search_options: {} is search with its defaults
             if value is not None and (value not in ([], {}) or name == "web_search_options"):
                 raise Unsupported(f"'{name}' is not supported by this server yet", param=name)
@@ -248,8 +251,6 @@ class ChatCompletionRequest(_SamplingFields):
     def core_messages(self) -> list[ChatMessage]:
         """Messages flattened to core ``ChatMessage`` (text parts joined; other parts rejected)."""
         return [core_message(m, i) for i, m in enumerate(self.messages)]
-
-
 
 
 class CompletionRequest(_SamplingFields):

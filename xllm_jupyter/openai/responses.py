@@ -24,14 +24,16 @@ from .owned_store import cursor_page, page_limit
 from .protocol import MAX_TOP_LOGPROBS, ObfuscationOption, PromptCacheOptions, ServiceTier, StrictModel, check_metadata, check_verbosity, served_tier
 from .response_items import chat_tool_choice, chat_tools, check_function_outputs, check_items_new, items_to_messages, new_id, normalize_input, output_items, response_status
 from .response_store import ResponseStore, StoredResponse
-from .schema_errors import shown
+from .schema_errors import check_json_type, shown
 from .structured import check_format_name
 from .response_stream import Event, ResponseEventStream
 
 #: chat fields a Responses body may carry as xllm extensions (e.g. ``extra_body``); same names and checks as chat
 _CHAT_EXTENSIONS = ("stop", "seed", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "ignore_eos")
 #: Responses features that would change the result if honoured; rejected rather than ignored
-_UNSUPPORTED = ("conversation", "prompt", "background", "reasoning", "max_tool_calls", "moderation", "context_management")
+_UNSUPPORTED = {"conversation": ("a string", "an object"), "prompt": ("an object",), "background": ("a boolean",),
+                "reasoning": ("an object",), "max_tool_calls": ("an integer",), "moderation": ("an object",),
+                "context_management": ("an array",)}  # with their JSON types in the SDK
 #: ``include`` values honoured: output text logprobs, and reasoning items' encrypted content (this server makes
 #: no reasoning items, so there is never any: clients such as Codex ask for it with every ``store: false`` request)
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
@@ -122,7 +124,8 @@ class ResponsesRequest(StrictModel):
     def check(self) -> None:
         """Reject what this server cannot honour, naming the parameter."""
         extra = self.model_extra or {}
-        for name in _UNSUPPORTED:
+        for name, kinds in _UNSUPPORTED.items():
+            check_json_type(extra.get(name), kinds, name)  # "" or [] of another type was taken as asking for nothing
             if _is_set(extra.get(name)):
                 raise Unsupported(f"'{name}' is not supported by this server yet", param=name)
         for options in (self.background_options, self.prompt_cache_options):

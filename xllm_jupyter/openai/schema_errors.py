@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..core.errors import InvalidRequest
+
 #: pydantic's bound errors: (OpenAI's word for the direction, comparison written in the message, code suffix)
 _BOUNDS = {
     "greater_than_equal": ("below minimum value", ">=", "ge", "below_min_value"),
@@ -45,6 +47,14 @@ def json_type(value: Any) -> str:
     if isinstance(value, list):
         return "an array"
     return "an object"
+
+
+def check_json_type(value: Any, expected: tuple[str, ...], param: str) -> None:
+    """400 ``invalid_type`` in OpenAI's words unless ``value`` is null or of one of the ``expected`` JSON types (as
+    ``json_type`` names them): for fields read from a body's extras, which pydantic does not type."""
+    if value is not None and json_type(value) not in expected:
+        raise InvalidRequest(f"Invalid type for '{param}': expected {' or '.join(expected)}, but got {json_type(value)} "
+                             "instead.", param=param, code="invalid_type")
 
 
 #: how much of an offending value an error message repeats (a 3 MB string would come back whole otherwise)
