@@ -406,20 +406,31 @@ class HoldingJobV2:
         return r["eos"], token
 
 
+class HoldingJobV3(HoldingJobV2):
+    """The same holding behind exllamav3's ``receive_sample`` signature (``results`` after ``next_prob``)."""
+
+    def receive_sample(self, logits, token, k_tokens, k_probs, prob, results, first=True):
+        return super().receive_sample(logits, token, k_tokens, k_probs, prob, False, results, first)
+
+
+@pytest.mark.parametrize("library", ["exllamav2", "exllamav3"])
 @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "library-holds"])
-def test_exllamav2_held_tokens_go_out_in_the_step_that_samples_them(stream):
-    """``StreamHeldV2`` puts each token exllamav2 holds after an invalid byte out at once, with the text it completes
-    and its probability, and cuts them off the library's release at the stop token (nothing twice); without the
-    tokens' bytes to spell them (``xllm_bind_stream(None)``) the library's hold stands, released at the end."""
-    from xllm_jupyter.backends.exllamav2_stream import StreamHeldV2
+def test_held_tokens_go_out_in_the_step_that_samples_them(stream, library):
+    """``StreamHeldV2``/``V3`` put each token the library holds after an invalid byte out at once, with the text it
+    completes and its probability, and cut them off the library's release at the stop token (nothing twice);
+    without the tokens' bytes to spell them (``xllm_bind_stream(None)``) the library's hold stands, released at the
+    end. (exllamav3 put a byte's token out with the token after it, a step late.)"""
+    from xllm_jupyter.backends.exllama_stream import StreamHeldV2, StreamHeldV3
 
     raw = {21: b" Hi", 173: b"\xe2", 665: b" there", 2: b""}.__getitem__
-    job = type("Job", (StreamHeldV2, HoldingJobV2), {})(raw, 2)
+    mixin, holding = (StreamHeldV2, HoldingJobV2) if library == "exllamav2" else (StreamHeldV3, HoldingJobV3)
+    job = type("Job", (mixin, holding), {})(raw, 2)
     job.xllm_bind_stream(raw if stream else None)
     steps = []
     for token in (21, 173, 665, 21, 173, 2):
         results: list = []
-        job.receive_sample(None, torch.tensor([[token]]), None, None, torch.tensor([[0.5]]), False, results)
+        args = (False, results) if library == "exllamav2" else (results,)
+        job.receive_sample(None, torch.tensor([[token]]), None, None, torch.tensor([[0.5]]), *args)
         events = translate_results(results, {1: JobInfo(1, logprobs=True)}, str, raw=raw)
         steps.append([(e.token_id, e.text) for e in events if e.token_id is not None])
         assert all(e.logprob == pytest.approx(math.log(0.5)) for e in events if e.token_id is not None)

@@ -962,12 +962,15 @@ def test_text_streams_as_each_character_completes_after_an_invalid_byte(tiny_lla
     model = load(kind, tiny_llama_dir)
     hi, lone_byte, there, stop = 21041, 173, 665, 2  # " Hi", 0xE2, " there", <|im_end|>
     script = [hi, lone_byte, there, hi, lone_byte, hi, there, stop]
-    script_tokens(model, kind, script)
+    drawn = script_tokens(model, kind, script)
     model.add(SequenceJob(1, tuple(range(100, 120)), 20, SamplingParams(temperature=0.0), frozenset({stop}),
                           logprobs=True, top_logprobs=2))
     text, texts, events = "", [], []
     for _ in range(40):
+        sampled = len(drawn)
         step = model.step()
+        # each token's event (its logprobs) in the step that samples it: exllamav3 put the byte's out a step late
+        assert [e.token_id for e in step if e.token_id is not None] == script[sampled:len(drawn)]
         events += [e for e in step if e.token_id is not None]
         text += "".join(e.text for e in step)
         texts.append(text)
@@ -980,8 +983,7 @@ def test_text_streams_as_each_character_completes_after_an_invalid_byte(tiny_lla
     assert [e.token_id for e in events] == script and events[-1].completion_tokens == len(script)
     assert [e.token_bytes for e in events] == [b" Hi", b"\xe2", b" there", b" Hi", b"\xe2", b" Hi", b" there", b""]
     assert all(e.logprob is not None and -1.0 < e.logprob <= 0 and len(e.top_logprobs) == 2 for e in events)
-    if kind != "exllamav3":  # (exllamav3 releases the lone byte with the next token: it holds while incomplete)
-        assert len(texts) == len(script)  # one step a token, its event in it
+    assert len([t for t in texts if t]) == len(script)  # one step a token, its event in it
     assert model.active_jobs() == 0 and pages_held(model) == 0
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from ..core.types import Constraint, FinishReason, SequenceJob, TokenEvent
 from .base import LoadedModel, ModelSpec
 from .constraints import GrammarCompiler
-from .detokenize import token_text
+from .detokenize import BYTE_LEVEL, SENTENCEPIECE, piece_scheme, token_text
 from .exllama_common import free_cuda_memory
 from .exllama_results import JobInfo, SpeculativeStats, translate_results
 from .hf_tokenizer import ChatTokenizer, ChatTokenizerMethods
@@ -57,6 +57,9 @@ class DynamicGeneratorModel(ChatTokenizerMethods, LoadedModel):
         self._grammars = GrammarCompiler(chat.tokenizer, self.vocab_size, self.eos_token_ids)
         self._special = special_token_text(chat.tokenizer)
         self.speculative = SpeculativeStats()
+        # held tokens are streamed by their own bytes, where the vocabulary spells them (exllama_stream.StreamHeld)
+        scheme = piece_scheme(chat.tokenizer)
+        self._stream_bytes = chat.token_bytes if scheme in (BYTE_LEVEL, SENTENCEPIECE) else None
         self._counts_lock = threading.Lock()
         self._prompt_tokens = 0
         self._cached_tokens = 0

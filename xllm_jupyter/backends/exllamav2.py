@@ -31,9 +31,8 @@ from .exllama_common import (
 )
 from .exllama_model import DynamicGeneratorModel
 from .exllama_sampling import AnswerPenaltiesV2, LogitsV2, RawLogprobsV2
-from .exllamav2_stream import StreamHeldV2
+from .exllama_stream import StreamHeldV2
 from .exllamav2_plan import LENGTH_DEPENDENT_ROPE, estimated_cache_tokens, plan_cache
-from .detokenize import BYTE_LEVEL, SENTENCEPIECE, piece_scheme
 from .hf_tokenizer import ChatTokenizer
 from .prefix_isolation_v2 import IsolatedJobV2
 
@@ -351,9 +350,6 @@ class ExllamaV2Model(DynamicGeneratorModel):
         self._model = model
         self._draft = draft
         self._seq_len = int(seq_len)  # the model's max_seq_len: the positions its RoPE tables hold
-        # held tokens are streamed by their own bytes, where the vocabulary spells them (StreamHeldV2)
-        scheme = piece_scheme(self.chat.tokenizer)
-        self._stream_bytes = self.chat.token_bytes if scheme in (BYTE_LEVEL, SENTENCEPIECE) else None
 
     def make_job(self, job: SequenceJob) -> Any:
         """An ``ExLlamaV2DynamicJob`` with our sampling settings, stop tokens and logprobs."""

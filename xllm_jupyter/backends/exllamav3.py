@@ -34,6 +34,7 @@ from .exllama_common import (
 )
 from .exllama_model import DynamicGeneratorModel
 from .exllama_sampling import AnswerPenaltiesV3, v3_sampler
+from .exllama_stream import StreamHeldV3
 from .hf_tokenizer import ChatTokenizer
 from .prefix_isolation import IsolatedJobV3
 
@@ -343,7 +344,8 @@ class ExllamaV3Model(DynamicGeneratorModel):
 
     backend_name = "exllamav3"
     isolation_mixin = IsolatedJobV3
-    job_mixins = (AnswerPenaltiesV3,)
+    # held tokens streamed, in the step that samples them
+    job_mixins = (StreamHeldV3, AnswerPenaltiesV3)
 
     def __init__(self, spec: ModelSpec, *, model: Any, tokenizer: Any, draft: tuple[Any, Any] | None, **kw: Any):
         super().__init__(spec, **kw)
@@ -363,6 +365,7 @@ class ExllamaV3Model(DynamicGeneratorModel):
                                         eos_after_completed=True)]
         native = self.job_class(Job)(**job_kwargs(job, sampler=v3_sampler(job.sampling), filters=filters))
         native.xllm_bind_penalties(len(job.prompt_ids))
+        native.xllm_bind_stream(self._stream_bytes)
         return native
 
     def free_pages(self) -> int:

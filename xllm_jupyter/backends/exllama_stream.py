@@ -1,4 +1,5 @@
-"""exllamav2 jobs that put each token out in the step that samples it, where the library would hold it back."""
+"""exllama jobs (both libraries) that put each token out in the step that samples it, where the library would hold it
+back."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ from typing import Any, Callable
 _PER_TOKEN = ("token_ids", "token_probs", "top_k_tokens", "top_k_probs", "logits")
 
 
-class StreamHeldV2:
-    """Mixed into exllamav2's job: a token the library holds back goes out at once, with the text it completes.
+class StreamHeld:
+    """Mixed into an exllama job: a token the library holds back goes out at once, with the text it completes.
 
     exllamav2 0.3.2 holds a step's tokens and text while the text held so far decodes with U+FFFD, and it tests
     everything held since the last release: after one byte that makes no character, every later token stays held
     until the job ends (or five U+FFFD). Streaming stops, and a stop string in that text (the engine matches them
-    on streamed text) is seen only at the end, while the job goes on generating to it. Here a held token's result
+    on streamed text) is seen only at the end, while the job goes on generating to it. exllamav3 holds only while
+    the text ends in an incomplete character, but then a byte's token (its logprobs) went out a step after it was
+    sampled, with the token that completes the character. Here a held token's result
     gets the token (id, probability, top-k, as the library would release them) and the text its bytes complete:
     an incremental UTF-8 decoder over the tokens' own bytes (``xllm_bind_stream``), as the transformers backend's
     detokenizer releases text and as ``exllama_results.with_held_answer`` splits a release. When the library then
@@ -33,17 +36,21 @@ class StreamHeldV2:
     xllm_streamed = 0
     #: set while we write the text (from a hold until no partial character is left)
     xllm_decoder: Any = None
+    #: where ``results`` is among ``receive_sample``'s arguments after ``next_prob`` (exllamav2 passes
+    #: ``filter_eos`` first)
+    xllm_results_at = 0
 
     def xllm_bind_stream(self, token_bytes: Callable[[int], bytes] | None) -> None:
         """Stream held tokens, spelling them with ``token_bytes``."""
         self.xllm_token_bytes = token_bytes
 
     def receive_sample(self, logits: Any, next_token: Any, next_k_tokens: Any, next_k_probs: Any, next_prob: Any,
-                       filter_eos: Any, results: list, *rest: Any) -> Any:
+                       *rest: Any) -> Any:
         """Take a sampled token (library: it appends this step's result to ``results``); then put out what it held."""
+        results: list = rest[self.xllm_results_at]
         first = len(results)
         out = super().receive_sample(  # type: ignore[misc]
-            logits, next_token, next_k_tokens, next_k_probs, next_prob, filter_eos, results, *rest)
+            logits, next_token, next_k_tokens, next_k_probs, next_prob, *rest)
         if self.xllm_token_bytes is None or len(results) != first + 1:
             return out
         r = results[first]
@@ -60,11 +67,13 @@ class StreamHeldV2:
 
     def xllm_stream_out(self, r: dict, token: Any, prob: Any, k_tokens: Any, k_probs: Any) -> None:
         """Give the hold result ``r`` the token the library just held, with the text it completes."""
-        r["token_ids"] = token
+        # copies on the CPU, as the library releases them: exllamav3 passes the token as a view of a pinned buffer
+        # every step rewrites, and the probabilities on the GPU
+        r["token_ids"] = _copy(token)
         if self.return_probs and prob is not None:  # type: ignore[attr-defined]
-            r["token_probs"] = prob
+            r["token_probs"] = _copy(prob)
         if self.return_top_tokens > 0 and k_tokens is not None:  # type: ignore[attr-defined]
-            r["top_k_tokens"], r["top_k_probs"] = k_tokens, k_probs
+            r["top_k_tokens"], r["top_k_probs"] = _copy(k_tokens), _copy(k_probs)
         r["text"] = self.xllm_decoder.decode(self.xllm_token_bytes(int(token.reshape(-1)[0])))  # type: ignore[misc]
         self.xllm_streamed += 1
 
@@ -86,3 +95,20 @@ class StreamHeldV2:
         r["text"] = text
         if not decoder.getstate()[0]:  # whole characters again: the library's text is right from here on
             self.xllm_decoder = None
+
+
+def _copy(tensor: Any) -> Any:
+    """``tensor`` copied to the CPU."""
+    return tensor.to("cpu", copy=True)
+
+
+class StreamHeldV2(StreamHeld):
+    """``StreamHeld`` for exllamav2's ``ExLlamaV2DynamicJob`` (``receive_sample(..., filter_eos, results)``)."""
+
+    xllm_results_at = 1
+
+
+class StreamHeldV3(StreamHeld):
+    """``StreamHeld`` for exllamav3's ``Job`` (``receive_sample(..., results, first_sample_in_sd_batch)``)."""
+
+    xllm_results_at = 0
