@@ -309,12 +309,14 @@ def load_cpu_pages_v2_model(spec: ModelSpec, *, paged: bool, step_cost: StepCost
 
     from xllm_jupyter.backends.exllama_common import ExllamaOptions
     from xllm_jupyter.backends.exllamav2 import build_model as build_v2_model
+    from xllm_jupyter.backends.exllamav2 import check_limits, drafting_options, open_draft
     from xllm_jupyter.backends.exllamav2 import generator_kwargs as v2_generator_kwargs
-    from xllm_jupyter.backends.exllamav2 import open_draft
     from xllm_jupyter.backends.exllamav2 import open_model as open_v2_model
 
-    opts = ExllamaOptions.from_options(spec.options, spec.context_length)
+    # as the backend's load: drafting as it will load, its limits checked
+    opts = drafting_options(exllamav2, ExllamaOptions.from_options(spec.options, spec.context_length), Path(spec.path))
     config, ctx, model, cache, cache_tokens, paged = open_v2_model(exllamav2, Path(spec.path), opts, paged)
+    check_limits(opts, config, paged)
     draft = open_draft(exllamav2, opts, cache_tokens, paged, config.max_seq_len, int(config.vocab_size))
     vocab = (int(config.vocab_size) + 31) // 32 * 32  # the generator's padded vocabulary
     for m, c in [(model, cache)] + ([draft] if draft else []):

@@ -106,6 +106,30 @@ def test_exllamav2_gets_room_for_the_last_token_and_the_whole_draft_window():
         check_limits(exllama_options({"ngram_draft": 2, "num_draft_tokens": 9}), config, True)
 
 
+def test_exllamav2_drafting_limits_follow_a_draft_that_loads():
+    """A draft whose vocabulary is larger than the model's is not loaded (``open_draft``): its limits, input size
+    and window no longer apply (12 draft tokens refused the load; the window was set aside in the cache)."""
+    from types import SimpleNamespace
+
+    from xllm_jupyter.backends.exllamav2 import check_limits, draft_window, drafting_options, q_size
+
+    vocab = {"/m": 32000, "/small": 32000, "/large": 32256}
+    library = SimpleNamespace(ExLlamaV2Config=lambda path: SimpleNamespace(vocab_size=vocab[path]))
+    config = SimpleNamespace(max_input_len=2048, max_seq_len=4096, max_batch_size=1)
+    unused = drafting_options(library, exllama_options({"draft_model_path": "/large", "num_draft_tokens": 12}),
+                              Path("/m"))
+    assert unused.draft_model_path is None and draft_window(unused) == 0 and q_size(unused) == 8
+    check_limits(unused, config, True)
+    used = drafting_options(library, exllama_options({"draft_model_path": "/small", "num_draft_tokens": 12}),
+                            Path("/m"))
+    assert used.draft_model_path == "/small" and draft_window(used) == 12
+    with pytest.raises(EngineError, match="num_draft_tokens must be at most 8"):
+        check_limits(used, config, True)
+    # n-gram drafting needs no draft model: its window stays
+    ngram = drafting_options(library, exllama_options({"draft_model_path": "/large", "ngram_draft": 2}), Path("/m"))
+    assert draft_window(ngram) == 4
+
+
 @pytest.mark.parametrize(("paged", "window", "cache_tokens", "rope", "plan"), [
     (True, 0, 0, False, (2048, 2048, 65536)),  # no drafting: one context, as before
     (False, 0, 0, False, (2048, 2048, 2048)),

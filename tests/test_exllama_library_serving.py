@@ -914,6 +914,30 @@ def test_exllamav3_sets_no_draft_window_aside_for_a_draft_it_does_not_load(tiny_
     assert loaded(draft_model_path=str(tiny_llama_dir)).context_length == 4091
 
 
+@pytest.mark.parametrize("kind", ["exllamav2-paged", "exllamav2-unpaged"])
+def test_exllamav2_drafting_limits_follow_a_draft_it_loads(tiny_llama_dir, tmp_path, kind):
+    """exllamav2 checked its drafting limits (at most 8 draft tokens, the input size) and set the window aside for a
+    draft whose vocabulary keeps it from loading: 12 draft tokens refused the load of a model that drafts nothing.
+    Now it loads as without the draft: no window in the context, the generator's default input size."""
+    import shutil
+
+    from xllm_jupyter.core.errors import EngineError
+
+    require_kind(kind)
+    draft = tmp_path / "draft"
+    shutil.copytree(tiny_llama_dir, draft)
+    config = json.loads((draft / "config.json").read_text())
+    (draft / "config.json").write_text(json.dumps({**config, "vocab_size": int(config["vocab_size"]) + 256}))
+    model = load(kind, tiny_llama_dir, draft_model_path=str(draft), num_draft_tokens=12)
+    assert model.details()["speculative"] is None and model.generator.num_draft_tokens == 0
+    assert model.generator.logits_pinned.shape[1] == 8  # max_q_size: the default, no window
+    assert model.context_length == load(kind, tiny_llama_dir).context_length
+    assert generate(model, range(100, 120), 12)[-1].completion_tokens == 12
+    # a draft that loads keeps its limit
+    with pytest.raises(EngineError, match="num_draft_tokens must be at most 8"):
+        load(kind, tiny_llama_dir, draft_model_path=str(tiny_llama_dir), num_draft_tokens=12)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_stop_string_in_a_held_answer_ends_it_at_the_token_the_transformers_backend_would(tiny_llama_dir, kind):
     """exllamav2 0.3.2 holds everything after an invalid byte; released at the stop token all on that token, the

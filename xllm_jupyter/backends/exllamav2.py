@@ -8,6 +8,7 @@ let the engine queue the other requests (max batch size 1), so none fail.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -166,6 +167,8 @@ class ExllamaV2Backend(ExllamaBackend):
         before = cuda_memory_in_use()
 
         def loaded(on_gpu: list[Any]) -> tuple[Any, int, Any, int, bool, Any, Any]:
+            nonlocal opts
+            opts = drafting_options(exllamav2, opts, path)  # the limits, the window and q_size follow a draft in use
             config, ctx, model, cache, cache_tokens, paged = open_model(exllamav2, path, opts,
                                                                         paged_attention_available())
             check_limits(opts, config, paged)
@@ -229,7 +232,7 @@ def open_model(exllamav2: Any, path: Path, opts: ExllamaOptions,
     config.arch_compat_overrides()
     paged = paged and not config.no_flash_attn
     plan = plan_cache(opts, int(config.max_seq_len or 4096), paged=paged,
-                      window=draft_window(exllamav2, opts, int(config.vocab_size)),
+                      window=draft_window(opts),
                       length_fixed=config.alt_rope_method in LENGTH_DEPENDENT_ROPE
                       or bool(config.arch.lm.keys.get("learned_pos_emb")))
     # the cache, and prefill chunks below 2,048 tokens (the model's input size follows the context),
@@ -242,14 +245,23 @@ def open_model(exllamav2: Any, path: Path, opts: ExllamaOptions,
     return config, plan.context, model, cache, plan.cache_tokens, paged
 
 
-def draft_window(exllamav2: Any, opts: ExllamaOptions, vocab_size: int) -> int:
-    """Tokens the generator will draft per step: ``num_draft_tokens`` with n-gram drafting or a draft model
-    that loads (its vocabulary within the model's: ``open_draft``), else 0."""
-    if opts.ngram_draft:
-        return opts.num_draft_tokens
-    if opts.draft_model_path and int(exllamav2.ExLlamaV2Config(opts.draft_model_path).vocab_size) <= vocab_size:
-        return opts.num_draft_tokens
-    return 0
+def drafting_options(exllamav2: Any, opts: ExllamaOptions, path: Path) -> ExllamaOptions:
+    """``opts`` as the load will draft: without ``engine.draft_model`` when the draft's vocabulary does not fit the
+    model's (``open_draft`` would not load it; ``draft_vocabulary_fits`` logs why), so that neither the limits on
+    drafting (``check_limits``), the generator's input size (``q_size``) nor the cache (``draft_window``) follow a
+    draft that is never loaded: ``num_draft_tokens`` past 8 refused the load, and a wider ``max_q_size`` a batch."""
+    if not opts.draft_model_path:
+        return opts
+    draft_vocab = int(exllamav2.ExLlamaV2Config(opts.draft_model_path).vocab_size)
+    if draft_vocabulary_fits(draft_vocab, int(exllamav2.ExLlamaV2Config(str(path)).vocab_size)):
+        return opts
+    return dataclasses.replace(opts, draft_model_path=None)
+
+
+def draft_window(opts: ExllamaOptions) -> int:
+    """Tokens the generator will draft per step: ``num_draft_tokens`` with n-gram drafting or a draft model (one
+    that loads: ``drafting_options``), else 0."""
+    return opts.num_draft_tokens if (opts.draft_model_path or opts.ngram_draft) else 0
 
 
 def q_size(opts: ExllamaOptions) -> int:
