@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import inspect
 import pickle
+import typing
 
 import pytest
 
@@ -64,3 +65,36 @@ def test_refuses_what_it_would_skip():
     for cls in (Factory, Post):
         with pytest.raises(TypeError):
             _quick_init(cls)
+
+
+def test_introspection_resolves_in_the_class_module():
+    # typing.get_type_hints / inspect.signature(eval_str=True) evaluate the string annotations in the
+    # function's globals: the exec'd __init__ had a private dict for them (NameError: FinishReason)
+    for cls in (TokenEvent, ChoiceDelta):
+        assert cls.__init__.__module__ == "xllm_jupyter.core.types"
+        hints = typing.get_type_hints(cls.__init__)
+        assert hints == {**typing.get_type_hints(cls), "return": type(None)}
+        assert str(inspect.signature(cls, eval_str=True)).startswith("(")
+
+
+def test_any_field_name_keeps_its_value():
+    @_quick_init
+    @dataclasses.dataclass(frozen=True)
+    class Named:
+        d: int  # the generated code's own local was called d: the field got the instance dict
+        _default_d: int = 5
+
+    assert vars(Named(1)) == {"d": 1, "_default_d": 5}
+    assert Named(1, 2) == Named(d=1, _default_d=2) != Named(1)
+
+
+def test_refuses_keyword_only_fields():
+    # a keyword-only field goes last in the dataclass's own __init__; quick init made it positional in place
+    @dataclasses.dataclass(frozen=True)
+    class KwOnly:
+        a: int
+        b: int = dataclasses.field(default=0, kw_only=True)
+        c: int = 1
+
+    with pytest.raises(TypeError, match="positional"):
+        _quick_init(KwOnly)

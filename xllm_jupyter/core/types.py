@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Iterable, Mapping, NamedTuple, TypeVar
 
@@ -14,23 +15,30 @@ def _quick_init(cls: type[_T]) -> type[_T]:
 
     A frozen dataclass's own ``__init__`` calls ``object.__setattr__`` once per field: 3-4 µs for
     TokenEvent's 15, made per token per stream on the step thread. Storing into the instance
-    dict makes the same instance (still frozen: ``__setattr__`` raises) in a third of the time.
-    Only for classes whose fields all take a plain default or none (no factory, no ``__post_init__``).
+    dict makes the same instance (still frozen: ``__setattr__`` raises) in a third of the time;
+    frozen alternatives without ``exec`` (``slots=True``, ``__slots__`` by hand) still pay the
+    ``object.__setattr__`` calls. Only for classes whose fields all take a plain default or none,
+    positionally (no factory, no keyword-only field, no ``__post_init__``, no ``__slots__``).
     """
-    if hasattr(cls, "__post_init__"):
-        raise TypeError(f"{cls.__name__}: _quick_init does not run __post_init__")
+    if hasattr(cls, "__post_init__") or "__slots__" in vars(cls):
+        raise TypeError(f"{cls.__name__}: _quick_init runs no __post_init__ and needs an instance __dict__")
     params, stores, scope, annotations = [], [], {}, {}
     for f in fields(cls):  # type: ignore[arg-type]
         annotations[f.name] = f.type
-        if not f.init or f.default_factory is not MISSING:
-            raise TypeError(f"{cls.__name__}.{f.name}: _quick_init needs plain fields")
+        # keyword-only fields come last in the dataclass's own signature; "self" and "_qi_" names are the code's
+        if not f.init or f.default_factory is not MISSING or getattr(f, "kw_only", False) is True \
+                or f.name == "self" or f.name.startswith("_qi_"):
+            raise TypeError(f"{cls.__name__}.{f.name}: _quick_init needs plain positional fields")
         if f.default is MISSING:
             params.append(f.name)
         else:
-            scope[f"_default_{f.name}"] = f.default
-            params.append(f"{f.name}=_default_{f.name}")
-        stores.append(f"    d[{f.name!r}] = {f.name}\n")
-    exec(f"def __init__(self, {', '.join(params)}):\n    d = self.__dict__\n{''.join(stores)}", scope)
+            scope[f"_qi_default_{f.name}"] = f.default
+            params.append(f"{f.name}=_qi_default_{f.name}")
+        stores.append(f"    _qi_dict[{f.name!r}] = {f.name}\n")
+    # the class's module as globals, as dataclasses does: __module__ and get_type_hints resolve there
+    module_globals = vars(sys.modules[cls.__module__])
+    exec(f"def __init__(self, {', '.join(params)}):\n    _qi_dict = self.__dict__\n{''.join(stores)}",
+         module_globals, scope)
     init = scope["__init__"]
     init.__qualname__ = f"{cls.__qualname__}.__init__"
     init.__annotations__ = {**annotations, "return": None}  # the signature the dataclass's own one shows
