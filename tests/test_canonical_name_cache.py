@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import tracemalloc
+
 import pytest
 
 from xllm_jupyter.store import names
@@ -43,3 +46,23 @@ def test_bounded_and_other_types_pass_uncached():
         pass
 
     assert canonical_name(Name("Sub:Latest")) == "sub" and canonical_name(None) is None  # type: ignore[arg-type]
+
+
+def test_long_spellings_are_not_kept():
+    # a request body of up to max_body_bytes (4 MiB) may hold one model name: 1,024 remembered ones were gigabytes
+    names._canonical_str.cache_clear()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(50):
+            hostile = f"{i}-" + "x" * 200_000
+            assert canonical_name(hostile) == hostile
+            del hostile
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 1_000_000, kept
+    longest = "a" * 64 + ":" + "b" * 32
+    assert canonical_name(longest) == longest and names._canonical_str.cache_info().currsize == 1

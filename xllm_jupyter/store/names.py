@@ -23,6 +23,8 @@ _RESERVED = {"con", "prn", "aux", "nul"} | {f"com{i}" for i in range(10)} | {f"l
 TAG_SEPARATOR_ON_DISK = "@"
 #: the tag a name without one stands for; validate_name drops it (``llama3:latest`` is ``llama3``)
 LATEST_TAG = ":latest"
+#: no valid name is longer (base 64, ":" and tag 32): canonical_name remembers no longer spelling
+_LONGEST_NAME = 64 + 1 + 32
 
 
 def validate_name(name: object) -> str:
@@ -42,7 +44,9 @@ def validate_name(name: object) -> str:
 def canonical_name(name: str) -> str:
     """The one spelling of ``name`` (names are case-insensitive); a name that is not valid comes back as is,
     for the lookup to fail with "not found"."""
-    if type(name) is str:
+    # only exact str short enough to be valid is remembered: a request's model field may hold megabytes,
+    # and 1,024 remembered ones would keep gigabytes alive
+    if type(name) is str and len(name) <= _LONGEST_NAME:
         return _canonical_str(name)
     try:
         return validate_name(name)
