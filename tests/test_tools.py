@@ -372,7 +372,7 @@ def test_tool_errors(client, xllm_server):
         "type": "object", "properties": {"x": {"$ref": "#/$defs/missing"}}, "required": ["x"]}}}]
     r = httpx.post(xllm_server.base_url + "/chat/completions", headers={"Authorization": f"Bearer {xllm_server.api_key}"},
                    json={"model": TINY, "messages": MSG, "tools": dangling, "tool_choice": "required", "stream": True}, timeout=60)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text[:300]
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools[0].function.parameters", r.text[:300]
     assert client.chat.completions.create(model=TINY, messages=MSG, max_tokens=2).choices  # still serving
 
 

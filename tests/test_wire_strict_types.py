@@ -120,3 +120,26 @@ def test_an_unsupported_field_of_the_wrong_type_is_a_400_even_when_empty(raw, pa
     asks_nothing = {"reasoning_effort": None, "functions": [], "audio": None, "background": False, "max_tool_calls": None,
                     "reasoning": {}, "prompt": None}[field]
     assert raw.post(path, json={"model": TINY, **body, field: asks_nothing}).status_code == 200
+
+
+def test_a_forced_tool_whose_schema_the_grammar_engine_refuses_is_named(raw):
+    """With ``tool_choice`` required or named, the tools' schemas are compiled into one Lark grammar: a schema the
+    grammar engine refuses was a 400 with ``param: "tools"`` quoting that grammar (``start: call ... %json{...}``); now
+    the tool at fault is named as OpenAI names a bad schema, and the grammar stays inside."""
+    ok = {"type": "function", "function": {"name": "ok", "parameters": {"type": "object"}}}
+    bad = {"type": "function", "function": {"name": "bad", "parameters": {
+        "type": "object", "properties": {"a": {"type": "string", "pattern": "(a)\\1"}}, "required": ["a"]}}}
+    for choice in ("required", {"type": "function", "function": {"name": "bad"}}):
+        r = raw.post("/v1/chat/completions", json={"model": TINY, "messages": MSG, "max_tokens": 2, "tools": [ok, bad],
+                                                   "tool_choice": choice})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert (err["param"], err["code"]) == ("tools[1].function.parameters", "invalid_function_parameters"), err
+        assert err["message"].startswith("Invalid schema for function 'bad': ") and "backreference" in err["message"]
+        assert "start:" not in err["message"] and "%json" not in err["message"]
+    r = raw.post("/v1/responses", json={"model": TINY, "input": "Hi", "max_output_tokens": 2, "tool_choice": "required",
+                                        "tools": [{"type": "function", **bad["function"]}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools[0].parameters", r.text
+    r = raw.post("/v1/chat/completions", json={"model": TINY, "messages": MSG, "max_tokens": 2, "tools": [ok, bad],
+                                               "tool_choice": {"type": "function", "function": {"name": "ok"}}})
+    assert r.status_code == 200, r.text  # only the tools the grammar may call are compiled

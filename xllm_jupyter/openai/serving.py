@@ -258,7 +258,13 @@ class OpenAIServing(CompletionsMixin):
         constraint = tools.constraint() or req.constraint()  # forced tool calls win over response_format
         if constraint is not None:
             # compiled before anything is queued or streamed: a bad schema is a plain 400
-            await self.engine.check_constraint(req.model, constraint, param="tools" if tools.cfg.constrained else "response_format")
+            try:
+                await self.engine.check_constraint(req.model, constraint, param="tools" if tools.cfg.constrained else "response_format")
+            except InvalidRequest as failed:
+                if not tools.cfg.constrained:
+                    raise
+                raise await tools.at_fault(lambda c: self.engine.check_constraint(req.model, c, param="tools"), req.tools,
+                                           failed) from None
         prompt = await self.engine.encode_chat(req.model, *await off_loop_if(big, tools.prompt, messages), user=user)
         if truncate:
             reserve = req.requested_max_tokens or 1  # room for the completion asked for, else for one token

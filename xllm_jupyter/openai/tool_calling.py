@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import json
+import re
+from typing import Any, Awaitable, Callable, Sequence
 
+from ..core.errors import InvalidRequest
 from ..core.types import ChatMessage, Constraint
 from .tool_parser import HERMES, StreamingToolParser, detect_family, parse_tool_calls
-from .tools import ToolConfig, parse_tool_config, prepare_messages, template_supports_tools, tool_constraint
+from .tools import ToolConfig, args_schema, parse_tool_config, prepare_messages, template_supports_tools, tool_constraint
+
+#: how the grammar compiler's message for one schema starts; the tool's name says it instead
+_COMPILER_PREFIX = re.compile(r"^Invalid (json_schema constraint|JSON schema): ")
 
 
 class ToolCalling:
@@ -37,6 +43,22 @@ class ToolCalling:
     def constraint(self) -> Constraint | None:
         """The grammar that forces tool calls (``required`` or a named function), else None."""
         return tool_constraint(self.cfg)
+
+    async def at_fault(self, check: Callable[[Constraint], Awaitable[None]], request_tools: Sequence[Any] | None,
+                       failed: InvalidRequest) -> InvalidRequest:
+        """The 400 for a forcing grammar that did not compile (``failed``): the first tool whose arguments' schema alone
+        fails ``check``, named as OpenAI names a bad schema (``tools[i].function.parameters``); ``failed`` when none
+        does. Its message quoted the Lark grammar the schemas were compiled into; only run on that error path."""
+        for spec in self.cfg.callable_tools():
+            try:
+                await check(Constraint("json_schema", json.dumps(args_schema(spec.parameters), sort_keys=True)))
+            except InvalidRequest as own:
+                index = next((i for i, t in enumerate(request_tools or ()) if isinstance(t, dict)
+                              and isinstance(t.get("function"), dict) and t["function"].get("name") == spec.name), 0)
+                code = own.code if own.code == "constraint_failed" else "invalid_function_parameters"
+                return InvalidRequest(f"Invalid schema for function {spec.name!r}: {_COMPILER_PREFIX.sub('', own.message)}",
+                                      param=f"tools[{index}].function.parameters", code=code)
+        return failed
 
     def message(self, text: str, finish: str) -> tuple[dict[str, Any], str]:
         """The response ``message`` and ``finish_reason`` for one choice's full text."""

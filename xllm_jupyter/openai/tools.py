@@ -290,7 +290,8 @@ def _lark_str(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def _args_schema(params: dict[str, Any]) -> dict[str, Any]:
+def args_schema(params: dict[str, Any]) -> dict[str, Any]:
+    """The JSON schema a forced call's ``arguments`` are decoded with: ``params`` closed, whitespace fixed."""
     schema = close_objects(params)  # invented extra arguments would run a small model to max_tokens
     # Compact, fixed whitespace: a free choice lets a weak model emit blanks forever.
     guidance = dict(schema.get("x-guidance") or {})
@@ -314,7 +315,7 @@ def tool_grammar(cfg: ToolConfig) -> str:
     rules = []
     for i, t in enumerate(tools):
         head = _lark_str('{"name": ' + json.dumps(t.name) + ', "arguments": ')
-        rules.append(f"fn_{i}: {head} %json{json.dumps(_args_schema(t.parameters))} \"}}\"")
+        rules.append(f"fn_{i}: {head} %json{json.dumps(args_schema(t.parameters))} \"}}\"")
     alts = " | ".join(f"fn_{i}" for i in range(len(tools)))
     # Bounded: after a call the grammar allows either the end or another call, and small models
     # tend to repeat the same call until max_tokens (finish "length", which the SDK's parse()
