@@ -228,3 +228,17 @@ def test_undecodable_text_is_one_clear_line(shell, received):
         assert cap.stderr == ("xllm: the line has text that is not valid Unicode ('\\udce9', an undecodable byte kept by "
                               "errors='surrogateescape'?): decode it as UTF-8 first\n"), cap.stderr
     assert len(received) == asked
+
+
+def test_a_filled_setting_that_opens_with_a_quote_stays_the_setting(shell, received):
+    """``config system={persona}`` with a persona in quotes (``“Be terse.”``, pasted from a document) became the
+    word ``"system=“Be terse.”"``: the joined line's ``"`` was taken for part of the key (a setting ``"system``)
+    or the quote after ``=`` for one that never closes, where the shell split before 44eb7fb read it back."""
+    asked = len(received)
+    for persona in ("“Be terse.”", "'Be terse.'", "‘Be terse", '"Be terse."', "=“x"):
+        shell.user_ns["persona"] = persona
+        cap = cell(shell, "%xllm config system={persona}")
+        assert cap.stderr == "" and shell.xllm_magics.state.defaults.system == persona, (persona, cap.stderr)
+        assert command_words(join(["config", f"system={persona}"])) == ["config", f"system={persona}"]
+    assert len(received) == asked
+    cell(shell, "%xllm config system=")

@@ -69,7 +69,8 @@ def words(line: str, settings: bool = False) -> list[Word]:
             continue
         start = i
         # `--system="a b"`, `-s"terse"`: the quoted part may follow an option's `=`, or a short option's letter
-        if (line[i] == "-" or settings) and (eq := line.find("=", i, _plain_end(line, i))) > 0 and eq + 1 < n and line[eq + 1] in _CLOSING:
+        # (a word that opens with a quote is that quote's: `"a='b c'"`, as join writes a value with `='` in it)
+        if (line[i] == "-" or settings and line[i] not in _CLOSING) and (eq := line.find("=", i, _plain_end(line, i))) > 0 and eq + 1 < n and line[eq + 1] in _CLOSING:
             prefix, i = line[start:eq + 1], eq + 1
         elif line[i] == "-" and i + 2 < n and line[i + 1] not in "-" + _QUOTES and not line[i + 1].isspace() and line[i + 2] in _CLOSING:
             prefix, i = line[start:i + 2], i + 2
