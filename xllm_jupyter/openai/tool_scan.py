@@ -1,0 +1,111 @@
+"""The tool-call scanner: generated text split into plain pieces and calls, as far as the text so far decides.
+
+One scanner serves the full response and the stream, so both split any text the same way; the
+stream only waits until the text so far decides each piece.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from .tool_call import CLOSE_TAG, OPEN_TAG, ToolCall, block_calls, json_calls
+
+_DECODER = json.JSONDecoder()
+_MARKERS = ("<|python_tag|>", "[TOOL_CALLS]")
+_START = re.compile(r"[<{\[]")  # where a call may start: a tag, a marker, a JSON object or array
+_SPACE = re.compile(r"\s*")
+_AFTER_CALL = re.compile(r"[\s;,]*")  # what joins calls (Llama's ";", blank lines) is not content
+# What a JSON value cut short by the end of the text leaves past the decoder's error position:
+# part of a literal, a number's sign, fraction or exponent, or a \uXXXX escape (or a surrogate pair).
+_CUT_TOKEN = re.compile(r"(?:t(?:ru?)?|f(?:a(?:ls?)?)?|n(?:ul?)?|-|[.eE][-+]?|u[0-9a-fA-F]{0,4}(?:\\(?:u[0-9a-fA-F]{0,4})?)?)\Z")
+_Span = tuple[int, tuple[ToolCall, ...]]  # where a construct ends, and its calls (none: plain text)
+_HOLD: _Span = (-1, ())  # a construct the text so far cannot decide
+
+
+def _may_grow(text: str, err: json.JSONDecodeError) -> bool:
+    """True when the JSON value that failed with ``err`` is only cut short, so more text may complete it."""
+    if err.pos >= len(text) or err.msg.startswith("Unterminated string"):
+        return True
+    return _CUT_TOKEN.match(text, err.pos) is not None
+
+
+def _cut_short(text: str, i: int, marker: str, final: bool) -> bool:
+    """True when the text ends inside what may still become ``marker``."""
+    return not final and len(text) - i < len(marker) and marker.startswith(text[i:])
+
+
+def _json_at(text: str, i: int, names: frozenset[str], final: bool) -> _Span | None:
+    if text[i] not in "{[":
+        return None
+    try:
+        value, end = _DECODER.raw_decode(text, i)
+    except json.JSONDecodeError as err:
+        return _HOLD if not final and _may_grow(text, err) else None
+    except RecursionError:  # nested past the parser's depth: text, not a call
+        return None
+    return end, json_calls(value, names)
+
+
+def _marker_at(text: str, i: int, names: frozenset[str], final: bool) -> _Span | None:
+    """A call marker with the JSON calls after it (a marker followed by anything else is plain text)."""
+    for marker in _MARKERS:
+        if text.startswith(marker, i):
+            j = _SPACE.match(text, i + len(marker)).end()
+            if j == len(text):
+                return None if final else _HOLD
+            span = _json_at(text, j, names, final)
+            return span if span is _HOLD or (span and span[1]) else None
+        if _cut_short(text, i, marker, final):
+            return _HOLD
+    return None
+
+
+def _block_at(text: str, i: int, names: frozenset[str], final: bool) -> _Span | None:
+    """A ``<tool_call>`` block; one left open counts only when the text ends inside it."""
+    if not text.startswith(OPEN_TAG, i):
+        return _HOLD if _cut_short(text, i, OPEN_TAG, final) else None
+    close = text.find(CLOSE_TAG, i + len(OPEN_TAG))
+    if close >= 0:
+        return close + len(CLOSE_TAG), block_calls(text[i + len(OPEN_TAG):close], names)
+    return (len(text), block_calls(text[i + len(OPEN_TAG):], names)) if final else _HOLD
+
+
+def _construct(text: str, i: int, names: frozenset[str], final: bool) -> _Span | None:
+    for at in (_marker_at, _block_at, _json_at):
+        span = at(text, i, names, final)
+        if span is not None:
+            return span
+    return None
+
+
+def scan(text: str, names: frozenset[str], final: bool, skip: bool = False) -> tuple[list[str | ToolCall], int, bool]:
+    """Split ``text`` into plain pieces and calls as far as it is decided: (pieces, decided length, skip).
+
+    ``skip`` is True right after a call, whose separators are not content. Unless ``final``
+    the text may still grow, and a call construct it cuts short stays undecided.
+    """
+    out: list[str | ToolCall] = []
+    i = plain = 0
+    while i < len(text):
+        if skip:
+            i = plain = _AFTER_CALL.match(text, i).end()
+            skip = i == len(text)
+            continue
+        m = _START.search(text, i)
+        if not m:
+            break
+        i = m.start()
+        span = _construct(text, i, names, final)
+        if span is None or (span is not _HOLD and not span[1]):
+            i = i + 1 if span is None else span[0]  # plain text, even where it looked like a call
+            continue
+        if plain < i:
+            out.append(text[plain:i])
+        if span is _HOLD:
+            return out, i, False
+        out.extend(span[1])
+        i, plain, skip = span[0], span[0], True
+    if plain < len(text):
+        out.append(text[plain:])
+    return out, len(text), skip
