@@ -143,3 +143,18 @@ def test_a_forced_tool_whose_schema_the_grammar_engine_refuses_is_named(raw):
     r = raw.post("/v1/chat/completions", json={"model": TINY, "messages": MSG, "max_tokens": 2, "tools": [ok, bad],
                                                "tool_choice": {"type": "function", "function": {"name": "ok"}}})
     assert r.status_code == 200, r.text  # only the tools the grammar may call are compiled
+
+
+@pytest.mark.parametrize(("path", "body", "param", "got"), [
+    ("/v1/embeddings", {"input": "Hi", "encoding_format": None}, "encoding_format", "null"),
+    ("/v1/chat/completions", {"messages": [{"role": {"a": 1}, "content": "Hi"}]}, "messages[0].role", "an object"),
+    ("/v1/chat/completions", {"messages": MSG, "service_tier": True}, "service_tier", "a boolean"),
+])
+def test_a_value_of_another_type_for_an_enum_field_says_its_json_type(raw, path, body, param, got):
+    """The message was Python's repr of the value: "Invalid value: None.", "Invalid value: {'a': 1}."."""
+    r = raw.post(path, json={"model": TINY, **body})
+    err = r.json()["error"]
+    assert r.status_code == 400 and (err["param"], err["code"]) == (param, "invalid_type"), err
+    assert err["message"].startswith(f"Invalid type for '{param}': expected one of '") and err["message"].endswith(
+        f", but got {got} instead."), err
+    assert "None" not in err["message"] and "True" not in err["message"]

@@ -74,12 +74,12 @@ def _number(value: Any) -> str:
     return str(value)
 
 
-def _choices(expected: str) -> str:
-    """Pydantic's "'a', 'b' or 'c'" as OpenAI's "'a', 'b', and 'c'"."""
+def _choices(expected: str, joiner: str = "and") -> str:
+    """Pydantic's "'a', 'b' or 'c'" as OpenAI's "'a', 'b', and 'c'" (``joiner`` "or": "'a', 'b', or 'c'")."""
     head, sep, last = expected.rpartition(" or ")
     if not sep:
         return expected
-    return f"{head}, and {last}" if "," in head else f"{head} and {last}"
+    return f"{head}, {joiner} {last}" if "," in head else f"{head} {joiner} {last}"
 
 
 def openai_wording(err: dict[str, Any], param: str | None, alternatives: int) -> tuple[str, str] | None:
@@ -111,6 +111,9 @@ def openai_wording(err: dict[str, Any], param: str | None, alternatives: int) ->
         return (f"Invalid '{param}': empty string. Expected a string with minimum length {ctx.get('min_length')}, but got an "
                 "empty string instead.", "empty_string")
     if kind == "literal_error" and "expected" in ctx:
+        if not isinstance(value, str) and param:  # its repr was the message: "Invalid value: None.", "{'a': 1}"
+            choices = _choices(ctx["expected"], "or")
+            return f"Invalid type for '{param}': expected one of {choices}, but got {json_type(value)} instead.", "invalid_type"
         return f"Invalid value: {shown(value)}. Supported values are: {_choices(ctx['expected'])}.", "invalid_value"
     if kind in _EXPECTED and param and alternatives == 1:
         return (f"Invalid type for '{param}': expected {_EXPECTED[kind]}, but got {json_type(value)} instead.",
