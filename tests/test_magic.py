@@ -638,3 +638,52 @@ def test_quoted_option_values_of_every_option_lose_their_quotes(shell, received)
     with capture_output() as cap:
         shell.run_line_magic("xllm", "--max-tokens 'three' Say hi")
     assert cap.stderr == "xllm: argument --max-tokens: invalid int value: 'three'\n"
+
+
+def test_a_third_interrupt_while_the_connections_drop_keeps_the_answer_and_the_next_cell_works(shell, xllm_server,
+                                                                                                 monkeypatch):
+    """Ctrl-C pressed three times: the third landed in the close of the client's connections (after the second
+    cut the stream's close short). The answer was lost to "xllm: interrupted", and the kernel kept the client its
+    close had marked closed: every later cell said "unexpected error (RuntimeError): Cannot send a request, as the
+    client has been closed"."""
+    import signal
+
+    import httpx
+
+    real_stream, real_close = XllmClient.stream_chunks, httpx.HTTPTransport.close
+    sent: list[str] = []
+
+    class Pressed(dict):
+        """A chunk whose reading is interrupted: the first Ctrl-C lands in the magic, the stream paused at a yield."""
+
+        def get(self, key, default=None):
+            if key == "choices":
+                signal.raise_signal(signal.SIGINT)
+            return super().get(key, default)
+
+    def interrupted_thrice(self, *args, **kw):
+        stream = real_stream(self, *args, **kw)
+        try:
+            for i, chunk in enumerate(stream):
+                if i == 4:
+                    yield Pressed(chunk)
+                sent.append(((chunk.get("choices") or [{}])[0].get("delta") or {}).get("content") or "")
+                yield chunk
+        finally:
+            signal.raise_signal(signal.SIGINT)  # the second, before this stream's own close could run
+
+    def close_pressed(transport):
+        monkeypatch.setattr(httpx.HTTPTransport, "close", real_close)
+        signal.raise_signal(signal.SIGINT)  # the third, as the connections drop
+        real_close(transport)
+
+    monkeypatch.setattr(XllmClient, "stream_chunks", interrupted_thrice)
+    monkeypatch.setattr(httpx.HTTPTransport, "close", close_pressed)
+    with capture_output() as cap:
+        shell.run_cell_magic("xllm", f"-m {TINY} {SAMPLED} --max-tokens 1500 --out answer", "Tell me a long story")
+    assert cap.stderr == "" and final_markdown(cap).endswith("*(interrupted)*"), cap.stderr
+    assert shell.user_ns["answer"] == "".join(sent) and 0 < len(shell.user_ns["answer"]) < 1000
+    monkeypatch.setattr(XllmClient, "stream_chunks", real_stream)
+    with capture_output() as cap:
+        shell.run_line_magic("xllm", f"-m {TINY} {SAMPLED} --max-tokens 4 Say something")
+    assert cap.stderr == "" and final(cap).metadata["xllm"]["finish_reason"] in ("length", "stop")

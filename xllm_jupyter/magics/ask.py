@@ -187,7 +187,10 @@ def _close(stream: Iterator[dict[str, Any]], state: MagicState) -> None:
     try:
         stream.close()
     except KeyboardInterrupt:
-        state.drop_client()
+        try:
+            state.drop_client()
+        except KeyboardInterrupt:  # a third press: the client is let go of already, its sockets close as it is freed
+            pass
 
 
 def _stream(client: Any, state: MagicState, messages: list[dict[str, str]], model: str, params: dict[str, Any],

@@ -104,9 +104,11 @@ class MagicState:
 
     def drop_client(self) -> None:
         """Close the pooled connections (an interrupted request's connection among them)."""
-        if self._client is not None:
-            self._client.close()
-        self._client = None
+        # let go of it first: an interrupt inside its close left this kernel holding a closed client, and every
+        # later cell failed with "Cannot send a request, as the client has been closed"
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
 
     def about(self, model: str | None) -> dict[str, Any]:
         """The model's digest, or without a model the server version (cached; ``{}`` where the server does not say)."""
