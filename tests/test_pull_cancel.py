@@ -148,6 +148,8 @@ def test_cancel_and_retry_never_runs_two_conversions_of_a_name_at_once(tmp_path,
     def report(event):
         if event.stage.startswith("waiting"):
             waiting.release()
+            with changed:  # (``_wait_until`` looks again on a notify only: a wait said after its first look took 60 s)
+                changed.notify_all()
 
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         try:

@@ -29,6 +29,7 @@ from ..core.slow_work import run_slow, submit_slow
 from ..core.types import ModelfileDefaults
 from ..store.names import canonical_name
 from .fairness import FairnessPolicy
+from .first_use import resolve_pulled
 from .manager import MemoryBudget, ReplicaSet, Residency, gpu_indices
 from .runner import ModelRunner
 
@@ -102,14 +103,14 @@ class LoadingMixin:
     async def _resolve_shared(self, name: str) -> ModelSpec:
         """``_resolve(name)`` on a slow-work thread, one at a time per name: callers arriving meanwhile share it.
 
-        A first use of a packaged model pulls it, or waits for a pull of it under way (another process's: minutes).
-        Each embeddings request waited on a slow-work thread of its own, so ``SLOW_WORKERS`` of them held that whole
-        pool and every other load, pull and removal waited for the pull to end.
+        A first use of a packaged model pulls it, or waits for a pull of it under way (another process's: minutes),
+        awaited on the loop (first_use.py). Each embeddings request waited on a slow-work thread of its own, so
+        ``SLOW_WORKERS`` of them held that whole pool and every other load, pull and removal waited for the pull.
         """
         pending = self._resolving.get(name)
         if pending is None:
             # a task no request owns: a client that leaves stops its own wait, not the others' (nor the thread)
-            pending = asyncio.ensure_future(run_slow(self._resolve, name))
+            pending = asyncio.ensure_future(resolve_pulled(self, name))
             self._resolving[name] = pending
             pending.add_done_callback(lambda task: self._resolve_done(name, task))
         try:
@@ -215,7 +216,7 @@ class LoadingMixin:
         """
         for _ in range(LOAD_ATTEMPTS):
             asked = self._unload_asks[name]  # a pull or rm of the model from here on asks for its unload
-            spec = await run_slow(self._resolve, name)  # (a first use pulls, or waits for a pull: off the shared pool)
+            spec = await resolve_pulled(self, name)  # (a first use's pull awaited on the loop: first_use.py)
             if spec.task == "embedding":
                 raise not_supported(name, "an embedding model: use /v1/embeddings")
             if spec.task == "adapter":  # a LoRA: attached to its (loaded once) base model

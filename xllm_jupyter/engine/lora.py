@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from ..core.errors import InvalidRequest, ModelNotFound, ModelRemoved, Overloaded, XllmError, quoted
 from ..core.slow_work import run_slow
+from .first_use import resolve_pulled
 from ..core.types import GenerationRequest, ModelInfo, ModelRuntime
 from ..store.names import canonical_name, is_valid_name
 
@@ -74,7 +75,7 @@ class AdapterMixin:
                                  "with a base model given", param="model")
         resolved = False
         try:
-            base = await run_slow(self._resolve, spec.base_model)  # type: ignore[attr-defined]
+            base = await resolve_pulled(self, spec.base_model)  # (a first use's pull awaited on the loop)
             resolved = True
             if base.task == "adapter":
                 # adapters do not stack; found before loading, as the 503 "retry" its routing gave could never pass

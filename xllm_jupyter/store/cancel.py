@@ -17,6 +17,7 @@ import atexit
 import contextvars
 import logging
 import threading
+from concurrent.futures import Future, InvalidStateError, wait
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
@@ -47,6 +48,23 @@ class PullJob:
         # ``_guard``, which its own thread holds to release it and to write into models/ (``committing``)
         self._guard = threading.Lock()
         self._held: FileLock | None = None
+        self._on_cancel: list[Callable[[], None]] = []  # (``when_cancelled``: a caller that awaits instead of waiting)
+
+    def when_cancelled(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` once ``cancel_now`` cancels the job (at once if it was already)."""
+        with self._guard:
+            if not self.cancel.is_set():
+                self._on_cancel.append(hook)
+                return
+        hook()
+
+    def cancel_now(self) -> None:
+        """Set the cancel and call the ``when_cancelled`` hooks (a shutdown's ``cancel_all``)."""
+        self.cancel.set()
+        with self._guard:
+            hooks, self._on_cancel = self._on_cancel, []
+        for hook in hooks:
+            hook()
 
     @contextmanager
     def holding(self, lock: FileLock) -> Iterator[None]:
@@ -138,6 +156,17 @@ class PullJobs:
         self._lock = threading.Lock()
         self._jobs: set[PullJob] = set()
 
+    def adopt(self, job: PullJob, future: Future) -> None:
+        """Count ``job`` as in flight until ``future`` (its outcome) is done."""
+        with self._lock:
+            self._jobs.add(job)
+
+        def done(_: Future) -> None:
+            with self._lock:
+                self._jobs.discard(job)
+
+        future.add_done_callback(done)
+
     @contextmanager
     def track(self, job: PullJob) -> Iterator[PullJob]:
         """Count ``job`` as in flight for the block."""
@@ -154,55 +183,97 @@ class PullJobs:
         with self._lock:
             jobs = [job for job in self._jobs if not job.cancel.is_set()]
         for job in jobs:
-            job.cancel.set()
+            job.cancel_now()
         return len(jobs)
 
 
-def run_cancellable(job: PullJob, work: Callable[[], T]) -> T:
-    """``work()`` on a daemon thread (in this context, with ``job`` current): its result or error, or PullStopped
-    within ``GRACE_SECONDS`` of a cancel even while ``work`` is inside a long library call."""
-    box: dict[str, object] = {}
-    done = threading.Event()
+def start_cancellable(job: PullJob, work: Callable[[], T]) -> Future[T]:
+    """``work()`` started on a daemon thread of its own (in this context, with ``job`` current): a future its
+    thread sets (cancelling the future stops nothing: ``job.cancel`` does)."""
+    future: Future[T] = Future()
+    future.set_running_or_notify_cancel()  # (running: its ``cancel()`` is refused, the thread alone sets it)
     context = contextvars.copy_context()
 
     def run() -> None:
         current_job.set(job)
         try:
-            box["result"] = work()
-        except BaseException as exc:  # handed to the caller's thread
-            box["error"] = exc
+            _settle(future, work)
         finally:
-            done.set()
             job.ended.set()
             with _abandoned_lock:  # unwound: its files are gone, nothing is left for the exit to delete
                 _abandoned.discard(job)
 
     threading.Thread(target=context.run, args=(run,), name=f"xllm-pull-{job.name}", daemon=True).start()
+    return future
+
+
+def start_leaving(job: PullJob, work: Callable[[], T]) -> Future[T]:
+    """``start_cancellable`` for a caller that awaits the future instead of waiting on a thread: ``job``'s
+    ``cancel_now`` ends the future with PullStopped within ``GRACE_SECONDS`` whatever the work is doing (its
+    thread is left, as ``run_cancellable`` leaves it)."""
+    inner = start_cancellable(job, work)
+    outer: Future[T] = Future()
+    outer.set_running_or_notify_cancel()
+    inner.add_done_callback(lambda _: _settle(outer, inner.result))
+
+    def leave() -> None:
+        _leave(job, inner)
+        _settle(outer, inner.result if inner.done() else job.check)  # type: ignore[arg-type]
+
+    def cancelled() -> None:
+        with _abandoned_lock:  # counted left at once: a shutdown's exit may come within the grace (its files go then)
+            if not inner.done():
+                _abandoned.add(job)
+        # a thread for the grace, made only on a cancel (a shutdown): no thread waits for the pull meanwhile
+        threading.Thread(target=leave, name=f"xllm-leave-{job.name}", daemon=True).start()
+
+    job.when_cancelled(cancelled)
+    return outer
+
+
+def _settle(future: Future, outcome: Callable[[], object]) -> None:
+    """Set ``future`` to what ``outcome()`` returns or raises, unless it is set already."""
     try:
-        while not done.wait(0.05):
+        value = outcome()
+    except BaseException as exc:  # handed to whoever awaits the future
+        try:
+            future.set_exception(exc)
+        except InvalidStateError:
+            pass
+        return
+    try:
+        future.set_result(value)
+    except InvalidStateError:
+        pass
+
+
+def run_cancellable(job: PullJob, work: Callable[[], T]) -> T:
+    """``work()`` on a daemon thread (in this context, with ``job`` current): its result or error, or PullStopped
+    within ``GRACE_SECONDS`` of a cancel even while ``work`` is inside a long library call."""
+    future = start_cancellable(job, work)
+    try:
+        while not wait([future], 0.05).done:
             if job.cancel.is_set():
-                _leave(job, done)
+                _leave(job, future)
                 break
     except BaseException:  # a Ctrl-C in `xllm pull` (raised on this thread): the pull unwinds, its files deleted
         job.cancel.set()
-        _leave(job, done)
+        _leave(job, future)
         raise
-    if not done.is_set():  # cancelled and left (one that ended in the grace gives its own outcome, below)
+    if not future.done():  # cancelled and left (one that ended in the grace gives its own outcome, below)
         job.check()  # (outside the try: its PullStopped is no Ctrl-C, to be given a second grace)
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box["result"]  # type: ignore[return-value]
+    return future.result()
 
 
-def _leave(job: PullJob, done: threading.Event) -> None:
+def _leave(job: PullJob, future: Future) -> None:
     """Give a cancelled pull ``GRACE_SECONDS`` to unwind; past that, leave its thread to the process's exit."""
-    if done.wait(GRACE_SECONDS):
+    if wait([future], GRACE_SECONDS).done:
         return
     log.warning("the pull of %s stops at its next step; leaving it (its files are deleted then, or at exit)", job.name)
     job.let_go()  # (cancelled: it can no longer write into models/, so the name's next pull or load need not wait)
     with _abandoned_lock:
         # (one that ended meanwhile took itself out already; a server whose pulls' clients leave keeps no trace of each)
-        if not done.is_set():
+        if not future.done():
             _abandoned.add(job)
 
 

@@ -12,13 +12,14 @@ import os
 import secrets
 import threading
 import time
+from concurrent.futures import Future
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator
 
 from ..core.errors import ModelNotFound, StoreError, XllmError, quoted
 from .atomic import FileLock, fix_modes, fsync_dir, fsync_tree, remove_tree, replace_dir, try_lock
-from .cancel import PullJob, PullJobs, current_job, left_pulls, run_cancellable, wait_for_left
+from .cancel import PullJob, PullJobs, current_job, left_pulls, run_cancellable, start_leaving, wait_for_left
 from .generation_defaults import write_sampling
 from .hub import HubClient, verify_files
 from .local import copy_dir, copy_file, list_dir_files
@@ -83,6 +84,22 @@ class PullMixin:
         Setting ``cancel`` (or ``cancel_pulls``) stops the pull at its next step with PullStopped, its files
         deleted; this call returns within seconds of it even while a conversion is inside a long library call.
         """
+        job, work = self._pull_work(source, name, revision, progress, force, convert, base, cancel)
+        with self._pull_jobs.track(job):
+            return run_cancellable(job, work)
+
+    def pull_later(self, source: str, name: str | None = None, *, progress: ProgressFn | None = None) -> Future[Manifest]:
+        """``pull`` on a thread of its own, its caller waiting on none: a future of the manifest or the error (a
+        first use's pull, awaited on an event loop); ``cancel_pulls`` ends it with PullStopped within the grace."""
+        job, work = self._pull_work(source, name, None, progress, False, False, None, None)
+        future = start_leaving(job, work)
+        self._pull_jobs.adopt(job, future)
+        return future
+
+    def _pull_work(self, source: str, name: str | None, revision: str | None, progress: ProgressFn | None,
+                   force: bool, convert: bool, base: str | None,
+                   cancel: threading.Event | None) -> tuple[PullJob, Callable[[], Manifest]]:
+        """The job of a pull with these arguments and the work its thread does (``pull``'s checks done first)."""
         src = parse_source(source, revision)
         n = validate_name(name) if name is not None else src.default_name
         if base is not None:
@@ -115,22 +132,18 @@ class PullMixin:
                 translate_os_error(exc)
                 raise  # (translate_os_error always raises)
 
-        with self._pull_jobs.track(job):
-            return run_cancellable(job, work)
+        return job, work
 
     def installed_as_pulled(self, source: str, name: str | None = None, *, revision: str | None = None,
                             force: bool = False, base: str | None = None) -> Manifest | None:
         """The stored model a pull with these arguments returns as it is (same source and commit, nothing to
         replace or record), read without the name's lock; None when the pull has work to do (or would fail)."""
-        if force:
-            return None
         try:
             src = parse_source(source, revision)
             n = validate_name(name) if name is not None else src.default_name
-            existing = self._existing(n)
-            if existing is None or existing.source != src.canonical:
-                return None
-            if base is not None and existing.parameters.get("base_model") != validate_name(base):
+            existing = None if force else self._existing(n)
+            if existing is None or existing.source != src.canonical or \
+                    (base is not None and existing.parameters.get("base_model") != validate_name(base)):
                 return None
             if src.kind == "hub" and HubClient(self.endpoint, self.token).resolve(src.ref, src.revision) != existing.revision:
                 return None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -153,6 +154,21 @@ class ModelStore(PullMixin):
             except StoreError:
                 pass
         return CatalogFacts(task=manifest.task, digest=manifest.digest or None, defaults=defaults)
+
+    def first_use_pull(self, name: str) -> Future[Manifest] | None:
+        """The pull of packaged default ``name`` started, when it is not stored yet (its first use): a future the
+        caller awaits with no thread of its own held meanwhile (``pull_later``); None when there is nothing to pull."""
+        try:
+            n = validate_name(name)
+            self.show(n)
+            return None
+        except ModelNotFound:
+            if n not in PACKAGED or PACKAGED[n].locate() is None:
+                return None
+        except (InvalidModelName, StoreError, OSError):  # (``resolve`` says what is wrong)
+            return None
+        log.info("pulling packaged model %s on first use", n)
+        return self.pull_later(n, n, progress=LogProgress(n))
 
     def resolve(self, name: str) -> ModelSpec:
         """The spec to load ``name``; pulls a packaged default on first use; else ModelNotFound."""
