@@ -352,3 +352,27 @@ def test_a_windows_path_keeps_its_backslashes_unquoted(shell, own_tiny_server, t
     assert cap.stderr == "" and shown(cap).splitlines()[-1].startswith("Pulled spaced-copy ("), cap.stderr
     for name in ("win-copy", "spaced-copy"):
         own_tiny_server.engine.catalog.rm(name)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="IPython's completer quotes a path on Windows, where a backslash is kept")
+def test_a_tab_completed_path_with_spaces_is_one_source(shell, own_tiny_server, tiny_llama_dir, tmp_path):
+    """IPython's Tab completion writes ``~/my\\ models`` (a backslash before each space or ``(``, ``'``, ...), which
+    the shell split before 44eb7fb read as one word; keeping every backslash made it ``my\\`` and ``models``, so
+    ``%xllm pull`` of a completed path with spaces failed. ``\\\\server\\share`` and ``C:\\models`` keep theirs."""
+    import shutil
+    import warnings
+
+    folder = tmp_path / "my models (v2)" / "it's tiny"
+    shutil.copytree(tiny_llama_dir, folder)
+    typed = f"%xllm pull {tmp_path}/my"
+    with warnings.catch_warnings():  # Completer.complete is "pending deprecation"; it is what a frontend's Tab calls
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        completed = shell.complete("", typed, len(typed))[1]
+    assert completed == [f"{tmp_path}/my\\ models\\ \\(v2\\)"], completed  # as Tab fills it in
+    line = f"pull {completed[0]}/it\\'s\\ tiny --name tab-copy"
+    cap = run(shell, line)
+    assert cap.stderr == "" and shown(cap).splitlines()[-1].startswith("Pulled tab-copy ("), cap.stderr
+    own_tiny_server.engine.catalog.rm("tab-copy")
+    from xllm_jupyter.magics.line import command_words
+
+    assert command_words("pull \\\\server\\share\\x C:\\models\\x") == ["pull", "\\\\server\\share\\x", "C:\\models\\x"]

@@ -10,12 +10,22 @@ from a document has them) group a value too.
 A word outside quotes is taken exactly as typed: a backslash there is a character, never an escape, so a Windows
 path needs no quotes (``pull C:\\models\\x``; a POSIX shell's split made it ``C:modelsx``). A command's words are
 split the same way (``key="a b"`` groups too), and a quote that opens one of its words and never closes, straight
-or typographic, is the command's usage error.
+or typographic, is the command's usage error. One exception, in a command's words: where IPython's Tab completion
+writes a path with a backslash before a space or a character a shell would take (``pull ~/my\\ models``, on Linux
+and macOS; on Windows it quotes the path instead), that backslash escapes the character, as a shell's split had it.
+A backslash before a backslash or a letter stays (``\\\\server\\share``, ``C:\\models``).
 """
 
 from __future__ import annotations
 
+import os
+
 from ..core.errors import XllmError
+
+#: what a backslash outside quotes escapes in a command's words, on Linux and macOS: a space and each other character
+#: IPython's completer protects so (``my\\ \\(copy\\)``), but the backslash itself (``\\\\server\\share`` stays
+#: a UNC path); on Windows none (``pull C:\\models\\x\\ --name x``: a folder, then an option)
+_ESCAPED = frozenset("" if os.name == "nt" else " \t()[]{}?=|;:'#*\"^&")
 
 _QUOTES = "'\""
 #: each opening quote and the quote that closes it
@@ -81,10 +91,11 @@ def words(line: str, settings: bool = False) -> list[Word]:
             value, end = found
             out.append(Word(prefix + value, line[start:end], start, end))
         else:
-            end = _plain_end(line, i)
+            end = _plain_end(line, i, settings)
             # a typographic quote too: `-s “Be brief. Hi` is as open as `-s "Be brief. Hi`
             unclosed = line[i] in _CLOSING and line.find(_CLOSING[line[i]], i + 1) < 0
-            out.append(Word(line[start:end], line[start:end], start, end, unclosed))
+            value = _unescaped(line[start:end]) if settings else line[start:end]
+            out.append(Word(value, line[start:end], start, end, unclosed))
         i = end
     return out
 
@@ -102,7 +113,7 @@ def command_words(line: str) -> list[str]:
 def quote(word: str) -> str:
     """``word`` as :func:`command_words` reads it back: as typed where it can be (``C:\\models\\x`` keeps its
     backslashes), else in double quotes with ``\\`` and ``\"`` escaped."""
-    if word and not any(c.isspace() or c in _CLOSING for c in word):
+    if word and not any(c.isspace() or c in _CLOSING for c in word) and _unescaped(word) == word and not word.endswith("\\"):
         return word
     return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -112,8 +123,21 @@ def join(words: list[str]) -> str:
     return " ".join(quote(word) for word in words)
 
 
-def _plain_end(line: str, i: int) -> int:
-    """Where the unquoted word at ``line[i]`` ends."""
+def _plain_end(line: str, i: int, escapes: bool = False) -> int:
+    """Where the unquoted word at ``line[i]`` ends (with ``escapes``, ``\\ `` does not end it)."""
     while i < len(line) and not line[i].isspace():
-        i += 1
+        i += 2 if escapes and line[i] == "\\" and line[i + 1:i + 2] in _ESCAPED else 1
     return i
+
+
+def _unescaped(text: str) -> str:
+    """A command's unquoted word without the backslashes that escape a character (``my\\ models``)."""
+    if "\\" not in text:
+        return text
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and text[i + 1:i + 2] in _ESCAPED:
+            i += 1
+        out.append(text[i])
+        i += 1
+    return "".join(out)
