@@ -158,3 +158,26 @@ def test_a_value_of_another_type_for_an_enum_field_says_its_json_type(raw, path,
     assert err["message"].startswith(f"Invalid type for '{param}': expected one of '") and err["message"].endswith(
         f", but got {got} instead."), err
     assert "None" not in err["message"] and "True" not in err["message"]
+
+
+@pytest.mark.parametrize(("body", "param", "code"), [
+    ({"input": [{"content": "Hi"}]}, "input[0].role", "missing_required_parameter"),
+    ({"input": [{"role": 7, "content": "Hi"}]}, "input[0].role", "invalid_type"),
+    ({"input": [{"type": 5, "role": "user", "content": "Hi"}]}, "input[0].type", "invalid_type"),
+    ({"input": "Hi", "tools": [{"name": "f"}]}, "tools[0].type", "missing_required_parameter"),
+    ({"input": "Hi", "tools": [{"type": "function", "name": "f"}], "tool_choice": {"name": "f"}}, "tool_choice.type",
+     "missing_required_parameter"),
+])
+def test_a_responses_field_left_out_is_named_as_missing(raw, body, param, code):
+    """These said "Invalid value: None. Supported values are: ...", "Tools of type None are not supported"."""
+    r = raw.post("/v1/responses", json={"model": TINY, "max_output_tokens": 1, **body})
+    err = r.json()["error"]
+    assert r.status_code == 400 and (err["param"], err["code"]) == (param, code), err
+    assert "None" not in err["message"]
+
+
+def test_a_responses_message_item_with_a_null_type_is_a_message(raw):
+    """``EasyInputMessage(...).model_dump()`` writes ``"type": null``; it was refused as an item of type None."""
+    r = raw.post("/v1/responses", json={"model": TINY, "max_output_tokens": 1,
+                                        "input": [{"role": "user", "content": "Hi", "type": None}]})
+    assert r.status_code == 200, r.text

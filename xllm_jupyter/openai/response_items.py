@@ -14,7 +14,7 @@ from typing import Any
 
 from ..core.errors import InvalidRequest, Unsupported
 from .conversation import Turn, check_cache_breakpoint, find_tool_turn_problem, part_text, responses_tool_turn_error
-from .schema_errors import json_type, shown
+from .schema_errors import check_json_type, check_present_string, json_type, shown
 
 ROLES = ("user", "system", "developer", "assistant")
 _TEXT_PARTS = ("input_text", "output_text", "text")
@@ -110,10 +110,13 @@ def normalize_input(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     seen: set[str] = set()
     for i, item in enumerate(value):
         param = f"input[{i}]"
-        kind = item.get("type", "message")
+        kind = item.get("type")
+        kind = "message" if kind is None else kind  # null as absent: an SDK message type dumped with its None fields
+        check_json_type(kind, ("a string",), f"{param}.type")
         iid = _item_id(item, param, seen)
         if kind == "message":
             role = item.get("role")
+            check_present_string(role, f"{param}.role")
             if role not in ROLES:
                 supported = ", ".join(repr(r) for r in ROLES[:-1]) + f", and {ROLES[-1]!r}"
                 raise InvalidRequest(f"Invalid value: {shown(role)}. Supported values are: {supported}.", param=f"{param}.role")
@@ -162,6 +165,7 @@ def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Responses function tools (flat) as chat tools (nested under ``function``)."""
     out = []
     for i, tool in enumerate(tools):
+        check_present_string(tool.get("type"), f"tools[{i}].type")
         if tool.get("type") != "function":
             raise Unsupported(f"Tools of type {shown(tool.get('type'))} are not supported by this server", param=f"tools[{i}].type")
         if "name" not in tool and isinstance(tool.get("function"), dict):
@@ -191,6 +195,7 @@ def chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
             tools = [{"type": t.get("type"), "function": {k: t[k] for k in ("name",) if k in t}}
                      if isinstance(t, dict) else t for t in tools]
         return {"type": "allowed_tools", "allowed_tools": {"mode": choice.get("mode"), "tools": tools}}
+    check_present_string(choice.get("type"), "tool_choice.type")
     raise Unsupported(f"tool_choice of type {shown(choice.get('type'))} is not supported by this server", param="tool_choice")
 
 

@@ -57,6 +57,14 @@ def check_json_type(value: Any, expected: tuple[str, ...], param: str) -> None:
                              "instead.", param=param, code="invalid_type")
 
 
+def check_present_string(value: Any, param: str) -> None:
+    """400 in OpenAI's words for a field that must be a string and is missing or null (``missing_required_parameter``)
+    or of another type (``invalid_type``): before its value is checked, whose message would show Python's ``None``."""
+    if value is None:
+        raise InvalidRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    check_json_type(value, ("a string",), param)
+
+
 #: how much of an offending value an error message repeats (a 3 MB string would come back whole otherwise)
 SHOWN_CHARS = 80
 
