@@ -111,6 +111,8 @@ class ToolDeltas:
 
     def deltas(self, text: str, finish: str | None) -> list[tuple[dict[str, Any], str | None]]:
         """``(delta, finish_reason)`` pairs for a new piece of text; the last pair finishes when ``finish`` is set."""
+        if finish is None and self.parser.passes(text):  # most pieces of a text reply: what feed would make of it
+            return [({"content": text}, None)]
         out = [(d, None) for d in self._deltas(self.parser.feed(text))] if text else []
         if finish is not None:
             out.extend((d, None) for d in self._deltas(self.parser.finish()))

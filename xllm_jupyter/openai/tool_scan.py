@@ -13,7 +13,8 @@ from .tool_call import CLOSE_TAG, OPEN_TAG, ToolCall, block_calls, json_calls
 
 _DECODER = json.JSONDecoder()
 _MARKERS = ("<|python_tag|>", "[TOOL_CALLS]")
-_START = re.compile(r"[<{\[]")  # where a call may start: a tag, a marker, a JSON object or array
+#: where a call may start: a tag, a marker, a JSON object or array (text without one is plain)
+CALL_START = re.compile(r"[<{\[]")
 _SPACE = re.compile(r"\s*")
 _AFTER_CALL = re.compile(r"[\s;,]*")  # what joins calls (Llama's ";", blank lines) is not content
 # What a JSON value cut short by the end of the text leaves past the decoder's error position:
@@ -92,7 +93,7 @@ def scan(text: str, names: frozenset[str], final: bool, skip: bool = False) -> t
             i = plain = _AFTER_CALL.match(text, i).end()
             skip = i == len(text)
             continue
-        m = _START.search(text, i)
+        m = CALL_START.search(text, i)
         if not m:
             break
         i = m.start()

@@ -15,7 +15,7 @@ from .tool_call import (
     exact_call,
     new_call_id,
 )
-from .tool_scan import scan
+from .tool_scan import CALL_START, scan
 
 
 @dataclass
@@ -66,8 +66,20 @@ class StreamingToolParser:
         """True for grammar-forced output (nothing but calls)."""
         return self._incremental
 
+    def passes(self, text: str) -> bool:
+        """True when ``text`` is plain content to send as it is: ``feed`` would return it as one event and change nothing.
+
+        So it is when nothing is held back or open, content or a call already went out (leading blanks
+        are held), no call's separators are being dropped and nothing in ``text`` may start a call: the
+        scanner would find no construct and pass it whole. Most pieces of a text reply are such.
+        """
+        return (self._started and not self._buf and not self._skip and not self._head_end and not self._ended
+                and text != "" and CALL_START.search(text) is None)
+
     def feed(self, text: str) -> list[StreamEvent]:
         """Events for a new piece of generated text."""
+        if self.passes(text):  # most pieces of a text reply: the scanner's layers would pass it whole
+            return [StreamEvent(content=text)]
         if self._ended:
             return []
         self._buf += text
