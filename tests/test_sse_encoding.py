@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import enum
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -50,3 +52,35 @@ def test_falls_back_without_the_c_encoder(monkeypatch):
     monkeypatch.setattr(json.encoder, "c_make_encoder", None)
     encode = sse._compact_encoder()
     assert encode.__self__.__class__ is json.JSONEncoder and encode(VALUES[0]) == _REFERENCE(VALUES[0])
+
+
+class _Reason(str, enum.Enum):
+    STOP = "stop"
+
+
+class _Level(enum.IntEnum):
+    TWO = 2
+
+
+class _Float(float):
+    pass
+
+
+def test_same_bytes_for_subclasses_surrogates_and_deep_values():
+    # str/int enums (FinishReason), float subclasses and lone surrogates (text decoded with surrogateescape)
+    # as values and keys; the C encoder formats each the same way when built once
+    odd = {_Reason.STOP: [_Reason.STOP, _Level.TWO, _Float(0.1), 2**200, -(2**64)], _Level.TWO: "\ud800 \udfff",
+           _Float(1.5): {"nest": [[[[{"a": [None]}]]]]}}
+    assert sse.dumps(odd) == _REFERENCE(odd)
+    with pytest.raises(UnicodeEncodeError):  # same in both: the writer's UTF-8 encoding refuses it
+        sse.sse_event({"x": "\ud800"})
+
+
+def test_one_encoder_from_many_threads():
+    # built once per process and shared by every thread that encodes (today the IOLoop's; the C encoder keeps no
+    # state between calls with check_circular off)
+    values = [{"i": i, "s": "é" * (i % 50), "l": list(range(i % 30)), "f": i / 7} for i in range(2000)]
+    expected = [_REFERENCE(v) for v in values]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: [sse.dumps(v) for v in values] == expected, range(16)))
+    assert all(results)
