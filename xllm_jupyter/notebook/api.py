@@ -6,6 +6,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from ..client import XllmClient
+from ..core.errors import InvalidRequest
 from .clients import ClientLike, pick_model, sync_client
 from .streams import build_messages
 
@@ -25,8 +26,13 @@ def chat(
     ``params`` are OpenAI chat parameters (``max_tokens``, ``temperature``, ``stop``...).
     With ``stream=True`` the text comes back piece by piece as an iterator; closing it
     early (or breaking out of the loop) cancels the generation on the server.
-    Errors are raised as ``XllmError`` with the server's message.
+    Errors are raised as ``XllmError`` with the server's message; ``n`` above 1 is an ``InvalidRequest``.
     """
+    if params.get("n") not in (None, 1):
+        # one reply's text is all this returns: the engine, shared, would generate the others only to be dropped
+        # (a stream mixed them before f0205e1, then kept the first alone)
+        raise InvalidRequest(f"chat() returns one reply, so n must be 1 (got {params['n']!r}); every choice comes "
+                             "from XllmClient.chat_completion / stream_chunks or the openai SDK", param="n")
     messages = build_messages(prompt, system)
     c, owned = sync_client(client)
     try:
