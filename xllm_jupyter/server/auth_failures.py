@@ -51,7 +51,7 @@ from typing import Any, AsyncIterator, Callable
 from ..core.config import AuthConfig
 from ..core.errors import Overloaded, RateLimited
 from .client_address import IPV6_SITE_SHARE, IPV6_WIDE_SHARE, client_label, proxy_matcher, site_label, site_labels
-from .vouch_cookie import VouchCookies, cookie_of
+from .vouch_cookie import VouchCookies
 
 log = logging.getLogger("xllm_jupyter.server")
 
@@ -349,7 +349,7 @@ class FailedAuthLimiter:
         if stream is not None:
             with contextlib.suppress(TypeError):  # a stream that takes no weak reference is simply not remembered
                 self._verified[stream] = digest
-        return None if self.cookies.valid(cookie_of(request), digest) else self.cookies.header(digest)
+        return None if self.cookies.vouches(request, digest) else self.cookies.header(digest)
 
     def vouched(self, request: Any, credential: str | None) -> bool:
         """True when ``credential`` is the one already verified on ``request``'s own connection.
@@ -375,7 +375,7 @@ class FailedAuthLimiter:
         """
         if not credential:
             return False
-        if self.cookies.valid(cookie_of(request), _credential_digest(credential)):
+        if self.cookies.vouches(request, _credential_digest(credential)):
             return True  # this client proved this very key before, on another connection (vouch_cookie.py)
         stream = self._own_stream(request)
         if stream is None:
