@@ -22,7 +22,6 @@ HERMES, LLAMA3, MISTRAL = "hermes", "llama3", "mistral"
 
 #: the Hermes call block's tags
 OPEN_TAG, CLOSE_TAG = "<tool_call>", "</tool_call>"
-_HERMES_BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
 _DECODER = json.JSONDecoder()
 # The shape our prompt and grammar produce; its arguments are kept as written, so a
 # streamed call (sent piece by piece) and the same call unstreamed carry the same text.
