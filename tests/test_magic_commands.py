@@ -376,3 +376,14 @@ def test_a_tab_completed_path_with_spaces_is_one_source(shell, own_tiny_server, 
     from xllm_jupyter.magics.line import command_words
 
     assert command_words("pull \\\\server\\share\\x C:\\models\\x") == ["pull", "\\\\server\\share\\x", "C:\\models\\x"]
+
+
+def test_connect_to_a_host_no_name_lookup_can_encode_is_one_line(shell):
+    """c26c930 caught httpx's InvalidURL only: a host the IDNA rules refuse failed later, in httpx's host (``xn--``)
+    or the socket's name lookup (``a..b``, a label over 63 letters), and a lone surrogate in the path in httpx's
+    URL, each as "unexpected error (IDNAError / UnicodeError / UnicodeEncodeError)"."""
+    before = discovery.find_server().base_url
+    for url in ("http://xn--:8000", "http://a..b:8000", f"http://{'a' * 64}.example:8000", "http://h:8000/\udce9"):
+        cap = run(shell, f"connect {url}")
+        assert cap.stderr.startswith(f"xllm: {url!r} is not a server URL ("), cap.stderr
+    assert discovery.find_server().base_url == before

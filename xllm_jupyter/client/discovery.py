@@ -149,8 +149,10 @@ def connect(url: str | None = None, token: str | None = None) -> ServerLocation:
             token = found.api_key
     base = resolve_base_url(url)
     try:
-        httpx.URL(base)
-    except httpx.InvalidURL as exc:  # `http://[::1` (its bracket never closes): httpx's own error reached the notebook
+        # the host as httpx reads it (`xn--` is no IDNA label) and as the socket's name lookup encodes it (`a..b`, a
+        # label over 63 letters): their bare IDNAError/UnicodeError reached the notebook ("unexpected error")
+        httpx.URL(base).host.encode("idna")
+    except (httpx.InvalidURL, UnicodeError) as exc:  # `http://[::1` (its bracket never closes), a lone surrogate
         raise InvalidRequest(f"{url!r} is not a server URL ({exc})", param="url") from None
     location = ServerLocation(base, token or None, "connect")
     verify(location)
