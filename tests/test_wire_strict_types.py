@@ -181,3 +181,22 @@ def test_a_responses_message_item_with_a_null_type_is_a_message(raw):
     r = raw.post("/v1/responses", json={"model": TINY, "max_output_tokens": 1,
                                         "input": [{"role": "user", "content": "Hi", "type": None}]})
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(("extra", "param", "code"), [
+    ({"tool_choice": 5}, "tool_choice", "invalid_type"),
+    ({"stop": 5}, "stop", "invalid_type"),
+    ({"tool_choice": {"type": "function", "function": {"name": 5}}}, "tool_choice.function.name", "invalid_type"),
+    ({"tool_choice": {"type": "function"}}, "tool_choice.function", "missing_required_parameter"),
+    ({"tool_choice": {"function": {"name": "f"}}}, "tool_choice.type", "missing_required_parameter"),
+    ({"tool_choice": {"type": "web"}}, "tool_choice.type", "invalid_value"),
+])
+def test_a_wrong_tool_choice_or_union_type_names_the_field_and_its_types(raw, extra, param, code):
+    """A union field of another type read "Invalid value for 'stop': Input should be a valid string." (pydantic's words,
+    one member named); tool_choice's shape errors all said ``param: "tool_choice"``."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    r = raw.post("/v1/chat/completions", json={"model": TINY, "messages": MSG, "max_tokens": 1, "tools": tools, **extra})
+    err = r.json()["error"]
+    assert r.status_code == 400 and (err["param"], err["code"]) == (param, code), err
+    if param in ("tool_choice", "stop"):
+        assert err["message"] == f"Invalid type for '{param}': expected a string or {'an object' if param == 'tool_choice' else 'an array'}, but got an integer instead."

@@ -388,7 +388,7 @@ def _validation_error(exc: ValidationError, cls: type[StrictModel]) -> InvalidRe
         return InvalidRequest("The request body must be a JSON object.", code="invalid_json")
     if err["type"] == "missing":
         return InvalidRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
-    wording = openai_wording(err, param, sum(_loc_to_param(tuple(e.get("loc", ()))) == param for e in errors))
+    wording = openai_wording(err, param, [e for e in errors if _loc_to_param(tuple(e.get("loc", ()))) == param])
     if wording is not None:
         return InvalidRequest(wording[0], param=param, code=wording[1])
     return InvalidRequest(f"Invalid value for '{param}': {err['msg']}.", param=param)

@@ -90,12 +90,13 @@ def _choices(expected: str, joiner: str = "and") -> str:
     return f"{head}, {joiner} {last}" if "," in head else f"{head} {joiner} {last}"
 
 
-def openai_wording(err: dict[str, Any], param: str | None, alternatives: int) -> tuple[str, str] | None:
+def openai_wording(err: dict[str, Any], param: str | None, siblings: list[dict[str, Any]]) -> tuple[str, str] | None:
     """``(message, code)`` for pydantic error ``err`` at ``param``, or None where OpenAI has no set wording.
 
-    ``alternatives``: how many errors pydantic gave for this location (more than one: a union, whose
-    "expected" is not one type).
+    ``siblings``: the errors pydantic gave for this location (more than one: a union, whose "expected" is
+    each member's type).
     """
+    alternatives = len(siblings)
     kind = err["type"]
     ctx = err.get("ctx") or {}
     value = err.get("input")
@@ -126,4 +127,8 @@ def openai_wording(err: dict[str, Any], param: str | None, alternatives: int) ->
     if kind in _EXPECTED and param and alternatives == 1:
         return (f"Invalid type for '{param}': expected {_EXPECTED[kind]}, but got {json_type(value)} instead.",
                 "invalid_type")
+    if param and alternatives > 1 and all(e["type"] in _EXPECTED for e in siblings):  # a union: pydantic named one member
+        *head, last = dict.fromkeys(_EXPECTED[e["type"]] for e in siblings)
+        expected = f"{', '.join(head)} or {last}"
+        return f"Invalid type for '{param}': expected {expected}, but got {json_type(value)} instead.", "invalid_type"
     return None

@@ -16,7 +16,7 @@ from ..core.errors import InvalidRequest, Unsupported
 from ..core.types import ChatMessage, Constraint
 from .conversation import check_name
 from .schema_closing import close_objects
-from .schema_errors import json_type, shown
+from .schema_errors import check_json_type, check_present_string, json_type, shown
 from .tool_schema import check_parameters
 
 #: OpenAI's longest function name
@@ -89,11 +89,16 @@ def parse_tool_config(tools: Any, tool_choice: Any, parallel: Any) -> ToolConfig
         if tool_choice == "required" and not specs:
             raise InvalidRequest("'tool_choice' is 'required' but no 'tools' were given", param="tool_choice")
         return ToolConfig(specs, tool_choice, None, par)
+    if isinstance(tool_choice, dict):
+        check_present_string(tool_choice.get("type"), "tool_choice.type")  # each said "tool_choice" alone
     if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
         fn = tool_choice.get("function")
-        name = fn.get("name") if isinstance(fn, dict) else None
-        if not isinstance(name, str):
-            raise InvalidRequest("'tool_choice.function.name' must be a string", param="tool_choice")
+        if fn is None:
+            raise InvalidRequest("Missing required parameter: 'tool_choice.function'.", param="tool_choice.function",
+                                 code="missing_required_parameter")
+        check_json_type(fn, ("an object",), "tool_choice.function")
+        name = fn.get("name")
+        check_present_string(name, "tool_choice.function.name")
         if name not in {t.name for t in specs}:
             raise InvalidRequest(f"'tool_choice' names function {shown(name)}, which is not in 'tools'", param="tool_choice")
         return ToolConfig(specs, "function", name, par)
@@ -102,8 +107,8 @@ def parse_tool_config(tools: Any, tool_choice: Any, parallel: Any) -> ToolConfig
         # only the allowed tools are shown, parsed and (mode "required") forced: a small model shown a tool it
         # may not call calls it anyway, and that call could only be dropped
         return ToolConfig(tuple(t for t in specs if t.name in allowed), mode, None, par)
-    raise InvalidRequest("'tool_choice' must be 'none', 'auto', 'required', {'type': 'function', ...} or "
-                         "{'type': 'allowed_tools', ...}", param="tool_choice")
+    raise InvalidRequest("'tool_choice' must be 'none', 'auto', 'required', {\"type\": \"function\", ...} or "
+                         "{\"type\": \"allowed_tools\", ...}", param="tool_choice.type")
 
 
 def _allowed_tools(allowed: Any, specs: Sequence[ToolSpec]) -> tuple[str, frozenset[str]]:
