@@ -170,6 +170,25 @@ class ForbiddenHostHandler(_EdgeHandler):
 
 
 @tornado.web.stream_request_body
+class UnknownMethodHandler(_EdgeHandler):
+    """A method no route takes (TRACE, PROPFIND, ...) on a server with API keys: 405 alike on every path.
+
+    Tornado refuses such a method before the key is asked for, and the route's 405 named its own methods (the
+    catch-all's every method): the route table for anyone without a key, as an OPTIONS was (``PreflightHandler``).
+    """
+
+    SUPPORTED_METHODS = ()  # Tornado's own 405, before ``prepare``
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """The 405, with the ``Allow`` an anonymous OPTIONS gets on every path."""
+        self.set_header("Allow", _ANY_ROUTE_METHODS)
+        super().write_error(status_code, **kwargs)
+
+    def data_received(self, chunk: bytes) -> None:
+        """Never reached: refused on the head."""
+
+
+@tornado.web.stream_request_body
 class PreflightHandler(_EdgeHandler):
     """``OPTIONS``: 204 with the route's ``Allow`` (404 off the routes); with an ``Origin``, a CORS preflight
     (the allowed methods/headers too), 403 for an origin not allowed. Never needs the API key, as in Jupyter.
@@ -282,6 +301,8 @@ class XllmApplication(tornado.web.Application):
             return self.get_handler_delegate(request, ForbiddenHostHandler)
         if request.method == "OPTIONS":
             return self.get_handler_delegate(request, PreflightHandler, {"route_methods": self._route_methods(request)})
+        if policy.keyed and request.method not in _EdgeHandler.SUPPORTED_METHODS:
+            return self.get_handler_delegate(request, UnknownMethodHandler)  # no key, no route table
         return super().find_handler(request, **kwargs)
 
     def _route_methods(self, request: HTTPServerRequest) -> tuple[str, ...] | None:

@@ -1,0 +1,45 @@
+"""A method no route takes tells nothing of the route table on a server with API keys (edge.UnknownMethodHandler).
+
+Tornado refuses a method its handler does not list (TRACE, PROPFIND, any token) with 405 before ``prepare``, so
+before the key is asked for, and the 405 named the route's own methods (the catch-all's: every method): the same
+map of every path the server has that the anonymous OPTIONS gave (tests/test_options_route_table.py).
+"""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.server_fixtures import TINY, make_test_config, running_server
+from tests.test_options_route_table import PATHS, _answer
+from xllm_jupyter.engine.engine import Engine
+from xllm_jupyter.server.standalone import start_server
+
+METHODS = ("TRACE", "PROPFIND", "FOO")
+
+
+def test_a_method_no_route_takes_answers_alike_on_every_path(tiny_catalog, xllm_home):
+    config = make_test_config(xllm_home)  # API keys on
+    with running_server(config, tiny_catalog, TINY) as info, httpx.Client(base_url=info.root, timeout=60) as c:
+        for method in METHODS:
+            for headers in ({}, {"Authorization": f"Bearer {info.api_key}"}):
+                answers = {path: _answer(c.request(method, path, headers=headers)) for path in PATHS}
+                first = answers[PATHS[0]]
+                assert first[0] == 405, first
+                assert dict(first[1])["allow"] == "GET, HEAD, POST, DELETE, OPTIONS"
+                differ = {path: a for path, a in answers.items() if a != first}
+                assert not differ, (method, first, differ)
+        # the methods the routes know are unchanged: 401 without the key, the route's own 405 with it
+        assert c.put("/v1/models").status_code == 401
+        r = c.put("/v1/models", headers={"Authorization": f"Bearer {info.api_key}"})
+        assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD, OPTIONS"
+
+
+async def test_a_keyless_server_still_names_each_routes_methods(tiny_catalog, tmp_path):
+    config = make_test_config(tmp_path, api_keys=())
+    server = await start_server(config, Engine(config.engine, catalog=tiny_catalog), port=0)
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as c:
+            r = await c.request("TRACE", "/v1/embeddings")
+            assert (r.status_code, r.headers.get("allow")) == (405, "POST, OPTIONS")
+    finally:
+        await server.stop()
