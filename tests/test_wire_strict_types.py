@@ -200,3 +200,16 @@ def test_a_wrong_tool_choice_or_union_type_names_the_field_and_its_types(raw, ex
     assert r.status_code == 400 and (err["param"], err["code"]) == (param, code), err
     if param in ("tool_choice", "stop"):
         assert err["message"] == f"Invalid type for '{param}': expected a string or {'an object' if param == 'tool_choice' else 'an array'}, but got an integer instead."
+
+
+def test_a_tools_strict_flag_of_another_type_is_a_400(raw):
+    """The SDK types ``function.strict`` as a boolean; ``"strict": "yes"`` was a 200 (Responses' flat tools too)."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}, "strict": "yes"}}
+    r = raw.post("/v1/chat/completions", json={"model": TINY, "messages": MSG, "max_tokens": 1, "tools": [tool]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools[0].function.strict", r.text
+    r = raw.post("/v1/responses", json={"model": TINY, "input": "Hi", "max_output_tokens": 1,
+                                        "tools": [{"type": "function", **tool["function"]}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools[0].strict", r.text
+    tool["function"]["strict"] = False
+    assert raw.post("/v1/chat/completions", json={"model": TINY, "messages": MSG, "max_tokens": 1,
+                                                  "tools": [tool]}).status_code == 200

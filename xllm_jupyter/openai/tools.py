@@ -190,6 +190,7 @@ def _parse_tools(tools: Any) -> tuple[ToolSpec, ...]:
             # (``or ""`` here turned false, 0, [] and {} into no description instead of a 400)
             raise InvalidRequest(f"Invalid type for '{where}.function.description': expected a string, but got "
                                  f"{json_type(desc)} instead.", param=f"{where}.function.description", code="invalid_type")
+        check_json_type(fn.get("strict"), ("a boolean",), f"{where}.function.strict")  # "yes" was taken and ignored
         params = fn.get("parameters")
         if params is None:
             params = {"type": "object", "properties": {}}
