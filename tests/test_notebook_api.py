@@ -99,6 +99,11 @@ def test_text_and_numbers_json_cannot_carry_are_a_clear_error(endpoint):
         xllm_jupyter.chat("hi", TINY, client=endpoint, temperature=math.nan)
     with pytest.raises(InvalidRequest, match=r"stop\[0\] is not valid Unicode"):
         xllm_jupyter.chat("hi", TINY, client=endpoint, stop=[undecodable], max_tokens=1)
+    # a key (httpx's bare UnicodeEncodeError still), and half of a UTF-16 pair, which no byte left: the hint says so
+    with pytest.raises(InvalidRequest, match=r"^metadata's key is not valid Unicode text: '\\udce9' at position 3"):
+        xllm_jupyter.chat("hi", TINY, client=endpoint, metadata={undecodable: "x"}, max_tokens=1)
+    with pytest.raises(InvalidRequest, match=r"'\\ud83d' at position 3 \(half of a UTF-16 surrogate pair\?\)"):
+        xllm_jupyter.chat("hi \ud83d\ude00", TINY, client=endpoint, max_tokens=1)
 
 
 def test_a_streamed_chat_with_several_choices_is_the_first_ones(endpoint):

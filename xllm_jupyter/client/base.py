@@ -237,13 +237,20 @@ def _sendable(value: Any, path: str) -> None:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise InvalidRequest(f"{path} is not valid Unicode text: {value[exc.start]!r} at position {exc.start} (an "
-                                 "undecodable byte kept by errors='surrogateescape'?): decode the bytes as UTF-8, with "
-                                 "errors='replace' where they may not be", param=path) from None
+            bad = value[exc.start]
+            # U+DC80-U+DCFF is what surrogateescape leaves; another surrogate is half of a UTF-16 pair (`"\\ud83d\\ude00"`
+            # typed in Python, or text decoded with errors='surrogatepass'), which the hint about bytes misled on
+            why = ("an undecodable byte kept by errors='surrogateescape'?): decode the bytes as UTF-8, with errors="
+                   "'replace' where they may not be" if "\udc80" <= bad <= "\udcff" else
+                   "half of a UTF-16 surrogate pair?): join the pair with .encode('utf-16', 'surrogatepass')"
+                   ".decode('utf-16')")
+            raise InvalidRequest(f"{path} is not valid Unicode text: {bad!r} at position {exc.start} ({why}",
+                                 param=path) from None
     elif isinstance(value, float) and not math.isfinite(value):
         raise InvalidRequest(f"{path} must be a finite number, not {value!r}", param=path)
     elif isinstance(value, Mapping):
         for key, item in value.items():
+            _sendable(key, f"{path or 'the body'}'s key")  # `metadata={name: ...}`: httpx's bare error too
             _sendable(item, f"{path}.{key}" if path else str(key))
     elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
