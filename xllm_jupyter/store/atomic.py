@@ -124,12 +124,15 @@ def replace_dir(new: Path, target: Path, aside: Path) -> Path:
     if _renameat2_exchange(new, target):
         old = new
     else:
-        os.rename(target, aside)
-        try:
-            os.rename(new, target)
-        except BaseException:
-            os.rename(aside, target)
-            raise
+        # ``aside``'s lock, as a work directory's: a clean-up of tmp/ (another pull's) must not delete the old
+        # directory while it may still have to go back to ``target``
+        with FileLock(aside.with_name(f"{aside.name}.lock")):
+            os.rename(target, aside)
+            try:
+                os.rename(new, target)
+            except BaseException:
+                os.rename(aside, target)
+                raise
         old = aside
     fsync_dir(target.parent)
     return old

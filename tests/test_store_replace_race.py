@@ -1,0 +1,44 @@
+"""A forced pull that replaces a model where the kernel has no atomic exchange, beside another pull's clean-up.
+
+Without ``renameat2(RENAME_EXCHANGE)`` (older kernels, some file systems) the old model directory is renamed
+into ``tmp/old-*`` and the new one into its place. Another pull's clean-up of ``tmp/`` deleted such an entry
+whenever its lock was free, and nothing held it: when the second rename then failed, the old model could not be
+put back and the name was lost. Real store, real files; the failing rename is injected.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from xllm_jupyter.core.errors import StoreError
+from xllm_jupyter.store import atomic
+from xllm_jupyter.store.store import ModelStore
+
+
+def test_a_clean_up_during_a_failed_replace_leaves_the_old_model_in_place(tmp_path, tiny_llama_dir, monkeypatch):
+    home = tmp_path / "home"
+    store = ModelStore(home)
+    kept = store.pull(str(tiny_llama_dir), "m")
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in tiny_llama_dir.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    (other / "extra.json").write_text("{}")
+    monkeypatch.setattr(atomic, "_renameat2_exchange", lambda a, b: False)
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if Path(dst).parent.name == "models" and Path(src).name.startswith("pull-"):  # the new model into place
+            ModelStore(home)._clean_tmp()  # another process's pull cleans tmp/ at that moment
+            raise OSError(errno.EIO, "Input/output error")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(StoreError):
+        store.pull(str(other), "m", force=True)
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert store.show("m").digest == kept.digest and store.verify("m")
