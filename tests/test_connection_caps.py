@@ -18,8 +18,8 @@ import pytest
 from tests.helpers import free_port
 from tests.server_fixtures import API_KEY, TINY, make_test_config, running_server
 from xllm_jupyter.core.config import AuthConfig
-from xllm_jupyter.server.auth_failures import IPV6_SITE_SHARE, IPV6_WIDE_SHARE
-from xllm_jupyter.server.connections import ConnectionGuard, per_client_cap, raise_fd_limit
+from xllm_jupyter.server.auth_failures import IPV6_SITE_SHARE, IPV6_WIDE_SHARE, client_label
+from xllm_jupyter.server.connections import EXEMPT, ConnectionGuard, per_client_cap, raise_fd_limit
 
 PER_CLIENT = 5
 HALF = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n"  # a request head that never ends
@@ -137,7 +137,7 @@ def test_the_total_cap_and_release():
     assert guard.admit("2001:db8::1") == "2001:db8::/64"
     assert guard.admit("10.0.0.9") is None  # exempt from the per-client cap, not from the total
     guard.release(a)
-    assert guard.admit("10.0.0.9") == "10.0.0.9" and guard.open == 3 and guard.refused == 2
+    assert guard.admit("10.0.0.9") == EXEMPT and guard.open == 3 and guard.refused == 2
     assert raise_fd_limit() >= resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 0
 
 
@@ -218,3 +218,20 @@ def test_a_flood_of_half_sent_requests_under_a_low_descriptor_limit(tmp_path):
     assert "Too many open files" not in text and "Traceback" not in text
     assert text.count("closing new connections from 127.0.0.2: it has 48 open") == 1  # said once, not per connection
     assert "every client" not in text  # the flooding client's cap came first, not the total one
+
+
+def test_a_trusted_proxys_connections_fill_no_cap_of_its_networks():
+    """A trusted proxy is exempt from the per-client cap, but its connections were counted under its /64, /56 and
+    /48: holding as many as the caps allow, it shut out every other host of those networks (a hub's users on the
+    proxy's subnet). They now count towards the total only."""
+    proxy = "2001:db8:9::9"
+    guard = ConnectionGuard(total=100_000, per_client=2, exempt=lambda a: a == proxy)
+    held = [guard.admit(proxy) for _ in range(2 * IPV6_WIDE_SHARE)]
+    assert all(held) and guard.open == 2 * IPV6_WIDE_SHARE
+    # its own /64, its /56 and its /48 (was refused: "too many open connections from this address")
+    for neighbour in ("2001:db8:9::20", "2001:db8:9:1::1", "2001:db8:9:100::1"):
+        assert guard.admit(neighbour) == client_label(neighbour), (neighbour, guard.reply)
+    assert all(label == EXEMPT for label in held)
+    for label in held:
+        guard.release(label)
+    assert guard.open == 3

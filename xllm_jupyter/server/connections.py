@@ -8,7 +8,9 @@ for as long as the client kept them open.
 
 Here a connection is refused as soon as it is accepted when its client already has
 ``server.max_connections_per_client`` open (IPv6 by /64, as for failed authentications; the
-``auth.trusted_proxies`` are exempt, since every user of a hub arrives through its proxy), when its IPv6
+``auth.trusted_proxies`` are exempt, since every user of a hub arrives through its proxy, and count towards no
+client's or network's cap, only the total: counted, a proxy's many connections filled the caps of its /64, /56 and
+/48 and shut out every other host there, a hub's users on the proxy's subnet included), when its IPv6
 /56 already has ``IPV6_SITE_SHARE`` (16) times that open or its /48 ``IPV6_WIDE_SHARE`` (64) times (a site can
 route any of its /64s to one host: by /64 alone such a client opened 256 in each, up to the total cap, and shut
 everyone else out; an ISP handing out /56s puts 256 homes in one /48, which one home's 16 /64s filled), or when
@@ -39,6 +41,8 @@ from .head_limit import HeadLimitedHTTPServer
 from .sse import dumps
 
 log = logging.getLogger("xllm_jupyter.server")
+#: what ``ConnectionGuard.admit`` counts a trusted proxy's connection under: nothing but the total
+EXEMPT = "(trusted proxy)"
 
 #: descriptors ``max_connections: 0`` leaves for everything else (model files, logs, the usage file)
 _SPARE_SHARE = 4
@@ -135,10 +139,12 @@ class ConnectionGuard:
         return self._count
 
     def admit(self, address: str) -> str | None:
-        """The label ``address`` is counted under if its connection may stay (pair with ``release``), else None."""
-        label = client_label(address)
-        sites = site_labels(label)
-        capped = self.per_client and not self._exempt(address)
+        """The label ``address`` is counted under if its connection may stay (pair with ``release``), else None;
+        ``EXEMPT`` for a trusted proxy's, counted in the total only."""
+        exempt = self._exempt(address)
+        label = EXEMPT if exempt else client_label(address)
+        sites = () if exempt else site_labels(label)
+        capped = self.per_client and not exempt
         over_client = capped and self._open[label] >= self.per_client
         over_site = None if not capped or over_client else next(
             (site for site, share in sites if self._open[site] >= self.per_client * share), None)
@@ -153,16 +159,18 @@ class ConnectionGuard:
                             f"it has {self.per_client} open" if over_client else
                             f"its /64s have {self._open[why]} open" if over_site else f"{self.total} are open")
             return None
+        self._count += 1
+        if exempt:
+            return label
         self._open[label] += 1
         for site, _ in sites:
             self._open[site] += 1
-        self._count += 1
         return label
 
     def release(self, label: str) -> None:
         """A connection ``admit`` let in has closed."""
         self._count -= 1
-        for counted in (label, *(site for site, _ in site_labels(label))):
+        for counted in () if label == EXEMPT else (label, *(site for site, _ in site_labels(label))):
             self._open[counted] -= 1
             if self._open[counted] <= 0:
                 del self._open[counted]
@@ -198,5 +206,5 @@ class GuardedHTTPServer(HeadLimitedHTTPServer):
             self.guard.release(label)
 
 
-__all__ = ["ConnectionGuard", "GuardedHTTPServer", "answer_and_close", "default_max_connections", "per_client_cap",
-           "raise_fd_limit", "refusal_reply"]
+__all__ = ["EXEMPT", "ConnectionGuard", "GuardedHTTPServer", "answer_and_close", "default_max_connections",
+           "per_client_cap", "raise_fd_limit", "refusal_reply"]
