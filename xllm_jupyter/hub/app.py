@@ -11,12 +11,13 @@ own token needs no scopes at all: identifying a token uses that token itself.
 
 from __future__ import annotations
 
+import asyncio
 import html
 import json
 import os
 import secrets
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Awaitable
 
 import tornado.web
 from jupyterhub.services.auth import (
@@ -40,6 +41,9 @@ from .known_tokens import KNOWN_TOKENS_KEY, KnownTokens, ask_under_cap
 HUB_AUTH_KEY = "xllm_hub_auth"
 #: the service name when JUPYTERHUB_SERVICE_NAME is not set
 DEFAULT_SERVICE_NAME = "xllm"
+#: seconds to wait for the hub's answer about a token: HubAuth's HTTP client waits up to 5 minutes, so a hub that
+#: takes the connection and hangs (overloaded, paused, a stuck proxy) held every request that long
+HUB_API_TIMEOUT = 10.0
 
 
 def service_prefix(env: Mapping[str, str]) -> str:
@@ -89,6 +93,15 @@ def caller_from_model(model: Mapping[str, Any], config: XllmConfig) -> Caller:
     return Caller(name, groups, admin)
 
 
+async def ask_hub(answer: Awaitable[Any]) -> Any:
+    """The hub's ``answer`` (a user model or None), or Overloaded ``hub_unavailable`` when the hub cannot be reached,
+    fails (HubAuth's HTTPError) or has not answered within ``HUB_API_TIMEOUT``."""
+    try:
+        return await asyncio.wait_for(answer, HUB_API_TIMEOUT)
+    except (HTTPError, asyncio.TimeoutError):
+        raise Overloaded("JupyterHub could not be asked who owns this token; retry later.", code="hub_unavailable") from None
+
+
 def public_scheme(request: Any) -> str:
     """The scheme the browser used: the hub's proxy (or TLS in front of it) says so in X-Forwarded-Proto."""
     # configurable-http-proxy appends its own hop, so the first value is the client's; the page only
@@ -120,18 +133,15 @@ class HubXllmHandler(RequestIdMixin, VerbDispatchMixin, RequestHandler):
         known: KnownTokens = self.settings[KNOWN_TOKENS_KEY]
         client = failures.client(self.request)
         token = auth.get_token(self, in_cookie=False)
-        try:
-            if not token:
-                failures.check(client)  # a capped address is told so first, as for any request of its
-                raise AuthenticationError("Missing JupyterHub token. Pass it as 'Authorization: token <JUPYTERHUB_API_TOKEN>'.")
-            model = await ask_under_cap(failures, client, self.request, lambda: auth.user_for_token(token, sync=False),
-                                        confirmed=token in known)
-            if model:
-                known.add(token)
-            elif token:
-                known.discard(token)
-        except HTTPError:
-            raise Overloaded("JupyterHub could not be asked who owns this token; retry later.", code="hub_unavailable") from None
+        if not token:
+            failures.check(client)  # a capped address is told so first, as for any request of its
+            raise AuthenticationError("Missing JupyterHub token. Pass it as 'Authorization: token <JUPYTERHUB_API_TOKEN>'.")
+        model = await ask_under_cap(failures, client, self.request, lambda: ask_hub(auth.user_for_token(token, sync=False)),
+                                    confirmed=token in known)
+        if model:
+            known.add(token)
+        else:
+            known.discard(token)
         if not model:
             raise AuthenticationError("Invalid or expired JupyterHub token.")
         if not auth.check_scopes(auth.access_scopes, model):
@@ -181,6 +191,17 @@ class _NoBody:
     def data_received(self, chunk: bytes) -> None:
         """Nothing to read: ``prepare`` refused any body first."""
 
+    def close_after(self) -> None:
+        """Tell the client not to reuse the connection: an answer given in ``prepare`` comes before Tornado has read
+        the request's end, so Tornado closes the connection after it, and a client that sent its next request on it
+        saw a reset."""
+        self.set_header("Connection", "close")
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Tornado's error page, marked ``Connection: close`` (see ``close_after``)."""
+        self.close_after()
+        super().write_error(status_code, **kwargs)  # type: ignore[misc]
+
 
 @tornado.web.stream_request_body
 class OAuthCallbackHandler(RequestIdMixin, _NoBody, _HubAuthFromSettings, HubOAuthCallbackHandler):
@@ -204,19 +225,22 @@ class HubPageHandler(RequestIdMixin, _NoBody, _HubAuthFromSettings, HubOAuthenti
         token = self.hub_auth.get_token(self, in_cookie=False)
         try:
             if token and token not in known:  # tokens guessed in ?token= here are capped as on the API routes
-                model = await ask_under_cap(failures, client, self.request, lambda: self.hub_auth.get_user(self, sync=False))
+                model = await ask_under_cap(failures, client, self.request,
+                                            lambda: ask_hub(self.hub_auth.get_user(self, sync=False)))
             else:
                 # no guess: only the OAuth cookie (signed with the service's secret, checked here before the hub
                 # is asked), or a token the hub confirmed before; a capped address (which another user can make
                 # of anyone's, hub/known_tokens.py) does not keep its user from the page
-                model = await self.hub_auth.get_user(self, sync=False)
+                model = await ask_hub(self.hub_auth.get_user(self, sync=False))
                 if token and not model:  # revoked: past the cap it is a guess again, as on the API routes
                     known.discard(token)
         except (RateLimited, Overloaded) as exc:  # answered here: an HTTPError's page would drop the Retry-After
-            # header, and anything else raised (the shutdown's Overloaded for a request waiting its turn) is a 500
+            # header, and anything else raised (the shutdown's Overloaded for a request waiting its turn, a hub that
+            # is down or hangs: ask_hub) is a 500
             self.set_status(exc.status)
             self.set_header("Retry-After", str(int(getattr(exc, "retry_after", 1))))
             self.set_header("Content-Type", "text/plain; charset=utf-8")
+            self.close_after()
             self.finish(exc.message + "\n")
             return
         self._hub_auth_user_cache = None
