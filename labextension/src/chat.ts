@@ -7,7 +7,7 @@
 import { Widget } from '@lumino/widgets';
 
 import { XllmApi, XllmApiError } from './api';
-import { modelGone, Transcript, Turn } from './state';
+import { chatKeyAction, modelGone, Transcript, Turn } from './state';
 
 /** Chat box options. */
 export interface ChatViewOptions {
@@ -62,18 +62,28 @@ export class ChatView extends Widget {
     this.notice.setAttribute('role', 'status');
     this.notice.hidden = true;
     this.log = el('div', 'xllm-Chat-log');
+    this.log.setAttribute('role', 'log');
+    this.log.setAttribute('aria-label', 'Chat transcript');
     this.log.setAttribute('aria-live', 'polite');
     const form = el('div', 'xllm-Chat-form');
     this.input = el('textarea', 'xllm-Chat-input');
     this.input.rows = 2;
     // short enough for a narrow panel; the tooltip has the Shift+Enter hint
     this.input.placeholder = 'Ask the shared model (Enter sends)';
-    this.input.title = 'Enter sends, Shift+Enter starts a new line';
+    this.input.title = 'Enter sends, Shift+Enter starts a new line, Escape stops a reply';
     this.input.setAttribute('aria-label', 'Message');
     this.input.addEventListener('keydown', event => {
-      if (event.key === 'Enter' && !event.shiftKey) {
+      if (chatKeyAction(event, this.abort !== null) === 'send') {
         event.preventDefault();
         void this.submit();
+      }
+    });
+    // Escape anywhere in the chat stops a streaming reply (and only then: else it is JupyterLab's)
+    this.node.addEventListener('keydown', event => {
+      if (chatKeyAction(event, this.abort !== null) === 'stop') {
+        event.preventDefault();
+        event.stopPropagation();
+        this.stop();
       }
     });
     this.send = button('Send', 'xllm-Chat-send', () => (this.abort ? this.stop() : void this.submit()), true);
@@ -192,6 +202,8 @@ export class ChatView extends Widget {
   private setBusy(busy: boolean): void {
     this.send.textContent = busy ? 'Stop' : 'Send';
     this.send.classList.toggle('xllm-mod-stop', busy);
+    // a screen reader reads the reply once it is whole, not each streamed piece of it
+    this.log.setAttribute('aria-busy', String(busy));
   }
 
   private render(): void {

@@ -182,3 +182,24 @@ export class Transcript {
 export function modelGone(error: unknown): boolean {
   return typeof error === 'object' && error !== null && (error as { code?: unknown }).code === 'model_not_found';
 }
+
+/** What a key pressed in the chat does. */
+export type ChatKeyAction = 'send' | 'stop' | null;
+
+/**
+ * The chat's keys: Enter sends (Shift+Enter is a new line), Escape stops a streaming reply.
+ * An Enter that confirms an input method's composition (Japanese, Chinese, Korean) only
+ * ends the composition: sending then would send half-typed text.
+ */
+export function chatKeyAction(key: { key: string; shiftKey: boolean; isComposing: boolean }, streaming: boolean): ChatKeyAction {
+  if (key.isComposing) {
+    return null;
+  }
+  if (key.key === 'Enter' && !key.shiftKey) {
+    return 'send';
+  }
+  if (key.key === 'Escape' && streaming) {
+    return 'stop';
+  }
+  return null;
+}

@@ -1,6 +1,6 @@
 import type { Stats, StatsModel } from '../api';
 import { XllmApiError } from '../api';
-import { canChat, chooseChatModel, modelGone, modelRows, noChatModelsReason, notForChat, statsForUser, Transcript, Turn, unloadQuestion } from '../state';
+import { canChat, chatKeyAction, chooseChatModel, modelGone, modelRows, noChatModelsReason, notForChat, statsForUser, Transcript, Turn, unloadQuestion } from '../state';
 
 /** A reply that has ended with `fields` (content, error or note). */
 function ended(turn: Turn, fields: Partial<Turn>): void {
@@ -164,5 +164,24 @@ describe('modelGone', () => {
     expect(modelGone(new XllmApiError('HTTP 404: the xllm server extension is not enabled', 404))).toBe(false);
     expect(modelGone(new Error('network'))).toBe(false);
     expect(modelGone(null)).toBe(false);
+  });
+});
+
+describe('chatKeyAction', () => {
+  const key = (k: string, extra: Partial<{ shiftKey: boolean; isComposing: boolean }> = {}) => ({ key: k, shiftKey: false, isComposing: false, ...extra });
+
+  it('sends on Enter, not on Shift+Enter', () => {
+    expect(chatKeyAction(key('Enter'), false)).toBe('send');
+    expect(chatKeyAction(key('Enter', { shiftKey: true }), false)).toBeNull();
+  });
+
+  it('leaves an Enter that ends an input method composition alone', () => {
+    expect(chatKeyAction(key('Enter', { isComposing: true }), false)).toBeNull();
+  });
+
+  it('stops on Escape only while a reply streams', () => {
+    expect(chatKeyAction(key('Escape'), true)).toBe('stop');
+    expect(chatKeyAction(key('Escape'), false)).toBeNull();
+    expect(chatKeyAction(key('a'), true)).toBeNull();
   });
 });
