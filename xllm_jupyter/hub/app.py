@@ -95,11 +95,15 @@ def caller_from_model(model: Mapping[str, Any], config: XllmConfig) -> Caller:
 
 async def ask_hub(answer: Awaitable[Any]) -> Any:
     """The hub's ``answer`` (a user model or None), or Overloaded ``hub_unavailable`` when the hub cannot be reached,
-    fails (HubAuth's HTTPError) or has not answered within ``HUB_API_TIMEOUT``."""
+    fails (HubAuth's HTTPError 500/502) or has not answered within ``HUB_API_TIMEOUT``."""
     try:
         return await asyncio.wait_for(answer, HUB_API_TIMEOUT)
-    except (HTTPError, asyncio.TimeoutError):
-        raise Overloaded("JupyterHub could not be asked who owns this token; retry later.", code="hub_unavailable") from None
+    except HTTPError as exc:
+        if exc.status_code < 500:  # the OAuth callback's own refusals (a bad or stale state): not the hub's
+            raise
+    except asyncio.TimeoutError:
+        pass
+    raise Overloaded("JupyterHub could not be asked who owns this token; retry later.", code="hub_unavailable")
 
 
 def public_scheme(request: Any) -> str:
@@ -202,14 +206,49 @@ class _NoBody:
         self.close_after()
         super().write_error(status_code, **kwargs)  # type: ignore[misc]
 
+    def answer_now(self, exc: RateLimited | Overloaded) -> None:
+        """``exc`` as a plain-text answer with its ``Retry-After`` (an HTTPError's page would drop that header)."""
+        self.set_status(exc.status)  # type: ignore[attr-defined]
+        self.set_header("Retry-After", str(int(getattr(exc, "retry_after", 1))))  # type: ignore[attr-defined]
+        self.set_header("Content-Type", "text/plain; charset=utf-8")  # type: ignore[attr-defined]
+        self.close_after()
+        self.finish(exc.message + "\n")  # type: ignore[attr-defined]
+
 
 @tornado.web.stream_request_body
 class OAuthCallbackHandler(RequestIdMixin, _NoBody, _HubAuthFromSettings, HubOAuthCallbackHandler):
     """``{prefix}oauth_callback``: finishes the hub OAuth login and sets the service cookie."""
 
-    def prepare(self) -> None:
-        """Refuse a body before it is read."""
+    async def prepare(self) -> None:
+        """Refuse a body before it is read; find who the login cookie names, awaited here.
+
+        JupyterHub's callback asks ``current_user`` when the state cookie is missing (a reload, a forged link), and
+        its ``current_user`` asks the hub synchronously: the IOLoop waited for the hub's answer, and about any token
+        in the request's headers, unbounded by the failed-auth cap (a redirect told a right token from a 403).
+        """
         self.refuse_body()
+        self._hub_auth_user_cache = None
+        token = self.get_secure_cookie(self.hub_auth.cookie_name)  # signed with the service's secret: no guess
+        if not token:
+            return
+        try:
+            model = await ask_hub(self.hub_auth.user_for_token(token.decode("ascii", "replace"), sync=False,
+                                                               session_id=self.hub_auth.get_session_id(self)))
+        except Overloaded as exc:
+            self.answer_now(exc)
+            return
+        if model:
+            try:
+                self._hub_auth_user_cache = self.check_hub_user(model)
+            except UserNotAllowed:  # logged in, but without the access scope: the login goes on
+                pass
+
+    async def get(self) -> None:
+        """Finish the login: JupyterHub's callback, or 503 when the hub cannot be asked (``ask_hub``)."""
+        try:
+            await ask_hub(super().get())
+        except Overloaded as exc:
+            self.answer_now(exc)
 
 
 @tornado.web.stream_request_body
@@ -234,14 +273,9 @@ class HubPageHandler(RequestIdMixin, _NoBody, _HubAuthFromSettings, HubOAuthenti
                 model = await ask_hub(self.hub_auth.get_user(self, sync=False))
                 if token and not model:  # revoked: past the cap it is a guess again, as on the API routes
                     known.discard(token)
-        except (RateLimited, Overloaded) as exc:  # answered here: an HTTPError's page would drop the Retry-After
-            # header, and anything else raised (the shutdown's Overloaded for a request waiting its turn, a hub that
-            # is down or hangs: ask_hub) is a 500
-            self.set_status(exc.status)
-            self.set_header("Retry-After", str(int(getattr(exc, "retry_after", 1))))
-            self.set_header("Content-Type", "text/plain; charset=utf-8")
-            self.close_after()
-            self.finish(exc.message + "\n")
+        except (RateLimited, Overloaded) as exc:  # answered here: anything else raised (the shutdown's Overloaded for
+            # a request waiting its turn, a hub that is down or hangs: ask_hub) is a 500
+            self.answer_now(exc)
             return
         self._hub_auth_user_cache = None
         if model:

@@ -1,0 +1,87 @@
+"""The hub service's OAuth callback asks the hub only about its own login cookie, and never on the IOLoop's thread.
+
+A callback without its state cookie (a reload, a second tab, a forged link) took JupyterHub's "already logged
+in?" branch, whose ``current_user`` asks the hub synchronously: on HubAuth's worker thread while the service's
+IOLoop waited (every user's stream stalled for the hub's answer, up to 5 minutes for a silent hub), and about any
+``Authorization`` token too, uncounted by the failed-auth cap, with a redirect for a right token and a 403 for a
+wrong one: an unlimited token-guessing oracle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from tornado.web import create_signed_value
+
+from tests.server_fixtures import HUB_ALICE, loop_thread
+
+SECRET = b"c" * 32
+CALLBACK = "/oauth_callback?code=some-code&state=no-such-state"
+
+
+def _login_cookie(token: str) -> str:
+    """The service's login cookie (signed with its secret) holding ``token``, as the callback sets it."""
+    return "service-xllm=" + create_signed_value(SECRET, "service-xllm", token).decode()
+
+
+@pytest.fixture
+def service(tmp_path) -> Iterator[tuple[str, list[tuple[str, str]]]]:
+    """The hub app on a real port, the hub stood in for: ``alice-token`` is alice's, the rest unknown; each
+    question takes 0.3 s. Yields the service's root and the questions asked, as (token, thread name)."""
+    pytest.importorskip("jupyterhub")
+    import tornado.httpserver
+    import tornado.testing
+
+    from xllm_jupyter.engine.engine import Engine
+    from xllm_jupyter.hub.app import make_hub_app, make_hub_auth
+    from xllm_jupyter.hub.service import load_hub_config
+
+    config = load_hub_config(env={"XLLM_HOME": str(tmp_path), "XLLM_QUOTAS_USAGE_FILE": "off"})
+    auth = make_hub_auth({"JUPYTERHUB_API_TOKEN": "service-token", "JUPYTERHUB_API_URL": "http://127.0.0.1:9/hub/api"})
+    asked: list[tuple[str, str]] = []
+
+    async def lookup(token: str, **_: Any) -> Any:
+        asked.append((token, threading.current_thread().name))
+        await asyncio.sleep(0.3)
+        return HUB_ALICE if token == "alice-token" else None
+
+    auth.user_for_token = lookup
+
+    async def setup() -> tuple[Any, int]:
+        sock, port = tornado.testing.bind_unused_port()
+        server = tornado.httpserver.HTTPServer(make_hub_app(config, Engine(config.engine), auth, cookie_secret=SECRET))
+        server.add_sockets([sock])
+        return server, port
+
+    with loop_thread(setup, "the hub service", 30) as (loop, (server, port)):
+        try:
+            yield f"http://127.0.0.1:{port}/services/xllm", asked
+        finally:
+            loop.call_soon_threadsafe(server.stop)
+
+
+def test_a_callback_never_asks_the_hub_about_a_token_in_its_headers(service):
+    root, asked = service
+    with httpx.Client(base_url=root, timeout=30) as http:
+        answers = {token: http.get(CALLBACK, headers={"Authorization": f"token {token}"}, follow_redirects=False)
+                   for token in ("guess-1", "alice-token")}
+    assert asked == []  # no uncapped guesses reach the hub
+    assert {r.status_code for r in answers.values()} == {403}  # and a right token looks like a wrong one
+
+
+def test_a_logged_in_browsers_stale_callback_still_redirects_and_the_ioloop_keeps_serving(service):
+    root, asked = service
+    with httpx.Client(base_url=root, timeout=30) as http:
+        r = http.get(CALLBACK, headers={"Cookie": _login_cookie("alice-token")}, follow_redirects=False)
+        assert r.status_code == 302, r.text
+        assert r.headers["Location"] == "/services/xllm/"
+        r = http.get(CALLBACK, headers={"Cookie": _login_cookie("revoked-token")}, follow_redirects=False)
+        assert r.status_code == 403  # not logged in after all: the state must match
+    # asked on the service's own IOLoop (awaited), not on HubAuth's worker thread while the IOLoop waits
+    assert [token for token, _ in asked] == ["alice-token", "revoked-token"]
+    assert {thread for _, thread in asked} == {"the hub service"}
