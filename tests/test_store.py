@@ -348,19 +348,19 @@ def test_a_work_directory_gone_after_the_cleanups_listing_is_not_a_leftover(stor
     """A pull's work directory listed by another pull's clean-up, then renamed into models/ by its own pull before
     the clean-up looks at it: nothing is said removed (each of 70 concurrent pulls logged "removing leftover" for
     directories that had just become models), and no lock file is left."""
-    from xllm_jupyter.store import pulling
+    from xllm_jupyter.store import workdirs
 
     store.tmp.mkdir(parents=True, exist_ok=True)
     finished = store.tmp / "pull-0123456789abcdef"
     finished.mkdir()
-    real_try_lock = pulling.try_lock
+    real_try_lock = workdirs.try_lock
 
     def finishing_first(lock_path, entry):
         if entry == finished:
             finished.rmdir()  # (it leaves tmp/ as its pull's rename into models/ takes it)
         return real_try_lock(lock_path, entry)
 
-    monkeypatch.setattr(pulling, "try_lock", finishing_first)
+    monkeypatch.setattr(workdirs, "try_lock", finishing_first)
     with caplog.at_level("INFO", logger="xllm_jupyter.store.store"):
         store._clean_tmp()
     assert "removing leftover" not in caplog.text

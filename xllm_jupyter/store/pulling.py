@@ -6,7 +6,6 @@ name's file lock, so a model directory is either complete or absent.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import secrets
@@ -18,10 +17,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..core.errors import ModelNotFound, StoreError, XllmError, quoted
-from .atomic import FileLock, fix_modes, fsync_dir, fsync_tree, remove_tree, replace_dir, try_lock
+from .atomic import FileLock, fix_modes, fsync_dir, fsync_tree, remove_tree, replace_dir
 from .cancel import PullJob, PullJobs, current_job, left_pulls, run_cancellable, start_leaving, wait_for_left
 from .generation_defaults import write_sampling
-from .hub import HubClient, verify_files
+from .hub import HubClient
+from .hub_pull import HubPullMixin
 from .local import copy_dir, copy_file, list_dir_files
 from .manifest import (
     MANIFEST_NAME,
@@ -41,14 +41,13 @@ from .manifest import (
 from .names import canonical_name, child_dir, name_to_dirname, safe_relpath, validate_name
 from .packaged import PACKAGED
 from .progress import ProgressFn, PullProgress, guard_progress, translate_os_error
-from .sources import Source, parse_source, select_files
+from .sources import Source, parse_source
+from .workdirs import WorkdirMixin
 
 log = logging.getLogger("xllm_jupyter.store.store")  # the store's one logger, as before the split
 
-HUB_RESUME_SECONDS = 7 * 86400  # how long an unfinished Hub download is kept for a retry to resume
 
-
-class PullMixin:
+class PullMixin(HubPullMixin, WorkdirMixin):
     """ModelStore's pull pipeline; the store owns the directories and the reads it uses."""
 
     home: Path
@@ -252,34 +251,6 @@ class PullMixin:
         files = copy_dir(Path(src.ref), build, report)
         return detect_format(build), files, read_template(build)
 
-    def _pull_hub(self, src: Source, n: str, existing: Manifest | None, report: ProgressFn | None, force: bool, convert: bool,
-                  base: str | None = None) -> Manifest:
-        client = HubClient(self.endpoint, self.token)
-        commit = client.resolve(src.ref, src.revision)
-        if existing is not None and not force and existing.revision == commit:
-            return existing
-        listing = {f.path: f for f in client.list_files(src.ref, commit)}
-        chosen = [listing[p] for p in select_files(listing, only=src.file)]
-        key = hashlib.sha256("\n".join([client.endpoint, src.ref, commit, *(f.path for f in chosen)]).encode()).hexdigest()
-        with self._workdir(f"hub-{key[:24]}", keep_on_error=True) as staging:
-            client.download(src.ref, commit, chosen, staging, report)
-            files = verify_files(staging, chosen, report)
-            remove_tree(staging / ".cache")
-            fmt = detect_format(staging)
-            if fmt != "gguf":
-                return self._finish(staging, n, src, fmt, files, read_template(staging), commit, report, base)
-            from .convert import gguf_chat_template, gguf_to_safetensors
-
-            gguf = staging / files[0].path
-            if not convert:
-                return self._finish(staging, n, src, fmt, files, gguf_chat_template(gguf), commit, report, base)
-            with self._workdir("pull") as build:
-                template = gguf_to_safetensors(gguf, build, progress=report)
-                manifest = self._finish(build, n, src, detect_format(build), self._hash_tree(build, report), template, commit,
-                                        report, base)
-            remove_tree(staging)
-            return manifest
-
     def _hash_tree(self, root: Path, report: ProgressFn | None) -> list[ManifestFile]:
         """Manifest entries for every file under ``root`` (files we wrote ourselves)."""
         out = []
@@ -335,65 +306,3 @@ class PullMixin:
             os.rename(build, target)
             fsync_dir(self.models)
         return target
-
-    @contextmanager
-    def _workdir(self, prefix: str, keep_on_error: bool = False) -> Iterator[Path]:
-        """A locked directory in ``tmp/``; deleted on error unless ``keep_on_error`` (resumable)."""
-        name = prefix if keep_on_error else f"{prefix}-{secrets.token_hex(8)}"
-        lock = FileLock(self.tmp / f"{name}.lock")
-        if not lock.acquire(blocking=False):  # someone else is downloading the same thing: start afresh
-            name, keep_on_error = f"pull-{secrets.token_hex(8)}", False
-            lock = FileLock(self.tmp / f"{name}.lock")
-            lock.acquire()
-        path = self.tmp / name
-        job = None if keep_on_error else current_job.get()  # (a Hub download is kept to resume, cancelled or not)
-        if job is not None:
-            job.building.add(path)  # deleted at exit if the pull is abandoned mid-step
-        try:
-            path.mkdir(exist_ok=keep_on_error)
-            os.utime(path)  # a resumed download is fresh again for the clean-up clock
-            yield path
-        except BaseException:
-            if not keep_on_error:
-                remove_tree(path)
-            raise
-        finally:
-            if not path.exists():
-                lock.path.unlink(missing_ok=True)
-            lock.release()
-            if job is not None:
-                job.building.discard(path)
-
-    def _clean_tmp(self) -> None:
-        """Delete what crashed pulls and removals left in ``tmp/`` (unless still in use)."""
-        if not self.tmp.is_dir():
-            return
-        now = time.time()
-        for entry in self.tmp.iterdir():
-            if entry.name.endswith(".lock"):
-                if not (self.tmp / entry.name[: -len(".lock")]).exists():
-                    held = try_lock(entry, entry)
-                    if held is not None:
-                        entry.unlink(missing_ok=True)
-                        held.release()
-                continue
-            if not entry.name.startswith(("pull-", "old-", "rm-", "hub-")):
-                continue
-            lock_path = self.tmp / f"{entry.name}.lock"
-            held = try_lock(lock_path, entry)
-            if held is None:
-                continue
-            try:
-                try:
-                    age = now - entry.stat().st_mtime
-                except FileNotFoundError:  # its pull ended after the listing (renamed into models/): nothing was left
-                    lock_path.unlink(missing_ok=True)
-                    continue
-                if entry.name.startswith("hub-") and age < HUB_RESUME_SECONDS:
-                    continue
-                log.info("removing leftover %s from an interrupted store operation", entry.name)
-                remove_tree(entry)
-                lock_path.unlink(missing_ok=True)
-            finally:
-                held.release()
-
