@@ -279,6 +279,11 @@ export class XllmApi {
           result.usage = chunk.usage ?? result.usage;
         }
         if (done) {
+          if (result.finishReason === null) {
+            // the connection closed cleanly mid-reply (a restarted server, a proxy's timeout):
+            // the text so far is not the whole answer, and must not pass for one
+            throw new XllmApiError('The reply stopped short: the stream closed before the server finished it.', response.status, 'stream_incomplete');
+          }
           return result;
         }
       }

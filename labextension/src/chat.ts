@@ -6,8 +6,8 @@
 
 import { Widget } from '@lumino/widgets';
 
-import { XllmApi, XllmApiError } from './api';
-import { chatKeyAction, modelGone, Transcript, Turn } from './state';
+import { XllmApi } from './api';
+import { chatKeyAction, failureText, modelGone, Transcript, Turn } from './state';
 
 /** Chat box options. */
 export interface ChatViewOptions {
@@ -156,7 +156,7 @@ export class ChatView extends Widget {
       if (this.abort.signal.aborted) {
         reply.note = 'Stopped.';
       } else {
-        reply.error = error instanceof XllmApiError ? error.message : `The request failed: ${String(error)}`;
+        reply.error = failureText(error);
         if (modelGone(error)) {
           // the picker still offers it (the list is re-read every 30 s): every send would fail the same way
           this.onModelGone();

@@ -4,6 +4,7 @@
  */
 
 import type { ChatMessage, ModelInfo, Stats } from './api';
+import { XllmApiError } from './api';
 
 /** Model tasks a chat can use (as the Python client's `can_chat`). */
 const CHAT_TASKS = new Set(['chat', 'adapter']);
@@ -202,4 +203,18 @@ export function chatKeyAction(key: { key: string; shiftKey: boolean; isComposing
     return 'stop';
   }
   return null;
+}
+
+/**
+ * A failed chat request in words: the server's message, or for a request that never got an
+ * answer (fetch's TypeError: the server is down or the connection dropped) what that means.
+ */
+export function failureText(error: unknown): string {
+  if (error instanceof XllmApiError) {
+    return error.message;
+  }
+  if (error instanceof TypeError) {
+    return `The Jupyter server is not reachable (${error.message}).`;
+  }
+  return `The request failed: ${String(error)}`;
 }

@@ -152,6 +152,18 @@ describe('XllmApi', () => {
     expect(got).toEqual(['a']);
   });
 
+  it('says so when a stream closes before its finish reason', async () => {
+    const { request } = fake(() => streamed([new TextEncoder().encode(sse(delta('half an ans')))]));
+    const got: string[] = [];
+    await expect(new XllmApi(request).chat({ model: 'tiny', messages: [], onDelta: d => got.push(d) })).rejects.toMatchObject({ code: 'stream_incomplete' });
+    expect(got).toEqual(['half an ans']);
+  });
+
+  it('ends a stream with a finish reason but no [DONE] normally', async () => {
+    const { request } = fake(() => streamed([new TextEncoder().encode(sse(delta('whole', 'stop')))]));
+    await expect(new XllmApi(request).chat({ model: 'tiny', messages: [], onDelta: () => undefined })).resolves.toMatchObject({ text: 'whole', finishReason: 'stop' });
+  });
+
   it('refuses a chat the server rejects before streaming', async () => {
     const { request } = fake(() => json({ error: { message: "The model 'nope' does not exist", code: 'model_not_found' } }, 404));
     await expect(new XllmApi(request).chat({ model: 'nope', messages: [], onDelta: () => undefined })).rejects.toMatchObject({ code: 'model_not_found' });

@@ -1,6 +1,6 @@
 import type { Stats, StatsModel } from '../api';
 import { XllmApiError } from '../api';
-import { canChat, chatKeyAction, chooseChatModel, modelGone, modelRows, noChatModelsReason, notForChat, statsForUser, Transcript, Turn, unloadQuestion } from '../state';
+import { canChat, chatKeyAction, chooseChatModel, failureText, modelGone, modelRows, noChatModelsReason, notForChat, statsForUser, Transcript, Turn, unloadQuestion } from '../state';
 
 /** A reply that has ended with `fields` (content, error or note). */
 function ended(turn: Turn, fields: Partial<Turn>): void {
@@ -183,5 +183,13 @@ describe('chatKeyAction', () => {
     expect(chatKeyAction(key('Escape'), true)).toBe('stop');
     expect(chatKeyAction(key('Escape'), false)).toBeNull();
     expect(chatKeyAction(key('a'), true)).toBeNull();
+  });
+});
+
+describe('failureText', () => {
+  it("keeps the server's message, and names a server that cannot be reached", () => {
+    expect(failureText(new XllmApiError('Not enough memory', 503))).toBe('Not enough memory');
+    expect(failureText(new TypeError('Failed to fetch'))).toBe('The Jupyter server is not reachable (Failed to fetch).');
+    expect(failureText('odd')).toBe('The request failed: odd');
   });
 });
