@@ -59,6 +59,16 @@ def test_base64_default_and_float_agree(client, raw):
     assert np.abs(np.frombuffer(__import__("base64").b64decode(wire), dtype="<f4") - a[0]).max() < 1e-6
 
 
+def test_a_null_encoding_format_is_float(client, raw):
+    """LiteLLM from 1.80.11 sent ``encoding_format: null`` when its caller set none (BerriAI/litellm#19174: Dify's and
+    agent-zero's embeddings through it failed on strict servers); api.openai.com takes null as the default, float."""
+    r = raw.post("/v1/embeddings", json={"model": MODEL, "input": [GUITAR], "encoding_format": None})
+    assert r.status_code == 200, r.text
+    wire = r.json()["data"][0]["embedding"]
+    flt = vectors(client.embeddings.create(model=MODEL, input=GUITAR, encoding_format="float"))
+    assert isinstance(wire, list) and np.abs(np.array(wire) - flt[0]).max() < 1e-6
+
+
 def test_paraphrase_ranks_above_unrelated(client):
     """Real MiniLM semantics: the paraphrase is much closer than the unrelated sentence."""
     v = vectors(client.embeddings.create(model=MODEL, input=[GUITAR, PARAPHRASE, UNRELATED], encoding_format="float"))

@@ -146,7 +146,8 @@ def test_a_forced_tool_whose_schema_the_grammar_engine_refuses_is_named(raw):
 
 
 @pytest.mark.parametrize(("path", "body", "param", "got"), [
-    ("/v1/embeddings", {"input": "Hi", "encoding_format": None}, "encoding_format", "null"),
+    ("/v1/embeddings", {"input": "Hi", "encoding_format": 5}, "encoding_format", "an integer"),  # null is float
+    ("/v1/chat/completions", {"messages": [{"role": None, "content": "Hi"}]}, "messages[0].role", "null"),
     ("/v1/chat/completions", {"messages": [{"role": {"a": 1}, "content": "Hi"}]}, "messages[0].role", "an object"),
     ("/v1/chat/completions", {"messages": MSG, "service_tier": True}, "service_tier", "a boolean"),
 ])

@@ -28,7 +28,8 @@ class EmbeddingRequest(StrictModel):
 
     model: str = Field(min_length=1)
     input: Any = None
-    encoding_format: Literal["float", "base64"] = "float"
+    # null is float, as api.openai.com takes it: LiteLLM 1.80.11+ and clients built on it send it when none is set
+    encoding_format: Literal["float", "base64"] | None = None
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
     keep_alive: float | str | None = None  # Ollama's: seconds or "5m"; 0 = unload after, negative = forever
@@ -80,8 +81,8 @@ def shorten(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
     return (cut / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
-def encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str:
-    """One embedding as floats, or as base64 of its little-endian float32 bytes."""
+def encode_vector(vector: np.ndarray, encoding_format: str | None) -> list[float] | str:
+    """One embedding as floats (``encoding_format`` float or null), or as base64 of its little-endian float32 bytes."""
     if encoding_format == "base64":
         return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
     return np.asarray(vector, dtype=np.float32).tolist()  # one C call: 2,048 x 1,024 floats in ms, not seconds
@@ -112,7 +113,7 @@ async def create_embeddings(engine: Any, body: bytes, manages: bool = True, user
 _INLINE_VECTORS = 64
 
 
-def _data(vectors: np.ndarray, encoding_format: str) -> list[dict[str, Any]]:
+def _data(vectors: np.ndarray, encoding_format: str | None) -> list[dict[str, Any]]:
     """The response's ``data`` items for ``vectors``."""
     return [{"object": "embedding", "index": i, "embedding": encode_vector(v, encoding_format)}
             for i, v in enumerate(vectors)]
