@@ -49,10 +49,13 @@ class PullJob:
         self._guard = threading.Lock()
         self._held: FileLock | None = None
         self._on_cancel: list[Callable[[], None]] = []  # (``when_cancelled``: a caller that awaits instead of waiting)
+        # the hooks' own lock, not ``_guard``: its thread holds that while it writes into models/ (deleting the model a
+        # forced pull replaced: seconds), and ``cancel_now`` runs on a shutdown's IOLoop
+        self._hooks_lock = threading.Lock()
 
     def when_cancelled(self, hook: Callable[[], None]) -> None:
         """Call ``hook`` once ``cancel_now`` cancels the job (at once if it was already)."""
-        with self._guard:
+        with self._hooks_lock:
             if not self.cancel.is_set():
                 self._on_cancel.append(hook)
                 return
@@ -61,7 +64,7 @@ class PullJob:
     def cancel_now(self) -> None:
         """Set the cancel and call the ``when_cancelled`` hooks (a shutdown's ``cancel_all``)."""
         self.cancel.set()
-        with self._guard:
+        with self._hooks_lock:
             hooks, self._on_cancel = self._on_cancel, []
         for hook in hooks:
             hook()

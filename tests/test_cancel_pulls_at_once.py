@@ -1,0 +1,52 @@
+"""``cancel_pulls`` (a shutdown, on the server's IOLoop) returns at once, whatever the pulls in flight are doing.
+
+A pull writing into ``models/`` holds its job's guard for that step, and a forced pull's step includes deleting
+the model it replaced (gigabytes: seconds). ``cancel_pulls`` took that guard too, to call the hooks of pulls
+awaited on a loop, so a shutdown's IOLoop stood still until the old model was deleted. Real store, real files; the
+deletion is held on an event.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from xllm_jupyter.store import pulling
+from xllm_jupyter.store.store import ModelStore
+
+#: what "at once" allows (it takes microseconds); the held deletion would keep it for HELD
+AT_ONCE = 5
+HELD = 30
+
+
+def test_cancel_pulls_does_not_wait_for_a_pull_deleting_the_model_it_replaced(tmp_path, tiny_llama_dir, monkeypatch):
+    store = ModelStore(tmp_path / "home")
+    store.pull(str(tiny_llama_dir), "m")
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in tiny_llama_dir.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    (other / "extra.json").write_text("{}")
+    deleting, release = threading.Event(), threading.Event()
+    real_remove = pulling.remove_tree
+
+    def held_remove(path):  # the replaced model's deletion, inside the pull's step that writes into models/
+        deleting.set()
+        release.wait(HELD)
+        real_remove(path)
+
+    monkeypatch.setattr(pulling, "remove_tree", held_remove)
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            forced = pool.submit(store.pull, str(other), "m", force=True)
+            assert deleting.wait(HELD), "the forced pull never reached its install"
+            started = time.monotonic()
+            cancelling = pool.submit(store.cancel_pulls)
+            cancelling.result(AT_ONCE + HELD)
+            took = time.monotonic() - started
+        finally:
+            release.set()
+        forced.exception(HELD)  # (it had passed its last cancel point: it ends either way)
+    assert took < AT_ONCE, f"cancel_pulls waited {took:.1f} s for the pull's deletion of the replaced model"
+    assert cancelling.result() == 1
