@@ -220,6 +220,29 @@ def test_cancel_frees_the_slot_for_the_next_job(eager, static):
     assert table.rows == [] and sorted(table.free) == [0, 1, 2]
 
 
+def test_a_row_that_went_non_finite_leaves_its_slot_clean_for_the_next_job(eager):
+    # a decode step that overflows (fp16, say) writes NaN keys/values into the job's slot and the job fails alone;
+    # the slot's next job must decode as it does alone: its masked columns span the old ones, and 0 * NaN is NaN
+    m = slot_model(eager, None)
+    poison = 1234
+
+    def overflow(module, args, out):  # the embedding of ``poison`` overflows
+        return torch.where((args[0] == poison).unsqueeze(-1), float("inf"), out)
+
+    hook = eager.model.get_input_embeddings().register_forward_hook(overflow)
+    try:
+        alone, _ = run(eager, {0: [job(range(100, 110), 8)]})
+        forced = dataclasses.replace(GREEDY, logit_bias={poison: 100.0})  # its first token is ``poison``
+        failed, _ = run(m, {0: [job(range(200, 240), 3, forced)]})
+        assert failed[0][-1].finish is FinishReason.ERROR and "non-finite" in failed[0][-1].error
+        after, slots_seen = run(m, {0: [job(range(100, 110), 8)]})
+        assert slots_seen[0] == (0,)  # the failed job's slot
+        assert after[0][-1].finish is FinishReason.LENGTH and tokens(after[0]) == tokens(alone[0])
+    finally:
+        hook.remove()
+        m.unload()
+
+
 def test_lora_rows_follow_their_slots(tiny_llama_dir, tmp_path):
     from tests.test_lora import _make_adapter
 

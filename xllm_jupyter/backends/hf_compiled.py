@@ -344,6 +344,11 @@ class StaticBatch:
         """Keep only ``rows`` (ascending); the others' slots are free at once."""
         self.table.keep(rows)
 
+    def scrub(self, rows: Sequence[int]) -> None:
+        """Zero the slots of ``rows`` (row indices), whose step went non-finite, before they are freed."""
+        for row in rows:
+            self.cache.scrub(self.table.rows[row])
+
     def clear(self) -> None:
         """Free every slot (the buffers stay allocated)."""
         self.table.clear()

@@ -281,10 +281,18 @@ class TransformersModel(ChatTokenizerMethods, Prefill, LoadedModel):
         self.last_batch_size = len(self._running)
         if self.last_batch_size > 1:
             self.batched_steps += 1
-        self._keep_rows(self._advance(self._running, logits, events))
+        nonfinite: list[int] = []
+        keep = self._advance(self._running, logits, events, nonfinite)
+        if nonfinite and isinstance(self._batch, StaticBatch):
+            # their NaN/inf keys stay in the slot, and masked columns still reach attention's sum (0 * NaN):
+            # the slot's next occupant would fail too (slot_cache.py)
+            self._batch.scrub(nonfinite)
+        self._keep_rows(keep)
 
-    def _advance(self, seqs: list[_Seq], logits, events: list[TokenEvent]) -> list[int]:
-        """Sample one token per row, emit events; return the rows that keep going."""
+    def _advance(self, seqs: list[_Seq], logits, events: list[TokenEvent], nonfinite: list[int] | None = None
+                 ) -> list[int]:
+        """Sample one token per row, emit events; return the rows that keep going (``nonfinite`` gets the rows
+        whose logits were not finite)."""
         constrained = [row for row, s in enumerate(seqs) if s.matcher is not None] if self._masker else ()
         if constrained:
             # disallowed tokens go to -inf before any sampling step, so greedy and sampled
@@ -296,6 +304,8 @@ class TransformersModel(ChatTokenizerMethods, Prefill, LoadedModel):
         for row, (seq, token) in enumerate(zip(seqs, result.token_ids)):
             try:  # what one job's row does must not fail the others (the forward pass is done)
                 if row in bad:  # this job fails alone; the rest of the batch goes on
+                    if nonfinite is not None:
+                        nonfinite.append(row)
                     events.append(self._unsampleable(seq))
                     continue
                 seq.completion += 1

@@ -16,8 +16,9 @@ causal term allow every column: which columns a row really sees is carried entir
 the 2D padding mask ``column <= positions[row]``, turned into the 4D mask of the model's
 attention implementation (sdpa, eager) by transformers' own mask builders. Columns past a
 row's position hold a previous occupant's keys and are masked out, so freeing a slot
-costs nothing. Sliding-window and non-attention (linear/recurrent) layers are not
-supported: such models stay on the eager path.
+costs nothing, unless a row's step went non-finite: its slot is zeroed then (``SlotCache.scrub``).
+Sliding-window and non-attention (linear/recurrent) layers are not supported: such models
+stay on the eager path.
 """
 
 from __future__ import annotations
@@ -123,6 +124,17 @@ class SlotCache(Cache):
         for layer, (k, v) in zip(self.layers, layer_kv):
             layer.keys[slot, :, : k.shape[1]].copy_(k)
             layer.values[slot, :, : v.shape[1]].copy_(v)
+
+    def scrub(self, slot: int) -> None:
+        """Zero every column of ``slot``: a row whose step went non-finite left NaN/inf keys and values there.
+
+        Masked columns are not harmless when they hold NaN: attention gives them weight 0, and
+        0 * NaN is NaN, so the slot's next occupant would fail (non-finite logits) for a prompt
+        that decodes alone. Finite stale columns need nothing (freeing a slot stays free).
+        """
+        for layer in self.layers:
+            layer.keys[slot].zero_()
+            layer.values[slot].zero_()
 
     def visible(self, n: int, window: int) -> torch.Tensor:
         """(n, window) bool: the columns rows 0..n-1 attend to in this step (their past and their new token)."""
