@@ -1,4 +1,5 @@
-"""The hub service's OAuth callback asks the hub only about its own login cookie, and never on the IOLoop's thread.
+"""The hub service's OAuth: the callback asks the hub only about its own login cookie, never on the IOLoop's
+thread; the logins that visitors begin, unauthenticated, cannot fill its memory.
 
 A callback without its state cookie (a reload, a second tab, a forged link) took JupyterHub's "already logged
 in?" branch, whose ``current_user`` asks the hub synchronously: on HubAuth's worker thread while the service's
@@ -30,9 +31,9 @@ def _login_cookie(token: str) -> str:
 
 
 @pytest.fixture
-def service(tmp_path) -> Iterator[tuple[str, list[tuple[str, str]]]]:
+def service(tmp_path) -> Iterator[tuple[str, list[tuple[str, str]], Any]]:
     """The hub app on a real port, the hub stood in for: ``alice-token`` is alice's, the rest unknown; each
-    question takes 0.3 s. Yields the service's root and the questions asked, as (token, thread name)."""
+    question takes 0.3 s. Yields the service's root, the questions asked, as (token, thread name), and its HubOAuth."""
     pytest.importorskip("jupyterhub")
     import tornado.httpserver
     import tornado.testing
@@ -60,13 +61,13 @@ def service(tmp_path) -> Iterator[tuple[str, list[tuple[str, str]]]]:
 
     with loop_thread(setup, "the hub service", 30) as (loop, (server, port)):
         try:
-            yield f"http://127.0.0.1:{port}/services/xllm", asked
+            yield f"http://127.0.0.1:{port}/services/xllm", asked, auth
         finally:
             loop.call_soon_threadsafe(server.stop)
 
 
 def test_a_callback_never_asks_the_hub_about_a_token_in_its_headers(service):
-    root, asked = service
+    root, asked, _ = service
     with httpx.Client(base_url=root, timeout=30) as http:
         answers = {token: http.get(CALLBACK, headers={"Authorization": f"token {token}"}, follow_redirects=False)
                    for token in ("guess-1", "alice-token")}
@@ -75,7 +76,7 @@ def test_a_callback_never_asks_the_hub_about_a_token_in_its_headers(service):
 
 
 def test_a_logged_in_browsers_stale_callback_still_redirects_and_the_ioloop_keeps_serving(service):
-    root, asked = service
+    root, asked, _ = service
     with httpx.Client(base_url=root, timeout=30) as http:
         r = http.get(CALLBACK, headers={"Cookie": _login_cookie("alice-token")}, follow_redirects=False)
         assert r.status_code == 302, r.text
@@ -85,3 +86,21 @@ def test_a_logged_in_browsers_stale_callback_still_redirects_and_the_ioloop_keep
     # asked on the service's own IOLoop (awaited), not on HubAuth's worker thread while the IOLoop waits
     assert [token for token, _ in asked] == ["alice-token", "revoked-token"]
     assert {thread for _, thread in asked} == {"the hub service"}
+
+
+def test_logins_begun_by_a_flood_of_visits_are_bounded_and_keep_no_query(service):
+    """Each visit not logged in begins a login whose state HubOAuth keeps for 10 minutes, with the request's URI as
+    the page to return to: unbounded, a client sending visits with long queries grew the service by their size."""
+    root, _, auth = service
+    auth._oauth_states.max_entries = 40
+    with httpx.Client(base_url=root, timeout=30) as http:
+        for _ in range(100):
+            http.cookies.clear()  # a new visitor each time
+            r = http.get("/?" + "q" * 20000, follow_redirects=False)
+            assert r.status_code == 302
+    states = auth._oauth_states
+    assert 0 < len(states) <= 40
+    assert {state["next_url"] for state in states.values.values()} == {"/services/xllm/"}
+    # the newest login is still pending: its callback can find its state
+    newest = r.headers["Location"].split("state=")[1].split("&")[0]
+    assert states.get(newest, {}).get("next_url") == "/services/xllm/"

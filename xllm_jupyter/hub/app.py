@@ -36,6 +36,7 @@ from ..server.handlers import CONTEXT_KEY, NotFoundMixin, VerbDispatchMixin, Xll
 from ..server.routes import build_routes, handler_class
 from ..server.usage import Caller
 from .known_tokens import KNOWN_TOKENS_KEY, KnownTokens, ask_under_cap
+from .oauth_states import BoundedStates
 
 #: settings key of the HubOAuth instance
 HUB_AUTH_KEY = "xllm_hub_auth"
@@ -63,7 +64,7 @@ def make_hub_auth(env: Mapping[str, str] | None = None) -> HubOAuth:
     prefix = service_prefix(env)
     api_url = (env.get("JUPYTERHUB_API_URL") or "http://127.0.0.1:8081/hub/api").rstrip("/")
     scopes = env.get("JUPYTERHUB_OAUTH_ACCESS_SCOPES")
-    return HubOAuth(
+    auth = HubOAuth(
         api_token=token,
         api_url=api_url,
         base_url=prefix,
@@ -78,6 +79,8 @@ def make_hub_auth(env: Mapping[str, str] | None = None) -> HubOAuth:
         keyfile=env.get("JUPYTERHUB_SSL_KEYFILE", ""),
         client_ca=env.get("JUPYTERHUB_SSL_CLIENT_CA", ""),
     )
+    auth._oauth_states = BoundedStates(auth.oauth_state_max_age)  # logins begun by anyone, unauthenticated
+    return auth
 
 
 def caller_from_model(model: Mapping[str, Any], config: XllmConfig) -> Caller:
@@ -283,6 +286,15 @@ class HubPageHandler(RequestIdMixin, _NoBody, _HubAuthFromSettings, HubOAuthenti
                 self._hub_auth_user_cache = self.check_hub_user(model)
             except UserNotAllowed:  # logged in, but without the access scope
                 raise HTTPError(403) from None
+
+    def get_login_url(self) -> str:
+        """The hub's login URL, whose state returns to the page itself: HubOAuth keeps the request's URI for 10
+        minutes, and the page takes no query, so a long one was memory spent by whoever sent it (oauth_states.py)."""
+        uri, self.request.uri = self.request.uri, self.request.path
+        try:
+            return super().get_login_url()
+        finally:
+            self.request.uri = uri
 
     @tornado.web.authenticated  # not logged in: redirect into the hub's OAuth flow
     async def get(self) -> None:
