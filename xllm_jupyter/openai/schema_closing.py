@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from typing import Any
 
-#: keywords whose value is one subschema / a list of them / a name -> subschema map
-_ONE = ("additionalProperties", "items", "not", "if", "then", "else", "contains", "propertyNames",
+#: keywords whose value is one subschema / a list of them / a name -> subschema map (schema_formats.py walks them too)
+SUBSCHEMA = ("additionalProperties", "items", "not", "if", "then", "else", "contains", "propertyNames",
         "unevaluatedItems", "additionalItems")
-_LIST = ("anyOf", "oneOf", "prefixItems", "items")
-_MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+SUBSCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems", "items")
+SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 _OPEN_MARKERS = ("additionalProperties", "patternProperties", "unevaluatedProperties", "allOf")
 
 
@@ -32,13 +32,13 @@ def _close(node: Any, closable: bool) -> Any:
     if not isinstance(node, dict):
         return node
     out = dict(node)
-    for key in _ONE:
+    for key in SUBSCHEMA:
         if isinstance(out.get(key), dict):
             out[key] = _close(out[key], True)
-    for key in _LIST:
+    for key in SUBSCHEMA_LISTS:
         if isinstance(out.get(key), list):
             out[key] = [_close(s, True) for s in out[key]]
-    for key in _MAP:
+    for key in SUBSCHEMA_MAPS:
         if isinstance(out.get(key), dict):
             out[key] = {name: _close(s, True) for name, s in out[key].items()}
     if isinstance(out.get("allOf"), list):

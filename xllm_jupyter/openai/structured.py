@@ -8,7 +8,9 @@ uses under ``text.format``):
 - ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": bool}}``
   (or ``{"type": "json_schema", "name": ..., "schema": {...}}``): output matches the schema.
   The schema is enforced token by token whether ``strict`` is true or false; an object with
-  declared ``properties`` and no ``additionalProperties`` admits no other key (schema_closing.py).
+  declared ``properties`` and no ``additionalProperties`` admits no other key (schema_closing.py). A ``format`` the
+  grammar engine does not enforce constrains nothing beyond its type, unless ``strict`` is true: then it is a 400, as
+  api.openai.com answers (schema_formats.py).
 
 Anything else is a 400 naming ``param``. Whether the schema itself compiles is checked
 separately, by the model's grammar compiler (``Engine.check_constraint``).
@@ -24,6 +26,7 @@ from ..core.errors import InvalidRequest
 from ..core.types import Constraint
 from .schema_closing import close_objects
 from .schema_errors import json_type, shown
+from .schema_formats import check_strict_formats, drop_unenforced_formats
 
 #: OpenAI's rule for a response format's ``name``: letters, digits, ``_`` and ``-``, at most 64
 FORMAT_NAME_PATTERN, MAX_FORMAT_NAME = "^[a-zA-Z0-9_-]+$", 64
@@ -82,5 +85,9 @@ def constraint_from_response_format(value: Any, *, param: str = "response_format
     schema = body.get("schema")
     if not isinstance(schema, dict):
         raise InvalidRequest(f"'{where}.schema' must be a JSON schema object", param=f"{where}.schema")
+    if strict:
+        name = body.get("name")
+        check_strict_formats(schema, "response_format" + (f" {shown(name)}" if name is not None else ""), param, "invalid_value")
     # sorted keys: equal schemas share one compiled grammar in the backend's cache
-    return Constraint("json_schema", json.dumps(close_objects(schema), sort_keys=True, separators=(",", ":")))
+    closed = close_objects(drop_unenforced_formats(schema))
+    return Constraint("json_schema", json.dumps(closed, sort_keys=True, separators=(",", ":")))

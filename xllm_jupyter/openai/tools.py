@@ -17,6 +17,7 @@ from ..core.types import ChatMessage, Constraint
 from .conversation import check_name
 from .schema_closing import close_objects
 from .schema_errors import check_json_type, check_present_string, json_type, shown
+from .schema_formats import check_strict_formats, drop_unenforced_formats
 from .tool_schema import check_parameters
 
 #: OpenAI's longest function name
@@ -36,6 +37,8 @@ class ToolSpec:
     name: str
     description: str
     parameters: dict[str, Any]
+    strict: bool = False  # its schema must be enforced in full (a format the grammar cannot enforce is a 400)
+    index: int = 0  # its place in the request's ``tools``, for errors
 
     def wire(self) -> dict[str, Any]:
         """The OpenAI tool object (what chat templates and the fallback prompt show)."""
@@ -80,6 +83,15 @@ def parse_tool_config(tools: Any, tool_choice: Any, parallel: Any) -> ToolConfig
     if parallel is not None and not isinstance(parallel, bool):
         raise InvalidRequest("'parallel_tool_calls' must be a boolean", param="parallel_tool_calls")
     par = True if parallel is None else parallel
+    cfg = _tool_choice(specs, tool_choice, par)
+    for spec in cfg.callable_tools() if cfg.constrained else ():
+        if spec.strict:  # enforced, so strict must not lose a constraint (auto tools are never compiled)
+            check_strict_formats(spec.parameters, f"function {spec.name!r}", f"tools[{spec.index}].function.parameters",
+                                 "invalid_function_parameters")
+    return cfg
+
+
+def _tool_choice(specs: tuple[ToolSpec, ...], tool_choice: Any, par: bool) -> ToolConfig:
     if tool_choice is None:
         return ToolConfig(specs, "auto" if specs else "none", None, par)
     if isinstance(tool_choice, str):
@@ -190,7 +202,8 @@ def _parse_tools(tools: Any) -> tuple[ToolSpec, ...]:
             # (``or ""`` here turned false, 0, [] and {} into no description instead of a 400)
             raise InvalidRequest(f"Invalid type for '{where}.function.description': expected a string, but got "
                                  f"{json_type(desc)} instead.", param=f"{where}.function.description", code="invalid_type")
-        check_json_type(fn.get("strict"), ("a boolean",), f"{where}.function.strict")  # "yes" was taken and ignored
+        strict = fn.get("strict")
+        check_json_type(strict, ("a boolean",), f"{where}.function.strict")  # "yes" was taken and ignored
         params = fn.get("parameters")
         if params is None:
             params = {"type": "object", "properties": {}}
@@ -202,7 +215,7 @@ def _parse_tools(tools: Any) -> tuple[ToolSpec, ...]:
             raise InvalidRequest(f"Invalid schema for function {shown(name)}: schema must be a JSON Schema of 'type: \"object\"', "
                                  f"got 'type: {json.dumps(params.get('type'))[:60]}'.", param=param, code="invalid_function_parameters")
         check_parameters(params, name, param)  # forced or not, as OpenAI checks it
-        specs.append(ToolSpec(name, desc, params))
+        specs.append(ToolSpec(name, desc, params, strict is True, i))
     return tuple(specs)
 
 
@@ -298,7 +311,9 @@ def _lark_str(text: str) -> str:
 
 def args_schema(params: dict[str, Any]) -> dict[str, Any]:
     """The JSON schema a forced call's ``arguments`` are decoded with: ``params`` closed, whitespace fixed."""
-    schema = close_objects(params)  # invented extra arguments would run a small model to max_tokens
+    # invented extra arguments would run a small model to max_tokens; a format the grammar cannot enforce (strict
+    # tools with one were refused) constrains nothing beyond its type, as at api.openai.com
+    schema = close_objects(drop_unenforced_formats(params))
     # Compact, fixed whitespace: a free choice lets a weak model emit blanks forever.
     guidance = dict(schema.get("x-guidance") or {})
     guidance.setdefault("whitespace_flexible", False)
