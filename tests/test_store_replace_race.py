@@ -42,3 +42,31 @@ def test_a_clean_up_during_a_failed_replace_leaves_the_old_model_in_place(tmp_pa
         store.pull(str(other), "m", force=True)
     monkeypatch.setattr(os, "rename", real_rename)
     assert store.show("m").digest == kept.digest and store.verify("m")
+
+
+def test_a_replace_without_exchange_leaves_nothing_in_tmp(tmp_path, tiny_llama_dir, monkeypatch):
+    """The swap's lock file beside ``tmp/old-*`` goes with the old model, after a replace and after a failed one
+    (it stayed until the next pull's clean-up)."""
+    store = ModelStore(tmp_path / "home")
+    store.pull(str(tiny_llama_dir), "m")
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in tiny_llama_dir.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    (other / "extra.json").write_text("{}")
+    monkeypatch.setattr(atomic, "_renameat2_exchange", lambda a, b: False)
+    replaced = store.pull(str(other), "m", force=True)
+    assert sorted(p.name for p in store.tmp.iterdir()) == []
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if Path(dst).parent.name == "models" and Path(src).name.startswith("pull-"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(StoreError):
+        store.pull(str(tiny_llama_dir), "m", force=True)
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert sorted(p.name for p in store.tmp.iterdir()) == []
+    assert store.show("m").digest == replaced.digest

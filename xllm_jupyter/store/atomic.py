@@ -126,16 +126,22 @@ def replace_dir(new: Path, target: Path, aside: Path) -> Path:
     else:
         # ``aside``'s lock, as a work directory's: a clean-up of tmp/ (another pull's) must not delete the old
         # directory while it may still have to go back to ``target``
-        with FileLock(aside.with_name(f"{aside.name}.lock")):
+        with FileLock(aside_lock(aside)) as lock:
             os.rename(target, aside)
             try:
                 os.rename(new, target)
             except BaseException:
                 os.rename(aside, target)
+                lock.path.unlink(missing_ok=True)  # (nothing is left aside for it to guard)
                 raise
-        old = aside
+        old = aside  # (its lock file stays until the caller has deleted it: ``aside_lock``)
     fsync_dir(target.parent)
     return old
+
+
+def aside_lock(old: Path) -> Path:
+    """The lock file ``replace_dir`` made beside the old directory it returned (unlink it once that is deleted)."""
+    return old.with_name(f"{old.name}.lock")
 
 
 def remove_tree(path: Path) -> None:

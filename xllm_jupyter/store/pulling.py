@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..core.errors import ModelNotFound, StoreError, XllmError, quoted
-from .atomic import FileLock, fix_modes, fsync_dir, fsync_tree, remove_tree, replace_dir
+from .atomic import FileLock, aside_lock, fix_modes, fsync_dir, fsync_tree, remove_tree, replace_dir
 from .cancel import PullJob, PullJobs, current_job, left_pulls, run_cancellable, start_leaving, wait_for_left
 from .generation_defaults import write_sampling
 from .hub import HubClient
@@ -300,6 +300,8 @@ class PullMixin(HubPullMixin, WorkdirMixin):
         if target.exists():
             old = replace_dir(build, target, self.tmp / f"old-{secrets.token_hex(8)}")
             remove_tree(old)
+            if old != build:  # (set aside, without an atomic exchange: under a lock of its own, whose file goes too)
+                aside_lock(old).unlink(missing_ok=True)
         else:
             os.rename(build, target)
             fsync_dir(self.models)
