@@ -18,6 +18,7 @@ from ..core.types import ChatMessage, Constraint, SamplingParams, Usage
 from .conversation import Turn, check_history, core_message
 from .finite import check_finite
 from .json_body import strict_parse, without_bom
+from .legacy_functions import tool_choice_with_function_call
 from .model_defaults import ModelDefaults
 from .schema_errors import check_json_type, openai_wording, shown
 from .structured import constraint_from_response_format
@@ -179,7 +180,7 @@ class _SamplingFields(StrictModel):
 
 #: fields that would change the output if honoured, rejected rather than silently ignored, with their JSON types in the
 #: SDK (moderated completions: a "block" policy would be silently unenforced)
-_CHAT_UNSUPPORTED = {"functions": ("an array",), "function_call": ("a string", "an object"), "audio": ("an object",),
+_CHAT_UNSUPPORTED = {"functions": ("an array",), "audio": ("an object",),  # function_call: legacy_functions.py
                      "prediction": ("an object",), "web_search_options": ("an object",),
                      "reasoning_effort": ("a string",), "moderation": ("an object",)}
 #: OpenAI's default verbosity: asking for it changes nothing, so it is accepted; any other level is a 400
@@ -226,6 +227,7 @@ class ChatCompletionRequest(_SamplingFields):
             if value is not None and (value not in ([], {}) or name == "web_search_options"):
                 raise Unsupported(f"'{name}' is not supported by this server yet", param=name)
         check_verbosity(extra.get("verbosity"), "verbosity")
+        self.tool_choice = tool_choice_with_function_call(extra.get("function_call"), self.tool_choice)
         self.constraint()  # a malformed response_format is a 400 at parse time
         parse_tool_config(self.tools, self.tool_choice, self.parallel_tool_calls)  # 400 on malformed tools
         if self.modalities is not None and any(m != "text" for m in self.modalities):
