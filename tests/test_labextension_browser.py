@@ -109,6 +109,17 @@ def test_panel_models_chat_and_playground(lab):
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "labextension-panel.png"))
 
+        # Escape stops a streaming reply; the log is busy (a screen reader waits) only while it streams
+        box.fill("Tell me a long story.")
+        box.press("Enter")
+        page.wait_for_selector("#xllm-panel .xllm-Chat-send.xllm-mod-stop", timeout=30_000)
+        log = panel.locator(".xllm-Chat-log")
+        assert log.get_attribute("role") == "log" and log.get_attribute("aria-busy") == "true"
+        box.press("Escape")
+        page.wait_for_selector("#xllm-panel .xllm-Chat-send:not(.xllm-mod-stop)", timeout=30_000)
+        assert panel.locator(".xllm-Chat-turn").last.locator(".xllm-Chat-note").inner_text() == "Stopped."
+        assert log.get_attribute("aria-busy") == "false"
+
         # the server unreachable (the stats read fails): said so, the last rows dimmed, no Load/Unload
         page.route("**/xllm/admin/stats*", lambda route: route.abort())
         page.wait_for_selector("#xllm-panel .xllm-Panel-status.xllm-mod-offline", timeout=30_000)
