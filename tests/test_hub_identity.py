@@ -46,3 +46,23 @@ async def test_a_token_in_the_query_string_never_reaches_the_log(tmp_path, caplo
     assert response.code in (401, 503)  # no hub at that address: refused either way
     assert any("/services/xllm/v1/models" in r.getMessage() for r in caplog.records)  # the access line was written
     assert not [r for r in caplog.records if secret in r.getMessage()]
+
+
+
+def test_a_token_in_the_url_is_ignored_whatever_the_request_says(tmp_path):
+    """docs/jupyterhub.md: ``?token=`` is ignored (401) unless JUPYTERHUB_ALLOW_TOKEN_IN_URL=1 (read when
+    jupyterhub is imported, so not set here); HubAuth took it from any request saying ``Sec-Fetch-Mode: websocket``."""
+    import httpx
+
+    from tests.server_fixtures import HUB_ALICE, running_hub_app
+
+    config = load_config(env={}, overrides={"store": {"home": str(tmp_path)}, "quotas": {"usage_file": "off"}})
+
+    async def user_for_token(token: str):
+        return HUB_ALICE if token == "alice-token" else None
+
+    with running_hub_app(config, user_for_token) as root, httpx.Client(base_url=root, timeout=30) as http:
+        assert http.get("/v1/models", headers={"Authorization": "Bearer alice-token"}).status_code == 200
+        for headers in ({}, {"Sec-Fetch-Mode": "websocket"}):
+            r = http.get("/v1/models?token=alice-token", headers=headers)
+            assert r.status_code == 401, (headers, r.text)

@@ -109,6 +109,15 @@ async def ask_hub(answer: Awaitable[Any]) -> Any:
     raise Overloaded("JupyterHub could not be asked who owns this token; retry later.", code="hub_unavailable")
 
 
+def request_token(auth: HubOAuth, handler: RequestHandler) -> str:
+    """The token of an API request: its ``Authorization`` header, or ``?token=`` only where the hub allows tokens
+    in URLs (HubAuth's ``get_token`` also takes the URL's from any request that says ``Sec-Fetch-Mode: websocket``)."""
+    if auth.allow_token_in_url:
+        return auth.get_token(handler, in_cookie=False)
+    found = auth.auth_header_pat.match(handler.request.headers.get(auth.auth_header_name, ""))
+    return found.group(1) if found else ""
+
+
 def public_scheme(request: Any) -> str:
     """The scheme the browser used: the hub's proxy (or TLS in front of it) says so in X-Forwarded-Proto."""
     # configurable-http-proxy appends its own hop, so the first value is the client's; the page only
@@ -139,7 +148,7 @@ class HubXllmHandler(RequestIdMixin, VerbDispatchMixin, RequestHandler):
         failures: FailedAuthLimiter = self.settings[FAILURES_KEY]
         known: KnownTokens = self.settings[KNOWN_TOKENS_KEY]
         client = failures.client(self.request)
-        token = auth.get_token(self, in_cookie=False)
+        token = request_token(auth, self)
         if not token:
             failures.check(client)  # a capped address is told so first, as for any request of its
             raise AuthenticationError("Missing JupyterHub token. Pass it as 'Authorization: token <JUPYTERHUB_API_TOKEN>'.")
