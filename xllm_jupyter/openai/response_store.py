@@ -1,14 +1,15 @@
 """In-memory store of Responses API results, for retrieve, delete, input_items and continuation.
 
 One store per server process, bounded and owned per user as ``owned_store.OwnedStore``
-describes: a forgotten response, or another user's, reads as unknown (404).
+describes: a forgotten response, or another user's, reads as unknown (404). Its input and output
+items can be found by id too, for ``item_reference`` inputs (item_references.py), by the same rule.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from .owned_store import DEFAULT_CAPACITY, DEFAULT_MAX_BYTES, OwnedStore
 
@@ -38,9 +39,39 @@ class ResponseStore(OwnedStore[StoredResponse]):
 
     kind = "Response"
 
+    def __init__(self, capacity: int = DEFAULT_CAPACITY, max_bytes: int = DEFAULT_MAX_BYTES):
+        super().__init__(capacity, max_bytes)
+        #: (owner, item id) -> the id of the stored response that holds the item (the latest, for an id sent again)
+        self._holders: dict[tuple[str | None, str], str] = {}
+
+    def put(self, oid: str, item: StoredResponse) -> None:
+        """Remember ``item`` and where its items are (unless it was evicted at once, being too large)."""
+        super().put(oid, item)
+        if self.peek(oid, item.owner) is item:
+            for it in _items(item):
+                self._holders[(item.owner, it["id"])] = oid
+
+    def forgotten(self, oid: str, item: StoredResponse) -> None:
+        """Its items are no longer found (where no later response holds the same id)."""
+        for it in _items(item):
+            if self._holders.get((item.owner, it["id"])) == oid:
+                del self._holders[(item.owner, it["id"])]
+
+    def find_item(self, iid: str, owner: str | None) -> dict[str, Any] | None:
+        """``owner``'s stored input or output item ``iid``, or None (another user's items are never found)."""
+        oid = self._holders.get((owner, iid))
+        stored = self.peek(oid, owner) if oid is not None else None
+        return next((it for it in _items(stored) if it["id"] == iid), None) if stored is not None else None
+
     def size(self, item: StoredResponse) -> int:
         """The response, its input items and its conversation, as JSON, and its set of item ids."""
         # a set's slot per id (~48 bytes each, as many as the chain's items) and the id itself: the ids of a deleted or
         # evicted response of the chain live on in this set only (a client's id may be megabytes long)
         return (len(json.dumps([item.response, item.input_items, item.conversation], default=str))
                 + sum(48 + len(i) for i in item.item_ids))
+
+
+def _items(stored: StoredResponse) -> Iterator[dict[str, Any]]:
+    """The input and output items of ``stored``, each with an id."""
+    yield from stored.input_items
+    yield from (o for o in stored.response.get("output") or () if isinstance(o, dict) and isinstance(o.get("id"), str))

@@ -22,6 +22,7 @@ from .context_words import PromptTooLong
 from .offload import is_big, off_loop_if, parse_body
 from .owned_store import cursor_page, page_limit
 from .protocol import MAX_TOP_LOGPROBS, ObfuscationOption, PromptCacheOptions, ServiceTier, StrictModel, check_metadata, check_verbosity, served_tier
+from .item_references import resolve_references
 from .response_items import chat_tool_choice, chat_tools, check_function_outputs, check_items_new, items_to_messages, new_id, normalize_input, output_items, response_status
 from .response_store import ResponseStore, StoredResponse
 from .schema_errors import check_json_type, shown
@@ -318,7 +319,9 @@ class ResponsesServing:
             chat["tools"] = chat_tools(req.tools)
         if req.tool_choice is not None:
             chat["tool_choice"] = chat_tool_choice(req.tool_choice)
-        items = await off_loop_if(big, normalize_input, req.input)
+        # item references looked up here, on the IOLoop, which alone may read the store (a dict lookup per reference)
+        given = resolve_references(req.input, lambda iid: self.store.find_item(iid, user))
+        items = await off_loop_if(big, normalize_input, given)
         previous = None
         if req.previous_response_id is not None:
             previous = previous_response(self.store, req.previous_response_id, user)
