@@ -51,6 +51,18 @@ def test_base_url_defaults_and_env(monkeypatch):
     assert root_url("http://h:1/v1") == "http://h:1"
 
 
+def test_a_url_of_another_scheme_is_refused_not_prefixed():
+    """``ftp://x:1`` became ``http://ftp://x:1/v1``, so connecting said "no xllm server at http://ftp://x:1"."""
+    for url in ("ftp://x:1", " ws://h:8900/v1", "file:///tmp/sock"):
+        with pytest.raises(InvalidRequest, match=r"is not a server URL \(use http:// or https://\)") as info:
+            resolve_base_url(url)
+        assert info.value.param == "url" and "http://ftp" not in info.value.message
+        with pytest.raises(InvalidRequest, match="is not a server URL"):
+            XllmClient(url)
+    assert resolve_base_url("HTTPS://h:1") == "HTTPS://h:1/v1"  # a scheme in capitals is still http(s)
+    assert resolve_base_url("localhost:8900") == "http://localhost:8900/v1"  # host:port has no scheme
+
+
 def test_api_key_from_env(monkeypatch, xllm_server):
     monkeypatch.setenv("XLLM_API_KEY", xllm_server.api_key)
     monkeypatch.setenv("XLLM_BASE_URL", xllm_server.base_url)

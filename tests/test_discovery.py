@@ -141,6 +141,16 @@ def test_connect_wins_and_is_verified(xllm_server):
     assert find_server({}) is None
 
 
+def test_connect_to_a_url_of_another_scheme_says_so():
+    """It said "no xllm server at http://ftp://x:1": the client put http:// in front of any scheme."""
+    import xllm_jupyter
+
+    for connect in (discovery.connect, xllm_jupyter.connect):
+        with pytest.raises(XllmError, match=r"^'ftp://x:1' is not a server URL \(use http:// or https://\)$"):
+            connect("ftp://x:1")
+    assert find_server({}) is None  # nothing was connected
+
+
 def test_connect_without_url_uses_what_discovery_finds(xllm_server, monkeypatch):
     monkeypatch.setenv("XLLM_BASE_URL", xllm_server.base_url)
     monkeypatch.setenv("XLLM_API_KEY", xllm_server.api_key)

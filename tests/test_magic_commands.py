@@ -383,7 +383,8 @@ def test_connect_to_a_host_no_name_lookup_can_encode_is_one_line(shell):
     or the socket's name lookup (``a..b``, a label over 63 letters), and a lone surrogate in the path in httpx's
     URL, each as "unexpected error (IDNAError / UnicodeError / UnicodeEncodeError)"."""
     before = discovery.find_server().base_url
-    for url in ("http://xn--:8000", "http://a..b:8000", f"http://{'a' * 64}.example:8000", "http://h:8000/\udce9"):
+    for url in ("http://xn--:8000", "http://a..b:8000", f"http://{'a' * 64}.example:8000", "http://h:8000/\udce9",
+                "ftp://x:1"):  # another scheme was a prompt here, and connect() said "no xllm server at http://ftp://x:1"
         cap = run(shell, f"connect {url}")
         assert cap.stderr.startswith(f"xllm: {url!r} is not a server URL ("), cap.stderr
     assert discovery.find_server().base_url == before

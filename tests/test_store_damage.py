@@ -229,6 +229,8 @@ def test_a_malformed_url_or_a_non_utf8_model_name_is_an_error_line(home):  # noq
         result = invoke(*args)
         assert result.exit_code == 2 and "Traceback" not in result.output
         assert "is not a usable URL" in result.stderr
+    result = invoke("--url", "ftp://x:1", "ps")  # was "no xllm server at http://ftp://x:1"
+    assert result.exit_code == 2 and "'ftp://x:1' is not a server URL (use http:// or https://)" in result.stderr
     # the server named by XLLM_BASE_URL is not there: the name was encoded (a traceback) before that mattered
     assert "no xllm server" in one_error_line(invoke("stop", "ti\udcffny"))
 

@@ -34,9 +34,13 @@ def _check_url(url: str | None) -> None:
     import httpx
 
     from ..client.base import resolve_base_url
+    from ..core.errors import InvalidRequest
 
     try:
         resolved = resolve_base_url(url)  # as the client will: http:// and /v1 added where missing
+    except InvalidRequest as exc:  # another scheme (ftp://)
+        raise click.BadParameter(exc.message, param_hint="'--url' / XLLM_BASE_URL") from None
+    try:
         resolved.encode("utf-8")
         httpx.URL(resolved)
     except (httpx.InvalidURL, UnicodeError) as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from typing import Any, Iterable, Mapping
 
 import httpx
@@ -27,6 +28,8 @@ from ..core.errors import (
 )
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8900/v1"
+#: a URL's scheme (``host:port`` alone has none: no ``//`` follows its colon)
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 #: connect fast (a missing server should fail at once), but let generations take their time
 DEFAULT_TIMEOUT = httpx.Timeout(300.0, connect=5.0)
 #: /health, /v1/models and /admin/models answer from memory: a server that takes longer is stuck (its IOLoop
@@ -76,9 +79,13 @@ _BY_STATUS: dict[int, type[XllmError]] = {
 def resolve_base_url(base_url: str | None = None, env: Mapping[str, str] | None = None) -> str:
     """The OpenAI-style base (ending in ``/v1``): argument, else ``XLLM_BASE_URL``, else the default."""
     env = os.environ if env is None else env
-    url = (base_url or env.get("XLLM_BASE_URL") or DEFAULT_BASE_URL).strip().rstrip("/")
-    if not url.startswith(("http://", "https://")):
+    given = base_url or env.get("XLLM_BASE_URL") or DEFAULT_BASE_URL
+    url = given.strip().rstrip("/")
+    scheme = _SCHEME.match(url)
+    if scheme is None:
         url = "http://" + url
+    elif scheme.group(1).lower() not in ("http", "https"):  # else `ftp://x:1` became "no xllm server at http://ftp://x:1"
+        raise InvalidRequest(f"{given!r} is not a server URL (use http:// or https://)", param="url")
     # Accept a bare server root too ("http://host:8900", "…/xllm"): people paste those.
     if not url.endswith("/v1"):
         url += "/v1"

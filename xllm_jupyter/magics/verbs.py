@@ -23,8 +23,8 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*(:[A-Za-z0-9._-]+)?")
 #: `C:\\`, `\\`)
 _SOURCE = re.compile(r"[^\s?'\"]+|([~./\\]|[A-Za-z]:[\\/])[^?]*")
 #: what `connect` takes: a URL, `host:port`, `localhost`, an IP address (a bare DNS name needs a scheme or a
-#: port, so "connect everything" stays a prompt)
-_ADDRESS = re.compile(r"https?://\S+|(localhost|[\w-]+(\.[\w-]+)*:\d+|\d{1,3}(\.\d{1,3}){3}(:\d+)?|\[[0-9A-Fa-f:.]+\]:\d+)(/\S*)?")
+#: port, so "connect everything" stays a prompt); a URL of another scheme too, which connect refuses by name
+_ADDRESS = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+|(localhost|[\w-]+(\.[\w-]+)*:\d+|\d{1,3}(\.\d{1,3}){3}(:\d+)?|\[[0-9A-Fa-f:.]+\]:\d+)(/\S*)?")
 #: `key=value` of `config` (the key is checked by the command, which names the settings)
 _SETTING = re.compile(r"[A-Za-z_][\w-]*=.*", re.S)
 _HELP = frozenset({"-h", "--help"})
