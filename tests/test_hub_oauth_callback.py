@@ -104,3 +104,27 @@ def test_logins_begun_by_a_flood_of_visits_are_bounded_and_keep_no_query(service
     # the newest login is still pending: its callback can find its state
     newest = r.headers["Location"].split("state=")[1].split("&")[0]
     assert states.get(newest, {}).get("next_url") == "/services/xllm/"
+
+
+def test_a_login_whose_state_was_forgotten_begins_again_instead_of_a_503(service):
+    """Past the bound the oldest pending login is forgotten, PKCE verifier and all; its browser's callback then sent
+    the hub its code without the verifier, the hub refused it, and the browser read "JupyterHub could not be asked
+    ... retry later" (503), which no retry could mend. The page begins a new login instead."""
+    root, asked, auth = service
+    auth._oauth_states.max_entries = 1
+    with httpx.Client(base_url=root, timeout=30) as alice, httpx.Client(base_url=root, timeout=30) as flood:
+        r = alice.get("/", follow_redirects=False)
+        assert r.status_code == 302
+        state = r.headers["Location"].split("state=")[1].split("&")[0]
+        assert flood.get("/", follow_redirects=False).status_code == 302  # alice's pending login is forgotten
+        assert state not in auth._oauth_states
+        r = alice.get(f"/oauth_callback?code=her-code&state={state}", follow_redirects=False)
+        assert r.status_code == 302, (r.status_code, r.text)
+        assert r.headers["Location"] == "/services/xllm/"  # the page, which begins a fresh login
+        assert "service-xllm-oauth-state" not in alice.cookies  # the spent state cookie is cleared
+        r = alice.get("/", follow_redirects=False)
+        assert r.status_code == 302 and "/oauth2/authorize" in r.headers["Location"]
+        # a callback naming a forgotten state without the browser's own state cookie stays a refusal
+        r = flood.get(f"/oauth_callback?code=her-code&state={state}", follow_redirects=False)
+        assert r.status_code == 403
+    assert asked == []

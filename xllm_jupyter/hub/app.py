@@ -257,6 +257,15 @@ class OAuthCallbackHandler(RequestIdMixin, _NoBody, _HubAuthFromSettings, HubOAu
 
     async def get(self) -> None:
         """Finish the login: JupyterHub's callback, or 503 when the hub cannot be asked (``ask_hub``)."""
+        state = self.get_argument("state", "")
+        if state and self.get_argument("code", "") and state not in self.hub_auth._oauth_states \
+                and (self.get_secure_cookie(self.hub_auth.get_state_cookie_name(state)) or b"").decode() == state:
+            # this browser's own login, but its state was forgotten (the oldest past MAX_PENDING, oauth_states.py,
+            # or past its 10 minutes): without its PKCE verifier the hub refuses the code, which read as "hub
+            # unavailable, retry" though no retry could work; the page begins a new login instead
+            self.hub_auth.clear_oauth_state_cookies(self)
+            self.redirect(self.hub_auth.base_url)
+            return
         try:
             await ask_hub(super().get())
         except Overloaded as exc:
