@@ -22,7 +22,7 @@ from tornado.web import create_signed_value
 from tests.server_fixtures import loop_thread
 
 SECRET = b"s" * 32
-TIMEOUT = 1.0  # the service's wait for the hub, shortened for the test
+TIMEOUT = 1.0  # the service's wait for the hub (hub.api_timeout_seconds), shortened for the test
 
 
 @pytest.fixture
@@ -63,8 +63,8 @@ def _service(tmp_path: Any, hub_port: int, monkeypatch: Any) -> Any:
     from xllm_jupyter.hub import app as hub_app
     from xllm_jupyter.hub.service import load_hub_config
 
-    monkeypatch.setattr(hub_app, "HUB_API_TIMEOUT", TIMEOUT)
-    config = load_hub_config(env={"XLLM_HOME": str(tmp_path), "XLLM_QUOTAS_USAGE_FILE": "off"})
+    config = load_hub_config(env={"XLLM_HOME": str(tmp_path), "XLLM_QUOTAS_USAGE_FILE": "off",
+                                  "XLLM_HUB_API_TIMEOUT_SECONDS": str(TIMEOUT)})
     auth = hub_app.make_hub_auth({"JUPYTERHUB_API_TOKEN": "service-token",
                                   "JUPYTERHUB_API_URL": f"http://127.0.0.1:{hub_port}/hub/api"})
 
@@ -118,3 +118,12 @@ def test_a_hub_that_is_down_is_a_503_on_the_page_too(tmp_path, monkeypatch):
             _check(f"http://127.0.0.1:{port}/services/xllm")
         finally:
             loop.call_soon_threadsafe(server.stop)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "inf", "301"])
+def test_the_wait_for_the_hub_is_a_bounded_positive_number(tmp_path, value):
+    from xllm_jupyter.core.errors import ConfigError
+    from xllm_jupyter.hub.service import load_hub_config
+
+    with pytest.raises(ConfigError, match="hub.api_timeout_seconds"):
+        load_hub_config(env={"XLLM_HOME": str(tmp_path), "XLLM_HUB_API_TIMEOUT_SECONDS": value})

@@ -166,6 +166,8 @@ class HubConfig:
     admin_users: tuple[str, ...] = ()
     #: hub groups whose members may call ``/admin/*``
     admin_groups: tuple[str, ...] = ()
+    #: seconds to wait for the hub API's answer about a token before a 503 ``hub_unavailable`` (HubAuth alone: 5 minutes)
+    api_timeout_seconds: float = 10.0
 
 
 @dataclass(frozen=True)

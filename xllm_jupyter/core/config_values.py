@@ -76,6 +76,7 @@ _RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("quotas", "metrics_max_users"): (1, 100000),
     ("quotas", "reserved_slots"): (0, 1024),
     ("quotas", "active_window_seconds"): (0.001, None),
+    ("hub", "api_timeout_seconds"): (0.1, 300),  # HubAuth's own client gives up at 300 s
 }
 
 

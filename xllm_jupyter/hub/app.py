@@ -42,9 +42,6 @@ from .oauth_states import BoundedStates
 HUB_AUTH_KEY = "xllm_hub_auth"
 #: the service name when JUPYTERHUB_SERVICE_NAME is not set
 DEFAULT_SERVICE_NAME = "xllm"
-#: seconds to wait for the hub's answer about a token: HubAuth's HTTP client waits up to 5 minutes, so a hub that
-#: takes the connection and hangs (overloaded, paused, a stuck proxy) held every request that long
-HUB_API_TIMEOUT = 10.0
 
 
 def service_prefix(env: Mapping[str, str]) -> str:
@@ -96,11 +93,14 @@ def caller_from_model(model: Mapping[str, Any], config: XllmConfig) -> Caller:
     return Caller(name, groups, admin)
 
 
-async def ask_hub(answer: Awaitable[Any]) -> Any:
+async def ask_hub(handler: RequestHandler, answer: Awaitable[Any]) -> Any:
     """The hub's ``answer`` (a user model or None), or Overloaded ``hub_unavailable`` when the hub cannot be reached,
-    fails (HubAuth's HTTPError 500/502) or has not answered within ``HUB_API_TIMEOUT``."""
+    fails (HubAuth's HTTPError 500/502) or has not answered within ``hub.api_timeout_seconds``."""
+    # HubAuth's HTTP client waits up to 5 minutes, so a hub that takes the connection and hangs (overloaded, paused,
+    # a stuck proxy) held every request that long
+    timeout = handler.settings[CONTEXT_KEY].config.hub.api_timeout_seconds
     try:
-        return await asyncio.wait_for(answer, HUB_API_TIMEOUT)
+        return await asyncio.wait_for(answer, timeout)
     except HTTPError as exc:
         if exc.status_code < 500:  # the OAuth callback's own refusals (a bad or stale state): not the hub's
             raise
@@ -152,7 +152,8 @@ class HubXllmHandler(RequestIdMixin, VerbDispatchMixin, RequestHandler):
         if not token:
             failures.check(client)  # a capped address is told so first, as for any request of its
             raise AuthenticationError("Missing JupyterHub token. Pass it as 'Authorization: token <JUPYTERHUB_API_TOKEN>'.")
-        model = await ask_under_cap(failures, client, self.request, lambda: ask_hub(auth.user_for_token(token, sync=False)),
+        model = await ask_under_cap(failures, client, self.request,
+                                    lambda: ask_hub(self, auth.user_for_token(token, sync=False)),
                                     confirmed=token in known)
         if model:
             known.add(token)
@@ -244,7 +245,7 @@ class OAuthCallbackHandler(RequestIdMixin, _NoBody, _HubAuthFromSettings, HubOAu
         if not token:
             return
         try:
-            model = await ask_hub(self.hub_auth.user_for_token(token.decode("ascii", "replace"), sync=False,
+            model = await ask_hub(self, self.hub_auth.user_for_token(token.decode("ascii", "replace"), sync=False,
                                                                session_id=self.hub_auth.get_session_id(self)))
         except Overloaded as exc:
             self.answer_now(exc)
@@ -267,7 +268,7 @@ class OAuthCallbackHandler(RequestIdMixin, _NoBody, _HubAuthFromSettings, HubOAu
             self.redirect(self.hub_auth.base_url)
             return
         try:
-            await ask_hub(super().get())
+            await ask_hub(self, super().get())
         except Overloaded as exc:
             self.answer_now(exc)
 
@@ -286,12 +287,12 @@ class HubPageHandler(RequestIdMixin, _NoBody, _HubAuthFromSettings, HubOAuthenti
         try:
             if token and token not in known:  # tokens guessed in ?token= here are capped as on the API routes
                 model = await ask_under_cap(failures, client, self.request,
-                                            lambda: ask_hub(self.hub_auth.get_user(self, sync=False)))
+                                            lambda: ask_hub(self, self.hub_auth.get_user(self, sync=False)))
             else:
                 # no guess: only the OAuth cookie (signed with the service's secret, checked here before the hub
                 # is asked), or a token the hub confirmed before; a capped address (which another user can make
                 # of anyone's, hub/known_tokens.py) does not keep its user from the page
-                model = await ask_hub(self.hub_auth.get_user(self, sync=False))
+                model = await ask_hub(self, self.hub_auth.get_user(self, sync=False))
                 if token and not model:  # revoked: past the cap it is a guess again, as on the API routes
                     known.discard(token)
         except (RateLimited, Overloaded) as exc:  # answered here: anything else raised (the shutdown's Overloaded for
