@@ -61,18 +61,25 @@ def test_a_declared_optional_keyword_is_kept():
 
 
 # ------------------------------------------- check_library_api on library-shaped modules
-def fake_exllamav3(monkeypatch, *, generator_keywords: tuple[str, ...], job_keywords: tuple[str, ...]):
+#: ``Job.receive_sample``'s arguments after ``self`` (exllamav3 1.6.3 to 1.6.5)
+V3_RECEIVE_SAMPLE = ("logits", "next_token", "next_k_tokens", "next_k_probs", "next_prob", "results",
+                     "first_sample_in_sd_batch=True")
+
+
+def fake_exllamav3(monkeypatch, *, generator_keywords: tuple[str, ...], job_keywords: tuple[str, ...],
+                   receive_sample: tuple[str, ...] = V3_RECEIVE_SAMPLE):
     """``exllamav3`` as a module whose classes declare only the given keywords (and swallow the rest)."""
 
-    def constructor(names: tuple[str, ...]):
+    def constructor(names: tuple[str, ...], name: str = "__init__", rest: str = ", **kwargs"):
         namespace: dict = {}
-        exec(f"def __init__(self, {', '.join(names)}, **kwargs): pass", namespace)  # noqa: S102 - test fixture
-        return namespace["__init__"]
+        exec(f"def {name}(self, {', '.join(names)}{rest}): pass", namespace)  # noqa: S102 - test fixture
+        return namespace[name]
 
     module = types.ModuleType("exllamav3")
     generator = constructor(("model", "cache", "tokenizer", *generator_keywords))
     module.Generator = type("Generator", (), {"__init__": generator})
-    module.Job = type("Job", (), {"__init__": constructor(job_keywords)})
+    module.Job = type("Job", (), {"__init__": constructor(job_keywords),
+                                  "receive_sample": constructor(receive_sample, "receive_sample", "")})
     module.Cache = type("Cache", (), {"__init__": constructor(("model", "max_num_tokens", "max_batch_size",
                                                                "max_history", "layer_type"))})
     module.Model = type("Model", (), {"load_gen": constructor(("progressbar", "max_batch_size", "max_chunk_size",
@@ -119,6 +126,29 @@ def test_an_exllamav3_release_that_renamed_a_keyword_is_refused_before_loading(m
                    job_keywords=tuple(k for k in V3_JOB if k != renamed))
     with pytest.raises(EngineError, match=f"exllamav3 7.0.0: .* takes no '{renamed}'"):
         check_library_api("exllamav3 7.0.0", options())
+
+
+def test_an_exllamav3_release_that_moved_receive_samples_results_is_refused_before_loading(monkeypatch):
+    # StreamHeldV3 takes ``results`` by position: a release passing another argument there would fail every step
+    from xllm_jupyter.backends.exllamav3 import check_library_api
+
+    moved = ("logits", "next_token", "next_k_tokens", "next_k_probs", "next_prob", "filter_eos", "results")
+    fake_exllamav3(monkeypatch, generator_keywords=V3_GENERATOR_1_6_3, job_keywords=V3_JOB, receive_sample=moved)
+    with pytest.raises(EngineError, match=r"exllamav3 7\.0\.0: Job\.receive_sample does not take 'results'"):
+        check_library_api("exllamav3 7.0.0", options())
+
+
+def test_stream_held_v2_reads_results_after_filter_eos_as_exllamav2_passes_it():
+    from xllm_jupyter.backends.exllama_stream import StreamHeldV2, StreamHeldV3, check_receive_sample
+
+    class JobV2:  # exllamav2 0.3.2's ExLlamaV2DynamicJob.receive_sample
+        def receive_sample(self, logits, next_token, next_k_tokens, next_k_probs, next_prob, filter_eos, results,
+                           first_sample_in_sd_batch=True):
+            pass
+
+    check_receive_sample(JobV2, StreamHeldV2, "exllamav2 0.3.2")
+    with pytest.raises(EngineError, match=r"exllamav2 0\.3\.2: JobV2\.receive_sample does not take 'results'"):
+        check_receive_sample(JobV2, StreamHeldV3, "exllamav2 0.3.2")
 
 
 # -------------------------------------------------------------- the installed releases

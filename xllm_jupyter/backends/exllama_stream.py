@@ -4,7 +4,10 @@ back."""
 from __future__ import annotations
 
 import codecs
+import inspect
 from typing import Any, Callable
+
+from ..core.errors import EngineError
 
 #: the per-token tensors of a result (``(1, n, ...)``, one row per token), all cut alike
 _PER_TOKEN = ("token_ids", "token_probs", "top_k_tokens", "top_k_probs", "logits")
@@ -100,6 +103,21 @@ class StreamHeld:
 def _copy(tensor: Any) -> Any:
     """``tensor`` copied to the CPU."""
     return tensor.to("cpu", copy=True)
+
+
+def check_receive_sample(job: type, mixin: type[StreamHeld], library: str) -> None:
+    """EngineError naming ``library`` (name and version), before anything loads, when its ``job.receive_sample`` does
+    not take ``results`` where ``mixin`` reads it: the mixin takes it by position (the generators pass it so), so a
+    release that moved it would fail every decoding step, or stream another argument's tokens, instead of refusing."""
+    try:
+        names = list(inspect.signature(job.receive_sample).parameters)
+    except (AttributeError, TypeError, ValueError):
+        names = []
+    at = 6 + mixin.xllm_results_at  # (self, logits, next_token, next_k_tokens, next_k_probs, next_prob, ...)
+    if len(names) <= at or names[at] != "results":
+        raise EngineError(f"{library}: {job.__name__}.receive_sample does not take 'results' where this xllm passes "
+                          f"it; this xllm does not support that release of the library (see the [exl3]/[exl2] "
+                          f"extras for the versions)")
 
 
 class StreamHeldV2(StreamHeld):

@@ -32,7 +32,7 @@ from .exllama_common import (
 )
 from .exllama_model import DynamicGeneratorModel
 from .exllama_sampling import AnswerPenaltiesV2, LogitsV2, RawLogprobsV2
-from .exllama_stream import StreamHeldV2
+from .exllama_stream import StreamHeldV2, check_receive_sample
 from .exllamav2_plan import LENGTH_DEPENDENT_ROPE, estimated_cache_tokens, plan_cache
 from .hf_tokenizer import ChatTokenizer
 from .prefix_isolation_v2 import IsolatedJobV2
@@ -203,6 +203,7 @@ def check_library_api(library: str, opts: ExllamaOptions) -> None:
                      what="ExLlamaV2DynamicGenerator")
     library_keywords(ExLlamaV2DynamicJob.__init__, job_kwargs(SequenceJob(0, (0,), 1, SamplingParams()), None, 1),
                      library=library, what="ExLlamaV2DynamicJob")
+    check_receive_sample(ExLlamaV2DynamicJob, StreamHeldV2, library)
     library_keywords(ExLlamaV2Sampler.Settings.__init__, v2_sampler_fields(SamplingParams()), library=library,
                      what="ExLlamaV2Sampler.Settings")
 

@@ -34,7 +34,7 @@ from .exllama_common import (
 )
 from .exllama_model import DynamicGeneratorModel
 from .exllama_sampling import AnswerPenaltiesV3, v3_sampler
-from .exllama_stream import StreamHeldV3
+from .exllama_stream import StreamHeldV3, check_receive_sample
 from .hf_tokenizer import ChatTokenizer
 from .prefix_isolation import IsolatedJobV3
 
@@ -132,6 +132,7 @@ def check_library_api(library: str, opts: ExllamaOptions) -> None:
     library_generator_kwargs(Generator, opts, None, library)
     library_keywords(Job.__init__, job_kwargs(SequenceJob(0, (0,), 1, SamplingParams()), sampler=None, filters=None),
                      library=library, what="Job")
+    check_receive_sample(Job, StreamHeldV3, library)
     library_keywords(getattr(Model, "load_gen", None) or Model.load, _load_kwargs(opts), library=library,
                      what="Model.load")
     # (k_bits / v_bits go on to the quantized cache layer's constructor, which declares them)
