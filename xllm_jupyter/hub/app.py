@@ -76,7 +76,9 @@ def make_hub_auth(env: Mapping[str, str] | None = None) -> HubOAuth:
         keyfile=env.get("JUPYTERHUB_SSL_KEYFILE", ""),
         client_ca=env.get("JUPYTERHUB_SSL_CLIENT_CA", ""),
     )
-    auth._oauth_states = BoundedStates(auth.oauth_state_max_age)  # logins begun by anyone, unauthenticated
+    if auth.has_trait("_oauth_states"):  # JupyterHub 5+ keeps logins begun by anyone, unauthenticated, in memory
+        # (4.x keeps each in its browser's state cookie: nothing to bound there)
+        auth._oauth_states = BoundedStates(auth.oauth_state_max_age)
     return auth
 
 
@@ -259,7 +261,8 @@ class OAuthCallbackHandler(RequestIdMixin, _NoBody, _HubAuthFromSettings, HubOAu
     async def get(self) -> None:
         """Finish the login: JupyterHub's callback, or 503 when the hub cannot be asked (``ask_hub``)."""
         state = self.get_argument("state", "")
-        if state and self.get_argument("code", "") and state not in self.hub_auth._oauth_states \
+        pending = getattr(self.hub_auth, "_oauth_states", None)  # JupyterHub 5+; 4.x keeps states in the cookie
+        if state and self.get_argument("code", "") and pending is not None and state not in pending \
                 and (self.get_secure_cookie(self.hub_auth.get_state_cookie_name(state)) or b"").decode() == state:
             # this browser's own login, but its state was forgotten (the oldest past MAX_PENDING, oauth_states.py,
             # or past its 10 minutes): without its PKCE verifier the hub refuses the code, which read as "hub
