@@ -9,6 +9,7 @@ them, so a client's next request on it was reset.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -127,3 +128,58 @@ def test_the_wait_for_the_hub_is_a_bounded_positive_number(tmp_path, value):
 
     with pytest.raises(ConfigError, match="hub.api_timeout_seconds"):
         load_hub_config(env={"XLLM_HOME": str(tmp_path), "XLLM_HUB_API_TIMEOUT_SECONDS": value})
+
+
+@pytest.fixture
+def wrong_hub_url() -> Iterator[int]:
+    """An HTTP server that answers 404 to everything, as a JUPYTERHUB_API_URL naming the wrong path gets; its port."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class NotTheHub(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            body = b'{"status": 404, "message": "Not Found"}'
+            self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NotTheHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_hub_api_url_the_hub_answers_404_is_a_misconfigured_service_not_retry_later(tmp_path, wrong_hub_url,
+                                                                                        monkeypatch, caplog):
+    """Every request was a 503 hub_unavailable, "retry later", with Retry-After: no retry could help."""
+    caplog.set_level(logging.INFO)
+    with _service(tmp_path, wrong_hub_url, monkeypatch) as (loop, (server, port)):
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}/services/xllm", timeout=30) as http:
+                r = http.post("/v1/chat/completions", headers={"Authorization": "token some-token"},
+                              json={"model": "m", "messages": [{"role": "user", "content": "Hi"}]})
+                assert r.status_code == 500, r.text
+                error = r.json()["error"]
+                assert error["code"] == "hub_misconfigured" and "misconfigured" in error["message"]
+                assert "retry" not in error["message"].lower().replace("retrying will not help", "")
+                assert "Retry-After" not in r.headers and r.headers["x-should-retry"] == "false"  # (the SDKs retry 5xx)
+                # nothing of the setup in the answer: no URL, no address, no token
+                for secret in ("127.0.0.1", "http", "service-token", "some-token", str(wrong_hub_url)):
+                    assert secret not in r.text
+                for headers in ({"Authorization": "token some-token"}, {"Cookie": _login_cookie()}):  # the page
+                    r = http.get("/", headers=headers, follow_redirects=False)
+                    assert r.status_code == 500 and "misconfigured" in r.text, (headers, r.status_code, r.text)
+                    assert "Retry-After" not in r.headers and "127.0.0.1" not in r.text
+        finally:
+            loop.call_soon_threadsafe(server.stop)
+    said = [r.getMessage() for r in caplog.records if r.name == "xllm_jupyter.hub" and r.levelno >= logging.ERROR]
+    assert said and "refused the service's request" in said[0] and "JUPYTERHUB_API_URL" in said[0], said
+    # the hub's own answer is in the log too (HubAuth's line just before ours)
+    assert any("[404]" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]

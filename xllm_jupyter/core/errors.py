@@ -262,6 +262,13 @@ class ConfigError(XllmError):
     code = "config_error"
 
 
+class HubMisconfigured(ConfigError):
+    """The JupyterHub API refuses the hub service's requests (a wrong ``JUPYTERHUB_API_URL`` or service token)."""
+
+    code = "hub_misconfigured"
+    client_safe = True  # (its message names nothing of the setup; the service's log says what the hub answered)
+
+
 class ListenError(XllmError):
     """The server cannot listen on its host and port (in use, not allowed, no such address)."""
 

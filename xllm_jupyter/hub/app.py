@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import html
 import json
+import logging
 import os
 import secrets
 from collections.abc import Mapping
@@ -29,7 +30,7 @@ from jupyterhub.services.auth import (
 from tornado.web import HTTPError, RequestHandler
 
 from ..core.config import XllmConfig
-from ..core.errors import AuthenticationError, Overloaded, PermissionDenied, RateLimited
+from ..core.errors import AuthenticationError, HubMisconfigured, Overloaded, PermissionDenied, RateLimited
 from ..server.auth_failures import FAILURES_KEY, FailedAuthLimiter
 from ..server.edge import RequestIdMixin, log_access
 from ..server.handlers import CONTEXT_KEY, NotFoundMixin, VerbDispatchMixin, XllmContext, admin_required
@@ -39,6 +40,8 @@ from .known_tokens import KNOWN_TOKENS_KEY, KnownTokens, ask_under_cap
 from .oauth_states import BoundedStates
 
 #: settings key of the HubOAuth instance
+log = logging.getLogger("xllm_jupyter.hub")
+
 HUB_AUTH_KEY = "xllm_hub_auth"
 #: the service name when JUPYTERHUB_SERVICE_NAME is not set
 DEFAULT_SERVICE_NAME = "xllm"
@@ -95,9 +98,14 @@ def caller_from_model(model: Mapping[str, Any], config: XllmConfig) -> Caller:
     return Caller(name, groups, admin)
 
 
+#: how HubAuth's HTTPError 500 begins when the hub answered a 4xx (jupyterhub.services.auth ``_api_request``)
+_HUB_REFUSED = ("Failed to check authorization", "Permission failure checking authorization")
+
+
 async def ask_hub(handler: RequestHandler, answer: Awaitable[Any]) -> Any:
     """The hub's ``answer`` (a user model or None), or Overloaded ``hub_unavailable`` when the hub cannot be reached,
-    fails (HubAuth's HTTPError 500/502) or has not answered within ``hub.api_timeout_seconds``."""
+    fails (HubAuth's HTTPError 500/502) or has not answered within ``hub.api_timeout_seconds``;
+    HubMisconfigured (500) when it refuses the service's request (a 4xx other than a token's 403)."""
     # HubAuth's HTTP client waits up to 5 minutes, so a hub that takes the connection and hangs (overloaded, paused,
     # a stuck proxy) held every request that long
     timeout = handler.settings[CONTEXT_KEY].config.hub.api_timeout_seconds
@@ -106,6 +114,13 @@ async def ask_hub(handler: RequestHandler, answer: Awaitable[Any]) -> Any:
     except HTTPError as exc:
         if exc.status_code < 500:  # the OAuth callback's own refusals (a bad or stale state): not the hub's
             raise
+        if exc.status_code == 500 and (exc.log_message or "").startswith(_HUB_REFUSED):
+            # the hub answered a 4xx other than a token's 403 (a wrong JUPYTERHUB_API_URL: 404): "retry later"
+            # misled, as no retry helps; HubAuth logged the hub's status and body just before
+            log.error("the hub API refused the service's request (%s): check JUPYTERHUB_API_URL and the service's "
+                      "token", exc.log_message)
+            raise HubMisconfigured("The xllm hub service is misconfigured: JupyterHub refused its request (the "
+                                   "service's log says why); retrying will not help.") from None
     except asyncio.TimeoutError:
         pass
     raise Overloaded("JupyterHub could not be asked who owns this token; retry later.", code="hub_unavailable")
@@ -221,10 +236,11 @@ class _NoBody:
         self.close_after()
         super().write_error(status_code, **kwargs)  # type: ignore[misc]
 
-    def answer_now(self, exc: RateLimited | Overloaded) -> None:
+    def answer_now(self, exc: RateLimited | Overloaded | HubMisconfigured) -> None:
         """``exc`` as a plain-text answer with its ``Retry-After`` (an HTTPError's page would drop that header)."""
         self.set_status(exc.status)  # type: ignore[attr-defined]
-        self.set_header("Retry-After", str(int(getattr(exc, "retry_after", 1))))  # type: ignore[attr-defined]
+        if not isinstance(exc, HubMisconfigured):  # (no retry helps)
+            self.set_header("Retry-After", str(int(getattr(exc, "retry_after", 1))))  # type: ignore[attr-defined]
         self.set_header("Content-Type", "text/plain; charset=utf-8")  # type: ignore[attr-defined]
         self.close_after()
         self.finish(exc.message + "\n")  # type: ignore[attr-defined]
@@ -249,7 +265,7 @@ class OAuthCallbackHandler(RequestIdMixin, _NoBody, _HubAuthFromSettings, HubOAu
         try:
             model = await ask_hub(self, self.hub_auth.user_for_token(token.decode("ascii", "replace"), sync=False,
                                                                session_id=self.hub_auth.get_session_id(self)))
-        except Overloaded as exc:
+        except (Overloaded, HubMisconfigured) as exc:
             self.answer_now(exc)
             return
         if model:
@@ -272,7 +288,7 @@ class OAuthCallbackHandler(RequestIdMixin, _NoBody, _HubAuthFromSettings, HubOAu
             return
         try:
             await ask_hub(self, super().get())
-        except Overloaded as exc:
+        except (Overloaded, HubMisconfigured) as exc:
             self.answer_now(exc)
 
 
@@ -298,8 +314,8 @@ class HubPageHandler(RequestIdMixin, _NoBody, _HubAuthFromSettings, HubOAuthenti
                 model = await ask_hub(self, self.hub_auth.get_user(self, sync=False))
                 if token and not model:  # revoked: past the cap it is a guess again, as on the API routes
                     known.discard(token)
-        except (RateLimited, Overloaded) as exc:  # answered here: anything else raised (the shutdown's Overloaded for
-            # a request waiting its turn, a hub that is down or hangs: ask_hub) is a 500
+        except (RateLimited, Overloaded, HubMisconfigured) as exc:  # answered here: anything else raised (the
+            # shutdown's Overloaded for a request waiting its turn, a hub that is down or hangs: ask_hub) is a 500
             self.answer_now(exc)
             return
         self._hub_auth_user_cache = None
