@@ -265,7 +265,7 @@ def test_the_model_picker_offers_only_chat_models(pg, xllm_server):
 
 
 def test_clear_also_stops_the_reply_in_progress():
-    """Clear (and the transcript's trash icon) cancel the chat events, as Stop does: a reply
+    """Clear (and the transcript's trash icon) cancel the chat events, as Stop ends them: a reply
     left running would refill the emptied transcript and keep the server generating."""
     from xllm_jupyter.playground.app import Endpoint, build_app
 
@@ -278,10 +278,11 @@ def test_clear_also_stops_the_reply_in_progress():
         assert found, f"nothing listens to {target}"
         return set().union(*found)
 
-    stop = cancels((by_label["Stop"], "click"))
-    assert len(stop) == 2  # the Enter and the Send events
-    assert cancels((by_label["Clear"], "click")) == stop
-    assert cancels((chatbot, "clear")) == stop
+    clear = cancels((by_label["Clear"], "click"))
+    assert len(clear) == 2  # the Enter and the Send events
+    assert cancels((chatbot, "clear")) == clear
+    # Stop ends the replies from inside instead (test_playground_stop.py): Gradio's cancel raced its reset
+    assert cancels((by_label["Stop"], "click")) == set()
 
 
 def test_typing_the_next_question_while_a_reply_streams_is_kept(pg, xllm_server):

@@ -13,6 +13,7 @@ from ..client.base import can_chat
 from ..core.errors import InvalidRequest, XllmError
 from ..notebook.clients import entry_defaults
 from .links import TRANSCRIPT_ID
+from .stopping import Stops, until_set
 
 # Set before gradio is imported anywhere in this process: no usage reporting from a
 # notebook (and no outbound calls that would stall on machines without a network).
@@ -168,6 +169,7 @@ def build_app(
     import gradio as gr
 
     shown = {**SHOWN, **(settings or {})}
+    stops = Stops()
 
     async def respond(
         message: str,
@@ -179,6 +181,7 @@ def build_app(
         max_tokens: float,
         seed: str | None = None,
         model_defaults: bool = False,
+        request: Any = None,
     ):
         """Append the user's message and stream the assistant's answer into the transcript.
 
@@ -193,25 +196,33 @@ def build_app(
         messages = to_openai_messages(history, message, system)
         history.append({"role": "user", "content": message})
         history.append({"role": "assistant", "content": ""})
-        # Show the question and empty the box at once (a model that loads on first use can take
-        # a while to answer); later updates leave the box alone, so what the user types next
-        # while the reply streams is kept.
-        yield history, ""
-        text = ""
+        # Registered before the first update: a Stop pressed as soon as the question shows must count.
+        page = getattr(request, "session_hash", None) or ""
+        stopped = stops.begin(page)
         try:
-            params = sampling(None, None, None, seed) if model_defaults else sampling(temperature, top_p, max_tokens, seed)
-            async for piece in stream_reply(endpoint, messages, model, params):
-                text += piece
-                history[-1] = {"role": "assistant", "content": text}
-                yield history, gr.skip()
-        except XllmError as exc:
-            # Shown in the transcript as one line: no traceback in the UI.
-            history[-1] = {
-                "role": "assistant",
-                "content": f"{text}\n\n{ERROR_PREFIX}{exc}".strip(),
-            }
-        yield history, gr.skip()
+            # Show the question and empty the box at once (a model that loads on first use can take
+            # a while to answer); later updates leave the box alone, so what the user types next
+            # while the reply streams is kept.
+            yield history, ""
+            text = ""
+            try:
+                params = sampling(None, None, None, seed) if model_defaults else sampling(temperature, top_p, max_tokens, seed)
+                async for piece in until_set(stream_reply(endpoint, messages, model, params), stopped):
+                    text += piece
+                    history[-1] = {"role": "assistant", "content": text}
+                    yield history, gr.skip()
+            except XllmError as exc:
+                # Shown in the transcript as one line: no traceback in the UI.
+                history[-1] = {
+                    "role": "assistant",
+                    "content": f"{text}\n\n{ERROR_PREFIX}{exc}".strip(),
+                }
+            yield history, gr.skip()
+        finally:
+            stops.end(page, stopped)
 
+    # Gradio fills a gr.Request argument by its type (the note at keep_stream_open says why it is set here)
+    respond.__annotations__["request"] = gr.Request
     choices = list(dict.fromkeys([*(models or ()), *([model] if model else [])]))
     with gr.Blocks(title=title, analytics_enabled=False) as app:
         gr.Markdown(
@@ -292,8 +303,14 @@ def build_app(
             respond, inputs, [chatbot, box], api_name=False, concurrency_limit=32,
             trigger_mode="always_last",
         )
-        # Cancelling the task closes the stream, and the server cancels the generation.
-        stop.click(None, None, None, cancels=[submitted, clicked], api_name=False)
+        async def stop_replies(request: gr.Request) -> None:
+            """Stop: the page's replies end themselves, keeping their text so far (see ``Stops``)."""
+            stops.stop(request.session_hash or "")
+
+        stop_replies.__annotations__["request"] = gr.Request
+
+        # Unqueued, so it runs at once even while the page's replies hold their queue slots.
+        stop.click(stop_replies, None, None, api_name=False, queue=False, show_progress="hidden")
         # Clear stops a reply in progress too: else it keeps streaming into the emptied transcript.
         clear.click(
             lambda: ([], ""),

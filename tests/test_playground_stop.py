@@ -1,0 +1,114 @@
+"""The playground's Stop: the reply ends itself (no Gradio ``cancels=``), keeps its text, and the server cancels it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+pytest.importorskip("gradio")
+
+import xllm_jupyter
+from xllm_jupyter.playground.app import Endpoint, stream_reply
+from xllm_jupyter.playground.stopping import Stops, until_set
+
+LONG = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 2000, "seed": 1}  # sampled: no early end
+
+
+def wait_for_cancel(server, before, timeout: float = 60):
+    """The engine's stats once it counts one more cancelled job (or the timeout passes)."""
+    deadline = time.monotonic() + timeout
+    while server.engine.stats().cancelled == before.cancelled and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return server.engine.stats()
+
+
+def test_stop_ends_a_streaming_reply_and_the_server_cancels_it(xllm_server):
+    endpoint = Endpoint(xllm_server.base_url, xllm_server.api_key)
+    messages = [{"role": "user", "content": "Tell me a long story"}]
+    before = xllm_server.engine.stats()
+
+    async def reply() -> tuple[list[str], float]:
+        stops = Stops()
+        stopped = stops.begin("page")
+        other = stops.begin("another page")
+        pieces: list[str] = []
+        at = float("inf")
+        async for piece in until_set(stream_reply(endpoint, messages, "tiny", LONG), stopped):
+            pieces.append(piece)
+            if len(pieces) == 2:
+                assert stops.stop("page") == 1  # only this page's reply
+                at = time.monotonic()
+        assert not other.is_set()
+        return pieces, time.monotonic() - at
+
+    pieces, took = asyncio.run(asyncio.wait_for(reply(), 120))
+    assert len(pieces) == 2, "pieces kept coming after Stop"
+    assert took < 5
+    after = wait_for_cancel(xllm_server, before)
+    assert after.cancelled == before.cancelled + 1, "the server did not cancel the stopped generation"
+    assert after.completed == before.completed
+
+
+def test_stop_before_the_first_piece_ends_the_reply_at_once():
+    """A reply still waiting (here for a server that never answers) ends when Stop is pressed."""
+
+    async def never() -> object:
+        await asyncio.Event().wait()
+        yield "never"
+
+    async def reply() -> list[str]:
+        stopped = asyncio.Event()
+        asyncio.get_running_loop().call_later(0.2, stopped.set)
+        return [piece async for piece in until_set(never(), stopped)]
+
+    assert asyncio.run(asyncio.wait_for(reply(), 10)) == []
+
+
+def test_stop_in_a_browser_keeps_the_text_so_far_and_shows_no_error(tiny_client, xllm_server):
+    """Stop's wiring in the page (the session's Stops, unqueued). With Gradio's ``cancels=``, Stop about
+    1.5 s into a reply on a fresh browser's first page left "Error" over the transcript and the box in
+    about 1 run of 3 (its 'cancelled' message raced its /reset call): too rarely for this test to catch;
+    the config test in test_playground.py and the walk in the CHANGELOG line do."""
+    from tests.browser import chromium, require_browser
+
+    require_browser()
+    with xllm_jupyter.playground(client=tiny_client) as pg, chromium() as context:
+        page = context.new_page()
+        page.goto(pg.local_url, timeout=60_000)
+        box = page.locator("#xllm-input textarea")
+        box.wait_for(timeout=60_000)
+        # sent as shown, not the model's default (512 tokens, over in a second on an idle machine):
+        # unchecked here, not left to the slider's round trip, which a loaded machine answers late
+        page.get_by_label("The model's defaults").uncheck()
+        page.get_by_label("number input for Max tokens").fill("2000")
+        page.get_by_label("number input for Max tokens").press("Enter")
+        page.get_by_role("textbox", name="Seed").fill("1")
+        before = xllm_server.engine.stats()
+        box.fill("Tell me a long story")
+        box.press("Enter")
+        bot = page.locator("#xllm-chatbot [data-testid=bot]")
+        bot.wait_for(timeout=60_000)
+        page.wait_for_timeout(1500)
+        page.get_by_role("button", name="Stop").click()
+        after = wait_for_cancel(xllm_server, before)
+        assert after.cancelled == before.cancelled + 1, "the server did not cancel the stopped generation"
+        assert after.completed == before.completed
+        page.wait_for_function("() => document.querySelectorAll('.generating').length === 0", timeout=30_000)
+        page.wait_for_timeout(1000)  # the race's Error came a moment after the reply ended
+        assert page.locator("span.error").count() == 0
+        kept = bot.last.inner_text().strip()
+        assert kept, "the text so far was lost"
+        assert "Tell me a long story" in page.locator("#xllm-chatbot").inner_text()
+        # a later question streams as usual (Stop left nothing set for it)
+        page.get_by_label("number input for Max tokens").fill("8")
+        page.get_by_label("number input for Max tokens").press("Enter")
+        box.fill("Hello")
+        box.press("Enter")
+        deadline = time.monotonic() + 60
+        while xllm_server.engine.stats().completed == after.completed and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert xllm_server.engine.stats().completed == after.completed + 1
+        page.wait_for_function("() => document.querySelectorAll('.generating').length === 0", timeout=30_000)
+        assert bot.last.inner_text().strip() != kept
