@@ -11,6 +11,8 @@ wrong one: an unlimited token-guessing oracle.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -34,6 +36,13 @@ def _login_cookie(token: str) -> str:
 def service(tmp_path) -> Iterator[tuple[str, list[tuple[str, str]], Any]]:
     """The hub app on a real port, the hub stood in for: ``alice-token`` is alice's, the rest unknown; each
     question takes 0.3 s. Yields the service's root, the questions asked, as (token, thread name), and its HubOAuth."""
+    with _service(tmp_path, "http://127.0.0.1:9/hub/api") as served:
+        yield served
+
+
+@contextlib.contextmanager
+def _service(tmp_path: Any, api_url: str) -> Iterator[tuple[str, list[tuple[str, str]], Any]]:
+    """``service`` with the hub API at ``api_url`` (token questions stood in; the code's trade goes there)."""
     pytest.importorskip("jupyterhub")
     import tornado.httpserver
     import tornado.testing
@@ -43,7 +52,7 @@ def service(tmp_path) -> Iterator[tuple[str, list[tuple[str, str]], Any]]:
     from xllm_jupyter.hub.service import load_hub_config
 
     config = load_hub_config(env={"XLLM_HOME": str(tmp_path), "XLLM_QUOTAS_USAGE_FILE": "off"})
-    auth = make_hub_auth({"JUPYTERHUB_API_TOKEN": "service-token", "JUPYTERHUB_API_URL": "http://127.0.0.1:9/hub/api"})
+    auth = make_hub_auth({"JUPYTERHUB_API_TOKEN": "service-token", "JUPYTERHUB_API_URL": api_url})
     asked: list[tuple[str, str]] = []
 
     async def lookup(token: str, **_: Any) -> Any:
@@ -128,3 +137,47 @@ def test_a_login_whose_state_was_forgotten_begins_again_instead_of_a_503(service
         r = flood.get(f"/oauth_callback?code=her-code&state={state}", follow_redirects=False)
         assert r.status_code == 403
     assert asked == []
+
+
+@pytest.fixture
+def code_refusing_hub() -> Iterator[int]:
+    """An HTTP server answering every request as JupyterHub answers a code it did not issue (400 invalid_grant)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Refusing(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = b'{"error": "invalid_grant", "error_description": "Invalid code"}'
+            self.send_response(400)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_made_up_code_is_the_logins_403_not_a_misconfigured_service(tmp_path, code_refusing_hub, caplog):
+    """Anyone can begin a login (one visit gives a state cookie) and send the callback any code: the hub's refusal
+    read as "the service is misconfigured" (500) and logged an error each time, an error-log flood on demand."""
+    caplog.set_level(logging.INFO)
+    with _service(tmp_path, f"http://127.0.0.1:{code_refusing_hub}/hub/api") as (root, asked, _):
+        with httpx.Client(base_url=root, timeout=30) as http:
+            r = http.get("/", follow_redirects=False)
+            assert r.status_code == 302
+            state = r.headers["Location"].split("state=")[1].split("&")[0]
+            r = http.get(f"/oauth_callback?code=made-up&state={state}", follow_redirects=False)
+            assert r.status_code == 403, (r.status_code, r.text)
+            assert "misconfigured" not in r.text
+    assert asked == []
+    errors = [r.getMessage() for r in caplog.records if r.name.startswith("xllm_jupyter") and r.levelno >= logging.ERROR]
+    assert errors == []

@@ -102,10 +102,11 @@ def caller_from_model(model: Mapping[str, Any], config: XllmConfig) -> Caller:
 _HUB_REFUSED = ("Failed to check authorization", "Permission failure checking authorization")
 
 
-async def ask_hub(handler: RequestHandler, answer: Awaitable[Any]) -> Any:
+async def ask_hub(handler: RequestHandler, answer: Awaitable[Any], *, login_code: bool = False) -> Any:
     """The hub's ``answer`` (a user model or None), or Overloaded ``hub_unavailable`` when the hub cannot be reached,
     fails (HubAuth's HTTPError 500/502) or has not answered within ``hub.api_timeout_seconds``;
-    HubMisconfigured (500) when it refuses the service's request (a 4xx other than a token's 403)."""
+    HubMisconfigured (500) when it refuses the service's request (a 4xx other than a token's 403), except that
+    with ``login_code`` (the OAuth callback trading the browser's code) a 4xx is the code's refusal: a 403."""
     # HubAuth's HTTP client waits up to 5 minutes, so a hub that takes the connection and hangs (overloaded, paused,
     # a stuck proxy) held every request that long
     timeout = handler.settings[CONTEXT_KEY].config.hub.api_timeout_seconds
@@ -114,6 +115,10 @@ async def ask_hub(handler: RequestHandler, answer: Awaitable[Any]) -> Any:
     except HTTPError as exc:
         if exc.status_code < 500:  # the OAuth callback's own refusals (a bad or stale state): not the hub's
             raise
+        if login_code and exc.status_code == 500 and (exc.log_message or "").startswith(_HUB_REFUSED[0]):
+            # the hub refused the code (a stale, replayed or made-up one: anyone can begin a login and send any
+            # code): the browser's fault, not the setup's; HubAuth logged it as a warning
+            raise HTTPError(403, "JupyterHub refused this login's code: open the page again to log in") from None
         if exc.status_code == 500 and (exc.log_message or "").startswith(_HUB_REFUSED):
             # the hub answered a 4xx other than a token's 403 (a wrong JUPYTERHUB_API_URL: 404): "retry later"
             # misled, as no retry helps; HubAuth logged the hub's status and body just before
@@ -287,7 +292,7 @@ class OAuthCallbackHandler(RequestIdMixin, _NoBody, _HubAuthFromSettings, HubOAu
             self.redirect(self.hub_auth.base_url)
             return
         try:
-            await ask_hub(self, super().get())
+            await ask_hub(self, super().get(), login_code=True)
         except (Overloaded, HubMisconfigured) as exc:
             self.answer_now(exc)
 
