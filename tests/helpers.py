@@ -90,3 +90,33 @@ def public_site_recorder(monkeypatch: Any) -> Iterator[tuple[str, list[str]]]:
     finally:
         site.shutdown()
         site.server_close()
+
+
+@contextlib.contextmanager
+def json_answering_server(status: int, body: bytes) -> Iterator[int]:
+    """A real HTTP server on an ephemeral port answering every GET and POST with ``status`` and the JSON ``body``
+    (a stand-in for a hub API that refuses); yields its port."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Answering(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_GET  # noqa: N815 (http.server's name)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answering)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()

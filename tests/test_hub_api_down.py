@@ -20,6 +20,7 @@ import httpx
 import pytest
 from tornado.web import create_signed_value
 
+from tests.helpers import json_answering_server
 from tests.server_fixtures import loop_thread
 
 SECRET = b"s" * 32
@@ -133,27 +134,8 @@ def test_the_wait_for_the_hub_is_a_bounded_positive_number(tmp_path, value):
 @pytest.fixture
 def wrong_hub_url() -> Iterator[int]:
     """An HTTP server that answers 404 to everything, as a JUPYTERHUB_API_URL naming the wrong path gets; its port."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class NotTheHub(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-            body = b'{"status": 404, "message": "Not Found"}'
-            self.send_response(404)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), NotTheHub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
+    with json_answering_server(404, b'{"status": 404, "message": "Not Found"}') as port:
+        yield port
 
 
 def test_a_hub_api_url_the_hub_answers_404_is_a_misconfigured_service_not_retry_later(tmp_path, wrong_hub_url,

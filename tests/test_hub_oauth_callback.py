@@ -21,6 +21,7 @@ import httpx
 import pytest
 from tornado.web import create_signed_value
 
+from tests.helpers import json_answering_server
 from tests.server_fixtures import HUB_ALICE, loop_thread
 
 SECRET = b"c" * 32
@@ -142,28 +143,8 @@ def test_a_login_whose_state_was_forgotten_begins_again_instead_of_a_503(service
 @pytest.fixture
 def code_refusing_hub() -> Iterator[int]:
     """An HTTP server answering every request as JupyterHub answers a code it did not issue (400 invalid_grant)."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class Refusing(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            body = b'{"error": "invalid_grant", "error_description": "Invalid code"}'
-            self.send_response(400)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
+    with json_answering_server(400, b'{"error": "invalid_grant", "error_description": "Invalid code"}') as port:
+        yield port
 
 
 def test_a_made_up_code_is_the_logins_403_not_a_misconfigured_service(tmp_path, code_refusing_hub, caplog):
