@@ -66,3 +66,23 @@ def test_a_token_in_the_url_is_ignored_whatever_the_request_says(tmp_path):
         for headers in ({}, {"Sec-Fetch-Mode": "websocket"}):
             r = http.get("/v1/models?token=alice-token", headers=headers)
             assert r.status_code == 401, (headers, r.text)
+
+
+def test_the_page_takes_a_token_in_the_url_only_as_the_api_does(tmp_path):
+    """The page follows the API routes' rule: ``?token=`` is ignored unless JUPYTERHUB_ALLOW_TOKEN_IN_URL=1, even
+    from a request saying ``Sec-Fetch-Mode: websocket`` (HubAuth's own rule, which signed that request in)."""
+    import httpx
+
+    from tests.server_fixtures import HUB_ALICE, running_hub_app
+
+    config = load_config(env={}, overrides={"store": {"home": str(tmp_path)}, "quotas": {"usage_file": "off"}})
+
+    async def user_for_token(token: str):
+        return HUB_ALICE if token == "alice-token" else None
+
+    with running_hub_app(config, user_for_token) as root, httpx.Client(base_url=root, timeout=30) as http:
+        signed_in = http.get("/", headers={"Authorization": "token alice-token"})
+        assert signed_in.status_code == 200 and HUB_ALICE["name"] in signed_in.text
+        for headers in ({}, {"Sec-Fetch-Mode": "websocket"}):
+            r = http.get("/?token=alice-token", headers=headers)
+            assert r.status_code != 200 and HUB_ALICE["name"] not in r.text, (headers, r.status_code)

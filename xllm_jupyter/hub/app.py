@@ -307,7 +307,11 @@ class HubPageHandler(RequestIdMixin, _NoBody, _HubAuthFromSettings, HubOAuthenti
         failures: FailedAuthLimiter = self.settings[FAILURES_KEY]
         known: KnownTokens = self.settings[KNOWN_TOKENS_KEY]
         client = failures.client(self.request)
-        token = self.hub_auth.get_token(self, in_cookie=False)
+        if not self.hub_auth.allow_token_in_url:  # the API routes' rule (request_token): HubAuth's get_user also
+            # took ?token= from any request saying Sec-Fetch-Mode: websocket, a header any client sends
+            self.request.arguments.pop("token", None)
+            self.request.query_arguments.pop("token", None)
+        token = request_token(self.hub_auth, self)
         try:
             if token and token not in known:  # tokens guessed in ?token= here are capped as on the API routes
                 model = await ask_under_cap(failures, client, self.request,
