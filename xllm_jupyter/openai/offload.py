@@ -23,6 +23,12 @@ def is_big(body: bytes | str) -> bool:
     return len(body) > INLINE_BODY_BYTES
 
 
+def is_big_text(chars: int) -> bool:
+    """True when work on ``chars`` characters of text a request holds (not its body: stored items it names) belongs
+    on a worker thread too."""
+    return chars > INLINE_BODY_BYTES
+
+
 async def off_loop_if(big: bool, work: Callable[..., T], *args: Any) -> T:
     """``work(*args)``: on a worker thread when ``big``, else right here."""
     if not big:

@@ -19,7 +19,7 @@ from pydantic import Field
 
 from ..core.errors import InvalidRequest, NotFound, Unsupported, XllmError, quoted
 from .context_words import PromptTooLong
-from .offload import is_big, off_loop_if, parse_body
+from .offload import is_big, is_big_text, off_loop_if, parse_body
 from .owned_store import cursor_page, page_limit
 from .protocol import MAX_TOP_LOGPROBS, ObfuscationOption, PromptCacheOptions, ServiceTier, StrictModel, check_metadata, check_verbosity, served_tier
 from .item_references import resolve_references
@@ -320,7 +320,8 @@ class ResponsesServing:
         if req.tool_choice is not None:
             chat["tool_choice"] = chat_tool_choice(req.tool_choice)
         # item references looked up here, on the IOLoop, which alone may read the store (a dict lookup per reference)
-        given = resolve_references(req.input, lambda iid: self.store.find_item(iid, user))
+        given, referenced = resolve_references(req.input, lambda iid: self.store.find_item(iid, user))
+        big = big or is_big_text(referenced)
         items = await off_loop_if(big, normalize_input, given)
         previous = None
         if req.previous_response_id is not None:
