@@ -49,6 +49,12 @@ def test_bob_cannot_reach_alices_stored_responses_or_completions_on_her_shared_s
         code, body = await call("bob-token", "POST", "v1", "responses",
                                 body={"model": TINY, "input": "repeat it", "previous_response_id": rid, "max_output_tokens": 2})
         assert code == 400 and body["error"]["code"] == "previous_response_not_found"
+        # nor send her items by reference (item_reference): unknown to him, as her response is; still hers
+        ref = {"type": "item_reference", "id": resp["output"][0]["id"]}
+        code, body = await call("bob-token", "POST", "v1", "responses", body={"model": TINY, "input": [ref], "max_output_tokens": 2})
+        assert code == 404 and body["error"]["param"] == "input[0].id" and "0000" not in json.dumps(body), (code, body)
+        code, body = await call("alice-token", "POST", "v1", "responses", body={"model": TINY, "input": [ref], "max_output_tokens": 2})
+        assert code == 200, body
         code, listing = await call("bob-token", "GET", "v1", "chat", "completions")
         assert code == 200 and cid not in [c["id"] for c in listing["data"]]
         # alice's are still there, still hers
