@@ -41,34 +41,46 @@ class ResponseStore(OwnedStore[StoredResponse]):
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY, max_bytes: int = DEFAULT_MAX_BYTES):
         super().__init__(capacity, max_bytes)
-        #: (owner, item id) -> each stored response holding an item of that id (latest last) -> the item. The item
-        #: itself, so a lookup is O(1): a scan of the response's items made 50,000 references to one response's items
-        #: seconds to minutes on the IOLoop. Every holder, so deleting the latest still finds the item in an earlier
-        #: one: a client sending its history again with ids puts the same item in every turn's input.
-        self._holders: dict[tuple[str | None, str], dict[str, dict[str, Any]]] = {}
+        #: (owner, item id) -> (response id, the item), or where several stored responses hold that id, {response id:
+        #: item} (latest last). The item itself, so a lookup is O(1): a scan of the response's items made 50,000
+        #: references to one response's items seconds to minutes on the IOLoop. Every holder, so deleting the latest
+        #: still finds the item in an earlier one: a client sending its history again with ids puts the same item in
+        #: every turn's input. A tuple for the one holder most ids have (a dict each doubled the index's memory).
+        self._holders: dict[tuple[str | None, str], tuple[str, dict[str, Any]] | dict[str, dict[str, Any]]] = {}
 
     def put(self, oid: str, item: StoredResponse) -> None:
         """Remember ``item`` and where its items are (unless it was evicted at once, being too large)."""
         super().put(oid, item)
         if self.peek(oid, item.owner) is item:
             for it in _items(item):
-                self._holders.setdefault((item.owner, it["id"]), {})[oid] = it
+                key = (item.owner, it["id"])
+                held = self._holders.get(key)
+                if held is None:
+                    self._holders[key] = (oid, it)
+                elif isinstance(held, tuple):
+                    self._holders[key] = {held[0]: held[1], oid: it}
+                else:
+                    held[oid] = it
 
     def forgotten(self, oid: str, item: StoredResponse) -> None:
         """Its items are no longer found through it (an earlier response holding the same id still finds them)."""
         for it in _items(item):
             key = (item.owner, it["id"])
             held = self._holders.get(key)
-            if held is not None:
+            if isinstance(held, dict):
                 held.pop(oid, None)
-                if not held:
-                    del self._holders[key]
+                if len(held) == 1:
+                    self._holders[key] = next(iter(held.items()))
+            if isinstance(held, tuple) and held[0] == oid or held == {}:
+                del self._holders[key]
 
     def find_item(self, iid: str, owner: str | None) -> dict[str, Any] | None:
         """``owner``'s stored input or output item ``iid`` (the latest response's, for an id sent again), or None
         (another user's items are never found)."""
         held = self._holders.get((owner, iid))
-        return next(reversed(held.values())) if held else None
+        if held is None:
+            return None
+        return held[1] if isinstance(held, tuple) else next(reversed(held.values()))
 
     def size(self, item: StoredResponse) -> int:
         """The response, its input items and its conversation, as JSON, and its set of item ids."""
