@@ -217,6 +217,12 @@ def build_app(
                     "role": "assistant",
                     "content": f"{text}\n\n{ERROR_PREFIX}{exc}".strip(),
                 }
+            if stopped.cleared:
+                # Clear emptied the transcript mid-reply. Clear is unqueued, so its answer can reach the
+                # page before an update of this reply already sent; this last update, on the page's
+                # stream after all of them, leaves the transcript empty whatever the order.
+                yield [], gr.skip()
+                return
             yield history, gr.skip()
         finally:
             stops.end(page, stopped)
@@ -291,7 +297,7 @@ def build_app(
         # The engine batches concurrent users; don't let Gradio serialise them (its default is 1).
         # always_last: Enter (or Send) during a reply is not dropped but asked when the reply ends,
         # with the box and transcript as they are then (the default "once" ignored it silently).
-        submitted = box.submit(
+        box.submit(
             respond,
             inputs,
             [chatbot, box],
@@ -299,29 +305,32 @@ def build_app(
             concurrency_limit=32,
             trigger_mode="always_last",
         )
-        clicked = send.click(
+        send.click(
             respond, inputs, [chatbot, box], api_name=False, concurrency_limit=32,
             trigger_mode="always_last",
         )
+
         async def stop_replies(request: gr.Request) -> None:
             """Stop: the page's replies end themselves, keeping their text so far (see ``Stops``)."""
             stops.stop(request.session_hash or "")
 
-        stop_replies.__annotations__["request"] = gr.Request
+        async def clear_replies(request: gr.Request) -> tuple[list, str]:
+            """Clear: empty the transcript and the box; the page's replies end with an empty transcript."""
+            stops.stop(request.session_hash or "", cleared=True)
+            return [], ""
 
+        async def cleared(request: gr.Request) -> None:
+            """The transcript's trash icon (the page has emptied it): the page's replies end as for Clear."""
+            stops.stop(request.session_hash or "", cleared=True)
+
+        for handler in (stop_replies, clear_replies, cleared):
+            handler.__annotations__["request"] = gr.Request
         # Unqueued, so it runs at once even while the page's replies hold their queue slots.
         stop.click(stop_replies, None, None, api_name=False, queue=False, show_progress="hidden")
-        # Clear stops a reply in progress too: else it keeps streaming into the emptied transcript.
-        clear.click(
-            lambda: ([], ""),
-            None,
-            [chatbot, box],
-            cancels=[submitted, clicked],
-            api_name=False,
-            queue=False,
-        )
-        # the transcript's own trash icon empties it the same way
-        chatbot.clear(None, None, None, cancels=[submitted, clicked], api_name=False)
+        # Clear stops a reply in progress too (else it keeps streaming into the emptied transcript), from
+        # inside as Stop does: with Gradio's cancels= an update already on its way refilled the transcript.
+        clear.click(clear_replies, None, [chatbot, box], api_name=False, queue=False, show_progress="hidden")
+        chatbot.clear(cleared, None, None, api_name=False, queue=False, show_progress="hidden")
 
         async def refresh_models(current: str | None):
             """The picker's choices as the server lists them when a page opens."""

@@ -6,6 +6,12 @@ import asyncio
 from collections.abc import AsyncIterator
 
 
+class ReplyStop(asyncio.Event):
+    """One reply's stop event; ``cleared`` once Clear (not Stop) set it."""
+
+    cleared = False
+
+
 class Stops:
     """The stop events of the replies streaming now, by page (Gradio's session hash).
 
@@ -18,9 +24,9 @@ class Stops:
     def __init__(self) -> None:
         self._running: dict[str, set[asyncio.Event]] = {}
 
-    def begin(self, page: str) -> asyncio.Event:
+    def begin(self, page: str) -> ReplyStop:
         """A new reply on ``page``: the event Stop sets for it (pass it to ``end`` when it is done)."""
-        event = asyncio.Event()
+        event = ReplyStop()
         self._running.setdefault(page, set()).add(event)
         return event
 
@@ -32,10 +38,11 @@ class Stops:
             if not events:
                 del self._running[page]
 
-    def stop(self, page: str) -> int:
-        """Stop every reply streaming on ``page``; how many there were."""
+    def stop(self, page: str, *, cleared: bool = False) -> int:
+        """Stop every reply streaming on ``page`` (``cleared``: for Clear); how many there were."""
         events = self._running.get(page, set())
         for event in events:
+            event.cleared = event.cleared or cleared
             event.set()
         return len(events)
 
