@@ -135,3 +135,33 @@ def test_many_references_to_one_responses_items_are_looked_up_in_constant_time()
     assert time.perf_counter() - started < 1.5  # ~0.03 s; ~7 s before
     assert [it["id"] for it in resolved] == [it["id"] for it in items]
     assert size == sum(len(it["id"]) + len("message") + len("user") + len("completed") for it in items)
+
+
+def test_the_item_index_finds_the_latest_stored_holder_after_any_puts_and_deletes():
+    """Against a model: the item of that id in the latest stored response of that owner holding one (random puts,
+    replacements, evictions and deletes; ids repeated across responses and owners)."""
+    import random
+
+    from xllm_jupyter.openai.response_store import ResponseStore, StoredResponse
+
+    rnd = random.Random(1)
+    for _ in range(200):
+        store = ResponseStore(capacity=rnd.randint(1, 6))
+        for step in range(40):
+            if rnd.random() < 0.7 or not len(store):
+                ins = {f"i{rnd.randint(0, 5)}": step for _ in range(rnd.randint(0, 3))}
+                outs = [{"id": f"i{rnd.randint(0, 5)}", "out": step}] if rnd.random() < 0.5 else []
+                store.put(f"r{rnd.randint(0, 8)}", StoredResponse({"output": outs}, [{"id": i, "in": s} for i, s in ins.items()],
+                                                                  owner=rnd.choice(["a", "b", None])))
+            else:
+                oid, held = rnd.choice(store.owned(rnd.choice(["a", "b", None])) or store.owned("a") or store.owned("b")
+                                       or store.owned(None))
+                store.delete(oid, owner=held.owner)
+            for owner in ("a", "b", None):
+                for iid in (f"i{n}" for n in range(6)):
+                    expected = None
+                    for stored in store._items.values():  # (oldest put first)
+                        if stored.owner == owner:
+                            expected = next((it for it in [*stored.input_items, *stored.response["output"]][::-1]
+                                             if it["id"] == iid), expected)
+                    assert store.find_item(iid, owner) is expected
