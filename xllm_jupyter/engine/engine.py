@@ -145,6 +145,12 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
         # first: a request already past the server's door (tokenizing, or waiting for a load cancelled below)
         # must get this error, not load a model into a stopping engine or see its wait cancelled as a 500
         self._stopped = reason or Overloaded("The engine was stopped; retry the request later")
+        # then the store's pulls in flight: a first use that counted its pull after the server's own cancel_pulls
+        # but read stop_reason before the line above was stopped by neither (first_use.py); `xllm run`'s LocalChat
+        # and the hub service's failed start had no cancel_pulls at all
+        cancel = getattr(self.catalog, "cancel_pulls", None)
+        if cancel is not None:
+            cancel()
         if self._reaper is not None:
             self._reaper.cancel()
         loading = list(self._loading.values())
