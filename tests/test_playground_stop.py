@@ -188,3 +188,40 @@ def test_clear_in_a_browser_empties_the_transcript_for_good(tiny_client, xllm_se
         page.wait_for_timeout(1000)
         assert page.locator("span.error").count() == 0
         assert "Tell me a long story" not in page.locator("#xllm-chatbot").inner_text()
+
+
+def test_a_reply_cancelled_from_outside_closes_its_stream(xllm_server):
+    """Gradio cancels a running reply on /cancel (gradio_client's job.cancel()): the piece being awaited is cancelled
+    too, so the stream closes and the server cancels the job (it was left reading, and the generator's
+    close raised 'already running' over the cancellation)."""
+    endpoint = Endpoint(xllm_server.base_url, xllm_server.api_key)
+    messages = [{"role": "user", "content": "Tell me a long story"}]
+    before = xllm_server.engine.stats()
+
+    async def reply() -> BaseException | None:
+        pieces: list[str] = []
+
+        async def read() -> None:
+            async for piece in until_set(stream_reply(endpoint, messages, "tiny", LONG), asyncio.Event()):
+                pieces.append(piece)
+                if len(pieces) == 2:
+                    # delivered at the next await: the wait for the third piece
+                    asyncio.get_running_loop().call_soon(reading.cancel)
+
+        reading = asyncio.ensure_future(read())
+        raised = None
+        try:
+            await reading
+        except BaseException as exc:  # noqa: BLE001 - the test looks at which
+            raised = exc
+        # while this loop still runs (as Gradio's does): asyncio.run's end would cancel a leftover read
+        deadline = time.monotonic() + 20
+        while xllm_server.engine.stats().cancelled == before.cancelled and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return raised
+
+    raised = asyncio.run(asyncio.wait_for(reply(), 120))
+    assert isinstance(raised, asyncio.CancelledError), repr(raised)
+    after = xllm_server.engine.stats()
+    assert after.cancelled == before.cancelled + 1, "the server kept generating for a cancelled reply"
+    assert after.completed == before.completed

@@ -54,15 +54,13 @@ async def until_set(pieces: AsyncIterator[str], stop: asyncio.Event) -> AsyncIte
     that has not started yet, such as one waiting for its model to load.
     """
     halt = asyncio.ensure_future(stop.wait())
+    following: asyncio.Future[str] | None = None
     try:
         while not stop.is_set():
             following = asyncio.ensure_future(anext(pieces))
             await asyncio.wait({following, halt}, return_when=asyncio.FIRST_COMPLETED)
             if not following.done():
-                # Cancelling it closes the HTTP stream to the server, which cancels the generation.
-                following.cancel()
-                await asyncio.wait({following})
-                return
+                return  # stopped: the finally cancels the piece awaited
             try:
                 piece = following.result()
             except StopAsyncIteration:
@@ -70,6 +68,11 @@ async def until_set(pieces: AsyncIterator[str], stop: asyncio.Event) -> AsyncIte
             yield piece
     finally:
         halt.cancel()
+        if following is not None and not following.done():
+            # Stopped, or this reply cancelled from outside (Gradio's /cancel; asyncio.wait leaves the piece
+            # running then): cancelling it closes the HTTP stream, and the server cancels the generation.
+            following.cancel()
+            await asyncio.wait({following})
         aclose = getattr(pieces, "aclose", None)
         if aclose is not None:
             await aclose()
