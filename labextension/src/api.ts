@@ -261,12 +261,14 @@ export class XllmApi {
     const reader = response.body.getReader();
     try {
       for (;;) {
-        const { done, value } = await reader.read();
-        const payloads = parser.feed(done ? decoder.decode() : decoder.decode(value, { stream: true }));
+        const { done: closed, value } = await reader.read();
+        const payloads = parser.feed(closed ? decoder.decode() : decoder.decode(value, { stream: true }));
+        let done = closed;
         for (const payload of payloads) {
           const chunk = parseChatChunk(payload);
           if (chunk === null) {
-            return result;
+            done = true; // [DONE]: the end, checked below as a closed stream is
+            break;
           }
           if (chunk.error !== null) {
             throw new XllmApiError(chunk.error, response.status);
@@ -280,8 +282,8 @@ export class XllmApi {
         }
         if (done) {
           if (result.finishReason === null) {
-            // the connection closed cleanly mid-reply (a restarted server, a proxy's timeout):
-            // the text so far is not the whole answer, and must not pass for one
+            // the connection closed cleanly mid-reply (a restarted server, a proxy's timeout), or
+            // ended with [DONE] but no finish reason: the text so far is not the whole answer
             throw new XllmApiError('The reply stopped short: the stream closed before the server finished it.', response.status, 'stream_incomplete');
           }
           return result;

@@ -192,8 +192,9 @@ export type ChatKeyAction = 'send' | 'stop' | null;
  * An Enter that confirms an input method's composition (Japanese, Chinese, Korean) only
  * ends the composition: sending then would send half-typed text.
  */
-export function chatKeyAction(key: { key: string; shiftKey: boolean; isComposing: boolean }, streaming: boolean): ChatKeyAction {
-  if (key.isComposing) {
+export function chatKeyAction(key: { key: string; shiftKey: boolean; isComposing: boolean; keyCode?: number }, streaming: boolean): ChatKeyAction {
+  // Safari sends the keydown that ends a composition with isComposing false, but keyCode 229
+  if (key.isComposing || key.keyCode === 229) {
     return null;
   }
   if (key.key === 'Enter' && !key.shiftKey) {

@@ -159,6 +159,11 @@ describe('XllmApi', () => {
     expect(got).toEqual(['half an ans']);
   });
 
+  it('says so when a stream ends with [DONE] but no finish reason', async () => {
+    const { request } = fake(() => streamed([new TextEncoder().encode(sse(delta('half an ans')) + 'data: [DONE]\n\n')]));
+    await expect(new XllmApi(request).chat({ model: 'tiny', messages: [], onDelta: () => undefined })).rejects.toMatchObject({ code: 'stream_incomplete' });
+  });
+
   it('ends a stream with a finish reason but no [DONE] normally', async () => {
     const { request } = fake(() => streamed([new TextEncoder().encode(sse(delta('whole', 'stop')))]));
     await expect(new XllmApi(request).chat({ model: 'tiny', messages: [], onDelta: () => undefined })).resolves.toMatchObject({ text: 'whole', finishReason: 'stop' });
