@@ -178,9 +178,11 @@ describe('chatKeyAction', () => {
   it('leaves an Enter that ends an input method composition alone', () => {
     expect(chatKeyAction(key('Enter', { isComposing: true }), false)).toBeNull();
     // Safari: the keydown of the Enter that ends a composition has isComposing false but keyCode 229
-    expect(chatKeyAction({ ...key('Enter'), keyCode: 229 }, false)).toBeNull();
-    expect(chatKeyAction({ ...key('Escape'), keyCode: 229 }, true)).toBeNull();
-    expect(chatKeyAction({ ...key('Enter'), keyCode: 13 }, false)).toBe('send');
+    const safari = { ...key('Enter'), keyCode: 229 };
+    expect(chatKeyAction(safari, false)).toBeNull();
+    expect(chatKeyAction({ ...safari, key: 'Escape' }, true)).toBeNull();
+    const plain = { ...safari, keyCode: 13 };
+    expect(chatKeyAction(plain, false)).toBe('send');
   });
 
   it('stops on Escape only while a reply streams', () => {
