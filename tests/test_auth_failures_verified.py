@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import select
 import socket
+from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any, Iterator
 from urllib.parse import urlsplit
@@ -28,12 +29,18 @@ LIMIT = 4
 WINDOW = 400.0  # 100 s between two checks of a capped address: no waiting request gets its turn during a test
 
 
-@pytest.fixture(scope="module")
-def server(xllm_home, tiny_catalog) -> Iterator[Any]:
+@contextmanager
+def capped_server(xllm_home: Any, tiny_catalog: Any) -> Iterator[Any]:
     """A standalone server (no trusted proxy) allowing ``LIMIT`` failed authentications per address and window."""
     cfg = make_test_config(xllm_home, api_keys=(KEY,))
     cfg = dataclasses.replace(cfg, auth=AuthConfig(failed_auth_limit=LIMIT, failed_auth_window_seconds=WINDOW))
     with running_server(cfg, tiny_catalog, TINY) as info:
+        yield info
+
+
+@pytest.fixture(scope="module")
+def server(xllm_home, tiny_catalog) -> Iterator[Any]:
+    with capped_server(xllm_home, tiny_catalog) as info:
         yield info
 
 

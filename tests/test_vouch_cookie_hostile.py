@@ -10,20 +10,13 @@ ours: only the last one of a name was looked at.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Iterator
 
 import httpx
 import pytest
 
-from tests.server_fixtures import TINY, make_test_config, running_server
-from tests.test_auth_failures_verified import _fill_the_line
-from xllm_jupyter.core.config import AuthConfig
+from tests.test_auth_failures_verified import KEY, LIMIT, _fill_the_line, capped_server
 from xllm_jupyter.server.vouch_cookie import COOKIE_NAME, VouchCookies
-
-KEY = "sk-right-key"
-LIMIT = 4
-WINDOW = 400.0  # 100 s between two checks of a capped address: no waiting request gets its turn during a test
 
 HOSTILE = (
     b'"1999999999.\\351"',  # an octal escape, which a cookie parser turns into a non-ASCII character
@@ -35,9 +28,7 @@ HOSTILE = (
 
 @pytest.fixture(scope="module")
 def server(xllm_home, tiny_catalog) -> Iterator[Any]:
-    cfg = make_test_config(xllm_home, api_keys=(KEY,))
-    cfg = dataclasses.replace(cfg, auth=AuthConfig(failed_auth_limit=LIMIT, failed_auth_window_seconds=WINDOW))
-    with running_server(cfg, tiny_catalog, TINY) as info:
+    with capped_server(xllm_home, tiny_catalog) as info:
         yield info
 
 
