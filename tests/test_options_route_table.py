@@ -28,18 +28,23 @@ def _answer(r: httpx.Response) -> tuple[object, ...]:
     return r.status_code, tuple(sorted(headers.items())), r.content
 
 
+def assert_alike_on_every_path(c: httpx.Client, method: str, headers: dict[str, str], status: int) -> None:
+    """``method`` with ``headers`` gets the same answer on every path of ``PATHS``: ``status``, allowing every method."""
+    answers = {path: _answer(c.request(method, path, headers=headers)) for path in PATHS}
+    first = answers[PATHS[0]]
+    assert first[0] == status, first
+    assert dict(first[1])["allow"] == "GET, HEAD, POST, DELETE, OPTIONS"
+    differ = {path: a for path, a in answers.items() if a != first}
+    assert not differ, (method, headers, first, differ)
+
+
 def test_an_anonymous_options_answers_alike_on_every_path(tiny_catalog, xllm_home):
     config = make_test_config(xllm_home)  # API keys on
     config = dataclasses.replace(config, http=HttpConfig(cors_origins=(ORIGIN,)))
     with running_server(config, tiny_catalog, TINY) as info, httpx.Client(base_url=info.root, timeout=60) as c:
         for extra in ({}, {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
                            "Access-Control-Request-Headers": "authorization, content-type"}):
-            answers = {path: _answer(c.options(path, headers=extra)) for path in PATHS}
-            first = answers[PATHS[0]]
-            assert first[0] == 204, first
-            assert dict(first[1])["allow"] == "GET, HEAD, POST, DELETE, OPTIONS"
-            differ = {path: a for path, a in answers.items() if a != first}
-            assert not differ, (extra, first, differ)
+            assert_alike_on_every_path(c, "OPTIONS", extra, 204)
         # the preflight still lets the browser's request through, and a foreign origin is still refused
         r = c.options("/v1/models", headers={"Origin": ORIGIN, "Access-Control-Request-Method": "GET"})
         assert r.headers["access-control-allow-origin"] == ORIGIN and "GET" in r.headers["access-control-allow-methods"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import httpx
 
 from tests.server_fixtures import TINY, make_test_config, running_server
-from tests.test_options_route_table import PATHS, _answer
+from tests.test_options_route_table import assert_alike_on_every_path
 from xllm_jupyter.engine.engine import Engine
 from xllm_jupyter.server.standalone import start_server
 
@@ -22,12 +22,7 @@ def test_a_method_no_route_takes_answers_alike_on_every_path(tiny_catalog, xllm_
     with running_server(config, tiny_catalog, TINY) as info, httpx.Client(base_url=info.root, timeout=60) as c:
         for method in METHODS:
             for headers in ({}, {"Authorization": f"Bearer {info.api_key}"}):
-                answers = {path: _answer(c.request(method, path, headers=headers)) for path in PATHS}
-                first = answers[PATHS[0]]
-                assert first[0] == 405, first
-                assert dict(first[1])["allow"] == "GET, HEAD, POST, DELETE, OPTIONS"
-                differ = {path: a for path, a in answers.items() if a != first}
-                assert not differ, (method, first, differ)
+                assert_alike_on_every_path(c, method, headers, 405)
         # the methods the routes know are unchanged: 401 without the key, the route's own 405 with it
         assert c.put("/v1/models").status_code == 401
         r = c.put("/v1/models", headers={"Authorization": f"Bearer {info.api_key}"})
