@@ -52,6 +52,15 @@ def streamed_chat_request(server: Any, model: str, max_tokens: int, version: str
             f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n").encode() + body
 
 
+def changed_copy(model: Path, dest: Path) -> Path:
+    """``dest``: a copy of the model folder ``model`` with one file more (another digest, still a loadable model)."""
+    dest.mkdir()
+    for f in model.iterdir():
+        (dest / f.name).write_bytes(f.read_bytes())
+    (dest / "extra.json").write_text("{}")
+    return dest
+
+
 def dirs_in(path: Path) -> list[str]:
     """The names of the folders directly in ``path``, sorted ([] when ``path`` is no folder)."""
     return sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []

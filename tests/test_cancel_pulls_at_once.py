@@ -12,6 +12,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from tests.helpers import changed_copy
 from xllm_jupyter.store import pulling
 from xllm_jupyter.store.store import ModelStore
 
@@ -23,11 +24,7 @@ HELD = 30
 def test_cancel_pulls_does_not_wait_for_a_pull_deleting_the_model_it_replaced(tmp_path, tiny_llama_dir, monkeypatch):
     store = ModelStore(tmp_path / "home")
     store.pull(str(tiny_llama_dir), "m")
-    other = tmp_path / "other"
-    other.mkdir()
-    for f in tiny_llama_dir.iterdir():
-        (other / f.name).write_bytes(f.read_bytes())
-    (other / "extra.json").write_text("{}")
+    other = changed_copy(tiny_llama_dir, tmp_path / "other")
     deleting, release = threading.Event(), threading.Event()
     real_remove = pulling.remove_tree
 

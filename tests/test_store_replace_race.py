@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import changed_copy
 from xllm_jupyter.core.errors import StoreError
 from xllm_jupyter.store import atomic
 from xllm_jupyter.store.store import ModelStore
@@ -23,11 +24,7 @@ def test_a_clean_up_during_a_failed_replace_leaves_the_old_model_in_place(tmp_pa
     home = tmp_path / "home"
     store = ModelStore(home)
     kept = store.pull(str(tiny_llama_dir), "m")
-    other = tmp_path / "other"
-    other.mkdir()
-    for f in tiny_llama_dir.iterdir():
-        (other / f.name).write_bytes(f.read_bytes())
-    (other / "extra.json").write_text("{}")
+    other = changed_copy(tiny_llama_dir, tmp_path / "other")
     monkeypatch.setattr(atomic, "_renameat2_exchange", lambda a, b: False)
     real_rename = os.rename
 
@@ -49,11 +46,7 @@ def test_a_replace_without_exchange_leaves_nothing_in_tmp(tmp_path, tiny_llama_d
     (it stayed until the next pull's clean-up)."""
     store = ModelStore(tmp_path / "home")
     store.pull(str(tiny_llama_dir), "m")
-    other = tmp_path / "other"
-    other.mkdir()
-    for f in tiny_llama_dir.iterdir():
-        (other / f.name).write_bytes(f.read_bytes())
-    (other / "extra.json").write_text("{}")
+    other = changed_copy(tiny_llama_dir, tmp_path / "other")
     monkeypatch.setattr(atomic, "_renameat2_exchange", lambda a, b: False)
     replaced = store.pull(str(other), "m", force=True)
     assert sorted(p.name for p in store.tmp.iterdir()) == []
