@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import time
+from typing import Any, Callable
 
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
@@ -322,36 +324,51 @@ def test_interrupt_closes_the_stream_and_the_server_cancels(shell, xllm_server, 
     _wait_cancelled(engine, before)
 
 
-def test_a_second_interrupt_while_the_stream_closes_keeps_the_answer(shell, xllm_server, monkeypatch):
-    """Ctrl-C pressed twice: the second SIGINT came while the stream was being closed after the first, and the cell
-    ended in "xllm: interrupted" with the answer so far lost (no "(interrupted)", no provenance, --out unset).
-    The answer stays, the server cancels the job, and the next question gets a fresh connection."""
-    import signal
+class _Pressed(dict):
+    """A chunk whose reading is interrupted: the first Ctrl-C lands in the magic, the stream paused at a yield."""
 
-    real = XllmClient.stream_chunks
-    sent: list[str] = []
+    def get(self, key, default=None):
+        if key == "choices":
+            signal.raise_signal(signal.SIGINT)
+        return super().get(key, default)
 
-    class Pressed(dict):
-        """A chunk whose reading is interrupted: the first Ctrl-C lands in the magic, the stream paused at a yield."""
 
-        def get(self, key, default=None):
-            if key == "choices":
-                signal.raise_signal(signal.SIGINT)
-            return super().get(key, default)
+def _pressed_twice(real: Any, sent: list[str], close_stream: bool) -> Callable[..., Any]:
+    """A ``stream_chunks`` over ``real`` that presses Ctrl-C as its fifth chunk is read and again as the magic closes
+    it, before the real stream's own close (which then runs only with ``close_stream``); the text passed on goes into
+    ``sent``."""
 
-    def interrupted_twice(self, *args, **kw):
+    def stream_chunks(self, *args, **kw):
         stream = real(self, *args, **kw)
         try:
             for i, chunk in enumerate(stream):
                 if i == 4:
-                    yield Pressed(chunk)
+                    yield _Pressed(chunk)
                 sent.append(((chunk.get("choices") or [{}])[0].get("delta") or {}).get("content") or "")
                 yield chunk
         finally:  # the magic closes this stream after the first press
             signal.raise_signal(signal.SIGINT)  # the second press, before this stream's own close could run
-            stream.close()
+            if close_stream:
+                stream.close()
 
-    monkeypatch.setattr(XllmClient, "stream_chunks", interrupted_twice)
+    return stream_chunks
+
+
+def _assert_the_next_cell_works(shell) -> None:
+    """A short question after an interrupted one gets its whole answer, without an error."""
+    with capture_output() as cap:
+        shell.run_line_magic("xllm", f"-m {TINY} {SAMPLED} --max-tokens 4 Say something")
+    assert cap.stderr == "" and final(cap).metadata["xllm"]["finish_reason"] in ("length", "stop")
+
+
+def test_a_second_interrupt_while_the_stream_closes_keeps_the_answer(shell, xllm_server, monkeypatch):
+    """Ctrl-C pressed twice: the second SIGINT came while the stream was being closed after the first, and the cell
+    ended in "xllm: interrupted" with the answer so far lost (no "(interrupted)", no provenance, --out unset).
+    The answer stays, the server cancels the job, and the next question gets a fresh connection."""
+
+    real = XllmClient.stream_chunks
+    sent: list[str] = []
+    monkeypatch.setattr(XllmClient, "stream_chunks", _pressed_twice(real, sent, close_stream=True))
     engine = xllm_server.engine
     before = engine.stats(TINY).cancelled
     with capture_output() as cap:
@@ -362,9 +379,7 @@ def test_a_second_interrupt_while_the_stream_closes_keeps_the_answer(shell, xllm
     assert shell.user_ns["answer"] == "".join(sent) and 0 < len(shell.user_ns["answer"]) < 1000
     _wait_cancelled(engine, before)
     monkeypatch.setattr(XllmClient, "stream_chunks", real)
-    with capture_output() as cap:
-        shell.run_line_magic("xllm", f"-m {TINY} {SAMPLED} --max-tokens 4 Say something")
-    assert cap.stderr == "" and final(cap).metadata["xllm"]["finish_reason"] in ("length", "stop")
+    _assert_the_next_cell_works(shell)
 
 
 def test_an_interrupted_json_or_code_answer_stores_what_its_format_promises(shell, xllm_server, monkeypatch):
@@ -653,37 +668,16 @@ def test_a_third_interrupt_while_the_connections_drop_keeps_the_answer_and_the_n
     real_stream, real_close = XllmClient.stream_chunks, httpx.HTTPTransport.close
     sent: list[str] = []
 
-    class Pressed(dict):
-        """A chunk whose reading is interrupted: the first Ctrl-C lands in the magic, the stream paused at a yield."""
-
-        def get(self, key, default=None):
-            if key == "choices":
-                signal.raise_signal(signal.SIGINT)
-            return super().get(key, default)
-
-    def interrupted_thrice(self, *args, **kw):
-        stream = real_stream(self, *args, **kw)
-        try:
-            for i, chunk in enumerate(stream):
-                if i == 4:
-                    yield Pressed(chunk)
-                sent.append(((chunk.get("choices") or [{}])[0].get("delta") or {}).get("content") or "")
-                yield chunk
-        finally:
-            signal.raise_signal(signal.SIGINT)  # the second, before this stream's own close could run
-
     def close_pressed(transport):
         monkeypatch.setattr(httpx.HTTPTransport, "close", real_close)
         signal.raise_signal(signal.SIGINT)  # the third, as the connections drop
         real_close(transport)
 
-    monkeypatch.setattr(XllmClient, "stream_chunks", interrupted_thrice)
+    monkeypatch.setattr(XllmClient, "stream_chunks", _pressed_twice(real_stream, sent, close_stream=False))
     monkeypatch.setattr(httpx.HTTPTransport, "close", close_pressed)
     with capture_output() as cap:
         shell.run_cell_magic("xllm", f"-m {TINY} {SAMPLED} --max-tokens 1500 --out answer", "Tell me a long story")
     assert cap.stderr == "" and final_markdown(cap).endswith("*(interrupted)*"), cap.stderr
     assert shell.user_ns["answer"] == "".join(sent) and 0 < len(shell.user_ns["answer"]) < 1000
     monkeypatch.setattr(XllmClient, "stream_chunks", real_stream)
-    with capture_output() as cap:
-        shell.run_line_magic("xllm", f"-m {TINY} {SAMPLED} --max-tokens 4 Say something")
-    assert cap.stderr == "" and final(cap).metadata["xllm"]["finish_reason"] in ("length", "stop")
+    _assert_the_next_cell_works(shell)
