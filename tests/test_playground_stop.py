@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
@@ -22,6 +23,20 @@ def wait_for_cancel(server, before, timeout: float = 60):
     while server.engine.stats().cancelled == before.cancelled and time.monotonic() < deadline:
         time.sleep(0.05)
     return server.engine.stats()
+
+
+def _opened_for_a_long_reply(page: Any, url: str) -> Any:
+    """The playground at ``url`` loaded in ``page``, set to 2,000 tokens and seed 1; returns its input box."""
+    page.goto(url, timeout=60_000)
+    box = page.locator("#xllm-input textarea")
+    box.wait_for(timeout=60_000)
+    # sent as shown, not the model's default (512 tokens, over in a second on an idle machine):
+    # unchecked here, not left to the slider's round trip, which a loaded machine answers late
+    page.get_by_label("The model's defaults").uncheck()
+    page.get_by_label("number input for Max tokens").fill("2000")
+    page.get_by_label("number input for Max tokens").press("Enter")
+    page.get_by_role("textbox", name="Seed").fill("1")
+    return box
 
 
 def test_stop_ends_a_streaming_reply_and_the_server_cancels_it(xllm_server):
@@ -76,15 +91,7 @@ def test_stop_in_a_browser_keeps_the_text_so_far_and_shows_no_error(tiny_client,
     require_browser()
     with xllm_jupyter.playground(client=tiny_client) as pg, chromium() as context:
         page = context.new_page()
-        page.goto(pg.local_url, timeout=60_000)
-        box = page.locator("#xllm-input textarea")
-        box.wait_for(timeout=60_000)
-        # sent as shown, not the model's default (512 tokens, over in a second on an idle machine):
-        # unchecked here, not left to the slider's round trip, which a loaded machine answers late
-        page.get_by_label("The model's defaults").uncheck()
-        page.get_by_label("number input for Max tokens").fill("2000")
-        page.get_by_label("number input for Max tokens").press("Enter")
-        page.get_by_role("textbox", name="Seed").fill("1")
+        box = _opened_for_a_long_reply(page, pg.local_url)
         before = xllm_server.engine.stats()
         box.fill("Tell me a long story")
         box.press("Enter")
@@ -168,13 +175,7 @@ def test_clear_in_a_browser_empties_the_transcript_for_good(tiny_client, xllm_se
     require_browser()
     with xllm_jupyter.playground(client=tiny_client) as pg, chromium() as context:
         page = context.new_page()
-        page.goto(pg.local_url, timeout=60_000)
-        box = page.locator("#xllm-input textarea")
-        box.wait_for(timeout=60_000)
-        page.get_by_label("The model's defaults").uncheck()
-        page.get_by_label("number input for Max tokens").fill("2000")
-        page.get_by_label("number input for Max tokens").press("Enter")
-        page.get_by_role("textbox", name="Seed").fill("1")
+        box = _opened_for_a_long_reply(page, pg.local_url)
         before = xllm_server.engine.stats()
         box.fill("Tell me a long story")
         box.press("Enter")
