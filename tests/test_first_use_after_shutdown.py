@@ -30,6 +30,18 @@ from .slow_work_helpers import hold_pull_lock
 ENDED = GRACE_SECONDS + 10
 
 
+def _assert_stopped(pull: Future) -> None:
+    """The first use's ``pull`` ends stopped (``PullStopped``) within ``ENDED`` seconds."""
+    try:
+        pull.result(ENDED)
+    except PullStopped:
+        pass
+    except TimeoutError:
+        raise AssertionError("the first use's pull ran on after the shutdown") from None
+    else:
+        raise AssertionError("the first use's pull was not stopped")
+
+
 @pytest.mark.parametrize("use", ["embed", "load"])  # (a load is cancelled by the stop; an embed waited for the pull)
 def test_a_first_use_pull_begun_after_the_shutdown_began_is_refused_and_stopped(use, tmp_path, monkeypatch):
     if PACKAGED["all-minilm"].locate() is None:
@@ -68,14 +80,7 @@ def test_a_first_use_pull_begun_after_the_shutdown_began_is_refused_and_stopped(
         refused = asyncio.run(scenario())
         assert isinstance(refused, Overloaded) and "shutting down" in refused.message, refused
         assert began.wait(30) and started[0] is not None
-        try:
-            started[0].result(ENDED)
-        except PullStopped:
-            pass
-        except TimeoutError:
-            raise AssertionError("the first use's pull ran on after the shutdown") from None
-        else:
-            raise AssertionError("the first use's pull was not stopped")
+        _assert_stopped(started[0])
     finally:
         held.release()
     assert not store.exists("all-minilm")
@@ -126,14 +131,7 @@ def test_a_first_use_pull_counted_between_the_shutdowns_cancel_and_the_stop_is_s
     try:
         refused = asyncio.run(scenario())
         assert isinstance(refused, (Overloaded, PullStopped)), refused  # (a 503 either way: not a wait on the pull)
-        try:
-            started[0].result(ENDED)
-        except PullStopped:
-            pass
-        except TimeoutError:
-            raise AssertionError("the first use's pull ran on after the shutdown") from None
-        else:
-            raise AssertionError("the first use's pull was not stopped")
+        _assert_stopped(started[0])
     finally:
         held.release()
     assert not store.exists("all-minilm")
