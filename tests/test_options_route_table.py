@@ -9,6 +9,9 @@ everything public anyway) still names each route's methods.
 from __future__ import annotations
 
 import dataclasses
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
 
 import httpx
 
@@ -38,6 +41,18 @@ def assert_alike_on_every_path(c: httpx.Client, method: str, headers: dict[str, 
     assert not differ, (method, headers, first, differ)
 
 
+@asynccontextmanager
+async def keyless_client(tiny_catalog: Any, home: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of a standalone server without API keys (loopback: everything public anyway)."""
+    config = make_test_config(home, api_keys=())
+    server = await start_server(config, Engine(config.engine, catalog=tiny_catalog), port=0)
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as c:
+            yield c
+    finally:
+        await server.stop()
+
+
 def test_an_anonymous_options_answers_alike_on_every_path(tiny_catalog, xllm_home):
     config = make_test_config(xllm_home)  # API keys on
     config = dataclasses.replace(config, http=HttpConfig(cors_origins=(ORIGIN,)))
@@ -58,13 +73,8 @@ def test_an_anonymous_options_answers_alike_on_every_path(tiny_catalog, xllm_hom
 
 
 async def test_a_keyless_server_still_names_each_routes_methods(tiny_catalog, tmp_path):
-    config = make_test_config(tmp_path, api_keys=())
-    server = await start_server(config, Engine(config.engine, catalog=tiny_catalog), port=0)
-    try:
-        async with httpx.AsyncClient(base_url=server.url) as c:
-            r = await c.options("/v1/embeddings")
-            assert (r.status_code, r.headers.get("allow")) == (204, "POST, OPTIONS")
-            r = await c.options("/v1/no-such-route")
-            assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
-    finally:
-        await server.stop()
+    async with keyless_client(tiny_catalog, tmp_path) as c:
+        r = await c.options("/v1/embeddings")
+        assert (r.status_code, r.headers.get("allow")) == (204, "POST, OPTIONS")
+        r = await c.options("/v1/no-such-route")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"

@@ -10,9 +10,7 @@ from __future__ import annotations
 import httpx
 
 from tests.server_fixtures import TINY, make_test_config, running_server
-from tests.test_options_route_table import assert_alike_on_every_path
-from xllm_jupyter.engine.engine import Engine
-from xllm_jupyter.server.standalone import start_server
+from tests.test_options_route_table import assert_alike_on_every_path, keyless_client
 
 METHODS = ("TRACE", "PROPFIND", "FOO")
 
@@ -30,11 +28,6 @@ def test_a_method_no_route_takes_answers_alike_on_every_path(tiny_catalog, xllm_
 
 
 async def test_a_keyless_server_still_names_each_routes_methods(tiny_catalog, tmp_path):
-    config = make_test_config(tmp_path, api_keys=())
-    server = await start_server(config, Engine(config.engine, catalog=tiny_catalog), port=0)
-    try:
-        async with httpx.AsyncClient(base_url=server.url) as c:
-            r = await c.request("TRACE", "/v1/embeddings")
-            assert (r.status_code, r.headers.get("allow")) == (405, "POST, OPTIONS")
-    finally:
-        await server.stop()
+    async with keyless_client(tiny_catalog, tmp_path) as c:
+        r = await c.request("TRACE", "/v1/embeddings")
+        assert (r.status_code, r.headers.get("allow")) == (405, "POST, OPTIONS")
