@@ -39,6 +39,16 @@ def _opened_for_a_long_reply(page: Any, url: str) -> Any:
     return box
 
 
+def _a_long_story_under_way(page: Any, box: Any) -> Any:
+    """Asks for a long story in ``box`` and returns the bot's messages once the reply has streamed about 1.5 s."""
+    box.fill("Tell me a long story")
+    box.press("Enter")
+    bot = page.locator("#xllm-chatbot [data-testid=bot]")
+    bot.wait_for(timeout=60_000)
+    page.wait_for_timeout(1500)
+    return bot
+
+
 def test_stop_ends_a_streaming_reply_and_the_server_cancels_it(xllm_server):
     endpoint = Endpoint(xllm_server.base_url, xllm_server.api_key)
     messages = [{"role": "user", "content": "Tell me a long story"}]
@@ -93,11 +103,7 @@ def test_stop_in_a_browser_keeps_the_text_so_far_and_shows_no_error(tiny_client,
         page = context.new_page()
         box = _opened_for_a_long_reply(page, pg.local_url)
         before = xllm_server.engine.stats()
-        box.fill("Tell me a long story")
-        box.press("Enter")
-        bot = page.locator("#xllm-chatbot [data-testid=bot]")
-        bot.wait_for(timeout=60_000)
-        page.wait_for_timeout(1500)
+        bot = _a_long_story_under_way(page, box)
         page.get_by_role("button", name="Stop").click()
         after = wait_for_cancel(xllm_server, before)
         assert after.cancelled == before.cancelled + 1, "the server did not cancel the stopped generation"
@@ -177,10 +183,7 @@ def test_clear_in_a_browser_empties_the_transcript_for_good(tiny_client, xllm_se
         page = context.new_page()
         box = _opened_for_a_long_reply(page, pg.local_url)
         before = xllm_server.engine.stats()
-        box.fill("Tell me a long story")
-        box.press("Enter")
-        page.locator("#xllm-chatbot [data-testid=bot]").wait_for(timeout=60_000)
-        page.wait_for_timeout(1500)
+        _a_long_story_under_way(page, box)
         clear = page.locator("button.lg", has_text="Clear") if which == "button" else page.locator("#xllm-chatbot button[title=Clear]")
         clear.click()
         after = wait_for_cancel(xllm_server, before)
