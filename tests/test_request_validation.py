@@ -390,3 +390,16 @@ def test_a_well_formed_prompt_cache_breakpoint_is_accepted(client):
         client.responses.create(model=TINY, max_output_tokens=16, input=[{"role": "user", "content": [
             {"type": "input_text", "text": "Hi", "prompt_cache_breakpoint": {"mode": "explicit", "ttl": "1d"}}]}])
     assert (info.value.param, info.value.code) == ("input[0].content[0].prompt_cache_breakpoint.ttl", "invalid_value")
+
+
+def test_top_k_above_int32_is_refused_and_vocab_sized_is_off(client):
+    # top_k at or over the vocabulary is no top-k; past int32 no backend can take it, so it is a 400 naming top_k
+    err = bad_chat(client, [USER], extra_body={"top_k": 2**70})
+    assert err.status_code == 400 and err.param == "top_k"
+    err = bad_chat(client, [USER], extra_body={"top_k": 2**31})
+    assert err.param == "top_k"
+    done = client.chat.completions.create(model=TINY, messages=[USER], max_tokens=2, extra_body={"top_k": 2**31 - 1})
+    assert done.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(model=TINY, input="hi", max_output_tokens=16, extra_body={"top_k": 2**70})
+    assert info.value.param == "top_k"
