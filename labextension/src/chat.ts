@@ -80,7 +80,7 @@ export class ChatView extends Widget {
     });
     // Escape anywhere in the chat stops a streaming reply (and only then: else it is JupyterLab's)
     this.node.addEventListener('keydown', event => {
-      if (chatKeyAction(event, this.abort !== null) === 'stop') {
+      if (chatKeyAction(event, this.abort !== null, event.target instanceof HTMLSelectElement) === 'stop') {
         event.preventDefault();
         event.stopPropagation();
         this.stop();

@@ -188,11 +188,16 @@ export function modelGone(error: unknown): boolean {
 export type ChatKeyAction = 'send' | 'stop' | null;
 
 /**
- * The chat's keys: Enter sends (Shift+Enter is a new line), Escape stops a streaming reply.
+ * The chat's keys: Enter sends (Shift+Enter is a new line), Escape stops a streaming reply
+ * (except an Escape on the model picker, `onSelect`, which is the picker's).
  * An Enter that confirms an input method's composition (Japanese, Chinese, Korean) only
  * ends the composition: sending then would send half-typed text.
  */
-export function chatKeyAction(key: { key: string; shiftKey: boolean; isComposing: boolean; keyCode?: number }, streaming: boolean): ChatKeyAction {
+export function chatKeyAction(
+  key: { key: string; shiftKey: boolean; isComposing: boolean; keyCode?: number },
+  streaming: boolean,
+  onSelect = false
+): ChatKeyAction {
   // Safari sends the keydown that ends a composition with isComposing false, but keyCode 229
   if (key.isComposing || key.keyCode === 229) {
     return null;
@@ -200,7 +205,8 @@ export function chatKeyAction(key: { key: string; shiftKey: boolean; isComposing
   if (key.key === 'Enter' && !key.shiftKey) {
     return 'send';
   }
-  if (key.key === 'Escape' && streaming) {
+  // an Escape on a <select> closes its open list of options: that must not stop the reply too
+  if (key.key === 'Escape' && streaming && !onSelect) {
     return 'stop';
   }
   return null;

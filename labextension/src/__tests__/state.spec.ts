@@ -190,6 +190,11 @@ describe('chatKeyAction', () => {
     expect(chatKeyAction(key('Escape'), false)).toBeNull();
     expect(chatKeyAction(key('a'), true)).toBeNull();
   });
+
+  it('leaves an Escape on the model picker to the picker (it closes its open list)', () => {
+    expect(chatKeyAction(key('Escape'), true, true)).toBeNull();
+    expect(chatKeyAction(key('Escape'), true, false)).toBe('stop');
+  });
 });
 
 describe('failureText', () => {
