@@ -214,3 +214,19 @@ def test_a_tools_strict_flag_of_another_type_is_a_400(raw):
     tool["function"]["strict"] = False
     assert raw.post("/v1/chat/completions", json={"model": TINY, "messages": MSG, "max_tokens": 1,
                                                   "tools": [tool]}).status_code == 200
+
+
+def test_responses_stream_options_need_stream_as_chat(client):
+    """Chat refuses ``stream_options`` without ``stream: true`` (api.openai.com's 400); Responses took it silently."""
+    for create in (lambda **kw: client.responses.create(model=TINY, input="Hi", max_output_tokens=16, **kw),
+                   lambda **kw: client.chat.completions.create(model=TINY, messages=MSG, max_tokens=1, **kw)):
+        for stream in ({}, {"stream": False}):
+            with pytest.raises(openai.BadRequestError) as caught:
+                create(extra_body={"stream_options": {"include_obfuscation": False}}, **stream)
+            assert caught.value.body["param"] == "stream_options"
+            assert caught.value.body["message"] == "The 'stream_options' parameter is only allowed when 'stream' is enabled."
+    # null is no stream_options at all, and with stream: true they are served
+    assert client.responses.create(model=TINY, input="Hi", max_output_tokens=16, extra_body={"stream_options": None}).id
+    events = list(client.responses.create(model=TINY, input="Hi", max_output_tokens=16, stream=True,
+                                          stream_options={"include_obfuscation": False}))
+    assert events[-1].type in ("response.completed", "response.incomplete")  # the tiny model may hit the token cap

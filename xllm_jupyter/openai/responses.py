@@ -134,6 +134,8 @@ class ResponsesRequest(StrictModel):
                 options.check()
         check_include(self.include or ())
         check_metadata(self.metadata)
+        if self.stream_options is not None and not self.stream:  # as chat, in api.openai.com's words; null is fine
+            raise InvalidRequest("The 'stream_options' parameter is only allowed when 'stream' is enabled.", param="stream_options")
         check_verbosity((self.text or {}).get("verbosity"), "text.verbosity")  # was accepted and ignored
         if self.input is None or self.input == "" or self.input == []:
             raise InvalidRequest("Missing required parameter: 'input'.", param="input", code="missing_required_parameter")
