@@ -304,6 +304,9 @@ def test_controls_are_labelled_and_status_follows_the_theme(make, endpoint):
     profile = make(ProfileWidget, client=endpoint)
     assert chat.input.description == "Message"
     assert chat.export_format.description and chat.export_path.description
+    # the description is each box's <label for> (its accessible name); its tooltip says what a short one means
+    for box in (chat.system_prompt, chat.input, chat.export_path):
+        assert box.description and box.tooltip and box.tooltip != box.placeholder, box
     for control in (chat.temperature, profile.concurrency, profile.prompt_tokens):
         assert control.style.description_width == "initial", control.description
     chat.ask("")  # nothing typed: an error status

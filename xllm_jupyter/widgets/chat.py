@@ -75,7 +75,10 @@ class ChatWidget(W.VBox):
             #: each listed model's own defaults, which the unchosen settings show (a model without: ``_SHOWN``)
             self.model_defaults: dict[str, dict[str, float]] = listed_defaults(c)
         self.model_picker = W.Dropdown(options=options, value=chosen, description="Model")
-        self.system_prompt = W.Textarea(value=system, placeholder="System prompt (optional)", description="System", layout=W.Layout(width="100%"))
+        # ipywidgets 8 links each description to its box with <label for>: that is the box's accessible name,
+        # and the tooltip (the label's title) says what the short name means, without widening the label
+        self.system_prompt = W.Textarea(value=system, placeholder="System prompt (optional)", description="System", layout=W.Layout(width="100%"),
+                                        tooltip="System prompt: instructions the model gets before the conversation (optional)")
         self.temperature = W.FloatSlider(value=_SHOWN["temperature"], min=0.0, max=2.0, step=0.05, description="Temperature", style=WIDE_LABEL)
         self.top_p = W.FloatSlider(value=_SHOWN["top_p"], min=0.05, max=1.0, step=0.05, description="Top p")
         self.max_tokens = W.BoundedIntText(value=_SHOWN["max_tokens"], min=1, max=1_000_000, description="Max tokens")
@@ -98,12 +101,14 @@ class ChatWidget(W.VBox):
         self.transcript = W.HTML(layout=W.Layout(width="100%", max_height="28em", overflow="auto", border="1px solid var(--jp-border-color2, #ddd)",
                                                  padding="4px", display="flex", flex_flow="column-reverse"))
         self.transcript.add_class("xllm-chat-transcript")  # for the page (and browser tests) to find it
-        self.input = W.Textarea(placeholder="Type a message and press Send", description="Message", layout=W.Layout(width="100%", height="5em"))
+        self.input = W.Textarea(placeholder="Type a message and press Send", description="Message", layout=W.Layout(width="100%", height="5em"),
+                                tooltip="Your message to the model: Send posts it, Enter adds a new line")
         self.send_button = W.Button(description="Send", button_style="primary", icon="paper-plane")
         self.stop_button = stop_button()
         self.clear_button = W.Button(description="Clear", icon="trash")
         self.export_format = W.Dropdown(options=[("Markdown", "markdown"), ("JSON", "json")], value="markdown", description="Export", style=WIDE_LABEL, layout=W.Layout(width="14em"))
-        self.export_path = W.Text(value="transcript.md", placeholder="file to write", description="to", style=WIDE_LABEL, layout=W.Layout(width="18em"))
+        self.export_path = W.Text(value="transcript.md", placeholder="file to write", description="to", style=WIDE_LABEL, layout=W.Layout(width="18em"),
+                                  tooltip="The file the transcript is exported to")
         self.export_button = W.Button(description="Export", icon="download")
         self.status = W.HTML(status_html(problem or "Ready.", "error" if problem else "info"))
         if problem:  # e.g. no such model: picking one the server listed clears it
