@@ -49,5 +49,6 @@ def _start_unless_stopped(engine: Any, start: Callable[[str], Future | None], na
 async def resolve_pulled(engine: Any, name: str) -> ModelSpec:
     """``engine._resolve(name)`` on a slow-work thread once the first-use pulls of ``name`` (and of the engine's
     draft model) are done."""
-    await first_uses_pulled(engine, name, engine.config.draft_model)  # (at once for a catalog without first_use_pull)
+    if getattr(engine.catalog, "first_use_pull", None) is not None:  # (a catalog without it pulls in ``resolve``)
+        await first_uses_pulled(engine, name, engine.config.draft_model)
     return await run_slow(engine._resolve, name)
