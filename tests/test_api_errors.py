@@ -129,7 +129,6 @@ def test_bad_parameter_through_sdk(client):
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"functions": [{"name": "f"}]}, "functions"),
         ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
         ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
         ({"reasoning_effort": "low"}, "reasoning_effort"),  # no reasoning model here: it would change nothing

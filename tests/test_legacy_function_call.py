@@ -1,19 +1,130 @@
-"""Chat's deprecated ``function_call``: "none" and "auto" are served as api.openai.com serves them (they were a 400)."""
+"""Chat's deprecated ``functions`` and ``function_call``, through the real server and the openai SDK: served as
+api.openai.com serves them (replies carry ``message.function_call`` and ``finish_reason: "function_call"``), where a
+request with ``functions`` or a named ``function_call`` was a 400."""
 
 from __future__ import annotations
 
-import openai
+import json
+
+import jsonschema
 import pytest
 
 from tests.server_fixtures import TINY
 
 MSG = [{"role": "user", "content": "Hi"}]
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+WEATHER = {"name": "get_weather", "description": "Weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"],
+    "additionalProperties": False}}
+ADD = {"name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
+                                     "required": ["a"], "additionalProperties": False}}
+FUNCTIONS = [WEATHER, ADD]
+SCHEMAS = {f["name"]: f["parameters"] for f in FUNCTIONS}
+TOOLS = [{"type": "function", "function": WEATHER}]
+
+
+@pytest.mark.parametrize("name", ["get_weather", "add"])
+def test_a_named_function_call_is_forced_and_answered_as_function_call(client, name):
+    """Even the random-weight model writes a valid call when the grammar forces it; it comes back in the legacy shape."""
+    r = client.chat.completions.create(model=TINY, messages=MSG, functions=FUNCTIONS, function_call={"name": name},
+                                       max_tokens=60, seed=1)
+    choice = r.choices[0]
+    assert choice.finish_reason == "function_call"
+    assert choice.message.tool_calls is None and choice.message.content is None
+    assert choice.message.function_call.name == name
+    jsonschema.validate(json.loads(choice.message.function_call.arguments), SCHEMAS[name])
+
+
+def test_a_named_function_call_streams_as_function_call_pieces(client):
+    kw = dict(model=TINY, messages=MSG, functions=FUNCTIONS, function_call={"name": "get_weather"}, max_tokens=60, seed=2)
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    name, arguments, finish, heads = None, "", None, 0
+    for chunk in chunks:
+        for c in chunk.choices:
+            assert not c.delta.content and not c.delta.tool_calls  # no tool_calls, no raw markup as text
+            piece = c.delta.function_call
+            if piece is not None:
+                if piece.name is not None:
+                    assert name is None and arguments == ""  # the name comes first, once
+                    name, heads = piece.name, heads + 1
+                arguments += piece.arguments or ""
+            finish = c.finish_reason or finish
+    assert (name, heads, finish) == ("get_weather", 1, "function_call")
+    jsonschema.validate(json.loads(arguments), SCHEMAS[name])
+    full = client.chat.completions.create(**kw).choices[0].message.function_call
+    assert (full.name, full.arguments) == (name, arguments)
+
+
+def test_function_call_none_and_auto_with_functions(raw):
+    """"none" keeps the functions from the model (as tool_choice "none" keeps tools); "auto" (the default) offers them."""
+    def ask(**extra):
+        r = raw.post("/v1/chat/completions", json={"model": TINY, "messages": MSG, "max_tokens": 2, **extra})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    plain = ask()["usage"]["prompt_tokens"]
+    offered = ask(functions=FUNCTIONS)
+    assert offered["usage"]["prompt_tokens"] > plain
+    assert ask(functions=FUNCTIONS, function_call="auto")["usage"]["prompt_tokens"] == offered["usage"]["prompt_tokens"]
+    withheld = ask(functions=FUNCTIONS, function_call="none")
+    assert withheld["usage"]["prompt_tokens"] == plain
+    assert withheld["choices"][0]["finish_reason"] in ("stop", "length")
+    assert "function_call" not in withheld["choices"][0]["message"]
+
+
+def test_a_function_exchange_in_the_history_is_rendered_as_a_tool_exchange(client, raw):
+    """An assistant ``function_call`` and the ``function`` message with its result are taken and shown to the model."""
+    def history(result):
+        return [*MSG, {"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+                {"role": "function", "name": "get_weather", "content": result}, {"role": "user", "content": "Thanks"}]
+
+    def prompt_tokens(messages, **extra):
+        r = raw.post("/v1/chat/completions", json={"model": TINY, "messages": messages, "max_tokens": 1, **extra})
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens"]
+
+    short, long = prompt_tokens(history("21 C")), prompt_tokens(history("21 C, sunny, light wind from the west"))
+    assert long > short  # the result is in the prompt
+    assert prompt_tokens(history("21 C"), functions=FUNCTIONS) > short  # with the functions offered too
+    # the SDK's own types, and the message it returned sent back as it is
+    r = client.chat.completions.create(model=TINY, messages=MSG, functions=FUNCTIONS, function_call={"name": "add"},
+                                       max_tokens=30, seed=3)
+    sent_back = r.choices[0].message.model_dump()
+    follow = [*MSG, sent_back, {"role": "function", "name": "add", "content": None}, {"role": "user", "content": "And?"}]
+    again = client.chat.completions.create(model=TINY, messages=follow, functions=FUNCTIONS, max_tokens=2)
+    assert again.choices[0].finish_reason in ("stop", "length", "function_call")
+
+
+@pytest.mark.parametrize(("extra", "param", "code"), [
+    ({"function_call": {"name": "get_weather"}}, "function_call", "invalid_value"),  # no functions: api.openai.com's 400
+    ({"functions": FUNCTIONS, "function_call": {"name": "nope"}}, "function_call", "invalid_value"),
+    ({"functions": FUNCTIONS, "function_call": {}, "tools": TOOLS}, "functions", "invalid_value"),
+    ({"functions": FUNCTIONS, "tool_choice": "auto"}, "tool_choice", "invalid_value"),
+    ({"functions": FUNCTIONS, "function_call": {"nam": "add"}}, "function_call.name", "missing_required_parameter"),
+    ({"functions": FUNCTIONS, "function_call": "sometimes"}, "function_call", "invalid_value"),
+    ({"functions": [{"parameters": {"type": "object"}}]}, "functions[0].name", "missing_required_parameter"),
+    ({"functions": [WEATHER, WEATHER]}, "functions[1].name", "invalid_value"),
+    ({"functions": [WEATHER, "add"]}, "functions[1]", "invalid_type"),
+    ({"functions": [{"name": "f", "parameters": {"type": "array"}}]}, "functions[0].parameters", "invalid_function_parameters"),
+    ({"functions": {"name": "f"}}, "functions", "invalid_type"),
+    ({"functions": [ADD, {"name": "bad", "parameters": {"type": "object", "properties": {"a": {"type": "string", "pattern": "(a)\\1"}},
+                                                      "required": ["a"]}}], "function_call": {"name": "bad"}},
+     "functions[1].parameters", "invalid_function_parameters"),  # the grammar engine's refusal, named
+    ({"function_call": "sometimes"}, "function_call", "invalid_value"),
+    ({"function_call": 5}, "function_call", "invalid_type"),
+    ({"messages": [*MSG, {"role": "function", "content": "21"}]}, "messages[1].name", "missing_required_parameter"),
+    ({"messages": [*MSG, {"role": "assistant", "function_call": {"name": "a b", "arguments": "{}"}}]},
+     "messages[1].function_call.name", "invalid_value"),
+])
+def test_what_cannot_be_served_is_a_400_naming_the_legacy_param(raw, extra, param, code):
+    r = raw.post("/v1/chat/completions", json={"model": TINY, "messages": MSG, "max_tokens": 1, **extra})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert (err["param"], err["code"]) == (param, code), err
+    assert "tools" not in err["message"] or param in ("functions", "tool_choice"), err  # said in the request's terms
 
 
 @pytest.mark.parametrize("value", ["none", "auto"])
-def test_function_call_none_and_auto_are_served(client, raw, value):
+def test_function_call_none_and_auto_are_served_without_functions(client, raw, value):
     r = client.chat.completions.create(model=TINY, messages=MSG, max_tokens=2, function_call=value)
     assert r.choices[0].finish_reason in ("stop", "length")
     # as older agent code sends it beside tools (raw JSON: the SDK's types keep the two apart)
@@ -37,20 +148,9 @@ def test_function_call_none_keeps_tools_uncalled_as_tool_choice_none(raw):
     assert prompt_tokens(function_call="none", tool_choice="auto") == offered  # tool_choice, when given, decides
 
 
-@pytest.mark.parametrize("value, code, status", [
-    ({"name": "get_weather"}, "unsupported_parameter", 400),  # needs the legacy functions, not implemented
-    ("sometimes", "invalid_value", 400),
-    (5, "invalid_type", 400),
-])
-def test_function_call_values_this_server_cannot_honour_are_refused(raw, value, code, status):
-    r = raw.post("/v1/chat/completions", json={"model": TINY, "messages": MSG, "max_tokens": 1, "function_call": value})
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert err["param"] == "function_call" and err["code"] == code, err
-
-
-def test_the_legacy_functions_stay_refused(client):
-    with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=TINY, messages=MSG, max_tokens=1, function_call="auto",
-                                       functions=[{"name": "f", "parameters": {"type": "object"}}])
-    assert info.value.body["param"] == "functions"
+def test_a_stored_streamed_function_call_keeps_its_shape(client):
+    """A stored completion assembled from its stream has the ``function_call`` the stream carried."""
+    chunks = list(client.chat.completions.create(model=TINY, messages=MSG, functions=FUNCTIONS, function_call={"name": "add"},
+                                                 max_tokens=30, seed=4, stream=True, store=True))
+    kept = client.chat.completions.retrieve(chunks[0].id).choices[0]
+    assert kept.finish_reason == "function_call" and kept.message.function_call.name == "add"

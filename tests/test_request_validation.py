@@ -213,7 +213,7 @@ def test_responses_item_missing_call_id(raw):
         ("/v1/chat/completions", {"messages": []}, "messages", "empty_array",
          "Invalid 'messages': empty array. Expected an array with minimum length 1, but got an empty array instead."),
         ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "invalid_value",
-         "Invalid value: 'robot'. Supported values are: 'system', 'developer', 'user', 'assistant', and 'tool'."),
+         "Invalid value: 'robot'. Supported values are: 'system', 'developer', 'user', 'assistant', 'tool', and 'function'."),
         ("/v1/chat/completions", {"model": ""}, "model", "empty_string",
          "Invalid 'model': empty string. Expected a string with minimum length 1, but got an empty string instead."),
         ("/v1/completions", {"prompt": "x", "logprobs": 6}, "logprobs", "integer_above_max_value",

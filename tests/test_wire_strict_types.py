@@ -27,6 +27,8 @@ CHATS = {
     "parallel calls": {"tools": [WEATHER, TIME], "tool_choice": "required", "parallel_tool_calls": True, "max_tokens": 80},
     "named call": {"tools": [WEATHER, TIME], "tool_choice": {"type": "function", "function": {"name": "get_time"}},
                    "max_tokens": 60},
+    "legacy function call": {"functions": [WEATHER["function"], TIME["function"]], "function_call": {"name": "get_weather"},
+                             "max_tokens": 60},
     "json schema": {"max_tokens": 30, "response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "strict": True, "schema": {"type": "object", "properties": {"a": {"type": "integer"}},
                                                 "required": ["a"], "additionalProperties": False}}}},

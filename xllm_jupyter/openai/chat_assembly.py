@@ -13,6 +13,7 @@ class _Choice:
     def __init__(self) -> None:
         self.parts: list[str] | None = None  # the content's pieces, joined once at the end (None: no content yet)
         self.calls: dict[int, dict[str, Any]] = {}  # tool-call index -> the call so far
+        self.function_call: dict[str, Any] | None = None  # a legacy function call so far (legacy_functions.py)
         self.logprobs: list[dict[str, Any]] | None = None  # None until a chunk of this choice carries some
         self.finish: str | None = None
 
@@ -32,6 +33,11 @@ class _Choice:
                 call = self.calls[frag["index"]] = {"id": frag.get("id"), "type": frag.get("type", "function"),
                                                     "function": {"name": fn.get("name"), "arguments": ""}}
             call["function"]["arguments"] += fn.get("arguments") or ""
+        piece = delta.get("function_call")
+        if piece:
+            if self.function_call is None:
+                self.function_call = {"name": piece.get("name"), "arguments": ""}
+            self.function_call["arguments"] += piece.get("arguments") or ""
         lp = choice.get("logprobs")
         if lp is not None:
             if self.logprobs is None:
@@ -44,6 +50,8 @@ class _Choice:
         message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
         if self.calls:
             message["tool_calls"] = [self.calls[i] for i in sorted(self.calls)]
+        if self.function_call is not None:
+            message["function_call"] = self.function_call
         logprobs = None if self.logprobs is None else {"content": self.logprobs, "refusal": None}
         return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": self.finish or "stop"}
 

@@ -123,6 +123,11 @@ def check_history(messages: Sequence[WireMessage]) -> None:
         check_name(m.name, f"{where}.name")
         for j, call in enumerate(m.tool_calls or ()):
             check_name(call.function.name, f"{where}.tool_calls[{j}].function.name")
+        if m.function_call is not None:
+            check_name(m.function_call.name, f"{where}.function_call.name")
+        if m.role == "function" and m.name is None:  # a legacy function result names its function
+            raise InvalidRequest(f"Missing required parameter: '{where}.name'.", param=f"{where}.name",
+                                 code="missing_required_parameter")
         if m.role == "tool" and m.tool_call_id is None:
             raise null_code_error("Missing parameter 'tool_call_id': messages with role 'tool' must have a 'tool_call_id'.",
                                   f"{where}.tool_call_id")
@@ -131,16 +136,39 @@ def check_history(messages: Sequence[WireMessage]) -> None:
         raise chat_tool_turn_error(problem)
 
 
-def core_message(m: WireMessage, i: int) -> ChatMessage:
+def core_messages(messages: Sequence[WireMessage]) -> list[ChatMessage]:
+    """The history as core ``ChatMessage`` objects, legacy function turns as tool turns (see ``core_message``)."""
+    out, call_id = [], None
+    for i, m in enumerate(messages):
+        message = core_message(m, i, call_id)
+        if m.function_call is not None and message.tool_calls:
+            call_id = message.tool_calls[-1]["id"]  # what the function results after it answer
+        out.append(message)
+    return out
+
+
+def core_message(m: WireMessage, i: int, function_call_id: str | None = None) -> ChatMessage:
     """Message ``i`` as a core ``ChatMessage``: its content parts joined to text; null content only where OpenAI
-    takes it (an assistant message that calls tools or carries a refusal)."""
+    takes it (an assistant message that calls tools or a function or carries a refusal, a function result).
+
+    A legacy assistant ``function_call`` becomes one more tool call (id ``call_fn<i>``) and a ``function`` message a
+    ``tool`` message answering ``function_call_id`` (the last such call), so chat templates render them as tool turns.
+    """
     param = f"messages[{i}].content"
     content = flatten_content(m.content, param, m.role)
-    if content is None and not (m.role == "assistant" and (m.tool_calls or isinstance((m.model_extra or {}).get("refusal"), str))):
+    calls_something = m.tool_calls or m.function_call is not None
+    if content is None and m.role == "function" and "content" in m.model_fields_set:
+        content = ""  # the SDK types a function result's content as nullable
+    elif content is None and not (m.role == "assistant" and (calls_something or isinstance((m.model_extra or {}).get("refusal"), str))):
         if "content" not in m.model_fields_set:
             raise InvalidRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
         raise null_code_error("Invalid value for 'content': expected a string, got null.", param)
     calls = [c.model_dump() for c in m.tool_calls] if m.tool_calls else None
+    if m.role == "assistant" and m.function_call is not None:
+        legacy = {"id": f"call_fn{i}", "type": "function", "function": m.function_call.model_dump()}
+        calls = [*(calls or ()), legacy]
+    if m.role == "function":
+        return ChatMessage(role="tool", content=content, name=m.name, tool_call_id=function_call_id or f"call_{m.name}")
     return ChatMessage(role=m.role, content=content, name=m.name, tool_calls=calls, tool_call_id=m.tool_call_id)
 
 

@@ -15,14 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..core.errors import InvalidRequest, UnknownParameter, Unsupported
 from ..core.types import ChatMessage, Constraint, SamplingParams, Usage
-from .conversation import Turn, check_history, core_message
+from .conversation import Turn, check_history, core_messages
 from .finite import check_finite
 from .json_body import strict_parse, without_bom
-from .legacy_functions import tool_choice_with_function_call
+from .legacy_functions import request_tool_config
 from .model_defaults import ModelDefaults
 from .schema_errors import check_json_type, openai_wording, shown
 from .structured import constraint_from_response_format
-from .tools import parse_tool_config
 
 #: returned as ``system_fingerprint``; clients only compare it for equality
 SYSTEM_FINGERPRINT = "fp_xllm"
@@ -94,8 +93,7 @@ class WireFunctionCall(StrictModel):
     """The function an assistant's past tool call named."""
 
     name: str
-    # a JSON string on the wire; an object (what Ollama's clients send) is taken as it is
-    arguments: Union[str, dict[str, Any]]
+    arguments: Union[str, dict[str, Any]]  # a JSON string on the wire; an object (Ollama's clients send one) as it is
 
 
 class WireToolCall(StrictModel):
@@ -109,11 +107,12 @@ class WireToolCall(StrictModel):
 class WireMessage(StrictModel):
     """One chat message as sent on the wire."""
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]  # function: legacy_functions.py
     content: Union[str, list[dict[str, Any]], None] = None
     name: str | None = None
     tool_calls: list[WireToolCall] | None = None
     tool_call_id: str | None = None
+    function_call: WireFunctionCall | None = None  # an assistant's legacy call
 
     def turn(self) -> Turn:
         """What the tool-exchange check needs of this message."""
@@ -180,9 +179,8 @@ class _SamplingFields(StrictModel):
 
 #: fields that would change the output if honoured, rejected rather than silently ignored, with their JSON types in the
 #: SDK (moderated completions: a "block" policy would be silently unenforced)
-_CHAT_UNSUPPORTED = {"functions": ("an array",), "audio": ("an object",),  # function_call: legacy_functions.py
-                     "prediction": ("an object",), "web_search_options": ("an object",),
-                     "reasoning_effort": ("a string",), "moderation": ("an object",)}
+_CHAT_UNSUPPORTED = {"audio": ("an object",), "prediction": ("an object",), "web_search_options": ("an object",),
+                     "reasoning_effort": ("a string",), "moderation": ("an object",)}  # functions: legacy_functions.py
 #: OpenAI's default verbosity: asking for it changes nothing, so it is accepted; any other level is a 400
 DEFAULT_VERBOSITY = "medium"
 
@@ -227,9 +225,8 @@ class ChatCompletionRequest(_SamplingFields):
             if value is not None and (value not in ([], {}) or name == "web_search_options"):
                 raise Unsupported(f"'{name}' is not supported by this server yet", param=name)
         check_verbosity(extra.get("verbosity"), "verbosity")
-        self.tool_choice = tool_choice_with_function_call(extra.get("function_call"), self.tool_choice)
         self.constraint()  # a malformed response_format is a 400 at parse time
-        parse_tool_config(self.tools, self.tool_choice, self.parallel_tool_calls)  # 400 on malformed tools
+        request_tool_config(self.tools, self.tool_choice, self.parallel_tool_calls, extra)  # 400 on malformed tools
         if self.modalities is not None and any(m != "text" for m in self.modalities):
             raise Unsupported("Only the 'text' modality is supported", param="modalities")
         if self.top_logprobs and not self.logprobs:
@@ -252,7 +249,7 @@ class ChatCompletionRequest(_SamplingFields):
 
     def core_messages(self) -> list[ChatMessage]:
         """Messages flattened to core ``ChatMessage`` (text parts joined; other parts rejected)."""
-        return [core_message(m, i) for i, m in enumerate(self.messages)]
+        return core_messages(self.messages)
 
 
 class CompletionRequest(_SamplingFields):

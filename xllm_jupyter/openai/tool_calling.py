@@ -8,8 +8,9 @@ from typing import Any, Awaitable, Callable, Sequence
 
 from ..core.errors import InvalidRequest
 from ..core.types import ChatMessage, Constraint
+from .legacy_functions import in_legacy_terms, legacy_delta, legacy_message, request_tool_config
 from .tool_parser import HERMES, StreamingToolParser, detect_family, parse_tool_calls
-from .tools import ToolConfig, args_schema, parse_tool_config, prepare_messages, template_supports_tools, tool_constraint
+from .tools import ToolConfig, args_schema, prepare_messages, template_supports_tools, tool_constraint
 
 #: how the grammar compiler's message for one schema starts; the tool's name says it instead
 _COMPILER_PREFIX = re.compile(r"^Invalid (json_schema constraint|JSON schema): ")
@@ -18,8 +19,10 @@ _COMPILER_PREFIX = re.compile(r"^Invalid (json_schema constraint|JSON schema): "
 class ToolCalling:
     """What tools change in one chat completion: prompt, decoding constraint and response shape."""
 
-    def __init__(self, cfg: ToolConfig, template: str | None):
+    def __init__(self, cfg: ToolConfig, template: str | None, legacy: bool = False):
         self.cfg = cfg
+        #: the request gave legacy ``functions``: replies carry ``function_call`` (legacy_functions.py)
+        self.legacy = legacy
         self.native = template_supports_tools(template)
         # Our fallback prompt and our grammar both use the Hermes format.
         self.family = detect_family(template) if self.native and not cfg.constrained else HERMES
@@ -27,9 +30,10 @@ class ToolCalling:
     @classmethod
     def from_request(cls, req: Any, model: Any) -> "ToolCalling":
         """Validate the request's tool fields (400 on mistakes) against ``model``'s template."""
-        cfg = parse_tool_config(req.tools, req.tool_choice, req.parallel_tool_calls)
+        extra = getattr(req, "model_extra", None) or {}  # legacy functions and function_call (legacy_functions.py)
+        cfg, legacy = request_tool_config(req.tools, req.tool_choice, req.parallel_tool_calls, extra)
         template = getattr(model, "chat_template", lambda: None)()
-        return cls(cfg, template)
+        return cls(cfg, template, legacy)
 
     @property
     def active(self) -> bool:
@@ -56,12 +60,17 @@ class ToolCalling:
                 index = next((i for i, t in enumerate(request_tools or ()) if isinstance(t, dict)
                               and isinstance(t.get("function"), dict) and t["function"].get("name") == spec.name), 0)
                 code = own.code if own.code == "constraint_failed" else "invalid_function_parameters"
-                return InvalidRequest(f"Invalid schema for function {spec.name!r}: {_COMPILER_PREFIX.sub('', own.message)}",
-                                      param=f"tools[{index}].function.parameters", code=code)
+                named = InvalidRequest(f"Invalid schema for function {spec.name!r}: {_COMPILER_PREFIX.sub('', own.message)}",
+                                       param=f"tools[{spec.index if self.legacy else index}].function.parameters", code=code)
+                return in_legacy_terms(named) if self.legacy else named
         return failed
 
     def message(self, text: str, finish: str) -> tuple[dict[str, Any], str]:
         """The response ``message`` and ``finish_reason`` for one choice's full text."""
+        message, reason = self._message(text, finish)
+        return legacy_message(message, reason) if self.legacy else (message, reason)
+
+    def _message(self, text: str, finish: str) -> tuple[dict[str, Any], str]:
         if not self.active:
             return {"role": "assistant", "content": text, "refusal": None}, finish
         if self.cfg.constrained:
@@ -78,7 +87,7 @@ class ToolCalling:
     def _as_streamed(self, text: str, finish: str) -> tuple[dict[str, Any], str]:
         """The ``message`` a client assembles from this text's stream, and its finish_reason."""
         content, calls, reason = "", {}, finish
-        for delta, end in self.streamer().deltas(text, finish):
+        for delta, end in self._deltas().deltas(text, finish):
             content += delta.get("content") or ""
             for frag in delta.get("tool_calls", []):
                 call = calls.setdefault(frag["index"], {"id": frag.get("id"), "type": "function",
@@ -92,16 +101,21 @@ class ToolCalling:
         return message, reason
 
     def streamer(self) -> "ToolDeltas":
-        """A per-choice converter of text pieces into chat ``delta`` objects."""
-        return ToolDeltas(StreamingToolParser(self.cfg.names, self.family, held=self.cfg.constrained), self.cfg.parallel)
+        """A per-choice converter of text pieces into chat ``delta`` objects (legacy ``function_call`` ones for functions)."""
+        return self._deltas(self.legacy)
+
+    def _deltas(self, legacy: bool = False) -> "ToolDeltas":
+        parser = StreamingToolParser(self.cfg.names, self.family, held=self.cfg.constrained)
+        return ToolDeltas(parser, self.cfg.parallel, legacy)
 
 
 class ToolDeltas:
     """Streams one choice: content deltas, and tool-call fragments shaped as OpenAI sends them."""
 
-    def __init__(self, parser: StreamingToolParser, parallel: bool):
+    def __init__(self, parser: StreamingToolParser, parallel: bool, legacy: bool = False):
         self.parser = parser
         self.parallel = parallel
+        self.legacy = legacy  # tool-call pieces go out as legacy ``function_call`` pieces
 
     @property
     def looping(self) -> bool:
@@ -111,6 +125,10 @@ class ToolDeltas:
 
     def deltas(self, text: str, finish: str | None) -> list[tuple[dict[str, Any], str | None]]:
         """``(delta, finish_reason)`` pairs for a new piece of text; the last pair finishes when ``finish`` is set."""
+        out = self._pairs(text, finish)
+        return [legacy_delta(d, r) for d, r in out] if self.legacy else out
+
+    def _pairs(self, text: str, finish: str | None) -> list[tuple[dict[str, Any], str | None]]:
         if finish is None and self.parser.passes(text):  # most pieces of a text reply: what feed would make of it
             return [({"content": text}, None)]
         out = [(d, None) for d in self._deltas(self.parser.feed(text))] if text else []
