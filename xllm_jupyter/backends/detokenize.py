@@ -70,6 +70,33 @@ def token_text(raw: bytes) -> str:
     return raw.decode("utf-8", errors="backslashreplace")
 
 
+class PieceDecoder:
+    """A model's window decoder that remembers each single token's text, shared by its jobs' detokenizers.
+
+    Every token decodes two windows: the text already emitted (after the last token came out, that is
+    that one token alone) and the same with the new token. Remembering one-token windows makes the first
+    a dict look-up; decoding is a pure function of the ids, so the text is the same.
+    """
+
+    __slots__ = ("_decode", "_one", "_limit")
+
+    def __init__(self, decode: Callable[[Sequence[int]], str], limit: int = 1 << 16) -> None:
+        self._decode = decode
+        self._one: dict[int, str] = {}
+        self._limit = limit  # bounds the memory on a huge vocabulary; the common tokens come first
+
+    def __call__(self, ids: Sequence[int]) -> str:
+        """The text of ``ids`` (one id: remembered)."""
+        if len(ids) != 1:
+            return self._decode(ids)
+        text = self._one.get(ids[0])
+        if text is None:
+            text = self._decode(ids)
+            if len(self._one) < self._limit:
+                self._one[ids[0]] = text
+        return text
+
+
 class IncrementalDetokenizer:
     """Turns a stream of token ids into text deltas; one per job."""
 

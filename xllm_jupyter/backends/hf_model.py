@@ -25,7 +25,7 @@ from ..core.types import Constraint, FinishReason, SequenceJob, TokenEvent
 from .base import LoadedModel, ModelSpec
 from .compile_gate import COMPILE_GATE, empty_cuda_cache
 from .constraints import BatchMasker, GrammarCompiler
-from .detokenize import IncrementalDetokenizer, token_text
+from .detokenize import IncrementalDetokenizer, PieceDecoder, token_text
 from .hf_compiled import DECODE_EAGER, DECODE_STATIC, StaticBatch, StaticPlan
 from .hf_tokenizer import ChatTokenizer, ChatTokenizerMethods
 from .hf_prefill import Prefill
@@ -78,6 +78,7 @@ class TransformersModel(ChatTokenizerMethods, Prefill, LoadedModel):
         text_config = model.config.get_text_config()
         self.context_length = int(spec.context_length or getattr(text_config, "max_position_embeddings", 0) or 2048)
         self.chat = ChatTokenizer(tokenizer, spec.name)
+        self._pieces = PieceDecoder(self._decode_piece)  # the jobs' detokenizers share its memory
         self.eos_token_ids = _eos_ids(model, self.chat)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         pad = tokenizer.pad_token_id
@@ -150,7 +151,7 @@ class TransformersModel(ChatTokenizerMethods, Prefill, LoadedModel):
             matcher = self._grammars.new_matcher(job.constraint)
             if self._masker is None:
                 self._masker = BatchMasker(self.vocab_size)
-        self._pending.append(_Seq(job, sampler, IncrementalDetokenizer(self._decode_piece, job.prompt_ids), matcher))
+        self._pending.append(_Seq(job, sampler, IncrementalDetokenizer(self._pieces, job.prompt_ids), matcher))
 
     def cancel(self, job_id: int) -> None:
         """Mark ``job_id`` cancelled; the next step drops it (no-op when unknown or finished)."""
