@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class StopMatcher:
     """Feeds streamed text; releases text that cannot be part of a stop string.
@@ -10,17 +12,23 @@ class StopMatcher:
     back, so text without stop-string beginnings streams with no delay.
     """
 
-    __slots__ = ("stops", "_buf")
+    __slots__ = ("stops", "_buf", "_starts")
 
     def __init__(self, stops: tuple[str, ...]):
         self.stops = tuple(s for s in stops if s)
         self._buf = ""
+        # the characters a stop string begins with: text without one can neither match nor be held
+        starts = "".join(re.escape(c) for c in sorted({s[0] for s in self.stops}))
+        self._starts = re.compile(f"[{starts}]") if starts else None  # (re's cache: one compile per stop set)
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Add ``text``; return (text safe to emit, whether a stop string matched)."""
         if not self.stops:
             return text, False
         buf = self._buf + text
+        if self._starts.search(buf) is None:  # most tokens: one C-level scan instead of a find per stop
+            self._buf = ""
+            return buf, False
         cut = -1
         for stop in self.stops:
             idx = buf.find(stop)
