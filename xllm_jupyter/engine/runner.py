@@ -391,10 +391,12 @@ class ModelRunner(StepFailures, Retirement):
             state.tokens += 1
             self._counters.tokens += 1  # (only this thread writes it; readers take a snapshot)
         # any event may carry it (exllama: the first token), so a choice ended by a stop string keeps it
-        handle.cached_tokens = max(handle.cached_tokens, event.cached_tokens)
+        if event.cached_tokens > handle.cached_tokens:
+            handle.cached_tokens = event.cached_tokens
         text, matched = state.stops.feed(event.text) if event.text else ("", False)
         finish = event.finish
-        if finish in (FinishReason.CANCELLED, FinishReason.ERROR):
+        # (most events have no finish: None's comparisons with str-enum members cost more than the test)
+        if finish is not None and finish in (FinishReason.CANCELLED, FinishReason.ERROR):
             # we did not ask for this: the backend dropped the job on its own (or, detaching its adapter, before
             # this thread applied the engine's retire_adapter: then its reason is waiting)
             state.done = True
