@@ -13,6 +13,7 @@ from .tool_call import CLOSE_TAG, OPEN_TAG, ToolCall, block_calls, json_calls
 
 _DECODER = json.JSONDecoder()
 _MARKERS = ("<|python_tag|>", "[TOOL_CALLS]")
+_MARKER_AT = {m[0]: m for m in _MARKERS}
 #: where a call may start: a tag, a marker, a JSON object or array (text without one is plain)
 CALL_START = re.compile(r"[<{\[]")
 _SPACE = re.compile(r"\s*")
@@ -50,16 +51,14 @@ def _json_at(text: str, i: int, names: frozenset[str], final: bool) -> _Span | N
 
 def _marker_at(text: str, i: int, names: frozenset[str], final: bool) -> _Span | None:
     """A call marker with the JSON calls after it (a marker followed by anything else is plain text)."""
-    for marker in _MARKERS:
-        if text.startswith(marker, i):
-            j = _SPACE.match(text, i + len(marker)).end()
-            if j == len(text):
-                return None if final else _HOLD
-            span = _json_at(text, j, names, final)
-            return span if span is _HOLD or (span and span[1]) else None
-        if _cut_short(text, i, marker, final):
-            return _HOLD
-    return None
+    marker = _MARKER_AT[text[i]]  # (the one marker that begins with this character)
+    if text.startswith(marker, i):
+        j = _SPACE.match(text, i + len(marker)).end()
+        if j == len(text):
+            return None if final else _HOLD
+        span = _json_at(text, j, names, final)
+        return span if span is _HOLD or (span and span[1]) else None
+    return _HOLD if _cut_short(text, i, marker, final) else None
 
 
 def _block_at(text: str, i: int, names: frozenset[str], final: bool) -> _Span | None:
@@ -72,8 +71,13 @@ def _block_at(text: str, i: int, names: frozenset[str], final: bool) -> _Span | 
     return (len(text), block_calls(text[i + len(OPEN_TAG):], names)) if final else _HOLD
 
 
+#: what may start at each CALL_START character, in the order tried (the others cannot: a marker, the
+#: tag and JSON each begin with one character), so a "{" in plain text costs one JSON attempt, not three
+_TRIES = {"<": (_marker_at, _block_at), "[": (_marker_at, _json_at), "{": (_json_at,)}
+
+
 def _construct(text: str, i: int, names: frozenset[str], final: bool) -> _Span | None:
-    for at in (_marker_at, _block_at, _json_at):
+    for at in _TRIES[text[i]]:
         span = at(text, i, names, final)
         if span is not None:
             return span
