@@ -229,3 +229,103 @@ def test_a_reply_cancelled_from_outside_closes_its_stream(xllm_server):
     after = xllm_server.engine.stats()
     assert after.cancelled == before.cancelled + 1, "the server kept generating for a cancelled reply"
     assert after.completed == before.completed
+
+
+def _request(page: str, sent: float) -> Any:
+    """A stand-in for the ``gr.Request`` of a call to ``page``'s playground that reached it at ``sent``."""
+    from types import SimpleNamespace
+
+    from xllm_jupyter.playground.stopping import ARRIVED
+
+    return SimpleNamespace(session_hash=page, request=SimpleNamespace(scope={ARRIVED: sent}))
+
+
+@pytest.mark.parametrize("button", ["stop_replies", "clear_replies"])
+def test_stop_and_clear_reach_a_reply_still_in_the_queue(xllm_server, button):
+    """A question waits in Gradio's queue while its concurrency limit (32 chat turns) is taken; Stop or
+    Clear pressed meanwhile must end it too (it was not running yet, so it missed them and, once a slot
+    freed, was answered in full, refilling a cleared transcript). A question sent after them is answered."""
+    from xllm_jupyter.playground.app import build_app
+
+    app = build_app(Endpoint(xllm_server.base_url, xllm_server.api_key), ["tiny"], "tiny")
+    respond, press = _handler(app, "respond"), _handler(app, button)
+    before = xllm_server.engine.stats()
+
+    async def updates(sent: float) -> list:
+        reply = respond("Hello", [], "tiny", "", 0.0, 1.0, 8, "1", False, _request("page", sent))
+        return [[dict(turn) for turn in history] async for history, _ in reply]
+
+    async def walk() -> tuple[list, list]:
+        queued = time.monotonic()  # the question reaches the queue ...
+        await press(_request("page", time.monotonic()))  # ... Stop or Clear comes after it ...
+        stopped = await updates(queued)  # ... and then a slot frees and its turn starts
+        return stopped, await updates(time.monotonic())
+
+    stopped, later = asyncio.run(asyncio.wait_for(walk(), 120))
+    if button == "clear_replies":
+        assert stopped[-1] == [], "the queued reply refilled the cleared transcript"
+    else:
+        assert stopped[-1] == [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": ""}]
+    assert later[-1][-1]["content"], "a question sent after Stop was not answered"
+    deadline = time.monotonic() + 30
+    while xllm_server.engine.stats().completed == before.completed and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = xllm_server.engine.stats()
+    assert after.completed == before.completed + 1, "the stopped queued reply was generated"
+    assert after.cancelled == before.cancelled  # it never reached the server
+
+
+def test_stops_kept_for_queued_replies_are_per_page_and_forgotten_when_it_closes():
+    """Only the page's own Stop counts, Clear's mark survives a later Stop, and a closed page's record goes."""
+    from xllm_jupyter.playground.stopping import Stops
+
+    stops = Stops()
+    stops.stop("page", cleared=True, sent=10.0)
+    stops.stop("page", sent=12.0)
+    assert not stops.begin("another page", 5.0).is_set()
+    assert not stops.begin("page", 13.0).is_set()  # sent after both
+    queued = stops.begin("page", 11.0)  # sent between Clear and Stop: stopped, not cleared
+    assert queued.is_set() and not queued.cleared
+    cleared = stops.begin("page", 9.0)
+    assert cleared.is_set() and cleared.cleared
+    assert not stops.begin("page").is_set()  # no sending time: started at once, nothing to catch up on
+    stops.forget("page")
+    assert not stops.begin("page", 1.0).is_set()
+
+
+@pytest.mark.parametrize("button", ["Stop", "Clear"])
+def test_stop_and_clear_in_a_browser_reach_a_question_waiting_in_the_queue(tiny_client, xllm_server, monkeypatch, button):
+    """The queued case end to end (the arrival stamp reaches the handlers through Gradio): with one chat slot,
+    taken by another client's long reply, the page's question waits in Gradio's queue; Stop or Clear then
+    means it is never generated once the slot frees (before, it was answered in full)."""
+    from gradio_client import Client
+
+    from tests.browser import chromium, require_browser
+    from xllm_jupyter.playground import app as playground_app
+
+    require_browser()
+    monkeypatch.setattr(playground_app, "CHAT_SLOTS", 1)
+    with xllm_jupyter.playground(client=tiny_client) as pg, chromium() as context:
+        page = context.new_page()
+        box = _opened_for_a_long_reply(page, pg.local_url)
+        before = xllm_server.engine.stats()
+        other = Client(pg.local_url, verbose=False).submit(
+            "Tell me a long story", [], pg.model, "", 1.0, 1.0, 2000, "1", False, api_name=pg.api_name)
+        deadline = time.monotonic() + 60
+        while xllm_server.engine.stats().running == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the other reply holds the one slot
+        box.fill("Tell me a short story")
+        box.press("Enter")
+        page.wait_for_timeout(1500)  # queued behind it
+        assert xllm_server.engine.stats().running == 1
+        page.locator("button.lg", has_text=button).click()
+        page.wait_for_timeout(500)
+        other.cancel()
+        page.wait_for_function("() => document.querySelectorAll('.generating').length === 0", timeout=60_000)
+        page.wait_for_timeout(1000)
+        after = xllm_server.engine.stats()
+        assert after.completed == before.completed, "the question stopped in the queue was answered"
+        assert after.running == 0
+        assert page.locator("span.error").count() == 0
+        shown = page.locator("#xllm-chatbot").inner_text()
+        assert ("Tell me a short story" in shown) == (button == "Stop")

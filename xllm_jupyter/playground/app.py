@@ -13,7 +13,7 @@ from ..client.base import can_chat
 from ..core.errors import InvalidRequest, XllmError
 from ..notebook.clients import entry_defaults
 from .links import TRANSCRIPT_ID
-from .stopping import Stops, until_set
+from .stopping import Stops, arrived, until_set
 
 # Set before gradio is imported anywhere in this process: no usage reporting from a
 # notebook (and no outbound calls that would stall on machines without a network).
@@ -25,6 +25,8 @@ CHAT_API_NAME = "chat"
 ERROR_PREFIX = "⚠️ "
 #: what the sliders show for a model the server lists no default for (OpenAI's sampling defaults)
 SHOWN: dict[str, float] = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 256}
+#: chat turns one playground runs at once (Enter and Send each); more wait in Gradio's queue, where Stop still reaches them
+CHAT_SLOTS = 32
 
 
 @dataclass(frozen=True)
@@ -196,9 +198,10 @@ def build_app(
         messages = to_openai_messages(history, message, system)
         history.append({"role": "user", "content": message})
         history.append({"role": "assistant", "content": ""})
-        # Registered before the first update: a Stop pressed as soon as the question shows must count.
+        # Registered before the first update: a Stop pressed as soon as the question shows must count,
+        # and so must one pressed while the question waited in Gradio's queue (all its slots taken).
         page = getattr(request, "session_hash", None) or ""
-        stopped = stops.begin(page)
+        stopped = stops.begin(page, arrived(request))
         try:
             # Show the question and empty the box at once (a model that loads on first use can take
             # a while to answer); later updates leave the box alone, so what the user types next
@@ -302,26 +305,26 @@ def build_app(
             inputs,
             [chatbot, box],
             api_name=CHAT_API_NAME,
-            concurrency_limit=32,
+            concurrency_limit=CHAT_SLOTS,
             trigger_mode="always_last",
         )
         send.click(
-            respond, inputs, [chatbot, box], api_name=False, concurrency_limit=32,
+            respond, inputs, [chatbot, box], api_name=False, concurrency_limit=CHAT_SLOTS,
             trigger_mode="always_last",
         )
 
         async def stop_replies(request: gr.Request) -> None:
             """Stop: the page's replies end themselves, keeping their text so far (see ``Stops``)."""
-            stops.stop(request.session_hash or "")
+            stops.stop(request.session_hash or "", sent=arrived(request))
 
         async def clear_replies(request: gr.Request) -> tuple[list, str]:
             """Clear: empty the transcript and the box; the page's replies end with an empty transcript."""
-            stops.stop(request.session_hash or "", cleared=True)
+            stops.stop(request.session_hash or "", cleared=True, sent=arrived(request))
             return [], ""
 
         async def cleared(request: gr.Request) -> None:
             """The transcript's trash icon (the page has emptied it): the page's replies end as for Clear."""
-            stops.stop(request.session_hash or "", cleared=True)
+            stops.stop(request.session_hash or "", cleared=True, sent=arrived(request))
 
         for handler in (stop_replies, clear_replies, cleared):
             handler.__annotations__["request"] = gr.Request
@@ -360,6 +363,7 @@ def build_app(
                 open_pages.pop(request.session_hash or "", None)
 
         async def page_left(request: gr.Request) -> None:
+            stops.forget(request.session_hash or "")
             left = open_pages.get(request.session_hash or "")
             if left is not None:
                 left.set()

@@ -3,7 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections.abc import AsyncIterator
+from typing import Any
+
+#: the ASGI scope key holding when the playground's server received a request (``time.monotonic()``)
+ARRIVED = "xllm.arrived"
+
+
+def stamp_arrival(app: Any) -> Any:
+    """``app`` (ASGI) with each request's arrival time in its scope under ``ARRIVED``.
+
+    A chat turn waits in Gradio's queue while its concurrency limit is taken; Stop must reach it
+    there, so it needs to know whether the turn was sent before Stop was pressed.
+    """
+
+    async def stamped(scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") in ("http", "websocket"):
+            scope = {**scope, ARRIVED: time.monotonic()}
+        await app(scope, receive, send)
+
+    return stamped
+
+
+def arrived(request: Any) -> float | None:
+    """When the playground received ``request`` (a ``gr.Request``), or None where it was not stamped."""
+    scope = getattr(getattr(request, "request", None), "scope", None)
+    when = scope.get(ARRIVED) if isinstance(scope, dict) else None
+    return when if isinstance(when, float) else None
 
 
 class ReplyStop(asyncio.Event):
@@ -19,14 +47,24 @@ class Stops:
     task raced Gradio's own reset of the outputs (its 'cancelled' message could arrive after the
     page's /reset call) and left "Error" over the transcript and the box. A reply that ends
     itself keeps its text so far and completes like any other.
+
+    A reply still waiting in Gradio's queue (its concurrency limit taken) is not running yet; the
+    page's last Stop is kept, so the reply starts stopped if it was sent before that Stop.
     """
 
     def __init__(self) -> None:
         self._running: dict[str, set[asyncio.Event]] = {}
+        # page -> when its last Stop or Clear was sent, and its last Clear (-inf: none)
+        self._last_stop: dict[str, tuple[float, float]] = {}
 
-    def begin(self, page: str) -> ReplyStop:
-        """A new reply on ``page``: the event Stop sets for it (pass it to ``end`` when it is done)."""
+    def begin(self, page: str, sent: float | None = None) -> ReplyStop:
+        """A new reply on ``page``, sent at ``sent`` (``time.monotonic()``; None: just now): the event Stop sets
+        for it, already set when the page's last Stop came after ``sent`` (pass it to ``end`` when it is done)."""
         event = ReplyStop()
+        last_stop, last_clear = self._last_stop.get(page, (-math.inf, -math.inf))
+        if sent is not None and last_stop >= sent:
+            event.cleared = last_clear >= sent
+            event.set()
         self._running.setdefault(page, set()).add(event)
         return event
 
@@ -38,13 +76,21 @@ class Stops:
             if not events:
                 del self._running[page]
 
-    def stop(self, page: str, *, cleared: bool = False) -> int:
-        """Stop every reply streaming on ``page`` (``cleared``: for Clear); how many there were."""
+    def stop(self, page: str, *, cleared: bool = False, sent: float | None = None) -> int:
+        """Stop every reply streaming on ``page`` (``cleared``: for Clear), and those sent before ``sent`` (the Stop's
+        own arrival; None: now) that are still queued; how many were streaming."""
+        when = time.monotonic() if sent is None else sent
+        last_clear = self._last_stop.get(page, (-math.inf, -math.inf))[1]
+        self._last_stop[page] = (when, when if cleared else last_clear)
         events = self._running.get(page, set())
         for event in events:
             event.cleared = event.cleared or cleared
             event.set()
         return len(events)
+
+    def forget(self, page: str) -> None:
+        """``page`` has closed: drop its last Stop (its replies end on their own)."""
+        self._last_stop.pop(page, None)
 
 
 async def until_set(pieces: AsyncIterator[str], stop: asyncio.Event) -> AsyncIterator[str]:

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from ..core.errors import XllmError
 from .guard import WILDCARD_HOSTS, Guard
 from .links import LINK_GUARD_HEAD
+from .stopping import stamp_arrival
 
 #: how long the server may take to bind and run Gradio's startup events
 START_TIMEOUT_S = 30.0
@@ -103,7 +104,8 @@ def guarded_app(
     )
     is_url = bool(root) and root.startswith(("http://", "https://"))
     extra = allowed_hosts + ((urlsplit(root).hostname or "",) if is_url else ())
-    return Guard(parent, secret=secret, host=host, allowed_hosts=extra, root_path=prefix)
+    # stamped: Stop reaches a chat turn still in Gradio's queue when the turn was sent before it
+    return Guard(stamp_arrival(parent), secret=secret, host=host, allowed_hosts=extra, root_path=prefix)
 
 
 class WebServer:
