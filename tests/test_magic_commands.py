@@ -217,6 +217,8 @@ def test_config_sets_defaults_for_cells(shell, own_tiny_server):
 def test_status_connect_and_help(shell, own_tiny_server, xllm_server, monkeypatch):
     text = shown(run(shell, "status"))
     assert own_tiny_server.base_url in text and "Jupyter extension" in text and TINY in text
+    # set by hand (pointing at `xllm serve`) the variable is not the extension: the row names the variable
+    assert "the XLLM_BASE_URL variable" in text
     # connect to another server: it wins over the extension's variables from now on
     cap = run(shell, f"connect {xllm_server.base_url} --token {xllm_server.api_key}")
     assert shown(cap) == f"Connected to {xllm_server.base_url} (connect)"

@@ -273,7 +273,7 @@ class Commands:
         assert loc is not None
         health = client.health()
         how = {"connect": "chosen with %xllm connect / xllm_jupyter.connect()",
-               "extension": "exported by the Jupyter extension (XLLM_BASE_URL)",
+               "extension": "the XLLM_BASE_URL variable (the Jupyter extension exports it to its kernels)",
                "hub": "the JupyterHub service",
                "in-process": "a private server started for this kernel only (other notebooks cannot use it)"}
         version = self.state.about(None).get("server_version")
