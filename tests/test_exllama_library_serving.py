@@ -629,9 +629,7 @@ def test_a_first_exllama_load_freezes_its_imports_and_not_its_model(tiny_llama_d
     import sys
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    # under api_check.sh the child stands the compiled module in as this process does (its plugin, on PYTHONPATH)
-    code = ("import exllama_ext_stand_in\n" if "exllama_ext_stand_in" in sys.modules else "") + COLD_FIRST_LOAD
-    out = subprocess.run([sys.executable, "-c", code, kind, str(tiny_llama_dir)], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", COLD_FIRST_LOAD, kind, str(tiny_llama_dir)], capture_output=True,
                          text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])

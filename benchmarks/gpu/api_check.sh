@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Our exllamav3 adapter against a release of the library in about a minute, no CUDA build: the checks
 # `pytest -m exllama` runs (the library's own generator, jobs, page table, sampler steps and grammar
-# filter over our backend, forward taken out) with the compiled extension stood in by
-# ext_stand_in/exllama_ext_stand_in.py. For a new exllamav3 release, before cross_build.sh's
-# ~25-minute build or a GPU lease. exllamav2's sampler is compiled code, so its generator checks skip
+# filter over our backend, forward taken out; gpu_serving.py's raw and server sides over them) with the
+# compiled extension stood in by ext_stand_in/exllama_ext_stand_in.py (in child processes too: its
+# sitecustomize.py). For a new exllamav3 release, before cross_build.sh's ~25-minute build or a GPU lease. exllamav2's sampler is compiled code, so its generator checks skip
 # here (cpu_check.sh runs them on the real modules); every keyword our exllamav2 adapter passes is
 # still checked against the release's signatures (tests/test_exllama_api_surface.py).
 #
@@ -29,7 +29,7 @@ fi
 echo "checking against $(basename "$(ls -d "$DIR"/exllamav3-*.dist-info)" .dist-info)," \
   "$(basename "$(ls -d "$DIR2"/exllamav2-*.dist-info)" .dist-info)"
 PYTHONPATH="$PWD/benchmarks/gpu/ext_stand_in:$DIR:$DIR2${PYTHONPATH:+:$PYTHONPATH}" \
-  exec .venv/bin/python -m pytest -q -rs -p no:cacheprovider -p exllama_ext_stand_in \
+  exec .venv/bin/python -m pytest -q -rs -p no:cacheprovider \
   -o filterwarnings=ignore::DeprecationWarning -m exllama \
   tests/test_prefix_isolation_library.py tests/test_exllama_library_serving.py tests/test_exllama_adapters.py \
-  tests/test_exllama_api_surface.py "$@"
+  tests/test_exllama_api_surface.py tests/test_benchmark_tools.py "$@"

@@ -1,10 +1,12 @@
-"""pytest plugin for ``api_check.sh``: exllamav3's compiled extension module stood in, so that the library's
-Python code (generator, jobs, page table, sampler steps, grammar filter) imports on a machine without CUDA.
+"""For ``api_check.sh``: exllamav3's compiled extension module stood in, so that the library's Python code
+(generator, jobs, page table, sampler steps, grammar filter) imports on a machine without CUDA. Imported at
+start-up by ``sitecustomize.py`` beside it, in the test process and in every process it starts.
 
 Every kernel raises ``NotImplementedError`` when called, and reads as false where the library tests a
 capability flag (``ext.HAS_...``). The host-side helpers the generator calls are reimplemented: the page
-table's ``count_match_tensor`` while it schedules prefill, and n-gram drafting's suffix automaton ``BC_SAM``. The checks ``pytest -m exllama`` runs take the forward
-and the CUDA sampling out already (``tests/page_generator.py``); one that reaches a kernel fails by name.
+table's ``count_match_tensor`` while it schedules prefill, and n-gram drafting's suffix automaton
+``BC_SAM``. The checks ``pytest -m exllama`` runs take the forward and the CUDA sampling out already
+(``tests/page_generator.py``); one that reaches a kernel fails by name.
 Not for measuring anything: ``cross_build.sh`` and ``cpu_check.sh`` run the real module.
 """
 
