@@ -403,3 +403,22 @@ def test_top_k_above_int32_is_refused_and_vocab_sized_is_off(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.responses.create(model=TINY, input="hi", max_output_tokens=16, extra_body={"top_k": 2**70})
     assert info.value.param == "top_k"
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/responses"])
+def test_a_stop_string_is_at_most_512_characters(raw, path):
+    """Matching a stop string holds back up to its length of text and costs the runner's step thread the square of
+    that per token: two 1M-character stops with a logit_bias forcing "aaaa" grew to ~100 ms a token there (every
+    user of the model waits on that thread), so a longer stop is a 400, in OpenAI's words for a long string."""
+    base = {"model": TINY, "max_tokens": 1, **({"prompt": "x"} if path == "/v1/completions" else {"messages": [USER]})}
+    if path == "/v1/responses":  # (``stop`` is one of its chat extensions)
+        base = {"model": TINY, "input": "x", "max_output_tokens": 16}
+    for stop in ("s" * 513, ["a", "b" * 100_000]):
+        r = raw.post(path, json={**base, "stop": stop})
+        assert r.status_code == 400, r.text[:300]
+        got = len(stop) if isinstance(stop, str) else 100_000
+        assert r.json()["error"] == {
+            "message": "Invalid 'stop': string too long. Expected a string with maximum length 512, but got a string "
+                       f"with length {got} instead.",
+            "type": "invalid_request_error", "param": "stop", "code": "string_above_max_length"}
+    assert raw.post(path, json={**base, "stop": ["s" * 512] * 4}).status_code == 200

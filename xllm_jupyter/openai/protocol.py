@@ -41,6 +41,7 @@ def served_tier(requested: str | None) -> str | None:
 MAX_TOP_LOGPROBS = 20
 MAX_LEGACY_LOGPROBS = 5
 MAX_STOP = 4
+MAX_STOP_CHARS = 512  # a stop string's length: matching holds back up to it, at a cost of its square per token
 
 
 class StrictModel(BaseModel):
@@ -172,6 +173,9 @@ class _SamplingFields(StrictModel):
     def _check_common(self) -> None:
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
             raise InvalidRequest(f"'stop' accepts at most {MAX_STOP} sequences", param="stop")
+        if (longest := max(map(len, self.stop_strings()), default=0)) > MAX_STOP_CHARS:  # (OpenAI's wording)
+            raise InvalidRequest(f"Invalid 'stop': string too long. Expected a string with maximum length {MAX_STOP_CHARS}, but "
+                                 f"got a string with length {longest} instead.", param="stop", code="string_above_max_length")
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("The 'stream_options' parameter is only allowed when 'stream' is enabled.", param="stream_options")
         parse_logit_bias(self.logit_bias)
