@@ -25,7 +25,8 @@ CHAT_API_NAME = "chat"
 ERROR_PREFIX = "⚠️ "
 #: what the sliders show for a model the server lists no default for (OpenAI's sampling defaults)
 SHOWN: dict[str, float] = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 256}
-#: chat turns one playground runs at once (Enter and Send each); more wait in Gradio's queue, where Stop still reaches them
+#: chat turns one playground runs at once, Enter's and Send's together (one function: Gradio gives its events one
+#: concurrency id); more wait in Gradio's queue, where Stop still reaches them
 CHAT_SLOTS = 32
 
 
