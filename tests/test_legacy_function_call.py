@@ -154,3 +154,19 @@ def test_a_stored_streamed_function_call_keeps_its_shape(client):
                                                  max_tokens=30, seed=4, stream=True, store=True))
     kept = client.chat.completions.retrieve(chunks[0].id).choices[0]
     assert kept.finish_reason == "function_call" and kept.message.function_call.name == "add"
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"functions": [{"name": "tools"}, {"name": "tools"}]}, "Duplicate function name 'tools' in 'functions'"),
+    ({"functions": [{"name": "my-tools"}], "function_call": {"name": "my-tool_choice"}},
+     "'function_call' names function 'my-tool_choice', which is not in 'functions'"),
+    ({"functions": FUNCTIONS, "function_call": "tools"}, "Invalid value: 'tools'. Supported values are: 'none' and 'auto'."),
+    ({"functions": [{"name": "f", "parameters": {"type": "object", "properties": {"tools": {"type": "strnig"}}}}]},
+     "In context=('properties', 'tools', 'type')"),
+])
+def test_an_error_in_legacy_terms_quotes_the_clients_own_names_as_sent(raw, extra, message):
+    """Only the tool checks' names for the params become the legacy ones: a function, a ``function_call`` value or a
+    schema property called "tools" or "tool_choice" is quoted as the client wrote it (it was rewritten too)."""
+    r = raw.post("/v1/chat/completions", json={"model": TINY, "messages": MSG, "max_tokens": 1, **extra})
+    assert r.status_code == 400, r.text
+    assert message in r.json()["error"]["message"], r.json()

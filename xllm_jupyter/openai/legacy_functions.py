@@ -57,8 +57,9 @@ def request_tool_config(tools: Any, tool_choice: Any, parallel: Any, extra: dict
             raise InvalidRequest(f"Invalid type for 'functions[{i}]': expected an object, but got {json_type(fn)} instead.",
                                  param=f"functions[{i}]", code="invalid_type")
         wrapped.append({"type": "function", "function": fn})
+    choice = _tool_choice(extra.get("function_call"))  # (its errors are in legacy terms already)
     try:  # one call at most: a legacy reply's message holds one function_call
-        return parse_tool_config(wrapped, _tool_choice(extra.get("function_call")), False), True
+        return parse_tool_config(wrapped, choice, False), True
     except InvalidRequest as exc:
         raise in_legacy_terms(exc) from None
 
@@ -81,15 +82,24 @@ def _tool_choice(function_call: Any) -> Any:
     return {"type": "function", "function": {"name": name}}
 
 
-#: what the tool checks call the fields, and the legacy names for them (longest first)
-_RENAMES = [(re.compile(r"tools\[(\d+)\]\.function"), r"functions[\1]"), (re.compile(r"\btools\b"), "functions"),
-            (re.compile(r"\btool_choice(\.function)?\b"), "function_call")]
+#: the tool checks' names for the fields (renamed to the legacy ones), and the client's own words in their messages,
+#: kept as they are: a function's quoted name (``shown``, maybe cut with "…") and a schema error's text, which quote
+#: the client's function names and property names (a function or property named "tools" is not the 'tools' param)
+_WORDS = re.compile(r"(?P<own>Invalid schema for function .*|function (?:name )?(?:'(?:[^'\\…]|\\.)*['…]"
+                    r"|\"(?:[^\"\\…]|\\.)*[\"…]))|tools\[(?P<index>\d+)\]\.function|(?P<tools>\btools\b)"
+                    r"|\btool_choice(?:\.function)?\b", re.S)
+
+
+def _legacy_word(match: re.Match[str]) -> str:
+    if match["own"] is not None:
+        return match["own"]
+    if match["index"] is not None:
+        return f"functions[{match['index']}]"
+    return "functions" if match["tools"] is not None else "function_call"
 
 
 def _legacy_words(text: str) -> str:
-    for pattern, legacy in _RENAMES:
-        text = pattern.sub(legacy, text)
-    return text
+    return _WORDS.sub(_legacy_word, text)
 
 
 def in_legacy_terms(exc: InvalidRequest) -> InvalidRequest:
