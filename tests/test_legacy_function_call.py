@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import jsonschema
+import openai
 import pytest
 
 from tests.server_fixtures import TINY
@@ -170,3 +171,15 @@ def test_an_error_in_legacy_terms_quotes_the_clients_own_names_as_sent(raw, extr
     r = raw.post("/v1/chat/completions", json={"model": TINY, "messages": MSG, "max_tokens": 1, **extra})
     assert r.status_code == 400, r.text
     assert message in r.json()["error"]["message"], r.json()
+
+
+def test_parallel_tool_calls_true_with_functions_is_a_400_as_at_api_openai_com(client):
+    """A reply to ``functions`` holds one ``function_call``, so asking for parallel calls cannot be served (api.openai.com
+    refuses ``parallel_tool_calls`` without ``tools``); ``false`` asks for what is served anyway."""
+    kw = dict(model=TINY, messages=MSG, functions=FUNCTIONS, function_call={"name": "add"}, max_tokens=30, seed=5)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(parallel_tool_calls=True, **kw)
+    assert info.value.body["param"] == "parallel_tool_calls"
+    assert "only allowed when 'tools' are specified" in info.value.body["message"]
+    r = client.chat.completions.create(parallel_tool_calls=False, **kw)
+    assert r.choices[0].message.function_call.name == "add"

@@ -51,6 +51,9 @@ def request_tool_config(tools: Any, tool_choice: Any, parallel: Any, extra: dict
     if tool_choice is not None:
         raise InvalidRequest("'tool_choice' chooses among 'tools'; with the legacy 'functions' use 'function_call'",
                              param="tool_choice")
+    if parallel is True:  # asks for several calls, and a legacy reply holds one (api.openai.com's words)
+        raise InvalidRequest("Invalid value for 'parallel_tool_calls': 'parallel_tool_calls' is only allowed when 'tools' "
+                             "are specified.", param="parallel_tool_calls")
     wrapped = []
     for i, fn in enumerate(functions):
         if not isinstance(fn, dict):
