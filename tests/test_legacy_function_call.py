@@ -183,3 +183,18 @@ def test_parallel_tool_calls_true_with_functions_is_a_400_as_at_api_openai_com(c
     assert "only allowed when 'tools' are specified" in info.value.body["message"]
     r = client.chat.completions.create(parallel_tool_calls=False, **kw)
     assert r.choices[0].message.function_call.name == "add"
+
+
+def test_tool_calls_in_the_history_of_a_functions_request_are_a_400_as_at_api_openai_com(client, raw):
+    """api.openai.com refuses a past ``tool_calls`` when ``functions`` are given, naming the message; without
+    ``functions`` (or with ``tools``) the same history is served."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}
+    history = [*MSG, {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "2"}, {"role": "user", "content": "And?"}]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=TINY, messages=history, functions=FUNCTIONS, max_tokens=1)
+    assert (info.value.body["param"], info.value.body["code"]) == ("messages[1].tool_calls", None)
+    assert "'tool_calls' cannot be used when 'functions' are present" in info.value.body["message"]
+    for extra in ({}, {"tools": [{"type": "function", "function": ADD}]}, {"functions": []}):
+        r = raw.post("/v1/chat/completions", json={"model": TINY, "messages": history, "max_tokens": 1, **extra})
+        assert r.status_code == 200, r.text

@@ -15,9 +15,10 @@ api.openai.com. ``functions`` with ``tools`` or ``tool_choice`` is a 400: which 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Sequence
 
 from ..core.errors import InvalidRequest
+from .conversation import null_code_error
 from .schema_errors import check_json_type, json_type, shown
 from .tools import ToolConfig, parse_tool_config
 
@@ -65,6 +66,14 @@ def request_tool_config(tools: Any, tool_choice: Any, parallel: Any, extra: dict
         return parse_tool_config(wrapped, choice, False), True
     except InvalidRequest as exc:
         raise in_legacy_terms(exc) from None
+
+
+def check_legacy_history(messages: Sequence[Any]) -> None:
+    """400 for a past ``tool_calls`` in a request with ``functions``, as api.openai.com refuses it (its words)."""
+    for i, m in enumerate(messages):
+        if m.tool_calls:
+            raise null_code_error("Invalid parameter: 'tool_calls' cannot be used when 'functions' are present. Please use "
+                                  "'tools' instead of 'functions'.", f"messages[{i}].tool_calls")
 
 
 def _tool_choice(function_call: Any) -> Any:

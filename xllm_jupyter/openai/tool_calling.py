@@ -8,7 +8,7 @@ from typing import Any, Awaitable, Callable, Sequence
 
 from ..core.errors import InvalidRequest
 from ..core.types import ChatMessage, Constraint
-from .legacy_functions import in_legacy_terms, legacy_delta, legacy_message, request_tool_config
+from .legacy_functions import check_legacy_history, in_legacy_terms, legacy_delta, legacy_message, request_tool_config
 from .tool_parser import HERMES, StreamingToolParser, detect_family, parse_tool_calls
 from .tools import ToolConfig, args_schema, prepare_messages, template_supports_tools, tool_constraint
 
@@ -32,6 +32,8 @@ class ToolCalling:
         """Validate the request's tool fields (400 on mistakes) against ``model``'s template."""
         extra = getattr(req, "model_extra", None) or {}  # legacy functions and function_call (legacy_functions.py)
         cfg, legacy = request_tool_config(req.tools, req.tool_choice, req.parallel_tool_calls, extra)
+        if legacy:  # (not at parse time: protocol.py is at its size limit)
+            check_legacy_history(req.messages)
         template = getattr(model, "chat_template", lambda: None)()
         return cls(cfg, template, legacy)
 
