@@ -395,7 +395,6 @@ class ModelRunner(StepFailures, Retirement):
             handle.cached_tokens = event.cached_tokens
         text, matched = state.stops.feed(event.text) if event.text else ("", False)
         finish = event.finish
-        # (most events have no finish: None's comparisons with str-enum members cost more than the test)
         if finish is not None and finish in (FinishReason.CANCELLED, FinishReason.ERROR):
             # we did not ask for this: the backend dropped the job on its own (or, detaching its adapter, before
             # this thread applied the engine's retire_adapter: then its reason is waiting)
