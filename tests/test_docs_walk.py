@@ -38,7 +38,7 @@ def test_a_failed_pull_or_create_prints_its_error_line_alone(home):
     assert r.stderr == "Error: No such local model directory or .gguf file: ./not/here\n"
     r = invoke("create", "x", "-f", "-", input=f"FROM {TINY}\nPARAMETR top_k 3\n")
     assert r.exit_code == 1
-    assert r.stderr == "Error: line 2: unknown instruction 'PARAMETR'\n"
+    assert r.stderr == "Error: line 2: unknown instruction 'PARAMETR' (did you mean 'PARAMETER'?)\n"
     # a successful create still shows its bar and its result
     r = invoke("create", "x", "-f", "-", input=f"FROM {TINY}\nPARAMETER top_k 3\n")
     assert r.exit_code == 0, r.output

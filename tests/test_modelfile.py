@@ -118,13 +118,14 @@ def test_round_trip_awkward_values():
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("FROM x\nPARAMETER temperature 1\n\nPARAMETR top_k 4\n", "line 4: unknown instruction 'PARAMETR'"),
+        ("FROM x\nPARAMETER temperature 1\n\nPARAMETR top_k 4\n", "line 4: unknown instruction 'PARAMETR' (did you mean 'PARAMETER'?)"),
         ("FROM x\n# c\n#\n\n\n\nPARAMETER temperature hot\n", "line 7: PARAMETER temperature expects a number"),
         ("PARAMETER temperature 1\n", "missing FROM: a Modelfile must name its base model"),
         ("FROM x\nPARAMETER top_k 2.5\n", "line 2: PARAMETER top_k expects an integer"),
         ("FROM x\nPARAMETER top_p 3\n", "line 2: PARAMETER top_p must be between 0 and 1"),
         ("FROM x\nPARAMETER temperature -1\n", "line 2: PARAMETER temperature must be at least 0"),
-        ("FROM x\nPARAMETER warmth 1\n", "line 2: unknown parameter 'warmth'"),
+        ("FROM x\nPARAMETER warmth 1\n", "line 2: unknown parameter 'warmth'"),  # nothing close: no guess
+        ("FROM x\nPARAMETER temprature 1\n", "line 2: unknown parameter 'temprature' (did you mean 'temperature'?)"),
         ("FROM x\nPARAMETER temperature\n", "line 2: PARAMETER temperature needs a value"),
         ("FROM x\nFROM y\n", "line 2: FROM given twice (first on line 1)"),
         ("FROM x\nMESSAGE robot hi\n", "line 2: MESSAGE role must be one of system, user, assistant"),

@@ -9,11 +9,18 @@ Grammar (as Ollama documents it): one instruction per line, names case-insensiti
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from difflib import get_close_matches
 from typing import Any, Callable, Mapping
 
 from ..core.errors import InvalidRequest
 
 ROLES = ("system", "user", "assistant")
+
+
+def did_you_mean(word: str, known: Any, *, upper: bool = False) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``known`` to a misspelt ``word``, else ``""``."""
+    close = get_close_matches(word, list(known), n=1)
+    return f" (did you mean {(close[0].upper() if upper else close[0])!r}?)" if close else ""
 INSTRUCTIONS = ("from", "parameter", "template", "system", "adapter", "license", "message")
 
 
@@ -262,7 +269,7 @@ def parse_modelfile(text: str) -> Modelfile:
         raw = r.word()
         name = raw.lower()
         if name not in INSTRUCTIONS:
-            raise ModelfileError(f"unknown instruction {raw[:40]!r}", line)
+            raise ModelfileError(f"unknown instruction {raw[:40]!r}{did_you_mean(name, INSTRUCTIONS, upper=True)}", line)
         upper = name.upper()
         if name == "parameter":
             r.skip_blank()
@@ -271,7 +278,7 @@ def parse_modelfile(text: str) -> Modelfile:
                 raise ModelfileError("PARAMETER needs a name and a value", line)
             key = pname.lower()
             if key not in PARAMETERS:
-                raise ModelfileError(f"unknown parameter {pname[:40]!r}", line)
+                raise ModelfileError(f"unknown parameter {pname[:40]!r}{did_you_mean(key, PARAMETERS)}", line)
             raw_value = r.value(f"PARAMETER {key}")
             if not raw_value:
                 raise ModelfileError(f"PARAMETER {key} needs a value", line)
