@@ -99,6 +99,26 @@ def test_metrics_move_as_requests_run(xllm_home, tiny_catalog):
     assert value(after, "xllm_model_loads_total", model=TINY) == 1
 
 
+def test_a_streamed_legacy_function_call_is_timed_as_content(xllm_home, tiny_catalog):
+    """A forced legacy call streams only ``delta.function_call`` pieces: they are its generated text, so the first is
+    its time to first token and each later one a gap (they counted as nothing: no TTFT, no gaps)."""
+    body = {**CHAT, "max_tokens": 40, "temperature": 0, "stream": True, "function_call": {"name": "add"},
+            "functions": [{"name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}]}
+    with running_server(make_test_config(xllm_home), tiny_catalog, TINY) as server, _http(server) as http:
+        before = scrape(http)
+        with http.stream("POST", "/v1/chat/completions", json=body) as s:
+            assert s.status_code == 200
+            pieces = [json.loads(line[len("data: "):])["choices"][0]["delta"].get("function_call")
+                      for line in s.read().decode().splitlines() if line.startswith("data: {")]
+        after = scrape(http)
+    pieces = [p for p in pieces if p]
+    assert len(pieces) >= 2 and pieces[0]["name"] == "add"
+    route = "/v1/chat/completions"
+    ttft, itl = "xllm_time_to_first_token_seconds_count", "xllm_inter_token_latency_seconds_count"
+    assert value(after, ttft, endpoint=route) - value(before, ttft, endpoint=route) == 1
+    assert value(after, itl, endpoint=route) - value(before, itl, endpoint=route) == len(pieces) - 1
+
+
 def test_metrics_need_the_key(xllm_server):
     r = httpx.get(xllm_server.root + "/metrics", timeout=30)
     assert r.status_code == 401
