@@ -96,3 +96,39 @@ def test_a_woken_reader_never_overtakes_callbacks_queued_before_the_delivery():
     finally:
         loop.close()
     assert order == ["delivery", "timer", "queued earlier", "reader"], order
+
+
+def test_a_reader_woken_as_the_loop_stops_runs_when_the_loop_runs_again():
+    """A delivery that stops the loop (or lands as it stops) leaves the readers it woke for the loop's next run,
+    as the loop's own turn would have."""
+    from xllm_jupyter.engine.loop_wake import waker_for
+
+    loop, _ = _counting_loop()
+    order: list[str] = []
+
+    async def make():
+        return waker_for(loop)
+
+    async def reader(fut: asyncio.Future) -> None:
+        await fut
+        order.append("reader")
+
+    try:
+        waker = loop.run_until_complete(make())
+        fut = loop.create_future()
+        task = loop.create_task(reader(fut))
+        loop.run_until_complete(asyncio.sleep(0.01))  # the reader waits on its future
+
+        def deliver() -> None:
+            fut.set_result(None)
+            loop.stop()
+
+        thread = threading.Thread(target=waker.post, args=(deliver, (), True))
+        thread.start()
+        thread.join()
+        loop.run_forever()  # returns after the turn that ran the delivery
+        order.append("stopped")
+        loop.run_until_complete(task)
+    finally:
+        loop.close()
+    assert order == ["stopped", "reader"], order
