@@ -407,9 +407,9 @@ def test_top_k_above_int32_is_refused_and_vocab_sized_is_off(client):
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/responses"])
 def test_a_stop_string_is_at_most_512_characters(raw, path):
-    """Matching a stop string holds back up to its length of text and costs the runner's step thread the square of
-    that per token: two 1M-character stops with a logit_bias forcing "aaaa" grew to ~100 ms a token there (every
-    user of the model waits on that thread), so a longer stop is a 400, in OpenAI's words for a long string."""
+    """Matching a stop string holds back up to its length of text and builds an automaton of it (matching cost the
+    runner's step thread the square of that per token before: two 1M-character stops with a logit_bias forcing
+    "aaaa" took ~100 ms a token there), so a longer stop is a 400, in OpenAI's words for a long string."""
     base = {"model": TINY, "max_tokens": 1, **({"prompt": "x"} if path == "/v1/completions" else {"messages": [USER]})}
     if path == "/v1/responses":  # (``stop`` is one of its chat extensions)
         base = {"model": TINY, "input": "x", "max_output_tokens": 16}

@@ -8,6 +8,7 @@ strings cut at every point, tool-call markup split anywhere.
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
@@ -116,6 +117,45 @@ def test_stop_matcher_matches_the_reference():
                 break
         want, held = _reference_stops(stops, pieces)
         assert (got, matcher.flush()) == (want, held), (stops, pieces)
+
+
+@pytest.mark.parametrize("alphabet", ["ab", "aab\n", "a日😀"])
+def test_stop_matcher_matches_the_reference_on_overlapping_stops(alphabet):
+    # few characters, long stops: stops that begin, end or overlap others ("aab"/"ab", "abab"/"ab"), a match
+    # that begins before another ends, partial matches that fail deep into a stop
+    rng = random.Random(7)
+    for _ in range(1500):
+        stops = tuple("".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 14))) for _ in range(rng.randrange(1, 5)))
+        pieces = ["".join(rng.choice(alphabet) for _ in range(rng.choice((0, 1, 2, 5, 20)))) for _ in range(20)]
+        matcher = StopMatcher(stops)
+        got = []
+        for piece in pieces:
+            got.append(matcher.feed(piece))
+            if got[-1][1]:
+                break
+        want, held = _reference_stops(stops, pieces)
+        assert (got, matcher.flush()) == (want, held), (stops, pieces)
+
+
+def _feed_cost(stops, piece, count=1500):
+    """Seconds per feed of ``piece`` (best of 5 runs)."""
+    best = float("inf")
+    for _ in range(5):
+        matcher, start = StopMatcher(stops), time.perf_counter()
+        for _ in range(count):
+            matcher.feed(piece)
+        best = min(best, time.perf_counter() - start)
+    return best / count
+
+
+def test_stop_matching_costs_a_token_the_same_whatever_the_stops_length():
+    # "aaaa..." held at a stop's full length, with three stops that are never held checked first: searching the
+    # held tail for each stop's prefixes cost the square of the stop's length per token (~0.15 ms at 512)
+    def stops(n):
+        return tuple(c * n + "z" for c in "bcda")
+
+    short, long = _feed_cost(stops(8), "a"), _feed_cost(stops(511), "a")
+    assert long < 10 * short, (long, short)
 
 
 def _every_marker_at(text, i, names, final):

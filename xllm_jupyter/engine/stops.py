@@ -2,7 +2,64 @@
 
 from __future__ import annotations
 
+import functools
 import re
+
+
+class _StopAutomaton:
+    """Aho–Corasick automaton of a stop set; immutable, so matchers of the same stops share one.
+
+    A node is a prefix of some stop string. After each character the matcher sits at the longest
+    suffix of the text that is such a prefix, so the text to hold back is that node's depth, and the
+    node says which stop (if any) ends there. Each character costs O(1) amortised, whatever the
+    stops' lengths (searching the held tail for prefixes again cost their square per token).
+    """
+
+    __slots__ = ("goto", "fail", "depth", "hit", "starts")
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.goto: list[dict[str, int]] = [{}]  # node -> next node per character of the trie
+        self.depth = [0]  # node -> the length of its prefix
+        ends = [False]  # node -> whether its prefix is a whole stop string
+        for stop in stops:
+            node = 0
+            for c in stop:
+                nxt = self.goto[node].get(c)
+                if nxt is None:
+                    nxt = self.goto[node][c] = len(self.goto)
+                    self.goto.append({})
+                    self.depth.append(self.depth[node] + 1)
+                    ends.append(False)
+                node = nxt
+            ends[node] = True
+        self.fail = [0] * len(self.goto)  # node -> the node of its longest proper suffix in the trie
+        self.hit = [0] * len(self.goto)  # node -> the length of the longest stop its prefix ends with (0: none)
+        order = list(self.goto[0].values())  # breadth first: a node's suffix is shallower, so done before it
+        for node in order:
+            for c, child in self.goto[node].items():
+                order.append(child)
+                if node:
+                    self.fail[child] = self._next(self.fail[node], c)
+        for node in order:
+            self.hit[node] = self.depth[node] if ends[node] else self.hit[self.fail[node]]
+        # the characters a stop string begins with: from the root, text without one moves nowhere
+        starts = "".join(re.escape(c) for c in sorted(self.goto[0]))
+        self.starts = re.compile(f"[{starts}]") if starts else None
+
+    def _next(self, node: int, c: str) -> int:
+        """The node after ``c`` from ``node``."""
+        while True:
+            nxt = self.goto[node].get(c)
+            if nxt is not None:
+                return nxt
+            if not node:
+                return 0
+            node = self.fail[node]
+
+
+@functools.lru_cache(maxsize=16)  # (most requests repeat a few stop sets; a 4 x 512-character one is ~0.7 MB)
+def _automaton(stops: tuple[str, ...]) -> _StopAutomaton:
+    return _StopAutomaton(stops)
 
 
 class StopMatcher:
@@ -12,46 +69,53 @@ class StopMatcher:
     back, so text without stop-string beginnings streams with no delay.
     """
 
-    __slots__ = ("stops", "_buf", "_starts")
+    __slots__ = ("stops", "_buf", "_auto", "_node")
 
     def __init__(self, stops: tuple[str, ...]):
         self.stops = tuple(s for s in stops if s)
-        self._buf = ""
-        # the characters a stop string begins with: text without one can neither match nor be held
-        starts = "".join(re.escape(c) for c in sorted({s[0] for s in self.stops}))
-        self._starts = re.compile(f"[{starts}]") if starts else None  # (re's cache: one compile per stop set)
+        self._buf = ""  # the held text: the prefix of node _node
+        self._auto = _automaton(self.stops) if self.stops else None
+        self._node = 0
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Add ``text``; return (text safe to emit, whether a stop string matched)."""
-        if not self.stops:
+        auto = self._auto
+        if auto is None:
+            return text, False
+        if not self._node and auto.starts.search(text) is None:  # most tokens: nothing held, no stop begins
             return text, False
         buf = self._buf + text
-        if self._starts.search(buf) is None:  # most tokens: one C-level scan instead of a find per stop
-            self._buf = ""
-            return buf, False
-        cut = -1
-        for stop in self.stops:
-            idx = buf.find(stop)
-            if idx != -1 and (cut == -1 or idx < cut):
-                cut = idx
-        if cut != -1:
-            self._buf = ""
-            return buf[:cut], True
-        hold = self._held_tail(buf)
-        self._buf = buf[len(buf) - hold :] if hold else ""
-        return buf[: len(buf) - hold], False
-
-    def _held_tail(self, buf: str) -> int:
-        """Length of the longest suffix of ``buf`` that begins some stop string."""
-        best = 0
-        for stop in self.stops:
-            for k in range(min(len(stop) - 1, len(buf)), best, -1):
-                if buf.endswith(stop[:k]):
-                    best = k
+        goto, fail, depth, hit, starts = auto.goto, auto.fail, auto.depth, auto.hit, auto.starts
+        node, i, end, cut = self._node, len(self._buf), len(buf), -1
+        while i < end:
+            if not node:  # at the root only a stop's first character moves: find the next at C speed
+                found = starts.search(buf, i)
+                if found is None:
                     break
-        return best
+                i = found.start()
+            c = buf[i]
+            while True:
+                nxt = goto[node].get(c)
+                if nxt is not None:
+                    node = nxt
+                    break
+                if not node:
+                    break
+                node = fail[node]
+            i += 1
+            if hit[node] and (cut == -1 or i - hit[node] < cut):
+                cut = i - hit[node]
+            # a stop matched: go on only while a partial match begins before it (the earliest one is cut at)
+            if cut != -1 and i - depth[node] >= cut:
+                break
+        if cut != -1:
+            self._buf, self._node = "", 0
+            return buf[:cut], True
+        hold = depth[node]
+        self._buf, self._node = (buf[end - hold :], node) if hold else ("", 0)
+        return buf[: end - hold], False
 
     def flush(self) -> str:
         """Release whatever is held (the sequence ended without a match)."""
-        out, self._buf = self._buf, ""
+        out, self._buf, self._node = self._buf, "", 0
         return out

@@ -41,7 +41,7 @@ def served_tier(requested: str | None) -> str | None:
 MAX_TOP_LOGPROBS = 20
 MAX_LEGACY_LOGPROBS = 5
 MAX_STOP = 4
-MAX_STOP_CHARS = 512  # a stop string's length: matching holds back up to it, at a cost of its square per token
+MAX_STOP_CHARS = 512  # a stop string's length: matching holds back up to it and builds an automaton of it
 
 
 class StrictModel(BaseModel):
