@@ -287,6 +287,9 @@ class ChoiceDelta:
     token_ids: tuple[int, ...] = ()
     logprobs: tuple[TokenLogprob, ...] = ()
     finish: FinishReason | None = None
+    #: with ``finish`` STOP: one of the request's stop strings ended the choice (its text is cut before the match),
+    #: not the model; a grammar-forced tool call it cut is incomplete, which ``finish`` alone cannot tell
+    stop_string: bool = False
 
 
 @dataclass(frozen=True)

@@ -128,4 +128,5 @@ def _merged(deltas: list[ChoiceDelta]) -> ChoiceDelta:
         tuple(i for d in deltas for i in d.token_ids),
         tuple(lp for d in deltas for lp in d.logprobs),
         deltas[-1].finish,
+        deltas[-1].stop_string,
     )

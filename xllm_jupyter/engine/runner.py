@@ -419,7 +419,7 @@ class ModelRunner(StepFailures, Retirement):
         logprobs = (_token_logprob(event, event.logprob),) if event.logprob is not None else ()
         ids = (event.token_id,) if event.token_id is not None else ()
         if text or ids or finish is not None:
-            items.append(ChoiceDelta(state.index, text, ids, logprobs, finish))
+            items.append(ChoiceDelta(state.index, text, ids, logprobs, finish, matched))
         if finish is None:
             return False
         state.done = state.completed = True

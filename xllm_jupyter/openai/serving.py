@@ -307,6 +307,7 @@ class OpenAIServing(CompletionsMixin):
         texts: list[list[str]] = [[] for _ in range(n)]
         lps: list[list[dict]] = [[] for _ in range(n)]
         finish: list[str | None] = [None] * n
+        cut = [False] * n  # a stop string ended the choice (a forced call it cut is incomplete)
         loops = ForcedLoops(gen, tools)
         usage = Usage()
         async with aclosing(self.engine.generate(gen)) as events:
@@ -321,7 +322,7 @@ class OpenAIServing(CompletionsMixin):
                     if want_lp and ev.logprobs:
                         lps[ev.index].extend(chat_logprob_entries(ev.logprobs))
                     if ev.finish is not None:
-                        finish[ev.index] = ev.finish.value
+                        finish[ev.index], cut[ev.index] = ev.finish.value, ev.stop_string
                     if loops.repeats(ev):  # its calls are complete: it finishes now (message() says tool_calls)
                         finish[ev.index] = "stop"
                     if loops.all_ended(finish):
@@ -329,7 +330,7 @@ class OpenAIServing(CompletionsMixin):
                         break
                 elif isinstance(ev, GenerationDone):
                     usage = ev.usage
-        messages = [tools.message("".join(texts[i]), finish[i] or "stop") for i in range(n)]
+        messages = [tools.message("".join(texts[i]), finish[i] or "stop", cut[i]) for i in range(n)]
         choices = [
             {
                 "index": i,
@@ -382,7 +383,7 @@ class OpenAIServing(CompletionsMixin):
                         finished[ev.index] = ev.finish.value
                     if calls is not None:
                         reason = None if ev.finish is None else ev.finish.value
-                        out = calls[ev.index].deltas(ev.text, reason)
+                        out = calls[ev.index].deltas(ev.text, reason, ev.stop_string)
                         if loops.repeats(ev):  # its calls are complete: it finishes now, with tool_calls
                             finished[ev.index] = "stop"
                             out += calls[ev.index].deltas("", "stop")

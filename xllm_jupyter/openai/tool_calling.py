@@ -67,29 +67,30 @@ class ToolCalling:
                 return in_legacy_terms(named) if self.legacy else named
         return failed
 
-    def message(self, text: str, finish: str) -> tuple[dict[str, Any], str]:
-        """The response ``message`` and ``finish_reason`` for one choice's full text."""
-        message, reason = self._message(text, finish)
+    def message(self, text: str, finish: str, stop_string: bool = False) -> tuple[dict[str, Any], str]:
+        """The response ``message`` and ``finish_reason`` for one choice's full text (``stop_string``: a stop string
+        of the request ended it)."""
+        message, reason = self._message(text, finish, stop_string)
         return legacy_message(message, reason) if self.legacy else (message, reason)
 
-    def _message(self, text: str, finish: str) -> tuple[dict[str, Any], str]:
+    def _message(self, text: str, finish: str, stop_string: bool) -> tuple[dict[str, Any], str]:
         if not self.active:
             return {"role": "assistant", "content": text, "refusal": None}, finish
         if self.cfg.constrained:
-            # what the stream says, by construction: a forced call cut by max_tokens keeps its partial
-            # arguments (finish length), as the stream already sent them
-            return self._as_streamed(text, finish)
+            # what the stream says, by construction: a forced call cut by max_tokens or a stop string keeps its
+            # partial arguments (finish length or stop), as the stream already sent them
+            return self._as_streamed(text, finish, stop_string)
         parsed = parse_tool_calls(text, self.cfg.names, self.family, forced=self.cfg.constrained)
         calls = list(parsed.calls if self.cfg.parallel else parsed.calls[:1])
         if not calls:
             return {"role": "assistant", "content": text, "refusal": None}, finish
         message = {"role": "assistant", "content": parsed.content, "refusal": None, "tool_calls": [c.wire() for c in calls]}
-        return message, "tool_calls" if finish == "stop" else finish
+        return message, "tool_calls" if finish == "stop" and not stop_string else finish
 
-    def _as_streamed(self, text: str, finish: str) -> tuple[dict[str, Any], str]:
+    def _as_streamed(self, text: str, finish: str, stop_string: bool) -> tuple[dict[str, Any], str]:
         """The ``message`` a client assembles from this text's stream, and its finish_reason."""
         content, calls, reason = "", {}, finish
-        for delta, end in self._deltas().deltas(text, finish):
+        for delta, end in self._deltas().deltas(text, finish, stop_string):
             content += delta.get("content") or ""
             for frag in delta.get("tool_calls", []):
                 call = calls.setdefault(frag["index"], {"id": frag.get("id"), "type": "function",
@@ -125,12 +126,13 @@ class ToolDeltas:
         (serving ends the choice there, with finish_reason ``tool_calls``)."""
         return self.parser.forced and self.parser.repeats > 0
 
-    def deltas(self, text: str, finish: str | None) -> list[tuple[dict[str, Any], str | None]]:
-        """``(delta, finish_reason)`` pairs for a new piece of text; the last pair finishes when ``finish`` is set."""
-        out = self._pairs(text, finish)
+    def deltas(self, text: str, finish: str | None, stop_string: bool = False) -> list[tuple[dict[str, Any], str | None]]:
+        """``(delta, finish_reason)`` pairs for a new piece of text; the last pair finishes when ``finish`` is set
+        (``stop_string``: a stop string of the request ended the text)."""
+        out = self._pairs(text, finish, stop_string)
         return [legacy_delta(d, r) for d, r in out] if self.legacy else out
 
-    def _pairs(self, text: str, finish: str | None) -> list[tuple[dict[str, Any], str | None]]:
+    def _pairs(self, text: str, finish: str | None, stop_string: bool) -> list[tuple[dict[str, Any], str | None]]:
         if finish is None and self.parser.passes(text):  # most pieces of a text reply: what feed would make of it
             return [({"content": text}, None)]
         out = [(d, None) for d in self._deltas(self.parser.feed(text))] if text else []
@@ -138,7 +140,9 @@ class ToolDeltas:
             out.extend((d, None) for d in self._deltas(self.parser.finish()))
             # Unforced calls are announced only once complete and valid, so the full response has them too.
             # A forced reply that repeated a call is complete at the repeat, even if max_tokens came next.
-            done = finish == "stop" or self.looping
+            # A stop string is the client's cut, as max_tokens is: it may fall inside a forced call (stop "}"),
+            # and a reply it cut never claims tool_calls; its calls are kept as far as they got (finish stop).
+            done = (finish == "stop" and not stop_string) or self.looping
             out.append(({}, "tool_calls" if self.parser.calls and done else finish))
         return out
 
