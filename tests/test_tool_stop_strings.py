@@ -88,6 +88,26 @@ def test_a_stored_stream_cut_by_a_stop_string_is_stored_as_streamed(client):
     assert stored.finish_reason == "stop" and not _is_json(stored.message.tool_calls[0].function.arguments)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_responses_function_call_cut_by_a_stop_string_is_an_incomplete_item(client, stream):
+    tool = {"type": "function", "name": "add", "parameters": ADD}
+    kw = dict(model=TINY, input="Add 2 and 3.", tools=[tool], tool_choice={"type": "function", "name": "add"},
+              max_output_tokens=60, extra_body={"stop": ["}"], "seed": 4})
+    if stream:
+        events = list(client.responses.create(stream=True, **kw))
+        assert events[-1].type == "response.completed"
+        done = [e.item for e in events if e.type == "response.output_item.done"]
+        assert [i.status for i in done] == ["incomplete"]  # was "completed"
+        r = events[-1].response
+    else:
+        r = client.responses.create(**kw)
+    # the response ended as the client asked (completed: it has no reason for a stop string); the call did not
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert r.status == "completed" and len(calls) == 1
+    assert calls[0].status == "incomplete" and not _is_json(calls[0].arguments)
+    assert client.responses.retrieve(r.id).output[-1].status == "incomplete"
+
+
 def test_an_unforced_reply_a_stop_string_cut_after_its_call_finishes_stop():
     """A model's own complete call, then a second one that the stop string cut: the reply was cut, so it does not
     claim to be complete tool calls (the random tiny model writes no unforced calls, so the real parser is fed)."""

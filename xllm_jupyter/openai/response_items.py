@@ -208,12 +208,14 @@ def response_status(finish_reason: str | None) -> tuple[str, dict[str, Any] | No
 
 def last_item_status(item: dict[str, Any], status: str) -> str:
     """The status of a reply's last item when the reply ended with ``status``: a cut reply (``incomplete``) was cut
-    inside it, unless it is a call whose arguments are complete JSON (the cut came after it)."""
-    if status == "incomplete" and item["type"] == "function_call":
+    inside it, unless it is a call whose arguments are complete JSON (the cut came after it). A call whose arguments
+    are not is ``incomplete`` whatever the reply's status: a stop string (an xllm extension here) cut a forced call,
+    and the reply, ended by the client's own stop, is ``completed``."""
+    if item["type"] == "function_call":
         try:
             json.loads(item["arguments"])
         except ValueError:
-            return status
+            return "incomplete"
         return "completed"
     return status
 
