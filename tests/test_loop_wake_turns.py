@@ -132,3 +132,39 @@ def test_a_reader_woken_as_the_loop_stops_runs_when_the_loop_runs_again():
     finally:
         loop.close()
     assert order == ["stopped", "reader"], order
+
+
+def test_in_debug_mode_a_slow_woken_reader_is_named_by_the_loop_not_charged_to_the_waker(caplog):
+    """Debug mode switched on after the waker was made: the loop runs the woken readers itself, so its
+    slow-callback warning names the slow reader's task, not ``LoopWaker._run``."""
+    import logging
+    import time
+
+    from xllm_jupyter.engine.loop_wake import LoopWaker, waker_for
+
+    loop, _ = _counting_loop()
+
+    async def slow_reader(fut: asyncio.Future) -> None:
+        await fut
+        time.sleep(0.15)  # a blocking step: what debug mode is there to find
+
+    async def main() -> None:
+        waker = waker_for(loop)
+        assert isinstance(waker, LoopWaker)
+        loop.set_debug(True)
+        loop.slow_callback_duration = 0.1
+        fut = loop.create_future()
+        task = loop.create_task(slow_reader(fut))
+        await asyncio.sleep(0.01)  # the reader waits on its future
+        thread = threading.Thread(target=waker.post, args=(fut.set_result, (None,), True))
+        thread.start()
+        thread.join()
+        await task
+
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    slow = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Executing")]
+    assert slow and all("slow_reader" in m for m in slow), slow

@@ -163,7 +163,9 @@ class LoopWaker:
         self._armed = False
         loop = self._loop()
         ready = getattr(loop, "_ready", None)
-        idle = type(ready) is collections.deque and not ready  # nothing else waits to run, now or next turn
+        # nothing else waits to run, now or next turn; and not in debug mode (set after the waker was made), where
+        # the loop times each handle it runs: run here, a slow reader's time would be charged to this one
+        idle = type(ready) is collections.deque and not ready and not loop.get_debug()
         queue = self._queue
         for _ in range(len(queue)):  # what is there now; later posts have written their own byte
             callback, args = queue.popleft()
