@@ -167,4 +167,5 @@ def test_in_debug_mode_a_slow_woken_reader_is_named_by_the_loop_not_charged_to_t
     finally:
         loop.close()
     slow = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Executing")]
-    assert slow and all("slow_reader" in m for m in slow), slow
+    # (main's own step may be slow too on a loaded machine: only the reader's and the waker's matter)
+    assert any("slow_reader" in m for m in slow) and not any("LoopWaker" in m for m in slow), slow
