@@ -205,7 +205,8 @@ def raw(xllm_server) -> Iterator[Any]:
 
 
 #: a hub user the stand-in hubs of ``running_hub_app`` return for a token they accept
-HUB_ALICE = {"kind": "user", "name": "alice", "groups": [], "scopes": ["access:services!service=xllm"]}
+HUB_ALICE = {"kind": "user", "name": "alice", "groups": [], "scopes": ["access:services!service=xllm"],
+             "created": "2026-01-05T09:00:00.000000Z"}  # (a token that may read its own account: no lookup)
 
 
 @contextlib.contextmanager

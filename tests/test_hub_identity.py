@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 pytest.importorskip("jupyterhub")
@@ -86,3 +88,45 @@ def test_the_page_takes_a_token_in_the_url_only_as_the_api_does(tmp_path):
         for headers in ({}, {"Sec-Fetch-Mode": "websocket"}):
             r = http.get("/?token=alice-token", headers=headers)
             assert r.status_code != 200 and HUB_ALICE["name"] not in r.text, (headers, r.status_code)
+
+
+def test_an_account_is_its_name_and_creation_time_and_a_service_stays_a_service():
+    from xllm_jupyter.core.config import HubConfig
+
+    config = dataclasses.replace(XllmConfig(), hub=HubConfig(admin_users=("carol",)))
+    old = caller_from_model({"kind": "user", "name": "carol", "created": "2026-01-05T09:00:00.000000Z"}, config)
+    new = caller_from_model({"kind": "user", "name": "carol", "created": "2026-02-01T10:00:00.000000Z"}, config)
+    legacy = caller_from_model({"kind": "user", "name": "carol", "created": None}, config)  # time unknown
+    assert (old.user, old.name, old.admin) == ("carol/2026-01-05T09:00:00.000000Z", "carol", True)  # admin by name
+    assert new.user != old.user and legacy.user == "carol" and legacy.name is None
+    assert caller_from_model({"kind": "service", "name": "carol", "created": "x"}, config).user == "service/carol"
+
+
+def test_quota_overrides_name_users_and_saved_counts_go_to_the_first_account_of_their_name(tmp_path):
+    """Per-user overrides name users, so they hold for every account of the name; counts saved under the bare name
+    (before accounts were told apart) are taken over by the first account to call, not by a later one."""
+    import json
+    import time
+
+    from xllm_jupyter.core.config import QuotaConfig
+    from xllm_jupyter.server.usage import Caller, UsageTracker
+
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    path = tmp_path / "usage.json"
+    path.write_text(json.dumps({"version": 1, "users": {"carol": {"requests": 7, "day": day, "tokens_today": 40}}}))
+    tracker = UsageTracker(QuotaConfig(user_tokens_per_day=("carol=50",)), path=path)
+    first = Caller("carol/2026-01-05T09:00:00.000000Z", name="carol")
+    second = Caller("carol/2026-02-01T10:00:00.000000Z", name="carol")
+    try:
+        assert tracker.limits(first)[1] == tracker.limits(second)[1] == 50
+        tracker.release(tracker.admit(first))
+        tracker.charge(first.user, 5, 6)  # 40 + 11 > 50: the first account is over its quota
+        with pytest.raises(Exception, match="Daily token quota"):
+            tracker.admit(first)
+        tracker.release(tracker.admit(second))  # the next account of the name starts afresh
+        rows = {r["user"]: r for r in tracker.snapshot("carol")}  # ?user=NAME lists every account of the name
+        assert {u: (r["name"], r["requests"]) for u, r in rows.items()} == {first.user: ("carol", 8),
+                                                                            second.user: ("carol", 1)}
+        assert "carol" not in tracker.records() and tracker.records()[second.user]["name"] == "carol"
+    finally:
+        tracker.close()

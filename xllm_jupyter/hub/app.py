@@ -4,9 +4,10 @@ API calls carry a hub token (``Authorization: token <t>`` or ``Bearer <t>``, so 
 OpenAI SDK works with ``api_key=<token>``); ``HubAuth`` asks the hub who owns it and
 which scopes it has, and the token must hold ``access:services!service=<name>``.
 Browsers get a page at the prefix through hub OAuth (``HubOAuth``, callback at
-``{prefix}oauth_callback``). The caller is the hub user and their groups; quotas,
-fair scheduling and the ownership of stored responses all key on it. The service's
-own token needs no scopes at all: identifying a token uses that token itself.
+``{prefix}oauth_callback``). The caller is the hub account (name and creation time, see
+accounts.py) and their groups; quotas, fair scheduling and the ownership of stored responses
+all key on it. The service's own token needs ``read:users`` to learn an account's creation
+time (without it users are keyed by name); identifying a token uses that token itself.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from ..server.edge import RequestIdMixin, log_access
 from ..server.handlers import CONTEXT_KEY, NotFoundMixin, VerbDispatchMixin, XllmContext, admin_required
 from ..server.routes import build_routes, handler_class
 from ..server.usage import Caller
+from .accounts import ACCOUNT_TIMES_KEY, AccountTimes, account_created, model_created, user_key
 from .known_tokens import KNOWN_TOKENS_KEY, KnownTokens, ask_under_cap
 from .oauth_states import BoundedStates
 
@@ -88,14 +90,31 @@ def make_hub_auth(env: Mapping[str, str] | None = None) -> HubOAuth:
 def caller_from_model(model: Mapping[str, Any], config: XllmConfig) -> Caller:
     """The Caller a hub user (or service) model describes; admins per ``hub.admin_users/admin_groups``."""
     name = str(model.get("name") or "")
+    key = name
     if model.get("kind") == "service":
         # never the key of a user: hub user names may hold ':' (a user "service:x" had service x's
         # quota and stored responses), never '/'
-        name = "service/" + name
+        name = key = "service/" + name
+    else:  # the account, not just its name: a re-created user is someone else (accounts.py)
+        key = user_key(name, model_created(model)[1])
     groups = tuple(str(g) for g in model.get("groups") or ())
     hub = config.hub
     admin = name in hub.admin_users or bool(set(groups) & set(hub.admin_groups))
-    return Caller(name, groups, admin)
+    return Caller(key, groups, admin, name=None if key == name else name)
+
+
+async def with_account(handler: RequestHandler, model: Mapping[str, Any], token: str = "") -> Mapping[str, Any]:
+    """``model`` with its account's ``created``, asked of the hub (cached per ``token``) when the token could not
+    read its own account; a service's model as it is."""
+    if model.get("kind") == "service" or model_created(model)[0]:
+        return model
+    times: AccountTimes = handler.settings[ACCOUNT_TIMES_KEY]
+    known, created = times.get(token) if token else (False, None)
+    if not known:
+        created = await ask_hub(handler, account_created(handler.settings[HUB_AUTH_KEY], str(model.get("name") or "")))
+        if token:
+            times.put(token, created)
+    return {**model, "created": created}
 
 
 #: how HubAuth's HTTPError 500 begins when the hub answered a 4xx (jupyterhub.services.auth ``_api_request``)
@@ -188,7 +207,7 @@ class HubXllmHandler(RequestIdMixin, VerbDispatchMixin, RequestHandler):
             scopes = sorted(auth.access_scopes)
             need = f"the scope {scopes[0]}" if len(scopes) == 1 else "one of the scopes " + ", ".join(scopes)
             raise PermissionDenied(f"This token may not use the xllm service: it needs {need}.")
-        caller = caller_from_model(model, self.settings[CONTEXT_KEY].config)
+        caller = caller_from_model(await with_account(self, model, token), self.settings[CONTEXT_KEY].config)
         if admin_required(self) and not caller.admin:
             raise PermissionDenied("Only the service's admins (hub.admin_users, hub.admin_groups) may call admin endpoints.")
         self.xllm_caller = caller
@@ -347,7 +366,7 @@ class HubPageHandler(RequestIdMixin, _NoBody, _HubAuthFromSettings, HubOAuthenti
     async def get(self) -> None:
         """A small HTML page."""
         context: XllmContext = self.settings[CONTEXT_KEY]
-        caller = caller_from_model(self.current_user, context.config)
+        caller = caller_from_model(await with_account(self, self.current_user), context.config)
         rows = context.usage.snapshot(caller.user)
         used = rows[0] if rows else {"requests": 0, "total_tokens": 0, "tokens_today": 0, "running": 0, "queued": 0}
         conc, per_day = context.usage.limits(caller)
@@ -380,6 +399,7 @@ def make_hub_app(config: XllmConfig, engine: Any, hub_auth: HubOAuth, *, cookie_
         HUB_AUTH_KEY: hub_auth,
         FAILURES_KEY: FailedAuthLimiter(config.auth),  # per-address cap on tokens the hub does not know
         KNOWN_TOKENS_KEY: KnownTokens(config.auth.failed_auth_max_clients),  # served past the cap
+        ACCOUNT_TIMES_KEY: AccountTimes(hub_auth.cache_max_age),  # as long as HubAuth trusts a token's model
         "cookie_secret": cookie_secret or secrets.token_bytes(32),  # signs the OAuth state cookie
         "default_handler_class": handler_class(NotFoundMixin, HubXllmHandler),
         # path, never the query: Tornado's own line logs the URI, and a client's ?token= is a hub token

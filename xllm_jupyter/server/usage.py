@@ -44,11 +44,16 @@ OTHER = "other"
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is calling: a user name (None = anonymous), their groups, and admin rights."""
+    """Who is calling: the key of a user (None = anonymous), their groups, admin rights, and their name.
+
+    ``user`` keys everything per user (stored objects, usage, fair scheduling); ``name`` is set where that
+    key is more than the name config files use (a hub account: ``name/created``, see hub/accounts.py).
+    """
 
     user: str | None
     groups: tuple[str, ...] = ()
     admin: bool = False
+    name: str | None = None
 
 
 def caller_of(handler: Any) -> Caller:
@@ -104,6 +109,7 @@ class _UserUsage:
     tokens_today: int = 0
     reserved: int = 0  # tokens held by generations running now (prompt + n x max_tokens each): not saved
     groups: tuple[str, ...] = ()  # as of the last request (group quotas apply through them)
+    name: str = ""  # the user's name where the key is more (per-user quota overrides name it)
     rejected: Counter[str] = field(default_factory=Counter)
 
 
@@ -123,6 +129,8 @@ def _load_records(saved: dict[str, dict[str, Any]], today: str) -> dict[str, _Us
         groups = rec.get("groups")
         if isinstance(groups, list):
             entry.groups = tuple(g for g in groups if isinstance(g, str))
+        if isinstance(rec.get("name"), str):
+            entry.name = rec["name"]
         rejected = rec.get("rejected")
         if isinstance(rejected, dict):
             entry.rejected = Counter({k: v for k, v in rejected.items() if isinstance(k, str) and isinstance(v, int)})
@@ -180,8 +188,9 @@ class UsageTracker(LiveUsageMixin):
 
     @staticmethod
     def _limit(caller: Caller, users: dict[str, int], groups: dict[str, int], default: int) -> int:
-        if caller.user is not None and caller.user in users:
-            return users[caller.user]
+        who = caller.name or caller.user  # overrides name users, not their accounts
+        if who is not None and who in users:
+            return users[who]
         found = [groups[g] for g in caller.groups if g in groups]
         if not found:
             return default
@@ -189,7 +198,8 @@ class UsageTracker(LiveUsageMixin):
 
     def _day_quota(self, user: str, groups: tuple[str, ...]) -> int:
         """The daily token quota of ``user`` as a member of ``groups`` (0 = unlimited)."""
-        return self.limits(Caller(user or None, groups))[1]
+        entry = self._users.get(user)
+        return self.limits(Caller(user or None, groups, name=entry.name or None if entry else None))[1]
 
     def _label(self, user: str) -> str:
         """``user`` as a metrics label, or ``other`` once the label budget is spent (lock held)."""
@@ -215,8 +225,12 @@ class UsageTracker(LiveUsageMixin):
         user = caller.user or ""
         max_conc, per_day = self.limits(caller)
         with self._lock:
+            if caller.name and user not in self._users and caller.name in self._users:
+                # counts saved before accounts were told apart, under the bare name: the first account of that
+                # name to call takes them over (as the name did before), so an upgrade resets no one's quota
+                self._users[user] = self._users.pop(caller.name)
             entry = self._entry(user)
-            entry.groups = caller.groups
+            entry.groups, entry.name = caller.groups, caller.name or ""
             label = self._label(user or "anonymous")
             if max_conc and entry.in_flight >= max_conc:
                 self._reject(entry, label, "concurrency")
@@ -308,10 +322,11 @@ class UsageTracker(LiveUsageMixin):
             today = _utc_day(self._clock())
             rows = []
             for name, e in sorted(self._users.items()):
-                if user is not None and name != user:
+                if user is not None and user != name and user != (e.name or name):  # ?user=NAME: its every account
                     continue
                 rows.append({
                     "user": name or None,
+                    "name": e.name or name or None,
                     "groups": list(e.groups),
                     "requests": e.requests,
                     "in_flight": e.in_flight,
@@ -336,7 +351,7 @@ class AdminUsageMixin(RequestMixin):
         user = self.get_query_argument("user", None)  # type: ignore[attr-defined]
         rows = tracker.snapshot(user)
         for row in rows:
-            conc, per_day = tracker.limits(Caller(row["user"], tuple(row["groups"])))
+            conc, per_day = tracker.limits(Caller(row["user"], tuple(row["groups"]), name=row["name"]))
             row["limits"] = {"max_concurrent": conc, "tokens_per_day": per_day}
         day = _utc_day(time.time())
         self.write_json({"object": "list", "day": day, "data": rows})

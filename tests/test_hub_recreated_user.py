@@ -1,0 +1,107 @@
+"""A hub user deleted and created again under the same name is someone else: no stored response of the old account
+reaches the new one, while one account keeps its own across tokens.
+
+A real JupyterHub (tests/real_hub.py) vouches for the tokens; the service runs in this process on the tiny Llama
+(``make_hub_app`` on a loop thread of its own) with the real ``openai`` SDK as client. Tokens carry only the
+access scope, as a kernel's do, so the service learns each account's creation time with its own token
+(``read:users``, docs/jupyterhub.md).
+"""
+
+from __future__ import annotations
+
+import textwrap
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.real_hub import HubProcess
+from tests.server_fixtures import TINY, loop_thread, make_test_config
+
+pytest.importorskip("jupyterhub")
+
+ADMIN_TOKEN = "recreate-admin-token-0123456789abcdef"
+SERVICE_TOKEN = "recreate-service-token-0123456789abcdef"
+SCOPES = ["access:services!service=xllm"]
+
+HUB_TAIL = textwrap.dedent('''
+    c.JupyterHub.services = [
+        {{"name": "xllm", "url": "{url}", "api_token": "{service}"}},
+        {{"name": "test-admin", "api_token": "{admin}"}},
+    ]
+    c.JupyterHub.load_roles = [
+        {{"name": "user", "scopes": ["self", "access:services!service=xllm"]}},
+        {{"name": "xllm-service", "services": ["xllm"], "scopes": {service_scopes!r}}},
+        {{"name": "test-admin", "services": ["test-admin"], "scopes": ["admin:users", "tokens"]}},
+    ]
+''')
+
+
+def _token(admin: httpx.Client, user: str) -> str:
+    r = admin.post(f"/users/{user}/tokens", json={"scopes": SCOPES})
+    assert r.status_code == 201, r.text
+    return r.json()["token"]
+
+
+def _service(tmp_path, home, hub: HubProcess):
+    """The xllm hub service on a port of its own, asking ``hub`` about tokens; yields its ``/v1`` base URL."""
+    from xllm_jupyter.engine.engine import Engine
+    from xllm_jupyter.hub.app import make_hub_app, make_hub_auth
+    from xllm_jupyter.store.store import ModelStore
+
+    import tornado.httpserver
+    import tornado.testing
+
+    config = make_test_config(home)
+    env = {"JUPYTERHUB_API_TOKEN": SERVICE_TOKEN, "JUPYTERHUB_API_URL": hub.api, "JUPYTERHUB_SERVICE_NAME": "xllm"}
+
+    async def setup() -> tuple[Any, Any, int]:
+        engine = Engine(config.engine, catalog=ModelStore(config.store.home), quotas=config.quotas)
+        await engine.start()
+        sock, port = tornado.testing.bind_unused_port()
+        server = tornado.httpserver.HTTPServer(make_hub_app(config, engine, make_hub_auth(env)))
+        server.add_sockets([sock])
+        return engine, server, port
+
+    return loop_thread(setup, "the hub service", 60)
+
+
+@pytest.mark.parametrize("service_scopes", [["read:users"]])
+def test_a_recreated_user_cannot_read_the_old_accounts_stored_response(tmp_path, xllm_home, service_scopes):
+    import asyncio
+
+    hub = HubProcess(tmp_path)
+    hub.start(HUB_TAIL.format(url="http://127.0.0.1:9", service=SERVICE_TOKEN, admin=ADMIN_TOKEN,
+                              service_scopes=service_scopes))
+    try:
+        with httpx.Client(base_url=hub.api, headers={"Authorization": f"token {ADMIN_TOKEN}"}, timeout=30) as admin, \
+                _service(tmp_path, xllm_home, hub) as (loop, (engine, server, port)):
+            base = f"http://127.0.0.1:{port}/services/xllm/v1"
+            assert admin.post("/users", json={"usernames": ["carol"]}).status_code == 201
+            first, second = _token(admin, "carol"), _token(admin, "carol")
+            try:
+                with openai.OpenAI(base_url=base, api_key=first, max_retries=0, timeout=120) as c:
+                    stored = c.responses.create(model=TINY, input="hi", max_output_tokens=3, store=True)
+                # the same account with another token (a refreshed one, a kernel's): still its own
+                with openai.OpenAI(base_url=base, api_key=second, max_retries=0, timeout=120) as c:
+                    assert c.responses.retrieve(stored.id).id == stored.id
+
+                # the account is deleted and a new one (another person) is given the name
+                assert admin.delete("/users/carol").status_code == 204
+                assert admin.post("/users", json={"usernames": ["carol"]}).status_code == 201
+                third = _token(admin, "carol")
+                with openai.OpenAI(base_url=base, api_key=third, max_retries=0, timeout=120) as c:
+                    with pytest.raises(openai.NotFoundError):
+                        c.responses.retrieve(stored.id)
+                    with pytest.raises(openai.BadRequestError):  # previous_response_not_found, as for any unknown id
+                        c.responses.create(model=TINY, input="and?", max_output_tokens=3,
+                                           previous_response_id=stored.id)
+                    # the new account's own responses are its own
+                    mine = c.responses.create(model=TINY, input="hello", max_output_tokens=3, store=True)
+                    assert c.responses.retrieve(mine.id).id == mine.id
+            finally:
+                asyncio.run_coroutine_threadsafe(engine.stop(), loop).result(60)
+                loop.call_soon_threadsafe(server.stop)
+    finally:
+        hub.stop()
