@@ -113,7 +113,7 @@ def test_dropped_connection_is_resumed_with_a_range_request(store, hub, tiny_lla
 
 def test_interrupted_pull_fails_cleanly_and_a_retry_resumes(store, hub, tiny_llama_dir):
     hub.outage("model.safetensors")
-    with pytest.raises(StoreError, match="pull again") as info:
+    with pytest.raises(StoreError, match="pull again to resume") as info:  # the finished files are kept
         store.pull(f"hf:{REPO}")
     assert "Traceback" not in info.value.message and str(store.home) not in info.value.message
     assert store.list() == [] and dirs_in(store.models) == []
@@ -176,13 +176,31 @@ def test_unreachable_hub_and_offline_mode(tmp_path, monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     store = ModelStore(tmp_path / "home", endpoint=f"http://127.0.0.1:{port}")
-    with pytest.raises(StoreError, match="Could not reach"):
+    with pytest.raises(StoreError, match="Could not reach") as info:
         store.pull(f"hf:{REPO}")
+    # nothing was downloaded, so there is nothing to resume
+    assert info.value.message.endswith("; pull again"), info.value.message
     import huggingface_hub.constants as c
 
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     with pytest.raises(StoreError, match="HF_HUB_OFFLINE"):
         store.pull(f"hf:{REPO}")
+
+
+def test_only_downloaded_bytes_count_as_something_to_resume(tmp_path):
+    """A pull's download directory with only huggingface_hub's empty locks and notes has nothing to resume."""
+    from xllm_jupyter.store.hub import kept_data
+
+    dest = tmp_path / "staging"
+    assert not kept_data(dest)
+    notes = dest / ".cache" / "huggingface" / "download"
+    notes.mkdir(parents=True)
+    (notes / "model.safetensors.lock").write_bytes(b"")
+    (notes / "config.json.metadata").write_text("sha\netag\n1\n")
+    (notes / "model.safetensors.incomplete").write_bytes(b"")
+    assert not kept_data(dest)
+    (notes / "model.safetensors.incomplete").write_bytes(b"part")
+    assert kept_data(dest)
 
 
 def test_gguf_repo(tmp_path, hub, tiny_llama_dir):

@@ -105,25 +105,37 @@ def metadata_timeout() -> float:
     return value if value > 0 else float(constants.DEFAULT_ETAG_TIMEOUT)
 
 
+def kept_data(dest: Path) -> bool:
+    """Whether ``dest`` holds downloaded bytes (a finished file or a partial one) that a next pull resumes from."""
+    if not dest.is_dir():
+        return False
+    for path in dest.rglob("*"):
+        # huggingface_hub's empty .lock files and its .metadata notes are no downloaded data
+        if path.suffix not in (".lock", ".metadata") and path.is_file() and not path.is_symlink() and path.stat().st_size:
+            return True
+    return False
+
+
 @contextmanager
-def hub_errors(repo: str, endpoint: str) -> Iterator[None]:
-    """Translate huggingface_hub/httpx failures into StoreErrors that say what to do."""
+def hub_errors(repo: str, endpoint: str, staging: Path | None = None) -> Iterator[None]:
+    """Translate huggingface_hub/httpx failures into StoreErrors that say what to do; "pull again to resume" only
+    where ``staging`` (the pull's download directory) keeps something to resume from."""
     try:
         yield
     except Exception as exc:
         if from_callback(exc) or isinstance(exc, StoreError):
             raise
-        error = _translate(exc, repo, endpoint)
+        resumable = staging is not None and kept_data(staging)
+        error = _translate(exc, repo, endpoint, "pull again to resume" if resumable else "pull again")
         if error is None:
             raise
         raise error from None
 
 
-def _translate(exc: Exception, repo: str, endpoint: str) -> StoreError | None:
+def _translate(exc: Exception, repo: str, endpoint: str, retry: str) -> StoreError | None:
     import httpx2
     from huggingface_hub import errors as e
 
-    retry = "pull again to resume"
     if isinstance(exc, e.GatedRepoError):
         return StoreError(f"'{repo}' is gated: accept its license on the Hub, then set HF_TOKEN")
     if isinstance(exc, e.RepositoryNotFoundError):
@@ -206,7 +218,7 @@ class HubClient:
 
         for f in files:
             bar = _BarFactory(progress, f.path, f.size)
-            with hub_errors(repo, self.endpoint):
+            with hub_errors(repo, self.endpoint, dest):
                 hf_hub_download(
                     repo,
                     f.path,
