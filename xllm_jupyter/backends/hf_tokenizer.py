@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, ContextManager, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 from ..core.errors import InvalidRequest
 from ..core.types import ChatMessage
@@ -55,6 +55,40 @@ def settled(tokenizer: Any) -> bool:
     return backend.truncation is None and backend.padding is None
 
 
+def rust_piece_decoder(tokenizer: Any) -> Callable[[list[int]], str] | None:
+    """The Rust call ``decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)`` comes to, or None.
+
+    For a fast tokenizer whose class keeps the fast base's ``decode`` and ``_decode``, that call only passes the
+    ids on as a list to the Rust tokenizer (which skips the tokens it marks special) and would clean up spaces,
+    which False switches off. Calling Rust directly saves ~1.3 us of Python, holding the GIL, per streamed token
+    (SmolLM2: 2.4 -> 1.1 us a two-token window). A subclass that decodes its own way (Whisper, CodeGen, ...), a
+    slow tokenizer, or one whose methods were replaced on the instance gets None: its own decode runs. The answers
+    are also checked against the full call on a sample of windows (added tokens included), so a transformers
+    whose ``_decode`` does more than this is noticed rather than streamed wrong.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    cls = type(tokenizer)
+    if (not isinstance(tokenizer, PreTrainedTokenizerFast) or cls.decode is not PreTrainedTokenizerFast.decode
+            or cls._decode is not PreTrainedTokenizerFast._decode
+            or not {"decode", "_decode"}.isdisjoint(vars(tokenizer))):
+        return None
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer._tokenizer.decode(ids, skip_special_tokens=True)  # read each call: _decode does too
+
+    try:
+        size = len(tokenizer)
+        added = sorted(tokenizer.added_tokens_decoder)[:64]
+        sample = [*added, *range(0, size, max(1, size // 64))]
+        windows = [[i] for i in sample] + [[a, b] for a, b in zip(sample, reversed(sample))]
+        same = all(decode(w) == tokenizer.decode(w, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                   for w in windows)
+    except Exception:  # noqa: BLE001 - anything unexpected: keep the tokenizer's own decode
+        return None
+    return decode if same else None
+
+
 class TokenizerGuard:
     """What a shared tokenizer's calls hold: nothing for a settled Rust one (``settle``), one lock otherwise."""
 
@@ -80,6 +114,7 @@ class ChatTokenizer:
         self._guard = TokenizerGuard(tokenizer)  # (a lock only where calls may change the tokenizer)
         self._token_bytes: dict[int, bytes] = {}  # token_bytes' answers: logprobs ask for ~20 tokens a step
         self._spelling: tuple[str, frozenset[int]] | None = None  # (piece scheme, added token ids), found once
+        self._rust_decode: Callable[[list[int]], str] | None | bool = False  # rust_piece_decoder's, found once
 
     @classmethod
     def from_directory(cls, path: str, model_name: str, **kwargs: Any) -> "ChatTokenizer":
@@ -98,7 +133,14 @@ class ChatTokenizer:
 
     def decode_piece(self, ids: Sequence[int]) -> str:
         """Text for ``ids`` exactly as streamed (no clean-up of spaces)."""
+        rust = self._rust_decode
+        if rust is False:
+            with self._guard():
+                rust = self._rust_decode = rust_piece_decoder(self.tokenizer)
         with self._guard():
+            # a list of ints is what decode would pass on unchanged; anything else (a tensor, a batch) goes through it
+            if rust is not None and type(ids) is list and (not ids or type(ids[0]) is int):
+                return rust(ids)
             return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def token_bytes(self, token_id: int) -> bytes:
