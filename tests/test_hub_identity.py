@@ -130,3 +130,15 @@ def test_quota_overrides_name_users_and_saved_counts_go_to_the_first_account_of_
         assert "carol" not in tracker.records() and tracker.records()[second.user]["name"] == "carol"
     finally:
         tracker.close()
+
+
+def test_one_time_in_any_of_its_renderings_is_one_account():
+    from xllm_jupyter.hub.accounts import canonical_time
+
+    config = XllmConfig()
+    keys = {caller_from_model({"kind": "user", "name": "carol", "created": t}, config).user
+            for t in ("2026-01-05T09:00:00Z", "2026-01-05T09:00:00.000000Z", "2026-01-05T09:00:00+00:00",
+                      "2026-01-05T10:00:00+01:00")}
+    assert keys == {"carol/2026-01-05T09:00:00.000000Z"}
+    assert canonical_time("2026-01-05T09:00:00.000001Z") != canonical_time("2026-01-05T09:00:00Z")
+    assert canonical_time("") is None and canonical_time(None) is None and canonical_time("soon") == "soon"

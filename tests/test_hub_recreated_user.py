@@ -67,13 +67,12 @@ def _service(tmp_path, home, hub: HubProcess):
     return loop_thread(setup, "the hub service", 60)
 
 
-@pytest.mark.parametrize("service_scopes", [["read:users"]])
-def test_a_recreated_user_cannot_read_the_old_accounts_stored_response(tmp_path, xllm_home, service_scopes):
+def test_a_recreated_user_cannot_read_the_old_accounts_stored_response(tmp_path, xllm_home):
     import asyncio
 
     hub = HubProcess(tmp_path)
     hub.start(HUB_TAIL.format(url="http://127.0.0.1:9", service=SERVICE_TOKEN, admin=ADMIN_TOKEN,
-                              service_scopes=service_scopes))
+                              service_scopes=["read:users"]))
     try:
         with httpx.Client(base_url=hub.api, headers={"Authorization": f"token {ADMIN_TOKEN}"}, timeout=30) as admin, \
                 _service(tmp_path, xllm_home, hub) as (loop, (engine, server, port)):
@@ -105,3 +104,40 @@ def test_a_recreated_user_cannot_read_the_old_accounts_stored_response(tmp_path,
                 loop.call_soon_threadsafe(server.stop)
     finally:
         hub.stop()
+
+
+def test_a_service_that_may_not_read_users_serves_by_name_and_says_why_once(tmp_path, xllm_home, monkeypatch):
+    """The hub's older setups gave the service no scopes: it keeps serving (users keyed by name, as before) and its
+    log tells the admin what to grant, once."""
+    import asyncio
+    import logging
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger("xllm_jupyter.hub")
+    keep = Keep(logging.WARNING)
+    logger.addHandler(keep)
+    monkeypatch.setattr(logger, "level", logging.WARNING)
+    hub = HubProcess(tmp_path)
+    hub.start(HUB_TAIL.format(url="http://127.0.0.1:9", service=SERVICE_TOKEN, admin=ADMIN_TOKEN, service_scopes=[]))
+    try:
+        with httpx.Client(base_url=hub.api, headers={"Authorization": f"token {ADMIN_TOKEN}"}, timeout=30) as admin, \
+                _service(tmp_path, xllm_home, hub) as (loop, (engine, server, port)):
+            base = f"http://127.0.0.1:{port}/services/xllm/v1"
+            assert admin.post("/users", json={"usernames": ["dave"]}).status_code == 201
+            try:
+                for token in (_token(admin, "dave"), _token(admin, "dave")):
+                    with openai.OpenAI(base_url=base, api_key=token, max_retries=0, timeout=120) as c:
+                        assert TINY in [m.id for m in c.models.list().data]
+            finally:
+                asyncio.run_coroutine_threadsafe(engine.stop(), loop).result(60)
+                loop.call_soon_threadsafe(server.stop)
+    finally:
+        hub.stop()
+        logger.removeHandler(keep)
+    told = [r.getMessage() for r in records if "read:users" in r.getMessage()]
+    assert len(told) == 1 and "by name only" in told[0]

@@ -11,6 +11,7 @@ the service warns once and keys users by name, as before. See docs/jupyterhub.md
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 from collections import OrderedDict
@@ -34,6 +35,20 @@ def user_key(name: str, created: str | None) -> str:
     return f"{name}/{created}" if created else name
 
 
+def canonical_time(created: Any) -> str | None:
+    """``created`` as one fixed UTC form (microseconds always shown), so a hub that renders the same time
+    differently (``Z`` or ``+00:00``, microseconds dropped when 0) keeps the same key; None when it is no time."""
+    if not isinstance(created, str) or not created:
+        return None
+    try:
+        when = dt.datetime.fromisoformat(created[:-1] + "+00:00" if created.endswith("Z") else created)
+    except ValueError:
+        return created  # not ISO 8601: still this account's own value
+    if when.tzinfo is not None:  # JupyterHub's times are UTC; a naive one is taken as UTC too
+        when = when.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 class AccountTimes:
     """token -> its user's account creation time, for as long as HubAuth trusts the token's model.
 
@@ -43,6 +58,8 @@ class AccountTimes:
 
     def __init__(self, max_age: float, capacity: int = 10_000) -> None:
         self.max_age, self.capacity = max_age, capacity
+        #: the service was told it may not read users, and said so in the log (once per app)
+        self.warned_missing_scope = False
         self._times: OrderedDict[str, tuple[float, str | None]] = OrderedDict()
 
     def get(self, token: str) -> tuple[bool, str | None]:
@@ -61,11 +78,7 @@ class AccountTimes:
             self._times.popitem(last=False)
 
 
-class _Warned:
-    missing_scope = False
-
-
-async def account_created(auth: HubOAuth, name: str) -> str | None:
+async def account_created(auth: HubOAuth, name: str, times: AccountTimes) -> str | None:
     """User ``name``'s ``created`` as the hub reports it to the service (None: unknown, or the service may not
     read users); AuthenticationError when the hub has no such user any more (deleted since its token was checked)."""
     url = f"{auth.api_url}/users/{quote(name, safe='')}"
@@ -77,19 +90,17 @@ async def account_created(auth: HubOAuth, name: str) -> str | None:
             raise AuthenticationError("Invalid or expired JupyterHub token.") from None
         raise
     if model is None:  # 403: the service's role lacks read:users
-        if not _Warned.missing_scope:
-            _Warned.missing_scope = True
+        if not times.warned_missing_scope:
+            times.warned_missing_scope = True
             log.warning("the service may not read hub users (its role needs the scope read:users): users are told "
                         "apart by name only, so a user deleted and created again under the same name gets the old "
                         "account's stored responses and usage (docs/jupyterhub.md, 'Isolation')")
         return None
-    created = model.get("created") if isinstance(model, dict) else None
-    return created if isinstance(created, str) and created else None
+    return canonical_time(model.get("created") if isinstance(model, dict) else None)
 
 
 def model_created(model: Any) -> tuple[bool, str | None]:
     """``(present, created)`` of a token's user model: present when the token could read its own account."""
     if not isinstance(model, dict) or "created" not in model:
         return False, None
-    created = model["created"]
-    return True, created if isinstance(created, str) and created else None
+    return True, canonical_time(model["created"])

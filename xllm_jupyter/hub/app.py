@@ -111,7 +111,8 @@ async def with_account(handler: RequestHandler, model: Mapping[str, Any], token:
     times: AccountTimes = handler.settings[ACCOUNT_TIMES_KEY]
     known, created = times.get(token) if token else (False, None)
     if not known:
-        created = await ask_hub(handler, account_created(handler.settings[HUB_AUTH_KEY], str(model.get("name") or "")))
+        name = str(model.get("name") or "")
+        created = await ask_hub(handler, account_created(handler.settings[HUB_AUTH_KEY], name, times))
         if token:
             times.put(token, created)
     return {**model, "created": created}
