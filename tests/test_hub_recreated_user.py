@@ -71,8 +71,9 @@ def test_a_recreated_user_cannot_read_the_old_accounts_stored_response(tmp_path,
     import asyncio
 
     hub = HubProcess(tmp_path)
-    hub.start(HUB_TAIL.format(url="http://127.0.0.1:9", service=SERVICE_TOKEN, admin=ADMIN_TOKEN,
-                              service_scopes=["read:users"]))
+    tail = HUB_TAIL.format(url="http://127.0.0.1:9", service=SERVICE_TOKEN, admin=ADMIN_TOKEN,
+                           service_scopes=["read:users"])
+    hub.start(tail)
     try:
         with httpx.Client(base_url=hub.api, headers={"Authorization": f"token {ADMIN_TOKEN}"}, timeout=30) as admin, \
                 _service(tmp_path, xllm_home, hub) as (loop, (engine, server, port)):
@@ -84,6 +85,10 @@ def test_a_recreated_user_cannot_read_the_old_accounts_stored_response(tmp_path,
                     stored = c.responses.create(model=TINY, input="hi", max_output_tokens=3, store=True)
                 # the same account with another token (a refreshed one, a kernel's): still its own
                 with openai.OpenAI(base_url=base, api_key=second, max_retries=0, timeout=120) as c:
+                    assert c.responses.retrieve(stored.id).id == stored.id
+                # ... and after the hub restarts (its database keeps the account and its creation time)
+                hub.restart(tail)
+                with openai.OpenAI(base_url=base, api_key=_token(admin, "carol"), max_retries=0, timeout=120) as c:
                     assert c.responses.retrieve(stored.id).id == stored.id
 
                 # the account is deleted and a new one (another person) is given the name
