@@ -1,5 +1,6 @@
 """A stop string that cuts a tool call: the reply keeps the call as far as it got and says ``stop``, never that the
-call is complete (``tool_calls`` / ``function_call``), as a ``max_tokens`` cut says ``length``. Real server, real SDK."""
+call is complete (``tool_calls`` / ``function_call``), as a ``max_tokens`` cut says ``length``. One that matches after
+complete calls (at a call's closing tag) leaves calls to run: ``tool_calls``. Real server, real SDK."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import pytest
 
 from tests.server_fixtures import TINY
 from xllm_jupyter.openai.chat_assembly import CompletionAssembler
-from xllm_jupyter.openai.tool_calling import ToolDeltas
+from xllm_jupyter.openai.tool_calling import ToolCalling, ToolDeltas
 from xllm_jupyter.openai.tool_parser import HERMES, StreamingToolParser
+from xllm_jupyter.openai.tools import parse_tool_config
 
 ADD = {
     "type": "object",
@@ -126,3 +128,93 @@ def test_coalesced_deltas_keep_the_stop_string_mark():
 
     merged = coalesce([ChoiceDelta(0, "a", (1,)), ChoiceDelta(0, "b", (2,), (), FinishReason.STOP, True)])
     assert merged == [ChoiceDelta(0, "ab", (1, 2), (), FinishReason.STOP, True)]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("kw", [
+    dict(tools=TOOLS, tool_choice=NAMED),
+    dict(tools=TOOLS, tool_choice="required", n=2),
+    dict(functions=[t["function"] for t in TOOLS], function_call={"name": "add"}),
+], ids=["named", "required n=2", "legacy"])
+def test_a_stop_string_at_a_complete_calls_closing_tag_leaves_calls_to_run(client, kw, stream):
+    """``stop: ["</tool_call>"]`` ends a forced reply after its call's arguments: the call is complete, as the same
+    reply without the stop string has it, and the reply says so (was ``stop``: agent loops that run calls on ``tool_calls`` /
+    ``function_call`` dropped a complete call)."""
+    legacy = "functions" in kw
+    whole = client.chat.completions.create(**BASE, **kw).choices
+    result = client.chat.completions.create(stop=["</tool_call>"], stream=stream, **BASE, **kw)
+    cut = _assembled(result)["choices"] if stream else [c.model_dump() for c in result.choices]
+    for w, c in zip(whole, cut):
+        w = w.model_dump()
+        if legacy:
+            assert c["message"]["function_call"] == w["message"]["function_call"]
+        else:
+            # (a parallel reply ends at its first call's closing tag: that call, complete)
+            got = [t["function"] for t in c["message"]["tool_calls"]]
+            assert got and got == [t["function"] for t in w["message"]["tool_calls"]][:len(got)]
+        assert c["finish_reason"] == ("function_call" if legacy else "tool_calls")
+
+
+def _reply(tc: ToolCalling, text: str, stream: bool) -> tuple[list[tuple[str, str]], str]:
+    """The calls and finish_reason of ``text`` ended by a stop string: the full response's, or the stream's, fed
+    a character at a time."""
+    if not stream:
+        message, reason = tc.message(text, "stop", True)
+        return [(c["function"]["name"], c["function"]["arguments"]) for c in message.get("tool_calls", [])], reason
+    deltas, out = tc.streamer(), []
+    for ch in text:
+        out += deltas.deltas(ch, None)
+    out += deltas.deltas("", "stop", True)
+    calls: dict[int, list[str]] = {}
+    for delta, _ in out:
+        for frag in delta.get("tool_calls", []):
+            call = calls.setdefault(frag["index"], [frag["function"].get("name"), ""])
+            call[1] += frag["function"].get("arguments") or ""
+    return [tuple(calls[i]) for i in sorted(calls)], out[-1][1]
+
+
+CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+LLAMA = '{"name": "add", "parameters": {"a": 1, "b": 2}}'
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("choice", "text", "reason"), [
+    # the closing tag (or part of it) cut: complete calls, as the model's own end gives them
+    ("auto", CALL.removesuffix("</tool_call>"), "tool_calls"),
+    ("auto", CALL.removesuffix("call>"), "tool_calls"),
+    ("auto", CALL + "\n" + CALL.replace("1", "5").removesuffix("\n</tool_call>"), "tool_calls"),
+    ("auto", "<|python_tag|>" + LLAMA, "tool_calls"),
+    ("required", CALL.removesuffix("\n</tool_call>"), "tool_calls"),
+    ("required", CALL + "\n", "tool_calls"),
+    # cut inside a call: inside its arguments, or a later call's opening
+    ("auto", CALL + "\n" + CALL[:40], "stop"),
+    ("auto", CALL + "\n<tool_c", "stop"),
+    ("auto", "<|python_tag|>" + LLAMA + "; " + LLAMA[:20], "stop"),
+    ("required", CALL[:50], "stop"),
+    ("required", CALL[:CALL.index("}}")], "stop"),  # (stop "}}")
+    ("required", CALL + "\n<tool_call>\n{\"na", "stop"),
+])
+def test_a_reply_a_stop_string_ended_says_tool_calls_only_when_no_call_was_cut(choice, text, reason, stream):
+    """The full response and the stream judge the text the stop string left alike: complete calls (only a closing
+    tag cut) are calls to run, a call cut in its middle makes the reply ``stop``."""
+    tc = ToolCalling(parse_tool_config(TOOLS, choice, None), None)
+    calls, got = _reply(tc, text, stream)
+    assert got == reason and calls
+    if reason == "tool_calls":  # the calls the model's own end of the same text gives
+        message, _ = tc.message(text, "stop")
+        assert all(isinstance(json.loads(a), dict) for _, a in calls)
+        assert [(n, json.loads(a)) for n, a in calls] == [
+            (c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]]
+
+
+def test_the_stream_and_the_full_response_agree_wherever_a_stop_string_cuts():
+    """Every prefix of a reply of calls is a text a stop string may leave: both paths give the same calls and
+    finish_reason, ``tool_calls`` only over complete arguments."""
+    text = CALL + "\n" + CALL.replace("1", "7") + "\nDone."
+    for choice in ("auto", "required"):
+        tc = ToolCalling(parse_tool_config(TOOLS, choice, None), None)
+        for end in range(len(text) + 1):
+            full, streamed = _reply(tc, text[:end], False), _reply(tc, text[:end], True)
+            assert full == streamed, (choice, end)
+            if full[1] == "tool_calls":
+                assert all(isinstance(json.loads(a), dict) for _, a in full[0]), (choice, end)

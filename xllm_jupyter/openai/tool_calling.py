@@ -10,6 +10,7 @@ from ..core.errors import InvalidRequest
 from ..core.types import ChatMessage, Constraint
 from .legacy_functions import check_legacy_history, in_legacy_terms, legacy_delta, legacy_message, request_tool_config
 from .tool_parser import HERMES, StreamingToolParser, detect_family, parse_tool_calls
+from .tool_scan import cut_call
 from .tools import ToolConfig, args_schema, prepare_messages, template_supports_tools, tool_constraint
 
 #: how the grammar compiler's message for one schema starts; the tool's name says it instead
@@ -85,7 +86,8 @@ class ToolCalling:
         if not calls:
             return {"role": "assistant", "content": text, "refusal": None}, finish
         message = {"role": "assistant", "content": parsed.content, "refusal": None, "tool_calls": [c.wire() for c in calls]}
-        return message, "tool_calls" if finish == "stop" and not stop_string else finish
+        cut = stop_string and cut_call(text, self.cfg.names)  # a stop string ended it inside a call
+        return message, "tool_calls" if finish == "stop" and not cut else finish
 
     def _as_streamed(self, text: str, finish: str, stop_string: bool) -> tuple[dict[str, Any], str]:
         """The ``message`` a client assembles from this text's stream, and its finish_reason."""
@@ -140,9 +142,9 @@ class ToolDeltas:
             out.extend((d, None) for d in self._deltas(self.parser.finish()))
             # Unforced calls are announced only once complete and valid, so the full response has them too.
             # A forced reply that repeated a call is complete at the repeat, even if max_tokens came next.
-            # A stop string is the client's cut, as max_tokens is: it may fall inside a forced call (stop "}"),
-            # and a reply it cut never claims tool_calls; its calls are kept as far as they got (finish stop).
-            done = (finish == "stop" and not stop_string) or self.looping
+            # A stop string may fall inside a call (stop "}"): the reply keeps it as far as it got and finishes
+            # stop. Matched after complete calls (or at a call's closing tag), it ended a reply of calls to run.
+            done = (finish == "stop" and not (stop_string and self.parser.cut)) or self.looping
             out.append(({}, "tool_calls" if self.parser.calls and done else finish))
         return out
 

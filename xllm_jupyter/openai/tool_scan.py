@@ -114,3 +114,13 @@ def scan(text: str, names: frozenset[str], final: bool, skip: bool = False) -> t
     if plain < len(text):
         out.append(text[plain:])
     return out, len(text), skip
+
+
+def cut_call(text: str, names: frozenset[str]) -> bool:
+    """True when ``text`` (an output a stop string ended) ends inside what may be a call and is not a complete one.
+
+    The tail a scan cannot decide yet is what the stream holds back at the end; read as final it is complete
+    calls when only their closing tag (or the space before it) was cut, else what was cut is a call's middle.
+    """
+    _, end, _ = scan(text, names, final=False)
+    return end < len(text) and not all(isinstance(p, ToolCall) for p in scan(text[end:], names, final=True)[0])

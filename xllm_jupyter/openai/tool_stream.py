@@ -15,7 +15,7 @@ from .tool_call import (
     exact_call,
     new_call_id,
 )
-from .tool_scan import CALL_START, scan
+from .tool_scan import CALL_START, cut_call, scan
 
 
 @dataclass
@@ -55,6 +55,8 @@ class StreamingToolParser:
         #: calls dropped as repeats of earlier ones (in forced output, the sign of a model looping)
         self.repeats = 0
         self._ended = False  # forced output repeated a call: the rest of it is ignored
+        #: at finish, the output ended inside a call, which it left incomplete (only a stop string ends one there)
+        self.cut = False
 
     @property
     def calls(self) -> int:
@@ -89,6 +91,7 @@ class StreamingToolParser:
         """Events for whatever is still held when generation ends."""
         if self._ended:
             return []
+        self.cut = cut_call(self._buf, self.names)  # (what is held back is where a call may have been cut)
         out = self._drain(final=True)
         if self._lead:  # nothing but blanks came: they are the whole answer
             out.append(StreamEvent(content=self._lead))
