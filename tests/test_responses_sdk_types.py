@@ -36,6 +36,9 @@ BODIES = {
     "logprobs": {"input": "Hi", "max_output_tokens": 3, "include": ["message.output_text.logprobs"], "top_logprobs": 2},
     "call": {"input": "Weather?", "tools": [WEATHER], "tool_choice": {"type": "function", "name": "get_weather"},
              "max_output_tokens": 60, "temperature": 0, "parallel_tool_calls": False},
+    # a function_call item with status incomplete in a completed response
+    "cut call": {"input": "Weather?", "tools": [WEATHER], "tool_choice": {"type": "function", "name": "get_weather"},
+                 "max_output_tokens": 60, "temperature": 0, "parallel_tool_calls": False, "stop": ['"}']},
 }
 
 

@@ -29,6 +29,9 @@ CHATS = {
                    "max_tokens": 60},
     "legacy function call": {"functions": [WEATHER["function"], TIME["function"]], "function_call": {"name": "get_weather"},
                              "max_tokens": 60},
+    # a stop string inside the forced call's arguments: finish_reason stop over partial arguments
+    "call cut by a stop string": {"tools": [WEATHER], "tool_choice": "required", "stop": ['"}'], "max_tokens": 60,
+                                  "logprobs": True},
     "json schema": {"max_tokens": 30, "response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "strict": True, "schema": {"type": "object", "properties": {"a": {"type": "integer"}},
                                                 "required": ["a"], "additionalProperties": False}}}},
