@@ -138,8 +138,8 @@ def test_coalesced_deltas_keep_the_stop_string_mark():
 ], ids=["named", "required n=2", "legacy"])
 def test_a_stop_string_at_a_complete_calls_closing_tag_leaves_calls_to_run(client, kw, stream):
     """``stop: ["</tool_call>"]`` ends a forced reply after its call's arguments: the call is complete, as the same
-    reply without the stop string has it, and the reply says so (was ``stop``: agent loops that run calls on ``tool_calls`` /
-    ``function_call`` dropped a complete call)."""
+    reply without the stop string has it, and the reply says so (it said ``stop``: agent loops that run calls on
+    ``tool_calls`` / ``function_call`` dropped a complete call)."""
     legacy = "functions" in kw
     whole = client.chat.completions.create(**BASE, **kw).choices
     result = client.chat.completions.create(stop=["</tool_call>"], stream=stream, **BASE, **kw)
