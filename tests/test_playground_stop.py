@@ -251,6 +251,8 @@ def test_stop_and_clear_reach_a_reply_still_in_the_queue(xllm_server, button):
     respond, press = _handler(app, "respond"), _handler(app, button)
     before = xllm_server.engine.stats()
 
+    boxes = []
+
     async def updates(sent: float) -> list:
         reply = respond("Hello", [], "tiny", "", 0.0, 1.0, 8, "1", False, _request("page", sent))
         return [[dict(turn) for turn in history] async for history, _ in reply]
@@ -258,10 +260,16 @@ def test_stop_and_clear_reach_a_reply_still_in_the_queue(xllm_server, button):
     async def walk() -> tuple[list, list]:
         queued = time.monotonic()  # the question reaches the queue ...
         await press(_request("page", time.monotonic()))  # ... Stop or Clear comes after it ...
-        stopped = await updates(queued)  # ... and then a slot frees and its turn starts
+        reply = respond("Hello", [], "tiny", "", 0.0, 1.0, 8, "1", False, _request("page", queued))
+        stopped = []
+        async for history, box in reply:  # ... and then a slot frees and its turn starts
+            stopped.append([dict(turn) for turn in history])
+            boxes.append(box)
         return stopped, await updates(time.monotonic())
 
     stopped, later = asyncio.run(asyncio.wait_for(walk(), 120))
+    # what the user typed since Stop is the next question (asked when this turn ends): emptying the box swallowed it
+    assert "" not in boxes, "the turn that never ran emptied the box"
     if button == "clear_replies":
         assert stopped[-1] == [], "the queued reply refilled the cleared transcript"
     else:
@@ -293,13 +301,65 @@ def test_stops_kept_for_queued_replies_are_per_page_and_forgotten_when_it_closes
     assert not stops.begin("page", 1.0).is_set()
 
 
+def test_stops_keep_the_latest_whatever_order_their_handlers_ran_in_and_a_bounded_number_of_pages(monkeypatch):
+    """A Clear handled after a later Stop still counts; made-up pages (a client naming any session) cannot grow
+    the record for good: the oldest page goes first."""
+    from xllm_jupyter.playground import stopping
+
+    stops = stopping.Stops()
+    stops.stop("page", cleared=True, sent=12.0)
+    stops.stop("page", sent=10.0)  # sent first, handled last
+    queued = stops.begin("page", 11.0)
+    assert queued.is_set() and queued.cleared
+    monkeypatch.setattr(stopping, "KEPT_PAGES", 3)
+    for n in range(10):
+        stops.stop(f"made-up {n}", sent=20.0)
+    stops.stop("page", sent=21.0)  # pressed again: now the newest
+    assert len(stops._last_stop) == 3  # noqa: SLF001 - the bound itself
+    assert stops.begin("page", 11.0).is_set() and not stops.begin("made-up 0", 1.0).is_set()
+
+
+def test_a_stop_reaches_only_what_was_sent_before_it(xllm_server):
+    """The real handlers: a question sent just after Stop, whose turn started before Stop's handler ran (Stop is
+    unqueued, yet its handler can run late on a busy server), is answered; it was stopped."""
+    from xllm_jupyter.playground.app import build_app
+
+    app = build_app(Endpoint(xllm_server.base_url, xllm_server.api_key), ["tiny"], "tiny")
+    respond, press = _handler(app, "respond"), _handler(app, "stop_replies")
+
+    async def walk() -> list:
+        pressed = time.monotonic()  # Stop reaches the server ...
+        reply = respond("Hello", [], "tiny", "", 0.0, 1.0, 8, "1", False, _request("page", time.monotonic()))
+        first = await anext(reply)  # ... the next question, sent after it, starts ...
+        await press(_request("page", pressed))  # ... and then Stop's handler runs
+        return [first, *[update async for update in reply]]
+
+    updates = asyncio.run(asyncio.wait_for(walk(), 120))
+    assert updates[-1][0][-1]["content"], "the question sent after Stop was stopped"
+
+
+def _queued_behind_another_client(pg: Any, page: Any, box: Any, server: Any) -> Any:
+    """Another client's long reply takes the playground's one chat slot (``CHAT_SLOTS`` patched to 1), then ``page``
+    asks "Tell me a short story", which waits in Gradio's queue; returns the other client's job."""
+    from gradio_client import Client
+
+    other = Client(pg.local_url, verbose=False).submit(
+        "Tell me a long story", [], pg.model, "", 1.0, 1.0, 2000, "1", False, api_name=pg.api_name)
+    deadline = time.monotonic() + 60
+    while server.engine.stats().running == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the other reply holds the one slot
+    box.fill("Tell me a short story")
+    box.press("Enter")
+    page.wait_for_timeout(1500)  # queued behind it
+    assert server.engine.stats().running == 1
+    return other
+
+
 @pytest.mark.parametrize("button", ["Stop", "Clear"])
 def test_stop_and_clear_in_a_browser_reach_a_question_waiting_in_the_queue(tiny_client, xllm_server, monkeypatch, button):
     """The queued case end to end (the arrival stamp reaches the handlers through Gradio): with one chat slot,
     taken by another client's long reply, the page's question waits in Gradio's queue; Stop or Clear then
     means it is never generated once the slot frees (before, it was answered in full)."""
-    from gradio_client import Client
-
     from tests.browser import chromium, require_browser
     from xllm_jupyter.playground import app as playground_app
 
@@ -309,15 +369,7 @@ def test_stop_and_clear_in_a_browser_reach_a_question_waiting_in_the_queue(tiny_
         page = context.new_page()
         box = _opened_for_a_long_reply(page, pg.local_url)
         before = xllm_server.engine.stats()
-        other = Client(pg.local_url, verbose=False).submit(
-            "Tell me a long story", [], pg.model, "", 1.0, 1.0, 2000, "1", False, api_name=pg.api_name)
-        deadline = time.monotonic() + 60
-        while xllm_server.engine.stats().running == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)  # the other reply holds the one slot
-        box.fill("Tell me a short story")
-        box.press("Enter")
-        page.wait_for_timeout(1500)  # queued behind it
-        assert xllm_server.engine.stats().running == 1
+        other = _queued_behind_another_client(pg, page, box, xllm_server)
         page.locator("button.lg", has_text=button).click()
         page.wait_for_timeout(500)
         other.cancel()
@@ -329,3 +381,43 @@ def test_stop_and_clear_in_a_browser_reach_a_question_waiting_in_the_queue(tiny_
         assert page.locator("span.error").count() == 0
         shown = page.locator("#xllm-chatbot").inner_text()
         assert ("Tell me a short story" in shown) == (button == "Stop")
+
+
+@pytest.mark.parametrize("button", ["Stop", "Clear"])
+def test_a_question_sent_after_stop_or_clear_while_the_stopped_one_waits_is_answered(
+        tiny_client, xllm_server, monkeypatch, button):
+    """Stop or Clear while the page's question waits in the queue, then the next question typed and sent: Gradio holds
+    that Enter until the queued turn ends and then reads the box. The stopped turn emptied the box as it started,
+    so the next question was sent empty and never asked; the stopped turn now leaves the box alone."""
+    from tests.browser import chromium, require_browser
+    from xllm_jupyter.playground import app as playground_app
+
+    require_browser()
+    monkeypatch.setattr(playground_app, "CHAT_SLOTS", 1)
+    with xllm_jupyter.playground(client=tiny_client) as pg, chromium() as context:
+        page = context.new_page()
+        box = _opened_for_a_long_reply(page, pg.local_url)
+        before = xllm_server.engine.stats()
+        other = _queued_behind_another_client(pg, page, box, xllm_server)
+        page.locator("button.lg", has_text=button).click()
+        page.get_by_label("number input for Max tokens").fill("8")
+        page.get_by_label("number input for Max tokens").press("Enter")
+        box.fill("Hello")
+        box.press("Enter")  # held by the page: its queued turn has not ended
+        page.wait_for_timeout(500)
+        other.cancel()  # the slot frees: the stopped turn starts and ends at once, then "Hello" is sent
+        deadline = time.monotonic() + 60
+        while xllm_server.engine.stats().completed == before.completed and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert xllm_server.engine.stats().completed == before.completed + 1, "the question sent after it was not asked"
+        # the transcript ends with "Hello" and its answer once the page has it (a loaded browser shows it late)
+        page.wait_for_function(
+            """() => { const bots = document.querySelectorAll('#xllm-chatbot [data-testid=bot]');
+                       const users = document.querySelectorAll('#xllm-chatbot [data-testid=user]');
+                       return users.length && users[users.length - 1].innerText.trim() === 'Hello'
+                           && bots.length && bots[bots.length - 1].innerText.trim() !== ''
+                           && !document.querySelector('.generating'); }""",
+            timeout=60_000,
+        )
+        assert ("Tell me a short story" in page.locator("#xllm-chatbot").inner_text()) == (button == "Stop")
+        assert page.locator("span.error").count() == 0

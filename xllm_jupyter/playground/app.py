@@ -204,6 +204,12 @@ def build_app(
         page = getattr(request, "session_hash", None) or ""
         stopped = stops.begin(page, arrived(request))
         try:
+            if stopped.is_set():
+                # Stop or Clear came while it waited in the queue: it is never asked, and the box is left alone,
+                # for what the user typed since is the next question (Enter then was held until this turn ends,
+                # and is asked with the box as it is then: emptying it here swallowed that question).
+                yield ([] if stopped.cleared else history), gr.skip()
+                return
             # Show the question and empty the box at once (a model that loads on first use can take
             # a while to answer); later updates leave the box alone, so what the user types next
             # while the reply streams is kept.

@@ -34,10 +34,15 @@ def arrived(request: Any) -> float | None:
     return when if isinstance(when, float) else None
 
 
+#: pages whose last Stop is kept at most (the oldest goes first): a client naming made-up pages must not grow it for good
+KEPT_PAGES = 4096
+
+
 class ReplyStop(asyncio.Event):
-    """One reply's stop event; ``cleared`` once Clear (not Stop) set it."""
+    """One reply's stop event; ``cleared`` once Clear (not Stop) set it; ``sent``: when its question arrived (None: unknown)."""
 
     cleared = False
+    sent: float | None = None
 
 
 class Stops:
@@ -49,11 +54,13 @@ class Stops:
     itself keeps its text so far and completes like any other.
 
     A reply still waiting in Gradio's queue (its concurrency limit taken) is not running yet; the
-    page's last Stop is kept, so the reply starts stopped if it was sent before that Stop.
+    page's last Stop is kept, so the reply starts stopped if it was sent before that Stop. A Stop
+    reaches only what was sent before it: a question sent just after it is answered, even one that
+    started before the Stop's handler ran.
     """
 
     def __init__(self) -> None:
-        self._running: dict[str, set[asyncio.Event]] = {}
+        self._running: dict[str, set[ReplyStop]] = {}
         # page -> when its last Stop or Clear was sent, and its last Clear (-inf: none)
         self._last_stop: dict[str, tuple[float, float]] = {}
 
@@ -61,6 +68,7 @@ class Stops:
         """A new reply on ``page``, sent at ``sent`` (``time.monotonic()``; None: just now): the event Stop sets
         for it, already set when the page's last Stop came after ``sent`` (pass it to ``end`` when it is done)."""
         event = ReplyStop()
+        event.sent = sent
         last_stop, last_clear = self._last_stop.get(page, (-math.inf, -math.inf))
         if sent is not None and last_stop >= sent:
             event.cleared = last_clear >= sent
@@ -68,7 +76,7 @@ class Stops:
         self._running.setdefault(page, set()).add(event)
         return event
 
-    def end(self, page: str, event: asyncio.Event) -> None:
+    def end(self, page: str, event: ReplyStop) -> None:
         """The reply of ``event`` is over: Stop no longer needs to reach it."""
         events = self._running.get(page)
         if events is not None:
@@ -77,12 +85,15 @@ class Stops:
                 del self._running[page]
 
     def stop(self, page: str, *, cleared: bool = False, sent: float | None = None) -> int:
-        """Stop every reply streaming on ``page`` (``cleared``: for Clear), and those sent before ``sent`` (the Stop's
-        own arrival; None: now) that are still queued; how many were streaming."""
+        """Stop the replies on ``page`` sent before ``sent`` (the Stop's own arrival; None: now), streaming or still
+        queued (``cleared``: for Clear); how many were streaming."""
         when = time.monotonic() if sent is None else sent
-        last_clear = self._last_stop.get(page, (-math.inf, -math.inf))[1]
-        self._last_stop[page] = (when, when if cleared else last_clear)
-        events = self._running.get(page, set())
+        last_stop, last_clear = self._last_stop.pop(page, (-math.inf, -math.inf))
+        # the latest of each, whatever order the handlers ran in; re-inserted, so the page is the newest
+        self._last_stop[page] = (max(last_stop, when), max(last_clear, when) if cleared else last_clear)
+        while len(self._last_stop) > KEPT_PAGES:
+            del self._last_stop[next(iter(self._last_stop))]
+        events = [e for e in self._running.get(page, ()) if e.sent is None or e.sent <= when]
         for event in events:
             event.cleared = event.cleared or cleared
             event.set()
