@@ -173,3 +173,53 @@ def test_a_python_tokenizer_stays_behind_the_lock():
     first.join(60)
     second.join(60)
     assert slow.most == 1 and not second.is_alive()
+
+
+def test_streamed_pieces_decode_while_a_call_holds_the_tokenizers_lock():
+    """The engine thread's token decode does not wait for the lock a changed tokenizer's calls take.
+
+    Something set truncation on the shared tokenizer after load, so its calls run behind the guard's lock
+    (an encode would switch it off again). A held prompt encode has that lock; Rust's decode only reads
+    the tokenizer with the GIL held throughout, so the streamed pieces still come, and right.
+    """
+    tok = smollm2_tokenizer()
+    chat = ChatTokenizer(tok, "smollm2")
+    ids = chat.tokenize(" the cat sat on the mat", add_special_tokens=False)
+    want = [chat.decode_piece(ids[i:i + 2]) for i in range(len(ids) - 1)]
+    tok.backend_tokenizer.enable_truncation(4)
+    hold = HeldEncode(tok.encode)
+    tok.encode = hold
+    prompt = threading.Thread(target=chat.tokenize, args=(MARK + " long",))
+    prompt.start()
+    try:
+        assert hold.entered.wait(60)
+        got: list[str] = []
+        pieces = threading.Thread(target=lambda: got.extend(chat.decode_piece(ids[i:i + 2])
+                                                            for i in range(len(ids) - 1)))
+        pieces.start()
+        pieces.join(10)
+        assert got == want and not pieces.is_alive()
+        other = threading.Thread(target=chat.detokenize, args=(ids,))  # other calls still wait for the lock
+        other.start()
+        other.join(0.3)
+        assert other.is_alive() and prompt.is_alive() and not hold.release.is_set()
+    finally:
+        hold.release.set()
+        prompt.join(60)
+    other.join(60)
+    assert not other.is_alive()
+
+
+def test_a_python_decoder_keeps_the_guarded_decode():
+    """A decoder written in Python may let other threads run mid-decode: its pieces go through the guard."""
+    from tokenizers.decoders import Decoder
+
+    class Upper:
+        def decode_chain(self, tokens: list[str]) -> list[str]:
+            return [t.upper() for t in tokens]
+
+    tok = smollm2_tokenizer()
+    tok.backend_tokenizer.decoder = Decoder.custom(Upper())
+    chat = ChatTokenizer(tok, "smollm2")
+    assert chat.decode_piece(tok.encode("ab", add_special_tokens=False)) == "AB"
+    assert chat._rust_decode is None

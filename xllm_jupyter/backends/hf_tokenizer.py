@@ -64,8 +64,10 @@ def rust_piece_decoder(tokenizer: Any) -> Callable[[list[int]], str] | None:
     (SmolLM2: 2.4 -> 1.1 us a two-token window). A subclass that decodes its own way (Whisper, CodeGen, ...), a
     slow tokenizer, or one whose methods were replaced on the instance gets None: its own decode runs. The answers
     are also checked against the full call on a sample of windows (added tokens included), so a transformers
-    whose ``_decode`` does more than this is noticed rather than streamed wrong.
+    whose ``_decode`` does more than this is noticed rather than streamed wrong. A decoder written in Python
+    (``Decoder.custom``) also gets None: only an all-Rust decode is safe to call without the guard (``decode_piece``).
     """
+    from tokenizers.decoders import Decoder
     from transformers import PreTrainedTokenizerFast
 
     cls = type(tokenizer)
@@ -73,6 +75,9 @@ def rust_piece_decoder(tokenizer: Any) -> Callable[[list[int]], str] | None:
             or cls._decode is not PreTrainedTokenizerFast._decode
             or not {"decode", "_decode"}.isdisjoint(vars(tokenizer))):
         return None
+    decoder = tokenizer.backend_tokenizer.decoder
+    if decoder is not None and type(decoder) is Decoder:
+        return None  # a Decoder.custom (shown as the base class) runs Python, which lets other threads in mid-decode
 
     def decode(ids: list[int]) -> str:
         return tokenizer._tokenizer.decode(ids, skip_special_tokens=True)  # read each call: _decode does too
@@ -114,7 +119,8 @@ class ChatTokenizer:
         self._guard = TokenizerGuard(tokenizer)  # (a lock only where calls may change the tokenizer)
         self._token_bytes: dict[int, bytes] = {}  # token_bytes' answers: logprobs ask for ~20 tokens a step
         self._spelling: tuple[str, frozenset[int]] | None = None  # (piece scheme, added token ids), found once
-        self._rust_decode: Callable[[list[int]], str] | None | bool = False  # rust_piece_decoder's, found once
+        # found here, at load, not at the first streamed token on the model's step thread (~1 ms of checks)
+        self._rust_decode = rust_piece_decoder(tokenizer) if self._guard.shared else None
 
     @classmethod
     def from_directory(cls, path: str, model_name: str, **kwargs: Any) -> "ChatTokenizer":
@@ -134,13 +140,13 @@ class ChatTokenizer:
     def decode_piece(self, ids: Sequence[int]) -> str:
         """Text for ``ids`` exactly as streamed (no clean-up of spaces)."""
         rust = self._rust_decode
-        if rust is False:
-            with self._guard():
-                rust = self._rust_decode = rust_piece_decoder(self.tokenizer)
+        # a list of ints is what decode would pass on unchanged; anything else (a tensor, a batch) goes through it
+        if rust is not None and type(ids) is list and (not ids or type(ids[0]) is int):
+            # No guard: Rust's decode only reads the tokenizer and holds the GIL from start to end (tokenizers
+            # 0.20-0.23; no Python decoder here), so nothing changes the tokenizer during it, whether another
+            # call is encoding with the GIL released or changing truncation under the guard's lock.
+            return rust(ids)
         with self._guard():
-            # a list of ints is what decode would pass on unchanged; anything else (a tensor, a batch) goes through it
-            if rust is not None and type(ids) is list and (not ids or type(ids[0]) is int):
-                return rust(ids)
             return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def token_bytes(self, token_id: int) -> bytes:
