@@ -33,6 +33,8 @@ from .model_defaults import ModelDefaults
 from .model_privacy import caller_view
 from .offload import is_big, off_loop_if, parse_body
 from .tool_calling import ToolCalling
+from .tool_parser import HERMES
+from .tools import calls_or_answer
 from .truncation import fit_front
 from .protocol import (
     SYSTEM_FINGERPRINT,
@@ -255,13 +257,14 @@ class OpenAIServing(CompletionsMixin):
         sampling = req.sampling_params()
         check_token_ids(sampling.logit_bias, model, "logit_bias")
         tools = ToolCalling.from_request(req, model)
-        constraint = tools.constraint() or req.constraint()  # forced tool calls win over response_format
+        # forced tool calls win over response_format; calls the model may make stay possible beside it (tools.py)
+        constraint = tools.constraint() or calls_or_answer(tools.cfg, req.constraint(), tools.family == HERMES)
         if constraint is not None:
             # compiled before anything is queued or streamed: a bad schema is a plain 400
             try:
                 await self.engine.check_constraint(req.model, constraint, param="tools" if tools.cfg.constrained else "response_format")
             except InvalidRequest as failed:
-                if not tools.cfg.constrained:
+                if constraint.kind != "lark":  # (only tool grammars are Lark)
                     raise
                 raise await tools.at_fault(lambda c: self.engine.check_constraint(req.model, c, param="tools"), req.tools,
                                            failed) from None

@@ -330,8 +330,9 @@ def max_forced_calls(cfg: ToolConfig) -> int:
     return MAX_PARALLEL_CALLS if cfg.parallel and cfg.forced is None else 1
 
 
-def tool_grammar(cfg: ToolConfig) -> str:
-    """A Lark grammar (llguidance dialect) that admits only valid Hermes tool-call blocks."""
+def tool_grammar(cfg: ToolConfig, answer: Any = None) -> str:
+    """A Lark grammar (llguidance dialect) that admits only valid Hermes tool-call blocks (or, given ``answer``, a
+    JSON schema, an answer that matches it instead)."""
     tools = cfg.callable_tools()
     rules = []
     for i, t in enumerate(tools):
@@ -342,7 +343,8 @@ def tool_grammar(cfg: ToolConfig) -> str:
     # tend to repeat the same call until max_tokens (finish "length", which the SDK's parse()
     # rejects). A named function is one call, as OpenAI makes it.
     calls = max_forced_calls(cfg)
-    start = f'start: call ("\\n" call){{0,{calls - 1}}}' if calls > 1 else "start: call"
+    start = f'call ("\\n" call){{0,{calls - 1}}}' if calls > 1 else "call"
+    start = "start: " + (start if answer is None else f"({start}) | %json{json.dumps(answer)}")
     call = f"call: {_lark_str(CALL_OPEN)} ({alts}) {_lark_str(CALL_CLOSE)}"
     return "\n".join([start, call, *rules]) + "\n"
 
@@ -350,3 +352,18 @@ def tool_grammar(cfg: ToolConfig) -> str:
 def tool_constraint(cfg: ToolConfig) -> Constraint | None:
     """The decoding constraint for ``required``/named tool choice; None when the model chooses freely."""
     return Constraint(kind="lark", spec=tool_grammar(cfg)) if cfg.constrained else None
+
+
+def calls_or_answer(cfg: ToolConfig, answer: Constraint | None, hermes: bool) -> Constraint | None:
+    """``answer`` (a ``response_format``'s constraint), widened to admit tool calls too when the model may call tools.
+
+    OpenAI's model may call a tool or answer in the format (agents with tools and a structured final output:
+    pydantic-ai, openai-agents, dspy); the format's grammar alone ruled calls out. Calls are the Hermes blocks the
+    grammar knows, so a template asking for another family of call markup keeps the format alone.
+    """
+    if answer is None or not (cfg.active and hermes) or cfg.constrained or answer.kind not in ("json_object", "json_schema"):
+        return answer
+    schema = json.loads(answer.spec) if answer.kind == "json_schema" else {"type": "object"}
+    if isinstance(schema, dict):  # compact, as the format alone is (a weak model pads with blanks otherwise)
+        schema = {**schema, "x-guidance": {**(schema.get("x-guidance") or {}), "whitespace_flexible": False}}
+    return Constraint(kind="lark", spec=tool_grammar(cfg, schema))

@@ -1,0 +1,81 @@
+"""Tools the model may call together with a ``response_format``: it may call a tool or answer in the format.
+
+pydantic-ai (``NativeOutput`` with tools), the OpenAI Agents SDK (``output_type`` with tools), dspy's
+``JSONAdapter(use_native_function_calling=True)`` and LangChain agents with a provider response format send
+``tools`` (``tool_choice`` auto) and a JSON ``response_format`` in one request: the tool round trip comes first,
+the structured answer last. The format's grammar alone made a tool call impossible. The bodies below are the
+ones those libraries send, replayed with the openai SDK (the libraries are not test dependencies).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.server_fixtures import TINY
+
+pytest.importorskip("llguidance")
+
+#: SmolLM2's "<": the first token of a ``<tool_call>`` block, and no JSON answer's first token
+LT = 44
+PICK = {"type": "function", "function": {"name": "pick", "description": "Pick a side.", "parameters": {
+    "type": "object", "properties": {"side": {"enum": ["heads", "tails"]}}, "required": ["side"],
+    "additionalProperties": False}}}
+# pydantic-ai's NativeOutput(Person) (chat) and the Agents SDK's output_type (Responses' text.format)
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer"}},
+          "required": ["name", "age"], "additionalProperties": False}
+FORMAT = {"type": "json_schema", "json_schema": {"name": "Person", "schema": PERSON, "strict": True}}
+MSG = [{"role": "user", "content": "Pick a side, then tell me about Bob, 32."}]
+
+
+def test_a_tool_call_is_possible_beside_a_json_schema_format(client):
+    """The model leaning to ``<`` (the random model chooses nothing by itself) calls the tool: the grammar admits it."""
+    r = client.chat.completions.create(model=TINY, messages=MSG, tools=[PICK], response_format=FORMAT, n=2, seed=1,
+                                       parallel_tool_calls=False, max_tokens=60, logit_bias={str(LT): 100})
+    for choice in r.choices:
+        assert choice.finish_reason == "tool_calls", choice
+        call = choice.message.tool_calls[0]
+        assert call.function.name == "pick" and json.loads(call.function.arguments)["side"] in ("heads", "tails"), call
+
+
+def test_a_tool_call_is_possible_beside_json_object_streamed(client):
+    """``json_object`` (instructor's JSON modes with tools, LangChain's json_mode) and a stream: the call streams as one."""
+    stream = client.chat.completions.create(model=TINY, messages=MSG, tools=[PICK], response_format={"type": "json_object"},
+                                            seed=2, parallel_tool_calls=False, max_tokens=60, logit_bias={str(LT): 100},
+                                            stream=True)
+    names, finish = [], None
+    for chunk in stream:
+        for choice in chunk.choices:
+            names += [tc.function.name for tc in choice.delta.tool_calls or () if tc.function and tc.function.name]
+            finish = choice.finish_reason or finish
+    assert names == ["pick"] and finish == "tool_calls"
+
+
+def test_an_answer_beside_tools_still_follows_the_format(client):
+    """The other branch: an answer in text is the format's JSON, as before (tool calls, when chosen, are well formed)."""
+    r = client.chat.completions.create(model=TINY, messages=MSG, tools=[PICK], response_format=FORMAT, n=4, seed=3,
+                                       max_tokens=60, logit_bias={str(LT): -100})
+    for choice in r.choices:
+        assert choice.finish_reason == "stop" and not choice.message.tool_calls, choice
+        out = json.loads(choice.message.content)
+        assert set(out) == {"name", "age"}, out
+
+
+def test_tool_choice_none_leaves_only_the_format(client):
+    """``tool_choice: none`` shows no tools: the format alone decides, even for a model leaning to ``<``."""
+    r = client.chat.completions.create(model=TINY, messages=MSG, tools=[PICK], tool_choice="none", response_format=FORMAT,
+                                       seed=4, max_tokens=60, logit_bias={str(LT): 100})
+    assert r.choices[0].finish_reason == "stop" and not r.choices[0].message.tool_calls
+    assert set(json.loads(r.choices[0].message.content)) == {"name", "age"}
+
+
+def test_a_tool_schema_the_grammar_cannot_compile_is_named(raw):
+    """A tool's bad schema beside a format is the forced-tool 400, naming that tool (the format alone compiles)."""
+    bad = {"type": "function", "function": {"name": "odd", "parameters": {
+        "type": "object", "properties": {"x": {"$ref": "#/$defs/missing"}}, "required": ["x"]}}}
+    r = raw.post("/v1/chat/completions", json={"model": TINY, "messages": MSG, "tools": [bad], "response_format": FORMAT,
+                                               "max_tokens": 5})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "tools[0].function.parameters" and "odd" in err["message"], err
