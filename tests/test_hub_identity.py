@@ -124,8 +124,8 @@ def test_quota_overrides_name_users_and_saved_counts_go_to_the_first_account_of_
         with pytest.raises(Exception, match="Daily token quota"):
             tracker.admit(first)
         tracker.release(tracker.admit(second))  # the next account of the name starts afresh
-        rows = {r["user"]: r for r in tracker.snapshot("carol")}  # ?user=NAME lists every account of the name
-        assert {u: (r["name"], r["requests"]) for u, r in rows.items()} == {first.user: ("carol", 8),
+        rows = {r["account"]: r for r in tracker.snapshot("carol")}  # ?user=NAME lists every account of the name
+        assert {a: (r["user"], r["requests"]) for a, r in rows.items()} == {first.user: ("carol", 8),
                                                                             second.user: ("carol", 1)}
         assert "carol" not in tracker.records() and tracker.records()[second.user]["name"] == "carol"
     finally:
@@ -142,3 +142,29 @@ def test_one_time_in_any_of_its_renderings_is_one_account():
     assert keys == {"carol/2026-01-05T09:00:00.000000Z"}
     assert canonical_time("2026-01-05T09:00:00.000001Z") != canonical_time("2026-01-05T09:00:00Z")
     assert canonical_time("") is None and canonical_time(None) is None and canonical_time("soon") == "soon"
+
+
+def test_metrics_and_admin_usage_name_the_user_not_the_account():
+    """The ``user`` metrics label and ``/admin/usage``'s ``user`` stay the bare name, as before accounts were told
+    apart (dashboards filter on it; one label per name, not per account); ``account`` is the key counts are kept
+    under."""
+    from prometheus_client import CollectorRegistry
+
+    from xllm_jupyter.server.usage import Caller, UsageTracker
+
+    registry = CollectorRegistry()
+    tracker = UsageTracker(registry=registry)
+    old, new = Caller("carol/2026-01-05T09:00:00.000000Z", name="carol"), Caller("carol/2026-02-01T10:00:00.000000Z", name="carol")
+    try:
+        for caller in (old, new):
+            tracker.charge(tracker.admit(caller), 2, 3)
+        tracker.release(old.user)
+        assert registry.get_sample_value("xllm_user_requests_total", {"user": "carol"}) == 2
+        assert registry.get_sample_value("xllm_user_tokens_total", {"user": "carol", "kind": "completion"}) == 6
+        assert registry.get_sample_value("xllm_user_requests_in_flight", {"user": "carol"}) == 1
+        assert registry.get_sample_value("xllm_user_requests_total", {"user": old.user}) is None
+        rows = tracker.snapshot("carol")
+        assert [(r["user"], r["account"]) for r in rows] == [("carol", old.user), ("carol", new.user)]
+    finally:
+        tracker.close()
+

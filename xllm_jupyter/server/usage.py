@@ -202,7 +202,14 @@ class UsageTracker(LiveUsageMixin):
         return self.limits(Caller(user or None, groups, name=entry.name or None if entry else None))[1]
 
     def _label(self, user: str) -> str:
-        """``user`` as a metrics label, or ``other`` once the label budget is spent (lock held)."""
+        """``user`` as a metrics label, or ``other`` once the label budget is spent (lock held).
+
+        A hub account's label is its user's name: dashboards filter on the name, and a name's accounts (one at a
+        time: the older were deleted) add up under it rather than each spending a label.
+        """
+        entry = self._users.get(user)
+        if entry is not None and entry.name:
+            user = entry.name
         if user in self._labels:
             return user
         if len(self._labels) < self.config.metrics_max_users:
@@ -325,8 +332,8 @@ class UsageTracker(LiveUsageMixin):
                 if user is not None and user != name and user != (e.name or name):  # ?user=NAME: its every account
                     continue
                 rows.append({
-                    "user": name or None,
-                    "name": e.name or name or None,
+                    "user": e.name or name or None,  # the name, as before accounts were told apart
+                    "account": name or None,  # what the counts are kept under (hub: name/created)
                     "groups": list(e.groups),
                     "requests": e.requests,
                     "in_flight": e.in_flight,
@@ -351,7 +358,7 @@ class AdminUsageMixin(RequestMixin):
         user = self.get_query_argument("user", None)  # type: ignore[attr-defined]
         rows = tracker.snapshot(user)
         for row in rows:
-            conc, per_day = tracker.limits(Caller(row["user"], tuple(row["groups"]), name=row["name"]))
+            conc, per_day = tracker.limits(Caller(row["account"], tuple(row["groups"]), name=row["user"]))
             row["limits"] = {"max_concurrent": conc, "tokens_per_day": per_day}
         day = _utc_day(time.time())
         self.write_json({"object": "list", "day": day, "data": rows})
