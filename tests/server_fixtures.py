@@ -209,10 +209,19 @@ HUB_ALICE = {"kind": "user", "name": "alice", "groups": [], "scopes": ["access:s
              "created": "2026-01-05T09:00:00.000000Z"}  # (a token that may read its own account: no lookup)
 
 
+async def hub_api_reading_users(method: str, url: str, **_: Any) -> Any:
+    """A stand-in hub API for the service's own requests: its token holds ``read:users`` (``GET /user``), and
+    every user asked of ``GET /users/{name}`` has HUB_ALICE's creation time."""
+    if url.endswith("/user"):
+        return {"kind": "service", "name": "xllm", "scopes": ["access:services!service=xllm", "read:users"]}
+    return {"kind": "user", "name": url.rsplit("/", 1)[-1], "created": HUB_ALICE["created"]}
+
+
 @contextlib.contextmanager
-def running_hub_app(config: XllmConfig, user_for_token: Any) -> Iterator[str]:
+def running_hub_app(config: XllmConfig, user_for_token: Any, hub_api: Any = hub_api_reading_users) -> Iterator[str]:
     """The hub service's app on a real port and its own IOLoop thread, the hub stood in for by
-    ``user_for_token`` (async: token -> hub user model or None); yields the service's URL root."""
+    ``user_for_token`` (async: token -> hub user model or None) and, for the service's own requests
+    (its scopes, users' accounts), ``hub_api`` (HubAuth's ``_api_request``); yields the service's URL root."""
     import tornado.httpserver
     import tornado.testing
 
@@ -225,6 +234,7 @@ def running_hub_app(config: XllmConfig, user_for_token: Any) -> Iterator[str]:
         return await user_for_token(token)
 
     auth.user_for_token = lookup
+    auth._api_request = hub_api
     async def setup() -> tuple[Any, int]:
         sock, port = tornado.testing.bind_unused_port()
         server = tornado.httpserver.HTTPServer(make_hub_app(config, Engine(config.engine), auth))

@@ -168,3 +168,144 @@ def test_metrics_and_admin_usage_name_the_user_not_the_account():
     finally:
         tracker.close()
 
+
+def _hub_answers(answers: list, asked: list):
+    """A stand-in hub API: the service holds ``read:users``; each ``GET /users/{name}`` gets the next of ``answers``
+    (a model, or None for HubAuth's 403); every request is noted in ``asked``."""
+    from tests.server_fixtures import hub_api_reading_users
+
+    async def hub_api(method: str, url: str, **kwargs):
+        asked.append(url.rsplit("/api", 1)[-1])
+        if url.endswith("/user"):
+            return await hub_api_reading_users(method, url)
+        return answers.pop(0)
+
+    return hub_api
+
+
+def test_an_account_lookup_the_hub_refuses_is_a_503_never_the_name_alone(tmp_path):
+    """A service that holds read:users and whose lookup fails once (a 403 while the hub's roles change, a flaky
+    proxy) answered with the bare name: the same person had two keys by turns (two quota buckets, their stored
+    objects gone and back). Now that request is a 503 ``hub_unavailable`` and the next gets the account again."""
+    import httpx
+
+    from tests.server_fixtures import running_hub_app
+
+    config = load_config(env={}, overrides={"store": {"home": str(tmp_path)}, "quotas": {"usage_file": "off"}})
+    bob = {"kind": "user", "name": "bob", "groups": [], "scopes": ["access:services!service=xllm"]}
+    created = {"kind": "user", "name": "bob", "created": "2026-03-01T08:00:00.000000Z"}
+    asked: list[str] = []
+
+    async def user_for_token(token: str):
+        return bob if token.startswith("bob-") else None
+
+    with running_hub_app(config, user_for_token, _hub_answers([created, None, created], asked)) as root, \
+            httpx.Client(base_url=root, timeout=30) as http:
+        assert http.get("/", headers={"Authorization": "token bob-1"}).status_code == 200
+        refused = http.get("/v1/models", headers={"Authorization": "token bob-2"})
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "hub_unavailable"
+        page = http.get("/", headers={"Authorization": "token bob-2"})  # the scopes asked again, then the account
+        assert page.status_code == 200 and "bob" in page.text
+    assert asked == ["/user", "/users/bob", "/users/bob", "/user", "/users/bob"]
+
+
+def test_only_a_token_the_hub_vouched_for_costs_a_lookup_and_a_burst_asks_the_scopes_once(tmp_path):
+    """Tokens the hub does not know never reach the account lookup (no hub requests for a guesser to multiply); a
+    burst of fresh tokens asks the service's own scopes once, then one lookup per token (cached per token)."""
+    import asyncio
+
+    import httpx
+
+    from tests.server_fixtures import running_hub_app
+
+    config = load_config(env={}, overrides={"store": {"home": str(tmp_path)}, "quotas": {"usage_file": "off"},
+                                            "auth": {"failed_auth_limit": 1000}})
+    created = {"kind": "user", "name": "bob", "created": "2026-03-01T08:00:00.000000Z"}
+    asked: list[str] = []
+
+    async def user_for_token(token: str):
+        await asyncio.sleep(0.05)  # the burst arrives while the first answers are still on their way
+        if token.startswith("bob-"):
+            return {"kind": "user", "name": "bob", "groups": [], "scopes": ["access:services!service=xllm"]}
+        return None
+
+    async def burst(root: str) -> list[int]:
+        async with httpx.AsyncClient(base_url=root, timeout=60) as http:
+            bad = await asyncio.gather(*(http.get("/v1/models", headers={"Authorization": f"token guess-{i}"})
+                                         for i in range(20)))
+            assert not asked and {r.status_code for r in bad} <= {401, 429}
+            good = await asyncio.gather(*(http.get("/v1/models", headers={"Authorization": f"token bob-{i % 10}"})
+                                          for i in range(30)))
+            return [r.status_code for r in good]
+
+    with running_hub_app(config, user_for_token, _hub_answers([created] * 30, asked)) as root:
+        assert set(asyncio.run(burst(root))) == {200}
+    assert asked.count("/user") == 1
+    assert 10 <= asked.count("/users/bob") <= 30  # each token once, but for concurrent first requests of one token
+
+
+async def test_the_services_scopes_are_asked_once_bounded_and_again_in_the_background():
+    """The scope question is shared by a burst, bounded by the hub timeout (HubAuth's client would hold it, and every
+    request waiting on it, for 5 minutes), and once answered it is asked again behind the last answer: a hub down
+    or hanging for a moment then costs no request a 503."""
+    import asyncio
+    import time
+
+    from xllm_jupyter.hub.accounts import AccountTimes, service_reads_users
+
+    class Hub:
+        api_url = "http://hub/hub/api"
+        asked = 0
+        hang = False
+
+        async def _api_request(self, method: str, url: str, **_):
+            self.asked += 1
+            if self.hang:
+                await asyncio.sleep(3600)
+            await asyncio.sleep(0.01)
+            return {"kind": "service", "name": "xllm", "scopes": ["read:users"]}
+
+    hub, times = Hub(), AccountTimes(max_age=0.05)
+    assert await asyncio.gather(*(service_reads_users(hub, times, 1.0) for _ in range(50))) == [True] * 50
+    assert hub.asked == 1
+    await asyncio.sleep(0.1)  # stale now; the hub hangs from here on
+    hub.hang = True
+    began = time.monotonic()
+    assert [await service_reads_users(hub, times, 0.2) for _ in range(5)] == [True] * 5  # the last answer, at once
+    assert time.monotonic() - began < 0.1
+    await asyncio.sleep(0.01)
+    assert hub.asked == 2  # one question in the background
+    fresh = AccountTimes(max_age=60)
+    with pytest.raises(asyncio.TimeoutError):  # never answered: the request waits, but only so long
+        await service_reads_users(hub, fresh, 0.2)
+    assert fresh.asking is None and fresh.reads_users is None
+    await asyncio.sleep(0.3)  # the background question gave up too (its timeout), so a later one may be asked
+    assert times.asking is None
+
+
+def test_the_page_answers_a_failed_account_lookup_as_it_answers_a_failed_login(tmp_path):
+    """The page's account lookup runs after its login check: a hub failing there was an unhandled error (500 and a
+    traceback in the log); it is the login's plain-text 503 with Retry-After, and a user deleted in between a 403."""
+    import httpx
+    from tornado.web import HTTPError
+
+    from tests.server_fixtures import running_hub_app
+
+    config = load_config(env={}, overrides={"store": {"home": str(tmp_path)}, "quotas": {"usage_file": "off"}})
+    answers: list = [HTTPError(502, "Failed to check authorization (upstream problem)"),
+                     HTTPError(500, "Failed to check authorization: Not Found")]
+
+    async def user_for_token(token: str):
+        return {"kind": "user", "name": "bob", "groups": [], "scopes": ["access:services!service=xllm"]}
+
+    async def hub_api(method: str, url: str, **_):
+        if url.endswith("/user"):
+            return {"kind": "service", "name": "xllm", "scopes": ["read:users"]}
+        raise answers.pop(0)
+
+    with running_hub_app(config, user_for_token, hub_api) as root, httpx.Client(base_url=root, timeout=30) as http:
+        down = http.get("/", headers={"Authorization": "token bob-1"})
+        assert down.status_code == 503 and down.headers["Retry-After"] == "1", down.text
+        assert "retry later" in down.text
+        assert http.get("/", headers={"Authorization": "token bob-2"}).status_code == 403

@@ -146,3 +146,36 @@ def test_a_service_that_may_not_read_users_serves_by_name_and_says_why_once(tmp_
         logger.removeHandler(keep)
     told = [r.getMessage() for r in records if "read:users" in r.getMessage()]
     assert len(told) == 1 and "by name only" in told[0]
+
+
+@pytest.mark.parametrize("service_scopes", [[], ["read:users!group=staff"]], ids=["no-read-users", "staff-only"])
+def test_without_read_users_on_everyone_every_token_of_a_user_is_one_name_key(tmp_path, xllm_home, service_scopes):
+    """Without read:users, a token that shows its own account (``read:users!user``, a personal token's default) was
+    keyed by account and erin's kernel token by name: two keys for one person (two quota buckets), her stored
+    response out of reach of her other token. A role reading only some users (``read:users!group=staff``) got 404
+    for anyone else's account, which read as a deleted user: erin, outside the group, was refused (401). Now the
+    service asks the hub its own scopes: without read:users on everyone, every user is keyed by name."""
+    import asyncio
+
+    hub = HubProcess(tmp_path)
+    hub.start(HUB_TAIL.format(url="http://127.0.0.1:9", service=SERVICE_TOKEN, admin=ADMIN_TOKEN,
+                              service_scopes=service_scopes))
+    try:
+        with httpx.Client(base_url=hub.api, headers={"Authorization": f"token {ADMIN_TOKEN}"}, timeout=30) as admin, \
+                _service(tmp_path, xllm_home, hub) as (loop, (engine, server, port)):
+            base = f"http://127.0.0.1:{port}/services/xllm/v1"
+            assert admin.post("/users", json={"usernames": ["erin"]}).status_code == 201
+            kernel = _token(admin, "erin")
+            r = admin.post("/users/erin/tokens", json={"scopes": SCOPES + ["read:users!user"]})
+            assert r.status_code == 201, r.text
+            personal = r.json()["token"]
+            try:
+                with openai.OpenAI(base_url=base, api_key=personal, max_retries=0, timeout=120) as c:
+                    stored = c.responses.create(model=TINY, input="hi", max_output_tokens=3, store=True)
+                with openai.OpenAI(base_url=base, api_key=kernel, max_retries=0, timeout=120) as c:
+                    assert c.responses.retrieve(stored.id).id == stored.id
+            finally:
+                asyncio.run_coroutine_threadsafe(engine.stop(), loop).result(60)
+                loop.call_soon_threadsafe(server.stop)
+    finally:
+        hub.stop()

@@ -37,7 +37,7 @@ from ..server.edge import RequestIdMixin, log_access
 from ..server.handlers import CONTEXT_KEY, NotFoundMixin, VerbDispatchMixin, XllmContext, admin_required
 from ..server.routes import build_routes, handler_class
 from ..server.usage import Caller
-from .accounts import ACCOUNT_TIMES_KEY, AccountTimes, account_created, model_created, user_key
+from .accounts import ACCOUNT_TIMES_KEY, AccountTimes, account_created, model_created, service_reads_users, user_key
 from .known_tokens import KNOWN_TOKENS_KEY, KnownTokens, ask_under_cap
 from .oauth_states import BoundedStates
 
@@ -104,15 +104,20 @@ def caller_from_model(model: Mapping[str, Any], config: XllmConfig) -> Caller:
 
 
 async def with_account(handler: RequestHandler, model: Mapping[str, Any], token: str = "") -> Mapping[str, Any]:
-    """``model`` with its account's ``created``, asked of the hub (cached per ``token``) when the token could not
-    read its own account; a service's model as it is."""
-    if model.get("kind") == "service" or model_created(model)[0]:
+    """``model`` with its account's ``created`` (asked of the hub, cached per ``token``, when the token could not
+    read its own account), or with none when the service may not read users: then every token of a user, even one
+    showing its own ``created``, gives the one name key; a service's model as it is."""
+    if model.get("kind") == "service":
         return model
-    times: AccountTimes = handler.settings[ACCOUNT_TIMES_KEY]
+    auth, times = handler.settings[HUB_AUTH_KEY], handler.settings[ACCOUNT_TIMES_KEY]
+    timeout = handler.settings[CONTEXT_KEY].config.hub.api_timeout_seconds
+    if not await ask_hub(handler, service_reads_users(auth, times, timeout)):
+        return {**model, "created": None}
+    if model_created(model)[0]:
+        return model
     known, created = times.get(token) if token else (False, None)
     if not known:
-        name = str(model.get("name") or "")
-        created = await ask_hub(handler, account_created(handler.settings[HUB_AUTH_KEY], name, times))
+        created = await ask_hub(handler, account_created(auth, str(model.get("name") or ""), times))
         if token:
             times.put(token, created)
     return {**model, "created": created}
@@ -367,7 +372,13 @@ class HubPageHandler(RequestIdMixin, _NoBody, _HubAuthFromSettings, HubOAuthenti
     async def get(self) -> None:
         """A small HTML page."""
         context: XllmContext = self.settings[CONTEXT_KEY]
-        caller = caller_from_model(await with_account(self, self.current_user), context.config)
+        try:
+            caller = caller_from_model(await with_account(self, self.current_user), context.config)
+        except (Overloaded, HubMisconfigured) as exc:  # the account's lookup, as the login's own (prepare)
+            self.answer_now(exc)
+            return
+        except AuthenticationError:  # the user was deleted since the login was checked
+            raise HTTPError(403) from None
         rows = context.usage.snapshot(caller.user)
         used = rows[0] if rows else {"requests": 0, "total_tokens": 0, "tokens_today": 0, "running": 0, "queued": 0}
         conc, per_day = context.usage.limits(caller)
@@ -380,7 +391,7 @@ class HubPageHandler(RequestIdMixin, _NoBody, _HubAuthFromSettings, HubOAuthenti
         self.set_header("X-Frame-Options", "SAMEORIGIN")
         self.finish(
             "<!doctype html><html><head><meta charset='utf-8'><title>xllm</title></head><body>"
-            f"<h1>xllm</h1><p>Signed in as <b>{e(caller.user or '')}</b>.</p>"
+            f"<h1>xllm</h1><p>Signed in as <b>{e(caller.name or caller.user or '')}</b>.</p>"
             f"<p>OpenAI-compatible API: <code>{e(base)}</code>; use your JupyterHub token as the API key "
             "(in a notebook: <code>JUPYTERHUB_API_TOKEN</code>).</p>"
             f"<p>Your usage: {used['requests']} requests, {used['total_tokens']} tokens "
