@@ -79,3 +79,14 @@ def test_a_tool_schema_the_grammar_cannot_compile_is_named(raw):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == "tools[0].function.parameters" and "odd" in err["message"], err
+
+
+def test_a_format_schema_the_grammar_cannot_compile_beside_tools_is_its_own_400(raw):
+    """A bad ``response_format`` schema beside tools gets the 400 it gets alone, not the Lark grammar quoted."""
+    bad = {"type": "json_schema", "json_schema": {"name": "P", "schema": {
+        "type": "object", "properties": {"x": {"$ref": "#/$defs/missing"}}, "required": ["x"]}}}
+    body = {"model": TINY, "messages": MSG, "response_format": bad, "max_tokens": 5}
+    alone = raw.post("/v1/chat/completions", json=body)
+    beside = raw.post("/v1/chat/completions", json={**body, "tools": [PICK]})
+    assert alone.status_code == beside.status_code == 400, beside.text
+    assert beside.json() == alone.json() and "lark" not in beside.text, beside.text

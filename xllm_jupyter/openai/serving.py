@@ -258,7 +258,8 @@ class OpenAIServing(CompletionsMixin):
         check_token_ids(sampling.logit_bias, model, "logit_bias")
         tools = ToolCalling.from_request(req, model)
         # forced tool calls win over response_format; calls the model may make stay possible beside it (tools.py)
-        constraint = tools.constraint() or calls_or_answer(tools.cfg, req.constraint(), tools.family == HERMES)
+        answer = req.constraint()
+        constraint = tools.constraint() or calls_or_answer(tools.cfg, answer, tools.family == HERMES)
         if constraint is not None:
             # compiled before anything is queued or streamed: a bad schema is a plain 400
             try:
@@ -266,6 +267,8 @@ class OpenAIServing(CompletionsMixin):
             except InvalidRequest as failed:
                 if constraint.kind != "lark":  # (only tool grammars are Lark)
                     raise
+                if answer is not None and not tools.cfg.constrained:  # the format's own fault, as without tools (not
+                    await self.engine.check_constraint(req.model, answer)  # the Lark grammar it was compiled into)
                 raise await tools.at_fault(lambda c: self.engine.check_constraint(req.model, c, param="tools"), req.tools,
                                            failed) from None
         prompt = await self.engine.encode_chat(req.model, *await off_loop_if(big, tools.prompt, messages), user=user)
