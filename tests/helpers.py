@@ -61,6 +61,15 @@ def changed_copy(model: Path, dest: Path) -> Path:
     return dest
 
 
+def is_json(text: str) -> bool:
+    """Whether ``text`` parses as JSON (a tool call's arguments: complete, or cut short)."""
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
 def dirs_in(path: Path) -> list[str]:
     """The names of the folders directly in ``path``, sorted ([] when ``path`` is no folder)."""
     return sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []

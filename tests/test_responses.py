@@ -9,6 +9,7 @@ import pytest
 from openai.types.responses import ResponseErrorEvent, ResponseFailedEvent
 from pydantic import TypeAdapter
 
+from tests.helpers import is_json
 from tests.server_fixtures import TINY
 
 EVENT_ORDER_HEAD = [
@@ -279,14 +280,6 @@ def test_function_call_streams(client):
     assert final.status == "completed" and types[-1] == "response.completed"
 
 
-def _is_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
-
-
 def _items_in_order(events) -> list:
     """Each output item's events, checked to come one item at a time (added, deltas, done, then the next)."""
     current, items = None, []
@@ -319,7 +312,7 @@ def test_output_items_stream_one_at_a_time(client):
         final = events[-1].response
         assert [i.id for i in items] == [o.id for o in final.output]
         # a cut reply was cut inside its last item, unless that is a call with complete arguments (cut after it)
-        cut = final.status == "incomplete" and not (final.output[-1].type == "function_call" and _is_json(final.output[-1].arguments))
+        cut = final.status == "incomplete" and not (final.output[-1].type == "function_call" and is_json(final.output[-1].arguments))
         assert [o.status for o in final.output] == ["completed"] * (len(items) - 1) + ["incomplete" if cut else "completed"]
         assert [o.status for o in client.responses.create(**kw).output] == [o.status for o in final.output]
         several += len(items) > 1

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from tests.helpers import is_json
 from tests.server_fixtures import TINY
 from xllm_jupyter.openai.chat_assembly import CompletionAssembler
 from xllm_jupyter.openai.tool_calling import ToolCalling, ToolDeltas
@@ -27,14 +28,6 @@ MSG = [{"role": "user", "content": "Add 2 and 3."}]
 BASE = dict(model=TINY, messages=MSG, max_tokens=60, seed=4)
 
 
-def _is_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
-
-
 def _assembled(stream) -> dict:
     done = CompletionAssembler()
     for chunk in stream:
@@ -44,12 +37,12 @@ def _assembled(stream) -> dict:
 
 def test_a_forced_call_cut_by_a_stop_string_is_partial_and_finishes_stop(client):
     whole = client.chat.completions.create(tools=TOOLS, tool_choice=NAMED, **BASE).choices[0]
-    assert whole.finish_reason == "tool_calls" and _is_json(whole.message.tool_calls[0].function.arguments)
+    assert whole.finish_reason == "tool_calls" and is_json(whole.message.tool_calls[0].function.arguments)
     cut = client.chat.completions.create(tools=TOOLS, tool_choice=NAMED, stop=["}"], **BASE).choices[0]
     call = cut.message.tool_calls[0]
     # was finish_reason "tool_calls" with these arguments, which are no JSON: a client could not tell the call was cut
     assert cut.finish_reason == "stop"
-    assert call.function.name == "add" and not _is_json(call.function.arguments)
+    assert call.function.name == "add" and not is_json(call.function.arguments)
     assert whole.message.tool_calls[0].function.arguments.startswith(call.function.arguments)
     streamed = _assembled(client.chat.completions.create(tools=TOOLS, tool_choice=NAMED, stop=["}"], stream=True, **BASE))
     choice = streamed["choices"][0]
@@ -62,7 +55,7 @@ def test_a_legacy_forced_function_call_cut_by_a_stop_string_finishes_stop(client
     kw = dict(functions=functions, function_call={"name": "add"}, stop=["}"], **BASE)
     cut = client.chat.completions.create(**kw).choices[0]
     assert cut.finish_reason == "stop"  # was "function_call"
-    assert cut.message.function_call.name == "add" and not _is_json(cut.message.function_call.arguments)
+    assert cut.message.function_call.name == "add" and not is_json(cut.message.function_call.arguments)
     streamed = _assembled(client.chat.completions.create(stream=True, **kw))["choices"][0]
     assert streamed["finish_reason"] == "stop"
     assert streamed["message"]["function_call"] == {"name": "add", "arguments": cut.message.function_call.arguments}
@@ -76,18 +69,18 @@ def test_every_choice_of_n_is_judged_on_its_own_stop(client, stream):
     assert len(choices) == 2
     for choice in choices:
         assert choice["finish_reason"] == "stop"
-        assert all(not _is_json(c["function"]["arguments"]) for c in choice["message"]["tool_calls"])
+        assert all(not is_json(c["function"]["arguments"]) for c in choice["message"]["tool_calls"])
 
 
 def test_a_stop_string_that_never_matches_leaves_the_call_complete(client):
     r = client.chat.completions.create(tools=TOOLS, tool_choice=NAMED, stop=["zzz"], **BASE).choices[0]
-    assert r.finish_reason == "tool_calls" and _is_json(r.message.tool_calls[0].function.arguments)
+    assert r.finish_reason == "tool_calls" and is_json(r.message.tool_calls[0].function.arguments)
 
 
 def test_a_stored_stream_cut_by_a_stop_string_is_stored_as_streamed(client):
     chunks = list(client.chat.completions.create(tools=TOOLS, tool_choice=NAMED, stop=["}"], stream=True, store=True, **BASE))
     stored = client.chat.completions.retrieve(chunks[0].id).choices[0]
-    assert stored.finish_reason == "stop" and not _is_json(stored.message.tool_calls[0].function.arguments)
+    assert stored.finish_reason == "stop" and not is_json(stored.message.tool_calls[0].function.arguments)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -106,7 +99,7 @@ def test_a_responses_function_call_cut_by_a_stop_string_is_an_incomplete_item(cl
     # the response ended as the client asked (completed: it has no reason for a stop string); the call did not
     calls = [o for o in r.output if o.type == "function_call"]
     assert r.status == "completed" and len(calls) == 1
-    assert calls[0].status == "incomplete" and not _is_json(calls[0].arguments)
+    assert calls[0].status == "incomplete" and not is_json(calls[0].arguments)
     assert client.responses.retrieve(r.id).output[-1].status == "incomplete"
 
 
