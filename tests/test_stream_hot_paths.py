@@ -104,19 +104,22 @@ def _reference_stops(stops, pieces):
     return out, held
 
 
+def _matched(stops, pieces):
+    """StopMatcher's (released text, matched) per piece up to a match, and what it holds back at the end."""
+    matcher, out = StopMatcher(stops), []
+    for piece in pieces:
+        out.append(matcher.feed(piece))
+        if out[-1][1]:
+            break
+    return out, matcher.flush()
+
+
 def test_stop_matcher_matches_the_reference():
     rng, alphabet = random.Random(3), "ab<>/#\n -]^\\é日😀"
     for _ in range(4000):
         stops = tuple("".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 5))) for _ in range(rng.randrange(4)))
         pieces = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(4))) for _ in range(rng.randrange(1, 12))]
-        matcher = StopMatcher(stops)
-        got = []
-        for piece in pieces:
-            got.append(matcher.feed(piece))
-            if got[-1][1]:
-                break
-        want, held = _reference_stops(stops, pieces)
-        assert (got, matcher.flush()) == (want, held), (stops, pieces)
+        assert _matched(stops, pieces) == _reference_stops(stops, pieces), (stops, pieces)
 
 
 @pytest.mark.parametrize("alphabet", ["ab", "aab\n", "a日😀"])
@@ -127,14 +130,7 @@ def test_stop_matcher_matches_the_reference_on_overlapping_stops(alphabet):
     for _ in range(1500):
         stops = tuple("".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 14))) for _ in range(rng.randrange(1, 5)))
         pieces = ["".join(rng.choice(alphabet) for _ in range(rng.choice((0, 1, 2, 5, 20)))) for _ in range(20)]
-        matcher = StopMatcher(stops)
-        got = []
-        for piece in pieces:
-            got.append(matcher.feed(piece))
-            if got[-1][1]:
-                break
-        want, held = _reference_stops(stops, pieces)
-        assert (got, matcher.flush()) == (want, held), (stops, pieces)
+        assert _matched(stops, pieces) == _reference_stops(stops, pieces), (stops, pieces)
 
 
 def _feed_cost(stops, piece, count=1500):
