@@ -7,9 +7,10 @@ for it. The huge prompt is made "still tokenizing" here by holding its encode on
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -33,6 +34,22 @@ class HeldEncode:
             self.entered.set()
             self.release.wait(60)  # (a bound only so a broken test cannot hang the run)
         return self.encode(text, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _prompt_held(tok: Any, chat: ChatTokenizer) -> Iterator[tuple[HeldEncode, threading.Thread]]:
+    """A prompt's encode held inside ``tok`` (``chat``'s tokenizer) on a thread of its own, with whatever lock
+    ``chat`` takes for it; yields (the hold, that thread); released and joined at exit."""
+    hold = HeldEncode(tok.encode)
+    tok.encode = hold
+    prompt = threading.Thread(target=chat.tokenize, args=(MARK + " long",))
+    prompt.start()
+    try:
+        assert hold.entered.wait(60)
+        yield hold, prompt
+    finally:
+        hold.release.set()
+        prompt.join(60)
 
 
 @pytest.fixture
@@ -122,20 +139,12 @@ def test_rust_tokenizer_calls_run_side_by_side_and_agree():
     tok = smollm2_tokenizer()
     chat = ChatTokenizer(tok, "smollm2")
     expected = chat.tokenize("hello there", add_special_tokens=False)
-    hold = HeldEncode(tok.encode)
-    tok.encode = hold
-    t = threading.Thread(target=chat.tokenize, args=(MARK + " long",))
-    t.start()
-    try:
-        assert hold.entered.wait(60)
+    with _prompt_held(tok, chat) as (hold, prompt):
         assert chat.tokenize("hello there", add_special_tokens=False) == expected
         assert chat.detokenize(expected) == "hello there"
         assert chat.token_bytes(expected[0]) == b"hello"
         assert "hi" in chat.render_chat([ChatMessage(role="user", content="hi")])
-        assert not hold.release.is_set() and t.is_alive()
-    finally:
-        hold.release.set()
-        t.join(60)
+        assert not hold.release.is_set() and prompt.is_alive()
 
 
 class SlowTokenizer:
@@ -187,12 +196,7 @@ def test_streamed_pieces_decode_while_a_call_holds_the_tokenizers_lock():
     ids = chat.tokenize(" the cat sat on the mat", add_special_tokens=False)
     want = [chat.decode_piece(ids[i:i + 2]) for i in range(len(ids) - 1)]
     tok.backend_tokenizer.enable_truncation(4)
-    hold = HeldEncode(tok.encode)
-    tok.encode = hold
-    prompt = threading.Thread(target=chat.tokenize, args=(MARK + " long",))
-    prompt.start()
-    try:
-        assert hold.entered.wait(60)
+    with _prompt_held(tok, chat) as (hold, prompt):
         got: list[str] = []
         pieces = threading.Thread(target=lambda: got.extend(chat.decode_piece(ids[i:i + 2])
                                                             for i in range(len(ids) - 1)))
@@ -203,9 +207,6 @@ def test_streamed_pieces_decode_while_a_call_holds_the_tokenizers_lock():
         other.start()
         other.join(0.3)
         assert other.is_alive() and prompt.is_alive() and not hold.release.is_set()
-    finally:
-        hold.release.set()
-        prompt.join(60)
     other.join(60)
     assert not other.is_alive()
 
