@@ -88,3 +88,26 @@ class HubProcess:
         """What an admin does after editing the config: stop the hub and start it again."""
         self.stop()
         self.start(tail)
+
+
+#: what a kernel's token holds: the right to reach the xllm service
+XLLM_ACCESS = ["access:services!service=xllm"]
+
+
+def xllm_services_tail(url: str, service_token: str, admin_token: str, service_scopes: list[str] | None = None) -> str:
+    """A ``HubProcess`` tail: the xllm service at ``url`` (with a role granting it ``service_scopes`` when given),
+    users that may reach it, and a test-admin service whose token makes users and their tokens."""
+    services = [{"name": "xllm", "url": url, "api_token": service_token},
+                {"name": "test-admin", "api_token": admin_token}]
+    roles = [{"name": "user", "scopes": ["self", *XLLM_ACCESS]},
+             {"name": "test-admin", "services": ["test-admin"], "scopes": ["admin:users", "tokens"]}]
+    if service_scopes is not None:
+        roles.insert(1, {"name": "xllm-service", "services": ["xllm"], "scopes": service_scopes})
+    return f"\nc.JupyterHub.services = {services!r}\nc.JupyterHub.load_roles = {roles!r}\n"
+
+
+def user_token(admin: httpx.Client, user: str, scopes: list[str] = XLLM_ACCESS) -> str:
+    """A new API token of ``user`` holding ``scopes``, made through the hub API with the test-admin's client."""
+    r = admin.post(f"/users/{user}/tokens", json={"scopes": scopes})
+    assert r.status_code == 201, r.text
+    return r.json()["token"]

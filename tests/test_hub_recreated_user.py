@@ -9,43 +9,35 @@ access scope, as a kernel's do, so the service learns each account's creation ti
 
 from __future__ import annotations
 
-import textwrap
-from typing import Any
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import httpx
 import openai
 import pytest
 
-from tests.real_hub import HubProcess
+from tests.real_hub import XLLM_ACCESS, HubProcess, user_token, xllm_services_tail
 from tests.server_fixtures import TINY, loop_thread, make_test_config
 
 pytest.importorskip("jupyterhub")
 
 ADMIN_TOKEN = "recreate-admin-token-0123456789abcdef"
 SERVICE_TOKEN = "recreate-service-token-0123456789abcdef"
-SCOPES = ["access:services!service=xllm"]
-
-HUB_TAIL = textwrap.dedent('''
-    c.JupyterHub.services = [
-        {{"name": "xllm", "url": "{url}", "api_token": "{service}"}},
-        {{"name": "test-admin", "api_token": "{admin}"}},
-    ]
-    c.JupyterHub.load_roles = [
-        {{"name": "user", "scopes": ["self", "access:services!service=xllm"]}},
-        {{"name": "xllm-service", "services": ["xllm"], "scopes": {service_scopes!r}}},
-        {{"name": "test-admin", "services": ["test-admin"], "scopes": ["admin:users", "tokens"]}},
-    ]
-''')
 
 
-def _token(admin: httpx.Client, user: str) -> str:
-    r = admin.post(f"/users/{user}/tokens", json={"scopes": SCOPES})
-    assert r.status_code == 201, r.text
-    return r.json()["token"]
+@dataclass
+class _Setup:
+    """A running hub and the xllm service it vouches tokens to."""
+
+    hub: HubProcess
+    tail: str  # the hub's config tail (what a restart rewrites)
+    admin: httpx.Client  # the hub API as the test-admin
+    base: str  # the service's /v1 base URL
 
 
-def _service(tmp_path, home, hub: HubProcess):
-    """The xllm hub service on a port of its own, asking ``hub`` about tokens; yields its ``/v1`` base URL."""
+def _service(home, hub: HubProcess):
+    """The xllm hub service on a port of its own, asking ``hub`` about tokens; yields (loop, (engine, server, port))."""
     from xllm_jupyter.engine.engine import Engine
     from xllm_jupyter.hub.app import make_hub_app, make_hub_auth
     from xllm_jupyter.store.store import ModelStore
@@ -67,43 +59,19 @@ def _service(tmp_path, home, hub: HubProcess):
     return loop_thread(setup, "the hub service", 60)
 
 
-def test_a_recreated_user_cannot_read_the_old_accounts_stored_response(tmp_path, xllm_home):
+@contextlib.contextmanager
+def _hub_and_service(tmp_path, home, service_scopes: list[str]) -> Iterator[_Setup]:
+    """A real hub whose xllm service role holds ``service_scopes``, and the service; both stopped at exit."""
     import asyncio
 
     hub = HubProcess(tmp_path)
-    tail = HUB_TAIL.format(url="http://127.0.0.1:9", service=SERVICE_TOKEN, admin=ADMIN_TOKEN,
-                           service_scopes=["read:users"])
+    tail = xllm_services_tail("http://127.0.0.1:9", SERVICE_TOKEN, ADMIN_TOKEN, service_scopes)
     hub.start(tail)
     try:
         with httpx.Client(base_url=hub.api, headers={"Authorization": f"token {ADMIN_TOKEN}"}, timeout=30) as admin, \
-                _service(tmp_path, xllm_home, hub) as (loop, (engine, server, port)):
-            base = f"http://127.0.0.1:{port}/services/xllm/v1"
-            assert admin.post("/users", json={"usernames": ["carol"]}).status_code == 201
-            first, second = _token(admin, "carol"), _token(admin, "carol")
+                _service(home, hub) as (loop, (engine, server, port)):
             try:
-                with openai.OpenAI(base_url=base, api_key=first, max_retries=0, timeout=120) as c:
-                    stored = c.responses.create(model=TINY, input="hi", max_output_tokens=3, store=True)
-                # the same account with another token (a refreshed one, a kernel's): still its own
-                with openai.OpenAI(base_url=base, api_key=second, max_retries=0, timeout=120) as c:
-                    assert c.responses.retrieve(stored.id).id == stored.id
-                # ... and after the hub restarts (its database keeps the account and its creation time)
-                hub.restart(tail)
-                with openai.OpenAI(base_url=base, api_key=_token(admin, "carol"), max_retries=0, timeout=120) as c:
-                    assert c.responses.retrieve(stored.id).id == stored.id
-
-                # the account is deleted and a new one (another person) is given the name
-                assert admin.delete("/users/carol").status_code == 204
-                assert admin.post("/users", json={"usernames": ["carol"]}).status_code == 201
-                third = _token(admin, "carol")
-                with openai.OpenAI(base_url=base, api_key=third, max_retries=0, timeout=120) as c:
-                    with pytest.raises(openai.NotFoundError):
-                        c.responses.retrieve(stored.id)
-                    with pytest.raises(openai.BadRequestError):  # previous_response_not_found, as for any unknown id
-                        c.responses.create(model=TINY, input="and?", max_output_tokens=3,
-                                           previous_response_id=stored.id)
-                    # the new account's own responses are its own
-                    mine = c.responses.create(model=TINY, input="hello", max_output_tokens=3, store=True)
-                    assert c.responses.retrieve(mine.id).id == mine.id
+                yield _Setup(hub, tail, admin, f"http://127.0.0.1:{port}/services/xllm/v1")
             finally:
                 asyncio.run_coroutine_threadsafe(engine.stop(), loop).result(60)
                 loop.call_soon_threadsafe(server.stop)
@@ -111,10 +79,39 @@ def test_a_recreated_user_cannot_read_the_old_accounts_stored_response(tmp_path,
         hub.stop()
 
 
+def test_a_recreated_user_cannot_read_the_old_accounts_stored_response(tmp_path, xllm_home):
+    with _hub_and_service(tmp_path, xllm_home, ["read:users"]) as at:
+        admin, base = at.admin, at.base
+        assert admin.post("/users", json={"usernames": ["carol"]}).status_code == 201
+        first, second = user_token(admin, "carol"), user_token(admin, "carol")
+        with openai.OpenAI(base_url=base, api_key=first, max_retries=0, timeout=120) as c:
+            stored = c.responses.create(model=TINY, input="hi", max_output_tokens=3, store=True)
+        # the same account with another token (a refreshed one, a kernel's): still its own
+        with openai.OpenAI(base_url=base, api_key=second, max_retries=0, timeout=120) as c:
+            assert c.responses.retrieve(stored.id).id == stored.id
+        # ... and after the hub restarts (its database keeps the account and its creation time)
+        at.hub.restart(at.tail)
+        with openai.OpenAI(base_url=base, api_key=user_token(admin, "carol"), max_retries=0, timeout=120) as c:
+            assert c.responses.retrieve(stored.id).id == stored.id
+
+        # the account is deleted and a new one (another person) is given the name
+        assert admin.delete("/users/carol").status_code == 204
+        assert admin.post("/users", json={"usernames": ["carol"]}).status_code == 201
+        third = user_token(admin, "carol")
+        with openai.OpenAI(base_url=base, api_key=third, max_retries=0, timeout=120) as c:
+            with pytest.raises(openai.NotFoundError):
+                c.responses.retrieve(stored.id)
+            with pytest.raises(openai.BadRequestError):  # previous_response_not_found, as for any unknown id
+                c.responses.create(model=TINY, input="and?", max_output_tokens=3,
+                                   previous_response_id=stored.id)
+            # the new account's own responses are its own
+            mine = c.responses.create(model=TINY, input="hello", max_output_tokens=3, store=True)
+            assert c.responses.retrieve(mine.id).id == mine.id
+
+
 def test_a_service_that_may_not_read_users_serves_by_name_and_says_why_once(tmp_path, xllm_home, monkeypatch):
     """The hub's older setups gave the service no scopes: it keeps serving (users keyed by name, as before) and its
     log tells the admin what to grant, once."""
-    import asyncio
     import logging
 
     records: list[logging.LogRecord] = []
@@ -127,22 +124,13 @@ def test_a_service_that_may_not_read_users_serves_by_name_and_says_why_once(tmp_
     keep = Keep(logging.WARNING)
     logger.addHandler(keep)
     monkeypatch.setattr(logger, "level", logging.WARNING)
-    hub = HubProcess(tmp_path)
-    hub.start(HUB_TAIL.format(url="http://127.0.0.1:9", service=SERVICE_TOKEN, admin=ADMIN_TOKEN, service_scopes=[]))
     try:
-        with httpx.Client(base_url=hub.api, headers={"Authorization": f"token {ADMIN_TOKEN}"}, timeout=30) as admin, \
-                _service(tmp_path, xllm_home, hub) as (loop, (engine, server, port)):
-            base = f"http://127.0.0.1:{port}/services/xllm/v1"
-            assert admin.post("/users", json={"usernames": ["dave"]}).status_code == 201
-            try:
-                for token in (_token(admin, "dave"), _token(admin, "dave")):
-                    with openai.OpenAI(base_url=base, api_key=token, max_retries=0, timeout=120) as c:
-                        assert TINY in [m.id for m in c.models.list().data]
-            finally:
-                asyncio.run_coroutine_threadsafe(engine.stop(), loop).result(60)
-                loop.call_soon_threadsafe(server.stop)
+        with _hub_and_service(tmp_path, xllm_home, []) as at:
+            assert at.admin.post("/users", json={"usernames": ["dave"]}).status_code == 201
+            for token in (user_token(at.admin, "dave"), user_token(at.admin, "dave")):
+                with openai.OpenAI(base_url=at.base, api_key=token, max_retries=0, timeout=120) as c:
+                    assert TINY in [m.id for m in c.models.list().data]
     finally:
-        hub.stop()
         logger.removeHandler(keep)
     told = [r.getMessage() for r in records if "read:users" in r.getMessage()]
     assert len(told) == 1 and "by name only" in told[0]
@@ -155,27 +143,11 @@ def test_without_read_users_on_everyone_every_token_of_a_user_is_one_name_key(tm
     response out of reach of her other token. A role reading only some users (``read:users!group=staff``) got 404
     for anyone else's account, which read as a deleted user: erin, outside the group, was refused (401). Now the
     service asks the hub its own scopes: without read:users on everyone, every user is keyed by name."""
-    import asyncio
-
-    hub = HubProcess(tmp_path)
-    hub.start(HUB_TAIL.format(url="http://127.0.0.1:9", service=SERVICE_TOKEN, admin=ADMIN_TOKEN,
-                              service_scopes=service_scopes))
-    try:
-        with httpx.Client(base_url=hub.api, headers={"Authorization": f"token {ADMIN_TOKEN}"}, timeout=30) as admin, \
-                _service(tmp_path, xllm_home, hub) as (loop, (engine, server, port)):
-            base = f"http://127.0.0.1:{port}/services/xllm/v1"
-            assert admin.post("/users", json={"usernames": ["erin"]}).status_code == 201
-            kernel = _token(admin, "erin")
-            r = admin.post("/users/erin/tokens", json={"scopes": SCOPES + ["read:users!user"]})
-            assert r.status_code == 201, r.text
-            personal = r.json()["token"]
-            try:
-                with openai.OpenAI(base_url=base, api_key=personal, max_retries=0, timeout=120) as c:
-                    stored = c.responses.create(model=TINY, input="hi", max_output_tokens=3, store=True)
-                with openai.OpenAI(base_url=base, api_key=kernel, max_retries=0, timeout=120) as c:
-                    assert c.responses.retrieve(stored.id).id == stored.id
-            finally:
-                asyncio.run_coroutine_threadsafe(engine.stop(), loop).result(60)
-                loop.call_soon_threadsafe(server.stop)
-    finally:
-        hub.stop()
+    with _hub_and_service(tmp_path, xllm_home, service_scopes) as at:
+        assert at.admin.post("/users", json={"usernames": ["erin"]}).status_code == 201
+        kernel = user_token(at.admin, "erin")
+        personal = user_token(at.admin, "erin", [*XLLM_ACCESS, "read:users!user"])
+        with openai.OpenAI(base_url=at.base, api_key=personal, max_retries=0, timeout=120) as c:
+            stored = c.responses.create(model=TINY, input="hi", max_output_tokens=3, store=True)
+        with openai.OpenAI(base_url=at.base, api_key=kernel, max_retries=0, timeout=120) as c:
+            assert c.responses.retrieve(stored.id).id == stored.id

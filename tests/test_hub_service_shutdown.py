@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import signal
-import textwrap
 import threading
 import time
 
@@ -23,7 +22,7 @@ import openai
 import pytest
 
 from tests.helpers import free_port
-from tests.real_hub import HubProcess
+from tests.real_hub import HubProcess, user_token, xllm_services_tail
 from tests.server_fixtures import TINY, make_test_config
 
 pytest.importorskip("jupyterhub")
@@ -32,17 +31,6 @@ ADMIN_TOKEN = "shutdown-admin-token-0123456789abcdef"
 SERVICE_TOKEN = "shutdown-service-token-0123456789abcdef"
 HELD = "held-model"  # the model name whose load the hook holds
 MSG = [{"role": "user", "content": "hi"}]
-
-HUB_TAIL = textwrap.dedent('''
-    c.JupyterHub.services = [
-        {{"name": "xllm", "url": "{url}", "api_token": "{service}"}},
-        {{"name": "test-admin", "api_token": "{admin}"}},
-    ]
-    c.JupyterHub.load_roles = [
-        {{"name": "user", "scopes": ["self", "access:services!service=xllm"]}},
-        {{"name": "test-admin", "services": ["test-admin"], "scopes": ["admin:users", "tokens"]}},
-    ]
-''')
 
 
 class _LogSeen(logging.Handler):
@@ -66,13 +54,11 @@ def test_a_second_ctrl_c_cuts_the_hub_services_drain_and_usage_is_still_saved(tm
 
     port = free_port()
     hub = HubProcess(tmp_path)
-    hub.start(HUB_TAIL.format(url=f"http://127.0.0.1:{port}", service=SERVICE_TOKEN, admin=ADMIN_TOKEN))
+    hub.start(xllm_services_tail(f"http://127.0.0.1:{port}", SERVICE_TOKEN, ADMIN_TOKEN))
     try:
         with httpx.Client(base_url=hub.api, headers={"Authorization": f"token {ADMIN_TOKEN}"}, timeout=30) as admin:
             assert admin.post("/users", json={"usernames": ["bob"]}).status_code == 201
-            r = admin.post("/users/bob/tokens", json={"scopes": ["access:services!service=xllm"]})
-            assert r.status_code == 201, r.text
-            token = r.json()["token"]
+            token = user_token(admin, "bob")
 
         in_flight, release, saved = threading.Event(), threading.Event(), threading.Event()
         load, wait_idle, close = Engine.load, XllmContext.wait_idle, XllmContext.close
