@@ -14,6 +14,8 @@ import xllm_jupyter
 from xllm_jupyter.playground.app import Endpoint, stream_reply
 from xllm_jupyter.playground.stopping import Stops, until_set
 
+from .server_fixtures import TINY
+
 LONG = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 2000, "seed": 1}  # sampled: no early end
 
 
@@ -39,12 +41,54 @@ def _opened_for_a_long_reply(page: Any, url: str) -> Any:
     return box
 
 
+@pytest.fixture
+def paced_decoding(xllm_server, monkeypatch):
+    """The served tiny Llama decodes a token per 50 ms at most, so a 2,000-token story lasts 100 s or more.
+
+    Unpaced, it wrote the story in a few seconds, while a loaded browser (busy showing the stream) took
+    seconds to click Stop or Clear: the reply could end first, and "the server did not cancel" failed.
+    """
+    hf = xllm_server.engine._runners[TINY].model.model  # noqa: SLF001 - pacing the live model
+    forward = hf.forward
+
+    def paced(*args, **kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] == 1:  # a decoding step (a prefill is left alone)
+            time.sleep(0.05)  # fewer pieces a second for the page to show, too: a page behind on them takes a click late
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(hf, "forward", paced)
+
+
+def _last_bot_shows_text(page: Any, timeout: float = 60_000) -> None:
+    """Wait until the transcript's last bot message shows some text (a loaded browser shows pieces late)."""
+    page.wait_for_function(
+        """() => { const bots = document.querySelectorAll('#xllm-chatbot [data-testid=bot]');
+                   return bots.length && bots[bots.length - 1].innerText.trim() !== ''; }""",
+        timeout=timeout,
+    )
+
+
+def _answered_on_the_page(page: Any, question: str, timeout: float = 60_000) -> None:
+    """Wait until the transcript ends with ``question`` and its whole answer (the server being done with it is not
+    enough: a loaded browser shows the reply late)."""
+    page.wait_for_function(
+        """(question) => { const bots = document.querySelectorAll('#xllm-chatbot [data-testid=bot]');
+                           const users = document.querySelectorAll('#xllm-chatbot [data-testid=user]');
+                           return users.length && users[users.length - 1].innerText.trim() === question
+                               && bots.length && bots[bots.length - 1].innerText.trim() !== ''
+                               && !document.querySelector('.generating'); }""",
+        arg=question,
+        timeout=timeout,
+    )
+
+
 def _a_long_story_under_way(page: Any, box: Any) -> Any:
-    """Asks for a long story in ``box`` and returns the bot's messages once the reply has streamed about 1.5 s."""
+    """Asks for a long story in ``box`` and returns the bot's messages once the page has shown its text about 1.5 s."""
     box.fill("Tell me a long story")
     box.press("Enter")
     bot = page.locator("#xllm-chatbot [data-testid=bot]")
-    bot.wait_for(timeout=60_000)
+    _last_bot_shows_text(page)
     page.wait_for_timeout(1500)
     return bot
 
@@ -91,7 +135,7 @@ def test_stop_before_the_first_piece_ends_the_reply_at_once():
     assert asyncio.run(asyncio.wait_for(reply(), 10)) == []
 
 
-def test_stop_in_a_browser_keeps_the_text_so_far_and_shows_no_error(tiny_client, xllm_server):
+def test_stop_in_a_browser_keeps_the_text_so_far_and_shows_no_error(tiny_client, xllm_server, paced_decoding):
     """Stop's wiring in the page (the session's Stops, unqueued). With Gradio's ``cancels=``, Stop about
     1.5 s into a reply on a fresh browser's first page left "Error" over the transcript and the box in
     about 1 run of 3 (its 'cancelled' message raced its /reset call): too rarely for this test to catch;
@@ -104,7 +148,7 @@ def test_stop_in_a_browser_keeps_the_text_so_far_and_shows_no_error(tiny_client,
         box = _opened_for_a_long_reply(page, pg.local_url)
         before = xllm_server.engine.stats()
         bot = _a_long_story_under_way(page, box)
-        page.get_by_role("button", name="Stop").click()
+        page.get_by_role("button", name="Stop").click(timeout=60_000)  # a loaded browser takes it late
         after = wait_for_cancel(xllm_server, before)
         assert after.cancelled == before.cancelled + 1, "the server did not cancel the stopped generation"
         assert after.completed == before.completed
@@ -123,7 +167,7 @@ def test_stop_in_a_browser_keeps_the_text_so_far_and_shows_no_error(tiny_client,
         while xllm_server.engine.stats().completed == after.completed and time.monotonic() < deadline:
             time.sleep(0.1)
         assert xllm_server.engine.stats().completed == after.completed + 1
-        page.wait_for_function("() => document.querySelectorAll('.generating').length === 0", timeout=30_000)
+        _answered_on_the_page(page, "Hello")
         assert bot.last.inner_text().strip() != kept
 
 
@@ -172,7 +216,7 @@ def test_clear_ends_the_reply_with_an_empty_transcript_and_the_server_cancels_it
 
 
 @pytest.mark.parametrize("which", ["button", "trash icon"])
-def test_clear_in_a_browser_empties_the_transcript_for_good(tiny_client, xllm_server, which):
+def test_clear_in_a_browser_empties_the_transcript_for_good(tiny_client, xllm_server, which, paced_decoding):
     """Clear's and the trash icon's wiring in the page (unqueued, the page's session): mid-reply, the transcript stays empty,
     no Error shows and the server cancels the reply. The late refill it fixes came about 1 walk in 6:
     the test above catches it."""
@@ -410,14 +454,6 @@ def test_a_question_sent_after_stop_or_clear_while_the_stopped_one_waits_is_answ
         while xllm_server.engine.stats().completed == before.completed and time.monotonic() < deadline:
             time.sleep(0.1)
         assert xllm_server.engine.stats().completed == before.completed + 1, "the question sent after it was not asked"
-        # the transcript ends with "Hello" and its answer once the page has it (a loaded browser shows it late)
-        page.wait_for_function(
-            """() => { const bots = document.querySelectorAll('#xllm-chatbot [data-testid=bot]');
-                       const users = document.querySelectorAll('#xllm-chatbot [data-testid=user]');
-                       return users.length && users[users.length - 1].innerText.trim() === 'Hello'
-                           && bots.length && bots[bots.length - 1].innerText.trim() !== ''
-                           && !document.querySelector('.generating'); }""",
-            timeout=60_000,
-        )
+        _answered_on_the_page(page, "Hello")
         assert ("Tell me a short story" in page.locator("#xllm-chatbot").inner_text()) == (button == "Stop")
         assert page.locator("span.error").count() == 0
