@@ -90,3 +90,32 @@ def test_a_format_schema_the_grammar_cannot_compile_beside_tools_is_its_own_400(
     beside = raw.post("/v1/chat/completions", json={**body, "tools": [PICK]})
     assert alone.status_code == beside.status_code == 400, beside.text
     assert beside.json() == alone.json() and "lark" not in beside.text, beside.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_repeated_call_beside_a_format_ends_the_reply(client, stream):
+    """A call the model may make repeats under this grammar as a forced one does (only calls can follow it): the reply
+    ends at the repeat with its calls (finish ``tool_calls``), not at ``max_tokens`` (``length``, which ``parse()``
+    and openai-agents over Responses raise on)."""
+    kw = dict(model=TINY, messages=MSG, tools=[PICK], response_format=FORMAT, n=2, temperature=0, max_tokens=80,
+              logit_bias={str(LT): 100}, stream_options={"include_usage": True} if stream else None)
+    if not stream:
+        r = client.chat.completions.create(**kw)
+        got = [(c.finish_reason, [(t.function.name, t.function.arguments) for t in c.message.tool_calls or ()],
+                c.message.content) for c in r.choices]
+        used = r.usage.completion_tokens
+    else:
+        calls, content, finish, used = [{}, {}], ["", ""], [None, None], None
+        for chunk in client.chat.completions.create(stream=True, **kw):
+            used = chunk.usage.completion_tokens if chunk.usage else used
+            for c in chunk.choices:
+                content[c.index] += c.delta.content or ""
+                finish[c.index] = c.finish_reason or finish[c.index]
+                for tc in c.delta.tool_calls or ():
+                    name, args = calls[c.index].get(tc.index, ("", ""))
+                    calls[c.index][tc.index] = (name + (tc.function.name or ""), args + (tc.function.arguments or ""))
+        got = [(finish[i], [calls[i][k] for k in sorted(calls[i])], content[i] or None) for i in range(2)]
+    for finish_reason, made, content in got:
+        assert finish_reason == "tool_calls" and made and content is None, got
+        assert len(set(made)) == len(made) and all(name == "pick" for name, _ in made), got
+    assert used < 2 * 80, used  # both choices ended before their budget

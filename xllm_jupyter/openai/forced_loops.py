@@ -18,7 +18,7 @@ class ForcedLoops:
     """
 
     def __init__(self, gen: GenerationRequest, tools: ToolCalling, streamers: Sequence[Any] | None = None):
-        self.active = tools.active and tools.cfg.constrained
+        self.active = tools.active and tools.bound  # (forced, or calls beside a response_format)
         self.stopped = False
         self._prompt = len(gen.prompt_ids)
         self._tokens = 0

@@ -260,6 +260,7 @@ class OpenAIServing(CompletionsMixin):
         # forced tool calls win over response_format; calls the model may make stay possible beside it (tools.py)
         answer = req.constraint()
         constraint = tools.constraint() or calls_or_answer(tools.cfg, answer, tools.family == HERMES)
+        tools.bound = constraint is not None and constraint.kind == "lark"  # (only tool grammars are Lark)
         if constraint is not None:
             # compiled before anything is queued or streamed: a bad schema is a plain 400
             try:

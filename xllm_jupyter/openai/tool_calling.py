@@ -27,6 +27,9 @@ class ToolCalling:
         self.native = template_supports_tools(template)
         # Our fallback prompt and our grammar both use the Hermes format.
         self.family = detect_family(template) if self.native and not cfg.constrained else HERMES
+        #: calls are decoded under a tool grammar (forced, or beside a response_format: tools.calls_or_answer), so
+        #: a call repeating an earlier one can only be followed by more calls: the reply ends there (ForcedLoops)
+        self.bound = cfg.constrained
 
     @classmethod
     def from_request(cls, req: Any, model: Any) -> "ToolCalling":
@@ -81,7 +84,8 @@ class ToolCalling:
             # what the stream says, by construction: a forced call cut by max_tokens or a stop string keeps its
             # partial arguments (finish length or stop), as the stream already sent them
             return self._as_streamed(text, finish, stop_string)
-        parsed = parse_tool_calls(text, self.cfg.names, self.family, forced=self.cfg.constrained)
+        # under a tool grammar what follows a repeated call is more of them (the stream ended there: ToolDeltas)
+        parsed = parse_tool_calls(text, self.cfg.names, self.family, forced=self.bound)
         calls = list(parsed.calls if self.cfg.parallel else parsed.calls[:1])
         if not calls:
             return {"role": "assistant", "content": text, "refusal": None}, finish
@@ -111,22 +115,23 @@ class ToolCalling:
 
     def _deltas(self, legacy: bool = False) -> "ToolDeltas":
         parser = StreamingToolParser(self.cfg.names, self.family, held=self.cfg.constrained)
-        return ToolDeltas(parser, self.cfg.parallel, legacy)
+        return ToolDeltas(parser, self.cfg.parallel, legacy, self.bound)
 
 
 class ToolDeltas:
     """Streams one choice: content deltas, and tool-call fragments shaped as OpenAI sends them."""
 
-    def __init__(self, parser: StreamingToolParser, parallel: bool, legacy: bool = False):
+    def __init__(self, parser: StreamingToolParser, parallel: bool, legacy: bool = False, bound: bool = False):
         self.parser = parser
+        self.bound = bound or parser.forced  # decoded under a tool grammar (ToolCalling.bound)
         self.parallel = parallel
         self.legacy = legacy  # tool-call pieces go out as legacy ``function_call`` pieces
 
     @property
     def looping(self) -> bool:
-        """True once a forced reply repeats a call it already made: the rest would be more of the same
-        (serving ends the choice there, with finish_reason ``tool_calls``)."""
-        return self.parser.forced and self.parser.repeats > 0
+        """True once a reply decoded under a tool grammar repeats a call it already made: the rest would be more
+        of the same (serving ends the choice there, with finish_reason ``tool_calls``)."""
+        return self.bound and self.parser.repeats > 0
 
     def deltas(self, text: str, finish: str | None, stop_string: bool = False) -> list[tuple[dict[str, Any], str | None]]:
         """``(delta, finish_reason)`` pairs for a new piece of text; the last pair finishes when ``finish`` is set
@@ -139,7 +144,8 @@ class ToolDeltas:
             return [({"content": text}, None)]
         out = [(d, None) for d in self._deltas(self.parser.feed(text))] if text else []
         if finish is not None:
-            out.extend((d, None) for d in self._deltas(self.parser.finish()))
+            if not self.looping:  # (after a repeat under a tool grammar comes only the start of another call)
+                out.extend((d, None) for d in self._deltas(self.parser.finish()))
             # Unforced calls are announced only once complete and valid, so the full response has them too.
             # A forced reply that repeated a call is complete at the repeat, even if max_tokens came next.
             # A stop string may fall inside a call (stop "}"): the reply keeps it as far as it got and finishes
