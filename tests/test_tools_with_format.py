@@ -14,6 +14,10 @@ import json
 import pytest
 
 from tests.server_fixtures import TINY
+from xllm_jupyter.core.types import Constraint
+from xllm_jupyter.openai.tool_calling import ToolCalling
+from xllm_jupyter.openai.tool_parser import HERMES
+from xllm_jupyter.openai.tools import calls_or_answer, parse_tool_config
 
 pytest.importorskip("llguidance")
 
@@ -119,3 +123,19 @@ def test_a_repeated_call_beside_a_format_ends_the_reply(client, stream):
         assert finish_reason == "tool_calls" and made and content is None, got
         assert len(set(made)) == len(made) and all(name == "pick" for name, _ in made), got
     assert used < 2 * 80, used  # both choices ended before their budget
+
+
+@pytest.mark.parametrize("template, widened", [
+    (None, True),  # no template tools: our Hermes fallback prompt
+    ("{{ tools }}<tool_call>", True),  # Qwen/Hermes
+    ("{{ tools }}[TOOL_CALLS]", False),  # Mistral
+    ("{{ tools }}<|python_tag|>ipython", False),  # Llama 3.1
+])
+def test_only_hermes_calls_join_the_format(template, widened):
+    """The grammar writes Hermes blocks: a template asking for other call markup keeps the format alone (as serving
+    decides it); ``none`` and forced choices never widen it (the forced grammar wins in serving)."""
+    answer = Constraint("json_schema", json.dumps(PERSON))
+    for choice, expect in (("auto", widened), ("none", False), ("required", False)):
+        tools = ToolCalling(parse_tool_config([PICK], choice, None), template)
+        got = calls_or_answer(tools.cfg, answer, tools.family == HERMES)
+        assert (got is not answer) == expect and (got.kind == "lark") == expect, (choice, got)
