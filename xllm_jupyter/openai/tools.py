@@ -85,7 +85,8 @@ def parse_tool_config(tools: Any, tool_choice: Any, parallel: Any) -> ToolConfig
     par = True if parallel is None else parallel
     cfg = _tool_choice(specs, tool_choice, par)
     for spec in cfg.callable_tools() if cfg.constrained else ():
-        if spec.strict:  # enforced, so strict must not lose a constraint (auto tools are never compiled)
+        if spec.strict:  # enforced, so strict must not lose a constraint (auto ones beside a format are not refused:
+            # plain auto calls are not enforced at all, and the format's answer stays possible)
             check_strict_formats(spec.parameters, f"function {spec.name!r}", f"tools[{spec.index}].function.parameters",
                                  "invalid_function_parameters")
     return cfg
