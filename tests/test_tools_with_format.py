@@ -74,14 +74,21 @@ def test_tool_choice_none_leaves_only_the_format(client):
     assert set(json.loads(r.choices[0].message.content)) == {"name", "age"}
 
 
-def test_a_tool_schema_the_grammar_cannot_compile_is_named(raw):
-    """A tool's bad schema beside a format is the forced-tool 400, naming that tool (the format alone compiles)."""
+def test_a_tool_schema_the_grammar_cannot_compile_leaves_the_format_alone(raw):
+    """A tool schema the grammar cannot take, beside a format, is no 400: the format alone applies, as it did before
+    calls were admitted beside it (an agent with such a tool kept working); a forced call to it is still the 400."""
     bad = {"type": "function", "function": {"name": "odd", "parameters": {
         "type": "object", "properties": {"x": {"$ref": "#/$defs/missing"}}, "required": ["x"]}}}
-    r = raw.post("/v1/chat/completions", json={"model": TINY, "messages": MSG, "tools": [bad], "response_format": FORMAT,
-                                               "max_tokens": 5})
-    assert r.status_code == 400, r.text
-    err = r.json()["error"]
+    body = {"model": TINY, "messages": MSG, "tools": [bad], "response_format": FORMAT, "max_tokens": 60, "seed": 5,
+            "logit_bias": {str(LT): 100}}
+    r = raw.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "stop" and not choice["message"].get("tool_calls"), choice
+    assert set(json.loads(choice["message"]["content"])) == {"name", "age"}, choice
+    forced = raw.post("/v1/chat/completions", json={**body, "tool_choice": "required"})
+    assert forced.status_code == 400, forced.text
+    err = forced.json()["error"]
     assert err["param"] == "tools[0].function.parameters" and "odd" in err["message"], err
 
 

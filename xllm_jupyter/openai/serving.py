@@ -268,10 +268,14 @@ class OpenAIServing(CompletionsMixin):
             except InvalidRequest as failed:
                 if constraint.kind != "lark":  # (only tool grammars are Lark)
                     raise
-                if answer is not None and not tools.cfg.constrained:  # the format's own fault, as without tools (not
-                    await self.engine.check_constraint(req.model, answer)  # the Lark grammar it was compiled into)
-                raise await tools.at_fault(lambda c: self.engine.check_constraint(req.model, c, param="tools"), req.tools,
-                                           failed) from None
+                if tools.cfg.constrained:
+                    raise await tools.at_fault(lambda c: self.engine.check_constraint(req.model, c, param="tools"),
+                                               req.tools, failed) from None
+                # beside a format: the format's own fault is its 400 as without tools (not the Lark grammar quoted);
+                # a tool schema the grammar cannot take leaves the format alone, as before calls were admitted beside
+                # it (auto tools' schemas are not enforced without a format either), so such an agent keeps working
+                await self.engine.check_constraint(req.model, answer)
+                constraint, tools.bound = answer, False
         prompt = await self.engine.encode_chat(req.model, *await off_loop_if(big, tools.prompt, messages), user=user)
         if truncate:
             reserve = req.requested_max_tokens or 1  # room for the completion asked for, else for one token
