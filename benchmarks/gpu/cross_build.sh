@@ -119,6 +119,9 @@ for lib in "${LIBS[@]}"; do
     tail -1 "$XB/build_$lib.log"
     continue
   fi
+  # a build killed midway (a session's end) leaves torch's lock file, and the next import waits on it forever
+  # without a word: one cross_build runs at a time, so a lock here is stale
+  rm -f "$XB/ext/${lib}_ext/lock"
   # the import JIT-builds, then loads the module; loading may fail here (no GPU driver), the .so stays
   CUDA_HOME=$XB/cuda TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_EXTENSIONS_DIR=$XB/ext \
     "$XB/venv/bin/python" -c "import $lib.ext" > "$XB/build_$lib.log" 2>&1 || true
