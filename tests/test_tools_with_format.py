@@ -146,3 +146,15 @@ def test_only_hermes_calls_join_the_format(template, widened):
         tools = ToolCalling(parse_tool_config([PICK], choice, None), template)
         got = calls_or_answer(tools.cfg, answer, tools.family == HERMES)
         assert (got is not answer) == expect and (got.kind == "lark") == expect, (choice, got)
+
+
+def test_a_repeat_ending_the_output_finishes_tool_calls_in_the_full_reply_as_in_the_stream():
+    """The token closing the repeated call may be the last one max_tokens allows: the stream ends the reply there with
+    its calls (finish ``tool_calls``), and the full reply says the same, not ``length``."""
+    tools = ToolCalling(parse_tool_config([PICK], "auto", None), None)
+    tools.bound = True  # beside a format (serving sets it)
+    call = '<tool_call>\n{"name": "pick", "arguments": {"side": "heads"}}\n</tool_call>'
+    message, reason = tools.message(call + "\n" + call, "length")
+    streamed = tools.streamer().deltas(call + "\n" + call, "length")
+    assert streamed[-1][1] == reason == "tool_calls", (streamed, reason)
+    assert [json.loads(c["function"]["arguments"]) for c in message["tool_calls"]] == [{"side": "heads"}]

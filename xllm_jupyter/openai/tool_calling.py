@@ -91,7 +91,8 @@ class ToolCalling:
             return {"role": "assistant", "content": text, "refusal": None}, finish
         message = {"role": "assistant", "content": parsed.content, "refusal": None, "tool_calls": [c.wire() for c in calls]}
         cut = stop_string and cut_call(text, self.cfg.names)  # a stop string ended it inside a call
-        return message, "tool_calls" if finish == "stop" and not cut else finish
+        # a repeat ends the reply with its calls, as the stream ends it, even when its last token was max_tokens' last
+        return message, "tool_calls" if (finish == "stop" and not cut) or parsed.repeated else finish
 
     def _as_streamed(self, text: str, finish: str, stop_string: bool) -> tuple[dict[str, Any], str]:
         """The ``message`` a client assembles from this text's stream, and its finish_reason."""

@@ -24,6 +24,8 @@ class ParsedOutput:
 
     content: str | None
     calls: tuple[ToolCall, ...]
+    #: forced output repeated a call, which ended it there
+    repeated: bool = False
 
 
 def _content(text: str) -> str | None:
@@ -40,12 +42,13 @@ def parse_tool_calls(text: str, names: Iterable[str] = (), family: str = HERMES,
     (grammar-forced) output it ends the reply, as :class:`StreamingToolParser` ends it.
     """
     pieces, _, _ = scan(text, frozenset(names), final=True)
+    whole = len(pieces)
     if forced:
         pieces = _until_repeat(pieces)
     calls = tuple(_first_of_each(p for p in pieces if isinstance(p, ToolCall)))
     if not calls:
         return ParsedOutput(text, ())
-    return ParsedOutput(_content("".join(p for p in pieces if isinstance(p, str))), calls)
+    return ParsedOutput(_content("".join(p for p in pieces if isinstance(p, str))), calls, len(pieces) < whole)
 
 
 def _until_repeat(pieces: list[str | ToolCall]) -> list[str | ToolCall]:
