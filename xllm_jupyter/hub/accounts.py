@@ -108,9 +108,14 @@ async def service_reads_users(auth: HubOAuth, times: AccountTimes, timeout: floa
 
 
 def _seen(question: asyncio.Future[bool]) -> None:
-    """A background question's failure was logged by HubAuth (or is a timeout): not asyncio's 'never retrieved'."""
-    if not question.cancelled():
-        question.exception()
+    """A question's failure, retrieved (not asyncio's 'never retrieved') and logged unless HubAuth logged it already:
+    in the background the last answer goes on being used, so without this line nothing would say the hub failed."""
+    if question.cancelled():
+        return
+    exc = question.exception()
+    if exc is not None and not isinstance(exc, HTTPError):
+        log.warning("could not ask the hub for the service's scopes (%s); the last answer, if any, stays in use",
+                    type(exc).__name__)
 
 
 async def _ask_scopes(auth: HubOAuth, times: AccountTimes, timeout: float) -> bool:
