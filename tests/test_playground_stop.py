@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -399,11 +401,10 @@ def _queued_behind_another_client(pg: Any, page: Any, box: Any, server: Any) -> 
     return other
 
 
-@pytest.mark.parametrize("button", ["Stop", "Clear"])
-def test_stop_and_clear_in_a_browser_reach_a_question_waiting_in_the_queue(tiny_client, xllm_server, monkeypatch, button):
-    """The queued case end to end (the arrival stamp reaches the handlers through Gradio): with one chat slot,
-    taken by another client's long reply, the page's question waits in Gradio's queue; Stop or Clear then
-    means it is never generated once the slot frees (before, it was answered in full)."""
+@contextlib.contextmanager
+def _page_queued_behind_another_client(tiny_client: Any, server: Any, monkeypatch: Any) -> Iterator[tuple]:
+    """A playground with one chat slot, held by another client's long reply, and a page whose question waits in
+    Gradio's queue behind it: ``(page, box, engine stats before, the other client's reply)``."""
     from tests.browser import chromium, require_browser
     from xllm_jupyter.playground import app as playground_app
 
@@ -412,8 +413,16 @@ def test_stop_and_clear_in_a_browser_reach_a_question_waiting_in_the_queue(tiny_
     with xllm_jupyter.playground(client=tiny_client) as pg, chromium() as context:
         page = context.new_page()
         box = _opened_for_a_long_reply(page, pg.local_url)
-        before = xllm_server.engine.stats()
-        other = _queued_behind_another_client(pg, page, box, xllm_server)
+        before = server.engine.stats()
+        yield page, box, before, _queued_behind_another_client(pg, page, box, server)
+
+
+@pytest.mark.parametrize("button", ["Stop", "Clear"])
+def test_stop_and_clear_in_a_browser_reach_a_question_waiting_in_the_queue(tiny_client, xllm_server, monkeypatch, button):
+    """The queued case end to end (the arrival stamp reaches the handlers through Gradio): with one chat slot,
+    taken by another client's long reply, the page's question waits in Gradio's queue; Stop or Clear then
+    means it is never generated once the slot frees (before, it was answered in full)."""
+    with _page_queued_behind_another_client(tiny_client, xllm_server, monkeypatch) as (page, box, before, other):
         page.locator("button.lg", has_text=button).click()
         page.wait_for_timeout(500)
         other.cancel()
@@ -433,16 +442,7 @@ def test_a_question_sent_after_stop_or_clear_while_the_stopped_one_waits_is_answ
     """Stop or Clear while the page's question waits in the queue, then the next question typed and sent: Gradio holds
     that Enter until the queued turn ends and then reads the box. The stopped turn emptied the box as it started,
     so the next question was sent empty and never asked; the stopped turn now leaves the box alone."""
-    from tests.browser import chromium, require_browser
-    from xllm_jupyter.playground import app as playground_app
-
-    require_browser()
-    monkeypatch.setattr(playground_app, "CHAT_SLOTS", 1)
-    with xllm_jupyter.playground(client=tiny_client) as pg, chromium() as context:
-        page = context.new_page()
-        box = _opened_for_a_long_reply(page, pg.local_url)
-        before = xllm_server.engine.stats()
-        other = _queued_behind_another_client(pg, page, box, xllm_server)
+    with _page_queued_behind_another_client(tiny_client, xllm_server, monkeypatch) as (page, box, before, other):
         page.locator("button.lg", has_text=button).click()
         page.get_by_label("number input for Max tokens").fill("8")
         page.get_by_label("number input for Max tokens").press("Enter")
