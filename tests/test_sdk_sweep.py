@@ -51,7 +51,7 @@ def test_responses_stream_and_parse_helpers(client):
     assert {"response.created", "response.output_text.done", "response.completed"} <= kinds
     assert isinstance(final.output_parsed, Place)
     with client.responses.stream(model=TINY, input="Weather?", tools=[openai.pydantic_function_tool(Place)],
-                                 tool_choice="required", max_output_tokens=200) as s:
+                                 tool_choice="required", parallel_tool_calls=False, max_output_tokens=200) as s:
         kinds = {e.type for e in s}
         final = s.get_final_response()
     assert "response.function_call_arguments.done" in kinds
