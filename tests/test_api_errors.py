@@ -94,7 +94,7 @@ def test_malformed_json(raw):
         ({"messages": [{"role": "user"}]}, "messages[0].content"),
         ({"seed": 1.5}, "seed"),
         ({"model": ""}, "model"),
-        ({"top_k": -1}, "top_k"),
+        ({"top_k": -2}, "top_k"),
         ({"repetition_penalty": 0}, "repetition_penalty"),
     ],
 )

@@ -36,7 +36,7 @@ def test_sampling_keys_under_ollama_names(tmp_path):
 
 @pytest.mark.parametrize("values", [
     {"temperature": 2.5}, {"temperature": -1}, {"temperature": "0.7"}, {"temperature": True},
-    {"top_p": 0}, {"top_p": 1.5}, {"top_k": -1}, {"top_k": 2.5}, {"repetition_penalty": 0}, {"min_p": 2},
+    {"top_p": 0}, {"top_p": 1.5}, {"top_k": -2}, {"top_k": 2.5}, {"repetition_penalty": 0}, {"min_p": 2},
     {"temperature": None},
 ])
 def test_values_outside_the_api_range_are_skipped(tmp_path, values):

@@ -94,7 +94,7 @@ class ModelfileDefaults:
 class SamplingParams:
     """How to pick each next token; defaults are greedy-free OpenAI defaults.
 
-    ``temperature == 0`` means greedy. ``top_k == 0`` and ``min_p == 0`` disable those
+    ``temperature == 0`` means greedy. ``top_k <= 0`` (0, or vLLM's -1) and ``min_p == 0`` disable those
     filters. ``repetition_penalty == 1`` disables it. ``seed`` makes sampling
     reproducible: same seed and same request give the same tokens.
     """

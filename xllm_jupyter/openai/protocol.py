@@ -128,7 +128,7 @@ class _SamplingFields(StrictModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)  # 0: the most likely token only (greedy), as OpenAI takes it
-    top_k: int | None = Field(default=None, ge=0, le=2**31 - 1)  # at or over the vocabulary = off; the cap keeps it in int32
+    top_k: int | None = Field(default=None, ge=-1, le=2**31 - 1)  # 0, -1 (vLLM's) or at/over the vocabulary = off; int32 cap
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
@@ -149,7 +149,7 @@ class _SamplingFields(StrictModel):
         return SamplingParams(
             temperature=0.0 if greedy else 1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None or greedy else self.top_p,
-            top_k=self.top_k or 0,
+            top_k=max(self.top_k or 0, 0),  # vLLM's -1 is off, as 0 is
             min_p=self.min_p or 0.0,
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,

@@ -35,7 +35,7 @@ def _number(low: float, high: float, *, open_low: bool = False) -> Callable[[Any
 
 
 def _top_k(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= -1 else None  # -1: off (vLLM's)
 
 
 #: generation_config key -> (Ollama parameter name, check); bounds are the API's, so a default never

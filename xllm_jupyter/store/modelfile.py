@@ -88,7 +88,7 @@ def _string(text: str) -> str:
 PARAMETERS: dict[str, Callable[[str], Any]] = {
     "temperature": _number(0),
     "top_p": _number(0, 1),
-    "top_k": _integer(0),
+    "top_k": _integer(-1),  # -1: off, as vLLM spells it (the API takes it too)
     "min_p": _number(0, 1),
     "typical_p": _number(0, 1),
     "num_ctx": _integer(1),
