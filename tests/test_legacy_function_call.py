@@ -95,6 +95,42 @@ def test_a_function_exchange_in_the_history_is_rendered_as_a_tool_exchange(clien
     assert again.choices[0].finish_reason in ("stop", "length", "function_call")
 
 
+FUNCTION_CALL = {"role": "assistant", "content": None, "function_call": {"name": "add", "arguments": '{"a": 1}'}}
+RESULT = {"role": "function", "name": "add", "content": "1"}
+
+
+@pytest.mark.parametrize(("messages", "at"), [
+    ([*MSG, RESULT], 1),  # nothing before it called a function
+    ([*MSG, FUNCTION_CALL, RESULT, {"role": "user", "content": "And?"}, RESULT], 4),  # that turn ended with the user
+    ([*MSG, {"role": "assistant", "content": None, "tool_calls": [  # a tool call is answered by a tool message
+        {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{}"}}]},
+      {"role": "tool", "tool_call_id": "call_1", "content": "1"}, RESULT], 3),
+    ([*MSG, {"role": "assistant", "content": "Let me add."}, RESULT], 2),
+])
+def test_a_function_message_answering_no_function_call_is_a_400_as_a_tool_message_is(client, messages, at):
+    """As a ``tool`` message must answer a preceding ``tool_calls``, a ``function`` result must answer a preceding
+    ``function_call`` (a model shown a result of no call answers from a broken turn); ``code`` null, as for tools."""
+    for extra in ({}, {"functions": FUNCTIONS}):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=TINY, messages=messages, max_tokens=1, extra_body=extra)
+        err = info.value
+        assert (err.status_code, err.param, err.code) == (400, f"messages[{at}].role", None)
+        assert err.body["message"] == ("Invalid parameter: messages with role 'function' must be a response to a "
+                                       "preceeding message with 'function_call'.")
+
+
+def test_function_results_after_their_call_are_taken(client):
+    """Right after the call, after another result of it, and beside tool results of the same assistant message."""
+    both = {"role": "assistant", "content": None, "function_call": FUNCTION_CALL["function_call"], "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{}"}}]}
+    tool = {"role": "tool", "tool_call_id": "call_1", "content": "2"}
+    for history in ([*MSG, FUNCTION_CALL, RESULT], [*MSG, FUNCTION_CALL, RESULT, RESULT],
+                    [*MSG, FUNCTION_CALL, RESULT, {"role": "user", "content": "And?"}, FUNCTION_CALL, RESULT],
+                    [*MSG, both, RESULT, tool], [*MSG, both, tool, RESULT]):
+        r = client.chat.completions.create(model=TINY, messages=history, max_tokens=1)
+        assert r.choices[0].finish_reason in ("stop", "length")
+
+
 @pytest.mark.parametrize(("extra", "param", "code"), [
     ({"function_call": {"name": "get_weather"}}, "function_call", "invalid_value"),  # no functions: api.openai.com's 400
     ({"functions": FUNCTIONS, "function_call": {"name": "nope"}}, "function_call", "invalid_value"),

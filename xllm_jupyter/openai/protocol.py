@@ -117,7 +117,7 @@ class WireMessage(StrictModel):
 
     def turn(self) -> Turn:
         """What the tool-exchange check needs of this message."""
-        return Turn(self.role, tuple(c.id for c in self.tool_calls or ()), self.tool_call_id)
+        return Turn(self.role, tuple(c.id for c in self.tool_calls or ()), self.tool_call_id, self.function_call is not None)
 
 
 class _SamplingFields(StrictModel):
