@@ -522,16 +522,16 @@ async def test_encode_chat_uses_template():
 @pytest.mark.parametrize(
     "stops,chunks,expected,matched",
     [
-        (("END",), ["ab", "cE", "N", "Dxx"], "abc", True),
-        (("END",), ["ab", "cE", "N", "x"], "abcENx", False),
-        (("\n\n", "###"), ["a\n", "b#", "#c"], "a\nb##c", False),
-        (("\n\n", "###"), ["a\n", "\nb"], "a", True),
-        ((), ["x", "y"], "xy", False),
+        (("END",), ["ab", "cE", "N", "Dxx"], "abc", "END"),
+        (("END",), ["ab", "cE", "N", "x"], "abcENx", None),
+        (("\n\n", "###"), ["a\n", "b#", "#c"], "a\nb##c", None),
+        (("\n\n", "###"), ["a\n", "\nb"], "a", "\n\n"),
+        ((), ["x", "y"], "xy", None),
     ],
 )
 def test_stop_matcher(stops, chunks, expected, matched):
     m = StopMatcher(stops)
-    out, hit = "", False
+    out, hit = "", None
     for c in chunks:
         text, hit = m.feed(c)
         out += text
@@ -539,11 +539,11 @@ def test_stop_matcher(stops, chunks, expected, matched):
             break
     if not hit:
         out += m.flush()
-    assert out == expected and hit is matched
+    assert out == expected and hit == matched
 
 
 def test_stop_matcher_releases_text_without_stop_prefixes_immediately():
     m = StopMatcher(("STOP",))
-    assert m.feed("hello ") == ("hello ", False)
-    assert m.feed("wor S") == ("wor ", False)
-    assert m.feed("x") == ("Sx", False)
+    assert m.feed("hello ") == ("hello ", None)
+    assert m.feed("wor S") == ("wor ", None)
+    assert m.feed("x") == ("Sx", None)

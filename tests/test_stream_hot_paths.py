@@ -86,26 +86,27 @@ def test_detokenizer_decodes_once_per_token(decode):
 
 
 def _reference_stops(stops, pieces):
-    """Search every stop string in held + new text, then hold the longest tail that begins one."""
+    """Search every stop string in held + new text, then hold the longest tail that begins one; a match reports the
+    stop found earliest, the shortest of those beginning there (the one that ends first)."""
     stops, held, out = [s for s in stops if s], "", []
     for text in pieces:
         if not stops:
-            out.append((text, False))
+            out.append((text, None))
             continue
         buf = held + text
-        cuts = [i for i in (buf.find(s) for s in stops) if i != -1]
-        if cuts:
-            out.append((buf[:min(cuts)], True))
+        found = sorted((i, len(s), s) for s, i in ((s, buf.find(s)) for s in stops) if i != -1)
+        if found:
+            out.append((buf[:found[0][0]], found[0][2]))
             return out, ""
         hold = max([k for s in stops for k in range(1, min(len(s) - 1, len(buf)) + 1) if buf.endswith(s[:k])],
                    default=0)
         held = buf[len(buf) - hold:]
-        out.append((buf[:len(buf) - hold], False))
+        out.append((buf[:len(buf) - hold], None))
     return out, held
 
 
 def _matched(stops, pieces):
-    """StopMatcher's (released text, matched) per piece up to a match, and what it holds back at the end."""
+    """StopMatcher's (released text, matched stop) per piece up to a match, and what it holds back at the end."""
     matcher, out = StopMatcher(stops), []
     for piece in pieces:
         out.append(matcher.feed(piece))

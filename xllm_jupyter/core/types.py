@@ -287,9 +287,14 @@ class ChoiceDelta:
     token_ids: tuple[int, ...] = ()
     logprobs: tuple[TokenLogprob, ...] = ()
     finish: FinishReason | None = None
-    #: with ``finish`` STOP: one of the request's stop strings ended the choice (its text is cut before the match),
-    #: not the model; a grammar-forced tool call it cut is incomplete, which ``finish`` alone cannot tell
-    stop_string: bool = False
+    #: with ``finish`` STOP: the request's stop string that ended the choice (its text is cut before the match), or
+    #: its ``stop_token_ids`` entry that did; None when the model ended it (EOS, a grammar's end). vLLM's field
+    stop_reason: str | int | None = None
+
+    @property
+    def stop_string(self) -> bool:
+        """A stop string ended the choice, not the model: a grammar-forced tool call it cut is incomplete."""
+        return isinstance(self.stop_reason, str)
 
 
 @dataclass(frozen=True)

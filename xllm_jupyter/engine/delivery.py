@@ -47,6 +47,10 @@ class RequestHandle:
         self.loop = loop
         self.waker = waker_for(loop)  # how the engine thread reaches this loop (made here, on the loop's thread)
         self.request = request
+        # the request's own stop tokens: one that ends a choice is its stop_reason (vLLM's); the model's EOS is none
+        params = request.params
+        eos = frozenset() if params.ignore_eos else runner.model.eos_token_ids
+        self.stop_tokens = frozenset(params.stop_token_ids) - eos
         # a deque and one waiter instead of an asyncio.Queue: a step's items arrive together
         # and are read without a future (or Queue bookkeeping) per token
         self._ready: collections.deque = collections.deque()
@@ -128,5 +132,5 @@ def _merged(deltas: list[ChoiceDelta]) -> ChoiceDelta:
         tuple(i for d in deltas for i in d.token_ids),
         tuple(lp for d in deltas for lp in d.logprobs),
         deltas[-1].finish,
-        deltas[-1].stop_string,
+        deltas[-1].stop_reason,
     )

@@ -1,11 +1,9 @@
 """One worker thread per loaded model: continuous batching and the bridge to asyncio.
 
-The thread owns the LoadedModel. Between two steps it admits waiting jobs (up to the
-batch limit) and applies cancellations, so new requests join the running batch
-instead of waiting for it to drain. What the steps make is held in an outbox and handed
-to the asyncio side paced by ``stream_interval`` (delivery.py: request handles, pacing
-and merging). A request's first delta, its end and errors are never held back, so time
-to first token is unchanged.
+The thread owns the LoadedModel. Between two steps it admits waiting jobs (up to the batch limit) and applies
+cancellations, so new requests join the running batch instead of waiting for it to drain. What the steps make is
+held in an outbox and handed to the asyncio side paced by ``stream_interval`` (delivery.py: request handles, pacing
+and merging). A request's first delta, its end and errors are never held back, so time to first token is unchanged.
 """
 
 from __future__ import annotations
@@ -139,8 +137,7 @@ class ModelRunner(StepFailures, Retirement):
         pending = []
         for index in range(params.n):
             sampling = params.sampling
-            if sampling.seed is not None and index:
-                # distinct but reproducible choices for n > 1
+            if sampling.seed is not None and index:  # distinct but reproducible choices for n > 1
                 sampling = dataclasses.replace(sampling, seed=sampling.seed + index)
             job = SequenceJob(
                 job_id=next(self._ids),
@@ -393,7 +390,7 @@ class ModelRunner(StepFailures, Retirement):
         # any event may carry it (exllama: the first token), so a choice ended by a stop string keeps it
         if event.cached_tokens > handle.cached_tokens:
             handle.cached_tokens = event.cached_tokens
-        text, matched = state.stops.feed(event.text) if event.text else ("", False)
+        text, stop_reason = state.stops.feed(event.text) if event.text else ("", None)
         finish = event.finish
         if finish is not None and finish in (FinishReason.CANCELLED, FinishReason.ERROR):
             # we did not ask for this: the backend dropped the job on its own (or, detaching its adapter, before
@@ -406,7 +403,7 @@ class ModelRunner(StepFailures, Retirement):
                        else EngineError("The engine stopped this generation unexpectedly"))
             self.cancel(handle.job_ids)
             return True
-        if matched:
+        if stop_reason:
             if finish is None:
                 # free the job's cache now; the backend's CANCELLED event for it is ignored
                 self.model.cancel(event.job_id)
@@ -414,12 +411,14 @@ class ModelRunner(StepFailures, Retirement):
             finish = FinishReason.STOP
         elif finish is not None:
             text += state.stops.flush()
+            if finish is FinishReason.STOP and event.token_id in handle.stop_tokens:  # the request's own: vLLM names it
+                stop_reason = event.token_id
         if event.prompt_logprobs is not None:  # (before the choice's first delta: serving echoes the prompt first)
             items.append(event.prompt_logprobs)
         logprobs = (_token_logprob(event, event.logprob),) if event.logprob is not None else ()
         ids = (event.token_id,) if event.token_id is not None else ()
         if text or ids or finish is not None:
-            items.append(ChoiceDelta(state.index, text, ids, logprobs, finish, matched))
+            items.append(ChoiceDelta(state.index, text, ids, logprobs, finish, stop_reason))
         if finish is None:
             return False
         state.done = state.completed = True

@@ -77,16 +77,19 @@ class StopMatcher:
         self._auto = _automaton(self.stops) if self.stops else None
         self._node = 0
 
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Add ``text``; return (text safe to emit, whether a stop string matched)."""
+    def feed(self, text: str) -> tuple[str, str | None]:
+        """Add ``text``; return (text safe to emit, the stop string that matched or None).
+
+        Of stops beginning at the earliest match, the one that ends first (the shortest) is the one reported.
+        """
         auto = self._auto
         if auto is None:
-            return text, False
+            return text, None
         if not self._node and auto.starts.search(text) is None:  # most tokens: nothing held, no stop begins
-            return text, False
+            return text, None
         buf = self._buf + text
         goto, fail, depth, hit, starts = auto.goto, auto.fail, auto.depth, auto.hit, auto.starts
-        node, i, end, cut = self._node, len(self._buf), len(buf), -1
+        node, i, end, cut, length = self._node, len(self._buf), len(buf), -1, 0
         while i < end:
             if not node:  # at the root only a stop's first character moves: find the next at C speed
                 found = starts.search(buf, i)
@@ -104,16 +107,16 @@ class StopMatcher:
                 node = fail[node]
             i += 1
             if hit[node] and (cut == -1 or i - hit[node] < cut):
-                cut = i - hit[node]
+                cut, length = i - hit[node], hit[node]
             # a stop matched: go on only while a partial match begins before it (the earliest one is cut at)
             if cut != -1 and i - depth[node] >= cut:
                 break
         if cut != -1:
             self._buf, self._node = "", 0
-            return buf[:cut], True
+            return buf[:cut], buf[cut : cut + length]
         hold = depth[node]
         self._buf, self._node = (buf[end - hold :], node) if hold else ("", 0)
-        return buf[: end - hold], False
+        return buf[: end - hold], None
 
     def flush(self) -> str:
         """Release whatever is held (the sequence ended without a match)."""

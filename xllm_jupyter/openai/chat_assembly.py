@@ -16,6 +16,7 @@ class _Choice:
         self.function_call: dict[str, Any] | None = None  # a legacy function call so far (legacy_functions.py)
         self.logprobs: list[dict[str, Any]] | None = None  # None until a chunk of this choice carries some
         self.finish: str | None = None
+        self.stop_reason: str | int | None = None  # vLLM's, on the choice's last chunk
 
     def add(self, choice: dict[str, Any]) -> None:
         delta = choice.get("delta") or {}
@@ -44,6 +45,7 @@ class _Choice:
                 self.logprobs = []
             self.logprobs.extend(lp.get("content") or ())  # in place: a copy per chunk is quadratic in the reply
         self.finish = choice.get("finish_reason") or self.finish
+        self.stop_reason = choice.get("stop_reason", self.stop_reason)
 
     def wire(self, index: int) -> dict[str, Any]:
         content = None if self.parts is None else "".join(self.parts)
@@ -53,7 +55,8 @@ class _Choice:
         if self.function_call is not None:
             message["function_call"] = self.function_call
         logprobs = None if self.logprobs is None else {"content": self.logprobs, "refusal": None}
-        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": self.finish or "stop"}
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": self.finish or "stop",
+                "stop_reason": self.stop_reason}
 
 
 class CompletionAssembler:

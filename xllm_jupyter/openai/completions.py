@@ -117,6 +117,7 @@ class CompletionsMixin:
         texts: list[list[str]] = [[] for _ in range(total)]
         lps: list[list] = [[] for _ in range(total)]
         finish: list[str | None] = [None] * total
+        stops: list[str | int | None] = [None] * total  # vLLM's stop_reason
         usages: list[Usage] = []
         scores: dict[int, PromptLogprobs] = {}
         want_lp = gens[0].params.logprobs
@@ -129,7 +130,7 @@ class CompletionsMixin:
                 if want_lp:
                     lps[i].extend(ev.logprobs)
                 if ev.finish is not None:
-                    finish[i] = ev.finish.value
+                    finish[i], stops[i] = ev.finish.value, ev.stop_reason
             elif type(ev) is PromptLogprobs:
                 scores[p] = ev
             elif isinstance(ev, GenerationDone):
@@ -141,6 +142,7 @@ class CompletionsMixin:
                 "text": shown.text(i // n) + "".join(texts[i]),
                 "logprobs": shown.logprobs(scores.get(i // n), tuple(lps[i]), offsets[i // n]),
                 "finish_reason": finish[i] or "stop",
+                "stop_reason": stops[i],
             }
             for k, i in enumerate(chosen)
         ]
@@ -177,8 +179,10 @@ class CompletionsMixin:
                 lp = shown.logprobs(scores.get(p) if echoed else None, ev.logprobs, text_pos[i])
                 text_pos[i] += legacy_text_advance(ev.logprobs)  # characters, as the full reply counts
             text = shown.text(p) + ev.text if echoed else ev.text
-            finish = ev.finish.value if ev.finish is not None else None
-            return {**head, "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}]}
+            if ev.finish is None:
+                return {**head, "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": None}]}
+            return {**head, "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": ev.finish.value,
+                                         "stop_reason": ev.stop_reason}]}  # (vLLM's, on the choice's last chunk)
 
         async for p, ev in engine_events:
             if type(ev) is ChoiceDelta:

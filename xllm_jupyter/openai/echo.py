@@ -40,7 +40,7 @@ async def copies(events: AsyncIterator[tuple[int, Any]], n: int) -> AsyncIterato
     async for p, ev in events:
         if type(ev) is ChoiceDelta:
             for k in range(n):
-                yield p, ChoiceDelta(k, ev.text, ev.token_ids, ev.logprobs, ev.finish, ev.stop_string)
+                yield p, ChoiceDelta(k, ev.text, ev.token_ids, ev.logprobs, ev.finish, ev.stop_reason)
         else:
             yield p, ev
 

@@ -318,7 +318,7 @@ class OpenAIServing(CompletionsMixin):
         texts: list[list[str]] = [[] for _ in range(n)]
         lps: list[list[dict]] = [[] for _ in range(n)]
         finish: list[str | None] = [None] * n
-        cut = [False] * n  # a stop string ended the choice (a forced call it cut is incomplete)
+        stops: list[str | int | None] = [None] * n  # vLLM's stop_reason: the stop string (or token id) that ended it
         loops = ForcedLoops(gen, tools)
         usage = Usage()
         async with aclosing(self.engine.generate(gen)) as events:
@@ -333,7 +333,7 @@ class OpenAIServing(CompletionsMixin):
                     if want_lp and ev.logprobs:
                         lps[ev.index].extend(chat_logprob_entries(ev.logprobs))
                     if ev.finish is not None:
-                        finish[ev.index], cut[ev.index] = ev.finish.value, ev.stop_string
+                        finish[ev.index], stops[ev.index] = ev.finish.value, ev.stop_reason
                     if loops.repeats(ev):  # its calls are complete: it finishes now (message() says tool_calls)
                         finish[ev.index] = "stop"
                     if loops.all_ended(finish):
@@ -341,13 +341,15 @@ class OpenAIServing(CompletionsMixin):
                         break
                 elif isinstance(ev, GenerationDone):
                     usage = ev.usage
-        messages = [tools.message("".join(texts[i]), finish[i] or "stop", cut[i]) for i in range(n)]
+        # (a stop string that cut a forced call leaves it incomplete)
+        messages = [tools.message("".join(texts[i]), finish[i] or "stop", isinstance(stops[i], str)) for i in range(n)]
         choices = [
             {
                 "index": i,
                 "message": messages[i][0],
                 "logprobs": {"content": lps[i], "refusal": None} if want_lp else None,
                 "finish_reason": messages[i][1],
+                "stop_reason": stops[i] if messages[i][1] == "stop" else None,  # (not a tool call's finish)
             }
             for i in range(n)
         ]
@@ -404,7 +406,10 @@ class OpenAIServing(CompletionsMixin):
                             lp = None
                             if held_lp[ev.index]:
                                 lp, held_lp[ev.index] = {"content": held_lp[ev.index], "refusal": None}, []
-                            yield {**head, "choices": [{"index": ev.index, "delta": delta, "logprobs": lp, "finish_reason": reason}]}
+                            choice = {"index": ev.index, "delta": delta, "logprobs": lp, "finish_reason": reason}
+                            if reason is not None:  # the choice's last chunk
+                                choice["stop_reason"] = ev.stop_reason if reason == "stop" else None
+                            yield {**head, "choices": [choice]}
                         if loops.all_ended(finished):
                             usage = loops.usage()  # the rest is cancelled as the stream closes
                             break
@@ -421,7 +426,8 @@ class OpenAIServing(CompletionsMixin):
                             ],
                         }
                     if ev.finish is not None and calls is None:
-                        yield {**head, "choices": [{"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": ev.finish.value}]}
+                        yield {**head, "choices": [{"index": ev.index, "delta": {}, "logprobs": None,
+                                                    "finish_reason": ev.finish.value, "stop_reason": ev.stop_reason}]}
                 elif isinstance(ev, GenerationDone):
                     usage = ev.usage
         if include_usage:
