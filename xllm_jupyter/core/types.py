@@ -293,8 +293,9 @@ class ChoiceDelta:
 
     @property
     def stop_string(self) -> bool:
-        """A stop string ended the choice, not the model: a grammar-forced tool call it cut is incomplete."""
-        return isinstance(self.stop_reason, str)
+        """A stop of the request's (a string or a stop token) ended the choice, not the model: a grammar-forced tool
+        call it cut is incomplete."""
+        return self.stop_reason is not None
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,14 @@
 """OpenAI wire format: pydantic request models with OpenAI-style validation, and response builders.
 
-Requests are parsed straight from the body bytes (``model_validate_json``) in strict
-mode, so ``"temperature": "0.5"`` is an error as it is on api.openai.com. Every failure
-becomes an ``InvalidRequest`` whose ``param`` names the offending field, which is what
-the SDK exposes as ``BadRequestError.param``.
+Requests are parsed straight from the body bytes (``model_validate_json``) in strict mode, so ``"temperature": "0.5"``
+is an error as it is on api.openai.com. Every failure becomes an ``InvalidRequest`` whose ``param`` names the
+offending field, which is what the SDK exposes as ``BadRequestError.param``.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -136,6 +135,7 @@ class _SamplingFields(StrictModel):
     logit_bias: dict[str, float] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # OpenAI's int64
     stop: Union[str, list[str], None] = None
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = None  # vLLM's; stop_reason names the one
     n: int | None = Field(default=None, ge=1)
     stream: bool | None = None
     stream_options: StreamOptions | None = None

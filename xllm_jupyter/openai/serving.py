@@ -183,6 +183,7 @@ class OpenAIServing(CompletionsMixin):
         if logprobs or prompt_logprobs:
             self._check_logprob_entries(req.n or 1, max_tokens, top_logprobs, len(prompt_ids) if prompt_logprobs else 0)
         params = GenerationParams(max_tokens=max_tokens, sampling=sampling, stop=req.stop_strings(),
+                                  stop_token_ids=tuple(req.stop_token_ids or ()),
                                   ignore_eos=bool(req.ignore_eos), n=req.n or 1, logprobs=logprobs,
                                   top_logprobs=top_logprobs, constraint=constraint, prompt_logprobs=prompt_logprobs)
         gen = GenerationRequest(model=req.model, prompt_ids=tuple(prompt_ids), params=params, request_id=rid,
@@ -341,8 +342,8 @@ class OpenAIServing(CompletionsMixin):
                         break
                 elif isinstance(ev, GenerationDone):
                     usage = ev.usage
-        # (a stop string that cut a forced call leaves it incomplete)
-        messages = [tools.message("".join(texts[i]), finish[i] or "stop", isinstance(stops[i], str)) for i in range(n)]
+        # (a stop of the request's that cut a forced call leaves it incomplete)
+        messages = [tools.message("".join(texts[i]), finish[i] or "stop", stops[i] is not None) for i in range(n)]
         choices = [
             {
                 "index": i,
