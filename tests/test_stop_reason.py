@@ -125,3 +125,19 @@ def test_the_responses_api_takes_stop_token_ids(client):
     kw["extra_body"]["stop_token_ids"] = [FORCED]
     r = client.responses.create(**kw)
     assert r.status == "completed" and r.output_text == "" and r.usage.output_tokens == 1
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/responses"])
+def test_a_stop_token_id_outside_the_vocabulary_is_a_400(raw, path):
+    """An id no token of the model has would never end the choice (ids from another model's tokenizer, say): a 400
+    naming ``stop_token_ids``, as ``logit_bias`` ids outside the vocabulary are (and as vLLM now checks them)."""
+    body = {"model": TINY, **{"/v1/chat/completions": {"messages": MSG, "max_tokens": 2},
+                              "/v1/completions": {"prompt": "Hi", "max_tokens": 2},
+                              "/v1/responses": {"input": "Hi", "max_output_tokens": 16}}[path]}
+    for ids in ([FORCED, 2**31 - 1], [10**6]):
+        r = raw.post(path, json={**body, "stop_token_ids": ids})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert (err["param"], err["type"]) == ("stop_token_ids", "invalid_request_error")
+        assert f"Token id {ids[-1]} in 'stop_token_ids' is outside this model's vocabulary" in err["message"]
+    assert raw.post(path, json={**body, "stop_token_ids": [FORCED] * 1000 + [0]}).status_code == 200  # repeats are fine

@@ -64,6 +64,8 @@ class CompletionsMixin:
         rid = "cmpl-" + uuid.uuid4().hex
         sampling = req.sampling_params()
         check_token_ids(sampling.logit_bias, model, "logit_bias")
+        # (an id no token has would never stop the choice; once each: a body may repeat one thousands of times)
+        check_token_ids(dict.fromkeys(req.stop_token_ids or ()), model, "stop_token_ids")
         # best_of: generate that many per prompt, with logprobs to rank them by, and return the n best
         candidates = req.candidates
         ranked = candidates > n and req.max_tokens != 0

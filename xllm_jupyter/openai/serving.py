@@ -257,6 +257,8 @@ class OpenAIServing(CompletionsMixin):
         messages = defaults.chat_messages(messages)
         sampling = req.sampling_params()
         check_token_ids(sampling.logit_bias, model, "logit_bias")
+        # (an id no token has would never stop the choice; once each: a body may repeat one thousands of times)
+        check_token_ids(dict.fromkeys(req.stop_token_ids or ()), model, "stop_token_ids")
         tools = ToolCalling.from_request(req, model)
         # forced tool calls win over response_format; calls the model may make stay possible beside it (tools.py)
         answer = req.constraint()
