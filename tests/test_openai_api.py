@@ -97,7 +97,7 @@ def test_chat_content_parts_and_roles(client):
 
 
 def test_chat_stream(client, raw):
-    stream = client.chat.completions.create(model=TINY, messages=MSG, max_tokens=6, stream=True)
+    stream = client.chat.completions.create(model=TINY, messages=MSG, max_tokens=6, stream=True, seed=7)  # seeded: some text
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[0].choices[0].delta.content == ""
