@@ -83,8 +83,8 @@ def test_verbosity_other_than_the_default_is_refused_on_both_apis(client):
         with pytest.raises(openai.BadRequestError) as info:
             client.chat.completions.create(model="tiny", messages=ASK, max_completion_tokens=2, verbosity=level)
         assert (info.value.code, info.value.param) == ("unsupported_parameter", "verbosity")
-    r = client.responses.create(model="tiny", input="hi", max_output_tokens=2, text={"verbosity": "medium"})
-    c = client.chat.completions.create(model="tiny", messages=ASK, max_completion_tokens=2, verbosity="medium")
+    r = client.responses.create(model="tiny", input="hi", max_output_tokens=2, text={"verbosity": "medium"}, extra_body={"seed": 7})
+    c = client.chat.completions.create(model="tiny", messages=ASK, max_completion_tokens=2, verbosity="medium", seed=7)
     assert r.usage.output_tokens == 2 and c.usage.completion_tokens == 2
 
 
