@@ -15,9 +15,9 @@ MSG = [{"role": "user", "content": "Hi"}]
 def test_a_chat_asking_for_a_service_tier_is_told_the_one_that_served_it(client, tier):
     """OpenAI: "When the service_tier parameter is set, the response body will include the service_tier value
     based on the processing mode actually used". This server has one: "default" (it said nothing before)."""
-    full = client.chat.completions.create(model=TINY, messages=MSG, max_tokens=2, service_tier=tier)
+    full = client.chat.completions.create(model=TINY, messages=MSG, max_tokens=2, service_tier=tier, seed=7)
     assert full.service_tier == "default" and full.choices[0].message.content
-    chunks = list(client.chat.completions.create(model=TINY, messages=MSG, max_tokens=2, service_tier=tier, stream=True,
+    chunks = list(client.chat.completions.create(model=TINY, messages=MSG, max_tokens=2, service_tier=tier, stream=True, seed=7,
                                                  stream_options={"include_usage": True}))
     assert len(chunks) >= 3 and {c.service_tier for c in chunks} == {"default"}
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 2
@@ -72,9 +72,9 @@ def test_what_is_documented_as_refused_is_a_400_naming_it(client, extra, param):
 
 
 def test_text_modality_and_the_sdks_stream_options_are_served(client):
-    full = client.chat.completions.create(model=TINY, messages=MSG, max_completion_tokens=2, modalities=["text"])
+    full = client.chat.completions.create(model=TINY, messages=MSG, max_completion_tokens=2, modalities=["text"], seed=7)
     assert full.choices[0].message.content and full.usage.completion_tokens == 2
-    chunks = list(client.chat.completions.create(model=TINY, messages=MSG, max_completion_tokens=2, stream=True,
+    chunks = list(client.chat.completions.create(model=TINY, messages=MSG, max_completion_tokens=2, stream=True, seed=7,
                                                  stream_options={"include_usage": True, "include_obfuscation": False}))
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 2
     assert all(c.usage is None for c in chunks[:-1])
