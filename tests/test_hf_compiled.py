@@ -390,7 +390,8 @@ async def test_the_engine_thread_compiles_and_steps_the_model(tiny_catalog):
     engine = Engine(EngineConfig(compile="on", max_batch_size=2), catalog=TraceOnly(tiny_catalog))
     try:
         model = await engine.load(TINY)
-        request = GenerationRequest(model=TINY, prompt_ids=tuple(range(10, 20)), params=GenerationParams(max_tokens=4))
+        request = GenerationRequest(model=TINY, prompt_ids=tuple(range(10, 20)),
+                                    params=GenerationParams(max_tokens=4, ignore_eos=True))  # four steps, whatever it draws
         done = [ev async for ev in engine.generate(request)][-1]
         assert done.usage.completion_tokens == 4
         assert model.details()["decode"] == "compiled-static"
