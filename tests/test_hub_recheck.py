@@ -230,7 +230,7 @@ def test_a_server_forwarding_to_the_service_serves_from_its_own_engine_once_the_
             await asyncio.wait_for(_until(lambda: link.state == "local"), 60)
             assert (await h.get("/health")).json()["engine"] == "local"
             assert os.environ["XLLM_BASE_URL"] == root + "/v1"  # kernels started from now on come here
-            r = await h.post("/v1/chat/completions", json={"model": TINY, "messages": MSG, "max_tokens": 3})
+            r = await h.post("/v1/chat/completions", json={"model": TINY, "messages": MSG, "max_tokens": 3, "seed": 7})
             assert r.status_code == 200, r.text  # this server's engine answers (was a 503 until a restart)
             assert r.json()["model"] == TINY and r.json()["usage"]["completion_tokens"] == 3
             models = await h.get("/v1/models")
@@ -270,7 +270,7 @@ def test_a_forward_that_finds_the_service_gone_asks_the_hub_and_serves_locally_o
             r = await h.get("/v1/models")
             assert r.status_code == 503 and r.json()["error"]["code"] == "hub_service_unavailable"
             await asyncio.wait_for(_until(lambda: link.state == "local"), 30)
-            r = await h.post("/v1/chat/completions", json={"model": TINY, "messages": MSG, "max_tokens": 2})
+            r = await h.post("/v1/chat/completions", json={"model": TINY, "messages": MSG, "max_tokens": 2, "seed": 7})
             assert r.status_code == 200, r.text  # the client's retry: this server's engine answers
             assert r.json()["usage"]["completion_tokens"] == 2
         assert link.upstream is None and not link.rechecking
