@@ -210,16 +210,22 @@ def test_show_and_cp_of_a_packaged_model_not_pulled_yet_say_how_to_add_it(home):
     assert "does not exist" in one_error_line(invoke("show", "nope"))
 
 
+def _seeded(home) -> str:  # noqa: F811
+    """"tiny" with a seed in its Modelfile: unseeded, the random model's reply can be only whitespace, or none."""
+    ModelStore(home).create("tiny-seeded", f"FROM {TINY}\nPARAMETER seed 7")
+    return "tiny-seeded"
+
+
 def test_piped_stdin_that_is_not_utf8_is_read_not_a_traceback(home):  # noqa: F811
     # bytes such as a binary file piped by mistake: replaced by U+FFFD, the answer still comes
-    result = invoke("run", "--local", TINY, "--max-tokens", "2", "summarize", input=b"ok\xff\xfe\x80 text")
+    result = invoke("run", "--local", _seeded(home), "--max-tokens", "2", "summarize", input=b"ok\xff\xfe\x80 text")
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output and result.stdout.strip()
 
 
 def test_a_prompt_argument_that_is_not_utf8_is_read_not_a_traceback(home):  # noqa: F811
     # a non-UTF-8 byte on the command line reaches Python as a surrogate escape ("\udcff")
-    result = invoke("run", "--local", TINY, "--max-tokens", "2", "-s", "be \udcff brief", "hi \udcff")
+    result = invoke("run", "--local", _seeded(home), "--max-tokens", "2", "-s", "be \udcff brief", "hi \udcff")
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output and result.stdout.strip()
 
