@@ -141,3 +141,16 @@ def test_a_stop_token_id_outside_the_vocabulary_is_a_400(raw, path):
         assert (err["param"], err["type"]) == ("stop_token_ids", "invalid_request_error")
         assert f"Token id {ids[-1]} in 'stop_token_ids' is outside this model's vocabulary" in err["message"]
     assert raw.post(path, json={**body, "stop_token_ids": [FORCED] * 1000 + [0]}).status_code == 200  # repeats are fine
+
+
+async def test_the_choices_of_a_request_share_one_stop_token_set():
+    """The n choices of a request hold its stop tokens (and EOS) as one set, not a copy each: a request may list
+    thousands of ids (a 150k-token vocabulary's are ~8 MB as a set), and each copy lived as long as its choice."""
+    engine, backend = make_engine()
+    await collect(engine, req(max_tokens=2))  # (loads the model)
+    model, seen = backend.models["fake"], []
+    add = model.add
+    model.add = lambda job: (seen.append(job.stop_token_ids), add(job))[1]
+    await collect(engine, req(max_tokens=3, n=4, stop_token_ids=tuple(range(500, 600))))
+    assert len(seen) == 4 and all(s is seen[0] for s in seen) and {550, EOS} <= seen[0]
+    await engine.stop()

@@ -131,9 +131,8 @@ class ModelRunner(StepFailures, Retirement):
         if params.prompt_logprobs and not self.model.scores_prompts:  # (serving refuses it first, in its words)
             raise Unsupported(f"The {self.model.backend_name} backend cannot score prompt tokens", param="echo")
         handle = RequestHandle(self, loop, request)
-        stop_ids = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            stop_ids |= self.model.eos_token_ids
+        # one set for all n choices (a request's ids may be thousands: a copy each lived as long as its choice)
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.model.eos_token_ids)
         pending = []
         for index in range(params.n):
             sampling = params.sampling
@@ -144,7 +143,7 @@ class ModelRunner(StepFailures, Retirement):
                 prompt_ids=request.prompt_ids,
                 max_tokens=params.max_tokens,
                 sampling=sampling,
-                stop_token_ids=frozenset(stop_ids),
+                stop_token_ids=stop_ids,
                 logprobs=params.logprobs,
                 top_logprobs=params.top_logprobs,
                 constraint=params.constraint,
