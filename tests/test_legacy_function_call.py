@@ -126,7 +126,11 @@ def test_function_results_after_their_call_are_taken(client):
     tool = {"role": "tool", "tool_call_id": "call_1", "content": "2"}
     for history in ([*MSG, FUNCTION_CALL, RESULT], [*MSG, FUNCTION_CALL, RESULT, RESULT],
                     [*MSG, FUNCTION_CALL, RESULT, {"role": "user", "content": "And?"}, FUNCTION_CALL, RESULT],
-                    [*MSG, both, RESULT, tool], [*MSG, both, tool, RESULT]):
+                    [*MSG, both, RESULT, tool], [*MSG, both, tool, RESULT],
+                    # an agent's calls one after another (old LangChain agents), a call after a tool exchange, and
+                    # an assistant call message whose content is "" (not null) or that has a null tool_calls
+                    [*MSG, FUNCTION_CALL, RESULT, FUNCTION_CALL, RESULT], [*MSG, both, tool, RESULT, FUNCTION_CALL, RESULT],
+                    [*MSG, {**FUNCTION_CALL, "content": ""}, RESULT], [*MSG, {**FUNCTION_CALL, "tool_calls": None}, RESULT]):
         r = client.chat.completions.create(model=TINY, messages=history, max_tokens=1)
         assert r.choices[0].finish_reason in ("stop", "length")
 
