@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,6 +14,7 @@ import xllm_jupyter
 from xllm_jupyter.playground.app import Endpoint, stream_reply
 from xllm_jupyter.playground.stopping import Stops, until_set
 
+from .playground_pages import page_queued_behind_another_client
 from .server_fixtures import TINY
 
 LONG = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 2000, "seed": 1}  # sampled: no early end
@@ -384,47 +383,21 @@ def test_a_stop_reaches_only_what_was_sent_before_it(xllm_server):
     assert updates[-1][0][-1]["content"], "the question sent after Stop was stopped"
 
 
-def _queued_behind_another_client(pg: Any, page: Any, box: Any, server: Any) -> Any:
-    """Another client's long reply takes the playground's one chat slot (``CHAT_SLOTS`` patched to 1), then ``page``
-    asks "Tell me a short story", which waits in Gradio's queue; returns the other client's job."""
-    from gradio_client import Client
-
-    other = Client(pg.local_url, verbose=False).submit(
-        "Tell me a long story", [], pg.model, "", 1.0, 1.0, 2000, "1", False, api_name=pg.api_name)
-    deadline = time.monotonic() + 60
-    while server.engine.stats().running == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)  # the other reply holds the one slot
-    box.fill("Tell me a short story")
-    box.press("Enter")
-    page.wait_for_timeout(1500)  # queued behind it
-    assert server.engine.stats().running == 1
-    return other
-
-
-@contextlib.contextmanager
-def _page_queued_behind_another_client(tiny_client: Any, server: Any, monkeypatch: Any) -> Iterator[tuple]:
-    """A playground with one chat slot, held by another client's long reply, and a page whose question waits in
-    Gradio's queue behind it: ``(page, box, engine stats before, the other client's reply)``."""
-    from tests.browser import chromium, require_browser
-    from xllm_jupyter.playground import app as playground_app
-
-    require_browser()
-    monkeypatch.setattr(playground_app, "CHAT_SLOTS", 1)
-    with xllm_jupyter.playground(client=tiny_client) as pg, chromium() as context:
-        page = context.new_page()
-        box = _opened_for_a_long_reply(page, pg.local_url)
-        before = server.engine.stats()
-        yield page, box, before, _queued_behind_another_client(pg, page, box, server)
+def _pressed_and_handled(page: Any, button: str) -> None:
+    """Click ``button`` (Stop or Clear) and wait until the playground has answered it (an unqueued event's POST)."""
+    with page.expect_response(lambda response: "/run/predict" in response.url, timeout=60_000):
+        page.locator("button.lg", has_text=button).click()
 
 
 @pytest.mark.parametrize("button", ["Stop", "Clear"])
 def test_stop_and_clear_in_a_browser_reach_a_question_waiting_in_the_queue(tiny_client, xllm_server, monkeypatch, button):
     """The queued case end to end (the arrival stamp reaches the handlers through Gradio): with one chat slot,
-    taken by another client's long reply, the page's question waits in Gradio's queue; Stop or Clear then
+    held by another client's turn, the page's question waits in Gradio's queue; Stop or Clear then
     means it is never generated once the slot frees (before, it was answered in full)."""
-    with _page_queued_behind_another_client(tiny_client, xllm_server, monkeypatch) as (page, box, before, other):
-        page.locator("button.lg", has_text=button).click()
-        page.wait_for_timeout(500)
+    before = xllm_server.engine.stats()  # the other client's turn is held before it reaches the server
+    with page_queued_behind_another_client(tiny_client, monkeypatch, "Tell me a short story") as queued:
+        page, other = queued.page, queued.other
+        _pressed_and_handled(page, button)
         other.cancel()
         page.wait_for_function("() => document.querySelectorAll('.generating').length === 0", timeout=60_000)
         page.wait_for_timeout(1000)
@@ -442,13 +415,12 @@ def test_a_question_sent_after_stop_or_clear_while_the_stopped_one_waits_is_answ
     """Stop or Clear while the page's question waits in the queue, then the next question typed and sent: Gradio holds
     that Enter until the queued turn ends and then reads the box. The stopped turn emptied the box as it started,
     so the next question was sent empty and never asked; the stopped turn now leaves the box alone."""
-    with _page_queued_behind_another_client(tiny_client, xllm_server, monkeypatch) as (page, box, before, other):
-        page.locator("button.lg", has_text=button).click()
-        page.get_by_label("number input for Max tokens").fill("8")
-        page.get_by_label("number input for Max tokens").press("Enter")
+    before = xllm_server.engine.stats()  # the other client's turn is held before it reaches the server
+    with page_queued_behind_another_client(tiny_client, monkeypatch, "Tell me a short story") as queued:
+        page, box, other = queued.page, queued.box, queued.other
+        _pressed_and_handled(page, button)
         box.fill("Hello")
         box.press("Enter")  # held by the page: its queued turn has not ended
-        page.wait_for_timeout(500)
         other.cancel()  # the slot frees: the stopped turn starts and ends at once, then "Hello" is sent
         deadline = time.monotonic() + 60
         while xllm_server.engine.stats().completed == before.completed and time.monotonic() < deadline:

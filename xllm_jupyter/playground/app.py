@@ -28,6 +28,16 @@ SHOWN: dict[str, float] = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 256}
 #: chat turns one playground runs at once, Enter's and Send's together (one function: Gradio gives its events one
 #: concurrency id); more wait in Gradio's queue, where Stop still reaches them
 CHAT_SLOTS = 32
+#: the message box's element id (``gr.Textbox(elem_id=...)``)
+INPUT_ID = "xllm-input"
+#: runs in the page as a question is sent, once Gradio has read the inputs (before the turn waits in the queue):
+#: empties the box there and then. Emptied by the turn's first update instead, it was emptied when the turn
+#: started, wiping what the user had typed while it waited behind other users' turns.
+SENT_JS = """(...inputs) => {
+  const box = document.querySelector("#%s textarea");
+  if (box) { box.value = ""; box.dispatchEvent(new Event("input", {bubbles: true})); }
+  return inputs;
+}""" % INPUT_ID
 
 
 @dataclass(frozen=True)
@@ -194,7 +204,7 @@ def build_app(
         history = list(history or [])
         message = (message or "").strip()
         if not message:
-            yield history, ""
+            yield history, gr.skip()
             return
         messages = to_openai_messages(history, message, system)
         history.append({"role": "user", "content": message})
@@ -205,15 +215,13 @@ def build_app(
         stopped = stops.begin(page, arrived(request))
         try:
             if stopped.is_set():
-                # Stop or Clear came while it waited in the queue: it is never asked, and the box is left alone,
-                # for what the user typed since is the next question (Enter then was held until this turn ends,
-                # and is asked with the box as it is then: emptying it here swallowed that question).
+                # Stop or Clear came while it waited in the queue: it is never asked
                 yield ([] if stopped.cleared else history), gr.skip()
                 return
-            # Show the question and empty the box at once (a model that loads on first use can take
-            # a while to answer); later updates leave the box alone, so what the user types next
-            # while the reply streams is kept.
-            yield history, ""
+            # Show the question at once (a model that loads on first use can take a while to answer). The box is
+            # never touched here: the page emptied it as the question was sent (SENT_JS), and what the user has
+            # typed since, while this turn waited in the queue or its reply streams, is the next question.
+            yield history, gr.skip()
             text = ""
             try:
                 params = sampling(None, None, None, seed) if model_defaults else sampling(temperature, top_p, max_tokens, seed)
@@ -257,7 +265,7 @@ def build_app(
                     show_label=False,
                     lines=1,
                     max_lines=8,
-                    elem_id="xllm-input",
+                    elem_id=INPUT_ID,
                 )
                 with gr.Row():
                     send = gr.Button("Send", variant="primary")
@@ -307,6 +315,9 @@ def build_app(
         # The engine batches concurrent users; don't let Gradio serialise them (its default is 1).
         # always_last: Enter (or Send) during a reply is not dropped but asked when the reply ends,
         # with the box and transcript as they are then (the default "once" ignored it silently).
+        # The box is emptied in the page as the question is sent (SENT_JS; a held Enter is sent when the reply ends),
+        # and only the transcript shows the turn's progress: Gradio's overlay over the box, while the turn waited in
+        # the queue, hid what the user typed there.
         box.submit(
             respond,
             inputs,
@@ -314,10 +325,12 @@ def build_app(
             api_name=CHAT_API_NAME,
             concurrency_limit=CHAT_SLOTS,
             trigger_mode="always_last",
+            js=SENT_JS,
+            show_progress_on=chatbot,
         )
         send.click(
             respond, inputs, [chatbot, box], api_name=False, concurrency_limit=CHAT_SLOTS,
-            trigger_mode="always_last",
+            trigger_mode="always_last", js=SENT_JS, show_progress_on=chatbot,
         )
 
         async def stop_replies(request: gr.Request) -> None:

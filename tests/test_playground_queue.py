@@ -1,0 +1,58 @@
+"""The playground's message box while a question waits in Gradio's queue (all chat slots taken by other users).
+
+The box used to be emptied by the turn's first update, when the turn started: what the user typed there while the
+question waited was wiped, and Gradio's progress overlay covered the box meanwhile. It is now emptied in the page
+as the question is sent, and only the transcript shows the queue.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("gradio")
+
+from tests.playground_pages import page_queued_behind_another_client
+from tests.test_playground_stop import _answered_on_the_page
+
+pytestmark = [pytest.mark.timeout(600)]
+
+
+@pytest.mark.parametrize("send", ["Enter", "Send"])
+def test_the_box_empties_as_a_question_is_sent_and_keeps_what_is_typed_while_it_waits(
+        tiny_client, xllm_server, monkeypatch, send):
+    """Sent while another client's turn holds the one chat slot: the box is empty at once, the user can click it and
+    type, and what they typed is still there once the question's turn has started and been answered."""
+    with page_queued_behind_another_client(tiny_client, monkeypatch, "Tell me a short story", send=send) as queued:
+        page, box = queued.page, queued.box
+        assert box.input_value() == "", "the box still holds the question that waits in the queue"
+        box.click(timeout=10_000)  # not covered by Gradio's progress overlay
+        page.keyboard.type("next question")
+        queued.release.set()  # the other turn goes on and ends; the page's question starts
+        queued.other.result(timeout=120)
+        _answered_on_the_page(page, "Tell me a short story", timeout=120_000)
+        assert box.input_value() == "next question", "what was typed while the question waited was lost"
+        assert page.locator("span.error").count() == 0
+
+
+def test_a_question_sent_while_the_pages_own_waits_is_asked_after_it(tiny_client, xllm_server, monkeypatch):
+    """A second question typed and sent while the page's first still waits in the queue: Gradio holds it until the
+    first turn ends (the box keeps it meanwhile), then sends it with that turn in its history; the box is then
+    empty. The box used to hold the first question until its turn started, so the second was typed onto it (and
+    Gradio's overlay over the box took the click)."""
+    with page_queued_behind_another_client(tiny_client, monkeypatch, "Tell me a short story") as queued:
+        page, box = queued.page, queued.box
+        box.click(timeout=10_000)  # as a user does, who sees an empty box
+        page.keyboard.type("And another one")
+        page.keyboard.press("Enter")  # held by the page: its first question's turn has not ended
+        assert box.input_value() == "And another one"
+        queued.release.set()
+        queued.other.result(timeout=120)
+        page.wait_for_function(
+            "() => document.querySelectorAll('#xllm-chatbot [data-testid=user]').length === 2"
+            " && document.querySelectorAll('#xllm-chatbot [data-testid=bot]').length === 2"
+            " && document.querySelectorAll('.generating').length === 0",
+            timeout=120_000,
+        )
+        users = page.locator("#xllm-chatbot [data-testid=user]").all_inner_texts()
+        assert [u.strip() for u in users] == ["Tell me a short story", "And another one"]
+        assert box.input_value() == ""
