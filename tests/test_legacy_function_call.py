@@ -107,16 +107,16 @@ RESULT = {"role": "function", "name": "add", "content": "1"}
       {"role": "tool", "tool_call_id": "call_1", "content": "1"}, RESULT], 3),
     ([*MSG, {"role": "assistant", "content": "Let me add."}, RESULT], 2),
 ])
-def test_a_function_message_answering_no_function_call_is_a_400_as_a_tool_message_is(client, messages, at):
-    """As a ``tool`` message must answer a preceding ``tool_calls``, a ``function`` result must answer a preceding
-    ``function_call`` (a model shown a result of no call answers from a broken turn); ``code`` null, as for tools."""
-    for extra in ({}, {"functions": FUNCTIONS}):
-        with pytest.raises(openai.BadRequestError) as info:
-            client.chat.completions.create(model=TINY, messages=messages, max_tokens=1, extra_body=extra)
-        err = info.value
-        assert (err.status_code, err.param, err.code) == (400, f"messages[{at}].role", None)
-        assert err.body["message"] == ("Invalid parameter: messages with role 'function' must be a response to a "
-                                       "preceeding message with 'function_call'.")
+def test_a_function_message_answering_no_function_call_is_taken_and_shown(client, messages, at):
+    """api.openai.com takes a ``function`` result with no ``function_call`` before it (chat memories trim the call
+    away, clients put context in one), unlike an orphan ``tool`` message: served, its content shown to the model."""
+    long = [*messages[:at], {**RESULT, "content": "1 " * 40}, *messages[at + 1:]]
+    with_tool_calls = any(m.get("tool_calls") for m in messages)  # a 400 beside functions, as at api.openai.com
+    for extra in ({},) if with_tool_calls else ({}, {"functions": FUNCTIONS}):
+        short_reply, long_reply = (client.chat.completions.create(model=TINY, messages=m, max_tokens=1, seed=0,
+                                                                   extra_body=extra) for m in (messages, long))
+        assert short_reply.choices[0].finish_reason in ("stop", "length")
+        assert long_reply.usage.prompt_tokens - short_reply.usage.prompt_tokens >= 39
 
 
 def test_function_results_after_their_call_are_taken(client):

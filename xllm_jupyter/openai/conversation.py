@@ -28,13 +28,11 @@ _NAME = re.compile(NAME_PATTERN)
 
 @dataclass(frozen=True)
 class Turn:
-    """What the tool check needs of one message: its role, the ids it calls, the id it answers, and whether it
-    makes a legacy ``function_call``."""
+    """What the tool check needs of one message: its role, the ids it calls, the id it answers."""
 
     role: str
     calls: tuple[str, ...] = ()
     answers: str | None = None
-    calls_function: bool = False
 
 
 @dataclass(frozen=True)
@@ -42,12 +40,11 @@ class ToolTurnProblem:
     """The first broken tool exchange of a history.
 
     ``orphan``: a tool message (at ``index``, answering ``call_ids[0]``) that follows no assistant ``tool_calls``;
-    ``orphan_function``: a legacy ``function`` message (at ``index``) that follows no assistant ``function_call``;
     ``unknown_id``: a tool message answering an id (``call_ids[0]``) its turn did not call;
     ``unanswered``: the assistant message at ``index`` has calls (``call_ids``) no tool message answered.
     """
 
-    kind: Literal["orphan", "orphan_function", "unknown_id", "unanswered"]
+    kind: Literal["orphan", "unknown_id", "unanswered"]
     index: int
     call_ids: tuple[str, ...]
 
@@ -57,11 +54,11 @@ def find_tool_turn_problem(turns: Iterable[Turn]) -> ToolTurnProblem | None:
     turn_ids: frozenset[str] = frozenset()  # the calls of the assistant turn the tool messages now answer
     pending: dict[str, None] = {}  # of those, the ones not answered yet (ordered, for the message)
     opened = -1  # index of that assistant message
-    in_turn = function_turn = False  # function_turn: the turn's assistant made a legacy function_call
+    in_turn = False
     for i, t in enumerate(turns):
-        if t.role == "function":  # answers its turn's function_call (a reply holds one; several results are taken)
-            if not function_turn:
-                return ToolTurnProblem("orphan_function", i, ())
+        # Legacy ``function`` results are taken anywhere, as api.openai.com took them (clients trim a call off their
+        # memory, or put context in one); one beside an assistant's tool results leaves its turn open.
+        if t.role == "function":
             continue
         if t.role == "tool":
             if not in_turn:
@@ -73,7 +70,6 @@ def find_tool_turn_problem(turns: Iterable[Turn]) -> ToolTurnProblem | None:
         if pending:
             return ToolTurnProblem("unanswered", opened, tuple(pending))
         in_turn = t.role == "assistant" and bool(t.calls)
-        function_turn = t.role == "assistant" and t.calls_function
         turn_ids = frozenset(t.calls)
         pending = dict.fromkeys(t.calls)
         opened = i
@@ -92,10 +88,9 @@ def null_code_error(message: str, param: str) -> InvalidRequest:
 def chat_tool_turn_error(problem: ToolTurnProblem) -> InvalidRequest:
     """Chat completions' 400 for ``problem``, in api.openai.com's words (its typo included: clients match on it)."""
     i = problem.index
-    if problem.kind in ("orphan", "orphan_function"):  # (the function one mirrors the tool one, word for word)
-        role, calls = ("tool", "tool_calls") if problem.kind == "orphan" else ("function", "function_call")
+    if problem.kind == "orphan":
         return null_code_error(
-            f"Invalid parameter: messages with role '{role}' must be a response to a preceeding message with '{calls}'.",
+            "Invalid parameter: messages with role 'tool' must be a response to a preceeding message with 'tool_calls'.",
             f"messages[{i}].role")
     if problem.kind == "unknown_id":
         return null_code_error(

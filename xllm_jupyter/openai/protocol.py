@@ -116,7 +116,7 @@ class WireMessage(StrictModel):
 
     def turn(self) -> Turn:
         """What the tool-exchange check needs of this message."""
-        return Turn(self.role, tuple(c.id for c in self.tool_calls or ()), self.tool_call_id, self.function_call is not None)
+        return Turn(self.role, tuple(c.id for c in self.tool_calls or ()), self.tool_call_id)
 
 
 class _SamplingFields(StrictModel):
