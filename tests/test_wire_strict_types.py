@@ -87,7 +87,7 @@ def test_a_boolean_include_obfuscation_is_served(client):
     events = list(client.responses.create(model=TINY, input="Hi", max_output_tokens=2, stream=True,
                                           stream_options={"include_obfuscation": False}))
     assert events[-1].type in ("response.completed", "response.incomplete")
-    chunks = list(client.chat.completions.create(model=TINY, messages=MSG, max_tokens=2, stream=True,
+    chunks = list(client.chat.completions.create(model=TINY, messages=MSG, max_tokens=2, stream=True, seed=7,
                                                  stream_options={"include_obfuscation": True, "include_usage": True}))
     assert chunks[-1].usage.completion_tokens == 2
 
