@@ -49,7 +49,7 @@ def test_a_service_tier_openai_does_not_know_is_a_400_naming_it(client):
 
 def test_a_stored_streamed_chat_keeps_its_service_tier(client):
     chunks = list(client.chat.completions.create(model=TINY, messages=MSG, max_tokens=2, service_tier="auto", stream=True,
-                                                 store=True))
+                                                 store=True, seed=7))
     stored = client.chat.completions.retrieve(chunks[0].id)
     assert stored.service_tier == "default" and stored.usage.completion_tokens == 2
     full = client.chat.completions.create(model=TINY, messages=MSG, max_tokens=2, service_tier="flex", store=True)
