@@ -66,7 +66,7 @@ def test_raw_and_streaming_response_wrappers(client):
     assert raw.status_code == 200 and TINY in [m.id for m in raw.parse().data]
     with client.models.with_streaming_response.retrieve(TINY) as streamed:
         assert streamed.parse().id == TINY
-    with client.chat.completions.with_streaming_response.create(model=TINY, messages=MSG, max_tokens=2) as streamed:
+    with client.chat.completions.with_streaming_response.create(model=TINY, messages=MSG, max_tokens=2, seed=7) as streamed:
         assert streamed.parse().choices[0].finish_reason == "length"
     raw = client.responses.input_tokens.with_raw_response.count(model=TINY, input="Hi")
     assert raw.parse().input_tokens > 0
