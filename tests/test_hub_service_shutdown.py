@@ -98,7 +98,7 @@ def test_a_second_ctrl_c_cuts_the_hub_services_drain_and_usage_is_still_saved(tm
             try:
                 with openai.OpenAI(base_url=base, api_key=token, max_retries=0, timeout=120) as c:
                     _until(lambda: _answers(base), "the service serving")
-                    reply = c.chat.completions.create(model=TINY, messages=MSG, max_tokens=3)
+                    reply = c.chat.completions.create(model=TINY, messages=MSG, max_tokens=3, seed=7)
                     outcome["tokens"] = reply.usage.completion_tokens
                     stuck = threading.Thread(target=_quietly, args=(c, HELD), daemon=True)
                     stuck.start()
