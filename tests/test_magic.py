@@ -316,7 +316,8 @@ def test_interrupt_closes_the_stream_and_the_server_cancels(shell, xllm_server, 
     engine = xllm_server.engine
     before = engine.stats(TINY).cancelled
     with capture_output() as cap:
-        shell.run_cell_magic("xllm", f"-m {TINY} --max-tokens 1500 --out answer", "Tell me a long story")
+        # seeded: with a random seed an end token could come before the interrupt (no end in seed 7's 1,500 tokens)
+        shell.run_cell_magic("xllm", f"-m {TINY} --max-tokens 1500 --seed 7 --out answer", "Tell me a long story")
     assert final_markdown(cap).endswith("*(interrupted)*")
     assert final(cap).metadata["xllm"]["finish_reason"] == "interrupted"
     # a few chunks, each up to a stream interval of tokens: far from the 1,500 tokens asked for
