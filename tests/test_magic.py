@@ -512,7 +512,9 @@ def test_interrupting_the_kernel_cancels_on_the_server(kernel, xllm_server):
             sent.append(True)
             km.interrupt_kernel()
 
-    msgs, reply = run_in(kc, f"%%xllm -m {TINY} --max-tokens 2000 --out answer\nTell me a very long story", interrupt_once_streaming)
+    # seeded (7: no end token in 2,000): with the magic's random seed an end token could come before the interrupt
+    msgs, reply = run_in(kc, f"%%xllm -m {TINY} --max-tokens 2000 --seed 7 --out answer\nTell me a very long story",
+                         interrupt_once_streaming)
     assert sent, "the cell displayed nothing before it ended"
     assert reply["status"] == "ok"  # the magic handled the interrupt: no KeyboardInterrupt traceback
     last = [m for m in msgs if m["msg_type"] in ("display_data", "update_display_data")][-1]["content"]
