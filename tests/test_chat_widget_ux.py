@@ -189,7 +189,8 @@ def test_the_magic_says_the_server_dropped_the_answer(doomed_server, monkeypatch
 
     monkeypatch.setattr(ask_module.Output, "grow", grow_then_kill)
     with capture_output() as cap:
-        ip.run_cell_magic("xllm", f"-m {TINY} -t 1 --max-tokens 2000", "Go on and on")
+        # seeded (7: no end token in 2,000): a random seed could end the answer before it is killed
+        ip.run_cell_magic("xllm", f"-m {TINY} -t 1 --max-tokens 2000 --seed 7", "Go on and on")
     killer.join(5)
     magics.state.close()
     assert shown.is_set()
