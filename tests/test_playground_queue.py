@@ -11,7 +11,10 @@ import pytest
 
 pytest.importorskip("gradio")
 
-from tests.playground_pages import page_queued_behind_another_client
+import xllm_jupyter
+from tests.browser import chromium, require_browser
+from tests.helpers import free_port
+from tests.playground_pages import HELD, held_slot, open_page, page_queued_behind_another_client
 from tests.test_playground_stop import _answered_on_the_page
 
 pytestmark = [pytest.mark.timeout(600)]
@@ -55,4 +58,42 @@ def test_a_question_sent_while_the_pages_own_waits_is_asked_after_it(tiny_client
         )
         users = page.locator("#xllm-chatbot [data-testid=user]").all_inner_texts()
         assert [u.strip() for u in users] == ["Tell me a short story", "And another one"]
+        assert box.input_value() == ""
+
+
+@pytest.mark.parametrize("first,second", [("Enter", "Send"), ("Send", "Enter")])
+def test_send_during_a_turn_enter_started_is_held_too(tiny_client, xllm_server, monkeypatch, first, second):
+    """Enter and Send are one event, so the page holds either back while a turn the other started runs. As two
+    events, the second was asked at once, beside the first, with the transcript as it was then (the first question,
+    no answer yet); its updates then wiped the first answer from the transcript."""
+    require_browser()
+    with held_slot(monkeypatch) as (holding, release), \
+            xllm_jupyter.playground(client=tiny_client, port=free_port(), replace=False) as pg, chromium() as context:
+        page = context.new_page()
+        box = open_page(page, pg.local_url, max_tokens=8)
+
+        def send(how: str) -> None:
+            if how == "Enter":
+                box.press("Enter")
+            else:
+                page.get_by_role("button", name="Send").click()
+
+        box.fill(HELD)
+        send(first)
+        assert holding.wait(60), "the first turn did not start"  # and waits, on the page's own question
+        box.fill("And another one")
+        send(second)  # held by the page while the first turn runs
+        assert box.input_value() == "And another one", "the second question was sent during the first turn"
+        release.set()
+        page.wait_for_function(
+            "() => document.querySelectorAll('#xllm-chatbot [data-testid=user]').length === 2"
+            " && document.querySelectorAll('#xllm-chatbot [data-testid=bot]').length === 2"
+            " && document.querySelectorAll('.generating').length === 0",
+            timeout=120_000,
+        )
+        _answered_on_the_page(page, "And another one", timeout=120_000)
+        users = [u.strip() for u in page.locator("#xllm-chatbot [data-testid=user]").all_inner_texts()]
+        bots = [b.strip() for b in page.locator("#xllm-chatbot [data-testid=bot]").all_inner_texts()]
+        assert users == [HELD, "And another one"]
+        assert all(bots), f"an answer is missing from the transcript: {bots}"
         assert box.input_value() == ""

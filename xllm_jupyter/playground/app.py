@@ -25,8 +25,8 @@ CHAT_API_NAME = "chat"
 ERROR_PREFIX = "⚠️ "
 #: what the sliders show for a model the server lists no default for (OpenAI's sampling defaults)
 SHOWN: dict[str, float] = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 256}
-#: chat turns one playground runs at once, Enter's and Send's together (one function: Gradio gives its events one
-#: concurrency id); more wait in Gradio's queue, where Stop still reaches them
+#: chat turns one playground runs at once (Enter and Send are one event); more wait in Gradio's queue, where Stop
+#: still reaches them
 CHAT_SLOTS = 32
 #: the message box's element id (``gr.Textbox(elem_id=...)``)
 INPUT_ID = "xllm-input"
@@ -315,10 +315,14 @@ def build_app(
         # The engine batches concurrent users; don't let Gradio serialise them (its default is 1).
         # always_last: Enter (or Send) during a reply is not dropped but asked when the reply ends,
         # with the box and transcript as they are then (the default "once" ignored it silently).
-        # The box is emptied in the page as the question is sent (SENT_JS; a held Enter is sent when the reply ends),
+        # One event for both: the page holds a question back only while the same event runs, so with one event
+        # each, Send during a reply Enter had started (or Enter during Send's) was asked at once, beside it, and
+        # the later turn's transcript, read before the first answer came, wiped that answer.
+        # The box is emptied in the page as the question is sent (SENT_JS; a held one is sent when the reply ends),
         # and only the transcript shows the turn's progress: Gradio's overlay over the box, while the turn waited in
         # the queue, hid what the user typed there.
-        box.submit(
+        gr.on(
+            [box.submit, send.click],
             respond,
             inputs,
             [chatbot, box],
@@ -327,10 +331,6 @@ def build_app(
             trigger_mode="always_last",
             js=SENT_JS,
             show_progress_on=chatbot,
-        )
-        send.click(
-            respond, inputs, [chatbot, box], api_name=False, concurrency_limit=CHAT_SLOTS,
-            trigger_mode="always_last", js=SENT_JS, show_progress_on=chatbot,
         )
 
         async def stop_replies(request: gr.Request) -> None:
