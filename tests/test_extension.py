@@ -77,7 +77,8 @@ async def test_openai_sdk_with_jupyter_token(xllm):
         r = await c.chat.completions.create(model=TINY, messages=MSG, max_tokens=5)
         assert r.id.startswith("chatcmpl-") and r.usage.completion_tokens <= 5
         stream = await c.chat.completions.create(
-            model=TINY, messages=MSG, max_tokens=5, stream=True, stream_options={"include_usage": True}
+            model=TINY, messages=MSG, max_tokens=5, stream=True, stream_options={"include_usage": True},
+            seed=7,  # seeded: an unseeded random model can draw an end token first, and the text checked is empty
         )
         chunks = [chunk async for chunk in stream]
         assert chunks[0].choices[0].delta.role == "assistant"
@@ -96,7 +97,8 @@ async def test_openai_sdk_with_jupyter_token(xllm):
 async def test_responses_api_under_jupyter(xllm):
     await start(xllm)
     async with openai.AsyncOpenAI(base_url=xllm["url"], api_key=xllm["token"], max_retries=0, timeout=60) as c:
-        async with c.responses.stream(model=TINY, input="Hi", max_output_tokens=3) as stream:
+        # seeded: an unseeded random model can draw an end token first, and the deltas checked are empty
+        async with c.responses.stream(model=TINY, input="Hi", max_output_tokens=3, extra_body={"seed": 7}) as stream:
             deltas = "".join([e.delta async for e in stream if e.type == "response.output_text.delta"])
         r = await c.responses.create(model=TINY, input="Hi", max_output_tokens=3)
         assert deltas and (await c.responses.retrieve(r.id)).output_text == r.output_text
