@@ -47,13 +47,19 @@ def scripted(tiny_client, monkeypatch):
 
 
 def ask(page, text: str, replies: int) -> None:
-    """Send ``text`` and wait until the transcript holds ``replies`` finished replies."""
+    """Send ``text`` and wait until the transcript holds ``replies`` replies, the last one shown (the scripted reply
+    comes in one update). The turn's first update adds an empty answer, so counting answers alone passed before the
+    reply was there (seen under load: "Gradio did draw the images" found none)."""
     box = page.locator("#xllm-input textarea")
     box.fill(text)
     box.press("Enter")
     page.wait_for_function(
-        f"() => document.querySelectorAll('#xllm-chatbot [data-testid=bot]').length >= {replies}"
-        " && document.querySelectorAll('.generating').length === 0",
+        """(replies) => { const bots = document.querySelectorAll('#xllm-chatbot [data-testid=bot]');
+                          const last = bots[bots.length - 1];
+                          return bots.length >= replies
+                              && (last.innerText.trim() !== '' || last.querySelector('img') !== null)
+                              && document.querySelectorAll('.generating').length === 0; }""",
+        arg=replies,
         timeout=60_000,
     )
 
