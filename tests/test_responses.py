@@ -159,9 +159,12 @@ def test_store_false_is_not_retrievable(client):
 
 
 def test_previous_response_id_continues(client):
-    first = client.responses.create(model=TINY, input="My name is Ada and I like long walks.", max_output_tokens=4, instructions="Be kind.")
+    seeded = {"extra_body": {"seed": 7}}  # an unseeded random model can draw an end token first: cont's text empty
+    first = client.responses.create(model=TINY, input="My name is Ada and I like long walks.", max_output_tokens=4,
+                                    instructions="Be kind.", **seeded)
     alone = client.responses.create(model=TINY, input="What is my name?", max_output_tokens=4)
-    cont = client.responses.create(model=TINY, input="What is my name?", previous_response_id=first.id, max_output_tokens=4)
+    cont = client.responses.create(model=TINY, input="What is my name?", previous_response_id=first.id, max_output_tokens=4,
+                                   **seeded)
     assert cont.previous_response_id == first.id and cont.output_text
     # the earlier turn's input and output are in the prompt (instructions are not carried over)
     earlier = first.usage.input_tokens + first.usage.output_tokens
