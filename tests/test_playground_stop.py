@@ -384,9 +384,15 @@ def test_a_stop_reaches_only_what_was_sent_before_it(xllm_server):
 
 
 def _pressed_and_handled(page: Any, button: str) -> None:
-    """Click ``button`` (Stop or Clear) and wait until the playground has answered it (an unqueued event's POST)."""
+    """Click ``button`` (Stop or Clear) and wait until the playground has answered it (an unqueued event's POST) and,
+    for Clear, the page has emptied the box (a question typed before that was emptied with it)."""
+    box = page.locator("#xllm-input textarea")
+    if button == "Clear":
+        box.fill("draft")
     with page.expect_response(lambda response: "/run/predict" in response.url, timeout=60_000):
         page.locator("button.lg", has_text=button).click()
+    if button == "Clear":
+        page.wait_for_function("() => document.querySelector('#xllm-input textarea').value === ''", timeout=60_000)
 
 
 @pytest.mark.parametrize("button", ["Stop", "Clear"])
