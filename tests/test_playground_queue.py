@@ -97,3 +97,28 @@ def test_send_during_a_turn_enter_started_is_held_too(tiny_client, xllm_server, 
         assert users == [HELD, "And another one"]
         assert all(bots), f"an answer is missing from the transcript: {bots}"
         assert box.input_value() == ""
+
+
+def test_clear_drops_a_question_the_page_held_back(tiny_client, xllm_server, monkeypatch):
+    """A question sent while the page's own still waits is held by the page, kept in the box; Clear empties the box,
+    and drops that question too. It stayed held: once the cleared turn ended, the page sent whatever the box held
+    then, such as a next question the user was still typing."""
+    with page_queued_behind_another_client(tiny_client, monkeypatch, "Tell me a short story") as queued:
+        page, box = queued.page, queued.box
+        box.fill("And another one")
+        box.press("Enter")  # held by the page: its first question waits
+        with page.expect_response(lambda response: "/run/predict" in response.url, timeout=60_000):
+            page.locator("button.lg", has_text="Clear").click()
+        page.wait_for_function("() => document.querySelector('#xllm-input textarea').value === ''", timeout=60_000)
+        box.click(timeout=10_000)
+        page.keyboard.type("half a que")  # not sent
+        queued.release.set()
+        queued.other.result(timeout=120)  # the slot frees: the cleared turn starts and ends at once
+        page.wait_for_function("() => document.querySelectorAll('.generating').length === 0", timeout=60_000)
+        page.wait_for_timeout(1000)  # time for a wrongly sent question to show (nothing here waits on it)
+        assert box.input_value() == "half a que", "what the user was typing was sent"
+        assert page.locator("#xllm-chatbot [data-testid=user]").count() == 0
+        box.press("Enter")  # sent by the user now: asked
+        _answered_on_the_page(page, "half a que", timeout=120_000)
+        users = [u.strip() for u in page.locator("#xllm-chatbot [data-testid=user]").all_inner_texts()]
+        assert users == ["half a que"]

@@ -13,6 +13,7 @@ from ..client.base import can_chat
 from ..core.errors import InvalidRequest, XllmError
 from ..notebook.clients import entry_defaults
 from .links import TRANSCRIPT_ID
+from .sending import CLEAR_ID, INPUT_ID, PRESSES_JS, SEND_ID, SENT_JS
 from .stopping import Stops, arrived, until_set
 
 # Set before gradio is imported anywhere in this process: no usage reporting from a
@@ -28,16 +29,6 @@ SHOWN: dict[str, float] = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 256}
 #: chat turns one playground runs at once (Enter and Send are one event); more wait in Gradio's queue, where Stop
 #: still reaches them
 CHAT_SLOTS = 32
-#: the message box's element id (``gr.Textbox(elem_id=...)``)
-INPUT_ID = "xllm-input"
-#: runs in the page as a question is sent, once Gradio has read the inputs (before the turn waits in the queue):
-#: empties the box there and then. Emptied by the turn's first update instead, it was emptied when the turn
-#: started, wiping what the user had typed while it waited behind other users' turns.
-SENT_JS = """(...inputs) => {
-  const box = document.querySelector("#%s textarea");
-  if (box) { box.value = ""; box.dispatchEvent(new Event("input", {bubbles: true})); }
-  return inputs;
-}""" % INPUT_ID
 
 
 @dataclass(frozen=True)
@@ -268,9 +259,9 @@ def build_app(
                     elem_id=INPUT_ID,
                 )
                 with gr.Row():
-                    send = gr.Button("Send", variant="primary")
+                    send = gr.Button("Send", variant="primary", elem_id=SEND_ID)
                     stop = gr.Button("Stop")
-                    clear = gr.Button("Clear")
+                    clear = gr.Button("Clear", elem_id=CLEAR_ID)
             with gr.Column(scale=1):
                 picker = gr.Dropdown(
                     choices=choices,
@@ -350,6 +341,8 @@ def build_app(
             handler.__annotations__["request"] = gr.Request
         # Unqueued, so it runs at once even while the page's replies hold their queue slots.
         stop.click(stop_replies, None, None, api_name=False, queue=False, show_progress="hidden")
+        # In the page only: what tells a question the user sent from one the page held back (sending.py)
+        app.load(None, None, None, js=PRESSES_JS, api_name=False, queue=False)
         # Clear stops a reply in progress too (else it keeps streaming into the emptied transcript), from
         # inside as Stop does: with Gradio's cancels= an update already on its way refilled the transcript.
         clear.click(clear_replies, None, [chatbot, box], api_name=False, queue=False, show_progress="hidden")
