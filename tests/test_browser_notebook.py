@@ -224,6 +224,8 @@ def test_magic_and_chat_widget_in_jupyterlab(lab):
         frame = cells.nth(3).frame_locator("iframe")
         gradio_box = frame.locator("#xllm-input textarea")
         gradio_box.wait_for(timeout=180_000)
+        # seeded: the random model's reply could start with an end token and leave no text to wait for
+        frame.get_by_role("textbox", name="Seed").fill("1")
         gradio_box.fill(PLAYGROUND_PROMPT)
         gradio_box.press("Enter")
         # The app is on another port (another origin): read it through Playwright's frame, not the DOM.
