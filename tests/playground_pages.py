@@ -46,6 +46,16 @@ def open_page(page: Any, url: str, max_tokens: int) -> Any:
     return box
 
 
+def wait_for_turns(page: Any, turns: int, timeout: float) -> None:
+    """Wait until the transcript holds ``turns`` questions and as many answers, and nothing is generating."""
+    page.wait_for_function(
+        f"() => document.querySelectorAll('#xllm-chatbot [data-testid=user]').length === {turns}"
+        f" && document.querySelectorAll('#xllm-chatbot [data-testid=bot]').length === {turns}"
+        " && document.querySelectorAll('.generating').length === 0",
+        timeout=timeout,
+    )
+
+
 def wait_until_queued(page: Any, timeout: float = 60_000) -> None:
     """Wait until the page shows its question waiting in Gradio's queue (the transcript's "queue: 1/1")."""
     page.wait_for_function(

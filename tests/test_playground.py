@@ -13,6 +13,7 @@ pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
 import xllm_jupyter
+from tests.playground_pages import wait_for_turns
 from xllm_jupyter.client import XllmClient
 from xllm_jupyter.core.errors import XllmError
 from xllm_jupyter.playground import Playground, detect_root_path
@@ -362,12 +363,7 @@ def test_a_question_sent_while_a_reply_streams_is_asked_after_it(pg, xllm_server
         page.wait_for_selector("#xllm-chatbot [data-testid=bot]", timeout=60_000)  # the reply streams
         box.fill("And another one")
         box.press("Enter")
-        page.wait_for_function(
-            "() => document.querySelectorAll('#xllm-chatbot [data-testid=user]').length === 2"
-            " && document.querySelectorAll('#xllm-chatbot [data-testid=bot]').length === 2"
-            " && document.querySelectorAll('.generating').length === 0",
-            timeout=180_000,
-        )
+        wait_for_turns(page, 2, timeout=180_000)
         users = page.locator("#xllm-chatbot [data-testid=user]").all_inner_texts()
         assert [u.strip() for u in users] == ["Tell me a long story", "And another one"]
         assert box.input_value() == ""

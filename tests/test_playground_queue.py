@@ -14,7 +14,13 @@ pytest.importorskip("gradio")
 import xllm_jupyter
 from tests.browser import chromium, require_browser
 from tests.helpers import free_port
-from tests.playground_pages import HELD, held_slot, open_page, page_queued_behind_another_client
+from tests.playground_pages import (
+    HELD,
+    held_slot,
+    open_page,
+    page_queued_behind_another_client,
+    wait_for_turns,
+)
 from tests.test_playground_stop import _answered_on_the_page
 
 pytestmark = [pytest.mark.timeout(600)]
@@ -50,12 +56,7 @@ def test_a_question_sent_while_the_pages_own_waits_is_asked_after_it(tiny_client
         assert box.input_value() == "And another one"
         queued.release.set()
         queued.other.result(timeout=120)
-        page.wait_for_function(
-            "() => document.querySelectorAll('#xllm-chatbot [data-testid=user]').length === 2"
-            " && document.querySelectorAll('#xllm-chatbot [data-testid=bot]').length === 2"
-            " && document.querySelectorAll('.generating').length === 0",
-            timeout=120_000,
-        )
+        wait_for_turns(page, 2, timeout=120_000)
         users = page.locator("#xllm-chatbot [data-testid=user]").all_inner_texts()
         assert [u.strip() for u in users] == ["Tell me a short story", "And another one"]
         assert box.input_value() == ""
@@ -85,12 +86,7 @@ def test_send_during_a_turn_enter_started_is_held_too(tiny_client, xllm_server, 
         send(second)  # held by the page while the first turn runs
         assert box.input_value() == "And another one", "the second question was sent during the first turn"
         release.set()
-        page.wait_for_function(
-            "() => document.querySelectorAll('#xllm-chatbot [data-testid=user]').length === 2"
-            " && document.querySelectorAll('#xllm-chatbot [data-testid=bot]').length === 2"
-            " && document.querySelectorAll('.generating').length === 0",
-            timeout=120_000,
-        )
+        wait_for_turns(page, 2, timeout=120_000)
         _answered_on_the_page(page, "And another one", timeout=120_000)
         users = [u.strip() for u in page.locator("#xllm-chatbot [data-testid=user]").all_inner_texts()]
         bots = [b.strip() for b in page.locator("#xllm-chatbot [data-testid=bot]").all_inner_texts()]
