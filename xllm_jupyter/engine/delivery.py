@@ -47,10 +47,11 @@ class RequestHandle:
         self.loop = loop
         self.waker = waker_for(loop)  # how the engine thread reaches this loop (made here, on the loop's thread)
         self.request = request
-        # the request's own stop tokens: one that ends a choice is its stop_reason (vLLM's); the model's EOS is none
+        # every token that ends a choice, the request's own and the model's EOS: one set for all n choices
+        # (a request's ids may be thousands: a copy each lived as long as its choice)
         params = request.params
-        eos = frozenset() if params.ignore_eos else runner.model.eos_token_ids
-        self.stop_tokens = frozenset(params.stop_token_ids) - eos
+        self._eos = frozenset() if params.ignore_eos else runner.model.eos_token_ids
+        self.stop_token_ids = frozenset(params.stop_token_ids) | self._eos
         # a deque and one waiter instead of an asyncio.Queue: a step's items arrive together
         # and are read without a future (or Queue bookkeeping) per token
         self._ready: collections.deque = collections.deque()
@@ -63,6 +64,12 @@ class RequestHandle:
         self.open_choices = request.params.n
         self.completion_tokens = 0
         self.cached_tokens = 0
+
+    def stop_reason_for(self, token_id: int | None) -> int | None:
+        """The stop_reason (vLLM's) of a choice ended by ``token_id``: the id if the request named it, else None."""
+        if token_id in self.stop_token_ids and token_id not in self._eos:  # the model's EOS is none
+            return token_id
+        return None
 
     def deliver(self, items: list) -> None:
         """Runs on the event loop: queue what one step produced for this request, wake its reader."""

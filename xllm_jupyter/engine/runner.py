@@ -131,8 +131,6 @@ class ModelRunner(StepFailures, Retirement):
         if params.prompt_logprobs and not self.model.scores_prompts:  # (serving refuses it first, in its words)
             raise Unsupported(f"The {self.model.backend_name} backend cannot score prompt tokens", param="echo")
         handle = RequestHandle(self, loop, request)
-        # one set for all n choices (a request's ids may be thousands: a copy each lived as long as its choice)
-        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.model.eos_token_ids)
         pending = []
         for index in range(params.n):
             sampling = params.sampling
@@ -143,7 +141,7 @@ class ModelRunner(StepFailures, Retirement):
                 prompt_ids=request.prompt_ids,
                 max_tokens=params.max_tokens,
                 sampling=sampling,
-                stop_token_ids=stop_ids,
+                stop_token_ids=handle.stop_token_ids,
                 logprobs=params.logprobs,
                 top_logprobs=params.top_logprobs,
                 constraint=params.constraint,
@@ -410,8 +408,8 @@ class ModelRunner(StepFailures, Retirement):
             finish = FinishReason.STOP
         elif finish is not None:
             text += state.stops.flush()
-            if finish is FinishReason.STOP and event.token_id in handle.stop_tokens:  # the request's own: vLLM names it
-                stop_reason = event.token_id
+            if finish is FinishReason.STOP:
+                stop_reason = handle.stop_reason_for(event.token_id)
         if event.prompt_logprobs is not None:  # (before the choice's first delta: serving echoes the prompt first)
             items.append(event.prompt_logprobs)
         logprobs = (_token_logprob(event, event.logprob),) if event.logprob is not None else ()

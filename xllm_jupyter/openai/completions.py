@@ -16,7 +16,7 @@ from ..core.types import ChoiceDelta, FinishReason, GenerationDone, GenerationRe
 from ..engine.manager import request_keep_alive
 from .cache import ResponseCache
 from .echo import copies, joined, prompt_logprobs, unscored
-from .generation import Chunk, check_token_ids, engine_failure, envelope, interleaved, started, sum_usage
+from .generation import Chunk, check_request_token_ids, check_token_ids, engine_failure, envelope, interleaved, started, sum_usage
 from .logprob_wire import legacy_logprobs, legacy_text_advance
 from .model_defaults import ModelDefaults
 from .offload import is_big, off_loop_if, parse_body
@@ -63,9 +63,7 @@ class CompletionsMixin:
         req = defaults.apply(req)
         rid = "cmpl-" + uuid.uuid4().hex
         sampling = req.sampling_params()
-        check_token_ids(sampling.logit_bias, model, "logit_bias")
-        # (an id no token has would never stop the choice; once each: a body may repeat one thousands of times)
-        check_token_ids(dict.fromkeys(req.stop_token_ids or ()), model, "stop_token_ids")
+        check_request_token_ids(req, sampling, model)
         # best_of: generate that many per prompt, with logprobs to rank them by, and return the n best
         candidates = req.candidates
         ranked = candidates > n and req.max_tokens != 0

@@ -30,6 +30,13 @@ def check_token_ids(ids: Any, model: Any, param: str) -> None:
             raise InvalidRequest(f"Token id {shown(t)} in '{param}' is outside this model's vocabulary", param=param)
 
 
+def check_request_token_ids(req: Any, sampling: Any, model: Any) -> None:
+    """Check a request's ``logit_bias`` and ``stop_token_ids`` against the model's vocabulary."""
+    check_token_ids(sampling.logit_bias, model, "logit_bias")
+    # (an id no token has would never stop the choice; once each: a body may repeat one thousands of times)
+    check_token_ids(dict.fromkeys(req.stop_token_ids or ()), model, "stop_token_ids")
+
+
 def sum_usage(usages: Sequence[Usage]) -> Usage:
     """The usages of several generations (one request's prompts) added up."""
     return Usage(

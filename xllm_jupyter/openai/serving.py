@@ -27,7 +27,7 @@ from .chat_store import StoredCompletions
 from .completions import CompletionsMixin
 from .context_words import PromptTooLong
 from .forced_loops import ForcedLoops
-from .generation import Chunk, check_token_ids, engine_failure, envelope, started
+from .generation import Chunk, check_request_token_ids, engine_failure, envelope, started
 from .logprob_wire import chat_logprob_entries
 from .model_defaults import ModelDefaults
 from .model_privacy import caller_view
@@ -256,9 +256,7 @@ class OpenAIServing(CompletionsMixin):
         req = defaults.apply(req)
         messages = defaults.chat_messages(messages)
         sampling = req.sampling_params()
-        check_token_ids(sampling.logit_bias, model, "logit_bias")
-        # (an id no token has would never stop the choice; once each: a body may repeat one thousands of times)
-        check_token_ids(dict.fromkeys(req.stop_token_ids or ()), model, "stop_token_ids")
+        check_request_token_ids(req, sampling, model)
         tools = ToolCalling.from_request(req, model)
         # forced tool calls win over response_format; calls the model may make stay possible beside it (tools.py)
         answer = req.constraint()
