@@ -98,7 +98,9 @@ def test_send_during_a_turn_enter_started_is_held_too(tiny_client, xllm_server, 
 def test_clear_drops_a_question_the_page_held_back(tiny_client, xllm_server, monkeypatch):
     """A question sent while the page's own still waits is held by the page, kept in the box; Clear empties the box,
     and drops that question too. It stayed held: once the cleared turn ended, the page sent whatever the box held
-    then, such as a next question the user was still typing."""
+    then, such as a next question the user was still typing. An input method's composition-ending Enter in between
+    sends nothing (Gradio sends on keypress, which no browser fires for it); Safari's keydown for it has
+    ``isComposing`` false (keyCode 229), and the page took it for a send press that undid the Clear."""
     with page_queued_behind_another_client(tiny_client, monkeypatch, "Tell me a short story") as queued:
         page, box = queued.page, queued.box
         box.fill("And another one")
@@ -108,6 +110,9 @@ def test_clear_drops_a_question_the_page_held_back(tiny_client, xllm_server, mon
         page.wait_for_function("() => document.querySelector('#xllm-input textarea').value === ''", timeout=60_000)
         box.click(timeout=10_000)
         page.keyboard.type("half a que")  # not sent
+        # Safari's keydown for the Enter that ends an IME composition (no keypress follows, so Gradio sends nothing)
+        box.evaluate("""(box) => box.dispatchEvent(new KeyboardEvent("keydown", {
+            key: "Enter", keyCode: 229, isComposing: false, bubbles: true, cancelable: true}))""")
         queued.release.set()
         queued.other.result(timeout=120)  # the slot frees: the cleared turn starts and ends at once
         page.wait_for_function("() => document.querySelectorAll('.generating').length === 0", timeout=60_000)

@@ -14,12 +14,15 @@ SEND_ID = "xllm-send"
 CLEAR_ID = "xllm-clear"
 
 #: runs as the page loads (a load event's ``js``): notes when the user last sent a question (Enter in the box, Send)
-#: and last pressed Clear; a held question is sent by the page, not by a press, so only these tell the two apart
+#: and last pressed Clear; a held question is sent by the page, not by a press, so only these tell the two apart.
+#: Enter counts on keypress, the event Gradio's box sends on: no browser fires it for the Enter that ends an input
+#: method's composition, while Safari's keydown for that Enter has ``isComposing`` false (a keydown listener took it
+#: for a send press, and a held question a Clear had dropped was sent after all, with the half-typed box)
 PRESSES_JS = """() => {
   if (window.xllmPresses) return [];
   const presses = window.xllmPresses = {sent: 0, cleared: 0};
   const on = (target, id) => target instanceof Element && target.closest("#" + id) !== null;
-  document.addEventListener("keydown", (e) => {
+  document.addEventListener("keypress", (e) => {
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing && on(e.target, "%(input)s")) presses.sent = performance.now();
   }, true);
   document.addEventListener("click", (e) => {
