@@ -144,12 +144,13 @@ def jupyter_lab(
     env: Mapping[str, str] | None = None,
     startup_timeout: float = 180,
     name: str = "jupyterlab",
+    ip: str = "127.0.0.1",
 ) -> Iterator[LabServer]:
     """JupyterLab in a subprocess on a free port, isolated config/runtime dirs, stopped afterwards.
 
     ``config`` is a Jupyter config dict (``{"XllmApp": {...}}``) written to the server's
     own config dir; the xllm server extension is enabled. Output goes to
-    ``tests/artifacts/<name>.log``.
+    ``tests/artifacts/<name>.log``. ``ip``: the one address it listens on.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     ARTIFACTS.mkdir(exist_ok=True)
@@ -186,7 +187,7 @@ def jupyter_lab(
         sys.executable, "-m", "jupyterlab",
         "--no-browser",
         f"--port={port}",
-        "--ip=127.0.0.1",
+        f"--ip={ip}",
         f"--ServerApp.base_url={base_url}",
         f"--IdentityProvider.token={token}",
         f"--ServerApp.root_dir={workdir}",
@@ -199,7 +200,7 @@ def jupyter_lab(
     log = ARTIFACTS / f"{name}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(args, cwd=workdir, env=run_env, stdout=out, stderr=subprocess.STDOUT)
-    server = LabServer(f"http://127.0.0.1:{port}", base_url, token, proc, log, run_env)
+    server = LabServer(f"http://{ip}:{port}", base_url, token, proc, log, run_env)
     try:
         wait_for_url(f"{server.url}api/status?token={token}", startup_timeout, proc, log)
         yield server

@@ -205,7 +205,7 @@ class XllmApp(ExtensionApp):
         if serverapp.sock:
             self.log.info("xllm: server listens on a UNIX socket; XLLM_BASE_URL not exported")
             return
-        host = "[::1]" if ":" in (serverapp.ip or "") else "127.0.0.1"
+        host = _connect_host(serverapp.ip or "")
         scheme = "https" if serverapp.certfile else "http"
         url = f"{scheme}://{host}:{serverapp.port}" + url_path_join(serverapp.base_url, "xllm", "v1")
         values = {"XLLM_BASE_URL": url}
@@ -218,3 +218,17 @@ class XllmApp(ExtensionApp):
             os.environ.update(values)
             self._exported = values
         self.log.info("xllm: OpenAI-compatible API at %s", url)
+
+
+def _connect_host(ip: str) -> str:
+    """Where a kernel on this machine reaches a server listening on ``ip`` (``ServerApp.ip``), for a URL.
+
+    Loopback for every interface or localhost; else the address itself: a server on one address
+    (``--ip=$(hostname)``, as cluster guides have it) does not answer on 127.0.0.1, and kernels sent
+    there could not reach the engine, nor could the playground.
+    """
+    if ip in ("", "0.0.0.0", "localhost"):
+        return "127.0.0.1"
+    if ip == "::":
+        return "[::1]"
+    return f"[{ip}]" if ":" in ip else ip
