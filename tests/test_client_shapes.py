@@ -38,7 +38,7 @@ def test_forced_tool_arguments_hold_only_declared_keys(client):
     r = client.chat.completions.create(model=TINY, messages=MSG, tools=[INSTRUCTOR_TOOL], n=4, seed=3, max_tokens=120,
                                        tool_choice={"type": "function", "function": {"name": "Person"}})
     for choice in r.choices:
-        assert choice.finish_reason == "tool_calls", choice
+        assert choice.finish_reason == "stop", choice  # a named tool's call, as api.openai.com finishes it
         args = json.loads(choice.message.tool_calls[0].function.arguments)
         assert set(args) <= set(PERSON["properties"]) and {"name", "age"} <= set(args), args
 

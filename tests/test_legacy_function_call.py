@@ -1,5 +1,5 @@
 """Chat's deprecated ``functions`` and ``function_call``, through the real server and the openai SDK: served as
-api.openai.com serves them (replies carry ``message.function_call`` and ``finish_reason: "function_call"``), where a
+api.openai.com serves them (replies carry ``message.function_call`` and ``finish_reason: "function_call"``, ``"stop"`` when named), where a
 request with ``functions`` or a named ``function_call`` was a 400."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def test_a_named_function_call_is_forced_and_answered_as_function_call(client, n
     r = client.chat.completions.create(model=TINY, messages=MSG, functions=FUNCTIONS, function_call={"name": name},
                                        max_tokens=60, seed=1)
     choice = r.choices[0]
-    assert choice.finish_reason == "function_call"
+    assert choice.finish_reason == "stop"  # a named function's call, as api.openai.com finishes it
     assert choice.message.tool_calls is None and choice.message.content is None
     assert choice.message.function_call.name == name
     jsonschema.validate(json.loads(choice.message.function_call.arguments), SCHEMAS[name])
@@ -49,7 +49,7 @@ def test_a_named_function_call_streams_as_function_call_pieces(client):
                     name, heads = piece.name, heads + 1
                 arguments += piece.arguments or ""
             finish = c.finish_reason or finish
-    assert (name, heads, finish) == ("get_weather", 1, "function_call")
+    assert (name, heads, finish) == ("get_weather", 1, "stop")
     jsonschema.validate(json.loads(arguments), SCHEMAS[name])
     full = client.chat.completions.create(**kw).choices[0].message.function_call
     assert (full.name, full.arguments) == (name, arguments)
@@ -194,7 +194,7 @@ def test_a_stored_streamed_function_call_keeps_its_shape(client):
     chunks = list(client.chat.completions.create(model=TINY, messages=MSG, functions=FUNCTIONS, function_call={"name": "add"},
                                                  max_tokens=30, seed=4, stream=True, store=True))
     kept = client.chat.completions.retrieve(chunks[0].id).choices[0]
-    assert kept.finish_reason == "function_call" and kept.message.function_call.name == "add"
+    assert kept.finish_reason == "stop" and kept.message.function_call.name == "add"
 
 
 @pytest.mark.parametrize(("extra", "message"), [

@@ -272,7 +272,8 @@ def test_forced_tool_calls(client, choice, only):
     """Even the random-weight model must produce valid calls when the grammar forces them."""
     r = client.chat.completions.create(model=TINY, messages=MSG, tools=TOOLS, tool_choice=choice, max_tokens=200, seed=1)
     choice0 = r.choices[0]
-    assert choice0.finish_reason == "tool_calls"
+    # a call forced by name finishes "stop", as api.openai.com finishes it; required ones "tool_calls"
+    assert choice0.finish_reason == ("stop" if only else "tool_calls")
     assert choice0.message.content is None
     _check_calls(choice0.message.tool_calls, only)
 

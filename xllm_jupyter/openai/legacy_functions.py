@@ -4,8 +4,9 @@
 (``"none"``, ``"auto"`` or ``{"name": ...}``, which forces that function) came before ``tools`` and ``tool_choice``;
 the openai SDK still takes them and older clients (LangChain's ``bind_functions``, many notebooks) send them. A request
 with ``functions`` is run as the same request with ``tools``, one call at most (a legacy reply holds one), and its reply
-comes back as OpenAI sends it: ``message.function_call`` (no ``tool_calls``), ``finish_reason: "function_call"``, and
-in a stream ``delta.function_call`` pieces, the name in the first. Errors name the legacy params.
+comes back as OpenAI sends it: ``message.function_call`` (no ``tool_calls``), ``finish_reason: "function_call"``
+(``"stop"`` for a named function, as OpenAI ends it), and in a stream ``delta.function_call`` pieces, the name in the
+first. Errors name the legacy params.
 
 Without ``functions``, ``"auto"`` and ``"none"`` ask for nothing (``"none"`` also keeps the model from calling
 ``tools`` when ``tool_choice`` is unset, as ``tool_choice: "none"`` does); naming a function is a 400, as on

@@ -116,14 +116,18 @@ class ToolCalling:
 
     def _deltas(self, legacy: bool = False) -> "ToolDeltas":
         parser = StreamingToolParser(self.cfg.names, self.family, held=self.cfg.constrained)
-        return ToolDeltas(parser, self.cfg.parallel, legacy, self.bound)
+        return ToolDeltas(parser, self.cfg.parallel, legacy, self.bound, named=self.cfg.choice == "function")
 
 
 class ToolDeltas:
     """Streams one choice: content deltas, and tool-call fragments shaped as OpenAI sends them."""
 
-    def __init__(self, parser: StreamingToolParser, parallel: bool, legacy: bool = False, bound: bool = False):
+    def __init__(self, parser: StreamingToolParser, parallel: bool, legacy: bool = False, bound: bool = False,
+                 named: bool = False):
         self.parser = parser
+        # a reply forced to call one named function ends "stop", as api.openai.com (and vLLM) end it; required and
+        # auto calls end "tool_calls" (legacy: "function_call")
+        self.called = "stop" if named else "tool_calls"
         self.bound = bound or parser.forced  # decoded under a tool grammar (ToolCalling.bound)
         self.parallel = parallel
         self.legacy = legacy  # tool-call pieces go out as legacy ``function_call`` pieces
@@ -152,7 +156,7 @@ class ToolDeltas:
             # A stop string may fall inside a call (stop "}"): the reply keeps it as far as it got and finishes
             # stop. Matched after complete calls (or at a call's closing tag), it ended a reply of calls to run.
             done = (finish == "stop" and not (stop_string and self.parser.cut)) or self.looping
-            out.append(({}, "tool_calls" if self.parser.calls and done else finish))
+            out.append(({}, self.called if self.parser.calls and done else finish))
         return out
 
     def _deltas(self, events: list[Any]) -> list[dict[str, Any]]:
