@@ -21,6 +21,7 @@ from xllm_jupyter.client import (
     get_client,
     locate,
 )
+from xllm_jupyter.client.base import ServerUnavailable
 from xllm_jupyter.core.errors import AuthenticationError, XllmError
 
 HUB_TOKEN = "hub-user-token"
@@ -50,6 +51,8 @@ class FakeHub:
                 name = self.path.removeprefix("/hub/api/services/")
                 if self.headers.get("Authorization") != f"token {HUB_TOKEN}":
                     status, body = 403, {"status": 403, "message": "Forbidden"}
+                elif isinstance(hub.services.get(name), int):  # the status the hub (or its proxy) answers now
+                    status, body = hub.services[name], {"status": hub.services[name], "message": "unavailable"}
                 elif name in hub.services:
                     status, body = 200, hub.services[name]
                 else:
@@ -116,11 +119,27 @@ def test_hub_failures_are_skipped_quietly(hub, caplog):
     assert find_server({**base, "JUPYTERHUB_API_TOKEN": "wrong"}) is None  # 403
     assert find_server({**base, "XLLM_HUB_SERVICE": "absent"}) is None  # 404
     assert find_server({**base, "XLLM_HUB_SERVICE": "named-only"}) is None  # no URL and no public hub URL known
-    assert find_server({**base, "JUPYTERHUB_API_URL": "http://127.0.0.1:9/hub/api"}) is None  # no hub there
     assert find_server({"JUPYTERHUB_API_URL": hub.api_url}) is None  # no token: not even asked
     assert len(hub.seen) == 3
     assert any("no hub service" in r.message for r in caplog.records)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_hub_that_does_not_answer_is_retried_and_starts_no_private_engine(hub, monkeypatch):
+    """A hub restarting (refused, or its proxy's 503) is not "no service": taken for one (and kept for a minute), the
+    kernel started a private engine beside the hub's, loading the default model in the user's server."""
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", HUB_TOKEN)
+    monkeypatch.setenv("JUPYTERHUB_API_URL", "http://127.0.0.1:9/hub/api")  # nothing listens: the hub is down
+    with pytest.raises(ServerUnavailable, match="did not answer the look-up of its xllm service"):
+        locate(start_local=False)
+    monkeypatch.setenv("JUPYTERHUB_API_URL", hub.api_url)
+    service = hub.services["xllm"]
+    hub.services["xllm"] = 503  # up again, behind a proxy that has no route to it yet
+    with pytest.raises(ServerUnavailable, match="it answered 503"):
+        locate(start_local=False)
+    assert discovery._local is None  # no private server was started
+    hub.services["xllm"] = service
+    assert locate(start_local=False).source == "hub"  # the next cell finds the service: nothing kept the failure
 
 
 def test_connect_wins_and_is_verified(xllm_server):

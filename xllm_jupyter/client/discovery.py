@@ -37,7 +37,7 @@ import httpx
 from ..core.errors import AuthenticationError, InvalidRequest, PermissionDenied, XllmError
 from ..core.hub_url import PUBLIC_KEYS, TLS_HINT, hub_ssl_context, service_root
 from .aio import AsyncXllmClient
-from .base import auth_headers, resolve_base_url, root_url
+from .base import ServerUnavailable, auth_headers, resolve_base_url, root_url
 from .client import XllmClient
 
 log = logging.getLogger("xllm_jupyter.client")
@@ -77,7 +77,11 @@ _hub_cache: dict[tuple, tuple[float, ServerLocation | None]] = {}
 
 # ---------------------------------------------------------------- discovery
 def find_server(env: Mapping[str, str] | None = None) -> ServerLocation | None:
-    """The server this process should use, or None when nothing points at one (no network unless on a hub)."""
+    """The server this process should use, or None when nothing points at one (no network unless on a hub).
+
+    On a hub whose API does not answer (restarting, slow), ``ServerUnavailable``: not "no server", which
+    would start a private engine beside the hub's.
+    """
     if _connected is not None:
         return _connected
     env = os.environ if env is None else env
@@ -111,18 +115,33 @@ def _from_hub(env: Mapping[str, str]) -> ServerLocation | None:
 
 
 def _ask_hub(env: Mapping[str, str], api_url: str, token: str, name: str) -> ServerLocation | None:
-    """The hub service's URL, asked of the hub API; None (and a debug line) on any failure."""
+    """The hub service's URL, asked of the hub API; None (and a debug line) when the hub says there is none for
+    this token (a 4xx) or TLS is not set up; ``ServerUnavailable`` when the hub does not answer (no answer, a
+    timeout, a 5xx, not JSON: a hub restarting or slow under a burst of spawns), as the extension waits then.
+    Taken for "no service", that started a private engine (the default model loaded in this kernel's server)."""
     try:
         tls = hub_ssl_context(env)  # JupyterHub's internal_ssl: the server's certificate, inherited by its kernels
+    except (OSError, ssl.SSLError) as exc:  # a set-up fault, not "no service": say what fixes it
+        log.warning("xllm: this kernel's TLS certificate for the hub API at %s could not be loaded (%s); %s",
+                    api_url, exc, TLS_HINT)
+        return None
+    try:
         response = httpx.get(f"{api_url}/services/{name}", headers={"Authorization": f"token {token}"},
                              timeout=HUB_TIMEOUT, verify=tls if tls is not None else True)
+        if response.status_code >= 500:
+            raise _hub_silent(api_url, f"it answered {response.status_code}")
         response.raise_for_status()
         model = response.json()
     except (httpx.HTTPError, ValueError, OSError) as exc:
         if "SSL" in str(exc) or isinstance(exc, ssl.SSLError):  # a set-up fault, not "no service": say what fixes it
             log.warning("xllm: the hub API at %s refused TLS (%s); %s", api_url, exc, TLS_HINT)
-        else:
+        elif isinstance(exc, httpx.HTTPStatusError):  # 401, 403 (the token may not read it), 404: the hub's word
             log.debug("xllm: no hub service %r found through %s: %s", name, api_url, exc)
+        elif isinstance(exc, ValueError):
+            raise _hub_silent(api_url, "its answer is not JSON") from None
+        else:
+            raise _hub_silent(api_url, "it could not be reached" if not isinstance(exc, httpx.TimeoutException)
+                              else f"no answer in {HUB_TIMEOUT:g} s") from None
         return None
     if not isinstance(model, dict):
         log.debug("xllm: the hub answered %r for service %r; ignored", type(model).__name__, name)
@@ -132,6 +151,12 @@ def _ask_hub(env: Mapping[str, str], api_url: str, token: str, name: str) -> Ser
         log.debug("xllm: hub service %r has no URL this kernel can use", name)
         return None
     return ServerLocation(resolve_base_url(root + "v1"), token, "hub")
+
+
+def _hub_silent(api_url: str, why: str) -> ServerUnavailable:
+    """The error for a hub API that does not answer the look-up of its xllm service."""
+    return ServerUnavailable(f"the JupyterHub API at {api_url} did not answer the look-up of its xllm service ({why}; "
+                             "is the hub restarting?): try again in a moment")
 
 
 # ------------------------------------------------------------------ connect
