@@ -75,6 +75,33 @@ def test_pull_load_use_unload(shell, own_tiny_server, tiny_llama_dir):
     assert COPY not in shown(run(shell, "ps"))
 
 
+def test_an_answers_digest_is_the_models_now_after_it_is_pulled_again(shell, own_tiny_server, tiny_llama_dir, tmp_path):
+    """The digest in an answer's metadata is the model's that answered: the kernel kept the first digest it read for
+    a name, so answers after `%xllm pull NAME --force` (or `xllm pull` anywhere) recorded the replaced model's."""
+    import json
+    import shutil
+
+    name = "tiny-redone"
+    store = own_tiny_server.engine.catalog
+
+    def digest_recorded() -> str:
+        with capture_output() as cap:
+            shell.run_cell_magic("xllm", f"-m {name} -t 0 --max-tokens 2", "Hi")
+        assert cap.stderr == "", cap.stderr
+        return cap.outputs[-1].metadata["xllm"]["digest"]
+
+    assert run(shell, f"pull {tiny_llama_dir} --name {name}").stderr == ""
+    first = store.show(name).digest
+    assert digest_recorded() == first
+    changed = shutil.copytree(tiny_llama_dir, tmp_path / "changed")
+    config = json.loads((changed / "generation_config.json").read_text())
+    (changed / "generation_config.json").write_text(json.dumps({**config, "top_p": 0.5}))
+    assert run(shell, f"pull {changed} --name {name} --force").stderr == ""
+    second = store.show(name).digest
+    assert second != first
+    assert digest_recorded() == second, "the answer recorded the digest of the model the pull replaced"
+
+
 def test_rm_removes_from_the_servers_store(shell, own_tiny_server, tiny_llama_dir):
     doomed = "tiny-doomed"
     store = own_tiny_server.engine.catalog

@@ -111,21 +111,24 @@ class MagicState:
             client.close()
 
     def about(self, model: str | None) -> dict[str, Any]:
-        """The model's digest, or without a model the server version (cached; ``{}`` where the server does not say)."""
+        """The model's digest, or without a model the server version (cached); ``{}`` where the server does not say.
+
+        A digest is asked each time: a pull can replace the model under its name at any moment (``%xllm pull
+        --force``, ``xllm pull`` in a terminal), and a kept one recorded the replaced model's in later answers.
+        """
         client = self.client()
         key = (client.base_url, model)
         if key not in self._about:
             try:
                 # routes every caller may read (the manifest route is the admins'): a hub user is rarely one
-                if model is None:
-                    version = client.server_version()
-                    self._about[key] = {"server_version": version} if version else {}
-                else:
+                if model is not None:
                     digest = (client.model(model).get("xllm") or {}).get("digest")
-                    self._about[key] = {"digest": digest} if isinstance(digest, str) and digest else {}
+                    return {"digest": digest} if isinstance(digest, str) and digest else {}
+                version = client.server_version()
+                self._about[key] = {"server_version": version} if version else {}
             except XllmError as exc:  # a model the server does not know, a server still waiting for the hub
                 log.debug("no facts for %s: %s", model, exc.message)
-                if exc.status == 503:  # busy, or a Jupyter server still waiting for the hub: ask again next time
+                if exc.status == 503 or model is not None:  # busy, or a Jupyter server still waiting for the hub
                     return {}
                 self._about[key] = {}
         return self._about[key]
