@@ -315,6 +315,9 @@ def args_schema(params: dict[str, Any]) -> dict[str, Any]:
     # invented extra arguments would run a small model to max_tokens; a format the grammar cannot enforce (strict
     # tools with one were refused) constrains nothing beyond its type, as at api.openai.com
     schema = close_objects(drop_unenforced_formats(params))
+    # a call's arguments are an object (only those make a call unforced: tool_call.py; clients pass them as keyword
+    # arguments), also where the schema names no type (``{}``, properties alone): it let the grammar write any JSON
+    schema.setdefault("type", "object")
     # Compact, fixed whitespace: a free choice lets a weak model emit blanks forever.
     guidance = dict(schema.get("x-guidance") or {})
     guidance.setdefault("whitespace_flexible", False)
