@@ -72,6 +72,54 @@ def test_chat_without_model_or_client_uses_the_discovered_server(xllm_server, mo
     assert isinstance(xllm_jupyter.chat("hi", max_tokens=3), str)
 
 
+def test_a_server_named_without_a_key_never_gets_the_environments(xllm_server, monkeypatch):
+    """``client=URL`` (or ``(URL, None)``) for a server other than ``XLLM_BASE_URL``'s sends no key. It fell back on
+    ``XLLM_API_KEY``, which the Jupyter extension sets to the Jupyter server's token: that token went to whatever
+    server the notebook named. The server the environment names still gets its key."""
+    import http.server
+    import json
+    import threading
+
+    from xllm_jupyter.widgets import ChatWidget
+
+    seen: list[str | None] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = {"object": "list", "data": [{"id": "m", "object": "model"}]} if self.command == "GET" else {
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{other.server_address[1]}/v1"
+    try:
+        monkeypatch.setenv("XLLM_BASE_URL", xllm_server.base_url)
+        monkeypatch.setenv("XLLM_API_KEY", "the-jupyter-token")
+        assert xllm_jupyter.chat("hi", "m", client=url) == "ok"
+        assert xllm_jupyter.chat("hi", "m", client=(url, None)) == "ok"
+        ChatWidget("m", client=url).close()
+        assert seen and set(seen) == {None}, seen
+        monkeypatch.setenv("XLLM_BASE_URL", url + "/")  # the environment's server: its key goes with it
+        assert xllm_jupyter.chat("hi", "m", client=url) == "ok"
+        assert seen[-1] == "Bearer the-jupyter-token"
+    finally:
+        other.shutdown()
+        other.server_close()
+
+
 def test_chat_errors_are_clear(endpoint):
     with pytest.raises(ModelNotFound, match="no-such-model"):
         xllm_jupyter.chat("hi", "no-such-model", client=endpoint)

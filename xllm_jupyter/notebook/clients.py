@@ -8,10 +8,11 @@ kernel should use, falling back to ``XLLM_BASE_URL`` / ``XLLM_API_KEY``.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ..client import AsyncXllmClient, XllmClient
-from ..client.base import ServerUnavailable, can_chat, listed
+from ..client.base import ServerUnavailable, can_chat, listed, resolve_base_url
 from ..core.errors import InvalidRequest, ModelNotFound, XllmError
 
 ClientLike = Any  # XllmClient | AsyncXllmClient | tuple[str, str | None] | str | None
@@ -41,17 +42,26 @@ def endpoint_of(client: ClientLike) -> tuple[str, str | None]:
     if isinstance(client, (XllmClient, AsyncXllmClient)):
         return client.base_url, client.api_key
     if isinstance(client, str):
-        return client, None
+        return client, _env_key_for(client)
     if isinstance(client, (tuple, list)) and len(client) in (1, 2) and isinstance(client[0], str):
         key = client[1] if len(client) == 2 else None
-        return client[0], (str(key) if key else None)
+        return client[0], (str(key) if key else _env_key_for(client[0]))
     base = getattr(client, "base_url", None)
     if base is not None:
-        return str(base), (getattr(client, "api_key", None) or None)
+        return str(base), (getattr(client, "api_key", None) or _env_key_for(str(base)))
     raise InvalidRequest(
         f"client= takes an XllmClient, an AsyncXllmClient or a (base_url, api_key) pair, not {type(client).__name__}",
         param="client",
     )
+
+
+def _env_key_for(url: str) -> str:
+    """The key for a server named without one: ``XLLM_API_KEY`` where ``XLLM_BASE_URL`` (or the default URL) names
+    the same server, else none (""). The Jupyter extension exports its server's token as ``XLLM_API_KEY``: a client
+    left to fall back on it sent that token to whatever other server the notebook named."""
+    if resolve_base_url(url) != resolve_base_url(None):
+        return ""
+    return os.environ.get("XLLM_API_KEY") or ""
 
 
 def sync_client(client: ClientLike) -> tuple[XllmClient, bool]:
