@@ -141,13 +141,34 @@ def check_history(messages: Sequence[WireMessage]) -> None:
 
 
 def core_messages(messages: Sequence[WireMessage]) -> list[ChatMessage]:
-    """The history as core ``ChatMessage`` objects, legacy function turns as tool turns (see ``core_message``)."""
+    """The history as core ``ChatMessage`` objects, legacy function turns as tool turns (see ``core_message``), each
+    turn's tool results in the order of its calls (``in_call_order``)."""
     out, call_id = [], None
     for i, m in enumerate(messages):
         message = core_message(m, i, call_id)
         if m.function_call is not None and message.tool_calls:
             call_id = message.tool_calls[-1]["id"]  # what the function results after it answer
         out.append(message)
+    return in_call_order(out)
+
+
+def in_call_order(messages: list[ChatMessage]) -> list[ChatMessage]:
+    """``messages`` with the tool results after each assistant's calls sorted into the order of those calls.
+
+    OpenAI takes a turn's results in any order (a client running calls at once appends each as it ends), matching
+    them by ``tool_call_id``; chat templates show them by position (Hermes, Qwen and Llama 3.x carry no id), so a
+    model read results sent in another order as the answers of the wrong calls."""
+    out = list(messages)
+    i = 0
+    while i < len(out):
+        end = i + 1
+        while end < len(out) and out[end].role == "tool":
+            end += 1
+        calls = out[i].tool_calls if out[i].role == "assistant" else None
+        if calls and end - i > 2:
+            order = {c.get("id"): k for k, c in enumerate(calls)}
+            out[i + 1:end] = sorted(out[i + 1:end], key=lambda m: order.get(m.tool_call_id, len(order)))  # (stable)
+        i = end
     return out
 
 
