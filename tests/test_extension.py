@@ -346,6 +346,7 @@ class _Service:
         outer = self
         self.seen: list[tuple[str, str, dict[str, str], bytes]] = []  # (method, path, headers, body)
         self.release, self.gone = threading.Event(), threading.Event()
+        self.break_off = threading.Event()  # set: the stream's connection drops after the first chunk (a crash)
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
@@ -362,11 +363,15 @@ class _Service:
                     return
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+                if outer.break_off.is_set():  # a body that ends short of its length: the connection broke
+                    self.send_header("Content-Length", "100000")
                 self.end_headers()
                 chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "hub-model",
                          "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hel"}, "finish_reason": None}]}
                 try:
                     self._send(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                    if outer.break_off.is_set():
+                        return
                     while not outer.release.wait(0.05):
                         self._send(b": keepalive\n\n")
                     chunk["choices"][0].update(delta={"content": "lo"}, finish_reason="stop")
@@ -583,6 +588,36 @@ def test_this_servers_api_forwards_to_the_hub_service_chunk_by_chunk_with_the_se
         assert not any(token in value for value in seen_headers.values())  # no Jupyter token, cookie or private header
         assert {"Cookie", "X-XSRFToken", "X-Private"}.isdisjoint(seen_headers)
         assert json.loads(sent)["model"] == "hub-model"
+
+
+def test_a_forwarded_stream_the_service_breaks_off_ends_in_an_error_event(xllm, hub_api, service):
+    """The service dropped the connection mid-stream (stopped, restarted): this server ended its own stream as if it
+    were whole, so the openai SDK, the magics and widgets took the first piece for the whole answer."""
+    import openai
+
+    from xllm_jupyter.client import AsyncXllmClient
+    from xllm_jupyter.core.errors import XllmError
+
+    service.break_off.set()
+
+    async def body() -> None:
+        await start(xllm)
+        await xllm["app"]._start_task
+        async with openai.AsyncOpenAI(base_url=xllm["url"], api_key=xllm["token"], max_retries=0) as sdk:
+            stream = await sdk.chat.completions.create(model="hub-model", messages=MSG, stream=True)
+            pieces = []
+            with pytest.raises(openai.APIError, match="broke off before the answer was complete"):
+                async for chunk in stream:
+                    pieces.append(chunk.choices[0].delta.content)
+            assert pieces == ["Hel"]
+        async with AsyncXllmClient(xllm["url"], xllm["token"]) as client:
+            pieces = []
+            with pytest.raises(XllmError, match="broke off"):
+                async for piece in client.stream_chat(MSG, "hub-model"):
+                    pieces.append(piece)
+            assert pieces == ["Hel"]
+
+    xllm["run"](body())
 
 
 def test_a_hub_service_that_cannot_be_reached_is_a_503_to_retry(xllm, monkeypatch):

@@ -24,6 +24,7 @@ from ..server.edge import REQUEST_ID_HEADER, request_id_for
 from ..server.handlers import BodyMixin
 from ..server.jupyter import JupyterXllmHandler
 from ..server.routes import ROUTES
+from ..server.sse import sse_event
 from .hub_link import HUB, WAITING, HubLink, Upstream
 
 log = logging.getLogger("xllm_jupyter.extension")
@@ -122,8 +123,13 @@ class HubForwardingHandler(JupyterXllmHandler):
                 await self.flush()  # each chunk leaves now; a slow client slows only its own upstream read
         except StreamClosedError:  # the client left: closing the response (caller) closes the upstream connection
             return
-        except httpx.HTTPError as exc:  # the service went away mid-stream: end ours, the client sees no [DONE]
+        except httpx.HTTPError as exc:  # the service went away mid-stream (stopped, restarted, crashed)
             log.warning("xllm: the hub service's stream broke off: %s", exc)
+            # an error event, as the service sends for a failure of its own: a stream that just ended passed for
+            # the whole answer in the openai SDK, the magics, the widgets and the playground
+            self.write(sse_event(Overloaded("The JupyterHub xllm service's stream broke off before the answer was "
+                                            "complete (did the service stop or restart?); retry.",
+                                            code=UNREACHABLE).to_openai()))
         self.finish(set_content_type=content_type)
 
 
