@@ -206,8 +206,9 @@ class EmbeddingHost:
         if slot.closed:
             # unloaded after this request got its slot (a keep_alive 0 request ending while this one waited for
             # the load's collection): its executor takes no work, which read as a 500 with a traceback
-            raise slot.closed_by or Overloaded(f"The model '{slot.model.name}' was unloaded while this request ran; "
-                                               "retry the request")
+            if slot.closed_by is not None:
+                raise copy.copy(slot.closed_by)  # its own: one instance raised in many requests collects their frames
+            raise Overloaded(f"The model '{slot.model.name}' was unloaded while this request ran; retry the request")
 
     async def unload(self, name: str, reason: XllmError | None = None) -> bool:
         """Unload ``name``; False when it was not loaded. A request that finds it closed fails with ``reason``."""

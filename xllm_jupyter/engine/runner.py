@@ -9,6 +9,7 @@ and merging). A request's first delta, its end and errors are never held back, s
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import itertools
 import logging
@@ -431,7 +432,7 @@ class ModelRunner(StepFailures, Retirement):
     def _fail(self, handle: RequestHandle, exc: XllmError) -> None:
         # what the request already made goes first, so nothing is lost before the error
         items = self._outbox.pop(handle, None) or []
-        items.append(exc)
+        items.append(copy.copy(exc))  # its own: one instance raised in many requests collects all their frames
         try:
             handle.waker.post(handle.deliver, (items,))  # (the loop's one channel: after what was delivered before)
         except RuntimeError:
