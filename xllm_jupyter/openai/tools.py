@@ -8,6 +8,7 @@ grammar for ``tool_choice: "required"`` or a named function forces.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
@@ -246,6 +247,27 @@ def prepare_messages(
         else:
             out.insert(0, ChatMessage(role="system", content=prompt))
     return out, None
+
+
+def nine_char_ids(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+    """``messages`` with each tool call's id, and the ``tool_call_id`` answering it, made 9 letters or digits.
+
+    Mistral's chat templates refuse any other id (they raise "Tool call IDs should be alphanumeric strings with
+    length 9!"), and OpenAI's ``call_...`` ids, this server's own among them, are longer: every turn after a call was
+    a 400. Each id maps to the same short one wherever it appears, so results still pair with their calls."""
+    def short(cid: Any) -> Any:
+        if isinstance(cid, str) and len(cid) == 9 and cid.isascii() and cid.isalnum():
+            return cid
+        return hashlib.sha256(str(cid).encode("utf-8")).hexdigest()[:9]
+
+    out = []
+    for m in messages:
+        if m.tool_calls:
+            m = replace(m, tool_calls=[{**c, "id": short(c.get("id"))} for c in m.tool_calls])
+        if m.tool_call_id is not None:
+            m = replace(m, tool_call_id=short(m.tool_call_id))
+        out.append(m)
+    return out
 
 
 def fallback_system_prompt(cfg: ToolConfig) -> str:

@@ -1,0 +1,86 @@
+"""Mistral's chat templates take only 9-character tool call ids (they raise on any other); OpenAI's ``call_...`` ids,
+this server's own among them, are longer, so every turn after a tool call was a 400 on a Mistral model. The ids the
+template sees are made 9 letters or digits, each result keeping its call's. A real tokenizer and template engine."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from xllm_jupyter.core.types import ChatMessage
+from xllm_jupyter.openai.tool_calling import ToolCalling
+from xllm_jupyter.openai.tools import nine_char_ids
+
+#: a minimal template in the Mistral manner: it renders tools, and refuses ids that are not 9 characters long
+MISTRAL_LIKE = (
+    "{% if tools %}[AVAILABLE_TOOLS]{% for t in tools %}{{ t.function.name }};{% endfor %}[/AVAILABLE_TOOLS]{% endif %}"
+    "{% for m in messages %}"
+    "{% if m.role == 'user' %}[INST]{{ m.content }}[/INST]"
+    "{% elif m.tool_calls %}[TOOL_CALLS]{% for c in m.tool_calls %}"
+    "{% if c.id|length != 9 %}{{ raise_exception('Tool call ids must be 9 characters') }}{% endif %}"
+    "<{{ c.function.name }} {{ c.id }}>{% endfor %}</s>"
+    "{% elif m.role == 'tool' %}"
+    "{% if m.tool_call_id|length != 9 %}{{ raise_exception('Tool call ids must be 9 characters') }}{% endif %}"
+    "[TOOL_RESULTS]{{ m.tool_call_id }}={{ m.content }}[/TOOL_RESULTS]"
+    "{% else %}{{ m.content }}</s>{% endif %}{% endfor %}"
+)
+TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}]
+LONG = "call_0123456789abcdef01234567"  # this server's shape
+HISTORY = [
+    ChatMessage("user", "Weather in Oslo and Lima?"),
+    ChatMessage("assistant", None, tool_calls=[
+        {"id": LONG, "type": "function", "function": {"name": "weather", "arguments": "{}"}},
+        {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}},
+        {"id": "abcde1234", "type": "function", "function": {"name": "weather", "arguments": "{}"}}]),
+    ChatMessage("tool", "-5 C", tool_call_id=LONG),
+    ChatMessage("tool", "22 C", tool_call_id="c1"),
+    ChatMessage("tool", "9 C", tool_call_id="abcde1234"),
+]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama_dir, tmp_path_factory):
+    from xllm_jupyter.backends.base import BackendOptions, ModelSpec
+    from xllm_jupyter.backends.transformers import TransformersBackend
+
+    private = Path(tmp_path_factory.mktemp("mistral-like")) / "t"  # its own copy: the tokenizer of files in use is shared, and its template changes
+    shutil.copytree(tiny_llama_dir, private)
+    with open(private / "chat_template.jinja", "a", encoding="utf-8") as f:
+        f.write("{# this test's own copy #}")
+    loaded = TransformersBackend().load(ModelSpec(name="t", path=private, options=BackendOptions(device="cpu")))
+    loaded.tokenizer.chat_template = MISTRAL_LIKE
+    yield loaded
+    loaded.unload()
+
+
+@pytest.mark.parametrize("choice", [None, "none", "required"])
+def test_a_mistral_template_renders_a_history_with_openai_ids(model, choice):
+    class Req:
+        tools, tool_choice, parallel_tool_calls = TOOLS, choice, None
+
+    calling = ToolCalling.from_request(Req, model)
+    messages, tools = calling.prompt(HISTORY)
+    prompt = model.render_chat(messages, tools=tools)  # raised "Tool call ids must be 9 characters" (a 400)
+    calls = re.findall(r"<weather (\w+)>", prompt)
+    results = re.findall(r"\[TOOL_RESULTS\](\w+)=([^\[]+)\[", prompt)
+    assert len(set(calls)) == 3 and all(len(c) == 9 for c in calls)
+    assert results == [(calls[0], "-5 C"), (calls[1], "22 C"), (calls[2], "9 C")]  # each result keeps its call's id
+    assert calls[2] == "abcde1234"  # an id the template takes is kept
+
+
+def test_ids_of_other_templates_are_left_alone():
+    assert nine_char_ids(HISTORY)[3].tool_call_id != LONG  # (the function itself always shortens)
+
+    class Req:
+        tools, tool_choice, parallel_tool_calls = TOOLS, None, None
+
+    class Qwen:
+        @staticmethod
+        def chat_template():
+            return "{% if tools %}<tools></tools>{% endif %}<tool_call>"
+
+    messages, _ = ToolCalling.from_request(Req, Qwen).prompt(HISTORY)
+    assert messages[1].tool_calls[0]["id"] == LONG and messages[2].tool_call_id == LONG
