@@ -298,3 +298,61 @@ def test_a_url_that_is_not_xllm_is_a_clear_error(not_xllm):
             c.models()
         assert info.value.status == 404
         assert info.value.message == f"HTTP 404 Not Found from {not_xllm}/missing/v1/models (is this the xllm API URL?)"
+
+
+@pytest.fixture
+def cut_short_stream():
+    """A real HTTP server whose chat stream sends one piece and then ends without ``[DONE]``: what a Tornado proxy
+    (jupyter-server-proxy, a Jupyter server forwarding to a hub service) sends when its upstream fails mid-answer."""
+    import http.server
+    import json
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                     "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hel"}, "finish_reason": None}]}
+            self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")  # then the response ends (HTTP/1.0)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_stream_that_ends_without_done_is_an_error_not_a_whole_answer(cut_short_stream, monkeypatch):
+    """A stream cut short passed for the whole answer: `%%xllm`, `xllm run`, the widgets and `chat(stream=True)` showed
+    its first pieces as if the model had finished. The pieces that came are kept; then the error says what happened."""
+    from IPython.utils.capture import capture_output
+
+    from tests.magic_shell import magic_shell
+
+    pieces = []
+    with XllmClient(cut_short_stream, "") as c:
+        with pytest.raises(ServerUnavailable, match="ended before the answer was complete"):
+            for piece in c.stream_chat("hi", "m"):
+                pieces.append(piece)
+    assert pieces == ["Hel"]
+
+    async def main():
+        async with AsyncXllmClient(cut_short_stream, "") as c:
+            with pytest.raises(ServerUnavailable, match="ended before the answer was complete"):
+                async for piece in c.stream_chat("hi", "m"):
+                    pieces.append(piece)
+
+    asyncio.run(main())
+    assert pieces == ["Hel", "Hel"]
+    monkeypatch.setenv("XLLM_BASE_URL", cut_short_stream)
+    monkeypatch.delenv("XLLM_API_KEY", raising=False)
+    with magic_shell() as shell, capture_output() as cap:
+        shell.run_cell_magic("xllm", "-m m", "hi")
+    assert "Hel" in str(cap.outputs[-1].data.get("text/markdown")), cap.outputs
+    assert cap.stderr.startswith("xllm: the stream from the xllm server at") and "ended before" in cap.stderr, cap.stderr

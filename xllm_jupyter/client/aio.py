@@ -16,6 +16,7 @@ from .base import (
     auth_headers,
     cannot_pull,
     chat_body,
+    cut_short,
     delta_text,
     is_event_stream,
     json_body,
@@ -78,6 +79,7 @@ class AsyncXllmClient:
                         yield event
         except httpx.TransportError as exc:
             raise unreachable(self.root_url, exc) from None
+        raise cut_short(self.root_url)
 
     async def health(self) -> dict[str, Any]:
         """The server's ``/health`` body."""

@@ -224,6 +224,14 @@ def unreachable(url: str, exc: Exception) -> ServerUnavailable:
     return ServerUnavailable(f"no xllm server at {url} — start one with `xllm serve` or JupyterLab")
 
 
+def cut_short(url: str) -> ServerUnavailable:
+    """The error for an event stream that ended without its ``[DONE]``: what came is not the whole answer. A Tornado
+    server or proxy (jupyter-server-proxy, a Jupyter server forwarding to a hub service) whose upstream fails
+    mid-stream ends its own response cleanly; taken for the end, the answer so far passed for a whole one."""
+    return ServerUnavailable(f"the stream from the xllm server at {url} ended before the answer was complete (did the "
+                             "server, or a proxy in between, stop or restart?)")
+
+
 def chat_body(messages: Iterable[Mapping[str, Any]] | str, model: str | None, stream: bool, params: Mapping[str, Any]) -> dict[str, Any]:
     """The JSON body of a chat completion request; a bare string becomes one user message."""
     if isinstance(messages, str):

@@ -17,6 +17,7 @@ from .base import (
     auth_headers,
     cannot_pull,
     chat_body,
+    cut_short,
     delta_text,
     is_event_stream,
     json_body,
@@ -92,6 +93,7 @@ class XllmClient:
                     return
                 if event is not None:
                     yield event
+        raise cut_short(self.root_url)
 
     # -------------------------------------------------------------------- models
     def health(self) -> dict[str, Any]:
