@@ -1,6 +1,8 @@
-"""Mistral's chat templates take only 9-character tool call ids (they raise on any other); OpenAI's ``call_...`` ids,
-this server's own among them, are longer, so every turn after a tool call was a 400 on a Mistral model. The ids the
-template sees are made 9 letters or digits, each result keeping its call's. A real tokenizer and template engine."""
+"""Chat templates that refuse OpenAI-shaped tool histories. Mistral's take only 9-character tool call ids (they raise
+on any other); OpenAI's ``call_...`` ids, this server's own among them, are longer, so every turn after a tool call
+was a 400 on a Mistral model: the ids the template sees are made 9 letters or digits, each result keeping its call's.
+Llama 3.x's take one call per assistant message: a turn of parallel calls reaches them as one call and its result at
+a time. A real tokenizer and template engine."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import pytest
 
 from xllm_jupyter.core.types import ChatMessage
 from xllm_jupyter.openai.tool_calling import ToolCalling
-from xllm_jupyter.openai.tools import nine_char_ids
+from xllm_jupyter.openai.tools import nine_char_ids, one_call_per_turn
 
 #: a minimal template in the Mistral manner: it renders tools, and refuses ids that are not 9 characters long
 MISTRAL_LIKE = (
@@ -51,7 +53,6 @@ def model(tiny_llama_dir, tmp_path_factory):
     with open(private / "chat_template.jinja", "a", encoding="utf-8") as f:
         f.write("{# this test's own copy #}")
     loaded = TransformersBackend().load(ModelSpec(name="t", path=private, options=BackendOptions(device="cpu")))
-    loaded.tokenizer.chat_template = MISTRAL_LIKE
     yield loaded
     loaded.unload()
 
@@ -61,6 +62,7 @@ def test_a_mistral_template_renders_a_history_with_openai_ids(model, choice):
     class Req:
         tools, tool_choice, parallel_tool_calls = TOOLS, choice, None
 
+    model.tokenizer.chat_template = MISTRAL_LIKE
     calling = ToolCalling.from_request(Req, model)
     messages, tools = calling.prompt(HISTORY)
     prompt = model.render_chat(messages, tools=tools)  # raised "Tool call ids must be 9 characters" (a 400)
@@ -84,3 +86,47 @@ def test_ids_of_other_templates_are_left_alone():
 
     messages, _ = ToolCalling.from_request(Req, Qwen).prompt(HISTORY)
     assert messages[1].tool_calls[0]["id"] == LONG and messages[2].tool_call_id == LONG
+
+
+#: a minimal template in the Llama 3.x manner: it renders tools, and refuses a message of more than one call
+LLAMA_LIKE = (
+    "{% if tools %}<tools>{% for t in tools %}{{ t.function.name }};{% endfor %}</tools>{% endif %}"
+    "{% for m in messages %}"
+    "{% if m.tool_calls %}{% if m.tool_calls|length != 1 %}"
+    "{{ raise_exception('This model only supports single tool-calls at once!') }}{% endif %}"
+    "<call>{{ m.tool_calls[0].function.arguments.city }}</call>"
+    "{% elif m.role == 'tool' %}<result>{{ m.content }}</result>"
+    "{% else %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endif %}{% endfor %}"
+)
+CITY = [{"type": "function", "function": {"name": "weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+def _calls(*cities: str) -> list[dict]:
+    return [{"id": f"call_{c}", "type": "function", "function": {"name": "weather", "arguments": f'{{"city": "{c}"}}'}}
+            for c in cities]
+
+
+@pytest.mark.parametrize("choice", [None, "none", "required"])
+def test_a_llama_template_renders_a_turn_of_parallel_calls(model, choice):
+    class Req:
+        tools, tool_choice, parallel_tool_calls = CITY, choice, None
+
+    history = [ChatMessage("user", "Weather?"), ChatMessage("assistant", "Checking.", tool_calls=_calls("Oslo", "Lima")),
+               ChatMessage("tool", "-5 C", tool_call_id="call_Oslo"), ChatMessage("tool", "22 C", tool_call_id="call_Lima"),
+               ChatMessage("assistant", "Cold and warm."), ChatMessage("user", "And Rome?"),
+               ChatMessage("assistant", None, tool_calls=_calls("Rome")), ChatMessage("tool", "15 C", tool_call_id="call_Rome")]
+    model.tokenizer.chat_template = LLAMA_LIKE
+    messages, tools = ToolCalling.from_request(Req, model).prompt(history)
+    prompt = model.render_chat(messages, tools=tools)  # raised "only supports single tool-calls" (a 400)
+    assert ("<user>Weather?</user><call>Oslo</call><result>-5 C</result><call>Lima</call><result>22 C</result>"
+            "<assistant>Cold and warm.</assistant><user>And Rome?</user><call>Rome</call><result>15 C</result>") in prompt
+
+
+def test_one_call_per_turn_keeps_the_text_once_and_every_result():
+    turn = [ChatMessage("assistant", "Checking.", tool_calls=_calls("Oslo", "Lima")),
+            ChatMessage("tool", "22 C", tool_call_id="call_Lima"), ChatMessage("tool", "-5 C", tool_call_id="call_Oslo")]
+    split = one_call_per_turn(turn)
+    assert [(m.role, m.content, m.tool_call_id or m.tool_calls[0]["id"]) for m in split] == [
+        ("assistant", "Checking.", "call_Oslo"), ("tool", "-5 C", "call_Oslo"),
+        ("assistant", None, "call_Lima"), ("tool", "22 C", "call_Lima")]

@@ -11,7 +11,8 @@ from ..core.types import ChatMessage, Constraint
 from .legacy_functions import check_legacy_history, in_legacy_terms, legacy_delta, legacy_message, request_tool_config
 from .tool_parser import HERMES, StreamingToolParser, detect_family, parse_tool_calls
 from .tool_scan import cut_call
-from .tools import ToolConfig, args_schema, nine_char_ids, prepare_messages, template_supports_tools, tool_constraint
+from .tools import (ToolConfig, args_schema, nine_char_ids, one_call_per_turn, prepare_messages, template_supports_tools,
+                    tool_constraint)
 
 #: how the grammar compiler's message for one schema starts; the tool's name says it instead
 _COMPILER_PREFIX = re.compile(r"^Invalid (json_schema constraint|JSON schema): ")
@@ -32,6 +33,8 @@ class ToolCalling:
         self.bound = cfg.constrained
         #: a Mistral template, which takes only 9-character tool call ids (tools.nine_char_ids)
         self.short_ids = self.native and "[TOOL_CALLS]" in (template or "")
+        #: a Llama 3.x template, which takes one call per assistant message (tools.one_call_per_turn)
+        self.one_call = self.native and "single tool-call" in (template or "")
 
     @classmethod
     def from_request(cls, req: Any, model: Any) -> "ToolCalling":
@@ -50,7 +53,8 @@ class ToolCalling:
 
     def prompt(self, messages: Sequence[ChatMessage]) -> tuple[list[ChatMessage], list[dict[str, Any]] | None]:
         """Messages and ``tools`` for the chat template."""
-        return prepare_messages(nine_char_ids(messages) if self.short_ids else messages, self.cfg, self.native)
+        shown = nine_char_ids(messages) if self.short_ids else list(messages)
+        return prepare_messages(one_call_per_turn(shown) if self.one_call else shown, self.cfg, self.native)
 
     def constraint(self) -> Constraint | None:
         """The grammar that forces tool calls (``required`` or a named function), else None."""

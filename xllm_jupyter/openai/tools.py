@@ -270,6 +270,31 @@ def nine_char_ids(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
     return out
 
 
+def one_call_per_turn(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+    """``messages`` with each assistant turn of several tool calls split into one turn per call, each followed by its
+    result(s): Llama 3.x templates refuse a message of several calls ("This model only supports single tool-calls at
+    once!"), so a reply of parallel calls, this server's own included, made the next request a 400."""
+    out: list[ChatMessage] = []
+    i = 0
+    while i < len(messages):
+        m = messages[i]
+        end = i + 1
+        while end < len(messages) and messages[end].role == "tool":
+            end += 1
+        if m.role != "assistant" or not m.tool_calls or len(m.tool_calls) < 2:
+            out.append(m)
+            i += 1
+            continue
+        results = list(messages[i + 1:end])
+        for k, call in enumerate(m.tool_calls):
+            out.append(replace(m, content=m.content if k == 0 else None, tool_calls=[call]))
+            out.extend(r for r in results if r.tool_call_id == call.get("id"))
+        ids = {c.get("id") for c in m.tool_calls}
+        out.extend(r for r in results if r.tool_call_id not in ids)  # (answering no call of the turn: kept, last)
+        i = end
+    return out
+
+
 def fallback_system_prompt(cfg: ToolConfig) -> str:
     """A Hermes-style description of the tools for templates that ignore ``tools``."""
     lines = "\n".join(json.dumps(t.wire(), ensure_ascii=False) for t in cfg.tools)
