@@ -130,3 +130,36 @@ def test_one_call_per_turn_keeps_the_text_once_and_every_result():
     assert [(m.role, m.content, m.tool_call_id or m.tool_calls[0]["id"]) for m in split] == [
         ("assistant", "Checking.", "call_Oslo"), ("tool", "-5 C", "call_Oslo"),
         ("assistant", None, "call_Lima"), ("tool", "22 C", "call_Lima")]
+
+
+#: a minimal template in the Gemma manner: no system turn, and turns alternating from a user turn
+GEMMA_LIKE = (
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}"
+)
+
+
+@pytest.mark.parametrize(("messages", "shown"), [
+    ([ChatMessage("system", "Be brief."), ChatMessage("user", "Hi")], "<user>Be brief.\n\nHi</user>"),
+    ([ChatMessage("developer", "Be brief."), ChatMessage("system", "Be kind."), ChatMessage("user", "Hi"),
+      ChatMessage("assistant", "Yo"), ChatMessage("user", "Bye")],
+     "<user>Be brief.\n\nBe kind.\n\nHi</user><assistant>Yo</assistant><user>Bye</user>"),
+    ([ChatMessage("system", "Be brief.")], "<user>Be brief.</user>"),
+    ([ChatMessage("user", "Hi")], "<user>Hi</user>"),
+], ids=["system", "developer and system", "system alone", "no system"])
+def test_a_gemma_template_takes_a_system_message(model, messages, shown):
+    model.tokenizer.chat_template = GEMMA_LIKE
+    assert model.render_chat(messages) == shown  # raised "System role not supported" (a 400)
+
+
+def test_tools_without_a_native_template_reach_gemma(model):
+    """The fallback prompt describes the tools in a system message: every request with tools was a 400 on Gemma."""
+    class Req:
+        tools, tool_choice, parallel_tool_calls = CITY, None, None
+
+    model.tokenizer.chat_template = GEMMA_LIKE
+    messages, tools = ToolCalling.from_request(Req, model).prompt([ChatMessage("user", "Weather?")])
+    prompt = model.render_chat(messages, tools=tools)
+    assert prompt.startswith("<user># Tools") and prompt.endswith("Weather?</user>") and '"weather"' in prompt

@@ -94,6 +94,23 @@ def rust_piece_decoder(tokenizer: Any) -> Callable[[list[int]], str] | None:
     return decode if same else None
 
 
+def system_into_first_user(convo: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``convo`` with its leading system turns' text at the head of the first user turn.
+
+    Gemma's templates raise "System role not supported" on a system turn (Gemma 3's puts its text there itself), and
+    clients send one with most requests (tools without a native template add one too): each was a 400."""
+    lead = 0
+    while lead < len(convo) and convo[lead]["role"] == "system":
+        lead += 1
+    if not lead:
+        return convo
+    text = "\n\n".join(t["content"] for t in convo[:lead] if t["content"])
+    rest = convo[lead:]
+    if rest and rest[0]["role"] == "user":
+        return [{**rest[0], "content": f"{text}\n\n{rest[0]['content']}" if rest[0]["content"] else text}, *rest[1:]]
+    return [{"role": "user", "content": text}, *rest]
+
+
 class TokenizerGuard:
     """What a shared tokenizer's calls hold: nothing for a settled Rust one (``settle``), one lock otherwise."""
 
@@ -188,6 +205,8 @@ class ChatTokenizer:
             for turn in convo:
                 if turn["role"] == "developer":
                     turn["role"] = "system"
+        if "System role not supported" in (self.chat_template() or ""):
+            convo = system_into_first_user(convo)
         try:
             with self._guard():  # the template renders in Python: it reads the tokenizer, changes nothing
                 return self.tokenizer.apply_chat_template(convo, tokenize=False, tools=list(tools) if tools else None,
