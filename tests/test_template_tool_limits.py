@@ -163,3 +163,16 @@ def test_tools_without_a_native_template_reach_gemma(model):
     messages, tools = ToolCalling.from_request(Req, model).prompt([ChatMessage("user", "Weather?")])
     prompt = model.render_chat(messages, tools=tools)
     assert prompt.startswith("<user># Tools") and prompt.endswith("Weather?</user>") and '"weather"' in prompt
+
+
+def test_a_turn_of_tool_results_is_one_user_turn_without_a_native_template(model):
+    """Gemma's template wants turns to alternate: the fallback's results of parallel calls were two user turns."""
+    class Req:
+        tools, tool_choice, parallel_tool_calls = CITY, None, None
+
+    history = [ChatMessage("user", "Weather?"), ChatMessage("assistant", None, tool_calls=_calls("Oslo", "Lima")),
+               ChatMessage("tool", "-5 C", tool_call_id="call_Oslo"), ChatMessage("tool", "22 C", tool_call_id="call_Lima")]
+    model.tokenizer.chat_template = GEMMA_LIKE
+    messages, tools = ToolCalling.from_request(Req, model).prompt(history)
+    prompt = model.render_chat(messages, tools=tools)  # raised "Conversation roles must alternate" (a 400)
+    assert prompt.endswith("<user><tool_response>\n-5 C\n</tool_response>\n<tool_response>\n22 C\n</tool_response></user>")

@@ -239,7 +239,14 @@ def prepare_messages(
     if native:
         tools = [t.wire() for t in cfg.tools] if cfg.active else None
         return [_with_object_arguments(m) for m in messages], tools
-    out = [_as_text(m) for m in messages]
+    out: list[ChatMessage] = []
+    for i, m in enumerate(messages):
+        if m.role == "tool" and i and messages[i - 1].role == "tool":
+            # one user turn holds a turn's results, as Qwen's template groups them: templates that want user and
+            # assistant turns to alternate (Gemma's) refused two in a row
+            out[-1] = replace(out[-1], content=f"{out[-1].content}\n{_as_text(m).content}")
+        else:
+            out.append(_as_text(m))
     if cfg.active:
         prompt = fallback_system_prompt(cfg)
         if out and out[0].role in ("system", "developer"):
