@@ -351,7 +351,7 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[ChoiceDelta | GenerationDone]:
         """Stream ``ChoiceDelta``s for every choice, then one ``GenerationDone`` (with ``params.prompt_logprobs``,
-        the prompt's ``PromptLogprobs`` first of all).
+        the prompt's ``PromptLogprobs`` before choice 0's first delta; with n > 1 another choice's may come first).
 
         Closing the iterator early (client left, cell interrupted) cancels all of the
         request's jobs; they leave the batch within one step.
