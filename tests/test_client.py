@@ -70,6 +70,32 @@ def test_api_key_from_env(monkeypatch, xllm_server):
         assert any(m["id"] == TINY for m in c.models())
 
 
+def test_a_client_for_another_server_does_not_send_the_environments_key(monkeypatch):
+    """``XllmClient(url)`` without a key sent ``XLLM_API_KEY`` to any server; in a Jupyter kernel that is the Jupyter
+    server's token (the extension exports it), so a client built for another server carried it there."""
+    monkeypatch.setenv("XLLM_BASE_URL", "http://127.0.0.1:8888/lab/xllm/v1")
+    monkeypatch.setenv("XLLM_API_KEY", "the-jupyter-token")
+
+    def keys(make) -> list:
+        made = [make("http://gpu-box:8900/v1"), make("http://127.0.0.1:8888/lab/xllm/v1/"), make(), make("http://x/v1", "k")]
+        return made, [(c.api_key, c._http.headers.get("Authorization")) for c in made]
+
+    with contextlib.ExitStack() as stack:
+        made, sync_keys = keys(XllmClient)
+        for c in made:
+            stack.enter_context(c)
+
+    async def main():
+        made, async_keys = keys(AsyncXllmClient)
+        for c in made:
+            await c.aclose()
+        return async_keys
+
+    for found in (sync_keys, asyncio.run(main())):
+        assert found == [(None, None), ("the-jupyter-token", "Bearer the-jupyter-token"),
+                         ("the-jupyter-token", "Bearer the-jupyter-token"), ("k", "Bearer k")]
+
+
 # ---------------------------------------------------------------- admin routes
 def test_health_models_and_loaded(client):
     assert client.health()["status"] == "ok"

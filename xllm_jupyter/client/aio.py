@@ -18,6 +18,7 @@ from .base import (
     chat_body,
     cut_short,
     delta_text,
+    env_key_for,
     is_event_stream,
     json_body,
     message_text,
@@ -41,7 +42,7 @@ class AsyncXllmClient:
         self.base_url = resolve_base_url(base_url)
         self.root_url = root_url(self.base_url)
         self.admin_url = self.root_url + "/admin"
-        self.api_key = api_key if api_key is not None else os.environ.get("XLLM_API_KEY") or None
+        self.api_key = api_key if api_key is not None else env_key_for(base_url)
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._http = httpx.AsyncClient(headers=auth_headers(self.api_key), timeout=timeout, limits=limits)
         self._probe = probe_timeout(timeout)

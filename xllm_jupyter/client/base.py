@@ -92,6 +92,14 @@ def resolve_base_url(base_url: str | None = None, env: Mapping[str, str] | None 
     return url
 
 
+def env_key_for(base_url: str | None) -> str | None:
+    """``XLLM_API_KEY`` for the server ``XLLM_BASE_URL`` (or the default URL) names, None for any other: the Jupyter
+    extension exports its server's token there, which a client named another server sent along."""
+    if base_url is not None and resolve_base_url(base_url) != resolve_base_url(None):
+        return None
+    return os.environ.get("XLLM_API_KEY") or None
+
+
 def root_url(base_url: str) -> str:
     """The server root the admin routes and /health hang off (``base_url`` minus ``/v1``)."""
     return base_url[: -len("/v1")] if base_url.endswith("/v1") else base_url

@@ -19,6 +19,7 @@ from .base import (
     chat_body,
     cut_short,
     delta_text,
+    env_key_for,
     is_event_stream,
     json_body,
     message_text,
@@ -41,14 +42,15 @@ class XllmClient:
 
     ``base_url`` ends in ``/v1`` (``http://127.0.0.1:8900/v1`` or
     ``http://host:8888/{base_url}xllm/v1``); it and ``api_key`` default to
-    ``XLLM_BASE_URL`` / ``XLLM_API_KEY``. Every failure is raised as an ``XllmError``.
+    ``XLLM_BASE_URL`` / ``XLLM_API_KEY`` (the key only for the server ``XLLM_BASE_URL`` names: a client for
+    another sends none unless given one). Every failure is raised as an ``XllmError``.
     """
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: httpx.Timeout | float = DEFAULT_TIMEOUT):
         self.base_url = resolve_base_url(base_url)
         self.root_url = root_url(self.base_url)
         self.admin_url = self.root_url + "/admin"
-        self.api_key = api_key if api_key is not None else os.environ.get("XLLM_API_KEY") or None
+        self.api_key = api_key if api_key is not None else env_key_for(base_url)
         self._http = httpx.Client(headers=auth_headers(self.api_key), timeout=timeout)
         self._probe = probe_timeout(timeout)
 

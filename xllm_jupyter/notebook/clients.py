@@ -8,11 +8,10 @@ kernel should use, falling back to ``XLLM_BASE_URL`` / ``XLLM_API_KEY``.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from ..client import AsyncXllmClient, XllmClient
-from ..client.base import ServerUnavailable, can_chat, listed, resolve_base_url
+from ..client.base import ServerUnavailable, can_chat, env_key_for, listed
 from ..core.errors import InvalidRequest, ModelNotFound, XllmError
 
 ClientLike = Any  # XllmClient | AsyncXllmClient | tuple[str, str | None] | str | None
@@ -56,12 +55,9 @@ def endpoint_of(client: ClientLike) -> tuple[str, str | None]:
 
 
 def _env_key_for(url: str) -> str:
-    """The key for a server named without one: ``XLLM_API_KEY`` where ``XLLM_BASE_URL`` (or the default URL) names
-    the same server, else none (""). The Jupyter extension exports its server's token as ``XLLM_API_KEY``: a client
-    left to fall back on it sent that token to whatever other server the notebook named."""
-    if resolve_base_url(url) != resolve_base_url(None):
-        return ""
-    return os.environ.get("XLLM_API_KEY") or ""
+    """The key for a server named without one: ``XLLM_API_KEY`` where ``XLLM_BASE_URL`` names the same server, else
+    none ("", which no client reads as "ask the environment")."""
+    return env_key_for(url) or ""
 
 
 def sync_client(client: ClientLike) -> tuple[XllmClient, bool]:
