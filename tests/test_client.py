@@ -376,6 +376,9 @@ def test_a_stream_that_ends_without_done_is_an_error_not_a_whole_answer(cut_shor
 
     asyncio.run(main())
     assert pieces == ["Hel", "Hel"]
+    from xllm_jupyter.client import discovery
+
+    discovery.disconnect()  # no connect() left by an earlier test in this process: the variable names the server
     monkeypatch.setenv("XLLM_BASE_URL", cut_short_stream)
     monkeypatch.delenv("XLLM_API_KEY", raising=False)
     with magic_shell() as shell, capture_output() as cap:
