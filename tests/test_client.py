@@ -385,3 +385,13 @@ def test_a_stream_that_ends_without_done_is_an_error_not_a_whole_answer(cut_shor
         shell.run_cell_magic("xllm", "-m m", "hi")
     assert "Hel" in str(cap.outputs[-1].data.get("text/markdown")), cap.outputs
     assert cap.stderr.startswith("xllm: the stream from the xllm server at") and "ended before" in cap.stderr, cap.stderr
+
+
+def test_xllm_run_puts_a_broken_streams_error_under_the_partial_reply(cut_short_stream, capsys):
+    """`xllm run`: the error of a stream that broke off mid-answer was written on the partial reply's last line."""
+    from xllm_jupyter.cli.chat import stream_reply
+
+    with XllmClient(cut_short_stream, "") as c:
+        with pytest.raises(ServerUnavailable, match="ended before the answer was complete"):
+            stream_reply(c, [{"role": "user", "content": "hi"}], "m", {})
+    assert capsys.readouterr().out == "Hel\n"

@@ -79,6 +79,10 @@ def stream_reply(backend: ChatBackend, messages: list[dict[str, str]], model: st
             pieces.append(piece)
     except KeyboardInterrupt:
         interrupted = True
+    except Exception:
+        if pieces:  # the error line is written next: under the partial reply, not at the end of its last line
+            click.echo()
+        raise
     finally:
         stream.close()  # closes the HTTP response: the server cancels the job
     click.echo()
