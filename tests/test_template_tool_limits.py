@@ -176,3 +176,23 @@ def test_a_turn_of_tool_results_is_one_user_turn_without_a_native_template(model
     messages, tools = ToolCalling.from_request(Req, model).prompt(history)
     prompt = model.render_chat(messages, tools=tools)  # raised "Conversation roles must alternate" (a 400)
     assert prompt.endswith("<user><tool_response>\n-5 C\n</tool_response>\n<tool_response>\n22 C\n</tool_response></user>")
+
+
+#: a minimal template in the DeepSeek manner: it joins a call's arguments to text, so it takes them as a string
+DEEPSEEK_LIKE = (
+    "{% if tools %}<tools>{% endif %}{% for m in messages %}"
+    "{% if m.tool_calls %}{% for c in m.tool_calls %}{{ '<call>' + c.function.name + ':' + c.function.arguments + '</call>' }}"
+    "{% endfor %}{% else %}<{{ m.role }}>{{ m.content }}{% endif %}{% endfor %}"
+)
+
+
+def test_a_template_that_takes_arguments_as_text_renders_a_tool_history(model):
+    class Req:
+        tools, tool_choice, parallel_tool_calls = CITY, None, None
+
+    history = [ChatMessage("user", "Weather?"), ChatMessage("assistant", None, tool_calls=_calls("Oslo", "Lima")),
+               ChatMessage("tool", "-5 C", tool_call_id="call_Oslo"), ChatMessage("tool", "22 C", tool_call_id="call_Lima")]
+    model.tokenizer.chat_template = DEEPSEEK_LIKE
+    messages, tools = ToolCalling.from_request(Req, model).prompt(history)
+    prompt = model.render_chat(messages, tools=tools)  # a TypeError (str + dict): a 500
+    assert '<call>weather:{"city": "Oslo"}</call><call>weather:{"city": "Lima"}</call><tool>-5 C<tool>22 C' in prompt

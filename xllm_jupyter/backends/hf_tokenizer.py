@@ -12,6 +12,7 @@ every stream of the model. See ``settle``.
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 from typing import Any, Callable, ContextManager, Sequence
 
@@ -111,6 +112,18 @@ def system_into_first_user(convo: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"role": "user", "content": text}, *rest]
 
 
+def arguments_as_text(convo: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """``convo`` with its tool calls' object arguments as JSON text, or None when it has none."""
+    def as_text(call: Any) -> Any:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or isinstance(fn.get("arguments"), str):
+            return call
+        return {**call, "function": {**fn, "arguments": json.dumps(fn.get("arguments"), ensure_ascii=False)}}
+
+    out = [{**t, "tool_calls": [as_text(c) for c in t["tool_calls"]]} if t.get("tool_calls") else t for t in convo]
+    return out if out != convo else None
+
+
 class TokenizerGuard:
     """What a shared tokenizer's calls hold: nothing for a settled Rust one (``settle``), one lock otherwise."""
 
@@ -208,11 +221,26 @@ class ChatTokenizer:
         if "System role not supported" in (self.chat_template() or ""):
             convo = system_into_first_user(convo)
         try:
-            with self._guard():  # the template renders in Python: it reads the tokenizer, changes nothing
-                return self.tokenizer.apply_chat_template(convo, tokenize=False, tools=list(tools) if tools else None,
-                                                          add_generation_prompt=add_generation_prompt)
+            try:
+                return self._render(convo, tools, add_generation_prompt)
+            except TypeError:
+                # a template that joins a call's arguments to text (DeepSeek's) takes them as the JSON string OpenAI
+                # sends, not as the object most templates want (a 500 here); any other TypeError is raised as it was
+                texts = arguments_as_text(convo)
+                if texts is None:
+                    raise
+                try:
+                    return self._render(texts, tools, add_generation_prompt)
+                except TypeError:
+                    pass
+                raise
         except TemplateError as exc:
             raise InvalidRequest(f"The chat template rejected these messages: {exc}", param="messages") from exc
+
+    def _render(self, convo: list[dict[str, Any]], tools: Sequence[dict[str, Any]] | None, add_generation_prompt: bool) -> str:
+        with self._guard():  # the template renders in Python: it reads the tokenizer, changes nothing
+            return self.tokenizer.apply_chat_template(convo, tokenize=False, tools=list(tools) if tools else None,
+                                                      add_generation_prompt=add_generation_prompt)
 
     def eos_ids(self, *extra: Any) -> frozenset[int]:
         """EOS ids from the tokenizer and ``extra`` sources (ints or lists), plus end-of-turn tokens.
