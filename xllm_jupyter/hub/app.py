@@ -402,9 +402,17 @@ class HubPageHandler(RequestIdMixin, _NoBody, _HubAuthFromSettings, HubOAuthenti
         )
 
 
+#: ``auth`` settings of ``xllm serve``'s API keys, which the hub service (hub accounts, hub tokens) does not apply
+_API_KEY_SETTINGS = ("admin_keys", "requests_per_minute", "tokens_per_minute", "max_concurrent_per_key")
+
+
 def make_hub_app(config: XllmConfig, engine: Any, hub_auth: HubOAuth, *, cookie_secret: bytes | None = None) -> tornado.web.Application:
     """A Tornado app serving ``engine`` under the hub service prefix with hub token/OAuth auth."""
     prefix = hub_auth.base_url.rstrip("/")
+    ignored = [f"auth.{k}" for k in _API_KEY_SETTINGS if getattr(config.auth, k)]
+    if ignored:  # a limit the admin believes holds, silently not applied, is worse than none
+        log.warning("the hub service does not apply %s (xllm serve's API-key settings): limit hub users with quotas.* "
+                    "and name admins in hub.admin_users / hub.admin_groups", ", ".join(ignored))
     context = XllmContext(engine, config, shared_usage=True)  # a shared endpoint: usage outlives restarts
     settings: dict[str, Any] = {
         CONTEXT_KEY: context,
