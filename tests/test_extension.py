@@ -347,6 +347,7 @@ class _Service:
         self.seen: list[tuple[str, str, dict[str, str], bytes]] = []  # (method, path, headers, body)
         self.release, self.gone = threading.Event(), threading.Event()
         self.break_off = threading.Event()  # set: the stream's connection drops after the first chunk (a crash)
+        self.cut_event = b""  # with break_off: the start of the next event, sent before the drop (a crash mid-write)
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
@@ -371,6 +372,8 @@ class _Service:
                 try:
                     self._send(b"data: " + json.dumps(chunk).encode() + b"\n\n")
                     if outer.break_off.is_set():
+                        if outer.cut_event:
+                            self._send(outer.cut_event)
                         return
                     while not outer.release.wait(0.05):
                         self._send(b": keepalive\n\n")
@@ -610,6 +613,38 @@ def test_a_forwarded_stream_the_service_breaks_off_ends_in_an_error_event(xllm, 
                 async for chunk in stream:
                     pieces.append(chunk.choices[0].delta.content)
             assert pieces == ["Hel"]
+        async with AsyncXllmClient(xllm["url"], xllm["token"]) as client:
+            pieces = []
+            with pytest.raises(XllmError, match="broke off"):
+                async for piece in client.stream_chat(MSG, "hub-model"):
+                    pieces.append(piece)
+            assert pieces == ["Hel"]
+
+    xllm["run"](body())
+
+
+def test_a_forwarded_stream_broken_off_mid_event_still_ends_in_an_error_event(xllm, hub_api, service):
+    """The service dropped the connection partway through writing an event (a crash with a write half sent): the
+    error event was written straight after the half, and the two read as one malformed event, a JSON error in the
+    openai SDK and "malformed stream event" in XllmClient, not the OpenAI-shaped error that says what happened."""
+    import openai
+
+    from xllm_jupyter.client import AsyncXllmClient
+    from xllm_jupyter.core.errors import XllmError
+
+    service.break_off.set()
+    service.cut_event = b'data: {"id": "c1", "object": "chat.completion.chunk", "choi'
+
+    async def body() -> None:
+        await start(xllm)
+        await xllm["app"]._start_task
+        async with openai.AsyncOpenAI(base_url=xllm["url"], api_key=xllm["token"], max_retries=0) as sdk:
+            stream = await sdk.chat.completions.create(model="hub-model", messages=MSG, stream=True)
+            pieces = []
+            with pytest.raises(openai.APIError, match="broke off before the answer was complete") as info:
+                async for chunk in stream:
+                    pieces.append(chunk.choices[0].delta.content)
+            assert pieces == ["Hel"] and info.value.code == "hub_service_unavailable"
         async with AsyncXllmClient(xllm["url"], xllm["token"]) as client:
             pieces = []
             with pytest.raises(XllmError, match="broke off"):
