@@ -97,13 +97,9 @@ def create_model(store: "ModelStore", name: str, text: str, progress: Callable[[
         for d in (store.models, store.tmp, store.locks):
             d.mkdir(parents=True, exist_ok=True)
         base = _base(store, mf.from_, report, look_in_cwd=base_dir is None)
-        inherited = modelfile_of(base)
-        _warn_recorded_only(mf, inherited)
-        settings = merge(inherited, mf)
-        # only the new Modelfile's ADAPTER is copied; one restating the base's (``xllm cp``, an edited
-        # ``show --modelfile``) keeps the files the base was made with: the name or directory may hold another since
-        restated = mf.adapters == inherited.adapters and base.parameters.get("adapter") == ADAPTER_DIR
-        adapter_src = None if restated else _adapter_source(store, mf.adapters, base)
+        _warn_recorded_only(mf, modelfile_of(base))
+        settings = merge(modelfile_of(base), mf)
+        adapter_src = _adapter_source(store, mf.adapters, base)  # only the new Modelfile's ADAPTER is copied
         with store._workdir("pull") as build:
             with FileLock(store.locks / f"{name_to_dirname(base.name)}.lock"):
                 base = store.show(base.name)  # re-read under the lock: it may have been replaced
