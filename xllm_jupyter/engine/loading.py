@@ -277,21 +277,22 @@ class LoadingMixin:
         return True
 
     async def _files_unchanged(self, name: str, spec: ModelSpec) -> bool:
-        """Whether the store still holds the files ``spec`` was loaded from (its manifest's digest), read off the
-        IOLoop. True when that cannot be told (a catalog without digests). A pull or rm asks for an unload after
-        it changed the files; one asked during the read may have come after the read: it reads again."""
+        """Whether the store still holds the files ``spec`` was loaded from (its manifest's digest) and the settings
+        (a create that kept the weights keeps the digest), read off the IOLoop. True when that cannot be told (a
+        catalog without digests). A pull, create or rm asks for an unload after it changed the model; one asked
+        during the read may have come after the read: it reads again."""
         lookup = getattr(self.catalog, "facts", None)
         if spec.digest is None or lookup is None:
             return True
         while True:
             asked = self._unload_asks[name]
             try:
-                digest = (await asyncio.to_thread(lookup, name)).digest
+                facts = await asyncio.to_thread(lookup, name)
             except Exception:  # an unreadable store: the model files were read, let it serve
                 log.warning("could not re-read the manifest of %s after its load", name, exc_info=True)
                 return True
             if self._unload_asks[name] == asked:
-                return digest == spec.digest
+                return facts.digest == spec.digest and facts.defaults in (None, spec.defaults)
 
     async def _load_runner(self, name: str, spec: ModelSpec, backend: Backend) -> Any:
         """Make room within the budget, then load ``name``'s replicas and start their threads."""
