@@ -32,7 +32,7 @@ from ..core.types import Constraint
 from .tokenizer_files import NOT_READ, files_digest, loaded_digest
 
 #: the constraint kinds the backends understand
-KINDS = ("json_schema", "json_object", "lark", "regex")
+KINDS = ("json_schema", "json_object", "lark", "regex", "grammar")
 #: compiled grammars kept per model
 CACHE_SIZE = 128
 #: compact JSON: with flexible whitespace a weak model can pad with spaces forever
@@ -68,6 +68,14 @@ def grammar_text(constraint: Constraint, *, param: str = "response_format") -> s
         return LLMatcher.grammar_from_lark(spec)
     if kind == "regex":
         return LLMatcher.grammar_from_regex(spec)
+    if kind == "grammar":  # Lark, or GBNF (vLLM's guided_grammar): llguidance's converter reads either
+        from llguidance.gbnf_to_lark import any_to_lark
+
+        try:
+            return LLMatcher.grammar_from_lark(any_to_lark(spec))
+        except Exception as exc:  # (its parser's own error class, or whatever malformed text makes it raise)
+            raise InvalidRequest(f"The grammar is neither Lark nor GBNF this server can read: {_first_line(str(exc))}",
+                                 param=param) from None
     raise InvalidRequest(f"Unknown constraint kind '{kind}' (use one of {', '.join(KINDS)})", param=param)
 
 

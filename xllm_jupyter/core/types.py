@@ -121,7 +121,8 @@ class Constraint:
 
     ``kind`` is ``json_schema`` (``spec`` = the schema as JSON text), ``json_object``
     (any JSON object; ``spec`` unused), ``lark`` (``spec`` = an llguidance Lark grammar,
-    which may embed ``%json{...}`` schemas) or ``regex`` (``spec`` = the pattern).
+    which may embed ``%json{...}`` schemas), ``regex`` (``spec`` = the pattern) or ``grammar`` (``spec`` = Lark or
+    GBNF text, vLLM's ``guided_grammar``).
     """
 
     kind: str

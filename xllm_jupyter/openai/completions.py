@@ -17,6 +17,7 @@ from ..engine.manager import request_keep_alive
 from .cache import ResponseCache
 from .echo import copies, joined, prompt_logprobs, unscored
 from .generation import Chunk, check_request_token_ids, check_token_ids, engine_failure, envelope, interleaved, started, sum_usage
+from .guided import requested_constraint
 from .logprob_wire import legacy_logprobs, legacy_text_advance
 from .model_defaults import ModelDefaults
 from .offload import is_big, off_loop_if, parse_body
@@ -46,6 +47,9 @@ class CompletionsMixin:
                           manages: bool = True) -> dict[str, Any] | AsyncIterator[Chunk]:
         req: CompletionRequest = await parse_body(CompletionRequest, body)
         keep_alive = request_keep_alive(req.keep_alive, manages)
+        extra = req.model_extra or {}
+        # vLLM's structured outputs, and its response_format on this route (guided.py)
+        answer, answer_param = requested_constraint(extra.get("response_format"), extra)
         n = req.n or 1
         prompts = req.prompts()
         if req.candidates > n and req.candidates * len(prompts) > self.config.max_n:
@@ -64,6 +68,8 @@ class CompletionsMixin:
         rid = "cmpl-" + uuid.uuid4().hex
         sampling = req.sampling_params()
         check_request_token_ids(req, sampling, model)
+        if answer is not None:  # compiled before anything is queued or streamed: a bad grammar is a plain 400
+            await self.engine.check_constraint(req.model, answer, param=answer_param)
         # best_of: generate that many per prompt, with logprobs to rank them by, and return the n best
         candidates = req.candidates
         ranked = candidates > n and req.max_tokens != 0
@@ -85,7 +91,7 @@ class CompletionsMixin:
             gen = self._generation(gen_req, ids, rid, max_tokens=max_tokens, sampling=sampling,
                                    logprobs=show_logprobs or ranked, top_logprobs=req.logprobs or 0,
                                    keep_alive=keep_alive, user=user, prompt_param="prompt",
-                                   prompt_logprobs=echo and show_logprobs)
+                                   prompt_logprobs=echo and show_logprobs, constraint=answer)
             gens.append(gen)
         # text_offset counts characters of the choice's text, which without echo follows the prompt too
         offsets = [len(t) for t in texts]

@@ -13,14 +13,14 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..core.errors import InvalidRequest, UnknownParameter, Unsupported
-from ..core.types import ChatMessage, Constraint, SamplingParams, Usage
+from ..core.types import ChatMessage, SamplingParams, Usage
 from .conversation import Turn, check_history, core_messages
 from .finite import check_finite
 from .json_body import strict_parse, without_bom
 from .legacy_functions import request_tool_config
 from .model_defaults import ModelDefaults
 from .schema_errors import check_json_type, openai_wording, shown
-from .structured import constraint_from_response_format
+from .guided import Requested, requested_constraint
 
 #: returned as ``system_fingerprint``; clients only compare it for equality
 SYSTEM_FINGERPRINT = "fp_xllm"
@@ -229,7 +229,7 @@ class ChatCompletionRequest(_SamplingFields):
             if value is not None and (value not in ([], {}) or name == "web_search_options"):
                 raise Unsupported(f"'{name}' is not supported by this server yet", param=name)
         check_verbosity(extra.get("verbosity"), "verbosity")
-        self.constraint()  # a malformed response_format is a 400 at parse time
+        self.constraint()  # a malformed response_format (or vLLM guided field) is a 400 at parse time
         request_tool_config(self.tools, self.tool_choice, self.parallel_tool_calls, extra)  # 400 on malformed tools
         if self.modalities is not None and any(m != "text" for m in self.modalities):
             raise Unsupported("Only the 'text' modality is supported", param="modalities")
@@ -237,9 +237,9 @@ class ChatCompletionRequest(_SamplingFields):
             raise InvalidRequest("'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
         check_history(self.messages)
 
-    def constraint(self) -> Constraint | None:
-        """The decoding constraint ``response_format`` asks for (None for plain text)."""
-        return constraint_from_response_format(self.response_format)
+    def constraint(self) -> Requested:
+        """The decoding constraint ``response_format`` or vLLM's fields ask for (guided.py), and the field it is from."""
+        return requested_constraint(self.response_format, self.model_extra)
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -259,15 +259,15 @@ class OpenAIServing(CompletionsMixin):
         check_request_token_ids(req, sampling, model)
         tools = ToolCalling.from_request(req, model)
         # forced tool calls win over response_format; calls the model may make stay possible beside it (tools.py)
-        answer = req.constraint()
+        answer, answer_param = req.constraint()  # (response_format, or a vLLM field: guided.py)
         constraint = tools.constraint() or calls_or_answer(tools.cfg, answer, tools.family == HERMES)
-        tools.bound = constraint is not None and constraint.kind == "lark"  # (only tool grammars are Lark)
+        tools.bound = constraint is not None and constraint is not answer  # a tool grammar (a choice's is Lark too)
         if constraint is not None:
             # compiled before anything is queued or streamed: a bad schema is a plain 400
             try:
-                await self.engine.check_constraint(req.model, constraint, param="tools" if tools.cfg.constrained else "response_format")
+                await self.engine.check_constraint(req.model, constraint, param="tools" if tools.cfg.constrained else answer_param)
             except InvalidRequest as failed:
-                if constraint.kind != "lark":  # (only tool grammars are Lark)
+                if not tools.bound:
                     raise
                 if tools.cfg.constrained:
                     raise await tools.at_fault(lambda c: self.engine.check_constraint(req.model, c, param="tools"),
@@ -275,7 +275,7 @@ class OpenAIServing(CompletionsMixin):
                 # beside a format: the format's own fault is its 400 as without tools (not the Lark grammar quoted);
                 # a tool schema the grammar cannot take leaves the format alone, as before calls were admitted beside
                 # it (auto tools' schemas are not enforced without a format either), so such an agent keeps working
-                await self.engine.check_constraint(req.model, answer)
+                await self.engine.check_constraint(req.model, answer, param=answer_param)
                 constraint, tools.bound = answer, False
         prompt = await self.engine.encode_chat(req.model, *await off_loop_if(big, tools.prompt, messages), user=user)
         if truncate:
