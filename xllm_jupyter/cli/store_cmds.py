@@ -113,12 +113,14 @@ def pull_command(settings: Any, source: str, name: str | None, revision: str | N
     Face repo id. A running server that has NAME loaded unloads it when the pull replaces it.
     """
     store = open_store()
-    before = {m.name: m.digest for m in store.list()}
+    before = {m.name: m for m in store.list()}
     with _progress() as progress:
         manifest = store.pull(source, name=name, revision=revision, progress=PullBar(progress), force=force, convert=convert,
                               base=base)
-    if before.get(manifest.name) not in (None, manifest.digest):
-        unload_from_server(settings, manifest.name)  # it would go on serving the replaced weights
+    old = before.get(manifest.name)
+    # other weights, or a created model's settings replaced by a pull of the same files (the same digest)
+    if old is not None and (old.digest, old.modelfile) != (manifest.digest, manifest.modelfile):
+        unload_from_server(settings, manifest.name)  # it would go on serving the replaced weights or settings
     click.echo(f"Pulled {manifest.name} ({manifest.format}, {human_size(manifest.size)}, {short_digest(manifest.digest)})")
 
 

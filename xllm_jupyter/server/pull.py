@@ -259,11 +259,14 @@ class AdminPullMixin(BodyMixin):
         await self.stream_events(self._unloading_replaced(store, pull_events(store, args)))
 
     async def _unloading_replaced(self, store: Any, events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
-        """``events``, unloading a model the pull replaced with other files (a forced pull of a loaded name
-        would otherwise go on serving the old weights until it idles out)."""
-        before = await asyncio.to_thread(lambda: {m.name: m.digest for m in store.list()})
+        """``events``, unloading a model the pull replaced with other files or settings (a forced pull of a loaded
+        name would otherwise go on serving the old weights, or a created model's Modelfile settings, until it idles
+        out)."""
+        before = await asyncio.to_thread(lambda: {m.name: (m.digest, bool(m.modelfile)) for m in store.list()})
         async for event in events:
-            if event.get("status") == "success" and before.get(event["id"]) not in (None, event["digest"]):
+            old = before.get(event["id"]) if event.get("status") == "success" else None
+            # (a pull that succeeds over a created model replaced it: no pull source is a created model's)
+            if old is not None and (old[0] != event["digest"] or old[1]):
                 await self.xllm.engine.unload(event["id"])
             yield event
 
