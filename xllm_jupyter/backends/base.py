@@ -163,9 +163,11 @@ class LoadedModel(ABC):
 
     @abstractmethod
     def render_chat(
-        self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True, tools: Sequence[dict[str, Any]] | None = None
+        self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True, tools: Sequence[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> str:
-        """The prompt text the model's chat template makes of ``messages`` (and ``tools``, if any) (thread-safe)."""
+        """The prompt text the model's chat template makes of ``messages`` (and ``tools``, if any) (thread-safe);
+        ``template_kwargs``: extra variables for the template (vLLM's ``chat_template_kwargs``)."""
 
     def chat_template(self) -> str | None:
         """The chat template's source, for feature detection (tool support, call format); None if unknown."""

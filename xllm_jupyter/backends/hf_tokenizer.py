@@ -204,9 +204,12 @@ class ChatTokenizer:
         return "\n".join(t.values()) if isinstance(t, dict) else t
 
     def render_chat(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True,
-                    tools: Sequence[dict[str, Any]] | None = None) -> str:
-        """The prompt text of ``messages`` (and ``tools``) under the model's chat template."""
+                    tools: Sequence[dict[str, Any]] | None = None, template_kwargs: dict[str, Any] | None = None) -> str:
+        """The prompt text of ``messages`` (and ``tools``) under the model's chat template (``template_kwargs``: extra
+        template variables, vLLM's ``chat_template_kwargs``)."""
         from jinja2 import TemplateError
+
+        kw = template_kwargs or {}
 
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequest(f"Model '{self.model_name}' has no chat template; send a plain prompt to the "
@@ -222,7 +225,7 @@ class ChatTokenizer:
             convo = system_into_first_user(convo)
         try:
             try:
-                return self._render(convo, tools, add_generation_prompt)
+                return self._render(convo, tools, add_generation_prompt, kw)
             except TypeError:
                 # a template that joins a call's arguments to text (DeepSeek's) takes them as the JSON string OpenAI
                 # sends, not as the object most templates want (a 500 here); any other TypeError is raised as it was
@@ -230,17 +233,24 @@ class ChatTokenizer:
                 if texts is None:
                     raise
                 try:
-                    return self._render(texts, tools, add_generation_prompt)
+                    return self._render(texts, tools, add_generation_prompt, kw)
                 except TypeError:
                     pass
                 raise
         except TemplateError as exc:
             raise InvalidRequest(f"The chat template rejected these messages: {exc}", param="messages") from exc
+        except TypeError as exc:
+            if not kw:
+                raise
+            # a variable of the client's type the template cannot use (it renders without them): the client's fault
+            raise InvalidRequest(f"The chat template could not use these chat_template_kwargs: {exc}",
+                                 param="chat_template_kwargs") from exc
 
-    def _render(self, convo: list[dict[str, Any]], tools: Sequence[dict[str, Any]] | None, add_generation_prompt: bool) -> str:
+    def _render(self, convo: list[dict[str, Any]], tools: Sequence[dict[str, Any]] | None, add_generation_prompt: bool,
+                kw: dict[str, Any]) -> str:
         with self._guard():  # the template renders in Python: it reads the tokenizer, changes nothing
             return self.tokenizer.apply_chat_template(convo, tokenize=False, tools=list(tools) if tools else None,
-                                                      add_generation_prompt=add_generation_prompt)
+                                                      add_generation_prompt=add_generation_prompt, **kw)
 
     def eos_ids(self, *extra: Any) -> frozenset[int]:
         """EOS ids from the tokenizer and ``extra`` sources (ints or lists), plus end-of-turn tokens.
@@ -289,6 +299,7 @@ class ChatTokenizerMethods:
         return self.chat.chat_template()
 
     def render_chat(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True,
-                    tools: Sequence[dict[str, Any]] | None = None) -> str:
+                    tools: Sequence[dict[str, Any]] | None = None, template_kwargs: dict[str, Any] | None = None) -> str:
         """The prompt text of ``messages`` (and ``tools``) under the model's chat template (thread-safe)."""
-        return self.chat.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+        return self.chat.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                     template_kwargs=template_kwargs)

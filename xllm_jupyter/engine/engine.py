@@ -262,7 +262,7 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
     def model_defaults(self, name: str) -> ModelfileDefaults:
         """The Modelfile defaults of loaded model ``name`` (empty if none)."""
         name = canonical_name(name)
-        return self._defaults.get(name, NO_DEFAULTS) if name in self._runners else NO_DEFAULTS
+        return self._defaults.get(name, NO_DEFAULTS) if name in self._runners or name in self._adapters else NO_DEFAULTS
 
     @staticmethod
     def _canonical(request: GenerationRequest) -> GenerationRequest:
@@ -272,11 +272,13 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
 
     # --------------------------------------------------------------- prompting
     async def encode_chat(self, name: str, messages: Sequence[ChatMessage], tools: Sequence[dict] | None = None, *,
-                          user: str | None = None) -> list[int]:
+                          user: str | None = None, template_kwargs: dict[str, Any] | None = None) -> list[int]:
         """Prompt token ids for a chat (and its ``tools``), through the model's chat template (a huge prompt waits its
-        ``user``'s turn in the prompt lane)."""
+        ``user``'s turn in the prompt lane; ``template_kwargs``: extra template variables)."""
         model = await self._load(name)
-        extra = {"tools": tools} if tools else {}
+        extra: dict[str, Any] = {"tools": tools} if tools else {}
+        if template_kwargs:  # (only when given: a backend without them keeps working)
+            extra["template_kwargs"] = template_kwargs
 
         def work() -> list[int]:
             text = model.render_chat(messages, add_generation_prompt=True, **extra)

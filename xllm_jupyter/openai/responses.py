@@ -31,7 +31,7 @@ from .response_stream import Event, ResponseEventStream
 
 #: chat fields a Responses body may carry as xllm extensions (e.g. ``extra_body``); same names and checks as chat
 _CHAT_EXTENSIONS = ("stop", "stop_token_ids", "seed", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                    "repetition_penalty", "logit_bias", "ignore_eos")
+                    "repetition_penalty", "logit_bias", "ignore_eos", "chat_template_kwargs")
 #: Responses features that would change the result if honoured; rejected rather than ignored
 _UNSUPPORTED = {"conversation": ("a string", "an object"), "prompt": ("an object",), "background": ("a boolean",),
                 "reasoning": ("an object",), "max_tool_calls": ("an integer",), "moderation": ("an object",),

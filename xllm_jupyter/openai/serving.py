@@ -32,6 +32,7 @@ from .logprob_wire import chat_logprob_entries
 from .model_defaults import ModelDefaults
 from .model_privacy import caller_view
 from .offload import is_big, off_loop_if, parse_body
+from .template_kwargs import chat_template_kwargs
 from .tool_calling import ToolCalling
 from .tool_parser import HERMES
 from .tools import calls_or_answer
@@ -248,6 +249,7 @@ class OpenAIServing(CompletionsMixin):
         a huge prompt is tokenized in ``user``'s turn)."""
         req: ChatCompletionRequest = await parse_body(ChatCompletionRequest, body)
         keep_alive = request_keep_alive(req.keep_alive, manages)
+        template_kwargs = chat_template_kwargs(req.model_extra)  # (vLLM's: e.g. Qwen3's enable_thinking)
         self._check_n(req.n or 1)
         big = is_big(body)  # then the work proportional to it runs off the IOLoop
         messages = await off_loop_if(big, req.core_messages)
@@ -277,12 +279,14 @@ class OpenAIServing(CompletionsMixin):
                 # it (auto tools' schemas are not enforced without a format either), so such an agent keeps working
                 await self.engine.check_constraint(req.model, answer, param=answer_param)
                 constraint, tools.bound = answer, False
-        prompt = await self.engine.encode_chat(req.model, *await off_loop_if(big, tools.prompt, messages), user=user)
+        prompt = await self.engine.encode_chat(req.model, *await off_loop_if(big, tools.prompt, messages), user=user,
+                                               template_kwargs=template_kwargs)
         if truncate:
             reserve = req.requested_max_tokens or 1  # room for the completion asked for, else for one token
 
             async def encode(kept: list[ChatMessage]) -> list[int]:
-                return await self.engine.encode_chat(req.model, *await off_loop_if(big, tools.prompt, kept), user=user)
+                return await self.engine.encode_chat(req.model, *await off_loop_if(big, tools.prompt, kept), user=user,
+                                                     template_kwargs=template_kwargs)
 
             prompt, _ = await fit_front(messages, prompt, model.context_length - reserve, encode)
         return _ChatPrompt(req, model, defaults, tools, constraint, sampling, keep_alive, big, prompt)
