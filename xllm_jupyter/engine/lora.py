@@ -23,6 +23,7 @@ from ..store.names import canonical_name, is_valid_name
 
 if TYPE_CHECKING:
     from ..backends.base import LoadedModel, ModelSpec
+    from ..core.types import ModelfileDefaults
     from .runner import ModelRunner
 
 
@@ -46,6 +47,7 @@ class AdapterMixin:
     _adapters: dict[str, str]
     _runners: dict[str, "ModelRunner"]
     _unload_reasons: dict[str, XllmError]  # the Engine's: why each model was last unloaded (until it loads again)
+    _defaults: dict[str, "ModelfileDefaults"]  # the Engine's: each served model's Modelfile defaults
 
     async def load_adapter(self, base: str, name: str, path: str | Path) -> "LoadedModel":
         """Load ``base`` if needed and attach the peft LoRA directory ``path`` to it as adapter ``name``."""
@@ -65,6 +67,7 @@ class AdapterMixin:
             # the base was unloaded (or removed) while the adapter attached: routed, the adapter named a base that
             # is gone, and its requests got the 503 "unloaded as it finished loading" whatever the cause
             raise base_gone(base, name, self._unload_reasons.get(base))
+        self._defaults.pop(name, None)  # (a stored adapter's are set by ``_attach_spec``; one loaded by path has none)
         self._adapters[name] = base
         return model
 
@@ -82,7 +85,9 @@ class AdapterMixin:
                 raise InvalidRequest(f"The base model '{quoted(spec.base_model)}' of adapter '{spec.name}' is itself "
                                      "a LoRA adapter; pull the adapter again with the model it applies to as its "
                                      "base (xllm pull ADAPTER --base MODEL)", param="model")
-            return await self.load_adapter(spec.base_model, spec.name, spec.path)
+            model = await self.load_adapter(spec.base_model, spec.name, spec.path)
+            self._defaults[spec.name] = spec.defaults  # (a model created FROM an adapter: its Modelfile settings)
+            return model
         except ModelNotFound:  # only the base can be missing here: the adapter itself resolved
             if resolved:  # it was stored when the adapter's load began: removed since (a DELETE mid-load)
                 raise base_gone(spec.base_model, spec.name, ModelRemoved(spec.base_model)) from None

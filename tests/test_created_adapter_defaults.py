@@ -1,0 +1,30 @@
+"""A model created FROM a stored LoRA adapter (``FROM my-lora`` + ``SYSTEM``/``PARAMETER``) serves its Modelfile
+settings, as a model created from a full model does: they were recorded and shown by ``xllm show``, but a request
+for the adapter got none of them (the engine kept defaults for base models only)."""
+
+from __future__ import annotations
+
+import openai
+
+from tests.server_fixtures import API_KEY, TINY, make_test_config, running_server
+from tests.test_lora import _make_adapter
+from xllm_jupyter.store.store import ModelStore
+
+
+def test_settings_of_a_model_created_from_an_adapter_apply(tmp_path, tiny_llama_dir):
+    home = tmp_path / "home"
+    store = ModelStore(home)
+    store.pull(str(tiny_llama_dir), TINY)
+    store.pull(str(_make_adapter(tiny_llama_dir, tmp_path / "lora", seed=1)), "ad", base=TINY)
+    store.create("pirate", "FROM ad\nSYSTEM You are a pirate.\nPARAMETER num_predict 2\n")
+    with running_server(make_test_config(home), ModelStore(home), TINY) as info, \
+            openai.OpenAI(base_url=info.base_url, api_key=API_KEY, max_retries=0, timeout=300) as c:
+        reply = c.chat.completions.create(model="pirate", messages=[{"role": "user", "content": "hi"}],
+                                          temperature=0, extra_body={"ignore_eos": True})
+        assert reply.usage.completion_tokens == 2  # num_predict: the default max_tokens
+        assert info.engine.model_defaults("pirate").system == "You are a pirate."
+        # the adapter it was made from keeps none of them
+        plain = c.chat.completions.create(model="ad", messages=[{"role": "user", "content": "hi"}], temperature=0,
+                                          max_tokens=4, extra_body={"ignore_eos": True})
+        assert plain.usage.completion_tokens == 4
+        assert info.engine.model_defaults("ad").system is None
