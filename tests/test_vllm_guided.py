@@ -141,3 +141,18 @@ def test_nulls_and_no_op_options_ask_for_nothing(client):
         client.chat.completions.create(model=TINY, messages=HI, max_completion_tokens=3,
                                        extra_body={"guided_decoding_backend": 5})
     assert exc.value.body["param"] == "guided_decoding_backend"
+
+
+@pytest.mark.parametrize("extra, pattern", [({"guided_regex": PLATE}, PLATE),
+                                            ({"structured_outputs": {"choice": CHOICES}}, "|".join(map(re.escape, CHOICES)))])
+def test_responses_pass_them_on(client, extra, pattern):
+    for seed in SEEDS[:2]:
+        r = client.responses.create(model=TINY, input="Answer", max_output_tokens=24, extra_body={**extra, "seed": seed})
+        assert re.fullmatch(pattern, r.output_text) and r.status == "completed", (seed, r.output_text)
+
+
+def test_responses_conflict_names_text_format(client):
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.responses.create(model=TINY, input="Hi", max_output_tokens=4, text={"format": {"type": "json_object"}},
+                                extra_body={"guided_regex": PLATE})
+    assert exc.value.body["param"] == "guided_regex" and "'text.format'" in exc.value.body["message"], exc.value.body

@@ -31,7 +31,9 @@ from .response_stream import Event, ResponseEventStream
 
 #: chat fields a Responses body may carry as xllm extensions (e.g. ``extra_body``); same names and checks as chat
 _CHAT_EXTENSIONS = ("stop", "stop_token_ids", "seed", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                    "repetition_penalty", "logit_bias", "ignore_eos", "chat_template_kwargs")
+                    "repetition_penalty", "logit_bias", "ignore_eos", "chat_template_kwargs", "structured_outputs",
+                    "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
+                    "guided_whitespace_pattern")  # (vLLM's structured outputs: guided.py)
 #: Responses features that would change the result if honoured; rejected rather than ignored
 _UNSUPPORTED = {"conversation": ("a string", "an object"), "prompt": ("an object",), "background": ("a boolean",),
                 "reasoning": ("an object",), "max_tool_calls": ("an integer",), "moderation": ("an object",),
@@ -273,6 +275,8 @@ def _relabel(exc: XllmError) -> XllmError:
             chat_name = p.split(".")[0]
             exc.param = _PARAM_NAMES[chat_name]
             exc.message = exc.message.replace(chat_name, exc.param)
+        elif p.startswith(("guided_", "structured_outputs")):  # vLLM's fields keep their names; text.format is theirs
+            exc.message = exc.message.replace("'response_format'", "'text.format'")
         elif p.startswith(("tools", "tool_choice")):
             # Responses tools are flat, and so is its allowed_tools tool choice
             exc.param = p.replace(".function", "").replace("tool_choice.allowed_tools.", "tool_choice.")
