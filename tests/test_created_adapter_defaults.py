@@ -28,3 +28,20 @@ def test_settings_of_a_model_created_from_an_adapter_apply(tmp_path, tiny_llama_
                                           max_tokens=4, extra_body={"ignore_eos": True})
         assert plain.usage.completion_tokens == 4
         assert info.engine.model_defaults("ad").system is None
+
+
+def test_an_attached_adapter_lists_its_own_digest(tmp_path, tiny_llama_dir):
+    """/v1/models gives each model its store digest (``xllm list``'s): an adapter's changed to its base's once it
+    was attached, so two adapters of one base looked like the same weights."""
+    home = tmp_path / "home"
+    store = ModelStore(home)
+    store.pull(str(tiny_llama_dir), TINY)
+    store.pull(str(_make_adapter(tiny_llama_dir, tmp_path / "lora", seed=1)), "ad", base=TINY)
+    with running_server(make_test_config(home), ModelStore(home), TINY) as info, \
+            openai.OpenAI(base_url=info.base_url, api_key=API_KEY, max_retries=0, timeout=300) as c:
+        def digest() -> str:
+            return {m.id: m.model_extra["xllm"]["digest"] for m in c.models.list().data}["ad"]
+
+        assert digest() == store.show("ad").digest  # not loaded yet
+        c.chat.completions.create(model="ad", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+        assert digest() == store.show("ad").digest != store.show(TINY).digest

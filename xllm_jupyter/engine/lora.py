@@ -127,4 +127,6 @@ class AdapterMixin:
         # the base's load and batching: an adapter's requests run in its batch
         shared = info.runtime or ModelRuntime()
         runtime = ModelRuntime(running=shared.running, queued=shared.queued, max_batch_size=shared.max_batch_size)
-        return dataclasses.replace(info, name=name, details=details, runtime=runtime, task="adapter", default=False)
+        # digest None: ``_info`` reads the adapter's own (its store manifest's), not the base's it was given above
+        return dataclasses.replace(info, name=name, details=details, runtime=runtime, task="adapter", default=False,
+                                   digest=None)
