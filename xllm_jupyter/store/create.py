@@ -96,6 +96,7 @@ def create_model(store: "ModelStore", name: str, text: str, progress: Callable[[
     try:
         for d in (store.models, store.tmp, store.locks):
             d.mkdir(parents=True, exist_ok=True)
+        store._clean_tmp()  # what an interrupted create or rm left (a pull's clean-up is not the only one)
         base = _base(store, mf.from_, report, look_in_cwd=base_dir is None)
         _warn_recorded_only(mf, modelfile_of(base))
         settings = merge(modelfile_of(base), mf)

@@ -5,7 +5,7 @@ Layout under ``home``::
     models/<name>/          one directory per complete model: its files + xllm-manifest.json
     store-id                this store's random id (identity.py), made on first ask (and again in a copy of the
                             store): what tells it from another store holding the same models
-    tmp/pull-<random>/      a pull being built (or left by a crash; the next pull deletes it)
+    tmp/pull-<random>/      a pull being built (or left by a crash; the next pull, create or rm deletes it)
     tmp/hub-<key>/          a Hub download in progress, kept after a failure so a retry resumes
     locks/<name>.lock       serialises pulls and removals of one name across processes
     locks/.store-id.lock    serialises replacing a copied store's id (identity.py)
@@ -280,6 +280,7 @@ class ModelStore(PullMixin):
                 os.rename(path, aside)
                 fsync_dir(self.models)
                 remove_tree(aside)
+                self._clean_tmp()  # and what an interrupted rm or create left (not only the next pull deletes it)
             finally:
                 lock.release()
         except OSError as exc:  # a read-only or vanished store: a StoreError, not a traceback with paths
