@@ -118,8 +118,9 @@ def pull_command(settings: Any, source: str, name: str | None, revision: str | N
         manifest = store.pull(source, name=name, revision=revision, progress=PullBar(progress), force=force, convert=convert,
                               base=base)
     old = before.get(manifest.name)
-    # other weights, or a created model's settings replaced by a pull of the same files (the same digest)
-    if old is not None and (old.digest, old.modelfile) != (manifest.digest, manifest.modelfile):
+    # other weights, or the same files (the same digest) under a created model's settings or an adapter's other base
+    if old is not None and (old.digest, old.modelfile, old.parameters) != \
+            (manifest.digest, manifest.modelfile, manifest.parameters):
         unload_from_server(settings, manifest.name)  # it would go on serving the replaced weights or settings
     click.echo(f"Pulled {manifest.name} ({manifest.format}, {human_size(manifest.size)}, {short_digest(manifest.digest)})")
 

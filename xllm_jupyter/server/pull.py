@@ -41,7 +41,7 @@ from ..core.errors import (
 from ..core.slow_work import SLOW_WORKERS, ThreadLane
 from ..openai.json_body import strict_json
 from ..store.cancel import waiting_status
-from ..store.names import validate_name
+from ..store.names import canonical_name, validate_name
 from ..store.progress import wire_status
 from ..store.sources import parse_source
 from .handlers import BodyMixin, RequestMixin
@@ -256,17 +256,20 @@ class AdminPullMixin(BodyMixin):
         store = server_store(self.xllm)
         await asyncio.to_thread(check_pull, args)  # (a stat of a local path: off the IOLoop)
         await asyncio.to_thread(check_base, store, args["base"])
-        await self.stream_events(self._unloading_replaced(store, pull_events(store, args)))
+        await self.stream_events(self._unloading_replaced(store, pull_events(store, args), args["base"]))
 
-    async def _unloading_replaced(self, store: Any, events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    async def _unloading_replaced(self, store: Any, events: AsyncIterator[dict[str, Any]],
+                                  base: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """``events``, unloading a model the pull replaced with other files or settings (a forced pull of a loaded
-        name would otherwise go on serving the old weights, or a created model's Modelfile settings, until it idles
-        out)."""
-        before = await asyncio.to_thread(lambda: {m.name: (m.digest, bool(m.modelfile)) for m in store.list()})
+        name would otherwise go on serving the old weights, a created model's Modelfile settings, or an adapter on
+        the base it no longer names (``base``), until it idles out)."""
+        before = await asyncio.to_thread(lambda: {m.name: (m.digest, bool(m.modelfile), m.parameters.get("base_model"))
+                                                  for m in store.list()})
         async for event in events:
             old = before.get(event["id"]) if event.get("status") == "success" else None
             # (a pull that succeeds over a created model replaced it: no pull source is a created model's)
-            if old is not None and (old[0] != event["digest"] or old[1]):
+            if old is not None and (old[0] != event["digest"] or old[1]
+                                    or (base is not None and canonical_name(base) != old[2])):
                 await self.xllm.engine.unload(event["id"])
             yield event
 
