@@ -23,7 +23,7 @@ from ..core.errors import StoreError
 from ..core.types import ChatMessage, ModelfileDefaults
 from .atomic import FileLock, fix_modes, fsync_tree
 from .generation_defaults import sampling_defaults
-from .local import copy_file, holds_files
+from .local import copy_file
 from .manifest import CREATED_PREFIX, Manifest, write_manifest
 from .modelfile import RECORDED_ONLY, Modelfile, parse_modelfile
 from .names import is_valid_name, name_to_dirname, safe_relpath, validate_name
@@ -195,12 +195,7 @@ def _base(store: "ModelStore", source: str, report: Any, look_in_cwd: bool = Tru
             f"({taken.source}): pull it under another name (xllm pull {source} --name NAME) and write FROM NAME",
             param="modelfile",
         )
-    if taken is not None and (src.kind == "dir" or (src.kind == "gguf" and taken.format == "gguf")) \
-            and not holds_files(Path(src.ref), taken.files, report):
-        # a pull of the same path returns the stored copy: after an edit of the directory, this create would be
-        # made from the old files (a GGUF pulled with --convert holds other files: it cannot be compared)
-        log.info("FROM %s changed since it was pulled as %s: pulling it again", source, taken.name)
-        return store.pull(source, force=True, progress=report)
+    # (a path changed since it was pulled is pulled again by the pull itself: the create is made from its files now)
     return store.pull(source, progress=report)
 
 

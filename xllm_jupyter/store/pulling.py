@@ -22,7 +22,7 @@ from .cancel import PullJob, PullJobs, current_job, left_pulls, run_cancellable,
 from .generation_defaults import write_sampling
 from .hub import HubClient
 from .hub_pull import HubPullMixin
-from .local import copy_dir, copy_file, list_dir_files
+from .local import copy_dir, copy_file, holds_files, list_dir_files
 from .manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -76,7 +76,7 @@ class PullMixin(HubPullMixin, WorkdirMixin):
         """Add a model from ``source`` (packaged name, ``hf:ORG/REPO``, ``ORG/REPO``, local dir or .gguf).
 
         Pulling a name that exists from the same source returns it (a Hub source whose
-        commit moved is updated); another source needs ``force``. ``convert`` turns a GGUF
+        commit moved, or a local path whose files changed, is updated); another source needs ``force``. ``convert`` turns a GGUF
         into safetensors (packaged defaults always are). ``base`` names the stored model a
         LoRA adapter applies to (default: its adapter_config.json's base_model_name_or_path).
 
@@ -144,6 +144,8 @@ class PullMixin(HubPullMixin, WorkdirMixin):
                 return None
             if src.kind == "hub" and HubClient(self.endpoint, self.token).resolve(src.ref, src.revision) != existing.revision:
                 return None
+            if not self._source_unchanged(src, existing, None):
+                return None
         except (XllmError, OSError):  # the pull itself says why, as before
             return None
         return existing
@@ -209,12 +211,23 @@ class PullMixin(HubPullMixin, WorkdirMixin):
         if src.kind == "hub":
             return self._pull_hub(src, n, existing, report, force, convert, base)
         if existing is not None and not force:
-            return existing
+            if self._source_unchanged(src, existing, report):
+                return existing
+            log.info("%s changed since it was pulled as %s: pulling it again", src.ref, n)
         with self._workdir("pull") as build:
             fmt, files, template = self._build_local(src, build, report, convert)
             return self._finish(build, n, src, fmt, files, template, None, report, base)
 
     # ------------------------------------------------------------------ pulling
+    @staticmethod
+    def _source_unchanged(src: Source, existing: Manifest, report: ProgressFn | None) -> bool:
+        """False when the local directory or .gguf ``src`` no longer holds the files its stored copy ``existing`` was
+        pulled from (a retrain saved to the same path): the pull replaces it, as a Hub pull whose commit moved does.
+        (A GGUF pulled with ``--convert`` holds other files: it is not compared.)"""
+        if src.kind == "dir" or (src.kind == "gguf" and existing.format == "gguf"):
+            return holds_files(Path(src.ref), existing.files, report)
+        return True
+
     def _existing(self, n: str) -> Manifest | None:
         """The intact model ``n`` (None if absent or damaged: a pull then replaces it)."""
         path = self._dir(n)
