@@ -150,8 +150,12 @@ def test_pull_streams_progress_then_the_manifest(client, tiny_llama_dir, xllm_ho
         with contextlib.suppress(ModelNotFound):
             ModelStore(xllm_home).rm("tiny-pulled")
     assert client.manifest()["server_version"] == xllm_jupyter.__version__
-    # pulling what the store already holds (same files, same name) changes nothing and says so at once
-    assert [e["status"] for e in client.pull(str(tiny_llama_dir), name=TINY)] == ["success"]
+    # pulling what the store already holds (same files, same name) changes nothing: the path is compared with the
+    # stored copy (its files hashed: "verify" progress), then success with the stored model as it was
+    before = client.manifest(TINY)
+    *checked, done = client.pull(str(tiny_llama_dir), name=TINY)
+    assert {e["status"] for e in checked} <= {"verify"} and done["status"] == "success"
+    assert (done["digest"], done["created"]) == (before["digest"], before["created"])
 
 
 def test_pull_and_manifest_errors(client, xllm_server, tmp_path):
