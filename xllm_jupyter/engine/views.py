@@ -45,8 +45,9 @@ class ViewsMixin:
         task = info.task or info.details.get("task") or ("chat" if name in self._runners else None)
         default = bool(self.config.default_model) and name == canonical_name(self.config.default_model)
         digest = info.digest
-        # the defaults a loaded model's requests get were read at its load; an adapter's requests get none
-        defaults = self._defaults.get(name, ModelfileDefaults()) if name in self._runners else None
+        # the defaults a loaded model's (or attached adapter's: its own, not its base's) requests get, read at its load
+        defaults = self._defaults.get(name, ModelfileDefaults()) if name in self._runners or name in self._adapters \
+            else None
         # the catalog reads a manifest from disk: only when asked for (the polled, loaded-only views skip it)
         if task is None or (with_digest and digest is None):
             facts = self._catalog_facts(name)

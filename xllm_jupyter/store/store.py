@@ -148,7 +148,7 @@ class ModelStore(PullMixin):
             packaged = PACKAGED.get(name)
             return CatalogFacts(task=packaged.task if packaged is not None else None)
         defaults = None
-        if manifest.task in (None, "chat"):  # adapters and embedding models take no sampling
+        if manifest.task in (None, "chat", "adapter"):  # embedding models take no sampling; an adapter its own
             try:  # chat UIs show these; a damaged Modelfile record fails the load with its own message
                 defaults = model_defaults(manifest)
             except StoreError:
