@@ -19,6 +19,7 @@ TEMPLATE = (
     "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
     "{% if greeting is defined %}{{ greeting }}{% endif %}"
     "{% if suffix is defined %}{{ 'x' + suffix }}{% endif %}"
+    "{% if messages[0].content == 'boom' %}{{ 'x' + 1 }}{% endif %}"  # fails these messages whatever the variables
 )
 HI = [{"role": "user", "content": "Hi"}]
 
@@ -76,3 +77,14 @@ def test_reserved_keys_and_bad_values_are_400s(client, kwargs, param):
         client.chat.completions.create(model=TINY, messages=HI, max_completion_tokens=1,
                                        extra_body={"chat_template_kwargs": kwargs})
     assert exc.value.status_code == 400 and exc.value.body["param"] == param, exc.value.body
+
+
+def test_a_template_failing_the_messages_anyway_does_not_blame_the_kwargs(client):
+    """A TypeError the template raises without the variables too is the server's 500, as it is with none given; it
+    was a 400 telling the client its chat_template_kwargs were at fault."""
+    boom = [{"role": "user", "content": "boom"}]
+    for extra in ({}, {"chat_template_kwargs": {"greeting": "Hello"}}):
+        with pytest.raises(openai.InternalServerError) as exc:
+            client.chat.completions.create(model=TINY, messages=boom, max_completion_tokens=1, extra_body=extra)
+        assert exc.value.status_code == 500 and "chat_template_kwargs" not in str(exc.value.body), exc.value.body
+    assert client.chat.completions.create(model=TINY, messages=HI, max_completion_tokens=1, seed=1).choices

@@ -240,11 +240,24 @@ class ChatTokenizer:
         except TemplateError as exc:
             raise InvalidRequest(f"The chat template rejected these messages: {exc}", param="messages") from exc
         except TypeError as exc:
-            if not kw:
-                raise
+            if not kw or not self._renders(convo, tools, add_generation_prompt):
+                raise  # the template fails these messages without the variables too: not the client's variables
             # a variable of the client's type the template cannot use (it renders without them): the client's fault
             raise InvalidRequest(f"The chat template could not use these chat_template_kwargs: {exc}",
                                  param="chat_template_kwargs") from exc
+
+    def _renders(self, convo: list[dict[str, Any]], tools: Sequence[dict[str, Any]] | None,
+                 add_generation_prompt: bool) -> bool:
+        """Whether the template renders ``convo`` without extra variables (as is, or with text arguments)."""
+        for attempt in (convo, arguments_as_text(convo)):
+            if attempt is None:
+                continue
+            try:
+                self._render(attempt, tools, add_generation_prompt, {})
+                return True
+            except Exception:  # noqa: BLE001 (any failure: the variables are not the only fault)
+                pass
+        return False
 
     def _render(self, convo: list[dict[str, Any]], tools: Sequence[dict[str, Any]] | None, add_generation_prompt: bool,
                 kw: dict[str, Any]) -> str:
