@@ -262,3 +262,34 @@ def test_serve_subprocess(xllm_home):
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, proc.stdout.read()[-2000:]
+
+
+def test_rm_says_it_waits_for_another_process_working_on_the_model(home, tiny_llama_dir):
+    """`xllm rm` behind another process's pull or removal of the name waited without a word, as if it hung."""
+    import threading
+
+    from xllm_jupyter.store.atomic import FileLock
+    from xllm_jupyter.store.names import name_to_dirname, validate_name
+    from xllm_jupyter.store.store import ModelStore
+
+    store = ModelStore(home)
+    store.pull(str(tiny_llama_dir), "mini")
+    env = {**os.environ, "XLLM_BASE_URL": f"http://127.0.0.1:{free_port()}/v1"}  # no server there
+    env.pop("XLLM_API_KEY", None)
+    lock = FileLock(store.locks / f"{name_to_dirname(validate_name('mini'))}.lock")
+    lock.acquire()
+    # (let go in any case after a minute: the old code printed nothing, and the test must end to fail)
+    fallback = threading.Timer(60, lock.release)
+    fallback.start()
+    try:
+        proc = subprocess.Popen([str(XLLM), "rm", "-y", "mini"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=env)
+        line = proc.stderr.readline()
+        assert line.startswith("Waiting for another xllm process working on mini"), line
+        assert proc.poll() is None and store.exists("mini")  # still waiting, nothing removed
+    finally:
+        fallback.cancel()
+        lock.release()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "Removed mini" in out and not store.exists("mini")

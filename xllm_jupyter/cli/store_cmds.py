@@ -249,7 +249,9 @@ def rm_command(settings: Any, name: str, yes: bool) -> None:
         click.confirm(f"Remove {name}?", abort=True)
     removed = _served_from(store, settings, name)
     unload_from_server(settings, name, removed)  # it stops serving before its files go
-    store.rm(name)
+    if not store.rm(name, wait=False):  # another process pulls or removes it: say why nothing happens for a while
+        click.echo(f"Waiting for another xllm process working on {name} (a pull or removal)...", err=True)
+        store.rm(name)
     # again: a load under way when it was asked first may have finished since, before the files went
     unload_from_server(settings, name, removed)
     click.echo(f"Removed {name}")
