@@ -557,8 +557,8 @@ def test_connect_asking_for_the_token_where_the_frontend_cannot(kernel, xllm_ser
     msgs, reply = run_in(kc, f"%xllm connect {xllm_server.base_url} --token", allow_stdin=False)
     assert reply["status"] == "ok"
     text = "".join(m["content"]["text"] for m in msgs if m["msg_type"] == "stream")
-    assert text == ("xllm: this frontend cannot ask for the token: set XLLM_API_KEY, or call "
-                    "xllm_jupyter.connect(URL, token) with the token from a variable\n"), text
+    assert text == ("xllm: this frontend cannot ask for the token: call xllm_jupyter.connect(URL, token) with the "
+                    "token from a variable, or set XLLM_BASE_URL to the URL and XLLM_API_KEY to the token\n"), text
 
 
 @pytest.fixture

@@ -225,8 +225,9 @@ def test_command_errors_are_one_line(shell, tmp_path, monkeypatch):
         assert cap.stderr.count("\n") == 1 and "Traceback" not in cap.stderr, (line, cap.stderr)
     # a closed stdin (a terminal IPython fed from a pipe) was "unexpected error (EOFError)" after getpass's prompt
     cap = run(shell, "connect http://127.0.0.1:9/v1 --token")
-    assert cap.stderr.endswith("xllm token: xllm: this frontend cannot ask for the token: set XLLM_API_KEY, or call "
-                               "xllm_jupyter.connect(URL, token) with the token from a variable\n"), cap.stderr
+    assert cap.stderr.endswith("xllm token: xllm: this frontend cannot ask for the token: call "
+                               "xllm_jupyter.connect(URL, token) with the token from a variable, or set XLLM_BASE_URL "
+                               "to the URL and XLLM_API_KEY to the token\n"), cap.stderr
 
 
 def test_config_sets_defaults_for_cells(shell, own_tiny_server):

@@ -307,8 +307,10 @@ class Commands:
             try:
                 token = getpass.getpass("xllm token: ") or None
             except (StdinNotImplementedError, EOFError):  # nbconvert, voila, allow_stdin=False; a terminal's closed stdin
-                raise XllmError("this frontend cannot ask for the token: set XLLM_API_KEY, or call "
-                                "xllm_jupyter.connect(URL, token) with the token from a variable") from None
+                # (XLLM_API_KEY alone is sent only to the server XLLM_BASE_URL names: both, then `%xllm connect`)
+                raise XllmError("this frontend cannot ask for the token: call xllm_jupyter.connect(URL, token) with the "
+                                "token from a variable, or set XLLM_BASE_URL to the URL and XLLM_API_KEY to the "
+                                "token") from None
         if args.url is None and args.token is None:
             discovery.disconnect()
             loc = self.state.locate()
