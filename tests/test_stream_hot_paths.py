@@ -162,7 +162,7 @@ def _every_marker_at(text, i, names, final):
             j = tool_scan._SPACE.match(text, i + len(marker)).end()
             if j == len(text):
                 return None if final else tool_scan._HOLD
-            span = tool_scan._json_at(text, j, names, final)
+            span = tool_scan._json_at(text, j, names, final) or tool_scan._v11_at(text, j, names, final)
             return span if span is tool_scan._HOLD or (span and span[1]) else None
         if tool_scan._cut_short(text, i, marker, final):
             return tool_scan._HOLD
@@ -171,7 +171,7 @@ def _every_marker_at(text, i, names, final):
 
 FRAGMENTS = ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
              '<tool_call>{"name": "add"', '<|python_tag|>{"name": "add", "parameters": {"a": 2}}',
-             '[TOOL_CALLS][{"name": "add", "arguments": {"a": 3}}]', '{"name": "get_weather", "parameters": {}}',
+             '[TOOL_CALLS][{"name": "add", "arguments": {"a": 3}}]', '[TOOL_CALLS]add[ARGS]{"a": 4}', '{"name": "get_weather", "parameters": {}}',
              '[1, 2]', '{"a": tru', '{bad}', 'x < 3', '<|python', '[TOOL', '<tool', '</tool_call>', ' text ', '\n',
              ';', 'é😀', '{', '[', '<', '"', '}', ']', '[TOOL_CALLS] no', '<|python_tag|> ']
 

@@ -3,8 +3,9 @@
 Three output families are understood: Hermes/Qwen ``<tool_call>{"name", "arguments"}</tool_call>``
 (also what our fallback prompt and grammar produce), Llama 3.x bare JSON
 ``{"name", "parameters"}`` (optionally after ``<|python_tag|>``, several joined by ``;``)
-and Mistral ``[TOOL_CALLS][{"name", "arguments"}, ...]`` (the marker is a special token
-and is often already stripped, leaving the bare array). Only calls to known functions with
+Mistral ``[TOOL_CALLS][{"name", "arguments"}, ...]`` (the marker is a special token
+and is often already stripped, leaving the bare array) and the newer Mistral (tokenizer v11+: Small 3.2,
+Magistral, Devstral) ``[TOOL_CALLS]name[ARGS]{...}``, one marker per call. Only calls to known functions with
 object arguments count; anything else stays text. Finding them in a whole output or a stream
 is tool_scan.py's job.
 """
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 #: the output families (detect_family tells which one a template asks for)
-HERMES, LLAMA3, MISTRAL = "hermes", "llama3", "mistral"
+HERMES, LLAMA3, MISTRAL, MISTRAL_V11 = "hermes", "llama3", "mistral", "mistral_v11"
 
 #: the Hermes call block's tags
 OPEN_TAG, CLOSE_TAG = "<tool_call>", "</tool_call>"
@@ -55,7 +56,7 @@ def detect_family(template: str | None) -> str:
     """The tool-call format a model's chat template asks for (Hermes when it shows none)."""
     t = template or ""
     if "[TOOL_CALLS]" in t:
-        return MISTRAL
+        return MISTRAL_V11 if "[ARGS]" in t else MISTRAL
     if "<tool_call>" in t:
         return HERMES
     if "<|python_tag|>" in t or "ipython" in t:

@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
-from .tool_call import HERMES, LLAMA3, MISTRAL, ToolCall, detect_family
+from .tool_call import HERMES, LLAMA3, MISTRAL, MISTRAL_V11, ToolCall, detect_family
 from .tool_scan import scan
 from .tool_stream import StreamEvent, StreamingToolParser
 
-__all__ = ["HERMES", "LLAMA3", "MISTRAL", "ParsedOutput", "StreamEvent", "StreamingToolParser", "ToolCall",
+__all__ = ["HERMES", "LLAMA3", "MISTRAL", "MISTRAL_V11", "ParsedOutput", "StreamEvent", "StreamingToolParser", "ToolCall",
            "detect_family", "parse_tool_calls"]
 
 

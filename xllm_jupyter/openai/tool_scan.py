@@ -23,6 +23,9 @@ _AFTER_CALL = re.compile(r"[\s;,]*")  # what joins calls (Llama's ";", blank lin
 _CUT_TOKEN = re.compile(r"(?:t(?:ru?)?|f(?:a(?:ls?)?)?|n(?:ul?)?|-|[.eE][-+]?|u[0-9a-fA-F]{0,4}(?:\\(?:u[0-9a-fA-F]{0,4})?)?)\Z")
 _Span = tuple[int, tuple[ToolCall, ...]]  # where a construct ends, and its calls (none: plain text)
 _HOLD: _Span = (-1, ())  # a construct the text so far cannot decide
+# A Mistral v11+ call after its marker: the name, an optional call id (v13), then the arguments object
+_V11_HEAD = re.compile(r"([a-zA-Z0-9_-]{1,64})(?:\[CALL_ID\][a-zA-Z0-9]{1,64})?\[ARGS\]\s*")
+_V11_CUT = re.compile(r"[a-zA-Z0-9_-]{0,64}(?:\[CALL_ID\][a-zA-Z0-9]{0,64})?")  # the part a cut head may end in
 
 
 def _may_grow(text: str, err: json.JSONDecodeError) -> bool:
@@ -56,9 +59,32 @@ def _marker_at(text: str, i: int, names: frozenset[str], final: bool) -> _Span |
         j = _SPACE.match(text, i + len(marker)).end()
         if j == len(text):
             return None if final else _HOLD
-        span = _json_at(text, j, names, final)
+        span = _json_at(text, j, names, final) or _v11_at(text, j, names, final)
         return span if span is _HOLD or (span and span[1]) else None
     return _HOLD if _cut_short(text, i, marker, final) else None
+
+
+def _v11_at(text: str, j: int, names: frozenset[str], final: bool) -> _Span | None:
+    """A Mistral v11+ call after its ``[TOOL_CALLS]`` (at ``j``): ``name[ARGS]{...}``, its arguments kept as written."""
+    head = _V11_HEAD.match(text, j)
+    if not head:
+        cut = _V11_CUT.match(text, j).end()  # name (and id) so far; the text may end inside a tag after them
+        tags = ("[CALL_ID]", "[ARGS]") if "[CALL_ID]" not in text[j:cut] else ("[ARGS]",)
+        growing = cut == len(text) or any(_cut_short(text, cut, tag, final) for tag in tags)
+        return _HOLD if not final and growing else None
+    if names and head.group(1) not in names:
+        return None
+    k = head.end()
+    if k == len(text) or text[k] != "{":
+        return _HOLD if k == len(text) and not final else None
+    span = _json_at(text, k, names, final)
+    if span is None or span is _HOLD:
+        return span
+    try:
+        ok = isinstance(json.loads(text[k:span[0]]), dict)
+    except (ValueError, RecursionError):
+        ok = False
+    return (span[0], (ToolCall(head.group(1), text[k:span[0]]),)) if ok else None
 
 
 def _block_at(text: str, i: int, names: frozenset[str], final: bool) -> _Span | None:

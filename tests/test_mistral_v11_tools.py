@@ -1,0 +1,112 @@
+"""Newer Mistral models (tokenizer v11+: Mistral Small 3.2, Magistral, Devstral) write each tool call as
+``[TOOL_CALLS]name[ARGS]{...}``, not the older ``[TOOL_CALLS][{"name", "arguments"}]`` list; with ``tool_choice: auto``
+their calls came back as plain content. The template here is our own in the v11 manner (it renders past calls that
+way); the random tiny model is made to write the markup with ``guided_choice``, and the exact text is parsed directly
+too. Real server, real openai SDK."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import openai
+import pytest
+
+from tests.server_fixtures import TINY, tiny_server_of_its_own
+from xllm_jupyter.openai.tool_parser import (MISTRAL, MISTRAL_V11, StreamingToolParser, detect_family,
+                                              parse_tool_calls)
+
+#: a minimal template in the v11 manner: tools listed, each past call as ``[TOOL_CALLS]name[ARGS]{json}``
+V11_LIKE = (
+    "{% if tools %}[AVAILABLE_TOOLS]{% for t in tools %}{{ t.function.name }} {% endfor %}[/AVAILABLE_TOOLS]{% endif %}"
+    "{% for m in messages %}"
+    "{% if m.role == 'user' %}[INST]{{ m.content }}[/INST]"
+    "{% elif m.tool_calls %}{% for c in m.tool_calls %}"
+    "[TOOL_CALLS]{{ c.function.name }}[ARGS]{{ c.function.arguments | tojson }}{% endfor %}</s>"
+    "{% elif m.role == 'tool' %}[TOOL_RESULTS]{{ m.content }}[/TOOL_RESULTS]"
+    "{% else %}{{ m.content }}</s>{% endif %}{% endfor %}"
+)
+TOOLS = [{"type": "function", "function": {"name": n, "parameters": {"type": "object", "properties": {"city": {
+    "type": "string"}}}}} for n in ("weather", "time")]
+NAMES = ("weather", "time")
+#: what such a model writes: some text, then two calls in a row
+REPLY = 'Let me look.[TOOL_CALLS]weather[ARGS]{"city": "Oslo"}[TOOL_CALLS]time[ARGS]{"city": "Lima"}'
+ASK = [{"role": "user", "content": "Weather in Oslo, time in Lima?"}]
+
+
+def test_the_family_is_detected_from_the_template():
+    assert detect_family(V11_LIKE) == MISTRAL_V11
+    assert detect_family("[AVAILABLE_TOOLS]{{ tools }}[TOOL_CALLS]{{ calls | tojson }}") == MISTRAL  # the older list
+
+
+@pytest.mark.parametrize(("text", "content", "calls"), [
+    (REPLY, "Let me look.", [("weather", '{"city": "Oslo"}'), ("time", '{"city": "Lima"}')]),
+    ('[TOOL_CALLS]weather[ARGS] {"city": "Oslo"}\n', None, [("weather", '{"city": "Oslo"}')]),
+    ('[TOOL_CALLS]time[CALL_ID]a1b2c3d4e[ARGS]{"city": "Rome"}', None, [("time", '{"city": "Rome"}')]),  # v13's id
+    ('[TOOL_CALLS]other[ARGS]{"city": "Oslo"}', '[TOOL_CALLS]other[ARGS]{"city": "Oslo"}', []),  # not a request tool
+    ('[TOOL_CALLS]weather[ARGS]{"city": ', '[TOOL_CALLS]weather[ARGS]{"city": ', []),  # cut short
+    ('[TOOL_CALLS]weather[ARGS][1]', '[TOOL_CALLS]weather[ARGS][1]', []),  # arguments not an object
+])
+def test_calls_are_parsed_whole_and_streamed(text, content, calls):
+    parsed = parse_tool_calls(text, NAMES, MISTRAL_V11)
+    assert parsed.content == (content if calls else text)
+    assert [(c.name, c.arguments) for c in parsed.calls] == calls
+    for size in range(1, 8):  # the stream splits it the same, whatever the pieces
+        parser = StreamingToolParser(NAMES, MISTRAL_V11)
+        events = [e for i in range(0, len(text), size) for e in parser.feed(text[i:i + size])] + parser.finish()
+        streamed = "".join(e.content for e in events if e.content is not None)
+        assert streamed == text if not calls else (streamed.strip() or None) == content
+        assert [(e.name, "".join(a.arguments or "" for a in events if a.index == e.index and a.id is None))
+                for e in events if e.id is not None] == calls
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory, tiny_llama_dir):
+    private = tmp_path_factory.mktemp("v11-template") / "t"  # its own copy: the template differs
+    shutil.copytree(tiny_llama_dir, private)
+    (private / "chat_template.jinja").write_text(V11_LIKE, encoding="utf-8")
+    with tiny_server_of_its_own(tmp_path_factory, private, "mistral_v11") as info:
+        with openai.OpenAI(base_url=info.base_url, api_key=info.api_key, max_retries=0, timeout=120) as c:
+            yield c
+
+
+def ask(client, **kw):
+    """A reply the model must write as REPLY (``guided_choice``), tools offered with ``tool_choice: auto``."""
+    return client.chat.completions.create(model=TINY, messages=ASK, tools=TOOLS, max_completion_tokens=96, seed=1,
+                                          extra_body={"guided_choice": [REPLY]}, **kw)
+
+
+def test_the_server_returns_the_calls(client):
+    r = ask(client, n=2)
+    for choice in r.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me look."
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [
+            ("weather", {"city": "Oslo"}), ("time", {"city": "Lima"})]
+    one = ask(client, parallel_tool_calls=False).choices[0].message.tool_calls
+    assert [c.function.name for c in one] == ["weather"]
+
+
+def test_the_stream_sends_the_calls(client):
+    content, calls, reasons = "", {}, []
+    for chunk in ask(client, stream=True):
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for frag in delta.tool_calls or ():
+            call = calls.setdefault(frag.index, {"name": frag.function.name, "arguments": ""})
+            call["arguments"] += frag.function.arguments or ""
+        reasons.append(chunk.choices[0].finish_reason)
+    assert content == "Let me look." and reasons[-1] == "tool_calls"
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [
+        ("weather", {"city": "Oslo"}), ("time", {"city": "Lima"})]
+
+
+def test_forced_calls_and_the_next_turn(client):
+    r = client.chat.completions.create(model=TINY, messages=ASK, tools=TOOLS, tool_choice="required",
+                                       max_completion_tokens=64, seed=1)
+    calls = r.choices[0].message.tool_calls
+    assert calls and all(c.function.name in NAMES for c in calls)
+    history = ASK + [r.choices[0].message.model_dump(exclude_none=True)] + [
+        {"role": "tool", "tool_call_id": c.id, "content": "9 C"} for c in calls]
+    named = client.chat.completions.create(model=TINY, messages=history, tools=TOOLS, max_completion_tokens=64, seed=1,
+                                           tool_choice={"type": "function", "function": {"name": "time"}})
+    assert [c.function.name for c in named.choices[0].message.tool_calls] == ["time"]
