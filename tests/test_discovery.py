@@ -176,6 +176,18 @@ def test_connect_without_url_uses_what_discovery_finds(xllm_server, monkeypatch)
     assert discovery.connect() == ServerLocation(xllm_server.base_url, xllm_server.api_key, "connect")
 
 
+def test_connect_to_the_url_the_environment_names_takes_its_key(xllm_server, monkeypatch):
+    """`%xllm connect URL` where no token can be asked says to set XLLM_BASE_URL and XLLM_API_KEY: connecting to that
+    URL then sent no key at all (a 401), though the key is the one XLLM_BASE_URL's server takes."""
+    monkeypatch.setenv("XLLM_BASE_URL", xllm_server.base_url)
+    monkeypatch.setenv("XLLM_API_KEY", xllm_server.api_key)
+    assert discovery.connect(xllm_server.base_url + "/") == ServerLocation(xllm_server.base_url, xllm_server.api_key,
+                                                                           "connect")
+    monkeypatch.setenv("XLLM_BASE_URL", "http://127.0.0.1:9/v1")  # another server's key: not sent here
+    with pytest.raises(AuthenticationError):
+        discovery.connect(xllm_server.base_url)
+
+
 def test_the_key_is_never_sent_to_another_server(xllm_server, monkeypatch):
     # XLLM_API_KEY belongs to XLLM_BASE_URL: a client for a connect()ed server must not fall back to it
     monkeypatch.setenv("XLLM_API_KEY", "the-jupyter-token")

@@ -37,7 +37,7 @@ import httpx
 from ..core.errors import AuthenticationError, InvalidRequest, PermissionDenied, XllmError
 from ..core.hub_url import PUBLIC_KEYS, TLS_HINT, hub_ssl_context, service_root
 from .aio import AsyncXllmClient
-from .base import ServerUnavailable, auth_headers, resolve_base_url, root_url
+from .base import ServerUnavailable, auth_headers, env_key_for, resolve_base_url, root_url
 from .client import XllmClient
 
 log = logging.getLogger("xllm_jupyter.client")
@@ -172,6 +172,8 @@ def connect(url: str | None = None, token: str | None = None) -> ServerLocation:
         url = found.base_url if found else None
         if token is None and found is not None:
             token = found.api_key
+    elif token is None:  # XLLM_API_KEY where XLLM_BASE_URL names this same server (the rule XllmClient(url) keeps)
+        token = env_key_for(url)
     base = resolve_base_url(url)
     try:
         # the host as httpx reads it (`xn--` is no IDNA label) and as the socket's name lookup encodes it (`a..b`, a
