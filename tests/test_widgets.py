@@ -44,6 +44,7 @@ def test_chat_widget_streams_a_conversation(make, endpoint):
     assert w.messages[0]["content"] == "Hello <there>" and w.messages[1]["content"]
     assert w.last.completion_tokens == 6 and w.last.ttft_s > 0
     assert "6 tokens in" in w.status.value
+    assert "Stopped at the max tokens limit" in w.status.value  # (ignore_eos: the reply ran into max tokens)
     assert "Hello &lt;there&gt;" in w.transcript.value  # user text is escaped, not rendered
     assert not w.send_button.disabled and w.stop_button.disabled and w.stop_button.button_style == ""
     # the widget sent what chat() sends: same greedy reply

@@ -292,7 +292,9 @@ class ChatWidget(W.VBox):
                 self._status(f"Error: {error_text(error)}{kept}", "error")
             elif record is not None:
                 speed = "" if math.isnan(record.tok_per_s) else f", {record.tok_per_s:.1f} tok/s"
-                self._status(f"{record.completion_tokens} tokens in {record.latency_s:.2f} s (first after {record.ttft_s:.2f} s{speed}).", "ok")
+                # (as the JupyterLab panel does: an answer cut at max tokens reads as if it ended there)
+                cut = " Stopped at the max tokens limit." if record.finish_reason == "length" else ""
+                self._status(f"{record.completion_tokens} tokens in {record.latency_s:.2f} s (first after {record.ttft_s:.2f} s{speed}).{cut}", "ok")
         except Exception as exc:  # the traceback goes to the log; the widget must not stay busy
             log.exception("ChatWidget could not show the reply's status")
             self._status(f"Error: {error_text(exc)}", "error")
