@@ -206,10 +206,10 @@ def test_xllm_rm_unloads_a_load_that_finished_between_its_unload_and_the_removal
     with chat_held_at_load(server, read) as (info, c, asked):
         remove = ModelStore.rm
 
-        def load_finishing_first(self, name):  # the CLI's unload has been answered: the load ends now
+        def load_finishing_first(self, name, **how):  # the CLI's unload has been answered: the load ends now
             release.set()
             assert asked.result(300).model == "tiny"
-            remove(self, name)
+            return remove(self, name, **how)
 
         monkeypatch.setattr(ModelStore, "rm", load_finishing_first)
         result = CliRunner().invoke(main, ["rm", "tiny", "-y", "--url", info.base_url, "--api-key", API_KEY],
