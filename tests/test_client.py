@@ -96,6 +96,32 @@ def test_a_client_for_another_server_does_not_send_the_environments_key(monkeypa
                          ("the-jupyter-token", "Bearer the-jupyter-token"), ("k", "Bearer k")]
 
 
+def test_the_environments_key_goes_to_its_server_however_the_url_is_spelled(monkeypatch):
+    """``env_key_for`` compared URLs as text: ``http://Host:80/xllm`` and ``HTTP://host/xllm/v1`` are the server
+    ``XLLM_BASE_URL`` names, yet got no key (a 401). Another host, port, scheme or path still gets none: not even
+    ``localhost`` for ``127.0.0.1`` (``::1`` may answer there), nor another user's path behind one hub proxy."""
+    from xllm_jupyter.client.base import env_key_for
+
+    monkeypatch.setenv("XLLM_API_KEY", "the-jupyter-token")
+    monkeypatch.setenv("XLLM_BASE_URL", "http://Hub.example.org/user/alice/xllm/v1")
+    same = ["http://hub.example.org:80/user/alice/xllm", "HTTP://HUB.EXAMPLE.ORG/user/alice/xllm/v1/",
+            "hub.example.org/user/alice/xllm/", "http://hub.example.org/user/%61lice/xllm/v1"]
+    other = ["https://hub.example.org/user/alice/xllm/v1", "http://hub.example.org:8080/user/alice/xllm/v1",
+             "http://hub.example.org/user/bob/xllm/v1", "http://hub.example.org/user/Alice/xllm/v1",
+             "http://hub.example.org.evil/user/alice/xllm/v1", "http://127.0.0.1/user/alice/xllm/v1"]
+    assert [env_key_for(url) for url in same] == ["the-jupyter-token"] * len(same)
+    assert [env_key_for(url) for url in other] == [None] * len(other)
+    monkeypatch.setenv("XLLM_BASE_URL", "https://127.0.0.1:8888/xllm/v1")
+    assert env_key_for("https://127.0.0.1:8888/xllm") == "the-jupyter-token"
+    assert [env_key_for(u) for u in ("https://localhost:8888/xllm", "https://[::1]:8888/xllm", "https://127.0.0.1/xllm")] == [None] * 3
+    monkeypatch.delenv("XLLM_BASE_URL")  # the default URL's server (https's default port is 443, http's 80)
+    assert env_key_for("HTTP://127.0.0.1:8900") == "the-jupyter-token" and env_key_for("http://127.0.0.1:80/v1") is None
+    monkeypatch.setenv("XLLM_BASE_URL", "ftp://h/v1")  # names no server: its key goes nowhere
+    assert env_key_for("http://h/v1") is None
+    with XllmClient("http://h:80/v1") as c:
+        assert c.api_key is None
+
+
 # ---------------------------------------------------------------- admin routes
 def test_health_models_and_loaded(client):
     assert client.health()["status"] == "ok"

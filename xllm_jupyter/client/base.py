@@ -95,9 +95,30 @@ def resolve_base_url(base_url: str | None = None, env: Mapping[str, str] | None 
 def env_key_for(base_url: str | None) -> str | None:
     """``XLLM_API_KEY`` for the server ``XLLM_BASE_URL`` (or the default URL) names, None for any other: the Jupyter
     extension exports its server's token there, which a client named another server sent along."""
-    if base_url is not None and resolve_base_url(base_url) != resolve_base_url(None):
+    key = os.environ.get("XLLM_API_KEY") or None
+    if key is None or base_url is None:
+        return key
+    try:
+        ours = _server_identity(resolve_base_url(None))
+        return key if ours is not None and ours == _server_identity(resolve_base_url(base_url)) else None
+    except InvalidRequest:  # XLLM_BASE_URL (or base_url) is no server URL: it names no server to trust
         return None
-    return os.environ.get("XLLM_API_KEY") or None
+
+
+def _server_identity(base_url: str) -> tuple[str, str, int, str] | None:
+    """(scheme, host, port, path) of a resolved base URL, spelled one way: ``HTTP://Host:80/x/v1`` and
+    ``http://host/x/v1`` are one server; None for a URL httpx cannot read.
+
+    Different host names stay different, loopback ones too: ``localhost`` may resolve to ``::1`` first, where
+    another local user can listen on the port a server bound on 127.0.0.1 (or 0.0.0.0) only. The path counts:
+    behind one JupyterHub proxy, ``/user/alice/`` and ``/user/bob/`` are two users' servers on one origin.
+    """
+    try:
+        url = httpx.URL(base_url)
+    except (httpx.InvalidURL, ValueError, UnicodeError):
+        return None
+    port = url.port if url.port is not None else {"http": 80, "https": 443}.get(url.scheme, 0)  # httpx drops a default one
+    return url.scheme, url.host, port, url.path.rstrip("/")
 
 
 def root_url(base_url: str) -> str:
