@@ -1,0 +1,74 @@
+"""The reference tables of docs/ against the code: every setting, its variable and default; every metric and its type."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.server_fixtures import TINY
+from xllm_jupyter.core.config import XllmConfig
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+# a row of a key table: | `key` | `XLLM_...` (alias ...) | default | meaning |
+_KEY_ROW = re.compile(r"^\| `(\w+)` \| `(XLLM_\w+)`[^|]*\| ([^|]*) \|", re.M)
+# defaults the table words rather than writes as a value
+_WORDED = {("store", "home"), ("http", "allowed_hosts")}
+
+
+def _documented_keys() -> dict[tuple[str, str], tuple[str, str]]:
+    """``{(section, key): (env variable, default cell)}`` from docs/configuration.md's tables."""
+    out = {}
+    for part in re.split(r"^### ", (DOCS / "configuration.md").read_text(), flags=re.M)[1:]:
+        section = re.match(r"`(\w+)`", part)
+        if section is None:
+            continue
+        body = part.split("\n## ", 1)[0]
+        for key, env, default in _KEY_ROW.findall(body):
+            out[(section.group(1), key)] = (env, default.strip())
+    return out
+
+
+def _as_written(cell: str):
+    """A default cell's value: `none` is empty, else the first backticked value read as YAML."""
+    if cell.startswith("none"):
+        return None
+    value = yaml.safe_load(re.match(r"`([^`]*)`", cell).group(1))
+    return "" if value is None else value
+
+
+def test_configuration_md_names_every_key_its_variable_and_default():
+    documented = _documented_keys()
+    config = XllmConfig()
+    fields = {(f.name, k.name) for f in dataclasses.fields(config) for k in dataclasses.fields(getattr(config, f.name))}
+    assert fields - documented.keys() == set(), "keys docs/configuration.md has no row for"
+    assert documented.keys() - fields == set(), "rows of docs/configuration.md naming no key"
+    for (section, key), (env, cell) in documented.items():
+        assert env == f"XLLM_{section.upper()}_{key.upper()}", (section, key)
+        if (section, key) in _WORDED:
+            continue
+        code = getattr(getattr(config, section), key)
+        written = _as_written(cell)
+        if written is None or written == []:
+            assert code in ((), ""), f"{section}.{key}: the docs say none, the code has {code!r}"
+        else:
+            assert type(code)(written) == code, f"{section}.{key}: the docs say {cell}, the code has {code!r}"
+
+
+def test_metrics_md_lists_what_metrics_serves(raw):
+    """Every metric of docs/metrics.md's table is served under that name and type, and every one served is in it."""
+    rows = re.findall(r"^\| `(xllm_\w+)` \| (\w+) \|", (DOCS / "metrics.md").read_text(), re.M)
+    assert len(rows) > 20
+    # a generation first, so the labelled families have samples too
+    r = raw.post("/v1/chat/completions", json={"model": TINY, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1})
+    assert r.status_code == 200
+    r = raw.get("/metrics")
+    assert r.status_code == 200
+    served = {f.name: f.type for f in text_string_to_metric_families(r.text)
+              if f.name.startswith("xllm_") and not f.name.endswith("_created")}
+    # the parser names a counter without its _total, as the exposition's samples carry it
+    documented = {name.removesuffix("_total") if kind == "counter" else name: kind for name, kind in rows}
+    assert served == documented
