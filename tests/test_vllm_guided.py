@@ -115,6 +115,15 @@ def test_response_format_schema_wins_over_a_mirrored_guided_json(client):
     ({"guided_grammar": "root ::= ("}, "guided_grammar"),
     ({"structured_outputs": {"grammar": "   "}}, "structured_outputs.grammar"),
     ({"guided_regex": "(unclosed"}, "guided_regex"),
+    # vLLM's StructuredOutputsParams: an object naming no kind is its "must use one kind" 400; json_object false is a
+    # kind there (so beside another it is "only one kind"), which then fails the request
+    ({"structured_outputs": {}}, "structured_outputs"),
+    ({"structured_outputs": {"disable_any_whitespace": True, "disable_fallback": True}}, "structured_outputs"),
+    ({"structured_outputs": {"regex": None}}, "structured_outputs"),
+    ({"guided_regex": PLATE, "structured_outputs": {"regex": None}}, "structured_outputs"),
+    ({"structured_outputs": {"json_object": False}}, "structured_outputs.json_object"),
+    ({"structured_outputs": {"json_object": False, "regex": PLATE}}, "structured_outputs.regex"),
+    ({"guided_regex": PLATE, "structured_outputs": {"json_object": False}}, "structured_outputs.json_object"),
 ])
 @pytest.mark.parametrize("route", ["chat", "legacy"])
 def test_malformed_or_conflicting_fields_are_400s_naming_the_field(client, extra, param, route):
@@ -134,7 +143,7 @@ def test_legacy_completions_take_response_format_as_vllm_does(client):
 
 
 def test_nulls_and_no_op_options_ask_for_nothing(client):
-    extra = {"guided_json": None, "guided_decoding_backend": "xgrammar", "structured_outputs": {"regex": None}}
+    extra = {"guided_json": None, "guided_decoding_backend": "xgrammar", "structured_outputs": None}
     r = client.chat.completions.create(model=TINY, messages=HI, max_completion_tokens=3, seed=1, extra_body=extra)
     assert r.usage.completion_tokens >= 1
     with pytest.raises(openai.BadRequestError) as exc:  # (the backend's name is typed all the same)

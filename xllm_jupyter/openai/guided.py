@@ -5,7 +5,10 @@ Clients written for vLLM constrain the output with ``structured_outputs`` (an ob
 ``guided_regex``, ``guided_choice`` and ``guided_grammar``. They were dropped as unknown fields, so such a
 client got unconstrained text. The rules are vLLM's:
 
-- one kind at most: two of them, in either spelling, are a 400 (vLLM's "only one kind" error);
+- one kind at most: two of them, in either spelling, are a 400 (vLLM's "only one kind" error); a kind is any key
+  that is not null, ``json_object: false`` too (vLLM counts it, then fails the request: here a 400 naming it);
+- a ``structured_outputs`` object naming no kind (only options, or every kind null) is a 400, as vLLM's "must use
+  one kind";
 - ``response_format`` json_schema beside a vLLM JSON schema: ``response_format``'s schema is used (vLLM writes it
   over the same slot; clients send both as mirrors); beside any other kind, or json_object beside any, a 400;
 - options that change nothing here are accepted (JSON is compact and client objects are closed already; there is
@@ -61,6 +64,7 @@ def _asked(extra: dict[str, Any]) -> list[tuple[str, str, Any]]:
         return asked
     if not isinstance(outputs, dict):
         raise _type_error("structured_outputs", "an object", outputs)
+    kinds = len(asked)
     for key, value in outputs.items():
         param = f"structured_outputs.{key}"
         if value is None:
@@ -73,18 +77,23 @@ def _asked(extra: dict[str, Any]) -> list[tuple[str, str, Any]]:
         elif key == "json_object":
             if not isinstance(value, bool):
                 raise _type_error(param, "a boolean", value)
-            if value:
-                asked.append((param, key, value))
+            asked.append((param, key, value))  # false too: vLLM counts any non-null kind (then fails it)
         elif key in _KINDS:
             asked.append((param, key, value))
         else:  # a typo or a newer option: ignoring it could leave the output unconstrained
             raise InvalidRequest(f"Unknown parameter: '{param}'.", param=param, code="unknown_parameter")
+    if len(asked) == kinds:  # vLLM's 400: the object names no kind (only options, or every kind null)
+        raise InvalidRequest("'structured_outputs' must name one kind of constraint (json, regex, choice, grammar or "
+                             "json_object), but none is given.", param="structured_outputs")
     return asked
 
 
 def _constraint(param: str, kind: str, value: Any) -> Constraint:
     """The constraint one vLLM field asks for; a 400 naming ``param`` when its value is malformed."""
     if kind == "json_object":
+        if not value:  # vLLM takes it as a kind, then fails the request: no constraint is what it asks for
+            raise InvalidRequest(f"'{param}' is false, which asks for no constraint: leave 'structured_outputs' out "
+                                 "for plain text.", param=param)
         return Constraint("json_object")
     if kind == "json":
         schema = value
