@@ -56,6 +56,23 @@ def test_reserve_keeps_a_slot_for_others_once_several_users_are_active():
     assert len(q.take(1, running=["a"] * 3, max_batch=4)) == 1
 
 
+def test_a_flood_still_waiting_past_the_window_keeps_the_reserve_for_an_active_user():
+    # a queued her flood once, more than a window ago, and it still waits; b keeps coming back (within the
+    # window). a's waiting work makes her active: the reserve stays, so b's next request starts within a step
+    clock = [0.0]
+    q = _q(reserved=1, window=60, clock=lambda: clock[0])
+    q.append(("b", 0))
+    q.extend([("a", i) for i in range(10)])
+    assert [u for u, _ in q.take(4, max_batch=4)] == ["b", "a", "a", "a"]  # a holds at most 4 - 1
+    clock[0] = 50.0
+    q.append(("b", 1))  # b, back within the window after his first ended: the free slot, at once
+    assert q.take(1, running=["a", "a", "a"], max_batch=4) == [("b", 1)]
+    clock[0] = 100.0  # b's second ended, and one of a's; a queued nothing for 100 s, but 7 of hers still wait
+    assert [u for u, _ in q.take(2, running=["a", "a"], max_batch=4)] == ["a"]  # not both: the reserve holds
+    q.append(("b", 2))
+    assert q.take(1, running=["a", "a", "a"], max_batch=4) == [("b", 2)]  # b starts at once, not after a's end
+
+
 def test_a_returning_user_served_longest_ago_wins_a_tie():
     q = _q()
     q.append(("b", 0))

@@ -6,10 +6,11 @@ FIFO per user instead and hands free slots out user by user:
 
 * the waiting user holding the fewest running slots goes first (ties: the user served
   longest ago first, round-robin), so a newcomer gets the next free slot;
-* once more than one user has been active recently (``window`` seconds), one user
-  may hold at most ``max_batch - reserved`` slots, keeping ``reserved`` slots free for
-  whoever arrives next. There is no preemption, so this reserve is what bounds a
-  newcomer's wait to one step instead of the length of someone else's generation.
+* once more than one user has been active recently (queued work within ``window``
+  seconds, or has some still waiting), one user may hold at most ``max_batch - reserved``
+  slots, keeping ``reserved`` slots free for whoever arrives next. There is no
+  preemption, so this reserve is what bounds a newcomer's wait to one step instead of
+  the length of someone else's generation.
   A user alone on the server (a single-user Jupyter server) still gets every slot, so
   someone arriving after the window has passed waits for the first of that user's
   generations to end; ``always`` keeps the reserve even then (a shared hub's choice).
@@ -146,9 +147,12 @@ class FairQueue(Generic[Item]):
         return list(self._queues)
 
     def shared(self) -> bool:
-        """True when more than one user queued work within the last ``window`` seconds."""
+        """True when more than one user is active: queued work within the last ``window`` seconds, or has work
+        still waiting (a flood queued at once stays active while it waits, however long ago it was queued: it
+        took the reserve the moment its window passed, so another user coming back waited for one of its
+        generations to end)."""
         self._forget_idle()
-        return len(self._seen) > 1
+        return len(self._seen) > 1 or len(self._seen.keys() | self._queues.keys()) > 1
 
     def _forget_idle(self) -> None:
         """Drop users idle for longer than ``window``: keeps the per-user maps bounded by active users."""
