@@ -3,6 +3,7 @@ rendered as Markdown, a reply cut off by a server that died kept, with a message
 
 from __future__ import annotations
 
+import html
 import os
 import signal
 import subprocess
@@ -209,3 +210,26 @@ def test_the_transcript_follows_a_reply_longer_than_its_box(chat):
     layout = w.transcript.layout
     assert layout.overflow == "auto" and layout.max_height
     assert layout.display == "flex" and layout.flex_flow == "column-reverse"
+
+
+def test_compare_columns_cut_off_by_a_dead_server_keep_their_text(doomed_server):
+    from xllm_jupyter.widgets import CompareWidget
+
+    base, proc = doomed_server
+    settings = [{"ignore_eos": True, "seed": 1}, {"ignore_eos": True, "seed": 2}]
+    w = CompareWidget(TINY, settings=settings, prompt="Go on and on", max_tokens=2000, client=(base, None))
+    try:
+        assert w.run()
+        assert wait_for(lambda: all(len(r.text) > 20 for r in w._records)), w.status.value
+        proc.send_signal(signal.SIGKILL)
+        assert w.wait(30)
+        assert "2 failed" in w.status.value, w.status.value
+        texts = w.result.texts
+        for text, body in zip(texts, w._bodies):
+            # the column still shows what streamed (escaped as it was while streaming), the error under it
+            assert len(text) > 20 and html.escape(text) in body.value, body.value
+            assert "closed the connection" in body.value, body.value
+        shown = w.result._repr_html_()
+        assert all(html.escape(t) in shown for t in texts) and "closed the connection" in shown
+    finally:
+        w.close()

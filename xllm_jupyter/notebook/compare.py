@@ -161,7 +161,7 @@ class CompareResult:
             row(
                 "text",
                 [
-                    f"<td style='white-space:pre-wrap;vertical-align:top;text-align:left'>{esc(r.text) if r.error is None else '<b>error:</b> ' + esc(str(r.error))}</td>"
+                    f"<td style='white-space:pre-wrap;vertical-align:top;text-align:left'>{esc(r.text)}{'' if r.error is None else ('<br>' if r.text else '') + '<b>error:</b> ' + esc(str(r.error))}</td>"
                     for r in rs
                 ],
             ),

@@ -189,7 +189,9 @@ class CompareWidget(W.VBox):
 
     def _render_column(self, i: int) -> None:
         rec = self._records[i]
-        body = html.escape(rec.text) if rec.error is None else f"<b>error:</b> {html.escape(error_text(rec.error))}"
+        body = html.escape(rec.text)
+        if rec.error is not None:  # a stream cut off mid-answer keeps the text that came, the error under it
+            body += f"{'<br>' if body else ''}<b>error:</b> {html.escape(error_text(rec.error))}"
         self._bodies[i].value = f'<div style="{_CELL}">{body}</div>'
 
     def _finished(self, task: asyncio.Task, messages: list[dict[str, Any]]) -> None:
