@@ -348,6 +348,8 @@ class _Service:
         self.release, self.gone = threading.Event(), threading.Event()
         self.break_off = threading.Event()  # set: the stream's connection drops after the first chunk (a crash)
         self.cut_event = b""  # with break_off: the start of the next event, sent before the drop (a crash mid-write)
+        self.bytewise = False  # set: the stream is written one byte at a time
+        self.sent = bytearray()  # the stream's bytes as written
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
@@ -383,8 +385,10 @@ class _Service:
                     outer.gone.set()
 
             def _send(self, data: bytes) -> None:
-                self.wfile.write(data)
-                self.wfile.flush()
+                outer.sent += data
+                for piece in [data[i:i + 1] for i in range(len(data))] if outer.bytewise else [data]:
+                    self.wfile.write(piece)
+                    self.wfile.flush()
 
             def _json(self, status: int, obj: object, headers: dict[str, str] | None = None) -> None:
                 self.send_response(status)
@@ -653,6 +657,47 @@ def test_a_forwarded_stream_broken_off_mid_event_still_ends_in_an_error_event(xl
             assert pieces == ["Hel"]
 
     xllm["run"](body())
+
+
+def test_a_forwarded_stream_written_a_byte_at_a_time_arrives_exactly_as_sent(xllm, hub_api, service):
+    """Each event is held until its end comes: bytes that arrive one by one leave whole, none lost or repeated."""
+    service.bytewise = True
+    service.release.set()  # the whole stream at once: its two chunks and [DONE]
+
+    async def body() -> None:
+        await start(xllm)
+        await xllm["app"]._start_task
+        async with httpx.AsyncClient(timeout=30) as h:
+            async with h.stream("POST", xllm["url"] + "/chat/completions", headers={"Authorization": f"token {xllm['token']}"},
+                                json={"model": "hub-model", "messages": MSG, "stream": True}) as r:
+                got = b"".join([piece async for piece in r.aiter_raw()])
+        assert got == bytes(service.sent) and got.endswith(b"data: [DONE]\n\n") and got.count(b"data:") == 3, got
+
+    xllm["run"](body())
+
+
+@pytest.mark.parametrize("sep", [b"\n\n", b"\r\n\r\n"])
+def test_the_relay_cuts_a_stream_in_any_pieces_into_whole_events(sep):
+    """The relay's cutter, fed a byte at a time (and in uneven pieces): what it lets out is whole events, in order."""
+    import random
+
+    from xllm_jupyter.extension.hub_forward import EventCutter
+
+    events = [b": keepalive" + sep, b"data: " + b"x" * 5000 + sep, b'data: {"a": 1}' + sep, b"data: [DONE]" + sep]
+    stream = b"".join(events)
+    cutter = EventCutter()
+    assert [out for i in range(len(stream)) if (out := cutter.feed(stream[i:i + 1]))] == events
+    assert not cutter.held
+    rng = random.Random(7)
+    for _ in range(20):
+        cuts = sorted(rng.sample(range(1, len(stream)), 12))
+        cutter = EventCutter()
+        pieces = [cutter.feed(stream[a:b]) for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+        assert b"".join(pieces) == stream and not cutter.held
+        assert all(p.endswith(sep) for p in pieces if p), pieces  # never half an event
+    cutter = EventCutter()  # the start of an event is held until its end comes
+    assert (cutter.feed(b"data: 1" + sep + b"data: 2"), bytes(cutter.held)) == (b"data: 1" + sep, b"data: 2")
+    assert (cutter.feed(sep[:1]), cutter.feed(sep[1:])) == (b"", b"data: 2" + sep)
 
 
 def test_a_hub_service_that_cannot_be_reached_is_a_503_to_retry(xllm, monkeypatch):

@@ -117,34 +117,55 @@ class HubForwardingHandler(JupyterXllmHandler):
         stream = getattr(self.request.connection, "stream", None)
         if stream is not None and hasattr(stream, "set_nodelay"):
             stream.set_nodelay(True)  # small events: no Nagle delay (as server/handlers.stream_events)
-        partial = b""  # the start of an event whose end has not come yet
+        # an event leaves whole, its start held until its end comes: a half relayed and then an error
+        # event read as one malformed event (a JSON error in the openai SDK), not as the error
+        events = EventCutter()
         try:
             async for chunk in response.aiter_raw():
-                if partial:
-                    chunk, partial = partial + chunk, b""
-                # an event leaves whole, its start held until its end comes: a half relayed and then an error
-                # event read as one malformed event (a JSON error in the openai SDK), not as the error
-                cut = _events_end(chunk)
-                chunk, partial = chunk[:cut], chunk[cut:]
-                if chunk:
-                    self.write(chunk)
+                whole = events.feed(chunk)
+                if whole:
+                    self.write(whole)
                     await self.flush()  # each event leaves now; a slow client slows only its own upstream read
         except StreamClosedError:  # the client left: closing the response (caller) closes the upstream connection
             return
         except httpx.HTTPError as exc:  # the service went away mid-stream (stopped, restarted, crashed)
             log.warning("xllm: the hub service's stream broke off: %s", exc)
-            partial = b""  # a half event: dropped (an event is whole or not sent)
+            events.held.clear()  # a half event: dropped (an event is whole or not sent)
             # an error event, as the service sends for a failure of its own: a stream that just ended passed for
             # the whole answer in the openai SDK, the magics, the widgets and the playground
             self.write(sse_event(Overloaded("The JupyterHub xllm service's stream broke off before the answer was "
                                             "complete (did the service stop or restart?); retry.",
                                             code=UNREACHABLE).to_openai()))
-        self.finish(partial or None, set_content_type=content_type)
+        self.finish(bytes(events.held) or None, set_content_type=content_type)
 
 
-def _events_end(data: bytes) -> int:
-    """Where the last whole server-sent event in ``data`` ends (0: no event ends in it)."""
-    lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+class EventCutter:
+    """A byte stream's whole server-sent events, chunk by chunk: the start of an event whose end has not come is held."""
+
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
+        self.held = bytearray()  # the start of an event whose end has not come yet
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The events ``chunk`` completes, whole (b"" where none ends in it); what follows the last is held."""
+        if not self.held:  # (most chunks: whole events, nothing copied)
+            cut = _events_end(chunk, 0)
+            self.held += chunk[cut:]
+            return chunk[:cut]
+        # only the new bytes are searched, and the 3 before them where a separator may begin: a long event in
+        # small chunks was joined and searched again whole at each one (quadratic in the event's size)
+        start = max(len(self.held) - 3, 0)
+        self.held += chunk
+        cut = _events_end(self.held, start)
+        whole = bytes(self.held[:cut])
+        del self.held[:cut]
+        return whole
+
+
+def _events_end(data: bytes | bytearray, start: int) -> int:
+    """Where the last whole server-sent event in ``data`` ends, from a separator starting at ``start`` or later (0: none)."""
+    lf, crlf = data.rfind(b"\n\n", start), data.rfind(b"\r\n\r\n", start)
     return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
 
 
@@ -155,4 +176,4 @@ def _unreachable(upstream: Upstream, exc: Exception) -> Overloaded:
                       code=UNREACHABLE)
 
 
-__all__ = ["FORWARDED_ROUTES", "HUB_LINK_KEY", "HubForwardingHandler"]
+__all__ = ["EventCutter", "FORWARDED_ROUTES", "HUB_LINK_KEY", "HubForwardingHandler"]
