@@ -187,6 +187,21 @@ def test_wrong_api_key_is_a_clean_error(live):
     assert_clean_error(invoke("--api-key", "wrong", "ps"), "XLLM_API_KEY")
 
 
+def test_the_environments_key_goes_only_to_the_server_it_names(xllm_server, monkeypatch):
+    """`xllm --url OTHER ...` in a Jupyter terminal (the extension exports XLLM_BASE_URL and XLLM_API_KEY, its token) sent
+    the Jupyter token to OTHER: click read XLLM_API_KEY as --api-key. The CLI now keeps XllmClient's rule: the
+    variable's key only for the server XLLM_BASE_URL names; --api-key always goes."""
+    monkeypatch.setenv("XLLM_BASE_URL", f"http://127.0.0.1:{free_port()}/xllm/v1")  # "the Jupyter server"
+    monkeypatch.setenv("XLLM_API_KEY", xllm_server.api_key)  # its token, which happens to open OTHER too
+    for args in (("--url", xllm_server.base_url, "ps"), ("ps", "--url", xllm_server.base_url)):
+        assert_clean_error(invoke(*args), "missing API key", "XLLM_API_KEY goes only to the server XLLM_BASE_URL names")
+    assert invoke("ps", "--url", xllm_server.base_url, "--api-key", xllm_server.api_key).exit_code == 0
+    monkeypatch.setenv("XLLM_BASE_URL", xllm_server.base_url.upper().replace("/V1", ""))  # the same server, spelled so
+    assert invoke("--url", xllm_server.base_url, "ps").exit_code == 0
+    assert invoke("ps").exit_code == 0
+    assert_clean_error(invoke("ps", "--api-key", "wrong"), "check --api-key / XLLM_API_KEY")
+
+
 def test_run_without_server_runs_in_process(xllm_home, xllm_server, monkeypatch):
     monkeypatch.setenv("XLLM_HOME", str(xllm_home))
     monkeypatch.delenv("XLLM_CONFIG", raising=False)

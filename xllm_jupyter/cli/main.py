@@ -32,7 +32,10 @@ class XllmGroup(click.Group):
         try:
             return super().invoke(ctx)
         except (AuthenticationError, PermissionDenied) as exc:
-            raise click.ClickException(terminal_safe(f"{exc.message} (check --api-key / XLLM_API_KEY)")) from None
+            hint = "check --api-key / XLLM_API_KEY"
+            if getattr(ctx.obj, "env_key_withheld", False):
+                hint = "no key sent: XLLM_API_KEY goes only to the server XLLM_BASE_URL names; pass --api-key"
+            raise click.ClickException(terminal_safe(f"{exc.message} ({hint})")) from None
         except XllmError as exc:  # a server's message may quote what it was sent, or be hostile: no escapes
             raise click.ClickException(terminal_safe(exc.message)) from None
         except KeyboardInterrupt:
@@ -44,7 +47,7 @@ class XllmGroup(click.Group):
 
 @click.group(cls=XllmGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--url", envvar="XLLM_BASE_URL", metavar="URL", help=URL_HELP)
-@click.option("--api-key", envvar="XLLM_API_KEY", metavar="KEY", help=KEY_HELP)
+@click.option("--api-key", metavar="KEY", help=KEY_HELP)  # XLLM_API_KEY: the client's rule, see Settings.client
 @click.version_option(__version__, prog_name="xllm")
 @click.pass_context
 def main(ctx: click.Context, url: str | None, api_key: str | None) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import click
 
 URL_HELP = "Server base URL ending in /v1 [env XLLM_BASE_URL; default http://127.0.0.1:8900/v1]."
-KEY_HELP = "API key (or Jupyter token) for the server [env XLLM_API_KEY]."
+KEY_HELP = ("API key (or Jupyter token) for the server [env XLLM_API_KEY, sent only to the server XLLM_BASE_URL "
+            "(or the default URL) names].")
 
 
 class Settings:
@@ -16,15 +18,22 @@ class Settings:
     def __init__(self, url: str | None = None, api_key: str | None = None):
         self.url = url
         self.api_key = api_key
+        #: True once a client was built without the XLLM_API_KEY the environment holds (``--url`` names another
+        #: server), so a 401 can say why no key went
+        self.env_key_withheld = False
         self._client = None
 
     def client(self):
-        """The XllmClient for ``--url``/``--api-key`` (env XLLM_BASE_URL/XLLM_API_KEY)."""
+        """The XllmClient for ``--url``/``--api-key`` (env XLLM_BASE_URL; XLLM_API_KEY only for XLLM_BASE_URL's server)."""
         if self._client is None:
             from ..client import XllmClient
 
             _check_url(self.url)
+            # no --api-key: the client takes XLLM_API_KEY only where --url is the server XLLM_BASE_URL names. In a
+            # Jupyter terminal the variable holds the Jupyter server's token (the extension exports it), which
+            # `xllm --url OTHER` sent to OTHER when click read it as --api-key
             self._client = XllmClient(self.url, self.api_key)
+            self.env_key_withheld = self.api_key is None and self._client.api_key is None and bool(os.environ.get("XLLM_API_KEY"))
             click.get_current_context().call_on_close(self._client.close)
         return self._client
 
