@@ -425,3 +425,28 @@ def test_xllm_run_puts_a_broken_streams_error_under_the_partial_reply(cut_short_
         with pytest.raises(ServerUnavailable, match="ended before the answer was complete"):
             stream_reply(c, [{"role": "user", "content": "hi"}], "m", {})
     assert capsys.readouterr().out == "Hel\n"
+
+
+def test_xllm_runs_chat_goes_on_after_a_stream_cut_short(cut_short_stream, capsys, monkeypatch):
+    """The interactive `xllm run` ended, conversation and all, when a stream broke off (a server or proxy restarting):
+    it re-raised ServerUnavailable. Now the partial reply stays on screen with the error under it, the chat goes on,
+    and the broken turn is not sent again (its partial reply would pass for a whole answer)."""
+    from xllm_jupyter.cli import chat
+
+    sent = []
+
+    class Recording(XllmClient):
+        def stream_chat(self, messages, model=None, **params):
+            sent.append([dict(m) for m in messages])
+            return super().stream_chat(messages, model, **params)
+
+    lines = iter(["hi", "again", "/bye"])
+    monkeypatch.setattr(chat, "_read_line", lambda *prompt: next(lines))
+    history = [{"role": "system", "content": "be brief"}]
+    with Recording(cut_short_stream, "") as c:
+        chat.interactive(c, "m", history, {})
+    out, err = capsys.readouterr()
+    assert out == "Hel\nHel\n"
+    assert err.count("Error: the stream from the xllm server at") == 2 and "ended before the answer was complete" in err
+    assert [[m["content"] for m in turn] for turn in sent] == [["be brief", "hi"], ["be brief", "again"]]
+    assert history == [{"role": "system", "content": "be brief"}]

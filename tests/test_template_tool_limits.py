@@ -57,15 +57,20 @@ def model(tiny_llama_dir, tmp_path_factory):
     loaded.unload()
 
 
+def _render(model, template: str, history: list[ChatMessage], tools: list[dict], choice: str | None = None) -> str:
+    """The prompt ``template`` renders of ``history`` with ``tools``, as a chat request's (``tool_choice`` ``choice``)."""
+    class Req:
+        tool_choice, parallel_tool_calls = choice, None
+
+    Req.tools = tools
+    model.tokenizer.chat_template = template
+    messages, shown = ToolCalling.from_request(Req, model).prompt(history)
+    return model.render_chat(messages, tools=shown)
+
+
 @pytest.mark.parametrize("choice", [None, "none", "required"])
 def test_a_mistral_template_renders_a_history_with_openai_ids(model, choice):
-    class Req:
-        tools, tool_choice, parallel_tool_calls = TOOLS, choice, None
-
-    model.tokenizer.chat_template = MISTRAL_LIKE
-    calling = ToolCalling.from_request(Req, model)
-    messages, tools = calling.prompt(HISTORY)
-    prompt = model.render_chat(messages, tools=tools)  # raised "Tool call ids must be 9 characters" (a 400)
+    prompt = _render(model, MISTRAL_LIKE, HISTORY, TOOLS, choice)  # raised "Tool call ids must be 9 characters" (a 400)
     calls = re.findall(r"<weather (\w+)>", prompt)
     results = re.findall(r"\[TOOL_RESULTS\](\w+)=([^\[]+)\[", prompt)
     assert len(set(calls)) == 3 and all(len(c) == 9 for c in calls)
@@ -107,18 +112,18 @@ def _calls(*cities: str) -> list[dict]:
             for c in cities]
 
 
+#: a turn of two parallel calls and their results
+PARALLEL_RESULTS = [ChatMessage("user", "Weather?"), ChatMessage("assistant", None, tool_calls=_calls("Oslo", "Lima")),
+                    ChatMessage("tool", "-5 C", tool_call_id="call_Oslo"), ChatMessage("tool", "22 C", tool_call_id="call_Lima")]
+
+
 @pytest.mark.parametrize("choice", [None, "none", "required"])
 def test_a_llama_template_renders_a_turn_of_parallel_calls(model, choice):
-    class Req:
-        tools, tool_choice, parallel_tool_calls = CITY, choice, None
-
     history = [ChatMessage("user", "Weather?"), ChatMessage("assistant", "Checking.", tool_calls=_calls("Oslo", "Lima")),
                ChatMessage("tool", "-5 C", tool_call_id="call_Oslo"), ChatMessage("tool", "22 C", tool_call_id="call_Lima"),
                ChatMessage("assistant", "Cold and warm."), ChatMessage("user", "And Rome?"),
                ChatMessage("assistant", None, tool_calls=_calls("Rome")), ChatMessage("tool", "15 C", tool_call_id="call_Rome")]
-    model.tokenizer.chat_template = LLAMA_LIKE
-    messages, tools = ToolCalling.from_request(Req, model).prompt(history)
-    prompt = model.render_chat(messages, tools=tools)  # raised "only supports single tool-calls" (a 400)
+    prompt = _render(model, LLAMA_LIKE, history, CITY, choice)  # raised "only supports single tool-calls" (a 400)
     assert ("<user>Weather?</user><call>Oslo</call><result>-5 C</result><call>Lima</call><result>22 C</result>"
             "<assistant>Cold and warm.</assistant><user>And Rome?</user><call>Rome</call><result>15 C</result>") in prompt
 
@@ -156,25 +161,13 @@ def test_a_gemma_template_takes_a_system_message(model, messages, shown):
 
 def test_tools_without_a_native_template_reach_gemma(model):
     """The fallback prompt describes the tools in a system message: every request with tools was a 400 on Gemma."""
-    class Req:
-        tools, tool_choice, parallel_tool_calls = CITY, None, None
-
-    model.tokenizer.chat_template = GEMMA_LIKE
-    messages, tools = ToolCalling.from_request(Req, model).prompt([ChatMessage("user", "Weather?")])
-    prompt = model.render_chat(messages, tools=tools)
+    prompt = _render(model, GEMMA_LIKE, [ChatMessage("user", "Weather?")], CITY)
     assert prompt.startswith("<user># Tools") and prompt.endswith("Weather?</user>") and '"weather"' in prompt
 
 
 def test_a_turn_of_tool_results_is_one_user_turn_without_a_native_template(model):
     """Gemma's template wants turns to alternate: the fallback's results of parallel calls were two user turns."""
-    class Req:
-        tools, tool_choice, parallel_tool_calls = CITY, None, None
-
-    history = [ChatMessage("user", "Weather?"), ChatMessage("assistant", None, tool_calls=_calls("Oslo", "Lima")),
-               ChatMessage("tool", "-5 C", tool_call_id="call_Oslo"), ChatMessage("tool", "22 C", tool_call_id="call_Lima")]
-    model.tokenizer.chat_template = GEMMA_LIKE
-    messages, tools = ToolCalling.from_request(Req, model).prompt(history)
-    prompt = model.render_chat(messages, tools=tools)  # raised "Conversation roles must alternate" (a 400)
+    prompt = _render(model, GEMMA_LIKE, PARALLEL_RESULTS, CITY)  # raised "Conversation roles must alternate" (a 400)
     assert prompt.endswith("<user><tool_response>\n-5 C\n</tool_response>\n<tool_response>\n22 C\n</tool_response></user>")
 
 
@@ -187,12 +180,5 @@ DEEPSEEK_LIKE = (
 
 
 def test_a_template_that_takes_arguments_as_text_renders_a_tool_history(model):
-    class Req:
-        tools, tool_choice, parallel_tool_calls = CITY, None, None
-
-    history = [ChatMessage("user", "Weather?"), ChatMessage("assistant", None, tool_calls=_calls("Oslo", "Lima")),
-               ChatMessage("tool", "-5 C", tool_call_id="call_Oslo"), ChatMessage("tool", "22 C", tool_call_id="call_Lima")]
-    model.tokenizer.chat_template = DEEPSEEK_LIKE
-    messages, tools = ToolCalling.from_request(Req, model).prompt(history)
-    prompt = model.render_chat(messages, tools=tools)  # a TypeError (str + dict): a 500
+    prompt = _render(model, DEEPSEEK_LIKE, PARALLEL_RESULTS, CITY)  # a TypeError (str + dict): a 500
     assert '<call>weather:{"city": "Oslo"}</call><call>weather:{"city": "Lima"}</call><tool>-5 C<tool>22 C' in prompt

@@ -191,10 +191,10 @@ def interactive(backend: ChatBackend, model: str, history: list[dict[str, str]],
         history.append({"role": "user", "content": text})
         try:
             reply, interrupted = stream_reply(backend, history, model, params)
-        except ServerUnavailable:
-            raise
         except XllmError as exc:
-            # A bad turn should not end the session; drop it and let the user go on.
+            # A bad turn should not end the session, nor a server that stopped or restarted (ServerUnavailable, the
+            # reply cut off or never begun): the conversation waits for it to be back. The turn is dropped, a partial
+            # reply too (it stays on screen): sent with the next turns it would pass for the model's whole answer.
             history.pop()
             _note(f"Error: {exc.message}")
             continue
