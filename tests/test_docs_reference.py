@@ -6,13 +6,15 @@ import dataclasses
 import re
 from pathlib import Path
 
+import click
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.server_fixtures import TINY
-from xllm_jupyter.core.config import XllmConfig
+from xllm_jupyter.core.config import XllmConfig, load_config
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
 # a row of a key table: | `key` | `XLLM_...` (alias ...) | default | meaning |
 _KEY_ROW = re.compile(r"^\| `(\w+)` \| `(XLLM_\w+)`[^|]*\| ([^|]*) \|", re.M)
 # defaults the table words rather than writes as a value
@@ -72,3 +74,35 @@ def test_metrics_md_lists_what_metrics_serves(raw):
     # the parser names a counter without its _total, as the exposition's samples carry it
     documented = {name.removesuffix("_total") if kind == "counter" else name: kind for name, kind in rows}
     assert served == documented
+
+
+def test_readme_command_list_matches_the_cli():
+    """The README's `xllm` command block names every command and each one's options, and no option the CLI lacks."""
+    from xllm_jupyter.cli.main import main
+
+    block = re.search(r"## The `xllm` command\n\n```text\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    listed = {}
+    for line in block.splitlines():
+        name, usage = re.match(r"xllm ([a-z-]+) ?(.*)", line).groups()
+        listed[name] = set(re.findall(r"(?<![\w-])(--?[a-z][a-z-]*)", usage.split("  ")[0]))
+    assert listed.keys() == main.commands.keys()
+    client_flags = {"--url", "--api-key", "--help", "-h"}  # the README's prose covers these for every client command
+    for name, command in main.commands.items():
+        options = [p.opts + p.secondary_opts for p in command.params if isinstance(p, click.Option)]
+        assert listed[name] - {o for opts in options for o in opts} == set(), f"xllm {name} has no such option"
+        missing = {opts[0] for opts in options if not client_flags & set(opts) and not listed[name] & set(opts)}
+        assert missing == set(), f"the README's line for xllm {name} leaves these out"
+
+
+def test_yaml_examples_in_the_docs_are_valid_config(tmp_path):
+    """Every ```yaml block of README.md and docs/ loads as a config.yaml (no misspelt key or bad value)."""
+    blocks = [(path.name, m) for path in [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+              for m in re.findall(r"```yaml\n(.*?)```", path.read_text(), re.S)]
+    assert len(blocks) >= 4
+    for i, (name, text) in enumerate(blocks):
+        path = tmp_path / f"{i}.yaml"
+        path.write_text(text)
+        try:
+            load_config(path, env={})
+        except Exception as exc:
+            raise AssertionError(f"a yaml example of {name} does not load: {exc}\n{text}") from exc
