@@ -198,3 +198,18 @@ def test_the_command_list_cuts_no_summary_short():
     commands = out.split("Commands:", 1)[1].splitlines()
     assert len([line for line in commands if line.strip()]) == len(main.commands), out
     assert not [line for line in commands if line.rstrip().endswith("...")], out
+
+
+@pytest.mark.parametrize("route, body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+    ("/v1/completions", {"prompt": "x"}),
+])
+def test_five_stop_strings_are_refused_in_openais_words(raw, route, body):
+    """docs/http-api.md: request checks use api.openai.com's words and codes. Five `stop` strings read
+    "'stop' accepts at most 4 sequences" with the generic code `invalid_value`."""
+    r = raw.post(route, json={"model": TINY, "max_tokens": 1, "stop": ["a", "b", "c", "d", "e"], **body})
+    assert r.status_code == 400
+    assert r.json()["error"] == {
+        "message": "Invalid 'stop': array too long. Expected an array with maximum length 4, but got an array with "
+                   "length 5 instead.",
+        "type": "invalid_request_error", "param": "stop", "code": "array_above_max_length"}

@@ -39,8 +39,7 @@ def served_tier(requested: str | None) -> str | None:
 #: largest ``top_logprobs`` OpenAI accepts (chat) and largest legacy ``logprobs``
 MAX_TOP_LOGPROBS = 20
 MAX_LEGACY_LOGPROBS = 5
-MAX_STOP = 4
-MAX_STOP_CHARS = 512  # a stop string's length: matching holds back up to it and builds an automaton of it
+MAX_STOP, MAX_STOP_CHARS = 4, 512  # stop strings, and a stop string's length: matching holds back up to it and builds an automaton
 
 
 class StrictModel(BaseModel):
@@ -172,7 +171,8 @@ class _SamplingFields(StrictModel):
 
     def _check_common(self) -> None:
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
-            raise InvalidRequest(f"'stop' accepts at most {MAX_STOP} sequences", param="stop")
+            raise InvalidRequest(f"Invalid 'stop': array too long. Expected an array with maximum length {MAX_STOP}, but got an "
+                                 f"array with length {len(self.stop)} instead.", param="stop", code="array_above_max_length")
         if (longest := max(map(len, self.stop_strings()), default=0)) > MAX_STOP_CHARS:  # (OpenAI's wording)
             raise InvalidRequest(f"Invalid 'stop': string too long. Expected a string with maximum length {MAX_STOP_CHARS}, but "
                                  f"got a string with length {longest} instead.", param="stop", code="string_above_max_length")
