@@ -77,6 +77,25 @@ def test_chat_widget_settings_start_at_the_picked_models_defaults(server):
         w.close()
 
 
+def test_chat_widget_model_defaults_button_reads_them_again(server):
+    """A model re-created while its ChatWidget was open (`xllm create`, `%xllm create`) has new defaults; the widget
+    showed the ones it read when it was built, "Model defaults" too, while requests got the new ones."""
+    from xllm_jupyter.widgets import ChatWidget
+
+    store = ModelStore(server.config.store.home)
+    store.create("warm", "FROM greedy\nPARAMETER temperature 0.5\n")
+    w = ChatWidget("warm", client=(server.base_url, server.api_key))
+    try:
+        assert w.temperature.value == 0.5
+        store.create("warm", "FROM greedy\nPARAMETER temperature 1.25\nPARAMETER num_predict 9\n")  # as `xllm create`
+        w.temperature.value = 0.2
+        w.use_model_defaults()
+        assert (w.temperature.value, w.top_p.value, w.max_tokens.value) == (1.25, 0.85, 9) and w.chosen == set()
+    finally:
+        w.close()
+        store.rm("warm")
+
+
 def test_playground_sliders_start_at_the_models_defaults(server):
     pytest.importorskip("gradio")
     from xllm_jupyter.playground.app import SHOWN, Endpoint, build_app, model_settings

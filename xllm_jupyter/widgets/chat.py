@@ -139,10 +139,21 @@ class ChatWidget(W.VBox):
         return {**{name: self._control(name).value for name in _SHOWN if name in self.chosen}, **self.params}
 
     def use_model_defaults(self) -> None:
-        """Send none of temperature, top p and max tokens: the model's own defaults apply again."""
+        """Send none of temperature, top p and max tokens: the model's own defaults apply again, shown as the server
+        lists them now (read again: a model re-created since, by ``xllm create`` or ``%xllm create``, has new ones)."""
         self.chosen.clear()
+        self._read_model_defaults()
         self._show_model_defaults()
         self._note_settings()
+
+    def _read_model_defaults(self) -> None:
+        """``model_defaults`` from the server's listing now; the last ones kept where it cannot be asked."""
+        from ..client import XllmClient
+
+        with XllmClient(*self._endpoint) as client:
+            defaults = listed_defaults(client)
+        if defaults:
+            self.model_defaults = defaults
 
     def _show_model_defaults(self) -> None:
         """The settings not chosen show what the picked model gets for them (its own defaults, else ``_SHOWN``)."""
