@@ -196,3 +196,37 @@ def test_a_model_deleted_while_picked_leaves_the_chat_picker_at_once(lab, xllm_h
             timeout=10_000)
         assert picker.input_value() == TINY
         assert not errors, errors
+
+
+def test_a_streaming_reply_leaves_a_log_scrolled_up_where_it_is(lab):
+    """The quick chat follows a reply only while its log is at the end: one scrolled up to read stays there (every
+    streamed piece, and the reply's end, pulled it back to the bottom); a question sent then shows at the end."""
+    with chromium() as context:
+        page = context.new_page()
+        panel, errors = open_xllm_panel(page, lab)
+        page.wait_for_selector(f'#xllm-panel .xllm-Model.xllm-mod-loaded[data-model="{TINY}"]', timeout=120_000)
+        log = panel.locator(".xllm-Chat-log")
+        # a log a few pixels high, so the question alone overflows it; once the question and the pending reply are drawn
+        # (the log's first redraw of its children), the "user" scrolls to the top, whatever the reply streams after
+        log.evaluate("""node => {
+            Object.assign(node.style, {flex: 'none', height: '24px', minHeight: '0'});
+            const watch = new MutationObserver(() => { watch.disconnect(); node.scrollTop = 0; window.xllmScrolledUp = true; });
+            watch.observe(node, {childList: true});
+        }""")
+        box = panel.locator(".xllm-Chat-input")
+        box.fill("Tell me a long story.")
+        box.press("Enter")
+        page.wait_for_function("() => window.xllmScrolledUp === true", timeout=30_000)
+        page.wait_for_selector("#xllm-panel .xllm-Chat-send:not(.xllm-mod-stop)", timeout=120_000)
+        assert panel.locator(".xllm-Chat-error").count() == 0
+        top, height, shown = log.evaluate("node => [node.scrollTop, node.scrollHeight, node.clientHeight]")
+        assert height > shown and top == 0, (top, height, shown)
+
+        # a question sent from there is shown at the end, and its reply followed
+        box.fill("And then?")
+        box.press("Enter")
+        page.wait_for_selector("#xllm-panel .xllm-Chat-turn.xllm-mod-assistant:not(.xllm-mod-pending) >> nth=1", timeout=120_000)
+        page.wait_for_selector("#xllm-panel .xllm-Chat-send:not(.xllm-mod-stop)", timeout=120_000)
+        top, height, shown = log.evaluate("node => [node.scrollTop, node.scrollHeight, node.clientHeight]")
+        assert height - top - shown <= 8, (top, height, shown)
+        assert not errors, errors

@@ -7,7 +7,7 @@
 import { Widget } from '@lumino/widgets';
 
 import { XllmApi } from './api';
-import { chatKeyAction, failureText, modelGone, Transcript, Turn } from './state';
+import { atBottom, chatKeyAction, failureText, modelGone, Transcript, Turn } from './state';
 
 /** Chat box options. */
 export interface ChatViewOptions {
@@ -128,12 +128,12 @@ export class ChatView extends Widget {
     if (!model) {
       reply.pending = false;
       reply.error = 'No chat model is available: load one in the xllm panel.';
-      this.render();
+      this.render(true);
       return;
     }
     this.abort = new AbortController();
     this.setBusy(true);
-    this.render();
+    this.render(true); // a question just sent is shown, however far up the log was scrolled
     const node = this.log.lastElementChild?.querySelector('.xllm-Chat-text') as HTMLElement | null;
     try {
       const result = await this.api.chat({
@@ -144,8 +144,12 @@ export class ChatView extends Widget {
         onDelta: delta => {
           reply.content += delta;
           if (node) {
+            // follow the reply only while the log is at its end: a user who scrolled up to read stays put
+            const follow = atBottom(this.log);
             node.textContent = reply.content;
-            this.log.scrollTop = this.log.scrollHeight;
+            if (follow) {
+              this.log.scrollTop = this.log.scrollHeight;
+            }
           }
         }
       });
@@ -206,9 +210,13 @@ export class ChatView extends Widget {
     this.log.setAttribute('aria-busy', String(busy));
   }
 
-  private render(): void {
+  /** Draw the transcript; the log scrolls to its end if it was there (or `toEnd`), else stays where the user left it. */
+  private render(toEnd = false): void {
+    const follow = toEnd || atBottom(this.log);
     this.log.replaceChildren(...this.transcript.turns.map(turnNode));
-    this.log.scrollTop = this.log.scrollHeight;
+    if (follow) {
+      this.log.scrollTop = this.log.scrollHeight;
+    }
   }
 }
 

@@ -225,3 +225,11 @@ export function failureText(error: unknown): string {
   }
   return `The request failed: ${String(error)}`;
 }
+
+/** How near its end (px) a scrolled box still counts as at its end: a fraction of a line, for rounding and zoom. */
+export const AT_END_SLACK = 8;
+
+/** True when the scrollable `box` shows its last line (or has nothing to scroll): a streaming reply may follow it there. */
+export function atBottom(box: { scrollTop: number; scrollHeight: number; clientHeight: number }): boolean {
+  return box.scrollHeight - box.scrollTop - box.clientHeight <= AT_END_SLACK;
+}

@@ -1,6 +1,6 @@
 import type { Stats, StatsModel } from '../api';
 import { XllmApiError } from '../api';
-import { canChat, chatKeyAction, chooseChatModel, failureText, modelGone, modelRows, noChatModelsReason, notForChat, statsForUser, Transcript, Turn, unloadQuestion } from '../state';
+import { atBottom, canChat, chatKeyAction, chooseChatModel, failureText, modelGone, modelRows, noChatModelsReason, notForChat, statsForUser, Transcript, Turn, unloadQuestion } from '../state';
 
 /** A reply that has ended with `fields` (content, error or note). */
 function ended(turn: Turn, fields: Partial<Turn>): void {
@@ -202,5 +202,18 @@ describe('failureText', () => {
     expect(failureText(new XllmApiError('Not enough memory', 503))).toBe('Not enough memory');
     expect(failureText(new TypeError('Failed to fetch'))).toBe('The Jupyter server is not reachable (Failed to fetch).');
     expect(failureText('odd')).toBe('The request failed: odd');
+  });
+});
+
+describe('atBottom', () => {
+  it('is true at the end of the log (within a fraction of a line) and when nothing scrolls', () => {
+    expect(atBottom({ scrollTop: 400, scrollHeight: 600, clientHeight: 200 })).toBe(true);
+    expect(atBottom({ scrollTop: 395.5, scrollHeight: 600, clientHeight: 200 })).toBe(true);
+    expect(atBottom({ scrollTop: 0, scrollHeight: 100, clientHeight: 200 })).toBe(true);
+  });
+
+  it('is false once the user scrolled up to read (a streaming reply must not pull the log back down)', () => {
+    expect(atBottom({ scrollTop: 0, scrollHeight: 600, clientHeight: 200 })).toBe(false);
+    expect(atBottom({ scrollTop: 380, scrollHeight: 600, clientHeight: 200 })).toBe(false);
   });
 });
