@@ -159,6 +159,36 @@ def test_a_gemma_template_takes_a_system_message(model, messages, shown):
     assert model.render_chat(messages) == shown  # raised "System role not supported" (a 400)
 
 
+#: Mistral 7B v0.1/v0.2's and Mixtral's first template (still in many GGUF copies): turns alternating from a user
+#: turn and no system role, refused by the alternation check ("Conversation roles must alternate") before its own
+MISTRAL_V01_LIKE = (
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% elif m['role'] == 'assistant' %}"
+    "{{ m['content'] + '</s>' }}{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}"
+    "{% endif %}{% endfor %}"
+)
+
+
+def test_a_template_refusing_a_system_turn_its_own_way_takes_one(model):
+    """A system message (and every request with tools, described in one) was a 400 on Mistral's first templates,
+    in words that did not name it: "Conversation roles must alternate". Its text heads the first user turn, as for
+    Gemma's; what the template refuses for another reason keeps its own 400."""
+    from xllm_jupyter.core.errors import InvalidRequest
+
+    model.tokenizer.chat_template = MISTRAL_V01_LIKE
+    history = [ChatMessage("system", "Be brief."), ChatMessage("user", "Hi"), ChatMessage("assistant", "Yo"),
+               ChatMessage("user", "Bye")]
+    assert model.render_chat(history) == "[INST] Be brief.\n\nHi [/INST]Yo</s>[INST] Bye [/INST]"
+    prompt = _render(model, MISTRAL_V01_LIKE, [ChatMessage("user", "Weather?")], CITY)
+    assert prompt.startswith("[INST] # Tools") and prompt.endswith("Weather? [/INST]") and '"weather"' in prompt
+    for refused in ([ChatMessage("user", "Hi"), ChatMessage("user", "again")],
+                    [ChatMessage("system", "Be brief."), ChatMessage("user", "Hi"), ChatMessage("user", "again")]):
+        with pytest.raises(InvalidRequest, match="Conversation roles must alternate") as info:
+            model.render_chat(refused)
+        assert info.value.param == "messages"
+
+
 def test_tools_without_a_native_template_reach_gemma(model):
     """The fallback prompt describes the tools in a system message: every request with tools was a 400 on Gemma."""
     prompt = _render(model, GEMMA_LIKE, [ChatMessage("user", "Weather?")], CITY)

@@ -99,7 +99,8 @@ def system_into_first_user(convo: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``convo`` with its leading system turns' text at the head of the first user turn.
 
     Gemma's templates raise "System role not supported" on a system turn (Gemma 3's puts its text there itself), and
-    clients send one with most requests (tools without a native template add one too): each was a 400."""
+    Mistral's first ones "Conversation roles must alternate"; clients send one with most requests (tools without a
+    native template add one too): each was a 400."""
     lead = 0
     while lead < len(convo) and convo[lead]["role"] == "system":
         lead += 1
@@ -238,6 +239,12 @@ class ChatTokenizer:
                     pass
                 raise
         except TemplateError as exc:
+            merged = system_into_first_user(convo)
+            if merged is not convo:  # a template refusing a system turn in other words (Mistral's first ones: "roles
+                try:  # must alternate"): the system text heads the first user turn, as for Gemma's, if that renders
+                    return self._render(merged, tools, add_generation_prompt, kw)
+                except Exception:  # noqa: BLE001 (the system turn was not the fault: the template's own error stands)
+                    pass
             raise InvalidRequest(f"The chat template rejected these messages: {exc}", param="messages") from exc
         except TypeError as exc:
             if not kw or not self._renders(convo, tools, add_generation_prompt):
