@@ -73,6 +73,24 @@ def test_a_flood_still_waiting_past_the_window_keeps_the_reserve_for_an_active_u
     assert q.take(1, running=["a", "a", "a"], max_batch=4) == [("b", 2)]  # b starts at once, not after a's end
 
 
+def test_a_user_whose_generation_just_ended_counts_as_active():
+    # b's one generation ran for longer than the window while a's flood waited: when it ends, b is active from
+    # then, so the slot it frees stays free for b's next request rather than going to a
+    clock = [0.0]
+    q = _q(reserved=1, window=60, clock=lambda: clock[0])
+    q.append(("b", 0))
+    q.extend([("a", i) for i in range(10)])
+    assert [u for u, _ in q.take(4, max_batch=4)] == ["b", "a", "a", "a"]
+    clock[0] = 150.0
+    q.ended("b")  # b's generation ends (the runner says so as its job leaves the batch)
+    assert q.take(1, running=["a", "a", "a"], max_batch=4) == []  # a holds her share: the slot waits for b
+    clock[0] = 151.0
+    q.append(("b", 1))
+    assert q.take(1, running=["a", "a", "a"], max_batch=4) == [("b", 1)]
+    clock[0] = 300.0  # b gone quiet for a window: a alone may take every slot
+    assert len(q.take(1, running=["a", "a", "a"], max_batch=4)) == 1
+
+
 def test_a_returning_user_served_longest_ago_wins_a_tie():
     q = _q()
     q.append(("b", 0))
@@ -145,6 +163,32 @@ async def test_a_flooding_user_cannot_starve_another():
         await asyncio.gather(*flood)
         assert sorted(finished[2:]) == sorted(f"alice{i}" for i in range(8))
     finally:
+        await engine.stop()
+
+
+async def test_the_slot_a_long_generation_frees_waits_for_its_users_next_request():
+    # bob's generation outlasts the activity window (1 s) while alice's flood waits for slots; when it ends, the
+    # slot stays free and bob's next request starts at once instead of after one of alice's (endless) generations
+    backend = FakeBackend(step_delay=0.002, context_length=10**6)
+    engine = Engine(EngineConfig(max_batch_size=4), FakeCatalog(["fake"]), [backend],
+                    quotas=QuotaConfig(active_window_seconds=1.0))
+    await engine.start()
+    flood: list[asyncio.Future] = []
+    try:
+        await engine.load("fake")
+        finished: list[str] = []
+        bob = asyncio.ensure_future(_run(engine, _req("bob", 700), finished, "bob-long"))  # >= 1.4 s of steps
+        model = backend.models["fake"]
+        while not model.jobs:
+            await asyncio.sleep(0.002)
+        flood += [asyncio.ensure_future(_run(engine, _req("alice", 10**5), finished, "alice")) for _ in range(6)]
+        await bob
+        await asyncio.wait_for(_run(engine, _req("bob", 2), finished, "bob"), 10)
+        assert finished == ["bob-long", "bob"]
+    finally:
+        for task in flood:
+            task.cancel()
+        await asyncio.gather(*flood, return_exceptions=True)
         await engine.stop()
 
 

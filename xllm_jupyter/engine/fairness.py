@@ -6,8 +6,8 @@ FIFO per user instead and hands free slots out user by user:
 
 * the waiting user holding the fewest running slots goes first (ties: the user served
   longest ago first, round-robin), so a newcomer gets the next free slot;
-* once more than one user has been active recently (queued work within ``window``
-  seconds, or has some still waiting), one user may hold at most ``max_batch - reserved``
+* once more than one user has been active recently (queued work or had a generation end
+  within ``window`` seconds, or has work still waiting), one user may hold at most ``max_batch - reserved``
   slots, keeping ``reserved`` slots free for whoever arrives next. There is no
   preemption, so this reserve is what bounds a newcomer's wait to one step instead of
   the length of someone else's generation.
@@ -119,6 +119,11 @@ class FairQueue(Generic[Item]):
         """Queue one item."""
         self.extend((item,))
 
+    def ended(self, user: str) -> None:
+        """A job of ``user``'s left the batch: they count as active from now (a generation that ran for longer
+        than the window ended; the user's next request comes a moment later, and the slot must still be free)."""
+        self._seen[user] = self._clock()
+
     def remove_if(self, drop: Callable[[Item], bool]) -> int:
         """Remove every waiting item for which ``drop`` is true; returns how many went."""
         removed = 0
@@ -147,10 +152,10 @@ class FairQueue(Generic[Item]):
         return list(self._queues)
 
     def shared(self) -> bool:
-        """True when more than one user is active: queued work within the last ``window`` seconds, or has work
-        still waiting (a flood queued at once stays active while it waits, however long ago it was queued: it
-        took the reserve the moment its window passed, so another user coming back waited for one of its
-        generations to end)."""
+        """True when more than one user is active: queued work or had a job end (``ended``) within the last
+        ``window`` seconds, or has work still waiting (a flood queued at once stays active while it waits, however
+        long ago it was queued: it took the reserve the moment its window passed, so another user coming back
+        waited for one of its generations to end)."""
         self._forget_idle()
         return len(self._seen) > 1 or len(self._seen.keys() | self._queues.keys()) > 1
 

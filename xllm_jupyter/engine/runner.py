@@ -345,6 +345,7 @@ class ModelRunner(StepFailures, Retirement):
                 continue
             if event.finish is not None:
                 del self._jobs[event.job_id]
+                self._waiting.ended(state.handle.request.user or "")  # (the fairness reserve's activity window)
             if state.done:
                 # finished early (stop string or cancel): the backend's last word is ignored
                 if event.finish is FinishReason.CANCELLED and not state.completed:
