@@ -76,6 +76,31 @@ async def test_keyless_server_serves_loopback_only(tiny_catalog, tmp_path):
         await engine.stop()
 
 
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+async def test_server_on_every_ipv6_address_gives_a_url_that_answers(tiny_catalog, tmp_path):
+    """``xllm serve --host ::`` listens on IPv6 only (Tornado sets IPV6_V6ONLY), yet it logged
+    ``listening on http://127.0.0.1:PORT``, where nothing answers."""
+    config = make_test_config(tmp_path, host="::")
+    engine = Engine(config.engine, catalog=tiny_catalog)
+    server = await start_server(config, engine, port=0)
+    try:
+        assert server.url == f"http://[::1]:{server.port}"
+        async with httpx.AsyncClient(base_url=server.url) as c:
+            assert (await c.get("/health")).status_code == 200
+    finally:
+        await server.stop()
+        await engine.stop()
+
+
 @pytest.mark.parametrize("tornado_has_protection", [True, False])
 async def test_keyless_server_refuses_cross_site_writes_on_any_tornado(tiny_catalog, tmp_path, monkeypatch,
                                                                       tornado_has_protection):

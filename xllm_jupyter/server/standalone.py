@@ -70,6 +70,8 @@ def listen_host(config: XllmConfig, host: str | None = None) -> str:
 
 
 def _url_host(host: str) -> str:
+    if host == "::":  # IPv6 only (Tornado sets IPV6_V6ONLY): nothing answers on 127.0.0.1
+        return "[::1]"
     if host in _WILDCARDS:
         return "127.0.0.1"
     return f"[{host}]" if ":" in host else host
