@@ -53,3 +53,12 @@ def test_show_prints_one_part_alone(terse):
     assert invoke("show", TINY, "--system").output == ""  # none: nothing printed
     result = invoke("show", "terse", "--system", "--license")
     assert result.exit_code == 2 and "--system, --license" in result.output
+
+
+def test_show_parameters_prints_a_stop_string_as_written(home, tmp_path):  # noqa: F811 - the fixture imported above
+    """A stop string that is not ASCII came out as JSON escapes (``stop "\\u3002"``), which no Modelfile reads back."""
+    path = tmp_path / "Modelfile"
+    path.write_text('FROM tiny\nPARAMETER stop "。"\nPARAMETER stop "a\\tb"\n', encoding="utf-8")
+    assert invoke("create", "cjk", "-f", str(path)).exit_code == 0
+    assert invoke("show", "cjk", "--parameters").output.splitlines() == ['stop                "。"',
+                                                                          'stop                "a\\tb"']

@@ -284,7 +284,8 @@ def _echo_part(manifest: Any, part: str) -> None:
     elif part == "--parameters":
         for key, value in model_defaults(manifest).parameters.items():
             for one in value if isinstance(value, list) else [value]:  # stop: one line per string, as in a Modelfile
-                echo(f"{key:<20}{json.dumps(one) if isinstance(one, str) else one}")
+                # quoted as a Modelfile reads it back: "。" stays itself (JSON's \u3002 is no Modelfile escape)
+                echo(f"{key:<20}{json.dumps(one, ensure_ascii=False) if isinstance(one, str) else one}")
     elif part == "--system":
         text = model_defaults(manifest).system
         if text:
