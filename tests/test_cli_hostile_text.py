@@ -150,3 +150,41 @@ def test_a_servers_error_message_reaches_the_terminal_without_escapes(monkeypatc
         server.shutdown()
     assert result.exit_code == 1 and "such" in result.output, result.output
     assert "\x1b" not in result.output and "␛]52;c;ZXZpbA==␇" in result.output
+
+
+def test_the_interactive_chats_error_line_acts_on_no_escape(monkeypatch, capsys):
+    """`xllm run`'s chat writes a failed turn's error and goes on; the server's message went to the terminal as sent,
+    its escape sequences acting there (the one-line errors of every other command show them as symbols)."""
+    import http.server
+    import threading
+
+    from xllm_jupyter.cli import chat
+    from xllm_jupyter.client import XllmClient
+
+    body = json.dumps({"error": {"message": "bad \x1b]0;pwned\x07 turn\x1b[2J", "type": "invalid_request_error",
+                                 "param": None, "code": None}}).encode()
+
+    class Hostile(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(400)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    lines = iter(["hi", "/bye"])
+    monkeypatch.setattr(chat, "_read_line", lambda *prompt: next(lines))
+    try:
+        with XllmClient(f"http://127.0.0.1:{server.server_address[1]}/v1", "") as client:
+            chat.interactive(client, "m", [], {})
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = capsys.readouterr().err
+    assert "Error: bad ␛]0;pwned␇ turn␛[2J" in err and "\x1b" not in err, err

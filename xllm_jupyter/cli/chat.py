@@ -13,7 +13,7 @@ import click
 
 from ..client.base import ServerUnavailable
 from ..core.errors import XllmError
-from .render import echo
+from .render import echo, terminal_safe
 from .settings import server_options
 
 EXIT_WORDS = {"/bye", "/exit", "/quit"}
@@ -196,7 +196,7 @@ def interactive(backend: ChatBackend, model: str, history: list[dict[str, str]],
             # reply cut off or never begun): the conversation waits for it to be back. The turn is dropped, a partial
             # reply too (it stays on screen): sent with the next turns it would pass for the model's whole answer.
             history.pop()
-            _note(f"Error: {exc.message}")
+            _note(f"Error: {terminal_safe(exc.message)}")  # the server's words: no escape acts (as on main's error line)
             continue
         if interrupted and not reply:
             history.pop()  # stopped before a word came: an empty assistant turn would only confuse the next one
