@@ -313,3 +313,22 @@ def test_controls_are_labelled_and_status_follows_the_theme(make, endpoint):
         assert control.style.description_width == "initial", control.description
     chat.ask("")  # nothing typed: an error status
     assert "var(--jp-error-color1" in chat.status.value and "Type a message first." in chat.status.value
+
+
+def test_profile_widget_says_which_requests_failed(make, endpoint):
+    """A sweep point the server refuses (a prompt past the tiny model's 2,048-token context) is no "Done" in green:
+    the status counts the failed requests and says why; ``profile()``'s own display does too."""
+    w = make(ProfileWidget, TINY, client=endpoint, concurrency=(1,), prompt_tokens=(8, 4000), max_tokens=2)
+    w.run_button.click()
+    assert w.wait(120), w.status.value
+    status = w.status.value
+    assert "Done: 2 requests, 1 failed" in status and "maximum context length" in status, status
+    assert "error-color" in status and "best aggregate" in status, status
+    shown = w.result._repr_html_()
+    assert "1 of 2 requests failed" in shown and "maximum context length" in shown and "<th>errors</th>" in shown
+    # every request refused: no "best aggregate nan tok/s", and the widget is not left busy
+    w.prompt_tokens.value = "4000"
+    w.run_button.click()
+    assert w.wait(120), w.status.value
+    assert "Done: 1 requests, 1 failed" in w.status.value and "nan" not in w.status.value, w.status.value
+    assert not w.run_button.disabled

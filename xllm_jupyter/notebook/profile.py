@@ -74,13 +74,16 @@ class ProfileResult:
     def _repr_html_(self) -> str:
         import base64
 
-        cols = ["concurrency", "prompt_tokens", "requests", "agg_tok_per_s", "tok_per_s_mean", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s"]
+        cols = ["concurrency", "prompt_tokens", "requests", "errors", "agg_tok_per_s", "tok_per_s_mean", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s"]
         table = self.summary[[c for c in cols if c in self.summary]].to_html(index=False, float_format=lambda v: f"{v:.4g}")
         images = "".join(
             f'<img alt="{html.escape(name)}" style="max-width:49%;display:inline-block" src="data:image/png;base64,{base64.b64encode(figure_png(fig, 80)).decode()}"/>'
             for name, fig in self.figures.items()
         )
         note = f"<p><em>No memory samples: {html.escape(self.metrics_error)}</em></p>" if self.metrics_error and self.memory.empty else ""
+        failed = self.frame["error"].dropna() if "error" in self.frame else pd.Series(dtype=object)
+        if len(failed):  # its numbers leave those requests out: say how many, and why the first failed
+            note += f"<p><em>{len(failed)} of {len(self.frame)} requests failed: {html.escape(str(failed.iloc[0]))}</em></p>"
         return f"<div><h4>Profile of {html.escape(self.model)}</h4>{table}{note}<div>{images}</div></div>"
 
 

@@ -233,7 +233,13 @@ class ProfileWidget(W.VBox):
         self.table.value = result.summary[cols].to_html(index=False, float_format=lambda v: f"{v:.4g}")
         best = result.summary["agg_tok_per_s"].max()
         self.plots.selected_index = 0
-        return f"Done: {len(result.frame)} requests, best aggregate {best:.1f} tok/s.", "ok"
+        text = f"Done: {len(result.frame)} requests"
+        failed = result.frame["error"].dropna()
+        if len(failed):  # the table only counts them: say so, and why (a prompt past the context length...)
+            text += f", {len(failed)} failed ({failed.iloc[0]})"
+        if not math.isnan(best):
+            text += f", best aggregate {best:.1f} tok/s"
+        return text + ".", "error" if len(failed) else "ok"
 
     def _draw(self, name: str, fig: Figure) -> None:
         """Show ``fig`` in its tab (and the tabs, from the first figure on)."""
