@@ -118,6 +118,8 @@ def test_the_environments_key_goes_to_its_server_however_the_url_is_spelled(monk
     assert env_key_for("HTTP://127.0.0.1:8900") == "the-jupyter-token" and env_key_for("http://127.0.0.1:80/v1") is None
     monkeypatch.setenv("XLLM_BASE_URL", "ftp://h/v1")  # names no server: its key goes nowhere
     assert env_key_for("http://h/v1") is None
+    monkeypatch.setenv("XLLM_BASE_URL", "http://xn--:8000/v1")  # a host httpx cannot decode: no server either
+    assert env_key_for("http://xn--:8000/v1") is None and env_key_for("http://h/v1") is None
     with XllmClient("http://h:80/v1") as c:
         assert c.api_key is None
 

@@ -115,10 +115,11 @@ def _server_identity(base_url: str) -> tuple[str, str, int, str] | None:
     """
     try:
         url = httpx.URL(base_url)
+        host = url.host  # decoded here: `xn--` raises IDNAError (a UnicodeError), which connect() reports itself
     except (httpx.InvalidURL, ValueError, UnicodeError):
         return None
     port = url.port if url.port is not None else {"http": 80, "https": 443}.get(url.scheme, 0)  # httpx drops a default one
-    return url.scheme, url.host, port, url.path.rstrip("/")
+    return url.scheme, host, port, url.path.rstrip("/")
 
 
 def root_url(base_url: str) -> str:
