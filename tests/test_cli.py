@@ -125,6 +125,17 @@ def test_pull_errors_are_one_line(home, tmp_path):
     assert_clean_error(invoke("show", "../etc"), "Invalid model name")
 
 
+def test_pull_of_a_directory_of_several_ggufs_says_to_pull_one_file(home, tmp_path):
+    """The advice was Hugging Face's spelling (``hf:ORG/REPO/FILE.gguf``), which names no local file."""
+    quants = tmp_path / "quants"
+    quants.mkdir()
+    for name in ("model.Q4_K_M.gguf", "model.Q8_0.gguf"):
+        (quants / name).write_bytes(b"GGUF")
+    result = invoke("pull", str(quants))
+    assert_clean_error(result, "Several GGUF files", "model.Q4_K_M.gguf", "pull one of them by its path")
+    assert "hf:" not in result.stderr
+
+
 # --------------------------------------------------------------------- server
 def test_run_one_shot_streams_the_answer(live):
     result = invoke("run", TINY, "Say", "hi", "-t", "0", "--max-tokens", "8")

@@ -10,7 +10,7 @@ from ..core.errors import StoreError
 from .manifest import CHUNK, ManifestFile, hash_file
 from .names import safe_relpath
 from .progress import ProgressFn, PullProgress
-from .sources import select_files
+from .sources import PICK_LOCAL_GGUF, select_files
 
 MAX_DEPTH = 4
 
@@ -86,5 +86,5 @@ def copy_dir(src: Path, dst: Path, progress: ProgressFn | None) -> list[Manifest
     """Copy the model files of directory ``src`` (see ``select_files``) into ``dst``."""
     if not src.is_dir():
         raise StoreError("The source directory disappeared during the pull")
-    files = select_files(list_dir_files(src))
+    files = select_files(list_dir_files(src), pick=PICK_LOCAL_GGUF)  # (hf:ORG/REPO/FILE.gguf names no local file)
     return [copy_file(src / rel, dst / safe_relpath(rel), rel, progress) for rel in files]

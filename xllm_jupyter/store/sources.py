@@ -116,11 +116,17 @@ def _skipped(rel: str) -> bool:
     return name in SKIPPED_FILES or name.startswith(".") or not any(fnmatch(name, pat) for pat in WANTED)
 
 
-def select_files(paths: Iterable[str], *, only: str | None = None) -> list[str]:
+#: how to pick one of several GGUF files: in a Hub repo, and in a local directory
+PICK_HUB_GGUF = "pick one as hf:ORG/REPO/FILE.gguf"
+PICK_LOCAL_GGUF = "pull one of them by its path (DIR/FILE.gguf)"
+
+
+def select_files(paths: Iterable[str], *, only: str | None = None, pick: str = PICK_HUB_GGUF) -> list[str]:
     """The files of a repo/directory listing to pull: HF safetensors layout, or exactly one GGUF.
 
     A listing with safetensors weights keeps them and the config/tokenizer files and drops
-    any GGUF; a listing with only GGUF files must hold one (or name it with ``only``).
+    any GGUF; a listing with only GGUF files must hold one (or name it with ``only``; ``pick``
+    says how to choose one where it holds several).
     """
     wanted = sorted(p for p in paths if not _skipped(p))
     if only is not None:
@@ -134,5 +140,5 @@ def select_files(paths: Iterable[str], *, only: str | None = None) -> list[str]:
         return ggufs
     if ggufs:
         shown = ", ".join(ggufs[:8]) + (" ..." if len(ggufs) > 8 else "")
-        raise StoreError(f"Several GGUF files ({shown}): pick one as hf:ORG/REPO/FILE.gguf", param="source")
+        raise StoreError(f"Several GGUF files ({shown}): {pick}", param="source")
     raise StoreError("No model weights found: expected *.safetensors files or one .gguf file", param="source")
