@@ -106,3 +106,15 @@ def test_yaml_examples_in_the_docs_are_valid_config(tmp_path):
             load_config(path, env={})
         except Exception as exc:
             raise AssertionError(f"a yaml example of {name} does not load: {exc}\n{text}") from exc
+
+
+def test_every_variable_the_code_reads_is_in_configuration_md():
+    """An XLLM_ variable named in the package's code (beside the XLLM_<SECTION>_<KEY> rows above) has a row in
+    docs/configuration.md's table of environment variables."""
+    named = {m for path in (ROOT / "xllm_jupyter").rglob("*.py")
+             for m in re.findall(r"[\"'](XLLM_[A-Z_]+)[\"']", path.read_text())}
+    assert {"XLLM_HOME", "XLLM_BASE_URL", "XLLM_API_KEY"} <= named
+    table = (DOCS / "configuration.md").read_text().split("## Environment variables", 1)[1].split("\n## ", 1)[0]
+    rows = set(re.findall(r"^\| `(XLLM_[A-Z_]+)` \|", table, re.M))
+    keys = {var for var, _ in _documented_keys().values()}
+    assert named - rows - keys == set()
