@@ -92,6 +92,15 @@ def test_template_stops_license_adapter():
     assert m.adapters == ["./ollama-lora.gguf"]
 
 
+def test_requires_is_read_and_ignored():
+    """Ollama's ``REQUIRES <version>`` (the least Ollama a Modelfile needs) failed the whole Modelfile as an unknown
+    instruction; it is read and ignored, as it means nothing to xllm."""
+    m = parse_modelfile("FROM llama3.2\nREQUIRES 0.14.0\nSYSTEM Be brief.\n")
+    assert m == Modelfile(from_="llama3.2", system="Be brief.")
+    with pytest.raises(ModelfileError, match="line 2: REQUIRES needs a value"):
+        parse_modelfile("FROM x\nREQUIRES\n")
+
+
 def test_multiline_system_is_trimmed():
     m = parse_modelfile('FROM x\nSYSTEM """\nYou are Mario.\nAlways say "wahoo".\n"""\n')
     assert m.system == 'You are Mario.\nAlways say "wahoo".'

@@ -21,7 +21,8 @@ def did_you_mean(word: str, known: Any, *, upper: bool = False) -> str:
     """`` (did you mean 'x'?)`` for the closest of ``known`` to a misspelt ``word``, else ``""``."""
     close = get_close_matches(word, list(known), n=1)
     return f" (did you mean {(close[0].upper() if upper else close[0])!r}?)" if close else ""
-INSTRUCTIONS = ("from", "parameter", "template", "system", "adapter", "license", "message")
+#: (``requires``, the least Ollama version a Modelfile needs, is read and ignored: it means nothing to xllm)
+INSTRUCTIONS = ("from", "parameter", "template", "system", "adapter", "license", "message", "requires")
 
 
 class ModelfileError(InvalidRequest):
@@ -317,7 +318,7 @@ def parse_modelfile(text: str) -> Modelfile:
             m.system = value
         elif name == "adapter":
             m.adapters.append(value)
-        else:
+        elif name == "license":
             m.license.append(value)
     if from_ is None:
         raise ModelfileError("missing FROM: a Modelfile must name its base model")
