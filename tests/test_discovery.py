@@ -188,6 +188,22 @@ def test_connect_to_the_url_the_environment_names_takes_its_key(xllm_server, mon
         discovery.connect(xllm_server.base_url)
 
 
+def test_connect_without_a_token_says_none_was_sent(xllm_server, monkeypatch):
+    """`%xllm connect URL` to a server XLLM_BASE_URL does not name sends no token (XLLM_API_KEY is held back); the 401
+    read "refused the token", sending the user to check a token that never went."""
+    monkeypatch.setenv("XLLM_BASE_URL", "http://127.0.0.1:9/v1")
+    monkeypatch.setenv("XLLM_API_KEY", xllm_server.api_key)
+    with pytest.raises(AuthenticationError, match=r"needs a token and none was sent \(XLLM_API_KEY goes only to the "
+                                                  r"server XLLM_BASE_URL names\): pass one") as info:
+        discovery.connect(xllm_server.base_url)
+    assert "refused" not in info.value.message
+    monkeypatch.delenv("XLLM_API_KEY")
+    with pytest.raises(AuthenticationError, match="needs a token and none was sent: pass one"):
+        discovery.connect(xllm_server.base_url)
+    with pytest.raises(AuthenticationError, match="refused the token"):
+        discovery.connect(xllm_server.base_url, "wrong")
+
+
 def test_the_key_is_never_sent_to_another_server(xllm_server, monkeypatch):
     # XLLM_API_KEY belongs to XLLM_BASE_URL: a client for a connect()ed server must not fall back to it
     monkeypatch.setenv("XLLM_API_KEY", "the-jupyter-token")

@@ -213,7 +213,13 @@ def verify(location: ServerLocation) -> None:
         try:
             client.models()
         except (AuthenticationError, PermissionDenied) as exc:
-            raise type(exc)(f"the xllm server at {client.root_url} refused the token: {exc.message}") from None
+            if location.api_key:
+                raise type(exc)(f"the xllm server at {client.root_url} refused the token: {exc.message}") from None
+            # "refused the token" misled where none went: XLLM_API_KEY held back from a server XLLM_BASE_URL does not name
+            held = (" (XLLM_API_KEY goes only to the server XLLM_BASE_URL names)" if os.environ.get("XLLM_API_KEY")
+                    else "")
+            raise type(exc)(f"the xllm server at {client.root_url} needs a token and none was sent{held}: pass one "
+                            f"(`%xllm connect URL --token`, xllm_jupyter.connect(URL, token)): {exc.message}") from None
 
 
 # ---------------------------------------------------------------- clients
