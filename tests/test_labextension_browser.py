@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -229,4 +230,43 @@ def test_a_streaming_reply_leaves_a_log_scrolled_up_where_it_is(lab):
         page.wait_for_selector("#xllm-panel .xllm-Chat-send:not(.xllm-mod-stop)", timeout=120_000)
         top, height, shown = log.evaluate("node => [node.scrollTop, node.scrollHeight, node.clientHeight]")
         assert height - top - shown <= 8, (top, height, shown)
+        assert not errors, errors
+
+
+def test_closing_a_main_area_chat_stops_its_reply_on_the_server(lab):
+    """Closing the main-area chat's tab while a reply streams ends the generation (the reply ran on to its 512-token
+    limit, a batch slot taken for nobody)."""
+    with chromium() as context:
+        page = context.new_page()
+        panel, errors = open_xllm_panel(page, lab)
+        page.wait_for_selector(f'#xllm-panel .xllm-Model.xllm-mod-loaded[data-model="{TINY}"]', timeout=120_000)
+        page.keyboard.press("Control+Shift+C")
+        palette = page.locator(".lm-CommandPalette-input")
+        palette.wait_for(state="visible", timeout=30_000)
+        palette.fill("xllm: Open Chat")
+        page.locator('.lm-CommandPalette-item[data-command="xllm:open-chat"]').first.click()
+        chat = page.locator(".jp-MainAreaWidget:visible .xllm-Chat.xllm-mod-main")
+        chat.wait_for(state="visible", timeout=30_000)
+        page.wait_for_function(
+            "() => document.querySelector('.jp-MainAreaWidget:not(.lm-mod-hidden) .xllm-Chat.xllm-mod-main .xllm-Chat-model').value !== ''",
+            timeout=30_000)
+        before = lab.api("xllm/admin/stats")["generated_tokens"]
+        box = chat.locator(".xllm-Chat-input")
+        box.fill("Tell me a long story.")
+        box.press("Enter")
+        # the reply has begun: close the tab
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.xllm-Chat.xllm-mod-main .xllm-Chat-turn.xllm-mod-pending .xllm-Chat-text')]"
+            ".some(n => n.textContent.length > 0)", timeout=60_000)
+        page.locator('.lm-DockPanel .lm-TabBar-tab.lm-mod-current:has-text("xllm chat") .lm-TabBar-tabCloseIcon').click()
+        chat.wait_for(state="detached", timeout=30_000)
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            stats = lab.api("xllm/admin/stats")
+            if stats["running"] == 0 and stats["queued"] == 0:
+                break
+            time.sleep(0.1)
+        # stopped within a step of the close, far short of the chat's 512-token limit
+        assert stats["running"] == 0 and stats["generated_tokens"] - before < 400, stats
         assert not errors, errors

@@ -187,6 +187,15 @@ export class ChatView extends Widget {
     this.render();
   }
 
+  /** Closing the chat (a main-area chat's tab) stops its reply: the server frees the slot at once. */
+  dispose(): void {
+    if (this.isDisposed) {
+      return;
+    }
+    this.stop();
+    super.dispose();
+  }
+
   protected onAfterAttach(): void {
     this.input.focus();
   }
