@@ -118,3 +118,15 @@ def test_every_variable_the_code_reads_is_in_configuration_md():
     rows = set(re.findall(r"^\| `(XLLM_[A-Z_]+)` \|", table, re.M))
     keys = {var for var, _ in _documented_keys().values()}
     assert named - rows - keys == set()
+
+
+def test_source_files_the_docs_name_exist():
+    """Scripts, tests and modules README.md and docs/ point to (`benchmarks/soak.py`, `engine/runner.py`) exist."""
+    layers = "backends|engine|server|openai|store|client|core|notebook|widgets|playground|magics|cli|hub|extension"
+    named = set()
+    for path in [ROOT / "README.md", *DOCS.glob("*.md")]:
+        text = path.read_text()
+        named |= set(re.findall(r"(?<![\w/])((?:benchmarks|tests|xllm_jupyter)/[\w/.-]+\.(?:py|sh|txt))", text))
+        named |= {f"xllm_jupyter/{m}" for m in re.findall(rf"`((?:{layers})/\w+\.py)", text)}
+    assert len(named) > 50
+    assert sorted(p for p in named if not (ROOT / p).exists()) == []
