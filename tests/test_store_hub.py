@@ -215,6 +215,27 @@ def test_gguf_repo(tmp_path, hub, tiny_llama_dir):
     assert store.resolve("tiny-gguf").path == m.path / "b-Q8.gguf"
 
 
+def test_gguf_repo_quantization_tag_as_ollama_spells_it(tmp_path, hub, tiny_llama_dir):
+    """``hf.co/ORG/REPO:QUANT`` (Ollama's way to pull one quantization of a Hub GGUF repo) was refused as an invalid
+    repo id; it pulls the GGUF file of that quantization, named ``repo:quant``."""
+    gguf_bytes = make_gguf_bytes(tmp_path)
+    hub.add_repo("gguf-org/Tiny-GGUF", {"README.md": b"# tiny\n", "Tiny-Q4_K_M.gguf": gguf_bytes,
+                                        "Tiny-Q4_K_S.gguf": gguf_bytes, "Tiny-Q8_0-00001-of-00002.gguf": gguf_bytes,
+                                        "Tiny-Q8_0-00002-of-00002.gguf": gguf_bytes})
+    store = ModelStore(tmp_path / "home", endpoint=hub.url)
+    m = store.pull("hf.co/gguf-org/Tiny-GGUF:Q4_K_M")
+    assert m.name == "tiny-gguf:q4_k_m" and [f.path for f in m.files] == ["Tiny-Q4_K_M.gguf"]
+    assert m.source == "hf:gguf-org/Tiny-GGUF:Q4_K_M"
+    assert store.pull("hf:gguf-org/Tiny-GGUF:q4_k_m").digest == m.digest  # the same source again: as stored
+    with pytest.raises(StoreError, match=r"Several GGUF files for 'Q8_0'.*Tiny-Q8_0-00001-of-00002.gguf"):
+        store.pull("hf.co/gguf-org/Tiny-GGUF:Q8_0")
+    with pytest.raises(StoreError, match=r"No GGUF file for 'Q4_K' .*Tiny-Q4_K_M.gguf, Tiny-Q4_K_S.gguf"):
+        store.pull("hf.co/gguf-org/Tiny-GGUF:Q4_K")  # a tag matches a whole quantization name, not a part of one
+    with pytest.raises(StoreError, match="Invalid quantization tag"):
+        store.pull("hf.co/gguf-org/Tiny-GGUF:Q4+K")
+    assert [x.name for x in store.list()] == ["tiny-gguf:q4_k_m"]
+
+
 def make_gguf_bytes(tmp_path: Path) -> bytes:
     import gguf
     import numpy as np

@@ -35,7 +35,7 @@ class HubPullMixin:
         if existing is not None and not force and existing.revision == commit:
             return existing
         listing = {f.path: f for f in client.list_files(src.ref, commit)}
-        chosen = [listing[p] for p in select_files(listing, only=src.file)]
+        chosen = [listing[p] for p in select_files(listing, only=src.file, quant=src.quant)]
         key = hashlib.sha256("\n".join([client.endpoint, src.ref, commit, *(f.path for f in chosen)]).encode()).hexdigest()
         with self._workdir(f"hub-{key[:24]}", keep_on_error=True) as staging:
             client.download(src.ref, commit, chosen, staging, report)

@@ -10,10 +10,12 @@ from typing import Iterable
 
 from ..core.errors import StoreError
 from .manifest import MANIFEST_NAME
-from .names import default_name
+from .names import default_name, validate_name
 from .packaged import PACKAGED
 
 _REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}", re.ASCII)
+#: Ollama's ``hf.co/ORG/REPO:QUANT`` tag: one quantization of a GGUF repo (``Q4_K_M``, ``IQ3_XXS``, ``BF16``)
+_QUANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}", re.ASCII)
 _HUB_PREFIXES = ("hf:", "hf.co/", "huggingface.co/", "https://huggingface.co/", "https://hf.co/")
 
 # Files a model needs; everything else in a repo (other frameworks' weights, ONNX, docs) is skipped.
@@ -30,14 +32,15 @@ class Source:
     ref: str  # packaged name, repo id, or absolute path
     file: str | None = None  # hub: one file in the repo (a .gguf)
     revision: str | None = None
+    quant: str | None = None  # hub: the quantization tag picking one GGUF file (upper case)
 
     @property
     def canonical(self) -> str:
-        """The source as recorded in manifests (packaged:NAME, hf:ORG/REPO[/FILE], or a path)."""
+        """The source as recorded in manifests (packaged:NAME, hf:ORG/REPO[/FILE][:QUANT], or a path)."""
         if self.kind == "packaged":
             return f"packaged:{self.ref}"
         if self.kind == "hub":
-            return f"hf:{self.ref}" + (f"/{self.file}" if self.file else "")
+            return f"hf:{self.ref}" + (f"/{self.file}" if self.file else "") + (f":{self.quant}" if self.quant else "")
         return self.ref
 
     @property
@@ -46,7 +49,8 @@ class Source:
         if self.kind == "packaged":
             return self.ref
         if self.kind == "hub":
-            return default_name(self.ref.split("/", 1)[1])
+            name = default_name(self.ref.split("/", 1)[1])
+            return validate_name(f"{name}:{self.quant}") if self.quant else name  # as Ollama names it: repo:quant
         path = Path(self.ref)
         if self.kind == "dir" and path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
             return default_name(path.parent.parent.name.rsplit("--", 1)[-1])  # an HF cache snapshot
@@ -97,6 +101,11 @@ def _hub(text: str, revision: str | None) -> Source:
     text = text.strip("/")
     text = re.sub(r"/(?:tree|blob|resolve)/[^/]+(?=/|$)", "", text)  # tolerate pasted Hub URLs
     parts = text.split("/")
+    quant = None
+    if len(parts) == 2 and ":" in parts[1]:  # hf.co/ORG/REPO:QUANT, as Ollama pulls one GGUF quantization
+        parts[1], quant = parts[1].split(":", 1)
+        if not _QUANT.fullmatch(quant):
+            raise StoreError(f"Invalid quantization tag {quant[:40]!r} in a Hub source (e.g. :Q4_K_M)", param="source")
     repo = "/".join(parts[:2])
     if len(parts) < 2 or not _REPO.fullmatch(repo) or "--" in repo or ".." in repo:
         raise StoreError(f"Invalid Hub repo id {text[:100]!r}: expected ORG/REPO", param="source")
@@ -105,7 +114,7 @@ def _hub(text: str, revision: str | None) -> Source:
         raise StoreError("Only a single .gguf file may follow ORG/REPO in a Hub source", param="source")
     if revision is not None and (not revision or len(revision) > 200 or ".." in revision or revision.startswith("/")):
         raise StoreError("Invalid revision", param="revision")
-    return Source("hub", repo, file, revision)
+    return Source("hub", repo, file, revision, quant.upper() if quant else None)
 
 
 def _skipped(rel: str) -> bool:
@@ -121,18 +130,21 @@ PICK_HUB_GGUF = "pick one as hf:ORG/REPO/FILE.gguf"
 PICK_LOCAL_GGUF = "pull one of them by its path (DIR/FILE.gguf)"
 
 
-def select_files(paths: Iterable[str], *, only: str | None = None, pick: str = PICK_HUB_GGUF) -> list[str]:
+def select_files(paths: Iterable[str], *, only: str | None = None, pick: str = PICK_HUB_GGUF,
+                 quant: str | None = None) -> list[str]:
     """The files of a repo/directory listing to pull: HF safetensors layout, or exactly one GGUF.
 
     A listing with safetensors weights keeps them and the config/tokenizer files and drops
-    any GGUF; a listing with only GGUF files must hold one (or name it with ``only``; ``pick``
-    says how to choose one where it holds several).
+    any GGUF; a listing with only GGUF files must hold one (or name it with ``only``, or its quantization with
+    ``quant``; ``pick`` says how to choose one where it holds several).
     """
     wanted = sorted(p for p in paths if not _skipped(p))
     if only is not None:
         if only not in wanted:
             raise StoreError(f"The file '{only}' is not in the repository", param="source")
         return [only]
+    if quant is not None:
+        return [_quantized(wanted, quant)]
     if any(p.endswith(".safetensors") for p in wanted):
         return [p for p in wanted if not p.endswith(".gguf")]
     ggufs = [p for p in wanted if p.endswith(".gguf")]
@@ -142,3 +154,16 @@ def select_files(paths: Iterable[str], *, only: str | None = None, pick: str = P
         shown = ", ".join(ggufs[:8]) + (" ..." if len(ggufs) > 8 else "")
         raise StoreError(f"Several GGUF files ({shown}): {pick}", param="source")
     raise StoreError("No model weights found: expected *.safetensors files or one .gguf file", param="source")
+
+
+def _quantized(wanted: list[str], quant: str) -> str:
+    """The one GGUF file of quantization ``quant`` (its name holds the tag, any case, not inside a longer word)."""
+    tag = re.compile(rf"(?<![A-Za-z0-9_]){re.escape(quant)}(?![A-Za-z0-9_])", re.IGNORECASE)
+    ggufs = [p for p in wanted if p.endswith(".gguf")]
+    found = [p for p in ggufs if tag.search(PurePosixPath(p).name)]
+    if len(found) == 1:
+        return found[0]
+    shown = ", ".join((found or ggufs)[:8]) + (" ..." if len(found or ggufs) > 8 else "")
+    if found:
+        raise StoreError(f"Several GGUF files for {quant!r} ({shown}): pick one as hf:ORG/REPO/FILE.gguf", param="source")
+    raise StoreError(f"No GGUF file for {quant!r} in the repository (its GGUF files: {shown or 'none'})", param="source")
