@@ -19,15 +19,16 @@ BIG = 512 * 1024 * 1024  # declared, never sent
 
 
 @pytest.fixture
-def service(tmp_path) -> Iterator[str]:
-    """The real hub service (``start_hub_service``: its own listening socket and limits) on a free port."""
+def service(tmp_path, request) -> Iterator[str]:
+    """The real hub service (``start_hub_service``: its own listening socket and limits) on a free port; a test may
+    name the service (``@pytest.mark.parametrize("service", [NAME], indirect=True)``)."""
     pytest.importorskip("jupyterhub")
     from xllm_jupyter.engine.engine import Engine
     from xllm_jupyter.hub.service import load_hub_config, start_hub_service
 
     config = load_hub_config(env={"XLLM_HOME": str(tmp_path), "XLLM_QUOTAS_USAGE_FILE": "off"})
     env = {"JUPYTERHUB_API_TOKEN": "service-token", "JUPYTERHUB_API_URL": "http://127.0.0.1:9/hub/api",
-           "JUPYTERHUB_SERVICE_URL": "http://127.0.0.1:0"}
+           "JUPYTERHUB_SERVICE_URL": "http://127.0.0.1:0", "JUPYTERHUB_SERVICE_NAME": getattr(request, "param", "xllm")}
 
     async def setup() -> Any:
         return await start_hub_service(config, Engine(config.engine), env, port=0)
@@ -73,3 +74,19 @@ def test_the_page_still_answers_a_plain_get(service):
 
     r = httpx.get(service, follow_redirects=False, timeout=30)
     assert r.status_code == 302  # not logged in: off to the hub's OAuth
+
+
+@pytest.mark.parametrize("service", ["llm+gpu", "llm$gpu", "llm.gpu"], indirect=True)
+def test_a_service_name_with_regex_characters_still_serves_its_page_and_oauth_callback(service):
+    """JupyterHub allows '+', '$' and the like in a service's name (its prefix then holds them): the page and the
+    OAuth callback were routed by the prefix read as a regular expression, missed it, and fell to the API's
+    catch-all (401), so no browser could log in to such a service."""
+    import httpx
+
+    assert "/services/llm" in service
+    r = httpx.get(service, follow_redirects=False, timeout=30)
+    assert r.status_code == 302, (r.status_code, r.text)  # not logged in: off to the hub's OAuth
+    r = httpx.get(service + "oauth_callback", follow_redirects=False, timeout=30)
+    assert r.status_code == 400, (r.status_code, r.text)  # the callback itself: "made without a token"
+    r = httpx.get(service + "v1/models", follow_redirects=False, timeout=30)
+    assert r.status_code == 401  # the API, as for any name

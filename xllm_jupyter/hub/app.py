@@ -17,6 +17,7 @@ import html
 import json
 import logging
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from typing import Any, Awaitable
@@ -425,9 +426,11 @@ def make_hub_app(config: XllmConfig, engine: Any, hub_auth: HubOAuth, *, cookie_
         # path, never the query: Tornado's own line logs the URI, and a client's ?token= is a hub token
         "log_function": log_access,
     }
+    # escaped: JupyterHub allows '+', '$' and the like in a service's name, which a pattern would read as its own
+    escaped = re.escape(prefix)
     routes: list[Any] = [
-        (prefix + "/oauth_callback", OAuthCallbackHandler),
-        (prefix + "/?", HubPageHandler),
+        (escaped + "/oauth_callback", OAuthCallbackHandler),
+        (escaped + "/?", HubPageHandler),
     ]
     routes += build_routes(prefix, HubXllmHandler, HubPublicHandler)
     return tornado.web.Application(routes, **settings)
