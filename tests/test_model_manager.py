@@ -78,6 +78,15 @@ def test_replicas_config_accepts_a_mapping_and_env(tmp_path):
     assert parse_replicas(("Tiny=2", " OTHER = 3")) == {"tiny": 2, "other": 3}
 
 
+@pytest.mark.parametrize("entry", ["tiny=0", "tiny=-1", "tiny=65", "tiny=x"])
+def test_replicas_count_out_of_range_is_an_error_naming_the_entry(entry):
+    # 0 once quietly meant 1 runner, and 1000 would try to load 1000 copies
+    with pytest.raises(InvalidRequest, match=f"'{entry}'") as caught:
+        parse_replicas((entry,))
+    assert caught.value.param == "replicas"
+    assert parse_replicas(("tiny=64",)) == {"tiny": 64}
+
+
 async def test_lru_idle_model_is_evicted_never_one_in_use(tmp_path):
     engine, backend = make_engine(tmp_path, budget=2 * SIZE + 10, step_delay=0.01, load_wait_seconds=0)  # 503 at once
     await engine.start()

@@ -81,15 +81,25 @@ def request_keep_alive(value: Any, allowed: bool = True) -> float | None:
     return -1.0 if seconds is None else seconds
 
 
+MAX_REPLICAS = 64  # runners of one model: more is a typo, not a plan
+
+
 def parse_replicas(items: tuple[str, ...]) -> dict[str, int]:
     """``("tiny=2", ...)`` (config ``engine.replicas``) as a name -> count mapping."""
     out: dict[str, int] = {}
     for item in items:
         name, _, count = item.partition("=")
         try:
-            out[canonical_name(name.strip())] = max(1, int(count))  # the spelling the engine keeps
+            runners = int(count)
         except ValueError:
             raise InvalidRequest(f"Invalid engine.replicas entry '{item}': use name=count", param="replicas") from None
+        # 0 once quietly meant 1, and an unbounded count would try to load that many copies of the model
+        if not 1 <= runners <= MAX_REPLICAS:
+            raise InvalidRequest(
+                f"Invalid engine.replicas entry '{item}': the count must be between 1 and {MAX_REPLICAS}",
+                param="replicas",
+            )
+        out[canonical_name(name.strip())] = runners  # the spelling the engine keeps
     return out
 
 
