@@ -35,14 +35,17 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(str(pkg), gguf_file=SMOLLM2_GGUF)
 
 
-def build_tiny_llama(out: Path, *, seed: int = 0, **shape: Any) -> Path:
-    """A random-weight 2-layer Llama with SmolLM2's real tokenizer and chat template (``shape``: config overrides)."""
+def build_tiny_llama(out: Path, *, seed: int = 0, special: tuple[str, ...] = (), **shape: Any) -> Path:
+    """A random-weight 2-layer Llama with SmolLM2's real tokenizer and chat template (``shape``: config overrides;
+    ``special``: tokens added to the tokenizer as special ones, as Mistral's tool-call markup is in its own)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from xllm_jupyter.backends.load_lock import exclusive_load
 
     tokenizer = smollm2_tokenizer()
+    if special:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(special)})
     config = LlamaConfig(**{
         "vocab_size": len(tokenizer),
         "hidden_size": 64,

@@ -581,6 +581,47 @@ def test_special_tokens_the_library_streams_as_text_are_taken_out():
     assert plain.text == "<|im_end|>"
 
 
+@pytest.fixture(scope="module")
+def markup_chat():
+    """A real tokenizer with Mistral's tool-call markup added as special tokens, as Mistral's own have it."""
+    from tests.models import smollm2_tokenizer
+
+    tokenizer = smollm2_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[TOOL_CALLS]", "[ARGS]"]})
+    return ChatTokenizer(tokenizer, "m")
+
+
+def test_a_job_keeping_tool_markup_keeps_its_special_tokens_text_and_no_others(markup_chat):
+    calls, args = markup_chat.tokenizer.convert_tokens_to_ids(["[TOOL_CALLS]", "[ARGS]"])
+    special = {2: "<|im_end|>", calls: "[TOOL_CALLS]", args: "[ARGS]"}
+    kept = markup_chat.keeping(("[TOOL_CALLS]", "[ARGS]"))
+    step = streaming(8, [calls, 40, args, 2], "[TOOL_CALLS]x[ARGS]<|im_end|>", token_probs=torch.tensor([[0.5] * 4]))
+    raw = markup_chat.token_bytes
+    keeping = translate_results([step], {8: JobInfo(8, logprobs=True, kept=kept)}, str, special=special, raw=raw)
+    assert "".join(e.text for e in keeping) == "[TOOL_CALLS]x[ARGS]"
+    assert [e.token_bytes for e in keeping][::2] == [b"[TOOL_CALLS]", b"[ARGS]"]  # its logprobs name them too
+    plain = translate_results([step], {8: JobInfo(8, logprobs=True)}, str, special=special, raw=raw)
+    assert "".join(e.text for e in plain) == "x" and [e.token_bytes for e in plain][::2] == [b"", b""]
+
+
+def test_a_job_keeping_tool_markup_asks_the_library_for_special_tokens_text(markup_chat, tiny_llama_dir):
+    """exllamav2 streams no special token's text unless asked (exllamav3 some of them): such a job asks, and its held
+    tokens are spelled with the markup too; other jobs are as before."""
+    from xllm_jupyter.backends import exllamav2, exllamav3
+
+    keeping, plain = job(1, keep_special=("[TOOL_CALLS]", "[ARGS]")), job(2)
+    assert exllamav2.job_kwargs(keeping, None, 4)["decode_special_tokens"] is True
+    assert exllamav3.job_kwargs(keeping, sampler=None, filters=None)["decode_special_tokens"] is True
+    assert not exllamav2.job_kwargs(plain, None, 4)["decode_special_tokens"]
+    assert not exllamav3.job_kwargs(plain, sampler=None, filters=None)["decode_special_tokens"]
+    model = ScriptedModel(ModelSpec(name="s", path=Path(tiny_llama_dir)), generator=ScriptedGenerator(),
+                          chat=markup_chat, context_length=2048, vocab_size=len(markup_chat.tokenizer),
+                          eos_token_ids=markup_chat.eos_ids(), max_batch_size=8, memory_bytes=1, details={})
+    calls = markup_chat.tokenizer.convert_tokens_to_ids("[TOOL_CALLS]")
+    assert model.stream_bytes(keeping)(calls) == b"[TOOL_CALLS]" and model.stream_bytes(plain)(calls) == b""
+    assert model.kept(job(3, keep_special=("<none>",))) is None  # not a special token here: nothing to keep
+
+
 def test_results_of_unknown_jobs_are_ignored():
     assert translate_results([streaming(99, [1], "a")], {1: JobInfo(1)}, str) == []
 

@@ -95,7 +95,7 @@ def fake_exllamav3(monkeypatch, *, generator_keywords: tuple[str, ...], job_keyw
 V3_GENERATOR_1_6_3 = ("max_batch_size", "max_chunk_size", "draft_model", "draft_cache", "num_draft_tokens",
                       "ngram_match_min")
 V3_JOB = ("input_ids", "max_new_tokens", "sampler", "seed", "stop_conditions", "return_probs", "return_top_tokens",
-          "filters", "identifier")
+          "filters", "identifier", "decode_special_tokens")
 
 
 def test_exllamav3_1_6_3_without_the_prefill_schedule_loads_and_its_generator_is_not_given_it(monkeypatch):

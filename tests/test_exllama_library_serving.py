@@ -882,6 +882,34 @@ def test_a_stop_token_releases_the_answer_the_library_held_back(tiny_llama_dir, 
     assert model.active_jobs() == 0 and pages_held(model) == 0
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_tool_markup_special_tokens_stay_in_the_text_of_a_job_that_keeps_them(tmp_path_factory, kind):
+    """Mistral's tool-call markup is special tokens, whose text the libraries stream and we took out (with every
+    special token's): a job with tools active keeps it (``keep_special``) so the tool parser sees the calls, in its
+    logprobs too, and where the library held it back behind an incomplete character until the stop token; a job
+    without keeps none of it, and no job any other special token's text."""
+    from tests.models import build_tiny_llama
+    from xllm_jupyter.core.types import SamplingParams, SequenceJob
+
+    require_kind(kind)
+    model = load(kind, build_tiny_llama(tmp_path_factory.mktemp("markup") / "m", special=("[TOOL_CALLS]", "[ARGS]")))
+    calls, args = model.chat.tokenizer.convert_tokens_to_ids(["[TOOL_CALLS]", "[ARGS]"])
+    hi, lone_byte, there, end_of_text, stop = 21041, 173, 665, 0, 2  # " Hi", 0xE2, " there", <|endoftext|>, <|im_end|>
+    for keep, text in ((("[TOOL_CALLS]", "[ARGS]"), " Hi[TOOL_CALLS] there[ARGS]\ufffd[TOOL_CALLS]"),
+                       ((), " Hi there\ufffd")):
+        script_tokens(model, kind, [hi, calls, end_of_text, there, args, lone_byte, calls, stop])
+        model.add(SequenceJob(1, tuple(range(100, 120)), 20, SamplingParams(temperature=0.0), frozenset({stop}),
+                              logprobs=True, keep_special=keep))
+        events = []
+        for _ in range(40):
+            events += model.step()
+            if events and events[-1].finish is not None:
+                break
+        assert "".join(e.text for e in events) == text
+        assert [e.token_bytes for e in events if e.token_id == calls] == [b"[TOOL_CALLS]" if keep else b""] * 2
+    assert model.active_jobs() == 0 and pages_held(model) == 0
+
+
 def test_exllamav3_sets_no_draft_window_aside_for_a_draft_it_does_not_load(tiny_llama_dir, tmp_path):
     """A draft whose vocabulary is larger than the model's is not loaded (``draft_vocabulary_fits``); exllamav3 then
     drafts nothing, so the cache and the served context keep no draft window (nor the cache's rollback history):

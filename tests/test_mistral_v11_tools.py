@@ -110,3 +110,96 @@ def test_forced_calls_and_the_next_turn(client):
     named = client.chat.completions.create(model=TINY, messages=history, tools=TOOLS, max_completion_tokens=64, seed=1,
                                            tool_choice={"type": "function", "function": {"name": "time"}})
     assert [c.function.name for c in named.choices[0].message.tool_calls] == ["time"]
+
+
+# ------------------------------------------- the markup as special tokens, as in Mistral's own tokenizers
+MARKUP = ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]")
+
+
+def test_decoding_keeps_the_markup_asked_for_and_skips_every_other_special_token():
+    from tests.models import smollm2_tokenizer
+    from xllm_jupyter.backends.detokenize import IncrementalDetokenizer
+    from xllm_jupyter.backends.hf_tokenizer import ChatTokenizer
+
+    tokenizer = smollm2_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": list(MARKUP)})
+    chat = ChatTokenizer(tokenizer, "m")
+    text = '<|im_start|>Hi[TOOL_CALLS]weather[CALL_ID]a1[ARGS]{"city": "Oslo"}<|im_end|><|endoftext|>'
+    ids = chat.tokenize(text, add_special_tokens=False)
+    assert chat.keeping(("<none>", "Hi")) is None  # no special token of this vocabulary: decoded as always
+    for kept, out in ((chat.keeping(MARKUP), 'Hi[TOOL_CALLS]weather[CALL_ID]a1[ARGS]{"city": "Oslo"}'),
+                      (chat.keeping(("[TOOL_CALLS]",)), 'Hi[TOOL_CALLS]weathera1{"city": "Oslo"}')):
+        detok = IncrementalDetokenizer(kept.decode, chat.tokenize("<|im_start|>user", add_special_tokens=False))
+        assert "".join(detok.push(i) for i in ids) + detok.flush() == out
+    assert chat.keeping(MARKUP).token_bytes(ids[ids.index(tokenizer.convert_tokens_to_ids("[ARGS]"))]) == b"[ARGS]"
+
+
+@pytest.fixture(scope="module")
+def special(tmp_path_factory):
+    """A server of a tiny model whose tokenizer has Mistral's markup as special tokens (decoding skipped them, so the
+    calls came back as text), and the Lark grammar that makes it write two calls with those very tokens."""
+    from transformers import AutoTokenizer
+
+    from tests.models import build_tiny_llama
+
+    model = build_tiny_llama(tmp_path_factory.mktemp("v11-special") / "m", special=MARKUP)
+    (model / "chat_template.jinja").write_text(V11_LIKE, encoding="utf-8")
+    calls, args, call_id = AutoTokenizer.from_pretrained(str(model)).convert_tokens_to_ids(list(MARKUP))
+    # the markup by token id (llguidance's <[id]>): the same text spelled by ordinary tokens would decode anyway
+    grammar = (f'start: "Let me look." <[{calls}]> "weather" <[{args}]> "{{\\"city\\": \\"Oslo\\"}}" '
+               f'<[{calls}]> "time" <[{call_id}]> "a1b2c3d4e" <[{args}]> "{{\\"city\\": \\"Lima\\"}}"')
+    with tiny_server_of_its_own(tmp_path_factory, model, "mistral_v11_special") as info:
+        with openai.OpenAI(base_url=info.base_url, api_key=info.api_key, max_retries=0, timeout=120) as c:
+            yield c, grammar, calls
+
+
+def special_ask(special, grammar=None, **kw):
+    client, v11, _ = special
+    return client.chat.completions.create(model=TINY, messages=ASK, max_completion_tokens=96, seed=1,
+                                          extra_body={"guided_grammar": grammar or v11}, **kw)
+
+
+CALLS = [("weather", {"city": "Oslo"}), ("time", {"city": "Lima"})]
+
+
+def test_calls_written_in_special_tokens_reach_the_parser(special):
+    r = special_ask(special, tools=TOOLS, logprobs=True)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me look."
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == CALLS
+    tokens = [t.token for t in choice.logprobs.content]  # the markup's tokens are named by their text
+    assert tokens.count("[TOOL_CALLS]") == 2 and tokens.count("[ARGS]") == 2 and "[CALL_ID]" in tokens
+
+
+def streamed(chunks):
+    """What a client assembles from a stream: content, [(name, arguments)], the last finish_reason."""
+    content, calls, reasons = "", {}, []
+    for chunk in chunks:
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for frag in delta.tool_calls or ():
+            call = calls.setdefault(frag.index, {"name": frag.function.name, "arguments": ""})
+            call["arguments"] += frag.function.arguments or ""
+        reasons.append(chunk.choices[0].finish_reason)
+    return content, [(c["name"], json.loads(c["arguments"])) for c in calls.values()], reasons[-1]
+
+
+def test_calls_written_in_special_tokens_are_streamed(special):
+    assert streamed(special_ask(special, tools=TOOLS, stream=True)) == ("Let me look.", CALLS, "tool_calls")
+
+
+def test_the_older_list_form_after_a_special_marker_is_parsed_too(special):
+    # Mistral v0.3's "[TOOL_CALLS] [{...}]": its list was read with the marker dropped, and is now with the marker
+    args = '[{\\"name\\": \\"weather\\", \\"arguments\\": {\\"city\\": \\"Oslo\\"}}]'
+    grammar = f'start: "Sure." <[{special[2]}]> " {args}"'
+    message = special_ask(special, grammar, tools=TOOLS).choices[0].message
+    assert message.content == "Sure."
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == CALLS[:1]
+    assert streamed(special_ask(special, grammar, tools=TOOLS, stream=True)) == ("Sure.", CALLS[:1], "tool_calls")
+
+
+@pytest.mark.parametrize("tools", [{}, {"tools": TOOLS, "tool_choice": "none"}])
+def test_special_markup_stays_out_of_text_where_calls_are_not_parsed(special, tools):
+    r = special_ask(special, **tools)
+    assert r.choices[0].message.content == 'Let me look.weather{"city": "Oslo"}timea1b2c3d4e{"city": "Lima"}'
+    assert not r.choices[0].message.tool_calls

@@ -19,20 +19,11 @@ from .constraints import GrammarCompiler
 from .detokenize import BYTE_LEVEL, SENTENCEPIECE, piece_scheme, token_text
 from .exllama_common import free_cuda_memory
 from .exllama_results import JobInfo, SpeculativeStats, translate_results
-from .hf_tokenizer import ChatTokenizer, ChatTokenizerMethods
+from .hf_tokenizer import ChatTokenizer, ChatTokenizerMethods, special_token_text
 from .prefix_isolation import PrefixIsolation, isolated_job_class
 from .tokenizer_files import release as release_tokenizer
 
 log = logging.getLogger(__name__)
-
-
-def special_token_text(tokenizer: Any) -> dict[int, str]:
-    """Special token ids and their literal text (what ``skip_special_tokens`` leaves out of decoded text)."""
-    try:
-        decoder = tokenizer.added_tokens_decoder
-    except AttributeError:
-        return {}
-    return {int(i): str(t.content) for i, t in decoder.items() if getattr(t, "special", False) and t.content}
 
 
 class DynamicGeneratorModel(ChatTokenizerMethods, LoadedModel):
@@ -87,6 +78,15 @@ class DynamicGeneratorModel(ChatTokenizerMethods, LoadedModel):
     def page_size(self) -> int:
         """Tokens per cache page of the generator."""
 
+    def kept(self, job: SequenceJob) -> Any:
+        """The special tokens whose text ``job`` keeps (``ChatTokenizer.keeping``; None: none)."""
+        return self.chat.keeping(job.keep_special) if job.keep_special else None
+
+    def stream_bytes(self, job: SequenceJob) -> Any:
+        """What spells ``job``'s held tokens (``exllama_stream.StreamHeld``): kept special tokens by their text."""
+        kept = self.kept(job)
+        return kept.token_bytes if kept is not None and self._stream_bytes is not None else self._stream_bytes
+
     def job_class(self, library_job: type) -> type:
         """``library_job`` with the cache-namespace hooks of ``isolation_mixin`` and the ``job_mixins``."""
         return isolated_job_class(self.isolation_mixin, library_job, *self.job_mixins)
@@ -97,7 +97,8 @@ class DynamicGeneratorModel(ChatTokenizerMethods, LoadedModel):
         native.xllm_bind(self.isolation, job.cache_namespace, self.page_size())
         self.generator.enqueue(native)
         self._jobs[job.job_id] = native
-        self._info[job.job_id] = JobInfo(job.job_id, job.logprobs, job.top_logprobs, len(job.prompt_ids))
+        self._info[job.job_id] = JobInfo(job.job_id, job.logprobs, job.top_logprobs, len(job.prompt_ids),
+                                         kept=self.kept(job))
 
     def cancel(self, job_id: int) -> None:
         """Drop the job from the generator (its pages are freed now); its final event comes next step."""

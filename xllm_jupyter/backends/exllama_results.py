@@ -35,6 +35,9 @@ class JobInfo:
     cached: int | None = None
     #: whether the model's prefix-cache counters have this job yet
     counted: bool = False
+    #: special tokens whose text this job's output keeps (tool-call markup: ``ChatTokenizer.keeping``), with the
+    #: speller that spells them by it; None: every special token's text is taken out
+    kept: Any = None
 
 
 @dataclass
@@ -86,7 +89,8 @@ def translate_results(results: Iterable[Mapping[str, Any]], jobs: Mapping[int, J
     An ``error`` result (exllamav3 dropped a job whose prefill or page
     allocation raised) finishes the job with ERROR, so its request fails instead of hanging.
     ``special`` maps special token ids to their literal text, which exllamav3 streams
-    (``<|im_end|>`` under ``ignore_eos``, say) and is taken out, as the transformers backend skips it.
+    (``<|im_end|>`` under ``ignore_eos``, say) and is taken out, as the transformers backend skips it, bar the ones a
+    job keeps (``JobInfo.kept``: tool-call markup), which stay in its text and spell its logprobs.
     ``piece`` names a token for ``top_logprobs``; ``raw`` gives a token's own bytes for logprobs (the
     step's text rides on its last token, and a character split over tokens is in none of them alone).
     """
@@ -111,19 +115,20 @@ def translate_results(results: Iterable[Mapping[str, Any]], jobs: Mapping[int, J
             continue
         held = bool(r.get("eos") and r.get("eos_reason") == "stop_token" and not _row(r.get("token_ids")))
         texts: list[str] = []  # the text token by token (empty: the step's text rides on its last token)
+        spell = raw if info.kept is None or raw is None else info.kept.token_bytes
         if held:
-            r = with_held_answer(r, raw)
+            r = with_held_answer(r, spell)
             texts = r.get("token_texts") or []
         ids = [int(t) for t in _row(r.get("token_ids"))]
         text = r.get("text") or ""
         if special and text and not held:  # (a held answer's text is its tokens' bytes: no special token's text)
             for token in ids:
-                if token in special:
+                if token in special and (info.kept is None or token not in info.kept.text):
                     text = text.replace(special[token], "", 1)
-        if len(ids) > 1 and not texts and raw is not None:
+        if len(ids) > 1 and not texts and spell is not None:
             # several tokens the library held back (an invalid byte: exllamav2 holds all after it until the end):
             # token by token when their bytes make the library's text, for the reason ``with_held_answer`` gives
-            split = texts_by_token([raw(t) for t in ids])
+            split = texts_by_token([spell(t) for t in ids])
             texts = split if "".join(split) == text else []
         finish = None
         prompt_tokens = completion = 0
@@ -162,8 +167,8 @@ def translate_results(results: Iterable[Mapping[str, Any]], jobs: Mapping[int, J
                 prompt_tokens=prompt_tokens if end else 0,
                 cached_tokens=cached if end else 0,
                 completion_tokens=completion if end else 0,
-                token_bytes=raw(token) if raw is not None and logprob is not None else None,
-                top_bytes=tuple(raw(t) for t in alternatives) if raw is not None and alternatives else (),
+                token_bytes=spell(token) if spell is not None and logprob is not None else None,
+                top_bytes=tuple(spell(t) for t in alternatives) if spell is not None and alternatives else (),
             ))
     return events
 

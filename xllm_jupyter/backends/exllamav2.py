@@ -221,6 +221,8 @@ def job_kwargs(job: SequenceJob, settings: Any, max_new_tokens: int) -> dict[str
         return_probs=job.logprobs,
         return_top_tokens=job.top_logprobs,
         identifier=job.job_id,
+        # a job keeping tool-call markup (keep_special) gets every special token's text: step() takes the others out
+        decode_special_tokens=bool(job.keep_special),
     )
 
 
@@ -373,7 +375,7 @@ class ExllamaV2Model(DynamicGeneratorModel):
         native.xllm_bind_penalties(len(job.prompt_ids), job.sampling)
         native.xllm_bind_logprobs(self.vocab_size)
         native.xllm_bind_logits(job.sampling, self.vocab_size)
-        native.xllm_bind_stream(self._stream_bytes)
+        native.xllm_bind_stream(self.stream_bytes(job))
         return native
 
     def _library_max_new_tokens(self, job: SequenceJob) -> int:

@@ -337,6 +337,8 @@ def job_kwargs(job: SequenceJob, *, sampler: Any, filters: list[Any] | None) -> 
         return_top_tokens=job.top_logprobs,
         filters=filters,
         identifier=job.job_id,
+        # a job keeping tool-call markup (keep_special) gets every special token's text: step() takes the others out
+        decode_special_tokens=bool(job.keep_special),
     )
 
 
@@ -366,7 +368,7 @@ class ExllamaV3Model(DynamicGeneratorModel):
                                         eos_after_completed=True)]
         native = self.job_class(Job)(**job_kwargs(job, sampler=v3_sampler(job.sampling), filters=filters))
         native.xllm_bind_penalties(len(job.prompt_ids))
-        native.xllm_bind_stream(self._stream_bytes)
+        native.xllm_bind_stream(self.stream_bytes(job))
         return native
 
     def free_pages(self) -> int:

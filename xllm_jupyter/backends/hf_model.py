@@ -49,11 +49,12 @@ def _eos_ids(model, chat: ChatTokenizer) -> frozenset[int]:
 class _Seq:
     """A job's decoding state while it is queued or in the batch."""
 
-    __slots__ = ("job", "sampler", "detok", "completion", "last", "top_n", "matcher")
+    __slots__ = ("job", "sampler", "detok", "completion", "last", "top_n", "matcher", "spell")
 
     def __init__(self, job: SequenceJob, sampler: "JobSampler", detok: IncrementalDetokenizer,
-                 matcher: Any = None) -> None:
+                 matcher: Any = None, spell: Any = None) -> None:
         self.job = job
+        self.spell = spell  # a token's own bytes for logprobs (None: the tokenizer's; KeptSpecials.token_bytes)
         self.matcher = matcher  # llguidance LLMatcher when the job has a constraint
         self.sampler = sampler
         self.detok = detok
@@ -151,7 +152,9 @@ class TransformersModel(ChatTokenizerMethods, Prefill, LoadedModel):
             matcher = self._grammars.new_matcher(job.constraint)
             if self._masker is None:
                 self._masker = BatchMasker(self.vocab_size)
-        self._pending.append(_Seq(job, sampler, IncrementalDetokenizer(self._pieces, job.prompt_ids), matcher))
+        kept = self.chat.keeping(job.keep_special) if job.keep_special else None  # (tool markup: ChatTokenizer.keeping)
+        detok = IncrementalDetokenizer(kept.decode if kept else self._pieces, job.prompt_ids)
+        self._pending.append(_Seq(job, sampler, detok, matcher, kept.token_bytes if kept else None))
 
     def cancel(self, job_id: int) -> None:
         """Mark ``job_id`` cancelled; the next step drops it (no-op when unknown or finished)."""
@@ -362,7 +365,7 @@ class TransformersModel(ChatTokenizerMethods, Prefill, LoadedModel):
         if lp is None:
             return TokenEvent(job_id=seq.job.job_id, token_id=token, text=text, finish=finish, **counts)
         # logprobs describe each token by its own bytes: decoded alone, a part of a character is U+FFFD
-        spell = self.chat.token_bytes
+        spell = seq.spell or self.chat.token_bytes
         top_bytes = tuple(spell(i) for i, _ in lp[1])
         top = tuple((token_text(raw), v) for raw, (_, v) in zip(top_bytes, lp[1]))
         return TokenEvent(job_id=seq.job.job_id, token_id=token, text=text, logprob=lp[0], top_logprobs=top,

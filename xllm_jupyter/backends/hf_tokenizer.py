@@ -18,7 +18,7 @@ from typing import Any, Callable, ContextManager, Sequence
 
 from ..core.errors import InvalidRequest
 from ..core.types import ChatMessage
-from .detokenize import piece_bytes, piece_scheme
+from .detokenize import PieceDecoder, piece_bytes, piece_scheme
 from .tokenizer_files import load_tokenizer
 
 #: end-of-turn tokens of common chat templates that must also stop a generation
@@ -95,6 +95,38 @@ def rust_piece_decoder(tokenizer: Any) -> Callable[[list[int]], str] | None:
     return decode if same else None
 
 
+def special_token_text(tokenizer: Any) -> dict[int, str]:
+    """Special token ids and their literal text (what ``skip_special_tokens`` leaves out of decoded text)."""
+    try:
+        decoder = tokenizer.added_tokens_decoder
+    except AttributeError:
+        return {}
+    return {int(i): str(t.content) for i, t in decoder.items() if getattr(t, "special", False) and t.content}
+
+
+class KeptSpecials:
+    """Special tokens a job's decoded text keeps (``SequenceJob.keep_special``): their ids, a window decoder that
+    keeps them and skips every other special token, and their own bytes for logprobs."""
+
+    __slots__ = ("text", "decode", "_chat")
+
+    def __init__(self, chat: "ChatTokenizer", text: dict[int, str], drop: frozenset[int]):
+        self.text = text  # kept id -> its literal text
+        self._chat = chat
+
+        def decode(ids: Sequence[int]) -> str:
+            if text.keys().isdisjoint(ids):
+                return chat.decode_piece(ids)  # (most windows: nothing kept in them)
+            return chat.decode_with_specials([i for i in ids if i not in drop])
+
+        self.decode = PieceDecoder(decode)  # shared by the jobs keeping the same tokens
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """``ChatTokenizer.token_bytes``, a kept token's being its text."""
+        kept = self.text.get(token_id)
+        return kept.encode("utf-8") if kept is not None else self._chat.token_bytes(token_id)
+
+
 def system_into_first_user(convo: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``convo`` with its leading system turns' text at the head of the first user turn.
 
@@ -152,6 +184,7 @@ class ChatTokenizer:
         self._spelling: tuple[str, frozenset[int]] | None = None  # (piece scheme, added token ids), found once
         # found here, at load, not at the first streamed token on the model's step thread (~1 ms of checks)
         self._rust_decode = rust_piece_decoder(tokenizer) if self._guard.shared else None
+        self._kept: dict[tuple[str, ...], KeptSpecials | None] = {}  # keeping()'s answers
 
     @classmethod
     def from_directory(cls, path: str, model_name: str, **kwargs: Any) -> "ChatTokenizer":
@@ -179,6 +212,26 @@ class ChatTokenizer:
             return rust(ids)
         with self._guard():
             return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def decode_with_specials(self, ids: Sequence[int]) -> str:
+        """Text for ``ids`` with their special tokens' text in it (no clean-up of spaces)."""
+        with self._guard():
+            return self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def keeping(self, texts: tuple[str, ...]) -> KeptSpecials | None:
+        """How to decode keeping the special tokens spelled ``texts`` (None: this vocabulary has none of them special).
+
+        Decoding skips special tokens, so a model whose tool-call markup is special tokens (Mistral's ``[TOOL_CALLS]``,
+        ``[ARGS]``) lost it from its text and the tool parser saw none; vLLM turns ``skip_special_tokens`` off for
+        its Mistral parser. Only the named ones come back here: an end-of-turn token stays out of the text."""
+        if texts not in self._kept:
+            with self._guard():
+                special = special_token_text(self.tokenizer)
+                others = {int(i) for i in getattr(self.tokenizer, "all_special_ids", ()) or ()}  # a slow one's too
+            kept = {i: t for i, t in special.items() if t in texts}
+            self._kept[texts] = KeptSpecials(self, kept, frozenset((special.keys() | others) - kept.keys())) \
+                if kept else None
+        return self._kept[texts]
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes ``token_id`` stands for alone: part of a character split over tokens, b"" for a skipped special."""

@@ -145,6 +145,9 @@ class GenerationParams:
     #: score the prompt's own tokens at prefill (legacy completions' echo with logprobs), with
     #: ``top_logprobs`` alternatives each; ``max_tokens`` may then be 0 (score only, generate nothing)
     prompt_logprobs: bool = False
+    #: special tokens (by their text) whose text the decoded output keeps, every other one still skipped: the
+    #: tool-call markup a model writes as special tokens (Mistral's ``[TOOL_CALLS]``) that the tool parser reads
+    keep_special: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,8 @@ class SequenceJob:
     cache_namespace: str = ""
     #: score every prompt token in the prefill (``LoadedModel.scores_prompts``); ``max_tokens`` 0: only that
     prompt_logprobs: bool = False
+    #: special tokens whose text the decoded output keeps (``GenerationParams.keep_special``)
+    keep_special: tuple[str, ...] = ()
 
 
 @_quick_init  # made per token per stream

@@ -150,6 +150,7 @@ class ModelRunner(StepFailures, Retirement):
                 user=request.user,
                 cache_namespace=request.cache_namespace,
                 prompt_logprobs=params.prompt_logprobs and not index,  # every choice shares the first's scores
+                keep_special=params.keep_special,
             )
             handle.job_ids.append(job.job_id)
             pending.append((job, _JobState(handle, index, StopMatcher(params.stop))))

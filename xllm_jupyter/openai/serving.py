@@ -179,14 +179,16 @@ class OpenAIServing(CompletionsMixin):
 
     def _generation(self, req: Any, prompt_ids: Sequence[int], rid: str, *, max_tokens: int, sampling: Any,
                     logprobs: bool, top_logprobs: int, keep_alive: Any, user: str | None, prompt_param: str,
-                    constraint: Any = None, prompt_logprobs: bool = False) -> GenerationRequest:
+                    constraint: Any = None, prompt_logprobs: bool = False, keep_special: tuple[str, ...] = ()
+                    ) -> GenerationRequest:
         """The engine request for ``req``'s prompt ``prompt_ids``, checked (``prompt_param`` names it in errors)."""
         if logprobs or prompt_logprobs:
             self._check_logprob_entries(req.n or 1, max_tokens, top_logprobs, len(prompt_ids) if prompt_logprobs else 0)
         params = GenerationParams(max_tokens=max_tokens, sampling=sampling, stop=req.stop_strings(),
                                   stop_token_ids=tuple(req.stop_token_ids or ()),
                                   ignore_eos=bool(req.ignore_eos), n=req.n or 1, logprobs=logprobs,
-                                  top_logprobs=top_logprobs, constraint=constraint, prompt_logprobs=prompt_logprobs)
+                                  top_logprobs=top_logprobs, constraint=constraint, prompt_logprobs=prompt_logprobs,
+                                  keep_special=keep_special)
         gen = GenerationRequest(model=req.model, prompt_ids=tuple(prompt_ids), params=params, request_id=rid,
                                 keep_alive=keep_alive, user=user, cache_namespace=self._namespace(user))
         self._validate(gen, prompt_param)
@@ -302,7 +304,7 @@ class OpenAIServing(CompletionsMixin):
         rid = "chatcmpl-" + uuid.uuid4().hex
         gen = self._generation(req, p.prompt, rid, max_tokens=max_tokens, sampling=p.sampling, logprobs=bool(req.logprobs),
                                top_logprobs=req.top_logprobs or 0, keep_alive=p.keep_alive, user=user,
-                               prompt_param="messages", constraint=p.constraint)
+                               prompt_param="messages", constraint=p.constraint, keep_special=p.tools.markup_tokens)
         created = int(time.time())
         if req.stream:
             events = await started(self.engine.generate(gen), self.config.keepalive_seconds)

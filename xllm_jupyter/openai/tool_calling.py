@@ -9,11 +9,13 @@ from typing import Any, Awaitable, Callable, Sequence
 from ..core.errors import InvalidRequest
 from ..core.types import ChatMessage, Constraint
 from .legacy_functions import check_legacy_history, in_legacy_terms, legacy_delta, legacy_message, request_tool_config
-from .tool_parser import HERMES, StreamingToolParser, detect_family, parse_tool_calls
+from .tool_parser import HERMES, MISTRAL, MISTRAL_V11, StreamingToolParser, detect_family, parse_tool_calls
 from .tool_scan import cut_call
 from .tools import (ToolConfig, args_schema, nine_char_ids, one_call_per_turn, prepare_messages, template_supports_tools,
                     tool_constraint)
 
+#: Mistral's tool-call markup, special tokens in its tokenizers (decoding skips them unless told: ``markup_tokens``)
+MISTRAL_MARKUP = ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]")
 #: how the grammar compiler's message for one schema starts; the tool's name says it instead
 _COMPILER_PREFIX = re.compile(r"^Invalid (json_schema constraint|JSON schema): ")
 
@@ -50,6 +52,13 @@ class ToolCalling:
     def active(self) -> bool:
         """True when the output is parsed for tool calls."""
         return self.cfg.active
+
+    @property
+    def markup_tokens(self) -> tuple[str, ...]:
+        """Special tokens the decoded text must keep for the tool parser (``GenerationParams.keep_special``): Mistral's
+        markup while its calls are parsed, as vLLM's Mistral parser turns ``skip_special_tokens`` off; else none, so
+        they never reach content of a reply whose calls are not parsed."""
+        return MISTRAL_MARKUP if self.active and self.family in (MISTRAL, MISTRAL_V11) else ()
 
     def prompt(self, messages: Sequence[ChatMessage]) -> tuple[list[ChatMessage], list[dict[str, Any]] | None]:
         """Messages and ``tools`` for the chat template."""
