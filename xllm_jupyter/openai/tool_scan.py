@@ -40,16 +40,21 @@ def _cut_short(text: str, i: int, marker: str, final: bool) -> bool:
     return not final and len(text) - i < len(marker) and marker.startswith(text[i:])
 
 
-def _json_at(text: str, i: int, names: frozenset[str], final: bool) -> _Span | None:
-    if text[i] not in "{[":
-        return None
+def _value_at(text: str, i: int, final: bool) -> tuple[object, int] | None:
+    """The JSON value at ``i`` and where it ends; ``_HOLD`` while more text may complete it; None: no value."""
     try:
-        value, end = _DECODER.raw_decode(text, i)
+        return _DECODER.raw_decode(text, i)
     except json.JSONDecodeError as err:
         return _HOLD if not final and _may_grow(text, err) else None
     except RecursionError:  # nested past the parser's depth: text, not a call
         return None
-    return end, json_calls(value, names)
+
+
+def _json_at(text: str, i: int, names: frozenset[str], final: bool) -> _Span | None:
+    if text[i] not in "{[":
+        return None
+    found = _value_at(text, i, final)
+    return found if found is None or found is _HOLD else (found[1], json_calls(found[0], names))
 
 
 def _marker_at(text: str, i: int, names: frozenset[str], final: bool) -> _Span | None:
@@ -77,14 +82,11 @@ def _v11_at(text: str, j: int, names: frozenset[str], final: bool) -> _Span | No
     k = head.end()
     if k == len(text) or text[k] != "{":
         return _HOLD if k == len(text) and not final else None
-    span = _json_at(text, k, names, final)
-    if span is None or span is _HOLD:
-        return span
-    try:
-        ok = isinstance(json.loads(text[k:span[0]]), dict)
-    except (ValueError, RecursionError):
-        ok = False
-    return (span[0], (ToolCall(head.group(1), text[k:span[0]]),)) if ok else None
+    found = _value_at(text, k, final)  # (parsed once: its text is kept as written, its type decides)
+    if found is None or found is _HOLD:
+        return found
+    value, end = found
+    return (end, (ToolCall(head.group(1), text[k:end]),)) if isinstance(value, dict) else None
 
 
 def _block_at(text: str, i: int, names: frozenset[str], final: bool) -> _Span | None:
