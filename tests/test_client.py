@@ -133,6 +133,36 @@ def test_health_models_and_loaded(client):
     assert "details" in loaded[TINY]
 
 
+def test_a_load_may_take_longer_than_a_generation(xllm_server):
+    """A load reads a big model off a slow disk, or waits for room behind models in use, and the server goes on with it
+    whether or not its caller waits; it had a generation's 300 s, so `xllm run BIG` and `%xllm load` ended with "did
+    not answer in time" while the model went on loading. It waits an hour now, or what the caller chose."""
+    seen = []
+
+    def record(request):
+        seen.append((request.url.path, request.extensions["timeout"]["read"]))
+
+    async def arecord(request):
+        record(request)
+
+    for timeout, read in ((None, 3600.0), (7.0, 7.0)):
+        kw = {} if timeout is None else {"timeout": timeout}
+        with XllmClient(xllm_server.base_url, xllm_server.api_key, **kw) as c:
+            c._http.event_hooks["request"].append(record)
+            c.load(TINY)
+            c.models()
+
+        async def main():
+            async with AsyncXllmClient(xllm_server.base_url, xllm_server.api_key, **kw) as c:
+                c._http.event_hooks["request"].append(arecord)
+                await c.load(TINY)
+
+        asyncio.run(main())
+        probe = 30.0 if timeout is None else timeout  # the listing keeps its quick timeout
+        assert seen == [("/admin/models/load", read), ("/v1/models", probe), ("/admin/models/load", read)], seen
+        seen.clear()
+
+
 def test_unload_and_load(client):
     try:
         assert client.unload(TINY)["unloaded"] is True

@@ -21,6 +21,7 @@ from .base import (
     env_key_for,
     is_event_stream,
     json_body,
+    load_timeout,
     message_text,
     no_chat_model,
     parse_sse_line,
@@ -46,6 +47,7 @@ class AsyncXllmClient:
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._http = httpx.AsyncClient(headers=auth_headers(self.api_key), timeout=timeout, limits=limits)
         self._probe = probe_timeout(timeout)
+        self._load = load_timeout(timeout)
 
     async def aclose(self) -> None:
         """Close pooled connections."""
@@ -113,7 +115,7 @@ class AsyncXllmClient:
     async def load(self, name: str) -> dict[str, Any]:
         """Load ``name`` on the server; a key that may not (403) only checks that it exists."""
         try:
-            return await self._request("POST", self.admin_url + "/models/load", json={"model": name}) or {}
+            return await self._request("POST", self.admin_url + "/models/load", json={"model": name}, timeout=self._load) or {}
         except PermissionDenied:  # a user key: the first request loads the model
             return await self.model(name)
 

@@ -37,11 +37,19 @@ DEFAULT_TIMEOUT = httpx.Timeout(300.0, connect=5.0)
 PROBE_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 #: long enough for a big Hugging Face download between two pull progress events
 PULL_TIMEOUT = httpx.Timeout(3600.0, connect=5.0)
+#: a load reads a big model off a slow disk, or waits for room behind models in use: many minutes, and the server goes
+#: on loading whether or not its caller waits (`xllm run BIG`, `%xllm load` gave up at 300 s: "did not answer in time")
+LOAD_TIMEOUT = httpx.Timeout(3600.0, connect=5.0)
 
 
 def probe_timeout(timeout: httpx.Timeout | float) -> httpx.Timeout | float:
     """The timeout of the quick calls (health, model lists): PROBE_TIMEOUT, unless the caller chose its own."""
     return PROBE_TIMEOUT if timeout is DEFAULT_TIMEOUT else timeout
+
+
+def load_timeout(timeout: httpx.Timeout | float) -> httpx.Timeout | float:
+    """The timeout of a model load: LOAD_TIMEOUT, unless the caller chose its own."""
+    return LOAD_TIMEOUT if timeout is DEFAULT_TIMEOUT else timeout
 
 
 class ServerUnavailable(XllmError):

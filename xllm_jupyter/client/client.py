@@ -22,6 +22,7 @@ from .base import (
     env_key_for,
     is_event_stream,
     json_body,
+    load_timeout,
     message_text,
     no_chat_model,
     parse_sse_line,
@@ -53,6 +54,7 @@ class XllmClient:
         self.api_key = api_key if api_key is not None else env_key_for(base_url)
         self._http = httpx.Client(headers=auth_headers(self.api_key), timeout=timeout)
         self._probe = probe_timeout(timeout)
+        self._load = load_timeout(timeout)
 
     # ------------------------------------------------------------------ plumbing
     def close(self) -> None:
@@ -129,7 +131,7 @@ class XllmClient:
         checks that ``name`` exists; its first request loads it (``xllm.loaded`` says so).
         """
         try:
-            return self._request("POST", self.admin_url + "/models/load", json={"model": name}) or {}
+            return self._request("POST", self.admin_url + "/models/load", json={"model": name}, timeout=self._load) or {}
         except PermissionDenied:
             # user keys may chat but not manage models: failing here would block `xllm run`
             return self.model(name)
