@@ -19,6 +19,12 @@ from tests.test_tokenizer_sharing import MARK, HeldEncode
 from xllm_jupyter.engine.embeddings import TURN
 
 
+def _turns_waiting(slot: Any) -> int:
+    """Embedding turns waiting for the model's thread: in its executor's queue, or for their user's turn."""
+    waiting = getattr(slot, "turns_waiting", None)
+    return slot.executor._work_queue.qsize() + (waiting() if waiting is not None else 0)
+
+
 @pytest.fixture
 def encoder(xllm_server, client) -> Any:
     """The session server's all-minilm slot, loaded."""
@@ -85,12 +91,11 @@ def test_a_small_embedding_runs_between_the_turns_of_a_big_one(encoder, client, 
     try:
         assert held.entered.wait(60), "the big request's forward never started"
         threads[1].start()
-        queue = encoder.executor._work_queue
         for _ in range(6000):  # until the small request's forward waits for the model's thread
-            if queue.qsize():
+            if _turns_waiting(encoder):
                 break
             threading.Event().wait(0.01)
-        assert queue.qsize() == 1
+        assert _turns_waiting(encoder) == 1
     finally:
         held.release.set()
         for t in threads:
@@ -139,7 +144,7 @@ def test_another_requests_keep_alive_0_does_not_cut_a_big_request_between_its_tu
             model=MODEL, input="hello there", extra_body={"keep_alive": 0})))
         small.start()
         for _ in range(6000):  # until the small request's forward waits for the model's thread
-            if encoder.executor._work_queue.qsize():
+            if _turns_waiting(encoder):
                 break
             threading.Event().wait(0.01)
         release[1].set()
@@ -164,3 +169,74 @@ def test_another_requests_keep_alive_0_does_not_cut_a_big_request_between_its_tu
             break
         threading.Event().wait(0.01)
     assert MODEL not in xllm_server.engine._embeddings.slots
+
+
+@pytest.fixture(scope="module")
+def two_users(xllm_home, tiny_catalog) -> Any:
+    """A server of its own with two users' keys (the session server has one)."""
+    from tests.server_fixtures import TINY, make_test_config, running_server
+
+    with running_server(make_test_config(xllm_home, api_keys=("sk-alice", "sk-bob")), tiny_catalog, TINY) as info:
+        yield info
+
+
+def test_one_users_many_embedding_requests_do_not_queue_another_users_behind_them_all(two_users, monkeypatch):
+    import openai
+
+    alice, bob = (openai.OpenAI(base_url=two_users.base_url, api_key=k, max_retries=0, timeout=60)
+                  for k in ("sk-alice", "sk-bob"))
+    alice.embeddings.create(model=MODEL, input="warm up")
+    slot = two_users.engine._embeddings.slots[MODEL]
+    held = HeldForwards(slot.model.embed_ids)
+    monkeypatch.setattr(slot.model, "embed_ids", held)
+    got: list[Any] = []
+
+    def send(client: Any, texts: list[str]) -> threading.Thread:
+        thread = threading.Thread(target=lambda: got.append(client.embeddings.create(model=MODEL, input=texts)))
+        thread.start()
+        return thread
+
+    def until_waiting(n: int) -> None:
+        for _ in range(6000):
+            if _turns_waiting(slot) >= n:
+                return
+            threading.Event().wait(0.01)
+        raise AssertionError(f"{n} turns never waited for the model's thread")
+
+    threads = [send(alice, ["alice 0 a", "alice 0 b"])]
+    try:
+        assert held.entered.wait(60), "alice's first forward never started"
+        threads += [send(alice, [f"alice {i} a", f"alice {i} b"]) for i in range(1, 4)]  # an indexing job's burst
+        until_waiting(3)
+        threads.append(send(bob, ["hello there"]))
+        until_waiting(4)
+    finally:
+        held.release.set()
+        for t in threads:
+            t.join(60)
+    assert len(got) == 5
+    assert held.sizes == [2, 1, 2, 2, 2]  # bob's one text went next, not after all of alice's burst
+
+
+async def test_turns_handed_over_past_requests_that_left_never_stall_the_model():
+    # requests leaving the line (the client left) while a turn is handed out: the turn goes on to the next
+    # request in line, never to nobody (the model's thread idle for good) and never into an error
+    import dataclasses
+
+    from tests.fake_backend import FakeCatalog, FakeEmbeddingModel
+    from xllm_jupyter.engine.embeddings import EmbeddingHost
+
+    host = EmbeddingHost(loader=lambda spec: FakeEmbeddingModel())
+    slot = await host.load(dataclasses.replace(FakeCatalog(["vec"]).resolve("vec"), task="embedding"))
+    await slot.turn("alice")  # alice's turn is on the thread
+    left, granted_then_left, waits = (asyncio.ensure_future(slot.turn(u)) for u in ("bob", "carol", "dave"))
+    await asyncio.sleep(0)  # all three in line
+    assert slot.turns_waiting() == 3
+    left.cancel()  # bob leaves: his place is gone before his request runs again
+    slot.turn_done()  # alice's turn ends at that moment: carol's (bob's was cancelled)
+    granted_then_left.cancel()  # carol leaves with the turn handed to her: it passes on to dave
+    await asyncio.wait_for(waits, 5)
+    assert left.cancelled() and granted_then_left.cancelled() and slot.turns_waiting() == 0
+    slot.turn_done()
+    assert (await asyncio.wait_for(host.embed(slot, ["a b"], user="erin"), 5)).vectors.tolist() == [[1.0, 0.0]]
+    await host.stop()

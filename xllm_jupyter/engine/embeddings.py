@@ -8,6 +8,8 @@ A request's texts are tokenized off that thread (the model's tokenizer is lock-f
 settled), and its forwards go to the thread ``TURN`` inputs at a time, the next turn queued
 only when the last one is done: another user's request queued meanwhile runs between two
 turns, so it waits for one turn of a big batch, not for the whole batch (tokenizing included).
+Turns are handed out user by user (the engine's ``FairQueue``, one turn on the thread at a time):
+one user's burst of requests (an indexing job's) does not queue another user's behind all of it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..core import gc_freeze
 from ..core.errors import Overloaded, XllmError
 from ..core.slow_work import run_slow
 from ..core.types import EmbeddingResult, ModelInfo, ModelRuntime
+from .fairness import FairQueue
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,41 @@ class EmbeddingSlot:
         #: requests past their slot check and not yet done (on the IOLoop only): a keep_alive expiry waits for 0,
         #: since their tokenizing and turns are not one job on the model's thread that the unload would wait for
         self.in_use = 0
+        # turns waiting for the thread, one FIFO per user, round-robin (on the IOLoop only; no reserve: one thread)
+        self._turns: FairQueue[tuple[str, asyncio.Future]] = FairQueue(key=lambda t: t[0], reserved=0)
+        self._turn_held = False  # a turn is on the thread (or handed to its request, not yet on it)
+
+    def turns_waiting(self) -> int:
+        """Turns waiting for the model's thread."""
+        return len(self._turns)
+
+    async def turn(self, user: str) -> None:
+        """Wait for ``user``'s turn on the model's thread; pair with ``turn_done``."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._turns.append((user, waiter))
+        if not self._turn_held:
+            self._next_turn()
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.turn_done()  # handed over as the request left: the next one's
+            else:
+                self._turns.remove_if(lambda t: t[1] is waiter)
+            raise
+
+    def turn_done(self) -> None:
+        """The turn has left the thread: the next user's goes."""
+        self._turn_held = False
+        self._next_turn()
+
+    def _next_turn(self) -> None:
+        while self._turns:
+            _, waiter = self._turns.take(1)[0]  # (the user served longest ago first)
+            if not waiter.done():  # (one cancelled, its request not yet resumed to leave the line: the next)
+                self._turn_held = True
+                waiter.set_result(None)
+                return
 
     def info(self) -> ModelInfo:
         """The loaded model's ``ModelInfo``."""
@@ -159,13 +197,14 @@ class EmbeddingHost:
         await asyncio.to_thread(gc_freeze.tidy)
 
     async def embed(self, slot: EmbeddingSlot, inputs: Sequence[str] | Sequence[Sequence[int]],
-                    tokenize: Callable[..., Any] | None = None) -> EmbeddingResult:
+                    tokenize: Callable[..., Any] | None = None, user: str | None = None) -> EmbeddingResult:
         """Tokenize and check ``inputs`` on a worker thread (``tokenize(chars, work)`` runs it: the engine's prompt
-        lane; default: asyncio's pool), then embed them on the model's own thread, ``TURN`` inputs a turn."""
+        lane; default: asyncio's pool), then embed them on the model's own thread, ``TURN`` inputs a turn, the
+        turns shared out by ``user``."""
         self._check_open(slot)
         slot.in_use += 1
         try:
-            return await self._embed(slot, inputs, tokenize)
+            return await self._embed(slot, inputs, tokenize, user or "")
         finally:
             slot.in_use -= 1
 
@@ -175,7 +214,7 @@ class EmbeddingHost:
         return slot is not None and slot.in_use > 0
 
     async def _embed(self, slot: EmbeddingSlot, inputs: Sequence[str] | Sequence[Sequence[int]],
-                     tokenize: Callable[..., Any] | None) -> EmbeddingResult:
+                     tokenize: Callable[..., Any] | None, user: str) -> EmbeddingResult:
         model = slot.model
 
         def prepare() -> list[list[int]]:
@@ -193,11 +232,14 @@ class EmbeddingHost:
         for start in range(0, len(order), TURN):
             rows = order[start : start + TURN]
             self._check_open(slot)
+            await slot.turn(user)
             try:
                 vectors[rows] = await loop.run_in_executor(slot.executor, model.embed_ids, [ids[i] for i in rows])
             except RuntimeError:  # "cannot schedule new futures after shutdown": unloaded between two turns
                 self._check_open(slot)
                 raise
+            finally:
+                slot.turn_done()
         return EmbeddingResult(model=model.name, vectors=vectors, token_counts=tuple(len(r) for r in ids))
 
     @staticmethod

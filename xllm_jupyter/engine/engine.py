@@ -215,7 +215,7 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
             if spec.task != "embedding":
                 raise not_supported(model, "a chat model and cannot create embeddings")
             slot = await self._load_embedding(spec)
-        result = await self._embeddings.embed(slot, inputs, functools.partial(self._prompts.run, user=user))
+        result = await self._embeddings.embed(slot, inputs, functools.partial(self._prompts.run, user=user), user)
         self._expire_embedding(model, keep_alive)
         return result
 
