@@ -597,6 +597,27 @@ def test_this_servers_api_forwards_to_the_hub_service_chunk_by_chunk_with_the_se
         assert json.loads(sent)["model"] == "hub-model"
 
 
+def test_a_token_in_the_query_never_goes_upstream(xllm, hub_api, service):
+    """Jupyter takes its token in the URL too (``?token=``): the forward sent the query on as it came, so the Jupyter
+    token (on a hub: the user's hub token, which the service, where tokens in URLs are allowed, takes before the
+    Authorization header) reached the service. Only this server's own token goes upstream, the rest of the query does."""
+    token = xllm["token"]
+
+    async def body() -> None:
+        await start(xllm)
+        await xllm["app"]._start_task
+        async with httpx.AsyncClient(base_url=xllm["url"], timeout=30) as h:
+            for query in (f"token={token}&limit=2", f"limit=2&TOKEN=x&%74oken={token}&tok%20en=1", f"token={token}"):
+                r = await h.get(f"/models?{query}")
+                assert r.status_code == 200 and r.json()["data"][0]["id"] == "hub-model", (query, r.text)
+
+    xllm["run"](body())
+    paths = [path for method, path, _, _ in service.seen if method == "GET"]
+    assert paths == ["/services/xllm/v1/models?limit=2", "/services/xllm/v1/models?limit=2&TOKEN=x&tok%20en=1",
+                     "/services/xllm/v1/models"], paths
+    assert all(token not in str(headers) for _, _, headers, _ in service.seen)
+
+
 @pytest.mark.parametrize("cut_event", [b"", b'data: {"id": "c1", "object": "chat.completion.chunk", "choi'],
                          ids=["between events", "mid event"])
 def test_a_forwarded_stream_the_service_breaks_off_ends_in_an_error_event(xllm, hub_api, service, cut_event):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_plus
 
 import httpx
 from jupyter_server.utils import url_path_join
@@ -83,8 +83,11 @@ class HubForwardingHandler(JupyterXllmHandler):
         # hub's API, when the service is reached through the proxy): no route of ours has one
         if any(unquote(segment) in (".", "..") for segment in path.split("/")):
             raise NotFound(f"Unknown endpoint: {self.request.method} {quoted(self.request.path)}")
-        query = f"?{self.request.query}" if self.request.query else ""
-        return upstream.service.root + path + query  # still percent-encoded as the client sent it
+        # never a token: Jupyter takes its own in the URL, and the service, where tokens in URLs are allowed,
+        # takes one there before the Authorization header that carries this server's
+        kept = [part for part in self.request.query.split("&") if unquote_plus(part.split("=", 1)[0]) != "token"]
+        query = "&".join(part for part in kept if part)
+        return upstream.service.root + path + (f"?{query}" if query else "")  # percent-encoded as the client sent it
 
     async def _forward(self, upstream: Upstream, method: str) -> None:
         url = self._upstream_url(upstream)
