@@ -62,3 +62,19 @@ def test_show_parameters_prints_a_stop_string_as_written(home, tmp_path):  # noq
     assert invoke("create", "cjk", "-f", str(path)).exit_code == 0
     assert invoke("show", "cjk", "--parameters").output.splitlines() == ['stop                "。"',
                                                                           'stop                "a\\tb"']
+
+
+def test_a_bad_server_url_leaves_a_store_command_to_do_its_work(home, tmp_path, tiny_llama_dir):  # noqa: F811
+    """With an unusable --url/XLLM_BASE_URL, create and cp (and a pull replacing a model) added the model, then failed as
+    a usage error asking the server to unload it (exit 2: a script took it for not added), and rm removed nothing.
+    They need no server: each does its work and notes once that no server was asked."""
+    path = tmp_path / "Modelfile"
+    path.write_text("FROM tiny\nSYSTEM Be brief.\n")
+    bad = {"XLLM_BASE_URL": "ftp://x"}
+    for args, names in ((["create", "new", "-f", str(path)], ["new", TINY]), (["cp", TINY, "new2"], ["new", "new2", TINY]),
+                        (["pull", str(tiny_llama_dir), "--name", "new2", "--force"], ["new", "new2", TINY]),
+                        (["rm", "-y", "new2"], ["new", TINY]), (["rm", "-y", "new", "--url", "http://[::1"], [TINY])):
+        result = invoke(*args, env=bad)
+        assert result.exit_code == 0, (args, result.output)
+        assert result.stderr.count("Note: no server was asked to unload") == 1, (args, result.stderr)
+        assert [m.name for m in ModelStore(home).list()] == names, args

@@ -248,12 +248,12 @@ def rm_command(settings: Any, name: str, yes: bool) -> None:
     if not yes:
         click.confirm(f"Remove {name}?", abort=True)
     removed = _served_from(store, settings, name)
-    unload_from_server(settings, name, removed)  # it stops serving before its files go
+    asked = unload_from_server(settings, name, removed)  # it stops serving before its files go
     if not store.rm(name, wait=False):  # another process pulls or removes it: say why nothing happens for a while
         click.echo(f"Waiting for another xllm process working on {name} (a pull or removal)...", err=True)
         store.rm(name)
-    # again: a load under way when it was asked first may have finished since, before the files went
-    unload_from_server(settings, name, removed)
+    if asked:  # again: a load under way when it was asked first may have finished since, before the files went
+        unload_from_server(settings, name, removed)  # (not where it failed: the same note twice)
     click.echo(f"Removed {name}")
 
 
@@ -324,8 +324,8 @@ def _served_from(store: Any, settings: Any, name: str) -> bool:
 
     try:
         served = settings.client().manifest(name)
-    except XllmError:  # no server, a key that may not read manifests, the model not in the server's store
-        return False
+    except (XllmError, click.UsageError):  # no server, a key that may not read manifests, the model not in the
+        return False  # server's store, an unusable --url (the unload says so)
     served_id = served.get("store_id")
     if isinstance(served_id, str) and served_id:
         return served_id == store.store_id()
@@ -338,24 +338,33 @@ def _served_from(store: Any, settings: Any, name: str) -> bool:
     return served.get("digest") == mine.digest and served.get("created") == mine.created
 
 
-def unload_from_server(settings: Any, name: str, removed: bool = False) -> None:
+def unload_from_server(settings: Any, name: str, removed: bool = False) -> bool:
     """Ask the server `xllm ps` would ask to unload ``name``, so it stops serving a removed model (``removed``: its
     store is the one it is removed from, so the requests it cuts end with a 404 saying so, not a 503 to retry).
 
     No server, or the model not loaded there, is the usual case and says nothing; any other
-    failure is a note on stderr and the removal goes on (as ``ollama rm`` does).
+    failure, an unusable ``--url``/``XLLM_BASE_URL`` too, is a note on stderr and the command's work stands (as
+    ``ollama rm`` goes on): it was a usage error (exit 2) after a pull, create or cp had added the model. False
+    once it noted a failure.
     """
     from ..client.base import ServerUnavailable
     from ..core.errors import InvalidRequest, NotFound, XllmError
 
     try:
+        client = settings.client()
+    except click.UsageError as exc:
+        echo(f"Note: no server was asked to unload {name}: {exc.format_message()}", err=True)
+        return False
+    try:
         try:
-            settings.client().unload(name, removed=removed)
+            client.unload(name, removed=removed)
         except InvalidRequest:
             if not removed:
                 raise
-            settings.client().unload(name)  # a server older than `removed`: a plain unload
+            client.unload(name)  # a server older than `removed`: a plain unload
     except (ServerUnavailable, NotFound):
         pass
     except XllmError as exc:
         echo(f"Note: the server did not unload {name}: {exc.message}", err=True)
+        return False
+    return True
