@@ -463,3 +463,16 @@ def test_a_reply_stopped_before_its_first_word_leaves_no_turn(live, monkeypatch)
     with Interrupted(live.base_url, live.api_key) as backend:
         chat.interactive(backend, TINY, [], {"max_tokens": 2, "temperature": 0})
     assert [m["content"] for m in sent[1]] == ["second"]
+
+
+def test_a_conversation_grown_past_the_context_says_clear_shortens_it(live, monkeypatch, capsys):
+    """`xllm run`'s chat sends the whole conversation: once it outgrew the model's context every turn failed with the
+    server's "reduce the length of the messages", which a chat cannot do but by /clear, and the error did not say so."""
+    long = "word " * 1200  # about 1,200 tokens: one fits the tiny Llama's 2,048, two do not
+    lines = iter([long * 2, long, long, "/clear", long, "/bye"])  # a first message alone too long: /clear cannot help
+    monkeypatch.setattr(chat, "_read_line", lambda *prompt: next(lines))
+    with XllmClient(live.base_url, live.api_key) as backend:
+        chat.interactive(backend, TINY, [], {"max_tokens": 1, "temperature": 0})
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 2 and all("maximum context length" in e for e in errors), errors
+    assert "/clear" not in errors[0] and errors[1].endswith("(/clear forgets the conversation so far)")

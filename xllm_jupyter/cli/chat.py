@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import click
 
 from ..client.base import ServerUnavailable
-from ..core.errors import XllmError
+from ..core.errors import ContextLengthExceeded, XllmError
 from .render import echo, terminal_safe
 from .settings import server_options
 
@@ -196,7 +196,9 @@ def interactive(backend: ChatBackend, model: str, history: list[dict[str, str]],
             # reply cut off or never begun): the conversation waits for it to be back. The turn is dropped, a partial
             # reply too (it stays on screen): sent with the next turns it would pass for the model's whole answer.
             history.pop()
-            _note(f"Error: {terminal_safe(exc.message)}")  # the server's words: no escape acts (as on main's error line)
+            # "reduce the length of the messages": here the conversation is what grew, which only /clear shortens
+            hint = " (/clear forgets the conversation so far)" if isinstance(exc, ContextLengthExceeded) and history != system else ""
+            _note(f"Error: {terminal_safe(exc.message)}{hint}")  # the server's words: no escape acts (as on main's error line)
             continue
         if interrupted and not reply:
             history.pop()  # stopped before a word came: an empty assistant turn would only confuse the next one
