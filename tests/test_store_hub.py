@@ -223,6 +223,8 @@ def test_gguf_repo_quantization_tag_as_ollama_spells_it(tmp_path, hub, tiny_llam
                                         "Tiny-Q4_K_S.gguf": gguf_bytes, "Tiny-Q8_0-00001-of-00002.gguf": gguf_bytes,
                                         "Tiny-Q8_0-00002-of-00002.gguf": gguf_bytes})
     store = ModelStore(tmp_path / "home", endpoint=hub.url)
+    with pytest.raises(StoreError, match=r"Several GGUF files .*: pick one as hf:ORG/REPO/FILE.gguf, or its quantiz"):
+        store.pull("hf:gguf-org/Tiny-GGUF")  # the advice names the tag too
     m = store.pull("hf.co/gguf-org/Tiny-GGUF:Q4_K_M")
     assert m.name == "tiny-gguf:q4_k_m" and [f.path for f in m.files] == ["Tiny-Q4_K_M.gguf"]
     assert m.source == "hf:gguf-org/Tiny-GGUF:Q4_K_M"

@@ -126,7 +126,7 @@ def _skipped(rel: str) -> bool:
 
 
 #: how to pick one of several GGUF files: in a Hub repo, and in a local directory
-PICK_HUB_GGUF = "pick one as hf:ORG/REPO/FILE.gguf"
+PICK_HUB_GGUF = "pick one as hf:ORG/REPO/FILE.gguf, or its quantization as hf.co/ORG/REPO:Q4_K_M"
 PICK_LOCAL_GGUF = "pull one of them by its path (DIR/FILE.gguf)"
 
 
