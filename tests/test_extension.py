@@ -618,6 +618,23 @@ def test_a_token_in_the_query_never_goes_upstream(xllm, hub_api, service):
     assert all(token not in str(headers) for _, _, headers, _ in service.seen)
 
 
+def test_a_header_with_bytes_past_ascii_is_forwarded_as_sent(xllm, hub_api, service):
+    """A User-Agent (or Accept, Content-Type) holding a byte past ASCII ("Zoë's notebook" in UTF-8): the forward
+    built its upstream request from Tornado's latin-1 reading of it, which httpx refuses to encode (ASCII only), and
+    the request was a 500 instead of being forwarded."""
+    agent = "Zoë's notebook/1.0".encode()
+
+    async def body() -> None:
+        await start(xllm)
+        await xllm["app"]._start_task
+        async with httpx.AsyncClient(base_url=xllm["url"], timeout=30) as h:
+            r = await h.get("/models", headers=[(b"Authorization", f"token {xllm['token']}".encode()), (b"User-Agent", agent)])
+            assert r.status_code == 200 and r.json()["data"][0]["id"] == "hub-model", r.text
+
+    xllm["run"](body())
+    assert [headers["User-Agent"].encode("latin-1") for method, _, headers, _ in service.seen if method == "GET"] == [agent]
+
+
 @pytest.mark.parametrize("cut_event", [b"", b'data: {"id": "c1", "object": "chat.completion.chunk", "choi'],
                          ids=["between events", "mid event"])
 def test_a_forwarded_stream_the_service_breaks_off_ends_in_an_error_event(xllm, hub_api, service, cut_event):

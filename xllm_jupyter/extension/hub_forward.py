@@ -91,7 +91,10 @@ class HubForwardingHandler(JupyterXllmHandler):
 
     async def _forward(self, upstream: Upstream, method: str) -> None:
         url = self._upstream_url(upstream)
-        headers = {name: self.request.headers[name] for name in REQUEST_HEADERS if name in self.request.headers}
+        # as the bytes the client sent (Tornado reads them as latin-1): httpx encodes a str value as ASCII only, and a
+        # User-Agent holding "ë" made the request a 500
+        headers: dict[str, str | bytes] = {name: self.request.headers[name].encode("latin-1")
+                                           for name in REQUEST_HEADERS if name in self.request.headers}
         # the id this server gave the request (the client's own, or a fresh one): the service's logs and answer use it
         headers[REQUEST_ID_HEADER] = self._xllm_request_id or request_id_for(None)
         body = self.body if method == "post" and isinstance(self, BodyMixin) else None
