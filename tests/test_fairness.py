@@ -63,10 +63,10 @@ def test_a_flood_still_waiting_past_the_window_keeps_the_reserve_for_an_active_u
     q = _q(reserved=1, window=60, clock=lambda: clock[0])
     q.append(("b", 0))
     q.extend([("a", i) for i in range(10)])
-    assert [u for u, _ in q.take(4, max_batch=4)] == ["b", "a", "a", "a"]  # a holds at most 4 - 1
+    assert [u for u, _ in q.take(4, max_batch=4)] == ["b", "a", "a"]  # one slot kept free
     clock[0] = 50.0
     q.append(("b", 1))  # b, back within the window after his first ended: the free slot, at once
-    assert q.take(1, running=["a", "a", "a"], max_batch=4) == [("b", 1)]
+    assert q.take(2, running=["a", "a"], max_batch=4) == [("b", 1)]
     clock[0] = 100.0  # b's second ended, and one of a's; a queued nothing for 100 s, but 7 of hers still wait
     assert [u for u, _ in q.take(2, running=["a", "a"], max_batch=4)] == ["a"]  # not both: the reserve holds
     q.append(("b", 2))
@@ -80,15 +80,28 @@ def test_a_user_whose_generation_just_ended_counts_as_active():
     q = _q(reserved=1, window=60, clock=lambda: clock[0])
     q.append(("b", 0))
     q.extend([("a", i) for i in range(10)])
-    assert [u for u, _ in q.take(4, max_batch=4)] == ["b", "a", "a", "a"]
+    assert [u for u, _ in q.take(4, max_batch=4)] == ["b", "a", "a"]
     clock[0] = 150.0
     q.ended("b")  # b's generation ends (the runner says so as its job leaves the batch)
-    assert q.take(1, running=["a", "a", "a"], max_batch=4) == []  # a holds her share: the slot waits for b
+    assert [u for u, _ in q.take(2, running=["a", "a"], max_batch=4)] == ["a"]  # one slot still waits for b
     clock[0] = 151.0
     q.append(("b", 1))
     assert q.take(1, running=["a", "a", "a"], max_batch=4) == [("b", 1)]
     clock[0] = 300.0  # b gone quiet for a window: a alone may take every slot
     assert len(q.take(1, running=["a", "a", "a"], max_batch=4)) == 1
+
+
+def test_two_users_floods_together_leave_the_reserve_to_a_third():
+    # the reserve is the batch's, not each user's: a and b flooding hold max_batch - 1 slots between them
+    q = _q(reserved=1, window=60)
+    q.extend([("a", i) for i in range(5)])
+    q.extend([("b", i) for i in range(5)])
+    assert sorted(u for u, _ in q.take(4, max_batch=4)) == ["a", "a", "b"]
+    assert q.take(1, running=["a", "a", "b"], max_batch=4) == []  # neither takes the last slot...
+    q.append(("c", 0))
+    assert q.take(1, running=["a", "a", "b"], max_batch=4) == [("c", 0)]  # ...c, who runs nothing, does
+    q.append(("c", 1))  # one of a's ended; c asks again while running one: c waits like the others
+    assert q.take(1, running=["a", "b", "c"], max_batch=4) == []
 
 
 def test_a_returning_user_served_longest_ago_wins_a_tie():
@@ -189,6 +202,27 @@ async def test_the_slot_a_long_generation_frees_waits_for_its_users_next_request
         for task in flood:
             task.cancel()
         await asyncio.gather(*flood, return_exceptions=True)
+        await engine.stop()
+
+
+async def test_two_flooding_users_cannot_starve_a_third():
+    engine, backend = _engine(max_batch_size=4)
+    await engine.start()
+    try:
+        await engine.load("fake")
+        finished: list[str] = []
+        flood = [asyncio.ensure_future(_run(engine, _req(user, 200), finished, user)) for _ in range(4)
+                 for user in ("alice", "bob")]
+        model = backend.models["fake"]
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(model.jobs) < 3:  # their first jobs are decoding
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.002)
+        assert len(model.jobs) == 3  # alice's and bob's hold 3 of the 4 slots between them
+        await _run(engine, _req("carol", 5), finished, "carol")
+        assert finished == ["carol"]  # carol started at once, not after one of their 200-token generations
+        await asyncio.gather(*flood)
+    finally:
         await engine.stop()
 
 

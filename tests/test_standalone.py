@@ -53,6 +53,23 @@ def test_no_key_forces_loopback(caplog, tmp_path):
     assert listen_host(keyed) == "0.0.0.0"
 
 
+async def test_an_empty_api_key_is_no_key(caplog, tiny_catalog, tmp_path):
+    """``xllm serve --host 0.0.0.0 --api-key "$KEY"`` with KEY unset: the empty key counted as a key for the loopback
+    rule, so the server listened on every interface, and logged "API key required", with no key checked at all."""
+    for keys in ([""], ["", ""]):
+        config = make_test_config(tmp_path, api_keys=tuple(keys), host="0.0.0.0")
+        with caplog.at_level(logging.WARNING, logger="xllm_jupyter.server"):
+            assert listen_host(config) == "127.0.0.1"
+        assert "No API key" in caplog.text
+    engine = Engine(config.engine, catalog=tiny_catalog)
+    server = await start_server(config, engine, port=0)
+    try:
+        assert server.host == "127.0.0.1" and not server.auth_enabled
+    finally:
+        await server.stop()
+        await engine.stop()
+
+
 async def test_keyless_server_serves_loopback_only(tiny_catalog, tmp_path):
     config = make_test_config(tmp_path, api_keys=(), host="0.0.0.0")
     engine = Engine(config.engine, catalog=tiny_catalog)

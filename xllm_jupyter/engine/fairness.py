@@ -7,10 +7,10 @@ FIFO per user instead and hands free slots out user by user:
 * the waiting user holding the fewest running slots goes first (ties: the user served
   longest ago first, round-robin), so a newcomer gets the next free slot;
 * once more than one user has been active recently (queued work or had a generation end
-  within ``window`` seconds, or has work still waiting), one user may hold at most ``max_batch - reserved``
-  slots, keeping ``reserved`` slots free for whoever arrives next. There is no
-  preemption, so this reserve is what bounds a newcomer's wait to one step instead of
-  the length of someone else's generation.
+  within ``window`` seconds, or has work still waiting), the users who already run jobs may
+  hold at most ``max_batch - reserved`` slots between them, keeping ``reserved`` slots free
+  for whoever arrives next with nothing running. There is no preemption, so this reserve is
+  what bounds a newcomer's wait to one step instead of the length of someone else's generation.
   A user alone on the server (a single-user Jupyter server) still gets every slot, so
   someone arriving after the window has passed waits for the first of that user's
   generations to end; ``always`` keeps the reserve even then (a shared hub's choice).
@@ -172,7 +172,7 @@ class FairQueue(Generic[Item]):
         """Up to ``free`` items to admit now, chosen fairly.
 
         ``running`` lists the user of every job in the batch (one entry per job);
-        ``max_batch`` is the batch limit the per-user cap is computed from (None: no cap).
+        ``max_batch`` is the batch limit the reserve is kept from (None: no reserve).
         ``fits`` says whether the model has room for an item now (and claims it if so). The
         item whose turn it is and does not fit stops admission: it stays first in line, and
         nobody else's smaller job overtakes it, so it starts as soon as room frees.
@@ -181,6 +181,7 @@ class FairQueue(Generic[Item]):
         if free <= 0 or not self._size:
             return out
         held = Counter(running)
+        total = sum(held.values())
         cap = None
         shared = self.shared()  # also forgets idle users, once per call
         if max_batch is not None and self.reserved and max_batch > self.reserved and (shared or self.always):
@@ -188,14 +189,17 @@ class FairQueue(Generic[Item]):
         while len(out) < free and self._queues:
             # least-running first; ties: served longest ago (never served: first), then queue order
             user = min(self._queues, key=lambda u: (held[u], self._served.get(u, 0)))
-            if cap is not None and held[user] >= cap:
-                break  # everyone waiting already holds a full share: keep the reserve free
+            if cap is not None and held[user] and total >= cap:
+                # everyone waiting already runs something: the reserve stays free for a user who runs nothing
+                # (per user, two users' floods filled it between them and a third waited for a generation to end)
+                break
             if fits is not None and not fits(self._queues[user][0]):
                 break  # its turn; it waits for room rather than being overtaken
             queue = self._queues.pop(user)
             out.append(queue.popleft())
             self._size -= 1
             held[user] += 1
+            total += 1
             self._serial += 1
             self._served[user] = self._serial
             if queue:

@@ -16,6 +16,7 @@ from ..core.config import XllmConfig
 from ..core.errors import ListenError, Overloaded
 from ..core.hosts import is_loopback
 from .app import make_app
+from .auth import ApiKeyAuth
 from .handlers import CONTEXT_KEY
 from .auth_failures import FAILURES_KEY, proxy_matcher
 from .connections import ConnectionGuard, GuardedHTTPServer, default_max_connections
@@ -56,10 +57,15 @@ class RunningServer:
         return self.http_server.request_callback.settings[CONTEXT_KEY]  # type: ignore[attr-defined]
 
 
+def asks_for_keys(config: XllmConfig) -> bool:
+    """True when the server checks API keys: an empty one (``--api-key "$UNSET"``) is none, as ApiKeyAuth skips it."""
+    return ApiKeyAuth(config.server.api_keys, config.auth.admin_keys).enabled
+
+
 def listen_host(config: XllmConfig, host: str | None = None) -> str:
     """The address to bind: without API keys only loopback is allowed."""
     host = config.server.host if host is None else host
-    if not (config.server.api_keys or config.auth.admin_keys) and not is_loopback(host):
+    if not asks_for_keys(config) and not is_loopback(host):
         log.warning(
             "No API key is configured, so xllm will not listen on %r: listening on 127.0.0.1 only. "
             "Set XLLM_API_KEYS (or server.api_keys in config.yaml) to serve other hosts.",
@@ -163,7 +169,7 @@ async def start_server(config: XllmConfig, engine: Any, *, host: str | None = No
     app = make_app(config, engine)
     server, bound = listen(app, config, host, port)
     url = f"http://{_url_host(host)}:{bound}"
-    return RunningServer(host=host, port=bound, url=url, http_server=server, auth_enabled=bool(config.server.api_keys or config.auth.admin_keys))
+    return RunningServer(host=host, port=bound, url=url, http_server=server, auth_enabled=asks_for_keys(config))
 
 
 def listen(app: Any, config: XllmConfig, host: str, port: int) -> tuple[HTTPServer, int]:
