@@ -635,6 +635,30 @@ def test_a_header_with_bytes_past_ascii_is_forwarded_as_sent(xllm, hub_api, serv
     assert [headers["User-Agent"].encode("latin-1") for method, _, headers, _ in service.seen if method == "GET"] == [agent]
 
 
+def test_a_url_with_raw_bytes_past_ascii_reaches_the_service_as_the_same_bytes(xllm, hub_api, service):
+    """curl sends a URL as typed (``?metadata[topic]=café`` in raw UTF-8), and this server's own engine reads it as
+    UTF-8; the forward rebuilt the URL from Tornado's latin-1 reading of those bytes, which httpx encoded again as
+    UTF-8, so the service was asked about "cafÃ©" (a filter matched nothing, a model id named another model)."""
+    import asyncio
+    from urllib.parse import urlsplit
+
+    url = urlsplit(xllm["url"])
+
+    async def body() -> None:
+        await start(xllm)
+        await xllm["app"]._start_task
+        reader, writer = await asyncio.open_connection(url.hostname, url.port)
+        writer.write(f"GET {url.path}/models?topic=".encode() + "café".encode() + b"&a=%C3%A9 HTTP/1.1\r\n"
+                     + f"Host: {url.netloc}\r\nAuthorization: token {xllm['token']}\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        reply = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        assert reply.startswith(b"HTTP/1.1 200"), reply[:300]
+
+    xllm["run"](body())
+    assert [path for method, path, _, _ in service.seen if method == "GET"] == ["/services/xllm/v1/models?topic=caf%C3%A9&a=%C3%A9"]
+
+
 @pytest.mark.parametrize("cut_event", [b"", b'data: {"id": "c1", "object": "chat.completion.chunk", "choi'],
                          ids=["between events", "mid event"])
 def test_a_forwarded_stream_the_service_breaks_off_ends_in_an_error_event(xllm, hub_api, service, cut_event):

@@ -87,7 +87,10 @@ class HubForwardingHandler(JupyterXllmHandler):
         # takes one there before the Authorization header that carries this server's
         kept = [part for part in self.request.query.split("&") if unquote_plus(part.split("=", 1)[0]) != "token"]
         query = "&".join(part for part in kept if part)
-        return upstream.service.root + path + (f"?{query}" if query else "")  # percent-encoded as the client sent it
+        # percent-encoded as the client sent it; a byte past ASCII (curl sends a URL as typed) escaped as that byte:
+        # Tornado reads the request line as latin-1, and httpx would encode those characters again as UTF-8
+        tail = path + (f"?{query}" if query else "")
+        return upstream.service.root + "".join(c if c < "\x80" else f"%{ord(c):02X}" for c in tail)
 
     async def _forward(self, upstream: Upstream, method: str) -> None:
         url = self._upstream_url(upstream)
