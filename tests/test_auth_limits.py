@@ -45,7 +45,8 @@ def roles_server(xllm_home, tiny_catalog) -> Iterator[Any]:
 def fair_server(xllm_home, tiny_catalog) -> Iterator[Any]:
     """One request in flight per key, a queue of two, and a token budget."""
     auth = AuthConfig(max_concurrent_per_key=1, tokens_per_minute=200)
-    keys = ("sk-x", "sk-y", "sk-z", "sk-tok", "sk-tok-stream", "sk-tok-left", "sk-tok-prompts", "sk-tok-read")
+    keys = ("sk-x", "sk-y", "sk-z", "sk-tok", "sk-tok-stream", "sk-tok-left", "sk-tok-prompts", "sk-tok-read",
+            "sk-tok-gone")
     with running_server(_config(xllm_home, auth, keys, max_queue=2), tiny_catalog, TINY) as info:
         yield info
 
@@ -363,6 +364,31 @@ def test_tokens_per_minute_charges_a_stream_left_early(fair_server):
     _wait_idle(fair_server.engine)
     refused = _chat(fair_server.root, "sk-tok-left")
     assert refused.status_code == 429 and "Token rate limit" in refused.json()["error"]["message"]
+
+
+def test_tokens_per_minute_charges_a_full_answer_its_client_left_before_it_came(fair_server):
+    """A request that is not streamed and whose client goes while it generates (a client timeout, an interrupted
+    cell; the SDK then retries it) was charged nothing: only a finished answer's usage reached the bucket."""
+    import socket
+
+    _wait_idle(fair_server.engine)
+    long_prompt = [{"role": "user", "content": "Count the words in this. " * 40}]  # ~250 tokens: past the budget
+    body = json.dumps({"model": TINY, "messages": long_prompt, "max_tokens": 1000, "ignore_eos": True}).encode()
+    port = int(fair_server.root.rsplit(":", 1)[1])
+    before = fair_server.engine.stats().tokens
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    try:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer sk-tok-gone\r\n"
+                  b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 60
+        while fair_server.engine.stats().tokens < before + 3:  # it is generating (tokens reach the handler)
+            assert time.monotonic() < deadline, fair_server.engine.stats()
+            time.sleep(0.01)
+    finally:
+        s.close()  # the client leaves before its answer
+    _wait_idle(fair_server.engine)
+    refused = _chat(fair_server.root, "sk-tok-gone")
+    assert refused.status_code == 429 and "Token rate limit" in refused.json()["error"]["message"], refused.text
 
 
 def test_tokens_per_minute_charges_a_streamed_completion_of_several_prompts(fair_server):

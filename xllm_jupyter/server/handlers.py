@@ -20,7 +20,7 @@ from ..core.errors import NotFound, PayloadTooLarge, XllmError, quoted
 from .context import CONTEXT_KEY, HEALTH_FACTS_KEY, XllmContext
 from .errors import error_response, log_error
 from .json_pieces import write_json_in_pieces
-from .limits import charge_response, metered, open_stream_tally
+from .limits import charge_left, charge_response, metered, open_stream_tally
 from .request_body import BodyReader
 from .sse import SSE_HEADERS, EventStreamWriter, dumps
 from .stalls import watch_finish
@@ -225,6 +225,7 @@ class RequestMixin:
         open_stream_tally()  # before the work: tasks it starts (a stream's first engine step) count into it
         ok, result = await self._cancellable(work)
         if not ok:
+            charge_left(self)  # the client left before the answer: what it used still counts (auth.tokens_per_minute)
             return
         metrics = self.xllm.metrics
         if isinstance(result, dict):

@@ -209,6 +209,15 @@ def charge_response(handler: Any, result: dict[str, Any]) -> None:
         target[0].charge(target[1], tokens)
 
 
+def charge_left(handler: Any) -> None:
+    """Charge the handler's key what a request its client left before the answer used (the engine's count: its
+    prompt and the tokens made for it), as a stream left early is (``_metered``)."""
+    target = _target(handler)
+    tally = _stream_tokens.get()
+    if target and tally and tally[0]:
+        target[0].charge(target[1], tally[0])
+
+
 def metered(handler: Any, stream: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
     """``stream``, charging its usage to the handler's key when it ends."""
     target = _target(handler)
