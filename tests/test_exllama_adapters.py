@@ -604,6 +604,23 @@ def test_a_job_keeping_tool_markup_keeps_its_special_tokens_text_and_no_others(m
     assert "".join(e.text for e in plain) == "x" and [e.token_bytes for e in plain][::2] == [b"", b""]
 
 
+def test_a_job_keeping_tool_markup_names_it_in_top_logprobs_as_its_bytes_spell_it(markup_chat):
+    # top_logprobs named a kept token by the model's piece (""), its bytes and the chosen token's name being its text
+    from xllm_jupyter.backends.detokenize import token_text
+
+    calls, args = markup_chat.tokenizer.convert_tokens_to_ids(["[TOOL_CALLS]", "[ARGS]"])
+    step = streaming(8, [args], "[ARGS]", token_probs=torch.tensor([[0.5]]),
+                     top_k_tokens=torch.tensor([[[args, calls, 40]]]), top_k_probs=torch.tensor([[[0.5, 0.3, 0.2]]]))
+    info = JobInfo(8, logprobs=True, top_logprobs=3, kept=markup_chat.keeping(("[TOOL_CALLS]", "[ARGS]")))
+    piece = lambda t: token_text(markup_chat.token_bytes(t))  # noqa: E731 (the model's own: DynamicGeneratorModel._piece)
+    (event,) = translate_results([step], {8: info}, piece, raw=markup_chat.token_bytes)
+    assert event.token_bytes == b"[ARGS]" and event.top_bytes[:2] == (b"[ARGS]", b"[TOOL_CALLS]")
+    assert [name for name, _ in event.top_logprobs] == ["[ARGS]", "[TOOL_CALLS]", piece(40)]
+    (plain,) = translate_results([step], {8: JobInfo(8, logprobs=True, top_logprobs=3)}, piece,
+                                 raw=markup_chat.token_bytes)
+    assert [name for name, _ in plain.top_logprobs] == ["", "", piece(40)]  # a job without tools: as before
+
+
 def test_a_job_keeping_tool_markup_asks_the_library_for_special_tokens_text(markup_chat, tiny_llama_dir):
     """exllamav2 streams no special token's text unless asked (exllamav3 some of them): such a job asks, and its held
     tokens are spelled with the markup too; other jobs are as before."""

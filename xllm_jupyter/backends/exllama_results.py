@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from ..core.types import FinishReason, TokenEvent
+from .detokenize import token_text
 from .exllama_common import PAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,9 @@ def translate_results(results: Iterable[Mapping[str, Any]], jobs: Mapping[int, J
         held = bool(r.get("eos") and r.get("eos_reason") == "stop_token" and not _row(r.get("token_ids")))
         texts: list[str] = []  # the text token by token (empty: the step's text rides on its last token)
         spell = raw if info.kept is None or raw is None else info.kept.token_bytes
+        # a kept token's name in top_logprobs is its text, as its bytes and the chosen token's name are (the
+        # model's ``piece`` spells a special token "")
+        name = piece if info.kept is None else lambda t, spell=info.kept.token_bytes: token_text(spell(t))
         if held:
             r = with_held_answer(r, spell)
             texts = r.get("token_texts") or []
@@ -159,7 +163,7 @@ def translate_results(results: Iterable[Mapping[str, Any]], jobs: Mapping[int, J
         for i, token in enumerate(ids):
             logprob = _log(probs[i]) if i < len(probs) else None
             alternatives = [int(t) for t in top_ids[i]][: info.top_logprobs] if i < len(top_ids) else []
-            top = tuple((piece(t), _log(p)) for t, p in zip(alternatives, top_probs[i])) if alternatives else ()
+            top = tuple((name(t), _log(p)) for t, p in zip(alternatives, top_probs[i])) if alternatives else ()
             end = i == last
             events.append(TokenEvent(
                 info.job_id, token, texts[i] if texts else text if end else "", logprob, top,
