@@ -188,3 +188,22 @@ def test_the_interactive_chats_error_line_acts_on_no_escape(monkeypatch, capsys)
         server.server_close()
     err = capsys.readouterr().err
     assert "Error: bad ␛]0;pwned␇ turn␛[2J" in err and "\x1b" not in err, err
+
+
+def test_loading_a_model_named_with_markup_shows_the_name(monkeypatch, capsys):
+    """`xllm run NAME` on a terminal spins "Loading NAME…" while the model loads: the name went in as rich markup, so
+    `xllm run '[/x]'` ended in a MarkupError traceback before the server was asked, and `[bold]` vanished."""
+    from xllm_jupyter.cli.chat import load_with_status
+
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich takes stderr for a terminal: the spinner is drawn
+    asked = []
+
+    class Loading:
+        def load(self, name):
+            asked.append(name)
+
+    for name in ("[/x]", "[bold]m \x1b]0;t\x07"):
+        load_with_status(Loading(), name)
+    assert asked == ["[/x]", "[bold]m \x1b]0;t\x07"]
+    err = capsys.readouterr().err
+    assert "Loading [/x]" in err and "Loading [bold]m ␛]0;t␇" in err and "\x1b]0;" not in err

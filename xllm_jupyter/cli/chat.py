@@ -13,7 +13,7 @@ import click
 
 from ..client.base import ServerUnavailable
 from ..core.errors import ContextLengthExceeded, XllmError
-from .render import echo, terminal_safe
+from .render import echo, markup_safe, terminal_safe
 from .settings import server_options
 
 EXIT_WORDS = {"/bye", "/exit", "/quit"}
@@ -64,7 +64,8 @@ def load_with_status(backend: ChatBackend, model: str) -> None:
     if not console.is_terminal:
         backend.load(model)
         return
-    with console.status(f"Loading {model}…", spinner="dots"):
+    # the name as typed, never rich markup: `xllm run '[/x]'` raised MarkupError before the server was asked
+    with console.status(f"Loading {markup_safe(model)}…", spinner="dots"):
         backend.load(model)
 
 
