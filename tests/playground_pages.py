@@ -71,12 +71,12 @@ def held_slot(monkeypatch: Any) -> Iterator[tuple[threading.Event, threading.Eve
     holding, release = threading.Event(), threading.Event()
     stream_reply = playground_app.stream_reply
 
-    async def held(endpoint: Any, messages: list, model: Any, params: dict):
+    async def held(endpoint: Any, messages: list, model: Any, params: dict, finish: list | None = None):
         if messages[-1]["content"] == HELD:
             holding.set()
             while not release.is_set():  # a condition, polled so that Stop or /cancel can end the turn here
                 await asyncio.sleep(0.02)
-        async for piece in stream_reply(endpoint, messages, model, params):
+        async for piece in stream_reply(endpoint, messages, model, params, finish):
             yield piece
 
     monkeypatch.setattr(playground_app, "stream_reply", held)

@@ -18,6 +18,7 @@ from xllm_jupyter.client import XllmClient
 from xllm_jupyter.core.errors import XllmError
 from xllm_jupyter.playground import Playground, detect_root_path
 from xllm_jupyter.playground.app import (
+    CUT_NOTE,
     ERROR_PREFIX,
     part_text,
     sampling,
@@ -68,7 +69,8 @@ def test_a_streamed_chat_through_gradio_client_returns_text(pg, xllm_server):
         expected = direct.chat(
             "Say hello", "tiny", temperature=1.0, top_p=1.0, max_tokens=200, seed=7
         )
-    assert texts[-1].strip() == expected.strip()
+    # (cut at the 200 tokens, the reply ends with the app's note saying so)
+    assert texts[-1].strip() in (expected.strip(), f"{expected}\n\n{CUT_NOTE}".strip())
 
 
 
@@ -83,11 +85,12 @@ def test_the_models_defaults_are_sent_unless_a_setting_is_chosen(pg, xllm_server
             # the checkbox on (the app's default): the Modelfile's num_predict 2 applies, not the 200 shown
             job = client.submit("Say hello", [], "pg-brief", "", 0.0, 1.0, 200, 5, True, api_name=pg.api_name)
             job.result(timeout=120)
-            assert final_text(job).strip() == direct.chat("Say hello", "pg-brief", seed=5).strip()
+            # (cut at those 2 tokens, the reply ends with the app's note saying so)
+            assert final_text(job).removesuffix(CUT_NOTE).strip() == direct.chat("Say hello", "pg-brief", seed=5).strip()
             # off: the settings shown are sent (greedy, 200 tokens)
             job = client.submit("Say hello", [], "pg-brief", "", 0.0, 1.0, 200, 5, False, api_name=pg.api_name)
             job.result(timeout=120)
-            assert final_text(job).strip() == direct.chat("Say hello", "pg-brief", temperature=0.0, top_p=1.0,
+            assert final_text(job).removesuffix(CUT_NOTE).strip() == direct.chat("Say hello", "pg-brief", temperature=0.0, top_p=1.0,
                                                           max_tokens=200, seed=5).strip()
     finally:
         with XllmClient(xllm_server.base_url, xllm_server.api_key) as direct:
@@ -524,3 +527,23 @@ def test_a_question_sent_as_the_last_reply_ends_is_answered(pg, xllm_server, mon
     while any(jobs for jobs in queue.active_jobs if jobs):
         assert time.monotonic() < deadline, "a closed page's event still runs"
         time.sleep(0.1)
+
+
+def test_a_reply_cut_at_max_tokens_says_so_and_the_note_is_not_sent_back(pg, xllm_server):
+    """A reply the server ended at max tokens ends with a note saying so (the lab panel's chat and ChatWidget do): it
+    read as if the model had finished. The note is the app's, never sent back to the model."""
+    story = ("Tell me a long story", "tiny", "", 1.0, 1.0, 4, 1)
+    # the same request straight to the server: it is cut at 4 tokens (seeded, no early end)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": story[0]}], "temperature": 1.0, "top_p": 1.0,
+            "max_tokens": 4, "seed": 1}
+    direct = httpx.post(xllm_server.base_url + "/chat/completions", json=body, timeout=60,
+                        headers={"Authorization": f"Bearer {xllm_server.api_key}"} if xllm_server.api_key else {}).json()
+    assert direct["choices"][0]["finish_reason"] == "length", direct
+    client = gradio_client.Client(pg.local_url, verbose=False)
+    job = client.submit(story[0], [], *story[1:], False, api_name=pg.api_name)
+    job.result(timeout=120)
+    text = final_text(job)
+    assert text == f"{direct['choices'][0]['message']['content']}\n\n{CUT_NOTE}".strip(), text
+    history = job.outputs()[-1][0]
+    sent = to_openai_messages(history, "And then?", None)
+    assert sent[1] == {"role": "assistant", "content": direct["choices"][0]["message"]["content"].strip()}

@@ -34,7 +34,7 @@ def scripted(tiny_client, monkeypatch):
     """A playground whose replies are HOSTILE, then "ok"; the messages each turn sent are kept."""
     sent: list[list[dict[str, str]]] = []
 
-    async def stream_reply(endpoint, messages, model, params):
+    async def stream_reply(endpoint, messages, model, params, finish=None):
         sent.append(messages)
         yield HOSTILE if len(sent) == 1 else "ok"
 
@@ -74,7 +74,7 @@ def opened(page, pg):
 def replying(monkeypatch, reply: str) -> None:
     """Every playground turn answers ``reply`` (as a model's stream would), without asking the model."""
 
-    async def stream_reply(endpoint, messages, model, params):
+    async def stream_reply(endpoint, messages, model, params, finish=None):
         yield reply
 
     monkeypatch.setattr(app_module, "stream_reply", stream_reply)

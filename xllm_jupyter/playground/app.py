@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..client import AsyncXllmClient
-from ..client.base import can_chat
+from ..client.base import can_chat, delta_text
 from ..core.errors import InvalidRequest, XllmError
 from ..notebook.clients import entry_defaults
 from .links import TRANSCRIPT_ID
@@ -24,6 +24,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 CHAT_API_NAME = "chat"
 #: marks the app's own error notes in the transcript (never sent back to the model)
 ERROR_PREFIX = "⚠️ "
+#: the note under a reply the server ended at its max tokens (an app note: never sent back to the model)
+CUT_NOTE = f"{ERROR_PREFIX}The reply stopped at the max tokens limit."
 #: what the sliders show for a model the server lists no default for (OpenAI's sampling defaults)
 SHOWN: dict[str, float] = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 256}
 #: chat turns one playground runs at once (Enter and Send are one event); more wait in Gradio's queue, where Stop
@@ -122,17 +124,24 @@ async def stream_reply(
     messages: list[dict[str, str]],
     model: str | None,
     params: dict[str, Any],
+    finish: list[str] | None = None,
 ) -> AsyncIterator[str]:
-    """The reply's text pieces from the shared engine; closing the iterator cancels it there."""
+    """The reply's text pieces from the shared engine; closing the iterator cancels it there. ``finish`` gets the
+    reply's finish reason (``stop``, ``length``...) when the server sends it."""
     # One client per turn: Gradio may run turns on different event loops/threads, and an
     # httpx.AsyncClient must stay on the loop that created it.
     async with AsyncXllmClient(endpoint.base_url, endpoint.api_key) as client:
-        pieces = client.stream_chat(messages, model or None, **params)
+        chunks = client.stream_chunks(messages, model or None, **params)
         try:
-            async for piece in pieces:
-                yield piece
+            async for chunk in chunks:
+                piece = delta_text(chunk)
+                if piece:
+                    yield piece
+                for choice in chunk.get("choices") or ():
+                    if finish is not None and choice.get("index", 0) == 0 and choice.get("finish_reason"):
+                        finish.append(choice["finish_reason"])
         finally:
-            await pieces.aclose()
+            await chunks.aclose()
 
 
 async def picker_choices(endpoint: Endpoint, current: str | None) -> list[str]:
@@ -214,12 +223,16 @@ def build_app(
             # typed since, while this turn waited in the queue or its reply streams, is the next question.
             yield history, gr.skip()
             text = ""
+            ended: list[str] = []
             try:
                 params = sampling(None, None, None, seed) if model_defaults else sampling(temperature, top_p, max_tokens, seed)
-                async for piece in until_set(stream_reply(endpoint, messages, model, params), stopped):
+                async for piece in until_set(stream_reply(endpoint, messages, model, params, ended), stopped):
                     text += piece
                     history[-1] = {"role": "assistant", "content": text}
                     yield history, gr.skip()
+                if ended[-1:] == ["length"]:
+                    # as the lab panel and ChatWidget say: a reply cut at the limit read as if the model had ended it
+                    history[-1] = {"role": "assistant", "content": f"{text}\n\n{CUT_NOTE}".strip()}
             except XllmError as exc:
                 # Shown in the transcript as one line: no traceback in the UI.
                 history[-1] = {
