@@ -195,7 +195,9 @@ def test_loading_a_model_named_with_markup_shows_the_name(monkeypatch, capsys):
     `xllm run '[/x]'` ended in a MarkupError traceback before the server was asked, and `[bold]` vanished."""
     from xllm_jupyter.cli.chat import load_with_status
 
-    monkeypatch.setenv("FORCE_COLOR", "1")  # rich takes stderr for a terminal: the spinner is drawn
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich takes stderr for a terminal, and one that draws the spinner:
+    monkeypatch.setenv("TERM", "xterm")  # not TERM=dumb (a CI runner's), where rich shows a transient status nowhere
+    monkeypatch.delenv("TTY_INTERACTIVE", raising=False)
     asked = []
 
     class Loading:
