@@ -12,6 +12,7 @@ import pytest
 
 from tests.server_fixtures import API_KEY, TINY, make_test_config, running_server
 from xllm_jupyter.core.config import QuotaConfig, load_config
+from xllm_jupyter.core.errors import RateLimited
 from xllm_jupyter.server.auth import key_id
 from xllm_jupyter.server.usage import Caller, UsageTracker
 from xllm_jupyter.server.usage_file import read_usage, usage_path
@@ -122,3 +123,54 @@ def test_a_stream_refused_by_the_quota_hold_is_a_real_429(tmp_path, tiny_catalog
                 _sdk(srv).completions.create(model=TINY, prompt="hi", max_tokens=300, stream=True)
             with pytest.raises(openai.RateLimitError):
                 _sdk(srv).responses.create(model=TINY, input="hi", max_output_tokens=300, stream=True)
+
+
+def test_servers_sharing_a_usage_file_add_their_counts_up(tmp_path, tiny_catalog):
+    # xllm serve and the Jupyter extension on one home share <home>/usage.json: each rewrote it from its own
+    # counts, so the last to save dropped the other's and a restart forgot them (a daily quota bypassed)
+    cfg = _config(tmp_path, tokens_per_day=100_000)
+    user = key_id(API_KEY)
+    with running_server(cfg, tiny_catalog, TINY) as one, running_server(cfg, tiny_catalog, TINY) as two:
+        spent = [_sdk(srv).chat.completions.create(model=TINY, messages=MSG, max_tokens=2, seed=1).usage.total_tokens
+                 for srv in (one, two, two)]
+    saved = read_usage(tmp_path / "usage.json")[user]
+    assert (saved["requests"], saved["tokens_today"]) == (3, sum(spent))
+    with running_server(cfg, tiny_catalog, TINY) as srv:
+        row = _usage(srv)[user]
+        assert (row["requests"], row["tokens_today"], row["total_tokens"]) == (3, sum(spent), sum(spent))
+
+
+def test_a_shared_usage_file_is_merged_and_adopted(tmp_path):
+    now = [1_000_000.0]
+    file = tmp_path / "usage.json"
+    quota = QuotaConfig(tokens_per_day=100)
+    one = UsageTracker(quota, clock=lambda: now[0], path=file)
+    two = UsageTracker(quota, clock=lambda: now[0], path=file)
+    one.release(one.admit(Caller("alice", ("staff",))))
+    one.charge("alice", 60, 10)
+    one._saver.flush()
+    two._saver.flush()  # nothing of its own to save: it takes in what the other server saved
+    assert two.snapshot("alice")[0]["tokens_today"] == 70
+    two.release(two.admit(Caller("alice", ("staff",))))
+    two.charge("alice", 30, 5)
+    two.charge("bob", 1, 1)
+    with pytest.raises(RateLimited):  # 105 of 100 between them
+        two.admit(Caller("alice", ("staff",)))
+    one.close()
+    two.close()
+    saved = read_usage(file)
+    assert (saved["alice"]["tokens_today"], saved["alice"]["requests"], saved["bob"]["tokens_today"]) == (105, 2, 2)
+    assert saved["alice"]["rejected"] == {"tokens_per_day": 1} and saved["alice"]["groups"] == ["staff"]
+    assert two.snapshot("alice")[0]["in_flight"] == 0
+
+    now[0] += 86400  # the next day: one server's save drops yesterday's count, never the totals
+    three = UsageTracker(quota, clock=lambda: now[0], path=file)
+    three.charge("alice", 3, 0)
+    three.close()
+    saved = read_usage(file)
+    assert (saved["alice"]["tokens_today"], saved["alice"]["prompt_tokens"]) == (3, 93)
+
+    file.write_text("not json")  # a corrupt file is replaced by the server's counts, as before
+    three.charge("carol", 1, 0)
+    three.close()
+    assert set(read_usage(file)) == {"alice", "bob", "carol"} and read_usage(file)["alice"]["tokens_today"] == 3

@@ -35,7 +35,7 @@ from ..core.config import QuotaConfig
 from ..core.errors import ConfigError, RateLimited
 from ..core.types import UserSequences
 from .handlers import METERED_ROUTES, RequestMixin
-from .usage_file import UsageSaver, read_usage
+from .usage_file import Records, UsageSaver, file_stamp, merge_usage, read_usage
 from .usage_live import LiveUsageMixin, QueueCollector
 
 #: the metrics label of users past ``quotas.metrics_max_users``
@@ -160,8 +160,9 @@ class UsageTracker(LiveUsageMixin):
         #: saves the counts to ``path`` off the IOLoop (None: they last as long as the process)
         self._saver: UsageSaver | None = None
         if path is not None:
+            stamp = file_stamp(path)  # (before reading: a save by another server after it is adopted later)
             self._users = _load_records(read_usage(path), _utc_day(clock()))
-            self._saver = UsageSaver(path, self.records)
+            self._saver = UsageSaver(path, self.records, self._adopt_saved, stamp)
         self._labels: set[str] = set()
         #: (user, request id) -> tokens its running generations hold (a legacy completion has one per prompt)
         self._holds: Counter[tuple[str, str]] = Counter()
@@ -293,19 +294,32 @@ class UsageTracker(LiveUsageMixin):
         self.m_tokens.labels(label, "prompt").inc(prompt_tokens)
         self.m_tokens.labels(label, "completion").inc(completion_tokens)
 
-    def records(self) -> dict[str, dict[str, Any]]:
+    def records(self) -> Records:
         """Every user's saved counts (not in-flight requests), as ``usage_file.py`` stores them."""
         with self._lock:
+            return self._records(_utc_day(self._clock()))
+
+    def _records(self, today: str) -> Records:
+        out = {}
+        for name, e in self._users.items():
+            rec = asdict(e)
+            del rec["in_flight"], rec["reserved"]
+            if e.day != today:  # an old day's count is of no use after midnight: prune it
+                rec["day"], rec["tokens_today"] = "", 0
+            rec["groups"], rec["rejected"] = list(e.groups), dict(e.rejected)
+            out[name] = rec
+        return out
+
+    def _adopt_saved(self, disk: Records, base: Records) -> None:
+        """Count what ``disk`` has plus what this server added since ``base``: other servers' counts join ours."""
+        with self._lock:
             today = _utc_day(self._clock())
-            out = {}
-            for name, e in self._users.items():
-                rec = asdict(e)
-                del rec["in_flight"], rec["reserved"]
-                if e.day != today:  # an old day's count is of no use after midnight: prune it
-                    rec["day"], rec["tokens_today"] = "", 0
-                rec["groups"], rec["rejected"] = list(e.groups), dict(e.rejected)
-                out[name] = rec
-            return out
+            for name, saved in _load_records(merge_usage(disk, base, self._records(today), today), today).items():
+                entry = self._users.setdefault(name, saved)
+                if entry is not saved:  # (in place: in-flight requests and holds stay)
+                    entry.requests, entry.prompt_tokens, entry.completion_tokens = saved.requests, saved.prompt_tokens, saved.completion_tokens
+                    entry.day, entry.tokens_today, entry.rejected = saved.day, saved.tokens_today, saved.rejected
+                    entry.groups, entry.name = saved.groups, saved.name
 
     def close(self) -> None:
         """Save the counts one last time and stop saving (blocking: call it off the IOLoop)."""

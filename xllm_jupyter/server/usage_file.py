@@ -6,6 +6,11 @@ start and rewritten atomically (temp file + ``os.replace``) by a daemon thread e
 few seconds while something changed, and once more when the server stops: charging
 a generation only sets a flag, so nothing is written on the IOLoop. A missing or
 unreadable file starts the server with no recorded usage (a warning, never a crash).
+
+Several servers may share one file (``xllm serve`` and the Jupyter extension on one
+home): each save takes a lock beside it, reads it, and writes what is there plus this
+server's counts since its last save (``merge_usage``), which the server adopts too, so
+neither loses the other's counts and each sees the other's at its next save or tick.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import XllmConfig
-from ..store.atomic import atomic_write_text
+from ..store.atomic import FileLock, atomic_write_text
 
 log = logging.getLogger("xllm_jupyter.server")
 
@@ -46,8 +51,19 @@ def usage_path(config: XllmConfig, *, shared: bool = False) -> Path | None:
     return config.store.home / DEFAULT_NAME if daily or shared else None
 
 
-def read_usage(path: Path) -> dict[str, dict[str, Any]]:
+#: the counts a record adds up (``rejected`` too, per reason); ``tokens_today`` counts for its ``day`` only
+COUNTS = ("requests", "prompt_tokens", "completion_tokens")
+Records = dict[str, dict[str, Any]]
+
+
+def read_usage(path: Path) -> Records:
     """The per-user records saved in ``path``; {} when it is missing or unreadable (logged)."""
+    saved = read_saved(path)
+    return {} if saved is None else saved
+
+
+def read_saved(path: Path) -> Records | None:
+    """The per-user records saved in ``path``; None when it is missing or unreadable (logged)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict) or data.get("version") != VERSION or not isinstance(data.get("users"), dict):
@@ -57,10 +73,52 @@ def read_usage(path: Path) -> dict[str, dict[str, Any]]:
             raise ValueError("malformed user records")
         return users
     except FileNotFoundError:
-        return {}
+        return None
     except (OSError, ValueError) as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
-        log.warning("usage file %s is unreadable (%s): starting with no recorded usage", path, exc)
-        return {}
+        log.warning("usage file %s is unreadable (%s): this server's counts replace it", path, exc)
+        return None
+
+
+def _count(rec: dict[str, Any] | None, key: str) -> int:
+    value = (rec or {}).get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _today(rec: dict[str, Any] | None, today: str) -> int:
+    return _count(rec, "tokens_today") if (rec or {}).get("day") == today else 0
+
+
+def _rejected(rec: dict[str, Any] | None) -> dict[str, int]:
+    value = (rec or {}).get("rejected")
+    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, int)} if isinstance(value, dict) else {}
+
+
+def merge_usage(disk: Records, base: Records, mine: Records, today: str) -> Records:
+    """``disk`` plus what ``mine`` added to ``base`` (what this server last saved or read), per user.
+
+    Counts add up (a day's tokens only within ``today``: an older day's are dropped); a user's
+    groups and name are this server's where they changed here, else the file's. A user in
+    ``base`` and no longer in ``mine`` was moved to another key here (``UsageTracker.admit``).
+    """
+    out: Records = {}
+    for user in disk.keys() | mine.keys():
+        d, b, m = disk.get(user), base.get(user), mine.get(user)
+        if m is None and b is not None:
+            continue
+        rec = dict(d if m is None else m)
+        for key in COUNTS:
+            rec[key] = max(0, _count(d, key) + _count(m, key) - _count(b, key))
+        tokens = max(0, _today(d, today) + _today(m, today) - _today(b, today))
+        rec["day"], rec["tokens_today"] = (today, tokens) if tokens else ("", 0)
+        rejected = _rejected(d)
+        for reason, n in _rejected(m).items():
+            rejected[reason] = max(0, rejected.get(reason, 0) + n - _rejected(b).get(reason, 0))
+        rec["rejected"] = rejected
+        for key in ("groups", "name"):
+            if d is not None and (m is None or m.get(key) == (b or {}).get(key)):
+                rec[key] = d.get(key)  # not changed here: another server may have seen the user since
+        out[user] = rec
+    return out
 
 
 def write_usage(path: Path, users: dict[str, dict[str, Any]]) -> None:
@@ -70,12 +128,30 @@ def write_usage(path: Path, users: dict[str, dict[str, Any]]) -> None:
     atomic_write_text(path, json.dumps({"version": VERSION, "users": users}, indent=1, sort_keys=True), mode=0o600)
 
 
-class UsageSaver:
-    """Writes ``records()`` to ``path`` from a daemon thread while ``mark()`` says it changed."""
+def file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """Which version of ``path`` is there (a replace makes a new inode), or None."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
-    def __init__(self, path: Path, records: Callable[[], dict[str, dict[str, Any]]], interval: float = SAVE_INTERVAL):
+
+class UsageSaver:
+    """Saves ``records()`` to ``path`` from a daemon thread while ``mark()`` says it changed, merged with the file.
+
+    ``adopt(disk, base)`` makes the server's counts the file's plus its own since ``base`` (its
+    last save); a tick with nothing to save still adopts the file when another server replaced it.
+    """
+
+    def __init__(self, path: Path, records: Callable[[], Records], adopt: Callable[[Records, Records], None],
+                 stamp: tuple[int, int, int] | None = None, interval: float = SAVE_INTERVAL):
         self.path = path
         self._records = records
+        self._adopt = adopt
+        self._base = records()  # what the server read at start
+        self._stamp = stamp  # the file's version it read then
+        self._lock_path = path.with_name(f".{path.name}.lock")
         self._interval = interval
         self._dirty = False
         self._write_lock = threading.Lock()  # the timer and close() never write at once
@@ -92,15 +168,25 @@ class UsageSaver:
             self.flush()
 
     def flush(self) -> None:
-        """Save now if anything changed since the last save; a failed write is logged and retried."""
+        """Save now if anything changed since the last save (or adopt another server's save); failures are logged."""
         with self._write_lock:
-            if not self._dirty:
+            dirty = self._dirty
+            if not dirty and file_stamp(self.path) in (self._stamp, None):
                 return
             self._dirty = False
             try:
-                write_usage(self.path, self._records())
+                with FileLock(self._lock_path):  # another server's save waits: neither writes over the other's counts
+                    disk = read_saved(self.path)
+                    if disk is not None:  # missing or corrupt: this server's counts replace it, as they always did
+                        self._adopt(disk, self._base)
+                        self._base = disk  # (the server's counts less it: what it has not saved yet)
+                    if dirty:
+                        saved = self._records()
+                        write_usage(self.path, saved)
+                        self._base = saved
+                    self._stamp = file_stamp(self.path)
             except OSError as exc:
-                self._dirty = True
+                self._dirty = self._dirty or dirty
                 log.warning("could not save usage to %s: %s", self.path, exc)
 
     def close(self) -> None:
@@ -111,4 +197,4 @@ class UsageSaver:
         self.flush()
 
 
-__all__ = ["UsageSaver", "read_usage", "usage_path", "write_usage"]
+__all__ = ["UsageSaver", "file_stamp", "merge_usage", "read_saved", "read_usage", "usage_path", "write_usage"]
