@@ -456,3 +456,24 @@ def test_a_stalled_request_is_dropped_after_the_connection_timeout(xllm_home, ti
             s.close()
         assert time.monotonic() - started < 8
         assert httpx.get(info.root + "/health", timeout=10).status_code == 200  # and it goes on serving
+
+
+async def test_a_stream_closed_at_a_yield_is_charged_the_tokens_its_engine_stream_counts_as_it_closes():
+    """The SSE writer closes the metered stream where it waits at a yield (its client gone at a write): the engine
+    stream below counts its tokens only as it closes (``ObservedEngine.generate``), which was after the charge,
+    so the key was charged its chunk count (2) instead of its prompt and tokens (300)."""
+    from xllm_jupyter.server.limits import _metered, note_stream_tokens, open_stream_tally
+
+    async def engine_stream():
+        try:
+            for n in range(10):
+                yield {"choices": [{"index": 0, "delta": {"content": str(n)}}]}
+        finally:
+            note_stream_tokens(300)  # what the engine wrapper reports when it is closed early
+
+    limiter = Limiter(AuthConfig(tokens_per_minute=1000), clock=lambda: 0.0)  # no refill in between
+    open_stream_tally()
+    stream = _metered(engine_stream(), limiter, "sk-gone")
+    assert [await stream.__anext__(), await stream.__anext__()]
+    await stream.aclose()
+    assert limiter._tokens["sk-gone"].level == 700

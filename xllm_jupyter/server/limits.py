@@ -236,9 +236,13 @@ async def _metered(stream: AsyncIterator[dict[str, Any]], limiter: Limiter, key_
             usage = _usage_tokens(chunk) or usage
             yield chunk
     finally:
-        _stream_tokens.set(None)
-        # a usage chunk, else the engine's count, else (a replay from the response cache) the chunks
-        limiter.charge(key_id, usage if usage is not None else tally[0] or chunks)
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            await aclose()  # close the engine stream now, so an early stop cancels its jobs
+        try:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                # close the engine stream now, so an early stop cancels its jobs; first, while the tally is
+                # still set: a stream closed at a yield (its client gone at a write) counts its tokens as it closes
+                await aclose()
+        finally:
+            _stream_tokens.set(None)
+            # a usage chunk, else the engine's count, else (a replay from the response cache) the chunks
+            limiter.charge(key_id, usage if usage is not None else tally[0] or chunks)
