@@ -19,7 +19,7 @@ from xllm_jupyter.store import PACKAGED, Manifest, ModelStore, PullProgress, val
 from xllm_jupyter.store.atomic import FileLock, file_mode, replace_dir
 from xllm_jupyter.store.manifest import MANIFEST_NAME, compute_digest
 from xllm_jupyter.store.names import dirname_to_name, name_to_dirname
-from xllm_jupyter.store.sources import parse_source
+from xllm_jupyter.store.sources import parse_source, select_files
 
 
 @pytest.fixture
@@ -139,6 +139,14 @@ def test_parse_source(source, kind, ref, file, revision):
 def test_parse_source_rejects(source):
     with pytest.raises(StoreError):
         parse_source(source)
+
+
+def test_hub_quantization_tag_after_an_underscore():
+    """A GGUF file whose quantization follows an underscore (``kumbh_model_q4_k_m.gguf``, as Hub repos name
+    them) is that tag's file: it was 'No GGUF file for Q4_K_M'. A longer quantization still is not the tag's."""
+    files = ["model_q4_k_m.gguf", "model_f16.gguf", "model_Q4_K_M_L.gguf", "model_IQ4_K_M.gguf"]
+    assert select_files(files, quant="Q4_K_M") == ["model_q4_k_m.gguf"]
+    assert select_files(files, quant="F16") == ["model_f16.gguf"]
 
 
 # ---------------------------------------------------------------- local pulls

@@ -158,7 +158,8 @@ def select_files(paths: Iterable[str], *, only: str | None = None, pick: str = P
 
 def _quantized(wanted: list[str], quant: str) -> str:
     """The one GGUF file of quantization ``quant`` (its name holds the tag, any case, not inside a longer word)."""
-    tag = re.compile(rf"(?<![A-Za-z0-9_]){re.escape(quant)}(?![A-Za-z0-9_])", re.IGNORECASE)
+    # '_' may come before the tag (model_q4_k_m.gguf, as the Hub reads it), not after it: Q4_K is not Q4_K_M
+    tag = re.compile(rf"(?<![A-Za-z0-9]){re.escape(quant)}(?![A-Za-z0-9_])", re.IGNORECASE)
     ggufs = [p for p in wanted if p.endswith(".gguf")]
     found = [p for p in ggufs if tag.search(PurePosixPath(p).name)]
     if len(found) == 1:
