@@ -141,6 +141,15 @@ def test_parse_source_rejects(source):
         parse_source(source)
 
 
+def test_hub_latest_tag_is_no_quantization_tag():
+    """``hf.co/ORG/REPO:latest`` (Ollama's tag for none) is the repo as without a tag; it looked for a GGUF file
+    named ``LATEST`` and failed even for a repo of one GGUF file."""
+    for source in ("hf.co/org/repo:latest", "hf:org/repo:LATEST"):
+        src = parse_source(source)
+        assert (src.ref, src.quant, src.canonical, src.default_name) == ("org/repo", None, "hf:org/repo", "repo")
+        assert select_files(["README.md", "repo-Q4_K_M.gguf"], quant=src.quant) == ["repo-Q4_K_M.gguf"]
+
+
 def test_hub_quantization_tag_after_an_underscore():
     """A GGUF file whose quantization follows an underscore (``kumbh_model_q4_k_m.gguf``, as Hub repos name
     them) is that tag's file: it was 'No GGUF file for Q4_K_M'. A longer quantization still is not the tag's."""

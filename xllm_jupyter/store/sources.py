@@ -104,7 +104,9 @@ def _hub(text: str, revision: str | None) -> Source:
     quant = None
     if len(parts) == 2 and ":" in parts[1]:  # hf.co/ORG/REPO:QUANT, as Ollama pulls one GGUF quantization
         parts[1], quant = parts[1].split(":", 1)
-        if not _QUANT.fullmatch(quant):
+        if quant.lower() == "latest":  # Ollama's tag for none: the repo's one GGUF (or its advice), as without a tag
+            quant = None
+        elif not _QUANT.fullmatch(quant):
             raise StoreError(f"Invalid quantization tag {quant[:40]!r} in a Hub source (e.g. :Q4_K_M)", param="source")
     repo = "/".join(parts[:2])
     if len(parts) < 2 or not _REPO.fullmatch(repo) or "--" in repo or ".." in repo:
