@@ -70,6 +70,19 @@ async def test_an_empty_api_key_is_no_key(caplog, tiny_catalog, tmp_path):
         await engine.stop()
 
 
+def test_blank_api_keys_are_no_key_and_keys_are_stripped(caplog, tmp_path):
+    """A blank key (``api_keys: ["  "]``) counted as a key: the server listened on every interface and said "API key
+    required", though the key a request sends is stripped and never matched it. A key with spaces or a newline
+    around it (a YAML block scalar) matched no request; it matches the key without them."""
+    config = make_test_config(tmp_path, api_keys=("  ", "\n"), host="0.0.0.0")
+    with caplog.at_level(logging.WARNING, logger="xllm_jupyter.server"):
+        assert listen_host(config) == "127.0.0.1"
+    assert "No API key" in caplog.text
+    assert not ApiKeyAuth(["  "], [" "]).enabled
+    auth = ApiKeyAuth([" k1\n"], ["\tk2 "])
+    assert auth.identify("Bearer k1").role == "user" and auth.identify("Bearer k2").role == "admin"
+
+
 async def test_keyless_server_serves_loopback_only(tiny_catalog, tmp_path):
     config = make_test_config(tmp_path, api_keys=(), host="0.0.0.0")
     engine = Engine(config.engine, catalog=tiny_catalog)

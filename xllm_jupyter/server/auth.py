@@ -59,6 +59,9 @@ class ApiKeyAuth:
     """Checks ``Authorization: Bearer <key>`` against hashed user and admin keys."""
 
     def __init__(self, keys: Iterable[str] = (), admin_keys: Iterable[str] = ()):
+        # stripped, as ``identify`` strips the key a request sends: a configured " k\n" matched no request, and a
+        # blank one counted as a key (every interface served) that none could send; blank ones are no key
+        keys, admin_keys = [k.strip() for k in keys], [k.strip() for k in admin_keys]
         admin = tuple(_digest(k) for k in admin_keys if k)
         # Until admin keys are configured, user keys keep admin rights (as before roles
         # existed), else nobody could reach /admin/*. A key listed in both is an admin key.
