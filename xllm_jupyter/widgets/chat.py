@@ -22,6 +22,10 @@ from .markdown import TRANSCRIPT_CSS, markdown_html
 
 log = logging.getLogger(__name__)
 
+#: how many times a streamed render's own duration the next waits at least: the kernel spends at most
+#: 1 / (1 + RENDER_BACKOFF) of a long reply's stream rendering it
+RENDER_BACKOFF = 4
+
 #: what the settings show until the user moves them (they are not sent before: see ``ChatWidget.chosen``),
 #: where the server does not list the model's own (``xllm.defaults``: its generation_config, Modelfile)
 _SHOWN: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 512}
@@ -66,7 +70,7 @@ class ChatWidget(W.VBox):
         self.messages: list[dict[str, str]] = []
         #: timings of the last reply (a ``StreamRecord``), None before the first
         self.last: StreamRecord | None = None
-        self._last_render = 0.0
+        self._next_render = 0.0  # (time.monotonic) when the streaming reply may be shown again
         self._clearing = False  # True while clear() stops a reply
 
         with XllmClient(base, key) as client:
@@ -283,9 +287,14 @@ class ChatWidget(W.VBox):
         def on_piece(text: str) -> None:
             reply["content"] += text
             now = time.monotonic()
-            if now - self._last_render >= RENDER_INTERVAL:
-                self._last_render = now
+            if now >= self._next_render:
                 self._render()
+                done = time.monotonic()
+                # a render costs more as the reply grows (its Markdown is parsed whole): one that takes longer
+                # than the interval would keep the kernel rendering all the time and the notebook would freeze,
+                # so the next waits RENDER_BACKOFF times as long as this one took (the end of the reply always
+                # shows: _finished renders it whole)
+                self._next_render = max(now + RENDER_INTERVAL, done + RENDER_BACKOFF * (done - now))
 
         try:
             await measure_stream(client, messages, model, params, on_piece, record)
