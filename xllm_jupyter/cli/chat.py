@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import click
 
-from ..client.base import ServerUnavailable
+from ..client.base import ServerUnavailable, WrongScheme
 from ..core.errors import ContextLengthExceeded, XllmError
 from .render import echo, markup_safe, terminal_safe
 from .settings import server_options
@@ -49,6 +49,8 @@ def connect(settings: Any, local: bool) -> ChatBackend:
         try:
             client.health()
             return client
+        except WrongScheme as exc:  # something answers there, not in the URL's scheme: say what to change
+            _note(f"{exc.message[:1].upper()}{exc.message[1:]}; running the model in this process.")
         except ServerUnavailable:
             _note(f"No xllm server at {client.root_url}; running the model in this process.")
     from ..client.local import LocalChat

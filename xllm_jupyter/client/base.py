@@ -251,15 +251,40 @@ def cannot_pull() -> NotFound:
     return NotFound("this xllm server cannot pull models (it is older than this client)")
 
 
+class WrongScheme(ServerUnavailable):
+    """The server at the client's URL may speak the other scheme (TLS against plain HTTP, or back): the message says."""
+
+
 def unreachable(url: str, exc: Exception) -> ServerUnavailable:
     """The error for a server that does not answer at all."""
+    https = url.lower().startswith("https://")
+    if isinstance(exc, httpx.ConnectTimeout) and https:
+        # a plain HTTP server (`xllm serve`) reads a TLS hello as the start of a request and waits for the rest
+        return WrongScheme(f"the xllm server at {url} did not answer in time (if it serves plain HTTP, as `xllm serve` "
+                           "does, use http://)")
     if isinstance(exc, httpx.TimeoutException):
         return ServerUnavailable(f"the xllm server at {url} did not answer in time")
+    if not https and (isinstance(exc, httpx.RemoteProtocolError) and "illegal" in str(exc)
+                      or isinstance(exc, httpx.ReadError) and _was_reset(exc)):
+        # a TLS server drops a plain request (resets the connection) or answers it with a TLS alert, not HTTP
+        return WrongScheme(f"the server at {url} reset the connection or answered in something other than HTTP (if it "
+                           "serves HTTPS, use https://; else did it stop or restart?)")
     if isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError)):
         # it was there, then dropped the connection (typically killed or restarted mid-answer):
         # "no server, start one" would send the user looking for a setup problem
         return ServerUnavailable(f"the xllm server at {url} closed the connection before the answer was complete (did it stop or restart?)")
     return ServerUnavailable(f"no xllm server at {url} — start one with `xllm serve` or JupyterLab")
+
+
+def _was_reset(exc: BaseException | None) -> bool:
+    """Whether the peer reset the connection (the async client's ReadError says so only in its causes)."""
+    for _ in range(8):
+        if exc is None:
+            return False
+        if isinstance(exc, ConnectionResetError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def cut_short(url: str) -> ServerUnavailable:
