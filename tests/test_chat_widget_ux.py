@@ -4,6 +4,7 @@ rendered as Markdown, a reply cut off by a server that died kept, with a message
 from __future__ import annotations
 
 import html
+import json
 import os
 import signal
 import subprocess
@@ -86,6 +87,18 @@ def test_a_question_stopped_before_any_text_goes_back_but_not_after_clear(chat):
     assert w.messages == [] and w.input.value == "" and "Cleared" in w.status.value
 
 
+def test_a_reply_the_user_stopped_is_sent_back_with_the_next_turn(chat):
+    # unlike one cut off by an error: the user chose to end it there (as in the JupyterLab panel and `xllm run`)
+    w = chat(TINY, max_tokens=2000, params={"ignore_eos": True, "seed": 7})
+    assert w.ask("Go on and on")
+    assert wait_for(lambda: len(w.messages) == 2 and len(w.messages[1]["content"]) > 20), w.status.value
+    w.stop()
+    assert w.wait(30)
+    reply = w.messages[1]["content"]
+    assert w.request_messages() == [{"role": "user", "content": "Go on and on"}, {"role": "assistant", "content": reply}]
+    assert "not sent back" not in w.transcript.value
+
+
 def test_replies_are_rendered_as_markdown_and_raw_html_is_escaped(chat):
     w = chat(TINY)
     w.messages = [
@@ -157,6 +170,15 @@ def test_a_reply_cut_off_by_a_dead_server_is_kept_and_the_message_says_what_happ
         assert "closed the connection" in status and "reply so far is kept" in status, status
         assert "no xllm server" not in status and "start one" not in status
         assert not w.busy and w.input.value == ""
+        # ... but it is not sent back with the next turns (it would pass for the model's whole answer), nor its
+        # question, as the JupyterLab panel and `xllm run` leave such a turn out; the transcript says why
+        partial = w.messages[1]["content"]
+        assert w.request_messages() == [] and json.loads(w.transcript_json())["messages"] == []
+        w.system_prompt.value = "Be brief."
+        w.messages.append({"role": "user", "content": "Next"})
+        assert w.request_messages() == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Next"}]
+        assert "not sent back to the model" in w.transcript.value and "not sent back to the model" in w.transcript_markdown()
+        assert partial in w.transcript_markdown()
     finally:
         w.close()
 

@@ -38,6 +38,10 @@ _ROLE_STYLE = {
 }
 
 
+#: under a reply cut off by an error, in the transcript and the Markdown export
+_CUT_OFF_NOTE = "(cut off by an error: not sent back to the model)"
+
+
 class ChatWidget(W.VBox):
     """Chat with a model: pick it, set a system prompt and parameters, stream, stop, clear, export.
 
@@ -72,6 +76,8 @@ class ChatWidget(W.VBox):
         self.last: StreamRecord | None = None
         self._next_render = 0.0  # (time.monotonic) when the streaming reply may be shown again
         self._clearing = False  # True while clear() stops a reply
+        #: replies cut off by an error (``messages``' own dicts): shown, never sent back (see ``request_messages``)
+        self._cut_off: list[dict[str, str]] = []
 
         with XllmClient(base, key) as client:
             c = ListingOnce(client)
@@ -184,10 +190,18 @@ class ChatWidget(W.VBox):
         self.settings_note.value = f'<span style="opacity:0.7">{html.escape(text)}</span>'
 
     def request_messages(self) -> list[dict[str, str]]:
-        """What the next request sends: the system prompt (if any) and the conversation."""
+        """What the next request sends: the system prompt (if any) and the conversation, less turns cut off by an error."""
         system = self.system_prompt.value.strip()
         head = [{"role": "system", "content": system}] if system else []
-        return head + [m for m in self.messages if m["content"] or m["role"] != "assistant"]
+        # a reply cut off by an error (a server that stopped mid-answer) would pass for the model's whole answer:
+        # it is left out with its question (roles keep alternating), as the JupyterLab panel and `xllm run` do.
+        # A reply the user stopped is theirs to keep, and is sent
+        cut = [i for i, m in enumerate(self.messages) if self._is_cut_off(m)]
+        left_out = set(cut) | {i - 1 for i in cut if i > 0 and self.messages[i - 1]["role"] == "user"}
+        return head + [m for i, m in enumerate(self.messages) if i not in left_out and (m["content"] or m["role"] != "assistant")]
+
+    def _is_cut_off(self, message: dict[str, str]) -> bool:
+        return any(message is m for m in self._cut_off)
 
     # --------------------------------------------------------------- actions
     def ask(self, text: str | None = None) -> bool:
@@ -240,6 +254,7 @@ class ChatWidget(W.VBox):
             finally:
                 self._clearing = False
         self.messages = []
+        self._cut_off = []
         self.last = None
         self._render()
         self._status("Cleared.", "info")
@@ -253,6 +268,8 @@ class ChatWidget(W.VBox):
             lines += ["**System:**", "", system, ""]
         for m in self.messages:
             lines += [f"**{_ROLE_STYLE.get(m['role'], (m['role'].title(), ''))[0]}:**", "", m["content"], ""]
+            if self._is_cut_off(m):
+                lines += [f"*{_CUT_OFF_NOTE}*", ""]
         return "\n".join(lines)
 
     def transcript_json(self) -> str:
@@ -308,7 +325,7 @@ class ChatWidget(W.VBox):
             if task.cancelled():
                 self._status("Stopped.", "info")
             elif error is not None:
-                kept = " (the reply so far is kept)" if reply["content"] else ""
+                kept = " (the reply so far is kept, but not sent back to the model)" if reply["content"] else ""
                 self._status(f"Error: {error_text(error)}{kept}", "error")
             elif record is not None:
                 speed = "" if math.isnan(record.tok_per_s) else f", {record.tok_per_s:.1f} tok/s"
@@ -319,8 +336,10 @@ class ChatWidget(W.VBox):
             log.exception("ChatWidget could not show the reply's status")
             self._status(f"Error: {error_text(exc)}", "error")
         finally:
-            # a reply cut off by an error keeps the text that came, as a stopped one does: it was on
-            # screen, and dropping it would leave a question with no answer in the transcript
+            # a reply cut off by an error keeps the text that came on screen, as a stopped one does (dropping it
+            # would leave a question with no answer in the transcript), but it is not sent as history
+            if error is not None and reply["content"]:
+                self._cut_off.append(reply)
             if not reply["content"]:
                 asked = self._drop_turn(reply)
                 # the box was emptied on Send: a question that got no answer goes back there to be
@@ -355,6 +374,8 @@ class ChatWidget(W.VBox):
                 body = "<div><em>…</em></div>"
             elif m["role"] == "assistant":  # replies are Markdown (code blocks, lists, tables): shown rendered
                 body = markdown_html(m["content"])
+                if self._is_cut_off(m):
+                    body += f"<div><em>{_CUT_OFF_NOTE}</em></div>"
             else:  # what the user typed is shown as typed
                 body = f'<div style="white-space:pre-wrap">{html.escape(m["content"])}</div>'
             parts.append(f'<div style="background:{background};padding:4px 8px;margin:2px 0;border-radius:4px"><b>{name}</b>{body}</div>')
