@@ -174,3 +174,25 @@ def test_a_shared_usage_file_is_merged_and_adopted(tmp_path):
     three.charge("carol", 1, 0)
     three.close()
     assert set(read_usage(file)) == {"alice", "bob", "carol"} and read_usage(file)["alice"]["tokens_today"] == 3
+
+
+def test_a_user_moved_to_an_account_by_one_server_is_not_counted_twice(tmp_path):
+    # a hub user's counts saved under the bare name move to their account at its first request (on one server):
+    # the other server, which had read them under the name too, wrote them back there
+    file = tmp_path / "usage.json"
+    old = UsageTracker(QuotaConfig(tokens_per_day=100), path=file)
+    old.charge("carol", 5, 5)
+    old.close()
+    one = UsageTracker(QuotaConfig(tokens_per_day=100), path=file)
+    two = UsageTracker(QuotaConfig(tokens_per_day=100), path=file)
+    one.release(one.admit(Caller("carol/1", name="carol")))  # takes the name's counts over
+    one.charge("carol/1", 1, 1)
+    one.close()
+    two.charge("dave", 1, 0)
+    two.close()
+    saved = read_usage(file)
+    assert sorted(saved) == ["carol/1", "dave"] and saved["carol/1"]["tokens_today"] == 12
+    assert [row["account"] for row in two.snapshot()] == ["carol/1", "dave"]
+    two.charge("dave", 1, 0)
+    two.close()
+    assert sorted(read_usage(file)) == ["carol/1", "dave"] and read_usage(file)["carol/1"]["tokens_today"] == 12

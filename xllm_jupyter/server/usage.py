@@ -314,7 +314,15 @@ class UsageTracker(LiveUsageMixin):
         """Count what ``disk`` has plus what this server added since ``base``: other servers' counts join ours."""
         with self._lock:
             today = _utc_day(self._clock())
-            for name, saved in _load_records(merge_usage(disk, base, self._records(today), today), today).items():
+            merged = _load_records(merge_usage(disk, base, self._records(today), today), today)
+            for name in self._users.keys() - merged.keys():  # moved to another key by another server
+                entry = self._users[name]
+                if entry.in_flight or entry.reserved:  # (its counts went with it: its requests under way count from 0)
+                    entry.requests = entry.prompt_tokens = entry.completion_tokens = entry.tokens_today = 0
+                    entry.rejected = Counter()
+                else:
+                    del self._users[name]
+            for name, saved in merged.items():
                 entry = self._users.setdefault(name, saved)
                 if entry is not saved:  # (in place: in-flight requests and holds stay)
                     entry.requests, entry.prompt_tokens, entry.completion_tokens = saved.requests, saved.prompt_tokens, saved.completion_tokens

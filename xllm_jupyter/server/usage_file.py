@@ -98,7 +98,8 @@ def merge_usage(disk: Records, base: Records, mine: Records, today: str) -> Reco
 
     Counts add up (a day's tokens only within ``today``: an older day's are dropped); a user's
     groups and name are this server's where they changed here, else the file's. A user in
-    ``base`` and no longer in ``mine`` was moved to another key here (``UsageTracker.admit``).
+    ``base`` and no longer in ``mine`` was moved to another key here (``UsageTracker.admit``); one in
+    ``base`` and no longer on ``disk`` was moved by another server, and stays gone unless it was counted here since.
     """
     out: Records = {}
     for user in disk.keys() | mine.keys():
@@ -117,6 +118,8 @@ def merge_usage(disk: Records, base: Records, mine: Records, today: str) -> Reco
         for key in ("groups", "name"):
             if d is not None and (m is None or m.get(key) == (b or {}).get(key)):
                 rec[key] = d.get(key)  # not changed here: another server may have seen the user since
+        if d is None and b is not None and not (any(rec[k] for k in COUNTS) or rec["tokens_today"] or any(rejected.values())):
+            continue
         out[user] = rec
     return out
 
