@@ -11,7 +11,7 @@ from xllm_jupyter.core.config import EngineConfig, QuotaConfig, load_config
 from xllm_jupyter.core.errors import ConfigError, NotFound, RateLimited
 from xllm_jupyter.core.types import ChoiceDelta, GenerationParams, GenerationRequest
 from xllm_jupyter.engine.engine import Engine
-from xllm_jupyter.engine.fairness import FairQueue
+from xllm_jupyter.engine.fairness import FairnessPolicy, FairQueue
 from xllm_jupyter.openai.cache import ResponseCache
 from xllm_jupyter.openai.response_store import ResponseStore, StoredResponse
 from xllm_jupyter.server.usage import Caller, UsageTracker
@@ -179,9 +179,13 @@ async def test_a_flooding_user_cannot_starve_another():
         await engine.stop()
 
 
-async def test_the_slot_a_long_generation_frees_waits_for_its_users_next_request():
-    # bob's generation outlasts the activity window (1 s) while alice's flood waits for slots; when it ends, the
-    # slot stays free and bob's next request starts at once instead of after one of alice's (endless) generations
+async def test_the_slot_a_long_generation_frees_waits_for_its_users_next_request(monkeypatch):
+    # bob's generation outlasts the activity window while alice's flood waits for slots; when it ends, the slot
+    # stays free and bob's next request starts at once instead of after one of alice's (endless) generations.
+    # The queues' clock is the test's: it jumps past the window while bob generates, so no timing decides it.
+    now = [0.0]
+    monkeypatch.setattr(FairnessPolicy, "queue", lambda self: FairQueue(
+        reserved=self.reserved, window=self.window, always=self.always, clock=lambda: now[0]))
     backend = FakeBackend(step_delay=0.002, context_length=10**6)
     engine = Engine(EngineConfig(max_batch_size=4), FakeCatalog(["fake"]), [backend],
                     quotas=QuotaConfig(active_window_seconds=1.0))
@@ -190,11 +194,14 @@ async def test_the_slot_a_long_generation_frees_waits_for_its_users_next_request
     try:
         await engine.load("fake")
         finished: list[str] = []
-        bob = asyncio.ensure_future(_run(engine, _req("bob", 700), finished, "bob-long"))  # >= 1.4 s of steps
+        bob = asyncio.ensure_future(_run(engine, _req("bob", 300), finished, "bob-long"))
         model = backend.models["fake"]
         while not model.jobs:
             await asyncio.sleep(0.002)
         flood += [asyncio.ensure_future(_run(engine, _req("alice", 10**5), finished, "alice")) for _ in range(6)]
+        while len(model.jobs) < 2:  # alice's first jobs are decoding beside bob's
+            await asyncio.sleep(0.002)
+        now[0] = 100.0  # bob's generation has outlasted the window (his request was seen at 0)
         await bob
         await asyncio.wait_for(_run(engine, _req("bob", 2), finished, "bob"), 10)
         assert finished == ["bob-long", "bob"]
