@@ -106,6 +106,34 @@ async def test_keyless_server_serves_loopback_only(tiny_catalog, tmp_path):
         await engine.stop()
 
 
+async def test_every_interface_spelled_0_serves_any_host_with_keys(tiny_catalog, tmp_path):
+    """``xllm serve --host 0 --api-key K`` listens on every IPv4 address (``getaddrinfo`` reads "0" as 0.0.0.0), but
+    only the strings "0.0.0.0"/"::"/"" counted as every interface: the Host check then served the name "0" alone and
+    refused every LAN client (and localhost) with a 403, and the printed URL was http://0:PORT."""
+    from tests.server_fixtures import API_KEY
+    from xllm_jupyter.core.hosts import unspecified_address
+    from xllm_jupyter.server.edge import EdgePolicy
+
+    for spelling in ("0", "00", "::0", "[::]", "0:0::0", "0.0.0.0."):
+        assert EdgePolicy((), (), spelling, any_host_ok=True).host_allowed("192.168.1.4:8000"), spelling
+        assert not EdgePolicy((), (), spelling, any_host_ok=False).host_allowed("192.168.1.4"), spelling
+    assert unspecified_address("127.0.0.1") is None and unspecified_address("localhost") is None
+    keyless = make_test_config(tmp_path, api_keys=(), host="0")
+    assert listen_host(keyless) == "127.0.0.1"  # without keys, still loopback only
+    config = make_test_config(tmp_path, host="0")
+    engine = Engine(config.engine, catalog=tiny_catalog)
+    server = await start_server(config, engine, port=0)
+    try:
+        assert server.url == f"http://127.0.0.1:{server.port}"
+        async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+            r = await c.get("/v1/models", headers={"Host": f"192.168.1.4:{server.port}"})
+            assert r.status_code == 200, r.text
+            assert (await c.get("/v1/models")).status_code == 200
+    finally:
+        await server.stop()
+        await engine.stop()
+
+
 def _ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as s:

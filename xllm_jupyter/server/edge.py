@@ -19,7 +19,7 @@ from tornado.web import GZipContentEncoding, OutputTransform, RequestHandler
 
 from ..core.config import XllmConfig
 from ..core.errors import NotFound, PayloadTooLarge, PermissionDenied, quoted
-from ..core.hosts import host_name, is_loopback
+from ..core.hosts import host_name, is_loopback, unspecified_address
 from .errors import error_response
 from .logging_setup import request_id_var
 from .sse import dumps
@@ -39,7 +39,6 @@ _EXPOSE_HEADERS = "X-Request-ID, Retry-After, x-should-retry"
 _HEADER_NAME = re.compile(r"[A-Za-z0-9-]{1,64}")
 #: at most this many requested header names are granted (a preflight asking for more gets the base list)
 _MAX_REQUESTED_HEADERS = 32
-_WILDCARD_BINDS = ("", "0.0.0.0", "::")
 
 
 def allowed_headers(requested: str | None) -> str:
@@ -109,7 +108,7 @@ class EdgePolicy:
         # unless the admin lists the names, loopback names and addresses are served
         self.loopback = not hosts
         if not hosts:
-            if bound_host in _WILDCARD_BINDS:
+            if unspecified_address(bound_host) is not None:  # "0", "::0" too, not only "0.0.0.0" and "::"
                 if any_host_ok:
                     # bound to every interface with API keys on: the key, not the name, is the guard
                     hosts.add("*")

@@ -14,7 +14,7 @@ from tornado.netutil import bind_sockets
 
 from ..core.config import XllmConfig
 from ..core.errors import ListenError, Overloaded
-from ..core.hosts import is_loopback
+from ..core.hosts import is_loopback, unspecified_address
 from .app import make_app
 from .auth import ApiKeyAuth
 from .handlers import CONTEXT_KEY
@@ -24,7 +24,6 @@ from .head_limit import HARD_LIMIT
 
 log = logging.getLogger("xllm_jupyter.server")
 
-_WILDCARDS = ("", "0.0.0.0", "::")
 #: Tornado's own body cap; ours (server.max_body_bytes) is enforced by the handlers,
 #: which stream bodies, so this only has to stay above it
 _TORNADO_MAX_BODY = 1 << 30
@@ -76,10 +75,9 @@ def listen_host(config: XllmConfig, host: str | None = None) -> str:
 
 
 def _url_host(host: str) -> str:
-    if host == "::":  # IPv6 only (Tornado sets IPV6_V6ONLY): nothing answers on 127.0.0.1
-        return "[::1]"
-    if host in _WILDCARDS:
-        return "127.0.0.1"
+    every = unspecified_address(host)
+    if every is not None:  # IPv6 "::" is IPv6 only (Tornado sets IPV6_V6ONLY): nothing answers on 127.0.0.1
+        return "[::1]" if every.version == 6 else "127.0.0.1"
     return f"[{host}]" if ":" in host else host
 
 
