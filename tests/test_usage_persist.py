@@ -196,3 +196,30 @@ def test_a_user_moved_to_an_account_by_one_server_is_not_counted_twice(tmp_path)
     two.charge("dave", 1, 0)
     two.close()
     assert sorted(read_usage(file)) == ["carol/1", "dave"] and read_usage(file)["carol/1"]["tokens_today"] == 12
+
+
+def test_a_charge_while_a_save_adopts_another_servers_counts_is_saved(tmp_path, monkeypatch):
+    # the saver read "nothing changed" and then cleared the flag after a stat of the file: a charge made in
+    # between (another thread) was adopted into memory but never written, not even by the final save at shutdown
+    import xllm_jupyter.server.usage_file as usage_file
+
+    file = tmp_path / "usage.json"
+    one = UsageTracker(QuotaConfig(tokens_per_day=100), path=file)
+    two = UsageTracker(QuotaConfig(tokens_per_day=100), path=file)
+    two.charge("bob", 1, 0)
+    two.close()  # the file changed under one: its next tick adopts it
+    stat = usage_file.file_stamp
+    charged = []
+
+    def stamp_then_charge(path):
+        if not charged:  # a generation ends on another thread while the saver looks at the file
+            charged.append(1)
+            one.charge("alice", 2, 3)
+        return stat(path)
+
+    monkeypatch.setattr(usage_file, "file_stamp", stamp_then_charge)
+    one._saver.flush()
+    monkeypatch.setattr(usage_file, "file_stamp", stat)
+    one.close()
+    saved = read_usage(file)
+    assert saved["alice"]["tokens_today"] == 5 and saved["bob"]["tokens_today"] == 1

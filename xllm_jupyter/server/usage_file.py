@@ -157,6 +157,7 @@ class UsageSaver:
         self._lock_path = path.with_name(f".{path.name}.lock")
         self._interval = interval
         self._dirty = False
+        self._flag_lock = threading.Lock()  # mark() and flush()'s taking of the flag
         self._write_lock = threading.Lock()  # the timer and close() never write at once
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="xllm-usage-saver", daemon=True)
@@ -164,7 +165,8 @@ class UsageSaver:
 
     def mark(self) -> None:
         """Usage changed: save it with the next tick (cheap, any thread)."""
-        self._dirty = True
+        with self._flag_lock:
+            self._dirty = True
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
@@ -173,10 +175,10 @@ class UsageSaver:
     def flush(self) -> None:
         """Save now if anything changed since the last save (or adopt another server's save); failures are logged."""
         with self._write_lock:
-            dirty = self._dirty
-            if not dirty and file_stamp(self.path) in (self._stamp, None):
+            if not self._dirty and file_stamp(self.path) in (self._stamp, None):
                 return
-            self._dirty = False
+            with self._flag_lock:  # (a mark() after the check above is taken here and saved, never cleared unsaved)
+                dirty, self._dirty = self._dirty, False
             try:
                 with FileLock(self._lock_path):  # another server's save waits: neither writes over the other's counts
                     disk = read_saved(self.path)
@@ -189,7 +191,8 @@ class UsageSaver:
                         self._base = saved
                     self._stamp = file_stamp(self.path)
             except OSError as exc:
-                self._dirty = self._dirty or dirty
+                with self._flag_lock:
+                    self._dirty = self._dirty or dirty
                 log.warning("could not save usage to %s: %s", self.path, exc)
 
     def close(self) -> None:
