@@ -153,11 +153,17 @@ def test_several_user_keys_without_admin_keys_warn_at_start(tmp_path, caplog):
     shared = load_config(env={}, overrides={"store": {"home": str(tmp_path)}, "server": {"api_keys": ["k1", "k2"]}})
     owned = dataclasses.replace(shared, auth=AuthConfig(admin_keys=("a1",)))
     alone = load_config(env={}, overrides={"store": {"home": str(tmp_path)}, "server": {"api_keys": ["k1"]}})
-    for config, warned in ((shared, True), (owned, False), (alone, False)):
+    # empty and blank keys are no keys (``--api-key "$UNSET"``, ``--admin-key "$UNSET"``), nor is a key listed twice:
+    # one key and an empty one was warned about as "2 API keys", and an empty admin key silenced the warning
+    one_and_empties = load_config(env={}, overrides={"store": {"home": str(tmp_path)},
+                                                     "server": {"api_keys": ["k1", "", " k1 ", "  "]}})
+    empty_admin = dataclasses.replace(shared, auth=AuthConfig(admin_keys=("", " ")))
+    cases = ((shared, "2 API keys"), (owned, None), (alone, None), (one_and_empties, None), (empty_admin, "2 API keys"))
+    for config, warned in cases:
         caplog.clear()
         make_app(config, Engine(config.engine))
         said = [r.getMessage() for r in caplog.records if "auth.admin_keys" in r.getMessage()]
-        assert bool(said) is warned and all("k1" not in m for m in said)
+        assert len(said) == (1 if warned else 0) and all(warned in m and "k1" not in m for m in said), said
 
 
 def test_auth_config_from_the_environment(tmp_path):

@@ -21,11 +21,13 @@ log = logging.getLogger("xllm_jupyter.server")
 def make_app(config: XllmConfig, engine: Any, *, prefix: str = "") -> tornado.web.Application:
     """A Tornado app serving ``engine`` under ``prefix`` with user and admin keys and per-key limits."""
     auth = ApiKeyAuth(config.server.api_keys, config.auth.admin_keys)
-    if len(config.server.api_keys) > 1 and not config.auth.admin_keys:
+    # counted as ApiKeyAuth reads them: stripped, and an empty or blank key ("$UNSET") is no key
+    keys = {k.strip() for k in config.server.api_keys} - {""}
+    if len(keys) > 1 and not {k.strip() for k in config.auth.admin_keys} - {""}:
         # the documented default, but a server shared by several keys rarely means it: say so at start
         log.warning("%d API keys and no auth.admin_keys: every key may call /admin/* (pull server-local paths, "
                     "load and unload models, read everyone's usage); set auth.admin_keys to keep that to admins",
-                    len(config.server.api_keys))
+                    len(keys))
     context = XllmContext(engine, config)
     context.limiter = Limiter(config.auth)  # per-key limits; metrics read context.limiter.rejections
     context.limiter.listeners.append(context.metrics.record_rate_limited)
