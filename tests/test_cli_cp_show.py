@@ -6,6 +6,7 @@ import pytest
 
 from tests.server_fixtures import TINY
 from tests.test_cli_ux import home, invoke, one_error_line  # noqa: F401 - ``home`` is a fixture
+from xllm_jupyter.store.modelfile import Modelfile, parse_modelfile, render_modelfile
 from xllm_jupyter.store.store import ModelStore
 
 MODELFILE = """FROM tiny
@@ -62,6 +63,27 @@ def test_show_parameters_prints_a_stop_string_as_written(home, tmp_path):  # noq
     assert invoke("create", "cjk", "-f", str(path)).exit_code == 0
     assert invoke("show", "cjk", "--parameters").output.splitlines() == ['stop                "。"',
                                                                           'stop                "a\\tb"']
+
+
+def test_show_output_with_control_characters_reads_back(home, tmp_path):  # noqa: F811 - the fixture imported above
+    """A stop string holding a control character (an escape sequence, U+0001) came out of ``show --parameters`` as JSON's
+    ``"\\u0001"``, which the Modelfile parser read as the six characters; and ``show --modelfile`` wrote a "\\r" raw,
+    which ends the line when the file is read back. Both now write ``\\uXXXX``, which the parser reads."""
+    path = tmp_path / "Modelfile"
+    path.write_text('FROM tiny\nPARAMETER stop "\x1b[0m"\nPARAMETER stop "a\x01b"\n', encoding="utf-8")
+    assert invoke("create", "ctl", "-f", str(path)).exit_code == 0
+    stops = ["\x1b[0m", "a\x01b"]
+    store = ModelStore(home)
+    assert store.resolve("ctl").defaults.parameters["stop"] == stops
+    lines = invoke("show", "ctl", "--parameters").output.splitlines()
+    assert lines == ['stop                "\\u001b[0m"', 'stop                "a\\u0001b"']
+    path.write_text("FROM tiny\n" + "".join(f"PARAMETER {line}\n" for line in lines), encoding="utf-8")
+    assert invoke("create", "again", "-f", str(path)).exit_code == 0
+    assert store.resolve("again").defaults.parameters["stop"] == stops
+    # a carriage return, as a Modelfile rendered from settings holds it, reads back too
+    m = Modelfile(from_="tiny", parameters={"stop": ["\r", "a\rb", "\x7f", "\\u0041"]}, system="one\rtwo")
+    text = render_modelfile(m)
+    assert "\r" not in text and parse_modelfile(text) == m
 
 
 def test_a_bad_server_url_leaves_a_store_command_to_do_its_work(home, tmp_path, tiny_llama_dir):  # noqa: F811

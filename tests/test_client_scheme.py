@@ -103,3 +103,57 @@ def test_http_answered_with_a_tls_alert_says_use_https():
     finally:
         thread.join(10)
         listener.close()
+
+
+def test_a_plain_http_stream_reset_mid_answer_is_no_scheme_problem():
+    # the server answered in HTTP (headers and a first chunk), then reset the connection (killed, a proxy gave up):
+    # "if it serves HTTPS, use https://" sent the user to change a URL that had just worked
+    import struct
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    got_first = threading.Event()
+    event = b'data: {"choices": [{"index": 0, "delta": {"content": "Hi"}}]}\n\n'
+
+    def answer() -> None:
+        for _ in range(2):  # the sync client's stream, then the async one's
+            conn, _ = listener.accept()
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+                while len(body) < length:
+                    body += conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                             + b"%x\r\n%s\r\n" % (len(event), event))
+                got_first.wait(30)  # the client has the first chunk: now reset (linger 0 sends RST)
+                got_first.clear()
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    errors: list[ServerUnavailable] = []
+    try:
+        with XllmClient(url, timeout=QUICK) as client, pytest.raises(ServerUnavailable) as sync:
+            for _chunk in client.stream_chunks([{"role": "user", "content": "hi"}], "m"):
+                got_first.set()
+        errors.append(sync.value)
+
+        async def stream() -> None:
+            async with AsyncXllmClient(url, timeout=QUICK) as client:
+                async for _chunk in client.stream_chunks([{"role": "user", "content": "hi"}], "m"):
+                    got_first.set()
+
+        with pytest.raises(ServerUnavailable) as aio:
+            asyncio.run(stream())
+        errors.append(aio.value)
+    finally:
+        got_first.set()
+        thread.join(10)
+        listener.close()
+    for error in errors:
+        assert not isinstance(error, WrongScheme) and "https://" not in error.message, error.message
+        assert "stop or restart" in error.message, error.message

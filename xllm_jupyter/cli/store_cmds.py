@@ -276,6 +276,7 @@ def show_stored(store: Any, name: str) -> Any:
 def _echo_part(manifest: Any, part: str) -> None:
     """What one ``show`` flag asks for, alone (nothing when the model has none of it)."""
     from ..store.create import model_defaults, modelfile_of
+    from ..store.modelfile import quoted
 
     if part == "--modelfile":
         from .create_cmd import modelfile_text
@@ -284,8 +285,8 @@ def _echo_part(manifest: Any, part: str) -> None:
     elif part == "--parameters":
         for key, value in model_defaults(manifest).parameters.items():
             for one in value if isinstance(value, list) else [value]:  # stop: one line per string, as in a Modelfile
-                # quoted as a Modelfile reads it back: "。" stays itself (JSON's \u3002 is no Modelfile escape)
-                echo(f"{key:<20}{json.dumps(one, ensure_ascii=False) if isinstance(one, str) else one}")
+                # quoted as a Modelfile reads it back: "。" stays itself, a "\r" is \u000d (JSON's \r is no Modelfile escape)
+                echo(f"{key:<20}{quoted(one) if isinstance(one, str) else one}")
     elif part == "--system":
         text = model_defaults(manifest).system
         if text:

@@ -69,8 +69,10 @@ class AsyncXllmClient:
     async def _events(self, url: str, body: dict[str, Any], timeout: httpx.Timeout | None = None,
                       missing: XllmError | None = None) -> AsyncIterator[dict[str, Any]]:
         """The JSON events of a streamed POST, until ``[DONE]``; ``missing`` is raised for a 404 instead of the server's error."""
+        answered = False  # (a transport error once the response's head came is no scheme problem)
         try:
             async with self._http.stream("POST", url, json=body, timeout=timeout or httpx.USE_CLIENT_DEFAULT) as response:
+                answered = True
                 if not is_event_stream(response):
                     await response.aread()
                     raise stream_error(response, self.root_url, missing)
@@ -81,7 +83,7 @@ class AsyncXllmClient:
                     if event is not None:
                         yield event
         except httpx.TransportError as exc:
-            raise unreachable(self.root_url, exc) from None
+            raise unreachable(self.root_url, exc, answered) from None
         raise cut_short(self.root_url)
 
     async def health(self) -> dict[str, Any]:

@@ -255,8 +255,8 @@ class WrongScheme(ServerUnavailable):
     """The server at the client's URL may speak the other scheme (TLS against plain HTTP, or back): the message says."""
 
 
-def unreachable(url: str, exc: Exception) -> ServerUnavailable:
-    """The error for a server that does not answer at all."""
+def unreachable(url: str, exc: Exception, answered: bool = False) -> ServerUnavailable:
+    """The error for a server that does not answer at all (``answered``: it sent its response's head, then failed)."""
     https = url.lower().startswith("https://")
     if isinstance(exc, httpx.ConnectTimeout) and https:
         # a plain HTTP server (`xllm serve`) reads a TLS hello as the start of a request and waits for the rest
@@ -264,7 +264,8 @@ def unreachable(url: str, exc: Exception) -> ServerUnavailable:
                            "does, use http://)")
     if isinstance(exc, httpx.TimeoutException):
         return ServerUnavailable(f"the xllm server at {url} did not answer in time")
-    if not https and (isinstance(exc, httpx.RemoteProtocolError) and "illegal" in str(exc)
+    # (once its response's head came, it spoke HTTP in this scheme: a reset is a server gone mid-answer)
+    if not https and not answered and (isinstance(exc, httpx.RemoteProtocolError) and "illegal" in str(exc)
                       or isinstance(exc, httpx.ReadError) and _was_reset(exc)):
         # a TLS server drops a plain request (resets the connection) or answers it with a TLS alert, not HTTP
         return WrongScheme(f"the server at {url} reset the connection or answered in something other than HTTP (if it "

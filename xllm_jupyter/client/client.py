@@ -78,14 +78,16 @@ class XllmClient:
     def _stream(self, url: str, body: dict[str, Any], timeout: httpx.Timeout | None = None,
                 missing: XllmError | None = None) -> Iterator[httpx.Response]:
         """POST ``body`` and hold the SSE response open; ``missing`` is raised for a 404 instead of the server's error."""
+        answered = False  # (a transport error once the response's head came is no scheme problem)
         try:
             with self._http.stream("POST", url, json=body, timeout=timeout or httpx.USE_CLIENT_DEFAULT) as response:
+                answered = True
                 if not is_event_stream(response):
                     response.read()
                     raise stream_error(response, self.root_url, missing)
                 yield response  # a transport error while it is read lands in the except below
         except httpx.TransportError as exc:
-            raise unreachable(self.root_url, exc) from None
+            raise unreachable(self.root_url, exc, answered) from None
 
     def _events(self, url: str, body: dict[str, Any], timeout: httpx.Timeout | None = None,
                 missing: XllmError | None = None) -> Iterator[dict[str, Any]]:

@@ -2,12 +2,13 @@
 
 Grammar (as Ollama documents it): one instruction per line, names case-insensitive,
 ``#`` starts a comment line, a value is the rest of the line, a ``"quoted"`` string
-(escapes ``\\" \\\\ \\n \\t``) or a ``\"\"\"triple-quoted\"\"\"`` string that may span lines.
+(escapes ``\\" \\\\ \\n \\t \\uXXXX``) or a ``\"\"\"triple-quoted\"\"\"`` string that may span lines.
 ``parse_modelfile(render_modelfile(m)) == m`` holds for every parsed ``m``.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from difflib import get_close_matches
 from typing import Any, Callable, Mapping
@@ -15,6 +16,9 @@ from typing import Any, Callable, Mapping
 from ..core.errors import InvalidRequest
 
 ROLES = ("system", "user", "assistant")
+#: control characters other than newline and tab: written ``\\uXXXX`` in a quoted string
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_CODE_ESCAPE = re.compile(r"u[0-9a-fA-F]{4}")
 
 
 def did_you_mean(word: str, known: Any, *, upper: bool = False) -> str:
@@ -241,6 +245,13 @@ class _Reader:
                     break
                 if ch == "\\" and self.peek() in escapes:
                     out.append(escapes[self.advance()])
+                elif ch == "\\" and _CODE_ESCAPE.fullmatch(self.peek(5)):
+                    # \u000d: a control character (a "\r" stop string), as ``quoted`` writes it
+                    code = int(self.advance(5)[1:], 16)
+                    if 0xD800 <= code <= 0xDFFF:
+                        raise ModelfileError(f"{what}: \\u{code:04x} is half of a surrogate pair, not a character",
+                                             line)
+                    out.append(chr(code))
                 else:
                     out.append(ch)
             self._end_of_line(what)
@@ -325,15 +336,26 @@ def parse_modelfile(text: str) -> Modelfile:
     return m
 
 
+def quoted(value: str) -> str:
+    """``value`` as a ``"quoted"`` Modelfile string: ``\\ \" \\n \\t`` escaped, other control characters as ``\\uXXXX``.
+
+    A raw carriage return would end the line when the file is read back (and a terminal would act on
+    the others); ``xllm show --parameters`` prints stop strings this way too, so its output reads back.
+    """
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
+    return '"' + _CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", escaped) + '"'
+
+
 def _quote(value: str) -> str:
     """The shortest spelling of ``value`` that parses back to exactly it."""
+    if _CONTROL.search(value):
+        return quoted(value)
     plain = value == value.strip() and value and "\n" not in value and not value.startswith('"')
     if plain:
         return value
     if '"""' not in value and not value.endswith('"'):
         return f'"""{value}"""'
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
-    return f'"{escaped}"'
+    return quoted(value)
 
 
 def _format_param(value: Any) -> str:
