@@ -637,6 +637,8 @@ def test_a_job_keeping_tool_markup_asks_the_library_for_special_tokens_text(mark
     calls = markup_chat.tokenizer.convert_tokens_to_ids("[TOOL_CALLS]")
     assert model.stream_bytes(keeping)(calls) == b"[TOOL_CALLS]" and model.stream_bytes(plain)(calls) == b""
     assert model.kept(job(3, keep_special=("<none>",))) is None  # not a special token here: nothing to keep
+    # (Qwen's <tool_call>, not special: such a job asks the library for no special token's text)
+    assert model.library_job(job(3, keep_special=("<none>",))).keep_special == () and model.library_job(keeping) is keeping
 
 
 def test_results_of_unknown_jobs_are_ignored():

@@ -8,6 +8,7 @@ their results onto ``TokenEvent``s; the subclasses build the library's job objec
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from abc import abstractmethod
@@ -81,6 +82,11 @@ class DynamicGeneratorModel(ChatTokenizerMethods, LoadedModel):
     def kept(self, job: SequenceJob) -> Any:
         """The special tokens whose text ``job`` keeps (``ChatTokenizer.keeping``; None: none)."""
         return self.chat.keeping(job.keep_special) if job.keep_special else None
+
+    def library_job(self, job: SequenceJob) -> SequenceJob:
+        """``job`` as its library job is made: naming no markup when this vocabulary has none of it special (Qwen's
+        ``<tool_call>``), so such a job does not ask the library for special tokens' text (``job_kwargs``)."""
+        return job if not job.keep_special or self.kept(job) is not None else dataclasses.replace(job, keep_special=())
 
     def stream_bytes(self, job: SequenceJob) -> Any:
         """What spells ``job``'s held tokens (``exllama_stream.StreamHeld``): kept special tokens by their text."""

@@ -371,7 +371,8 @@ class ExllamaV2Model(DynamicGeneratorModel):
         from exllamav2.generator import ExLlamaV2DynamicJob, ExLlamaV2Sampler
 
         settings = ExLlamaV2Sampler.Settings(**v2_sampler_fields(job.sampling))
-        native = self.job_class(ExLlamaV2DynamicJob)(**job_kwargs(job, settings, self._library_max_new_tokens(job)))
+        native = self.job_class(ExLlamaV2DynamicJob)(**job_kwargs(self.library_job(job), settings,
+                                                                       self._library_max_new_tokens(job)))
         native.xllm_bind_penalties(len(job.prompt_ids), job.sampling)
         native.xllm_bind_logprobs(self.vocab_size)
         native.xllm_bind_logits(job.sampling, self.vocab_size)

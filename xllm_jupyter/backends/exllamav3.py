@@ -366,7 +366,8 @@ class ExllamaV3Model(DynamicGeneratorModel):
 
             filters = [LLGuidanceFilter(self._tokenizer, llg_grammar=self.grammar(job.constraint),
                                         eos_after_completed=True)]
-        native = self.job_class(Job)(**job_kwargs(job, sampler=v3_sampler(job.sampling), filters=filters))
+        native = self.job_class(Job)(**job_kwargs(self.library_job(job), sampler=v3_sampler(job.sampling),
+                                                         filters=filters))
         native.xllm_bind_penalties(len(job.prompt_ids))
         native.xllm_bind_stream(self.stream_bytes(job))
         return native

@@ -14,8 +14,10 @@ from .tool_scan import cut_call
 from .tools import (ToolConfig, args_schema, nine_char_ids, one_call_per_turn, prepare_messages, template_supports_tools,
                     tool_constraint)
 
-#: Mistral's tool-call markup, special tokens in its tokenizers (decoding skips them unless told: ``markup_tokens``)
-MISTRAL_MARKUP = ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]")
+#: each format's tool-call markup, which some tokenizers make special tokens (Mistral's own; Hermes-2-Pro's
+#: ``<tool_call>``): decoding skips those unless told (``markup_tokens``)
+MARKUP = {MISTRAL: ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"), HERMES: ("<tool_call>", "</tool_call>")}
+MARKUP[MISTRAL_V11] = MARKUP[MISTRAL]
 #: how the grammar compiler's message for one schema starts; the tool's name says it instead
 _COMPILER_PREFIX = re.compile(r"^Invalid (json_schema constraint|JSON schema): ")
 
@@ -55,10 +57,11 @@ class ToolCalling:
 
     @property
     def markup_tokens(self) -> tuple[str, ...]:
-        """Special tokens the decoded text must keep for the tool parser (``GenerationParams.keep_special``): Mistral's
-        markup while its calls are parsed, as vLLM's Mistral parser turns ``skip_special_tokens`` off; else none, so
-        they never reach content of a reply whose calls are not parsed."""
-        return MISTRAL_MARKUP if self.active and self.family in (MISTRAL, MISTRAL_V11) else ()
+        """Special tokens the decoded text must keep for the tool parser (``GenerationParams.keep_special``): the
+        format's markup while its calls are parsed (grammar-forced ones too), as vLLM's Mistral and Hermes parsers
+        turn ``skip_special_tokens`` off; else none, so they never reach content of a reply whose calls are not
+        parsed. Only tokens the vocabulary has as special ones change anything (Qwen's ``<tool_call>`` is not)."""
+        return MARKUP.get(self.family, ()) if self.active else ()
 
     def prompt(self, messages: Sequence[ChatMessage]) -> tuple[list[ChatMessage], list[dict[str, Any]] | None]:
         """Messages and ``tools`` for the chat template."""
