@@ -12,6 +12,7 @@ import http.server
 import json
 import os
 import threading
+import time
 
 import httpx
 import openai
@@ -350,6 +351,7 @@ class _Service:
         self.cut_event = b""  # with break_off: the start of the next event, sent before the drop (a crash mid-write)
         self.bytewise = False  # set: the stream is written one byte at a time
         self.sent = bytearray()  # the stream's bytes as written
+        self.load_seconds = 0.0  # how long ``POST .../admin/models/load`` takes before its answer
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
@@ -360,6 +362,10 @@ class _Service:
             def do_POST(self) -> None:  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 outer.seen.append(("POST", self.path, dict(self.headers), body))
+                if self.path.endswith("/admin/models/load"):  # a big model's load: the answer comes late
+                    time.sleep(outer.load_seconds)
+                    self._json(200, {"id": "hub-model", "object": "model", "loaded": True})
+                    return
                 if not json.loads(body).get("stream"):
                     self._json(429, {"error": {"message": "Slow down", "type": "rate_limit_error", "param": None,
                                                "code": "rate_limit_exceeded"}}, {"Retry-After": "7"})
@@ -690,6 +696,26 @@ def test_a_forwarded_stream_the_service_breaks_off_ends_in_an_error_event(xllm, 
                 async for piece in client.stream_chat(MSG, "hub-model"):
                     pieces.append(piece)
             assert pieces == ["Hel"]
+
+    xllm["run"](body())
+
+
+def test_a_forwarded_model_load_may_take_longer_than_a_generations_read_timeout(xllm, hub_api, service, monkeypatch):
+    """A load through this server waited for the service's answer only as long as any request (900 s), while the client
+    waits up to an hour for a load: a big model's load ended in a 503 "could not be reached" and a hub re-lookup.
+    Here (timeouts scaled down) the pool's read timeout is 0.3 s and the service's load takes 1.5 s."""
+    from xllm_jupyter.extension import hub_forward, hub_link
+
+    monkeypatch.setattr(hub_link, "TIMEOUT", httpx.Timeout(0.3, connect=10.0, pool=30.0))
+    monkeypatch.setattr(hub_forward, "LONG_TIMEOUT", httpx.Timeout(30.0, connect=10.0, pool=30.0), raising=False)
+    service.load_seconds = 1.5
+
+    async def body() -> None:
+        await start(xllm)
+        await xllm["app"]._start_task
+        async with httpx.AsyncClient(headers={"Authorization": f"token {xllm['token']}"}, timeout=60) as c:
+            r = await c.post(f"{xllm['root']}/admin/models/load", json={"model": "hub-model"})
+            assert r.status_code == 200 and r.json()["loaded"] is True, r.text
 
     xllm["run"](body())
 

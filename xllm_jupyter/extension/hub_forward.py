@@ -41,6 +41,11 @@ REQUEST_HEADERS = ("Accept", "Content-Type", "User-Agent", "X-Request-ID")
 #: response headers passed back: the body's type, caching and retry advice, the request id, a 405's methods
 RESPONSE_HEADERS = ("Content-Type", "Cache-Control", "Retry-After", "X-Should-Retry", "X-Request-ID", "X-Accel-Buffering",
                     "Allow")
+#: admin routes that may take long before their answer (a big model's load, waiting for room; a pull hashing big files)
+LONG_ROUTES = frozenset({"/admin/models/load", "/admin/models/pull"})
+#: their read timeout: as long as the client's own wait for a load (client/base.py LOAD_TIMEOUT); the pool's 900 s
+#: ended a load that took longer in a 503 "could not be reached", and sent the hub a needless re-lookup
+LONG_TIMEOUT = httpx.Timeout(3600.0, connect=10.0, pool=30.0)
 class HubForwardingHandler(JupyterXllmHandler):
     """The extension's auth base: authorized requests for the shared routes go to the hub service when one is set."""
 
@@ -101,7 +106,8 @@ class HubForwardingHandler(JupyterXllmHandler):
         # the id this server gave the request (the client's own, or a fresh one): the service's logs and answer use it
         headers[REQUEST_ID_HEADER] = self._xllm_request_id or request_id_for(None)
         body = self.body if method == "post" and isinstance(self, BodyMixin) else None
-        request = upstream.client.build_request(method.upper(), url, headers=headers, content=body)
+        timeout = LONG_TIMEOUT if self.route in LONG_ROUTES else httpx.USE_CLIENT_DEFAULT  # type: ignore[attr-defined]
+        request = upstream.client.build_request(method.upper(), url, headers=headers, content=body, timeout=timeout)
         try:
             response = await upstream.client.send(request, stream=True)
         except httpx.HTTPError as exc:
