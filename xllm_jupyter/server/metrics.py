@@ -221,8 +221,10 @@ class ObservedEngine:
 
         A generation its consumer closes early (the client left, a forced tool reply stopped
         repeating itself) never sends its final usage: it is charged the prompt and the tokens
-        it delivered, so leaving a stream just before its end does not make it free. One that
-        fails mid-stream is counted in the token metrics but charged to nobody.
+        it delivered, so leaving a stream just before its end does not make it free; one closed
+        before its first token (queued, its model loading, or in its prefill: this layer cannot
+        tell them apart) is charged nothing. One that fails mid-stream is counted in the token
+        metrics but charged to nobody.
         """
         delivered = 0
         release = self._hold(request) if self._hold is not None else None
