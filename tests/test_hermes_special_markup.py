@@ -83,11 +83,9 @@ def test_special_markers_stay_out_of_text_where_calls_are_not_parsed(special, to
     assert not r.choices[0].message.tool_calls
 
 
-@pytest.mark.xfail(strict=True, raises=openai.BadRequestError, reason=(
-    "open: the tool grammar writes <tool_call> as text; llguidance tokenizes its forced bytes into the special "
-    "token, which no text literal matches, so the grammar is refused (400) for such tokenizers"))
 @pytest.mark.parametrize("stream", [False, True])
 def test_forced_calls_with_special_markers(special, stream):
+    # the tool grammar's <tool_call> text tokenized into the special token, which no text literal of it matched: a 400
     r = special[0].chat.completions.create(model=TINY, messages=ASK, tools=TOOLS, max_completion_tokens=64, seed=1,
                                            tool_choice={"type": "function", "function": {"name": "time"}},
                                            stream=stream)
@@ -100,3 +98,25 @@ def test_forced_calls_with_special_markers(special, stream):
         content = r.choices[0].message.content
         names = [c.function.name for c in r.choices[0].message.tool_calls or ()]
     assert names == ["time"] and not content
+
+
+@pytest.mark.parametrize("special", [False, True])
+def test_a_forced_tool_grammar_compiles_where_the_markers_are_added_tokens(special):
+    """Qwen's tokenizers have ``<tool_call>``/``</tool_call>`` as added tokens (not special): llguidance still takes them
+    for special ones, so the forced grammar's ``<tool_call>`` text failed at once (a 400 on every forced call)."""
+    import numpy as np
+    from transformers import AddedToken
+
+    from tests.models import smollm2_tokenizer
+    from xllm_jupyter.backends.constraints import GrammarCompiler
+    from xllm_jupyter.openai.legacy_functions import request_tool_config
+    from xllm_jupyter.openai.tools import tool_constraint
+
+    tokenizer = smollm2_tokenizer()
+    tokenizer.add_tokens([AddedToken(m, special=special, normalized=False) for m in MARKUP], special_tokens=special)
+    compiler = GrammarCompiler(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    cfg, _ = request_tool_config(TOOLS, {"type": "function", "function": {"name": "time"}}, None, {})
+    matcher = compiler.new_matcher(tool_constraint(cfg), param="tool_choice")
+    opening = tokenizer.convert_tokens_to_ids("<tool_call>")
+    mask = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+    assert mask[opening] and matcher.consume_token(opening) and not matcher.is_error()

@@ -79,6 +79,24 @@ def grammar_text(constraint: Constraint, *, param: str = "response_format") -> s
     raise InvalidRequest(f"Unknown constraint kind '{kind}' (use one of {', '.join(KINDS)})", param=param)
 
 
+#: tool-call markers the tool grammar writes as literals of their own (openai/tools.py): llguidance takes an added token
+#: spelling one (Qwen's ``<tool_call>``, special or not) for a special token, which no text literal matches, and
+#: tokenizes the grammar's forced text into it, so the grammar failed at its first token (a 400); the token may write
+#: the marker beside its text instead
+MARKERS = ("<tool_call>", "</tool_call>")
+
+
+def with_marker_tokens(spec: str, tokenizer: Any) -> str:
+    """Lark ``spec`` with each marker literal (``MARKERS``) also matched by the token ``tokenizer`` has for it."""
+    for marker in MARKERS:
+        literal = json.dumps(marker)
+        if literal in spec:
+            ids = tokenizer.tokenize_str(marker)
+            if len(ids) == 1 and tokenizer.is_special_token(ids[0]):
+                spec = spec.replace(literal, f"({literal} | <[{ids[0]}]>)")
+    return spec
+
+
 def _first_line(message: str, limit: int = 300) -> str:
     """A short, single-paragraph error for clients (llguidance adds source excerpts)."""
     text = " ".join(message.split())
@@ -323,7 +341,9 @@ class GrammarCompiler:
         # two threads racing on one new grammar just compile it twice
         from llguidance import LLParserLimits
 
-        matcher = LLMatcher(self.tokenizer, grammar_text(constraint, param=param), log_level=0,
+        text = grammar_text(constraint, param=param)
+        text = with_marker_tokens(text, self.tokenizer) if constraint.kind == "lark" else text
+        matcher = LLMatcher(self.tokenizer, text, log_level=0,
                             limits=LLParserLimits(**LEXER_FUEL, verbose_errors=False))
         if matcher.is_error():
             raise InvalidRequest(f"Invalid {constraint.kind} constraint: {_first_line(matcher.get_error())}",

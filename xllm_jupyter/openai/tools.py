@@ -403,7 +403,8 @@ def tool_grammar(cfg: ToolConfig, answer: Any = None) -> str:
     calls = max_forced_calls(cfg)
     start = f'call ("\\n" call){{0,{calls - 1}}}' if calls > 1 else "call"
     start = "start: " + (start if answer is None else f"({start}) | %json{json.dumps(answer)}")
-    call = f"call: {_lark_str(CALL_OPEN)} ({alts}) {_lark_str(CALL_CLOSE)}"
+    # each marker a literal of its own: the grammar compiler lets a vocabulary's marker token write it too
+    call = f'call: {_lark_str(CALL_OPEN.strip())} "\\n" ({alts}) "\\n" {_lark_str(CALL_CLOSE.strip())}'
     return "\n".join([start, call, *rules]) + "\n"
 
 
