@@ -120,3 +120,4 @@ def test_a_forced_tool_grammar_compiles_where_the_markers_are_added_tokens(speci
     opening = tokenizer.convert_tokens_to_ids("<tool_call>")
     mask = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
     assert mask[opening] and matcher.consume_token(opening) and not matcher.is_error()
+    assert f"<[{opening}]>" in compiler.text_for(tool_constraint(cfg))  # what exllamav3's own filter compiles

@@ -341,9 +341,7 @@ class GrammarCompiler:
         # two threads racing on one new grammar just compile it twice
         from llguidance import LLParserLimits
 
-        text = grammar_text(constraint, param=param)
-        text = with_marker_tokens(text, self.tokenizer) if constraint.kind == "lark" else text
-        matcher = LLMatcher(self.tokenizer, text, log_level=0,
+        matcher = LLMatcher(self.tokenizer, self.text_for(constraint, param=param), log_level=0,
                             limits=LLParserLimits(**LEXER_FUEL, verbose_errors=False))
         if matcher.is_error():
             raise InvalidRequest(f"Invalid {constraint.kind} constraint: {_first_line(matcher.get_error())}",
@@ -365,6 +363,11 @@ class GrammarCompiler:
         """Cache ``message`` as the grammar's answer from now on, and raise it (400)."""
         self._remember(key, message)
         raise InvalidRequest(message, param=param, code="constraint_failed")
+
+    def text_for(self, constraint: Constraint, *, param: str = "response_format") -> str:
+        """``grammar_text`` for this tokenizer: its tool-call marker tokens may write the markers (``with_marker_tokens``)."""
+        text = grammar_text(constraint, param=param)
+        return with_marker_tokens(text, self.tokenizer) if constraint.kind == "lark" else text
 
     def new_matcher(self, constraint: Constraint, *, param: str = "response_format") -> Any:
         """A fresh matcher for one job: a copy of the cached compiled one."""

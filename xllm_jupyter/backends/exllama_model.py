@@ -60,10 +60,8 @@ class DynamicGeneratorModel(ChatTokenizerMethods, LoadedModel):
 
     def grammar(self, constraint: Constraint) -> str:
         """The llguidance grammar text for ``constraint`` (validated and cached on first use)."""
-        from .constraints import grammar_text
-
         self._grammars.compile(constraint, probe=False)  # on the step thread: serving probed it already
-        return grammar_text(constraint)
+        return self._grammars.text_for(constraint)  # (the same token ids as exllamav3's own llguidance tokenizer)
 
     # -- engine thread ----------------------------------------------------------------
     #: the prefix_isolation mixin matching this library's job class
