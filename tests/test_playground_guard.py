@@ -207,8 +207,9 @@ def test_host_names_and_the_secret_prefix():
     assert guard.host_ok({b"host": b"hub.example.org", b"x-forwarded-context": b"/user/a/proxy/7860/"})
     assert not guard.host_ok({b"host": b"hub.example.org"}) and not guard.host_ok({})
     # bound to every interface: the machine's addresses are expected Hosts, names still are not
-    wide = Guard(None, secret="s", host="0.0.0.0")
-    assert wide.host_ok({b"host": b"192.168.1.20:7860"}) and not wide.host_ok({b"host": b"evil.example"})
+    for every in ("0.0.0.0", "0", "::0"):  # "0" and "::0" bind every interface too: the LAN address was refused
+        wide = Guard(None, secret="s", host=every)
+        assert wide.host_ok({b"host": b"192.168.1.20:7860"}) and not wide.host_ok({b"host": b"evil.example"}), every
 
 
 def test_the_csp_names_the_apps_own_path_and_nothing_a_header_could_smuggle_in():

@@ -14,10 +14,7 @@ import socket
 from collections.abc import Iterable
 from typing import Any
 
-from ..core.hosts import host_name, is_ip_literal, is_loopback
-
-#: addresses that bind every interface: the app is meant to be reached by the machine's names
-WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
+from ..core.hosts import host_name, is_ip_literal, is_loopback, unspecified_address
 
 
 def new_secret() -> str:
@@ -60,7 +57,7 @@ class Guard:
         self.app = app
         self.prefix = "/" + secret
         self.allowed_hosts = {host_name(h) for h in allowed_hosts}
-        self.any_ip = host in WILDCARD_HOSTS
+        self.any_ip = unspecified_address(host) is not None  # "0" and "::0" too, as the bind reads them
         if self.any_ip:
             self.allowed_hosts |= machine_names()
         elif host:

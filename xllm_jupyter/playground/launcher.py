@@ -12,9 +12,10 @@ from urllib.parse import urlsplit
 from ..client import XllmClient, resolve_base_url
 from ..client.base import can_chat
 from ..core.errors import InvalidRequest, XllmError
+from ..core.hosts import unspecified_address
 from ..notebook.clients import endpoint_of, entry_defaults, unknown_models
 from .app import CHAT_API_NAME, Endpoint, build_app, shown_settings
-from .guard import WILDCARD_HOSTS, Guard, new_secret
+from .guard import Guard, new_secret
 from .webserver import WebServer, bind, close_tunnel, guarded_app, open_share_tunnel
 
 #: Gradio's customary port range; a fixed range keeps proxy URLs predictable
@@ -164,8 +165,9 @@ class Playground:
     def local_url(self) -> str:
         """The URL on this machine (what code in the kernel, e.g. gradio_client, connects to)."""
         host = self.host
-        if host in WILDCARD_HOSTS:
-            host = "::1" if host == "::" else "127.0.0.1"
+        every = unspecified_address(host)
+        if every is not None:  # every interface ("0", "::0" too): reached on loopback, of its family
+            host = "::1" if every.version == 6 else "127.0.0.1"
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{self.port}/{self._secret}/"

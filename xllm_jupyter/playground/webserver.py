@@ -16,7 +16,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..core.errors import XllmError
-from .guard import WILDCARD_HOSTS, Guard
+from ..core.hosts import unspecified_address
+from .guard import Guard
 from .links import LINK_GUARD_HEAD
 from .stopping import stamp_arrival
 
@@ -163,7 +164,8 @@ def open_share_tunnel(blocks: Any, host: str, port: int) -> tuple[str, Any]:
     from gradio import networking, tunneling
 
     before = list(tunneling.CURRENT_TUNNELS)
-    local = ("::1" if host == "::" else "127.0.0.1") if host in WILDCARD_HOSTS else host
+    every = unspecified_address(host)
+    local = host if every is None else "::1" if every.version == 6 else "127.0.0.1"
     try:
         address = networking.setup_tunnel(local, port, blocks.share_token, None, None)
     except Exception as exc:  # noqa: BLE001 - no network, a blocked binary: one clear error
