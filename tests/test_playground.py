@@ -547,3 +547,36 @@ def test_a_reply_cut_at_max_tokens_says_so_and_the_note_is_not_sent_back(pg, xll
     history = job.outputs()[-1][0]
     sent = to_openai_messages(history, "And then?", None)
     assert sent[1] == {"role": "assistant", "content": direct["choices"][0]["message"]["content"].strip()}
+
+
+def test_a_port_taken_between_its_pick_and_the_bind_moves_the_app_to_the_next(tiny_client, monkeypatch):
+    """Two kernels starting playgrounds at once both pick the first free port: the one that binds second took
+    'could not start: Address already in use' (a CI run beside other test runs failed so); it tries the next."""
+    import socket
+
+    from xllm_jupyter.playground import launcher
+
+    real_pick = launcher.pick_port
+    taken: list[socket.socket] = []
+
+    def pick_then_lose_it(host, candidates=launcher.PORT_RANGE):
+        chosen = real_pick(host, candidates)
+        if not taken:  # the other kernel's app binds it first
+            sock = socket.socket()
+            sock.bind((host, chosen))
+            sock.listen()
+            taken.append(sock)
+        return chosen
+
+    monkeypatch.setattr(launcher, "pick_port", pick_then_lose_it)
+    try:
+        app = xllm_jupyter.playground(client=tiny_client, inline=False, replace=False)
+        try:
+            lost = taken[0].getsockname()[1]
+            assert app.port > lost and not port_is_free(app.port)
+            assert httpx.get(app.local_url + "config", timeout=30).status_code == 200
+        finally:
+            app.close()
+    finally:
+        for sock in taken:
+            sock.close()

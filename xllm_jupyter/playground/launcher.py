@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import html
 import os
 import socket
@@ -267,25 +268,32 @@ def launch(
         raise XllmError(
             f"port {port} is already in use: pass another port= or close the other app"
         )
-    chosen = port if port is not None else pick_port(host)
-    root = (
-        normalize_root_path(root_path.replace("{port}", str(chosen)))
-        if root_path is not None
-        else detect_root_path(chosen)
-    )
     model = model or default
     app = build_app(endpoint, models, model, settings=first_settings(endpoint, model))
     app.queue(default_concurrency_limit=32)
     secret = new_secret()
-    try:
-        guard = guarded_app(
-            app, secret=secret, host=host, root=root, allowed_hosts=tuple(allowed_hosts)
+    candidates = PORT_RANGE
+    while True:
+        chosen = port if port is not None else pick_port(host, candidates)
+        root = (
+            normalize_root_path(root_path.replace("{port}", str(chosen)))
+            if root_path is not None
+            else detect_root_path(chosen)
         )
-        server = WebServer(guard, bind(host, chosen))
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise XllmError(
-            f"the playground could not start on {host}:{chosen}: {exc}"
-        ) from None
+        try:
+            guard = guarded_app(
+                app, secret=secret, host=host, root=root, allowed_hosts=tuple(allowed_hosts)
+            )
+            server = WebServer(guard, bind(host, chosen))
+            break
+        except OSError as exc:
+            # another kernel's app took the picked port between the check and the bind: pick the next
+            if port is None and exc.errno == errno.EADDRINUSE and chosen + 1 < PORT_RANGE.stop:
+                candidates = range(chosen + 1, PORT_RANGE.stop)
+                continue
+            raise XllmError(f"the playground could not start on {host}:{chosen}: {exc}") from None
+        except (ValueError, RuntimeError) as exc:
+            raise XllmError(f"the playground could not start on {host}:{chosen}: {exc}") from None
     server.start()
     playground = Playground(
         app,
