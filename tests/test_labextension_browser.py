@@ -35,6 +35,17 @@ def lab(tmp_path_factory, xllm_home):
         yield server
 
 
+def open_chat_from_the_palette(page) -> None:
+    """Run 'xllm: Open Chat' from the command palette with Enter once it is the active item: the palette redraws its
+    items as the panel's polling updates command states, and a click on one can keep missing a replaced node."""
+    page.keyboard.press("Control+Shift+C")
+    palette = page.locator(".lm-CommandPalette-input")
+    palette.wait_for(state="visible", timeout=30_000)
+    palette.fill("xllm: Open Chat")
+    page.wait_for_selector('.lm-CommandPalette-item.lm-mod-active[data-command="xllm:open-chat"]', timeout=30_000)
+    palette.press("Enter")
+
+
 def test_labextension_is_installed(lab):
     """JupyterLab lists the prebuilt extension (the page config the browser gets)."""
     import urllib.request
@@ -133,11 +144,7 @@ def test_panel_models_chat_and_playground(lab):
         assert row.locator(".xllm-Model-action").is_enabled()
 
         # the palette command opens the same chat in the main area
-        page.keyboard.press("Control+Shift+C")
-        palette = page.locator(".lm-CommandPalette-input")
-        palette.wait_for(state="visible", timeout=30_000)
-        palette.fill("xllm: Open Chat")
-        page.locator('.lm-CommandPalette-item[data-command="xllm:open-chat"]').first.click()
+        open_chat_from_the_palette(page)
         main_chat = page.locator(".jp-MainAreaWidget .xllm-Chat.xllm-mod-main")
         main_chat.wait_for(state="visible", timeout=30_000)
         page.wait_for_function(
@@ -147,9 +154,7 @@ def test_panel_models_chat_and_playground(lab):
         # when the model list cannot be read, the main-area chat says why instead of an empty picker
         refused = json.dumps({"error": {"message": "Invalid API key", "type": "authentication_error", "param": None, "code": "invalid_api_key"}})
         page.route("**/xllm/v1/models*", lambda route: route.fulfill(status=401, body=refused, content_type="application/json"))
-        page.keyboard.press("Control+Shift+C")
-        palette.fill("xllm: Open Chat")
-        page.locator('.lm-CommandPalette-item[data-command="xllm:open-chat"]').first.click()
+        open_chat_from_the_palette(page)
         notice = page.locator(".jp-MainAreaWidget:visible .xllm-Chat.xllm-mod-main .xllm-Chat-notice")
         notice.wait_for(state="visible", timeout=30_000)
         assert "Invalid API key" in notice.inner_text() and "could not be read" in notice.inner_text()
@@ -240,11 +245,7 @@ def test_closing_a_main_area_chat_stops_its_reply_on_the_server(lab):
         page = context.new_page()
         panel, errors = open_xllm_panel(page, lab)
         page.wait_for_selector(f'#xllm-panel .xllm-Model.xllm-mod-loaded[data-model="{TINY}"]', timeout=120_000)
-        page.keyboard.press("Control+Shift+C")
-        palette = page.locator(".lm-CommandPalette-input")
-        palette.wait_for(state="visible", timeout=30_000)
-        palette.fill("xllm: Open Chat")
-        page.locator('.lm-CommandPalette-item[data-command="xllm:open-chat"]').first.click()
+        open_chat_from_the_palette(page)
         chat = page.locator(".jp-MainAreaWidget:visible .xllm-Chat.xllm-mod-main")
         chat.wait_for(state="visible", timeout=30_000)
         page.wait_for_function(
