@@ -52,7 +52,9 @@ def _run_in_kernel(lab, code: str, timeout: float = 120) -> str:
                 time.sleep(0.2)
         client = BlockingKernelClient(connection_file=connection)
         client.load_connection_file()
-        client.start_channels()
+        # no heartbeat: a client without a KernelManager reads one missed beat (1 s, a starved CPU) as a dead kernel
+        # ("Kernel died before replying to kernel_info" on a busy runner); the kernel_info wait has its own timeout
+        client.start_channels(hb=False)
         try:
             client.wait_for_ready(timeout=timeout)
             said: list[str] = []
