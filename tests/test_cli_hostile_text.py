@@ -9,6 +9,7 @@ terminal shows them as symbols too, while a pipe or file gets it byte for byte.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -123,20 +124,25 @@ def test_terminal_safe_keeps_text_tabs_and_newlines():
     assert terminal_safe(plain) == plain
 
 
-def test_a_servers_error_message_reaches_the_terminal_without_escapes(monkeypatch):
+@contextlib.contextmanager
+def _error_server(status: int, message: str):
+    """A server answering every GET and POST with ``status`` and an OpenAI error body of ``message``: its base URL."""
     import http.server
     import threading
 
-    body = json.dumps({"error": {"message": "no \x1b]52;c;ZXZpbA==\x07 such \x1b[2J model", "type": "invalid_request_error",
-                                 "param": None, "code": "model_not_found"}}).encode()
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                 "code": "model_not_found" if status == 404 else None}}).encode()
 
     class Hostile(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            self.send_response(404)
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+
+        do_POST = do_GET  # noqa: N815 - http.server's name
 
         def log_message(self, *args: object) -> None:
             pass
@@ -144,10 +150,15 @@ def test_a_servers_error_message_reaches_the_terminal_without_escapes(monkeypatc
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-        result = CliRunner().invoke(main, ["--url", url, "ps"])
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
     finally:
         server.shutdown()
+        server.server_close()
+
+
+def test_a_servers_error_message_reaches_the_terminal_without_escapes(monkeypatch):
+    with _error_server(404, "no \x1b]52;c;ZXZpbA==\x07 such \x1b[2J model") as url:
+        result = CliRunner().invoke(main, ["--url", url, "ps"])
     assert result.exit_code == 1 and "such" in result.output, result.output
     assert "\x1b" not in result.output and "␛]52;c;ZXZpbA==␇" in result.output
 
@@ -155,37 +166,13 @@ def test_a_servers_error_message_reaches_the_terminal_without_escapes(monkeypatc
 def test_the_interactive_chats_error_line_acts_on_no_escape(monkeypatch, capsys):
     """`xllm run`'s chat writes a failed turn's error and goes on; the server's message went to the terminal as sent,
     its escape sequences acting there (the one-line errors of every other command show them as symbols)."""
-    import http.server
-    import threading
-
     from xllm_jupyter.cli import chat
     from xllm_jupyter.client import XllmClient
 
-    body = json.dumps({"error": {"message": "bad \x1b]0;pwned\x07 turn\x1b[2J", "type": "invalid_request_error",
-                                 "param": None, "code": None}}).encode()
-
-    class Hostile(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - http.server's name
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            self.send_response(400)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     lines = iter(["hi", "/bye"])
     monkeypatch.setattr(chat, "_read_line", lambda *prompt: next(lines))
-    try:
-        with XllmClient(f"http://127.0.0.1:{server.server_address[1]}/v1", "") as client:
-            chat.interactive(client, "m", [], {})
-    finally:
-        server.shutdown()
-        server.server_close()
+    with _error_server(400, "bad \x1b]0;pwned\x07 turn\x1b[2J") as url, XllmClient(url, "") as client:
+        chat.interactive(client, "m", [], {})
     err = capsys.readouterr().err
     assert "Error: bad ␛]0;pwned␇ turn␛[2J" in err and "\x1b" not in err, err
 
