@@ -150,6 +150,15 @@ class GenerationParams:
     keep_special: tuple[str, ...] = ()
 
 
+class Admission:
+    """Whether a request's prompt has entered its model's batch (its prefill runs): set by the engine thread."""
+
+    __slots__ = ("admitted",)
+
+    def __init__(self) -> None:
+        self.admitted = False
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """A tokenized prompt for one model; ``n`` sequences are generated from it."""
@@ -166,6 +175,9 @@ class GenerationRequest:
     user: str | None = None
     #: prefix-cache namespace: prompts are reused only within one namespace ("" = shared by everyone)
     cache_namespace: str = ""
+    #: set once a job of this request is admitted to the batch, so a request cancelled before its first token can
+    #: still be charged the prompt its model processed (server/metrics.py); None = nobody asks
+    admission: Admission | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,12 @@ class RequestHandle:
             return token_id
         return None
 
+    def admitted(self) -> None:
+        """Engine thread, under the runner's lock: a job of this request entered the batch (its prompt is prefilled)."""
+        admission = self.request.admission
+        if admission is not None:
+            admission.admitted = True
+
     def deliver(self, items: list) -> None:
         """Runs on the event loop: queue what one step produced for this request, wake its reader."""
         self._ready.extend(items)

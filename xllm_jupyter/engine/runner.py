@@ -302,6 +302,7 @@ class ModelRunner(StepFailures, Retirement):
                 # two would count as neither running nor queued (user_counts, len(), the max_queue check)
                 for job, state in admitted:
                     self._jobs[job.job_id] = state
+                    state.handle.admitted()  # (under the lock: a cancel either finds it queued or sees this)
         for job_id in cancels:
             state = self._jobs.get(job_id)
             if state is not None:

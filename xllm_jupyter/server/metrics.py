@@ -8,6 +8,7 @@ Request, latency and token metrics are recorded as requests run; engine-derived 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -18,7 +19,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ..core.types import ChoiceDelta, GenerationDone, Usage
+from ..core.types import Admission, ChoiceDelta, GenerationDone, Usage
+from ..store.names import canonical_name
 from .limits import note_stream_tokens
 
 log = logging.getLogger("xllm_jupyter.server")
@@ -91,6 +93,9 @@ class ServerMetrics:
     def record_usage(self, model: str, usage: Any, prefix: bool = True) -> None:
         """Token counts of one generation; with ``prefix`` (it finished, so its cache count is known), cached
         prompt tokens count as a prefix hit and none as a miss."""
+        # the model's one spelling, as the engine and the load/memory metrics name it: the request's own ("TINY",
+        # "tiny:latest") split one model's counts over label values any client could multiply
+        model = canonical_name(model)
         self.prompt_tokens.labels(model).inc(usage.prompt_tokens)
         self.generation_tokens.labels(model).inc(usage.completion_tokens)
         if prefix:
@@ -222,11 +227,14 @@ class ObservedEngine:
         A generation its consumer closes early (the client left, a forced tool reply stopped
         repeating itself) never sends its final usage: it is charged the prompt and the tokens
         it delivered, so leaving a stream just before its end does not make it free; one closed
-        before its first token (queued, its model loading, or in its prefill: this layer cannot
-        tell them apart) is charged nothing. One that fails mid-stream is counted in the token
-        metrics but charged to nobody.
+        before its first token is charged its prompt once the engine admitted it to the batch (its
+        prefill ran), nothing while it was queued or its model loading. One that fails mid-stream
+        is counted in the token metrics but charged to nobody.
         """
         delivered = 0
+        admission = request.admission
+        if admission is None:  # (the engine marks it once a job enters the batch)
+            request = dataclasses.replace(request, admission=(admission := Admission()))
         release = self._hold(request) if self._hold is not None else None
         try:
             async with aclosing(self._engine.generate(request)) as events:
@@ -238,7 +246,8 @@ class ObservedEngine:
                         self._charge(request, ev.usage)
                     yield ev
         except (GeneratorExit, asyncio.CancelledError):
-            if delivered > 0:
+            # read after the engine stream closed (its cancel takes the runner's lock): admitted or never will be
+            if delivered > 0 or (delivered == 0 and admission.admitted):
                 self._charge(request, Usage(len(request.prompt_ids), delivered), finished=False)
             raise
         except Exception:
