@@ -223,8 +223,6 @@ def test_gguf_repo_quantization_tag_as_ollama_spells_it(tmp_path, hub, tiny_llam
                                         "Tiny-Q4_K_S.gguf": gguf_bytes, "Tiny-Q8_0-00001-of-00002.gguf": gguf_bytes,
                                         "Tiny-Q8_0-00002-of-00002.gguf": gguf_bytes})
     store = ModelStore(tmp_path / "home", endpoint=hub.url)
-    with pytest.raises(StoreError, match=r"Several GGUF files .*: pick one as hf:ORG/REPO/FILE.gguf, or its quantiz"):
-        store.pull("hf:gguf-org/Tiny-GGUF")  # the advice names the tag too
     m = store.pull("hf.co/gguf-org/Tiny-GGUF:Q4_K_M")
     assert m.name == "tiny-gguf:q4_k_m" and [f.path for f in m.files] == ["Tiny-Q4_K_M.gguf"]
     assert m.source == "hf:gguf-org/Tiny-GGUF:Q4_K_M"
@@ -236,6 +234,43 @@ def test_gguf_repo_quantization_tag_as_ollama_spells_it(tmp_path, hub, tiny_llam
     with pytest.raises(StoreError, match="Invalid quantization tag"):
         store.pull("hf.co/gguf-org/Tiny-GGUF:Q4+K")
     assert [x.name for x in store.list()] == ["tiny-gguf:q4_k_m"]
+
+
+def test_a_gguf_repo_without_a_tag_gives_q4_k_m_or_the_nearest_below_as_ollama_does(tmp_path, hub, monkeypatch):
+    """``hf.co/ORG/REPO`` of several GGUF files pulls Q4_K_M, as Ollama does (the Hub's default), else the largest
+    quantization below it, else the smallest above it; it was the error "Several GGUF files". Through `xllm pull`."""
+    from click.testing import CliRunner
+
+    from xllm_jupyter.cli.main import main
+
+    gguf_bytes = make_gguf_bytes(tmp_path)
+    repos = {"org/Both-GGUF": ["Both-Q8_0.gguf", "Both-Q4_K_M.gguf", "Both-Q4_K_S.gguf", "Both-Q2_K.gguf"],
+             "org/Below-GGUF": ["Below-F16.gguf", "Below-Q8_0.gguf", "Below-Q4_0.gguf", "Below-IQ2_XS.gguf"],
+             "org/Above-GGUF": ["Above-BF16.gguf", "Above-Q6_K.gguf", "Above-Q5_K_M-00001-of-00002.gguf",
+                                "Above-Q5_K_M-00002-of-00002.gguf"],
+             "org/Unknown-GGUF": ["a-Q4.gguf", "b-Q8.gguf"]}
+    for repo, files in repos.items():
+        hub.add_repo(repo, {"README.md": b"# tiny\n", **{f: gguf_bytes for f in files}})
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("XLLM_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XLLM_CONFIG", raising=False)
+    monkeypatch.setenv("XLLM_BASE_URL", "http://127.0.0.1:9/v1")  # no server to unload from
+
+    def pull(source: str):
+        return CliRunner().invoke(main, ["pull", source], catch_exceptions=False)
+
+    store = ModelStore(tmp_path / "home")
+    for source, name, file in (("hf.co/org/Both-GGUF", "both-gguf", "Both-Q4_K_M.gguf"),
+                               ("hf.co/org/Below-GGUF:latest", "below-gguf", "Below-Q4_0.gguf"),
+                               ("huggingface.co/org/Above-GGUF", "above-gguf", "Above-Q6_K.gguf")):  # the split Q5_K_M: no
+        result = pull(source)
+        assert result.exit_code == 0, result.output
+        assert result.stdout.startswith(f"Pulled {name} (gguf") and file in result.stderr  # the progress names the file
+        m = store.show(name)
+        assert [f.path for f in m.files] == [file] and m.source == f"hf:{source.split('/', 1)[1].removesuffix(':latest')}"
+    result = pull("hf.co/org/Unknown-GGUF")  # no file names a quantization: which one is the user's to say
+    assert result.exit_code == 1 and "Several GGUF files (a-Q4.gguf, b-Q8.gguf): pick one as" in result.stderr
+    assert store.pull("hf:org/Both-GGUF").digest == store.show("both-gguf").digest  # again: the same file, a no-op
 
 
 def make_gguf_bytes(tmp_path: Path) -> bytes:

@@ -14,7 +14,7 @@ from .atomic import remove_tree
 from .hub import HubClient, verify_files
 from .manifest import Manifest, ManifestFile, detect_format, read_template
 from .progress import ProgressFn
-from .sources import Source, select_files
+from .sources import DEFAULT_QUANT, Source, select_files
 
 
 class HubPullMixin:
@@ -35,7 +35,8 @@ class HubPullMixin:
         if existing is not None and not force and existing.revision == commit:
             return existing
         listing = {f.path: f for f in client.list_files(src.ref, commit)}
-        chosen = [listing[p] for p in select_files(listing, only=src.file, quant=src.quant)]
+        # several GGUF files and no tag: Q4_K_M (or the nearest below it), as Ollama pulls hf.co/ORG/REPO
+        chosen = [listing[p] for p in select_files(listing, only=src.file, quant=src.quant, prefer=DEFAULT_QUANT)]
         key = hashlib.sha256("\n".join([client.endpoint, src.ref, commit, *(f.path for f in chosen)]).encode()).hexdigest()
         with self._workdir(f"hub-{key[:24]}", keep_on_error=True) as staging:
             client.download(src.ref, commit, chosen, staging, report)

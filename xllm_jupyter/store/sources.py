@@ -104,7 +104,7 @@ def _hub(text: str, revision: str | None) -> Source:
     quant = None
     if len(parts) == 2 and ":" in parts[1]:  # hf.co/ORG/REPO:QUANT, as Ollama pulls one GGUF quantization
         parts[1], quant = parts[1].split(":", 1)
-        if quant.lower() == "latest":  # Ollama's tag for none: the repo's one GGUF (or its advice), as without a tag
+        if quant.lower() == "latest":  # Ollama's tag for none: as without a tag (one GGUF, else Q4_K_M)
             quant = None
         elif not _QUANT.fullmatch(quant):
             raise StoreError(f"Invalid quantization tag {quant[:40]!r} in a Hub source (e.g. :Q4_K_M)", param="source")
@@ -130,15 +130,23 @@ def _skipped(rel: str) -> bool:
 #: how to pick one of several GGUF files: in a Hub repo, and in a local directory
 PICK_HUB_GGUF = "pick one as hf:ORG/REPO/FILE.gguf, or its quantization as hf.co/ORG/REPO:Q4_K_M"
 PICK_LOCAL_GGUF = "pull one of them by its path (DIR/FILE.gguf)"
+#: the quantization a Hub repo of several GGUF files gives without a tag, as Ollama's ``hf.co/ORG/REPO`` pulls it
+DEFAULT_QUANT = "Q4_K_M"
+#: GGUF quantizations from the most bits to the fewest: where a repo lacks DEFAULT_QUANT, the next one down is pulled
+#: (the Hub's rule for Ollama: the largest no bigger than Q4_K_M, else the smallest of those above it)
+QUANT_ORDER = ("F32", "BF16", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "IQ4_NL",
+               "IQ4_XS", "Q4_1", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S", "IQ3_M", "IQ3_S", "IQ3_XS", "IQ3_XXS", "Q2_K",
+               "Q2_K_S", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
 
 
 def select_files(paths: Iterable[str], *, only: str | None = None, pick: str = PICK_HUB_GGUF,
-                 quant: str | None = None) -> list[str]:
+                 quant: str | None = None, prefer: str | None = None) -> list[str]:
     """The files of a repo/directory listing to pull: HF safetensors layout, or exactly one GGUF.
 
     A listing with safetensors weights keeps them and the config/tokenizer files and drops
     any GGUF; a listing with only GGUF files must hold one (or name it with ``only``, or its quantization with
-    ``quant``; ``pick`` says how to choose one where it holds several).
+    ``quant``; ``pick`` says how to choose one where it holds several). ``prefer`` (a Hub repo: DEFAULT_QUANT)
+    picks one of several GGUF files without being asked, by ``default_quant``.
     """
     wanted = sorted(p for p in paths if not _skipped(p))
     if only is not None:
@@ -152,16 +160,40 @@ def select_files(paths: Iterable[str], *, only: str | None = None, pick: str = P
     ggufs = [p for p in wanted if p.endswith(".gguf")]
     if len(ggufs) == 1:
         return ggufs
+    picked = default_quant(ggufs, prefer) if prefer else None
+    if picked:
+        return [picked]
     if ggufs:
         shown = ", ".join(ggufs[:8]) + (" ..." if len(ggufs) > 8 else "")
         raise StoreError(f"Several GGUF files ({shown}): {pick}", param="source")
     raise StoreError("No model weights found: expected *.safetensors files or one .gguf file", param="source")
 
 
+def default_quant(ggufs: list[str], prefer: str) -> str | None:
+    """The GGUF file of quantization ``prefer``, else of the largest one below it in QUANT_ORDER, else of the smallest
+    above it; only a quantization held in one file counts (a split model is not one file). None: no file's name
+    holds a known quantization."""
+    single = {}
+    for quant in QUANT_ORDER:
+        found = [p for p in ggufs if _tag(quant).search(PurePosixPath(p).name)]
+        if len(found) == 1:
+            single[quant] = found[0]
+    if not single:
+        return None
+    rank = QUANT_ORDER.index(prefer) if prefer in QUANT_ORDER else 0
+    below = [q for q in QUANT_ORDER[rank:] if q in single]
+    return single[below[0]] if below else single[[q for q in QUANT_ORDER if q in single][-1]]
+
+
+def _tag(quant: str) -> re.Pattern[str]:
+    """A file name holding quantization ``quant`` (any case, not inside a longer word)."""
+    # '_' may come before the tag (model_q4_k_m.gguf, as the Hub reads it), not after it: Q4_K is not Q4_K_M
+    return re.compile(rf"(?<![A-Za-z0-9]){re.escape(quant)}(?![A-Za-z0-9_])", re.IGNORECASE)
+
+
 def _quantized(wanted: list[str], quant: str) -> str:
     """The one GGUF file of quantization ``quant`` (its name holds the tag, any case, not inside a longer word)."""
-    # '_' may come before the tag (model_q4_k_m.gguf, as the Hub reads it), not after it: Q4_K is not Q4_K_M
-    tag = re.compile(rf"(?<![A-Za-z0-9]){re.escape(quant)}(?![A-Za-z0-9_])", re.IGNORECASE)
+    tag = _tag(quant)
     ggufs = [p for p in wanted if p.endswith(".gguf")]
     found = [p for p in ggufs if tag.search(PurePosixPath(p).name)]
     if len(found) == 1:
