@@ -99,7 +99,8 @@ class StatsSampler:
         """``ready``/``starting``/``loading``/``unhealthy`` and, unless ready, why."""
         engine, c = self.context.engine, self.context.config.engine
         startup = tuple(n for n in (c.default_model, *c.preload) if n)
-        why = readiness(engine, startup)
+        # the models `xllm serve -m` still loads too, as /health/ready waits for them
+        why = readiness(engine, startup, getattr(self.context, "startup_pending", None))
         if why is None:
             return "ready", None
         if not engine.healthy:
