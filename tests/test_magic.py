@@ -684,3 +684,41 @@ def test_a_third_interrupt_while_the_connections_drop_keeps_the_answer_and_the_n
     assert shell.user_ns["answer"] == "".join(sent) and 0 < len(shell.user_ns["answer"]) < 1000
     monkeypatch.setattr(XllmClient, "stream_chunks", real_stream)
     _assert_the_next_cell_works(shell)
+
+
+def test_a_chat_turn_interrupted_before_any_text_is_not_sent_again(shell, xllm_server, received, monkeypatch):
+    """Ctrl-C before the first word of a ``--chat`` answer (queued, its model loading, in its prefill) kept the question
+    and an empty assistant message in the conversation, sent with every later turn; `xllm run`, ChatWidget and the
+    JupyterLab panel drop such a turn. A turn interrupted after some text keeps it (as they do)."""
+    real_stream, real_whole = XllmClient.stream_chunks, XllmClient.chat_completion
+
+    def interrupted_at_once(self, *args, **kw):
+        stream = real_stream(self, *args, **kw)
+        try:
+            next(stream)  # the request is sent and its first chunk (the role, no text) came
+            signal.raise_signal(signal.SIGINT)
+            yield from stream
+        finally:
+            stream.close()
+
+    def interrupted_whole(self, *args, **kw):
+        signal.raise_signal(signal.SIGINT)
+        return real_whole(self, *args, **kw)
+
+    with capture_output():
+        shell.run_cell_magic("xllm", f"--new -m {TINY} {SAMPLED} --max-tokens 4 --out answer", "My name is Ada.")
+    first = shell.user_ns["answer"]
+    assert first, "the seeded first answer is empty: pick another seed"
+    monkeypatch.setattr(XllmClient, "stream_chunks", interrupted_at_once)
+    monkeypatch.setattr(XllmClient, "chat_completion", interrupted_whole)
+    for options in ("", "--no-stream"):
+        with capture_output() as cap:
+            shell.run_cell_magic("xllm", f"--chat {SAMPLED} --max-tokens 4 {options}", "Tell me a long story")
+        assert cap.stderr == "" and final_markdown(cap).endswith("*(interrupted)*"), cap.stderr
+    monkeypatch.setattr(XllmClient, "stream_chunks", real_stream)
+    monkeypatch.setattr(XllmClient, "chat_completion", real_whole)
+    with capture_output() as cap:
+        shell.run_cell_magic("xllm", f"--chat {SAMPLED} --max-tokens 4", "What is my name?")
+    assert cap.stderr == ""
+    assert received[-1] == [("user", "My name is Ada."), ("assistant", first), ("user", "What is my name?")]
+    assert shell.xllm_magics.state.chat.turns == 2 and final(cap).metadata["xllm"]["chat_turn"] == 2

@@ -144,7 +144,9 @@ def ask(shell: Any, state: MagicState, q: Question) -> tuple[Answer, Any]:
             error(f"the model's answer is not valid JSON: {exc}{hint}")
     elif q.fmt == "code":
         value = extract_code(answer.text)[1]
-    if in_chat and (answer.text or answer.interrupted):
+    # a turn stopped before its first word is left out: kept, its question and an empty answer went with every later
+    # turn (as `xllm run`, ChatWidget and the JupyterLab panel leave it out)
+    if in_chat and answer.text:
         if q.system is not None:
             conversation.system = q.system
         conversation.model = model
