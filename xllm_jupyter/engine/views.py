@@ -25,6 +25,7 @@ class ViewsMixin:
     _res: dict[str, Residency]
     _adapters: dict[str, str]
     _embeddings: Any
+    _embed_expiry: dict[str, float | None]
     _loading: dict[str, Any]
     _room_waits: set[str]
     _created: int
@@ -70,7 +71,12 @@ class ViewsMixin:
         # .get(), never `in` then [name]: listings run on a worker thread while the IOLoop unloads
         slot = self._embeddings.slots.get(name)
         if slot is not None:
-            return slot.info()
+            info = slot.info()
+            # when a request's keep_alive unloads it (`xllm ps` UNTIL, as for chat models); None: it stays
+            expiry = self._embed_expiry.get(name)
+            if expiry is None or info.runtime is None:
+                return info
+            return dataclasses.replace(info, runtime=dataclasses.replace(info.runtime, expires_at=int(expiry)))
         base = self._adapters.get(name)
         if base is not None:
             return self._adapter_info(name, base)
