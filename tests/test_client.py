@@ -163,6 +163,39 @@ def test_a_load_may_take_longer_than_a_generation(xllm_server):
         seen.clear()
 
 
+def test_an_answer_not_streamed_may_take_longer_than_a_stream_waits_between_events(xllm_server):
+    """A request not streamed gets nothing back until its whole answer is made: a model load first (minutes for a big
+    one), a wait in the queue of a shared engine, then every token (a long answer on a CPU). It had 300 s, a gap a
+    stream's keep-alives never leave, so `xllm_jupyter.chat(...)` (not streamed by default) and `%%xllm --no-stream`
+    ended in "did not answer in time" and the server dropped the work. It waits as a load does (an hour), or what
+    the caller chose; a stream keeps its 300 s between events."""
+    seen = []
+
+    def record(request):
+        seen.append((request.url.path, request.extensions["timeout"]["read"]))
+
+    async def arecord(request):
+        record(request)
+
+    for timeout, read in ((None, 3600.0), (7.0, 7.0)):
+        kw = {} if timeout is None else {"timeout": timeout}
+        with XllmClient(xllm_server.base_url, xllm_server.api_key, **kw) as c:
+            c._http.event_hooks["request"].append(record)
+            xllm_jupyter.chat("Hi", TINY, client=c, max_tokens=1)
+            list(c.stream_chat("Hi", TINY, max_tokens=1))
+
+        async def main():
+            async with AsyncXllmClient(xllm_server.base_url, xllm_server.api_key, **kw) as c:
+                c._http.event_hooks["request"].append(arecord)
+                await c.chat("Hi", TINY, max_tokens=1)
+
+        asyncio.run(main())
+        stream = 300.0 if timeout is None else timeout
+        path = "/v1/chat/completions"
+        assert seen == [(path, read), (path, stream), (path, read)], seen
+        seen.clear()
+
+
 def test_unload_and_load(client):
     try:
         assert client.unload(TINY)["unloaded"] is True

@@ -158,7 +158,8 @@ class AsyncXllmClient:
     async def chat(self, messages: Messages, model: str | None = None, **params: Any) -> str:
         """The assistant's reply text for ``messages``."""
         body = chat_body(messages, await self._model(model), False, params)
-        return message_text(await self._request("POST", self.base_url + "/chat/completions", json=body))
+        # nothing comes back before the whole answer (a load, the queue, every token): it waits as a load does
+        return message_text(await self._request("POST", self.base_url + "/chat/completions", json=body, timeout=self._load))
 
     async def stream_chunks(self, messages: Messages, model: str | None = None, **params: Any) -> AsyncIterator[dict[str, Any]]:
         """Every chunk of a streamed chat completion; ``aclose()`` it to cancel on the server."""

@@ -201,7 +201,10 @@ class XllmClient:
     def chat_completion(self, messages: Messages, model: str | None = None, **params: Any) -> dict[str, Any]:
         """``POST /v1/chat/completions`` (not streamed): the whole response body (no ``model``: ``default_model()``)."""
         body = chat_body(messages, self._model(model), False, params)
-        return self._request("POST", self.base_url + "/chat/completions", json=body)
+        # nothing comes back before the whole answer: a model load, a wait in the shared queue and every token (a
+        # stream's keep-alives come every few seconds). A generation's 300 s ended a long one in "did not answer in
+        # time", and the server dropped it: it waits as a load does
+        return self._request("POST", self.base_url + "/chat/completions", json=body, timeout=self._load)
 
     def chat(self, messages: Messages, model: str | None = None, **params: Any) -> str:
         """The assistant's reply text for ``messages``."""
