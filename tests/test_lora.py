@@ -574,3 +574,24 @@ def test_an_adapter_whose_base_became_an_adapter_is_a_400_not_a_retry(sdk, lora_
     with pytest.raises(Exception) as caught:
         lora_server.call(lora_server.engine.load_adapter("ad-lower2", "ad-path", lora_dirs[0]))
     assert getattr(caught.value, "status", None) == 400 and "is an adapter" in str(caught.value)
+
+
+def test_an_adapter_leaves_with_its_base_and_says_so(sdk, lora_server):
+    """An adapter goes when its base's keep_alive runs out: ``/admin/models`` (``xllm ps`` UNTIL) gives it the base's
+    ``expires_at``; it had none, so `xllm ps` said the adapter stayed forever."""
+    headers = {"Authorization": f"Bearer {lora_server.api_key}"}
+
+    def admin_models() -> dict:
+        data = httpx.get(lora_server.root + "/admin/models", headers=headers, timeout=30).json()["data"]
+        return {m["id"]: m for m in data}
+
+    kept = admin_models()[TINY]["expires_at"]
+    try:
+        sdk.completions.create(model="ad-one", prompt=PROMPT, max_tokens=1, temperature=0,
+                               extra_body={"keep_alive": "10m"})
+        models = admin_models()
+        assert models[TINY]["expires_at"] is not None
+        assert models["ad-one"]["expires_at"] == models[TINY]["expires_at"]
+    finally:  # the module's later tests find the base kept as before
+        if kept is None:
+            sdk.completions.create(model=TINY, prompt=PROMPT, max_tokens=1, temperature=0, extra_body={"keep_alive": -1})

@@ -22,10 +22,16 @@ from .store_cmds import list_command, pull_command, rm_command, show_command
 
 #: the exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells report it
 EXIT_INTERRUPTED = 130
+#: other names of commands, as Ollama has them (`ollama ls`); not listed twice in --help
+ALIASES = {"ls": "list"}
 
 
 class XllmGroup(click.Group):
     """A click group that renders XllmError as a one-line message with exit code 1."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """The command ``cmd_name`` names, or the one it is an alias of (``ls`` = ``list``)."""
+        return super().get_command(ctx, ALIASES.get(cmd_name, cmd_name))
 
     def invoke(self, ctx: click.Context) -> Any:
         """Run the subcommand; an XllmError becomes ``Error: <message>`` (no traceback)."""

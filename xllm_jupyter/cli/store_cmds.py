@@ -125,9 +125,9 @@ def pull_command(settings: Any, source: str, name: str | None, revision: str | N
     click.echo(f"Pulled {manifest.name} ({manifest.format}, {human_size(manifest.size)}, {short_digest(manifest.digest)})")
 
 
-@click.command("list")
+@click.command("list", short_help="List the models in the store (also `xllm ls`).")
 def list_command() -> None:
-    """List the models in the store."""
+    """List the models in the store (`xllm ls` is the same command, as in Ollama)."""
     from rich.table import Table
 
     store = open_store()
@@ -232,17 +232,27 @@ def show_command(name: str, modelfile: bool, parameters: bool, system: bool, tem
             echo("  " + line)
 
 
-@click.command("rm", short_help="Remove a model from the store.")  # the whole line was cut at "unloads it..."
-@click.argument("name")
+@click.command("rm", short_help="Remove models from the store.")  # the whole line was cut at "unloads it..."
+@click.argument("names", metavar="NAME...", nargs=-1, required=True)
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 @server_options
 @click.pass_obj
-def rm_command(settings: Any, name: str, yes: bool) -> None:
-    """Remove a model from the store (a running server unloads it first)."""
+def rm_command(settings: Any, names: tuple[str, ...], yes: bool) -> None:
+    """Remove models from the store, one after another (a running server unloads each first).
+
+    As with `ollama rm`, the first name that fails stops the command: the models before it stay removed, those after
+    it are kept.
+    """
+    store = open_store()
+    for name in names:
+        _rm_one(settings, store, name, yes)
+
+
+def _rm_one(settings: Any, store: Any, name: str, yes: bool) -> None:
+    """Remove ``name``: asked first unless ``yes``, unloaded from the server before and after its files go."""
     from ..core.errors import ModelNotFound
     from ..store.names import canonical_name
 
-    store = open_store()
     if not store.exists(name):  # an unknown name fails here, before asking; a damaged model can still be removed
         raise ModelNotFound(canonical_name(name))
     if not yes:

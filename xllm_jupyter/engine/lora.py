@@ -126,7 +126,9 @@ class AdapterMixin:
         details = {"base_model": base, "format": "lora", "mode": info.details.get("mode")}
         # the base's load and batching: an adapter's requests run in its batch
         shared = info.runtime or ModelRuntime()
-        runtime = ModelRuntime(running=shared.running, queued=shared.queued, max_batch_size=shared.max_batch_size)
+        # and its keep_alive: the adapter leaves memory with its base (`xllm ps` UNTIL said forever)
+        runtime = ModelRuntime(running=shared.running, queued=shared.queued, max_batch_size=shared.max_batch_size,
+                               expires_at=shared.expires_at)
         # digest None: ``_info`` reads the adapter's own (its store manifest's), not the base's it was given above
         return dataclasses.replace(info, name=name, details=details, runtime=runtime, task="adapter", default=False,
                                    digest=None)
