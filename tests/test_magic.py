@@ -127,6 +127,20 @@ def test_seed_reproduces_a_sampled_answer(shell, xllm_server):
     assert shell.user_ns["answer"] == expected(xllm_server, "Once upon a time", 12, temperature=1.0, seed=7)
 
 
+def test_the_seed_picked_for_a_cell_leaves_the_notebooks_random_numbers_alone(shell):
+    """A cell without --seed drew its seed from Python's global `random`, the one a notebook seeds (`random.seed(42)`)
+    for its own draws: asking the model in between shifted every later number (a split, a sample) of the notebook."""
+    import random
+
+    random.seed(42)
+    want = [random.random() for _ in range(3)]
+    random.seed(42)
+    with capture_output() as cap:
+        shell.run_cell_magic("xllm", f"-m {TINY} --max-tokens 1", "Hi")
+    assert cap.stderr == "" and isinstance(final(cap).metadata["xllm"]["seed"], int)
+    assert [random.random() for _ in range(3)] == want
+
+
 def test_line_magic(shell, xllm_server):
     with capture_output() as cap:
         shell.run_line_magic("xllm", f"-m {TINY} {SAMPLED} --max-tokens 5 Say hi")

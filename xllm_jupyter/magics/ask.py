@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import random
+import secrets
 import sys
 import time
 from collections.abc import Iterator
@@ -106,8 +106,9 @@ def ask(shell: Any, state: MagicState, q: Question) -> tuple[Answer, Any]:
     params: dict[str, Any] = {
         "temperature": q.temperature,
         "max_tokens": q.max_tokens,
-        # a seed is always sent (and recorded), so a sampled answer can be reproduced from its metadata
-        "seed": q.seed if q.seed is not None else random.randrange(2**31),
+        # a seed is always sent (and recorded), so a sampled answer can be reproduced from its metadata; not drawn from
+        # the global `random`, which the notebook seeds for its own draws (one taken here shifted all of them)
+        "seed": q.seed if q.seed is not None else secrets.randbelow(2**31),
     }
     if q.fmt == "json":
         params["response_format"] = {"type": "json_object"}
