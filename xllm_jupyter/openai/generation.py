@@ -159,8 +159,9 @@ class StartedStream:
         await self._events.aclose()  # type: ignore[attr-defined]
 
 
-def envelope(rid: str, obj: str, created: int, model: str, choices: list, usage: Usage) -> dict[str, Any]:
-    """The fields every non-streamed completion response shares."""
+def envelope(rid: str, obj: str, created: int, model: str, choices: list, usage: Usage,
+             reasoning_tokens: int = 0) -> dict[str, Any]:
+    """The fields every non-streamed completion response shares (``reasoning_tokens``: of a reasoning model)."""
     return {
         "id": rid,
         "object": obj,
@@ -168,5 +169,5 @@ def envelope(rid: str, obj: str, created: int, model: str, choices: list, usage:
         "model": model,
         "system_fingerprint": SYSTEM_FINGERPRINT,
         "choices": choices,
-        "usage": usage_dict(usage),
+        "usage": usage_dict(usage, reasoning_tokens),
     }

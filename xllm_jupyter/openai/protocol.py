@@ -418,14 +418,14 @@ def parse_request(cls: type[StrictModel], body: bytes | str) -> Any:
 
 
 # ------------------------------------------------------------------------ responses
-def usage_dict(usage: Usage) -> dict[str, Any]:
-    """OpenAI ``usage`` object (the completion details api.openai.com always sends are all 0 here)."""
+def usage_dict(usage: Usage, reasoning_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI ``usage`` object (of the completion details api.openai.com always sends, only reasoning ones count)."""
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
-        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0, "accepted_prediction_tokens": 0,
+        "completion_tokens_details": {"reasoning_tokens": reasoning_tokens, "audio_tokens": 0, "accepted_prediction_tokens": 0,
                                       "rejected_prediction_tokens": 0},
     }
 

@@ -37,6 +37,7 @@ from .tool_calling import ToolCalling
 from .tool_parser import HERMES
 from .tools import calls_or_answer
 from .truncation import fit_front
+from .reasoning import Reasoning, ReasoningTally
 from .protocol import (
     SYSTEM_FINGERPRINT,
     ChatCompletionRequest,
@@ -291,6 +292,8 @@ class OpenAIServing(CompletionsMixin):
                                                      template_kwargs=template_kwargs)
 
             prompt, _ = await fit_front(messages, prompt, model.context_length - reserve, encode)
+        tools.reasoning = Reasoning.of(model, prompt, req.model_extra, forced=tools.cfg.constrained,
+                                       constrained=constraint is not None)
         return _ChatPrompt(req, model, defaults, tools, constraint, sampling, keep_alive, big, prompt)
 
     async def _chat_completion(self, body: bytes, user: str | None = None, manages: bool = True,
@@ -326,7 +329,7 @@ class OpenAIServing(CompletionsMixin):
         lps: list[list[dict]] = [[] for _ in range(n)]
         finish: list[str | None] = [None] * n
         stops: list[str | int | None] = [None] * n  # vLLM's stop_reason: the stop string (or token id) that ended it
-        loops = ForcedLoops(gen, tools)
+        loops, thinking = ForcedLoops(gen, tools), ReasoningTally(tools.reasoning, n)
         usage = Usage()
         async with aclosing(self.engine.generate(gen)) as events:
             async for ev in events:
@@ -336,6 +339,7 @@ class OpenAIServing(CompletionsMixin):
                     loops.count(ev)
                     if finish[ev.index] is not None:
                         continue  # ended early (a forced reply repeating its calls) while others go on
+                    thinking.count(ev.index, ev.text, ev.token_ids, ev.finish is not None)
                     texts[ev.index].append(ev.text)
                     if want_lp and ev.logprobs:
                         lps[ev.index].extend(chat_logprob_entries(ev.logprobs))
@@ -360,7 +364,7 @@ class OpenAIServing(CompletionsMixin):
             }
             for i in range(n)
         ]
-        return envelope(rid, "chat.completion", created, model, choices, usage)
+        return envelope(rid, "chat.completion", created, model, choices, usage, thinking.tokens)
 
     async def _chat_stream(
         self, engine_events: AsyncIterator[Any], gen: GenerationRequest, model: str, rid: str, created: int,
@@ -385,11 +389,11 @@ class OpenAIServing(CompletionsMixin):
             yield {**head, "choices": [{"index": i, "delta": dict(opening), "logprobs": None, "finish_reason": None}]}
         usage = Usage()
         # with tools, text goes through a parser that holds back what may become a call
-        calls = [tools.streamer() for _ in range(gen.params.n)] if tools.active else None
+        calls = [tools.streamer() for _ in range(gen.params.n)] if tools.parses else None
         # logprobs of tokens the parser has not released yet ride on the choice's next chunk, so the stream
         # carries every token's, as the full response does
         held_lp: list[list[dict]] = [[] for _ in range(gen.params.n)]
-        loops = ForcedLoops(gen, tools, calls)
+        loops, thinking = ForcedLoops(gen, tools, calls), ReasoningTally(tools.reasoning, gen.params.n)
         finished: list[str | None] = [None] * gen.params.n
         async with aclosing(engine_events) as events:  # type: ignore[type-var]
             async for ev in events:
@@ -401,6 +405,7 @@ class OpenAIServing(CompletionsMixin):
                         continue  # ended early (a forced reply repeating its calls) while others go on
                     if ev.finish is not None:
                         finished[ev.index] = ev.finish.value
+                    thinking.count(ev.index, ev.text, ev.token_ids, ev.finish is not None)
                     if calls is not None:
                         reason = None if ev.finish is None else ev.finish.value
                         out = calls[ev.index].deltas(ev.text, reason, ev.stop_string)
@@ -438,4 +443,4 @@ class OpenAIServing(CompletionsMixin):
                 elif isinstance(ev, GenerationDone):
                     usage = ev.usage
         if include_usage:
-            yield {**head, "choices": [], "usage": usage_dict(usage)}
+            yield {**head, "choices": [], "usage": usage_dict(usage, thinking.tokens)}

@@ -9,6 +9,7 @@ from typing import Any, Awaitable, Callable, Sequence
 from ..core.errors import InvalidRequest
 from ..core.types import ChatMessage, Constraint
 from .legacy_functions import check_legacy_history, in_legacy_terms, legacy_delta, legacy_message, request_tool_config
+from .reasoning import Reasoning, ThinkingDeltas
 from .tool_parser import HERMES, MISTRAL, MISTRAL_V11, StreamingToolParser, detect_family, parse_tool_calls
 from .tool_scan import cut_call
 from .tools import (ToolConfig, args_schema, nine_char_ids, one_call_per_turn, prepare_messages, template_supports_tools,
@@ -39,6 +40,8 @@ class ToolCalling:
         self.short_ids = self.native and "[TOOL_CALLS]" in (template or "")
         #: a Llama 3.x template, which takes one call per assistant message (tools.one_call_per_turn)
         self.one_call = self.native and "single tool-call" in (template or "")
+        #: how replies are split into thinking and answer (reasoning.py; serving sets it once the prompt is known)
+        self.reasoning: Reasoning | None = None
 
     @classmethod
     def from_request(cls, req: Any, model: Any) -> "ToolCalling":
@@ -56,12 +59,18 @@ class ToolCalling:
         return self.cfg.active
 
     @property
+    def parses(self) -> bool:
+        """True when the output goes through a parser (tool calls, or thinking split from the answer)."""
+        return self.cfg.active or self.reasoning is not None
+
+    @property
     def markup_tokens(self) -> tuple[str, ...]:
         """Special tokens the decoded text must keep for the tool parser (``GenerationParams.keep_special``): the
         format's markup while its calls are parsed (grammar-forced ones too), as vLLM's Mistral and Hermes parsers
         turn ``skip_special_tokens`` off; else none, so they never reach content of a reply whose calls are not
         parsed. Only tokens the vocabulary has as special ones change anything (Qwen's ``<tool_call>`` is not)."""
-        return MARKUP.get(self.family, ()) if self.active else ()
+        own = MARKUP.get(self.family, ()) if self.active else ()
+        return own + self.reasoning.markers if self.reasoning is not None else own  # (Magistral's [THINK] too)
 
     def prompt(self, messages: Sequence[ChatMessage]) -> tuple[list[ChatMessage], list[dict[str, Any]] | None]:
         """Messages and ``tools`` for the chat template."""
@@ -92,7 +101,14 @@ class ToolCalling:
     def message(self, text: str, finish: str, stop_string: bool = False) -> tuple[dict[str, Any], str]:
         """The response ``message`` and ``finish_reason`` for one choice's full text (``stop_string``: a stop string
         of the request ended it)."""
+        thought = None
+        if self.reasoning is not None:  # calls are read from the answer only
+            thought, text = self.reasoning.split(text)
         message, reason = self._message(text, finish, stop_string)
+        if self.reasoning is not None:
+            if thought is not None and message["content"] == "":
+                message["content"] = None  # all thinking (cut by max_tokens): no answer, as vLLM says it
+            message["reasoning"] = message["reasoning_content"] = thought
         return legacy_message(message, reason) if self.legacy else (message, reason)
 
     def _message(self, text: str, finish: str, stop_string: bool) -> tuple[dict[str, Any], str]:
@@ -130,7 +146,8 @@ class ToolCalling:
 
     def streamer(self) -> "ToolDeltas":
         """A per-choice converter of text pieces into chat ``delta`` objects (legacy ``function_call`` ones for functions)."""
-        return self._deltas(self.legacy)
+        inner = self._deltas(self.legacy) if self.active else None
+        return ThinkingDeltas(self.reasoning.splitter(), inner) if self.reasoning is not None else inner  # type: ignore[return-value]
 
     def _deltas(self, legacy: bool = False) -> "ToolDeltas":
         parser = StreamingToolParser(self.cfg.names, self.family, held=self.cfg.constrained)

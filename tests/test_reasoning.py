@@ -1,0 +1,173 @@
+"""Reasoning models' thinking comes back in ``reasoning``/``reasoning_content``, the answer in ``content`` (vLLM's
+``--reasoning-parser``, llama.cpp's ``reasoning_format``): ``<think>...</think>`` (Qwen3, DeepSeek-R1, QwQ,
+SmolLM3) and Magistral's ``[THINK]...[/THINK]`` special tokens, whole and streamed, with the thinking tokens counted
+in usage. A random tiny model whose tokenizer has the markers as special tokens is made to write them by token id
+(a Lark ``guided_grammar``) or one token over and over (``logit_bias``). Real server, real openai SDK."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from tests.server_fixtures import make_test_config, running_server
+from tests.test_mistral_v11_tools import ASK, TOOLS
+from xllm_jupyter.openai.reasoning import MAGISTRAL, THINK, Reasoning, ThinkSplitter, markers_of
+
+#: a template in the Qwen3 / DeepSeek-R1 manner: ``enable_thinking: false`` closes an empty block in the prompt,
+#: ``open_think`` opens one there (as DeepSeek-R1's and Qwen3-Thinking's templates always do)
+THINK_LIKE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
+    "{% elif open_think is defined and open_think %}<think>\n{% endif %}{% endif %}"
+)
+#: a template in Magistral's manner: its system prompt names the special thinking tokens
+MAGISTRAL_LIKE = ("[SYSTEM_PROMPT]Think first, inside [THINK] and [/THINK].[/SYSTEM_PROMPT]"
+                  "{% for m in messages %}{% if m.role == 'user' %}[INST]{{ m.content }}[/INST]"
+                  "{% else %}{{ m.content }}</s>{% endif %}{% endfor %}")
+SPECIAL = (*THINK, *MAGISTRAL)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A client of a server with "think" and "magistral" (the same random model, templates of each kind), and the
+    tokenizer's ids: each marker's, and the one token "ok"."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from tests.models import build_tiny_llama
+    from xllm_jupyter.store.store import ModelStore
+
+    root = tmp_path_factory.mktemp("reasoning")
+    think = build_tiny_llama(root / "think", special=SPECIAL)
+    magistral = root / "magistral"
+    shutil.copytree(think, magistral)
+    (think / "chat_template.jinja").write_text(THINK_LIKE, encoding="utf-8")
+    (magistral / "chat_template.jinja").write_text(MAGISTRAL_LIKE, encoding="utf-8")
+    tok = AutoTokenizer.from_pretrained(str(think))
+    ids = dict(zip(SPECIAL, tok.convert_tokens_to_ids(list(SPECIAL))))
+    ok = tok.encode("ok", add_special_tokens=False)
+    assert len(ok) == 1
+    ids["ok"] = ok[0]
+    store = ModelStore(root / "home")
+    store.pull(str(think), "think")
+    store.pull(str(magistral), "magistral")
+    with running_server(make_test_config(root / "home"), store, "think") as info:
+        with openai.OpenAI(base_url=info.base_url, api_key=info.api_key, max_retries=0, timeout=120) as c:
+            yield c, ids
+
+
+def _grammar(ids, start, end, thought, answer):
+    return f'start: <[{ids[start]}]> "{thought}" <[{ids[end]}]> "{answer}"'
+
+
+def ask(served, model="think", **kw):
+    client, _ = served
+    return client.chat.completions.create(model=model, messages=ASK, **{"max_completion_tokens": 48, "seed": 1, **kw})
+
+
+def streamed(served, **kw):
+    """(reasoning, content, finish_reason, usage, every delta's dict) of a streamed reply."""
+    thought = content = ""
+    reason, usage, deltas = None, None, []
+    for chunk in ask(served, stream=True, stream_options={"include_usage": True}, **kw):
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            delta = choice.delta.model_dump()
+            deltas.append(delta)
+            assert delta.get("reasoning") == delta.get("reasoning_content")  # vLLM's name and DeepSeek's
+            thought += delta.get("reasoning_content") or ""
+            content += delta.get("content") or ""
+            reason = choice.finish_reason or reason
+    return thought, content, reason, usage, deltas
+
+
+def _fields(message):
+    extra = message.model_extra or {}
+    assert extra.get("reasoning") == extra.get("reasoning_content")
+    return extra.get("reasoning_content"), message.content
+
+
+@pytest.mark.parametrize(("model", "start", "end"), [("think", *THINK), ("magistral", *MAGISTRAL)])
+def test_thinking_is_split_from_the_answer(served, model, start, end):
+    grammar = _grammar(served[1], start, end, "\\nplan it\\n", "\\n\\nThe answer.")
+    r = ask(served, model=model, logprobs=True, extra_body={"guided_grammar": grammar})
+    assert _fields(r.choices[0].message) == ("plan it", "The answer.")
+    tokens = [t.token for t in r.choices[0].logprobs.content]
+    assert r.usage.completion_tokens_details.reasoning_tokens == tokens.index(end) + 1  # the markers' tokens too
+    thought, content, reason, usage, deltas = streamed(served, model=model, extra_body={"guided_grammar": grammar})
+    assert (thought, content, reason) == ("plan it", "The answer.", "stop")
+    assert usage.completion_tokens_details.reasoning_tokens == tokens.index(end) + 1
+    assert not any(m in json.dumps(deltas) for m in SPECIAL)  # no marker text in either part
+
+
+def test_a_prompt_that_opens_the_thinking_starts_the_reply_inside_it(served):
+    _, ids = served
+    kw = dict(max_completion_tokens=3, temperature=0, logit_bias={str(ids["ok"]): 100})
+    opened = {"chat_template_kwargs": {"open_think": True}}
+    r = ask(served, extra_body=opened, **kw)
+    assert _fields(r.choices[0].message) == ("okokok", None) and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens_details.reasoning_tokens == 3
+    thought, content, reason, usage, _ = streamed(served, extra_body=opened, **kw)
+    assert (thought, content, reason, usage.completion_tokens_details.reasoning_tokens) == ("okokok", "", "length", 3)
+
+
+@pytest.mark.parametrize("extra", [{"chat_template_kwargs": {"enable_thinking": False}}, {}])
+def test_a_reply_without_markers_is_untouched(served, extra):
+    _, ids = served
+    r = ask(served, max_completion_tokens=3, temperature=0, logit_bias={str(ids["ok"]): 100}, extra_body=extra)
+    assert _fields(r.choices[0].message) == (None, "okokok")
+    assert r.usage.completion_tokens_details.reasoning_tokens == 0
+
+
+def test_reasoning_format_none_leaves_the_reply_whole(served):
+    grammar = _grammar(served[1], *THINK, "plan it", "The answer.")
+    message = ask(served, extra_body={"guided_grammar": grammar, "reasoning_format": "none"}).choices[0].message
+    assert _fields(message) == (None, "plan itThe answer.")  # (the markers are special tokens here: skipped)
+    with pytest.raises(openai.BadRequestError, match="reasoning_format"):
+        ask(served, extra_body={"reasoning_format": "maybe"})
+
+
+def test_a_json_format_on_a_prompt_that_opened_thinking_is_json_content(served):
+    schema = {"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"],
+              "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": True}}
+    r = ask(served, response_format=fmt, extra_body={"chat_template_kwargs": {"open_think": True}})
+    thought, content = _fields(r.choices[0].message)
+    assert thought is None and isinstance(json.loads(content)["a"], bool)
+
+
+def test_tool_calls_are_read_from_the_answer_only(served):
+    ids = served[1]
+    call = '<tool_call>\\n{\\"name\\": \\"weather\\", \\"arguments\\": {\\"city\\": \\"Oslo\\"}}\\n</tool_call>'
+    grammar = _grammar(ids, *THINK, "Oslo weather.", call)
+    message = ask(served, tools=TOOLS, extra_body={"guided_grammar": grammar}).choices[0].message
+    assert _fields(message) == ("Oslo weather.", None)
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == [
+        ("weather", {"city": "Oslo"})]
+
+
+def test_the_markers_are_read_from_the_template():
+    assert markers_of("{{ messages }}") is None and markers_of(None) is None
+    assert markers_of(THINK_LIKE) == THINK and markers_of(MAGISTRAL_LIKE) == MAGISTRAL
+
+
+@pytest.mark.parametrize(("text", "opened", "thought", "answer"), [
+    ("<think>\nplan it\n</think>\n\nThe answer.", False, "plan it", "The answer."),
+    ("  <think>a < b </thin k</think>ok", False, "a < b </thin k", "ok"),
+    ("plan it\n</think>\n\nThe answer.", True, "plan it", "The answer."),
+    ("still thinking", True, "still thinking", ""),
+    ("The answer: <think> is a tag.", False, None, "The answer: <think> is a tag."),  # not at the start: untouched
+    ("  <thin", False, None, "  <thin"),
+    ("\n", False, None, "\n"),
+])
+def test_the_split_is_the_same_whatever_the_pieces(text, opened, thought, answer):
+    assert Reasoning(*THINK, opened=opened).split(text) == (thought, answer)
+    for size in range(1, 9):
+        splitter = ThinkSplitter(*THINK, opened)
+        parts = [splitter.feed(text[i:i + size]) for i in range(0, len(text), size)] + [splitter.feed("", True)]
+        assert ("".join(p[0] for p in parts) if splitter.began else None, "".join(p[1] for p in parts)) == (thought, answer)
+        assert not any(m in p[0] for p in parts for m in THINK if thought and m not in thought)

@@ -1,0 +1,232 @@
+"""Reasoning models' thinking split from their answer, as vLLM's ``--reasoning-parser`` and llama.cpp's
+``reasoning_format`` split it.
+
+Qwen3, QwQ, DeepSeek-R1 (and its distills) and SmolLM3 write ``<think>...</think>`` before the answer; Mistral's
+Magistral writes ``[THINK]...[/THINK]`` as special tokens. The thinking goes to the message's ``reasoning`` (vLLM's
+name since it followed OpenAI's guidance) and ``reasoning_content`` (DeepSeek's, which llama.cpp, LangChain and
+most clients read), the rest to ``content``. Which markers a model uses is read from its chat template, as the
+tool-call format is (tool_call.detect_family): a template naming neither leaves every reply as it was, and a reply
+that does not begin with the opening marker is untouched, unless the prompt itself ends inside an opened block
+(DeepSeek-R1's template, Qwen3-Thinking's): then the reply starts in the thinking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from ..core.errors import InvalidRequest
+
+THINK = ("<think>", "</think>")
+MAGISTRAL = ("[THINK]", "[/THINK]")
+#: llama.cpp's per-request switch: "none" leaves the thinking in ``content``; the others split it
+FIELD = "reasoning_format"
+_FORMATS = ("none", "auto", "deepseek", "deepseek-legacy")
+#: how many tokens (whitespace) a prompt may have after the opening marker it ends with
+_TAIL = 4
+_UNDECIDED, _THINKING, _ANSWER = 0, 1, 2
+
+
+def markers_of(template: str | None) -> tuple[str, str] | None:
+    """The thinking markers a chat template's model writes (None: it names none, replies are left alone)."""
+    if not template:
+        return None
+    if "[THINK]" in template:
+        return MAGISTRAL
+    if "<think>" in template or "</think>" in template:
+        return THINK
+    return None
+
+
+def wanted(extra: dict[str, Any] | None) -> bool:
+    """False when the request's ``reasoning_format`` (llama.cpp's) is "none"; a value it does not know is a 400."""
+    value = (extra or {}).get(FIELD)
+    if value is None:
+        return True
+    if value not in _FORMATS:
+        raise InvalidRequest(f"Invalid value for '{FIELD}': expected one of {', '.join(map(repr, _FORMATS))}.",
+                             param=FIELD, code="invalid_value")
+    return value != "none"
+
+
+@dataclass(frozen=True)
+class Reasoning:
+    """How one request's replies are split: the markers, and whether its prompt already opened the thinking."""
+
+    start: str
+    end: str
+    #: the prompt ends inside an opened block (DeepSeek-R1's template): replies begin in the thinking
+    opened: bool = False
+    #: the end marker's token id where it is one token (thinking tokens are counted up to it exactly)
+    end_id: int | None = None
+
+    @classmethod
+    def of(cls, model: Any, prompt: Sequence[int], extra: dict[str, Any] | None, *, forced: bool,
+           constrained: bool) -> "Reasoning | None":
+        """The split for a chat request to loaded ``model`` with prompt ids ``prompt`` (None: no split).
+
+        ``forced``: its tool calls are grammar-forced from the first token, so there is no thinking to split.
+        ``constrained``: a grammar (response_format, a guided field) shapes the reply from its first token, so the
+        model cannot think first even where the prompt opened a block: the reply is not taken as thinking then
+        (what it writes between markers itself, a guided grammar's, is still split).
+        """
+        if forced or not wanted(extra):
+            return None
+        markers = markers_of(getattr(model, "chat_template", lambda: None)())
+        tokenize = getattr(model, "tokenize", None)
+        if markers is None or tokenize is None:
+            return cls(*markers) if markers is not None else None
+        start, end = (tuple(tokenize(m, add_special_tokens=False)) for m in markers)
+        opened = not constrained and _opens(model, prompt, start, end)
+        return cls(*markers, opened=opened, end_id=end[0] if len(end) == 1 else None)
+
+    @property
+    def markers(self) -> tuple[str, str]:
+        """The two markers, which decoding keeps where the tokenizer has them as special tokens (Magistral's)."""
+        return (self.start, self.end)
+
+    def splitter(self) -> "ThinkSplitter":
+        """A new per-choice splitter."""
+        return ThinkSplitter(self.start, self.end, self.opened)
+
+    def split(self, text: str) -> tuple[str | None, str]:
+        """``(reasoning, answer)`` of a whole reply; reasoning is None when it has none."""
+        splitter = self.splitter()
+        thought, answer = splitter.feed(text, final=True)
+        return (thought if splitter.began else None), answer
+
+
+def _opens(model: Any, prompt: Sequence[int], start: tuple[int, ...], end: tuple[int, ...]) -> bool:
+    """True when ``prompt`` ends with the opening marker's ids ``start`` (whitespace after it allowed, not ``end``)."""
+    tail = tuple(prompt[-(len(start) + _TAIL):])
+    for i in range(len(tail) - len(start), -1, -1):
+        if start and tail[i:i + len(start)] == start:
+            rest = tail[i + len(start):]
+            return not rest or (not _contains(rest, end) and not model.detokenize(rest).strip())
+    return False
+
+
+def _contains(ids: tuple[int, ...], part: tuple[int, ...]) -> bool:
+    return bool(part) and any(ids[i:i + len(part)] == part for i in range(len(ids) - len(part) + 1))
+
+
+def _partial(text: str, marker: str) -> int:
+    """The length of ``text``'s longest end that begins ``marker`` (held back: the marker may be arriving)."""
+    for k in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:k]):
+            return k
+    return 0
+
+
+class ThinkSplitter:
+    """One choice's text as it streams, split into thinking and answer; the markers never reach either.
+
+    A marker split over pieces is held until it is whole. The thinking's leading and trailing whitespace and the
+    answer's leading whitespace (the template's line breaks around the markers) are dropped, the same whole or
+    streamed.
+    """
+
+    def __init__(self, start: str, end: str, opened: bool = False):
+        self.start, self.end = start, end
+        self.state = _THINKING if opened else _UNDECIDED
+        #: the reply had thinking (began with the marker, or the prompt opened it)
+        self.began = opened
+        self._held = ""
+        self._lead = True  # the thinking's leading whitespace is still to drop
+        self._after = False  # the answer's leading whitespace (after the end marker) is still to drop
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, str]:
+        """``(thinking, answer)`` text released by ``text``; ``final``: nothing follows."""
+        buf, self._held = self._held + text, ""
+        if self.state == _UNDECIDED:
+            lead = buf.lstrip()
+            if lead.startswith(self.start):
+                self.state, self.began, buf = _THINKING, True, lead[len(self.start):]
+            elif self.start.startswith(lead) and not final:  # only whitespace, or the marker's beginning, so far
+                self._held = buf
+                return "", ""
+            else:
+                self.state = _ANSWER  # no thinking: the text as written
+                return "", buf
+        thought = ""
+        if self.state == _THINKING:
+            cut = buf.find(self.end)
+            if cut < 0:
+                keep = 0 if final else _partial(buf, self.end)
+                thought, self._held = buf[:len(buf) - keep], buf[len(buf) - keep:]
+                return self._trimmed(thought, final), ""
+            thought, buf = self._trimmed(buf[:cut], True), buf[cut + len(self.end):]
+            self.state, self._after = _ANSWER, True
+        if self._after:
+            buf = buf.lstrip()
+            self._after = not buf
+        return thought, buf
+
+    def _trimmed(self, thought: str, last: bool) -> str:
+        """``thought`` without the thinking's leading whitespace, its trailing whitespace held (dropped when
+        ``last``) until more thinking follows it."""
+        if self._lead:
+            thought = thought.lstrip()
+            self._lead = not thought
+        body = thought.rstrip()
+        if not last:
+            self._held = thought[len(body):] + self._held
+        return body
+
+
+class ThinkingDeltas:
+    """Streams one choice of a reasoning model: thinking deltas, then the answer's (through ``inner``, the tool-call
+    streamer, when calls are parsed: they are read from the answer only)."""
+
+    def __init__(self, splitter: ThinkSplitter, inner: Any = None):
+        self.splitter = splitter
+        self.inner = inner
+
+    @property
+    def looping(self) -> bool:
+        """The tool-call streamer's ``looping`` (ForcedLoops)."""
+        return self.inner is not None and self.inner.looping
+
+    def deltas(self, text: str, finish: str | None, stop_string: bool = False) -> list[tuple[dict[str, Any], str | None]]:
+        """``(delta, finish_reason)`` pairs for a new piece of text, as ToolDeltas.deltas gives them."""
+        thought, answer = self.splitter.feed(text, final=finish is not None)
+        out: list[tuple[dict[str, Any], str | None]] = []
+        if thought:
+            out.append(({"reasoning": thought, "reasoning_content": thought}, None))
+        if self.inner is not None:
+            return out + (self.inner.deltas(answer, finish, stop_string) if answer or finish is not None else [])
+        if answer:
+            out.append(({"content": answer}, None))
+        if finish is not None:
+            out.append(({}, finish))
+        return out
+
+
+class ReasoningTally:
+    """Counts a request's thinking tokens (``usage.completion_tokens_details.reasoning_tokens``) as events arrive:
+    every token up to the end marker's, of a reply that had thinking."""
+
+    def __init__(self, reasoning: Reasoning | None, n: int):
+        self._end = reasoning.end_id if reasoning is not None else None
+        self._splitters = [reasoning.splitter() for _ in range(n)] if reasoning is not None else []
+        self._counts = [0] * len(self._splitters)
+        self._closed = [False] * len(self._splitters)
+
+    def count(self, index: int, text: str, ids: Sequence[int], final: bool) -> None:
+        """Feed choice ``index``'s next ``text``, of tokens ``ids`` (``final``: its last)."""
+        if not self._splitters or self._closed[index]:
+            return
+        splitter = self._splitters[index]
+        splitter.feed(text, final)
+        if self._end is not None and self._end in ids:  # (a piece of text may carry tokens after the marker)
+            self._counts[index] += list(ids).index(self._end) + 1
+            self._closed[index] = True
+        else:
+            self._counts[index] += len(ids)
+        if splitter.state == _ANSWER:  # ended (or never began: then none counts)
+            self._closed[index] = True
+
+    @property
+    def tokens(self) -> int:
+        """Thinking tokens across every choice so far."""
+        return sum(c for c, s in zip(self._counts, self._splitters) if s.began)
