@@ -595,3 +595,19 @@ def test_an_adapter_leaves_with_its_base_and_says_so(sdk, lora_server):
     finally:  # the module's later tests find the base kept as before
         if kept is None:
             sdk.completions.create(model=TINY, prompt=PROMPT, max_tokens=1, temperature=0, extra_body={"keep_alive": -1})
+
+
+def test_polling_loaded_models_reads_no_manifest_for_an_adapter(sdk, lora_server, monkeypatch):
+    """``/metrics`` and ``/admin/stats`` read ``loaded_models()`` on the IOLoop at every poll: an attached adapter made
+    each read its base's manifest from disk (a digest it then dropped)."""
+    _complete(sdk, "ad-one", 1)
+    catalog = lora_server.engine.catalog
+    reads: list[str] = []
+    facts = catalog.facts
+    monkeypatch.setattr(catalog, "facts", lambda name: reads.append(name) or facts(name))
+    names = {info.name for info in lora_server.engine.loaded_models()}
+    assert {TINY, "ad-one"} <= names
+    assert reads == []
+    headers = {"Authorization": f"Bearer {lora_server.api_key}"}
+    assert httpx.get(lora_server.root + "/metrics", headers=headers, timeout=30).status_code == 200
+    assert reads == []

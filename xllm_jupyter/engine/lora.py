@@ -122,7 +122,8 @@ class AdapterMixin:
         return dataclasses.replace(request, model=base, adapter=request.model)
 
     def _adapter_info(self, name: str, base: str) -> ModelInfo:
-        info = self._info(base)  # type: ignore[attr-defined]
+        # no digest: replaced below, and reading it costs a manifest read on every /metrics and /admin/stats poll
+        info = self._info(base, with_digest=False)  # type: ignore[attr-defined]
         details = {"base_model": base, "format": "lora", "mode": info.details.get("mode")}
         # the base's load and batching: an adapter's requests run in its batch
         shared = info.runtime or ModelRuntime()
