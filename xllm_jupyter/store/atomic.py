@@ -163,10 +163,16 @@ def _still_named(path: Path, fd: int) -> bool:
 
 
 class FileLock:
-    """An exclusive advisory lock on a lock file (flock): across processes and threads alike."""
+    """An exclusive advisory lock on a lock file (flock): across processes and threads alike.
 
-    def __init__(self, path: Path):
+    ``remove``: the holder deletes the file as it lets go, so one file per name ever locked does not pile up. That
+    is safe only because every taker checks, once it has the lock, that the path still names the file it locked
+    (``acquire``): a waiter that locked the deleted file then retries on the file the next taker makes.
+    """
+
+    def __init__(self, path: Path, remove: bool = False):
         self.path = path
+        self.remove = remove
         self._fd: int | None = None
 
     def acquire(self, blocking: bool = True) -> bool:
@@ -192,10 +198,16 @@ class FileLock:
             os.close(fd)
 
     def release(self) -> None:
-        """Drop the lock (the lock file stays, so waiters keep locking the same inode)."""
+        """Drop the lock; with ``remove``, delete its file first, while still held (see the class)."""
         if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+            try:
+                if self.remove and fcntl is not None and _still_named(self.path, self._fd):
+                    self.path.unlink(missing_ok=True)
+            except OSError:  # a read-only store: the file stays, as it always did
+                pass
+            finally:
+                os.close(self._fd)
+                self._fd = None
 
     def __enter__(self) -> "FileLock":
         self.acquire()

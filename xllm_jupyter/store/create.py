@@ -102,7 +102,7 @@ def create_model(store: "ModelStore", name: str, text: str, progress: Callable[[
         settings = merge(modelfile_of(base), mf)
         adapter_src = _adapter_source(store, mf.adapters, base)  # only the new Modelfile's ADAPTER is copied
         with store._workdir("pull") as build:
-            with FileLock(store.locks / f"{name_to_dirname(base.name)}.lock"):
+            with FileLock(store.locks / f"{name_to_dirname(base.name)}.lock", remove=True):
                 base = store.show(base.name)  # re-read under the lock: it may have been replaced
                 store._check_files(base)
                 for f in base.files:
@@ -122,7 +122,7 @@ def create_model(store: "ModelStore", name: str, text: str, progress: Callable[[
             write_manifest(build, manifest)
             if report is not None:
                 report(PullProgress("done", None, manifest.size, manifest.size))
-            with FileLock(store.locks / f"{name_to_dirname(n)}.lock"):
+            with FileLock(store.locks / f"{name_to_dirname(n)}.lock", remove=True):
                 target = store._install(build, name_to_dirname(n))
         log.info("created %s from %s", n, base.name)
         return manifest.with_path(target)

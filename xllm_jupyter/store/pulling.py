@@ -116,7 +116,7 @@ class PullMixin(HubPullMixin, WorkdirMixin):
                 wait_for_left(job, report)
                 for d in (self.models, self.tmp, self.locks):
                     d.mkdir(parents=True, exist_ok=True)
-                with job.holding(FileLock(self.locks / f"{name_to_dirname(n)}.lock")):
+                with job.holding(FileLock(self.locks / f"{name_to_dirname(n)}.lock", remove=True)):
                     job.check()  # (it may have waited for another pull of the name)
                     # (a model this pull adds records ``base`` before its install: neither a model that is no adapter
                     # nor a cancel between two writes leaves a model the caller was told was not added)

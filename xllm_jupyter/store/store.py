@@ -7,7 +7,8 @@ Layout under ``home``::
                             store): what tells it from another store holding the same models
     tmp/pull-<random>/      a pull being built (or left by a crash; the next pull, create or rm deletes it)
     tmp/hub-<key>/          a Hub download in progress, kept after a failure so a retry resumes
-    locks/<name>.lock       serialises pulls and removals of one name across processes
+    locks/<name>.lock       serialises pulls and removals of one name across processes (its holder deletes it as
+                            it lets go, so names locked once leave nothing behind: atomic.FileLock's ``remove``)
     locks/.store-id.lock    serialises replacing a copied store's id (identity.py)
 
 A pull builds the model in ``tmp/``, writes the manifest last, fsyncs, then renames the
@@ -268,7 +269,7 @@ class ModelStore(PullMixin):
         n = validate_name(name)
         try:
             self.locks.mkdir(parents=True, exist_ok=True)
-            lock = FileLock(self.locks / f"{name_to_dirname(n)}.lock")
+            lock = FileLock(self.locks / f"{name_to_dirname(n)}.lock", remove=True)
             if not lock.acquire(blocking=wait):
                 return False
             try:
