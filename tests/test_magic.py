@@ -254,6 +254,19 @@ def test_a_line_question_may_end_in_a_question_mark(shell, xllm_server, capsys):
     assert shell.transform_cell("%%xllm -m x\n" + body) == f"get_ipython().run_cell_magic('xllm', '-m x', {body!r})\n"
 
 
+def test_a_question_line_inside_a_string_stays_text(shell):
+    """A cell's triple-quoted text with a line `%xllm ...?` in it (a notebook cell written from code, a docstring
+    showing the magic) had that line rewritten into `get_ipython().run_line_magic(...)`: the string changed, as
+    IPython's own transforms leave `%time x?` in a string alone. Lines outside strings are still questions."""
+    for quote in ('"""', "'''", 'f"""', 'rb"""'):
+        text = "\n%xllm What is a monad?\n  %xllm Why?\n"
+        cell = f"s = {quote}{text}{quote}\n%xllm -m x Is this asked?\n"
+        assert shell.transform_cell(cell) == (f"s = {quote}{text}{quote}\n"
+                                              "get_ipython().run_line_magic('xllm', '-m x Is this asked?')\n"), quote
+    shell.run_cell('s = """\n%xllm What is a monad?\n"""')
+    assert shell.user_ns.pop("s") == "\n%xllm What is a monad?\n"
+
+
 def test_an_answer_of_blank_lines_says_so(shell, xllm_server):
     """The tiny model answers "connect the dots" with newlines only: the Markdown showed nothing at all."""
     answer = expected(xllm_server, "connect the dots", 5)

@@ -16,6 +16,7 @@ from argparse import ArgumentTypeError
 from typing import Any
 
 from IPython.core.error import UsageError
+from IPython.core.inputtransformer2 import make_tokens_by_line
 from IPython.core.magic import Magics, line_cell_magic, magics_class, needs_local_scope, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments
 
@@ -293,15 +294,31 @@ def ask_questions(lines: list[str]) -> list[str]:
     """
     if not lines or lines[0].lstrip().startswith("%%"):
         return lines
+    text = _in_strings(lines) if any(_QUESTION.match(line) for line in lines) else set()
     out: list[str] = []
-    for line in lines:
+    for k, line in enumerate(lines):
         m = _QUESTION.match(line)
         continued = bool(out) and out[-1].rstrip("\r\n").endswith("\\")
-        if m and not continued:
+        if m and not continued and k not in text:
             # what IPython itself makes of `%xllm args` (the magic fills {x} itself, as for any line)
             line = f"{m['indent']}get_ipython().run_line_magic('xllm', {m['args'].strip()!r}){m['eol']}"
         out.append(line)
     return out
+
+
+def _in_strings(lines: list[str]) -> set[int]:
+    """The indexes of the lines that start inside a text opened on a line above (a triple-quoted string): a line
+    `%xllm ...?` there is the string's, as IPython's own transforms leave it (rewritten, it changed the string)."""
+    inside: set[int] = set()
+    # a question's own quotes open no text (`%xllm what does """ mean?`): blank, each keeps its row
+    code = ["\n" if _QUESTION.match(line) else line for line in lines]
+    try:
+        for logical in make_tokens_by_line(code):
+            for token in logical:
+                inside.update(range(token.start[0], token.end[0]))  # 1-based rows: the lines after its first
+    except Exception:  # a cell the tokenizer gives up on (IPython then reports it): no line is known to be text
+        log.debug("could not tokenize a cell", exc_info=True)
+    return inside
 
 
 def load_ipython_extension(ipython: Any) -> None:
