@@ -7,6 +7,7 @@ in this process (and says so on stderr) so ``xllm run`` works on a bare machine.
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any, Protocol
 
 import click
@@ -14,22 +15,24 @@ import click
 from ..client.base import ServerUnavailable, WrongScheme
 from ..core.errors import ContextLengthExceeded, XllmError
 from .render import echo, markup_safe, terminal_safe
+from .run_flags import FORMAT_HELP, KEEPALIVE_HELP, ReplyStats, keep_alive, response_format, set_command
 from .settings import server_options
 
 EXIT_WORDS = {"/bye", "/exit", "/quit"}
 HELP_WORDS = {"/?", "/help"}
 BLOCK = '"""'  # a message of several lines goes between these, as in `ollama run`
 HELP = (f"Type a message ({BLOCK} begins and ends one of several lines). Ctrl-C stops a reply, /clear forgets "
-        "the conversation, /bye or Ctrl-D exits, /? shows this help.")
-COMMANDS = "/clear, /bye (or /exit, /quit), /? (or /help)"
+        "the conversation, /set verbose|quiet|format json|noformat changes how answers come, /bye or Ctrl-D exits, "
+        "/? shows this help.")
+COMMANDS = "/clear, /set, /bye (or /exit, /quit), /? (or /help)"
 EXIT_HINT = "(Ctrl-C clears the line; /bye or Ctrl-D exits)"
 
 
 class ChatBackend(Protocol):
     """What `run` needs: XllmClient and LocalChat both fit."""
 
-    def load(self, name: str) -> Any:
-        """Make ``name`` ready (errors early for unknown models)."""
+    def load(self, name: str, **options: Any) -> Any:
+        """Make ``name`` ready (errors early for unknown models); XllmClient takes ``keep_alive``."""
 
     def stream_chat(self, messages: list[dict[str, str]], model: str | None = None, **params: Any) -> Any:
         """Iterator of reply text pieces; closing it cancels the generation."""
@@ -58,23 +61,26 @@ def connect(settings: Any, local: bool) -> ChatBackend:
     return LocalChat()
 
 
-def load_with_status(backend: ChatBackend, model: str) -> None:
-    """Load ``model`` behind a rich spinner on stderr (loads can take many seconds)."""
+def load_with_status(backend: ChatBackend, model: str, **options: Any) -> float:
+    """Load ``model`` behind a rich spinner on stderr (loads can take many seconds); the seconds it took."""
     from rich.console import Console
 
+    start = time.perf_counter()
     console = Console(stderr=True)
     if not console.is_terminal:
-        backend.load(model)
-        return
+        backend.load(model, **options)
+        return time.perf_counter() - start
     # the name as typed, never rich markup: `xllm run '[/x]'` raised MarkupError before the server was asked
     with console.status(f"Loading {markup_safe(model)}…", spinner="dots"):
-        backend.load(model)
+        backend.load(model, **options)
+    return time.perf_counter() - start
 
 
-def stream_reply(backend: ChatBackend, messages: list[dict[str, str]], model: str, params: dict[str, Any]) -> tuple[str, bool]:
-    """Print the reply as it streams; returns (text, interrupted)."""
+def stream_reply(backend: ChatBackend, messages: list[dict[str, str]], model: str, params: dict[str, Any],
+                 stats: ReplyStats | None = None) -> tuple[str, bool]:
+    """Print the reply as it streams, then ``stats``' timings when given; returns (text, interrupted)."""
     pieces: list[str] = []
-    stream = backend.stream_chat(messages, model, **params)
+    stream = stats.watch(backend, messages, model, params) if stats else backend.stream_chat(messages, model, **params)
     interrupted = False
     try:
         for piece in stream:
@@ -91,6 +97,8 @@ def stream_reply(backend: ChatBackend, messages: list[dict[str, str]], model: st
     click.echo()
     if interrupted:
         _note("(interrupted)")
+    elif stats:
+        stats.report()
     return "".join(pieces), interrupted
 
 
@@ -157,8 +165,12 @@ def read_message() -> tuple[str, bool] | None:
     return "\n".join(lines).strip("\n"), True
 
 
-def _slash_command(text: str, history: list[dict[str, str]], system: list[dict[str, str]]) -> None:
-    """Run /clear or /?; anything else is an unknown command, never sent to the model."""
+def _slash_command(text: str, history: list[dict[str, str]], system: list[dict[str, str]], params: dict[str, Any],
+                   verbose: bool) -> bool:
+    """Run /clear, /set or /?; anything else is an unknown command, never sent to the model. Returns whether
+    timings show after each answer now (``/set verbose``)."""
+    if text.split()[0] == "/set":
+        return set_command(text.split()[1:], params, verbose)
     if text == "/clear":
         history[:] = system
         _note("(conversation cleared)")
@@ -166,10 +178,13 @@ def _slash_command(text: str, history: list[dict[str, str]], system: list[dict[s
         _note(HELP)
     else:
         _note(f"Unknown command '{text.split()[0]}'; commands: {COMMANDS}")
+    return verbose
 
 
-def interactive(backend: ChatBackend, model: str, history: list[dict[str, str]], params: dict[str, Any]) -> None:
-    """A terminal chat that keeps the conversation until /bye or EOF."""
+def interactive(backend: ChatBackend, model: str, history: list[dict[str, str]], params: dict[str, Any],
+                verbose: bool = False, load_seconds: float | None = None) -> None:
+    """A terminal chat that keeps the conversation until /bye or EOF (``verbose``: timings after each answer, the
+    first with the ``load_seconds`` the model's load took)."""
     system = list(history)
     _note(HELP)
     while True:
@@ -189,11 +204,12 @@ def interactive(backend: ChatBackend, model: str, history: list[dict[str, str]],
         if not block and text.startswith("/"):  # a block is the user's text, even one that starts with "/"
             if text in EXIT_WORDS:
                 return
-            _slash_command(text, history, system)
+            verbose = _slash_command(text, history, system, params, verbose)
             continue
         history.append({"role": "user", "content": text})
         try:
-            reply, interrupted = stream_reply(backend, history, model, params)
+            reply, interrupted = stream_reply(backend, history, model, params, ReplyStats(load_seconds) if verbose else None)
+            load_seconds = None  # the load was before the first answer only
         except XllmError as exc:
             # A bad turn should not end the session, nor a server that stopped or restarted (ServerUnavailable, the
             # reply cut off or never begun): the conversation waits for it to be back. The turn is dropped, a partial
@@ -215,10 +231,14 @@ def interactive(backend: ChatBackend, model: str, history: list[dict[str, str]],
 @click.option("-s", "--system", metavar="TEXT", help="System prompt.")
 @click.option("-t", "--temperature", type=click.FloatRange(0, 2), help="Sampling temperature (0 = greedy).")
 @click.option("--max-tokens", type=click.IntRange(1), help="Most tokens to generate per reply.")
+@click.option("--format", "format_", metavar="json|SCHEMA", help=FORMAT_HELP)
+@click.option("--keepalive", metavar="DURATION", help=KEEPALIVE_HELP)
+@click.option("--verbose", is_flag=True, help="Show timings and token counts after each answer (on stderr).")
 @click.option("--local", is_flag=True, help="Do not look for a server; run the model in this process.")
 @server_options
 @click.pass_obj
-def run_command(settings: Any, model: str, prompt: tuple[str, ...], system: str | None, temperature: float | None, max_tokens: int | None, local: bool) -> None:
+def run_command(settings: Any, model: str, prompt: tuple[str, ...], system: str | None, temperature: float | None,
+                max_tokens: int | None, format_: str | None, keepalive: str | None, verbose: bool, local: bool) -> None:
     """Chat with MODEL, one-shot or interactively.
 
     With PROMPT, stream one answer and exit; without it, chat in the terminal
@@ -229,21 +249,28 @@ def run_command(settings: Any, model: str, prompt: tuple[str, ...], system: str 
     """
     model, text = valid_text(model), valid_text(" ".join(prompt))
     system = valid_text(system) if system else system
+    answer_format, keep = response_format(format_), keep_alive(keepalive)  # usage errors before anything loads
     one_shot = bool(prompt) or not stdin_is_tty()
     if not stdin_is_tty():
         text = one_shot_prompt(read_piped(), text)
     backend = connect(settings, local)
-    params = {"temperature": temperature, "max_tokens": max_tokens}
+    params = {"temperature": temperature, "max_tokens": max_tokens, "response_format": answer_format}
+    if keep is not None and getattr(backend, "in_process", False):
+        _note("Note: --keepalive is for a server; the model in this process goes when this command ends.")
+        keep = None
+    if keep is not None:
+        params["keep_alive"] = keep  # each answer restarts the model's idle timer with it, as Ollama's requests do
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     try:
-        load_with_status(backend, model)  # fail early if the model does not exist
+        # fail early if the model does not exist; the load's keep_alive holds it until the first answer too
+        load_seconds = load_with_status(backend, model, **({"keep_alive": keep} if keep is not None else {}))
         if not one_shot:
-            interactive(backend, model, history, params)
+            interactive(backend, model, history, params, verbose, load_seconds)
             return
         if not text:
             return  # nothing piped and no prompt: the model is loaded, as `ollama run M < /dev/null` does
         history.append({"role": "user", "content": text})
-        _, interrupted = stream_reply(backend, history, model, params)
+        _, interrupted = stream_reply(backend, history, model, params, ReplyStats(load_seconds) if verbose else None)
         if interrupted:
             sys.exit(130)
     finally:

@@ -114,10 +114,11 @@ class AsyncXllmClient:
         body = await self._request("GET", self.admin_url + "/models", timeout=self._probe)
         return body.get("data", []) if isinstance(body, dict) else list(body or [])
 
-    async def load(self, name: str) -> dict[str, Any]:
-        """Load ``name`` on the server; a key that may not (403) only checks that it exists."""
+    async def load(self, name: str, keep_alive: float | str | None = None) -> dict[str, Any]:
+        """Load ``name`` on the server (``keep_alive``: as ``XllmClient.load``); a key that may not (403) only checks that it exists."""
+        body = {"model": name, **({"keep_alive": keep_alive} if keep_alive is not None else {})}
         try:
-            return await self._request("POST", self.admin_url + "/models/load", json={"model": name}, timeout=self._load) or {}
+            return await self._request("POST", self.admin_url + "/models/load", json=body, timeout=self._load) or {}
         except PermissionDenied:  # a user key: the first request loads the model
             return await self.model(name)
 

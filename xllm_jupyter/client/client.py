@@ -126,14 +126,17 @@ class XllmClient:
         body = self._request("GET", self.admin_url + "/models", timeout=self._probe)
         return body.get("data", []) if isinstance(body, dict) else list(body or [])
 
-    def load(self, name: str) -> dict[str, Any]:
+    def load(self, name: str, keep_alive: float | str | None = None) -> dict[str, Any]:
         """Load ``name`` on the server; returns its ``/v1/models`` entry.
 
+        ``keep_alive`` (seconds or a duration like ``"5m"``; 0 unloads it once idle, negative keeps it loaded) sets
+        how long it stays loaded once idle, as Ollama's load request does; None: the server's default.
         A key that may not load models (a user key where admin keys exist: 403) only
         checks that ``name`` exists; its first request loads it (``xllm.loaded`` says so).
         """
+        body = {"model": name, **({"keep_alive": keep_alive} if keep_alive is not None else {})}
         try:
-            return self._request("POST", self.admin_url + "/models/load", json={"model": name}, timeout=self._load) or {}
+            return self._request("POST", self.admin_url + "/models/load", json=body, timeout=self._load) or {}
         except PermissionDenied:
             # user keys may chat but not manage models: failing here would block `xllm run`
             return self.model(name)

@@ -7,11 +7,12 @@ server. It drives ``Engine.generate`` on a private event loop so callers stay sy
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any, Iterable, Iterator, Mapping
 
 from ..core.config import XllmConfig, load_config
 from ..core.errors import InvalidRequest
-from ..core.types import ChatMessage, GenerationParams, GenerationRequest, SamplingParams
+from ..core.types import ChatMessage, Constraint, GenerationParams, GenerationRequest, SamplingParams
 from ..openai.model_defaults import ModelDefaults
 
 _SAMPLING_KEYS = {"temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "seed"}
@@ -30,7 +31,7 @@ def generation_params(default_max_tokens: int, **params: Any) -> GenerationParam
     stop = params.get("stop") or ()
     if isinstance(stop, str):
         stop = (stop,)
-    unknown = set(params) - _SAMPLING_KEYS - {"max_tokens", "max_completion_tokens", "stop", "ignore_eos"}
+    unknown = set(params) - _SAMPLING_KEYS - {"max_tokens", "max_completion_tokens", "stop", "ignore_eos", "response_format"}
     if unknown:
         raise InvalidRequest(f"Unsupported parameter for in-process chat: {sorted(unknown)[0]}", param=sorted(unknown)[0])
     max_tokens = params.get("max_tokens") or params.get("max_completion_tokens") or default_max_tokens
@@ -39,7 +40,21 @@ def generation_params(default_max_tokens: int, **params: Any) -> GenerationParam
         sampling=SamplingParams(**sampling),
         stop=tuple(stop),
         ignore_eos=bool(params.get("ignore_eos", False)),
+        constraint=format_constraint(params.get("response_format")),
     )
+
+
+def format_constraint(response_format: Mapping[str, Any] | None) -> Constraint | None:
+    """An OpenAI ``response_format`` (``json_object``, ``json_schema``; ``text`` or None: none) as the engine's Constraint."""
+    kind = (response_format or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Constraint("json_object")
+    if kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema") or {}  # type: ignore[union-attr]
+        return Constraint("json_schema", json.dumps(schema, sort_keys=True))
+    raise InvalidRequest(f"Unsupported response_format type for in-process chat: {kind!r}", param="response_format")
 
 
 def with_model_defaults(defaults: ModelDefaults, params: Mapping[str, Any], default_max_tokens: int) -> dict[str, Any]:
@@ -53,6 +68,9 @@ def with_model_defaults(defaults: ModelDefaults, params: Mapping[str, Any], defa
 class LocalChat:
     """Chat with a model from the local store through an engine in this process."""
 
+    #: no server keeps the model loaded: it goes when this process ends (``xllm run --keepalive`` says so)
+    in_process = True
+
     def __init__(self, config: XllmConfig | None = None):
         # Imported here: the engine and store pull in heavier modules that a client
         # talking to a server never needs.
@@ -64,6 +82,8 @@ class LocalChat:
         self.engine = Engine(self.config.engine, catalog=self.store)
         self._loop = asyncio.new_event_loop()
         self._started = False
+        #: the last reply's token counts (``prompt_tokens``, ``completion_tokens``), as a server's usage reports them
+        self.last_usage: dict[str, int] = {}
 
     def _run(self, coro: Any) -> Any:
         return self._loop.run_until_complete(coro)
@@ -83,15 +103,21 @@ class LocalChat:
         params = with_model_defaults(defaults, params, self.config.engine.default_max_tokens)
         gen_params = generation_params(self.config.engine.default_max_tokens, **params)
         chat = defaults.chat_messages(to_chat_messages(messages))
+        if gen_params.constraint is not None:  # a schema the grammar engine refuses: its 400's words, before any text
+            self._run(self.engine.check_constraint(model, gen_params.constraint))
         prompt_ids = self._run(self.engine.encode_chat(model, chat))
         request = GenerationRequest(model=model, prompt_ids=tuple(prompt_ids), params=gen_params)
         events = self.engine.generate(request)
+        self.last_usage = {}
         try:
             while True:
                 try:
                     event = self._next(events)
                 except StopAsyncIteration:
                     return
+                usage = getattr(event, "usage", None)
+                if usage is not None:  # the request's last event (GenerationDone)
+                    self.last_usage = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
                 text = getattr(event, "text", "")
                 if text:
                     yield text
