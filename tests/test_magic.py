@@ -80,6 +80,15 @@ def test_interpolate_keeps_unknown_names():
     assert interpolate("{{literal}} {topic}", ns) == "{literal} cats"
 
 
+def test_an_unknown_names_conversion_stays_as_written():
+    """`{value!r}` of a name the notebook lacks (code quoted in a prompt: `print(f"{value!r}")`) went to the model as
+    `{value}`, the code changed; unknown names stay as written, their conversion and format spec included."""
+    ns = {"topic": "cats"}
+    code = 'Explain print(f"{value!r} {value!s:>8} {value.x!a}") to me, about {topic}'
+    assert interpolate(code, ns) == 'Explain print(f"{value!r} {value!s:>8} {value.x!a}") to me, about cats'
+    assert interpolate("{topic!r}", ns) == "'cats'"
+
+
 def test_code_and_json_helpers():
     assert extract_code("Here:\n```py\nx = 1\n```\nDone") == ("py", "x = 1")
     assert extract_code("```\nprint(2)\n") == ("python", "print(2)")  # unclosed while streaming

@@ -52,6 +52,12 @@ class Filler(string.Formatter):
             self._found[field_name] = super().get_field(field_name, args, kwargs)
         return self._found[field_name]
 
+    def convert_field(self, value: Any, conversion: str | None) -> Any:
+        """``!r``/``!s``/``!a`` of a found value; an unknown name keeps its conversion as written (``{value!r}``)."""
+        if isinstance(value, _Missing) and conversion:
+            return _Missing(f"{value.key}!{conversion}")
+        return super().convert_field(value, conversion)
+
     def __call__(self, text: str) -> str:
         """``text`` with ``{var}`` filled (``{{``/``}}``: a literal brace); unknown names and text that is not a
         template stay as-is."""
