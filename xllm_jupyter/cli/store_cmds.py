@@ -20,7 +20,9 @@ def open_store():
     from ..core.config import load_config
     from ..store import ModelStore
 
-    return ModelStore(load_config().store.home)
+    store = ModelStore(load_config().store.home)
+    store.check_home()  # a home that is a file listed as "No models yet"
+    return store
 
 
 class PullBar:

@@ -79,6 +79,7 @@ class LocalChat:
 
         self.config = config or load_config()
         self.store = ModelStore(self.config.store.home)
+        self.store.check_home()  # a home that is a file: said now, not as a bare "Not a directory" per pull
         self.engine = Engine(self.config.engine, catalog=self.store)
         self._loop = asyncio.new_event_loop()
         self._started = False

@@ -18,6 +18,7 @@ from jupyter_server.utils import url_path_join
 from traitlets import Bool, Float, Integer, Unicode
 
 from ..core.config import XllmConfig, load_config
+from ..core.errors import StoreError
 from ..server.handlers import CONTEXT_KEY, HEALTH_FACTS_KEY, XllmContext
 from ..server.jupyter import JupyterPublicHandler
 from ..server.routes import build_routes
@@ -69,7 +70,12 @@ class XllmApp(ExtensionApp):
         from ..store.store import ModelStore
 
         self.xllm_config = config = self.build_config()
-        self.engine = Engine(config.engine, catalog=ModelStore(config.store.home), quotas=config.quotas)
+        store = ModelStore(config.store.home)
+        try:
+            store.check_home()
+        except StoreError as exc:  # logged, not raised: the hub's xllm service may still serve these kernels
+            self.log.error("xllm: %s; this server's own engine has no models", exc.message)
+        self.engine = Engine(config.engine, catalog=store, quotas=config.quotas)
         self.settings[CONTEXT_KEY] = XllmContext(self.engine, config)
         self._exported = {}
 

@@ -85,7 +85,9 @@ async def run_hub_service(config: XllmConfig, env: Mapping[str, str] | None = No
     from ..engine.engine import Engine
     from ..store.store import ModelStore
 
-    engine = Engine(config.engine, catalog=ModelStore(config.store.home), quotas=config.quotas)
+    store = ModelStore(config.store.home)
+    store.check_home()  # a home that is a file: an error now, not a service with no models
+    engine = Engine(config.engine, catalog=store, quotas=config.quotas)
     await engine.start()
     try:
         service = await start_hub_service(config, engine, env)

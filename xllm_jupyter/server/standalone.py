@@ -218,7 +218,9 @@ async def run_server(config: XllmConfig, models: Sequence[str] = ()) -> None:
     from ..engine.engine import Engine
     from ..store.store import ModelStore
 
-    engine = Engine(config.engine, catalog=ModelStore(config.store.home), quotas=config.quotas)
+    store = ModelStore(config.store.home)
+    store.check_home()  # a home that is a file: an error now, not a server with no models
+    engine = Engine(config.engine, catalog=store, quotas=config.quotas)
     server = await start_server(config, engine)
     log.info("xllm is listening on %s (OpenAI API: %s/v1)", server.url, server.url)
     log.info("authentication: %s", "API key required" if server.auth_enabled else "off (no API key set; loopback only)")

@@ -63,6 +63,21 @@ class ModelStore(PullMixin):
         self.token = token  # Hub token; None lets huggingface_hub find HF_TOKEN / the saved login
         self._pull_jobs = PullJobs()  # the pulls in flight, which cancel_pulls stops
 
+    def check_home(self) -> None:
+        """StoreError when the home, or the nearest part of its path that exists, is not a directory (the CLI and the
+        servers ask first): it read as an empty store ("No models yet") and each pull failed "Not a directory"."""
+        existing = self.home
+        try:
+            while not existing.exists() and existing.parent != existing:
+                existing = existing.parent
+            if not existing.exists() or existing.is_dir():
+                return
+        except OSError:  # (a part of it we may not read: the store's own operations say so)
+            return
+        where = "" if existing == self.home else f" ({existing} is a file)"
+        raise StoreError(f"The model store's home {self.home} is not a directory{where}: point XLLM_HOME (or store.home "
+                         "in config.yaml) at a directory")
+
     # ------------------------------------------------------------------ reading
     def _dir(self, name: str) -> Path:
         return child_dir(self.models, name_to_dirname(name))
