@@ -171,3 +171,36 @@ def test_the_split_is_the_same_whatever_the_pieces(text, opened, thought, answer
         parts = [splitter.feed(text[i:i + size]) for i in range(0, len(text), size)] + [splitter.feed("", True)]
         assert ("".join(p[0] for p in parts) if splitter.began else None, "".join(p[1] for p in parts)) == (thought, answer)
         assert not any(m in p[0] for p in parts for m in THINK if thought and m not in thought)
+
+
+def test_responses_give_the_thinking_as_a_reasoning_item(served):
+    client, ids = served
+    grammar = _grammar(ids, *THINK, "\\nplan it\\n", "\\n\\nThe answer.")
+    kw = dict(model="think", input="Hi", max_output_tokens=48, extra_body={"guided_grammar": grammar, "seed": 1})
+    chat = ask(served, extra_body={"guided_grammar": grammar})
+    r = client.responses.create(**kw)
+    assert [o.type for o in r.output] == ["reasoning", "message"] and r.output_text == "The answer."
+    assert [(c.type, c.text) for c in r.output[0].content] == [("reasoning_text", "plan it")] and r.output[0].summary == []
+    assert r.usage.output_tokens_details.reasoning_tokens == chat.usage.completion_tokens_details.reasoning_tokens
+    scored = client.responses.create(**kw, include=["message.output_text.logprobs"]).output[1].content[0].logprobs
+    assert "".join(t.token for t in scored).strip() == "The answer."  # the output text's tokens, not the thinking's
+    with client.responses.stream(**kw) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    types = [e.type for e in events]
+    assert types[2:5] == ["response.output_item.added", "response.content_part.added", "response.reasoning_text.delta"]
+    done = types.index("response.reasoning_text.done")
+    assert types[done:done + 4] == ["response.reasoning_text.done", "response.content_part.done",
+                                    "response.output_item.done", "response.output_item.added"]
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == "plan it"
+    assert [o.type for o in final.output] == ["reasoning", "message"] and final.output_text == "The answer."
+    assert final.output[0].content[0].text == "plan it" and [o.id for o in final.output] == [
+        e.item.id for e in events if e.type == "response.output_item.done"]
+    # the output sent back as input (as clients keep a conversation) is taken; the thinking is not shown again
+    again = client.responses.create(model="think", input=[*(o.model_dump(exclude_none=True) for o in r.output),
+                                                          {"role": "user", "content": "And?"}], max_output_tokens=2)
+    assert again.status in ("completed", "incomplete")
+    assert [i.type for i in client.responses.input_items.list(again.id, order="asc").data] == ["reasoning", "message", "message"]
+    with pytest.raises(openai.BadRequestError, match=r"input\[0\]\.summary"):
+        client.responses.create(model="think", input=[{"type": "reasoning", "summary": "no"}], max_output_tokens=2)
+

@@ -68,6 +68,12 @@ def message_item(role: str, text: str, mid: str | None = None, status: str = "co
     return {"id": mid or new_id("msg_"), "type": "message", "role": role, "status": status, "content": [part]}
 
 
+def reasoning_item(text: str, rid: str | None = None, status: str = "completed") -> dict[str, Any]:
+    """A ``reasoning`` item: a reasoning model's thinking as its ``reasoning_text`` content (no summary is made)."""
+    return {"id": rid or new_id("rs_"), "type": "reasoning", "summary": [],
+            "content": [{"type": "reasoning_text", "text": text}], "status": status}
+
+
 def function_call_item(call_id: str, name: str, arguments: str, fid: str | None = None, status: str = "completed") -> dict[str, Any]:
     """A ``function_call`` item."""
     return {"id": fid or new_id("fc_"), "type": "function_call", "call_id": call_id, "name": name, "arguments": arguments, "status": status}
@@ -128,9 +134,23 @@ def normalize_input(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             call_id = _str_field(item, "call_id", param)
             output = _text(item.get("output"), f"{param}.output")
             items.append({"id": iid or new_id("fco_"), "type": "function_call_output", "call_id": call_id, "output": output, "status": "completed"})
+        elif kind == "reasoning":  # an earlier reply's thinking sent back, as clients send a whole output: kept, not shown
+            items.append(_reasoning_input(item, iid, param))
         else:
             raise Unsupported(f"Input items of type {shown(kind)} are not supported by this server yet", param=f"{param}.type")
     return items
+
+
+def _reasoning_input(item: dict[str, Any], iid: str | None, param: str) -> dict[str, Any]:
+    """A ``reasoning`` input item as stored: its summary and content texts (templates drop past thinking anyway, as
+    vLLM does, so the model never sees it again)."""
+    parts = {}
+    for key in ("summary", "content"):
+        value = item.get(key)
+        check_json_type(value, ("an array",), f"{param}.{key}")
+        parts[key] = [{"type": p.get("type"), "text": _str_field(p, "text", f"{param}.{key}[{i}]")}
+                      for i, p in enumerate(value or ()) if isinstance(p, dict)]
+    return {"id": iid or new_id("rs_"), "type": "reasoning", **parts, "status": "completed"}
 
 
 def items_to_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -227,7 +247,10 @@ def output_items(message: dict[str, Any], mid: str, status: str, logprobs: list[
     """
     calls = message.get("tool_calls") or []
     text = message.get("content") or ""
-    out = [message_item("assistant", text, mid, logprobs=logprobs)] if text or not calls else []
+    thought = message.get("reasoning_content")  # a reasoning model's thinking (reasoning.py) comes first
+    out = [reasoning_item(thought)] if thought else []
+    if text or not (calls or out):
+        out.append(message_item("assistant", text, mid, logprobs=logprobs))
     for tc in calls:
         fn = tc["function"]
         out.append(function_call_item(tc["id"], fn["name"], fn["arguments"]))

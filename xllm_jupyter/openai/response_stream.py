@@ -5,7 +5,7 @@ from __future__ import annotations
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
-from .response_items import function_call_item, last_item_status, message_item, new_id, response_status
+from .response_items import function_call_item, last_item_status, message_item, new_id, reasoning_item, response_status
 from .response_store import ResponseStore
 
 if TYPE_CHECKING:
@@ -22,7 +22,7 @@ class ResponseEventStream:
     """A streamed Response: chat chunks in, typed Responses events out, one output item at a time.
 
     Items are streamed as OpenAI streams them: each is added, filled and done before the
-    next is added (text, then each function call), so ``output_index`` only grows and a
+    next is added (a reasoning model's thinking, text, then each function call), so ``output_index`` only grows and a
     client may treat ``output_item.done`` as final. When the request cut the reply short,
     the item open at the cut is ``incomplete``; those closed before it are ``completed``.
     """
@@ -34,7 +34,7 @@ class ResponseEventStream:
         self._seq = 0
         self._output: list[dict[str, Any]] = []  # items in output order; the last may still be open
         self._open = False  # whether the last item in _output is still being streamed
-        self._texts: list[str] = []  # the open message's text so far
+        self._texts: list[str] = []  # the open message's (or reasoning item's) text so far
         self._want_lp = turn.req.logprobs
         self._logprobs: list[dict[str, Any]] = []  # the open message's token logprobs so far (when asked for)
         self._unsent: list[dict[str, Any]] = []  # those of tokens with no text yet (part of a character): the next delta's
@@ -65,6 +65,8 @@ class ResponseEventStream:
             item = output[-1]
             output[-1] = message_item("assistant", "".join(self._texts), item["id"], "incomplete",
                                       self._logprobs if self._want_lp else None)
+        elif self._open_is("reasoning"):
+            output[-1] = reasoning_item("".join(self._texts), output[-1]["id"], "incomplete")
         elif self._open:
             output[-1] = {**output[-1], "status": "incomplete"}
         failed = self._turn.response("failed", output, None, None, error=summary)
@@ -90,6 +92,16 @@ class ResponseEventStream:
                         part={"type": "output_text", "text": "", "annotations": []}),
         ]
 
+    def _open_reasoning(self) -> list[Event]:
+        self._output.append(reasoning_item("", None, "in_progress"))
+        self._open, self._texts = True, []
+        at, rid = len(self._output) - 1, self._output[-1]["id"]
+        return [
+            self._event("response.output_item.added", output_index=at, item={**self._output[-1], "content": []}),
+            self._event("response.content_part.added", item_id=rid, output_index=at, content_index=0,
+                        part={"type": "reasoning_text", "text": ""}),
+        ]
+
     def _open_call(self, call_id: str, name: str) -> list[Event]:
         self._output.append(function_call_item(call_id, name, "", status="in_progress"))
         self._open = True
@@ -109,6 +121,14 @@ class ResponseEventStream:
                 self._event("response.output_text.done", item_id=item["id"], output_index=at, content_index=0, text=text,
                             logprobs=self._logprobs),
                 self._event("response.content_part.done", item_id=item["id"], output_index=at, content_index=0, part=done["content"][0]),
+            ]
+        elif item["type"] == "reasoning":
+            text = "".join(self._texts)
+            self._output[at] = done = reasoning_item(text, item["id"], status)
+            events = [
+                self._event("response.reasoning_text.done", item_id=item["id"], output_index=at, content_index=0, text=text),
+                self._event("response.content_part.done", item_id=item["id"], output_index=at, content_index=0,
+                            part=done["content"][0]),
             ]
         else:
             self._output[at] = done = {**item, "status": last_item_status(item, status)}
@@ -134,7 +154,16 @@ class ResponseEventStream:
                     continue
                 delta = choices[0]["delta"]
                 finish = choices[0]["finish_reason"] or finish
-                logprobs = (choices[0].get("logprobs") or {}).get("content") or []
+                thought = delta.get("reasoning_content")  # a reasoning model's thinking, before its answer
+                # (the thinking's token logprobs are not the output text's)
+                logprobs = [] if thought else (choices[0].get("logprobs") or {}).get("content") or []
+                if thought:
+                    if not self._open_is("reasoning"):
+                        for ev in self._close() + self._open_reasoning():
+                            yield ev
+                    self._texts.append(thought)
+                    yield self._event("response.reasoning_text.delta", item_id=self._output[-1]["id"],
+                                      output_index=len(self._output) - 1, content_index=0, delta=thought)
                 if delta.get("content") or logprobs:
                     if not self._open_is("message"):
                         for ev in self._close() + self._open_message():

@@ -33,13 +33,14 @@ from .response_stream import Event, ResponseEventStream
 _CHAT_EXTENSIONS = ("stop", "stop_token_ids", "seed", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                     "repetition_penalty", "logit_bias", "ignore_eos", "chat_template_kwargs", "structured_outputs",
                     "guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
-                    "guided_whitespace_pattern")  # (vLLM's structured outputs: guided.py)
+                    "guided_whitespace_pattern", "reasoning_format")  # (vLLM's structured outputs: guided.py)
 #: Responses features that would change the result if honoured; rejected rather than ignored
 _UNSUPPORTED = {"conversation": ("a string", "an object"), "prompt": ("an object",), "background": ("a boolean",),
                 "reasoning": ("an object",), "max_tool_calls": ("an integer",), "moderation": ("an object",),
                 "context_management": ("an array",)}  # with their JSON types in the SDK
-#: ``include`` values honoured: output text logprobs, and reasoning items' encrypted content (this server makes
-#: no reasoning items, so there is never any: clients such as Codex ask for it with every ``store: false`` request)
+#: ``include`` values honoured: output text logprobs, and reasoning items' encrypted content (this server's reasoning
+#: items carry their text in ``content``, never encrypted: clients such as Codex ask for it with every ``store: false``
+#: request)
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 _INCLUDABLE = (LOGPROBS_INCLUDE, "reasoning.encrypted_content")
 #: a json_schema ``text.format``'s name when the client gave none (OpenAI requires one; it only labels the format)
@@ -192,7 +193,8 @@ def usage_object(chat_usage: dict[str, Any] | None) -> dict[str, Any] | None:
         "input_tokens_details": {"cached_tokens": chat_usage.get("prompt_tokens_details", {}).get("cached_tokens", 0),
                                  "cache_write_tokens": 0},
         "output_tokens": chat_usage["completion_tokens"],
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": (chat_usage.get("completion_tokens_details") or {}).get(
+            "reasoning_tokens", 0)},
         "total_tokens": chat_usage["total_tokens"],
     }
 
@@ -371,6 +373,8 @@ class ResponsesServing:
         choice = result["choices"][0]
         status, incomplete = response_status(choice["finish_reason"])
         logprobs = (choice.get("logprobs") or {}).get("content") or [] if req.logprobs else None
+        if logprobs and choice["message"].get("reasoning_content") is not None:  # the output text's own tokens'
+            logprobs = logprobs[result["usage"]["completion_tokens_details"]["reasoning_tokens"]:]
         output = output_items(choice["message"], turn.mid, status, logprobs)
         return turn.finish(self.store, output, status, incomplete, result.get("usage"))
 
