@@ -204,3 +204,22 @@ def test_responses_give_the_thinking_as_a_reasoning_item(served):
     with pytest.raises(openai.BadRequestError, match=r"input\[0\]\.summary"):
         client.responses.create(model="think", input=[{"type": "reasoning", "summary": "no"}], max_output_tokens=2)
 
+
+def test_a_stored_stream_keeps_its_thinking_and_time_to_first_token_counts_it(served):
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client, ids = served
+    metrics = str(client.base_url).rstrip("/").removesuffix("/v1") + "/metrics"
+
+    def first_tokens() -> float:
+        text = httpx.get(metrics, headers={"Authorization": f"Bearer {client.api_key}"}, timeout=60).text
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == "xllm_time_to_first_token_seconds_count" and s.labels.get("endpoint") == "/v1/chat/completions")
+
+    before = first_tokens()
+    kw = dict(max_completion_tokens=3, temperature=0, logit_bias={str(ids["ok"]): 100})
+    thought, *_ = streamed(served, store=True, extra_body={"chat_template_kwargs": {"open_think": True}}, **kw)
+    assert thought == "okokok" and first_tokens() - before == 1  # a reply all thinking had no first token
+    stored = client.chat.completions.list(model="think").data[0]
+    assert _fields(stored.choices[0].message) == ("okokok", "")

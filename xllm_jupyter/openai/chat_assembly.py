@@ -12,6 +12,7 @@ class _Choice:
 
     def __init__(self) -> None:
         self.parts: list[str] | None = None  # the content's pieces, joined once at the end (None: no content yet)
+        self.thought: list[str] | None = None  # a reasoning model's thinking (reasoning.py), None: none streamed
         self.calls: dict[int, dict[str, Any]] = {}  # tool-call index -> the call so far
         self.function_call: dict[str, Any] | None = None  # a legacy function call so far (legacy_functions.py)
         self.logprobs: list[dict[str, Any]] | None = None  # None until a chunk of this choice carries some
@@ -27,6 +28,10 @@ class _Choice:
             if self.parts is None:
                 self.parts = []
             self.parts.append(text)
+        if delta.get("reasoning_content"):
+            if self.thought is None:
+                self.thought = []
+            self.thought.append(delta["reasoning_content"])
         for frag in delta.get("tool_calls") or ():
             fn = frag.get("function") or {}
             call = self.calls.get(frag["index"])
@@ -50,6 +55,8 @@ class _Choice:
     def wire(self, index: int) -> dict[str, Any]:
         content = None if self.parts is None else "".join(self.parts)
         message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+        if self.thought is not None:
+            message["reasoning"] = message["reasoning_content"] = "".join(self.thought)
         if self.calls:
             message["tool_calls"] = [self.calls[i] for i in sorted(self.calls)]
         if self.function_call is not None:

@@ -35,13 +35,15 @@ _E2E_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120
 
 
 def _has_content(chunk: dict[str, Any]) -> bool:
-    """True for a chunk that carries generated text or a tool or legacy function call (not role/finish/usage)."""
+    """True for a chunk that carries generated text (a reasoning model's thinking too) or a tool or legacy function
+    call (not role/finish/usage)."""
     choices = chunk.get("choices")
     if choices:
         c = choices[0]
         delta = c.get("delta")
         if delta is not None:
-            return bool(delta.get("content") or delta.get("tool_calls") or delta.get("function_call") or delta.get("refusal"))
+            return bool(delta.get("content") or delta.get("tool_calls") or delta.get("function_call") or delta.get("refusal")
+                        or delta.get("reasoning_content"))
         return bool(c.get("text"))
     kind = chunk.get("type")  # Responses API typed events
     return isinstance(kind, str) and kind.endswith(".delta") and bool(chunk.get("delta"))
