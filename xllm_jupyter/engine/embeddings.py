@@ -18,6 +18,7 @@ import asyncio
 import copy
 import logging
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
@@ -118,8 +119,11 @@ class EmbeddingSlot:
 class EmbeddingHost:
     """Loads embedding models once (concurrent first requests share one load) and runs them."""
 
-    def __init__(self, loader: Callable[[ModelSpec], Any] | None = None):
+    def __init__(self, loader: Callable[[ModelSpec], Any] | None = None,
+                 changes: Counter[tuple[str, str]] | None = None):
         self._loader = loader
+        #: loads and unloads by model (the engine's ``residency_changes``)
+        self.changes: Counter[tuple[str, str]] = changes if changes is not None else Counter()
         self.slots: dict[str, EmbeddingSlot] = {}
         self._loading: dict[str, asyncio.Future] = {}
         self._loads: set[asyncio.Task] = set()  # the loads' own tasks (a task nobody references may be collected)
@@ -191,6 +195,7 @@ class EmbeddingHost:
             return
         slot = EmbeddingSlot(model)
         self.slots[spec.name] = slot
+        self.changes[spec.name, "load"] += 1
         pending.set_result(slot)
         log.info("loaded embedding model %s (%d dimensions)", spec.name, model.dimension)
         # the load's garbage goes; the model stays unfrozen, so its unload needs no full collection (gc_freeze.py)
@@ -257,6 +262,7 @@ class EmbeddingHost:
         slot = self.slots.pop(name, None)
         if slot is None:
             return False
+        self.changes[name, "unload"] += 1
         slot.closed, slot.closed_by = True, reason
         # the worker thread gets the box, not the slot: it may still hold its finished call when the collection
         # below runs, and the model must be unreferenced by then (what it leaves in cycles, that one frees)

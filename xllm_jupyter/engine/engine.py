@@ -98,7 +98,10 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
         self._retired_tokens = 0  # tokens of runners unloaded since start (stats() counts them on)
         self._retired_requests = (0, 0)  # (completed, cancelled) of those runners, counted on the same way
         self._defaults: dict[str, ModelfileDefaults] = {}  # a created model's Modelfile defaults, by name
-        self._embeddings = EmbeddingHost()  # embedding models: own threads, never in a runner
+        #: each model's loads and unloads since the engine was made ((name, "load" | "unload") -> count), counted as
+        #: they happen: /metrics reads them, so a model evicted and loaded again between two scrapes shows in both
+        self.residency_changes: Counter[tuple[str, str]] = Counter()
+        self._embeddings = EmbeddingHost(changes=self.residency_changes)  # embedding models: own threads, no runner
         self._adapters: dict[str, str] = {}  # LoRA adapter name -> the loaded base model it is attached to
         c = self.config
         self._res: dict[str, Residency] = {}  # residency facts of loaded and loading models

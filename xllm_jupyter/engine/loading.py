@@ -257,6 +257,7 @@ class LoadingMixin:
         runner = box.pop()
         self._defaults[name] = spec.defaults
         self._runners[name] = runner
+        self.residency_changes[name, "load"] += 1  # the Engine's (/metrics)
         self._unload_reasons.pop(name, None)  # (an earlier removal's: this load's waiters are not cut by it)
         # it serves from here on: readiness (/health/ready, /admin/stats' status) must not say "Still loading"
         # through the collection below, which walks the whole process (a JupyterLab's: a second or more)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,6 +46,7 @@ class AdapterMixin:
     """Engine methods for LoRA adapters; the Engine owns ``_adapters`` (adapter name -> base name)."""
 
     _adapters: dict[str, str]
+    residency_changes: Counter[tuple[str, str]]
     _runners: dict[str, "ModelRunner"]
     _unload_reasons: dict[str, XllmError]  # the Engine's: why each model was last unloaded (until it loads again)
     _defaults: dict[str, "ModelfileDefaults"]  # the Engine's: each served model's Modelfile defaults
@@ -68,6 +70,8 @@ class AdapterMixin:
             # is gone, and its requests got the 503 "unloaded as it finished loading" whatever the cause
             raise base_gone(base, name, self._unload_reasons.get(base))
         self._defaults.pop(name, None)  # (a stored adapter's are set by ``_attach_spec``; one loaded by path has none)
+        if self._adapters.get(name) != base:
+            self.residency_changes[name, "load"] += 1
         self._adapters[name] = base
         return model
 
@@ -105,6 +109,8 @@ class AdapterMixin:
         requests fail with ``reason`` (None: a 503 to retry)."""
         name = canonical_name(name)
         base = self._adapters.pop(name, None)
+        if base is not None:
+            self.residency_changes[name, "unload"] += 1
         runner = self._runners.get(base) if base is not None else None
         if runner is None:
             return False

@@ -320,6 +320,7 @@ class ResidencyMixin:
     _budget: MemoryBudget
     _grace: float
     _adapters: dict[str, str]
+    residency_changes: Counter[tuple[str, str]]
     _embeddings: Any
     _embed_expiry: dict[str, float | None]
     _default_keep_alive: float | None
@@ -359,8 +360,10 @@ class ResidencyMixin:
         rec = self._res.pop(name, None)
         for adapter in [a for a, b in self._adapters.items() if b == name]:
             del self._adapters[adapter]  # they go with their base
+            self.residency_changes[adapter, "unload"] += 1
         if box[0] is None:
             return
+        self.residency_changes[name, "unload"] += 1
         await self._retire(name, box, rec, reason)
 
     async def _retire(self, name: str, box: list[Any], rec: Residency | None, reason: Any = None) -> None:

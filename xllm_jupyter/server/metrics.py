@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import threading
 import time
 from contextlib import aclosing
 from typing import Any, AsyncIterator, Callable, Iterable
@@ -57,11 +56,6 @@ class ServerMetrics:
         self.response_cache = response_cache
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self._known: set[str] = set()
-        self._sync_lock = threading.Lock()
-        # Registered first, so collected first: its scrape-time sync counts a load or unload made outside
-        # the API (a preload, an on-demand load, a keep_alive expiry) before the load/unload counters
-        # below are read, in the same scrape (the registry collects in registration order).
         r.register(_EngineCollector(self))
         self.requests = Counter("xllm_requests", "HTTP requests finished, by route and status.", ("endpoint", "status"), registry=r)
         self.in_flight = Gauge("xllm_requests_in_flight", "HTTP requests being handled now.", registry=r)
@@ -78,8 +72,6 @@ class ServerMetrics:
         self.generation_tokens = Counter("xllm_generation_tokens", "Tokens generated.", ("model",), registry=r)
         self.prefix_hits = Counter("xllm_prefix_cache_hits", "Generations that reused cached prompt tokens.", ("model",), registry=r)
         self.prefix_misses = Counter("xllm_prefix_cache_misses", "Generations that reused no cached prompt tokens.", ("model",), registry=r)
-        self.loads = Counter("xllm_model_loads", "Models that came into memory.", ("model",), registry=r)
-        self.unloads = Counter("xllm_model_unloads", "Models that left memory.", ("model",), registry=r)
         self.rate_limited = Counter("xllm_rate_limited", "Requests refused with 429, by API key id and limit.", ("key", "reason"), registry=r)
         self._children: dict[str, tuple[Any, Any, Any]] = {}
 
@@ -130,21 +122,9 @@ class ServerMetrics:
                 yield chunk
 
     # ----------------------------------------------------------- engine facts
-    def sync_loaded(self) -> list[Any]:
-        """Count loads/unloads by comparing what is loaded now with the last look."""
-        infos = self.engine.loaded_models()
-        with self._sync_lock:
-            now = {i.name for i in infos}
-            for name in now - self._known:
-                self.loads.labels(name).inc()
-            for name in self._known - now:
-                self.unloads.labels(name).inc()
-            self._known = now
-        return infos
-
     def observed(self, engine: Any, *on_done: Callable[[Any, Usage], None],
                  hold: Callable[[Any], Callable[[], None]] | None = None) -> "ObservedEngine":
-        """``engine`` with token counts and load/unload tracking added (for the serving layer).
+        """``engine`` with token counts added (for the serving layer; the engine counts its own loads and unloads).
 
         ``on_done(request, usage)`` callbacks also see each generation's final usage (per-user
         accounting), so the token stream passes through one wrapper, not one per observer.
@@ -171,7 +151,7 @@ class _EngineCollector(Collector):
     def collect(self) -> Iterable[Any]:
         """Queue depth, per-model memory and response-cache counts."""
         m = self.metrics
-        infos = m.sync_loaded()
+        infos = m.engine.loaded_models()
         queued = GaugeMetricFamily("xllm_requests_queued", "Sequences waiting for a batch slot.")
         try:
             queued.add_metric([], float(getattr(m.engine.stats(), "queued", 0)))
@@ -184,6 +164,7 @@ class _EngineCollector(Collector):
             memory.add_metric([info.name], float(info.runtime.memory_bytes if info.runtime is not None else 0))
         yield memory
         yield _failed_steps(infos)
+        yield from _residency(m.engine)
         cache = m.response_cache
         hits = CounterMetricFamily("xllm_response_cache_hits", "Requests answered from the response cache.")
         misses = CounterMetricFamily("xllm_response_cache_misses", "Cacheable requests that had to be generated.")
@@ -194,6 +175,17 @@ class _EngineCollector(Collector):
         entries = GaugeMetricFamily("xllm_response_cache_entries", "Responses held in the response cache.")
         entries.add_metric([], float(len(cache) if cache is not None else 0))
         yield entries
+
+
+def _residency(engine: Any) -> Iterable[CounterMetricFamily]:
+    """Each model's loads and unloads, as the engine counted them when they happened (a model evicted and loaded
+    again between two scrapes counts in both; comparing what was loaded at each scrape missed it)."""
+    loads = CounterMetricFamily("xllm_model_loads", "Models that came into memory.", labels=("model",))
+    unloads = CounterMetricFamily("xllm_model_unloads", "Models that left memory.", labels=("model",))
+    for (name, change), count in sorted(dict(engine.residency_changes).items()):
+        (loads if change == "load" else unloads).add_metric([name], float(count))
+    yield loads
+    yield unloads
 
 
 def _failed_steps(infos: list[Any]) -> CounterMetricFamily:
@@ -211,7 +203,7 @@ def _failed_steps(infos: list[Any]) -> CounterMetricFamily:
 
 
 class ObservedEngine:
-    """The engine as the serving layer sees it: generations and loads are also counted."""
+    """The engine as the serving layer sees it: its generations are also counted."""
 
     def __init__(self, engine: Any, metrics: ServerMetrics, on_done: tuple[Callable[[Any, Usage], None], ...] = (),
                  hold: Callable[[Any], Callable[[], None]] | None = None):
@@ -269,25 +261,6 @@ class ObservedEngine:
         note_stream_tokens(usage.total_tokens)
         for callback in self._on_done:
             callback(request, usage)
-
-    async def load(self, name: str) -> Any:
-        """Load (or find) ``name``; a new load is counted."""
-        loaded = self._engine.is_loaded(name)
-        model = await self._engine.load(name)
-        if not loaded:
-            self._metrics.sync_loaded()
-        return model
-
-    async def load_any(self, name: str, keep_alive: float | None = None) -> None:
-        """Load any kind of model; counted."""
-        await self._engine.load_any(name, keep_alive)
-        self._metrics.sync_loaded()
-
-    async def unload(self, name: str, reason: Any = None) -> bool:
-        """Unload ``name`` (its cut requests fail with ``reason``); counted."""
-        done = await self._engine.unload(name, reason)
-        self._metrics.sync_loaded()
-        return done
 
 
 __all__ = ["CONTENT_TYPE", "ServerMetrics", "ObservedEngine"]
