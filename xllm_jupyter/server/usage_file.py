@@ -31,6 +31,9 @@ log = logging.getLogger("xllm_jupyter.server")
 VERSION = 1
 #: seconds between saves while usage changes
 SAVE_INTERVAL = 5.0
+#: seconds a save waits for another process's save to let go of the file's lock: a holder stuck for good (a hung
+#: process, a dead NFS server) must not hang this server's saves, nor its shutdown; the counts wait for the next save
+LOCK_WAIT = 10.0
 #: the file name under ``store.home`` that ``usage_file: auto`` uses
 DEFAULT_NAME = "usage.json"
 
@@ -179,8 +182,11 @@ class UsageSaver:
                 return
             with self._flag_lock:  # (a mark() after the check above is taken here and saved, never cleared unsaved)
                 dirty, self._dirty = self._dirty, False
+            lock = FileLock(self._lock_path)  # another server's save waits: neither writes over the other's counts
             try:
-                with FileLock(self._lock_path):  # another server's save waits: neither writes over the other's counts
+                if not lock.acquire(timeout=LOCK_WAIT):
+                    raise TimeoutError(f"another process has held {self._lock_path.name} for {LOCK_WAIT:g} s")
+                try:
                     disk = read_saved(self.path)
                     if disk is not None:  # missing or corrupt: this server's counts replace it, as they always did
                         self._adopt(disk, self._base)
@@ -190,7 +196,9 @@ class UsageSaver:
                         write_usage(self.path, saved)
                         self._base = saved
                     self._stamp = file_stamp(self.path)
-            except OSError as exc:
+                finally:
+                    lock.release()
+            except OSError as exc:  # (TimeoutError too) kept: the next save merges them
                 with self._flag_lock:
                     self._dirty = self._dirty or dirty
                 log.warning("could not save usage to %s: %s", self.path, exc)
@@ -201,6 +209,8 @@ class UsageSaver:
         if self._thread.is_alive():
             self._thread.join(timeout=30)
         self.flush()
+        if self._dirty:  # (the warning said why): no later save will merge them now
+            log.error("the usage counts since the last save to %s were not saved", self.path)
 
 
 __all__ = ["UsageSaver", "file_stamp", "merge_usage", "read_saved", "read_usage", "usage_path", "write_usage"]

@@ -175,8 +175,21 @@ class FileLock:
         self.remove = remove
         self._fd: int | None = None
 
-    def acquire(self, blocking: bool = True) -> bool:
-        """Take the lock; with ``blocking=False`` return False instead of waiting."""
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        """Take the lock; with ``blocking=False`` return False instead of waiting, with ``timeout`` after waiting that
+        many seconds (polled: flock itself has no timeout)."""
+        if timeout is None or not blocking:
+            return self._take(blocking)
+        deadline, pause = time.monotonic() + timeout, 0.005
+        while not self._take(False):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 0.1)
+        return True
+
+    def _take(self, blocking: bool) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
