@@ -14,7 +14,8 @@ def readiness(engine: Any, startup_models: tuple[str, ...], pending: set[str] | 
     """None when the engine can serve, else why not (shown to the caller); ``pending``: start-up models not
     loaded yet, whether or not their load has begun; ``names=False`` counts them instead of naming them."""
     if not engine.healthy:
-        return "An engine thread has died; this server cannot generate until it is restarted."
+        # (the next request for that model unloads the dead runner and loads the model afresh: loading.py, _load)
+        return "An engine thread has died; the next request for its model loads the model again."
     if not engine.started:
         return "The engine is starting."
     loading = sorted({name for name in startup_models if engine.is_loading(name)} | set(pending or ()))
