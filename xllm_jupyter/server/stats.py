@@ -61,13 +61,32 @@ def _device(details: dict[str, Any]) -> str:
     return "cuda" if str(details.get("device", "cpu")).lower().startswith("cuda") else "cpu"
 
 
+#: where a container's memory limit is read (cgroup v2, then v1); "max" or a huge number means none
+CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def _memory_limit() -> int | None:
+    """This process's cgroup memory limit (a JupyterHub user's pod, a container), or None when it has none."""
+    for path in CGROUP_MEMORY_LIMITS:
+        try:
+            with open(path, encoding="ascii") as f:
+                text = f.read().strip()
+        except (OSError, ValueError):
+            continue
+        return int(text) if text.isdigit() else None
+    return None
+
+
 def _device_total(device: str) -> int | None:
-    """Physical memory of the device kind, when it can be known without importing torch."""
+    """Memory of the device kind, when it can be known without importing torch: for the CPU, the machine's or a
+    container's limit, whichever is lower (a hub user's 2 GiB pod on a 512 GiB node is killed past 2 GiB)."""
     if device == "cpu":
         try:
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (AttributeError, OSError, ValueError):  # not on this platform
-            return None
+            return _memory_limit()
+        limit = _memory_limit()
+        return physical if limit is None else min(physical, limit)
     torch = sys.modules.get("torch")  # a CUDA model is loaded only if torch already is
     try:
         if torch is not None and torch.cuda.is_available():
