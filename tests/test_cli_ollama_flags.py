@@ -13,6 +13,7 @@ from tests.server_fixtures import TINY
 from xllm_jupyter.cli.main import main
 from xllm_jupyter.cli.run_flags import go_duration
 from xllm_jupyter.client import XllmClient
+from xllm_jupyter.store import ModelStore
 
 OBJECT_SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
 
@@ -177,3 +178,29 @@ def test_the_async_client_loads_with_a_keep_alive_too(own):
 
     asyncio.run(load())
     assert 7100 < loaded(own)[TINY]["expires_at"] - time.time() <= 7200
+
+
+def test_run_keepalive_with_a_user_key_is_one_clear_error(tmp_path_factory, tiny_llama_dir, monkeypatch):
+    """Where keys have roles, keep_alive is an admin's (it decides for every user how long a model stays loaded): a
+    user key's `--keepalive` ends in one line saying so, exit 1; without the flag the same key chats."""
+    import dataclasses
+
+    from tests.server_fixtures import make_test_config, running_server
+    from xllm_jupyter.core.config import AuthConfig
+
+    home = tmp_path_factory.mktemp("keepalive-roles")
+    ModelStore(home).pull(str(tiny_llama_dir), TINY)
+    cfg = dataclasses.replace(make_test_config(home, api_keys=("sk-user",)), auth=AuthConfig(admin_keys=("sk-admin",)))
+    with running_server(cfg, ModelStore(home), TINY) as info:
+        monkeypatch.setenv("XLLM_BASE_URL", info.base_url)
+        monkeypatch.setenv("XLLM_API_KEY", "sk-user")
+        result = invoke("run", TINY, "hi", "--max-tokens", "2", "--keepalive", "1h")
+        assert result.exit_code == 1 and result.stdout == "", result.output
+        err = result.stderr.strip()
+        assert err.startswith("Error: keep_alive sets how long a model stays loaded") and "admin" in err, err
+        assert len(err.splitlines()) == 1 and "Traceback" not in result.output
+        assert invoke("run", TINY, "hi", "--max-tokens", "2").exit_code == 0
+        result = invoke("--api-key", "sk-admin", "run", TINY, "hi", "--max-tokens", "2", "--keepalive", "1h")
+        assert result.exit_code == 0, result.output
+        with XllmClient(info.base_url, "sk-admin") as c:
+            assert 3500 < {m["id"]: m for m in c.loaded()}[TINY]["expires_at"] - time.time() <= 3600

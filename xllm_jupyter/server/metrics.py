@@ -56,6 +56,8 @@ class ServerMetrics:
         self.response_cache = response_cache
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        #: the HTTP server's ConnectionGuard (standalone and hub; None under Jupyter), read at scrape
+        self.connections: Any = None
         r.register(_EngineCollector(self))
         self.requests = Counter("xllm_requests", "HTTP requests finished, by route and status.", ("endpoint", "status"), registry=r)
         self.in_flight = Gauge("xllm_requests_in_flight", "HTTP requests being handled now.", registry=r)
@@ -175,6 +177,21 @@ class _EngineCollector(Collector):
         entries = GaugeMetricFamily("xllm_response_cache_entries", "Responses held in the response cache.")
         entries.add_metric([], float(len(cache) if cache is not None else 0))
         yield entries
+        yield from _connections(m.connections)
+
+
+def _connections(guard: Any) -> Iterable[Any]:
+    """Connections open now and those refused as they arrived (server/connections.py): a refused one is answered 429
+    or 503 ``too_many_connections`` before any handler runs, so ``xllm_requests_total`` never sees it."""
+    if guard is None:
+        return
+    open_now = GaugeMetricFamily("xllm_connections_open", "HTTP connections open now.")
+    open_now.add_metric([], float(guard.open))
+    yield open_now
+    refused = CounterMetricFamily("xllm_connections_refused", "Connections answered 429/503 too_many_connections and "
+                                  "closed on arrival (a client's or the server's cap).")
+    refused.add_metric([], float(guard.refused))
+    yield refused
 
 
 def _residency(engine: Any) -> Iterable[CounterMetricFamily]:

@@ -183,6 +183,9 @@ def listen(app: Any, config: XllmConfig, host: str, port: int) -> tuple[HTTPServ
     # half-sent requests held open by one client must not use up the process's sockets (connections.py)
     server.guard = ConnectionGuard(config.server.max_connections or default_max_connections(),
                                    config.server.max_connections_per_client, proxy_matcher(config.auth.trusted_proxies))
+    context = app.settings.get(CONTEXT_KEY)
+    if context is not None:  # /metrics: connections open now, and those refused on arrival (answered 429/503)
+        context.metrics.connections = server.guard
     server.add_sockets(sockets)
     return server, sockets[0].getsockname()[1]
 
