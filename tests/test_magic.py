@@ -659,6 +659,19 @@ class _Record:
         raise RuntimeError("the property failed")
 
 
+def test_a_body_of_indented_code_keeps_its_lines_relative_indentation(shell, received):
+    """A body that starts with indented code (a method pasted from a class) lost the first line's indentation alone:
+    `x = 1` then `    if x:` reached the model, code that no longer reads as written. The indentation every line
+    shares goes, as do blank lines at either end; each line keeps its indentation relative to the others."""
+    code = "    x = 1\n    if x:\n        y = 2"
+    body = f"\n   \n{code}\nWhat does this do?\n\n"
+    for line, cell, sent in (("", body, f"{code}\nWhat does this do?"), ("Explain:", f"{code}\n", f"Explain:\n{code}"),
+                             ("", f"\n{code}\n", "x = 1\nif x:\n    y = 2"), ("", "  Hi there  \n", "Hi there")):
+        with capture_output() as cap:
+            shell.run_cell_magic("xllm", f"-m {TINY} --max-tokens 1 {line}", cell)
+        assert cap.stderr == "" and received[-1] == [("user", sent)], received[-1]
+
+
 def test_a_lines_names_are_filled_once_per_word_and_never_raise(shell, received):
     """The line was filled whole before its shape was judged, then word by word for the question: a property ran
     twice per prompt, one that raised came out of the magic as a traceback, and `config system={persona}` was split

@@ -12,6 +12,7 @@ import keyword
 import logging
 import math
 import re
+import textwrap
 from argparse import ArgumentTypeError
 from typing import Any
 
@@ -191,7 +192,7 @@ class XllmMagics(Magics):
                                          and not (args.out.startswith("__") and args.out.endswith("__"))):
             raise XllmError(f"--out needs a variable name, not {args.out!r}")  # checked before asking: no wasted answer
         # words after %%xllm on the first line lead the cell body rather than being dropped
-        prompt = "\n".join(part for part in (line_prompt, body or "") if part.strip()).strip()
+        prompt = _trimmed("\n".join(part for part in (line_prompt, body or "") if part.strip()))
         if not prompt:  # a `%xllm` line has no cell body to write it in
             raise XllmError("nothing to ask — write the prompt in the cell body" if body is not None else
                             "nothing to ask — write the prompt after the options: %xllm [options] PROMPT")
@@ -211,6 +212,13 @@ class XllmMagics(Magics):
         _, value = ask(self.shell, self.state, question)
         if args.out and not (question.fmt == "json" and value is None):  # JSON that does not parse: left unset
             self.shell.user_ns[args.out] = value
+
+
+def _trimmed(text: str) -> str:
+    """``text`` without blank lines at either end and without the indentation every line shares: a body that starts
+    with indented code (a method pasted from a class) keeps each line's indentation relative to the others, where
+    ``strip()`` took the first line's alone (``x = 1\\n    y = 2`` reached the model)."""
+    return textwrap.dedent(text.rstrip()).strip("\n")
 
 
 def _closed(option: str, value: Word) -> None:
