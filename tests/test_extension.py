@@ -737,7 +737,7 @@ def test_a_forwarded_stream_written_a_byte_at_a_time_arrives_exactly_as_sent(xll
     xllm["run"](body())
 
 
-@pytest.mark.parametrize("sep", [b"\n\n", b"\r\n\r\n"])
+@pytest.mark.parametrize("sep", [b"\n\n", b"\r\n\r\n", b"\r\r"])  # (CR-ended lines were held to the stream's end)
 def test_the_relay_cuts_a_stream_in_any_pieces_into_whole_events(sep):
     """The relay's cutter, fed a byte at a time (and in uneven pieces): what it lets out is whole events, in order."""
     import random

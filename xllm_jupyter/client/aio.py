@@ -34,6 +34,7 @@ from .base import (
     unreachable,
 )
 from .client import Messages
+from .sse_lines import asse_lines
 
 
 class AsyncXllmClient:
@@ -76,7 +77,7 @@ class AsyncXllmClient:
                 if not is_event_stream(response):
                     await response.aread()
                     raise stream_error(response, self.root_url, missing)
-                async for line in response.aiter_lines():
+                async for line in asse_lines(response.aiter_text()):  # (split at CR, LF, CRLF only: sse_lines.py)
                     event = parse_sse_line(line)
                     if event is DONE:
                         return

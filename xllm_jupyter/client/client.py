@@ -34,6 +34,7 @@ from .base import (
     stream_error,
     unreachable,
 )
+from .sse_lines import sse_lines
 
 Messages = Iterable[Mapping[str, Any]] | str
 
@@ -93,7 +94,7 @@ class XllmClient:
                 missing: XllmError | None = None) -> Iterator[dict[str, Any]]:
         """The JSON events of a streamed POST, until ``[DONE]``; closing the iterator closes the response."""
         with self._stream(url, body, timeout, missing) as response:
-            for line in response.iter_lines():
+            for line in sse_lines(response.iter_text()):  # (split at CR, LF, CRLF only: sse_lines.py)
                 event = parse_sse_line(line)
                 if event is DONE:
                     return

@@ -179,9 +179,13 @@ class EventCutter:
 
 
 def _events_end(data: bytes | bytearray, start: int) -> int:
-    """Where the last whole server-sent event in ``data`` ends, from a separator starting at ``start`` or later (0: none)."""
-    lf, crlf = data.rfind(b"\n\n", start), data.rfind(b"\r\n\r\n", start)
-    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+    """Where the last whole server-sent event in ``data`` ends, from a separator starting at ``start`` or later (0: none).
+
+    Lines end in LF, CRLF or a bare CR (the SSE spec allows each): a stream of CR-ended lines was held whole until
+    it ended. (The bytes are relayed as they came: where they are cut only decides when they leave.)
+    """
+    lf, crlf, cr = data.rfind(b"\n\n", start), data.rfind(b"\r\n\r\n", start), data.rfind(b"\r\r", start)
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0, cr + 2 if cr >= 0 else 0)
 
 
 def _unreachable(upstream: Upstream, exc: Exception) -> Overloaded:
