@@ -223,3 +223,29 @@ def test_a_stored_stream_keeps_its_thinking_and_time_to_first_token_counts_it(se
     assert thought == "okokok" and first_tokens() - before == 1  # a reply all thinking had no first token
     stored = client.chat.completions.list(model="think").data[0]
     assert _fields(stored.choices[0].message) == ("okokok", "")
+
+
+def test_reasoning_items_and_events_validate_as_the_sdk_types(served):
+    import httpx
+    from openai.types.responses import Response, ResponseItem
+    from pydantic import TypeAdapter
+
+    from tests.test_responses_sdk_types import _EVENT_TYPES, _sse
+
+    client, ids = served
+    body = {"model": "think", "input": "Hi", "max_output_tokens": 48, "seed": 1,
+            "guided_grammar": _grammar(ids, *THINK, "plan it", "The answer.")}
+    with httpx.Client(base_url=str(client.base_url), headers={"Authorization": f"Bearer {client.api_key}"},
+                      timeout=120) as raw:
+        resp = raw.post("responses", json=body).json()
+        assert [o["type"] for o in resp["output"]] == ["reasoning", "message"]
+        TypeAdapter(Response).validate_python(resp)
+        again = raw.post("responses", json={"model": "think", "max_output_tokens": 2,
+                                            "input": [resp["output"][0], {"role": "user", "content": "And?"}]}).json()
+        for rid in (resp["id"], again["id"]):
+            for item in raw.get(f"responses/{rid}/input_items").json()["data"]:
+                TypeAdapter(ResponseItem).validate_python(item)
+        events = _sse(raw.post("responses", json={**body, "stream": True}).text)
+    assert "response.reasoning_text.delta" in [e["type"] for e in events]
+    for event in events:
+        TypeAdapter(_EVENT_TYPES[event["type"]]).validate_python(event)
