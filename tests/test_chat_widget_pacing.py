@@ -40,3 +40,34 @@ def test_a_long_reply_is_rendered_less_often_as_its_renders_get_slower(xllm_serv
         assert w.transcript.value.endswith(real_markdown(reply) + "</div>")
     finally:
         w.close()
+
+
+def test_clear_resets_the_render_backoff_of_the_conversation_it_forgets(xllm_server, monkeypatch):
+    """After a long reply the next streamed render could be seconds away (RENDER_BACKOFF times its last render):
+    Clear kept that wait, so the first reply of the fresh conversation was not shown as it streamed."""
+    w = ChatWidget(TINY, client=(xllm_server.base_url, xllm_server.api_key), max_tokens=8, temperature=0.0,
+                   params={"ignore_eos": True})
+    try:
+        # a clock that stands still: a streamed render happens only where the backoff has passed (0 at first)
+        monkeypatch.setattr(chat_module, "time", types.SimpleNamespace(monotonic=lambda: 100.0))
+        rendered: list[str] = []
+        real_markdown = chat_module.markdown_html
+
+        def recording(text: str) -> str:
+            rendered.append(text)
+            return real_markdown(text)
+
+        monkeypatch.setattr(chat_module, "markdown_html", recording)
+
+        def renders_of_a_reply() -> int:
+            rendered.clear()
+            assert w.ask("Tell me a story") and w.wait(120)
+            reply = w.messages[-1]["content"]
+            assert reply
+            return sum(1 for text in rendered if text and reply.startswith(text))
+
+        first = renders_of_a_reply()  # its first piece, then the whole reply at its end
+        w.clear()
+        assert renders_of_a_reply() == first
+    finally:
+        w.close()

@@ -256,6 +256,7 @@ class ChatWidget(W.VBox):
         self.messages = []
         self._cut_off = []
         self.last = None
+        self._next_render = 0.0  # the long transcript's render backoff is gone with it: the next reply shows at once
         self._render()
         self._status("Cleared.", "info")
 
