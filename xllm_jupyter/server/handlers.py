@@ -226,6 +226,8 @@ class RequestMixin:
         ok, result = await self._cancellable(work)
         if not ok:
             charge_left(self)  # the client left before the answer: what it used still counts (auth.tokens_per_minute)
+            # nginx's 499 (client closed request): the access log and xllm_requests_total read it as no answer, not a 200
+            self.set_status(499, "Client Closed Request")  # type: ignore[attr-defined]
             return
         metrics = self.xllm.metrics
         if isinstance(result, dict):
