@@ -70,6 +70,16 @@ def is_json(text: str) -> bool:
     return True
 
 
+def assembled(stream: Any) -> dict:
+    """A streamed chat completion (the openai SDK's chunks) put together as the whole completion's dict."""
+    from xllm_jupyter.openai.chat_assembly import CompletionAssembler
+
+    done = CompletionAssembler()
+    for chunk in stream:
+        done.add(chunk.model_dump(exclude_unset=True))
+    return done.completion()
+
+
 def dirs_in(path: Path) -> list[str]:
     """The names of the folders directly in ``path``, sorted ([] when ``path`` is no folder)."""
     return sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []

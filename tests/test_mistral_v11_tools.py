@@ -12,6 +12,7 @@ import shutil
 import openai
 import pytest
 
+from tests.helpers import assembled
 from tests.server_fixtures import TINY, tiny_server_of_its_own
 from xllm_jupyter.openai.tool_parser import (MISTRAL, MISTRAL_V11, StreamingToolParser, detect_family,
                                               parse_tool_calls)
@@ -87,16 +88,9 @@ def test_the_server_returns_the_calls(client):
 
 
 def test_the_stream_sends_the_calls(client):
-    content, calls, reasons = "", {}, []
-    for chunk in ask(client, stream=True):
-        delta = chunk.choices[0].delta
-        content += delta.content or ""
-        for frag in delta.tool_calls or ():
-            call = calls.setdefault(frag.index, {"name": frag.function.name, "arguments": ""})
-            call["arguments"] += frag.function.arguments or ""
-        reasons.append(chunk.choices[0].finish_reason)
-    assert content == "Let me look." and reasons[-1] == "tool_calls"
-    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [
+    choice = assembled(ask(client, stream=True))["choices"][0]
+    assert choice["message"]["content"] == "Let me look." and choice["finish_reason"] == "tool_calls"
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in choice["message"]["tool_calls"]] == [
         ("weather", {"city": "Oslo"}), ("time", {"city": "Lima"})]
 
 

@@ -8,9 +8,8 @@ import json
 
 import pytest
 
-from tests.helpers import is_json
+from tests.helpers import assembled, is_json
 from tests.server_fixtures import TINY
-from xllm_jupyter.openai.chat_assembly import CompletionAssembler
 from xllm_jupyter.openai.tool_calling import ToolCalling, ToolDeltas
 from xllm_jupyter.openai.tool_parser import HERMES, StreamingToolParser
 from xllm_jupyter.openai.tools import parse_tool_config
@@ -30,13 +29,6 @@ MSG = [{"role": "user", "content": "Add 2 and 3."}]
 BASE = dict(model=TINY, messages=MSG, max_tokens=60, seed=4)
 
 
-def _assembled(stream) -> dict:
-    done = CompletionAssembler()
-    for chunk in stream:
-        done.add(chunk.model_dump(exclude_unset=True))
-    return done.completion()
-
-
 def test_a_forced_call_cut_by_a_stop_string_is_partial_and_finishes_stop(client):
     whole = client.chat.completions.create(tools=TOOLS, **ONE, **BASE).choices[0]
     assert whole.finish_reason == "tool_calls" and is_json(whole.message.tool_calls[0].function.arguments)
@@ -46,7 +38,7 @@ def test_a_forced_call_cut_by_a_stop_string_is_partial_and_finishes_stop(client)
     assert cut.finish_reason == "stop"
     assert call.function.name == "add" and not is_json(call.function.arguments)
     assert whole.message.tool_calls[0].function.arguments.startswith(call.function.arguments)
-    streamed = _assembled(client.chat.completions.create(tools=TOOLS, **ONE, stop=["}"], stream=True, **BASE))
+    streamed = assembled(client.chat.completions.create(tools=TOOLS, **ONE, stop=["}"], stream=True, **BASE))
     choice = streamed["choices"][0]
     assert choice["finish_reason"] == "stop"
     assert choice["message"]["tool_calls"][0]["function"] == {"name": "add", "arguments": call.function.arguments}
@@ -58,7 +50,7 @@ def test_a_legacy_forced_function_call_cut_by_a_stop_string_finishes_stop(client
     cut = client.chat.completions.create(**kw).choices[0]
     assert cut.finish_reason == "stop"  # was "function_call"
     assert cut.message.function_call.name == "add" and not is_json(cut.message.function_call.arguments)
-    streamed = _assembled(client.chat.completions.create(stream=True, **kw))["choices"][0]
+    streamed = assembled(client.chat.completions.create(stream=True, **kw))["choices"][0]
     assert streamed["finish_reason"] == "stop"
     assert streamed["message"]["function_call"] == {"name": "add", "arguments": cut.message.function_call.arguments}
 
@@ -67,7 +59,7 @@ def test_a_legacy_forced_function_call_cut_by_a_stop_string_finishes_stop(client
 def test_every_choice_of_n_is_judged_on_its_own_stop(client, stream):
     kw = dict(tools=TOOLS, tool_choice="required", parallel_tool_calls=False, stop=["}"], n=2, **BASE)
     result = client.chat.completions.create(stream=stream, **kw)
-    choices = _assembled(result)["choices"] if stream else [c.model_dump() for c in result.choices]
+    choices = assembled(result)["choices"] if stream else [c.model_dump() for c in result.choices]
     assert len(choices) == 2
     for choice in choices:
         assert choice["finish_reason"] == "stop"
@@ -140,7 +132,7 @@ def test_a_stop_string_at_a_complete_calls_closing_tag_leaves_calls_to_run(clien
     legacy = "functions" in kw
     whole = client.chat.completions.create(**BASE, **kw).choices
     result = client.chat.completions.create(stop=["</tool_call>"], stream=stream, **BASE, **kw)
-    cut = _assembled(result)["choices"] if stream else [c.model_dump() for c in result.choices]
+    cut = assembled(result)["choices"] if stream else [c.model_dump() for c in result.choices]
     for w, c in zip(whole, cut):
         w = w.model_dump()
         if legacy:
