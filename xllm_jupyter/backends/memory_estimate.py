@@ -45,9 +45,9 @@ def gguf_expanded_bytes(path: Path, element_bytes: int) -> int:
     """Bytes a GGUF's tensors take once dequantized to ``element_bytes`` per value (transformers loads them
     that way: a 4-bit file grows about 4x in float16, 8x in float32); 0 when it cannot be read."""
     try:
-        from gguf import GGUFReader
+        from .gguf_reader import read_gguf
 
-        reader = GGUFReader(str(path))
+        reader = read_gguf(path)
         return sum(int(t.n_elements) for t in reader.tensors) * element_bytes
     except Exception:  # an estimate: the load itself reports a broken file
         log.debug("could not read the tensor table of %s", path, exc_info=True)

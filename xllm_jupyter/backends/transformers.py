@@ -20,6 +20,7 @@ from ..core import gc_freeze
 from ..core.errors import EngineError, InvalidRequest, ModelLoadError
 from .base import Backend, BackendOptions, ModelSpec
 from .file_errors import file_errors
+from .gguf_reader import fast_gguf_reads
 from .load_lock import exclusive_load, release_during_gguf_reads
 from .lora import merge_lora
 from .quiet_loading import library_bars_off
@@ -152,6 +153,7 @@ class TransformersBackend(Backend):
         if spec.format == "gguf":
             directory, kwargs["gguf_file"] = gguf_location(directory)  # type: ignore[misc]
             release_during_gguf_reads()  # its dequantizing lets other loads run (load_lock.py)
+            fast_gguf_reads()
         merge = opts.merge_adapter  # a created model's Modelfile ADAPTER: baked into its own weights
         failed = None
         try:

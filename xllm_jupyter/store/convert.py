@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+from ..backends.gguf_reader import fast_gguf_reads, read_gguf
 from ..backends.load_lock import exclusive_load, release_during_gguf_reads
 from ..backends.quiet_loading import library_bars_off
 from ..core.errors import StoreError
@@ -29,9 +30,9 @@ _FILE_TYPE_DTYPE = {0: "float32", 1: "float16", 32: "bfloat16"}
 def gguf_metadata(path: Path, keys: tuple[str, ...] = ("general.architecture", "general.file_type", "tokenizer.chat_template")) -> dict[str, Any]:
     """Selected scalar/string metadata of a GGUF file (missing keys left out); StoreError if unreadable."""
     try:
-        from gguf import GGUFReader, GGUFValueType
+        from gguf import GGUFValueType
 
-        reader = GGUFReader(str(path))
+        reader = read_gguf(path)
     except Exception as exc:  # gguf raises ValueError/struct.error/... on a damaged file
         raise StoreError(f"Not a readable GGUF file ({exc.__class__.__name__})") from None
     out: dict[str, Any] = {}
@@ -74,6 +75,7 @@ def _convert(gguf_path: Path, out_dir: Path, report: Callable[[int], None]) -> s
     dtype = getattr(torch, _FILE_TYPE_DTYPE.get(int(meta.get("general.file_type", -1)), "bfloat16"))
     src, name = str(gguf_path.parent), gguf_path.name
     report(0)
+    fast_gguf_reads()  # transformers reads the file three times more: tokenizer, config, weights
     try:
         tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
         report(1)
