@@ -157,6 +157,18 @@ async def _run(engine: Engine, request: GenerationRequest, done: list, tag: str)
             done.append(tag)
 
 
+async def _flood(engine: Engine, backend: FakeBackend, tagged: list[tuple[GenerationRequest, str]], finished: list,
+                 decoding: int) -> list[asyncio.Future]:
+    """Start every (request, tag) at once; their tasks, once ``decoding`` of their jobs are in the model's batch."""
+    flood = [asyncio.ensure_future(_run(engine, request, finished, tag)) for request, tag in tagged]
+    model = backend.models["fake"]
+    deadline = asyncio.get_running_loop().time() + 10
+    while len(model.jobs) < decoding:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.002)
+    return flood
+
+
 async def test_a_flooding_user_cannot_starve_another():
     engine, backend = _engine(max_batch_size=4)
     await engine.start()
@@ -164,13 +176,9 @@ async def test_a_flooding_user_cannot_starve_another():
         await engine.load("fake")
         finished: list[str] = []
         await _run(engine, _req("bob", 2), finished, "bob-warm")  # bob is a recent user
-        flood = [asyncio.ensure_future(_run(engine, _req("alice", 200), finished, f"alice{i}")) for i in range(8)]
-        model = backend.models["fake"]
-        deadline = asyncio.get_running_loop().time() + 10
-        while len(model.jobs) < 3:  # alice's first jobs are decoding
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.002)
-        assert len(model.jobs) == 3  # the 4th slot is held for someone else
+        # alice's first jobs are decoding
+        flood = await _flood(engine, backend, [(_req("alice", 200), f"alice{i}") for i in range(8)], finished, 3)
+        assert len(backend.models["fake"].jobs) == 3  # the 4th slot is held for someone else
         await _run(engine, _req("bob", 5), finished, "bob")
         assert finished[:2] == ["bob-warm", "bob"]  # bob finished before any of alice's 8 jobs
         await asyncio.gather(*flood)
@@ -218,14 +226,10 @@ async def test_two_flooding_users_cannot_starve_a_third():
     try:
         await engine.load("fake")
         finished: list[str] = []
-        flood = [asyncio.ensure_future(_run(engine, _req(user, 200), finished, user)) for _ in range(4)
-                 for user in ("alice", "bob")]
-        model = backend.models["fake"]
-        deadline = asyncio.get_running_loop().time() + 10
-        while len(model.jobs) < 3:  # their first jobs are decoding
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.002)
-        assert len(model.jobs) == 3  # alice's and bob's hold 3 of the 4 slots between them
+        # their first jobs are decoding
+        flood = await _flood(engine, backend, [(_req(user, 200), user) for _ in range(4) for user in ("alice", "bob")],
+                             finished, 3)
+        assert len(backend.models["fake"].jobs) == 3  # alice's and bob's hold 3 of the 4 slots between them
         await _run(engine, _req("carol", 5), finished, "carol")
         assert finished == ["carol"]  # carol started at once, not after one of their 200-token generations
         await asyncio.gather(*flood)
@@ -242,12 +246,8 @@ async def test_room_in_the_model_goes_to_the_next_user_in_line():
         await engine.load("fake")
         finished: list[str] = []
         await _run(engine, _req("bob", 2), finished, "bob-warm")
-        flood = [asyncio.ensure_future(_run(engine, _req("alice", 200), finished, f"alice{i}")) for i in range(6)]
+        flood = await _flood(engine, backend, [(_req("alice", 200), f"alice{i}") for i in range(6)], finished, 2)
         model = backend.models["fake"]
-        deadline = asyncio.get_running_loop().time() + 10
-        while len(model.jobs) < 2:
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.002)
         assert model.active_jobs() == 2 and engine.stats("fake").queued == 4  # the rest wait in the engine
         await _run(engine, _req("bob", 200), finished, "bob")  # as big as alice's: no room until one ends
         await asyncio.gather(*flood)
