@@ -20,6 +20,7 @@ from tornado.web import GZipContentEncoding, OutputTransform, RequestHandler
 from ..core.config import XllmConfig
 from ..core.errors import NotFound, PayloadTooLarge, PermissionDenied, quoted
 from ..core.hosts import host_name, is_loopback, unspecified_address
+from .context import CONTEXT_KEY
 from .errors import error_response
 from .logging_setup import request_id_var
 from .sse import dumps
@@ -154,6 +155,12 @@ class _EdgeHandler(RequestHandler):
 
     def log_exception(self, typ: Any, value: BaseException | None, tb: Any) -> None:
         """The access log line says enough for a refused request."""
+
+    def on_finish(self) -> None:
+        """Count the request in ``xllm_requests_total`` as every routed one is (``endpoint="other"``: never routed)."""
+        context = self.settings.get(CONTEXT_KEY)
+        if context is not None:
+            context.metrics.record_request("other", self.get_status())
 
 
 @tornado.web.stream_request_body
