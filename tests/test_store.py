@@ -158,6 +158,19 @@ def test_hub_quantization_tag_after_an_underscore():
     assert select_files(files, quant="F16") == ["model_f16.gguf"]
 
 
+def test_a_vision_models_mmproj_gguf_is_never_picked_as_the_model():
+    """A Hub repo of a vision model holds llama.cpp's projector (``mmproj-*.gguf``) beside the weights, often in
+    the same quantizations: the default pick took ``mmproj-F16.gguf`` for a repo of BF16 weights, and a projector
+    sharing the weights' quantization made every pick 'Several GGUF files'."""
+    assert select_files(["model-BF16.gguf", "mmproj-F16.gguf"], prefer="Q4_K_M") == ["model-BF16.gguf"]
+    assert select_files(["model.gguf", "mmproj-model-f16.gguf"], prefer="Q4_K_M") == ["model.gguf"]
+    vlm = ["SmolVLM-Q8_0.gguf", "SmolVLM-f16.gguf", "mmproj-SmolVLM-Q8_0.gguf", "mmproj-SmolVLM-f16.gguf"]
+    assert select_files(vlm, prefer="Q4_K_M") == ["SmolVLM-Q8_0.gguf"]
+    assert select_files(vlm, quant="F16") == ["SmolVLM-f16.gguf"]
+    with pytest.raises(StoreError, match="No model weights"):
+        select_files(["mmproj-F16.gguf"], prefer="Q4_K_M")
+
+
 # ---------------------------------------------------------------- local pulls
 def test_local_dir_pull_list_show_resolve_rm(store, tiny_llama_dir):
     events: list[PullProgress] = []

@@ -158,13 +158,14 @@ def select_files(paths: Iterable[str], *, only: str | None = None, pick: str = P
     if any(p.endswith(".safetensors") for p in wanted):
         return [p for p in wanted if not p.endswith(".gguf")]
     ggufs = [p for p in wanted if p.endswith(".gguf")]
-    if len(ggufs) == 1:
-        return ggufs
-    picked = default_quant(ggufs, prefer) if prefer else None
+    models = [p for p in ggufs if not _projector(p)]  # (a vision model's mmproj file beside it is never the model)
+    if len(models) == 1:
+        return models
+    picked = default_quant(models, prefer) if prefer else None
     if picked:
         return [picked]
-    if ggufs:
-        shown = ", ".join(ggufs[:8]) + (" ..." if len(ggufs) > 8 else "")
+    if models:
+        shown = ", ".join(models[:8]) + (" ..." if len(models) > 8 else "")
         raise StoreError(f"Several GGUF files ({shown}): {pick}", param="source")
     raise StoreError("No model weights found: expected *.safetensors files or one .gguf file", param="source")
 
@@ -185,6 +186,12 @@ def default_quant(ggufs: list[str], prefer: str) -> str | None:
     return single[below[0]] if below else single[[q for q in QUANT_ORDER if q in single][-1]]
 
 
+def _projector(path: str) -> bool:
+    """True for a multimodal projector GGUF (llama.cpp's ``mmproj-*.gguf``): it sits beside a vision model's weights,
+    often in the same quantizations, and is no model to serve on its own."""
+    return "mmproj" in PurePosixPath(path).name.lower()
+
+
 def _tag(quant: str) -> re.Pattern[str]:
     """A file name holding quantization ``quant`` (any case, not inside a longer word)."""
     # '_' may come before the tag (model_q4_k_m.gguf, as the Hub reads it), not after it: Q4_K is not Q4_K_M
@@ -194,7 +201,7 @@ def _tag(quant: str) -> re.Pattern[str]:
 def _quantized(wanted: list[str], quant: str) -> str:
     """The one GGUF file of quantization ``quant`` (its name holds the tag, any case, not inside a longer word)."""
     tag = _tag(quant)
-    ggufs = [p for p in wanted if p.endswith(".gguf")]
+    ggufs = [p for p in wanted if p.endswith(".gguf") and not _projector(p)]
     found = [p for p in ggufs if tag.search(PurePosixPath(p).name)]
     if len(found) == 1:
         return found[0]
