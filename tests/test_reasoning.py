@@ -16,9 +16,12 @@ from tests.test_mistral_v11_tools import ASK, TOOLS
 from xllm_jupyter.openai.reasoning import MAGISTRAL, THINK, Reasoning, ThinkSplitter, markers_of
 
 #: a template in the Qwen3 / DeepSeek-R1 manner: ``enable_thinking: false`` closes an empty block in the prompt,
-#: ``open_think`` opens one there (as DeepSeek-R1's and Qwen3-Thinking's templates always do)
+#: ``open_think`` opens one there (as DeepSeek-R1's and Qwen3-Thinking's templates always do); a turn's
+#: ``reasoning_content`` is shown in a block before its content (as Qwen3's shows a tool-call chain's)
 THINK_LIKE = (
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.reasoning_content is string %}<think>{{ m.reasoning_content }}</think>{% endif %}"
+    "{{ m.content }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
     "{% elif open_think is defined and open_think %}<think>\n{% endif %}{% endif %}"
@@ -171,6 +174,28 @@ def test_the_split_is_the_same_whatever_the_pieces(text, opened, thought, answer
         parts = [splitter.feed(text[i:i + size]) for i in range(0, len(text), size)] + [splitter.feed("", True)]
         assert ("".join(p[0] for p in parts) if splitter.began else None, "".join(p[1] for p in parts)) == (thought, answer)
         assert not any(m in p[0] for p in parts for m in THINK if thought and m not in thought)
+
+
+def _prompt_tokens(served, turn, model="think"):
+    """The prompt tokens of a history whose assistant turn is ``turn`` (and a user turn after it)."""
+    client, _ = served
+    messages = [{"role": "user", "content": "Weather?"}, {"role": "assistant", **turn}, {"role": "user", "content": "And?"}]
+    return client.chat.completions.create(model=model, messages=messages, max_completion_tokens=1, seed=1).usage.prompt_tokens
+
+
+def test_thinking_sent_back_reaches_a_template_that_shows_it(served):
+    inline = _prompt_tokens(served, {"content": "<think>plan it</think>Cold."})  # the same text, rendered by hand
+    assert _prompt_tokens(served, {"content": "Cold.", "reasoning_content": "plan it"}) == inline
+    assert _prompt_tokens(served, {"content": "Cold.", "reasoning": "plan it"}) == inline  # vLLM's name
+    plain = _prompt_tokens(served, {"content": "Cold."})
+    assert plain < inline and _prompt_tokens(served, {"content": "Cold.", "reasoning_content": None}) == plain
+    # a template that does not read it renders the history as before
+    assert _prompt_tokens(served, {"content": "Cold.", "reasoning_content": "plan it"}, "magistral") == \
+        _prompt_tokens(served, {"content": "Cold."}, "magistral")
+    for key, value in (("reasoning_content", 5), ("reasoning", ["plan it"])):
+        with pytest.raises(openai.BadRequestError) as exc:
+            _prompt_tokens(served, {"content": "Cold.", key: value})
+        assert exc.value.body["param"] == f"messages[1].{key}" and exc.value.body["code"] == "invalid_type"
 
 
 def test_responses_give_the_thinking_as_a_reasoning_item(served):

@@ -129,12 +129,13 @@ def test_a_llama_template_renders_a_turn_of_parallel_calls(model, choice):
 
 
 def test_one_call_per_turn_keeps_the_text_once_and_every_result():
-    turn = [ChatMessage("assistant", "Checking.", tool_calls=_calls("Oslo", "Lima")),
+    turn = [ChatMessage("assistant", "Checking.", tool_calls=_calls("Oslo", "Lima"), reasoning_content="Both."),
             ChatMessage("tool", "22 C", tool_call_id="call_Lima"), ChatMessage("tool", "-5 C", tool_call_id="call_Oslo")]
     split = one_call_per_turn(turn)
     assert [(m.role, m.content, m.tool_call_id or m.tool_calls[0]["id"]) for m in split] == [
         ("assistant", "Checking.", "call_Oslo"), ("tool", "-5 C", "call_Oslo"),
         ("assistant", None, "call_Lima"), ("tool", "22 C", "call_Lima")]
+    assert [m.reasoning_content for m in split] == ["Both.", None, None, None]  # the thinking once too
 
 
 #: a minimal template in the Gemma manner: no system turn, and turns alternating from a user turn

@@ -123,10 +123,12 @@ def test_fallback_prompt_and_history_for_templates_without_tools():
     cfg = parse_tool_config(TOOLS, "auto", None)
     history = [
         ChatMessage("user", "Weather?"),
-        ChatMessage("assistant", None, tool_calls=[{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}}]),
+        ChatMessage("assistant", None, tool_calls=[{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}}],
+                    reasoning_content="Paris first."),
         ChatMessage("tool", "21 C", tool_call_id="call_1"),
     ]
     msgs, tools = prepare_messages(history, cfg, native=False)
+    assert msgs[2].reasoning_content == "Paris first."  # its thinking kept for the template, as its calls are
     assert tools is None
     assert msgs[0].role == "system" and "<tools>" in msgs[0].content and '"get_weather"' in msgs[0].content
     assert msgs[2].role == "assistant" and '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"' in msgs[2].content

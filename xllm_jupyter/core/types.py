@@ -64,6 +64,8 @@ class ChatMessage:
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+    #: an assistant turn's thinking sent back in the history (wire ``reasoning_content`` or ``reasoning``)
+    reasoning_content: str | None = None
 
     def to_template_dict(self) -> dict[str, Any]:
         """The dict form chat templates expect."""
@@ -74,6 +76,8 @@ class ChatMessage:
             out["tool_calls"] = self.tool_calls
         if self.tool_call_id:
             out["tool_call_id"] = self.tool_call_id
+        if self.reasoning_content is not None:  # under both names, as vLLM passes it: Qwen3's, DeepSeek's templates show it
+            out["reasoning_content"] = out["reasoning"] = self.reasoning_content
         return out
 
 

@@ -194,7 +194,23 @@ def core_message(m: WireMessage, i: int, function_call_id: str | None = None) ->
         calls = [*(calls or ()), legacy]
     if m.role == "function":
         return ChatMessage(role="tool", content=content, name=m.name, tool_call_id=function_call_id or f"call_{m.name}")
-    return ChatMessage(role=m.role, content=content, name=m.name, tool_calls=calls, tool_call_id=m.tool_call_id)
+    return ChatMessage(role=m.role, content=content, name=m.name, tool_calls=calls, tool_call_id=m.tool_call_id,
+                       reasoning_content=sent_thinking(m, i) if m.role == "assistant" else None)
+
+
+def sent_thinking(m: WireMessage, i: int) -> str | None:
+    """Assistant message ``i``'s thinking sent back: its ``reasoning_content`` (DeepSeek's name), else ``reasoning``
+    (vLLM's). It reaches the chat template as vLLM passes it: Qwen3's shows the thinking of the turns after the last
+    user message (a tool-call chain's). Null is absent; another non-string is a 400 naming the field."""
+    extra = m.model_extra or {}
+    for key in ("reasoning_content", "reasoning"):
+        value = extra.get(key)
+        if value is not None and not isinstance(value, str):
+            param = f"messages[{i}].{key}"
+            raise InvalidRequest(f"Invalid type for '{param}': expected a string, but got {json_type(value)} instead.",
+                                 param=param, code="invalid_type")
+    thought = extra.get("reasoning_content")
+    return thought if thought is not None else extra.get("reasoning")
 
 
 #: the content part types api.openai.com takes in each role's messages (chat); only text (and an assistant's

@@ -294,7 +294,9 @@ def one_call_per_turn(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
             continue
         results = list(messages[i + 1:end])
         for k, call in enumerate(m.tool_calls):
-            out.append(replace(m, content=m.content if k == 0 else None, tool_calls=[call]))
+            first = k == 0  # the turn's text and thinking came before all its calls: shown once, with the first
+            out.append(replace(m, content=m.content if first else None,
+                               reasoning_content=m.reasoning_content if first else None, tool_calls=[call]))
             out.extend(r for r in results if r.tool_call_id == call.get("id"))
         ids = {c.get("id") for c in m.tool_calls}
         out.extend(r for r in results if r.tool_call_id not in ids)  # (answering no call of the turn: kept, last)
@@ -355,7 +357,7 @@ def _as_text(m: ChatMessage) -> ChatMessage:
         calls = [format_call((c.get("function") or {}).get("name", ""), (c.get("function") or {}).get("arguments", {}))
                  for c in m.tool_calls]
         text = "\n".join(([m.content] if m.content else []) + calls)
-        return ChatMessage(role="assistant", content=text, name=m.name)
+        return ChatMessage(role="assistant", content=text, name=m.name, reasoning_content=m.reasoning_content)
     return m
 
 
