@@ -40,6 +40,14 @@ class JobInfo:
     #: speller that spells them by it; None: every special token's text is taken out
     kept: Any = None
 
+    def __post_init__(self) -> None:
+        # a kept token's name in top_logprobs is its text, as its bytes and the chosen token's name are (the
+        # model's ``piece`` spells a special token ""): made once per job, not per result
+        self.kept_name: Callable[[int], str] | None = None
+        if self.kept is not None:
+            spell = self.kept.token_bytes
+            self.kept_name = lambda t: token_text(spell(t))
+
 
 @dataclass
 class SpeculativeStats:
@@ -117,9 +125,7 @@ def translate_results(results: Iterable[Mapping[str, Any]], jobs: Mapping[int, J
         held = bool(r.get("eos") and r.get("eos_reason") == "stop_token" and not _row(r.get("token_ids")))
         texts: list[str] = []  # the text token by token (empty: the step's text rides on its last token)
         spell = raw if info.kept is None or raw is None else info.kept.token_bytes
-        # a kept token's name in top_logprobs is its text, as its bytes and the chosen token's name are (the
-        # model's ``piece`` spells a special token "")
-        name = piece if info.kept is None else lambda t, spell=info.kept.token_bytes: token_text(spell(t))
+        name = info.kept_name or piece
         if held:
             r = with_held_answer(r, spell)
             texts = r.get("token_texts") or []
