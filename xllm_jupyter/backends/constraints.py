@@ -86,14 +86,22 @@ def grammar_text(constraint: Constraint, *, param: str = "response_format") -> s
 MARKERS = ("<tool_call>", "</tool_call>")
 
 
-def with_marker_tokens(spec: str, tokenizer: Any) -> str:
-    """Lark ``spec`` with each marker literal (``MARKERS``) also matched by the token ``tokenizer`` has for it."""
+def marker_alternatives(tokenizer: Any) -> tuple[tuple[str, str], ...]:
+    """(marker literal, a Lark alternative that also matches its token) for each marker (``MARKERS``) that
+    ``tokenizer`` has one special token for."""
+    out = []
     for marker in MARKERS:
-        literal = json.dumps(marker)
-        if literal in spec:
-            ids = tokenizer.tokenize_str(marker)
-            if len(ids) == 1 and tokenizer.is_special_token(ids[0]):
-                spec = spec.replace(literal, f"({literal} | <[{ids[0]}]>)")
+        ids = tokenizer.tokenize_str(marker)
+        if len(ids) == 1 and tokenizer.is_special_token(ids[0]):
+            literal = json.dumps(marker)
+            out.append((literal, f"({literal} | <[{ids[0]}]>)"))
+    return tuple(out)
+
+
+def with_marker_tokens(spec: str, alternatives: Iterable[tuple[str, str]]) -> str:
+    """Lark ``spec`` with each marker literal also matched by its token (``marker_alternatives``)."""
+    for literal, either in alternatives:
+        spec = spec.replace(literal, either)
     return spec
 
 
@@ -173,12 +181,14 @@ def tokenizer_identity(hf_tokenizer: Any) -> str | None:
 class BuiltTokenizer:
     """One llguidance tokenizer (or why it cannot be built), built once by whichever compiler asks first."""
 
-    __slots__ = ("lock", "tokenizer", "unsupported", "__weakref__")
+    __slots__ = ("lock", "tokenizer", "unsupported", "markers", "__weakref__")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.tokenizer: Any = None
         self.unsupported: str | None = None  # why llguidance refused the tokenizer (kept: no second attempt)
+        #: its ``marker_alternatives``, found on the first grammar that asks (not tokenized again per compile)
+        self.markers: tuple[tuple[str, str], ...] | None = None
 
     def build(self, hf_tokenizer: Any, vocab_size: int, eos: list[int]) -> None:
         """Build it unless built (or refused); a second caller waits for the first's build."""
@@ -367,7 +377,12 @@ class GrammarCompiler:
     def text_for(self, constraint: Constraint, *, param: str = "response_format") -> str:
         """``grammar_text`` for this tokenizer: its tool-call marker tokens may write the markers (``with_marker_tokens``)."""
         text = grammar_text(constraint, param=param)
-        return with_marker_tokens(text, self.tokenizer) if constraint.kind == "lark" else text
+        if constraint.kind != "lark":
+            return text
+        built = self._built
+        if built.markers is None:  # (two threads may both look them up: the same answer)
+            built.markers = marker_alternatives(self.tokenizer)
+        return with_marker_tokens(text, built.markers)
 
     def new_matcher(self, constraint: Constraint, *, param: str = "response_format") -> Any:
         """A fresh matcher for one job: a copy of the cached compiled one."""
