@@ -31,3 +31,17 @@ def test_ps_shows_an_embedding_models_keep_alive(xllm_server, client, raw):
     assert item["expires_at"] is None
     assert "forever" in _row(invoke("ps", "--url", xllm_server.base_url, "--api-key", xllm_server.api_key).output,
                              MODEL)
+
+
+def test_an_unloaded_embedding_models_old_keep_alive_does_not_outlive_it(xllm_server, client, raw):
+    """An embedding model unloaded (``xllm stop``, a pull or rm) forgets the keep_alive it had: loaded again by a
+    request without one, it stays, as a fresh load does. Its old expiry stayed, so ``xllm ps`` showed it, and the
+    reaper unloaded the new load at that time."""
+    try:
+        client.embeddings.create(model=MODEL, input="hello", extra_body={"keep_alive": "10m"})
+        assert raw.post("/admin/models/unload", json={"model": MODEL}).json()["unloaded"] is True
+        client.embeddings.create(model=MODEL, input="hello")  # loaded again, no keep_alive: it stays
+        item = next(m for m in raw.get("/admin/models").json()["data"] if m["id"] == MODEL)
+        assert item["expires_at"] is None
+    finally:  # (the session's other tests find it loaded, with no expiry)
+        client.embeddings.create(model=MODEL, input="hello", extra_body={"keep_alive": -1})

@@ -246,6 +246,9 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
         if name in self._loading:
             self._unload_asks[name] += 1  # (only then: the counter stays as small as the loads under way)
         try:
+            if name in self._embeddings.slots:  # (before the unload's await: a load meanwhile sets its own)
+                # its request's keep_alive goes with it: a later load without one stays (the reaper would unload it)
+                self._embed_expiry.pop(name, None)
             if await self._embeddings.unload(name, reason):
                 return True
             if name in self._adapters:
