@@ -7,6 +7,7 @@ pull failed with a bare "Not a directory".
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 from click.testing import CliRunner
@@ -64,3 +65,17 @@ def test_the_in_process_engine_says_so(home_file):
 
 def test_a_home_not_made_yet_is_fine(tmp_path):
     assert ModelStore(tmp_path / "new" / "home").list() == []  # made on the first pull, as before
+
+
+def test_the_jupyter_extension_logs_it_and_still_builds_its_engine(home_file, caplog):
+    """Logged, not raised: a Jupyter server on a hub still serves its kernels through the hub's xllm service."""
+    from xllm_jupyter.extension.app import XllmApp
+
+    app = XllmApp(home=str(home_file))
+    app.log.addHandler(caplog.handler)  # (an application's log does not propagate to the root logger)
+    try:
+        app.initialize_settings()
+    finally:
+        app.log.removeHandler(caplog.handler)
+    assert app.engine is not None
+    assert any(f"{home_file} is not a directory" in r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
