@@ -187,6 +187,9 @@ def test_thinking_sent_back_reaches_a_template_that_shows_it(served):
     inline = _prompt_tokens(served, {"content": "<think>plan it</think>Cold."})  # the same text, rendered by hand
     assert _prompt_tokens(served, {"content": "Cold.", "reasoning_content": "plan it"}) == inline
     assert _prompt_tokens(served, {"content": "Cold.", "reasoning": "plan it"}) == inline  # vLLM's name
+    # a reply cut while it thought (content null) sent back as it came is taken, its thinking shown
+    assert _prompt_tokens(served, {"content": None, "reasoning_content": "plan it"}) == \
+        _prompt_tokens(served, {"content": "<think>plan it</think>"})
     plain = _prompt_tokens(served, {"content": "Cold."})
     assert plain < inline and _prompt_tokens(served, {"content": "Cold.", "reasoning_content": None}) == plain
     # a template that does not read it renders the history as before

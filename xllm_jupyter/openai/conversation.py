@@ -174,17 +174,19 @@ def in_call_order(messages: list[ChatMessage]) -> list[ChatMessage]:
 
 def core_message(m: WireMessage, i: int, function_call_id: str | None = None) -> ChatMessage:
     """Message ``i`` as a core ``ChatMessage``: its content parts joined to text; null content only where OpenAI
-    takes it (an assistant message that calls tools or a function or carries a refusal, a function result).
+    takes it (an assistant message that calls tools or a function or carries a refusal, a function result) and in
+    an assistant message with thinking (``sent_thinking``: a reply cut while it thought comes back so).
 
     A legacy assistant ``function_call`` becomes one more tool call (id ``call_fn<i>``) and a ``function`` message a
     ``tool`` message answering ``function_call_id`` (the last such call), so chat templates render them as tool turns.
     """
     param = f"messages[{i}].content"
     content = flatten_content(m.content, param, m.role)
-    calls_something = m.tool_calls or m.function_call is not None
+    thought = sent_thinking(m, i) if m.role == "assistant" else None
+    said = m.tool_calls or m.function_call is not None or thought is not None or isinstance((m.model_extra or {}).get("refusal"), str)
     if content is None and m.role == "function" and "content" in m.model_fields_set:
         content = ""  # the SDK types a function result's content as nullable
-    elif content is None and not (m.role == "assistant" and (calls_something or isinstance((m.model_extra or {}).get("refusal"), str))):
+    elif content is None and not (m.role == "assistant" and said):
         if "content" not in m.model_fields_set:
             raise InvalidRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
         raise null_code_error("Invalid value for 'content': expected a string, got null.", param)
@@ -195,7 +197,7 @@ def core_message(m: WireMessage, i: int, function_call_id: str | None = None) ->
     if m.role == "function":
         return ChatMessage(role="tool", content=content, name=m.name, tool_call_id=function_call_id or f"call_{m.name}")
     return ChatMessage(role=m.role, content=content, name=m.name, tool_calls=calls, tool_call_id=m.tool_call_id,
-                       reasoning_content=sent_thinking(m, i) if m.role == "assistant" else None)
+                       reasoning_content=thought)
 
 
 def sent_thinking(m: WireMessage, i: int) -> str | None:
