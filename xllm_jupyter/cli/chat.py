@@ -14,15 +14,16 @@ import click
 
 from ..client.base import ServerUnavailable, WrongScheme
 from ..core.errors import ContextLengthExceeded, XllmError
-from .render import echo, markup_safe, terminal_safe
+from .render import markup_safe, terminal_safe
 from .run_flags import FORMAT_HELP, KEEPALIVE_HELP, ReplyStats, keep_alive, response_format, set_command
 from .settings import server_options
+from .thinking import HIDE_HELP, THINK_HELP, Thinking, ThinkingView, set_think, think_kwargs
 
 EXIT_WORDS = {"/bye", "/exit", "/quit"}
 HELP_WORDS = {"/?", "/help"}
 BLOCK = '"""'  # a message of several lines goes between these, as in `ollama run`
 HELP = (f"Type a message ({BLOCK} begins and ends one of several lines). Ctrl-C stops a reply, /clear forgets "
-        "the conversation, /set verbose|quiet|format json|noformat changes how answers come, /bye or Ctrl-D exits, "
+        "the conversation, /set verbose|quiet|format json|noformat|think|nothink changes how answers come, /bye or Ctrl-D exits, "
         "/? shows this help.")
 COMMANDS = "/clear, /set, /bye (or /exit, /quit), /? (or /help)"
 EXIT_HINT = "(Ctrl-C clears the line; /bye or Ctrl-D exits)"
@@ -35,7 +36,8 @@ class ChatBackend(Protocol):
         """Make ``name`` ready (errors early for unknown models); XllmClient takes ``keep_alive``."""
 
     def stream_chat(self, messages: list[dict[str, str]], model: str | None = None, **params: Any) -> Any:
-        """Iterator of reply text pieces; closing it cancels the generation."""
+        """Iterator of reply text pieces (``thinking``: a reasoning model's thinking too, as ``Thinking`` pieces);
+        closing it cancels the generation."""
 
     def close(self) -> None:
         """Release connections or the in-process engine."""
@@ -77,19 +79,24 @@ def load_with_status(backend: ChatBackend, model: str, **options: Any) -> float:
 
 
 def stream_reply(backend: ChatBackend, messages: list[dict[str, str]], model: str, params: dict[str, Any],
-                 stats: ReplyStats | None = None) -> tuple[str, bool]:
-    """Print the reply as it streams, then ``stats``' timings when given; returns (text, interrupted)."""
+                 stats: ReplyStats | None = None, hide_thinking: bool = False) -> tuple[str, bool]:
+    """Print the reply as it streams (a reasoning model's thinking first, as ``ollama run`` shows it, unless
+    ``hide_thinking``), then ``stats``' timings when given; returns (the answer's text, interrupted). The thinking is
+    not in that text: the conversation sends the answers back, as Ollama's and the OpenAI clients' do."""
     pieces: list[str] = []
-    stream = stats.watch(backend, messages, model, params) if stats else backend.stream_chat(messages, model, **params)
+    view = ThinkingView(hide_thinking)
+    stream = (stats.watch(backend, messages, model, params) if stats
+              else backend.stream_chat(messages, model, thinking=True, **params))
     interrupted = False
     try:
         for piece in stream:
-            echo(piece, nl=False)  # flushes, so tokens show as they come; on a tty no escape sequence acts
-            pieces.append(piece)
+            view.show(piece)
+            if not isinstance(piece, Thinking):
+                pieces.append(piece)
     except KeyboardInterrupt:
         interrupted = True
     except Exception:
-        if pieces:  # the error line is written next: under the partial reply, not at the end of its last line
+        if view.wrote:  # the error line is written next: under the partial reply, not at the end of its last line
             click.echo()
         raise
     finally:
@@ -170,7 +177,7 @@ def _slash_command(text: str, history: list[dict[str, str]], system: list[dict[s
     """Run /clear, /set or /?; anything else is an unknown command, never sent to the model. Returns whether
     timings show after each answer now (``/set verbose``)."""
     if text.split()[0] == "/set":
-        return set_command(text.split()[1:], params, verbose)
+        return verbose if set_think(text.split()[1:], params) else set_command(text.split()[1:], params, verbose)
     if text == "/clear":
         history[:] = system
         _note("(conversation cleared)")
@@ -182,9 +189,9 @@ def _slash_command(text: str, history: list[dict[str, str]], system: list[dict[s
 
 
 def interactive(backend: ChatBackend, model: str, history: list[dict[str, str]], params: dict[str, Any],
-                verbose: bool = False, load_seconds: float | None = None) -> None:
+                verbose: bool = False, load_seconds: float | None = None, hide_thinking: bool = False) -> None:
     """A terminal chat that keeps the conversation until /bye or EOF (``verbose``: timings after each answer, the
-    first with the ``load_seconds`` the model's load took)."""
+    first with the ``load_seconds`` the model's load took; ``hide_thinking``: answers without their thinking)."""
     system = list(history)
     _note(HELP)
     while True:
@@ -208,7 +215,8 @@ def interactive(backend: ChatBackend, model: str, history: list[dict[str, str]],
             continue
         history.append({"role": "user", "content": text})
         try:
-            reply, interrupted = stream_reply(backend, history, model, params, ReplyStats(load_seconds) if verbose else None)
+            reply, interrupted = stream_reply(backend, history, model, params, ReplyStats(load_seconds) if verbose else None,
+                                              hide_thinking)
             load_seconds = None  # the load was before the first answer only
         except XllmError as exc:
             # A bad turn should not end the session, nor a server that stopped or restarted (ServerUnavailable, the
@@ -233,12 +241,16 @@ def interactive(backend: ChatBackend, model: str, history: list[dict[str, str]],
 @click.option("--max-tokens", type=click.IntRange(1), help="Most tokens to generate per reply.")
 @click.option("--format", "format_", metavar="json|SCHEMA", help=FORMAT_HELP)
 @click.option("--keepalive", metavar="DURATION", help=KEEPALIVE_HELP)
+@click.option("--think", is_flag=False, flag_value="true", default=None, metavar="[=true|false|high|medium|low]",
+              help=THINK_HELP)
+@click.option("--hidethinking", is_flag=True, help=HIDE_HELP)
 @click.option("--verbose", is_flag=True, help="Show timings and token counts after each answer (on stderr).")
 @click.option("--local", is_flag=True, help="Do not look for a server; run the model in this process.")
 @server_options
 @click.pass_obj
 def run_command(settings: Any, model: str, prompt: tuple[str, ...], system: str | None, temperature: float | None,
-                max_tokens: int | None, format_: str | None, keepalive: str | None, verbose: bool, local: bool) -> None:
+                max_tokens: int | None, format_: str | None, keepalive: str | None, think: str | None, hidethinking: bool,
+                verbose: bool, local: bool) -> None:
     """Chat with MODEL, one-shot or interactively.
 
     With PROMPT, stream one answer and exit; without it, chat in the terminal
@@ -249,12 +261,14 @@ def run_command(settings: Any, model: str, prompt: tuple[str, ...], system: str 
     """
     model, text = valid_text(model), valid_text(" ".join(prompt))
     system = valid_text(system) if system else system
-    answer_format, keep = response_format(format_), keep_alive(keepalive)  # usage errors before anything loads
+    # usage errors before anything loads
+    answer_format, keep, template_kwargs = response_format(format_), keep_alive(keepalive), think_kwargs(think)
     one_shot = bool(prompt) or not stdin_is_tty()
     if not stdin_is_tty():
         text = one_shot_prompt(read_piped(), text)
     backend = connect(settings, local)
-    params = {"temperature": temperature, "max_tokens": max_tokens, "response_format": answer_format}
+    params = {"temperature": temperature, "max_tokens": max_tokens, "response_format": answer_format,
+              "chat_template_kwargs": template_kwargs}
     if keep is not None and getattr(backend, "in_process", False):
         _note("Note: --keepalive is for a server; the model in this process goes when this command ends.")
         keep = None
@@ -265,12 +279,13 @@ def run_command(settings: Any, model: str, prompt: tuple[str, ...], system: str 
         # fail early if the model does not exist; the load's keep_alive holds it until the first answer too
         load_seconds = load_with_status(backend, model, **({"keep_alive": keep} if keep is not None else {}))
         if not one_shot:
-            interactive(backend, model, history, params, verbose, load_seconds)
+            interactive(backend, model, history, params, verbose, load_seconds, hidethinking)
             return
         if not text:
             return  # nothing piped and no prompt: the model is loaded, as `ollama run M < /dev/null` does
         history.append({"role": "user", "content": text})
-        _, interrupted = stream_reply(backend, history, model, params, ReplyStats(load_seconds) if verbose else None)
+        _, interrupted = stream_reply(backend, history, model, params, ReplyStats(load_seconds) if verbose else None,
+                                      hidethinking)
         if interrupted:
             sys.exit(130)
     finally:

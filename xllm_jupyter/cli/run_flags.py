@@ -98,15 +98,14 @@ class ReplyStats:
         self.start = self.first = self.end = 0.0
 
     def watch(self, backend: Any, messages: list[dict[str, str]], model: str, params: dict[str, Any]) -> Iterator[str]:
-        """The answer's text pieces from ``backend``, timed, with the usage the server (or the in-process engine) reports."""
+        """The answer's text pieces from ``backend`` (its thinking's as ``Thinking`` pieces), timed, with the usage
+        the server (or the in-process engine) reports."""
         self.start = time.perf_counter()
         if hasattr(backend, "stream_chunks"):  # a server: its usage comes in the stream's last chunk
-            from ..client.base import delta_text
-
             pieces = backend.stream_chunks(messages, model, stream_options={"include_usage": True}, **params)
-            texts = (self._usage_of(chunk) or delta_text(chunk) for chunk in pieces)
+            texts = (text for chunk in pieces for text in self._texts_of(chunk))
         else:
-            pieces = texts = backend.stream_chat(messages, model, **params)
+            pieces = texts = backend.stream_chat(messages, model, thinking=True, **params)
         try:
             for text in texts:
                 if text:
@@ -118,10 +117,13 @@ class ReplyStats:
         if not self.usage:
             self.usage = dict(getattr(backend, "last_usage", None) or {})
 
-    def _usage_of(self, chunk: dict[str, Any]) -> str:
+    def _texts_of(self, chunk: dict[str, Any]) -> tuple[str, str]:
+        from ..client.base import delta_text
+        from ..client.thinking import Thinking, delta_thinking
+
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
-        return ""
+        return Thinking(delta_thinking(chunk)), delta_text(chunk)  # the first piece, thinking or not, ends the prompt's part
 
     def lines(self) -> list[str]:
         """The summary, in `ollama run --verbose`'s words and order; a figure not measured is left out."""

@@ -35,6 +35,7 @@ from .base import (
     unreachable,
 )
 from .sse_lines import sse_lines
+from .thinking import Thinking, delta_thinking
 
 Messages = Iterable[Mapping[str, Any]] | str
 
@@ -221,11 +222,16 @@ class XllmClient:
         """
         yield from self._events(self.base_url + "/chat/completions", chat_body(messages, self._model(model), True, params))
 
-    def stream_chat(self, messages: Messages, model: str | None = None, **params: Any) -> Iterator[str]:
-        """The reply's text pieces as they are generated (close the iterator to cancel)."""
+    def stream_chat(self, messages: Messages, model: str | None = None, *, thinking: bool = False,
+                    **params: Any) -> Iterator[str]:
+        """The reply's text pieces as they are generated (close the iterator to cancel); with ``thinking``, a
+        reasoning model's thinking too, as ``Thinking`` pieces (else it is left out: it is not the answer)."""
         chunks = self.stream_chunks(messages, model, **params)
         try:
             for chunk in chunks:
+                thought = delta_thinking(chunk) if thinking else ""
+                if thought:
+                    yield Thinking(thought)
                 text = delta_text(chunk)
                 if text:
                     yield text

@@ -14,6 +14,7 @@ from ..core.config import XllmConfig, load_config
 from ..core.errors import InvalidRequest
 from ..core.types import ChatMessage, Constraint, GenerationParams, GenerationRequest, SamplingParams
 from ..openai.model_defaults import ModelDefaults
+from ..openai.template_kwargs import PARAM, chat_template_kwargs
 
 _SAMPLING_KEYS = {"temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "seed"}
 
@@ -96,8 +97,12 @@ class LocalChat:
             self._started = True
         self._run(self.engine.load(model))
 
-    def stream_chat(self, messages: Iterable[Mapping[str, Any]] | str, model: str, **params: Any) -> Iterator[str]:
-        """The reply's text pieces; closing the iterator cancels the generation."""
+    def stream_chat(self, messages: Iterable[Mapping[str, Any]] | str, model: str, *, thinking: bool = False,
+                    **params: Any) -> Iterator[str]:
+        """The reply's text pieces; closing the iterator cancels the generation. ``thinking`` is taken as the
+        server's client takes it; in this process a reasoning model's thinking is not split from its answer."""
+        # the template's variables (`xllm run --think=false`: enable_thinking), checked as the server checks them
+        template_kwargs = chat_template_kwargs({PARAM: params.pop(PARAM, None)})
         self.load(model)
         # a created model's PARAMETER/SYSTEM/MESSAGE apply here just as the server applies them
         defaults = ModelDefaults.of(self.engine, model)
@@ -106,7 +111,8 @@ class LocalChat:
         chat = defaults.chat_messages(to_chat_messages(messages))
         if gen_params.constraint is not None:  # a schema the grammar engine refuses: its 400's words, before any text
             self._run(self.engine.check_constraint(model, gen_params.constraint))
-        prompt_ids = self._run(self.engine.encode_chat(model, chat))
+        extra = {"template_kwargs": template_kwargs} if template_kwargs else {}  # only when given, as the server does
+        prompt_ids = self._run(self.engine.encode_chat(model, chat, **extra))
         request = GenerationRequest(model=model, prompt_ids=tuple(prompt_ids), params=gen_params)
         events = self.engine.generate(request)
         self.last_usage = {}
