@@ -6,6 +6,7 @@ from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from .response_items import function_call_item, last_item_status, message_item, new_id, reasoning_item, response_status
+from .reasoning import MAGISTRAL, THINK
 from .response_store import ResponseStore
 
 if TYPE_CHECKING:
@@ -157,6 +158,8 @@ class ResponseEventStream:
                 thought = delta.get("reasoning_content")  # a reasoning model's thinking, before its answer
                 # (the thinking's token logprobs are not the output text's)
                 logprobs = [] if thought else (choices[0].get("logprobs") or {}).get("content") or []
+                if logprobs and self._open_is("reasoning"):  # the answer's first: the thinking's end rides on it
+                    logprobs = _after_thinking(logprobs)
                 if thought:
                     if not self._open_is("reasoning"):
                         for ev in self._close() + self._open_reasoning():
@@ -195,3 +198,15 @@ class ResponseEventStream:
             yield ev
         final = turn.finish(self._store, self._output, status, incomplete, usage)
         yield self._event("response.completed" if status == "completed" else "response.incomplete", response=final)
+
+
+def _after_thinking(logprobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The answer's first token logprobs without those of the thinking's last tokens and end marker, which the chat
+    stream holds back with the marker and sends with the answer's first piece (the whole reply's output text
+    logprobs start after the marker too); all of them where no marker is among them."""
+    text = ""
+    for i, entry in enumerate(logprobs):
+        text += entry.get("token") or ""
+        if THINK[1] in text or MAGISTRAL[1] in text:
+            return logprobs[i + 1:]
+    return logprobs

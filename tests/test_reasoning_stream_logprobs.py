@@ -1,0 +1,24 @@
+"""A streamed Response's output text logprobs are the answer's tokens, as the whole Response's are.
+
+The chat stream holds a reasoning model's end marker (and the thinking's trailing whitespace) back and sends their
+token logprobs with the answer's first piece; the Responses stream put them in the message's ``output_text``
+logprobs, so a streamed reply's began with ``</think>`` where the whole reply's start after it.
+"""
+
+from __future__ import annotations
+
+from tests.test_reasoning import THINK, _grammar, served  # noqa: F401  (the module's server, a reasoning template)
+
+
+def test_streamed_output_text_logprobs_leave_out_the_thinkings_end(served):  # noqa: F811
+    client, ids = served
+    grammar = _grammar(ids, *THINK, "\\nplan it\\n", "\\n\\nThe answer.")
+    kw = dict(model="think", input="Hi", max_output_tokens=48, extra_body={"guided_grammar": grammar, "seed": 1},
+              include=["message.output_text.logprobs"])
+    whole = [t.token for t in client.responses.create(**kw).output[1].content[0].logprobs]
+    with client.responses.stream(**kw) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert [t.token for t in final.output[1].content[0].logprobs] == whole
+    assert [t.token for e in events if e.type == "response.output_text.delta" for t in e.logprobs] == whole
+    assert THINK[1] not in "".join(whole) and "".join(whole).strip() == "The answer."
