@@ -233,6 +233,33 @@ def test_responses_give_the_thinking_as_a_reasoning_item(served):
         client.responses.create(model="think", input=[{"type": "reasoning", "summary": "no"}], max_output_tokens=2)
 
 
+def test_responses_give_a_reasoning_item_to_the_assistant_turn_after_it(served):
+    client, _ = served
+    thought = {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "plan it"}]}
+    summary = {"type": "reasoning", "summary": [{"type": "summary_text", "text": "plan it"}]}
+    call = [{"type": "function_call", "call_id": "c1", "name": "weather", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "Cold."}]
+
+    def said(text):
+        return {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]}
+
+    def input_tokens(*items):
+        given = [{"role": "user", "content": "Weather?"}, *items, {"role": "user", "content": "And?"}]
+        return client.responses.create(model="think", input=given, max_output_tokens=2).usage.input_tokens
+
+    inline = input_tokens(said("<think>plan it</think>Cold."))  # the same text, rendered by hand
+    assert input_tokens(thought, said("Cold.")) == input_tokens(summary, said("Cold.")) == inline
+    assert input_tokens(said("Cold.")) < inline
+    assert input_tokens(thought, *call) == input_tokens(summary, *call) > input_tokens(*call)
+    assert input_tokens(thought) == input_tokens()  # before a user turn: no assistant turn to give it to
+    # a stored reply with its thinking, continued with previous_response_id, is shown to the model the same way
+    first = client.responses.create(model="think", input=[{"role": "user", "content": "Weather?"}, thought, said("Cold.")],
+                                    max_output_tokens=2, extra_body={"seed": 1})
+    follow = client.responses.create(model="think", input="And?", previous_response_id=first.id, max_output_tokens=2)
+    output = [o.model_dump(exclude_none=True) for o in first.output]
+    assert follow.usage.input_tokens == input_tokens(thought, said("Cold."), *output) > input_tokens(said("Cold."), *output)
+
+
 def test_a_stored_stream_keeps_its_thinking_and_time_to_first_token_counts_it(served):
     import httpx
     from prometheus_client.parser import text_string_to_metric_families

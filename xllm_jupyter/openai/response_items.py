@@ -134,7 +134,7 @@ def normalize_input(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             call_id = _str_field(item, "call_id", param)
             output = _text(item.get("output"), f"{param}.output")
             items.append({"id": iid or new_id("fco_"), "type": "function_call_output", "call_id": call_id, "output": output, "status": "completed"})
-        elif kind == "reasoning":  # an earlier reply's thinking sent back, as clients send a whole output: kept, not shown
+        elif kind == "reasoning":  # an earlier reply's thinking sent back, as clients send a whole output
             items.append(_reasoning_input(item, iid, param))
         else:
             raise Unsupported(f"Input items of type {shown(kind)} are not supported by this server yet", param=f"{param}.type")
@@ -142,8 +142,8 @@ def normalize_input(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _reasoning_input(item: dict[str, Any], iid: str | None, param: str) -> dict[str, Any]:
-    """A ``reasoning`` input item as stored: its summary and content texts (templates drop past thinking anyway, as
-    vLLM does, so the model never sees it again)."""
+    """A ``reasoning`` input item as stored: its summary and content texts (``items_to_messages`` gives them to the
+    assistant turn after it)."""
     parts = {}
     for key in ("summary", "content"):
         value = item.get(key)
@@ -153,11 +153,25 @@ def _reasoning_input(item: dict[str, Any], iid: str | None, param: str) -> dict[
     return {"id": iid or new_id("rs_"), "type": "reasoning", **parts, "status": "completed"}
 
 
+def _thinking(item: dict[str, Any]) -> str | None:
+    """A reasoning item's thinking: its ``content`` texts, else (api.openai.com's items carry none) its summary's, as
+    vLLM reads it; None where it has neither."""
+    content, summary = item.get("content") or (), item.get("summary") or ()
+    return "".join(p["text"] for p in content) if content else "\n\n".join(p["text"] for p in summary) or None
+
+
 def items_to_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Chat wire messages for normalized items; consecutive function calls share one assistant turn."""
+    """Chat wire messages for normalized items; consecutive function calls share one assistant turn, and a reasoning
+    item's thinking is the ``reasoning_content`` of the assistant turn right after it (dropped before any other), as a
+    chat client sends it back (conversation.sent_thinking): chat templates that show past thinking render it."""
     out: list[dict[str, Any]] = []
+    thought: str | None = None  # of the reasoning items since the last turn
     for item in items:
         kind = item["type"]
+        if kind == "reasoning":
+            more = _thinking(item)
+            thought = more if thought is None else "\n\n".join(filter(None, (thought, more)))
+            continue
         if kind == "message":
             out.append({"role": item["role"], "content": "".join(p.get("text", "") for p in item["content"])})
         elif kind == "function_call":
@@ -169,6 +183,10 @@ def items_to_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
             out.append({"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]})
+        if thought is not None and out and out[-1]["role"] == "assistant":
+            prior = out[-1].get("reasoning_content")  # (a reasoning item between two calls of one turn)
+            out[-1]["reasoning_content"] = thought if prior is None else f"{prior}\n\n{thought}"
+        thought = None
     return out
 
 
