@@ -36,9 +36,11 @@ LANE_WORKERS = 2
 
 
 def chat_chars(messages: Sequence[ChatMessage], tools: Sequence[dict[str, Any]] | None) -> int:
-    """About how many characters a chat's prompt has (its messages' text and tool calls, its tools' schemas)."""
-    # an assistant turn's tool call arguments are rendered into the prompt too: megabytes can come that way
-    size = sum(len(m.content or "") + (len(str(m.tool_calls)) if m.tool_calls else 0) for m in messages)
+    """About how many characters a chat's prompt has (its messages' text, thinking and tool calls, its tools' schemas)."""
+    # an assistant turn's tool call arguments and thinking sent back are rendered into the prompt too: megabytes can
+    # come that way
+    size = sum(len(m.content or "") + len(m.reasoning_content or "") + (len(str(m.tool_calls)) if m.tool_calls else 0)
+               for m in messages)
     return size + (len(str(tools)) if tools else 0)
 
 
