@@ -11,11 +11,13 @@ from typing import Any
 
 from IPython.display import display
 
+from ..client.thinking import delta_thinking, message_thinking
 from ..core.errors import XllmError
 from .render import (
     BLANK,
     EMPTY,
     INTERRUPTED,
+    THOUGHT_ONLY,
     Reply,
     error,
     extract_code,
@@ -48,6 +50,8 @@ class Answer:
     """What came back, and how it ended."""
 
     text: str = ""
+    #: a reasoning model's thinking (``reasoning_content``): shown above the answer, never kept as the answer
+    thinking: str = ""
     model: str | None = None
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
@@ -120,7 +124,7 @@ def ask(shell: Any, state: MagicState, q: Question) -> tuple[Answer, Any]:
         answer = _print_stream(client, state, messages, model, params)
     else:
         answer = _whole(state, messages, model, params)
-    reply.text = answer.text
+    reply.text, reply.thinking = answer.text, answer.thinking
     value: Any = answer.text
     if answer.interrupted:
         reply.note = INTERRUPTED
@@ -134,7 +138,7 @@ def ask(shell: Any, state: MagicState, q: Question) -> tuple[Answer, Any]:
             except ValueError:
                 value = None
     elif not answer.text.strip():
-        reply.note = BLANK if answer.text else EMPTY
+        reply.note = BLANK if answer.text else THOUGHT_ONLY if answer.thinking else EMPTY
     elif q.fmt == "json":
         try:
             value = parse_json(answer.text)
@@ -169,7 +173,7 @@ def _chunks(client: Any, messages: list[dict[str, str]], model: str, params: dic
 
 
 def _take(answer: Answer, chunk: dict[str, Any]) -> str:
-    """Record a chunk's facts on ``answer``; return the text it adds."""
+    """Record a chunk's facts on ``answer`` (its thinking too); return the answer text it adds."""
     answer.model = chunk.get("model") or answer.model
     answer.fingerprint = chunk.get("system_fingerprint") or answer.fingerprint
     if chunk.get("usage"):
@@ -180,6 +184,7 @@ def _take(answer: Answer, chunk: dict[str, Any]) -> str:
     choice = choices[0]
     if choice.get("finish_reason"):
         answer.finish_reason = choice["finish_reason"]
+    answer.thinking += delta_thinking(chunk)
     return (choice.get("delta") or {}).get("content") or ""
 
 
@@ -204,9 +209,12 @@ def _stream(client: Any, state: MagicState, messages: list[dict[str, str]], mode
     stream = _chunks(client, messages, model, params)
     try:
         for chunk in stream:
+            thought = len(answer.thinking)
             text = _take(answer, chunk)
             if text:
                 pieces.append(text)
+            if text or len(answer.thinking) > thought:  # the thinking shows while it comes, above the answer
+                out.reply.thinking = answer.thinking
                 out.grow("".join(pieces))
     except KeyboardInterrupt:
         answer.interrupted = True
@@ -220,25 +228,30 @@ def _stream(client: Any, state: MagicState, messages: list[dict[str, str]], mode
 
 
 def _print_stream(client: Any, state: MagicState, messages: list[dict[str, str]], model: str, params: dict[str, Any]) -> Answer:
-    """Terminal IPython: print tokens as they come."""
+    """Terminal IPython: print tokens as they come (a reasoning model's thinking first, as `xllm run` prints it)."""
     answer = Answer()
     pieces: list[str] = []
     stream = _chunks(client, messages, model, params)
     ended = False
     try:
         for chunk in stream:
+            thought = len(answer.thinking)
             text = _take(answer, chunk)
+            if len(answer.thinking) > thought:
+                sys.stdout.write(("" if thought else "Thinking...\n") + answer.thinking[thought:])
+            if text and answer.thinking and not pieces:
+                sys.stdout.write(("" if answer.thinking.endswith("\n") else "\n") + "...done thinking.\n\n")
             if text:
                 pieces.append(text)
                 sys.stdout.write(text)
-                sys.stdout.flush()
+            sys.stdout.flush()
         ended = True
     except KeyboardInterrupt:
         answer.interrupted = ended = True
         sys.stdout.write("\n" + INTERRUPTED.strip("*"))
     finally:
         _close(stream, state)
-        if ended or pieces:  # an error before any text: no blank line above its message
+        if ended or pieces or answer.thinking:  # an error before any text: no blank line above its message
             sys.stdout.write("\n")
         sys.stdout.flush()
     answer.text = "".join(pieces)
@@ -256,6 +269,7 @@ def _whole(state: MagicState, messages: list[dict[str, str]], model: str, params
         return answer
     choice = (body.get("choices") or [{}])[0]
     answer.text = (choice.get("message") or {}).get("content") or ""
+    answer.thinking = message_thinking(body)
     answer.finish_reason = choice.get("finish_reason")
     answer.model = body.get("model")
     answer.usage = body.get("usage")

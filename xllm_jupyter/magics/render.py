@@ -20,6 +20,8 @@ INTERRUPTED = "*(interrupted)*"
 EMPTY = "*(the model returned no text)*"
 #: an answer of blank lines renders as nothing at all: say so, or the cell looks as if nothing happened
 BLANK = "*(the model returned only whitespace)*"
+#: a reasoning model that used every token thinking: its thinking shows, and no answer came after it
+THOUGHT_ONLY = "*(no answer came after the thinking: raise --max-tokens)*"
 
 _FENCE = re.compile(r"^[ \t]*(```+|~~~+)[ \t]*([\w+#.-]*)[^\n]*\n", re.MULTILINE)
 
@@ -71,8 +73,19 @@ class Reply:
         self.note = ""  # "*(interrupted)*" and the like, shown after the answer
         self.value: Any = None  # the parsed JSON once the answer is complete and valid
         self.parsed = False
+        self.thinking = ""  # a reasoning model's thinking: shown above the answer, never part of it
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        bundle = self._answer_bundle()
+        if self.thinking:
+            # apart from the answer, as `xllm run` and `ollama run` show it; the answer's own mime types stay whole
+            # (application/json, and the code alone for copying) where a front-end picks them
+            for mime in ("text/plain", "text/markdown"):
+                if mime in bundle and not (mime == "text/plain" and self.fmt == "code"):
+                    bundle[mime] = (_thought_plain if mime == "text/plain" else _thought_markdown)(self.thinking) + bundle[mime]
+        return bundle
+
+    def _answer_bundle(self) -> dict[str, Any]:
         note = f"\n\n{self.note}" if self.note else ""
         plain_note = f"\n{self.note.strip('*')}" if self.note else ""
         if self.fmt == "text":
@@ -91,6 +104,16 @@ class Reply:
 
     def __repr__(self) -> str:
         return self._repr_mimebundle_()["text/plain"]
+
+
+def _thought_plain(thinking: str) -> str:
+    return f"Thinking...\n{thinking.strip(chr(10))}\n...done thinking.\n\n"
+
+
+def _thought_markdown(thinking: str) -> str:
+    """The thinking as a quoted block under a "Thinking" heading: model text, so neutral Markdown."""
+    quoted = "\n".join(f"> {line}" if line else ">" for line in neutral_markdown(thinking.strip("\n")).split("\n"))
+    return f"> *Thinking*\n>\n{quoted}\n\n"
 
 
 class Table:
