@@ -160,6 +160,8 @@ class ResponseEventStream:
                 logprobs = [] if thought else (choices[0].get("logprobs") or {}).get("content") or []
                 if logprobs and self._open_is("reasoning"):  # the answer's first: the thinking's end rides on it
                     logprobs = _after_thinking(logprobs)
+                if delta.get("tool_calls") or (calls and not delta.get("content")):
+                    logprobs = []  # a call's tokens' (as the whole Response has them): they open no message
                 if thought:
                     if not self._open_is("reasoning"):
                         for ev in self._close() + self._open_reasoning():
