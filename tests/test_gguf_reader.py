@@ -77,3 +77,16 @@ def test_an_unreadable_file_raises_as_ggufs_reader_does(tmp_path):
     with pytest.raises(ValueError, match="GGUF magic invalid"):
         read_gguf(bad)
     assert gguf_expanded_bytes(bad, 2) == 0
+
+
+def test_transformers_gguf_loads_build_each_table_of_tensor_names_once(monkeypatch):
+    from gguf.tensor_mapping import TensorNameMap
+
+    monkeypatch.setattr(gguf, "get_tensor_name_map", gguf.get_tensor_name_map)  # put back after the test
+    fast_gguf_reads()
+    from gguf import MODEL_ARCH, get_tensor_name_map  # as transformers' get_gguf_hf_weights_map does, per module
+
+    first = get_tensor_name_map(MODEL_ARCH.LLAMA, 30)
+    assert get_tensor_name_map(MODEL_ARCH.LLAMA, 30) is first  # built once
+    assert first.mapping == TensorNameMap(MODEL_ARCH.LLAMA, 30).mapping  # the table gguf builds
+    assert get_tensor_name_map(MODEL_ARCH.LLAMA, 2).mapping == TensorNameMap(MODEL_ARCH.LLAMA, 2).mapping != first.mapping
