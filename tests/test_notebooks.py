@@ -71,12 +71,10 @@ def test_notebooks_are_committed_without_outputs(path):
 
 
 @pytest.fixture(scope="module")
-def smollm2_server(tmp_path_factory, smollm2_dir):
-    """A standalone server whose store pulled the packaged smollm2, for every notebook."""
-    home = tmp_path_factory.mktemp("xllm-notebooks")
-    store = ModelStore(home)
-    store.pull("smollm2")
-    base = make_test_config(home)
+def smollm2_server(smollm2_home):
+    """A standalone server on the session's smollm2 store (its GGUF converted once per run), for every notebook."""
+    store = ModelStore(smollm2_home)
+    base = make_test_config(smollm2_home)
     config = type(base)(
         server=base.server,
         engine=EngineConfig(default_model="smollm2", max_batch_size=8, torch_threads=2),
