@@ -17,6 +17,7 @@ from typing import Any
 
 from ..client import AsyncXllmClient
 from ..client.base import delta_text
+from ..client.thinking import delta_thinking
 from ..core.errors import InvalidRequest, XllmError
 
 Messages = list[dict[str, Any]]
@@ -112,8 +113,10 @@ async def measure_stream(
     params: Mapping[str, Any] | None = None,
     on_piece: Callable[[str], None] | None = None,
     record: StreamRecord | None = None,
+    on_thinking: Callable[[str], None] | None = None,
 ) -> StreamRecord:
-    """Stream one chat completion, timing each piece; server errors land in ``.error``.
+    """Stream one chat completion, timing each piece; server errors land in ``.error``. A reasoning model's thinking
+    goes to ``on_thinking`` where given (its pieces are not the answer's: never in ``record.pieces``).
 
     Cancelling the calling task closes the HTTP stream (the server then cancels the
     generation); pass ``record`` to keep what arrived (it is marked ``cancelled``).
@@ -126,6 +129,9 @@ async def measure_stream(
     try:
         async for chunk in client.stream_chunks(messages, model, **body):
             now = time.perf_counter() - t0
+            thought = delta_thinking(chunk) if on_thinking is not None else ""
+            if thought:
+                on_thinking(thought)  # type: ignore[misc]
             text = delta_text(chunk)
             if text:
                 record.pieces.append(text)

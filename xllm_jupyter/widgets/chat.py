@@ -78,6 +78,8 @@ class ChatWidget(W.VBox):
         self._clearing = False  # True while clear() stops a reply
         #: replies cut off by an error (``messages``' own dicts): shown, never sent back (see ``request_messages``)
         self._cut_off: list[dict[str, str]] = []
+        #: a reasoning model's thinking, by the ``id`` of its reply's dict: shown folded above the reply, never sent
+        self._thinking: dict[int, str] = {}
 
         with XllmClient(base, key) as client:
             c = ListingOnce(client)
@@ -255,6 +257,7 @@ class ChatWidget(W.VBox):
                 self._clearing = False
         self.messages = []
         self._cut_off = []
+        self._thinking = {}
         self.last = None
         self._next_render = 0.0  # the long transcript's render backoff is gone with it: the next reply shows at once
         self._render()
@@ -302,6 +305,10 @@ class ChatWidget(W.VBox):
     async def _stream(self, messages: list[dict[str, str]], model: str, params: dict[str, Any], reply: dict[str, str], record: StreamRecord) -> None:
         client = async_client(self._endpoint, max_connections=2)
 
+        def on_thinking(text: str) -> None:
+            self._thinking[id(reply)] = self._thinking.get(id(reply), "") + text
+            on_piece("")
+
         def on_piece(text: str) -> None:
             reply["content"] += text
             now = time.monotonic()
@@ -315,7 +322,7 @@ class ChatWidget(W.VBox):
                 self._next_render = max(now + RENDER_INTERVAL, done + RENDER_BACKOFF * (done - now))
 
         try:
-            await measure_stream(client, messages, model, params, on_piece, record)
+            await measure_stream(client, messages, model, params, on_piece, record, on_thinking)
         finally:
             await asyncio.shield(client.aclose())
 
@@ -355,6 +362,7 @@ class ChatWidget(W.VBox):
         i = next((k for k, m in enumerate(self.messages) if m is reply), None)
         if i is None:
             return None  # cleared meanwhile
+        self._thinking.pop(id(reply), None)
         del self.messages[i]
         if i > 0 and self.messages[i - 1]["role"] == "user":
             return self.messages.pop(i - 1)["content"]
@@ -371,10 +379,15 @@ class ChatWidget(W.VBox):
         parts = []
         for m in list(self.messages):
             name, background = _ROLE_STYLE.get(m["role"], (m["role"].title(), "transparent"))
+            thought = self._thinking.get(id(m), "") if m["role"] == "assistant" else ""
+            # the thinking folded and dim above the answer (open while no answer has come): model text, escaped
+            folded = (f'<details{"" if m["content"] else " open"}><summary style="opacity:0.7">Thinking</summary>'
+                      f'<div style="opacity:0.7;white-space:pre-wrap">{html.escape(thought.strip())}</div></details>'
+                      if thought.strip() else "")
             if not m["content"]:
-                body = "<div><em>…</em></div>"
+                body = folded + "<div><em>…</em></div>"
             elif m["role"] == "assistant":  # replies are Markdown (code blocks, lists, tables): shown rendered
-                body = markdown_html(m["content"])
+                body = folded + markdown_html(m["content"])
                 if self._is_cut_off(m):
                     body += f"<div><em>{_CUT_OFF_NOTE}</em></div>"
             else:  # what the user typed is shown as typed
