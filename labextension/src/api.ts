@@ -135,6 +135,8 @@ export class SseParser {
 /** What one streamed chat chunk carries for the first choice. */
 export interface ChatChunk {
   content: string;
+  /** a reasoning model's thinking (the server's `reasoning_content`): never part of `content` */
+  thinking: string;
   finishReason: string | null;
   usage: Usage | null;
   error: string | null;
@@ -147,11 +149,12 @@ export function parseChatChunk(payload: string): ChatChunk | null {
   }
   const chunk = JSON.parse(payload);
   if (chunk.error) {
-    return { content: '', finishReason: 'error', usage: null, error: String(chunk.error.message ?? chunk.error) };
+    return { content: '', thinking: '', finishReason: 'error', usage: null, error: String(chunk.error.message ?? chunk.error) };
   }
   const choice = chunk.choices?.[0];
   return {
     content: choice?.delta?.content ?? '',
+    thinking: choice?.delta?.reasoning_content ?? choice?.delta?.reasoning ?? '',
     finishReason: choice?.finish_reason ?? null,
     usage: chunk.usage ?? null,
     error: null
@@ -167,11 +170,15 @@ export interface ChatOptions {
   signal?: AbortSignal;
   /** called with each piece of text as it arrives */
   onDelta: (text: string) => void;
+  /** called with each piece of a reasoning model's thinking as it arrives (before the reply's text) */
+  onThinking?: (text: string) => void;
 }
 
 /** The end of a streamed chat. */
 export interface ChatResult {
   text: string;
+  /** a reasoning model's thinking, where it thought (not part of `text`) */
+  thinking?: string;
   finishReason: string | null;
   usage: Usage | null;
 }
@@ -272,6 +279,10 @@ export class XllmApi {
           }
           if (chunk.error !== null) {
             throw new XllmApiError(chunk.error, response.status);
+          }
+          if (chunk.thinking) {
+            result.thinking = (result.thinking ?? '') + chunk.thinking;
+            options.onThinking?.(chunk.thinking);
           }
           if (chunk.content) {
             result.text += chunk.content;

@@ -147,6 +147,19 @@ export class ChatView extends Widget {
             // follow the reply only while the log is at its end: a user who scrolled up to read stays put
             const follow = atBottom(this.log);
             node.textContent = reply.content;
+            if (reply.thinking && node.parentElement) {
+              showThinking(node.parentElement, reply); // the answer began: the thinking folds away
+            }
+            if (follow) {
+              this.log.scrollTop = this.log.scrollHeight;
+            }
+          }
+        },
+        onThinking: piece => {
+          reply.thinking = (reply.thinking ?? '') + piece;
+          if (node?.parentElement) {
+            const follow = atBottom(this.log);
+            showThinking(node.parentElement, reply);
             if (follow) {
               this.log.scrollTop = this.log.scrollHeight;
             }
@@ -234,6 +247,9 @@ function turnNode(turn: Turn): HTMLElement {
   const text = el('div', 'xllm-Chat-text');
   text.textContent = turn.content;
   node.append(text);
+  if (turn.thinking) {
+    showThinking(node, turn);
+  }
   if (turn.pending) {
     node.classList.add('xllm-mod-pending');
   }
@@ -248,6 +264,26 @@ function turnNode(turn: Turn): HTMLElement {
     node.append(err);
   }
   return node;
+}
+
+/** Show `turn`'s thinking in `node` above its text: a dim, folded "Thinking" block, open while no answer has come. */
+export function showThinking(node: HTMLElement, turn: Turn): void {
+  let box = node.querySelector('.xllm-Chat-thinking') as HTMLDetailsElement | null;
+  if (!box) {
+    box = el('details', 'xllm-Chat-thinking');
+    const label = el('summary', 'xllm-Chat-thinkingLabel');
+    label.textContent = 'Thinking';
+    box.append(label, el('div', 'xllm-Chat-thinkingText'));
+    node.prepend(box);
+  }
+  const text = box.querySelector('.xllm-Chat-thinkingText') as HTMLElement;
+  text.textContent = (turn.thinking ?? '').trim(); // model text: shown as text, never as HTML
+  const answered = String(!!turn.content);
+  if (box.dataset.answered !== answered) {
+    // opened while the model thinks, folded once the answer begins; in between the reader's own toggle stands
+    box.dataset.answered = answered;
+    box.open = !turn.content;
+  }
 }
 
 /** A new element with a class. */

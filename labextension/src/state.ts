@@ -144,6 +144,8 @@ export interface Turn {
   pending?: boolean;
   /** a remark under a reply that ended early, e.g. "Stopped." (the reply still counts) */
   note?: string;
+  /** a reasoning model's thinking, shown folded above the reply; never sent back as history */
+  thinking?: string;
 }
 
 /** The chat transcript: what is shown, and what is sent as history. */

@@ -61,6 +61,14 @@ describe('parseChatChunk', () => {
     });
     expect(parseChatChunk(JSON.stringify({ error: { message: 'boom' } }))?.error).toBe('boom');
   });
+
+  it("reads a reasoning model's thinking apart from the content", () => {
+    const thought = { choices: [{ index: 0, delta: { reasoning_content: 'plan', reasoning: 'plan' }, finish_reason: null }] };
+    expect(parseChatChunk(JSON.stringify(thought))).toMatchObject({ content: '', thinking: 'plan' });
+    const vllm = { choices: [{ index: 0, delta: { reasoning: 'only vLLM' }, finish_reason: null }] };
+    expect(parseChatChunk(JSON.stringify(vllm))?.thinking).toBe('only vLLM');
+    expect(parseChatChunk(JSON.stringify(delta('Hi')))?.thinking).toBe('');
+  });
 });
 
 describe('errorFrom', () => {
@@ -143,6 +151,22 @@ describe('XllmApi', () => {
     const body = JSON.parse(String(calls[0].init?.body));
     expect(calls[0].path).toBe('v1/chat/completions');
     expect(body).toMatchObject({ model: 'tiny', stream: true, max_tokens: 8, messages: [{ role: 'user', content: 'Hi' }] });
+  });
+
+  it("streams a reasoning model's thinking to onThinking, never into the text", async () => {
+    const think = (text: string): unknown => ({ choices: [{ index: 0, delta: { reasoning_content: text }, finish_reason: null }] });
+    const pieces = [new TextEncoder().encode(sse(think('plan'), think(' it'), delta('The answer.', 'stop'), '[DONE]'))];
+    const { request } = fake(() => streamed(pieces));
+    const seen: string[] = [];
+    const thoughts: string[] = [];
+    const result = await new XllmApi(request).chat({
+      model: 'think',
+      messages: [],
+      onDelta: d => seen.push(d),
+      onThinking: t => thoughts.push(t)
+    });
+    expect([seen, thoughts]).toEqual([['The answer.'], ['plan', ' it']]);
+    expect(result).toMatchObject({ text: 'The answer.', thinking: 'plan it', finishReason: 'stop' });
   });
 
   it('raises the error event of a stream that fails after it started', async () => {

@@ -127,6 +127,18 @@ describe('Transcript', () => {
     expect(t.turns).toHaveLength(0);
   });
 
+  it("sends a reasoning model's answers back without their thinking, and drops a reply that only thought", () => {
+    const t = new Transcript();
+    ended(t.ask('Q1'), { content: 'A1', thinking: 'plan it' });
+    ended(t.ask('Q2'), { thinking: 'still thinking', note: 'Cut off at the 8-token limit.' });
+    t.ask('Q3');
+    expect(t.messages()).toEqual([
+      { role: 'user', content: 'Q1' },
+      { role: 'assistant', content: 'A1' },
+      { role: 'user', content: 'Q3' }
+    ]);
+  });
+
   it('drops a question stopped before any answer, keeps a partly answered one', () => {
     const t = new Transcript();
     ended(t.ask('Q1'), { note: 'Stopped.' });
