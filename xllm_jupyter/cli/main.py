@@ -159,7 +159,7 @@ def stop_command(settings: Settings, model: str) -> None:
     from .chat import valid_text
 
     model = valid_text(model)  # a byte that is not UTF-8 failed the JSON encoder with a traceback
-    reply = settings.client().unload(model)
+    reply = settings.client().unload(model, wait_for_load=True)  # (as ollama stop: a model still loading too)
     if isinstance(reply, dict) and reply.get("unloaded") is False:
         raise click.ClickException(f"model '{model}' is not loaded (see `xllm ps`)")
     click.echo(f"Stopped {model}")

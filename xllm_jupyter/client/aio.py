@@ -123,9 +123,11 @@ class AsyncXllmClient:
         except PermissionDenied:  # a user key: the first request loads the model
             return await self.model(name)
 
-    async def unload(self, name: str) -> dict[str, Any]:
-        """Unload ``name`` on the server."""
-        return await self._request("POST", self.admin_url + "/models/unload", json={"model": name}) or {}
+    async def unload(self, name: str, wait_for_load: bool = False) -> dict[str, Any]:
+        """Unload ``name`` on the server (``wait_for_load``: as ``XllmClient.unload``)."""
+        body = {"model": name, **({"wait_for_load": True} if wait_for_load else {})}
+        return await self._request("POST", self.admin_url + "/models/unload", json=body,
+                                   **({"timeout": self._load} if wait_for_load else {})) or {}
 
     async def remove(self, name: str) -> dict[str, Any]:
         """``DELETE /v1/models/{name}``: remove ``name`` from the server's store (admins; as ``XllmClient.remove``)."""

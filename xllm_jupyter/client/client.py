@@ -143,11 +143,15 @@ class XllmClient:
             # user keys may chat but not manage models: failing here would block `xllm run`
             return self.model(name)
 
-    def unload(self, name: str, removed: bool = False) -> dict[str, Any]:
+    def unload(self, name: str, removed: bool = False, wait_for_load: bool = False) -> dict[str, Any]:
         """Unload ``name`` on the server (returns the server's reply). ``removed``: the caller is removing it from the
-        server's store, so the requests the unload cuts end with a 404 saying so (``xllm rm``), not a 503 to retry."""
-        body = {"model": name, **({"removed": True} if removed else {})}
-        return self._request("POST", self.admin_url + "/models/unload", json=body) or {}
+        server's store, so the requests the unload cuts end with a 404 saying so (``xllm rm``), not a 503 to retry.
+        ``wait_for_load``: a load of it under way ends first, then it is unloaded (``xllm stop``); without it such a
+        load only reads its files again (``"unloaded": false``)."""
+        body = {"model": name, **({"removed": True} if removed else {}), **({"wait_for_load": True} if wait_for_load else {})}
+        # (a wait lasts as long as a load may: the load timeout)
+        return self._request("POST", self.admin_url + "/models/unload", json=body,
+                             **({"timeout": self._load} if wait_for_load else {})) or {}
 
     def remove(self, name: str) -> dict[str, Any]:
         """``DELETE /v1/models/{name}``: remove ``name`` from the server's store, as ``xllm rm`` does (admins only).

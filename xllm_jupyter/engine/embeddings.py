@@ -145,6 +145,10 @@ class EmbeddingHost:
         """True while a load of ``name`` is under way."""
         return name in self._loading
 
+    def pending(self, name: str) -> asyncio.Future | None:
+        """The load of ``name`` under way (it settles when the load ends), or None."""
+        return self._loading.get(name)
+
     async def load(self, spec: ModelSpec) -> EmbeddingSlot:
         """The slot for ``spec``, loading the model on a worker thread if needed.
 

@@ -265,6 +265,14 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
                 # its memory goes with the model (the few others kept are read again if their models load)
                 await asyncio.to_thread(released_tokenizers.RELEASED.clear)
 
+    async def load_settled(self, name: str) -> None:
+        """Wait until no load of ``name`` is under way, whether it loaded or failed (``xllm stop`` during a load)."""
+        name = canonical_name(name)
+        while (pending := self._loading.get(name) or self._embeddings.pending(name)) is not None:
+            # asyncio.wait neither raises the load's error nor cancels the load if this wait is cancelled; a load
+            # that registered its runner leaves ``_loading`` before its task ends: that is settled enough to unload
+            await asyncio.wait([pending])
+
     def model_defaults(self, name: str) -> ModelfileDefaults:
         """The Modelfile defaults of loaded model ``name`` (empty if none)."""
         name = canonical_name(name)

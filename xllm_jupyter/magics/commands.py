@@ -129,7 +129,7 @@ class Commands:
     def do_unload(self, argv: list[str], name: str = "unload") -> None:
         """Unload a model on the server."""
         args = _parser(name, (("model",), {})).parse_args(argv)
-        reply = self.state.client().unload(args.model)
+        reply = self.state.client().unload(args.model, wait_for_load=True)  # (as xllm stop: a model still loading too)
         if isinstance(reply, dict) and reply.get("unloaded") is False:
             display(Text(f"{args.model} was not loaded"))
         else:

@@ -319,11 +319,11 @@ class LoadRequest(AdminRequest):
 class UnloadRequest(AdminRequest):
     """Body of ``POST /admin/models/unload``."""
 
-    # Ollama unloads with keep_alive 0 on a generate call: here it was ignored, and an unload with
-    # "keep_alive": -1 (meant as "keep it") unloaded all the same
+    # (Ollama unloads with keep_alive 0 on a generate call: an unload's "keep_alive": -1, "keep it", was ignored)
     elsewhere = {"keep_alive": "POST /admin/models/load"}
     model: str = Field(min_length=1)
     removed: bool = False  # the caller removes it from this store (xllm rm): cut requests get a 404
+    wait_for_load: bool = False  # xllm stop: a load under way ends, then it unloads (else the load re-reads its files)
 
 
 # --------------------------------------------------------------------------- parsing

@@ -146,12 +146,15 @@ class OpenAIServing(CompletionsMixin):
         return model_object(self.engine.model_info(req.model))
 
     async def admin_unload(self, body: bytes) -> dict[str, Any]:
-        """Unload a model; 404 when the name is unknown, ``unloaded: false`` when it was not loaded."""
+        """Unload a model; 404 when the name is unknown, ``unloaded: false`` when it was not loaded (``wait_for_load``:
+        a load under way ends first)."""
         req: UnloadRequest = parse_request(UnloadRequest, body)
         # a model still loading goes on to the engine even once the store no longer has it: `xllm rm` unloads
         # after removing the files, and that unload tells the load to check its manifest again (or it registers)
         if not self.engine.is_loading(req.model):
             await asyncio.to_thread(self.engine.model_info, req.model)  # 404: neither loaded, loading nor stored
+        if req.wait_for_load:
+            await self.engine.load_settled(req.model)
         unloaded = await self.engine.unload(req.model, ModelRemoved(req.model) if req.removed else None)
         return {"id": req.model, "object": "model", "unloaded": unloaded}
 
