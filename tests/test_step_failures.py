@@ -7,12 +7,14 @@ raises for one chosen prompt (a real out-of-memory cannot be produced on demand)
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import pytest
 
 from xllm_jupyter.core.config import EngineConfig
 from xllm_jupyter.core.errors import EngineError, Overloaded
+from xllm_jupyter.core.log_context import request_id_var
 from xllm_jupyter.engine.engine import Engine
 from xllm_jupyter.server.errors import GENERIC_500
 
@@ -135,6 +137,38 @@ async def test_a_backend_that_cannot_resume_fails_the_batch_as_before():
     await engine.stop()
 
 
+async def _as_request(rid, coro):
+    """Await ``coro`` in a request's context: the id the server's edge sets for the access log and log records."""
+    request_id_var.set(rid)
+    return await coro
+
+
+def _step_lines(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "xllm_jupyter.engine.step_failures"]
+
+
+@pytest.mark.parametrize("resumable", [True, False])
+async def test_the_log_lines_of_a_failed_step_name_the_requests_it_failed(caplog, resumable):
+    # they carried the engine thread's request id "-" and named no request: the access log could not be matched
+    caplog.set_level(logging.WARNING, logger="xllm_jupyter.engine.step_failures")
+    engine, model = await started_engine(resumable)
+    model.poison = 77
+    first = await asyncio.ensure_future(_as_request("rid-first", running(engine)))
+    with pytest.raises(EngineError):
+        await asyncio.ensure_future(_as_request("rid-bad", collect(engine, req((77, 1), max_tokens=5, n=2))))
+    if resumable:  # the bad request fails alone, named once (its two choices are one request)
+        texts, _, _ = await first
+        assert [(r.request_id, r.getMessage().count("rid-bad")) for r in _step_lines(caplog)] == [("rid-bad", 1)]
+        assert "rid-first" not in caplog.text
+    else:  # everyone's fails, each named
+        with pytest.raises(EngineError):
+            await first
+        [line] = _step_lines(caplog)
+        assert sorted(line.request_id.split(",")) == ["rid-bad", "rid-first"]
+        assert "rid-bad" in line.getMessage() and "rid-first" in line.getMessage()
+    await engine.stop()
+
+
 # ------------------------------------------------------- the real server, the tiny Llama
 BAD = list(range(400, 440))  # the prompt (token ids) whose prefill raises
 
@@ -183,7 +217,8 @@ def _failed_steps(raw) -> dict[str, float]:
      "The GPU ran out of memory for this request; retry it, or shorten its prompt"),
 ], ids=["error", "out-of-memory"])
 def test_a_prompt_that_breaks_the_prefill_fails_alone_on_the_server(client, raw, failing_prefill, error, status, code,
-                                                                    message):
+                                                                    message, caplog):
+    caplog.set_level(logging.WARNING, logger="xllm_jupyter.engine.step_failures")
     body = dict(model=TINY, messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=60, temperature=0,
                 extra_body={"ignore_eos": True})
     alone = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**body, stream=True))
@@ -191,8 +226,11 @@ def test_a_prompt_that_breaks_the_prefill_fails_alone_on_the_server(client, raw,
     failing_prefill(error)
     stream = client.chat.completions.create(**body, stream=True)
     chunks = [next(stream) for _ in range(3)]  # it runs
-    r = raw.post("/v1/completions", json={"model": TINY, "prompt": BAD, "max_tokens": 5})
+    r = raw.post("/v1/completions", json={"model": TINY, "prompt": BAD, "max_tokens": 5},
+                 headers={"X-Request-ID": "rid-bad-prefill"})
     assert r.status_code == status
+    # the step's log line carries the request id of the access log's line (was "-", the engine thread's)
+    assert [line.request_id for line in _step_lines(caplog)] == ["rid-bad-prefill"]
     assert r.json() == {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
     chunks += list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks)

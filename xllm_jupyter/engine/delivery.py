@@ -18,6 +18,7 @@ import asyncio
 import collections
 from typing import TYPE_CHECKING, AsyncIterator
 
+from ..core.log_context import request_id_var
 from ..core.types import ChoiceDelta, GenerationDone, GenerationRequest
 from .loop_wake import waker_for
 
@@ -47,6 +48,7 @@ class RequestHandle:
         self.loop = loop
         self.waker = waker_for(loop)  # how the engine thread reaches this loop (made here, on the loop's thread)
         self.request = request
+        self.log_id = request_id_var.get()  # its HTTP request's id (made in its context): for the engine thread's logs
         # every token that ends a choice, the request's own and the model's EOS: one set for all n choices
         # (a request's ids may be thousands: a copy each lived as long as its choice)
         params = request.params

@@ -11,6 +11,7 @@ fails with no suspect left fails every running job, as one whose backend cannot 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from ..backends.torch_device import is_out_of_memory
@@ -51,7 +52,8 @@ class StepFailures:
             except Exception as again:
                 log.exception("the retried step of %s failed too", self.model.name)
                 exc = again
-        log.error("failing every running job of %s", self.model.name)
+        ids = _log_ids(state.handle for state in self._jobs.values() if not state.done)
+        log.error("failing every running job of %s (requests %s)", self.model.name, ids, extra={"request_id": ids})
         self._recover()
 
     def _isolate(self, exc: Exception) -> bool:
@@ -66,8 +68,10 @@ class StepFailures:
             return False
         self._fresh -= blamed
         err = _blame_error(exc)
-        log.warning("%s: failing %d new job(s) alone after a failed step; %d go on", self.model.name, len(blamed),
-                    len(self._jobs) - len(blamed))
+        ids = _log_ids(self._jobs[j].handle for j in blamed)
+        # (the engine thread has no request's context: the record names the requests, as the access log does)
+        log.warning("%s: failing %d new job(s) alone after a failed step (requests %s); %d go on", self.model.name,
+                    len(blamed), ids, len(self._jobs) - len(blamed), extra={"request_id": ids})
         for job_id in blamed:
             state = self._jobs.pop(job_id)  # the backend forgot it: no event of it will come
             if state.done:
@@ -97,6 +101,11 @@ class StepFailures:
             self.model.step()
         if self.model.active_jobs():
             raise EngineError("the backend kept jobs after they were cancelled")
+
+
+def _log_ids(handles: Iterable[RequestHandle]) -> str:
+    """The HTTP request ids of ``handles``, each once, comma-separated ("-" for none)."""
+    return ",".join(dict.fromkeys(h.log_id for h in handles)) or "-"
 
 
 def _blame_error(exc: BaseException) -> XllmError:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextvars
 import datetime as _dt
 import json
 import logging
@@ -12,9 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.config import HttpConfig
-
-#: the id of the request being served in this context ("-" outside any request)
-request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("xllm_request_id", default="-")
+from ..core.log_context import request_id_var  # (server/edge.py sets it: where a request enters)
 
 #: record attributes the access log adds, copied into JSON lines when present
 _ACCESS_FIELDS = ("method", "path", "status", "duration_ms")
