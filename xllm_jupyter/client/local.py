@@ -23,7 +23,17 @@ def to_chat_messages(messages: Iterable[Mapping[str, Any]] | str) -> list[ChatMe
     """OpenAI-style message dicts (or one user string) as ChatMessages."""
     if isinstance(messages, str):
         return [ChatMessage(role="user", content=messages)]
-    return [ChatMessage(role=m["role"], content=m.get("content")) for m in messages]
+    return [ChatMessage(role=m["role"], content=m.get("content"), reasoning_content=_thinking(m)) for m in messages]
+
+
+def _thinking(message: Mapping[str, Any]) -> str | None:
+    """An assistant turn's thinking sent back (``reasoning_content``, else vLLM's ``reasoning``), as the server reads it."""
+    if message.get("role") != "assistant":
+        return None
+    for key in ("reasoning_content", "reasoning"):
+        if isinstance(message.get(key), str):
+            return message[key]
+    return None
 
 
 def generation_params(default_max_tokens: int, **params: Any) -> GenerationParams:
