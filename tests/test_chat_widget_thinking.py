@@ -33,3 +33,24 @@ def test_the_thinking_shows_folded_above_the_reply_and_is_not_sent_back(widget):
     assert "plan" not in widget.transcript_markdown() and json.loads(widget.transcript_json())["messages"] == widget.messages
     widget.clear()
     assert widget._thinking == {}
+
+
+def test_a_reply_that_only_thought_keeps_its_thinking_on_screen_and_is_not_sent_back(server):  # noqa: F811
+    # every token goes to the thinking (max tokens): the block streamed open must not vanish when the reply ends
+    grammar = server.grammar.replace("plan it", "a plan that goes on and on and on and on")
+    w = ChatWidget("think", client=(server.base_url, server.api_key), max_tokens=6,
+                   params={"guided_grammar": grammar, "seed": 1})
+    try:
+        assert w.ask("Hi") and w.wait(60)
+        assert w.last.finish_reason == "length" and w._thinking
+        shown = w.transcript.value
+        assert '<details open><summary style="opacity:0.7">Thinking</summary>' in shown and "a plan" in shown
+        assert "no answer came after the thinking" in shown and "…" not in shown
+        assert w.request_messages() == [] and "no answer came after the thinking" in w.transcript_markdown()
+        # the next question goes alone: neither the thought-only reply nor its question is sent back
+        w.params = {"guided_grammar": server.grammar, "seed": 1}
+        w.max_tokens.value = 48
+        assert w.ask("Again") and w.wait(60)
+        assert w.request_messages() == [{"role": "user", "content": "Again"}, {"role": "assistant", "content": ANSWER}]
+    finally:
+        w.close()

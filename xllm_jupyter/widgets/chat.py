@@ -40,6 +40,8 @@ _ROLE_STYLE = {
 
 #: under a reply cut off by an error, in the transcript and the Markdown export
 _CUT_OFF_NOTE = "(cut off by an error: not sent back to the model)"
+#: under a reasoning model's reply that spent every token thinking (kept on screen, never sent back)
+_THOUGHT_ONLY_NOTE = "(no answer came after the thinking: raise max tokens; not sent back to the model)"
 
 
 class ChatWidget(W.VBox):
@@ -205,6 +207,10 @@ class ChatWidget(W.VBox):
     def _is_cut_off(self, message: dict[str, str]) -> bool:
         return any(message is m for m in self._cut_off)
 
+    def _note(self, message: dict[str, str]) -> str:
+        """The note under a reply that is not sent back: cut off by an error, or all thinking."""
+        return _CUT_OFF_NOTE if message["content"] else _THOUGHT_ONLY_NOTE
+
     # --------------------------------------------------------------- actions
     def ask(self, text: str | None = None) -> bool:
         """Send ``text`` (default: the input box) and stream the reply; False if nothing was sent."""
@@ -273,7 +279,7 @@ class ChatWidget(W.VBox):
         for m in self.messages:
             lines += [f"**{_ROLE_STYLE.get(m['role'], (m['role'].title(), ''))[0]}:**", "", m["content"], ""]
             if self._is_cut_off(m):
-                lines += [f"*{_CUT_OFF_NOTE}*", ""]
+                lines += [f"*{self._note(m)}*", ""]
         return "\n".join(lines)
 
     def transcript_json(self) -> str:
@@ -348,7 +354,11 @@ class ChatWidget(W.VBox):
             # would leave a question with no answer in the transcript), but it is not sent as history
             if error is not None and reply["content"]:
                 self._cut_off.append(reply)
-            if not reply["content"]:
+            elif error is None and not task.cancelled() and not reply["content"] and self._thinking.get(id(reply), "").strip():
+                # every token went to the thinking (max tokens): what streamed stays on screen, as the JupyterLab
+                # panel keeps it, with a note; like a cut-off reply it is never sent back, nor its question
+                self._cut_off.append(reply)
+            if not reply["content"] and not self._is_cut_off(reply):
                 asked = self._drop_turn(reply)
                 # the box was emptied on Send: a question that got no answer goes back there to be
                 # fixed or sent again, unless the user has typed something new meanwhile
@@ -384,12 +394,12 @@ class ChatWidget(W.VBox):
             folded = (f'<details{"" if m["content"] else " open"}><summary style="opacity:0.7">Thinking</summary>'
                       f'<div style="opacity:0.7;white-space:pre-wrap">{html.escape(thought.strip())}</div></details>'
                       if thought.strip() else "")
-            if not m["content"]:
-                body = folded + "<div><em>…</em></div>"
+            if not m["content"]:  # still coming, or (not sent back) all thinking
+                body = folded + f"<div><em>{self._note(m) if self._is_cut_off(m) else '…'}</em></div>"
             elif m["role"] == "assistant":  # replies are Markdown (code blocks, lists, tables): shown rendered
                 body = folded + markdown_html(m["content"])
                 if self._is_cut_off(m):
-                    body += f"<div><em>{_CUT_OFF_NOTE}</em></div>"
+                    body += f"<div><em>{self._note(m)}</em></div>"
             else:  # what the user typed is shown as typed
                 body = f'<div style="white-space:pre-wrap">{html.escape(m["content"])}</div>'
             parts.append(f'<div style="background:{background};padding:4px 8px;margin:2px 0;border-radius:4px"><b>{name}</b>{body}</div>')
