@@ -158,7 +158,9 @@ class ResponseEventStream:
                 thought = delta.get("reasoning_content")  # a reasoning model's thinking, before its answer
                 # (the thinking's token logprobs are not the output text's)
                 logprobs = [] if thought else (choices[0].get("logprobs") or {}).get("content") or []
-                if logprobs and self._open_is("reasoning"):  # the answer's first: the thinking's end rides on it
+                if logprobs and (self._open_is("reasoning") or not self._output):
+                    # the answer's first: the thinking's end rides on it, an empty block's whole too ("<think>\n
+                    # </think>" opens no reasoning item; the whole Response's logprobs start after its end all the same)
                     logprobs = _after_thinking(logprobs)
                 if delta.get("tool_calls") or (calls and not delta.get("content")):
                     logprobs = []  # a call's tokens' (as the whole Response has them): they open no message
