@@ -8,7 +8,7 @@ from urllib.parse import quote
 
 import httpx
 
-from ..core.errors import PermissionDenied, XllmError
+from ..core.errors import InvalidRequest, PermissionDenied, XllmError
 from .base import (
     DEFAULT_TIMEOUT,
     DONE,
@@ -28,6 +28,7 @@ from .base import (
     pick_default_model,
     probe_timeout,
     pull_body,
+    refuses_field,
     resolve_base_url,
     root_url,
     stream_error,
@@ -126,8 +127,14 @@ class AsyncXllmClient:
     async def unload(self, name: str, wait_for_load: bool = False) -> dict[str, Any]:
         """Unload ``name`` on the server (``wait_for_load``: as ``XllmClient.unload``)."""
         body = {"model": name, **({"wait_for_load": True} if wait_for_load else {})}
-        return await self._request("POST", self.admin_url + "/models/unload", json=body,
-                                   **({"timeout": self._load} if wait_for_load else {})) or {}
+        try:
+            return await self._request("POST", self.admin_url + "/models/unload", json=body,
+                                       **({"timeout": self._load} if wait_for_load else {})) or {}
+        except InvalidRequest as exc:
+            if not (wait_for_load and refuses_field(exc, "wait_for_load")):
+                raise
+        # a server older than wait_for_load: a plain unload
+        return await self._request("POST", self.admin_url + "/models/unload", json={"model": name}) or {}
 
     async def remove(self, name: str) -> dict[str, Any]:
         """``DELETE /v1/models/{name}``: remove ``name`` from the server's store (admins; as ``XllmClient.remove``)."""

@@ -255,6 +255,11 @@ class WrongScheme(ServerUnavailable):
     """The server at the client's URL may speak the other scheme (TLS against plain HTTP, or back): the message says."""
 
 
+def refuses_field(exc: XllmError, field: str) -> bool:
+    """Whether ``exc`` is an admin route's 400 for ``field``: a server older than the field (it names it unknown)."""
+    return exc.status == 400 and exc.code == "unknown_parameter" and exc.param == field
+
+
 def unreachable(url: str, exc: Exception, answered: bool = False) -> ServerUnavailable:
     """The error for a server that does not answer at all (``answered``: it sent its response's head, then failed)."""
     https = url.lower().startswith("https://")

@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 import httpx
 
-from ..core.errors import PermissionDenied, XllmError
+from ..core.errors import InvalidRequest, PermissionDenied, XllmError
 from .base import (
     DEFAULT_TIMEOUT,
     DONE,
@@ -29,6 +29,7 @@ from .base import (
     pick_default_model,
     probe_timeout,
     pull_body,
+    refuses_field,
     resolve_base_url,
     root_url,
     stream_error,
@@ -150,8 +151,15 @@ class XllmClient:
         load only reads its files again (``"unloaded": false``)."""
         body = {"model": name, **({"removed": True} if removed else {}), **({"wait_for_load": True} if wait_for_load else {})}
         # (a wait lasts as long as a load may: the load timeout)
-        return self._request("POST", self.admin_url + "/models/unload", json=body,
-                             **({"timeout": self._load} if wait_for_load else {})) or {}
+        try:
+            return self._request("POST", self.admin_url + "/models/unload", json=body,
+                                 **({"timeout": self._load} if wait_for_load else {})) or {}
+        except InvalidRequest as exc:
+            if not (wait_for_load and refuses_field(exc, "wait_for_load")):
+                raise
+        # a server older than wait_for_load: a plain unload (as before it, a model still loading is not waited for)
+        plain = {"model": name, **({"removed": True} if removed else {})}
+        return self._request("POST", self.admin_url + "/models/unload", json=plain) or {}
 
     def remove(self, name: str) -> dict[str, Any]:
         """``DELETE /v1/models/{name}``: remove ``name`` from the server's store, as ``xllm rm`` does (admins only).
