@@ -126,10 +126,16 @@ def test_a_reply_without_markers_is_untouched(served, extra):
     assert r.usage.completion_tokens_details.reasoning_tokens == 0
 
 
-def test_reasoning_format_none_leaves_the_reply_whole(served):
-    grammar = _grammar(served[1], *THINK, "plan it", "The answer.")
-    message = ask(served, extra_body={"guided_grammar": grammar, "reasoning_format": "none"}).choices[0].message
-    assert _fields(message) == (None, "plan itThe answer.")  # (the markers are special tokens here: skipped)
+@pytest.mark.parametrize(("model", "start", "end"), [("think", *THINK), ("magistral", *MAGISTRAL)])
+def test_reasoning_format_none_leaves_the_reply_whole(served, model, start, end):
+    # the markers are special tokens here (Magistral's are): they stay in content as text, as llama.cpp's "none"
+    # leaves <think>, else the thinking ran into the answer unmarked
+    grammar = _grammar(served[1], start, end, "plan it", "The answer.")
+    kw = {"model": model, "extra_body": {"guided_grammar": grammar, "reasoning_format": "none"}}
+    assert _fields(ask(served, **kw).choices[0].message) == (None, f"{start}plan it{end}The answer.")
+    thought, content, reason, usage, _ = streamed(served, **kw)
+    assert (thought, content, reason) == ("", f"{start}plan it{end}The answer.", "stop")
+    assert usage.completion_tokens_details.reasoning_tokens == 0
     with pytest.raises(openai.BadRequestError, match="reasoning_format"):
         ask(served, extra_body={"reasoning_format": "maybe"})
 

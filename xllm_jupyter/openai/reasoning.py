@@ -49,6 +49,14 @@ def wanted(extra: dict[str, Any] | None) -> bool:
     return value != "none"
 
 
+def kept_markers(model: Any, extra: dict[str, Any] | None, *, forced: bool) -> tuple[str, ...]:
+    """The thinking markers a reply keeps as text where the request turns the split off (``reasoning_format``
+    "none", which leaves llama.cpp's ``<think>`` in content): decoding else drops special ones (Magistral's)."""
+    if forced or wanted(extra):
+        return ()
+    return markers_of(getattr(model, "chat_template", lambda: None)()) or ()
+
+
 @dataclass(frozen=True)
 class Reasoning:
     """How one request's replies are split: the markers, and whether its prompt already opened the thinking."""

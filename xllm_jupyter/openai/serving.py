@@ -37,7 +37,7 @@ from .tool_calling import ToolCalling
 from .tool_parser import HERMES
 from .tools import calls_or_answer
 from .truncation import fit_front
-from .reasoning import Reasoning, ReasoningTally
+from .reasoning import ReasoningTally
 from .protocol import (
     SYSTEM_FINGERPRINT,
     ChatCompletionRequest,
@@ -295,8 +295,7 @@ class OpenAIServing(CompletionsMixin):
                                                      template_kwargs=template_kwargs)
 
             prompt, _ = await fit_front(messages, prompt, model.context_length - reserve, encode)
-        tools.reasoning = Reasoning.of(model, prompt, req.model_extra, forced=tools.cfg.constrained,
-                                       constrained=constraint is not None)
+        tools.think(model, prompt, req.model_extra, constrained=constraint is not None)
         return _ChatPrompt(req, model, defaults, tools, constraint, sampling, keep_alive, big, prompt)
 
     async def _chat_completion(self, body: bytes, user: str | None = None, manages: bool = True,

@@ -9,7 +9,7 @@ from typing import Any, Awaitable, Callable, Sequence
 from ..core.errors import InvalidRequest
 from ..core.types import ChatMessage, Constraint
 from .legacy_functions import check_legacy_history, in_legacy_terms, legacy_delta, legacy_message, request_tool_config
-from .reasoning import Reasoning, ThinkingDeltas
+from .reasoning import Reasoning, ThinkingDeltas, kept_markers
 from .tool_parser import HERMES, MISTRAL, MISTRAL_V11, StreamingToolParser, detect_family, parse_tool_calls
 from .tool_scan import cut_call
 from .tools import (ToolConfig, args_schema, nine_char_ids, one_call_per_turn, prepare_messages, template_supports_tools,
@@ -42,6 +42,8 @@ class ToolCalling:
         self.one_call = self.native and "single tool-call" in (template or "")
         #: how replies are split into thinking and answer (reasoning.py; serving sets it once the prompt is known)
         self.reasoning: Reasoning | None = None
+        #: thinking markers kept in the text while it is not split (reasoning_format "none"): as markup_tokens
+        self.kept: tuple[str, ...] = ()
 
     @classmethod
     def from_request(cls, req: Any, model: Any) -> "ToolCalling":
@@ -70,7 +72,14 @@ class ToolCalling:
         turn ``skip_special_tokens`` off; else none, so they never reach content of a reply whose calls are not
         parsed. Only tokens the vocabulary has as special ones change anything (Qwen's ``<tool_call>`` is not)."""
         own = MARKUP.get(self.family, ()) if self.active else ()
-        return own + self.reasoning.markers if self.reasoning is not None else own  # (Magistral's [THINK] too)
+        return own + (self.reasoning.markers if self.reasoning is not None else self.kept)  # (Magistral's [THINK] too)
+
+    def think(self, model: Any, prompt: Sequence[int], extra: dict[str, Any] | None, constrained: bool) -> None:
+        """Set how replies to ``prompt`` are split into thinking and answer (``Reasoning.of``), or which markers
+        they keep as text when the request turns the split off."""
+        forced = self.cfg.constrained
+        self.reasoning = Reasoning.of(model, prompt, extra, forced=forced, constrained=constrained)
+        self.kept = kept_markers(model, extra, forced=forced) if self.reasoning is None else ()
 
     def prompt(self, messages: Sequence[ChatMessage]) -> tuple[list[ChatMessage], list[dict[str, Any]] | None]:
         """Messages and ``tools`` for the chat template."""
