@@ -203,8 +203,10 @@ async def compare_async(
     columns: list[Column],
     on_piece: Callable[[int, str], None] | None = None,
     records: list[StreamRecord] | None = None,
+    on_thinking: Callable[[int, str], None] | None = None,
 ) -> list[StreamRecord]:
-    """Stream every column at once; ``on_piece(column, text)`` sees each piece as it arrives.
+    """Stream every column at once; ``on_piece(column, text)`` sees each piece as it arrives, ``on_thinking(column,
+    text)`` each piece of a reasoning model's thinking (never in the records' text).
 
     Pass ``records`` (one empty ``StreamRecord`` per column) to keep partial results
     when the task is cancelled.
@@ -216,6 +218,9 @@ async def compare_async(
     def piece_handler(i: int) -> Callable[[str], None] | None:
         return None if on_piece is None else (lambda text: on_piece(i, text))
 
+    def thinking_handler(i: int) -> Callable[[str], None] | None:
+        return None if on_thinking is None else (lambda text: on_thinking(i, text))
+
     try:
         try:
             failed = await _warm_up(ac, [c.model for c in columns])
@@ -225,7 +230,8 @@ async def compare_async(
             raise
         for i, c in enumerate(columns):
             records[i].error = failed.get(c.model, records[i].error)
-        await asyncio.gather(*(measure_stream(ac, messages, c.model, c.params, piece_handler(i), records[i])
+        await asyncio.gather(*(measure_stream(ac, messages, c.model, c.params, piece_handler(i), records[i],
+                                              thinking_handler(i))
                                for i, c in enumerate(columns) if c.model not in failed))
     finally:
         await ac.aclose()

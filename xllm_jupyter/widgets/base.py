@@ -116,6 +116,15 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+def thinking_html(thought: str, answered: bool) -> str:
+    """A reasoning model's thinking, folded and dim (open while no answer has come); "" when there is none."""
+    if not thought.strip():
+        return ""
+    # model text, escaped: a thought that writes markup must not become the widget's HTML
+    return (f'<details{"" if answered else " open"}><summary style="opacity:0.7">Thinking</summary>'
+            f'<div style="opacity:0.7;white-space:pre-wrap">{html.escape(thought.strip())}</div></details>')
+
+
 def status_html(text: str, kind: str = "info") -> str:
     """A status line: ``info``, ``busy``, ``ok`` or ``error``."""
     # JupyterLab's theme colours (readable in dark themes too), fixed ones outside JupyterLab

@@ -17,7 +17,7 @@ from ..core.errors import InvalidRequest, XllmError
 from ..notebook.clients import ClientLike, async_client, endpoint_of, listed_defaults
 from ..notebook.streams import StreamRecord, check_params, measure_stream
 from .base import (RENDER_INTERVAL, WIDE_LABEL, ListingOnce, Runner, error_text, forget_problem_on_change, model_choices,
-                   show_busy, status_html, stop_button)
+                   show_busy, status_html, stop_button, thinking_html)
 from .markdown import TRANSCRIPT_CSS, markdown_html
 
 log = logging.getLogger(__name__)
@@ -390,10 +390,7 @@ class ChatWidget(W.VBox):
         for m in list(self.messages):
             name, background = _ROLE_STYLE.get(m["role"], (m["role"].title(), "transparent"))
             thought = self._thinking.get(id(m), "") if m["role"] == "assistant" else ""
-            # the thinking folded and dim above the answer (open while no answer has come): model text, escaped
-            folded = (f'<details{"" if m["content"] else " open"}><summary style="opacity:0.7">Thinking</summary>'
-                      f'<div style="opacity:0.7;white-space:pre-wrap">{html.escape(thought.strip())}</div></details>'
-                      if thought.strip() else "")
+            folded = thinking_html(thought, bool(m["content"]))  # above the answer
             if not m["content"]:  # still coming, or (not sent back) all thinking
                 body = folded + f"<div><em>{self._note(m) if self._is_cut_off(m) else '…'}</em></div>"
             elif m["role"] == "assistant":  # replies are Markdown (code blocks, lists, tables): shown rendered

@@ -18,7 +18,7 @@ from ..notebook.compare import Column, CompareResult, compare_async, plan_column
 from ..notebook.diffing import diff_html, diff_text
 from ..notebook.streams import StreamRecord, build_messages
 from .base import (RENDER_INTERVAL, Runner, error_text, forget_problem_on_change, model_options, show_busy, status_html,
-                   stop_button, unknown_models)
+                   stop_button, thinking_html, unknown_models)
 
 _CELL = "white-space:pre-wrap;font-size:0.95em;min-height:4em"
 
@@ -73,6 +73,8 @@ class CompareWidget(W.VBox):
         self.result: CompareResult | None = None
         self._columns: list[Column] = []
         self._records: list[StreamRecord] = []
+        #: each column's thinking (a reasoning model's ``reasoning_content``): shown above its text, never compared
+        self._thinking: list[str] = []
         self._bodies: list[W.HTML] = []
         self._footers: list[W.HTML] = []
         self._last_render: list[float] = []
@@ -149,11 +151,12 @@ class CompareWidget(W.VBox):
             return False
         self._columns = columns
         self._records = [StreamRecord(model=c.model, params=c.params) for c in columns]
+        self._thinking = [""] * len(columns)
         self._build_columns(columns)
         self.result = None
         self.diff_view.value = ""
         self._busy(True, f"Streaming {len(columns)} columns…")
-        coro = compare_async(self._endpoint, messages, columns, self._on_piece, self._records)
+        coro = compare_async(self._endpoint, messages, columns, self._on_piece, self._records, self._on_thinking)
         return self._runner.start(coro, lambda task: self._finished(task, messages))
 
     def stop(self) -> None:
@@ -187,12 +190,18 @@ class CompareWidget(W.VBox):
             self._last_render[i] = now
             self._render_column(i)
 
+    def _on_thinking(self, i: int, text: str) -> None:
+        self._thinking[i] += text
+        self._on_piece(i, "")
+
     def _render_column(self, i: int) -> None:
         rec = self._records[i]
         body = html.escape(rec.text)
+        if not rec.text and self._thinking[i] and rec.finish_reason == "length":  # all thinking: not an empty reply
+            body = "<em>(no answer came after the thinking: raise max tokens)</em>"
         if rec.error is not None:  # a stream cut off mid-answer keeps the text that came, the error under it
             body += f"{'<br>' if body else ''}<b>error:</b> {html.escape(error_text(rec.error))}"
-        self._bodies[i].value = f'<div style="{_CELL}">{body}</div>'
+        self._bodies[i].value = f'<div style="{_CELL}">{thinking_html(self._thinking[i], bool(rec.text))}{body}</div>'
 
     def _finished(self, task: asyncio.Task, messages: list[dict[str, Any]]) -> None:
         status = ("Stopped.", "info")
