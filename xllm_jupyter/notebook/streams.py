@@ -3,8 +3,8 @@
 ``profile``, ``compare`` and the widgets all measure the same way, so their numbers agree:
 time to first token from sending the request to the first content chunk, inter-token
 latency as the gaps between content chunks (a chunk is one decoded piece, usually one
-token), and decode speed as the tokens after the first over the time from the first to
-the end of the stream.
+token), and decode speed as the tokens after the first over the time from the first
+generated piece (a reasoning model's thinking included) to the end of the stream.
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ class StreamRecord:
     started: float = 0.0  # time.perf_counter() when the request was sent
     pieces: list[str] = field(default_factory=list)
     times: list[float] = field(default_factory=list)  # arrival of each piece
+    #: arrival of the first generated piece, thinking or answer (a reasoning model's tokens start with its thinking)
+    first_s: float = math.nan
     latency_s: float = math.nan
     prompt_tokens: int | None = None
     usage_tokens: int | None = None  # completion tokens as the server counted them
@@ -94,10 +96,13 @@ class StreamRecord:
 
         The end of the stream rather than the last piece: pieces can arrive in bursts
         (several per network read), which would make a last-piece span look too short.
+        The first token is the first generated piece, thinking included: the server's count has the thinking's
+        tokens, so timing from the first answer piece made a reasoning model's speed too high.
         """
-        if not self.times or self.completion_tokens < 2 or math.isnan(self.latency_s):
+        first = self.first_s if not math.isnan(self.first_s) else (self.times[0] if self.times else math.nan)
+        if math.isnan(first) or self.completion_tokens < 2 or math.isnan(self.latency_s):
             return math.nan
-        span = self.latency_s - self.times[0]
+        span = self.latency_s - first
         return (self.completion_tokens - 1) / span if span > 0 else math.nan
 
     @property
@@ -129,10 +134,12 @@ async def measure_stream(
     try:
         async for chunk in client.stream_chunks(messages, model, **body):
             now = time.perf_counter() - t0
-            thought = delta_thinking(chunk) if on_thinking is not None else ""
-            if thought:
-                on_thinking(thought)  # type: ignore[misc]
+            thought = delta_thinking(chunk)
+            if thought and on_thinking is not None:
+                on_thinking(thought)
             text = delta_text(chunk)
+            if (thought or text) and math.isnan(record.first_s):
+                record.first_s = now
             if text:
                 record.pieces.append(text)
                 record.times.append(now)
