@@ -2,35 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
-from click.testing import CliRunner
-
 from tests.server_fixtures import TINY
-from xllm_jupyter.cli.main import main
+from tests.test_cli_ollama_flags import invoke, loaded, own  # noqa: F401 (own: the fixture, shared)
 from xllm_jupyter.client import XllmClient
 from xllm_jupyter.store import ModelStore
 
 
-def invoke(*args: str, input: str | None = None):
-    return CliRunner().invoke(main, list(args), input=input, catch_exceptions=False)
-
-
-@pytest.fixture
-def own(own_tiny_server, monkeypatch):
-    """The module's server of its own, as the environment names it, its store as XLLM_HOME."""
-    monkeypatch.setenv("XLLM_BASE_URL", own_tiny_server.base_url)
-    monkeypatch.setenv("XLLM_API_KEY", own_tiny_server.api_key)
-    monkeypatch.setenv("XLLM_HOME", str(own_tiny_server.config.store.home))
-    monkeypatch.delenv("XLLM_CONFIG", raising=False)
-    return own_tiny_server
-
-
-def loaded(info) -> dict[str, dict]:
-    with XllmClient(info.base_url, info.api_key) as c:
-        return {m["id"]: m for m in c.loaded()}
-
-
-def test_ls_is_list(own):
+def test_ls_is_list(own):  # noqa: F811
     """`ollama ls` is `ollama list`: `xllm ls` was "No such command"."""
     listed = invoke("list")
     assert listed.exit_code == 0 and TINY in listed.stdout
@@ -40,7 +18,7 @@ def test_ls_is_list(own):
     assert "  ls " not in invoke("--help").stdout  # an alias, not a second command in the list
 
 
-def test_rm_removes_several_models_and_stops_at_the_first_that_fails(own, tiny_llama_dir):
+def test_rm_removes_several_models_and_stops_at_the_first_that_fails(own, tiny_llama_dir):  # noqa: F811
     """`ollama rm A B C` removes each in turn and stops at the first that fails (those before it stay removed);
     `xllm rm` took one name. Each is unloaded from the server first."""
     store = ModelStore(own.config.store.home)

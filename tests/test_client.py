@@ -133,10 +133,8 @@ def test_health_models_and_loaded(client):
     assert "details" in loaded[TINY]
 
 
-def test_a_load_may_take_longer_than_a_generation(xllm_server):
-    """A load reads a big model off a slow disk, or waits for room behind models in use, and the server goes on with it
-    whether or not its caller waits; it had a generation's 300 s, so `xllm run BIG` and `%xllm load` ended with "did
-    not answer in time" while the model went on loading. It waits an hour now, or what the caller chose."""
+def _read_timeouts():
+    """A list of (path, read timeout) pairs and the sync and async httpx request hooks that fill it."""
     seen = []
 
     def record(request):
@@ -144,6 +142,15 @@ def test_a_load_may_take_longer_than_a_generation(xllm_server):
 
     async def arecord(request):
         record(request)
+
+    return seen, record, arecord
+
+
+def test_a_load_may_take_longer_than_a_generation(xllm_server):
+    """A load reads a big model off a slow disk, or waits for room behind models in use, and the server goes on with it
+    whether or not its caller waits; it had a generation's 300 s, so `xllm run BIG` and `%xllm load` ended with "did
+    not answer in time" while the model went on loading. It waits an hour now, or what the caller chose."""
+    seen, record, arecord = _read_timeouts()
 
     for timeout, read in ((None, 3600.0), (7.0, 7.0)):
         kw = {} if timeout is None else {"timeout": timeout}
@@ -169,13 +176,7 @@ def test_an_answer_not_streamed_may_take_longer_than_a_stream_waits_between_even
     stream's keep-alives never leave, so `xllm_jupyter.chat(...)` (not streamed by default) and `%%xllm --no-stream`
     ended in "did not answer in time" and the server dropped the work. It waits as a load does (an hour), or what
     the caller chose; a stream keeps its 300 s between events."""
-    seen = []
-
-    def record(request):
-        seen.append((request.url.path, request.extensions["timeout"]["read"]))
-
-    async def arecord(request):
-        record(request)
+    seen, record, arecord = _read_timeouts()
 
     for timeout, read in ((None, 3600.0), (7.0, 7.0)):
         kw = {} if timeout is None else {"timeout": timeout}
