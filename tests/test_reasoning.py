@@ -6,6 +6,8 @@ in usage. A random tiny model whose tokenizer has the markers as special tokens 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 
 import openai
@@ -33,10 +35,9 @@ MAGISTRAL_LIKE = ("[SYSTEM_PROMPT]Think first, inside [THINK] and [/THINK].[/SYS
 SPECIAL = (*THINK, *MAGISTRAL)
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """A client of a server with "think" and "magistral" (the same random model, templates of each kind), and the
-    tokenizer's ids: each marker's, and the one token "ok"."""
+def reasoning_home(root):
+    """A store under ``root / "home"`` with "think" and "magistral" (the same random model, templates of each kind),
+    and the tokenizer's ids: each marker's, and the one token "ok"."""
     import shutil
 
     from transformers import AutoTokenizer
@@ -44,7 +45,6 @@ def served(tmp_path_factory):
     from tests.models import build_tiny_llama
     from xllm_jupyter.store.store import ModelStore
 
-    root = tmp_path_factory.mktemp("reasoning")
     think = build_tiny_llama(root / "think", special=SPECIAL)
     magistral = root / "magistral"
     shutil.copytree(think, magistral)
@@ -58,9 +58,25 @@ def served(tmp_path_factory):
     store = ModelStore(root / "home")
     store.pull(str(think), "think")
     store.pull(str(magistral), "magistral")
-    with running_server(make_test_config(root / "home"), store, "think") as info:
+    return store, ids
+
+
+@contextlib.contextmanager
+def reasoning_client(root, **engine):
+    """A client of a server on ``reasoning_home``'s store (``engine``: EngineConfig fields to change), and its ids."""
+    store, ids = reasoning_home(root)
+    config = make_test_config(root / "home")
+    config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, **engine))
+    with running_server(config, store, "think") as info:
         with openai.OpenAI(base_url=info.base_url, api_key=info.api_key, max_retries=0, timeout=120) as c:
             yield c, ids
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A client of a server with "think" and "magistral", and the tokenizer's ids (``reasoning_home``)."""
+    with reasoning_client(tmp_path_factory.mktemp("reasoning")) as served:
+        yield served
 
 
 def _grammar(ids, start, end, thought, answer):

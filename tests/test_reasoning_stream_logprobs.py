@@ -7,11 +7,24 @@ logprobs, so a streamed reply's began with ``</think>`` where the whole reply's 
 
 from __future__ import annotations
 
-from tests.test_reasoning import THINK, _grammar, served  # noqa: F401  (the module's server, a reasoning template)
+import pytest
+
+from tests.test_reasoning import THINK, _grammar, reasoning_client, served  # noqa: F401  (the module's server)
 
 
-def test_streamed_output_text_logprobs_leave_out_the_thinkings_end(served):  # noqa: F811
-    client, ids = served
+@pytest.fixture(scope="module")
+def grouped(tmp_path_factory):
+    """A reasoning server whose engine hands each reply's tokens after the first over in one delta (a stream interval
+    longer than any reply), as a fast engine does within its 16 ms interval."""
+    with reasoning_client(tmp_path_factory.mktemp("grouped"), stream_interval_ms=60_000) as client:
+        yield client
+
+
+@pytest.mark.parametrize("server", ["served", "grouped"])
+def test_streamed_output_text_logprobs_leave_out_the_thinkings_end(server, request):
+    # grouped: the thinking's end and the answer came in one engine delta, and every token's logprob rode on its
+    # thinking piece, so the streamed output text's lost its first tokens ("The"; CI's faster machine)
+    client, ids = request.getfixturevalue(server)
     grammar = _grammar(ids, *THINK, "\\nplan it\\n", "\\n\\nThe answer.")
     kw = dict(model="think", input="Hi", max_output_tokens=48, extra_body={"guided_grammar": grammar, "seed": 1},
               include=["message.output_text.logprobs"])
@@ -43,3 +56,30 @@ def test_an_empty_thinking_blocks_markers_stay_out_of_the_streamed_output_text_l
     for scored in ([t.token for t in whole.output[0].content[0].logprobs], tokens):
         joined = "".join(scored)
         assert THINK[0] not in joined and THINK[1] not in joined and joined.strip() == final.output_text == "The answer."
+
+
+def test_a_grouped_chat_streams_thinking_pieces_carry_only_the_thinkings_logprobs(grouped):
+    # the thinking, its end and the answer in one engine delta: the reasoning chunk carried every token's logprob
+    client, ids = grouped
+    grammar = _grammar(ids, *THINK, "\\nplan it\\n", "\\n\\nThe answer.")
+    chunks = list(client.chat.completions.create(
+        model="think", messages=[{"role": "user", "content": "Hi"}], max_completion_tokens=48, seed=1, stream=True,
+        logprobs=True, extra_body={"guided_grammar": grammar}))
+    thinking, answer = [], []
+    for chunk in chunks:
+        for choice in chunk.choices:
+            tokens = [t.token for t in (choice.logprobs.content if choice.logprobs else None) or []]
+            (thinking if getattr(choice.delta, "reasoning_content", None) else answer).extend(tokens)
+    assert "".join(thinking).startswith(THINK[0]) and "".join(thinking)[len(THINK[0]):].strip() == "plan it"
+    assert "".join(answer).startswith(THINK[1]) and "".join(answer)[len(THINK[1]):].strip() == "The answer."
+
+
+def test_thinking_share_counts_the_tokens_before_the_end_marker_however_it_is_spelled():
+    from xllm_jupyter.openai.reasoning import thinking_share
+
+    tokens = lambda *t: [{"token": x} for x in t]  # noqa: E731
+    assert thinking_share(tokens("plan", "\n", "</think>", "\n\n", "The"), "</think>") == 2
+    assert thinking_share(tokens("plan", "\n</", "think", ">", "The"), "</think>") == 1  # a marker in pieces
+    assert thinking_share(tokens("plan", " it", "</"), "</think>") == 2  # may be the marker's beginning: held
+    assert thinking_share(tokens("plan", " it"), "</think>") == 2
+    assert thinking_share([], "</think>") == 0

@@ -126,6 +126,20 @@ def _partial(text: str, marker: str) -> int:
     return 0
 
 
+def thinking_share(entries: Sequence[dict[str, Any]], end: str) -> int:
+    """How many of a choice's held token logprob ``entries`` (oldest first) are the thinking's own: those wholly
+    before the end marker ``end``, less any at the end that may be the marker's beginning. The rest (the marker
+    and what follows it) ride on the answer's first piece, however the engine grouped the tokens."""
+    text, ends = "", []
+    for entry in entries:
+        text += entry.get("token") or ""
+        ends.append(len(text))
+    cut = text.find(end)
+    if cut < 0:
+        cut = len(text) - _partial(text, end)
+    return sum(1 for e in ends if e <= cut)
+
+
 class ThinkSplitter:
     """One choice's text as it streams, split into thinking and answer; the markers never reach either.
 

@@ -37,7 +37,7 @@ from .tool_calling import ToolCalling
 from .tool_parser import HERMES
 from .tools import calls_or_answer
 from .truncation import fit_front
-from .reasoning import ReasoningTally
+from .reasoning import ReasoningTally, thinking_share
 from .protocol import (
     SYSTEM_FINGERPRINT,
     ChatCompletionRequest,
@@ -417,9 +417,13 @@ class OpenAIServing(CompletionsMixin):
                         if want_lp and ev.logprobs:
                             held_lp[ev.index].extend(chat_logprob_entries(ev.logprobs))
                         for delta, reason in out:
-                            lp = None
-                            if held_lp[ev.index]:
-                                lp, held_lp[ev.index] = {"content": held_lp[ev.index], "refusal": None}, []
+                            lp, held = None, held_lp[ev.index]
+                            # a thinking piece takes only the thinking's tokens: one engine delta may carry the end
+                            # marker and the answer's first tokens too (tokens made within one stream interval)
+                            k = thinking_share(held, tools.reasoning.end) if held and "reasoning_content" in delta \
+                                and tools.reasoning is not None else len(held)
+                            if k:
+                                lp, held_lp[ev.index] = {"content": held[:k], "refusal": None}, held[k:]
                             choice = {"index": ev.index, "delta": delta, "logprobs": lp, "finish_reason": reason}
                             if reason is not None:  # the choice's last chunk
                                 choice["stop_reason"] = ev.stop_reason if reason == "stop" else None
