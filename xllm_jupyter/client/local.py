@@ -7,6 +7,7 @@ server. It drives ``Engine.generate`` on a private event loop so callers stay sy
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -14,7 +15,9 @@ from ..core.config import XllmConfig, load_config
 from ..core.errors import InvalidRequest
 from ..core.types import ChatMessage, Constraint, GenerationParams, GenerationRequest, SamplingParams
 from ..openai.model_defaults import ModelDefaults
+from ..openai.reasoning import Reasoning
 from ..openai.template_kwargs import PARAM, chat_template_kwargs
+from .thinking import Thinking
 
 _SAMPLING_KEYS = {"temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "seed"}
 
@@ -76,6 +79,15 @@ def with_model_defaults(defaults: ModelDefaults, params: Mapping[str, Any], defa
     return filled
 
 
+def _pieces(split: tuple[str, str], thinking: bool) -> Iterator[str]:
+    """A ``(thinking, answer)`` pair of new text as reply pieces: the thinking as ``Thinking`` (only if asked for)."""
+    thought, answer = split
+    if thought and thinking:
+        yield Thinking(thought)
+    if answer:
+        yield answer
+
+
 class LocalChat:
     """Chat with a model from the local store through an engine in this process."""
 
@@ -100,20 +112,21 @@ class LocalChat:
     def _run(self, coro: Any) -> Any:
         return self._loop.run_until_complete(coro)
 
-    def load(self, model: str) -> None:
-        """Load ``model`` now (otherwise the first chat loads it)."""
+    def load(self, model: str) -> Any:
+        """Load ``model`` now (otherwise the first chat loads it); the loaded model."""
         if not self._started:
             self._run(self.engine.start())
             self._started = True
-        self._run(self.engine.load(model))
+        return self._run(self.engine.load(model))
 
     def stream_chat(self, messages: Iterable[Mapping[str, Any]] | str, model: str, *, thinking: bool = False,
                     **params: Any) -> Iterator[str]:
-        """The reply's text pieces; closing the iterator cancels the generation. ``thinking`` is taken as the
-        server's client takes it; in this process a reasoning model's thinking is not split from its answer."""
+        """The reply's text pieces; closing the iterator cancels the generation. A reasoning model's thinking is split
+        from its answer as the server splits it: with ``thinking`` it comes as ``Thinking`` pieces, else it is left out
+        (as the server's client does)."""
         # the template's variables (`xllm run --think=false`: enable_thinking), checked as the server checks them
         template_kwargs = chat_template_kwargs({PARAM: params.pop(PARAM, None)})
-        self.load(model)
+        loaded = self.load(model)
         # a created model's PARAMETER/SYSTEM/MESSAGE apply here just as the server applies them
         defaults = ModelDefaults.of(self.engine, model)
         params = with_model_defaults(defaults, params, self.config.engine.default_max_tokens)
@@ -123,6 +136,11 @@ class LocalChat:
             self._run(self.engine.check_constraint(model, gen_params.constraint))
         extra = {"template_kwargs": template_kwargs} if template_kwargs else {}  # only when given, as the server does
         prompt_ids = self._run(self.engine.encode_chat(model, chat, **extra))
+        # the markers the model's template names (or a block its prompt opened), as the server reads them
+        reasoning = Reasoning.of(loaded, prompt_ids, None, forced=False, constrained=gen_params.constraint is not None)
+        if reasoning is not None:  # decoding keeps them where they are special tokens (Magistral's [THINK])
+            gen_params = dataclasses.replace(gen_params, keep_special=reasoning.markers)
+        splitter = reasoning.splitter() if reasoning is not None else None
         request = GenerationRequest(model=model, prompt_ids=tuple(prompt_ids), params=gen_params)
         events = self.engine.generate(request)
         self.last_usage = {}
@@ -131,12 +149,16 @@ class LocalChat:
                 try:
                     event = self._next(events)
                 except StopAsyncIteration:
+                    if splitter is not None:  # what it held back (a marker's possible beginning) goes out now
+                        yield from _pieces(splitter.feed("", final=True), thinking)
                     return
                 usage = getattr(event, "usage", None)
                 if usage is not None:  # the request's last event (GenerationDone)
                     self.last_usage = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
                 text = getattr(event, "text", "")
-                if text:
+                if splitter is not None:
+                    yield from _pieces(splitter.feed(text), thinking)
+                elif text:
                     yield text
         finally:
             # Runs on close() too (Ctrl-C, early exit): the engine cancels the jobs.
