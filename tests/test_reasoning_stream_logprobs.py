@@ -20,6 +20,14 @@ def grouped(tmp_path_factory):
         yield client
 
 
+@pytest.fixture(scope="module")
+def stepwise(tmp_path_factory):
+    """A reasoning server whose engine hands each token over in a delta of its own (no stream interval), as a slow
+    engine does; the thinking's trailing whitespace then comes alone, before the end marker."""
+    with reasoning_client(tmp_path_factory.mktemp("stepwise"), stream_interval_ms=0) as client:
+        yield client
+
+
 @pytest.mark.parametrize("server", ["served", "grouped"])
 def test_streamed_output_text_logprobs_leave_out_the_thinkings_end(server, request):
     # grouped: the thinking's end and the answer came in one engine delta, and every token's logprob rode on its
@@ -58,9 +66,9 @@ def test_an_empty_thinking_blocks_markers_stay_out_of_the_streamed_output_text_l
         assert THINK[0] not in joined and THINK[1] not in joined and joined.strip() == final.output_text == "The answer."
 
 
-def test_a_grouped_chat_streams_thinking_pieces_carry_only_the_thinkings_logprobs(grouped):
-    # the thinking, its end and the answer in one engine delta: the reasoning chunk carried every token's logprob
-    client, ids = grouped
+def _logprobs_by_side(server) -> tuple[list[str], list[str]]:
+    """The tokens whose logprobs a streamed chat's thinking chunks carry, and those the other chunks carry."""
+    client, ids = server
     grammar = _grammar(ids, *THINK, "\\nplan it\\n", "\\n\\nThe answer.")
     chunks = list(client.chat.completions.create(
         model="think", messages=[{"role": "user", "content": "Hi"}], max_completion_tokens=48, seed=1, stream=True,
@@ -70,15 +78,28 @@ def test_a_grouped_chat_streams_thinking_pieces_carry_only_the_thinkings_logprob
         for choice in chunk.choices:
             tokens = [t.token for t in (choice.logprobs.content if choice.logprobs else None) or []]
             (thinking if getattr(choice.delta, "reasoning_content", None) else answer).extend(tokens)
+    return thinking, answer
+
+
+def test_a_chat_streams_thinking_pieces_carry_the_thinkings_logprobs_however_the_tokens_were_grouped(grouped,
+                                                                                                      stepwise):
+    # grouped: the thinking, its end and the answer in one engine delta, and the reasoning chunk carried every
+    # token's logprob. Stepwise, the thinking's trailing newline comes alone and is held back (it may end the
+    # thinking): its logprob rode on the answer's first chunk, where grouped it rode on the thinking's
+    thinking, answer = _logprobs_by_side(grouped)
     assert "".join(thinking).startswith(THINK[0]) and "".join(thinking)[len(THINK[0]):].strip() == "plan it"
-    assert "".join(answer).startswith(THINK[1]) and "".join(answer)[len(THINK[1]):].strip() == "The answer."
+    assert "".join(answer).lstrip().startswith(THINK[1]) and "".join(answer).strip()[len(THINK[1]):].strip() == \
+        "The answer."
+    assert _logprobs_by_side(stepwise) == (thinking, answer)  # the same model, seed and tokens
 
 
 def test_thinking_share_counts_the_tokens_before_the_end_marker_however_it_is_spelled():
     from xllm_jupyter.openai.reasoning import thinking_share
 
     tokens = lambda *t: [{"token": x} for x in t]  # noqa: E731
-    assert thinking_share(tokens("plan", "\n", "</think>", "\n\n", "The"), "</think>") == 2
+    assert thinking_share(tokens("plan", "\n", "</think>", "\n\n", "The"), "</think>") == 1  # its end's "\n" too
+    assert thinking_share(tokens("plan", " it", "\n"), "</think>") == 2  # may end the thinking: held, as it is alone
+    assert thinking_share(tokens("plan", "\n", " it"), "</think>") == 3
     assert thinking_share(tokens("plan", "\n</", "think", ">", "The"), "</think>") == 1  # a marker in pieces
     assert thinking_share(tokens("plan", " it", "</"), "</think>") == 2  # may be the marker's beginning: held
     assert thinking_share(tokens("plan", " it"), "</think>") == 2

@@ -128,8 +128,10 @@ def _partial(text: str, marker: str) -> int:
 
 def thinking_share(entries: Sequence[dict[str, Any]], end: str) -> int:
     """How many of a choice's held token logprob ``entries`` (oldest first) are the thinking's own: those wholly
-    before the end marker ``end``, less any at the end that may be the marker's beginning. The rest (the marker
-    and what follows it) ride on the answer's first piece, however the engine grouped the tokens."""
+    before the end marker ``end``, less any at the end that may be the marker's beginning or are trailing whitespace
+    (ThinkSplitter holds that back: it may end the thinking). The rest ride on the choice's next piece (the marker's
+    and the answer's on the answer's first), however the engine grouped the tokens: one token a delta holds the
+    whitespace back alone too."""
     text, ends = "", []
     for entry in entries:
         text += entry.get("token") or ""
@@ -137,6 +139,7 @@ def thinking_share(entries: Sequence[dict[str, Any]], end: str) -> int:
     cut = text.find(end)
     if cut < 0:
         cut = len(text) - _partial(text, end)
+    cut = len(text[:cut].rstrip())
     return sum(1 for e in ends if e <= cut)
 
 
