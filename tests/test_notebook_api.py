@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import httpx
 import matplotlib
 import pytest
 
@@ -183,6 +184,34 @@ def test_closing_a_chat_stream_cancels_on_the_server(xllm_server, endpoint):
     assert next(stream)
     stream.close()
     assert wait_for(lambda: engine.stats(TINY).cancelled > before), "the server did not cancel the job"
+
+
+def test_a_chat_stream_never_read_holds_no_connection(xllm_home, tiny_catalog):
+    """Picking the server's default model opened a connection that a ``stream=True`` iterator never read (closed or
+    dropped unread: a generator's body never ran) kept open until garbage collection; nothing stays open now. A
+    server of its own counts them (``xllm_connections_open``; each scrape on a connection of its own, closed after)."""
+    from tests.server_fixtures import make_test_config, running_server
+    from tests.test_metrics_health_cache import scrape, value
+
+    with running_server(make_test_config(xllm_home), tiny_catalog, TINY) as server:
+        endpoint = (server.base_url, server.api_key)
+
+        def only_the_scrape_open() -> bool:  # the server hears a close when its loop next runs: polled, not timed
+            def now() -> float:
+                with httpx.Client(base_url=server.root, headers={"Authorization": f"Bearer {server.api_key}"},
+                                  timeout=60) as http:
+                    return value(scrape(http), "xllm_connections_open")
+            return wait_for(lambda: now() == 1, timeout=30)
+
+        assert only_the_scrape_open()
+        stream = xllm_jupyter.chat("hi", client=endpoint, stream=True, max_tokens=2)  # no model: the server's default
+        assert only_the_scrape_open(), "a stream never read holds a connection"
+        stream.close()
+        dropped = xllm_jupyter.chat("hi", client=endpoint, stream=True, max_tokens=2)
+        del dropped
+        assert only_the_scrape_open()
+        list(xllm_jupyter.chat("hi", client=endpoint, stream=True, max_tokens=2))
+        assert only_the_scrape_open()  # read to its end: its own client closed with it
 
 
 # -------------------------------------------------------------------- profile

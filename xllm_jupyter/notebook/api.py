@@ -38,17 +38,22 @@ def chat(
     try:
         name = pick_model(model, c)
         if stream:
-            pieces = _stream(c, owned, messages, name, params)
-            owned = False  # the iterator closes it now
-            return pieces
+            # A client made for this call is closed now (the finally below; picking the model may have opened a
+            # connection) and the stream opens its own on its first read: a stream never read holds nothing open.
+            # A generator closed or dropped unread never runs its body, so it could not close one it was handed.
+            return _stream(c if not owned else (c.base_url, c.api_key), messages, name, params)
         return c.chat(messages, name, **params)
     finally:
         if owned:
             c.close()
 
 
-def _stream(c: XllmClient, owned: bool, messages: list[dict[str, Any]], model: str, params: dict[str, Any]) -> Iterator[str]:
-    """The reply's pieces; the connection of a client made for this call closes with it."""
+def _stream(client: XllmClient | tuple[str, str | None], messages: list[dict[str, Any]], model: str,
+            params: dict[str, Any]) -> Iterator[str]:
+    """The reply's pieces, through ``client``, or a client of its own for ``(base_url, api_key)`` that is made on
+    the first read and closed with the stream."""
+    owned = not isinstance(client, XllmClient)
+    c = XllmClient(*client) if owned else client
     try:
         yield from c.stream_chat(messages, model, **params)
     finally:
