@@ -156,15 +156,6 @@ def test_reasoning_format_none_leaves_the_reply_whole(served, model, start, end)
         ask(served, extra_body={"reasoning_format": "maybe"})
 
 
-def test_a_json_format_on_a_prompt_that_opened_thinking_is_json_content(served):
-    schema = {"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"],
-              "additionalProperties": False}
-    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": True}}
-    r = ask(served, response_format=fmt, extra_body={"chat_template_kwargs": {"open_think": True}})
-    thought, content = _fields(r.choices[0].message)
-    assert thought is None and isinstance(json.loads(content)["a"], bool)
-
-
 def test_tool_calls_are_read_from_the_answer_only(served):
     ids = served[1]
     call = '<tool_call>\\n{\\"name\\": \\"weather\\", \\"arguments\\": {\\"city\\": \\"Oslo\\"}}\\n</tool_call>'

@@ -12,8 +12,8 @@ its llguidance tokenizer while the model loads (see ``GrammarCompiler``); compil
 are the same share one build (``SharedTokenizers``: replicas, ``xllm cp`` copies, models with the
 same tokenizer files). Grammars are
 compiled (and rejected with a 400 naming ``param``) by ``compile``; compiled grammars
-are cached in a bounded LRU keyed by ``(kind, spec)``, and each job gets a cheap copy
-of the cached matcher (``new_matcher``). Each step ``BatchMasker`` fills one bitmask
+are cached in a bounded LRU keyed by ``(kind, spec)`` and any thinking before them (think_grammar.py),
+and each job gets a cheap copy of the cached matcher (``new_matcher``). Each step ``BatchMasker`` fills one bitmask
 row per constrained job and sets the disallowed logits to -inf before sampling; the
 backend then feeds the sampled token back with ``LLMatcher.consume_token``.
 """
@@ -29,6 +29,7 @@ from typing import Any, Iterable, Sequence
 
 from ..core.errors import InvalidRequest
 from ..core.types import Constraint
+from .think_grammar import wrapped
 from .tokenizer_files import NOT_READ, files_digest, loaded_digest
 
 #: the constraint kinds the backends understand
@@ -285,7 +286,7 @@ class GrammarCompiler:
         self._eos = sorted(int(i) for i in eos_token_ids)
         self._cache_size = max(1, cache_size)
         #: compiled matchers, or the 400 message of a grammar refused (so a repeat costs nothing)
-        self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._cache: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
         self._lock = threading.Lock()
         # identified now, on the loading thread right after the tokenizer was read, not at first use: the
         # files may be replaced by then (a re-pull), and this tokenizer must not stand for the new ones
@@ -330,7 +331,7 @@ class GrammarCompiler:
         """
         from llguidance import LLMatcher
 
-        key = (constraint.kind, constraint.spec)
+        key = (constraint.kind, constraint.spec, *constraint.think, constraint.opened)
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:
@@ -362,14 +363,14 @@ class GrammarCompiler:
         self._remember(key, matcher)
         return matcher
 
-    def _remember(self, key: tuple[str, str], value: Any) -> None:
+    def _remember(self, key: tuple[Any, ...], value: Any) -> None:
         with self._lock:
             self._cache[key] = value
             self._cache.move_to_end(key)
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
 
-    def _refuse(self, key: tuple[str, str], message: str, param: str) -> None:
+    def _refuse(self, key: tuple[Any, ...], message: str, param: str) -> None:
         """Cache ``message`` as the grammar's answer from now on, and raise it (400)."""
         self._remember(key, message)
         raise InvalidRequest(message, param=param, code="constraint_failed")
@@ -377,12 +378,12 @@ class GrammarCompiler:
     def text_for(self, constraint: Constraint, *, param: str = "response_format") -> str:
         """``grammar_text`` for this tokenizer: its tool-call marker tokens may write the markers (``with_marker_tokens``)."""
         text = grammar_text(constraint, param=param)
-        if constraint.kind != "lark":
-            return text
-        built = self._built
-        if built.markers is None:  # (two threads may both look them up: the same answer)
-            built.markers = marker_alternatives(self.tokenizer)
-        return with_marker_tokens(text, built.markers)
+        if constraint.kind == "lark":
+            built = self._built
+            if built.markers is None:  # (two threads may both look them up: the same answer)
+                built.markers = marker_alternatives(self.tokenizer)
+            text = with_marker_tokens(text, built.markers)
+        return wrapped(text, self.tokenizer, *constraint.think, constraint.opened) if constraint.think else text
 
     def new_matcher(self, constraint: Constraint, *, param: str = "response_format") -> Any:
         """A fresh matcher for one job: a copy of the cached compiled one."""

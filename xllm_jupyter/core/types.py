@@ -131,6 +131,8 @@ class Constraint:
 
     kind: str
     spec: str = ""
+    think: tuple[str, ...] = ()  # thinking markers (start, end): the grammar starts after them (think_grammar.py)
+    opened: bool = False  # (with think) the prompt opened the thinking: the reply begins inside it
 
 
 @dataclass(frozen=True)

@@ -7,15 +7,18 @@ name since it followed OpenAI's guidance) and ``reasoning_content`` (DeepSeek's,
 most clients read), the rest to ``content``. Which markers a model uses is read from its chat template, as the
 tool-call format is (tool_call.detect_family): a template naming neither leaves every reply as it was, and a reply
 that does not begin with the opening marker is untouched, unless the prompt itself ends inside an opened block
-(DeepSeek-R1's template, Qwen3-Thinking's): then the reply starts in the thinking.
+(DeepSeek-R1's template, Qwen3-Thinking's): then the reply starts in the thinking. A grammar (response_format, a
+guided field, forced tool calls) applies after the thinking, which the model writes freely first
+(``Reasoning.around``, backends/think_grammar.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 from ..core.errors import InvalidRequest
+from ..core.types import Constraint
 
 THINK = ("<think>", "</think>")
 MAGISTRAL = ("[THINK]", "[/THINK]")
@@ -67,26 +70,40 @@ class Reasoning:
     opened: bool = False
     #: the end marker's token id where it is one token (thinking tokens are counted up to it exactly)
     end_id: int | None = None
+    #: the reply is decoded under a grammar it may think before, freely: the grammar applies after the end marker
+    #: (``around``); False where no grammar applies, or one applies from the first token
+    free: bool = False
 
     @classmethod
     def of(cls, model: Any, prompt: Sequence[int], extra: dict[str, Any] | None, *, forced: bool,
-           constrained: bool) -> "Reasoning | None":
+           constraint: Constraint | None = None) -> "Reasoning | None":
         """The split for a chat request to loaded ``model`` with prompt ids ``prompt`` (None: no split).
 
-        ``forced``: its tool calls are grammar-forced from the first token, so there is no thinking to split.
-        ``constrained``: a grammar (response_format, a guided field) shapes the reply from its first token, so the
-        model cannot think first even where the prompt opened a block: the reply is not taken as thinking then
-        (what it writes between markers itself, a guided grammar's, is still split).
+        ``constraint``: the grammar the reply is decoded under (response_format, a guided field, a tool grammar). The
+        model may think first, as without one, and the grammar applies after its thinking (``free``, as vLLM's
+        reasoning parsers start it), unless the request turns thinking off (``enable_thinking: false``, or a prompt
+        that closed an empty block) or the grammar writes the opening marker itself: then it shapes the reply from
+        the first token, which is not taken as thinking even where the prompt opened a block (what it writes between
+        markers is still split). ``forced``: its tool calls are forced (``constraint`` is their grammar); from the
+        first token there is no thinking to split.
         """
-        if forced or not wanted(extra):
+        if not wanted(extra):
             return None
         markers = markers_of(getattr(model, "chat_template", lambda: None)())
         tokenize = getattr(model, "tokenize", None)
         if markers is None or tokenize is None:
-            return cls(*markers) if markers is not None else None
+            return cls(*markers) if markers is not None and not forced else None
         start, end = (tuple(tokenize(m, add_special_tokens=False)) for m in markers)
-        opened = not constrained and _opens(model, prompt, start, end)
-        return cls(*markers, opened=opened, end_id=end[0] if len(end) == 1 else None)
+        free = (constraint is not None and not _thinking_off(extra) and not _ends_with(model, prompt, end)
+                and not _writes(constraint, markers[0], start))
+        if forced and not free:
+            return None
+        opened = (free or constraint is None) and _ends_with(model, prompt, start, without=end)
+        return cls(*markers, opened=opened, end_id=end[0] if len(end) == 1 else None, free=free)
+
+    def around(self, constraint: Constraint) -> Constraint:
+        """``constraint`` as the backend applies it: after the thinking where the reply may think first (``free``)."""
+        return replace(constraint, think=self.markers, opened=self.opened) if self.free else constraint
 
     @property
     def markers(self) -> tuple[str, str]:
@@ -104,14 +121,29 @@ class Reasoning:
         return (thought if splitter.began else None), answer
 
 
-def _opens(model: Any, prompt: Sequence[int], start: tuple[int, ...], end: tuple[int, ...]) -> bool:
-    """True when ``prompt`` ends with the opening marker's ids ``start`` (whitespace after it allowed, not ``end``)."""
-    tail = tuple(prompt[-(len(start) + _TAIL):])
-    for i in range(len(tail) - len(start), -1, -1):
-        if start and tail[i:i + len(start)] == start:
-            rest = tail[i + len(start):]
-            return not rest or (not _contains(rest, end) and not model.detokenize(rest).strip())
+def _ends_with(model: Any, prompt: Sequence[int], marker: tuple[int, ...], without: tuple[int, ...] = ()) -> bool:
+    """True when ``prompt`` ends with ``marker``'s ids, whitespace after it allowed (not ``without``'s ids): the
+    opening marker (the reply begins in the thinking), or the end one (the template closed an empty block)."""
+    tail = tuple(prompt[-(len(marker) + _TAIL):])
+    for i in range(len(tail) - len(marker), -1, -1):
+        if marker and tail[i:i + len(marker)] == marker:
+            rest = tail[i + len(marker):]
+            return not rest or (not _contains(rest, without) and not model.detokenize(rest).strip())
     return False
+
+
+def _thinking_off(extra: dict[str, Any] | None) -> bool:
+    """True when the request's ``chat_template_kwargs`` turn thinking off (Qwen3's ``enable_thinking``, DeepSeek-V3.1's
+    ``thinking``), whether or not the template reads them (Magistral's does not)."""
+    kwargs = (extra or {}).get("chat_template_kwargs")
+    return isinstance(kwargs, dict) and any(kwargs.get(k) is False for k in ("enable_thinking", "thinking"))
+
+
+def _writes(constraint: Constraint, start: str, start_ids: tuple[int, ...]) -> bool:
+    """True when grammar ``constraint`` (a Lark, GBNF or regex one) writes the opening marker itself, as text or by
+    its token id (``<[ID]>``): it shapes the thinking too, so it applies from the first token."""
+    spec = constraint.spec if constraint.kind in ("lark", "grammar", "regex") else ""
+    return start in spec or (len(start_ids) == 1 and f"<[{start_ids[0]}]>" in spec)
 
 
 def _contains(ids: tuple[int, ...], part: tuple[int, ...]) -> bool:

@@ -34,8 +34,6 @@ from .model_privacy import caller_view
 from .offload import is_big, off_loop_if, parse_body
 from .template_kwargs import chat_template_kwargs
 from .tool_calling import ToolCalling
-from .tool_parser import HERMES
-from .tools import calls_or_answer
 from .truncation import fit_front
 from .reasoning import ReasoningTally, thinking_share
 from .protocol import (
@@ -266,25 +264,11 @@ class OpenAIServing(CompletionsMixin):
         sampling = req.sampling_params()
         check_request_token_ids(req, sampling, model)
         tools = ToolCalling.from_request(req, model)
-        # forced tool calls win over response_format; calls the model may make stay possible beside it (tools.py)
-        answer, answer_param = req.constraint()  # (response_format, or a vLLM field: guided.py)
-        constraint = tools.constraint() or calls_or_answer(tools.cfg, answer, tools.family == HERMES)
-        tools.bound = constraint is not None and constraint is not answer  # a tool grammar (a choice's is Lark too)
-        if constraint is not None:
-            # compiled before anything is queued or streamed: a bad schema is a plain 400
-            try:
-                await self.engine.check_constraint(req.model, constraint, param="tools" if tools.cfg.constrained else answer_param)
-            except InvalidRequest as failed:
-                if not tools.bound:
-                    raise
-                if tools.cfg.constrained:
-                    raise await tools.at_fault(lambda c: self.engine.check_constraint(req.model, c, param="tools"),
-                                               req.tools, failed) from None
-                # beside a format: the format's own fault is its 400 as without tools (not the Lark grammar quoted);
-                # a tool schema the grammar cannot take leaves the format alone, as before calls were admitted beside
-                # it (auto tools' schemas are not enforced without a format either), so such an agent keeps working
-                await self.engine.check_constraint(req.model, answer, param=answer_param)
-                constraint, tools.bound = answer, False
+
+        async def check(constraint: Any, param: str) -> None:  # compiled before anything is queued or streamed
+            await self.engine.check_constraint(req.model, constraint, param=param)
+
+        constraint = await tools.decoding(*req.constraint(), check, req.tools)  # (response_format, a guided field)
         prompt = await self.engine.encode_chat(req.model, *await off_loop_if(big, tools.prompt, messages), user=user,
                                                template_kwargs=template_kwargs)
         if truncate:
@@ -295,7 +279,7 @@ class OpenAIServing(CompletionsMixin):
                                                      template_kwargs=template_kwargs)
 
             prompt, _ = await fit_front(messages, prompt, model.context_length - reserve, encode)
-        tools.think(model, prompt, req.model_extra, constrained=constraint is not None)
+        constraint = await tools.think(model, prompt, req.model_extra, constraint, check)  # (after any thinking)
         return _ChatPrompt(req, model, defaults, tools, constraint, sampling, keep_alive, big, prompt)
 
     async def _chat_completion(self, body: bytes, user: str | None = None, manages: bool = True,

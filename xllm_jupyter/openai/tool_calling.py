@@ -12,8 +12,8 @@ from .legacy_functions import check_legacy_history, in_legacy_terms, legacy_delt
 from .reasoning import Reasoning, ThinkingDeltas, kept_markers
 from .tool_parser import HERMES, MISTRAL, MISTRAL_V11, StreamingToolParser, detect_family, parse_tool_calls
 from .tool_scan import cut_call
-from .tools import (ToolConfig, args_schema, nine_char_ids, one_call_per_turn, prepare_messages, template_supports_tools,
-                    tool_constraint)
+from .tools import (ToolConfig, args_schema, calls_or_answer, nine_char_ids, one_call_per_turn, prepare_messages,
+                    template_supports_tools, tool_constraint)
 
 #: each format's tool-call markup, which some tokenizers make special tokens (Mistral's own; Hermes-2-Pro's
 #: ``<tool_call>``): decoding skips those unless told (``markup_tokens``)
@@ -21,6 +21,8 @@ MARKUP = {MISTRAL: ("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"), HERMES: ("<tool_call
 MARKUP[MISTRAL_V11] = MARKUP[MISTRAL]
 #: how the grammar compiler's message for one schema starts; the tool's name says it instead
 _COMPILER_PREFIX = re.compile(r"^Invalid (json_schema constraint|JSON schema): ")
+#: compiles a constraint for the request's model, a 400 naming the param where it cannot (serving's engine check)
+Check = Callable[[Constraint, str], Awaitable[None]]
 
 
 class ToolCalling:
@@ -44,6 +46,8 @@ class ToolCalling:
         self.reasoning: Reasoning | None = None
         #: thinking markers kept in the text while it is not split (reasoning_format "none"): as markup_tokens
         self.kept: tuple[str, ...] = ()
+        #: the request field the decoding grammar came from (``decoding``), which a 400 about it names
+        self._param = "response_format"
 
     @classmethod
     def from_request(cls, req: Any, model: Any) -> "ToolCalling":
@@ -74,12 +78,42 @@ class ToolCalling:
         own = MARKUP.get(self.family, ()) if self.active else ()
         return own + (self.reasoning.markers if self.reasoning is not None else self.kept)  # (Magistral's [THINK] too)
 
-    def think(self, model: Any, prompt: Sequence[int], extra: dict[str, Any] | None, constrained: bool) -> None:
-        """Set how replies to ``prompt`` are split into thinking and answer (``Reasoning.of``), or which markers
-        they keep as text when the request turns the split off."""
+    async def decoding(self, answer: Constraint | None, answer_param: str, check: Check,
+                       request_tools: Sequence[Any] | None) -> Constraint | None:
+        """The grammar the reply is decoded under, compiled by ``check(constraint, param)`` (a bad one is a plain 400):
+        forced tool calls' (they win over the request's ``answer`` format), the format widened to admit the calls the
+        model may make beside it (tools.calls_or_answer), or the format alone."""
+        constraint = self.constraint() or calls_or_answer(self.cfg, answer, self.family == HERMES)
+        self.bound = constraint is not None and constraint is not answer  # a tool grammar (a choice's is Lark too)
+        if constraint is None:
+            return None
+        try:
+            await check(constraint, "tools" if self.cfg.constrained else answer_param)
+        except InvalidRequest as failed:
+            if not self.bound:
+                raise
+            if self.cfg.constrained:
+                raise await self.at_fault(lambda c: check(c, "tools"), request_tools, failed) from None
+            # beside a format: the format's own fault is its 400 as without tools (not the Lark grammar quoted);
+            # a tool schema the grammar cannot take leaves the format alone, as before calls were admitted beside
+            # it (auto tools' schemas are not enforced without a format either), so such an agent keeps working
+            await check(answer, answer_param)
+            constraint, self.bound = answer, False
+        self._param = "tools" if self.cfg.constrained else answer_param
+        return constraint
+
+    async def think(self, model: Any, prompt: Sequence[int], extra: dict[str, Any] | None,
+                    constraint: Constraint | None, check: Check) -> Constraint | None:
+        """Set how replies to ``prompt`` are split into thinking and answer (``Reasoning.of``), or which markers they
+        keep as text when the request turns the split off; the grammar the reply is decoded under, after any thinking
+        (``Reasoning.around``: compiled by ``check`` too, not on the model's step thread)."""
         forced = self.cfg.constrained
-        self.reasoning = Reasoning.of(model, prompt, extra, forced=forced, constrained=constrained)
+        self.reasoning = Reasoning.of(model, prompt, extra, forced=forced, constraint=constraint)
         self.kept = kept_markers(model, extra, forced=forced) if self.reasoning is None else ()
+        after = self.reasoning.around(constraint) if self.reasoning is not None and constraint is not None else constraint
+        if after is not constraint:
+            await check(after, self._param)
+        return after
 
     def prompt(self, messages: Sequence[ChatMessage]) -> tuple[list[ChatMessage], list[dict[str, Any]] | None]:
         """Messages and ``tools`` for the chat template."""

@@ -1,0 +1,179 @@
+"""A reasoning model under a grammar (response_format, forced tool calls) thinks first, freely, and the grammar
+applies after its thinking, as vLLM's reasoning parsers start it (openai/reasoning.py, backends/think_grammar.py).
+
+The random tiny model is steered with logit_bias: +100 on the opening marker, the end marker and "ok" makes it
+open a block, write "ok"s and close it when the end marker outweighs "ok" (a seeded choice between the two); the
+grammar masks all three out of the answer. How many "ok"s it writes is left open: the assertions hold for any.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import openai
+import pytest
+
+from tests.models import smollm2_tokenizer
+from tests.test_reasoning import ASK, MAGISTRAL, SPECIAL, THINK, reasoning_client
+from xllm_jupyter.backends.constraints import GrammarCompiler
+from xllm_jupyter.core.types import Constraint
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"], "additionalProperties": False}
+FORMAT = {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA, "strict": True}}
+TOOL = [{"type": "function", "function": {"name": "pick", "parameters": SCHEMA}}]
+MODELS = [("think", *THINK), ("magistral", *MAGISTRAL)]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A client of a server with "think" and "magistral", and the tokenizer's ids (test_reasoning.reasoning_home)."""
+    with reasoning_client(tmp_path_factory.mktemp("think-grammar")) as client_and_ids:
+        yield client_and_ids
+
+
+def _bias(ids, start, end, think=100):
+    return {str(ids[start]): think, str(ids[end]): 100, str(ids["ok"]): 100}
+
+
+def _answer(content):
+    value = json.loads(content)
+    assert isinstance(value, dict) and list(value) == ["a"] and isinstance(value["a"], bool)
+
+
+def _thought(text):
+    """The thinking of a steered reply: only "ok"s, and present (the model opened a block)."""
+    assert text is not None and re.fullmatch("(ok)*", text), text
+
+
+def ask(client, model, stream=False, **kw):
+    """(reasoning, content, tool calls as (name, arguments), finish_reason, usage) of one reply, whole or streamed."""
+    kw = {"model": model, "messages": ASK, "max_completion_tokens": 64, "seed": 3, **kw}
+    if not stream:
+        r = client.chat.completions.create(**kw)
+        m = r.choices[0].message
+        calls = [(c.function.name, c.function.arguments) for c in m.tool_calls or ()]
+        return (m.model_extra or {}).get("reasoning_content"), m.content, calls, r.choices[0].finish_reason, r.usage
+    thought = content = None
+    calls: dict[int, list[str]] = {}
+    reason = usage = None
+    for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            delta = choice.delta.model_dump()
+            if delta.get("reasoning_content") is not None:
+                thought = (thought or "") + delta["reasoning_content"]
+            if delta.get("content"):
+                content = (content or "") + delta["content"]
+            for call in delta.get("tool_calls") or ():
+                name, args = calls.setdefault(call["index"], ["", ""])
+                calls[call["index"]] = [name + (call["function"].get("name") or ""),
+                                        args + (call["function"].get("arguments") or "")]
+            reason = choice.finish_reason or reason
+    return thought, content, [tuple(calls[i]) for i in sorted(calls)], reason, usage
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("model", "start", "end"), MODELS)
+def test_a_json_format_applies_after_the_thinking(served, model, start, end, stream):
+    client, ids = served
+    thought, content, _, reason, usage = ask(client, model, stream, response_format=FORMAT,
+                                             logit_bias=_bias(ids, start, end))
+    _thought(thought)
+    _answer(content)
+    assert reason == "stop" and not any(m in content for m in SPECIAL)
+    assert usage.completion_tokens_details.reasoning_tokens == len(thought) // 2 + 2  # its "ok"s and both markers
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_that_opened_the_thinking_thinks_then_answers_in_the_format(served, stream):
+    client, ids = served
+    thought, content, _, reason, usage = ask(client, "think", stream, response_format=FORMAT,
+                                             logit_bias=_bias(ids, *THINK, think=0),
+                                             extra_body={"chat_template_kwargs": {"open_think": True}})
+    _thought(thought)
+    _answer(content)
+    assert reason == "stop" and usage.completion_tokens_details.reasoning_tokens == len(thought) // 2 + 1
+
+
+@pytest.mark.parametrize(("model", "start", "end"), MODELS)
+def test_a_model_that_does_not_think_answers_in_the_format_from_its_first_token(served, model, start, end):
+    client, ids = served
+    thought, content, _, reason, _ = ask(client, model, response_format=FORMAT, logit_bias=_bias(ids, start, end, -100))
+    assert thought is None and reason == "stop"
+    _answer(content)
+
+
+@pytest.mark.parametrize("extra", [{"chat_template_kwargs": {"enable_thinking": False}}, {"reasoning_format": "none"}])
+@pytest.mark.parametrize(("model", "start", "end"), MODELS)
+def test_with_thinking_off_the_grammar_applies_from_the_first_token(served, model, start, end, extra):
+    client, ids = served
+    thought, content, _, _, usage = ask(client, model, response_format=FORMAT, logit_bias=_bias(ids, start, end),
+                                        extra_body=extra)
+    assert thought is None and usage.completion_tokens_details.reasoning_tokens == 0
+    _answer(content)  # the markers were not allowed: no thinking, in content or out of it
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "pick"}}])
+@pytest.mark.parametrize(("model", "start", "end"), MODELS)
+def test_a_forced_tool_call_comes_after_the_thinking(served, model, start, end, choice, stream):
+    client, ids = served
+    thought, content, calls, _, _ = ask(client, model, stream, tools=TOOL, tool_choice=choice,
+                                        logit_bias=_bias(ids, start, end))
+    _thought(thought)
+    assert not content and [name for name, _ in calls] == ["pick"]
+    _answer(calls[0][1])
+
+
+@pytest.mark.parametrize(("model", "start", "end"), MODELS)
+def test_a_responses_format_applies_after_the_thinking(served, model, start, end):
+    client, ids = served
+    fmt = {"type": "json_schema", "name": "a", "schema": SCHEMA, "strict": True}
+    kw = dict(model=model, input="Hi", max_output_tokens=64, text={"format": fmt},
+              extra_body={"seed": 3, "logit_bias": _bias(ids, start, end)})
+    whole = client.responses.create(**kw)
+    with client.responses.stream(**kw) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.reasoning_text.delta"]
+        streamed = stream.get_final_response()
+    for r in (whole, streamed):
+        assert [o.type for o in r.output] == ["reasoning", "message"]
+        _thought(r.output[0].content[0].text)
+        _answer(r.output_text)
+    _thought("".join(deltas))
+
+
+@pytest.mark.parametrize("special", [True, False], ids=["special markers", "text markers"])
+def test_the_thinking_grammar_takes_either_kind_of_marker(special):
+    tokenizer = smollm2_tokenizer()
+    if special:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL)})
+    compiler = GrammarCompiler(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+
+    def takes(constraint, text):
+        matcher = compiler.new_matcher(constraint)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        return all(matcher.consume_token(i) for i in ids) and matcher.is_accepting()
+
+    for start, end in (THINK, MAGISTRAL):
+        for kind, spec in (("json_schema", json.dumps(SCHEMA)), ("regex", r'\{"a":(true|false)\}')):
+            fresh = Constraint(kind, spec, think=(start, end))
+            opened = Constraint(kind, spec, think=(start, end), opened=True)
+            assert takes(fresh, f'{start}\nplan: a < b {end[:-1]}\n{end}\n\n{{"a":true}}')
+            assert takes(fresh, '{"a":true}') and takes(fresh, f'{start}{end}{{"a":false}}')  # the thinking is optional
+            assert not takes(fresh, 'plan {"a":true}') and not takes(fresh, f'{start}x{end}\n\n\n{{"a":true}}')
+            assert takes(opened, f'plan {start[1:]}\n{end}\n\n{{"a":true}}') and not takes(opened, '{"a":true}')
+            # a special end marker spelled as text is neither the end nor thinking (the split would cut there)
+            spelled = smollm2_tokenizer().encode(f"x{end}", add_special_tokens=False)
+            matcher = compiler.new_matcher(opened)
+            assert all(matcher.consume_token(i) for i in spelled) is not special
+
+
+def test_a_grammar_that_writes_the_markers_itself_is_applied_from_the_first_token(served):
+    client, ids = served
+    grammar = f'start: <[{ids["<think>"]}]> "plan it" <[{ids["</think>"]}]> "The answer."'
+    thought, content, _, _, _ = ask(client, "think", extra_body={"guided_grammar": grammar},
+                                    logit_bias=_bias(ids, *THINK))
+    assert (thought, content) == ("plan it", "The answer.")  # not thinking twice: once free, then the grammar's
+    with pytest.raises(openai.BadRequestError):
+        ask(client, "think", response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": 5}})
