@@ -126,7 +126,7 @@ def test_every_verb_is_a_command_only_in_its_shape():
     commands = ["", "help", "help use", "help hub-service", "use", f"use {TINY}", "use no-such-model", "use smollm2:latest",
                 "use HuggingFaceTB/SmolLM2-135M-Instruct", "show hf.co/org/repo:Q4_K_M", "use {no_such_variable}",
                 "show {m.name}", "config {setting}",
-                "list", "ps", "status", "load tiny", "unload tiny", "rm tiny", "load", "config",
+                "list", "ps", "status", "load tiny", "unload tiny", "rm tiny", "rm tiny tiny-copy", "load", "config",
                 "config temperature=0 'system=Be terse, please.'", "connect", "connect http://127.0.0.1:8900/v1",
                 "connect 127.0.0.1:8900", "connect localhost:8900 --token", "connect --token sk-x", "connect https://hub/xllm",
                 "connect [::1]:8900", "pull smollm2", "pull HuggingFaceTB/SmolLM2-135M-Instruct --revision main --force",

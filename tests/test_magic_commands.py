@@ -118,7 +118,30 @@ def test_rm_removes_from_the_servers_store(shell, own_tiny_server, tiny_llama_di
     assert cap.stderr == f"xllm: The model '{doomed}' does not exist\n", cap.stderr
     cap = run(shell, "rm")
     assert cap.stderr.startswith("xllm: %xllm rm: the following arguments are required: model")
-    assert "%xllm rm MODEL" in shown(run(shell, "help"))
+    assert "%xllm rm MODEL..." in shown(run(shell, "help"))
+
+
+def test_rm_takes_several_models_and_stops_at_the_first_that_fails(shell, own_tiny_server, tiny_llama_dir):
+    """``%xllm rm A B C`` removes each in order, as ``xllm rm A B C`` does (the line went to the model as a prompt):
+    the first removal that fails stops it, the ones before it stay removed and those after it are kept. Nothing asks
+    first in a notebook, so a name the server does not know ("rm tiny and the rest", prose) stops it before any goes."""
+    store = own_tiny_server.engine.catalog
+    names = ("tiny-rm-a", "tiny-rm-b", "tiny-rm-c")
+    for name in names:
+        store.pull(str(tiny_llama_dir), name)
+    cap = run(shell, "rm tiny-rm-a tiny-rm-b")
+    assert cap.stderr == "", cap.stderr
+    assert shown(cap).splitlines() == ["Removed tiny-rm-a from the server's store", "Removed tiny-rm-b from the server's store"]
+    for name in names[:2]:
+        store.pull(str(tiny_llama_dir), name)
+    cap = run(shell, "rm tiny-rm-a and the rest")
+    assert cap.outputs == [] and all(store.exists(n) for n in names)
+    assert cap.stderr == ("xllm: the server has no model 'and': nothing was removed (to ask the model this instead: "
+                          "`%xllm -- rm tiny-rm-a and the rest`)\n"), cap.stderr
+    cap = run(shell, "rm tiny-rm-a tiny-rm-a tiny-rm-b")  # the second removal of one name is the failing one
+    assert shown(cap) == "Removed tiny-rm-a from the server's store"
+    assert cap.stderr == "xllm: The model 'tiny-rm-a' does not exist\n", cap.stderr
+    assert [store.exists(n) for n in names] == [False, True, True]
 
 
 def test_stop_unloads(shell, own_tiny_server, tiny_llama_dir):

@@ -238,13 +238,22 @@ class Commands:
                         + (f", {digest.removeprefix('sha256:')[:12]}" if digest else "") + ")")
 
     def do_rm(self, argv: list[str]) -> None:
-        """Remove a model from the server's store (the server unloads it first), as ``xllm rm`` does."""
-        args = _parser("rm", (("model",), {})).parse_args(argv)
-        reply = self.state.client().remove(args.model)
-        display(Text(f"Removed {reply.get('id') or args.model} from the server's store"))
-        chosen = (self.state.defaults.model or "").lower().removesuffix(":latest")  # names are case-insensitive
-        if chosen and chosen == str(reply.get("id") or "").lower():  # %%xllm would ask for a model that is gone
-            display(Text("It is this notebook's default model: choose another with `%xllm use MODEL`"))
+        """Remove models from the server's store one after another (the server unloads each first), as ``xllm rm``
+        does: the first that fails stops it, the ones before it stay removed."""
+        args = _parser("rm", (("model",), {"nargs": "+"})).parse_args(argv)
+        client = self.state.client()
+        if len(args.model) > 1:  # (nothing asks first, as the terminal does: "rm tiny and the rest" is prose, not a list)
+            for model in args.model:
+                try:
+                    client.model(model)
+                except ModelNotFound:
+                    raise XllmError(f"the server has no model {model!r}: nothing was removed" + as_prompt(["rm", *argv])) from None
+        for model in args.model:
+            reply = client.remove(model)
+            display(Text(f"Removed {reply.get('id') or model} from the server's store"))
+            chosen = (self.state.defaults.model or "").lower().removesuffix(":latest")  # names are case-insensitive
+            if chosen and chosen == str(reply.get("id") or "").lower():  # %%xllm would ask for a model that is gone
+                display(Text("It is this notebook's default model: choose another with `%xllm use MODEL`"))
 
     # --------------------------------------------------------------- session
     def do_use(self, argv: list[str]) -> None:

@@ -77,7 +77,8 @@ _ALONE = Shape(0)
 #: what follows each verb on a command line
 SHAPES: dict[str, Shape] = {
     "list": _ALONE, "ps": _ALONE, "status": _ALONE,
-    "load": _MODEL, "unload": _MODEL, "stop": _MODEL, "show": _MODEL, "run": _MODEL, "rm": _MODEL, "use": _MODEL,
+    "load": _MODEL, "unload": _MODEL, "stop": _MODEL, "show": _MODEL, "run": _MODEL, "use": _MODEL,
+    "rm": Shape(-1, MODEL_NAME),  # several, as `xllm rm A B C`
     "pull": Shape(1, _SOURCE, frozenset({"--name", "--revision", "--base"}), frozenset({"--force", "--convert"})),
     "connect": Shape(1, _ADDRESS, optional=frozenset({"--token"})),
     "config": Shape(-1, _SETTING),
@@ -106,7 +107,9 @@ _ENTRIES: tuple[tuple[tuple[str, ...], str], ...] = (
                 "                                        --base: the stored model a LoRA adapter applies to)\n"
                 "                                        a path unquoted keeps its backslashes (C:\\models\\x); quote\n"
                 "                                        one with spaces (\"C:\\my models\\x\"; in quotes \\\" is a quote)"),
-    (("rm",), "%xllm rm MODEL                          remove a model from the server's store (admins)"),
+    (("rm",), "%xllm rm MODEL...                       remove models from the server's store, in order (admins; as\n"
+              "                                        xllm rm, the first that fails stops it; a name the server\n"
+              "                                        does not know stops it before any goes)"),
     (("create", "cp", "serve", "run", "hub-service"),
      "%xllm create / cp / serve / run         terminal-only: says what to run instead (hub-service too)"),
     (("use",), "%xllm use [MODEL]                       default model for this notebook (no MODEL: show it)"),
