@@ -92,3 +92,25 @@ def test_local_chat_sends_back_the_answers_alone(local_home, monkeypatch):
         assert backend.chat([{"role": "user", "content": "Hi"}], "chain") == "The"  # without thinking=True the thinking is left out, as the client's
     assert sent[1] == [{"role": "user", "content": "first"}, {"role": "assistant", "content": "The"},
                        {"role": "user", "content": "second"}]
+
+
+def test_a_format_applies_after_the_thinking_in_process_as_on_a_server(server, local_home):
+    """``--format json`` in-process: the model thinks first and the JSON grammar applies after its thinking, as the
+    server applies it (``Reasoning.around``); the same greedy request gives the same thinking and answer both ways."""
+    from xllm_jupyter.client import XllmClient
+    from xllm_jupyter.client.local import LocalChat
+    from xllm_jupyter.client.thinking import Thinking
+
+    messages = [{"role": "user", "content": "Hi"}]
+    params = {"response_format": {"type": "json_object"}, "temperature": 0, "max_tokens": 8}
+
+    def parts(backend):
+        pieces = list(backend.stream_chat(messages, "chain", thinking=True, **params))
+        return ("".join(p for p in pieces if isinstance(p, Thinking)),
+                "".join(p for p in pieces if not isinstance(p, Thinking)))
+
+    with XllmClient(server.base_url, server.api_key) as client:
+        served = parts(client)
+    with LocalChat() as local:
+        assert parts(local) == served
+    assert served[0] == "plan" and served[1].startswith("{")  # the JSON grammar took over after the thinking

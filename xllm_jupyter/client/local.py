@@ -137,9 +137,9 @@ class LocalChat:
         extra = {"template_kwargs": template_kwargs} if template_kwargs else {}  # only when given, as the server does
         prompt_ids = self._run(self.engine.encode_chat(model, chat, **extra))
         # the markers the model's template names (or a block its prompt opened), as the server reads them
-        reasoning = Reasoning.of(loaded, prompt_ids, None, forced=False, constrained=gen_params.constraint is not None)
+        reasoning = Reasoning.of(loaded, prompt_ids, None, forced=False, constraint=gen_params.constraint)
         if reasoning is not None:  # decoding keeps them where they are special tokens (Magistral's [THINK])
-            gen_params = dataclasses.replace(gen_params, keep_special=reasoning.markers)
+            gen_params = self._around(model, reasoning, gen_params)
         splitter = reasoning.splitter() if reasoning is not None else None
         request = GenerationRequest(model=model, prompt_ids=tuple(prompt_ids), params=gen_params)
         events = self.engine.generate(request)
@@ -163,6 +163,14 @@ class LocalChat:
         finally:
             # Runs on close() too (Ctrl-C, early exit): the engine cancels the jobs.
             self._run(events.aclose())
+
+    def _around(self, model: str, reasoning: Reasoning, params: GenerationParams) -> GenerationParams:
+        """``params`` keeping the thinking markers, with a format (``--format json``) applied after any thinking, as
+        the server applies it (``Reasoning.around``; compiled now, as the format was)."""
+        constraint = reasoning.around(params.constraint) if params.constraint is not None else None
+        if constraint is not params.constraint:
+            self._run(self.engine.check_constraint(model, constraint))
+        return dataclasses.replace(params, keep_special=reasoning.markers, constraint=constraint)
 
     def _next(self, events: Any) -> Any:
         """The next engine event. Ctrl-C while waiting for it cancels that wait first: otherwise the
