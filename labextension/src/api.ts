@@ -111,9 +111,18 @@ export async function errorFrom(response: Response): Promise<XllmApiError> {
  */
 export class SseParser {
   private buffer = '';
+  /** the last chunk ended with CR: an LF that begins the next one is the same line end (a CRLF split in two) */
+  private afterCR = false;
 
   /** Payloads completed by `chunk` (joined `data:` lines of each event). */
   feed(chunk: string): string[] {
+    if (this.afterCR && chunk.length) {
+      chunk = chunk.startsWith('\n') ? chunk.slice(1) : chunk;
+      this.afterCR = false;
+    }
+    if (chunk.length) {
+      this.afterCR = chunk.endsWith('\r'); // read as a line end now: a lone CR is one, and the event may end here
+    }
     this.buffer += chunk.replace(/\r\n?/g, '\n');
     const out: string[] = [];
     let end: number;

@@ -49,6 +49,20 @@ describe('SseParser', () => {
     expect(p.feed('ta: {"a":1}\r\n\r\ndata: x\ndata: y\n')).toEqual(['{"a":1}']);
     expect(p.feed('\n')).toEqual(['x\ny']);
   });
+
+  it('reads a CRLF split across two chunks as one line end, not a blank line', () => {
+    const p = new SseParser();
+    // the CR ends one chunk and the LF begins the next: one event of two data lines, not two events
+    expect(p.feed('data: a\r')).toEqual([]);
+    expect(p.feed('\ndata: b\r')).toEqual([]);
+    expect(p.feed('\n\r')).toEqual(['a\nb']); // the blank line's CR ends the event as it comes
+    expect(p.feed('\ndata: e\n\n')).toEqual(['e']); // and its LF ends nothing more
+    // a lone CR is a line end of its own (the next chunk does not begin with LF): the event still ends
+    expect(p.feed('data: c\r')).toEqual([]);
+    expect(p.feed('\r')).toEqual(['c']);
+    expect(p.feed('')).toEqual([]);
+    expect(p.feed('data: d\r\n\r\n')).toEqual(['d']);
+  });
 });
 
 describe('parseChatChunk', () => {
