@@ -32,10 +32,11 @@ from .logprob_wire import chat_logprob_entries
 from .model_defaults import ModelDefaults
 from .model_privacy import caller_view
 from .offload import is_big, off_loop_if, parse_body
+from .piece_logprobs import piece_shares
 from .template_kwargs import chat_template_kwargs
 from .tool_calling import ToolCalling
 from .truncation import fit_front
-from .reasoning import ReasoningTally, thinking_share
+from .reasoning import ReasoningTally
 from .protocol import (
     SYSTEM_FINGERPRINT,
     ChatCompletionRequest,
@@ -400,12 +401,11 @@ class OpenAIServing(CompletionsMixin):
                             out += calls[ev.index].deltas("", "stop")
                         if want_lp and ev.logprobs:
                             held_lp[ev.index].extend(chat_logprob_entries(ev.logprobs))
-                        for delta, reason in out:
+                        # each piece takes its own tokens' logprobs: one engine delta may hold the thinking's end, text
+                        # and a call (tokens made within one stream interval)
+                        shares = piece_shares(held_lp[ev.index], out, tools.reasoning and tools.reasoning.end)
+                        for (delta, reason), k in zip(out, shares):
                             lp, held = None, held_lp[ev.index]
-                            # a thinking piece takes only the thinking's tokens: one engine delta may carry the end
-                            # marker and the answer's first tokens too (tokens made within one stream interval)
-                            k = thinking_share(held, tools.reasoning.end) if held and "reasoning_content" in delta \
-                                and tools.reasoning is not None else len(held)
                             if k:
                                 lp, held_lp[ev.index] = {"content": held[:k], "refusal": None}, held[k:]
                             choice = {"index": ev.index, "delta": delta, "logprobs": lp, "finish_reason": reason}

@@ -1,0 +1,105 @@
+"""A streamed reply's text before and after a tool call carries its own tokens' logprobs, however the engine grouped
+the tokens into deltas.
+
+Within one stream interval (16 ms: ~8 tokens on a GPU) one engine delta may hold the end of the text, a whole call and
+the text after it. The chat stream gave every held token's logprob to the delta's first piece: the text before a call
+took the call's tokens (a streamed Response's ``output_text`` logprobs had ``<tool_call>`` and the call's JSON) and
+the text after it took none. A random tiny model writes the text and the call through a Lark ``guided_grammar``, its
+markers by special token id (so no token spans the text and a marker).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import openai
+import pytest
+
+from tests.server_fixtures import TINY, make_test_config, running_server
+from tests.test_hermes_special_markup import HERMES_LIKE, MARKUP, special  # noqa: F401  (the stepwise server)
+from tests.test_mistral_v11_tools import ASK, TOOLS
+
+CALL = '"\\n{\\"name\\": \\"weather\\", \\"arguments\\": {\\"city\\":\\"Oslo\\"}}\\n"'
+
+
+@pytest.fixture(scope="module")
+def grouped(tmp_path_factory):
+    """``special``'s model on a server whose engine hands each reply's tokens after the first over in one delta (an
+    interval longer than any reply), as a fast engine does within its 16 ms interval."""
+    from transformers import AutoTokenizer
+
+    from tests.models import build_tiny_llama
+    from xllm_jupyter.store.store import ModelStore
+
+    home = tmp_path_factory.mktemp("tool-logprobs-grouped")
+    model = build_tiny_llama(home / "m", special=MARKUP)
+    (model / "chat_template.jinja").write_text(HERMES_LIKE, encoding="utf-8")
+    ids = AutoTokenizer.from_pretrained(str(model)).convert_tokens_to_ids(list(MARKUP))
+    store = ModelStore(home / "home")
+    store.pull(str(model), TINY)
+    config = make_test_config(home / "home")
+    config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, stream_interval_ms=60_000))
+    with running_server(config, store, TINY) as info:
+        with openai.OpenAI(base_url=info.base_url, api_key=info.api_key, max_retries=0, timeout=120) as c:
+            yield c, None, ids
+
+
+def _grammar(server, after: str) -> str:
+    start, end = server[2]
+    return f'start: "Let me look.\\n" <[{start}]> {CALL} <[{end}]> "{after}"'
+
+
+@pytest.mark.parametrize("server", ["special", "grouped"])
+def test_streamed_text_around_a_call_carries_its_own_tokens_logprobs(server, request):
+    served = request.getfixturevalue(server)
+    client = served[0]
+    kw = dict(model=TINY, messages=ASK, tools=TOOLS, max_completion_tokens=64, seed=1, logprobs=True,
+              extra_body={"guided_grammar": _grammar(served, "\\nDone.")})
+    whole = [t.token for t in client.chat.completions.create(**kw).choices[0].logprobs.content]
+    streamed, texts, calls = [], [], 0
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for choice in chunk.choices:
+            tokens = [t.token for t in (choice.logprobs.content if choice.logprobs else None) or []]
+            streamed += tokens
+            calls += len(choice.delta.tool_calls or ())
+            if choice.delta.content:  # (a call's chunk takes its tokens; blanks after it ride on the text)
+                texts.append((choice.delta.content, "".join(tokens)))
+    assert calls and "".join(whole) == "".join(streamed)  # every token's logprob, once (a sampled spelling each)
+    assert texts and all(own.strip() == text.strip() for text, own in texts), texts
+    assert "".join(text for text, _ in texts).split() == ["Let", "me", "look.", "Done."]
+
+
+@pytest.mark.parametrize("server", ["special", "grouped"])
+def test_a_streamed_responses_output_text_logprobs_leave_out_the_calls_tokens(server, request):
+    served = request.getfixturevalue(server)
+    client = served[0]
+    tools = [{"type": "function", "name": t["function"]["name"], "parameters": t["function"]["parameters"]}
+             for t in TOOLS]
+    kw = dict(model=TINY, input="Weather in Oslo?", tools=tools, max_output_tokens=64,
+              extra_body={"guided_grammar": _grammar(served, ""), "seed": 1}, include=["message.output_text.logprobs"])
+    with client.responses.stream(**kw) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert [o.type for o in final.output] == ["message", "function_call"]
+    tokens = [t.token for t in final.output[0].content[0].logprobs]
+    assert [t.token for e in events if e.type == "response.output_text.delta" for t in e.logprobs] == tokens
+    assert "".join(tokens).strip() == final.output_text.strip() == "Let me look.", tokens
+
+
+def test_piece_shares_give_each_piece_its_own_tokens():
+    from xllm_jupyter.openai.piece_logprobs import piece_shares
+
+    def tokens(*texts):
+        return [{"token": t} for t in texts]
+
+    call = {"tool_calls": [{"index": 0}]}
+    held = tokens("Let", " me", ".", "\n", "<tool_call>", "{}", "</tool_call>", "\n", "Done", ".")
+    assert piece_shares(held, [({"content": "Let me.\n"}, None), (call, None), ({"content": "Done."}, None)],
+                        None) == [4, 3, 3]  # the blank after the call rides on the text after it
+    assert piece_shares(held, [({"content": "Let me.\n"}, None), (call, None), (call, None)], None) == [4, 6, 0]
+    assert piece_shares(tokens("Hi", " ", "<"), [({"content": "Hi "}, None)], None) == [2]  # "<" held: a call's?
+    assert piece_shares(tokens("Hi", " ", "<"), [({"content": "Hi "}, "stop")], None) == [3]  # the last takes all
+    assert piece_shares(tokens("plan", "</think>", "\n\n", "The"), [({"reasoning_content": "plan"}, None),
+                                                                   ({"content": "The"}, None)], "</think>") == [1, 3]
+    assert piece_shares(tokens("bytes:\\xe2", "x"), [({"content": "\u2019x"}, None)], None) == [2]  # not found: all
+    assert piece_shares([], [({"content": "x"}, None)], None) == [0]

@@ -1,0 +1,49 @@
+"""Which streamed chat pieces carry which held token logprobs, however the engine grouped the tokens."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from .reasoning import thinking_share
+
+
+def piece_shares(entries: Sequence[dict[str, Any]], pieces: Sequence[tuple[dict[str, Any], str | None]],
+                 think_end: str | None) -> list[int]:
+    """How many of a choice's held token logprob ``entries`` (oldest first) each of ``pieces`` (the chunk deltas and
+    finish reasons one engine delta's text made, in order) takes: as many as each would take had every token come
+    alone (the chat stream's pieces then never depend on how many tokens one delta held).
+
+    A thinking piece takes the thinking's tokens (``thinking_share``); a content piece those that end within its text
+    (not yet sent ones before it too: the end marker, a call's separators); a call piece those before the next
+    content piece's text and its leading blanks (or all of them when no content follows); the choice's last piece
+    what is left. What none takes stays held: text the parser holds back (it may start a call) rides on a later one.
+    Where a piece's text is not found among the tokens' (a token spelled in bytes), it takes what is left.
+    """
+    if not entries:
+        return [0] * len(pieces)
+    text, ends = "", []
+    for entry in entries:
+        text += entry.get("token") or ""
+        ends.append(len(text))
+    shares, taken, at = [], 0, 0
+
+    def upto(cut: int) -> int:  # the entries not yet taken that end by ``cut``
+        return sum(1 for e in ends[taken:] if e <= cut)
+
+    for i, (delta, reason) in enumerate(pieces):
+        k = len(entries) - taken
+        if reason is None and k:
+            if delta.get("reasoning_content") and think_end is not None:
+                k = thinking_share(entries[taken:], think_end)
+            elif delta.get("content"):
+                found = text.find(delta["content"], at)
+                k = upto(found + len(delta["content"])) if found >= 0 else k
+            elif delta.get("tool_calls"):
+                later = next((d["content"] for d, _ in pieces[i + 1:] if d.get("content")), None)
+                found = text.find(later, at) if later else -1
+                if found >= 0:  # (blanks between a call and text after it ride on the text, as one by one)
+                    k = upto(at + len(text[at:found].rstrip()))
+        shares.append(k)
+        taken += k
+        at = ends[taken - 1] if taken else 0
+    return shares
