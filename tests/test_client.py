@@ -296,9 +296,7 @@ def test_closing_a_stream_cancels_on_the_server(client, xllm_server):
     engine = xllm_server.engine
     before = engine.stats(TINY).cancelled
     stream = client.stream_chat("Tell me a long story", TINY, max_tokens=1500, temperature=0, ignore_eos=True)
-    for i, _ in enumerate(stream):
-        if i == 2:
-            break
+    next(stream)  # the first piece comes alone; the rest may come together (engine.stream_interval_ms)
     stream.close()
     assert wait_for(lambda: engine.stats(TINY).cancelled > before), "the server did not cancel the job"
     assert wait_for(lambda: engine.stats(TINY).running == 0)

@@ -322,7 +322,7 @@ def test_disconnect_cancels_generation(xllm_server):
             for line in lines:
                 if line.startswith("data: "):
                     got += 1
-                if got == 3:  # the role chunk and two content chunks
+                if got == 2:  # the role chunk and the first content chunk (the first token leaves alone)
                     break
             assert engine.stats().running == 1
     # leaving the blocks closed the connection mid-stream
@@ -346,12 +346,12 @@ def test_a_stream_the_client_leaves_is_charged_what_it_generated(xllm_server, ra
         for line in r.iter_lines():
             if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line:
                 received += 1  # a content chunk carries at least one token
-            if received == 5:
+            if received == 1:  # the first token leaves alone; later ones may come grouped (stream_interval_ms)
                 break
     assert wait_idle(engine), engine.stats()
     prompt1, completion1 = charged()
     assert prompt1 > prompt0
-    assert 5 <= completion1 - completion0 < 1900
+    assert 1 <= completion1 - completion0 < 1900
 
 
 def test_disconnect_cancels_non_streaming(xllm_server):
