@@ -56,6 +56,17 @@ def make_test_config(home: Path, **server: Any) -> XllmConfig:
     )
 
 
+@pytest.fixture(scope="module")
+def smollm2_server(smollm2_home) -> Iterator["ServerInfo"]:
+    """A standalone server on the session's smollm2 store (its GGUF converted once per run, shared with the backend
+    tests): smollm2 the default model, batches of 8, 2 torch threads; one per test module that asks for it."""
+    base = make_test_config(smollm2_home)
+    config = XllmConfig(server=base.server, store=base.store,
+                        engine=EngineConfig(default_model="smollm2", max_batch_size=8, torch_threads=2))
+    with running_server(config, ModelStore(smollm2_home), "smollm2") as info:
+        yield info
+
+
 @dataclass
 class ServerInfo:
     """A running standalone server: where it is, its key, and its engine."""

@@ -6,28 +6,9 @@ import asyncio
 
 import pytest
 
-from xllm_jupyter.core.config import EngineConfig
-from xllm_jupyter.store.store import ModelStore
-
-from .server_fixtures import make_test_config, running_server
-
 pytestmark = pytest.mark.slow
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture(scope="module")
-def smollm2_server(smollm2_home):
-    """A standalone server on the session's smollm2 store (GGUF converted once per run, shared with the backend tests)."""
-    store = ModelStore(smollm2_home)
-    config = make_test_config(smollm2_home)
-    config = type(config)(
-        server=config.server,
-        engine=EngineConfig(default_model="smollm2", max_batch_size=8, torch_threads=2),
-        store=config.store,
-    )
-    with running_server(config, store, "smollm2") as info:
-        yield info
 
 
 def test_greedy_answer_names_paris(smollm2_server):

@@ -14,10 +14,6 @@ from pathlib import Path
 import pytest
 
 from xllm_jupyter.client import XllmClient
-from xllm_jupyter.core.config import EngineConfig
-from xllm_jupyter.store.store import ModelStore
-
-from .server_fixtures import make_test_config, running_server
 
 nbformat = pytest.importorskip("nbformat")
 
@@ -68,20 +64,6 @@ def test_notebooks_are_committed_without_outputs(path):
         f"{path.name}: clear the outputs of cells {dirty} before committing"
     )
     assert nb.metadata.get("kernelspec", {}).get("name") == "python3"
-
-
-@pytest.fixture(scope="module")
-def smollm2_server(smollm2_home):
-    """A standalone server on the session's smollm2 store (its GGUF converted once per run), for every notebook."""
-    store = ModelStore(smollm2_home)
-    base = make_test_config(smollm2_home)
-    config = type(base)(
-        server=base.server,
-        engine=EngineConfig(default_model="smollm2", max_batch_size=8, torch_threads=2),
-        store=base.store,
-    )
-    with running_server(config, store, "smollm2") as info:
-        yield info
 
 
 @pytest.fixture(scope="module")
