@@ -99,7 +99,7 @@ def test_stats_counts_a_stream_while_it_runs(raw):
         for line in lines:
             if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
                 seen += 1
-            if seen >= 3:
+            if seen >= 1:  # the first token leaves alone; the rest may come together (stream_interval_ms)
                 break
         during = _stats(raw)  # the stream is still open: its sequence is running
         assert not r.is_closed

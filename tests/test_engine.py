@@ -143,7 +143,7 @@ async def test_closing_the_stream_cancels_within_one_step():
     got = 0
     async for ev in gen:
         got += 1
-        if got == 3:
+        if got == 1:  # the first token leaves alone; the rest may come together (stream_interval_ms)
             break
     await gen.aclose()
     await wait_for(lambda: engine.stats().running == 0)
