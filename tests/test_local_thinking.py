@@ -94,23 +94,37 @@ def test_local_chat_sends_back_the_answers_alone(local_home, monkeypatch):
                        {"role": "user", "content": "second"}]
 
 
-def test_a_format_applies_after_the_thinking_in_process_as_on_a_server(server, local_home):
-    """``--format json`` in-process: the model thinks first and the JSON grammar applies after its thinking, as the
-    server applies it (``Reasoning.around``); the same greedy request gives the same thinking and answer both ways."""
+def _served_and_local(server, **params):
+    """(thinking, answer) of one greedy JSON reply from "chain", from the server and in-process."""
     from xllm_jupyter.client import XllmClient
     from xllm_jupyter.client.local import LocalChat
     from xllm_jupyter.client.thinking import Thinking
 
-    messages = [{"role": "user", "content": "Hi"}]
-    params = {"response_format": {"type": "json_object"}, "temperature": 0, "max_tokens": 8}
+    params = {"response_format": {"type": "json_object"}, "temperature": 0, "max_tokens": 8, **params}
 
     def parts(backend):
-        pieces = list(backend.stream_chat(messages, "chain", thinking=True, **params))
+        pieces = list(backend.stream_chat([{"role": "user", "content": "Hi"}], "chain", thinking=True, **params))
         return ("".join(p for p in pieces if isinstance(p, Thinking)),
                 "".join(p for p in pieces if not isinstance(p, Thinking)))
 
     with XllmClient(server.base_url, server.api_key) as client:
         served = parts(client)
     with LocalChat() as local:
-        assert parts(local) == served
+        return served, parts(local)
+
+
+def test_a_format_applies_after_the_thinking_in_process_as_on_a_server(server, local_home):
+    """``--format json`` in-process: the model thinks first and the JSON grammar applies after its thinking, as the
+    server applies it (``Reasoning.around``); the same greedy request gives the same thinking and answer both ways."""
+    served, local = _served_and_local(server)
+    assert local == served
     assert served[0] == "plan" and served[1].startswith("{")  # the JSON grammar took over after the thinking
+
+
+def test_thinking_turned_off_keeps_a_format_from_the_first_token_in_process_as_on_a_server(server, local_home):
+    """A request that turns thinking off (``thinking: false``, DeepSeek-V3.1's flag, which this template does not
+    read, as Magistral's reads neither) keeps the format from the first token in-process too: ``Reasoning.of`` reads
+    the request's template variables there as the server reads them, so neither thinks."""
+    served, local = _served_and_local(server, chat_template_kwargs={"thinking": False})
+    assert local == served
+    assert served[0] == "" and served[1].startswith("{")  # the chain's <think> was masked from the first token

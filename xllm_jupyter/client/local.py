@@ -136,8 +136,10 @@ class LocalChat:
             self._run(self.engine.check_constraint(model, gen_params.constraint))
         extra = {"template_kwargs": template_kwargs} if template_kwargs else {}  # only when given, as the server does
         prompt_ids = self._run(self.engine.encode_chat(model, chat, **extra))
-        # the markers the model's template names (or a block its prompt opened), as the server reads them
-        reasoning = Reasoning.of(loaded, prompt_ids, None, forced=False, constraint=gen_params.constraint)
+        # the markers the model's template names (or a block its prompt opened), as the server reads them; the
+        # template variables too: one that turns thinking off keeps a format from the first token
+        reasoning = Reasoning.of(loaded, prompt_ids, {PARAM: template_kwargs}, forced=False,
+                                 constraint=gen_params.constraint)
         if reasoning is not None:  # decoding keeps them where they are special tokens (Magistral's [THINK])
             gen_params = self._around(model, reasoning, gen_params)
         splitter = reasoning.splitter() if reasoning is not None else None
