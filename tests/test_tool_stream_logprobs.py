@@ -86,6 +86,27 @@ def test_a_streamed_responses_output_text_logprobs_leave_out_the_calls_tokens(se
     assert "".join(tokens).strip() == final.output_text.strip() == "Let me look.", tokens
 
 
+def test_a_whole_responses_output_text_logprobs_leave_out_the_calls_tokens(special):  # noqa: F811
+    # the streamed Response's are the text's alone; the whole one's had the call's tokens too
+    client = special[0]
+    tools = [{"type": "function", "name": t["function"]["name"], "parameters": t["function"]["parameters"]}
+             for t in TOOLS]
+    whole = client.responses.create(model=TINY, input="Weather in Oslo?", tools=tools, max_output_tokens=64,
+                                    extra_body={"guided_grammar": _grammar(special, ""), "seed": 1},
+                                    include=["message.output_text.logprobs"])
+    assert [o.type for o in whole.output] == ["message", "function_call"]
+    tokens = [t.token for t in whole.output[0].content[0].logprobs]
+    assert "".join(tokens) == whole.output_text == "Let me look.", tokens
+    assert piece_shares_of_text(["Let", " me", ".", "\n", "<tool_call>"], "Let me.") == 3
+    assert piece_shares_of_text(["bytes:\\xe2", "x"], "\u2019x") == 2  # not found: all
+
+
+def piece_shares_of_text(texts, text):
+    from xllm_jupyter.openai.piece_logprobs import text_share
+
+    return text_share([{"token": t} for t in texts], text)
+
+
 def test_piece_shares_give_each_piece_its_own_tokens():
     from xllm_jupyter.openai.piece_logprobs import piece_shares
 

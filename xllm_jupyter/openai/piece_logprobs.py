@@ -47,3 +47,15 @@ def piece_shares(entries: Sequence[dict[str, Any]], pieces: Sequence[tuple[dict[
         taken += k
         at = ends[taken - 1] if taken else 0
     return shares
+
+
+def text_share(entries: Sequence[dict[str, Any]], text: str) -> int:
+    """How many of a whole reply's token logprob ``entries`` (oldest first, after any thinking) are its ``text``'s own
+    when calls follow it: those that end within ``text``'s first place among their tokens' text (the call's after it
+    are not the text's); all of them where it is not found (a token spelled in bytes, text pieces joined)."""
+    joined, ends = "", []
+    for entry in entries:
+        joined += entry.get("token") or ""
+        ends.append(len(joined))
+    found = joined.find(text) if text else -1
+    return len(entries) if found < 0 else sum(1 for e in ends if e <= found + len(text))
