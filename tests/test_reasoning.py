@@ -123,6 +123,19 @@ def test_thinking_is_split_from_the_answer(served, model, start, end):
     assert not any(m in json.dumps(deltas) for m in SPECIAL)  # no marker text in either part
 
 
+@pytest.mark.parametrize(("model", "start", "end"), [("think", *THINK), ("magistral", *MAGISTRAL)])
+def test_an_empty_thinking_block_is_no_thinking_whole_as_streamed(served, model, start, end):
+    # "<think>\n</think>" (Qwen3 writes it with nothing to think, and now often before a format's JSON): the stream
+    # sends no reasoning_content, so the whole reply has none either (it had ""), as the Responses API opens no
+    # reasoning item for it; its markers are still thinking tokens
+    kw = {"model": model, "extra_body": {"guided_grammar": _grammar(served[1], start, end, "\\n", "\\n\\nThe answer.")}}
+    r = ask(served, **kw)
+    assert _fields(r.choices[0].message) == (None, "The answer.")
+    thought, content, _, usage, deltas = streamed(served, **kw)
+    assert (thought, content) == ("", "The answer.") and not any(d.get("reasoning_content") is not None for d in deltas)
+    assert r.usage.completion_tokens_details.reasoning_tokens == usage.completion_tokens_details.reasoning_tokens >= 2
+
+
 def test_a_prompt_that_opens_the_thinking_starts_the_reply_inside_it(served):
     _, ids = served
     kw = dict(max_completion_tokens=3, temperature=0, logit_bias={str(ids["ok"]): 100})

@@ -374,8 +374,8 @@ class ResponsesServing:
         choice = result["choices"][0]
         status, incomplete = response_status(choice["finish_reason"])
         logprobs = (choice.get("logprobs") or {}).get("content") or [] if req.logprobs else None
-        if logprobs and choice["message"].get("reasoning_content") is not None:  # the output text's own tokens'
-            logprobs = logprobs[result["usage"]["completion_tokens_details"]["reasoning_tokens"]:]
+        if logprobs:  # the output text's own tokens': after the thinking's, an empty block's markers too (0 without)
+            logprobs = logprobs[(result["usage"].get("completion_tokens_details") or {}).get("reasoning_tokens", 0):]
         if logprobs and choice["message"].get("tool_calls"):  # the text's, not its calls' (as streamed)
             logprobs = logprobs[:text_share(logprobs, choice["message"].get("content") or "")]
         output = output_items(choice["message"], turn.mid, status, logprobs)

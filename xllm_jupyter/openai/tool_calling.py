@@ -151,7 +151,8 @@ class ToolCalling:
         if self.reasoning is not None:
             if thought is not None and message["content"] == "":
                 message["content"] = None  # all thinking (cut by max_tokens): no answer, as vLLM says it
-            message["reasoning"] = message["reasoning_content"] = thought
+            # an empty block is no thinking, as its stream sends none (and Responses open no reasoning item for it)
+            message["reasoning"] = message["reasoning_content"] = thought or None
         return legacy_message(message, reason) if self.legacy else (message, reason)
 
     def _message(self, text: str, finish: str, stop_string: bool) -> tuple[dict[str, Any], str]:
