@@ -70,6 +70,8 @@ class Reasoning:
     opened: bool = False
     #: the end marker's token id where it is one token (thinking tokens are counted up to it exactly)
     end_id: int | None = None
+    #: the end marker's token ids (several: thinking tokens are counted up to them where the model spells it so)
+    end_ids: tuple[int, ...] = ()
     #: the reply is decoded under a grammar it may think before, freely: the grammar applies after the end marker
     #: (``around``); False where no grammar applies, or one applies from the first token
     free: bool = False
@@ -99,7 +101,7 @@ class Reasoning:
         if forced and not free:
             return None
         opened = (free or constraint is None) and _ends_with(model, prompt, start, without=end)
-        return cls(*markers, opened=opened, end_id=end[0] if len(end) == 1 else None, free=free)
+        return cls(*markers, opened=opened, end_id=end[0] if len(end) == 1 else None, end_ids=end, free=free)
 
     def around(self, constraint: Constraint) -> Constraint:
         """``constraint`` as the backend applies it: after the thinking where the reply may think first (``free``)."""
@@ -265,6 +267,9 @@ class ReasoningTally:
 
     def __init__(self, reasoning: Reasoning | None, n: int):
         self._end = reasoning.end_id if reasoning is not None else None
+        # a marker of several tokens: the last ones a choice's earlier pieces ended with (the marker may span two)
+        self._ids = reasoning.end_ids if reasoning is not None and len(reasoning.end_ids) > 1 else ()
+        self._tails: list[tuple[int, ...]] = [()] * n
         self._splitters = [reasoning.splitter() for _ in range(n)] if reasoning is not None else []
         self._counts = [0] * len(self._splitters)
         self._closed = [False] * len(self._splitters)
@@ -275,11 +280,17 @@ class ReasoningTally:
             return
         splitter = self._splitters[index]
         splitter.feed(text, final)
+        through = _through(self._tails[index], tuple(ids), self._ids) if self._ids else None
         if self._end is not None and self._end in ids:  # (a piece of text may carry tokens after the marker)
             self._counts[index] += list(ids).index(self._end) + 1
             self._closed[index] = True
+        elif through is not None:  # (tokens made within one stream interval: the answer's may follow the marker)
+            self._counts[index] += through
+            self._closed[index] = True
         else:
             self._counts[index] += len(ids)
+            if self._ids:
+                self._tails[index] = (self._tails[index] + tuple(ids))[1 - len(self._ids):]
         if splitter.state == _ANSWER:  # ended (or never began: then none counts)
             self._closed[index] = True
 
@@ -287,3 +298,13 @@ class ReasoningTally:
     def tokens(self) -> int:
         """Thinking tokens across every choice so far."""
         return sum(c for c, s in zip(self._counts, self._splitters) if s.began)
+
+
+def _through(tail: tuple[int, ...], ids: tuple[int, ...], marker: tuple[int, ...]) -> int | None:
+    """How many of ``ids`` reach the end of ``marker``'s first place in ``tail + ids`` (``tail``: the tokens before
+    them); None where it is not there."""
+    seq = tail + ids
+    for at in range(len(seq) - len(marker) + 1):
+        if seq[at:at + len(marker)] == marker and at + len(marker) > len(tail):
+            return at + len(marker) - len(tail)
+    return None
