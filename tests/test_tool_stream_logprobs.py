@@ -124,3 +124,22 @@ def test_piece_shares_give_each_piece_its_own_tokens():
                                                                    ({"content": "The"}, None)], "</think>") == [1, 3]
     assert piece_shares(tokens("bytes:\\xe2", "x"), [({"content": "\u2019x"}, None)], None) == [2]  # not found: all
     assert piece_shares([], [({"content": "x"}, None)], None) == [0]
+
+
+def test_a_character_split_over_tokens_keeps_the_text_and_the_call_apart():
+    # an emoji or a CJK character a byte-level vocabulary spells in two tokens: each token's string is written
+    # "\xf0\x9f" (no whole character alone), so the text was not found among the tokens' strings and took every held
+    # token, the call's too, where one by one it takes its own (found by the tokens' bytes)
+    from xllm_jupyter.core.types import TokenLogprob
+    from xllm_jupyter.backends.detokenize import token_text
+    from xllm_jupyter.openai.logprob_wire import chat_logprob_entries
+    from xllm_jupyter.openai.piece_logprobs import piece_shares, text_share
+
+    raws = [b"Hi ", "\U0001f600".encode()[:2], "\U0001f600".encode()[2:], b"\n", b"<tool_call>", b"{}", b"</tool_call>",
+            b"\n", b"Done", b"."]
+    held = chat_logprob_entries([TokenLogprob(token_text(r), -0.5, (), r, ()) for r in raws])
+    call = {"tool_calls": [{"index": 0}]}
+    assert piece_shares(held, [({"content": "Hi \U0001f600"}, None), (call, None), ({"content": "Done."}, None)],
+                        None) == [3, 4, 3]
+    assert piece_shares(held[4:], [(call, None), ({"content": "\u00e9"}, None)], None) == [6, 0]  # not there: all
+    assert text_share(held, "Hi \U0001f600") == 3  # a whole Response's output_text: not the call's tokens

@@ -17,14 +17,12 @@ def piece_shares(entries: Sequence[dict[str, Any]], pieces: Sequence[tuple[dict[
     (not yet sent ones before it too: the end marker, a call's separators); a call piece those before the next
     content piece's text and its leading blanks (or all of them when no content follows); the choice's last piece
     what is left. What none takes stays held: text the parser holds back (it may start a call) rides on a later one.
-    Where a piece's text is not found among the tokens' (a token spelled in bytes), it takes what is left.
+    Texts are found among the tokens' bytes (a character split over tokens has no string of its own); where a piece's
+    is not there, it takes what is left.
     """
     if not entries:
         return [0] * len(pieces)
-    text, ends = "", []
-    for entry in entries:
-        text += entry.get("token") or ""
-        ends.append(len(text))
+    text, ends = _joined(entries)
     shares, taken, at = [], 0, 0
 
     def upto(cut: int) -> int:  # the entries not yet taken that end by ``cut``
@@ -36,11 +34,12 @@ def piece_shares(entries: Sequence[dict[str, Any]], pieces: Sequence[tuple[dict[
             if delta.get("reasoning_content") and think_end is not None:
                 k = thinking_share(entries[taken:], think_end)
             elif delta.get("content"):
-                found = text.find(delta["content"], at)
-                k = upto(found + len(delta["content"])) if found >= 0 else k
+                own = delta["content"].encode("utf-8")
+                found = text.find(own, at)
+                k = upto(found + len(own)) if found >= 0 else k
             elif delta.get("tool_calls"):
                 later = next((d["content"] for d, _ in pieces[i + 1:] if d.get("content")), None)
-                found = text.find(later, at) if later else -1
+                found = text.find(later.encode("utf-8"), at) if later else -1
                 if found >= 0:  # (blanks between a call and text after it ride on the text, as one by one)
                     k = upto(at + len(text[at:found].rstrip()))
         shares.append(k)
@@ -52,10 +51,18 @@ def piece_shares(entries: Sequence[dict[str, Any]], pieces: Sequence[tuple[dict[
 def text_share(entries: Sequence[dict[str, Any]], text: str) -> int:
     """How many of a whole reply's token logprob ``entries`` (oldest first, after any thinking) are its ``text``'s own
     when calls follow it: those that end within ``text``'s first place among their tokens' text (the call's after it
-    are not the text's); all of them where it is not found (a token spelled in bytes, text pieces joined)."""
-    joined, ends = "", []
+    are not the text's, found among the tokens' bytes); all of them where it is not found (text pieces joined)."""
+    joined, ends = _joined(entries)
+    own = text.encode("utf-8")
+    found = joined.find(own) if own else -1
+    return len(entries) if found < 0 else sum(1 for e in ends if e <= found + len(own))
+
+
+def _joined(entries: Sequence[dict[str, Any]]) -> tuple[bytes, list[int]]:
+    """The tokens' bytes joined, and where each token ends in them (an entry without bytes: its string's)."""
+    joined, ends = b"", []
     for entry in entries:
-        joined += entry.get("token") or ""
+        raw = entry.get("bytes")
+        joined += bytes(raw) if raw is not None else (entry.get("token") or "").encode("utf-8")
         ends.append(len(joined))
-    found = joined.find(text) if text else -1
-    return len(entries) if found < 0 else sum(1 for e in ends if e <= found + len(text))
+    return joined, ends
