@@ -35,7 +35,8 @@ def playground(
     has them can chat as you. The returned ``Playground`` shows itself inline (an iframe)
     as a cell's result; ``close()`` stops it and frees the port. Extra ``options``:
     ``host``, ``height``, ``allowed_hosts`` (more Host names to accept, e.g. a port
-    forwarder's).
+    forwarder's), ``params`` (more chat parameters every question carries, after the
+    app's settings, as ChatWidget's ``params``: ``stop``, ``chat_template_kwargs``...).
 
     Re-running the cell replaces the app: with ``replace=True`` (the default) the playgrounds
     this kernel started before are closed (and a line says so) once the new call's

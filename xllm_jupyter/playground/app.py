@@ -10,11 +10,13 @@ from typing import Any
 
 from ..client import AsyncXllmClient
 from ..client.base import can_chat, delta_text
+from ..client.thinking import Thinking, delta_thinking
 from ..core.errors import InvalidRequest, XllmError
 from ..notebook.clients import entry_defaults
 from .links import TRANSCRIPT_ID
 from .sending import CLEAR_ID, INPUT_ID, PRESSES_JS, SEND_ID, SENT_JS
 from .stopping import Stops, arrived, until_set
+from .thoughts import is_thought, reply_messages
 
 # Set before gradio is imported anywhere in this process: no usage reporting from a
 # notebook (and no outbound calls that would stall on machines without a network).
@@ -64,6 +66,8 @@ def to_openai_messages(
     if system and system.strip():
         messages.append({"role": "system", "content": system.strip()})
     for turn in history or ():
+        if is_thought(turn):
+            continue  # a reasoning model's thinking, shown apart: the conversation sent back keeps the answers
         role = (
             turn.get("role") if isinstance(turn, dict) else getattr(turn, "role", None)
         )
@@ -77,7 +81,13 @@ def to_openai_messages(
             # The app writes error notes into the transcript; they are not the model's words.
             text = text.split(ERROR_PREFIX, 1)[0].strip()
         if role in ("user", "assistant") and text:
+            if role == "user" and messages and messages[-1]["role"] == "user":
+                # the question before got nothing that goes back (all thinking, an error, stopped at once): it is
+                # left out with its reply, as ChatWidget and `xllm run` leave it, so roles keep alternating
+                messages.pop()
             messages.append({"role": role, "content": text})
+    if messages and messages[-1]["role"] == "user":
+        messages.pop()
     messages.append({"role": "user", "content": message})
     return messages
 
@@ -126,14 +136,18 @@ async def stream_reply(
     params: dict[str, Any],
     finish: list[str] | None = None,
 ) -> AsyncIterator[str]:
-    """The reply's text pieces from the shared engine; closing the iterator cancels it there. ``finish`` gets the
-    reply's finish reason (``stop``, ``length``...) when the server sends it."""
+    """The reply's text pieces from the shared engine, a reasoning model's thinking as ``Thinking`` pieces; closing the
+    iterator cancels it there. ``finish`` gets the reply's finish reason (``stop``, ``length``...) when the server
+    sends it."""
     # One client per turn: Gradio may run turns on different event loops/threads, and an
     # httpx.AsyncClient must stay on the loop that created it.
     async with AsyncXllmClient(endpoint.base_url, endpoint.api_key) as client:
         chunks = client.stream_chunks(messages, model or None, **params)
         try:
             async for chunk in chunks:
+                thought = delta_thinking(chunk)
+                if thought:
+                    yield Thinking(thought)
                 piece = delta_text(chunk)
                 if piece:
                     yield piece
@@ -176,12 +190,14 @@ def build_app(
     *,
     title: str = "xllm playground",
     settings: dict[str, float] | None = None,
+    params: dict[str, Any] | None = None,
 ) -> Any:
     """The Gradio Blocks app (not launched) that chats with ``endpoint``; the sliders start at ``settings``
-    (``model_settings``: the first model's own defaults)."""
+    (``model_settings``: the first model's own defaults); ``params``: more chat parameters every request carries."""
     import gradio as gr
 
     shown = {**SHOWN, **(settings or {})}
+    extra = dict(params or {})
     stops = Stops()
 
     async def respond(
@@ -208,6 +224,7 @@ def build_app(
             return
         messages = to_openai_messages(history, message, system)
         history.append({"role": "user", "content": message})
+        asked = len(history)  # the reply's messages (its thinking's block, its answer) follow
         history.append({"role": "assistant", "content": ""})
         # Registered before the first update: a Stop pressed as soon as the question shows must count,
         # and so must one pressed while the question waited in Gradio's queue (all its slots taken).
@@ -222,23 +239,23 @@ def build_app(
             # never touched here: the page emptied it as the question was sent (SENT_JS), and what the user has
             # typed since, while this turn waited in the queue or its reply streams, is the next question.
             yield history, gr.skip()
-            text = ""
+            text = thought = note = ""
             ended: list[str] = []
             try:
                 params = sampling(None, None, None, seed) if model_defaults else sampling(temperature, top_p, max_tokens, seed)
-                async for piece in until_set(stream_reply(endpoint, messages, model, params, ended), stopped):
-                    text += piece
-                    history[-1] = {"role": "assistant", "content": text}
+                async for piece in until_set(stream_reply(endpoint, messages, model, {**params, **extra}, ended), stopped):
+                    if isinstance(piece, Thinking):
+                        thought += piece
+                    else:
+                        text += piece
+                    history[asked:] = reply_messages(thought, text)
                     yield history, gr.skip()
                 if ended[-1:] == ["length"]:
                     # as the lab panel and ChatWidget say: a reply cut at the limit read as if the model had ended it
-                    history[-1] = {"role": "assistant", "content": f"{text}\n\n{CUT_NOTE}".strip()}
+                    note = CUT_NOTE
             except XllmError as exc:
-                # Shown in the transcript as one line: no traceback in the UI.
-                history[-1] = {
-                    "role": "assistant",
-                    "content": f"{text}\n\n{ERROR_PREFIX}{exc}".strip(),
-                }
+                note = f"{ERROR_PREFIX}{exc}"  # shown in the transcript as one line: no traceback in the UI
+            history[asked:] = reply_messages(thought, text, note, ended=True)
             if stopped.cleared:
                 # Clear emptied the transcript mid-reply. Clear is unqueued, so its answer can reach the
                 # page before an update of this reply already sent; this last update, on the page's

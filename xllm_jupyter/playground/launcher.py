@@ -15,6 +15,7 @@ from ..client.base import can_chat
 from ..core.errors import InvalidRequest, XllmError
 from ..core.hosts import unspecified_address
 from ..notebook.clients import endpoint_of, entry_defaults, unknown_models
+from ..notebook.streams import check_params
 from .app import CHAT_API_NAME, Endpoint, build_app, shown_settings
 from .guard import Guard, new_secret
 from .webserver import WebServer, bind, close_tunnel, guarded_app, open_share_tunnel
@@ -239,6 +240,7 @@ def launch(
     height: int = 640,
     allowed_hosts: Sequence[str] = (),
     replaces: Sequence[Playground] = (),
+    params: Mapping[str, Any] | None = None,
 ) -> Playground:
     """Start the playground against the shared engine and return it (see ``playground``).
 
@@ -259,6 +261,8 @@ def launch(
             )
     if isinstance(allowed_hosts, str):
         allowed_hosts = (allowed_hosts,)
+    params = dict(params or {})
+    check_params(params)  # before anything starts: the app would refuse every question
     endpoint = resolve_endpoint(client)
     models, default = list_models(endpoint)
     # named now, as the widgets do: else the picker offered it and only the first message said it was missing
@@ -269,7 +273,7 @@ def launch(
             f"port {port} is already in use: pass another port= or close the other app"
         )
     model = model or default
-    app = build_app(endpoint, models, model, settings=first_settings(endpoint, model))
+    app = build_app(endpoint, models, model, settings=first_settings(endpoint, model), params=params)
     app.queue(default_concurrency_limit=32)
     secret = new_secret()
     candidates = PORT_RANGE

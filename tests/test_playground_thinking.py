@@ -1,0 +1,116 @@
+"""The playground and a reasoning model: the thinking shows in Gradio's own "thought" block above the answer (open
+with a spinner while the model thinks, folded once the answer begins) and never goes back to the model with the
+conversation. The random tiny model answers under a template that always opens ``<think>`` (DeepSeek-R1's and
+Qwen3-Thinking's do), greedily, its tokens forced by ``logit_bias`` and the OpenAI penalties (``params``, which the
+playground sends with every question). Real server, launched app, gradio_client."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+pytest.importorskip("gradio")
+gradio_client = pytest.importorskip("gradio_client")
+
+import xllm_jupyter
+from tests.server_fixtures import make_test_config, running_server
+from tests.test_reasoning import SPECIAL
+from xllm_jupyter.client import XllmClient
+from xllm_jupyter.core.errors import InvalidRequest
+from xllm_jupyter.playground.app import CUT_NOTE, part_text, to_openai_messages
+from xllm_jupyter.playground.thoughts import THOUGHT_TITLE, is_thought, reply_messages
+
+#: a template whose prompt always ends inside an opened block: every reply starts in the thinking
+ALWAYS_OPEN = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
+QUESTION = "Is it?"
+
+
+@pytest.fixture(scope="module")
+def thinker(tmp_path_factory):
+    """A server with "think" (the random model under ALWAYS_OPEN), and the params that make it think "ok", end the
+    thinking and answer "yes", then end: greedy, each biased token drops by 4 once written (presence and frequency
+    penalty 2), so the next one leads by 1 at every step; the random weights (seeded) leave it 0.67 to 1.2 ahead."""
+    from transformers import AutoTokenizer
+
+    from tests.models import build_tiny_llama
+    from xllm_jupyter.store.store import ModelStore
+
+    root = tmp_path_factory.mktemp("playground-thinking")
+    model = build_tiny_llama(root / "think", special=SPECIAL)
+    (model / "chat_template.jinja").write_text(ALWAYS_OPEN, encoding="utf-8")
+    tok = AutoTokenizer.from_pretrained(str(model))
+    (ok,), (yes,) = (tok.encode(w, add_special_tokens=False) for w in ("ok", "yes"))
+    end = tok.convert_tokens_to_ids("</think>")
+    store = ModelStore(root / "home")
+    store.pull(str(model), "think")
+    bias = {str(ok): 100, str(end): 99, str(yes): 98, str(tok.eos_token_id): 97}
+    with running_server(make_test_config(root / "home"), store, "think") as info:
+        info.params = {"logit_bias": bias, "presence_penalty": 2, "frequency_penalty": 2}
+        yield info
+
+
+def test_the_thinking_shows_in_a_thought_block_and_is_not_sent_back(thinker):
+    # the server splits the reply so: the thinking "ok" apart, the answer "yes"
+    body = {"model": "think", "messages": [{"role": "user", "content": QUESTION}], "temperature": 0, "max_tokens": 8,
+            **thinker.params}
+    direct = httpx.post(thinker.base_url + "/chat/completions", json=body, timeout=60,
+                        headers={"Authorization": f"Bearer {thinker.api_key}"}).json()["choices"][0]
+    assert (direct["message"]["reasoning_content"], direct["message"]["content"], direct["finish_reason"]) == (
+        "ok", "yes", "stop"), direct
+    with XllmClient(thinker.base_url, thinker.api_key) as client:
+        pg = xllm_jupyter.playground("think", client=client, params=thinker.params)
+    try:
+        chat = gradio_client.Client(pg.local_url, verbose=False)
+        job = chat.submit(QUESTION, [], "think", "", 0.0, 1.0, 8, None, False, api_name=pg.api_name)
+        job.result(timeout=120)
+        history = job.outputs()[-1][0]
+        assert [m["role"] for m in history] == ["user", "assistant", "assistant"]
+        thought, answer = history[1:]
+        # Gradio's thought message, folded (the answer came), then the answer alone
+        assert is_thought(thought) and part_text(thought["content"]) == "ok"
+        assert thought["metadata"]["title"] == THOUGHT_TITLE and thought["metadata"]["status"] == "done"
+        assert not is_thought(answer) and part_text(answer["content"]) == "yes"
+        # the next turn sends the answer back, never the thinking
+        assert to_openai_messages(history, "Sure?", None) == [
+            {"role": "user", "content": QUESTION}, {"role": "assistant", "content": "yes"},
+            {"role": "user", "content": "Sure?"}]
+        # one token: all thinking, cut at max tokens; the block stays open (no spinner) above the note
+        job = chat.submit(QUESTION, [], "think", "", 0.0, 1.0, 1, None, False, api_name=pg.api_name)
+        job.result(timeout=120)
+        history = job.outputs()[-1][0]
+        thought, answer = history[1:]
+        assert part_text(thought["content"]) == "ok" and not (thought["metadata"].get("status") or "")
+        assert part_text(answer["content"]) == CUT_NOTE
+        # neither it nor its question goes back (roles keep alternating), as ChatWidget leaves them out
+        assert to_openai_messages(history, "Sure?", None) == [{"role": "user", "content": "Sure?"}]
+    finally:
+        pg.close()
+
+
+def test_the_thought_block_is_open_with_a_spinner_until_the_answer_begins():
+    thinking = reply_messages("  plan it\n", "")
+    assert thinking == [{"role": "assistant", "content": "plan it",
+                         "metadata": {"title": THOUGHT_TITLE, "status": "pending"}},
+                        {"role": "assistant", "content": ""}]
+    assert reply_messages("plan it", "The", "")[0]["metadata"]["status"] == "done"
+    # a reply without thinking is one message, as before; the app's note goes under the answer
+    assert reply_messages("", "The answer.", "⚠️ note", ended=True) == [
+        {"role": "assistant", "content": "The answer.\n\n⚠️ note"}]
+    assert not is_thought({"role": "assistant", "content": "x", "metadata": None})
+
+
+def test_params_the_app_sets_itself_are_refused(thinker):
+    with XllmClient(thinker.base_url, thinker.api_key) as client:
+        with pytest.raises(InvalidRequest, match="stream"):
+            xllm_jupyter.playground("think", client=client, params={"stream": False})
+
+
+def test_a_question_whose_reply_sends_nothing_back_is_left_out_with_it():
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "⚠️ the server went away"},
+               {"role": "user", "content": "Hello?"},
+               {"role": "assistant", "content": "plan", "metadata": {"title": THOUGHT_TITLE, "status": "done"}},
+               {"role": "assistant", "content": "Hello!"}]
+    assert to_openai_messages(history, "Next?", "Be brief.") == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"},
+        {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Next?"}]
