@@ -102,9 +102,9 @@ def test_a_whole_responses_output_text_logprobs_leave_out_the_calls_tokens(speci
 
 
 def piece_shares_of_text(texts, text):
-    from xllm_jupyter.openai.piece_logprobs import text_share
+    from xllm_jupyter.openai.piece_logprobs import text_entries
 
-    return text_share([{"token": t} for t in texts], text)
+    return len(text_entries([{"token": t} for t in texts], text))
 
 
 def test_piece_shares_give_each_piece_its_own_tokens():
@@ -133,7 +133,7 @@ def test_a_character_split_over_tokens_keeps_the_text_and_the_call_apart():
     from xllm_jupyter.core.types import TokenLogprob
     from xllm_jupyter.backends.detokenize import token_text
     from xllm_jupyter.openai.logprob_wire import chat_logprob_entries
-    from xllm_jupyter.openai.piece_logprobs import piece_shares, text_share
+    from xllm_jupyter.openai.piece_logprobs import piece_shares, text_entries
 
     raws = [b"Hi ", "\U0001f600".encode()[:2], "\U0001f600".encode()[2:], b"\n", b"<tool_call>", b"{}", b"</tool_call>",
             b"\n", b"Done", b"."]
@@ -142,4 +142,27 @@ def test_a_character_split_over_tokens_keeps_the_text_and_the_call_apart():
     assert piece_shares(held, [({"content": "Hi \U0001f600"}, None), (call, None), ({"content": "Done."}, None)],
                         None) == [3, 4, 3]
     assert piece_shares(held[4:], [(call, None), ({"content": "\u00e9"}, None)], None) == [6, 0]  # not there: all
-    assert text_share(held, "Hi \U0001f600") == 3  # a whole Response's output_text: not the call's tokens
+    assert text_entries(held, "Hi \U0001f600") == held[:3]  # a whole Response's output_text: not the call's tokens
+
+
+def test_a_whole_responses_output_text_logprobs_leave_out_a_call_between_its_texts(special):  # noqa: F811
+    # text before and after a call is one message's text ("Let me look.\nDone."), not found as one piece among the
+    # tokens: the output_text logprobs had every token, the call's markers and JSON too
+    client = special[0]
+    tools = [{"type": "function", "name": t["function"]["name"], "parameters": t["function"]["parameters"]}
+             for t in TOOLS]
+    whole = client.responses.create(model=TINY, input="Weather in Oslo?", tools=tools, max_output_tokens=64,
+                                    extra_body={"guided_grammar": _grammar(special, "\\nDone."), "seed": 1},
+                                    include=["message.output_text.logprobs"])
+    assert [o.type for o in whole.output] == ["message", "function_call"]
+    tokens = [t.token for t in whole.output[0].content[0].logprobs]
+    assert "".join(tokens) == whole.output_text and whole.output_text.split() == ["Let", "me", "look.", "Done."], tokens
+    assert piece_entries_of_text(["Let", " me", ".", "\n", "<tool_call>", "{}", "</tool_call>", "\n", "Done", "."],
+                                 "Let me.\nDone.") == ["Let", " me", ".", "\n", "Done", "."]
+    assert piece_entries_of_text(["Hi", "<tool_call>", "{}", "</tool_call>", "\n\n"], "Hi") == ["Hi"]
+
+
+def piece_entries_of_text(texts, text):
+    from xllm_jupyter.openai.piece_logprobs import text_entries
+
+    return [e["token"] for e in text_entries([{"token": t} for t in texts], text)]

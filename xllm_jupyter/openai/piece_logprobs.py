@@ -48,14 +48,26 @@ def piece_shares(entries: Sequence[dict[str, Any]], pieces: Sequence[tuple[dict[
     return shares
 
 
-def text_share(entries: Sequence[dict[str, Any]], text: str) -> int:
-    """How many of a whole reply's token logprob ``entries`` (oldest first, after any thinking) are its ``text``'s own
-    when calls follow it: those that end within ``text``'s first place among their tokens' text (the call's after it
-    are not the text's, found among the tokens' bytes); all of them where it is not found (text pieces joined)."""
+def text_entries(entries: Sequence[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+    """A whole reply's token logprob ``entries`` (oldest first, after any thinking) that are its ``text``'s own when
+    calls come with it: ``text`` is the pieces around the calls joined, each found in turn among the tokens' bytes
+    (the longest start of what is left, from where the last ended); the tokens that end within a piece are the text's
+    (the first's leading blanks too), a call's are not. All of them where the text is not found."""
     joined, ends = _joined(entries)
-    own = text.encode("utf-8")
-    found = joined.find(own) if own else -1
-    return len(entries) if found < 0 else sum(1 for e in ends if e <= found + len(own))
+    rest, at, spans = text.encode("utf-8"), 0, []
+    while rest:
+        lo, hi = 0, len(rest)  # the longest start of ``rest`` found from ``at`` (a shorter one is found too)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if joined.find(rest[:mid], at) >= 0 else (lo, mid - 1)
+        if not lo:
+            return list(entries)
+        found = joined.find(rest[:lo], at)
+        spans.append((found if spans else -1, found + lo))
+        at, rest = found + lo, rest[lo:]
+    if not spans:
+        return list(entries)
+    return [e for e, end in zip(entries, ends) if any(a < end <= b for a, b in spans)]
 
 
 def _joined(entries: Sequence[dict[str, Any]]) -> tuple[bytes, list[int]]:

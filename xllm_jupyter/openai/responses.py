@@ -21,7 +21,7 @@ from ..core.errors import InvalidRequest, NotFound, Unsupported, XllmError, quot
 from .context_words import PromptTooLong
 from .offload import is_big, is_big_text, off_loop_if, parse_body
 from .owned_store import cursor_page, page_limit
-from .piece_logprobs import text_share
+from .piece_logprobs import text_entries
 from .protocol import MAX_TOP_LOGPROBS, ObfuscationOption, PromptCacheOptions, ServiceTier, StrictModel, check_metadata, check_verbosity, served_tier
 from .item_references import resolve_references
 from .response_items import chat_tool_choice, chat_tools, check_function_outputs, check_items_new, items_to_messages, new_id, normalize_input, output_items, response_status
@@ -377,7 +377,7 @@ class ResponsesServing:
         if logprobs:  # the output text's own tokens': after the thinking's, an empty block's markers too (0 without)
             logprobs = logprobs[(result["usage"].get("completion_tokens_details") or {}).get("reasoning_tokens", 0):]
         if logprobs and choice["message"].get("tool_calls"):  # the text's, not its calls' (as streamed)
-            logprobs = logprobs[:text_share(logprobs, choice["message"].get("content") or "")]
+            logprobs = text_entries(logprobs, choice["message"].get("content") or "")
         output = output_items(choice["message"], turn.mid, status, logprobs)
         return turn.finish(self.store, output, status, incomplete, result.get("usage"))
 
