@@ -114,3 +114,34 @@ def test_a_question_whose_reply_sends_nothing_back_is_left_out_with_it():
     assert to_openai_messages(history, "Next?", "Be brief.") == [
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"},
         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Next?"}]
+
+
+def test_in_a_browser_the_thinking_is_a_folded_block_above_the_answer(thinker):
+    """Gradio draws the thought message as a block titled "Thinking" in the answer's bubble, folded once the answer
+    came (its text hidden until the title is clicked)."""
+    from tests.browser import chromium, require_browser
+
+    require_browser()
+    with XllmClient(thinker.base_url, thinker.api_key) as client:  # greedy, whatever the page's settings
+        pg = xllm_jupyter.playground("think", client=client, params={**thinker.params, "temperature": 0})
+    try:
+        with chromium() as context:
+            page = context.new_page()
+            page.goto(pg.local_url, timeout=60_000)
+            box = page.locator("#xllm-input textarea")
+            box.wait_for(timeout=60_000)
+            box.fill(QUESTION)
+            box.press("Enter")
+            page.wait_for_function("""() => document.querySelector('#xllm-chatbot').innerText.includes('yes')
+                                            && document.querySelectorAll('.generating').length === 0""",
+                                   timeout=60_000)
+            bot = page.locator("#xllm-chatbot .bot-row").last  # the reply's bubble: its messages grouped
+            title = bot.locator(".thought-group [role=button]")
+            assert title.inner_text().strip() == THOUGHT_TITLE
+            reads = """(text) => [...document.querySelectorAll('#xllm-chatbot .bot-row')].pop()
+                                     .innerText.trim().split(/\\s+/).join(' ') === text"""
+            page.wait_for_function(reads, arg="Thinking yes", timeout=10_000)  # the thinking folds, above the answer
+            title.click()
+            page.wait_for_function(reads, arg="Thinking ok yes", timeout=10_000)
+    finally:
+        pg.close()
