@@ -81,3 +81,27 @@ def test_the_tally_finds_a_marker_split_over_two_pieces():
     for text, ids in [("<think>plan", (1, 2, 3)), ("</", (5,)), ("think>The", (6, 7, 9)), (" end", (10,))]:
         tally.count(0, text, ids, False)
     assert tally.tokens == 6  # "<think>plan" 3, "</" 1, "think>" 2; not "The" nor " end"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_reasoning_tokens_end_at_a_text_marker_spelled_in_other_tokens(grouped, stream):
+    # "</think>" as "<" "/" "think" ">" (its ids alone are "</" "think" ">"; a sampled or constrained reply may spell it
+    # so): the tally did not find the marker's ids and counted every token of the delta the thinking ended in, the
+    # answer's too (all of them in one delta)
+    from tests.models import smollm2_tokenizer
+
+    lt, slash, think, gt = smollm2_tokenizer().convert_tokens_to_ids(["<", "/", "think", ">"])
+    grammar = f'start: "<think>\\nplan it\\n" <[{lt}]> <[{slash}]> <[{think}]> <[{gt}]> "\\n\\nThe answer."'
+    kw = dict(model="plain", messages=ASK, max_completion_tokens=48, seed=1, logprobs=True,
+              extra_body={"guided_grammar": grammar})
+    if stream:
+        usage, tokens = None, []
+        for chunk in grouped.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+            usage = chunk.usage or usage
+            for choice in chunk.choices:
+                tokens += [t.token for t in (choice.logprobs.content if choice.logprobs else None) or []]
+    else:
+        reply = grouped.chat.completions.create(**kw)
+        usage, tokens = reply.usage, [t.token for t in reply.choices[0].logprobs.content]
+    assert "".join(tokens).startswith("<think>\nplan it\n</think>") and tokens.count(">") >= 1, tokens
+    assert usage.completion_tokens_details.reasoning_tokens == _through_marker(tokens) < usage.completion_tokens

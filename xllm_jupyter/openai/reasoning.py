@@ -14,8 +14,8 @@ guided field, forced tool calls) applies after the thinking, which the model wri
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Sequence
 
 from ..core.errors import InvalidRequest
 from ..core.types import Constraint
@@ -75,6 +75,9 @@ class Reasoning:
     #: the reply is decoded under a grammar it may think before, freely: the grammar applies after the end marker
     #: (``around``); False where no grammar applies, or one applies from the first token
     free: bool = False
+    #: the model's ``detokenize``: the tally finds the end marker in the text of a delta's tokens where the model spelt
+    #: it in other tokens than ``end_ids``
+    decode: Callable[[Sequence[int]], str] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def of(cls, model: Any, prompt: Sequence[int], extra: dict[str, Any] | None, *, forced: bool,
@@ -101,7 +104,8 @@ class Reasoning:
         if forced and not free:
             return None
         opened = (free or constraint is None) and _ends_with(model, prompt, start, without=end)
-        return cls(*markers, opened=opened, end_id=end[0] if len(end) == 1 else None, end_ids=end, free=free)
+        return cls(*markers, opened=opened, end_id=end[0] if len(end) == 1 else None, end_ids=end, free=free,
+                   decode=getattr(model, "detokenize", None))
 
     def around(self, constraint: Constraint) -> Constraint:
         """``constraint`` as the backend applies it: after the thinking where the reply may think first (``free``)."""
@@ -270,6 +274,8 @@ class ReasoningTally:
         # a marker of several tokens: the last ones a choice's earlier pieces ended with (the marker may span two)
         self._ids = reasoning.end_ids if reasoning is not None and len(reasoning.end_ids) > 1 else ()
         self._tails: list[tuple[int, ...]] = [()] * n
+        self._marker, self._decode = (reasoning.end, reasoning.decode) if reasoning is not None else ("", None)
+        self._texts = [""] * n  # the end of each choice's text so far (the marker may span two pieces)
         self._splitters = [reasoning.splitter() for _ in range(n)] if reasoning is not None else []
         self._counts = [0] * len(self._splitters)
         self._closed = [False] * len(self._splitters)
@@ -279,8 +285,11 @@ class ReasoningTally:
         if not self._splitters or self._closed[index]:
             return
         splitter = self._splitters[index]
+        before, self._texts[index] = self._texts[index], (self._texts[index] + text)[1 - len(self._marker):]
         splitter.feed(text, final)
         through = _through(self._tails[index], tuple(ids), self._ids) if self._ids else None
+        if through is None and splitter.state == _ANSWER and splitter.began and self._end not in ids:
+            through = _spelt_through(self._decode, before, list(ids), self._marker)
         if self._end is not None and self._end in ids:  # (a piece of text may carry tokens after the marker)
             self._counts[index] += list(ids).index(self._end) + 1
             self._closed[index] = True
@@ -298,6 +307,18 @@ class ReasoningTally:
     def tokens(self) -> int:
         """Thinking tokens across every choice so far."""
         return sum(c for c, s in zip(self._counts, self._splitters) if s.began)
+
+
+def _spelt_through(decode: Callable[[Sequence[int]], str] | None, before: str, ids: list[int], marker: str) -> int | None:
+    """How many of ``ids`` (the piece the thinking ended in) it takes to write ``marker``'s end, their text decoded
+    after ``before`` (the text so far's end); None where that cannot be told."""
+    if decode is None or not ids or marker not in before + decode(ids):
+        return None
+    lo, hi = 1, len(ids)  # the fewest (more write it too)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if marker in before + decode(ids[:mid]) else (mid + 1, hi)
+    return lo
 
 
 def _through(tail: tuple[int, ...], ids: tuple[int, ...], marker: tuple[int, ...]) -> int | None:
