@@ -50,19 +50,24 @@ def _through_marker(tokens: list[str]) -> int:
     raise AssertionError(tokens)
 
 
+def _usage_and_tokens(client, kw, stream):
+    """A chat reply's usage and every token its logprobs name, whole or streamed."""
+    if not stream:
+        reply = client.chat.completions.create(**kw)
+        return reply.usage, [t.token for t in reply.choices[0].logprobs.content]
+    usage, tokens = None, []
+    for chunk in client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            tokens += [t.token for t in (choice.logprobs.content if choice.logprobs else None) or []]
+    return usage, tokens
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_reasoning_tokens_end_at_a_text_marker_in_a_grouped_delta(grouped, stream):
     kw = dict(model="plain", messages=ASK, max_completion_tokens=48, seed=1, logprobs=True,
               extra_body={"guided_grammar": GRAMMAR})
-    if stream:
-        usage, tokens = None, []
-        for chunk in grouped.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
-            usage = chunk.usage or usage
-            for choice in chunk.choices:
-                tokens += [t.token for t in (choice.logprobs.content if choice.logprobs else None) or []]
-    else:
-        reply = grouped.chat.completions.create(**kw)
-        usage, tokens = reply.usage, [t.token for t in reply.choices[0].logprobs.content]
+    usage, tokens = _usage_and_tokens(grouped, kw, stream)
     assert "".join(tokens) == GRAMMAR[8:-1].replace("\\n", "\n")  # (a sampled spelling: counted from its tokens)
     assert usage.completion_tokens_details.reasoning_tokens == _through_marker(tokens) < usage.completion_tokens
 
@@ -94,14 +99,6 @@ def test_reasoning_tokens_end_at_a_text_marker_spelled_in_other_tokens(grouped, 
     grammar = f'start: "<think>\\nplan it\\n" <[{lt}]> <[{slash}]> <[{think}]> <[{gt}]> "\\n\\nThe answer."'
     kw = dict(model="plain", messages=ASK, max_completion_tokens=48, seed=1, logprobs=True,
               extra_body={"guided_grammar": grammar})
-    if stream:
-        usage, tokens = None, []
-        for chunk in grouped.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
-            usage = chunk.usage or usage
-            for choice in chunk.choices:
-                tokens += [t.token for t in (choice.logprobs.content if choice.logprobs else None) or []]
-    else:
-        reply = grouped.chat.completions.create(**kw)
-        usage, tokens = reply.usage, [t.token for t in reply.choices[0].logprobs.content]
+    usage, tokens = _usage_and_tokens(grouped, kw, stream)
     assert "".join(tokens).startswith("<think>\nplan it\n</think>") and tokens.count(">") >= 1, tokens
     assert usage.completion_tokens_details.reasoning_tokens == _through_marker(tokens) < usage.completion_tokens

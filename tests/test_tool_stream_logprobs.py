@@ -88,17 +88,22 @@ def test_a_streamed_responses_output_text_logprobs_leave_out_the_calls_tokens(se
 
 def test_a_whole_responses_output_text_logprobs_leave_out_the_calls_tokens(special):  # noqa: F811
     # the streamed Response's are the text's alone; the whole one's had the call's tokens too
-    client = special[0]
-    tools = [{"type": "function", "name": t["function"]["name"], "parameters": t["function"]["parameters"]}
-             for t in TOOLS]
-    whole = client.responses.create(model=TINY, input="Weather in Oslo?", tools=tools, max_output_tokens=64,
-                                    extra_body={"guided_grammar": _grammar(special, ""), "seed": 1},
-                                    include=["message.output_text.logprobs"])
-    assert [o.type for o in whole.output] == ["message", "function_call"]
+    whole = _whole_response_with_a_call(special, "")
     tokens = [t.token for t in whole.output[0].content[0].logprobs]
     assert "".join(tokens) == whole.output_text == "Let me look.", tokens
     assert piece_shares_of_text(["Let", " me", ".", "\n", "<tool_call>"], "Let me.") == 3
     assert piece_shares_of_text(["bytes:\\xe2", "x"], "\u2019x") == 2  # not found: all
+
+
+def _whole_response_with_a_call(special, after):  # noqa: F811
+    """A whole Response forced to write "Let me look.", a call, then ``after``, with its output text's logprobs."""
+    tools = [{"type": "function", "name": t["function"]["name"], "parameters": t["function"]["parameters"]}
+             for t in TOOLS]
+    whole = special[0].responses.create(model=TINY, input="Weather in Oslo?", tools=tools, max_output_tokens=64,
+                                        extra_body={"guided_grammar": _grammar(special, after), "seed": 1},
+                                        include=["message.output_text.logprobs"])
+    assert [o.type for o in whole.output] == ["message", "function_call"]
+    return whole
 
 
 def piece_shares_of_text(texts, text):
@@ -148,13 +153,7 @@ def test_a_character_split_over_tokens_keeps_the_text_and_the_call_apart():
 def test_a_whole_responses_output_text_logprobs_leave_out_a_call_between_its_texts(special):  # noqa: F811
     # text before and after a call is one message's text ("Let me look.\nDone."), not found as one piece among the
     # tokens: the output_text logprobs had every token, the call's markers and JSON too
-    client = special[0]
-    tools = [{"type": "function", "name": t["function"]["name"], "parameters": t["function"]["parameters"]}
-             for t in TOOLS]
-    whole = client.responses.create(model=TINY, input="Weather in Oslo?", tools=tools, max_output_tokens=64,
-                                    extra_body={"guided_grammar": _grammar(special, "\\nDone."), "seed": 1},
-                                    include=["message.output_text.logprobs"])
-    assert [o.type for o in whole.output] == ["message", "function_call"]
+    whole = _whole_response_with_a_call(special, "\\nDone.")
     tokens = [t.token for t in whole.output[0].content[0].logprobs]
     assert "".join(tokens) == whole.output_text and whole.output_text.split() == ["Let", "me", "look.", "Done."], tokens
     assert piece_entries_of_text(["Let", " me", ".", "\n", "<tool_call>", "{}", "</tool_call>", "\n", "Done", "."],
