@@ -115,6 +115,38 @@ def test_think_flags_switch_the_templates_thinking(server):
     assert bad.exit_code == 2 and "--think" in bad.stderr
 
 
+def _sent(server, monkeypatch, *args):
+    """What `xllm run seeded ARGS` sent: (exit code, its messages, its chat_template_kwargs)."""
+    seen = []
+    real = XllmClient.stream_chat
+
+    def recording(self, messages, model=None, **params):
+        seen.append(([dict(m) for m in messages], params.get("chat_template_kwargs")))
+        return real(self, messages, model, **params)
+
+    monkeypatch.setattr(XllmClient, "stream_chat", recording)
+    result = _run(server, "seeded", "--max-tokens", "1", *args)
+    assert result.exit_code == 0, result.output
+    return seen[0] if seen else None
+
+
+@pytest.mark.parametrize("args, messages, kwargs", [
+    # a word after a bare --think that is no value of it is the prompt's, as in `ollama run --think why?` (it was
+    # taken as --think's value: a usage error)
+    (["--think", "why?"], [{"role": "user", "content": "why?"}], {"enable_thinking": True}),
+    (["--think", "Why", "not?"], [{"role": "user", "content": "Why not?"}], {"enable_thinking": True}),
+    (["hi", "--think"], [{"role": "user", "content": "hi"}], {"enable_thinking": True}),
+    # one of its values, whatever its case, is its value
+    (["--think", "HIGH", "why?"], [{"role": "user", "content": "why?"}], {"enable_thinking": True, "reasoning_effort": "high"}),
+    (["--think", "false", "why?"], [{"role": "user", "content": "why?"}], {"enable_thinking": False}),
+    # another option's value, or a word after --, is never --think
+    (["-s", "--think", "why?"], [{"role": "system", "content": "--think"}, {"role": "user", "content": "why?"}], None),
+    (["--", "--think", "why?"], [{"role": "user", "content": "--think why?"}], None),
+])
+def test_a_word_after_a_bare_think_is_the_prompt(server, monkeypatch, args, messages, kwargs):
+    assert _sent(server, monkeypatch, *args) == (messages, kwargs)
+
+
 def test_set_think_and_nothink_in_the_chat(server, monkeypatch):
     monkeypatch.setattr(chat, "stdin_is_tty", lambda: True, raising=False)
     seen = []

@@ -17,7 +17,7 @@ from ..core.errors import ContextLengthExceeded, XllmError
 from .render import markup_safe, terminal_safe
 from .run_flags import FORMAT_HELP, KEEPALIVE_HELP, ReplyStats, keep_alive, response_format, set_command
 from .settings import server_options
-from .thinking import HIDE_HELP, THINK_HELP, Thinking, ThinkingView, set_think, think_kwargs
+from .thinking import HIDE_HELP, THINK_HELP, Thinking, ThinkCommand, ThinkingView, set_think, think_kwargs
 
 EXIT_WORDS = {"/bye", "/exit", "/quit"}
 HELP_WORDS = {"/?", "/help"}
@@ -233,7 +233,7 @@ def interactive(backend: ChatBackend, model: str, history: list[dict[str, str]],
         history.append({"role": "assistant", "content": reply})
 
 
-@click.command("run")
+@click.command("run", cls=ThinkCommand)
 @click.argument("model")
 @click.argument("prompt", nargs=-1)
 @click.option("-s", "--system", metavar="TEXT", help="System prompt.")

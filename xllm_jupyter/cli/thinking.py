@@ -12,10 +12,13 @@ from ..client.thinking import Thinking
 from .render import echo, terminal_safe
 
 THINK_HELP = ("Turn a reasoning model's thinking on (--think, --think=true), off (--think=false: the template's "
-              "enable_thinking false) or set its effort (--think=high|medium|low); else the model's default.")
+              "enable_thinking false) or set its effort (--think=high|medium|low); else the model's default. A word after "
+              "a bare --think that is none of these begins the prompt.")
 HIDE_HELP = "Do not show the model's thinking (the answer alone)."
 OPENING, CLOSING = "Thinking...\n", "...done thinking.\n\n"
 LEVELS = ("high", "medium", "low")
+#: what ``--think VALUE`` (a space, no ``=``) takes as its value; any other word there is the prompt's
+VALUES = ("", "true", "false", *LEVELS)
 
 
 def think_kwargs(value: str | None) -> dict[str, Any] | None:
@@ -31,9 +34,32 @@ def think_kwargs(value: str | None) -> dict[str, Any] | None:
         return {"enable_thinking": False}
     if word in LEVELS:
         return {"enable_thinking": True, "reasoning_effort": word}
-    # `--think why?` reads the prompt as the value (as `--format` would): say how the flag takes one
-    raise click.BadParameter(f"{value[:60]!r} is not true, false, high, medium or low: write --think=VALUE, and a bare "
-                             "--think last or before another option", param_hint="'--think'")
+    raise click.BadParameter(f"{value[:60]!r} is not true, false, high, medium or low", param_hint="'--think'")
+
+
+def bare_think(args: list[str], params: list[click.Parameter]) -> list[str]:
+    """``args`` with each bare ``--think`` followed by a word that is no value of it (``--think why?``) made
+    ``--think=true``, so the word stays the prompt's, as in `ollama run` (click took it as the value: a usage error).
+
+    ``params`` are the command's: the word after an option that takes a value is that value (``-s --think``), and
+    everything after ``--`` is the prompt's."""
+    valued = {opt for p in params if isinstance(p, click.Option) and not p.is_flag and p.name != "think" for opt in p.opts}
+    out, i = list(args), 0
+    while i < len(out) and out[i] != "--":
+        if out[i] in valued:
+            i += 1  # its value, whatever it reads
+        elif out[i] == "--think" and (i + 1 == len(out) or out[i + 1].strip().lower() not in VALUES):
+            out[i] = "--think=true"
+        i += 1
+    return out
+
+
+class ThinkCommand(click.Command):
+    """A command with ``--think``, an option whose value is optional: see ``bare_think``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Parse ``args`` once a bare ``--think`` has left the prompt's first word alone."""
+        return super().parse_args(ctx, bare_think(args, self.params))
 
 
 def set_think(words: list[str], params: dict[str, Any]) -> bool:
