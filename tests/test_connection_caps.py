@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -14,12 +15,23 @@ from typing import Any, Iterator
 
 import httpx
 import pytest
+from tornado.netutil import bind_sockets
 
 from tests.helpers import free_port
 from tests.server_fixtures import API_KEY, TINY, make_test_config, running_server
 from xllm_jupyter.core.config import AuthConfig
-from xllm_jupyter.server.auth_failures import IPV6_SITE_SHARE, IPV6_WIDE_SHARE, client_label
-from xllm_jupyter.server.connections import EXEMPT, ConnectionGuard, per_client_cap, raise_fd_limit
+from xllm_jupyter.server.auth_failures import (
+    IPV6_SITE_SHARE,
+    IPV6_WIDE_SHARE,
+    client_label,
+)
+from xllm_jupyter.server.connections import (
+    EXEMPT,
+    ConnectionGuard,
+    GuardedHTTPServer,
+    per_client_cap,
+    raise_fd_limit,
+)
 
 PER_CLIENT = 5
 HALF = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n"  # a request head that never ends
@@ -80,6 +92,29 @@ def test_a_client_at_its_cap_is_closed_and_others_are_served(capped):
             time.sleep(0.05)
     else:
         pytest.fail("127.0.0.2 was not served again after closing its connections")
+
+
+def test_a_refused_request_still_arriving_gets_the_answer_and_its_end_not_a_reset():
+    """A refused connection was closed once the first 64 KiB of its request were read off: with the rest still
+    arriving the close was a reset, and the client's read failed with ConnectionResetError after the answer
+    (some systems destroy the unread answer too). Now the server ends its side and reads the rest off first."""
+    request = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 81920\r\n\r\n" + b"x" * 81920
+
+    async def refuse_one() -> bytes:
+        server = GuardedHTTPServer(lambda _request: None)
+        server.guard = ConnectionGuard(total=0, per_client=-1)  # every connection is over the total cap
+        listening = bind_sockets(0, "127.0.0.1")
+        client = socket.create_connection(listening[0].getsockname()[:2], timeout=30)
+        client.sendall(request)  # all of it sent before the server accepts: the order is certain
+        server.add_sockets(listening)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, _answer_then_close, client)
+        finally:
+            client.close()
+            server.stop()
+
+    head, _, body = asyncio.run(refuse_one()).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ") and json.loads(body)["error"]["code"] == "too_many_connections"
 
 
 def test_the_openai_sdk_over_its_cap_gets_a_rate_limit_error_not_a_connection_error(capped):

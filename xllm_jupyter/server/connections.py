@@ -21,18 +21,25 @@ low descriptor limit the total cap was below 256 and the per-client one never ca
 
 A refused connection is answered before it is closed, 429 ``too_many_connections`` (503 at the total
 cap) with an OpenAI error body and ``Retry-After``: closed without a word, the openai SDK saw a
-connection error and retried it at once. The answer costs no more than the close: one non-blocking
-``send`` of a few hundred bytes (what does not fit is dropped), nothing parsed, no body awaited.
+connection error and retried it at once. The answer costs little more than the close: one non-blocking
+``send`` of a few hundred bytes (what does not fit is dropped) and nothing parsed. The connection is then
+closed the way web servers do it ("lingering close"): its sending half at once, so the client reads the answer
+and its end, and the whole of it once the client has closed too, or after ``LINGER_SECONDS``, the request
+that arrives meanwhile read off and dropped. Closed outright with a request still arriving, it drew a reset,
+which made the client's read of the answer fail (and on some systems destroys the unread answer).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 from collections import Counter
 from typing import Any, Callable
 
-from tornado import httputil
-from tornado.iostream import SSLIOStream
+from tornado import gen, httputil
+from tornado.ioloop import IOLoop
+from tornado.iostream import SSLIOStream, StreamClosedError
 
 from ..core.errors import Overloaded, RateLimited, XllmError
 from .auth_failures import IPV6_SITE_SHARE, IPV6_WIDE_SHARE, client_label, site_labels
@@ -53,6 +60,12 @@ _PER_CLIENT_DEFAULT = 256
 #: of what a refused client already sent, the most read off (and dropped) before the close, in one ``recv``:
 #: unread data turns the close into a reset, which some systems let destroy the answer before it is read
 _DRAIN_BYTES = 64 * 1024
+#: how long a refused connection stays half-closed, its request read off, before it is closed anyway
+LINGER_SECONDS = 2.0
+#: of a refused connection's request, the most read off while it lingers (a reset is all a bigger one gets)
+LINGER_BYTES = 1024 * 1024
+#: refused connections one server lets linger at once; past that they are closed at once, as before
+LINGER_MAX = 64
 
 
 def raise_fd_limit() -> int:
@@ -92,17 +105,46 @@ def refusal_reply(exc: XllmError) -> bytes:
     return ("\r\n".join(head) + "\r\n\r\n").encode() + data
 
 
-def answer_and_close(stream: Any, reply: bytes) -> None:
-    """Send ``reply`` on a just-accepted ``stream`` without waiting on its client, then close it."""
+def answer(stream: Any, reply: bytes) -> bool:
+    """Send ``reply`` on a just-accepted ``stream`` without waiting on its client and end its sending half;
+    whether both happened (not over TLS, which would need a handshake first, nor to a client already gone)."""
     sock = getattr(stream, "socket", None)
-    if sock is not None and not isinstance(stream, SSLIOStream):  # TLS would need a handshake first
+    if sock is None or isinstance(stream, SSLIOStream):
+        return False
+    try:
+        # Tornado made the socket non-blocking: one send, and a fresh connection's buffer takes it all
+        sock.send(reply)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:  # the client is gone: the close is all that is left
+        return False
+    return True
+
+
+def drain_and_close(stream: Any) -> None:
+    """Close ``stream`` now, first reading off what its client has already sent (so the close is no reset)."""
+    sock = getattr(stream, "socket", None)
+    if sock is not None and not isinstance(stream, SSLIOStream):
         try:
-            # Tornado made the socket non-blocking: one send, and a fresh connection's buffer takes it all
-            sock.send(reply)
             sock.recv(_DRAIN_BYTES)  # only what has already arrived (BlockingIOError when nothing has)
-        except OSError:  # BlockingIOError, or the client is gone: the close below is all that is left
+        except OSError:
             pass
     stream.close()
+
+
+async def linger_then_close(stream: Any) -> None:
+    """Read off and drop what the client of an answered ``stream`` sends until it closes (``LINGER_BYTES``
+    at most) or ``LINGER_SECONDS`` pass; then close it."""
+    deadline = IOLoop.current().time() + LINGER_SECONDS
+    left = LINGER_BYTES
+    try:
+        while left > 0:
+            chunk = await gen.with_timeout(deadline, stream.read_bytes(min(left, _DRAIN_BYTES), partial=True),
+                                           quiet_exceptions=(StreamClosedError,))
+            left -= len(chunk)
+    except (StreamClosedError, gen.TimeoutError):
+        pass
+    finally:
+        stream.close()
 
 
 class ConnectionGuard:
@@ -191,12 +233,23 @@ class GuardedHTTPServer(HeadLimitedHTTPServer):
         host = address[0] if isinstance(address, tuple) and address else ""
         label = self.guard.admit(host)
         if label is None:
-            answer_and_close(stream, self.guard.reply)
+            self._refuse(stream, self.guard.reply)
             return None
         if not hasattr(self, "_labels"):
             self._labels: dict[Any, str] = {}
         self._labels[stream] = label
         return super().handle_stream(stream, address)
+
+    def _refuse(self, stream: Any, reply: bytes) -> None:
+        """Answer ``stream`` with ``reply`` and close it, lingering while fewer than ``LINGER_MAX`` do."""
+        if not hasattr(self, "_lingering"):
+            self._lingering: set[asyncio.Task[None]] = set()  # held here: the loop keeps only weak references
+        if not answer(stream, reply) or len(self._lingering) >= LINGER_MAX:
+            return drain_and_close(stream)
+        task = asyncio.ensure_future(linger_then_close(stream))
+        self._lingering.add(task)
+        task.add_done_callback(self._lingering.discard)
+        return None
 
     def on_close(self, server_conn: httputil.HTTPConnection) -> None:
         """Count the connection out."""
@@ -206,5 +259,6 @@ class GuardedHTTPServer(HeadLimitedHTTPServer):
             self.guard.release(label)
 
 
-__all__ = ["EXEMPT", "ConnectionGuard", "GuardedHTTPServer", "answer_and_close", "default_max_connections",
-           "per_client_cap", "raise_fd_limit", "refusal_reply"]
+__all__ = ["EXEMPT", "LINGER_BYTES", "LINGER_MAX", "LINGER_SECONDS", "ConnectionGuard", "GuardedHTTPServer", "answer",
+           "default_max_connections", "drain_and_close", "linger_then_close", "per_client_cap",
+           "raise_fd_limit", "refusal_reply"]
