@@ -187,6 +187,7 @@ def test_the_markers_are_read_from_the_template():
 @pytest.mark.parametrize(("text", "opened", "thought", "answer"), [
     ("<think>\nplan it\n</think>\n\nThe answer.", False, "plan it", "The answer."),
     ("  <think>a < b </thin k</think>ok", False, "a < b </thin k", "ok"),
+    ("\n\n<think>\nplan it</think>ok", False, "plan it", "ok"),  # a line break before the marker (as llama.cpp's)
     ("plan it\n</think>\n\nThe answer.", True, "plan it", "The answer."),
     ("still thinking", True, "still thinking", ""),
     ("The answer: <think> is a tag.", False, None, "The answer: <think> is a tag."),  # not at the start: untouched

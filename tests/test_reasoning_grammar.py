@@ -146,15 +146,11 @@ def test_a_responses_format_applies_after_the_thinking(served, model, start, end
 
 @pytest.mark.parametrize("special", [True, False], ids=["special markers", "text markers"])
 def test_the_thinking_grammar_takes_either_kind_of_marker(special):
-    tokenizer = smollm2_tokenizer()
-    if special:
-        tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL)})
+    tokenizer = _tokenizer(special)
     compiler = GrammarCompiler(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
 
     def takes(constraint, text):
-        matcher = compiler.new_matcher(constraint)
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        return all(matcher.consume_token(i) for i in ids) and matcher.is_accepting()
+        return _takes(compiler, tokenizer, constraint, text)
 
     for start, end in (THINK, MAGISTRAL):
         for kind, spec in (("json_schema", json.dumps(SCHEMA)), ("regex", r'\{"a":(true|false)\}')):
@@ -168,6 +164,35 @@ def test_the_thinking_grammar_takes_either_kind_of_marker(special):
             spelled = smollm2_tokenizer().encode(f"x{end}", add_special_tokens=False)
             matcher = compiler.new_matcher(opened)
             assert all(matcher.consume_token(i) for i in spelled) is not special
+
+
+@pytest.mark.parametrize("special", [True, False], ids=["special markers", "text markers"])
+def test_a_line_break_before_the_opening_marker_still_opens_the_thinking(special):
+    """A model that writes whitespace before its opening marker is not steered away from thinking (at most two
+    characters of it: unbounded whitespace lets a weak model pad until max_tokens); without a marker after it, the
+    whitespace is the body's to allow."""
+    tokenizer = _tokenizer(special)
+    compiler = GrammarCompiler(tokenizer, len(tokenizer), [tokenizer.eos_token_id])
+    for start, end in (THINK, MAGISTRAL):
+        for kind, spec in (("json_schema", json.dumps(SCHEMA)), ("regex", r'\s?\{"a":(true|false)\}')):
+            fresh = Constraint(kind, spec, think=(start, end))
+            for lead in ("\n", "\n\n", " \n"):
+                assert _takes(compiler, tokenizer, fresh, f'{lead}{start}plan{end}\n\n{{"a":true}}'), (kind, lead)
+            assert not _takes(compiler, tokenizer, fresh, f'\n\n\n{start}plan{end}{{"a":true}}')
+            assert _takes(compiler, tokenizer, fresh, '\n{"a":true}') is (kind == "regex")
+
+
+def _tokenizer(special):
+    tokenizer = smollm2_tokenizer()
+    if special:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL)})
+    return tokenizer
+
+
+def _takes(compiler, tokenizer, constraint, text):
+    matcher = compiler.new_matcher(constraint)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return all(matcher.consume_token(i) for i in ids) and matcher.is_accepting()
 
 
 def test_a_grammar_that_writes_the_markers_itself_is_applied_from_the_first_token(served):

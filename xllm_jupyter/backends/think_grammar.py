@@ -1,13 +1,14 @@
 """A reasoning model's grammar that starts after its thinking, as vLLM's ``--reasoning-parser`` starts it.
 
 A constraint with thinking markers (``Constraint.think``) is compiled as a top-level llguidance grammar of two:
-``start: (START thought END space?)? @body``, where ``body`` is the request's own grammar (a JSON schema, Lark,
+``start: (space? START thought END space?)? @body``, where ``body`` is the request's own grammar (a JSON schema, Lark,
 regex, a tool grammar) and ``thought`` is free text that cannot contain the end marker. Where the prompt opened
 the block already (``Constraint.opened``) the reply begins inside it: ``start: thought END space? @body``.
 
 Unlike vLLM, which leaves the reply unconstrained until the end marker appears (a model that never writes it is
 never constrained), the thinking here is optional where the prompt did not open it: a reply that does not begin
-with the start marker is the body's from its first token.
+with the start marker (after at most two whitespace characters: a model may put a line break before it, as
+vLLM's and llama.cpp's parsers let it) is the body's from its first token.
 
 A marker that is one special token (Magistral's ``[THINK]``, or an added token, which llguidance takes for a
 special one) is matched by its id (``<[ID]>``), which no text can spell; free text never holds special tokens, and
@@ -59,8 +60,10 @@ def wrapped(text: str, tokenizer: Any, start: str, end: str, opened: bool) -> st
     else:
         start_id = _token(tokenizer, start)
         opening = f"<[{start_id}]>" if start_id is not None else json.dumps(start)
-        lark = [f"start: xllm_think? @{_BODY}", f"xllm_think: {opening} {thought} XLLM_SPACE?"]
-    # the line breaks templates put after the end marker ("\n\n", which the split drops); no more: a weak model
+        # whitespace before the marker too: a model that writes a line break first was steered away from thinking
+        lark = [f"start: xllm_think? @{_BODY}", f"xllm_think: XLLM_SPACE? {opening} {thought} XLLM_SPACE?"]
+    # the line breaks templates put after the end marker ("\n\n", which the split drops) or a model before the start
+    # one (the split drops them too); no more: a weak model
     # offered unbounded whitespace pads with it until max_tokens (as JSON_DEFAULTS keeps JSON compact)
     lark += [*rules, "XLLM_SPACE: /[ \\t\\r\\n]{1,2}/"]
     outer = {"name": _OUTER, "lark_grammar": "\n".join(lark) + "\n"}
