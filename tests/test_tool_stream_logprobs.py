@@ -70,6 +70,26 @@ def test_streamed_text_around_a_call_carries_its_own_tokens_logprobs(server, req
 
 
 @pytest.mark.parametrize("server", ["special", "grouped"])
+def test_text_after_a_call_that_is_in_the_calls_json_too_carries_its_own_tokens_logprobs(server, request):
+    # "}" is in the call's JSON too: looked for from the call's start, it was found there, so the call kept only its
+    # first tokens and the text after it took the call's last ones (its JSON's end and the end marker)
+    served = request.getfixturevalue(server)
+    kw = dict(model=TINY, messages=ASK, tools=TOOLS, max_completion_tokens=64, seed=1, logprobs=True,
+              extra_body={"guided_grammar": _grammar(served, "}")})
+    whole = [t.token for t in served[0].chat.completions.create(**kw).choices[0].logprobs.content]
+    streamed, texts = [], []
+    for chunk in served[0].chat.completions.create(stream=True, **kw):
+        for choice in chunk.choices:
+            tokens = [t.token for t in (choice.logprobs.content if choice.logprobs else None) or []]
+            streamed += tokens
+            if choice.delta.content:
+                texts.append((choice.delta.content, "".join(tokens)))
+    assert "".join(whole) == "".join(streamed)
+    assert texts and all(own.strip() == text.strip() for text, own in texts), texts
+    assert "".join(text for text, _ in texts) == "Let me look.\n}"
+
+
+@pytest.mark.parametrize("server", ["special", "grouped"])
 def test_a_streamed_responses_output_text_logprobs_leave_out_the_calls_tokens(server, request):
     served = request.getfixturevalue(server)
     client = served[0]
@@ -129,6 +149,13 @@ def test_piece_shares_give_each_piece_its_own_tokens():
                                                                    ({"content": "The"}, None)], "</think>") == [1, 3]
     assert piece_shares(tokens("bytes:\\xe2", "x"), [({"content": "\u2019x"}, None)], None) == [2]  # not found: all
     assert piece_shares([], [({"content": "x"}, None)], None) == [0]
+    # text after a call that is in the call's JSON too ("}"): found after the call's tokens, not in them
+    held = tokens("Hi", "\n", "<tool_call>", '{"name": "f", "arguments": {"a": "}"}}', "</tool_call>", "\n", "}")
+    assert piece_shares(held, [({"content": "Hi\n"}, None), (call, None), ({"content": "}"}, None)], None) == [2, 3, 2]
+    held = tokens("[TOOL_CALLS]", '[{"name": "f", "arguments": {}}]', ";", '{"name": "g", "arguments": {}}', " }")
+    assert piece_shares(held, [(call, None), (call, None), ({"content": " }"}, None)], None) == [4, 0, 1]
+    held = tokens('"}}', "\n", "</tool_call>", "}")  # a call begun in an earlier delta: after its end tag
+    assert piece_shares(held, [(call, None), ({"content": "}"}, None)], None) == [3, 1]
 
 
 def test_a_character_split_over_tokens_keeps_the_text_and_the_call_apart():

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from .reasoning import thinking_share
+from .tool_call import CLOSE_TAG
+from .tool_scan import calls_end
 
 
 def piece_shares(entries: Sequence[dict[str, Any]], pieces: Sequence[tuple[dict[str, Any], str | None]],
@@ -15,10 +17,10 @@ def piece_shares(entries: Sequence[dict[str, Any]], pieces: Sequence[tuple[dict[
 
     A thinking piece takes the thinking's tokens (``thinking_share``); a content piece those that end within its text
     (not yet sent ones before it too: the end marker, a call's separators); a call piece those before the next
-    content piece's text and its leading blanks (or all of them when no content follows); the choice's last piece
-    what is left. What none takes stays held: text the parser holds back (it may start a call) rides on a later one.
-    Texts are found among the tokens' bytes (a character split over tokens has no string of its own); where a piece's
-    is not there, it takes what is left.
+    content piece's text (found past the call's own tokens) and its leading blanks (or all of them when no content
+    follows); the choice's last piece what is left. What none takes stays held: text the parser holds back (it may
+    start a call) rides on a later one. Texts are found among the tokens' bytes (a character split over tokens has no
+    string of its own); where a piece's is not there, it takes what is left.
     """
     if not entries:
         return [0] * len(pieces)
@@ -39,7 +41,7 @@ def piece_shares(entries: Sequence[dict[str, Any]], pieces: Sequence[tuple[dict[
                 k = upto(found + len(own)) if found >= 0 else k
             elif delta.get("tool_calls"):
                 later = next((d["content"] for d, _ in pieces[i + 1:] if d.get("content")), None)
-                found = text.find(later.encode("utf-8"), at) if later else -1
+                found = _after_calls(text, at, later.encode("utf-8")) if later else -1
                 if found >= 0:  # (blanks between a call and text after it ride on the text, as one by one)
                     k = upto(at + len(text[at:found].rstrip()))
         shares.append(k)
@@ -68,6 +70,18 @@ def text_entries(entries: Sequence[dict[str, Any]], text: str) -> list[dict[str,
     if not spans:
         return list(entries)
     return [e for e, end in zip(entries, ends) if any(a < end <= b for a, b in spans)]
+
+
+def _after_calls(text: bytes, at: int, later: bytes) -> int:
+    """Where ``later`` (the text after a call) is in ``text`` after the call's own tokens, which start at ``at``: it may
+    be in the call's JSON too (a ``}``, a quote). Past the call constructs there, or its end tag when it began in an
+    earlier delta; from ``at`` when neither is there."""
+    wide = text.decode("latin-1")  # one character a byte: the scanner's positions are the bytes'
+    end = calls_end(wide, at)
+    if end is None and (tag := wide.find(CLOSE_TAG, at)) >= 0:
+        end = tag + len(CLOSE_TAG)
+    found = text.find(later, end) if end is not None else -1
+    return found if found >= 0 else text.find(later, at)
 
 
 def _joined(entries: Sequence[dict[str, Any]]) -> tuple[bytes, list[int]]:

@@ -152,3 +152,19 @@ def cut_call(text: str, names: frozenset[str]) -> bool:
     """
     _, end, _ = scan(text, names, final=False)
     return end < len(text) and not all(isinstance(p, ToolCall) for p in scan(text[end:], names, final=True)[0])
+
+
+def calls_end(text: str, start: int = 0) -> int | None:
+    """Where the first complete call construct at or after ``start`` in ``text`` ends, with those right after it (joined
+    by blanks, ``;`` or ``,``); None when there is none. Any function name counts."""
+    end, i = None, start
+    while (m := CALL_START.search(text, i)) is not None and (end is None or m.start() == i):
+        span = _construct(text, m.start(), frozenset(), final=False)
+        if span is not None and span is not _HOLD and span[1]:
+            end = span[0]
+            i = _AFTER_CALL.match(text, end).end()
+        elif end is not None:
+            break
+        else:  # text before the call (a token with its blanks and the text's last character)
+            i = m.start() + 1 if span is None or span is _HOLD else span[0]
+    return end
