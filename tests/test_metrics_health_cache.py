@@ -87,7 +87,7 @@ def test_metrics_move_as_requests_run(xllm_home, tiny_catalog):
     ttft = "xllm_time_to_first_token_seconds_count"
     assert value(after, ttft, endpoint=route) - value(before, ttft, endpoint=route) == 1
     itl = "xllm_inter_token_latency_seconds_count"
-    assert value(after, itl, endpoint=route) - value(before, itl, endpoint=route) == content - 1
+    assert value(after, itl, endpoint=route) - value(before, itl, endpoint=route) == 4 - 1  # per token after the first
     e2e = "xllm_request_duration_seconds_count"
     assert value(after, e2e, endpoint=route) - value(before, e2e, endpoint=route) == 2
     # no backend reports cached prompt tokens yet: every generation is a prefix-cache miss
@@ -101,22 +101,25 @@ def test_metrics_move_as_requests_run(xllm_home, tiny_catalog):
 
 def test_a_streamed_legacy_function_call_is_timed_as_content(xllm_home, tiny_catalog):
     """A forced legacy call streams only ``delta.function_call`` pieces: they are its generated text, so the first is
-    its time to first token and each later one a gap (they counted as nothing: no TTFT, no gaps)."""
-    body = {**CHAT, "max_tokens": 40, "temperature": 0, "stream": True, "function_call": {"name": "add"},
+    its time to first token (they counted as nothing: no TTFT, no gaps), and each token after the first one an
+    inter-token latency."""
+    body = {**CHAT, "max_tokens": 40, "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
+            "function_call": {"name": "add"},
             "functions": [{"name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}]}
     with running_server(make_test_config(xllm_home), tiny_catalog, TINY) as server, _http(server) as http:
         before = scrape(http)
         with http.stream("POST", "/v1/chat/completions", json=body) as s:
             assert s.status_code == 200
-            pieces = [json.loads(line[len("data: "):])["choices"][0]["delta"].get("function_call")
-                      for line in s.read().decode().splitlines() if line.startswith("data: {")]
+            events = [json.loads(line[len("data: "):]) for line in s.read().decode().splitlines() if line.startswith("data: {")]
         after = scrape(http)
+    pieces = [e["choices"][0]["delta"].get("function_call") for e in events if e["choices"]]
     pieces = [p for p in pieces if p]
     assert len(pieces) >= 2 and pieces[0]["name"] == "add"
     route = "/v1/chat/completions"
     ttft, itl = "xllm_time_to_first_token_seconds_count", "xllm_inter_token_latency_seconds_count"
     assert value(after, ttft, endpoint=route) - value(before, ttft, endpoint=route) == 1
-    assert value(after, itl, endpoint=route) - value(before, itl, endpoint=route) == len(pieces) - 1
+    tokens = events[-1]["usage"]["completion_tokens"]
+    assert value(after, itl, endpoint=route) - value(before, itl, endpoint=route) == tokens - 1
 
 
 def test_metrics_need_the_key(xllm_server):

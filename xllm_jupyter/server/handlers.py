@@ -21,6 +21,7 @@ from .context import CONTEXT_KEY, HEALTH_FACTS_KEY, XllmContext
 from .errors import error_response, log_error
 from .json_pieces import write_json_in_pieces
 from .limits import charge_left, charge_response, metered, open_stream_tally
+from .metrics import open_token_clock
 from .request_body import BodyReader
 from .sse import SSE_HEADERS, EventStreamWriter, dumps
 from .stalls import watch_finish
@@ -223,6 +224,7 @@ class RequestMixin:
         """Run a serving call; write its dict as JSON or stream its chunks as SSE."""
         start = time.perf_counter()
         open_stream_tally()  # before the work: tasks it starts (a stream's first engine step) count into it
+        open_token_clock()  # (as do their tokens' arrival times)
         ok, result = await self._cancellable(work)
         if not ok:
             charge_left(self)  # the client left before the answer: what it used still counts (auth.tokens_per_minute)

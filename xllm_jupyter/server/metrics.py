@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import time
 from contextlib import aclosing
+from contextvars import ContextVar
 from typing import Any, AsyncIterator, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -31,6 +32,41 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _E2E_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class TokenClock:
+    """One request's inter-token timing, per output token as vLLM's: each delta of a choice after its first observes
+    the gap since that choice's previous delta once for each of its tokens, as gap / tokens.
+
+    The engine merges the tokens made within ``engine.stream_interval_ms`` into one delta (several on a GPU), so
+    the gaps between deltas or stream chunks are not per token; ``ObservedEngine`` counts each delta's tokens here.
+    """
+
+    __slots__ = ("itl",)
+
+    def __init__(self) -> None:
+        #: the inter-token histogram (its endpoint's child) once the answer is a stream; None: nothing is observed
+        self.itl: Any = None
+
+    def tokens(self, last: dict[int, float], index: int, count: int, now: float) -> None:
+        """``count`` tokens of choice ``index`` arrived at ``now`` (``last``: one generation's previous arrivals)."""
+        before = last.get(index)
+        last[index] = now
+        itl = self.itl
+        if before is not None and itl is not None:
+            per_token = (now - before) / count
+            for _ in range(count):
+                itl.observe(per_token)
+
+
+#: the request served in this task; set before its serving call, so that the tasks the call starts (a stream's first
+#: engine step, one per prompt of a legacy completion) time their deltas into the same clock
+_token_clock: ContextVar[TokenClock | None] = ContextVar("xllm_token_clock", default=None)
+
+
+def open_token_clock() -> None:
+    """Give this request's task a fresh ``TokenClock`` before its serving call runs."""
+    _token_clock.set(TokenClock())
 
 
 def _has_content(chunk: dict[str, Any]) -> bool:
@@ -65,7 +101,7 @@ class ServerMetrics:
             "xllm_time_to_first_token_seconds", "Streamed requests: time to the first content chunk.", ("endpoint",), buckets=_TTFT_BUCKETS, registry=r
         )
         self.itl = Histogram(
-            "xllm_inter_token_latency_seconds", "Streamed requests: gap between content chunks.", ("endpoint",), buckets=_ITL_BUCKETS, registry=r
+            "xllm_inter_token_latency_seconds", "Streamed requests: time per output token after the first.", ("endpoint",), buckets=_ITL_BUCKETS, registry=r
         )
         self.e2e = Histogram(
             "xllm_request_duration_seconds", "Generation requests: end-to-end time.", ("endpoint",), buckets=_E2E_BUCKETS, registry=r
@@ -109,18 +145,18 @@ class ServerMetrics:
         self._timers(endpoint)[2].observe(seconds)
 
     async def timed_stream(self, endpoint: str, stream: AsyncIterator[dict[str, Any]], start: float) -> AsyncIterator[dict[str, Any]]:
-        """``stream`` unchanged, observing time to first content chunk and the gaps after it."""
+        """``stream`` unchanged, observing the time to its first content chunk; its inter-token latency is observed per
+        token as the engine's deltas arrive (``TokenClock``), from now on."""
         ttft, itl, _ = self._timers(endpoint)
-        last = 0.0
+        clock = _token_clock.get()
+        if clock is not None:
+            clock.itl = itl
+        first = True
         async with aclosing(stream):  # type: ignore[type-var]
             async for chunk in stream:
-                if _has_content(chunk):
-                    now = time.perf_counter()
-                    if last:
-                        itl.observe(now - last)
-                    else:
-                        ttft.observe(now - start)
-                    last = now
+                if first and _has_content(chunk):
+                    ttft.observe(time.perf_counter() - start)
+                    first = False
                 yield chunk
 
     # ----------------------------------------------------------- engine facts
@@ -243,6 +279,7 @@ class ObservedEngine:
         is counted in the token metrics but charged to nobody.
         """
         delivered = 0
+        clock, arrivals = _token_clock.get(), {}  # (each choice's last delta, for the inter-token latency)
         admission = request.admission
         if admission is None:  # (the engine marks it once a job enters the batch)
             request = dataclasses.replace(request, admission=(admission := Admission()))
@@ -251,7 +288,10 @@ class ObservedEngine:
             async with aclosing(self._engine.generate(request)) as events:
                 async for ev in events:
                     if type(ev) is ChoiceDelta:
-                        delivered += len(ev.token_ids)
+                        count = len(ev.token_ids)
+                        delivered += count
+                        if count and clock is not None:
+                            clock.tokens(arrivals, ev.index, count, time.perf_counter())
                     elif isinstance(ev, GenerationDone):
                         delivered = -1  # charged in full below; nothing left to charge on close
                         self._charge(request, ev.usage)
@@ -280,4 +320,4 @@ class ObservedEngine:
             callback(request, usage)
 
 
-__all__ = ["CONTENT_TYPE", "ServerMetrics", "ObservedEngine"]
+__all__ = ["CONTENT_TYPE", "ServerMetrics", "ObservedEngine", "TokenClock", "open_token_clock"]
