@@ -90,6 +90,27 @@ def test_text_after_a_call_that_is_in_the_calls_json_too_carries_its_own_tokens_
 
 
 @pytest.mark.parametrize("server", ["special", "grouped"])
+def test_streamed_text_around_a_legacy_function_call_carries_its_own_tokens_logprobs(server, request):
+    # the deprecated ``functions`` stream ``function_call`` pieces, which were not taken for a call's: the call's first
+    # piece took every held token (the text after it none) when one engine delta held the call and that text
+    served = request.getfixturevalue(server)
+    kw = dict(model=TINY, messages=ASK, functions=[t["function"] for t in TOOLS], max_completion_tokens=64, seed=1,
+              logprobs=True, extra_body={"guided_grammar": _grammar(served, "\\nDone.")})
+    whole = [t.token for t in served[0].chat.completions.create(**kw).choices[0].logprobs.content]
+    streamed, texts, calls = [], [], 0
+    for chunk in served[0].chat.completions.create(stream=True, **kw):
+        for choice in chunk.choices:
+            tokens = [t.token for t in (choice.logprobs.content if choice.logprobs else None) or []]
+            streamed += tokens
+            calls += bool(choice.delta.function_call and choice.delta.function_call.name)
+            if choice.delta.content:
+                texts.append((choice.delta.content, "".join(tokens)))
+    assert calls == 1 and "".join(whole) == "".join(streamed)
+    assert texts and all(own.strip() == text.strip() for text, own in texts), texts
+    assert "".join(text for text, _ in texts).split() == ["Let", "me", "look.", "Done."]
+
+
+@pytest.mark.parametrize("server", ["special", "grouped"])
 def test_a_streamed_responses_output_text_logprobs_leave_out_the_calls_tokens(server, request):
     served = request.getfixturevalue(server)
     client = served[0]
@@ -156,6 +177,9 @@ def test_piece_shares_give_each_piece_its_own_tokens():
     assert piece_shares(held, [(call, None), (call, None), ({"content": " }"}, None)], None) == [4, 0, 1]
     held = tokens('"}}', "\n", "</tool_call>", "}")  # a call begun in an earlier delta: after its end tag
     assert piece_shares(held, [(call, None), ({"content": "}"}, None)], None) == [3, 1]
+    legacy = {"function_call": {"name": "f", "arguments": ""}}  # the deprecated ``functions``' pieces are calls too
+    held = tokens("Hi", "\n", "<tool_call>", "{}", "</tool_call>", "\n", "Done")
+    assert piece_shares(held, [({"content": "Hi\n"}, None), (legacy, None), ({"content": "Done"}, None)], None) == [2, 3, 2]
 
 
 def test_a_character_split_over_tokens_keeps_the_text_and_the_call_apart():

@@ -16,11 +16,11 @@ def piece_shares(entries: Sequence[dict[str, Any]], pieces: Sequence[tuple[dict[
     alone (the chat stream's pieces then never depend on how many tokens one delta held).
 
     A thinking piece takes the thinking's tokens (``thinking_share``); a content piece those that end within its text
-    (not yet sent ones before it too: the end marker, a call's separators); a call piece those before the next
-    content piece's text (found past the call's own tokens) and its leading blanks (or all of them when no content
-    follows); the choice's last piece what is left. What none takes stays held: text the parser holds back (it may
-    start a call) rides on a later one. Texts are found among the tokens' bytes (a character split over tokens has no
-    string of its own); where a piece's is not there, it takes what is left.
+    (not yet sent ones before it too: the end marker, a call's separators); a call piece (``tool_calls``, or the legacy
+    ``function_call``) those before the next content piece's text (found past the call's own tokens) and its leading
+    blanks (or all of them when no content follows); the choice's last piece what is left. What none takes stays held:
+    text the parser holds back (it may start a call) rides on a later one. Texts are found among the tokens' bytes (a
+    character split over tokens has no string of its own); where a piece's is not there, it takes what is left.
     """
     if not entries:
         return [0] * len(pieces)
@@ -39,7 +39,7 @@ def piece_shares(entries: Sequence[dict[str, Any]], pieces: Sequence[tuple[dict[
                 own = delta["content"].encode("utf-8")
                 found = text.find(own, at)
                 k = upto(found + len(own)) if found >= 0 else k
-            elif delta.get("tool_calls"):
+            elif delta.get("tool_calls") or delta.get("function_call"):  # (the deprecated ``functions``' pieces)
                 later = next((d["content"] for d, _ in pieces[i + 1:] if d.get("content")), None)
                 found = _after_calls(text, at, later.encode("utf-8")) if later else -1
                 if found >= 0:  # (blanks between a call and text after it ride on the text, as one by one)
