@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Histogram
 
 from tests.server_fixtures import TINY, make_test_config, running_server
 from tests.test_metrics_health_cache import scrape, value
+from xllm_jupyter.core.config import CacheConfig
 from xllm_jupyter.server.metrics import TokenClock
 
 ROUTE = "/v1/chat/completions"
@@ -73,3 +74,27 @@ def test_each_token_after_each_choices_first_is_one_observation(xllm_home, tiny_
     duration = value(middle, "xllm_request_duration_seconds_sum", endpoint=ROUTE)
     assert 0 < total <= 2 * duration  # each choice's gaps add up to at most the request's time
     assert value(after, ITL + "_count", endpoint=ROUTE) == value(middle, ITL + "_count", endpoint=ROUTE)
+
+
+def test_a_replay_from_the_response_cache_is_not_timed_as_the_models(xllm_home, tiny_catalog):
+    """TTFT and the inter-token latency are the model's (as vLLM's): a stream the response cache replays answers in
+    ~0 s without it, so it is counted as a request and a cache hit but in neither histogram (it was a TTFT of ~0 s
+    and, per chunk, gaps of ~0 s, pulling both figures down as the hit rate rose)."""
+    config = dataclasses.replace(make_test_config(xllm_home, keepalive_seconds=60), cache=CacheConfig(enabled=True, max_entries=8))
+    body = {"model": TINY, "messages": [{"role": "user", "content": "Say something."}], "max_tokens": 4,
+            "ignore_eos": True, "temperature": 0, "stream": True}
+    with running_server(config, tiny_catalog, TINY) as server, _http(server) as http:
+        samples = [scrape(http)]
+        for _ in range(2):
+            with http.stream("POST", ROUTE, json=body) as s:
+                assert s.status_code == 200
+                s.read()
+            samples.append(scrape(http))
+    first, replay = [{name: value(b, name, **labels) - value(a, name, **labels)
+                      for name, labels in (("xllm_time_to_first_token_seconds_count", {"endpoint": ROUTE}),
+                                           (ITL + "_count", {"endpoint": ROUTE}),
+                                           ("xllm_response_cache_hits_total", {}),
+                                           ("xllm_requests_total", {"endpoint": ROUTE, "status": "200"}))}
+                     for a, b in zip(samples, samples[1:])]
+    assert list(first.values()) == [1, 4 - 1, 0, 1]
+    assert list(replay.values()) == [0, 0, 1, 1]

@@ -42,14 +42,17 @@ class TokenClock:
     the gaps between deltas or stream chunks are not per token; ``ObservedEngine`` counts each delta's tokens here.
     """
 
-    __slots__ = ("itl",)
+    __slots__ = ("itl", "made")
 
     def __init__(self) -> None:
         #: the inter-token histogram (its endpoint's child) once the answer is a stream; None: nothing is observed
         self.itl: Any = None
+        #: the model made a token for this request (a replay from the response cache makes none)
+        self.made = False
 
     def tokens(self, last: dict[int, float], index: int, count: int, now: float) -> None:
         """``count`` tokens of choice ``index`` arrived at ``now`` (``last``: one generation's previous arrivals)."""
+        self.made = True
         before = last.get(index)
         last[index] = now
         itl = self.itl
@@ -145,8 +148,9 @@ class ServerMetrics:
         self._timers(endpoint)[2].observe(seconds)
 
     async def timed_stream(self, endpoint: str, stream: AsyncIterator[dict[str, Any]], start: float) -> AsyncIterator[dict[str, Any]]:
-        """``stream`` unchanged, observing the time to its first content chunk; its inter-token latency is observed per
-        token as the engine's deltas arrive (``TokenClock``), from now on."""
+        """``stream`` unchanged, observing the time to its first content chunk if the model made it (a replay from the
+        response cache answers in ~0 s without it: TTFT is the model's, as vLLM's); its inter-token latency is observed
+        per token as the engine's deltas arrive (``TokenClock``), from now on."""
         ttft, itl, _ = self._timers(endpoint)
         clock = _token_clock.get()
         if clock is not None:
@@ -155,8 +159,9 @@ class ServerMetrics:
         async with aclosing(stream):  # type: ignore[type-var]
             async for chunk in stream:
                 if first and _has_content(chunk):
-                    ttft.observe(time.perf_counter() - start)
                     first = False
+                    if clock is None or clock.made:
+                        ttft.observe(time.perf_counter() - start)
                 yield chunk
 
     # ----------------------------------------------------------- engine facts
