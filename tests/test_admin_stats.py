@@ -12,7 +12,7 @@ import pytest
 
 from tests.helpers import Clock
 from tests.server_fixtures import TINY
-from xllm_jupyter.server.stats import TokenRate, memory_view
+from xllm_jupyter.server.stats import TokenRate, gpu_memory, memory_view
 
 
 def test_token_rate_over_window():
@@ -53,6 +53,22 @@ def test_memory_view_budgets_and_devices():
     assert view["cpu"]["total_bytes"] is None or view["cpu"]["total_bytes"] > 150
     # no CUDA model and no CUDA budget: only the CPU row
     assert set(memory_view([], {"cpu": 0, "cuda": 0})) == {"cpu"}
+
+
+def test_the_gpu_row_is_every_gpus_memory_and_lists_each():
+    """On two GPUs the CUDA row set the models' memory, summed over both, against the first GPU's total alone: its
+    total is both GPUs' now, and each GPU is listed with its own figures (torch.cuda.mem_get_info's free and total)."""
+    models = [{"device": "cuda", "memory_bytes": 30}, {"device": "cuda", "memory_bytes": 50}, {"device": "cpu", "memory_bytes": 9}]
+    view = memory_view(models, {"cpu": 0, "cuda": 0}, gpus=[(60, 100), (140, 200)])
+    assert view["cuda"] == {
+        "used_bytes": 80, "budget_bytes": 0, "total_bytes": 300,
+        "devices": [{"index": 0, "used_bytes": 40, "free_bytes": 60, "total_bytes": 100},
+                    {"index": 1, "used_bytes": 60, "free_bytes": 140, "total_bytes": 200}],
+    }
+    assert "devices" not in view["cpu"] and view["cpu"]["used_bytes"] == 9
+    # no GPU readable (torch not imported, a driver error): no total, as before, and no devices
+    assert gpu_memory([]) == {"total_bytes": None, "devices": []}
+    assert memory_view([], {"cpu": 0, "cuda": 5}, gpus=[])["cuda"] == {"used_bytes": 0, "budget_bytes": 5, "total_bytes": None, "devices": []}
 
 
 def _stats(raw) -> dict:

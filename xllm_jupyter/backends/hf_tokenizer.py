@@ -23,6 +23,8 @@ from .tokenizer_files import load_tokenizer
 
 #: end-of-turn tokens of common chat templates that must also stop a generation
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>", "<|end|>")
+#: a harmony (gpt-oss) vocabulary's turn ends: ``<|end|>`` there closes one message of several (the thinking's)
+HARMONY_ENDS = ("<|return|>", "<|call|>")
 
 
 def settle(tokenizer: Any) -> bool:
@@ -330,7 +332,8 @@ class ChatTokenizer:
 
         Only ids of tokens the tokenizer has count: a model's config files come from wherever it was
         pulled, and a string or an id out of range there failed every load of the model with a 500
-        (or, past the vocabulary, every constrained request that masks EOS).
+        (or, past the vocabulary, every constrained request that masks EOS). A harmony (gpt-oss) vocabulary's
+        turn ends are ``<|return|>`` and ``<|call|>``, never ``<|end|>`` (``HARMONY_ENDS``).
         """
         try:
             size = len(self.tokenizer)
@@ -341,7 +344,11 @@ class ChatTokenizer:
             for i in src if isinstance(src, (list, tuple)) else (src,):
                 if isinstance(i, int) and not isinstance(i, bool) and 0 <= i and (size is None or i < size):
                     ids.add(i)
-        ids.update(i for i in map(self._token_id, END_OF_TURN_TOKENS) if i is not None)
+        harmony = self._token_id("<|channel|>") is not None and self._token_id(HARMONY_ENDS[0]) is not None
+        turn_ends = HARMONY_ENDS + END_OF_TURN_TOKENS if harmony else END_OF_TURN_TOKENS
+        ids.update(i for i in map(self._token_id, turn_ends) if i is not None)
+        if harmony:  # (a config naming <|end|> would stop every gpt-oss reply after its thinking)
+            ids.discard(self._token_id("<|end|>"))
         return frozenset(ids)
 
     def _token_id(self, token: str) -> int | None:

@@ -76,8 +76,8 @@ class ChatMessage:
             out["tool_calls"] = self.tool_calls
         if self.tool_call_id:
             out["tool_call_id"] = self.tool_call_id
-        if self.reasoning_content is not None:  # under both names, as vLLM passes it: Qwen3's, DeepSeek's templates show it
-            out["reasoning_content"] = out["reasoning"] = self.reasoning_content
+        if self.reasoning_content is not None:  # as vLLM passes it (Qwen3's, DeepSeek's templates); gpt-oss's: thinking
+            out["reasoning_content"] = out["reasoning"] = out["thinking"] = self.reasoning_content
         return out
 
 

@@ -36,7 +36,6 @@ from .piece_logprobs import piece_shares
 from .template_kwargs import chat_template_kwargs
 from .tool_calling import ToolCalling
 from .truncation import fit_front
-from .reasoning import ReasoningTally
 from .protocol import (
     SYSTEM_FINGERPRINT,
     ChatCompletionRequest,
@@ -316,7 +315,7 @@ class OpenAIServing(CompletionsMixin):
         lps: list[list[dict]] = [[] for _ in range(n)]
         finish: list[str | None] = [None] * n
         stops: list[str | int | None] = [None] * n  # vLLM's stop_reason: the stop string (or token id) that ended it
-        loops, thinking = ForcedLoops(gen, tools), ReasoningTally(tools.reasoning, n)
+        loops, thinking = ForcedLoops(gen, tools), tools.tally(n)
         usage = Usage()
         async with aclosing(self.engine.generate(gen)) as events:
             async for ev in events:
@@ -380,7 +379,7 @@ class OpenAIServing(CompletionsMixin):
         # logprobs of tokens the parser has not released yet ride on the choice's next chunk, so the stream
         # carries every token's, as the full response does
         held_lp: list[list[dict]] = [[] for _ in range(gen.params.n)]
-        loops, thinking = ForcedLoops(gen, tools, calls), ReasoningTally(tools.reasoning, gen.params.n)
+        loops, thinking = ForcedLoops(gen, tools, calls), tools.tally(gen.params.n)
         finished: list[str | None] = [None] * gen.params.n
         async with aclosing(engine_events) as events:  # type: ignore[type-var]
             async for ev in events:
@@ -403,7 +402,7 @@ class OpenAIServing(CompletionsMixin):
                             held_lp[ev.index].extend(chat_logprob_entries(ev.logprobs))
                         # each piece takes its own tokens' logprobs: one engine delta may hold the thinking's end, text
                         # and a call (tokens made within one stream interval)
-                        shares = piece_shares(held_lp[ev.index], out, tools.reasoning and tools.reasoning.end)
+                        shares = piece_shares(held_lp[ev.index], out, tools.think_end)
                         for (delta, reason), k in zip(out, shares):
                             lp, held = None, held_lp[ev.index]
                             if k:

@@ -8,8 +8,11 @@ from typing import Any, Awaitable, Callable, Sequence
 
 from ..core.errors import InvalidRequest
 from ..core.types import ChatMessage, Constraint
+from .harmony import END as HARMONY_END
+from .harmony import MARKERS as HARMONY_MARKERS
+from .harmony import HarmonyDeltas, HarmonyTally, harmony_message, is_harmony
 from .legacy_functions import check_legacy_history, in_legacy_terms, legacy_delta, legacy_message, request_tool_config
-from .reasoning import Reasoning, ThinkingDeltas, kept_markers
+from .reasoning import Reasoning, ReasoningTally, ThinkingDeltas, kept_markers, wanted
 from .tool_parser import HERMES, MISTRAL, MISTRAL_V11, StreamingToolParser, detect_family, parse_tool_calls
 from .tool_scan import cut_call
 from .tools import (ToolConfig, args_schema, calls_or_answer, nine_char_ids, one_call_per_turn, prepare_messages,
@@ -46,6 +49,12 @@ class ToolCalling:
         self.reasoning: Reasoning | None = None
         #: thinking markers kept in the text while it is not split (reasoning_format "none"): as markup_tokens
         self.kept: tuple[str, ...] = ()
+        #: a harmony template's (gpt-oss): replies are read as its messages (harmony.py), not by the parsers here
+        self.harmony = is_harmony(template)
+        if self.harmony and cfg.constrained:
+            raise InvalidRequest("This model's harmony format cannot be forced to call a tool yet: use tool_choice "
+                                 "'auto'.", param="tool_choice", code="unsupported_value")
+        self._model: Any = None  # the loaded model (``think``): its marker ids count a harmony reply's thinking
         #: the request field the decoding grammar came from (``decoding``), which a 400 about it names
         self._param = "response_format"
 
@@ -67,7 +76,7 @@ class ToolCalling:
     @property
     def parses(self) -> bool:
         """True when the output goes through a parser (tool calls, or thinking split from the answer)."""
-        return self.cfg.active or self.reasoning is not None
+        return self.cfg.active or self.reasoning is not None or self.harmony
 
     @property
     def markup_tokens(self) -> tuple[str, ...]:
@@ -75,6 +84,8 @@ class ToolCalling:
         format's markup while its calls are parsed (grammar-forced ones too), as vLLM's Mistral and Hermes parsers
         turn ``skip_special_tokens`` off; else none, so they never reach content of a reply whose calls are not
         parsed. Only tokens the vocabulary has as special ones change anything (Qwen's ``<tool_call>`` is not)."""
+        if self.harmony:
+            return HARMONY_MARKERS
         own = MARKUP.get(self.family, ()) if self.active else ()
         return own + (self.reasoning.markers if self.reasoning is not None else self.kept)  # (Magistral's [THINK] too)
 
@@ -83,7 +94,7 @@ class ToolCalling:
         """The grammar the reply is decoded under, compiled by ``check(constraint, param)`` (a bad one is a plain 400):
         forced tool calls' (they win over the request's ``answer`` format), the format widened to admit the calls the
         model may make beside it (tools.calls_or_answer), or the format alone."""
-        constraint = self.constraint() or calls_or_answer(self.cfg, answer, self.family == HERMES)
+        constraint = self.constraint() or calls_or_answer(self.cfg, answer, self.family == HERMES and not self.harmony)
         self.bound = constraint is not None and constraint is not answer  # a tool grammar (a choice's is Lark too)
         if constraint is None:
             return None
@@ -107,7 +118,10 @@ class ToolCalling:
         """Set how replies to ``prompt`` are split into thinking and answer (``Reasoning.of``), or which markers they
         keep as text when the request turns the split off; the grammar the reply is decoded under, after any thinking
         (``Reasoning.around``: compiled by ``check`` too, not on the model's step thread)."""
-        forced = self.cfg.constrained
+        forced, self._model = self.cfg.constrained, model
+        if self.harmony:  # (its thinking is a message of its own: a grammar shapes the whole reply, as in vLLM)
+            wanted(extra)  # (a reasoning_format it does not know is still a 400)
+            return constraint
         self.reasoning = Reasoning.of(model, prompt, extra, forced=forced, constraint=constraint)
         self.kept = kept_markers(model, extra, forced=forced) if self.reasoning is None else ()
         after = self.reasoning.around(constraint) if self.reasoning is not None and constraint is not None else constraint
@@ -144,6 +158,8 @@ class ToolCalling:
     def message(self, text: str, finish: str, stop_string: bool = False) -> tuple[dict[str, Any], str]:
         """The response ``message`` and ``finish_reason`` for one choice's full text (``stop_string``: a stop string
         of the request ended it)."""
+        if self.harmony:
+            return harmony_message(text, finish, self.cfg.names if self.active else (), self.cfg.parallel, stop_string)
         thought = None
         if self.reasoning is not None:  # calls are read from the answer only
             thought, text = self.reasoning.split(text)
@@ -190,8 +206,23 @@ class ToolCalling:
 
     def streamer(self) -> "ToolDeltas":
         """A per-choice converter of text pieces into chat ``delta`` objects (legacy ``function_call`` ones for functions)."""
+        if self.harmony:
+            return HarmonyDeltas(self.cfg.names if self.active else (), self.cfg.parallel)  # type: ignore[return-value]
         inner = self._deltas(self.legacy) if self.active else None
         return ThinkingDeltas(self.reasoning.splitter(), inner) if self.reasoning is not None else inner  # type: ignore[return-value]
+
+    @property
+    def think_end(self) -> str | None:
+        """The text that ends a reply's thinking (a streamed thinking piece's logprobs are its tokens before it)."""
+        if self.harmony:
+            return HARMONY_END
+        return self.reasoning.end if self.reasoning is not None else None
+
+    def tally(self, n: int) -> ReasoningTally | HarmonyTally:
+        """A counter of the thinking tokens of the request's ``n`` choices (``usage``'s ``reasoning_tokens``)."""
+        if self.harmony and self._model is not None:
+            return HarmonyTally.of(self._model, n) or ReasoningTally(None, n)
+        return ReasoningTally(self.reasoning, n)
 
     def _deltas(self, legacy: bool = False) -> "ToolDeltas":
         parser = StreamingToolParser(self.cfg.names, self.family, held=self.cfg.constrained)

@@ -77,33 +77,51 @@ def _memory_limit() -> int | None:
     return None
 
 
-def _device_total(device: str) -> int | None:
-    """Memory of the device kind, when it can be known without importing torch: for the CPU, the machine's or a
-    container's limit, whichever is lower (a hub user's 2 GiB pod on a 512 GiB node is killed past 2 GiB)."""
-    if device == "cpu":
-        try:
-            physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (AttributeError, OSError, ValueError):  # not on this platform
-            return _memory_limit()
-        limit = _memory_limit()
-        return physical if limit is None else min(physical, limit)
+def _cpu_total() -> int | None:
+    """The machine's memory or a container's limit, whichever is lower (a hub user's 2 GiB pod on a 512 GiB node is
+    killed past 2 GiB)."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):  # not on this platform
+        return _memory_limit()
+    limit = _memory_limit()
+    return physical if limit is None else min(physical, limit)
+
+
+def _gpu_figures() -> list[tuple[int, int]]:
+    """Each CUDA device's (free, total) bytes, when they can be known without importing torch; [] otherwise."""
     torch = sys.modules.get("torch")  # a CUDA model is loaded only if torch already is
     try:
         if torch is not None and torch.cuda.is_available():
-            return int(torch.cuda.mem_get_info()[1])
+            return [(int(free), int(total)) for free, total in map(torch.cuda.mem_get_info, range(torch.cuda.device_count()))]
     except Exception:  # noqa: BLE001 - a driver error must not fail a dashboard read
         log.debug("torch.cuda.mem_get_info() failed", exc_info=True)
-        return None
-    return None
+    return []
 
 
-def memory_view(models: list[dict[str, Any]], budgets: dict[str, int]) -> dict[str, dict[str, Any]]:
-    """Per device kind: bytes held by loaded models, the budget (0 = none) and the device's total."""
+def gpu_memory(figures: list[tuple[int, int]]) -> dict[str, Any]:
+    """The CUDA row's device fields from each GPU's (free, total) bytes: every GPU's own figures and their summed
+    total (None with no GPU). The models on them may be spread over all of them (a split model, one per GPU), so
+    their memory is set against every GPU's, not the first one's."""
+    devices = [{"index": i, "used_bytes": total - free, "free_bytes": free, "total_bytes": total}
+               for i, (free, total) in enumerate(figures)]
+    return {"total_bytes": sum(d["total_bytes"] for d in devices) if devices else None, "devices": devices}
+
+
+def memory_view(models: list[dict[str, Any]], budgets: dict[str, int],
+                gpus: list[tuple[int, int]] | None = None) -> dict[str, dict[str, Any]]:
+    """Per device kind: bytes held by loaded models, the budget (0 = none) and the device's total; the CUDA row also
+    lists each GPU (``gpus``: each one's (free, total) bytes, read from torch when not given)."""
     view: dict[str, dict[str, Any]] = {}
     kinds = {"cpu"} | {m["device"] for m in models} | {k for k, v in budgets.items() if v}
     for kind in sorted(kinds):
         used = sum(m["memory_bytes"] for m in models if m["device"] == kind)
-        view[kind] = {"used_bytes": used, "budget_bytes": int(budgets.get(kind, 0) or 0), "total_bytes": _device_total(kind)}
+        row: dict[str, Any] = {"used_bytes": used, "budget_bytes": int(budgets.get(kind, 0) or 0)}
+        if kind == "cpu":
+            row["total_bytes"] = _cpu_total()
+        else:
+            row.update(gpu_memory(_gpu_figures() if gpus is None else gpus))
+        view[kind] = row
     return view
 
 
@@ -191,4 +209,4 @@ class AdminStatsMixin(RequestMixin):
         self.write_json(sampler_for(self.xllm).snapshot())
 
 
-__all__ = ["AdminStatsMixin", "StatsSampler", "TokenRate", "memory_view", "sampler_for"]
+__all__ = ["AdminStatsMixin", "StatsSampler", "TokenRate", "gpu_memory", "memory_view", "sampler_for"]

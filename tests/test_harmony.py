@@ -1,0 +1,236 @@
+"""gpt-oss's harmony format (openai/harmony, as vLLM serves gpt-oss): the ``analysis`` channel comes back as
+``reasoning_content``, ``final`` as ``content``, ``commentary to=functions.X`` messages as ``tool_calls``, whole and
+streamed, with ``<|return|>``/``<|call|>`` ending the reply and the thinking tokens counted. A random tiny Llama with
+a real tokenizer, the harmony markers added as special tokens and a compact harmony-like template is made to write a
+reply by token id (a Lark ``guided_grammar``); servers grouping every token alone and many into one delta
+(``engine.stream_interval_ms`` 0 and 60000). Real server, real openai SDK."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+
+import openai
+import pytest
+
+from tests.server_fixtures import make_test_config, running_server
+from tests.test_mistral_v11_tools import ASK, TOOLS
+from xllm_jupyter.openai.harmony import MARKERS, HarmonyParser, is_harmony
+
+#: a compact template in gpt-oss's manner: the tools in a developer message, a turn's ``thinking`` in an analysis
+#: message, its calls as commentary messages to ``functions.NAME``, tool results as messages from the function
+HARMONY_LIKE = (
+    "{% if tools %}<|start|>developer<|message|># Tools{% for t in tools %} {{ t.function.name }}{% endfor %}"
+    "<|end|>{% endif %}"
+    "{% for m in messages %}{% if m.role == 'assistant' %}"
+    "{% if m.thinking %}<|start|>assistant<|channel|>analysis<|message|>{{ m.thinking }}<|end|>{% endif %}"
+    "{% for c in m.tool_calls or [] %}<|start|>assistant<|channel|>commentary to=functions.{{ c.function.name }}"
+    " <|constrain|>json<|message|>{{ c.function.arguments | tojson }}<|call|>{% endfor %}"
+    "{% if m.content %}<|start|>assistant<|channel|>final<|message|>{{ m.content }}<|end|>{% endif %}"
+    "{% elif m.role == 'tool' %}<|start|>functions.tool to=assistant<|channel|>commentary<|message|>"
+    "{{ m.content }}<|end|>"
+    "{% else %}<|start|>{{ m.role }}<|message|>{{ m.content }}<|end|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|start|>assistant{% endif %}"
+)
+START, END, MESSAGE, CHANNEL, CONSTRAIN, RETURN, CALL = MARKERS
+ARGS = '{"city": "Oslo"}'
+#: what gpt-oss writes: thinking, then the answer (or a call), its markers as Lark token references
+THINK_ANSWER = ("<|channel|>", '"analysis"', "<|message|>", '"plan it"', "<|end|>", "<|start|>", '"assistant"',
+                "<|channel|>", '"final"', "<|message|>", '"The answer."')
+THINK_CALL = ("<|channel|>", '"analysis"', "<|message|>", '"need weather"', "<|end|>", "<|start|>", '"assistant"',
+              "<|channel|>", '"commentary to=functions.weather "', "<|constrain|>", '"json"', "<|message|>",
+              json.dumps(ARGS))
+
+
+@contextlib.contextmanager
+def harmony_client(root, **engine):
+    """A client of a server on a tiny harmony model ("oss"; ``engine``: EngineConfig fields), and the markers' ids."""
+    from transformers import AutoTokenizer
+
+    from tests.models import build_tiny_llama
+    from xllm_jupyter.store.store import ModelStore
+
+    model = build_tiny_llama(root / "oss", special=MARKERS)
+    (model / "chat_template.jinja").write_text(HARMONY_LIKE, encoding="utf-8")
+    tok = AutoTokenizer.from_pretrained(str(model))
+    ids = dict(zip(MARKERS, tok.convert_tokens_to_ids(list(MARKERS))))
+    store = ModelStore(root / "home")
+    store.pull(str(model), "oss")
+    config = make_test_config(root / "home")
+    config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, **engine))
+    with running_server(config, store, "oss") as info:
+        with openai.OpenAI(base_url=info.base_url, api_key=info.api_key, max_retries=0, timeout=120) as c:
+            yield c, ids
+
+
+@pytest.fixture(scope="module", params=[0, 60_000], ids=["stepwise", "grouped"])
+def served(request, tmp_path_factory):
+    """A client of a harmony model's server, each token its own delta or many in one, and the markers' ids."""
+    with harmony_client(tmp_path_factory.mktemp("harmony"), stream_interval_ms=request.param) as served:
+        yield served
+
+
+def _grammar(ids, parts):
+    return "start: " + " ".join(f"<[{ids[p]}]>" if p in ids else p for p in parts)
+
+
+def ask(served, parts, **kw):
+    client, ids = served
+    body = {"guided_grammar": _grammar(ids, parts), **kw.pop("extra_body", {})}
+    return client.chat.completions.create(model="oss", messages=kw.pop("messages", ASK), extra_body=body,
+                                          **{"max_completion_tokens": 64, "seed": 1, **kw})
+
+
+def streamed(served, parts, **kw):
+    """(reasoning, content, tool calls by index, finish_reason, usage, every delta's dict) of a streamed reply."""
+    thought = content = ""
+    calls: dict[int, dict] = {}
+    reason, usage, deltas = None, None, []
+    for chunk in ask(served, parts, stream=True, stream_options={"include_usage": True}, **kw):
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            delta = choice.delta.model_dump()
+            deltas.append(delta)
+            assert delta.get("reasoning") == delta.get("reasoning_content")
+            thought += delta.get("reasoning_content") or ""
+            content += delta.get("content") or ""
+            for frag in delta.get("tool_calls") or ():
+                call = calls.setdefault(frag["index"], {"id": frag["id"], "name": frag["function"]["name"], "arguments": ""})
+                call["arguments"] += frag["function"]["arguments"] or ""
+            reason = choice.finish_reason or reason
+    return thought, content, calls, reason, usage, deltas
+
+
+def _no_markup(deltas):
+    for delta in deltas:
+        for key in ("content", "reasoning_content"):
+            assert "<|" not in (delta.get(key) or ""), delta
+        for frag in delta.get("tool_calls") or ():
+            assert "<|" not in (frag["function"].get("arguments") or ""), delta
+
+
+def _thinking_tokens(logprobs):
+    """The thinking's tokens: its analysis message's, up to its ``<|end|>``."""
+    return [t.token for t in logprobs.content].index(END) + 1
+
+
+def test_a_harmony_template_is_told_from_others():
+    assert is_harmony(HARMONY_LIKE)
+    assert not is_harmony("{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% endfor %}")
+    assert not is_harmony(None)
+
+
+REPLY = ("<|channel|>analysis<|message|>plan it<|end|><|start|>assistant<|channel|>commentary<|message|>Looking."
+         "<|end|><|start|>assistant<|channel|>commentary to=functions.weather <|constrain|>json<|message|>"
+         + ARGS + "<|call|>")
+
+
+def _read(parser, pieces):
+    out: dict[str, str] = {}
+    for i, piece in enumerate(pieces):
+        for kind, text in parser.feed(piece, final=i == len(pieces) - 1):
+            out[kind] = out.get(kind, "") + text
+    return out
+
+
+def test_the_parser_reads_the_same_however_the_text_is_split():
+    whole = _read(HarmonyParser({"weather"}), [REPLY])
+    assert whole == {"reasoning": "plan it", "content": "Looking.", "call": "weather", "arguments": ARGS}
+    for i in range(len(REPLY)):  # every split in two, and one character at a time
+        assert _read(HarmonyParser({"weather"}), [REPLY[:i], REPLY[i:]]) == whole, i
+    assert _read(HarmonyParser({"weather"}), list(REPLY)) == whole
+
+
+def test_text_out_of_the_format_and_calls_the_request_cannot_take_are_content():
+    assert _read(HarmonyParser(), ["Just text."]) == {"content": "Just text."}
+    assert _read(HarmonyParser(), [REPLY]) == {"reasoning": "plan it", "content": "Looking." + ARGS}
+    # a second call with parallel_tool_calls false is dropped, as the other formats drop it
+    two = REPLY + "<|start|>assistant to=functions.weather<|channel|>commentary json<|message|>{}<|call|>"
+    assert _read(HarmonyParser({"weather"}, parallel=False), [two])["arguments"] == ARGS
+
+
+def test_thinking_and_answer_are_split_whole_and_streamed(served):
+    r = ask(served, THINK_ANSWER, logprobs=True)
+    message = r.choices[0].message
+    assert (message.model_extra["reasoning_content"], message.model_extra["reasoning"]) == ("plan it", "plan it")
+    assert (message.content, message.tool_calls, r.choices[0].finish_reason) == ("The answer.", None, "stop")
+    assert r.usage.completion_tokens_details.reasoning_tokens == _thinking_tokens(r.choices[0].logprobs)
+    thought, content, calls, reason, usage, deltas = streamed(served, THINK_ANSWER)
+    assert (thought, content, calls, reason) == ("plan it", "The answer.", {}, "stop")
+    assert usage.completion_tokens_details.reasoning_tokens == r.usage.completion_tokens_details.reasoning_tokens
+    _no_markup(deltas)
+
+
+def test_streamed_logprobs_ride_on_their_own_pieces_however_grouped(served):
+    whole = [t.token for t in ask(served, THINK_ANSWER, logprobs=True).choices[0].logprobs.content]
+    thinking, answer = [], []
+    for chunk in ask(served, THINK_ANSWER, logprobs=True, stream=True):
+        for choice in chunk.choices:
+            tokens = [t.token for t in (choice.logprobs.content if choice.logprobs else None) or ()]
+            (thinking if choice.delta.model_extra.get("reasoning_content") else answer).extend(tokens)
+    # the thinking's chunks carry its tokens up to <|end|>; the answer's the rest, the markers before it too
+    assert thinking == whole[:whole.index(END)]
+    assert answer == whole[whole.index(END):]
+
+
+def test_a_commentary_call_is_a_tool_call_whole_and_streamed(served):
+    r = ask(served, THINK_CALL, tools=TOOLS, logprobs=True)
+    message, choice = r.choices[0].message, r.choices[0]
+    assert message.model_extra["reasoning_content"] == "need weather"
+    assert (message.content, choice.finish_reason) == (None, "tool_calls")
+    assert [(c.function.name, c.function.arguments) for c in message.tool_calls] == [("weather", ARGS)]
+    assert r.usage.completion_tokens_details.reasoning_tokens == _thinking_tokens(choice.logprobs)
+    thought, content, calls, reason, usage, deltas = streamed(served, THINK_CALL, tools=TOOLS)
+    assert (thought, content, reason) == ("need weather", "", "tool_calls")
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == [("weather", ARGS)]
+    assert calls[0]["id"]
+    assert usage.completion_tokens_details.reasoning_tokens == r.usage.completion_tokens_details.reasoning_tokens
+    _no_markup(deltas)
+
+
+def test_return_and_call_end_the_reply_and_end_does_not(served):
+    client, ids = served
+    for stop in (RETURN, CALL):
+        r = client.chat.completions.create(model="oss", messages=ASK, max_completion_tokens=8,
+                                           logit_bias={str(ids[stop]): 100})
+        assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("stop", 1)
+    # <|end|> closes one message (the thinking's) of several: the reply goes on
+    r = client.chat.completions.create(model="oss", messages=ASK, max_completion_tokens=3,
+                                       logit_bias={str(ids[END]): 100})
+    assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("length", 3)
+
+
+def test_history_with_thinking_and_calls_is_taken_back(served):
+    call = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": ARGS}}
+    turn = {"role": "assistant", "content": None, "tool_calls": [call]}
+    result = {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}
+    plain = ask(served, THINK_ANSWER, tools=TOOLS, messages=[*ASK, turn, result])
+    thought = ask(served, THINK_ANSWER, tools=TOOLS, messages=[*ASK, {**turn, "reasoning_content": "need weather"}, result])
+    assert thought.choices[0].message.content == "The answer."
+    # the thinking sent back is shown to the model: its analysis message adds its header, markers and text
+    assert thought.usage.prompt_tokens > plain.usage.prompt_tokens + 4
+
+
+def test_forcing_a_call_is_refused_plainly(served):
+    client, _ = served
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="oss", messages=ASK, tools=TOOLS, tool_choice="required")
+    assert err.value.body["param"] == "tool_choice"
+
+
+def test_a_harmony_vocabulary_ends_turns_at_return_and_call_not_end(tmp_path):
+    from tests.models import smollm2_tokenizer
+    from xllm_jupyter.backends.hf_tokenizer import ChatTokenizer
+
+    for name, special in (("oss", MARKERS), ("phi", (END,))):
+        tokenizer = smollm2_tokenizer()
+        tokenizer.add_special_tokens({"additional_special_tokens": list(special)})
+        tokenizer.save_pretrained(str(tmp_path / name))
+        chat = ChatTokenizer.from_directory(str(tmp_path / name), name)
+        ids = dict(zip(special, chat.tokenizer.convert_tokens_to_ids(list(special))))
+        eos = chat.eos_ids(ids[END])  # (a config naming <|end|>)
+        if name == "oss":
+            assert {ids[RETURN], ids[CALL]} <= eos and ids[END] not in eos
+        else:  # Phi-3's <|end|> still ends its turn
+            assert ids[END] in eos
