@@ -203,3 +203,49 @@ def test_a_grammar_that_writes_the_markers_itself_is_applied_from_the_first_toke
     assert (thought, content) == ("plan it", "The answer.")  # not thinking twice: once free, then the grammar's
     with pytest.raises(openai.BadRequestError):
         ask(client, "think", response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": 5}})
+
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """A client of a server of a tiny model whose ``<think>``/``</think>`` are ordinary text (several tokens each)."""
+    from tests.models import build_tiny_llama
+    from tests.server_fixtures import make_test_config, running_server
+    from tests.test_reasoning import THINK_LIKE
+    from xllm_jupyter.store.store import ModelStore
+
+    root = tmp_path_factory.mktemp("think-text-grammar")
+    model = build_tiny_llama(root / "plain")
+    (model / "chat_template.jinja").write_text(THINK_LIKE, encoding="utf-8")
+    store = ModelStore(root / "home")
+    store.pull(str(model), "plain")
+    with running_server(make_test_config(root / "home"), store, "plain") as info:
+        with openai.OpenAI(base_url=info.base_url, api_key=info.api_key, max_retries=0, timeout=120) as c:
+            yield c
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("regex", [r"[<]think>plan it</think>The answer\.", r"\x3cthink>plan it</think>The answer\."])
+def test_a_regex_that_spells_the_marker_otherwise_is_applied_from_the_first_token(plain, regex, stream):
+    """A regex whose source spells ``<think>`` otherwise than as the literal still writes it: it shapes the thinking
+    too, so the model does not write free thinking before it (the thinking was the model's, not "plan it")."""
+    thought, content, _, reason, _ = ask(plain, "plain", stream, extra_body={"guided_regex": regex})
+    assert (thought, content, reason) == ("plan it", "The answer.", "stop")
+
+
+@pytest.mark.parametrize(("kind", "spec", "marker", "begins"), [
+    ("regex", r"\[THINK\].*\[/THINK\]ok", "[THINK]", True),  # what re.escape makes of Magistral's marker
+    ("regex", r"[<]think>.*</think>ok", "<think>", True),
+    ("regex", r"\n\[THINK\]x", "[THINK]", True),  # after a line break, which the thinking grammar allows before it
+    ("regex", r"(\[THINK\]x)?ok", "[THINK]", True),
+    ("regex", r"ok\[THINK\]", "[THINK]", False),  # not at the start: the model may think first, then it writes it
+    ("regex", r"\[THINKING\]", "[THINK]", False),
+    ("lark", r'start: /\[THINK\]/ "x"', "[THINK]", True),
+    ("grammar", r'root ::= [\[] "THINK]x"', "[THINK]", True),
+    ("regex", r"(a{700}){700}", "[THINK]", False),  # past the lexer's fuel: refused by its own check, not here
+    ("json_schema", "{}", "[THINK]", False),
+])
+def test_a_grammar_is_read_for_the_marker_it_begins_with(kind, spec, marker, begins):
+    from xllm_jupyter.backends.grammar_prefix import can_begin
+
+    assert can_begin(Constraint(kind, spec), marker) is begins

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
+from ..backends.grammar_prefix import can_begin
 from ..core.errors import InvalidRequest
 from ..core.types import Constraint
 
@@ -100,7 +101,7 @@ class Reasoning:
             return cls(*markers) if markers is not None and not forced else None
         start, end = (tuple(tokenize(m, add_special_tokens=False)) for m in markers)
         free = (constraint is not None and not _thinking_off(extra) and not _ends_with(model, prompt, end)
-                and not _writes(constraint, markers[0], start))
+                and not _writes(constraint, markers[0], start, read=not forced))
         if forced and not free:
             return None
         opened = (free or constraint is None) and _ends_with(model, prompt, start, without=end)
@@ -145,11 +146,14 @@ def _thinking_off(extra: dict[str, Any] | None) -> bool:
     return isinstance(kwargs, dict) and any(kwargs.get(k) is False for k in ("enable_thinking", "thinking"))
 
 
-def _writes(constraint: Constraint, start: str, start_ids: tuple[int, ...]) -> bool:
+def _writes(constraint: Constraint, start: str, start_ids: tuple[int, ...], read: bool = True) -> bool:
     """True when grammar ``constraint`` (a Lark, GBNF or regex one) writes the opening marker itself, as text or by
-    its token id (``<[ID]>``): it shapes the thinking too, so it applies from the first token."""
+    its token id (``<[ID]>``): it shapes the thinking too, so it applies from the first token. ``read``: also where
+    its source spells the marker otherwise (a regex's ``\\[THINK\\]``) and it lets the reply begin with it (llguidance
+    reads the grammar: grammar_prefix.can_begin); not for serving's own tool grammars."""
     spec = constraint.spec if constraint.kind in ("lark", "grammar", "regex") else ""
-    return start in spec or (len(start_ids) == 1 and f"<[{start_ids[0]}]>" in spec)
+    return (start in spec or (len(start_ids) == 1 and f"<[{start_ids[0]}]>" in spec)
+            or (read and bool(spec) and can_begin(constraint, start)))
 
 
 def _contains(ids: tuple[int, ...], part: tuple[int, ...]) -> bool:
