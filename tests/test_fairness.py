@@ -349,6 +349,19 @@ def test_metrics_user_labels_are_bounded():
     assert labels == {"u1", "u2", "other"}
 
 
+def test_user_labels_never_collide_with_the_reserved_ones():
+    """Users named ``other`` or ``anonymous`` had the labels of the users past the cap and of callers with no user,
+    adding their counts to those buckets: a reserved name (or one starting with ``~``) gets a ``~`` in front."""
+    from prometheus_client import CollectorRegistry
+
+    reg = CollectorRegistry()
+    t = UsageTracker(QuotaConfig(metrics_max_users=5), reg)
+    for user in ("other", "anonymous", "~other", None, "alice", "bob", "carol"):
+        t.release(t.admit(Caller(user)))
+    counts = {s.labels["user"]: s.value for m in reg.collect() for s in m.samples if s.name == "xllm_user_requests_total"}
+    assert counts == {"~other": 1, "~anonymous": 1, "~~other": 1, "anonymous": 1, "alice": 1, "other": 2}
+
+
 def test_quotas_section_loads_from_yaml_mappings(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text("quotas:\n  user_tokens_per_day: {alice: 50}\n  share_prefix_cache: true\nhub:\n  admin_groups: [ops]\n")

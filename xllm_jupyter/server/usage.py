@@ -40,6 +40,18 @@ from .usage_live import LiveUsageMixin, QueueCollector
 
 #: the metrics label of users past ``quotas.metrics_max_users``
 OTHER = "other"
+#: the metrics label of callers with no user
+ANONYMOUS = "anonymous"
+
+
+def user_label(user: str) -> str:
+    """``user``'s metrics label: the name itself, ``anonymous`` for no user. A name that is a reserved label or begins
+    with ``~`` gets one more ``~`` in front, so no user shares ``other`` or ``anonymous``, nor another user's label."""
+    if not user:
+        return ANONYMOUS
+    if user in (OTHER, ANONYMOUS) or user.startswith("~"):
+        return "~" + user
+    return user
 
 
 @dataclass(frozen=True)
@@ -203,19 +215,19 @@ class UsageTracker(LiveUsageMixin):
         return self.limits(Caller(user or None, groups, name=entry.name or None if entry else None))[1]
 
     def _label(self, user: str) -> str:
-        """``user`` as a metrics label, or ``other`` once the label budget is spent (lock held).
+        """``user`` ("" for none) as a metrics label (``user_label``), or ``other`` once the label budget is spent
+        (lock held).
 
         A hub account's label is its user's name: dashboards filter on the name, and a name's accounts (one at a
         time: the older were deleted) add up under it rather than each spending a label.
         """
         entry = self._users.get(user)
-        if entry is not None and entry.name:
-            user = entry.name
-        if user in self._labels:
-            return user
+        label = user_label(entry.name if entry is not None and entry.name else user)
+        if label in self._labels:
+            return label
         if len(self._labels) < self.config.metrics_max_users:
-            self._labels.add(user)
-            return user
+            self._labels.add(label)
+            return label
         return OTHER
 
     def _entry(self, user: str) -> _UserUsage:
@@ -239,7 +251,7 @@ class UsageTracker(LiveUsageMixin):
                 self._users[user] = self._users.pop(caller.name)
             entry = self._entry(user)
             entry.groups, entry.name = caller.groups, caller.name or ""
-            label = self._label(user or "anonymous")
+            label = self._label(user)
             if max_conc and entry.in_flight >= max_conc:
                 self._reject(entry, label, "concurrency")
                 raise RateLimited(
@@ -264,7 +276,7 @@ class UsageTracker(LiveUsageMixin):
         with self._lock:
             entry = self._entry(user)
             entry.in_flight = max(0, entry.in_flight - 1)
-            label = self._label(user or "anonymous")
+            label = self._label(user)
         self.m_in_flight.labels(label).dec()
 
     def _reject(self, entry: _UserUsage, label: str, reason: str) -> None:
@@ -289,7 +301,7 @@ class UsageTracker(LiveUsageMixin):
             entry.prompt_tokens += prompt_tokens
             entry.completion_tokens += completion_tokens
             entry.tokens_today += prompt_tokens + completion_tokens
-            label = self._label(user or "anonymous")
+            label = self._label(user)
         self._changed()
         self.m_tokens.labels(label, "prompt").inc(prompt_tokens)
         self.m_tokens.labels(label, "completion").inc(completion_tokens)
@@ -386,4 +398,4 @@ class AdminUsageMixin(RequestMixin):
         self.write_json({"object": "list", "day": day, "data": rows})
 
 
-__all__ = ["METERED_ROUTES", "AdminUsageMixin", "Caller", "UsageTracker", "caller_of"]
+__all__ = ["METERED_ROUTES", "AdminUsageMixin", "Caller", "UsageTracker", "caller_of", "user_label"]

@@ -57,7 +57,7 @@ class LiveUsageMixin:
                 return _nothing
             others = entry.reserved - self._holds[hold]
             if others > 0 and entry.tokens_today + entry.reserved + tokens > per_day:
-                self._reject(entry, self._label(user or "anonymous"), "tokens_per_day")
+                self._reject(entry, self._label(user or ""), "tokens_per_day")
                 raise RateLimited(
                     f"Daily token quota: {entry.tokens_today} of {per_day} tokens used today and {entry.reserved} "
                     f"held by this user's requests running now; this one could use {tokens} (prompt + n x max_tokens). "
@@ -91,7 +91,7 @@ class LiveUsageMixin:
         counts = self.queue_counts()
         with self._lock:
             seen = {label: UserSequences() for label in self._labels}
-            labelled = [{self._label(user or "anonymous"): seqs} for user, seqs in counts.items()]
+            labelled = [{self._label(user or ""): seqs} for user, seqs in counts.items()]
         return UserSequences.summed([seen, *labelled])
 
 
