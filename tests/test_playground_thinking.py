@@ -6,6 +6,8 @@ playground sends with every question). Real server, launched app, gradio_client.
 
 from __future__ import annotations
 
+import re
+
 import httpx
 import pytest
 
@@ -18,12 +20,14 @@ from tests.test_reasoning import SPECIAL
 from xllm_jupyter.client import XllmClient
 from xllm_jupyter.core.errors import InvalidRequest
 from xllm_jupyter.playground.app import CUT_NOTE, part_text, to_openai_messages
-from xllm_jupyter.playground.thoughts import THOUGHT_TITLE, is_thought, reply_messages
+from xllm_jupyter.playground.thoughts import THOUGHT_TITLE, ThinkingClock, is_thought, reply_messages, thought_for
 
 #: a template whose prompt always ends inside an opened block: every reply starts in the thinking
 ALWAYS_OPEN = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
                "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
 QUESTION = "Is it?"
+#: a finished thinking's title (how long it took depends on the machine)
+THOUGHT_FOR = re.compile(r"Thought for \d+(\.\d)? s")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +73,7 @@ def test_the_thinking_shows_in_a_thought_block_and_is_not_sent_back(thinker):
         thought, answer = history[1:]
         # Gradio's thought message, folded (the answer came), then the answer alone
         assert is_thought(thought) and part_text(thought["content"]) == "ok"
-        assert thought["metadata"]["title"] == THOUGHT_TITLE and thought["metadata"]["status"] == "done"
+        assert THOUGHT_FOR.fullmatch(thought["metadata"]["title"]) and thought["metadata"]["status"] == "done"
         assert not is_thought(answer) and part_text(answer["content"]) == "yes"
         # the next turn sends the answer back, never the thinking
         assert to_openai_messages(history, "Sure?", None) == [
@@ -81,6 +85,7 @@ def test_the_thinking_shows_in_a_thought_block_and_is_not_sent_back(thinker):
         history = job.outputs()[-1][0]
         thought, answer = history[1:]
         assert part_text(thought["content"]) == "ok" and not (thought["metadata"].get("status") or "")
+        assert THOUGHT_FOR.fullmatch(thought["metadata"]["title"])
         assert part_text(answer["content"]) == CUT_NOTE
         # neither it nor its question goes back (roles keep alternating), as ChatWidget leaves them out
         assert to_openai_messages(history, "Sure?", None) == [{"role": "user", "content": "Sure?"}]
@@ -94,10 +99,26 @@ def test_the_thought_block_is_open_with_a_spinner_until_the_answer_begins():
                          "metadata": {"title": THOUGHT_TITLE, "status": "pending"}},
                         {"role": "assistant", "content": ""}]
     assert reply_messages("plan it", "The", "")[0]["metadata"]["status"] == "done"
+    # once over, the title says how long it thought (the answer began, or it ended with thinking alone)
+    assert reply_messages("plan it", "", seconds=2.4)[0]["metadata"]["title"] == THOUGHT_TITLE
+    assert reply_messages("plan it", "The", seconds=2.4)[0]["metadata"] == {"title": "Thought for 2.4 s", "status": "done"}
+    assert reply_messages("plan it", "", ended=True, seconds=12.3)[0]["metadata"] == {"title": "Thought for 12 s"}
     # a reply without thinking is one message, as before; the app's note goes under the answer
     assert reply_messages("", "The answer.", "⚠️ note", ended=True) == [
         {"role": "assistant", "content": "The answer.\n\n⚠️ note"}]
     assert not is_thought({"role": "assistant", "content": "x", "metadata": None})
+
+
+def test_the_thinking_is_timed_from_its_first_piece_to_its_last():
+    times = iter([5.0, 5.5, 7.4])
+    clock = ThinkingClock(lambda: next(times))
+    assert clock.seconds is None and thought_for(clock.seconds) == THOUGHT_TITLE
+    clock.piece()
+    assert clock.seconds == 0
+    clock.piece()
+    clock.piece()
+    assert clock.seconds == pytest.approx(2.4) and thought_for(clock.seconds) == "Thought for 2.4 s"
+    assert thought_for(9.96) == "Thought for 10 s" and thought_for(61.2) == "Thought for 61 s"
 
 
 def test_params_the_app_sets_itself_are_refused(thinker):
@@ -137,11 +158,12 @@ def test_in_a_browser_the_thinking_is_a_folded_block_above_the_answer(thinker):
                                    timeout=60_000)
             bot = page.locator("#xllm-chatbot .bot-row").last  # the reply's bubble: its messages grouped
             title = bot.locator(".thought-group [role=button]")
-            assert title.inner_text().strip() == THOUGHT_TITLE
+            assert THOUGHT_FOR.fullmatch(title.inner_text().strip())
             reads = """(text) => [...document.querySelectorAll('#xllm-chatbot .bot-row')].pop()
                                      .innerText.trim().split(/\\s+/).join(' ') === text"""
-            page.wait_for_function(reads, arg="Thinking yes", timeout=10_000)  # the thinking folds, above the answer
+            said = title.inner_text().strip()
+            page.wait_for_function(reads, arg=f"{said} yes", timeout=10_000)  # the thinking folds, above the answer
             title.click()
-            page.wait_for_function(reads, arg="Thinking ok yes", timeout=10_000)
+            page.wait_for_function(reads, arg=f"{said} ok yes", timeout=10_000)
     finally:
         pg.close()

@@ -16,7 +16,7 @@ from ..notebook.clients import entry_defaults
 from .links import TRANSCRIPT_ID
 from .sending import CLEAR_ID, INPUT_ID, PRESSES_JS, SEND_ID, SENT_JS
 from .stopping import Stops, arrived, until_set
-from .thoughts import is_thought, reply_messages
+from .thoughts import ThinkingClock, is_thought, reply_messages
 
 # Set before gradio is imported anywhere in this process: no usage reporting from a
 # notebook (and no outbound calls that would stall on machines without a network).
@@ -241,21 +241,23 @@ def build_app(
             yield history, gr.skip()
             text = thought = note = ""
             ended: list[str] = []
+            clock = ThinkingClock()
             try:
                 params = sampling(None, None, None, seed) if model_defaults else sampling(temperature, top_p, max_tokens, seed)
                 async for piece in until_set(stream_reply(endpoint, messages, model, {**params, **extra}, ended), stopped):
                     if isinstance(piece, Thinking):
                         thought += piece
+                        clock.piece()
                     else:
                         text += piece
-                    history[asked:] = reply_messages(thought, text)
+                    history[asked:] = reply_messages(thought, text, seconds=clock.seconds)
                     yield history, gr.skip()
                 if ended[-1:] == ["length"]:
                     # as the lab panel and ChatWidget say: a reply cut at the limit read as if the model had ended it
                     note = CUT_NOTE
             except XllmError as exc:
                 note = f"{ERROR_PREFIX}{exc}"  # shown in the transcript as one line: no traceback in the UI
-            history[asked:] = reply_messages(thought, text, note, ended=True)
+            history[asked:] = reply_messages(thought, text, note, ended=True, seconds=clock.seconds)
             if stopped.cleared:
                 # Clear emptied the transcript mid-reply. Clear is unqueued, so its answer can reach the
                 # page before an update of this reply already sent; this last update, on the page's

@@ -2,16 +2,46 @@
 
 The server sends the thinking apart from the answer (``reasoning_content``). The transcript shows it as a message
 with ``metadata={"title": ...}``, which Gradio's Chatbot draws as a folded block in the answer's bubble: open, with a
-spinner, while the model thinks (``status`` "pending"), folded once the answer begins ("done"). It is never sent back
-to the model: the conversation sent back keeps the answers, as ChatWidget's and the lab panel's do.
+spinner, while the model thinks (``status`` "pending"), folded once the answer begins ("done"), titled then with how
+long the model thought ("Thought for 2.4 s", as ChatGPT's and Open WebUI's blocks say it), from its first thinking piece
+to its last (``ThinkingClock``). It is never sent back to the model: the conversation sent back keeps the answers, as
+ChatWidget's and the lab panel's do.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, Callable
 
-#: the title of the thinking's block (the other front-ends' word)
+#: the title of the thinking's block while the model thinks (the other front-ends' word)
 THOUGHT_TITLE = "Thinking"
+
+
+class ThinkingClock:
+    """How long one reply's thinking took: from its first thinking piece to its last (None: none came)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._first: float | None = None
+        self._last: float | None = None
+
+    def piece(self) -> None:
+        """A thinking piece arrived now."""
+        self._last = self._clock()
+        if self._first is None:
+            self._first = self._last
+
+    @property
+    def seconds(self) -> float | None:
+        """Seconds between the first thinking piece and the last; None before the first."""
+        return None if self._first is None or self._last is None else self._last - self._first
+
+
+def thought_for(seconds: float | None) -> str:
+    """The title of a finished thinking's block: "Thought for 2.4 s" (whole seconds from 10 s on)."""
+    if seconds is None:
+        return THOUGHT_TITLE
+    return f"Thought for {seconds:.1f} s" if seconds < 9.95 else f"Thought for {seconds:.0f} s"
 
 
 def is_thought(turn: Any) -> bool:
@@ -20,15 +50,19 @@ def is_thought(turn: Any) -> bool:
     return isinstance(metadata, dict) and bool(metadata.get("title"))
 
 
-def reply_messages(thought: str, text: str, note: str = "", *, ended: bool = False) -> list[dict[str, Any]]:
+def reply_messages(thought: str, text: str, note: str = "", *, ended: bool = False,
+                   seconds: float | None = None) -> list[dict[str, Any]]:
     """The transcript messages of one reply: its thinking's block (where it thought), then its answer ``text`` with
     the app's ``note`` under it (an error, the max tokens note).
 
     The block is open while no answer has come: with a spinner while the reply streams, without once it ``ended``
-    with thinking alone (cut at max tokens, stopped), so what the model thought stays in view.
+    with thinking alone (cut at max tokens, stopped), so what the model thought stays in view. Once the thinking is
+    over (the answer began, or the reply ended) its title says how long it took (``seconds``: ThinkingClock's).
     """
     answer = {"role": "assistant", "content": f"{text}\n\n{note}".strip() if note else text}
     if not thought.strip():
         return [answer]
+    over = bool(text) or ended
     status: dict[str, str] = {"status": "done"} if text else ({} if ended else {"status": "pending"})
-    return [{"role": "assistant", "content": thought.strip(), "metadata": {"title": THOUGHT_TITLE, **status}}, answer]
+    title = thought_for(seconds) if over else THOUGHT_TITLE
+    return [{"role": "assistant", "content": thought.strip(), "metadata": {"title": title, **status}}, answer]
