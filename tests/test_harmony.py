@@ -234,3 +234,21 @@ def test_a_harmony_vocabulary_ends_turns_at_return_and_call_not_end(tmp_path):
             assert {ids[RETURN], ids[CALL]} <= eos and ids[END] not in eos
         else:  # Phi-3's <|end|> still ends its turn
             assert ids[END] in eos
+
+
+def test_responses_give_the_thinking_as_a_reasoning_item_and_calls_as_function_calls(served):
+    client, ids = served
+    kw = dict(model="oss", input="Hi", max_output_tokens=64, extra_body={"guided_grammar": _grammar(ids, THINK_ANSWER), "seed": 1})
+    r = client.responses.create(**kw)
+    assert [o.type for o in r.output] == ["reasoning", "message"] and r.output_text == "The answer."
+    assert [(c.type, c.text) for c in r.output[0].content] == [("reasoning_text", "plan it")]
+    with client.responses.stream(**kw) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == "plan it"
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "The answer."
+    assert [o.type for o in final.output] == ["reasoning", "message"] and final.output_text == "The answer."
+    called = client.responses.create(**{**kw, "extra_body": {"guided_grammar": _grammar(ids, THINK_CALL)}},
+                                     tools=[{"type": "function", **t["function"]} for t in TOOLS])
+    assert [o.type for o in called.output] == ["reasoning", "function_call"]
+    assert (called.output[1].name, called.output[1].arguments) == ("weather", ARGS)
