@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from typing import TYPE_CHECKING, AsyncIterator
 
 from ..core.log_context import request_id_var
-from ..core.types import ChoiceDelta, GenerationDone, GenerationRequest
+from ..core.types import ChoiceDelta, GenerationDone, GenerationRequest, GenerationTimings
 from .loop_wake import waker_for
 
 if TYPE_CHECKING:
@@ -66,6 +67,8 @@ class RequestHandle:
         self.open_choices = request.params.n
         self.completion_tokens = 0
         self.cached_tokens = 0
+        self.admitted_at = 0.0  # perf_counter when its first job entered the batch (0: not yet)
+        self.first_token_at = 0.0  # ... and when its first token came (0: none yet)
 
     def stop_reason_for(self, token_id: int | None) -> int | None:
         """The stop_reason (vLLM's) of a choice ended by ``token_id``: the id if the request named it, else None."""
@@ -75,9 +78,18 @@ class RequestHandle:
 
     def admitted(self) -> None:
         """Engine thread, under the runner's lock: a job of this request entered the batch (its prompt is prefilled)."""
+        self.admitted_at = self.admitted_at or time.perf_counter()
         admission = self.request.admission
         if admission is not None:
             admission.admitted = True
+
+    def timings(self) -> GenerationTimings:
+        """Engine thread, as its last choice ends: how long its prompt and its generation took."""
+        end = time.perf_counter()
+        first = self.first_token_at or end
+        # one token: no time between tokens (its end is the same step, a few µs later on this thread)
+        generation = end - first if self.completion_tokens > 1 else 0.0
+        return GenerationTimings(max(first - (self.admitted_at or first), 0.0), generation)
 
     def deliver(self, items: list) -> None:
         """Runs on the event loop: queue what one step produced for this request, wake its reader."""

@@ -388,6 +388,7 @@ class ModelRunner(StepFailures, Retirement):
         if event.token_id is not None:
             state.tokens += 1
             self._counters.tokens += 1  # (only this thread writes it; readers take a snapshot)
+            handle.first_token_at = handle.first_token_at or time.perf_counter()  # (its timings' prompt part ends)
         # any event may carry it (exllama: the first token), so a choice ended by a stop string keeps it
         if event.cached_tokens > handle.cached_tokens:
             handle.cached_tokens = event.cached_tokens
@@ -428,8 +429,7 @@ class ModelRunner(StepFailures, Retirement):
         handle.open_choices -= 1
         if handle.open_choices == 0:
             usage = Usage(len(handle.request.prompt_ids), handle.completion_tokens, handle.cached_tokens)
-            items.append(GenerationDone(usage))
-            items.append(END)
+            items += (GenerationDone(usage, handle.timings()), END)
         return True
 
     def _fail(self, handle: RequestHandle, exc: XllmError) -> None:

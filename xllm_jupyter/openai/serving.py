@@ -34,6 +34,7 @@ from .model_privacy import caller_view
 from .offload import is_big, off_loop_if, parse_body
 from .piece_logprobs import piece_shares
 from .template_kwargs import chat_template_kwargs
+from .timings import Timed, timings_wire, with_timings
 from .tool_calling import ToolCalling
 from .truncation import fit_front
 from .protocol import (
@@ -298,8 +299,8 @@ class OpenAIServing(CompletionsMixin):
         if req.stream:
             events = await started(self.engine.generate(gen), self.config.keepalive_seconds)
             # a stored stream always counts its usage, for the stored completion (recording drops it unless asked)
-            stream = self._chat_stream(events, gen, req.model, rid, created, req.include_usage or bool(req.store), p.tools,
-                                       served_tier(req.service_tier))
+            stream = with_timings(self._chat_stream(events, gen, req.model, rid, created, req.include_usage or bool(req.store),
+                                                    p.tools, served_tier(req.service_tier)))
             return self.stored.recording(stream, req, user, p.big) if req.store else stream
         result = await self._chat_full(gen, req.model, rid, created, p.tools)
         if req.service_tier is not None:
@@ -316,7 +317,7 @@ class OpenAIServing(CompletionsMixin):
         finish: list[str | None] = [None] * n
         stops: list[str | int | None] = [None] * n  # vLLM's stop_reason: the stop string (or token id) that ended it
         loops, thinking = ForcedLoops(gen, tools), tools.tally(n)
-        usage = Usage()
+        usage, timings = Usage(), None
         async with aclosing(self.engine.generate(gen)) as events:
             async for ev in events:
                 if type(ev) is ChoiceDelta:
@@ -337,7 +338,7 @@ class OpenAIServing(CompletionsMixin):
                         usage = loops.usage()  # the rest is cancelled as the stream closes
                         break
                 elif isinstance(ev, GenerationDone):
-                    usage = ev.usage
+                    usage, timings = ev.usage, timings_wire(ev.timings, ev.usage)
         # (a stop of the request's that cut a forced call leaves it incomplete)
         messages = [tools.message("".join(texts[i]), finish[i] or "stop", stops[i] is not None) for i in range(n)]
         choices = [
@@ -350,7 +351,8 @@ class OpenAIServing(CompletionsMixin):
             }
             for i in range(n)
         ]
-        return envelope(rid, "chat.completion", created, model, choices, usage, thinking.tokens)
+        body = envelope(rid, "chat.completion", created, model, choices, usage, thinking.tokens)
+        return {**body, "timings": timings} if timings else body  # (llama.cpp's: the engine's times)
 
     async def _chat_stream(
         self, engine_events: AsyncIterator[Any], gen: GenerationRequest, model: str, rid: str, created: int,
@@ -373,7 +375,7 @@ class OpenAIServing(CompletionsMixin):
         opening = {"role": "assistant", "content": None if tools.cfg.constrained else ""}
         for i in range(gen.params.n):
             yield {**head, "choices": [{"index": i, "delta": dict(opening), "logprobs": None, "finish_reason": None}]}
-        usage = Usage()
+        usage, timings = Usage(), None
         # with tools, text goes through a parser that holds back what may become a call
         calls = [tools.streamer() for _ in range(gen.params.n)] if tools.parses else None
         # logprobs of tokens the parser has not released yet ride on the choice's next chunk, so the stream
@@ -430,6 +432,8 @@ class OpenAIServing(CompletionsMixin):
                         yield {**head, "choices": [{"index": ev.index, "delta": {}, "logprobs": None,
                                                     "finish_reason": ev.finish.value, "stop_reason": ev.stop_reason}]}
                 elif isinstance(ev, GenerationDone):
-                    usage = ev.usage
+                    usage, timings = ev.usage, timings_wire(ev.timings, ev.usage)
         if include_usage:
             yield {**head, "choices": [], "usage": usage_dict(usage, thinking.tokens)}
+        if timings:
+            yield Timed(timings)  # (with_timings puts them on the last chunk, as llama.cpp's server does)
