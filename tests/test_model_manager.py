@@ -429,3 +429,25 @@ async def test_a_preloaded_model_stays_after_its_requests(tmp_path):
     await wait_for(lambda: not engine.is_loaded("b"), timeout=5)  # b's keep_alive (1 s) ran out; a's did not
     assert engine.is_loaded("a")
     await engine.stop()
+
+
+async def test_until_counts_from_now_while_a_request_runs(tmp_path):
+    """``xllm ps`` UNTIL (``expires_at``) of a model a request is using: its keep_alive from now, since the countdown
+    restarts when the request ends. It showed the expiry the model's last use set, in the past once a request ran
+    longer than the keep_alive (the model was not unloading), and ignored the running request's own keep_alive."""
+    engine, _ = make_engine(tmp_path, keep_alive="1s")
+    await engine.start()
+    await run(engine, req("a"))
+    for keep_alive, expected in ((None, 1), (3600.0, 3600), (-1.0, None)):
+        events = engine.generate(req("a", keep_alive=keep_alive, max_tokens=2))
+        await anext(events)  # the request holds the model until its stream is closed
+        await asyncio.sleep(1.5)  # longer than the default keep_alive: the expiry its last use set has passed
+        shown = engine.model_info("a").runtime.expires_at
+        if expected is None:
+            assert shown is None
+        else:
+            assert time.time() < shown <= time.time() + expected
+        await events.aclose()
+        assert engine.is_loaded("a")
+    assert engine.model_info("a").runtime.expires_at is None  # (the last request's keep_alive: forever)
+    await engine.stop()

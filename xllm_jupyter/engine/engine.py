@@ -382,6 +382,7 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
         rec = self._res[request.model]
         handle = runner.submit(request, asyncio.get_running_loop())  # (raises if its thread died)
         rec.in_use += 1  # never evicted while this request runs
+        rec.keep_alive = self._keep_alive_after(rec, request.keep_alive)  # (its expiry counts from now while it runs)
         user, n = request.user or "", request.params.n
         rec.sequences[user] += n  # the user's share of the queue (_check_queue)
         try:
@@ -394,6 +395,11 @@ class Engine(AdapterMixin, LoadingMixin, SwapMixin, ResidencyMixin, ViewsMixin):
             if rec.sequences[user] <= 0:
                 del rec.sequences[user]
             self._finished(request.model, request.keep_alive)
+
+    def _keep_alive_after(self, rec: Residency, keep_alive: float | None) -> float | None:
+        """Seconds a request's end keeps its model loaded (its ``keep_alive``: None = the default, < 0 = forever)."""
+        default = None if rec.pinned else self._default_keep_alive
+        return default if keep_alive is None else (None if keep_alive < 0 else keep_alive)
 
 
 __all__ = ["Engine", "ModelCatalog", "XllmError", "EngineError"]

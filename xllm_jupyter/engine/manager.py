@@ -227,6 +227,7 @@ class Residency:
     last_used: float = field(default_factory=time.time)
     in_use: int = 0  # requests between their first engine call and the end of their generation
     expires_at: float | None = None  # None = kept until unloaded or evicted
+    keep_alive: float | None = None  # seconds the expiry counts from the end of a use (None: none)
     gpus: tuple[int, ...] | None = None  # the GPUs it holds memory on (None: every visible one, or not a GPU)
     pinned: bool = False  # preloaded: a request without its own keep_alive leaves it without expiry
     sequences: Counter[str] = field(default_factory=Counter)  # user -> sequences of their requests in flight
@@ -415,7 +416,8 @@ class ResidencyMixin:
         rec.last_used = time.time()
         if keep_alive == "default":
             keep_alive = None if rec.pinned else self._default_keep_alive
-        rec.expires_at = None if keep_alive is None else rec.last_used + float(keep_alive)
+        rec.keep_alive = None if keep_alive is None else float(keep_alive)
+        rec.expires_at = None if rec.keep_alive is None else rec.last_used + rec.keep_alive
 
     async def _reap_expired(self) -> None:
         """Unload every model whose keep_alive has passed and that nothing uses."""

@@ -8,6 +8,7 @@ with ``.get()`` or copied first, never checked and then indexed.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,15 @@ from ..core.errors import ModelNotFound
 from ..core.types import CatalogFacts, EngineStats, ModelfileDefaults, ModelInfo, ModelRuntime, UserSequences
 from ..store.names import canonical_name
 from .manager import Residency, replica_stats, runner_memory_bytes
+
+
+def shown_expiry(rec: Residency) -> int | None:
+    """When keep_alive unloads the model (None: never). While a request uses it, its keep_alive from now: the
+    countdown restarts when the request ends, so the expiry its last use set (past, in a long request) would be wrong.
+    Ollama's ``ps`` does so for a model whose countdown has not started (its first request)."""
+    if rec.in_use:
+        return None if rec.keep_alive is None else int(time.time() + rec.keep_alive)
+    return None if rec.expires_at is None else int(rec.expires_at)
 
 
 class ViewsMixin:
@@ -96,7 +106,7 @@ class ViewsMixin:
             replicas=tuple(replica_stats(runner)),
             last_used=int(rec.last_used),
             in_use=rec.in_use,
-            expires_at=None if rec.expires_at is None else int(rec.expires_at),
+            expires_at=shown_expiry(rec),
         )
         return ModelInfo(
             name=name,
