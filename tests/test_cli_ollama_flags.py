@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from tests.server_fixtures import TINY
 from xllm_jupyter.cli.main import main
-from xllm_jupyter.cli.run_flags import go_duration
+from xllm_jupyter.cli.run_flags import ReplyStats, go_duration
 from xllm_jupyter.client import XllmClient
 from xllm_jupyter.store import ModelStore
 
@@ -76,7 +76,8 @@ def test_run_verbose_prints_timings_and_token_counts_after_the_answer(live):
     assert result.exit_code == 0, result.output
     assert result.stdout == want + "\n"
     stats = stats_of(result.stderr)
-    assert list(stats) == ["total duration", "load duration", "prompt eval count", "prompt eval duration",
+    cached = ["prompt eval cached"] if "prompt eval cached" in stats else []  # the server's prefix cache held some
+    assert list(stats) == ["total duration", "load duration", "prompt eval count", *cached, "prompt eval duration",
                            "prompt eval rate", "eval count", "eval duration", "eval rate"], result.stderr
     assert stats["prompt eval count"] == f"{usage['prompt_tokens']} token(s)"
     assert stats["eval count"] == f"{usage['completion_tokens']} token(s)"
@@ -85,6 +86,47 @@ def test_run_verbose_prints_timings_and_token_counts_after_the_answer(live):
     for key in ("prompt eval rate", "eval rate"):
         assert re.fullmatch(r"\d+\.\d\d tokens/s", stats[key]) and float(stats[key].split()[0]) > 0, stats
     assert stats_of(invoke("run", TINY, "Say hi", "-t", "0", "--max-tokens", "6").stderr) == {}  # only when asked
+
+
+def test_run_verbose_prints_the_servers_durations(live, monkeypatch):
+    """The prompt's and the answer's durations and rates are the engine's, from the stream's ``timings`` (llama.cpp's):
+    they were the CLI's clock, with the network and the wait in the queue in them. The total stays the CLI's."""
+    seen = []
+    real = XllmClient.stream_chunks
+
+    def recording(self, *args, **kw):
+        for chunk in real(self, *args, **kw):
+            seen.append(chunk)
+            yield chunk
+
+    monkeypatch.setattr(XllmClient, "stream_chunks", recording)
+    result = invoke("run", TINY, "Say", "hi", "-t", "0", "--max-tokens", "6", "--verbose")
+    assert result.exit_code == 0, result.output
+    timings, usage = seen[-1]["timings"], seen[-1]["usage"]
+    stats = stats_of(result.stderr)
+    assert stats["prompt eval duration"] == go_duration(timings["prompt_ms"] / 1e3)
+    assert stats["prompt eval rate"] == f"{timings['prompt_n'] * 1e3 / timings['prompt_ms']:.2f} tokens/s"
+    assert stats["eval duration"] == go_duration(timings["predicted_ms"] / 1e3)
+    assert stats["eval rate"] == f"{timings['predicted_n'] * 1e3 / timings['predicted_ms']:.2f} tokens/s"
+    assert stats["prompt eval count"] == f"{usage['prompt_tokens']} token(s)"  # the whole prompt, as Ollama counts it
+    assert stats.get("prompt eval cached") == (f"{timings['cache_n']} token(s)" if timings["cache_n"] else None)
+
+
+def test_the_summary_from_the_servers_timings_and_without_them():
+    """With ``timings`` the durations are the server's and the prompt's rate counts the tokens it processed (its cache
+    held the rest: Ollama's "prompt eval cached"); without (an older server) they are the CLI's clock's."""
+    stats = ReplyStats(load_seconds=0.5)
+    stats.start, stats.first, stats.end = 10.0, 10.5, 11.5
+    stats.usage = {"prompt_tokens": 10, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 6}}
+    stats.timings = {"cache_n": 6, "prompt_n": 4, "prompt_ms": 20.0, "predicted_n": 5, "predicted_ms": 100.0}
+    assert stats.lines() == [
+        "total duration:       2s", "load duration:        500ms", "prompt eval count:    10 token(s)",
+        "prompt eval cached:   6 token(s)", "prompt eval duration: 20ms", "prompt eval rate:     200.00 tokens/s",
+        "eval count:           5 token(s)", "eval duration:        100ms", "eval rate:            50.00 tokens/s"]
+    stats.timings = {}
+    assert stats.lines()[3:] == [
+        "prompt eval cached:   6 token(s)", "prompt eval duration: 500ms", "prompt eval rate:     8.00 tokens/s",
+        "eval count:           5 token(s)", "eval duration:        1s", "eval rate:            4.00 tokens/s"]
 
 
 def test_run_verbose_in_the_interactive_chat_times_every_answer(live, monkeypatch):
@@ -122,6 +164,8 @@ def test_run_verbose_and_format_in_process(xllm_home, monkeypatch):
     --keepalive only says it has no server to keep the model loaded on."""
     monkeypatch.setenv("XLLM_HOME", str(xllm_home))
     monkeypatch.delenv("XLLM_CONFIG", raising=False)
+    reported, report = [], ReplyStats.report
+    monkeypatch.setattr(ReplyStats, "report", lambda self: (reported.append(self), report(self)))
     result = invoke("run", TINY, "Give me JSON", "--local", "-t", "0", "--max-tokens", "8", "--format", "json",
                     "--verbose", "--keepalive", "5m")
     assert result.exit_code == 0, result.output
@@ -129,6 +173,9 @@ def test_run_verbose_and_format_in_process(xllm_home, monkeypatch):
     stats = stats_of(result.stderr)
     assert re.fullmatch(r"\d+ token\(s\)", stats["prompt eval count"]) and int(stats["prompt eval count"].split()[0]) > 3
     assert 1 <= int(stats["eval count"].split()[0]) <= 8
+    timings = reported[0].timings  # the engine's, in the shape a server sends them
+    assert stats["prompt eval duration"] == go_duration(timings["prompt_ms"] / 1e3)
+    assert timings["predicted_n"] == int(stats["eval count"].split()[0])
     assert "--keepalive is for a server" in result.stderr
 
 

@@ -85,23 +85,26 @@ def _trimmed(value: float, digits: int) -> str:
 
 
 class ReplyStats:
-    """One answer's timings as the client sees them, and its token counts as the server reports them (``usage``).
+    """One answer's timings and token counts, as the server reports them (its ``usage`` and llama.cpp's ``timings``).
 
-    Measured here, not by the server: the prompt's part runs from sending the request to the first piece of the
-    answer (prefill, plus any wait in the queue and the network), the answer's part from that first piece to the
-    last; the eval rate counts the tokens after the first, the ones that came in that time.
+    The prompt's and the answer's durations are the engine's (``timings``: from the request's admission into the batch
+    to its first token, and from there to its last), so the network and the wait in the queue are not in them. A server
+    that sends no ``timings`` (an older one) leaves them to this clock: the prompt's part from sending the request to
+    the first piece of the answer, the answer's from there to the last, its rate counting the tokens after the first.
+    The total is this clock's either way.
     """
 
     def __init__(self, load_seconds: float | None = None):
         self.load_seconds = load_seconds  # the load this command waited for before the answer (the first answer only)
         self.usage: dict[str, Any] = {}
+        self.timings: dict[str, Any] = {}
         self.start = self.first = self.end = 0.0
 
     def watch(self, backend: Any, messages: list[dict[str, str]], model: str, params: dict[str, Any]) -> Iterator[str]:
         """The answer's text pieces from ``backend`` (its thinking's as ``Thinking`` pieces), timed, with the usage
-        the server (or the in-process engine) reports."""
+        and timings the server (or the in-process engine) reports."""
         self.start = time.perf_counter()
-        if hasattr(backend, "stream_chunks"):  # a server: its usage comes in the stream's last chunk
+        if hasattr(backend, "stream_chunks"):  # a server: its usage and timings come in the stream's last chunk
             pieces = backend.stream_chunks(messages, model, stream_options={"include_usage": True}, **params)
             texts = (text for chunk in pieces for text in self._texts_of(chunk))
         else:
@@ -116,6 +119,7 @@ class ReplyStats:
         self.end = time.perf_counter()
         if not self.usage:
             self.usage = dict(getattr(backend, "last_usage", None) or {})
+            self.timings = dict(getattr(backend, "last_timings", None) or {})
 
     def _texts_of(self, chunk: dict[str, Any]) -> tuple[str, str]:
         from ..client.base import delta_text
@@ -123,7 +127,26 @@ class ReplyStats:
 
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
+        if isinstance(chunk.get("timings"), dict):
+            self.timings = chunk["timings"]
         return Thinking(delta_thinking(chunk)), delta_text(chunk)  # the first piece, thinking or not, ends the prompt's part
+
+    def _cached(self) -> int:
+        """Prompt tokens the server's cache held (llama.cpp's ``cache_n``, OpenAI's ``cached_tokens``)."""
+        details = self.usage.get("prompt_tokens_details")
+        return _count(self.timings["cache_n"] if "cache_n" in self.timings
+                      else details.get("cached_tokens") if isinstance(details, dict) else 0)
+
+    def _parts(self) -> tuple[float, int, float, int]:
+        """(prompt seconds, prompt tokens processed, answer seconds, answer tokens timed): the server's where it timed
+        them, else this clock's."""
+        t = self.timings
+        if _number(t.get("prompt_ms")) and _number(t.get("predicted_ms")):
+            return t["prompt_ms"] / 1e3, _count(t.get("prompt_n")), t["predicted_ms"] / 1e3, _count(t.get("predicted_n"))
+        first = (self.first or self.end) - self.start
+        answer = self.end - self.first if self.first else 0.0
+        prompt, completion = _count(self.usage.get("prompt_tokens")), _count(self.usage.get("completion_tokens"))
+        return first, prompt - self._cached(), answer, completion - 1
 
     def lines(self) -> list[str]:
         """The summary, in `ollama run --verbose`'s words and order; a figure not measured is left out."""
@@ -131,24 +154,34 @@ class ReplyStats:
         rows = [("total duration", go_duration(load + self.end - self.start))]
         if self.load_seconds is not None:
             rows.append(("load duration", go_duration(self.load_seconds)))
-        prompt, completion = self.usage.get("prompt_tokens"), self.usage.get("completion_tokens")
-        first = (self.first or self.end) - self.start
-        if isinstance(prompt, int) and prompt > 0:
-            rows.append(("prompt eval count", f"{prompt} token(s)"))
-        if first > 0:
-            rows.append(("prompt eval duration", go_duration(first)))
-            if isinstance(prompt, int) and prompt > 0:
-                rows.append(("prompt eval rate", f"{prompt / first:.2f} tokens/s"))
-        if isinstance(completion, int) and completion > 0:
+        prompt, completion = _count(self.usage.get("prompt_tokens")), _count(self.usage.get("completion_tokens"))
+        prompt_s, prompt_n, answer_s, answer_n = self._parts()
+        if prompt > 0:
+            rows.append(("prompt eval count", f"{prompt} token(s)"))  # the whole prompt, cached tokens too, as Ollama's
+            if self._cached():
+                rows.append(("prompt eval cached", f"{self._cached()} token(s)"))
+        if prompt_s > 0:
+            rows.append(("prompt eval duration", go_duration(prompt_s)))
+            if prompt_n > 0:  # the rate of the tokens it processed: cached ones took no time
+                rows.append(("prompt eval rate", f"{prompt_n / prompt_s:.2f} tokens/s"))
+        if completion > 0:
             rows.append(("eval count", f"{completion} token(s)"))
-        answer = self.end - self.first if self.first else 0.0
-        if answer > 0:
-            rows.append(("eval duration", go_duration(answer)))
-            if isinstance(completion, int) and completion > 1:
-                rows.append(("eval rate", f"{(completion - 1) / answer:.2f} tokens/s"))
+        if answer_s > 0:
+            rows.append(("eval duration", go_duration(answer_s)))
+            if answer_n > 0:
+                rows.append(("eval rate", f"{answer_n / answer_s:.2f} tokens/s"))
         return [f"{name + ':':<22}{value}" for name, value in rows]
 
     def report(self) -> None:
         """Print the summary on stderr, as Ollama does (stdout keeps the answer alone)."""
         for line in self.lines():
             click.echo(line, err=True)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+
+
+def _count(value: Any) -> int:
+    """A token count from the wire; anything else (missing, null, a string) is 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0

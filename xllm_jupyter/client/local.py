@@ -17,6 +17,7 @@ from ..core.types import ChatMessage, Constraint, GenerationParams, GenerationRe
 from ..openai.model_defaults import ModelDefaults
 from ..openai.reasoning import Reasoning
 from ..openai.template_kwargs import PARAM, chat_template_kwargs
+from ..openai.timings import timings_wire
 from .thinking import Thinking
 
 _SAMPLING_KEYS = {"temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "seed"}
@@ -108,6 +109,8 @@ class LocalChat:
         self._started = False
         #: the last reply's token counts (``prompt_tokens``, ``completion_tokens``), as a server's usage reports them
         self.last_usage: dict[str, int] = {}
+        #: and its engine's times, in llama.cpp's ``timings`` shape as a server sends them
+        self.last_timings: dict[str, Any] = {}
 
     def _run(self, coro: Any) -> Any:
         return self._loop.run_until_complete(coro)
@@ -145,7 +148,7 @@ class LocalChat:
         splitter = reasoning.splitter() if reasoning is not None else None
         request = GenerationRequest(model=model, prompt_ids=tuple(prompt_ids), params=gen_params)
         events = self.engine.generate(request)
-        self.last_usage = {}
+        self.last_usage, self.last_timings = {}, {}
         try:
             while True:
                 try:
@@ -157,6 +160,7 @@ class LocalChat:
                 usage = getattr(event, "usage", None)
                 if usage is not None:  # the request's last event (GenerationDone)
                     self.last_usage = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
+                    self.last_timings = timings_wire(event.timings, usage) or {}
                 text = getattr(event, "text", "")
                 if splitter is not None:
                     yield from _pieces(splitter.feed(text), thinking)
