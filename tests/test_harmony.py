@@ -217,6 +217,27 @@ def test_forcing_a_call_is_refused_plainly(served):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="oss", messages=ASK, tools=TOOLS, tool_choice="required")
     assert err.value.body["param"] == "tool_choice"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="oss", messages=ASK, functions=[t["function"] for t in TOOLS],
+                                       function_call={"name": "weather"})
+    assert err.value.body["param"] == "function_call"
+
+
+def test_a_call_comes_back_as_a_legacy_function_call_for_functions(served):
+    functions = [t["function"] for t in TOOLS]
+    r = ask(served, THINK_CALL, functions=functions)
+    message = r.choices[0].message
+    assert (message.function_call.name, message.function_call.arguments, message.tool_calls) == ("weather", ARGS, None)
+    assert (message.model_extra["reasoning_content"], r.choices[0].finish_reason) == ("need weather", "function_call")
+    name, arguments, reason = None, "", None
+    for chunk in ask(served, THINK_CALL, functions=functions, stream=True):
+        for choice in chunk.choices:
+            assert not choice.delta.tool_calls
+            if choice.delta.function_call:
+                name = choice.delta.function_call.name or name
+                arguments += choice.delta.function_call.arguments or ""
+            reason = choice.finish_reason or reason
+    assert (name, arguments, reason) == ("weather", ARGS, "function_call")
 
 
 def test_a_harmony_vocabulary_ends_turns_at_return_and_call_not_end(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Iterable, Sequence
 
+from .legacy_functions import legacy_delta
 from .tool_call import new_call_id
 
 START, END, MESSAGE, CHANNEL, CONSTRAIN, RETURN, CALL = (
@@ -121,8 +122,9 @@ class HarmonyDeltas:
 
     looping = False  # (no tool grammar binds it: ForcedLoops never ends it early)
 
-    def __init__(self, names: Iterable[str] = (), parallel: bool = True):
+    def __init__(self, names: Iterable[str] = (), parallel: bool = True, legacy: bool = False):
         self.parser = HarmonyParser(names, parallel)
+        self.legacy = legacy  # the request gave legacy ``functions``: calls go out as ``function_call`` pieces
         self._index = -1
 
     def deltas(self, text: str, finish: str | None, stop_string: bool = False) -> list[tuple[dict[str, Any], str | None]]:
@@ -142,7 +144,7 @@ class HarmonyDeltas:
                 out.append(({"tool_calls": [{"index": self._index, "function": {"arguments": value}}]}, None))
         if finish is not None:
             out.append(({}, "tool_calls" if self._index >= 0 and finish == "stop" and not stop_string else finish))
-        return out
+        return [legacy_delta(d, r) for d, r in out] if self.legacy else out
 
 
 def harmony_message(text: str, finish: str, names: Iterable[str], parallel: bool,

@@ -52,8 +52,9 @@ class ToolCalling:
         #: a harmony template's (gpt-oss): replies are read as its messages (harmony.py), not by the parsers here
         self.harmony = is_harmony(template)
         if self.harmony and cfg.constrained:
-            raise InvalidRequest("This model's harmony format cannot be forced to call a tool yet: use tool_choice "
-                                 "'auto'.", param="tool_choice", code="unsupported_value")
+            field = "function_call" if legacy else "tool_choice"
+            raise InvalidRequest(f"This model's harmony format cannot be forced to call a tool yet: use {field} "
+                                 "'auto'.", param=field, code="unsupported_value")
         self._model: Any = None  # the loaded model (``think``): its marker ids count a harmony reply's thinking
         #: the request field the decoding grammar came from (``decoding``), which a 400 about it names
         self._param = "response_format"
@@ -159,7 +160,9 @@ class ToolCalling:
         """The response ``message`` and ``finish_reason`` for one choice's full text (``stop_string``: a stop string
         of the request ended it)."""
         if self.harmony:
-            return harmony_message(text, finish, self.cfg.names if self.active else (), self.cfg.parallel, stop_string)
+            message, reason = harmony_message(text, finish, self.cfg.names if self.active else (), self.cfg.parallel,
+                                              stop_string)
+            return legacy_message(message, reason) if self.legacy else (message, reason)
         thought = None
         if self.reasoning is not None:  # calls are read from the answer only
             thought, text = self.reasoning.split(text)
@@ -207,7 +210,7 @@ class ToolCalling:
     def streamer(self) -> "ToolDeltas":
         """A per-choice converter of text pieces into chat ``delta`` objects (legacy ``function_call`` ones for functions)."""
         if self.harmony:
-            return HarmonyDeltas(self.cfg.names if self.active else (), self.cfg.parallel)  # type: ignore[return-value]
+            return HarmonyDeltas(self.cfg.names if self.active else (), self.cfg.parallel, self.legacy)  # type: ignore[return-value]
         inner = self._deltas(self.legacy) if self.active else None
         return ThinkingDeltas(self.reasoning.splitter(), inner) if self.reasoning is not None else inner  # type: ignore[return-value]
 
