@@ -140,6 +140,10 @@ def test_the_parser_reads_the_same_however_the_text_is_split():
     for i in range(len(REPLY)):  # every split in two, and one character at a time
         assert _read(HarmonyParser({"weather"}), [REPLY[:i], REPLY[i:]]) == whole, i
     assert _read(HarmonyParser({"weather"}), list(REPLY)) == whole
+    # a header closed without a body says nothing; the message after it is read as usual
+    stray = "<|channel|>analysis<|end|><|start|>assistant<|channel|>final<|message|>Hi<|return|>"
+    for i in range(len(stray)):
+        assert _read(HarmonyParser(), [stray[:i], stray[i:]]) == {"content": "Hi"}, i
 
 
 def test_text_out_of_the_format_and_calls_the_request_cannot_take_are_content():

@@ -45,6 +45,12 @@ def _partial(text: str, markers: Sequence[str]) -> int:
     return 0
 
 
+def _first(text: str, markers: Sequence[str]) -> tuple[int, str]:
+    """Where the first of ``markers`` in ``text`` is, and which one it is (-1 and "" where none is)."""
+    found = [(i, m) for m in markers if (i := text.find(m)) >= 0]
+    return min(found) if found else (-1, "")
+
+
 class HarmonyParser:
     """One choice's text as it streams, read into ``(kind, text)`` pieces (``REASONING``, ``CONTENT``, ``CALLED``
     with the function's name, ``ARGUMENTS``); no marker reaches any of them, however the text was split.
@@ -68,14 +74,13 @@ class HarmonyParser:
                 buf = self._header(buf, final, out)
                 if self._kind is None:
                     break
-            cut = min((i for i in (buf.find(m) for m in _CLOSERS) if i >= 0), default=-1)
+            cut, closer = _first(buf, _CLOSERS)
             if cut < 0:
                 keep = 0 if final else _partial(buf, _CLOSERS)
                 self._emit(out, buf[:len(buf) - keep])
                 self._buf = buf[len(buf) - keep:]
                 break
             self._emit(out, buf[:cut])
-            closer = next(m for m in _CLOSERS if buf.startswith(m, cut))
             buf = buf[cut + (0 if closer == START else len(closer)):]  # (a header begins at <|start|>)
             self._kind = None
         return out
@@ -89,6 +94,9 @@ class HarmonyParser:
             self._kind = CONTENT
             return buf
         cut = buf.find(MESSAGE)
+        stray, closer = _first(buf, (END, RETURN, CALL))
+        if stray >= 0 and (cut < 0 or stray < cut):  # a header closed without a body: nothing of it is said
+            return self._header(buf[stray + len(closer):], final, out) if buf[stray + len(closer):] else ""
         if cut < 0:
             if final:  # a header the reply was cut in: nothing of it is said
                 return ""
