@@ -68,6 +68,23 @@ def test_the_thinking_shows_before_the_answer_and_is_not_the_reply(server, clien
     assert capsys.readouterr().out == f"{ANSWER}\n"
 
 
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_reply_all_thinking_says_the_model_spent_every_token_thinking(server, client, capsys, verbose):
+    # 3 tokens: the opening marker and two of the thinking's; the block stays open, and stderr says why no answer came
+    # (it printed the thinking and ended there), as %%xllm and ChatWidget say it
+    stats = chat.ReplyStats() if verbose else None
+    assert chat.stream_reply(client, [{"role": "user", "content": "Hi"}], "think", {**_params(server), "max_tokens": 3},
+                             stats) == ("", False)
+    out, err = capsys.readouterr()
+    assert out.startswith("Thinking...\nplan") and "done thinking" not in out
+    assert "(the model spent all 3 tokens thinking and gave no answer: raise --max-tokens)\n" in err
+    assert client.last_finish_reason == "length" and client.last_usage["completion_tokens"] == 3
+    assert client.last_usage["completion_tokens_details"]["reasoning_tokens"] == 3  # all of them the thinking's
+    # an answer after the thinking: no such note
+    chat.stream_reply(client, [{"role": "user", "content": "Hi"}], "think", _params(server), stats)
+    assert "gave no answer" not in capsys.readouterr().err
+
+
 def test_the_thinking_is_dim_on_a_terminal(server, client, capsys, monkeypatch):
     monkeypatch.setattr("sys.stdout.isatty", lambda: True)
     chat.stream_reply(client, [{"role": "user", "content": "Hi"}], "think", _params(server))

@@ -12,7 +12,7 @@ from IPython.utils.capture import capture_output
 from tests.test_cli_thinking import ANSWER, server  # noqa: F401 (the module's server fixture)
 from xllm_jupyter.client import XllmClient
 from xllm_jupyter.magics import XllmMagics
-from xllm_jupyter.magics.render import THOUGHT_ONLY, Reply
+from xllm_jupyter.magics.render import Reply, thought_only
 
 PLAIN = f"Thinking...\nplan it\n...done thinking.\n\n{ANSWER}"
 
@@ -61,12 +61,25 @@ def test_a_terminal_prints_the_thinking_before_the_answer(shell, monkeypatch, ca
     assert capsys.readouterr().out == PLAIN + "\n" and shell.user_ns["answer"] == ANSWER
 
 
+@pytest.mark.parametrize("stream", ["", "--no-stream"])
+def test_a_reply_all_thinking_says_the_model_spent_every_token_thinking(shell, stream):
+    # 3 tokens: the opening marker and two of the thinking's, as ChatWidget and `xllm run` say it
+    with capture_output() as cap:
+        shell.run_cell_magic("xllm", f"-m think --max-tokens 3 --out answer {stream}", "Hi")
+    shown = [o.data for o in cap.outputs if "text/markdown" in o.data][-1]["text/markdown"]
+    assert shown.startswith("> *Thinking*\n>\n> plan")
+    assert shown.endswith("*(the model spent all 3 tokens thinking and gave no answer: raise --max-tokens)*")
+
+
 def test_a_reply_all_thinking_says_no_answer_came():
+    note = thought_only("stop", {"completion_tokens": 9})
+    assert note == "*(the model stopped after its thinking and gave no answer)*"
+    assert thought_only("length") == "*(the model spent every token thinking and gave no answer: raise --max-tokens)*"
     reply = Reply("markdown")
-    reply.thinking, reply.note = "still *going*", THOUGHT_ONLY
+    reply.thinking, reply.note = "still *going*", note
     bundle = reply._repr_mimebundle_()
-    assert bundle["text/markdown"].startswith("> *Thinking*\n>\n> still") and bundle["text/markdown"].endswith(THOUGHT_ONLY)
-    assert bundle["text/plain"] == f"Thinking...\nstill *going*\n...done thinking.\n\n\n{THOUGHT_ONLY.strip('*')}"
+    assert bundle["text/markdown"].startswith("> *Thinking*\n>\n> still") and bundle["text/markdown"].endswith(note)
+    assert bundle["text/plain"] == f"Thinking...\nstill *going*\n...done thinking.\n\n\n{note.strip('*')}"
     code = Reply("code", "x = 1")
     code.thinking = "plan"
     assert code._repr_mimebundle_()["text/plain"] == "x = 1"  # the code alone, for copying

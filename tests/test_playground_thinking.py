@@ -20,7 +20,8 @@ from tests.test_reasoning import SPECIAL
 from xllm_jupyter.client import XllmClient
 from xllm_jupyter.core.errors import InvalidRequest
 from xllm_jupyter.playground.app import CUT_NOTE, part_text, to_openai_messages
-from xllm_jupyter.playground.thoughts import THOUGHT_TITLE, ThinkingClock, is_thought, reply_messages, thought_for
+from xllm_jupyter.playground.thoughts import (THOUGHT_TITLE, ThinkingClock, is_thought, reply_messages, thought_for,
+                                             thought_only_note)
 
 #: a template whose prompt always ends inside an opened block: every reply starts in the thinking
 ALWAYS_OPEN = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -86,7 +87,8 @@ def test_the_thinking_shows_in_a_thought_block_and_is_not_sent_back(thinker):
         thought, answer = history[1:]
         assert part_text(thought["content"]) == "ok" and not (thought["metadata"].get("status") or "")
         assert THOUGHT_FOR.fullmatch(thought["metadata"]["title"])
-        assert part_text(answer["content"]) == CUT_NOTE
+        assert part_text(answer["content"]) == thought_only_note() != CUT_NOTE
+        assert "the model spent every token thinking and gave no answer: raise max tokens" in thought_only_note().lower()
         # neither it nor its question goes back (roles keep alternating), as ChatWidget leaves them out
         assert to_openai_messages(history, "Sure?", None) == [{"role": "user", "content": "Sure?"}]
     finally:

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import click
 
 from ..client.base import ServerUnavailable, WrongScheme
+from ..client.thinking import no_answer_note
 from ..core.errors import ContextLengthExceeded, XllmError
 from .render import markup_safe, terminal_safe
 from .run_flags import FORMAT_HELP, KEEPALIVE_HELP, ReplyStats, keep_alive, response_format, set_command
@@ -84,6 +85,7 @@ def stream_reply(backend: ChatBackend, messages: list[dict[str, str]], model: st
     ``hide_thinking``), then ``stats``' timings when given; returns (the answer's text, interrupted). The thinking is
     not in that text: the conversation sends the answers back, as Ollama's and the OpenAI clients' do."""
     pieces: list[str] = []
+    thought = False  # the reply had thinking: with no answer after it, a note says why (max tokens, most often)
     view = ThinkingView(hide_thinking)
     stream = (stats.watch(backend, messages, model, params) if stats
               else backend.stream_chat(messages, model, thinking=True, **params))
@@ -91,7 +93,9 @@ def stream_reply(backend: ChatBackend, messages: list[dict[str, str]], model: st
     try:
         for piece in stream:
             view.show(piece)
-            if not isinstance(piece, Thinking):
+            if isinstance(piece, Thinking):
+                thought = thought or bool(piece.strip())
+            else:
                 pieces.append(piece)
     except KeyboardInterrupt:
         interrupted = True
@@ -104,7 +108,12 @@ def stream_reply(backend: ChatBackend, messages: list[dict[str, str]], model: st
     click.echo()
     if interrupted:
         _note("(interrupted)")
-    elif stats:
+        return "".join(pieces), interrupted
+    if thought and not "".join(pieces).strip():
+        # (as %%xllm and ChatWidget say it: a reply cut while it thought printed its thinking and ended there)
+        usage = (stats.usage if stats else None) or getattr(backend, "last_usage", None) or {}
+        _note(f"({no_answer_note(getattr(backend, 'last_finish_reason', None), usage.get('completion_tokens'), '--max-tokens')})")
+    if stats:
         stats.report()
     return "".join(pieces), interrupted
 

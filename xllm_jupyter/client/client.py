@@ -58,6 +58,9 @@ class XllmClient:
         self._http = httpx.Client(headers=auth_headers(self.api_key), timeout=timeout)
         self._probe = probe_timeout(timeout)
         self._load = load_timeout(timeout)
+        #: the last stream's finish reason and usage (``stream_chunks``)
+        self.last_finish_reason: str | None = None
+        self.last_usage: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ plumbing
     def close(self) -> None:
@@ -230,14 +233,30 @@ class XllmClient:
     def stream_chunks(self, messages: Messages, model: str | None = None, **params: Any) -> Iterator[dict[str, Any]]:
         """Every chunk of a streamed chat completion, until ``[DONE]``.
 
-        Closing the iterator early closes the HTTP response, so the server cancels the job.
+        Closing the iterator early closes the HTTP response, so the server cancels the job. The stream's finish reason
+        and usage (where it asked for it) are kept as ``last_finish_reason`` and ``last_usage``, as the in-process
+        engine's ``LocalChat`` keeps its usage: a front-end says why a reply gave no answer from them.
         """
-        yield from self._events(self.base_url + "/chat/completions", chat_body(messages, self._model(model), True, params))
+        self.last_finish_reason, self.last_usage = None, {}
+        events = self._events(self.base_url + "/chat/completions", chat_body(messages, self._model(model), True, params))
+        try:
+            for chunk in events:
+                choices = chunk.get("choices") or ()
+                if choices and choices[0].get("index", 0) == 0 and choices[0].get("finish_reason"):
+                    self.last_finish_reason = choices[0]["finish_reason"]
+                if isinstance(chunk.get("usage"), dict):
+                    self.last_usage = chunk["usage"]
+                yield chunk
+        finally:
+            events.close()  # at once (not when collected): the HTTP response closes, the server cancels the job
 
     def stream_chat(self, messages: Messages, model: str | None = None, *, thinking: bool = False,
                     **params: Any) -> Iterator[str]:
         """The reply's text pieces as they are generated (close the iterator to cancel); with ``thinking``, a
-        reasoning model's thinking too, as ``Thinking`` pieces (else it is left out: it is not the answer)."""
+        reasoning model's thinking too, as ``Thinking`` pieces (else it is left out: it is not the answer), and the
+        usage asked for (``last_usage``: a reply all thinking says how many tokens it spent)."""
+        if thinking:
+            params.setdefault("stream_options", {"include_usage": True})
         chunks = self.stream_chunks(messages, model, **params)
         try:
             for chunk in chunks:

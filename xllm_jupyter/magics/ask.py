@@ -17,12 +17,12 @@ from .render import (
     BLANK,
     EMPTY,
     INTERRUPTED,
-    THOUGHT_ONLY,
     Reply,
     error,
     extract_code,
     parse_json,
     rich_frontend,
+    thought_only,
 )
 from .session import MagicState, provenance
 
@@ -138,7 +138,7 @@ def ask(shell: Any, state: MagicState, q: Question) -> tuple[Answer, Any]:
             except ValueError:
                 value = None
     elif not answer.text.strip():
-        reply.note = BLANK if answer.text else THOUGHT_ONLY if answer.thinking else EMPTY
+        reply.note = BLANK if answer.text else thought_only(answer.finish_reason, answer.usage) if answer.thinking else EMPTY
     elif q.fmt == "json":
         try:
             value = parse_json(answer.text)

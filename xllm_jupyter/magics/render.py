@@ -12,6 +12,7 @@ from typing import Any
 from IPython.core.displaypub import DisplayPublisher
 from IPython.display import display
 
+from ..client.thinking import no_answer_note
 from ..client.units import human_size
 from ..notebook.safe_markdown import neutral_markdown, safe_lang
 
@@ -20,8 +21,14 @@ INTERRUPTED = "*(interrupted)*"
 EMPTY = "*(the model returned no text)*"
 #: an answer of blank lines renders as nothing at all: say so, or the cell looks as if nothing happened
 BLANK = "*(the model returned only whitespace)*"
-#: a reasoning model that used every token thinking: its thinking shows, and no answer came after it
-THOUGHT_ONLY = "*(no answer came after the thinking: raise --max-tokens)*"
+
+
+def thought_only(finish_reason: str | None, usage: Any = None) -> str:
+    """The note under a reasoning model's reply that thought and gave no answer: its thinking shows above it, and this
+    says why (at max tokens: how many went to the thinking), in the words ChatWidget and ``xllm run`` use."""
+    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    return f"*({no_answer_note(finish_reason, tokens, '--max-tokens')})*"
+
 
 _FENCE = re.compile(r"^[ \t]*(```+|~~~+)[ \t]*([\w+#.-]*)[^\n]*\n", re.MULTILINE)
 

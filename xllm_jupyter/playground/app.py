@@ -16,7 +16,7 @@ from ..notebook.clients import entry_defaults
 from .links import TRANSCRIPT_ID
 from .sending import CLEAR_ID, INPUT_ID, PRESSES_JS, SEND_ID, SENT_JS
 from .stopping import Stops, arrived, until_set
-from .thoughts import ThinkingClock, is_thought, reply_messages
+from .thoughts import ThinkingClock, is_thought, reply_messages, thought_only_note
 
 # Set before gradio is imported anywhere in this process: no usage reporting from a
 # notebook (and no outbound calls that would stall on machines without a network).
@@ -254,7 +254,7 @@ def build_app(
                     yield history, gr.skip()
                 if ended[-1:] == ["length"]:
                     # as the lab panel and ChatWidget say: a reply cut at the limit read as if the model had ended it
-                    note = CUT_NOTE
+                    note = CUT_NOTE if text.strip() or not thought.strip() else thought_only_note()
             except XllmError as exc:
                 note = f"{ERROR_PREFIX}{exc}"  # shown in the transcript as one line: no traceback in the UI
             history[asked:] = reply_messages(thought, text, note, ended=True, seconds=clock.seconds)

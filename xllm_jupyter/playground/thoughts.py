@@ -13,6 +13,8 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
+from ..client.thinking import no_answer_note
+
 #: the title of the thinking's block while the model thinks (the other front-ends' word)
 THOUGHT_TITLE = "Thinking"
 
@@ -66,3 +68,9 @@ def reply_messages(thought: str, text: str, note: str = "", *, ended: bool = Fal
     status: dict[str, str] = {"status": "done"} if text else ({} if ended else {"status": "pending"})
     title = thought_for(seconds) if over else THOUGHT_TITLE
     return [{"role": "assistant", "content": thought.strip(), "metadata": {"title": title, **status}}, answer]
+
+
+def thought_only_note() -> str:
+    """The note under a reply cut at max tokens while it thought, in the words of %%xllm, ChatWidget and ``xllm run``."""
+    said = no_answer_note("length", limit="max tokens")
+    return f"⚠️ {said[0].upper()}{said[1:]}."

@@ -13,6 +13,7 @@ from typing import Any
 
 import ipywidgets as W
 
+from ..client.thinking import no_answer_note
 from ..core.errors import InvalidRequest, XllmError
 from ..notebook.clients import ClientLike, async_client, endpoint_of, listed_defaults
 from ..notebook.streams import StreamRecord, check_params, measure_stream
@@ -40,8 +41,14 @@ _ROLE_STYLE = {
 
 #: under a reply cut off by an error, in the transcript and the Markdown export
 _CUT_OFF_NOTE = "(cut off by an error: not sent back to the model)"
-#: under a reasoning model's reply that spent every token thinking (kept on screen, never sent back)
-_THOUGHT_ONLY_NOTE = "(no answer came after the thinking: raise max tokens; not sent back to the model)"
+
+
+def _thought_only_note(record: StreamRecord | None) -> str:
+    """Under a reasoning model's reply that thought and gave no answer (kept on screen, never sent back): why, in the
+    words %%xllm and ``xllm run`` use (at max tokens: how many went to the thinking)."""
+    said = no_answer_note(*((record.finish_reason, record.completion_tokens) if record is not None else (None,)),
+                          limit="max tokens")
+    return f"({said}; not sent back to the model)"
 
 
 class ChatWidget(W.VBox):
@@ -82,6 +89,8 @@ class ChatWidget(W.VBox):
         self._cut_off: list[dict[str, str]] = []
         #: a reasoning model's thinking, by the ``id`` of its reply's dict: shown folded above the reply, never sent
         self._thinking: dict[int, str] = {}
+        #: the note under each reply that only thought, by the ``id`` of its dict (``_thought_only_note``)
+        self._thought_only: dict[int, str] = {}
 
         with XllmClient(base, key) as client:
             c = ListingOnce(client)
@@ -209,7 +218,7 @@ class ChatWidget(W.VBox):
 
     def _note(self, message: dict[str, str]) -> str:
         """The note under a reply that is not sent back: cut off by an error, or all thinking."""
-        return _CUT_OFF_NOTE if message["content"] else _THOUGHT_ONLY_NOTE
+        return _CUT_OFF_NOTE if message["content"] else self._thought_only.get(id(message), _thought_only_note(None))
 
     # --------------------------------------------------------------- actions
     def ask(self, text: str | None = None) -> bool:
@@ -264,6 +273,7 @@ class ChatWidget(W.VBox):
         self.messages = []
         self._cut_off = []
         self._thinking = {}
+        self._thought_only = {}
         self.last = None
         self._next_render = 0.0  # the long transcript's render backoff is gone with it: the next reply shows at once
         self._render()
@@ -358,6 +368,7 @@ class ChatWidget(W.VBox):
                 # every token went to the thinking (max tokens): what streamed stays on screen, as the JupyterLab
                 # panel keeps it, with a note; like a cut-off reply it is never sent back, nor its question
                 self._cut_off.append(reply)
+                self._thought_only[id(reply)] = _thought_only_note(record)
             if not reply["content"] and not self._is_cut_off(reply):
                 asked = self._drop_turn(reply)
                 # the box was emptied on Send: a question that got no answer goes back there to be
