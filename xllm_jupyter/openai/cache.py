@@ -52,11 +52,14 @@ def is_deterministic(body: dict[str, Any]) -> bool:
 
 
 def _form(body: dict[str, Any]) -> str:
-    """Which response shape the request wants: ``full``, ``stream`` or ``stream+usage``."""
+    """Which response shape the request wants: ``full``, ``stream``, ``stream+usage`` or ``stream+usage+continuous``
+    (every chunk with its usage so far)."""
     if not body.get("stream"):
         return "full"
     opts = body.get("stream_options")
-    return "stream+usage" if isinstance(opts, dict) and opts.get("include_usage") else "stream"
+    if not (isinstance(opts, dict) and opts.get("include_usage")):
+        return "stream"
+    return "stream+usage+continuous" if opts.get("continuous_usage_stats") else "stream+usage"
 
 
 class ResponseCache:

@@ -100,7 +100,9 @@ class CompletionsMixin:
         events = self._events(gens, req.max_tokens == 0, echo and show_logprobs, n)
         if req.stream:
             events = await started(events, self.config.keepalive_seconds)
-            return self._completion_stream(events, shown, offsets, req.model, rid, created, req.include_usage)
+            continuous = req.include_usage and bool(req.stream_options.continuous_usage_stats)  # type: ignore[union-attr]
+            return self._completion_stream(events, shown, offsets, req.model, rid, created, req.include_usage,
+                                           [len(g.prompt_ids) for g in gens] if continuous else None)
         return await self._completion_full(events, gens, shown, offsets, req.model, rid, created)
 
     def _events(self, gens: Sequence[GenerationRequest], prompt_only: bool, scored: bool,
@@ -164,7 +166,10 @@ class CompletionsMixin:
         rid: str,
         created: int,
         include_usage: bool,
+        prompts: Sequence[int] | None = None,
     ) -> AsyncIterator[Chunk]:
+        """The chunks; with ``prompts`` (each prompt's tokens: vLLM's continuous_usage_stats) each carries its choice's
+        usage so far."""
         head: Chunk = {"id": rid, "object": "text_completion", "created": created, "model": model, "system_fingerprint": SYSTEM_FINGERPRINT}
         if include_usage:
             head["usage"] = None
@@ -174,9 +179,13 @@ class CompletionsMixin:
         usages: list[Usage] = []
         scores: dict[int, PromptLogprobs] = {}
         held: dict[int, list[ChoiceDelta]] = {}  # deltas of a prompt whose scores (which go first) are still to come
+        made = [0] * (n * len(offsets))
 
         def chunk(p: int, ev: ChoiceDelta) -> Chunk | None:
             i = p * n + ev.index
+            if prompts is not None:
+                made[i] += len(ev.token_ids)
+                head["usage"] = {"prompt_tokens": prompts[p], "completion_tokens": made[i], "total_tokens": prompts[p] + made[i]}
             echoed, first[i] = first[i] and shown.echo, False
             if not (ev.text or ev.finish is not None or (shown.show_logprobs and ev.logprobs) or echoed):
                 return None

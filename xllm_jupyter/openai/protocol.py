@@ -54,10 +54,8 @@ MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 
 
 def check_metadata(metadata: dict[str, str] | None) -> None:
-    """400 unless ``metadata`` keeps OpenAI's bounds (16 pairs, keys <= 64 and values <= 512 characters).
-
-    Metadata is stored with the object, so these bounds also cap what a request can make a server keep.
-    """
+    """400 unless ``metadata`` keeps OpenAI's bounds (16 pairs, keys <= 64 and values <= 512 characters): metadata is
+    stored with the object, so these bounds also cap what a request can make a server keep."""
     if metadata is None:
         return
     if len(metadata) > MAX_METADATA_PAIRS:
@@ -76,9 +74,10 @@ class ObfuscationOption(StrictModel):
 
 
 class StreamOptions(ObfuscationOption):
-    """``stream_options`` of chat and completions: only ``include_usage`` changes what we send."""
+    """``stream_options`` of chat and completions (vLLM's ``continuous_usage_stats``: usage so far on every chunk)."""
 
     include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None
 
 
 class PromptCacheOptions(StrictModel):

@@ -300,7 +300,8 @@ class OpenAIServing(CompletionsMixin):
             events = await started(self.engine.generate(gen), self.config.keepalive_seconds)
             # a stored stream always counts its usage, for the stored completion (recording drops it unless asked)
             stream = with_timings(self._chat_stream(events, gen, req.model, rid, created, req.include_usage or bool(req.store),
-                                                    p.tools, served_tier(req.service_tier)))
+                                                    p.tools, served_tier(req.service_tier),
+                                                    req.include_usage and bool(req.stream_options.continuous_usage_stats)))
             return self.stored.recording(stream, req, user, p.big) if req.store else stream
         result = await self._chat_full(gen, req.model, rid, created, p.tools)
         if req.service_tier is not None:
@@ -356,7 +357,7 @@ class OpenAIServing(CompletionsMixin):
 
     async def _chat_stream(
         self, engine_events: AsyncIterator[Any], gen: GenerationRequest, model: str, rid: str, created: int,
-        include_usage: bool, tools: ToolCalling, service_tier: str | None = None,
+        include_usage: bool, tools: ToolCalling, service_tier: str | None = None, continuous: bool = False,
     ) -> AsyncIterator[Chunk]:
         # The common fields are built once; each chunk is a shallow copy plus its choice.
         head: Chunk = {
@@ -368,8 +369,10 @@ class OpenAIServing(CompletionsMixin):
         }
         if service_tier is not None:
             head["service_tier"] = service_tier
+        # (``continuous``, vLLM's continuous_usage_stats: each chunk carries its choice's usage so far)
+        made, prompt = [0] * gen.params.n, len(gen.prompt_ids)
         if include_usage:
-            head["usage"] = None
+            head["usage"] = {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt} if continuous else None
         want_lp = gen.params.logprobs
         # a reply forced to be tool calls has no content: null, as in the full response
         opening = {"role": "assistant", "content": None if tools.cfg.constrained else ""}
@@ -389,6 +392,10 @@ class OpenAIServing(CompletionsMixin):
                     if ev.finish is FinishReason.ERROR:
                         raise engine_failure()
                     loops.count(ev)
+                    if continuous:
+                        made[ev.index] += len(ev.token_ids)
+                        head["usage"] = {"prompt_tokens": prompt, "completion_tokens": made[ev.index],
+                                         "total_tokens": prompt + made[ev.index]}
                     if finished[ev.index] is not None:
                         continue  # ended early (a forced reply repeating its calls) while others go on
                     if ev.finish is not None:
