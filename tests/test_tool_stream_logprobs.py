@@ -130,27 +130,46 @@ def test_a_streamed_responses_output_text_logprobs_leave_out_the_calls_tokens(se
 def test_a_whole_responses_output_text_logprobs_leave_out_the_calls_tokens(special):  # noqa: F811
     # the streamed Response's are the text's alone; the whole one's had the call's tokens too
     whole = _whole_response_with_a_call(special, "")
+    assert [o.type for o in whole.output] == ["message", "function_call"]
     tokens = [t.token for t in whole.output[0].content[0].logprobs]
-    assert "".join(tokens) == whole.output_text == "Let me look.", tokens
-    assert piece_shares_of_text(["Let", " me", ".", "\n", "<tool_call>"], "Let me.") == 3
-    assert piece_shares_of_text(["bytes:\\xe2", "x"], "\u2019x") == 2  # not found: all
+    assert "".join(tokens) == whole.output_text == "Let me look.\n", tokens
 
 
-def _whole_response_with_a_call(special, after):  # noqa: F811
-    """A whole Response forced to write "Let me look.", a call, then ``after``, with its output text's logprobs."""
+@pytest.mark.parametrize("after", ["\\nDone.", "}"])
+@pytest.mark.parametrize("server", ["special", "grouped"])
+def test_a_whole_response_has_the_streamed_ones_items_and_logprobs(server, after, request):
+    # text before and after a call: the stream opens a message for each run of text (OpenAI's output is its items in
+    # the order they were generated); the whole Response joined them into one message before its calls, with one
+    # list of logprobs (found by text: a "}" after the call was found in the call's JSON, which took its tokens)
+    served = request.getfixturevalue(server)
+    whole = _whole_response_with_a_call(served, after)
+    with served[0].responses.stream(**_response_request(served, after)) as stream:
+        final = stream.get_final_response()
+
+    def shape(response):
+        return [(o.type, o.content[0].text, [t.token for t in o.content[0].logprobs]) if o.type == "message"
+                else (o.type, o.name, o.arguments) for o in response.output]
+
+    assert shape(whole) == shape(final) and whole.output_text == final.output_text, (shape(whole), shape(final))
+    assert [o.type for o in whole.output] == ["message", "function_call", "message"]
+    texts = [(o.content[0].text, "".join(t.token for t in o.content[0].logprobs)) for o in whole.output[::2]]
+    assert texts[0] == ("Let me look.\n", "Let me look.\n")  # (the blank after the call rides on the text after it)
+    assert texts[1][0].strip() == texts[1][1].strip() == after.replace("\\n", "").strip()
+    assert whole.output[0].id != whole.output[2].id
+
+
+def _response_request(served, after):
+    """A Responses request forced to write "Let me look.", a call, then ``after``, with its output text's logprobs."""
     tools = [{"type": "function", "name": t["function"]["name"], "parameters": t["function"]["parameters"]}
              for t in TOOLS]
-    whole = special[0].responses.create(model=TINY, input="Weather in Oslo?", tools=tools, max_output_tokens=64,
-                                        extra_body={"guided_grammar": _grammar(special, after), "seed": 1},
-                                        include=["message.output_text.logprobs"])
-    assert [o.type for o in whole.output] == ["message", "function_call"]
-    return whole
+    return dict(model=TINY, input="Weather in Oslo?", tools=tools, max_output_tokens=64,
+                extra_body={"guided_grammar": _grammar(served, after), "seed": 1},
+                include=["message.output_text.logprobs"])
 
 
-def piece_shares_of_text(texts, text):
-    from xllm_jupyter.openai.piece_logprobs import text_entries
-
-    return len(text_entries([{"token": t} for t in texts], text))
+def _whole_response_with_a_call(served, after):
+    """The whole Response to ``_response_request``."""
+    return served[0].responses.create(**_response_request(served, after))
 
 
 def test_piece_shares_give_each_piece_its_own_tokens():
@@ -189,7 +208,7 @@ def test_a_character_split_over_tokens_keeps_the_text_and_the_call_apart():
     from xllm_jupyter.core.types import TokenLogprob
     from xllm_jupyter.backends.detokenize import token_text
     from xllm_jupyter.openai.logprob_wire import chat_logprob_entries
-    from xllm_jupyter.openai.piece_logprobs import piece_shares, text_entries
+    from xllm_jupyter.openai.piece_logprobs import piece_shares
 
     raws = [b"Hi ", "\U0001f600".encode()[:2], "\U0001f600".encode()[2:], b"\n", b"<tool_call>", b"{}", b"</tool_call>",
             b"\n", b"Done", b"."]
@@ -198,21 +217,3 @@ def test_a_character_split_over_tokens_keeps_the_text_and_the_call_apart():
     assert piece_shares(held, [({"content": "Hi \U0001f600"}, None), (call, None), ({"content": "Done."}, None)],
                         None) == [3, 4, 3]
     assert piece_shares(held[4:], [(call, None), ({"content": "\u00e9"}, None)], None) == [6, 0]  # not there: all
-    assert text_entries(held, "Hi \U0001f600") == held[:3]  # a whole Response's output_text: not the call's tokens
-
-
-def test_a_whole_responses_output_text_logprobs_leave_out_a_call_between_its_texts(special):  # noqa: F811
-    # text before and after a call is one message's text ("Let me look.\nDone."), not found as one piece among the
-    # tokens: the output_text logprobs had every token, the call's markers and JSON too
-    whole = _whole_response_with_a_call(special, "\\nDone.")
-    tokens = [t.token for t in whole.output[0].content[0].logprobs]
-    assert "".join(tokens) == whole.output_text and whole.output_text.split() == ["Let", "me", "look.", "Done."], tokens
-    assert piece_entries_of_text(["Let", " me", ".", "\n", "<tool_call>", "{}", "</tool_call>", "\n", "Done", "."],
-                                 "Let me.\nDone.") == ["Let", " me", ".", "\n", "Done", "."]
-    assert piece_entries_of_text(["Hi", "<tool_call>", "{}", "</tool_call>", "\n\n"], "Hi") == ["Hi"]
-
-
-def piece_entries_of_text(texts, text):
-    from xllm_jupyter.openai.piece_logprobs import text_entries
-
-    return [e["token"] for e in text_entries([{"token": t} for t in texts], text)]

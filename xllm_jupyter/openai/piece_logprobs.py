@@ -50,28 +50,6 @@ def piece_shares(entries: Sequence[dict[str, Any]], pieces: Sequence[tuple[dict[
     return shares
 
 
-def text_entries(entries: Sequence[dict[str, Any]], text: str) -> list[dict[str, Any]]:
-    """A whole reply's token logprob ``entries`` (oldest first, after any thinking) that are its ``text``'s own when
-    calls come with it: ``text`` is the pieces around the calls joined, each found in turn among the tokens' bytes
-    (the longest start of what is left, from where the last ended); the tokens that end within a piece are the text's
-    (the first's leading blanks too), a call's are not. All of them where the text is not found."""
-    joined, ends = _joined(entries)
-    rest, at, spans = text.encode("utf-8"), 0, []
-    while rest:
-        lo, hi = 0, len(rest)  # the longest start of ``rest`` found from ``at`` (a shorter one is found too)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if joined.find(rest[:mid], at) >= 0 else (lo, mid - 1)
-        if not lo:
-            return list(entries)
-        found = joined.find(rest[:lo], at)
-        spans.append((found if spans else -1, found + lo))
-        at, rest = found + lo, rest[lo:]
-    if not spans:
-        return list(entries)
-    return [e for e, end in zip(entries, ends) if any(a < end <= b for a, b in spans)]
-
-
 def _after_calls(text: bytes, at: int, later: bytes) -> int:
     """Where ``later`` (the text after a call) is in ``text`` after the call's own tokens, which start at ``at``: it may
     be in the call's JSON too (a ``}``, a quote). Past the call constructs there, or its end tag when it began in an

@@ -256,21 +256,3 @@ def last_item_status(item: dict[str, Any], status: str) -> str:
             return "incomplete"
         return "completed"
     return status
-
-
-def output_items(message: dict[str, Any], mid: str, status: str, logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """A chat response ``message`` as Responses output items (text first, then calls; ``logprobs``: the text's).
-
-    The items before the last are complete; the last has ``last_item_status``.
-    """
-    calls = message.get("tool_calls") or []
-    text = message.get("content") or ""
-    thought = message.get("reasoning_content")  # a reasoning model's thinking (reasoning.py) comes first
-    out = [reasoning_item(thought)] if thought else []
-    if text or not (calls or out):
-        out.append(message_item("assistant", text, mid, logprobs=logprobs))
-    for tc in calls:
-        fn = tc["function"]
-        out.append(function_call_item(tc["id"], fn["name"], fn["arguments"]))
-    out[-1]["status"] = last_item_status(out[-1], status)
-    return out

@@ -1,4 +1,4 @@
-"""A streamed Response (``/v1/responses`` with ``stream: true``): chat chunks in, typed Responses events out."""
+"""A Response's events (``/v1/responses``): chat chunks in, typed Responses events out; a whole Response is the last's."""
 
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ class ResponseEventStream:
     """A streamed Response: chat chunks in, typed Responses events out, one output item at a time.
 
     Items are streamed as OpenAI streams them: each is added, filled and done before the
-    next is added (a reasoning model's thinking, text, then each function call), so ``output_index`` only grows and a
-    client may treat ``output_item.done`` as final. When the request cut the reply short,
+    next is added (a reasoning model's thinking, then its answer's runs of text and function calls in the order they
+    were generated, a message per run), so ``output_index`` only grows and a client may treat ``output_item.done`` as
+    final. When the request cut the reply short,
     the item open at the cut is ``incomplete``; those closed before it are ``completed``.
     """
 

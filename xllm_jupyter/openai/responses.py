@@ -4,8 +4,9 @@ A Responses request becomes a chat request (``instructions`` -> a system message
 items -> messages, ``previous_response_id`` -> the stored conversation in front) and
 runs through ``OpenAIServing.chat_completion``, so validation, sampling, constraints
 and engine handling are the chat path's; only the wire shapes differ. Chat errors are
-re-labelled with the Responses parameter names before they leave. A streamed reply's chat
-chunks become typed Responses events in response_stream.py.
+re-labelled with the Responses parameter names before they leave. A reply's chat chunks become
+typed Responses events in response_stream.py, streamed or not: a whole Response is the one its
+stream ends with, so both have the same items (a message per run of text around the calls).
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ from ..core.errors import InvalidRequest, NotFound, Unsupported, XllmError, quot
 from .context_words import PromptTooLong
 from .offload import is_big, is_big_text, off_loop_if, parse_body
 from .owned_store import cursor_page, page_limit
-from .piece_logprobs import text_entries
 from .protocol import MAX_TOP_LOGPROBS, ObfuscationOption, PromptCacheOptions, ServiceTier, StrictModel, check_metadata, check_verbosity, served_tier
 from .item_references import resolve_references
-from .response_items import chat_tool_choice, chat_tools, check_function_outputs, check_items_new, items_to_messages, new_id, normalize_input, output_items, response_status
+from .response_items import chat_tool_choice, chat_tools, check_function_outputs, check_items_new, items_to_messages, new_id, normalize_input
 from .response_store import ResponseStore, StoredResponse
 from .schema_errors import check_json_type, shown
 from .structured import check_format_name
@@ -350,9 +350,9 @@ class ResponsesServing:
             chat["top_logprobs"] = req.top_logprobs or 0
         extra = req.model_extra or {}
         chat.update({k: extra[k] for k in _CHAT_EXTENSIONS if k in extra})
-        if req.stream:
-            chat["stream"] = True
-            chat["stream_options"] = {"include_usage": True}
+        # streamed whole or not: a whole Response is the stream's last one (create)
+        chat["stream"] = True
+        chat["stream_options"] = {"include_usage": True}
         # a long stored conversation costs as much to re-serialize as a big body
         chat_body = await off_loop_if(big or len(history) > _INLINE_HISTORY, _encoded, chat)
         return req, items, previous, chat_body
@@ -369,17 +369,20 @@ class ResponsesServing:
             result = await self.chat.chat_completion(chat_body, user=user, truncate=req.truncation == "auto")
         except XllmError as exc:
             raise _relabel(exc) from None
+        events = ResponseEventStream(turn, self.store, result)
         if req.stream:
-            return ResponseEventStream(turn, self.store, result)
-        choice = result["choices"][0]
-        status, incomplete = response_status(choice["finish_reason"])
-        logprobs = (choice.get("logprobs") or {}).get("content") or [] if req.logprobs else None
-        if logprobs:  # the output text's own tokens': after the thinking's, an empty block's markers too (0 without)
-            logprobs = logprobs[(result["usage"].get("completion_tokens_details") or {}).get("reasoning_tokens", 0):]
-        if logprobs and choice["message"].get("tool_calls"):  # the text's, not its calls' (as streamed)
-            logprobs = text_entries(logprobs, choice["message"].get("content") or "")
-        output = output_items(choice["message"], turn.mid, status, logprobs)
-        return turn.finish(self.store, output, status, incomplete, result.get("usage"))
+            return events
+        # A whole Response is the one its stream ends with: the same items in generation order (a message per run of
+        # text, as the calls between them cut it), each message with its own tokens' logprobs, however they were grouped
+        final: Event = {}
+        try:
+            async for final in events:
+                pass
+        except XllmError as exc:
+            raise _relabel(exc) from None
+        finally:
+            await events.aclose()  # (a request cancelled meanwhile cancels its generation)
+        return final["response"]
 
     async def input_tokens(self, body: bytes, user: str | None = None) -> dict[str, Any]:
         """``POST /v1/responses/input_tokens``: the ``usage.input_tokens`` that ``create`` would report for the same
