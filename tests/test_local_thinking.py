@@ -19,15 +19,15 @@ CHAIN = ("Ċ", "<think>", "plan", "</think>", "The", "<|im_end|>")
 SHOWN = "Thinking...\nplan\n...done thinking.\n\nThe\n"
 
 
-def build_chain_model(out):
-    """A random tiny Llama whose layers add nothing and whose head maps each CHAIN token to the next one."""
+def build_chain_model(out, chain=CHAIN):
+    """A random tiny Llama whose layers add nothing and whose head maps each ``chain`` token to the next one."""
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from tests.models import build_tiny_llama
 
     build_tiny_llama(out, special=SPECIAL, tie_word_embeddings=False)
-    ids = AutoTokenizer.from_pretrained(str(out)).convert_tokens_to_ids(list(CHAIN))
+    ids = AutoTokenizer.from_pretrained(str(out)).convert_tokens_to_ids(list(chain))
     model = LlamaForCausalLM.from_pretrained(str(out))
     with torch.no_grad():
         for layer in model.model.layers:  # the residual stream is the token's own embedding

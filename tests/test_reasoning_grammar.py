@@ -182,6 +182,31 @@ def test_a_line_break_before_the_opening_marker_still_opens_the_thinking(special
             assert _takes(compiler, tokenizer, fresh, '\n{"a":true}') is (kind == "regex")
 
 
+@pytest.fixture(scope="module")
+def spaced(tmp_path_factory):
+    """A client of a server of "spaced": a model that writes a space before its thinking, whatever it is sampled with
+    (a fixed chain of tokens: `` <think>plan</think>The``, then its end of turn; test_local_thinking's)."""
+    from tests.server_fixtures import make_test_config, running_server
+    from tests.test_local_thinking import CHAIN, build_chain_model
+    from xllm_jupyter.store.store import ModelStore
+
+    root = tmp_path_factory.mktemp("think-spaced")
+    store = ModelStore(root / "home")
+    store.pull(str(build_chain_model(root / "spaced", (CHAIN[0], "Ġ", *CHAIN[1:]))), "spaced")
+    with running_server(make_test_config(root / "home"), store, "spaced") as info:
+        with openai.OpenAI(base_url=info.base_url, api_key=info.api_key, max_retries=0, timeout=120) as c:
+            yield c
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("grammar", [None, {"guided_regex": "The"}, {"guided_grammar": 'start: "The"'}])
+def test_a_model_that_writes_a_space_before_its_thinking_thinks_under_a_grammar_too(spaced, grammar, stream):
+    # the space before <think> was masked under a grammar: the model could not think (nor write its answer's way)
+    thought, content, _, reason, usage = ask(spaced, "spaced", stream, temperature=0, extra_body=grammar)
+    assert (thought, content, reason) == ("plan", "The", "stop")
+    assert usage.completion_tokens_details.reasoning_tokens == 4  # the space, both markers and "plan"
+
+
 def _tokenizer(special):
     tokenizer = smollm2_tokenizer()
     if special:
