@@ -55,6 +55,7 @@ def harmony_client(root, **engine):
     (model / "chat_template.jinja").write_text(HARMONY_LIKE, encoding="utf-8")
     tok = AutoTokenizer.from_pretrained(str(model))
     ids = dict(zip(MARKERS, tok.convert_tokens_to_ids(list(MARKERS))))
+    ids["analysis"] = tok.encode("analysis", add_special_tokens=False)[0]  # (its first token: logit_bias makes it think)
     store = ModelStore(root / "home")
     store.pull(str(model), "oss")
     config = make_test_config(root / "home")
@@ -277,3 +278,21 @@ def test_responses_give_the_thinking_as_a_reasoning_item_and_calls_as_function_c
                                      tools=[{"type": "function", **t["function"]} for t in TOOLS])
     assert [o.type for o in called.output] == ["reasoning", "function_call"]
     assert (called.output[1].name, called.output[1].arguments) == ("weather", ARGS)
+
+
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+FORMAT = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": SCHEMA, "strict": True}}
+
+
+def test_a_format_shapes_the_final_channel_after_any_thinking(served):
+    client, ids = served
+    kw = dict(model="oss", messages=ASK, response_format=FORMAT, max_completion_tokens=64, seed=1,
+              logit_bias={str(ids["analysis"]): 100, str(ids[END]): 100})  # made to think (empty: <|end|> at once)
+    r = client.chat.completions.create(**kw, logprobs=True)
+    tokens = [t.token for t in r.choices[0].logprobs.content]
+    assert tokens[:4] == [CHANNEL, "analysis", MESSAGE, END]  # the thinking first, then the JSON in a final message
+    assert json.loads(r.choices[0].message.content).keys() == {"ok"}
+    assert (r.choices[0].message.model_extra["reasoning_content"], r.choices[0].finish_reason) == (None, "stop")
+    chunks = client.chat.completions.create(**kw, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content

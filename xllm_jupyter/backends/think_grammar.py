@@ -15,6 +15,10 @@ special one) is matched by its id (``<[ID]>``), which no text can spell; free te
 the thought's pattern also leaves out the end marker spelled as text. A marker written as text is a literal, and
 the thought before it a lazy lexeme: it ends at the marker's first occurrence (a greedy one that excludes the
 marker could not end there: llguidance's lexer does not back up to split the marker off).
+
+gpt-oss's harmony markers (``HARMONY``: the thinking is an ``analysis`` message, the answer a ``final`` one) make
+``start: (<|channel|> "analysis" <|message|> thought <|end|> <|start|> "assistant")? <|channel|> "final" <|message|>
+@body``: the model may think, then answers in the final channel, as vLLM applies a grammar to gpt-oss's final channel.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ _OUTER, _BODY = "xllm_think", "xllm_body"
 #: what the regex of the thought escapes (regex syntax and the Lark delimiter); ``<`` and ``>`` stay as they are
 #: (escaped they are word boundaries in the regex dialect llguidance reads)
 _META = set("\\.+*?()|[]{}^$/-&~#")
+#: the think markers (``Constraint.think``) of a harmony reply: its header's ``<|channel|>``, its message's ``<|end|>``
+HARMONY = ("<|channel|>", "<|end|>")
+_HARMONY_IDS = ("<|channel|>", "<|message|>", "<|end|>", "<|start|>")
 
 
 def _token(tokenizer: Any, marker: str) -> int | None:
@@ -55,6 +62,13 @@ def wrapped(text: str, tokenizer: Any, start: str, end: str, opened: bool) -> st
     top = json.loads(text) if text.lstrip().startswith("{") else {"grammars": [{"lark_grammar": text}]}
     body = dict(top["grammars"][0], name=_BODY)
     thought, rules = _thinking(tokenizer, end)
+    ids = [_token(tokenizer, m) for m in _HARMONY_IDS] if (start, end) == HARMONY else []
+    if ids and None not in ids:
+        ch, msg, _, st = (f"<[{i}]>" for i in ids)
+        lark = [f"start: xllm_think? {ch} \"final\" {msg} @{_BODY}",
+                f"xllm_think: {ch} \"analysis\" {msg} {thought} {st} \"assistant\"", *rules]
+        return json.dumps({**top, "grammars": [{"name": _OUTER, "lark_grammar": "\n".join(lark) + "\n"}, body,
+                                               *top["grammars"][1:]]})
     if opened:
         lark = [f"start: {thought} XLLM_SPACE? @{_BODY}"]
     else:

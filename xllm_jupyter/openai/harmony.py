@@ -13,8 +13,11 @@ while the reply is read (``MARKERS``) and never passed on; ``<|return|>`` and ``
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Any, Callable, Iterable, Sequence
 
+from ..backends.think_grammar import HARMONY
+from ..core.types import Constraint
 from .legacy_functions import legacy_delta
 from .tool_call import new_call_id
 
@@ -35,6 +38,18 @@ _DROP = "drop"
 def is_harmony(template: str | None) -> bool:
     """True when a chat template is harmony's (it writes ``<|channel|>`` and ``<|message|>``)."""
     return bool(template) and CHANNEL in template and MESSAGE in template  # type: ignore[operator]
+
+
+def in_final(constraint: Constraint, model: Any) -> Constraint:
+    """``constraint`` as the backend applies it to ``model``'s harmony reply: in the ``final`` channel, after an
+    analysis message the model may write first (backends/think_grammar.py), as vLLM applies it to gpt-oss's final
+    channel; as it is where the grammar writes the channels itself (its source names ``<|channel|>``) or the
+    tokenizer has not the markers as single tokens."""
+    ids = [model.tokenize(m, add_special_tokens=False) for m in (CHANNEL, MESSAGE, END, START)]
+    spec = constraint.spec if constraint.kind in ("lark", "grammar", "regex") else ""
+    if any(len(i) != 1 for i in ids) or CHANNEL in spec or f"<[{ids[0][0]}]>" in spec:
+        return constraint
+    return replace(constraint, think=HARMONY)
 
 
 def _partial(text: str, markers: Sequence[str]) -> int:

@@ -10,7 +10,7 @@ from ..core.errors import InvalidRequest
 from ..core.types import ChatMessage, Constraint
 from .harmony import END as HARMONY_END
 from .harmony import MARKERS as HARMONY_MARKERS
-from .harmony import HarmonyDeltas, HarmonyTally, harmony_message, is_harmony
+from .harmony import HarmonyDeltas, HarmonyTally, harmony_message, in_final, is_harmony
 from .legacy_functions import check_legacy_history, in_legacy_terms, legacy_delta, legacy_message, request_tool_config
 from .reasoning import Reasoning, ReasoningTally, ThinkingDeltas, kept_markers, wanted
 from .tool_parser import HERMES, MISTRAL, MISTRAL_V11, StreamingToolParser, detect_family, parse_tool_calls
@@ -120,9 +120,12 @@ class ToolCalling:
         keep as text when the request turns the split off; the grammar the reply is decoded under, after any thinking
         (``Reasoning.around``: compiled by ``check`` too, not on the model's step thread)."""
         forced, self._model = self.cfg.constrained, model
-        if self.harmony:  # (its thinking is a message of its own: a grammar shapes the whole reply, as in vLLM)
+        if self.harmony:  # (its thinking is a message of its own, before the final one the grammar shapes)
             wanted(extra)  # (a reasoning_format it does not know is still a 400)
-            return constraint
+            after = in_final(constraint, model) if constraint is not None else None
+            if after is not constraint:
+                await check(after, self._param)
+            return after
         self.reasoning = Reasoning.of(model, prompt, extra, forced=forced, constraint=constraint)
         self.kept = kept_markers(model, extra, forced=forced) if self.reasoning is None else ()
         after = self.reasoning.around(constraint) if self.reasoning is not None and constraint is not None else constraint
