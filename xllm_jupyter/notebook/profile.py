@@ -215,7 +215,7 @@ async def profile_async(
             for c in concurrency:
                 for r in range(repeats):
                     batch = [[{"role": "user", "content": filler(words, f"p{p}-c{c}-r{r}-i{i}")}] for i in range(c)]
-                    recs = await asyncio.gather(*(measure_stream(ac, m, model, params) for m in batch))
+                    recs = await asyncio.gather(*(measure_stream(ac, m, model, params, token_counts=True) for m in batch))
                     new = [_row(rec, c, p, r, i, t0) for i, rec in enumerate(recs)]
                     rows += new
                     gaps += [{"concurrency": c, "prompt_tokens": p, "request": i, "itl_s": g} for i, rec in enumerate(recs) for g in rec.itl_s]

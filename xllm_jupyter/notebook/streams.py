@@ -2,9 +2,11 @@
 
 ``profile``, ``compare`` and the widgets all measure the same way, so their numbers agree:
 time to first token from sending the request to the first content chunk, inter-token
-latency as the gaps between content chunks (a chunk is one decoded piece, usually one
-token), and decode speed as the tokens after the first over the time from the first
-generated piece (a reasoning model's thinking included) to the end of the stream.
+latency per token (a chunk holds every token the server made within its stream interval,
+several on a GPU: with ``token_counts`` the server says how many, and a chunk of n tokens
+after a gap g counts as n gaps of g / n), and decode speed as the tokens after the first
+over the time from the first generated piece (a reasoning model's thinking included) to
+the end of the stream.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ class StreamRecord:
     started: float = 0.0  # time.perf_counter() when the request was sent
     pieces: list[str] = field(default_factory=list)
     times: list[float] = field(default_factory=list)  # arrival of each piece
+    #: the server's count of tokens made when each piece arrived (``continuous_usage_stats``); None: not sent
+    tokens: list[int | None] = field(default_factory=list)
     #: arrival of the first generated piece, thinking or answer (a reasoning model's tokens start with its thinking)
     first_s: float = math.nan
     latency_s: float = math.nan
@@ -87,8 +91,15 @@ class StreamRecord:
 
     @property
     def itl_s(self) -> list[float]:
-        """Gaps between consecutive text pieces."""
-        return [b - a for a, b in zip(self.times, self.times[1:])]
+        """Time per token after the first text piece: a piece whose count says n tokens came since the last one counts
+        n times as the gap / n (none for a piece of no new token); without counts, one gap per piece."""
+        gaps: list[float] = []
+        counts = self.tokens if len(self.tokens) == len(self.times) else [None] * len(self.times)
+        for (a, ca), (b, cb) in zip(zip(self.times, counts), zip(self.times[1:], counts[1:])):
+            made = cb - ca if ca is not None and cb is not None else 1
+            if made > 0:
+                gaps += [(b - a) / made] * made
+        return gaps
 
     @property
     def tok_per_s(self) -> float:
@@ -119,9 +130,11 @@ async def measure_stream(
     on_piece: Callable[[str], None] | None = None,
     record: StreamRecord | None = None,
     on_thinking: Callable[[str], None] | None = None,
+    token_counts: bool = False,
 ) -> StreamRecord:
     """Stream one chat completion, timing each piece; server errors land in ``.error``. A reasoning model's thinking
-    goes to ``on_thinking`` where given (its pieces are not the answer's: never in ``record.pieces``).
+    goes to ``on_thinking`` where given (its pieces are not the answer's: never in ``record.pieces``). ``token_counts``
+    asks the server for its count of tokens on every chunk (``record.tokens``: inter-token latency per token).
 
     Cancelling the calling task closes the HTTP stream (the server then cancels the
     generation); pass ``record`` to keep what arrived (it is marked ``cancelled``).
@@ -129,7 +142,7 @@ async def measure_stream(
     params = dict(params or {})
     if record is None:
         record = StreamRecord(model=model, params=params)
-    body = {**params, "stream_options": {"include_usage": True}}
+    body = {**params, "stream_options": {"include_usage": True, **({"continuous_usage_stats": True} if token_counts else {})}}
     record.started = t0 = time.perf_counter()
     try:
         async for chunk in client.stream_chunks(messages, model, **body):
@@ -140,15 +153,16 @@ async def measure_stream(
             text = delta_text(chunk)
             if (thought or text) and math.isnan(record.first_s):
                 record.first_s = now
+            usage = chunk.get("usage")
             if text:
                 record.pieces.append(text)
                 record.times.append(now)
+                record.tokens.append(usage.get("completion_tokens") if usage else None)
                 if on_piece is not None:
                     on_piece(text)
             for choice in chunk.get("choices") or ():
                 if choice.get("finish_reason"):
                     record.finish_reason = choice["finish_reason"]
-            usage = chunk.get("usage")
             if usage:
                 record.prompt_tokens = usage.get("prompt_tokens")
                 record.usage_tokens = usage.get("completion_tokens")
