@@ -16,17 +16,12 @@ from ..client.base import ServerUnavailable, WrongScheme
 from ..client.thinking import no_answer_note
 from ..core.errors import ContextLengthExceeded, XllmError
 from .render import markup_safe, terminal_safe
-from .run_flags import FORMAT_HELP, KEEPALIVE_HELP, ReplyStats, keep_alive, response_format, set_command
+from .chat_commands import BLOCK, HELP, ChatSession, slash_command
+from .run_flags import FORMAT_HELP, KEEPALIVE_HELP, ReplyStats, keep_alive, response_format
 from .settings import server_options
-from .thinking import HIDE_HELP, THINK_HELP, Thinking, ThinkCommand, ThinkingView, set_think, think_kwargs
+from .thinking import HIDE_HELP, THINK_HELP, Thinking, ThinkCommand, ThinkingView, think_kwargs
 
 EXIT_WORDS = {"/bye", "/exit", "/quit"}
-HELP_WORDS = {"/?", "/help"}
-BLOCK = '"""'  # a message of several lines goes between these, as in `ollama run`
-HELP = (f"Type a message ({BLOCK} begins and ends one of several lines). Ctrl-C stops a reply, /clear forgets "
-        "the conversation, /set verbose|quiet|format json|noformat|think|nothink changes how answers come, /bye or Ctrl-D exits, "
-        "/? shows this help.")
-COMMANDS = "/clear, /set, /bye (or /exit, /quit), /? (or /help)"
 EXIT_HINT = "(Ctrl-C clears the line; /bye or Ctrl-D exits)"
 
 
@@ -181,27 +176,12 @@ def read_message() -> tuple[str, bool] | None:
     return "\n".join(lines).strip("\n"), True
 
 
-def _slash_command(text: str, history: list[dict[str, str]], system: list[dict[str, str]], params: dict[str, Any],
-                   verbose: bool) -> bool:
-    """Run /clear, /set or /?; anything else is an unknown command, never sent to the model. Returns whether
-    timings show after each answer now (``/set verbose``)."""
-    if text.split()[0] == "/set":
-        return verbose if set_think(text.split()[1:], params) else set_command(text.split()[1:], params, verbose)
-    if text == "/clear":
-        history[:] = system
-        _note("(conversation cleared)")
-    elif text in HELP_WORDS:
-        _note(HELP)
-    else:
-        _note(f"Unknown command '{text.split()[0]}'; commands: {COMMANDS}")
-    return verbose
-
-
 def interactive(backend: ChatBackend, model: str, history: list[dict[str, str]], params: dict[str, Any],
                 verbose: bool = False, load_seconds: float | None = None, hide_thinking: bool = False) -> None:
     """A terminal chat that keeps the conversation until /bye or EOF (``verbose``: timings after each answer, the
-    first with the ``load_seconds`` the model's load took; ``hide_thinking``: answers without their thinking)."""
-    system = list(history)
+    first with the ``load_seconds`` the model's load took; ``hide_thinking``: answers without their thinking). Its
+    commands (/set, /show, /load, /save, /clear, /?) are chat_commands.py's."""
+    s = ChatSession(backend, model, history, params, verbose, load_seconds, system=list(history))
     _note(HELP)
     while True:
         try:
@@ -220,20 +200,20 @@ def interactive(backend: ChatBackend, model: str, history: list[dict[str, str]],
         if not block and text.startswith("/"):  # a block is the user's text, even one that starts with "/"
             if text in EXIT_WORDS:
                 return
-            verbose = _slash_command(text, history, system, params, verbose)
+            slash_command(text, s)
             continue
         history.append({"role": "user", "content": text})
         try:
-            reply, interrupted = stream_reply(backend, history, model, params, ReplyStats(load_seconds) if verbose else None,
-                                              hide_thinking)
-            load_seconds = None  # the load was before the first answer only
+            reply, interrupted = stream_reply(backend, history, s.model, params,
+                                              ReplyStats(s.load_seconds) if s.verbose else None, hide_thinking)
+            s.load_seconds = None  # the load was before the first answer only
         except XllmError as exc:
             # A bad turn should not end the session, nor a server that stopped or restarted (ServerUnavailable, the
             # reply cut off or never begun): the conversation waits for it to be back. The turn is dropped, a partial
             # reply too (it stays on screen): sent with the next turns it would pass for the model's whole answer.
             history.pop()
             # "reduce the length of the messages": here the conversation is what grew, which only /clear shortens
-            hint = " (/clear forgets the conversation so far)" if isinstance(exc, ContextLengthExceeded) and history != system else ""
+            hint = " (/clear forgets the conversation so far)" if isinstance(exc, ContextLengthExceeded) and history != s.system else ""
             _note(f"Error: {terminal_safe(exc.message)}{hint}")  # the server's words: no escape acts (as on main's error line)
             continue
         if interrupted and not reply:

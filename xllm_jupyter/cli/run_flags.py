@@ -58,7 +58,8 @@ def set_command(words: list[str], params: dict[str, Any], verbose: bool) -> bool
         params["response_format"] = None
         click.echo("Disabled format.", err=True)
     else:
-        click.echo("Use /set verbose (timings after each answer), /set quiet, /set format json or /set noformat", err=True)
+        click.echo("Use /set verbose (timings after each answer), /set quiet, /set format json, /set noformat, /set think, "
+                   "/set nothink, /set parameter NAME VALUE or /set system TEXT (/? set: more)", err=True)
     return verbose
 
 
