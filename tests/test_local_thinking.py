@@ -75,6 +75,15 @@ def test_run_local_shows_the_thinking_as_against_a_server(server, local_home, hi
     assert served.stdout == local.stdout == ("The\n" if hide else SHOWN)
 
 
+def test_run_local_says_a_reply_all_thinking_spent_every_token_as_against_a_server(server, local_home):
+    # 2 tokens: "<think>" and "plan"; the same note on stderr both ways (the in-process engine knew no finish reason)
+    served = _run(server, "chain", "--max-tokens", "2", "Hi")
+    local = _run(server, "chain", "--local", "--max-tokens", "2", "Hi")
+    assert served.stdout == local.stdout == "Thinking...\nplan\n"
+    note = "(the model spent all 2 tokens thinking and gave no answer: raise --max-tokens)\n"
+    assert served.stderr.endswith(note) and local.stderr.endswith(note)
+
+
 def test_local_chat_sends_back_the_answers_alone(local_home, monkeypatch):
     from xllm_jupyter.client.local import LocalChat
 

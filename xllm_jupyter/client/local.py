@@ -111,6 +111,8 @@ class LocalChat:
         self.last_usage: dict[str, int] = {}
         #: and its engine's times, in llama.cpp's ``timings`` shape as a server sends them
         self.last_timings: dict[str, Any] = {}
+        #: and its finish reason (``stop``, ``length``), as a server's last chunk gives it (``XllmClient``'s)
+        self.last_finish_reason: str | None = None
 
     def _run(self, coro: Any) -> Any:
         return self._loop.run_until_complete(coro)
@@ -148,7 +150,7 @@ class LocalChat:
         splitter = reasoning.splitter() if reasoning is not None else None
         request = GenerationRequest(model=model, prompt_ids=tuple(prompt_ids), params=gen_params)
         events = self.engine.generate(request)
-        self.last_usage, self.last_timings = {}, {}
+        self.last_usage, self.last_timings, self.last_finish_reason = {}, {}, None
         try:
             while True:
                 try:
@@ -161,6 +163,9 @@ class LocalChat:
                 if usage is not None:  # the request's last event (GenerationDone)
                     self.last_usage = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
                     self.last_timings = timings_wire(event.timings, usage) or {}
+                finish = getattr(event, "finish", None)
+                if finish is not None and getattr(event, "index", 0) == 0:
+                    self.last_finish_reason = finish.value
                 text = getattr(event, "text", "")
                 if splitter is not None:
                     yield from _pieces(splitter.feed(text), thinking)
