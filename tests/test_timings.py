@@ -81,8 +81,8 @@ def test_a_chat_completion_carries_the_engines_timings(server, raw):
     assert list(sdk.model_extra["timings"]) == KEYS  # the SDK keeps the field
 
 
-@pytest.mark.parametrize("extra", [{}, {"stream_options": {"include_usage": True}}, {"n": 2, "seed": 1}],
-                         ids=["no usage", "usage", "n=2"])
+@pytest.mark.parametrize("extra", [{}, {"stream_options": {"include_usage": True}}, {"n": 2, "seed": 1}, {"store": True}],
+                         ids=["no usage", "usage", "n=2", "stored"])
 def test_a_streams_last_chunk_carries_them_alone(server, raw, extra):
     """On the stream's last chunk only (the usage chunk, else the last choice's finish chunk), as llama.cpp sends them;
     the other chunks are as they were, in their order."""

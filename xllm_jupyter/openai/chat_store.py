@@ -21,6 +21,7 @@ from .chat_assembly import Chunk, CompletionAssembler
 from .offload import off_loop_if, parse_body
 from .owned_store import OwnedStore, cursor_page, page_limit
 from .protocol import ChatCompletionRequest, StrictModel, check_metadata
+from .timings import Timed
 
 #: query parameters of ``GET /v1/chat/completions`` that filter on metadata: ``metadata[key]=value``
 _METADATA_QUERY = ("metadata[", "]")
@@ -140,6 +141,9 @@ class StoredCompletions:
         client_usage = req.include_usage
         try:
             async for chunk in chunks:
+                if isinstance(chunk, Timed):  # (the stream's end: with_timings, outside, puts them on its last chunk)
+                    yield chunk
+                    continue
                 assembler.add(chunk)
                 if not client_usage:
                     if not chunk["choices"]:

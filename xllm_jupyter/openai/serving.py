@@ -299,10 +299,11 @@ class OpenAIServing(CompletionsMixin):
         if req.stream:
             events = await started(self.engine.generate(gen), self.config.keepalive_seconds)
             # a stored stream always counts its usage, for the stored completion (recording drops it unless asked)
-            stream = with_timings(self._chat_stream(events, gen, req.model, rid, created, req.include_usage or bool(req.store),
-                                                    p.tools, served_tier(req.service_tier),
-                                                    req.include_usage and bool(req.stream_options.continuous_usage_stats)))
-            return self.stored.recording(stream, req, user, p.big) if req.store else stream
+            stream = self._chat_stream(events, gen, req.model, rid, created, req.include_usage or bool(req.store), p.tools,
+                                       served_tier(req.service_tier),
+                                       req.include_usage and bool(req.stream_options.continuous_usage_stats))
+            # the timings go on the last chunk the client gets: a stored stream's usage chunk may be dropped
+            return with_timings(self.stored.recording(stream, req, user, p.big) if req.store else stream)
         result = await self._chat_full(gen, req.model, rid, created, p.tools)
         if req.service_tier is not None:
             result["service_tier"] = served_tier(req.service_tier)
