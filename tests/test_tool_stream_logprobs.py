@@ -182,7 +182,13 @@ def test_piece_shares_give_each_piece_its_own_tokens():
     held = tokens("Let", " me", ".", "\n", "<tool_call>", "{}", "</tool_call>", "\n", "Done", ".")
     assert piece_shares(held, [({"content": "Let me.\n"}, None), (call, None), ({"content": "Done."}, None)],
                         None) == [4, 3, 3]  # the blank after the call rides on the text after it
-    assert piece_shares(held, [({"content": "Let me.\n"}, None), (call, None), (call, None)], None) == [4, 6, 0]
+    # a call with no text after it in this delta takes its own tokens: the blank after it waits for the text after it,
+    # as one by one (it took every held token, so that blank rode on the call or on the text after it by the grouping)
+    held = tokens("Let", " me", ".", "\n", "<tool_call>", '{"name": "f", "arguments": {}}', "</tool_call>", "\n")
+    assert piece_shares(held, [({"content": "Let me.\n"}, None), (call, None), (call, None)], None) == [4, 3, 0]
+    assert piece_shares(held[4:6] + tokens("</tool_call>\n"), [(call, None)], None) == [3]  # the token it ends in
+    assert piece_shares(tokens("<tool_call>", '{"name": "f", "arguments": {"a"'), [(call, None)], None) == [2]  # a
+    # forced call still being written: all
     assert piece_shares(tokens("Hi", " ", "<"), [({"content": "Hi "}, None)], None) == [2]  # "<" held: a call's?
     assert piece_shares(tokens("Hi", " ", "<"), [({"content": "Hi "}, "stop")], None) == [3]  # the last takes all
     assert piece_shares(tokens("plan", "</think>", "\n\n", "The"), [({"reasoning_content": "plan"}, None),
@@ -216,4 +222,5 @@ def test_a_character_split_over_tokens_keeps_the_text_and_the_call_apart():
     call = {"tool_calls": [{"index": 0}]}
     assert piece_shares(held, [({"content": "Hi \U0001f600"}, None), (call, None), ({"content": "Done."}, None)],
                         None) == [3, 4, 3]
-    assert piece_shares(held[4:], [(call, None), ({"content": "\u00e9"}, None)], None) == [6, 0]  # not there: all
+    # text not there: the call takes its own tokens, the text what follows them
+    assert piece_shares(held[4:], [(call, None), ({"content": "\u00e9"}, None)], None) == [3, 3]
