@@ -258,6 +258,17 @@ def test_a_regex_that_spells_the_marker_otherwise_is_applied_from_the_first_toke
     assert (thought, content, reason) == ("plan it", "The answer.", "stop")
 
 
+@pytest.mark.parametrize(("model", "start", "end"), MODELS)
+def test_a_grammar_that_takes_any_text_leaves_a_special_marker_free_to_open_the_thinking(served, model, start, end):
+    """``(.|\\n)*`` takes the marker's text, but it does not write the marker: a special-token marker is no text it
+    takes, so applied from the first token it kept the model from thinking; it applies after the thinking."""
+    client, ids = served
+    bias = {str(ids[start]): 100, str(ids["ok"]): 90, str(ids[end]): -100}  # open a block, then "ok" until the end
+    thought, content, _, reason, _ = ask(client, model, extra_body={"guided_regex": r"(.|\n)*"}, logit_bias=bias,
+                                         max_completion_tokens=12)
+    assert (thought, content, reason) == ("ok" * 11, None, "length")
+
+
 @pytest.mark.parametrize(("kind", "spec", "marker", "begins"), [
     ("regex", r"\[THINK\].*\[/THINK\]ok", "[THINK]", True),  # what re.escape makes of Magistral's marker
     ("regex", r"[<]think>.*</think>ok", "<think>", True),
@@ -268,6 +279,12 @@ def test_a_regex_that_spells_the_marker_otherwise_is_applied_from_the_first_toke
     ("lark", r'start: /\[THINK\]/ "x"', "[THINK]", True),
     ("grammar", r'root ::= [\[] "THINK]x"', "[THINK]", True),
     ("regex", r"(a{700}){700}", "[THINK]", False),  # past the lexer's fuel: refused by its own check, not here
+    # any text is not the marker: such a grammar applies after the thinking (a special marker is no text it takes)
+    ("regex", r".*", "[THINK]", False),
+    ("regex", r"(.|\n)*", "<think>", False),
+    ("regex", r"[^{]+", "<think>", False),
+    ("regex", r"\[[A-Z]+\]x", "[THINK]", False),
+    ("lark", r'start: "{" /[a-z]+/ "}" | /(.|\n)+/', "<think>", False),
     ("json_schema", "{}", "[THINK]", False),
 ])
 def test_a_grammar_is_read_for_the_marker_it_begins_with(kind, spec, marker, begins):
