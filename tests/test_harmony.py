@@ -217,18 +217,40 @@ def test_history_with_thinking_and_calls_is_taken_back(served):
     assert thought.usage.prompt_tokens > plain.usage.prompt_tokens + 4
 
 
-def test_forcing_a_call_is_refused_plainly(served):
-    client, _ = served
-    with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model="oss", messages=ASK, tools=TOOLS, tool_choice="required")
-    assert err.value.body["param"] == "tool_choice"
-    with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model="oss", messages=ASK, functions=[t["function"] for t in TOOLS],
-                                       function_call={"name": "weather"})
-    assert err.value.body["param"] == "function_call"
+#: tools without arguments: a forced call's JSON is "{}" at once (a random model's string could run to max_tokens)
+BARE = [{"type": "function", "function": {"name": n, "parameters": {"type": "object", "properties": {}}}}
+        for n in ("now", "today")]
+
+
+@pytest.mark.parametrize(("choice", "names", "finish"), [
+    ("required", {"now", "today"}, "tool_calls"),
+    ({"type": "function", "function": {"name": "today"}}, {"today"}, "stop"),  # (named: "stop", as OpenAI ends it)
+])
+def test_a_forced_call_is_a_commentary_message_whole_and_streamed(served, choice, names, finish):
+    client, ids = served
+    # made to end any thinking at once (a random model's thought could run to max_tokens)
+    kw = dict(model="oss", messages=ASK, tools=BARE, tool_choice=choice, max_completion_tokens=48, seed=1,
+              logit_bias={str(ids[END]): 100})
+    r = client.chat.completions.create(**kw)
+    message = r.choices[0].message
+    assert len(message.tool_calls) == 1 and message.tool_calls[0].function.name in names
+    assert (json.loads(message.tool_calls[0].function.arguments), message.content) == ({}, None)
+    assert r.choices[0].finish_reason == finish
+    calls, reason = {}, None
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            for frag in c.delta.tool_calls or ():
+                calls.setdefault(frag.index, [frag.function.name, ""])[1] += frag.function.arguments or ""
+            reason = c.finish_reason or reason
+    assert (list(calls.values()), reason) == ([[message.tool_calls[0].function.name, "{}"]], finish)
 
 
 def test_a_call_comes_back_as_a_legacy_function_call_for_functions(served):
+    client, ids = served
+    forced = client.chat.completions.create(model="oss", messages=ASK, functions=[t["function"] for t in BARE],
+                                            function_call={"name": "now"}, max_completion_tokens=48, seed=1,
+                                            logit_bias={str(ids[END]): 100})
+    assert (forced.choices[0].message.function_call.name, forced.choices[0].finish_reason) == ("now", "stop")
     functions = [t["function"] for t in TOOLS]
     r = ask(served, THINK_CALL, functions=functions)
     message = r.choices[0].message

@@ -12,6 +12,7 @@ while the reply is read (``MARKERS``) and never passed on; ``<|return|>`` and ``
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import replace
 from typing import Any, Callable, Iterable, Sequence
@@ -20,6 +21,7 @@ from ..backends.think_grammar import HARMONY
 from ..core.types import Constraint
 from .legacy_functions import legacy_delta
 from .tool_call import new_call_id
+from .tools import args_schema
 
 START, END, MESSAGE, CHANNEL, CONSTRAIN, RETURN, CALL = (
     "<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>", "<|return|>", "<|call|>")
@@ -50,6 +52,23 @@ def in_final(constraint: Constraint, model: Any) -> Constraint:
     if any(len(i) != 1 for i in ids) or CHANNEL in spec or f"<[{ids[0][0]}]>" in spec:
         return constraint
     return replace(constraint, think=HARMONY)
+
+
+def call_grammar(tools: Sequence[Any], model: Any) -> Constraint | None:
+    """The grammar of a harmony reply forced to call one of ``tools`` (ToolSpecs: ``tool_choice`` required or a named
+    function): an analysis message it may write first, then a commentary message to ``functions.NAME`` with JSON
+    arguments its schema admits, which ``<|call|>`` ends; None where ``model``'s tokenizer has not every marker as
+    one token."""
+    ids = [model.tokenize(m, add_special_tokens=False) for m in (CHANNEL, MESSAGE, END, START, CONSTRAIN)]
+    if any(len(i) != 1 for i in ids):
+        return None
+    ch, msg, end, st, con = (f"<[{i[0]}]>" for i in ids)
+    calls = [f'{ch} {json.dumps("commentary to=functions." + t.name + " ")} {con} "json" {msg} '
+             f"%json{json.dumps(args_schema(t.parameters))}" for t in tools]
+    return Constraint("lark", "\n".join([
+        "start: xllm_think? xllm_call", "xllm_call: " + " | ".join(calls),
+        f'xllm_think: {ch} "analysis" {msg} XLLM_THOUGHT {end} {st} "assistant"',
+        "XLLM_THOUGHT: /(.|\\n)*/ & ~/(.|\\n)*<\\|end\\|>(.|\\n)*/"]) + "\n")  # (nor <|end|> spelt in text)
 
 
 def _partial(text: str, markers: Sequence[str]) -> int:
@@ -145,9 +164,11 @@ class HarmonyDeltas:
 
     looping = False  # (no tool grammar binds it: ForcedLoops never ends it early)
 
-    def __init__(self, names: Iterable[str] = (), parallel: bool = True, legacy: bool = False):
+    def __init__(self, names: Iterable[str] = (), parallel: bool = True, legacy: bool = False, named: bool = False):
         self.parser = HarmonyParser(names, parallel)
         self.legacy = legacy  # the request gave legacy ``functions``: calls go out as ``function_call`` pieces
+        # a reply forced to call one named function ends "stop", as api.openai.com ends it (ToolDeltas.called)
+        self.called = "stop" if named else "tool_calls"
         self._index = -1
 
     def deltas(self, text: str, finish: str | None, stop_string: bool = False) -> list[tuple[dict[str, Any], str | None]]:
@@ -166,15 +187,15 @@ class HarmonyDeltas:
             else:
                 out.append(({"tool_calls": [{"index": self._index, "function": {"arguments": value}}]}, None))
         if finish is not None:
-            out.append(({}, "tool_calls" if self._index >= 0 and finish == "stop" and not stop_string else finish))
+            out.append(({}, self.called if self._index >= 0 and finish == "stop" and not stop_string else finish))
         return [legacy_delta(d, r) for d, r in out] if self.legacy else out
 
 
-def harmony_message(text: str, finish: str, names: Iterable[str], parallel: bool,
-                    stop_string: bool = False) -> tuple[dict[str, Any], str]:
+def harmony_message(text: str, finish: str, names: Iterable[str], parallel: bool, stop_string: bool = False,
+                    named: bool = False) -> tuple[dict[str, Any], str]:
     """The ``message`` and ``finish_reason`` of one choice's whole text: what a client assembles from its stream."""
     thought, content, calls, reason = "", "", [], finish
-    for delta, end in HarmonyDeltas(names, parallel).deltas(text, finish, stop_string):
+    for delta, end in HarmonyDeltas(names, parallel, named=named).deltas(text, finish, stop_string):
         thought += delta.get("reasoning_content") or ""
         content += delta.get("content") or ""
         for frag in delta.get("tool_calls", ()):

@@ -10,7 +10,7 @@ from ..core.errors import InvalidRequest
 from ..core.types import ChatMessage, Constraint
 from .harmony import END as HARMONY_END
 from .harmony import MARKERS as HARMONY_MARKERS
-from .harmony import HarmonyDeltas, HarmonyTally, harmony_message, in_final, is_harmony
+from .harmony import HarmonyDeltas, HarmonyTally, call_grammar, harmony_message, in_final, is_harmony
 from .legacy_functions import check_legacy_history, in_legacy_terms, legacy_delta, legacy_message, request_tool_config
 from .reasoning import Reasoning, ReasoningTally, ThinkingDeltas, kept_markers, wanted
 from .tool_parser import HERMES, MISTRAL, MISTRAL_V11, StreamingToolParser, detect_family, parse_tool_calls
@@ -51,11 +51,7 @@ class ToolCalling:
         self.kept: tuple[str, ...] = ()
         #: a harmony template's (gpt-oss): replies are read as its messages (harmony.py), not by the parsers here
         self.harmony = is_harmony(template)
-        if self.harmony and cfg.constrained:
-            field = "function_call" if legacy else "tool_choice"
-            raise InvalidRequest(f"This model's harmony format cannot be forced to call a tool yet: use {field} "
-                                 "'auto'.", param=field, code="unsupported_value")
-        self._model: Any = None  # the loaded model (``think``): its marker ids count a harmony reply's thinking
+        self._model: Any = None  # the loaded model: its marker ids make a harmony reply's grammar, count its thinking
         #: the request field the decoding grammar came from (``decoding``), which a 400 about it names
         self._param = "response_format"
 
@@ -67,7 +63,9 @@ class ToolCalling:
         if legacy:  # (not at parse time: protocol.py is at its size limit)
             check_legacy_history(req.messages)
         template = getattr(model, "chat_template", lambda: None)()
-        return cls(cfg, template, legacy)
+        calling = cls(cfg, template, legacy)
+        calling._model = model
+        return calling
 
     @property
     def active(self) -> bool:
@@ -140,6 +138,13 @@ class ToolCalling:
 
     def constraint(self) -> Constraint | None:
         """The grammar that forces tool calls (``required`` or a named function), else None."""
+        if self.harmony and self.cfg.constrained:  # (its calls are commentary messages, not Hermes blocks)
+            grammar = call_grammar(self.cfg.callable_tools(), self._model) if self._model is not None else None
+            if grammar is None:
+                field = "function_call" if self.legacy else "tool_choice"
+                raise InvalidRequest(f"This model's tokenizer lacks harmony's markers as tokens: it cannot be forced "
+                                     f"to call a tool; use {field} 'auto'.", param=field, code="unsupported_value")
+            return grammar
         return tool_constraint(self.cfg)
 
     async def at_fault(self, check: Callable[[Constraint], Awaitable[None]], request_tools: Sequence[Any] | None,
@@ -164,7 +169,7 @@ class ToolCalling:
         of the request ended it)."""
         if self.harmony:
             message, reason = harmony_message(text, finish, self.cfg.names if self.active else (), self.cfg.parallel,
-                                              stop_string)
+                                              stop_string, named=self.cfg.choice == "function")
             return legacy_message(message, reason) if self.legacy else (message, reason)
         thought = None
         if self.reasoning is not None:  # calls are read from the answer only
@@ -213,7 +218,8 @@ class ToolCalling:
     def streamer(self) -> "ToolDeltas":
         """A per-choice converter of text pieces into chat ``delta`` objects (legacy ``function_call`` ones for functions)."""
         if self.harmony:
-            return HarmonyDeltas(self.cfg.names if self.active else (), self.cfg.parallel, self.legacy)  # type: ignore[return-value]
+            return HarmonyDeltas(self.cfg.names if self.active else (), self.cfg.parallel, self.legacy,  # type: ignore[return-value]
+                                 named=self.cfg.choice == "function")
         inner = self._deltas(self.legacy) if self.active else None
         return ThinkingDeltas(self.reasoning.splitter(), inner) if self.reasoning is not None else inner  # type: ignore[return-value]
 
