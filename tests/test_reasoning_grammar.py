@@ -8,6 +8,7 @@ grammar masks all three out of the answer. How many "ok"s it writes is left open
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -182,10 +183,11 @@ def test_a_line_break_before_the_opening_marker_still_opens_the_thinking(special
             assert _takes(compiler, tokenizer, fresh, '\n{"a":true}') is (kind == "regex")
 
 
-@pytest.fixture(scope="module")
-def spaced(tmp_path_factory):
+@pytest.fixture(scope="module", params=[0, 60_000], ids=["ungrouped", "grouped"])
+def spaced(tmp_path_factory, request):
     """A client of a server of "spaced": a model that writes a space before its thinking, whatever it is sampled with
-    (a fixed chain of tokens: `` <think>plan</think>The``, then its end of turn; test_local_thinking's)."""
+    (a fixed chain of tokens: `` <think>plan</think>The``, then its end of turn; test_local_thinking's). Its engine
+    hands each token over alone, or all after the first in one delta (``stream_interval_ms``)."""
     from tests.server_fixtures import make_test_config, running_server
     from tests.test_local_thinking import CHAIN, build_chain_model
     from xllm_jupyter.store.store import ModelStore
@@ -193,7 +195,9 @@ def spaced(tmp_path_factory):
     root = tmp_path_factory.mktemp("think-spaced")
     store = ModelStore(root / "home")
     store.pull(str(build_chain_model(root / "spaced", (CHAIN[0], "Ġ", *CHAIN[1:]))), "spaced")
-    with running_server(make_test_config(root / "home"), store, "spaced") as info:
+    config = make_test_config(root / "home")
+    config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, stream_interval_ms=request.param))
+    with running_server(config, store, "spaced") as info:
         with openai.OpenAI(base_url=info.base_url, api_key=info.api_key, max_retries=0, timeout=120) as c:
             yield c
 
