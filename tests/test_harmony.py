@@ -55,7 +55,8 @@ def harmony_client(root, **engine):
     (model / "chat_template.jinja").write_text(HARMONY_LIKE, encoding="utf-8")
     tok = AutoTokenizer.from_pretrained(str(model))
     ids = dict(zip(MARKERS, tok.convert_tokens_to_ids(list(MARKERS))))
-    ids["analysis"] = tok.encode("analysis", add_special_tokens=False)[0]  # (its first token: logit_bias makes it think)
+    for word in ("analysis", "final", "commentary"):  # (each one's first token: logit_bias picks a channel)
+        ids[word] = tok.encode(word, add_special_tokens=False)[0]
     store = ModelStore(root / "home")
     store.pull(str(model), "oss")
     config = make_test_config(root / "home")
@@ -318,3 +319,21 @@ def test_a_format_shapes_the_final_channel_after_any_thinking(served):
     assert (r.choices[0].message.model_extra["reasoning_content"], r.choices[0].finish_reason) == (None, "stop")
     chunks = client.chat.completions.create(**kw, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+
+
+@pytest.mark.parametrize("channel", ["commentary", "final"])
+def test_tools_beside_a_format_may_be_called_or_the_format_answered(served, channel):
+    client, ids = served
+    kw = dict(model="oss", messages=ASK, tools=BARE, response_format=FORMAT, max_completion_tokens=48, seed=1,
+              logit_bias={str(ids[channel]): 100})  # (the channel the reply takes, its first token's)
+    r = client.chat.completions.create(**kw)
+    choice = r.choices[0]
+    if channel == "commentary":  # a call, as to a model without a format
+        assert [(c.function.name in ("now", "today"), c.function.arguments) for c in choice.message.tool_calls] == [
+            (True, "{}")]
+        assert (choice.message.content, choice.finish_reason) == (None, "tool_calls")
+    else:  # the answer in the format
+        assert (json.loads(choice.message.content).keys(), choice.message.tool_calls) == ({"ok"}, None)
+    chunks = [c for c in client.chat.completions.create(**kw, stream=True) if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == (choice.message.content or "")
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == [choice.finish_reason]

@@ -21,7 +21,7 @@ from ..backends.think_grammar import HARMONY
 from ..core.types import Constraint
 from .legacy_functions import legacy_delta
 from .tool_call import new_call_id
-from .tools import args_schema
+from .tools import ToolConfig, answer_schema, args_schema
 
 START, END, MESSAGE, CHANNEL, CONSTRAIN, RETURN, CALL = (
     "<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>", "<|return|>", "<|call|>")
@@ -54,21 +54,32 @@ def in_final(constraint: Constraint, model: Any) -> Constraint:
     return replace(constraint, think=HARMONY)
 
 
-def call_grammar(tools: Sequence[Any], model: Any) -> Constraint | None:
+def call_grammar(tools: Sequence[Any], model: Any, answer: Any = None) -> Constraint | None:
     """The grammar of a harmony reply forced to call one of ``tools`` (ToolSpecs: ``tool_choice`` required or a named
     function): an analysis message it may write first, then a commentary message to ``functions.NAME`` with JSON
-    arguments its schema admits, which ``<|call|>`` ends; None where ``model``'s tokenizer has not every marker as
-    one token."""
+    arguments its schema admits, which ``<|call|>`` ends; or, given ``answer`` (a JSON schema), a final message that
+    matches it instead. None where ``model``'s tokenizer has not every marker as one token."""
     ids = [model.tokenize(m, add_special_tokens=False) for m in (CHANNEL, MESSAGE, END, START, CONSTRAIN)]
     if any(len(i) != 1 for i in ids):
         return None
     ch, msg, end, st, con = (f"<[{i[0]}]>" for i in ids)
     calls = [f'{ch} {json.dumps("commentary to=functions." + t.name + " ")} {con} "json" {msg} '
              f"%json{json.dumps(args_schema(t.parameters))}" for t in tools]
+    if answer is not None:
+        calls.append(f'{ch} "final" {msg} %json{json.dumps(answer)}')
     return Constraint("lark", "\n".join([
         "start: xllm_think? xllm_call", "xllm_call: " + " | ".join(calls),
         f'xllm_think: {ch} "analysis" {msg} XLLM_THOUGHT {end} {st} "assistant"',
         "XLLM_THOUGHT: /(.|\\n)*/ & ~/(.|\\n)*<\\|end\\|>(.|\\n)*/"]) + "\n")  # (nor <|end|> spelt in text)
+
+
+def calls_or_final(cfg: ToolConfig, answer: Constraint | None, model: Any) -> Constraint | None:
+    """``answer`` (a ``response_format``'s constraint) for a harmony reply that may call the request's tools instead
+    (tools.calls_or_answer's counterpart: agents with tools and a structured final output); as it is otherwise."""
+    if answer is None or model is None or not cfg.active or cfg.constrained or answer.kind not in ("json_object",
+                                                                                                   "json_schema"):
+        return answer
+    return call_grammar(cfg.callable_tools(), model, answer_schema(answer)) or answer
 
 
 def _partial(text: str, markers: Sequence[str]) -> int:

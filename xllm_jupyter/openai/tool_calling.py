@@ -10,7 +10,7 @@ from ..core.errors import InvalidRequest
 from ..core.types import ChatMessage, Constraint
 from .harmony import END as HARMONY_END
 from .harmony import MARKERS as HARMONY_MARKERS
-from .harmony import HarmonyDeltas, HarmonyTally, call_grammar, harmony_message, in_final, is_harmony
+from .harmony import HarmonyDeltas, HarmonyTally, call_grammar, calls_or_final, harmony_message, in_final, is_harmony
 from .legacy_functions import check_legacy_history, in_legacy_terms, legacy_delta, legacy_message, request_tool_config
 from .reasoning import Reasoning, ReasoningTally, ThinkingDeltas, kept_markers, wanted
 from .tool_parser import HERMES, MISTRAL, MISTRAL_V11, StreamingToolParser, detect_family, parse_tool_calls
@@ -93,7 +93,8 @@ class ToolCalling:
         """The grammar the reply is decoded under, compiled by ``check(constraint, param)`` (a bad one is a plain 400):
         forced tool calls' (they win over the request's ``answer`` format), the format widened to admit the calls the
         model may make beside it (tools.calls_or_answer), or the format alone."""
-        constraint = self.constraint() or calls_or_answer(self.cfg, answer, self.family == HERMES and not self.harmony)
+        constraint = self.constraint() or (calls_or_final(self.cfg, answer, self._model) if self.harmony
+                                           else calls_or_answer(self.cfg, answer, self.family == HERMES))
         self.bound = constraint is not None and constraint is not answer  # a tool grammar (a choice's is Lark too)
         if constraint is None:
             return None

@@ -424,7 +424,13 @@ def calls_or_answer(cfg: ToolConfig, answer: Constraint | None, hermes: bool) ->
     """
     if answer is None or not (cfg.active and hermes) or cfg.constrained or answer.kind not in ("json_object", "json_schema"):
         return answer
+    return Constraint(kind="lark", spec=tool_grammar(cfg, answer_schema(answer)))
+
+
+def answer_schema(answer: Constraint) -> Any:
+    """The JSON schema of a ``json_schema``/``json_object`` format beside tool calls, compact as the format alone is
+    (a weak model pads with blanks otherwise)."""
     schema = json.loads(answer.spec) if answer.kind == "json_schema" else {"type": "object"}
-    if isinstance(schema, dict):  # compact, as the format alone is (a weak model pads with blanks otherwise)
+    if isinstance(schema, dict):
         schema = {**schema, "x-guidance": {**(schema.get("x-guidance") or {}), "whitespace_flexible": False}}
-    return Constraint(kind="lark", spec=tool_grammar(cfg, schema))
+    return schema
