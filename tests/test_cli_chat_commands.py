@@ -104,3 +104,10 @@ def test_save_keeps_the_session_as_a_model(own, sent):
     assert settings.from_ == TINY and settings.system == "be brief"
     assert settings.parameters == {"temperature": 0.25, "stop": ["END"]}
     assert [(m.role, m.content) for m in settings.messages] == [("user", "hello"), ("assistant", reply.strip())]
+
+
+def test_set_system_takes_a_block_of_several_lines(own, sent):
+    """`/set system \"\"\"...` runs to the line ending in \"\"\", as in `ollama run` (its lines went to the model as messages)."""
+    chat_with(TINY, '/set system """You are', "", 'a pirate."""', "hello", '/set system """Be brief."""', "again")
+    assert sent[0][1] == [{"role": "system", "content": "You are\n\na pirate."}, {"role": "user", "content": "hello"}]
+    assert sent[1][1][0] == {"role": "system", "content": "Be brief."} and len(sent) == 2

@@ -158,13 +158,16 @@ def read_message() -> tuple[str, bool] | None:
     """The user's next message and whether it was a \"\"\" block (sent as typed, never a /command); None on EOF.
 
     A line that starts with \"\"\" opens a block that runs to the line ending in \"\"\", so pasted text of
-    several lines is one message instead of one per line.
+    several lines is one message instead of one per line; so does one after ``/set system``, as in `ollama run` (the
+    command comes back with the block's text).
     """
     line = _read_line()
     if line is None:
         return None
-    first = line.lstrip()
-    if not first.startswith(BLOCK):
+    first, command = line.lstrip(), ""
+    if first.startswith("/set system ") and first[len("/set system "):].lstrip().startswith(BLOCK):
+        command, first = "/set system ", first[len("/set system "):].lstrip()
+    elif not first.startswith(BLOCK):
         return line.strip(), False
     lines = [first[len(BLOCK):]]
     while not lines[-1].rstrip().endswith(BLOCK) or len(lines) == 1 and not lines[0].strip():
@@ -173,7 +176,8 @@ def read_message() -> tuple[str, bool] | None:
             return None
         lines.append(more)
     lines[-1] = lines[-1].rstrip()[:-len(BLOCK)]
-    return "\n".join(lines).strip("\n"), True
+    text = "\n".join(lines).strip("\n")
+    return (command + text, False) if command else (text, True)
 
 
 def interactive(backend: ChatBackend, model: str, history: list[dict[str, str]], params: dict[str, Any],
