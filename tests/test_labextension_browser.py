@@ -173,6 +173,37 @@ def test_panel_models_chat_and_playground(lab):
         assert not errors, errors
 
 
+def test_the_memory_gauge_lists_each_gpu_of_several(lab):
+    """/admin/stats' CUDA row sums every GPU; with two the panel shows each one's used/free/total under the gauge (one
+    GPU: the gauge alone). The server's real answer, given a CUDA row in the browser (no GPU here)."""
+    gib = 10**9
+    gpus = [{"index": 0, "used_bytes": 78 * gib, "free_bytes": 2 * gib, "total_bytes": 80 * gib},
+            {"index": 1, "used_bytes": 2 * gib, "free_bytes": 78 * gib, "total_bytes": 80 * gib}]
+    shown = {"devices": gpus}
+
+    def with_gpus(route) -> None:
+        reply = route.fetch()
+        stats = reply.json()
+        stats["memory"]["cuda"] = {"used_bytes": 50 * gib, "budget_bytes": 0,
+                                   "total_bytes": sum(g["total_bytes"] for g in shown["devices"]), **shown}
+        route.fulfill(response=reply, json=stats)
+
+    with chromium() as context:
+        page = context.new_page()
+        page.route("**/xllm/admin/stats*", with_gpus)
+        panel, errors = open_xllm_panel(page, lab)
+        lines = panel.locator('.xllm-Gauge[data-device="cuda"] .xllm-Gauge-device')
+        page.wait_for_selector('#xllm-panel .xllm-Gauge[data-device="cuda"] .xllm-Gauge-device', timeout=60_000)
+        assert lines.all_inner_texts() == ["GPU 0: 78.0 GB used, 2.00 GB free of 80.0 GB",
+                                           "GPU 1: 2.00 GB used, 78.0 GB free of 80.0 GB"]
+        assert panel.locator('.xllm-Gauge[data-device="cuda"] .xllm-Gauge-label').inner_text() == "50.0 GB of 160 GB GPU"
+        assert panel.locator('.xllm-Gauge[data-device="cpu"] .xllm-Gauge-device').count() == 0
+        shown["devices"] = gpus[:1]  # one GPU: the gauge says it all
+        page.wait_for_function("() => !document.querySelector('#xllm-panel .xllm-Gauge[data-device=\"cuda\"] .xllm-Gauge-device')",
+                               timeout=30_000)
+        assert not errors, errors
+
+
 def test_a_model_deleted_while_picked_leaves_the_chat_picker_at_once(lab, xllm_home, tiny_llama_dir):
     """A chat to a model deleted since the panel read the list says so, and the picker drops it then
     (it kept offering it until the next 30 s re-read, so every send failed the same way)."""

@@ -11,13 +11,24 @@ export type RequestFn = (path: string, init?: RequestInit) => Promise<Response>;
 
 export type EngineStatus = 'ready' | 'starting' | 'loading' | 'unhealthy';
 
+/** One GPU's memory in `memory.cuda.devices`, as `torch.cuda.mem_get_info` reads it. */
+export interface GpuMemory {
+  index: number;
+  /** everything on this GPU, other processes included */
+  used_bytes: number;
+  free_bytes: number;
+  total_bytes: number;
+}
+
 /** One device kind's memory, from `/admin/stats`. */
 export interface DeviceMemory {
   used_bytes: number;
   /** 0 = no budget configured */
   budget_bytes: number;
-  /** physical memory of the device, when the server knows it */
+  /** physical memory of the device, when the server knows it (on CUDA: all its GPUs together) */
   total_bytes: number | null;
+  /** CUDA only: each GPU's own figures (absent from older servers) */
+  devices?: GpuMemory[];
 }
 
 /** A loaded (or loading) model in `/admin/stats`. */

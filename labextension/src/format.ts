@@ -73,6 +73,18 @@ export function memoryGauge(device: string, mem: DeviceMemory): Gauge {
   return { fraction, label: `${formatBytes(used)} of ${formatBytes(total)} ${what}`, limit, warn: fraction >= 0.9 };
 }
 
+/** One line per GPU where the CUDA row spans several ("GPU 1: 30.0 GB used, 50.0 GB free of 80.0 GB"): the gauge
+ * sums them, which hides one full GPU beside an empty one. None for one GPU (the gauge says it all) or another kind. */
+export function gpuLines(mem: DeviceMemory): string[] {
+  const gpus = mem.devices ?? [];
+  if (gpus.length < 2) {
+    return [];
+  }
+  return gpus.map(
+    g => `GPU ${g.index}: ${formatBytes(g.used_bytes)} used, ${formatBytes(g.free_bytes)} free of ${formatBytes(g.total_bytes)}`
+  );
+}
+
 /** The status line's words for an engine status. */
 export function statusLabel(status: EngineStatus | 'offline', message?: string | null): string {
   switch (status) {

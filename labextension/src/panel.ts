@@ -8,7 +8,7 @@ import { Panel, Widget } from '@lumino/widgets';
 
 import { ModelInfo, Stats, XllmApi, XllmApiError } from './api';
 import { button, ChatView, el } from './chat';
-import { formatBytes, formatQueue, formatRate, memoryGauge, statusLabel } from './format';
+import { formatBytes, formatQueue, formatRate, gpuLines, memoryGauge, statusLabel } from './format';
 import { chooseChatModel, ModelRow, modelRows, notForChat, statsForUser, unloadQuestion } from './state';
 
 /** The DOM of one model row, kept across redraws so focus and clicks survive a poll. */
@@ -24,6 +24,8 @@ interface GaugeNodes {
   bar: HTMLElement;
   fill: HTMLElement;
   text: HTMLElement;
+  /** one line per GPU where there are several */
+  gpus: HTMLElement;
 }
 
 /** How long after a reply ends the panel reads the stats again (the server notices a Stop within ~0.25 s). */
@@ -233,7 +235,7 @@ export class XllmPanel extends Panel {
     }
 
     const devices = Object.entries(stats.memory);
-    const gauges = devices.map(([device, mem]) => this.renderGauge(device, memoryGauge(device, mem)));
+    const gauges = devices.map(([device, mem]) => this.renderGauge(device, memoryGauge(device, mem), gpuLines(mem)));
     const sameGauges = gauges.length === this.memoryNode.children.length && gauges.every((g, i) => this.memoryNode.children[i] === g);
     if (!sameGauges) {
       this.memoryNode.replaceChildren(...gauges);
@@ -257,8 +259,8 @@ export class XllmPanel extends Panel {
     this.chat.setModels(ids, chooseChatModel(this.chat.model, stats, ids));
   }
 
-  /** Update (or first build) one device's memory gauge; kept across polls so its width animates. */
-  private renderGauge(device: string, gauge: ReturnType<typeof memoryGauge>): HTMLElement {
+  /** Update (or first build) one device's memory gauge and its per-GPU lines; kept across polls so its width animates. */
+  private renderGauge(device: string, gauge: ReturnType<typeof memoryGauge>, gpus: string[]): HTMLElement {
     let nodes = this.gaugeNodes.get(device);
     if (!nodes) {
       const row = el('div', 'xllm-Gauge');
@@ -271,8 +273,9 @@ export class XllmPanel extends Panel {
       bar.setAttribute('aria-valuemin', '0');
       bar.setAttribute('aria-valuemax', '100');
       const text = el('div', 'xllm-Gauge-label');
-      row.append(bar, text);
-      nodes = { row, bar, fill, text };
+      const gpuList = el('div', 'xllm-Gauge-devices');
+      row.append(bar, text, gpuList);
+      nodes = { row, bar, fill, text, gpus: gpuList };
       this.gaugeNodes.set(device, nodes);
     }
     const percent = Math.round((gauge.fraction ?? 0) * 100);
@@ -281,6 +284,16 @@ export class XllmPanel extends Panel {
     nodes.bar.setAttribute('aria-valuenow', String(percent));
     nodes.bar.setAttribute('aria-valuetext', gauge.label);
     nodes.text.textContent = gauge.label;
+    const shown = [...nodes.gpus.children].map(line => line.textContent);
+    if (shown.length !== gpus.length || shown.some((line, i) => line !== gpus[i])) {
+      nodes.gpus.replaceChildren(
+        ...gpus.map(line => {
+          const node = el('div', 'xllm-Gauge-device');
+          node.textContent = line;
+          return node;
+        })
+      );
+    }
     return nodes.row;
   }
 

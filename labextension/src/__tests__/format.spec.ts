@@ -1,4 +1,4 @@
-import { formatBytes, formatQueue, formatRate, memoryGauge, statusLabel } from '../format';
+import { formatBytes, formatQueue, formatRate, gpuLines, memoryGauge, statusLabel } from '../format';
 
 describe('formatBytes', () => {
   it('scales by 1000 with sensible precision', () => {
@@ -59,6 +59,26 @@ describe('memoryGauge', () => {
   it('has no fraction without any known limit and clamps overflow', () => {
     expect(memoryGauge('cpu', { used_bytes: 10, budget_bytes: 0, total_bytes: null }).fraction).toBeNull();
     expect(memoryGauge('cpu', { used_bytes: 300, budget_bytes: 100, total_bytes: null }).fraction).toBe(1);
+  });
+});
+
+describe('gpuLines', () => {
+  const gpu = (index: number, used: number, total: number) => ({
+    index,
+    used_bytes: used,
+    free_bytes: total - used,
+    total_bytes: total
+  });
+
+  it('shows each GPU of several, which the summed gauge hides', () => {
+    const mem = { used_bytes: 70e9, budget_bytes: 0, total_bytes: 160e9, devices: [gpu(0, 78e9, 80e9), gpu(1, 2e9, 80e9)] };
+    expect(gpuLines(mem)).toEqual(['GPU 0: 78.0 GB used, 2.00 GB free of 80.0 GB', 'GPU 1: 2.00 GB used, 78.0 GB free of 80.0 GB']);
+  });
+
+  it('adds nothing for one GPU, the RAM row or a server that sends no devices', () => {
+    expect(gpuLines({ used_bytes: 1e9, budget_bytes: 0, total_bytes: 80e9, devices: [gpu(0, 5e9, 80e9)] })).toEqual([]);
+    expect(gpuLines({ used_bytes: 1e9, budget_bytes: 0, total_bytes: 16e9 })).toEqual([]);
+    expect(gpuLines({ used_bytes: 1e9, budget_bytes: 0, total_bytes: 80e9, devices: [] })).toEqual([]);
   });
 });
 
