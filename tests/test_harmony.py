@@ -337,3 +337,37 @@ def test_tools_beside_a_format_may_be_called_or_the_format_answered(served, chan
     chunks = [c for c in client.chat.completions.create(**kw, stream=True) if c.choices]
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == (choice.message.content or "")
     assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == [choice.finish_reason]
+
+
+#: a reply a wired model writes whatever it is asked: thinking, then (text after a closed message) the answer
+CHAIN = ("<|channel|>", "analysis", "<|message|>", "plan", "<|end|>", "The", "<|return|>")
+
+
+def test_the_in_process_chat_splits_a_harmony_reply_as_the_server_does(tmp_path, monkeypatch):
+    """``xllm run --local`` / ``%%xllm`` without a server: the same thinking and answer as from a server, no markers
+    (special tokens skipped in decoding made "analysisplanThe" of it)."""
+    from tests.test_local_thinking import build_chain_model
+    from xllm_jupyter.client import XllmClient
+    from xllm_jupyter.client.local import LocalChat
+    from xllm_jupyter.client.thinking import Thinking
+    from xllm_jupyter.store.store import ModelStore
+
+    store = ModelStore(tmp_path / "home")
+    # (the prompt's last token, "istant" of the generation prompt's "assistant", starts the chain)
+    store.pull(str(build_chain_model(tmp_path / "chain", ("istant", *CHAIN), MARKERS, HARMONY_LIKE)), "chain")
+    monkeypatch.setenv("XLLM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XLLM_ENGINE_TORCH_THREADS", "1")
+    monkeypatch.delenv("XLLM_CONFIG", raising=False)
+
+    def parts(backend):
+        pieces = list(backend.stream_chat([{"role": "user", "content": "Hi"}], "chain", thinking=True, temperature=1))
+        return ("".join(p for p in pieces if isinstance(p, Thinking)),
+                "".join(p for p in pieces if not isinstance(p, Thinking)))
+
+    with running_server(make_test_config(tmp_path / "home"), store, "chain") as info:
+        with XllmClient(info.base_url, info.api_key) as client:
+            served = parts(client)
+    with LocalChat() as local:
+        local_parts = parts(local)
+    assert served == ("plan", "The"), served
+    assert local_parts == served

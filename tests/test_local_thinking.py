@@ -19,14 +19,15 @@ CHAIN = ("Ċ", "<think>", "plan", "</think>", "The", "<|im_end|>")
 SHOWN = "Thinking...\nplan\n...done thinking.\n\nThe\n"
 
 
-def build_chain_model(out, chain=CHAIN):
-    """A random tiny Llama whose layers add nothing and whose head maps each ``chain`` token to the next one."""
+def build_chain_model(out, chain=CHAIN, special=SPECIAL, template=TEMPLATE):
+    """A random tiny Llama whose layers add nothing and whose head maps each ``chain`` token to the next one
+    (``special``: tokens added as special ones; ``template``: its chat template)."""
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from tests.models import build_tiny_llama
 
-    build_tiny_llama(out, special=SPECIAL, tie_word_embeddings=False)
+    build_tiny_llama(out, special=special, tie_word_embeddings=False)
     ids = AutoTokenizer.from_pretrained(str(out)).convert_tokens_to_ids(list(chain))
     model = LlamaForCausalLM.from_pretrained(str(out))
     with torch.no_grad():
@@ -38,7 +39,7 @@ def build_chain_model(out, chain=CHAIN):
             model.model.embed_tokens.weight[token] = torch.nn.functional.one_hot(torch.tensor(dim), 64).float()
             model.lm_head.weight[successor, dim] = 20.0  # a logit of 160 against 0 for every other token
     model.save_pretrained(str(out))
-    (out / "chat_template.jinja").write_text(TEMPLATE, encoding="utf-8")
+    (out / "chat_template.jinja").write_text(template, encoding="utf-8")
     return out
 
 

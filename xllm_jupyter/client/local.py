@@ -14,6 +14,7 @@ from typing import Any, Iterable, Iterator, Mapping
 from ..core.config import XllmConfig, load_config
 from ..core.errors import InvalidRequest
 from ..core.types import ChatMessage, Constraint, GenerationParams, GenerationRequest, SamplingParams
+from ..openai.harmony import MARKERS, HarmonySplit, in_final, is_harmony
 from ..openai.model_defaults import ModelDefaults
 from ..openai.reasoning import Reasoning
 from ..openai.template_kwargs import PARAM, chat_template_kwargs
@@ -147,7 +148,9 @@ class LocalChat:
                                  constraint=gen_params.constraint)
         if reasoning is not None:  # decoding keeps them where they are special tokens (Magistral's [THINK])
             gen_params = self._around(model, reasoning, gen_params)
-        splitter = reasoning.splitter() if reasoning is not None else None
+        splitter: Any = reasoning.splitter() if reasoning is not None else None
+        if is_harmony(getattr(loaded, "chat_template", lambda: None)()):  # gpt-oss's: read as the server reads it
+            splitter, gen_params = HarmonySplit(), self._in_final(model, loaded, gen_params)
         request = GenerationRequest(model=model, prompt_ids=tuple(prompt_ids), params=gen_params)
         events = self.engine.generate(request)
         self.last_usage, self.last_timings, self.last_finish_reason = {}, {}, None
@@ -182,6 +185,14 @@ class LocalChat:
         if constraint is not params.constraint:
             self._run(self.engine.check_constraint(model, constraint))
         return dataclasses.replace(params, keep_special=reasoning.markers, constraint=constraint)
+
+    def _in_final(self, model: str, loaded: Any, params: GenerationParams) -> GenerationParams:
+        """``params`` keeping harmony's markers, with a format applied to the final message, as the server applies it
+        (harmony.in_final; compiled now, as the format was)."""
+        constraint = in_final(params.constraint, loaded) if params.constraint is not None else None
+        if constraint is not params.constraint:
+            self._run(self.engine.check_constraint(model, constraint))
+        return dataclasses.replace(params, keep_special=MARKERS, constraint=constraint)
 
     def _next(self, events: Any) -> Any:
         """The next engine event. Ctrl-C while waiting for it cancels that wait first: otherwise the

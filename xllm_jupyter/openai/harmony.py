@@ -170,6 +170,19 @@ class HarmonyParser:
             out.append((self._kind, text))  # type: ignore[arg-type]
 
 
+class HarmonySplit:
+    """One harmony reply's text as ``(thinking, answer)`` pairs of new text, as ThinkSplitter.feed gives them (the
+    in-process client's split: it has no tools)."""
+
+    def __init__(self) -> None:
+        self.parser = HarmonyParser()
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, str]:
+        """The thinking and answer text ``text`` releases (``final``: nothing follows it)."""
+        pieces = self.parser.feed(text, final)
+        return ("".join(t for k, t in pieces if k == REASONING), "".join(t for k, t in pieces if k == CONTENT))
+
+
 class HarmonyDeltas:
     """Streams one choice of a harmony model as chat ``delta`` objects (``ToolDeltas.deltas``'s shape)."""
 
