@@ -424,6 +424,23 @@ def test_standalone_api_keys_are_users_for_isolation_quotas_and_usage(xllm_home,
     assert usage[key_id(k1)]["limits"] == {"max_concurrent": 0, "tokens_per_day": 10**6}
 
 
+def test_a_keyless_servers_caller_is_labelled_anonymous_not_a_user_named_so(xllm_home, tiny_catalog):
+    """``xllm serve`` without keys serves one anonymous caller, labelled ``user="anonymous"`` as documented; since
+    user labels escape reserved names its key id ``anonymous`` came out as ``~anonymous``, a user's."""
+    import httpx
+
+    from tests.server_fixtures import TINY, make_test_config, running_server
+
+    with running_server(make_test_config(xllm_home, api_keys=()), tiny_catalog, TINY) as srv:
+        with httpx.Client(base_url=srv.root, timeout=60) as client:
+            r = client.post("/v1/chat/completions", json={"model": TINY, "max_tokens": 2,
+                                                          "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200, r.text
+            text = client.get("/metrics").text
+    labels = {line.split('user="')[1].split('"')[0] for line in text.splitlines() if line.startswith("xllm_user_")}
+    assert labels == {"anonymous"}
+
+
 def test_jupyter_callers_are_the_servers_owner_not_a_random_anonymous_user(monkeypatch):
     from types import SimpleNamespace
 

@@ -119,6 +119,8 @@ class ApiKeyHandler(VerbDispatchMixin, RequestHandler):
     xllm_key_id: str | None = None
     #: whether that key has the admin role
     xllm_admin = False
+    #: the caller is the one anonymous caller of a keyless server (its key id ``anonymous`` is no user's name)
+    xllm_keyless = False
     _limited = False
 
     async def prepare(self) -> None:
@@ -136,6 +138,7 @@ class ApiKeyHandler(VerbDispatchMixin, RequestHandler):
                                        "(add the page's origin to http.cors_origins to allow it).")
             # keyless loopback mode: the local user may do everything, as one anonymous caller
             principal = Principal(ADMIN, "anonymous")
+            self.xllm_keyless = True
         elif not self.auth_required:
             return
         else:

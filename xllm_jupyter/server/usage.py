@@ -66,13 +66,16 @@ class Caller:
     groups: tuple[str, ...] = ()
     admin: bool = False
     name: str | None = None
+    #: the one anonymous caller of a server without API keys: labelled ``anonymous`` in the metrics, not escaped
+    keyless: bool = False
 
 
 def caller_of(handler: Any) -> Caller:
     """The caller of a standalone (API key id) or Jupyter (Jupyter user) request."""
     key_id = getattr(handler, "xllm_key_id", None)
     if key_id:
-        return Caller(key_id, admin=bool(getattr(handler, "xllm_admin", False)))
+        return Caller(key_id, admin=bool(getattr(handler, "xllm_admin", False)),
+                      keyless=bool(getattr(handler, "xllm_keyless", False)))
     provider = getattr(handler, "identity_provider", None)
     if provider is not None and type(provider).__module__.startswith("jupyter_server."):
         # Jupyter's own providers make up a random "Anonymous" user per token-authenticated
@@ -122,6 +125,7 @@ class _UserUsage:
     reserved: int = 0  # tokens held by generations running now (prompt + n x max_tokens each): not saved
     groups: tuple[str, ...] = ()  # as of the last request (group quotas apply through them)
     name: str = ""  # the user's name where the key is more (per-user quota overrides name it)
+    keyless: bool = False  # the keyless server's anonymous caller (Caller.keyless): not saved
     rejected: Counter[str] = field(default_factory=Counter)
 
 
@@ -222,7 +226,10 @@ class UsageTracker(LiveUsageMixin):
         time: the older were deleted) add up under it rather than each spending a label.
         """
         entry = self._users.get(user)
-        label = user_label(entry.name if entry is not None and entry.name else user)
+        if entry is not None and entry.keyless:
+            label = ANONYMOUS
+        else:
+            label = user_label(entry.name if entry is not None and entry.name else user)
         if label in self._labels:
             return label
         if len(self._labels) < self.config.metrics_max_users:
@@ -250,7 +257,7 @@ class UsageTracker(LiveUsageMixin):
                 # name to call takes them over (as the name did before), so an upgrade resets no one's quota
                 self._users[user] = self._users.pop(caller.name)
             entry = self._entry(user)
-            entry.groups, entry.name = caller.groups, caller.name or ""
+            entry.groups, entry.name, entry.keyless = caller.groups, caller.name or "", caller.keyless
             label = self._label(user)
             if max_conc and entry.in_flight >= max_conc:
                 self._reject(entry, label, "concurrency")
@@ -315,7 +322,7 @@ class UsageTracker(LiveUsageMixin):
         out = {}
         for name, e in self._users.items():
             rec = asdict(e)
-            del rec["in_flight"], rec["reserved"]
+            del rec["in_flight"], rec["reserved"], rec["keyless"]
             if e.day != today:  # an old day's count is of no use after midnight: prune it
                 rec["day"], rec["tokens_today"] = "", 0
             rec["groups"], rec["rejected"] = list(e.groups), dict(e.rejected)
