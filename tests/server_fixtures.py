@@ -257,3 +257,34 @@ def running_hub_app(config: XllmConfig, user_for_token: Any, hub_api: Any = hub_
             yield f"http://127.0.0.1:{port}/services/xllm"
         finally:
             loop.call_soon_threadsafe(server.stop)
+
+
+#: ``engine.stream_interval_ms`` of a test server whose engine hands tokens over at random steps (``random_steps``)
+RANDOM_STEPS_MS = 59_999.0
+
+
+@contextlib.contextmanager
+def random_steps(seed: int, chance: float = 0.4) -> Iterator[list[bool]]:
+    """While open, an engine configured with ``stream_interval_ms=RANDOM_STEPS_MS`` hands each step's tokens over with
+    probability ``chance`` (seeded), else keeps them for a later delta (the first and the last leave at once, as ever):
+    deltas of one, a few or many tokens at random points, as a GPU's 16 ms interval groups them. Grouping bugs that
+    per-token (0 ms) and whole-reply (60000 ms) delivery both miss show there. Yields each step's choice so far (a test
+    can check the hook still reaches the runner). Other engines keep their pacing. ``XLLM_RANDOM_STEPS_SEED`` in the
+    environment replaces ``seed`` (to loop a test over many groupings)."""
+    import os
+    import random
+
+    from xllm_jupyter.engine import runner
+
+    seed = int(os.environ.get("XLLM_RANDOM_STEPS_SEED", seed))
+    real, rng, chosen = runner.paced_interval, random.Random(seed), []
+
+    def paced(base: float, running: int) -> float:
+        if base != RANDOM_STEPS_MS / 1000:
+            return real(base, running)
+        chosen.append(rng.random() < chance)  # (on the engine's thread; one runner a server)
+        return 0.0 if chosen[-1] else float("inf")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner, "paced_interval", paced)
+        yield chosen

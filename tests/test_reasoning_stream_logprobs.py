@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.server_fixtures import RANDOM_STEPS_MS, random_steps
 from tests.test_reasoning import THINK, _grammar, reasoning_client, served  # noqa: F401  (the module's server)
 
 
@@ -28,7 +29,16 @@ def stepwise(tmp_path_factory):
         yield client
 
 
-@pytest.mark.parametrize("server", ["served", "grouped"])
+@pytest.fixture(scope="module")
+def random_steps_server(tmp_path_factory):
+    """A reasoning server whose engine hands tokens over at seeded random steps (``random_steps``)."""
+    with random_steps(seed=4) as chosen:
+        with reasoning_client(tmp_path_factory.mktemp("random-steps"), stream_interval_ms=RANDOM_STEPS_MS) as client:
+            yield client
+    assert True in chosen and False in chosen  # the hook reached the runner: some steps left, some waited
+
+
+@pytest.mark.parametrize("server", ["served", "grouped", "random_steps_server"])
 def test_streamed_output_text_logprobs_leave_out_the_thinkings_end(server, request):
     # grouped: the thinking's end and the answer came in one engine delta, and every token's logprob rode on its
     # thinking piece, so the streamed output text's lost its first tokens ("The"; CI's faster machine)
@@ -81,8 +91,8 @@ def _logprobs_by_side(server) -> tuple[list[str], list[str]]:
     return thinking, answer
 
 
-def test_a_chat_streams_thinking_pieces_carry_the_thinkings_logprobs_however_the_tokens_were_grouped(grouped,
-                                                                                                      stepwise):
+def test_a_chat_streams_thinking_pieces_carry_the_thinkings_logprobs_however_the_tokens_were_grouped(
+        grouped, stepwise, random_steps_server):
     # grouped: the thinking, its end and the answer in one engine delta, and the reasoning chunk carried every
     # token's logprob. Stepwise, the thinking's trailing newline comes alone and is held back (it may end the
     # thinking): its logprob rode on the answer's first chunk, where grouped it rode on the thinking's
@@ -91,6 +101,7 @@ def test_a_chat_streams_thinking_pieces_carry_the_thinkings_logprobs_however_the
     assert "".join(answer).lstrip().startswith(THINK[1]) and "".join(answer).strip()[len(THINK[1]):].strip() == \
         "The answer."
     assert _logprobs_by_side(stepwise) == (thinking, answer)  # the same model, seed and tokens
+    assert _logprobs_by_side(random_steps_server) == (thinking, answer)
 
 
 def test_thinking_share_counts_the_tokens_before_the_end_marker_however_it_is_spelled():

@@ -15,7 +15,7 @@ import dataclasses
 import openai
 import pytest
 
-from tests.server_fixtures import TINY, make_test_config, running_server
+from tests.server_fixtures import RANDOM_STEPS_MS, TINY, make_test_config, random_steps, running_server
 from tests.test_hermes_special_markup import HERMES_LIKE, MARKUP, special  # noqa: F401  (the stepwise server)
 from tests.test_mistral_v11_tools import ASK, TOOLS
 
@@ -26,6 +26,18 @@ CALL = '"\\n{\\"name\\": \\"weather\\", \\"arguments\\": {\\"city\\":\\"Oslo\\"}
 def grouped(tmp_path_factory):
     """``special``'s model on a server whose engine hands each reply's tokens after the first over in one delta (an
     interval longer than any reply), as a fast engine does within its 16 ms interval."""
+    yield from _markup_server(tmp_path_factory, 60_000)
+
+
+@pytest.fixture(scope="module")
+def random_steps_server(tmp_path_factory):
+    """``special``'s model on a server whose engine hands tokens over at seeded random steps (``random_steps``)."""
+    with random_steps(seed=4) as chosen:  # (a seed whose grouping caught a call taking the blank after it)
+        yield from _markup_server(tmp_path_factory, RANDOM_STEPS_MS)
+    assert True in chosen and False in chosen  # the hook reached the runner: some steps left, some waited
+
+
+def _markup_server(tmp_path_factory, interval_ms):
     from transformers import AutoTokenizer
 
     from tests.models import build_tiny_llama
@@ -38,7 +50,7 @@ def grouped(tmp_path_factory):
     store = ModelStore(home / "home")
     store.pull(str(model), TINY)
     config = make_test_config(home / "home")
-    config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, stream_interval_ms=60_000))
+    config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, stream_interval_ms=interval_ms))
     with running_server(config, store, TINY) as info:
         with openai.OpenAI(base_url=info.base_url, api_key=info.api_key, max_retries=0, timeout=120) as c:
             yield c, None, ids
@@ -49,7 +61,7 @@ def _grammar(server, after: str) -> str:
     return f'start: "Let me look.\\n" <[{start}]> {CALL} <[{end}]> "{after}"'
 
 
-@pytest.mark.parametrize("server", ["special", "grouped"])
+@pytest.mark.parametrize("server", ["special", "grouped", "random_steps_server"])
 def test_streamed_text_around_a_call_carries_its_own_tokens_logprobs(server, request):
     served = request.getfixturevalue(server)
     client = served[0]
@@ -69,7 +81,7 @@ def test_streamed_text_around_a_call_carries_its_own_tokens_logprobs(server, req
     assert "".join(text for text, _ in texts).split() == ["Let", "me", "look.", "Done."]
 
 
-@pytest.mark.parametrize("server", ["special", "grouped"])
+@pytest.mark.parametrize("server", ["special", "grouped", "random_steps_server"])
 def test_text_after_a_call_that_is_in_the_calls_json_too_carries_its_own_tokens_logprobs(server, request):
     # "}" is in the call's JSON too: looked for from the call's start, it was found there, so the call kept only its
     # first tokens and the text after it took the call's last ones (its JSON's end and the end marker)
@@ -89,7 +101,7 @@ def test_text_after_a_call_that_is_in_the_calls_json_too_carries_its_own_tokens_
     assert "".join(text for text, _ in texts) == "Let me look.\n}"
 
 
-@pytest.mark.parametrize("server", ["special", "grouped"])
+@pytest.mark.parametrize("server", ["special", "grouped", "random_steps_server"])
 def test_streamed_text_around_a_legacy_function_call_carries_its_own_tokens_logprobs(server, request):
     # the deprecated ``functions`` stream ``function_call`` pieces, which were not taken for a call's: the call's first
     # piece took every held token (the text after it none) when one engine delta held the call and that text
@@ -110,7 +122,7 @@ def test_streamed_text_around_a_legacy_function_call_carries_its_own_tokens_logp
     assert "".join(text for text, _ in texts).split() == ["Let", "me", "look.", "Done."]
 
 
-@pytest.mark.parametrize("server", ["special", "grouped"])
+@pytest.mark.parametrize("server", ["special", "grouped", "random_steps_server"])
 def test_a_streamed_responses_output_text_logprobs_leave_out_the_calls_tokens(server, request):
     served = request.getfixturevalue(server)
     client = served[0]
@@ -136,7 +148,7 @@ def test_a_whole_responses_output_text_logprobs_leave_out_the_calls_tokens(speci
 
 
 @pytest.mark.parametrize("after", ["\\nDone.", "}"])
-@pytest.mark.parametrize("server", ["special", "grouped"])
+@pytest.mark.parametrize("server", ["special", "grouped", "random_steps_server"])
 def test_a_whole_response_has_the_streamed_ones_items_and_logprobs(server, after, request):
     # text before and after a call: the stream opens a message for each run of text (OpenAI's output is its items in
     # the order they were generated); the whole Response joined them into one message before its calls, with one
