@@ -48,7 +48,8 @@ def chat_with(model: str, *lines: str, args: tuple[str, ...] = ()):
 
 
 def test_set_parameter_sets_the_requests_sampling(own, sent):
-    result = chat_with(TINY, "/set parameter temperature 0.5", "/set parameter num_predict 3", "/set parameter top_k 7",
+    result = chat_with(TINY, "/set parameter temperature 0.5", "/set parameter temperature 3", "/set parameter num_predict 3",
+                       "/set parameter repeat_penalty 0", "/set parameter top_k 7",
                        "/set parameter repeat_penalty 1.1", "/set parameter stop END stop", "/set parameter seed x",
                        "/set parameter num_ctx 4096", "/set parameter bogus 1", "/set parameter", "hello")
     params = sent[0][2]
@@ -59,7 +60,10 @@ def test_set_parameter_sets_the_requests_sampling(own, sent):
     for said in ("Set parameter 'temperature' to '0.5'", "Set parameter 'num_predict' to '3'",
                  "Set parameter 'stop' to 'END, stop'", "Couldn't set parameter: expects an integer",
                  "Couldn't set parameter: 'num_ctx' is a Modelfile parameter xllm keeps but does not apply",
-                 "Couldn't set parameter: unknown parameter 'bogus'", "Available parameters:"):
+                 "Couldn't set parameter: unknown parameter 'bogus'", "Available parameters:",
+                 # past the API's range (Ollama's is wider): every answer after it was a 400
+                 "Couldn't set parameter: temperature: input should be less than or equal to 2",
+                 "Couldn't set parameter: repeat_penalty: input should be greater than 0"):
         assert said in err, err
 
 

@@ -101,8 +101,11 @@ def _set(text: str, args: list[str], s: ChatSession) -> None:
 
 def set_parameter(args: list[str], s: ChatSession) -> None:
     """``/set parameter NAME VALUE...``: a Modelfile PARAMETER for this chat's requests (``stop`` takes several)."""
+    from pydantic import ValidationError
+
     from ..core.types import ModelfileDefaults
     from ..openai.model_defaults import ModelDefaults
+    from ..openai.protocol import ChatCompletionRequest
     from ..store.modelfile import PARAMETERS, RECORDED_ONLY
 
     if len(args) < 2:
@@ -119,6 +122,11 @@ def set_parameter(args: list[str], s: ChatSession) -> None:
         _note(f"Couldn't set parameter: {terminal_safe(str(exc))}")
         return
     fields = ModelDefaults(ModelfileDefaults(parameters={name: value})).request_fields()
+    try:  # the API's ranges too (temperature up to 2, repeat_penalty above 0): else every answer after it failed
+        ChatCompletionRequest.model_validate({"model": s.model, "messages": [{"role": "user", "content": "-"}], **fields})
+    except ValidationError as exc:
+        _note(f"Couldn't set parameter: {name}: {exc.errors()[0]['msg'].lower()}")
+        return
     s.params.update(fields or {"max_tokens": None})  # (num_predict -1 or -2, no limit: the model's own budget)
     s.parameters[name] = value
     _note(f"Set parameter '{name}' to '{terminal_safe(', '.join(values if name == 'stop' else values[:1]))}'")
