@@ -262,6 +262,29 @@ def test_a_regex_that_spells_the_marker_otherwise_is_applied_from_the_first_toke
     assert (thought, content, reason) == ("plan it", "The answer.", "stop")
 
 
+def test_a_grammar_is_read_for_the_marker_off_the_event_loop(plain, monkeypatch):
+    """can_begin compiles the client's grammar (tens of milliseconds for a big one, a fresh one each request where the
+    grammar differs): it ran on the IOLoop, stalling every stream, where the engine compiles grammars on a thread."""
+    import asyncio
+
+    from xllm_jupyter.backends import grammar_prefix
+
+    real, on_loop = grammar_prefix._begins, []
+
+    def spy(*args):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:  # no loop runs in this thread: a worker's
+            on_loop.append(False)
+        return real(*args)
+
+    monkeypatch.setattr(grammar_prefix, "_begins", spy)
+    thought, content, _, reason, _ = ask(plain, "plain", extra_body={"guided_regex": r"[<]think>plan it</think>ok"})
+    assert (thought, content, reason) == ("plan it", "ok", "stop")
+    assert on_loop and not any(on_loop)
+
+
 @pytest.mark.parametrize(("model", "start", "end"), MODELS)
 def test_a_grammar_that_takes_any_text_leaves_a_special_marker_free_to_open_the_thinking(served, model, start, end):
     """``(.|\\n)*`` takes the marker's text, but it does not write the marker: a special-token marker is no text it

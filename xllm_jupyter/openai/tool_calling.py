@@ -6,12 +6,14 @@ import json
 import re
 from typing import Any, Awaitable, Callable, Sequence
 
+from ..backends.grammar_prefix import KINDS as PREFIX_KINDS
 from ..core.errors import InvalidRequest
 from ..core.types import ChatMessage, Constraint
 from .harmony import END as HARMONY_END
 from .harmony import MARKERS as HARMONY_MARKERS
 from .harmony import HarmonyDeltas, HarmonyTally, call_grammar, calls_or_final, harmony_message, in_final, is_harmony
 from .legacy_functions import check_legacy_history, in_legacy_terms, legacy_delta, legacy_message, request_tool_config
+from .offload import off_loop_if
 from .reasoning import Reasoning, ReasoningTally, ThinkingDeltas, kept_markers, wanted
 from .tool_parser import HERMES, MISTRAL, MISTRAL_V11, StreamingToolParser, detect_family, parse_tool_calls
 from .tool_scan import cut_call
@@ -125,7 +127,11 @@ class ToolCalling:
             if after is not constraint:
                 await check(after, self._param)
             return after
-        self.reasoning = Reasoning.of(model, prompt, extra, forced=forced, constraint=constraint)
+        # a grammar the client wrote is compiled to be read for the opening marker (grammar_prefix.can_begin): on a
+        # worker thread, as the engine compiles grammars, not on the IOLoop every stream shares
+        read = constraint is not None and not forced and constraint.kind in PREFIX_KINDS
+        self.reasoning = await off_loop_if(read, lambda: Reasoning.of(model, prompt, extra, forced=forced,
+                                                                      constraint=constraint))
         self.kept = kept_markers(model, extra, forced=forced) if self.reasoning is None else ()
         after = self.reasoning.around(constraint) if self.reasoning is not None and constraint is not None else constraint
         if after is not constraint:
