@@ -139,3 +139,21 @@ def test_timings_wire_reads_as_llama_cpp_writes_them():
     assert timings_wire(GenerationTimings(0.0, 0.0), Usage(3, 0, cached_tokens=3)) == {
         "cache_n": 3, "prompt_n": 0, "prompt_ms": 0.0, "prompt_per_token_ms": None, "prompt_per_second": None,
         "predicted_n": 0, "predicted_ms": 0.0, "predicted_per_token_ms": None, "predicted_per_second": None}
+
+
+def test_a_legacy_completion_of_one_prompt_carries_them_too(raw):
+    """/v1/completions, as llama.cpp's: a prompt's timings on the whole completion and on the stream's last chunk;
+    several prompts at once run side by side, and one set of times would be none of theirs: none."""
+    from openai.types import Completion
+
+    body = {"model": TINY, "prompt": "Say something", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    whole = raw.post("/v1/completions", json=body)
+    assert whole.status_code == 200, whole.text
+    _check(whole.json()["timings"], whole.json()["usage"])
+    Completion.model_validate(whole.json(), strict=True)
+    for extra in ({}, {"stream_options": {"include_usage": True}}):
+        chunks = _events(raw.post("/v1/completions", json={**body, "stream": True, **extra}))
+        assert ["timings" in c for c in chunks] == [False] * (len(chunks) - 1) + [True]
+        assert chunks[-1]["timings"]["predicted_n"] == 6
+    several = raw.post("/v1/completions", json={**body, "prompt": ["Say", "something"]})
+    assert several.status_code == 200 and "timings" not in several.json()

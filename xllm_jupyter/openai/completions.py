@@ -22,6 +22,7 @@ from .logprob_wire import legacy_logprobs, legacy_text_advance
 from .model_defaults import ModelDefaults
 from .offload import is_big, off_loop_if, parse_body
 from .protocol import SYSTEM_FINGERPRINT, CompletionRequest, usage_dict
+from .timings import Timed, timings_wire, with_timings
 
 
 class CompletionsMixin:
@@ -101,8 +102,8 @@ class CompletionsMixin:
         if req.stream:
             events = await started(events, self.config.keepalive_seconds)
             continuous = req.include_usage and bool(req.stream_options.continuous_usage_stats)  # type: ignore[union-attr]
-            return self._completion_stream(events, shown, offsets, req.model, rid, created, req.include_usage,
-                                           [len(g.prompt_ids) for g in gens] if continuous else None)
+            return with_timings(self._completion_stream(events, shown, offsets, req.model, rid, created, req.include_usage,
+                                                        [len(g.prompt_ids) for g in gens] if continuous else None))
         return await self._completion_full(events, gens, shown, offsets, req.model, rid, created)
 
     def _events(self, gens: Sequence[GenerationRequest], prompt_only: bool, scored: bool,
@@ -127,6 +128,7 @@ class CompletionsMixin:
         finish: list[str | None] = [None] * total
         stops: list[str | int | None] = [None] * total  # vLLM's stop_reason
         usages: list[Usage] = []
+        timings: dict[str, Any] | None = None
         scores: dict[int, PromptLogprobs] = {}
         want_lp = gens[0].params.logprobs
         async for p, ev in events:
@@ -143,6 +145,7 @@ class CompletionsMixin:
                 scores[p] = ev
             elif isinstance(ev, GenerationDone):
                 usages.append(ev.usage)
+                timings = timings_wire(ev.timings, ev.usage) if len(gens) == 1 else None  # (one prompt's: llama.cpp's)
         chosen = [i for p in range(len(gens)) for i in _best(range(p * n, (p + 1) * n), lps, shown.n)]
         choices = [
             {
@@ -155,7 +158,8 @@ class CompletionsMixin:
             for k, i in enumerate(chosen)
         ]
         # every candidate was generated: usage counts them all, as OpenAI bills best_of
-        return envelope(rid, "text_completion", created, model, choices, sum_usage(usages))
+        body = envelope(rid, "text_completion", created, model, choices, sum_usage(usages))
+        return {**body, "timings": timings} if timings else body
 
     async def _completion_stream(
         self,
@@ -177,6 +181,7 @@ class CompletionsMixin:
         text_pos = [offsets[i // n] for i in range(n * len(offsets))]  # running text_offset per choice
         first = [True] * (n * len(offsets))
         usages: list[Usage] = []
+        timed: dict[str, Any] | None = None
         scores: dict[int, PromptLogprobs] = {}
         held: dict[int, list[ChoiceDelta]] = {}  # deltas of a prompt whose scores (which go first) are still to come
         made = [0] * (n * len(offsets))
@@ -217,10 +222,13 @@ class CompletionsMixin:
                         yield out
             elif isinstance(ev, GenerationDone):
                 usages.append(ev.usage)
+                timed = timings_wire(ev.timings, ev.usage)
         if held:  # the engine never scored that prompt: the reply would lack what was asked for
             raise engine_failure()
         if include_usage:
             yield {**head, "choices": [], "usage": usage_dict(sum_usage(usages))}
+        if len(offsets) == 1 and timed:  # (one prompt's; with_timings puts them on the last chunk)
+            yield Timed(timed)
 
 
 class EchoPlan:
