@@ -14,7 +14,9 @@ tokens, greedy, every stream runs to its length):
          request written at one moment, like the raw side's enqueue-all), so a busy
          client's delays are not charged to the server.
 
-Reports aggregate tok/s, TTFT p50/p99, inter-token latency p50/p99 and the server/raw
+Reports aggregate tok/s, TTFT p50/p99, inter-token latency p50/p99 (per token on both sides:
+the server's chunks hold every token made within ``engine.stream_interval_ms``, and the
+server's running count, ``continuous_usage_stats``, says how many) and the server/raw
 ratio; writes ``--out`` (JSON) and a Markdown table next to it. Needs a CUDA GPU and the
 exllama libraries (see benchmarks/README.md for running it on a bare GPU machine).
 
@@ -178,9 +180,12 @@ def pct(values: list[float], q: float) -> float | None:
 def summarize(streams: list[dict], wall: float, expected_tokens: int | None = None) -> dict:
     """Aggregate tok/s, TTFT and inter-token latency from per-stream arrival times (seconds).
 
-    ``times`` holds ``(arrival, tokens)``; tokens 0 = unknown (an SSE chunk, which may carry
-    several tokens under ``engine.stream_interval_ms``): those gaps are reported as chunk
-    gaps, and ``tpot`` (time per output token after the first, per stream) compares both.
+    ``times`` holds ``(arrival, tokens)``: inter-token latency is per token, as the server's
+    metric and vLLM's, so an arrival of n tokens after a gap g counts n times as g / n (the
+    server sends every token made within ``engine.stream_interval_ms`` as one chunk; a raw
+    generator's step may give a job more than one). Tokens 0 = unknown (a server that sent
+    no running count): one figure per gap, a chunk gap (``itl_is_chunk_gap``); ``tpot``
+    (time per output token after the first, per stream) compares both sides either way.
     """
     tokens = sum(s["tokens"] for s in streams)
     ttft = [s["first"] - s["start"] for s in streams if s["first"] is not None]
@@ -188,7 +193,7 @@ def summarize(streams: list[dict], wall: float, expected_tokens: int | None = No
     tpot: list[float] = []
     for s in streams:
         times = s["times"]
-        itl += [(b - a) / (n or 1) for (a, _), (b, n) in zip(times, times[1:])]
+        itl += itl_figures(times)
         if s["first"] is not None and s["tokens"] > 1 and times:
             tpot.append((times[-1][0] - s["first"]) / (s["tokens"] - 1))
     ms = lambda v: round(v * 1000, 2) if v is not None else None  # noqa: E731
@@ -204,6 +209,15 @@ def summarize(streams: list[dict], wall: float, expected_tokens: int | None = No
         "itl_p50_ms": ms(pct(itl, 0.5)), "itl_p99_ms": ms(pct(itl, 0.99)), "itl_is_chunk_gap": chunked,
         "tpot_ms": ms(statistics.mean(tpot)) if tpot else None,
     }
+
+
+def itl_figures(times: list[tuple[float, int]]) -> list[float]:
+    """One stream's inter-token latencies from its ``(arrival, tokens)``: n figures of g / n for an arrival of n
+    tokens after a gap g (one for n = 0, unknown)."""
+    out: list[float] = []
+    for (a, _), (b, n) in zip(times, times[1:]):
+        out += [(b - a) / (n or 1)] * (n or 1)
+    return out
 
 
 # ------------------------------------------------------------------- raw engines
@@ -470,14 +484,33 @@ def http_level(url: str, ids_list: list[list[int]], new_tokens: int, procs: int,
     """
     import sse_load
 
+    # continuous_usage_stats: every chunk carries the running token count, so each arrival's tokens are known
     body = {"model": "bench", "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
     keys = user_keys(users)
     recs, _ = sse_load.run_level(url, "/v1/completions", [{**body, "prompt": ids} for ids in ids_list], procs,
                                  api_key=[keys[i % users] for i in range(len(ids_list))] if users else None)
-    for rec in recs:  # one arrival per read (its events came together): chunk gaps, tokens unknown per chunk
-        rec["times"] = [(t, 0) for t, _ in rec["times"]]
+    for rec in recs:
+        rec["times"] = arrivals(rec["times"], rec["made"])
     return recs, sse_load.span(recs)
+
+
+def arrivals(reads: list[tuple[float, int]], made: list[int | None]) -> list[tuple[float, int]]:
+    """``(time, new tokens)`` per socket read from the server's running counts (``summarize``'s ``times``).
+
+    A read whose count did not grow (text held back and let out later) is no token's arrival: its
+    time goes to the next read that brings tokens. Without counts every read is one arrival of
+    unknown size (0: a chunk gap).
+    """
+    if len(made) != len(reads) or None in made:
+        return [(t, 0) for t, _ in reads]
+    out: list[tuple[float, int]] = []
+    seen = 0
+    for (t, _), count in zip(reads, made):
+        if count > seen:
+            out.append((t, count - seen))
+            seen = count
+    return out
 
 
 def server_url(stdout) -> str:
@@ -530,16 +563,19 @@ def markdown(report: dict) -> str:
             f"(+{p['stand_in']['prefill_us']} µs per prompt token).", "",
         ]
     lines += [
-        f"Server ITL is the gap between SSE chunks (engine.stream_interval_ms = {p.get('stream_interval_ms')} merges "
-        "tokens made within that window); TPOT = time per output token after the first, both sides.", "",
-        "| model | backend | users | streams | raw tok/s | server tok/s | server/raw | TTFT p50 raw / server (ms) | TTFT p99 raw / server (ms) | ITL p50 raw / server chunk gap (ms) | ITL p99 raw / server chunk gap (ms) | TPOT raw / server (ms) |",
+        f"ITL is per token on both sides: the server sends every token made within engine.stream_interval_ms = "
+        f"{p.get('stream_interval_ms')} ms as one chunk, and a chunk of n tokens (the server's running count, "
+        "continuous_usage_stats) after a gap g counts n times as g / n; TPOT = time per output token after the "
+        "first, both sides.", "",
+        "| model | backend | users | streams | raw tok/s | server tok/s | server/raw | TTFT p50 raw / server (ms) | TTFT p99 raw / server (ms) | ITL p50 raw / server (ms) | ITL p99 raw / server (ms) | TPOT raw / server (ms) |",
         "|---|---|---:|---:|---:|---:|---:|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         r, s = row["raw"], row["server"]
+        gap = " (chunk gap)" if s.get("itl_is_chunk_gap") else ""  # a row measured before the server's counts were read
         lines.append(f"| {row['model']} | {row['backend']} | {row.get('users', 0) or '-'} | {row['streams']} | {r['tok_s']} | {s['tok_s']} | "
                      f"{row['ratio']} | {r['ttft_p50_ms']} / {s['ttft_p50_ms']} | {r['ttft_p99_ms']} / {s['ttft_p99_ms']} | "
-                     f"{r['itl_p50_ms']} / {s['itl_p50_ms']} | {r['itl_p99_ms']} / {s['itl_p99_ms']} | "
+                     f"{r['itl_p50_ms']} / {s['itl_p50_ms']}{gap} | {r['itl_p99_ms']} / {s['itl_p99_ms']}{gap} | "
                      f"{r.get('tpot_ms')} / {s.get('tpot_ms')} |")
     # an --out that held earlier results keeps their rows: say where they come from
     earlier = sorted({(row["model"], row["backend"], row.get("device") or "device not recorded", row.get("date") or "?")

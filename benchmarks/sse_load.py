@@ -10,7 +10,9 @@ client can:
 - every connection is opened before the clock starts;
 - at one agreed moment every worker writes its pre-encoded requests back to back;
 - responses are read as bytes; content chunks are counted by a byte pattern per SSE
-  event, and the token count comes from the final usage chunk (``include_usage``);
+  event, and the token count comes from the final usage chunk (``include_usage``); a
+  request that also asks for ``continuous_usage_stats`` gets the server's running count
+  on every chunk, kept per read (``made``: the count when that read's content came);
 - ``procs`` worker processes share the streams, so on a many-core machine the client
   is never the bottleneck.
 
@@ -50,7 +52,8 @@ def request_bytes(host: str, port: int, path: str, body: dict, api_key: str | No
 
 
 async def _read(reader: asyncio.StreamReader, rec: dict) -> None:
-    """Read one response to its end, stamping each read that carries content events."""
+    """Read one response to its end, stamping each read that carries content events (and, in ``made``, the server's
+    running token count on its last content event: None where the chunks carry no usage)."""
     pending = b""
     status = None
     while True:
@@ -63,9 +66,11 @@ async def _read(reader: asyncio.StreamReader, rec: dict) -> None:
         pending += data
         events = pending.split(b"\n\n")
         pending = events.pop()  # a partial event waits for the next read
-        count = sum(1 for event in events if CONTENT.search(event))
-        if count:
-            rec["times"].append((now, count))
+        content = [event for event in events if CONTENT.search(event)]
+        if content:
+            rec["times"].append((now, len(content)))
+            running = USAGE.search(content[-1])
+            rec["made"].append(int(running.group(1)) if running else None)
             if rec["first"] is None:
                 rec["first"] = now
         for event in events:
@@ -82,7 +87,7 @@ async def _streams(url: str, path: str, bodies: list[dict], start_at: float, key
     u = urlparse(url)
     conns = [await asyncio.open_connection(u.hostname, u.port) for _ in bodies]
     payloads = [request_bytes(u.hostname, u.port, path, body, key) for body, key in zip(bodies, keys)]
-    recs = [{"start": 0.0, "first": None, "end": 0.0, "tokens": 0, "cached": 0, "times": [], "status": None}
+    recs = [{"start": 0.0, "first": None, "end": 0.0, "tokens": 0, "cached": 0, "times": [], "made": [], "status": None}
             for _ in bodies]
     await asyncio.sleep(max(0.0, start_at - time.monotonic()))
     cpu0 = time.process_time()
@@ -101,9 +106,10 @@ def run_level(url: str, path: str, bodies: list[dict], procs: int = 1,
     """Send ``bodies`` (each a streamed request with usage) at once from ``procs`` processes.
 
     ``api_key`` is one key for every request, or a sequence of one key per body (many users).
-    Returns one record per stream (start, first content, end, tokens, cached prompt tokens, status, and ``times``:
-    (monotonic time, content events in that read), ...) and the CPU seconds the workers
-    spent from the agreed moment on.
+    Returns one record per stream (start, first content, end, tokens, cached prompt tokens, status, ``times``:
+    (monotonic time, content events in that read), ..., and ``made``: the server's token count at each of those
+    reads, from ``continuous_usage_stats``, else None) and the CPU seconds the workers spent from the agreed
+    moment on.
     """
     keys = [api_key] * len(bodies) if api_key is None or isinstance(api_key, str) else list(api_key)
     if len(keys) != len(bodies):
