@@ -183,7 +183,7 @@ class _SamplingFields(StrictModel):
 #: fields that would change the output if honoured, rejected rather than silently ignored, with their JSON types in the
 #: SDK (moderated completions: a "block" policy would be silently unenforced)
 _CHAT_UNSUPPORTED = {"audio": ("an object",), "prediction": ("an object",), "web_search_options": ("an object",),
-                     "reasoning_effort": ("a string",), "moderation": ("an object",)}  # functions: legacy_functions.py
+                     "moderation": ("an object",)}  # functions: legacy_functions.py; reasoning_effort: template_kwargs.py
 #: OpenAI's default verbosity: asking for it changes nothing, so it is accepted; any other level is a 400
 DEFAULT_VERBOSITY = "medium"
 

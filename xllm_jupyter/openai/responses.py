@@ -37,7 +37,7 @@ _CHAT_EXTENSIONS = ("stop", "stop_token_ids", "seed", "top_k", "min_p", "presenc
                     "guided_whitespace_pattern", "reasoning_format")  # (vLLM's structured outputs: guided.py)
 #: Responses features that would change the result if honoured; rejected rather than ignored
 _UNSUPPORTED = {"conversation": ("a string", "an object"), "prompt": ("an object",), "background": ("a boolean",),
-                "reasoning": ("an object",), "max_tool_calls": ("an integer",), "moderation": ("an object",),
+                "max_tool_calls": ("an integer",), "moderation": ("an object",),
                 "context_management": ("an array",)}  # with their JSON types in the SDK
 #: ``include`` values honoured: output text logprobs, and reasoning items' encrypted content (this server's reasoning
 #: items carry their text in ``content``, never encrypted: clients such as Codex ask for it with every ``store: false``
@@ -139,11 +139,20 @@ class ResponsesRequest(StrictModel):
                 options.check()
         check_include(self.include or ())
         check_metadata(self.metadata)
+        check_json_type(extra.get("reasoning"), ("an object",), "reasoning")  # (its effort: chat's reasoning_effort)
+        for name, value in (extra.get("reasoning") or {}).items():
+            if name != "effort" and _is_set(value):  # a summary: none is made
+                raise Unsupported(f"'reasoning.{name}' is not supported by this server yet", param=f"reasoning.{name}")
         if self.stream_options is not None and not self.stream:  # as chat, in api.openai.com's words; null is fine
             raise InvalidRequest("The 'stream_options' parameter is only allowed when 'stream' is enabled.", param="stream_options")
         check_verbosity((self.text or {}).get("verbosity"), "text.verbosity")  # was accepted and ignored
         if self.input is None or self.input == "" or self.input == []:
             raise InvalidRequest("Missing required parameter: 'input'.", param="input", code="missing_required_parameter")
+
+    @property
+    def effort(self) -> Any:
+        """``reasoning.effort`` (chat's ``reasoning_effort``), or None."""
+        return ((self.model_extra or {}).get("reasoning") or {}).get("effort")
 
     @property
     def logprobs(self) -> bool:
@@ -250,6 +259,8 @@ class Turn:
             "prompt_cache_retention": req.prompt_cache_retention,
             "prompt_cache_options": req.prompt_cache_options.echo() if req.prompt_cache_options else None,
             "safety_identifier": req.safety_identifier,
+            # the effort honoured (passed to the template); no summary is made
+            "reasoning": {"effort": effort, "summary": None} if (effort := req.effort) is not None else None,
         }
 
     def finish(self, store: ResponseStore, output: list[dict[str, Any]], status: str, incomplete: Any, chat_usage: dict[str, Any] | None) -> dict[str, Any]:
@@ -263,7 +274,8 @@ class Turn:
 
 
 # ---------------------------------------------------------------------- serving
-_PARAM_NAMES = {"max_completion_tokens": "max_output_tokens", "response_format": "text.format"}
+_PARAM_NAMES = {"max_completion_tokens": "max_output_tokens", "response_format": "text.format",
+                "reasoning_effort": "reasoning.effort"}
 
 
 def _relabel(exc: XllmError) -> XllmError:
@@ -350,6 +362,8 @@ class ResponsesServing:
             chat["top_logprobs"] = req.top_logprobs or 0
         extra = req.model_extra or {}
         chat.update({k: extra[k] for k in _CHAT_EXTENSIONS if k in extra})
+        if req.effort is not None:
+            chat["reasoning_effort"] = req.effort
         # streamed whole or not: a whole Response is the stream's last one (create)
         chat["stream"] = True
         chat["stream_options"] = {"include_usage": True}

@@ -33,7 +33,7 @@ from .model_defaults import ModelDefaults
 from .model_privacy import caller_view
 from .offload import is_big, off_loop_if, parse_body
 from .piece_logprobs import piece_shares
-from .template_kwargs import chat_template_kwargs
+from .template_kwargs import chat_template_kwargs, with_effort
 from .timings import Timed, timings_wire, with_timings
 from .tool_calling import ToolCalling
 from .truncation import fit_front
@@ -259,6 +259,7 @@ class OpenAIServing(CompletionsMixin):
         big = is_big(body)  # then the work proportional to it runs off the IOLoop
         messages = await off_loop_if(big, req.core_messages)
         model = await self.engine.load(req.model)
+        template_kwargs = with_effort(template_kwargs, req.model_extra, model)  # (top-level reasoning_effort)
         defaults = ModelDefaults.of(self.engine, req.model)  # a created model's Modelfile settings
         req = defaults.apply(req)
         messages = defaults.chat_messages(messages)
