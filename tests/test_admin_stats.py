@@ -71,6 +71,32 @@ def test_the_gpu_row_is_every_gpus_memory_and_lists_each():
     assert memory_view([], {"cpu": 0, "cuda": 5}, gpus=[])["cuda"] == {"used_bytes": 0, "budget_bytes": 5, "total_bytes": None, "devices": []}
 
 
+def test_a_gpu_the_server_has_no_context_on_is_not_read(monkeypatch):
+    """torch.cuda.mem_get_info(i) creates a CUDA context on GPU i (hundreds of MB of it): reading every GPU on each
+    /admin/stats poll took that on GPUs this server never used (another user's, on a shared node). A GPU is read where
+    the process has a context on it, or it is the current one (as the first GPU alone was read before)."""
+    import sys
+    from types import SimpleNamespace
+
+    read: list[int] = []
+
+    def mem_get_info(i):
+        read.append(i)
+        return (60 + i, 100 + i)
+
+    cuda = SimpleNamespace(is_available=lambda: True, device_count=lambda: 4, current_device=lambda: 0,
+                           mem_get_info=mem_get_info)
+    # a stand-in for torch on four GPUs (no GPU here): the server holds contexts on GPUs 0 and 2
+    fake = SimpleNamespace(cuda=cuda, _C=SimpleNamespace(_cuda_hasPrimaryContext=lambda i: i in (0, 2)))
+    monkeypatch.setitem(sys.modules, "torch", fake)
+    row = memory_view([{"device": "cuda", "memory_bytes": 10}], {"cpu": 0, "cuda": 0})["cuda"]
+    assert sorted(read) == [0, 2]
+    assert [d["index"] for d in row["devices"]] == [0, 2] and row["total_bytes"] == 100 + 102
+    read.clear()
+    fake._C = SimpleNamespace()  # a torch that cannot tell: the current GPU alone
+    assert [d["index"] for d in memory_view([], {"cpu": 0, "cuda": 1})["cuda"]["devices"]] == [0] and read == [0]
+
+
 def _stats(raw) -> dict:
     r = raw.get("/admin/stats")
     assert r.status_code == 200, r.text

@@ -88,28 +88,34 @@ def _cpu_total() -> int | None:
     return physical if limit is None else min(physical, limit)
 
 
-def _gpu_figures() -> list[tuple[int, int]]:
-    """Each CUDA device's (free, total) bytes, when they can be known without importing torch; [] otherwise."""
+def _gpu_figures() -> list[tuple[int, int] | None]:
+    """Each CUDA device's (free, total) bytes, when they can be known without importing torch; [] otherwise. None for
+    a GPU this process has no context on and that is not its current one: reading it (cudaMemGetInfo) would create a
+    context there, hundreds of MB of a GPU the server does not use, on every poll; no model of the server is on it."""
     torch = sys.modules.get("torch")  # a CUDA model is loaded only if torch already is
     try:
         if torch is not None and torch.cuda.is_available():
-            return [(int(free), int(total)) for free, total in map(torch.cuda.mem_get_info, range(torch.cuda.device_count()))]
+            has_context = getattr(torch._C, "_cuda_hasPrimaryContext", None)  # asks the driver, creates none
+            current = torch.cuda.current_device()
+            return [tuple(int(x) for x in torch.cuda.mem_get_info(i))
+                    if i == current or (has_context is not None and has_context(i)) else None
+                    for i in range(torch.cuda.device_count())]
     except Exception:  # noqa: BLE001 - a driver error must not fail a dashboard read
         log.debug("torch.cuda.mem_get_info() failed", exc_info=True)
     return []
 
 
-def gpu_memory(figures: list[tuple[int, int]]) -> dict[str, Any]:
-    """The CUDA row's device fields from each GPU's (free, total) bytes: every GPU's own figures and their summed
-    total (None with no GPU). The models on them may be spread over all of them (a split model, one per GPU), so
-    their memory is set against every GPU's, not the first one's."""
-    devices = [{"index": i, "used_bytes": total - free, "free_bytes": free, "total_bytes": total}
-               for i, (free, total) in enumerate(figures)]
+def gpu_memory(figures: list[tuple[int, int] | None]) -> dict[str, Any]:
+    """The CUDA row's device fields from each GPU's (free, total) bytes (None: a GPU not read, left out): every GPU's
+    own figures and their summed total (None with no GPU). The models on them may be spread over all of them (a split
+    model, one per GPU), so their memory is set against every GPU's, not the first one's."""
+    devices = [{"index": i, "used_bytes": f[1] - f[0], "free_bytes": f[0], "total_bytes": f[1]}
+               for i, f in enumerate(figures) if f is not None]
     return {"total_bytes": sum(d["total_bytes"] for d in devices) if devices else None, "devices": devices}
 
 
 def memory_view(models: list[dict[str, Any]], budgets: dict[str, int],
-                gpus: list[tuple[int, int]] | None = None) -> dict[str, dict[str, Any]]:
+                gpus: list[tuple[int, int] | None] | None = None) -> dict[str, dict[str, Any]]:
     """Per device kind: bytes held by loaded models, the budget (0 = none) and the device's total; the CUDA row also
     lists each GPU (``gpus``: each one's (free, total) bytes, read from torch when not given)."""
     view: dict[str, dict[str, Any]] = {}
