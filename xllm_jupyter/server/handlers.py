@@ -224,7 +224,7 @@ class RequestMixin:
         """Run a serving call; write its dict as JSON or stream its chunks as SSE."""
         start = time.perf_counter()
         open_stream_tally()  # before the work: tasks it starts (a stream's first engine step) count into it
-        open_token_clock()  # (as do their tokens' arrival times)
+        open_token_clock(self.route)  # (as do their tokens' arrival times)
         ok, result = await self._cancellable(work)
         if not ok:
             charge_left(self)  # the client left before the answer: what it used still counts (auth.tokens_per_minute)

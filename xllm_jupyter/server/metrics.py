@@ -42,13 +42,15 @@ class TokenClock:
     the gaps between deltas or stream chunks are not per token; ``ObservedEngine`` counts each delta's tokens here.
     """
 
-    __slots__ = ("itl", "made")
+    __slots__ = ("itl", "made", "endpoint")
 
-    def __init__(self) -> None:
+    def __init__(self, endpoint: str | None = None) -> None:
         #: the inter-token histogram (its endpoint's child) once the answer is a stream; None: nothing is observed
         self.itl: Any = None
         #: the model made a token for this request (a replay from the response cache makes none)
         self.made = False
+        #: the route served (each finished generation's time per output token is observed under it); None: not observed
+        self.endpoint = endpoint
 
     def tokens(self, last: dict[int, float], index: int, count: int, now: float) -> None:
         """``count`` tokens of choice ``index`` arrived at ``now`` (``last``: one generation's previous arrivals)."""
@@ -67,9 +69,28 @@ class TokenClock:
 _token_clock: ContextVar[TokenClock | None] = ContextVar("xllm_token_clock", default=None)
 
 
-def open_token_clock() -> None:
-    """Give this request's task a fresh ``TokenClock`` before its serving call runs."""
-    _token_clock.set(TokenClock())
+def open_token_clock(endpoint: str | None = None) -> None:
+    """Give this request's task a fresh ``TokenClock`` (of route ``endpoint``) before its serving call runs."""
+    _token_clock.set(TokenClock(endpoint))
+
+
+def note_span(spans: dict[int, list[float]], index: int, count: int, now: float) -> None:
+    """``count`` tokens of choice ``index`` arrived at ``now``: ``spans`` keeps each choice's [first arrival, tokens in
+    it, last arrival, tokens in all] for its time per output token."""
+    span = spans.get(index)
+    if span is None:
+        spans[index] = [now, count, now, count]
+    else:
+        span[2] = now
+        span[3] += count
+
+
+def per_output_token(span: list[float]) -> float | None:
+    """A choice's mean time per output token after its first delivery, as vLLM's request_time_per_output_token:
+    the time from its first delta to its last over the tokens after the first delta (the engine sends the first
+    token alone, so that is (tokens - 1)); None for a choice of one delivery."""
+    first, first_count, last, total = span
+    return (last - first) / (total - first_count) if total > first_count else None
 
 
 def _has_content(chunk: dict[str, Any]) -> bool:
@@ -109,6 +130,10 @@ class ServerMetrics:
         self.e2e = Histogram(
             "xllm_request_duration_seconds", "Generation requests: end-to-end time.", ("endpoint",), buckets=_E2E_BUCKETS, registry=r
         )
+        self.tpot = Histogram(
+            "xllm_request_time_per_output_token_seconds", "Finished generations: each choice's mean time per output "
+            "token after its first.", ("endpoint",), buckets=_ITL_BUCKETS, registry=r
+        )
         self.prompt_tokens = Counter("xllm_prompt_tokens", "Prompt tokens processed.", ("model",), registry=r)
         self.generation_tokens = Counter("xllm_generation_tokens", "Tokens generated.", ("model",), registry=r)
         self.prefix_hits = Counter("xllm_prefix_cache_hits", "Generations that reused cached prompt tokens.", ("model",), registry=r)
@@ -146,6 +171,14 @@ class ServerMetrics:
     def observe_duration(self, endpoint: str, seconds: float) -> None:
         """End-to-end time of one generation request."""
         self._timers(endpoint)[2].observe(seconds)
+
+    def observe_time_per_output_token(self, endpoint: str, spans: Iterable[list[float]]) -> None:
+        """One finished generation's choices (``note_span``'s spans): each one's mean time per output token."""
+        child = self.tpot.labels(endpoint)
+        for span in spans:
+            seconds = per_output_token(span)
+            if seconds is not None:
+                child.observe(seconds)
 
     async def timed_stream(self, endpoint: str, stream: AsyncIterator[dict[str, Any]], start: float) -> AsyncIterator[dict[str, Any]]:
         """``stream`` unchanged, observing the time to its first content chunk if the model made it (a replay from the
@@ -285,6 +318,7 @@ class ObservedEngine:
         """
         delivered = 0
         clock, arrivals = _token_clock.get(), {}  # (each choice's last delta, for the inter-token latency)
+        spans: dict[int, list[float]] = {}  # (each choice's first and last delta, for its time per output token)
         admission = request.admission
         if admission is None:  # (the engine marks it once a job enters the batch)
             request = dataclasses.replace(request, admission=(admission := Admission()))
@@ -296,10 +330,14 @@ class ObservedEngine:
                         count = len(ev.token_ids)
                         delivered += count
                         if count and clock is not None:
-                            clock.tokens(arrivals, ev.index, count, time.perf_counter())
+                            now = time.perf_counter()
+                            clock.tokens(arrivals, ev.index, count, now)
+                            note_span(spans, ev.index, count, now)
                     elif isinstance(ev, GenerationDone):
                         delivered = -1  # charged in full below; nothing left to charge on close
                         self._charge(request, ev.usage)
+                        if clock is not None and clock.endpoint is not None:
+                            self._metrics.observe_time_per_output_token(clock.endpoint, spans.values())
                     yield ev
         except (GeneratorExit, asyncio.CancelledError):
             # read after the engine stream closed (its cancel takes the runner's lock): admitted or never will be
