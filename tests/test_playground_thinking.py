@@ -111,15 +111,29 @@ def test_the_thought_block_is_open_with_a_spinner_until_the_answer_begins():
     assert not is_thought({"role": "assistant", "content": "x", "metadata": None})
 
 
-def test_the_thinking_is_timed_from_its_first_piece_to_its_last():
-    times = iter([5.0, 5.5, 7.4])
+def test_the_thinking_is_timed_from_its_first_piece_to_the_answers_first():
+    times = iter([5.0, 5.5, 7.4, 9.0, 11.0])
     clock = ThinkingClock(lambda: next(times))
+    clock.over()  # no thinking yet: nothing to end (and no time taken)
     assert clock.seconds is None and thought_for(clock.seconds) == THOUGHT_TITLE
     clock.piece()
     assert clock.seconds == 0
     clock.piece()
     clock.piece()
     assert clock.seconds == pytest.approx(2.4) and thought_for(clock.seconds) == "Thought for 2.4 s"
+    # the answer's first piece ends it: a thinking sent in one piece (one stream interval) was "0.0 s"
+    clock.over()
+    assert clock.seconds == pytest.approx(4.0)
+    clock.over()
+    assert clock.seconds == pytest.approx(4.0)
+
+
+def test_a_thinking_sent_in_one_piece_is_timed_to_the_answer_not_zero():
+    times = iter([3.0, 4.5])
+    clock = ThinkingClock(lambda: next(times))
+    clock.piece()  # the whole thinking in one piece
+    clock.over()  # the answer, 1.5 s later
+    assert thought_for(clock.seconds) == "Thought for 1.5 s"
     assert thought_for(9.96) == "Thought for 10 s" and thought_for(61.2) == "Thought for 61 s"
 
 

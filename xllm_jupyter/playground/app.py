@@ -250,6 +250,7 @@ def build_app(
                         clock.piece()
                     else:
                         text += piece
+                        clock.over()
                     history[asked:] = reply_messages(thought, text, seconds=clock.seconds)
                     yield history, gr.skip()
                 if ended[-1:] == ["length"]:
@@ -257,6 +258,7 @@ def build_app(
                     note = CUT_NOTE if text.strip() or not thought.strip() else thought_only_note()
             except XllmError as exc:
                 note = f"{ERROR_PREFIX}{exc}"  # shown in the transcript as one line: no traceback in the UI
+            clock.over()
             history[asked:] = reply_messages(thought, text, note, ended=True, seconds=clock.seconds)
             if stopped.cleared:
                 # Clear emptied the transcript mid-reply. Clear is unqueued, so its answer can reach the

@@ -20,12 +20,15 @@ THOUGHT_TITLE = "Thinking"
 
 
 class ThinkingClock:
-    """How long one reply's thinking took: from its first thinking piece to its last (None: none came)."""
+    """How long one reply's thinking took: from its first thinking piece to the first answer piece, or to the reply's
+    end where no answer came (None: no thinking came). Timed to its last thinking piece instead, a thinking the
+    server sent in one piece (its tokens made within one stream interval, or a long interval) took "0.0 s"."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
         self._first: float | None = None
         self._last: float | None = None
+        self._over: float | None = None
 
     def piece(self) -> None:
         """A thinking piece arrived now."""
@@ -33,10 +36,17 @@ class ThinkingClock:
         if self._first is None:
             self._first = self._last
 
+    def over(self) -> None:
+        """The thinking is over now: the answer's first piece came, or the reply ended (later calls change nothing)."""
+        if self._first is not None and self._over is None:
+            self._over = self._clock()
+
     @property
     def seconds(self) -> float | None:
-        """Seconds between the first thinking piece and the last; None before the first."""
-        return None if self._first is None or self._last is None else self._last - self._first
+        """Seconds from the first thinking piece to its end (``over``), else to the last so far; None before the
+        first."""
+        end = self._over if self._over is not None else self._last
+        return None if self._first is None or end is None else end - self._first
 
 
 def thought_for(seconds: float | None) -> str:
