@@ -105,6 +105,8 @@ def test_gpu_serving_stand_in_measures_raw_and_server_over_the_librarys_generato
         # every pass has its own prompts: nothing comes from the prefix cache on either side
         assert row["raw"]["cached_prompt_tokens"] == row["server"]["cached_prompt_tokens"] == 0
         assert row["ratio"] > 0 and row["server"]["ttft_p50_ms"] > 0
+        # inter-token latency per token on both sides (the server's running counts were read), not chunk gaps
+        assert not row["raw"]["itl_is_chunk_gap"] and not row["server"]["itl_is_chunk_gap"]
     assert "the model's forward replaced by a GPU engine's step costs" in out.with_suffix(".md").read_text()
 
 
