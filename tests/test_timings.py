@@ -157,3 +157,37 @@ def test_a_legacy_completion_of_one_prompt_carries_them_too(raw):
         assert chunks[-1]["timings"]["predicted_n"] == 6
     several = raw.post("/v1/completions", json={**body, "prompt": ["Say", "something"]})
     assert several.status_code == 200 and "timings" not in several.json()
+
+
+def test_only_the_chunk_that_may_end_the_stream_waits_for_them():
+    """A choice's last chunk goes as it comes unless it ends the stream's last open choice (or is the usage chunk):
+    a legacy completion's has the choice's last text, which waited for another choice's next chunk (a prompt still
+    in the queue, or a reply 60 s of stream interval away)."""
+    import asyncio
+
+    from xllm_jupyter.openai.timings import Timed, with_timings
+
+    def chunk(i: int, text: str, finish: str | None = None) -> dict:
+        return {"object": "text_completion", "choices": [{"index": i, "text": text, "finish_reason": finish}]}
+
+    def run(items: list, choices: int) -> list:
+        asked: list[int] = []
+
+        async def source():
+            for k, item in enumerate(items):
+                asked.append(k)
+                yield item
+
+        async def read():
+            return [(out, len(asked)) async for out in with_timings(source(), choices)]
+
+        return asyncio.run(read())
+
+    two = [chunk(0, "a"), chunk(0, "b", "length"), chunk(1, "x"), chunk(1, "y", "length"), Timed(prompt_n=3)]
+    out = run(two, 2)
+    # each chunk left before the next was asked for, but the stream's last, which waited for its timings
+    assert [asked for _, asked in out] == [1, 2, 3, 5]
+    assert [c for c, _ in out] == [*two[:3], {**two[3], "timings": {"prompt_n": 3}}]
+    usage = {"object": "text_completion", "choices": [], "usage": {"total_tokens": 5}}
+    out = run([chunk(0, "a", "length"), usage, Timed(prompt_n=3)], 1)
+    assert [c for c, _ in out] == [chunk(0, "a", "length"), {**usage, "timings": {"prompt_n": 3}}]

@@ -103,7 +103,8 @@ class CompletionsMixin:
             events = await started(events, self.config.keepalive_seconds)
             continuous = req.include_usage and bool(req.stream_options.continuous_usage_stats)  # type: ignore[union-attr]
             return with_timings(self._completion_stream(events, shown, offsets, req.model, rid, created, req.include_usage,
-                                                        [len(g.prompt_ids) for g in gens] if continuous else None))
+                                                        [len(g.prompt_ids) for g in gens] if continuous else None),
+                                shown.n * len(offsets))
         return await self._completion_full(events, gens, shown, offsets, req.model, rid, created)
 
     def _events(self, gens: Sequence[GenerationRequest], prompt_only: bool, scored: bool,

@@ -304,7 +304,7 @@ class OpenAIServing(CompletionsMixin):
                                        served_tier(req.service_tier),
                                        req.include_usage and bool(req.stream_options.continuous_usage_stats))
             # the timings go on the last chunk the client gets: a stored stream's usage chunk may be dropped
-            return with_timings(self.stored.recording(stream, req, user, p.big) if req.store else stream)
+            return with_timings(self.stored.recording(stream, req, user, p.big) if req.store else stream, gen.params.n)
         result = await self._chat_full(gen, req.model, rid, created, p.tools)
         if req.service_tier is not None:
             result["service_tier"] = served_tier(req.service_tier)

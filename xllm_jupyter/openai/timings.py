@@ -41,16 +41,13 @@ def timings_wire(timings: GenerationTimings | None, usage: Usage) -> dict[str, A
     }
 
 
-def _last_of_a_choice(chunk: Chunk) -> bool:
-    choices = chunk.get("choices")
-    return not choices or choices[0].get("finish_reason") is not None  # (the usage chunk has none)
-
-
-async def with_timings(chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
-    """``chunks`` with the ``Timed`` they end with on the last chunk. A chunk that ends a choice (or the usage chunk)
-    waits for the next: the engine's times are known once its last choice has ended, after that choice's last chunk.
-    Chunks with text never wait."""
+async def with_timings(chunks: AsyncIterator[Chunk], choices: int) -> AsyncIterator[Chunk]:
+    """``chunks`` (a stream of ``choices`` choices) with the ``Timed`` they end with on the last chunk. Only a chunk
+    that may be the stream's last waits for the next: the one that ends its last open choice (the engine's times are
+    known once that choice has ended, after its last chunk) and the usage chunk. Every other chunk goes at once: a
+    legacy completion's last chunk has the choice's last text, and one choice's end must not wait for another's."""
     held: Chunk | None = None
+    left = choices
     try:
         async with aclosing(chunks) as stream:  # type: ignore[type-var]
             async for chunk in stream:
@@ -60,7 +57,10 @@ async def with_timings(chunks: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
                 if held is not None:
                     yield held
                     held = None
-                if _last_of_a_choice(chunk):
+                listed = chunk.get("choices")
+                ended = bool(listed) and listed[0].get("finish_reason") is not None
+                left -= ended
+                if not listed or ended and left <= 0:  # (the usage chunk, or the last open choice's end)
                     held = chunk
                 else:
                     yield chunk
