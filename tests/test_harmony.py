@@ -371,3 +371,31 @@ def test_the_in_process_chat_splits_a_harmony_reply_as_the_server_does(tmp_path,
         local_parts = parts(local)
     assert served == ("plan", "The"), served
     assert local_parts == served
+
+
+#: thinking, a commentary preamble to the user, then the answer
+THINK_SAY_ANSWER = THINK_ANSWER[:7] + ("<|channel|>", '"commentary"', "<|message|>", '"Looking. "', "<|end|>", "<|start|>",
+                                       '"assistant"') + THINK_ANSWER[7:]
+
+
+@pytest.mark.parametrize("parts, cut", [(THINK_ANSWER, None), (THINK_SAY_ANSWER, None), (THINK_ANSWER, 10)],
+                         ids=["answer", "preamble", "cut-in-header"])
+def test_responses_output_text_logprobs_are_the_texts_own_tokens(served, parts, cut):
+    """A Response's output_text logprobs are its text's tokens, whole and streamed: the markers and headers before a
+    message's body (``<|end|><|start|>assistant<|channel|>final<|message|>``) ride on its first chat piece and were
+    the message's too; a reply cut inside a header (10 tokens: ``...<|start|>assistant<|channel|>``) has no message."""
+    client, ids = served
+    kw = dict(model="oss", input="Hi", max_output_tokens=cut or 64, include=["message.output_text.logprobs"],
+              extra_body={"guided_grammar": _grammar(ids, parts), "seed": 1})
+    whole = client.responses.create(**kw)
+    events = list(client.responses.create(stream=True, **kw))
+    pieces = [t.token for e in events if e.type == "response.output_text.delta" for t in e.logprobs]
+    assert events[-1].type == ("response.incomplete" if cut else "response.completed")
+    for r in (whole, events[-1].response):
+        messages = [o for o in r.output if o.type == "message"]
+        if cut:
+            assert [o.type for o in r.output] == ["reasoning"]
+            continue
+        tokens = [t.token for m in messages for c in m.content for t in c.logprobs]
+        assert "".join(tokens) == r.output_text and r.output_text.endswith("The answer.")
+        assert tokens == pieces

@@ -6,6 +6,7 @@ from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from .response_items import function_call_item, last_item_status, message_item, new_id, reasoning_item, response_status
+from .harmony import CHANNEL, MARKERS, MESSAGE, START
 from .reasoning import MAGISTRAL, THINK
 from .response_store import ResponseStore
 
@@ -38,6 +39,7 @@ class ResponseEventStream:
         self._open = False  # whether the last item in _output is still being streamed
         self._texts: list[str] = []  # the open message's (or reasoning item's) text so far
         self._want_lp = turn.req.logprobs
+        self._header = False  # whether the last token logprob read was in a harmony message's header (_text_tokens)
         self._logprobs: list[dict[str, Any]] = []  # the open message's token logprobs so far (when asked for)
         self._unsent: list[dict[str, Any]] = []  # those of tokens with no text yet (part of a character): the next delta's
         self._events = self._run()
@@ -138,6 +140,19 @@ class ResponseEventStream:
                                   name=done["name"], arguments=done["arguments"])]
         return events + [self._event("response.output_item.done", output_index=at, item=done)]
 
+    def _text_tokens(self, logprobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``logprobs`` less a harmony reply's markers and message headers (``<|end|><|start|>assistant<|channel|>final
+        <|message|>``, which the chat stream sends with the text after them): the output text's tokens are its own.
+        A header may end in a later piece than it began (the state is kept), so pieces never matter."""
+        kept = []
+        for entry in logprobs:
+            token = entry.get("token")
+            if token in (START, CHANNEL) or token == MESSAGE:
+                self._header = token != MESSAGE
+            elif token not in MARKERS and not self._header:
+                kept.append(entry)
+        return kept
+
     def _open_is(self, kind: str) -> bool:
         return self._open and self._output[-1]["type"] == kind
 
@@ -165,6 +180,7 @@ class ResponseEventStream:
                     logprobs = _after_thinking(logprobs)
                 if delta.get("tool_calls") or (calls and not delta.get("content")):
                     logprobs = []  # a call's tokens' (as the whole Response has them): they open no message
+                logprobs = self._text_tokens(logprobs)
                 if thought:
                     if not self._open_is("reasoning"):
                         for ev in self._close() + self._open_reasoning():
