@@ -117,6 +117,28 @@ def test_a_refused_request_still_arriving_gets_the_answer_and_its_end_not_a_rese
     assert head.startswith(b"HTTP/1.1 503 ") and json.loads(body)["error"]["code"] == "too_many_connections"
 
 
+def test_refused_connections_linger_a_16th_of_a_low_total_cap_at_most():
+    """Lingering refused connections hold descriptors beyond the total cap: 64 of them took the last descriptors at
+    a hard limit of 256 (cap 192). A 16th of the cap may linger (here 1: the second is closed at once)."""
+
+    async def refuse_two() -> int:
+        server = GuardedHTTPServer(lambda _request: None)
+        server.guard = ConnectionGuard(total=0, per_client=-1)  # every connection is over the total cap
+        listening = bind_sockets(0, "127.0.0.1")
+        clients = [socket.create_connection(listening[0].getsockname()[:2], timeout=30) for _ in range(2)]
+        server.add_sockets(listening)
+        try:
+            for client in clients:  # both answered: both refused
+                assert (await asyncio.get_running_loop().run_in_executor(None, client.recv, 16)).startswith(b"HTTP/1.1 503")
+            return len(server._lingering)
+        finally:
+            for client in clients:
+                client.close()
+            server.stop()
+
+    assert asyncio.run(refuse_two()) == 1
+
+
 def test_the_openai_sdk_over_its_cap_gets_a_rate_limit_error_not_a_connection_error(capped):
     """Closed without a word, the SDK raised APIConnectionError (and, with retries on, retried at once)."""
     import openai

@@ -64,7 +64,8 @@ _DRAIN_BYTES = 64 * 1024
 LINGER_SECONDS = 2.0
 #: of a refused connection's request, the most read off while it lingers (a reset is all a bigger one gets)
 LINGER_BYTES = 1024 * 1024
-#: refused connections one server lets linger at once; past that they are closed at once, as before
+#: refused connections one server lets linger at once, past which they are closed at once; fewer where the total cap
+#: is low (a 16th of it): they hold descriptors beyond the cap, which at a low descriptor limit are the last ones
 LINGER_MAX = 64
 
 
@@ -241,10 +242,12 @@ class GuardedHTTPServer(HeadLimitedHTTPServer):
         return super().handle_stream(stream, address)
 
     def _refuse(self, stream: Any, reply: bytes) -> None:
-        """Answer ``stream`` with ``reply`` and close it, lingering while fewer than ``LINGER_MAX`` do."""
+        """Answer ``stream`` with ``reply`` and close it, lingering while fewer than ``LINGER_MAX`` do (a 16th of the
+        total cap where that is lower)."""
         if not hasattr(self, "_lingering"):
             self._lingering: set[asyncio.Task[None]] = set()  # held here: the loop keeps only weak references
-        if not answer(stream, reply) or len(self._lingering) >= LINGER_MAX:
+        most = max(1, min(LINGER_MAX, self.guard.total // 16)) if self.guard is not None else LINGER_MAX
+        if not answer(stream, reply) or len(self._lingering) >= most:
             return drain_and_close(stream)
         task = asyncio.ensure_future(linger_then_close(stream))
         self._lingering.add(task)
