@@ -115,3 +115,16 @@ def test_set_system_takes_a_block_of_several_lines(own, sent):
     chat_with(TINY, '/set system """You are', "", 'a pirate."""', "hello", '/set system """Be brief."""', "again")
     assert sent[0][1] == [{"role": "system", "content": "You are\n\na pirate."}, {"role": "user", "content": "hello"}]
     assert sent[1][1][0] == {"role": "system", "content": "Be brief."} and len(sent) == 2
+
+
+def test_save_keeps_the_models_own_turns_before_the_chats(own, sent):
+    """A model with MESSAGE lines: the server puts its turns before each chat's, and a new model's MESSAGE lines replace
+    its base's, so /save writes them first; the saved model's chats began with this chat's turns alone."""
+    store = ModelStore(own.config.store.home)
+    store.create("fewshot", f"FROM {TINY}\nMESSAGE user What is 1+1?\nMESSAGE assistant 2.\n")
+    result = chat_with("fewshot", "hello", "/save kept2")
+    reply = result.stdout[:-1].strip()
+    settings = modelfile_of(store.show("kept2"))
+    assert [(m.role, m.content) for m in settings.messages] == [
+        ("user", "What is 1+1?"), ("assistant", "2."), ("user", "hello"), ("assistant", reply)]
+    assert sent[0][1] == [{"role": "user", "content": "hello"}]  # (the model's turns are the server's to add)

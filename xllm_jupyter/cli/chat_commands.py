@@ -183,9 +183,13 @@ def _save(args: list[str], s: ChatSession) -> None:
         return
     turns = [Message(m["role"], m["content"]) for m in s.history if m.get("role") in ("user", "assistant")]
     system = s.system[0]["content"] if s.system else None
-    text = render_modelfile(Modelfile(from_=s.model, parameters=dict(s.parameters), system=system, messages=turns))
     try:
-        manifest = open_store().create(args[0], text)
+        store = open_store()
+        # the model's own MESSAGE turns head each of its chats (the server puts them there, not in this history); a
+        # new model's MESSAGE lines replace its base's, so they go first (none said yet: the base's are inherited)
+        turns = _model_turns(store, s.model) + turns if turns else turns
+        text = render_modelfile(Modelfile(from_=s.model, parameters=dict(s.parameters), system=system, messages=turns))
+        manifest = store.create(args[0], text)
     except (XllmError, ValueError, click.ClickException) as exc:
         _note(f"Error: {terminal_safe(getattr(exc, 'message', None) or str(exc))}")
         return
@@ -193,3 +197,13 @@ def _save(args: list[str], s: ChatSession) -> None:
     if context is not None and context.obj is not None:
         unload_from_server(context.obj, manifest.name)  # a server would go on with what it read at its load
     _note(f"Created new model '{manifest.name}'")
+
+
+def _model_turns(store: Any, model: str) -> list[Any]:
+    """Model ``model``'s MESSAGE turns (none where the store has no such model: /save's create says so)."""
+    from ..store.create import modelfile_of
+
+    try:
+        return list(modelfile_of(store.show(model)).messages)
+    except XllmError:
+        return []
