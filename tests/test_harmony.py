@@ -399,3 +399,48 @@ def test_responses_output_text_logprobs_are_the_texts_own_tokens(served, parts, 
         tokens = [t.token for m in messages for c in m.content for t in c.logprobs]
         assert "".join(tokens) == r.output_text and r.output_text.endswith("The answer.")
         assert tokens == pieces
+
+
+def _stopped(stops, pieces):
+    from xllm_jupyter.core.types import GenerationParams
+    from xllm_jupyter.engine.stops import stop_matcher
+    from xllm_jupyter.openai.harmony import stop_exempt
+
+    m = stop_matcher(GenerationParams(stop=stops, keep_special=MARKERS, stop_exempt=stop_exempt(MARKERS)))
+    out = ""
+    for piece in pieces:
+        text, hit = m.feed(piece)
+        out += text
+        if hit:
+            return out, hit
+    return out + m.flush(), None
+
+
+WHOLE = "<|channel|>analysis<|message|>plan it<|end|><|start|>assistant<|channel|>final<|message|>The answer."
+
+
+@pytest.mark.parametrize("stop, kept, hit", [
+    ("final", WHOLE, None),  # a channel's name in a header is no text
+    ("assistant", WHOLE, None),
+    ("|>", WHOLE, None),  # nor are the markers
+    ("itThe", WHOLE, None),  # nor a match across them (the markers are not the text's: nothing joins the bodies)
+    ("it<|end|>", WHOLE, None),
+    ("answer", WHOLE[:WHOLE.index("answer")], "answer"),  # a body's text is
+    ("it", WHOLE[:WHOLE.index("it<")], "it"),  # the thinking's too, as vLLM matches its whole output text
+])
+def test_stop_strings_match_a_harmony_replys_bodies_only(stop, kept, hit):
+    tokens = [p for p in __import__("re").split(r"(<\|[a-z]+\|>|\s)", WHOLE) if p]  # a piece per marker and word
+    for pieces in ([WHOLE], tokens, ["".join(tokens[:i]) for i in (5,)] + ["".join(tokens[5:])]):
+        assert _stopped((stop,), pieces) == (kept, hit), pieces
+
+
+@pytest.mark.parametrize("stop, thought, content", [("final", "plan it", "The answer."), ("answer", "plan it", "The "),
+                                                    ("it", "plan ", None)])
+def test_a_stop_string_applies_to_the_replys_text_not_its_headers(served, stop, thought, content):
+    r = ask(served, THINK_ANSWER, stop=[stop])
+    message = r.choices[0].message
+    assert (message.reasoning_content, message.content, r.choices[0].finish_reason) == (
+        thought, content, "stop" if stop != "final" else r.choices[0].finish_reason)
+    s_thought, s_content, _, reason, _, deltas = streamed(served, THINK_ANSWER, stop=[stop])
+    assert (s_thought, s_content or None, reason) == (thought, content, r.choices[0].finish_reason)
+    _no_markup(deltas)

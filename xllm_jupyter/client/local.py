@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator, Mapping
 from ..core.config import XllmConfig, load_config
 from ..core.errors import InvalidRequest
 from ..core.types import ChatMessage, Constraint, GenerationParams, GenerationRequest, SamplingParams
-from ..openai.harmony import MARKERS, HarmonySplit, in_final, is_harmony
+from ..openai.harmony import MARKERS, STOP_EXEMPT, HarmonySplit, in_final, is_harmony
 from ..openai.model_defaults import ModelDefaults
 from ..openai.reasoning import Reasoning
 from ..openai.template_kwargs import PARAM, chat_template_kwargs
@@ -192,7 +192,7 @@ class LocalChat:
         constraint = in_final(params.constraint, loaded) if params.constraint is not None else None
         if constraint is not params.constraint:
             self._run(self.engine.check_constraint(model, constraint))
-        return dataclasses.replace(params, keep_special=MARKERS, constraint=constraint)
+        return dataclasses.replace(params, keep_special=MARKERS, stop_exempt=STOP_EXEMPT, constraint=constraint)
 
     def _next(self, events: Any) -> Any:
         """The next engine event. Ctrl-C while waiting for it cancels that wait first: otherwise the

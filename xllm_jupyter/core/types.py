@@ -117,6 +117,9 @@ class GenerationParams:
     #: special tokens (by their text) whose text the decoded output keeps, every other one still skipped: the
     #: tool-call markup a model writes as special tokens (Mistral's ``[TOOL_CALLS]``) that the tool parser reads
     keep_special: tuple[str, ...] = ()
+    #: (opener, closer) pairs of kept special tokens the text between which no stop string matches (a harmony
+    #: message's header: ``<|channel|>final<|message|>``); the kept tokens themselves never match (engine/stops.py)
+    stop_exempt: tuple[tuple[str, str], ...] = ()
 
 
 class Admission:

@@ -39,7 +39,7 @@ from .fairness import FairnessPolicy, FairQueue
 from .loop_wake import LoopWaker, ThreadsafeWaker
 from .retirement import Retirement
 from .step_failures import StepFailures, constraint_failure, out_of_memory_error
-from .stops import StopMatcher
+from .stops import MarkedStopMatcher, StopMatcher, stop_matcher
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class _JobState:
 
     handle: RequestHandle
     index: int
-    stops: StopMatcher
+    stops: StopMatcher | MarkedStopMatcher
     tokens: int = 0
     done: bool = False  # no more deltas go out for this job
     completed: bool = False  # it ended normally (stop, length, stop string)
@@ -153,7 +153,7 @@ class ModelRunner(StepFailures, Retirement):
                 keep_special=params.keep_special,
             )
             handle.job_ids.append(job.job_id)
-            pending.append((job, _JobState(handle, index, StopMatcher(params.stop))))
+            pending.append((job, _JobState(handle, index, stop_matcher(params))))
         with self._cond:
             self._waiting.extend(pending)
             self._cond.notify()

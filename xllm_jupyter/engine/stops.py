@@ -1,9 +1,17 @@
-"""Stop-string matching over streamed text, holding back only what could still match."""
+"""Stop-string matching over streamed text, holding back only what could still match.
+
+Special tokens a reply's decoded text keeps (``GenerationParams.keep_special``: a harmony reply's markers, thinking
+and tool-call markup) are not its text: a stop string never matches them nor across one (without them kept, they
+would not be in the text at all), and kept text between an opener and its closer (``GenerationParams.stop_exempt``:
+a harmony message's header, ``<|channel|>final<|message|>``) is no stop's either.
+"""
 
 from __future__ import annotations
 
 import functools
 import re
+
+from ..core.types import GenerationParams
 
 
 class _StopAutomaton:
@@ -60,6 +68,58 @@ class _StopAutomaton:
 @functools.lru_cache(maxsize=16)  # (most requests repeat a few stop sets; a 4 x 512-character one is ~0.7 MB)
 def _automaton(stops: tuple[str, ...]) -> _StopAutomaton:
     return _StopAutomaton(stops)
+
+
+class MarkedStopMatcher:
+    """A StopMatcher over the text between kept special tokens (``markers``), exempting the spans ``exempt`` opens
+    and closes; the markers and exempt text pass through unmatched, and a marker releases any partial match held."""
+
+    __slots__ = ("_inner", "_split", "_opens", "_closers")
+
+    def __init__(self, stops: tuple[str, ...], markers: tuple[str, ...], exempt: tuple[tuple[str, str], ...] = ()):
+        self._inner = StopMatcher(stops)
+        every = sorted({*markers, *(m for span in exempt for m in span)}, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, every)) + ")")
+        self._opens: dict[str, frozenset[str]] = {}  # opener -> the markers that close its span
+        for opener, closer in exempt:
+            self._opens[opener] = self._opens.get(opener, frozenset()) | {closer}
+        self._closers: frozenset[str] = frozenset()  # those that end the exempt span the text is in (empty: none)
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        """The stop strings."""
+        return self._inner.stops
+
+    def feed(self, text: str) -> tuple[str, str | None]:
+        """As StopMatcher.feed, the markers and exempt spans in ``text`` passed through unmatched."""
+        out: list[str] = []
+        for i, part in enumerate(self._split.split(text)):
+            if i % 2:  # a marker: no partial match continues across it
+                out.append(self._inner.flush())
+                out.append(part)
+                if not self._closers:
+                    self._closers = self._opens.get(part, frozenset())
+                elif part in self._closers:
+                    self._closers = frozenset()
+            elif self._closers:
+                out.append(part)
+            elif part:
+                safe, stop = self._inner.feed(part)
+                out.append(safe)
+                if stop is not None:
+                    return "".join(out), stop
+        return "".join(out), None
+
+    def flush(self) -> str:
+        """Release whatever is held."""
+        return self._inner.flush()
+
+
+def stop_matcher(params: GenerationParams) -> StopMatcher | MarkedStopMatcher:
+    """The matcher of ``params``' stop strings: around the special tokens its text keeps, where it keeps any."""
+    if not any(params.stop) or not params.keep_special:
+        return StopMatcher(params.stop)
+    return MarkedStopMatcher(params.stop, params.keep_special, params.stop_exempt)
 
 
 class StopMatcher:

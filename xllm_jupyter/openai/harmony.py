@@ -29,6 +29,10 @@ START, END, MESSAGE, CHANNEL, CONSTRAIN, RETURN, CALL = (
 MARKERS = (START, END, MESSAGE, CHANNEL, CONSTRAIN, RETURN, CALL)
 #: what ends a message's body (``<|start|>`` too: a model that left out the ``<|end|>`` before the next message)
 _CLOSERS = (END, RETURN, CALL, START)
+#: a message's header (``<|start|>assistant<|channel|>final``: the role, channel, recipient and content type) is no
+#: stop string's text (``GenerationParams.stop_exempt``): from its opening marker to ``<|message|>`` (or a marker
+#: that ends a message without a body)
+STOP_EXEMPT = tuple((opener, closer) for opener in (START, CHANNEL) for closer in (MESSAGE, END, RETURN, CALL))
 _HEADS = (START, CHANNEL)  # how a message's header begins
 _CHANNEL = re.compile(r"<\|channel\|>\s*([A-Za-z_]+)")
 _RECIPIENT = re.compile(r"\bto=([^\s<]+)")
@@ -40,6 +44,12 @@ _DROP = "drop"
 def is_harmony(template: str | None) -> bool:
     """True when a chat template is harmony's (it writes ``<|channel|>`` and ``<|message|>``)."""
     return bool(template) and CHANNEL in template and MESSAGE in template  # type: ignore[operator]
+
+
+def stop_exempt(keep_special: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """``GenerationParams.stop_exempt`` for a reply whose text keeps ``keep_special``: harmony's headers where it
+    keeps harmony's markers; none otherwise."""
+    return STOP_EXEMPT if set(MARKERS) <= set(keep_special) else ()
 
 
 def in_final(constraint: Constraint, model: Any) -> Constraint:

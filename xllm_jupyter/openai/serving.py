@@ -28,6 +28,7 @@ from .completions import CompletionsMixin
 from .context_words import PromptTooLong
 from .forced_loops import ForcedLoops
 from .generation import Chunk, check_request_token_ids, engine_failure, envelope, started
+from .harmony import stop_exempt
 from .logprob_wire import chat_logprob_entries
 from .model_defaults import ModelDefaults
 from .model_privacy import caller_view
@@ -191,7 +192,7 @@ class OpenAIServing(CompletionsMixin):
                                   stop_token_ids=tuple(req.stop_token_ids or ()),
                                   ignore_eos=bool(req.ignore_eos), n=req.n or 1, logprobs=logprobs,
                                   top_logprobs=top_logprobs, constraint=constraint, prompt_logprobs=prompt_logprobs,
-                                  keep_special=keep_special)
+                                  keep_special=keep_special, stop_exempt=stop_exempt(keep_special))
         gen = GenerationRequest(model=req.model, prompt_ids=tuple(prompt_ids), params=params, request_id=rid,
                                 keep_alive=keep_alive, user=user, cache_namespace=self._namespace(user))
         self._validate(gen, prompt_param)
