@@ -34,6 +34,9 @@ _CLOSERS = (END, RETURN, CALL, START)
 #: that ends a message without a body)
 STOP_EXEMPT = tuple((opener, closer) for opener in (START, CHANNEL) for closer in (MESSAGE, END, RETURN, CALL))
 _HEADS = (START, CHANNEL)  # how a message's header begins
+#: how the first may begin too: at its recipient, the prompt having written ``<|start|>assistant`` (gpt-oss's template
+#: writes a past call as ``<|start|>assistant to=functions.X<|channel|>commentary json<|message|>``: the model follows)
+_FIRST_HEADS = (*_HEADS, "to=")
 _CHANNEL = re.compile(r"<\|channel\|>\s*([A-Za-z_]+)")
 _RECIPIENT = re.compile(r"\bto=([^\s<]+)")
 #: a piece's kinds: thinking, answer text, a call announced (its function's name), a call's arguments
@@ -120,6 +123,7 @@ class HarmonyParser:
         self._buf = ""
         self._kind: str | None = None  # the body being read; None: a header
         self._plain = False  # the text is not in the format: all of it is content
+        self._first = True  # no header read yet
 
     def feed(self, text: str, final: bool = False) -> list[tuple[str, str]]:
         """The pieces ``text`` releases (``final``: nothing follows it)."""
@@ -142,21 +146,24 @@ class HarmonyParser:
 
     def _header(self, buf: str, final: bool, out: list[tuple[str, str]]) -> str:
         """Read a message's header from ``buf``; what is left of it (held in ``_buf`` while the header is not whole)."""
-        lead = buf.lstrip()
-        if not self._plain and lead and not lead.startswith(_HEADS) and not any(h.startswith(lead) for h in _HEADS):
+        lead, heads = buf.lstrip(), _FIRST_HEADS if self._first else _HEADS
+        # (the end of a reply that only began a header's opening is text: a marker is one token, never cut)
+        if not self._plain and lead and not lead.startswith(heads) and (final or not any(h.startswith(lead) for h in heads)):
             self._plain = True  # not the format: the text as written (its later markers still end what it says)
-        if self._plain and not lead.startswith(_HEADS):
+        if self._plain and not lead.startswith(heads):
             self._kind = CONTENT
             return buf
         cut = buf.find(MESSAGE)
         stray, closer = _first(buf, (END, RETURN, CALL))
         if stray >= 0 and (cut < 0 or stray < cut):  # a header closed without a body: nothing of it is said
+            self._first = False
             return self._header(buf[stray + len(closer):], final, out) if buf[stray + len(closer):] else ""
         if cut < 0:
             if final:  # a header the reply was cut in: nothing of it is said
                 return ""
             self._buf = buf
             return ""
+        self._first = False
         self._kind = self._kind_of(buf[:cut], out)
         return buf[cut + len(MESSAGE):]
 
