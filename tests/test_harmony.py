@@ -444,3 +444,26 @@ def test_a_stop_string_applies_to_the_replys_text_not_its_headers(served, stop, 
     s_thought, s_content, _, reason, _, deltas = streamed(served, THINK_ANSWER, stop=[stop])
     assert (s_thought, s_content or None, reason) == (thought, content, r.choices[0].finish_reason)
     _no_markup(deltas)
+
+
+def test_a_message_to_a_built_in_tool_is_dropped():
+    """A message to a built-in tool (gpt-oss's browser and python: none runs here) is neither thinking, content nor a
+    call, as vLLM's chat drops it; a call to a function the request lacks stays content, as in other formats."""
+    browse = "<|start|>assistant<|channel|>analysis to=browser.search code<|message|>{\"query\": \"oslo\"}<|call|>"
+    assert _read(HarmonyParser({"weather"}), [REPLY.replace("to=functions.weather", "to=python")]) == {
+        "reasoning": "plan it", "content": "Looking."}
+    assert _read(HarmonyParser({"weather"}), ["<|channel|>analysis<|message|>plan it<|end|>" + browse]) == {
+        "reasoning": "plan it"}
+
+
+BUILT_IN = THINK_ANSWER[:7] + ("<|channel|>", '"commentary to=python "', "<|message|>", '"print(1)"', "<|end|>",
+                               "<|start|>", '"assistant"') + THINK_ANSWER[7:]
+
+
+def test_a_built_in_tools_message_is_dropped_whole_and_streamed(served):
+    r = ask(served, BUILT_IN, tools=TOOLS)
+    message = r.choices[0].message
+    assert (message.reasoning_content, message.content, message.tool_calls) == ("plan it", "The answer.", None)
+    thought, content, calls, _, _, deltas = streamed(served, BUILT_IN, tools=TOOLS)
+    assert (thought, content, calls) == ("plan it", "The answer.", {})
+    _no_markup(deltas)

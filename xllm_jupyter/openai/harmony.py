@@ -5,7 +5,8 @@ writes one message or more, each a header (``<|channel|>`` and its name, maybe a
 a content type) then ``<|message|>`` and a body, closed by ``<|end|>`` (more follow: ``<|start|>assistant...``),
 ``<|return|>`` (the answer is done) or ``<|call|>`` (a tool is to run). The ``analysis`` channel is the thinking
 (``reasoning_content``), ``final`` the answer and ``commentary`` a preamble to the user (``content``); a message with a
-recipient in ``functions.`` is a call (``tool_calls``). The markers are special tokens, kept in the decoded text
+recipient in ``functions.`` is a call (``tool_calls``); one to a built-in tool (``to=browser.search``,
+``to=python``: none is served) is dropped, as vLLM's chat drops it. The markers are special tokens, kept in the decoded text
 while the reply is read (``MARKERS``) and never passed on; ``<|return|>`` and ``<|call|>`` end the reply
 (backends/hf_tokenizer.py). Text that is not in the format at all (the model ignored it) is the answer as written.
 """
@@ -171,8 +172,10 @@ class HarmonyParser:
         """What a message with ``header`` is; a call is announced in ``out``."""
         to = _RECIPIENT.search(header)
         if to is not None:
+            if not to.group(1).startswith("functions."):  # a built-in tool's (browser.search, python): none runs
+                return _DROP  # here, and vLLM's chat drops it too (neither a function call nor the final channel)
             name = to.group(1).removeprefix("functions.")
-            if not to.group(1).startswith("functions.") or name not in self.names:
+            if name not in self.names:
                 return CONTENT  # (a call the request cannot take: its arguments are shown as other formats show them)
             self.calls += 1
             if self.calls > 1 and not self.parallel:
