@@ -378,13 +378,14 @@ THINK_SAY_ANSWER = THINK_ANSWER[:7] + ("<|channel|>", '"commentary"', "<|message
                                        '"assistant"') + THINK_ANSWER[7:]
 
 
-@pytest.mark.parametrize("parts, cut", [(THINK_ANSWER, None), (THINK_SAY_ANSWER, None), (THINK_ANSWER, 10)],
-                         ids=["answer", "preamble", "cut-in-header"])
+@pytest.mark.parametrize("parts, cut", [(THINK_ANSWER, None), (THINK_SAY_ANSWER, None), (THINK_ANSWER, 10),
+                                       ("BUILT_IN", None)], ids=["answer", "preamble", "cut-in-header", "built-in"])
 def test_responses_output_text_logprobs_are_the_texts_own_tokens(served, parts, cut):
     """A Response's output_text logprobs are its text's tokens, whole and streamed: the markers and headers before a
     message's body (``<|end|><|start|>assistant<|channel|>final<|message|>``) ride on its first chat piece and were
     the message's too; a reply cut inside a header (10 tokens: ``...<|start|>assistant<|channel|>``) has no message."""
     client, ids = served
+    parts = BUILT_IN if parts == "BUILT_IN" else parts  # (a dropped message's body is no text's either)
     kw = dict(model="oss", input="Hi", max_output_tokens=cut or 64, include=["message.output_text.logprobs"],
               extra_body={"guided_grammar": _grammar(ids, parts), "seed": 1})
     whole = client.responses.create(**kw)
@@ -467,3 +468,22 @@ def test_a_built_in_tools_message_is_dropped_whole_and_streamed(served):
     thought, content, calls, _, _, deltas = streamed(served, BUILT_IN, tools=TOOLS)
     assert (thought, content, calls) == ("plan it", "The answer.", {})
     _no_markup(deltas)
+
+
+def test_output_text_logprobs_keep_the_shown_bodies_tokens_however_split():
+    """ResponseEventStream._text_tokens over a reply's token logprobs, whole and cut in two at every token: the
+    final and commentary bodies' tokens only (a header closed without a body, a built-in tool's message and the
+    thinking dropped)."""
+    from types import SimpleNamespace
+
+    from xllm_jupyter.openai.response_stream import ResponseEventStream
+
+    tokens = ["<|channel|>", "analysis", "<|end|>", "<|start|>", "assistant", "<|channel|>", "commentary to=python",
+              "<|message|>", "print(1)", "<|end|>", "<|start|>", "assistant", "<|channel|>", "analysis", "<|message|>",
+              "hm", "<|end|>", "<|start|>", "assistant", "<|channel|>", "commentary", "<|message|>", "Looking.",
+              "<|end|>", "<|start|>", "assistant", "<|channel|>", "final", "<|message|>", "The", " answer."]
+    entries = [{"token": t} for t in tokens]
+    for cut in range(len(entries) + 1):
+        state = SimpleNamespace(_header=None, _hidden=False)
+        kept = [ResponseEventStream._text_tokens(state, part) for part in (entries[:cut], entries[cut:])]
+        assert [e["token"] for part in kept for e in part] == ["Looking.", "The", " answer."], cut

@@ -50,6 +50,13 @@ def is_harmony(template: str | None) -> bool:
     return bool(template) and CHANNEL in template and MESSAGE in template  # type: ignore[operator]
 
 
+def shown(header: str) -> bool:
+    """Whether the body of a message with ``header`` is the reply's ``content``: the final channel or a commentary
+    preamble (not the thinking, a call or a built-in tool's message; text after a header never shown is too)."""
+    channel = _CHANNEL.search(header)
+    return _RECIPIENT.search(header) is None and (channel is None or channel.group(1) != "analysis")
+
+
 def stop_exempt(keep_special: Sequence[str]) -> tuple[tuple[str, str], ...]:
     """``GenerationParams.stop_exempt`` for a reply whose text keeps ``keep_special``: harmony's headers where it
     keeps harmony's markers; none otherwise."""

@@ -6,7 +6,7 @@ from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from .response_items import function_call_item, last_item_status, message_item, new_id, reasoning_item, response_status
-from .harmony import CHANNEL, MARKERS, MESSAGE, START
+from .harmony import CALL, CHANNEL, END, MARKERS, MESSAGE, RETURN, START, shown as harmony_shown
 from .reasoning import MAGISTRAL, THINK
 from .response_store import ResponseStore
 
@@ -39,7 +39,9 @@ class ResponseEventStream:
         self._open = False  # whether the last item in _output is still being streamed
         self._texts: list[str] = []  # the open message's (or reasoning item's) text so far
         self._want_lp = turn.req.logprobs
-        self._header = False  # whether the last token logprob read was in a harmony message's header (_text_tokens)
+        # a harmony message's header read so far (None: in a body), and whether the body is one the text leaves out
+        self._header: str | None = None  # (_text_tokens)
+        self._hidden = False
         self._logprobs: list[dict[str, Any]] = []  # the open message's token logprobs so far (when asked for)
         self._unsent: list[dict[str, Any]] = []  # those of tokens with no text yet (part of a character): the next delta's
         self._events = self._run()
@@ -141,15 +143,23 @@ class ResponseEventStream:
         return events + [self._event("response.output_item.done", output_index=at, item=done)]
 
     def _text_tokens(self, logprobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """``logprobs`` less a harmony reply's markers and message headers (``<|end|><|start|>assistant<|channel|>final
-        <|message|>``, which the chat stream sends with the text after them): the output text's tokens are its own.
-        A header may end in a later piece than it began (the state is kept), so pieces never matter."""
+        """``logprobs`` less a harmony reply's markers, message headers (``<|end|><|start|>assistant<|channel|>final
+        <|message|>``, which the chat stream sends with the text after them) and the bodies the text leaves out (a
+        built-in tool's message: harmony.py), so the output text's tokens are its own. A header may end in a later
+        piece than it began (the state is kept), so pieces never matter."""
         kept = []
         for entry in logprobs:
-            token = entry.get("token")
-            if token in (START, CHANNEL) or token == MESSAGE:
-                self._header = token != MESSAGE
-            elif token not in MARKERS and not self._header:
+            token = entry.get("token") or ""
+            if token in (START, CHANNEL):
+                self._header = (self._header or "") + token
+            elif token == MESSAGE and self._header is not None:
+                self._hidden = not harmony_shown(self._header)
+                self._header = None
+            elif token in (END, RETURN, CALL):  # (a header closed without a body: the next begins afresh)
+                self._header = None
+            elif self._header is not None and token not in MARKERS:
+                self._header += token
+            elif token not in MARKERS and not self._hidden:
                 kept.append(entry)
         return kept
 
