@@ -154,6 +154,34 @@ def tiny_server_of_its_own(tmp_path_factory: Any, tiny_llama_dir: Path, label: s
 
 
 @contextlib.contextmanager
+def templated_client(root: Path, templates: dict[str, str | None], load: str) -> Iterator[Any]:
+    """An openai client of a server on a store under ``root`` of tiny Llamas, one per name in ``templates`` with that
+    chat template (None: the tokenizer's own), ``load`` loaded."""
+    import openai
+
+    from tests.models import build_tiny_llama
+
+    store = ModelStore(root / "home")
+    for name, template in templates.items():
+        model = build_tiny_llama(root / name)
+        if template is not None:
+            (model / "chat_template.jinja").write_text(template, encoding="utf-8")
+        store.pull(str(model), name)
+    with running_server(make_test_config(root / "home"), store, load) as info:
+        with openai.OpenAI(base_url=info.base_url, api_key=info.api_key, max_retries=0, timeout=120) as client:
+            yield client
+
+
+def point_cli_at(info: ServerInfo, monkeypatch: Any) -> None:
+    """Point the CLI (and the client's defaults) at ``info``'s server through the environment, its store as
+    XLLM_HOME, no config file."""
+    monkeypatch.setenv("XLLM_BASE_URL", info.base_url)
+    monkeypatch.setenv("XLLM_API_KEY", info.api_key)
+    monkeypatch.setenv("XLLM_HOME", str(info.config.store.home))
+    monkeypatch.delenv("XLLM_CONFIG", raising=False)
+
+
+@contextlib.contextmanager
 def proxied_tiny_server(home: Path, catalog: Any, key: str, limit: int, window: float) -> Iterator[ServerInfo]:
     """A standalone server of "tiny" whose one API key is ``key``, behind a proxy on 127.0.0.1 (which names the
     client in X-Forwarded-For), allowing ``limit`` failed authentications per client in ``window`` seconds."""

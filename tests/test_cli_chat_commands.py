@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from tests.server_fixtures import TINY
+from tests.server_fixtures import TINY, point_cli_at
 from xllm_jupyter.cli import chat
 from xllm_jupyter.cli.main import main
 from xllm_jupyter.client import XllmClient
@@ -18,10 +18,7 @@ from xllm_jupyter.store.create import modelfile_of
 @pytest.fixture
 def own(own_tiny_server, monkeypatch):
     """The module's server, as the environment names it, its store as XLLM_HOME; stdin is a person typing."""
-    monkeypatch.setenv("XLLM_BASE_URL", own_tiny_server.base_url)
-    monkeypatch.setenv("XLLM_API_KEY", own_tiny_server.api_key)
-    monkeypatch.setenv("XLLM_HOME", str(own_tiny_server.config.store.home))
-    monkeypatch.delenv("XLLM_CONFIG", raising=False)
+    point_cli_at(own_tiny_server, monkeypatch)
     monkeypatch.setattr(chat, "stdin_is_tty", lambda: True)
     return own_tiny_server
 

@@ -9,7 +9,7 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from tests.server_fixtures import TINY
+from tests.server_fixtures import TINY, point_cli_at
 from xllm_jupyter.cli.main import main
 from xllm_jupyter.cli.run_flags import ReplyStats, go_duration
 from xllm_jupyter.client import XllmClient
@@ -25,10 +25,7 @@ def invoke(*args: str, input: str | None = None):
 @pytest.fixture
 def own(own_tiny_server, monkeypatch):
     """The module's server of its own, as the environment names it, its store as XLLM_HOME."""
-    monkeypatch.setenv("XLLM_BASE_URL", own_tiny_server.base_url)
-    monkeypatch.setenv("XLLM_API_KEY", own_tiny_server.api_key)
-    monkeypatch.setenv("XLLM_HOME", str(own_tiny_server.config.store.home))
-    monkeypatch.delenv("XLLM_CONFIG", raising=False)
+    point_cli_at(own_tiny_server, monkeypatch)
     return own_tiny_server
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.server_fixtures import make_test_config, running_server
+from tests.server_fixtures import templated_client
 
 #: writes a token per letter of the effort it is given (none: nothing), then the messages
 EFFORT_TEMPLATE = (
@@ -23,18 +23,8 @@ MSG = [{"role": "user", "content": "Hi"}]
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     """A client of a server on "effort" (a template reading reasoning_effort) and "plain" (SmolLM2's, which does not)."""
-    from tests.models import build_tiny_llama
-    from xllm_jupyter.store.store import ModelStore
-
-    root = tmp_path_factory.mktemp("effort")
-    model = build_tiny_llama(root / "effort")
-    (model / "chat_template.jinja").write_text(EFFORT_TEMPLATE, encoding="utf-8")
-    store = ModelStore(root / "home")
-    store.pull(str(model), "effort")
-    store.pull(str(build_tiny_llama(root / "plain")), "plain")
-    with running_server(make_test_config(root / "home"), store, "effort") as info:
-        with openai.OpenAI(base_url=info.base_url, api_key=info.api_key, max_retries=0, timeout=120) as c:
-            yield c
+    with templated_client(tmp_path_factory.mktemp("effort"), {"effort": EFFORT_TEMPLATE, "plain": None}, "effort") as c:
+        yield c
 
 
 def _prompt_tokens(client, model="effort", **kw):

@@ -238,19 +238,11 @@ def test_a_grammar_that_writes_the_markers_itself_is_applied_from_the_first_toke
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory):
     """A client of a server of a tiny model whose ``<think>``/``</think>`` are ordinary text (several tokens each)."""
-    from tests.models import build_tiny_llama
-    from tests.server_fixtures import make_test_config, running_server
+    from tests.server_fixtures import templated_client
     from tests.test_reasoning import THINK_LIKE
-    from xllm_jupyter.store.store import ModelStore
 
-    root = tmp_path_factory.mktemp("think-text-grammar")
-    model = build_tiny_llama(root / "plain")
-    (model / "chat_template.jinja").write_text(THINK_LIKE, encoding="utf-8")
-    store = ModelStore(root / "home")
-    store.pull(str(model), "plain")
-    with running_server(make_test_config(root / "home"), store, "plain") as info:
-        with openai.OpenAI(base_url=info.base_url, api_key=info.api_key, max_retries=0, timeout=120) as c:
-            yield c
+    with templated_client(tmp_path_factory.mktemp("think-text-grammar"), {"plain": THINK_LIKE}, "plain") as c:
+        yield c
 
 
 @pytest.mark.parametrize("stream", [False, True])
